@@ -1,0 +1,243 @@
+"""Adapter injection, state dicts in the PEFT key layout, and the pure state-dict merge.
+
+Adapter parameters are found through the layers' `adapter_params()` protocol and the recipe's
+`modules_to_save`, never by matching substrings of parameter names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from peftkit.adapters.lora import LoraEmbedding, LoraLinear, _LoraBase, is_conv1d, is_quantized
+from peftkit.errors import PeftkitError
+from peftkit.recipe import AdapterConfig, TargetRegex
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module) or (is_quantized(module) and hasattr(module, "in_features"))
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex) -> list[str]:
+    """Full module paths the adapter applies to, in model order.
+
+    `all-linear`: every Linear/Conv1D layer except the output head. A list: module names equal to an
+    entry or ending in `.entry`. A regex: `re.fullmatch` against the full path. Raises a PeftkitError
+    listing what the model does have when nothing matches or a match is not an adaptable layer.
+    """
+    modules = dict(model.named_modules())
+    if target_modules == "all-linear":
+        heads = _output_head_names(model)
+        names = [n for n, m in modules.items() if _is_linear(m) and n not in heads]
+    elif isinstance(target_modules, TargetRegex):
+        names = [n for n in modules if n and re.fullmatch(target_modules.regex, n)]
+    else:
+        names = [n for n in modules if n and any(n == t or n.endswith("." + t) for t in target_modules)]
+    names = [n for n in names if not isinstance(modules[n], _LoraBase)]
+    if not names:
+        raise PeftkitError(
+            f"adapter.target_modules {_describe(target_modules)} matches no module of this model. "
+            f"Its linear/embedding layers are named: {', '.join(_layer_kinds(model)) or '(none)'}. "
+            "Use some of those names, or 'all-linear'."
+        )
+    bad = [n for n in names if not (_is_linear(modules[n]) or isinstance(modules[n], nn.Embedding))]
+    if bad:
+        raise PeftkitError(
+            f"adapter.target_modules {_describe(target_modules)} matches {', '.join(bad[:5])}, which "
+            f"{'is' if len(bad) == 1 else 'are'} {type(modules[bad[0]]).__name__}, not a Linear, Conv1D or "
+            "Embedding layer. Target the linear layers inside instead, e.g. "
+            f"{', '.join(_layer_kinds(model)[:6])}."
+        )
+    return names
+
+
+def _describe(target_modules: object) -> str:
+    if isinstance(target_modules, TargetRegex):
+        return f"{{regex: {target_modules.regex!r}}}"
+    return repr(target_modules)
+
+
+def _layer_kinds(model: nn.Module) -> list[str]:
+    """Distinct last name components of the adaptable layers (q_proj, c_attn, embed_tokens, ...)."""
+    seen: dict[str, None] = {}
+    for name, m in model.named_modules():
+        if name and (_is_linear(m) or isinstance(m, nn.Embedding)):
+            seen[name.rsplit(".", 1)[-1]] = None
+    return list(seen)
+
+
+def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Wrap the target layers in LoRA layers, freeze everything else, unfreeze `modules_to_save`.
+
+    Seeding is the caller's job: A is drawn from torch's global RNG, so call `torch.manual_seed` first.
+
+    Returns:
+        the full paths of the wrapped modules.
+    """
+    names = find_targets(model, cfg.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        cls = LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear
+        setattr(parent, child, cls(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+    for name, module in modules_to_save(model, cfg.modules_to_save).items():
+        if any(p.data_ptr() == q.data_ptr() for p in module.parameters() for q in _other_params(model, name)):
+            raise PeftkitError(
+                f"adapter.modules_to_save: '{name}' shares its weight with another module (tied embeddings), so "
+                "training it would change both. Untie the weights in the model config or adapt it with LoRA instead."
+            )
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return names
+
+
+def _other_params(model: nn.Module, name: str) -> Iterator[torch.Tensor]:
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if not (n == name or n.startswith(name + ".")):
+            yield p
+
+
+def modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """The modules named by suffix in `names`, by full path; a name that matches nothing is an error."""
+    found: dict[str, nn.Module] = {}
+    for wanted in names:
+        hits = {n: m for n, m in model.named_modules() if n == wanted or n.endswith("." + wanted)}
+        if not hits:
+            raise PeftkitError(
+                f"adapter.modules_to_save: '{wanted}' matches no module of this model "
+                f"(top-level modules: {', '.join(n for n, _ in model.named_children())})."
+            )
+        found.update(hits)
+    return found
+
+
+def lora_layers(model: nn.Module) -> dict[str, _LoraBase]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _LoraBase)}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a 4-bit weight counts its real element count, not packed bytes."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") and p.quant_state is not None:
+            n = p.quant_state.shape.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT keys (`base_model.model.<path>.lora_A.weight`, ...), on CPU."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        for pname, p in layer.adapter_params().items():
+            state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().cpu().contiguous()
+    for name, module in modules_to_save(model, saved_modules).items():
+        for pname, p in module.named_parameters():
+            state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().cpu().contiguous()
+    return state
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy PEFT-keyed tensors into an injected model; every key must land and every shape match."""
+    targets: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model).items():
+        for pname, p in layer.adapter_params().items():
+            targets[f"{PEFT_PREFIX}{name}.{pname}"] = p
+    params = dict(model.named_parameters())
+    for key in state:
+        if key not in targets and key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):] in params:
+            targets[key] = params[key[len(PEFT_PREFIX):]]
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise PeftkitError(
+            "The adapter does not fit this model: "
+            + (f"{len(missing)} adapter weights missing (e.g. {missing[0]}); " if missing else "")
+            + (f"{len(unexpected)} weights for modules this model lacks (e.g. {unexpected[0]}); " if unexpected else "")
+            + "was it trained on another base model?"
+        )
+    for key, tensor in state.items():
+        target = targets[key]
+        if target.shape != tensor.shape:
+            module = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
+            raise PeftkitError(
+                f"The adapter does not fit this model: module '{module}' expects {key.rsplit('.', 2)[-2]} of shape "
+                f"{tuple(target.shape)} but the adapter has {tuple(tensor.shape)}. It was trained on a different base "
+                "model (another size or vocabulary); pass the base it was trained on."
+            )
+        with torch.no_grad():
+            target.copy_(tensor.to(target.dtype))
+
+
+def merge_state_dict(
+    base: dict[str, torch.Tensor],
+    adapter: dict[str, torch.Tensor],
+    scaling: float,
+    fan_in_fan_out: set[str] = frozenset(),
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Fold a PEFT-keyed LoRA state dict into a plain model state dict. Pure: inputs are not modified.
+
+    Args:
+        base: the base model's state dict (plain keys such as `model.layers.0.mlp.up_proj.weight`).
+        adapter: PEFT keys (`base_model.model.<path>.lora_A.weight`, `...lora_embedding_A`, plain saved modules).
+        scaling: alpha / r (or alpha / sqrt(r)).
+        fan_in_fan_out: module paths whose weight is stored (in, out) (transformers' Conv1D).
+        dtype: dtype of the merged weights; default each base tensor's own.
+
+    Each delta is computed in fp32 and added to the fp32 base weight before one final cast.
+    """
+    merged = dict(base)
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise PeftkitError(f"Adapter key '{key}' does not start with '{PEFT_PREFIX}'; not a PEFT checkpoint.")
+        path = key[len(PEFT_PREFIX):]
+        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
+            if path.endswith(suffix):
+                modules.setdefault(path[: -len(suffix)], {})[suffix.split(".")[1]] = tensor
+                break
+        else:
+            if path not in base:
+                raise PeftkitError(f"Adapter weight '{path}' (modules_to_save) has no counterpart in the base model.")
+            merged[path] = tensor.to(dtype or base[path].dtype)
+    for module, parts in modules.items():
+        key = f"{module}.weight"
+        if key not in base:
+            raise PeftkitError(f"The adapter targets '{module}', which the base model does not have.")
+        if "lora_A" in parts:
+            delta = parts["lora_B"].float() @ parts["lora_A"].float()
+            if module in fan_in_fan_out:
+                delta = delta.T
+        else:
+            delta = (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).T
+        weight = base[key]
+        if weight.shape != delta.shape:
+            raise PeftkitError(
+                f"The adapter does not fit this model: module '{module}' has weight {tuple(weight.shape)} but the "
+                f"adapter's update is {tuple(delta.shape)}. It was trained on a different base model."
+            )
+        new = weight.float() + scaling * delta.to(weight.device)
+        if not torch.isfinite(new).all():
+            raise PeftkitError(f"Merging '{module}' produced NaN/inf weights; the adapter is broken.")
+        merged[key] = new.to(dtype or weight.dtype)
+    return merged

@@ -1,0 +1,121 @@
+"""The `peftkit` command: thin Typer wrappers around plain functions that tests call directly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from peftkit.errors import PeftkitError
+
+app = typer.Typer(
+    help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
+
+
+def _local(path: str) -> str:
+    """A CLI argument that exists on disk becomes absolute (relative to the current directory); else a hub id."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in export.output_dir.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run found in export.output_dir.")] = False,
+) -> None:
+    """Fine-tune: data → model → adapter → training → export, as the recipe says."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train as run_train
+
+    run_train(load_recipe(recipe, overrides or []), resume=resume, overwrite=overwrite, console=console)
+
+
+@app.command()
+def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")], overrides: Overrides = None) -> None:
+    """Check a recipe and print it fully resolved (every default, absolute paths), or its errors."""
+    from peftkit.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides or [])
+    console.print(f"# {recipe}: valid", style="green")
+    print(resolved.to_yaml(), end="")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[str, typer.Option("--adapter", help="PEFT adapter directory.")],
+    output: Annotated[str, typer.Option("--output", help="Directory for the merged model.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Base model; default: the adapter's base_model_name_or_path.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16; default: the base's dtype.")] = None,
+    requantize: Annotated[Optional[str], typer.Option("--requantize", help="Also save OUTPUT-nf4, re-quantized (lossy).")] = None,
+) -> None:
+    """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model."""
+    from peftkit.merge import merge_adapter
+
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise PeftkitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16.")
+    if requantize is not None and requantize not in ("nf4", "fp4"):
+        raise PeftkitError(f"--requantize {requantize!r}: use nf4 (or fp4).")
+    if requantize:
+        err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
+                          "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
+    out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize)
+    console.print(f"Merged model written to {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", help="Model directory or hub id (base or merged).")],
+    data: Annotated[str, typer.Option("--data", help="Data file or hub dataset id.")],
+    fmt: Annotated[str, typer.Option("--format", help="alpaca | chat | completion | text.")] = "text",
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 8,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+) -> None:
+    """Loss, perplexity and token count of a base model, a base + adapter, or a merged model."""
+    from peftkit.evaluate import evaluate
+    from peftkit.fileio import atomic_write_json
+
+    if fmt not in ("alpaca", "chat", "completion", "text"):
+        raise PeftkitError(f"--format {fmt!r}: use alpaca, chat, completion or text.")
+    metrics = evaluate(_local(model), _local(data), fmt, _local(adapter) if adapter else None, max_length, batch_size)
+    console.print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  tokens {metrics['num_tokens']}")
+    if json_out:
+        atomic_write_json(json_out, metrics)
+
+
+def main() -> None:
+    """Entry point: user errors print as one clear message (exit 2), never as a traceback."""
+    try:
+        app(standalone_mode=False)
+    except PeftkitError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click's own usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Folding an adapter into its base and saving a plain transformers model.
+
+The merge always starts from the weights the adapter was trained against: for a 4-bit or 8-bit base that
+is dequant(quant(W)), not the original W (merging into W is the classic QLoRA bug whose merged outputs
+drift from the trained model). The delta is added in fp32 and the result cast once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.adapters import adapter_state_dict, lora_layers, merge_state_dict
+from peftkit.adapters.lora import is_conv1d, is_quantized
+from peftkit.errors import PeftkitError
+from peftkit.fileio import atomic_directory
+from peftkit.recipe import AdapterConfig
+
+
+def dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """The fp32 weight a bitsandbytes Linear4bit/Linear8bitLt computes with."""
+    import bitsandbytes.functional as bnbF
+
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None:  # 4-bit, with nested (double-quant) stats if any
+        return bnbF.dequantize_4bit(weight.data, weight.quant_state).float()
+    scb = getattr(weight, "SCB", None)
+    if scb is None:
+        scb = getattr(module.state, "SCB", None)
+    if weight.dtype == torch.int8 and scb is not None:  # LLM.int8(): row-wise absmax scaling by SCB / 127
+        return weight.data.float() * scb.float().unsqueeze(1) / 127.0
+    return weight.data.float()
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's plain state dict (original key names, quantized weights dequantized to fp32),
+    leaving out adapter parameters. Works on an injected model or a bare one."""
+    adapters = lora_layers(model)
+    skip = _non_persistent(model)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        owner = next((a for a in adapters if name == a or name.startswith(a + ".")), None)
+        if owner is not None and not name.startswith(owner + ".base_layer"):
+            continue  # the adapter's own modules (lora_A, lora_B, dropout)
+        key = name.replace(".base_layer", "")
+        for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if f"{name}.{pname}" in skip:
+                continue
+            value = dequantize_weight(module) if (is_quantized(module) and pname == "weight") else p.detach()
+            state[f"{key}.{pname}" if key else pname] = value.cpu()
+    return state
+
+
+def _non_persistent(model: nn.Module) -> set[str]:
+    out = set()
+    for name, module in model.named_modules():
+        for b in getattr(module, "_non_persistent_buffers_set", ()):
+            out.add(f"{name}.{b}" if name else b)
+    return out
+
+
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers computed at construction (rotary inv_freq, ...) that no state dict carries."""
+    buffers = dict(model.named_buffers())
+    return {k.replace(".base_layer", ""): buffers[k].detach().cpu() for k in _non_persistent(model) if k in buffers}
+
+
+def conv1d_modules(model: nn.Module) -> set[str]:
+    """Paths (without `.base_layer`) of layers whose weight is stored (in, out)."""
+    return {name.replace(".base_layer", "") for name, m in model.named_modules() if is_conv1d(m)}
+
+
+def plain_model_from_state(
+    config, state: dict[str, torch.Tensor], dtype: torch.dtype, buffers: dict[str, torch.Tensor]
+) -> nn.Module:
+    """A fresh, unquantized model of `config` holding exactly `state` (strict load).
+
+    Built on the meta device (no random init, no second copy of the weights), then given the tensors of
+    `state` and the construction-time `buffers` of the source model."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.use_cache = True
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise PeftkitError(f"Merged weights do not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}.")
+    if tied:
+        model.tie_weights()
+    for name, value in buffers.items():
+        parent, _, leaf = name.rpartition(".")
+        (model.get_submodule(parent) if parent else model).register_buffer(leaf, value, persistent=False)
+    return model
+
+
+def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
+    """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
+    base = base_state_dict(model)
+    adapter = adapter_state_dict(model, adapter_cfg.modules_to_save)
+    state = merge_state_dict(base, adapter, adapter_cfg.scaling, conv1d_modules(model), dtype=torch.float32)
+    return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model))
+
+
+def save_merged(model: nn.Module, tokenizer, output_dir: str | Path) -> None:
+    """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory."""
+    with atomic_directory(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+
+def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None,
+                  requantize: str | None = None) -> Path:
+    """`peftkit merge`: fold an adapter into its base and save a plain model (+ tokenizer).
+
+    Args:
+        adapter_dir: a PEFT LoRA directory.
+        output_dir: where the merged model goes.
+        base: base model; default the adapter's base_model_name_or_path.
+        dtype: float32 | bfloat16 | float16; default the base checkpoint's own dtype.
+        requantize: 'nf4' to also write `<output_dir>-nf4`, the merged model re-quantized (lossy).
+    """
+    from peftkit.modeling import DTYPES, load_adapted_model
+
+    model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, torch.device("cpu"))
+    if dtype is None:
+        saved = getattr(model.config, "dtype", None)
+        dtype = str(saved).removeprefix("torch.") if saved is not None else "float32"
+        dtype = dtype if dtype in DTYPES else "float32"
+    merged = merged_model(model, cfg, DTYPES[dtype])
+    save_merged(merged, tok, output_dir)
+    if requantize:
+        requantize_model(output_dir, f"{str(output_dir).rstrip('/')}-{requantize}", requantize)
+    return Path(output_dir)
+
+
+def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str) -> None:
+    """Load a merged model quantized (nf4, double quant) and save it 4-bit. Rounding the merged weights to
+    4 bits again moves them away from what was trained: expect small logit differences."""
+    from peftkit.modeling import load_model, load_tokenizer
+    from peftkit.recipe import ModelConfig, QuantizationConfig
+
+    cfg = ModelConfig(name_or_path=str(merged_dir), dtype="auto")
+    model = load_model(cfg, QuantizationConfig(method=method, compute_dtype="float32"), torch.device("cpu"))
+    save_merged(model, load_tokenizer(cfg), output_dir)

@@ -1,0 +1,431 @@
+"""Recipes: the YAML file that describes a run, validated by pydantic.
+
+These models are the single source of truth for every setting and its default; the rest of peftkit
+reads typed fields, never `dict.get(key, default)`. `peftkit validate RECIPE` prints the fully resolved
+recipe, defaults included.
+
+Paths. A relative path in a recipe (`model.name_or_path`, `data.train`, `data.eval`,
+`export.output_dir`) is resolved against the directory of the recipe file, not the current directory,
+so a recipe runs the same from anywhere. A model or dataset value that is not an existing path, does not
+start with `/`, `./`, `../` or `~`, and (for data) has no file extension is taken as a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from peftkit.errors import PeftkitError, did_you_mean
+
+DType = Literal["float32", "bfloat16", "float16"]
+DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The base model."""
+
+    name_or_path: str
+    """A local directory with `config.json` and weights, or a hub id (e.g. `meta-llama/Llama-3.2-1B`)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype the base weights are loaded in; `auto` keeps the checkpoint's own."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off unless you trust the repository."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when available, else CPU."""
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    """Attention kernel; None lets transformers choose."""
+
+
+class QuantizationConfig(Section):
+    """Load the base quantized through bitsandbytes (QLoRA). Omit the section for a 16/32-bit base."""
+
+    method: Literal["nf4", "fp4", "int8"] = "nf4"
+    """nf4: 4-bit NormalFloat (QLoRA); fp4: 4-bit float; int8: LLM.int8()."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (bitsandbytes `compress_statistics`): ~0.37 bit/param less."""
+    compute_dtype: DType = "bfloat16"
+    """Dtype the 4-bit weights are dequantized to for each matmul."""
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
+    """Storage dtype of the packed 4-bit weights; FSDP sharding needs a float type matching the model."""
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
+    """Modules kept in full precision (the output head by default, as bitsandbytes/transformers do)."""
+
+
+class TargetRegex(Section):
+    regex: str
+    """Python regular expression matched against the full module path (`re.fullmatch`)."""
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"is not a valid regular expression ({e})") from None
+        return v
+
+
+class AdapterConfig(Section):
+    """The adapter injected into the frozen base."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0)
+    """LoRA rank: higher = more capacity, more memory."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: Literal["all-linear"] | list[str] | TargetRegex = "all-linear"
+    """`all-linear` (every Linear/Conv1D except the output head), module-name suffixes, or {regex: ...}."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved whole (e.g. `lm_head`)."""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("is an empty list; name at least one module or use 'all-linear'")
+        return v
+
+
+class DataConfig(Section):
+    """Training and evaluation data."""
+
+    train: str
+    """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
+    eval: str | None = None
+    """Same forms as `train`; omit to skip evaluation."""
+    format: Literal["alpaca", "chat", "completion", "text"] = "alpaca"
+    """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text."""
+    max_length: int = Field(512, gt=0)
+    """Examples are truncated to this many tokens."""
+    train_split: str = "train"
+    eval_split: str = "train"
+    """Split to read; a local file has only `train`."""
+    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes. Batches are formed in the main process, so the order is the same."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A row missing the format's fields: stop with its number, or skip it and report the count."""
+
+
+class TrainingConfig(Section):
+    """The optimisation loop."""
+
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run; wins over `epochs`."""
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(4, gt=0)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step: effective batch = batch_size x grad_accum."""
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm; null disables clipping."""
+    seed: int = 0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a CUDA device that supports it, none on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    log_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    """Evaluate every N steps (and always at the end when data.eval is set)."""
+    save_steps: int | None = Field(None, gt=0)
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept on disk (oldest removed first)."""
+    deterministic: bool = False
+    """Deterministic kernels on CUDA too (slower); CPU runs are always deterministic."""
+    nan_policy: Literal["stop", "skip_step"] = "stop"
+    """A NaN/inf loss stops the run (keeping the last checkpoint) or skips that optimizer step."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingConfig:
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) is larger than max_steps ({self.max_steps}); "
+                "lower warmup_steps"
+            )
+        return self
+
+
+class ExportConfig(Section):
+    """What the run writes."""
+
+    output_dir: str
+    """Run directory: adapter/, merged/, checkpoints/, metrics.jsonl, recipe.yaml, manifest.json."""
+    adapter: bool = True
+    """Write adapter/ in Hugging Face PEFT format."""
+    merged: bool = False
+    """Write merged/: the base with the adapter folded in, plus the tokenizer."""
+    merged_dtype: DType | None = None
+    """Dtype of the merged weights; default: the base model's dtype."""
+
+
+class EvalConfig(Section):
+    """Evaluation during and after training."""
+
+    batch_size: int = Field(8, gt=0)
+    base_model: bool = True
+    """Also evaluate the base model before training, so the summary shows base vs fine-tuned loss."""
+
+
+class Recipe(Section):
+    model: ModelConfig
+    quantization: QuantizationConfig | None = None
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    export: ExportConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        q = self.quantization
+        if q is not None and q.method != "int8" and self.training.mixed_precision == "fp16":
+            raise ValueError(
+                "training.mixed_precision: fp16 with a 4-bit base overflows easily; use bf16 or auto"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, --set overrides, errors that name the key, file and line.
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that remembers the line of every mapping key, by key path."""
+
+
+def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key_path = (*path, key_node.value)
+            lines[key_path] = key_node.start_mark.line + 1
+            _compose_lines(value_node, key_path, lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*path, i)] = item.start_mark.line + 1
+            _compose_lines(item, (*path, i), lines)
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PeftkitError(f"Recipe file not found: {path}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"Cannot read recipe {path}: {e}") from None
+    try:
+        node = yaml.compose(text, Loader=_LineLoader)
+        data = yaml.load(text, Loader=_LineLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
+        raise PeftkitError(f"{where}: YAML syntax error: {problem}. Check indentation and quoting there.") from None
+    except yaml.YAMLError as e:
+        raise PeftkitError(f"{path}: YAML syntax error: {e}") from None
+    if data is None:
+        raise PeftkitError(
+            f"{path}: the recipe is empty. A recipe needs at least the sections model, data and export; "
+            "see recipes/quickstart.yaml for a complete example."
+        )
+    if not isinstance(data, dict):
+        raise PeftkitError(
+            f"{path}:1: a recipe must be a mapping of sections (model:, data:, ...), not a {type(data).__name__}."
+        )
+    lines: dict[tuple, int] = {}
+    if node is not None:
+        _compose_lines(node, (), lines)
+    return data, lines
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model whose fields live at `loc` (a path of keys), or None."""
+    model: Any = Recipe
+    for key in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+    return model
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise PeftkitError(f"--set {assignment!r}: expected KEY=VALUE, for example --set training.lr=2e-4")
+    parts = key.strip().split(".")
+    for depth in range(1, len(parts) + 1):
+        model = _section_model(tuple(parts[: depth - 1]))
+        if model is not None and parts[depth - 1] not in model.model_fields:
+            valid = list(model.model_fields)
+            where = ".".join(parts[: depth - 1]) or "the recipe"
+            raise PeftkitError(
+                f"--set {key}: unknown key '{parts[depth - 1]}' in {where}.{_suggest(parts[depth - 1], valid)} "
+                f"Valid keys: {', '.join(valid)}."
+            )
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _data_loc(loc: tuple, data: Any) -> tuple:
+    """pydantic's error location without the union-member tags it inserts ('list[str]', ...)."""
+    kept: list = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif i < len(loc) - 1 or not isinstance(node, dict) or part not in _FIELD_NAMES:
+            continue  # a union-member tag ('list[str]', 'TargetRegex'), not a key
+        kept.append(part)
+    return tuple(kept)
+
+
+def _format_error(err: dict, data: dict, path: Path, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    loc = _data_loc(err["loc"], data)
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    where = str(path)
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in overridden:
+            where = f"{path} (--set {'.'.join(map(str, loc[:depth]))})"
+            break
+        if loc[:depth] in lines:
+            where = f"{path}:{lines[loc[:depth]]}"
+            break
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _section_model(loc[:-1])
+        valid = list(model.model_fields) if model else []
+        section = ".".join(map(str, loc[:-1])) or "the recipe"
+        return (
+            f"{where}: unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} "
+            f"Valid keys: {', '.join(valid)}."
+        )
+    if kind == "missing":
+        return f"{where}: missing required key '{dotted}'."
+    given = err.get("input")
+    shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    msg = re.sub(r" or instance of \w+", " (a section of keys)", msg.replace("Input should be", "must be"))
+    msg = _UNION_HINTS.get(loc, msg)
+    return f"{where}: '{dotted}' = {shown}: {msg}."
+
+
+# A union-typed key fails once per member type; one message says what any of them would accept.
+_UNION_HINTS = {
+    ("adapter", "target_modules"): "must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}",
+    ("training", "max_steps"): "must be a positive integer, or null to train for `epochs`",
+}
+
+# Names other tools use for our keys: a user coming from peft/axolotl/transformers gets pointed at ours.
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
+    "num_train_epochs": "epochs", "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "optim": "optimizer", "base_model": "name_or_path",
+    "torch_dtype": "dtype", "sequence_len": "max_length", "max_seq_length": "max_length", "target": "target_modules",
+    "bnb_4bit_quant_type": "method", "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage", "type": "method",
+}
+
+
+def _all_fields(model: type[BaseModel]) -> set[str]:
+    names = set(model.model_fields)
+    for field in model.model_fields.values():
+        for member in getattr(field.annotation, "__args__", (field.annotation,)):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                names |= _all_fields(member)
+    return names
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    if _SYNONYMS.get(key) in valid:
+        return f" Did you mean '{_SYNONYMS[key]}'?"
+    return did_you_mean(key, valid)
+
+
+
+def _resolve(value: str, base: Path, kind: str) -> str:
+    """Resolve a recipe path against the recipe's directory; leave hub ids alone."""
+    expanded = Path(value).expanduser()
+    candidate = expanded if expanded.is_absolute() else base / expanded
+    looks_like_path = value.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
+    if kind == "data" and Path(value).suffix.lower() in DATA_EXTENSIONS:
+        looks_like_path = True
+    if candidate.exists() or looks_like_path or kind == "output":
+        return str(candidate.resolve())
+    return value  # a hub id
+
+
+_FIELD_NAMES = _all_fields(Recipe)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise PeftkitError with every problem found.
+
+    Args:
+        path: the YAML file.
+        overrides: `KEY=VALUE` strings (`training.lr=2e-4`); VALUE is parsed as YAML.
+    """
+    path = Path(path)
+    data, lines = _read_yaml(path)
+    overridden = set()
+    for assignment in overrides:
+        _apply_override(data, assignment)
+        overridden.add(tuple(assignment.partition("=")[0].strip().split(".")))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = [(_data_loc(err["loc"], data), err) for err in e.errors()]
+        # A union member that got further (a {regex: ...} with a bad pattern) explains better than the others.
+        errors = [(loc, err) for loc, err in errors if not any(o[: len(loc)] == loc and len(o) > len(loc) for o, _ in errors)]
+        messages = list(dict.fromkeys(_format_error(err, data, path, lines, overridden) for _, err in errors))
+        plural = "s" if len(messages) > 1 else ""
+        raise PeftkitError(f"Invalid recipe ({len(messages)} problem{plural}):\n  " + "\n  ".join(messages)) from None
+    base = path.resolve().parent
+    recipe.model.name_or_path = _resolve(recipe.model.name_or_path, base, "model")
+    recipe.data.train = _resolve(recipe.data.train, base, "data")
+    if recipe.data.eval is not None:
+        recipe.data.eval = _resolve(recipe.data.eval, base, "data")
+    recipe.export.output_dir = _resolve(recipe.export.output_dir, base, "output")
+    return recipe

@@ -1,0 +1,115 @@
+"""Tiny, deterministic models, tokenizers and data, built locally with real `save_pretrained` files.
+
+The quickstart and the test suite run offline: nothing here downloads. A character-level tokenizer
+(every printable ASCII character is a token) keeps the vocabulary at ~100 so that a 2-layer model trains
+in seconds on a CPU, and the synthetic task (write a number in words) is one a LoRA visibly learns.
+"""
+
+import json
+import random
+import string
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+# A minimal chat template: each turn is "<|role|>\n{content}</s>\n".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_char_tokenizer(path: str | Path | None = None):
+    """A fast character-level tokenizer: 4 special tokens + printable ASCII. Saved to `path` if given."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    # Like Llama's tokenizer: BOS before every sequence encoded with special tokens.
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    if path is not None:
+        tok.save_pretrained(path)
+    return tok
+
+
+def build_tiny_model(
+    path: str | Path | None = None,
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    vocab_size: int | None = None,
+):
+    """A randomly initialised causal LM (`llama` or `gpt2`, whose layers are Conv1D) and its tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tok = build_char_tokenizer()
+    vocab_size = vocab_size or len(tok)
+    common = dict(vocab_size=vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    if arch == "llama":
+        config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, **common)
+        cls = LlamaForCausalLM
+    elif arch == "gpt2":
+        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=512, **common)
+        cls = GPT2LMHeadModel
+    else:
+        raise ValueError(f"unknown tiny architecture {arch!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    if path is not None:
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return model, tok
+
+
+ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """English words for 0 <= n < 1000: 342 -> 'three hundred forty-two'."""
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("" if n % 10 == 0 else "-" + ONES[n % 10])
+    rest = n % 100
+    return ONES[n // 100] + " hundred" + ("" if rest == 0 else " " + number_words(rest))
+
+
+def number_rows(n: int, seed: int) -> list[dict]:
+    """Alpaca rows of the task 'write the number in words'. A random model cannot guess it; a LoRA learns
+    the spelling patterns quickly and the digit-to-word mapping more slowly, so the loss keeps falling."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randrange(1000)
+        rows.append({"instruction": "Write the number in words.", "input": str(k), "output": number_words(k)})
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def build_quickstart_assets(root: str | Path) -> dict[str, Path]:
+    """The quickstart's model, tokenizer and data under `root` (idempotent, deterministic)."""
+    root = Path(root)
+    model_dir, train, eval_ = root / "tiny-llama", root / "data" / "train.jsonl", root / "data" / "eval.jsonl"
+    if not (model_dir / "config.json").exists():
+        build_tiny_model(model_dir, arch="llama", hidden_size=64, num_layers=2, seed=0)
+    write_jsonl(train, number_rows(512, seed=1))
+    write_jsonl(eval_, number_rows(64, seed=2))
+    return {"model": model_dir, "train": train, "eval": eval_}

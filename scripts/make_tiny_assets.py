@@ -1,0 +1,16 @@
+"""Build the quickstart's tiny Llama-architecture model, character tokenizer and data, offline.
+
+    python scripts/make_tiny_assets.py [ROOT]     # default ROOT: artifacts/
+
+Deterministic: the same files every time (the model's weights come from torch.manual_seed(0)).
+"""
+
+import sys
+from pathlib import Path
+
+from peftkit.tiny import build_quickstart_assets
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "artifacts"
+    for name, path in build_quickstart_assets(root).items():
+        print(f"{name}: {path}")
