@@ -96,10 +96,31 @@ def eval_cmd(
         atomic_write_json(json_out, metrics)
 
 
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with manifest.json).")],
+    tolerance: Annotated[float, typer.Option(help="0: identical bits; > 0: compare losses and weights numerically.")] = 0.0,
+) -> None:
+    """Re-run a recorded run in a temporary directory; exit 0 if it reproduces, 1 with a report if not."""
+    from peftkit.verify import verify as run_verify
+
+    report = run_verify(run_dir, tolerance, console)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    if report.ok:
+        console.print(f"[green]verified:[/] {run_dir} reproduces" + (" bit for bit." if tolerance == 0 else f" within {tolerance}."))
+        return
+    for diff in report.differences:
+        console.print(f"[red]differs:[/] {diff}")
+    raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: user errors print as one clear message (exit 2), never as a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PeftkitError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

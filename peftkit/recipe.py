@@ -28,7 +28,8 @@ DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet":
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` would pass `gt=0` and only fail as a NaN loss at step 1.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -144,7 +145,8 @@ class TrainingConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; null disables clipping."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seeds torch and the data order; < 2**32 because the data order seeds with seed x 1_000_003 + epoch."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a CUDA device that supports it, none on CPU."""
     gradient_checkpointing: bool = False
@@ -225,16 +227,24 @@ class _LineLoader(yaml.SafeLoader):
     """SafeLoader that remembers the line of every mapping key, by key path."""
 
 
-def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int]) -> None:
+def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], parents: tuple = ()) -> None:
+    if id(node) in parents:  # an alias inside its own anchor (`a: &x [*x]`) would recurse forever
+        raise _RecursiveAlias(node.start_mark.line + 1)
+    parents = (*parents, id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key_path = (*path, key_node.value)
             lines[key_path] = key_node.start_mark.line + 1
-            _compose_lines(value_node, key_path, lines)
+            _compose_lines(value_node, key_path, lines, parents)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[(*path, i)] = item.start_mark.line + 1
-            _compose_lines(item, (*path, i), lines)
+            _compose_lines(item, (*path, i), lines, parents)
+
+
+class _RecursiveAlias(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
@@ -265,7 +275,13 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         )
     lines: dict[tuple, int] = {}
     if node is not None:
-        _compose_lines(node, (), lines)
+        try:
+            _compose_lines(node, (), lines)
+        except _RecursiveAlias as e:
+            raise PeftkitError(
+                f"{path}:{e.line}: a YAML alias (*name) is used inside its own anchor (&name), which makes an "
+                "endlessly nested value. Write the value out instead."
+            ) from None
     return data, lines
 
 
@@ -295,7 +311,14 @@ def _apply_override(data: dict, assignment: str) -> None:
                 f"--set {key}: unknown key '{parts[depth - 1]}' in {where}.{_suggest(parts[depth - 1], valid)} "
                 f"Valid keys: {', '.join(valid)}."
             )
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PeftkitError(
+            f"--set {key.strip()}={raw}: the value is not valid YAML ({problem}). Quote a string value, for "
+            f"example --set '{key.strip()}=\"{raw}\"'."
+        ) from None
     node = data
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny models, tokenizers and data built locally and deterministically (no downloads)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A saved 2-layer, hidden-32 Llama with the character tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    build_tiny_model(path, arch="llama", hidden_size=32, num_layers=2, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A saved 2-layer GPT-2 (Conv1D layers) with the character tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    build_tiny_model(path, arch="gpt2", hidden_size=32, num_layers=2, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def number_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    write_jsonl(root / "train.jsonl", number_rows(64, seed=1))
+    write_jsonl(root / "eval.jsonl", number_rows(16, seed=2))
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def make_recipe(tmp_path: Path, model: Path, files: dict[str, Path], **sections) -> Path:
+    """Write a small, fast recipe to tmp_path/recipe.yaml; `sections` update its sections."""
+    import yaml
+
+    recipe = {
+        "model": {"name_or_path": str(model), "dtype": "float32"},
+        "adapter": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
+        "data": {"train": str(files["train"]), "eval": str(files["eval"]), "format": "alpaca", "max_length": 128},
+        "training": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "seed": 0},
+        "export": {"output_dir": str(tmp_path / "run"), "adapter": True, "merged": False},
+        "eval": {"batch_size": 8},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def random_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Give every LoRA layer a nonzero B (and embedding A) so that merge tests cannot pass trivially."""
+    from peftkit.adapters import lora_layers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            for name, p in layer.adapter_params().items():
+                if name.startswith(("lora_B", "lora_embedding_A")):
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)

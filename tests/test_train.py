@@ -1,0 +1,164 @@
+"""End to end: train → export → eval → merge, through the functions and the CLI, on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from peftkit.cli import app
+from peftkit.fileio import sha256_file
+from peftkit.modeling import load_adapted_model
+from peftkit.recipe import load_recipe
+from peftkit.train import lr_lambda, train
+from tests.conftest import make_recipe
+
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
+
+
+def _adapter_sha(run):
+    return sha256_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def test_train_export_eval_merge_cli(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 20}, export={"merged": True})
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "eval loss, base model" in result.output and "eval loss, fine-tuned" in result.output
+    run = tmp_path / "run"
+
+    # Outputs contract.
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == str(tiny_llama)
+    keys = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert keys and all(k.startswith("base_model.model.") and k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["outputs_sha256"]["adapter/adapter_model.safetensors"] == _adapter_sha(run)
+    assert manifest["metrics"]["eval_loss"] < manifest["metrics"]["base_eval_loss"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 21))
+    assert all(r["peak_mem_mb"] > 0 for r in lines if "loss" in r)
+
+    # The merged export equals base + adapter in peft (an independent implementation).
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, run / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    ours, _, _, _, _ = load_adapted_model(None, str(run / "adapter"))
+    with torch.no_grad():
+        expected = reference(IDS).logits
+        assert (merged(IDS).logits - expected).abs().max() <= 1e-4
+        assert (ours(IDS).logits - expected).abs().max() <= 1e-5
+
+    # eval: base, adapter and merged through the CLI; adapter and merged agree, both beat the base.
+    results = {}
+    for name, extra in {"base": [], "adapter": ["--adapter", str(run / "adapter")], "merged": None}.items():
+        model = str(run / "merged") if extra is None else str(tiny_llama)
+        out = tmp_path / f"{name}.json"
+        result = runner.invoke(app, ["eval", "--model", model, "--data", str(number_data["eval"]), "--format", "alpaca",
+                                     "--max-length", "128", "--json", str(out), *(extra or [])])
+        assert result.exit_code == 0, result.output
+        results[name] = json.loads(out.read_text())
+        assert set(results[name]) == {"loss", "perplexity", "num_tokens"}
+    assert results["adapter"]["loss"] == pytest.approx(results["merged"]["loss"], abs=1e-4)
+    assert results["adapter"]["loss"] == pytest.approx(manifest["metrics"]["eval_loss"], abs=1e-4)
+    assert results["adapter"]["loss"] < results["base"]["loss"]
+    assert results["base"]["num_tokens"] == results["merged"]["num_tokens"] > 0
+
+    # merge: the CLI's merged model equals the one exported by train.
+    result = runner.invoke(app, ["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "m2")])
+    assert result.exit_code == 0, result.output
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m2").eval()
+    with torch.no_grad():
+        assert (again(IDS).logits - merged(IDS).logits).abs().max() <= 1e-6
+
+
+def test_same_seed_same_bits_with_accumulation_and_workers(tiny_llama, number_data, tmp_path):
+    """Bit-identical adapters across runs; data loader workers do not change the data order."""
+    shas = []
+    for i, workers in enumerate([0, 2]):
+        recipe = make_recipe(tmp_path / str(i), tiny_llama, number_data,
+                             training={"max_steps": 5, "batch_size": 2, "grad_accum": 2},
+                             data={"num_workers": workers}, adapter={"dropout": 0.1}, eval={"base_model": False})
+        train(load_recipe(recipe))
+        shas.append(_adapter_sha(tmp_path / str(i) / "run"))
+    assert shas[0] == shas[1]
+    other = make_recipe(tmp_path / "seed1", tiny_llama, number_data,
+                        training={"max_steps": 5, "batch_size": 2, "grad_accum": 2, "seed": 1},
+                        adapter={"dropout": 0.1}, eval={"base_model": False})
+    train(load_recipe(other))
+    assert _adapter_sha(tmp_path / "seed1" / "run") != shas[0]
+
+
+def test_accumulation_is_token_weighted(tiny_llama, number_data, tmp_path):
+    """batch 4 x accum 1 and batch 2 x accum 2 see the same examples per step: same first-step loss."""
+    losses = []
+    for bs, ga in [(4, 1), (2, 2)]:
+        recipe = make_recipe(tmp_path / f"{bs}", tiny_llama, number_data,
+                             training={"max_steps": 1, "batch_size": bs, "grad_accum": ga},
+                             data={"shuffle": False}, eval={"base_model": False})
+        train(load_recipe(recipe))
+        losses.append(json.loads((tmp_path / f"{bs}" / "run" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_resume_after_sigkill_is_bit_identical(tiny_llama, number_data, tmp_path):
+    sections = dict(training={"max_steps": 40, "save_steps": 4, "batch_size": 2, "grad_accum": 2},
+                    adapter={"dropout": 0.1}, eval={"base_model": False})
+    straight = make_recipe(tmp_path / "a", tiny_llama, number_data, **sections)
+    train(load_recipe(straight))
+
+    killed = make_recipe(tmp_path / "b", tiny_llama, number_data, **sections)
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "run" / "adapter").exists(), "killed too late to test anything"
+    result = CliRunner().invoke(app, ["train", str(killed), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "Resumed from step-" in result.output
+    assert _adapter_sha(tmp_path / "b" / "run") == _adapter_sha(tmp_path / "a" / "run")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 41))
+
+
+def test_verify_reproduces_and_reports_divergence(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4}, eval={"base_model": False})
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(app, ["verify", str(run)]).exit_code == 0
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["losses"][2] += 1e-3  # as if the third step had gone differently
+    manifest["outputs_sha256"]["adapter/adapter_model.safetensors"] = "0" * 64
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(app, ["verify", str(run)])
+    assert result.exit_code == 1
+    assert "loss diverges first at step 3" in result.output
+    assert "adapter/adapter_model.safetensors" in result.output
+
+
+def test_lr_schedule_shapes():
+    from peftkit.recipe import TrainingConfig
+
+    cos = lr_lambda(TrainingConfig(max_steps=10, warmup_steps=2, scheduler="cosine"), 10)
+    assert [round(cos(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
+    lin = lr_lambda(TrainingConfig(max_steps=10, warmup_steps=0, scheduler="linear"), 10)
+    assert lin(5) == pytest.approx(0.5)
+    const = lr_lambda(TrainingConfig(max_steps=10, warmup_steps=0, scheduler="constant"), 10)
+    assert const(9) == 1.0
