@@ -28,7 +28,7 @@ def build_char_tokenizer(path: str | Path | None = None):
     chars = sorted(set(string.printable) - set("\x0b\x0c"))
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char, newlines too
     backend.decoder = decoders.Fuse()
     # Like Llama's tokenizer: BOS before every sequence encoded with special tokens.
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])

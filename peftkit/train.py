@@ -110,6 +110,20 @@ def mixed_precision(cfg: TrainingConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
+def check_device_support(cfg: Recipe, device: torch.device) -> None:
+    """Combinations that only fail once the device is known, caught before anything is loaded."""
+    q = cfg.quantization
+    if q is not None and device.type == "cpu" and q.method != "int8" and q.compute_dtype == "float16":
+        raise PeftkitError(
+            "quantization.compute_dtype: float16 on CPU: CPUs have no fast float16 matmuls and float16 training "
+            "needs the loss scaling that only runs on CUDA, so it would be slow and underflow. Use float32 (or "
+            "bfloat16) on CPU; float16 is for CUDA devices without bfloat16."
+        )
+    if device.type == "cuda" and "bfloat16" in (cfg.model.dtype, q.compute_dtype if q else None) \
+            and not torch.cuda.is_bf16_supported():
+        raise PeftkitError(f"bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 or float32.")
+
+
 # ------------------------------------------------------------------------------------ run directory
 
 
@@ -214,6 +228,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
 
     seed_everything(tcfg.seed, tcfg.deterministic)
     device = resolve_device(cfg.model.device)
+    check_device_support(cfg, device)
     print_estimate(console, estimate_memory(cfg))
     tok = load_tokenizer(cfg.model)
     train_ex, train_stats = load_examples(tok, cfg.data.train, cfg.data.train_split, cfg.data)

@@ -1,0 +1,88 @@
+"""Every recipe shipped in recipes/ (searched recursively) validates."""
+
+from pathlib import Path
+
+import pytest
+
+from peftkit.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = sorted(ROOT.rglob("*.yaml"))
+
+
+def test_recipes_are_found():
+    names = {p.relative_to(ROOT).as_posix() for p in RECIPES}
+    assert {"quickstart.yaml", "ci/repro.yaml"} <= names, names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates(path):
+    recipe = load_recipe(path)
+    # Relative paths resolve against the recipe's own directory, wherever pytest runs from.
+    assert Path(recipe.export.output_dir).is_absolute()
+    assert Path(recipe.data.train).is_absolute()
+    assert path.read_text().startswith("# peftkit train "), "every recipe starts with the command that runs it"
+
+
+def test_issue_recipe_accepted_exactly_as_written(tmp_path):
+    text = """\
+model:
+  name_or_path: /abs/path/to/tiny-llama   # a local directory or a hub id
+  dtype: float32                          # float32 | bfloat16 | float16 | auto
+adapter:
+  method: lora
+  r: 8
+  alpha: 16
+  dropout: 0.0
+  target_modules: all-linear              # or a list of module-name suffixes, or {regex: "..."}
+data:
+  train: /abs/path/train.jsonl            # local json/jsonl/csv/parquet file or a hub dataset id
+  eval: /abs/path/eval.jsonl
+  format: alpaca                          # alpaca | chat | completion | text
+  max_length: 128
+training:
+  max_steps: 30
+  batch_size: 4
+  grad_accum: 1
+  lr: 1.0e-3
+  optimizer: adamw                        # adamw | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd
+  scheduler: cosine                       # cosine | linear | constant
+  warmup_steps: 3
+  seed: 0
+export:
+  output_dir: /abs/path/runs/canonical
+  adapter: true
+  merged: true
+"""
+    (tmp_path / "r.yaml").write_text(text)
+    recipe = load_recipe(tmp_path / "r.yaml", ["training.lr=2e-4", "adapter.target_modules=[q_proj, v_proj]"])
+    assert recipe.training.lr == 2e-4 and recipe.adapter.target_modules == ["q_proj", "v_proj"]
+    assert recipe.adapter.scaling == 2.0 and recipe.export.merged
+
+
+def test_relative_paths_resolve_against_recipe_dir(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "r.yaml").write_text(
+        "model: {name_or_path: ../models/m}\ndata: {train: data/train.jsonl}\nexport: {output_dir: out}\n"
+        "training: {max_steps: 1}\n")
+    (tmp_path / "hub.yaml").write_text(
+        "model: {name_or_path: meta-llama/Llama-3.2-1B}\ndata: {train: tatsu-lab/alpaca}\nexport: {output_dir: o}\n")
+    monkeypatch.chdir("/")
+    recipe = load_recipe(tmp_path / "sub" / "r.yaml")
+    assert recipe.model.name_or_path == str(tmp_path / "models" / "m")
+    assert recipe.data.train == str(tmp_path / "sub" / "data" / "train.jsonl")
+    assert recipe.export.output_dir == str(tmp_path / "sub" / "out")
+    hub = load_recipe(tmp_path / "hub.yaml")
+    assert hub.model.name_or_path == "meta-llama/Llama-3.2-1B" and hub.data.train == "tatsu-lab/alpaca"
+
+
+def test_validate_prints_every_default(tmp_path):
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    (tmp_path / "r.yaml").write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\nexport: {output_dir: o}\n")
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0
+    for key in ("use_rslora:", "nan_policy: stop", "grad_accum: 1", "on_bad_rows: error", "merged: false"):
+        assert key in result.output
