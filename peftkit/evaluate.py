@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from peftkit.data import IGNORE_INDEX, Example, eval_loader
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies over labelled positions, number of labelled positions).
 
     Summing and dividing by the token count of the whole accumulation window (not averaging per
@@ -20,7 +20,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != IGNORE_INDEX).sum())
+    return loss, (labels != IGNORE_INDEX).sum()  # tensors: the caller decides when to sync
 
 
 @torch.no_grad()
@@ -29,15 +29,17 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
-    total, tokens = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.long, device=device)
     try:
         for batch in eval_loader(examples, batch_size, pad_id):
             loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-            total += float(loss)
+            total += loss.double()
             tokens += n
     finally:
         model.train(was_training)
-    mean = total / max(tokens, 1)
+    tokens = int(tokens)
+    mean = float(total) / max(tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "num_tokens": tokens}
 
 

@@ -280,14 +280,14 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
             while state.step < total_steps:
                 window = [next(stream) for _ in range(tcfg.grad_accum)]
                 n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-                loss_sum = 0.0
+                loss_sum = torch.zeros((), device=accelerator.device)
                 for batch in window:
-                    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                    window_tokens += int(batch["attention_mask"].sum())  # counted on CPU: no device sync
+                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                     loss, _ = token_loss_sum(model, batch)
                     accelerator.backward(loss / n_label)
-                    loss_sum += float(loss.detach())
-                    window_tokens += int(batch["attention_mask"].sum())
-                loss_value = loss_sum / n_label
+                    loss_sum += loss.detach()
+                loss_value = float(loss_sum) / n_label  # one device sync per optimizer step
                 if not math.isfinite(loss_value):
                     optimizer.zero_grad(set_to_none=True)
                     if tcfg.nan_policy == "stop":
