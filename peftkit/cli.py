@@ -80,8 +80,8 @@ def eval_cmd(
     data: Annotated[str, typer.Option("--data", help="Data file or hub dataset id.")],
     fmt: Annotated[str, typer.Option("--format", help="alpaca | chat | completion | text.")] = "text",
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
-    max_length: Annotated[int, typer.Option(help="Truncate examples to this many tokens.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Examples per batch.")] = 8,
+    max_length: Annotated[int, typer.Option(min=1, help="Truncate examples to this many tokens.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch.")] = 8,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model."""
@@ -115,27 +115,36 @@ def verify(
     raise typer.Exit(1)
 
 
+def _click_exception() -> type:
+    """ClickException of the click that Typer runs on: recent Typer vendors its own copy."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click.exceptions import ClickException
+    return ClickException
+
+
 def main() -> None:
     """Entry point: user errors print as one clear message (exit 2), never as a traceback."""
+    from rich.markup import escape
+
+    click_error = _click_exception()
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
     except PeftkitError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click's own usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except click_error as e:  # usage errors: unknown option, missing argument
+        e.show()
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

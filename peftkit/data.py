@@ -35,8 +35,10 @@ class Example:
     labels: list[int]
 
 
-def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int]:
-    rows, bad = [], 0
+def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int]]:
+    """(rows, malformed lines skipped, the line number of each row): blank and skipped lines make row
+    numbers and line numbers differ, and messages about a row must name its line."""
+    rows, bad, line_numbers = [], 0, []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -54,11 +56,12 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int]:
                     "to drop such rows."
                 ) from None
             rows.append(row)
-    return rows, bad
+            line_numbers.append(lineno)
+    return rows, bad, line_numbers
 
 
-def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list[dict], int, int | None]:
-    """Rows of a local file or hub dataset; returns (rows, bad_rows_skipped, first_line_number_or_None).
+def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list[dict], int, list[int] | None]:
+    """Rows of a local file or hub dataset; returns (rows, bad_rows_skipped, line number of each row or None).
 
     A .jsonl file is parsed here line by line so a malformed line is reported by number; other formats go
     through `datasets.load_dataset`.
@@ -79,8 +82,7 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
                                f"{', '.join(DATA_EXTENSIONS)}.")
         try:
             if path.suffix.lower() == ".jsonl":
-                rows, bad = _read_jsonl(path, on_bad_rows)
-                return rows, bad, 1
+                return _read_jsonl(path, on_bad_rows)
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except PermissionError:
             raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
@@ -151,8 +153,15 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def tokenize_rows(tok, rows: list[dict], cfg: DataConfig, source: str, first_line: int | None) -> tuple[list[Example], dict]:
-    """Tokenize and mask; returns the examples and counts of skipped rows by reason."""
+def tokenize_rows(
+    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, skipped: int = 0
+) -> tuple[list[Example], dict]:
+    """Tokenize and mask; returns the examples and counts of skipped rows by reason.
+
+    Args:
+        line_numbers: the file line of each row (a .jsonl file), so that a message names the line.
+        skipped: malformed lines the reader already dropped, so an empty result can say why.
+    """
     examples, stats = [], {"bad_rows": 0, "too_long": 0}
     for i, row in enumerate(rows):
         problem = _missing(row, cfg.format) if isinstance(row, dict) else "not an object"
@@ -160,7 +169,7 @@ def tokenize_rows(tok, rows: list[dict], cfg: DataConfig, source: str, first_lin
             if cfg.on_bad_rows == "skip":
                 stats["bad_rows"] += 1
                 continue
-            where = f"{source}:{first_line + i}" if first_line else f"{source} row {i + 1}"
+            where = f"{source}:{line_numbers[i]}" if line_numbers else f"{source} row {i + 1}"
             raise PeftkitError(
                 f"{where}: {problem} for data.format '{cfg.format}' (each row needs "
                 f"{', '.join(REQUIRED_FIELDS[cfg.format])}). Fix the row, set the right data.format, or set "
@@ -178,16 +187,23 @@ def tokenize_rows(tok, rows: list[dict], cfg: DataConfig, source: str, first_lin
             continue
         examples.append(Example(ids, labels))
     if not examples:
-        reason = (f"all {stats['too_long']} examples have their whole target beyond data.max_length={cfg.max_length} "
-                  "tokens, so there is nothing left to learn; raise data.max_length") if stats["too_long"] else \
-                 "it has no usable rows"
+        bad = stats["bad_rows"] + skipped
+        if stats["too_long"]:
+            reason = (f"all {stats['too_long']} examples have their whole target beyond data.max_length="
+                      f"{cfg.max_length} tokens, so there is nothing left to learn; raise data.max_length")
+        elif bad:
+            reason = (f"all {bad} rows were skipped as malformed or missing the fields of data.format "
+                      f"'{cfg.format}' ({', '.join(REQUIRED_FIELDS[cfg.format])}); check data.format, or set "
+                      "data.on_bad_rows: error to see the first bad row")
+        else:
+            reason = "it has no rows; point data.train/data.eval at data with examples"
         raise PeftkitError(f"No training examples from {source}: {reason}.")
     return examples, stats
 
 
 def load_examples(tok, source: str, split: str, cfg: DataConfig) -> tuple[list[Example], dict]:
-    rows, bad, first_line = load_rows(source, split, cfg.on_bad_rows)
-    examples, stats = tokenize_rows(tok, rows, cfg, source, first_line)
+    rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows)
+    examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad)
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
     return examples, stats

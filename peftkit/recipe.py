@@ -254,16 +254,30 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         raise PeftkitError(f"Recipe file not found: {path}") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise PeftkitError(f"Cannot read recipe {path}: {e}") from None
+    node = None
     try:
         node = yaml.compose(text, Loader=_LineLoader)
         data = yaml.load(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = " ".join(str(p) for p in (e.context, e.problem) if p)
-        raise PeftkitError(f"{where}: YAML syntax error: {problem}. Check indentation and quoting there.") from None
+        context = e.context
+        if context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+            # An unclosed quote or bracket is noticed lines later, often at the end of the file: say where it began.
+            context += f" that starts at line {e.context_mark.line + 1}, column {e.context_mark.column + 1}:"
+        problem = " ".join(str(p) for p in (context, e.problem) if p)
+        fix = "YAML indents with spaces, not tabs: replace the tab" if "'\\t'" in str(e.problem) else \
+            "Check indentation and quoting there"
+        raise PeftkitError(f"{where}: YAML syntax error: {problem}. {fix}.") from None
     except yaml.YAMLError as e:
         raise PeftkitError(f"{path}: YAML syntax error: {e}") from None
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        # PyYAML's constructors fail with plain exceptions on explicitly tagged values (`!!int abc`, `!!timestamp x`).
+        bad = _unreadable_scalar(node)
+        where = f"{path}:{bad.start_mark.line + 1}:{bad.start_mark.column + 1}" if bad else str(path)
+        what = (f"{bad.value!r} cannot be read as {bad.tag.rsplit(':', 1)[-1]}" if bad
+                else f"a value cannot be read ({e!r})")
+        raise PeftkitError(f"{where}: YAML error: {what}. Remove the explicit !!tag or fix the value.") from None
     if data is None:
         raise PeftkitError(
             f"{path}: the recipe is empty. A recipe needs at least the sections model, data and export; "
@@ -283,6 +297,26 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
                 "endlessly nested value. Write the value out instead."
             ) from None
     return data, lines
+
+
+def _unreadable_scalar(node: yaml.Node | None) -> yaml.ScalarNode | None:
+    """The first scalar node PyYAML's safe constructor cannot build, or None."""
+    stack, seen = [node] if node is not None else [], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.ScalarNode):
+            try:
+                yaml.SafeLoader("").construct_object(n)
+            except Exception:  # noqa: BLE001 - any failure is the answer
+                return n
+        elif isinstance(n, yaml.MappingNode):
+            stack.extend(child for pair in reversed(n.value) for child in reversed(pair))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(reversed(n.value))
+    return None
 
 
 def _section_model(loc: tuple) -> type[BaseModel] | None:
@@ -354,6 +388,17 @@ def _format_error(err: dict, data: dict, path: Path, lines: dict[tuple, int], ov
             where = f"{path}:{lines[loc[:depth]]}"
             break
     kind = err["type"]
+    if kind == "invalid_key":  # `1: x` or `null: x`: YAML made a non-string key
+        section_loc = _data_loc(err["loc"][:-1], data)
+        model = _section_model(section_loc)
+        valid = list(model.model_fields) if model else []
+        section = ".".join(map(str, section_loc)) or "the recipe"
+        read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
+            type(err["input"]), f"a {type(err['input']).__name__}")
+        return (
+            f"{where}: key {err['input']!r} in {section} is not a name (YAML read it as {read_as}); quote it if it "
+            f"is meant as one. Valid keys: {', '.join(valid)}."
+        )
     if kind == "extra_forbidden":
         model = _section_model(loc[:-1])
         valid = list(model.model_fields) if model else []
@@ -363,14 +408,27 @@ def _format_error(err: dict, data: dict, path: Path, lines: dict[tuple, int], ov
             f"Valid keys: {', '.join(valid)}."
         )
     if kind == "missing":
-        return f"{where}: missing required key '{dotted}'."
+        parent = ".".join(map(str, loc[:-1]))
+        place = f"under '{parent}:'" if parent else "as a top-level section"
+        return (
+            f"{where}: missing required key '{dotted}'. Add '{loc[-1]}:' {place}; recipes/quickstart.yaml shows a "
+            "complete recipe."
+        )
     given = err.get("input")
     shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+    if len(shown) > 80:
+        shown = shown[:60] + "..." + shown[-10:]
     msg = err["msg"].removeprefix("Value error, ")
     if kind == "literal_error":
         msg = msg.replace("Input should be", "must be one of")
     msg = re.sub(r" or instance of \w+", " (a section of keys)", msg.replace("Input should be", "must be"))
-    msg = _UNION_HINTS.get(loc, msg)
+    if kind != "value_error":  # a validator's own message (`target_modules: []`) is more precise than the hint
+        msg = _UNION_HINTS.get(loc, msg)
+    if given is None and kind in ("model_type", "dict_type"):
+        msg = "the section is empty; indent its keys under it, or delete the line to use the defaults"
+    if kind == "value_error" and isinstance(given, dict):
+        # A check across several keys of one section (or of the whole recipe): the message names the keys.
+        return f"{where}: {dotted + ': ' if loc else ''}{msg}."
     return f"{where}: '{dotted}' = {shown}: {msg}."
 
 
@@ -402,9 +460,25 @@ def _all_fields(model: type[BaseModel]) -> set[str]:
 
 
 def _suggest(key: str, valid: list[str]) -> str:
-    if _SYNONYMS.get(key) in valid:
-        return f" Did you mean '{_SYNONYMS[key]}'?"
-    return did_you_mean(key, valid)
+    normal = key.lower().replace("-", "_")  # `Batch-Size` is `batch_size` written another way
+    for name in (key, normal):
+        if _SYNONYMS.get(name) in valid:
+            return f" Did you mean '{_SYNONYMS[name]}'?"
+    if normal != key and normal in valid:
+        return f" Did you mean '{normal}'?"
+    return did_you_mean(normal, valid)
+
+
+def _is_misspelled(err: dict, loc: tuple, others: list[tuple[tuple, dict]]) -> bool:
+    """A missing key that an unknown sibling key is a misspelling of (`nme_or_path`): that sibling's
+    'Did you mean' message already says how to fix it, so the 'missing' one is only noise."""
+    if err["type"] != "missing":
+        return False
+    model = _section_model(loc[:-1])
+    valid = list(model.model_fields) if model else []
+    fix = f" Did you mean '{loc[-1]}'?"
+    return any(e["type"] == "extra_forbidden" and o[:-1] == loc[:-1] and _suggest(str(o[-1]), valid) == fix
+               for o, e in others)
 
 
 
@@ -442,13 +516,23 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         errors = [(_data_loc(err["loc"], data), err) for err in e.errors()]
         # A union member that got further (a {regex: ...} with a bad pattern) explains better than the others.
         errors = [(loc, err) for loc, err in errors if not any(o[: len(loc)] == loc and len(o) > len(loc) for o, _ in errors)]
+        errors = [(loc, err) for loc, err in errors if not _is_misspelled(err, loc, errors)]
         messages = list(dict.fromkeys(_format_error(err, data, path, lines, overridden) for _, err in errors))
         plural = "s" if len(messages) > 1 else ""
         raise PeftkitError(f"Invalid recipe ({len(messages)} problem{plural}):\n  " + "\n  ".join(messages)) from None
     base = path.resolve().parent
-    recipe.model.name_or_path = _resolve(recipe.model.name_or_path, base, "model")
-    recipe.data.train = _resolve(recipe.data.train, base, "data")
-    if recipe.data.eval is not None:
-        recipe.data.eval = _resolve(recipe.data.eval, base, "data")
-    recipe.export.output_dir = _resolve(recipe.export.output_dir, base, "output")
+    for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
+                               ("export", "output_dir", "output")):
+        value = getattr(getattr(recipe, section), key)
+        if value is None:
+            continue
+        try:
+            setattr(getattr(recipe, section), key, _resolve(value, base, kind))
+        except (OSError, RuntimeError, ValueError) as e:  # `~nosuchuser/x`, a name over 255 bytes, a NUL byte
+            line = lines.get((section, key))
+            reason = getattr(e, "strerror", None) or str(e).rstrip(".")
+            raise PeftkitError(
+                f"{path}{f':{line}' if line else ''}: '{section}.{key}' = {value[:80]!r} is not a usable path "
+                f"({reason}). Give an existing path (relative to the recipe's directory) or a hub id."
+            ) from None
     return recipe

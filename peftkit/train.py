@@ -130,6 +130,12 @@ def check_device_support(cfg: Recipe, device: torch.device) -> None:
 def _check_output_dir(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory; --overwrite clears it."""
     previous = out / "recipe.yaml"
+    if out.exists() and not out.is_dir():
+        raise PeftkitError(f"export.output_dir {out} is a file, not a directory; choose another path.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PeftkitError(f"export.output_dir {out} cannot be created ({e.strerror}); choose another path.") from None
     if overwrite and out.exists():
         for name in ("adapter", "merged", CHECKPOINTS, "metrics.jsonl", "recipe.yaml", "manifest.json"):
             target = out / name
@@ -222,8 +228,6 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     cfg, tcfg = recipe, recipe.training
     out = Path(cfg.export.output_dir)
     _check_output_dir(out, cfg, resume, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "recipe.yaml", cfg.to_yaml())
     started = time.time()
 
     seed_everything(tcfg.seed, tcfg.deterministic)
@@ -257,6 +261,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     accelerator = Accelerator(mixed_precision=mixed_precision(tcfg, device), cpu=device.type == "cpu")
     model, optimizer = accelerator.prepare(model, optimizer)
 
+    # Only now, with data and model loaded, does the directory become this recipe's run.
+    atomic_write_text(out / "recipe.yaml", cfg.to_yaml())
     state = LoopState()
     metrics_path = out / "metrics.jsonl"
     if resume:

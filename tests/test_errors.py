@@ -1,0 +1,679 @@
+"""Every user mistake ends in one clear `PeftkitError` (printed by the CLI as `error: ...`, exit 2) that
+names the key, the file and the line where there is one, and says how to fix it; never a traceback.
+
+Each test makes one mistake with real files (tiny models and data built here, no mocks) and checks the
+parts of the message a user needs: what is wrong, where, and what to do instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.data import load_examples, load_rows
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig, load_recipe
+from peftkit.tiny import build_char_tokenizer, build_tiny_model, number_rows, write_jsonl
+
+TOK = build_char_tokenizer()
+
+# A complete recipe written out by hand, so that a test knows the line of every key (`_line`).
+RECIPE = """\
+model:
+  name_or_path: ./tiny-model
+  dtype: float32
+adapter:
+  r: 4
+  alpha: 8
+  dropout: 0.0
+  target_modules: all-linear
+data:
+  train: ./data/train.jsonl
+  format: alpaca
+  max_length: 128
+training:
+  max_steps: 6
+  batch_size: 4
+  lr: 0.01
+  optimizer: adamw
+  warmup_steps: 1
+export:
+  output_dir: ./run
+eval:
+  batch_size: 8
+"""
+
+
+def _line(text: str, start: str) -> int:
+    """1-based number of the first line of `text` that starts with `start`."""
+    return next(i for i, line in enumerate(text.splitlines(), 1) if line.startswith(start))
+
+
+def _write(tmp_path: Path, text: str, name: str = "my-recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The message of the PeftkitError that load_recipe must raise."""
+    with pytest.raises(PeftkitError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert message and "Traceback" not in message
+    return message
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "1000", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=120)
+
+
+def _assert_user_error(result: subprocess.CompletedProcess) -> str:
+    """Exit code 2, 'error: ...' on stderr, no traceback anywhere; returns stderr."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("error: "), result.stderr
+    return result.stderr
+
+
+# ------------------------------------------------------------------------------------------ recipe file
+
+
+def test_the_base_recipe_is_valid(tmp_path):
+    recipe = load_recipe(_write(tmp_path, RECIPE))
+    assert recipe.adapter.r == 4 and recipe.data.train == str((tmp_path / "data" / "train.jsonl").resolve())
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    text = RECIPE.replace("  dtype: float32", " dtype: float32")  # line 3 indented by one space, not two
+    message = _error(_write(tmp_path, text))
+    assert message.startswith(f"{tmp_path / 'my-recipe.yaml'}:3:2: YAML syntax error")
+    assert "Check indentation and quoting there." in message
+
+
+def test_yaml_unclosed_quote_names_its_line(tmp_path):
+    text = RECIPE.replace("  train: ./data/train.jsonl", '  train: "./data/train.jsonl')
+    message = _error(_write(tmp_path, text))
+    assert "while scanning a quoted scalar that starts at line 10, column 10: found unexpected end of stream" in message
+
+
+def test_tab_indentation(tmp_path):
+    message = _error(_write(tmp_path, RECIPE.replace("  r: 4", "\tr: 4")))
+    assert message.startswith(f"{tmp_path / 'my-recipe.yaml'}:{_line(RECIPE, '  r:')}:1: YAML syntax error: ")
+    assert message.endswith("found character '\\t' that cannot start any token. YAML indents with spaces, not tabs: "
+                            "replace the tab.")
+
+
+@pytest.mark.parametrize("text", ["", "# nothing but a comment\n", "---\n"])
+def test_empty_recipe(tmp_path, text):
+    message = _error(_write(tmp_path, text))
+    assert message == (
+        f"{tmp_path / 'my-recipe.yaml'}: the recipe is empty. A recipe needs at least the sections model, data and "
+        "export; see recipes/quickstart.yaml for a complete example."
+    )
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- model\n- data\n", "list"), ("just words\n", "str"), ("42\n", "int")])
+def test_recipe_that_is_not_a_mapping(tmp_path, text, kind):
+    message = _error(_write(tmp_path, text))
+    assert message == (f"{tmp_path / 'my-recipe.yaml'}:1: a recipe must be a mapping of sections (model:, data:, ...), "
+                       f"not a {kind}.")
+
+
+def test_missing_and_unreadable_recipe_files(tmp_path):
+    assert _error(tmp_path / "nope.yaml") == f"Recipe file not found: {tmp_path / 'nope.yaml'}"
+    assert _error(tmp_path).startswith(f"Cannot read recipe {tmp_path}")  # a directory
+    (tmp_path / "latin1.yaml").write_bytes(b"model:\n  name_or_path: caf\xe9\n")
+    assert _error(tmp_path / "latin1.yaml").startswith(f"Cannot read recipe {tmp_path / 'latin1.yaml'}")
+
+
+# Unknown keys at every level: (line of RECIPE to change, its replacement, the typo, the key meant, section).
+UNKNOWN_KEYS = [
+    ("training:", "trainig:", "trainig", "training", "the recipe"),
+    ("model:", "modle:", "modle", "model", "the recipe"),  # a required section: no "missing 'model'" as well
+    ("  name_or_path:", "  nme_or_path:", "nme_or_path", "name_or_path", "model"),
+    ("  alpha:", "  alhpa:", "alhpa", "alpha", "adapter"),
+    ("  format:", "  fromat:", "fromat", "format", "data"),
+    ("  lr:", "  learning_rate:", "learning_rate", "lr", "training"),  # another tool's name for it
+    ("  optimizer:", "  optimiser:", "optimiser", "optimizer", "training"),
+    ("  output_dir:", "  ouput_dir:", "ouput_dir", "output_dir", "export"),
+    ("  batch_size: 8", "  batchsize: 8", "batchsize", "batch_size", "eval"),
+    ("  r:", "  lora_r:", "lora_r", "r", "adapter"),
+    ("  dtype:", "  DType:", "DType", "dtype", "model"),
+    ("  max_length:", "  max-length:", "max-length", "max_length", "data"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "typo", "meant", "section"), UNKNOWN_KEYS, ids=[u[2] for u in UNKNOWN_KEYS])
+def test_unknown_key_names_line_and_suggests_the_closest(tmp_path, old, new, typo, meant, section):
+    lines = RECIPE.splitlines(keepends=True)
+    i = _line(RECIPE, old) - 1
+    lines[i] = lines[i].replace(old, new, 1)
+    text = "".join(lines)
+    message = _error(_write(tmp_path, text))
+    # A misspelled required key (name_or_path, output_dir) is one problem, not also "missing 'name_or_path'".
+    assert message.startswith("Invalid recipe (1 problem):\n  ")
+    assert f"my-recipe.yaml:{i + 1}: unknown key '{typo}' in {section}. Did you mean '{meant}'? Valid keys: " in message
+    assert meant in message.split("Valid keys: ")[1]
+
+
+def test_unknown_key_in_quantization_section(tmp_path):
+    text = RECIPE + "quantization:\n  method: nf4\n  double_qaunt: true\n"
+    message = _error(_write(tmp_path, text))
+    assert (f"my-recipe.yaml:{_line(text, '  double_qaunt')}: unknown key 'double_qaunt' in quantization. "
+            "Did you mean 'double_quant'?") in message
+
+
+def test_unknown_key_in_target_modules_regex(tmp_path):
+    text = RECIPE.replace("  target_modules: all-linear", "  target_modules:\n    regx: '.*q_proj'")
+    message = _error(_write(tmp_path, text))
+    assert message == ("Invalid recipe (1 problem):\n  "
+                       f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '    regx')}: unknown key 'regx' in "
+                       "adapter.target_modules. Did you mean 'regex'? Valid keys: regex.")
+
+
+def test_unknown_key_far_from_any_valid_one_lists_the_valid_keys(tmp_path):
+    text = RECIPE.replace("  dropout: 0.0\n", "  dropout: 0.0\n  zzzz: 1\n")
+    message = _error(_write(tmp_path, text))
+    assert "unknown key 'zzzz' in adapter. Valid keys: method, r, alpha, dropout, target_modules" in message
+    assert "Did you mean" not in message
+
+
+def test_bad_regex_in_target_modules(tmp_path):
+    text = RECIPE.replace("  target_modules: all-linear", "  target_modules:\n    regex: 'q_proj('")
+    message = _error(_write(tmp_path, text))
+    assert f"my-recipe.yaml:{_line(text, '    regex')}: 'adapter.target_modules.regex' = 'q_proj(': is not a valid " \
+           "regular expression (missing ), unterminated subpattern" in message
+
+
+# (line of RECIPE to replace, replacement, expected message after "file:line: ")
+BAD_VALUES = [
+    ("  r: 4", "  r: four", "'adapter.r' = 'four': must be a valid integer, unable to parse string as an integer"),
+    ("  r: 4", "  r: 4.5", "'adapter.r' = 4.5: must be a valid integer, got a number with a fractional part"),
+    ("  lr: 0.01", "  lr: fast", "'training.lr' = 'fast': must be a valid number, unable to parse string as a number"),
+    ("  max_length: 128", "  max_length: [128]", "'data.max_length' = list: must be a valid integer"),
+    ("  name_or_path: ./tiny-model", "  name_or_path: [a, b]", "'model.name_or_path' = list: must be a valid string"),
+    ("  target_modules: all-linear", "  target_modules: 5",
+     "'adapter.target_modules' = 5: must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}"),
+    ("  target_modules: all-linear", "  target_modules: []",
+     "'adapter.target_modules' = list: is an empty list; name at least one module or use 'all-linear'"),
+    ("  max_steps: 6", "  max_steps: lots",
+     "'training.max_steps' = 'lots': must be a positive integer, or null to train for `epochs`"),
+    ("eval:\n  batch_size: 8", "eval: fast", "'eval' = 'fast': must be a valid dictionary (a section of keys)"),
+    ("  dtype: float32", "  dtype: fp32",
+     "'model.dtype' = 'fp32': must be one of 'float32', 'bfloat16', 'float16' or 'auto'"),
+    # Out of range.
+    ("  r: 4", "  r: 0", "'adapter.r' = 0: must be greater than 0"),
+    ("  r: 4", "  r: -8", "'adapter.r' = -8: must be greater than 0"),
+    ("  lr: 0.01", "  lr: 0", "'training.lr' = 0: must be greater than 0"),
+    ("  lr: 0.01", "  lr: -1.0e-3", "'training.lr' = -0.001: must be greater than 0"),
+    ("  lr: 0.01", "  lr: .inf", "'training.lr' = inf: must be a finite number"),
+    ("  dropout: 0.0", "  dropout: 1.0", "'adapter.dropout' = 1.0: must be less than 1"),
+    ("  dropout: 0.0", "  dropout: -0.1", "'adapter.dropout' = -0.1: must be greater than or equal to 0"),
+    ("  max_steps: 6", "  max_steps: 0", "'training.max_steps' = 0: must be a positive integer, or null to train for `epochs`"),
+    ("  max_length: 128", "  max_length: 0", "'data.max_length' = 0: must be greater than 0"),
+    # Literal choices.
+    ("  format: alpaca", "  format: sharegpt",
+     "'data.format' = 'sharegpt': must be one of 'alpaca', 'chat', 'completion' or 'text'"),
+    ("  optimizer: adamw", "  optimizer: adam",
+     "'training.optimizer' = 'adam': must be one of 'adamw', 'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit' "
+     "or 'sgd'"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), BAD_VALUES, ids=[b[1].strip() for b in BAD_VALUES])
+def test_bad_value_names_key_line_and_what_is_allowed(tmp_path, old, new, expected):
+    text = RECIPE.replace(old, new, 1)
+    message = _error(_write(tmp_path, text))
+    assert message == f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, new)}: {expected}."
+
+
+def test_training_seed_must_fit_the_rng(tmp_path):
+    # torch.manual_seed overflows past 2**64 and the data order seeds with seed x 1_000_003.
+    message = _error(_write(tmp_path, RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  seed: 1099511627776")))
+    assert "'training.seed' = 1099511627776: must be less than or equal to 4294967295" in message
+
+
+def test_empty_section_says_so(tmp_path):
+    text = RECIPE.replace("eval:\n  batch_size: 8\n", "eval:\n")
+    message = _error(_write(tmp_path, text))
+    assert (f"my-recipe.yaml:{_line(text, 'eval:')}: 'eval' = None: the section is empty; indent its keys under it, "
+            "or delete the line to use the defaults.") in message
+
+
+def test_warmup_longer_than_the_run(tmp_path):
+    text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 10")
+    message = _error(_write(tmp_path, text))
+    assert message == ("Invalid recipe (1 problem):\n  "
+                       f"{tmp_path / 'my-recipe.yaml'}:{_line(text, 'training:')}: training: warmup_steps (10) is larger "
+                       "than max_steps (6); lower warmup_steps.")
+
+
+def test_fp16_with_a_4bit_base(tmp_path):
+    text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: fp16") + "quantization:\n  method: nf4\n"
+    message = _error(_write(tmp_path, text))
+    assert (f"{tmp_path / 'my-recipe.yaml'}: training.mixed_precision: fp16 with a 4-bit base overflows easily; use "
+            "bf16 or auto.") in message
+
+
+@pytest.mark.parametrize(("remove", "key", "where"), [
+    ("model:\n  name_or_path: ./tiny-model\n  dtype: float32\n", "model", "as a top-level section"),
+    ("  name_or_path: ./tiny-model\n", "model.name_or_path", "under 'model:'"),
+    ("  train: ./data/train.jsonl\n", "data.train", "under 'data:'"),
+    ("export:\n  output_dir: ./run\n", "export", "as a top-level section"),
+    ("  output_dir: ./run\n", "export.output_dir", "under 'export:'"),
+])
+def test_missing_required_key(tmp_path, remove, key, where):
+    text = RECIPE.replace(remove, "")
+    if key == "export.output_dir":
+        text = text.replace("export:\n", "export:\n  adapter: true\n")
+    message = _error(_write(tmp_path, text))
+    assert f"missing required key '{key}'. Add '{key.split('.')[-1]}:' {where}; recipes/quickstart.yaml shows a " \
+           "complete recipe." in message
+    assert "my-recipe.yaml" in message
+    if "." in key:  # the line of the section it belongs in
+        assert f"my-recipe.yaml:{_line(text, key.split('.')[0] + ':')}: missing" in message
+
+
+def test_several_problems_are_reported_together(tmp_path):
+    text = RECIPE.replace("  r: 4", "  r: 0").replace("  lr: 0.01", "  lr: -1").replace("  format: alpaca", "  fromat: alpaca")
+    message = _error(_write(tmp_path, text))
+    assert message.startswith("Invalid recipe (3 problems):\n  ")
+    assert [line.split(": ", 1)[0].rsplit(":", 1)[1] for line in message.splitlines()[1:]] == [
+        str(_line(text, "  r:")), str(_line(text, "  fromat:")), str(_line(text, "  lr:"))]
+
+
+def test_non_string_key(tmp_path):
+    text = RECIPE.replace("  dropout: 0.0\n", "  dropout: 0.0\n  1: x\n")
+    message = _error(_write(tmp_path, text))
+    assert ("key 1 in adapter is not a name (YAML read it as a number); quote it if it is meant as one. Valid keys: "
+            "method, r") in message
+
+
+@pytest.mark.parametrize(("value", "tag"), [("!!int abc", "int"), ("!!bool maybe", "bool"), ("!!timestamp soon", "timestamp")])
+def test_value_with_an_explicit_tag_it_does_not_fit(tmp_path, value, tag):
+    # PyYAML's own constructors raise ValueError/KeyError/AttributeError here, not a YAMLError.
+    text = RECIPE.replace("  r: 4", f"  r: {value}")
+    assert _error(_write(tmp_path, text)) == (
+        f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  r:')}:6: YAML error: {value.split()[1]!r} cannot be read as "
+        f"{tag}. Remove the explicit !!tag or fix the value.")
+
+
+def test_recursive_yaml_alias(tmp_path):
+    text = RECIPE + "junk: &loop [1, *loop]\n"
+    assert _error(_write(tmp_path, text)) == (
+        f"{tmp_path / 'my-recipe.yaml'}:{_line(text, 'junk')}: a YAML alias (*name) is used inside its own anchor "
+        "(&name), which makes an endlessly nested value. Write the value out instead.")
+
+
+@pytest.mark.parametrize(("old", "new", "reason"), [
+    ("./tiny-model", "~peftkit-no-such-user-x/model", "Could not determine home directory"),
+    ("./data/train.jsonl", "./" + "d" * 300 + ".jsonl", "File name too long"),
+])
+def test_unusable_path(tmp_path, old, new, reason):
+    text = RECIPE.replace(old, new)
+    key = "model.name_or_path" if old == "./tiny-model" else "data.train"
+    message = _error(_write(tmp_path, text))
+    assert message.startswith(f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  ' + key.split('.')[1])}: '{key}' = ")
+    assert f"is not a usable path ({reason})" in message
+    assert "Give an existing path (relative to the recipe's directory) or a hub id." in message
+
+
+# ------------------------------------------------------------------------------------------ --set
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("training.learning_rate=1e-3",
+     "--set training.learning_rate: unknown key 'learning_rate' in training. Did you mean 'lr'? Valid keys: max_steps"),
+    ("trainig.lr=1e-3", "--set trainig.lr: unknown key 'trainig' in the recipe. Did you mean 'training'? Valid keys: "),
+    ("adapter.rank=16", "--set adapter.rank: unknown key 'rank' in adapter. Did you mean 'r'?"),
+    ("adapter.target_modules.regx=q_proj",
+     "--set adapter.target_modules.regx: unknown key 'regx' in adapter.target_modules. Did you mean 'regex'?"),
+    ("training.lr", "--set 'training.lr': expected KEY=VALUE, for example --set training.lr=2e-4"),
+    ("=3", "--set '=3': expected KEY=VALUE, for example --set training.lr=2e-4"),
+    ("training.lr=[", "--set training.lr=[: the value is not valid YAML (expected the node content, but found "
+     "'<stream end>'). Quote a string value, for example --set 'training.lr=\"[\"'."),
+])
+def test_bad_override(tmp_path, override, expected):
+    assert _error(_write(tmp_path, RECIPE), [override]).startswith(expected)
+
+
+def test_override_with_a_bad_value_names_the_override(tmp_path):
+    message = _error(_write(tmp_path, RECIPE), ["training.lr=0", "adapter.r=8"])
+    assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'} (--set training.lr): "
+                       "'training.lr' = 0: must be greater than 0.")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _data_cfg(path: Path, **kw) -> DataConfig:
+    return DataConfig(train=str(path), **{"max_length": 256, **kw})
+
+
+def _data_error(path: Path, **kw) -> str:
+    with pytest.raises(PeftkitError) as info:
+        load_examples(TOK, str(path), "train", _data_cfg(path, **kw))
+    return str(info.value)
+
+
+def test_missing_data_file(tmp_path):
+    missing = tmp_path / "data" / "trian.jsonl"
+    assert _data_error(missing) == (
+        f"Data file not found: {missing}. Check data.train/data.eval (relative paths are resolved against the "
+        "recipe's directory).")
+
+
+def test_data_path_that_is_a_directory(tmp_path):
+    (tmp_path / "data.jsonl").mkdir()
+    assert _data_error(tmp_path / "data.jsonl") == (
+        f"Data path {tmp_path / 'data.jsonl'} is a directory; point it at a .jsonl/.json/.csv/.parquet file.")
+
+
+def test_data_file_with_unknown_extension(tmp_path):
+    (tmp_path / "train.yaml").write_text("a: 1\n")
+    assert _data_error(tmp_path / "train.yaml").startswith(
+        f"Data file {tmp_path / 'train.yaml'}: unknown extension '.yaml'. Use one of .json, .jsonl")
+
+
+def _jsonl(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+GOOD = '{"instruction": "Write the number in words.", "input": "7", "output": "seven"}'
+
+
+def test_malformed_jsonl_line_is_reported_by_number(tmp_path):
+    path = _jsonl(tmp_path, [GOOD, "", '{"instruction": "x", "output": "y"', GOOD])
+    message = _data_error(path)
+    assert message.startswith(f"{path}:3: not a valid JSON object (")
+    assert message.endswith("Fix the line, or set data.on_bad_rows: skip to drop such rows.")
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = _jsonl(tmp_path, [GOOD, '["a", "list"]'])
+    assert _data_error(path).startswith(f"{path}:2: not a valid JSON object (expected a JSON object, got list).")
+
+
+def test_row_missing_the_format_fields_names_its_line(tmp_path):
+    # Blank lines do not shift the number: the message names the file line, not the row index.
+    path = _jsonl(tmp_path, [GOOD, "", "", '{"instruction": "Write the number in words.", "input": "8"}', GOOD])
+    assert _data_error(path) == (
+        f"{path}:4: missing field 'output' for data.format 'alpaca' (each row needs instruction, output). Fix the "
+        "row, set the right data.format, or set data.on_bad_rows: skip.")
+
+
+def test_rows_of_another_format(tmp_path):
+    path = _jsonl(tmp_path, [GOOD])
+    assert _data_error(path, format="completion").startswith(
+        f"{path}:1: missing field 'prompt' for data.format 'completion' (each row needs prompt, completion).")
+    path = _jsonl(tmp_path, ['{"instruction": "Say hi.", "output": 7}'])
+    assert _data_error(path).startswith(f"{path}:1: field 'output' must be a string, got int for data.format 'alpaca'")
+
+
+def test_on_bad_rows_skip_drops_and_counts(tmp_path):
+    path = _jsonl(tmp_path, [GOOD, "{not json", '{"instruction": "no output"}', "", GOOD, "[1]"])
+    examples, stats = load_examples(TOK, str(path), "train", _data_cfg(path, on_bad_rows="skip"))
+    assert len(examples) == stats["examples"] == 2
+    assert stats["bad_rows"] == 3  # the malformed line, the list and the row without 'output'
+
+
+def test_on_bad_rows_skip_with_nothing_left(tmp_path):
+    path = _jsonl(tmp_path, ["{not json", '{"instruction": "no output"}'])
+    assert _data_error(path, on_bad_rows="skip") == (
+        f"No training examples from {path}: all 2 rows were skipped as malformed or missing the fields of data.format "
+        "'alpaca' (instruction, output); check data.format, or set data.on_bad_rows: error to see the first bad row.")
+
+
+def test_empty_data_file(tmp_path):
+    path = _jsonl(tmp_path, [])
+    assert _data_error(path) == (f"No training examples from {path}: it has no rows; point data.train/data.eval at "
+                                 "data with examples.")
+
+
+def test_every_example_longer_than_max_length(tmp_path):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, number_rows(5, seed=0))
+    # The alpaca prompt alone is ~60 characters (= tokens here), so 16 tokens leave no response token.
+    assert _data_error(path, max_length=16) == (
+        f"No training examples from {path}: all 5 examples have their whole target beyond data.max_length=16 tokens, "
+        "so there is nothing left to learn; raise data.max_length.")
+
+
+def test_load_rows_reports_line_numbers(tmp_path):
+    path = _jsonl(tmp_path, ["", GOOD, "  ", GOOD])
+    rows, bad, line_numbers = load_rows(str(path), "train")
+    assert len(rows) == 2 and bad == 0 and line_numbers == [2, 4]
+
+
+# ------------------------------------------------------------------------------------------ models and adapters
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny Llamas that differ only in width, alpaca data, and a 2-step run on the narrow one."""
+    from peftkit.train import train
+
+    root = tmp_path_factory.mktemp("errors")
+    build_tiny_model(root / "narrow", arch="llama", hidden_size=32, num_layers=1)
+    build_tiny_model(root / "wide", arch="llama", hidden_size=64, num_layers=1)
+    write_jsonl(root / "train.jsonl", number_rows(8, seed=0))
+    recipe = _run_recipe(root, root / "run")
+    train(load_recipe(recipe), console=_quiet())
+    return {"root": root, "narrow": root / "narrow", "wide": root / "wide", "run": root / "run", "recipe": recipe}
+
+
+def _run_recipe(root: Path, output_dir: Path, r: int = 2, name: str = "run.yaml") -> Path:
+    recipe = {
+        "model": {"name_or_path": str(root / "narrow")},
+        "adapter": {"r": r, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": str(root / "train.jsonl"), "max_length": 128},
+        "training": {"max_steps": 2, "batch_size": 4, "lr": 1e-2},
+        "export": {"output_dir": str(output_dir)},
+        "eval": {"base_model": False},
+    }
+    path = root / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _quiet():
+    """A console that swallows train()'s progress output."""
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
+@pytest.mark.parametrize("target_modules", [["qproj"], {"regex": r".*\.attn\..*"}])
+def test_target_modules_matching_nothing_lists_the_model_names(target_modules):
+    from peftkit.adapters import inject_adapters
+    from peftkit.recipe import AdapterConfig
+
+    model, _ = build_tiny_model(None, arch="llama", hidden_size=32, num_layers=1)
+    with pytest.raises(PeftkitError) as info:
+        inject_adapters(model, AdapterConfig(target_modules=target_modules))
+    message = str(info.value)
+    assert "matches no module of this model. Its linear/embedding layers are named: embed_tokens, q_proj, k_proj, " \
+           "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head. Use some of those names, or 'all-linear'." in message
+    assert message.startswith("adapter.target_modules ")
+
+
+def test_target_modules_naming_a_container(tmp_path):
+    from peftkit.adapters import find_targets
+
+    model, _ = build_tiny_model(None, arch="llama", hidden_size=32, num_layers=1)
+    with pytest.raises(PeftkitError, match=r"matches model\.layers\.0\.self_attn, which is LlamaAttention, not a Linear, "
+                                           r"Conv1D or Embedding layer\. Target the linear layers inside instead, e\.g\. "
+                                           r"embed_tokens, q_proj"):
+        find_targets(model, ["self_attn"])
+
+
+def test_model_directory_passed_as_adapter(assets):
+    from peftkit.modeling import load_adapted_model
+
+    with pytest.raises(PeftkitError) as info:
+        load_adapted_model(None, str(assets["wide"]))
+    assert str(info.value) == (f"{assets['wide']} is not a PEFT adapter directory: it has no adapter_config.json. "
+                               "It holds a full model (config.json); pass it as --model/--base instead.")
+
+
+def test_missing_adapter_directory(tmp_path):
+    from peftkit.modeling import load_adapted_model
+
+    with pytest.raises(PeftkitError, match="^Adapter directory not found: "):
+        load_adapted_model(None, str(tmp_path / "no-adapter"))
+
+
+def test_adapter_on_a_base_of_another_size(assets):
+    from peftkit.modeling import load_adapted_model
+
+    with pytest.raises(PeftkitError) as info:
+        load_adapted_model(str(assets["wide"]), str(assets["run"] / "adapter"))
+    message = str(info.value)
+    assert message.startswith("The adapter does not fit this model: module 'model.layers.0.self_attn.")
+    assert "of shape (2, 64) but the adapter has (2, 32)" in message  # lora_A: (r, in_features)
+    assert message.endswith("It was trained on a different base model (another size or vocabulary); pass the base it "
+                            "was trained on.")
+    load_adapted_model(str(assets["narrow"]), str(assets["run"] / "adapter"))  # while the right base loads
+
+
+def test_output_dir_holding_a_different_run(assets):
+    from peftkit.train import train
+
+    other = _run_recipe(assets["root"], assets["run"], r=4, name="other.yaml")
+    with pytest.raises(PeftkitError) as info:
+        train(load_recipe(other), console=_quiet())
+    assert str(info.value) == (
+        f"{assets['run']} holds a run of a different recipe (its recipe.yaml differs). Choose another "
+        "export.output_dir, or pass --overwrite to replace that run.")
+    assert (assets["run"] / "adapter").is_dir()  # refused before touching the earlier run
+
+
+def test_overwrite_replaces_a_different_run(assets, tmp_path):
+    import shutil
+
+    from peftkit.train import train
+
+    out = tmp_path / "run"
+    shutil.copytree(assets["run"], out)
+    other = _run_recipe(assets["root"], out, r=4, name="overwrite.yaml")
+    train(load_recipe(other), overwrite=True, console=_quiet())
+    assert "r: 4" in (out / "recipe.yaml").read_text()
+
+
+def test_cli_train_refuses_a_different_run_with_exit_2(assets, monkeypatch, capsys):
+    from peftkit.cli import main
+
+    other = _run_recipe(assets["root"], assets["run"], r=4, name="cli.yaml")
+    monkeypatch.setattr(sys, "argv", ["peftkit", "train", str(other)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {assets['run']} holds a run of a different recipe")
+    assert "--overwrite" in captured.err and "Traceback" not in captured.err + captured.out
+
+
+# ------------------------------------------------------------------------------------------ CLI end to end
+
+
+def test_cli_yaml_syntax_error(tmp_path):
+    path = _write(tmp_path, RECIPE.replace("  dtype: float32", " dtype: float32"))
+    stderr = _assert_user_error(_cli("validate", str(path)))
+    assert f"{path}:3:2: YAML syntax error" in stderr
+
+
+def test_cli_unknown_key_and_bad_overrides(tmp_path):
+    path = _write(tmp_path, RECIPE.replace("  alpha: 8", "  alhpa: 8"))
+    stderr = _assert_user_error(_cli("validate", str(path)))
+    assert f"{path}:{_line(RECIPE, '  alpha')}: unknown key 'alhpa' in adapter. Did you mean 'alpha'?" in stderr
+
+    path = _write(tmp_path, RECIPE)
+    stderr = _assert_user_error(_cli("validate", str(path), "--set", "training.learnig_rate=1e-3"))
+    assert "unknown key 'learnig_rate' in training." in stderr
+    stderr = _assert_user_error(_cli("validate", str(path), "--set", "training.lr"))
+    assert "expected KEY=VALUE" in stderr
+
+
+def test_cli_missing_recipe_file(tmp_path):
+    stderr = _assert_user_error(_cli("validate", "nope.yaml", cwd=tmp_path))
+    assert "Recipe file not found: nope.yaml" in stderr
+
+
+def test_cli_valid_recipe_exits_0(tmp_path):
+    result = _cli("validate", str(_write(tmp_path, RECIPE)), "--set", "adapter.r=16")
+    assert result.returncode == 0, result.stderr
+    assert "r: 16" in result.stdout
+
+
+def test_cli_merge_with_a_model_dir_as_adapter(assets, tmp_path):
+    stderr = _assert_user_error(_cli("merge", "--adapter", str(assets["narrow"]), "--output", str(tmp_path / "m")))
+    assert "is not a PEFT adapter directory" in stderr and "pass it as --model/--base instead" in stderr
+
+
+def test_cli_prints_brackets_in_messages_verbatim(tmp_path):
+    path = _write(tmp_path, RECIPE)
+    stderr = _assert_user_error(_cli("validate", str(path), "--set", "adapter.target_modules={regex: '[qk]_proj('}"))
+    assert "'[qk]_proj('" in stderr
+    _assert_user_error(_cli("validate", str(path), "--set", "training.[/]=1"))
+
+
+# ------------------------------------------------------------------------------------------ known gaps elsewhere
+# Mistakes that still end in a traceback, in code this file's author does not own. Each mark says the fix;
+# remove the mark once it is in (strict=False: a fix turns these into XPASS, not into a failure).
+
+
+def _main(monkeypatch, capsys, *args: str) -> str:
+    """Run `peftkit.cli.main` in this process; assert exit 2 and no traceback; return stderr."""
+    from peftkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftkit", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return captured.err
+
+
+@pytest.mark.parametrize("args", [["validate"], ["train", "--nope", "x.yaml"], ["frobnicate"]])
+def test_cli_usage_errors_exit_2_without_traceback(tmp_path, args):
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("option", [["--max-length", "0"], ["--batch-size", "0"]])
+def test_cli_eval_with_nonpositive_sizes(assets, monkeypatch, capsys, option):
+    stderr = _main(monkeypatch, capsys, "eval", "--model", str(assets["narrow"]), "--data",
+                   str(assets["root"] / "train.jsonl"), "--format", "alpaca", *option)
+    assert option[0].lstrip("-").replace("-", "_") in stderr.replace("-", "_")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_dir_that_is_a_file(assets, tmp_path, overwrite):
+    from peftkit.train import train
+
+    (tmp_path / "run").write_text("not a directory\n")
+    recipe = load_recipe(_run_recipe(assets["root"], tmp_path / "run", name="file-out.yaml"))
+    with pytest.raises(PeftkitError, match="export.output_dir"):
+        train(recipe, overwrite=overwrite, console=_quiet())
+
+
+def test_fixing_a_recipe_after_a_data_error_is_not_refused(assets, tmp_path):
+    from peftkit.train import train
+
+    path = _run_recipe(assets["root"], tmp_path / "run", name="too-short.yaml")
+    with pytest.raises(PeftkitError, match="nothing left to learn"):
+        train(load_recipe(path, ["data.max_length=16"]), console=_quiet())
+    train(load_recipe(path), console=_quiet())  # the fix: the default max_length of the helper, 128
