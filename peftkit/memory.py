@@ -15,8 +15,17 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 # quantization the absmax is 8-bit with one fp32 per 256 blocks: 4 + 8/64 + 32/(64*256) ≈ 4.127.
 QUANT_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.127, ("fp4", False): 4.5}
 # optimizer state bytes per trainable parameter: AdamW keeps two fp32 moments; 8-bit AdamW two int8
-# moments (+ a negligible per-block scale); SGD without momentum keeps none.
+# moments (+ a negligible per-block scale), but only for tensors of >= 4096 elements (bitsandbytes keeps
+# smaller ones in fp32); SGD without momentum keeps none.
 OPTIMIZER_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
+MIN_8BIT_SIZE = 4096
+
+
+def _optimizer_bytes(optimizer: str, sizes: list[int]) -> float:
+    per = OPTIMIZER_BYTES[optimizer]
+    if per == 2:
+        return sum(n * (2 if n >= MIN_8BIT_SIZE else 8) for n in sizes)
+    return per * sum(sizes)
 
 
 @dataclass
@@ -50,7 +59,8 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
     modules = dict(model.named_modules())
     q, r = recipe.quantization, recipe.adapter.r
     skip = set(q.skip_modules) if q else set()
-    base = adapter = 0.0
+    base = 0.0
+    sizes: list[int] = []  # trainable tensors' element counts
     for name, module in modules.items():
         for p in module.parameters(recurse=False):
             quantized = q is not None and isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip
@@ -60,14 +70,12 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
                 base += p.numel() * BYTES[recipe.model.dtype]
     for name in targets:
         m = modules[name]
-        if isinstance(m, torch.nn.Embedding):
-            adapter += r * sum(m.weight.shape) * 4
-        else:
-            adapter += r * sum(linear_shape(m)) * 4
+        fan_in, fan_out = m.weight.shape[::-1] if isinstance(m, torch.nn.Embedding) else linear_shape(m)
+        sizes += [r * fan_in, r * fan_out]  # A and B
     for module in modules_to_save(model, recipe.adapter.modules_to_save).values():
-        adapter += sum(p.numel() for p in module.parameters()) * 4
-    opt = adapter / 4 * OPTIMIZER_BYTES[recipe.training.optimizer]
-    return MemoryEstimate(base, adapter, adapter, opt)
+        sizes += [p.numel() for p in module.parameters()]
+    adapter = 4.0 * sum(sizes)  # fp32
+    return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes))
 
 
 def print_estimate(console: Console, est: MemoryEstimate | None) -> None:

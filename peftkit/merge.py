@@ -25,14 +25,42 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     import bitsandbytes.functional as bnbF
 
     weight = module.weight
-    if getattr(weight, "quant_state", None) is not None:  # 4-bit, with nested (double-quant) stats if any
-        return bnbF.dequantize_4bit(weight.data, weight.quant_state).float()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:  # 4-bit, with nested (double-quant) stats if any
+        data = weight.data
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = _unpack_cpu_inference_layout(data, state)
+        return bnbF.dequantize_4bit(data, state).float()
     scb = getattr(weight, "SCB", None)
     if scb is None:
         scb = getattr(module.state, "SCB", None)
     if weight.dtype == torch.int8 and scb is not None:  # LLM.int8(): row-wise absmax scaling by SCB / 127
         return weight.data.float() * scb.float().unsqueeze(1) / 127.0
     return weight.data.float()
+
+
+def _unpack_cpu_inference_layout(data: torch.Tensor, state):
+    """Codes and a flat QuantState for a Linear4bit weight that bitsandbytes repacked for its CPU kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.49+) rewrites a Linear4bit's weight in place on its first
+    eval-mode forward without grad: the codes are re-tiled in 32-row blocks, the double-quant absmax is
+    expanded, transposed to (in/blocksize, out) and rounded to bf16, and `nested` is cleared. Read as usual,
+    that layout dequantizes to garbage (errors as large as the weights). We undo the tiling on copies, the
+    module is untouched. The absmax stays bf16-rounded: that is what the layer now computes with, and the
+    original fp32 values are gone (a weight moves by at most 2^-8 of itself, bf16's unit roundoff).
+    """
+    import copy
+
+    import bitsandbytes.functional as bnbF
+
+    # bitsandbytes' own inverse (private), on a shallow copy: it reassigns attributes of the state it gets.
+    codes, _ = bnbF._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+    flat = bnbF.QuantState(
+        absmax=state.absmax.T.reshape(-1).float(),  # (in/blocksize, out) -> the usual row-major block order
+        shape=state.shape, code=state.code, blocksize=state.blocksize, quant_type=state.quant_type,
+        dtype=torch.float32,
+    )
+    return codes, flat
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -76,9 +76,9 @@ def build_optimizer(cfg: TrainingConfig, params: list[torch.nn.Parameter], devic
     if cfg.optimizer.startswith("paged") and device.type != "cuda":
         console.print(f"[yellow]note:[/] {cfg.optimizer} on CPU: bitsandbytes has no paged memory here and keeps the "
                       "optimizer state in ordinary buffers; the results are the same, the memory saving is not.")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # bitsandbytes' own per-tensor paging warnings
-        return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # bitsandbytes warns again at the first step(); the note above says it once, in our words.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def lr_lambda(cfg: TrainingConfig, total_steps: int):

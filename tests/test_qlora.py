@@ -1,0 +1,391 @@
+"""QLoRA with real bitsandbytes on CPU: 4-bit/8-bit loading, merging into dequant(quant(W)), training with
+8-bit and paged optimizers, and the recipe checks around them. No mocks; every expected value is computed
+here with bitsandbytes.functional or plain torch, not with peftkit's own merge code.
+
+bitsandbytes' CPU paths differ by mode. On a CPU with AVX512-BF16, bitsandbytes 0.49+ repacks a
+Linear4bit's weight in place on its first eval-mode forward without grad and from then on computes that layer
+in bf16 (whatever compute_dtype says) through a kernel with no autograd; load_model opts out of that, and the
+"CPU bf16 repack" tests below hold it to it. Linear8bitLt computes with the dequantized weight in train mode
+but quantizes activations too (LLM.int8()) in eval mode. `fp32_logits` runs a quantized model in train mode
+(dropout is 0 here, so it is the same function), the exact path of both.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import adapter_state_dict, inject_adapters, lora_layers, merge_state_dict
+from peftkit.errors import PeftkitError
+from peftkit.merge import merge_adapter, merged_model
+from peftkit.modeling import load_adapted_model, load_model
+from peftkit.peft_format import peft_config, save_adapter
+from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from peftkit.tiny import build_tiny_model
+from peftkit.train import train
+from tests.conftest import random_lora_b
+
+ROOT = Path(__file__).resolve().parents[1]
+QLORA_RECIPE = ROOT / "recipes" / "qlora.yaml"
+CPU = torch.device("cpu")
+ADAPTER = AdapterConfig(r=4, alpha=8)
+SCALING = 8 / 4  # alpha / r, written out rather than read from AdapterConfig.scaling
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62, 5, 9, 33, 70], [1, 55, 12, 80, 81, 3, 3, 47, 48, 49, 50, 2]])
+# The 7 linear layers of each of the 2 Llama blocks; lm_head is in skip_modules and stays nn.Linear.
+LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+
+# Whether bitsandbytes would repack 4-bit weights for its CPU bf16 kernel here, if allowed to.
+BF16_REPACK = (
+    bnbF.has_avx512bf16()
+    and hasattr(bnb.nn.Linear4bit(8, 8), "support_avx512bf16_for_cpu")
+    and not torch.cuda.is_available()
+)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def qllama(tmp_path_factory) -> Path:
+    """A saved 2-layer, hidden-64 Llama. Hidden 64, not conftest's 32: with 2 KV heads k_proj has 32 output
+    rows here, the multiple of 32 bitsandbytes' CPU bf16 kernel asserts on (conftest's model has 16)."""
+    path = tmp_path_factory.mktemp("models") / "qllama"
+    build_tiny_model(path, arch="llama", hidden_size=64, num_layers=2, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def original(qllama) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 weights, before any quantization."""
+    return AutoModelForCausalLM.from_pretrained(qllama, dtype=torch.float32).state_dict()
+
+
+def load_quantized(path: Path, **quant) -> nn.Module:
+    quant.setdefault("compute_dtype", "float32")
+    return load_model(ModelConfig(name_or_path=str(path), dtype="float32"), QuantizationConfig(**quant), CPU)
+
+
+def injected(path: Path, **quant) -> nn.Module:
+    """A quantized model with LoRA on every linear layer and nonzero random B, so merges are not trivial."""
+    model = load_quantized(path, **quant)
+    torch.manual_seed(0)
+    inject_adapters(model, ADAPTER)
+    random_lora_b(model, seed=1, std=0.1)
+    return model
+
+
+def dequant_and_delta(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each adapted layer: (the weight bitsandbytes stores, dequantized by bitsandbytes; scaling * B @ A).
+    Call before any eval-mode forward (see the module docstring)."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        w = layer.base_layer.weight
+        if isinstance(layer.base_layer, bnb.nn.Linear4bit):
+            deq = bnbF.dequantize_4bit(w.data, w.quant_state).float()
+        else:  # LLM.int8(): int8 codes with one absmax per output row
+            deq = bnbF.int8_vectorwise_dequant(w.data, w.SCB).float()
+        delta = SCALING * (layer.lora_B.weight.detach() @ layer.lora_A.weight.detach())
+        out[name] = (deq, delta)
+    return out
+
+
+def fp32_logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    """Logits through bitsandbytes' exact (dequantize, then fp32 matmul) path: train mode, no grad."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.train(was_training)
+    return logits
+
+
+def plain_logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+# --------------------------------------------------------------------------- 1. what gets loaded
+
+
+@pytest.mark.parametrize(("method", "double_quant"), [("nf4", True), ("fp4", True), ("nf4", False)])
+def test_loaded_base_is_the_requested_4bit_format(qllama, original, method, double_quant):
+    model = load_quantized(qllama, method=method, double_quant=double_quant)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert sorted(layers) == sorted(LINEARS)
+    for name, layer in layers.items():
+        state = layer.weight.quant_state
+        assert state.quant_type == method and state.blocksize == 64 and state.nested is double_quant
+        assert layer.weight.dtype == torch.uint8 and layer.compute_dtype == torch.float32  # quant_storage, compute
+        if double_quant:  # absmax itself 8-bit, with one fp32 absmax per 256 blocks in state2
+            assert state.state2 is not None and state.state2.blocksize == 256 and state.absmax.dtype == torch.uint8
+        # Independently: bitsandbytes quantizing the checkpoint's weight itself gives the same codes and values.
+        codes, ref = bnbF.quantize_4bit(original[f"{name}.weight"], blocksize=64, compress_statistics=double_quant,
+                                        quant_type=method)
+        assert torch.equal(layer.weight.data.view(-1), codes.view(-1))
+        assert torch.equal(bnbF.dequantize_4bit(layer.weight.data, state), bnbF.dequantize_4bit(codes, ref))
+    head = model.lm_head  # skip_modules: full precision, untouched
+    assert type(head) is nn.Linear and head.weight.dtype == torch.float32
+    assert torch.equal(head.weight, original["lm_head.weight"])
+
+
+# ---------------------------------------------------------------------------------- 2-4. merging
+
+
+def test_merge_folds_delta_into_dequantized_weights(qllama, original):
+    model = injected(qllama)
+    expected = dequant_and_delta(model)
+    merged = merged_model(model, ADAPTER, torch.float32).state_dict()
+    for name, (deq, delta) in expected.items():
+        got = merged[f"{name}.weight"]
+        assert got.dtype == torch.float32
+        assert max_diff(got, deq + delta) <= 1e-6, name
+        # Not the classic bug: merging into the original W would be off by the whole 4-bit rounding error.
+        assert max_diff(got, original[f"{name}.weight"] + delta) > 1e-3, name
+    for key in set(original) - {f"{n}.weight" for n in expected}:  # embeddings, norms, lm_head pass through
+        assert torch.equal(merged[key], original[key]), key
+
+
+def test_merge_after_eval_forward_reads_the_weights_the_layer_uses(qllama):
+    """After bitsandbytes has repacked the 4-bit weights for its CPU kernel, the merge must still decode them.
+    The repack rounds the absmax to bf16, so each weight may move by 2^-8 of itself (bf16's unit roundoff)."""
+    if not BF16_REPACK:
+        pytest.skip("this CPU has no AVX512-BF16 (or a GPU is used): bitsandbytes never repacks weights here")
+    model = injected(qllama)
+    expected = dequant_and_delta(model)
+    layers = [layer.base_layer for layer in lora_layers(model).values()]
+    for layer in layers:  # bitsandbytes' own default, whatever load_model chooses
+        layer.support_avx512bf16_for_cpu = True
+    plain_logits(model)  # eval mode, no grad: what evaluate_loss does, before the export in train()
+    assert all(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    merged = merged_model(model, ADAPTER, torch.float32).state_dict()
+    for name, (deq, delta) in expected.items():
+        err = (merged[f"{name}.weight"] - (deq + delta)).abs()
+        assert bool((err <= 2**-8 * deq.abs() + 1e-6).all()), f"{name}: off by up to {float(err.max()):.3g}"
+
+
+def test_merged_logits_equal_qlora_logits(qllama, original):
+    model = injected(qllama)
+    qlora = fp32_logits(model)
+    merged = plain_logits(merged_model(model, ADAPTER, torch.float32))
+    assert max_diff(merged, qlora) <= 1e-4
+    # For scale: the same adapter merged into the original (unquantized) weights drifts far more.
+    naive_state = merge_state_dict(original, adapter_state_dict(model, []), SCALING)
+    naive = AutoModelForCausalLM.from_pretrained(qllama, dtype=torch.float32)
+    naive.load_state_dict(naive_state, strict=True)
+    assert max_diff(plain_logits(naive), qlora) > 1e-2
+
+
+def test_merge_adapter_requantizes_base_from_adapter_metadata(qllama, original, tmp_path):
+    model = injected(qllama)
+    expected = dequant_and_delta(model)
+    quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
+    adapter_dir = tmp_path / "adapter"
+    save_adapter(adapter_dir, adapter_state_dict(model, []),
+                 peft_config(ADAPTER, list(lora_layers(model)), str(qllama), fan_in_fan_out=False), quant)
+    assert json.loads((adapter_dir / "peftkit.json").read_text())["quantization"]["method"] == "nf4"
+
+    out = merge_adapter(str(adapter_dir), str(tmp_path / "merged"), requantize="nf4")
+    state = load_file(out / "model.safetensors")
+    for name, (deq, delta) in expected.items():  # quantizing again is deterministic: the same 4-bit base
+        assert max_diff(state[f"{name}.weight"], deq + delta) <= 1e-6, name
+        assert max_diff(state[f"{name}.weight"], original[f"{name}.weight"] + delta) > 1e-3, name
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert max_diff(plain_logits(merged), fp32_logits(model)) <= 1e-4
+
+    # <out>-nf4: the merged weights quantized again, a 4-bit model transformers loads as such.
+    nf4 = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-nf4")
+    for name in LINEARS:
+        layer = nf4.get_submodule(name)
+        assert isinstance(layer, bnb.nn.Linear4bit), name
+        assert layer.weight.quant_state.quant_type == "nf4" and layer.weight.quant_state.nested
+        codes, _ = bnbF.quantize_4bit(state[f"{name}.weight"], blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(layer.weight.data.view(-1), codes.view(-1)), name
+    # Lossy, as documented. On this random tiny model 4 bits are coarse: re-rounding moves the logits by ~1.2
+    # (max abs), as quantizing the base did (~0.9), so only a working forward is asserted here.
+    assert torch.isfinite(fp32_logits(nf4)).all()
+
+
+# ------------------------------------------------------------------------------------ 5, 7. training
+
+
+@pytest.fixture(scope="module", params=["paged_adamw_8bit", "adamw_8bit"])
+def qlora_run(request, qllama, number_data, tmp_path_factory) -> dict:
+    """recipes/qlora.yaml, shortened and pointed at the test model: 20 steps of 4 examples, checkpoint at 20.
+    r=32 makes lora_B of gate/up_proj (128x32) and lora_A of down_proj (32x128) 4096 elements, the size from
+    which bitsandbytes keeps 8-bit optimizer state (smaller tensors get fp32 state)."""
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    recipe = load_recipe(QLORA_RECIPE, [
+        f"model.name_or_path={qllama}", f"data.train={number_data['train']}", f"data.eval={number_data['eval']}",
+        "training.max_steps=20", "training.batch_size=4", "training.warmup_steps=2", "training.eval_steps=null",
+        "training.save_steps=20", f"training.optimizer={request.param}", "adapter.r=32", "adapter.alpha=64",
+        "eval.batch_size=16", f"export.output_dir={out}",
+    ])
+    buffer = io.StringIO()
+    summary = train(recipe, console=Console(file=buffer, width=200, color_system=None))
+    return {"out": out, "summary": summary, "console": buffer.getvalue(), "optimizer": request.param, "recipe": recipe}
+
+
+def test_qlora_training_lowers_loss_and_exports_peft(qlora_run):
+    out, summary = qlora_run["out"], qlora_run["summary"]
+    assert summary["eval_loss"] < summary["base_eval_loss"] - 0.5, summary
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 21))
+    assert all(r["peak_mem_mb"] > 0 for r in steps)
+    assert records[-1]["eval_loss"] == pytest.approx(summary["eval_loss"])
+
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert sorted(weights) == sorted(f"base_model.model.{n}.lora_{ab}.weight" for n in LINEARS for ab in "AB")
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 32 and config["lora_alpha"] == 64
+    meta = json.loads((out / "adapter" / "peftkit.json").read_text())
+    assert meta["quantization"] == qlora_run["recipe"].quantization.model_dump()
+    assert meta["quantization"]["method"] == "nf4" and meta["quantization"]["double_quant"] is True
+
+    # The optimizer really was bitsandbytes' 8-bit AdamW: uint8 moments for the >= 4096-element tensors.
+    blob = torch.load(out / "checkpoints" / f"step-{20:08d}" / "training_state.pt", weights_only=True)
+    moment_dtypes = {t.dtype for s in blob["optimizer"]["state"].values()
+                     for k, t in s.get("__bnb_optimizer_quant_state__", s).items() if k in ("state1", "state2")}
+    assert moment_dtypes == {torch.uint8, torch.float32}, moment_dtypes
+
+
+def test_qlora_merged_export_matches_trained_model(qlora_run):
+    """merged/ (export.merged: true) gives the logits of the trained adapter on the 4-bit base, in fp32."""
+    out = qlora_run["out"]
+    qlora, _, _, _, quant = load_adapted_model(None, str(out / "adapter"), CPU)
+    assert quant is not None and isinstance(qlora.get_submodule(LINEARS[0]).base_layer, bnb.nn.Linear4bit)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert max_diff(plain_logits(merged), fp32_logits(qlora)) <= 1e-4
+
+
+def test_paged_optimizer_on_cpu_notes_it_once(qlora_run):
+    note = "on CPU: bitsandbytes has no paged memory here"
+    expected = 1 if qlora_run["optimizer"].startswith("paged") else 0
+    assert qlora_run["console"].count(note) == expected, qlora_run["console"]
+
+
+# -------------------------------------------------------------------------------- CPU bf16 repack
+# Without load_model's opt-out, on an AVX512-BF16 CPU: eval logits off by ~0.04, LoRA gradients after the
+# base eval off by 100%+ (no autograd through the repacked base), and a RuntimeError for layers with
+# in_features < 64 (conftest's hidden-32 model) or out_features not a multiple of 32.
+
+
+@pytest.mark.parametrize("hidden", [64, 32], ids=["hidden_64", "hidden_32"])
+def test_eval_forward_computes_in_compute_dtype(hidden, tmp_path):
+    """evaluate_loss (eval mode, no grad) must compute what training computes, with compute_dtype float32."""
+    path = tmp_path / "model"
+    build_tiny_model(path, arch="llama", hidden_size=hidden, num_layers=2, seed=0)
+    model = injected(path)
+    want = fp32_logits(model)
+    assert max_diff(plain_logits(model), want) <= 1e-5
+
+
+def test_base_eval_does_not_change_training_gradients(qllama):
+    """train() evaluates the base before training; afterwards the LoRA gradients must be those of a fresh model."""
+    grads = []
+    for evaluate_first in (False, True):
+        model = injected(qllama)
+        if evaluate_first:
+            plain_logits(model)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    worst = max(max_diff(grads[0][n], grads[1][n]) / float(grads[0][n].abs().max()) for n in grads[0])
+    assert worst <= 1e-4, f"largest relative gradient difference {worst:.3g}"
+
+
+# ---------------------------------------------------------------------------------------- 6. int8
+
+
+def _int8_runs_here() -> str | None:
+    """None if bitsandbytes' Linear8bitLt quantizes and runs on this machine, else why not."""
+    try:
+        layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False).to(CPU)
+        layer(torch.randn(2, 64))
+    except (RuntimeError, NotImplementedError, AttributeError) as e:
+        return f"bitsandbytes {bnb.__version__} cannot run Linear8bitLt on this CPU: {e}"
+    return None
+
+
+def test_int8_base_lora_forward_and_merge(qllama, original):
+    reason = _int8_runs_here()
+    if reason:
+        pytest.skip(reason)
+    model = injected(qllama, method="int8")
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)) == sorted(
+        f"{n}.base_layer" for n in LINEARS)
+    assert type(model.lm_head) is nn.Linear
+    expected = dequant_and_delta(model)
+    for name, (deq, _) in expected.items():
+        # Independently: bitsandbytes' row-wise absmax quantization of the fp16-cast checkpoint weight (what
+        # Int8Params does), and the dequantized weight within one int8 step of the original.
+        base = model.get_submodule(name).base_layer.weight
+        w = original[f"{name}.weight"]
+        codes, scales, _ = bnbF.int8_vectorwise_quant(w.half())
+        assert torch.equal(base.data, codes) and torch.equal(base.SCB, scales), name
+        assert bool(((deq - w).abs() <= w.abs().amax(dim=1, keepdim=True) / 127).all()), name
+
+    # LoRA forward on an int8 base: the base layer's own output plus the low-rank update.
+    layer = lora_layers(model)[LINEARS[0]]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = layer.base_layer(x) + SCALING * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+        assert max_diff(layer(x), want) <= 1e-5
+
+    merged_net = merged_model(model, ADAPTER, torch.float32)
+    merged = merged_net.state_dict()
+    for name, (deq, delta) in expected.items():
+        assert max_diff(merged[f"{name}.weight"], deq + delta) <= 1e-6, name
+        assert max_diff(merged[f"{name}.weight"], original[f"{name}.weight"] + delta) > 1e-4, name
+    # Train mode computes with the dequantized weight: the merged model's logits exactly. Eval mode is
+    # LLM.int8() proper, activations quantized too: only close (~0.08 max abs here, logits' std ~0.85).
+    want = plain_logits(merged_net)
+    assert max_diff(fp32_logits(model), want) <= 1e-4
+    assert max_diff(plain_logits(model), want) < 0.2 * float(want.std())
+
+
+# ------------------------------------------------------------------------------- 8. recipe checks
+
+
+def test_qlora_recipe_is_the_quickstart_quantized():
+    lines = QLORA_RECIPE.read_text().splitlines()
+    assert lines[0] == "# peftkit train recipes/qlora.yaml"
+    recipe, quick = load_recipe(QLORA_RECIPE), load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    assert recipe.quantization == QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32",
+                                                     quant_storage="uint8")
+    assert recipe.training.optimizer == "paged_adamw_8bit" and recipe.training.gradient_checkpointing
+    assert (recipe.model.name_or_path, recipe.data.train, recipe.data.eval) == (
+        quick.model.name_or_path, quick.data.train, quick.data.eval)
+    assert Path(recipe.export.output_dir) == ROOT / "runs" / "qlora"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="float16 compute is a CPU-only error")
+def test_float16_compute_on_cpu_is_a_recipe_error(qllama, number_data, tmp_path):
+    recipe = load_recipe(QLORA_RECIPE, [
+        f"model.name_or_path={qllama}", f"data.train={number_data['train']}", "data.eval=null",
+        "quantization.compute_dtype=float16", "training.max_steps=1", "training.warmup_steps=0",
+        "training.batch_size=2",
+        "training.save_steps=null", "training.eval_steps=null", "eval.base_model=false", "export.adapter=false",
+        "export.merged=false", f"export.output_dir={tmp_path / 'run'}",
+    ])
+    with pytest.raises(PeftkitError, match=r"quantization\.compute_dtype") as error:
+        train(recipe, console=Console(file=io.StringIO()))
+    assert "float32" in str(error.value)  # says what to use instead
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # rejected before any training
