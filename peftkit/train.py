@@ -23,6 +23,8 @@ import math
 import os
 import resource
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -207,6 +209,35 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during the loop: finish the current optimizer step, checkpoint, stop.
+
+    Acting on the signal where it lands would be wrong: between `optimizer.step()` and the step counter,
+    or before the step's metrics line, the checkpoint would not match the weights and a resumed run would
+    repeat or skip a step. So the handler only sets a flag, which the loop reads between steps. A second
+    signal interrupts at once (the newest periodic checkpoint stays).
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
 # ------------------------------------------------------------------------------------------- train
 
 
@@ -281,63 +312,64 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     progress = _progress(console)
     task = progress.add_task("train", total=total_steps, completed=state.step, loss=float("nan"), lr=0.0, tps=0.0)
     window_start, window_tokens = time.time(), 0
-    try:
-        with progress:
-            while state.step < total_steps:
-                window = [next(stream) for _ in range(tcfg.grad_accum)]
-                n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for batch in window:
-                    window_tokens += int(batch["attention_mask"].sum())  # counted on CPU: no device sync
-                    batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-                    loss, _ = token_loss_sum(model, batch)
-                    accelerator.backward(loss / n_label)
-                    loss_sum += loss.detach()
-                loss_value = float(loss_sum) / n_label  # one device sync per optimizer step
-                if not math.isfinite(loss_value):
-                    optimizer.zero_grad(set_to_none=True)
-                    if tcfg.nan_policy == "stop":
-                        last = latest_checkpoint(out)
-                        raise PeftkitError(
-                            f"Loss became {loss_value} at step {state.step + 1}; training stopped. "
-                            + (f"The last good checkpoint is {last} (resume with --resume after lowering training.lr). "
-                               if last else "No checkpoint was written (set training.save_steps). ")
-                            + "Set training.nan_policy: skip_step to skip such steps instead."
-                        )
-                    state.skipped_steps += 1
-                    console.print(f"[yellow]step {state.step + 1}: loss {loss_value}, step skipped[/]")
-                    state.step += 1
-                    scheduler.step()
-                    continue
-                grad_norm = None
-                if tcfg.max_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(trainable_parameters(model), tcfg.max_grad_norm))
-                optimizer.step()
-                scheduler.step()
+    with StopRequest() as stop, progress:
+        while state.step < total_steps:
+            if stop.signal is not None:
+                path = save_checkpoint(out, accelerator.unwrap_model(model), cfg, optimizer, scheduler, state)
+                raise PeftkitError(
+                    f"{'Interrupted' if stop.signal == signal.SIGINT else 'Stopped by SIGTERM'} at step "
+                    f"{state.step}; checkpoint saved to {path}. Continue with `peftkit train RECIPE --resume`."
+                )
+            window = [next(stream) for _ in range(tcfg.grad_accum)]
+            n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for batch in window:
+                window_tokens += int(batch["attention_mask"].sum())  # counted on CPU: no device sync
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+                loss, _ = token_loss_sum(model, batch)
+                accelerator.backward(loss / n_label)
+                loss_sum += loss.detach()
+            loss_value = float(loss_sum) / n_label  # one device sync per optimizer step
+            if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
+                if tcfg.nan_policy == "stop":
+                    last = latest_checkpoint(out)
+                    raise PeftkitError(
+                        f"Loss became {loss_value} at step {state.step + 1}; training stopped. "
+                        + (f"The last good checkpoint is {last} (resume with --resume after lowering training.lr). "
+                           if last else "No checkpoint was written (set training.save_steps). ")
+                        + "Set training.nan_policy: skip_step to skip such steps instead."
+                    )
+                state.skipped_steps += 1
+                console.print(f"[yellow]step {state.step + 1}: loss {loss_value}, step skipped[/]")
                 state.step += 1
-                state.tokens += window_tokens
-                state.losses.append(loss_value)
-                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                continue
+            grad_norm = None
+            if tcfg.max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable_parameters(model), tcfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += window_tokens
+            state.losses.append(loss_value)
+            lr = scheduler.get_last_lr()[0]
 
-                if state.step % tcfg.log_steps == 0 or state.step == total_steps:
-                    elapsed = time.time() - window_start
-                    tps = window_tokens / max(elapsed, 1e-9)
-                    record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                              "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(device)}
-                    append_line(metrics_path, json.dumps(record))
-                    progress.update(task, completed=state.step, loss=loss_value, lr=lr, tps=tps)
-                    window_start, window_tokens = time.time(), 0
-                if eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < total_steps:
-                    eval_result = evaluate_loss(model, eval_ex, cfg.eval.batch_size, pad_id)
-                    append_line(metrics_path, json.dumps({"step": state.step, "eval_loss": eval_result["loss"],
-                                                          "eval_perplexity": eval_result["perplexity"]}))
-                if tcfg.save_steps and state.step % tcfg.save_steps == 0:
-                    save_checkpoint(out, accelerator.unwrap_model(model), cfg, optimizer, scheduler, state)
-    except KeyboardInterrupt:
-        path = save_checkpoint(out, accelerator.unwrap_model(model), cfg, optimizer, scheduler, state)
-        raise PeftkitError(f"Interrupted at step {state.step}; checkpoint saved to {path}. Continue with "
-                           "`peftkit train RECIPE --resume`.") from None
+            if state.step % tcfg.log_steps == 0 or state.step == total_steps:
+                elapsed = time.time() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(device)}
+                append_line(metrics_path, json.dumps(record))
+                progress.update(task, completed=state.step, loss=loss_value, lr=lr, tps=tps)
+                window_start, window_tokens = time.time(), 0
+            if eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < total_steps:
+                eval_result = evaluate_loss(model, eval_ex, cfg.eval.batch_size, pad_id)
+                append_line(metrics_path, json.dumps({"step": state.step, "eval_loss": eval_result["loss"],
+                                                      "eval_perplexity": eval_result["perplexity"]}))
+            if tcfg.save_steps and state.step % tcfg.save_steps == 0:
+                save_checkpoint(out, accelerator.unwrap_model(model), cfg, optimizer, scheduler, state)
 
     model = accelerator.unwrap_model(model)
     if eval_ex:

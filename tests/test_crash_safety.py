@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from peftkit import fileio
@@ -69,12 +70,56 @@ def test_nan_loss_skip_step_finishes(tiny_llama, number_data, tmp_path):
     assert summary["steps"] == 12 and summary["skipped_steps"] > 0
 
 
-def test_ctrl_c_saves_checkpoint_and_resumes(tiny_llama, number_data, tmp_path):
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 400, "batch_size": 2},
-                         eval={"base_model": False})
+def _adapter_bytes(run) -> bytes:
+    return (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def _logged_steps(run) -> list[int]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_step_checkpoints_that_step_and_resumes_bit_identically(tiny_llama, number_data, tmp_path,
+                                                                           monkeypatch, sig):
+    # The signal lands right after optimizer.step() of step 3, before the loop counts the step: acting on it
+    # there would checkpoint step-2 state with step-3 weights (a resumed run would then apply step 3 twice).
+    sections = dict(training={"max_steps": 8, "batch_size": 2, "grad_accum": 2, "optimizer": "sgd"},
+                    adapter={"dropout": 0.1}, eval={"base_model": False})
+    straight = make_recipe(tmp_path / "a", tiny_llama, number_data, **sections)
+    train(load_recipe(straight))
+
+    stepped = []
+    original_step = torch.optim.SGD.step
+
+    def step_then_signal(self, *args, **kwargs):
+        result = original_step(self, *args, **kwargs)
+        stepped.append(1)
+        if len(stepped) == 3:
+            signal.raise_signal(sig)
+        return result
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_signal)
+    interrupted = load_recipe(make_recipe(tmp_path / "b", tiny_llama, number_data, **sections))
+    with pytest.raises(PeftkitError, match="at step 3; checkpoint saved to .*step-00000003.*--resume"):
+        train(interrupted)
+    run = tmp_path / "b" / "run"
+    assert _logged_steps(run) == [1, 2, 3]
+    assert signal.getsignal(sig) is not None and signal.getsignal(sig) == {
+        signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}[sig]  # handlers restored
+    monkeypatch.undo()
+    train(interrupted, resume=True)
+    assert _logged_steps(run) == list(range(1, 9))
+    assert _adapter_bytes(run) == _adapter_bytes(tmp_path / "a" / "run")
+
+
+def test_ctrl_c_in_a_real_process_saves_checkpoint_and_resumes(tiny_llama, number_data, tmp_path):
+    sections = dict(training={"max_steps": 100, "batch_size": 2}, eval={"base_model": False})
+    recipe = make_recipe(tmp_path / "b", tiny_llama, number_data, **sections)
     proc = subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(recipe)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    run = tmp_path / "b" / "run"
+    metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
         time.sleep(0.05)
@@ -82,7 +127,9 @@ def test_ctrl_c_saves_checkpoint_and_resumes(tiny_llama, number_data, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "Interrupted at step" in err and "--resume" in err and "Traceback" not in err
+    assert not (run / "adapter").exists(), "interrupted too late to test anything"
     result = CliRunner().invoke(app, ["train", str(recipe), "--resume"])
     assert result.exit_code == 0, result.output
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "loss" in json.loads(line)]
-    assert steps == list(range(1, 401))
+    assert _logged_steps(run) == list(range(1, 101))
+    train(load_recipe(make_recipe(tmp_path / "a", tiny_llama, number_data, **sections)))
+    assert _adapter_bytes(run) == _adapter_bytes(tmp_path / "a" / "run")
