@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -61,7 +62,7 @@ def merge(
     requantize: Annotated[Optional[str], typer.Option("--requantize", help="Also save OUTPUT-nf4, re-quantized (lossy).")] = None,
 ) -> None:
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model."""
-    from peftkit.merge import merge_adapter
+    from peftkit.merge import MergeWarning, merge_adapter
 
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise PeftkitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16.")
@@ -70,7 +71,12 @@ def merge(
     if requantize:
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
-    out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MergeWarning)
+        out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize)
+    for w in caught:
+        if issubclass(w.category, MergeWarning):
+            err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     console.print(f"Merged model written to {out}")
 
 

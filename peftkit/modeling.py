@@ -97,6 +97,10 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         kwargs["quantization_config"] = bnb_config(quant)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
+    elif quant is not None:
+        # Spelled out: without a device_map, transformers puts a bitsandbytes model on the GPU whenever one
+        # is present, whatever model.device says.
+        kwargs["device_map"] = {"": "cpu"}
     quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)

@@ -56,14 +56,22 @@ def save_adapter(
     state: dict[str, torch.Tensor],
     config: dict,
     quantization: QuantizationConfig | None = None,
+    quantized_on: str | None = None,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
-    with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory."""
+    with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
+
+    Args:
+        quantization: the bitsandbytes settings of the base the adapter was trained against, if any.
+        quantized_on: 'cpu' or 'cuda', where that base was quantized: a merge re-quantizes there, because
+            bitsandbytes' CPU and CUDA kernels can round a few weights differently.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path / CONFIG_NAME, config)
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
-    meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None}
+    meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,
+            "quantized_on": quantized_on if quantization else None}
     atomic_write_json(path / META_NAME, meta)
 
 
@@ -113,3 +121,9 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
         q = json.loads((path / META_NAME).read_text()).get("quantization")
         quant = QuantizationConfig(**q) if q else None
     return cfg, state, raw, quant
+
+
+def quantized_on(path: str | Path) -> str | None:
+    """'cpu' or 'cuda': where the 4-bit/8-bit base of a peftkit adapter was quantized (None if unknown)."""
+    meta = Path(path) / META_NAME
+    return json.loads(meta.read_text()).get("quantized_on") if meta.exists() else None

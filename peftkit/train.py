@@ -37,7 +37,8 @@ from peftkit.adapters import adapter_state_dict, count_parameters, inject_adapte
 from peftkit.data import load_examples, micro_batches
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import evaluate_loss, token_loss_sum
-from peftkit.fileio import append_line, atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from peftkit.fileio import (append_line, atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                            fsync_path)
 from peftkit.merge import conv1d_modules, merged_model, save_merged
 from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import WEIGHTS_NAME, peft_config, save_adapter
@@ -169,6 +170,7 @@ class LoopState:
 def save_checkpoint(out: Path, model, cfg: Recipe, optimizer, scheduler, state: LoopState) -> Path:
     """checkpoints/step-N/ written as a whole (temp dir + rename); then old ones beyond the limit removed."""
     path = out / CHECKPOINTS / f"step-{state.step:08d}"
+    fsync_path(out / "metrics.jsonl")  # the lines up to this step are on disk before the checkpoint is
     with atomic_directory(path) as tmp:
         from safetensors.torch import save_file
 
@@ -361,13 +363,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                 tps = window_tokens / max(elapsed, 1e-9)
                 record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(device)}
-                append_line(metrics_path, json.dumps(record))
+                append_line(metrics_path, json.dumps(record), sync=False)
                 progress.update(task, completed=state.step, loss=loss_value, lr=lr, tps=tps)
                 window_start, window_tokens = time.time(), 0
             if eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < total_steps:
                 eval_result = evaluate_loss(model, eval_ex, cfg.eval.batch_size, pad_id)
                 append_line(metrics_path, json.dumps({"step": state.step, "eval_loss": eval_result["loss"],
-                                                      "eval_perplexity": eval_result["perplexity"]}))
+                                                      "eval_perplexity": eval_result["perplexity"]}), sync=False)
             if tcfg.save_steps and state.step % tcfg.save_steps == 0:
                 save_checkpoint(out, accelerator.unwrap_model(model), cfg, optimizer, scheduler, state)
 
@@ -375,7 +377,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     if eval_ex:
         eval_result = evaluate_loss(model, eval_ex, cfg.eval.batch_size, pad_id)
         append_line(metrics_path, json.dumps({"step": state.step, "eval_loss": eval_result["loss"],
-                                              "eval_perplexity": eval_result["perplexity"]}))
+                                              "eval_perplexity": eval_result["perplexity"]}), sync=False)
+    fsync_path(metrics_path)
     exported = export(model, tok, cfg, targets, out)
     summary = {
         "steps": state.step,
@@ -402,13 +405,17 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path) -> list[Path]
         state = adapter_state_dict(model, cfg.adapter.modules_to_save)
         config = peft_config(cfg.adapter, targets, _base_name(cfg), fan_in_fan_out=bool(conv1d_modules(model)))
         with atomic_directory(out / "adapter") as tmp:
-            save_adapter(tmp, state, config, cfg.quantization)
+            save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type)
         exported.append(out / "adapter")
     if cfg.export.merged:
         dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]
         save_merged(merged_model(model, cfg.adapter, dtype), tok, out / "merged")
         exported.append(out / "merged")
     return exported
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _base_name(cfg: Recipe) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -27,7 +28,7 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import adapter_state_dict, inject_adapters, lora_layers, merge_state_dict
 from peftkit.errors import PeftkitError
-from peftkit.merge import merge_adapter, merged_model
+from peftkit.merge import MergeWarning, merge_adapter, merge_device, merged_model
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
@@ -38,6 +39,7 @@ from tests.conftest import random_lora_b
 ROOT = Path(__file__).resolve().parents[1]
 QLORA_RECIPE = ROOT / "recipes" / "qlora.yaml"
 CPU = torch.device("cpu")
+TRAIN_DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else CPU  # where recipes train (device: auto)
 ADAPTER = AdapterConfig(r=4, alpha=8)
 SCALING = 8 / 4  # alpha / r, written out rather than read from AdapterConfig.scaling
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62, 5, 9, 33, 70], [1, 55, 12, 80, 81, 3, 3, 47, 48, 49, 50, 2]])
@@ -210,7 +212,7 @@ def test_merge_adapter_requantizes_base_from_adapter_metadata(qllama, original, 
     assert max_diff(plain_logits(merged), fp32_logits(model)) <= 1e-4
 
     # <out>-nf4: the merged weights quantized again, a 4-bit model transformers loads as such.
-    nf4 = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-nf4")
+    nf4 = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-nf4", device_map={"": "cpu"})
     for name in LINEARS:
         layer = nf4.get_submodule(name)
         assert isinstance(layer, bnb.nn.Linear4bit), name
@@ -266,18 +268,34 @@ def test_qlora_training_lowers_loss_and_exports_peft(qlora_run):
     assert moment_dtypes == {torch.uint8, torch.float32}, moment_dtypes
 
 
-def test_qlora_merged_export_matches_trained_model(qlora_run):
-    """merged/ (export.merged: true) gives the logits of the trained adapter on the 4-bit base, in fp32."""
+def test_qlora_merged_export_matches_trained_model(qlora_run, tmp_path):
+    """merged/ (export.merged: true) and `peftkit merge` give the logits of the trained adapter on the 4-bit
+    base, in fp32. The base is re-quantized where it was trained (CUDA when the tests run on a GPU)."""
     out = qlora_run["out"]
-    qlora, _, _, _, quant = load_adapted_model(None, str(out / "adapter"), CPU)
+    trained_on = TRAIN_DEVICE.type
+    assert json.loads((out / "adapter" / "peftkit.json").read_text())["quantized_on"] == trained_on
+    qlora, _, _, _, quant = load_adapted_model(None, str(out / "adapter"), TRAIN_DEVICE)
     assert quant is not None and isinstance(qlora.get_submodule(LINEARS[0]).base_layer, bnb.nn.Linear4bit)
-    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-    assert max_diff(plain_logits(merged), fp32_logits(qlora)) <= 1e-4
+    expected = fp32_logits(qlora, IDS.to(TRAIN_DEVICE)).cpu()
+    exported = AutoModelForCausalLM.from_pretrained(out / "merged", device_map={"": "cpu"})
+    assert max_diff(plain_logits(exported), expected) <= 1e-4
+    merged = merge_adapter(str(out / "adapter"), str(tmp_path / "merged"))
+    assert max_diff(plain_logits(AutoModelForCausalLM.from_pretrained(merged, device_map={"": "cpu"})), expected) <= 1e-4
 
 
-def test_paged_optimizer_on_cpu_notes_it_once(qlora_run):
+def test_merge_of_a_cuda_quantized_adapter_without_cuda_warns(qlora_run, tmp_path, monkeypatch):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qlora_run["out"] / "adapter", adapter)
+    meta = json.loads((adapter / "peftkit.json").read_text())
+    (adapter / "peftkit.json").write_text(json.dumps({**meta, "quantized_on": "cuda"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(MergeWarning, match="quantized on CUDA, and no CUDA device is here.*re-quantized on CPU"):
+        assert merge_device(str(adapter)) == CPU
+
+
+def test_paged_optimizer_on_cpu_notes_it_once_and_only_on_cpu(qlora_run):
     note = "on CPU: bitsandbytes has no paged memory here"
-    expected = 1 if qlora_run["optimizer"].startswith("paged") else 0
+    expected = 1 if qlora_run["optimizer"].startswith("paged") and not torch.cuda.is_available() else 0
     assert qlora_run["console"].count(note) == expected, qlora_run["console"]
 
 

@@ -53,7 +53,7 @@ def test_train_export_eval_merge_cli(tiny_llama, number_data, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     reference = PeftModel.from_pretrained(base, run / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
-    ours, _, _, _, _ = load_adapted_model(None, str(run / "adapter"))
+    ours, _, _, _, _ = load_adapted_model(None, str(run / "adapter"), torch.device("cpu"))
     with torch.no_grad():
         expected = reference(IDS).logits
         assert (merged(IDS).logits - expected).abs().max() <= 1e-4

@@ -1,0 +1,290 @@
+"""Benchmark: peftkit LoRA training vs. transformers `Trainer` + HF `peft` on the same recipe.
+
+    python scripts/bench_train.py                          # CPU defaults: ~40 s on 2 idle cores
+    python scripts/bench_train.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
+
+Builds a random-init Llama-architecture model and alpaca data in a temp dir (nothing is downloaded),
+then trains it twice with the same settings: model, data, steps, batch size, r, alpha, all-linear
+targets, lr, cosine schedule without warmup, grad clip 1.0, seed, max_length. Both sides see the *same
+batches in the same order*: peftkit tokenizes and orders the examples, and the baseline gets that
+sequence with a sequential sampler and a padding collator (labels padded with -100). Each side runs in
+a fresh subprocess (this script re-invokes itself with `--side`) so memory figures are comparable.
+
+Measured, per side: wall-clock timestamps at the end of every optimizer step (peftkit: when it writes
+the step's line to metrics.jsonl; Trainer: `on_step_end`), after a CUDA synchronize on GPU. Model
+loading, adapter injection and export fall outside that window. The first `--warmup` steps are skipped;
+s/step = (end of last step - end of step `warmup`) / timed steps, tokens/s = non-pad tokens of the timed
+steps / that time. Peak memory: CUDA max_memory_allocated, or peak RSS of the subprocess on CPU
+(with the RSS after importing both libraries, so the growth can be compared too).
+
+On a shared or busy CPU, timings swing by 2-10x between runs (torch's OpenMP threads wait on each other
+when a core is taken): use `--repeats 3` (medians, alternating order) and `--threads 1` there. On CPU,
+`--fixed-mmap-threshold` makes peak RSS track live memory rather than glibc's heap retention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULT_TAG = "BENCH_RESULT "
+
+
+def common_args(description: str) -> argparse.ArgumentParser:
+    """Flags shared by bench_train.py and bench_qlora.py."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per side")
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timing (first-call overheads)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads in each side (default: torch's own)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating order; medians are shown")
+    # glibc's adaptive mmap threshold keeps freed activation buffers in the heap, which can move peak RSS by
+    # tens of MiB either way; a fixed threshold returns them to the OS, so peak RSS tracks live memory.
+    p.add_argument("--fixed-mmap-threshold", action="store_true", help="CPU: MALLOC_MMAP_THRESHOLD_=65536 in the sides")
+    p.add_argument("--side", choices=["peftkit", "peft"], help=argparse.SUPPRESS)  # set by the parent process
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    return p
+
+
+def recipe_for(args, workdir: Path, **sections):
+    """The one recipe both sides run; `sections` adds or overrides (quantization, training keys...)."""
+    from peftkit.recipe import Recipe
+
+    training = dict(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, scheduler="cosine",
+                    warmup_steps=0, max_grad_norm=1.0, seed=args.seed, log_steps=1)
+    training.update(sections.pop("training", {}))
+    return Recipe.model_validate(dict(
+        model=dict(name_or_path=str(workdir / "model"), dtype=sections.pop("dtype", "float32"), device=args.device),
+        adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear"),
+        data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length),
+        training=training,
+        export=dict(output_dir=str(workdir / "peftkit-run"), adapter=False, merged=False),
+        eval=dict(base_model=False),
+        **sections,
+    ))
+
+
+def write_data(args, workdir: Path) -> None:
+    from peftkit.tiny import number_rows, write_jsonl
+
+    # One epoch holds every step's batch, so both sides walk the same sequence without wrapping.
+    write_jsonl(workdir / "train.jsonl", number_rows(args.steps * args.batch_size, seed=1))
+
+
+def ordered_examples(recipe):
+    """The tokenized examples in the order peftkit's loop consumes them (seeded per-epoch permutations)."""
+    from peftkit.data import epoch_batches, load_examples
+    from peftkit.modeling import load_tokenizer
+
+    tcfg = recipe.training
+    tok = load_tokenizer(recipe.model)
+    examples, _ = load_examples(tok, recipe.data.train, recipe.data.train_split, recipe.data)
+    epochs = -(-tcfg.max_steps * tcfg.batch_size // len(examples)) + 1
+    batches = [b for e in range(epochs) for b in epoch_batches(len(examples), tcfg.batch_size, tcfg.seed, e, True)]
+    order = [i for b in batches for i in b]
+    return tok, [examples[i] for i in order]
+
+
+def _sync(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_peftkit(recipe, _workdir: Path | None = None) -> dict:
+    """peftkit.train.train(recipe); step ends timed where the loop writes each step's metrics line."""
+    import peftkit.train as pt
+    from rich.console import Console
+
+    ends: list[float] = []
+    original = pt.append_line
+
+    def timed_append_line(path, line, **kwargs):
+        if '"loss"' in line:
+            ends.append(_sync(recipe.model.device))
+        original(path, line, **kwargs)
+
+    pt.append_line = timed_append_line
+    try:
+        pt.train(recipe, overwrite=True, console=Console(quiet=True))
+    finally:
+        pt.append_line = original
+    lines = (Path(recipe.export.output_dir) / "metrics.jsonl").read_text().splitlines()
+    losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    return {"step_ends": ends, "losses": losses}
+
+
+def run_trainer(model, tok, ordered, recipe, workdir: Path, **extra_args) -> dict:
+    """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    t, cuda = recipe.training, recipe.model.device == "cuda"
+    ends: list[float] = []
+    losses: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            ends.append(_sync(recipe.model.device))
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    args = TrainingArguments(
+        output_dir=str(workdir / "trainer-run"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=1, learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=0,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, logging_steps=1,
+        save_strategy="no", report_to="none", disable_tqdm=True, train_sampling_strategy="sequential",
+        dataloader_pin_memory=cuda, use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+        **extra_args,
+    )
+    data = [{"input_ids": e.input_ids, "labels": e.labels} for e in ordered]
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer()],
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    return {"step_ends": ends, "losses": losses}
+
+
+def run_peft_lora(recipe, workdir: Path) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train import seed_everything
+
+    tok, ordered = ordered_examples(recipe)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
+    model.to(recipe.model.device)
+    model.config.use_cache = False
+    a = recipe.adapter
+    # As peftkit: same seed right before injection (so the same lora_A init), deterministic CPU kernels.
+    seed_everything(recipe.training.seed, deterministic_cuda=False)
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return run_trainer(get_peft_model(model, config), tok, ordered, recipe, workdir,
+                       optim="adamw_torch_fused" if recipe.model.device == "cuda" else "adamw_torch")
+
+
+def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
+    """Run one side in this (fresh) process and print its result as one tagged JSON line."""
+    import torch
+
+    import peft, peftkit.train, transformers.trainer  # noqa: E401, F401  (both sides' imports: same RSS baseline)
+
+    cuda = recipe.model.device == "cuda"
+    if threads:
+        torch.set_num_threads(threads)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with open("/proc/self/statm") as f:
+        base_rss = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    result = run_side(recipe, workdir)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss
+    result["base_mb"] = 0.0 if cuda else base_rss
+    bs, (_, ordered) = recipe.training.batch_size, ordered_examples(recipe)
+    result["tokens_per_step"] = [sum(len(e.input_ids) for e in ordered[k * bs:(k + 1) * bs])
+                                 for k in range(recipe.training.max_steps)]
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool) -> dict[str, list[dict]]:
+    """Re-run this script once per side per repeat, each in a fresh interpreter, alternating which side goes
+    first (a load that drifts during the benchmark then hits both); collect the tagged JSON lines."""
+    results: dict[str, list[dict]] = {"peftkit": [], "peft": []}
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if fixed_mmap_threshold else {}))
+    for i in range(repeats):
+        for side in ("peftkit", "peft") if i % 2 == 0 else ("peft", "peftkit"):
+            cmd = [sys.executable, sys.argv[0], *sys.argv[1:], "--side", side, "--workdir", str(workdir)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            tagged = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
+            if proc.returncode != 0 or not tagged:
+                sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            results[side].append(json.loads(tagged[-1][len(RESULT_TAG):]))
+    return results
+
+
+def summarize(res: dict, warmup: int) -> dict:
+    ends, tokens = res["step_ends"], res["tokens_per_step"]
+    # Step k's time is end(k) - end(k-1), so at least the first step is always left out.
+    warmup = max(warmup, 1)
+    if len(ends) <= warmup:
+        sys.exit(f"only {len(ends)} steps timed; use --steps larger than --warmup ({warmup})")
+    seconds, timed = ends[-1] - ends[warmup - 1], len(ends) - warmup
+    n_tokens = sum(tokens[warmup:len(ends)])
+    durations = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
+    return {"s_step": seconds / timed, "s_step_median": statistics.median(durations), "tok_s": n_tokens / seconds,
+            "peak": res["peak_mb"], "growth": res["peak_mb"] - res["base_mb"], "loss": res["losses"][-1],
+            "loss10": statistics.mean(res["losses"][-10:]), "timed": timed}
+
+
+def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None:
+    """Print one table; with --repeats, every figure is the median over the repeats."""
+    runs = {side: [summarize(r, args.warmup) for r in rs] for side, rs in results.items()}
+    s = {side: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for side, rs in runs.items()}
+    mem = "peak CUDA alloc MiB" if cuda else "peak RSS MiB"
+    rows = [("s/step (mean)", "s_step", "{:.4f}"), ("s/step (median step)", "s_step_median", "{:.4f}"),
+            ("tokens/s", "tok_s", "{:,.0f}"), (mem, "peak", "{:,.0f}")]
+    if not cuda:
+        rows.append(("RSS growth MiB", "growth", "{:,.0f}"))
+    rows += [("final loss", "loss", "{:.4f}"), ("mean loss last 10", "loss10", "{:.4f}")]
+    print(f"\n{title}")
+    print(f"timed steps: {s['peftkit']['timed']:.0f} per run (first {max(args.warmup, 1)} skipped); "
+          f"{args.repeats} run(s) per side, median shown")
+    for side, rs in runs.items() if args.repeats > 1 else ():
+        print(f"  {side} s/step per run: " + ", ".join(f"{r['s_step']:.4f}" for r in rs))
+    print(f"{'':22}{'peftkit':>12}{'peft+Trainer':>14}{'peftkit/peft':>14}")
+    for label, key, fmt in rows:
+        a, b = s["peftkit"][key], s["peft"][key]
+        print(f"{label:22}{fmt.format(a):>12}{fmt.format(b):>14}{a / b:>14.3f}")
+    print("ratio < 1: peftkit lower (better for s/step and memory, worse for tokens/s)")
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    args = p.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    if args.side:
+        workdir = Path(args.workdir)
+        recipe = recipe_for(args, workdir)
+        child(recipe, run_peftkit if args.side == "peftkit" else run_peft_lora, workdir, args.threads)
+        return
+    from peftkit.modeling import quiet_transformers
+    from peftkit.tiny import build_tiny_model
+
+    quiet_transformers()
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        workdir = Path(tmp)
+        build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
+        write_data(args, workdir)
+        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold)
+    title = (f"LoRA training, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
+             f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
+             f"torch threads {args.threads or torch.get_num_threads()}")
+    report(results, args, title, args.device == "cuda")
+
+
+if __name__ == "__main__":
+    main()
