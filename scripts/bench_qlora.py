@@ -1,6 +1,8 @@
 """Benchmark: peftkit QLoRA vs. transformers + peft + bitsandbytes (the QLoRA reference recipe).
 
     python scripts/bench_qlora.py                        # CPU defaults (small model): ~40 s on 2 idle cores
+    # memory of the lean k-bit preparation vs peft's fp32 upcast (slow: bf16 matmuls on a CPU without AVX512-BF16)
+    python scripts/bench_qlora.py --model-dtype bfloat16 --vocab 32000 --fixed-mmap-threshold --steps 25
     # ~0.85B parameters (TinyLlama's shape with 16 of its 22 layers; --layers 22 gives its 1.1B) on one GPU:
     python scripts/bench_qlora.py --device cuda --hidden 2048 --layers 16 --intermediate 5632 --vocab 32000 \
         --batch-size 8 --max-length 512 --steps 30 --gradient-checkpointing
@@ -54,7 +56,13 @@ def build_model(args, path: Path) -> None:
     torch.manual_seed(0)
     with torch.device("cuda" if args.device == "cuda" else "cpu"):  # a 1B init on CPU takes minutes
         model = LlamaForCausalLM(config)
-    model.to(getattr(torch, compute_dtype(args))).save_pretrained(path)
+    model.to(getattr(torch, model_dtype(args))).save_pretrained(path)
+
+
+def model_dtype(args) -> str:
+    """dtype of the checkpoint and of the non-quantized weights (embeddings, norms, lm_head): the compute dtype
+    unless --model-dtype says otherwise."""
+    return args.model_dtype or compute_dtype(args)
 
 
 def compute_dtype(args) -> str:
@@ -64,7 +72,7 @@ def compute_dtype(args) -> str:
 def qlora_recipe(args, workdir: Path):
     dtype = compute_dtype(args)
     return recipe_for(
-        args, workdir, dtype=dtype,
+        args, workdir, dtype=model_dtype(args),
         quantization=dict(method="nf4", double_quant=True, compute_dtype=dtype),
         training=dict(optimizer="paged_adamw_8bit", gradient_checkpointing=args.gradient_checkpointing),
     )
@@ -79,10 +87,11 @@ def run_peft_qlora(recipe, workdir: Path) -> dict:
 
     tok, ordered = ordered_examples(recipe)
     dtype = getattr(torch, recipe.quantization.compute_dtype)
+    load_dtype = getattr(torch, recipe.model.dtype)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype)
     cuda = recipe.model.device == "cuda"
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, quantization_config=bnb, dtype=dtype,
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, quantization_config=bnb, dtype=load_dtype,
                                                  device_map={"": 0} if cuda else None)
     model.config.use_cache = False
     # The reference recipe; note it upcasts every non-quantized parameter (embeddings, norms, lm_head) to fp32.
@@ -100,6 +109,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=688, help="MLP width (Llama: ~2.7 x hidden)")
     p.add_argument("--vocab", type=int, default=2048, help="embedding/lm_head rows (the tokenizer uses ~100)")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"],
+                   help="dtype of the non-quantized weights (default: the compute dtype); bfloat16 on CPU shows what "
+                        "prepare_model_for_kbit_training's fp32 upcast costs")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     args = p.parse_args()
     import torch
@@ -119,7 +131,7 @@ def main() -> None:
         build_model(args, workdir / "model")
         write_data(args, workdir)
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold)
-    title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, paged_adamw_8bit), {args.device}: llama hidden "
+    title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, weights {model_dtype(args)}, paged_adamw_8bit), {args.device}: llama hidden "
              f"{args.hidden} x {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}, batch "
              f"{args.batch_size}, max_length {args.max_length}, r {args.r}, gradient checkpointing "
              f"{args.gradient_checkpointing}, {args.steps} steps, "

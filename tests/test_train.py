@@ -162,3 +162,18 @@ def test_lr_schedule_shapes():
     assert lin(5) == pytest.approx(0.5)
     const = lr_lambda(TrainingConfig(max_steps=10, warmup_steps=0, scheduler="constant"), 10)
     assert const(9) == 1.0
+
+
+def test_16bit_weights_on_a_cpu_without_bf16_matmuls_get_a_note(tiny_llama, number_data, tmp_path, monkeypatch):
+    from peftkit.train import cpu_dtype_note
+
+    cpu = torch.device("cpu")
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))
+    recipe.model.dtype = "bfloat16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    note = cpu_dtype_note(recipe, cpu)
+    assert "model.dtype: bfloat16 on a CPU without native 16-bit matmuls" in note and "float32" in note
+    assert cpu_dtype_note(recipe, torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert cpu_dtype_note(recipe, cpu) is None
+    assert cpu_dtype_note(load_recipe(make_recipe(tmp_path, tiny_llama, number_data)), cpu) is None  # float32
