@@ -71,8 +71,8 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
 def append_line(path: str | os.PathLike, line: str, sync: bool = True) -> None:
     """Append one line (and fsync unless `sync=False`). A kill can at worst leave a partial last line, which
     readers skip. Without fsync a line survives a killed process (it is in the page cache) but not a power
-    cut; the training loop appends unsynced and calls `fsync_path` at each checkpoint, because an fsync per
-    step stalled a 60 ms GPU step by up to several hundred ms on a VM disk."""
+    cut. The training loop appends unsynced and calls `fsync_path` at each checkpoint: an fsync costs 0.24 ms
+    (median) on a local disk here but can take far longer on network or VM disks, on every step."""
     with _disk_errors(Path(path)), open(path, "a") as f:
         f.write(line + "\n")
         f.flush()
