@@ -24,9 +24,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
+from typer.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import adapter_state_dict, inject_adapters, lora_layers, merge_state_dict
+from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.merge import MergeWarning, merge_adapter, merge_device, merged_model
 from peftkit.modeling import load_adapted_model, load_model
@@ -291,6 +293,10 @@ def test_merge_of_a_cuda_quantized_adapter_without_cuda_warns(qlora_run, tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(MergeWarning, match="quantized on CUDA, and no CUDA device is here.*re-quantized on CPU"):
         assert merge_device(str(adapter)) == CPU
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    assert "warning: this adapter was trained on a base quantized on CUDA" in " ".join(result.output.split())
+    assert (tmp_path / "merged" / "model.safetensors").exists()
 
 
 def test_paged_optimizer_on_cpu_notes_it_once_and_only_on_cpu(qlora_run):
