@@ -60,6 +60,7 @@ def merge(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model; default: the adapter's base_model_name_or_path.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16; default: the base's dtype.")] = None,
     requantize: Annotated[Optional[str], typer.Option("--requantize", help="Also save OUTPUT-nf4, re-quantized (lossy).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (never the base or the adapter).")] = False,
 ) -> None:
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model."""
     from peftkit.merge import MergeWarning, merge_adapter
@@ -73,7 +74,7 @@ def merge(
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergeWarning)
-        out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize)
+        out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize, overwrite)
     for w in caught:
         if issubclass(w.category, MergeWarning):
             err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
@@ -96,10 +97,21 @@ def eval_cmd(
 
     if fmt not in ("alpaca", "chat", "completion", "text"):
         raise PeftkitError(f"--format {fmt!r}: use alpaca, chat, completion or text.")
+    if json_out is not None:
+        _check_json_out(json_out)
     metrics = evaluate(_local(model), _local(data), fmt, _local(adapter) if adapter else None, max_length, batch_size)
     console.print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  tokens {metrics['num_tokens']}")
     if json_out:
         atomic_write_json(json_out, metrics)
+
+
+def _check_json_out(path: Path) -> None:
+    """--json must name a file we can write: checked before minutes of evaluation, not after."""
+    from peftkit.rundir import make_writable_dir
+
+    if path.is_dir():
+        raise PeftkitError(f"--json {path} is a directory; give a file name, e.g. --json {path / 'eval.json'}.")
+    make_writable_dir(path.parent, "--json's directory")
 
 
 @app.command()
@@ -142,7 +154,7 @@ def main() -> None:
     except PeftkitError as e:
         # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

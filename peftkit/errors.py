@@ -12,6 +12,8 @@ from collections.abc import Iterable
 class PeftkitError(Exception):
     """An error caused by the user's input, with a message meant to be read as is."""
 
+    exit_code = 2  # the CLI's exit status: 2 for a user mistake; a subclass may say otherwise
+
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""

@@ -19,16 +19,20 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 
 
+class DiskFullError(PeftkitError):
+    """The disk (or quota) filled up during an atomic write; what was there before is intact. Callers add
+    what the user can do next (a checkpoint to resume from, or none)."""
+
+
 @contextlib.contextmanager
 def _disk_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise PeftkitError(
-                f"No space left on the device while writing {path}. The previous version of this file or "
-                "checkpoint is intact; free some disk space (or point export.output_dir elsewhere) and rerun "
-                "with --resume."
+            raise DiskFullError(
+                f"No space left on the device while writing {path}. The previous version of it, if any, is "
+                "intact; free some disk space (or point export.output_dir elsewhere)."
             ) from e
         raise
 
@@ -102,16 +106,24 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             if path.exists():
                 # Two renames: the old directory stays whole until the new one is complete.
                 old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
                 os.replace(path, old)
                 os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
             else:
                 os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or directory tree if it exists (what a replaced --output was: either)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

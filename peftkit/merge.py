@@ -172,8 +172,49 @@ def merge_device(adapter_dir: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _recorded_base(adapter_dir: str) -> str | None:
+    """The adapter's base_model_name_or_path, best effort: a broken config is load_adapter's to report."""
+    import json
+
+    try:
+        base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) else None
+
+
+def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool) -> None:
+    """Refuse an --output whose replacement would delete something peftkit did not write.
+
+    `output` is replaced as a whole, so it must not be (or contain) the current directory, the base model or
+    the adapter, even with --overwrite; an existing file or non-empty directory needs --overwrite.
+
+    Args:
+        protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
+    """
+    from peftkit.rundir import make_writable_dir, tidy_leftovers
+
+    output = output.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if output == cwd or output in cwd.parents:
+        raise PeftkitError(f"--output {output} is the current directory or one above it; the merged model replaces "
+                           "its output directory as a whole. Name a new directory, e.g. --output merged-model.")
+    for label, path in protected.items():
+        if path and Path(path).exists():
+            held = Path(path).resolve()
+            if output == held or output in held.parents:
+                raise PeftkitError(f"--output {output} is the {label} ({held}){' or holds it' if output != held else ''};"
+                                   " writing the merged model there would delete it. Choose another --output.")
+    make_writable_dir(output.parent, "--output's parent")
+    tidy_leftovers(output.parent, only=output.name)  # what a killed earlier merge into `output` left
+    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
+        kind = ("a file" if not output.is_dir() else "a peftkit run directory" if (output / "recipe.yaml").exists()
+                else "a model directory" if (output / "config.json").exists() else "a directory that is not empty")
+        raise PeftkitError(f"--output {output} is {kind}. Choose a new directory, or pass --overwrite to replace it.")
+
+
 def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None,
-                  requantize: str | None = None) -> Path:
+                  requantize: str | None = None, overwrite: bool = False) -> Path:
     """`peftkit merge`: fold an adapter into its base and save a plain model (+ tokenizer).
 
     Args:
@@ -182,9 +223,13 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         base: base model; default the adapter's base_model_name_or_path.
         dtype: float32 | bfloat16 | float16; default the base checkpoint's own dtype.
         requantize: 'nf4' to also write `<output_dir>-nf4`, the merged model re-quantized (lossy).
+        overwrite: replace an existing --output (never the base, the adapter or the current directory).
     """
     from peftkit.modeling import DTYPES, load_adapted_model
 
+    outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
+    for out in outputs:
+        check_merge_output(out, {"base model": base or _recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir))
     if dtype is None:
         saved = getattr(model.config, "dtype", None)
@@ -193,7 +238,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     merged = merged_model(model, cfg, DTYPES[dtype])
     save_merged(merged, tok, output_dir)
     if requantize:
-        requantize_model(output_dir, f"{str(output_dir).rstrip('/')}-{requantize}", requantize)
+        requantize_model(output_dir, outputs[1], requantize)
     return Path(output_dir)
 
 

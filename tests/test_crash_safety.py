@@ -2,7 +2,6 @@
 
 import errno
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -65,9 +64,38 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_llama, number_data, 
     assert (tmp_path / "run" / "checkpoints" / f"step-{step - 1:08d}" / "adapter_model.safetensors").exists()
 
 
-def test_nan_loss_skip_step_finishes(tiny_llama, number_data, tmp_path):
-    summary = train(load_recipe(_exploding(tmp_path, tiny_llama, number_data, "skip_step")))
-    assert summary["steps"] == 12 and summary["skipped_steps"] > 0
+def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path, monkeypatch):
+    import peftkit.train as train_mod
+    from peftkit.evaluate import token_loss_sum
+
+    calls = []
+
+    def nan_on_third_step(model, batch):
+        loss, n = token_loss_sum(model, batch)
+        calls.append(1)
+        return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
+
+    monkeypatch.setattr(train_mod, "token_loss_sum", nan_on_third_step)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"nan_policy": "skip_step"}, eval={"base_model": False})
+    summary = train(load_recipe(recipe))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1 and len(calls) == 6
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_skip_step_that_leaves_non_finite_weights_fails_and_exports_nothing(tiny_llama, number_data, tmp_path):
+    with pytest.raises(train_failed()) as e:
+        train(load_recipe(_exploding(tmp_path, tiny_llama, number_data, "skip_step")))
+    message = str(e.value)
+    assert message.startswith("Training ended with non-finite adapter weights (base_model.model.")
+    assert "steps were skipped for a non-finite loss); nothing was exported. Lower training.lr" in message
+    assert "The newest whole checkpoint is step-" in message and e.value.exit_code == 1
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "manifest.json").exists()
+
+
+def train_failed():
+    from peftkit.train import TrainingFailed
+
+    return TrainingFailed
 
 
 def _adapter_bytes(run) -> bytes:

@@ -18,7 +18,8 @@ from peftkit.cli import app
 from peftkit.fileio import sha256_file
 from peftkit.modeling import load_adapted_model
 from peftkit.recipe import load_recipe
-from peftkit.train import lr_lambda, train
+from peftkit.runtime import lr_lambda
+from peftkit.train import train
 from tests.conftest import make_recipe
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
@@ -165,7 +166,7 @@ def test_lr_schedule_shapes():
 
 
 def test_16bit_weights_on_a_cpu_without_bf16_matmuls_get_a_note(tiny_llama, number_data, tmp_path, monkeypatch):
-    from peftkit.train import cpu_dtype_note
+    from peftkit.runtime import cpu_dtype_note
 
     cpu = torch.device("cpu")
     recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))

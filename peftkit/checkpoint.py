@@ -1,0 +1,168 @@
+"""Resumable checkpoints: `checkpoints/step-N/` holds the adapter, optimizer, scheduler, RNG and loop state.
+
+A checkpoint is written as a whole (temp directory + rename) and closes with `checksums.json`: the sha256 of
+every other file in it, and the hashes of the data and base model the run trains on. `--resume` takes the
+newest checkpoint whose files match their checksums and load cleanly, says which ones it passed over and
+why, and refuses to continue when the data or the base model changed since the run began.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from peftkit.adapters import adapter_state_dict, load_adapter_state_dict
+from peftkit.errors import PeftkitError
+from peftkit.fileio import atomic_directory, fsync_path, sha256_file
+from peftkit.peft_format import WEIGHTS_NAME
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "training_state.pt"
+TRAINER_STATE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+
+    @classmethod
+    def from_json(cls, text: str) -> LoopState:
+        raw = json.loads(text)
+        ints = ("step", "tokens", "skipped_steps")
+        if not isinstance(raw, dict) or set(raw) != {*ints, "losses"}:
+            raise ValueError(f"expected the keys {', '.join(sorted((*ints, 'losses')))}")
+        if not all(type(raw[k]) is int and raw[k] >= 0 for k in ints):
+            raise ValueError("step, tokens and skipped_steps must be non-negative integers")
+        if not isinstance(raw["losses"], list) or not all(type(x) is float for x in raw["losses"]):
+            raise ValueError("losses must be a list of numbers")
+        return cls(**raw)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be resumed from; the message says why."""
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The checkpoints of a run, oldest first."""
+    return sorted((out / CHECKPOINTS).glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, scheduler, state: LoopState,
+                    inputs: dict, keep: int) -> Path:
+    """Write checkpoints/step-N/ as a whole, then remove the oldest beyond `keep`.
+
+    Args:
+        inputs: hashes of the data and base model (`run_inputs`), recorded to refuse a resume on others.
+    """
+    from safetensors.torch import save_file
+
+    path = out / CHECKPOINTS / f"step-{state.step:08d}"
+    fsync_path(out / "metrics.jsonl")  # the lines up to this step are on disk before the checkpoint is
+    with atomic_directory(path) as tmp:
+        save_file(adapter_state_dict(model, modules_to_save), tmp / WEIGHTS_NAME)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / STATE_FILE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__))
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, sort_keys=True))
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _recorded(path: Path) -> dict:
+    """checksums.json, after checking every file against it."""
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())
+        files, inputs = recorded["files"], recorded["inputs"]
+        if not isinstance(files, dict) or not isinstance(inputs, dict):
+            raise TypeError
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"it has no {CHECKSUMS} (incomplete)") from None
+    except (ValueError, KeyError, TypeError):
+        raise DamagedCheckpoint(f"its {CHECKSUMS} is unreadable") from None
+    for name in (WEIGHTS_NAME, STATE_FILE, TRAINER_STATE):
+        if name not in files:
+            raise DamagedCheckpoint(f"{CHECKSUMS} does not list {name}")
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        if sha256_file(path / name) != digest:
+            raise DamagedCheckpoint(f"{name} does not match its checksum (truncated or modified)")
+    return recorded
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState, dict]:
+    """Restore a checkpoint into the model, optimizer, scheduler and RNG; returns (loop state, its inputs).
+
+    Raises DamagedCheckpoint when its files fail their checksums or do not load.
+    """
+    from safetensors.torch import load_file
+
+    recorded = _recorded(path)
+    try:
+        state = LoopState.from_json((path / TRAINER_STATE).read_text())
+        weights = load_file(path / WEIGHTS_NAME)
+        # weights_only: the restricted unpickler (tensors, dicts, numbers), never arbitrary objects.
+        blob = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        load_adapter_state_dict(model, weights)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["rng"]["cpu"])
+        if "cuda" in blob["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    except Exception as e:  # noqa: BLE001 - whatever fails to load makes the checkpoint unusable, nothing else
+        raise DamagedCheckpoint(f"it does not load ({type(e).__name__}: {str(e)[:200]})") from None
+    return state, recorded["inputs"]
+
+
+def _changed_input(recorded: dict, now: dict) -> str | None:
+    """The first data or base-model file whose hash differs between a checkpoint and now, described."""
+    for key in sorted(set(recorded) | set(now)):
+        before, after = recorded.get(key, {}), now.get(key, {})
+        for name in sorted(set(before) | set(after)):
+            if before.get(name) != after.get(name):
+                state = "is gone" if name not in after else "is new" if name not in before else "changed"
+                return f"{key} file {name} {state}"
+    return None
+
+
+def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Console) -> tuple[Path, LoopState]:
+    """Load the newest intact checkpoint of `out`; passing over damaged ones is said on the console."""
+    for path in reversed(checkpoint_dirs(out)):
+        try:
+            state, recorded = load_checkpoint(path, model, optimizer, scheduler)
+        except DamagedCheckpoint as e:
+            console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {e}; trying an older one.")
+            continue
+        if changed := _changed_input(recorded, inputs):
+            raise PeftkitError(
+                f"--resume: {changed} since checkpoint {path.name} was written. Resuming would continue "
+                "training on other inputs than the run began with. Restore the original, or run without --resume and with --overwrite to start "
+                "afresh."
+            )
+        return path, state
+    raise PeftkitError(f"--resume: no intact checkpoint in {out / CHECKPOINTS} (each one is damaged, see above). "
+                       "Run without --resume and with --overwrite to start again.")
+
+
+def run_inputs(recipe) -> dict:
+    """Content hashes of the files a run trains on, by recipe key (local paths; a hub id hashes to {})."""
+    from peftkit.manifest import file_hashes, model_weight_hashes
+
+    inputs = {"data.train": file_hashes(recipe.data.train),
+              "model.name_or_path": model_weight_hashes(recipe.model.name_or_path)}
+    if recipe.data.eval:
+        inputs["data.eval"] = file_hashes(recipe.data.eval)
+    return inputs

@@ -1,0 +1,196 @@
+"""The run directory: which files in it are peftkit's, who may write it, and tidying what a crash left.
+
+peftkit deletes only what a run writes (`RUN_ENTRIES`, its temp files, its lock file), never a file of the
+user's, and only once the new run's recipe, data and model have loaded, so a run that fails early leaves
+the previous one whole. One directory has one writer at a time: an advisory `flock` on `.peftkit.lock`,
+which the kernel releases when the process dies however it dies, so a crashed run never leaves it stuck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json")
+LOCK_NAME = ".peftkit.lock"
+
+
+def is_temp_name(name: str) -> bool:
+    """Names fileio gives work in progress: `.NAME.XXXX.tmp` (files and directories) and `.NAME.old`."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
+def is_run(out: Path) -> bool:
+    """A directory a peftkit run has claimed (it writes recipe.yaml once its inputs have loaded)."""
+    return (out / "recipe.yaml").exists() or (out / "manifest.json").exists()
+
+
+def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool) -> None:
+    """Refuse, before anything expensive, every way a run could clobber or mix with what is in `out` (an
+    existing directory).
+
+    Args:
+        out: export.output_dir.
+        recipe_yaml: the resolved recipe, to recognise a directory holding this same recipe's run.
+        resume: --resume (needs a checkpoint of this recipe).
+        overwrite: --overwrite (replace a run of another recipe; user files still stay).
+    """
+    if not is_run(out):
+        # Not a run: every entry is the user's, even one named like ours (a downloaded `adapter/`).
+        foreign = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME and not is_temp_name(p.name))
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        clash = [name for name in foreign if name in RUN_ENTRIES]
+        if clash and overwrite:
+            raise PeftkitError(
+                f"export.output_dir {out} holds {', '.join(clash)}, which peftkit did not write and a run would "
+                "replace, even with --overwrite. Move it away or choose another export.output_dir."
+            )
+        if foreign and not overwrite:
+            raise PeftkitError(
+                f"export.output_dir {out} already holds files that peftkit did not write ({shown}). Choose a new or "
+                f"empty directory, or pass --overwrite (a run writes only {', '.join(RUN_ENTRIES)}; your files "
+                "stay)."
+            )
+    previous = out / "recipe.yaml"
+    if not overwrite and previous.exists() and previous.read_text() != recipe_yaml:
+        raise PeftkitError(
+            f"{out} holds a run of a different recipe (its recipe.yaml differs). Choose another export.output_dir, "
+            "or pass --overwrite to replace that run."
+        )
+    has_checkpoints = any((out / "checkpoints").glob("step-*[0-9]"))
+    if resume and not has_checkpoints:
+        raise PeftkitError(f"--resume: no checkpoint in {out / 'checkpoints'}. Set training.save_steps to write "
+                           "checkpoints, or run without --resume.")
+    unfinished = has_checkpoints and not (out / "manifest.json").exists()
+    if unfinished and not resume and not overwrite:
+        raise PeftkitError(
+            f"{out} holds an unfinished run of this recipe, with checkpoints in {out / 'checkpoints'}. Continue it "
+            "with --resume, or pass --overwrite to start again from step 0 (its checkpoints are then removed)."
+        )
+
+
+def make_writable_dir(out: Path, key: str = "export.output_dir") -> None:
+    """Create `out` if needed and check that a file can be written in it, before any model is loaded."""
+    if out.exists() and not out.is_dir():
+        raise PeftkitError(f"{key} {out} is a file, not a directory; choose another path.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise PeftkitError(f"{key} {out} is not writable ({e.strerror or e}); choose another path or fix its "
+                           "permissions.") from None
+
+
+@contextlib.contextmanager
+def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, console) -> Iterator[None]:
+    """Everything `train` needs of its run directory before loading: created, writable, locked for this
+    process, checked against what it holds (`check_output_dir`), and tidied after a crash."""
+    if resume and overwrite:
+        raise PeftkitError("--resume and --overwrite contradict each other: --resume continues the run in "
+                           "export.output_dir, --overwrite starts it afresh. Pass one of them.")
+    make_writable_dir(out)
+    with run_lock(out):
+        check_output_dir(out, recipe_yaml, resume, overwrite)
+        for note in recover_and_tidy(out):
+            console.print(f"note: {note}", highlight=False)
+        yield
+
+
+def lock_holder(out: Path) -> str:
+    with contextlib.suppress(OSError):
+        return (out / LOCK_NAME).read_text().strip() or "unknown"
+    return "unknown"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold `out/.peftkit.lock` for the run; a second writer is refused at once, naming the holder."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking, as before
+        yield
+        return
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise PeftkitError(
+                f"export.output_dir {out} is in use by another peftkit run ({lock_holder(out)}). Wait for it to "
+                "finish or stop it, or choose another export.output_dir."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock; the file stays (removing it would race a new writer)
+
+
+def recover_and_tidy(out: Path) -> list[str]:
+    """Undo what a kill in the middle of an atomic write left in a run directory; returns what was done."""
+    return tidy_leftovers(out) + tidy_leftovers(out / "checkpoints")
+
+
+def tidy_leftovers(parent: Path, only: str | None = None) -> list[str]:
+    """Recover or remove the temp entries of interrupted atomic writes in `parent` (those of `only`, if given).
+
+    `atomic_directory` replaces DIR by renaming it to `.DIR.old` and the new one into place: killed between
+    the two renames, `.DIR.old` is the only whole copy, so it is renamed back. Every other temp entry is an
+    unfinished write whose previous version is intact, and is removed. Returns what was done, for a note.
+    """
+    done = []
+    if not parent.is_dir():
+        return done
+    for entry in sorted(parent.iterdir()):
+        if not is_temp_name(entry.name) or (only and not entry.name.startswith(f".{only}.")):
+            continue
+        original = parent / entry.name[1:].removesuffix(".old")
+        if entry.name.endswith(".old") and not original.exists():
+            os.replace(entry, original)
+            done.append(f"restored {original} from an interrupted replace")
+        else:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            done.append(f"removed {entry.name}, left by an interrupted write")
+    return done
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run wrote into `out` (RUN_ENTRIES only), before a fresh run writes its own."""
+    if not is_run(out):
+        return
+    for name in RUN_ENTRIES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def truncate_metrics(path: Path, step: int, final_step: int) -> None:
+    """On resume from checkpoint `step`: drop metric lines written after it (and a partial last line of a
+    kill). The final evaluation's line (at `final_step`, after the last checkpoint) is dropped too, since the
+    resumed run writes it again."""
+    import json
+
+    from peftkit.fileio import atomic_write_text
+
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            record = json.loads(line)
+            if record["step"] < step or (record["step"] == step and not (step == final_step and "eval_loss" in record)):
+                kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

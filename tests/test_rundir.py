@@ -1,0 +1,356 @@
+"""The run directory and checkpoints: nothing of the user's is deleted, one writer at a time, a crash's
+leftovers are tidied, a damaged checkpoint is passed over, and a resume on changed inputs is refused."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from peftkit import fileio
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.rundir import open_run_dir, run_lock
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+SECTIONS = dict(training={"max_steps": 6, "save_steps": 2, "save_total_limit": 3}, eval={"base_model": False})
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, width=200), buffer
+
+
+def _recipe(tmp_path: Path, tiny_llama, files, **sections):
+    return load_recipe(make_recipe(tmp_path, tiny_llama, files, **{**SECTIONS, **sections}))
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------- never delete user files
+
+
+def test_train_refuses_a_directory_of_user_files(tiny_llama, number_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "config.json").write_text("{}")
+    with pytest.raises(PeftkitError) as e:
+        train(_recipe(tmp_path, tiny_llama, number_data), console=_console()[0])
+    assert str(e.value) == (
+        f"export.output_dir {out} already holds files that peftkit did not write (config.json, notes.txt). Choose a "
+        "new or empty directory, or pass --overwrite (a run writes only adapter, merged, checkpoints, metrics.jsonl, "
+        "recipe.yaml, manifest.json; your files stay).")
+    train(_recipe(tmp_path, tiny_llama, number_data), overwrite=True, console=_console()[0])
+    assert (out / "notes.txt").read_text() == "my notes" and (out / "config.json").read_text() == "{}"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_overwrite_never_replaces_a_user_directory_named_like_a_run_output(tiny_llama, number_data, tmp_path):
+    out = tmp_path / "run"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")  # e.g. an adapter downloaded from the hub
+    with pytest.raises(PeftkitError) as e:
+        train(_recipe(tmp_path, tiny_llama, number_data), overwrite=True, console=_console()[0])
+    assert str(e.value) == (
+        f"export.output_dir {out} holds adapter, which peftkit did not write and a run would replace, even with "
+        "--overwrite. Move it away or choose another export.output_dir.")
+    assert (out / "adapter" / "adapter_config.json").read_text() == "{}"
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_fails_to_load(tiny_llama, number_data, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    before = _snapshot(tmp_path / "run")
+    broken = _recipe(tmp_path, tiny_llama, number_data, data={"max_length": 8})  # nothing left to learn
+    with pytest.raises(PeftkitError, match="nothing left to learn"):
+        train(broken, overwrite=True, console=_console()[0])
+    assert _snapshot(tmp_path / "run") == before
+
+
+def test_resume_and_overwrite_together_is_an_error(tiny_llama, number_data, tmp_path):
+    with pytest.raises(PeftkitError, match="^--resume and --overwrite contradict each other"):
+        train(_recipe(tmp_path, tiny_llama, number_data), resume=True, overwrite=True, console=_console()[0])
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerun_without_resume_does_not_discard_an_unfinished_run(tiny_llama, number_data, tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    (tmp_path / "run" / "manifest.json").unlink()  # as if killed before the end
+    with pytest.raises(PeftkitError) as e:
+        train(recipe, console=_console()[0])
+    assert str(e.value).startswith(f"{tmp_path / 'run'} holds an unfinished run of this recipe, with checkpoints in ")
+    assert "Continue it with --resume, or pass --overwrite" in str(e.value)
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 3
+
+
+def test_unwritable_output_dir_is_refused_before_loading(tiny_llama, number_data, tmp_path):
+    # /sys refuses new files even to root (the CI user): a read-only directory that chmod cannot fake.
+    recipe = _recipe(tmp_path, tiny_llama, number_data, export={"output_dir": "/sys/peftkit-run"})
+    with pytest.raises(PeftkitError, match=r"^export.output_dir /sys/peftkit-run is not writable \("):
+        train(recipe, console=_console()[0])
+
+
+# ------------------------------------------------------------------------------------------ one writer
+
+
+def test_second_writer_is_refused_naming_the_process_and_a_killed_run_leaves_no_stuck_lock(tiny_llama, number_data,
+                                                                                            tmp_path):
+    recipe_path = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 400}, eval={"base_model": False})
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(recipe_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not metrics.exists():
+        time.sleep(0.05)
+    try:
+        with pytest.raises(PeftkitError) as e:
+            train(load_recipe(recipe_path), console=_console()[0])
+        assert str(e.value) == (
+            f"export.output_dir {tmp_path / 'run'} is in use by another peftkit run (process {proc.pid} on "
+            f"{os.uname().nodename}). Wait for it to finish or stop it, or choose another export.output_dir.")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert not (tmp_path / "run" / "manifest.json").exists(), "the first run finished too early to test anything"
+    with run_lock(tmp_path / "run"):  # the kernel dropped the dead process's lock
+        pass
+
+
+# ------------------------------------------------------------------------------------ crash leftovers
+
+
+def test_leftovers_of_a_killed_write_are_tidied_and_an_interrupted_replace_is_undone(tiny_llama, number_data,
+                                                                                     tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    run = tmp_path / "run"
+    adapter = _snapshot(run / "adapter")
+    # Killed between the two renames of atomic_directory: only `.adapter.old` holds the adapter.
+    os.replace(run / "adapter", run / ".adapter.old")
+    (run / ".merged.k2j3.tmp").mkdir()
+    (run / ".manifest.json.x8a1.tmp").write_text("{")
+    (run / "checkpoints" / ".step-00000008.q1.tmp").mkdir()
+    (run / "checkpoints" / ".step-00000008.q1.tmp" / "training_state.pt").write_bytes(b"half")
+    console, buffer = _console()
+    with open_run_dir(run, recipe.to_yaml(), resume=True, overwrite=False, console=console):
+        pass
+    assert _snapshot(run / "adapter") == adapter
+    assert sorted(p.name for p in run.iterdir()) == [".peftkit.lock", "adapter", "checkpoints", "manifest.json",
+                                                     "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
+    notes = buffer.getvalue()
+    assert f"note: restored {run / 'adapter'} from an interrupted replace" in notes
+    assert "note: removed .merged.k2j3.tmp, left by an interrupted write" in notes
+
+
+def test_resuming_a_finished_run_writes_no_metric_line_twice(tiny_llama, number_data, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, number_data, training={**SECTIONS["training"], "eval_steps": 2})
+    train(recipe, console=_console()[0])
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    train(recipe, resume=True, console=_console()[0])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    assert metrics.count('"eval_loss"') == 3  # steps 2, 4 and the final one at 6
+
+
+# --------------------------------------------------------------------------------- damaged checkpoints
+
+
+def _rewrite_state(step_dir: Path) -> None:
+    """Wrong types in trainer_state.json with checksums.json updated to match: only the type check can tell."""
+    (step_dir / "trainer_state.json").write_text(json.dumps({"step": "6", "tokens": 1, "losses": [], "skipped_steps": 0}))
+    sums = json.loads((step_dir / "checksums.json").read_text())
+    sums["files"]["trainer_state.json"] = fileio.sha256_file(step_dir / "trainer_state.json")
+    (step_dir / "checksums.json").write_text(json.dumps(sums))
+
+
+DAMAGE = {
+    "truncated weights": lambda d: (d / "adapter_model.safetensors").write_bytes(
+        (d / "adapter_model.safetensors").read_bytes()[:100]),
+    "missing optimizer state": lambda d: (d / "training_state.pt").unlink(),
+    "bad json": lambda d: (d / "trainer_state.json").write_text("{"),
+    "no checksums": lambda d: (d / "checksums.json").unlink(),
+    "wrong types": _rewrite_state,
+}
+REASONS = {
+    "truncated weights": "adapter_model.safetensors does not match its checksum (truncated or modified)",
+    "missing optimizer state": "training_state.pt is missing",
+    "bad json": "trainer_state.json does not match its checksum (truncated or modified)",
+    "no checksums": "it has no checksums.json (incomplete)",
+    "wrong types": "it does not load (ValueError: step, tokens and skipped_steps must be non-negative integers)",
+}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_llama, number_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("straight")
+    train(_recipe(root, tiny_llama, number_data), console=_console()[0])
+    return root / "run"
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_passes_over_a_damaged_checkpoint_and_finishes_bit_identically(tiny_llama, number_data, tmp_path,
+                                                                              straight_run, damage):
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    run = tmp_path / "run"
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    DAMAGE[damage](run / "checkpoints" / "step-00000006")
+    console, buffer = _console()
+    train(recipe, resume=True, console=console)
+    out = buffer.getvalue()
+    assert f"warning: checkpoint step-00000006 is damaged: {REASONS[damage]}; trying an older one." in out
+    assert "Resumed from step-00000004 (step 4 of 6)." in out
+    weights = "adapter/adapter_model.safetensors"
+    assert (run / weights).read_bytes() == (straight_run / weights).read_bytes()
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tiny_llama, number_data, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, number_data, training={**SECTIONS["training"], "save_total_limit": 1})
+    train(recipe, console=_console()[0])
+    DAMAGE["bad json"](tmp_path / "run" / "checkpoints" / "step-00000006")
+    with pytest.raises(PeftkitError, match=r"^--resume: no intact checkpoint in .*checkpoints \(each one is damaged, "
+                                           r"see above\)\. Run without --resume and with --overwrite"):
+        train(recipe, resume=True, console=_console()[0])
+
+
+@pytest.mark.parametrize("changed", ["data", "model"])
+def test_resume_after_the_inputs_changed_is_refused(tiny_llama, number_data, tmp_path, changed):
+    data = {k: Path(shutil.copy(v, tmp_path / v.name)) for k, v in number_data.items()}
+    model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
+    recipe = _recipe(tmp_path, model, data)
+    train(recipe, console=_console()[0])
+    edited = data["train"] if changed == "data" else model / "config.json"
+    edited.write_text(edited.read_text() + "\n")
+    with pytest.raises(PeftkitError) as e:
+        train(recipe, resume=True, console=_console()[0])
+    what = "data.train file train.jsonl" if changed == "data" else "model.name_or_path file config.json"
+    assert str(e.value) == (
+        f"--resume: {what} changed since checkpoint step-00000006 was written. Resuming would continue training on "
+        "other inputs than the run began with. Restore the original, or run without --resume and with --overwrite "
+        "to start afresh.")
+
+
+# ---------------------------------------------------------------------------------------------- disk full
+
+
+def _fail_fsync_under(fragment: str, monkeypatch) -> None:
+    """ENOSPC from fsync of any file whose path contains `fragment` (the disk fills up during that write)."""
+    real = os.fsync
+
+    def fsync(fd):
+        if fragment in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("where, hint", [
+    (".step-00000002.", "No checkpoint was written yet, so the run starts again from step 0"),
+    (".step-00000004.", "The newest whole checkpoint is step-00000002: continue with `peftkit train RECIPE --resume`."),
+    (".adapter.", "Training itself finished; The newest whole checkpoint is step-00000006"),
+])
+def test_disk_full_while_checkpointing_or_exporting(tiny_llama, number_data, tmp_path, monkeypatch, where, hint):
+    _fail_fsync_under(where, monkeypatch)
+    with pytest.raises(PeftkitError) as e:
+        train(_recipe(tmp_path, tiny_llama, number_data), console=_console()[0])
+    message = str(e.value)
+    assert message.startswith("No space left on the device while writing ")
+    assert hint in message and e.value.exit_code == 2
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*")) if where != ".adapter." else []
+    assert all(not name.startswith(".") for name in ckpts)  # no half-written checkpoint left
+
+
+# ---------------------------------------------------------------------------------------------- merge --output
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_llama, number_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adapter-run")
+    train(load_recipe(make_recipe(root, tiny_llama, number_data, training={"max_steps": 1}, eval={"base_model": False})),
+          console=_console()[0])
+    return root / "run"
+
+
+def _merge_error(adapter_run: Path, output: Path | str, **kwargs) -> str:
+    from peftkit.merge import merge_adapter
+
+    with pytest.raises(PeftkitError) as e:
+        merge_adapter(str(adapter_run / "adapter"), str(output), **kwargs)
+    return str(e.value)
+
+
+def test_merge_refuses_existing_outputs_unless_overwrite(adapter_run, straight_run, tiny_llama, tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("x")
+    for output, kind in [(straight_run, "a peftkit run directory"), (tmp_path / "file", "a file"),
+                         (tmp_path / "full", "a directory that is not empty")]:
+        assert _merge_error(adapter_run, output) == (
+            f"--output {output} is {kind}. Choose a new directory, or pass --overwrite to replace it.")
+    assert (tmp_path / "full" / "mine.txt").exists() and (straight_run / "manifest.json").exists()
+    shutil.copytree(tiny_llama, tmp_path / "other-model")
+    assert "is a model directory" in _merge_error(adapter_run, tmp_path / "other-model")
+
+    from peftkit.merge import merge_adapter
+
+    (tmp_path / "empty").mkdir()
+    merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "empty"))
+    merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "file"), overwrite=True)
+    assert (tmp_path / "file" / "config.json").exists() and (tmp_path / "empty" / "config.json").exists()
+    assert not list(tmp_path.glob(".*"))  # the replaced file is gone, no temp left
+
+
+def test_merge_never_writes_over_the_base_the_adapter_or_the_current_directory(adapter_run, tiny_llama, tmp_path,
+                                                                               monkeypatch):
+    base = tiny_llama.resolve()
+    assert _merge_error(adapter_run, tiny_llama, overwrite=True) == (
+        f"--output {base} is the base model ({base}); writing the merged model there would delete it. Choose "
+        "another --output.")
+    adapter = (adapter_run / "adapter").resolve()
+    assert _merge_error(adapter_run, adapter, overwrite=True).startswith(f"--output {adapter} is the adapter ({adapter});")
+    assert _merge_error(adapter_run, adapter_run, overwrite=True).startswith(
+        f"--output {adapter_run.resolve()} is the adapter ({adapter}) or holds it;")
+    monkeypatch.chdir(tmp_path)
+    for output in (".", "..", str(tmp_path)):
+        assert _merge_error(adapter_run, output, overwrite=True).startswith("--output ")
+        assert "is the current directory or one above it" in _merge_error(adapter_run, output, overwrite=True)
+    assert (base / "config.json").exists() and (adapter / "adapter_config.json").exists()
+
+
+def test_merge_checks_the_requantized_output_too(adapter_run, tmp_path):
+    (tmp_path / "m-nf4").mkdir()
+    (tmp_path / "m-nf4" / "keep.txt").write_text("x")
+    assert _merge_error(adapter_run, tmp_path / "m", requantize="nf4").startswith(f"--output {tmp_path / 'm-nf4'} is a ")
+    assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------- eval --json
+
+
+def test_eval_json_output_checked_before_evaluating(adapter_run, tiny_llama, number_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--format", "alpaca"]
+    for target, expected in [(tmp_path, f"--json {tmp_path} is a directory; give a file name"),
+                             ("/sys/eval.json", "--json's directory /sys is not writable")]:
+        result = CliRunner().invoke(app, [*args, "--json", str(target)])
+        assert isinstance(result.exception, PeftkitError) and str(result.exception).startswith(expected)
+        assert "loss" not in result.output  # nothing was evaluated
