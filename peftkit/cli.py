@@ -118,18 +118,26 @@ def _check_json_out(path: Path) -> None:
 def verify(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with manifest.json).")],
     tolerance: Annotated[float, typer.Option(help="0: identical bits; > 0: compare losses and weights numerically.")] = 0.0,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow re-running a recipe that "
+                                                    "records model.trust_remote_code: true (runs the model's own code).")] = False,
 ) -> None:
-    """Re-run a recorded run in a temporary directory; exit 0 if it reproduces, 1 with a report if not."""
+    """Check RUN_DIR's files against its manifest, then re-run it in a temporary directory; exit 0 if all
+    match, 1 with a report if not."""
+    from rich.markup import escape
+
     from peftkit.verify import verify as run_verify
 
-    report = run_verify(run_dir, tolerance, console)
+    report = run_verify(run_dir, tolerance, console, trust_remote_code=trust_remote_code)
+    # escape(): the lines quote paths and file names, which are not rich markup; soft_wrap: one line each, greppable.
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     if report.ok:
-        console.print(f"[green]verified:[/] {run_dir} reproduces" + (" bit for bit." if tolerance == 0 else f" within {tolerance}."))
+        console.print(f"[green]verified:[/] {escape(str(report.run_dir))} reproduces"
+                      + (" bit for bit." if tolerance == 0 else f" within {tolerance}."), soft_wrap=True)
         return
     for diff in report.differences:
-        console.print(f"[red]differs:[/] {diff}")
+        console.print(f"[red]differs:[/] {escape(diff)}", soft_wrap=True)
+    console.print(f"[red]not verified:[/] {escape(str(report.run_dir))}", soft_wrap=True)
     raise typer.Exit(1)
 
 

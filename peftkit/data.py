@@ -13,6 +13,7 @@ to `max_length`; one with no target token left after truncation is dropped, with
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,10 @@ from peftkit.recipe import DATA_EXTENSIONS, DataConfig
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+# What `datasets` says when a readable file yields no rows (its ValueError has no type of its own).
+_NO_ROWS = "corresponds to no data"
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"), "text": ("text",)}
+OPTIONAL_FIELDS = {"alpaca": ("input",)}  # may be absent or null; a string when given
 
 
 @dataclass
@@ -44,9 +48,7 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                row = _json_object(line)
             except ValueError as e:
                 if on_bad_rows == "skip":
                     bad += 1
@@ -58,6 +60,25 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
             rows.append(row)
             line_numbers.append(lineno)
     return rows, bad, line_numbers
+
+
+def _json_object(line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except RecursionError:  # the json module recurses per bracket: `[[[[...` 100,000 deep is not a row
+        raise ValueError("nested too deeply") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")  # noqa: TRY004 - one kind: a bad line
+    return row
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether the file holds only whitespace; reads up to the first other byte, so a real file costs one chunk."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
 
 
 def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list[dict], int, list[int] | None]:
@@ -83,11 +104,16 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
         try:
             if path.suffix.lower() == ".jsonl":
                 return _read_jsonl(path, on_bad_rows)
+            if _is_blank(path):  # `datasets` fails on these with StopIteration or a message about its own internals
+                return [], 0, None
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except PermissionError:
             raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
         except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
-            raise PeftkitError(f"Could not read data file {source}: {e}") from None
+            if _NO_ROWS in str(e):  # `[]`, `{}`, a CSV with only its header: no rows, said the way .jsonl says it
+                return [], 0, None
+            # DatasetGenerationError's own text is "An error occurred while generating the dataset"; the cause says what.
+            raise PeftkitError(f"Could not read data file {source}: {e.__cause__ or e}") from None
         return list(ds), 0, None
     try:
         ds = datasets.load_dataset(source, split=split)
@@ -99,20 +125,41 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
     return list(ds), 0, None
 
 
-def _missing(row: dict, fmt: str) -> str | None:
+# A lone UTF-16 surrogate (JSON "\\ud800") is not valid Unicode: no tokenizer can encode it, and the fast
+# (Rust) ones fail with a TypeError that names neither the row nor the text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _row_problem(row: dict, fmt: str) -> str | None:
+    """What makes a row unusable for `fmt`, or None."""
     for field in REQUIRED_FIELDS[fmt]:
         if field not in row or row[field] is None:
             return f"missing field '{field}'"
     if fmt == "chat":
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            return "'messages' must be a list of {role, content} objects"
-        if not any(m["role"] == "assistant" for m in msgs):
-            return "no assistant message to learn from"
-    else:
-        for field in REQUIRED_FIELDS[fmt]:
-            if not isinstance(row[field], str):
-                return f"field '{field}' must be a string, got {type(row[field]).__name__}"
+        return _messages_problem(row["messages"])
+    present = [f for f in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ())) if row.get(f) is not None]
+    return next((p for f in present if (p := _text_problem(f"field '{f}'", row[f]))), None)
+
+
+def _messages_problem(messages: object) -> str | None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in messages):
+        return "'messages' must be a list of {role, content} objects"
+    for i, m in enumerate(messages):
+        for key in ("role", "content"):
+            if problem := _text_problem(f"messages[{i}].{key}", m[key]):
+                return problem
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message to learn from"
+    return None
+
+
+def _text_problem(name: str, value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {'null' if value is None else type(value).__name__}"
+    if bad := _SURROGATE.search(value):
+        return (f"{name} holds a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()}, which is not "
+                "valid Unicode and cannot be tokenized")
     return None
 
 
@@ -164,7 +211,7 @@ def tokenize_rows(
     """
     examples, stats = [], {"bad_rows": 0, "too_long": 0}
     for i, row in enumerate(rows):
-        problem = _missing(row, cfg.format) if isinstance(row, dict) else "not an object"
+        problem = _row_problem(row, cfg.format) if isinstance(row, dict) else "not an object"
         if problem:
             if cfg.on_bad_rows == "skip":
                 stats["bad_rows"] += 1

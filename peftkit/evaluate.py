@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.data import IGNORE_INDEX, Example, eval_loader
+from peftkit.errors import PeftkitError
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,4 +65,13 @@ def evaluate(model_path: str, data: str, fmt: str, adapter: str | None = None, m
         cfg = ModelConfig(name_or_path=model_path, dtype="auto")
         model, tok = load_model(cfg, None, device), load_tokenizer(cfg)
     examples, _ = load_examples(tok, data, split, DataConfig(train=data, format=fmt, max_length=max_length))
-    return evaluate_loss(model, examples, batch_size, tok.pad_token_id)
+    metrics = evaluate_loss(model, examples, batch_size, tok.pad_token_id)
+    if not math.isfinite(metrics["loss"]):
+        # Reported, not printed as 'loss nan': a number that looks like a result hides a broken model.
+        what = f"{model_path} with adapter {adapter}" if adapter else model_path
+        raise PeftkitError(
+            f"{what} produces a non-finite loss ({metrics['loss']}) on {data}: its weights hold NaN/inf, or its "
+            "activations overflow in 16-bit. Check the model's weights (a diverged training run saves NaN), or "
+            "evaluate a float32 copy of the model."
+        )
+    return metrics

@@ -1,18 +1,38 @@
-"""manifest.json: everything needed to reproduce a run and to check that a rerun gave the same bits."""
+"""manifest.json: everything needed to reproduce a run and to check that a rerun gave the same bits.
+
+`build_manifest` writes it at the end of `peftkit train`; `read_manifest` reads it back for `peftkit verify`,
+checking the fields verify relies on (`Manifest`), so a damaged or hand-edited manifest is a clear error
+rather than a KeyError halfway through a re-run.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import sys
+from collections.abc import Iterable
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Literal
 
 import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from peftkit import __version__
+from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
-from peftkit.recipe import Recipe
+from peftkit.recipe import Recipe, _format_error
+
+MANIFEST = "manifest.json"
+RECIPE_FILE = "recipe.yaml"
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "safetensors", "pydantic")
 
@@ -55,15 +75,24 @@ def model_weight_hashes(name_or_path: str) -> dict[str, str]:
             if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "tokenizer.json"))}
 
 
-def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
-                   losses: list[float]) -> dict:
+def data_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:
+    """sha256 of the recipe's data files, by split ("train", and "eval" when the recipe has one)."""
     data = {"train": file_hashes(recipe.data.train)}
     if recipe.data.eval:
         data["eval"] = file_hashes(recipe.data.eval)
-    outputs = {}
-    for directory in exported:
-        for name, digest in file_hashes(directory).items():
-            outputs[f"{directory.name}/{name}"] = digest
+    return data
+
+
+def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:
+    """sha256 of every file under the exported directories of a run, named relative to the run directory."""
+    return {f"{directory}/{name}": digest
+            for directory in directories for name, digest in file_hashes(run_dir / directory).items()}
+
+
+def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
+                   losses: list[float]) -> dict:
+    data = data_hashes(recipe)
+    outputs = output_hashes(out, [directory.name for directory in exported])
     return {
         "peftkit_manifest": 1,
         "command": " ".join(sys.argv),
@@ -79,3 +108,104 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "metrics": summary,
         "outputs_sha256": outputs,
     }
+
+
+# ------------------------------------------------------------------------------------- reading back
+
+
+class RecordedEnvironment(BaseModel):
+    """The machine and packages a run was made with (`environment()`); other keys are kept as they are."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    versions: dict[str, str]
+    device: str
+    machine: str
+    torch_threads: int
+    gpu: str | None = None  # CUDA runs only
+
+
+class Manifest(BaseModel):
+    """The fields of manifest.json that `peftkit verify` relies on; the others are for people to read.
+
+    strict: a manifest is written by peftkit, never by hand, so a string where a number belongs means
+    damage, not a YAML-style shorthand to coerce.
+    """
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    peftkit_manifest: Literal[1] = 1
+    recipe: Recipe  # validated by the recipe models themselves: a recorded recipe obeys today's rules
+    recipe_sha256: Sha256
+    losses: list[float]
+    data_sha256: dict[str, dict[str, Sha256]]
+    base_model_sha256: dict[str, Sha256]
+    environment: RecordedEnvironment
+    outputs_sha256: dict[str, Sha256]
+
+    @field_validator("outputs_sha256")
+    @classmethod
+    def _inside_exported_dirs(cls, outputs: dict[str, str]) -> dict[str, str]:
+        # verify reads RUN_DIR/<name>: a name must not lead out of the run directory ('../../etc/passwd').
+        for name in outputs:
+            parts = PurePosixPath(name).parts
+            if PurePosixPath(name).is_absolute() or ".." in parts or len(parts) < 2:
+                raise ValueError(f"{name!r} is not a file inside an exported directory (like adapter/adapter_config.json)")
+        return outputs
+
+    @property
+    def exported_dirs(self) -> list[str]:
+        """The run's exported directories (adapter, merged), as the recorded output names show them."""
+        return sorted({PurePosixPath(name).parts[0] for name in self.outputs_sha256})
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+
+def read_manifest(run_dir: Path) -> Manifest:
+    """Read and check RUN_DIR/manifest.json; a missing, unreadable or malformed one raises PeftkitError.
+
+    Args:
+        run_dir: the run directory (a recipe's export.output_dir).
+    """
+    path = run_dir / MANIFEST
+    if not run_dir.is_dir():
+        raise PeftkitError(f"{run_dir} is not a directory. Give the run directory of a finished `peftkit train` "
+                           "(its export.output_dir, which holds manifest.json).")
+    if not path.is_file():
+        raise PeftkitError(f"{run_dir} has no {MANIFEST}; it is not a finished peftkit run directory (train writes "
+                           f"{MANIFEST} last, so an interrupted run has none: finish it with `peftkit train RECIPE --resume`).")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise PeftkitError(f"{path} cannot be read ({e.strerror}).") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PeftkitError(f"{path} is not valid JSON ({e}); {_RESTORE}") from None
+    if not isinstance(raw, dict):
+        raise PeftkitError(f"{path} holds {_JSON_TYPES.get(type(raw), type(raw).__name__)}, not the JSON object "
+                           f"`peftkit train` writes; {_RESTORE}")
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        problems = list(dict.fromkeys(_manifest_problem(err, raw, path) for err in e.errors()))
+        raise PeftkitError(f"{path} is not a valid peftkit manifest ({len(problems)} problem"
+                           f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems) + f"\n{_RESTORE}") from None
+
+
+_RESTORE = ("peftkit writes manifest.json at the end of a run and never edits it: restore it from a copy of the run, "
+            "or train the recipe again to get a new one.")
+
+
+def _manifest_problem(err: dict, raw: dict, path: Path) -> str:
+    """One problem of a manifest, named by its key; the recorded recipe's own in the recipe's words."""
+    loc = err["loc"]
+    if loc[0] == "recipe" and len(loc) > 1 and isinstance(raw["recipe"], dict):
+        inner = {**err, "loc": loc[1:]}
+        return _format_error(inner, raw["recipe"], f"recipe in {path.name}", {}, set())
+    dotted = ".".join(map(str, loc))
+    if err["type"] == "missing":
+        return f"missing key '{dotted}'"
+    given = err["input"]
+    shown = _JSON_TYPES[type(given)] if isinstance(given, dict | list) else repr(given)[:80]
+    if err["type"] == "string_pattern_mismatch":  # Sha256 is the manifest's only pattern
+        return f"'{dotted}' = {shown}: must be a sha256 digest (64 lowercase hex digits)"
+    return f"'{dotted}' = {shown}: {err['msg'].removeprefix('Value error, ').replace('Input should be', 'must be')}"

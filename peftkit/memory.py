@@ -3,11 +3,13 @@ are read or allocated), so a recipe that cannot fit is noticed before minutes of
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from rich.console import Console
 
+from peftkit.errors import PeftkitError
 from peftkit.recipe import Recipe
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
@@ -41,20 +43,23 @@ class MemoryEstimate:
 
 
 def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
-    """Bytes of base weights, adapter weights, their gradients and optimizer state; None if the config
-    cannot be read (the loader will then say why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Bytes of base weights, adapter weights, their gradients and optimizer state; None if no model can
+    be built from the config (the loader will then say why). A broken config.json raises a PeftkitError."""
+    from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import find_targets, modules_to_save
     from peftkit.adapters.lora import linear_shape
+    from peftkit.modeling import load_config
 
+    config = load_config(recipe.model)
     try:
-        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError):
         return None
+    except RuntimeError as e:  # nothing is allocated on the meta device: only the config can be at fault
+        raise PeftkitError(f"{recipe.model.name_or_path}/config.json describes a model that cannot be built ({e}). "
+                           "Fix config.json, or restore it from where the model came from.") from None
     targets = find_targets(model, recipe.adapter.target_modules)  # a bad target fails here, before loading
     modules = dict(model.named_modules())
     q, r = recipe.quantization, recipe.adapter.r
@@ -78,17 +83,53 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
     return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes))
 
 
+def check_fits(estimate: MemoryEstimate | None, device: torch.device) -> None:
+    """Refuse a run whose estimate exceeds all the memory of `device` (RAM on CPU, the GPU's on CUDA).
+
+    Generous on purpose: activations are left out and only the device's *total* memory counts, so only a
+    run that cannot possibly fit is refused, before it dies in the allocator or the OOM killer (an absurd
+    adapter.r such as 10,000,000 asks for terabytes). A None estimate (config unreadable) passes.
+    """
+    if estimate is None:
+        return
+    available = device_memory(device)
+    if estimate.total <= available:
+        return
+    where = "of RAM on this machine" if device.type == "cpu" else f"on {torch.cuda.get_device_name(device)}"
+    adapter_part = estimate.adapter + estimate.gradients + estimate.optimizer
+    if adapter_part >= estimate.base_weights:
+        fix = ("Most of it is the adapter, whose A and B matrices, gradients and optimizer state grow linearly "
+               "with adapter.r: lower adapter.r (8 to 64 is usual), or target fewer modules.")
+    else:
+        fix = ("Most of it is the base model's weights: load them 4-bit (a quantization section with method: nf4), "
+               "or use a smaller model.")
+    raise PeftkitError(
+        f"This run needs an estimated {_size(estimate.total)} before activations ({_parts(estimate)}), more than "
+        f"the {_size(available)} {where}. {fix}"
+    )
+
+
+def device_memory(device: torch.device) -> int:
+    """Total bytes of memory of `device`: physical RAM for the CPU, the GPU's own for CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _parts(est: MemoryEstimate) -> str:
+    parts = (("weights", est.base_weights), ("adapter", est.adapter), ("gradients", est.gradients),
+             ("optimizer", est.optimizer))
+    return " + ".join(f"{n} {_size(v)}" for n, v in parts)
+
+
 def print_estimate(console: Console, est: MemoryEstimate | None) -> None:
     if est is None:
         return
-    parts = (("weights", est.base_weights), ("adapter", est.adapter), ("gradients", est.gradients),
-             ("optimizer", est.optimizer))
-    console.print("Memory estimate before activations: " + " + ".join(f"{n} {_size(v)}" for n, v in parts)
-                  + f" = {_size(est.total)}")
+    console.print(f"Memory estimate before activations: {_parts(est)} = {_size(est.total)}")
 
 
 def _size(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n / 2**10:.1f} KiB"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.recipe import ModelConfig, QuantizationConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,10 +34,11 @@ def quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _check_source(name_or_path: str) -> None:
+def _check_source(cfg: ModelConfig) -> None:
     """A path that should be a model directory but is not gets a clear message before transformers' own."""
+    name_or_path = cfg.name_or_path
     path = Path(name_or_path)
-    if path.is_absolute() or name_or_path.startswith((".", "~")):
+    if path.is_absolute() or name_or_path.startswith((".", "~")) or path.is_dir():
         if not path.exists():
             raise PeftkitError(
                 f"Model directory not found: {name_or_path}. Give a local directory containing config.json, or a "
@@ -44,6 +46,86 @@ def _check_source(name_or_path: str) -> None:
             )
         if not (path / "config.json").exists():
             raise PeftkitError(f"{name_or_path} has no config.json; it is not a transformers model directory.")
+        _check_config_json(path / "config.json", cfg.trust_remote_code)
+
+
+def _check_config_json(file: Path, trust_remote_code: bool) -> None:
+    """The mistakes transformers reports without naming the file or the fix: not JSON, not an object, no
+    or an unknown `model_type` (transformers says only 'Unrecognized model' or blames its own version)."""
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from peftkit.peft_format import read_json_object
+
+    raw = read_json_object(file, "Restore it from where the model came from.")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise PeftkitError(f"{file} has no 'model_type' (the architecture, e.g. \"llama\"), so transformers cannot "
+                           "tell which model it is. Restore config.json from where the model came from, or add the key.")
+    # Models that ship their own code (auto_map) may use a type transformers does not know.
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in raw):
+        raise PeftkitError(
+            f"{file}: model_type {model_type!r} is not an architecture transformers {transformers_version} knows."
+            f"{did_you_mean(model_type, CONFIG_MAPPING.keys())} If the model is newer than this transformers, upgrade "
+            "it (pip install -U transformers); if it ships its own modelling code, set model.trust_remote_code: true."
+        )
+
+
+def load_config(cfg: ModelConfig):
+    """The model's transformers config, checked before any weight is read.
+
+    Raises a PeftkitError naming config.json for a file transformers cannot use: not JSON, an unknown
+    `model_type`, a field of the wrong type ('hidden_size': "abc") or settings that contradict each other.
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    _check_source(cfg)
+    try:
+        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise _not_loadable(cfg.name_or_path, e) from None
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        where = Path(cfg.name_or_path) / "config.json" if Path(cfg.name_or_path).is_dir() else cfg.name_or_path
+        raise PeftkitError(f"{where}: transformers cannot use this model config: {' '.join(str(e).split())} Fix "
+                           "config.json, or restore it from where the model came from.") from None
+
+
+def _not_loadable(name_or_path: str, error: Exception) -> PeftkitError:
+    """A model transformers cannot find or read (a hub id offline, a missing weights file)."""
+    return PeftkitError(f"Could not load model {name_or_path}: {error}\nFor a hub id this needs network access (or a "
+                        "cached copy); only safetensors weights are accepted.")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a local model directory: the shards its index names, or model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return [path / "model.safetensors"] if (path / "model.safetensors").exists() else []
+    try:
+        shards = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise PeftkitError(f"{index} is not a valid weights index ({type(e).__name__}: {e}). Restore it from where "
+                           "the model came from.") from None
+    return [path / shard for shard in shards if (path / shard).exists()]  # a missing shard: transformers says so
+
+
+def _check_weight_files(cfg: ModelConfig) -> None:
+    """Read the header of every local weights file, so a truncated or overwritten one is named (the error
+    safetensors raises mid-load names no file)."""
+    from safetensors import SafetensorError, safe_open
+
+    from peftkit.peft_format import unreadable_safetensors
+
+    path = Path(cfg.name_or_path)
+    if not path.is_dir():
+        return
+    for file in _weight_files(path):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise unreadable_safetensors(file, e, "Copy or download the model again") from None
 
 
 def bnb_config(q: QuantizationConfig):
@@ -65,7 +147,7 @@ def bnb_config(q: QuantizationConfig):
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    _check_source(cfg.name_or_path)
+    load_config(cfg)  # a broken config.json fails here in our words, not in the tokenizer's
     try:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
@@ -79,17 +161,21 @@ def load_tokenizer(cfg: ModelConfig):
 def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device: torch.device | None = None) -> nn.Module:
     """AutoModelForCausalLM from a local directory or hub id, in the recipe dtype, on `device`.
 
-    Only safetensors weights are read (`use_safetensors=True`): loading never unpickles.
+    Only safetensors weights are read (`use_safetensors=True`): loading never unpickles. A config.json or
+    weights file that is corrupt, or weights that do not fit the config, raise a PeftkitError.
     """
-    from transformers import AutoModelForCausalLM
-
-    _check_source(cfg.name_or_path)
+    load_config(cfg)
+    _check_weight_files(cfg)
     device = device or resolve_device(cfg.device)
     kwargs: dict = dict(
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
         dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
+        # Weights whose shape differs from the config are then listed in the loading info (and refused
+        # below, in our words) instead of raising an error whose details went to a log we silence.
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,
     )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -102,13 +188,8 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         # is present, whatever model.device says.
         kwargs["device_map"] = {"": "cpu"}
     quiet_transformers()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
-    except OSError as e:
-        raise PeftkitError(
-            f"Could not load model {cfg.name_or_path}: {e}\nFor a hub id this needs network access (or a cached "
-            "copy); only safetensors weights are accepted."
-        ) from None
+    model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device)
+    _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is None and device.type != "cuda":
         model.to(device)
     for module in model.modules():
@@ -121,6 +202,71 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
             module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     return model
+
+
+def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device) -> tuple[nn.Module, dict]:
+    """AutoModelForCausalLM.from_pretrained, with the errors a user can cause said in our words."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _not_loadable(name_or_path, e) from None
+    except SafetensorError as e:  # local files were checked before; this is a hub download or cache
+        raise PeftkitError(f"The weights of model {name_or_path} are truncated or corrupt ({e}); delete its copy in "
+                           "the Hugging Face cache and download it again.") from None
+    except torch.cuda.OutOfMemoryError:
+        raise PeftkitError(f"Model {name_or_path} does not fit in the memory of {device}. Load it 4-bit (a "
+                           "quantization section with method: nf4), or use a smaller model or a larger GPU.") from None
+
+
+def _check_weights_fit(model: nn.Module, loading_info: dict, source: str) -> None:
+    """Refuse weights that do not fit the config: transformers fills missing or mis-shaped weights with
+    random values and only logs it, which gives a model that trains and evaluates as garbage.
+
+    transformers already leaves out what is normal: an output head tied to the embeddings and absent from
+    the files, non-persistent buffers (rotary inv_freq), keys the model class declares ignorable.
+    """
+    mismatched = [(key, tuple(saved), tuple(expected)) for key, saved, expected in loading_info["mismatched_keys"]]
+    mismatched = sorted(mismatched + _quantized_shape_mismatches(model))
+    missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
+    if not (mismatched or missing or unexpected):
+        return
+    problems = []
+    if mismatched:
+        key, saved, expected = mismatched[0]
+        problems.append(f"{len(mismatched)} weights have another shape than config.json says (e.g. {key} is "
+                        f"{saved} in the weights files, {expected} by the config)")
+    if missing:
+        problems.append(f"{len(missing)} weights the config describes are not in the weights files (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weights in the files have no place in the model the config describes "
+                        f"(e.g. {unexpected[0]})")
+    raise PeftkitError(
+        f"The weights of {source} do not match its config.json: {'; '.join(problems)}. Loading would fill them "
+        "with random values. Was config.json edited, or copied from another model? Put back the config.json "
+        "saved with these weights."
+    )
+
+
+def _quantized_shape_mismatches(model: nn.Module) -> list[tuple[str, tuple, tuple]]:
+    """bitsandbytes layers whose quantized weight has another shape than the layer's config.
+
+    transformers skips its shape check for weights it quantizes: a 64x32 checkpoint weight loads into a
+    layer configured as 100x32 and only fails (or worse, not) at the first matmul.
+    """
+    from peftkit.adapters.lora import is_quantized
+
+    found = []
+    for name, module in model.named_modules():
+        if is_quantized(module) and hasattr(module, "in_features"):
+            quant_state = getattr(module.weight, "quant_state", None)
+            saved = tuple(quant_state.shape) if quant_state is not None else tuple(module.weight.shape)
+            expected = (module.out_features, module.in_features)
+            if saved != expected:
+                found.append((f"{name}.weight", saved, expected))
+    return found
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:
@@ -159,12 +305,14 @@ def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device 
     from peftkit.peft_format import load_adapter
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
-    base = base or raw.get("base_model_name_or_path")
+    base = base or raw.base_model_name_or_path
     if not base:
         raise PeftkitError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base.")
     model_cfg = ModelConfig(name_or_path=base, dtype="auto" if quant is None else "float32")
     model = load_model(model_cfg, quant, device)
-    inject_adapters(model, adapter_cfg)
+    # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
+    # weights then decide, and load_adapter_state_dict refuses any that do not land.
+    inject_adapters(model, adapter_cfg, every_entry=False)
     load_adapter_state_dict(model, state)
     model.eval()
     return model, adapter_cfg, load_tokenizer(model_cfg), base, quant

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
@@ -75,8 +77,174 @@ def save_adapter(
     atomic_write_json(path / META_NAME, meta)
 
 
-def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], dict, QuantizationConfig | None]:
-    """Read a PEFT LoRA directory: (adapter settings, PEFT-keyed tensors, raw config, quantization or None)."""
+class PeftLoraConfig(BaseModel):
+    """The fields of adapter_config.json that peftkit reads, typed; PEFT writes more, which are ignored.
+
+    Defaults are PEFT's own (LoraConfig), so a config written by PEFT with fields left out reads the same.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    peft_type: str | None = None
+    base_model_name_or_path: str | None = None
+    r: int = Field(gt=0)
+    lora_alpha: float = Field(8.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    # Features peftkit does not implement: a value here is refused rather than silently ignored.
+    use_dora: bool = False
+    rank_pattern: dict | None = None
+    alpha_pattern: dict | None = None
+    layers_to_transform: list[int] | int | None = None
+
+
+class PeftkitMeta(BaseModel):
+    """peftkit.json: what the PEFT format has no field for."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    peftkit_version: str | None = None
+    quantization: QuantizationConfig | None = None
+    """The bitsandbytes settings of the base the adapter was trained against, if any."""
+    quantized_on: Literal["cpu", "cuda"] | None = None
+    """Where that base was quantized: a merge re-quantizes there."""
+
+
+# What a list-or-string field should be, in words: pydantic reports one error per member of the union,
+# or per list element, where one phrase about the whole field reads better.
+_WHOLE_FIELDS = {
+    "target_modules": "a list of module names, or a regular expression string",
+    "modules_to_save": "a list of module names, or null",
+    "layers_to_transform": "a list of layer numbers, a layer number, or null",
+}
+
+
+def _expected(err: dict) -> str:
+    """What a pydantic error says the value should have been, in the words of a JSON file."""
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "literal_error":
+        return f"one of {ctx['expected']}"
+    for prefix, words in (("int", "a whole number"), ("float", "a number"), ("bool", "true or false"),
+                          ("string", "a string"), ("list", "a list"), ("dict", "an object"), ("model", "an object")):
+        if kind.startswith(prefix):
+            return words
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+              "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        return "a number " + bounds[kind].format(**ctx)
+    return err["msg"].lower()
+
+
+def _field_problems(err: ValidationError, data: dict) -> list[str]:
+    """One phrase per wrong field ('"r" is "eight"; it should be a whole number'), instead of pydantic's text."""
+    problems: dict[str, str] = {}
+    for e in err.errors():
+        loc = [str(part) for part in e["loc"]]
+        whole = bool(loc) and loc[0] in _WHOLE_FIELDS
+        field = loc[0] if whole else ".".join(loc)
+        if field in problems:
+            continue
+        if e["type"] == "missing":
+            problems[field] = f'"{field}" is missing'
+        elif e["type"] == "extra_forbidden":
+            problems[field] = f'"{field}" is not a setting peftkit knows'
+        else:
+            value, expected = (data[field], _WHOLE_FIELDS[field]) if whole else (e["input"], _expected(e))
+            problems[field] = f'"{field}" is {_show(value)}; it should be {expected}'
+    return list(problems.values())
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_json_object(file: Path, what: str) -> dict:
+    """A JSON file that must hold an object; anything else is a PeftkitError naming the file."""
+    try:
+        raw = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{file}: not valid JSON ({e}). {what}") from None
+    if not isinstance(raw, dict):
+        raise PeftkitError(f"{file} must hold a JSON object of settings, but holds {json_kind(raw)}. {what}")
+    return raw
+
+
+def json_kind(value: object) -> str:
+    """'a list', 'a string', 'null': a JSON value's type in the words of the file it came from."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _validated(model: type[BaseModel], file: Path, raw: dict, what: str):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise PeftkitError(f"{file}: {'; '.join(_field_problems(e, raw))}. {what}") from None
+
+
+_REEXPORT = "Fix the file, or export the adapter again."
+
+
+def read_peft_config(path: Path) -> PeftLoraConfig:
+    """adapter_config.json of `path`, typed, refusing what peftkit cannot apply faithfully."""
+    config_file = path / CONFIG_NAME
+    raw = read_json_object(config_file, _REEXPORT)
+    peft = _validated(PeftLoraConfig, config_file, raw, _REEXPORT)
+    if peft.peft_type != "LORA":
+        raise PeftkitError(f"{config_file}: peft_type is {peft.peft_type!r}; peftkit reads LORA adapters.")
+    for key in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        if getattr(peft, key):
+            raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
+    if peft.bias != "none":
+        raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
+    if not peft.target_modules:
+        raise PeftkitError(f'{config_file}: "target_modules" is {_show(peft.target_modules)}; it should name the '
+                           f"adapted modules (a list of names, or a regular expression string). {_REEXPORT}")
+    return peft
+
+
+def _adapter_config(peft: PeftLoraConfig, config_file: Path) -> AdapterConfig:
+    """The recipe-side settings of a PEFT config (all of its values were checked by PeftLoraConfig)."""
+    targets = peft.target_modules
+    try:
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = TargetRegex(regex=targets)
+    except ValidationError as e:
+        raise PeftkitError(f'{config_file}: "target_modules" {e.errors()[0]["msg"].removeprefix("Value error, ")}. '
+                           f"{_REEXPORT}") from None
+    return AdapterConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout, target_modules=targets,
+                         use_rslora=peft.use_rslora, modules_to_save=peft.modules_to_save or [])
+
+
+def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitError:
+    """The error for a safetensors file that cannot be read: truncated by an interrupted copy, or overwritten."""
+    size = file.stat().st_size if file.exists() else 0
+    return PeftkitError(f"{file} is truncated or corrupt ({size:,} bytes; safetensors says: {error}). {fix}.")
+
+
+def read_meta(path: str | Path) -> PeftkitMeta:
+    """peftkit.json of an adapter directory; all defaults (no quantization) when there is none."""
+    meta = Path(path) / META_NAME
+    if not meta.exists():
+        return PeftkitMeta()
+    what = "Fix it, delete it (for an adapter trained without quantization), or export the adapter again."
+    return _validated(PeftkitMeta, meta, read_json_object(meta, what), what)
+
+
+def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], PeftLoraConfig, QuantizationConfig | None]:
+    """Read a PEFT LoRA directory: (adapter settings, PEFT-keyed tensors, PEFT config, quantization or None).
+
+    Raises a PeftkitError naming the file and the field for anything malformed, and for weights holding
+    NaN or inf (an adapter saved after training diverged).
+    """
+    from peftkit.adapters import nonfinite_tensors
+
     path = Path(path)
     if not path.is_dir():
         raise PeftkitError(f"Adapter directory not found: {path}")
@@ -87,43 +255,22 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
     if not weights_file.exists():
         legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""
         raise PeftkitError(f"{path} has no {WEIGHTS_NAME}.{legacy}")
-    try:
-        raw = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise PeftkitError(f"{config_file}: not valid JSON ({e}).") from None
-    if raw.get("peft_type") != "LORA":
-        raise PeftkitError(f"{config_file}: peft_type is {raw.get('peft_type')!r}; peftkit reads LORA adapters.")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform"):
-        if raw.get(key):
-            raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
-    if raw.get("bias", "none") != "none":
-        raise PeftkitError(f"{config_file}: bias={raw['bias']!r}; peftkit supports bias='none' only.")
-    targets = raw.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = TargetRegex(regex=targets)
-    try:
-        cfg = AdapterConfig(
-            r=raw["r"],
-            alpha=raw.get("lora_alpha", 8),
-            dropout=raw.get("lora_dropout", 0.0),
-            target_modules=targets,
-            use_rslora=raw.get("use_rslora", False),
-            modules_to_save=raw.get("modules_to_save") or [],
-        )
-    except (KeyError, ValueError) as e:
-        raise PeftkitError(f"{config_file}: not a usable LoRA config ({e}).") from None
+    peft = read_peft_config(path)
+    cfg = _adapter_config(peft, config_file)
+    quant = read_meta(path).quantization
     try:
         state = load_file(weights_file)
     except (SafetensorError, OSError) as e:
-        raise PeftkitError(f"{weights_file}: cannot read ({e}).") from None
-    quant = None
-    if (path / META_NAME).exists():
-        q = json.loads((path / META_NAME).read_text()).get("quantization")
-        quant = QuantizationConfig(**q) if q else None
-    return cfg, state, raw, quant
+        raise unreadable_safetensors(weights_file, e, "Export the adapter again, or copy it again") from None
+    if bad := nonfinite_tensors(state):
+        raise PeftkitError(
+            f"{weights_file}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}): training "
+            "diverged before this adapter was saved. Train again with a lower training.lr (or a training.max_grad_norm), "
+            "or use an earlier checkpoint."
+        )
+    return cfg, state, peft, quant
 
 
 def quantized_on(path: str | Path) -> str | None:
     """'cpu' or 'cuda': where the 4-bit/8-bit base of a peftkit adapter was quantized (None if unknown)."""
-    meta = Path(path) / META_NAME
-    return json.loads(meta.read_text()).get("quantized_on") if meta.exists() else None
+    return read_meta(path).quantized_on

@@ -15,11 +15,20 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from peftkit.errors import PeftkitError, did_you_mean
 
@@ -30,6 +39,21 @@ DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet":
 class Section(BaseModel):
     # allow_inf_nan=False: `lr: .inf` would pass `gt=0` and only fail as a NaN loss at step 1.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `true` as 1, so `max_steps: yes` would train one step. Strict mode is
+        not the fix: PyYAML reads `lr: 2e-4` (no dot) as a string, which lax mode rightly converts."""
+        annotation = cls.model_fields[info.field_name].annotation
+        members = getattr(annotation, "__args__", (annotation,))  # `int | None` -> (int, NoneType)
+        kind = next((word for number, word in _NUMBER_KINDS.items() if number in members), None)
+        if isinstance(value, bool) and kind:
+            raise ValueError(f"must be {kind}, not a boolean (YAML reads true/false, yes/no and on/off as booleans)")
+        return value
+
+
+_NUMBER_KINDS = {float: "a number", int: "an integer"}  # float first: a float field also takes `lr: 1`
 
 
 class ModelConfig(Section):
@@ -125,7 +149,8 @@ class DataConfig(Section):
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes. Batches are formed in the main process, so the order is the same."""
     on_bad_rows: Literal["error", "skip"] = "error"
-    """A row missing the format's fields: stop with its number, or skip it and report the count."""
+    """A row that is malformed or whose format fields are missing, not text, or not valid Unicode: stop with
+    its line, or skip it and report the count."""
 
 
 class TrainingConfig(Section):
@@ -223,41 +248,153 @@ class Recipe(Section):
 # Loading: YAML with line numbers, --set overrides, errors that name the key, file and line.
 
 
+# A real recipe is a few KB, nests about 4 levels (section, key, list, item) and holds < 200 keys and values.
+# The limits sit far above that and far below where reading gets slow: PyYAML's pure-Python scanner reads
+# ~1 MB/s, its composer and pydantic recurse once per level (1000 levels is a RecursionError), and whatever
+# walks a document with aliases walks each alias as what it stands for.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_VALUES = 10_000
+MAX_MESSAGES = 20  # problems listed at once; more would scroll the first (often the cause of the rest) away
+
+
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key, by key path."""
+    """The loader of recipes and --set values: PyYAML's safe one, which builds only plain data."""
 
 
-def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], parents: tuple = ()) -> None:
-    if id(node) in parents:  # an alias inside its own anchor (`a: &x [*x]`) would recurse forever
-        raise _RecursiveAlias(node.start_mark.line + 1)
-    parents = (*parents, id(node))
+class _YamlProblem(Exception):
+    """A document refused while reading it; `where` is ':LINE' or ':LINE:COLUMN' (or '')."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(message)
+        self.where, self.message = where, message
+
+
+def _check_shape(text: str, what: str) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH or holding more than MAX_VALUES keys and values,
+    aliases counted as what they expand to, before anything recursive or expanding reads it. An alias bomb
+    (`a: &a [x, x, x]`, `b: &b [*a, *a, *a]`, ... 9 levels of 9 stand for 387M values) composes in
+    microseconds but expands in everything that walks it.
+
+    Args:
+        what: 'the recipe' or 'the value', for the message.
+    """
+    try:
+        _check_events(yaml.parse(text, Loader=_FAST_LOADER), what)
+    except yaml.YAMLError:
+        # libyaml found a syntax error. PyYAML's parser reads the text again: it raises the error in the words
+        # and positions our messages use or, should the two parsers disagree, checks what it will compose.
+        _check_events(yaml.parse(text, Loader=_LineLoader), what)
+
+
+def _check_events(events: Iterator[yaml.Event], what: str) -> None:
+    """`_check_shape` on an event stream: a loop (no recursion) that keeps one number per anchor and stops at
+    the first value over a limit, so its cost is bounded by the limits, not by the document."""
+    expanded: dict[str, int] = {}  # anchor -> how many values it stands for
+    open_collections: list[tuple[str | None, int]] = []  # (anchor, values counted before it began)
+    total, through_alias = 0, False
+    for event in events:
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = open_collections.pop()
+            if anchor is not None:
+                expanded[anchor] = total - before
+            continue
+        if not isinstance(event, yaml.NodeEvent):  # stream and document markers
+            continue
+        line = f":{event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_collections):
+                raise _YamlProblem(line, "a YAML alias (*name) is used inside its own anchor (&name), which makes an "
+                                         "endlessly nested value. Write the value out instead.")
+            total += expanded.get(event.anchor, 1)  # an undefined alias is the composer's error to report
+            through_alias = True
+        else:
+            total += 1
+        if isinstance(event, yaml.CollectionStartEvent):
+            open_collections.append((event.anchor, total - 1))
+            if len(open_collections) > MAX_DEPTH:
+                raise _YamlProblem(line, f"{what} is nested more than {MAX_DEPTH} levels deep here; a recipe needs "
+                                         "about 4 (section, key, list, item). Look for repeated or unclosed brackets.")
+        if total > MAX_VALUES:
+            aliases = " once its YAML aliases (*name) are expanded" if through_alias else ""
+            fix = "Write the values out instead of nesting aliases." if through_alias else \
+                "Check that this is the file you meant."
+            raise _YamlProblem(line, f"{what} holds more than {MAX_VALUES:,} keys and values{aliases}; a recipe has a "
+                                     f"few hundred at most. {fix}")
+
+
+# libyaml, where PyYAML has it: ~20x faster than PyYAML's Python parser, which takes ~1 s for 10,000 keys.
+_FAST_LOADER = getattr(yaml, "CSafeLoader", _LineLoader)
+
+
+def _compose(text: str) -> yaml.Node | None:
+    """The document's node tree. On an error PyYAML's Python parser reads it again to raise it: our messages
+    use its words and positions (libyaml's leave out, for one, the name of an undefined alias)."""
+    try:
+        return yaml.compose(text, Loader=_FAST_LOADER)
+    except yaml.YAMLError:
+        return yaml.compose(text, Loader=_LineLoader)
+
+
+def _parse_yaml(text: str, what: str) -> tuple[Any, dict[tuple, int], list[tuple[tuple, int, int]]]:
+    """(data, line of every key path, keys given twice) of a YAML document.
+
+    Raises yaml.YAMLError for a syntax error and _YamlProblem for a document refused by `_check_shape` or a
+    value PyYAML's constructors cannot build.
+    """
+    _check_shape(text, what)
+    node = _compose(text)
+    lines: dict[tuple, int] = {}
+    duplicates: list[tuple[tuple, int, int]] = []
+    if node is None:
+        return None, lines, duplicates
+    _compose_lines(node, (), lines, duplicates)  # first: constructing merges `<<: *x` keys into the nodes
+    try:
+        data = _LineLoader("").construct_document(node)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        # PyYAML's constructors fail with plain exceptions on explicitly tagged values (`!!int abc`, `!!timestamp x`).
+        bad = _unreadable_scalar(node)
+        where = f":{bad.start_mark.line + 1}:{bad.start_mark.column + 1}" if bad else ""
+        problem = (f"{bad.value!r} cannot be read as {bad.tag.rsplit(':', 1)[-1]}" if bad
+                   else f"a value cannot be read ({e!r})")
+        raise _YamlProblem(where, f"YAML error: {problem}. Remove the explicit !!tag or fix the value.") from None
+    return data, lines, duplicates
+
+
+def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int],
+                   duplicates: list[tuple[tuple, int, int]]) -> None:
+    """Record the line of every key path, and each key given twice in one mapping as (key path, first line,
+    second line): PyYAML silently keeps the last value. Aliases are walked as what they stand for (bounded by
+    `_check_shape`), so the keys of an anchored section have lines too."""
     if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, Any], int] = {}
         for key_node, value_node in node.value:
-            key_path = (*path, key_node.value)
-            lines[key_path] = key_node.start_mark.line + 1
-            _compose_lines(value_node, key_path, lines, parents)
+            key_path, line = (*path, key_node.value), key_node.start_mark.line + 1
+            key = (key_node.tag, key_node.value)  # `1:` and `"1":` are different keys
+            if key in first_line:
+                duplicates.append((key_path, first_line[key], line))
+            first_line.setdefault(key, line)
+            lines[key_path] = line
+            _compose_lines(value_node, key_path, lines, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[(*path, i)] = item.start_mark.line + 1
-            _compose_lines(item, (*path, i), lines, parents)
-
-
-class _RecursiveAlias(Exception):
-    def __init__(self, line: int) -> None:
-        self.line = line
+            _compose_lines(item, (*path, i), lines, duplicates)
 
 
 def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise PeftkitError(f"{path}: the recipe is {size / 2**20:.1f} MB; a recipe is a few KB (the limit is "
+                               f"{MAX_RECIPE_BYTES // 2**20} MB). Check that this is the recipe file you meant.")
         text = path.read_text()
     except FileNotFoundError:
         raise PeftkitError(f"Recipe file not found: {path}") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise PeftkitError(f"Cannot read recipe {path}: {e}") from None
-    node = None
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
-        data = yaml.load(text, Loader=_LineLoader)
+        data, lines, duplicates = _parse_yaml(text, "the recipe")
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -271,13 +408,8 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         raise PeftkitError(f"{where}: YAML syntax error: {problem}. {fix}.") from None
     except yaml.YAMLError as e:
         raise PeftkitError(f"{path}: YAML syntax error: {e}") from None
-    except (ValueError, KeyError, AttributeError, TypeError) as e:
-        # PyYAML's constructors fail with plain exceptions on explicitly tagged values (`!!int abc`, `!!timestamp x`).
-        bad = _unreadable_scalar(node)
-        where = f"{path}:{bad.start_mark.line + 1}:{bad.start_mark.column + 1}" if bad else str(path)
-        what = (f"{bad.value!r} cannot be read as {bad.tag.rsplit(':', 1)[-1]}" if bad
-                else f"a value cannot be read ({e!r})")
-        raise PeftkitError(f"{where}: YAML error: {what}. Remove the explicit !!tag or fix the value.") from None
+    except _YamlProblem as e:
+        raise PeftkitError(f"{path}{e.where}: {e.message}") from None
     if data is None:
         raise PeftkitError(
             f"{path}: the recipe is empty. A recipe needs at least the sections model, data and export; "
@@ -287,21 +419,23 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         raise PeftkitError(
             f"{path}:1: a recipe must be a mapping of sections (model:, data:, ...), not a {type(data).__name__}."
         )
-    lines: dict[tuple, int] = {}
-    if node is not None:
-        try:
-            _compose_lines(node, (), lines)
-        except _RecursiveAlias as e:
-            raise PeftkitError(
-                f"{path}:{e.line}: a YAML alias (*name) is used inside its own anchor (&name), which makes an "
-                "endlessly nested value. Write the value out instead."
-            ) from None
+    if duplicates:
+        raise _invalid([
+            f"{path}:{second}: key '{key_path[-1]}' is given twice in {_dotted_parent(key_path)} (lines {first} and "
+            f"{second}); YAML would silently keep only the last. Delete one of them."
+            for key_path, first, second in duplicates
+        ])
     return data, lines
+
+
+def _dotted_parent(key_path: tuple) -> str:
+    return ".".join(map(str, key_path[:-1])) or "the recipe"
 
 
 def _unreadable_scalar(node: yaml.Node | None) -> yaml.ScalarNode | None:
     """The first scalar node PyYAML's safe constructor cannot build, or None."""
     stack, seen = [node] if node is not None else [], set()
+    constructor = yaml.SafeLoader("")  # one for all: making one per scalar costs more than the check
     while stack:
         n = stack.pop()
         if id(n) in seen:
@@ -309,7 +443,7 @@ def _unreadable_scalar(node: yaml.Node | None) -> yaml.ScalarNode | None:
         seen.add(id(n))
         if isinstance(n, yaml.ScalarNode):
             try:
-                yaml.SafeLoader("").construct_object(n)
+                constructor.construct_object(n)
             except Exception:  # noqa: BLE001 - any failure is the answer
                 return n
         elif isinstance(n, yaml.MappingNode):
@@ -346,13 +480,18 @@ def _apply_override(data: dict, assignment: str) -> None:
                 f"Valid keys: {', '.join(valid)}."
             )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value, _, duplicates = _parse_yaml(raw, "the value") if raw.strip() else (None, {}, [])
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise PeftkitError(
             f"--set {key.strip()}={raw}: the value is not valid YAML ({problem}). Quote a string value, for "
             f"example --set '{key.strip()}=\"{raw}\"'."
         ) from None
+    except _YamlProblem as e:
+        raise PeftkitError(f"--set {key.strip()}: {e.message}") from None
+    if duplicates:
+        raise PeftkitError(f"--set {key.strip()}: key '{duplicates[0][0][-1]}' is given twice in the value; YAML would "
+                           "silently keep only the last. Give each key once.")
     node = data
     for part in parts[:-1]:
         if not isinstance(node.get(part), dict):
@@ -390,8 +529,7 @@ def _format_error(err: dict, data: dict, path: Path, lines: dict[tuple, int], ov
     kind = err["type"]
     if kind == "invalid_key":  # `1: x` or `null: x`: YAML made a non-string key
         section_loc = _data_loc(err["loc"][:-1], data)
-        model = _section_model(section_loc)
-        valid = list(model.model_fields) if model else []
+        valid = _valid_keys(section_loc)
         section = ".".join(map(str, section_loc)) or "the recipe"
         read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
             type(err["input"]), f"a {type(err['input']).__name__}")
@@ -400,8 +538,7 @@ def _format_error(err: dict, data: dict, path: Path, lines: dict[tuple, int], ov
             f"is meant as one. Valid keys: {', '.join(valid)}."
         )
     if kind == "extra_forbidden":
-        model = _section_model(loc[:-1])
-        valid = list(model.model_fields) if model else []
+        valid = _valid_keys(loc[:-1])
         section = ".".join(map(str, loc[:-1])) or "the recipe"
         return (
             f"{where}: unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} "
@@ -469,17 +606,35 @@ def _suggest(key: str, valid: list[str]) -> str:
     return did_you_mean(normal, valid)
 
 
-def _is_misspelled(err: dict, loc: tuple, others: list[tuple[tuple, dict]]) -> bool:
-    """A missing key that an unknown sibling key is a misspelling of (`nme_or_path`): that sibling's
-    'Did you mean' message already says how to fix it, so the 'missing' one is only noise."""
-    if err["type"] != "missing":
-        return False
-    model = _section_model(loc[:-1])
-    valid = list(model.model_fields) if model else []
-    fix = f" Did you mean '{loc[-1]}'?"
-    return any(e["type"] == "extra_forbidden" and o[:-1] == loc[:-1] and _suggest(str(o[-1]), valid) == fix
-               for o, e in others)
+def _valid_keys(loc: tuple) -> list[str]:
+    model = _section_model(loc)
+    return list(model.model_fields) if model else []
 
+
+def _most_specific(errors: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Drop an error when another lies deeper under the same key: a union member that got further (a
+    {regex: ...} with a bad pattern) explains better than the others. A set of prefixes keeps it linear."""
+    deeper = {loc[:i] for loc, _ in errors for i in range(len(loc))}
+    return [(loc, err) for loc, err in errors if loc not in deeper]
+
+
+def _drop_misspelled(errors: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Drop a missing key that an unknown sibling key is a misspelling of (`nme_or_path`): that sibling's
+    'Did you mean' message already says how to fix it, so the 'missing' one is only noise."""
+    missing_in = {loc[:-1] for loc, err in errors if err["type"] == "missing"}
+    meant = {(loc[:-1], _suggest(str(loc[-1]), _valid_keys(loc[:-1])))
+             for loc, err in errors if err["type"] == "extra_forbidden" and loc[:-1] in missing_in}
+    return [(loc, err) for loc, err in errors
+            if not (err["type"] == "missing" and (loc[:-1], f" Did you mean '{loc[-1]}'?") in meant)]
+
+
+def _invalid(messages: list[str]) -> PeftkitError:
+    """One error listing the distinct problems, the first MAX_MESSAGES of them."""
+    messages = list(dict.fromkeys(messages))
+    shown = messages[:MAX_MESSAGES]
+    more = f"\n  ... and {len(messages) - len(shown)} more" if len(messages) > len(shown) else ""
+    plural = "s" if len(messages) > 1 else ""
+    return PeftkitError(f"Invalid recipe ({len(messages)} problem{plural}):\n  " + "\n  ".join(shown) + more)
 
 
 def _resolve(value: str, base: Path, kind: str) -> str:
@@ -513,13 +668,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        errors = [(_data_loc(err["loc"], data), err) for err in e.errors()]
-        # A union member that got further (a {regex: ...} with a bad pattern) explains better than the others.
-        errors = [(loc, err) for loc, err in errors if not any(o[: len(loc)] == loc and len(o) > len(loc) for o, _ in errors)]
-        errors = [(loc, err) for loc, err in errors if not _is_misspelled(err, loc, errors)]
-        messages = list(dict.fromkeys(_format_error(err, data, path, lines, overridden) for _, err in errors))
-        plural = "s" if len(messages) > 1 else ""
-        raise PeftkitError(f"Invalid recipe ({len(messages)} problem{plural}):\n  " + "\n  ".join(messages)) from None
+        errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]))
+        raise _invalid([_format_error(err, data, path, lines, overridden) for _, err in errors]) from None
     base = path.resolve().parent
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
                                ("export", "output_dir", "output")):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from peftkit.adapters import adapter_state_dict, count_parameters, inject_adapters, trainable_parameters
+from peftkit.adapters import adapter_state_dict, count_parameters, inject_adapters, nonfinite_tensors, trainable_parameters
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.data import load_examples, micro_batches
@@ -128,7 +128,8 @@ class _Run:
         return result
 
 
-def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None,
+          show_summary: bool = True) -> dict:
     """Run a recipe end to end and return the summary (also in manifest.json).
 
     Args:
@@ -136,6 +137,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         resume: continue from the newest intact checkpoint in the output directory.
         overwrite: replace a run of another recipe found in the output directory (never the user's files).
         console: where progress and the summary go.
+        show_summary: print the closing table (`verify` re-runs in a temporary directory and says its own).
     """
     console = console or Console()
     out = Path(recipe.export.output_dir)
@@ -152,7 +154,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
             truncate_metrics(run.metrics_path, state.step, run.total_steps)
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps}).")
         _loop(run, state)
-        return _finish(run, state, started)
+        return _finish(run, state, started, show_summary)
 
 
 def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
@@ -160,7 +162,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     build the optimizer: everything that can fail before the run directory is touched."""
     from accelerate import Accelerator
 
-    from peftkit.memory import estimate_memory, print_estimate
+    from peftkit.memory import check_fits, estimate_memory, print_estimate
 
     tcfg = cfg.training
     seed_everything(tcfg.seed, tcfg.deterministic)
@@ -168,7 +170,9 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     check_device_support(cfg, device)
     if note := cpu_dtype_note(cfg, device):
         console.print(f"[yellow]note:[/] {note}")
-    print_estimate(console, estimate_memory(cfg))
+    estimate = estimate_memory(cfg)
+    print_estimate(console, estimate)
+    check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
     train_ex, train_stats = load_examples(tok, cfg.data.train, cfg.data.train_split, cfg.data)
     eval_ex = load_examples(tok, cfg.data.eval, cfg.data.eval_split, cfg.data)[0] if cfg.data.eval else None
@@ -274,7 +278,7 @@ def _step(run: _Run, window: list[dict], state: LoopState) -> tuple[float | None
     return loss_value, grad_norm
 
 
-def _finish(run: _Run, state: LoopState, started: float) -> dict:
+def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> dict:
     """Final evaluation, the checks that the result is usable, export, manifest and summary."""
     from peftkit import manifest as manifest_mod
 
@@ -300,15 +304,15 @@ def _finish(run: _Run, state: LoopState, started: float) -> dict:
     }
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses)
     atomic_write_json(out / "manifest.json", manifest)
-    _print_summary(run.console, summary, out, exported)
+    if show_summary:
+        _print_summary(run.console, summary, out, exported)
     return summary
 
 
 def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) -> None:
     """A run whose adapter or final eval loss is NaN/inf exports nothing and fails, whatever nan_policy says
     (skip_step keeps single bad steps out of the weights; it does not make a broken result usable)."""
-    bad = [name for name, t in adapter_state_dict(model, run.cfg.adapter.modules_to_save).items()
-           if not bool(torch.isfinite(t).all())]
+    bad = nonfinite_tensors(adapter_state_dict(model, run.cfg.adapter.modules_to_save))
     skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss)" if state.skipped_steps else ""
     if bad:
         raise TrainingFailed(

@@ -1,15 +1,20 @@
-"""`peftkit verify RUN_DIR`: re-run a recorded run and check that it gives the same bits.
+"""`peftkit verify RUN_DIR`: check a recorded run's files, then re-run it and check it gives the same bits.
 
-The recipe, seed and expected hashes come from RUN_DIR/manifest.json. The rerun goes to a temporary
-directory; the report names what differs: the environment (package versions, device), the data or
-base-model hashes, the first step whose loss diverges, and each exported file whose bytes differ.
-With a tolerance, losses and adapter weights are compared numerically instead (for runs on another
-machine, where bit equality is not expected).
+The recipe, seed and expected hashes come from RUN_DIR/manifest.json. First the files in RUN_DIR are
+hashed against the manifest (every exported file, and recipe.yaml), so an artifact changed after the run
+is reported whatever the re-run says. Then the recipe is re-run in a temporary directory (never RUN_DIR)
+and the report names what differs: the environment (package versions, device), the data or base-model
+hashes, the first step whose loss diverges, and each exported file whose bytes differ. With a
+tolerance, losses and adapter weights are compared numerically instead (for runs on another machine,
+where bit equality is not expected); a file in RUN_DIR that no longer matches its recorded hash is still
+reported, so a tolerance cannot hide a change.
+
+verify never runs code because a manifest says so: a recorded `model.trust_remote_code: true` needs the
+user's own `--trust-remote-code`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -18,36 +23,199 @@ from pathlib import Path
 from rich.console import Console
 
 from peftkit.errors import PeftkitError
-from peftkit.manifest import environment, file_hashes, model_weight_hashes
+from peftkit.fileio import sha256_file
+from peftkit.manifest import (
+    MANIFEST,
+    RECIPE_FILE,
+    Manifest,
+    RecordedEnvironment,
+    data_hashes,
+    environment,
+    model_weight_hashes,
+    output_hashes,
+    read_manifest,
+)
 from peftkit.recipe import Recipe
 
 
 @dataclass
 class VerifyReport:
+    run_dir: Path
     ok: bool
     differences: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
-def read_manifest(run_dir: Path) -> dict:
-    path = run_dir / "manifest.json"
-    if not path.exists():
-        raise PeftkitError(f"{run_dir} has no manifest.json; it is not a finished peftkit run directory.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PeftkitError(f"{path} is not valid JSON ({e}).") from None
+def verify(run_dir: str | Path, tolerance: float = 0.0, console: Console | None = None,
+           trust_remote_code: bool = False) -> VerifyReport:
+    """Check RUN_DIR's files against its manifest, re-run its recipe in a temporary directory and compare.
+
+    Args:
+        run_dir: a finished run directory (with manifest.json).
+        tolerance: 0 demands identical bits; > 0 compares losses and adapter weights with this absolute
+            tolerance (re-run files may then differ in their bytes; RUN_DIR's own files never may).
+        console: where the re-run's progress goes.
+        trust_remote_code: allow re-running a recipe that records `model.trust_remote_code: true`.
+    """
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise PeftkitError(f"--tolerance {tolerance}: must be a finite number >= 0 (0 demands identical bits; "
+                           "e.g. 1e-4 for a run made on another machine).")
+    console = console or Console()
+    run_dir = Path(run_dir).resolve()
+    manifest = read_manifest(run_dir)
+    _check_remote_code(manifest.recipe, trust_remote_code, run_dir / MANIFEST)
+    report = VerifyReport(run_dir=run_dir, ok=True)
+    on_disk = _exported_hashes(run_dir, manifest)
+    changed = _changed_files(run_dir, manifest, on_disk)
+    report.differences += changed
+    report.differences += _input_differences(manifest)
+    intact = {name for name, digest in manifest.outputs_sha256.items() if on_disk.get(name) == digest}
+    rerun = _rerun(run_dir, manifest, intact, tolerance, console, report)
+    if changed and not rerun:
+        report.notes.append(f"the recipe still reproduces the recorded run; only the files in {run_dir} differ from it")
+    report.differences += rerun
+    report.ok = not report.differences
+    return report
 
 
-def _env_differences(recorded: dict, current: dict) -> list[str]:
+def _check_remote_code(recipe: Recipe, allowed: bool, manifest_path: Path) -> None:
+    """Refuse, before anything is loaded, to run model code because a (possibly foreign) manifest asks to."""
+    if recipe.model.trust_remote_code and not allowed:
+        raise PeftkitError(
+            f"{manifest_path} records model.trust_remote_code: true, so re-running it would execute the modelling "
+            f"code that ships with {recipe.model.name_or_path}. verify does not run code because a manifest asks for "
+            "it: if you trust that code, pass --trust-remote-code to `peftkit verify`."
+        )
+
+
+# ---------------------------------------------------------------------------- the files in RUN_DIR
+
+
+def _changed_files(run_dir: Path, manifest: Manifest, on_disk: dict[str, str]) -> list[str]:
+    """What in RUN_DIR no longer matches the manifest: recipe.yaml, and each file of the exported dirs."""
     out = []
-    for name, version in recorded.get("versions", {}).items():
-        now = current["versions"].get(name)
-        if now != version:
-            out.append(f"environment: {name} {version} recorded, {now} now")
+    if manifest.recipe.sha256() != manifest.recipe_sha256:
+        out.append(f"{MANIFEST}: its recipe does not hash to its recipe_sha256; the manifest was edited after the run")
+    recipe_file = run_dir / RECIPE_FILE
+    if not recipe_file.is_file():
+        out.append(f"{RECIPE_FILE} is missing from {run_dir}")
+    elif (now := _sha256(recipe_file)) != manifest.recipe_sha256:
+        out.append(_changed(RECIPE_FILE, run_dir, now, manifest.recipe_sha256))
+    recorded = manifest.outputs_sha256
+    missing_dirs = [d for d in manifest.exported_dirs if not (run_dir / d).is_dir()]
+    for directory in missing_dirs:  # one line for the directory, not one per file in it
+        count = sum(name.startswith(f"{directory}/") for name in recorded)
+        out.append(f"{directory}/ is missing from {run_dir} (the manifest records {count} files in it)")
+    for name in sorted(recorded.keys() | on_disk.keys()):
+        if on_disk.get(name) == recorded.get(name) or name.split("/")[0] in missing_dirs:
+            continue
+        if name not in on_disk:
+            out.append(f"{name} is missing from {run_dir}")
+        elif name not in recorded:
+            out.append(f"{name} in {run_dir} is not in the manifest; it was added after the run")
+        else:
+            out.append(_changed(name, run_dir, on_disk[name], recorded[name]))
+    return out
+
+
+def _changed(name: str, run_dir: Path, now: str, recorded: str) -> str:
+    return f"{name} in {run_dir} was changed after the run: sha256 {now[:12]}… now, {recorded[:12]}… recorded"
+
+
+def _exported_hashes(run_dir: Path, manifest: Manifest) -> dict[str, str]:
+    """sha256 of every file now under RUN_DIR's exported directories (those the manifest names)."""
+    try:
+        return output_hashes(run_dir, manifest.exported_dirs)
+    except OSError as e:
+        raise PeftkitError(f"{e.filename} cannot be read ({e.strerror}); verify reads every exported file.") from None
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        raise PeftkitError(f"{path} cannot be read ({e.strerror}); verify reads every file it checks.") from None
+
+
+# ----------------------------------------------------------------------------- inputs and the re-run
+
+
+def _input_differences(manifest: Manifest) -> list[str]:
+    """Data and base-model files whose content changed since the run (a re-run then cannot match)."""
+    recipe, out = manifest.recipe, []
+    now, recorded = data_hashes(recipe), manifest.data_sha256
+    for split in sorted(now.keys() | recorded.keys()):
+        path = recipe.data.train if split == "train" else recipe.data.eval
+        if now.get(split) == recorded.get(split):
+            continue
+        if now.get(split) == {}:
+            out.append(f"data.{split}: {path} no longer exists (it was hashed when the run was made)")
+        else:
+            out.append(f"data.{split}: the content of {path} differs from the recorded one")
+    if model_weight_hashes(recipe.model.name_or_path) != manifest.base_model_sha256:
+        out.append(f"base model: weight files differ from the recorded ones ({recipe.model.name_or_path})")
+    return out
+
+
+def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float, console: Console,
+           report: VerifyReport) -> list[str]:
+    """Train the recorded recipe again in a temporary directory; the differences from the recorded run."""
+    from peftkit.modeling import resolve_device
+    from peftkit.train import train
+
+    recipe = manifest.recipe.model_copy(deep=True)
+    with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
+        # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there.
+        recipe.export.output_dir = tmp
+        console.print(f"Re-running the recipe recorded in {run_dir} in a temporary directory (deleted afterwards) ...",
+                      soft_wrap=True)
+        try:
+            current = RecordedEnvironment.model_validate(environment(resolve_device(recipe.model.device)))
+            train(recipe, console=console, show_summary=False)
+        except PeftkitError as e:
+            raise _rerun_failed(e, tmp, run_dir, report) from None
+        report.notes += _env_differences(manifest.environment, current)
+        rerun = read_manifest(Path(tmp))
+        return _compare(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
+
+
+def _rerun_failed(error: PeftkitError, tmp: str, run_dir: Path, report: VerifyReport) -> PeftkitError:
+    """The re-run's own error, its temporary paths (deleted by now) named as such, plus what was found before."""
+    message = str(error).replace(tmp, "<verify's temporary directory>")
+    found = "".join(f"\n  {difference}" for difference in report.differences)
+    return PeftkitError(f"verify could not re-run the recipe recorded in {run_dir / MANIFEST}: {message}"
+                        + (f"\nBefore the re-run it found:{found}" if found else ""))
+
+
+def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
+             tolerance: float) -> list[str]:
+    """The re-run's losses and outputs against the recorded ones; `intact`: RUN_DIR files matching their hash."""
+    out = []
+    if divergence := _first_divergence(manifest.losses, rerun.losses, tolerance):
+        out.append(divergence)
+    recorded, now = manifest.outputs_sha256, rerun.outputs_sha256
+    for name in sorted(recorded.keys() | now.keys()):
+        if recorded.get(name) == now.get(name):
+            continue
+        if name not in now:
+            out.append(f"output {name}: recorded, but the re-run did not write it")
+        elif name not in recorded:
+            out.append(f"output {name}: written by the re-run, but not recorded")
+        elif tolerance == 0:
+            out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
+        # RUN_DIR's copy is compared only when intact: a changed one is already reported, and may not even parse.
+        elif name.endswith(".safetensors") and name in intact and \
+                (problem := _weights_close(name, run_dir / name, tmp / name, tolerance)):
+            out.append(problem)
+    return out
+
+
+def _env_differences(recorded: RecordedEnvironment, current: RecordedEnvironment) -> list[str]:
+    out = [f"environment: {name} {version} recorded, {current.versions.get(name)} now"
+           for name, version in recorded.versions.items() if current.versions.get(name) != version]
     for key in ("device", "machine", "torch_threads", "gpu"):
-        if recorded.get(key) != current.get(key):
-            out.append(f"environment: {key} {recorded.get(key)} recorded, {current.get(key)} now")
+        if getattr(recorded, key) != getattr(current, key):
+            out.append(f"environment: {key} {getattr(recorded, key)} recorded, {getattr(current, key)} now")
     return out
 
 
@@ -60,59 +228,13 @@ def _first_divergence(expected: list[float], actual: list[float], tolerance: flo
     return None
 
 
-def _weights_close(a: Path, b: Path, tolerance: float) -> str | None:
+def _weights_close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:
     from safetensors.torch import load_file
 
-    x, y = load_file(a), load_file(b)
-    if x.keys() != y.keys():
-        return f"{a.name}: different tensors"
+    x, y = load_file(recorded), load_file(rerun)
+    if x.keys() != y.keys() or any(x[k].shape != y[k].shape for k in x):
+        return f"output {name}: different tensors (names or shapes) recorded and now"
+    if not x:
+        return None
     worst = max(((x[k].float() - y[k].float()).abs().max().item(), k) for k in x)
-    return None if worst[0] <= tolerance else f"{a.parent.name}/{a.name}: max abs diff {worst[0]:.3g} at {worst[1]} > {tolerance}"
-
-
-def verify(run_dir: str | Path, tolerance: float = 0.0, console: Console | None = None) -> VerifyReport:
-    """Re-run RUN_DIR's recipe in a temporary directory and compare.
-
-    Args:
-        run_dir: a finished run directory (with manifest.json).
-        tolerance: 0 demands identical bits; > 0 compares losses and adapter weights with this absolute
-            tolerance (exported files may then differ in their bytes).
-    """
-    from peftkit.modeling import resolve_device
-    from peftkit.train import train
-
-    console = console or Console()
-    run_dir = Path(run_dir).resolve()
-    manifest = read_manifest(run_dir)
-    recipe = Recipe.model_validate(manifest["recipe"])
-    report = VerifyReport(ok=True)
-    report.notes += _env_differences(manifest["environment"], environment(resolve_device(recipe.model.device)))
-
-    data_now = {"train": file_hashes(recipe.data.train)}
-    if recipe.data.eval:
-        data_now["eval"] = file_hashes(recipe.data.eval)
-    if data_now != manifest["data_sha256"]:
-        report.differences.append(f"data: content hash differs from the recorded one ({recipe.data.train})")
-    if model_weight_hashes(recipe.model.name_or_path) != manifest["base_model_sha256"]:
-        report.differences.append(f"base model: weight files differ from the recorded ones ({recipe.model.name_or_path})")
-
-    with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
-        recipe.export.output_dir = tmp
-        console.print(f"Re-running {run_dir.name} in {tmp} ...")
-        train(recipe, console=console)
-        rerun = json.loads((Path(tmp) / "manifest.json").read_text())
-        divergence = _first_divergence(manifest["losses"], rerun["losses"], tolerance)
-        if divergence:
-            report.differences.append(divergence)
-        for name, digest in manifest["outputs_sha256"].items():
-            now = rerun["outputs_sha256"].get(name)
-            if now == digest:
-                continue
-            if tolerance > 0 and name.endswith(".safetensors") and now is not None:
-                problem = _weights_close(run_dir / name, Path(tmp) / name, tolerance)
-                if problem:
-                    report.differences.append(problem)
-            elif tolerance == 0 or now is None:
-                report.differences.append(f"output {name}: sha256 {digest[:12]}… recorded, {(now or 'missing')[:12]}… now")
-    report.ok = not report.differences
-    return report
+    return None if worst[0] <= tolerance else f"output {name}: max abs diff {worst[0]:.3g} at {worst[1]} > {tolerance}"

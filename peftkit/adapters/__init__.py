@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from peftkit.adapters.lora import LoraEmbedding, LoraLinear, _LoraBase, is_conv1d, is_quantized
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.recipe import AdapterConfig, TargetRegex
 
 PEFT_PREFIX = "base_model.model."
@@ -28,12 +28,13 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if head is not None and m is head}
 
 
-def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex) -> list[str]:
+def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex, every_entry: bool = True) -> list[str]:
     """Full module paths the adapter applies to, in model order.
 
     `all-linear`: every Linear/Conv1D layer except the output head. A list: module names equal to an
     entry or ending in `.entry`. A regex: `re.fullmatch` against the full path. Raises a PeftkitError
-    listing what the model does have when nothing matches or a match is not an adaptable layer.
+    listing what the model does have when nothing (or, with `every_entry`, some list entry) matches, or
+    a match is not an adaptable layer.
     """
     modules = dict(model.named_modules())
     if target_modules == "all-linear":
@@ -42,14 +43,12 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex
     elif isinstance(target_modules, TargetRegex):
         names = [n for n in modules if n and re.fullmatch(target_modules.regex, n)]
     else:
-        names = [n for n in modules if n and any(n == t or n.endswith("." + t) for t in target_modules)]
+        names = [n for n in modules if n and any(_suffix_match(n, t) for t in target_modules)]
+        if every_entry:
+            _check_every_entry_matches(model, target_modules, names)
     names = [n for n in names if not isinstance(modules[n], _LoraBase)]
     if not names:
-        raise PeftkitError(
-            f"adapter.target_modules {_describe(target_modules)} matches no module of this model. "
-            f"Its linear/embedding layers are named: {', '.join(_layer_kinds(model)) or '(none)'}. "
-            "Use some of those names, or 'all-linear'."
-        )
+        raise PeftkitError(f"adapter.target_modules {_describe(target_modules)} {_matches_nothing(model)}")
     bad = [n for n in names if not (_is_linear(modules[n]) or isinstance(modules[n], nn.Embedding))]
     if bad:
         raise PeftkitError(
@@ -59,6 +58,25 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex
             f"{', '.join(_layer_kinds(model)[:6])}."
         )
     return names
+
+
+def _check_every_entry_matches(model: nn.Module, target_modules: list[str], names: list[str]) -> None:
+    """An entry that matches nothing is a typo (`v_prj`): refuse it even when the other entries match, or
+    the run silently trains fewer layers than the recipe says."""
+    for entry in target_modules:
+        if not any(_suffix_match(n, entry) for n in names):
+            raise PeftkitError(f"adapter.target_modules entry {entry!r} (of {target_modules!r}) "
+                               f"{_matches_nothing(model)}{did_you_mean(entry, _layer_kinds(model))}")
+
+
+def _suffix_match(name: str, entry: str) -> bool:
+    """`q_proj` names `model.layers.0.self_attn.q_proj`, as in PEFT: whole path components only."""
+    return name == entry or name.endswith("." + entry)
+
+
+def _matches_nothing(model: nn.Module) -> str:
+    return (f"matches no module of this model. Its linear/embedding layers are named: "
+            f"{', '.join(_layer_kinds(model)) or '(none)'}. Use some of those names, or 'all-linear'.")
 
 
 def _describe(target_modules: object) -> str:
@@ -76,15 +94,19 @@ def _layer_kinds(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = True) -> list[str]:
     """Wrap the target layers in LoRA layers, freeze everything else, unfreeze `modules_to_save`.
 
     Seeding is the caller's job: A is drawn from torch's global RNG, so call `torch.manual_seed` first.
 
+    Args:
+        every_entry: refuse a `target_modules` list entry that matches nothing (a recipe's typo). Off for a
+            saved adapter, whose weights say what it adapts.
+
     Returns:
         the full paths of the wrapped modules.
     """
-    names = find_targets(model, cfg.target_modules)
+    names = find_targets(model, cfg.target_modules, every_entry)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
@@ -114,11 +136,13 @@ def modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """The modules named by suffix in `names`, by full path; a name that matches nothing is an error."""
     found: dict[str, nn.Module] = {}
     for wanted in names:
-        hits = {n: m for n, m in model.named_modules() if n == wanted or n.endswith("." + wanted)}
+        hits = {n: m for n, m in model.named_modules() if _suffix_match(n, wanted)}
         if not hits:
+            suffixes = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
             raise PeftkitError(
                 f"adapter.modules_to_save: '{wanted}' matches no module of this model "
                 f"(top-level modules: {', '.join(n for n, _ in model.named_children())})."
+                f"{did_you_mean(wanted, sorted(suffixes))}"
             )
         found.update(hits)
     return found
@@ -178,14 +202,35 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     for key, tensor in state.items():
         target = targets[key]
         if target.shape != tensor.shape:
-            module = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
-            raise PeftkitError(
-                f"The adapter does not fit this model: module '{module}' expects {key.rsplit('.', 2)[-2]} of shape "
-                f"{tuple(target.shape)} but the adapter has {tuple(tensor.shape)}. It was trained on a different base "
-                "model (another size or vocabulary); pass the base it was trained on."
-            )
+            raise PeftkitError(_shape_mismatch(key, tuple(target.shape), tuple(tensor.shape)))
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
+
+
+def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...]) -> str:
+    """Why an adapter tensor has the wrong shape: a rank that disagrees with adapter_config.json's `r`
+    (the files do not belong together), or a base of another size."""
+    path = key[len(PEFT_PREFIX):]
+    module, part = (path.rsplit(".", 2)[0], path.rsplit(".", 2)[-2]) if path.endswith(".weight") else path.rsplit(".", 1)
+    mismatch = f"module '{module}' expects {part} of shape {expected} but the adapter has {saved}."
+    # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
+    rank_dim = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}.get(part)
+    if rank_dim is not None and len(saved) == 2 and [d for i, d in enumerate(saved) if i != rank_dim] == \
+            [d for i, d in enumerate(expected) if i != rank_dim]:
+        return (f"The adapter's weights do not match its adapter_config.json: {mismatch} The weights have rank "
+                f"{saved[rank_dim]}, the config says r: {expected[rank_dim]}. The two files come from different "
+                "runs; export the adapter again, or put back the adapter_config.json saved with these weights.")
+    return (f"The adapter does not fit this model: {mismatch} It was trained on a different base model (another "
+            "size or vocabulary); pass the base it was trained on.")
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of `state` holding any NaN or inf, in `state`'s order.
+
+    An adapter saved after training diverged is all NaN; loading or exporting it only hides the
+    failure until someone evaluates it.
+    """
+    return [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def merge_state_dict(

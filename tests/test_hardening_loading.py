@@ -1,0 +1,467 @@
+"""Broken models and adapters on disk, absurd adapter sizes, NaN adapters: each is a PeftkitError that
+names the file (or recipe key) and the fix, and the CLI prints it as one `error:` line with exit 2.
+
+Every broken input is a real file: a tiny model saved with `build_tiny_model`, or an adapter injected
+into one and saved with `save_adapter`, then truncated, overwritten or edited.
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import make_recipe
+from peftkit.errors import PeftkitError
+from peftkit.recipe import ModelConfig
+from peftkit.tiny import build_tiny_model
+
+WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A saved 1-layer, hidden-32 Llama (untied output head)."""
+    path = tmp_path_factory.mktemp("hardening") / "base"
+    build_tiny_model(path, arch="llama", hidden_size=32, num_layers=1, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(base) -> Path:
+    """A LoRA (r=4 on q_proj, v_proj; lm_head saved whole) for `base`, saved as a real PEFT directory."""
+    from peftkit.adapters import adapter_state_dict, inject_adapters
+    from peftkit.modeling import load_model
+    from peftkit.peft_format import peft_config, save_adapter
+    from peftkit.recipe import AdapterConfig
+
+    cfg = AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    model = load_model(ModelConfig(name_or_path=str(base)))
+    torch.manual_seed(0)
+    targets = inject_adapters(model, cfg)
+    path = base.parent / "adapter"
+    save_adapter(path, adapter_state_dict(model, cfg.modules_to_save), peft_config(cfg, targets, str(base), False))
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(file: Path, **changes) -> None:
+    data = json.loads(file.read_text())
+    data.update(changes)
+    file.write_text(json.dumps(data))
+
+
+def _load(path: Path, **quant):
+    from peftkit.modeling import load_model
+    from peftkit.recipe import QuantizationConfig
+
+    q = QuantizationConfig(**quant) if quant else None
+    return load_model(ModelConfig(name_or_path=str(path)), q)
+
+
+def _main(monkeypatch, capsys, *args: str) -> str:
+    """Run the `peftkit` CLI in this process; assert exit 2 and no traceback; return stderr."""
+    from peftkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftkit", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert captured.err.startswith("error: ")
+    return " ".join(captured.err.split())  # rich wraps long lines
+
+
+# ----------------------------------------------------------------------------- 1. corrupt weights files
+
+
+def _truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def _garbage_header(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[:64] = b"\xff" * 64
+    file.write_bytes(bytes(data))
+
+
+def _empty(file: Path) -> None:
+    file.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage, reason", [(_truncate, "file not fully covered"), (_garbage_header, "header too large"),
+                                            (_empty, "header too small")])
+def test_corrupt_model_weights_name_the_file(base, tmp_path, damage, reason):
+    broken = _copy(base, tmp_path / "model")
+    damage(broken / WEIGHTS)
+    with pytest.raises(PeftkitError) as info:
+        _load(broken)
+    message = str(info.value)
+    assert message.startswith(f"{broken / WEIGHTS} is truncated or corrupt (")
+    assert reason in message and message.endswith("Copy or download the model again.")
+
+
+def test_corrupt_shard_of_a_sharded_model_is_named(base, tmp_path):
+    from peftkit.modeling import load_model
+
+    broken = tmp_path / "sharded"
+    model = load_model(ModelConfig(name_or_path=str(base)))
+    model.save_pretrained(broken, max_shard_size="20KB")
+    shards = sorted(broken.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    _truncate(shards[-1])
+    with pytest.raises(PeftkitError, match=rf"^{shards[-1]} is truncated or corrupt \("):
+        _load(broken)
+
+
+def test_cli_eval_of_a_truncated_model(base, number_data, tmp_path, monkeypatch, capsys):
+    broken = _copy(base, tmp_path / "model")
+    _truncate(broken / WEIGHTS)
+    stderr = _main(monkeypatch, capsys, "eval", "--model", str(broken), "--data", str(number_data["eval"]),
+                   "--format", "alpaca")
+    assert f"{broken / WEIGHTS} is truncated or corrupt" in stderr
+
+
+# ----------------------------------------------------------------------------- 2. broken config.json
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"model_type": "llama",', "config.json: not valid JSON (Expecting"),
+    ("[1, 2]", "config.json must hold a JSON object of settings, but holds a list."),
+    ("null", "config.json must hold a JSON object of settings, but holds null."),
+    ('{"hidden_size": 32}', "config.json has no 'model_type' (the architecture, e.g. \"llama\")"),
+    ('{"model_type": "llamaXYZ"}', "config.json: model_type 'llamaXYZ' is not an architecture transformers"),
+])
+def test_broken_config_json_names_the_file(base, tmp_path, text, expected):
+    from peftkit.modeling import load_tokenizer
+
+    broken = _copy(base, tmp_path / "model")
+    (broken / "config.json").write_text(text)
+    for load in (_load, lambda path: load_tokenizer(ModelConfig(name_or_path=str(path)))):
+        with pytest.raises(PeftkitError) as info:
+            load(broken)
+        assert str(info.value).startswith(f"{broken / 'config.json'}"), str(info.value)
+        assert expected in str(info.value)
+
+
+def test_unknown_model_type_suggests_the_closest(base, tmp_path):
+    broken = _copy(base, tmp_path / "model")
+    _edit_json(broken / "config.json", model_type="llamaXYZ")
+    with pytest.raises(PeftkitError, match=r"Did you mean 'llama'\? If the model is newer than this transformers, "
+                                           r"upgrade it \(pip install -U transformers\)"):
+        _load(broken)
+
+
+def test_config_field_of_the_wrong_type(base, tmp_path):
+    broken = _copy(base, tmp_path / "model")
+    _edit_json(broken / "config.json", hidden_size="abc")
+    with pytest.raises(PeftkitError) as info:
+        _load(broken)
+    message = str(info.value)
+    assert message.startswith(f"{broken / 'config.json'}: transformers cannot use this model config: ")
+    assert "'hidden_size' expected int, got str" in message and "\n" not in message
+
+
+def test_config_with_a_negative_size_is_refused_by_the_estimate(base, number_data, tmp_path):
+    from peftkit.memory import estimate_memory
+    from peftkit.recipe import load_recipe
+
+    broken = _copy(base, tmp_path / "model")
+    _edit_json(broken / "config.json", hidden_size=-4)
+    with pytest.raises(PeftkitError, match=r"config\.json describes a model that cannot be built \(Trying to create "
+                                           r"tensor with negative dimension -4"):
+        estimate_memory(load_recipe(make_recipe(tmp_path, broken, number_data)))
+
+
+def test_cli_train_with_an_unknown_model_type(base, number_data, tmp_path, monkeypatch, capsys):
+    broken = _copy(base, tmp_path / "model")
+    _edit_json(broken / "config.json", model_type="llamaXYZ")
+    recipe = make_recipe(tmp_path, broken, number_data)
+    stderr = _main(monkeypatch, capsys, "train", str(recipe))
+    assert "model_type 'llamaXYZ' is not an architecture transformers" in stderr
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+# ----------------------------------------------------------------------------- 3. weights that do not fit the config
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"hidden_size": 64}, "weights have another shape than config.json says (e.g. lm_head.weight is (102, 32) in "
+                          "the weights files, (102, 64) by the config)"),
+    ({"num_hidden_layers": 2}, "9 weights the config describes are not in the weights files "
+                               "(e.g. model.layers.1.input_layernorm.weight)"),
+])
+def test_weights_that_do_not_fit_the_config_are_refused(base, tmp_path, changes, expected):
+    broken = _copy(base, tmp_path / "model")
+    _edit_json(broken / "config.json", **changes)
+    with pytest.raises(PeftkitError) as info:
+        _load(broken)
+    message = str(info.value)
+    assert message.startswith(f"The weights of {broken} do not match its config.json: ")
+    assert expected in message
+    assert message.endswith("Put back the config.json saved with these weights.")
+
+
+def test_weights_the_model_has_no_place_for_are_refused(base, tmp_path):
+    broken = _copy(base, tmp_path / "model")
+    state = load_file(broken / WEIGHTS)
+    save_file({**state, "model.extra.weight": torch.zeros(2)}, broken / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(PeftkitError, match=r"1 weights in the files have no place in the model the config describes "
+                                           r"\(e\.g\. model\.extra\.weight\)"):
+        _load(broken)
+
+
+def test_quantized_weights_that_do_not_fit_the_config_are_refused(base, tmp_path):
+    # transformers skips its own shape check for weights it quantizes: this loaded, then failed at a matmul.
+    broken = _copy(base, tmp_path / "model")
+    _edit_json(broken / "config.json", intermediate_size=100)
+    with pytest.raises(PeftkitError, match=r"3 weights have another shape than config\.json says \(e\.g\. "
+                                           r"model\.layers\.0\.mlp\.down_proj\.weight is \(32, 64\) in the weights "
+                                           r"files, \(32, 100\) by the config\)"):
+        _load(broken, method="nf4", compute_dtype="float32")
+
+
+def test_tied_output_head_missing_from_the_files_is_normal(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / WEIGHTS)
+    model = _load(tmp_path / "tied")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ----------------------------------------------------------------------------- 4. malformed adapter directories
+
+
+def _load_adapter(path: Path):
+    from peftkit.modeling import load_adapted_model
+
+    return load_adapted_model(None, str(path))
+
+
+@pytest.mark.parametrize("text, kind", [("[]", "a list"), ('"r: 8"', "a string"), ("null", "null")])
+def test_adapter_config_that_is_not_an_object(adapter, tmp_path, text, kind):
+    broken = _copy(adapter, tmp_path / "adapter")
+    (broken / "adapter_config.json").write_text(text)
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    assert str(info.value) == (f"{broken / 'adapter_config.json'} must hold a JSON object of settings, but holds "
+                               f"{kind}. Fix the file, or export the adapter again.")
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"r": "eight"}, '"r" is "eight"; it should be a whole number'),
+    ({"r": 0}, '"r" is 0; it should be a number > 0'),
+    ({"lora_alpha": []}, '"lora_alpha" is []; it should be a number'),
+    ({"lora_dropout": 1.5}, '"lora_dropout" is 1.5; it should be a number < 1'),
+    ({"target_modules": 5}, '"target_modules" is 5; it should be a list of module names, or a regular expression string'),
+    ({"target_modules": ["q_proj", 7]}, '"target_modules" is ["q_proj", 7]; it should be a list of module names'),
+    ({"target_modules": None}, '"target_modules" is null; it should name the adapted modules'),
+    ({"modules_to_save": "x"}, '"modules_to_save" is "x"; it should be a list of module names, or null'),
+    ({"use_rslora": "maybe"}, '"use_rslora" is "maybe"; it should be true or false'),
+])
+def test_adapter_config_field_of_the_wrong_type(adapter, tmp_path, changes, expected):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "adapter_config.json", **changes)
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    message = str(info.value)
+    assert message.startswith(f"{broken / 'adapter_config.json'}: ") and expected in message
+    assert message.endswith("Fix the file, or export the adapter again.")
+    assert "type=" not in message and "Input should" not in message  # pydantic's words stay inside
+
+
+def test_adapter_config_without_r(adapter, tmp_path):
+    broken = _copy(adapter, tmp_path / "adapter")
+    config = json.loads((broken / "adapter_config.json").read_text())
+    del config["r"]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(PeftkitError, match='adapter_config.json: "r" is missing. Fix the file'):
+        _load_adapter(broken)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{quantization: nf4", "peftkit.json: not valid JSON (Expecting"),
+    ("[]", "peftkit.json must hold a JSON object of settings, but holds a list."),
+    ('{"quantization": "nf4"}', '"quantization" is "nf4"; it should be an object'),
+    ('{"quantization": {"method": "nf5"}}', "\"quantization.method\" is \"nf5\"; it should be one of 'nf4', 'fp4' or 'int8'"),
+    ('{"quantization": {"double_quant": "yes please"}}', '"quantization.double_quant" is "yes please"; it should be true or false'),
+    ('{"quantization": {"bits": 4}}', '"quantization.bits" is not a setting peftkit knows'),
+    ('{"quantized_on": "tpu"}', "\"quantized_on\" is \"tpu\"; it should be one of 'cpu' or 'cuda'"),
+])
+def test_bad_peftkit_json(adapter, tmp_path, text, expected):
+    from peftkit.peft_format import quantized_on
+
+    broken = _copy(adapter, tmp_path / "adapter")
+    (broken / "peftkit.json").write_text(text)
+    for load in (_load_adapter, quantized_on):  # quantized_on: what `peftkit merge` reads first
+        with pytest.raises(PeftkitError) as info:
+            load(broken)
+        assert str(info.value).startswith(str(broken / "peftkit.json")) and expected in str(info.value)
+        assert "type=" not in str(info.value)
+
+
+def test_truncated_adapter_weights(adapter, tmp_path):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _truncate(broken / "adapter_model.safetensors")
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    message = str(info.value)
+    assert message.startswith(f"{broken / 'adapter_model.safetensors'} is truncated or corrupt (")
+    assert message.endswith("Export the adapter again, or copy it again.")
+
+
+def test_adapter_weights_of_another_rank_than_its_config(adapter, tmp_path):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "adapter_config.json", r=8)
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    message = str(info.value)
+    assert message.startswith("The adapter's weights do not match its adapter_config.json: module "
+                              "'model.layers.0.self_attn.q_proj' expects lora_A of shape (8, 32) but the adapter has (4, 32).")
+    assert "The weights have rank 4, the config says r: 8." in message
+
+
+def test_cli_merge_of_an_adapter_with_a_bad_config(adapter, tmp_path, monkeypatch, capsys):
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "adapter_config.json", r="eight")
+    stderr = _main(monkeypatch, capsys, "merge", "--adapter", str(broken), "--output", str(tmp_path / "merged"))
+    assert '"r" is "eight"; it should be a whole number' in stderr
+    assert not (tmp_path / "merged").exists()
+
+
+# ----------------------------------------------------------------------------- 5. memory that cannot exist
+
+
+def test_absurd_rank_is_refused_before_loading(base, number_data, tmp_path):
+    from peftkit.memory import check_fits, estimate_memory
+    from peftkit.recipe import load_recipe
+
+    recipe = load_recipe(make_recipe(tmp_path, base, number_data, adapter={"r": 10**9}))
+    with pytest.raises(PeftkitError) as info:
+        check_fits(estimate_memory(recipe), torch.device("cpu"))
+    message = str(info.value)
+    assert message.startswith("This run needs an estimated ") and " TiB before activations (weights " in message
+    assert "of RAM on this machine. Most of it is the adapter, whose A and B matrices, gradients and optimizer " \
+           "state grow linearly with adapter.r: lower adapter.r (8 to 64 is usual), or target fewer modules." in message
+
+
+def test_usual_rank_fits(base, number_data, tmp_path):
+    from peftkit.memory import check_fits, estimate_memory
+    from peftkit.recipe import load_recipe
+
+    check_fits(estimate_memory(load_recipe(make_recipe(tmp_path, base, number_data))), torch.device("cpu"))
+    check_fits(None, torch.device("cpu"))  # no estimate (config unreadable): nothing to refuse
+
+
+def test_base_too_large_for_the_device_suggests_quantization():
+    from peftkit.memory import MemoryEstimate, check_fits
+
+    with pytest.raises(PeftkitError, match=r"Most of it is the base model's weights: load them 4-bit"):
+        check_fits(MemoryEstimate(base_weights=2.0**60, adapter=1, gradients=1, optimizer=0), torch.device("cpu"))
+
+
+def test_train_with_an_absurd_rank_is_refused(base, number_data, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    # 10**12: petabytes, so that even without the check the allocator refuses at once on any machine.
+    recipe = load_recipe(make_recipe(tmp_path, base, number_data, adapter={"r": 10**12}))
+    with pytest.raises(PeftkitError, match="adapter.r"):
+        train(recipe, console=Console(file=io.StringIO()))
+
+
+# ----------------------------------------------------------------------------- 6. target selection
+
+
+def test_target_modules_entry_matching_nothing_is_named_even_when_others_match():
+    from peftkit.adapters import find_targets
+
+    model, _ = build_tiny_model(None, arch="llama", hidden_size=32, num_layers=1)
+    with pytest.raises(PeftkitError) as info:
+        find_targets(model, ["q_proj", "v_prj"])
+    message = str(info.value)
+    assert message.startswith("adapter.target_modules entry 'v_prj' (of ['q_proj', 'v_prj']) matches no module of "
+                              "this model. Its linear/embedding layers are named: embed_tokens, q_proj, ")
+    assert message.endswith("Use some of those names, or 'all-linear'. Did you mean 'v_proj'?")
+
+
+def test_target_modules_typo_is_refused_by_the_estimate_before_loading(base, number_data, tmp_path):
+    from peftkit.memory import estimate_memory
+    from peftkit.recipe import load_recipe
+
+    recipe = load_recipe(make_recipe(tmp_path, base, number_data, adapter={"target_modules": ["q_proj", "v_prj"]}))
+    with pytest.raises(PeftkitError, match=r"entry 'v_prj' .* Did you mean 'v_proj'\?$"):
+        estimate_memory(recipe)
+
+
+def test_modules_to_save_typo_suggests_the_closest():
+    from peftkit.adapters import inject_adapters
+    from peftkit.recipe import AdapterConfig
+
+    model, _ = build_tiny_model(None, arch="llama", hidden_size=32, num_layers=1)
+    with pytest.raises(PeftkitError) as info:
+        inject_adapters(model, AdapterConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
+    assert str(info.value) == ("adapter.modules_to_save: 'lm_haed' matches no module of this model (top-level "
+                               "modules: model, lm_head). Did you mean 'lm_head'?")
+
+
+# ----------------------------------------------------------------------------- 7. NaN adapters and losses
+
+
+def test_nonfinite_tensors_names_them():
+    from peftkit.adapters import nonfinite_tensors
+
+    state = {"a": torch.zeros(2), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("-inf")]),
+             "ids": torch.tensor([1, 2])}
+    assert nonfinite_tensors(state) == ["b", "c"]
+    assert nonfinite_tensors({"a": torch.ones(3, dtype=torch.bfloat16)}) == []
+
+
+def test_adapter_with_nan_weights_is_refused(adapter, tmp_path):
+    broken = _copy(adapter, tmp_path / "adapter")
+    state = load_file(broken / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    state[key][0, 0] = float("nan")
+    save_file(state, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    assert str(info.value).startswith(f"{broken / 'adapter_model.safetensors'}: 1 of its 5 tensors hold NaN or inf "
+                                      f"values (e.g. {key}): training diverged before this adapter was saved.")
+
+
+def test_cli_eval_of_a_nan_adapter(adapter, base, number_data, tmp_path, monkeypatch, capsys):
+    broken = _copy(adapter, tmp_path / "adapter")
+    state = {k: torch.full_like(v, float("nan")) for k, v in load_file(broken / "adapter_model.safetensors").items()}
+    save_file(state, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    stderr = _main(monkeypatch, capsys, "eval", "--model", str(base), "--adapter", str(broken), "--data",
+                   str(number_data["eval"]), "--format", "alpaca")
+    assert "5 of its 5 tensors hold NaN or inf values" in stderr
+
+
+def test_eval_of_a_model_with_a_nonfinite_loss(base, number_data, tmp_path):
+    from peftkit.evaluate import evaluate
+
+    broken = _copy(base, tmp_path / "model")
+    state = load_file(broken / WEIGHTS)
+    state["model.norm.weight"][0] = float("inf")
+    save_file(state, broken / WEIGHTS, metadata={"format": "pt"})
+    with pytest.raises(PeftkitError) as info:
+        evaluate(str(broken), str(number_data["eval"]), "alpaca")
+    assert str(info.value).startswith(f"{broken} produces a non-finite loss (nan) on {number_data['eval']}: its "
+                                      "weights hold NaN/inf")

@@ -1,0 +1,239 @@
+"""`peftkit verify`: the files in RUN_DIR are checked against the manifest before the re-run, a tolerance
+cannot hide a changed file, a manifest cannot make verify run model code, a malformed manifest is a clear
+error, and the re-run never writes into RUN_DIR.
+
+One real 3-step run of the tiny Llama is trained per module and copied for each test (shutil.copytree),
+so each test changes its own copy; each `verify` re-runs those 3 steps (a few seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_recipe
+from rich.console import Console
+from typer.testing import CliRunner
+
+from peftkit.cli import app
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from peftkit.verify import verify
+
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=1000)
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tiny_llama, number_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recorded")
+    recipe = make_recipe(root, tiny_llama, number_data, training={"max_steps": 3}, eval={"base_model": False})
+    train(load_recipe(recipe), console=_quiet())
+    return root / "run"
+
+
+@pytest.fixture
+def run(recorded_run, tmp_path) -> Path:
+    return Path(shutil.copytree(recorded_run, tmp_path / "run"))
+
+
+def _snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root with its bytes' hash and mtime: any write shows."""
+    return {str(p.relative_to(root)): ("dir",) if p.is_dir() else (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                                                   p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def _edit_manifest(run: Path, edit) -> None:
+    path = run / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(manifest) or manifest))
+
+
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last byte lies in the last tensor's data: the file still parses
+    path.write_bytes(bytes(data))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "1000", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "peftkit", *args], check=False, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+# ------------------------------------------------------------------------------------ an intact run
+
+
+def test_an_intact_run_verifies_and_nothing_is_written_into_it(run, recorded_run):
+    before, recorded_before = _snapshot(run), _snapshot(recorded_run)  # recorded_run: the recipe's output_dir
+    result = CliRunner().invoke(app, ["verify", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"Re-running the recipe recorded in {run} in a temporary directory" in result.output
+    assert f"verified: {run} reproduces bit for bit." in result.output
+    assert _snapshot(run) == before and _snapshot(recorded_run) == recorded_before
+
+
+# ---------------------------------------------------------------------------- files changed in RUN_DIR
+
+
+def test_files_changed_after_the_run_are_reported_though_the_recipe_reproduces(run):
+    _flip_a_bit(run / ADAPTER)
+    config = json.loads((run / "adapter/adapter_config.json").read_text())
+    (run / "adapter/adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 99}))
+    (run / "adapter/notes.txt").write_text("added by hand")
+    (run / "adapter/peftkit.json").unlink()
+    (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace("lr: 0.01", "lr: 0.02"))
+
+    report = verify(run, console=_quiet())
+    assert not report.ok
+    expected = [f"{ADAPTER} in {run} was changed after the run: sha256 ",
+                f"adapter/adapter_config.json in {run} was changed after the run",
+                f"adapter/notes.txt in {run} is not in the manifest; it was added after the run",
+                f"adapter/peftkit.json is missing from {run}",
+                f"recipe.yaml in {run} was changed after the run"]
+    for text in expected:
+        assert any(d.startswith(text) for d in report.differences), (text, report.differences)
+    assert len(report.differences) == len(expected), report.differences  # the re-run itself matched
+    assert f"the recipe still reproduces the recorded run; only the files in {run} differ from it" in report.notes
+
+
+def test_a_tolerance_does_not_hide_a_changed_adapter(run):
+    _flip_a_bit(run / ADAPTER)
+    report = verify(run, tolerance=1e-3, console=_quiet())
+    assert not report.ok
+    assert [d for d in report.differences if d.startswith(f"{ADAPTER} in {run} was changed after the run")]
+
+
+def test_a_missing_exported_directory_is_reported(run):
+    shutil.rmtree(run / "adapter")
+    report = verify(run, tolerance=1e-3, console=_quiet())
+    assert report.differences == [f"adapter/ is missing from {run} (the manifest records 3 files in it)"]
+
+
+@pytest.fixture(scope="module")
+def merged_run(tiny_llama, number_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recorded-merged")
+    recipe = make_recipe(root, tiny_llama, number_data, training={"max_steps": 2}, eval={"base_model": False},
+                         export={"merged": True})
+    train(load_recipe(recipe), console=_quiet())
+    return root / "run"
+
+
+def test_a_merged_export_is_checked_and_reproduced(merged_run, tmp_path):
+    run = Path(shutil.copytree(merged_run, tmp_path / "run"))
+    _flip_a_bit(run / "merged/model.safetensors")
+    report = verify(run, console=_quiet())
+    # Only the changed file: the re-run wrote adapter/ and merged/ bit for bit again.
+    assert len(report.differences) == 1, report.differences
+    assert report.differences[0].startswith(f"merged/model.safetensors in {run} was changed after the run")
+
+
+# ------------------------------------------------------------------------------------ remote code
+
+
+def _record_trust_remote_code(run: Path) -> None:
+    """As if the run had been trained with model.trust_remote_code: true (manifest and recipe.yaml agree)."""
+    recipe = load_recipe(run / "recipe.yaml")
+    recipe.model.trust_remote_code = True
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+
+    def edit(manifest: dict) -> None:
+        manifest["recipe"] = recipe.model_dump(mode="json")
+        manifest["recipe_sha256"] = recipe.sha256()
+    _edit_manifest(run, edit)
+
+
+def test_a_manifest_cannot_make_verify_run_model_code(run):
+    _record_trust_remote_code(run)
+    result = _cli("verify", str(run))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: {run / 'manifest.json'} records model.trust_remote_code: true")
+    assert "pass --trust-remote-code to `peftkit verify`" in result.stderr
+    assert "Re-running" not in result.stdout  # refused before anything was loaded
+
+    report = verify(run, console=_quiet(), trust_remote_code=True)  # the user's own flag allows it
+    assert report.ok, report.differences
+
+
+# ------------------------------------------------------------------------------------ malformed manifests
+
+
+def _drop(*keys: str):
+    return lambda m: {k: v for k, v in m.items() if k not in keys}
+
+
+def _set(value, *path):
+    def edit(manifest: dict) -> None:
+        node = manifest
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+MALFORMED = {
+    "not an object": (lambda m: [m], ["holds an array, not the JSON object `peftkit train` writes"]),
+    "missing keys": (_drop("losses", "environment"), ["(2 problems)", "missing key 'losses'", "missing key 'environment'"]),
+    "wrong type": (_set("abc", "losses"), ["'losses' = 'abc': must be a valid list"]),
+    "a loss as text": (lambda m: m["losses"].__setitem__(1, "0.5"), ["'losses.1' = '0.5': must be a valid number"]),
+    "not a sha256": (_set("zzz", "outputs_sha256", ADAPTER),
+                     [f"'outputs_sha256.{ADAPTER}' = 'zzz': must be a sha256 digest (64 lowercase hex digits)"]),
+    "an output outside the run": (_set("0" * 64, "outputs_sha256", "../../etc/passwd"),
+                                  ["'../../etc/passwd' is not a file inside an exported directory"]),
+    "an invalid recipe value": (_set(-1, "recipe", "training", "lr"),
+                                ["recipe in manifest.json: 'training.lr' = -1: must be greater than 0"]),
+    "an unknown recipe key": (_set(0.1, "recipe", "training", "learning_rate"),
+                              ["recipe in manifest.json: unknown key 'learning_rate' in training. Did you mean 'lr'?"]),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_manifest_is_a_clear_error(run, case):
+    edit, expected = MALFORMED[case]
+    _edit_manifest(run, edit)
+    with pytest.raises(PeftkitError) as info:
+        verify(run, console=_quiet())
+    message = str(info.value)
+    assert message.startswith(str(run / "manifest.json")), message
+    for text in expected:
+        assert text in message, message
+    assert "restore it from a copy of the run, or train the recipe again" in message
+    assert "validation error" not in message and "pydantic" not in message
+
+
+def test_a_manifest_that_is_not_json_or_missing(run):
+    (run / "manifest.json").write_bytes(b'{"recipe": "\xff"}')  # not UTF-8
+    with pytest.raises(PeftkitError, match=f"^{run / 'manifest.json'} is not valid JSON .*restore it from a copy"):
+        verify(run, console=_quiet())
+    (run / "manifest.json").unlink()
+    with pytest.raises(PeftkitError, match=f"^{run} has no manifest.json; .* `peftkit train RECIPE --resume`"):
+        verify(run, console=_quiet())
+    with pytest.raises(PeftkitError, match=f"^{run / 'nope'} is not a directory. Give the run directory"):
+        verify(run / "nope", console=_quiet())
+
+
+def test_cli_malformed_manifest_exits_2_without_a_traceback(run):
+    _edit_manifest(run, _set(-1, "recipe", "training", "lr"))
+    result = _cli("verify", str(run))
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.startswith(f"error: {run / 'manifest.json'} is not a valid peftkit manifest")
+    assert "'training.lr' = -1: must be greater than 0" in result.stderr
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), -1e-3, float("inf")])
+def test_a_tolerance_must_be_a_finite_non_negative_number(run, tolerance):
+    with pytest.raises(PeftkitError, match=f"^--tolerance {tolerance}: must be a finite number >= 0"):
+        verify(run, tolerance=tolerance, console=_quiet())
