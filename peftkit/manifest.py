@@ -28,7 +28,7 @@ from pydantic import (
 from peftkit import __version__
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
-from peftkit.recipe import Recipe, _format_error
+from peftkit.recipe import Recipe, format_validation_error
 
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
@@ -200,7 +200,7 @@ def _manifest_problem(err: dict, raw: dict, path: Path) -> str:
     loc = err["loc"]
     if loc[0] == "recipe" and len(loc) > 1 and isinstance(raw["recipe"], dict):
         inner = {**err, "loc": loc[1:]}
-        return _format_error(inner, raw["recipe"], f"recipe in {path.name}", {}, set())
+        return format_validation_error(inner, raw["recipe"], f"recipe in {path.name}", {}, set())
     dotted = ".".join(map(str, loc))
     if err["type"] == "missing":
         return f"missing key '{dotted}'"

@@ -124,7 +124,7 @@ def mutated_recipes(draw) -> str:
 YAML_TRAPS = ["!!int abc", "!!float x", "!!bool maybe", "!!timestamp soon", "!!binary '%%'", "!!set [1]",
               "!!python/object:os.system {}", "&a [*a]", "&b {k: *b}", "*undefined", "[unclosed", "'unclosed",
               "{a: 1", "!!str", "? [a]",
-              # Refused before they are read (see peftkit.recipe._check_shape): deeper than MAX_DEPTH, more values
+              # Refused before they are read (see peftkit.recipe.reader._check_shape): deeper than MAX_DEPTH, more values
               # than MAX_VALUES once aliases are expanded; and a key given twice, a boolean where a number belongs.
               "[" * 40 + "]" * 40, "{a: " * 40 + "1" + "}" * 40,
               "[&a [x, x, x, x, x, x, x, x, x, x], &b [" + ", ".join(["*a"] * 10) + "], &c [" + ", ".join(["*b"] * 10)

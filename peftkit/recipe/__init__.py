@@ -1,0 +1,38 @@
+"""Recipes: the YAML file that describes a run, validated by pydantic.
+
+    schema.py  the models: every setting and its default
+    reader.py  YAML with line numbers, duplicate keys, size/depth/alias limits
+    loader.py  `load_recipe`: --set overrides, validation, errors in our words, path resolution
+
+These models are the single source of truth for every setting and its default; the rest of peftkit
+reads typed fields, never `dict.get(key, default)`. `peftkit validate RECIPE` prints the fully resolved
+recipe, defaults included.
+
+Paths. A relative path in a recipe (`model.name_or_path`, `data.train`, `data.eval`,
+`export.output_dir`) is resolved against the directory of the recipe file, not the current directory,
+so a recipe runs the same from anywhere. A model or dataset value that is not an existing path, does not
+start with `/`, `./`, `../` or `~`, and (for data) has no file extension is taken as a Hugging Face hub id.
+"""
+
+from peftkit.recipe.loader import format_validation_error, load_recipe
+from peftkit.recipe.reader import MAX_DEPTH, MAX_MESSAGES, MAX_RECIPE_BYTES, MAX_VALUES
+from peftkit.recipe.schema import (
+    DATA_EXTENSIONS,
+    AdapterConfig,
+    DataConfig,
+    DType,
+    EvalConfig,
+    ExportConfig,
+    ModelConfig,
+    QuantizationConfig,
+    Recipe,
+    Section,
+    TargetRegex,
+    TrainingConfig,
+)
+
+__all__ = [
+    "DATA_EXTENSIONS", "MAX_DEPTH", "MAX_MESSAGES", "MAX_RECIPE_BYTES", "MAX_VALUES", "AdapterConfig", "DataConfig",
+    "DType", "EvalConfig", "ExportConfig", "ModelConfig", "QuantizationConfig", "Recipe", "Section", "TargetRegex",
+    "TrainingConfig", "format_validation_error", "load_recipe",
+]

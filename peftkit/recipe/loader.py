@@ -1,0 +1,246 @@
+"""`load_recipe`: YAML + --set overrides -> a validated Recipe, or one error listing every problem with its
+key, file and line and how to fix it; relative paths resolved against the recipe's directory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ValidationError,
+)
+
+from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.recipe.reader import _invalid, _parse_yaml, _read_yaml, _YamlProblem
+from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model whose fields live at `loc` (a path of keys), or None."""
+    model: Any = Recipe
+    for key in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+    return model
+
+
+def _apply_override(data: dict, assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise PeftkitError(f"--set {assignment!r}: expected KEY=VALUE, for example --set training.lr=2e-4")
+    parts = key.strip().split(".")
+    for depth in range(1, len(parts) + 1):
+        model = _section_model(tuple(parts[: depth - 1]))
+        if model is not None and parts[depth - 1] not in model.model_fields:
+            valid = list(model.model_fields)
+            where = ".".join(parts[: depth - 1]) or "the recipe"
+            raise PeftkitError(
+                f"--set {key}: unknown key '{parts[depth - 1]}' in {where}.{_suggest(parts[depth - 1], valid)} "
+                f"Valid keys: {', '.join(valid)}."
+            )
+    try:
+        value, _, duplicates = _parse_yaml(raw, "the value") if raw.strip() else (None, {}, [])
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PeftkitError(
+            f"--set {key.strip()}={raw}: the value is not valid YAML ({problem}). Quote a string value, for "
+            f"example --set '{key.strip()}=\"{raw}\"'."
+        ) from None
+    except _YamlProblem as e:
+        raise PeftkitError(f"--set {key.strip()}: {e.message}") from None
+    if duplicates:
+        raise PeftkitError(f"--set {key.strip()}: key '{duplicates[0][0][-1]}' is given twice in the value; YAML would "
+                           "silently keep only the last. Give each key once.")
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _data_loc(loc: tuple, data: Any) -> tuple:
+    """pydantic's error location without the union-member tags it inserts ('list[str]', ...)."""
+    kept: list = []
+    node = data
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        elif i < len(loc) - 1 or not isinstance(node, dict) or part not in _FIELD_NAMES:
+            continue  # a union-member tag ('list[str]', 'TargetRegex'), not a key
+        kept.append(part)
+    return tuple(kept)
+
+
+def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    """One pydantic error of a recipe in our words: where (file:line, or the --set that made it), which key,
+    what is wrong and how to fix it. `path` names the source (a file, or e.g. 'recipe in manifest.json')."""
+    loc = _data_loc(err["loc"], data)
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    where = str(path)
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in overridden:
+            where = f"{path} (--set {'.'.join(map(str, loc[:depth]))})"
+            break
+        if loc[:depth] in lines:
+            where = f"{path}:{lines[loc[:depth]]}"
+            break
+    kind = err["type"]
+    if kind == "invalid_key":  # `1: x` or `null: x`: YAML made a non-string key
+        section_loc = _data_loc(err["loc"][:-1], data)
+        valid = _valid_keys(section_loc)
+        section = ".".join(map(str, section_loc)) or "the recipe"
+        read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
+            type(err["input"]), f"a {type(err['input']).__name__}")
+        return (
+            f"{where}: key {err['input']!r} in {section} is not a name (YAML read it as {read_as}); quote it if it "
+            f"is meant as one. Valid keys: {', '.join(valid)}."
+        )
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        section = ".".join(map(str, loc[:-1])) or "the recipe"
+        return (
+            f"{where}: unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} "
+            f"Valid keys: {', '.join(valid)}."
+        )
+    if kind == "missing":
+        parent = ".".join(map(str, loc[:-1]))
+        place = f"under '{parent}:'" if parent else "as a top-level section"
+        return (
+            f"{where}: missing required key '{dotted}'. Add '{loc[-1]}:' {place}; recipes/quickstart.yaml shows a "
+            "complete recipe."
+        )
+    given = err.get("input")
+    shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
+    if len(shown) > 80:
+        shown = shown[:60] + "..." + shown[-10:]
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "must be one of")
+    msg = re.sub(r" or instance of \w+", " (a section of keys)", msg.replace("Input should be", "must be"))
+    if kind != "value_error":  # a validator's own message (`target_modules: []`) is more precise than the hint
+        msg = _UNION_HINTS.get(loc, msg)
+    if given is None and kind in ("model_type", "dict_type"):
+        msg = "the section is empty; indent its keys under it, or delete the line to use the defaults"
+    if kind == "value_error" and isinstance(given, dict):
+        # A check across several keys of one section (or of the whole recipe): the message names the keys.
+        return f"{where}: {dotted + ': ' if loc else ''}{msg}."
+    return f"{where}: '{dotted}' = {shown}: {msg}."
+
+
+# A union-typed key fails once per member type; one message says what any of them would accept.
+_UNION_HINTS = {
+    ("adapter", "target_modules"): "must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}",
+    ("training", "max_steps"): "must be a positive integer, or null to train for `epochs`",
+}
+
+# Names other tools use for our keys: a user coming from peft/axolotl/transformers gets pointed at ours.
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
+    "num_train_epochs": "epochs", "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "optim": "optimizer", "base_model": "name_or_path",
+    "torch_dtype": "dtype", "sequence_len": "max_length", "max_seq_length": "max_length", "target": "target_modules",
+    "bnb_4bit_quant_type": "method", "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage", "type": "method",
+}
+
+
+def _all_fields(model: type[BaseModel]) -> set[str]:
+    names = set(model.model_fields)
+    for field in model.model_fields.values():
+        for member in getattr(field.annotation, "__args__", (field.annotation,)):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                names |= _all_fields(member)
+    return names
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    normal = key.lower().replace("-", "_")  # `Batch-Size` is `batch_size` written another way
+    for name in (key, normal):
+        if _SYNONYMS.get(name) in valid:
+            return f" Did you mean '{_SYNONYMS[name]}'?"
+    if normal != key and normal in valid:
+        return f" Did you mean '{normal}'?"
+    return did_you_mean(normal, valid)
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    model = _section_model(loc)
+    return list(model.model_fields) if model else []
+
+
+def _most_specific(errors: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Drop an error when another lies deeper under the same key: a union member that got further (a
+    {regex: ...} with a bad pattern) explains better than the others. A set of prefixes keeps it linear."""
+    deeper = {loc[:i] for loc, _ in errors for i in range(len(loc))}
+    return [(loc, err) for loc, err in errors if loc not in deeper]
+
+
+def _drop_misspelled(errors: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    """Drop a missing key that an unknown sibling key is a misspelling of (`nme_or_path`): that sibling's
+    'Did you mean' message already says how to fix it, so the 'missing' one is only noise."""
+    missing_in = {loc[:-1] for loc, err in errors if err["type"] == "missing"}
+    meant = {(loc[:-1], _suggest(str(loc[-1]), _valid_keys(loc[:-1])))
+             for loc, err in errors if err["type"] == "extra_forbidden" and loc[:-1] in missing_in}
+    return [(loc, err) for loc, err in errors
+            if not (err["type"] == "missing" and (loc[:-1], f" Did you mean '{loc[-1]}'?") in meant)]
+
+
+def _resolve(value: str, base: Path, kind: str) -> str:
+    """Resolve a recipe path against the recipe's directory; leave hub ids alone."""
+    expanded = Path(value).expanduser()
+    candidate = expanded if expanded.is_absolute() else base / expanded
+    looks_like_path = value.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
+    if kind == "data" and Path(value).suffix.lower() in DATA_EXTENSIONS:
+        looks_like_path = True
+    if candidate.exists() or looks_like_path or kind == "output":
+        return str(candidate.resolve())
+    return value  # a hub id
+
+
+_FIELD_NAMES = _all_fields(Recipe)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise PeftkitError with every problem found.
+
+    Args:
+        path: the YAML file.
+        overrides: `KEY=VALUE` strings (`training.lr=2e-4`); VALUE is parsed as YAML.
+    """
+    path = Path(path)
+    data, lines = _read_yaml(path)
+    overridden = set()
+    for assignment in overrides:
+        _apply_override(data, assignment)
+        overridden.add(tuple(assignment.partition("=")[0].strip().split(".")))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]))
+        raise _invalid([format_validation_error(err, data, path, lines, overridden) for _, err in errors]) from None
+    base = path.resolve().parent
+    for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
+                               ("export", "output_dir", "output")):
+        value = getattr(getattr(recipe, section), key)
+        if value is None:
+            continue
+        try:
+            setattr(getattr(recipe, section), key, _resolve(value, base, kind))
+        except (OSError, RuntimeError, ValueError) as e:  # `~nosuchuser/x`, a name over 255 bytes, a NUL byte
+            line = lines.get((section, key))
+            reason = getattr(e, "strerror", None) or str(e).rstrip(".")
+            raise PeftkitError(
+                f"{path}{f':{line}' if line else ''}: '{section}.{key}' = {value[:80]!r} is not a usable path "
+                f"({reason}). Give an existing path (relative to the recipe's directory) or a hub id."
+            ) from None
+    return recipe

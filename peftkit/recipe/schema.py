@@ -1,0 +1,230 @@
+"""The recipe schema: pydantic models holding every setting and its default (the single source of truth;
+the rest of peftkit reads typed fields, never `dict.get(key, default)`)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+DType = Literal["float32", "bfloat16", "float16"]
+DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+class Section(BaseModel):
+    # allow_inf_nan=False: `lr: .inf` would pass `gt=0` and only fail as a NaN loss at step 1.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `true` as 1, so `max_steps: yes` would train one step. Strict mode is
+        not the fix: PyYAML reads `lr: 2e-4` (no dot) as a string, which lax mode rightly converts."""
+        annotation = cls.model_fields[info.field_name].annotation
+        members = getattr(annotation, "__args__", (annotation,))  # `int | None` -> (int, NoneType)
+        kind = next((word for number, word in _NUMBER_KINDS.items() if number in members), None)
+        if isinstance(value, bool) and kind:
+            raise ValueError(f"must be {kind}, not a boolean (YAML reads true/false, yes/no and on/off as booleans)")
+        return value
+
+
+_NUMBER_KINDS = {float: "a number", int: "an integer"}  # float first: a float field also takes `lr: 1`
+
+
+class ModelConfig(Section):
+    """The base model."""
+
+    name_or_path: str
+    """A local directory with `config.json` and weights, or a hub id (e.g. `meta-llama/Llama-3.2-1B`)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Dtype the base weights are loaded in; `auto` keeps the checkpoint's own."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name_or_path` is a hub id."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off unless you trust the repository."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto`: CUDA when available, else CPU."""
+    attn_implementation: Literal["eager", "sdpa"] | None = None
+    """Attention kernel; None lets transformers choose."""
+
+
+class QuantizationConfig(Section):
+    """Load the base quantized through bitsandbytes (QLoRA). Omit the section for a 16/32-bit base."""
+
+    method: Literal["nf4", "fp4", "int8"] = "nf4"
+    """nf4: 4-bit NormalFloat (QLoRA); fp4: 4-bit float; int8: LLM.int8()."""
+    double_quant: bool = True
+    """Quantize the per-block absmax constants too (bitsandbytes `compress_statistics`): ~0.37 bit/param less."""
+    compute_dtype: DType = "bfloat16"
+    """Dtype the 4-bit weights are dequantized to for each matmul."""
+    quant_storage: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
+    """Storage dtype of the packed 4-bit weights; FSDP sharding needs a float type matching the model."""
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
+    """Modules kept in full precision (the output head by default, as bitsandbytes/transformers do)."""
+
+
+class TargetRegex(Section):
+    regex: str
+    """Python regular expression matched against the full module path (`re.fullmatch`)."""
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"is not a valid regular expression ({e})") from None
+        return v
+
+
+class AdapterConfig(Section):
+    """The adapter injected into the frozen base."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0)
+    """LoRA rank: higher = more capacity, more memory."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: Literal["all-linear"] | list[str] | TargetRegex = "all-linear"
+    """`all-linear` (every Linear/Conv1D except the output head), module-name suffixes, or {regex: ...}."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved whole (e.g. `lm_head`)."""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("is an empty list; name at least one module or use 'all-linear'")
+        return v
+
+
+class DataConfig(Section):
+    """Training and evaluation data."""
+
+    train: str
+    """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
+    eval: str | None = None
+    """Same forms as `train`; omit to skip evaluation."""
+    format: Literal["alpaca", "chat", "completion", "text"] = "alpaca"
+    """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text."""
+    max_length: int = Field(512, gt=0)
+    """Examples are truncated to this many tokens."""
+    train_split: str = "train"
+    eval_split: str = "train"
+    """Split to read; a local file has only `train`."""
+    shuffle: bool = True
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes. Batches are formed in the main process, so the order is the same."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """A row that is malformed or whose format fields are missing, not text, or not valid Unicode: stop with
+    its line, or skip it and report the count."""
+
+
+class TrainingConfig(Section):
+    """The optimisation loop."""
+
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run; wins over `epochs`."""
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(4, gt=0)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step: effective batch = batch_size x grad_accum."""
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm; null disables clipping."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seeds torch and the data order; < 2**32 because the data order seeds with seed x 1_000_003 + epoch."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a CUDA device that supports it, none on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    log_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    """Evaluate every N steps (and always at the end when data.eval is set)."""
+    save_steps: int | None = Field(None, gt=0)
+    """Write a resumable checkpoint every N steps."""
+    save_total_limit: int = Field(2, gt=0)
+    """Checkpoints kept on disk (oldest removed first)."""
+    deterministic: bool = False
+    """Deterministic kernels on CUDA too (slower); CPU runs are always deterministic."""
+    nan_policy: Literal["stop", "skip_step"] = "stop"
+    """A NaN/inf loss stops the run (keeping the last checkpoint) or skips that optimizer step."""
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainingConfig:
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) is larger than max_steps ({self.max_steps}); "
+                "lower warmup_steps"
+            )
+        return self
+
+
+class ExportConfig(Section):
+    """What the run writes."""
+
+    output_dir: str
+    """Run directory: adapter/, merged/, checkpoints/, metrics.jsonl, recipe.yaml, manifest.json."""
+    adapter: bool = True
+    """Write adapter/ in Hugging Face PEFT format."""
+    merged: bool = False
+    """Write merged/: the base with the adapter folded in, plus the tokenizer."""
+    merged_dtype: DType | None = None
+    """Dtype of the merged weights; default: the base model's dtype."""
+
+
+class EvalConfig(Section):
+    """Evaluation during and after training."""
+
+    batch_size: int = Field(8, gt=0)
+    base_model: bool = True
+    """Also evaluate the base model before training, so the summary shows base vs fine-tuned loss."""
+
+
+class Recipe(Section):
+    model: ModelConfig
+    quantization: QuantizationConfig | None = None
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    export: ExportConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        q = self.quantization
+        if q is not None and q.method != "int8" and self.training.mixed_precision == "fp16":
+            raise ValueError(
+                "training.mixed_precision: fp16 with a 4-bit base overflows easily; use bf16 or auto"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
