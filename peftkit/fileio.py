@@ -32,7 +32,7 @@ def _disk_errors(path: Path) -> Iterator[None]:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 f"No space left on the device while writing {path}. The previous version of it, if any, is "
-                "intact; free some disk space (or point export.output_dir elsewhere)."
+                "intact; free some disk space, or write somewhere else."
             ) from e
         raise
 

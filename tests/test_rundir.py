@@ -354,3 +354,13 @@ def test_eval_json_output_checked_before_evaluating(adapter_run, tiny_llama, num
         result = CliRunner().invoke(app, [*args, "--json", str(target)])
         assert isinstance(result.exception, PeftkitError) and str(result.exception).startswith(expected)
         assert "loss" not in result.output  # nothing was evaluated
+
+
+def test_disk_full_during_merge_leaves_no_partial_output(adapter_run, tmp_path, monkeypatch):
+    from peftkit.merge import merge_adapter
+
+    _fail_fsync_under(".merged-model.", monkeypatch)
+    with pytest.raises(PeftkitError, match=r"^No space left on the device while writing .*merged-model\. The previous "
+                                           r"version of it, if any, is intact; free some disk space"):
+        merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "merged-model"))
+    assert list(tmp_path.iterdir()) == []
