@@ -17,8 +17,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: flags show as flags (`--resume`), where the rich panels print `--resume <bool>`.
+    rich_markup_mode=None,
 )
-console = Console()
+# soft_wrap: a line stays one line in a log file (grep-able), however long; the terminal wraps it on screen.
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
@@ -83,23 +86,31 @@ def merge(
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option("--model", help="Model directory or hub id (base or merged).")],
-    data: Annotated[str, typer.Option("--data", help="Data file or hub dataset id.")],
-    fmt: Annotated[str, typer.Option("--format", help="alpaca | chat | completion | text.")] = "text",
+    recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its recipe.yaml; its adapter/ "
+                                                     "is the default --adapter). Flags override its settings.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text; default: the "
+                                               "recipe's, else alpaca.")] = None,
     adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
-    max_length: Annotated[int, typer.Option(min=1, help="Truncate examples to this many tokens.")] = 512,
-    batch_size: Annotated[int, typer.Option(min=1, help="Examples per batch.")] = 8,
+    max_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate examples to this many tokens; default: "
+                                                      "data.max_length (512).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per batch; default: eval.batch_size (8).")] = None,
+    on_bad_rows: Annotated[Optional[str], typer.Option("--on-bad-rows", help="error | skip; default: the recipe's, "
+                                                       "else error.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    overrides: Overrides = None,
 ) -> None:
-    """Loss, perplexity and token count of a base model, a base + adapter, or a merged model."""
-    from peftkit.evaluate import evaluate
+    """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
+    same target tokens as in training."""
+    from peftkit.evaluate import eval_job, evaluate
     from peftkit.fileio import atomic_write_json
 
-    if fmt not in ("alpaca", "chat", "completion", "text"):
-        raise PeftkitError(f"--format {fmt!r}: use alpaca, chat, completion or text.")
     if json_out is not None:
         _check_json_out(json_out)
-    metrics = evaluate(_local(model), _local(data), fmt, _local(adapter) if adapter else None, max_length, batch_size)
+    job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
+                   _local(adapter) if adapter else None, max_length, batch_size, on_bad_rows)
+    metrics = evaluate(job)
     console.print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  tokens {metrics['num_tokens']}")
     if json_out:
         atomic_write_json(json_out, metrics)
@@ -139,6 +150,22 @@ def verify(
         console.print(f"[red]differs:[/] {escape(diff)}", soft_wrap=True)
     console.print(f"[red]not verified:[/] {escape(str(report.run_dir))}", soft_wrap=True)
     raise typer.Exit(1)
+
+
+@app.command()
+def preview(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    overrides: Overrides = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="How many examples to show: the first N rows of data.train.")] = 3,
+    show_ids: Annotated[bool, typer.Option("--show-ids", help="Print each token's id after it (shows token boundaries).")] = False,
+) -> None:
+    """Show the first training examples the way the model sees them: after formatting, the chat template and
+    the cut at data.max_length, masked tokens (no loss) apart from trained ones, then the counts training would
+    print. Loads the tokenizer, not the model."""
+    from peftkit.preview import preview as run_preview
+    from peftkit.recipe import load_recipe
+
+    run_preview(load_recipe(recipe, overrides or []), n, console, show_ids=show_ids)
 
 
 def _click_exception() -> type:

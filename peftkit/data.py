@@ -7,7 +7,9 @@ Formats (the fields each row must have):
 - `completion`: prompt, completion. Loss on the completion only.
 - `text`: text. Loss on every token.
 EOS is appended to alpaca/completion/text examples so the model learns to stop. Examples are truncated
-to `max_length`; one with no target token left after truncation is dropped, with a count.
+to `max_length`; one with no target token left after truncation is dropped, with a count. One whose target
+lost its end (the EOS / end-of-turn it should learn to stop on) is kept, dropped or an error as
+`data.truncation` says, and counted either way: `describe_stats` turns the counts into the lines to print.
 """
 
 from __future__ import annotations
@@ -37,6 +39,33 @@ OPTIONAL_FIELDS = {"alpaca": ("input",)}  # may be absent or null; a string when
 class Example:
     input_ids: list[int]
     labels: list[int]
+
+
+@dataclass
+class BuiltExample:
+    """One row tokenized, masked and cut to data.max_length, with what the cut did (for the counts, and for
+    `peftkit preview`)."""
+
+    index: int
+    """Position of the row in the data (0-based)."""
+    where: str
+    """`FILE:LINE` (a .jsonl file) or `FILE row N`, for messages."""
+    example: Example
+    """Already cut to data.max_length: what training sees (before data.truncation decides whether it is kept)."""
+    length: int
+    """Tokens before the cut."""
+    target_lost: int
+    """Target tokens the cut removed. A cut removes a suffix, so > 0 means the target's end (the EOS or
+    end-of-turn marker the model should learn to stop on) is not trained."""
+
+    @property
+    def truncated(self) -> bool:
+        return self.length > len(self.example.input_ids)
+
+    @property
+    def no_target(self) -> bool:
+        # Position t predicts token t+1, so the first label can never be learned.
+        return all(label == IGNORE_INDEX for label in self.example.labels[1:])
 
 
 def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int]]:
@@ -200,44 +229,110 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def tokenize_rows(
-    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, skipped: int = 0
-) -> tuple[list[Example], dict]:
-    """Tokenize and mask; returns the examples and counts of skipped rows by reason.
+def _full_example(tok, row: dict, fmt: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a valid row, before any cut."""
+    if fmt == "chat":
+        return _chat_example(tok, row["messages"])
+    prompt, target = _prompt_and_target(tok, row, fmt)
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def build_examples(
+    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None
+) -> Iterator[BuiltExample | None]:
+    """Each row tokenized, masked and cut to data.max_length, in order; None for a bad row skipped under
+    data.on_bad_rows: skip (a bad row raises under `error`). Applies no data.truncation policy.
 
     Args:
         line_numbers: the file line of each row (a .jsonl file), so that a message names the line.
-        skipped: malformed lines the reader already dropped, so an empty result can say why.
     """
-    examples, stats = [], {"bad_rows": 0, "too_long": 0}
     for i, row in enumerate(rows):
+        where = f"{source}:{line_numbers[i]}" if line_numbers else f"{source} row {i + 1}"
         problem = _row_problem(row, cfg.format) if isinstance(row, dict) else "not an object"
         if problem:
             if cfg.on_bad_rows == "skip":
-                stats["bad_rows"] += 1
+                yield None
                 continue
-            where = f"{source}:{line_numbers[i]}" if line_numbers else f"{source} row {i + 1}"
             raise PeftkitError(
                 f"{where}: {problem} for data.format '{cfg.format}' (each row needs "
                 f"{', '.join(REQUIRED_FIELDS[cfg.format])}). Fix the row, set the right data.format, or set "
                 "data.on_bad_rows: skip."
             )
-        if cfg.format == "chat":
-            ids, labels = _chat_example(tok, row["messages"])
-        else:
-            prompt, target = _prompt_and_target(tok, row, cfg.format)
-            ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
-        ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-        # Position t predicts token t+1, so the first label can never be learned.
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        ids, labels = _full_example(tok, row, cfg.format)
+        n = cfg.max_length
+        lost = sum(label != IGNORE_INDEX for label in labels[n:])
+        yield BuiltExample(i, where, Example(ids[:n], labels[:n]), len(ids), lost)
+
+
+@dataclass
+class _TargetCuts:
+    """The examples whose target lost its end, for the data.truncation: error message."""
+
+    first: BuiltExample | None = None
+    longest: int = 0
+
+
+def count_examples(
+    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None
+) -> tuple[list[Example], dict, _TargetCuts]:
+    """The examples training keeps and the counts, with data.truncation `error` counted like `keep` (the
+    caller decides whether to stop): `tokenize_rows` without its errors, so `peftkit preview` can report
+    what training would do."""
+    examples: list[Example] = []
+    stats = {"bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0, "truncation_dropped": 0,
+             "system_prompt_rows": 0, "system_prompt_tokens": 0}
+    cuts = _TargetCuts()
+    for built in build_examples(tok, rows, cfg, source, line_numbers):
+        if built is None:
+            stats["bad_rows"] += 1
+            continue
+        stats["truncated"] += built.truncated
+        if built.no_target:
             stats["too_long"] += 1
             continue
-        examples.append(Example(ids, labels))
+        if built.target_lost:
+            stats["target_cut"] += 1
+            cuts.first = cuts.first or built
+            cuts.longest = max(cuts.longest, built.length)
+            if cfg.truncation == "drop":
+                stats["truncation_dropped"] += 1
+                continue
+        if cfg.format == "chat" and rows[built.index]["messages"][0]["role"] != "system":
+            stats["system_prompt_rows"] += 1
+        examples.append(built.example)
+    if stats["system_prompt_rows"]:
+        stats["system_prompt_tokens"] = injected_system_tokens(tok)
+    stats["examples"] = len(examples)
+    return examples, stats, cuts
+
+
+def tokenize_rows(
+    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, skipped: int = 0
+) -> tuple[list[Example], dict]:
+    """Tokenize and mask; returns the examples and the counts that `describe_stats` prints:
+    `bad_rows` skipped, `too_long` (no target left, dropped), `truncated` (cut at all), `target_cut` (the
+    target lost its end: EOS / end-of-turn), `truncation_dropped` (left out by data.truncation: drop),
+    `system_prompt_rows`/`system_prompt_tokens` (chat conversations without a system message, and the tokens
+    the template's default system prompt adds to each), `examples`.
+
+    Args:
+        line_numbers: the file line of each row (a .jsonl file), so that a message names the line.
+        skipped: malformed lines the reader already dropped, so an empty result can say why.
+    """
+    examples, stats, cuts = count_examples(tok, rows, cfg, source, line_numbers)
+    if cfg.truncation == "error" and cuts.first is not None:
+        raise PeftkitError(truncation_error(cuts.first, stats["target_cut"], cuts.longest, cfg))
     if not examples:
         bad = stats["bad_rows"] + skipped
-        if stats["too_long"]:
-            reason = (f"all {stats['too_long']} examples have their whole target beyond data.max_length="
-                      f"{cfg.max_length} tokens, so there is nothing left to learn; raise data.max_length")
+        too_long, dropped = stats["too_long"], stats["truncation_dropped"]
+        if dropped:
+            reason = (f"{'all ' if not too_long else ''}{dropped} examples lost the end of their target to "
+                      f"data.max_length={cfg.max_length} tokens, which data.truncation: drop leaves out"
+                      + (f", and the other {too_long} have their whole target beyond it" if too_long else "")
+                      + "; raise data.max_length, or set data.truncation: keep")
+        elif too_long:
+            reason = (f"all {too_long} examples have their whole target beyond data.max_length={cfg.max_length} "
+                      "tokens, so there is nothing left to learn; raise data.max_length")
         elif bad:
             reason = (f"all {bad} rows were skipped as malformed or missing the fields of data.format "
                       f"'{cfg.format}' ({', '.join(REQUIRED_FIELDS[cfg.format])}); check data.format, or set "
@@ -248,12 +343,93 @@ def tokenize_rows(
     return examples, stats
 
 
+def truncation_error(first: BuiltExample, count: int, longest: int, cfg: DataConfig) -> str:
+    """The data.truncation: error message: the first example whose target lost its end, and how to fix it."""
+    others = f"{count - 1} more example is" if count == 2 else f"{count - 1} more examples are"
+    more = f" {others} cut the same way; the longest has {longest} tokens." if count > 1 else ""
+    return (f"{first.where}: this example has {first.length} tokens but data.max_length is {cfg.max_length}, so "
+            f"its last {first.target_lost} target tokens, with the EOS / end-of-turn the model should learn to "
+            f"stop on, are cut (data.truncation: error).{more} Raise data.max_length to {longest}, or set "
+            "data.truncation: drop to leave such examples out (keep trains on them as cut).")
+
+
 def load_examples(tok, source: str, split: str, cfg: DataConfig) -> tuple[list[Example], dict]:
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows)
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad)
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
     return examples, stats
+
+
+# A default system prompt the chat template adds to each conversation without one is masked from the loss
+# but still fills the window. Past a quarter of data.max_length it is the largest part of a short example's
+# prompt and pushes long answers into the cut (Qwen2.5's default, "You are Qwen, created by Alibaba Cloud.
+# You are a helpful assistant.", is ~20 tokens: 4 % of 512, 31 % of 64), so it is worth a line then.
+SYSTEM_PROMPT_WARN_SHARE = 0.25
+_PROBE = "PROBE_peftkit_7f3a"  # a user message no template's own text contains
+
+
+def injected_system_tokens(tok) -> int:
+    """Tokens a chat template adds as a default system prompt to a conversation without a system message.
+
+    Counts the tokens before the first user message's content in a conversation without a system message,
+    minus the same with a one-character system message: what an explicit short system message saves. 0 for a
+    template that adds none, or one that adds the same text either way (Llama 3.1's date header), which no
+    change to the data avoids.
+    """
+    user = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": "ok"}]
+
+    def tokens_before_user(messages: list[dict]) -> int:
+        text = tok.apply_chat_template(messages, tokenize=False)
+        start = text.rfind(_PROBE)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return sum(1 for a, _ in enc["offset_mapping"] if a < start)
+
+    try:
+        without = tokens_before_user(user)
+        with_short = tokens_before_user([{"role": "system", "content": "."}, *user])
+    except Exception:  # noqa: BLE001 - a template may refuse a system role (Gemma's raises): it injects none either
+        return 0
+    return max(0, without - with_short)
+
+
+def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
+    """The lines to print about the training data that `load_examples` returned `stats` for.
+
+    The first line counts examples, skipped bad rows, truncated and dropped ones; lines starting with
+    `warning: ` follow when examples are trained without the end of their target (data.truncation: keep) or
+    when the chat template's default system prompt takes more than SYSTEM_PROMPT_WARN_SHARE of max_length.
+    The lines hold no rich markup (print them with markup=False).
+    """
+    limit = f"data.max_length={cfg.max_length}"
+    total = stats["examples"] + stats["too_long"] + stats["truncation_dropped"]
+    line = f"{stats['examples']} training examples"
+    if stats["bad_rows"]:
+        line += f"; skipped {stats['bad_rows']} bad rows (data.on_bad_rows: skip)"
+    if stats["truncated"]:
+        line += f"; {stats['truncated']} of {total} cut at {limit} tokens"
+    if stats["too_long"]:
+        line += f"; dropped {stats['too_long']} whose target lies beyond data.max_length"
+    if stats["truncation_dropped"]:
+        line += f"; dropped {stats['truncation_dropped']} whose target lost its end (data.truncation: drop)"
+    lines = [line]
+    if stats["target_cut"] and cfg.truncation != "drop":
+        lines.append(
+            f"warning: {stats['target_cut']} of {total} examples lost the end of their target (the EOS / end-of-turn "
+            f"the model should learn to stop on) to {limit}"
+            + (" and are trained as cut (data.truncation: keep), so the model is not taught to stop after them. "
+               "Raise data.max_length, or set data.truncation: drop to leave them out."
+               if cfg.truncation == "keep" else "; data.truncation: error stops training at the first of them.")
+        )
+    injected = stats["system_prompt_tokens"]
+    if injected > SYSTEM_PROMPT_WARN_SHARE * cfg.max_length:
+        lines.append(
+            f"warning: the chat template adds a default system prompt of {injected} tokens "
+            f"({100 * injected / cfg.max_length:.0f}% of {limit}) to each of the {stats['system_prompt_rows']} "
+            "conversations without a system message; it is masked from the loss but takes room the answers need. "
+            "Add a short explicit system message to those conversations, or raise data.max_length."
+        )
+    return lines
 
 
 class Collator:

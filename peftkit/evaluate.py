@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import nn
@@ -10,6 +13,9 @@ from torch.nn import functional as F
 
 from peftkit.data import IGNORE_INDEX, Example, eval_loader
 from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig, ModelConfig, QuantizationConfig
+
+FORMATS = get_args(DataConfig.model_fields["format"].annotation)
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,33 +50,86 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "num_tokens": tokens}
 
 
-def evaluate(model_path: str, data: str, fmt: str, adapter: str | None = None, max_length: int = 512,
-             batch_size: int = 8, split: str = "train") -> dict[str, float]:
+@dataclass
+class EvalJob:
+    """What `peftkit eval` evaluates: a model (or base + adapter) on one data source, as training reads it."""
+
+    data: str
+    data_cfg: DataConfig
+    split: str = "train"
+    model: ModelConfig | None = None
+    quantization: QuantizationConfig | None = None
+    adapter: str | None = None
+    batch_size: int = 8
+
+
+def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
+             adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None) -> EvalJob:
+    """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
+    whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
+    defaults and flags override them; without one, --model and --data are needed and the rest take the
+    recipe defaults, so figures are comparable with training's."""
+    from peftkit.recipe import load_recipe
+
+    if recipe is None:
+        if not model or not data:
+            raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data.")
+        defaults = DataConfig(train=data)
+        job = EvalJob(data=data, data_cfg=defaults, model=ModelConfig(name_or_path=model, dtype="auto"))
+    else:
+        run_dir = recipe if recipe.is_dir() else None
+        if run_dir is not None:
+            if not (run_dir / "recipe.yaml").is_file():
+                raise PeftkitError(f"{run_dir} is a directory without recipe.yaml: give a recipe file or a peftkit run "
+                                   "directory.")
+            recipe = run_dir / "recipe.yaml"
+        cfg = load_recipe(recipe, overrides)
+        source = data or cfg.data.eval
+        if not source:
+            raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
+        job = EvalJob(data=source, data_cfg=cfg.data, split=cfg.data.eval_split if not data else "train",
+                      model=cfg.model, quantization=cfg.quantization, batch_size=cfg.eval.batch_size)
+        if run_dir is not None and adapter is None and (run_dir / "adapter").is_dir():
+            job.adapter = str(run_dir / "adapter")
+        if model:
+            job.model = ModelConfig(name_or_path=model, dtype="auto")
+    for flag, value, choices in (("--format", fmt, FORMATS), ("--on-bad-rows", on_bad_rows, ("error", "skip"))):
+        if value is not None and value not in choices:
+            raise PeftkitError(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}.")
+    updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
+    job.data_cfg = job.data_cfg.model_copy(update=updates)
+    job.adapter = adapter or job.adapter
+    job.batch_size = batch_size or job.batch_size
+    return job
+
+
+def evaluate(job: EvalJob) -> dict[str, float]:
     """`peftkit eval`: loss, perplexity and token count of a base, adapted or merged model on a dataset.
 
-    Args:
-        model_path: a model directory or hub id (a merged model is just a model).
-        data: a local data file or hub dataset id.
-        fmt: alpaca | chat | completion | text (loss only on the target tokens, as in training).
-        adapter: a PEFT adapter directory to apply on top of `model_path`.
+    The tokenizer and data are read before the model loads, so a data or format mistake is reported in
+    seconds. With an adapter, the base is the job's model or the adapter's base_model_name_or_path, loaded
+    (and re-quantized) as the adapter was trained.
     """
     from peftkit.data import load_examples
     from peftkit.modeling import load_adapted_model, load_model, load_tokenizer, resolve_device
-    from peftkit.recipe import DataConfig, ModelConfig
+    from peftkit.peft_format import recorded_base
 
-    device = resolve_device()
-    if adapter:
-        model, _, tok, _, _ = load_adapted_model(model_path, adapter, device)
+    device = resolve_device(job.model.device if job.model else "auto")
+    base = job.model.name_or_path if job.model else None
+    if job.adapter:
+        base = base or recorded_base(job.adapter)
+    tok = load_tokenizer(job.model or ModelConfig(name_or_path=base or job.adapter))
+    examples, _ = load_examples(tok, job.data, job.split, job.data_cfg)
+    if job.adapter:
+        model = load_adapted_model(base, job.adapter, device)[0]
     else:
-        cfg = ModelConfig(name_or_path=model_path, dtype="auto")
-        model, tok = load_model(cfg, None, device), load_tokenizer(cfg)
-    examples, _ = load_examples(tok, data, split, DataConfig(train=data, format=fmt, max_length=max_length))
-    metrics = evaluate_loss(model, examples, batch_size, tok.pad_token_id)
+        model = load_model(job.model, job.quantization, device)
+    metrics = evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)
     if not math.isfinite(metrics["loss"]):
         # Reported, not printed as 'loss nan': a number that looks like a result hides a broken model.
-        what = f"{model_path} with adapter {adapter}" if adapter else model_path
+        what = f"{base} with adapter {job.adapter}" if job.adapter else base
         raise PeftkitError(
-            f"{what} produces a non-finite loss ({metrics['loss']}) on {data}: its weights hold NaN/inf, or its "
+            f"{what} produces a non-finite loss ({metrics['loss']}) on {job.data}: its weights hold NaN/inf, or its "
             "activations overflow in 16-bit. Check the model's weights (a diverged training run saves NaN), or "
             "evaluate a float32 copy of the model."
         )

@@ -17,9 +17,11 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
 
 import torch
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     field_validator,
@@ -140,6 +142,12 @@ class Manifest(BaseModel):
     base_model_sha256: dict[str, Sha256]
     environment: RecordedEnvironment
     outputs_sha256: dict[str, Sha256]
+    # sha256 of the recipe as recorded, before today's schema added its new defaults: what recipe_sha256 hashed.
+    _recorded_recipe_sha256: str = PrivateAttr("")
+
+    @property
+    def recorded_recipe_sha256(self) -> str:
+        return self._recorded_recipe_sha256
 
     @field_validator("outputs_sha256")
     @classmethod
@@ -184,11 +192,23 @@ def read_manifest(run_dir: Path) -> Manifest:
         raise PeftkitError(f"{path} holds {_JSON_TYPES.get(type(raw), type(raw).__name__)}, not the JSON object "
                            f"`peftkit train` writes; {_RESTORE}")
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as e:
         problems = list(dict.fromkeys(_manifest_problem(err, raw, path) for err in e.errors()))
         raise PeftkitError(f"{path} is not a valid peftkit manifest ({len(problems)} problem"
                            f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems) + f"\n{_RESTORE}") from None
+    # Recipe.to_yaml() of the recipe as it was run: today's dump, in the schema's key order (the JSON file sorts
+    # keys), limited to the keys recorded, so that a key added to the schema since does not change the hash.
+    as_run = _recorded_keys(manifest.recipe.model_dump(mode="json"), raw["recipe"])
+    manifest._recorded_recipe_sha256 = hashlib.sha256(yaml.safe_dump(as_run, sort_keys=False).encode()).hexdigest()
+    return manifest
+
+
+def _recorded_keys(today: object, recorded: object) -> object:
+    """`today` (a dump in schema order) without the keys `recorded` lacks, recursively."""
+    if isinstance(today, dict) and isinstance(recorded, dict):
+        return {k: _recorded_keys(v, recorded[k]) for k, v in today.items() if k in recorded}
+    return today
 
 
 _RESTORE = ("peftkit writes manifest.json at the end of a run and never edits it: restore it from a copy of the run, "

@@ -1,5 +1,16 @@
 """A memory estimate printed before loading, from the model config alone (a meta-device model: no weights
-are read or allocated), so a recipe that cannot fit is noticed before minutes of loading."""
+are read or allocated), so a recipe that cannot fit is noticed before minutes of loading.
+
+What it counts, for the peak of a training run:
+- the model state, alive the whole run: base weights (tied weights once), adapter weights, their
+  gradients and optimizer state;
+- activations: what one micro-batch keeps for backward (per-layer tensors and the logits, see
+  `activation_memory`), or the base/periodic evaluation's logits if those are larger;
+- on CPU, a measured constant for the torch runtime's own working memory (`CPU_RUNTIME_BYTES`).
+Sequences are taken to be `data.max_length` long: the activation term is an upper bound, reached when
+examples fill max_length. `scripts/measure_memory.py` compares the estimate with measured peaks.
+Not counted: the merged export (`export.merged` builds a full fp32 copy of the model at the end).
+"""
 
 from __future__ import annotations
 
@@ -30,26 +41,116 @@ def _optimizer_bytes(optimizer: str, sizes: list[int]) -> float:
     return per * sum(sizes)
 
 
+# Activations, in units of one token's hidden state (h values) or MLP width (i values), that a decoder
+# layer keeps for backward when its linears are frozen and carry LoRA (weights need no saved input, but the
+# LoRA A matrices and the elementwise ops do). Llama-style layer, sdpa attention:
+#   norm in (the residual stream) + norm out                              2 h   (x2 norms: 4 h)
+#   q and k after RoPE, k and v repeated to all heads (GQA), attn out,
+#   and its contiguous copy that o_proj's LoRA keeps                      5 h
+#   gate, up, act(gate), act(gate) * up                                   4 i
+# so 9 h + 4 i per token (+ r per adapted module for the LoRA A outputs). For SmolLM2-135M (h 576,
+# i 1536, 30 layers) at 4 x 256 tokens in fp32: (9*576 + 4*1536) * 1024 * 4 B = 45 MiB a layer, 1.3 GiB
+# in all. Eager attention also keeps the scores and their softmax: 2 x heads x seq^2 per sequence.
+HIDDEN_PER_LAYER, MLP_PER_LAYER, EAGER_SCORES = 9, 4, 2
+# The loss (peftkit.evaluate.token_loss_sum) flattens logits[:, :-1] (a copy) and casts it to fp32;
+# cross-entropy keeps the fp32 log-softmax for backward. Three batch x seq x vocab fp32 tensors are alive
+# at once: logits + flat copy + log-softmax in the forward, log-softmax + grad of it + grad of the logits
+# in the backward. SmolLM2 (vocab 49152) at 4 x 256 tokens: 3 x 192 MiB = 576 MiB, more than its layers.
+LOGITS_COPIES = 3
+# The torch runtime's own working memory on CPU, beyond the tensors above: code pages of libtorch and
+# oneDNN first touched by a forward/backward, the allocator's and thread pools' buffers, lazily imported
+# modules. Measured by scripts/measure_memory.py: the quickstart and qlora runs, whose tensors are
+# < 11 MiB, grew the peak RSS by 123 and 173 MiB (2 CPU cores, torch 2.13): ~140 MiB, give or take 30.
+# On CUDA, max_memory_allocated counts tensors only, so the term is 0 there.
+CPU_RUNTIME_BYTES = 140 * 2**20
+
+
 @dataclass
 class MemoryEstimate:
+    """Bytes, per part. `model_state` lives the whole run; `activations` is the peak of one micro-batch
+    (an upper bound: sequences of data.max_length); `runtime` is the CPU constant above (0 on CUDA)."""
+
     base_weights: float
     adapter: float
     gradients: float
     optimizer: float
+    activations: float = 0.0
+    runtime: float = 0.0
+
+    @property
+    def model_state(self) -> float:
+        """Weights, adapter, gradients and optimizer state: known exactly from the config and recipe."""
+        return self.base_weights + self.adapter + self.gradients + self.optimizer
 
     @property
     def total(self) -> float:
-        return self.base_weights + self.adapter + self.gradients + self.optimizer
+        return self.model_state + self.activations + self.runtime
 
 
-def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
-    """Bytes of base weights, adapter weights, their gradients and optimizer state; None if no model can
-    be built from the config (the loader will then say why). A broken config.json raises a PeftkitError."""
+@dataclass
+class ModelShape:
+    """What the activation term needs from a config."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    vocab: int
+
+
+def model_shape(config) -> ModelShape | None:
+    """The shape of a decoder config (Llama, Qwen2, GPT-2 names via their attribute maps); None if a
+    field is missing (an architecture this estimate does not know: its activations are not counted)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        hidden, layers = int(text.hidden_size), int(text.num_hidden_layers)
+        heads, vocab = int(text.num_attention_heads), int(text.vocab_size)
+    except (AttributeError, TypeError):
+        return None
+    # GPT-2 names its MLP width n_inner, None meaning 4 x hidden
+    intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    return ModelShape(layers, hidden, int(intermediate), heads, vocab)
+
+
+def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, gradient_checkpointing: bool,
+                      lora_width: int = 0, eager: bool = False) -> tuple[float, float]:
+    """(logits bytes, layer bytes) one training micro-batch keeps at its peak (see the constants above).
+
+    Args:
+        shape: the model's dimensions.
+        batch, seq: micro-batch size and sequence length (data.max_length: an upper bound).
+        act_bytes: bytes per activation value (the compute dtype).
+        gradient_checkpointing: keep only each layer's input, and recompute one layer at a time in backward.
+        lora_width: sum of r over the adapted modules of one layer (their A outputs are kept).
+        eager: eager attention, which also keeps the seq x seq scores.
+    """
+    tokens = batch * seq
+    logits = LOGITS_COPIES * tokens * shape.vocab * 4  # fp32 for the loss whatever the model dtype
+    per_layer = tokens * (HIDDEN_PER_LAYER * shape.hidden + MLP_PER_LAYER * shape.intermediate + lora_width)
+    if eager:
+        per_layer += EAGER_SCORES * batch * shape.heads * seq * seq
+    if gradient_checkpointing:
+        # each layer's input is kept, one layer's worth is recomputed during its backward
+        layers = shape.layers * tokens * shape.hidden + per_layer
+    else:
+        layers = shape.layers * per_layer
+    return float(logits), float(layers * act_bytes)
+
+
+def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> MemoryEstimate | None:
+    """Bytes of base weights, adapter weights, their gradients, optimizer state, activations and (on CPU)
+    the runtime constant; None if no model can be built from the config (the loader will then say why).
+    A broken config.json raises a PeftkitError.
+
+    Args:
+        recipe: the run's recipe.
+        device: where it runs (decides the runtime constant); by default the one recipe.model.device picks.
+    """
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import find_targets, modules_to_save
     from peftkit.adapters.lora import linear_shape
-    from peftkit.modeling import load_config
+    from peftkit.modeling import load_config, resolve_device
 
     config = load_config(recipe.model)
     try:
@@ -65,14 +166,15 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
     q, r = recipe.quantization, recipe.adapter.r
     skip = set(q.skip_modules) if q else set()
     base = 0.0
+    for name, p in _unique_parameters(model):
+        module_name, _, _ = name.rpartition(".")
+        module = modules[module_name]
+        quantized = q is not None and isinstance(module, torch.nn.Linear) and module_name.rsplit(".", 1)[-1] not in skip
+        if quantized:
+            base += p.numel() * (1 if q.method == "int8" else QUANT_BITS[(q.method, q.double_quant)] / 8)
+        else:
+            base += p.numel() * BYTES[recipe.model.dtype]
     sizes: list[int] = []  # trainable tensors' element counts
-    for name, module in modules.items():
-        for p in module.parameters(recurse=False):
-            quantized = q is not None and isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip
-            if quantized:
-                base += p.numel() * (1 if q.method == "int8" else QUANT_BITS[(q.method, q.double_quant)] / 8)
-            else:
-                base += p.numel() * BYTES[recipe.model.dtype]
     for name in targets:
         m = modules[name]
         fan_in, fan_out = m.weight.shape[::-1] if isinstance(m, torch.nn.Embedding) else linear_shape(m)
@@ -80,20 +182,54 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
     for module in modules_to_save(model, recipe.adapter.modules_to_save).values():
         sizes += [p.numel() for p in module.parameters()]
     adapter = 4.0 * sum(sizes)  # fp32
-    return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes))
+    device = device if device is not None else resolve_device(recipe.model.device)
+    return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes),
+                          activations=_activations(recipe, config, len(targets)),
+                          runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
+
+
+def _unique_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) with tied weights once: SmolLM2's lm_head.weight is embed_tokens.weight.
+
+    On the meta device `from_config` ties them into one object, which `named_parameters` already yields
+    once; `all_tied_weights_keys` ({"lm_head.weight": "model.embed_tokens.weight"}) also drops a tied copy
+    that a model class left as a separate tensor.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+    tied = set(tied) if isinstance(tied, dict) and getattr(model.config, "tie_word_embeddings", True) else set()
+    return [(n, p) for n, p in model.named_parameters() if n not in tied]
+
+
+def _activations(recipe: Recipe, config, num_targets: int) -> float:
+    """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad:
+    logits, their flat copy and the log-softmax, LOGITS_COPIES as in training)."""
+    shape = model_shape(config)
+    if shape is None:
+        return 0.0
+    q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length
+    # activations have the compute dtype: the 4-bit base's compute_dtype, else the load dtype (mixed
+    # precision on CUDA makes most of them 16-bit: then this is an upper bound)
+    dtype = q.compute_dtype if q is not None and q.method != "int8" else recipe.model.dtype
+    width = recipe.adapter.r * num_targets // max(shape.layers, 1)
+    logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
+                                       width, recipe.model.attn_implementation == "eager")
+    evaluation = LOGITS_COPIES * recipe.eval.batch_size * seq * shape.vocab * 4 if recipe.data.eval else 0
+    return max(logits + layers, evaluation)
 
 
 def check_fits(estimate: MemoryEstimate | None, device: torch.device) -> None:
-    """Refuse a run whose estimate exceeds all the memory of `device` (RAM on CPU, the GPU's on CUDA).
+    """Refuse a run whose model state exceeds all the memory of `device` (RAM on CPU, the GPU's on CUDA).
 
-    Generous on purpose: activations are left out and only the device's *total* memory counts, so only a
-    run that cannot possibly fit is refused, before it dies in the allocator or the OOM killer (an absurd
-    adapter.r such as 10,000,000 asks for terabytes). A None estimate (config unreadable) passes.
+    Generous on purpose: activations and the runtime are left out (they are an upper bound that depends on
+    how long the examples really are, and batch_size or gradient checkpointing fix them without changing
+    the model), and only the device's *total* memory counts, so only a run that cannot possibly fit is
+    refused, before it dies in the allocator or the OOM killer (an absurd adapter.r such as 10,000,000
+    asks for terabytes). A None estimate (config unreadable) passes.
     """
     if estimate is None:
         return
     available = device_memory(device)
-    if estimate.total <= available:
+    if estimate.model_state <= available:
         return
     where = "of RAM on this machine" if device.type == "cpu" else f"on {torch.cuda.get_device_name(device)}"
     adapter_part = estimate.adapter + estimate.gradients + estimate.optimizer
@@ -104,8 +240,8 @@ def check_fits(estimate: MemoryEstimate | None, device: torch.device) -> None:
         fix = ("Most of it is the base model's weights: load them 4-bit (a quantization section with method: nf4), "
                "or use a smaller model.")
     raise PeftkitError(
-        f"This run needs an estimated {_size(estimate.total)} before activations ({_parts(estimate)}), more than "
-        f"the {_size(available)} {where}. {fix}"
+        f"This run needs an estimated {_size(estimate.model_state)} before activations ({_parts(estimate)}), more "
+        f"than the {_size(available)} {where}. {fix}"
     )
 
 
@@ -123,9 +259,14 @@ def _parts(est: MemoryEstimate) -> str:
 
 
 def print_estimate(console: Console, est: MemoryEstimate | None) -> None:
+    """One line: the model state's parts, activations (an upper bound at data.max_length), the CPU runtime."""
     if est is None:
         return
-    console.print(f"Memory estimate before activations: {_parts(est)} = {_size(est.total)}")
+    extra = f" + activations ≤ {_size(est.activations)}"
+    if est.runtime:
+        extra += f" + runtime {_size(est.runtime)}"
+    console.print(f"Memory estimate: {_parts(est)}{extra} = {_size(est.total)} "
+                  "(activations for sequences of data.max_length)")
 
 
 def _size(n: float) -> str:

@@ -172,17 +172,6 @@ def merge_device(adapter_dir: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _recorded_base(adapter_dir: str) -> str | None:
-    """The adapter's base_model_name_or_path, best effort: a broken config is load_adapter's to report."""
-    import json
-
-    try:
-        base = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return base if isinstance(base, str) else None
-
-
 def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool) -> None:
     """Refuse an --output whose replacement would delete something peftkit did not write.
 
@@ -226,10 +215,11 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         overwrite: replace an existing --output (never the base, the adapter or the current directory).
     """
     from peftkit.modeling import DTYPES, load_adapted_model
+    from peftkit.peft_format import recorded_base
 
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
     for out in outputs:
-        check_merge_output(out, {"base model": base or _recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
+        check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir))
     if dtype is None:
         saved = getattr(model.config, "dtype", None)

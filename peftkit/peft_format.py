@@ -274,3 +274,13 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
 def quantized_on(path: str | Path) -> str | None:
     """'cpu' or 'cuda': where the 4-bit/8-bit base of a peftkit adapter was quantized (None if unknown)."""
     return read_meta(path).quantized_on
+
+
+def recorded_base(adapter_dir: str | Path) -> str | None:
+    """The adapter's base_model_name_or_path, best effort and without reading its weights (a broken config is
+    `load_adapter`'s to report)."""
+    try:
+        base = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) else None

@@ -60,7 +60,7 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
                 "stay)."
             )
     previous = out / "recipe.yaml"
-    if not overwrite and previous.exists() and previous.read_text() != recipe_yaml:
+    if not overwrite and previous.exists() and _normalised(previous) != recipe_yaml:
         raise PeftkitError(
             f"{out} holds a run of a different recipe (its recipe.yaml differs). Choose another export.output_dir, "
             "or pass --overwrite to replace that run."
@@ -75,6 +75,20 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
             f"{out} holds an unfinished run of this recipe, with checkpoints in {out / 'checkpoints'}. Continue it "
             "with --resume, or pass --overwrite to start again from step 0 (its checkpoints are then removed)."
         )
+
+
+def _normalised(recipe_file: Path) -> str | None:
+    """A run's recipe.yaml as today's schema writes it, so that a key added to peftkit since (with its default)
+    does not make the same recipe look different; None if it no longer reads as a recipe."""
+    import yaml
+    from pydantic import ValidationError
+
+    from peftkit.recipe import Recipe
+
+    try:
+        return Recipe.model_validate(yaml.safe_load(recipe_file.read_text())).to_yaml()
+    except (OSError, ValueError, yaml.YAMLError, ValidationError):
+        return None
 
 
 def make_writable_dir(out: Path, key: str = "export.output_dir") -> None:

@@ -31,13 +31,14 @@ from rich.console import Console
 from peftkit.adapters import adapter_state_dict, count_parameters, inject_adapters, nonfinite_tensors, trainable_parameters
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
-from peftkit.data import load_examples, micro_batches
+from peftkit.data import describe_stats, load_examples, micro_batches
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import evaluate_loss, token_loss_sum
 from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.merge import conv1d_modules, merged_model, save_merged
 from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import peft_config, save_adapter
+from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
@@ -170,20 +171,25 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     check_device_support(cfg, device)
     if note := cpu_dtype_note(cfg, device):
         console.print(f"[yellow]note:[/] {note}")
-    estimate = estimate_memory(cfg)
+    estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
     train_ex, train_stats = load_examples(tok, cfg.data.train, cfg.data.train_split, cfg.data)
     eval_ex = load_examples(tok, cfg.data.eval, cfg.data.eval_split, cfg.data)[0] if cfg.data.eval else None
-    _report_data(console, train_stats)
+    for line in describe_stats(train_stats, cfg.data):
+        console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
     inputs = run_inputs(cfg)
 
     with console.status("Loading model..."):
         model = load_model(cfg.model, cfg.quantization, device)
     summary = {"base_eval_loss": None}
     if eval_ex and cfg.eval.base_model and not resume:
-        summary["base_eval_loss"] = evaluate_loss(model, eval_ex, cfg.eval.batch_size, tok.pad_token_id)["loss"]
+        with console.status(f"Evaluating the base model on {len(eval_ex)} examples (eval.base_model: true)..."):
+            base = evaluate_loss(model, eval_ex, cfg.eval.batch_size, tok.pad_token_id)
+        console.print(f"base model: eval loss {base['loss']:.4f} (ppl {base['perplexity']:.2f}) on {len(eval_ex)} "
+                      "examples", highlight=False)
+        summary["base_eval_loss"] = base["loss"]
 
     # Seed again right before the adapter is drawn: its init must not depend on what loading consumed.
     torch.manual_seed(tcfg.seed)
@@ -209,10 +215,8 @@ def _loop(run: _Run, state: LoopState) -> None:
     stream = micro_batches(run.train_ex, tcfg.batch_size, tcfg.seed, cfg.data.shuffle, run.tok.pad_token_id,
                            start=state.step * tcfg.grad_accum, num_workers=cfg.data.num_workers)
     run.model.train()
-    progress = _progress(run.console)
-    task = progress.add_task("train", total=run.total_steps, completed=state.step, loss=float("nan"), lr=0.0, tps=0.0)
     window_start, window_tokens = time.time(), 0
-    with StopRequest() as stop, progress:
+    with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
         while state.step < run.total_steps:
             if stop.signal is not None:
                 path = run.checkpoint(state)
@@ -231,10 +235,11 @@ def _loop(run: _Run, state: LoopState) -> None:
                 record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
                 append_line(run.metrics_path, json.dumps(record), sync=False)
-                progress.update(task, completed=state.step, loss=loss_value, lr=lr, tps=tps)
+                progress.update(state.step, loss_value, lr, tps)
                 window_start, window_tokens = time.time(), 0
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
-                run.evaluate(state.step)
+                result = run.evaluate(state.step)
+                progress.note(f"step {state.step}: eval loss {result['loss']:.4f} (ppl {result['perplexity']:.2f})")
             if tcfg.save_steps and state.step % tcfg.save_steps == 0:
                 run.checkpoint(state)
 
@@ -359,29 +364,12 @@ def _load_dtype(cfg: Recipe, model) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _report_data(console: Console, stats: dict) -> None:
-    msg = f"{stats['examples']} training examples"
-    if stats["bad_rows"]:
-        msg += f"; skipped {stats['bad_rows']} bad rows (data.on_bad_rows: skip)"
-    if stats["too_long"]:
-        msg += f"; dropped {stats['too_long']} whose target lies beyond data.max_length"
-    console.print(msg)
-
-
-def _progress(console: Console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
-    )
-
-
 def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:
     from rich.table import Table
 
     table = Table(title="peftkit train: done", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a path folds onto the next line, never cut to `/tmp/run…` in a log
     if s["base_eval_loss"] is not None:
         table.add_row("eval loss, base model", f"{s['base_eval_loss']:.4f}  (ppl {math.exp(min(s['base_eval_loss'], 700)):.2f})")
     if s["eval_loss"] is not None:

@@ -94,7 +94,7 @@ def _check_remote_code(recipe: Recipe, allowed: bool, manifest_path: Path) -> No
 def _changed_files(run_dir: Path, manifest: Manifest, on_disk: dict[str, str]) -> list[str]:
     """What in RUN_DIR no longer matches the manifest: recipe.yaml, and each file of the exported dirs."""
     out = []
-    if manifest.recipe.sha256() != manifest.recipe_sha256:
+    if manifest.recorded_recipe_sha256 != manifest.recipe_sha256:
         out.append(f"{MANIFEST}: its recipe does not hash to its recipe_sha256; the manifest was edited after the run")
     recipe_file = run_dir / RECIPE_FILE
     if not recipe_file.is_file():

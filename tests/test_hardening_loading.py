@@ -455,13 +455,13 @@ def test_cli_eval_of_a_nan_adapter(adapter, base, number_data, tmp_path, monkeyp
 
 
 def test_eval_of_a_model_with_a_nonfinite_loss(base, number_data, tmp_path):
-    from peftkit.evaluate import evaluate
+    from peftkit.evaluate import eval_job, evaluate
 
     broken = _copy(base, tmp_path / "model")
     state = load_file(broken / WEIGHTS)
     state["model.norm.weight"][0] = float("inf")
     save_file(state, broken / WEIGHTS, metadata={"format": "pt"})
     with pytest.raises(PeftkitError) as info:
-        evaluate(str(broken), str(number_data["eval"]), "alpaca")
+        evaluate(eval_job(None, [], str(broken), str(number_data["eval"]), "alpaca", None, None, None, None))
     assert str(info.value).startswith(f"{broken} produces a non-finite loss (nan) on {number_data['eval']}: its "
                                       "weights hold NaN/inf")

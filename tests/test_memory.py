@@ -1,8 +1,13 @@
-"""The memory estimate, against counts worked out by hand for the tiny Llama."""
+"""The memory estimate, against counts worked out by hand for the tiny Llama and the real parameter bytes of\na loaded tied model."""
+
+import io
 
 import pytest
+import torch
+from rich.console import Console
 
-from peftkit.memory import estimate_memory
+from peftkit.memory import (CPU_RUNTIME_BYTES, MemoryEstimate, ModelShape, activation_memory, check_fits,
+                            estimate_memory, print_estimate)
 from peftkit.recipe import load_recipe
 from tests.conftest import make_recipe
 
@@ -27,3 +32,100 @@ def test_estimate_nf4_weights(tiny_llama, number_data, tmp_path):
     linear = 2 * (32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64)
     rest = 2 * 102 * 32 + 2 * 2 * 32 + 32  # embeddings, lm_head (skipped), norms
     assert est.base_weights == pytest.approx(linear * 4.127 / 8 + 4 * rest)
+
+
+# ----------------------------------------------------------------------------- tied embeddings
+
+
+def _tiny_tied_llama(path):
+    """A 2-layer Llama whose lm_head is tied to embed_tokens, as SmolLM2's and Qwen2-0.5B's are."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(path)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_tied_embeddings_counted_once(number_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model_dir = _tiny_tied_llama(tmp_path / "tied")
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # the premise: really tied
+    real = sum(p.numel() * p.element_size() for p in loaded.parameters())  # parameters() yields shared ones once
+    est = estimate_memory(load_recipe(make_recipe(tmp_path, model_dir, number_data)))
+    assert est.base_weights == real
+    # and by hand: the untied tiny Llama's weights less one vocab x hidden matrix
+    assert est.base_weights == 4 * (102 * 32 + 2 * (32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64 + 2 * 32) + 32)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def _shape():
+    return ModelShape(layers=2, hidden=32, intermediate=64, heads=4, vocab=102)
+
+
+def test_logits_term_is_three_fp32_batch_seq_vocab_tensors():
+    for act_bytes in (4, 2):  # the loss casts logits to fp32 whatever the model's dtype
+        logits, _ = activation_memory(_shape(), batch=4, seq=128, act_bytes=act_bytes, gradient_checkpointing=False)
+        assert logits == 3 * (4 * 128 * 102 * 4)
+
+
+def test_activations_scale_with_batch_and_shrink_with_checkpointing():
+    one = activation_memory(_shape(), batch=4, seq=128, act_bytes=4, gradient_checkpointing=False)
+    two = activation_memory(_shape(), batch=8, seq=128, act_bytes=4, gradient_checkpointing=False)
+    assert two == (2 * one[0], 2 * one[1])
+    # per token and layer: 9 hidden + 4 MLP values (+ r per adapted module); 2 layers; fp32
+    assert one[1] == 2 * 4 * 128 * (9 * 32 + 4 * 64) * 4
+    _, checkpointed = activation_memory(_shape(), batch=4, seq=128, act_bytes=4, gradient_checkpointing=True)
+    # each layer's input kept (2 x hidden) + one layer recomputed
+    assert checkpointed == 4 * 128 * (2 * 32 + 9 * 32 + 4 * 64) * 4 < one[1]
+    deep = ModelShape(layers=30, hidden=576, intermediate=1536, heads=9, vocab=49152)  # SmolLM2-135M
+    full = activation_memory(deep, 4, 256, 4, gradient_checkpointing=False)[1]
+    assert activation_memory(deep, 4, 256, 4, gradient_checkpointing=True)[1] < full / 10
+
+
+def test_estimate_includes_activations_of_the_recipe(tiny_llama, number_data, tmp_path):
+    def activations(**training):
+        recipe = make_recipe(tmp_path, tiny_llama, number_data, training=training, eval={"batch_size": 1})
+        return estimate_memory(load_recipe(recipe), torch.device("cpu"))
+
+    est = activations(batch_size=4)
+    # 4 x 128 tokens: logits 3 x 102 fp32; 2 layers x (9 x 32 + 4 x 64 + r 4 x 7 adapted modules) fp32
+    tokens = 4 * 128
+    assert est.activations == 3 * tokens * 102 * 4 + 2 * tokens * (9 * 32 + 4 * 64 + 4 * 7) * 4
+    assert est.total == est.model_state + est.activations + CPU_RUNTIME_BYTES
+    assert activations(batch_size=8).activations == 2 * est.activations
+    assert activations(batch_size=4, gradient_checkpointing=True).activations < est.activations
+
+
+def test_evaluation_logits_count_when_larger(tiny_llama, number_data, tmp_path):
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"batch_size": 1},
+                                     eval={"batch_size": 64}))
+    assert estimate_memory(recipe).activations == 3 * 64 * 128 * 102 * 4  # the eval batch's logits
+
+
+def test_check_fits_refuses_on_model_state_only():
+    # activations are an upper bound (examples shorter than max_length use less): never a refusal
+    check_fits(MemoryEstimate(base_weights=1, adapter=1, gradients=1, optimizer=0, activations=2.0**60),
+               torch.device("cpu"))
+
+
+def test_printed_estimate_shows_activations(tiny_llama, number_data, tmp_path):
+    console = Console(file=io.StringIO(), width=300)
+    print_estimate(console, estimate_memory(load_recipe(make_recipe(tmp_path, tiny_llama, number_data)),
+                                            torch.device("cpu")))
+    line = console.file.getvalue()
+    assert "+ activations ≤ " in line and "+ runtime 140.00 MiB = " in line and "data.max_length" in line
+
+
+# No test measures a run's peak RSS: on a loaded 2-core CI machine the quickstart's growth is 120-170 MiB of
+# runtime around < 15 MiB of tensors, and the allocator's and the kernel's page accounting vary with
+# what else runs. scripts/measure_memory.py holds the measured comparison (README, "Memory estimate").

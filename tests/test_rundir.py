@@ -364,3 +364,14 @@ def test_disk_full_during_merge_leaves_no_partial_output(adapter_run, tmp_path, 
                                            r"version of it, if any, is intact; free some disk space"):
         merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "merged-model"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_written_before_a_recipe_key_was_added_is_the_same_recipe(tiny_llama, number_data, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    (tmp_path / "run" / "manifest.json").unlink()  # unfinished, as if killed
+    old = (tmp_path / "run" / "recipe.yaml").read_text()
+    (tmp_path / "run" / "recipe.yaml").write_text(old.replace("  truncation: keep\n", ""))  # an older peftkit's
+    console, buffer = _console()
+    train(recipe, resume=True, console=console)
+    assert "Resumed from step-00000006" in buffer.getvalue()

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make_recipe
 from rich.console import Console
 from typer.testing import CliRunner
@@ -237,3 +238,19 @@ def test_cli_malformed_manifest_exits_2_without_a_traceback(run):
 def test_a_tolerance_must_be_a_finite_non_negative_number(run, tolerance):
     with pytest.raises(PeftkitError, match=f"^--tolerance {tolerance}: must be a finite number >= 0"):
         verify(run, tolerance=tolerance, console=_quiet())
+
+
+def test_a_run_recorded_before_a_recipe_key_was_added_still_verifies(run):
+    """A manifest written by an older peftkit lacks keys today's schema adds with their defaults
+    (`data.truncation`): the recorded recipe must hash as written, not as re-dumped today."""
+    def drop_truncation(manifest):
+        del manifest["recipe"]["data"]["truncation"]
+        as_run = yaml.safe_load((run / "recipe.yaml").read_text())  # the schema's key order, as to_yaml writes
+        del as_run["data"]["truncation"]
+        old_yaml = yaml.safe_dump(as_run, sort_keys=False)
+        manifest["recipe_sha256"] = hashlib.sha256(old_yaml.encode()).hexdigest()
+        (run / "recipe.yaml").write_text(old_yaml)
+
+    _edit_manifest(run, drop_truncation)
+    report = verify(run, console=_quiet())
+    assert report.ok, report.differences

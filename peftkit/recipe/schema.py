@@ -127,7 +127,11 @@ class DataConfig(Section):
     format: Literal["alpaca", "chat", "completion", "text"] = "alpaca"
     """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text."""
     max_length: int = Field(512, gt=0)
-    """Examples are truncated to this many tokens."""
+    """Examples are truncated to this many tokens; one with no target token left is dropped (and counted)."""
+    truncation: Literal["keep", "drop", "error"] = "keep"
+    """An example whose target is cut by `max_length` (its end, EOS / end-of-turn, is lost, so the model does not
+    learn to stop there): `keep` trains on it as cut and reports the count, `drop` leaves it out, `error` stops
+    naming the first such row."""
     train_split: str = "train"
     eval_split: str = "train"
     """Split to read; a local file has only `train`."""

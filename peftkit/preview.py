@@ -1,0 +1,154 @@
+"""`peftkit preview`: the first training examples the way the model sees them.
+
+Each example is shown after formatting, the chat template and the cut at data.max_length, token by token:
+the loss-masked part (labels -100: the prompt, role headers, system text) dim, the trained part bold green.
+Without a terminal, or with NO_COLOR set, styles are dropped and delimiters take their place, so logs and
+tests read the same thing: `[masked]` and `«trained»`. Labels are shown as the data builds them, aligned with
+the input ids (the model shifts them: position t is trained to predict the label of t + 1).
+
+Only the tokenizer is loaded, never the model, so a preview of a 70B recipe costs seconds. The whole training
+set is tokenized for the closing counts (the same counts `peftkit train` prints).
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+
+from rich.console import Console
+from rich.text import Text
+
+from peftkit.data import (
+    IGNORE_INDEX,
+    BuiltExample,
+    Example,
+    build_examples,
+    count_examples,
+    describe_stats,
+    load_rows,
+    truncation_error,
+)
+from peftkit.recipe import DataConfig, Recipe
+
+MASKED_STYLE = "dim"
+TRAINED_STYLE = "bold green"
+# Plain-text delimiters: brackets are what people expect for "left out"; guillemets rarely occur in data.
+MASKED_OPEN, MASKED_CLOSE = "[", "]"
+TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
+NEWLINE_MARK = "↵"  # a newline shows as ↵ and then breaks the line: a trained trailing newline stays visible
+CUT_MARK = " ✂"
+_WINDOW = 8  # tokens of left context when decoding one token (see _pieces)
+
+
+def is_plain(console: Console) -> bool:
+    """Delimiters instead of styles: not a terminal (a log, a pipe, a test), NO_COLOR, or TERM=dumb."""
+    return not console.is_terminal or console.no_color or console.color_system is None
+
+
+def _pieces(tok, ids: list[int]) -> list[str]:
+    """The text of each token, such that the pieces join to the decoded text.
+
+    Decoding one id alone loses context: SentencePiece drops a word's leading space at the start of a decode,
+    and a byte-level BPE splits a multi-byte character over tokens. So each piece is the decode of a few
+    tokens of left context plus this one, minus the decode of the context alone; where that is not a prefix
+    (half a character), the token's own decode.
+    """
+    pieces = []
+    for i, token_id in enumerate(ids):
+        context = ids[max(0, i - _WINDOW) : i]
+        before = tok.decode(context, skip_special_tokens=False) if context else ""
+        after = tok.decode([*context, token_id], skip_special_tokens=False)
+        pieces.append(after[len(before) :] if after.startswith(before) else tok.decode([token_id]))
+    return pieces
+
+
+def render_tokens(tok, example: Example, *, plain: bool, show_ids: bool = False, cut: bool = False) -> Text:
+    """The example's tokens, masked ones (label -100) and trained ones told apart.
+
+    Args:
+        plain: delimit runs with `[...]` (masked) and `«...»` (trained) instead of styling them.
+        show_ids: follow each token with its id, `⟨id⟩`, which also shows token boundaries.
+        cut: the example was cut at data.max_length; end with a scissors mark.
+    """
+    text = Text()
+    runs: list[tuple[bool, list[tuple[str, int]]]] = []  # (trained, [(piece, id), ...]), contiguous
+    for piece, token_id, label in zip(_pieces(tok, example.input_ids), example.input_ids, example.labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append((piece, token_id))
+        else:
+            runs.append((trained, [(piece, token_id)]))
+    for trained, tokens in runs:
+        style = TRAINED_STYLE if trained else MASKED_STYLE
+        if plain:
+            text.append(TRAINED_OPEN if trained else MASKED_OPEN)
+        for piece, token_id in tokens:
+            text.append(piece.replace("\n", NEWLINE_MARK), style=None if plain else style)
+            if show_ids:
+                text.append(f"⟨{token_id}⟩", style=None if plain else "italic cyan")
+            text.append("\n" * piece.count("\n"))  # the line breaks after the id, so an id stays with its token
+        if plain:
+            text.append(TRAINED_CLOSE if trained else MASKED_CLOSE)
+    if cut:
+        text.append(CUT_MARK, style=None if plain else "bold red")
+    return text
+
+
+def describe_example(built: BuiltExample, cfg: DataConfig) -> str:
+    """The header line of one example: where it is, its token counts, and whether its target kept its end."""
+    example = built.example
+    n = len(example.input_ids)
+    # Trained = tokens with loss: the first label is never learned (nothing comes before it), as in data.py.
+    trained = sum(label != IGNORE_INDEX for label in example.labels[1:])
+    size = (f"{n} of {built.length} tokens (cut at data.max_length={cfg.max_length})" if built.truncated
+            else f"{n} tokens")
+    line = f"{built.where}: {size}, {trained} trained"
+    if built.no_target:
+        return line + "; dropped: no target token within data.max_length"
+    if not built.target_lost:
+        return line + "; end of target (EOS / end-of-turn): trained"
+    fate = {"keep": "trained as cut (data.truncation: keep)", "drop": "left out (data.truncation: drop)",
+            "error": "training stops here (data.truncation: error)"}[cfg.truncation]
+    return (line + f"; end of target (EOS / end-of-turn): CUT, its last {built.target_lost} target tokens lie "
+            f"beyond data.max_length; {fate}")
+
+
+def legend(plain: bool) -> Text:
+    if plain:
+        return Text(f"legend: {MASKED_OPEN}masked: no loss (label -100){MASKED_CLOSE} "
+                    f"{TRAINED_OPEN}trained: loss{TRAINED_CLOSE}  ↵ newline  ✂ cut at data.max_length")
+    return Text.assemble("legend: ", ("masked: no loss (label -100)", MASKED_STYLE), "  ",
+                         ("trained: loss", TRAINED_STYLE), "  ↵ newline  ✂ cut at data.max_length")
+
+
+def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False) -> list[BuiltExample]:
+    """Print the first `n` examples of the recipe's training data as the model sees them, then the counts
+    training would print for the whole set. Loads the tokenizer, not the model. Returns the examples shown.
+
+    Args:
+        n: how many rows to show (bad rows skipped under data.on_bad_rows: skip are not shown).
+        show_ids: print each token's id after it.
+    """
+    from peftkit.modeling import load_tokenizer
+
+    cfg = recipe.data
+    tok = load_tokenizer(recipe.model)
+    rows, bad, line_numbers = load_rows(cfg.train, cfg.train_split, cfg.on_bad_rows)
+    shown = list(islice((b for b in build_examples(tok, rows, cfg, cfg.train, line_numbers) if b is not None), n))
+    plain = is_plain(console)
+    out = {"markup": False, "highlight": False, "soft_wrap": True}  # data is not rich markup; one line stays one line
+    console.print(f"data.train {cfg.train}: format {cfg.format}, data.max_length {cfg.max_length}, "
+                  f"the first {len(shown)} of {len(rows)} rows", **out)
+    console.print(legend(plain), **out)
+    for i, built in enumerate(shown, 1):
+        console.print()
+        console.print(f"example {i}  {describe_example(built, cfg)}", **out)
+        console.print(render_tokens(tok, built.example, plain=plain, show_ids=show_ids, cut=built.truncated), **out)
+    _, stats, cuts = count_examples(tok, rows, cfg, cfg.train, line_numbers)
+    stats["bad_rows"] += bad
+    console.print()
+    for line in describe_stats(stats, cfg):
+        console.print(line, **out)
+    if cfg.truncation == "error" and cuts.first is not None:
+        console.print("training would stop: " + truncation_error(cuts.first, stats["target_cut"], cuts.longest, cfg),
+                      **out)
+    return shown

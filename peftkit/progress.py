@@ -1,0 +1,74 @@
+"""What a run shows while it trains: rich's live bar on a terminal, plain lines everywhere else.
+
+A live bar redraws one line in place; written to a file (nohup, a cluster job, CI) it appears once, at the
+end, and a 20-minute run's log holds nothing in between. So when the console is not a terminal, progress is
+a plain line every `interval_s` seconds or every tenth of the run, whichever comes first, plus the first and
+the last step: about a dozen lines for a short run, one every 30 s for a long one.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from rich.console import Console
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+class TrainProgress:
+    """Progress of the training loop from `start_step` to `total` optimizer steps.
+
+    Args:
+        console: where it goes; `console.is_terminal` picks the live bar or plain lines.
+        interval_s: the longest gap between two plain lines.
+    """
+
+    def __init__(self, console: Console, total: int, start_step: int = 0, interval_s: float = 30.0) -> None:
+        self.console, self.total, self.start_step, self.interval_s = console, total, start_step, interval_s
+        self.every = max(1, -(-total // 10))  # a tenth of the run, rounded up
+        self.started = self.last_line = time.monotonic()
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
+
+    def __enter__(self) -> TrainProgress:
+        if self.bar is not None:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Called at each logged step."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, lr=lr, tps=tokens_per_s)
+            return
+        now = time.monotonic()
+        due = (step == self.start_step + 1 or step == self.total or step % self.every == 0
+               or now - self.last_line >= self.interval_s)
+        if not due:
+            return
+        self.last_line = now
+        elapsed = now - self.started
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done else 0.0
+        self.console.print(
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  lr {lr:.2e}  "
+            f"{tokens_per_s:,.0f} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}", highlight=False, soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        """A line of its own (an evaluation's result), above the live bar when there is one."""
+        self.console.print(text, highlight=False, soft_wrap=True)

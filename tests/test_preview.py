@@ -1,0 +1,181 @@
+"""`peftkit preview`: examples shown token by token, masked (label -100) apart from trained, with their
+counts and whether the target kept its end; checked against hand-built masks and the exact text printed.
+
+The model directory holds a tokenizer and config.json but no weights: a preview that loaded the model
+would fail."""
+
+import io
+import json
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from peftkit.cli import app
+from peftkit.data import IGNORE_INDEX, Example, load_examples
+from peftkit.preview import TRAINED_STYLE, is_plain, preview, render_tokens
+from peftkit.recipe import DataConfig, load_recipe
+from peftkit.tiny import build_char_tokenizer, write_jsonl
+
+TOK = build_char_tokenizer()
+BOS, EOS = TOK.bos_token_id, TOK.eos_token_id
+X = IGNORE_INDEX
+
+ROWS = [
+    {"prompt": "2+2=", "completion": "4"},  # <s> + 4 + 1 + </s> = 7 tokens
+    {"prompt": "Say hi:", "completion": " hello there"},  # 8 + 13 = 21 tokens: cut at 12 after " hel"
+    {"prompt": "a", "completion": "b"},
+]
+
+
+def ids(text: str) -> list[int]:
+    return TOK.convert_tokens_to_ids(list(text))
+
+
+def _model_dir(tmp_path, chat_template=None):
+    """Tokenizer and config, no weights."""
+    from transformers import LlamaConfig
+
+    path = tmp_path / "tok-only"
+    tok = build_char_tokenizer()
+    if chat_template:
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        tok.chat_template = chat_template
+    tok.save_pretrained(path)
+    LlamaConfig(vocab_size=len(TOK), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2).save_pretrained(path)
+    return path
+
+
+def _recipe(tmp_path, rows, chat_template=None, **data):
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = {"model": {"name_or_path": str(_model_dir(tmp_path, chat_template))},
+              "data": {"train": "train.jsonl", "format": "completion", "max_length": 12, **data},
+              "export": {"output_dir": "run"}}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    return tmp_path / "r.yaml"
+
+
+def _preview(recipe_path, n=3, **kw) -> str:
+    out = io.StringIO()
+    preview(load_recipe(recipe_path), n, Console(file=out, width=80), **kw)  # a file, not a terminal: plain
+    return out.getvalue()
+
+
+def test_plain_rendering_delimits_masked_and_trained_tokens():
+    example = Example([BOS, *ids("ab\ncd"), EOS], [X, X, X, X, *ids("cd"), EOS])
+    assert render_tokens(TOK, example, plain=True).plain == "[<s>ab↵\n]«cd</s>»"
+    assert render_tokens(TOK, example, plain=True, cut=True).plain == "[<s>ab↵\n]«cd</s>» ✂"
+    a, b, nl, c, d = ids("ab\ncd")
+    assert render_tokens(TOK, example, plain=True, show_ids=True).plain == (
+        f"[<s>⟨{BOS}⟩a⟨{a}⟩b⟨{b}⟩↵⟨{nl}⟩\n]«c⟨{c}⟩d⟨{d}⟩</s>⟨{EOS}⟩»")
+
+
+def test_styled_rendering_colours_the_same_tokens():
+    example = Example([BOS, *ids("ab\ncd"), EOS], [X, X, X, X, *ids("cd"), EOS])
+    text = render_tokens(TOK, example, plain=False)
+    assert text.plain == "<s>ab↵\ncd</s>"  # no delimiters: the styles tell the parts apart
+
+    def styled(style):
+        return "".join(text.plain[s.start : s.end] for s in text.spans if s.style == style)
+
+    assert styled("dim") == "<s>ab↵"
+    assert styled(TRAINED_STYLE) == "cd</s>"
+
+
+def test_plain_when_not_a_terminal_or_no_color(monkeypatch):
+    assert is_plain(Console(file=io.StringIO()))
+    assert not is_plain(Console(file=io.StringIO(), force_terminal=True, color_system="standard"))
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert is_plain(Console(file=io.StringIO(), force_terminal=True, color_system="standard"))
+
+
+def test_preview_prints_examples_counts_and_whether_the_end_survived(tmp_path):
+    recipe = _recipe(tmp_path, ROWS)
+    data = tmp_path / "train.jsonl"
+    assert _preview(recipe, n=2) == (
+        f"data.train {data}: format completion, data.max_length 12, the first 2 of 3 rows\n"
+        "legend: [masked: no loss (label -100)] «trained: loss»  ↵ newline  ✂ cut at data.max_length\n"
+        "\n"
+        f"example 1  {data}:1: 7 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n"
+        "[<s>2+2=]«4</s>»\n"
+        "\n"
+        f"example 2  {data}:2: 12 of 21 tokens (cut at data.max_length=12), 4 trained; end of target "
+        "(EOS / end-of-turn): CUT, its last 9 target tokens lie beyond data.max_length; trained as cut "
+        "(data.truncation: keep)\n"
+        "[<s>Say hi:]« hel» ✂\n"
+        "\n"
+        "3 training examples; 1 of 3 cut at data.max_length=12 tokens\n"
+        "warning: 1 of 3 examples lost the end of their target (the EOS / end-of-turn the model should learn to stop "
+        "on) to data.max_length=12 and are trained as cut (data.truncation: keep), so the model is not taught to "
+        "stop after them. Raise data.max_length, or set data.truncation: drop to leave them out.\n"
+    )
+
+
+def test_preview_shows_what_error_and_no_target_mean(tmp_path):
+    rows = [ROWS[1], {"prompt": "x" * 20, "completion": "y"}]
+    out = _preview(_recipe(tmp_path, rows, truncation="error"))
+    data = tmp_path / "train.jsonl"
+    assert "CUT, its last 9 target tokens lie beyond data.max_length; training stops here (data.truncation: error)" in out
+    assert (f"example 2  {data}:2: 12 of 23 tokens (cut at data.max_length=12), 0 trained; dropped: no target token "
+            "within data.max_length\n[<s>xxxxxxxxxxx] ✂\n") in out
+    assert out.endswith(
+        f"training would stop: {data}:1: this example has 21 tokens but data.max_length is 12, so its last 9 target "
+        "tokens, with the EOS / end-of-turn the model should learn to stop on, are cut (data.truncation: error). "
+        "Raise data.max_length to 21, or set data.truncation: drop to leave such examples out (keep trains on them "
+        "as cut).\n")
+
+
+def test_chat_preview_matches_the_hand_built_mask(tmp_path):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"}]
+    recipe = _recipe(tmp_path, [{"messages": messages}], format="chat", max_length=64)
+    # Everything up to and including the assistant header is masked; "yo</s>\n" is trained.
+    prompt = ids("<|system|>\nBe brief.") + [EOS] + ids("\n<|user|>\nhi") + [EOS] + ids("\n<|assistant|>\n")
+    (example,), _ = load_examples(TOK, str(tmp_path / "train.jsonl"), "train", DataConfig(
+        train=str(tmp_path / "train.jsonl"), format="chat", max_length=64))
+    assert example.input_ids == prompt + ids("yo") + [EOS] + ids("\n")
+    assert example.labels == [X] * len(prompt) + ids("yo") + [EOS] + ids("\n")
+    out = _preview(recipe)
+    assert len(prompt) == 49  # 20 + </s> + 12 + </s> + 15
+    assert ": 53 tokens, 4 trained; end of target (EOS / end-of-turn): trained\n" in out
+    assert "[<|system|>↵\nBe brief.</s>↵\n<|user|>↵\nhi</s>↵\n<|assistant|>↵\n]«yo</s>↵\n»\n" in out
+
+
+# Qwen2.5's template in miniature (as in test_truncation.py): a default system prompt when there is none.
+QWEN_STYLE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+NO_SYSTEM = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_chat_preview_shows_the_injected_system_prompt_and_warns(tmp_path):
+    out = _preview(_recipe(tmp_path, [{"messages": NO_SYSTEM}], chat_template=QWEN_STYLE, format="chat",
+                           max_length=100))
+    assert ("[<|im_start|>system↵\nYou are a helpful assistant.<|im_end|>↵\n<|im_start|>user↵\n2+2?<|im_end|>↵\n"
+            "<|im_start|>assistant↵\n]«4<|im_end|>↵\n»\n") in out
+    assert out.endswith("1 training examples\nwarning: the chat template adds a default system prompt of 27 tokens (27% "
+                        "of data.max_length=100) to each of the 1 conversations without a system message; it is masked "
+                        "from the loss but takes room the answers need. Add a short explicit system message to those "
+                        "conversations, or raise data.max_length.\n")
+
+
+def test_cli_preview_with_overrides_and_ids(tmp_path):
+    recipe = _recipe(tmp_path, ROWS)
+    result = CliRunner().invoke(app, ["preview", str(recipe), "--n", "1", "--show-ids",
+                                      "--set", "data.truncation=drop"])
+    assert result.exit_code == 0, result.output
+    four, plus, equals = ids("4"), ids("+"), ids("=")
+    assert (f"[<s>⟨{BOS}⟩2⟨{ids('2')[0]}⟩+⟨{plus[0]}⟩2⟨{ids('2')[0]}⟩=⟨{equals[0]}⟩]«4⟨{four[0]}⟩</s>⟨{EOS}⟩»\n"
+            in result.output)
+    assert ("2 training examples; 1 of 3 cut at data.max_length=12 tokens; dropped 1 whose target lost its end "
+            "(data.truncation: drop)\n") in result.output
+    assert "warning" not in result.output  # drop leaves nothing trained without its end
+
+
+def test_cli_help_shows_flags(tmp_path):
+    result = CliRunner().invoke(app, ["preview", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    assert "--show-ids" in result.output and "--show-ids <" not in result.output
+    assert "--n" in result.output and "Loads the tokenizer, not the model." in " ".join(result.output.split())

@@ -1,0 +1,149 @@
+"""What the user sees of a run: progress lines without a terminal, evaluations as they happen, `peftkit eval` on a
+recipe or run directory with the figures training reported, and flags that read as flags in --help."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from peftkit.cli import app
+from peftkit.errors import PeftkitError
+from peftkit.progress import TrainProgress
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+PLAIN_LINE = re.compile(r"^step (\d+)/(\d+) \(\d+%\)  loss \d+\.\d{4}  lr \d\.\d\de[-+]\d\d  [\d,]+ tok/s  "
+                        r"elapsed \d+:\d\d:\d\d  ETA \d+:\d\d:\d\d$")
+
+
+def _plain_steps(text: str) -> list[int]:
+    return [int(m.group(1)) for line in text.splitlines() if (m := PLAIN_LINE.match(line))]
+
+
+def test_plain_lines_every_tenth_of_the_run_and_at_both_ends():
+    buffer = io.StringIO()
+    with TrainProgress(Console(file=buffer, width=200), total=1000, interval_s=1e9) as progress:
+        for step in range(1, 1001):
+            progress.update(step, loss=1.0, lr=1e-4, tokens_per_s=1234.0)
+    assert _plain_steps(buffer.getvalue()) == [1, *range(100, 1001, 100)]
+
+
+def test_plain_lines_at_least_every_interval():
+    buffer = io.StringIO()
+    with TrainProgress(Console(file=buffer, width=200), total=1000, interval_s=0.0) as progress:
+        for step in range(1, 51):
+            progress.update(step, loss=1.0, lr=1e-4, tokens_per_s=1.0)
+    assert _plain_steps(buffer.getvalue()) == list(range(1, 51))
+
+
+def test_a_run_without_a_terminal_logs_progress_and_evaluations(tiny_llama, number_data, tmp_path):
+    buffer = io.StringIO()
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 6, "eval_steps": 2})
+    train(load_recipe(recipe), console=Console(file=buffer, width=200))
+    out = buffer.getvalue()
+    assert _plain_steps(out) == [1, 2, 3, 4, 5, 6]  # a tenth of 6 steps rounds up to every step
+    assert re.search(r"^base model: eval loss \d+\.\d{4} \(ppl [\d.]+\) on 16 examples$", out, re.M)
+    evals = {json.loads(line)["step"]: json.loads(line)["eval_loss"]
+             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line}
+    for step in (2, 4):
+        assert f"step {step}: eval loss {evals[step]:.4f} (ppl " in out
+    assert "━" not in out  # no live bar drawn into a file
+
+
+def test_a_terminal_gets_the_live_bar_not_plain_lines(tiny_llama, number_data, tmp_path):
+    buffer = io.StringIO()
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 3}, eval={"base_model": False})
+    train(load_recipe(recipe), console=Console(file=buffer, width=200, force_terminal=True))
+    out = buffer.getvalue()
+    assert _plain_steps(out) == [] and "3/3" in out and "tok/s" in out
+
+
+def test_cli_with_stdout_redirected_to_a_file_logs_progress(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4}, eval={"base_model": False})
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:  # as under nohup or a cluster scheduler
+        subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe)], stdout=f, stderr=subprocess.STDOUT,
+                       check=True, timeout=300)
+    assert _plain_steps(log.read_text()) == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------- peftkit eval
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_llama, number_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-run")
+    recipe = make_recipe(root, tiny_llama, number_data, training={"max_steps": 4}, eval={"base_model": True})
+    summary = train(load_recipe(recipe), console=Console(file=io.StringIO()))
+    return root, summary
+
+
+def _eval(*args: str) -> dict:
+    result = CliRunner().invoke(app, ["eval", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    loss, ppl, tokens = re.fullmatch(r"loss (\S+)  perplexity (\S+)  tokens (\d+)\n", result.output).groups()
+    return {"loss": float(loss), "tokens": int(tokens)}
+
+
+def test_eval_of_a_run_directory_gives_training_s_figures(finished):
+    root, summary = finished
+    from_run = _eval(str(root / "run"))  # recipe.yaml for data/format/settings, adapter/ as the adapter
+    assert from_run["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
+    base = _eval(str(root / "recipe.yaml"))  # the recipe alone: the base model, as training's base eval
+    assert base["loss"] == pytest.approx(summary["base_eval_loss"], abs=1e-4)
+    explicit = _eval(str(root / "recipe.yaml"), "--adapter", str(root / "run" / "adapter"))
+    assert explicit == from_run
+
+
+def test_eval_flags_default_to_the_recipe_defaults(finished, tiny_llama, number_data):
+    root, summary = finished
+    flags = _eval("--model", str(tiny_llama), "--adapter", str(root / "run" / "adapter"), "--data",
+                  str(number_data["eval"]))  # no --format: alpaca, as a recipe's default
+    assert flags["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
+
+
+def test_eval_format_mismatch_is_reported_before_the_model_loads(finished, number_data, tmp_path):
+    root, _ = finished
+    import shutil
+
+    broken = shutil.copytree(root / "run" / "adapter", tmp_path / "adapter")
+    (broken / "adapter_model.safetensors").write_bytes(b"not weights")  # would fail if it were loaded first
+    result = CliRunner().invoke(app, ["eval", str(root / "recipe.yaml"), "--adapter", str(broken), "--format", "chat"])
+    assert isinstance(result.exception, PeftkitError)
+    assert "missing field 'messages' for data.format 'chat'" in str(result.exception)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "peftkit eval needs a RECIPE (or a run directory), or both --model and --data."),
+    (["--model", "m"], "peftkit eval needs a RECIPE (or a run directory), or both --model and --data."),
+    (["--model", "m", "--data", "d.jsonl", "--format", "xml"], "--format 'xml': use alpaca, chat, completion or text."),
+    (["--model", "m", "--data", "d.jsonl", "--on-bad-rows", "drop"], "--on-bad-rows 'drop': use error or skip."),
+])
+def test_eval_bad_arguments(args, message):
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert isinstance(result.exception, PeftkitError) and str(result.exception) == message
+
+
+def test_eval_of_a_recipe_without_eval_data(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": number_data["train"], "eval": number_data["eval"]})
+    text = recipe.read_text().replace(f"  eval: {number_data['eval']}\n", "")
+    recipe.write_text(text)
+    result = CliRunner().invoke(app, ["eval", str(recipe)])
+    assert str(result.exception) == f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval)."
+
+
+@pytest.mark.parametrize("command, flags", [("train", ["--resume", "--overwrite"]), ("merge", ["--overwrite"]),
+                                            ("verify", ["--trust-remote-code"])])
+def test_boolean_options_read_as_flags_in_help(command, flags):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "<bool>" not in result.output
+    for flag in flags:
+        assert re.search(rf"^\s+{flag}\s{{2,}}\S", result.output, re.M), result.output
