@@ -62,3 +62,18 @@ def random_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> No
             for name, p in layer.adapter_params().items():
                 if name.startswith(("lora_B", "lora_embedding_A")):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def cli_user_error(monkeypatch, capsys, *args: str) -> str:
+    """Run the `peftkit` CLI in this process on a user mistake: assert exit 2 and no traceback; return stderr."""
+    import sys
+
+    from peftkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftkit", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return captured.err

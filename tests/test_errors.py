@@ -19,6 +19,7 @@ from peftkit.data import load_examples, load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.tiny import build_char_tokenizer, build_tiny_model, number_rows, write_jsonl
+from tests.conftest import cli_user_error
 
 TOK = build_char_tokenizer()
 
@@ -629,24 +630,6 @@ def test_cli_prints_brackets_in_messages_verbatim(tmp_path):
     _assert_user_error(_cli("validate", str(path), "--set", "training.[/]=1"))
 
 
-# ------------------------------------------------------------------------------------------ known gaps elsewhere
-# Mistakes that still end in a traceback, in code this file's author does not own. Each mark says the fix;
-# remove the mark once it is in (strict=False: a fix turns these into XPASS, not into a failure).
-
-
-def _main(monkeypatch, capsys, *args: str) -> str:
-    """Run `peftkit.cli.main` in this process; assert exit 2 and no traceback; return stderr."""
-    from peftkit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["peftkit", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 2, captured.err
-    assert "Traceback" not in captured.err + captured.out
-    return captured.err
-
-
 @pytest.mark.parametrize("args", [["validate"], ["train", "--nope", "x.yaml"], ["frobnicate"]])
 def test_cli_usage_errors_exit_2_without_traceback(tmp_path, args):
     result = _cli(*args, cwd=tmp_path)
@@ -655,7 +638,7 @@ def test_cli_usage_errors_exit_2_without_traceback(tmp_path, args):
 
 @pytest.mark.parametrize("option", [["--max-length", "0"], ["--batch-size", "0"]])
 def test_cli_eval_with_nonpositive_sizes(assets, monkeypatch, capsys, option):
-    stderr = _main(monkeypatch, capsys, "eval", "--model", str(assets["narrow"]), "--data",
+    stderr = cli_user_error(monkeypatch, capsys, "eval", "--model", str(assets["narrow"]), "--data",
                    str(assets["root"] / "train.jsonl"), "--format", "alpaca", *option)
     assert option[0].lstrip("-").replace("-", "_") in stderr.replace("-", "_")
 

@@ -7,14 +7,13 @@ into one and saved with `save_adapter`, then truncated, overwritten or edited.
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import make_recipe
+from tests.conftest import cli_user_error, make_recipe
 from peftkit.errors import PeftkitError
 from peftkit.recipe import ModelConfig
 from peftkit.tiny import build_tiny_model
@@ -67,17 +66,10 @@ def _load(path: Path, **quant):
 
 
 def _main(monkeypatch, capsys, *args: str) -> str:
-    """Run the `peftkit` CLI in this process; assert exit 2 and no traceback; return stderr."""
-    from peftkit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["peftkit", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 2, captured.err
-    assert "Traceback" not in captured.err + captured.out
-    assert captured.err.startswith("error: ")
-    return " ".join(captured.err.split())  # rich wraps long lines
+    """stderr of a user mistake that peftkit itself reports ('error: ...'), whitespace-normalised."""
+    stderr = cli_user_error(monkeypatch, capsys, *args)
+    assert stderr.startswith("error: "), stderr
+    return " ".join(stderr.split())
 
 
 # ----------------------------------------------------------------------------- 1. corrupt weights files
