@@ -1,0 +1,32 @@
+"""Datasets → token ids with loss masks → padded batches in a seeded, resumable order.
+
+Formats (the fields each row must have):
+- `alpaca`: instruction, output, optional input. Loss on the response only.
+- `chat`: messages = [{role, content}, ...], rendered with the tokenizer's chat template. Loss on the
+  assistant turns only (their content and the template's end-of-turn marker).
+- `completion`: prompt, completion. Loss on the completion only.
+- `text`: text. Loss on every token.
+EOS is appended to alpaca/completion/text examples so the model learns to stop. Examples are truncated
+to `max_length`; one with no target token left after truncation is dropped, with a count. One whose target
+lost its end (the EOS / end-of-turn it should learn to stop on) is kept, dropped or an error as
+`data.truncation` says, and counted either way: `describe_stats` turns the counts into the lines to print.
+"""
+
+from peftkit.data.batches import Collator, epoch_batches, eval_loader, micro_batches
+from peftkit.data.examples import (
+    IGNORE_INDEX,
+    BuiltExample,
+    Example,
+    build_examples,
+    count_examples,
+    describe_stats,
+    injected_system_tokens,
+    load_examples,
+    tokenize_rows,
+    truncation_error,
+)
+from peftkit.data.rows import REQUIRED_FIELDS, load_rows
+
+__all__ = ["IGNORE_INDEX", "REQUIRED_FIELDS", "BuiltExample", "Collator", "Example", "build_examples", "count_examples",
+           "describe_stats", "epoch_batches", "eval_loader", "injected_system_tokens", "load_examples", "load_rows",
+           "micro_batches", "tokenize_rows", "truncation_error"]

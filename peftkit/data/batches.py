@@ -1,0 +1,64 @@
+"""Examples -> padded batches, in an order that depends only on (seed, epoch), so a resumed run needs no replay."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from peftkit.data.examples import IGNORE_INDEX, Example
+
+
+class Collator:
+    """Right-pads a list of examples to the longest; pad labels are IGNORE_INDEX, attention 0."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            labels[i, :n] = torch.tensor(e.labels)
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:
+    """Index batches of one epoch: a permutation that depends only on (seed, epoch), so any position can be
+    recomputed on resume without replaying the loader."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    else:
+        order = list(range(n))
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def micro_batches(
+    examples: list[Example], batch_size: int, seed: int, shuffle: bool, pad_id: int, start: int = 0, num_workers: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """An endless stream of collated micro-batches across epochs, starting at micro-batch index `start`.
+
+    Batch composition is decided here in the main process; workers only collate, so `num_workers > 0`
+    yields the same batches in the same order.
+    """
+    per_epoch = -(-len(examples) // batch_size)
+    epoch, offset = divmod(start, per_epoch)
+    while True:
+        batches = epoch_batches(len(examples), batch_size, seed, epoch, shuffle)[offset:]
+        # An own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
+        # shift dropout masks depending on where an epoch (or a resumed run) starts.
+        loader = DataLoader(examples, batch_sampler=batches, collate_fn=Collator(pad_id), num_workers=num_workers,
+                            generator=torch.Generator().manual_seed(seed + epoch))
+        yield from loader
+        epoch, offset = epoch + 1, 0
+
+
+def eval_loader(examples: list[Example], batch_size: int, pad_id: int) -> DataLoader:
+    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
+                      generator=torch.Generator().manual_seed(0))
