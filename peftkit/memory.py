@@ -48,7 +48,7 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import find_targets, modules_to_save
-    from peftkit.adapters.lora import linear_shape
+    from peftkit.methods.base import linear_shape
     from peftkit.modeling import load_config
 
     config = load_config(recipe.model)

@@ -11,7 +11,7 @@ from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules, merged_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import AdapterConfig, TargetRegex
-from tests.conftest import random_lora_b
+from tests.conftest import random_adapters
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61], [1, 50, 51, 52, 53, 54, 55]])
 
@@ -60,7 +60,7 @@ def _train_like(path, cfg):
     model = _load(path)
     torch.manual_seed(0)
     targets = inject_adapters(model, cfg)
-    random_lora_b(model)
+    random_adapters(model)
     for name in cfg.modules_to_save:
         with torch.no_grad():
             model.get_submodule(name).weight.add_(0.05)

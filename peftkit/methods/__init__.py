@@ -1,0 +1,60 @@
+"""The method registry: `adapter.method` in a recipe and `peft_type` in adapter_config.json pick a `Method`.
+
+Each method lives in one file here (its recipe config, its layers, its one merge math, its PEFT config);
+everything shared (targets, freezing, state dicts, the merge, the PEFT format, checkpoints, the parameter
+count and the memory estimate) is in `peftkit.adapters`, `peftkit.peft_format` and their callers, written
+once over the protocol in `base.py`. A new method is one file plus its `register` line below.
+"""
+
+from __future__ import annotations
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import AdapterLayer, Method
+from peftkit.methods.lora import Lora, LoraConfig
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Add `method` to the registry, under its recipe name."""
+    if method.name in METHODS:
+        raise ValueError(f"adapter method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+register(Lora)
+
+DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
+
+
+# The recipe's `adapter` section. With one method it is that method's config.
+AdapterConfig = LoraConfig
+
+
+def default_adapter() -> LoraConfig:
+    """The `adapter` section of a recipe that has none: LoRA with its defaults."""
+    return LoraConfig()
+
+
+def get_method(name: str) -> type[Method]:
+    """The method of a recipe's `adapter.method` (already validated by the recipe schema)."""
+    return METHODS[name]
+
+
+def method_of(cfg) -> type[Method]:
+    """The method an adapter config belongs to."""
+    return METHODS[cfg.method]
+
+
+def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]:
+    """The method that reads adapters of `peft_type`; a PeftkitError naming the file for any other."""
+    for method in METHODS.values():
+        if method.peft_type == peft_type:
+            return method
+    supported = ", ".join(m.peft_type for m in METHODS.values())
+    raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
+
+
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "LoraConfig", "Method", "default_adapter", "get_method", "method_for_peft_type", "method_of",
+           "register"]
