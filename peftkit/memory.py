@@ -47,8 +47,7 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
     be built from the config (the loader will then say why). A broken config.json raises a PeftkitError."""
     from transformers import AutoModelForCausalLM
 
-    from peftkit.adapters import find_targets, modules_to_save
-    from peftkit.methods.base import linear_shape
+    from peftkit.adapters import inject_adapters, trainable_parameters
     from peftkit.modeling import load_config
 
     config = load_config(recipe.model)
@@ -60,12 +59,10 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
     except RuntimeError as e:  # nothing is allocated on the meta device: only the config can be at fault
         raise PeftkitError(f"{recipe.model.name_or_path}/config.json describes a model that cannot be built ({e}). "
                            "Fix config.json, or restore it from where the model came from.") from None
-    targets = find_targets(model, recipe.adapter.target_modules)  # a bad target fails here, before loading
     modules = dict(model.named_modules())
-    q, r = recipe.quantization, recipe.adapter.r
+    q = recipe.quantization
     skip = set(q.skip_modules) if q else set()
     base = 0.0
-    sizes: list[int] = []  # trainable tensors' element counts
     for name, module in modules.items():
         for p in module.parameters(recurse=False):
             quantized = q is not None and isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in skip
@@ -73,12 +70,10 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate | None:
                 base += p.numel() * (1 if q.method == "int8" else QUANT_BITS[(q.method, q.double_quant)] / 8)
             else:
                 base += p.numel() * BYTES[recipe.model.dtype]
-    for name in targets:
-        m = modules[name]
-        fan_in, fan_out = m.weight.shape[::-1] if isinstance(m, torch.nn.Embedding) else linear_shape(m)
-        sizes += [r * fan_in, r * fan_out]  # A and B
-    for module in modules_to_save(model, recipe.adapter.modules_to_save).values():
-        sizes += [p.numel() for p in module.parameters()]
+    # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
+    # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
+    inject_adapters(model, recipe.adapter)
+    sizes = [p.numel() for p in trainable_parameters(model)]  # trainable tensors' element counts
     adapter = 4.0 * sum(sizes)  # fp32
     return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes))
 

@@ -18,6 +18,7 @@ peftkit's code. The checks:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
+from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
@@ -61,25 +63,47 @@ CASES: dict[str, list[Case]] = {
         Case("lora-rslora-embedding", LoraConfig(r=2, alpha=4, use_rslora=True, target_modules=["embed_tokens", "o_proj"]),
              ("llama",), ("linear", "embedding")),
     ],
+    "ia3": [
+        # peft's per-architecture defaults: k, v, down (input-scaled) on Llama; q, v, down on Qwen2 (biased q, v:
+        # the merge scales the bias too); c_attn, mlp.c_proj on GPT-2.
+        Case("ia3-defaults", IA3Config(method="ia3"), ("llama", "qwen2", "gpt2"), ()),
+        Case("ia3-explicit", IA3Config(method="ia3", target_modules=["q_proj", "o_proj", "up_proj", "down_proj"],
+                                       feedforward_modules=["down_proj", "up_proj"]), ("llama",), ()),
+        # The dense check, on bare layers (no architecture): one output-scaled and one input-scaled layer each.
+        Case("ia3-layers", IA3Config(method="ia3", target_modules=["layer"], feedforward_modules=["ff"]), (),
+             ("linear", "conv1d", "linear-ff", "conv1d-ff")),
+    ],
 }
 
 
-def lora_dense(weight: torch.Tensor, parts: dict[str, torch.Tensor], cfg: LoraConfig, layout: str) -> torch.Tensor:
-    """W + (alpha / r) B A (alpha / sqrt(r) with rsLoRA), in the layout the base stores W."""
+def lora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: LoraConfig, layout: str):
+    """(W + (alpha / r) B A, b), alpha / sqrt(r) with rsLoRA, in the layout the base stores W."""
     scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
     if layout == "embedding":  # peft's names: A (r, vocab), B (dim, r); W is (vocab, dim)
-        return weight + scaling * (parts["lora_embedding_B"] @ parts["lora_embedding_A"]).T
+        return weight + scaling * (parts["lora_embedding_B"] @ parts["lora_embedding_A"]).T, bias
     update = scaling * parts["lora_B.weight"] @ parts["lora_A.weight"]  # (out, in)
-    return weight + (update.T if layout == "conv1d" else update)
+    return weight + (update.T if layout == "conv1d" else update), bias
 
 
-DENSE = {"lora": lora_dense}
+def ia3_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: IA3Config, layout: str):
+    """(W diag(l), b) for an input-scaled (feed-forward) layer, (diag(l) W, l * b) for an output-scaled one;
+    W is (out, in), or (in, out) for Conv1D."""
+    l = parts["ia3_l"].flatten()
+    w = weight.T if layout.startswith("conv1d") else weight  # (out, in)
+    if layout.endswith("-ff"):
+        return (w * l[None, :]).T if layout.startswith("conv1d") else w * l[None, :], bias
+    scaled = l[:, None] * w
+    return scaled.T if layout.startswith("conv1d") else scaled, None if bias is None else l * bias
+
+
+DENSE = {"lora": lora_dense, "ia3": ia3_dense}
 # peft's switch for non-trivially initialised weights, by peft_type.
-PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}}
+PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False}}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]
-BY_CASE = [pytest.param(case, id=case.id) for _, case in ALL]
+BY_CASE = [pytest.param(case, id=case.id) for _, case in ALL if case.archs]
+DENSE_CASES = [pytest.param(case, id=case.id) for _, case in ALL if case.layouts]
 
 
 def test_every_registered_method_is_covered():
@@ -123,7 +147,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _save(model: nn.Module, cfg, targets: list[str], base: Path, out: Path) -> Path:
-    config = peft_config(cfg, targets, str(base), fan_in_fan_out=bool(conv1d_modules(model)))
+    config = peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type)
     save_adapter(out, adapter_state_dict(model, cfg.modules_to_save), config)
     return out
 
@@ -133,7 +157,8 @@ def _save(model: nn.Module, cfg, targets: list[str], base: Path, out: Path) -> P
 
 def _base_layer(layout: str) -> nn.Module:
     torch.manual_seed(0)
-    layer = {"linear": lambda: nn.Linear(12, 7), "conv1d": lambda: Conv1D(7, 12), "embedding": lambda: nn.Embedding(20, 7)}[layout]()
+    kind = layout.removesuffix("-ff")
+    layer = {"linear": lambda: nn.Linear(12, 7), "conv1d": lambda: Conv1D(7, 12), "embedding": lambda: nn.Embedding(20, 7)}[kind]()
     nn.init.normal_(layer.weight)
     return layer
 
@@ -141,30 +166,37 @@ def _base_layer(layout: str) -> nn.Module:
 def _dense_forward(base: nn.Module, weight: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "embedding":
         return weight[x]
-    return (x @ weight if layout == "conv1d" else x @ weight.T) + base.bias
+    return x @ weight if layout.startswith("conv1d") else x @ weight.T
 
 
-@pytest.mark.parametrize("case", BY_CASE)
+@pytest.mark.parametrize("case", DENSE_CASES)
 def test_dense_math(case):
     method = method_of(case.cfg)
     for layout in case.layouts:
         base = _base_layer(layout)
-        original = base.weight.detach().clone()
-        layer = method.wrap(base, case.cfg, "layer")
+        weight, bias = base.weight.detach().clone(), getattr(base, "bias", None)
+        bias = None if bias is None else bias.detach().clone()
+        path = "ff" if layout.endswith("-ff") else "layer"
+        layer = method.wrap(base, case.cfg, path)
         method.randomize(layer, torch.Generator().manual_seed(2), 0.3)
         parts = {n: p.detach().clone() for n, p in layer.adapter_params().items()}
-        dense = DENSE[method.name](original, parts, case.cfg, layout)
-        assert _diff(dense, original) > 1e-2, layout  # not trivially the base
+        dense, dense_bias = DENSE[method.name](weight, bias, parts, case.cfg, layout)
+        assert _diff(dense, weight) > 1e-2, layout  # not trivially the base
         x = torch.randint(0, 20, (3, 5)) if layout == "embedding" else torch.randn(3, 5, 12)
+        expected = _dense_forward(base, dense, x, layout) + (0 if dense_bias is None else dense_bias)
+        assert _diff(layer(x), expected) <= 1e-5, layout
 
-        assert _diff(layer(x), _dense_forward(base, dense, x, layout)) <= 1e-5, layout
-        state = merge_state_dict({"layer.weight": original}, {f"base_model.model.layer.{n}": t for n, t in parts.items()},
-                                 case.cfg, fan_in_fan_out={"layer"} if layout == "conv1d" else set())
-        assert _diff(state["layer.weight"], dense) <= 1e-6, layout
+        base_state = {f"{path}.weight": weight} | ({} if bias is None else {f"{path}.bias": bias})
+        state = merge_state_dict(base_state, {f"base_model.model.{path}.{n}": t for n, t in parts.items()},
+                                 case.cfg, fan_in_fan_out={path} if layout.startswith("conv1d") else set())
+        assert _diff(state[f"{path}.weight"], dense) <= 1e-6, layout
+        if bias is not None:
+            assert _diff(state[f"{path}.bias"], dense_bias) <= 1e-6, layout
         layer.merge()
-        assert _diff(base.weight, dense) <= 1e-6, layout
+        assert _diff(base.weight, dense) <= 1e-6 and (bias is None or _diff(base.bias, dense_bias) <= 1e-6), layout
+        assert _diff(layer(x), expected) <= 1e-5, layout
         layer.unmerge()
-        assert _diff(base.weight, original) <= 1e-5, layout
+        assert _diff(base.weight, weight) <= 1e-5 and (bias is None or _diff(base.bias, bias) <= 1e-5), layout
 
 
 # -------------------------------------------------------------------- 2., 3. identity, merged = unmerged
@@ -205,7 +237,9 @@ def test_state_dict_round_trip(case, models, tmp_path):
     model, targets = _adapted(models[arch], case.cfg)
     saved = _save(model, case.cfg, targets, models[arch], tmp_path / "adapter")
     loaded, cfg, _, _, _ = load_adapted_model(None, str(saved))
-    assert cfg.model_dump() == case.cfg.model_dump() | {"target_modules": sorted(targets)}
+    # The settings read back write the same adapter_config.json again.
+    written = json.loads((saved / "adapter_config.json").read_text())
+    assert peft_config(cfg, targets, str(models[arch]), written["fan_in_fan_out"], loaded.config.model_type) == written
     theirs, ours = adapter_state_dict(loaded, []), adapter_state_dict(model, [])
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert _diff(_logits(loaded), _logits(model)) <= 1e-6
@@ -266,7 +300,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
     merged = merged_model(model, case.cfg, torch.bfloat16).state_dict()
     for name, layer in adapter_layers(model).items():
         layout = _layout(layer)
-        dense = DENSE[method_of(case.cfg).name](layer.base_layer.weight.float(), _parts(layer), case.cfg, layout)
+        dense = DENSE[method_of(case.cfg).name](layer.base_layer.weight.float(), None, _parts(layer), case.cfg, layout)[0]
         assert torch.equal(merged[f"{name}.weight"], dense.to(torch.bfloat16)), name
 
 
@@ -276,7 +310,8 @@ def _parts(layer) -> dict[str, torch.Tensor]:
 
 def _layout(layer) -> str:
     base = layer.base_layer
-    return "embedding" if isinstance(base, nn.Embedding) else "conv1d" if isinstance(base, Conv1D) else "linear"
+    kind = "embedding" if isinstance(base, nn.Embedding) else "conv1d" if isinstance(base, Conv1D) else "linear"
+    return kind + ("-ff" if getattr(layer, "is_feedforward", False) else "")
 
 
 # -------------------------------------------------------------------------------------- 7. NF4 base
@@ -307,8 +342,35 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
     for name, layer in adapter_layers(model).items():
         weight = layer.base_layer.weight
         base = bnbF.dequantize_4bit(weight.data, weight.quant_state).float() if hasattr(weight, "quant_state") else weight.float()
-        dense = DENSE[method_of(case.cfg).name](base, _parts(layer), case.cfg, _layout(layer))
+        dense = DENSE[method_of(case.cfg).name](base, None, _parts(layer), case.cfg, _layout(layer))[0]
         assert _diff(merged[f"{name}.weight"], dense) <= 1e-6, name
     with torch.no_grad():  # train mode: bitsandbytes' dequantize-then-fp32-matmul path (dropout is 0)
         qlogits = model(IDS).logits
     assert _diff(_logits(merged_net.eval()), qlogits) <= TOL
+
+
+# ------------------------------------------------------------------------------ 8. trained from a recipe
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
+    """`peftkit train` with the method's first case: the loss falls, adapter/ loads in peft with the logits of
+    merged/ (the export path: parameter count, memory estimate, PEFT config, merge)."""
+    import yaml
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import make_recipe
+
+    case = CASES[name][0]
+    adapter = case.cfg.model_dump(mode="json", exclude_none=True)
+    recipe = make_recipe(tmp_path, models["llama"], number_data, adapter=adapter,
+                         training={"max_steps": 4, "lr": 5e-2}, export={"merged": True})
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump(data | {"adapter": adapter}, sort_keys=False))  # only the method's own keys
+    summary = train(load_recipe(recipe), show_summary=False)
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    run = tmp_path / "run"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
+    reference = PeftModel.from_pretrained(_load(models["llama"]), run / "adapter").eval()
+    assert _diff(_logits(_load(run / "merged")), _logits(reference)) <= TOL

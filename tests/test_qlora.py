@@ -31,9 +31,10 @@ from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.merge import MergeWarning, merge_adapter, merge_device, merged_model
+from peftkit.methods.lora import LoraConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
-from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.tiny import build_tiny_model
 from peftkit.train import train
 from tests.conftest import random_adapters
@@ -42,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QLORA_RECIPE = ROOT / "recipes" / "qlora.yaml"
 CPU = torch.device("cpu")
 TRAIN_DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else CPU  # where recipes train (device: auto)
-ADAPTER = AdapterConfig(r=4, alpha=8)
-SCALING = 8 / 4  # alpha / r, written out rather than read from AdapterConfig.scaling
+ADAPTER = LoraConfig(r=4, alpha=8)
+SCALING = 8 / 4  # alpha / r, written out rather than read from LoraConfig.scaling
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62, 5, 9, 33, 70], [1, 55, 12, 80, 81, 3, 3, 47, 48, 49, 50, 2]])
 # The 7 linear layers of each of the 2 Llama blocks; lm_head is in skip_modules and stays nn.Linear.
 LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (

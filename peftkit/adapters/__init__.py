@@ -119,7 +119,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, method.wrap(getattr(parent, child), cfg, name))
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
-        if any(p.data_ptr() == q.data_ptr() for p in module.parameters() for q in _other_params(model, name)):
+        if any(_shared(p, q) for p in module.parameters() for q in _other_params(model, name)):
             raise PeftkitError(
                 f"adapter.modules_to_save: '{name}' shares its weight with another module (tied embeddings), so "
                 "training it would change both. Untie the weights in the model config or adapt it with LoRA instead."
@@ -127,6 +127,12 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         for p in module.parameters():
             p.requires_grad_(True)
     return names
+
+
+def _shared(p: torch.Tensor, q: torch.Tensor) -> bool:
+    """Tied weights: one Parameter, or views of one storage (not decidable on the meta device, where the
+    memory estimate injects: every meta tensor has data_ptr 0)."""
+    return p is q or (p.device.type != "meta" and p.data_ptr() == q.data_ptr())
 
 
 def _other_params(model: nn.Module, name: str) -> Iterator[torch.Tensor]:

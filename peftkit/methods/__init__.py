@@ -8,8 +8,13 @@ once over the protocol in `base.py`. A new method is one file plus its `register
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Union
+
+from pydantic import Discriminator, Tag
+
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method
+from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.lora import Lora, LoraConfig
 
 METHODS: dict[str, type[Method]] = {}
@@ -24,22 +29,32 @@ def register(method: type[Method]) -> type[Method]:
 
 
 register(Lora)
+register(IA3)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
 
-# The recipe's `adapter` section. With one method it is that method's config.
-AdapterConfig = LoraConfig
+def _chosen_method(value: Any) -> str | None:
+    """The union member a recipe's `adapter` section is validated as: its `method`, LoRA when it has none. A
+    section that is not a mapping goes to LoRA's config, whose error says it must be a section of keys."""
+    if isinstance(value, dict):
+        method = value.get("method", DEFAULT_METHOD)
+        return method if isinstance(method, str) and method in METHODS else None
+    return getattr(value, "method", DEFAULT_METHOD)
+
+
+# The recipe's `adapter` section: one config per method, chosen by `method` (pydantic's discriminated union,
+# so an error names only the chosen method's keys). An unknown method is the `adapter_method` error.
+AdapterConfig = Annotated[
+    Union[tuple(Annotated[m.config, Tag(m.name)] for m in METHODS.values())],  # noqa: UP007
+    Discriminator(_chosen_method, custom_error_type="adapter_method",
+                  custom_error_message="adapter.method names no method peftkit has"),
+]
 
 
 def default_adapter() -> LoraConfig:
     """The `adapter` section of a recipe that has none: LoRA with its defaults."""
     return LoraConfig()
-
-
-def get_method(name: str) -> type[Method]:
-    """The method of a recipe's `adapter.method` (already validated by the recipe schema)."""
-    return METHODS[name]
 
 
 def method_of(cfg) -> type[Method]:
@@ -56,5 +71,5 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "LoraConfig", "Method", "default_adapter", "get_method", "method_for_peft_type", "method_of",
-           "register"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LoraConfig", "Method",
+           "default_adapter", "method_for_peft_type", "method_of", "register"]
