@@ -148,8 +148,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     """
     from transformers import AutoModelForCausalLM
 
-    from peftkit.adapters import find_targets, modules_to_save
-    from peftkit.adapters.lora import linear_shape
+    from peftkit.adapters import inject_adapters, trainable_parameters
     from peftkit.modeling import load_config, resolve_device
 
     config = load_config(recipe.model)
@@ -161,9 +160,8 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     except RuntimeError as e:  # nothing is allocated on the meta device: only the config can be at fault
         raise PeftkitError(f"{recipe.model.name_or_path}/config.json describes a model that cannot be built ({e}). "
                            "Fix config.json, or restore it from where the model came from.") from None
-    targets = find_targets(model, recipe.adapter.target_modules)  # a bad target fails here, before loading
     modules = dict(model.named_modules())
-    q, r = recipe.quantization, recipe.adapter.r
+    q = recipe.quantization
     skip = set(q.skip_modules) if q else set()
     base = 0.0
     for name, p in _unique_parameters(model):
@@ -174,13 +172,10 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
             base += p.numel() * (1 if q.method == "int8" else QUANT_BITS[(q.method, q.double_quant)] / 8)
         else:
             base += p.numel() * BYTES[recipe.model.dtype]
-    sizes: list[int] = []  # trainable tensors' element counts
-    for name in targets:
-        m = modules[name]
-        fan_in, fan_out = m.weight.shape[::-1] if isinstance(m, torch.nn.Embedding) else linear_shape(m)
-        sizes += [r * fan_in, r * fan_out]  # A and B
-    for module in modules_to_save(model, recipe.adapter.modules_to_save).values():
-        sizes += [p.numel() for p in module.parameters()]
+    # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
+    # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
+    targets = inject_adapters(model, recipe.adapter)
+    sizes = [p.numel() for p in trainable_parameters(model)]  # trainable tensors' element counts
     adapter = 4.0 * sum(sizes)  # fp32
     device = device if device is not None else resolve_device(recipe.model.device)
     return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes),
@@ -210,7 +205,8 @@ def _activations(recipe: Recipe, config, num_targets: int) -> float:
     # activations have the compute dtype: the 4-bit base's compute_dtype, else the load dtype (mixed
     # precision on CUDA makes most of them 16-bit: then this is an upper bound)
     dtype = q.compute_dtype if q is not None and q.method != "int8" else recipe.model.dtype
-    width = recipe.adapter.r * num_targets // max(shape.layers, 1)
+    # The rank-r intermediate a low-rank method keeps per token and adapted module; IA3 scales in place (no r).
+    width = getattr(recipe.adapter, "r", 0) * num_targets // max(shape.layers, 1)
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
                                        width, recipe.model.attn_implementation == "eager")
     evaluation = LOGITS_COPIES * recipe.eval.batch_size * seq * shape.vocab * 4 if recipe.data.eval else 0

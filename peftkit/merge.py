@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftkit.adapters import adapter_state_dict, lora_layers, merge_state_dict
-from peftkit.adapters.lora import is_conv1d, is_quantized
+from peftkit.adapters import adapter_layers, adapter_state_dict, merge_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory
+from peftkit.methods.base import is_conv1d, is_quantized
 from peftkit.recipe import AdapterConfig
 
 
@@ -67,13 +67,13 @@ def _unpack_cpu_inference_layout(data: torch.Tensor, state):
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's plain state dict (original key names, quantized weights dequantized to fp32),
     leaving out adapter parameters. Works on an injected model or a bare one."""
-    adapters = lora_layers(model)
+    adapters = adapter_layers(model)
     skip = _non_persistent(model)
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         owner = next((a for a in adapters if name == a or name.startswith(a + ".")), None)
         if owner is not None and not name.startswith(owner + ".base_layer"):
-            continue  # the adapter's own modules (lora_A, lora_B, dropout)
+            continue  # the adapter's own modules (lora_A, lora_B, dropout, ...)
         key = name.replace(".base_layer", "")
         for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if f"{name}.{pname}" in skip:
@@ -135,7 +135,7 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
     base = base_state_dict(model)
     adapter = adapter_state_dict(model, adapter_cfg.modules_to_save)
-    state = merge_state_dict(base, adapter, adapter_cfg.scaling, conv1d_modules(model), dtype=torch.float32)
+    state = merge_state_dict(base, adapter, adapter_cfg, conv1d_modules(model), dtype=torch.float32)
     return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model))
 
 
@@ -207,7 +207,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     """`peftkit merge`: fold an adapter into its base and save a plain model (+ tokenizer).
 
     Args:
-        adapter_dir: a PEFT LoRA directory.
+        adapter_dir: a PEFT adapter directory (any method peftkit reads).
         output_dir: where the merged model goes.
         base: base model; default the adapter's base_model_name_or_path.
         dtype: float32 | bfloat16 | float16; default the base checkpoint's own dtype.

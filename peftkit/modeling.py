@@ -256,7 +256,7 @@ def _quantized_shape_mismatches(model: nn.Module) -> list[tuple[str, tuple, tupl
     transformers skips its shape check for weights it quantizes: a 64x32 checkpoint weight loads into a
     layer configured as 100x32 and only fails (or worse, not) at the first matmul.
     """
-    from peftkit.adapters.lora import is_quantized
+    from peftkit.methods.base import is_quantized
 
     found = []
     for name, module in model.named_modules():

@@ -1,7 +1,8 @@
 """Reading and writing adapters in the Hugging Face PEFT checkpoint format.
 
 A directory holds `adapter_model.safetensors` (keys `base_model.model.<path>.lora_A.weight`, ...) and
-`adapter_config.json`, so `peft.PeftModel.from_pretrained(base, dir)` and vLLM load it unchanged. peftkit
+`adapter_config.json` (written and read by the adapter's method: `to_peft` / `from_peft`, `peft_type`
+picking the method on reading), so `peft.PeftModel.from_pretrained(base, dir)` and vLLM load it unchanged. peftkit
 adds `peftkit.json` with what the PEFT format has no field for (the quantization the adapter was trained
 against, so that a merge dequantizes the same 4-bit weights); PEFT tools ignore that file.
 """
@@ -13,44 +14,32 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from peftkit import __version__
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_bytes, atomic_write_json
-from peftkit.recipe import AdapterConfig, QuantizationConfig, TargetRegex
+from peftkit.methods import Method, method_for_peft_type, method_of
+from peftkit.methods.base import REEXPORT, PeftConfigBase
+from peftkit.recipe import AdapterConfig, QuantizationConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 META_NAME = "peftkit.json"
 
 
-def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
-    """adapter_config.json. `target_modules` lists the exact module paths adapted, so that peft's
-    suffix matching selects exactly the same layers whatever form the recipe used."""
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_name,
-        "r": cfg.r,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": cfg.dropout,
-        "target_modules": sorted(targets),
-        "use_rslora": cfg.use_rslora,
-        "use_dora": False,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "modules_to_save": cfg.modules_to_save or None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }
+def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_fan_out: bool,
+                model_type: str | None = None) -> dict:
+    """adapter_config.json of an adapter on the modules `targets`, as its method writes it.
+
+    Args:
+        model_type: the base's architecture (transformers' `config.model_type`), for the settings a method
+            leaves to it (IA3's feed-forward modules).
+    """
+    method = method_of(cfg)
+    return method.to_peft(method.resolve(cfg, model_type), targets, base_name, fan_in_fan_out)
 
 
 def save_adapter(
@@ -75,30 +64,6 @@ def save_adapter(
     meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,
             "quantized_on": quantized_on if quantization else None}
     atomic_write_json(path / META_NAME, meta)
-
-
-class PeftLoraConfig(BaseModel):
-    """The fields of adapter_config.json that peftkit reads, typed; PEFT writes more, which are ignored.
-
-    Defaults are PEFT's own (LoraConfig), so a config written by PEFT with fields left out reads the same.
-    """
-
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-    peft_type: str | None = None
-    base_model_name_or_path: str | None = None
-    r: int = Field(gt=0)
-    lora_alpha: float = Field(8.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | str | None = None
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    bias: str = "none"
-    # Features peftkit does not implement: a value here is refused rather than silently ignored.
-    use_dora: bool = False
-    rank_pattern: dict | None = None
-    alpha_pattern: dict | None = None
-    layers_to_transform: list[int] | int | None = None
 
 
 class PeftkitMeta(BaseModel):
@@ -188,38 +153,19 @@ def _validated(model: type[BaseModel], file: Path, raw: dict, what: str):
         raise PeftkitError(f"{file}: {'; '.join(_field_problems(e, raw))}. {what}") from None
 
 
-_REEXPORT = "Fix the file, or export the adapter again."
+_REEXPORT = REEXPORT
 
 
-def read_peft_config(path: Path) -> PeftLoraConfig:
-    """adapter_config.json of `path`, typed, refusing what peftkit cannot apply faithfully."""
+def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
+    """The method and typed adapter_config.json of `path`; its `peft_type` picks the method."""
     config_file = path / CONFIG_NAME
     raw = read_json_object(config_file, _REEXPORT)
-    peft = _validated(PeftLoraConfig, config_file, raw, _REEXPORT)
-    if peft.peft_type != "LORA":
-        raise PeftkitError(f"{config_file}: peft_type is {peft.peft_type!r}; peftkit reads LORA adapters.")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform"):
-        if getattr(peft, key):
-            raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
-    if peft.bias != "none":
-        raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
+    method = method_for_peft_type(raw.get("peft_type"), config_file)
+    peft = _validated(method.peft_config, config_file, raw, _REEXPORT)
     if not peft.target_modules:
         raise PeftkitError(f'{config_file}: "target_modules" is {_show(peft.target_modules)}; it should name the '
                            f"adapted modules (a list of names, or a regular expression string). {_REEXPORT}")
-    return peft
-
-
-def _adapter_config(peft: PeftLoraConfig, config_file: Path) -> AdapterConfig:
-    """The recipe-side settings of a PEFT config (all of its values were checked by PeftLoraConfig)."""
-    targets = peft.target_modules
-    try:
-        if isinstance(targets, str) and targets != "all-linear":
-            targets = TargetRegex(regex=targets)
-    except ValidationError as e:
-        raise PeftkitError(f'{config_file}: "target_modules" {e.errors()[0]["msg"].removeprefix("Value error, ")}. '
-                           f"{_REEXPORT}") from None
-    return AdapterConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout, target_modules=targets,
-                         use_rslora=peft.use_rslora, modules_to_save=peft.modules_to_save or [])
+    return method, peft
 
 
 def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitError:
@@ -237,8 +183,9 @@ def read_meta(path: str | Path) -> PeftkitMeta:
     return _validated(PeftkitMeta, meta, read_json_object(meta, what), what)
 
 
-def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], PeftLoraConfig, QuantizationConfig | None]:
-    """Read a PEFT LoRA directory: (adapter settings, PEFT-keyed tensors, PEFT config, quantization or None).
+def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], PeftConfigBase, QuantizationConfig | None]:
+    """Read a PEFT adapter directory of any registered method: (adapter settings, PEFT-keyed tensors, PEFT
+    config, quantization or None).
 
     Raises a PeftkitError naming the file and the field for anything malformed, and for weights holding
     NaN or inf (an adapter saved after training diverged).
@@ -255,8 +202,8 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
     if not weights_file.exists():
         legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""
         raise PeftkitError(f"{path} has no {WEIGHTS_NAME}.{legacy}")
-    peft = read_peft_config(path)
-    cfg = _adapter_config(peft, config_file)
+    method, peft = read_peft_config(path)
+    cfg = method.from_peft(peft, config_file)
     quant = read_meta(path).quantization
     try:
         state = load_file(weights_file)

@@ -49,8 +49,9 @@ def build_tiny_model(
     seed: int = 0,
     vocab_size: int | None = None,
 ):
-    """A randomly initialised causal LM (`llama` or `gpt2`, whose layers are Conv1D) and its tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D) or
+    `qwen2` (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = build_char_tokenizer()
     vocab_size = vocab_size or len(tok)
@@ -63,6 +64,11 @@ def build_tiny_model(
     elif arch == "gpt2":
         config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=512, **common)
         cls = GPT2LMHeadModel
+    elif arch == "qwen2":
+        config = Qwen2Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             initializer_range=0.1, **{**common, "tie_word_embeddings": True})
+        cls = Qwen2ForCausalLM
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     with torch.random.fork_rng(devices=[]):

@@ -36,6 +36,7 @@ from peftkit.errors import PeftkitError
 from peftkit.evaluate import evaluate_loss, token_loss_sum
 from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.merge import conv1d_modules, merged_model, save_merged
+from peftkit.methods import method_of
 from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.progress import TrainProgress
@@ -196,8 +197,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     targets = inject_adapters(model, cfg.adapter)
     prepare_for_training(model, tcfg.gradient_checkpointing)
     summary["trainable_params"], summary["total_params"] = trainable, total = count_parameters(model)
-    console.print(f"LoRA r={cfg.adapter.r} on {len(targets)} modules: {trainable:,} trainable of {total:,} "
-                  f"parameters ({100 * trainable / total:.3f}%)")
+    console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)} on {len(targets)} modules: {trainable:,} trainable "
+                  f"of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     per_epoch = -(-len(train_ex) // tcfg.batch_size)
     total_steps = tcfg.max_steps or max(1, (tcfg.epochs * per_epoch) // tcfg.grad_accum)
@@ -338,7 +339,7 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path) -> list[Path]
     exported = []
     if cfg.export.adapter:
         state = adapter_state_dict(model, cfg.adapter.modules_to_save)
-        config = peft_config(cfg.adapter, targets, _base_name(cfg), fan_in_fan_out=bool(conv1d_modules(model)))
+        config = peft_config(cfg.adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type)
         with atomic_directory(out / "adapter") as tmp:
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type)
         exported.append(out / "adapter")

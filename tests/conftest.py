@@ -52,16 +52,14 @@ def make_recipe(tmp_path: Path, model: Path, files: dict[str, Path], **sections)
     return path
 
 
-def random_lora_b(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
-    """Give every LoRA layer a nonzero B (and embedding A) so that merge tests cannot pass trivially."""
-    from peftkit.adapters import lora_layers
+def random_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Move every adapter layer far from identity (its method's `randomize`: for LoRA a nonzero B, and
+    embedding A) so that merge tests cannot pass trivially."""
+    from peftkit.adapters import adapter_layers
 
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model).values():
-            for name, p in layer.adapter_params().items():
-                if name.startswith(("lora_B", "lora_embedding_A")):
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+    for layer in adapter_layers(model).values():
+        layer.method.randomize(layer, gen, std)
 
 
 def cli_user_error(monkeypatch, capsys, *args: str) -> str:

@@ -9,9 +9,10 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters import adapter_state_dict, count_parameters, find_targets, inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules, merged_model
+from peftkit.methods.lora import LoraConfig
 from peftkit.peft_format import peft_config, save_adapter
-from peftkit.recipe import AdapterConfig, TargetRegex
-from tests.conftest import random_lora_b
+from peftkit.recipe import TargetRegex
+from tests.conftest import random_adapters
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61], [1, 50, 51, 52, 53, 54, 55]])
 
@@ -42,7 +43,7 @@ def test_suffix_and_regex_targets(tiny_llama):
 def test_injection_freezes_base_and_counts(tiny_llama):
     model = _load(tiny_llama)
     total_before = sum(p.numel() for p in model.parameters())
-    inject_adapters(model, AdapterConfig(r=4, target_modules=["q_proj"]))
+    inject_adapters(model, LoraConfig(r=4, target_modules=["q_proj"]))
     trainable, total = count_parameters(model)
     assert trainable == 2 * 4 * (32 + 32)  # 2 layers x r x (in + out)
     assert total == total_before + trainable
@@ -60,7 +61,7 @@ def _train_like(path, cfg):
     model = _load(path)
     torch.manual_seed(0)
     targets = inject_adapters(model, cfg)
-    random_lora_b(model)
+    random_adapters(model)
     for name in cfg.modules_to_save:
         with torch.no_grad():
             model.get_submodule(name).weight.add_(0.05)
@@ -71,7 +72,7 @@ def _train_like(path, cfg):
 @pytest.mark.parametrize("modules_to_save", [[], ["lm_head"]])
 def test_adapter_loads_in_peft_with_same_logits(arch, modules_to_save, request, tmp_path):
     path = request.getfixturevalue(arch)
-    cfg = AdapterConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=modules_to_save)
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=modules_to_save)
     model, targets = _train_like(path, cfg)
     ours = model(IDS).logits
     state = adapter_state_dict(model, cfg.modules_to_save)
@@ -87,7 +88,7 @@ def test_adapter_loads_in_peft_with_same_logits(arch, modules_to_save, request, 
 @pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
 def test_merged_model_equals_adapter_model(arch, request):
     path = request.getfixturevalue(arch)
-    cfg = AdapterConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
+    cfg = LoraConfig(r=4, alpha=8, target_modules="all-linear", modules_to_save=["lm_head"])
     model, _ = _train_like(path, cfg)
     merged = merged_model(model, cfg, torch.float32).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
@@ -95,7 +96,7 @@ def test_merged_model_equals_adapter_model(arch, request):
 
 
 def test_embedding_lora_in_peft(tiny_llama, tmp_path):
-    cfg = AdapterConfig(r=2, alpha=4, target_modules=["embed_tokens", "o_proj"])
+    cfg = LoraConfig(r=2, alpha=4, target_modules=["embed_tokens", "o_proj"])
     model, targets = _train_like(tiny_llama, cfg)
     save_adapter(tmp_path, adapter_state_dict(model, []), peft_config(cfg, targets, str(tiny_llama), False))
     reference = PeftModel.from_pretrained(_load(tiny_llama), tmp_path).eval()

@@ -187,6 +187,31 @@ def test_unknown_key_far_from_any_valid_one_lists_the_valid_keys(tmp_path):
     assert "Did you mean" not in message
 
 
+def test_unknown_key_of_another_method_names_the_chosen_method_and_its_keys(tmp_path):
+    """The adapter section is a union chosen by `method:`; an error lists the chosen method's keys only."""
+    text = RECIPE.replace("adapter:\n", "adapter:\n  method: ia3\n").replace("  alpha: 8\n  dropout: 0.0\n", "")
+    message = _error(_write(tmp_path, text))
+    assert message == ("Invalid recipe (1 problem):\n  "
+                       f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  r: 4')}: unknown key 'r' in adapter: IA3 "
+                       "(method: ia3) has no 'r'. Valid keys for method ia3: method, target_modules, "
+                       "feedforward_modules, modules_to_save.")
+    lora = _error(_write(tmp_path, RECIPE.replace("  dropout: 0.0\n", "  feedforward_modules: [down_proj]\n")))
+    assert ("unknown key 'feedforward_modules' in adapter: LoRA (method: lora) has no 'feedforward_modules'. Did you "
+            "mean 'target_modules'? Valid keys for method lora: method, r, alpha,") in lora
+    ia3 = _write(tmp_path, RECIPE.replace("adapter:\n  r: 4\n  alpha: 8\n  dropout: 0.0\n", "adapter:\n  method: ia3\n"))
+    assert _error(ia3, ["adapter.r=8"]) == ("--set adapter.r: unknown key 'r' in adapter: IA3 (method: ia3) has no "
+                                            "'r'. Valid keys for method ia3: method, target_modules, "
+                                            "feedforward_modules, modules_to_save.")
+    assert load_recipe(ia3).adapter.feedforward_modules is None  # peft's default for the architecture
+
+
+def test_unknown_method(tmp_path):
+    text = RECIPE.replace("adapter:\n", "adapter:\n  method: lorra\n")
+    assert _error(_write(tmp_path, text)) == ("Invalid recipe (1 problem):\n  "
+                                              f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  method')}: "
+                                              "'adapter.method' = 'lorra': must be one of 'lora', 'ia3'.")
+
+
 def test_bad_regex_in_target_modules(tmp_path):
     text = RECIPE.replace("  target_modules: all-linear", "  target_modules:\n    regex: 'q_proj('")
     message = _error(_write(tmp_path, text))
@@ -499,11 +524,11 @@ def _quiet():
 @pytest.mark.parametrize("target_modules", [["qproj"], {"regex": r".*\.attn\..*"}])
 def test_target_modules_matching_nothing_lists_the_model_names(target_modules):
     from peftkit.adapters import inject_adapters
-    from peftkit.recipe import AdapterConfig
+    from peftkit.methods.lora import LoraConfig
 
     model, _ = build_tiny_model(None, arch="llama", hidden_size=32, num_layers=1)
     with pytest.raises(PeftkitError) as info:
-        inject_adapters(model, AdapterConfig(target_modules=target_modules))
+        inject_adapters(model, LoraConfig(target_modules=target_modules))
     message = str(info.value)
     assert "matches no module of this model. Its linear/embedding layers are named: embed_tokens, q_proj, k_proj, " \
            "v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head. Use some of those names, or 'all-linear'." in message

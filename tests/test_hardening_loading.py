@@ -35,9 +35,9 @@ def adapter(base) -> Path:
     from peftkit.adapters import adapter_state_dict, inject_adapters
     from peftkit.modeling import load_model
     from peftkit.peft_format import peft_config, save_adapter
-    from peftkit.recipe import AdapterConfig
+    from peftkit.methods.lora import LoraConfig
 
-    cfg = AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
     model = load_model(ModelConfig(name_or_path=str(base)))
     torch.manual_seed(0)
     targets = inject_adapters(model, cfg)
@@ -404,11 +404,11 @@ def test_target_modules_typo_is_refused_by_the_estimate_before_loading(base, num
 
 def test_modules_to_save_typo_suggests_the_closest():
     from peftkit.adapters import inject_adapters
-    from peftkit.recipe import AdapterConfig
+    from peftkit.methods.lora import LoraConfig
 
     model, _ = build_tiny_model(None, arch="llama", hidden_size=32, num_layers=1)
     with pytest.raises(PeftkitError) as info:
-        inject_adapters(model, AdapterConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
+        inject_adapters(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_haed"]))
     assert str(info.value) == ("adapter.modules_to_save: 'lm_haed' matches no module of this model (top-level "
                                "modules: model, lm_head). Did you mean 'lm_head'?")
 

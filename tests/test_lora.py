@@ -8,8 +8,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import merge_state_dict
-from peftkit.adapters.lora import LoraEmbedding, LoraLinear
 from peftkit.errors import PeftkitError
+from peftkit.methods.lora import LoraConfig, LoraEmbedding, LoraLinear
 
 
 def _nonzero(layer, seed=0):
@@ -109,7 +109,7 @@ def test_state_dict_merge_loads_into_plain_model_strict():
     base_state = {k: v.clone() for k, v in plain.state_dict().items()}
     A, B = torch.randn(2, 6), torch.randn(3, 2)
     adapter = {"base_model.model.2.lora_A.weight": A, "base_model.model.2.lora_B.weight": B}
-    merged = merge_state_dict(base_state, adapter, scaling=0.5)
+    merged = merge_state_dict(base_state, adapter, LoraConfig(r=2, alpha=1))  # scaling alpha / r = 0.5
     for k, v in plain.state_dict().items():  # inputs untouched
         torch.testing.assert_close(base_state[k], v)
     target = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
@@ -123,4 +123,4 @@ def test_state_dict_merge_rejects_wrong_shape():
     base = {"fc.weight": torch.zeros(4, 6)}
     adapter = {"base_model.model.fc.lora_A.weight": torch.zeros(2, 5), "base_model.model.fc.lora_B.weight": torch.zeros(4, 2)}
     with pytest.raises(PeftkitError, match="module 'fc' has weight \\(4, 6\\)"):
-        merge_state_dict(base, adapter, scaling=1.0)
+        merge_state_dict(base, adapter, LoraConfig(r=2, alpha=2))

@@ -27,23 +27,24 @@ from torch import nn
 from typer.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import adapter_state_dict, inject_adapters, lora_layers, merge_state_dict
+from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.merge import MergeWarning, merge_adapter, merge_device, merged_model
+from peftkit.methods.lora import LoraConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
-from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig, load_recipe
+from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.tiny import build_tiny_model
 from peftkit.train import train
-from tests.conftest import random_lora_b
+from tests.conftest import random_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA_RECIPE = ROOT / "recipes" / "qlora.yaml"
 CPU = torch.device("cpu")
 TRAIN_DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else CPU  # where recipes train (device: auto)
-ADAPTER = AdapterConfig(r=4, alpha=8)
-SCALING = 8 / 4  # alpha / r, written out rather than read from AdapterConfig.scaling
+ADAPTER = LoraConfig(r=4, alpha=8)
+SCALING = 8 / 4  # alpha / r, written out rather than read from LoraConfig.scaling
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62, 5, 9, 33, 70], [1, 55, 12, 80, 81, 3, 3, 47, 48, 49, 50, 2]])
 # The 7 linear layers of each of the 2 Llama blocks; lm_head is in skip_modules and stays nn.Linear.
 LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
@@ -86,7 +87,7 @@ def injected(path: Path, **quant) -> nn.Module:
     model = load_quantized(path, **quant)
     torch.manual_seed(0)
     inject_adapters(model, ADAPTER)
-    random_lora_b(model, seed=1, std=0.1)
+    random_adapters(model, seed=1, std=0.1)
     return model
 
 
@@ -94,7 +95,7 @@ def dequant_and_delta(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
     """For each adapted layer: (the weight bitsandbytes stores, dequantized by bitsandbytes; scaling * B @ A).
     Call before any eval-mode forward (see the module docstring)."""
     out = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         w = layer.base_layer.weight
         if isinstance(layer.base_layer, bnb.nn.Linear4bit):
             deq = bnbF.dequantize_4bit(w.data, w.quant_state).float()
@@ -173,7 +174,7 @@ def test_merge_after_eval_forward_reads_the_weights_the_layer_uses(qllama):
         pytest.skip("this CPU has no AVX512-BF16 (or a GPU is used): bitsandbytes never repacks weights here")
     model = injected(qllama)
     expected = dequant_and_delta(model)
-    layers = [layer.base_layer for layer in lora_layers(model).values()]
+    layers = [layer.base_layer for layer in adapter_layers(model).values()]
     for layer in layers:  # bitsandbytes' own default, whatever load_model chooses
         layer.support_avx512bf16_for_cpu = True
     plain_logits(model)  # eval mode, no grad: what evaluate_loss does, before the export in train()
@@ -190,7 +191,7 @@ def test_merged_logits_equal_qlora_logits(qllama, original):
     merged = plain_logits(merged_model(model, ADAPTER, torch.float32))
     assert max_diff(merged, qlora) <= 1e-4
     # For scale: the same adapter merged into the original (unquantized) weights drifts far more.
-    naive_state = merge_state_dict(original, adapter_state_dict(model, []), SCALING)
+    naive_state = merge_state_dict(original, adapter_state_dict(model, []), ADAPTER)
     naive = AutoModelForCausalLM.from_pretrained(qllama, dtype=torch.float32)
     naive.load_state_dict(naive_state, strict=True)
     assert max_diff(plain_logits(naive), qlora) > 1e-2
@@ -202,7 +203,7 @@ def test_merge_adapter_requantizes_base_from_adapter_metadata(qllama, original, 
     quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
     adapter_dir = tmp_path / "adapter"
     save_adapter(adapter_dir, adapter_state_dict(model, []),
-                 peft_config(ADAPTER, list(lora_layers(model)), str(qllama), fan_in_fan_out=False), quant)
+                 peft_config(ADAPTER, list(adapter_layers(model)), str(qllama), fan_in_fan_out=False), quant)
     assert json.loads((adapter_dir / "peftkit.json").read_text())["quantization"]["method"] == "nf4"
 
     out = merge_adapter(str(adapter_dir), str(tmp_path / "merged"), requantize="nf4")
@@ -367,7 +368,7 @@ def test_int8_base_lora_forward_and_merge(qllama, original):
         assert bool(((deq - w).abs() <= w.abs().amax(dim=1, keepdim=True) / 127).all()), name
 
     # LoRA forward on an int8 base: the base layer's own output plus the low-rank update.
-    layer = lora_layers(model)[LINEARS[0]]
+    layer = adapter_layers(model)[LINEARS[0]]
     x = torch.randn(3, 64)
     with torch.no_grad():
         want = layer.base_layer(x) + SCALING * (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T)

@@ -1,4 +1,5 @@
-"""Adapter injection, state dicts in the PEFT key layout, and the pure state-dict merge.
+"""The shared adapter core: target selection, injection and freezing, state dicts in the PEFT key layout,
+and the pure state-dict merge, for every method of the registry (`peftkit.methods`).
 
 Adapter parameters are found through the layers' `adapter_params()` protocol and the recipe's
 `modules_to_save`, never by matching substrings of parameter names.
@@ -12,8 +13,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from peftkit.adapters.lora import LoraEmbedding, LoraLinear, _LoraBase, is_conv1d, is_quantized
 from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.methods import AdapterLayer, method_of
+from peftkit.methods.base import is_conv1d, is_quantized
 from peftkit.recipe import AdapterConfig, TargetRegex
 
 PEFT_PREFIX = "base_model.model."
@@ -46,7 +48,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex
         names = [n for n in modules if n and any(_suffix_match(n, t) for t in target_modules)]
         if every_entry:
             _check_every_entry_matches(model, target_modules, names)
-    names = [n for n in names if not isinstance(modules[n], _LoraBase)]
+    names = [n for n in names if not isinstance(modules[n], AdapterLayer)]
     if not names:
         raise PeftkitError(f"adapter.target_modules {_describe(target_modules)} {_matches_nothing(model)}")
     bad = [n for n in names if not (_is_linear(modules[n]) or isinstance(modules[n], nn.Embedding))]
@@ -95,9 +97,10 @@ def _layer_kinds(model: nn.Module) -> list[str]:
 
 
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = True) -> list[str]:
-    """Wrap the target layers in LoRA layers, freeze everything else, unfreeze `modules_to_save`.
+    """Wrap the target layers in the method's layers, freeze everything else, unfreeze `modules_to_save`.
 
-    Seeding is the caller's job: A is drawn from torch's global RNG, so call `torch.manual_seed` first.
+    Seeding is the caller's job: initial weights (LoRA's A) are drawn from torch's global RNG, so call
+    `torch.manual_seed` first.
 
     Args:
         every_entry: refuse a `target_modules` list entry that matches nothing (a recipe's typo). Off for a
@@ -106,17 +109,17 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     Returns:
         the full paths of the wrapped modules.
     """
+    method = method_of(cfg)
+    cfg = method.resolve(cfg, getattr(getattr(model, "config", None), "model_type", None))
     names = find_targets(model, cfg.target_modules, every_entry)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        cls = LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear
-        setattr(parent, child, cls(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        setattr(parent, child, method.wrap(getattr(parent, child), cfg, name))
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
-        if any(p.data_ptr() == q.data_ptr() for p in module.parameters() for q in _other_params(model, name)):
+        if any(_shared(p, q) for p in module.parameters() for q in _other_params(model, name)):
             raise PeftkitError(
                 f"adapter.modules_to_save: '{name}' shares its weight with another module (tied embeddings), so "
                 "training it would change both. Untie the weights in the model config or adapt it with LoRA instead."
@@ -124,6 +127,12 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         for p in module.parameters():
             p.requires_grad_(True)
     return names
+
+
+def _shared(p: torch.Tensor, q: torch.Tensor) -> bool:
+    """Tied weights: one Parameter, or views of one storage (not decidable on the meta device, where the
+    memory estimate injects: every meta tensor has data_ptr 0)."""
+    return p is q or (p.device.type != "meta" and p.data_ptr() == q.data_ptr())
 
 
 def _other_params(model: nn.Module, name: str) -> Iterator[torch.Tensor]:
@@ -148,8 +157,9 @@ def modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     return found
 
 
-def lora_layers(model: nn.Module) -> dict[str, _LoraBase]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, _LoraBase)}
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """The adapter layers of an injected model, by full path."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -171,7 +181,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT keys (`base_model.model.<path>.lora_A.weight`, ...), on CPU."""
     state: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_layers(model).items():
         for pname, p in layer.adapter_params().items():
             state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().cpu().contiguous()
     for name, module in modules_to_save(model, saved_modules).items():
@@ -183,7 +193,9 @@ def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-keyed tensors into an injected model; every key must land and every shape match."""
     targets: dict[str, torch.Tensor] = {}
-    for name, layer in lora_layers(model).items():
+    rank_dims: dict[str, int] = {}
+    for name, layer in adapter_layers(model).items():
+        rank_dims.update(layer.method.rank_dims)
         for pname, p in layer.adapter_params().items():
             targets[f"{PEFT_PREFIX}{name}.{pname}"] = p
     params = dict(model.named_parameters())
@@ -202,19 +214,19 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     for key, tensor in state.items():
         target = targets[key]
         if target.shape != tensor.shape:
-            raise PeftkitError(_shape_mismatch(key, tuple(target.shape), tuple(tensor.shape)))
+            raise PeftkitError(_shape_mismatch(key, tuple(target.shape), tuple(tensor.shape), rank_dims))
         with torch.no_grad():
             target.copy_(tensor.to(target.dtype))
 
 
-def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...]) -> str:
+def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...], rank_dims: dict[str, int]) -> str:
     """Why an adapter tensor has the wrong shape: a rank that disagrees with adapter_config.json's `r`
-    (the files do not belong together), or a base of another size."""
+    (the files do not belong together), or a base of another size. `rank_dims`: the methods' rank
+    dimension of each tensor kind (`lora_A`: 0)."""
     path = key[len(PEFT_PREFIX):]
     module, part = (path.rsplit(".", 2)[0], path.rsplit(".", 2)[-2]) if path.endswith(".weight") else path.rsplit(".", 1)
     mismatch = f"module '{module}' expects {part} of shape {expected} but the adapter has {saved}."
-    # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
-    rank_dim = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}.get(part)
+    rank_dim = rank_dims.get(part)
     if rank_dim is not None and len(saved) == 2 and [d for i, d in enumerate(saved) if i != rank_dim] == \
             [d for i, d in enumerate(expected) if i != rank_dim]:
         return (f"The adapter's weights do not match its adapter_config.json: {mismatch} The weights have rank "
@@ -236,30 +248,32 @@ def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
 def merge_state_dict(
     base: dict[str, torch.Tensor],
     adapter: dict[str, torch.Tensor],
-    scaling: float,
+    cfg: AdapterConfig,
     fan_in_fan_out: set[str] = frozenset(),
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Fold a PEFT-keyed LoRA state dict into a plain model state dict. Pure: inputs are not modified.
+    """Fold a PEFT-keyed adapter state dict into a plain model state dict. Pure: inputs are not modified.
 
     Args:
         base: the base model's state dict (plain keys such as `model.layers.0.mlp.up_proj.weight`).
         adapter: PEFT keys (`base_model.model.<path>.lora_A.weight`, `...lora_embedding_A`, plain saved modules).
-        scaling: alpha / r (or alpha / sqrt(r)).
+        cfg: the adapter's settings; its method merges each layer from that layer's own facts (`layer_facts`,
+            the rank read from the tensors), the same math as the in-place merge.
         fan_in_fan_out: module paths whose weight is stored (in, out) (transformers' Conv1D).
         dtype: dtype of the merged weights; default each base tensor's own.
 
-    Each delta is computed in fp32 and added to the fp32 base weight before one final cast.
+    Each layer is merged in fp32 before one final cast.
     """
+    method = method_of(cfg)
     merged = dict(base)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter.items():
         if not key.startswith(PEFT_PREFIX):
             raise PeftkitError(f"Adapter key '{key}' does not start with '{PEFT_PREFIX}'; not a PEFT checkpoint.")
         path = key[len(PEFT_PREFIX):]
-        for suffix in (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"):
-            if path.endswith(suffix):
-                modules.setdefault(path[: -len(suffix)], {})[suffix.split(".")[1]] = tensor
+        for suffix in method.param_names:
+            if path.endswith("." + suffix):
+                modules.setdefault(path[: -len(suffix) - 1], {})[suffix] = tensor
                 break
         else:
             if path not in base:
@@ -269,20 +283,21 @@ def merge_state_dict(
         key = f"{module}.weight"
         if key not in base:
             raise PeftkitError(f"The adapter targets '{module}', which the base model does not have.")
-        if "lora_A" in parts:
-            delta = parts["lora_B"].float() @ parts["lora_A"].float()
-            if module in fan_in_fan_out:
-                delta = delta.T
-        else:
-            delta = (parts["lora_embedding_B"].float() @ parts["lora_embedding_A"].float()).T
         weight = base[key]
-        if weight.shape != delta.shape:
+        facts = method.layer_facts(cfg, module, module in fan_in_fan_out)
+        shape = method.update_shape(parts, facts)
+        if len(shape) != weight.dim() or any(s is not None and s != w for s, w in zip(shape, weight.shape)):
             raise PeftkitError(
                 f"The adapter does not fit this model: module '{module}' has weight {tuple(weight.shape)} but the "
-                f"adapter's update is {tuple(delta.shape)}. It was trained on a different base model."
+                f"adapter's update is {tuple(shape)}. It was trained on a different base model."
             )
-        new = weight.float() + scaling * delta.to(weight.device)
-        if not torch.isfinite(new).all():
+        parts = {name: t.to(weight.device) for name, t in parts.items()}
+        new = method.merge_weight(weight.float(), parts, facts)
+        bias = base.get(f"{module}.bias")
+        new_bias = None if bias is None else method.merge_bias(bias.float(), parts, facts)
+        if not (torch.isfinite(new).all() and (new_bias is None or torch.isfinite(new_bias).all())):
             raise PeftkitError(f"Merging '{module}' produced NaN/inf weights; the adapter is broken.")
         merged[key] = new.to(dtype or weight.dtype)
+        if new_bias is not None:
+            merged[f"{module}.bias"] = new_bias.to(dtype or bias.dtype)
     return merged

@@ -4,8 +4,10 @@ key, file and line and how to fix it; relative paths resolved against the recipe
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -14,20 +16,40 @@ from pydantic import (
 )
 
 from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.methods import DEFAULT_METHOD, METHODS
 from peftkit.recipe.reader import _invalid, _parse_yaml, _read_yaml, _YamlProblem
 from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
 
 
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model whose fields live at `loc` (a path of keys), or None."""
+def _members(annotation: Any) -> list[Any]:
+    """The types a field accepts: the members of a union, without `Annotated` wrappers (discriminator tags)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _section_model(loc: tuple, data: Any = None) -> type[BaseModel] | None:
+    """The pydantic model whose fields live at `loc` (a path of keys), or None. Where the section is a union of
+    adapter methods' configs, the one that `data` (the recipe) picks with its `method:` key."""
     model: Any = Recipe
+    node = data
     for key in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
             return None
-        annotation = model.model_fields[key].annotation
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        model = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        node = node.get(key) if isinstance(node, dict) else None
+        candidates = [a for a in _members(model.model_fields[key].annotation) if isinstance(a, type)]
+        models = [a for a in candidates if issubclass(a, BaseModel)]
+        model = _chosen_method(models, node) if len(models) > 1 else next(iter(models), None)
     return model
+
+
+def _chosen_method(models: list[type[BaseModel]], node: Any) -> type[BaseModel] | None:
+    """The config of the method `node` names (the default method when it names none, or an unknown one)."""
+    name = node.get("method", DEFAULT_METHOD) if isinstance(node, dict) else DEFAULT_METHOD
+    config = METHODS[name].config if isinstance(name, str) and name in METHODS else METHODS[DEFAULT_METHOD].config
+    return config if config in models else models[0]
 
 
 def _apply_override(data: dict, assignment: str) -> None:
@@ -36,13 +58,15 @@ def _apply_override(data: dict, assignment: str) -> None:
         raise PeftkitError(f"--set {assignment!r}: expected KEY=VALUE, for example --set training.lr=2e-4")
     parts = key.strip().split(".")
     for depth in range(1, len(parts) + 1):
-        model = _section_model(tuple(parts[: depth - 1]))
+        model = _section_model(tuple(parts[: depth - 1]), data)
         if model is not None and parts[depth - 1] not in model.model_fields:
             valid = list(model.model_fields)
             where = ".".join(parts[: depth - 1]) or "the recipe"
+            if method := _method_without(model, parts[depth - 1]):
+                where += f": {METHODS[method].title} (method: {method}) has no '{parts[depth - 1]}'"
             raise PeftkitError(
                 f"--set {key}: unknown key '{parts[depth - 1]}' in {where}.{_suggest(parts[depth - 1], valid)} "
-                f"Valid keys: {', '.join(valid)}."
+                f"Valid keys{f' for method {method}' if method else ''}: {', '.join(valid)}."
             )
     try:
         value, _, duplicates = _parse_yaml(raw, "the value") if raw.strip() else (None, {}, [])
@@ -96,7 +120,7 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
     kind = err["type"]
     if kind == "invalid_key":  # `1: x` or `null: x`: YAML made a non-string key
         section_loc = _data_loc(err["loc"][:-1], data)
-        valid = _valid_keys(section_loc)
+        valid = _valid_keys(section_loc, data)
         section = ".".join(map(str, section_loc)) or "the recipe"
         read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
             type(err["input"]), f"a {type(err['input']).__name__}")
@@ -105,12 +129,22 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
             f"is meant as one. Valid keys: {', '.join(valid)}."
         )
     if kind == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
+        valid = _valid_keys(loc[:-1], data)
         section = ".".join(map(str, loc[:-1])) or "the recipe"
+        if method := _method_without(_section_model(loc[:-1], data), str(loc[-1])):
+            return (
+                f"{where}: unknown key '{loc[-1]}' in {section}: {METHODS[method].title} (method: {method}) has no "
+                f"'{loc[-1]}'.{_suggest(str(loc[-1]), valid)} Valid keys for method {method}: {', '.join(valid)}."
+            )
         return (
             f"{where}: unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} "
             f"Valid keys: {', '.join(valid)}."
         )
+    if kind == "adapter_method":  # the discriminator of the adapter union: point at the `method:` line
+        line = lines.get((*loc, "method"))
+        where = where if line is None or (*loc, "method") in overridden else f"{path}:{line}"
+        methods = ", ".join(repr(m) for m in METHODS)
+        return f"{where}: 'adapter.method' = {err['input'].get('method')!r}: must be one of {methods}."
     if kind == "missing":
         parent = ".".join(map(str, loc[:-1]))
         place = f"under '{parent}:'" if parent else "as a top-level section"
@@ -154,10 +188,20 @@ _SYNONYMS = {
 }
 
 
+def _method_without(model: type[BaseModel] | None, key: str) -> str | None:
+    """The method of an adapter config that lacks `key`, when saying so helps: the recipe chose a method other
+    than the default, or `key` belongs to another method (`r` in an IA3 section). None otherwise."""
+    method = next((m.name for m in METHODS.values() if m.config is model), None)
+    if method is None:  # not an adapter section (quantization has a `method` too)
+        return None
+    elsewhere = any(key in m.config.model_fields for m in METHODS.values() if m.name != method)
+    return method if method != DEFAULT_METHOD or elsewhere else None
+
+
 def _all_fields(model: type[BaseModel]) -> set[str]:
     names = set(model.model_fields)
     for field in model.model_fields.values():
-        for member in getattr(field.annotation, "__args__", (field.annotation,)):
+        for member in _members(field.annotation):
             if isinstance(member, type) and issubclass(member, BaseModel):
                 names |= _all_fields(member)
     return names
@@ -173,8 +217,8 @@ def _suggest(key: str, valid: list[str]) -> str:
     return did_you_mean(normal, valid)
 
 
-def _valid_keys(loc: tuple) -> list[str]:
-    model = _section_model(loc)
+def _valid_keys(loc: tuple, data: Any = None) -> list[str]:
+    model = _section_model(loc, data)
     return list(model.model_fields) if model else []
 
 
@@ -185,11 +229,11 @@ def _most_specific(errors: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]
     return [(loc, err) for loc, err in errors if loc not in deeper]
 
 
-def _drop_misspelled(errors: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+def _drop_misspelled(errors: list[tuple[tuple, dict]], data: Any) -> list[tuple[tuple, dict]]:
     """Drop a missing key that an unknown sibling key is a misspelling of (`nme_or_path`): that sibling's
     'Did you mean' message already says how to fix it, so the 'missing' one is only noise."""
     missing_in = {loc[:-1] for loc, err in errors if err["type"] == "missing"}
-    meant = {(loc[:-1], _suggest(str(loc[-1]), _valid_keys(loc[:-1])))
+    meant = {(loc[:-1], _suggest(str(loc[-1]), _valid_keys(loc[:-1], data)))
              for loc, err in errors if err["type"] == "extra_forbidden" and loc[:-1] in missing_in}
     return [(loc, err) for loc, err in errors
             if not (err["type"] == "missing" and (loc[:-1], f" Did you mean '{loc[-1]}'?") in meant)]
@@ -226,7 +270,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]))
+        errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]), data)
         raise _invalid([format_validation_error(err, data, path, lines, overridden) for _, err in errors]) from None
     base = path.resolve().parent
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),

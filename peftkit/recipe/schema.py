@@ -4,42 +4,16 @@ the rest of peftkit reads typed fields, never `dict.get(key, default)`)."""
 from __future__ import annotations
 
 import hashlib
-import math
-import re
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, model_validator
+
+from peftkit.methods import AdapterConfig, default_adapter
+from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
 
 DType = Literal["float32", "bfloat16", "float16"]
 DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
-class Section(BaseModel):
-    # allow_inf_nan=False: `lr: .inf` would pass `gt=0` and only fail as a NaN loss at step 1.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """pydantic's lax mode reads `true` as 1, so `max_steps: yes` would train one step. Strict mode is
-        not the fix: PyYAML reads `lr: 2e-4` (no dot) as a string, which lax mode rightly converts."""
-        annotation = cls.model_fields[info.field_name].annotation
-        members = getattr(annotation, "__args__", (annotation,))  # `int | None` -> (int, NoneType)
-        kind = next((word for number, word in _NUMBER_KINDS.items() if number in members), None)
-        if isinstance(value, bool) and kind:
-            raise ValueError(f"must be {kind}, not a boolean (YAML reads true/false, yes/no and on/off as booleans)")
-        return value
-
-
-_NUMBER_KINDS = {float: "a number", int: "an integer"}  # float first: a float field also takes `lr: 1`
 
 
 class ModelConfig(Section):
@@ -72,49 +46,6 @@ class QuantizationConfig(Section):
     """Storage dtype of the packed 4-bit weights; FSDP sharding needs a float type matching the model."""
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"])
     """Modules kept in full precision (the output head by default, as bitsandbytes/transformers do)."""
-
-
-class TargetRegex(Section):
-    regex: str
-    """Python regular expression matched against the full module path (`re.fullmatch`)."""
-
-    @field_validator("regex")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"is not a valid regular expression ({e})") from None
-        return v
-
-
-class AdapterConfig(Section):
-    """The adapter injected into the frozen base."""
-
-    method: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0)
-    """LoRA rank: higher = more capacity, more memory."""
-    alpha: float = Field(16.0, gt=0)
-    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout on the adapter's input."""
-    target_modules: Literal["all-linear"] | list[str] | TargetRegex = "all-linear"
-    """`all-linear` (every Linear/Conv1D except the output head), module-name suffixes, or {regex: ...}."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    modules_to_save: list[str] = Field(default_factory=list)
-    """Modules trained in full and saved whole (e.g. `lm_head`)."""
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("is an empty list; name at least one module or use 'all-linear'")
-        return v
 
 
 class DataConfig(Section):
@@ -212,7 +143,7 @@ class EvalConfig(Section):
 class Recipe(Section):
     model: ModelConfig
     quantization: QuantizationConfig | None = None
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: AdapterConfig = Field(default_factory=default_adapter)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     export: ExportConfig

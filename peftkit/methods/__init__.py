@@ -1,0 +1,75 @@
+"""The method registry: `adapter.method` in a recipe and `peft_type` in adapter_config.json pick a `Method`.
+
+Each method lives in one file here (its recipe config, its layers, its one merge math, its PEFT config);
+everything shared (targets, freezing, state dicts, the merge, the PEFT format, checkpoints, the parameter
+count and the memory estimate) is in `peftkit.adapters`, `peftkit.peft_format` and their callers, written
+once over the protocol in `base.py`. A new method is one file plus its `register` line below.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import Discriminator, Tag
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import AdapterLayer, Method
+from peftkit.methods.ia3 import IA3, IA3Config
+from peftkit.methods.lora import Lora, LoraConfig
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Add `method` to the registry, under its recipe name."""
+    if method.name in METHODS:
+        raise ValueError(f"adapter method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+register(Lora)
+register(IA3)
+
+DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
+
+
+def _chosen_method(value: Any) -> str | None:
+    """The union member a recipe's `adapter` section is validated as: its `method`, LoRA when it has none. A
+    section that is not a mapping goes to LoRA's config, whose error says it must be a section of keys."""
+    if isinstance(value, dict):
+        method = value.get("method", DEFAULT_METHOD)
+        return method if isinstance(method, str) and method in METHODS else None
+    return getattr(value, "method", DEFAULT_METHOD)
+
+
+# The recipe's `adapter` section: one config per method, chosen by `method` (pydantic's discriminated union,
+# so an error names only the chosen method's keys). An unknown method is the `adapter_method` error.
+AdapterConfig = Annotated[
+    Union[tuple(Annotated[m.config, Tag(m.name)] for m in METHODS.values())],  # noqa: UP007
+    Discriminator(_chosen_method, custom_error_type="adapter_method",
+                  custom_error_message="adapter.method names no method peftkit has"),
+]
+
+
+def default_adapter() -> LoraConfig:
+    """The `adapter` section of a recipe that has none: LoRA with its defaults."""
+    return LoraConfig()
+
+
+def method_of(cfg) -> type[Method]:
+    """The method an adapter config belongs to."""
+    return METHODS[cfg.method]
+
+
+def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]:
+    """The method that reads adapters of `peft_type`; a PeftkitError naming the file for any other."""
+    for method in METHODS.values():
+        if method.peft_type == peft_type:
+            return method
+    supported = ", ".join(m.peft_type for m in METHODS.values())
+    raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
+
+
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LoraConfig", "Method",
+           "default_adapter", "method_for_peft_type", "method_of", "register"]

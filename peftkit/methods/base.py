@@ -1,0 +1,206 @@
+"""What every weight-update method shares: the host wrapper around a frozen base layer, the method protocol,
+and the base-layer helpers (Linear, transformers' Conv1D, bitsandbytes layers).
+
+A method is a class with class-level hooks (no instances): its recipe config, its PEFT config, the layer it
+wraps a base layer in, and its **one** merge math, `merge_weight(weight, parts, facts)`. That function is the
+only place a method's update meets a weight: the in-place `AdapterLayer.merge`, the pure
+`peftkit.adapters.merge_state_dict` and `peftkit merge` all call it, with the layer's tensors (`parts`, by
+their PEFT names) and its per-layer facts (`facts`: scaling inputs, layout), never a global scaling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.section import Section, TargetRegex
+
+REEXPORT = "Fix the file, or export the adapter again."
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer."""
+    return type(layer).__module__.startswith("bitsandbytes")
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D: a linear layer whose weight is stored (in, out)."""
+    return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear, Conv1D or bitsandbytes linear layer."""
+    if is_conv1d(layer):
+        return layer.weight.shape[0], layer.weight.shape[1]
+    return layer.in_features, layer.out_features
+
+
+class AdapterLayer(nn.Module):
+    """Host wrapper: holds the frozen base layer (`self.base_layer`) and the method's own parameters.
+
+    Subclasses set `method`, `facts` (what `method.merge_weight` needs beyond the tensors) and define
+    `forward`; merging, unmerging and the adapter-parameter protocol are written here once.
+    """
+
+    method: ClassVar[type[Method]]
+    base_layer: nn.Module
+    facts: Any
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # Code that inspects `module.weight` (transformers' dtype/device probes) sees the base weight.
+        return self.base_layer.weight
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters, by their name relative to this module (= their PEFT key suffix)."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors by PEFT key suffix, as `merge_weight` takes them from a state dict too."""
+        return {n: p.detach() for n, p in self.adapter_params().items()}
+
+    def merge(self) -> None:
+        """Fold the update into the base weight. Idempotent; refuses a quantized base or a non-finite result."""
+        if self.merged:
+            return
+        if is_quantized(self.base_layer):
+            raise PeftkitError(
+                "Cannot merge in place into a quantized (bitsandbytes) layer: the sum would be re-quantized and "
+                "drift from what was trained. Use `peftkit merge`, which dequantizes the base to fp32 first."
+            )
+        weight, bias, parts = self.base_layer.weight, getattr(self.base_layer, "bias", None), self.parts()
+        merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
+        merged_bias = None if bias is None else self.method.merge_bias(bias.data.float(), parts, self.facts)
+        if not (torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())):
+            raise PeftkitError("Merging produced NaN/inf weights; the adapter is broken and was not merged.")
+        weight.data.copy_(merged.to(weight.dtype))
+        if merged_bias is not None:
+            bias.data.copy_(merged_bias.to(bias.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the update out again. Idempotent. Exact up to the rounding of the base dtype."""
+        if not self.merged:
+            return
+        weight, bias, parts = self.base_layer.weight, getattr(self.base_layer, "bias", None), self.parts()
+        weight.data.copy_(self.method.unmerge_weight(weight.data.float(), parts, self.facts).to(weight.dtype))
+        if bias is not None and (restored := self.method.unmerge_bias(bias.data.float(), parts, self.facts)) is not None:
+            bias.data.copy_(restored.to(bias.dtype))
+        self.merged = False
+
+
+class PeftConfigBase(BaseModel):
+    """The fields of adapter_config.json every method reads; each method's subclass adds its own. PEFT
+    writes more, which are ignored. Defaults are PEFT's own, so a config with fields left out reads the same."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    peft_type: str | None = None
+    base_model_name_or_path: str | None = None
+    target_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+
+
+def targets_from_peft(targets: list[str] | str, config_file: Path) -> list[str] | str | TargetRegex:
+    """adapter_config.json's `target_modules` in recipe form: a string other than `all-linear` is a regex."""
+    if not isinstance(targets, str) or targets == "all-linear":
+        return targets
+    try:
+        return TargetRegex(regex=targets)
+    except ValidationError as e:
+        raise PeftkitError(f'{config_file}: "target_modules" {e.errors()[0]["msg"].removeprefix("Value error, ")}. '
+                           f"{REEXPORT}") from None
+
+
+class Method:
+    """The protocol of a weight-update method; subclasses fill in every hook and register with
+    `peftkit.methods.register`."""
+
+    name: ClassVar[str]
+    """`adapter.method` in a recipe."""
+    title: ClassVar[str]
+    """How the parameter-count line names it (`LoRA`)."""
+    peft_type: ClassVar[str]
+    """`peft_type` in adapter_config.json."""
+    config: ClassVar[type[Section]]
+    """The recipe's `adapter` section for this method."""
+    peft_config: ClassVar[type[PeftConfigBase]]
+    """The typed view of this method's adapter_config.json."""
+    param_names: ClassVar[tuple[str, ...]]
+    """PEFT key suffixes of one layer's tensors (`lora_A.weight`, ...): how a state dict's keys are split
+    into (module path, tensor) without the live model."""
+    rank_dims: ClassVar[dict[str, int]] = {}
+    """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
+
+    @classmethod
+    def resolve(cls, cfg: Any, model_type: str | None) -> Any:
+        """`cfg` with the settings it leaves to the architecture (`model_type`, transformers' name) filled in."""
+        return cfg
+
+    @classmethod
+    def wrap(cls, base: nn.Module, cfg: Any, path: str) -> AdapterLayer:
+        """The adapter layer around `base`, the module at `path`; its facts come from `layer_facts`."""
+        raise NotImplementedError
+
+    @classmethod
+    def layer_facts(cls, cfg: Any, path: str, fan_in_fan_out: bool) -> Any:
+        """What `merge_weight` needs for the layer at `path` besides its tensors. `fan_in_fan_out`: the base
+        weight is stored (in, out) (transformers' Conv1D)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: Any) -> torch.Tensor:
+        """The fp32 weight with the update folded in; `weight` (fp32) is not modified. The one merge math."""
+        raise NotImplementedError
+
+    @staticmethod
+    def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: Any) -> torch.Tensor:
+        """The inverse of `merge_weight`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def merge_bias(bias: torch.Tensor, parts: dict[str, torch.Tensor], facts: Any) -> torch.Tensor | None:
+        """The fp32 bias with the update folded in, or None when the update leaves the bias alone (LoRA)."""
+        return None
+
+    @staticmethod
+    def unmerge_bias(bias: torch.Tensor, parts: dict[str, torch.Tensor], facts: Any) -> torch.Tensor | None:
+        """The inverse of `merge_bias`."""
+        return None
+
+    @staticmethod
+    def update_shape(parts: dict[str, torch.Tensor], facts: Any) -> tuple[int | None, ...]:
+        """The shape of the base weight these tensors fit (None: any size along that dimension)."""
+        raise NotImplementedError
+
+    @classmethod
+    def to_peft(cls, cfg: Any, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
+        """adapter_config.json for an adapter on the modules `targets`."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_peft(cls, peft: Any, config_file: Path) -> Any:
+        """The recipe config of a validated `peft_config`; refuses what peftkit cannot apply faithfully."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, cfg: Any) -> str:
+        """The method and its size setting for the parameter-count line (`LoRA r=8`)."""
+        return cls.title
+
+    @classmethod
+    def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:
+        """Give `layer` an update far from identity (tests and benchmarks: a merge must not pass trivially)."""
+        with torch.no_grad():
+            for p in layer.adapter_params().values():
+                p.copy_(torch.randn(p.shape, generator=generator) * std)

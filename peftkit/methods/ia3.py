@@ -1,0 +1,216 @@
+"""(IA)^3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning", T-Few): learned vectors that *scale* instead of add. On keys and values the layer's output is
+scaled, y = l * (W x + b); on feed-forward layers its input, y = W (l * x) + b. The vectors start at 1 (the
+base model) and hold one number per feature: ~0.01% of a 7B model's parameters.
+
+Merged, the output scaling multiplies W's rows (and the bias), the input scaling W's columns. Names and
+shapes as HF peft: `<path>.ia3_l`, (out, 1) for an output scaling and (1, in) for a feed-forward input
+scaling — so a saved vector's shape says which it is, and a merge needs no other per-layer fact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.section import Section, TargetRegex
+
+# peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, peft 0.21)
+# for the architectures peftkit is tested on and their close relatives: (targets, feed-forward modules).
+DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    "qwen2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+}
+
+
+class IA3Config(Section):
+    """(IA)^3: learned scaling vectors on keys, values and feed-forward inputs."""
+
+    method: Literal["ia3"]
+    target_modules: Literal["all-linear"] | list[str] | TargetRegex | None = None
+    """Module-name suffixes, `all-linear` or {regex: ...}; null: peft's default for the architecture
+    (k_proj, v_proj, down_proj for Llama)."""
+    feedforward_modules: list[str] | None = None
+    """The targets whose *input* is scaled (the feed-forward output projections); null: peft's default for the
+    architecture (down_proj for Llama). Every other target has its output scaled."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved whole (e.g. `lm_head`)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("is an empty list; name at least one module, use 'all-linear', or null for the defaults")
+        return v
+
+
+def _suffix_match(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+@dataclass(frozen=True)
+class IA3Facts:
+    fan_in_fan_out: bool = False
+    """The base weight is stored (in, out) (transformers' Conv1D)."""
+
+
+def _vector(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """(the scaling vector in fp32, flat; whether it scales the input), read from the saved shape."""
+    l = parts["ia3_l"].float()
+    return l.flatten(), l.shape[0] == 1 and l.dim() == 2 and l.shape[1] != 1
+
+
+def ia3_scale(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: IA3Facts, inverse: bool = False) -> torch.Tensor:
+    """W with its columns (feed-forward: the input features) or rows (the output features) scaled by l (or
+    divided, to unmerge), in the base weight's layout: (out, in), or (in, out) for Conv1D."""
+    l, feedforward = _vector(parts)
+    l = 1 / l if inverse else l
+    in_dim = 0 if facts.fan_in_fan_out else 1
+    dim = in_dim if feedforward else 1 - in_dim
+    shape = [1, 1]
+    shape[dim] = -1
+    return weight * l.to(weight.device).reshape(shape)
+
+
+class IA3Linear(AdapterLayer):
+    """(IA)^3 around nn.Linear, transformers' Conv1D or a bitsandbytes linear layer."""
+
+    def __init__(self, base_layer: nn.Module, is_feedforward: bool) -> None:
+        super().__init__(base_layer)
+        in_features, out_features = linear_shape(base_layer)
+        self.is_feedforward = is_feedforward
+        self.facts = IA3Facts(is_conv1d(base_layer))
+        shape = (1, in_features) if is_feedforward else (out_features, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, device=base_layer.weight.device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        l = self.ia3_l.flatten()
+        if self.is_feedforward:
+            return self.base_layer((x.to(l.dtype) * l).to(x.dtype))
+        result = self.base_layer(x)
+        return (result.to(l.dtype) * l).to(result.dtype)
+
+
+
+class PeftIA3Config(PeftConfigBase):
+    """The fields of an IA3 adapter_config.json that peftkit reads (defaults: peft's IA3Config)."""
+
+    feedforward_modules: list[str] | str | None = None
+    # Features peftkit does not implement: a value here is refused rather than silently ignored.
+    layers_to_transform: list[int] | int | None = None
+
+
+class IA3(Method):
+    name = "ia3"
+    title = "IA3"
+    peft_type = "IA3"
+    config = IA3Config
+    peft_config = PeftIA3Config
+    param_names = ("ia3_l",)
+
+    @classmethod
+    def resolve(cls, cfg: IA3Config, model_type: str | None) -> IA3Config:
+        if cfg.target_modules is not None and cfg.feedforward_modules is not None:
+            return cfg
+        if model_type not in DEFAULTS:
+            missing = "target_modules" if cfg.target_modules is None else "feedforward_modules"
+            raise PeftkitError(
+                f"adapter.{missing}: IA3 has no default for model type {model_type!r} (it has for "
+                f"{', '.join(DEFAULTS)}); name the modules, e.g. target_modules: [k_proj, v_proj, down_proj] and "
+                "feedforward_modules: [down_proj] for a Llama-like model."
+            )
+        targets, feedforward = DEFAULTS[model_type]
+        return cfg.model_copy(update={"target_modules": cfg.target_modules if cfg.target_modules is not None else targets,
+                                      "feedforward_modules": cfg.feedforward_modules if cfg.feedforward_modules is not None
+                                      else feedforward})
+
+    @classmethod
+    def wrap(cls, base: nn.Module, cfg: IA3Config, path: str) -> IA3Linear:
+        if isinstance(base, nn.Embedding):
+            raise PeftkitError(f"adapter.target_modules: IA3 scales linear layers; '{path}' is an embedding.")
+        return IA3Linear(base, any(_suffix_match(path, f) for f in cfg.feedforward_modules or []))
+
+    @classmethod
+    def layer_facts(cls, cfg: IA3Config, path: str, fan_in_fan_out: bool) -> IA3Facts:
+        return IA3Facts(fan_in_fan_out)
+
+    @staticmethod
+    def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: IA3Facts) -> torch.Tensor:
+        return ia3_scale(weight, parts, facts)
+
+    @staticmethod
+    def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: IA3Facts) -> torch.Tensor:
+        return ia3_scale(weight, parts, facts, inverse=True)
+
+    @staticmethod
+    def merge_bias(bias: torch.Tensor, parts: dict[str, torch.Tensor], facts: IA3Facts) -> torch.Tensor | None:
+        l, feedforward = _vector(parts)
+        # A scaled input leaves the bias (added after the matmul) alone; a scaled output scales it too.
+        return None if feedforward else bias * l.to(bias.device)
+
+    @staticmethod
+    def unmerge_bias(bias: torch.Tensor, parts: dict[str, torch.Tensor], facts: IA3Facts) -> torch.Tensor | None:
+        l, feedforward = _vector(parts)
+        return None if feedforward else bias / l.to(bias.device)
+
+    @staticmethod
+    def update_shape(parts: dict[str, torch.Tensor], facts: IA3Facts) -> tuple[int | None, ...]:
+        l, feedforward = _vector(parts)
+        in_out = (len(l), None) if feedforward else (None, len(l))
+        return in_out if facts.fan_in_fan_out else in_out[::-1]
+
+    @classmethod
+    def to_peft(cls, cfg: IA3Config, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
+        # Exact module paths, so that peft's suffix matching selects exactly the same layers.
+        feedforward = [t for t in targets if any(_suffix_match(t, f) for f in cfg.feedforward_modules or [])]
+        return {
+            "peft_type": "IA3",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_name,
+            "target_modules": sorted(targets),
+            "feedforward_modules": sorted(feedforward),
+            "fan_in_fan_out": fan_in_fan_out,
+            "modules_to_save": cfg.modules_to_save or None,
+            "init_ia3_weights": True,
+            "inference_mode": True,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft(cls, peft: PeftIA3Config, config_file: Path) -> IA3Config:
+        if peft.layers_to_transform:
+            raise PeftkitError(f"{config_file}: 'layers_to_transform' is set; peftkit does not support it yet.")
+        feedforward = peft.feedforward_modules
+        if isinstance(feedforward, str):
+            raise PeftkitError(f"{config_file}: a regular expression for 'feedforward_modules' is not supported yet; "
+                               "list the module names.")
+        return IA3Config(method="ia3", target_modules=targets_from_peft(peft.target_modules, config_file),
+                         feedforward_modules=feedforward, modules_to_save=peft.modules_to_save or [])
+
+    @classmethod
+    def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:
+        # Around 1 (the identity), with both signs of change.
+        with torch.no_grad():
+            layer.ia3_l.copy_(1 + torch.randn(layer.ia3_l.shape, generator=generator) * std * 5)
+
+
+IA3Linear.method = IA3

@@ -1,0 +1,252 @@
+"""LoRA (Hu et al. 2021): y = W x + (alpha / r) * B A x, with W frozen and A (r x in), B (out x r) trained.
+
+Each layer *wraps* its frozen base (`self.base_layer`) and owns only the adapter parameters, so the
+base's state-dict keys become `<path>.base_layer.weight` and the adapter's `<path>.lora_A.weight` /
+`<path>.lora_B.weight` — the names the Hugging Face PEFT format uses.
+
+Dtype discipline (as in HF peft): adapter weights are kept in fp32 whatever the base dtype, the input
+is cast to the adapter dtype and the adapter's output back to the base output's dtype. Deltas for
+merging are computed in fp32 (`lora_delta`, the one LoRA merge math) and cast once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from torch.nn import functional as F
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.section import Section, TargetRegex
+
+
+class LoraConfig(Section):
+    """The adapter injected into the frozen base."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(8, gt=0)
+    """LoRA rank: higher = more capacity, more memory."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input."""
+    target_modules: Literal["all-linear"] | list[str] | TargetRegex = "all-linear"
+    """`all-linear` (every Linear/Conv1D except the output head), module-name suffixes, or {regex: ...}."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full and saved whole (e.g. `lm_head`)."""
+
+    @property
+    def scaling(self) -> float:
+        """The scaling of a layer of rank `r`; merges read each layer's own rank from its tensors."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("is an empty list; name at least one module or use 'all-linear'")
+        return v
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+@dataclass(frozen=True)
+class LoraFacts:
+    """Per-layer facts of a LoRA merge; the rank is read from the tensors' shapes."""
+
+    alpha: float
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    """The base weight is stored (in, out) (transformers' Conv1D)."""
+
+
+def lora_delta(parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
+    """scaling * B @ A in fp32, in the base weight's layout: (out, in), (in, out) for Conv1D, and
+    (num_embeddings, dim) for an embedding, whose A is (r, num_embeddings) and B (dim, r)."""
+    if "lora_A.weight" in parts:
+        a, b = parts["lora_A.weight"].float(), parts["lora_B.weight"].float()
+        delta = b @ a
+        delta = delta.T if facts.fan_in_fan_out else delta
+    else:
+        a, b = parts["lora_embedding_A"].float(), parts["lora_embedding_B"].float()
+        delta = (b @ a).T
+    return delta * lora_scaling(facts.alpha, a.shape[0], facts.use_rslora)
+
+
+class _LoraLayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, use_rslora: bool) -> None:
+        super().__init__(base_layer)
+        self.r = r
+        self.facts = LoraFacts(alpha, use_rslora, is_conv1d(base_layer))
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, in the base weight's layout ((in, out) for Conv1D)."""
+        return lora_delta(self.parts(), self.facts)
+
+
+class LoraLinear(_LoraLayer):
+    """LoRA around nn.Linear, transformers' Conv1D or a bitsandbytes Linear4bit/Linear8bitLt."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__(base_layer, r, alpha, use_rslora)
+        in_features, out_features = linear_shape(base_layer)
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As HF peft and the paper: A ~ kaiming-uniform, B = 0, so training starts from the base model.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        a = self.lora_A.weight
+        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling
+        return result + update.to(result.dtype)
+
+
+class LoraEmbedding(_LoraLayer):
+    """LoRA on nn.Embedding: the row for token t gains scaling * (B @ A)[:, t]."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__(base_layer, r, alpha, use_rslora)
+        num, dim = base_layer.weight.shape
+        device = base_layer.weight.device
+        # Shapes and names as HF peft: lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r).
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, device=device, dtype=torch.float32))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=device, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # HF peft initialises A to zero and B normal for embeddings (the lookup of A is the "input").
+        nn.init.zeros_(self.lora_embedding_A)
+        nn.init.normal_(self.lora_embedding_B)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        base = self.base_layer
+        after_a = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm, base.norm_type,
+                              base.scale_grad_by_freq, base.sparse)
+        update = (after_a @ self.lora_embedding_B.T) * self.scaling
+        return result + update.to(result.dtype)
+
+
+class PeftLoraConfig(PeftConfigBase):
+    """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
+
+    r: int = Field(gt=0)
+    lora_alpha: float = Field(8.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    use_rslora: bool = False
+    bias: str = "none"
+    # Features peftkit does not implement: a value here is refused rather than silently ignored.
+    use_dora: bool = False
+    rank_pattern: dict | None = None
+    alpha_pattern: dict | None = None
+    layers_to_transform: list[int] | int | None = None
+
+
+class Lora(Method):
+    name = "lora"
+    title = "LoRA"
+    peft_type = "LORA"
+    config = LoraConfig
+    peft_config = PeftLoraConfig
+    param_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+    # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
+    rank_dims = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+
+    @classmethod
+    def wrap(cls, base: nn.Module, cfg: LoraConfig, path: str) -> _LoraLayer:
+        layer = LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear
+        return layer(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+
+    @classmethod
+    def layer_facts(cls, cfg: LoraConfig, path: str, fan_in_fan_out: bool) -> LoraFacts:
+        return LoraFacts(cfg.alpha, cfg.use_rslora, fan_in_fan_out)
+
+    @staticmethod
+    def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
+        return weight + lora_delta(parts, facts).to(weight.device)
+
+    @staticmethod
+    def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
+        return weight - lora_delta(parts, facts).to(weight.device)
+
+    @staticmethod
+    def update_shape(parts: dict[str, torch.Tensor], facts: LoraFacts) -> tuple[int, int]:
+        if "lora_A.weight" in parts:
+            shape = (parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1])
+            return shape[::-1] if facts.fan_in_fan_out else shape
+        return parts["lora_embedding_A"].shape[1], parts["lora_embedding_B"].shape[0]
+
+    @classmethod
+    def to_peft(cls, cfg: LoraConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
+        # `target_modules` lists the exact module paths adapted, so that peft's suffix matching selects
+        # exactly the same layers whatever form the recipe used.
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_name,
+            "r": cfg.r,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": sorted(targets),
+            "use_rslora": cfg.use_rslora,
+            "use_dora": False,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "modules_to_save": cfg.modules_to_save or None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft(cls, peft: PeftLoraConfig, config_file: Path) -> LoraConfig:
+        for key in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+            if getattr(peft, key):
+                raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
+        if peft.bias != "none":
+            raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
+        return LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
+                          target_modules=targets_from_peft(peft.target_modules, config_file),
+                          use_rslora=peft.use_rslora, modules_to_save=peft.modules_to_save or [])
+
+    @classmethod
+    def describe(cls, cfg: LoraConfig) -> str:
+        return f"LoRA r={cfg.r}"
+
+    @classmethod
+    def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:
+        # B (and an embedding's A) start at zero: randomising those makes the update nonzero, and A keeps
+        # its kaiming init, as after training.
+        with torch.no_grad():
+            for name, p in layer.adapter_params().items():
+                if name.startswith(("lora_B", "lora_embedding_A")):
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+_LoraLayer.method = Lora  # defined after the layers, which it builds

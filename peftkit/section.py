@@ -1,0 +1,47 @@
+"""`Section`, the base of every recipe section model, and `TargetRegex`.
+
+They live outside `peftkit.recipe` because the adapter methods' configs (`peftkit/methods/*.py`) are recipe
+sections too, and `peftkit.recipe.schema` imports them to build the `adapter` section: a method file
+importing `peftkit.recipe` would import itself in a circle.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+
+class Section(BaseModel):
+    # allow_inf_nan=False: `lr: .inf` would pass `gt=0` and only fail as a NaN loss at step 1.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `true` as 1, so `max_steps: yes` would train one step. Strict mode is
+        not the fix: PyYAML reads `lr: 2e-4` (no dot) as a string, which lax mode rightly converts."""
+        annotation = cls.model_fields[info.field_name].annotation
+        members = getattr(annotation, "__args__", (annotation,))  # `int | None` -> (int, NoneType)
+        kind = next((word for number, word in _NUMBER_KINDS.items() if number in members), None)
+        if isinstance(value, bool) and kind:
+            raise ValueError(f"must be {kind}, not a boolean (YAML reads true/false, yes/no and on/off as booleans)")
+        return value
+
+
+_NUMBER_KINDS = {float: "a number", int: "an integer"}  # float first: a float field also takes `lr: 1`
+
+
+class TargetRegex(Section):
+    regex: str
+    """Python regular expression matched against the full module path (`re.fullmatch`)."""
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"is not a valid regular expression ({e})") from None
+        return v
