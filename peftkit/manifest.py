@@ -92,8 +92,10 @@ def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:
 
 
 def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
-                   losses: list[float]) -> dict:
-    data = data_hashes(recipe)
+                   losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None) -> dict:
+    """manifest.json's content. `data_sha256` / `base_model_sha256`: the hashes taken when the run began (what it
+    trained on, and no second read of a multi-GB base); computed here when not given."""
+    data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     return {
         "peftkit_manifest": 1,
@@ -104,7 +106,8 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "recipe": recipe.model_dump(mode="json"),
         "recipe_sha256": recipe.sha256(),
         "data_sha256": data,
-        "base_model_sha256": model_weight_hashes(recipe.model.name_or_path),
+        "base_model_sha256": (base_model_sha256 if base_model_sha256 is not None
+                              else model_weight_hashes(recipe.model.name_or_path)),
         "losses": losses,
         "loss_digest": hashlib.sha256(repr(losses).encode()).hexdigest(),
         "metrics": summary,

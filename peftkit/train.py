@@ -308,7 +308,9 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
         "elapsed_s": time.time() - started,
         "peak_mem_mb": peak_memory_mb(run.device),
     }
-    manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses)
+    data = {split.removeprefix("data."): hashes for split, hashes in run.inputs.items() if split.startswith("data.")}
+    manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
+                                           base_model_sha256=run.inputs["model.name_or_path"])
     atomic_write_json(out / "manifest.json", manifest)
     if show_summary:
         _print_summary(run.console, summary, out, exported)
