@@ -158,7 +158,7 @@ class DoraLinear(LoraLinear):
         if self.merged:
             return result
         a = self.lora_A.weight
-        gain = self.lora_magnitude_vector / self.weight_norm()  # g = m / ||V||_c; gradient reaches m only
+        gain = self.lora_magnitude_vector / self.weight_norm()  # g = m / ||V||_c, the norm detached (paper 4.3)
         if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             # Reuse the base output: W x = y - b, so W' x + b = y + (g - 1) (y - b) + g s B A x.
             lora = self.lora_B(self.lora_A(x.to(a.dtype))) * self.scaling
