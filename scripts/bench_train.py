@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                          # CPU defaults: ~40 s on 2 idle cores
     python scripts/bench_train.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
+    python scripts/bench_train.py --dora                   # DoRA on both sides (use_dora: true)
 
 Builds a random-init Llama-architecture model and alpaca data in a temp dir (nothing is downloaded),
 then trains it twice with the same settings: model, data, steps, batch size, r, alpha, all-linear
@@ -69,7 +70,9 @@ def recipe_for(args, workdir: Path, **sections):
     training.update(sections.pop("training", {}))
     return Recipe.model_validate(dict(
         model=dict(name_or_path=str(workdir / "model"), dtype=sections.pop("dtype", "float32"), device=args.device),
-        adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear"),
+        # bench_qlora.py has no --dora flag: LoRA there.
+        adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
+                     use_dora=getattr(args, "dora", False)),
         data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length),
         training=training,
         export=dict(output_dir=str(workdir / "peftkit-run"), adapter=False, merged=False),
@@ -177,7 +180,8 @@ def run_peft_lora(recipe, workdir: Path) -> dict:
     a = recipe.adapter
     # As peftkit: same seed right before injection (so the same lora_A init), deterministic CPU kernels.
     seed_everything(recipe.training.seed, deterministic_cuda=False)
-    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
+                        use_dora=a.use_dora)
     return run_trainer(get_peft_model(model, config), tok, ordered, recipe, workdir,
                        optim="adamw_torch_fused" if recipe.model.device == "cuda" else "adamw_torch")
 
@@ -261,6 +265,7 @@ def main() -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
     args = p.parse_args()
     import torch
 
@@ -280,7 +285,7 @@ def main() -> None:
         build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_data(args, workdir)
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold)
-    title = (f"LoRA training, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
+    title = (f"{'DoRA' if args.dora else 'LoRA'} training, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
              f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")
     report(results, args, title, args.device == "cuda")

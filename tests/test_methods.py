@@ -62,6 +62,8 @@ CASES: dict[str, list[Case]] = {
         Case("lora", LoraConfig(r=4, alpha=8), ("llama", "qwen2", "gpt2"), ("linear", "conv1d")),
         Case("lora-rslora-embedding", LoraConfig(r=2, alpha=4, use_rslora=True, target_modules=["embed_tokens", "o_proj"]),
              ("llama",), ("linear", "embedding")),
+        # DoRA: Linear and Conv1D (biased on qwen2 q/k/v and every gpt2 layer: the bias stays outside the rescaling).
+        Case("dora", LoraConfig(r=4, alpha=8, use_dora=True), ("llama", "qwen2", "gpt2"), ("linear", "conv1d")),
     ],
     "ia3": [
         # peft's per-architecture defaults: k, v, down (input-scaled) on Llama; q, v, down on Qwen2 (biased q, v:
@@ -77,12 +79,17 @@ CASES: dict[str, list[Case]] = {
 
 
 def lora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: LoraConfig, layout: str):
-    """(W + (alpha / r) B A, b), alpha / sqrt(r) with rsLoRA, in the layout the base stores W."""
+    """(W + (alpha / r) B A, b), alpha / sqrt(r) with rsLoRA, in the layout the base stores W. With DoRA,
+    (m * V / ||V||_c, b) for V = W + (alpha / r) B A (out, in), ||.||_c the L2 norm of each output row."""
     scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
     if layout == "embedding":  # peft's names: A (r, vocab), B (dim, r); W is (vocab, dim)
         return weight + scaling * (parts["lora_embedding_B"] @ parts["lora_embedding_A"]).T, bias
-    update = scaling * parts["lora_B.weight"] @ parts["lora_A.weight"]  # (out, in)
-    return weight + (update.T if layout == "conv1d" else update), bias
+    w = weight.T if layout == "conv1d" else weight  # (out, in)
+    v = w + scaling * parts["lora_B.weight"] @ parts["lora_A.weight"]
+    if cfg.use_dora:
+        m = parts["lora_magnitude_vector"]
+        v = torch.stack([m[i] * v[i] / math.sqrt(float((v[i] ** 2).sum())) for i in range(v.shape[0])])
+    return (v.T if layout == "conv1d" else v), bias
 
 
 def ia3_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: IA3Config, layout: str):
@@ -268,6 +275,10 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
     config = {k: v for k, v in config.items() if k != "peft_type"} | PEFT_NONTRIVIAL[method.peft_type]
     torch.manual_seed(3)
     reference = get_peft_model(_load(models[arch]), PeftConfig.from_peft_type(peft_type=method.peft_type, **config))
+    with torch.no_grad():  # peft starts DoRA's magnitude at ||W + s B A||_c (a gain of 1): move it off that
+        for name, p in reference.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape))
     reference.save_pretrained(tmp_path / "peft")
     theirs = _logits(reference.eval())
     assert _diff(theirs, _logits(_load(models[arch]))) > 1e-3  # peft's weights really change the output
@@ -374,3 +385,35 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
     reference = PeftModel.from_pretrained(_load(models["llama"]), run / "adapter").eval()
     assert _diff(_logits(_load(run / "merged")), _logits(reference)) <= TOL
+
+
+# ------------------------------------------------------------------------------- method-specific: DoRA
+
+
+def test_dora_dropout_in_training_follows_peft():
+    """With dropout, in train mode, DoRA's terms see x_d = dropout(x) and the base output keeps x (as peft):
+    W x + b + (g - 1) W x_d + g s B A x_d, g = m / ||W + s B A||_c; in eval mode, the dense W' x + b."""
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.5, use_dora=True)
+    base = _base_layer("linear")
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = method_of(cfg).wrap(base, cfg, "layer")
+    method_of(cfg).randomize(layer, torch.Generator().manual_seed(2), 0.3)
+    parts = {n: p.detach().clone() for n, p in layer.adapter_params().items()}
+    x = torch.randn(3, 5, 12)
+    torch.manual_seed(7)
+    out = layer.train()(x)
+    torch.manual_seed(7)
+    x_d = nn.functional.dropout(x, 0.5, training=True)
+    delta = 2.0 * parts["lora_B.weight"] @ parts["lora_A.weight"]
+    gain = parts["lora_magnitude_vector"] / (weight + delta).norm(dim=1)
+    expected = x @ weight.T + bias + (gain - 1) * (x_d @ weight.T) + gain * (x_d @ delta.T)
+    assert _diff(out, expected) <= 1e-5
+    assert _diff(layer.eval()(x), x @ lora_dense(weight, bias, parts, cfg, "linear")[0].T + bias) <= 1e-5
+
+
+def test_dora_refuses_an_embedding(models):
+    from peftkit.errors import PeftkitError
+
+    cfg = LoraConfig(use_dora=True, target_modules=["embed_tokens", "o_proj"])
+    with pytest.raises(PeftkitError, match="Embedding; peftkit's DoRA adapts Linear and Conv1D layers only"):
+        inject_adapters(_load(models["llama"]), cfg)

@@ -1,4 +1,6 @@
 """LoRA (Hu et al. 2021): y = W x + (alpha / r) * B A x, with W frozen and A (r x in), B (out x r) trained.
+With `use_dora`, DoRA on top: a trained magnitude per output row rescales W + (alpha / r) B A (math in
+`peftkit.methods.dora`).
 
 Each layer *wraps* its frozen base (`self.base_layer`) and owns only the adapter parameters, so the
 base's state-dict keys become `<path>.base_layer.weight` and the adapter's `<path>.lora_A.weight` /
@@ -22,7 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, is_quantized, linear_shape,
+                                  targets_from_peft)
+from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.section import Section, TargetRegex
 
 
@@ -40,6 +44,8 @@ class LoraConfig(Section):
     """`all-linear` (every Linear/Conv1D except the output head), module-name suffixes, or {regex: ...}."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output feature (Linear/Conv1D only); each step adds the row norms of W + s B A."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
 
@@ -68,6 +74,7 @@ class LoraFacts:
     use_rslora: bool = False
     fan_in_fan_out: bool = False
     """The base weight is stored (in, out) (transformers' Conv1D)."""
+    use_dora: bool = False
 
 
 def lora_delta(parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
@@ -87,7 +94,7 @@ class _LoraLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, use_rslora: bool) -> None:
         super().__init__(base_layer)
         self.r = r
-        self.facts = LoraFacts(alpha, use_rslora, is_conv1d(base_layer))
+        self.facts = LoraFacts(alpha, use_rslora, is_conv1d(base_layer), isinstance(self, DoraLinear))
         self.scaling = lora_scaling(alpha, r, use_rslora)
 
     def delta_weight(self) -> torch.Tensor:
@@ -119,6 +126,66 @@ class LoraLinear(_LoraLayer):
         a = self.lora_A.weight
         update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling
         return result + update.to(result.dtype)
+
+
+class DoraLinear(LoraLinear):
+    """LoRA with DoRA around a Linear, Conv1D or bitsandbytes layer: W' = m * V / ||V||_c, V = W + s B A."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__(base_layer, r, alpha, dropout, use_rslora)
+        # m starts at ||W + s B A||_c = ||W||_c (B is 0): the layer starts as its base. PEFT's name and shape.
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+        self._merged_norm: torch.Tensor | None = None
+
+    def base_weight(self) -> torch.Tensor:
+        """The fp32 base weight, (out, in): dequantized for a bitsandbytes layer, transposed for Conv1D."""
+        if is_quantized(self.base_layer):
+            from peftkit.merge import dequantize_weight  # peftkit.merge imports the method registry
+
+            weight = dequantize_weight(self.base_layer)
+        else:
+            weight = self.base_layer.weight.float()
+        return weight.T if self.facts.fan_in_fan_out else weight
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A||_c, (out,), without gradient."""
+        with torch.no_grad():
+            delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+            return weight_norm(self.base_weight(), delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        a = self.lora_A.weight
+        gain = self.lora_magnitude_vector / self.weight_norm()  # g = m / ||V||_c, the norm detached (paper 4.3)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            # Reuse the base output: W x = y - b, so W' x + b = y + (g - 1) (y - b) + g s B A x.
+            lora = self.lora_B(self.lora_A(x.to(a.dtype))) * self.scaling
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = result.to(a.dtype) if bias is None else result.to(a.dtype) - bias.to(a.dtype)
+        else:
+            # Dropout acts on the DoRA terms' input, as in peft, so W x_d needs its own matmul.
+            dropped = self.lora_dropout(x.to(a.dtype))
+            lora = self.lora_B(self.lora_A(dropped)) * self.scaling
+            base_out = F.linear(dropped, self.base_weight())
+        update = (gain - 1) * base_out + gain * lora
+        return result + update.to(result.dtype)
+
+    def merge(self) -> None:
+        # The unmerge needs the norm of the unmerged weight, which the merged weight no longer determines.
+        if not self.merged:
+            self._merged_norm = self.weight_norm()
+        super().merge()
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        restored = dora_unmerge(weight.data.float(), self.delta_weight(), self.lora_magnitude_vector.detach(),
+                                self._merged_norm, self.facts.fan_in_fan_out)
+        weight.data.copy_(restored.to(weight.dtype))
+        self.merged, self._merged_norm = False, None
 
 
 class LoraEmbedding(_LoraLayer):
@@ -157,8 +224,8 @@ class PeftLoraConfig(PeftConfigBase):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
     bias: str = "none"
-    # Features peftkit does not implement: a value here is refused rather than silently ignored.
     use_dora: bool = False
+    # Features peftkit does not implement: a value here is refused rather than silently ignored.
     rank_pattern: dict | None = None
     alpha_pattern: dict | None = None
     layers_to_transform: list[int] | int | None = None
@@ -170,25 +237,38 @@ class Lora(Method):
     peft_type = "LORA"
     config = LoraConfig
     peft_config = PeftLoraConfig
-    param_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+    param_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
     rank_dims = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: LoraConfig, path: str) -> _LoraLayer:
-        layer = LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear
+        if isinstance(base, nn.Embedding) and cfg.use_dora:
+            raise PeftkitError(
+                f"adapter.use_dora: '{path}' is an Embedding; peftkit's DoRA adapts Linear and Conv1D layers only. "
+                "Leave embeddings out of adapter.target_modules (all-linear does), or set use_dora: false."
+            )
+        layer = LoraEmbedding if isinstance(base, nn.Embedding) else DoraLinear if cfg.use_dora else LoraLinear
         return layer(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
 
     @classmethod
     def layer_facts(cls, cfg: LoraConfig, path: str, fan_in_fan_out: bool) -> LoraFacts:
-        return LoraFacts(cfg.alpha, cfg.use_rslora, fan_in_fan_out)
+        return LoraFacts(cfg.alpha, cfg.use_rslora, fan_in_fan_out, cfg.use_dora)
 
     @staticmethod
     def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
-        return weight + lora_delta(parts, facts).to(weight.device)
+        delta = lora_delta(parts, facts).to(weight.device)
+        if not facts.use_dora:
+            return weight + delta
+        if "lora_magnitude_vector" not in parts:
+            raise PeftkitError("A DoRA adapter (use_dora: true) without lora_magnitude_vector for a layer "
+                               "(an embedding?): peftkit's DoRA adapts Linear and Conv1D layers only.")
+        return dora_merge(weight, delta, parts["lora_magnitude_vector"].to(weight.device), facts.fan_in_fan_out)
 
     @staticmethod
     def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
+        if facts.use_dora:  # DoraLinear.unmerge keeps the norm the inverse needs
+            raise PeftkitError("A DoRA merge is undone by its layer's unmerge(), which kept the weight norm.")
         return weight - lora_delta(parts, facts).to(weight.device)
 
     @staticmethod
@@ -211,7 +291,7 @@ class Lora(Method):
             "lora_dropout": cfg.dropout,
             "target_modules": sorted(targets),
             "use_rslora": cfg.use_rslora,
-            "use_dora": False,
+            "use_dora": cfg.use_dora,
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
             "modules_to_save": cfg.modules_to_save or None,
@@ -226,27 +306,29 @@ class Lora(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftLoraConfig, config_file: Path) -> LoraConfig:
-        for key in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform"):
+        for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
             if getattr(peft, key):
                 raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
         if peft.bias != "none":
             raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
         return LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
                           target_modules=targets_from_peft(peft.target_modules, config_file),
-                          use_rslora=peft.use_rslora, modules_to_save=peft.modules_to_save or [])
+                          use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [])
 
     @classmethod
     def describe(cls, cfg: LoraConfig) -> str:
-        return f"LoRA r={cfg.r}"
+        return f"LoRA r={cfg.r}" + (" with DoRA" if cfg.use_dora else "")
 
     @classmethod
     def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:
         # B (and an embedding's A) start at zero: randomising those makes the update nonzero, and A keeps
-        # its kaiming init, as after training.
+        # its kaiming init, as after training. DoRA's magnitude moves by a relative `std`.
         with torch.no_grad():
             for name, p in layer.adapter_params().items():
                 if name.startswith(("lora_B", "lora_embedding_A")):
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
+                elif name == "lora_magnitude_vector":
+                    p.mul_(1 + torch.randn(p.shape, generator=generator) * std)
 
 
 _LoraLayer.method = Lora  # defined after the layers, which it builds
