@@ -23,10 +23,10 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
-from peftkit.section import Section, TargetRegex
+from peftkit.section import AdapterSection, TargetRegex
 
 
-class LoraConfig(Section):
+class LoraConfig(AdapterSection):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
