@@ -24,6 +24,8 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow an adapter whose base runs its "
+                                               "own modelling code (recorded in its peftkit.json) to load it.")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
 
 
@@ -64,6 +66,7 @@ def merge(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16; default: the base's dtype.")] = None,
     requantize: Annotated[Optional[str], typer.Option("--requantize", help="Also save OUTPUT-nf4, re-quantized (lossy).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (never the base or the adapter).")] = False,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model."""
     from peftkit.merge import MergeWarning, merge_adapter
@@ -77,7 +80,8 @@ def merge(
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergeWarning)
-        out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize, overwrite)
+        out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize, overwrite,
+                            trust_remote_code)
     for w in caught:
         if issubclass(w.category, MergeWarning):
             err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
@@ -100,6 +104,7 @@ def eval_cmd(
                                                        "else error.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
     overrides: Overrides = None,
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
     same target tokens as in training."""
@@ -109,7 +114,7 @@ def eval_cmd(
     if json_out is not None:
         _check_json_out(json_out)
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
-                   _local(adapter) if adapter else None, max_length, batch_size, on_bad_rows)
+                   _local(adapter) if adapter else None, max_length, batch_size, on_bad_rows, trust_remote_code)
     metrics = evaluate(job)
     console.print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  tokens {metrics['num_tokens']}")
     if json_out:
@@ -166,6 +171,27 @@ def preview(
     from peftkit.recipe import load_recipe
 
     run_preview(load_recipe(recipe, overrides or []), n, console, show_ids=show_ids)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT-format adapter directory (peftkit's or peft's).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
+) -> None:
+    """Describe an adapter from its files: method, base model, targets, ranks, parameters, dtype, size,
+    quantization, and whether vLLM would serve it (and why not). Loads no model."""
+    import json
+
+    from rich.markup import escape
+
+    from peftkit.inspect import describe, inspect_adapter
+
+    info = inspect_adapter(adapter_dir)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for line in describe(info):
+        console.print(escape(line), highlight=False)
 
 
 def _click_exception() -> type:

@@ -61,10 +61,13 @@ class EvalJob:
     quantization: QuantizationConfig | None = None
     adapter: str | None = None
     batch_size: int = 8
+    trust_remote_code: bool = False
+    """The user's --trust-remote-code: needed for an adapter whose base runs its own modelling code."""
 
 
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
-             adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None) -> EvalJob:
+             adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
+             trust_remote_code: bool = False) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
@@ -100,6 +103,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.data_cfg = job.data_cfg.model_copy(update=updates)
     job.adapter = adapter or job.adapter
     job.batch_size = batch_size or job.batch_size
+    job.trust_remote_code = trust_remote_code
     return job
 
 
@@ -111,17 +115,21 @@ def evaluate(job: EvalJob) -> dict[str, float]:
     (and re-quantized) as the adapter was trained.
     """
     from peftkit.data import load_examples
-    from peftkit.modeling import load_adapted_model, load_model, load_tokenizer, resolve_device
+    from peftkit.modeling import check_remote_code, load_adapted_model, load_model, load_tokenizer, resolve_device
     from peftkit.peft_format import recorded_base
 
     device = resolve_device(job.model.device if job.model else "auto")
     base = job.model.name_or_path if job.model else None
+    tok_cfg = job.model
     if job.adapter:
+        check_remote_code(job.adapter, job.trust_remote_code)
         base = base or recorded_base(job.adapter)
-    tok = load_tokenizer(job.model or ModelConfig(name_or_path=base or job.adapter))
+        tok_cfg = tok_cfg or ModelConfig(name_or_path=base or job.adapter, revision=recorded_base(job.adapter, "revision"),
+                                         trust_remote_code=job.trust_remote_code)
+    tok = load_tokenizer(tok_cfg)
     examples, _ = load_examples(tok, job.data, job.split, job.data_cfg)
     if job.adapter:
-        model = load_adapted_model(base, job.adapter, device)[0]
+        model = load_adapted_model(base, job.adapter, device, job.trust_remote_code)[0]
     else:
         model = load_model(job.model, job.quantization, device)
     metrics = evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)

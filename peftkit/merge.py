@@ -8,6 +8,7 @@ drift from the trained model). The delta is added in fp32 and the result cast on
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
@@ -139,12 +140,28 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model))
 
 
-def save_merged(model: nn.Module, tokenizer, output_dir: str | Path) -> None:
-    """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory."""
+MERGED_FROM_NAME = "peftkit.json"
+
+
+def base_provenance(name_or_path: str, revision: str | None, trust_remote_code: bool) -> dict:
+    """What a merged model was made from: saved beside it, since config.json has no field for a base's hub
+    revision (a merged model is a local directory, so nothing reloads at a revision; this is the record)."""
+    return {"merged_from": {"base_model_name_or_path": name_or_path, "revision": revision,
+                            "trust_remote_code": trust_remote_code}}
+
+
+def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance: dict | None = None) -> None:
+    """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory.
+
+    Args:
+        provenance: `base_provenance(...)`, written to peftkit.json beside the model.
+    """
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if provenance is not None:  # a plain write: atomic_directory syncs every file before the rename
+            (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 class MergeWarning(UserWarning):
@@ -203,7 +220,7 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None,
-                  requantize: str | None = None, overwrite: bool = False) -> Path:
+                  requantize: str | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """`peftkit merge`: fold an adapter into its base and save a plain model (+ tokenizer).
 
     Args:
@@ -213,6 +230,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         dtype: float32 | bfloat16 | float16; default the base checkpoint's own dtype.
         requantize: 'nf4' to also write `<output_dir>-nf4`, the merged model re-quantized (lossy).
         overwrite: replace an existing --output (never the base, the adapter or the current directory).
+        trust_remote_code: the user's `--trust-remote-code`; needed for an adapter whose base runs its own code.
     """
     from peftkit.modeling import DTYPES, load_adapted_model
     from peftkit.peft_format import recorded_base
@@ -220,13 +238,13 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
     for out in outputs:
         check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
-    model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir))
+    model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
     if dtype is None:
         saved = getattr(model.config, "dtype", None)
         dtype = str(saved).removeprefix("torch.") if saved is not None else "float32"
         dtype = dtype if dtype in DTYPES else "float32"
     merged = merged_model(model, cfg, DTYPES[dtype])
-    save_merged(merged, tok, output_dir)
+    save_merged(merged, tok, output_dir, base_provenance(base.name_or_path, base.revision, base.trust_remote_code))
     if requantize:
         requantize_model(output_dir, outputs[1], requantize)
     return Path(output_dir)

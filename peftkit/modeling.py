@@ -292,27 +292,52 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None
     model.config.use_cache = False
 
 
-def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device | None = None):
+def check_remote_code(adapter_dir: str, allowed: bool) -> None:
+    """Refuse an adapter whose peftkit.json records a base that runs its own modelling code, unless the user
+    passed --trust-remote-code (`allowed`): a file never decides to run code."""
+    from peftkit.peft_format import read_meta
+
+    if read_meta(adapter_dir).trust_remote_code and not allowed:
+        raise PeftkitError(
+            f"{adapter_dir} was trained on a base that runs its own modelling code (model.trust_remote_code: true, "
+            "recorded in its peftkit.json). Loading that base executes code from its repository: pass "
+            "--trust-remote-code if you trust it."
+        )
+
+
+def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device | None = None,
+                       trust_remote_code: bool = False):
     """Base model (re-quantized as the adapter was trained, if it was) with a PEFT adapter injected.
 
     bitsandbytes quantization is deterministic, so re-quantizing the same base weights gives the exact
-    4-bit weights the adapter was trained against.
+    4-bit weights the adapter was trained against. The base loads at the adapter's recorded `revision`
+    unless `base` names another model.
+
+    Args:
+        base: the base model; default the adapter's base_model_name_or_path.
+        trust_remote_code: the user's own `--trust-remote-code`. An adapter whose peftkit.json records that
+            its base runs its own code is refused without it: a file never decides to run code.
 
     Returns:
-        (model, adapter settings, tokenizer, base model path, quantization or None)
+        (model, adapter settings, tokenizer, base ModelConfig, quantization or None)
     """
     from peftkit.adapters import inject_adapters, load_adapter_state_dict
     from peftkit.peft_format import load_adapter
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
-    base = base or raw.base_model_name_or_path
-    if not base:
+    check_remote_code(adapter_dir, trust_remote_code)
+    recorded = raw.base_model_name_or_path
+    name = base or recorded
+    if not name:
         raise PeftkitError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    model_cfg = ModelConfig(name_or_path=base, dtype="auto" if quant is None else "float32")
+    # The recorded revision belongs to the recorded base: another --base is taken as the user gives it.
+    revision = raw.revision if name == recorded else None
+    model_cfg = ModelConfig(name_or_path=name, dtype="auto" if quant is None else "float32", revision=revision,
+                            trust_remote_code=trust_remote_code)
     model = load_model(model_cfg, quant, device)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
     # weights then decide, and load_adapter_state_dict refuses any that do not land.
     inject_adapters(model, adapter_cfg, every_entry=False)
     load_adapter_state_dict(model, state)
     model.eval()
-    return model, adapter_cfg, load_tokenizer(model_cfg), base, quant
+    return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant

@@ -31,15 +31,19 @@ META_NAME = "peftkit.json"
 
 
 def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_fan_out: bool,
-                model_type: str | None = None) -> dict:
+                model_type: str | None = None, revision: str | None = None) -> dict:
     """adapter_config.json of an adapter on the modules `targets`, as its method writes it.
 
     Args:
         model_type: the base's architecture (transformers' `config.model_type`), for the settings a method
             leaves to it (IA3's feed-forward modules).
+        revision: the hub revision the base was loaded at (`model.revision`), in PEFT's own `revision` field:
+            peft's `AutoPeftModelForCausalLM` and peftkit's merge/eval load the base at it, not at the branch head.
     """
     method = method_of(cfg)
-    return method.to_peft(method.resolve(cfg, model_type), targets, base_name, fan_in_fan_out)
+    config = method.to_peft(method.resolve(cfg, model_type), targets, base_name, fan_in_fan_out)
+    config["revision"] = revision
+    return config
 
 
 def save_adapter(
@@ -48,6 +52,7 @@ def save_adapter(
     config: dict,
     quantization: QuantizationConfig | None = None,
     quantized_on: str | None = None,
+    trust_remote_code: bool = False,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
     with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
@@ -56,13 +61,15 @@ def save_adapter(
         quantization: the bitsandbytes settings of the base the adapter was trained against, if any.
         quantized_on: 'cpu' or 'cuda', where that base was quantized: a merge re-quantizes there, because
             bitsandbytes' CPU and CUDA kernels can round a few weights differently.
+        trust_remote_code: the base ran its own modelling code (`model.trust_remote_code`). Recorded as a
+            fact only: a merge or eval of this adapter needs the user's own `--trust-remote-code`.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path / CONFIG_NAME, config)
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,
-            "quantized_on": quantized_on if quantization else None}
+            "quantized_on": quantized_on if quantization else None, "trust_remote_code": trust_remote_code}
     atomic_write_json(path / META_NAME, meta)
 
 
@@ -76,6 +83,8 @@ class PeftkitMeta(BaseModel):
     """The bitsandbytes settings of the base the adapter was trained against, if any."""
     quantized_on: Literal["cpu", "cuda"] | None = None
     """Where that base was quantized: a merge re-quantizes there."""
+    trust_remote_code: bool = False
+    """The base needed its own modelling code. Never acted on: merge and eval ask for --trust-remote-code."""
 
 
 # What a list-or-string field should be, in words: pydantic reports one error per member of the union,
@@ -183,6 +192,21 @@ def read_meta(path: str | Path) -> PeftkitMeta:
     return _validated(PeftkitMeta, meta, read_json_object(meta, what), what)
 
 
+def check_adapter_dir(path: Path) -> Path:
+    """The weights file of the adapter directory `path`; a PeftkitError saying what is missing otherwise (no
+    directory, a full model's directory, no safetensors weights)."""
+    if not path.is_dir():
+        raise PeftkitError(f"Adapter directory not found: {path}")
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.exists():
+        hint = " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists() else ""
+        raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{hint}")
+    if not weights_file.exists():
+        legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""
+        raise PeftkitError(f"{path} has no {WEIGHTS_NAME}.{legacy}")
+    return weights_file
+
+
 def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], PeftConfigBase, QuantizationConfig | None]:
     """Read a PEFT adapter directory of any registered method: (adapter settings, PEFT-keyed tensors, PEFT
     config, quantization or None).
@@ -193,15 +217,8 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
     from peftkit.adapters import nonfinite_tensors
 
     path = Path(path)
-    if not path.is_dir():
-        raise PeftkitError(f"Adapter directory not found: {path}")
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_file.exists():
-        hint = " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists() else ""
-        raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{hint}")
-    if not weights_file.exists():
-        legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""
-        raise PeftkitError(f"{path} has no {WEIGHTS_NAME}.{legacy}")
+    weights_file = check_adapter_dir(path)
+    config_file = path / CONFIG_NAME
     method, peft = read_peft_config(path)
     cfg = method.from_peft(peft, config_file)
     quant = read_meta(path).quantization
@@ -223,11 +240,49 @@ def quantized_on(path: str | Path) -> str | None:
     return read_meta(path).quantized_on
 
 
-def recorded_base(adapter_dir: str | Path) -> str | None:
-    """The adapter's base_model_name_or_path, best effort and without reading its weights (a broken config is
-    `load_adapter`'s to report)."""
+def recorded_base(adapter_dir: str | Path, field: str = "base_model_name_or_path") -> str | None:
+    """The adapter's base_model_name_or_path (or another string `field`, e.g. `revision`), best effort and
+    without reading its weights (a broken config is `load_adapter`'s to report)."""
     try:
-        base = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+        base = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get(field)
     except (OSError, ValueError, AttributeError):
         return None
     return base if isinstance(base, str) else None
+
+
+def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
+    """The `adapter` section of a recipe with `init_from: DIR`: the method and settings of the adapter in DIR
+    (any method peftkit reads, peftkit's or peft's), keeping `init_from`. A method key the recipe sets too must
+    say the same as the adapter: two sources for one setting would leave a reader guessing which one trained.
+    """
+    path = cfg.init_from
+    loaded = load_adapter(path)[0]
+    given = cfg.model_fields_set - {"init_from"}
+    if "method" in given and cfg.method != loaded.method:
+        raise PeftkitError(
+            f"adapter.init_from: {path} holds a {loaded.method} adapter, but adapter.method is {cfg.method!r}. "
+            "init_from takes the method and its settings from the adapter: remove adapter.method (or set it to "
+            f"{loaded.method!r})."
+        )
+    conflicts = [f"{key}: {getattr(cfg, key)!r} in the recipe, {getattr(loaded, key)!r} in the adapter"
+                 for key in sorted(given - {"method"}) if key in type(loaded).model_fields
+                 and _plain(getattr(cfg, key)) != _plain(getattr(loaded, key))]
+    if cfg.method == loaded.method and conflicts:
+        raise PeftkitError(
+            f"adapter.init_from: {path} sets the adapter's settings, and the recipe says otherwise ("
+            f"{'; '.join(conflicts)}). Remove those keys from the recipe's adapter section (init_from takes them "
+            "from the adapter), or make them match."
+        )
+    if cfg.method != loaded.method and given - {"method"}:
+        raise PeftkitError(
+            f"adapter.init_from: {path} holds a {loaded.method} adapter; the recipe's adapter section also sets "
+            f"{', '.join(sorted(given))}, which are {cfg.method} settings. Leave only init_from."
+        )
+    return loaded.model_copy(update={"init_from": path})
+
+
+def _plain(value: object) -> object:
+    """A setting in comparable form: a TargetRegex as its dict, a list sorted (module order means nothing)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    return sorted(value) if isinstance(value, list) else value

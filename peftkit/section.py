@@ -45,3 +45,12 @@ class TargetRegex(Section):
         except re.error as e:
             raise ValueError(f"is not a valid regular expression ({e})") from None
         return v
+
+
+class AdapterSection(Section):
+    """What every method's `adapter` section shares (each method's config subclasses it)."""
+
+    init_from: str | None = None
+    """A PEFT-format adapter directory (peftkit's or peft's, any method peftkit reads) to start training from:
+    its weights are the step-0 weights, and the method and its settings come from its adapter_config.json.
+    Method keys set beside it must match the adapter's (leave them out)."""

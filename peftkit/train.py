@@ -28,17 +28,18 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from peftkit.adapters import adapter_state_dict, count_parameters, inject_adapters, nonfinite_tensors, trainable_parameters
+from peftkit.adapters import (adapter_state_dict, count_parameters, inject_adapters, load_adapter_state_dict, nonfinite_tensors,
+                              trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.data import describe_stats, load_examples, micro_batches
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import evaluate_loss, token_loss_sum
 from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
-from peftkit.merge import conv1d_modules, merged_model, save_merged
+from peftkit.merge import base_provenance, conv1d_modules, merged_model, save_merged
 from peftkit.methods import method_of
 from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
-from peftkit.peft_format import peft_config, save_adapter
+from peftkit.peft_format import load_adapter, peft_config, save_adapter
 from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
@@ -194,7 +195,11 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
 
     # Seed again right before the adapter is drawn: its init must not depend on what loading consumed.
     torch.manual_seed(tcfg.seed)
-    targets = inject_adapters(model, cfg.adapter)
+    # An adapter to start from may list targets for other architectures (peft's generic defaults); its
+    # weights decide, and load_adapter_state_dict refuses any that do not land (as for `peftkit eval`).
+    targets = inject_adapters(model, cfg.adapter, every_entry=not cfg.adapter.init_from)
+    if cfg.adapter.init_from:
+        load_adapter_state_dict(model, load_adapter(cfg.adapter.init_from)[1])
     prepare_for_training(model, tcfg.gradient_checkpointing)
     summary["trainable_params"], summary["total_params"] = trainable, total = count_parameters(model)
     console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)} on {len(targets)} modules: {trainable:,} trainable "
@@ -341,13 +346,16 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path) -> list[Path]
     exported = []
     if cfg.export.adapter:
         state = adapter_state_dict(model, cfg.adapter.modules_to_save)
-        config = peft_config(cfg.adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type)
+        config = peft_config(cfg.adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
+                             revision=cfg.model.revision)
         with atomic_directory(out / "adapter") as tmp:
-            save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type)
+            save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
+                         trust_remote_code=cfg.model.trust_remote_code)
         exported.append(out / "adapter")
     if cfg.export.merged:
         dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]
-        save_merged(merged_model(model, cfg.adapter, dtype), tok, out / "merged")
+        save_merged(merged_model(model, cfg.adapter, dtype), tok, out / "merged",
+                    base_provenance(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code))
         exported.append(out / "merged")
     return exported
 

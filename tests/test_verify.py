@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
+from peftkit.fileio import atomic_write_json, sha256_file
 from peftkit.recipe import load_recipe
 from peftkit.train import train
 from peftkit.verify import verify
@@ -150,9 +151,14 @@ def _record_trust_remote_code(run: Path) -> None:
     recipe.model.trust_remote_code = True
     (run / "recipe.yaml").write_text(recipe.to_yaml())
 
+    # The exported adapter records it too (peftkit.json), so the re-run's would differ from a stale one.
+    meta_file = run / "adapter" / "peftkit.json"
+    atomic_write_json(meta_file, {**json.loads(meta_file.read_text()), "trust_remote_code": True})  # as export writes it
+
     def edit(manifest: dict) -> None:
         manifest["recipe"] = recipe.model_dump(mode="json")
         manifest["recipe_sha256"] = recipe.sha256()
+        manifest["outputs_sha256"]["adapter/peftkit.json"] = sha256_file(meta_file)
     _edit_manifest(run, edit)
 
 

@@ -109,6 +109,8 @@ class PeftConfigBase(BaseModel):
     base_model_name_or_path: str | None = None
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    revision: str | None = None
+    """The hub revision of the base the adapter was trained on (peftkit writes `model.revision` here)."""
 
 
 def targets_from_peft(targets: list[str] | str, config_file: Path) -> list[str] | str | TargetRegex:

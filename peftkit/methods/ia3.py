@@ -20,7 +20,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
-from peftkit.section import Section, TargetRegex
+from peftkit.section import AdapterSection, TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, peft 0.21)
 # for the architectures peftkit is tested on and their close relatives: (targets, feed-forward modules).
@@ -40,7 +40,7 @@ DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class IA3Config(Section):
+class IA3Config(AdapterSection):
     """(IA)^3: learned scaling vectors on keys, values and feed-forward inputs."""
 
     method: Literal["ia3"]

@@ -27,10 +27,10 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, is_quantized, linear_shape,
                                   targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
-from peftkit.section import Section, TargetRegex
+from peftkit.section import AdapterSection, TargetRegex
 
 
-class LoraConfig(Section):
+class LoraConfig(AdapterSection):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"

@@ -19,6 +19,7 @@ from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
 from peftkit.recipe.reader import _invalid, _parse_yaml, _read_yaml, _YamlProblem
 from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
+from peftkit.section import AdapterSection
 
 
 def _members(annotation: Any) -> list[Any]:
@@ -60,7 +61,7 @@ def _apply_override(data: dict, assignment: str) -> None:
     for depth in range(1, len(parts) + 1):
         model = _section_model(tuple(parts[: depth - 1]), data)
         if model is not None and parts[depth - 1] not in model.model_fields:
-            valid = list(model.model_fields)
+            valid = _field_order(model)
             where = ".".join(parts[: depth - 1]) or "the recipe"
             if method := _method_without(model, parts[depth - 1]):
                 where += f": {METHODS[method].title} (method: {method}) has no '{parts[depth - 1]}'"
@@ -219,7 +220,15 @@ def _suggest(key: str, valid: list[str]) -> str:
 
 def _valid_keys(loc: tuple, data: Any = None) -> list[str]:
     model = _section_model(loc, data)
-    return list(model.model_fields) if model else []
+    return _field_order(model) if model else []
+
+
+def _field_order(model: type[BaseModel]) -> list[str]:
+    """A section's keys as an error lists them."""
+    # Fields of a shared base (every adapter method's `init_from`) come first in pydantic's order; a method's
+    # own keys, `method` first, read better ahead of them.
+    shared = [name for name in model.model_fields if name in AdapterSection.model_fields]
+    return [name for name in model.model_fields if name not in shared] + shared
 
 
 def _most_specific(errors: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
@@ -246,7 +255,7 @@ def _resolve(value: str, base: Path, kind: str) -> str:
     looks_like_path = value.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
     if kind == "data" and Path(value).suffix.lower() in DATA_EXTENSIONS:
         looks_like_path = True
-    if candidate.exists() or looks_like_path or kind == "output":
+    if candidate.exists() or looks_like_path or kind in ("output", "adapter"):
         return str(candidate.resolve())
     return value  # a hub id
 
@@ -274,7 +283,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise _invalid([format_validation_error(err, data, path, lines, overridden) for _, err in errors]) from None
     base = path.resolve().parent
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
-                               ("export", "output_dir", "output")):
+                               ("export", "output_dir", "output"), ("adapter", "init_from", "adapter")):
         value = getattr(getattr(recipe, section), key)
         if value is None:
             continue
@@ -287,4 +296,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 f"{path}{f':{line}' if line else ''}: '{section}.{key}' = {value[:80]!r} is not a usable path "
                 f"({reason}). Give an existing path (relative to the recipe's directory) or a hub id."
             ) from None
+    if recipe.adapter.init_from:
+        from peftkit.peft_format import init_from_config
+
+        recipe.adapter = init_from_config(recipe.adapter)
     return recipe

@@ -1,0 +1,214 @@
+"""`peftkit inspect DIR`: what a PEFT-format adapter is, read from its files alone (no base model loaded).
+
+Works for peftkit's adapters and peft's: the facts come from adapter_config.json, the tensor shapes and
+dtypes in adapter_model.safetensors (read from its header, never the data), and peftkit.json when there is
+one. An adapter with a feature peftkit cannot apply yet (rank_pattern, alpha_pattern) is still described,
+with the reason peftkit would refuse to load it.
+
+What vLLM accepts is stated conservatively, from vLLM's LoRA loader (vllm/lora/peft_helper.py and
+models.py, 0.6-0.10): it serves `peft_type: LORA` only, and refuses `modules_to_save`, `use_dora` and
+`bias` other than "none" (without --enable-lora-bias), and target modules the model class does not list as
+LoRA-capable. The rank must be <= --max-lora-rank (default 16). What depends on the vLLM version or the
+model class is a caveat, not a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+from peftkit.peft_format import (
+    CONFIG_NAME,
+    check_adapter_dir,
+    read_meta,
+    read_peft_config,
+    unreadable_safetensors,
+)
+
+# Tensors of an adapter layer beside its low-rank pair (DoRA's magnitudes): counted with their layer, not taken
+# for modules_to_save.
+_LAYER_EXTRAS = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
+
+
+def inspect_adapter(path: str | Path) -> dict:
+    """The facts of an adapter directory, as a JSON-ready dict.
+
+    Raises the PeftkitError `load_adapter` raises for a directory that is not a readable PEFT adapter (no
+    directory, no adapter_config.json, no safetensors weights, an unknown peft_type, malformed fields).
+
+    Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}), base_model, revision, targets
+    ({count, modules: {name: count}}), ranks ({module path: r}, LoRA only, else null), modules_to_save,
+    trainable_params, adapter_params, dtypes, size_on_disk, quantization, trust_remote_code, vllm
+    ({accepts, reasons, caveats}).
+    """
+    from peftkit.adapters import PEFT_PREFIX
+
+    path = Path(path)
+    weights_file = check_adapter_dir(path)
+    method, peft = read_peft_config(path)
+    meta = read_meta(path)
+    try:
+        method.from_peft(peft, path / CONFIG_NAME)
+        reads = {"ok": True, "reason": None}
+    except PeftkitError as e:
+        reads = {"ok": False, "reason": str(e)}
+
+    shapes, dtypes = _tensor_header(weights_file)
+    targets: dict[str, dict[str, tuple[int, ...]]] = {}  # module path -> {tensor suffix: shape}
+    saved: dict[str, int] = {}  # modules_to_save tensors -> numel
+    for key, shape in shapes.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        suffix = next((s for s in method.param_names + _LAYER_EXTRAS if name.endswith("." + s)), None)
+        if suffix is None:
+            saved[name] = _numel(shape)
+        else:
+            targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
+    adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
+    ranks = _ranks(method.name, targets)
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    info = {
+        "path": str(path),
+        "method": method.name,
+        "peft_type": method.peft_type,
+        "peftkit_reads": reads,
+        "base_model": peft.base_model_name_or_path,
+        "revision": peft.revision,
+        "targets": {"count": len(targets), "modules": dict(sorted(Counter(p.rsplit(".", 1)[-1] for p in targets).items()))},
+        "ranks": ranks,
+        "modules_to_save": peft.modules_to_save or [],
+        "trainable_params": adapter_params + sum(saved.values()),
+        "adapter_params": adapter_params,
+        "dtypes": sorted(dtypes),
+        "size_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "quantization": meta.quantization.model_dump() if meta.quantization else None,
+        "trust_remote_code": meta.trust_remote_code,
+    }
+    info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved)
+    return info
+
+
+def _tensor_header(weights_file: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """{key: shape} and the dtypes of a safetensors file, from its header (no tensor data is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(weights_file, "pt") as f:
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes = {_DTYPE_NAMES.get(s.get_dtype(), s.get_dtype()) for s in slices.values()}
+    except (SafetensorError, OSError) as e:
+        raise unreadable_safetensors(weights_file, e, "Export the adapter again, or copy it again") from None
+    return shapes, dtypes
+
+
+# safetensors' dtype codes in torch's words
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8", "U8": "uint8",
+                "I32": "int32", "I64": "int64", "BOOL": "bool"}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _ranks(method: str, targets: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, int] | None:
+    """Each LoRA layer's rank, from its A's shape ((r, in) for a linear, (r, num_embeddings) for an
+    embedding): the truth whatever `r` and `rank_pattern` say. None for a method without a rank (IA3)."""
+    if method != "lora":
+        return None
+    ranks = {}
+    for path, parts in sorted(targets.items()):
+        a = parts.get("lora_A.weight") or parts.get("lora_embedding_A")
+        if a is not None:
+            ranks[path] = a[0]
+    return ranks
+
+
+def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
+                  targets: dict[str, dict[str, tuple[int, ...]]], saved: dict[str, int]) -> dict:
+    reasons, caveats = [], []
+    if peft_type != "LORA":
+        reasons.append(f"vLLM serves LoRA adapters only; this is {peft_type}")
+        return {"accepts": False, "reasons": reasons, "caveats": caveats}
+    if raw.get("modules_to_save") or saved:
+        named = raw.get("modules_to_save") or sorted(saved)
+        reasons.append(f"modules_to_save ({', '.join(named)}): vLLM's loader requires it to be null")
+    if raw.get("use_dora"):
+        reasons.append("use_dora: vLLM does not support DoRA")
+    if raw.get("bias", "none") != "none":
+        reasons.append(f"bias={raw['bias']!r}: vLLM refuses adapter biases unless started with --enable-lora-bias")
+    if any("lora_embedding_A" in parts for parts in targets.values()):
+        caveats.append("LoRA on an embedding: only some vLLM versions and models serve it (recent ones dropped it)")
+    heads = sorted({p for p in targets if p.rsplit(".", 1)[-1] == "lm_head"})
+    if heads:
+        caveats.append("LoRA on lm_head: only some vLLM versions and models serve it")
+    if ranks:
+        top = max(ranks.values())
+        if top > VLLM_DEFAULT_MAX_LORA_RANK:
+            caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
+        if len(set(ranks.values())) > 1:
+            caveats.append("per-layer ranks (rank_pattern): not verified against vLLM")
+    if raw.get("layers_to_transform") or raw.get("alpha_pattern"):
+        caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
+    caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
+                   "module must be one the class lists as LoRA-capable")
+    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+def _vllm_rank(r: int) -> int:
+    """The smallest of vLLM's allowed --max-lora-rank values that holds r."""
+    return next((v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r), r)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe(info: dict) -> list[str]:
+    """`inspect_adapter`'s facts as lines for a terminal."""
+    base = info["base_model"] or "(not recorded)"
+    if info["revision"]:
+        base += f" @ {info['revision']}"
+    modules = ", ".join(f"{name} x{n}" for name, n in info["targets"]["modules"].items())
+    lines = [
+        f"adapter        {info['path']}",
+        f"method         {info['method']} (peft_type {info['peft_type']})",
+        f"base model     {base}",
+        f"targets        {info['targets']['count']} modules: {modules}",
+    ]
+    ranks = info["ranks"]
+    if ranks is not None:
+        distinct = sorted(set(ranks.values()))
+        if len(distinct) == 1:
+            lines.append(f"rank           r={distinct[0]} on every target")
+        else:
+            lines.append("ranks          per layer:")
+            lines += [f"                 {path}: r={r}" for path, r in ranks.items()]
+    if info["modules_to_save"]:
+        lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
+    lines += [
+        f"parameters     {info['trainable_params']:,} trainable ({info['adapter_params']:,} in the adapter layers)",
+        f"dtype          {', '.join(info['dtypes'])}",
+        f"size on disk   {_size(info['size_on_disk'])}",
+    ]
+    q = info["quantization"]
+    lines.append(f"quantization   {q['method']} (double_quant {q['double_quant']}, compute {q['compute_dtype']})" if q
+                 else "quantization   none recorded (trained on an unquantized base, or not by peftkit)")
+    if info["trust_remote_code"]:
+        lines.append("remote code    the base runs its own modelling code: merge/eval need --trust-remote-code")
+    if not info["peftkit_reads"]["ok"]:
+        lines.append(f"peftkit        cannot load it: {info['peftkit_reads']['reason']}")
+    vllm = info["vllm"]
+    lines.append("vLLM           " + ("would accept it" if vllm["accepts"] else "would refuse it: " + "; ".join(vllm["reasons"])))
+    lines += [f"               note: {c}" for c in vllm["caveats"]]
+    return lines

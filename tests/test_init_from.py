@@ -1,0 +1,82 @@
+"""`adapter.init_from: DIR`: training starts from an existing PEFT-format adapter (peftkit's or peft's)."""
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.train import _setup, train
+from tests.conftest import make_recipe
+
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
+
+
+def _init_recipe(tmp_path, model, files, adapter: dict):
+    path = make_recipe(tmp_path, model, files, training={"max_steps": 1}, eval={"base_model": False})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["adapter"] = adapter
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _step0(recipe_path, tmp_path):
+    """The model and settings `peftkit train` would start its first step from."""
+    recipe = load_recipe(recipe_path)
+    return _setup(recipe, tmp_path / "run", False, Console(quiet=True)), recipe
+
+
+def test_step0_weights_are_the_adapters(tiny_llama, number_data, tmp_path):
+    from peftkit.adapters import adapter_state_dict
+    from peftkit.peft_format import load_adapter
+
+    first = make_recipe(tmp_path / "a", tiny_llama, number_data, training={"max_steps": 2})
+    train(load_recipe(first), console=Console(quiet=True))
+    saved = tmp_path / "a" / "run" / "adapter"
+    run, recipe = _step0(_init_recipe(tmp_path / "b", tiny_llama, number_data, {"init_from": str(saved)}), tmp_path / "b")
+    assert (recipe.adapter.method, recipe.adapter.r, recipe.adapter.alpha) == ("lora", 4, 8)  # from the adapter
+    state = adapter_state_dict(run.model, [])
+    expected = load_adapter(saved)[1]
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("peft_type", ["LORA", "IA3"])
+def test_starts_at_a_peft_adapters_logits(peft_type, tiny_llama, number_data, tmp_path):
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    config = (LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+              if peft_type == "LORA" else IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False))
+    torch.manual_seed(0)
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).eval()
+    reference.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        theirs = reference(IDS).logits
+    run, recipe = _step0(_init_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(tmp_path / "peft")}), tmp_path)
+    assert recipe.adapter.method == peft_type.lower()
+    model = run.accelerator.unwrap_model(run.model).eval()
+    with torch.no_grad():
+        ours = model(IDS).logits
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama)(IDS).logits
+    assert float((theirs - base).abs().max()) > 1e-3  # peft's weights really change the output
+    assert float((ours - theirs).abs().max()) <= 1e-4
+
+
+def test_conflicting_method_keys_are_refused(tiny_llama, number_data, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                   LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "p")
+    init = str(tmp_path / "p")
+    with pytest.raises(PeftkitError, match=r"r: 16 in the recipe, 4 in the adapter"):
+        load_recipe(_init_recipe(tmp_path / "r", tiny_llama, number_data, {"init_from": init, "r": 16}))
+    with pytest.raises(PeftkitError, match="holds a lora adapter, but adapter.method is 'ia3'"):
+        load_recipe(_init_recipe(tmp_path / "m", tiny_llama, number_data, {"init_from": init, "method": "ia3"}))
+    # Keys that say the same as the adapter are fine.
+    assert load_recipe(_init_recipe(tmp_path / "ok", tiny_llama, number_data,
+                                    {"init_from": init, "method": "lora", "r": 4})).adapter.alpha == 8
+    with pytest.raises(PeftkitError, match="not found"):
+        load_recipe(_init_recipe(tmp_path / "x", tiny_llama, number_data, {"init_from": str(tmp_path / "nothing")}))

@@ -1,0 +1,105 @@
+"""`peftkit inspect`: the facts of our adapters and of peft's, and the vLLM verdict."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import adapter_state_dict, inject_adapters
+from peftkit.inspect import inspect_adapter
+from peftkit.methods import IA3Config, LoraConfig
+from peftkit.peft_format import peft_config, save_adapter
+from peftkit.recipe import QuantizationConfig
+from tests.conftest import cli_user_error
+
+
+def _ours(base, cfg, out, quantization=None, quantized_on=None):
+    """An adapter peftkit exported (fresh init: inspect reads shapes, not values)."""
+    model = AutoModelForCausalLM.from_pretrained(base)
+    targets = inject_adapters(model, cfg)
+    config = peft_config(cfg, targets, str(base), False, model.config.model_type)
+    save_adapter(out, adapter_state_dict(model, cfg.modules_to_save), config, quantization, quantized_on)
+    return out
+
+
+def _peft(base, out, **config):
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), PeftLora(task_type="CAUSAL_LM", **config))
+    model.save_pretrained(out)
+    return out
+
+
+def test_our_lora(tiny_llama, tmp_path):
+    quant = QuantizationConfig(method="nf4", compute_dtype="float32")
+    info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "a",
+                                 quantization=quant, quantized_on="cpu"))
+    assert (info["method"], info["peft_type"], info["base_model"]) == ("lora", "LORA", str(tiny_llama))
+    assert info["targets"] == {"count": 4, "modules": {"q_proj": 2, "v_proj": 2}}  # 2 layers
+    assert set(info["ranks"].values()) == {4}
+    # r * (in + out) per layer, from the model's own shapes:
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    expected = sum(4 * (m.in_features + m.out_features) for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj")))
+    assert info["trainable_params"] == info["adapter_params"] == expected
+    assert info["dtypes"] == ["float32"]
+    assert info["size_on_disk"] == sum(f.stat().st_size for f in (tmp_path / "a").iterdir())
+    assert info["quantization"]["method"] == "nf4"
+    assert info["vllm"]["accepts"] and not info["vllm"]["reasons"]
+
+
+def test_our_ia3_and_modules_to_save(tiny_llama, tmp_path):
+    info = inspect_adapter(_ours(tiny_llama, IA3Config(method="ia3"), tmp_path / "ia3"))
+    assert info["method"] == "ia3" and info["ranks"] is None
+    assert info["targets"]["modules"] == {"down_proj": 2, "k_proj": 2, "v_proj": 2}
+    assert not info["vllm"]["accepts"] and "LoRA adapters only" in info["vllm"]["reasons"][0]
+    info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=2, modules_to_save=["lm_head"]), tmp_path / "mts"))
+    assert info["trainable_params"] > info["adapter_params"]
+    assert not info["vllm"]["accepts"] and "modules_to_save" in info["vllm"]["reasons"][0]
+
+
+def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):
+    """peft's adapters, made and saved by peft: per-layer ranks read from the tensors; DoRA described (peftkit
+    reads it, vLLM refuses it)."""
+    made = _peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj", "o_proj"],
+                 rank_pattern={"o_proj": 8})
+    info = inspect_adapter(made)
+    assert {p.rsplit(".", 1)[-1]: r for p, r in info["ranks"].items()} == {"q_proj": 4, "o_proj": 8}
+    assert len(set(info["ranks"].values())) == 2
+    assert info["quantization"] is None and not info["peftkit_reads"]["ok"]  # rank_pattern: not yet
+    assert info["vllm"]["accepts"]
+    dora = inspect_adapter(_peft(tiny_llama, tmp_path / "d", r=4, target_modules=["q_proj"], use_dora=True))
+    assert not dora["vllm"]["accepts"] and "DoRA" in dora["vllm"]["reasons"][0]
+    # The magnitude vectors (one per output feature) count with their layers, not as modules_to_save.
+    assert dora["trainable_params"] == dora["adapter_params"] == 2 * (4 * (32 + 32) + 32)
+
+
+def test_cli_text_and_json(tiny_llama, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from peftkit.cli import main
+
+    made = _peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj", "v_proj"])
+    monkeypatch.setattr(sys, "argv", ["peftkit", "inspect", str(made)])
+    main()
+    out = capsys.readouterr().out
+    assert "q_proj x2" in out and "r=4 on every target" in out and "vLLM           would accept it" in out
+    monkeypatch.setattr(sys, "argv", ["peftkit", "inspect", str(made), "--json"])
+    main()
+    assert json.loads(capsys.readouterr().out)["targets"]["count"] == 4
+
+
+@pytest.mark.parametrize("kind", ["missing", "model", "no-weights"])
+def test_not_an_adapter_gives_load_adapters_errors(kind, tiny_llama, tmp_path, capsys, monkeypatch):
+    from peftkit.errors import PeftkitError
+    from peftkit.peft_format import load_adapter
+
+    path = {"missing": tmp_path / "nothing", "model": tiny_llama, "no-weights": tmp_path / "empty"}[kind]
+    if kind == "no-weights":
+        path.mkdir()
+        (path / "adapter_config.json").write_text("{}")
+    with pytest.raises(PeftkitError) as theirs:
+        load_adapter(path)
+    assert str(theirs.value) in cli_user_error(monkeypatch, capsys, "inspect", str(path)).replace("\n", "")
