@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.fileio import atomic_write_text
 
 RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json")
 LOCK_NAME = ".peftkit.lock"
@@ -195,10 +197,6 @@ def truncate_metrics(path: Path, step: int, final_step: int) -> None:
     """On resume from checkpoint `step`: drop metric lines written after it (and a partial last line of a
     kill). The final evaluation's line (at `final_step`, after the last checkpoint) is dropped too, since the
     resumed run writes it again."""
-    import json
-
-    from peftkit.fileio import atomic_write_text
-
     if not path.exists():
         return
     kept = []

@@ -231,8 +231,9 @@ def _loop(run: _Run, state: LoopState) -> None:
                     f"{state.step}; checkpoint saved to {path}. Continue with `peftkit train RECIPE --resume`."
                 )
             window = [next(stream) for _ in range(tcfg.grad_accum)]
-            window_tokens += sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
-            loss_value, grad_norm = _step(run, window, state)
+            tokens = sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
+            window_tokens += tokens
+            loss_value, grad_norm = _step(run, window, tokens, state)
             if loss_value is None:
                 continue
             if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
@@ -250,7 +251,7 @@ def _loop(run: _Run, state: LoopState) -> None:
                 run.checkpoint(state)
 
 
-def _step(run: _Run, window: list[dict], state: LoopState) -> tuple[float | None, float | None]:
+def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple[float | None, float | None]:
     """One optimizer step over the micro-batches of `window`; (loss, grad norm), or (None, None) when a
     non-finite loss was skipped (training.nan_policy: skip_step)."""
     tcfg, accelerator = run.cfg.training, run.accelerator
@@ -284,7 +285,7 @@ def _step(run: _Run, window: list[dict], state: LoopState) -> tuple[float | None
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    state.tokens += sum(int(b["attention_mask"].sum()) for b in window)
+    state.tokens += tokens
     state.losses.append(loss_value)
     return loss_value, grad_norm
 
