@@ -316,7 +316,8 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     }
     data = {split.removeprefix("data."): hashes for split, hashes in run.inputs.items() if split.startswith("data.")}
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
-                                           base_model_sha256=run.inputs["model.name_or_path"])
+                                           base_model_sha256=run.inputs["model.name_or_path"],
+                                           init_from_sha256=run.inputs.get("adapter.init_from", {}))
     atomic_write_json(out / "manifest.json", manifest)
     if show_summary:
         _print_summary(run.console, summary, out, exported)

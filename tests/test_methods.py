@@ -417,3 +417,35 @@ def test_dora_refuses_an_embedding(models):
     cfg = LoraConfig(use_dora=True, target_modules=["embed_tokens", "o_proj"])
     with pytest.raises(PeftkitError, match="Embedding; peftkit's DoRA adapts Linear and Conv1D layers only"):
         inject_adapters(_load(models["llama"]), cfg)
+
+
+# -------------------------------------------------------------------------------- method-specific: IA3
+
+
+def test_ia3_regex_modules_from_peft(models, tmp_path):
+    """peft's IA3 takes regular expressions (matched in full) for target_modules and feedforward_modules too."""
+    from peft import IA3Config as PeftIA3
+
+    config = PeftIA3(task_type="CAUSAL_LM", target_modules=r".*\.(k_proj|v_proj|down_proj|up_proj)",
+                     feedforward_modules=r".*\.(down_proj|up_proj)", init_ia3_weights=False)
+    torch.manual_seed(3)
+    reference = get_peft_model(_load(models["llama"]), config).eval()
+    reference.save_pretrained(tmp_path / "peft")
+    ours, cfg, *_ = load_adapted_model(str(models["llama"]), str(tmp_path / "peft"))
+    assert cfg.feedforward_modules.regex == r".*\.(down_proj|up_proj)"
+    assert sum(layer.is_feedforward for layer in adapter_layers(ours).values()) == 4  # up, down x 2 layers
+    assert _diff(_logits(ours), _logits(reference)) <= TOL
+
+
+def test_ia3_unmerge_refuses_a_zero_scaling():
+    from peftkit.errors import PeftkitError
+
+    cfg = IA3Config(method="ia3", target_modules=["layer"], feedforward_modules=[])
+    layer = method_of(cfg).wrap(_base_layer("linear"), cfg, "layer")
+    with torch.no_grad():
+        layer.ia3_l[3] = 0.0
+    layer.merge()
+    merged = layer.base_layer.weight.detach().clone()
+    with pytest.raises(PeftkitError, match="Cannot unmerge an IA3 layer with a scaling of exactly 0"):
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, merged) and layer.merged  # nothing half-done

@@ -113,14 +113,16 @@ class PeftConfigBase(BaseModel):
     """The hub revision of the base the adapter was trained on (peftkit writes `model.revision` here)."""
 
 
-def targets_from_peft(targets: list[str] | str, config_file: Path) -> list[str] | str | TargetRegex:
-    """adapter_config.json's `target_modules` in recipe form: a string other than `all-linear` is a regex."""
+def targets_from_peft(targets: list[str] | str, config_file: Path,
+                      key: str = "target_modules") -> list[str] | str | TargetRegex:
+    """adapter_config.json's `target_modules` (or another module list, `key`) in recipe form: a string other
+    than `all-linear` is a regex."""
     if not isinstance(targets, str) or targets == "all-linear":
         return targets
     try:
         return TargetRegex(regex=targets)
     except ValidationError as e:
-        raise PeftkitError(f'{config_file}: "target_modules" {e.errors()[0]["msg"].removeprefix("Value error, ")}. '
+        raise PeftkitError(f'{config_file}: "{key}" {e.errors()[0]["msg"].removeprefix("Value error, ")}. '
                            f"{REEXPORT}") from None
 
 
