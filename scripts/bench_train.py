@@ -125,16 +125,18 @@ def run_peftkit(recipe, _workdir: Path | None = None) -> dict:
 
     pt.append_line = timed_append_line
     try:
-        pt.train(recipe, overwrite=True, console=Console(quiet=True))
+        summary = pt.train(recipe, overwrite=True, console=Console(quiet=True))
     finally:
         pt.append_line = original
     lines = (Path(recipe.export.output_dir) / "metrics.jsonl").read_text().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-    return {"step_ends": ends, "losses": losses}
+    return {"step_ends": ends, "losses": losses, "eval_loss": summary["eval_loss"],
+            "trainable": summary["trainable_params"]}
 
 
-def run_trainer(model, tok, ordered, recipe, workdir: Path, **extra_args) -> dict:
-    """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially."""
+def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extra_args) -> dict:
+    """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially; `callbacks` are
+    added to the step timer."""
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -160,7 +162,7 @@ def run_trainer(model, tok, ordered, recipe, workdir: Path, **extra_args) -> dic
         **extra_args,
     )
     data = [{"input_ids": e.input_ids, "labels": e.labels} for e in ordered]
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer()],
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer(), *callbacks],
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
     return {"step_ends": ends, "losses": losses}
@@ -209,14 +211,15 @@ def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool) -> dict[str, list[dict]]:
+def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool, extra: tuple[str, ...] = ()) -> dict[str, list[dict]]:
     """Re-run this script once per side per repeat, each in a fresh interpreter, alternating which side goes
-    first (a load that drifts during the benchmark then hits both); collect the tagged JSON lines."""
+    first (a load that drifts during the benchmark then hits both); collect the tagged JSON lines. `extra`:
+    more flags for the sides."""
     results: dict[str, list[dict]] = {"peftkit": [], "peft": []}
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if fixed_mmap_threshold else {}))
     for i in range(repeats):
         for side in ("peftkit", "peft") if i % 2 == 0 else ("peft", "peftkit"):
-            cmd = [sys.executable, sys.argv[0], *sys.argv[1:], "--side", side, "--workdir", str(workdir)]
+            cmd = [sys.executable, sys.argv[0], *sys.argv[1:], *extra, "--side", side, "--workdir", str(workdir)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             tagged = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
             if proc.returncode != 0 or not tagged:
