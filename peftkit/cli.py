@@ -131,6 +131,54 @@ def _check_json_out(path: Path) -> None:
 
 
 @app.command()
+def generate(
+    recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its recipe.yaml; its adapter/ "
+                                                     "is the default --adapter). Without --prompt or --data, the "
+                                                     "prompts of its data.eval.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Generate for each row's prompt (the prompt training "
+                                                "used); the row's target is kept as the reference.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion; default: the recipe's, "
+                                               "else alpaca.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each --prompt as a user turn in the chat template.")] = False,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="--data: only the first N rows.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Stop after this many new tokens (or at EOS).")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: nucleus cut, in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (left-padded).")] = 8,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write [{prompt, completion}, ...] here instead "
+                                                     "of printing.")] = None,
+    overrides: Overrides = None,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Generate completions with a base model, a base + adapter, or a merged model: greedy unless
+    --temperature > 0, stopping at EOS."""
+    from rich.markup import escape
+
+    from peftkit.fileio import atomic_write_json
+    from peftkit.generate import Sampling, generate_job, run_generate
+
+    if json_out is not None:
+        _check_json_out(json_out)
+    job = generate_job(recipe, overrides or [], _local(model) if model else None, _local(adapter) if adapter else None,
+                       prompt or [], _local(data) if data else None, fmt, chat, limit,
+                       Sampling(max_new_tokens, temperature, top_p, seed), batch_size, trust_remote_code)
+
+    def show(prompts, completions) -> None:
+        for p, c in zip(prompts, completions, strict=True):
+            console.print(f"[dim]{escape(p.text)}[/]{escape(c)}", highlight=False)
+            console.rule(style="dim")
+
+    results = run_generate(job, on_batch=None if json_out else show)
+    if json_out:
+        atomic_write_json(json_out, results)
+        console.print(f"{len(results)} completions written to {escape(str(json_out))}")
+
+
+@app.command()
 def verify(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with manifest.json).")],
     tolerance: Annotated[float, typer.Option(help="0: identical bits; > 0: compare losses and weights numerically.")] = 0.0,

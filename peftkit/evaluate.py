@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
 
 import torch
 from torch import nn
@@ -13,9 +12,8 @@ from torch.nn import functional as F
 
 from peftkit.data import IGNORE_INDEX, Example, eval_loader
 from peftkit.errors import PeftkitError
-from peftkit.recipe import DataConfig, ModelConfig, QuantizationConfig
-
-FORMATS = get_args(DataConfig.model_fields["format"].annotation)
+from peftkit.inference import ModelSource, check_choices, recipe_source
+from peftkit.recipe import DataConfig
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,12 +55,8 @@ class EvalJob:
     data: str
     data_cfg: DataConfig
     split: str = "train"
-    model: ModelConfig | None = None
-    quantization: QuantizationConfig | None = None
-    adapter: str | None = None
+    source: ModelSource = field(default_factory=ModelSource)
     batch_size: int = 8
-    trust_remote_code: bool = False
-    """The user's --trust-remote-code: needed for an adapter whose base runs its own modelling code."""
 
 
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
@@ -72,38 +66,22 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
     recipe defaults, so figures are comparable with training's."""
-    from peftkit.recipe import load_recipe
-
     if recipe is None:
         if not model or not data:
             raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data.")
-        defaults = DataConfig(train=data)
-        job = EvalJob(data=data, data_cfg=defaults, model=ModelConfig(name_or_path=model, dtype="auto"))
+        job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
-        run_dir = recipe if recipe.is_dir() else None
-        if run_dir is not None:
-            if not (run_dir / "recipe.yaml").is_file():
-                raise PeftkitError(f"{run_dir} is a directory without recipe.yaml: give a recipe file or a peftkit run "
-                                   "directory.")
-            recipe = run_dir / "recipe.yaml"
-        cfg = load_recipe(recipe, overrides)
+        cfg, run_adapter = recipe_source(recipe, overrides)
         source = data or cfg.data.eval
         if not source:
             raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
         job = EvalJob(data=source, data_cfg=cfg.data, split=cfg.data.eval_split if not data else "train",
-                      model=cfg.model, quantization=cfg.quantization, batch_size=cfg.eval.batch_size)
-        if run_dir is not None and adapter is None and (run_dir / "adapter").is_dir():
-            job.adapter = str(run_dir / "adapter")
-        if model:
-            job.model = ModelConfig(name_or_path=model, dtype="auto")
-    for flag, value, choices in (("--format", fmt, FORMATS), ("--on-bad-rows", on_bad_rows, ("error", "skip"))):
-        if value is not None and value not in choices:
-            raise PeftkitError(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}.")
+                      source=ModelSource(cfg.model, cfg.quantization, run_adapter), batch_size=cfg.eval.batch_size)
+    check_choices(fmt, on_bad_rows)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
     job.data_cfg = job.data_cfg.model_copy(update=updates)
-    job.adapter = adapter or job.adapter
+    job.source = job.source.with_flags(model, adapter, trust_remote_code)
     job.batch_size = batch_size or job.batch_size
-    job.trust_remote_code = trust_remote_code
     return job
 
 
@@ -115,27 +93,17 @@ def evaluate(job: EvalJob) -> dict[str, float]:
     (and re-quantized) as the adapter was trained.
     """
     from peftkit.data import load_examples
-    from peftkit.modeling import check_remote_code, load_adapted_model, load_model, load_tokenizer, resolve_device
-    from peftkit.peft_format import recorded_base
+    from peftkit.modeling import resolve_device
 
-    device = resolve_device(job.model.device if job.model else "auto")
-    base = job.model.name_or_path if job.model else None
-    tok_cfg = job.model
-    if job.adapter:
-        check_remote_code(job.adapter, job.trust_remote_code)
-        base = base or recorded_base(job.adapter)
-        tok_cfg = tok_cfg or ModelConfig(name_or_path=base or job.adapter, revision=recorded_base(job.adapter, "revision"),
-                                         trust_remote_code=job.trust_remote_code)
-    tok = load_tokenizer(tok_cfg)
+    source = job.source
+    device = resolve_device(source.model.device if source.model else "auto")
+    tok = source.tokenizer()
     examples, _ = load_examples(tok, job.data, job.split, job.data_cfg)
-    if job.adapter:
-        model = load_adapted_model(base, job.adapter, device, job.trust_remote_code)[0]
-    else:
-        model = load_model(job.model, job.quantization, device)
+    model = source.load(device)
     metrics = evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)
     if not math.isfinite(metrics["loss"]):
         # Reported, not printed as 'loss nan': a number that looks like a result hides a broken model.
-        what = f"{base} with adapter {job.adapter}" if job.adapter else base
+        what = source.describe()
         raise PeftkitError(
             f"{what} produces a non-finite loss ({metrics['loss']}) on {job.data}: its weights hold NaN/inf, or its "
             "activations overflow in 16-bit. Check the model's weights (a diverged training run saves NaN), or "
