@@ -179,6 +179,38 @@ def generate(
 
 
 @app.command()
+def chat(
+    recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its model; its adapter/ is "
+                                                     "the default --adapter).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message opening the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: nucleus cut, in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
+    overrides: Overrides = None,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Chat with a model in the terminal (its chat template), replies streamed; /reset, /exit."""
+    import torch
+
+    from peftkit.chat import chat_loop
+    from peftkit.data.prompts import chat_prompt
+    from peftkit.generate import Sampling, generate_job
+    from peftkit.modeling import resolve_device
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    job = generate_job(recipe, overrides or [], _local(model) if model else None, _local(adapter) if adapter else None,
+                       ["(chat)"], None, None, True, None, sampling, 1, trust_remote_code)
+    tok = job.source.tokenizer()
+    chat_prompt(tok, [{"role": "user", "content": "probe"}])  # no template: said before the model loads
+    loaded = job.source.load(resolve_device(job.source.model.device if job.source.model else "auto"))
+    torch.manual_seed(seed)
+    chat_loop(loaded, tok, sampling, system=system)
+
+
+@app.command()
 def verify(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with manifest.json).")],
     tolerance: Annotated[float, typer.Option(help="0: identical bits; > 0: compare losses and weights numerically.")] = 0.0,
