@@ -103,31 +103,47 @@ def eval_cmd(
     on_bad_rows: Annotated[Optional[str], typer.Option("--on-bad-rows", help="error | skip; default: the recipe's, "
                                                        "else error.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: loss, perplexity (default), "
+                                                   "exact_match, token_f1, rouge_l (generated answers vs the data's "
+                                                   "targets).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation metrics: longest answer, in tokens.")] = 128,
+    normalize: Annotated[str, typer.Option(help="Before exact_match / token_f1: squad (lowercase, no punctuation or "
+                                           "articles), strip, or none.")] = "squad",
+    predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
+                                                        "(prompt, prediction, reference) here.")] = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
-    same target tokens as in training."""
+    same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
     from peftkit.evaluate import eval_job, evaluate
     from peftkit.fileio import atomic_write_json
 
-    if json_out is not None:
-        _check_json_out(json_out)
+    for path in (json_out, predictions):
+        if path is not None:
+            _check_json_out(path, "--json" if path is json_out else "--predictions")
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
-                   _local(adapter) if adapter else None, max_length, batch_size, on_bad_rows, trust_remote_code)
-    metrics = evaluate(job)
-    console.print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  tokens {metrics['num_tokens']}")
+                   _local(adapter) if adapter else None, max_length, batch_size, on_bad_rows, trust_remote_code,
+                   metrics, max_new_tokens, normalize, predictions)
+    result = evaluate(job)
+    shown = []
+    if "loss" in result:
+        shown.append(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['num_tokens']}")
+    shown += [f"{name} {result[name]:.4f}" for name in job.metrics if name in result and name not in ("loss", "perplexity")]
+    if "num_rows" in result:
+        shown.append(f"rows {result['num_rows']}")
+    console.print("  ".join(shown))
     if json_out:
-        atomic_write_json(json_out, metrics)
+        atomic_write_json(json_out, result)
 
 
-def _check_json_out(path: Path) -> None:
-    """--json must name a file we can write: checked before minutes of evaluation, not after."""
+def _check_json_out(path: Path, flag: str = "--json") -> None:
+    """An output file flag must name a file we can write: checked before minutes of evaluation, not after."""
     from peftkit.rundir import make_writable_dir
 
     if path.is_dir():
-        raise PeftkitError(f"--json {path} is a directory; give a file name, e.g. --json {path / 'eval.json'}.")
-    make_writable_dir(path.parent, "--json's directory")
+        raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / 'eval.json'}.")
+    make_writable_dir(path.parent, f"{flag}'s directory")
 
 
 @app.command()
