@@ -96,7 +96,10 @@ def eval_cmd(
     data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text; default: the "
                                                "recipe's, else alpaca.")] = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter directory to apply. Repeat "
+                                                         "as NAME=DIR to compare several with the base.")] = None,
+    merged: Annotated[Optional[list[str]], typer.Option("--merged", help="NAME=DIR: a merged model to add to the "
+                                                        "comparison (repeatable).")] = None,
     max_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate examples to this many tokens; default: "
                                                       "data.max_length (512).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per batch; default: eval.batch_size (8).")] = None,
@@ -110,7 +113,8 @@ def eval_cmd(
     normalize: Annotated[str, typer.Option(help="Before exact_match / token_f1: squad (lowercase, no punctuation or "
                                            "articles), strip, or none.")] = "squad",
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
-                                                        "(prompt, prediction, reference) here.")] = None,
+                                                        "(prompt, prediction, reference) here; in a comparison, a "
+                                                        "directory (NAME.jsonl each).")] = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -119,12 +123,18 @@ def eval_cmd(
     from peftkit.evaluate import eval_job, evaluate
     from peftkit.fileio import atomic_write_json
 
-    for path in (json_out, predictions):
+    adapters, merged = adapter or [], merged or []
+    comparing = len(adapters) > 1 or bool(merged) or any("=" in a for a in adapters)
+    for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
         if path is not None:
-            _check_json_out(path, "--json" if path is json_out else "--predictions")
+            _check_json_out(path, flag)
+    single = _local(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
-                   _local(adapter) if adapter else None, max_length, batch_size, on_bad_rows, trust_remote_code,
-                   metrics, max_new_tokens, normalize, predictions)
+                   single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
+                   predictions)
+    if comparing:
+        _compare(job, adapters, merged, predictions, json_out)
+        return
     result = evaluate(job)
     shown = []
     if "loss" in result:
@@ -135,6 +145,22 @@ def eval_cmd(
     console.print("  ".join(shown))
     if json_out:
         atomic_write_json(json_out, result)
+
+
+def _compare(job, adapters: list[str], merged: list[str], predictions: Path | None, json_out: Path | None) -> None:
+    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR): one table against the base."""
+    from peftkit.compare import compare, comparison_jobs, comparison_table, parse_named
+    from peftkit.fileio import atomic_write_json
+    from peftkit.rundir import make_writable_dir
+
+    named = [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
+    named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged")]
+    if predictions is not None:
+        make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
+    results = compare(comparison_jobs(job, named, named_merged), predictions)
+    console.print(comparison_table(results, job.metrics))
+    if json_out:
+        atomic_write_json(json_out, results)
 
 
 def _check_json_out(path: Path, flag: str = "--json") -> None:
