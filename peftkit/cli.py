@@ -253,6 +253,20 @@ def chat(
 
 
 @app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not).")],
+    log_scale: Annotated[bool, typer.Option("--log-scale", help="Loss on a log scale.")] = False,
+) -> None:
+    """Write RUN_DIR/report/report.html (self-contained) and its plots as PNGs: loss, learning rate, grad norm,
+    tokens/s, peak memory, base vs fine-tuned eval, the recipe and the environment."""
+    from rich.markup import escape
+
+    from peftkit.report import write_report
+
+    console.print(f"wrote {escape(str(write_report(run_dir, log_scale)))}")
+
+
+@app.command()
 def verify(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with manifest.json).")],
     tolerance: Annotated[float, typer.Option(help="0: identical bits; > 0: compare losses and weights numerically.")] = 0.0,
