@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.methods import Method
 from peftkit.peft_format import (
     CONFIG_NAME,
     check_adapter_dir,
@@ -41,7 +42,8 @@ def inspect_adapter(path: str | Path) -> dict:
     directory, no adapter_config.json, no safetensors weights, an unknown peft_type, malformed fields).
 
     Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}), base_model, revision, targets
-    ({count, modules: {name: count}}), ranks ({module path: r}, LoRA only, else null), modules_to_save,
+    ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
+    for a method without a rank, IA3), modules_to_save,
     trainable_params, adapter_params, dtypes, size_on_disk, quantization, trust_remote_code, vllm
     ({accepts, reasons, caveats}).
     """
@@ -68,7 +70,7 @@ def inspect_adapter(path: str | Path) -> dict:
         else:
             targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
-    ranks = _ranks(method.name, targets)
+    ranks = _ranks(method, targets)
     raw = json.loads((path / CONFIG_NAME).read_text())
     info = {
         "path": str(path),
@@ -117,16 +119,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _ranks(method: str, targets: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, int] | None:
-    """Each LoRA layer's rank, from its A's shape ((r, in) for a linear, (r, num_embeddings) for an
-    embedding): the truth whatever `r` and `rank_pattern` say. None for a method without a rank (IA3)."""
-    if method != "lora":
+def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, int] | None:
+    """Each layer's rank, read from a low-rank tensor's shape (the dimension the method's `rank_dims` names:
+    LoRA's A is (r, in), LoHa's hada_w1_a (out, r)): the truth whatever `r` and `rank_pattern` say. None for a
+    method without a rank (IA3); a LoKr layer whose two Kronecker factors are both full matrices has none."""
+    if not method.rank_dims:
         return None
     ranks = {}
     for path, parts in sorted(targets.items()):
-        a = parts.get("lora_A.weight") or parts.get("lora_embedding_A")
-        if a is not None:
-            ranks[path] = a[0]
+        for suffix, shape in parts.items():
+            dim = method.rank_dims.get(suffix.removesuffix(".weight"))
+            if dim is not None:
+                ranks[path] = shape[dim]
+                break
     return ranks
 
 
@@ -189,8 +194,12 @@ def describe(info: dict) -> list[str]:
     ranks = info["ranks"]
     if ranks is not None:
         distinct = sorted(set(ranks.values()))
-        if len(distinct) == 1:
-            lines.append(f"rank           r={distinct[0]} on every target")
+        full = info["targets"]["count"] - len(ranks)  # LoKr layers whose Kronecker factors are full matrices
+        if not ranks:
+            lines.append("rank           none: every target's factors are full matrices")
+        elif len(distinct) == 1:
+            where = "every target" if not full else f"{len(ranks)} targets ({full} have full-matrix factors only)"
+            lines.append(f"rank           r={distinct[0]} on {where}")
         else:
             lines.append("ranks          per layer:")
             lines += [f"                 {path}: r={r}" for path, r in ranks.items()]

@@ -15,6 +15,8 @@ from pydantic import Discriminator, Tag
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method
 from peftkit.methods.ia3 import IA3, IA3Config
+from peftkit.methods.loha import Loha, LohaConfig
+from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 
 METHODS: dict[str, type[Method]] = {}
@@ -30,6 +32,8 @@ def register(method: type[Method]) -> type[Method]:
 
 register(Lora)
 register(IA3)
+register(Loha)
+register(Lokr)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -71,5 +75,5 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LoraConfig", "Method",
-           "default_adapter", "method_for_peft_type", "method_of", "register"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LohaConfig", "LokrConfig",
+           "LoraConfig", "Method", "default_adapter", "method_for_peft_type", "method_of", "register"]
