@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import adapter_state_dict, inject_adapters
 from peftkit.inspect import inspect_adapter
-from peftkit.methods import IA3Config, LoraConfig
+from peftkit.methods import IA3Config, LoraConfig, VeraConfig
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import QuantizationConfig
 from tests.conftest import cli_user_error
@@ -58,6 +58,25 @@ def test_our_ia3_and_modules_to_save(tiny_llama, tmp_path):
     info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=2, modules_to_save=["lm_head"]), tmp_path / "mts"))
     assert info["trainable_params"] > info["adapter_params"]
     assert not info["vllm"]["accepts"] and "modules_to_save" in info["vllm"]["reasons"][0]
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_our_vera(save_projection, tiny_llama, tmp_path):
+    """The shared projections are frozen: not counted as trained nor taken for modules_to_save; when left out of
+    the file, inspect says they are drawn again on loading. vLLM serves LoRA only."""
+    from peftkit.inspect import describe
+
+    cfg = VeraConfig(method="vera", r=4, target_modules=["q_proj", "down_proj"], save_projection=save_projection)
+    info = inspect_adapter(_ours(tiny_llama, cfg, tmp_path / "v"))
+    assert info["method"] == "vera" and info["modules_to_save"] == [] and info["ranks"] is None
+    assert info["trainable_params"] == info["adapter_params"] == 2 * ((4 + 32) + (4 + 32))  # d (r) + b (out) a layer
+    # A (r, largest in: down_proj's 64), B (largest out: 32, r)
+    assert info["shared"] == ({"saved": {"vera_A": (4, 64), "vera_B": (32, 4)}, "regenerated": []} if save_projection
+                              else {"saved": {}, "regenerated": ["vera_A", "vera_B"]})
+    assert info["vllm"] == {"accepts": False, "reasons": ["vLLM serves LoRA adapters only; this is VERA"], "caveats": []}
+    text = "\n".join(describe(info))
+    assert ("vera_A (4, 64), vera_B (32, 4): frozen" in text) == save_projection
+    assert ("vera_A, vera_B not saved: drawn again on loading" in text) != save_projection
 
 
 def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):

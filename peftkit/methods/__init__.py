@@ -16,6 +16,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.lora import Lora, LoraConfig
+from peftkit.methods.vera import Vera, VeraConfig
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -30,6 +31,7 @@ def register(method: type[Method]) -> type[Method]:
 
 register(Lora)
 register(IA3)
+register(Vera)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -71,5 +73,5 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LoraConfig", "Method",
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LoraConfig", "Method", "VeraConfig",
            "default_adapter", "method_for_peft_type", "method_of", "register"]
