@@ -515,3 +515,25 @@ def test_vera_refuses_an_embedding(models):
     with pytest.raises(PeftkitError, match=r"adapter.target_modules: 'model.embed_tokens' is an embedding; VeRA \(as "
                                            r"peft's\) adapts Linear and Conv1D layers only. Leave embeddings out"):
         inject_adapters(_load(models["llama"]), cfg)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vera_reload_restores_the_projections(save_projection, models):
+    """A reload (eval, merge, a checkpoint's resume) computes with the pair the adapter was trained with: the
+    file's, into the one module every layer shares; or, left out, the same draw from the key whatever the global
+    RNG state."""
+    from peftkit.adapters import load_adapter_state_dict, shared_holders
+
+    cfg = VeraConfig(method="vera", r=4, save_projection=save_projection)
+    model, _ = _adapted(models["llama"], cfg)
+    state = adapter_state_dict(model, [])
+    if save_projection:  # as if the file's pair were not what this machine draws from the key
+        state["base_model.vera_A"] = state["base_model.vera_A"] + 0.5
+    again = _load(models["llama"])
+    torch.manual_seed(123)
+    inject_adapters(again, cfg)
+    load_adapter_state_dict(again, state)
+    (theirs,), (ours,) = shared_holders(model), shared_holders(again)
+    expected = state["base_model.vera_A"] if save_projection else theirs.vera_A
+    assert torch.equal(ours.vera_A, expected) and torch.equal(ours.vera_B, theirs.vera_B)
+    assert all(layer.shared is ours for layer in adapter_layers(again).values())
