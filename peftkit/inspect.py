@@ -43,11 +43,11 @@ def inspect_adapter(path: str | Path) -> dict:
 
     Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}), base_model, revision, targets
     ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
-    for a method without a rank, IA3), modules_to_save,
-    trainable_params, adapter_params, dtypes, size_on_disk, quantization, trust_remote_code, vllm
-    ({accepts, reasons, caveats}).
+    for a method without a rank, IA3), modules_to_save, trainable_params, adapter_params, shared ({saved:
+    {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
+    methods), dtypes, size_on_disk, quantization, trust_remote_code, vllm ({accepts, reasons, caveats}).
     """
-    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.adapters import PEFT_PREFIX, SHARED_PREFIX
 
     path = Path(path)
     weights_file = check_adapter_dir(path)
@@ -62,7 +62,11 @@ def inspect_adapter(path: str | Path) -> dict:
     shapes, dtypes = _tensor_header(weights_file)
     targets: dict[str, dict[str, tuple[int, ...]]] = {}  # module path -> {tensor suffix: shape}
     saved: dict[str, int] = {}  # modules_to_save tensors -> numel
+    shared = {k[len(SHARED_PREFIX):]: shape for k, shape in shapes.items()
+              if not k.startswith(PEFT_PREFIX) and k[len(SHARED_PREFIX):] in method.shared_names}
     for key, shape in shapes.items():
+        if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):] in shared:
+            continue  # frozen, not trained
         name = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in method.param_names + _LAYER_EXTRAS if name.endswith("." + s)), None)
         if suffix is None:
@@ -84,6 +88,8 @@ def inspect_adapter(path: str | Path) -> dict:
         "modules_to_save": peft.modules_to_save or [],
         "trainable_params": adapter_params + sum(saved.values()),
         "adapter_params": adapter_params,
+        "shared": {"saved": shared, "regenerated": [n for n in method.shared_names if n not in shared]}
+        if method.shared_names else None,
         "dtypes": sorted(dtypes),
         "size_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "quantization": meta.quantization.model_dump() if meta.quantization else None,
@@ -179,6 +185,18 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _shared_lines(shared: dict | None) -> list[str]:
+    """What the file holds of the frozen tensors every adapted layer uses (VeRA's random projections)."""
+    if shared is None:
+        return []
+    saved = ", ".join(f"{name} {tuple(shape)}" for name, shape in shared["saved"].items())
+    lines = [f"shared         {saved}: frozen, used by every adapted layer, not trained"] if saved else []
+    if shared["regenerated"]:
+        lines.append(f"shared         {', '.join(shared['regenerated'])} not saved: drawn again on loading from "
+                     "adapter_config.json's settings (its PRNG key)")
+    return lines
+
+
 def describe(info: dict) -> list[str]:
     """`inspect_adapter`'s facts as lines for a terminal."""
     base = info["base_model"] or "(not recorded)"
@@ -207,6 +225,7 @@ def describe(info: dict) -> list[str]:
         lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
     lines += [
         f"parameters     {info['trainable_params']:,} trainable ({info['adapter_params']:,} in the adapter layers)",
+        *_shared_lines(info["shared"]),
         f"dtype          {', '.join(info['dtypes'])}",
         f"size on disk   {_size(info['size_on_disk'])}",
     ]

@@ -148,7 +148,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     """
     from transformers import AutoModelForCausalLM
 
-    from peftkit.adapters import inject_adapters, trainable_parameters
+    from peftkit.adapters import inject_adapters, shared_holders, trainable_parameters
     from peftkit.modeling import load_config, resolve_device
 
     config = load_config(recipe.model)
@@ -177,8 +177,10 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     targets = inject_adapters(model, recipe.adapter)
     sizes = [p.numel() for p in trainable_parameters(model)]  # trainable tensors' element counts
     adapter = 4.0 * sum(sizes)  # fp32
+    # and the frozen fp32 tensors every layer shares (VeRA's projections): weights without gradients
+    shared = 4.0 * sum(b.numel() for holder in shared_holders(model) for b in holder.buffers())
     device = device if device is not None else resolve_device(recipe.model.device)
-    return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes),
+    return MemoryEstimate(base, adapter + shared, adapter, _optimizer_bytes(recipe.training.optimizer, sizes),
                           activations=_activations(recipe, config, len(targets)),
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
 

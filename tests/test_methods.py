@@ -31,13 +31,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict
+from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict, share_tensors
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.loha import LohaConfig
 from peftkit.methods.lokr import LokrConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.vera import VeraConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
@@ -87,6 +88,15 @@ CASES: dict[str, list[Case]] = {
         Case("lokr-mixed", LokrConfig(method="lokr", r=2, alpha=3, decompose_both=True, decompose_factor=8),
              ("llama",), ("linear",)),
     ],
+    "vera": [
+        # all-linear: q/k/v/o (32 x 32), gate/up (32 -> 64) and down (64 -> 32) on Llama, c_attn (32 -> 96) and
+        # mlp.c_proj (128 -> 32) on GPT-2 slice one shared pair sized for the largest in and out.
+        Case("vera", VeraConfig(method="vera", r=4), ("llama", "qwen2", "gpt2"), ("linear", "conv1d")),
+        # Projections left out of the file: both sides draw them again from the key.
+        Case("vera-unsaved-projections", VeraConfig(method="vera", r=8, target_modules=["k_proj", "up_proj", "down_proj"],
+                                                    projection_prng_key=7, d_initial=0.5, save_projection=False),
+             ("llama",), ()),
+    ],
 }
 
 
@@ -131,10 +141,20 @@ def lokr_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return weight + cfg.alpha / cfg.r * kron, bias
 
 
-DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense}
+def vera_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: VeraConfig, layout: str):
+    """(W + diag(lambda_b) B[:out, :] diag(lambda_d) A[:, :in], b) (the paper's eq. 3 with the shared A (r, in_max) and
+    B (out_max, r) cut to the layer's size); W is (out, in), or (in, out) for Conv1D."""
+    w = weight.T if layout == "conv1d" else weight
+    out, inp = w.shape
+    delta = torch.diag(parts["vera_lambda_b"]) @ parts["vera_B"][:out, :] @ torch.diag(parts["vera_lambda_d"]) \
+        @ parts["vera_A"][:, :inp]
+    return (w + delta).T if layout == "conv1d" else w + delta, bias
+
+
+DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense}
 # peft's switch for non-trivially initialised weights, by peft_type.
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
-                   "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}}
+                   "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False}}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]
@@ -214,8 +234,9 @@ def test_dense_math(case):
         bias = None if bias is None else bias.detach().clone()
         path = "ff" if layout.endswith("-ff") else "layer"
         layer = method.wrap(base, case.cfg, path)
+        share_tensors(method, case.cfg, [layer])  # VeRA's projections, sized for this one layer
         method.randomize(layer, torch.Generator().manual_seed(2), 0.3)
-        parts = {n: p.detach().clone() for n, p in layer.adapter_params().items()}
+        parts = {n: p.detach().clone() for n, p in layer.parts().items()}
         dense, dense_bias = DENSE[method.name](weight, bias, parts, case.cfg, layout)
         assert _diff(dense, weight) > 1e-2, layout  # not trivially the base
         x = torch.randint(0, 20, (3, 5)) if layout == "embedding" else torch.randn(3, 5, 12)
@@ -223,8 +244,9 @@ def test_dense_math(case):
         assert _diff(layer(x), expected) <= 1e-5, layout
 
         base_state = {f"{path}.weight": weight} | ({} if bias is None else {f"{path}.bias": bias})
-        state = merge_state_dict(base_state, {f"base_model.model.{path}.{n}": t for n, t in parts.items()},
-                                 case.cfg, fan_in_fan_out={path} if layout.startswith("conv1d") else set())
+        adapter = {f"base_model.{n}" if n in method.shared_names else f"base_model.model.{path}.{n}": t
+                   for n, t in parts.items()}
+        state = merge_state_dict(base_state, adapter, case.cfg, fan_in_fan_out={path} if layout.startswith("conv1d") else set())
         assert _diff(state[f"{path}.weight"], dense) <= 1e-6, layout
         if bias is not None:
             assert _diff(state[f"{path}.bias"], dense_bias) <= 1e-6, layout
@@ -355,7 +377,7 @@ def _rounded_once(merged: torch.Tensor, dense: torch.Tensor) -> bool:
 
 
 def _parts(layer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float() for n, p in layer.adapter_params().items()}
+    return {n: p.detach().float() for n, p in layer.parts().items()}
 
 
 def _layout(layer) -> str:
@@ -560,3 +582,69 @@ def test_lokr_recipe_with_a_lora_key_names_the_method(tmp_path):
     with pytest.raises(PeftkitError) as e:
         load_recipe(tmp_path / "r.yaml")
     assert "'dropout'" in str(e.value) and "LoKr (method: lokr)" in str(e.value) and "rank_dropout" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- method-specific: VeRA
+
+
+def test_vera_shares_peft_projections_and_trains_only_vectors(models):
+    """One frozen pair for all layers, sized for the largest target (down_proj's 64 inputs, gate/up's 64 outputs),
+    drawn as peft draws it; trainable: r + out per layer, the pair counted as frozen adapter memory."""
+    from peft import VeraConfig as PeftVera
+
+    from peftkit.adapters import count_parameters, shared_holders
+
+    cfg = VeraConfig(method="vera", r=4, projection_prng_key=5)
+    model = _load(models["llama"])
+    inject_adapters(model, cfg)
+    (holder,) = shared_holders(model)
+    reference = get_peft_model(_load(models["llama"]), PeftVera(r=4, target_modules="all-linear", projection_prng_key=5))
+    assert holder.vera_A.shape == (4, 64) and holder.vera_B.shape == (64, 4)
+    assert torch.equal(holder.vera_A, reference.base_model.vera_A["default"])
+    assert torch.equal(holder.vera_B, reference.base_model.vera_B["default"])
+    expected = sum(4 + layer.base_layer.out_features for layer in adapter_layers(model).values())
+    assert count_parameters(model)[0] == expected == reference.get_nb_trainable_parameters()[0]
+
+
+def test_vera_merge_draws_unsaved_projections_again(models):
+    """The state-dict merge of an adapter without vera_A/vera_B (save_projection: false) equals the merge with them."""
+    cfg = VeraConfig(method="vera", r=4, projection_prng_key=3, save_projection=False)
+    model, _ = _adapted(models["llama"], cfg)
+    state = adapter_state_dict(model, [])
+    assert not any(k.startswith("base_model.vera_") for k in state)
+    base = {k: v for k, v in _load(models["llama"]).state_dict().items()}
+    shared = {f"base_model.{n}": t for n, t in next(iter(adapter_layers(model).values())).shared.named_buffers()}
+    with_pair, without = merge_state_dict(base, state | shared, cfg), merge_state_dict(base, state, cfg)
+    assert all(torch.equal(with_pair[k], without[k]) for k in base)
+    assert _diff(with_pair["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"]) > 1e-3
+
+
+def test_vera_refuses_an_embedding(models):
+    from peftkit.errors import PeftkitError
+
+    cfg = VeraConfig(method="vera", target_modules=["embed_tokens", "o_proj"])
+    with pytest.raises(PeftkitError, match=r"adapter.target_modules: 'model.embed_tokens' is an embedding; VeRA \(as "
+                                           r"peft's\) adapts Linear and Conv1D layers only. Leave embeddings out"):
+        inject_adapters(_load(models["llama"]), cfg)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vera_reload_restores_the_projections(save_projection, models):
+    """A reload (eval, merge, a checkpoint's resume) computes with the pair the adapter was trained with: the
+    file's, into the one module every layer shares; or, left out, the same draw from the key whatever the global
+    RNG state."""
+    from peftkit.adapters import load_adapter_state_dict, shared_holders
+
+    cfg = VeraConfig(method="vera", r=4, save_projection=save_projection)
+    model, _ = _adapted(models["llama"], cfg)
+    state = adapter_state_dict(model, [])
+    if save_projection:  # as if the file's pair were not what this machine draws from the key
+        state["base_model.vera_A"] = state["base_model.vera_A"] + 0.5
+    again = _load(models["llama"])
+    torch.manual_seed(123)
+    inject_adapters(again, cfg)
+    load_adapter_state_dict(again, state)
+    (theirs,), (ours,) = shared_holders(model), shared_holders(again)
+    expected = state["base_model.vera_A"] if save_projection else theirs.vera_A
+    assert torch.equal(ours.vera_A, expected) and torch.equal(ours.vera_B, theirs.vera_B)
+    assert all(layer.shared is ours for layer in adapter_layers(again).values())

@@ -18,6 +18,7 @@ from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.loha import Loha, LohaConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
+from peftkit.methods.vera import Vera, VeraConfig
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -34,6 +35,7 @@ register(Lora)
 register(IA3)
 register(Loha)
 register(Lokr)
+register(Vera)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -76,4 +78,4 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LohaConfig", "LokrConfig",
-           "LoraConfig", "Method", "default_adapter", "method_for_peft_type", "method_of", "register"]
+           "LoraConfig", "Method", "VeraConfig", "default_adapter", "method_for_peft_type", "method_of", "register"]
