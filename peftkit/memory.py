@@ -2,8 +2,8 @@
 are read or allocated), so a recipe that cannot fit is noticed before minutes of loading.
 
 What it counts, for the peak of a training run:
-- the model state, alive the whole run: base weights (tied weights once), adapter weights, their
-  gradients and optimizer state;
+- the model state, alive the whole run: base weights (tied weights once), adapter weights, and the
+  gradients and optimizer state of the trainable ones (LoRA-FA's frozen A has neither);
 - activations: what one micro-batch keeps for backward (per-layer tensors and the logits, see
   `activation_memory`), or the base/periodic evaluation's logits if those are larger;
 - on CPU, a measured constant for the torch runtime's own working memory (`CPU_RUNTIME_BYTES`).

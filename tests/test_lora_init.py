@@ -2,6 +2,7 @@
 and against peft's own inits; the export converted to the original base; resume; the refusals."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.adapters import adapter_layers, inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
+from peftkit.merge import merge_adapter
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
@@ -100,8 +102,48 @@ def test_trained_export_applies_to_the_original_base(init, rslora, tiny_llama, n
     assert _diff(trained, _logits(_load(tiny_llama))) > 1e-2  # training moved it
     peft_logits = _logits(PeftModel.from_pretrained(_load(tiny_llama), run / "adapter").eval())
     assert _diff(peft_logits, trained) <= 1e-4
-    ours = load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0].eval()
+    ours = load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0].eval()  # eval --adapter
     assert _diff(_logits(ours), trained) <= 1e-4
+    merged = merge_adapter(str(run / "adapter"), str(tmp_path / "merged"), base=str(tiny_llama))  # peftkit merge
+    assert _diff(_logits(_load(merged)), trained) <= 1e-4
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_conversion_matches_peft(rslora, tiny_llama, tmp_path):
+    """peft's own conversion (save_pretrained with path_initial_model_for_weight_conversion) of a PiSSA adapter
+    moved away from its init, and ours of the same A, B: the same rank-2r update per layer and the same r,
+    lora_alpha and init_lora_weights in adapter_config.json."""
+    from safetensors.torch import load_file
+
+    from peftkit.adapters import adapter_state_dict
+
+    peft_cfg = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa",
+                              use_rslora=rslora)
+    theirs = get_peft_model(_load(tiny_llama), peft_cfg)
+    theirs.peft_config["default"].init_lora_weights = True  # peft's recipe: save the initial adapter as plain LoRA
+    theirs.save_pretrained(tmp_path / "init")
+    ours = _load(tiny_llama)
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], init="pissa", use_rslora=rslora)
+    inject_adapters(ours, cfg)
+    gen = torch.Generator().manual_seed(1)
+    for name, layer in adapter_layers(ours).items():  # "training": the same new A, B on both sides
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        for part in ("lora_A", "lora_B"):
+            new = getattr(layer, part).weight + 0.1 * torch.randn(getattr(layer, part).weight.shape, generator=gen)
+            with torch.no_grad():
+                getattr(layer, part).weight.copy_(new)
+                getattr(peft_layer, part)["default"].weight.copy_(new)
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    peft_state = load_file(tmp_path / "converted" / "adapter_model.safetensors")
+    peft_config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    config = Lora.to_peft(cfg, ["q_proj", "down_proj"], "base", False)
+    state, config = Lora.for_original_base(adapter_layers(ours), adapter_state_dict(ours, []), config)
+    assert {k: config[k] for k in ("r", "lora_alpha", "init_lora_weights")} == \
+        {k: peft_config[k] for k in ("r", "lora_alpha", "init_lora_weights")}
+    assert set(state) == set(peft_state)
+    for key in (k for k in state if k.endswith("lora_A.weight")):
+        b_key = key.replace("lora_A", "lora_B")
+        assert _diff(state[b_key] @ state[key], peft_state[b_key] @ peft_state[key]) <= 1e-5, key
 
 
 def test_resume_with_pissa_and_loraplus_is_bit_identical(tiny_llama, number_data, tmp_path):
@@ -112,8 +154,6 @@ def test_resume_with_pissa_and_loraplus_is_bit_identical(tiny_llama, number_data
     train(load_recipe(recipe), show_summary=False)
     run = tmp_path / "run"
     straight = sha256_file(run / "adapter" / "adapter_model.safetensors")
-    import shutil
-
     shutil.rmtree(run / "checkpoints" / "step-00000006")
     train(load_recipe(recipe), resume=True, show_summary=False)
     assert sha256_file(run / "adapter" / "adapter_model.safetensors") == straight
