@@ -67,6 +67,8 @@ CASES: dict[str, list[Case]] = {
              ("llama",), ("linear", "embedding")),
         # DoRA: Linear and Conv1D (biased on qwen2 q/k/v and every gpt2 layer: the bias stays outside the rescaling).
         Case("dora", LoraConfig(r=4, alpha=8, use_dora=True), ("llama", "qwen2", "gpt2"), ("linear", "conv1d")),
+        # LoRA-FA: A frozen at its init (the battery's checks hold as for LoRA; what trains is tested in test_train).
+        Case("lora-fa", LoraConfig(r=4, alpha=8, lora_fa=True), ("llama",), ("linear",)),
     ],
     "ia3": [
         # peft's per-architecture defaults: k, v, down (input-scaled) on Llama; q, v, down on Qwen2 (biased q, v:
@@ -356,8 +358,9 @@ def test_bf16_base_with_fp32_adapter(case, models):
     # bf16 keeps 8 bits of mantissa: logits of order 1 agree to a few hundredths.
     assert _diff(logits, _logits(reference)) <= 5e-2
     logits.float().square().mean().backward()
-    grads = [p.grad for layer in adapter_layers(model).values() for p in layer.adapter_params().values()]
-    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    grads = [p.grad for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
+             if p.requires_grad]  # LoRA-FA's A is frozen
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for n, p in model.named_parameters() if ".base_layer." in n)
     # The merge adds in fp32 and casts once: exactly the dense weight of the bf16 base, rounded to bf16.
     merged = merged_model(model, case.cfg, torch.bfloat16).state_dict()

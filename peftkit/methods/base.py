@@ -169,6 +169,9 @@ class Method:
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
     shared_names: ClassVar[tuple[str, ...]] = ()
     """Names of the model-level tensors `shared_tensors` builds (`vera_A`, `vera_B`), saved as `base_model.<name>`."""
+    loraplus_roles: ClassVar[dict[str, str]] = {}
+    """For LoRA+ (`training.loraplus_lr_ratio`): the tensors (by PEFT key suffix) that train at `lr` ("A"), at
+    ratio x `lr` ("B") or at `loraplus_lr_embedding` ("embedding"). A method without a "B" cannot use LoRA+."""
 
     @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:
@@ -232,6 +235,14 @@ class Method:
     def from_peft(cls, peft: Any, config_file: Path) -> Any:
         """The recipe config of a validated `peft_config`; refuses what peftkit cannot apply faithfully."""
         raise NotImplementedError
+
+    @classmethod
+    def for_original_base(cls, layers: dict[str, AdapterLayer], state: dict[str, torch.Tensor],
+                          config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """The exported adapter (PEFT-keyed `state`, adapter_config.json `config` of the model's `layers`) as it
+        applies to the original base, for an init that moved part of the base into the adapter (LoRA's PiSSA);
+        as given for every other."""
+        return state, config
 
     @classmethod
     def describe(cls, cfg: Any) -> str:
