@@ -111,10 +111,16 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     fact_rows = "".join(f"<li>{html.escape(k)}: {html.escape(f'{v:,}' if isinstance(v, int) else f'{v:.1f}')}</li>"
                         for k, v in facts if v is not None)
     environment = json.dumps((manifest or {}).get("environment", {}), indent=2)
+    samples = metrics.get("samples") or []
+    sample_rows = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(s.get(k) or ''))}</td>"
+                                            for k in ("prompt", "reference", "base", "fine_tuned")) + "</tr>"
+                          for s in samples)
+    sample_table = (f"<h2>Generations (greedy)</h2><table><tr><th>prompt</th><th>reference</th><th>base model</th>"
+                    f"<th>fine-tuned</th></tr>{sample_rows}</table>" if samples else "")
     status = "" if manifest else "<p><b>No manifest.json: the run did not finish; the curves show what it logged.</b></p>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit report: {html.escape(run_dir.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>peftkit run {html.escape(str(run_dir))}</h1>{status}"
-            f"<ul>{fact_rows}</ul><h2>Evaluation</h2>{_table(_metrics_rows(metrics))}<h2>Curves</h2>{images}"
+            f"<ul>{fact_rows}</ul><h2>Evaluation</h2>{_table(_metrics_rows(metrics))}{sample_table}<h2>Curves</h2>{images}"
             f"<h2>Recipe</h2><pre>{html.escape(recipe_text)}</pre>"
             f"<h2>Environment</h2><pre>{html.escape(environment)}</pre></body></html>")
 

@@ -45,6 +45,7 @@ from peftkit.recipe import Recipe
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
                              optimizer_groups, peak_memory_mb, seed_everything)
+from peftkit.samples import answers, sample_prompts, samples_table
 
 # ------------------------------------------------------------------------------------------- signals
 
@@ -192,6 +193,10 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
         console.print(f"base model: eval loss {base['loss']:.4f} (ppl {base['perplexity']:.2f}) on {len(eval_ex)} "
                       "examples", highlight=False)
         summary["base_eval_loss"] = base["loss"]
+        if prompts := sample_prompts(cfg, tok):
+            with console.status(f"Generating {len(prompts)} samples with the base model (eval.samples)..."):
+                summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
+                                      for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]
 
     # Seed again right before the adapter is drawn: its init must not depend on what loading consumed.
     torch.manual_seed(tcfg.seed)
@@ -303,6 +308,11 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
         exported = export(model, run.tok, cfg, run.targets, out)
     except DiskFullError as e:
         raise DiskFullError(f"{e} Training itself finished; {run.resume_hint()}") from None
+    if prompts := sample_prompts(cfg, run.tok):
+        samples = run.summary.get("samples") or [{"prompt": p.text, "reference": p.reference} for p in prompts]
+        for sample, text in zip(samples, answers(model, run.tok, prompts, cfg), strict=True):
+            sample["fine_tuned"] = text
+        run.summary["samples"] = samples
     summary = {
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
@@ -395,3 +405,5 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
         table.add_row(path.name, str(path))
     table.add_row("run directory", str(out))
     console.print(table)
+    if s.get("samples"):
+        console.print(samples_table(s["samples"]))

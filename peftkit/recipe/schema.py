@@ -144,6 +144,11 @@ class EvalConfig(Section):
     batch_size: int = Field(8, gt=0)
     base_model: bool = True
     """Also evaluate the base model before training, so the summary shows base vs fine-tuned loss."""
+    samples: int = Field(3, ge=0)
+    """Generate greedily for the first N rows of data.eval, with the base model (before training, when
+    base_model is true) and the fine-tuned one: the summary shows them side by side. 0: off."""
+    max_new_tokens: int = Field(64, gt=0)
+    """Longest generated answer of `samples`, in tokens."""
 
 
 class Recipe(Section):

@@ -1,0 +1,48 @@
+"""A few generations before and after fine-tuning (`eval.samples`): the first rows of data.eval, answered
+greedily by the base model (before training) and by the fine-tuned one; the summary table shows them beside
+the reference, and the manifest and report keep them."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from torch import nn
+
+from peftkit.data.prompts import Prompt, load_prompts
+from peftkit.generate import Sampling, generate_texts
+from peftkit.recipe import Recipe
+
+
+def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
+    """The prompts of the first eval.samples rows of data.eval; none when off, without eval data, or for the
+    `text` format (it has no prompt)."""
+    if not (cfg.eval.samples and cfg.data.eval) or cfg.data.format == "text":
+        return []
+    return load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data, limit=cfg.eval.samples)
+
+
+def answers(model: nn.Module, tok, prompts: list[Prompt], cfg: Recipe) -> list[str]:
+    """Greedy answers of `model` (left in the train/eval mode it was in)."""
+    if not prompts:
+        return []
+    was_training = model.training
+    try:
+        return generate_texts(model, tok, prompts, Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _short(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else "…" + flat[-(width - 1):]
+
+
+def samples_table(samples: list[dict]) -> Table:
+    """prompt (its end), reference, base model's answer (when evaluated), fine-tuned answer."""
+    table = Table(title="generations (greedy)", show_lines=True)
+    columns = ["prompt", "reference"] + (["base model"] if any("base" in s for s in samples) else []) + ["fine-tuned"]
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for s in samples:
+        row = [_short(s["prompt"]), s["reference"] or ""] + ([s.get("base", "")] if "base model" in columns else [])
+        table.add_row(*row, s["fine_tuned"])
+    return table
