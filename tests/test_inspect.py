@@ -80,7 +80,8 @@ def test_our_vera(save_projection, tiny_llama, tmp_path):
     the file, inspect says they are drawn again on loading. vLLM serves LoRA only."""
     cfg = VeraConfig(method="vera", r=4, target_modules=["q_proj", "down_proj"], save_projection=save_projection)
     info = inspect_adapter(_ours(tiny_llama, cfg, tmp_path / "v"))
-    assert info["method"] == "vera" and info["modules_to_save"] == [] and info["ranks"] is None
+    assert info["method"] == "vera" and info["modules_to_save"] == []
+    assert set(info["ranks"].values()) == {4} and len(info["ranks"]) == 4  # r of the shared pair, read from d
     assert info["trainable_params"] == info["adapter_params"] == 2 * ((4 + 32) + (4 + 32))  # d (r) + b (out) a layer
     # A (r, largest in: down_proj's 64), B (largest out: 32, r)
     assert info["shared"] == ({"saved": {"vera_A": (4, 64), "vera_B": (32, 4)}, "regenerated": []} if save_projection
