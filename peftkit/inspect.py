@@ -118,13 +118,13 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _ranks(method: str, targets: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, int] | None:
-    """Each LoRA layer's rank, from its A's shape ((r, in) for a linear, (r, num_embeddings) for an
+    """Each LoRA (or AdaLoRA) layer's rank, from its A's shape ((r, in) for a linear, (r, num_embeddings) for an
     embedding): the truth whatever `r` and `rank_pattern` say. None for a method without a rank (IA3)."""
-    if method != "lora":
+    if method not in ("lora", "adalora"):
         return None
     ranks = {}
     for path, parts in sorted(targets.items()):
-        a = parts.get("lora_A.weight") or parts.get("lora_embedding_A")
+        a = parts.get("lora_A.weight") or parts.get("lora_embedding_A") or parts.get("lora_A")
         if a is not None:
             ranks[path] = a[0]
     return ranks

@@ -308,7 +308,7 @@ def _regularize(run: _Run) -> float | None:
     if reg is None:
         return None
     run.accelerator.backward(reg)
-    return float(reg)
+    return float(reg.detach())
 
 
 def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
@@ -91,17 +91,24 @@ class AdaLoraConfig(AdapterSection):
             raise ValueError("is an empty list; name at least one module, use 'all-linear', or null for the defaults")
         return v
 
-    @model_validator(mode="after")
-    def _ranks_shrink(self) -> AdaLoraConfig:
-        if self.target_r >= self.init_r:
-            raise ValueError(f"adapter.target_r ({self.target_r}) must be below adapter.init_r ({self.init_r}): AdaLoRA "
-                             "prunes from init_r down to an average of target_r. Lower target_r or raise init_r (or use "
-                             "method: lora for a fixed rank).")
-        for key, mask in (self.rank_pattern or {}).items():
-            if not key.endswith(E_KEY) or len(mask) != self.init_r:
-                raise ValueError(f"adapter.rank_pattern: entry {key!r} should be `<module path>.lora_E` with a list of "
-                                 f"init_r ({self.init_r}) true/false values; it has {len(mask)}")
-        return self
+    @field_validator("target_r")
+    @classmethod
+    def _below_init_r(cls, v: int, info: ValidationInfo) -> int:
+        init_r = info.data.get("init_r")
+        if init_r is not None and v >= init_r:
+            raise ValueError(f"must be below init_r ({init_r}): AdaLoRA prunes from init_r down to an average of "
+                             "target_r. Lower target_r or raise init_r (or use method: lora for a fixed rank)")
+        return v
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _full_masks(cls, v: dict[str, list[bool]] | None, info: ValidationInfo) -> dict[str, list[bool]] | None:
+        init_r = info.data.get("init_r")
+        for key, mask in (v or {}).items():
+            if not key.endswith(E_KEY) or len(mask) != init_r:
+                raise ValueError(f"entry {key!r} should be `<module path>.lora_E` with a list of init_r ({init_r}) "
+                                 f"true/false values; it has {len(mask)}")
+        return v
 
 
 @dataclass(frozen=True)
