@@ -13,7 +13,12 @@ from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, trainable_parameters
+from peftkit.adapters import (
+    adapter_layers,
+    adapter_state_dict,
+    inject_adapters,
+    trainable_parameters,
+)
 from peftkit.errors import PeftkitError
 from peftkit.inspect import inspect_adapter
 from peftkit.merge import merge_adapter
@@ -28,7 +33,7 @@ from tests.test_methods import _diff, _load, _logits
 
 INIT_R, TARGET_R, TINIT, TFINAL, TOTAL = 6, 3, 2, 3, 10
 LAYERS = 4  # q_proj and v_proj of 2 layers (peft's default targets for Llama)
-SETTINGS = dict(init_r=INIT_R, target_r=TARGET_R, tinit=TINIT, tfinal=TFINAL, deltaT=1, orth_reg_weight=0.5)
+SETTINGS = {"init_r": INIT_R, "target_r": TARGET_R, "tinit": TINIT, "tfinal": TFINAL, "deltaT": 1, "orth_reg_weight": 0.5}
 
 
 def budget(step: int) -> int:

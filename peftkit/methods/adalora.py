@@ -22,11 +22,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.methods.base import (
+    REEXPORT,
+    AdapterLayer,
+    Method,
+    PeftConfigBase,
+    is_conv1d,
+    linear_shape,
+    targets_from_peft,
+)
 from peftkit.section import AdapterSection, TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, peft 0.21) for the
@@ -55,7 +63,7 @@ class AdaLoraConfig(AdapterSection):
     """Optimizer steps at full rank before pruning starts."""
     tfinal: int = Field(0, ge=0)
     """Optimizer steps at the end with the final ranks fixed."""
-    deltaT: int = Field(1, gt=0)  # noqa: N815 (peft's name)
+    deltaT: int = Field(1, gt=0)
     """Prune every deltaT optimizer steps."""
     beta1: float = Field(0.85, gt=0, lt=1)
     """EMA factor of the importance (sensitivity) scores."""
@@ -161,7 +169,7 @@ class PeftAdaLoraConfig(PeftConfigBase):
     target_r: int = Field(8, gt=0)
     tinit: int = Field(0, ge=0)
     tfinal: int = Field(0, ge=0)
-    deltaT: int = Field(1, gt=0)  # noqa: N815
+    deltaT: int = Field(1, gt=0)
     beta1: float = Field(0.85, gt=0, lt=1)
     beta2: float = Field(0.85, gt=0, lt=1)
     orth_reg_weight: float = Field(0.5, ge=0)
@@ -279,8 +287,10 @@ class AdaLora(Method):
             return AdaLoraConfig(method="adalora", **fields, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
                                  target_modules=targets_from_peft(peft.target_modules, config_file),
                                  modules_to_save=peft.modules_to_save or [], rank_pattern=pattern)
-        except ValueError as e:
-            raise PeftkitError(f"{config_file}: {str(e).splitlines()[-1].strip()}. Export the adapter again.") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise PeftkitError(f'{config_file}: "{err["loc"][0]}" {err["msg"].removeprefix("Value error, ")}. '
+                               f"{REEXPORT}") from None
 
     @classmethod
     def describe(cls, cfg: AdaLoraConfig) -> str:
