@@ -96,38 +96,174 @@ def eval_cmd(
     data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text; default: the "
                                                "recipe's, else alpaca.")] = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter directory to apply. Repeat "
+                                                         "as NAME=DIR to compare several with the base.")] = None,
+    merged: Annotated[Optional[list[str]], typer.Option("--merged", help="NAME=DIR: a merged model to add to the "
+                                                        "comparison (repeatable).")] = None,
     max_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate examples to this many tokens; default: "
                                                       "data.max_length (512).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per batch; default: eval.batch_size (8).")] = None,
     on_bad_rows: Annotated[Optional[str], typer.Option("--on-bad-rows", help="error | skip; default: the recipe's, "
                                                        "else error.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: loss, perplexity (default), "
+                                                   "exact_match, token_f1, rouge_l (generated answers vs the data's "
+                                                   "targets).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation metrics: longest answer, in tokens.")] = 128,
+    normalize: Annotated[str, typer.Option(help="Before exact_match / token_f1: squad (lowercase, no punctuation or "
+                                           "articles), strip, or none.")] = "squad",
+    predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
+                                                        "(prompt, prediction, reference) here; in a comparison, a "
+                                                        "directory (NAME.jsonl each).")] = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
-    same target tokens as in training."""
+    same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
     from peftkit.evaluate import eval_job, evaluate
     from peftkit.fileio import atomic_write_json
 
-    if json_out is not None:
-        _check_json_out(json_out)
+    adapters, merged = adapter or [], merged or []
+    comparing = len(adapters) > 1 or bool(merged) or any("=" in a for a in adapters)
+    for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
+        if path is not None:
+            _check_json_out(path, flag)
+    single = _local(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
-                   _local(adapter) if adapter else None, max_length, batch_size, on_bad_rows, trust_remote_code)
-    metrics = evaluate(job)
-    console.print(f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  tokens {metrics['num_tokens']}")
+                   single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
+                   predictions)
+    if comparing:
+        _compare(job, adapters, merged, predictions, json_out)
+        return
+    result = evaluate(job)
+    shown = []
+    if "loss" in result:
+        shown.append(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['num_tokens']}")
+    shown += [f"{name} {result[name]:.4f}" for name in job.metrics if name in result and name not in ("loss", "perplexity")]
+    if "num_rows" in result:
+        shown.append(f"rows {result['num_rows']}")
+    console.print("  ".join(shown))
     if json_out:
-        atomic_write_json(json_out, metrics)
+        atomic_write_json(json_out, result)
 
 
-def _check_json_out(path: Path) -> None:
-    """--json must name a file we can write: checked before minutes of evaluation, not after."""
+def _compare(job, adapters: list[str], merged: list[str], predictions: Path | None, json_out: Path | None) -> None:
+    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR): one table against the base."""
+    from peftkit.compare import compare, comparison_jobs, comparison_table, parse_named
+    from peftkit.fileio import atomic_write_json
+    from peftkit.rundir import make_writable_dir
+
+    named = [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
+    named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged")]
+    if predictions is not None:
+        make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
+    results = compare(comparison_jobs(job, named, named_merged), predictions)
+    console.print(comparison_table(results, job.metrics))
+    if json_out:
+        atomic_write_json(json_out, results)
+
+
+def _check_json_out(path: Path, flag: str = "--json") -> None:
+    """An output file flag must name a file we can write: checked before minutes of evaluation, not after."""
     from peftkit.rundir import make_writable_dir
 
     if path.is_dir():
-        raise PeftkitError(f"--json {path} is a directory; give a file name, e.g. --json {path / 'eval.json'}.")
-    make_writable_dir(path.parent, "--json's directory")
+        raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / 'eval.json'}.")
+    make_writable_dir(path.parent, f"{flag}'s directory")
+
+
+@app.command()
+def generate(
+    recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its recipe.yaml; its adapter/ "
+                                                     "is the default --adapter). Without --prompt or --data, the "
+                                                     "prompts of its data.eval.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Generate for each row's prompt (the prompt training "
+                                                "used); the row's target is kept as the reference.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion; default: the recipe's, "
+                                               "else alpaca.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each --prompt as a user turn in the chat template.")] = False,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="--data: only the first N rows.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Stop after this many new tokens (or at EOS).")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: nucleus cut, in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (left-padded).")] = 8,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write [{prompt, completion}, ...] here instead "
+                                                     "of printing.")] = None,
+    overrides: Overrides = None,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Generate completions with a base model, a base + adapter, or a merged model: greedy unless
+    --temperature > 0, stopping at EOS."""
+    from rich.markup import escape
+
+    from peftkit.fileio import atomic_write_json
+    from peftkit.generate import Sampling, generate_job, run_generate
+
+    if json_out is not None:
+        _check_json_out(json_out)
+    job = generate_job(recipe, overrides or [], _local(model) if model else None, _local(adapter) if adapter else None,
+                       prompt or [], _local(data) if data else None, fmt, chat, limit,
+                       Sampling(max_new_tokens, temperature, top_p, seed), batch_size, trust_remote_code)
+
+    def show(prompts, completions) -> None:
+        for p, c in zip(prompts, completions, strict=True):
+            console.print(f"[dim]{escape(p.text)}[/]{escape(c)}", highlight=False)
+            console.rule(style="dim")
+
+    results = run_generate(job, on_batch=None if json_out else show)
+    if json_out:
+        atomic_write_json(json_out, results)
+        console.print(f"{len(results)} completions written to {escape(str(json_out))}")
+
+
+@app.command()
+def chat(
+    recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its model; its adapter/ is "
+                                                     "the default --adapter).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message opening the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Sampling: nucleus cut, in (0, 1].")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
+    overrides: Overrides = None,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Chat with a model in the terminal (its chat template), replies streamed; /reset, /exit."""
+    import torch
+
+    from peftkit.chat import chat_loop
+    from peftkit.data.prompts import chat_prompt
+    from peftkit.generate import Sampling, generate_job
+    from peftkit.modeling import resolve_device
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    job = generate_job(recipe, overrides or [], _local(model) if model else None, _local(adapter) if adapter else None,
+                       ["(chat)"], None, None, True, None, sampling, 1, trust_remote_code)
+    tok = job.source.tokenizer()
+    chat_prompt(tok, [{"role": "user", "content": "probe"}])  # no template: said before the model loads
+    loaded = job.source.load(resolve_device(job.source.model.device if job.source.model else "auto"))
+    torch.manual_seed(seed)
+    chat_loop(loaded, tok, sampling, system=system)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not).")],
+    log_scale: Annotated[bool, typer.Option("--log-scale", help="Loss on a log scale.")] = False,
+) -> None:
+    """Write RUN_DIR/report/report.html (self-contained) and its plots as PNGs: loss, learning rate, grad norm,
+    tokens/s, peak memory, base vs fine-tuned eval, the recipe and the environment."""
+    from rich.markup import escape
+
+    from peftkit.report import write_report
+
+    console.print(f"wrote {escape(str(write_report(run_dir, log_scale)))}")
 
 
 @app.command()

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
 
 import torch
 from torch import nn
@@ -13,9 +13,11 @@ from torch.nn import functional as F
 
 from peftkit.data import IGNORE_INDEX, Example, eval_loader
 from peftkit.errors import PeftkitError
-from peftkit.recipe import DataConfig, ModelConfig, QuantizationConfig
-
-FORMATS = get_args(DataConfig.model_fields["format"].annotation)
+from peftkit.fileio import atomic_write_text
+from peftkit.generate import Sampling, generate_texts
+from peftkit.inference import ModelSource, check_choices, recipe_source
+from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
+from peftkit.recipe import DataConfig
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,88 +59,91 @@ class EvalJob:
     data: str
     data_cfg: DataConfig
     split: str = "train"
-    model: ModelConfig | None = None
-    quantization: QuantizationConfig | None = None
-    adapter: str | None = None
+    source: ModelSource = field(default_factory=ModelSource)
     batch_size: int = 8
-    trust_remote_code: bool = False
-    """The user's --trust-remote-code: needed for an adapter whose base runs its own modelling code."""
+    metrics: list[str] = field(default_factory=lambda: list(LOSS_METRICS))
+    """Loss metrics (`loss`, `perplexity`) and generation metrics (`exact_match`, ...: `peftkit.metrics`)."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """How generation metrics generate: greedy, up to max_new_tokens."""
+    normalize: str = "squad"
+    predictions: Path | None = None
+    """Write one JSON line per row here: prompt, prediction, reference."""
 
 
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
              adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
-             trust_remote_code: bool = False) -> EvalJob:
+             trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int = 128,
+             normalize: str = "squad", predictions: Path | None = None) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
     recipe defaults, so figures are comparable with training's."""
-    from peftkit.recipe import load_recipe
-
     if recipe is None:
         if not model or not data:
             raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data.")
-        defaults = DataConfig(train=data)
-        job = EvalJob(data=data, data_cfg=defaults, model=ModelConfig(name_or_path=model, dtype="auto"))
+        job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
-        run_dir = recipe if recipe.is_dir() else None
-        if run_dir is not None:
-            if not (run_dir / "recipe.yaml").is_file():
-                raise PeftkitError(f"{run_dir} is a directory without recipe.yaml: give a recipe file or a peftkit run "
-                                   "directory.")
-            recipe = run_dir / "recipe.yaml"
-        cfg = load_recipe(recipe, overrides)
+        cfg, run_adapter = recipe_source(recipe, overrides)
         source = data or cfg.data.eval
         if not source:
             raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
         job = EvalJob(data=source, data_cfg=cfg.data, split=cfg.data.eval_split if not data else "train",
-                      model=cfg.model, quantization=cfg.quantization, batch_size=cfg.eval.batch_size)
-        if run_dir is not None and adapter is None and (run_dir / "adapter").is_dir():
-            job.adapter = str(run_dir / "adapter")
-        if model:
-            job.model = ModelConfig(name_or_path=model, dtype="auto")
-    for flag, value, choices in (("--format", fmt, FORMATS), ("--on-bad-rows", on_bad_rows, ("error", "skip"))):
-        if value is not None and value not in choices:
-            raise PeftkitError(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}.")
+                      source=ModelSource(cfg.model, cfg.quantization, run_adapter), batch_size=cfg.eval.batch_size)
+    check_choices(fmt, on_bad_rows)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
     job.data_cfg = job.data_cfg.model_copy(update=updates)
-    job.adapter = adapter or job.adapter
+    job.source = job.source.with_flags(model, adapter, trust_remote_code)
     job.batch_size = batch_size or job.batch_size
-    job.trust_remote_code = trust_remote_code
+    job.metrics = parse_metrics(metrics) if metrics else job.metrics
+    job.sampling, job.normalize, job.predictions = Sampling(max_new_tokens=max_new_tokens), normalize, predictions
+    job.sampling.check()
+    if normalize not in NORMALIZATIONS:
+        raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
+    if predictions is not None and not any(m in GENERATION_METRICS for m in job.metrics):
+        raise PeftkitError(f"--predictions: nothing is generated without a generation metric; add --metrics "
+                           f"{GENERATION_METRICS[0]} (or {', '.join(GENERATION_METRICS[1:])}).")
     return job
 
 
 def evaluate(job: EvalJob) -> dict[str, float]:
-    """`peftkit eval`: loss, perplexity and token count of a base, adapted or merged model on a dataset.
+    """`peftkit eval`: loss, perplexity and token count, and/or task metrics of generated answers, of a base,
+    adapted or merged model on a dataset.
 
-    The tokenizer and data are read before the model loads, so a data or format mistake is reported in
-    seconds. With an adapter, the base is the job's model or the adapter's base_model_name_or_path, loaded
-    (and re-quantized) as the adapter was trained.
+    The tokenizer, data and prompts are read before the model loads, so a data or format mistake is reported
+    in seconds. With an adapter, the base is the job's model or the adapter's base_model_name_or_path, loaded
+    (and re-quantized) as the adapter was trained. Generation metrics generate greedily from the prompt tokens
+    training built for each row (`peftkit.data.prompts`), batched with left padding, up to EOS.
     """
     from peftkit.data import load_examples
-    from peftkit.modeling import check_remote_code, load_adapted_model, load_model, load_tokenizer, resolve_device
-    from peftkit.peft_format import recorded_base
+    from peftkit.data.prompts import load_prompts
+    from peftkit.modeling import resolve_device
 
-    device = resolve_device(job.model.device if job.model else "auto")
-    base = job.model.name_or_path if job.model else None
-    tok_cfg = job.model
-    if job.adapter:
-        check_remote_code(job.adapter, job.trust_remote_code)
-        base = base or recorded_base(job.adapter)
-        tok_cfg = tok_cfg or ModelConfig(name_or_path=base or job.adapter, revision=recorded_base(job.adapter, "revision"),
-                                         trust_remote_code=job.trust_remote_code)
-    tok = load_tokenizer(tok_cfg)
-    examples, _ = load_examples(tok, job.data, job.split, job.data_cfg)
-    if job.adapter:
-        model = load_adapted_model(base, job.adapter, device, job.trust_remote_code)[0]
-    else:
-        model = load_model(job.model, job.quantization, device)
-    metrics = evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)
-    if not math.isfinite(metrics["loss"]):
+    source = job.source
+    generated = [m for m in job.metrics if m in GENERATION_METRICS]
+    tok = source.tokenizer()
+    examples = load_examples(tok, job.data, job.split, job.data_cfg)[0] if set(job.metrics) & set(LOSS_METRICS) else None
+    prompts = load_prompts(tok, job.data, job.split, job.data_cfg) if generated else None
+    model = source.load(resolve_device(source.model.device if source.model else "auto"))
+    result: dict[str, float] = {}
+    if examples is not None:
+        result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)
+        _check_finite_loss(result["loss"], source, job.data)
+    if prompts is not None:
+        texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size)
+        result |= score(texts, [p.reference for p in prompts], generated, job.normalize)
+        result["num_rows"] = len(prompts)
+        if job.predictions:
+            lines = [json.dumps({"prompt": p.text, "prediction": t, "reference": p.reference}, ensure_ascii=False)
+                     for p, t in zip(prompts, texts, strict=True)]
+            atomic_write_text(job.predictions, "".join(line + "\n" for line in lines))
+    return result
+
+
+def _check_finite_loss(loss: float, source: ModelSource, data: str) -> None:
+    if not math.isfinite(loss):
         # Reported, not printed as 'loss nan': a number that looks like a result hides a broken model.
-        what = f"{base} with adapter {job.adapter}" if job.adapter else base
         raise PeftkitError(
-            f"{what} produces a non-finite loss ({metrics['loss']}) on {job.data}: its weights hold NaN/inf, or its "
+            f"{source.describe()} produces a non-finite loss ({loss}) on {data}: its weights hold NaN/inf, or its "
             "activations overflow in 16-bit. Check the model's weights (a diverged training run saves NaN), or "
             "evaluate a float32 copy of the model."
         )
-    return metrics

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.methods import Method
 from peftkit.peft_format import (
     CONFIG_NAME,
     check_adapter_dir,
@@ -41,11 +42,12 @@ def inspect_adapter(path: str | Path) -> dict:
     directory, no adapter_config.json, no safetensors weights, an unknown peft_type, malformed fields).
 
     Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}), base_model, revision, targets
-    ({count, modules: {name: count}}), ranks ({module path: r}, LoRA only, else null), modules_to_save,
-    trainable_params, adapter_params, dtypes, size_on_disk, quantization, trust_remote_code, vllm
-    ({accepts, reasons, caveats}).
+    ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
+    for a method without a rank, IA3), modules_to_save, trainable_params, adapter_params, shared ({saved:
+    {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
+    methods), dtypes, size_on_disk, quantization, trust_remote_code, vllm ({accepts, reasons, caveats}).
     """
-    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.adapters import PEFT_PREFIX, SHARED_PREFIX
 
     path = Path(path)
     weights_file = check_adapter_dir(path)
@@ -60,7 +62,11 @@ def inspect_adapter(path: str | Path) -> dict:
     shapes, dtypes = _tensor_header(weights_file)
     targets: dict[str, dict[str, tuple[int, ...]]] = {}  # module path -> {tensor suffix: shape}
     saved: dict[str, int] = {}  # modules_to_save tensors -> numel
+    shared = {k[len(SHARED_PREFIX):]: shape for k, shape in shapes.items()
+              if not k.startswith(PEFT_PREFIX) and k[len(SHARED_PREFIX):] in method.shared_names}
     for key, shape in shapes.items():
+        if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):] in shared:
+            continue  # frozen, not trained
         name = key.removeprefix(PEFT_PREFIX)
         suffix = next((s for s in method.param_names + _LAYER_EXTRAS if name.endswith("." + s)), None)
         if suffix is None:
@@ -68,7 +74,7 @@ def inspect_adapter(path: str | Path) -> dict:
         else:
             targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
-    ranks = _ranks(method.name, targets)
+    ranks = _ranks(method, targets)
     raw = json.loads((path / CONFIG_NAME).read_text())
     info = {
         "path": str(path),
@@ -82,6 +88,8 @@ def inspect_adapter(path: str | Path) -> dict:
         "modules_to_save": peft.modules_to_save or [],
         "trainable_params": adapter_params + sum(saved.values()),
         "adapter_params": adapter_params,
+        "shared": {"saved": shared, "regenerated": [n for n in method.shared_names if n not in shared]}
+        if method.shared_names else None,
         "dtypes": sorted(dtypes),
         "size_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "quantization": meta.quantization.model_dump() if meta.quantization else None,
@@ -117,16 +125,19 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _ranks(method: str, targets: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, int] | None:
-    """Each LoRA (or AdaLoRA) layer's rank, from its A's shape ((r, in) for a linear, (r, num_embeddings) for an
-    embedding): the truth whatever `r` and `rank_pattern` say. None for a method without a rank (IA3)."""
-    if method not in ("lora", "adalora"):
+def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, int] | None:
+    """Each layer's rank, read from a low-rank tensor's shape (the dimension the method's `rank_dims` names:
+    LoRA's A is (r, in), LoHa's hada_w1_a (out, r)): the truth whatever `r` and `rank_pattern` say. None for a
+    method without a rank (IA3); a LoKr layer whose two Kronecker factors are both full matrices has none."""
+    if not method.rank_dims:
         return None
     ranks = {}
     for path, parts in sorted(targets.items()):
-        a = parts.get("lora_A.weight") or parts.get("lora_embedding_A") or parts.get("lora_A")
-        if a is not None:
-            ranks[path] = a[0]
+        for suffix, shape in parts.items():
+            dim = method.rank_dims.get(suffix.removesuffix(".weight"))
+            if dim is not None:
+                ranks[path] = shape[dim]
+                break
     return ranks
 
 
@@ -174,6 +185,18 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _shared_lines(shared: dict | None) -> list[str]:
+    """What the file holds of the frozen tensors every adapted layer uses (VeRA's random projections)."""
+    if shared is None:
+        return []
+    saved = ", ".join(f"{name} {tuple(shape)}" for name, shape in shared["saved"].items())
+    lines = [f"shared         {saved}: frozen, used by every adapted layer, not trained"] if saved else []
+    if shared["regenerated"]:
+        lines.append(f"shared         {', '.join(shared['regenerated'])} not saved: drawn again on loading from "
+                     "adapter_config.json's settings (its PRNG key)")
+    return lines
+
+
 def describe(info: dict) -> list[str]:
     """`inspect_adapter`'s facts as lines for a terminal."""
     base = info["base_model"] or "(not recorded)"
@@ -189,8 +212,12 @@ def describe(info: dict) -> list[str]:
     ranks = info["ranks"]
     if ranks is not None:
         distinct = sorted(set(ranks.values()))
-        if len(distinct) == 1:
-            lines.append(f"rank           r={distinct[0]} on every target")
+        full = info["targets"]["count"] - len(ranks)  # LoKr layers whose Kronecker factors are full matrices
+        if not ranks:
+            lines.append("rank           none: every target's factors are full matrices")
+        elif len(distinct) == 1:
+            where = "every target" if not full else f"{len(ranks)} targets ({full} have full-matrix factors only)"
+            lines.append(f"rank           r={distinct[0]} on {where}")
         else:
             lines.append("ranks          per layer:")
             lines += [f"                 {path}: r={r}" for path, r in ranks.items()]
@@ -198,6 +225,7 @@ def describe(info: dict) -> list[str]:
         lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
     lines += [
         f"parameters     {info['trainable_params']:,} trainable ({info['adapter_params']:,} in the adapter layers)",
+        *_shared_lines(info["shared"]),
         f"dtype          {', '.join(info['dtypes'])}",
         f"size on disk   {_size(info['size_on_disk'])}",
     ]

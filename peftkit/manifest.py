@@ -92,9 +92,10 @@ def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:
 
 
 def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
-                   losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None) -> dict:
-    """manifest.json's content. `data_sha256` / `base_model_sha256`: the hashes taken when the run began (what it
-    trained on, and no second read of a multi-GB base); computed here when not given."""
+                   losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
+                   init_from_sha256: dict | None = None) -> dict:
+    """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
+    the run began (what it trained on, and no second read of a multi-GB base); computed here when not given."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     return {
@@ -108,6 +109,8 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "data_sha256": data,
         "base_model_sha256": (base_model_sha256 if base_model_sha256 is not None
                               else model_weight_hashes(recipe.model.name_or_path)),
+        "init_from_sha256": (init_from_sha256 if init_from_sha256 is not None
+                             else file_hashes(recipe.adapter.init_from) if recipe.adapter.init_from else {}),
         "losses": losses,
         "loss_digest": hashlib.sha256(repr(losses).encode()).hexdigest(),
         "metrics": summary,
@@ -143,6 +146,8 @@ class Manifest(BaseModel):
     losses: list[float]
     data_sha256: dict[str, dict[str, Sha256]]
     base_model_sha256: dict[str, Sha256]
+    init_from_sha256: dict[str, Sha256] = {}
+    """The files of the adapter the run started from (`adapter.init_from`); {} without one."""
     environment: RecordedEnvironment
     outputs_sha256: dict[str, Sha256]
     # sha256 of the recipe as recorded, before today's schema added its new defaults: what recipe_sha256 hashed.

@@ -2,8 +2,8 @@
 are read or allocated), so a recipe that cannot fit is noticed before minutes of loading.
 
 What it counts, for the peak of a training run:
-- the model state, alive the whole run: base weights (tied weights once), adapter weights, their
-  gradients and optimizer state;
+- the model state, alive the whole run: base weights (tied weights once), adapter weights, and the
+  gradients and optimizer state of the trainable ones (LoRA-FA's frozen A has neither);
 - activations: what one micro-batch keeps for backward (per-layer tensors and the logits, see
   `activation_memory`), or the base/periodic evaluation's logits if those are larger;
 - on CPU, a measured constant for the torch runtime's own working memory (`CPU_RUNTIME_BYTES`).
@@ -52,6 +52,10 @@ def _optimizer_bytes(optimizer: str, sizes: list[int]) -> float:
 # i 1536, 30 layers) at 4 x 256 tokens in fp32: (9*576 + 4*1536) * 1024 * 4 B = 45 MiB a layer, 1.3 GiB
 # in all. Eager attention also keeps the scores and their softmax: 2 x heads x seq^2 per sequence.
 HIDDEN_PER_LAYER, MLP_PER_LAYER, EAGER_SCORES = 9, 4, 2
+# LoRA-FA (A frozen) needs no A input for a weight gradient, so the two norm outputs (the input of q/k/v's and
+# gate/up's A) and down_proj's input act(gate) * up are not kept: 2 h + 1 i less per token and layer (o_proj's
+# input stays, held by attention's own backward). Measured with `saved_activation_bytes` (tests/test_memory.py).
+LORA_FA_FREED_HIDDEN, LORA_FA_FREED_MLP = 2, 1
 # The loss (peftkit.evaluate.token_loss_sum) flattens logits[:, :-1] (a copy) and casts it to fp32;
 # cross-entropy keeps the fp32 log-softmax for backward. Three batch x seq x vocab fp32 tensors are alive
 # at once: logits + flat copy + log-softmax in the forward, log-softmax + grad of it + grad of the logits
@@ -113,7 +117,7 @@ def model_shape(config) -> ModelShape | None:
 
 
 def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, gradient_checkpointing: bool,
-                      lora_width: int = 0, eager: bool = False) -> tuple[float, float]:
+                      lora_width: int = 0, eager: bool = False, frozen_a: bool = False) -> tuple[float, float]:
     """(logits bytes, layer bytes) one training micro-batch keeps at its peak (see the constants above).
 
     Args:
@@ -123,10 +127,14 @@ def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, g
         gradient_checkpointing: keep only each layer's input, and recompute one layer at a time in backward.
         lora_width: sum of r over the adapted modules of one layer (their A outputs are kept).
         eager: eager attention, which also keeps the seq x seq scores.
+        frozen_a: LoRA-FA: the A matrices' inputs are not kept.
     """
     tokens = batch * seq
     logits = LOGITS_COPIES * tokens * shape.vocab * 4  # fp32 for the loss whatever the model dtype
-    per_layer = tokens * (HIDDEN_PER_LAYER * shape.hidden + MLP_PER_LAYER * shape.intermediate + lora_width)
+    hidden, mlp = HIDDEN_PER_LAYER, MLP_PER_LAYER
+    if frozen_a:
+        hidden, mlp = hidden - LORA_FA_FREED_HIDDEN, mlp - LORA_FA_FREED_MLP
+    per_layer = tokens * (hidden * shape.hidden + mlp * shape.intermediate + lora_width)
     if eager:
         per_layer += EAGER_SCORES * batch * shape.heads * seq * seq
     if gradient_checkpointing:
@@ -148,7 +156,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     """
     from transformers import AutoModelForCausalLM
 
-    from peftkit.adapters import inject_adapters, trainable_parameters
+    from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
     from peftkit.modeling import load_config, resolve_device
 
     config = load_config(recipe.model)
@@ -176,9 +184,14 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
     targets = inject_adapters(model, recipe.adapter)
     sizes = [p.numel() for p in trainable_parameters(model)]  # trainable tensors' element counts
-    adapter = 4.0 * sum(sizes)  # fp32
+    # Frozen adapter tensors (LoRA-FA's A) are weights without gradient or optimizer state, and so are the frozen
+    # fp32 tensors every layer shares (VeRA's projections).
+    frozen = sum(p.numel() for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
+                 if not p.requires_grad)
+    frozen += sum(b.numel() for holder in shared_holders(model) for b in holder.buffers())
+    trained = 4.0 * sum(sizes)  # fp32
     device = device if device is not None else resolve_device(recipe.model.device)
-    return MemoryEstimate(base, adapter, adapter, _optimizer_bytes(recipe.training.optimizer, sizes),
+    return MemoryEstimate(base, trained + 4.0 * frozen, trained, _optimizer_bytes(recipe.training.optimizer, sizes),
                           activations=_activations(recipe, config, len(targets)),
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
 
@@ -208,9 +221,27 @@ def _activations(recipe: Recipe, config, num_targets: int) -> float:
     # The rank-r intermediate a low-rank method keeps per token and adapted module; IA3 scales in place (no r).
     width = getattr(recipe.adapter, "r", 0) * num_targets // max(shape.layers, 1)
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
-                                       width, recipe.model.attn_implementation == "eager")
+                                       width, recipe.model.attn_implementation == "eager",
+                                       getattr(recipe.adapter, "lora_fa", False))
     evaluation = LOGITS_COPIES * recipe.eval.batch_size * seq * shape.vocab * 4 if recipe.data.eval else 0
     return max(logits + layers, evaluation)
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Measured: bytes of the distinct tensor storages one forward of `model` on `batch` saves for backward,
+    the model's own parameters left out (the activation term, for tests and benchmarks)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(saved.values())
 
 
 def check_fits(estimate: MemoryEstimate | None, device: torch.device) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, merge_state_dict
+from peftkit.adapters import SHARED_PREFIX, adapter_layers, adapter_state_dict, merge_state_dict, shared_holders
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory
 from peftkit.methods.base import is_conv1d, is_quantized
@@ -72,8 +72,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     skip = _non_persistent(model)
     state: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
-        owner = next((a for a in adapters if name == a or name.startswith(a + ".")), None)
-        if owner is not None and not name.startswith(owner + ".base_layer"):
+        if _adapter_own(name, adapters):
             continue  # the adapter's own modules (lora_A, lora_B, dropout, ...)
         key = name.replace(".base_layer", "")
         for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
@@ -84,9 +83,19 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _adapter_own(name: str, adapters: dict[str, nn.Module]) -> bool:
+    """The module at `name` belongs to an adapter layer (its lora_A, its shared projections), not to the base."""
+    owner = next((a for a in adapters if name == a or name.startswith(a + ".")), None)
+    return owner is not None and not name.startswith(owner + ".base_layer")
+
+
 def _non_persistent(model: nn.Module) -> set[str]:
+    """The base model's non-persistent buffers (not those of the adapter layers' own modules: VeRA's projections)."""
+    adapters = adapter_layers(model)
     out = set()
     for name, module in model.named_modules():
+        if _adapter_own(name, adapters):
+            continue
         for b in getattr(module, "_non_persistent_buffers_set", ()):
             out.add(f"{name}.{b}" if name else b)
     return out
@@ -136,6 +145,8 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
     base = base_state_dict(model)
     adapter = adapter_state_dict(model, adapter_cfg.modules_to_save)
+    # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
+    adapter |= {f"{SHARED_PREFIX}{n}": t.cpu() for holder in shared_holders(model) for n, t in holder.named_buffers()}
     state = merge_state_dict(base, adapter, adapter_cfg, conv1d_modules(model), dtype=torch.float32)
     return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model))
 

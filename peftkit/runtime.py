@@ -12,6 +12,7 @@ import warnings
 import torch
 from rich.console import Console
 
+from peftkit.adapters import adapter_layers, trainable_parameters
 from peftkit.errors import PeftkitError
 from peftkit.recipe import Recipe, TrainingConfig
 
@@ -31,7 +32,26 @@ def seed_everything(seed: int, deterministic_cuda: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_optimizer(cfg: TrainingConfig, params: list[torch.nn.Parameter], device: torch.device, console: Console):
+def optimizer_groups(cfg: TrainingConfig, model: torch.nn.Module) -> list[dict]:
+    """The trainable parameters as the optimizer's parameter groups: one group, or with LoRA+
+    (`loraplus_lr_ratio`) one per role, each with its `lr` and a `loraplus` key naming the role ("A", "B",
+    "embedding", "other": modules_to_save, DoRA's magnitude), in the model's parameter order. Weight decay is
+    training.weight_decay for every group; the scheduler scales every group's lr by the same factor."""
+    params = trainable_parameters(model)
+    if cfg.loraplus_lr_ratio is None:
+        return [{"params": params}]
+    roles = {id(p): layer.method.loraplus_roles.get(name, "other")
+             for layer in adapter_layers(model).values() for name, p in layer.adapter_params().items()}
+    lrs = {"A": cfg.lr, "B": cfg.lr * cfg.loraplus_lr_ratio, "embedding": cfg.loraplus_lr_embedding, "other": cfg.lr}
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(roles.get(id(p), "other"), []).append(p)
+    return [{"params": ps, "lr": lrs[role], "loraplus": role} for role, ps in groups.items()]
+
+
+def build_optimizer(cfg: TrainingConfig, params: list, device: torch.device, console: Console):
+    """The optimizer of `training.optimizer` over `params`: parameters or parameter groups (`optimizer_groups`),
+    a group's own `lr` winning over training.lr."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     if cfg.optimizer == "sgd":

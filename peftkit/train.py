@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from peftkit.adapters import (adapter_state_dict, count_parameters, inject_adapters, load_adapter_state_dict, nonfinite_tensors,
-                              trainable_parameters)
+from peftkit.adapters import (adapter_layers, adapter_state_dict, count_parameters, inject_adapters,
+                              load_adapter_state_dict, nonfinite_tensors, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.data import describe_stats, load_examples, micro_batches
@@ -46,7 +46,7 @@ from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
-                             peak_memory_mb, seed_everything)
+                             optimizer_groups, peak_memory_mb, seed_everything)
 
 # ------------------------------------------------------------------------------------------- signals
 
@@ -214,7 +214,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     per_epoch = -(-len(train_ex) // tcfg.batch_size)
     total_steps = tcfg.max_steps or max(1, (tcfg.epochs * per_epoch) // tcfg.grad_accum)
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
-    optimizer = build_optimizer(tcfg, trainable_parameters(model), device, console)
+    optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     accelerator = Accelerator(mixed_precision=mixed_precision(tcfg, device), cpu=device.type == "cpu")
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -337,7 +337,8 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     }
     data = {split.removeprefix("data."): hashes for split, hashes in run.inputs.items() if split.startswith("data.")}
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
-                                           base_model_sha256=run.inputs["model.name_or_path"])
+                                           base_model_sha256=run.inputs["model.name_or_path"],
+                                           init_from_sha256=run.inputs.get("adapter.init_from", {}))
     atomic_write_json(out / "manifest.json", manifest)
     if show_summary:
         _print_summary(run.console, summary, out, exported)
@@ -373,6 +374,7 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
             adapter, state = method_trainer.export(adapter, state)
         config = peft_config(adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
                              revision=cfg.model.revision)
+        state, config = method_of(cfg.adapter).for_original_base(adapter_layers(model), state, config)
         with atomic_directory(out / "adapter") as tmp:
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
                          trust_remote_code=cfg.model.trust_remote_code)

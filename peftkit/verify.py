@@ -31,6 +31,7 @@ from peftkit.manifest import (
     RecordedEnvironment,
     data_hashes,
     environment,
+    file_hashes,
     model_weight_hashes,
     output_hashes,
     read_manifest,
@@ -154,6 +155,8 @@ def _input_differences(manifest: Manifest) -> list[str]:
             out.append(f"data.{split}: the content of {path} differs from the recorded one")
     if model_weight_hashes(recipe.model.name_or_path) != manifest.base_model_sha256:
         out.append(f"base model: weight files differ from the recorded ones ({recipe.model.name_or_path})")
+    if recipe.adapter.init_from and file_hashes(recipe.adapter.init_from) != manifest.init_from_sha256:
+        out.append(f"adapter.init_from: the files of {recipe.adapter.init_from} differ from the recorded ones")
     return out
 
 

@@ -3,6 +3,7 @@
     python scripts/bench_train.py                          # CPU defaults: ~40 s on 2 idle cores
     python scripts/bench_train.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
     python scripts/bench_train.py --dora                   # DoRA on both sides (use_dora: true)
+    python scripts/bench_train.py --lora-fa                # peftkit LoRA vs peftkit LoRA-FA (adapter.lora_fa)
 
 Builds a random-init Llama-architecture model and alpaca data in a temp dir (nothing is downloaded),
 then trains it twice with the same settings: model, data, steps, batch size, r, alpha, all-linear
@@ -17,6 +18,10 @@ loading, adapter injection and export fall outside that window. The first `--war
 s/step = (end of last step - end of step `warmup`) / timed steps, tokens/s = non-pad tokens of the timed
 steps / that time. Peak memory: CUDA max_memory_allocated, or peak RSS of the subprocess on CPU
 (with the RSS after importing both libraries, so the growth can be compared too).
+
+--lora-fa compares two peftkit sides, LoRA and LoRA-FA, instead of peftkit and peft; it also shows the
+activations one training forward keeps for backward at batch x max_length tokens, measured with
+`peftkit.memory.saved_activation_bytes` (exact, where peak RSS on CPU is blurred by the allocator).
 
 On a shared or busy CPU, timings swing by 2-10x between runs (torch's OpenMP threads wait on each other
 when a core is taken): use `--repeats 3` (medians, alternating order) and `--threads 1` there. On CPU,
@@ -56,7 +61,7 @@ def common_args(description: str) -> argparse.ArgumentParser:
     # glibc's adaptive mmap threshold keeps freed activation buffers in the heap, which can move peak RSS by
     # tens of MiB either way; a fixed threshold returns them to the OS, so peak RSS tracks live memory.
     p.add_argument("--fixed-mmap-threshold", action="store_true", help="CPU: MALLOC_MMAP_THRESHOLD_=65536 in the sides")
-    p.add_argument("--side", choices=["peftkit", "peft"], help=argparse.SUPPRESS)  # set by the parent process
+    p.add_argument("--side", choices=["peftkit", "peft", "lora", "lora-fa"], help=argparse.SUPPRESS)  # set by the parent process
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     return p
 
@@ -72,7 +77,7 @@ def recipe_for(args, workdir: Path, **sections):
         model=dict(name_or_path=str(workdir / "model"), dtype=sections.pop("dtype", "float32"), device=args.device),
         # bench_qlora.py has no --dora flag: LoRA there.
         adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
-                     use_dora=getattr(args, "dora", False)),
+                     use_dora=getattr(args, "dora", False), **sections.pop("adapter", {})),
         data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length),
         training=training,
         export=dict(output_dir=str(workdir / "peftkit-run"), adapter=False, merged=False),
@@ -125,16 +130,35 @@ def run_peftkit(recipe, _workdir: Path | None = None) -> dict:
 
     pt.append_line = timed_append_line
     try:
-        pt.train(recipe, overwrite=True, console=Console(quiet=True))
+        summary = pt.train(recipe, overwrite=True, console=Console(quiet=True))
     finally:
         pt.append_line = original
     lines = (Path(recipe.export.output_dir) / "metrics.jsonl").read_text().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-    return {"step_ends": ends, "losses": losses}
+    return {"step_ends": ends, "losses": losses, "eval_loss": summary["eval_loss"],
+            "trainable": summary["trainable_params"]}
 
 
-def run_trainer(model, tok, ordered, recipe, workdir: Path, **extra_args) -> dict:
-    """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially."""
+def run_peftkit_measured(recipe, workdir: Path) -> dict:
+    """run_peftkit, plus the bytes one forward at batch_size x max_length keeps for backward (--lora-fa)."""
+    import torch
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.memory import saved_activation_bytes
+    from peftkit.modeling import load_model
+
+    result = run_peftkit(recipe, workdir)
+    model = load_model(recipe.model, None, torch.device(recipe.model.device))
+    inject_adapters(model, recipe.adapter)
+    ids = torch.randint(3, model.config.vocab_size, (recipe.training.batch_size, recipe.data.max_length),
+                        device=recipe.model.device)
+    result["saved_mb"] = saved_activation_bytes(model, {"input_ids": ids}) / 2**20
+    return result
+
+
+def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extra_args) -> dict:
+    """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially; `callbacks` are
+    added to the step timer."""
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
@@ -160,7 +184,7 @@ def run_trainer(model, tok, ordered, recipe, workdir: Path, **extra_args) -> dic
         **extra_args,
     )
     data = [{"input_ids": e.input_ids, "labels": e.labels} for e in ordered]
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer()],
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer(), *callbacks],
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
     return {"step_ends": ends, "losses": losses}
@@ -209,14 +233,16 @@ def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool) -> dict[str, list[dict]]:
+def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool, sides: tuple[str, str] = ("peftkit", "peft"),
+                extra: tuple[str, ...] = ()) -> dict[str, list[dict]]:
     """Re-run this script once per side per repeat, each in a fresh interpreter, alternating which side goes
-    first (a load that drifts during the benchmark then hits both); collect the tagged JSON lines."""
-    results: dict[str, list[dict]] = {"peftkit": [], "peft": []}
+    first (a load that drifts during the benchmark then hits both); collect the tagged JSON lines. `extra`:
+    more flags for the sides."""
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if fixed_mmap_threshold else {}))
     for i in range(repeats):
-        for side in ("peftkit", "peft") if i % 2 == 0 else ("peft", "peftkit"):
-            cmd = [sys.executable, sys.argv[0], *sys.argv[1:], "--side", side, "--workdir", str(workdir)]
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            cmd = [sys.executable, sys.argv[0], *sys.argv[1:], *extra, "--side", side, "--workdir", str(workdir)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             tagged = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
             if proc.returncode != 0 or not tagged:
@@ -236,7 +262,7 @@ def summarize(res: dict, warmup: int) -> dict:
     durations = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
     return {"s_step": seconds / timed, "s_step_median": statistics.median(durations), "tok_s": n_tokens / seconds,
             "peak": res["peak_mb"], "growth": res["peak_mb"] - res["base_mb"], "loss": res["losses"][-1],
-            "loss10": statistics.mean(res["losses"][-10:]), "timed": timed}
+            "loss10": statistics.mean(res["losses"][-10:]), "timed": timed, "saved": res.get("saved_mb", 0.0)}
 
 
 def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None:
@@ -248,17 +274,21 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
             ("tokens/s", "tok_s", "{:,.0f}"), (mem, "peak", "{:,.0f}")]
     if not cuda:
         rows.append(("RSS growth MiB", "growth", "{:,.0f}"))
+    first, second = runs  # the two sides, in the order spawned
+    if s[first]["saved"]:
+        rows.append(("activations kept MiB", "saved", "{:,.1f}"))
     rows += [("final loss", "loss", "{:.4f}"), ("mean loss last 10", "loss10", "{:.4f}")]
     print(f"\n{title}")
-    print(f"timed steps: {s['peftkit']['timed']:.0f} per run (first {max(args.warmup, 1)} skipped); "
+    print(f"timed steps: {s[first]['timed']:.0f} per run (first {max(args.warmup, 1)} skipped); "
           f"{args.repeats} run(s) per side, median shown")
     for side, rs in runs.items() if args.repeats > 1 else ():
         print(f"  {side} s/step per run: " + ", ".join(f"{r['s_step']:.4f}" for r in rs))
-    print(f"{'':22}{'peftkit':>12}{'peft+Trainer':>14}{'peftkit/peft':>14}")
+    names = {"peftkit": "peftkit", "peft": "peft+Trainer", "lora": "LoRA", "lora-fa": "LoRA-FA"}
+    print(f"{'':22}{names[first]:>12}{names[second]:>14}{names[first] + '/' + names[second]:>16}")
     for label, key, fmt in rows:
-        a, b = s["peftkit"][key], s["peft"][key]
-        print(f"{label:22}{fmt.format(a):>12}{fmt.format(b):>14}{a / b:>14.3f}")
-    print("ratio < 1: peftkit lower (better for s/step and memory, worse for tokens/s)")
+        a, b = s[first][key], s[second][key]
+        print(f"{label:22}{fmt.format(a):>12}{fmt.format(b):>14}{a / b:>16.3f}")
+    print(f"ratio < 1: {names[first]} lower (better for s/step and memory, worse for tokens/s)")
 
 
 def main() -> None:
@@ -266,6 +296,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
+    p.add_argument("--lora-fa", action="store_true", help="peftkit LoRA-FA (adapter.lora_fa) vs peftkit LoRA")
     args = p.parse_args()
     import torch
 
@@ -273,8 +304,10 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here")
     if args.side:
         workdir = Path(args.workdir)
-        recipe = recipe_for(args, workdir)
-        child(recipe, run_peftkit if args.side == "peftkit" else run_peft_lora, workdir, args.threads)
+        recipe = recipe_for(args, workdir, adapter={"lora_fa": args.side == "lora-fa"})
+        run_side = {"peftkit": run_peftkit, "peft": run_peft_lora, "lora": run_peftkit_measured,
+                    "lora-fa": run_peftkit_measured}[args.side]
+        child(recipe, run_side, workdir, args.threads)
         return
     from peftkit.modeling import quiet_transformers
     from peftkit.tiny import build_tiny_model
@@ -284,8 +317,10 @@ def main() -> None:
         workdir = Path(tmp)
         build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_data(args, workdir)
-        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold)
-    title = (f"{'DoRA' if args.dora else 'LoRA'} training, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
+        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold,
+                              ("lora", "lora-fa") if args.lora_fa else ("peftkit", "peft"))
+    kind = "LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA"
+    title = (f"{kind} training, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
              f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")
     report(results, args, title, args.device == "cuda")

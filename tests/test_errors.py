@@ -209,7 +209,8 @@ def test_unknown_method(tmp_path):
     text = RECIPE.replace("adapter:\n", "adapter:\n  method: lorra\n")
     assert _error(_write(tmp_path, text)) == ("Invalid recipe (1 problem):\n  "
                                               f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  method')}: "
-                                              "'adapter.method' = 'lorra': must be one of 'lora', 'ia3'.")
+                                              "'adapter.method' = 'lorra': must be one of 'lora', 'ia3', 'loha', 'lokr', "
+                                              "'vera'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):

@@ -80,3 +80,32 @@ def test_conflicting_method_keys_are_refused(tiny_llama, number_data, tmp_path):
                                     {"init_from": init, "method": "lora", "r": 4})).adapter.alpha == 8
     with pytest.raises(PeftkitError, match="not found"):
         load_recipe(_init_recipe(tmp_path / "x", tiny_llama, number_data, {"init_from": str(tmp_path / "nothing")}))
+
+
+def test_the_starting_adapter_is_an_input_of_the_run(tiny_llama, number_data, tmp_path):
+    """The adapter a run starts from is hashed like its data and base: in manifest.json, checked by `--resume`
+    and by `peftkit verify`, so a run cannot silently continue from, or vouch for, another starting point."""
+    import json
+
+    from peftkit.fileio import sha256_file
+    from peftkit.verify import verify
+
+    first = make_recipe(tmp_path / "a", tiny_llama, number_data, training={"max_steps": 1})
+    train(load_recipe(first), console=Console(quiet=True))
+    start = tmp_path / "a" / "run" / "adapter"
+    path = make_recipe(tmp_path / "b", tiny_llama, number_data, training={"max_steps": 2, "save_steps": 2},
+                       eval={"base_model": False})
+    path.write_text(path.read_text().replace("adapter:\n", f"adapter:\n  init_from: {start}\n")
+                    .replace("  r: 4\n  alpha: 8\n  target_modules: all-linear\n", ""))
+    recipe = load_recipe(path)
+    train(recipe, console=Console(quiet=True))
+    manifest = json.loads((tmp_path / "b" / "run" / "manifest.json").read_text())
+    assert manifest["init_from_sha256"] == {f.name: sha256_file(f) for f in sorted(start.iterdir())}
+
+    weights = start / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # the last weight's last bytes change
+    with pytest.raises(PeftkitError, match="^--resume: adapter.init_from file adapter_model.safetensors changed since"):
+        train(recipe, resume=True, console=Console(quiet=True))
+    report = verify(tmp_path / "b" / "run", console=Console(quiet=True))
+    assert not report.ok
+    assert f"adapter.init_from: the files of {start} differ from the recorded ones" in report.differences

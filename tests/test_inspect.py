@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import adapter_state_dict, inject_adapters
-from peftkit.inspect import inspect_adapter
-from peftkit.methods import IA3Config, LoraConfig
+from peftkit.inspect import describe, inspect_adapter
+from peftkit.methods import IA3Config, LohaConfig, LokrConfig, LoraConfig, VeraConfig
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import QuantizationConfig
 from tests.conftest import cli_user_error
@@ -58,6 +58,37 @@ def test_our_ia3_and_modules_to_save(tiny_llama, tmp_path):
     info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=2, modules_to_save=["lm_head"]), tmp_path / "mts"))
     assert info["trainable_params"] > info["adapter_params"]
     assert not info["vllm"]["accepts"] and "modules_to_save" in info["vllm"]["reasons"][0]
+
+
+def test_our_loha_and_lokr_ranks_and_vllm(tiny_llama, tmp_path):
+    """Ranks read from the low-rank factors; LoKr's full-matrix factors have none. vLLM serves LoRA only."""
+    loha = inspect_adapter(_ours(tiny_llama, LohaConfig(method="loha", r=4), tmp_path / "loha"))
+    assert set(loha["ranks"].values()) == {4} and len(loha["ranks"]) == loha["targets"]["count"] == 14
+    # 2 layers x 2 pairs x r x (in + out), summed: q, o 32 + 32; k, v 32 + 16 (2 KV heads); gate, up, down 32 + 64
+    assert loha["adapter_params"] == 2 * 2 * 4 * (2 * 64 + 2 * 48 + 3 * 96)
+    assert loha["vllm"] == {"accepts": False, "reasons": ["vLLM serves LoRA adapters only; this is LOHA"], "caveats": []}
+    # Split 8 x 4 (hidden) and 8 x 8 (FFN): r 3 factors w2 on the MLP (max(8, 4) / 2 > 3), not on attention.
+    lokr = inspect_adapter(_ours(tiny_llama, LokrConfig(method="lokr", r=3, decompose_factor=8), tmp_path / "lokr"))
+    assert sorted({p.rsplit(".", 1)[-1] for p in lokr["ranks"]}) == ["down_proj", "gate_proj", "up_proj"]
+    assert "rank           r=3 on 6 targets (8 have full-matrix factors only)" in describe(lokr)
+    assert not lokr["vllm"]["accepts"] and lokr["peftkit_reads"]["ok"]
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_our_vera(save_projection, tiny_llama, tmp_path):
+    """The shared projections are frozen: not counted as trained nor taken for modules_to_save; when left out of
+    the file, inspect says they are drawn again on loading. vLLM serves LoRA only."""
+    cfg = VeraConfig(method="vera", r=4, target_modules=["q_proj", "down_proj"], save_projection=save_projection)
+    info = inspect_adapter(_ours(tiny_llama, cfg, tmp_path / "v"))
+    assert info["method"] == "vera" and info["modules_to_save"] == [] and info["ranks"] is None
+    assert info["trainable_params"] == info["adapter_params"] == 2 * ((4 + 32) + (4 + 32))  # d (r) + b (out) a layer
+    # A (r, largest in: down_proj's 64), B (largest out: 32, r)
+    assert info["shared"] == ({"saved": {"vera_A": (4, 64), "vera_B": (32, 4)}, "regenerated": []} if save_projection
+                              else {"saved": {}, "regenerated": ["vera_A", "vera_B"]})
+    assert info["vllm"] == {"accepts": False, "reasons": ["vLLM serves LoRA adapters only; this is VERA"], "caveats": []}
+    text = "\n".join(describe(info))
+    assert ("vera_A (4, 64), vera_B (32, 4): frozen" in text) == save_projection
+    assert ("vera_A, vera_B not saved: drawn again on loading" in text) != save_projection
 
 
 def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):

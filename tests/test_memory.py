@@ -129,3 +129,40 @@ def test_printed_estimate_shows_activations(tiny_llama, number_data, tmp_path):
 # No test measures a run's peak RSS: on a loaded 2-core CI machine the quickstart's growth is 120-170 MiB of
 # runtime around < 15 MiB of tensors, and the allocator's and the kernel's page accounting vary with
 # what else runs. scripts/measure_memory.py holds the measured comparison (README, "Memory estimate").
+
+
+# ----------------------------------------------------------------------------- LoRA-FA
+
+
+def test_lora_fa_estimate_counts_b_only_and_frees_a_inputs(tiny_llama, number_data, tmp_path):
+    """A frozen: its weights stay in `adapter`, but gradients and optimizer state are B's alone (per layer
+    r x out: q/o 32, k/v 16, gate/up 64, down 32); activations lose 2 hidden + 1 MLP values per token and layer."""
+    def estimate(lora_fa):
+        recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"lora_fa": lora_fa}, eval={"batch_size": 1})
+        return estimate_memory(load_recipe(recipe), torch.device("cpu"))
+
+    lora, fa = estimate(False), estimate(True)
+    b_per_layer = 4 * (32 + 16 * 2 + 32 + 64 * 2 + 32)
+    assert fa.adapter == lora.adapter and fa.gradients == 4 * 2 * b_per_layer
+    assert fa.optimizer == 8 * 2 * b_per_layer
+    assert lora.activations - fa.activations == 2 * 4 * 128 * (2 * 32 + 64) * 4
+
+
+def test_lora_fa_activation_saving_is_what_autograd_keeps(tiny_llama):
+    """Independent: the bytes autograd saves in one forward (saved_tensors_hooks), LoRA vs LoRA-FA, differ by
+    what `activation_memory` takes off."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.memory import model_shape, saved_activation_bytes
+    from peftkit.methods.lora import LoraConfig
+
+    batch = {"input_ids": torch.randint(3, 100, (2, 16))}
+    saved = {}
+    for fa in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+        inject_adapters(model, LoraConfig(r=4, lora_fa=fa))
+        saved[fa] = saved_activation_bytes(model, batch)
+    shape = model_shape(model.config)
+    estimated = [activation_memory(shape, 2, 16, 4, False, 4 * 7, frozen_a=fa)[1] for fa in (False, True)]
+    assert saved[False] - saved[True] == estimated[0] - estimated[1] > 0

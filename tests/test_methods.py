@@ -31,12 +31,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict
+from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict, share_tensors
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.loha import LohaConfig
+from peftkit.methods.lokr import LokrConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.vera import VeraConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
@@ -65,6 +68,8 @@ CASES: dict[str, list[Case]] = {
              ("llama",), ("linear", "embedding")),
         # DoRA: Linear and Conv1D (biased on qwen2 q/k/v and every gpt2 layer: the bias stays outside the rescaling).
         Case("dora", LoraConfig(r=4, alpha=8, use_dora=True), ("llama", "qwen2", "gpt2"), ("linear", "conv1d")),
+        # LoRA-FA: A frozen at its init (the battery's checks hold as for LoRA; what trains is tested in test_train).
+        Case("lora-fa", LoraConfig(r=4, alpha=8, lora_fa=True), ("llama",), ("linear",)),
     ],
     "ia3": [
         # peft's per-architecture defaults: k, v, down (input-scaled) on Llama; q, v, down on Qwen2 (biased q, v:
@@ -75,6 +80,25 @@ CASES: dict[str, list[Case]] = {
         # The dense check, on bare layers (no architecture): one output-scaled and one input-scaled layer each.
         Case("ia3-layers", IA3Config(method="ia3", target_modules=["layer"], feedforward_modules=["ff"]), (),
              ("linear", "conv1d", "linear-ff", "conv1d-ff")),
+    ],
+    # LoHa and LoKr adapt nn.Linear only, as peft's (GPT-2's Conv1D is refused: test_lycoris_refuses_conv1d).
+    "loha": [Case("loha", LohaConfig(method="loha", r=4, alpha=8), ("llama", "qwen2"), ("linear",))],
+    "lokr": [
+        # Hidden 32 = 4 x 8, FFN 64 = 8 x 8: full w1, low-rank w2 everywhere (r 2 < 8 / 2).
+        Case("lokr", LokrConfig(method="lokr", r=2, alpha=4), ("llama", "qwen2"), ("linear",)),
+        # Splits (8, 4) / (8, 2) / (8, 8): w1 low-rank everywhere; w2 full on attention (4 x 4, 2 x 4), low-rank on
+        # the MLP (8 x 4, 4 x 8): mixed layouts in one adapter, which every merge must read from the tensors.
+        Case("lokr-mixed", LokrConfig(method="lokr", r=2, alpha=3, decompose_both=True, decompose_factor=8),
+             ("llama",), ("linear",)),
+    ],
+    "vera": [
+        # all-linear: q/k/v/o (32 x 32), gate/up (32 -> 64) and down (64 -> 32) on Llama, c_attn (32 -> 96) and
+        # mlp.c_proj (128 -> 32) on GPT-2 slice one shared pair sized for the largest in and out.
+        Case("vera", VeraConfig(method="vera", r=4), ("llama", "qwen2", "gpt2"), ("linear", "conv1d")),
+        # Projections left out of the file: both sides draw them again from the key.
+        Case("vera-unsaved-projections", VeraConfig(method="vera", r=8, target_modules=["k_proj", "up_proj", "down_proj"],
+                                                    projection_prng_key=7, d_initial=0.5, save_projection=False),
+             ("llama",), ()),
     ],
     "adalora": [
         # peft's default targets: q, v on Llama and Qwen2 (biased), c_attn (Conv1D) on GPT-2. Per-layer ranks
@@ -110,6 +134,32 @@ def ia3_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: I
     return scaled.T if layout.startswith("conv1d") else scaled, None if bias is None else l * bias
 
 
+def loha_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: LohaConfig, layout: str):
+    """(W + (alpha / r) (w1_a w1_b) o (w2_a w2_b), b), the Hadamard product written as FedPara's sum of r^2
+    rank-one terms: (u v^T) o (p q^T) = (u o p)(v o q)^T."""
+    (w1a, w1b), (w2a, w2b) = (parts["hada_w1_a"], parts["hada_w1_b"]), (parts["hada_w2_a"], parts["hada_w2_b"])
+    delta = sum(torch.outer(w1a[:, s] * w2a[:, t], w1b[s] * w2b[t]) for s in range(cfg.r) for t in range(cfg.r))
+    return weight + cfg.alpha / cfg.r * delta, bias
+
+
+def lokr_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: LokrConfig, layout: str):
+    """(W + (alpha / r) kron(w1, w2), b): block (i, j) of the Kronecker product is w1[i, j] * w2; each factor
+    is the saved full matrix or its low-rank pair's product, whichever the layer has."""
+    w1, w2 = (parts[n] if n in parts else parts[n + "_a"] @ parts[n + "_b"] for n in ("lokr_w1", "lokr_w2"))
+    kron = torch.cat([torch.cat([w1[i, j] * w2 for j in range(w1.shape[1])], dim=1) for i in range(w1.shape[0])])
+    return weight + cfg.alpha / cfg.r * kron, bias
+
+
+def vera_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: VeraConfig, layout: str):
+    """(W + diag(lambda_b) B[:out, :] diag(lambda_d) A[:, :in], b) (the paper's eq. 3 with the shared A (r, in_max) and
+    B (out_max, r) cut to the layer's size); W is (out, in), or (in, out) for Conv1D."""
+    w = weight.T if layout == "conv1d" else weight
+    out, inp = w.shape
+    delta = torch.diag(parts["vera_lambda_b"]) @ parts["vera_B"][:out, :] @ torch.diag(parts["vera_lambda_d"]) \
+        @ parts["vera_A"][:, :inp]
+    return (w + delta).T if layout == "conv1d" else w + delta, bias
+
+
 def adalora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: AdaLoraConfig, layout: str):
     """(W + alpha / (init_r + 1e-5) * B diag(E) A, b), A (r, in), E (r, 1), B (out, r): the paper's eq. (1) with
     peft's scaling (its `ranknum` is init_r for every layer); W (out, in), or (in, out) for Conv1D."""
@@ -119,9 +169,11 @@ def adalora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cf
     return (v.T if layout == "conv1d" else v), bias
 
 
-DENSE = {"lora": lora_dense, "ia3": ia3_dense, "adalora": adalora_dense}
+DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
+         "adalora": adalora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type.
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
+                   "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
                    "ADALORA": {"init_lora_weights": False}}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
@@ -202,8 +254,9 @@ def test_dense_math(case):
         bias = None if bias is None else bias.detach().clone()
         path = "ff" if layout.endswith("-ff") else "layer"
         layer = method.wrap(base, case.cfg, path)
+        share_tensors(method, case.cfg, [layer])  # VeRA's projections, sized for this one layer
         method.randomize(layer, torch.Generator().manual_seed(2), 0.3)
-        parts = {n: p.detach().clone() for n, p in layer.adapter_params().items()}
+        parts = {n: p.detach().clone() for n, p in layer.parts().items()}
         dense, dense_bias = DENSE[method.name](weight, bias, parts, case.cfg, layout)
         assert _diff(dense, weight) > 1e-2, layout  # not trivially the base
         x = torch.randint(0, 20, (3, 5)) if layout == "embedding" else torch.randn(3, 5, 12)
@@ -211,8 +264,9 @@ def test_dense_math(case):
         assert _diff(layer(x), expected) <= 1e-5, layout
 
         base_state = {f"{path}.weight": weight} | ({} if bias is None else {f"{path}.bias": bias})
-        state = merge_state_dict(base_state, {f"base_model.model.{path}.{n}": t for n, t in parts.items()},
-                                 case.cfg, fan_in_fan_out={path} if layout.startswith("conv1d") else set())
+        adapter = {f"base_model.{n}" if n in method.shared_names else f"base_model.model.{path}.{n}": t
+                   for n, t in parts.items()}
+        state = merge_state_dict(base_state, adapter, case.cfg, fan_in_fan_out={path} if layout.startswith("conv1d") else set())
         assert _diff(state[f"{path}.weight"], dense) <= 1e-6, layout
         if bias is not None:
             assert _diff(state[f"{path}.bias"], dense_bias) <= 1e-6, layout
@@ -263,7 +317,8 @@ def test_state_dict_round_trip(case, models, tmp_path):
     loaded, cfg, _, _, _ = load_adapted_model(None, str(saved))
     # The settings read back write the same adapter_config.json again.
     written = json.loads((saved / "adapter_config.json").read_text())
-    assert peft_config(cfg, targets, str(models[arch]), written["fan_in_fan_out"], loaded.config.model_type) == written
+    fan_in_fan_out = written.get("fan_in_fan_out", False)  # LOHA/LOKR have no such field (no Conv1D)
+    assert peft_config(cfg, targets, str(models[arch]), fan_in_fan_out, loaded.config.model_type) == written
     theirs, ours = adapter_state_dict(loaded, []), adapter_state_dict(model, [])
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert _diff(_logits(loaded), _logits(model)) <= 1e-6
@@ -321,19 +376,29 @@ def test_bf16_base_with_fp32_adapter(case, models):
     # bf16 keeps 8 bits of mantissa: logits of order 1 agree to a few hundredths.
     assert _diff(logits, _logits(reference)) <= 5e-2
     logits.float().square().mean().backward()
-    grads = [p.grad for layer in adapter_layers(model).values() for p in layer.adapter_params().values()]
-    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    grads = [p.grad for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
+             if p.requires_grad]  # LoRA-FA's A is frozen
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for n, p in model.named_parameters() if ".base_layer." in n)
     # The merge adds in fp32 and casts once: exactly the dense weight of the bf16 base, rounded to bf16.
     merged = merged_model(model, case.cfg, torch.bfloat16).state_dict()
     for name, layer in adapter_layers(model).items():
         layout = _layout(layer)
         dense = DENSE[method_of(case.cfg).name](layer.base_layer.weight.float(), None, _parts(layer), case.cfg, layout)[0]
-        assert torch.equal(merged[f"{name}.weight"], dense.to(torch.bfloat16)), name
+        assert _rounded_once(merged[f"{name}.weight"], dense), name
+
+
+def _rounded_once(merged: torch.Tensor, dense: torch.Tensor) -> bool:
+    """`merged` (bf16) is the fp32 `dense` rounded to bf16, except that where `dense` lies next to a tie (within
+    1e-5 relative: a dense computation summing in another order than the method's) either neighbour is right."""
+    expected = dense.to(torch.bfloat16)
+    off = merged != expected
+    tie = (expected[off].float() + merged[off].float()) / 2
+    return bool(((dense[off] - tie).abs() <= 1e-5 * dense[off].abs()).all())
 
 
 def _parts(layer) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float() for n, p in layer.adapter_params().items()}
+    return {n: p.detach().float() for n, p in layer.parts().items()}
 
 
 def _layout(layer) -> str:
@@ -434,3 +499,173 @@ def test_dora_refuses_an_embedding(models):
     cfg = LoraConfig(use_dora=True, target_modules=["embed_tokens", "o_proj"])
     with pytest.raises(PeftkitError, match="Embedding; peftkit's DoRA adapts Linear and Conv1D layers only"):
         inject_adapters(_load(models["llama"]), cfg)
+
+
+# -------------------------------------------------------------------------------- method-specific: IA3
+
+
+def test_ia3_regex_modules_from_peft(models, tmp_path):
+    """peft's IA3 takes regular expressions (matched in full) for target_modules and feedforward_modules too."""
+    from peft import IA3Config as PeftIA3
+
+    config = PeftIA3(task_type="CAUSAL_LM", target_modules=r".*\.(k_proj|v_proj|down_proj|up_proj)",
+                     feedforward_modules=r".*\.(down_proj|up_proj)", init_ia3_weights=False)
+    torch.manual_seed(3)
+    reference = get_peft_model(_load(models["llama"]), config).eval()
+    reference.save_pretrained(tmp_path / "peft")
+    ours, cfg, *_ = load_adapted_model(str(models["llama"]), str(tmp_path / "peft"))
+    assert cfg.feedforward_modules.regex == r".*\.(down_proj|up_proj)"
+    assert sum(layer.is_feedforward for layer in adapter_layers(ours).values()) == 4  # up, down x 2 layers
+    assert _diff(_logits(ours), _logits(reference)) <= TOL
+
+
+def test_ia3_unmerge_refuses_a_zero_scaling():
+    from peftkit.errors import PeftkitError
+
+    cfg = IA3Config(method="ia3", target_modules=["layer"], feedforward_modules=[])
+    layer = method_of(cfg).wrap(_base_layer("linear"), cfg, "layer")
+    with torch.no_grad():
+        layer.ia3_l[3] = 0.0
+    layer.merge()
+    merged = layer.base_layer.weight.detach().clone()
+    with pytest.raises(PeftkitError, match="Cannot unmerge an IA3 layer with a scaling of exactly 0"):
+        layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, merged) and layer.merged  # nothing half-done
+
+
+# ------------------------------------------------------------------------------ method-specific: LyCORIS
+
+
+@pytest.mark.parametrize("cfg", [LohaConfig(method="loha"), LokrConfig(method="lokr")], ids=["loha", "lokr"])
+def test_lycoris_refuses_conv1d(cfg, models):
+    """peft's LoHa and LoKr adapt nn.Linear only: GPT-2's Conv1D is refused by name, with the fix."""
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=r"adapter.target_modules: 'transformer.h.0.attn.c_attn' is a GPT-2 style "
+                                           r"Conv1D layer; Lo(Ha|Kr) adapts nn.Linear layers only.*use method: lora"):
+        inject_adapters(_load(models["gpt2"]), cfg)
+
+
+def test_lokr_layouts_follow_peft(models):
+    """Which of w1 / w2 peftkit factors into rank r, per layer, is peft's choice (names and shapes equal)."""
+    cfg = CASES["lokr"][1].cfg
+    ours = _load(models["llama"])
+    config = method_of(cfg).to_peft(cfg, inject_adapters(ours, cfg), str(models["llama"]), False)
+    theirs = get_peft_model(_load(models["llama"]), PeftConfig.from_peft_type(**config))
+    shapes = {k: tuple(v.shape) for k, v in adapter_state_dict(ours, []).items()}
+    from peft import get_peft_model_state_dict
+
+    assert shapes == {k: tuple(v.shape) for k, v in get_peft_model_state_dict(theirs).items()}
+    assert {k.rsplit(".", 1)[-1] for k in shapes} == {"lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"}
+
+
+def test_lokr_factorization_is_peft_s():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    from peftkit.methods.lokr import factorization
+
+    for factor in (-1, 1, 2, 3, 4, 8, 64):
+        assert all(factorization(n, factor) == peft_factorization(n, factor) for n in range(1, 300)), factor
+    assert factorization(4096) == (64, 64) and factorization(11008) == (86, 128)
+
+
+def test_lycoris_dropouts_in_training():
+    """module_dropout skips a layer's update; rank_dropout zeroes output rows of the update, the kept rows
+    rescaled for LoHa (always) and LoKr (rank_dropout_scale). Both only in training."""
+    base = _base_layer("linear")
+    x = torch.randn(3, 5, 12)
+    for cfg, rescale in ((LohaConfig(method="loha", r=2, rank_dropout=0.5), True),
+                         (LokrConfig(method="lokr", r=2, rank_dropout=0.5), False),
+                         (LokrConfig(method="lokr", r=2, rank_dropout=0.5, rank_dropout_scale=True), True)):
+        layer = method_of(cfg).wrap(base, cfg, "layer")
+        method_of(cfg).randomize(layer, torch.Generator().manual_seed(2), 0.3)
+        parts = {n: p.detach().clone() for n, p in layer.adapter_params().items()}
+        delta = DENSE[cfg.method](torch.zeros(7, 12), None, parts, cfg, "linear")[0]
+        torch.manual_seed(5)
+        out = layer.train()(x)
+        torch.manual_seed(5)
+        keep = (torch.rand(7) > 0.5).float()
+        keep = keep / keep.mean() if rescale else keep
+        assert 0 < keep.count_nonzero() < 7
+        assert _diff(out, base(x) + x @ (delta * keep[:, None]).T) <= 1e-5
+        assert _diff(layer.eval()(x), base(x) + x @ delta.T) <= 1e-5
+    layer = method_of(cfg).wrap(base, cfg.model_copy(update={"module_dropout": 0.999, "rank_dropout": 0.0}), "layer")
+    method_of(cfg).randomize(layer, torch.Generator().manual_seed(2), 0.3)
+    assert _diff(layer.train()(x), base(x)) == 0 and _diff(layer.eval()(x), base(x)) > 1e-2
+
+
+def test_lokr_recipe_with_a_lora_key_names_the_method(tmp_path):
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import load_recipe
+
+    (tmp_path / "r.yaml").write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\nexport: {output_dir: o}\n"
+                                     "adapter: {method: lokr, r: 4, dropout: 0.1}\n")
+    with pytest.raises(PeftkitError) as e:
+        load_recipe(tmp_path / "r.yaml")
+    assert "'dropout'" in str(e.value) and "LoKr (method: lokr)" in str(e.value) and "rank_dropout" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- method-specific: VeRA
+
+
+def test_vera_shares_peft_projections_and_trains_only_vectors(models):
+    """One frozen pair for all layers, sized for the largest target (down_proj's 64 inputs, gate/up's 64 outputs),
+    drawn as peft draws it; trainable: r + out per layer, the pair counted as frozen adapter memory."""
+    from peft import VeraConfig as PeftVera
+
+    from peftkit.adapters import count_parameters, shared_holders
+
+    cfg = VeraConfig(method="vera", r=4, projection_prng_key=5)
+    model = _load(models["llama"])
+    inject_adapters(model, cfg)
+    (holder,) = shared_holders(model)
+    reference = get_peft_model(_load(models["llama"]), PeftVera(r=4, target_modules="all-linear", projection_prng_key=5))
+    assert holder.vera_A.shape == (4, 64) and holder.vera_B.shape == (64, 4)
+    assert torch.equal(holder.vera_A, reference.base_model.vera_A["default"])
+    assert torch.equal(holder.vera_B, reference.base_model.vera_B["default"])
+    expected = sum(4 + layer.base_layer.out_features for layer in adapter_layers(model).values())
+    assert count_parameters(model)[0] == expected == reference.get_nb_trainable_parameters()[0]
+
+
+def test_vera_merge_draws_unsaved_projections_again(models):
+    """The state-dict merge of an adapter without vera_A/vera_B (save_projection: false) equals the merge with them."""
+    cfg = VeraConfig(method="vera", r=4, projection_prng_key=3, save_projection=False)
+    model, _ = _adapted(models["llama"], cfg)
+    state = adapter_state_dict(model, [])
+    assert not any(k.startswith("base_model.vera_") for k in state)
+    base = {k: v for k, v in _load(models["llama"]).state_dict().items()}
+    shared = {f"base_model.{n}": t for n, t in next(iter(adapter_layers(model).values())).shared.named_buffers()}
+    with_pair, without = merge_state_dict(base, state | shared, cfg), merge_state_dict(base, state, cfg)
+    assert all(torch.equal(with_pair[k], without[k]) for k in base)
+    assert _diff(with_pair["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"]) > 1e-3
+
+
+def test_vera_refuses_an_embedding(models):
+    from peftkit.errors import PeftkitError
+
+    cfg = VeraConfig(method="vera", target_modules=["embed_tokens", "o_proj"])
+    with pytest.raises(PeftkitError, match=r"adapter.target_modules: 'model.embed_tokens' is an embedding; VeRA \(as "
+                                           r"peft's\) adapts Linear and Conv1D layers only. Leave embeddings out"):
+        inject_adapters(_load(models["llama"]), cfg)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_vera_reload_restores_the_projections(save_projection, models):
+    """A reload (eval, merge, a checkpoint's resume) computes with the pair the adapter was trained with: the
+    file's, into the one module every layer shares; or, left out, the same draw from the key whatever the global
+    RNG state."""
+    from peftkit.adapters import load_adapter_state_dict, shared_holders
+
+    cfg = VeraConfig(method="vera", r=4, save_projection=save_projection)
+    model, _ = _adapted(models["llama"], cfg)
+    state = adapter_state_dict(model, [])
+    if save_projection:  # as if the file's pair were not what this machine draws from the key
+        state["base_model.vera_A"] = state["base_model.vera_A"] + 0.5
+    again = _load(models["llama"])
+    torch.manual_seed(123)
+    inject_adapters(again, cfg)
+    load_adapter_state_dict(again, state)
+    (theirs,), (ours,) = shared_holders(model), shared_holders(again)
+    expected = state["base_model.vera_A"] if save_projection else theirs.vera_A
+    assert torch.equal(ours.vera_A, expected) and torch.equal(ours.vera_B, theirs.vera_B)
+    assert all(layer.shared is ours for layer in adapter_layers(again).values())

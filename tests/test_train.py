@@ -178,3 +178,39 @@ def test_16bit_weights_on_a_cpu_without_bf16_matmuls_get_a_note(tiny_llama, numb
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     assert cpu_dtype_note(recipe, cpu) is None
     assert cpu_dtype_note(load_recipe(make_recipe(tmp_path, tiny_llama, number_data)), cpu) is None  # float32
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_fa_trains_b_only(use_dora, tiny_llama, number_data, tmp_path):
+    """adapter.lora_fa through `peftkit train`: the exported A is bit for bit the seeded init, B (and DoRA's
+    magnitude) moved, the parameter-count line counts B (and m) only, and the export is a plain PEFT LoRA."""
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.methods.lora import LoraConfig
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"lora_fa": True, "use_dora": use_dora},
+                         training={"max_steps": 4, "lr": 5e-2})
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    torch.manual_seed(0)  # training.seed: what _setup seeds right before injecting
+    inject_adapters(fresh, LoraConfig(r=4, alpha=8, use_dora=use_dora))
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    layers = adapter_layers(fresh)
+    for name, layer in layers.items():
+        assert torch.equal(saved[f"base_model.model.{name}.lora_A.weight"], layer.lora_A.weight.detach()), name
+        assert not torch.equal(saved[f"base_model.model.{name}.lora_B.weight"], layer.lora_B.weight.detach()), name
+    trained = sum(layer.lora_B.weight.numel() + (layer.base_layer.weight.shape[0] if use_dora else 0)
+                  for layer in layers.values())
+    assert f"{trained:,} trainable" in result.output and "LoRA-FA (A frozen)" in result.output
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["use_dora"] is use_dora and "lora_fa" not in config  # peft reads it as LoRA
+
+
+def test_lora_fa_refuses_an_embedding(tiny_llama):
+    from peftkit.adapters import inject_adapters
+    from peftkit.errors import PeftkitError
+    from peftkit.methods.lora import LoraConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with pytest.raises(PeftkitError, match="adapter.lora_fa: 'model.embed_tokens' is an Embedding, whose LoRA A starts at zero"):
+        inject_adapters(model, LoraConfig(r=4, lora_fa=True, target_modules=["embed_tokens", "q_proj"]))

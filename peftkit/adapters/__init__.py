@@ -15,10 +15,12 @@ from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
-from peftkit.methods.base import is_conv1d, is_quantized
+from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape
 from peftkit.recipe import AdapterConfig, TargetRegex
 
 PEFT_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
+"""Model-level tensors shared by every layer (VeRA's `base_model.vera_A`) sit under this prefix, as in peft."""
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -114,10 +116,13 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     names = find_targets(model, cfg.target_modules, every_entry)
     for p in model.parameters():
         p.requires_grad_(False)
+    layers = []
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, method.wrap(getattr(parent, child), cfg, name))
+        layers.append(method.wrap(getattr(parent, child), cfg, name))
+        setattr(parent, child, layers[-1])
+    share_tensors(method, cfg, layers)
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
         if any(_shared(p, q) for p in module.parameters() for q in _other_params(model, name)):
             raise PeftkitError(
@@ -127,6 +132,22 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         for p in module.parameters():
             p.requires_grad_(True)
     return names
+
+
+def share_tensors(method: type[Method], cfg: AdapterConfig, layers: list[AdapterLayer]) -> None:
+    """Give `layers` the method's model-level tensors (if it has any), built from all their shapes at once
+    (VeRA's projections are as large as the largest target), as one `SharedTensors` module on their device."""
+    if not method.shared_names or not layers:
+        return
+    tensors = method.shared_tensors(cfg, [linear_shape(layer.base_layer) for layer in layers])
+    holder = SharedTensors(tensors, method.saves_shared(cfg)).to(layers[0].base_layer.weight.device)
+    for layer in layers:
+        layer.shared = holder
+
+
+def shared_holders(model: nn.Module) -> list[SharedTensors]:
+    """The distinct `SharedTensors` of an injected model's adapter layers (one per adapter)."""
+    return list({id(layer.shared): layer.shared for layer in adapter_layers(model).values() if layer.shared is not None}.values())
 
 
 def _shared(p: torch.Tensor, q: torch.Tensor) -> bool:
@@ -187,6 +208,9 @@ def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, 
     for name, module in modules_to_save(model, saved_modules).items():
         for pname, p in module.named_parameters():
             state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().cpu().contiguous()
+    for holder in shared_holders(model):
+        if holder.saved:
+            state.update({f"{SHARED_PREFIX}{n}": t.detach().cpu().contiguous() for n, t in holder.named_buffers()})
     return state
 
 
@@ -198,11 +222,16 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         rank_dims.update(layer.method.rank_dims)
         for pname, p in layer.adapter_params().items():
             targets[f"{PEFT_PREFIX}{name}.{pname}"] = p
+    optional: set[str] = set()  # shared tensors the adapter need not carry: regenerated at injection
+    for holder in shared_holders(model):
+        keys = {f"{SHARED_PREFIX}{n}": t for n, t in holder.named_buffers()}
+        targets.update(keys)
+        optional |= set() if holder.saved else set(keys)
     params = dict(model.named_parameters())
     for key in state:
         if key not in targets and key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):] in params:
             targets[key] = params[key[len(PEFT_PREFIX):]]
-    missing = sorted(set(targets) - set(state))
+    missing = sorted(set(targets) - set(state) - optional)
     unexpected = sorted(set(state) - set(targets))
     if missing or unexpected:
         raise PeftkitError(
@@ -223,11 +252,15 @@ def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...],
     """Why an adapter tensor has the wrong shape: a rank that disagrees with adapter_config.json's `r`
     (the files do not belong together), or a base of another size. `rank_dims`: the methods' rank
     dimension of each tensor kind (`lora_A`: 0)."""
-    path = key[len(PEFT_PREFIX):]
-    module, part = (path.rsplit(".", 2)[0], path.rsplit(".", 2)[-2]) if path.endswith(".weight") else path.rsplit(".", 1)
-    mismatch = f"module '{module}' expects {part} of shape {expected} but the adapter has {saved}."
+    if key.startswith(PEFT_PREFIX):
+        path = key[len(PEFT_PREFIX):]
+        module, part = (path.rsplit(".", 2)[0], path.rsplit(".", 2)[-2]) if path.endswith(".weight") else path.rsplit(".", 1)
+        mismatch = f"module '{module}' expects {part} of shape {expected} but the adapter has {saved}."
+    else:  # a tensor every layer shares (VeRA's `base_model.vera_A`)
+        part = key[len(SHARED_PREFIX):]
+        mismatch = f"the adapted layers expect the shared {part} of shape {expected} but the adapter has {saved}."
     rank_dim = rank_dims.get(part)
-    if rank_dim is not None and len(saved) == 2 and [d for i, d in enumerate(saved) if i != rank_dim] == \
+    if rank_dim is not None and len(saved) == len(expected) and [d for i, d in enumerate(saved) if i != rank_dim] == \
             [d for i, d in enumerate(expected) if i != rank_dim]:
         return (f"The adapter's weights do not match its adapter_config.json: {mismatch} The weights have rank "
                 f"{saved[rank_dim]}, the config says r: {expected[rank_dim]}. The two files come from different "
@@ -256,7 +289,8 @@ def merge_state_dict(
 
     Args:
         base: the base model's state dict (plain keys such as `model.layers.0.mlp.up_proj.weight`).
-        adapter: PEFT keys (`base_model.model.<path>.lora_A.weight`, `...lora_embedding_A`, plain saved modules).
+        adapter: PEFT keys (`base_model.model.<path>.lora_A.weight`, `...lora_embedding_A`, plain saved modules,
+            and the tensors every layer shares, `base_model.vera_A`: regenerated by the method when left out).
         cfg: the adapter's settings; its method merges each layer from that layer's own facts (`layer_facts`,
             the rank read from the tensors), the same math as the in-place merge.
         fan_in_fan_out: module paths whose weight is stored (in, out) (transformers' Conv1D).
@@ -266,9 +300,43 @@ def merge_state_dict(
     """
     method = method_of(cfg)
     merged = dict(base)
+    modules, shared = _split_adapter_keys(adapter, method, base, merged, dtype)
+    if modules and set(method.shared_names) - set(shared):  # not saved: regenerated, as at injection
+        shapes = [_in_out(base, module, module in fan_in_fan_out) for module in modules]
+        shared = method.shared_tensors(cfg, shapes) | shared
+    for module, parts in modules.items():
+        key = f"{module}.weight"
+        weight = base[key]
+        facts = method.layer_facts(cfg, module, module in fan_in_fan_out)
+        shape = method.update_shape(parts, facts)
+        if len(shape) != weight.dim() or any(s is not None and s != w for s, w in zip(shape, weight.shape)):
+            raise PeftkitError(
+                f"The adapter does not fit this model: module '{module}' has weight {tuple(weight.shape)} but the "
+                f"adapter's update is {tuple(shape)}. It was trained on a different base model."
+            )
+        parts = {name: t.to(weight.device) for name, t in (parts | shared).items()}
+        new = method.merge_weight(weight.float(), parts, facts)
+        bias = base.get(f"{module}.bias")
+        new_bias = None if bias is None else method.merge_bias(bias.float(), parts, facts)
+        if not (torch.isfinite(new).all() and (new_bias is None or torch.isfinite(new_bias).all())):
+            raise PeftkitError(f"Merging '{module}' produced NaN/inf weights; the adapter is broken.")
+        merged[key] = new.to(dtype or weight.dtype)
+        if new_bias is not None:
+            merged[f"{module}.bias"] = new_bias.to(dtype or bias.dtype)
+    return merged
+
+
+def _split_adapter_keys(adapter: dict[str, torch.Tensor], method: type[Method], base: dict[str, torch.Tensor],
+                        merged: dict[str, torch.Tensor], dtype: torch.dtype | None):
+    """({module path: {tensor suffix: tensor}}, {shared name: tensor}) of a PEFT-keyed adapter state dict;
+    `modules_to_save` weights are written into `merged` on the way."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    shared: dict[str, torch.Tensor] = {}
     for key, tensor in adapter.items():
         if not key.startswith(PEFT_PREFIX):
+            if key.startswith(SHARED_PREFIX) and key[len(SHARED_PREFIX):] in method.shared_names:
+                shared[key[len(SHARED_PREFIX):]] = tensor
+                continue
             raise PeftkitError(f"Adapter key '{key}' does not start with '{PEFT_PREFIX}'; not a PEFT checkpoint.")
         path = key[len(PEFT_PREFIX):]
         for suffix in method.param_names:
@@ -279,25 +347,13 @@ def merge_state_dict(
             if path not in base:
                 raise PeftkitError(f"Adapter weight '{path}' (modules_to_save) has no counterpart in the base model.")
             merged[path] = tensor.to(dtype or base[path].dtype)
-    for module, parts in modules.items():
-        key = f"{module}.weight"
-        if key not in base:
+    for module in modules:
+        if f"{module}.weight" not in base:
             raise PeftkitError(f"The adapter targets '{module}', which the base model does not have.")
-        weight = base[key]
-        facts = method.layer_facts(cfg, module, module in fan_in_fan_out)
-        shape = method.update_shape(parts, facts)
-        if len(shape) != weight.dim() or any(s is not None and s != w for s, w in zip(shape, weight.shape)):
-            raise PeftkitError(
-                f"The adapter does not fit this model: module '{module}' has weight {tuple(weight.shape)} but the "
-                f"adapter's update is {tuple(shape)}. It was trained on a different base model."
-            )
-        parts = {name: t.to(weight.device) for name, t in parts.items()}
-        new = method.merge_weight(weight.float(), parts, facts)
-        bias = base.get(f"{module}.bias")
-        new_bias = None if bias is None else method.merge_bias(bias.float(), parts, facts)
-        if not (torch.isfinite(new).all() and (new_bias is None or torch.isfinite(new_bias).all())):
-            raise PeftkitError(f"Merging '{module}' produced NaN/inf weights; the adapter is broken.")
-        merged[key] = new.to(dtype or weight.dtype)
-        if new_bias is not None:
-            merged[f"{module}.bias"] = new_bias.to(dtype or bias.dtype)
-    return merged
+    return modules, shared
+
+
+def _in_out(base: dict[str, torch.Tensor], module: str, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer from its weight in a state dict ((in, out) for Conv1D)."""
+    rows, cols = base[f"{module}.weight"].shape
+    return (rows, cols) if fan_in_fan_out else (cols, rows)

@@ -48,15 +48,19 @@ class BuiltExample:
         return all(label == IGNORE_INDEX for label in self.example.labels[1:])
 
 
-def _prompt_and_target(tok, row: dict, fmt: str) -> tuple[list[int], list[int]]:
-    """Token ids of the part without loss (prompt) and the part with loss (target, EOS appended)."""
+def prompt_and_target_text(row: dict, fmt: str) -> tuple[str, str]:
+    """The text without loss (the prompt) and with loss (the target) of an alpaca, completion or text row."""
     if fmt == "alpaca":
         template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
-        prompt, target = template.format(**row), row["output"]
-    elif fmt == "completion":
-        prompt, target = row["prompt"], row["completion"]
-    else:  # text
-        prompt, target = "", row["text"]
+        return template.format(**row), row["output"]
+    if fmt == "completion":
+        return row["prompt"], row["completion"]
+    return "", row["text"]
+
+
+def _prompt_and_target(tok, row: dict, fmt: str) -> tuple[list[int], list[int]]:
+    """Token ids of the part without loss (prompt) and the part with loss (target, EOS appended)."""
+    prompt, target = prompt_and_target_text(row, fmt)
     prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"] if prompt else []
     if not prompt and tok.bos_token_id is not None:
         bos = tok("", add_special_tokens=True)["input_ids"]  # [] for tokenizers that add no BOS
@@ -103,21 +107,34 @@ def build_examples(
         line_numbers: the file line of each row (a .jsonl file), so that a message names the line.
     """
     for i, row in enumerate(rows):
-        where = f"{source}:{line_numbers[i]}" if line_numbers else f"{source} row {i + 1}"
-        problem = _row_problem(row, cfg.format) if isinstance(row, dict) else "not an object"
-        if problem:
-            if cfg.on_bad_rows == "skip":
-                yield None
-                continue
-            raise PeftkitError(
-                f"{where}: {problem} for data.format '{cfg.format}' (each row needs "
-                f"{', '.join(REQUIRED_FIELDS[cfg.format])}). Fix the row, set the right data.format, or set "
-                "data.on_bad_rows: skip."
-            )
+        where = row_location(source, i, line_numbers)
+        if not usable_row(row, cfg, where):
+            yield None
+            continue
         ids, labels = _full_example(tok, row, cfg.format)
         n = cfg.max_length
         lost = sum(label != IGNORE_INDEX for label in labels[n:])
         yield BuiltExample(i, where, Example(ids[:n], labels[:n]), len(ids), lost)
+
+
+def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:
+    """`FILE:LINE` for a row of a .jsonl file, `SOURCE row N` otherwise."""
+    return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"
+
+
+def usable_row(row: object, cfg: DataConfig, where: str) -> bool:
+    """Whether a row has what data.format needs; a bad row is False under data.on_bad_rows: skip, else an error
+    naming `where` and the fields."""
+    problem = _row_problem(row, cfg.format) if isinstance(row, dict) else "not an object"
+    if not problem:
+        return True
+    if cfg.on_bad_rows == "skip":
+        return False
+    raise PeftkitError(
+        f"{where}: {problem} for data.format '{cfg.format}' (each row needs "
+        f"{', '.join(REQUIRED_FIELDS[cfg.format])}). Fix the row, set the right data.format, or set "
+        "data.on_bad_rows: skip."
+    )
 
 
 @dataclass

@@ -6,6 +6,10 @@ wraps a base layer in, and its **one** merge math, `merge_weight(weight, parts, 
 only place a method's update meets a weight: the in-place `AdapterLayer.merge`, the pure
 `peftkit.adapters.merge_state_dict` and `peftkit merge` all call it, with the layer's tensors (`parts`, by
 their PEFT names) and its per-layer facts (`facts`: scaling inputs, layout), never a global scaling.
+
+A method may also have model-level tensors that every adapted layer uses (VeRA's frozen random projections):
+`Method.shared_tensors` builds them from the targets' shapes, one `SharedTensors` module holds them for all the
+layers, and `parts` hands them to `merge_weight` beside the layer's own tensors.
 """
 
 from __future__ import annotations
@@ -40,6 +44,21 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
+class SharedTensors(nn.Module):
+    """Frozen model-level tensors every adapter layer of a model uses (VeRA's projections), by PEFT name.
+
+    One module, registered under each layer as `shared`: `.to()` moves it once and the layers keep sharing it.
+    Non-persistent buffers: never trained, in no layer's `adapter_params()` nor the model's state dict; the
+    adapter file carries them under `base_model.<name>` when `saved` (else they are regenerated from settings).
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], saved: bool) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.saved = saved
+
+
 class AdapterLayer(nn.Module):
     """Host wrapper: holds the frozen base layer (`self.base_layer`) and the method's own parameters.
 
@@ -55,6 +74,7 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.merged = False
+        self.shared: SharedTensors | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -66,8 +86,10 @@ class AdapterLayer(nn.Module):
         return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
 
     def parts(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors by PEFT key suffix, as `merge_weight` takes them from a state dict too."""
-        return {n: p.detach() for n, p in self.adapter_params().items()}
+        """The adapter's tensors by PEFT key suffix, and the shared ones by name, as `merge_weight` takes them
+        from a state dict too."""
+        shared = {} if self.shared is None else dict(self.shared.named_buffers())
+        return {n: p.detach() for n, p in self.adapter_params().items()} | shared
 
     def merge(self) -> None:
         """Fold the update into the base weight. Idempotent; refuses a quantized base or a non-finite result."""
@@ -113,14 +135,16 @@ class PeftConfigBase(BaseModel):
     """The hub revision of the base the adapter was trained on (peftkit writes `model.revision` here)."""
 
 
-def targets_from_peft(targets: list[str] | str, config_file: Path) -> list[str] | str | TargetRegex:
-    """adapter_config.json's `target_modules` in recipe form: a string other than `all-linear` is a regex."""
+def targets_from_peft(targets: list[str] | str, config_file: Path,
+                      key: str = "target_modules") -> list[str] | str | TargetRegex:
+    """adapter_config.json's `target_modules` (or another module list, `key`) in recipe form: a string other
+    than `all-linear` is a regex."""
     if not isinstance(targets, str) or targets == "all-linear":
         return targets
     try:
         return TargetRegex(regex=targets)
     except ValidationError as e:
-        raise PeftkitError(f'{config_file}: "target_modules" {e.errors()[0]["msg"].removeprefix("Value error, ")}. '
+        raise PeftkitError(f'{config_file}: "{key}" {e.errors()[0]["msg"].removeprefix("Value error, ")}. '
                            f"{REEXPORT}") from None
 
 
@@ -168,6 +192,11 @@ class Method:
     into (module path, tensor) without the live model."""
     rank_dims: ClassVar[dict[str, int]] = {}
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
+    shared_names: ClassVar[tuple[str, ...]] = ()
+    """Names of the model-level tensors `shared_tensors` builds (`vera_A`, `vera_B`), saved as `base_model.<name>`."""
+    loraplus_roles: ClassVar[dict[str, str]] = {}
+    """For LoRA+ (`training.loraplus_lr_ratio`): the tensors (by PEFT key suffix) that train at `lr` ("A"), at
+    ratio x `lr` ("B") or at `loraplus_lr_embedding` ("embedding"). A method without a "B" cannot use LoRA+."""
 
     @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:
@@ -178,6 +207,18 @@ class Method:
     def wrap(cls, base: nn.Module, cfg: Any, path: str) -> AdapterLayer:
         """The adapter layer around `base`, the module at `path`; its facts come from `layer_facts`."""
         raise NotImplementedError
+
+    @classmethod
+    def shared_tensors(cls, cfg: Any, shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """The fp32 CPU tensors, by `shared_names`, shared by an adapter on layers of (in, out) `shapes`; only
+        called for a method with `shared_names`. The state-dict merge calls it too, for an adapter that did not
+        save them, so they must follow from `cfg` and `shapes` alone."""
+        return {}
+
+    @classmethod
+    def saves_shared(cls, cfg: Any) -> bool:
+        """Whether the adapter file carries the shared tensors (else they are regenerated on loading)."""
+        return True
 
     @classmethod
     def layer_facts(cls, cfg: Any, path: str, fan_in_fan_out: bool) -> Any:
@@ -219,6 +260,14 @@ class Method:
     def from_peft(cls, peft: Any, config_file: Path) -> Any:
         """The recipe config of a validated `peft_config`; refuses what peftkit cannot apply faithfully."""
         raise NotImplementedError
+
+    @classmethod
+    def for_original_base(cls, layers: dict[str, AdapterLayer], state: dict[str, torch.Tensor],
+                          config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        """The exported adapter (PEFT-keyed `state`, adapter_config.json `config` of the model's `layers`) as it
+        applies to the original base, for an init that moved part of the base into the adapter (LoRA's PiSSA);
+        as given for every other."""
+        return state, config
 
     @classmethod
     def describe(cls, cfg: Any) -> str:

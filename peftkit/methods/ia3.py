@@ -10,6 +10,7 @@ scaling — so a saved vector's shape says which it is, and a merge needs no oth
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,9 +48,10 @@ class IA3Config(AdapterSection):
     target_modules: Literal["all-linear"] | list[str] | TargetRegex | None = None
     """Module-name suffixes, `all-linear` or {regex: ...}; null: peft's default for the architecture
     (k_proj, v_proj, down_proj for Llama)."""
-    feedforward_modules: list[str] | None = None
-    """The targets whose *input* is scaled (the feed-forward output projections); null: peft's default for the
-    architecture (down_proj for Llama). Every other target has its output scaled."""
+    feedforward_modules: list[str] | TargetRegex | None = None
+    """The targets whose *input* is scaled (the feed-forward output projections): module-name suffixes or
+    {regex: ...}; null: peft's default for the architecture (down_proj for Llama). Every other target has its
+    output scaled."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
 
@@ -63,6 +65,13 @@ class IA3Config(AdapterSection):
 
 def _suffix_match(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
+
+
+def is_feedforward(path: str, feedforward: list[str] | TargetRegex | None) -> bool:
+    """Whether the target at `path` has its input scaled: named by suffix, or matched in full by the regex."""
+    if isinstance(feedforward, TargetRegex):
+        return re.fullmatch(feedforward.regex, path) is not None
+    return any(_suffix_match(path, f) for f in feedforward or [])
 
 
 @dataclass(frozen=True)
@@ -147,7 +156,7 @@ class IA3(Method):
     def wrap(cls, base: nn.Module, cfg: IA3Config, path: str) -> IA3Linear:
         if isinstance(base, nn.Embedding):
             raise PeftkitError(f"adapter.target_modules: IA3 scales linear layers; '{path}' is an embedding.")
-        return IA3Linear(base, any(_suffix_match(path, f) for f in cfg.feedforward_modules or []))
+        return IA3Linear(base, is_feedforward(path, cfg.feedforward_modules))
 
     @classmethod
     def layer_facts(cls, cfg: IA3Config, path: str, fan_in_fan_out: bool) -> IA3Facts:
@@ -159,6 +168,9 @@ class IA3(Method):
 
     @staticmethod
     def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: IA3Facts) -> torch.Tensor:
+        if (parts["ia3_l"] == 0).any():
+            raise PeftkitError("Cannot unmerge an IA3 layer with a scaling of exactly 0: the merge erased those "
+                               "weights. Reload the base model instead.")
         return ia3_scale(weight, parts, facts, inverse=True)
 
     @staticmethod
@@ -181,7 +193,7 @@ class IA3(Method):
     @classmethod
     def to_peft(cls, cfg: IA3Config, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
         # Exact module paths, so that peft's suffix matching selects exactly the same layers.
-        feedforward = [t for t in targets if any(_suffix_match(t, f) for f in cfg.feedforward_modules or [])]
+        feedforward = [t for t in targets if is_feedforward(t, cfg.feedforward_modules)]
         return {
             "peft_type": "IA3",
             "task_type": "CAUSAL_LM",
@@ -200,9 +212,8 @@ class IA3(Method):
         if peft.layers_to_transform:
             raise PeftkitError(f"{config_file}: 'layers_to_transform' is set; peftkit does not support it yet.")
         feedforward = peft.feedforward_modules
-        if isinstance(feedforward, str):
-            raise PeftkitError(f"{config_file}: a regular expression for 'feedforward_modules' is not supported yet; "
-                               "list the module names.")
+        if isinstance(feedforward, str):  # peft: a string is a regex matched in full against the module path
+            feedforward = targets_from_peft(feedforward, config_file, key="feedforward_modules")
         return IA3Config(method="ia3", target_modules=targets_from_peft(peft.target_modules, config_file),
                          feedforward_modules=feedforward, modules_to_save=peft.modules_to_save or [])
 

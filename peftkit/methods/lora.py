@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -27,6 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, is_quantized, linear_shape,
                                   targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
+from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize
 from peftkit.section import AdapterSection, TargetRegex
 
 
@@ -48,6 +49,14 @@ class LoraConfig(AdapterSection):
     """DoRA: also train a magnitude per output feature (Linear/Conv1D only); each step adds the row norms of W + s B A."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """How A and B start: default (A kaiming-uniform, B 0), gaussian (A normal, B 0), pissa (the principal singular
+    directions of W; the base keeps the rest) or olora (QR of W). pissa/olora change the base weights; the
+    exported adapter is converted (rank 2r) to apply to the original base, as peft does."""
+    pissa_niter: int | None = Field(None, gt=0)
+    """init: pissa only: fast SVD (`torch.svd_lowrank`) with this many iterations instead of the exact SVD."""
+    lora_fa: bool = False
+    """LoRA-FA: A stays frozen at its init and only B trains (no gradient, optimizer state or saved input for A)."""
 
     @property
     def scaling(self) -> float:
@@ -60,6 +69,18 @@ class LoraConfig(AdapterSection):
         if isinstance(v, list) and not v:
             raise ValueError("is an empty list; name at least one module or use 'all-linear'")
         return v
+
+    @model_validator(mode="after")
+    def _init_combinations(self) -> LoraConfig:
+        if self.pissa_niter is not None and self.init != "pissa":
+            raise ValueError(f"adapter.pissa_niter is for init: pissa (init is {self.init}); remove pissa_niter")
+        if self.init != "default" and self.init_from:
+            raise ValueError(f"adapter.init: {self.init} draws the step-0 weights, and adapter.init_from already gives "
+                             "them; remove adapter.init")
+        if self.init in MOVES_BASE and self.use_dora:
+            raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
+                             "gaussian with DoRA, or set use_dora: false")
+        return self
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -225,6 +246,7 @@ class PeftLoraConfig(PeftConfigBase):
     use_rslora: bool = False
     bias: str = "none"
     use_dora: bool = False
+    init_lora_weights: bool | str = True
     # Features peftkit does not implement: a value here is refused rather than silently ignored.
     rank_pattern: dict | None = None
     alpha_pattern: dict | None = None
@@ -240,6 +262,9 @@ class Lora(Method):
     param_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
     rank_dims = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
+    # As peft's create_loraplus_optimizer; DoRA's magnitude trains at `lr` (peft puts 1-D tensors with B).
+    loraplus_roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "embedding",
+                      "lora_embedding_B": "embedding"}
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: LoraConfig, path: str) -> _LoraLayer:
@@ -248,8 +273,17 @@ class Lora(Method):
                 f"adapter.use_dora: '{path}' is an Embedding; peftkit's DoRA adapts Linear and Conv1D layers only. "
                 "Leave embeddings out of adapter.target_modules (all-linear does), or set use_dora: false."
             )
-        layer = LoraEmbedding if isinstance(base, nn.Embedding) else DoraLinear if cfg.use_dora else LoraLinear
-        return layer(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+        if isinstance(base, nn.Embedding) and cfg.lora_fa:
+            raise PeftkitError(
+                f"adapter.lora_fa: '{path}' is an Embedding, whose LoRA A starts at zero: frozen there, the layer could "
+                "never change. Leave embeddings out of adapter.target_modules (all-linear does), or set lora_fa: false."
+            )
+        kind = LoraEmbedding if isinstance(base, nn.Embedding) else DoraLinear if cfg.use_dora else LoraLinear
+        layer = kind(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+        initialize(layer, cfg.init, cfg.pissa_niter, path)
+        if cfg.lora_fa:
+            layer.lora_A.weight.requires_grad_(False)
+        return layer
 
     @classmethod
     def layer_facts(cls, cfg: LoraConfig, path: str, fan_in_fan_out: bool) -> LoraFacts:
@@ -309,6 +343,12 @@ class Lora(Method):
         for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
             if getattr(peft, key):
                 raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
+        if isinstance(peft.init_lora_weights, str) and peft.init_lora_weights.lower() != "gaussian":
+            raise PeftkitError(
+                f"{config_file}: init_lora_weights is {peft.init_lora_weights!r}: peft saved this adapter for the residual "
+                "base its init left (PiSSA, OLoRA, ...), not for the original one. Save it again with peft's "
+                "save_pretrained(..., path_initial_model_for_weight_conversion=...), which converts it to a plain LoRA."
+            )
         if peft.bias != "none":
             raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
         return LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
@@ -316,8 +356,15 @@ class Lora(Method):
                           use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [])
 
     @classmethod
+    def for_original_base(cls, layers: dict[str, AdapterLayer], state: dict[str, torch.Tensor],
+                          config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+        return for_original_base(layers, state, config)
+
+    @classmethod
     def describe(cls, cfg: LoraConfig) -> str:
-        return f"LoRA r={cfg.r}" + (" with DoRA" if cfg.use_dora else "")
+        extras = [*(["DoRA"] if cfg.use_dora else []), *([f"{cfg.init} init"] if cfg.init != "default" else []),
+                  *(["LoRA-FA (A frozen)"] if cfg.lora_fa else [])]
+        return f"LoRA r={cfg.r}" + (f" with {', '.join(extras)}" if extras else "")
 
     @classmethod
     def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:

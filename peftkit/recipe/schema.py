@@ -9,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from peftkit.methods import AdapterConfig, default_adapter
+from peftkit.methods import AdapterConfig, default_adapter, method_of
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -108,6 +108,12 @@ class TrainingConfig(Section):
     """Deterministic kernels on CUDA too (slower); CPU runs are always deterministic."""
     nan_policy: Literal["stop", "skip_step"] = "stop"
     """A NaN/inf loss stops the run (keeping the last checkpoint) or skips that optimizer step."""
+    loraplus_lr_ratio: float | None = Field(None, gt=0)
+    """LoRA+ (Hayou et al. 2024): lora_B trains at this many times `lr`, lora_A and the rest at `lr` (the paper
+    suggests 16 with a somewhat lower lr). null: one learning rate for every parameter."""
+    loraplus_lr_embedding: float = Field(1e-6, gt=0)
+    """LoRA+ only: the learning rate of an embedding's LoRA (lora_embedding_A/B), peft's `loraplus_lr_embedding`
+    and its default."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingConfig:
@@ -155,6 +161,12 @@ class Recipe(Section):
         if q is not None and q.method != "int8" and self.training.mixed_precision == "fp16":
             raise ValueError(
                 "training.mixed_precision: fp16 with a 4-bit base overflows easily; use bf16 or auto"
+            )
+        method = method_of(self.adapter)
+        if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():
+            raise ValueError(
+                f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, and adapter.method "
+                f"{method.name} has no A/B matrices; remove training.loraplus_lr_ratio or use method: lora"
             )
         return self
 

@@ -1,0 +1,65 @@
+"""`peftkit chat`: a multi-turn conversation in the terminal, rendered with the tokenizer's chat template,
+each reply streamed as it is generated. `/reset` starts a new conversation, `/exit` (or Ctrl-D) ends it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from peftkit.data.prompts import chat_prompt
+from peftkit.generate import Sampling, generate_ids
+
+HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) ends."
+
+
+class _Streamer:
+    """Prints the reply's text as its tokens arrive (decoded whole each time, so multi-byte characters and
+    merged word pieces print right), skipping the prompt that `generate` pushes first."""
+
+    def __init__(self, tok, write: Callable[[str], None]) -> None:
+        self.tok, self.write = tok, write
+        self.ids: list[int] = []
+        self.shown = ""
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids += value.flatten().tolist()
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            self.write(text[len(self.shown):])
+            self.shown = text
+
+    def end(self) -> None:
+        self.write("\n")
+
+
+def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], str] = input,
+              write: Callable[[str], None] | None = None, system: str | None = None) -> list[dict]:
+    """Run the conversation until /exit or end of input; returns its messages."""
+    write = write or (lambda text: print(text, end="", flush=True))
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    write(HELP + "\n")
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            write("\n")
+            return messages
+        if line == "/exit":
+            return messages
+        if line == "/reset":
+            messages = list(start)
+            write("(new conversation)\n")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        write("model> ")
+        streamer = _Streamer(tok, write)
+        ids = generate_ids(model, tok, [chat_prompt(tok, messages).ids], sampling, streamer=streamer)[0]
+        messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})

@@ -1,0 +1,86 @@
+"""`peftkit eval --adapter a=DIR --adapter b=DIR [--merged c=DIR]`: the base and each candidate evaluated on
+the same rows with the same metrics, in one table with each metric's difference from the base, the trainable
+parameters and the adapter's size on disk."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from rich.table import Table
+
+from peftkit.errors import PeftkitError
+from peftkit.evaluate import EvalJob, evaluate
+from peftkit.inference import ModelSource
+from peftkit.recipe import ModelConfig
+
+BASE = "base"
+_NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
+
+
+def parse_named(values: list[str], flag: str) -> list[tuple[str, str]]:
+    """`NAME=DIR` values of a repeatable flag (a bare DIR is named after its directory), names unique."""
+    named = []
+    for value in values:
+        match = _NAME.match(value)
+        name, path = (match.group(1), match.group(2)) if match else (Path(value).name or value, value)
+        named.append((name, path))
+    names = [BASE] + [n for n, _ in named]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise PeftkitError(f"{flag}: the name {repeated[0]!r} is used twice (or is the base's row); name each one, "
+                           f"e.g. {flag} a=DIR {flag} b=DIR.")
+    return named
+
+
+def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[tuple[str, str]]) -> dict[str, EvalJob]:
+    """One job per row: the base model, each adapter on it, each merged model; all on `job`'s data and metrics."""
+    if job.source.model is None:
+        raise PeftkitError("A comparison needs the base model: pass --model M (or a recipe), and each adapter as "
+                           "--adapter NAME=DIR.")
+    base = replace(job.source, adapter=None)
+    jobs = {BASE: replace(job, source=base)}
+    for name, path in adapters:
+        jobs[name] = replace(job, source=replace(base, adapter=path))
+    for name, path in merged:
+        jobs[name] = replace(job, source=ModelSource(ModelConfig(name_or_path=path, dtype="auto"),
+                                                     trust_remote_code=job.source.trust_remote_code))
+    return jobs
+
+
+def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None) -> dict[str, dict]:
+    """Each row's metrics (and, for an adapter, its trainable parameters and size on disk), by row name;
+    `predictions_dir` gets NAME.jsonl per row when the metrics generate."""
+    from peftkit.inspect import inspect_adapter
+
+    results = {}
+    for name, job in jobs.items():
+        if predictions_dir is not None:
+            job = replace(job, predictions=predictions_dir / f"{name}.jsonl")
+        results[name] = evaluate(job)
+        if job.source.adapter:
+            info = inspect_adapter(Path(job.source.adapter))
+            results[name] |= {"trainable_params": info["trainable_params"], "adapter_bytes": info["size_on_disk"]}
+    return results
+
+
+def comparison_table(results: dict[str, dict], metrics: list[str]) -> Table:
+    """Rows as given; per metric, its value and (but for the base) the difference from the base."""
+    shown = [m for m in metrics if m in results[BASE]]
+    table = Table(title="peftkit eval: comparison (Δ = row - base)")
+    table.add_column("model")
+    for metric in shown:
+        table.add_column(metric, justify="right")
+        table.add_column("Δ", justify="right")
+    table.add_column("trainable", justify="right")
+    table.add_column("adapter size", justify="right")
+    for name, row in results.items():
+        cells = [name]
+        for metric in shown:
+            value, delta = row[metric], row[metric] - results[BASE][metric]
+            cells += [f"{value:.4f}", "" if name == BASE else f"{delta:+.4f}"]
+        cells += [f"{row['trainable_params']:,}" if "trainable_params" in row else "",
+                  f"{row['adapter_bytes'] / 2**20:.2f} MiB" if "adapter_bytes" in row else ""]
+        table.add_row(*cells)
+    return table

@@ -1,0 +1,70 @@
+"""Prompts of data rows, for generation: the same prompt tokens training built for each row, and the row's
+reference answer (its target), so that what a model generates can be set beside what it was taught.
+
+- `alpaca` / `completion`: the prompt part of the row, tokenized as training tokenizes it (BOS and all).
+- `chat`: the conversation up to its last assistant turn, rendered by the chat template with the generation
+  prompt (`<|im_start|>assistant\\n`); the reference is that last assistant turn.
+- `text` has no prompt: every token is target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftkit.data.examples import prompt_and_target_text, row_location, usable_row
+from peftkit.data.rows import load_rows
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    """Token ids, as training builds the prompt part of the example."""
+    text: str
+    """The prompt as text (the chat template's rendering for `chat`)."""
+    reference: str | None = None
+    """The row's target: what the model was taught to answer."""
+
+
+def chat_prompt(tok, messages: list[dict]) -> Prompt:
+    """A conversation rendered by the chat template with the generation prompt; a clear error without one."""
+    if not getattr(tok, "chat_template", None):
+        raise PeftkitError("This tokenizer has no chat_template, so there is no chat format to render: drop --chat "
+                           "(the prompt is then used as it is), or use a model whose tokenizer has a template.")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return Prompt(tok(text, add_special_tokens=False)["input_ids"], text)
+
+
+def text_prompt(tok, text: str) -> Prompt:
+    """A plain prompt, tokenized as training tokenizes a prompt (the tokenizer's special tokens added)."""
+    return Prompt(tok(text, add_special_tokens=True)["input_ids"], text)
+
+
+def row_prompt(tok, row: dict, fmt: str) -> Prompt:
+    """The prompt and reference of one valid row of format `fmt`."""
+    if fmt == "chat":
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = chat_prompt(tok, messages[:last])
+        prompt.reference = messages[last]["content"]
+        return prompt
+    text, target = prompt_and_target_text(row, fmt)
+    prompt = text_prompt(tok, text)
+    prompt.reference = target
+    return prompt
+
+
+def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None) -> list[Prompt]:
+    """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says."""
+    if cfg.format == "text":
+        raise PeftkitError(f"data.format 'text' has no prompt to generate from in {source} (every token is target). "
+                           "Use --prompt, or data in the alpaca, completion or chat format.")
+    rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows)
+    prompts = []
+    for i, row in enumerate(rows):
+        if limit is not None and len(prompts) >= limit:
+            break
+        if usable_row(row, cfg, row_location(source, i, line_numbers)):
+            prompts.append(row_prompt(tok, row, cfg.format))
+    return prompts

@@ -1,0 +1,167 @@
+"""Text generation: `peftkit generate` (given prompts, or the prompts of a dataset's rows) and the decoding
+that `peftkit chat` shares.
+
+Greedy by default (`temperature: 0`); sampling with a temperature and top-p is seeded. Decoding goes through
+transformers' `generate` with its KV cache, batched with left padding (the attention mask then keeps the pads
+out of attention, and the position ids start at each prompt's first real token); it stops at the tokenizer's
+EOS or the model's own end-of-turn tokens. The test reference is cache-free greedy decoding — one full forward
+of the whole sequence per new token — which `peftkit generate` must match token for token, batched or not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
+from peftkit.errors import PeftkitError
+from peftkit.inference import ModelSource, check_choices, recipe_source
+from peftkit.recipe import DataConfig
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    """0: greedy (the most likely token each step); above 0, sampled from the softened distribution."""
+    top_p: float = 1.0
+    """Sample only from the smallest set of tokens whose probabilities add up to top_p."""
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise PeftkitError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1.")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise PeftkitError(f"--temperature {self.temperature}: must be a number >= 0 (0 = greedy).")
+        if not (0 < self.top_p <= 1):
+            raise PeftkitError(f"--top-p {self.top_p}: must be in (0, 1] (1 = no cut).")
+
+
+def stop_token_ids(model: nn.Module, tok) -> list[int]:
+    """The tokenizer's EOS and the model's own end tokens (a chat model's end-of-turn, from generation_config)."""
+    ids = [tok.eos_token_id]
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += config_eos if isinstance(config_eos, list) else [config_eos]
+    return sorted({i for i in ids if i is not None})
+
+
+def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Sampling, streamer=None) -> list[list[int]]:
+    """New token ids for each prompt of one batch (left-padded), each cut before its first stop token."""
+    from transformers import GenerationConfig
+
+    stops = stop_token_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    width = max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    sample = sampling.temperature > 0
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sample, pad_token_id=pad,
+                              eos_token_id=stops, **({"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                                      "top_k": 0} if sample else {}))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer)
+    completions = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        completions.append(row[:end])
+    return completions
+
+
+def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampling, batch_size: int = 8,
+                   on_batch: Callable[[list[Prompt], list[str]], None] | None = None) -> list[str]:
+    """The completion of each prompt, in order, generated `batch_size` at a time (prompts of similar length
+    together, so that little padding is computed). `on_batch` sees each batch's prompts and completions."""
+    sampling.check()
+    torch.manual_seed(sampling.seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    texts: list[str] = [""] * len(prompts)
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling)
+        for i, ids in zip(batch, new, strict=True):
+            texts[i] = tok.decode(ids, skip_special_tokens=True)
+        if on_batch:
+            on_batch([prompts[i] for i in batch], [texts[i] for i in batch])
+    return texts
+
+
+# ------------------------------------------------------------------------------------ peftkit generate
+
+
+@dataclass
+class GenerateJob:
+    """What `peftkit generate` runs: a model source and its prompts (given, or a dataset's)."""
+
+    source: ModelSource
+    prompts: list[str] = field(default_factory=list)
+    chat: bool = False
+    data: str | None = None
+    data_cfg: DataConfig | None = None
+    split: str = "train"
+    limit: int | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    batch_size: int = 8
+
+    def build_prompts(self, tok) -> list[Prompt]:
+        if self.data:
+            return load_prompts(tok, self.data, self.split, self.data_cfg, self.limit)
+        if self.chat:
+            return [chat_prompt(tok, [{"role": "user", "content": p}]) for p in self.prompts]
+        return [text_prompt(tok, p) for p in self.prompts]
+
+
+def generate_job(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
+                 prompts: list[str], data: str | None, fmt: str | None, chat: bool, limit: int | None,
+                 sampling: Sampling, batch_size: int, trust_remote_code: bool = False) -> GenerateJob:
+    """The `peftkit generate` arguments as one job. A recipe (or run directory) gives the model, the adapter
+    (a run's adapter/), the data format and, without --prompt or --data, data.eval's prompts."""
+    sampling.check()
+    if prompts and data:
+        raise PeftkitError("Give --prompt or --data, not both.")
+    if chat and data:
+        raise PeftkitError("--chat applies to --prompt: with --data, the data's format decides (chat rows are "
+                           "rendered with the chat template already).")
+    check_choices(fmt, None)
+    job = GenerateJob(source=ModelSource(), prompts=prompts, chat=chat, limit=limit, sampling=sampling,
+                      batch_size=batch_size)
+    if recipe is not None:
+        cfg, run_adapter = recipe_source(recipe, overrides)
+        job.source = ModelSource(cfg.model, cfg.quantization, run_adapter)
+        job.data_cfg = cfg.data
+        if not prompts and not data:
+            if not cfg.data.eval:
+                raise PeftkitError(f"{recipe} has no data.eval to take prompts from; pass --prompt TEXT or --data FILE.")
+            job.data, job.split = cfg.data.eval, cfg.data.eval_split
+    elif not model and not adapter:
+        raise PeftkitError("peftkit generate needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
+                           "directory.")
+    if data:
+        job.data, job.split = data, "train"
+    if job.data:
+        job.data_cfg = (job.data_cfg or DataConfig(train=job.data)).model_copy(update={"format": fmt} if fmt else {})
+    elif not prompts:
+        raise PeftkitError("Nothing to generate from: pass --prompt TEXT (repeatable) or --data FILE.")
+    job.source = job.source.with_flags(model, adapter, trust_remote_code)
+    return job
+
+
+def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
+    """Generate for every prompt of `job`: [{"prompt", "completion"} (+ "reference", the row's target, for
+    --data)]. The prompts are built before the model loads, so a data mistake is reported in seconds."""
+    from peftkit.modeling import resolve_device
+
+    tok = job.source.tokenizer()
+    prompts = job.build_prompts(tok)
+    if not prompts:
+        raise PeftkitError(f"{job.data} has no usable rows to take prompts from.")
+    model = job.source.load(resolve_device(job.source.model.device if job.source.model else "auto"))
+    texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size, on_batch)
+    return [{"prompt": p.text, "completion": t} | ({"reference": p.reference} if p.reference is not None else {})
+            for p, t in zip(prompts, texts, strict=True)]

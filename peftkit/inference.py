@@ -1,0 +1,93 @@
+"""What `peftkit eval` and `peftkit generate` run: a base model, a base + adapter, or a merged model.
+
+The tokenizer loads apart from the model, so that a data or prompt mistake is reported in seconds, before a
+multi-GB model loads. With an adapter, the base is the given model or the adapter's base_model_name_or_path,
+loaded at its recorded revision and re-quantized as the adapter was trained (`load_adapted_model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import get_args
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig, ModelConfig, QuantizationConfig, Recipe
+
+FORMATS = get_args(DataConfig.model_fields["format"].annotation)
+
+
+@dataclass
+class ModelSource:
+    model: ModelConfig | None = None
+    """The model, or the base of `adapter` (default: the adapter's recorded base)."""
+    quantization: QuantizationConfig | None = None
+    """bitsandbytes settings for a model without adapter (an adapter brings its own)."""
+    adapter: str | None = None
+    """A PEFT-format adapter directory to apply."""
+    trust_remote_code: bool = False
+    """The user's --trust-remote-code: needed for an adapter whose base runs its own modelling code."""
+
+    def with_flags(self, model: str | None, adapter: str | None, trust_remote_code: bool) -> ModelSource:
+        """This source with the command line's --model, --adapter and --trust-remote-code on top."""
+        return replace(self, model=ModelConfig(name_or_path=model, dtype="auto") if model else self.model,
+                       adapter=adapter or self.adapter, trust_remote_code=trust_remote_code)
+
+    @property
+    def base(self) -> str | None:
+        from peftkit.peft_format import recorded_base
+
+        if self.model:
+            return self.model.name_or_path
+        return recorded_base(self.adapter) if self.adapter else None
+
+    def describe(self) -> str:
+        return f"{self.base} with adapter {self.adapter}" if self.adapter else str(self.base)
+
+    def tokenizer(self):
+        """The tokenizer of the model (or of the adapter's base)."""
+        from peftkit.modeling import check_remote_code, load_tokenizer
+        from peftkit.peft_format import recorded_base
+
+        cfg = self.model
+        if self.adapter:
+            check_remote_code(self.adapter, self.trust_remote_code)
+            cfg = cfg or ModelConfig(name_or_path=self.base or self.adapter,
+                                     revision=recorded_base(self.adapter, "revision"),
+                                     trust_remote_code=self.trust_remote_code)
+        if cfg is None:
+            raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
+        return load_tokenizer(cfg)
+
+    def load(self, device: torch.device) -> nn.Module:
+        """The model in eval mode on `device`, with the adapter applied."""
+        from peftkit.modeling import load_adapted_model, load_model
+
+        if self.adapter:
+            return load_adapted_model(self.base, self.adapter, device, self.trust_remote_code)[0]
+        return load_model(self.model, self.quantization, device).eval()
+
+
+def recipe_source(recipe: Path, overrides: list[str]) -> tuple[Recipe, str | None]:
+    """A recipe file, or a run directory read through its recipe.yaml: (the recipe, the run's adapter/ if it
+    has one, the default --adapter)."""
+    from peftkit.recipe import load_recipe
+
+    run_dir = recipe if recipe.is_dir() else None
+    if run_dir is not None:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise PeftkitError(f"{run_dir} is a directory without recipe.yaml: give a recipe file or a peftkit run "
+                               "directory.")
+        recipe = run_dir / "recipe.yaml"
+    adapter = run_dir / "adapter" if run_dir is not None else None
+    return load_recipe(recipe, overrides), str(adapter) if adapter is not None and adapter.is_dir() else None
+
+
+def check_choices(fmt: str | None, on_bad_rows: str | None) -> None:
+    """--format and --on-bad-rows take the recipe's values."""
+    for flag, value, choices in (("--format", fmt, FORMATS), ("--on-bad-rows", on_bad_rows, ("error", "skip"))):
+        if value is not None and value not in choices:
+            raise PeftkitError(f"{flag} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]}.")

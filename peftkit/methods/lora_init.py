@@ -1,0 +1,105 @@
+"""How a LoRA layer's A and B start (`adapter.init`, peft's `init_lora_weights`), and the export of an adapter whose
+init moved part of the base weight into it.
+
+- default: A kaiming-uniform, B = 0 (the layer's own `reset_parameters`): the update starts at zero.
+- gaussian: A ~ N(0, (1/r)^2), B = 0 (peft's "gaussian"); an embedding keeps its default.
+- pissa (Meng et al. 2024): with W = U S V^T, B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T (s the scaling), so
+  s B A is W's best rank-r part, and the base keeps the residual W - s B A. `pissa_niter` swaps the exact SVD
+  for `torch.svd_lowrank` with that many subspace iterations (peft's "pissa_niter_N"; it draws from torch's RNG).
+- olora (Büyükakyüz 2024): W = Q R, B = Q[:, :r], A = R[:r], the base keeps W - s B A.
+
+PiSSA and OLoRA keep the model's outputs at step 0 (W - s B0 A0 + s B0 A0 = W) but change the base weights, so
+the trained adapter only fits the residual base. The export converts it as peft's `save_pretrained(...,
+path_initial_model_for_weight_conversion=...)` does: W_res + s B A = W + s (B A - B0 A0) = W + s' B' A' with
+A' = [A; A0], B' = [B, -B0] of rank 2r and alpha doubled (x sqrt(2) with rsLoRA), so that s' = s: a plain LoRA on
+the original base. A0 and B0 are kept on the layer (`initial_parts`); a resumed run recomputes them from the
+original base, bit for bit, since the init is deterministic after the seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import AdapterLayer, is_quantized
+
+MOVES_BASE = ("pissa", "olora")
+"""Inits that move part of the base weight into the adapter (and convert at export)."""
+
+
+def initialize(layer: AdapterLayer, init: str, pissa_niter: int | None, path: str) -> None:
+    """Give `layer` (a LoRA Linear/Conv1D/Embedding layer) the init `init`; see the module docstring."""
+    if init == "default":
+        return
+    embedding = isinstance(layer.base_layer, nn.Embedding)
+    if init == "gaussian":
+        if not embedding:  # as peft: an embedding's A is zero and its B normal whatever init says
+            with torch.no_grad():
+                nn.init.normal_(layer.lora_A.weight, std=1 / layer.r)
+        return
+    if embedding:
+        raise PeftkitError(f"adapter.init: {init} decomposes a Linear or Conv1D weight; '{path}' is an Embedding. "
+                           "Leave embeddings out of adapter.target_modules, or use init: default.")
+    if is_quantized(layer.base_layer):
+        # As peft ("initialize PiSSA under float32 ... then re-quantize the residual"): the residual W - s B A
+        # would be re-quantized, so the converted adapter would no longer give the trained model on the base.
+        raise PeftkitError(
+            f"adapter.init: {init} rewrites the base weights as W - s B A, and '{path}' is quantized (bitsandbytes), "
+            "so the residual would be re-quantized and the exported adapter would not reproduce the trained model. "
+            "Use init: default or gaussian with a quantized base, or drop the quantization section."
+        )
+    weight = layer.base_layer.weight
+    if weight.device.type == "meta":  # the memory estimate's model: shapes only
+        return
+    w = weight.detach().float()
+    w = w.T if layer.facts.fan_in_fan_out else w  # (out, in)
+    if layer.r > min(w.shape):
+        raise PeftkitError(f"adapter.init: {init} takes r directions of '{path}''s {tuple(w.shape)} weight; adapter.r "
+                           f"({layer.r}) is larger than {min(w.shape)}. Lower adapter.r or use init: default.")
+    a, b = (_pissa if init == "pissa" else _olora)(w, layer.r, layer.scaling, pissa_niter)
+    residual = w - layer.scaling * b @ a
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(a)
+        layer.lora_B.weight.copy_(b)
+        weight.copy_((residual.T if layer.facts.fan_in_fan_out else residual).to(weight.dtype))
+    layer.initial_parts = {"lora_A.weight": a.clone(), "lora_B.weight": b.clone()}
+
+
+def _pissa(w: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) from the r principal singular triplets of `w` (out, in), with s B A = U_r S_r V_r^T."""
+    if niter is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :r], s[:r], vh[:r]
+    else:
+        u, s, v = torch.svd_lowrank(w, q=r, niter=niter)
+        vh = v.T
+    root = torch.sqrt(s / scaling)
+    return root[:, None] * vh, u * root[None, :]
+
+
+def _olora(w: torch.Tensor, r: int, scaling: float, niter: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (R[:r], Q[:, :r]) of the QR decomposition of `w` (out, in), as peft (no division by s)."""
+    q, rr = torch.linalg.qr(w)
+    return rr[:r].contiguous(), q[:, :r].contiguous()
+
+
+def for_original_base(layers: dict[str, AdapterLayer], state: dict[str, torch.Tensor],
+                      config: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The exported adapter (PEFT-keyed `state`, adapter_config.json `config`) converted to apply to the original
+    base, when its layers' init moved part of the base into it (see the module docstring); else as given."""
+    from peftkit.adapters import PEFT_PREFIX  # peftkit.adapters imports the method registry
+
+    moved = {path: layer.initial_parts for path, layer in layers.items() if getattr(layer, "initial_parts", None)}
+    if not moved:
+        return state, config
+    state = dict(state)
+    for path, initial in moved.items():
+        a_key, b_key = f"{PEFT_PREFIX}{path}.lora_A.weight", f"{PEFT_PREFIX}{path}.lora_B.weight"
+        state[a_key] = torch.cat([state[a_key], initial["lora_A.weight"].cpu()], dim=0).contiguous()
+        state[b_key] = torch.cat([state[b_key], -initial["lora_B.weight"].cpu()], dim=1).contiguous()
+    # peft's rewrite: r doubles; alpha doubles (alpha / r kept), x sqrt(2) with rsLoRA (alpha / sqrt(r) kept).
+    alpha = config["lora_alpha"] * (math.sqrt(2) if config["use_rslora"] else 2)
+    return state, {**config, "r": 2 * config["r"], "lora_alpha": alpha, "init_lora_weights": True}

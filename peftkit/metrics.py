@@ -1,0 +1,78 @@
+"""Task metrics of generated answers against the data's reference answers, each a mean over rows in [0, 1].
+
+- `exact_match`: the normalised prediction equals the normalised reference.
+- `token_f1`: F1 of the normalised whitespace tokens shared by prediction and reference (SQuAD's, counting
+  repeats; 1 when both are empty).
+- `rouge_l`: ROUGE-L F-measure (longest common subsequence) from Google's `rouge-score` package, with its own
+  tokenisation (lowercased, non-alphanumerics dropped) and no stemming; the normalisation does not apply.
+
+Normalisation before `exact_match` and `token_f1` (`--normalize`):
+- `squad` (default): lowercase, punctuation removed, the articles a / an / the removed, whitespace collapsed —
+  the SQuAD evaluation script's, so `"The answer."` matches `answer`;
+- `strip`: surrounding whitespace removed, nothing else (case and punctuation count);
+- `none`: the texts as they are.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+from peftkit.errors import PeftkitError
+
+GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")
+LOSS_METRICS = ("loss", "perplexity")
+METRICS = GENERATION_METRICS + LOSS_METRICS
+NORMALIZATIONS = ("squad", "strip", "none")
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str, how: str = "squad") -> str:
+    if how == "none":
+        return text
+    if how == "strip":
+        return text.strip()
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(prediction: str, reference: str, how: str = "squad") -> float:
+    return float(normalize(prediction, how) == normalize(reference, how))
+
+
+def token_f1(prediction: str, reference: str, how: str = "squad") -> float:
+    predicted, expected = normalize(prediction, how).split(), normalize(reference, how).split()
+    if not predicted or not expected:
+        return float(predicted == expected)
+    shared = sum((Counter(predicted) & Counter(expected)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(predicted), shared / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def parse_metrics(spec: str | list[str]) -> list[str]:
+    """`exact_match,rouge_l` (or a list) as a checked list, in the order given, without repeats."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise PeftkitError(f"--metrics {','.join(names) or spec!r}: {', '.join(unknown) or 'nothing'} is not a metric "
+                           f"peftkit computes; choose from {', '.join(METRICS)}.")
+    return list(dict.fromkeys(names))
+
+
+def score(predictions: list[str], references: list[str], metrics: list[str], how: str = "squad") -> dict[str, float]:
+    """The mean of each generation metric of `metrics` over the rows."""
+    if how not in NORMALIZATIONS:
+        raise PeftkitError(f"--normalize {how!r}: use one of {', '.join(NORMALIZATIONS)}.")
+    per_row = {"exact_match": lambda p, r: exact_match(p, r, how), "token_f1": lambda p, r: token_f1(p, r, how)}
+    if "rouge_l" in metrics:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        per_row["rouge_l"] = lambda p, r: scorer.score(r, p)["rougeL"].fmeasure  # score(target, prediction)
+    n = max(len(predictions), 1)
+    return {m: sum(per_row[m](p, r) for p, r in zip(predictions, references, strict=True)) / n
+            for m in metrics if m in GENERATION_METRICS}

@@ -1,0 +1,139 @@
+"""`peftkit report RUN_DIR`: a self-contained `report.html` (plots embedded) and the plots as PNG files, from
+what a run wrote: metrics.jsonl (the curves), manifest.json (base vs fine-tuned, environment) and recipe.yaml.
+
+    RUN_DIR/report/report.html   open anywhere: images inline, no scripts, no network
+    RUN_DIR/report/*.png         loss (train and eval), learning rate, grad norm, tokens/s, peak memory
+
+Plots are drawn with matplotlib's Agg backend (no display needed). Reading needs no model and no GPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+from peftkit.fileio import atomic_write_bytes, atomic_write_text
+
+REPORT_DIR = "report"
+# (file stem, title, metrics.jsonl key of the training lines, y label)
+CURVES = [
+    ("lr", "Learning rate", "lr", "lr"),
+    ("grad_norm", "Gradient norm (before clipping)", "grad_norm", "norm"),
+    ("throughput", "Throughput", "tokens_per_s", "tokens / s"),
+    ("memory", "Peak memory", "peak_mem_mb", "MiB"),
+]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, eval lines) of RUN_DIR/metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise PeftkitError(f"{run_dir} has no metrics.jsonl: give a peftkit run directory (`peftkit train` writes one).")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise PeftkitError(f"{path}:{number} is not a JSON line; the file is damaged.") from None
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[str, bytes]:
+    """PNG bytes by file stem: the loss plot, and one per recorded training curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    plots = {}
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", linewidth=1.5)
+    ax.set(xlabel="step", ylabel="loss", title="Loss", yscale="log" if log_scale else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    plots["loss"] = _png(fig)
+    plt.close(fig)
+    for stem, title, key, ylabel in CURVES:
+        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 3.0))
+        ax.plot(*zip(*points, strict=True), linewidth=1.2)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        plots[stem] = _png(fig)
+        plt.close(fig)
+    return plots
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    cells = "".join(f"<tr><th>{html.escape(a)}</th><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                    for a, b, c in rows)
+    return f"<table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{cells}</table>"
+
+
+def _metrics_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """Eval loss and perplexity of the base model (before training) and of the fine-tuned one."""
+    base, tuned = metrics.get("base_eval_loss"), metrics.get("eval_loss")
+
+    def fmt(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    return [("eval loss", fmt(base), fmt(tuned)),
+            ("eval perplexity", fmt(None if base is None else math.exp(min(base, 700.0))),
+             fmt(metrics.get("eval_perplexity")))]
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}"
+         "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}"
+         "pre{background:#f6f6f6;padding:1rem;overflow:auto}img{max-width:100%}")
+
+
+def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, recipe_text: str) -> str:
+    metrics = (manifest or {}).get("metrics", {})
+    images = "".join(f'<figure><img alt="{stem}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+                     f"</figure>" for stem, data in plots.items())
+    facts = [("steps", metrics.get("steps")), ("trainable parameters", metrics.get("trainable_params")),
+             ("tokens", metrics.get("tokens")), ("elapsed (s)", metrics.get("elapsed_s"))]
+    fact_rows = "".join(f"<li>{html.escape(k)}: {html.escape(f'{v:,}' if isinstance(v, int) else f'{v:.1f}')}</li>"
+                        for k, v in facts if v is not None)
+    environment = json.dumps((manifest or {}).get("environment", {}), indent=2)
+    status = "" if manifest else "<p><b>No manifest.json: the run did not finish; the curves show what it logged.</b></p>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit report: {html.escape(run_dir.name)}"
+            f"</title><style>{STYLE}</style></head><body><h1>peftkit run {html.escape(str(run_dir))}</h1>{status}"
+            f"<ul>{fact_rows}</ul><h2>Evaluation</h2>{_table(_metrics_rows(metrics))}<h2>Curves</h2>{images}"
+            f"<h2>Recipe</h2><pre>{html.escape(recipe_text)}</pre>"
+            f"<h2>Environment</h2><pre>{html.escape(environment)}</pre></body></html>")
+
+
+def write_report(run_dir: Path, log_scale: bool = False) -> Path:
+    """Write RUN_DIR/report/ (report.html and the PNGs); returns the html file."""
+    run_dir = Path(run_dir)
+    train, evals = read_metrics(run_dir)
+    if not train:
+        raise PeftkitError(f"{run_dir}/metrics.jsonl has no training step yet; nothing to plot.")
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    recipe_path = run_dir / "recipe.yaml"
+    recipe_text = recipe_path.read_text() if recipe_path.is_file() else "(no recipe.yaml)"
+    plots = plot_curves(train, evals, log_scale)
+    out = run_dir / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    for stem, data in plots.items():
+        atomic_write_bytes(out / f"{stem}.png", data)
+    page = out / "report.html"
+    atomic_write_text(page, render_html(run_dir, plots, manifest, recipe_text))
+    return page

@@ -1,0 +1,171 @@
+"""Benchmark: every adapter method, peftkit vs. transformers `Trainer` + HF `peft`, the same steps on one model.
+
+    python scripts/bench_methods.py                          # CPU defaults: a few minutes on 2 idle cores
+    python scripts/bench_methods.py --methods lora,ia3,oft --steps 30
+    python scripts/bench_methods.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
+
+For each method, both sides train the same random-init Llama (built locally, nothing downloaded) on the same
+batches in the same order — bench_train.py's machinery: one fresh subprocess per side, step ends timed the
+same way — and the peft side is configured with the adapter_config.json peftkit writes for that recipe (so
+both adapt the same modules with the same settings; `peft` below lists the few init keys set on top). The
+final eval loss is computed for both sides by the same function (peftkit's `evaluate_loss`, on the same
+eval examples). Reported per method: trainable parameters, s/step, peak memory (peak RSS on CPU, CUDA
+max_memory_allocated on GPU) and final eval loss, with peftkit/peft ratios.
+
+Each method's learning rate is its own (IA3 and VeRA train vectors and need a larger one), the same on both
+sides. AdaLoRA's peft side calls `update_and_allocate` after each optimizer step, as peft's docs say to.
+"""
+
+from __future__ import annotations
+
+import statistics
+from functools import partial
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import (common_args, child, ordered_examples, recipe_for, run_peftkit, run_trainer,  # noqa: E402
+                         spawn_sides, summarize, write_data)
+
+# name -> the recipe's adapter section, its learning rate, and peft config keys set on top of the exported one.
+BENCH: dict[str, dict] = {
+    "lora": {"adapter": {"method": "lora", "r": 8, "alpha": 16}, "lr": 1e-3},
+    "dora": {"adapter": {"method": "lora", "r": 8, "alpha": 16, "use_dora": True}, "lr": 1e-3},
+    "pissa": {"adapter": {"method": "lora", "r": 8, "alpha": 8, "init": "pissa"}, "lr": 1e-4,
+              "peft": {"init_lora_weights": "pissa"}},
+    "ia3": {"adapter": {"method": "ia3"}, "lr": 3e-2},
+    "loha": {"adapter": {"method": "loha", "r": 8, "alpha": 16}, "lr": 1e-3},
+    "lokr": {"adapter": {"method": "lokr", "r": 8, "alpha": 16}, "lr": 1e-3},
+    "adalora": {"adapter": {"method": "adalora", "init_r": 12, "target_r": 8, "tinit": 5, "tfinal": 10,
+                            "deltaT": 2}, "lr": 1e-3},
+    "vera": {"adapter": {"method": "vera", "r": 64}, "lr": 1e-2},
+    "oft": {"adapter": {"method": "oft", "oft_block_size": 32}, "lr": 1e-3},
+}
+
+
+def bench_recipe(args, workdir: Path, name: str):
+    """The recipe of method `name`: bench_train's, with the method's adapter, lr and the eval split."""
+    recipe = recipe_for(args, workdir, training={"lr": BENCH[name]["lr"]})
+    recipe.adapter = BENCH[name]["adapter"]
+    recipe.data.eval = str(workdir / "eval.jsonl")
+    return recipe
+
+
+def available(args, workdir: Path, names: list[str]) -> list[str]:
+    """The methods of `names` this peftkit has (a recipe that does not validate is left out, and said)."""
+    from pydantic import ValidationError
+
+    found = []
+    for name in names:
+        try:
+            bench_recipe(args, workdir, name)
+            found.append(name)
+        except ValidationError as e:
+            print(f"skipping {name}: peftkit does not take its recipe ({e.errors()[0]['msg']})")
+    return found
+
+
+def run_peft_method(recipe, workdir: Path, name: str) -> dict:
+    """transformers Trainer + peft, configured by the adapter_config.json peftkit writes for `recipe`."""
+    import torch
+    from peft import PeftConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.data import load_examples
+    from peftkit.evaluate import evaluate_loss
+    from peftkit.peft_format import peft_config
+    from peftkit.runtime import seed_everything
+
+    def load():
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
+        model.config.use_cache = False
+        return model.to(recipe.model.device)
+
+    config = peft_config(recipe.adapter, inject_adapters(load(), recipe.adapter), recipe.model.name_or_path, False,
+                         "llama")
+    config = {k: v for k, v in config.items() if k != "peft_type"} | {"inference_mode": False}  # trainable
+    config |= BENCH[name].get("peft", {})
+    if name == "adalora":
+        config["total_step"] = recipe.training.max_steps
+    tok, ordered = ordered_examples(recipe)
+    seed_everything(recipe.training.seed, deterministic_cuda=False)  # as peftkit: the same seed before injection
+    model = get_peft_model(load(), PeftConfig.from_peft_type(peft_type=recipe.adapter.method.upper(), **config))
+
+    class Allocate(TrainerCallback):  # AdaLoRA: after optimizer.step, before the gradients are zeroed
+        def on_optimizer_step(self, _args, state, *_, **__):
+            model.base_model.update_and_allocate(state.global_step)
+
+    result = run_trainer(model, tok, ordered, recipe, workdir, callbacks=[Allocate()] if name == "adalora" else (),
+                         optim="adamw_torch_fused" if recipe.model.device == "cuda" else "adamw_torch")
+    evals, _ = load_examples(tok, recipe.data.eval, recipe.data.eval_split, recipe.data)
+    result["eval_loss"] = evaluate_loss(model, evals, recipe.eval.batch_size, tok.pad_token_id)["loss"]
+    result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return result
+
+
+def report(rows: dict[str, dict[str, dict]], args, title: str, cuda: bool) -> None:
+    mem = "peak MiB" if cuda else "peak RSS MiB"
+    print(f"\n{title}")
+    print(f"{'method':10}{'trainable':>12}{'s/step':>9}{'peft':>9}{'ratio':>7}{mem:>14}{'peft':>8}{'ratio':>7}"
+          f"{'eval loss':>11}{'peft':>8}")
+    for name, s in rows.items():
+        ours, theirs = s["peftkit"], s["peft"]
+        same = "" if ours["trainable"] == theirs["trainable"] else f" (peft {theirs['trainable']:,})"
+        print(f"{name:10}{ours['trainable']:>12,}{ours['s_step']:>9.4f}{theirs['s_step']:>9.4f}"
+              f"{ours['s_step'] / theirs['s_step']:>7.2f}{ours['peak']:>14,.0f}{theirs['peak']:>8,.0f}"
+              f"{ours['peak'] / theirs['peak']:>7.2f}{ours['eval_loss']:>11.4f}{theirs['eval_loss']:>8.4f}{same}")
+    print("ratio = peftkit / peft: < 1 is faster or smaller for peftkit")
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--methods", default=",".join(BENCH), help=f"comma-separated, of: {', '.join(BENCH)}")
+    p.add_argument("--method", help="(internal) the method a side runs")
+    args = p.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    if args.side:
+        workdir = Path(args.workdir)
+        run_side = run_peftkit if args.side == "peftkit" else partial(run_peft_method, name=args.method)
+        child(bench_recipe(args, workdir, args.method), run_side, workdir, args.threads)
+        return
+    from peftkit.modeling import quiet_transformers
+    from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
+
+    quiet_transformers()
+    unknown = [m for m in args.methods.split(",") if m not in BENCH]
+    if unknown:
+        sys.exit(f"--methods: {', '.join(unknown)} not among {', '.join(BENCH)}")
+    rows: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_methods_") as tmp:
+        workdir = Path(tmp)
+        build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
+        write_data(args, workdir)
+        write_jsonl(workdir / "eval.jsonl", number_rows(64, seed=2))
+        for name in available(args, workdir, args.methods.split(",")):
+            print(f"{name} ...", flush=True)
+            results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, extra=("--method", name))
+            rows[name] = {side: _medians([summarize(r, args.warmup) | _extra(r) for r in rs])
+                          for side, rs in results.items()}
+    title = (f"Methods, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
+             f"max_length {args.max_length}, {args.steps} steps (first {max(args.warmup, 1)} untimed), "
+             f"{args.repeats} run(s) per side, torch threads {args.threads or torch.get_num_threads()}")
+    report(rows, args, title, args.device == "cuda")
+
+
+def _extra(result: dict) -> dict:
+    return {"eval_loss": result["eval_loss"], "trainable": result["trainable"]}
+
+
+def _medians(runs: list[dict]) -> dict:
+    return {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`peftkit chat`: each reply is the greedy continuation of the whole conversation so far (chat template and
+all), /reset forgets it, /exit ends; and the real command in a real terminal (tmux) streams the same reply."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftkit.chat import chat_loop
+from peftkit.data.prompts import chat_prompt
+from peftkit.generate import Sampling, stop_token_ids
+from tests.test_generate import greedy_no_cache
+
+NEW = 6
+
+
+def _expected_reply(model, tok, messages: list[dict]) -> str:
+    ids = greedy_no_cache(model, chat_prompt(tok, messages).ids, stop_token_ids(model, tok), NEW)
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def test_replies_continue_the_conversation_and_reset_forgets_it(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    lines = iter(["hi", "and then?", "/reset", "and then?", "/exit", "never read"])
+    shown: list[str] = []
+    messages = chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=lambda _: next(lines), write=shown.append)
+
+    first = _expected_reply(model, tok, [{"role": "user", "content": "hi"}])
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "and then?"}]
+    second = _expected_reply(model, tok, history)
+    fresh = _expected_reply(model, tok, [{"role": "user", "content": "and then?"}])
+    assert second != fresh  # the history changes the reply, so the test can tell whether it was kept
+    assert messages == [{"role": "user", "content": "and then?"}, {"role": "assistant", "content": fresh}]
+    text = "".join(shown)
+    assert f"model> {first}\n" in text and f"model> {second}\n" in text and f"model> {fresh}\n" in text
+    assert "(new conversation)" in text
+
+
+def _pane(session: str) -> str:
+    return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _wait_for(session: str, predicate, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = _pane(session)
+        if predicate(text):
+            return text
+        time.sleep(0.3)
+    raise AssertionError(f"timed out; the terminal shows:\n{_pane(session)}")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_chat_in_a_real_terminal(tiny_llama, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    reply = _expected_reply(model, tok, [{"role": "user", "content": "hi"}])
+    session = f"peftkit-chat-{tmp_path.name}"
+    command = f"{sys.executable} -m peftkit.cli chat --model {tiny_llama} --max-new-tokens {NEW}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True)
+    try:
+        _wait_for(session, lambda t: "you>" in t)  # capture-pane drops trailing spaces
+        subprocess.run(["tmux", "send-keys", "-t", session, "hi", "Enter"], check=True)
+        screen = _wait_for(session, lambda t: t.count("you>") >= 2)
+        assert f"you> hi\nmodel> {reply}".rstrip() + "\n" in screen
+        subprocess.run(["tmux", "send-keys", "-t", session, "/exit", "Enter"], check=True)
+        deadline = time.monotonic() + 30
+        while subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "peftkit chat did not exit on /exit"
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

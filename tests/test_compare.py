@@ -1,0 +1,67 @@
+"""`peftkit eval --adapter a=DIR --adapter b=DIR --merged m=DIR`: every row on the same data with the same metrics
+as evaluating it alone, the base's row first, differences from it, adapter parameters and size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from peftkit.evaluate import eval_job, evaluate
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import cli_user_error, make_recipe
+
+
+@pytest.fixture(scope="module")
+def candidates(tiny_llama, number_data, tmp_path_factory):
+    """A peftkit run (adapter/ and merged/) and an adapter made by peft with random weights."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("compare")
+    recipe = make_recipe(root, tiny_llama, number_data, training={"max_steps": 3, "lr": 5e-2},
+                         export={"merged": True})
+    train(load_recipe(recipe), console=Console(quiet=True))
+    torch.manual_seed(0)
+    config = LoraConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(root / "peft")
+    return root
+
+
+def test_comparison_table(tiny_llama, number_data, candidates, tmp_path, monkeypatch, capsys):
+    from peftkit.cli import main
+    from peftkit.inspect import inspect_adapter
+
+    run, data = candidates / "run", str(number_data["eval"])
+    out, preds = tmp_path / "cmp.json", tmp_path / "preds"
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", "--model", str(tiny_llama), "--data", data,
+                                     "--adapter", f"ours={run / 'adapter'}", "--adapter", f"theirs={candidates / 'peft'}",
+                                     "--merged", f"merged={run / 'merged'}", "--metrics", "loss,exact_match",
+                                     "--max-new-tokens", "4", "--json", str(out), "--predictions", str(preds)])
+    main()
+    results = json.loads(out.read_text())
+    assert sorted(results) == ["base", "merged", "ours", "theirs"]  # the JSON file sorts its keys
+    for name, adapter in (("ours", run / "adapter"), ("theirs", candidates / "peft")):
+        alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, str(adapter), None, None, None,
+                                  metrics="loss,exact_match", max_new_tokens=4))
+        assert {k: results[name][k] for k in alone} == alone
+        info = inspect_adapter(adapter)
+        assert (results[name]["trainable_params"], results[name]["adapter_bytes"]) == (info["trainable_params"],
+                                                                                       info["size_on_disk"])
+    base = evaluate(eval_job(None, [], str(tiny_llama), data, None, None, None, None, None, metrics="loss"))
+    assert results["base"]["loss"] == base["loss"]
+    assert abs(results["merged"]["loss"] - results["ours"]["loss"]) < 1e-4
+    assert sorted(p.name for p in preds.iterdir()) == ["base.jsonl", "merged.jsonl", "ours.jsonl", "theirs.jsonl"]
+    shown = capsys.readouterr().out
+    assert f"{results['ours']['loss'] - results['base']['loss']:+.4f}" in shown  # the Δ column
+
+
+def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monkeypatch, capsys):
+    args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])]
+    assert "--adapter: the name 'a' is used twice" in cli_user_error(
+        monkeypatch, capsys, *args, "--adapter", f"a={candidates / 'peft'}", "--adapter", f"a={candidates / 'peft'}")
+    assert "the name 'base' is used twice (or is the base's row)" in cli_user_error(
+        monkeypatch, capsys, *args, "--adapter", f"base={candidates / 'peft'}")

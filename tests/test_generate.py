@@ -1,0 +1,143 @@
+"""`peftkit generate`: cached, batched, left-padded generation gives the tokens of cache-free greedy decoding
+(one full forward of the whole sequence per new token) for every method on every tiny architecture, over a
+4-bit base too; `--data` generates from the prompt tokens training used; bad input is a clear error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftkit.adapters import inject_adapters
+from peftkit.data import load_examples
+from peftkit.data.prompts import Prompt, load_prompts
+from peftkit.generate import Sampling, generate_texts, stop_token_ids
+from peftkit.methods import METHODS
+from peftkit.recipe import DataConfig
+from tests.conftest import cli_user_error, make_recipe, random_adapters
+from tests.test_methods import CASES, models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
+
+PROMPTS = ["### Instruction:\nadd 12 and 30\n\n### Response:\n", "hi", "count: 1 2 3 4 5 6 7 8 9"]
+NEW = 12
+
+
+def greedy_no_cache(model, ids: list[int], stops: list[int], n: int = NEW) -> list[int]:
+    """The reference: argmax of one full forward (no KV cache, no padding) per new token, up to a stop token."""
+    seq = list(ids)
+    for _ in range(n):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq]), use_cache=False).logits[0, -1]
+        token = int(logits.argmax())
+        if token in stops:
+            break
+        seq.append(token)
+    return seq[len(ids):]
+
+
+def _check_matches_reference(model, tok) -> None:
+    prompts = [Prompt(tok(p)["input_ids"], p) for p in PROMPTS]
+    texts = generate_texts(model, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
+    stops = stop_token_ids(model, tok)
+    expected = [tok.decode(greedy_no_cache(model, p.ids, stops), skip_special_tokens=True) for p in prompts]
+    assert texts == expected
+    assert len(set(texts)) > 1 and any(texts)  # not trivially empty or identical
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_batched_generation_is_cache_free_greedy(name, arch, models):  # noqa: F811
+    case = CASES[name][0]
+    if arch not in case.archs:
+        pytest.skip(f"{case.id} does not run on {arch}")
+    model = AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    inject_adapters(model, case.cfg)
+    random_adapters(model, seed=1, std=0.3)
+    _check_matches_reference(model, AutoTokenizer.from_pretrained(models[arch]))
+
+
+def test_generation_over_a_4bit_base(models):  # noqa: F811
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig, QuantizationConfig
+
+    quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
+    model = load_model(ModelConfig(name_or_path=str(models["llama"]), dtype="float32"), quant, torch.device("cpu"))
+    torch.manual_seed(0)
+    inject_adapters(model, LoraConfig(r=4, alpha=8))
+    random_adapters(model, seed=1, std=0.3)
+    _check_matches_reference(model.eval(), AutoTokenizer.from_pretrained(models["llama"]))
+
+
+def test_sampling_is_seeded(models):  # noqa: F811
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    prompts = [Prompt(tok("hi")["input_ids"], "hi")]
+    runs = [generate_texts(model, tok, prompts, Sampling(NEW, temperature=1.5, seed=s)) for s in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "chat"])
+def test_data_prompts_are_the_prompts_training_used(fmt, tiny_llama, tmp_path):
+    """The prompt tokens of each row are exactly the masked (no-loss) prefix of its training example."""
+    from peftkit.tiny import write_jsonl
+
+    rows = ([{"instruction": "add 1 and 2", "output": "3"}, {"instruction": "sum", "input": "4 5", "output": "9"}]
+            if fmt == "alpaca" else
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}])
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format=fmt)
+    prompts = load_prompts(tok, cfg.train, "train", cfg)
+    examples, _ = load_examples(tok, cfg.train, "train", cfg)
+    for prompt, example, row in zip(prompts, examples, rows, strict=True):
+        masked = next(i for i, label in enumerate(example.labels) if label != -100)
+        assert prompt.ids == example.input_ids[:masked]
+        assert prompt.reference == (row["output"] if fmt == "alpaca" else "hello")
+
+
+def test_cli_generates_from_a_run_directory(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """`peftkit generate RUN_DIR --data ... --json OUT`: the run's adapter applied, one completion per row, each
+    the same as generating through the adapter loaded by hand."""
+    from rich.console import Console
+
+    from peftkit.cli import main
+    from peftkit.modeling import load_adapted_model
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 3, "lr": 5e-2})
+    train(load_recipe(recipe), console=Console(quiet=True))
+    out = tmp_path / "gen.json"
+    monkeypatch.setattr("sys.argv", ["peftkit", "generate", str(tmp_path / "run"), "--limit", "3",
+                                     "--max-new-tokens", "8", "--json", str(out)])
+    main()
+    results = json.loads(out.read_text())
+    assert [sorted(r) for r in results] == [["completion", "prompt", "reference"]] * 3
+    model, _, tok, *_ = load_adapted_model(None, str(tmp_path / "run" / "adapter"))
+    prompts = load_prompts(tok, str(number_data["eval"]), "train", DataConfig(train=str(number_data["eval"])), 3)
+    assert [r["completion"] for r in results] == generate_texts(model, tok, prompts, Sampling(max_new_tokens=8))
+    assert "3 completions written" in capsys.readouterr().out
+
+
+def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    model = str(tiny_llama)
+    assert "--temperature -1.0: must be a number >= 0" in cli_user_error(
+        monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--temperature", "-1")
+    assert "Give --prompt or --data, not both" in cli_user_error(
+        monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--data", str(number_data["eval"]))
+    assert "Nothing to generate from" in cli_user_error(monkeypatch, capsys, "generate", "--model", model)
+    assert "data.format 'text' has no prompt to generate from" in cli_user_error(
+        monkeypatch, capsys, "generate", "--model", model, "--data", str(number_data["eval"]), "--format", "text")
+    plain = tmp_path / "no-template"
+    shutil.copytree(tiny_llama, plain)
+    for f in plain.glob("chat_template.*"):
+        f.unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    assert "This tokenizer has no chat_template" in cli_user_error(
+        monkeypatch, capsys, "generate", "--model", str(plain), "--prompt", "x", "--chat")

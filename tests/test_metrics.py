@@ -1,0 +1,110 @@
+"""Task metrics in `peftkit eval --metrics`: the scores against hand-computed values, the predictions file
+holding exactly what generation produced, the same answers from an adapter applied live, merged, or loaded by
+peft, and clear errors for bad flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from peftkit.data.prompts import load_prompts
+from peftkit.evaluate import eval_job, evaluate
+from peftkit.generate import Sampling, generate_texts
+from peftkit.metrics import exact_match, normalize, score, token_f1
+from peftkit.recipe import DataConfig, load_recipe
+from peftkit.tiny import write_jsonl
+from tests.conftest import cli_user_error, make_recipe
+
+
+def test_scores_against_hand_computed_values():
+    assert normalize("  The  Answer, is: 42! ") == "answer is 42"
+    assert exact_match("The answer.", "answer") == 1.0 and exact_match("The answer.", "answer", "strip") == 0.0
+    assert exact_match(" answer\n", "answer", "strip") == 1.0 and exact_match(" answer", "answer", "none") == 0.0
+    # prediction "x b b c" vs reference "b c d": shared b, c -> P 2/4, R 2/3, F1 = 2 * (1/2 * 2/3) / (1/2 + 2/3)
+    assert token_f1("x b b c", "b c d") == pytest.approx(4 / 7)
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+    # ROUGE-L: the longest common subsequence of "the cat sat on the mat" and "the cat sat" is 3 words:
+    # P 3/6, R 3/3, F = 2/3; "mat the" vs "the mat": LCS 1 word, F = 1/2. Normalised, both of the second pair
+    # are "mat" (articles dropped): one exact match in two.
+    got = score(["the cat sat on the mat", "mat the"], ["the cat sat", "the mat"], ["rouge_l", "exact_match"])
+    assert got == {"rouge_l": pytest.approx((2 / 3 + 1 / 2) / 2), "exact_match": 0.5}
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"instruction": f"add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(n)]
+
+
+def test_eval_metrics_and_predictions_file(tiny_llama, tmp_path):
+    """Half the references are set to what the model really answers: exact_match is exactly 0.5, and the
+    predictions file holds the model's answers, the prompts training used and the references."""
+    from transformers import AutoTokenizer
+
+    data = tmp_path / "rows.jsonl"
+    write_jsonl(data, _rows(4))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = DataConfig(train=str(data))
+    prompts = load_prompts(tok, str(data), "train", cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    answers = generate_texts(model, tok, prompts, Sampling(max_new_tokens=6))
+    rows = _rows(4)
+    for row, answer in zip(rows[:2], answers[:2]):
+        row["output"] = answer
+    write_jsonl(data, rows)
+
+    out = tmp_path / "preds.jsonl"
+    job = eval_job(None, [], str(tiny_llama), str(data), None, None, None, 4, None,
+                   metrics="exact_match,token_f1,loss", max_new_tokens=6, predictions=out)
+    result = evaluate(job)
+    assert result["exact_match"] == 0.5 and result["num_rows"] == 4 and "loss" in result and "rouge_l" not in result
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["prediction"] for line in lines] == answers
+    assert [line["reference"] for line in lines] == [r["output"] for r in rows]
+    assert [line["prompt"] for line in lines] == [p.text for p in prompts]
+    assert result["token_f1"] == pytest.approx(sum(token_f1(a, r["output"]) for a, r in zip(answers, rows)) / 4)
+
+
+def test_same_answers_live_merged_and_in_peft(tiny_llama, number_data, tmp_path):
+    from peft import PeftModel
+
+    from peftkit.train import train
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2, "lr": 1e-2},
+                         export={"merged": True})
+    train(load_recipe(recipe), console=Console(quiet=True))
+    run, data = tmp_path / "run", str(number_data["eval"])
+    common = dict(metrics="exact_match,rouge_l", max_new_tokens=8)
+    live = eval_job(run, [], None, None, None, None, None, None, None, **common, predictions=tmp_path / "live.jsonl")
+    merged = eval_job(None, [], str(run / "merged"), data, None, None, None, None, None, **common,
+                      predictions=tmp_path / "merged.jsonl")
+    assert evaluate(live) == evaluate(merged)
+    live_answers = [json.loads(x)["prediction"] for x in (tmp_path / "live.jsonl").read_text().splitlines()]
+    assert live_answers == [json.loads(x)["prediction"] for x in (tmp_path / "merged.jsonl").read_text().splitlines()]
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run / "adapter").eval()
+    theirs = []
+    for prompt in load_prompts(tok, data, "train", DataConfig(train=data)):
+        with torch.no_grad():
+            out = reference.generate(input_ids=torch.tensor([prompt.ids]), max_new_tokens=8, do_sample=False,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        theirs.append(tok.decode(out[0, len(prompt.ids):], skip_special_tokens=True))
+    assert live_answers == theirs
+    assert len(set(theirs)) > 1
+
+
+def test_bad_flags_are_clear_errors(tiny_llama, number_data, monkeypatch, capsys):
+    base = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])]
+    assert "bleu is not a metric peftkit computes; choose from exact_match, token_f1, rouge_l, loss, perplexity" in \
+        cli_user_error(monkeypatch, capsys, *base, "--metrics", "exact_match,bleu")
+    assert "--predictions: nothing is generated without a generation metric" in \
+        cli_user_error(monkeypatch, capsys, *base, "--predictions", "p.jsonl")
+    assert "--normalize 'lower': use one of squad, strip, none" in \
+        cli_user_error(monkeypatch, capsys, *base, "--metrics", "exact_match", "--normalize", "lower")
+    assert "data.format 'text' has no prompt to generate from" in \
+        cli_user_error(monkeypatch, capsys, *base, "--metrics", "rouge_l", "--format", "text")

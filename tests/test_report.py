@@ -1,0 +1,70 @@
+"""`peftkit report RUN_DIR`: the PNGs are real plots of the run's curves, report.html embeds them and holds the
+base vs fine-tuned table, and a real headless browser (Debian's Chromium) renders the plots."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+
+import pytest
+from rich.console import Console
+
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.report import write_report
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+PNG = b"\x89PNG\r\n\x1a\n"
+BLUE = (0x1F, 0x77, 0xB4)  # matplotlib's first line colour: the train loss and every single curve
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama, number_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    recipe = make_recipe(root, tiny_llama, number_data, training={"max_steps": 4, "eval_steps": 2})
+    train(load_recipe(recipe), console=Console(quiet=True))
+    return root / "run"
+
+
+def _blue_pixels(png: bytes) -> int:
+    import io
+
+    import matplotlib.image
+
+    pixels = (matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3] * 255).round()
+    return int((abs(pixels - BLUE).max(axis=-1) <= 8).sum())
+
+
+def test_report_files(run):
+    page = write_report(run)
+    assert page == run / "report" / "report.html"
+    pngs = {p.stem: p.read_bytes() for p in (run / "report").glob("*.png")}
+    assert set(pngs) == {"loss", "lr", "grad_norm", "throughput", "memory"}
+    assert all(data.startswith(PNG) and _blue_pixels(data) > 50 for data in pngs.values())  # a drawn curve each
+    text = page.read_text()
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', text)]
+    assert sorted(embedded) == sorted(pngs.values())  # self-contained: the same images, inline
+    import json
+
+    metrics = json.loads((run / "manifest.json").read_text())["metrics"]
+    assert f"<td>{metrics['base_eval_loss']:.4f}</td><td>{metrics['eval_loss']:.4f}</td>" in text
+    assert "<script" not in text and "http" not in text.split("<h2>Environment</h2>")[0].replace("http-equiv", "")
+
+
+def test_a_directory_without_metrics_is_a_clear_error(tmp_path):
+    with pytest.raises(PeftkitError, match="has no metrics.jsonl: give a peftkit run directory"):
+        write_report(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_a_browser_renders_the_plots(run, tmp_path):
+    page = write_report(run)
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
+                    page.as_uri()], check=True, capture_output=True, timeout=120)
+    assert _blue_pixels(shot.read_bytes()) > 500  # the plots' curves are on screen, not broken images

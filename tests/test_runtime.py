@@ -1,0 +1,86 @@
+"""The optimizer's parameter groups: LoRA+ (training.loraplus_lr_ratio) with every optimizer peftkit offers."""
+
+from typing import get_args
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.methods.lora import LoraConfig
+from peftkit.recipe import TrainingConfig, load_recipe
+from peftkit.runtime import build_optimizer, lr_lambda, optimizer_groups
+from tests.conftest import make_recipe
+
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
+OPTIMIZERS = get_args(TrainingConfig.model_fields["optimizer"].annotation)
+
+
+def _injected(path, **adapter):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.manual_seed(0)
+    inject_adapters(model, LoraConfig(r=4, alpha=8, **adapter))
+    return model
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_loraplus_groups_with_every_optimizer(optimizer, tiny_llama):
+    """B at ratio x lr, A at lr, an embedding's LoRA at loraplus_lr_embedding, DoRA's magnitude at lr; the
+    scheduler scales every group alike; weight decay is training.weight_decay everywhere."""
+    model = _injected(tiny_llama, use_dora=False, target_modules=["q_proj", "down_proj", "embed_tokens"])
+    cfg = TrainingConfig(optimizer=optimizer, lr=1e-3, weight_decay=0.01, loraplus_lr_ratio=16,
+                         loraplus_lr_embedding=3e-6, scheduler="linear", max_steps=4)
+    opt = build_optimizer(cfg, optimizer_groups(cfg, model), torch.device("cpu"), Console(quiet=True))
+    groups = {g["loraplus"]: g for g in opt.param_groups}
+    assert {role: g["lr"] for role, g in groups.items()} == {"A": 1e-3, "B": 16e-3, "embedding": 3e-6}
+    assert all(g["weight_decay"] == 0.01 for g in opt.param_groups)
+    layers = adapter_layers(model)
+    expected = {"A": [layers["model.layers.0.self_attn.q_proj"].lora_A.weight],
+                "B": [layers["model.layers.0.self_attn.q_proj"].lora_B.weight],
+                "embedding": [layers["model.embed_tokens"].lora_embedding_A]}
+    for role, params in expected.items():
+        assert all(any(p is q for q in groups[role]["params"]) for p in params), role
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, 4))
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()
+    scheduler.step()
+    factor = lr_lambda(cfg, 4)(1)
+    assert groups["B"]["lr"] == pytest.approx(16e-3 * factor) and groups["A"]["lr"] == pytest.approx(1e-3 * factor)
+
+
+def test_loraplus_steps_apply_each_groups_lr(tiny_llama):
+    """SGD without decay: each tensor moves by exactly -lr_of_its_group x grad (an independent check that the
+    groups' rates are the ones used); DoRA's magnitude and a saved module train at lr."""
+    model = _injected(tiny_llama, use_dora=True, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    cfg = TrainingConfig(optimizer="sgd", lr=0.1, loraplus_lr_ratio=16)
+    opt = build_optimizer(cfg, optimizer_groups(cfg, model), torch.device("cpu"), Console(quiet=True))
+    layer = adapter_layers(model)["model.layers.0.self_attn.q_proj"]
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)  # a nonzero B, so A gets a gradient
+    tensors = {"A": layer.lora_A.weight, "B": layer.lora_B.weight, "m": layer.lora_magnitude_vector,
+               "head": model.lm_head.weight}
+    before = {k: t.detach().clone() for k, t in tensors.items()}
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {k: t.grad.clone() for k, t in tensors.items()}
+    opt.step()
+    for key, lr in {"A": 0.1, "B": 1.6, "m": 0.1, "head": 0.1}.items():
+        torch.testing.assert_close(tensors[key].detach(), before[key] - lr * grads[key], rtol=0, atol=1e-7)
+
+
+def test_without_loraplus_one_group(tiny_llama):
+    model = _injected(tiny_llama)
+    groups = optimizer_groups(TrainingConfig(), model)
+    assert len(groups) == 1 and "lr" not in groups[0]
+
+
+def test_loraplus_refused_for_ia3(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"loraplus_lr_ratio": 16})
+    recipe.write_text(recipe.read_text().replace("  r: 4\n  alpha: 8\n", "  method: ia3\n"))
+    with pytest.raises(PeftkitError) as info:
+        load_recipe(recipe)
+    message = str(info.value)
+    assert "training.loraplus_lr_ratio" in message and "ia3 has no A/B matrices" in message
+    assert "remove training.loraplus_lr_ratio" in message
