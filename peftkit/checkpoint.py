@@ -57,11 +57,12 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, scheduler, state: LoopState,
-                    inputs: dict, keep: int) -> Path:
+                    inputs: dict, keep: int, method_trainer=None) -> Path:
     """Write checkpoints/step-N/ as a whole, then remove the oldest beyond `keep`.
 
     Args:
         inputs: hashes of the data and base model (`run_inputs`), recorded to refuse a resume on others.
+        method_trainer: the method's `MethodTrainer`, if it has one: its state is kept beside the optimizer's.
     """
     from safetensors.torch import save_file
 
@@ -72,7 +73,10 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, tmp / STATE_FILE)
+        blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+        if method_trainer is not None:
+            blob["method_trainer"] = method_trainer.state_dict()
+        torch.save(blob, tmp / STATE_FILE)
         (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__))
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / CHECKSUMS).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, sort_keys=True))
@@ -103,8 +107,9 @@ def _recorded(path: Path) -> dict:
     return recorded
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState, dict]:
-    """Restore a checkpoint into the model, optimizer, scheduler and RNG; returns (loop state, its inputs).
+def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None) -> tuple[LoopState, dict]:
+    """Restore a checkpoint into the model, optimizer, scheduler, RNG and the method's trainer (if any); returns
+    (loop state, its inputs).
 
     Raises DamagedCheckpoint when its files fail their checksums or do not load.
     """
@@ -119,6 +124,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[LoopState,
         load_adapter_state_dict(model, weights)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+        if method_trainer is not None:
+            method_trainer.load_state_dict(blob["method_trainer"])
         torch.set_rng_state(blob["rng"]["cpu"])
         if "cuda" in blob["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
@@ -138,11 +145,12 @@ def _changed_input(recorded: dict, now: dict) -> str | None:
     return None
 
 
-def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Console) -> tuple[Path, LoopState]:
+def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Console,
+           method_trainer=None) -> tuple[Path, LoopState]:
     """Load the newest intact checkpoint of `out`; passing over damaged ones is said on the console."""
     for path in reversed(checkpoint_dirs(out)):
         try:
-            state, recorded = load_checkpoint(path, model, optimizer, scheduler)
+            state, recorded = load_checkpoint(path, model, optimizer, scheduler, method_trainer)
         except DamagedCheckpoint as e:
             console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {e}; trying an older one.")
             continue

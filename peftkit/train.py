@@ -4,7 +4,9 @@
     → optimizer/scheduler on accelerate → loop (accumulate, clip, step, log, eval, checkpoint) → export
 
 Loss is the sum of token cross-entropies over a whole accumulation window divided by the window's
-label-token count, so batch_size x grad_accum = 8 x 1 and 4 x 2 give the same gradient.
+label-token count, so batch_size x grad_accum = 8 x 1 and 4 x 2 give the same gradient. A method's
+regulariser (`MethodTrainer.regularizer`, e.g. AdaLoRA's orthogonality term) is added once per optimizer
+step, so it keeps that property; metrics.jsonl logs it apart (`regularizer`), `loss` is the cross-entropy.
 
 Run directory (a contract other tools rely on):
     adapter/            PEFT-format adapter (adapter_model.safetensors, adapter_config.json, peftkit.json)
@@ -37,7 +39,7 @@ from peftkit.errors import PeftkitError
 from peftkit.evaluate import evaluate_loss, token_loss_sum
 from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.merge import base_provenance, conv1d_modules, merged_model, save_merged
-from peftkit.methods import method_of
+from peftkit.methods import MethodTrainer, method_of
 from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter, peft_config, save_adapter
 from peftkit.progress import TrainProgress
@@ -107,6 +109,8 @@ class _Run:
     inputs: dict
     total_steps: int
     summary: dict = field(default_factory=dict)
+    method_trainer: MethodTrainer | None = None
+    """What the adapter method adds to the loop (`Method.trainer`): a regulariser, an after-step hook, state."""
 
     @property
     def metrics_path(self) -> Path:
@@ -115,7 +119,8 @@ class _Run:
     def checkpoint(self, state: LoopState) -> Path:
         try:
             return save_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.cfg.adapter.modules_to_save,
-                                   self.optimizer, self.scheduler, state, self.inputs, self.cfg.training.save_total_limit)
+                                   self.optimizer, self.scheduler, state, self.inputs, self.cfg.training.save_total_limit,
+                                   self.method_trainer)
         except DiskFullError as e:
             raise DiskFullError(f"{e} {self.resume_hint()}") from None
 
@@ -154,7 +159,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
         state = LoopState()
         if resume:
-            ckpt, state = resume_checkpoint(out, run.model, run.optimizer, run.scheduler, run.inputs, console)
+            ckpt, state = resume_checkpoint(out, run.model, run.optimizer, run.scheduler, run.inputs, console,
+                                            run.method_trainer)
             truncate_metrics(run.metrics_path, state.step, run.total_steps)
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps}).")
         _loop(run, state)
@@ -212,12 +218,13 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
 
     per_epoch = -(-len(train_ex) // tcfg.batch_size)
     total_steps = tcfg.max_steps or max(1, (tcfg.epochs * per_epoch) // tcfg.grad_accum)
+    method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     accelerator = Accelerator(mixed_precision=mixed_precision(tcfg, device), cpu=device.type == "cpu")
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
-                inputs, total_steps, summary)
+                inputs, total_steps, summary, method_trainer)
 
 
 def _loop(run: _Run, state: LoopState) -> None:
@@ -238,7 +245,7 @@ def _loop(run: _Run, state: LoopState) -> None:
             window = [next(stream) for _ in range(tcfg.grad_accum)]
             tokens = sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
             window_tokens += tokens
-            loss_value, grad_norm = _step(run, window, tokens, state)
+            loss_value, grad_norm, regularizer = _step(run, window, tokens, state)
             if loss_value is None:
                 continue
             if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
@@ -246,6 +253,8 @@ def _loop(run: _Run, state: LoopState) -> None:
                 lr = run.scheduler.get_last_lr()[0]
                 record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
+                if regularizer is not None:
+                    record["regularizer"] = regularizer
                 append_line(run.metrics_path, json.dumps(record), sync=False)
                 progress.update(state.step, loss_value, lr, tps)
                 window_start, window_tokens = time.time(), 0
@@ -256,9 +265,9 @@ def _loop(run: _Run, state: LoopState) -> None:
                 run.checkpoint(state)
 
 
-def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple[float | None, float | None]:
-    """One optimizer step over the micro-batches of `window`; (loss, grad norm), or (None, None) when a
-    non-finite loss was skipped (training.nan_policy: skip_step)."""
+def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple[float | None, float | None, float | None]:
+    """One optimizer step over the micro-batches of `window`; (loss, grad norm, the method's regulariser or None),
+    or (None, None, None) when a non-finite loss was skipped (training.nan_policy: skip_step)."""
     tcfg, accelerator = run.cfg.training, run.accelerator
     n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -268,7 +277,8 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
         accelerator.backward(loss / n_label)
         loss_sum += loss.detach()
     loss_value = float(loss_sum) / n_label  # one device sync per optimizer step
-    if not math.isfinite(loss_value):
+    reg_value = _regularize(run)
+    if not math.isfinite(loss_value + (reg_value or 0.0)):
         run.optimizer.zero_grad(set_to_none=True)
         if tcfg.nan_policy == "stop":
             ckpts = checkpoint_dirs(run.out)
@@ -282,17 +292,28 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
         run.console.print(f"[yellow]step {state.step + 1}: loss {loss_value}, step skipped[/]")
         state.step += 1
         run.scheduler.step()
-        return None, None
+        return None, None, None
     grad_norm = None
     if tcfg.max_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(trainable_parameters(run.model), tcfg.max_grad_norm))
     run.optimizer.step()
     run.scheduler.step()
+    if run.method_trainer is not None:
+        run.method_trainer.after_step(state.step + 1)  # peft's place for AdaLoRA's allocator: gradients still here
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += tokens
     state.losses.append(loss_value)
-    return loss_value, grad_norm
+    return loss_value, grad_norm, reg_value
+
+
+def _regularize(run: _Run) -> float | None:
+    """Backpropagate the method's regulariser, once for the whole step; its value, or None without one."""
+    reg = run.method_trainer.regularizer() if run.method_trainer is not None else None
+    if reg is None:
+        return None
+    run.accelerator.backward(reg)
+    return float(reg.detach())
 
 
 def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> dict:
@@ -305,7 +326,7 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     fsync_path(run.metrics_path)
     _check_finite(run, model, eval_result, state)
     try:
-        exported = export(model, run.tok, cfg, run.targets, out)
+        exported = export(model, run.tok, cfg, run.targets, out, run.method_trainer)
     except DiskFullError as e:
         raise DiskFullError(f"{e} Training itself finished; {run.resume_hint()}") from None
     if prompts := sample_prompts(cfg, run.tok):
@@ -353,12 +374,15 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) 
         )
 
 
-def export(model, tok, cfg: Recipe, targets: list[str], out: Path) -> list[Path]:
-    """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories."""
+def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None) -> list[Path]:
+    """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories. `method_trainer`
+    fills in what only the run knows (AdaLoRA: its length and rank pattern, with the pruned triplets cut)."""
     exported = []
     if cfg.export.adapter:
-        state = adapter_state_dict(model, cfg.adapter.modules_to_save)
-        config = peft_config(cfg.adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
+        adapter, state = cfg.adapter, adapter_state_dict(model, cfg.adapter.modules_to_save)
+        if method_trainer is not None:
+            adapter, state = method_trainer.export(adapter, state)
+        config = peft_config(adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
                              revision=cfg.model.revision)
         state, config = method_of(cfg.adapter).for_original_base(adapter_layers(model), state, config)
         with atomic_directory(out / "adapter") as tmp:

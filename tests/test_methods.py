@@ -34,6 +34,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict, share_tensors
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
+from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.loha import LohaConfig
 from peftkit.methods.lokr import LokrConfig
@@ -99,6 +100,12 @@ CASES: dict[str, list[Case]] = {
                                                     projection_prng_key=7, d_initial=0.5, save_projection=False),
              ("llama",), ()),
     ],
+    "adalora": [
+        # peft's default targets: q, v on Llama and Qwen2 (biased), c_attn (Conv1D) on GPT-2. Per-layer ranks
+        # (rank_pattern) and the allocator have their own tests in tests/test_adalora.py.
+        Case("adalora", AdaLoraConfig(method="adalora", init_r=4, target_r=2), ("llama", "qwen2", "gpt2"),
+             ("linear", "conv1d")),
+    ],
 }
 
 
@@ -153,10 +160,21 @@ def vera_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return (w + delta).T if layout == "conv1d" else w + delta, bias
 
 
-DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense}
+def adalora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: AdaLoraConfig, layout: str):
+    """(W + alpha / (init_r + 1e-5) * B diag(E) A, b), A (r, in), E (r, 1), B (out, r): the paper's eq. (1) with
+    peft's scaling (its `ranknum` is init_r for every layer); W (out, in), or (in, out) for Conv1D."""
+    w = weight.T if layout == "conv1d" else weight
+    update = parts["lora_B"] @ torch.diag(parts["lora_E"].flatten()) @ parts["lora_A"]
+    v = w + cfg.alpha / (cfg.init_r + 1e-5) * update
+    return (v.T if layout == "conv1d" else v), bias
+
+
+DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
+         "adalora": adalora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type.
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
-                   "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False}}
+                   "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
+                   "ADALORA": {"init_lora_weights": False}}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]

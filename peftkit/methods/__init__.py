@@ -13,7 +13,8 @@ from typing import Annotated, Any, Union
 from pydantic import Discriminator, Tag
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method
+from peftkit.methods.adalora import AdaLora, AdaLoraConfig
+from peftkit.methods.base import AdapterLayer, Method, MethodTrainer
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.loha import Loha, LohaConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
@@ -36,6 +37,7 @@ register(IA3)
 register(Loha)
 register(Lokr)
 register(Vera)
+register(AdaLora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -77,5 +79,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdapterConfig", "AdapterLayer", "IA3Config", "LohaConfig", "LokrConfig",
-           "LoraConfig", "Method", "VeraConfig", "default_adapter", "method_for_peft_type", "method_of", "register"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "IA3Config", "LohaConfig",
+           "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "VeraConfig", "default_adapter", "method_for_peft_type",
+           "method_of", "register"]

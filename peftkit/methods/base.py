@@ -148,6 +148,31 @@ def targets_from_peft(targets: list[str] | str, config_file: Path,
                            f"{REEXPORT}") from None
 
 
+class MethodTrainer:
+    """What a method adds to the training loop (`Method.trainer`), beside its layers' forward: an extra loss term,
+    work after each optimizer step, state that a checkpoint must keep, and settings only the run knows at export.
+    Every hook does nothing by default. (AdaLoRA: the orthogonality regulariser and the rank allocator.)"""
+
+    def regularizer(self) -> torch.Tensor | None:
+        """A term added to the loss of each optimizer step (once per step, not per micro-batch: its gradient
+        does not depend on how the step is split into micro-batches), or None."""
+        return None
+
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step number `step` (1 for the first), before the gradients are zeroed."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (tensors, lists, numbers: `torch.load(weights_only=True)` must read it)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s value on resume."""
+
+    def export(self, cfg: Any, state: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The adapter settings and PEFT-keyed tensors to export, from the recipe's and the model's."""
+        return cfg, state
+
+
 class Method:
     """The protocol of a weight-update method; subclasses fill in every hook and register with
     `peftkit.methods.register`."""
@@ -248,6 +273,12 @@ class Method:
     def describe(cls, cfg: Any) -> str:
         """The method and its size setting for the parameter-count line (`LoRA r=8`)."""
         return cls.title
+
+    @classmethod
+    def trainer(cls, model: nn.Module, cfg: Any, total_steps: int) -> MethodTrainer | None:
+        """What the method adds to a training run of `total_steps` optimizer steps over the injected `model`, or
+        None (most methods: their layers' forward is all). Raises a PeftkitError for settings the run contradicts."""
+        return None
 
     @classmethod
     def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:
