@@ -50,6 +50,15 @@ class TargetRegex(Section):
 class AdapterSection(Section):
     """What every method's `adapter` section shares (each method's config subclasses it)."""
 
+    @field_validator("target_modules", check_fields=False)
+    @classmethod
+    def _targets_not_empty(cls, v: Any) -> Any:
+        """An empty `target_modules` list would adapt nothing (every method's config has the field)."""
+        if isinstance(v, list) and not v:
+            defaults = ", or null for the defaults" if cls.model_fields["target_modules"].default is None else ""
+            raise ValueError(f"is an empty list; name at least one module, or use 'all-linear'{defaults}")
+        return v
+
     init_from: str | None = None
     """A PEFT-format adapter directory (peftkit's or peft's, any method peftkit reads) to start training from:
     its weights are the step-0 weights, and the method and its settings come from its adapter_config.json.

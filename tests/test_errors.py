@@ -230,7 +230,7 @@ BAD_VALUES = [
     ("  target_modules: all-linear", "  target_modules: 5",
      "'adapter.target_modules' = 5: must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}"),
     ("  target_modules: all-linear", "  target_modules: []",
-     "'adapter.target_modules' = list: is an empty list; name at least one module or use 'all-linear'"),
+     "'adapter.target_modules' = list: is an empty list; name at least one module, or use 'all-linear'"),
     ("  max_steps: 6", "  max_steps: lots",
      "'training.max_steps' = 'lots': must be a positive integer, or null to train for `epochs`"),
     ("eval:\n  batch_size: 8", "eval: fast", "'eval' = 'fast': must be a valid dictionary (a section of keys)"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
@@ -91,13 +91,6 @@ class AdaLoraConfig(AdapterSection):
     def r(self) -> int:
         """The rank a layer starts at (the memory estimate's low-rank width)."""
         return self.init_r
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("is an empty list; name at least one module, use 'all-linear', or null for the defaults")
-        return v
 
     @field_validator("target_r")
     @classmethod
@@ -245,10 +238,7 @@ class AdaLora(Method):
     def to_peft(cls, cfg: AdaLoraConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
         # peft refuses a config without total_step > tinit + tfinal even to load an adapter for inference; an
         # adapter not trained by a peftkit run (no schedule of its own) gets the smallest valid value.
-        return {
-            "peft_type": "ADALORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_name,
+        return cls.peft_common(cfg, targets, base_name) | {
             "init_r": cfg.init_r,
             "target_r": cfg.target_r,
             "tinit": cfg.tinit,
@@ -261,13 +251,9 @@ class AdaLora(Method):
             "rank_pattern": cfg.rank_pattern,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": sorted(targets),  # exact paths: peft's suffix matching selects the same layers
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
-            "modules_to_save": cfg.modules_to_save or None,
             "init_lora_weights": True,
-            "inference_mode": True,
-            "revision": None,
         }
 
     @classmethod

@@ -253,8 +253,16 @@ class Method:
 
     @classmethod
     def to_peft(cls, cfg: Any, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
-        """adapter_config.json for an adapter on the modules `targets`."""
+        """adapter_config.json for an adapter on the modules `targets` (`peft_common` and the method's own)."""
         raise NotImplementedError
+
+    @classmethod
+    def peft_common(cls, cfg: Any, targets: list[str], base_name: str) -> dict:
+        """The adapter_config.json fields every method writes. `target_modules` lists the exact module paths
+        adapted, so that peft's suffix matching selects exactly the same layers whatever form the recipe used."""
+        return {"peft_type": cls.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+                "target_modules": sorted(targets), "modules_to_save": cfg.modules_to_save or None,
+                "inference_mode": True, "revision": None}
 
     @classmethod
     def from_peft(cls, peft: Any, config_file: Path) -> Any:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 
 from peftkit.errors import PeftkitError
@@ -54,13 +54,6 @@ class IA3Config(AdapterSection):
     output scaled."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("is an empty list; name at least one module, use 'all-linear', or null for the defaults")
-        return v
 
 
 def _suffix_match(name: str, entry: str) -> bool:
@@ -117,7 +110,6 @@ class IA3Linear(AdapterLayer):
             return self.base_layer((x.to(l.dtype) * l).to(x.dtype))
         result = self.base_layer(x)
         return (result.to(l.dtype) * l).to(result.dtype)
-
 
 
 class PeftIA3Config(PeftConfigBase):
@@ -192,19 +184,11 @@ class IA3(Method):
 
     @classmethod
     def to_peft(cls, cfg: IA3Config, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
-        # Exact module paths, so that peft's suffix matching selects exactly the same layers.
         feedforward = [t for t in targets if is_feedforward(t, cfg.feedforward_modules)]
-        return {
-            "peft_type": "IA3",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_name,
-            "target_modules": sorted(targets),
+        return cls.peft_common(cfg, targets, base_name) | {
             "feedforward_modules": sorted(feedforward),
             "fan_in_fan_out": fan_in_fan_out,
-            "modules_to_save": cfg.modules_to_save or None,
             "init_ia3_weights": True,
-            "inference_mode": True,
-            "revision": None,
         }
 
     @classmethod

@@ -16,10 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -62,13 +62,6 @@ class LoraConfig(AdapterSection):
     def scaling(self) -> float:
         """The scaling of a layer of rank `r`; merges read each layer's own rank from its tensors."""
         return lora_scaling(self.alpha, self.r, self.use_rslora)
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("is an empty list; name at least one module or use 'all-linear'")
-        return v
 
     @model_validator(mode="after")
     def _init_combinations(self) -> LoraConfig:
@@ -314,28 +307,19 @@ class Lora(Method):
 
     @classmethod
     def to_peft(cls, cfg: LoraConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
-        # `target_modules` lists the exact module paths adapted, so that peft's suffix matching selects
-        # exactly the same layers whatever form the recipe used.
-        return {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_name,
+        return cls.peft_common(cfg, targets, base_name) | {
             "r": cfg.r,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": sorted(targets),
             "use_rslora": cfg.use_rslora,
             "use_dora": cfg.use_dora,
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
-            "modules_to_save": cfg.modules_to_save or None,
             "init_lora_weights": True,
-            "inference_mode": True,
             "rank_pattern": {},
             "alpha_pattern": {},
             "layers_to_transform": None,
             "layers_pattern": None,
-            "revision": None,
         }
 
     @classmethod

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
@@ -53,13 +53,6 @@ class LycorisConfig(AdapterSection):
     only: peft's LoHa and LoKr adapt no Conv1D (GPT-2) or Embedding layer."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("is an empty list; name at least one module or use 'all-linear'")
-        return v
 
 
 @dataclass(frozen=True)
@@ -180,26 +173,18 @@ class LycorisMethod(Method):
 
     @classmethod
     def to_peft(cls, cfg: LycorisConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
-        # Exact module paths, so that peft's suffix matching selects exactly the same layers.
-        return {
-            "peft_type": cls.peft_type,
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_name,
+        return cls.peft_common(cfg, targets, base_name) | {
             "r": cfg.r,
             "alpha": cfg.alpha,
             "rank_dropout": cfg.rank_dropout,
             "module_dropout": cfg.module_dropout,
-            "target_modules": sorted(targets),
-            "modules_to_save": cfg.modules_to_save or None,
             "init_weights": True,
-            "inference_mode": True,
             "use_effective_conv2d": False,
             "rank_pattern": {},
             "alpha_pattern": {},
             "layers_to_transform": None,
             "layers_pattern": None,
             "exclude_modules": None,
-            "revision": None,
         } | cls.extra_peft(cfg)
 
     @classmethod

@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
@@ -51,13 +51,6 @@ class VeraConfig(AdapterSection):
     """Dropout on the adapter's input (peft's vera_dropout)."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("is an empty list; name at least one module or use 'all-linear'")
-        return v
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -175,26 +168,18 @@ class Vera(Method):
 
     @classmethod
     def to_peft(cls, cfg: VeraConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
-        # Exact module paths, so that peft's suffix matching selects exactly the same layers (and sizes the
-        # shared projections from the same largest layer).
-        return {
-            "peft_type": "VERA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_name,
+        # The exact module paths (peft_common) also make peft size the shared projections from the same layers.
+        return cls.peft_common(cfg, targets, base_name) | {
             "r": cfg.r,
-            "target_modules": sorted(targets),
             "projection_prng_key": cfg.projection_prng_key,
             "save_projection": cfg.save_projection,
             "vera_dropout": cfg.dropout,
             "d_initial": cfg.d_initial,
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
-            "modules_to_save": cfg.modules_to_save or None,
             "init_weights": True,
             "layers_to_transform": None,
             "layers_pattern": None,
-            "inference_mode": True,
-            "revision": None,
         }
 
     @classmethod
