@@ -16,6 +16,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.lora import Lora, LoraConfig
+from peftkit.methods.oft import Oft
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -30,6 +31,7 @@ def register(method: type[Method]) -> type[Method]:
 
 register(Lora)
 register(IA3)
+register(Oft)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
