@@ -507,3 +507,26 @@ def test_oft_inspect_says_what_it_is(models, tmp_path):
     # 14 layers: 32 inputs = 8 blocks of 4 (6 entries each), down_proj 64 = 16 blocks
     assert info["targets"]["count"] == 14 and info["adapter_params"] == 2 * (6 * 8 * 6 + 16 * 6)
     assert not info["vllm"]["accepts"] and "vLLM serves LoRA adapters only; this is OFT" in info["vllm"]["reasons"]
+
+
+def test_oft_module_dropout_sets_blocks_to_identity_in_training():
+    """module_dropout 0.5 on 4 blocks: each training forward rotates with 2 of them replaced by the identity."""
+    from itertools import combinations
+
+    cfg = OftConfig(method="oft", r=4, module_dropout=0.5)
+    base = _base_layer("linear")
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = method_of(cfg).wrap(base, cfg, "layer")
+    method_of(cfg).randomize(layer, torch.Generator().manual_seed(2), 0.3)
+    parts = {n: p.detach().clone() for n, p in layer.adapter_params().items()}
+    x = torch.randn(3, 12)
+    assert _diff(layer.eval()(x), x @ oft_dense(weight, bias, parts, cfg, "linear")[0].T + bias) <= 1e-5
+    dropped = {}
+    for kept in combinations(range(4), 2):  # the two blocks that still rotate; the others are Q = 0, R = I
+        vec = torch.zeros_like(parts["oft_R.weight"])
+        vec[list(kept)] = parts["oft_R.weight"][list(kept)]
+        dropped[kept] = x @ oft_dense(weight, bias, {"oft_R.weight": vec}, cfg, "linear")[0].T + bias
+    torch.manual_seed(0)
+    outs = [layer.train()(x) for _ in range(6)]
+    assert all(min(_diff(out, d) for d in dropped.values()) <= 1e-5 for out in outs)
+    assert len({min(dropped, key=lambda k: _diff(out, dropped[k])) for out in outs}) > 1  # not always the same blocks

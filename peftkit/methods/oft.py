@@ -262,7 +262,6 @@ class Oft(Method):
     config = OftConfig
     peft_config = PeftOftConfig
     param_names = ("oft_R.weight",)
-    rank_dims = {"oft_R": 0}  # rows = r blocks (1 with block_share)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: OftConfig, path: str) -> OftLinear:
