@@ -530,3 +530,20 @@ def test_oft_module_dropout_sets_blocks_to_identity_in_training():
     outs = [layer.train()(x) for _ in range(6)]
     assert all(min(_diff(out, d) for d in dropped.values()) <= 1e-5 for out in outs)
     assert len({min(dropped, key=lambda k: _diff(out, dropped[k])) for out in outs}) > 1  # not always the same blocks
+
+
+def test_oft_refuses_peft_configs_it_cannot_apply(tmp_path):
+    from peftkit.errors import PeftkitError
+    from peftkit.methods.oft import Oft, PeftOftConfig
+
+    file = tmp_path / "adapter_config.json"
+    ok = {"peft_type": "OFT", "target_modules": ["q_proj"], "oft_block_size": 32, "peft_version": "0.21.2"}
+    assert Oft.from_peft(PeftOftConfig(**ok), file).oft_block_size == 32
+    for change, message in [({"peft_version": "0.17.1"}, "peft 0.18.0 changed that series"),
+                            ({"oft_block_size": None}, "no 'oft_block_size': an OFT adapter of peft < 0.14"),
+                            ({"r": 4}, '"r" is 4 and "oft_block_size" is 32; exactly one'),
+                            ({"bias": "all"}, "supports bias='none' only"),
+                            ({"exclude_modules": ["k_proj"]}, "'exclude_modules' is set")]:
+        raw = {k: v for k, v in (ok | change).items() if v is not None}
+        with pytest.raises(PeftkitError, match=message):
+            Oft.from_peft(PeftOftConfig(**raw), file)
