@@ -19,6 +19,7 @@ from peftkit.methods.loha import Loha, LohaConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.vera import Vera, VeraConfig
+from peftkit.methods.oft import Oft
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -36,6 +37,7 @@ register(IA3)
 register(Loha)
 register(Lokr)
 register(Vera)
+register(Oft)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
