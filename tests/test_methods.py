@@ -40,6 +40,7 @@ from peftkit.methods.loha import LohaConfig
 from peftkit.methods.lokr import LokrConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
+from peftkit.methods.oft import OftConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
@@ -106,6 +107,16 @@ CASES: dict[str, list[Case]] = {
         Case("adalora", AdaLoraConfig(method="adalora", init_r=4, target_r=2), ("llama", "qwen2", "gpt2"),
              ("linear", "conv1d")),
     ],
+    # peft's OFT adapts nn.Linear (and bitsandbytes) layers, not GPT-2's Conv1D, which peftkit refuses too (below).
+    # The dense layer has 12 inputs, the tiny models 32 and 64: blocks of 4, or r = 4 blocks of 3, 8 and 16.
+    "oft": [
+        Case("oft", OftConfig(method="oft", oft_block_size=4), ("llama", "qwen2"), ("linear",)),  # Cayley-Neumann, 5 terms
+        # eps 1.5: radius 0.75 for 4 blocks, about the norm of a random Q block, so some are projected, some not.
+        Case("oft-cayley-coft", OftConfig(method="oft", r=4, use_cayley_neumann=False, coft=True, eps=1.5), ("llama",),
+             ("linear",)),
+        Case("oft-shared", OftConfig(method="oft", oft_block_size=4, block_share=True, num_cayley_neumann_terms=7),
+             ("llama",), ("linear",)),
+    ],
 }
 
 
@@ -169,12 +180,43 @@ def adalora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cf
     return (v.T if layout == "conv1d" else v), bias
 
 
+def oft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: OftConfig, layout: str):
+    """(W R^T, b): the block-diagonal R = diag(R_1, ..., R_n) rotates the input, y = W (R^T x) + b. Block i comes
+    from the skew-symmetric Q whose upper triangle, row by row, is row i of oft_R.weight (row 0 for every block
+    with block_share). Cayley-Neumann with k + 1 terms: R_i = (I + Q)(I + Q + ... + Q^(k-1)), the Cayley transform
+    (I + Q)(I - Q)^-1 with the inverse's series cut after k terms; exact: peft's (I - Q)(I + Q)^-1, the transform
+    of -Q. COFT first scales each Q down to Frobenius norm eps / sqrt(rows) where it is larger."""
+    assert layout == "linear"
+    vec = parts["oft_R.weight"].float()
+    rows, size = vec.shape
+    b = next(b for b in range(2, 1000) if b * (b - 1) // 2 == size)
+    eye = torch.eye(b)
+    blocks = []
+    for row in vec:
+        q = torch.zeros(b, b)
+        entries = iter(row)
+        for i in range(b):
+            for j in range(i + 1, b):
+                q[i, j] = next(entries)
+                q[j, i] = -q[i, j]
+        if cfg.coft and float(q.norm()) > cfg.eps / math.sqrt(rows):
+            q = q * (cfg.eps / math.sqrt(rows)) / q.norm()
+        if cfg.use_cayley_neumann:
+            series = sum(torch.linalg.matrix_power(q, p) for p in range(cfg.num_cayley_neumann_terms - 1))
+            blocks.append((eye + q) @ series)
+        else:
+            blocks.append((eye - q) @ torch.linalg.inv(eye + q))
+    n = weight.shape[1] // b
+    rotation = torch.block_diag(*(blocks if rows == n else blocks * n))
+    return weight @ rotation.T, bias
+
+
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
-         "adalora": adalora_dense}
+         "adalora": adalora_dense, "oft": oft_dense}
 # peft's switch for non-trivially initialised weights, by peft_type.
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
-                   "ADALORA": {"init_lora_weights": False}}
+                   "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False}}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]
@@ -669,3 +711,80 @@ def test_vera_reload_restores_the_projections(save_projection, models):
     expected = state["base_model.vera_A"] if save_projection else theirs.vera_A
     assert torch.equal(ours.vera_A, expected) and torch.equal(ours.vera_B, theirs.vera_B)
     assert all(layer.shared is ours for layer in adapter_layers(again).values())
+# -------------------------------------------------------------------------------- method-specific: OFT
+
+
+def test_oft_refuses_sizes_that_do_not_split_the_input(models, tmp_path):
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import load_recipe
+
+    # 5 does not divide q_proj's 32 inputs; peft would silently use 4 for that layer.
+    with pytest.raises(PeftkitError, match=r"adapter.oft_block_size: 5 does not divide the 32 input features of "
+                                           r"'model.layers.0.self_attn.q_proj'.*Set oft_block_size: 4"):
+        inject_adapters(_load(models["llama"]), OftConfig(method="oft", oft_block_size=5))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\nexport: {output_dir: o}\n"
+                      "adapter: {method: oft, r: 4, oft_block_size: 8}\n")
+    with pytest.raises(PeftkitError, match=r"adapter.*r is 4 and oft_block_size is 8; OFT takes exactly one"):
+        load_recipe(recipe)
+    assert OftConfig(method="oft", r=4).oft_block_size == 0  # r alone: 4 blocks, the block size follows
+
+
+def test_oft_refuses_gpt2_conv1d(models):
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=r"'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; OFT rotates the input "
+                                           r"of nn.Linear"):
+        inject_adapters(_load(models["gpt2"]), OftConfig(method="oft", oft_block_size=4))
+
+
+def test_oft_inspect_says_what_it_is(models, tmp_path):
+    from peftkit.inspect import inspect_adapter
+
+    cfg = CASES["oft"][0].cfg
+    model, targets = _adapted(models["llama"], cfg)
+    info = inspect_adapter(_save(model, cfg, targets, models["llama"], tmp_path / "adapter"))
+    assert (info["method"], info["peft_type"], info["ranks"]) == ("oft", "OFT", None)
+    # 14 layers: 32 inputs = 8 blocks of 4 (6 entries each), down_proj 64 = 16 blocks
+    assert info["targets"]["count"] == 14 and info["adapter_params"] == 2 * (6 * 8 * 6 + 16 * 6)
+    assert not info["vllm"]["accepts"] and "vLLM serves LoRA adapters only; this is OFT" in info["vllm"]["reasons"]
+
+
+def test_oft_module_dropout_sets_blocks_to_identity_in_training():
+    """module_dropout 0.5 on 4 blocks: each training forward rotates with 2 of them replaced by the identity."""
+    from itertools import combinations
+
+    cfg = OftConfig(method="oft", r=4, module_dropout=0.5)
+    base = _base_layer("linear")
+    weight, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = method_of(cfg).wrap(base, cfg, "layer")
+    method_of(cfg).randomize(layer, torch.Generator().manual_seed(2), 0.3)
+    parts = {n: p.detach().clone() for n, p in layer.adapter_params().items()}
+    x = torch.randn(3, 12)
+    assert _diff(layer.eval()(x), x @ oft_dense(weight, bias, parts, cfg, "linear")[0].T + bias) <= 1e-5
+    dropped = {}
+    for kept in combinations(range(4), 2):  # the two blocks that still rotate; the others are Q = 0, R = I
+        vec = torch.zeros_like(parts["oft_R.weight"])
+        vec[list(kept)] = parts["oft_R.weight"][list(kept)]
+        dropped[kept] = x @ oft_dense(weight, bias, {"oft_R.weight": vec}, cfg, "linear")[0].T + bias
+    torch.manual_seed(0)
+    outs = [layer.train()(x) for _ in range(6)]
+    assert all(min(_diff(out, d) for d in dropped.values()) <= 1e-5 for out in outs)
+    assert len({min(dropped, key=lambda k: _diff(out, dropped[k])) for out in outs}) > 1  # not always the same blocks
+
+
+def test_oft_refuses_peft_configs_it_cannot_apply(tmp_path):
+    from peftkit.errors import PeftkitError
+    from peftkit.methods.oft import Oft, PeftOftConfig
+
+    file = tmp_path / "adapter_config.json"
+    ok = {"peft_type": "OFT", "target_modules": ["q_proj"], "oft_block_size": 32, "peft_version": "0.21.2"}
+    assert Oft.from_peft(PeftOftConfig(**ok), file).oft_block_size == 32
+    for change, message in [({"peft_version": "0.17.1"}, "peft 0.18.0 changed that series"),
+                            ({"oft_block_size": None}, "no 'oft_block_size': an OFT adapter of peft < 0.14"),
+                            ({"r": 4}, '"r" is 4 and "oft_block_size" is 32; exactly one'),
+                            ({"bias": "all"}, "supports bias='none' only"),
+                            ({"exclude_modules": ["k_proj"]}, "'exclude_modules' is set")]:
+        raw = {k: v for k, v in (ok | change).items() if v is not None}
+        with pytest.raises(PeftkitError, match=message):
+            Oft.from_peft(PeftOftConfig(**raw), file)

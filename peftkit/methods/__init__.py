@@ -20,6 +20,7 @@ from peftkit.methods.loha import Loha, LohaConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.vera import Vera, VeraConfig
+from peftkit.methods.oft import Oft
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -38,6 +39,7 @@ register(Loha)
 register(Lokr)
 register(Vera)
 register(AdaLora)
+register(Oft)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
