@@ -18,7 +18,9 @@ from peftkit.train import train
 from tests.conftest import make_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"
-BLUE = (0x1F, 0x77, 0xB4)  # matplotlib's first line colour: the train loss and every single curve
+# matplotlib's first line colour, (31, 119, 180): the train loss and every single curve. Anti-aliasing blends a
+# thin line with the white around it, so a pixel counts as the curve's where blue exceeds red by a margin (the
+# grid, text and frame are grey or black).
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,8 @@ def _blue_pixels(png: bytes) -> int:
 
     import matplotlib.image
 
-    pixels = (matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3] * 255).round()
-    return int((abs(pixels - BLUE).max(axis=-1) <= 8).sum())
+    pixels = matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3] * 255
+    return int((pixels[..., 2] - pixels[..., 0] > 50).sum())
 
 
 def test_report_files(run):
@@ -43,7 +45,8 @@ def test_report_files(run):
     assert page == run / "report" / "report.html"
     pngs = {p.stem: p.read_bytes() for p in (run / "report").glob("*.png")}
     assert set(pngs) == {"loss", "lr", "grad_norm", "throughput", "memory"}
-    assert all(data.startswith(PNG) and _blue_pixels(data) > 50 for data in pngs.values())  # a drawn curve each
+    drawn = {stem: data.startswith(PNG) and _blue_pixels(data) for stem, data in pngs.items()}
+    assert all(n > 50 for n in drawn.values()), drawn  # a drawn curve each
     text = page.read_text()
     embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', text)]
     assert sorted(embedded) == sorted(pngs.values())  # self-contained: the same images, inline
