@@ -182,7 +182,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
             base += p.numel() * BYTES[recipe.model.dtype]
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
-    targets = inject_adapters(model, recipe.adapter)
+    inject_adapters(model, recipe.adapter)
     sizes = [p.numel() for p in trainable_parameters(model)]  # trainable tensors' element counts
     # Frozen adapter tensors (LoRA-FA's A) are weights without gradient or optimizer state, and so are the frozen
     # fp32 tensors every layer shares (VeRA's projections).
@@ -190,9 +190,13 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
                  if not p.requires_grad)
     frozen += sum(b.numel() for holder in shared_holders(model) for b in holder.buffers())
     trained = 4.0 * sum(sizes)  # fp32
+    # What each method's layers keep for backward: per token (LoRA's rank-r intermediate) and per layer (LoHa's
+    # and LoKr's full (out, in) update, built every forward), fp32.
+    kept = [layer.method.kept_for_backward(recipe.adapter, layer) for layer in adapter_layers(model).values()]
+    activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept))
     device = device if device is not None else resolve_device(recipe.model.device)
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, _optimizer_bytes(recipe.training.optimizer, sizes),
-                          activations=_activations(recipe, config, len(targets)),
+                          activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
 
 
@@ -208,9 +212,11 @@ def _unique_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Param
     return [(n, p) for n, p in model.named_parameters() if n not in tied]
 
 
-def _activations(recipe: Recipe, config, num_targets: int) -> float:
+def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad:
-    logits, their flat copy and the log-softmax, LOGITS_COPIES as in training)."""
+    logits, their flat copy and the log-softmax, LOGITS_COPIES as in training). `per_token`: the values all the
+    adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens (with gradient
+    checkpointing, one decoder layer's share at a time)."""
     shape = model_shape(config)
     if shape is None:
         return 0.0
@@ -218,11 +224,11 @@ def _activations(recipe: Recipe, config, num_targets: int) -> float:
     # activations have the compute dtype: the 4-bit base's compute_dtype, else the load dtype (mixed
     # precision on CUDA makes most of them 16-bit: then this is an upper bound)
     dtype = q.compute_dtype if q is not None and q.method != "int8" else recipe.model.dtype
-    # The rank-r intermediate a low-rank method keeps per token and adapted module; IA3 scales in place (no r).
-    width = getattr(recipe.adapter, "r", 0) * num_targets // max(shape.layers, 1)
+    width = per_token // max(shape.layers, 1)
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
                                        width, recipe.model.attn_implementation == "eager",
                                        getattr(recipe.adapter, "lora_fa", False))
+    layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
     evaluation = LOGITS_COPIES * recipe.eval.batch_size * seq * shape.vocab * 4 if recipe.data.eval else 0
     return max(logits + layers, evaluation)
 

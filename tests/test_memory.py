@@ -3,6 +3,7 @@
 import io
 
 import pytest
+import yaml
 import torch
 from rich.console import Console
 
@@ -166,3 +167,41 @@ def test_lora_fa_activation_saving_is_what_autograd_keeps(tiny_llama):
     shape = model_shape(model.config)
     estimated = [activation_memory(shape, 2, 16, 4, False, 4 * 7, frozen_a=fa)[1] for fa in (False, True)]
     assert saved[False] - saved[True] == estimated[0] - estimated[1] > 0
+
+
+def test_each_method_says_what_its_layers_keep(tiny_llama, number_data, tmp_path):
+    """LoHa and LoKr build a full (out, in) fp32 update every forward and keep it for backward: per layer of the
+    tiny Llama q, o 32 x 32, k, v 16 x 32, gate, up 64 x 32, down 32 x 64 (9,216 values), where LoRA r=1 keeps
+    one value per token and module (7 per layer, 4 x 128 tokens)."""
+    def estimate(adapter):
+        recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=adapter, eval={"batch_size": 1})
+        data = yaml.safe_load(recipe.read_text())
+        recipe.write_text(yaml.safe_dump(data | {"adapter": adapter}))
+        return estimate_memory(load_recipe(recipe), torch.device("cpu")).activations
+
+    lora = estimate({"r": 1, "target_modules": "all-linear"})
+    for method in ("loha", "lokr"):
+        assert estimate({"method": method, "r": 1}) - lora == 2 * (4 * 9216 - 512 * 7 * 4)
+
+
+@pytest.mark.parametrize("method", ["loha", "oft", "vera"])
+def test_method_activations_are_an_upper_bound(method, tiny_llama):
+    """Independent: what autograd saves in one forward (saved_tensors_hooks) for the method, beyond LoRA r=4's,
+    is at most what the estimate adds for it (an upper bound: shared inputs are counted once by autograd)."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.memory import model_shape, saved_activation_bytes
+    from tests.test_methods import CASES
+
+    cfgs = {"lora": CASES["lora"][0].cfg.model_copy(update={"r": 4}), method: CASES[method][0].cfg}
+    saved, estimated = {}, {}
+    for name, cfg in cfgs.items():
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+        inject_adapters(model, cfg)
+        saved[name] = saved_activation_bytes(model, {"input_ids": torch.randint(3, 100, (2, 16))})
+        kept = [layer.method.kept_for_backward(cfg, layer) for layer in adapter_layers(model).values()]
+        shape = model_shape(model.config)
+        estimated[name] = activation_memory(shape, 2, 16, 4, False, sum(k[0] for k in kept) // shape.layers)[1] \
+            + 4 * sum(k[1] for k in kept)
+    assert saved[method] - saved["lora"] <= estimated[method] - estimated["lora"]

@@ -278,6 +278,13 @@ class Method:
         return state, config
 
     @classmethod
+    def kept_for_backward(cls, cfg: Any, layer: AdapterLayer) -> tuple[int, int]:
+        """(values per token, values regardless of tokens) the adapter of `layer` keeps for backward beyond the
+        base model's own activations: the method's share of the memory estimate (`peftkit.memory`), an upper
+        bound. Default: a low-rank method's rank-r intermediate per token (`cfg.r`), nothing per layer."""
+        return getattr(cfg, "r", 0), 0
+
+    @classmethod
     def describe(cls, cfg: Any) -> str:
         """The method and its size setting for the parameter-count line (`LoRA r=8`)."""
         return cls.title

@@ -27,13 +27,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (
-    AdapterLayer,
-    Method,
-    PeftConfigBase,
-    is_conv1d,
-    targets_from_peft,
-)
+from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
 from peftkit.section import AdapterSection, TargetRegex
 
 
@@ -196,6 +190,12 @@ class LycorisMethod(Method):
                           module_dropout=peft.module_dropout,
                           target_modules=targets_from_peft(peft.target_modules, config_file),
                           modules_to_save=peft.modules_to_save or [], **cls.extra_keys(peft))
+
+    @classmethod
+    def kept_for_backward(cls, cfg: LycorisConfig, layer: AdapterLayer) -> tuple[int, int]:
+        # The update is built as a full (out, in) fp32 matrix every forward and kept for backward (x @ delta^T).
+        in_features, out_features = linear_shape(layer.base_layer)
+        return 0, in_features * out_features
 
     @classmethod
     def describe(cls, cfg: LycorisConfig) -> str:
