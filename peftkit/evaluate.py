@@ -26,7 +26,11 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     Summing and dividing by the token count of the whole accumulation window (not averaging per
     micro-batch) weights every token equally however the padding falls.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # A packed batch (data.packing) goes in with its position ids and no mask: transformers then masks per example.
+    packed = "position_ids" in batch
+    inputs = {"input_ids": batch["input_ids"]} | ({"position_ids": batch["position_ids"]} if packed
+                                                  else {"attention_mask": batch["attention_mask"]})
+    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()  # tensors: the caller decides when to sync

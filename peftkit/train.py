@@ -35,6 +35,7 @@ from peftkit.adapters import (adapter_layers, adapter_state_dict, count_paramete
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.data import describe_stats, load_examples, micro_batches
+from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import evaluate_loss, token_loss_sum
 from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
@@ -188,6 +189,10 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     eval_ex = load_examples(tok, cfg.data.eval, cfg.data.eval_split, cfg.data)[0] if cfg.data.eval else None
     for line in describe_stats(train_stats, cfg.data):
         console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
+    if cfg.data.packing:
+        packed = pack_examples(train_ex, cfg.data.max_length)
+        console.print(describe_packing(train_ex, packed, cfg.data.max_length), highlight=False)
+        train_ex = packed
     inputs = run_inputs(cfg)
 
     with console.status("Loading model..."):

@@ -17,15 +17,25 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        """input_ids, labels and attention_mask (1 on real tokens); packed rows (`data.packing`) also get
+        position_ids, their padding numbered from 0 as one more sequence (no real token attends to it: it comes
+        last), and the model is then given those instead of the mask (`token_loss_sum`)."""
         width = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        packed = batch[0].position_ids is not None
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
         for i, e in enumerate(batch):
             n = len(e.input_ids)
             ids[i, :n] = torch.tensor(e.input_ids)
             labels[i, :n] = torch.tensor(e.labels)
             mask[i, :n] = 1
+            if packed:
+                positions[i, :n] = torch.tensor(e.position_ids)
+                positions[i, n:] = torch.arange(width - n)
+        if packed:
+            return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -19,6 +19,8 @@ ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{inpu
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
+    """Only for a packed row (`data.packing`): positions restarting at 0 at each packed example."""
 
 
 @dataclass

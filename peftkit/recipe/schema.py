@@ -67,6 +67,10 @@ class DataConfig(Section):
     eval_split: str = "train"
     """Split to read; a local file has only `train`."""
     shuffle: bool = True
+    packing: bool = False
+    """Pack several training examples into each row of up to `max_length` tokens, each with its own position ids
+    from 0, so that no token attends across an example boundary (transformers' packed-sequence masks); fewer
+    pad tokens are computed. Evaluation is never packed."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes. Batches are formed in the main process, so the order is the same."""
     on_bad_rows: Literal["error", "skip"] = "error"
