@@ -24,7 +24,8 @@ class Collator:
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        packed = batch[0].position_ids is not None
+        # Rows of one example each need no packed masks: the plain path (SDPA's causal kernel) is faster.
+        packed = any(e.position_ids is not None and 0 in e.position_ids[1:] for e in batch)
         positions = torch.zeros((len(batch), width), dtype=torch.long)
         for i, e in enumerate(batch):
             n = len(e.input_ids)
