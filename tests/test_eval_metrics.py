@@ -52,7 +52,8 @@ def test_metrics_equal_peftkit_eval_on_the_base_and_the_adapter(tiny_llama, yes_
     run = tmp_path / "run"
     flags = dict(overrides=[], model=None, data=None, fmt=None, adapter=None, max_length=None, batch_size=None,
                  on_bad_rows=None, metrics=",".join(METRICS), max_new_tokens=5, normalize="strip")
-    tuned = evaluate(eval_job(run, **flags))  # = `peftkit eval RUN_DIR --metrics ... --max-new-tokens 5 --normalize strip`
+    # = `peftkit eval RUN_DIR --metrics exact_match,token_f1,rouge_l --max-new-tokens 5 --normalize strip`
+    tuned = evaluate(eval_job(run, **flags))
     base = evaluate(eval_job(recipe_path, **flags))  # the recipe alone: its base model
     for metric in METRICS:
         assert summary[f"eval_{metric}"] == tuned[metric]
