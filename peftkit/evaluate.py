@@ -1,4 +1,6 @@
-"""Loss and perplexity of a model on a dataset: mean next-token cross-entropy over the labelled tokens."""
+"""Loss and perplexity of a model on a dataset (mean next-token cross-entropy over the labelled tokens), and task
+metrics of its greedy answers to the rows' prompts: for `peftkit eval` and for the evaluations of a training run
+(`RunEval`), which share `generation_scores` so that a run's final metrics are what `peftkit eval` gives."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts
 from peftkit.inference import ModelSource, check_choices, recipe_source
 from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
-from peftkit.recipe import DataConfig
+from peftkit.recipe import DataConfig, Recipe
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +56,71 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
     tokens = int(tokens)
     mean = float(total) / max(tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "num_tokens": tokens}
+
+
+def generation_scores(model: nn.Module, tok, prompts: list, metrics: list[str], sampling: Sampling, batch_size: int,
+                      normalize: str) -> tuple[dict[str, float], list[str]]:
+    """({metric: mean over rows}, answers): `model`'s answers to `prompts` (`peftkit.data.prompts.Prompt`) scored
+    against their references.
+
+    The model is left in the train/eval mode it was in, and torch's global RNG as it was: `generate_texts` seeds
+    it (for sampling), and an evaluation in the middle of training must not change the dropout masks that follow.
+    """
+    was_training = model.training
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CPU's always, + that GPU's
+        try:
+            texts = generate_texts(model, tok, prompts, sampling, batch_size)
+        finally:
+            model.train(was_training)
+    return score(texts, [p.reference for p in prompts], metrics, normalize), texts
+
+
+@dataclass
+class RunEval:
+    """What a training run evaluates on data.eval, before training (the base), every training.eval_steps and at
+    the end: the loss and perplexity, and eval.metrics of greedy answers up to eval.max_new_tokens, batched by
+    eval.batch_size, from the prompts `peftkit eval RUN_DIR --metrics` uses (all usable rows of data.eval)."""
+
+    examples: list[Example]
+    pad_id: int
+    batch_size: int
+    metrics: list[str] = field(default_factory=list)
+    """Generation metrics, in the recipe's order; none: the loss only, and no prompt is read."""
+    prompts: list = field(default_factory=list)
+    tok: object = None
+    sampling: Sampling = field(default_factory=Sampling)
+    normalize: str = "squad"
+
+    @classmethod
+    def of(cls, cfg: Recipe, tok, examples: list[Example]) -> RunEval:
+        from peftkit.data.prompts import load_prompts
+
+        metrics = cfg.eval.generation_metrics
+        prompts = load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data) if metrics else []
+        return cls(examples, tok.pad_token_id, cfg.eval.batch_size, metrics, prompts, tok,
+                   Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.normalize)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __call__(self, model: nn.Module, generator: nn.Module | None = None) -> dict[str, float]:
+        """{'loss', 'perplexity', 'num_tokens', and each metric} of `model`; `generator` (default `model`) answers
+        the prompts (the loop passes the model unwrapped from accelerate's wrapper)."""
+        result = evaluate_loss(model, self.examples, self.batch_size, self.pad_id)
+        if self.metrics:
+            result |= generation_scores(generator or model, self.tok, self.prompts, self.metrics, self.sampling,
+                                        self.batch_size, self.normalize)[0]
+        return result
+
+    def record(self, result: dict[str, float], prefix: str = "eval_") -> dict[str, float]:
+        """The result under metrics.jsonl / summary names: `eval_loss`, `eval_perplexity`, `eval_exact_match`, ..."""
+        return {f"{prefix}{k}": result[k] for k in ("loss", "perplexity", *self.metrics)}
+
+    def describe(self, result: dict[str, float]) -> str:
+        """`eval loss 1.2345 (ppl 3.44), exact_match 0.2500, ...` for the console."""
+        return f"eval loss {result['loss']:.4f} (ppl {result['perplexity']:.2f})" + "".join(
+            f", {m} {result[m]:.4f}" for m in self.metrics)
 
 
 @dataclass
@@ -133,8 +200,8 @@ def evaluate(job: EvalJob) -> dict[str, float]:
         result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)
         _check_finite_loss(result["loss"], source, job.data)
     if prompts is not None:
-        texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size)
-        result |= score(texts, [p.reference for p in prompts], generated, job.normalize)
+        scores, texts = generation_scores(model, tok, prompts, generated, job.sampling, job.batch_size, job.normalize)
+        result |= scores
         result["num_rows"] = len(prompts)
         if job.predictions:
             lines = [json.dumps({"prompt": p.text, "prediction": t, "reference": p.reference}, ensure_ascii=False)

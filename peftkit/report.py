@@ -2,7 +2,8 @@
 what a run wrote: metrics.jsonl (the curves), manifest.json (base vs fine-tuned, environment) and recipe.yaml.
 
     RUN_DIR/report/report.html   open anywhere: images inline, no scripts, no network
-    RUN_DIR/report/*.png         loss (train and eval), learning rate, grad norm, tokens/s, peak memory
+    RUN_DIR/report/*.png         loss (train and eval), eval metrics (eval.metrics), learning rate, grad norm,
+                                 tokens/s, peak memory
 
 Plots are drawn with matplotlib's Agg backend (no display needed). Reading needs no model and no GPU.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_bytes, atomic_write_text
+from peftkit.metrics import GENERATION_METRICS
 
 REPORT_DIR = "report"
 # (file stem, title, metrics.jsonl key of the training lines, y label)
@@ -66,6 +68,17 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
     ax.legend()
     plots["loss"] = _png(fig)
     plt.close(fig)
+    metric_curves = {m: [(r["step"], r[f"eval_{m}"]) for r in evals if f"eval_{m}" in r] for m in GENERATION_METRICS}
+    if any(metric_curves.values()):
+        fig, ax = plt.subplots(figsize=(7, 3.0))
+        for metric, points in metric_curves.items():
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", label=metric, linewidth=1.5)
+        ax.set(xlabel="step", ylabel="mean over eval rows", title="Eval metrics (greedy answers)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        plots["eval_metrics"] = _png(fig)
+        plt.close(fig)
     for stem, title, key, ylabel in CURVES:
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if not points:
@@ -86,7 +99,7 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
 
 
 def _metrics_rows(metrics: dict) -> list[tuple[str, str, str]]:
-    """Eval loss and perplexity of the base model (before training) and of the fine-tuned one."""
+    """Eval loss and perplexity, and the eval.metrics, of the base model (before training) and of the fine-tuned one."""
     base, tuned = metrics.get("base_eval_loss"), metrics.get("eval_loss")
 
     def fmt(value: float | None) -> str:
@@ -94,7 +107,9 @@ def _metrics_rows(metrics: dict) -> list[tuple[str, str, str]]:
 
     return [("eval loss", fmt(base), fmt(tuned)),
             ("eval perplexity", fmt(None if base is None else math.exp(min(base, 700.0))),
-             fmt(metrics.get("eval_perplexity")))]
+             fmt(metrics.get("eval_perplexity")))] + [
+        (metric.replace("_", " "), fmt(metrics.get(f"base_eval_{metric}")), fmt(metrics.get(f"eval_{metric}")))
+        for metric in GENERATION_METRICS if f"eval_{metric}" in metrics]
 
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}"

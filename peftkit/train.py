@@ -8,6 +8,10 @@ label-token count, so batch_size x grad_accum = 8 x 1 and 4 x 2 give the same gr
 regulariser (`MethodTrainer.regularizer`, e.g. AdaLoRA's orthogonality term) is added once per optimizer
 step, so it keeps that property; metrics.jsonl logs it apart (`regularizer`), `loss` is the cross-entropy.
 
+Each evaluation (the base before training, every eval_steps, the end) is `peftkit.evaluate.RunEval`: the loss,
+and eval.metrics of greedy answers. Generating leaves torch's RNG as it was, so the dropout masks, and the
+adapter's bits, are the same with or without eval.metrics.
+
 Run directory (a contract other tools rely on):
     adapter/            PEFT-format adapter (adapter_model.safetensors, adapter_config.json, peftkit.json)
     merged/             full model + tokenizer (export.merged)
@@ -37,10 +41,11 @@ from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.data import describe_stats, load_examples, micro_batches
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import evaluate_loss, token_loss_sum
+from peftkit.evaluate import RunEval, token_loss_sum
 from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.merge import base_provenance, conv1d_modules, merged_model, save_merged
 from peftkit.methods import MethodTrainer, method_of
+from peftkit.metrics import GENERATION_METRICS
 from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter, peft_config, save_adapter
 from peftkit.progress import TrainProgress
@@ -105,7 +110,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     accelerator: object
     train_ex: list
-    eval_ex: list | None
+    eval_ex: RunEval | None
+    """data.eval's loss examples and eval.metrics' prompts; None without data.eval."""
     targets: list[str]
     inputs: dict
     total_steps: int
@@ -132,9 +138,8 @@ class _Run:
         return f"The newest whole checkpoint is {ckpts[-1].name}: continue with `peftkit train RECIPE --resume`."
 
     def evaluate(self, step: int) -> dict:
-        result = evaluate_loss(self.model, self.eval_ex, self.cfg.eval.batch_size, self.tok.pad_token_id)
-        append_line(self.metrics_path, json.dumps({"step": step, "eval_loss": result["loss"],
-                                                   "eval_perplexity": result["perplexity"]}), sync=False)
+        result = self.eval_ex(self.model, self.accelerator.unwrap_model(self.model))
+        append_line(self.metrics_path, json.dumps({"step": step, **self.eval_ex.record(result)}), sync=False)
         return result
 
 
@@ -186,7 +191,9 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
     train_ex, train_stats = load_examples(tok, cfg.data.train, cfg.data.train_split, cfg.data)
-    eval_ex = load_examples(tok, cfg.data.eval, cfg.data.eval_split, cfg.data)[0] if cfg.data.eval else None
+    eval_ex = None
+    if cfg.data.eval:  # the loss examples, and eval.metrics' prompts: a data mistake shows before the model loads
+        eval_ex = RunEval.of(cfg, tok, load_examples(tok, cfg.data.eval, cfg.data.eval_split, cfg.data)[0])
     for line in describe_stats(train_stats, cfg.data):
         console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
     if cfg.data.packing:
@@ -197,13 +204,13 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
 
     with console.status("Loading model..."):
         model = load_model(cfg.model, cfg.quantization, device)
-    summary = {"base_eval_loss": None}
+    summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in cfg.eval.generation_metrics}
     if eval_ex and cfg.eval.base_model and not resume:
-        with console.status(f"Evaluating the base model on {len(eval_ex)} examples (eval.base_model: true)..."):
-            base = evaluate_loss(model, eval_ex, cfg.eval.batch_size, tok.pad_token_id)
-        console.print(f"base model: eval loss {base['loss']:.4f} (ppl {base['perplexity']:.2f}) on {len(eval_ex)} "
-                      "examples", highlight=False)
-        summary["base_eval_loss"] = base["loss"]
+        n = len(eval_ex)
+        with console.status(f"Evaluating the base model on {n} examples (eval.base_model: true)..."):
+            base = eval_ex(model)
+        console.print(f"base model: {eval_ex.describe(base)} on {n} examples", highlight=False)
+        summary |= {k: v for k, v in eval_ex.record(base, "base_eval_").items() if k != "base_eval_perplexity"}
         if prompts := sample_prompts(cfg, tok):
             with console.status(f"Generating {len(prompts)} samples with the base model (eval.samples)..."):
                 summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
@@ -265,7 +272,7 @@ def _loop(run: _Run, state: LoopState) -> None:
                 window_start, window_tokens = time.time(), 0
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
                 result = run.evaluate(state.step)
-                progress.note(f"step {state.step}: eval loss {result['loss']:.4f} (ppl {result['perplexity']:.2f})")
+                progress.note(f"step {state.step}: {run.eval_ex.describe(result)}")
             if tcfg.save_steps and state.step % tcfg.save_steps == 0:
                 run.checkpoint(state)
 
@@ -345,6 +352,7 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
         "train_loss": state.losses[-1] if state.losses else None,
         "eval_loss": eval_result["loss"] if eval_result else None,
         "eval_perplexity": eval_result["perplexity"] if eval_result else None,
+        **{f"eval_{m}": eval_result[m] if eval_result else None for m in run.cfg.eval.generation_metrics},
         **run.summary,
         "tokens": state.tokens,
         "elapsed_s": time.time() - started,
@@ -427,6 +435,10 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
         table.add_row("eval loss, base model", f"{s['base_eval_loss']:.4f}  (ppl {math.exp(min(s['base_eval_loss'], 700)):.2f})")
     if s["eval_loss"] is not None:
         table.add_row("eval loss, fine-tuned", f"{s['eval_loss']:.4f}  (ppl {s['eval_perplexity']:.2f})")
+    for metric in (m for m in GENERATION_METRICS if f"eval_{m}" in s):  # eval.metrics
+        for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
+            if s.get(key) is not None:
+                table.add_row(f"{metric}, {who}", f"{s[key]:.4f}")
     table.add_row("steps", f"{s['steps']}" + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else ""))
     table.add_row("time", f"{s['elapsed_s']:.1f} s")
     table.add_row("peak memory", f"{s['peak_mem_mb']:.0f} MiB")

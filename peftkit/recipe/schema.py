@@ -7,9 +7,10 @@ import hashlib
 from typing import Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from peftkit.methods import AdapterConfig, default_adapter, method_of
+from peftkit.metrics import GENERATION_METRICS, METRICS
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -152,7 +153,27 @@ class EvalConfig(Section):
     """Generate greedily for the first N rows of data.eval, with the base model (before training, when
     base_model is true) and the fine-tuned one: the summary shows them side by side. 0: off."""
     max_new_tokens: int = Field(64, gt=0)
-    """Longest generated answer of `samples`, in tokens."""
+    """Longest generated answer of `samples` and of `metrics`, in tokens."""
+    metrics: list[str] = Field(default_factory=list)
+    """Task metrics of the model's greedy answers to data.eval's prompts (`exact_match`, `token_f1`, `rouge_l`:
+    `peftkit.metrics`), computed with the eval loss at every eval (training.eval_steps, the end, and the base
+    model before training) and logged as `eval_<name>`. `loss` and `perplexity` are always computed."""
+    normalize: Literal["squad", "strip", "none"] = "squad"
+    """Normalisation of answer and reference before `exact_match` / `token_f1` (as `peftkit eval --normalize`)."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in METRICS]
+        if unknown:
+            raise ValueError(f"eval.metrics: {', '.join(map(repr, unknown))} is not a metric peftkit computes; "
+                             f"choose from {', '.join(GENERATION_METRICS)} (loss and perplexity are always computed)")
+        return list(dict.fromkeys(names))
+
+    @property
+    def generation_metrics(self) -> list[str]:
+        """The metrics of `metrics` that need generated answers, in the order given."""
+        return [m for m in self.metrics if m in GENERATION_METRICS]
 
 
 class Recipe(Section):
@@ -170,6 +191,12 @@ class Recipe(Section):
         if q is not None and q.method != "int8" and self.training.mixed_precision == "fp16":
             raise ValueError(
                 "training.mixed_precision: fp16 with a 4-bit base overflows easily; use bf16 or auto"
+            )
+        if self.eval.generation_metrics and self.data.format == "text":
+            raise ValueError(
+                f"eval.metrics: {', '.join(self.eval.generation_metrics)} score generated answers against each "
+                "row's reference, and data.format 'text' has no prompt or reference (every token is target); "
+                "remove eval.metrics or use the alpaca, completion or chat format"
             )
         method = method_of(self.adapter)
         if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():

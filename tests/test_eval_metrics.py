@@ -1,0 +1,129 @@
+"""`eval.metrics` during training: task metrics of greedy answers to data.eval's prompts in every eval line of
+metrics.jsonl, in the summary and manifest (base vs fine-tuned) and in the report, each equal to what
+`peftkit eval` computes on the run's adapter (and on the base), without touching the training RNG."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+
+import pytest
+from rich.console import Console
+
+from peftkit.errors import PeftkitError
+from peftkit.evaluate import eval_job, evaluate
+from peftkit.metrics import GENERATION_METRICS
+from peftkit.recipe import load_recipe
+from peftkit.report import write_report
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+METRICS = list(GENERATION_METRICS)  # exact_match, token_f1, rouge_l
+EVAL = {"metrics": METRICS, "max_new_tokens": 5}
+
+
+@pytest.fixture(scope="module")
+def yes_data(tmp_path_factory) -> dict:
+    """Every answer is `Yes.`: a few steps teach it, so the metrics move from the base's 0."""
+    from peftkit.tiny import write_jsonl
+
+    root = tmp_path_factory.mktemp("yes")
+    for split, n, offset in (("train", 32, 0), ("eval", 8, 100)):
+        write_jsonl(root / f"{split}.jsonl", [{"instruction": f"Is {offset + k} a number?", "input": "",
+                                              "output": "Yes."} for k in range(n)])
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def _eval_lines(run) -> list[str]:
+    return [line for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in json.loads(line)]
+
+
+def _adapter_sha(run) -> str:
+    return hashlib.sha256((run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def test_metrics_equal_peftkit_eval_on_the_base_and_the_adapter(tiny_llama, yes_data, tmp_path):
+    recipe_path = make_recipe(tmp_path, tiny_llama, yes_data, training={"max_steps": 6, "eval_steps": 3, "lr": 5e-2},
+                              eval=EVAL | {"normalize": "strip", "batch_size": 3})  # 8 rows: batches of 3, 3, 2
+    out = io.StringIO()
+    summary = train(load_recipe(recipe_path), console=Console(file=out, width=200))
+    run = tmp_path / "run"
+    flags = dict(overrides=[], model=None, data=None, fmt=None, adapter=None, max_length=None, batch_size=None,
+                 on_bad_rows=None, metrics=",".join(METRICS), max_new_tokens=5, normalize="strip")
+    # = `peftkit eval RUN_DIR --metrics exact_match,token_f1,rouge_l --max-new-tokens 5 --normalize strip`
+    tuned = evaluate(eval_job(run, **flags))
+    base = evaluate(eval_job(recipe_path, **flags))  # the recipe alone: its base model
+    for metric in METRICS:
+        assert summary[f"eval_{metric}"] == tuned[metric]
+        assert summary[f"base_eval_{metric}"] == base[metric]
+    assert summary["eval_rouge_l"] > summary["base_eval_rouge_l"]  # training taught the answer
+
+    lines = [json.loads(line) for line in _eval_lines(run)]
+    assert [r["step"] for r in lines] == [3, 6]
+    assert list(lines[-1]) == ["step", "eval_loss", "eval_perplexity"] + [f"eval_{m}" for m in METRICS]
+    assert all(lines[-1][f"eval_{m}"] == summary[f"eval_{m}"] for m in METRICS)
+    assert all(0.0 <= r[f"eval_{m}"] <= 1.0 for r in lines for m in METRICS)
+
+    manifest = json.loads((run / "manifest.json").read_text())["metrics"]
+    assert all(manifest[k] == summary[k] for m in METRICS for k in (f"eval_{m}", f"base_eval_{m}"))
+    shown = out.getvalue()
+    assert "token_f1, base model" in shown and "token_f1, fine-tuned" in shown
+    assert f"{summary['eval_rouge_l']:.4f}" in shown
+
+    page = write_report(run).read_text()
+    for metric in METRICS:
+        row = f"<tr><th>{metric.replace('_', ' ')}</th><td>{summary[f'base_eval_{metric}']:.4f}</td>"
+        assert row + f"<td>{summary[f'eval_{metric}']:.4f}</td></tr>" in page
+    assert 'alt="eval_metrics"' in page and (run / "report" / "eval_metrics.png").is_file()
+
+
+def test_same_adapter_bits_and_eval_losses_with_and_without_metrics(tiny_llama, number_data, tmp_path):
+    """Generating between steps must not consume the RNG that draws the dropout masks (generate_texts seeds it)."""
+    runs = {}
+    for name, extra in (("plain", {}), ("metrics", EVAL)):
+        recipe = make_recipe(tmp_path / name, tiny_llama, number_data, training={"max_steps": 3, "eval_steps": 1},
+                             adapter={"dropout": 0.3}, eval={"base_model": False} | extra)
+        train(load_recipe(recipe), console=Console(quiet=True))
+        runs[name] = tmp_path / name / "run"
+    assert _adapter_sha(runs["plain"]) == _adapter_sha(runs["metrics"])
+    losses = [[{k: v for k, v in json.loads(line).items() if k in ("step", "eval_loss")} for line in _eval_lines(r)]
+              for r in runs.values()]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_resumed_run_writes_the_same_eval_lines(tiny_llama, number_data, tmp_path):
+    sections = dict(training={"max_steps": 4, "eval_steps": 1, "save_steps": 2, "save_total_limit": 3},
+                    adapter={"dropout": 0.1}, eval={"base_model": False} | EVAL)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **sections)
+    train(load_recipe(recipe), console=Console(quiet=True))
+    run = tmp_path / "run"
+    straight, sha = _eval_lines(run), _adapter_sha(run)
+    # As if the run had been killed after its step-2 checkpoint: the later checkpoint and the outputs are gone.
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    shutil.rmtree(run / "adapter")
+    (run / "manifest.json").unlink()
+    train(load_recipe(recipe), resume=True, console=Console(quiet=True))
+    assert _eval_lines(run) == straight and len(straight) == 4
+    assert _adapter_sha(run) == sha
+
+
+def _load_error(tmp_path, tiny_llama, files, **sections) -> str:
+    with pytest.raises(PeftkitError) as e:
+        load_recipe(make_recipe(tmp_path, tiny_llama, files, **sections))
+    return str(e.value)
+
+
+def test_recipe_errors(tiny_llama, number_data, tmp_path):
+    message = _load_error(tmp_path, tiny_llama, number_data, eval={"metrics": ["exact_match", "bleu"]})
+    assert "eval.metrics" in message and "'bleu'" in message and "exact_match, token_f1, rouge_l" in message
+    message = _load_error(tmp_path, tiny_llama, number_data, eval={"normalize": "lower"})
+    assert "normalize" in message and "squad" in message
+    message = _load_error(tmp_path, tiny_llama, number_data, eval={"metrics": ["rouge_l"]}, data={"format": "text"})
+    assert "eval.metrics" in message and "'text' has no prompt" in message
+    # loss and perplexity are always computed: listing them is allowed, and they add no generation
+    cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, eval={"metrics": ["loss", "token_f1"]}))
+    assert cfg.eval.generation_metrics == ["token_f1"]
+    assert load_recipe(make_recipe(tmp_path, tiny_llama, number_data, data={"format": "text"},
+                                   eval={"metrics": ["perplexity"]})).eval.generation_metrics == []
