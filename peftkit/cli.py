@@ -109,9 +109,11 @@ def eval_cmd(
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: loss, perplexity (default), "
                                                    "exact_match, token_f1, rouge_l (generated answers vs the data's "
                                                    "targets).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation metrics: longest answer, in tokens.")] = 128,
-    normalize: Annotated[str, typer.Option(help="Before exact_match / token_f1: squad (lowercase, no punctuation or "
-                                           "articles), strip, or none.")] = "squad",
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Generation metrics: longest answer, in "
+                                                          "tokens; default: eval.max_new_tokens (64).")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="Before exact_match / token_f1: squad (lowercase, no "
+                                                     "punctuation or articles), strip, or none; default: "
+                                                     "eval.normalize (squad).")] = None,
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
                                                         "(prompt, prediction, reference) here; in a comparison, a "
                                                         "directory (NAME.jsonl each).")] = None,

@@ -19,7 +19,7 @@ from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts
 from peftkit.inference import ModelSource, check_choices, recipe_source
 from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
-from peftkit.recipe import DataConfig, Recipe
+from peftkit.recipe import DataConfig, EvalConfig, Recipe
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,18 +143,21 @@ class EvalJob:
 
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
              adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
-             trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int = 128,
-             normalize: str = "squad", predictions: Path | None = None) -> EvalJob:
+             trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,
+             normalize: str | None = None, predictions: Path | None = None) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
-    recipe defaults, so figures are comparable with training's."""
+    recipe defaults, so figures are comparable with training's (a run's eval.metrics, eval.max_new_tokens and
+    eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures)."""
+    eval_cfg = EvalConfig()
     if recipe is None:
         if not model or not data:
             raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data.")
         job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
         cfg, run_adapter = recipe_source(recipe, overrides)
+        eval_cfg = cfg.eval
         source = data or cfg.data.eval
         if not source:
             raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
@@ -165,8 +168,10 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.data_cfg = job.data_cfg.model_copy(update=updates)
     job.source = job.source.with_flags(model, adapter, trust_remote_code)
     job.batch_size = batch_size or job.batch_size
-    job.metrics = parse_metrics(metrics) if metrics else job.metrics
-    job.sampling, job.normalize, job.predictions = Sampling(max_new_tokens=max_new_tokens), normalize, predictions
+    job.metrics = parse_metrics(metrics) if metrics else list(dict.fromkeys([*job.metrics, *eval_cfg.metrics]))
+    normalize = normalize or eval_cfg.normalize
+    job.sampling = Sampling(max_new_tokens=max_new_tokens or eval_cfg.max_new_tokens)
+    job.normalize, job.predictions = normalize, predictions
     job.sampling.check()
     if normalize not in NORMALIZATIONS:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")

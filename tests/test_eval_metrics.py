@@ -59,6 +59,10 @@ def test_metrics_equal_peftkit_eval_on_the_base_and_the_adapter(tiny_llama, yes_
         assert summary[f"eval_{metric}"] == tuned[metric]
         assert summary[f"base_eval_{metric}"] == base[metric]
     assert summary["eval_rouge_l"] > summary["base_eval_rouge_l"]  # training taught the answer
+    # Plain `peftkit eval RUN_DIR`: the run's eval.metrics, max_new_tokens and normalize are the defaults.
+    plain = flags | {"metrics": None, "max_new_tokens": None, "normalize": None}
+    again = evaluate(eval_job(run, **plain))
+    assert {m: again[m] for m in METRICS} == {m: tuned[m] for m in METRICS} and again["loss"] == summary["eval_loss"]
 
     lines = [json.loads(line) for line in _eval_lines(run)]
     assert [r["step"] for r in lines] == [3, 6]
