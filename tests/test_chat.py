@@ -65,17 +65,16 @@ def test_chat_in_a_real_terminal(tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     reply = _expected_reply(model, tok, [{"role": "user", "content": "hi"}])
     session = f"peftkit-chat-{tmp_path.name}"
-    command = f"{sys.executable} -m peftkit.cli chat --model {tiny_llama} --max-new-tokens {NEW}"
+    # The pane outlives the command, so that its exit status (and any error it printed) stays on screen.
+    command = f"{sys.executable} -m peftkit.cli chat --model {tiny_llama} --max-new-tokens {NEW}; echo EXITED $?; sleep 600"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True)
     try:
-        _wait_for(session, lambda t: "you>" in t)  # capture-pane drops trailing spaces
+        _wait_for(session, lambda t: "you>" in t or "EXITED" in t)  # capture-pane drops trailing spaces
+        assert "EXITED" not in _pane(session), _pane(session)
         subprocess.run(["tmux", "send-keys", "-t", session, "hi", "Enter"], check=True)
         screen = _wait_for(session, lambda t: t.count("you>") >= 2)
         assert f"you> hi\nmodel> {reply}".rstrip() + "\n" in screen
         subprocess.run(["tmux", "send-keys", "-t", session, "/exit", "Enter"], check=True)
-        deadline = time.monotonic() + 30
-        while subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "peftkit chat did not exit on /exit"
-            time.sleep(0.2)
+        assert "EXITED 0" in _wait_for(session, lambda t: "EXITED" in t, timeout=30)  # /exit ends it, status 0
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

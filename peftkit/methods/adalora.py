@@ -26,15 +26,8 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (
-    REEXPORT,
-    AdapterLayer,
-    Method,
-    PeftConfigBase,
-    is_conv1d,
-    linear_shape,
-    targets_from_peft,
-)
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, REEXPORT, is_conv1d, linear_shape,
+                                  refuse_unsupported, targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, peft 0.21) for the
@@ -258,11 +251,7 @@ class AdaLora(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftAdaLoraConfig, config_file: Path) -> AdaLoraConfig:
-        for key in ("alpha_pattern", "layers_to_transform"):
-            if getattr(peft, key):
-                raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
-        if peft.bias != "none":
-            raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
+        refuse_unsupported(peft, config_file, ("alpha_pattern", "layers_to_transform"))
         # Keys with the adapter name (`...lora_E.default`) are how peft keeps them in memory; files drop it.
         pattern = {re.sub(r"\.lora_E\.[^.]+$", E_KEY, k): v for k, v in (peft.rank_pattern or {}).items()} or None
         # total_step is left out: it was the length of the run that made the adapter; a run starting from it

@@ -173,6 +173,16 @@ class MethodTrainer:
         return cfg, state
 
 
+def refuse_unsupported(peft: BaseModel, config_file: Path, keys: tuple[str, ...], what: str = "peftkit") -> None:
+    """A PEFT feature peftkit does not implement is refused, never silently ignored: any of `keys` set, or a
+    `bias` other than 'none' (for a config that has the field)."""
+    for key in keys:
+        if getattr(peft, key):
+            raise PeftkitError(f"{config_file}: '{key}' is set; {what} does not support it yet.")
+    if getattr(peft, "bias", "none") != "none":
+        raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
+
+
 class Method:
     """The protocol of a weight-update method; subclasses fill in every hook and register with
     `peftkit.methods.register`."""

@@ -20,7 +20,8 @@ from pydantic import Field
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
+                                  targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, peft 0.21)
@@ -193,8 +194,7 @@ class IA3(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftIA3Config, config_file: Path) -> IA3Config:
-        if peft.layers_to_transform:
-            raise PeftkitError(f"{config_file}: 'layers_to_transform' is set; peftkit does not support it yet.")
+        refuse_unsupported(peft, config_file, ("layers_to_transform",))
         feedforward = peft.feedforward_modules
         if isinstance(feedforward, str):  # peft: a string is a regex matched in full against the module path
             feedforward = targets_from_peft(feedforward, config_file, key="feedforward_modules")

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, is_quantized, linear_shape,
-                                  targets_from_peft)
+                                  refuse_unsupported, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize
 from peftkit.section import AdapterSection, TargetRegex
@@ -324,17 +324,13 @@ class Lora(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftLoraConfig, config_file: Path) -> LoraConfig:
-        for key in ("rank_pattern", "alpha_pattern", "layers_to_transform"):
-            if getattr(peft, key):
-                raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
+        refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "layers_to_transform"))
         if isinstance(peft.init_lora_weights, str) and peft.init_lora_weights.lower() != "gaussian":
             raise PeftkitError(
                 f"{config_file}: init_lora_weights is {peft.init_lora_weights!r}: peft saved this adapter for the residual "
                 "base its init left (PiSSA, OLoRA, ...), not for the original one. Save it again with peft's "
                 "save_pretrained(..., path_initial_model_for_weight_conversion=...), which converts it to a plain LoRA."
             )
-        if peft.bias != "none":
-            raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
         return LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
                           target_modules=targets_from_peft(peft.target_modules, config_file),
                           use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [])

@@ -27,7 +27,8 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
+                                  targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 
@@ -183,9 +184,8 @@ class LycorisMethod(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftLycorisConfig, config_file: Path) -> LycorisConfig:
-        for key in ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules"):
-            if getattr(peft, key):
-                raise PeftkitError(f"{config_file}: '{key}' is set; peftkit's {cls.title} does not support it yet.")
+        refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules"),
+                           f"peftkit's {cls.title}")
         return cls.config(method=cls.name, r=peft.r, alpha=peft.alpha, rank_dropout=peft.rank_dropout,
                           module_dropout=peft.module_dropout,
                           target_modules=targets_from_peft(peft.target_modules, config_file),

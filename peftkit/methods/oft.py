@@ -28,7 +28,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
+                                  targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 # The first peft whose Cayley-Neumann series this file computes (peft 0.18 changed it). Written as the adapter's
@@ -305,11 +306,7 @@ class Oft(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftOftConfig, config_file: Path) -> OftConfig:
-        for key in ("exclude_modules", "layers_to_transform"):
-            if getattr(peft, key):
-                raise PeftkitError(f"{config_file}: '{key}' is set; peftkit does not support it yet.")
-        if peft.bias != "none":
-            raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
+        refuse_unsupported(peft, config_file, ("exclude_modules", "layers_to_transform"))
         if "oft_block_size" not in peft.model_fields_set:  # as peft: the layout before peft 0.14
             raise PeftkitError(f"{config_file}: no 'oft_block_size': an OFT adapter of peft < 0.14, whose weights "
                                "neither peft nor peftkit reads any more. Train it again.")

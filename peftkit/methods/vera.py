@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, targets_from_peft
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
+                                  targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 SEED_RANGE = {"ge": -(2**63), "lt": 2**64}  # what torch.Generator.manual_seed takes
@@ -184,10 +185,7 @@ class Vera(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftVeraConfig, config_file: Path) -> VeraConfig:
-        if peft.layers_to_transform is not None:
-            raise PeftkitError(f"{config_file}: 'layers_to_transform' is set; peftkit does not support it yet.")
-        if peft.bias != "none":
-            raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
+        refuse_unsupported(peft, config_file, ("layers_to_transform",))
         return VeraConfig(method="vera", r=peft.r, target_modules=targets_from_peft(peft.target_modules, config_file),
                           projection_prng_key=peft.projection_prng_key, d_initial=peft.d_initial,
                           save_projection=peft.save_projection, dropout=peft.vera_dropout,
