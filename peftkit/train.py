@@ -363,9 +363,23 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
                                            base_model_sha256=run.inputs["model.name_or_path"],
                                            init_from_sha256=run.inputs.get("adapter.init_from", {}))
     atomic_write_json(out / "manifest.json", manifest)
+    report = _write_report(run) if cfg.export.report else None
     if show_summary:
-        _print_summary(run.console, summary, out, exported)
+        _print_summary(run.console, summary, out, exported + ([report] if report else []))
     return summary
+
+
+def _write_report(run: _Run) -> Path | None:
+    """report/ of the finished run. The run's results are already safe on disk: a report that fails is a
+    warning, not a failed run (`peftkit report RUN_DIR` can write it again)."""
+    from peftkit.report import write_report
+
+    try:
+        return write_report(run.out)
+    except Exception as e:  # noqa: BLE001 - whatever breaks the plots must not undo a finished run
+        run.console.print(f"[yellow]warning:[/] the report was not written ({type(e).__name__}: {e}); "
+                          f"run `peftkit report {run.out}` to try again.", highlight=False)
+        return None
 
 
 def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) -> None:

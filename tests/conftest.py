@@ -41,7 +41,7 @@ def make_recipe(tmp_path: Path, model: Path, files: dict[str, Path], **sections)
         "adapter": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
         "data": {"train": str(files["train"]), "eval": str(files["eval"]), "format": "alpaca", "max_length": 128},
         "training": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "seed": 0},
-        "export": {"output_dir": str(tmp_path / "run"), "adapter": True, "merged": False},
+        "export": {"output_dir": str(tmp_path / "run"), "adapter": True, "merged": False, "report": False},
         "eval": {"batch_size": 8, "samples": 0},  # generations before/after: tests/test_samples.py
     }
     for section, values in sections.items():

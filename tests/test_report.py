@@ -71,3 +71,19 @@ def test_a_browser_renders_the_plots(run, tmp_path):
                     f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400",
                     page.as_uri()], check=True, capture_output=True, timeout=120)
     assert _blue_pixels(shot.read_bytes()) > 500  # the plots' curves are on screen, not broken images
+
+
+def test_a_run_writes_its_report(tiny_llama, number_data, tmp_path):
+    """export.report (on by default): the run ends with report/ written, the summary names it, and `verify`
+    still vouches for the run (the report is not among the hashed exports, which stay adapter/ and merged/)."""
+    import io
+
+    from peftkit.verify import verify
+
+    out = io.StringIO()
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}, export={"report": True})
+    train(load_recipe(recipe), console=Console(file=out, width=300))
+    page = tmp_path / "run" / "report" / "report.html"
+    assert page.is_file() and "<h2>Curves</h2>" in page.read_text()
+    assert re.search(r"report\.html\s*│\s*" + re.escape(str(page)), out.getvalue())
+    assert verify(tmp_path / "run", console=Console(quiet=True)).ok

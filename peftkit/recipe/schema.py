@@ -141,6 +141,8 @@ class ExportConfig(Section):
     """Write merged/: the base with the adapter folded in, plus the tokenizer."""
     merged_dtype: DType | None = None
     """Dtype of the merged weights; default: the base model's dtype."""
+    report: bool = True
+    """Write report/ (report.html and its plots, as `peftkit report` does) when the run ends."""
 
 
 class EvalConfig(Section):
