@@ -61,18 +61,8 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
 def generation_scores(model: nn.Module, tok, prompts: list, metrics: list[str], sampling: Sampling, batch_size: int,
                       normalize: str) -> tuple[dict[str, float], list[str]]:
     """({metric: mean over rows}, answers): `model`'s answers to `prompts` (`peftkit.data.prompts.Prompt`) scored
-    against their references.
-
-    The model is left in the train/eval mode it was in, and torch's global RNG as it was: `generate_texts` seeds
-    it (for sampling), and an evaluation in the middle of training must not change the dropout masks that follow.
-    """
-    was_training = model.training
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CPU's always, + that GPU's
-        try:
-            texts = generate_texts(model, tok, prompts, sampling, batch_size)
-        finally:
-            model.train(was_training)
+    against their references. Like `generate_texts`, it leaves the model's mode and torch's RNG as they were."""
+    texts = generate_texts(model, tok, prompts, sampling, batch_size)
     return score(texts, [p.reference for p in prompts], metrics, normalize), texts
 
 

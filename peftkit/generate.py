@@ -76,19 +76,28 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
 def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampling, batch_size: int = 8,
                    on_batch: Callable[[list[Prompt], list[str]], None] | None = None) -> list[str]:
     """The completion of each prompt, in order, generated `batch_size` at a time (prompts of similar length
-    together, so that little padding is computed). `on_batch` sees each batch's prompts and completions."""
+    together, so that little padding is computed). `on_batch` sees each batch's prompts and completions.
+
+    The model is left in the train/eval mode it was in, and torch's global RNG as it was (sampling seeds a fork
+    of it): generating in the middle of a training run must not change the dropout masks that follow."""
     sampling.check()
-    torch.manual_seed(sampling.seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     texts: list[str] = [""] * len(prompts)
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling)
-        for i, ids in zip(batch, new, strict=True):
-            texts[i] = tok.decode(ids, skip_special_tokens=True)
-        if on_batch:
-            on_batch([prompts[i] for i in batch], [texts[i] for i in batch])
+    was_training = model.training
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CPU's always, + that GPU's
+        torch.manual_seed(sampling.seed)
+        model.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling)
+                for i, ids in zip(batch, new, strict=True):
+                    texts[i] = tok.decode(ids, skip_special_tokens=True)
+                if on_batch:
+                    on_batch([prompts[i] for i in batch], [texts[i] for i in batch])
+        finally:
+            model.train(was_training)
     return texts
 
 

@@ -21,14 +21,8 @@ def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
 
 
 def answers(model: nn.Module, tok, prompts: list[Prompt], cfg: Recipe) -> list[str]:
-    """Greedy answers of `model` (left in the train/eval mode it was in)."""
-    if not prompts:
-        return []
-    was_training = model.training
-    try:
-        return generate_texts(model, tok, prompts, Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.batch_size)
-    finally:
-        model.train(was_training)
+    """Greedy answers of `model`, up to eval.max_new_tokens (its mode and torch's RNG left as they were)."""
+    return generate_texts(model, tok, prompts, Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.batch_size)
 
 
 def _short(text: str, width: int = 60) -> str:
