@@ -241,15 +241,16 @@ def chat(
 
     from peftkit.chat import chat_loop
     from peftkit.data.prompts import chat_prompt
-    from peftkit.generate import Sampling, generate_job
-    from peftkit.modeling import resolve_device
+    from peftkit.generate import Sampling
+    from peftkit.inference import model_source
 
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
-    job = generate_job(recipe, overrides or [], _local(model) if model else None, _local(adapter) if adapter else None,
-                       ["(chat)"], None, None, True, None, sampling, 1, trust_remote_code)
-    tok = job.source.tokenizer()
+    sampling.check()
+    source, _ = model_source(recipe, overrides or [], _local(model) if model else None,
+                             _local(adapter) if adapter else None, trust_remote_code, "chat")
+    tok = source.tokenizer()
     chat_prompt(tok, [{"role": "user", "content": "probe"}])  # no template: said before the model loads
-    loaded = job.source.load(resolve_device(job.source.model.device if job.source.model else "auto"))
+    loaded = source.load()
     torch.manual_seed(seed)
     chat_loop(loaded, tok, sampling, system=system)
 

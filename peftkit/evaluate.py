@@ -182,14 +182,13 @@ def evaluate(job: EvalJob) -> dict[str, float]:
     """
     from peftkit.data import load_examples
     from peftkit.data.prompts import load_prompts
-    from peftkit.modeling import resolve_device
 
     source = job.source
     generated = [m for m in job.metrics if m in GENERATION_METRICS]
     tok = source.tokenizer()
     examples = load_examples(tok, job.data, job.split, job.data_cfg)[0] if set(job.metrics) & set(LOSS_METRICS) else None
     prompts = load_prompts(tok, job.data, job.split, job.data_cfg) if generated else None
-    model = source.load(resolve_device(source.model.device if source.model else "auto"))
+    model = source.load()
     result: dict[str, float] = {}
     if examples is not None:
         result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)

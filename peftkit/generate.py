@@ -20,7 +20,7 @@ from torch import nn
 
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.errors import PeftkitError
-from peftkit.inference import ModelSource, check_choices, recipe_source
+from peftkit.inference import ModelSource, check_choices, model_source
 from peftkit.recipe import DataConfig
 
 
@@ -138,39 +138,31 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
         raise PeftkitError("--chat applies to --prompt: with --data, the data's format decides (chat rows are "
                            "rendered with the chat template already).")
     check_choices(fmt, None)
-    job = GenerateJob(source=ModelSource(), prompts=prompts, chat=chat, limit=limit, sampling=sampling,
-                      batch_size=batch_size)
-    if recipe is not None:
-        cfg, run_adapter = recipe_source(recipe, overrides)
-        job.source = ModelSource(cfg.model, cfg.quantization, run_adapter)
+    source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
+    job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size)
+    if cfg is not None:
         job.data_cfg = cfg.data
         if not prompts and not data:
             if not cfg.data.eval:
                 raise PeftkitError(f"{recipe} has no data.eval to take prompts from; pass --prompt TEXT or --data FILE.")
             job.data, job.split = cfg.data.eval, cfg.data.eval_split
-    elif not model and not adapter:
-        raise PeftkitError("peftkit generate needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
-                           "directory.")
     if data:
         job.data, job.split = data, "train"
     if job.data:
         job.data_cfg = (job.data_cfg or DataConfig(train=job.data)).model_copy(update={"format": fmt} if fmt else {})
     elif not prompts:
         raise PeftkitError("Nothing to generate from: pass --prompt TEXT (repeatable) or --data FILE.")
-    job.source = job.source.with_flags(model, adapter, trust_remote_code)
     return job
 
 
 def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     """Generate for every prompt of `job`: [{"prompt", "completion"} (+ "reference", the row's target, for
     --data)]. The prompts are built before the model loads, so a data mistake is reported in seconds."""
-    from peftkit.modeling import resolve_device
-
     tok = job.source.tokenizer()
     prompts = job.build_prompts(tok)
     if not prompts:
         raise PeftkitError(f"{job.data} has no usable rows to take prompts from.")
-    model = job.source.load(resolve_device(job.source.model.device if job.source.model else "auto"))
+    model = job.source.load()
     texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size, on_batch)
     return [{"prompt": p.text, "completion": t} | ({"reference": p.reference} if p.reference is not None else {})
             for p, t in zip(prompts, texts, strict=True)]

@@ -62,13 +62,27 @@ class ModelSource:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
         return load_tokenizer(cfg)
 
-    def load(self, device: torch.device) -> nn.Module:
-        """The model in eval mode on `device`, with the adapter applied."""
-        from peftkit.modeling import load_adapted_model, load_model
+    def load(self, device: torch.device | None = None) -> nn.Module:
+        """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied."""
+        from peftkit.modeling import load_adapted_model, load_model, resolve_device
 
+        device = device or resolve_device(self.model.device if self.model else "auto")
         if self.adapter:
             return load_adapted_model(self.base, self.adapter, device, self.trust_remote_code)[0]
         return load_model(self.model, self.quantization, device).eval()
+
+
+def model_source(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
+                 trust_remote_code: bool, command: str) -> tuple[ModelSource, Recipe | None]:
+    """What `peftkit COMMAND` runs: a recipe's model (a run directory's with its adapter/) with --model and
+    --adapter on top, or those flags alone; and the recipe, if any."""
+    if recipe is not None:
+        cfg, run_adapter = recipe_source(recipe, overrides)
+        return ModelSource(cfg.model, cfg.quantization, run_adapter).with_flags(model, adapter, trust_remote_code), cfg
+    if not model and not adapter:
+        raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
+                           "directory.")
+    return ModelSource().with_flags(model, adapter, trust_remote_code), None
 
 
 def recipe_source(recipe: Path, overrides: list[str]) -> tuple[Recipe, str | None]:
