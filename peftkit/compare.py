@@ -35,10 +35,8 @@ def parse_named(values: list[str], flag: str) -> list[tuple[str, str]]:
 
 
 def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[tuple[str, str]]) -> dict[str, EvalJob]:
-    """One job per row: the base model, each adapter on it, each merged model; all on `job`'s data and metrics."""
-    if job.source.model is None:
-        raise PeftkitError("A comparison needs the base model: pass --model M (or a recipe), and each adapter as "
-                           "--adapter NAME=DIR.")
+    """One job per row: the base model, each adapter on it, each merged model; all on `job`'s data and metrics.
+    (`eval_job` has made sure of a base: a recipe's model, or --model.)"""
     base = replace(job.source, adapter=None)
     jobs = {BASE: replace(job, source=base)}
     for name, path in adapters:

@@ -78,3 +78,9 @@ def test_chat_in_a_real_terminal(tiny_llama, tmp_path):
         assert "EXITED 0" in _wait_for(session, lambda t: "EXITED" in t, timeout=30)  # /exit ends it, status 0
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_chat_without_a_model_is_a_clear_error(monkeypatch, capsys):
+    from tests.conftest import cli_user_error
+
+    assert "peftkit chat needs a model: --model M (and/or --adapter DIR)" in cli_user_error(monkeypatch, capsys, "chat")

@@ -65,3 +65,9 @@ def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monke
         monkeypatch, capsys, *args, "--adapter", f"a={candidates / 'peft'}", "--adapter", f"a={candidates / 'peft'}")
     assert "the name 'base' is used twice (or is the base's row)" in cli_user_error(
         monkeypatch, capsys, *args, "--adapter", f"base={candidates / 'peft'}")
+
+
+def test_a_comparison_needs_the_base(number_data, candidates, monkeypatch, capsys):
+    assert "peftkit eval needs a RECIPE (or a run directory), or both --model and --data" in cli_user_error(
+        monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), "--adapter", f"a={candidates / 'peft'}",
+        "--adapter", f"b={candidates / 'peft'}")

@@ -87,3 +87,12 @@ def test_a_run_writes_its_report(tiny_llama, number_data, tmp_path):
     assert page.is_file() and "<h2>Curves</h2>" in page.read_text()
     assert re.search(r"report\.html\s*│\s*" + re.escape(str(page)), out.getvalue())
     assert verify(tmp_path / "run", console=Console(quiet=True)).ok
+
+
+def test_a_damaged_or_empty_metrics_file_is_a_clear_error(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "eval_loss": 2.0}\n')
+    with pytest.raises(PeftkitError, match="metrics.jsonl has no training step yet; nothing to plot"):
+        write_report(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    with pytest.raises(PeftkitError, match=r"metrics.jsonl:2 is not a JSON line; the file is damaged"):
+        write_report(tmp_path)
