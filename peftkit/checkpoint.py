@@ -57,12 +57,13 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, scheduler, state: LoopState,
-                    inputs: dict, keep: int, method_trainer=None) -> Path:
+                    inputs: dict, keep: int, method_trainer=None, selection=None) -> Path:
     """Write checkpoints/step-N/ as a whole, then remove the oldest beyond `keep`.
 
     Args:
         inputs: hashes of the data and base model (`run_inputs`), recorded to refuse a resume on others.
         method_trainer: the method's `MethodTrainer`, if it has one: its state is kept beside the optimizer's.
+        selection: the run's `peftkit.selection.Selection` (early stopping, export.best), if it has one.
     """
     from safetensors.torch import save_file
 
@@ -78,6 +79,8 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
             blob["method_trainer"] = method_trainer.state_dict()
         torch.save(blob, tmp / STATE_FILE)
         (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__))
+        if selection is not None:
+            selection.save(tmp)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         (tmp / CHECKSUMS).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, sort_keys=True))
     for old in checkpoint_dirs(out)[:-keep]:
@@ -107,9 +110,10 @@ def _recorded(path: Path) -> dict:
     return recorded
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None) -> tuple[LoopState, dict]:
-    """Restore a checkpoint into the model, optimizer, scheduler, RNG and the method's trainer (if any); returns
-    (loop state, its inputs).
+def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None,
+                    selection=None) -> tuple[LoopState, dict]:
+    """Restore a checkpoint into the model, optimizer, scheduler, RNG, the method's trainer and the run's
+    selection (if any); returns (loop state, its inputs).
 
     Raises DamagedCheckpoint when its files fail their checksums or do not load.
     """
@@ -126,6 +130,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         scheduler.load_state_dict(blob["scheduler"])
         if method_trainer is not None:
             method_trainer.load_state_dict(blob["method_trainer"])
+        if selection is not None:
+            selection.load(path)
         torch.set_rng_state(blob["rng"]["cpu"])
         if "cuda" in blob["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
@@ -146,11 +152,11 @@ def _changed_input(recorded: dict, now: dict) -> str | None:
 
 
 def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Console,
-           method_trainer=None) -> tuple[Path, LoopState]:
+           method_trainer=None, selection=None) -> tuple[Path, LoopState]:
     """Load the newest intact checkpoint of `out`; passing over damaged ones is said on the console."""
     for path in reversed(checkpoint_dirs(out)):
         try:
-            state, recorded = load_checkpoint(path, model, optimizer, scheduler, method_trainer)
+            state, recorded = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection)
         except DamagedCheckpoint as e:
             console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {e}; trying an older one.")
             continue

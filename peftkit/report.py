@@ -125,6 +125,11 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
              ("tokens", metrics.get("tokens")), ("elapsed (s)", metrics.get("elapsed_s"))]
     fact_rows = "".join(f"<li>{html.escape(k)}: {html.escape(f'{v:,}' if isinstance(v, int) else f'{v:.1f}')}</li>"
                         for k, v in facts if v is not None)
+    if metrics.get("stopped_early"):
+        fact_rows += "<li>stopped early (training.early_stopping)</li>"
+    if best := metrics.get("best"):
+        fact_rows += (f"<li>exported adapter: the best {html.escape(best['metric'])} ({best['value']:.4f}), at step "
+                      f"{best['step']} (export.best); the fine-tuned column is that evaluation</li>")
     environment = json.dumps((manifest or {}).get("environment", {}), indent=2)
     samples = metrics.get("samples") or []
     sample_rows = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(s.get(k) or ''))}</td>"

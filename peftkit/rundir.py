@@ -21,7 +21,8 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 
-RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json", "report")
+RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json", "report",
+               "trackers")
 LOCK_NAME = ".peftkit.lock"
 
 

@@ -54,6 +54,9 @@ from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
                              optimizer_groups, peak_memory_mb, seed_everything)
 from peftkit.samples import answers, sample_prompts, samples_table
+from peftkit.selection import Selection
+from peftkit.trackers import DIRECTORY as TRACKERS_DIR
+from peftkit.trackers import Trackers, check_trackers
 
 # ------------------------------------------------------------------------------------------- signals
 
@@ -118,6 +121,11 @@ class _Run:
     summary: dict = field(default_factory=dict)
     method_trainer: MethodTrainer | None = None
     """What the adapter method adds to the loop (`Method.trainer`): a regulariser, an after-step hook, state."""
+    selection: Selection | None = None
+    """training.early_stopping and export.best, fed every evaluation."""
+    trackers: Trackers | None = None
+    """training.report_to, started once the run directory is this run's."""
+    last_eval: tuple[int, dict] | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -127,7 +135,7 @@ class _Run:
         try:
             return save_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.cfg.adapter.modules_to_save,
                                    self.optimizer, self.scheduler, state, self.inputs, self.cfg.training.save_total_limit,
-                                   self.method_trainer)
+                                   self.method_trainer, self.selection)
         except DiskFullError as e:
             raise DiskFullError(f"{e} {self.resume_hint()}") from None
 
@@ -137,9 +145,23 @@ class _Run:
             return "No checkpoint was written yet, so the run starts again from step 0 (set training.save_steps)."
         return f"The newest whole checkpoint is {ckpts[-1].name}: continue with `peftkit train RECIPE --resume`."
 
+    def log(self, record: dict) -> None:
+        """One metrics.jsonl line (and the same to training.report_to's trackers)."""
+        append_line(self.metrics_path, json.dumps(record), sync=False)
+        if self.trackers is not None:
+            self.trackers.log(record)
+
     def evaluate(self, step: int) -> dict:
-        result = self.eval_ex(self.model, self.accelerator.unwrap_model(self.model))
-        append_line(self.metrics_path, json.dumps({"step": step, **self.eval_ex.record(result)}), sync=False)
+        """Evaluate at `step` (once: the end of an early-stopped run reuses its last evaluation), log it and show
+        it to the selection."""
+        if self.last_eval is not None and self.last_eval[0] == step:
+            return self.last_eval[1]
+        model = self.accelerator.unwrap_model(self.model)
+        result = self.eval_ex(self.model, model)
+        self.log({"step": step, **self.eval_ex.record(result)})
+        if self.selection is not None:
+            self.selection.observe(step, result, lambda: adapter_state_dict(model, self.cfg.adapter.modules_to_save))
+        self.last_eval = (step, result)
         return result
 
 
@@ -166,11 +188,16 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         state = LoopState()
         if resume:
             ckpt, state = resume_checkpoint(out, run.model, run.optimizer, run.scheduler, run.inputs, console,
-                                            run.method_trainer)
+                                            run.method_trainer, run.selection)
             truncate_metrics(run.metrics_path, state.step, run.total_steps)
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps}).")
-        _loop(run, state)
-        return _finish(run, state, started, show_summary)
+        run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to else None
+        try:
+            _loop(run, state)
+            return _finish(run, state, started, show_summary)
+        finally:
+            if run.trackers is not None:
+                run.trackers.close()
 
 
 def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
@@ -181,6 +208,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     from peftkit.memory import check_fits, estimate_memory, print_estimate
 
     tcfg = cfg.training
+    check_trackers(tcfg.report_to)
     seed_everything(tcfg.seed, tcfg.deterministic)
     device = resolve_device(cfg.model.device)
     check_device_support(cfg, device)
@@ -233,10 +261,11 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
-    accelerator = Accelerator(mixed_precision=mixed_precision(tcfg, device), cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=mixed_precision(tcfg, device), cpu=device.type == "cpu",
+                              log_with=tcfg.report_to or None, project_dir=out / TRACKERS_DIR)
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
-                inputs, total_steps, summary, method_trainer)
+                inputs, total_steps, summary, method_trainer, Selection.of(cfg))
 
 
 def _loop(run: _Run, state: LoopState) -> None:
@@ -267,7 +296,7 @@ def _loop(run: _Run, state: LoopState) -> None:
                           "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
                 if regularizer is not None:
                     record["regularizer"] = regularizer
-                append_line(run.metrics_path, json.dumps(record), sync=False)
+                run.log(record)
                 progress.update(state.step, loss_value, lr, tps)
                 window_start, window_tokens = time.time(), 0
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
@@ -275,6 +304,9 @@ def _loop(run: _Run, state: LoopState) -> None:
                 progress.note(f"step {state.step}: {run.eval_ex.describe(result)}")
             if tcfg.save_steps and state.step % tcfg.save_steps == 0:
                 run.checkpoint(state)
+            if run.selection is not None and run.selection.should_stop:
+                progress.note(f"step {state.step}: {run.selection.stop_reason()}")
+                break
 
 
 def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple[float | None, float | None, float | None]:
@@ -336,6 +368,7 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     model = run.accelerator.unwrap_model(run.model)
     eval_result = run.evaluate(state.step) if run.eval_ex else None
     fsync_path(run.metrics_path)
+    eval_result = _take_best(run, model, state, eval_result)
     _check_finite(run, model, eval_result, state)
     try:
         exported = export(model, run.tok, cfg, run.targets, out, run.method_trainer)
@@ -354,6 +387,7 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
         "eval_perplexity": eval_result["perplexity"] if eval_result else None,
         **{f"eval_{m}": eval_result[m] if eval_result else None for m in run.cfg.eval.generation_metrics},
         **run.summary,
+        **(run.selection.summary() if run.selection else {}),
         "tokens": state.tokens,
         "elapsed_s": time.time() - started,
         "peak_mem_mb": peak_memory_mb(run.device),
@@ -367,6 +401,18 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     if show_summary:
         _print_summary(run.console, summary, out, exported + ([report] if report else []))
     return summary
+
+
+def _take_best(run: _Run, model, state: LoopState, eval_result: dict | None) -> dict | None:
+    """With export.best, put the best evaluation's adapter into the model (what is exported and sampled) and
+    return that evaluation's result; else the final one."""
+    best = run.selection.best if run.selection else None
+    if best is None or best.step is None or best.step == state.step:
+        return eval_result
+    load_adapter_state_dict(model, run.selection.best_weights)
+    run.console.print(f"export.best: exporting the adapter of step {best.step} (eval {best.metric} {best.value:.4f}), "
+                      f"not the final one of step {state.step}.", highlight=False)
+    return run.selection.best_result
 
 
 def _write_report(run: _Run) -> Path | None:
@@ -453,7 +499,10 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
         for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
             if s.get(key) is not None:
                 table.add_row(f"{metric}, {who}", f"{s[key]:.4f}")
-    table.add_row("steps", f"{s['steps']}" + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else ""))
+    table.add_row("steps", f"{s['steps']}" + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else "")
+                  + (" (stopped early)" if s.get("stopped_early") else ""))
+    if best := s.get("best"):
+        table.add_row("exported adapter", f"best {best['metric']} {best['value']:.4f}, step {best['step']} (export.best)")
     table.add_row("time", f"{s['elapsed_s']:.1f} s")
     table.add_row("peak memory", f"{s['peak_mem_mb']:.0f} MiB")
     for path in exported:

@@ -53,7 +53,7 @@ def test_train_refuses_a_directory_of_user_files(tiny_llama, number_data, tmp_pa
     assert str(e.value) == (
         f"export.output_dir {out} already holds files that peftkit did not write (config.json, notes.txt). Choose a "
         "new or empty directory, or pass --overwrite (a run writes only adapter, merged, checkpoints, metrics.jsonl, "
-        "recipe.yaml, manifest.json, report; your files stay).")
+        "recipe.yaml, manifest.json, report, trackers; your files stay).")
     train(_recipe(tmp_path, tiny_llama, number_data), overwrite=True, console=_console()[0])
     assert (out / "notes.txt").read_text() == "my notes" and (out / "config.json").read_text() == "{}"
     assert (out / "adapter" / "adapter_model.safetensors").exists()

@@ -191,6 +191,7 @@ class AdaLora(Method):
     peft_config = PeftAdaLoraConfig
     param_names = ("lora_A", "lora_B", "lora_E")
     rank_dims = {"lora_A": 0, "lora_B": 1, "lora_E": 0}
+    trainer_reshapes = True
 
     @classmethod
     def resolve(cls, cfg: AdaLoraConfig, model_type: str | None) -> AdaLoraConfig:

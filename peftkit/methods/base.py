@@ -207,6 +207,9 @@ class Method:
     loraplus_roles: ClassVar[dict[str, str]] = {}
     """For LoRA+ (`training.loraplus_lr_ratio`): the tensors (by PEFT key suffix) that train at `lr` ("A"), at
     ratio x `lr` ("B") or at `loraplus_lr_embedding` ("embedding"). A method without a "B" cannot use LoRA+."""
+    trainer_reshapes: ClassVar[bool] = False
+    """The method's trainer changes what the export holds as it trains (AdaLoRA's rank allocation): weights from
+    an earlier step do not fit the final layout, so `export.best` is refused."""
 
     @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:

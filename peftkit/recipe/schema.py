@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from peftkit.methods import AdapterConfig, default_adapter, method_of
-from peftkit.metrics import GENERATION_METRICS, METRICS
+from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, METRICS
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -79,6 +79,19 @@ class DataConfig(Section):
     its line, or skip it and report the count."""
 
 
+class EarlyStoppingConfig(Section):
+    """Stop when the eval metric has not improved for `patience` evaluations in a row (every training.eval_steps)."""
+
+    metric: str = "loss"
+    """`loss`, `perplexity`, or one of eval.metrics (`exact_match`, ...)."""
+    mode: Literal["auto", "min", "max"] = "auto"
+    """Whether lower (min) or higher (max) is better; auto: min for loss and perplexity, max for the rest."""
+    patience: int = Field(3, gt=0)
+    """Evaluations without improvement before the run stops."""
+    min_delta: float = Field(0.0, ge=0)
+    """An improvement smaller than this does not count."""
+
+
 class TrainingConfig(Section):
     """The optimisation loop."""
 
@@ -119,6 +132,12 @@ class TrainingConfig(Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
     """LoRA+ only: the learning rate of an embedding's LoRA (lora_embedding_A/B), peft's `loraplus_lr_embedding`
     and its default."""
+    early_stopping: EarlyStoppingConfig | None = None
+    """Stop early when the eval metric stops improving (needs data.eval and training.eval_steps). null: off."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    """Also log the metrics to these trackers, through accelerate's tracker API (metrics.jsonl stays the
+    record). Each needs its package (`pip install tensorboard`, `wandb`, `mlflow`); tensorboard and mlflow
+    write under <output_dir>/trackers/, wandb runs offline unless WANDB_MODE says otherwise."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingConfig:
@@ -141,6 +160,10 @@ class ExportConfig(Section):
     """Write merged/: the base with the adapter folded in, plus the tokenizer."""
     merged_dtype: DType | None = None
     """Dtype of the merged weights; default: the base model's dtype."""
+    best: bool | str = False
+    """Export the adapter of the best evaluation instead of the last: true picks by training.early_stopping's
+    metric (eval loss without early stopping); a metric name (`loss`, `exact_match`, ...) picks by that one.
+    Needs data.eval and training.eval_steps."""
     report: bool = True
     """Write report/ (report.html and its plots, as `peftkit report` does) when the run ends."""
 
@@ -200,13 +223,43 @@ class Recipe(Section):
                 "row's reference, and data.format 'text' has no prompt or reference (every token is target); "
                 "remove eval.metrics or use the alpaca, completion or chat format"
             )
+        self._check_selection()
         method = method_of(self.adapter)
+        if self.export.best and method.trainer_reshapes:
+            raise ValueError(
+                f"export.best: adapter.method {method.name} changes the adapter's layout while it trains (its rank "
+                "allocation), so an earlier evaluation's weights do not fit the final layout; remove export.best"
+            )
         if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():
             raise ValueError(
                 f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, and adapter.method "
                 f"{method.name} has no A/B matrices; remove training.loraplus_lr_ratio or use method: lora"
             )
         return self
+
+    def _check_selection(self) -> None:
+        """training.early_stopping and export.best need evaluations during training, of a metric computed."""
+        for key, metric in (("training.early_stopping", getattr(self.training.early_stopping, "metric", None)),
+                            ("export.best", self.best_metric)):
+            if metric is None:
+                continue
+            if not self.data.eval or not self.training.eval_steps:
+                raise ValueError(f"{key} chooses among the evaluations during training, and this recipe has none; "
+                                 "set data.eval and training.eval_steps")
+            if metric not in (*LOSS_METRICS, *self.eval.metrics):
+                computed = ", ".join((*LOSS_METRICS, *self.eval.metrics))
+                raise ValueError(f"{key}: metric {metric!r} is not computed during training (computed: {computed}); "
+                                 f"use one of those, or add {metric!r} to eval.metrics")
+
+    @property
+    def best_metric(self) -> str | None:
+        """The metric export.best picks by, or None when export.best is off."""
+        best = self.export.best
+        if best is False:
+            return None
+        if best is True:
+            return self.training.early_stopping.metric if self.training.early_stopping else "loss"
+        return best
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

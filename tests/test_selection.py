@@ -1,0 +1,144 @@
+"""Early stopping (`training.early_stopping`), the best adapter (`export.best`) and trackers (`training.report_to`)."""
+
+import importlib.util
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from peftkit.checkpoint import checkpoint_dirs
+from peftkit.recipe import load_recipe
+from peftkit.selection import Watch, lower_is_better
+from peftkit.train import train
+from tests.conftest import cli_user_error, make_recipe
+
+
+def _lines(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_watch_counts_improvements_and_stale_evaluations():
+    w = Watch("loss", lower=True, min_delta=0.1)
+    assert [w.see(s, v) for s, v in enumerate([2.0, 1.95, 1.8, float("nan"), 1.8, 1.5], 1)] == [
+        True, False, True, False, False, True]
+    assert (w.value, w.step, w.stale) == (1.5, 6, 0)
+    up = Watch("exact_match", lower=False)
+    assert [up.see(s, v) for s, v in enumerate([0.0, 0.0, 0.5, float("inf")], 1)] == [True, False, True, False]
+    assert up.step == 3  # a tie keeps the earlier evaluation
+    assert lower_is_better("perplexity") and not lower_is_better("rouge_l") and lower_is_better("rouge_l", "min")
+
+
+def test_early_stopping_stops_after_patience_and_exports_that_step(tiny_llama, number_data, tmp_path):
+    """mode max on the loss: the loss falls, so only the first evaluation counts as an improvement and the run
+    stops `patience` evaluations later, with the adapter of that step (= the same run's checkpoint there)."""
+    training = {"max_steps": 12, "eval_steps": 1, "save_steps": 3, "save_total_limit": 10}
+    stopped = make_recipe(tmp_path / "stop", tiny_llama, number_data, eval={"base_model": False}, training=training
+                          | {"early_stopping": {"metric": "loss", "mode": "max", "patience": 2}})
+    summary = train(load_recipe(stopped))
+    assert summary["steps"] == 3 and summary["stopped_early"] is True
+    lines = _lines(tmp_path / "stop" / "run")
+    assert [x["step"] for x in lines if "eval_loss" in x] == [1, 2, 3]  # the end reuses step 3's evaluation
+    assert max(x["step"] for x in lines) == 3
+
+    full = make_recipe(tmp_path / "full", tiny_llama, number_data, eval={"base_model": False}, training=training)
+    train(load_recipe(full))
+    step3 = tmp_path / "full" / "run" / "checkpoints" / "step-00000003"
+    assert _same(_weights(tmp_path / "stop" / "run" / "adapter"), _weights(step3))
+
+
+def test_export_best_exports_the_best_evaluation_and_survives_a_resume(tiny_llama, number_data, tmp_path):
+    """export.best by the *highest* eval loss (early_stopping mode max, patience never reached) is step 1's adapter:
+    the exported weights equal the run's step-1 checkpoint and the summary's eval loss is step 1's. Resuming
+    from a later checkpoint keeps that choice."""
+    sections = dict(training={"max_steps": 6, "eval_steps": 1, "save_steps": 1, "save_total_limit": 10,
+                              "early_stopping": {"metric": "loss", "mode": "max", "patience": 100}},
+                    export={"best": True}, eval={"base_model": False})
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **sections)
+    summary = train(load_recipe(recipe))
+    run = tmp_path / "run"
+    evals = [x for x in _lines(run) if "eval_loss" in x]
+    assert summary["best"] == {"metric": "eval_loss", "value": evals[0]["eval_loss"], "step": 1}
+    assert summary["eval_loss"] == evals[0]["eval_loss"] and summary["stopped_early"] is False
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # the final adapter was not the one exported
+    exported = _weights(run / "adapter")
+    assert _same(exported, _weights(run / "checkpoints" / "step-00000001"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["metrics"]["best"]["step"] == 1
+    from peftkit.report import write_report
+
+    assert "exported adapter: the best eval_loss" in write_report(run).read_text()
+
+    for ckpt in checkpoint_dirs(run)[4:]:  # as if killed after step 4's checkpoint
+        shutil.rmtree(ckpt)
+    train(load_recipe(recipe), resume=True)
+    assert _same(_weights(run / "adapter"), exported)
+
+
+def test_export_best_by_a_task_metric_name(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data,
+                         training={"max_steps": 2, "eval_steps": 1}, export={"best": "token_f1"},
+                         eval={"base_model": False, "metrics": ["token_f1"], "max_new_tokens": 4})
+    summary = train(load_recipe(recipe))
+    f1 = [x["eval_token_f1"] for x in _lines(tmp_path / "run") if "eval_token_f1" in x]
+    assert summary["best"]["metric"] == "eval_token_f1" and summary["best"]["value"] == max(f1)
+    assert summary["best"]["step"] == 1 + f1.index(max(f1))
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    (dict(training={"eval_steps": None, "early_stopping": {"patience": 2}}),
+     "training.early_stopping chooses among the evaluations during training, and this recipe has none; "
+     "set data.eval and training.eval_steps"),
+    (dict(training={"eval_steps": 2, "early_stopping": {"metric": "exact_match"}}),
+     "metric 'exact_match' is not computed during training (computed: loss, perplexity); use one of those, "
+     "or add 'exact_match' to eval.metrics"),
+    (dict(training={"eval_steps": 2}, export={"best": "rouge_l"}), "export.best: metric 'rouge_l' is not computed"),
+    (dict(training={"eval_steps": 2, "early_stopping": {"mode": "up"}}), "early_stopping.mode"),
+    (dict(training={"eval_steps": 2}, adapter={"method": "adalora", "total_step": 6}, export={"best": True}),
+     "export.best: adapter.method adalora changes the adapter's layout while it trains"),
+    (dict(training={"report_to": ["neptune"]}), "training.report_to"),
+])
+def test_selection_recipe_errors(sections, expected, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    adapter = sections.pop("adapter", None)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **sections)
+    if adapter:  # a whole section of another method's keys, not LoRA's with some replaced
+        raw = yaml.safe_load(recipe.read_text())
+        recipe.write_text(yaml.safe_dump(raw | {"adapter": adapter}, sort_keys=False))
+    err = cli_user_error(monkeypatch, capsys, "validate", str(recipe))
+    assert expected in " ".join(err.split())
+    assert "recipe.yaml" in err
+
+
+def test_tensorboard_gets_what_metrics_jsonl_has(tiny_llama, number_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data,
+                         training={"max_steps": 4, "eval_steps": 2, "report_to": ["tensorboard"]})
+    train(load_recipe(recipe))
+    logs = tmp_path / "run" / "trackers" / "run"
+    acc = EventAccumulator(str(logs)).Reload()
+    lines = _lines(tmp_path / "run")
+    for key in ("loss", "lr", "eval_loss"):
+        expected = [(x["step"], x[key]) for x in lines if key in x]
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in expected]
+        assert all(math.isclose(g, v, rel_tol=1e-6) for (_, g), (_, v) in zip(got, expected, strict=True))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_a_tracker_without_its_package_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"report_to": ["wandb"]})
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert "training.report_to: wandb needs its package, which is not installed; run `pip install wandb`" in err
+    assert not any(p.name in ("metrics.jsonl", "checkpoints", "trackers") for p in (tmp_path / "run").glob("*"))
