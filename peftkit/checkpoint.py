@@ -57,13 +57,14 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, scheduler, state: LoopState,
-                    inputs: dict, keep: int, method_trainer=None, selection=None) -> Path:
+                    inputs: dict, keep: int, method_trainer=None, selection=None, rng: list[dict] | None = None) -> Path:
     """Write checkpoints/step-N/ as a whole, then remove the oldest beyond `keep`.
 
     Args:
         inputs: hashes of the data and base model (`run_inputs`), recorded to refuse a resume on others.
         method_trainer: the method's `MethodTrainer`, if it has one: its state is kept beside the optimizer's.
         selection: the run's `peftkit.selection.Selection` (early stopping, export.best), if it has one.
+        rng: every process's RNG states, by rank (`peftkit.distributed.rng_states`); default this process's.
     """
     from safetensors.torch import save_file
 
@@ -71,10 +72,12 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
     fsync_path(out / "metrics.jsonl")  # the lines up to this step are on disk before the checkpoint is
     with atomic_directory(path) as tmp:
         save_file(adapter_state_dict(model, modules_to_save), tmp / WEIGHTS_NAME)
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+        if rng is None:
+            rng = [{"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()}
+                                                     if torch.cuda.is_available() else {})]
+        blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng[0]}
+        if len(rng) > 1:
+            blob["rng_ranks"] = rng
         if method_trainer is not None:
             blob["method_trainer"] = method_trainer.state_dict()
         torch.save(blob, tmp / STATE_FILE)
@@ -111,7 +114,7 @@ def _recorded(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None,
-                    selection=None) -> tuple[LoopState, dict]:
+                    selection=None, rank: int = 0) -> tuple[LoopState, dict]:
     """Restore a checkpoint into the model, optimizer, scheduler, RNG, the method's trainer and the run's
     selection (if any); returns (loop state, its inputs).
 
@@ -132,9 +135,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
             method_trainer.load_state_dict(blob["method_trainer"])
         if selection is not None:
             selection.load(path)
-        torch.set_rng_state(blob["rng"]["cpu"])
-        if "cuda" in blob["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        ranks = blob.get("rng_ranks", [blob["rng"]])
+        rng = ranks[rank] if rank < len(ranks) else blob["rng"]  # this process's (dropout differs by rank)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     except Exception as e:  # noqa: BLE001 - whatever fails to load makes the checkpoint unusable, nothing else
         raise DamagedCheckpoint(f"it does not load ({type(e).__name__}: {str(e)[:200]})") from None
     return state, recorded["inputs"]
@@ -152,11 +157,11 @@ def _changed_input(recorded: dict, now: dict) -> str | None:
 
 
 def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Console,
-           method_trainer=None, selection=None) -> tuple[Path, LoopState]:
+           method_trainer=None, selection=None, rank: int = 0) -> tuple[Path, LoopState]:
     """Load the newest intact checkpoint of `out`; passing over damaged ones is said on the console."""
     for path in reversed(checkpoint_dirs(out)):
         try:
-            state, recorded = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection)
+            state, recorded = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection, rank)
         except DamagedCheckpoint as e:
             console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {e}; trying an older one.")
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -40,12 +41,22 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in export.output_dir.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run found in export.output_dir.")] = False,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help=(
+        "Train data-parallel in N processes (one per GPU; gloo on CPU) through accelerate's launcher; the "
+        "global batch is training.batch_size x grad_accum x N."))] = 1,
 ) -> None:
     """Fine-tune: data → model → adapter → training → export, as the recipe says."""
     from peftkit.recipe import load_recipe
     from peftkit.train import train as run_train
 
-    run_train(load_recipe(recipe, overrides or []), resume=resume, overwrite=overwrite, console=console)
+    cfg = load_recipe(recipe, overrides or [])  # a recipe mistake shows here, once, before any process starts
+    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        from peftkit.distributed import launch
+
+        argv = ["train", str(recipe), *(f"--set={o}" for o in overrides or []), *(["--resume"] if resume else []),
+                *(["--overwrite"] if overwrite else [])]
+        raise typer.Exit(launch(num_processes, argv))
+    run_train(cfg, resume=resume, overwrite=overwrite, console=console)
 
 
 @app.command()

@@ -93,15 +93,17 @@ def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:
 
 def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
                    losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
-                   init_from_sha256: dict | None = None) -> dict:
+                   init_from_sha256: dict | None = None, distributed: dict | None = None) -> dict:
     """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
-    the run began (what it trained on, and no second read of a multi-GB base); computed here when not given."""
+    the run began (what it trained on, and no second read of a multi-GB base); computed here when not given.
+    `distributed`: the processes that trained (`peftkit.distributed.describe`); default one."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     return {
         "peftkit_manifest": 1,
         "command": " ".join(sys.argv),
         "environment": environment(device),
+        "distributed": distributed or {"processes": 1, "backend": None, "type": "NO"},
         "dtype": recipe.model.dtype,
         "seed": recipe.training.seed,
         "recipe": recipe.model_dump(mode="json"),
@@ -150,6 +152,8 @@ class Manifest(BaseModel):
     """The files of the adapter the run started from (`adapter.init_from`); {} without one."""
     environment: RecordedEnvironment
     outputs_sha256: dict[str, Sha256]
+    distributed: dict = {}
+    """The processes that trained (`processes`, `backend`); {} for manifests from before it was recorded: one."""
     # sha256 of the recipe as recorded, before today's schema added its new defaults: what recipe_sha256 hashed.
     _recorded_recipe_sha256: str = PrivateAttr("")
 

@@ -23,6 +23,7 @@ Run directory (a contract other tools rely on):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -34,6 +35,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from peftkit import distributed
 from peftkit.adapters import (adapter_layers, adapter_state_dict, count_parameters, inject_adapters,
                               load_adapter_state_dict, nonfinite_tensors, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
@@ -131,13 +133,25 @@ class _Run:
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
+    @property
+    def main(self) -> bool:
+        """The process that writes and prints (the only one, unless launched with several)."""
+        return self.accelerator.is_main_process
+
     def checkpoint(self, state: LoopState) -> Path:
-        try:
-            return save_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.cfg.adapter.modules_to_save,
-                                   self.optimizer, self.scheduler, state, self.inputs, self.cfg.training.save_total_limit,
-                                   self.method_trainer, self.selection)
-        except DiskFullError as e:
-            raise DiskFullError(f"{e} {self.resume_hint()}") from None
+        """checkpoints/step-N, written by the main process with every process's RNG state (all must call this)."""
+        rng = distributed.rng_states(self.accelerator)
+        path = self.out / "checkpoints" / f"step-{state.step:08d}"
+        if self.main:
+            try:
+                path = save_checkpoint(self.out, self.accelerator.unwrap_model(self.model),
+                                       self.cfg.adapter.modules_to_save, self.optimizer, self.scheduler, state,
+                                       self.inputs, self.cfg.training.save_total_limit, self.method_trainer,
+                                       self.selection, rng)
+            except DiskFullError as e:
+                raise DiskFullError(f"{e} {self.resume_hint()}") from None
+        self.accelerator.wait_for_everyone()
+        return path
 
     def resume_hint(self) -> str:
         ckpts = checkpoint_dirs(self.out)
@@ -146,7 +160,9 @@ class _Run:
         return f"The newest whole checkpoint is {ckpts[-1].name}: continue with `peftkit train RECIPE --resume`."
 
     def log(self, record: dict) -> None:
-        """One metrics.jsonl line (and the same to training.report_to's trackers)."""
+        """One metrics.jsonl line (and the same to training.report_to's trackers), from the main process."""
+        if not self.main:
+            return
         append_line(self.metrics_path, json.dumps(record), sync=False)
         if self.trackers is not None:
             self.trackers.log(record)
@@ -156,8 +172,8 @@ class _Run:
         it to the selection."""
         if self.last_eval is not None and self.last_eval[0] == step:
             return self.last_eval[1]
-        model = self.accelerator.unwrap_model(self.model)
-        result = self.eval_ex(self.model, model)
+        model = self.accelerator.unwrap_model(self.model)  # every process evaluates it all: no collective
+        result = self.eval_ex(model)
         self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
             self.selection.observe(step, result, lambda: adapter_state_dict(model, self.cfg.adapter.modules_to_save))
@@ -176,22 +192,28 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         console: where progress and the summary go.
         show_summary: print the closing table (`verify` re-runs in a temporary directory and says its own).
     """
-    console = console or Console()
     out = Path(recipe.export.output_dir)
-    with open_run_dir(out, recipe.to_yaml(), resume, overwrite, console):
+    accelerator = _accelerator(recipe, out)
+    console = (console or Console()) if accelerator.is_main_process else Console(quiet=True)
+    run_dir = (open_run_dir(out, recipe.to_yaml(), resume, overwrite, console) if accelerator.is_main_process
+               else contextlib.nullcontext())  # one writer: the main process holds the directory
+    with run_dir:
+        accelerator.wait_for_everyone()  # the directory is checked and tidied before any process reads it
         started = time.time()
-        run = _setup(recipe, out, resume, console)
+        run = _setup(recipe, out, resume, console, accelerator)
         # Only now, with data and model loaded, does the directory become this recipe's run.
-        if not resume:
+        if run.main and not resume:
             clear_run(out)
-        atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+        if run.main:
+            atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+        accelerator.wait_for_everyone()
         state = LoopState()
         if resume:
-            ckpt, state = resume_checkpoint(out, run.model, run.optimizer, run.scheduler, run.inputs, console,
-                                            run.method_trainer, run.selection)
+            ckpt, state = resume_checkpoint(out, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, run.inputs, console,
+                                            run.method_trainer, run.selection, accelerator.process_index)
             truncate_metrics(run.metrics_path, state.step, run.total_steps)
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps}).")
-        run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to else None
+        run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to and run.main else None
         try:
             _loop(run, state)
             return _finish(run, state, started, show_summary)
@@ -200,17 +222,25 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                 run.trackers.close()
 
 
-def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
-    """Seed, check the device and memory, load data and model, evaluate the base, inject the adapter and
-    build the optimizer: everything that can fail before the run directory is touched."""
+def _accelerator(cfg: Recipe, out: Path):
+    """accelerate's Accelerator, made first: it knows this process's rank and device (`peftkit.distributed`)."""
     from accelerate import Accelerator
 
+    check_trackers(cfg.training.report_to)
+    device = resolve_device(cfg.model.device)
+    return Accelerator(mixed_precision=mixed_precision(cfg.training, device), cpu=device.type == "cpu",
+                       log_with=cfg.training.report_to or None, project_dir=out / TRACKERS_DIR)
+
+
+def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) -> _Run:
+    """Seed, check the device and memory, load data and model, evaluate the base, inject the adapter and
+    build the optimizer: everything that can fail before the run directory is touched."""
     from peftkit.memory import check_fits, estimate_memory, print_estimate
 
     tcfg = cfg.training
-    check_trackers(tcfg.report_to)
     seed_everything(tcfg.seed, tcfg.deterministic)
-    device = resolve_device(cfg.model.device)
+    # With several processes each has its own device (cuda:<local rank>, or the CPU).
+    device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
     check_device_support(cfg, device)
     if note := cpu_dtype_note(cfg, device):
         console.print(f"[yellow]note:[/] {note}")
@@ -256,13 +286,11 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
     console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)} on {len(targets)} modules: {trainable:,} trainable "
                   f"of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
-    per_epoch = -(-len(train_ex) // tcfg.batch_size)
+    per_epoch = -(-len(train_ex) // (tcfg.batch_size * accelerator.num_processes))
     total_steps = tcfg.max_steps or max(1, (tcfg.epochs * per_epoch) // tcfg.grad_accum)
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
-    accelerator = Accelerator(mixed_precision=mixed_precision(tcfg, device), cpu=device.type == "cpu",
-                              log_with=tcfg.report_to or None, project_dir=out / TRACKERS_DIR)
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg))
@@ -271,16 +299,18 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console) -> _Run:
 def _loop(run: _Run, state: LoopState) -> None:
     """Optimizer steps from `state.step` to the end: accumulate, clip, step, log, evaluate, checkpoint."""
     cfg, tcfg = run.cfg, run.cfg.training
-    stream = micro_batches(run.train_ex, tcfg.batch_size, tcfg.seed, cfg.data.shuffle, run.tok.pad_token_id,
-                           start=state.step * tcfg.grad_accum, num_workers=cfg.data.num_workers)
+    # Global micro-batches: every process draws the same rows and trains on its slice (`_step`).
+    stream = micro_batches(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.seed,
+                           cfg.data.shuffle, run.tok.pad_token_id, start=state.step * tcfg.grad_accum,
+                           num_workers=cfg.data.num_workers)
     run.model.train()
     window_start, window_tokens = time.time(), 0
     with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
         while state.step < run.total_steps:
-            if stop.signal is not None:
+            if distributed.any_process(run.accelerator, stop.signal is not None):
                 path = run.checkpoint(state)
                 raise PeftkitError(
-                    f"{'Interrupted' if stop.signal == signal.SIGINT else 'Stopped by SIGTERM'} at step "
+                    f"{'Stopped by SIGTERM' if stop.signal == signal.SIGTERM else 'Interrupted'} at step "
                     f"{state.step}; checkpoint saved to {path}. Continue with `peftkit train RECIPE --resume`."
                 )
             window = [next(stream) for _ in range(tcfg.grad_accum)]
@@ -313,14 +343,16 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
     """One optimizer step over the micro-batches of `window`; (loss, grad norm, the method's regulariser or None),
     or (None, None, None) when a non-finite loss was skipped (training.nan_policy: skip_step)."""
     tcfg, accelerator = run.cfg.training, run.accelerator
-    n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)  # of the global window
     loss_sum = torch.zeros((), device=accelerator.device)
-    for batch in window:
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-        loss, _ = token_loss_sum(run.model, batch)
-        accelerator.backward(loss / n_label)
+    for i, batch in enumerate(window):
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in distributed.shard(batch, rank, world).items()}
+        with distributed.no_sync(accelerator, run.model, last=i == len(window) - 1):
+            loss, _ = token_loss_sum(run.model, batch)
+            accelerator.backward(loss * world / n_label)  # DDP averages over processes: x world undoes it
         loss_sum += loss.detach()
-    loss_value = float(loss_sum) / n_label  # one device sync per optimizer step
+    loss_value = float(distributed.total(accelerator, loss_sum)) / n_label  # one sync per optimizer step
     reg_value = _regularize(run)
     if not math.isfinite(loss_value + (reg_value or 0.0)):
         run.optimizer.zero_grad(set_to_none=True)
@@ -367,9 +399,13 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     cfg, out = run.cfg, run.out
     model = run.accelerator.unwrap_model(run.model)
     eval_result = run.evaluate(state.step) if run.eval_ex else None
-    fsync_path(run.metrics_path)
+    if run.main:
+        fsync_path(run.metrics_path)
     eval_result = _take_best(run, model, state, eval_result)
     _check_finite(run, model, eval_result, state)
+    if not run.main:  # the main process exports, samples and writes the manifest
+        run.accelerator.wait_for_everyone()
+        return {}
     try:
         exported = export(model, run.tok, cfg, run.targets, out, run.method_trainer)
     except DiskFullError as e:
@@ -395,11 +431,13 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     data = {split.removeprefix("data."): hashes for split, hashes in run.inputs.items() if split.startswith("data.")}
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
                                            base_model_sha256=run.inputs["model.name_or_path"],
-                                           init_from_sha256=run.inputs.get("adapter.init_from", {}))
+                                           init_from_sha256=run.inputs.get("adapter.init_from", {}),
+                                           distributed=distributed.describe(run.accelerator))
     atomic_write_json(out / "manifest.json", manifest)
     report = _write_report(run) if cfg.export.report else None
     if show_summary:
         _print_summary(run.console, summary, out, exported + ([report] if report else []))
+    run.accelerator.wait_for_everyone()
     return summary
 
 

@@ -164,7 +164,6 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
            report: VerifyReport) -> list[str]:
     """Train the recorded recipe again in a temporary directory; the differences from the recorded run."""
     from peftkit.modeling import resolve_device
-    from peftkit.train import train
 
     recipe = manifest.recipe.model_copy(deep=True)
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
@@ -174,12 +173,29 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
                       soft_wrap=True)
         try:
             current = RecordedEnvironment.model_validate(environment(resolve_device(recipe.model.device)))
-            train(recipe, console=console, show_summary=False)
+            _train_again(recipe, manifest.distributed.get("processes", 1), console)
         except PeftkitError as e:
             raise _rerun_failed(e, tmp, run_dir, report) from None
         report.notes += _env_differences(manifest.environment, current)
         rerun = read_manifest(Path(tmp))
         return _compare(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
+
+
+def _train_again(recipe: Recipe, processes: int, console: Console) -> None:
+    """Train `recipe` as the recorded run did: in this process, or in as many processes as it had (launched)."""
+    from peftkit.train import train
+
+    if processes == 1:
+        train(recipe, console=console, show_summary=False)
+        return
+    from peftkit.distributed import launch
+
+    console.print(f"The recorded run trained in {processes} processes; so does the re-run.")
+    with tempfile.TemporaryDirectory(prefix="peftkit-verify-recipe-") as recipe_dir:
+        recipe_file = Path(recipe_dir) / "recipe.yaml"
+        recipe_file.write_text(recipe.to_yaml())
+        if code := launch(processes, ["train", str(recipe_file)]):
+            raise PeftkitError(f"the {processes}-process re-run failed (exit status {code}; its output is above)")
 
 
 def _rerun_failed(error: PeftkitError, tmp: str, run_dir: Path, report: VerifyReport) -> PeftkitError:
