@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts
 from peftkit.inference import ModelSource, check_choices, recipe_source
-from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
 from peftkit.recipe import DataConfig, EvalConfig, Recipe
 
 
@@ -165,10 +165,42 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.sampling.check()
     if normalize not in NORMALIZATIONS:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
+    if job.data_cfg.format == "classification":
+        _classification_job(job)
     if predictions is not None and not any(m in GENERATION_METRICS for m in job.metrics):
         raise PeftkitError(f"--predictions: nothing is generated without a generation metric; add --metrics "
                            f"{GENERATION_METRICS[0]} (or {', '.join(GENERATION_METRICS[1:])}).")
     return job
+
+
+def _classification_job(job: EvalJob) -> None:
+    """A job on data.format: classification scores predicted classes: loss, accuracy, macro_f1, never generated text;
+    its model (when one is given, not only an adapter) loads as a sequence classifier."""
+    if generated := [m for m in job.metrics if m in GENERATION_METRICS]:
+        raise PeftkitError(f"--metrics {','.join(generated)}: data.format 'classification' is scored by predicted "
+                           f"class, not generated text; a classifier's eval reports loss, "
+                           f"{', '.join(CLASSIFICATION_METRICS)} (drop --metrics, or pass --metrics accuracy).")
+    job.metrics = ["loss", *CLASSIFICATION_METRICS]
+    if job.source.model is not None:
+        job.source = replace(job.source, model=job.source.model.model_copy(update={"task": "sequence_classification"}))
+
+
+def evaluate_classifier(job: EvalJob) -> dict[str, float]:
+    """`peftkit eval` of a sequence classifier on data.format: classification rows: {'loss' (mean cross-entropy per
+    row), 'accuracy', 'macro_f1', 'num_examples'}. The rows' labels map to the classes the model has (its config's
+    id2label; an adapter's peftkit.json), so they are read after the model loads."""
+    from peftkit.classify import evaluate_classification
+    from peftkit.data.classification import LabelSet, load_classification
+
+    tok = job.source.tokenizer()
+    model = job.source.load()
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise PeftkitError(f"{job.source.describe()} is not a sequence classifier (its adapter's task_type is not "
+                           f"SEQ_CLS), so it cannot be scored on data.format 'classification' rows of {job.data}.")
+    examples = load_classification(tok, job.data, job.split, job.data_cfg, LabelSet.from_config(model.config))[0]
+    result = evaluate_classification(model, examples, job.batch_size, tok.pad_token_id)
+    _check_finite_loss(result["loss"], job.source, job.data)
+    return result
 
 
 def evaluate(job: EvalJob) -> dict[str, float]:
@@ -183,6 +215,8 @@ def evaluate(job: EvalJob) -> dict[str, float]:
     from peftkit.data import load_examples
     from peftkit.data.prompts import load_prompts
 
+    if job.data_cfg.format == "classification":
+        return evaluate_classifier(job)
     source = job.source
     generated = [m for m in job.metrics if m in GENERATION_METRICS]
     tok = source.tokenizer()
