@@ -2,6 +2,7 @@
 accuracy / macro-F1, and the SEQ_CLS adapter format both ways with peft (its logits to 1e-5)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,32 @@ def test_decoder_run_exports_what_peft_loads(tmp_path, tiny_llama, sentiment):
         assert (merged(**batch).logits - logits).abs().max() <= 1e-5
 
 
+def test_resume_mid_run_is_bit_identical(tmp_path, tiny_bert, sentiment):
+    """The head is checkpointed with the adapter (and its optimizer state): resuming at step 3 of 6 exports the
+    same bytes as the uninterrupted run."""
+    recipe = load_recipe(classification_recipe(tmp_path, tiny_bert, sentiment, training={"max_steps": 6, "save_steps": 3},
+                                               eval={"base_model": False}))
+    train(recipe)
+    weights = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000006")
+    train(recipe, resume=True)
+    assert weights.read_bytes() == whole
+
+
+def test_eval_of_a_base_without_head_repeats(tiny_bert, sentiment):
+    """`peftkit eval --model BASE --format classification`: the data's classes and a head drawn from seed 0."""
+    from peftkit.evaluate import eval_job, evaluate
+
+    def run():
+        return evaluate(eval_job(None, [], str(tiny_bert), str(sentiment["eval"]), "classification", None, None, None,
+                                 None))
+
+    first = run()
+    assert first == run() and first["num_examples"] == 32 and set(first) == {"loss", "accuracy", "macro_f1",
+                                                                              "num_examples"}
+
+
 def test_integer_labels_and_text_pairs(tmp_path, tiny_bert):
     rows = [{"text": "good", "text_pair": "fine", "label": 2}, {"text": "bad", "label": 0}]
     write_jsonl(tmp_path / "t.jsonl", rows)
@@ -251,14 +278,15 @@ def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment
 
 @pytest.mark.parametrize(("sections", "message"), [
     ({"eval": {"metrics": ["exact_match"]}},
-     "eval.metrics: exact_match score generated text, and a sequence_classification model generates none; remove "
-     "them (accuracy and macro_f1 are always computed for classification)"),
+     ("eval.metrics: exact_match score generated text, and a sequence_classification model generates none; remove "
+      "them (accuracy and macro_f1 are always computed for classification)")),
     ({"data": {"format": "alpaca"}},
-     "model.task is 'sequence_classification' and data.format is 'alpaca': a sequence_classification model trains on "
-     "data.format: classification (text, label, optional text_pair) and that format needs it; set both, or neither"),
+     ("model.task is 'sequence_classification' and data.format is 'alpaca': a sequence_classification model trains "
+      "on data.format: classification (text, label, optional text_pair) and that format needs it; set both, or "
+      "neither")),
     ({"model": {"task": "causal_lm", "num_labels": 3}, "data": {"format": "alpaca"}},
-     "model.num_labels is set, but model.task is causal_lm; remove model.num_labels or set model.task: "
-     "sequence_classification"),
+     ("model.num_labels is set, but model.task is causal_lm; remove model.num_labels or set model.task: "
+      "sequence_classification")),
     ({"data": {"format": "classification", "packing": True}},
      "data.packing: a classification row is one example with one label; set data.packing: false"),
 ])
