@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts
 from peftkit.inference import ModelSource, check_choices, recipe_source
-from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
-from peftkit.recipe import DataConfig, EvalConfig, Recipe
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
+from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,10 +165,60 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.sampling.check()
     if normalize not in NORMALIZATIONS:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
+    if job.data_cfg.format == "classification":
+        _classification_job(job)
     if predictions is not None and not any(m in GENERATION_METRICS for m in job.metrics):
         raise PeftkitError(f"--predictions: nothing is generated without a generation metric; add --metrics "
                            f"{GENERATION_METRICS[0]} (or {', '.join(GENERATION_METRICS[1:])}).")
     return job
+
+
+def _classification_job(job: EvalJob) -> None:
+    """A job on data.format: classification scores predicted classes: loss, accuracy, macro_f1, never generated text."""
+    if generated := [m for m in job.metrics if m in GENERATION_METRICS]:
+        raise PeftkitError(f"--metrics {','.join(generated)}: data.format 'classification' is scored by predicted "
+                           f"class, not generated text; a classifier's eval reports loss, "
+                           f"{', '.join(CLASSIFICATION_METRICS)} (drop --metrics, or pass --metrics accuracy).")
+    job.metrics = ["loss", *CLASSIFICATION_METRICS]
+
+
+def evaluate_classifier(job: EvalJob) -> dict[str, float]:
+    """`peftkit eval` of a sequence classifier on data.format: classification rows: {'loss' (mean cross-entropy per
+    row), 'accuracy', 'macro_f1', 'num_examples'}. The rows' labels map to the classes the model has: an adapter's
+    (peftkit.json, else as many as its head has outputs), a model's config.json `id2label`. A model given without an
+    adapter loads as a sequence classifier; one whose config names no classes (a base without a head) gets the
+    data's classes and a random head, drawn from seed 0 so that the figures repeat."""
+    from peftkit.classify import evaluate_classification
+    from peftkit.data.classification import LabelSet, load_classification
+
+    source, labels = job.source, None
+    if source.model is not None:
+        source = replace(source, model=source.model.model_copy(update={"task": "sequence_classification"}))
+    tok = source.tokenizer()
+    if not source.adapter:
+        labels = _named_classes(source.model) or load_classification(tok, job.data, job.split, job.data_cfg, None,
+                                                                      source.model.num_labels)[2]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = source.load(labels=labels)
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise PeftkitError(f"{job.source.describe()} is not a sequence classifier (its adapter's task_type is not "
+                           f"SEQ_CLS), so it cannot be scored on data.format 'classification' rows of {job.data}.")
+    examples = load_classification(tok, job.data, job.split, job.data_cfg, LabelSet.from_config(model.config))[0]
+    result = evaluate_classification(model, examples, job.batch_size, tok.pad_token_id)
+    _check_finite_loss(result["loss"], job.source, job.data)
+    return result
+
+
+def _named_classes(model_cfg: ModelConfig):
+    """The classes a model's config.json names (a fine-tuned or merged classifier), or None when it has only
+    transformers' placeholders (`LABEL_0`, ...)."""
+    from peftkit.data.classification import LabelSet
+    from peftkit.modeling import load_config
+
+    config = load_config(model_cfg)
+    named = any(name != f"LABEL_{i}" for i, name in config.id2label.items())
+    return LabelSet.from_config(config) if named else None
 
 
 def evaluate(job: EvalJob) -> dict[str, float]:
@@ -183,6 +233,8 @@ def evaluate(job: EvalJob) -> dict[str, float]:
     from peftkit.data import load_examples
     from peftkit.data.prompts import load_prompts
 
+    if job.data_cfg.format == "classification":
+        return evaluate_classifier(job)
     source = job.source
     generated = [m for m in job.metrics if m in GENERATION_METRICS]
     tok = source.tokenizer()

@@ -62,14 +62,15 @@ class ModelSource:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
         return load_tokenizer(cfg)
 
-    def load(self, device: torch.device | None = None) -> nn.Module:
-        """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied."""
+    def load(self, device: torch.device | None = None, labels=None) -> nn.Module:
+        """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied.
+        `labels`: a sequence classifier's classes, for a model without adapter (`peftkit.modeling.load_model`)."""
         from peftkit.modeling import load_adapted_model, load_model, resolve_device
 
         device = device or resolve_device(self.model.device if self.model else "auto")
         if self.adapter:
             return load_adapted_model(self.base, self.adapter, device, self.trust_remote_code)[0]
-        return load_model(self.model, self.quantization, device).eval()
+        return load_model(self.model, self.quantization, device, labels).eval()
 
 
 def model_source(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,

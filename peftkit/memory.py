@@ -154,7 +154,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         recipe: the run's recipe.
         device: where it runs (decides the runtime constant); by default the one recipe.model.device picks.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
     from peftkit.modeling import load_config, resolve_device
@@ -162,7 +162,8 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     config = load_config(recipe.model)
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+            auto = AutoModelForSequenceClassification if recipe.classification else AutoModelForCausalLM
+            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError):
         return None
     except RuntimeError as e:  # nothing is allocated on the meta device: only the config can be at fault

@@ -113,13 +113,15 @@ def conv1d_modules(model: nn.Module) -> set[str]:
 
 
 def plain_model_from_state(
-    config, state: dict[str, torch.Tensor], dtype: torch.dtype, buffers: dict[str, torch.Tensor]
+    config, state: dict[str, torch.Tensor], dtype: torch.dtype, buffers: dict[str, torch.Tensor],
+    classifier: bool = False,
 ) -> nn.Module:
     """A fresh, unquantized model of `config` holding exactly `state` (strict load).
 
     Built on the meta device (no random init, no second copy of the weights), then given the tensors of
-    `state` and the construction-time `buffers` of the source model."""
-    from transformers import AutoModelForCausalLM
+    `state` and the construction-time `buffers` of the source model. `classifier`: a sequence classifier
+    (AutoModelForSequenceClassification; its classes are in `config`), not a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = copy.deepcopy(config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -127,7 +129,7 @@ def plain_model_from_state(
             delattr(config, attr)
     config.use_cache = True
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = (AutoModelForSequenceClassification if classifier else AutoModelForCausalLM).from_config(config, dtype=dtype)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
@@ -148,7 +150,8 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
     adapter |= {f"{SHARED_PREFIX}{n}": t.cpu() for holder in shared_holders(model) for n, t in holder.named_buffers()}
     state = merge_state_dict(base, adapter, adapter_cfg, conv1d_modules(model), dtype=torch.float32)
-    return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model))
+    classifier = type(model).__name__.endswith("ForSequenceClassification")
+    return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model), classifier)
 
 
 MERGED_FROM_NAME = "peftkit.json"

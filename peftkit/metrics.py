@@ -1,4 +1,5 @@
-"""Task metrics of generated answers against the data's reference answers, each a mean over rows in [0, 1].
+"""Task metrics of generated answers against the data's reference answers, each a mean over rows in [0, 1], and of a
+classifier's predicted labels (`accuracy`, `macro_f1`).
 
 - `exact_match`: the normalised prediction equals the normalised reference.
 - `token_f1`: F1 of the normalised whitespace tokens shared by prediction and reference (SQuAD's, counting
@@ -23,7 +24,8 @@ from peftkit.errors import PeftkitError
 
 GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")
 LOSS_METRICS = ("loss", "perplexity")
-METRICS = GENERATION_METRICS + LOSS_METRICS
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+METRICS = GENERATION_METRICS + LOSS_METRICS + CLASSIFICATION_METRICS
 NORMALIZATIONS = ("squad", "strip", "none")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -51,6 +53,24 @@ def token_f1(prediction: str, reference: str, how: str = "squad") -> float:
         return 0.0
     precision, recall = shared / len(predicted), shared / len(expected)
     return 2 * precision * recall / (precision + recall)
+
+
+def accuracy(predictions: list[int], references: list[int]) -> float:
+    """Share of rows whose predicted label id is the reference's (0 for no rows)."""
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / max(len(references), 1)
+
+
+def macro_f1(predictions: list[int], references: list[int]) -> float:
+    """The unweighted mean over classes of each class's F1 (2 TP / (2 TP + FP + FN)), over the classes that occur
+    in the references or the predictions: scikit-learn's `f1_score(average="macro")` with its default labels (a
+    class never predicted but present scores 0 and counts)."""
+    classes = sorted(set(references) | set(predictions))
+    scores = []
+    for c in classes:
+        tp = sum(p == c and r == c for p, r in zip(predictions, references, strict=True))
+        wrong = sum((p == c) != (r == c) for p, r in zip(predictions, references, strict=True))  # FP + FN
+        scores.append(2 * tp / (2 * tp + wrong))
+    return sum(scores) / max(len(scores), 1)
 
 
 def parse_metrics(spec: str | list[str]) -> list[str]:

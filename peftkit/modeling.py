@@ -6,12 +6,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.recipe import ModelConfig, QuantizationConfig
+
+if TYPE_CHECKING:
+    from peftkit.data.classification import LabelSet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -158,11 +162,17 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device: torch.device | None = None) -> nn.Module:
-    """AutoModelForCausalLM from a local directory or hub id, in the recipe dtype, on `device`.
+def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device: torch.device | None = None,
+               labels: LabelSet | None = None) -> nn.Module:
+    """AutoModelForCausalLM (model.task: sequence_classification: AutoModelForSequenceClassification) from a local
+    directory or hub id, in the recipe dtype, on `device`.
 
     Only safetensors weights are read (`use_safetensors=True`): loading never unpickles. A config.json or
     weights file that is corrupt, or weights that do not fit the config, raise a PeftkitError.
+
+    Args:
+        labels: a classifier's classes (its head's size, and the config's id2label/label2id); default
+            model.num_labels classes named by their ids, else those of the checkpoint's config.json.
     """
     load_config(cfg)
     _check_weight_files(cfg)
@@ -179,6 +189,8 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.task == "sequence_classification":
+        kwargs |= classifier_kwargs(cfg, labels)
     if quant is not None:
         kwargs["quantization_config"] = bnb_config(quant)
     if device.type == "cuda":
@@ -188,7 +200,9 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         # is present, whatever model.device says.
         kwargs["device_map"] = {"": "cpu"}
     quiet_transformers()
-    model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device)
+    model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device, cfg.task)
+    if cfg.task == "sequence_classification":
+        loading_info = _expected_for_new_head(model, loading_info, cfg)
     _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is None and device.type != "cuda":
         model.to(device)
@@ -204,13 +218,15 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     return model
 
 
-def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device) -> tuple[nn.Module, dict]:
-    """AutoModelForCausalLM.from_pretrained, with the errors a user can cause said in our words."""
+def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device, task: str = "causal_lm") -> tuple[nn.Module, dict]:
+    """AutoModelForCausalLM.from_pretrained (AutoModelForSequenceClassification for `task`
+    sequence_classification), with the errors a user can cause said in our words."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        return auto.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
         raise _not_loadable(name_or_path, e) from None
     except SafetensorError as e:  # local files were checked before; this is a hub download or cache
@@ -219,6 +235,33 @@ def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device) -> t
     except torch.cuda.OutOfMemoryError:
         raise PeftkitError(f"Model {name_or_path} does not fit in the memory of {device}. Load it 4-bit (a "
                            "quantization section with method: nf4), or use a smaller model or a larger GPU.") from None
+
+
+def classifier_kwargs(cfg: ModelConfig, labels: LabelSet | None) -> dict:
+    """from_pretrained's arguments for a classifier: its classes (the head's size) and their names; none (the
+    checkpoint's config.json decides) without `labels` or model.num_labels."""
+    from peftkit.data.classification import LabelSet
+
+    if labels is None:
+        if cfg.num_labels is None:  # the checkpoint's own config says (a fine-tuned or merged classifier)
+            return {}
+        labels = LabelSet(tuple(str(i) for i in range(cfg.num_labels)))
+    return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
+
+
+def _expected_for_new_head(model: nn.Module, loading_info: dict, cfg: ModelConfig) -> dict:
+    """The loading info without what a classifier is expected to lack: its new head (missing, or of another
+    size when the base was a classifier with other classes) and the base's own output head (lm_head, BERT's
+    `cls`), which the classifier does not use (unexpected). The decoder's pad token is set here too: the head
+    reads the last token that is not padding, and transformers refuses batches of several rows without it."""
+    from peftkit.classify import head_names
+
+    heads = tuple(f"{name}." for name in head_names(model))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
+    return {"missing_keys": [k for k in loading_info["missing_keys"] if not k.startswith(heads)],
+            "mismatched_keys": [m for m in loading_info["mismatched_keys"] if not m[0].startswith(heads)],
+            "unexpected_keys": []}
 
 
 def _check_weights_fit(model: nn.Module, loading_info: dict, source: str) -> None:
@@ -332,12 +375,37 @@ def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device 
         raise PeftkitError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base.")
     # The recorded revision belongs to the recorded base: another --base is taken as the user gives it.
     revision = raw.revision if name == recorded else None
+    classify = raw.task_type == "SEQ_CLS"
     model_cfg = ModelConfig(name_or_path=name, dtype="auto" if quant is None else "float32", revision=revision,
-                            trust_remote_code=trust_remote_code)
-    model = load_model(model_cfg, quant, device)
+                            trust_remote_code=trust_remote_code,
+                            task="sequence_classification" if classify else "causal_lm")
+    labels = adapter_labels(adapter_dir, state) if classify else None
+    model = load_model(model_cfg, quant, device, labels)
+    if classify:
+        from peftkit.classify import with_head
+
+        adapter_cfg = with_head(adapter_cfg, model)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
     # weights then decide, and load_adapter_state_dict refuses any that do not land.
     inject_adapters(model, adapter_cfg, every_entry=False)
     load_adapter_state_dict(model, state)
     model.eval()
     return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant
+
+
+def adapter_labels(adapter_dir: str, state: dict[str, torch.Tensor]) -> LabelSet:
+    """The classes of a SEQ_CLS adapter: peftkit.json's `labels`, or (an adapter peft made) as many as its saved
+    head has outputs, named by their ids."""
+    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.classify import HEAD_NAMES
+    from peftkit.data.classification import LabelSet
+    from peftkit.peft_format import read_meta
+
+    if names := read_meta(adapter_dir).labels:
+        return LabelSet(tuple(names))
+    # BERT's head is one Linear (classifier.weight), RoBERTa's ends in out_proj, a decoder's is score.weight.
+    for key in (f"{PEFT_PREFIX}{head}{part}.weight" for head in HEAD_NAMES for part in ("", ".out_proj")):
+        if key in state:
+            return LabelSet(tuple(str(i) for i in range(state[key].shape[0])))
+    raise PeftkitError(f"{adapter_dir} is a SEQ_CLS adapter without its classification head ({' or '.join(HEAD_NAMES)} "
+                       "in modules_to_save), so the number of classes is unknown. Export the adapter again with its head.")

@@ -28,10 +28,12 @@ from peftkit.recipe import AdapterConfig, QuantizationConfig
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 META_NAME = "peftkit.json"
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
+"""model.task -> PEFT's task_type."""
 
 
 def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_fan_out: bool,
-                model_type: str | None = None, revision: str | None = None) -> dict:
+                model_type: str | None = None, revision: str | None = None, task: str = "causal_lm") -> dict:
     """adapter_config.json of an adapter on the modules `targets`, as its method writes it.
 
     Args:
@@ -39,10 +41,13 @@ def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_f
             leaves to it (IA3's feed-forward modules).
         revision: the hub revision the base was loaded at (`model.revision`), in PEFT's own `revision` field:
             peft's `AutoPeftModelForCausalLM` and peftkit's merge/eval load the base at it, not at the branch head.
+        task: model.task, as PEFT's `task_type` (`CAUSAL_LM`, `SEQ_CLS`): which peft model class, and which
+            transformers Auto class, loads the adapter.
     """
     method = method_of(cfg)
     config = method.to_peft(method.resolve(cfg, model_type), targets, base_name, fan_in_fan_out)
     config["revision"] = revision
+    config["task_type"] = TASK_TYPES[task]
     return config
 
 
@@ -53,6 +58,7 @@ def save_adapter(
     quantization: QuantizationConfig | None = None,
     quantized_on: str | None = None,
     trust_remote_code: bool = False,
+    labels: list[str] | None = None,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
     with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
@@ -63,6 +69,8 @@ def save_adapter(
             bitsandbytes' CPU and CUDA kernels can round a few weights differently.
         trust_remote_code: the base ran its own modelling code (`model.trust_remote_code`). Recorded as a
             fact only: a merge or eval of this adapter needs the user's own `--trust-remote-code`.
+        labels: a classifier's class names by id (model.task: sequence_classification), so that eval maps a row's
+            label to the id training used.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -70,6 +78,8 @@ def save_adapter(
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,
             "quantized_on": quantized_on if quantization else None, "trust_remote_code": trust_remote_code}
+    if labels is not None:
+        meta["labels"] = labels
     atomic_write_json(path / META_NAME, meta)
 
 
@@ -85,6 +95,8 @@ class PeftkitMeta(BaseModel):
     """Where that base was quantized: a merge re-quantizes there."""
     trust_remote_code: bool = False
     """The base needed its own modelling code. Never acted on: merge and eval ask for --trust-remote-code."""
+    labels: list[str] | None = None
+    """A classifier's class names by id (SEQ_CLS adapters peftkit trained)."""
 
 
 # What a list-or-string field should be, in words: pydantic reports one error per member of the union,

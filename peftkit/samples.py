@@ -14,8 +14,8 @@ from peftkit.recipe import Recipe
 
 def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
     """The prompts of the first eval.samples rows of data.eval; none when off, without eval data, or for the
-    `text` format (it has no prompt)."""
-    if not (cfg.eval.samples and cfg.data.eval) or cfg.data.format == "text":
+    `text` and `classification` formats (no prompt to answer: a classifier's eval reports accuracy instead)."""
+    if not (cfg.eval.samples and cfg.data.eval) or cfg.data.format in ("text", "classification"):
         return []
     return load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data, limit=cfg.eval.samples)
 

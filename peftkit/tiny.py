@@ -41,6 +41,49 @@ def build_char_tokenizer(path: str | Path | None = None):
     return tok
 
 
+ENCODER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_encoder_tokenizer(path: str | Path | None = None):
+    """A fast character-level tokenizer in BERT's layout: `[CLS] text [SEP]`, and `[CLS] text [SEP] pair [SEP]`
+    with token_type_ids 1 on the pair. Saved to `path` if given."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(ENCODER_SPECIAL_TOKENS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    cls, sep = ("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                  unk_token="[UNK]", mask_token="[MASK]",
+                                  model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    if path is not None:
+        tok.save_pretrained(path)
+    return tok
+
+
+def build_tiny_encoder(path: str | Path | None = None, hidden_size: int = 64, num_layers: int = 2, seed: int = 0):
+    """A randomly initialised BERT encoder (`BertModel`: embeddings, layers and the [CLS] pooler, no task head,
+    as a pretrained base is shipped) and its character tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    tok = build_encoder_tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                        intermediate_size=2 * hidden_size, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                        initializer_range=0.1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    if path is not None:
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return model, tok
+
+
 def build_tiny_model(
     path: str | Path | None = None,
     arch: str = "llama",
@@ -105,6 +148,23 @@ def number_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+POSITIVE_WORDS = "good great fine happy nice superb lovely bright".split()
+NEGATIVE_WORDS = "bad awful sad poor ugly grim dull nasty".split()
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Classification rows: 3-6 words drawn from one of two disjoint word lists, labelled `positive` or
+    `negative` by the list. Separable from the characters alone, so a tiny random encoder's adapter and head
+    learn it within a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["negative", "positive"])
+        words = POSITIVE_WORDS if label == "positive" else NEGATIVE_WORDS
+        rows.append({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 6))), "label": label})
+    return rows
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -119,3 +179,16 @@ def build_quickstart_assets(root: str | Path) -> dict[str, Path]:
     write_jsonl(train, number_rows(512, seed=1))
     write_jsonl(eval_, number_rows(64, seed=2))
     return {"model": model_dir, "train": train, "eval": eval_}
+
+
+def build_classification_assets(root: str | Path) -> dict[str, Path]:
+    """The classification recipe's tiny BERT encoder, tokenizer and sentiment data under `root` (idempotent,
+    deterministic); beside the quickstart's files, which it leaves alone."""
+    root = Path(root)
+    model_dir = root / "tiny-bert"
+    train, eval_ = root / "data" / "sentiment-train.jsonl", root / "data" / "sentiment-eval.jsonl"
+    if not (model_dir / "config.json").exists():
+        build_tiny_encoder(model_dir, hidden_size=64, num_layers=2, seed=0)
+    write_jsonl(train, sentiment_rows(256, seed=3))
+    write_jsonl(eval_, sentiment_rows(64, seed=4))
+    return {"encoder": model_dir, "sentiment_train": train, "sentiment_eval": eval_}

@@ -40,14 +40,16 @@ from peftkit.adapters import (adapter_layers, adapter_state_dict, count_paramete
                               load_adapter_state_dict, nonfinite_tensors, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
+from peftkit.classify import ClassifyEval, example_loss_sum, with_head
 from peftkit.data import describe_stats, load_examples, micro_batches
+from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
 from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.merge import base_provenance, conv1d_modules, merged_model, save_merged
 from peftkit.methods import MethodTrainer, method_of
-from peftkit.metrics import GENERATION_METRICS
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
 from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter, peft_config, save_adapter
 from peftkit.progress import TrainProgress
@@ -115,8 +117,8 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     accelerator: object
     train_ex: list
-    eval_ex: RunEval | None
-    """data.eval's loss examples and eval.metrics' prompts; None without data.eval."""
+    eval_ex: RunEval | ClassifyEval | None
+    """data.eval's loss examples and eval.metrics' prompts (a classifier's: its rows); None without data.eval."""
     targets: list[str]
     inputs: dict
     total_steps: int
@@ -128,6 +130,15 @@ class _Run:
     trackers: Trackers | None = None
     """training.report_to, started once the run directory is this run's."""
     last_eval: tuple[int, dict] | None = None
+    labels: LabelSet | None = None
+    """A classifier's classes (model.task: sequence_classification), read from data.train."""
+    adapter: object = None
+    """The adapter as injected: the recipe's, with a classifier's head added to modules_to_save."""
+
+    @property
+    def saved_modules(self) -> list[str]:
+        """What the adapter saves whole (adapter.modules_to_save, a classifier's head)."""
+        return self.adapter.modules_to_save
 
     @property
     def metrics_path(self) -> Path:
@@ -145,7 +156,7 @@ class _Run:
         if self.main:
             try:
                 path = save_checkpoint(self.out, self.accelerator.unwrap_model(self.model),
-                                       self.cfg.adapter.modules_to_save, self.optimizer, self.scheduler, state,
+                                       self.saved_modules, self.optimizer, self.scheduler, state,
                                        self.inputs, self.cfg.training.save_total_limit, self.method_trainer,
                                        self.selection, rng)
             except DiskFullError as e:
@@ -176,7 +187,7 @@ class _Run:
         result = self.eval_ex(model)
         self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
-            self.selection.observe(step, result, lambda: adapter_state_dict(model, self.cfg.adapter.modules_to_save))
+            self.selection.observe(step, result, lambda: adapter_state_dict(model, self.saved_modules))
         self.last_eval = (step, result)
         return result
 
@@ -248,10 +259,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     print_estimate(console, estimate)
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
-    train_ex, train_stats = load_examples(tok, cfg.data.train, cfg.data.train_split, cfg.data)
-    eval_ex = None
-    if cfg.data.eval:  # the loss examples, and eval.metrics' prompts: a data mistake shows before the model loads
-        eval_ex = RunEval.of(cfg, tok, load_examples(tok, cfg.data.eval, cfg.data.eval_split, cfg.data)[0])
+    train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok)
     for line in describe_stats(train_stats, cfg.data):
         console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
     if cfg.data.packing:
@@ -261,8 +269,10 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     inputs = run_inputs(cfg)
 
     with console.status("Loading model..."):
-        model = load_model(cfg.model, cfg.quantization, device)
-    summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in cfg.eval.generation_metrics}
+        model = load_model(cfg.model, cfg.quantization, device, labels)
+    # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
+    adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
+    summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in _task_metrics(cfg)}
     if eval_ex and cfg.eval.base_model and not resume:
         n = len(eval_ex)
         with console.status(f"Evaluating the base model on {n} examples (eval.base_model: true)..."):
@@ -278,7 +288,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     torch.manual_seed(tcfg.seed)
     # An adapter to start from may list targets for other architectures (peft's generic defaults); its
     # weights decide, and load_adapter_state_dict refuses any that do not land (as for `peftkit eval`).
-    targets = inject_adapters(model, cfg.adapter, every_entry=not cfg.adapter.init_from)
+    targets = inject_adapters(model, adapter, every_entry=not cfg.adapter.init_from)
     if cfg.adapter.init_from:
         load_adapter_state_dict(model, load_adapter(cfg.adapter.init_from)[1])
     prepare_for_training(model, tcfg.gradient_checkpointing)
@@ -293,16 +303,41 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
-                inputs, total_steps, summary, method_trainer, Selection.of(cfg))
+                inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter)
+
+
+def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | None, LabelSet | None]:
+    """(training examples, their counts, data.eval's evaluation or None, a classifier's classes or None), all read
+    before the model loads, so that a data mistake shows in seconds."""
+    data = cfg.data
+    if cfg.classification:  # the classes come from data.train; data.eval's labels are mapped to them
+        train_ex, stats, labels = load_classification(tok, data.train, data.train_split, data, None, cfg.model.num_labels)
+        eval_ex = None
+        if data.eval:
+            examples = load_classification(tok, data.eval, data.eval_split, data, labels)[0]
+            eval_ex = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
+        return train_ex, stats, eval_ex, labels
+    train_ex, stats = load_examples(tok, data.train, data.train_split, data)
+    eval_ex = None
+    if data.eval:  # the loss examples, and eval.metrics' prompts
+        eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data)[0])
+    return train_ex, stats, eval_ex, None
+
+
+def _task_metrics(cfg: Recipe) -> list[str]:
+    """The metrics an evaluation reports beside the loss: a classifier's accuracy and macro-F1, else eval.metrics'
+    generation metrics."""
+    return list(CLASSIFICATION_METRICS) if cfg.classification else cfg.eval.generation_metrics
 
 
 def _loop(run: _Run, state: LoopState) -> None:
     """Optimizer steps from `state.step` to the end: accumulate, clip, step, log, evaluate, checkpoint."""
     cfg, tcfg = run.cfg, run.cfg.training
     # Global micro-batches: every process draws the same rows and trains on its slice (`_step`).
+    collate = ClassificationCollator(run.tok.pad_token_id) if cfg.classification else None
     stream = micro_batches(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.seed,
                            cfg.data.shuffle, run.tok.pad_token_id, start=state.step * tcfg.grad_accum,
-                           num_workers=cfg.data.num_workers)
+                           num_workers=cfg.data.num_workers, collate=collate)
     run.model.train()
     window_start, window_tokens = time.time(), 0
     with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
@@ -344,12 +379,16 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
     or (None, None, None) when a non-finite loss was skipped (training.nan_policy: skip_step)."""
     tcfg, accelerator = run.cfg.training, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
-    n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)  # of the global window
+    # The loss is a mean over the global window's labelled tokens (a classifier's: its rows, one label each).
+    if run.cfg.classification:
+        n_label, loss_fn = sum(len(b["labels"]) for b in window), example_loss_sum
+    else:
+        n_label, loss_fn = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window), token_loss_sum
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in distributed.shard(batch, rank, world).items()}
         with distributed.no_sync(accelerator, run.model, last=i == len(window) - 1):
-            loss, _ = token_loss_sum(run.model, batch)
+            loss, _ = loss_fn(run.model, batch)
             accelerator.backward(loss * world / n_label)  # DDP averages over processes: x world undoes it
         loss_sum += loss.detach()
     loss_value = float(distributed.total(accelerator, loss_sum)) / n_label  # one sync per optimizer step
@@ -407,7 +446,8 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
         run.accelerator.wait_for_everyone()
         return {}
     try:
-        exported = export(model, run.tok, cfg, run.targets, out, run.method_trainer)
+        exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter}), run.targets, out,
+                          run.method_trainer, run.labels)
     except DiskFullError as e:
         raise DiskFullError(f"{e} Training itself finished; {run.resume_hint()}") from None
     if prompts := sample_prompts(cfg, run.tok):
@@ -420,8 +460,8 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
         "skipped_steps": state.skipped_steps,
         "train_loss": state.losses[-1] if state.losses else None,
         "eval_loss": eval_result["loss"] if eval_result else None,
-        "eval_perplexity": eval_result["perplexity"] if eval_result else None,
-        **{f"eval_{m}": eval_result[m] if eval_result else None for m in run.cfg.eval.generation_metrics},
+        "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
+        **{f"eval_{m}": eval_result[m] if eval_result else None for m in _task_metrics(run.cfg)},
         **run.summary,
         **(run.selection.summary() if run.selection else {}),
         "tokens": state.tokens,
@@ -469,7 +509,7 @@ def _write_report(run: _Run) -> Path | None:
 def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) -> None:
     """A run whose adapter or final eval loss is NaN/inf exports nothing and fails, whatever nan_policy says
     (skip_step keeps single bad steps out of the weights; it does not make a broken result usable)."""
-    bad = nonfinite_tensors(adapter_state_dict(model, run.cfg.adapter.modules_to_save))
+    bad = nonfinite_tensors(adapter_state_dict(model, run.saved_modules))
     skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss)" if state.skipped_steps else ""
     if bad:
         raise TrainingFailed(
@@ -485,20 +525,23 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) 
         )
 
 
-def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None) -> list[Path]:
+def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None,
+           labels: LabelSet | None = None) -> list[Path]:
     """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories. `method_trainer`
-    fills in what only the run knows (AdaLoRA: its length and rank pattern, with the pruned triplets cut)."""
+    fills in what only the run knows (AdaLoRA: its length and rank pattern, with the pruned triplets cut);
+    `labels`, a classifier's classes (saved in peftkit.json; a merged model has them in its config.json)."""
     exported = []
     if cfg.export.adapter:
         adapter, state = cfg.adapter, adapter_state_dict(model, cfg.adapter.modules_to_save)
         if method_trainer is not None:
             adapter, state = method_trainer.export(adapter, state)
         config = peft_config(adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
-                             revision=cfg.model.revision)
+                             revision=cfg.model.revision, task=cfg.model.task)
         state, config = method_of(cfg.adapter).for_original_base(adapter_layers(model), state, config)
         with atomic_directory(out / "adapter") as tmp:
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
-                         trust_remote_code=cfg.model.trust_remote_code)
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         labels=list(labels.names) if labels is not None else None)
         exported.append(out / "adapter")
     if cfg.export.merged:
         dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]
@@ -529,11 +572,14 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
     table = Table(title="peftkit train: done", show_header=False)
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # a path folds onto the next line, never cut to `/tmp/run…` in a log
+    classifier = s["eval_loss"] is not None and s["eval_perplexity"] is None  # no perplexity of a class
     if s["base_eval_loss"] is not None:
-        table.add_row("eval loss, base model", f"{s['base_eval_loss']:.4f}  (ppl {math.exp(min(s['base_eval_loss'], 700)):.2f})")
+        ppl = "" if classifier else f"  (ppl {math.exp(min(s['base_eval_loss'], 700)):.2f})"
+        table.add_row("eval loss, base model", f"{s['base_eval_loss']:.4f}{ppl}")
     if s["eval_loss"] is not None:
-        table.add_row("eval loss, fine-tuned", f"{s['eval_loss']:.4f}  (ppl {s['eval_perplexity']:.2f})")
-    for metric in (m for m in GENERATION_METRICS if f"eval_{m}" in s):  # eval.metrics
+        ppl = "" if classifier else f"  (ppl {s['eval_perplexity']:.2f})"
+        table.add_row("eval loss, fine-tuned", f"{s['eval_loss']:.4f}{ppl}")
+    for metric in (m for m in GENERATION_METRICS + CLASSIFICATION_METRICS if f"eval_{m}" in s):  # eval.metrics
         for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
             if s.get(key) is not None:
                 table.add_row(f"{metric}, {who}", f"{s[key]:.4f}")

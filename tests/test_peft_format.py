@@ -36,9 +36,9 @@ def _capture_loads(monkeypatch) -> list[dict]:
 
     calls, real = [], modeling._from_pretrained
 
-    def spy(name_or_path, kwargs, device):
+    def spy(name_or_path, kwargs, device, *task):
         calls.append({"name_or_path": name_or_path, **kwargs})
-        return real(name_or_path, kwargs, device)
+        return real(name_or_path, kwargs, device, *task)
 
     monkeypatch.setattr(modeling, "_from_pretrained", spy)
     return calls

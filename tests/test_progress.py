@@ -124,7 +124,7 @@ def test_eval_format_mismatch_is_reported_before_the_model_loads(finished, numbe
 @pytest.mark.parametrize("args, message", [
     ([], "peftkit eval needs a RECIPE (or a run directory), or both --model and --data."),
     (["--model", "m"], "peftkit eval needs a RECIPE (or a run directory), or both --model and --data."),
-    (["--model", "m", "--data", "d.jsonl", "--format", "xml"], "--format 'xml': use alpaca, chat, completion or text."),
+    (["--model", "m", "--data", "d.jsonl", "--format", "xml"], "--format 'xml': use alpaca, chat, completion, text or classification."),
     (["--model", "m", "--data", "d.jsonl", "--on-bad-rows", "drop"], "--on-bad-rows 'drop': use error or skip."),
 ])
 def test_eval_bad_arguments(args, message):

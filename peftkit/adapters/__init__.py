@@ -28,8 +28,15 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
+    """The output head and (a sequence classifier's head, trained in full as modules_to_save: never an adapter
+    target, as peft's SEQ_CLS excludes it) every module inside it."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name for name, m in model.named_modules() if head is not None and m is head}
+    if head is None:
+        from peftkit.classify import HEAD_NAMES
+
+        heads = [name for name, _ in model.named_children() if name in HEAD_NAMES]
+        return {n for n, _ in model.named_modules() if any(n == h or n.startswith(h + ".") for h in heads)}
+    return {name for name, m in model.named_modules() if m is head}
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex, every_entry: bool = True) -> list[str]:

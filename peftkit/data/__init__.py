@@ -6,6 +6,8 @@ Formats (the fields each row must have):
   assistant turns only (their content and the template's end-of-turn marker).
 - `completion`: prompt, completion. Loss on the completion only.
 - `text`: text. Loss on every token.
+- `classification`: text, label, optional text_pair: one class per row, for model.task: sequence_classification
+  (`peftkit.data.classification`: its own examples, labels and collator; none of the cuts and counts below).
 EOS is appended to alpaca/completion/text examples so the model learns to stop. Examples are truncated
 to `max_length`; one with no target token left after truncation is dropped, with a count. One whose target
 lost its end (the EOS / end-of-turn it should learn to stop on) is kept, dropped or an error as

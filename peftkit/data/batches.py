@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -51,9 +51,11 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool)
 
 
 def micro_batches(
-    examples: list[Example], batch_size: int, seed: int, shuffle: bool, pad_id: int, start: int = 0, num_workers: int = 0
+    examples: list[Example], batch_size: int, seed: int, shuffle: bool, pad_id: int, start: int = 0, num_workers: int = 0,
+    collate: Callable | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of collated micro-batches across epochs, starting at micro-batch index `start`.
+    """An endless stream of collated micro-batches across epochs, starting at micro-batch index `start`;
+    `collate` (default `Collator(pad_id)`) turns a list of examples into a batch.
 
     Batch composition is decided here in the main process; workers only collate, so `num_workers > 0`
     yields the same batches in the same order.
@@ -64,12 +66,12 @@ def micro_batches(
         batches = epoch_batches(len(examples), batch_size, seed, epoch, shuffle)[offset:]
         # An own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift dropout masks depending on where an epoch (or a resumed run) starts.
-        loader = DataLoader(examples, batch_sampler=batches, collate_fn=Collator(pad_id), num_workers=num_workers,
+        loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate or Collator(pad_id), num_workers=num_workers,
                             generator=torch.Generator().manual_seed(seed + epoch))
         yield from loader
         epoch, offset = epoch + 1, 0
 
 
-def eval_loader(examples: list[Example], batch_size: int, pad_id: int) -> DataLoader:
-    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=Collator(pad_id),
+def eval_loader(examples: list[Example], batch_size: int, pad_id: int, collate: Callable | None = None) -> DataLoader:
+    return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate or Collator(pad_id),
                       generator=torch.Generator().manual_seed(0))

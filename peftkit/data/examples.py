@@ -21,6 +21,8 @@ class Example:
     labels: list[int]
     position_ids: list[int] | None = None
     """Only for a packed row (`data.packing`): positions restarting at 0 at each packed example."""
+    token_type_ids: list[int] | None = None
+    """Only for a classification row whose tokenizer marks its text_pair (BERT's segment ids)."""
 
 
 @dataclass
@@ -108,6 +110,9 @@ def build_examples(
     Args:
         line_numbers: the file line of each row (a .jsonl file), so that a message names the line.
     """
+    if cfg.format == "classification":  # one label per row, not target tokens: peftkit.data.classification
+        raise PeftkitError(f"{source}: data.format 'classification' rows are read by peftkit train and peftkit eval only; "
+                           "this command does not show them yet.")
     for i, row in enumerate(rows):
         where = row_location(source, i, line_numbers)
         if not usable_row(row, cfg, where):

@@ -57,6 +57,10 @@ def row_prompt(tok, row: dict, fmt: str) -> Prompt:
 
 def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None) -> list[Prompt]:
     """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says."""
+    if cfg.format == "classification":
+        raise PeftkitError(f"data.format 'classification' has no prompt to generate from in {source}: a classifier "
+                           "predicts a label (peftkit eval reports accuracy and macro_f1). Use --prompt, or data in the "
+                           "alpaca, completion or chat format.")
     if cfg.format == "text":
         raise PeftkitError(f"data.format 'text' has no prompt to generate from in {source} (every token is target). "
                            "Use --prompt, or data in the alpaca, completion or chat format.")

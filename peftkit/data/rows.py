@@ -10,8 +10,9 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DATA_EXTENSIONS
 
-REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"), "text": ("text",)}
-OPTIONAL_FIELDS = {"alpaca": ("input",)}  # may be absent or null; a string when given
+REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
+                   "text": ("text",), "classification": ("text", "label")}
+OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",)}  # may be absent or null; a string when given
 # What `datasets` says when a readable file yields no rows (its ValueError has no type of its own).
 _NO_ROWS = "corresponds to no data"
 
@@ -114,8 +115,21 @@ def _row_problem(row: dict, fmt: str) -> str | None:
             return f"missing field '{field}'"
     if fmt == "chat":
         return _messages_problem(row["messages"])
-    present = [f for f in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ())) if row.get(f) is not None]
+    if fmt == "classification" and (problem := _label_problem(row["label"])):
+        return problem
+    present = [f for f in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ())) if row.get(f) is not None and f != "label"]
     return next((p for f in present if (p := _text_problem(f"field '{f}'", row[f]))), None)
+
+
+def _label_problem(label: object) -> str | None:
+    """A classification label is a class name (string) or a class id (integer >= 0)."""
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        return f"field 'label' must be a string or an integer, got {type(label).__name__}"
+    if isinstance(label, int) and label < 0:
+        return f"field 'label' is {label}; an integer label is a class id, 0 or more"
+    if isinstance(label, str) and not label.strip():
+        return "field 'label' is an empty string"
+    return None
 
 
 def _messages_problem(messages: object) -> str | None:

@@ -133,6 +133,8 @@ class PeftConfigBase(BaseModel):
     modules_to_save: list[str] | None = None
     revision: str | None = None
     """The hub revision of the base the adapter was trained on (peftkit writes `model.revision` here)."""
+    task_type: str | None = None
+    """PEFT's task: `SEQ_CLS` loads the base as a sequence classifier (`peftkit.classify`); anything else, a causal LM."""
 
 
 def targets_from_peft(targets: list[str] | str, config_file: Path,
@@ -272,7 +274,8 @@ class Method:
     @classmethod
     def peft_common(cls, cfg: Any, targets: list[str], base_name: str) -> dict:
         """The adapter_config.json fields every method writes. `target_modules` lists the exact module paths
-        adapted, so that peft's suffix matching selects exactly the same layers whatever form the recipe used."""
+        adapted, so that peft's suffix matching selects exactly the same layers whatever form the recipe used.
+        `task_type` is set from model.task by `peftkit.peft_format.peft_config`."""
         return {"peft_type": cls.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
                 "target_modules": sorted(targets), "modules_to_save": cfg.modules_to_save or None,
                 "inference_mode": True, "revision": None}

@@ -10,7 +10,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from peftkit.methods import AdapterConfig, default_adapter, method_of
-from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, METRICS
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -32,6 +32,13 @@ class ModelConfig(Section):
     """`auto`: CUDA when available, else CPU."""
     attn_implementation: Literal["eager", "sdpa"] | None = None
     """Attention kernel; None lets transformers choose."""
+    task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """causal_lm: next-token prediction (AutoModelForCausalLM). sequence_classification: one label per row
+    (AutoModelForSequenceClassification, data.format: classification), its new head (`classifier` or `score`)
+    trained in full and saved with the adapter."""
+    num_labels: int | None = Field(None, ge=2)
+    """sequence_classification: the number of classes, for integer labels 0..num_labels-1. Default: read from
+    data.train (the largest integer label + 1, or the sorted set of string labels)."""
 
 
 class QuantizationConfig(Section):
@@ -56,8 +63,9 @@ class DataConfig(Section):
     """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
     eval: str | None = None
     """Same forms as `train`; omit to skip evaluation."""
-    format: Literal["alpaca", "chat", "completion", "text"] = "alpaca"
-    """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text."""
+    format: Literal["alpaca", "chat", "completion", "text", "classification"] = "alpaca"
+    """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text;
+    classification: text, label and optional text_pair (model.task: sequence_classification)."""
     max_length: int = Field(512, gt=0)
     """Examples are truncated to this many tokens; one with no target token left is dropped (and counted)."""
     truncation: Literal["keep", "drop", "error"] = "keep"
@@ -182,7 +190,8 @@ class EvalConfig(Section):
     metrics: list[str] = Field(default_factory=list)
     """Task metrics of the model's greedy answers to data.eval's prompts (`exact_match`, `token_f1`, `rouge_l`:
     `peftkit.metrics`), computed with the eval loss at every eval (training.eval_steps, the end, and the base
-    model before training) and logged as `eval_<name>`. `loss` and `perplexity` are always computed."""
+    model before training) and logged as `eval_<name>`. `loss` and `perplexity` are always computed; for
+    model.task: sequence_classification, `loss`, `accuracy` and `macro_f1` (listing them here changes nothing)."""
     normalize: Literal["squad", "strip", "none"] = "squad"
     """Normalisation of answer and reference before `exact_match` / `token_f1` (as `peftkit eval --normalize`)."""
 
@@ -192,7 +201,8 @@ class EvalConfig(Section):
         unknown = [n for n in names if n not in METRICS]
         if unknown:
             raise ValueError(f"eval.metrics: {', '.join(map(repr, unknown))} is not a metric peftkit computes; "
-                             f"choose from {', '.join(GENERATION_METRICS)} (loss and perplexity are always computed)")
+                             f"choose from {', '.join(GENERATION_METRICS + CLASSIFICATION_METRICS)} (loss and "
+                             "perplexity are always computed; accuracy and macro_f1 always for classification)")
         return list(dict.fromkeys(names))
 
     @property
@@ -223,6 +233,7 @@ class Recipe(Section):
                 "row's reference, and data.format 'text' has no prompt or reference (every token is target); "
                 "remove eval.metrics or use the alpaca, completion or chat format"
             )
+        _check_task(self)
         self._check_selection()
         method = method_of(self.adapter)
         if self.export.best and method.trainer_reshapes:
@@ -246,8 +257,10 @@ class Recipe(Section):
             if not self.data.eval or not self.training.eval_steps:
                 raise ValueError(f"{key} chooses among the evaluations during training, and this recipe has none; "
                                  "set data.eval and training.eval_steps")
-            if metric not in (*LOSS_METRICS, *self.eval.metrics):
-                computed = ", ".join((*LOSS_METRICS, *self.eval.metrics))
+            # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
+            computed = ("loss", *CLASSIFICATION_METRICS) if self.classification else (*LOSS_METRICS, *self.eval.metrics)
+            if metric not in computed:
+                computed = ", ".join(computed)
                 raise ValueError(f"{key}: metric {metric!r} is not computed during training (computed: {computed}); "
                                  f"use one of those, or add {metric!r} to eval.metrics")
 
@@ -261,8 +274,43 @@ class Recipe(Section):
             return self.training.early_stopping.metric if self.training.early_stopping else "loss"
         return best
 
+    @property
+    def classification(self) -> bool:
+        """model.task is sequence_classification."""
+        return self.model.task == "sequence_classification"
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+
+def _check_task(recipe: Recipe) -> None:
+    """model.task and the settings that only make sense for one task."""
+    classify, data = recipe.model.task == "sequence_classification", recipe.data
+    if classify != (data.format == "classification"):
+        raise ValueError(
+            f"model.task is {recipe.model.task!r} and data.format is {data.format!r}: a sequence_classification model "
+            "trains on data.format: classification (text, label, optional text_pair) and that format needs it; set "
+            "both, or neither"
+        )
+    if recipe.model.num_labels is not None and not classify:
+        raise ValueError("model.num_labels is set, but model.task is causal_lm; remove model.num_labels or set "
+                         "model.task: sequence_classification")
+    if not classify:
+        if wrong := [m for m in recipe.eval.metrics if m in CLASSIFICATION_METRICS]:
+            raise ValueError(f"eval.metrics: {', '.join(wrong)} score a classifier's predicted labels; model.task is "
+                             "causal_lm, so remove them (or use model.task: sequence_classification)")
+        return
+    if recipe.eval.generation_metrics:
+        raise ValueError(
+            f"eval.metrics: {', '.join(recipe.eval.generation_metrics)} score generated text, and a "
+            "sequence_classification model generates none; remove them (accuracy and macro_f1 are always computed "
+            "for classification)"
+        )
+    if data.packing:
+        raise ValueError("data.packing: a classification row is one example with one label; set data.packing: false")
+    if recipe.quantization is not None:
+        raise ValueError("quantization: 4/8-bit bases are not supported for model.task: sequence_classification yet; "
+                         "remove the quantization section")

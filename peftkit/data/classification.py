@@ -1,0 +1,145 @@
+"""`data.format: classification` (model.task: sequence_classification): rows of `text`, `label` and an optional
+`text_pair` -> token ids with one class id each -> padded batches.
+
+Labels are class names (strings) or class ids (integers >= 0); one dataset uses one kind. The classes are fixed
+by data.train: integer labels are their own ids (0 .. model.num_labels - 1, or up to the largest label seen),
+string labels are numbered in sorted order. That `LabelSet` becomes the model config's `id2label`/`label2id` and
+is saved with the adapter (peftkit.json `labels`), so evaluation maps labels to the same ids; an eval row whose
+label is not one of them is an error naming its row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from peftkit.data.examples import Example, row_location, usable_row
+from peftkit.data.rows import load_rows
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes of a classifier: `names[i]` is the name of class id i."""
+
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[str, dict]], num_labels: int | None, source: str) -> LabelSet:
+        """The classes of data.train's usable rows (`(location, row)` pairs), checked against model.num_labels."""
+        ints = [(where, r["label"]) for where, r in rows if isinstance(r["label"], int)]
+        strings = sorted({r["label"] for _, r in rows if isinstance(r["label"], str)})
+        if ints and strings:
+            raise PeftkitError(
+                f"{source}: labels mix integers ({ints[0][0]}: {ints[0][1]}) and strings ({strings[0]!r}); use class "
+                "names everywhere or class ids everywhere."
+            )
+        if strings:
+            if num_labels is not None and num_labels != len(strings):
+                raise PeftkitError(
+                    f"model.num_labels is {num_labels}, but {source} has {len(strings)} distinct string labels "
+                    f"({', '.join(strings[:6])}{', ...' if len(strings) > 6 else ''}). Remove model.num_labels (it is "
+                    "read from the data), or fix the labels."
+                )
+            return cls(tuple(strings))
+        n = num_labels or max((label for _, label in ints), default=0) + 1
+        if num_labels is not None and (over := next(((w, v) for w, v in ints if v >= n), None)):
+            raise PeftkitError(f"{over[0]}: label {over[1]} is not a class id below model.num_labels ({n}). Raise "
+                               "model.num_labels, or remove it to read the classes from the data.")
+        if n < 2:
+            raise PeftkitError(f"{source}: every label is 0, so there is only one class; a classifier needs at least 2.")
+        return cls(tuple(str(i) for i in range(n)))
+
+    @classmethod
+    def from_config(cls, config) -> LabelSet:
+        """The classes a model config's `id2label` names (transformers' `LABEL_0` ... when none were given)."""
+        return cls(tuple(config.id2label[i] for i in range(config.num_labels)))
+
+    def id_of(self, label: str | int, where: str) -> int:
+        """The class id of a row's label; an unknown one is a PeftkitError naming `where`."""
+        if isinstance(label, int) and label < len(self.names):
+            return label
+        if isinstance(label, str) and label in self.names:
+            return self.names.index(label)
+        shown = ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")
+        raise PeftkitError(
+            f"{where}: label {label!r} is not one of the {len(self.names)} classes the model was trained on ({shown}; "
+            f"or their ids 0-{len(self.names) - 1}). Fix the row, or train with data that has this class."
+        )
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+def usable_rows(rows: list, cfg: DataConfig, source: str, line_numbers: list[int] | None) -> list[tuple[str, dict]]:
+    """(location, row) of each row with a text and a valid label; a bad row raises or is left out as
+    data.on_bad_rows says."""
+    located = [(row_location(source, i, line_numbers), row) for i, row in enumerate(rows)]
+    return [(where, row) for where, row in located if usable_row(row, cfg, where)]
+
+
+def encode(tok, row: dict, max_length: int) -> tuple[dict, bool]:
+    """Token ids (and token_type_ids, when the tokenizer marks the second text) of a row, cut to `max_length`
+    (the longer of text and text_pair first, transformers' `longest_first`); and whether it was cut."""
+    pair = row.get("text_pair")
+    full = tok(row["text"], pair, add_special_tokens=True)
+    cut = len(full["input_ids"]) > max_length
+    return (tok(row["text"], pair, add_special_tokens=True, truncation=True, max_length=max_length) if cut else full), cut
+
+
+def classification_examples(tok, rows: list[tuple[str, dict]], labels: LabelSet, max_length: int) -> tuple[list[Example], int]:
+    """(one Example per row, its `labels` the single class id; rows cut at max_length)."""
+    examples, truncated = [], 0
+    for where, row in rows:
+        enc, cut = encode(tok, row, max_length)
+        truncated += cut
+        types = enc.get("token_type_ids")
+        examples.append(Example(enc["input_ids"], [labels.id_of(row["label"], where)],
+                                token_type_ids=types if types and any(types) else None))
+    return examples, truncated
+
+
+def load_classification(tok, source: str, split: str, cfg: DataConfig, labels: LabelSet | None = None,
+                        num_labels: int | None = None) -> tuple[list[Example], dict, LabelSet]:
+    """The examples of `source`, the counts `describe_stats` prints, and the classes: `labels` when given (an eval
+    set, mapped to the training classes), else read from these rows (data.train) with `num_labels`."""
+    rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows)
+    usable = usable_rows(rows, cfg, source, line_numbers)
+    if not usable:
+        raise PeftkitError(f"{source} has no usable rows for data.format 'classification' ({len(rows)} rows, "
+                           f"{skipped} unreadable lines); each row needs text and label.")
+    labels = labels or LabelSet.from_rows(usable, num_labels, source)
+    examples, truncated = classification_examples(tok, usable, labels, cfg.max_length)
+    stats = {"bad_rows": skipped + len(rows) - len(usable), "too_long": 0, "truncated": truncated, "target_cut": 0,
+             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "examples": len(examples)}
+    return examples, stats, labels
+
+
+class ClassificationCollator:
+    """Right-pads examples to the longest: input_ids (pad_id), attention_mask (0 on padding), token_type_ids (0 on
+    padding; only when some example has them) and labels, one class id per row."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        types = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e.input_ids)
+            ids[i, :n], mask[i, :n] = torch.tensor(e.input_ids), 1
+            if e.token_type_ids is not None:
+                types[i, :n] = torch.tensor(e.token_type_ids)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.labels[0] for e in batch])}
+        if any(e.token_type_ids is not None for e in batch):
+            out["token_type_ids"] = types
+        return out

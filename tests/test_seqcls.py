@@ -1,0 +1,351 @@
+"""model.task: sequence_classification: data.format classification, the classifier head saved as modules_to_save,
+accuracy / macro-F1, and the SEQ_CLS adapter format both ways with peft (its logits to 1e-5)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from peftkit.adapters import inject_adapters
+from peftkit.classify import evaluate_classification, with_head
+from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
+from peftkit.errors import PeftkitError
+from peftkit.metrics import accuracy, macro_f1
+from peftkit.modeling import load_adapted_model, load_model, load_tokenizer
+from peftkit.recipe import DataConfig, ModelConfig, load_recipe
+from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
+from peftkit.train import export, train
+from tests.conftest import make_recipe, random_adapters
+
+LABELS = LabelSet(("negative", "positive"))
+TEXTS = ["good nice fine", "bad sad awful grim dull", "x", "happy lovely bright superb great good"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A saved 2-layer, hidden-32 BertModel (no task head, as a pretrained encoder ships) and its tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "tiny-bert"
+    build_tiny_encoder(path, hidden_size=32, num_layers=2, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sentiment(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sentiment")
+    write_jsonl(root / "train.jsonl", sentiment_rows(96, seed=3))
+    write_jsonl(root / "eval.jsonl", sentiment_rows(32, seed=4))
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+@pytest.fixture(params=["bert", "llama"])
+def base(request, tiny_bert, tiny_llama) -> Path:
+    """An encoder ([CLS] pooling, head `classifier`) and a decoder (last-token pooling, head `score`)."""
+    return tiny_bert if request.param == "bert" else tiny_llama
+
+
+def classification_recipe(tmp_path: Path, model_dir: Path, files: dict[str, Path], adapter: dict | None = None,
+                          **sections) -> Path:
+    """`make_recipe`'s small recipe as a classifier's: `adapter` replaces its adapter section, `sections` update."""
+    path = make_recipe(tmp_path, model_dir, files, data={"format": "classification", "max_length": 64})
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["task"] = "sequence_classification"
+    raw["adapter"] = adapter or raw["adapter"]
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def batch_of(tok, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded rows of different lengths, as peftkit's collator builds them."""
+    return tok(texts, padding=True, return_tensors="pt")
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path, batch: dict) -> torch.Tensor:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    with torch.no_grad():
+        return PeftModel.from_pretrained(model, adapter_dir).eval()(**batch).logits
+
+
+ADAPTERS = {
+    "lora": {"method": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+    "loha": {"method": "loha", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+    "ia3": {"method": "ia3"},  # its Llama defaults: k_proj, v_proj, down_proj
+}
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "ia3"])
+def test_export_loads_in_peft_with_the_same_logits(tmp_path, base, sentiment, method):
+    if method == "ia3" and base.name == "tiny-bert":
+        pytest.skip("IA3 has defaults for decoders only; LoRA and LoHa cover the encoder")
+    recipe = load_recipe(classification_recipe(tmp_path, base, sentiment, ADAPTERS[method]))
+    torch.manual_seed(0)
+    model = load_model(recipe.model, labels=LABELS).eval()
+    adapter = with_head(recipe.adapter, model)
+    targets = inject_adapters(model, adapter)
+    random_adapters(model)
+    head = model.get_submodule(adapter.modules_to_save[0])
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.5)  # a head unlike the one from_pretrained draws, so a head not loaded would show
+    export(model, load_tokenizer(recipe.model), recipe.model_copy(update={"adapter": adapter}), targets, tmp_path / "out",
+           labels=LABELS)
+    out = tmp_path / "out" / "adapter"
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    head_name = "classifier" if base.name == "tiny-bert" else "score"
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == [head_name]
+    assert not any(t.startswith(head_name) for t in config["target_modules"]), "the head is saved whole, not adapted"
+    assert f"base_model.model.{head_name}.weight" in load_file(out / "adapter_model.safetensors")
+    assert json.loads((out / "peftkit.json").read_text())["labels"] == ["negative", "positive"]
+
+    batch = batch_of(load_tokenizer(recipe.model), TEXTS)
+    with torch.no_grad():
+        ours = model(**batch).logits
+    theirs = peft_logits(base, out, batch)
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert ours.std() > 0.1  # not trivially equal: the adapter and head moved the logits
+
+
+@pytest.mark.parametrize("method", ["lora", "loha"])
+def test_peft_seq_cls_adapter_loads_with_the_same_logits(tmp_path, base, method):
+    from peft import LoHaConfig, LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=3)
+    # init_lora_weights / init_weights False: lora_B (hada_w1_b) random too, so the update is not zero.
+    config = (LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+              if method == "lora" else
+              LoHaConfig(task_type="SEQ_CLS", r=4, alpha=8, target_modules="all-linear", init_weights=False))
+    peft_model = get_peft_model(model, config).eval()
+    head = "classifier" if base.name == "tiny-bert" else "score"
+    with torch.no_grad():
+        for p in peft_model.base_model.model.get_submodule(head).modules_to_save["default"].parameters():
+            p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    batch = batch_of(load_tokenizer(ModelConfig(name_or_path=str(base))), TEXTS)
+    with torch.no_grad():
+        theirs = peft_model(**batch).logits
+
+    ours_model, adapter, *_ = load_adapted_model(None, str(tmp_path / "peft"))
+    assert adapter.modules_to_save == [head]  # peft writes [classifier, score]: the one this model has is kept
+    assert ours_model.config.num_labels == 3  # read from the saved head's shape (peft saves no label names)
+    with torch.no_grad():
+        ours = ours_model(**batch).logits
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert theirs.std() > 0.1
+
+
+def test_accuracy_and_macro_f1_by_hand():
+    predicted, reference = [0, 1, 1, 2], [0, 1, 2, 2]
+    assert accuracy(predicted, reference) == 0.75
+    # class 0: TP 1 -> F1 1; class 1: TP 1, FP 1 -> 2/3; class 2: TP 1, FN 1 -> 2/3
+    assert macro_f1(predicted, reference) == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    # a class only predicted, never present, counts with F1 0 (scikit-learn's default labels)
+    assert macro_f1([0, 0], [1, 1]) == 0.0
+    assert macro_f1([1, 0, 1], [1, 0, 1]) == 1.0
+
+
+def test_evaluate_classification_matches_the_logits(tiny_bert, sentiment):
+    cfg = DataConfig(train=str(sentiment["eval"]), format="classification", max_length=64)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
+    examples, _, labels = load_classification(tok, cfg.train, "train", cfg)
+    torch.manual_seed(0)
+    model = load_model(ModelConfig(name_or_path=str(tiny_bert), task="sequence_classification"), labels=labels)
+    result = evaluate_classification(model, examples, 5, tok.pad_token_id)  # 32 rows: batches of 5 and a rest of 2
+
+    batch = ClassificationCollator(tok.pad_token_id)(examples)
+    with torch.no_grad():
+        logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    predicted, reference = logits.argmax(-1).tolist(), batch["labels"].tolist()
+    assert result["accuracy"] == sum(p == r for p, r in zip(predicted, reference)) / 32
+    assert result["macro_f1"] == pytest.approx(macro_f1(predicted, reference))
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), abs=1e-6)
+    assert result["num_examples"] == 32
+
+
+def test_training_from_a_recipe_improves_accuracy(tmp_path, tiny_bert, sentiment):
+    from peftkit.evaluate import eval_job, evaluate
+
+    recipe = classification_recipe(tmp_path, tiny_bert, sentiment,
+                                   training={"max_steps": 40, "batch_size": 16, "lr": 5e-3, "warmup_steps": 2})
+    summary = train(load_recipe(recipe))
+    assert summary["base_eval_accuracy"] < 0.75 and summary["eval_accuracy"] >= 0.9, summary
+    assert summary["eval_macro_f1"] >= 0.9 and summary["eval_perplexity"] is None
+    run = tmp_path / "run"
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["eval_accuracy"] == summary["eval_accuracy"]
+    # peftkit eval of the run directory (its adapter on the base) gives the run's final figures
+    result = evaluate(eval_job(run, [], None, None, None, None, None, None, None))
+    assert result["accuracy"] == summary["eval_accuracy"]
+    assert result["loss"] == pytest.approx(summary["eval_loss"], abs=1e-6)
+
+
+def test_decoder_run_exports_what_peft_loads(tmp_path, tiny_llama, sentiment):
+    """A Llama classifier trained from a recipe: pooling on the last non-pad token, its `score` head saved."""
+    recipe = classification_recipe(tmp_path, tiny_llama, sentiment, training={"max_steps": 3, "batch_size": 8},
+                                   eval={"batch_size": 8, "samples": 3}, export={"merged": True})
+    train(load_recipe(recipe))  # eval.samples is no error: a classifier has no generations to show
+    adapter = tmp_path / "run" / "adapter"
+    batch = batch_of(load_tokenizer(ModelConfig(name_or_path=str(tiny_llama))), TEXTS)
+    ours = load_adapted_model(None, str(adapter))[0]
+    with torch.no_grad():
+        logits = ours(**batch).logits
+    assert (logits - peft_logits(tiny_llama, adapter, batch)).abs().max() <= 1e-5
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "merged").eval()
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+    with torch.no_grad():
+        assert (merged(**batch).logits - logits).abs().max() <= 1e-5
+
+
+def test_resume_mid_run_is_bit_identical(tmp_path, tiny_bert, sentiment):
+    """The head is checkpointed with the adapter (and its optimizer state): resuming at step 3 of 6 exports the
+    same bytes as the uninterrupted run."""
+    recipe = load_recipe(classification_recipe(tmp_path, tiny_bert, sentiment, training={"max_steps": 6, "save_steps": 3},
+                                               eval={"base_model": False}))
+    train(recipe)
+    weights = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000006")
+    train(recipe, resume=True)
+    assert weights.read_bytes() == whole
+
+
+def test_eval_of_a_base_without_head_repeats(tiny_bert, sentiment):
+    """`peftkit eval --model BASE --format classification`: the data's classes and a head drawn from seed 0."""
+    from peftkit.evaluate import eval_job, evaluate
+
+    def run():
+        return evaluate(eval_job(None, [], str(tiny_bert), str(sentiment["eval"]), "classification", None, None, None,
+                                 None))
+
+    first = run()
+    assert first == run() and first["num_examples"] == 32 and set(first) == {"loss", "accuracy", "macro_f1",
+                                                                              "num_examples"}
+
+
+def test_integer_labels_and_text_pairs(tmp_path, tiny_bert):
+    rows = [{"text": "good", "text_pair": "fine", "label": 2}, {"text": "bad", "label": 0}]
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), format="classification")
+    examples, _, labels = load_classification(tok, cfg.train, "train", cfg)
+    assert labels.names == ("0", "1", "2")  # integer labels are class ids: up to the largest
+    assert [e.labels for e in examples] == [[2], [0]]
+    batch = ClassificationCollator(tok.pad_token_id)(examples)
+    # [CLS] g o o d [SEP] f i n e [SEP]: the pair's tokens are segment 1
+    assert batch["token_type_ids"][0].tolist() == [0] * 6 + [1] * 5
+    assert batch["token_type_ids"][1].sum() == 0 and batch["attention_mask"][1].sum() == 5
+    with pytest.raises(PeftkitError, match=r"t.jsonl:1: label 2 is not a class id below model.num_labels \(2\)"):
+        load_classification(tok, cfg.train, "train", cfg, num_labels=2)
+
+
+# ------------------------------------------------------------------------------- what the user sees
+
+
+def test_missing_label_column_names_the_line(tmp_path, tiny_bert, sentiment):
+    write_jsonl(tmp_path / "bad.jsonl", [{"text": "good", "label": "positive"}, {"text": "bad"}])
+    recipe = classification_recipe(tmp_path, tiny_bert, {"train": tmp_path / "bad.jsonl", "eval": sentiment["eval"]})
+    with pytest.raises(PeftkitError) as err:
+        train(load_recipe(recipe))
+    assert str(err.value) == (
+        f"{tmp_path / 'bad.jsonl'}:2: missing field 'label' for data.format 'classification' (each row needs text, "
+        "label). Fix the row, set the right data.format, or set data.on_bad_rows: skip.")
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment):
+    write_jsonl(tmp_path / "eval.jsonl", [{"text": "good", "label": "positive"}, {"text": "meh", "label": "neutral"}])
+    recipe = classification_recipe(tmp_path, tiny_bert, {"train": sentiment["train"], "eval": tmp_path / "eval.jsonl"})
+    with pytest.raises(PeftkitError) as err:
+        train(load_recipe(recipe))
+    assert str(err.value) == (
+        f"{tmp_path / 'eval.jsonl'}:2: label 'neutral' is not one of the 2 classes the model was trained on (negative, "
+        "positive; or their ids 0-1). Fix the row, or train with data that has this class.")
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"eval": {"metrics": ["exact_match"]}},
+     ("eval.metrics: exact_match score generated text, and a sequence_classification model generates none; remove "
+      "them (accuracy and macro_f1 are always computed for classification)")),
+    ({"data": {"format": "alpaca"}},
+     ("model.task is 'sequence_classification' and data.format is 'alpaca': a sequence_classification model trains "
+      "on data.format: classification (text, label, optional text_pair) and that format needs it; set both, or "
+      "neither")),
+    ({"model": {"task": "causal_lm", "num_labels": 3}, "data": {"format": "alpaca"}},
+     ("model.num_labels is set, but model.task is causal_lm; remove model.num_labels or set model.task: "
+      "sequence_classification")),
+    ({"data": {"format": "classification", "packing": True}},
+     "data.packing: a classification row is one example with one label; set data.packing: false"),
+])
+def test_recipe_errors(tmp_path, tiny_bert, sentiment, sections, message):
+    recipe = classification_recipe(tmp_path, tiny_bert, sentiment, **sections)
+    with pytest.raises(PeftkitError) as err:
+        load_recipe(recipe)
+    assert message in str(err.value)
+
+
+def test_classification_metric_on_a_causal_task_is_refused(tmp_path, tiny_llama, number_data):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"metrics": ["accuracy"]})
+    with pytest.raises(PeftkitError, match="eval.metrics: accuracy score a classifier's predicted labels; model.task "
+                                           "is causal_lm"):
+        load_recipe(recipe)
+
+
+def test_eval_cli_refuses_generation_metrics(tmp_path, monkeypatch, capsys, tiny_bert, sentiment):
+    from tests.conftest import cli_user_error
+
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_bert), "--data", str(sentiment["eval"]),
+                         "--format", "classification", "--metrics", "exact_match")
+    assert "--metrics exact_match: data.format 'classification' is scored by predicted class" in " ".join(err.split())
+
+
+def test_classification_assets_are_deterministic(tmp_path):
+    from peftkit.tiny import build_classification_assets
+
+    first, second = build_classification_assets(tmp_path / "a"), build_classification_assets(tmp_path / "b")
+    for key in first:
+        files = sorted(p.relative_to(first[key]) for p in first[key].rglob("*")) if first[key].is_dir() else [Path()]
+        for rel in files:
+            a, b = first[key] / rel, second[key] / rel
+            if a.is_file():
+                assert a.read_bytes() == b.read_bytes(), a
+
+
+def test_export_best_keeps_the_head_of_that_step(tmp_path, tiny_bert, sentiment):
+    """export.best by the highest eval loss is step 1's adapter, the classifier head included: `peftkit eval` of the
+    exported adapter gives step 1's loss (with the final head it would not)."""
+    from peftkit.evaluate import eval_job, evaluate
+
+    recipe = classification_recipe(tmp_path, tiny_bert, sentiment, eval={"base_model": False}, export={"best": True},
+                                   training={"max_steps": 4, "eval_steps": 1, "lr": 5e-3,
+                                             "early_stopping": {"metric": "loss", "mode": "max", "patience": 100}})
+    summary = train(load_recipe(recipe))
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval_loss" in e]
+    assert summary["best"]["step"] == 1 and evals[0]["eval_loss"] != evals[-1]["eval_loss"]
+    result = evaluate(eval_job(tmp_path / "run", [], None, None, None, None, None, None, None))
+    assert result["loss"] == pytest.approx(evals[0]["eval_loss"], abs=1e-6)
+
+
+def test_selection_metrics_of_a_classifier(tmp_path, tiny_bert, sentiment):
+    recipe = classification_recipe(tmp_path, tiny_bert, sentiment, training={"eval_steps": 2},
+                                   export={"best": "accuracy"})
+    assert load_recipe(recipe).best_metric == "accuracy"  # computed without being listed in eval.metrics
+    recipe = classification_recipe(tmp_path, tiny_bert, sentiment, training={"eval_steps": 2},
+                                   export={"best": "perplexity"})
+    with pytest.raises(PeftkitError, match=r"export.best: metric 'perplexity' is not computed during training "
+                                           r"\(computed: loss, accuracy, macro_f1\)"):
+        load_recipe(recipe)
