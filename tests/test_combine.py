@@ -298,6 +298,41 @@ def test_subtracting_an_adapter_from_itself_gives_the_base(llama_adapters, tiny_
     assert _diff(_logits(_load(out)), _logits(_load(tiny_llama))) <= 1e-5
 
 
+def test_into_base_of_a_4bit_base_adds_to_the_dequantized_weights(tmp_path):
+    """QLoRA adapters are combined into the NF4 weights they were trained against, dequantized, not into the
+    original fp32 weights (the classic QLoRA merge bug)."""
+    import bitsandbytes.functional as bnbF
+    from safetensors.torch import load_file
+
+    from peftkit.adapters import adapter_layers
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig, QuantizationConfig
+    from peftkit.tiny import build_tiny_model
+
+    base = tmp_path / "qllama"  # hidden 64: bitsandbytes' CPU kernel wants 32-row multiples (k_proj: 32 rows)
+    build_tiny_model(base, arch="llama", hidden_size=64, num_layers=2, seed=0)
+    quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    dirs, dequantized, deltas = [], {}, {}
+    for seed, weight in ((1, 0.5), (2, -0.5)):
+        model = load_model(ModelConfig(name_or_path=str(base), dtype="float32"), quant, torch.device("cpu"))
+        torch.manual_seed(seed)
+        targets = inject_adapters(model, cfg)
+        random_adapters(model, seed=seed + 100, std=0.1)
+        for name, layer in adapter_layers(model).items():
+            w = layer.base_layer.weight
+            dequantized[name] = bnbF.dequantize_4bit(w.data, w.quant_state).float()
+            deltas[name] = deltas.get(name, 0) + weight * layer.delta_weight()
+        config = peft_config(cfg, targets, str(base), False)
+        save_adapter(tmp_path / f"a{seed}", adapter_state_dict(model, []), config, quant, "cpu")
+        dirs.append(str(tmp_path / f"a{seed}"))
+    out = combine_adapters(dirs, Combination("cat", (0.5, -0.5)), str(tmp_path / "merged"), into_base=True)
+    state, original = load_file(out / "model.safetensors"), _load(base).state_dict()
+    for name, delta in deltas.items():
+        assert _diff(state[f"{name}.weight"], dequantized[name] + delta) <= 1e-6, name
+        assert _diff(state[f"{name}.weight"], original[f"{name}.weight"] + delta) > 1e-3, name
+
+
 # ------------------------------------------------------------------------------------ CLI and user errors
 
 
