@@ -52,7 +52,7 @@ def _lora_delta(a: torch.Tensor, b: torch.Tensor, embedding: bool, cfg, fan_in_f
     return lora_delta(parts, LoraFacts(cfg.alpha, cfg.use_rslora, fan_in_fan_out))
 
 
-def _combine_layer(c: Combination, module: str, terms: list[tuple[int, object]], sources: list[Source],
+def _combine_layer(c: Combination, terms: list[tuple[int, object]], sources: list[Source],
                    rank: int, transposed: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of one layer from the adapters that adapt it: `terms` [(adapter index, its (A, B, embedding)
     factors or its full delta)]. `transposed`: the base weight is stored (in, out) (Conv1D, embedding)."""
@@ -89,7 +89,7 @@ def combine_layers(c: Combination, sources: list[Source], model: nn.Module,
         present = [(i, t[name]) for i, t in enumerate(terms) if name in t]
         if present:
             embedding = isinstance(module, nn.Embedding)
-            a, b = _combine_layer(c, name, present, sources, rank, embedding or name in conv1d, generator)
+            a, b = _combine_layer(c, present, sources, rank, embedding or name in conv1d, generator)
             layers[name] = (a.contiguous(), b.contiguous(), embedding)
     return layers
 

@@ -394,3 +394,22 @@ def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2
     combine_adapters([a, r8], Combination("cat", (0.5, 0.5)), str(tmp_path / "cat"))
     combine_adapters([a, qv], Combination("svd", (0.5, 0.5)), str(tmp_path / "svd"))
     assert json.loads((tmp_path / "cat" / "adapter_config.json").read_text())["r"] == 12
+
+
+def test_refuses_an_update_of_biases(tmp_path):
+    """IA3 on Qwen2's biased q and v scales their biases too: a combined LoRA cannot carry that."""
+    from peftkit.errors import PeftkitError
+    from peftkit.tiny import build_tiny_model
+
+    base = tmp_path / "qwen2"
+    model, tok = build_tiny_model(arch="qwen2", hidden_size=32, num_layers=2, seed=0)
+    with torch.no_grad():  # transformers starts biases at zero, which any scaling leaves alone
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    ia3 = make_adapter(base, IA3Config(method="ia3"), 1, tmp_path / "ia3")
+    with pytest.raises(PeftkitError, match="also changes the bias of 'model.layers.0.self_attn.q_proj'"):
+        combine_adapters([ia3, ia3], Combination("svd", (0.5, 0.5), svd_rank=8), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
