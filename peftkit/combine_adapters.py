@@ -21,7 +21,8 @@ from torch import nn
 
 from peftkit.combine import FACTOR_WISE, combine_factors, combine_tensors, concatenate, low_rank
 from peftkit.combine_inputs import (Combination, Source, adapted_modules, check_combinable, check_fits,
-                                    check_same_base, lora_layers, output_rank, read_sources, skeleton)
+                                    check_same_base, lora_layers, output_rank, read_sources, skeleton,
+                                    uses_full_updates)
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig, LoraFacts, lora_delta, lora_scaling
 
@@ -94,6 +95,27 @@ def combine_layers(c: Combination, sources: list[Source], model: nn.Module,
     return layers
 
 
+def combined_updates(c: Combination, sources: list[Source], model: nn.Module, base: dict[str, torch.Tensor],
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """{module path: the combined full update}, fp32, in the base weight's layout, untruncated: `--into-base`
+    with a factor type and an input without LoRA factors (`uses_full_updates`). linear and cat become the exact
+    weighted sum; the pruning types prune and elect on the full updates."""
+    from peftkit.merge import conv1d_modules
+
+    generator = generator or torch.Generator().manual_seed(c.seed)
+    conv1d = conv1d_modules(model)
+    kind = "svd" if c.method in ("linear", "cat") else c.method  # combine_tensors: "svd" is the weighted sum
+    updates = [{name: _lora_delta(a, b, emb, s.cfg, name in conv1d) for name, (a, b, emb) in lora_layers(s.state).items()}
+               if s.plain_lora else full_deltas(s, base, conv1d) for s in sources]
+    combined = {}
+    for name, _ in model.named_modules():
+        present = [(i, u[name]) for i, u in enumerate(updates) if name in u]
+        if present:
+            combined[name] = combine_tensors(kind, [d for _, d in present], [c.weights[i] for i, _ in present],
+                                             c.density, c.majority_sign, generator)
+    return combined
+
+
 def adapter_files(layers: Layers, rank: int, base: str, revision: str | None,
                   conv1d: set[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """(PEFT-keyed tensors, adapter_config.json) of the combined LoRA: rank `rank`, alpha = rank (scaling 1)."""
@@ -124,12 +146,13 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
         overwrite: replace an existing output (never the base, an adapter or the current directory).
         trust_remote_code: the user's `--trust-remote-code`.
     """
+    from peftkit.adapters import merge_state_dict
     from peftkit.merge import base_state_dict, check_merge_output, conv1d_modules, merge_device
 
     combination.check(len(adapter_dirs))
     sources = read_sources(adapter_dirs, trust_remote_code)
     name, revision = check_same_base(sources, base)
-    check_combinable(combination, sources)
+    check_combinable(combination, sources, into_base)
     protected = {"base model": name} | {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}
     check_merge_output(Path(output_dir), protected, overwrite)
     model = skeleton(name, revision, trust_remote_code)
@@ -138,11 +161,18 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     if into_base or not all(s.plain_lora for s in sources):
         loaded = _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code)
     base_state = base_state_dict(loaded) if loaded is not None else None
+    if uses_full_updates(combination, sources, into_base):
+        updates = combined_updates(combination, sources, model, base_state)
+        merged = base_state | {f"{m}.weight": base_state[f"{m}.weight"].float() + d for m, d in updates.items()}
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code)
+        return Path(output_dir)
     layers = combine_layers(combination, sources, model, base_state)
     rank = output_rank(combination, sources)
     state, config = adapter_files(layers, rank, name, revision, conv1d_modules(model))
     if into_base:
-        _write_merged(loaded, base_state, state, rank, list(layers), name, revision, dtype, output_dir, trust_remote_code)
+        cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=list(layers))
+        merged = merge_state_dict(base_state, state, cfg, conv1d_modules(loaded), dtype=torch.float32)
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code)
     else:
         _write_adapter(output_dir, state, config, sources[0], trust_remote_code)
     return Path(output_dir)
@@ -168,21 +198,18 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
         save_adapter(tmp, state, config, first.quant, quantized_on(first.path), read_meta(first.path).trust_remote_code)
 
 
-def _write_merged(loaded: nn.Module, base_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor], rank: int,
-                  targets: list[str], name: str, revision: str | None, dtype: str | None, output_dir: str,
-                  trust_remote_code: bool) -> None:
-    """base + the combined adapter as a plain model (+ tokenizer), with the single-adapter merge's code."""
-    from peftkit.adapters import merge_state_dict
-    from peftkit.merge import (base_provenance, conv1d_modules, non_persistent_buffers, plain_model_from_state,
-                               save_merged)
+def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,
+                  dtype: str | None, output_dir: str, trust_remote_code: bool) -> None:
+    """The merged fp32 state as a plain model (+ tokenizer) in `dtype`, with the single-adapter merge's code."""
+    from peftkit.merge import base_provenance, non_persistent_buffers, plain_model_from_state, save_merged
     from peftkit.modeling import DTYPES, load_tokenizer
     from peftkit.recipe import ModelConfig
 
     if dtype is None:
         saved = str(getattr(loaded.config, "dtype", None) or "float32").removeprefix("torch.")
         dtype = saved if saved in DTYPES else "float32"
-    cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=targets)
-    merged = merge_state_dict(base_state, state, cfg, conv1d_modules(loaded), dtype=torch.float32)
+    if not all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()):
+        raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
     model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded))
     tok = load_tokenizer(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code))
     save_merged(model, tok, output_dir, base_provenance(name, revision, trust_remote_code))

@@ -146,11 +146,18 @@ def adapted_modules(source: Source) -> list[str]:
     return sorted(found)
 
 
-def check_combinable(combination: Combination, sources: list[Source]) -> None:
-    """Refuse what the method cannot combine: other methods than LoRA for the factor types, unequal ranks,
-    different target modules."""
-    factor_types = (*FACTOR_WISE, "cat")
-    if combination.method in factor_types:
+def uses_full_updates(combination: Combination, sources: list[Source], into_base: bool) -> bool:
+    """`--into-base` with a factor type (linear, cat, ties, ...) and an input that has no LoRA factors: every
+    input's full update is combined instead, untruncated (linear and cat: the exact weighted sum)."""
+    return into_base and combination.method in (*FACTOR_WISE, "cat") and not all(s.plain_lora for s in sources)
+
+
+def check_combinable(combination: Combination, sources: list[Source], into_base: bool = False) -> None:
+    """Refuse what the method cannot combine: other methods than LoRA for the factor types (except into the
+    base), unequal ranks, different target modules."""
+    if uses_full_updates(combination, sources, into_base):
+        return
+    if combination.method in (*FACTOR_WISE, "cat"):
         for s in sources:
             if not s.plain_lora:
                 raise PeftkitError(

@@ -18,6 +18,7 @@ from peftkit.adapters import adapter_state_dict, inject_adapters
 from peftkit.combine import combine_tensors
 from peftkit.combine_adapters import adapter_files, combine_adapters, combine_layers
 from peftkit.combine_inputs import Combination, output_rank, read_sources, skeleton
+from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
@@ -290,6 +291,15 @@ def test_ia3_combines_through_its_full_update(tiny_llama, tmp_path):
     out = combine_adapters([lora, ia3], Combination("svd", weights, svd_rank=32), str(tmp_path / "combined"))
     assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_llama), out)), expected) <= TOL
     assert _diff(expected, _logits(_load(tiny_llama))) > 1e-2
+    # Into the base, the factor types combine the full updates too: linear and cat are then the exact sum.
+    for method in ("linear", "cat"):
+        merged = combine_adapters([lora, ia3], Combination(method, weights), str(tmp_path / method), into_base=True)
+        assert _diff(_logits(_load(merged)), expected) <= TOL
+    with pytest.raises(PeftkitError, match="combines LoRA factors"):  # not as an adapter: it has no factors
+        combine_adapters([lora, ia3], Combination("linear", weights), str(tmp_path / "adapter"))
+    pruned = combine_adapters([lora, ia3], Combination("ties", weights, density=0.5), str(tmp_path / "ties"),
+                              into_base=True)
+    assert 1e-3 < _diff(_logits(_load(pruned)), expected) and torch.isfinite(_logits(_load(pruned))).all()
 
 
 def test_subtracting_an_adapter_from_itself_gives_the_base(llama_adapters, tiny_llama, tmp_path):
@@ -398,7 +408,6 @@ def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2
 
 def test_refuses_an_update_of_biases(tmp_path):
     """IA3 on Qwen2's biased q and v scales their biases too: a combined LoRA cannot carry that."""
-    from peftkit.errors import PeftkitError
     from peftkit.tiny import build_tiny_model
 
     base = tmp_path / "qwen2"
