@@ -100,7 +100,7 @@ def factor_weights(weights: list[float], scalings: list[float]) -> tuple[list[fl
     """(A weights, B weights) of the factor-wise types: sqrt(|w s|) on each side, the sign of w on A only."""
     scaled = [w * s for w, s in zip(weights, scalings, strict=True)]
     root = [math.sqrt(abs(v)) for v in scaled]
-    return [r if v >= 0 else -r for r, v in zip(root, scaled)], root
+    return [r if v >= 0 else -r for r, v in zip(root, scaled, strict=True)], root
 
 
 def combine_factors(kind: str, a: list[torch.Tensor], b: list[torch.Tensor], weights: list[float],

@@ -233,7 +233,7 @@ def test_rslora_combination_keeps_its_scaling(method, tiny_llama, tmp_path):
     weights = (0.7, 0.3) if method != "cat" else (0.7, -0.3)
     svd_rank = 8 if method == "svd" else None  # rank 8 holds the sum of two rank-4 updates exactly
     expected = _logits(_dense_expectation(tiny_llama, _add(*(_merged_deltas(tiny_llama, d, w)
-                                                              for d, w in zip(dirs, weights)))))
+                                                              for d, w in zip(dirs, weights, strict=True)))))
     out = combine_adapters(dirs, Combination(method, weights, svd_rank=svd_rank), str(tmp_path / "combined"))
     ours = _logits(PeftModel.from_pretrained(_load(tiny_llama), out))
     reference, _ = peft_combination(tiny_llama, dirs, list(weights), method, svd_rank=svd_rank)
@@ -262,7 +262,7 @@ def test_dora_combination_keeps_the_magnitudes(tiny_llama, tmp_path):
         _scale_magnitudes(Path(d), 1.3)
     weights = (0.6, 0.4)
     expected = _logits(_dense_expectation(tiny_llama, _add(*(_merged_deltas(tiny_llama, d, w)
-                                                              for d, w in zip(dirs, weights)))))
+                                                              for d, w in zip(dirs, weights, strict=True)))))
     # Rank 32 = the layers' smaller side: the SVD keeps the whole combined update, so the result is exact.
     ours_adapter = combine_adapters(dirs, Combination("svd", weights, svd_rank=32), str(tmp_path / "combined"))
     ours = _logits(PeftModel.from_pretrained(_load(tiny_llama), ours_adapter))
