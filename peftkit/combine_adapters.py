@@ -174,7 +174,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
         merged = merge_state_dict(base_state, state, cfg, conv1d_modules(loaded), dtype=torch.float32)
         _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code)
     else:
-        _write_adapter(output_dir, state, config, sources[0], trust_remote_code)
+        _write_adapter(output_dir, state, config, sources[0])
     return Path(output_dir)
 
 
@@ -188,8 +188,7 @@ def _load_base(name: str, revision: str | None, quant, device: torch.device, tru
     return load_model(cfg, quant, device)
 
 
-def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict, first: Source,
-                   trust_remote_code: bool) -> None:
+def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict, first: Source) -> None:
     """The combined adapter, atomically as a directory; its peftkit.json keeps the inputs' quantization."""
     from peftkit.fileio import atomic_directory
     from peftkit.peft_format import quantized_on, read_meta, save_adapter
