@@ -71,32 +71,79 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
 
 @app.command()
 def merge(
-    adapter: Annotated[str, typer.Option("--adapter", help="PEFT adapter directory.")],
-    output: Annotated[str, typer.Option("--output", help="Directory for the merged model.")],
+    adapter: Annotated[list[str], typer.Option("--adapter", help="PEFT adapter directory; repeat it, with --weights "
+                                               "and --method, to combine several.")],
+    output: Annotated[str, typer.Option("--output", help="Directory for the merged model (or combined adapter).")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model; default: the adapter's base_model_name_or_path.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16; default: the base's dtype.")] = None,
     requantize: Annotated[Optional[str], typer.Option("--requantize", help="Also save OUTPUT-nf4, re-quantized (lossy).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (never the base or the adapter).")] = False,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="Combining: one weight per --adapter, e.g. "
+                                                   "0.7,0.3; a negative weight subtracts that adapter.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Combining: linear | cat | svd | ties | ties_svd | "
+                                                  "dare_linear | dare_ties | dare_linear_svd | dare_ties_svd | "
+                                                  "magnitude_prune | magnitude_prune_svd.")] = None,
+    density: Annotated[Optional[float], typer.Option("--density", help="Pruning methods: fraction kept, in (0, 1].")] = None,
+    svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", help="SVD methods: rank of the result; default: "
+                                                    "the largest input rank.")] = None,
+    svd_clamp: Annotated[Optional[float], typer.Option("--svd-clamp", help="SVD methods: clip the factors at this "
+                                                       "quantile of their values.")] = None,
+    majority_sign: Annotated[str, typer.Option("--majority-sign", help="TIES methods: total | frequency.")] = "total",
+    seed: Annotated[int, typer.Option("--seed", help="DARE methods: seed of the random pruning.")] = 0,
+    into_base: Annotated[bool, typer.Option("--into-base", help="Combining: fold the result into the base and save "
+                                            "a plain model, instead of a LoRA adapter.")] = False,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model."""
+    """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model; or combine
+    several adapters (--weights, --method) into one LoRA adapter, or with --into-base into the base."""
     from peftkit.merge import MergeWarning, merge_adapter
 
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise PeftkitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16.")
     if requantize is not None and requantize not in ("nf4", "fp4"):
         raise PeftkitError(f"--requantize {requantize!r}: use nf4 (or fp4).")
+    if len(adapter) > 1 or weights is not None or method is not None:
+        _combine(adapter, output, base, dtype, requantize, overwrite, weights, method, density, svd_rank, svd_clamp,
+                 majority_sign, seed, into_base, trust_remote_code)
+        return
     if requantize:
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MergeWarning)
-        out = merge_adapter(_local(adapter), output, _local(base) if base else None, dtype, requantize, overwrite,
+        out = merge_adapter(_local(adapter[0]), output, _local(base) if base else None, dtype, requantize, overwrite,
                             trust_remote_code)
     for w in caught:
         if issubclass(w.category, MergeWarning):
             err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     console.print(f"Merged model written to {out}")
+
+
+def _combine(adapters: list[str], output: str, base: str | None, dtype: str | None, requantize: str | None,
+             overwrite: bool, weights: str | None, method: str | None, density: float | None, svd_rank: int | None,
+             svd_clamp: float | None, majority_sign: str, seed: int, into_base: bool, trust_remote_code: bool) -> None:
+    """`peftkit merge` with several --adapter: parse the combination and hand it to `combine_adapters`."""
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    if weights is None or method is None:
+        raise PeftkitError(f"Combining {len(adapters)} adapters needs --weights (one per adapter, e.g. "
+                           f"{','.join(['0.5'] * len(adapters))}) and --method (e.g. linear, cat or svd).")
+    if requantize is not None:
+        raise PeftkitError("--requantize is for the single-adapter merge; merge the combined adapter with "
+                           "--into-base, then load it quantized.")
+    if dtype is not None and not into_base:
+        raise PeftkitError("--dtype is the dtype of a merged model: add --into-base, or leave --dtype out (a combined "
+                           "adapter is saved in fp32).")
+    try:
+        parsed = tuple(float(w) for w in weights.split(","))
+    except ValueError:
+        raise PeftkitError(f"--weights {weights!r}: give numbers separated by commas, e.g. --weights 0.7,0.3.") from None
+    combination = Combination(method, parsed, density, svd_rank, svd_clamp, majority_sign, seed)
+    out = combine_adapters([_local(a) for a in adapters], combination, output, into_base, _local(base) if base else None,
+                           dtype, overwrite, trust_remote_code)
+    what = "Merged model" if into_base else f"Combined adapter ({method})"
+    console.print(f"{what} written to {out}")
 
 
 @app.command("eval")

@@ -1,0 +1,214 @@
+"""`peftkit merge` with several adapters (`--weights`, `--method`): combine them layer by layer
+(`peftkit.combine`) and write a PEFT LoRA adapter, or, with `--into-base`, fold the combined update into the
+base (dequantized, for a 4-bit base, as the single-adapter merge) and write a plain model.
+
+The output adapter has scaling 1 (`lora_alpha` = `r`, `use_rslora: false`): its factors already carry each
+adapter's own scaling, rsLoRA's alpha / sqrt(r) included (peft copies `use_rslora` from the first adapter
+with `lora_alpha` = `r`, so its combination of rsLoRA adapters is sqrt(r) times too large).
+
+LoRA adapters combine through their factors; any other method, and LoRA with DoRA, through its full per-layer
+update merge_weight(W) - W (the `*_svd` types and `--into-base`). A DoRA adapter's update so includes its
+magnitude, m (W + s B A) / ||W + s B A||_c - W, which peft's combination drops (it keeps the first adapter's
+DoRA setting and starts the new magnitude at ||W||_c).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.combine import FACTOR_WISE, combine_factors, combine_tensors, concatenate, low_rank
+from peftkit.combine_inputs import (Combination, Source, adapted_modules, check_combinable, check_fits,
+                                    check_same_base, lora_layers, output_rank, read_sources, skeleton,
+                                    uses_full_updates)
+from peftkit.errors import PeftkitError
+from peftkit.methods.lora import LoraConfig, LoraFacts, lora_delta, lora_scaling
+
+Layers = dict[str, tuple[torch.Tensor, torch.Tensor, bool]]
+"""{module path: (A, B, is_embedding)}: a LoRA adapter's factors, scaling 1."""
+
+
+def full_deltas(source: Source, base: dict[str, torch.Tensor], conv1d: set[str]) -> dict[str, torch.Tensor]:
+    """{module path: merge_weight(W) - W}, fp32, in the base weight's layout, for an adapter of any method.
+
+    An update that also changes a bias (IA3 on a biased layer) is refused: a LoRA cannot carry it."""
+    from peftkit.adapters import merge_state_dict
+
+    modules = adapted_modules(source)
+    subset = {k: v for k, v in base.items() if k.rsplit(".", 1)[0] in modules}
+    merged = merge_state_dict(subset, source.state, source.cfg, conv1d, dtype=torch.float32)
+    for m in modules:
+        bias = f"{m}.bias"
+        if bias in subset and not torch.equal(merged[bias], subset[bias].float()):
+            raise PeftkitError(f"{source.describe} also changes the bias of '{m}', which a combination (a LoRA "
+                               "update of the weights) cannot carry. Leave this adapter out.")
+    return {m: merged[f"{m}.weight"] - subset[f"{m}.weight"].float() for m in modules}
+
+
+def _lora_delta(a: torch.Tensor, b: torch.Tensor, embedding: bool, cfg, fan_in_fan_out: bool) -> torch.Tensor:
+    """s B A in the base weight's layout, as peft's get_delta_weight."""
+    parts = {"lora_embedding_A": a, "lora_embedding_B": b} if embedding else {"lora_A.weight": a, "lora_B.weight": b}
+    return lora_delta(parts, LoraFacts(cfg.alpha, cfg.use_rslora, fan_in_fan_out))
+
+
+def _combine_layer(c: Combination, terms: list[tuple[int, object]], sources: list[Source],
+                   rank: int, transposed: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one layer from the adapters that adapt it: `terms` [(adapter index, its (A, B, embedding)
+    factors or its full delta)]. `transposed`: the base weight is stored (in, out) (Conv1D, embedding)."""
+    weights = [c.weights[i] for i, _ in terms]
+    if c.method in (*FACTOR_WISE, "cat"):
+        a, b = [t[0] for _, t in terms], [t[1] for _, t in terms]
+        scalings = [lora_scaling(sources[i].cfg.alpha, t[0].shape[0], sources[i].cfg.use_rslora) for i, t in terms]
+        if c.method == "cat":
+            return concatenate(a, b, weights, scalings, rank)
+        return combine_factors(c.method, a, b, weights, scalings, c.density, c.majority_sign, generator)
+    deltas = [t if isinstance(t, torch.Tensor) else _lora_delta(*t, sources[i].cfg, transposed and not t[2])
+              for i, t in terms]
+    delta = combine_tensors(c.method, deltas, weights, c.density, c.majority_sign, generator)
+    return low_rank(delta.T if transposed else delta, rank, c.svd_clamp)
+
+
+def combine_layers(c: Combination, sources: list[Source], model: nn.Module,
+                   base: dict[str, torch.Tensor] | None, generator: torch.Generator | None = None) -> Layers:
+    """The combined adapter's factors, layer by layer in model order (DARE's draws in peft's order).
+
+    Args:
+        model: the base model, on the meta device will do (names, layer types).
+        base: the base's plain fp32 state dict; needed only for adapters other than plain LoRA.
+        generator: DARE's draws; default one seeded with `c.seed`.
+    """
+    from peftkit.merge import conv1d_modules
+
+    generator = generator or torch.Generator().manual_seed(c.seed)
+    conv1d = conv1d_modules(model)
+    terms = [lora_layers(s.state) if s.plain_lora else full_deltas(s, base, conv1d) for s in sources]
+    rank = output_rank(c, sources)
+    layers: Layers = {}
+    for name, module in model.named_modules():
+        present = [(i, t[name]) for i, t in enumerate(terms) if name in t]
+        if present:
+            embedding = isinstance(module, nn.Embedding)
+            a, b = _combine_layer(c, present, sources, rank, embedding or name in conv1d, generator)
+            layers[name] = (a.contiguous(), b.contiguous(), embedding)
+    return layers
+
+
+def combined_updates(c: Combination, sources: list[Source], model: nn.Module, base: dict[str, torch.Tensor],
+                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """{module path: the combined full update}, fp32, in the base weight's layout, untruncated: `--into-base`
+    with a factor type and an input without LoRA factors (`uses_full_updates`). linear and cat become the exact
+    weighted sum; the pruning types prune and elect on the full updates."""
+    from peftkit.merge import conv1d_modules
+
+    generator = generator or torch.Generator().manual_seed(c.seed)
+    conv1d = conv1d_modules(model)
+    kind = "svd" if c.method in ("linear", "cat") else c.method  # combine_tensors: "svd" is the weighted sum
+    updates = [{name: _lora_delta(a, b, emb, s.cfg, name in conv1d) for name, (a, b, emb) in lora_layers(s.state).items()}
+               if s.plain_lora else full_deltas(s, base, conv1d) for s in sources]
+    combined = {}
+    for name, _ in model.named_modules():
+        present = [(i, u[name]) for i, u in enumerate(updates) if name in u]
+        if present:
+            combined[name] = combine_tensors(kind, [d for _, d in present], [c.weights[i] for i, _ in present],
+                                             c.density, c.majority_sign, generator)
+    return combined
+
+
+def adapter_files(layers: Layers, rank: int, base: str, revision: str | None,
+                  conv1d: set[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(PEFT-keyed tensors, adapter_config.json) of the combined LoRA: rank `rank`, alpha = rank (scaling 1)."""
+    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.peft_format import peft_config
+
+    state = {}
+    for name, (a, b, embedding) in layers.items():
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        state[f"{PEFT_PREFIX}{name}.{a_key}"], state[f"{PEFT_PREFIX}{name}.{b_key}"] = a, b
+    targets = sorted(layers)
+    cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=targets)
+    return state, peft_config(cfg, targets, base, bool(conv1d & set(targets)), revision=revision)
+
+
+def combine_adapters(adapter_dirs: list[str], combination: Combination, output_dir: str, into_base: bool = False,
+                     base: str | None = None, dtype: str | None = None, overwrite: bool = False,
+                     trust_remote_code: bool = False) -> Path:
+    """`peftkit merge --adapter A --adapter B ... --weights ... --method ...`.
+
+    Args:
+        adapter_dirs: PEFT adapter directories of one base.
+        combination: the method, the weights (one per adapter, any sign) and its options.
+        output_dir: the combined LoRA adapter, or with `into_base` the merged model.
+        into_base: fold the combined update into the base and save a plain model (+ tokenizer).
+        base: base model for all; default their common base_model_name_or_path.
+        dtype: `into_base`: float32 | bfloat16 | float16; default the base checkpoint's own.
+        overwrite: replace an existing output (never the base, an adapter or the current directory).
+        trust_remote_code: the user's `--trust-remote-code`.
+    """
+    from peftkit.adapters import merge_state_dict
+    from peftkit.merge import base_state_dict, check_merge_output, conv1d_modules, merge_device
+
+    combination.check(len(adapter_dirs))
+    sources = read_sources(adapter_dirs, trust_remote_code)
+    name, revision = check_same_base(sources, base)
+    check_combinable(combination, sources, into_base)
+    protected = {"base model": name} | {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}
+    check_merge_output(Path(output_dir), protected, overwrite)
+    model = skeleton(name, revision, trust_remote_code)
+    check_fits(sources, model)
+    loaded = None
+    if into_base or not all(s.plain_lora for s in sources):
+        loaded = _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code)
+    base_state = base_state_dict(loaded) if loaded is not None else None
+    if uses_full_updates(combination, sources, into_base):
+        updates = combined_updates(combination, sources, model, base_state)
+        merged = base_state | {f"{m}.weight": base_state[f"{m}.weight"].float() + d for m, d in updates.items()}
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code)
+        return Path(output_dir)
+    layers = combine_layers(combination, sources, model, base_state)
+    rank = output_rank(combination, sources)
+    state, config = adapter_files(layers, rank, name, revision, conv1d_modules(model))
+    if into_base:
+        cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=list(layers))
+        merged = merge_state_dict(base_state, state, cfg, conv1d_modules(loaded), dtype=torch.float32)
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code)
+    else:
+        _write_adapter(output_dir, state, config, sources[0])
+    return Path(output_dir)
+
+
+def _load_base(name: str, revision: str | None, quant, device: torch.device, trust_remote_code: bool) -> nn.Module:
+    """The base, quantized as the adapters were trained (so that its dequantized weights are theirs)."""
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig
+
+    cfg = ModelConfig(name_or_path=name, dtype="auto" if quant is None else "float32", revision=revision,
+                      trust_remote_code=trust_remote_code)
+    return load_model(cfg, quant, device)
+
+
+def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict, first: Source) -> None:
+    """The combined adapter, atomically as a directory; its peftkit.json keeps the inputs' quantization."""
+    from peftkit.fileio import atomic_directory
+    from peftkit.peft_format import quantized_on, read_meta, save_adapter
+
+    with atomic_directory(output_dir) as tmp:
+        save_adapter(tmp, state, config, first.quant, quantized_on(first.path), read_meta(first.path).trust_remote_code)
+
+
+def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,
+                  dtype: str | None, output_dir: str, trust_remote_code: bool) -> None:
+    """The merged fp32 state as a plain model (+ tokenizer) in `dtype`, with the single-adapter merge's code."""
+    from peftkit.merge import base_provenance, non_persistent_buffers, plain_model_from_state, save_merged
+    from peftkit.modeling import DTYPES, load_tokenizer
+    from peftkit.recipe import ModelConfig
+
+    if dtype is None:
+        saved = str(getattr(loaded.config, "dtype", None) or "float32").removeprefix("torch.")
+        dtype = saved if saved in DTYPES else "float32"
+    if not all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()):
+        raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
+    model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded))
+    tok = load_tokenizer(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code))
+    save_merged(model, tok, output_dir, base_provenance(name, revision, trust_remote_code))

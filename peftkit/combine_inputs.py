@@ -1,0 +1,227 @@
+"""The inputs of `peftkit merge` with several adapters: the combination asked for, the adapters read from
+their directories, and every check that they can be combined (weights, density, method, bases, quantization,
+ranks, target modules, shapes), all made before any weight is combined (`peftkit.combine_adapters`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftkit.combine import COMBINATIONS, FACTOR_WISE, NEEDS_DENSITY, SVD, MajoritySign
+from peftkit.errors import PeftkitError, did_you_mean
+
+
+@dataclass(frozen=True)
+class Combination:
+    """How to combine: peft's `add_weighted_adapter` arguments, and the seed of DARE's draws."""
+
+    method: str
+    weights: tuple[float, ...]
+    density: float | None = None
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    majority_sign: MajoritySign = "total"
+    seed: int = 0
+
+    def check(self, n_adapters: int) -> None:
+        """Refuse a combination that cannot be computed, before any file is read."""
+        if self.method not in COMBINATIONS:
+            raise PeftkitError(f"--method {self.method!r} is not a combination peftkit knows; use one of "
+                               f"{', '.join(COMBINATIONS)}.{did_you_mean(self.method, COMBINATIONS)}")
+        if len(self.weights) != n_adapters:
+            raise PeftkitError(f"--weights gives {len(self.weights)} weight{'s' * (len(self.weights) != 1)} for "
+                               f"{n_adapters} --adapter{'s' * (n_adapters != 1)}: give one weight per adapter, in "
+                               "the same order (e.g. --weights 0.7,0.3).")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise PeftkitError(f"--weights {','.join(map(str, self.weights))}: every weight must be a finite number.")
+        if self.method in NEEDS_DENSITY and self.density is None:
+            raise PeftkitError(f"--method {self.method} prunes each adapter's update: give the fraction to keep, "
+                               "e.g. --density 0.5.")
+        if self.density is not None and self.method not in NEEDS_DENSITY:
+            raise PeftkitError(f"--density is for the pruning methods ({', '.join(NEEDS_DENSITY)}); "
+                               f"--method {self.method} keeps every value. Remove --density.")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise PeftkitError(f"--density {self.density}: the fraction of values kept must be in (0, 1] "
+                               "(1 keeps everything).")
+        if (self.svd_rank is not None or self.svd_clamp is not None) and self.method not in SVD:
+            raise PeftkitError(f"--svd-rank and --svd-clamp are for the SVD methods ({', '.join(SVD)}), not "
+                               f"--method {self.method}.")
+        if self.svd_rank is not None and self.svd_rank < 1:
+            raise PeftkitError(f"--svd-rank {self.svd_rank}: the rank must be at least 1.")
+        if self.svd_clamp is not None and not 0 < self.svd_clamp <= 1:
+            raise PeftkitError(f"--svd-clamp {self.svd_clamp}: a quantile in (0, 1], e.g. 0.99.")
+        if self.majority_sign not in ("total", "frequency"):
+            raise PeftkitError(f"--majority-sign {self.majority_sign!r}: use total or frequency.")
+
+
+@dataclass
+class Source:
+    """One input adapter, as read from its directory."""
+
+    path: str
+    cfg: object
+    state: dict[str, torch.Tensor]
+    base: str | None
+    revision: str | None
+    quant: object
+
+    @property
+    def plain_lora(self) -> bool:
+        """A LoRA without DoRA: its update is s B A, combined through its factors."""
+        return self.cfg.method == "lora" and not self.cfg.use_dora
+
+    @property
+    def describe(self) -> str:
+        from peftkit.methods import method_of
+
+        return f"{self.path} ({method_of(self.cfg).describe(self.cfg)})"
+
+
+def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Source]:
+    """The adapters, read and checked one by one (PEFT format, no NaN, remote code allowed)."""
+    from peftkit.modeling import check_remote_code
+    from peftkit.peft_format import load_adapter
+
+    sources = []
+    for path in adapter_dirs:
+        cfg, state, peft, quant = load_adapter(path)
+        check_remote_code(path, trust_remote_code)
+        if cfg.modules_to_save:
+            raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "
+                               "update to weight and combine. Combine adapters without modules_to_save.")
+        sources.append(Source(path, cfg, state, peft.base_model_name_or_path, peft.revision, quant))
+    return sources
+
+
+def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:
+    """(base name, revision) the adapters share; a PeftkitError for adapters of different bases."""
+    first = sources[0]
+    for other in sources[1:]:
+        if base is None and (other.base, other.revision) != (first.base, first.revision):
+            raise PeftkitError(
+                f"The adapters were trained on different bases: {first.path} on {first.base} (revision "
+                f"{first.revision}), {other.path} on {other.base} (revision {other.revision}). Only adapters of "
+                "one base combine; if these are the same model under two names, pass it as --base.")
+        if other.quant != first.quant:
+            raise PeftkitError(
+                f"{first.path} was trained against a base quantized as {_quant(first.quant)}, {other.path} against "
+                f"{_quant(other.quant)}: their updates were trained against different weights and do not combine.")
+    name = base or first.base
+    if not name:
+        raise PeftkitError(f"{first.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
+    return name, first.revision if name == first.base else None
+
+
+def _quant(quant) -> str:
+    return "full precision (not quantized)" if quant is None else f"{quant.method} (double_quant {quant.double_quant})"
+
+
+def lora_layers(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
+    """{module path: (A, B, is_embedding)} of a LoRA adapter's PEFT-keyed tensors."""
+    from peftkit.adapters import PEFT_PREFIX
+
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
+    for key, tensor in state.items():
+        for a_name, b_name, embedding in (("lora_A.weight", "lora_B.weight", False),
+                                          ("lora_embedding_A", "lora_embedding_B", True)):
+            if key.endswith("." + a_name):
+                module = key[len(PEFT_PREFIX): -len(a_name) - 1]
+                layers[module] = (tensor.float(), state[key[: -len(a_name)] + b_name].float(), embedding)
+    return layers
+
+
+def adapted_modules(source: Source) -> list[str]:
+    """The module paths an adapter updates, read from its tensors (any method)."""
+    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.methods import method_of
+
+    names = method_of(source.cfg).param_names
+    found = {key[len(PEFT_PREFIX): -len(n) - 1] for key in source.state for n in names
+             if key.startswith(PEFT_PREFIX) and key.endswith("." + n)}
+    return sorted(found)
+
+
+def uses_full_updates(combination: Combination, sources: list[Source], into_base: bool) -> bool:
+    """`--into-base` with a factor type (linear, cat, ties, ...) and an input that has no LoRA factors: every
+    input's full update is combined instead, untruncated (linear and cat: the exact weighted sum)."""
+    return into_base and combination.method in (*FACTOR_WISE, "cat") and not all(s.plain_lora for s in sources)
+
+
+def check_combinable(combination: Combination, sources: list[Source], into_base: bool = False) -> None:
+    """Refuse what the method cannot combine: other methods than LoRA for the factor types (except into the
+    base), unequal ranks, different target modules."""
+    if uses_full_updates(combination, sources, into_base):
+        return
+    if combination.method in (*FACTOR_WISE, "cat"):
+        for s in sources:
+            if not s.plain_lora:
+                raise PeftkitError(
+                    f"--method {combination.method} combines LoRA factors (A and B); {s.describe} has no such factors "
+                    "(a DoRA adapter's update also rescales W by its magnitude). Use an SVD method (--method svd, "
+                    "ties_svd, ...), or --into-base, which combine each adapter's full update.")
+    if combination.method in FACTOR_WISE:
+        ranks = {s.path: s.cfg.r for s in sources}
+        if len(set(ranks.values())) > 1:
+            raise PeftkitError(
+                f"--method {combination.method} needs adapters of equal rank, and these have "
+                f"{', '.join(f'r={r} ({p})' for p, r in ranks.items())}. Use --method cat (exact, rank = the sum) or "
+                "--method svd (rank --svd-rank).")
+        targets = {s.path: adapted_modules(s) for s in sources}
+        first = sources[0].path
+        for path, modules in targets.items():
+            if modules != targets[first]:
+                only = sorted(set(modules) ^ set(targets[first]))
+                raise PeftkitError(
+                    f"--method {combination.method} needs adapters on the same modules; {first} and {path} differ on "
+                    f"{', '.join(only[:3])}{' ...' if len(only) > 3 else ''}. Use --method cat or svd, which "
+                    "combine adapters on different modules.")
+    if combination.method in SVD and combination.svd_rank is None and not any(s.cfg.method == "lora" for s in sources):
+        raise PeftkitError(f"--method {combination.method}: none of the adapters has a LoRA rank to default to; "
+                           "give the rank of the combined adapter with --svd-rank.")
+
+
+def output_rank(combination: Combination, sources: list[Source]) -> int:
+    """The combined adapter's rank: the common rank, the sum (`cat`), or --svd-rank (default the largest)."""
+    ranks = [s.cfg.r for s in sources if s.cfg.method == "lora"]
+    if combination.method == "cat":
+        return sum(ranks)
+    if combination.method in SVD:
+        return combination.svd_rank or max(ranks)
+    return ranks[0]
+
+
+def skeleton(name: str, revision: str | None, trust_remote_code: bool) -> nn.Module:
+    """The base model's modules on the meta device: names in model order, layer types and shapes, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.modeling import load_config
+    from peftkit.recipe import ModelConfig
+
+    config = load_config(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_fits(sources: list[Source], model: nn.Module) -> None:
+    """Every adapted module exists in the base, and each LoRA's update has the shape of its weight."""
+    from peftkit.merge import conv1d_modules
+
+    modules, conv1d = dict(model.named_modules()), conv1d_modules(model)
+    for s in sources:
+        for name in adapted_modules(s):
+            if name not in modules or not hasattr(modules[name], "weight"):
+                raise PeftkitError(f"{s.path} adapts '{name}', which the base model does not have: it was trained on "
+                                   "another base. Combine adapters of one base.")
+        if not s.plain_lora:
+            continue  # checked by merge_state_dict against the real weights
+        for name, (a, b, embedding) in lora_layers(s.state).items():
+            shape = tuple(modules[name].weight.shape)
+            expected = (a.shape[1], b.shape[0]) if embedding or name in conv1d else (b.shape[0], a.shape[1])
+            if shape != expected:
+                raise PeftkitError(f"{s.path} does not fit the base model: '{name}' has weight {shape} but the "
+                                   f"adapter's update is {expected}. It was trained on another base.")
+

@@ -1,0 +1,424 @@
+"""Combining adapters (`peftkit merge --adapter A --adapter B --weights ... --method ...`) against peft's
+`add_weighted_adapter`, with non-trivial random LoRA adapters on tiny models, and the deliberate differences
+(rsLoRA scaling, negative weights in TIES, DoRA magnitudes) against independent dense computations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.utils import merge_utils
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import adapter_state_dict, inject_adapters
+from peftkit.combine import combine_tensors
+from peftkit.combine_adapters import adapter_files, combine_adapters, combine_layers
+from peftkit.combine_inputs import Combination, output_rank, read_sources, skeleton
+from peftkit.errors import PeftkitError
+from peftkit.merge import conv1d_modules
+from peftkit.methods.ia3 import IA3Config
+from peftkit.methods.lora import LoraConfig
+from peftkit.peft_format import peft_config, save_adapter
+from tests.conftest import cli_user_error, random_adapters
+
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
+TOL = 1e-4  # max abs logit difference, fp32
+LLAMA_TARGETS = ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The non-DARE type that injects the same adapter as each DARE type: run first, it leaves torch's RNG where
+# peft's DARE draws start (peft's injection draws the new adapter's init from the same RNG).
+TWIN = {"dare_linear": "linear", "dare_ties": "ties", "dare_linear_svd": "svd", "dare_ties_svd": "ties_svd"}
+
+
+def _load(path: Path) -> nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def make_adapter(base: Path, cfg, seed: int, out: Path, std: float = 0.2) -> str:
+    """A saved adapter far from identity: A drawn from `seed`, B (and an embedding's A) random."""
+    model = _load(base)
+    torch.manual_seed(seed)
+    targets = inject_adapters(model, cfg)
+    random_adapters(model, seed=seed + 100, std=std)
+    config = peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type)
+    save_adapter(out, adapter_state_dict(model, []), config)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def llama_adapters(tiny_llama, tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("combine-llama")
+    return [make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=LLAMA_TARGETS), seed, root / f"a{seed}")
+            for seed in (1, 2)]
+
+
+def peft_combination(base: Path, dirs: list[str], weights: list[float], method: str, seed: int = 0,
+                     **options) -> tuple[PeftModel, torch.Tensor | None]:
+    """peft's add_weighted_adapter as 'combo' (active), and for DARE the RNG state its draws started from."""
+    model = PeftModel.from_pretrained(_load(base), dirs[0], adapter_name="a0")
+    for i, d in enumerate(dirs[1:], 1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    names = [f"a{i}" for i in range(len(dirs))]
+    state = None
+    if method in TWIN:
+        torch.manual_seed(seed)
+        model.add_weighted_adapter(names, weights, "probe", combination_type=TWIN[method], **options)
+        state = torch.get_rng_state()
+        model.delete_adapter("probe")
+    torch.manual_seed(seed)
+    model.add_weighted_adapter(names, weights, "combo", combination_type=method, **options)
+    model.set_adapter("combo")
+    return model.eval(), state
+
+
+def _peft_options(c: Combination) -> dict:
+    return {"density": c.density, "svd_rank": c.svd_rank, "svd_clamp": c.svd_clamp,
+            "majority_sign_method": c.majority_sign}
+
+
+def ours_with_state(dirs: list[str], c: Combination, base: Path, out: Path, state: torch.Tensor) -> Path:
+    """Our combined adapter, DARE drawing from the generator state peft's draws started from."""
+    sources = read_sources(dirs, trust_remote_code=False)
+    model = skeleton(str(base), None, False)
+    generator = torch.Generator()
+    generator.set_state(state)
+    layers = combine_layers(c, sources, model, None, generator)
+    files = adapter_files(layers, output_rank(c, sources), str(base), None, conv1d_modules(model))
+    save_adapter(out, *files)
+    return out
+
+
+CASES = [
+    Combination("linear", (0.7, 0.3)),
+    Combination("cat", (0.7, 0.3)),
+    Combination("svd", (0.7, 0.3)),
+    Combination("svd", (0.7, 0.3), svd_rank=6, svd_clamp=0.95),
+    Combination("ties", (0.7, 0.3), density=0.5),
+    Combination("ties", (0.7, 0.3), density=0.5, majority_sign="frequency"),
+    Combination("ties_svd", (0.7, 0.3), density=0.5),
+    Combination("dare_linear", (0.7, 0.3), density=0.5, seed=3),
+    Combination("dare_ties", (0.7, 0.3), density=0.5, seed=3),
+    Combination("dare_linear_svd", (0.7, 0.3), density=0.7, seed=4),
+    Combination("dare_ties_svd", (0.7, 0.3), density=0.7, seed=4),
+    Combination("magnitude_prune", (0.7, 0.3), density=0.5),
+    Combination("magnitude_prune_svd", (0.7, 0.3), density=0.5),
+    # A negative weight subtracts: exact in cat and svd; linear keeps peft's placement of the sign (on A).
+    Combination("linear", (1.0, -0.5)),
+    Combination("cat", (1.0, -1.0)),
+    Combination("svd", (1.0, -1.0)),
+]
+MEASURED: dict[str, float] = {}
+
+
+@pytest.mark.parametrize("c", CASES, ids=lambda c: f"{c.method}-{c.weights}-{c.density}-{c.majority_sign}-{c.svd_clamp}")
+def test_equals_peft(c, llama_adapters, tiny_llama, tmp_path):
+    reference, state = peft_combination(tiny_llama, llama_adapters, list(c.weights), c.method, c.seed, **_peft_options(c))
+    theirs = _logits(reference)
+    base = _logits(_load(tiny_llama))
+    assert _diff(theirs, base) > 1e-2  # the combination really changes the output
+    if state is None:
+        out = combine_adapters(llama_adapters, c, str(tmp_path / "combined"))
+    else:
+        out = ours_with_state(llama_adapters, c, tiny_llama, tmp_path / "combined", state)
+    ours = _logits(PeftModel.from_pretrained(_load(tiny_llama), out).eval())  # peft loads our adapter
+    diff = _diff(ours, theirs)
+    MEASURED[f"{c.method} {c.weights}"] = max(diff, MEASURED.get(f"{c.method} {c.weights}", 0.0))
+    print(f"\nmax abs logit diff vs peft, {c.method} {c.weights}: {diff:.2e}")
+    assert diff <= TOL
+    config = json.loads((Path(out) / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (reference.peft_config["combo"].r,) * 2 + (False,)
+
+
+@pytest.mark.parametrize("method", ["linear", "cat", "svd"])
+def test_conv1d_equals_peft(method, tiny_gpt2, tmp_path):
+    """GPT-2's Conv1D layers (weights stored (in, out)): the SVD factors the transposed delta, as peft."""
+    dirs = [make_adapter(tiny_gpt2, LoraConfig(r=4, alpha=8), seed, tmp_path / f"a{seed}") for seed in (1, 2)]
+    reference, _ = peft_combination(tiny_gpt2, dirs, [0.6, 0.4], method)
+    out = combine_adapters(dirs, Combination(method, (0.6, 0.4)), str(tmp_path / "combined"))
+    assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    diff = _diff(_logits(PeftModel.from_pretrained(_load(tiny_gpt2), out)), _logits(reference))
+    print(f"\nmax abs logit diff vs peft, gpt2 {method}: {diff:.2e}")
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("c", [Combination("linear", (0.7, 0.3)), Combination("svd", (1.0, -0.5)),
+                               Combination("dare_ties", (0.7, 0.3), density=0.5, seed=5)], ids=lambda c: c.method)
+def test_into_base_equals_the_combined_adapter(c, llama_adapters, tiny_llama, tmp_path):
+    adapter = combine_adapters(llama_adapters, c, str(tmp_path / "combined"))
+    merged = combine_adapters(llama_adapters, c, str(tmp_path / "merged"), into_base=True)
+    assert (merged / "config.json").exists() and not (merged / "adapter_config.json").exists()
+    live = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter))
+    assert _diff(_logits(_load(merged)), live) <= TOL
+
+
+def test_dare_draws_keep_density_and_rescale():
+    """DARE keeps each value with probability `density` and divides it by `density`; the seed decides which."""
+    task = torch.randn(200, 300)
+    gen = torch.Generator().manual_seed(0)
+    kept = combine_tensors("dare_linear", [task], [1.0], density=0.3, generator=gen)
+    nonzero = kept != 0
+    assert abs(nonzero.float().mean().item() - 0.3) < 0.01
+    torch.testing.assert_close(kept[nonzero], task[nonzero] / 0.3)
+    again = combine_tensors("dare_linear", [task], [1.0], density=0.3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kept, again, rtol=0, atol=0)
+    # The same draws as peft's torch.bernoulli from torch's global RNG at the same state.
+    torch.manual_seed(0)
+    torch.testing.assert_close(kept, merge_utils.dare_linear([task], torch.tensor([1.0]), 0.3), rtol=0, atol=0)
+
+
+def test_ties_equals_peft_for_positive_weights():
+    tasks = [torch.randn(20, 30) for _ in range(3)]
+    weights = [0.5, 1.5, 0.25]
+    for sign in ("total", "frequency"):
+        ours = combine_tensors("ties", tasks, weights, density=0.4, majority_sign=sign)
+        torch.testing.assert_close(ours, merge_utils.ties(tasks, torch.tensor(weights), 0.4, sign), rtol=0, atol=0)
+
+
+def test_ties_elects_signs_as_the_weights_apply_them():
+    """Deliberate difference from peft: a task given a negative weight votes with the sign it is applied with.
+
+    One entry, task 1 = +1 (weight 1), task 2 = +3 (weight -1, to be removed): applied, they are +1 and -3. The
+    total signed mass is -2, so TIES keeps -3 only (the sign conflict resolved). peft elects from the unweighted
+    +1 and +3 (positive), keeps both and averages +1 and -3 to -1: the conflict TIES exists to remove."""
+    tasks = [torch.tensor([1.0]), torch.tensor([3.0])]
+    ours = combine_tensors("ties", tasks, [1.0, -1.0], density=1.0)
+    peft_ties = merge_utils.ties(tasks, torch.tensor([1.0, -1.0]), 1.0, "total")
+    assert ours.item() == -3.0 and peft_ties.item() == -1.0
+
+
+def _dense_expectation(base: Path, deltas: dict[str, torch.Tensor]) -> nn.Module:
+    """The base with `deltas` ({parameter name: delta}) added: the independent reference."""
+    model = _load(base)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta)
+    return model
+
+
+def _merged_deltas(base: Path, adapter: str, weight: float) -> dict[str, torch.Tensor]:
+    """weight * (peft's merge of `adapter` - the base), per weight: an adapter's full update as peft applies it."""
+    plain = dict(_load(base).named_parameters())
+    merged = PeftModel.from_pretrained(_load(base), adapter).merge_and_unload()
+    return {n: weight * (p.detach() - plain[n].detach()) for n, p in merged.named_parameters()
+            if not torch.equal(p, plain[n])}
+
+
+def _add(*deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for d in deltas:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+def test_rslora_combination_keeps_its_scaling(method, tiny_llama, tmp_path):
+    """Deliberate difference from peft: the combined adapter has scaling 1 (alpha = r, use_rslora false). peft
+    copies use_rslora: true from the first adapter with alpha = r, scaling the result by sqrt(r) too much."""
+    cfg = LoraConfig(r=4, alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    dirs = [make_adapter(tiny_llama, cfg, seed, tmp_path / f"a{seed}") for seed in (1, 2)]
+    weights = (0.7, 0.3) if method != "cat" else (0.7, -0.3)
+    svd_rank = 8 if method == "svd" else None  # rank 8 holds the sum of two rank-4 updates exactly
+    expected = _logits(_dense_expectation(tiny_llama, _add(*(_merged_deltas(tiny_llama, d, w)
+                                                              for d, w in zip(dirs, weights, strict=True)))))
+    out = combine_adapters(dirs, Combination(method, weights, svd_rank=svd_rank), str(tmp_path / "combined"))
+    ours = _logits(PeftModel.from_pretrained(_load(tiny_llama), out))
+    reference, _ = peft_combination(tiny_llama, dirs, list(weights), method, svd_rank=svd_rank)
+    theirs = _logits(reference)
+    if method == "linear":  # an approximation (cross terms): compare with peft's own factors at scaling 1
+        from peft.tuners.lora import LoraLayer
+
+        scalings = {m.scaling["combo"] for m in reference.modules() if isinstance(m, LoraLayer)}
+        assert scalings and all(x == pytest.approx(2.0) for x in scalings)  # alpha = r = 4, rsLoRA: 4 / sqrt(4), not 1
+        for module in reference.modules():
+            if isinstance(module, LoraLayer):
+                module.scaling["combo"] = 1.0
+        assert _diff(ours, _logits(reference)) <= TOL
+    else:
+        assert _diff(ours, expected) <= TOL
+        print(f"\nrsLoRA {method}: ours vs dense {_diff(ours, expected):.2e}, peft vs dense {_diff(theirs, expected):.2e}")
+    assert _diff(theirs, ours) > 1e-2  # peft's is off by sqrt(r)
+
+
+def test_dora_combination_keeps_the_magnitudes(tiny_llama, tmp_path):
+    """Deliberate difference from peft (its issue 3608): a DoRA adapter's update is m (W + s B A) / ||.||_c - W,
+    magnitude included; peft's combination keeps use_dora with a magnitude started at ||W||_c, dropping theirs."""
+    cfg = LoraConfig(r=4, alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"])
+    dirs = [make_adapter(tiny_llama, cfg, seed, tmp_path / f"a{seed}", std=0.3) for seed in (1, 2)]
+    for d in dirs:  # move the magnitudes off ||W + s B A||_c, as training does
+        _scale_magnitudes(Path(d), 1.3)
+    weights = (0.6, 0.4)
+    expected = _logits(_dense_expectation(tiny_llama, _add(*(_merged_deltas(tiny_llama, d, w)
+                                                              for d, w in zip(dirs, weights, strict=True)))))
+    # Rank 32 = the layers' smaller side: the SVD keeps the whole combined update, so the result is exact.
+    ours_adapter = combine_adapters(dirs, Combination("svd", weights, svd_rank=32), str(tmp_path / "combined"))
+    ours = _logits(PeftModel.from_pretrained(_load(tiny_llama), ours_adapter))
+    merged = combine_adapters(dirs, Combination("svd", weights, svd_rank=32), str(tmp_path / "merged"), into_base=True)
+    assert _diff(ours, expected) <= TOL and _diff(_logits(_load(merged)), expected) <= TOL
+    reference, _ = peft_combination(tiny_llama, dirs, list(weights), "svd", svd_rank=32)
+    print(f"\nDoRA svd: ours vs dense {_diff(ours, expected):.2e}, peft vs dense {_diff(_logits(reference), expected):.2e}")
+    assert _diff(_logits(reference), expected) > 1e-2
+
+
+def _scale_magnitudes(adapter: Path, factor: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = adapter / "adapter_model.safetensors"
+    state = load_file(file)
+    save_file({k: v * factor if k.endswith("lora_magnitude_vector") else v for k, v in state.items()}, file)
+
+
+def test_ia3_combines_through_its_full_update(tiny_llama, tmp_path):
+    """Another method (IA3) with a LoRA: each adapter's full per-layer update, SVD of rank 32 (exact here)."""
+    lora = make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["k_proj", "down_proj"]), 1, tmp_path / "lora")
+    ia3 = make_adapter(tiny_llama, IA3Config(method="ia3"), 2, tmp_path / "ia3")  # k, v, down on Llama
+    weights = (0.5, -0.5)
+    expected = _logits(_dense_expectation(tiny_llama, _add(_merged_deltas(tiny_llama, lora, weights[0]),
+                                                            _merged_deltas(tiny_llama, ia3, weights[1]))))
+    out = combine_adapters([lora, ia3], Combination("svd", weights, svd_rank=32), str(tmp_path / "combined"))
+    assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_llama), out)), expected) <= TOL
+    assert _diff(expected, _logits(_load(tiny_llama))) > 1e-2
+    # Into the base, the factor types combine the full updates too: linear and cat are then the exact sum.
+    for method in ("linear", "cat"):
+        merged = combine_adapters([lora, ia3], Combination(method, weights), str(tmp_path / method), into_base=True)
+        assert _diff(_logits(_load(merged)), expected) <= TOL
+    with pytest.raises(PeftkitError, match="combines LoRA factors"):  # not as an adapter: it has no factors
+        combine_adapters([lora, ia3], Combination("linear", weights), str(tmp_path / "adapter"))
+    pruned = combine_adapters([lora, ia3], Combination("ties", weights, density=0.5), str(tmp_path / "ties"),
+                              into_base=True)
+    assert 1e-3 < _diff(_logits(_load(pruned)), expected) and torch.isfinite(_logits(_load(pruned))).all()
+
+
+def test_subtracting_an_adapter_from_itself_gives_the_base(llama_adapters, tiny_llama, tmp_path):
+    a = llama_adapters[0]
+    out = combine_adapters([a, a], Combination("cat", (1.0, -1.0)), str(tmp_path / "zero"), into_base=True)
+    assert _diff(_logits(_load(out)), _logits(_load(tiny_llama))) <= 1e-5
+
+
+def test_into_base_of_a_4bit_base_adds_to_the_dequantized_weights(tmp_path):
+    """QLoRA adapters are combined into the NF4 weights they were trained against, dequantized, not into the
+    original fp32 weights (the classic QLoRA merge bug)."""
+    import bitsandbytes.functional as bnbF
+    from safetensors.torch import load_file
+
+    from peftkit.adapters import adapter_layers
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig, QuantizationConfig
+    from peftkit.tiny import build_tiny_model
+
+    base = tmp_path / "qllama"  # hidden 64: bitsandbytes' CPU kernel wants 32-row multiples (k_proj: 32 rows)
+    build_tiny_model(base, arch="llama", hidden_size=64, num_layers=2, seed=0)
+    quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    dirs, dequantized, deltas = [], {}, {}
+    for seed, weight in ((1, 0.5), (2, -0.5)):
+        model = load_model(ModelConfig(name_or_path=str(base), dtype="float32"), quant, torch.device("cpu"))
+        torch.manual_seed(seed)
+        targets = inject_adapters(model, cfg)
+        random_adapters(model, seed=seed + 100, std=0.1)
+        for name, layer in adapter_layers(model).items():
+            w = layer.base_layer.weight
+            dequantized[name] = bnbF.dequantize_4bit(w.data, w.quant_state).float()
+            deltas[name] = deltas.get(name, 0) + weight * layer.delta_weight()
+        config = peft_config(cfg, targets, str(base), False)
+        save_adapter(tmp_path / f"a{seed}", adapter_state_dict(model, []), config, quant, "cpu")
+        dirs.append(str(tmp_path / f"a{seed}"))
+    out = combine_adapters(dirs, Combination("cat", (0.5, -0.5)), str(tmp_path / "merged"), into_base=True)
+    state, original = load_file(out / "model.safetensors"), _load(base).state_dict()
+    for name, delta in deltas.items():
+        assert _diff(state[f"{name}.weight"], dequantized[name] + delta) <= 1e-6, name
+        assert _diff(state[f"{name}.weight"], original[f"{name}.weight"] + delta) > 1e-3, name
+
+
+# ------------------------------------------------------------------------------------ CLI and user errors
+
+
+def test_cli_combines_and_merges(llama_adapters, tiny_llama, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from peftkit.cli import main
+
+    a, b = llama_adapters
+    out = tmp_path / "cli-combined"
+    monkeypatch.setattr(sys, "argv", ["peftkit", "merge", "--adapter", a, "--adapter", b, "--weights=1,-0.5",
+                                      "--method", "cat", "--output", str(out)])
+    main()
+    assert "Combined adapter (cat) written to" in capsys.readouterr().out
+    reference, _ = peft_combination(tiny_llama, llama_adapters, [1.0, -0.5], "cat")
+    assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_llama), out)), _logits(reference)) <= TOL
+    monkeypatch.setattr(sys, "argv", ["peftkit", "merge", "--adapter", a, "--adapter", b, "--weights", "0.5,0.5",
+                                      "--method", "dare_linear", "--density", "0.5", "--seed", "1", "--into-base",
+                                      "--output", str(tmp_path / "cli-merged")])
+    main()
+    assert "Merged model written to" in capsys.readouterr().out
+    assert (tmp_path / "cli-merged" / "config.json").exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--weights", "0.5", "--method", "linear"], "--weights gives 1 weight for 2 --adapters"),
+    (["--weights", "0.5,0.5", "--method", "lineer"], "Did you mean 'linear'?"),
+    (["--weights", "0.5,0.5", "--method", "ties", "--density", "1.5"], "--density 1.5: the fraction of values kept must be in (0, 1]"),
+    (["--weights", "0.5,0.5", "--method", "ties", "--density", "0"], "must be in (0, 1]"),
+    (["--weights", "0.5,0.5", "--method", "ties"], "give the fraction to keep, e.g. --density 0.5"),
+    (["--weights", "0.5,x", "--method", "cat"], "give numbers separated by commas"),
+    (["--method", "cat"], "needs --weights"),
+])
+def test_cli_refuses_bad_combinations(extra, message, llama_adapters, tmp_path, monkeypatch, capsys):
+    a, b = llama_adapters
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", b, "--output",
+                         str(tmp_path / "out"), *extra)
+    assert message in " ".join(err.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2, llama_adapters, tmp_path,
+                                                           monkeypatch, capsys):
+    r8 = make_adapter(tiny_llama, LoraConfig(r=8, alpha=8, target_modules=LLAMA_TARGETS), 3, tmp_path / "r8")
+    qv = make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 4, tmp_path / "qv")
+    gpt2 = make_adapter(tiny_gpt2, LoraConfig(r=4, alpha=8), 5, tmp_path / "gpt2")
+    ia3 = make_adapter(tiny_llama, IA3Config(method="ia3"), 6, tmp_path / "ia3")
+    a = llama_adapters[0]
+    for other, method, message in [
+        (r8, "linear", "needs adapters of equal rank, and these have r=4"),
+        (qv, "linear", "needs adapters on the same modules"),
+        (gpt2, "svd", "The adapters were trained on different bases"),
+        (ia3, "linear", "combines LoRA factors (A and B)"),
+    ]:
+        err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", other, "--weights", "0.5,0.5",
+                             "--method", method, "--output", str(tmp_path / "out"))
+        assert message in " ".join(err.split()), err
+    # Different modules and ranks are what cat and svd are for.
+    combine_adapters([a, r8], Combination("cat", (0.5, 0.5)), str(tmp_path / "cat"))
+    combine_adapters([a, qv], Combination("svd", (0.5, 0.5)), str(tmp_path / "svd"))
+    assert json.loads((tmp_path / "cat" / "adapter_config.json").read_text())["r"] == 12
+
+
+def test_refuses_an_update_of_biases(tmp_path):
+    """IA3 on Qwen2's biased q and v scales their biases too: a combined LoRA cannot carry that."""
+    from peftkit.tiny import build_tiny_model
+
+    base = tmp_path / "qwen2"
+    model, tok = build_tiny_model(arch="qwen2", hidden_size=32, num_layers=2, seed=0)
+    with torch.no_grad():  # transformers starts biases at zero, which any scaling leaves alone
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    ia3 = make_adapter(base, IA3Config(method="ia3"), 1, tmp_path / "ia3")
+    with pytest.raises(PeftkitError, match="also changes the bias of 'model.layers.0.self_attn.q_proj'"):
+        combine_adapters([ia3, ia3], Combination("svd", (0.5, 0.5), svd_rank=8), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
