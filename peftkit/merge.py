@@ -18,7 +18,7 @@ from torch import nn
 from peftkit.adapters import SHARED_PREFIX, adapter_layers, adapter_state_dict, merge_state_dict, shared_holders
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory
-from peftkit.methods.base import is_conv1d, is_quantized
+from peftkit.methods.base import is_conv1d, is_quantized, refuse_unmergeable
 from peftkit.recipe import AdapterConfig
 
 
@@ -247,11 +247,13 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         trust_remote_code: the user's `--trust-remote-code`; needed for an adapter whose base runs its own code.
     """
     from peftkit.modeling import DTYPES, load_adapted_model
-    from peftkit.peft_format import recorded_base
+    from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
 
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
     for out in outputs:
         check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
+    check_adapter_dir(Path(adapter_dir))
+    refuse_unmergeable(read_peft_config(Path(adapter_dir))[0])  # before minutes of loading the base
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
     if dtype is None:
         saved = getattr(model.config, "dtype", None)

@@ -14,6 +14,10 @@ peftkit's code. The checks:
    export agrees); an adapter peft made with non-trivial weights is read, evaluated and merged by peftkit;
 6. a bf16 base with an fp32 adapter;
 7. a 4-bit NF4 base: training moves only the adapter, and the merge into the dequantized weights is exact.
+
+Module adapters (Llama-Adapter, bottleneck) add computation of their own and fold into no weight: they have no
+dense weight and skip the merge checks (their refusal to merge is tested in their own files); bottleneck adapters
+have no peft equivalent and skip the PEFT checks (their own reload is check 4).
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
+from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.loha import LohaConfig
 from peftkit.methods.lokr import LokrConfig
+from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.oft import OftConfig
@@ -116,6 +122,21 @@ CASES: dict[str, list[Case]] = {
              ("linear",)),
         Case("oft-shared", OftConfig(method="oft", oft_block_size=4, block_share=True, num_cayley_neumann_terms=7),
              ("llama",), ("linear",)),
+    ],
+    # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
+    # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
+    "llama_adapter": [
+        Case("llama-adapter", LlamaAdapterConfig(method="llama_adapter", adapter_len=4), ("llama", "gpt2"), ()),
+        Case("llama-adapter-top-layer", LlamaAdapterConfig(method="llama_adapter", adapter_len=3, adapter_layers=1),
+             ("llama",), ()),
+    ],
+    "bottleneck": [
+        # Houlsby: serial after attention and MLP, norms trained too; He et al.: parallel on the MLP, scaled by 4.
+        Case("bottleneck-serial", BottleneckConfig(method="bottleneck", reduction_factor=8, after="both",
+                                                   non_linearity="gelu", train_norms=True),
+             ("llama", "qwen2", "gpt2"), ()),
+        Case("bottleneck-parallel", BottleneckConfig(method="bottleneck", placement="parallel", reduction_factor=4),
+             ("llama", "gpt2"), ()),
     ],
 }
 
@@ -216,7 +237,9 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
 # peft's switch for non-trivially initialised weights, by peft_type.
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
-                   "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False}}
+                   "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False},
+                   "ADAPTION_PROMPT": {}}  # its gate starts at 0 whatever the config: set by hand below
+NO_PEFT = {"bottleneck"}  # methods peft has no equivalent of: saved in peftkit's own layout
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]
@@ -225,8 +248,19 @@ DENSE_CASES = [pytest.param(case, id=case.id) for _, case in ALL if case.layouts
 
 
 def test_every_registered_method_is_covered():
-    assert set(CASES) == set(METHODS) == set(DENSE)
-    assert {m.peft_type for m in METHODS.values()} <= set(PEFT_NONTRIVIAL)
+    assert set(CASES) == set(METHODS)
+    assert set(DENSE) == {name for name, m in METHODS.items() if m.mergeable}
+    assert {m.peft_type for name, m in METHODS.items() if name not in NO_PEFT} <= set(PEFT_NONTRIVIAL)
+
+
+def _skip_unless_mergeable(case) -> None:
+    if not method_of(case.cfg).mergeable:
+        pytest.skip(f"{case.id}: a module adapter, not mergeable (tested to refuse in its own test file)")
+
+
+def _skip_without_peft(case) -> None:
+    if case.cfg.method in NO_PEFT:
+        pytest.skip(f"{case.id}: peft has no {case.cfg.method} method")
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -335,6 +369,7 @@ def test_identity_at_init(case, arch, models):
 
 @pytest.mark.parametrize(("case", "arch"), BY_ARCH)
 def test_merged_equals_unmerged(case, arch, models):
+    _skip_unless_mergeable(case)
     model, _ = _adapted(models[arch], case.cfg)
     adapted = _logits(model)
     assert _diff(adapted, _logits(_load(models[arch]))) > 1e-3  # the adapter really changes the output
@@ -371,17 +406,20 @@ def test_state_dict_round_trip(case, models, tmp_path):
 
 @pytest.mark.parametrize(("case", "arch"), BY_ARCH)
 def test_peft_loads_our_adapter(case, arch, models, tmp_path):
+    _skip_without_peft(case)
     model, targets = _adapted(models[arch], case.cfg)
     saved = _save(model, case.cfg, targets, models[arch], tmp_path / "adapter")
     reference = PeftModel.from_pretrained(_load(models[arch]), saved).eval()
     theirs = _logits(reference)
     assert _diff(theirs, _logits(model)) <= TOL
-    assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), theirs) <= TOL
+    if method_of(case.cfg).mergeable:
+        assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), theirs) <= TOL
 
 
 @pytest.mark.parametrize(("case", "arch"), BY_ARCH)
 def test_we_read_peft_adapter(case, arch, models, tmp_path):
     """An adapter peft made, with non-trivial weights: peftkit evaluates it and merges it with peft's numbers."""
+    _skip_without_peft(case)
     method = method_of(case.cfg)
     probe = _load(models[arch])
     targets = inject_adapters(probe, case.cfg)
@@ -393,12 +431,16 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
         for name, p in reference.named_parameters():
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn(p.shape))
+            if "adaption_gate" in name:  # peft's Llama-Adapter gate starts at 0 (the base model)
+                p.copy_(0.5 + torch.rand(p.shape))
     reference.save_pretrained(tmp_path / "peft")
     theirs = _logits(reference.eval())
     assert _diff(theirs, _logits(_load(models[arch]))) > 1e-3  # peft's weights really change the output
 
     ours, *_ = load_adapted_model(str(models[arch]), str(tmp_path / "peft"))
     assert _diff(_logits(ours), theirs) <= TOL
+    if not method.mergeable:
+        return
     merged = merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
     assert _diff(_logits(_load(merged)), theirs) <= TOL
 
@@ -422,6 +464,8 @@ def test_bf16_base_with_fp32_adapter(case, models):
              if p.requires_grad]  # LoRA-FA's A is frozen
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for n, p in model.named_parameters() if ".base_layer." in n)
+    if not method_of(case.cfg).mergeable:
+        return
     # The merge adds in fp32 and casts once: exactly the dense weight of the bf16 base, rounded to bf16.
     merged = merged_model(model, case.cfg, torch.bfloat16).state_dict()
     for name, layer in adapter_layers(model).items():
@@ -470,6 +514,8 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
         optimizer.zero_grad()
     assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)  # the base is frozen
     assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
+    if not method_of(case.cfg).mergeable:
+        return
 
     # Exact merge: the delta lands on dequant(quant(W)), the weights the adapter was trained against.
     merged_net = merged_model(model, case.cfg, torch.float32)
@@ -490,7 +536,8 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     """`peftkit train` with the method's first case: the loss falls, adapter/ loads in peft with the logits of
-    merged/ (the export path: parameter count, memory estimate, PEFT config, merge)."""
+    merged/ (the export path: parameter count, memory estimate, PEFT config, merge). A module adapter exports no
+    merged/: peft's logits are those of peftkit's own reload, or without peft, the reload is not the base."""
     import yaml
 
     from peftkit.recipe import load_recipe
@@ -498,17 +545,22 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     from tests.conftest import make_recipe
 
     case = CASES[name][0]
+    mergeable = METHODS[name].mergeable
     adapter = case.cfg.model_dump(mode="json", exclude_none=True)
     recipe = make_recipe(tmp_path, models["llama"], number_data, adapter=adapter,
-                         training={"max_steps": 4, "lr": 5e-2}, export={"merged": True})
+                         training={"max_steps": 4, "lr": 5e-2}, export={"merged": mergeable})
     data = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump(data | {"adapter": adapter}, sort_keys=False))  # only the method's own keys
     summary = train(load_recipe(recipe), show_summary=False)
     assert summary["eval_loss"] < summary["base_eval_loss"]
     run = tmp_path / "run"
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
+    ours = _load(run / "merged") if mergeable else load_adapted_model(None, str(run / "adapter"))[0]
+    if name in NO_PEFT:
+        assert _diff(_logits(ours), _logits(_load(models["llama"]))) > 1e-4
+        return
     reference = PeftModel.from_pretrained(_load(models["llama"]), run / "adapter").eval()
-    assert _diff(_logits(_load(run / "merged")), _logits(reference)) <= TOL
+    assert _diff(_logits(ours), _logits(reference)) <= TOL
 
 
 # ------------------------------------------------------------------------------- method-specific: DoRA

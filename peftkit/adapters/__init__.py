@@ -15,7 +15,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
-from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape
+from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable
 from peftkit.recipe import AdapterConfig, TargetRegex
 
 PEFT_PREFIX = "base_model.model."
@@ -120,7 +120,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     """
     method = method_of(cfg)
     cfg = method.resolve(cfg, getattr(getattr(model, "config", None), "model_type", None))
-    names = find_targets(model, cfg.target_modules, every_entry)
+    names = method.select_targets(model, cfg, every_entry)
     for p in model.parameters():
         p.requires_grad_(False)
     layers = []
@@ -306,6 +306,7 @@ def merge_state_dict(
     Each layer is merged in fp32 before one final cast.
     """
     method = method_of(cfg)
+    refuse_unmergeable(method)
     merged = dict(base)
     modules, shared = _split_adapter_keys(adapter, method, base, merged, dtype)
     if modules and set(method.shared_names) - set(shared):  # not saved: regenerated, as at injection

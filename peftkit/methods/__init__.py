@@ -15,8 +15,10 @@ from pydantic import Discriminator, Tag
 from peftkit.errors import PeftkitError
 from peftkit.methods.adalora import AdaLora, AdaLoraConfig
 from peftkit.methods.base import AdapterLayer, Method, MethodTrainer
+from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.loha import Loha, LohaConfig
+from peftkit.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.vera import Vera, VeraConfig
@@ -40,6 +42,8 @@ register(Lokr)
 register(Vera)
 register(AdaLora)
 register(Oft)
+register(LlamaAdapter)
+register(Bottleneck)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -81,6 +85,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "IA3Config", "LohaConfig",
-           "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "VeraConfig", "default_adapter", "method_for_peft_type",
-           "method_of", "register"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BottleneckConfig",
+           "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer",
+           "VeraConfig", "default_adapter", "method_for_peft_type", "method_of", "register"]

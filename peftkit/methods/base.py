@@ -10,6 +10,10 @@ their PEFT names) and its per-layer facts (`facts`: scaling inputs, layout), nev
 A method may also have model-level tensors that every adapted layer uses (VeRA's frozen random projections):
 `Method.shared_tensors` builds them from the targets' shapes, one `SharedTensors` module holds them for all the
 layers, and `parts` hands them to `merge_weight` beside the layer's own tensors.
+
+A module adapter (Llama-Adapter, bottleneck) wraps whole blocks (attention, MLP) that `select_targets` picks,
+computes something of its own beside them and folds into no weight: `mergeable = False`, and every merge path
+refuses it through `refuse_unmergeable`.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class AdapterLayer(nn.Module):
         """Fold the update into the base weight. Idempotent; refuses a quantized base or a non-finite result."""
         if self.merged:
             return
+        refuse_unmergeable(self.method)
         if is_quantized(self.base_layer):
             raise PeftkitError(
                 "Cannot merge in place into a quantized (bitsandbytes) layer: the sum would be re-quantized and "
@@ -185,6 +190,16 @@ def refuse_unsupported(peft: BaseModel, config_file: Path, keys: tuple[str, ...]
         raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
 
 
+def refuse_unmergeable(method: type[Method]) -> None:
+    """A PeftkitError for a method whose adapter cannot be folded into the base (`Method.mergeable` false)."""
+    if not method.mergeable:
+        raise PeftkitError(
+            f"{method.title} adapters (method: {method.name}) add computation of their own to the model instead of "
+            "changing its weights, so they cannot be merged into a plain model. Keep the adapter separate: set "
+            "export.merged: false (or skip `peftkit merge`) and use it with `peftkit eval/generate --adapter DIR`."
+        )
+
+
 class Method:
     """The protocol of a weight-update method; subclasses fill in every hook and register with
     `peftkit.methods.register`."""
@@ -212,11 +227,24 @@ class Method:
     trainer_reshapes: ClassVar[bool] = False
     """The method's trainer changes what the export holds as it trains (AdaLoRA's rank allocation): weights from
     an earlier step do not fit the final layout, so `export.best` is refused."""
+    mergeable: ClassVar[bool] = True
+    """Whether the update folds into the base weights (`merge_weight`). A module adapter (bottleneck,
+    Llama-Adapter) computes something of its own beside the base: there is no merged model, and every merge
+    path refuses it (`refuse_unmergeable`)."""
 
     @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:
         """`cfg` with the settings it leaves to the architecture (`model_type`, transformers' name) filled in."""
         return cfg
+
+    @classmethod
+    def select_targets(cls, model: nn.Module, cfg: Any, every_entry: bool) -> list[str]:
+        """Full paths of the modules `wrap` is given, in model order (`cfg` already `resolve`d). Default: the
+        Linear/Conv1D/Embedding layers `cfg.target_modules` names (`peftkit.adapters.find_targets`); a module
+        adapter picks whole blocks (attention, MLP) instead."""
+        from peftkit.adapters import find_targets  # peftkit.adapters imports this module
+
+        return find_targets(model, cfg.target_modules, every_entry)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: Any, path: str) -> AdapterLayer:

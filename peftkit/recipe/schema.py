@@ -246,6 +246,10 @@ class Recipe(Section):
                 f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, and adapter.method "
                 f"{method.name} has no A/B matrices; remove training.loraplus_lr_ratio or use method: lora"
             )
+        if self.export.merged and not method.mergeable:
+            raise ValueError(f"export.merged: {method.title} adapters (method: {method.name}) add computation of "
+                             "their own and cannot be merged into the base weights; set export.merged: false and use "
+                             "the adapter with `peftkit eval/generate --adapter`")
         return self
 
     def _check_selection(self) -> None:

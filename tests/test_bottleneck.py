@@ -1,0 +1,172 @@
+"""Bottleneck adapters (`method: bottleneck`), beyond the conformance suite of test_methods.py: Houlsby's serial and
+He et al.'s parallel formulas written out densely, the exact base model at step 0, the documented file layout,
+trained norms, `peftkit eval/generate --adapter` on a trained run, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import adapter_layers, adapter_state_dict, count_parameters, inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.merge import merge_adapter
+from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.peft_format import peft_config, save_adapter
+from tests.conftest import make_recipe, random_adapters
+from tests.test_methods import IDS, models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _cfg(**kw) -> BottleneckConfig:
+    return BottleneckConfig(method="bottleneck", **kw)
+
+
+@pytest.mark.parametrize("placement", ["serial", "parallel"])
+def test_dense_formula(placement, models):  # noqa: F811
+    """serial: y + s (W_u act(W_d y + b_d) + b_u) on the sub-layer's output y; parallel: the same of its input x,
+    added to y; on the MLP and on the attention block (after o_proj) of a Llama layer, gelu, s = 2."""
+    model = _load(models["llama"])
+    inject_adapters(model, _cfg(placement=placement, after="both", non_linearity="gelu", scaling=2.0,
+                                reduction_factor=4))
+    random_adapters(model, seed=1, std=0.5)
+    layers = adapter_layers(model)
+    x = torch.randn(2, 6, 32)
+    cos, sin = model.model.rotary_emb(x, torch.arange(6)[None].expand(2, -1))
+    for path, call in (("model.layers.0.mlp", lambda m: m(x)),
+                       ("model.layers.1.self_attn", lambda m: m(hidden_states=x, position_embeddings=(cos, sin),
+                                                                attention_mask=None)[0])):
+        layer = layers[path]
+        p = {n: t.detach() for n, t in layer.adapter_params().items()}
+        with torch.no_grad():
+            got, y = call(layer), call(layer.base_layer)
+        source = y if placement == "serial" else x
+        hidden = torch.nn.functional.gelu(source @ p["adapter_down.weight"].T + p["adapter_down.bias"])
+        expected = y + 2.0 * (hidden @ p["adapter_up.weight"].T + p["adapter_up.bias"])
+        assert p["adapter_down.weight"].shape == (8, 32)  # 32 / reduction_factor 4
+        assert float((got - expected).abs().max()) <= 1e-5, path
+        assert float((got - y).abs().max()) > 1e-2, path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("cfg", [_cfg(after="both", train_norms=True), _cfg(placement="parallel", after="both")],
+                         ids=["serial-norms", "parallel"])
+def test_step_0_is_exactly_the_base(cfg, arch, models):  # noqa: F811
+    """The up-projection starts at zero (weight and bias): the adapter adds exactly 0, bit for bit."""
+    model = _load(models[arch])
+    with torch.no_grad():
+        base = model(IDS).logits
+    torch.manual_seed(0)
+    inject_adapters(model, cfg)
+    assert all(not p.any() for layer in adapter_layers(model).values() for n, p in layer.adapter_params().items()
+               if n.startswith("adapter_up"))
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base)
+
+
+def test_saved_layout_and_trained_norms(models, tmp_path):  # noqa: F811
+    """The layout the README documents: per sub-layer adapter_down/up weight and bias, per norm norm_weight (and
+    norm_bias for a LayerNorm); the norms' copies train, the base norms stay frozen."""
+    cfg = _cfg(after="attention", train_norms=True, reduction_factor=8)
+    model = _load(models["gpt2"])
+    targets = inject_adapters(model, cfg)
+    save_adapter(tmp_path / "a", adapter_state_dict(model, []),
+                 peft_config(cfg, targets, str(models["gpt2"]), True, "gpt2"))
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "a" / "adapter_model.safetensors").items()}
+    expected = {}
+    for i in (0, 1):
+        prefix = f"base_model.model.transformer.h.{i}."
+        expected |= {prefix + "attn.adapter_down.weight": (4, 32), prefix + "attn.adapter_down.bias": (4,),
+                     prefix + "attn.adapter_up.weight": (32, 4), prefix + "attn.adapter_up.bias": (32,)}
+        expected |= {prefix + f"{ln}.norm_{p}": (32,) for ln in ("ln_1", "ln_2") for p in ("weight", "bias")}
+    expected |= {f"base_model.model.transformer.ln_f.norm_{p}": (32,) for p in ("weight", "bias")}
+    assert shapes == expected
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "placement", "reduction_factor", "non_linearity", "after", "scaling",
+                                   "train_norms")} == {"peft_type": "BOTTLENECK", "placement": "serial",
+                                                       "reduction_factor": 8.0, "non_linearity": "relu",
+                                                       "after": "attention", "scaling": 1.0, "train_norms": True}
+    assert count_parameters(model)[0] == sum(math.prod(shape) for shape in shapes.values())
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    norm = adapter_layers(model)["transformer.h.0.ln_1"]
+    assert norm.norm_weight.grad.abs().sum() > 0 and norm.base_layer.weight.grad is None
+
+
+def test_eval_and_generate_cli_on_a_trained_run(models, number_data, tmp_path, monkeypatch):  # noqa: F811
+    """`peftkit train` a parallel bottleneck, then `peftkit eval RUN_DIR` gives the run's final eval loss and
+    `peftkit generate --adapter` the completions of the reloaded adapter."""
+    import yaml
+
+    from peftkit.cli import main
+    from peftkit.data.prompts import load_prompts
+    from peftkit.generate import Sampling, generate_texts
+    from peftkit.modeling import load_adapted_model
+    from peftkit.recipe import DataConfig, load_recipe
+    from peftkit.train import train
+
+    adapter = {"method": "bottleneck", "placement": "parallel", "reduction_factor": 4}
+    recipe = make_recipe(tmp_path, models["llama"], number_data, training={"max_steps": 4, "lr": 2e-2})
+    recipe.write_text(yaml.safe_dump(yaml.safe_load(recipe.read_text()) | {"adapter": adapter}, sort_keys=False))
+    summary = train(load_recipe(recipe), show_summary=False)
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    run = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(run), "--json", str(tmp_path / "eval.json")])
+    main()
+    assert abs(json.loads((tmp_path / "eval.json").read_text())["loss"] - summary["eval_loss"]) <= 1e-5
+    monkeypatch.setattr("sys.argv", ["peftkit", "generate", "--model", str(models["llama"]), "--adapter",
+                                     str(run / "adapter"), "--data", str(number_data["eval"]), "--limit", "2",
+                                     "--max-new-tokens", "6", "--json", str(tmp_path / "gen.json")])
+    main()
+    model, _, tok, *_ = load_adapted_model(None, str(run / "adapter"))
+    prompts = load_prompts(tok, str(number_data["eval"]), "train", DataConfig(train=str(number_data["eval"])), 2)
+    completions = [r["completion"] for r in json.loads((tmp_path / "gen.json").read_text())]
+    assert completions == generate_texts(model, tok, prompts, Sampling(max_new_tokens=6))
+
+
+def test_refusals(models, tmp_path):  # noqa: F811
+    from peftkit.recipe import load_recipe
+
+    with pytest.raises(PeftkitError, match=r"adapter.reduction_factor: 64.0? leaves no bottleneck for hidden size 32"):
+        inject_adapters(_load(models["llama"]), _cfg(reduction_factor=64))
+    model = _load(models["llama"])
+    targets = inject_adapters(model, _cfg())
+    save_adapter(tmp_path / "a", adapter_state_dict(model, []), peft_config(_cfg(), targets, str(models["llama"]), False))
+    with pytest.raises(PeftkitError, match=r"Bottleneck adapters \(method: bottleneck\) .* cannot be merged"):
+        merge_adapter(str(tmp_path / "a"), str(tmp_path / "merged"))
+    (tmp_path / "r.yaml").write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\n"
+                                     "export: {output_dir: o, merged: true}\nadapter: {method: bottleneck}\n")
+    with pytest.raises(PeftkitError, match=r"export.merged: Bottleneck adapters .*set export.merged: false"):
+        load_recipe(tmp_path / "r.yaml")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "after"}))
+    with pytest.raises(PeftkitError, match='"after" is missing; a bottleneck adapter needs it'):
+        load_adapted_model_from(tmp_path / "a")
+
+
+def load_adapted_model_from(path):
+    from peftkit.modeling import load_adapted_model
+
+    return load_adapted_model(None, str(path))
+
+
+def test_defaults_and_inspect(models, tmp_path):  # noqa: F811
+    from peftkit.inspect import inspect_adapter
+
+    assert (_cfg().scaling, _cfg(placement="parallel").scaling, _cfg(placement="parallel", scaling=2).scaling) == \
+        (1.0, 4.0, 2.0)
+    model = _load(models["qwen2"])
+    targets = inject_adapters(model, _cfg(after="both", reduction_factor=8))
+    save_adapter(tmp_path / "a", adapter_state_dict(model, []),
+                 peft_config(_cfg(after="both", reduction_factor=8), targets, str(models["qwen2"]), False))
+    info = inspect_adapter(tmp_path / "a")
+    assert (info["method"], info["peft_type"], info["peftkit_reads"]["ok"]) == ("bottleneck", "BOTTLENECK", True)
+    assert info["targets"] == {"count": 4, "modules": {"mlp": 2, "self_attn": 2}}
+    assert info["adapter_params"] == 4 * (32 * 4 + 4 + 4 * 32 + 32)
