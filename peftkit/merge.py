@@ -18,6 +18,7 @@ from torch import nn
 from peftkit.adapters import SHARED_PREFIX, adapter_layers, adapter_state_dict, merge_state_dict, shared_holders
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory
+from peftkit.methods import method_of
 from peftkit.methods.base import is_conv1d, is_quantized
 from peftkit.recipe import AdapterConfig
 
@@ -143,6 +144,8 @@ def plain_model_from_state(
 
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
+    if refusal := method_of(adapter_cfg).merge_refusal():
+        raise PeftkitError(refusal)
     base = base_state_dict(model)
     adapter = adapter_state_dict(model, adapter_cfg.modules_to_save)
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
@@ -244,8 +247,11 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         trust_remote_code: the user's `--trust-remote-code`; needed for an adapter whose base runs its own code.
     """
     from peftkit.modeling import DTYPES, load_adapted_model
-    from peftkit.peft_format import recorded_base
+    from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
 
+    check_adapter_dir(Path(adapter_dir))
+    if refusal := read_peft_config(Path(adapter_dir))[0].merge_refusal():  # before any model loads
+        raise PeftkitError(refusal)
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
     for out in outputs:
         check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)

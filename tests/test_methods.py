@@ -14,6 +14,11 @@ peftkit's code. The checks:
    export agrees); an adapter peft made with non-trivial weights is read, evaluated and merged by peftkit;
 6. a bf16 base with an fp32 adapter;
 7. a 4-bit NF4 base: training moves only the adapter, and the merge into the dequantized weights is exact.
+
+The prompt family (prompt tuning, P-tuning, prefix tuning) adapts the model as a whole and changes no weight: it has
+no dense math and no identity at init (peft starts the prompt at random), the merge checks become checks that the
+merge is refused, and the rest hold as for every method. Their forward, eval loss and generation against peft's
+forward are tested in tests/test_prompt_methods.py.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict, share_tensors
+from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
@@ -41,6 +47,10 @@ from peftkit.methods.lokr import LokrConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.oft import OftConfig
+from peftkit.methods.p_tuning import PTuningConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.virtual import virtual_tokens
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
@@ -116,6 +126,27 @@ CASES: dict[str, list[Case]] = {
              ("linear",)),
         Case("oft-shared", OftConfig(method="oft", oft_block_size=4, block_share=True, num_cayley_neumann_terms=7),
              ("llama",), ("linear",)),
+    ],
+    # The prompt family: no layer is wrapped (no layouts); peft starts the prompt at random (no identity).
+    "prompt_tuning": [
+        Case("prompt-tuning", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4, init="vocab"), ("llama", "qwen2", "gpt2"),
+             (), identity_at_init=False),
+        Case("prompt-tuning-text", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=5, init="text",
+                                                      init_text="sum:"), ("llama",), (), identity_at_init=False),
+    ],
+    "p_tuning": [
+        Case("p-tuning", PTuningConfig(method="p_tuning", num_virtual_tokens=4), ("llama", "qwen2", "gpt2"), (),
+             identity_at_init=False),
+        Case("p-tuning-lstm", PTuningConfig(method="p_tuning", num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8),
+             ("llama",), (), identity_at_init=False),
+    ],
+    "prefix_tuning": [
+        # Grouped-query attention on llama and qwen2 (2 key/value heads of 4 attention heads), none on gpt2.
+        Case("prefix-tuning", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=4), ("llama", "qwen2", "gpt2"),
+             (), identity_at_init=False),
+        Case("prefix-tuning-projection", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=3, projection=True,
+                                                            encoder_hidden_size=8), ("llama", "gpt2"), (),
+             identity_at_init=False),
     ],
 }
 
@@ -213,10 +244,13 @@ def oft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: O
 
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense}
-# peft's switch for non-trivially initialised weights, by peft_type.
+# peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
-                   "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False}}
+                   "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False},
+                   # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
+                   "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
+                   "PREFIX_TUNING": {"inference_mode": False}}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]
@@ -225,7 +259,8 @@ DENSE_CASES = [pytest.param(case, id=case.id) for _, case in ALL if case.layouts
 
 
 def test_every_registered_method_is_covered():
-    assert set(CASES) == set(METHODS) == set(DENSE)
+    assert set(CASES) == set(METHODS)
+    assert set(DENSE) == {name for name, method in METHODS.items() if method.merge_refusal() is None}
     assert {m.peft_type for m in METHODS.values()} <= set(PEFT_NONTRIVIAL)
 
 
@@ -265,7 +300,8 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _save(model: nn.Module, cfg, targets: list[str], base: Path, out: Path) -> Path:
-    config = peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type)
+    config = peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type,
+                         model_config=model.config)
     save_adapter(out, adapter_state_dict(model, cfg.modules_to_save), config)
     return out
 
@@ -338,6 +374,11 @@ def test_merged_equals_unmerged(case, arch, models):
     model, _ = _adapted(models[arch], case.cfg)
     adapted = _logits(model)
     assert _diff(adapted, _logits(_load(models[arch]))) > 1e-3  # the adapter really changes the output
+    if refusal := method_of(case.cfg).merge_refusal():  # the prompt family: nothing to merge, and it says so
+        with pytest.raises(PeftkitError, match=f"{case.cfg.method} adapter cannot be merged.*peftkit generate"):
+            merged_model(model, case.cfg, torch.float32)
+        assert "--adapter" in refusal
+        return
     assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), adapted) <= TOL
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for layer in adapter_layers(model).values():
@@ -360,7 +401,8 @@ def test_state_dict_round_trip(case, models, tmp_path):
     # The settings read back write the same adapter_config.json again.
     written = json.loads((saved / "adapter_config.json").read_text())
     fan_in_fan_out = written.get("fan_in_fan_out", False)  # LOHA/LOKR have no such field (no Conv1D)
-    assert peft_config(cfg, targets, str(models[arch]), fan_in_fan_out, loaded.config.model_type) == written
+    assert peft_config(cfg, targets, str(models[arch]), fan_in_fan_out, loaded.config.model_type,
+                       model_config=loaded.config) == written
     theirs, ours = adapter_state_dict(loaded, []), adapter_state_dict(model, [])
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert _diff(_logits(loaded), _logits(model)) <= 1e-6
@@ -375,8 +417,11 @@ def test_peft_loads_our_adapter(case, arch, models, tmp_path):
     saved = _save(model, case.cfg, targets, models[arch], tmp_path / "adapter")
     reference = PeftModel.from_pretrained(_load(models[arch]), saved).eval()
     theirs = _logits(reference)
+    if virtual_tokens(model) is not None:  # peft's logits include the virtual tokens' own: the last ones are ours
+        theirs = theirs[:, -IDS.shape[1]:]
     assert _diff(theirs, _logits(model)) <= TOL
-    assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), theirs) <= TOL
+    if method_of(case.cfg).merge_refusal() is None:
+        assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), theirs) <= TOL
 
 
 @pytest.mark.parametrize(("case", "arch"), BY_ARCH)
@@ -394,11 +439,16 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
             if "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn(p.shape))
     reference.save_pretrained(tmp_path / "peft")
-    theirs = _logits(reference.eval())
+    theirs = _logits(reference.eval())[:, -IDS.shape[1]:]  # the prompt family's: after the virtual tokens'
     assert _diff(theirs, _logits(_load(models[arch]))) > 1e-3  # peft's weights really change the output
 
     ours, *_ = load_adapted_model(str(models[arch]), str(tmp_path / "peft"))
     assert _diff(_logits(ours), theirs) <= TOL
+    if method.merge_refusal() is not None:
+        with pytest.raises(PeftkitError, match="cannot be merged"):
+            merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
+        assert not (tmp_path / "merged").exists()
+        return
     merged = merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
     assert _diff(_logits(_load(merged)), theirs) <= TOL
 
@@ -411,23 +461,31 @@ def test_bf16_base_with_fp32_adapter(case, models):
     path = models[case.archs[0]]
     model, _ = _adapted(path, case.cfg, torch.bfloat16)
     reference, _ = _adapted(path, case.cfg, torch.float32)
-    assert all(p.dtype == torch.float32 for layer in adapter_layers(model).values() for p in layer.adapter_params().values())
+    assert all(p.dtype == torch.float32 for p in _adapter_tensors(model))
     model.train()
     logits = model(IDS).logits
     assert logits.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: logits of order 1 agree to a few hundredths.
     assert _diff(logits, _logits(reference)) <= 5e-2
     logits.float().square().mean().backward()
-    grads = [p.grad for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
-             if p.requires_grad]  # LoRA-FA's A is frozen
+    grads = [p.grad for p in _adapter_tensors(model) if p.requires_grad]  # LoRA-FA's A is frozen
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for n, p in model.named_parameters() if ".base_layer." in n)
+    if method_of(case.cfg).merge_refusal() is not None:
+        return
     # The merge adds in fp32 and casts once: exactly the dense weight of the bf16 base, rounded to bf16.
     merged = merged_model(model, case.cfg, torch.bfloat16).state_dict()
     for name, layer in adapter_layers(model).items():
         layout = _layout(layer)
         dense = DENSE[method_of(case.cfg).name](layer.base_layer.weight.float(), None, _parts(layer), case.cfg, layout)[0]
         assert _rounded_once(merged[f"{name}.weight"], dense), name
+
+
+def _adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The adapter's own tensors: its layers', or the prompt family's table and encoder."""
+    if (virtual := virtual_tokens(model)) is not None:
+        return list(virtual.parameters())
+    return [p for layer in adapter_layers(model).values() for p in layer.adapter_params().values()]
 
 
 def _rounded_once(merged: torch.Tensor, dense: torch.Tensor) -> bool:
@@ -470,6 +528,8 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
         optimizer.zero_grad()
     assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)  # the base is frozen
     assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
+    if method_of(case.cfg).merge_refusal() is not None:
+        return
 
     # Exact merge: the delta lands on dequant(quant(W)), the weights the adapter was trained against.
     merged_net = merged_model(model, case.cfg, torch.float32)
@@ -490,7 +550,8 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     """`peftkit train` with the method's first case: the loss falls, adapter/ loads in peft with the logits of
-    merged/ (the export path: parameter count, memory estimate, PEFT config, merge)."""
+    merged/ (the export path: parameter count, memory estimate, PEFT config, merge); for a method that cannot be
+    merged, with the logits of the adapter loaded by peftkit."""
     import yaml
 
     from peftkit.recipe import load_recipe
@@ -499,8 +560,9 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
 
     case = CASES[name][0]
     adapter = case.cfg.model_dump(mode="json", exclude_none=True)
+    mergeable = METHODS[name].merge_refusal() is None
     recipe = make_recipe(tmp_path, models["llama"], number_data, adapter=adapter,
-                         training={"max_steps": 4, "lr": 5e-2}, export={"merged": True})
+                         training={"max_steps": 4, "lr": 5e-2}, export={"merged": mergeable})
     data = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump(data | {"adapter": adapter}, sort_keys=False))  # only the method's own keys
     summary = train(load_recipe(recipe), show_summary=False)
@@ -508,7 +570,8 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     run = tmp_path / "run"
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
     reference = PeftModel.from_pretrained(_load(models["llama"]), run / "adapter").eval()
-    assert _diff(_logits(_load(run / "merged")), _logits(reference)) <= TOL
+    ours = _load(run / "merged") if mergeable else load_adapted_model(None, str(run / "adapter"))[0]
+    assert _diff(_logits(ours), _logits(reference)[:, -IDS.shape[1]:]) <= TOL
 
 
 # ------------------------------------------------------------------------------- method-specific: DoRA

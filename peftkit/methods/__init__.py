@@ -21,6 +21,9 @@ from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.vera import Vera, VeraConfig
 from peftkit.methods.oft import Oft
+from peftkit.methods.p_tuning import PTuning, PTuningConfig
+from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -40,6 +43,9 @@ register(Lokr)
 register(Vera)
 register(AdaLora)
 register(Oft)
+register(PromptTuning)
+register(PTuning)
+register(PrefixTuning)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -82,5 +88,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "IA3Config", "LohaConfig",
-           "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "VeraConfig", "default_adapter", "method_for_peft_type",
+           "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "PTuningConfig", "PrefixTuningConfig",
+           "PromptTuningConfig", "VeraConfig", "default_adapter", "method_for_peft_type",
            "method_of", "register"]

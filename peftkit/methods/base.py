@@ -208,6 +208,32 @@ class Method:
     """For LoRA+ (`training.loraplus_lr_ratio`): the tensors (by PEFT key suffix) that train at `lr` ("A"), at
     ratio x `lr` ("B") or at `loraplus_lr_embedding` ("embedding"). A method without a "B" cannot use LoRA+."""
 
+    layer_targets: ClassVar[bool] = True
+    """The method wraps the layers `target_modules` names. False: it adapts the model as a whole (the prompt family,
+    `peftkit.methods.virtual`: `install` puts one module on the model) and its adapter_config.json names no targets."""
+
+    @classmethod
+    def install(cls, model: nn.Module, cfg: Any) -> nn.Module:
+        """Adapt `model` as a whole (a method without `layer_targets`); returns the module it added."""
+        raise NotImplementedError
+
+    @classmethod
+    def model_facts(cls, cfg: Any, model_config: Any) -> dict:
+        """adapter_config.json fields that come from the base model's config (the prompt family's `token_dim`,
+        `num_layers`, ...); none for a method whose layers say it all."""
+        return {}
+
+    @classmethod
+    def merge_refusal(cls) -> str | None:
+        """Why this method's adapters cannot be merged into the base weights (and what to do instead), or None."""
+        return None
+
+    @classmethod
+    def recipe_conflict(cls, recipe: Any) -> str | None:
+        """What in a whole recipe this method cannot do (`export.merged` for a method that cannot merge, ...), as
+        a recipe error message, or None."""
+        return None
+
     @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:
         """`cfg` with the settings it leaves to the architecture (`model_type`, transformers' name) filled in."""

@@ -201,6 +201,8 @@ class Recipe(Section):
                 "remove eval.metrics or use the alpaca, completion or chat format"
             )
         method = method_of(self.adapter)
+        if conflict := method.recipe_conflict(self):
+            raise ValueError(conflict)
         if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():
             raise ValueError(
                 f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, and adapter.method "
