@@ -128,11 +128,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         weights = load_file(path / WEIGHTS_NAME)
         # weights_only: the restricted unpickler (tensors, dicts, numbers), never arbitrary objects.
         blob = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        if method_trainer is not None:  # first: P-tuning's encoder must be back before its output is loaded
+            method_trainer.load_state_dict(blob["method_trainer"])
         load_adapter_state_dict(model, weights)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
-        if method_trainer is not None:
-            method_trainer.load_state_dict(blob["method_trainer"])
         if selection is not None:
             selection.load(path)
         ranks = blob.get("rng_ranks", [blob["rng"]])

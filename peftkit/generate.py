@@ -21,6 +21,7 @@ from torch import nn
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.errors import PeftkitError
 from peftkit.inference import ModelSource, check_choices, model_source
+from peftkit.methods.virtual import generation_inputs
 from peftkit.recipe import DataConfig
 
 
@@ -64,8 +65,10 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sample, pad_token_id=pad,
                               eos_token_id=stops, **({"temperature": sampling.temperature, "top_p": sampling.top_p,
                                                       "top_k": 0} if sample else {}))
+    # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front (peftkit.methods.virtual).
+    inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer)
+        out = model.generate(**inputs, generation_config=config, streamer=streamer)
     completions = []
     for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stops), len(row))

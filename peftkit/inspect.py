@@ -68,6 +68,9 @@ def inspect_adapter(path: str | Path) -> dict:
         if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):] in shared:
             continue  # frozen, not trained
         name = key.removeprefix(PEFT_PREFIX)
+        if not method.layer_targets:  # the prompt family: `prompt_embeddings`, the whole model's adapter
+            targets.setdefault("(virtual tokens)", {})[name] = shape
+            continue
         suffix = next((s for s in method.param_names + _LAYER_EXTRAS if name.endswith("." + s)), None)
         if suffix is None:
             saved[name] = _numel(shape)

@@ -18,6 +18,7 @@ from torch import nn
 from peftkit.adapters import SHARED_PREFIX, adapter_layers, adapter_state_dict, merge_state_dict, shared_holders
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory
+from peftkit.methods import method_of
 from peftkit.methods.base import is_conv1d, is_quantized, refuse_unmergeable
 from peftkit.recipe import AdapterConfig
 
@@ -145,6 +146,7 @@ def plain_model_from_state(
 
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
+    refuse_unmergeable(method_of(adapter_cfg))
     base = base_state_dict(model)
     adapter = adapter_state_dict(model, adapter_cfg.modules_to_save)
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
@@ -249,11 +251,11 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     from peftkit.modeling import DTYPES, load_adapted_model
     from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
 
+    check_adapter_dir(Path(adapter_dir))
+    refuse_unmergeable(read_peft_config(Path(adapter_dir))[0])  # before minutes of loading the base
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
     for out in outputs:
         check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
-    check_adapter_dir(Path(adapter_dir))
-    refuse_unmergeable(read_peft_config(Path(adapter_dir))[0])  # before minutes of loading the base
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
     if dtype is None:
         saved = getattr(model.config, "dtype", None)

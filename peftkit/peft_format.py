@@ -33,7 +33,8 @@ TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
 
 
 def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_fan_out: bool,
-                model_type: str | None = None, revision: str | None = None, task: str = "causal_lm") -> dict:
+                model_type: str | None = None, revision: str | None = None, task: str = "causal_lm",
+                model_config=None) -> dict:
     """adapter_config.json of an adapter on the modules `targets`, as its method writes it.
 
     Args:
@@ -43,9 +44,14 @@ def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_f
             peft's `AutoPeftModelForCausalLM` and peftkit's merge/eval load the base at it, not at the branch head.
         task: model.task, as PEFT's `task_type` (`CAUSAL_LM`, `SEQ_CLS`): which peft model class, and which
             transformers Auto class, loads the adapter.
+        model_config: the base's transformers config, for the fields a method reads from it (the prompt family's
+            `token_dim`, `num_layers`, `num_attention_heads`: `Method.model_facts`).
     """
     method = method_of(cfg)
-    config = method.to_peft(method.resolve(cfg, model_type), targets, base_name, fan_in_fan_out)
+    cfg = method.resolve(cfg, model_type)
+    config = method.to_peft(cfg, targets, base_name, fan_in_fan_out)
+    if model_config is not None:
+        config |= method.model_facts(cfg, model_config)
     config["revision"] = revision
     config["task_type"] = TASK_TYPES[task]
     return config
@@ -183,7 +189,7 @@ def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
     raw = read_json_object(config_file, _REEXPORT)
     method = method_for_peft_type(raw.get("peft_type"), config_file)
     peft = _validated(method.peft_config, config_file, raw, _REEXPORT)
-    if not peft.target_modules:
+    if method.layer_targets and not peft.target_modules:
         raise PeftkitError(f'{config_file}: "target_modules" is {_show(peft.target_modules)}; it should name the '
                            f"adapted modules (a list of names, or a regular expression string). {_REEXPORT}")
     return method, peft

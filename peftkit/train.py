@@ -293,7 +293,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
         load_adapter_state_dict(model, load_adapter(cfg.adapter.init_from)[1])
     prepare_for_training(model, tcfg.gradient_checkpointing)
     summary["trainable_params"], summary["total_params"] = trainable, total = count_parameters(model)
-    console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)} on {len(targets)} modules: {trainable:,} trainable "
+    where = f" on {len(targets)} modules" if targets else ""  # the prompt family adapts the model as a whole
+    console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)}{where}: {trainable:,} trainable "
                   f"of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     per_epoch = -(-len(train_ex) // (tcfg.batch_size * accelerator.num_processes))
@@ -536,7 +537,7 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
         if method_trainer is not None:
             adapter, state = method_trainer.export(adapter, state)
         config = peft_config(adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
-                             revision=cfg.model.revision, task=cfg.model.task)
+                             revision=cfg.model.revision, task=cfg.model.task, model_config=model.config)
         state, config = method_of(cfg.adapter).for_original_base(adapter_layers(model), state, config)
         with atomic_directory(out / "adapter") as tmp:
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,

@@ -18,6 +18,11 @@ peftkit's code. The checks:
 Module adapters (Llama-Adapter, bottleneck) add computation of their own and fold into no weight: they have no
 dense weight and skip the merge checks (their refusal to merge is tested in their own files); bottleneck adapters
 have no peft equivalent and skip the PEFT checks (their own reload is check 4).
+
+The prompt family (prompt tuning, P-tuning, prefix tuning) adapts the model as a whole and changes no weight: it has
+no dense math and no identity at init (peft starts the prompt at random), the merge checks become checks that the
+merge is refused, and the rest hold as for every method. Their forward, eval loss and generation against peft's
+forward are tested in tests/test_prompt_methods.py.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict, share_tensors
+from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
@@ -47,6 +53,10 @@ from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.oft import OftConfig
+from peftkit.methods.p_tuning import PTuningConfig
+from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.virtual import virtual_tokens
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
@@ -137,6 +147,26 @@ CASES: dict[str, list[Case]] = {
              ("llama", "qwen2", "gpt2"), ()),
         Case("bottleneck-parallel", BottleneckConfig(method="bottleneck", placement="parallel", reduction_factor=4),
              ("llama", "gpt2"), ()),
+    # The prompt family: no layer is wrapped (no layouts); peft starts the prompt at random (no identity).
+    "prompt_tuning": [
+        Case("prompt-tuning", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4, init="vocab"), ("llama", "qwen2", "gpt2"),
+             (), identity_at_init=False),
+        Case("prompt-tuning-text", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=5, init="text",
+                                                      init_text="sum:"), ("llama",), (), identity_at_init=False),
+    ],
+    "p_tuning": [
+        Case("p-tuning", PTuningConfig(method="p_tuning", num_virtual_tokens=4), ("llama", "qwen2", "gpt2"), (),
+             identity_at_init=False),
+        Case("p-tuning-lstm", PTuningConfig(method="p_tuning", num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8),
+             ("llama",), (), identity_at_init=False),
+    ],
+    "prefix_tuning": [
+        # Grouped-query attention on llama and qwen2 (2 key/value heads of 4 attention heads), none on gpt2.
+        Case("prefix-tuning", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=4), ("llama", "qwen2", "gpt2"),
+             (), identity_at_init=False),
+        Case("prefix-tuning-projection", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=3, projection=True,
+                                                            encoder_hidden_size=8), ("llama", "gpt2"), (),
+             identity_at_init=False),
     ],
 }
 
@@ -234,11 +264,14 @@ def oft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: O
 
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense}
-# peft's switch for non-trivially initialised weights, by peft_type.
+# peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
                    "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False},
-                   "ADAPTION_PROMPT": {}}  # its gate starts at 0 whatever the config: set by hand below
+                   "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
+                   # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
+                   "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
+                   "PREFIX_TUNING": {"inference_mode": False}}
 NO_PEFT = {"bottleneck"}  # methods peft has no equivalent of: saved in peftkit's own layout
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
@@ -249,12 +282,13 @@ DENSE_CASES = [pytest.param(case, id=case.id) for _, case in ALL if case.layouts
 
 def test_every_registered_method_is_covered():
     assert set(CASES) == set(METHODS)
-    assert set(DENSE) == {name for name, m in METHODS.items() if m.mergeable}
+    assert set(DENSE) == {name for name, m in METHODS.items() if m.merge_refusal() is None}
     assert {m.peft_type for name, m in METHODS.items() if name not in NO_PEFT} <= set(PEFT_NONTRIVIAL)
 
 
 def _skip_unless_mergeable(case) -> None:
-    if not method_of(case.cfg).mergeable:
+    method = method_of(case.cfg)
+    if method.merge_refusal() is not None and method.layer_targets:
         pytest.skip(f"{case.id}: a module adapter, not mergeable (tested to refuse in its own test file)")
 
 
@@ -299,7 +333,8 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _save(model: nn.Module, cfg, targets: list[str], base: Path, out: Path) -> Path:
-    config = peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type)
+    config = peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type,
+                         model_config=model.config)
     save_adapter(out, adapter_state_dict(model, cfg.modules_to_save), config)
     return out
 
@@ -373,6 +408,11 @@ def test_merged_equals_unmerged(case, arch, models):
     model, _ = _adapted(models[arch], case.cfg)
     adapted = _logits(model)
     assert _diff(adapted, _logits(_load(models[arch]))) > 1e-3  # the adapter really changes the output
+    if refusal := method_of(case.cfg).merge_refusal():  # the prompt family: nothing to merge, and it says so
+        with pytest.raises(PeftkitError, match="cannot be merged"):
+            merged_model(model, case.cfg, torch.float32)
+        assert "--adapter" in refusal
+        return
     assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), adapted) <= TOL
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for layer in adapter_layers(model).values():
@@ -395,7 +435,8 @@ def test_state_dict_round_trip(case, models, tmp_path):
     # The settings read back write the same adapter_config.json again.
     written = json.loads((saved / "adapter_config.json").read_text())
     fan_in_fan_out = written.get("fan_in_fan_out", False)  # LOHA/LOKR have no such field (no Conv1D)
-    assert peft_config(cfg, targets, str(models[arch]), fan_in_fan_out, loaded.config.model_type) == written
+    assert peft_config(cfg, targets, str(models[arch]), fan_in_fan_out, loaded.config.model_type,
+                       model_config=loaded.config) == written
     theirs, ours = adapter_state_dict(loaded, []), adapter_state_dict(model, [])
     assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert _diff(_logits(loaded), _logits(model)) <= 1e-6
@@ -411,8 +452,10 @@ def test_peft_loads_our_adapter(case, arch, models, tmp_path):
     saved = _save(model, case.cfg, targets, models[arch], tmp_path / "adapter")
     reference = PeftModel.from_pretrained(_load(models[arch]), saved).eval()
     theirs = _logits(reference)
+    if virtual_tokens(model) is not None:  # peft's logits include the virtual tokens' own: the last ones are ours
+        theirs = theirs[:, -IDS.shape[1]:]
     assert _diff(theirs, _logits(model)) <= TOL
-    if method_of(case.cfg).mergeable:
+    if method_of(case.cfg).merge_refusal() is None:
         assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), theirs) <= TOL
 
 
@@ -434,12 +477,15 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
             if "adaption_gate" in name:  # peft's Llama-Adapter gate starts at 0 (the base model)
                 p.copy_(0.5 + torch.rand(p.shape))
     reference.save_pretrained(tmp_path / "peft")
-    theirs = _logits(reference.eval())
+    theirs = _logits(reference.eval())[:, -IDS.shape[1]:]  # the prompt family's: after the virtual tokens'
     assert _diff(theirs, _logits(_load(models[arch]))) > 1e-3  # peft's weights really change the output
 
     ours, *_ = load_adapted_model(str(models[arch]), str(tmp_path / "peft"))
     assert _diff(_logits(ours), theirs) <= TOL
-    if not method.mergeable:
+    if method.merge_refusal() is not None:
+        with pytest.raises(PeftkitError, match="cannot be merged"):
+            merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
+        assert not (tmp_path / "merged").exists()
         return
     merged = merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
     assert _diff(_logits(_load(merged)), theirs) <= TOL
@@ -453,18 +499,17 @@ def test_bf16_base_with_fp32_adapter(case, models):
     path = models[case.archs[0]]
     model, _ = _adapted(path, case.cfg, torch.bfloat16)
     reference, _ = _adapted(path, case.cfg, torch.float32)
-    assert all(p.dtype == torch.float32 for layer in adapter_layers(model).values() for p in layer.adapter_params().values())
+    assert all(p.dtype == torch.float32 for p in _adapter_tensors(model))
     model.train()
     logits = model(IDS).logits
     assert logits.dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: logits of order 1 agree to a few hundredths.
     assert _diff(logits, _logits(reference)) <= 5e-2
     logits.float().square().mean().backward()
-    grads = [p.grad for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
-             if p.requires_grad]  # LoRA-FA's A is frozen
+    grads = [p.grad for p in _adapter_tensors(model) if p.requires_grad]  # LoRA-FA's A is frozen
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert all(p.grad is None for n, p in model.named_parameters() if ".base_layer." in n)
-    if not method_of(case.cfg).mergeable:
+    if method_of(case.cfg).merge_refusal() is not None:
         return
     # The merge adds in fp32 and casts once: exactly the dense weight of the bf16 base, rounded to bf16.
     merged = merged_model(model, case.cfg, torch.bfloat16).state_dict()
@@ -472,6 +517,13 @@ def test_bf16_base_with_fp32_adapter(case, models):
         layout = _layout(layer)
         dense = DENSE[method_of(case.cfg).name](layer.base_layer.weight.float(), None, _parts(layer), case.cfg, layout)[0]
         assert _rounded_once(merged[f"{name}.weight"], dense), name
+
+
+def _adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The adapter's own tensors: its layers', or the prompt family's table and encoder."""
+    if (virtual := virtual_tokens(model)) is not None:
+        return list(virtual.parameters())
+    return [p for layer in adapter_layers(model).values() for p in layer.adapter_params().values()]
 
 
 def _rounded_once(merged: torch.Tensor, dense: torch.Tensor) -> bool:
@@ -514,7 +566,7 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
         optimizer.zero_grad()
     assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)  # the base is frozen
     assert any(not torch.equal(p, trained[n]) for n, p in model.named_parameters() if n in trained)
-    if not method_of(case.cfg).mergeable:
+    if method_of(case.cfg).merge_refusal() is not None:
         return
 
     # Exact merge: the delta lands on dequant(quant(W)), the weights the adapter was trained against.
@@ -536,8 +588,8 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     """`peftkit train` with the method's first case: the loss falls, adapter/ loads in peft with the logits of
-    merged/ (the export path: parameter count, memory estimate, PEFT config, merge). A module adapter exports no
-    merged/: peft's logits are those of peftkit's own reload, or without peft, the reload is not the base."""
+    merged/ (the export path: parameter count, memory estimate, PEFT config, merge); for a method that cannot be
+    merged, with the logits of the adapter loaded by peftkit."""
     import yaml
 
     from peftkit.recipe import load_recipe
@@ -545,8 +597,8 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     from tests.conftest import make_recipe
 
     case = CASES[name][0]
-    mergeable = METHODS[name].mergeable
     adapter = case.cfg.model_dump(mode="json", exclude_none=True)
+    mergeable = METHODS[name].merge_refusal() is None
     recipe = make_recipe(tmp_path, models["llama"], number_data, adapter=adapter,
                          training={"max_steps": 4, "lr": 5e-2}, export={"merged": mergeable})
     data = yaml.safe_load(recipe.read_text())
@@ -560,7 +612,7 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
         assert _diff(_logits(ours), _logits(_load(models["llama"]))) > 1e-4
         return
     reference = PeftModel.from_pretrained(_load(models["llama"]), run / "adapter").eval()
-    assert _diff(_logits(ours), _logits(reference)) <= TOL
+    assert _diff(_logits(ours), _logits(reference)[:, -IDS.shape[1]:]) <= TOL
 
 
 # ------------------------------------------------------------------------------- method-specific: DoRA

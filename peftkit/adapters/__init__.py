@@ -16,6 +16,7 @@ from torch import nn
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable
+from peftkit.methods.virtual import virtual_tokens
 from peftkit.recipe import AdapterConfig, TargetRegex
 
 PEFT_PREFIX = "base_model.model."
@@ -120,6 +121,11 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     """
     method = method_of(cfg)
     cfg = method.resolve(cfg, getattr(getattr(model, "config", None), "model_type", None))
+    if not method.layer_targets:  # the prompt family: one module on the whole model, no layer wrapped
+        for p in model.parameters():
+            p.requires_grad_(False)
+        method.install(model, cfg)
+        return []
     names = method.select_targets(model, cfg, every_entry)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -207,7 +213,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT keys (`base_model.model.<path>.lora_A.weight`, ...), on CPU."""
+    """The adapter's tensors under PEFT keys (`base_model.model.<path>.lora_A.weight`, ...; the prompt family's
+    `prompt_embeddings`), on CPU."""
+    if (virtual := virtual_tokens(model)) is not None:
+        return virtual.peft_state()
     state: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
         for pname, p in layer.adapter_params().items():
@@ -223,6 +232,9 @@ def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy PEFT-keyed tensors into an injected model; every key must land and every shape match."""
+    if (virtual := virtual_tokens(model)) is not None:
+        virtual.load_peft_state(state)
+        return
     targets: dict[str, torch.Tensor] = {}
     rank_dims: dict[str, int] = {}
     for name, layer in adapter_layers(model).items():

@@ -23,6 +23,9 @@ from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.vera import Vera, VeraConfig
 from peftkit.methods.oft import Oft
+from peftkit.methods.p_tuning import PTuning, PTuningConfig
+from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
+from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -44,6 +47,9 @@ register(AdaLora)
 register(Oft)
 register(LlamaAdapter)
 register(Bottleneck)
+register(PromptTuning)
+register(PTuning)
+register(PrefixTuning)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -87,4 +93,5 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BottleneckConfig",
            "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer",
-           "VeraConfig", "default_adapter", "method_for_peft_type", "method_of", "register"]
+           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
+           "method_for_peft_type", "method_of", "register"]

@@ -191,13 +191,9 @@ def refuse_unsupported(peft: BaseModel, config_file: Path, keys: tuple[str, ...]
 
 
 def refuse_unmergeable(method: type[Method]) -> None:
-    """A PeftkitError for a method whose adapter cannot be folded into the base (`Method.mergeable` false)."""
-    if not method.mergeable:
-        raise PeftkitError(
-            f"{method.title} adapters (method: {method.name}) add computation of their own to the model instead of "
-            "changing its weights, so they cannot be merged into a plain model. Keep the adapter separate: set "
-            "export.merged: false (or skip `peftkit merge`) and use it with `peftkit eval/generate --adapter DIR`."
-        )
+    """A PeftkitError for a method whose adapter cannot be folded into the base (`Method.merge_refusal`)."""
+    if refusal := method.merge_refusal():
+        raise PeftkitError(refusal)
 
 
 class Method:
@@ -229,8 +225,38 @@ class Method:
     an earlier step do not fit the final layout, so `export.best` is refused."""
     mergeable: ClassVar[bool] = True
     """Whether the update folds into the base weights (`merge_weight`). A module adapter (bottleneck,
-    Llama-Adapter) computes something of its own beside the base: there is no merged model, and every merge
-    path refuses it (`refuse_unmergeable`)."""
+    Llama-Adapter) or the prompt family computes something of its own beside the base: there is no merged
+    model, and every merge path refuses it (`merge_refusal`, `refuse_unmergeable`)."""
+
+    layer_targets: ClassVar[bool] = True
+    """The method wraps the layers `target_modules` names. False: it adapts the model as a whole (the prompt family,
+    `peftkit.methods.virtual`: `install` puts one module on the model) and its adapter_config.json names no targets."""
+
+    @classmethod
+    def install(cls, model: nn.Module, cfg: Any) -> nn.Module:
+        """Adapt `model` as a whole (a method without `layer_targets`); returns the module it added."""
+        raise NotImplementedError
+
+    @classmethod
+    def model_facts(cls, cfg: Any, model_config: Any) -> dict:
+        """adapter_config.json fields that come from the base model's config (the prompt family's `token_dim`,
+        `num_layers`, ...); none for a method whose layers say it all."""
+        return {}
+
+    @classmethod
+    def merge_refusal(cls) -> str | None:
+        """Why this method's adapters cannot be merged into the base weights (and what to do instead), or None."""
+        if cls.mergeable:
+            return None
+        return (f"{cls.title} adapters (method: {cls.name}) add computation of their own to the model instead of "
+                "changing its weights, so they cannot be merged into a plain model. Keep the adapter separate: set "
+                "export.merged: false (or skip `peftkit merge`) and use it with `peftkit eval/generate --adapter DIR`.")
+
+    @classmethod
+    def recipe_conflict(cls, recipe: Any) -> str | None:
+        """What in a whole recipe this method cannot do (`export.merged` for a method that cannot merge, ...), as
+        a recipe error message, or None."""
+        return None
 
     @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:

@@ -241,15 +241,15 @@ class Recipe(Section):
                 f"export.best: adapter.method {method.name} changes the adapter's layout while it trains (its rank "
                 "allocation), so an earlier evaluation's weights do not fit the final layout; remove export.best"
             )
+        if conflict := method.recipe_conflict(self):
+            raise ValueError(conflict)
         if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():
             raise ValueError(
                 f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, and adapter.method "
                 f"{method.name} has no A/B matrices; remove training.loraplus_lr_ratio or use method: lora"
             )
-        if self.export.merged and not method.mergeable:
-            raise ValueError(f"export.merged: {method.title} adapters (method: {method.name}) add computation of "
-                             "their own and cannot be merged into the base weights; set export.merged: false and use "
-                             "the adapter with `peftkit eval/generate --adapter`")
+        if self.export.merged and (refusal := method.merge_refusal()):
+            raise ValueError(f"export.merged: {refusal}")
         return self
 
     def _check_selection(self) -> None:

@@ -1,0 +1,119 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"; without the
+projection, P-tuning v2, Liu et al. 2022): n trainable key/value vectors in front of every attention layer's keys and
+values. Each layer attends to its prefix as to n earlier tokens; the real tokens' positions start at n.
+
+The prefix is one table (n, num_layers x 2 x kv_dim), kv_dim = key/value heads x head dim (grouped-query attention:
+the key/value heads, as peft). With `projection: true` a two-layer tanh MLP maps a (n, kv_dim) table to it (the
+paper's reparameterisation, for stabler training); peft, and peftkit's export, save only the MLP's output.
+Row t of layer l's key is columns [2l kv_dim, (2l + 1) kv_dim) of row t, its value the next kv_dim, each split into
+heads of head_dim (peft's `get_prompt`). The prefix enters through transformers' `Cache.update`, so any model whose
+attention reads a `Cache` takes it, in a fresh forward and in `generate` alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import MethodTrainer
+from peftkit.methods.virtual import VirtualConfig, VirtualMethod, VirtualPeftConfig, VirtualTokens, install, model_dims
+
+
+class PrefixTuningConfig(VirtualConfig):
+    """Prefix tuning: trainable key/value prefixes at every layer."""
+
+    method: Literal["prefix_tuning"]
+    projection: bool = False
+    """false: the prefixes themselves train (P-tuning v2); true: an MLP computes them from a smaller table."""
+    encoder_hidden_size: int | None = Field(None, gt=0)
+    """Hidden width of the projection MLP; null: kv_dim (peft's default). Only read with projection: true."""
+
+
+class PrefixTuningPeftConfig(VirtualPeftConfig):
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+
+def kv_dims(model_config) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) as peft's `_prepare_prompt_learning_config` reads them."""
+    dims = model_dims(model_config)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    heads = getattr(text, "num_key_value_heads", None) or dims["num_attention_heads"]
+    head_dim = getattr(text, "head_dim", None) or dims["token_dim"] // dims["num_attention_heads"]
+    return dims["num_layers"], heads, head_dim
+
+
+class PrefixTuning(VirtualMethod):
+    name: ClassVar[str] = "prefix_tuning"
+    title: ClassVar[str] = "Prefix tuning"
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    config: ClassVar[type] = PrefixTuningConfig
+    peft_config: ClassVar[type] = PrefixTuningPeftConfig
+
+    @classmethod
+    def install(cls, model: nn.Module, cfg: PrefixTuningConfig) -> VirtualTokens:
+        layers, heads, head_dim = kv_dims(model.config)
+        kv, n = heads * head_dim, cfg.num_virtual_tokens
+        if not cfg.projection:
+            return install(model, VirtualTokens(cls, torch.randn(n, layers * 2 * kv)))
+        hidden = cfg.encoder_hidden_size or kv
+        encoder = nn.Sequential(nn.Linear(kv, hidden), nn.Tanh(), nn.Linear(hidden, layers * 2 * kv))
+        return install(model, VirtualTokens(cls, torch.randn(n, kv), encoder))
+
+    @classmethod
+    def prefixes(cls, virtual: VirtualTokens, model: nn.Module, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's (key, value), (batch, kv heads, n, head dim), in the model's dtype."""
+        layers, heads, head_dim = kv_dims(model.config)
+        n = virtual.num_virtual_tokens
+        dtype = model.get_input_embeddings().weight.dtype
+        table = virtual.prompt().to(dtype).view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3)
+        table = table.unsqueeze(1).expand(-1, batch, -1, -1, -1)  # (layers x 2, batch, heads, n, head dim)
+        return [(table[2 * layer], table[2 * layer + 1]) for layer in range(layers)]
+
+    @classmethod
+    def prefilled_cache(cls, virtual: VirtualTokens, model: nn.Module, batch: int, cache=None):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config) if cache is None else cache
+        for layer, (key, value) in enumerate(cls.prefixes(virtual, model, batch)):
+            cache.update(key, value, layer)
+        return cache
+
+    @classmethod
+    def add_virtual_tokens(cls, virtual: VirtualTokens, model: nn.Module, kwargs: dict, batch: int) -> None:
+        given = kwargs.pop("past_key_values", None) or kwargs.get("cache")  # an empty one: filled in place
+        kwargs["cache"] = cls.prefilled_cache(virtual, model, batch, given)
+
+    @classmethod
+    def trainer(cls, model: nn.Module, cfg: Any, total_steps: int) -> MethodTrainer | None:
+        checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x's name
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing:
+            raise PeftkitError("training.gradient_checkpointing: prefix tuning's key/value prefixes sit in the "
+                               "attention cache, which recomputing a layer in the backward pass would append to "
+                               "twice (peft refuses it too). Set training.gradient_checkpointing: false.")
+        return super().trainer(model, cfg, total_steps)
+
+    @classmethod
+    def model_facts(cls, cfg: PrefixTuningConfig, model_config) -> dict:
+        layers, heads, head_dim = kv_dims(model_config)
+        return {"token_dim": heads * head_dim, "num_attention_heads": heads, "num_layers": layers,
+                "encoder_hidden_size": cfg.encoder_hidden_size or heads * head_dim}
+
+    @classmethod
+    def to_peft(cls, cfg: PrefixTuningConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
+        return cls.peft_common(cfg, targets, base_name) | {"prefix_projection": cfg.projection, "init_weights": None,
+                                                           "encoder_hidden_size": cfg.encoder_hidden_size}
+
+    @classmethod
+    def from_peft(cls, peft: PrefixTuningPeftConfig, config_file: Path) -> PrefixTuningConfig:
+        cls.check_peft(peft, config_file)
+        return PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=peft.num_virtual_tokens,
+                                  projection=peft.prefix_projection, encoder_hidden_size=peft.encoder_hidden_size)
