@@ -210,7 +210,8 @@ def test_unknown_method(tmp_path):
     assert _error(_write(tmp_path, text)) == ("Invalid recipe (1 problem):\n  "
                                               f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  method')}: "
                                               "'adapter.method' = 'lorra': must be one of 'lora', 'ia3', 'loha', 'lokr', "
-                                              "'vera', 'adalora', 'oft', 'llama_adapter', 'bottleneck'.")
+                                              "'vera', 'adalora', 'oft', 'llama_adapter', 'bottleneck', "
+                                              "'prompt_tuning', 'p_tuning', 'prefix_tuning'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):

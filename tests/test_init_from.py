@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
-from peftkit.train import _setup, train
+from peftkit.train import _accelerator, _setup, train
 from tests.conftest import make_recipe
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
@@ -25,7 +25,8 @@ def _init_recipe(tmp_path, model, files, adapter: dict):
 def _step0(recipe_path, tmp_path):
     """The model and settings `peftkit train` would start its first step from."""
     recipe = load_recipe(recipe_path)
-    return _setup(recipe, tmp_path / "run", False, Console(quiet=True)), recipe
+    out = tmp_path / "run"
+    return _setup(recipe, out, False, Console(quiet=True), _accelerator(recipe, out)), recipe
 
 
 def test_step0_weights_are_the_adapters(tiny_llama, number_data, tmp_path):

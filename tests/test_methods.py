@@ -147,6 +147,7 @@ CASES: dict[str, list[Case]] = {
              ("llama", "qwen2", "gpt2"), ()),
         Case("bottleneck-parallel", BottleneckConfig(method="bottleneck", placement="parallel", reduction_factor=4),
              ("llama", "gpt2"), ()),
+    ],
     # The prompt family: no layer is wrapped (no layouts); peft starts the prompt at random (no identity).
     "prompt_tuning": [
         Case("prompt-tuning", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4, init="vocab"), ("llama", "qwen2", "gpt2"),
