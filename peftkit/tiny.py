@@ -75,13 +75,7 @@ def build_tiny_encoder(path: str | Path | None = None, hidden_size: int = 64, nu
     config = BertConfig(vocab_size=len(tok), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
                         intermediate_size=2 * hidden_size, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
                         initializer_range=0.1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertModel(config)
-    if path is not None:
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-    return model, tok
+    return _built(BertModel, config, tok, seed, path)
 
 
 def build_tiny_model(
@@ -114,13 +108,7 @@ def build_tiny_model(
         cls = Qwen2ForCausalLM
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
-    if path is not None:
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-    return model, tok
+    return _built(cls, config, tok, seed, path)
 
 
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
@@ -192,3 +180,14 @@ def build_classification_assets(root: str | Path) -> dict[str, Path]:
     write_jsonl(train, sentiment_rows(256, seed=3))
     write_jsonl(eval_, sentiment_rows(64, seed=4))
     return {"encoder": model_dir, "sentiment_train": train, "sentiment_eval": eval_}
+
+
+def _built(cls, config, tok, seed: int, path: str | Path | None):
+    """`cls(config)` drawn from `seed` (leaving torch's global RNG as it was), saved with `tok` when `path` is set."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    if path is not None:
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    return model, tok
