@@ -18,6 +18,7 @@ Semantics (what makes N processes x batch b train the adapter of 1 process x bat
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 
@@ -69,8 +70,47 @@ def describe(accelerator) -> dict:
 
 
 def launch(num_processes: int, argv: list[str]) -> int:
-    """Run `peftkit <argv>` in `num_processes` processes through accelerate's launcher; its exit code."""
+    """Run `peftkit <argv>` in `num_processes` processes through accelerate's launcher; the exit status (2 when
+    the processes stopped on a user error, as `peftkit` itself). Their stderr is passed on without the launcher's
+    own noise (torch elastic's log lines and its traceback of the failed child) and without an error line that
+    another process already printed."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
                "--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "peftkit", *argv]
-    return subprocess.run(command, check=False).returncode
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+    errors = _relay(proc.stderr)
+    code = proc.wait()
+    if code and errors:
+        print(f"error: the run stopped in its {num_processes} processes (the message is above).", file=sys.stderr)
+        return 2
+    return code
+
+
+_ELASTIC_LOG = re.compile(r"^[WEI]\d{4} .*torch/distributed/elastic")
+
+
+def _relay(stream) -> bool:
+    """Copy `stream` to stderr, filtered as `launch` says; whether a peftkit `error:` line went by."""
+    seen_errors: set[str] = set()
+    held: list[str] = []  # a traceback's first lines: the launcher's own is dropped with all that follows it
+    for line in stream:
+        if held or line.startswith("Traceback (most recent call last):"):
+            held.append(line)
+            if any("accelerate/commands/launch.py" in h or "torch/distributed/run.py" in h for h in held):
+                for _ in stream:  # the launcher's traceback and failure summary: all that is left
+                    pass
+                break
+            if len(held) < 8:
+                continue
+            sys.stderr.writelines(held)
+            held = []
+            continue
+        if _ELASTIC_LOG.match(line):
+            continue
+        if line.startswith("error:"):
+            if line in seen_errors:
+                continue
+            seen_errors.add(line)
+        sys.stderr.write(line)
+    sys.stderr.writelines(held if not any("launch.py" in h for h in held) else [])
+    return bool(seen_errors)

@@ -101,3 +101,12 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert "Resumed from step-" in resumed.stdout
     again = _adapter(tmp_path / "kill" / "run")
     assert all(again[k].equal(two[k]) for k in two)
+
+
+def test_a_user_error_in_several_processes_is_one_clear_message(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, {**number_data, "train": tmp_path / "missing.jsonl"}, **_sections(2))
+    done = _peftkit("train", str(recipe), "--num-processes", "2")
+    assert done.returncode == 2
+    assert done.stderr.count("error: Data file not found") == 1, done.stderr  # said once, not by each process
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
+    assert "error: the run stopped in its 2 processes (the message is above)." in done.stderr
