@@ -67,8 +67,8 @@ def test_shard_splits_rows_in_order():
 def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_bit_identically(
         tiny_llama, number_data, tmp_path):
     """2 processes x batch 2 (x grad_accum 2) = 1 process x batch 4: the same adapter up to float rounding; a
-    2-process run killed after a checkpoint and resumed gives the uninterrupted 2-process run's bits; only the
-    main process writes."""
+    2-process run (`accelerate launch` with configs/accelerate/ddp.yaml) killed after a checkpoint and resumed
+    (`--num-processes 2`) gives the uninterrupted 2-process run's bits; only the main process writes."""
     single = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4))
     train(load_recipe(single))
 
@@ -87,7 +87,9 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
 
     killed = make_recipe(tmp_path / "kill", tiny_llama, number_data, **_sections(2))
-    proc = subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(killed), "--num-processes", "2"],
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"  # the shipped config, as users launch
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                             "-m", "peftkit", "train", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / "kill" / "run" / "checkpoints"
     deadline = time.time() + 300
