@@ -41,7 +41,15 @@ BENCH: dict[str, dict] = {
                             "deltaT": 2}, "lr": 1e-3},
     "vera": {"adapter": {"method": "vera", "r": 64}, "lr": 1e-2},
     "oft": {"adapter": {"method": "oft", "oft_block_size": 32}, "lr": 1e-3},
+    "llama_adapter": {"adapter": {"method": "llama_adapter", "adapter_len": 10}, "lr": 1e-2},
+    "bottleneck": {"adapter": {"method": "bottleneck", "reduction_factor": 16}, "lr": 1e-3},  # no peft side
+    "prompt_tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 20}, "lr": 3e-2},
+    "p_tuning": {"adapter": {"method": "p_tuning", "num_virtual_tokens": 20}, "lr": 1e-3},
+    "prefix_tuning": {"adapter": {"method": "prefix_tuning", "num_virtual_tokens": 20}, "lr": 1e-2},
 }
+
+
+NO_PEFT = {"bottleneck"}  # peftkit's own layout: the peft column stays empty
 
 
 def bench_recipe(args, workdir: Path, name: str):
@@ -75,6 +83,7 @@ def run_peft_method(recipe, workdir: Path, name: str) -> dict:
     from peftkit.adapters import inject_adapters
     from peftkit.data import load_examples
     from peftkit.evaluate import evaluate_loss
+    from peftkit.methods import method_of
     from peftkit.peft_format import peft_config
     from peftkit.runtime import seed_everything
 
@@ -83,15 +92,17 @@ def run_peft_method(recipe, workdir: Path, name: str) -> dict:
         model.config.use_cache = False
         return model.to(recipe.model.device)
 
-    config = peft_config(recipe.adapter, inject_adapters(load(), recipe.adapter), recipe.model.name_or_path, False,
-                         "llama")
+    probe = load()
+    config = peft_config(recipe.adapter, inject_adapters(probe, recipe.adapter), recipe.model.name_or_path, False,
+                         "llama", model_config=probe.config)
+    peft_type = method_of(recipe.adapter).peft_type
     config = {k: v for k, v in config.items() if k != "peft_type"} | {"inference_mode": False}  # trainable
     config |= BENCH[name].get("peft", {})
     if name == "adalora":
         config["total_step"] = recipe.training.max_steps
     tok, ordered = ordered_examples(recipe)
     seed_everything(recipe.training.seed, deterministic_cuda=False)  # as peftkit: the same seed before injection
-    model = get_peft_model(load(), PeftConfig.from_peft_type(peft_type=recipe.adapter.method.upper(), **config))
+    model = get_peft_model(load(), PeftConfig.from_peft_type(peft_type=peft_type, **config))
 
     class Allocate(TrainerCallback):  # AdaLoRA: after optimizer.step, before the gradients are zeroed
         def on_optimizer_step(self, _args, state, *_, **__):
@@ -100,9 +111,29 @@ def run_peft_method(recipe, workdir: Path, name: str) -> dict:
     result = run_trainer(model, tok, ordered, recipe, workdir, callbacks=[Allocate()] if name == "adalora" else (),
                          optim="adamw_torch_fused" if recipe.model.device == "cuda" else "adamw_torch")
     evals, _ = load_examples(tok, recipe.data.eval, recipe.data.eval_split, recipe.data)
-    result["eval_loss"] = evaluate_loss(model, evals, recipe.eval.batch_size, tok.pad_token_id)["loss"]
+    result["eval_loss"] = evaluate_loss(RealTokens(model), evals, recipe.eval.batch_size, tok.pad_token_id)["loss"]
     result["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return result
+
+
+class RealTokens:
+    """A peft model whose logits are cut to the real tokens' (the prompt family's peft model returns the virtual
+    tokens' too), so one loss function scores both sides."""
+
+    def __new__(cls, model):
+        import torch
+
+        class Cut(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = model
+
+            def forward(self, input_ids, **kwargs):
+                out = self.inner(input_ids=input_ids, **kwargs)
+                out.logits = out.logits[:, -input_ids.shape[1]:]
+                return out
+
+        return Cut()
 
 
 def report(rows: dict[str, dict[str, dict]], args, title: str, cuda: bool) -> None:
@@ -111,7 +142,11 @@ def report(rows: dict[str, dict[str, dict]], args, title: str, cuda: bool) -> No
     print(f"{'method':10}{'trainable':>12}{'s/step':>9}{'peft':>9}{'ratio':>7}{mem:>14}{'peft':>8}{'ratio':>7}"
           f"{'eval loss':>11}{'peft':>8}")
     for name, s in rows.items():
-        ours, theirs = s["peftkit"], s["peft"]
+        ours, theirs = s["peftkit"], s.get("peft")
+        if theirs is None:  # peft has no such method
+            print(f"{name:10}{ours['trainable']:>12,}{ours['s_step']:>9.4f}{'—':>9}{'':>7}{ours['peak']:>14,.0f}"
+                  f"{'—':>8}{'':>7}{ours['eval_loss']:>11.4f}{'—':>8}")
+            continue
         same = "" if ours["trainable"] == theirs["trainable"] else f" (peft {theirs['trainable']:,})"
         print(f"{name:10}{ours['trainable']:>12,}{ours['s_step']:>9.4f}{theirs['s_step']:>9.4f}"
               f"{ours['s_step'] / theirs['s_step']:>7.2f}{ours['peak']:>14,.0f}{theirs['peak']:>8,.0f}"
@@ -150,7 +185,8 @@ def main() -> None:
         write_jsonl(workdir / "eval.jsonl", number_rows(64, seed=2))
         for name in available(args, workdir, args.methods.split(",")):
             print(f"{name} ...", flush=True)
-            results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, extra=("--method", name))
+            sides = ("peftkit",) if name in NO_PEFT else ("peftkit", "peft")
+            results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides=sides, extra=("--method", name))
             rows[name] = {side: _medians([summarize(r, args.warmup) | _extra(r) for r in rs])
                           for side, rs in results.items()}
     title = (f"Methods, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
