@@ -18,6 +18,7 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts
 from peftkit.inference import ModelSource, check_choices, recipe_source
+from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
 from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
 
@@ -32,6 +33,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     packed = "position_ids" in batch
     inputs = {"input_ids": batch["input_ids"]} | ({"position_ids": batch["position_ids"]} if packed
                                                   else {"attention_mask": batch["attention_mask"]})
+    inputs |= task_inputs(model, batch)  # per-row task ids, for a method that reads them (multitask prompt tuning)
     logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

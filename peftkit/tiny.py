@@ -182,6 +182,31 @@ def build_classification_assets(root: str | Path) -> dict[str, Path]:
     return {"encoder": model_dir, "sentiment_train": train, "sentiment_eval": eval_}
 
 
+MULTITASK_TASKS = (("Write the number backwards.", lambda k: str(k)[::-1]),
+                   ("Add one to the number.", lambda k: str(k + 1)),
+                   ("Subtract one from the number.", lambda k: str(k - 1)))
+
+
+def multitask_rows(n: int, seed: int) -> list[dict]:
+    """Alpaca rows of three digit tasks, each with its `task` id (0, 1, 2: backwards, plus one, minus one): the
+    source tasks of recipes/methods/multitask_prompt_tuning.yaml, whose target task is `number_rows`' (in words)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        task, k = i % len(MULTITASK_TASKS), rng.randrange(1, 1000)
+        instruction, answer = MULTITASK_TASKS[task]
+        rows.append({"instruction": instruction, "input": str(k), "output": answer(k), "task": task})
+    return rows
+
+
+def build_multitask_assets(root: str | Path) -> dict[str, Path]:
+    """The multitask prompt tuning recipe's source-task data under `root`, beside the quickstart's model."""
+    train, eval_ = Path(root) / "data" / "multitask-train.jsonl", Path(root) / "data" / "multitask-eval.jsonl"
+    write_jsonl(train, multitask_rows(384, seed=5))
+    write_jsonl(eval_, multitask_rows(48, seed=6))
+    return {"multitask_train": train, "multitask_eval": eval_}
+
+
 def _built(cls, config, tok, seed: int, path: str | Path | None):
     """`cls(config)` drawn from `seed` (leaving torch's global RNG as it was), saved with `tok` when `path` is set."""
     with torch.random.fork_rng(devices=[]):

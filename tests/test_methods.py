@@ -55,6 +55,7 @@ from peftkit.methods.vera import VeraConfig
 from peftkit.methods.oft import OftConfig
 from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
+from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.modeling import load_adapted_model, load_model
@@ -169,6 +170,12 @@ CASES: dict[str, list[Case]] = {
                                                             encoder_hidden_size=8), ("llama", "gpt2"), (),
              identity_at_init=False),
     ],
+    # Rows without task ids are task 0 (tests/test_multitask_prompt_tuning.py checks per-row tasks against peft).
+    "multitask_prompt_tuning": [
+        Case("multitask-prompt-tuning", MultitaskPromptTuningConfig(method="multitask_prompt_tuning", num_virtual_tokens=4,
+                                                                    num_tasks=2, num_ranks=2),
+             ("llama", "qwen2", "gpt2"), (), identity_at_init=False),
+    ],
 }
 
 
@@ -272,7 +279,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
                    "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
-                   "PREFIX_TUNING": {"inference_mode": False}}
+                   "PREFIX_TUNING": {"inference_mode": False}, "MULTITASK_PROMPT_TUNING": {"inference_mode": False}}
 NO_PEFT = {"bottleneck"}  # methods peft has no equivalent of: saved in peftkit's own layout
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
@@ -316,8 +323,15 @@ def _load(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
+    # peft's multitask prompt tuning needs task ids (peftkit's takes task 0 without them): task 0 for every row.
+    tasks = {"task_ids": torch.zeros(len(IDS), dtype=torch.long)} if _peft_multitask(model) else {}
     with torch.no_grad():
-        return model(IDS).logits.float()
+        return model(IDS, **tasks).logits.float()
+
+
+def _peft_multitask(model: nn.Module) -> bool:
+    config = getattr(model, "peft_config", None)
+    return isinstance(model, PeftModel) and config["default"].peft_type == "MULTITASK_PROMPT_TUNING"  # a str enum
 
 
 def _adapted(path: Path, cfg, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str]]:

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftkit.data.examples import IGNORE_INDEX, Example
+from peftkit.errors import PeftkitError
 
 
 class Collator:
@@ -35,9 +36,21 @@ class Collator:
             if packed:
                 positions[i, :n] = torch.tensor(e.position_ids)
                 positions[i, n:] = torch.arange(width - n)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if packed:
-            return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        return out | task_ids(batch)
+
+
+def task_ids(batch: list[Example]) -> dict[str, torch.Tensor]:
+    """{'task_ids': (rows,)} when the data's rows carry a `task` (multitask prompt tuning), else {}. A row without
+    one, in data that has them, is a user error: its task would be a guess."""
+    tasks = [e.task_id for e in batch]
+    if all(t is None for t in tasks):
+        return {}
+    if any(t is None for t in tasks):
+        raise PeftkitError("Some rows of the data have a 'task' field and some do not; give every row its task id.")
+    return {"task_ids": torch.tensor(tasks, dtype=torch.long)}
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool) -> list[list[int]]:

@@ -23,6 +23,8 @@ class Example:
     """Only for a packed row (`data.packing`): positions restarting at 0 at each packed example."""
     token_type_ids: list[int] | None = None
     """Only for a classification row whose tokenizer marks its text_pair (BERT's segment ids)."""
+    task_id: int | None = None
+    """The row's `task` (an integer >= 0), when the data has one: multitask prompt tuning's task id."""
 
 
 @dataclass
@@ -121,7 +123,18 @@ def build_examples(
         ids, labels = _full_example(tok, row, cfg.format)
         n = cfg.max_length
         lost = sum(label != IGNORE_INDEX for label in labels[n:])
-        yield BuiltExample(i, where, Example(ids[:n], labels[:n]), len(ids), lost)
+        example = Example(ids[:n], labels[:n], task_id=row_task(row, where))
+        yield BuiltExample(i, where, example, len(ids), lost)
+
+
+def row_task(row: dict, where: str) -> int | None:
+    """A row's `task` field (an integer >= 0: the task id multitask prompt tuning reads), or None without one."""
+    task = row.get("task")
+    if task is None:
+        return None
+    if isinstance(task, bool) or not isinstance(task, int) or task < 0:
+        raise PeftkitError(f"{where}: field 'task' is {task!r}; a task id is an integer >= 0 (0 .. adapter.num_tasks - 1).")
+    return task
 
 
 def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:

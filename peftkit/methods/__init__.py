@@ -22,6 +22,7 @@ from peftkit.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.vera import Vera, VeraConfig
+from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuning, MultitaskPromptTuningConfig
 from peftkit.methods.oft import Oft
 from peftkit.methods.p_tuning import PTuning, PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
@@ -50,6 +51,7 @@ register(Bottleneck)
 register(PromptTuning)
 register(PTuning)
 register(PrefixTuning)
+register(MultitaskPromptTuning)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -92,6 +94,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BottleneckConfig",
-           "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer",
+           "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

@@ -95,7 +95,7 @@ class PromptTuning(VirtualMethod):
         ids = kwargs.pop("input_ids", None)
         if embeds is None:
             embeds = model.get_input_embeddings()(ids)
-        prompt = virtual.prompt().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt = virtual.row_prompts(batch, virtual.task_ids).to(embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         n = virtual.num_virtual_tokens
         if kwargs.get("labels") is not None:  # virtual tokens are never a target
@@ -106,8 +106,7 @@ class PromptTuning(VirtualMethod):
     @classmethod
     def prefilled_cache(cls, virtual: VirtualTokens, model: nn.Module, batch: int):
         """The model's own forward over the prompt alone (positions 0..n-1, as in the full forward)."""
-        prompt = virtual.prompt().to(model.get_input_embeddings().weight.dtype)
-        embeds = prompt.unsqueeze(0).expand(batch, -1, -1)
+        embeds = virtual.row_prompts(batch, None).to(model.get_input_embeddings().weight.dtype)
         mask = torch.ones(batch, virtual.num_virtual_tokens, dtype=torch.long, device=embeds.device)
         with virtual.bypassed():
             out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)

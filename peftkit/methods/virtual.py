@@ -68,6 +68,7 @@ class VirtualTokens(nn.Module):
         self.table = nn.Parameter(table)
         self.encoder = encoder
         self.bypass = False
+        self.task_ids: torch.Tensor | None = None  # this forward's per-row task ids, if it was given them
         self.strip = 0  # logits to cut off the front of this forward's output
 
     @property
@@ -77,6 +78,11 @@ class VirtualTokens(nn.Module):
     def prompt(self) -> torch.Tensor:
         """(n, width): the table, or the encoder's output for it."""
         return self.table if self.encoder is None else self.encoder(self.table)
+
+    def row_prompts(self, batch: int, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """(batch, n, width): each row's prompt. One for all rows here; multitask prompt tuning's depends on the
+        row's task id (`task_ids`, which the other methods never get: `task_inputs`)."""
+        return self.prompt().unsqueeze(0).expand(batch, -1, -1)
 
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {PROMPT_KEY: self.prompt().detach().float().cpu().contiguous()}
@@ -117,8 +123,13 @@ class VirtualTokens(nn.Module):
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """The forward pre-hook: add the virtual tokens to a fresh forward (see the module docstring)."""
         self.strip = 0
+        if "task_ids" in kwargs:  # never the model's own input: `task_inputs` gave it for this module
+            kwargs = dict(kwargs)
+            self.task_ids = kwargs.pop("task_ids")
+        else:
+            self.task_ids = None
         if self.bypass or cache_length(kwargs) > 0:
-            return None
+            return (args, kwargs) if self.task_ids is not None else None
         if len(args) > 1:
             raise PeftkitError(f"A {self.method.name} model takes its inputs by keyword (input_ids=..., attention_mask=...).")
         kwargs = dict(kwargs) | ({"input_ids": args[0]} if args else {})
@@ -164,6 +175,15 @@ def virtual_tokens(model: nn.Module) -> VirtualTokens | None:
     return module if isinstance(module, VirtualTokens) else None
 
 
+def task_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{'task_ids': ...} from a batch whose data has a `task` column, for a model whose method reads task ids
+    (`VirtualMethod.reads_task_ids`); {} otherwise (another method ignores the column)."""
+    virtual = virtual_tokens(getattr(model, "module", model))  # DDP wraps the model in `.module`
+    if "task_ids" not in batch or virtual is None or not virtual.method.reads_task_ids:
+        return {}
+    return {"task_ids": batch["task_ids"]}
+
+
 def install(model: nn.Module, module: VirtualTokens) -> VirtualTokens:
     """Put `module` on `model` (on its device) with its two hooks."""
     module.to(model.get_input_embeddings().weight.device)
@@ -200,6 +220,8 @@ class VirtualMethod(Method):
     layer_targets: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
     param_names: ClassVar[tuple[str, ...]] = ()
+    reads_task_ids: ClassVar[bool] = False
+    """Whether the forward takes per-row `task_ids` (the data's `task` column): multitask prompt tuning."""
 
     @classmethod
     def install(cls, model: nn.Module, cfg: Any) -> VirtualTokens:

@@ -283,8 +283,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise _invalid([format_validation_error(err, data, path, lines, overridden) for _, err in errors]) from None
     base = path.resolve().parent
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
-                               ("export", "output_dir", "output"), ("adapter", "init_from", "adapter")):
-        value = getattr(getattr(recipe, section), key)
+                               ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
+                               ("adapter", "source_adapter", "adapter")):  # the latter: multitask prompt tuning's
+        value = getattr(getattr(recipe, section), key, None)
         if value is None:
             continue
         try:

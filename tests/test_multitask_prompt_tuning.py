@@ -1,0 +1,209 @@
+"""Multitask prompt tuning against peft's own forward, fp32, on a tiny Llama: per-row task ids (the data's `task`
+column) give peft's logits and eval loss (<= 1e-4) for adapters peftkit made and adapters peft made (from a source
+adapter, EXACT_SOURCE_TASK / AVERAGE_SOURCE_TASKS), saved as peft saves them; training reads the task column; the
+family's refusals hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import MultitaskPromptTuningConfig as PeftMPTConfig
+from peft import MultitaskPromptTuningInit, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch.nn import functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from peftkit.adapters import adapter_state_dict, inject_adapters
+from peftkit.data import IGNORE_INDEX, eval_loader, load_examples
+from peftkit.errors import PeftkitError
+from peftkit.evaluate import EvalJob, evaluate, token_loss_sum
+from peftkit.inference import ModelSource
+from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
+from peftkit.methods.virtual import virtual_tokens
+from peftkit.peft_format import peft_config, save_adapter
+from peftkit.recipe import DataConfig, ModelConfig
+from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
+from tests.conftest import cli_user_error, make_recipe
+
+TOL = 1e-4
+N, TASKS, RANKS = 4, 3, 2
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mpt-model") / "llama"
+    build_tiny_model(path, arch="llama", hidden_size=32, num_layers=2, seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mpt-data")
+    rows = [r | {"task": i % TASKS} for i, r in enumerate(number_rows(12, seed=3))]
+    write_jsonl(root / "train.jsonl", rows)
+    return {"train": root / "train.jsonl", "eval": root / "train.jsonl"}
+
+
+def _cfg(**kw) -> MultitaskPromptTuningConfig:
+    return MultitaskPromptTuningConfig(method="multitask_prompt_tuning", **{"num_virtual_tokens": N,
+                                       "num_tasks": TASKS, "num_ranks": RANKS} | kw)
+
+
+def _model(base: Path):
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+
+def _ours(base: Path, out: Path, cfg: MultitaskPromptTuningConfig | None = None) -> Path:
+    cfg = cfg or _cfg()
+    model = _model(base)
+    torch.manual_seed(1)
+    inject_adapters(model, cfg)
+    save_adapter(out, adapter_state_dict(model, []), peft_config(cfg, [], str(base), False, model.config.model_type,
+                                                                 model_config=model.config))
+    return out
+
+
+def _peft_made(base: Path, out: Path, seed: int, **config) -> Path:
+    torch.manual_seed(seed)
+    cfg = PeftMPTConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, **{"num_tasks": TASKS, "num_ranks": RANKS} | config)
+    get_peft_model(_model(base), cfg).save_pretrained(out)
+    return out
+
+
+def _peftkit_model(base: Path, adapter: Path):
+    from peftkit.modeling import load_adapted_model
+    return load_adapted_model(str(base), str(adapter))[0].float().eval()
+
+
+def _logits_pair(base: Path, adapter: Path, tasks: list[int]):
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7], [1, 4, 4, 8, 3, 0], [1, 6, 2, 2, 9, 11]])[: len(tasks)]
+    mask = torch.ones_like(ids)
+    mask[1, -1] = 0
+    task_ids = torch.tensor(tasks)
+    reference = PeftModel.from_pretrained(_model(base), adapter).eval()
+    ours = _peftkit_model(base, adapter)
+    with torch.no_grad():
+        theirs = reference(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits[:, -ids.shape[1]:]
+        mine = ours(input_ids=ids, attention_mask=mask, task_ids=task_ids).logits
+        base_logits = reference.get_base_model()(input_ids=ids, attention_mask=mask).logits
+    return mine, theirs, base_logits, mask
+
+
+def test_saved_as_peft_saves_and_peft_gives_our_logits_per_task(llama, tmp_path):
+    adapter = _ours(llama, tmp_path / "ours")
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "prompt_embeddings": (N, 32), "prefix_task_cols": (TASKS, N, RANKS), "prefix_task_rows": (TASKS, RANKS, 32)}
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MULTITASK_PROMPT_TUNING" and config["num_tasks"] == TASKS
+    peft_saved = load_file(str(_peft_made(llama, tmp_path / "peft", seed=2) / "adapter_model.safetensors"))
+    assert set(peft_saved) == set(state)  # the same three keys as peft writes
+    mine, theirs, base_logits, mask = _logits_pair(llama, adapter, [2, 0, 1])
+    real = mask.bool()
+    assert float((mine - theirs)[real].abs().max()) <= TOL
+    assert float((mine - base_logits)[real].abs().max()) > 1e-3
+    same_input = _logits_pair(llama, adapter, [0, 1, 2])[0]  # the task really selects the prompt
+    assert float((same_input[0] - mine[0]).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("init", ["EXACT_SOURCE_TASK", "AVERAGE_SOURCE_TASKS"])
+def test_peft_made_target_from_a_source_and_our_init_source_agree(init, llama, tmp_path):
+    source = _peft_made(llama, tmp_path / "source", seed=3)
+    target = _peft_made(llama, tmp_path / "target", seed=4, num_tasks=1, prompt_tuning_init=MultitaskPromptTuningInit[init],
+                        prompt_tuning_init_task=2,
+                        prompt_tuning_init_state_dict_path=str(source / "adapter_model.safetensors"))
+    mine, theirs, _, mask = _logits_pair(llama, target, [0, 0, 0])
+    assert float((mine - theirs)[mask.bool()].abs().max()) <= TOL
+    cfg = _cfg(num_tasks=1, init="source", source_adapter=str(source), source_task=2 if init == "EXACT_SOURCE_TASK" else None)
+    ours = load_file(str(_ours(llama, tmp_path / "ours", cfg) / "adapter_model.safetensors"))
+    peft_target = load_file(str(target / "adapter_model.safetensors"))
+    for key, tensor in peft_target.items():
+        assert torch.allclose(ours[key], tensor), key
+
+
+def test_eval_loss_reads_the_task_column_as_peft(llama, task_data, tmp_path):
+    adapter = _peft_made(llama, tmp_path / "peft", seed=5)
+    data = str(task_data["train"])
+    job = EvalJob(data=data, data_cfg=DataConfig(train=data, max_length=128), batch_size=3,
+                  source=ModelSource(ModelConfig(name_or_path=str(llama), dtype="float32"), adapter=str(adapter)))
+    ours = evaluate(job)
+    tok = AutoTokenizer.from_pretrained(llama)
+    examples = load_examples(tok, data, "train", job.data_cfg)[0]
+    reference = PeftModel.from_pretrained(_model(llama), adapter).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_loader(examples, 3, tok.pad_token_id):
+            length = batch["input_ids"].shape[1]
+            logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               task_ids=batch["task_ids"]).logits[:, -length:]
+            labels = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    assert abs(ours["loss"] - total / count) <= TOL and ours["num_tokens"] == count
+
+
+def test_training_trains_only_the_tasks_in_the_batch(llama, task_data):
+    model = _model(llama)
+    inject_adapters(model, _cfg())
+    tok = AutoTokenizer.from_pretrained(llama)
+    examples = [e for e in load_examples(tok, str(task_data["train"]), "train", DataConfig(train="x", max_length=128))[0]
+                if e.task_id != 1]
+    batch = next(iter(eval_loader(examples, 4, tok.pad_token_id)))
+    assert sorted(set(batch["task_ids"].tolist())) == [0, 2]
+    loss, _ = token_loss_sum(model, batch)
+    loss.backward()
+    virtual = virtual_tokens(model)
+    grads = virtual.cols.grad.flatten(1).abs().sum(1)
+    assert grads[0] > 0 and grads[2] > 0 and grads[1] == 0
+    assert virtual.table.grad.abs().sum() > 0
+
+
+def test_a_task_id_out_of_range_is_a_clear_error(llama):
+    model = _model(llama)
+    inject_adapters(model, _cfg())
+    with pytest.raises(PeftkitError, match="num_tasks is 3"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), task_ids=torch.tensor([3]))
+
+
+def test_bad_task_field_names_the_row(llama, tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b", "task": "one"}])
+    tok = AutoTokenizer.from_pretrained(llama)
+    with pytest.raises(PeftkitError, match="field 'task' is 'one'"):
+        load_examples(tok, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="completion"))
+
+
+def _recipe(tmp_path, llama, task_data, adapter: dict, **sections) -> Path:
+    recipe = make_recipe(tmp_path, llama, task_data, **sections)
+    data = yaml.safe_load(recipe.read_text())
+    data["adapter"] = {"method": "multitask_prompt_tuning", "num_virtual_tokens": N} | adapter
+    recipe.write_text(yaml.safe_dump(data))
+    return recipe
+
+
+@pytest.mark.parametrize(("adapter", "sections", "message"), [
+    ({}, {"export": {"merged": True}}, "A multitask_prompt_tuning adapter cannot be merged"),
+    ({}, {"data": {"packing": True}}, "data.packing: multitask_prompt_tuning puts its virtual tokens"),
+    ({"init": "source"}, {}, "init: source needs source_adapter"),
+    ({"init": "source", "source_adapter": "x", "num_tasks": 2}, {}, "set num_tasks: 1"),
+    ({"source_task": 1}, {}, "only read with init: source"),
+])
+def test_recipe_refusals(adapter, sections, message, llama, task_data, tmp_path, monkeypatch, capsys):
+    recipe = _recipe(tmp_path, llama, task_data, adapter, **sections)
+    assert message in cli_user_error(monkeypatch, capsys, "validate", str(recipe))
+
+
+def test_merge_is_refused(llama, tmp_path, monkeypatch, capsys):
+    adapter = _ours(llama, tmp_path / "adapter")
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged"))
+    assert "multitask_prompt_tuning adapter cannot be merged" in err
+
+
+def test_a_missing_source_adapter_names_the_key(llama, tmp_path):
+    model = _model(llama)
+    with pytest.raises(PeftkitError, match="adapter.source_adapter"):
+        inject_adapters(model, _cfg(num_tasks=1, init="source", source_adapter=str(tmp_path / "nowhere")))
