@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from peftkit import distributed
+from peftkit import distributed, long_context
 from peftkit.adapters import (adapter_layers, adapter_state_dict, count_parameters, inject_adapters,
                               load_adapter_state_dict, nonfinite_tensors, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
@@ -270,6 +270,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
 
     with console.status("Loading model..."):
         model = load_model(cfg.model, cfg.quantization, device, labels)
+    long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in _task_metrics(cfg)}

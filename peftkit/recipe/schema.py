@@ -17,6 +17,19 @@ DType = Literal["float32", "bfloat16", "float16"]
 DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
+class LongContextConfig(Section):
+    """LongLoRA (Chen et al. 2023): shifted sparse attention while training; full attention at eval and generation."""
+
+    s2_attention: bool = False
+    """Train with S²-Attn: each token attends causally only inside its group of `group_size_ratio × data.max_length`
+    tokens, and half of the heads see the groups shifted by half a group. Llama-style models (sdpa or eager)."""
+    group_size_ratio: float = Field(0.25, gt=0, le=1)
+    """Group size as a fraction of data.max_length; their product must be a whole number of at least 2 tokens."""
+
+    def group_size(self, max_length: int) -> int:
+        return round(self.group_size_ratio * max_length)
+
+
 class ModelConfig(Section):
     """The base model."""
 
@@ -39,6 +52,8 @@ class ModelConfig(Section):
     num_labels: int | None = Field(None, ge=2)
     """sequence_classification: the number of classes, for integer labels 0..num_labels-1. Default: read from
     data.train (the largest integer label + 1, or the sorted set of string labels)."""
+    long_context: LongContextConfig | None = None
+    """LongLoRA's shifted sparse attention during training (`s2_attention: true`); omit for plain attention."""
 
 
 class QuantizationConfig(Section):
@@ -234,6 +249,7 @@ class Recipe(Section):
                 "remove eval.metrics or use the alpaca, completion or chat format"
             )
         _check_task(self)
+        _check_long_context(self)
         self._check_selection()
         method = method_of(self.adapter)
         if self.export.best and method.trainer_reshapes:
@@ -288,6 +304,22 @@ class Recipe(Section):
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+
+def _check_long_context(recipe: Recipe) -> None:
+    """model.long_context: a causal LM, and a whole group size that fits data.max_length."""
+    lc = recipe.model.long_context
+    if lc is None or not lc.s2_attention:
+        return
+    if recipe.classification:
+        raise ValueError("model.long_context.s2_attention: shifted sparse attention is for causal LMs; "
+                         "model.task is sequence_classification, so remove model.long_context")
+    size, max_length = lc.group_size_ratio * recipe.data.max_length, recipe.data.max_length
+    if abs(size - round(size)) > 1e-9 or size < 2:
+        raise ValueError(f"model.long_context.group_size_ratio: {lc.group_size_ratio} × data.max_length {max_length} "
+                         f"= {size:g} tokens per group; it must be a whole number of at least 2 (data.max_length a "
+                         f"multiple of 1/group_size_ratio), e.g. group_size_ratio: 0.25 with data.max_length: "
+                         f"{max(8, -(-max_length // 4) * 4)}")
 
 
 def _check_task(recipe: Recipe) -> None:
