@@ -57,6 +57,18 @@ def peft_config(cfg: AdapterConfig, targets: list[str], base_name: str, fan_in_f
     return config
 
 
+def saved_module_paths(names: list[str], state: dict[str, torch.Tensor]) -> list[str]:
+    """The full paths of the `modules_to_save` modules `names` picks (by dotted suffix, as peftkit does), from
+    the state dict's keys. adapter_config.json lists these, not the names: peft matches by *string* suffix, so
+    `norm` would also catch `input_layernorm` there, which the file does not hold. A name found in no key stays."""
+    paths = {key.removeprefix("base_model.model.").rsplit(".", 1)[0] for key in state}
+    out: set[str] = set()
+    for name in names:
+        hits = {p for p in paths if p == name or p.endswith(f".{name}")}
+        out |= hits or {name}
+    return sorted(out)
+
+
 def save_adapter(
     path: str | Path,
     state: dict[str, torch.Tensor],
@@ -80,6 +92,8 @@ def save_adapter(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if config.get("modules_to_save"):
+        config = config | {"modules_to_save": saved_module_paths(config["modules_to_save"], state)}
     atomic_write_json(path / CONFIG_NAME, config)
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,

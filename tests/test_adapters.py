@@ -1,5 +1,7 @@
 """Injection on real transformers models, and interop with HF peft (a test-only reference)."""
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
@@ -9,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters import adapter_state_dict, count_parameters, find_targets, inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules, merged_model
+from peftkit.modeling import load_adapted_model
 from peftkit.methods.lora import LoraConfig
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import TargetRegex
@@ -101,3 +104,24 @@ def test_embedding_lora_in_peft(tiny_llama, tmp_path):
     save_adapter(tmp_path, adapter_state_dict(model, []), peft_config(cfg, targets, str(tiny_llama), False))
     reference = PeftModel.from_pretrained(_load(tiny_llama), tmp_path).eval()
     torch.testing.assert_close(reference(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
+def test_modules_to_save_are_written_as_full_paths_so_peft_loads_them(tiny_llama, tmp_path):
+    """`norm` names the final norm only (dotted suffix); peft matches by string suffix, which would also catch
+    every `input_layernorm`: adapter_config.json lists the full paths, and peft loads the adapter exactly."""
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["norm", "embed_tokens"])
+    model = _load(tiny_llama)
+    torch.manual_seed(0)
+    targets = inject_adapters(model, cfg)
+    random_adapters(model)
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.3)
+        model.model.embed_tokens.weight.add_(0.05)
+    model.eval()
+    save_adapter(tmp_path, adapter_state_dict(model, cfg.modules_to_save), peft_config(cfg, targets, str(tiny_llama), False))
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["modules_to_save"] == ["model.embed_tokens", "model.norm"]
+    reference = PeftModel.from_pretrained(_load(tiny_llama), tmp_path).eval()
+    torch.testing.assert_close(reference(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+    ours, *_ = load_adapted_model(str(tiny_llama), str(tmp_path))
+    torch.testing.assert_close(ours(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
