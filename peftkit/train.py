@@ -36,7 +36,7 @@ import torch
 from rich.console import Console
 
 from peftkit import distributed, long_context
-from peftkit.adapters import (adapter_layers, adapter_state_dict, count_parameters, inject_adapters,
+from peftkit.adapters import (adapter_state_dict, count_parameters, inject_adapters,
                               load_adapter_state_dict, nonfinite_tensors, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
@@ -46,12 +46,12 @@ from peftkit.data.classification import ClassificationCollator, LabelSet, load_c
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
-from peftkit.fileio import DiskFullError, append_line, atomic_directory, atomic_write_json, atomic_write_text, fsync_path
-from peftkit.merge import base_provenance, conv1d_modules, merged_model, save_merged
+from peftkit.export import export
+from peftkit.fileio import DiskFullError, append_line, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
-from peftkit.modeling import DTYPES, load_model, load_tokenizer, prepare_for_training, resolve_device
-from peftkit.peft_format import load_adapter, peft_config, save_adapter
+from peftkit.modeling import load_model, load_tokenizer, prepare_for_training, resolve_device
+from peftkit.peft_format import load_adapter
 from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
@@ -525,47 +525,6 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) 
             "finite on data.eval, so nothing was exported. Lower training.lr, keep training.max_grad_norm set, or "
             "use model.dtype: float32."
         )
-
-
-def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None,
-           labels: LabelSet | None = None) -> list[Path]:
-    """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories. `method_trainer`
-    fills in what only the run knows (AdaLoRA: its length and rank pattern, with the pruned triplets cut);
-    `labels`, a classifier's classes (saved in peftkit.json; a merged model has them in its config.json)."""
-    exported = []
-    if cfg.export.adapter:
-        adapter, state = cfg.adapter, adapter_state_dict(model, cfg.adapter.modules_to_save)
-        if method_trainer is not None:
-            adapter, state = method_trainer.export(adapter, state)
-        config = peft_config(adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
-                             revision=cfg.model.revision, task=cfg.model.task, model_config=model.config)
-        state, config = method_of(cfg.adapter).for_original_base(adapter_layers(model), state, config)
-        with atomic_directory(out / "adapter") as tmp:
-            save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
-                         trust_remote_code=cfg.model.trust_remote_code,
-                         labels=list(labels.names) if labels is not None else None)
-        exported.append(out / "adapter")
-    if cfg.export.merged:
-        dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]
-        save_merged(merged_model(model, cfg.adapter, dtype), tok, out / "merged",
-                    base_provenance(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code))
-        exported.append(out / "merged")
-    return exported
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _base_name(cfg: Recipe) -> str:
-    return cfg.model.name_or_path
-
-
-def _load_dtype(cfg: Recipe, model) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    dtype = getattr(model.config, "dtype", None) or torch.float32
-    return str(dtype).removeprefix("torch.")
 
 
 def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:

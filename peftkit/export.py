@@ -1,0 +1,58 @@
+"""The last stage of a run: adapter/ (the PEFT format) and/or merged/ (a plain model), as the recipe's `export`
+section asks. Each directory is written whole (temp directory, then rename)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peftkit.adapters import adapter_layers, adapter_state_dict
+from peftkit.data.classification import LabelSet
+from peftkit.fileio import atomic_directory
+from peftkit.merge import base_provenance, conv1d_modules, merged_model, save_merged
+from peftkit.methods import MethodTrainer, method_of
+from peftkit.modeling import DTYPES
+from peftkit.peft_format import peft_config, save_adapter
+from peftkit.recipe import Recipe
+
+
+def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None,
+           labels: LabelSet | None = None) -> list[Path]:
+    """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories. `method_trainer`
+    fills in what only the run knows (AdaLoRA: its length and rank pattern, with the pruned triplets cut);
+    `labels`, a classifier's classes (saved in peftkit.json; a merged model has them in its config.json)."""
+    exported = []
+    if cfg.export.adapter:
+        adapter, state = cfg.adapter, adapter_state_dict(model, cfg.adapter.modules_to_save)
+        if method_trainer is not None:
+            adapter, state = method_trainer.export(adapter, state)
+        config = peft_config(adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
+                             revision=cfg.model.revision, task=cfg.model.task, model_config=model.config)
+        state, config = method_of(cfg.adapter).for_original_base(adapter_layers(model), state, config)
+        with atomic_directory(out / "adapter") as tmp:
+            save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         labels=list(labels.names) if labels is not None else None)
+        exported.append(out / "adapter")
+    if cfg.export.merged:
+        dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]
+        save_merged(merged_model(model, cfg.adapter, dtype), tok, out / "merged",
+                    base_provenance(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code))
+        exported.append(out / "merged")
+    return exported
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _base_name(cfg: Recipe) -> str:
+    return cfg.model.name_or_path
+
+
+def _load_dtype(cfg: Recipe, model) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    dtype = getattr(model.config, "dtype", None) or torch.float32
+    return str(dtype).removeprefix("torch.")
