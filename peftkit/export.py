@@ -35,7 +35,8 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
         with atomic_directory(out / "adapter") as tmp:
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
                          trust_remote_code=cfg.model.trust_remote_code,
-                         labels=list(labels.names) if labels is not None else None)
+                         labels=list(labels.names) if labels is not None else None,
+                         rope_scaling=cfg.model.rope_scaling)
         exported.append(out / "adapter")
     if cfg.export.merged:
         dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]

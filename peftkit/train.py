@@ -50,10 +50,11 @@ from peftkit.export import export
 from peftkit.fileio import DiskFullError, append_line, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
-from peftkit.modeling import load_model, load_tokenizer, prepare_for_training, resolve_device
+from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
 from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
+from peftkit.rope_scaling import check_context_length
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
                              optimizer_groups, peak_memory_mb, seed_everything)
@@ -256,6 +257,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
     check_device_support(cfg, device)
     distributed.check_engine(cfg, accelerator)
+    check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
     if note := cpu_dtype_note(cfg, device):
         console.print(f"[yellow]note:[/] {note}")
     estimate = estimate_memory(cfg, device)
