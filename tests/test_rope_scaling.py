@@ -97,6 +97,20 @@ def test_longlora_recipe_trains_past_max_position_embeddings_and_exports_the_sca
     (unscaled / "peftkit.json").write_text(json.dumps(meta | {"rope_scaling": None}))
     assert abs(_eval_loss(ModelSource(adapter=str(unscaled)), data) - adapter) > 1e-3
 
+    # Combining keeps the record too: a combined adapter's peftkit.json, and a merge into the base's config.json
+    # (of a plain LoRA: adapters that save whole modules do not combine).
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    plain = _recipe(tmp_path / "plain", short_llama, number_data, {"type": "linear", "factor": 2},
+                    training={"max_steps": 2, "batch_size": 8}, eval={"base_model": False})
+    train(load_recipe(plain), show_summary=False)
+    halves, lora = Combination("linear", (0.5, 0.5)), str(tmp_path / "plain" / "run" / "adapter")
+    combined = combine_adapters([lora] * 2, halves, str(tmp_path / "combined"))
+    assert json.loads((combined / "peftkit.json").read_text())["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    folded = combine_adapters([lora] * 2, halves, str(tmp_path / "folded"), into_base=True)
+    assert json.loads((folded / "config.json").read_text())["rope_parameters"]["factor"] == 2.0
+
 
 @pytest.mark.parametrize(("rope", "max_length", "message"), [
     (None, 128, "data.max_length 128 is longer than {model}'s max_position_embeddings (64). Lower data.max_length "
