@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from peftkit.data import IGNORE_INDEX, Example, eval_loader
+from peftkit.data import Example, eval_loader
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts
 from peftkit.inference import ModelSource, check_choices, recipe_source
+from peftkit.loss import next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
 from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
@@ -36,9 +36,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
                                                   else {"attention_mask": batch["attention_mask"]})
     inputs |= task_inputs(model, batch)  # per-row task ids, for a method that reads them (multitask prompt tuning)
     logits = model(**inputs, use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (labels != IGNORE_INDEX).sum()  # tensors: the caller decides when to sync
+    return next_token_loss_sum(logits, batch["labels"])  # tensors: the caller decides when to sync
 
 
 @torch.no_grad()

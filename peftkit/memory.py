@@ -56,11 +56,13 @@ HIDDEN_PER_LAYER, MLP_PER_LAYER, EAGER_SCORES = 9, 4, 2
 # gate/up's A) and down_proj's input act(gate) * up are not kept: 2 h + 1 i less per token and layer (o_proj's
 # input stays, held by attention's own backward). Measured with `saved_activation_bytes` (tests/test_memory.py).
 LORA_FA_FREED_HIDDEN, LORA_FA_FREED_MLP = 2, 1
-# The loss (peftkit.evaluate.token_loss_sum) flattens logits[:, :-1] (a copy) and casts it to fp32;
-# cross-entropy keeps the fp32 log-softmax for backward. Three batch x seq x vocab fp32 tensors are alive
-# at once: logits + flat copy + log-softmax in the forward, log-softmax + grad of it + grad of the logits
-# in the backward. SmolLM2 (vocab 49152) at 4 x 256 tokens: 3 x 192 MiB = 576 MiB, more than its layers.
+# The loss (peftkit.loss.next_token_loss_sum) takes the labelled positions' logits (a copy, at most batch x seq x
+# vocab in the model's dtype) and computes cross-entropy in fp32 one chunk of rows at a time, recomputed in
+# backward. Three batch x seq x vocab tensors of the activation dtype are alive at once (logits + the labelled
+# copy in the forward; the gradients of both + the logits in the backward), plus one chunk's fp32 values and their
+# log-softmax. SmolLM2 (vocab 49152) at 4 x 256 tokens, fp32: 3 x 192 MiB = 576 MiB, more than its layers.
 LOGITS_COPIES = 3
+LOSS_CHUNK_COPIES = 2
 # The torch runtime's own working memory on CPU, beyond the tensors above: code pages of libtorch and
 # oneDNN first touched by a forward/backward, the allocator's and thread pools' buffers, lazily imported
 # modules. Measured by scripts/measure_memory.py: the quickstart and qlora runs, whose tensors are
@@ -116,6 +118,13 @@ def model_shape(config) -> ModelShape | None:
     return ModelShape(layers, hidden, int(intermediate), heads, vocab)
 
 
+def logits_bytes(tokens: int, vocab: int, act_bytes: int) -> int:
+    """What the logits and the loss keep at their peak for `tokens` positions (see the constants above)."""
+    from peftkit.loss import CHUNK_ELEMENTS
+
+    return LOGITS_COPIES * tokens * vocab * act_bytes + LOSS_CHUNK_COPIES * min(tokens * vocab, CHUNK_ELEMENTS) * 4
+
+
 def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, gradient_checkpointing: bool,
                       lora_width: int = 0, eager: bool = False, frozen_a: bool = False) -> tuple[float, float]:
     """(logits bytes, layer bytes) one training micro-batch keeps at its peak (see the constants above).
@@ -130,7 +139,7 @@ def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, g
         frozen_a: LoRA-FA: the A matrices' inputs are not kept.
     """
     tokens = batch * seq
-    logits = LOGITS_COPIES * tokens * shape.vocab * 4  # fp32 for the loss whatever the model dtype
+    logits = logits_bytes(tokens, shape.vocab, act_bytes)
     hidden, mlp = HIDDEN_PER_LAYER, MLP_PER_LAYER
     if frozen_a:
         hidden, mlp = hidden - LORA_FA_FREED_HIDDEN, mlp - LORA_FA_FREED_MLP
@@ -215,7 +224,7 @@ def _unique_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Param
 
 def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad:
-    logits, their flat copy and the log-softmax, LOGITS_COPIES as in training). `per_token`: the values all the
+    the logits and the loss's copies, as in training). `per_token`: the values all the
     adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens (with gradient
     checkpointing, one decoder layer's share at a time)."""
     shape = model_shape(config)
@@ -230,7 +239,7 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float)
                                        width, recipe.model.attn_implementation == "eager",
                                        getattr(recipe.adapter, "lora_fa", False))
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
-    evaluation = LOGITS_COPIES * recipe.eval.batch_size * seq * shape.vocab * 4 if recipe.data.eval else 0
+    evaluation = logits_bytes(recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) if recipe.data.eval else 0
     return max(logits + layers, evaluation)
 
 

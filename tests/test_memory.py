@@ -73,10 +73,13 @@ def _shape():
     return ModelShape(layers=2, hidden=32, intermediate=64, heads=4, vocab=102)
 
 
-def test_logits_term_is_three_fp32_batch_seq_vocab_tensors():
-    for act_bytes in (4, 2):  # the loss casts logits to fp32 whatever the model's dtype
+def test_logits_term_is_three_batch_seq_vocab_tensors_and_the_loss_chunks():
+    for act_bytes in (4, 2):  # logits in the activation dtype; the loss's fp32 only a chunk at a time
         logits, _ = activation_memory(_shape(), batch=4, seq=128, act_bytes=act_bytes, gradient_checkpointing=False)
-        assert logits == 3 * (4 * 128 * 102 * 4)
+        assert logits == 3 * (4 * 128 * 102 * act_bytes) + 2 * (4 * 128 * 102) * 4
+    big = ModelShape(layers=2, hidden=32, intermediate=64, heads=4, vocab=128256)
+    logits, _ = activation_memory(big, batch=4, seq=2048, act_bytes=2, gradient_checkpointing=False)
+    assert logits == 3 * (4 * 2048 * 128256 * 2) + 2 * 2**26 * 4  # 6.3 GB of bf16 + two 256 MiB fp32 chunks
 
 
 def test_activations_scale_with_batch_and_shrink_with_checkpointing():
@@ -99,9 +102,10 @@ def test_estimate_includes_activations_of_the_recipe(tiny_llama, number_data, tm
         return estimate_memory(load_recipe(recipe), torch.device("cpu"))
 
     est = activations(batch_size=4)
-    # 4 x 128 tokens: logits 3 x 102 fp32; 2 layers x (9 x 32 + 4 x 64 + r 4 x 7 adapted modules) fp32
+    # 4 x 128 tokens: logits 3 x 102 fp32 + the loss's 2 fp32 chunks (here the whole 102); 2 layers x (9 x 32 +
+    # 4 x 64 + r 4 x 7 adapted modules) fp32
     tokens = 4 * 128
-    assert est.activations == 3 * tokens * 102 * 4 + 2 * tokens * (9 * 32 + 4 * 64 + 4 * 7) * 4
+    assert est.activations == 5 * tokens * 102 * 4 + 2 * tokens * (9 * 32 + 4 * 64 + 4 * 7) * 4
     assert est.total == est.model_state + est.activations + CPU_RUNTIME_BYTES
     assert activations(batch_size=8).activations == 2 * est.activations
     assert activations(batch_size=4, gradient_checkpointing=True).activations < est.activations
@@ -110,7 +114,7 @@ def test_estimate_includes_activations_of_the_recipe(tiny_llama, number_data, tm
 def test_evaluation_logits_count_when_larger(tiny_llama, number_data, tmp_path):
     recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"batch_size": 1},
                                      eval={"batch_size": 64}))
-    assert estimate_memory(recipe).activations == 3 * 64 * 128 * 102 * 4  # the eval batch's logits
+    assert estimate_memory(recipe).activations == 5 * 64 * 128 * 102 * 4  # the eval batch's logits and chunks
 
 
 def test_check_fits_refuses_on_model_state_only():

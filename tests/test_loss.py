@@ -1,0 +1,61 @@
+"""The chunked next-token loss (`peftkit.loss`) against the plain full-size fp32 cross-entropy."""
+
+import torch
+from torch.nn import functional as F
+
+from peftkit import loss as loss_mod
+from peftkit.data import IGNORE_INDEX
+from peftkit.loss import next_token_loss_sum
+
+
+def _batch(dtype: torch.dtype, vocab: int = 50):
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 9, vocab, generator=gen)).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (3, 9), generator=gen)
+    labels[0, :4] = IGNORE_INDEX  # a prompt
+    labels[2, 6:] = IGNORE_INDEX  # padding
+    return logits, labels
+
+
+def _plain(logits, labels):
+    flat = logits[:, :-1].flatten(0, 1).float()
+    return F.cross_entropy(flat, labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def test_loss_and_gradients_equal_the_full_fp32_cross_entropy(monkeypatch):
+    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", 5 * 50)  # 5 rows a chunk: several chunks and a short last one
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, labels = _batch(dtype)
+        total, n = next_token_loss_sum(logits, labels)
+        (grad,) = torch.autograd.grad(total, logits)
+        expected = _plain(logits, labels)
+        (expected_grad,) = torch.autograd.grad(expected, logits)
+        assert int(n) == int((labels[:, 1:] != IGNORE_INDEX).sum()) == 18
+        assert total.dtype == torch.float32 and abs(float(total - expected)) <= 1e-4
+        assert torch.equal(grad, expected_grad) if dtype == torch.bfloat16 else torch.allclose(grad, expected_grad, atol=1e-7)
+
+
+def test_backward_keeps_no_fp32_copy_of_the_logits():
+    """With gradients on, what the loss saves for backward is the labelled rows in the logits' dtype, not an fp32
+    log-softmax of every position (the plain computation's)."""
+    logits, labels = _batch(torch.bfloat16, vocab=4096)
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        next_token_loss_sum(logits, labels)
+    ours = sum(saved.values())
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _plain(logits, labels)
+    assert ours <= 18 * 4096 * 2 + 1024  # the 18 labelled rows in bf16 (+ their indices)
+    assert sum(saved.values()) >= 24 * 4096 * 4  # the plain loss: an fp32 log-softmax of all 3 x 8 positions
+
+
+def test_no_labels_give_zero():
+    logits, labels = _batch(torch.float32)
+    total, n = next_token_loss_sum(logits, torch.full_like(labels, IGNORE_INDEX))
+    assert float(total) == 0.0 and int(n) == 0
