@@ -116,6 +116,12 @@ class _LoraLayer(AdapterLayer):
         return lora_delta(self.parts(), self.facts)
 
 
+def _draw_device(base_layer: nn.Module) -> torch.device:
+    """Where a new adapter's initial values are drawn: the CPU, unless the base is on the meta device (the memory
+    estimate injects there, and an absurd rank must not allocate)."""
+    return base_layer.weight.device if base_layer.weight.device.type == "meta" else torch.device("cpu")
+
+
 class LoraLinear(_LoraLayer):
     """LoRA around nn.Linear, transformers' Conv1D or a bitsandbytes Linear4bit/Linear8bitLt."""
 
@@ -123,8 +129,9 @@ class LoraLinear(_LoraLayer):
         super().__init__(base_layer, r, alpha, use_rslora)
         in_features, out_features = linear_shape(base_layer)
         # Drawn on the CPU, then moved beside the base (as peft): one seed gives one adapter on any device.
-        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=torch.float32)
+        where = _draw_device(base_layer)
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=where, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=where, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
         self.lora_A.to(base_layer.weight.device)
@@ -212,8 +219,8 @@ class LoraEmbedding(_LoraLayer):
         num, dim = base_layer.weight.shape
         # Shapes and names as HF peft: lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r); drawn on
         # the CPU and moved beside the base, as LoraLinear.
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, dtype=torch.float32))
-        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, dtype=torch.float32))
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, device=_draw_device(base_layer), dtype=torch.float32))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=_draw_device(base_layer), dtype=torch.float32))
         self.reset_parameters()
         self.lora_embedding_A.data = self.lora_embedding_A.data.to(base_layer.weight.device)
         self.lora_embedding_B.data = self.lora_embedding_B.data.to(base_layer.weight.device)
