@@ -9,7 +9,7 @@ reference answer (its target), so that what a model generates can be set beside 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peftkit.data.examples import prompt_and_target_text, row_location, usable_row
 from peftkit.data.rows import load_rows
@@ -25,6 +25,8 @@ class Prompt:
     """The prompt as text (the chat template's rendering for `chat`)."""
     reference: str | None = None
     """The row's target: what the model was taught to answer."""
+    row: dict | None = field(default=None, repr=False)
+    """The data row it came from (`peftkit generate --route` reads a column of it)."""
 
 
 def chat_prompt(tok, messages: list[dict]) -> Prompt:
@@ -71,4 +73,5 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             break
         if usable_row(row, cfg, row_location(source, i, line_numbers)):
             prompts.append(row_prompt(tok, row, cfg.format))
+            prompts[-1].row = row
     return prompts
