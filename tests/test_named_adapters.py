@@ -256,3 +256,38 @@ def test_generate_route_mistakes(adapters, routed_data, monkeypatch, capsys):
         monkeypatch, capsys, "generate", "--prompt", "hi", "--route", "adapter", *named)
     assert "row 3 of" in cli_user_error(monkeypatch, capsys, *args, "--route", "adapter", *named)  # names 'c'
     assert "--route task: row 1 of" in cli_user_error(monkeypatch, capsys, *args, "--route", "task", *named)
+
+
+def _first_llama_cases():
+    from tests.test_methods import CASES
+
+    return [pytest.param(cases[0], id=cases[0].id) for cases in CASES.values() if cases and "llama" in cases[0].archs]
+
+
+@pytest.mark.parametrize("case", _first_llama_cases())
+def test_every_method_beside_lora(case, tiny_llama, adapters, tmp_path):
+    """Each method's first conformance case, loaded beside a LoRA adapter: activated, it is that adapter alone; in a
+    mixed batch, a weight-update method's rows are those rows alone, and any other method is refused by name."""
+    from peftkit.methods import method_of
+
+    other = _make(tiny_llama, case.cfg, tmp_path / "m", 11)
+    model, named, _ = load_named_model([("a", adapters["llama"]["a"]), ("m", other)])
+    ids, mask = _batch(ROWS[:3])
+    with torch.no_grad():
+        named.activate("m")
+        alone = load_adapted_model(None, other)[0](input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, alone, rtol=0, atol=1e-6)
+        method = method_of(case.cfg)
+        if not method.mergeable:
+            with pytest.raises(PeftkitError, match=rf"Adapter 'm' is {method.title} \(method: {method.name}\), which "
+                                                   "cannot serve a mixed batch"):
+                with named.routed(["m", "a", None]):
+                    pass
+            return
+        with named.routed(["m", "a", None]):
+            mixed = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(mixed[:1], alone[:1], rtol=0, atol=1e-5)
+        named.activate("a")
+        torch.testing.assert_close(mixed[1:2], model(input_ids=ids[1:2], attention_mask=mask[1:2]).logits, rtol=0, atol=1e-5)
+        with named.disabled():
+            torch.testing.assert_close(mixed[2:], model(input_ids=ids[2:], attention_mask=mask[2:]).logits, rtol=0, atol=1e-6)
