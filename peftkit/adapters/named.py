@@ -22,13 +22,15 @@ HF peft instead keeps per-name dicts (`lora_A["name"]`) inside every layer of ev
 (`set_adapter`, `disable_adapter`, `delete_adapter`); that is the cost this design avoids for the common case.
 
 Mixed batches, as peft's `adapter_names=` (`LoraLayer._mixed_batch_forward`): a host computes the base layer once
-for the whole batch, then for each adapter in the batch takes its rows: a LoRA layer (`LoraLinear`,
-`LoraEmbedding`) adds its update `scaling * B A x` to those rows; any other weight-update layer (DoRA, IA3, LoHa,
-LoKr, VeRA, OFT, AdaLoRA) and a `modules_to_save` copy recompute those rows whole through their own forward
-(correct for every method, at the cost of the base rows computed twice). Module adapters (bottleneck,
-Llama-Adapter: their blocks take more than one batch-first tensor) and the prompt family (one module on the whole
-model, which changes the sequence length) cannot split a batch by rows: a route naming one is refused. Mixed
-batches are for inference (peft refuses them in training mode too).
+for the whole batch, then adds each row's adapter. Its LoRA linear adapters go in together, as S-LoRA/Punica's
+batched kernels do: their A and B are stacked once per mixed batch (a lower rank zero-padded, exactly), each row
+gathers its own, and two batched matmuls give every row its update, so the cost per layer does not grow with the
+number of adapters (peft loops over them, one small matmul pair each). A LoRA embedding adds its update to its
+rows; any other weight-update layer (DoRA, IA3, LoHa, LoKr, VeRA, OFT, AdaLoRA) and a `modules_to_save` copy
+recompute their rows whole through their own forward (correct for every method, at the cost of the base rows
+computed twice). Module adapters (bottleneck, Llama-Adapter: their blocks take more than one batch-first tensor)
+and the prompt family (one module on the whole model, which changes the sequence length) cannot split a batch by
+rows: a route naming one is refused. Mixed batches are for inference (peft refuses them in training mode too).
 
 The prompt family keeps one adapter active at a time: each is its own `VirtualTokens` module, installed on the
 model (`peftkit.methods.virtual.install`) while active and taken off otherwise.
@@ -61,9 +63,6 @@ from peftkit.recipe import AdapterConfig, QuantizationConfig
 BASE_NAMES = ("", "base")
 """What a route names for a row that runs the base model (as does None)."""
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_ADDS = (LoraLinear, LoraEmbedding)
-"""Layers whose update adds to the base output (`update(x)`): a mixed batch computes the base once for them. Exact
-types: DoRA's layer subclasses LoraLinear but rescales the base output."""
 
 
 class AdapterHost(nn.Module):
@@ -76,17 +75,25 @@ class AdapterHost(nn.Module):
         self.adapters = nn.ModuleDict()
         self.active: str | None = None
         self.routes: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
-        """In a mixed batch: (rows in the batch, [(adapter name, its row indices)])."""
+        """In a mixed batch: (rows in the batch, [(adapter name, its row indices)]) for the adapters held here."""
+        self._stacked: tuple[torch.Tensor, ...] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
         # As AdapterLayer: transformers' dtype/device probes read `module.weight`.
         return self.base_layer.weight
 
+    def route(self, batch: int, groups: list[tuple[str, torch.Tensor]] | None) -> None:
+        """Start (or with None, end) a mixed batch of `batch` rows, `groups` giving each adapter's rows."""
+        self.routes = None if groups is None else (batch, [(n, rows) for n, rows in groups if n in self.adapters])
+        lora = [(n, rows) for n, rows in (self.routes or (0, []))[1] if type(self.adapters[n]) is LoraLinear]
+        self._stacked = _stack_lora([self.adapters[n] for n, _ in lora], [rows for _, rows in lora], batch) if lora else None
+
     def forward(self, *args, **kwargs):
-        if self.routes is not None:
+        if self.routes is not None and self.routes[1]:
             return self._mixed(*args, **kwargs)
-        return self.adapters[self.active](*args, **kwargs) if self.active in self.adapters else self.base_layer(*args, **kwargs)
+        module = self.adapters[self.active] if self.active in self.adapters else self.base_layer
+        return module(*args, **kwargs)
 
     def _mixed(self, x: torch.Tensor) -> torch.Tensor:
         """Each row through its own adapter's module (or the base), the base computed once for all rows."""
@@ -95,16 +102,37 @@ class AdapterHost(nn.Module):
             raise PeftkitError(f"A mixed batch routes {batch} rows, but this forward has {x.shape[0]} (beam search or "
                                "several samples per prompt multiply the rows; route each copy of a row).")
         result = self.base_layer(x)
+        if self._stacked is not None:  # every LoRA linear adapter at once: two batched matmuls, whatever their number
+            a, b, scale, slot = self._stacked
+            h = torch.bmm(x.reshape(batch, -1, a.shape[-1]).to(a.dtype), a[slot].transpose(1, 2))
+            update = torch.bmm(h, b[slot].transpose(1, 2)) * scale[slot][:, None, None]
+            result = result + update.reshape(result.shape).to(result.dtype)
         for name, rows in groups:
-            layer = self.adapters[name] if name in self.adapters else None
-            if layer is None:
+            layer, rows = self.adapters[name], rows.to(x.device)
+            if type(layer) is LoraLinear:
                 continue
-            rows = rows.to(x.device)
-            if type(layer) in _ADDS:
+            if type(layer) is LoraEmbedding:
                 result = result.index_add(0, rows, layer.update(x[rows]).to(result.dtype))
-            else:
+            else:  # a layer that does more than add (DoRA, IA3, ...) or a modules_to_save copy: its rows whole
                 result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
         return result
+
+
+def _stack_lora(layers: list[LoraLinear], rows: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """(A (k+1, r, in), B (k+1, out, r), scaling (k+1,), each row's slot (batch,)) for k LoRA layers of one base:
+    slot 0 is all zeros (the rows of the base or of another method), a lower rank is padded with zeros (exact)."""
+    first = layers[0].lora_A.weight
+    r = max(layer.lora_A.weight.shape[0] for layer in layers)
+    a = first.new_zeros(len(layers) + 1, r, first.shape[1])
+    b = first.new_zeros(len(layers) + 1, layers[0].lora_B.weight.shape[0], r)
+    scale = first.new_zeros(len(layers) + 1)
+    slot = torch.zeros(batch, dtype=torch.long, device=first.device)
+    with torch.no_grad():
+        for k, (layer, row) in enumerate(zip(layers, rows, strict=True), start=1):
+            rank = layer.lora_A.weight.shape[0]
+            a[k, :rank], b[k, :, :rank], scale[k] = layer.lora_A.weight, layer.lora_B.weight, layer.scaling
+            slot[row.to(first.device)] = k
+    return a, b, scale, slot
 
 
 @dataclass
@@ -224,12 +252,12 @@ class NamedAdapters:
         previous = self.active
         self.activate(None)
         for host in self._hosts.values():
-            host.routes = (len(names), groups)
+            host.route(len(names), groups)
         try:
             yield
         finally:
             for host in self._hosts.values():
-                host.routes = None
+                host.route(len(names), None)
             self.activate(previous)
 
     # ------------------------------------------------------------------------------------------- internals
