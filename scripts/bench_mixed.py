@@ -11,10 +11,11 @@ same N x B prompts of `--prompt-len` random tokens:
     mixed      one `generate` of all N x B rows, each row routed to its adapter (`NamedAdapters.routed`)
     separate   N `generate` calls of B rows, `activate(adapter)` before each
 
-Each side runs in a fresh subprocess, so that peak memory is its own: CUDA `max_memory_allocated`, or on CPU the
-process's peak RSS (`ru_maxrss`) and its rise over the RSS after loading (the generation's own share). Throughput
-is generated tokens (N x B x new tokens, the rows forced to the full length) per second, the median of
-`--repeats` timed runs after one warm-up run. The two sides' generated tokens are checked equal.
+Throughput is generated tokens (N x B x new tokens, the rows forced to the full length) per second, the median of
+`--repeats` timed runs after a warm-up, the two modes alternating in one process (so that a busy machine slows
+both alike); their generated tokens are checked equal. Peak memory comes from one fresh process per mode: CUDA
+`max_memory_allocated`, or on CPU the process's peak RSS (`ru_maxrss`) and its rise over the RSS after loading
+and a warm-up (the generation's own share).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+MODES = ("mixed", "separate")
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adapters", type=int, default=4, help="N: adapters, each with its own rows")
@@ -48,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     # One thread by default on CPU: on a shared machine whose cores are busy, torch's own two threads made a 256x256
     # linear 17x slower (700 vs 40 us measured here), which swamps what is being compared.
     p.add_argument("--threads", type=int, default=1, help="CPU: torch.set_num_threads per side (0: torch's own)")
-    p.add_argument("--side", choices=["mixed", "separate"], help=argparse.SUPPRESS)  # set by the parent process
+    p.add_argument("--side", choices=["mixed", "separate", "both"], help=argparse.SUPPRESS)  # set by the parent process
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -109,9 +113,9 @@ def side(args) -> dict:
     config = GenerationConfig(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
-    def run() -> torch.Tensor:
+    def run(mode: str) -> torch.Tensor:
         with torch.no_grad():
-            if args.side == "mixed":
+            if mode == "mixed":
                 with named.routed(routes):
                     return model.generate(input_ids=ids, generation_config=config)[:, args.prompt_len:]
             outs = []
@@ -120,23 +124,29 @@ def side(args) -> dict:
                 outs.append(model.generate(input_ids=ids[i * b:(i + 1) * b], generation_config=config)[:, args.prompt_len:])
             return torch.cat(outs)
 
-    tokens = run()  # warm-up
+    if args.side == "both":  # timing: the two modes alternate, so that a busy machine slows both alike
+        tokens = {mode: run(mode).cpu().tolist() for mode in MODES}  # warm-up
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for _ in range(args.repeats):
+            for mode in MODES:
+                start = _sync(args.device)
+                run(mode)
+                times[mode].append(_sync(args.device) - start)
+        return {mode: {"seconds": statistics.median(times[mode]), "tokens": tokens[mode]} for mode in MODES}
+    run(args.side)  # memory: one mode alone in this process, warmed up, then measured over one run
     loaded_rss = _rss_bytes()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.repeats):
-        start = _sync(args.device)
-        run()
-        times.append(_sync(args.device) - start)
-    result = {"tokens_per_s": n * b * args.new_tokens / statistics.median(times), "seconds": statistics.median(times),
-              "tokens": tokens.cpu().tolist()}
+    run(args.side)
     if args.device == "cuda":
-        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        result |= {"peak_mib": peak / 2**20, "rise_mib": max(peak - loaded_rss, 0) / 2**20}
-    return result
+        return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"peak_mib": peak / 2**20, "rise_mib": max(peak - loaded_rss, 0) / 2**20}
+
+
+def _side(args, workdir: str, side: str) -> dict:
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--workdir", workdir]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -145,26 +155,23 @@ def main() -> None:
         print(json.dumps(side(args)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        (workdir / "adapters.json").write_text(json.dumps(build(args, workdir)))
-        results = {}
-        for name in ("mixed", "separate"):
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--side", name, "--workdir", tmp]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[name] = json.loads(out.strip().splitlines()[-1])
-    same = results["mixed"]["tokens"] == results["separate"]["tokens"]
+        (Path(tmp) / "adapters.json").write_text(json.dumps(build(args, Path(tmp))))
+        timing = _side(args, tmp, "both")
+        memory = {mode: _side(args, tmp, mode) for mode in MODES}
+    tokens = args.adapters * args.rows * args.new_tokens
     print(f"{args.adapters} LoRA adapters (r={args.r}, all-linear) x {args.rows} rows, prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens greedy; Llama hidden {args.hidden}, {args.layers} layers; {args.device}"
           f"{f', {args.threads} threads' if args.threads and args.device == 'cpu' else ''}; median of {args.repeats}")
-    memory = "peak MiB (CUDA allocated)" if args.device == "cuda" else "peak RSS MiB | rise over loaded"
-    print(f"| side | passes | tokens/s | s per run | {memory} |")
-    print("|---|---|---|---|---|")
-    for name, passes in (("mixed", 1), ("separate", args.adapters)):
-        r = results[name]
-        mem = f"{r['peak_mib']:.0f}" + (f" | {r['rise_mib']:.0f}" if "rise_mib" in r else "")
-        print(f"| {name} | {passes} | {r['tokens_per_s']:.0f} | {r['seconds']:.3f} | {mem} |")
-    print(f"mixed / separate throughput: {results['mixed']['tokens_per_s'] / results['separate']['tokens_per_s']:.2f}x; "
-          f"generated tokens {'identical' if same else 'DIFFER'} on both sides")
+    header = "peak MiB (CUDA allocated)" if args.device == "cuda" else "peak RSS MiB | rise over loaded"
+    print(f"| side | passes | tokens/s | s per run | {header} |")
+    print("|---|---|---|---|---|" + ("" if args.device == "cuda" else "---|"))
+    for mode, passes in (("mixed", 1), ("separate", args.adapters)):
+        m = memory[mode]
+        mem = f"{m['peak_mib']:.0f}" + (f" | {m['rise_mib']:.0f}" if "rise_mib" in m else "")
+        print(f"| {mode} | {passes} | {tokens / timing[mode]['seconds']:.0f} | {timing[mode]['seconds']:.3f} | {mem} |")
+    same = timing["mixed"]["tokens"] == timing["separate"]["tokens"]
+    print(f"mixed / separate throughput: {timing['separate']['seconds'] / timing['mixed']['seconds']:.2f}x; "
+          f"generated tokens {'identical' if same else 'DIFFER'} in the two modes")
 
 
 if __name__ == "__main__":

@@ -171,17 +171,20 @@ class NamedAdapters:
         """The loaded adapters, in loading order."""
         return list(self._adapters)
 
-    def method(self, name: str) -> type[Method]:
-        return self._adapters[self._known(name)].method
-
     def load(self, name: str, directory: str | Path) -> None:
         """Load the PEFT-format adapter in `directory` under `name` (inactive)."""
         from peftkit.peft_format import load_adapter
 
         self._check_new_name(name)
-        cfg, state, raw, quant = load_adapter(directory)
-        self._check_fits(name, str(directory), raw, quant)
-        self.add(name, cfg, state, str(directory))
+        self._add_read(name, str(directory), *load_adapter(directory))
+
+    def _add_read(self, name: str, directory: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], raw,
+                  quant: QuantizationConfig | None) -> None:
+        """`add` what `load_adapter` read from `directory`, once it is known to fit this base."""
+        self._check_fits(name, directory, raw, quant)
+        self.add(name, cfg, state, directory)
+        if self.base is None and self._recorded_base is None:
+            self._recorded_base = (name, raw.base_model_name_or_path)
 
     def add(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], directory: str = "") -> None:
         """Put an adapter given as settings and PEFT-keyed tensors (what `load_adapter` reads) under `name` (inactive)."""
@@ -282,11 +285,9 @@ class NamedAdapters:
         if raw.task_type == "SEQ_CLS":
             raise PeftkitError(f"Adapter {name!r} ({directory}) is for a sequence classifier (task_type SEQ_CLS), whose "
                                "head is the model's class; load it alone (peftkit eval --adapter DIR).")
-        if self.base is None:
+        if self.base is None and self._recorded_base is not None:
             recorded = raw.base_model_name_or_path
-            if self._recorded_base is None:
-                self._recorded_base = (name, recorded)
-            elif recorded != self._recorded_base[1]:
+            if recorded != self._recorded_base[1]:
                 first, base = self._recorded_base
                 raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {recorded}, adapter {first!r} on "
                                    f"{base}: adapters in one model share one base. Load adapters of one base, or "
@@ -373,8 +374,7 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | None = Non
     model, cfg, state, raw, model_cfg, quant = load_adapter_base(base, first_dir, device, trust_remote_code)
     named = NamedAdapters(model, base, quant)
     named._check_new_name(first_name)
-    named._check_fits(first_name, first_dir, raw, quant)
-    named.add(first_name, cfg, state, first_dir)
+    named._add_read(first_name, first_dir, cfg, state, raw, quant)
     for name, directory in adapters[1:]:
         check_remote_code(directory, trust_remote_code)
         named.load(name, directory)
