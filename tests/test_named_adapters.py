@@ -180,9 +180,8 @@ def test_a_prompt_family_adapter_is_active_alone_and_refused_in_a_mixed_batch(ti
                                    load_adapted_model(None, adapters["llama"]["a"])[0](input_ids=ids, attention_mask=mask).logits,
                                    rtol=0, atol=1e-6)
     with pytest.raises(PeftkitError, match=r"Adapter 'p' is Prompt tuning \(method: prompt_tuning\), which cannot "
-                                           r"serve a mixed batch: it adds virtual tokens to the whole batch"):
-        with named.routed(["a", "p"]):
-            pass
+                                           r"serve a mixed batch: it adds virtual tokens to the whole batch"), named.routed(["a", "p"]):
+        pass
     assert named.active == "a"
 
 
@@ -197,14 +196,12 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
     with pytest.raises(PeftkitError, match=r"Adapter 'g' \(.*\) was trained on .*tiny-gpt2, adapter 'a' on .*tiny-llama: "
                                            "adapters in one model share one base"):
         named.load("g", adapters["gpt2"]["a"])
-    with pytest.raises(PeftkitError, match=r"A mixed batch routes 2 rows, but this forward has 5"):
-        with torch.no_grad(), named.routed(["a", "b"]):
-            model(input_ids=_batch(ROWS)[0])
+    with pytest.raises(PeftkitError, match=r"A mixed batch routes 2 rows, but this forward has 5"), torch.no_grad(), named.routed(["a", "b"]):
+        model(input_ids=_batch(ROWS)[0])
     model.train()
     try:
-        with pytest.raises(PeftkitError, match=r"A mixed batch is for inference: call model.eval\(\) first"):
-            with named.routed(["a"]):
-                pass
+        with pytest.raises(PeftkitError, match=r"A mixed batch is for inference: call model.eval\(\) first"), named.routed(["a"]):
+            pass
     finally:
         model.eval()
     # The base named by the caller: the weights decide, and another architecture's do not fit.
@@ -245,6 +242,15 @@ def test_generate_route_gives_each_row_its_adapter_s_completion(tiny_llama, adap
     assert len({r["completion"] for r in results}) > 2  # the adapters really answer differently
 
 
+def test_generate_route_refuses_a_prompt_family_adapter_by_name(tiny_llama, adapters, routed_data, tmp_path,
+                                                               monkeypatch, capsys):
+    prompt = _make(tiny_llama, PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=3), tmp_path / "c", 5)
+    err = cli_user_error(monkeypatch, capsys, "generate", "--data", str(routed_data), "--route", "adapter",
+                         f"--adapter=a={adapters['llama']['a']}", f"--adapter=b={adapters['llama']['b']}",
+                         f"--adapter=c={prompt}", "--max-new-tokens", "2")
+    assert "Adapter 'c' is Prompt tuning (method: prompt_tuning), which cannot serve a mixed batch" in err
+
+
 def test_generate_route_mistakes(adapters, routed_data, monkeypatch, capsys):
     dirs = adapters["llama"]
     named = [f"--adapter=a={dirs['a']}", f"--adapter=b={dirs['b']}"]
@@ -281,9 +287,8 @@ def test_every_method_beside_lora(case, tiny_llama, adapters, tmp_path):
         method = method_of(case.cfg)
         if not method.mergeable:
             with pytest.raises(PeftkitError, match=rf"Adapter 'm' is {method.title} \(method: {method.name}\), which "
-                                                   "cannot serve a mixed batch"):
-                with named.routed(["m", "a", None]):
-                    pass
+                                                   "cannot serve a mixed batch"), named.routed(["m", "a", None]):
+                pass
         routes = ["m", "a", None] if method.mergeable else ["a", "a", None]
         with named.routed(routes):
             mixed = model(input_ids=ids, attention_mask=mask).logits
