@@ -38,8 +38,10 @@ class _Streamer:
 
 
 def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], str] = input,
-              write: Callable[[str], None] | None = None, system: str | None = None) -> list[dict]:
-    """Run the conversation until /exit or end of input; returns its messages."""
+              write: Callable[[str], None] | None = None, system: str | None = None,
+              task: int | None = None) -> list[dict]:
+    """Run the conversation until /exit or end of input; returns its messages. `task`: the task id of a multitask
+    prompt tuning model (`peftkit.task_ids`)."""
     write = write or (lambda text: print(text, end="", flush=True))
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
@@ -61,5 +63,5 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
         messages.append({"role": "user", "content": line})
         write("model> ")
         streamer = _Streamer(tok, write)
-        ids = generate_ids(model, tok, [chat_prompt(tok, messages).ids], sampling, streamer=streamer)[0]
+        ids = generate_ids(model, tok, [chat_prompt(tok, messages).ids], sampling, streamer=streamer, tasks=[task])[0]
         messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from peftkit.adapters import adapter_state_dict, load_adapter_state_dict
+from peftkit.distributed import load_optimizer_state
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory, fsync_path, sha256_file
 from peftkit.peft_format import WEIGHTS_NAME
@@ -57,7 +58,8 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, scheduler, state: LoopState,
-                    inputs: dict, keep: int, method_trainer=None, selection=None, rng: list[dict] | None = None) -> Path:
+                    inputs: dict, keep: int, method_trainer=None, selection=None, rng: list[dict] | None = None,
+                    gathered: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoints/step-N/ as a whole, then remove the oldest beyond `keep`.
 
     Args:
@@ -65,17 +67,19 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
         method_trainer: the method's `MethodTrainer`, if it has one: its state is kept beside the optimizer's.
         selection: the run's `peftkit.selection.Selection` (early stopping, export.best), if it has one.
         rng: every process's RNG states, by rank (`peftkit.distributed.rng_states`); default this process's.
+        gathered: (adapter weights, optimizer state) already gathered by every process (FSDP); default read here.
     """
     from safetensors.torch import save_file
 
     path = out / CHECKPOINTS / f"step-{state.step:08d}"
     fsync_path(out / "metrics.jsonl")  # the lines up to this step are on disk before the checkpoint is
+    weights, optimizer_state = gathered or (adapter_state_dict(model, modules_to_save), optimizer.state_dict())
     with atomic_directory(path) as tmp:
-        save_file(adapter_state_dict(model, modules_to_save), tmp / WEIGHTS_NAME)
+        save_file(weights, tmp / WEIGHTS_NAME)
         if rng is None:
             rng = [{"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state_all()}
                                                      if torch.cuda.is_available() else {})]
-        blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng[0]}
+        blob = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng[0]}
         if len(rng) > 1:
             blob["rng_ranks"] = rng
         if method_trainer is not None:
@@ -131,7 +135,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         if method_trainer is not None:  # first: P-tuning's encoder must be back before its output is loaded
             method_trainer.load_state_dict(blob["method_trainer"])
         load_adapter_state_dict(model, weights)
-        optimizer.load_state_dict(blob["optimizer"])
+        load_optimizer_state(model, optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         if selection is not None:
             selection.load(path)

@@ -27,6 +27,8 @@ err_console = Console(stderr=True)
 
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow an adapter whose base runs its "
                                                "own modelling code (recorded in its peftkit.json) to load it.")]
+Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
+                                            "prompt and row (default: the data's 'task' column).")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
 
 
@@ -175,6 +177,7 @@ def eval_cmd(
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
                                                         "(prompt, prediction, reference) here; in a comparison, a "
                                                         "directory (NAME.jsonl each).")] = None,
+    task: Task = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -191,7 +194,7 @@ def eval_cmd(
     single = _local(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                   predictions)
+                   predictions, task)
     if comparing:
         _compare(job, adapters, merged, predictions, json_out)
         return
@@ -268,6 +271,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (left-padded).")] = 8,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write [{prompt, completion}, ...] here instead "
                                                      "of printing.")] = None,
+    task: Task = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -283,7 +287,7 @@ def generate(
     single, named = _adapter_flags(adapter or [])
     job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompt or [],
                        _local(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
-                       batch_size, trust_remote_code, named, route)
+                       batch_size, trust_remote_code, task, named, route)
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):
@@ -307,6 +311,7 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Sampling: nucleus cut, in (0, 1].")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
+    task: Task = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -317,6 +322,7 @@ def chat(
     from peftkit.data.prompts import chat_prompt
     from peftkit.generate import Sampling
     from peftkit.inference import model_source
+    from peftkit.task_ids import resolve_tasks
 
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     sampling.check()
@@ -324,9 +330,10 @@ def chat(
                              _local(adapter) if adapter else None, trust_remote_code, "chat")
     tok = source.tokenizer()
     chat_prompt(tok, [{"role": "user", "content": "probe"}])  # no template: said before the model loads
+    task = resolve_tasks(source, task, [None], None)[0]  # and a missing --task
     loaded = source.load()
     torch.manual_seed(seed)
-    chat_loop(loaded, tok, sampling, system=system)
+    chat_loop(loaded, tok, sampling, system=system, task=task)
 
 
 @app.command()

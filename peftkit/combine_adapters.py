@@ -148,6 +148,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     """
     from peftkit.adapters import merge_state_dict
     from peftkit.merge import base_state_dict, check_merge_output, conv1d_modules, merge_device
+    from peftkit.peft_format import read_meta
 
     combination.check(len(adapter_dirs))
     sources = read_sources(adapter_dirs, trust_remote_code)
@@ -159,7 +160,8 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     check_fits(sources, model)
     loaded = None
     if into_base or not all(s.plain_lora for s in sources):
-        loaded = _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code)
+        loaded = _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code,
+                            read_meta(adapter_dirs[0]).rope_scaling)
     base_state = base_state_dict(loaded) if loaded is not None else None
     if uses_full_updates(combination, sources, into_base):
         updates = combined_updates(combination, sources, model, base_state)
@@ -178,13 +180,15 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     return Path(output_dir)
 
 
-def _load_base(name: str, revision: str | None, quant, device: torch.device, trust_remote_code: bool) -> nn.Module:
-    """The base, quantized as the adapters were trained (so that its dequantized weights are theirs)."""
+def _load_base(name: str, revision: str | None, quant, device: torch.device, trust_remote_code: bool,
+               rope_scaling=None) -> nn.Module:
+    """The base, quantized and RoPE-scaled as the adapters were trained (so that its dequantized weights are theirs,
+    and the merged model's config.json keeps the scaling)."""
     from peftkit.modeling import load_model
     from peftkit.recipe import ModelConfig
 
     cfg = ModelConfig(name_or_path=name, dtype="auto" if quant is None else "float32", revision=revision,
-                      trust_remote_code=trust_remote_code)
+                      trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
     return load_model(cfg, quant, device)
 
 
@@ -194,7 +198,9 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
     from peftkit.peft_format import quantized_on, read_meta, save_adapter
 
     with atomic_directory(output_dir) as tmp:
-        save_adapter(tmp, state, config, first.quant, quantized_on(first.path), read_meta(first.path).trust_remote_code)
+        meta = read_meta(first.path)
+        save_adapter(tmp, state, config, first.quant, quantized_on(first.path), meta.trust_remote_code,
+                     rope_scaling=meta.rope_scaling)
 
 
 def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,

@@ -36,14 +36,14 @@ def parse_named(values: list[str], flag: str) -> list[tuple[str, str]]:
 
 def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[tuple[str, str]]) -> dict[str, EvalJob]:
     """One job per row: the base model, each adapter on it, each merged model; all on `job`'s data and metrics.
-    (`eval_job` has made sure of a base: a recipe's model, or --model.)"""
+    (`eval_job` has made sure of a base: a recipe's model, or --model.) --task goes to the adapters only."""
     base = replace(job.source, adapter=None)
-    jobs = {BASE: replace(job, source=base)}
+    jobs = {BASE: replace(job, source=base, task=None)}
     for name, path in adapters:
         jobs[name] = replace(job, source=replace(base, adapter=path))
     for name, path in merged:
-        jobs[name] = replace(job, source=ModelSource(ModelConfig(name_or_path=path, dtype="auto"),
-                                                     trust_remote_code=job.source.trust_remote_code))
+        jobs[name] = replace(job, task=None, source=ModelSource(ModelConfig(name_or_path=path, dtype="auto"),
+                                                                trust_remote_code=job.source.trust_remote_code))
     return jobs
 
 

@@ -13,6 +13,11 @@ Semantics (what makes N processes x batch b train the adapter of 1 process x bat
 - Gradients are synchronised once per optimizer step (`no_sync` on the other micro-batches).
 - Only the main process writes (metrics, checkpoints, exports, manifest, report, trackers) or prints; each
   process's RNG state goes into the checkpoint (dropout masks differ by rank), so `--resume` is bit-identical.
+
+FSDP2 (`configs/accelerate/fsdp2.yaml`) shards the parameters as DTensors: gathering the adapter or the optimizer
+state whole is a collective, so every process computes what the main process then writes (`full`,
+`optimizer_state`). A merged export would gather the whole base on one process: it is refused under FSDP
+(`check_engine`; `peftkit merge RUN/adapter` does it afterwards). DeepSpeed is refused with the same clarity.
 """
 
 from __future__ import annotations
@@ -67,6 +72,66 @@ def describe(accelerator) -> dict:
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     return {"processes": accelerator.num_processes, "backend": backend,
             "type": str(accelerator.distributed_type).removeprefix("DistributedType.")}
+
+
+def sharded(accelerator) -> bool:
+    """FSDP: parameters are shards (DTensors), so gathering one whole is a collective every process joins."""
+    return str(accelerator.distributed_type).endswith("FSDP")
+
+
+def check_engine(cfg, accelerator) -> None:
+    """What an accelerate configuration cannot do with this recipe, said before the model loads."""
+    from peftkit.errors import PeftkitError
+
+    kind = str(accelerator.distributed_type).removeprefix("DistributedType.")
+    if kind == "DEEPSPEED":
+        raise PeftkitError(
+            "accelerate is configured for DeepSpeed, which peftkit does not drive yet: its engine runs its own gradient "
+            "accumulation and clipping, which would change training.grad_accum and max_grad_norm silently. Use "
+            "configs/accelerate/fsdp2.yaml (sharded) or configs/accelerate/ddp.yaml instead.")
+    if sharded(accelerator) and cfg.export.merged:
+        raise PeftkitError(
+            "export.merged: true under FSDP would gather the whole base model on one process. Set export.merged: "
+            "false and merge afterwards with `peftkit merge RUN_DIR/adapter --output DIR`.")
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: an FSDP2 shard (DTensor) is gathered, a collective every process must join."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def place_like(tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A whole `tensor` laid out as `target`: this process's shard of it when `target` is a DTensor."""
+    if hasattr(target, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(tensor.to(target.device, target.dtype), target.device_mesh, target.placements)
+    return tensor
+
+
+def _fsdp(model) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state dict; under FSDP the whole state by parameter name, on the CPU (a collective)."""
+    if not _fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Restore what `optimizer_state` saved (every process holds the whole state: it read the checkpoint)."""
+    if not _fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 def launch(num_processes: int, argv: list[str]) -> int:

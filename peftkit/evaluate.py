@@ -21,6 +21,7 @@ from peftkit.inference import ModelSource, check_choices, recipe_source
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
 from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
+from peftkit.task_ids import with_tasks
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,12 +132,14 @@ class EvalJob:
     normalize: str = "squad"
     predictions: Path | None = None
     """Write one JSON line per row here: prompt, prediction, reference."""
+    task: int | None = None
+    """--task: every row's task id (multitask prompt tuning); without it, the rows' own `task` (`peftkit.task_ids`)."""
 
 
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
              adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
              trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,
-             normalize: str | None = None, predictions: Path | None = None) -> EvalJob:
+             normalize: str | None = None, predictions: Path | None = None, task: int | None = None) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
@@ -163,7 +166,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.metrics = parse_metrics(metrics) if metrics else list(dict.fromkeys([*job.metrics, *eval_cfg.metrics]))
     normalize = normalize or eval_cfg.normalize
     job.sampling = Sampling(max_new_tokens=max_new_tokens or eval_cfg.max_new_tokens)
-    job.normalize, job.predictions = normalize, predictions
+    job.normalize, job.predictions, job.task = normalize, predictions, task
     job.sampling.check()
     if normalize not in NORMALIZATIONS:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
@@ -246,6 +249,10 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     tok = source.tokenizer()
     examples = load_examples(tok, job.data, job.split, job.data_cfg)[0] if set(job.metrics) & set(LOSS_METRICS) else None
     prompts = load_prompts(tok, job.data, job.split, job.data_cfg) if generated else None
+    if examples is not None:
+        examples = with_tasks(source, job.task, examples, job.data)
+    if prompts is not None:
+        prompts = with_tasks(source, job.task, prompts, job.data)
     model = source.load() if model is None else model
     result: dict[str, float] = {}
     if examples is not None:

@@ -18,13 +18,15 @@ from peftkit.recipe import Recipe
 
 
 def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None,
-           labels: LabelSet | None = None) -> list[Path]:
+           labels: LabelSet | None = None, state: dict | None = None) -> list[Path]:
     """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories. `method_trainer`
     fills in what only the run knows (AdaLoRA: its length and rank pattern, with the pruned triplets cut);
-    `labels`, a classifier's classes (saved in peftkit.json; a merged model has them in its config.json)."""
+    `labels`, a classifier's classes (saved in peftkit.json; a merged model has them in its config.json); `state`,
+    the adapter's state dict if already gathered (FSDP), else read from `model`."""
     exported = []
     if cfg.export.adapter:
-        adapter, state = cfg.adapter, adapter_state_dict(model, cfg.adapter.modules_to_save)
+        adapter = cfg.adapter
+        state = adapter_state_dict(model, cfg.adapter.modules_to_save) if state is None else state
         if method_trainer is not None:
             adapter, state = method_trainer.export(adapter, state)
         config = peft_config(adapter, targets, _base_name(cfg), bool(conv1d_modules(model)), model.config.model_type,
@@ -33,7 +35,8 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
         with atomic_directory(out / "adapter") as tmp:
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
                          trust_remote_code=cfg.model.trust_remote_code,
-                         labels=list(labels.names) if labels is not None else None)
+                         labels=list(labels.names) if labels is not None else None,
+                         rope_scaling=cfg.model.rope_scaling)
         exported.append(out / "adapter")
     if cfg.export.merged:
         dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]

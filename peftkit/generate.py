@@ -24,6 +24,7 @@ from peftkit.errors import PeftkitError
 from peftkit.inference import ModelSource, check_choices, model_source
 from peftkit.methods.virtual import generation_inputs
 from peftkit.recipe import DataConfig
+from peftkit.task_ids import with_tasks
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,10 @@ def stop_token_ids(model: nn.Module, tok) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
-def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Sampling, streamer=None) -> list[list[int]]:
-    """New token ids for each prompt of one batch (left-padded), each cut before its first stop token."""
+def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Sampling, streamer=None,
+                 tasks: list[int | None] | None = None) -> list[list[int]]:
+    """New token ids for each prompt of one batch (left-padded), each cut before its first stop token. `tasks`:
+    each prompt's task id, for a multitask prompt tuning model (`peftkit.task_ids`; none: task 0)."""
     from transformers import GenerationConfig
 
     stops = stop_token_ids(model, tok)
@@ -67,7 +70,8 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
                               eos_token_id=stops, **({"temperature": sampling.temperature, "top_p": sampling.top_p,
                                                       "top_k": 0} if sample else {}))
     # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front (peftkit.methods.virtual).
-    inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask)
+    task_ids = torch.tensor(tasks, device=device) if tasks and None not in tasks else None
+    inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask, task_ids)
     with torch.no_grad():
         out = model.generate(**inputs, generation_config=config, streamer=streamer)
     completions = []
@@ -99,7 +103,8 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 with route(batch) if route else nullcontext():
-                    new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling)
+                    new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
+                                       tasks=[prompts[i].task_id for i in batch])
                 for i, ids in zip(batch, new, strict=True):
                     texts[i] = tok.decode(ids, skip_special_tokens=True)
                 if on_batch:
@@ -125,6 +130,8 @@ class GenerateJob:
     limit: int | None = None
     sampling: Sampling = field(default_factory=Sampling)
     batch_size: int = 8
+    task: int | None = None
+    """--task: every prompt's task id (multitask prompt tuning); without it, --data rows' own `task`."""
     adapters: list[tuple[str, str]] = field(default_factory=list)
     """Named adapters (--adapter NAME=DIR) loaded together on the base; `source.adapter` is the first."""
     route: str | None = None
@@ -141,7 +148,8 @@ class GenerateJob:
 def generate_job(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
                  prompts: list[str], data: str | None, fmt: str | None, chat: bool, limit: int | None,
                  sampling: Sampling, batch_size: int, trust_remote_code: bool = False,
-                 adapters: list[tuple[str, str]] | None = None, route: str | None = None) -> GenerateJob:
+                 task: int | None = None, adapters: list[tuple[str, str]] | None = None,
+                 route: str | None = None) -> GenerateJob:
     """The `peftkit generate` arguments as one job. A recipe (or run directory) gives the model, the adapter
     (a run's adapter/), the data format and, without --prompt or --data, data.eval's prompts. `adapters`: named
     adapters (instead of `adapter`), each row of --data picking one by its `route` column."""
@@ -157,7 +165,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,
-                      adapters=adapters, route=route)
+                      task=task, adapters=adapters, route=route)
     if cfg is not None:
         job.data_cfg = cfg.data
         if not prompts and not data:
@@ -207,12 +215,13 @@ def row_routes(prompts: list[Prompt], column: str, names: list[str], data: str |
 
 def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     """Generate for every prompt of `job`: [{"prompt", "completion"} (+ "reference", the row's target, for
-    --data; + "adapter" with --route)]. The prompts are built before the model loads, so a data mistake is
-    reported in seconds."""
+    --data; + "adapter" with --route)]. The prompts (and their tasks and routes) are built before the model loads,
+    so a data mistake is reported in seconds."""
     tok = job.source.tokenizer()
     prompts = job.build_prompts(tok)
     if not prompts:
         raise PeftkitError(f"{job.data} has no usable rows to take prompts from.")
+    prompts = with_tasks(job.source, job.task, prompts, job.data)
     routes = row_routes(prompts, job.route, [n for n, _ in job.adapters], job.data) if job.route else None
     route = None
     if job.adapters:

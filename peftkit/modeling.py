@@ -13,6 +13,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.recipe import ModelConfig, QuantizationConfig
+from peftkit.rope_scaling import scale_rope
 
 if TYPE_CHECKING:
     from peftkit.data.classification import LabelSet
@@ -86,13 +87,16 @@ def load_config(cfg: ModelConfig):
 
     _check_source(cfg)
     try:
-        return AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise _not_loadable(cfg.name_or_path, e) from None
     except (ValueError, TypeError, StrictDataclassError) as e:
         where = Path(cfg.name_or_path) / "config.json" if Path(cfg.name_or_path).is_dir() else cfg.name_or_path
         raise PeftkitError(f"{where}: transformers cannot use this model config: {' '.join(str(e).split())} Fix "
                            "config.json, or restore it from where the model came from.") from None
+    if cfg.rope_scaling is not None:  # model.rope_scaling: on the config the model is built from
+        scale_rope(config, cfg.rope_scaling, cfg.name_or_path)
+    return config
 
 
 def _not_loadable(name_or_path: str, error: Exception) -> PeftkitError:
@@ -174,7 +178,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         labels: a classifier's classes (its head's size, and the config's id2label/label2id); default
             model.num_labels classes named by their ids, else those of the checkpoint's config.json.
     """
-    load_config(cfg)
+    config = load_config(cfg)
     _check_weight_files(cfg)
     device = device or resolve_device(cfg.device)
     kwargs: dict = dict(
@@ -189,6 +193,8 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.rope_scaling is not None:  # transformers' standardized parameters: kwargs replace the config's dict
+        kwargs["rope_parameters"] = config.rope_parameters
     if cfg.task == "sequence_classification":
         kwargs |= classifier_kwargs(cfg, labels)
     if quant is not None:
@@ -353,7 +359,7 @@ def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device 
     """Base model (re-quantized as the adapter was trained, if it was) with a PEFT adapter injected.
 
     bitsandbytes quantization is deterministic, so re-quantizing the same base weights gives the exact
-    4-bit weights the adapter was trained against. The base loads at the adapter's recorded `revision`
+    4-bit weights the adapter was trained against. RoPE scaling recorded in peftkit.json is applied too. The base loads at the adapter's recorded `revision`
     unless `base` names another model.
 
     Args:
@@ -383,7 +389,7 @@ def load_adapter_base(base: str | None, adapter_dir: str, device: torch.device |
     Returns:
         (base model, adapter settings, PEFT-keyed tensors, PEFT config, base ModelConfig, quantization or None)
     """
-    from peftkit.peft_format import load_adapter
+    from peftkit.peft_format import load_adapter, read_meta
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
     check_remote_code(adapter_dir, trust_remote_code)
@@ -395,7 +401,7 @@ def load_adapter_base(base: str | None, adapter_dir: str, device: torch.device |
     revision = raw.revision if name == recorded else None
     classify = raw.task_type == "SEQ_CLS"
     model_cfg = ModelConfig(name_or_path=name, dtype="auto" if quant is None else "float32", revision=revision,
-                            trust_remote_code=trust_remote_code,
+                            trust_remote_code=trust_remote_code, rope_scaling=read_meta(adapter_dir).rope_scaling,
                             task="sequence_classification" if classify else "causal_lm")
     labels = adapter_labels(adapter_dir, state) if classify else None
     model = load_model(model_cfg, quant, device, labels)

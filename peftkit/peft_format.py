@@ -4,7 +4,7 @@ A directory holds `adapter_model.safetensors` (keys `base_model.model.<path>.lor
 `adapter_config.json` (written and read by the adapter's method: `to_peft` / `from_peft`, `peft_type`
 picking the method on reading), so `peft.PeftModel.from_pretrained(base, dir)` and vLLM load it unchanged. peftkit
 adds `peftkit.json` with what the PEFT format has no field for (the quantization the adapter was trained
-against, so that a merge dequantizes the same 4-bit weights); PEFT tools ignore that file.
+against, so that a merge dequantizes the same 4-bit weights; the base's RoPE scaling); PEFT tools ignore that file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_bytes, atomic_write_json
 from peftkit.methods import Method, method_for_peft_type, method_of
 from peftkit.methods.base import REEXPORT, PeftConfigBase
-from peftkit.recipe import AdapterConfig, QuantizationConfig
+from peftkit.recipe import AdapterConfig, QuantizationConfig, RopeScalingConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -77,6 +77,7 @@ def save_adapter(
     quantized_on: str | None = None,
     trust_remote_code: bool = False,
     labels: list[str] | None = None,
+    rope_scaling: RopeScalingConfig | None = None,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
     with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
@@ -89,6 +90,7 @@ def save_adapter(
             fact only: a merge or eval of this adapter needs the user's own `--trust-remote-code`.
         labels: a classifier's class names by id (model.task: sequence_classification), so that eval maps a row's
             label to the id training used.
+        rope_scaling: the base's model.rope_scaling, so that eval, generate and merge load the base scaled alike.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,8 @@ def save_adapter(
             "quantized_on": quantized_on if quantization else None, "trust_remote_code": trust_remote_code}
     if labels is not None:
         meta["labels"] = labels
+    if rope_scaling is not None:
+        meta["rope_scaling"] = rope_scaling.model_dump()
     atomic_write_json(path / META_NAME, meta)
 
 
@@ -117,6 +121,8 @@ class PeftkitMeta(BaseModel):
     """The base needed its own modelling code. Never acted on: merge and eval ask for --trust-remote-code."""
     labels: list[str] | None = None
     """A classifier's class names by id (SEQ_CLS adapters peftkit trained)."""
+    rope_scaling: RopeScalingConfig | None = None
+    """The base's RoPE scaling in training (model.rope_scaling): the base loads with it wherever the adapter is used."""
 
 
 # What a list-or-string field should be, in words: pydantic reports one error per member of the union,

@@ -85,9 +85,11 @@ def build_tiny_model(
     num_layers: int = 2,
     seed: int = 0,
     vocab_size: int | None = None,
+    max_position_embeddings: int = 512,
 ):
     """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D) or
-    `qwen2` (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models)."""
+    `qwen2` (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models).
+    `max_position_embeddings` changes no weight of the RoPE models (llama, qwen2): only what the config claims."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = build_char_tokenizer()
@@ -96,14 +98,15 @@ def build_tiny_model(
                   pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     if arch == "llama":
         config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, **common)
+                             num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=max_position_embeddings, initializer_range=0.1, **common)
         cls = LlamaForCausalLM
     elif arch == "gpt2":
-        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=512, **common)
+        config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=max_position_embeddings, **common)
         cls = GPT2LMHeadModel
     elif arch == "qwen2":
         config = Qwen2Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
                              initializer_range=0.1, **{**common, "tie_word_embeddings": True})
         cls = Qwen2ForCausalLM
     else:
@@ -167,6 +170,15 @@ def build_quickstart_assets(root: str | Path) -> dict[str, Path]:
     write_jsonl(train, number_rows(512, seed=1))
     write_jsonl(eval_, number_rows(64, seed=2))
     return {"model": model_dir, "train": train, "eval": eval_}
+
+
+def build_long_context_assets(root: str | Path) -> dict[str, Path]:
+    """recipes/long_context.yaml's model: the quickstart's tiny Llama (the same weights) with a config that says it
+    covers 64 positions, so that the quickstart's rows (78 to 104 tokens) lie past its max_position_embeddings."""
+    model_dir = Path(root) / "tiny-llama-64pos"
+    if not (model_dir / "config.json").exists():
+        build_tiny_model(model_dir, arch="llama", hidden_size=64, num_layers=2, seed=0, max_position_embeddings=64)
+    return {"long_context_model": model_dir}
 
 
 def build_classification_assets(root: str | Path) -> dict[str, Path]:

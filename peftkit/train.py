@@ -50,10 +50,11 @@ from peftkit.export import export
 from peftkit.fileio import DiskFullError, append_line, atomic_write_json, atomic_write_text, fsync_path
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
-from peftkit.modeling import load_model, load_tokenizer, prepare_for_training, resolve_device
+from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
 from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
+from peftkit.rope_scaling import check_context_length
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
                              optimizer_groups, peak_memory_mb, seed_everything)
@@ -153,12 +154,14 @@ class _Run:
         """checkpoints/step-N, written by the main process with every process's RNG state (all must call this)."""
         rng = distributed.rng_states(self.accelerator)
         path = self.out / "checkpoints" / f"step-{state.step:08d}"
+        model = self.accelerator.unwrap_model(self.model)
+        gathered = ((adapter_state_dict(model, self.saved_modules), distributed.optimizer_state(model, self.optimizer))
+                    if distributed.sharded(self.accelerator) else None)  # FSDP: every process joins the gather
         if self.main:
             try:
-                path = save_checkpoint(self.out, self.accelerator.unwrap_model(self.model),
-                                       self.saved_modules, self.optimizer, self.scheduler, state,
+                path = save_checkpoint(self.out, model, self.saved_modules, self.optimizer, self.scheduler, state,
                                        self.inputs, self.cfg.training.save_total_limit, self.method_trainer,
-                                       self.selection, rng)
+                                       self.selection, rng, gathered)
             except DiskFullError as e:
                 raise DiskFullError(f"{e} {self.resume_hint()}") from None
         self.accelerator.wait_for_everyone()
@@ -253,6 +256,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
     check_device_support(cfg, device)
+    distributed.check_engine(cfg, accelerator)
+    check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
     if note := cpu_dtype_note(cfg, device):
         console.print(f"[yellow]note:[/] {note}")
     estimate = estimate_memory(cfg, device)
@@ -443,18 +448,21 @@ def _finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> 
     if run.main:
         fsync_path(run.metrics_path)
     eval_result = _take_best(run, model, state, eval_result)
-    _check_finite(run, model, eval_result, state)
+    weights = _check_finite(run, model, eval_result, state)
+    # Every process generates (under FSDP each forward is a collective); the main process keeps the answers.
+    prompts = sample_prompts(cfg, run.tok)
+    texts = answers(model, run.tok, prompts, cfg) if prompts else []
     if not run.main:  # the main process exports, samples and writes the manifest
         run.accelerator.wait_for_everyone()
         return {}
     try:
         exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter}), run.targets, out,
-                          run.method_trainer, run.labels)
+                          run.method_trainer, run.labels, weights)
     except DiskFullError as e:
         raise DiskFullError(f"{e} Training itself finished; {run.resume_hint()}") from None
-    if prompts := sample_prompts(cfg, run.tok):
+    if prompts:
         samples = run.summary.get("samples") or [{"prompt": p.text, "reference": p.reference} for p in prompts]
-        for sample, text in zip(samples, answers(model, run.tok, prompts, cfg), strict=True):
+        for sample, text in zip(samples, texts, strict=True):
             sample["fine_tuned"] = text
         run.summary["samples"] = samples
     summary = {
@@ -508,10 +516,12 @@ def _write_report(run: _Run) -> Path | None:
         return None
 
 
-def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) -> None:
+def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) -> dict:
     """A run whose adapter or final eval loss is NaN/inf exports nothing and fails, whatever nan_policy says
-    (skip_step keeps single bad steps out of the weights; it does not make a broken result usable)."""
-    bad = nonfinite_tensors(adapter_state_dict(model, run.saved_modules))
+    (skip_step keeps single bad steps out of the weights; it does not make a broken result usable). Returns the
+    adapter's state dict (gathered by every process under FSDP), which the export writes."""
+    weights = adapter_state_dict(model, run.saved_modules)
+    bad = nonfinite_tensors(weights)
     skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss)" if state.skipped_steps else ""
     if bad:
         raise TrainingFailed(
@@ -525,6 +535,7 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) 
             "finite on data.eval, so nothing was exported. Lower training.lr, keep training.max_grad_norm set, or "
             "use model.dtype: float32."
         )
+    return weights
 
 
 def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:

@@ -32,31 +32,13 @@ import tempfile
 from pathlib import Path
 
 # bench_train.py (same directory, so on sys.path when run as a script) holds the shared harness.
-from bench_train import (child, common_args, ordered_examples, recipe_for, report, run_peftkit, run_trainer,
+from bench_train import (build_llama, child, common_args, ordered_examples, recipe_for, report, run_peftkit, run_trainer,
                          spawn_sides, write_data)
 
 
 def build_model(args, path: Path) -> None:
     """A random-init LlamaForCausalLM of the requested shape, saved in the compute dtype, plus a char tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from peftkit.tiny import build_char_tokenizer
-
-    tok = build_char_tokenizer(path)
-    if args.vocab < len(tok):
-        sys.exit(f"--vocab must be at least the tokenizer's {len(tok)} tokens")
-    heads = max(1, args.hidden // 64)  # head_dim 64, as in Llama/TinyLlama
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-        max_position_embeddings=max(512, args.max_length), bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda" if args.device == "cuda" else "cpu"):  # a 1B init on CPU takes minutes
-        model = LlamaForCausalLM(config)
-    model.to(getattr(torch, model_dtype(args))).save_pretrained(path)
+    build_llama(args, path, model_dtype(args))
 
 
 def model_dtype(args) -> str:
@@ -130,7 +112,7 @@ def main() -> None:
         workdir = Path(tmp)
         build_model(args, workdir / "model")
         write_data(args, workdir)
-        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold)
+        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, warm_first=args.device == "cuda")
     title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, weights {model_dtype(args)}, paged_adamw_8bit), {args.device}: llama hidden "
              f"{args.hidden} x {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}, batch "
              f"{args.batch_size}, max_length {args.max_length}, r {args.r}, gradient checkpointing "

@@ -4,6 +4,9 @@
     python scripts/bench_train.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
     python scripts/bench_train.py --dora                   # DoRA on both sides (use_dora: true)
     python scripts/bench_train.py --lora-fa                # peftkit LoRA vs peftkit LoRA-FA (adapter.lora_fa)
+    # a ~1.2B Llama shape in bf16 on one GPU, rows of ~400 tokens, with the frozen-base floor:
+    python scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
+        --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 30 --floor
 
 Builds a random-init Llama-architecture model and alpaca data in a temp dir (nothing is downloaded),
 then trains it twice with the same settings: model, data, steps, batch size, r, alpha, all-linear
@@ -16,7 +19,9 @@ Measured, per side: wall-clock timestamps at the end of every optimizer step (pe
 the step's line to metrics.jsonl; Trainer: `on_step_end`), after a CUDA synchronize on GPU. Model
 loading, adapter injection and export fall outside that window. The first `--warmup` steps are skipped;
 s/step = (end of last step - end of step `warmup`) / timed steps, tokens/s = non-pad tokens of the timed
-steps / that time. Peak memory: CUDA max_memory_allocated, or peak RSS of the subprocess on CPU
+steps / that time. `--floor` adds a third side: the frozen base's forward and backward (to its input embeddings;
+no adapter, no optimizer) on the same batches at the same precision, the least any adapter method can cost;
+peftkit's s/step over it is its overhead. Peak memory: CUDA max_memory_allocated, or peak RSS of the subprocess on CPU
 (with the RSS after importing both libraries, so the growth can be compared too).
 
 --lora-fa compares two peftkit sides, LoRA and LoRA-FA, instead of peftkit and peft; it also shows the
@@ -56,12 +61,14 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--words", type=int, default=1, help="numbers written out per row (longer rows: 1 is ~80 tokens)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each side (default: torch's own)")
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating order; medians are shown")
+    p.add_argument("--json", help="also write every run's raw figures (step-end times, losses, memory) to this file")
     # glibc's adaptive mmap threshold keeps freed activation buffers in the heap, which can move peak RSS by
     # tens of MiB either way; a fixed threshold returns them to the OS, so peak RSS tracks live memory.
     p.add_argument("--fixed-mmap-threshold", action="store_true", help="CPU: MALLOC_MMAP_THRESHOLD_=65536 in the sides")
-    p.add_argument("--side", choices=["peftkit", "peft", "lora", "lora-fa"], help=argparse.SUPPRESS)  # set by the parent process
+    p.add_argument("--side", choices=["peftkit", "peft", "lora", "lora-fa", "floor"], help=argparse.SUPPRESS)  # set by the parent process
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     return p
 
@@ -74,7 +81,8 @@ def recipe_for(args, workdir: Path, **sections):
                     warmup_steps=0, max_grad_norm=1.0, seed=args.seed, log_steps=1)
     training.update(sections.pop("training", {}))
     return Recipe.model_validate(dict(
-        model=dict(name_or_path=str(workdir / "model"), dtype=sections.pop("dtype", "float32"), device=args.device),
+        model=dict(name_or_path=str(workdir / "model"), dtype=sections.pop("dtype", getattr(args, "model_dtype", None) or "float32"),
+                   device=args.device),
         # bench_qlora.py has no --dora flag: LoRA there.
         adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
                      use_dora=getattr(args, "dora", False), **sections.pop("adapter", {})),
@@ -90,7 +98,11 @@ def write_data(args, workdir: Path) -> None:
     from peftkit.tiny import number_rows, write_jsonl
 
     # One epoch holds every step's batch, so both sides walk the same sequence without wrapping.
-    write_jsonl(workdir / "train.jsonl", number_rows(args.steps * args.batch_size, seed=1))
+    rows = number_rows(args.steps * args.batch_size * args.words, seed=1)
+    joined = [{"instruction": "Write the numbers in words.", "input": " ".join(r["input"] for r in group),
+               "output": ", ".join(r["output"] for r in group)}
+              for group in (rows[i:i + args.words] for i in range(0, len(rows), args.words))]
+    write_jsonl(workdir / "train.jsonl", rows if args.words == 1 else joined)
 
 
 def ordered_examples(recipe):
@@ -156,6 +168,35 @@ def run_peftkit_measured(recipe, workdir: Path) -> dict:
     return result
 
 
+def run_floor(recipe, _workdir: Path | None = None) -> dict:
+    """The frozen base's forward and backward on peftkit's batches, at peftkit's precision (bf16 autocast on CUDA
+    when the weights are float32): the least time any adapter method's step can take."""
+    import torch
+
+    from peftkit.data.batches import eval_loader
+    from peftkit.evaluate import token_loss_sum
+    from peftkit.modeling import load_model
+    from peftkit.runtime import mixed_precision
+
+    device = torch.device(recipe.model.device)
+    tok, ordered = ordered_examples(recipe)
+    model = load_model(recipe.model, None, device)
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # backward runs through every layer, as it must to reach an adapter
+    model.train()
+    bf16 = mixed_precision(recipe.training, device) == "bf16" and next(model.parameters()).dtype == torch.float32
+    ends: list[float] = []
+    for batch in eval_loader(ordered, recipe.training.batch_size, tok.pad_token_id):  # in order, padded as in training
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss, n = token_loss_sum(model, batch)
+        (loss / n).backward()
+        ends.append(_sync(recipe.model.device))
+        if len(ends) == recipe.training.max_steps:
+            break
+    return {"step_ends": ends, "losses": [float("nan")]}
+
+
 def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extra_args) -> dict:
     """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially; `callbacks` are
     added to the step timer."""
@@ -198,7 +239,7 @@ def run_peft_lora(recipe, workdir: Path) -> dict:
     from peftkit.train import seed_everything
 
     tok, ordered = ordered_examples(recipe)
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
     model.to(recipe.model.device)
     model.config.use_cache = False
     a = recipe.adapter
@@ -233,21 +274,26 @@ def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool, sides: tuple[str, str] = ("peftkit", "peft"),
-                extra: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool, sides: tuple[str, ...] = ("peftkit", "peft"),
+                extra: tuple[str, ...] = (), warm_first: bool = False) -> dict[str, list[dict]]:
     """Re-run this script once per side per repeat, each in a fresh interpreter, alternating which side goes
     first (a load that drifts during the benchmark then hits both); collect the tagged JSON lines. `extra`:
-    more flags for the sides."""
+    more flags for the sides. `warm_first` (CUDA): one untimed run of the first side before all others. On a GPU
+    that has just started, the first process stalls 2-3 s at each batch of a new padded length (seen on an H200:
+    the same steps of every later run take 0.13 s, on either side); without the warm-up that process is the
+    first side's first repeat, which is what made one of two peftkit runs on an H100 look 3x slower."""
     results: dict[str, list[dict]] = {side: [] for side in sides}
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if fixed_mmap_threshold else {}))
-    for i in range(repeats):
-        for side in sides if i % 2 == 0 else sides[::-1]:
+    order = [sides if i % 2 == 0 else sides[::-1] for i in range(repeats)]
+    for i, round_sides in enumerate([sides[:1]] * warm_first + order):
+        for side in round_sides:
             cmd = [sys.executable, sys.argv[0], *sys.argv[1:], *extra, "--side", side, "--workdir", str(workdir)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             tagged = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_TAG)]
             if proc.returncode != 0 or not tagged:
                 sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-            results[side].append(json.loads(tagged[-1][len(RESULT_TAG):]))
+            if i >= warm_first:
+                results[side].append(json.loads(tagged[-1][len(RESULT_TAG):]))
     return results
 
 
@@ -267,6 +313,8 @@ def summarize(res: dict, warmup: int) -> dict:
 
 def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None:
     """Print one table; with --repeats, every figure is the median over the repeats."""
+    if args.json:
+        Path(args.json).write_text(json.dumps({"title": title, "results": results}))
     runs = {side: [summarize(r, args.warmup) for r in rs] for side, rs in results.items()}
     s = {side: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for side, rs in runs.items()}
     mem = "peak CUDA alloc MiB" if cuda else "peak RSS MiB"
@@ -274,7 +322,7 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
             ("tokens/s", "tok_s", "{:,.0f}"), (mem, "peak", "{:,.0f}")]
     if not cuda:
         rows.append(("RSS growth MiB", "growth", "{:,.0f}"))
-    first, second = runs  # the two sides, in the order spawned
+    first, second = list(runs)[:2]  # the two compared sides, in the order spawned (then the floor, if any)
     if s[first]["saved"]:
         rows.append(("activations kept MiB", "saved", "{:,.1f}"))
     rows += [("final loss", "loss", "{:.4f}"), ("mean loss last 10", "loss10", "{:.4f}")]
@@ -289,12 +337,47 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
         a, b = s[first][key], s[second][key]
         print(f"{label:22}{fmt.format(a):>12}{fmt.format(b):>14}{a / b:>16.3f}")
     print(f"ratio < 1: {names[first]} lower (better for s/step and memory, worse for tokens/s)")
+    if "floor" in s:
+        f = s["floor"]["s_step"]
+        print(f"frozen-base floor (forward + backward, no adapter): {f:.4f} s/step, {s['floor']['tok_s']:,.0f} tokens/s; "
+              f"over it: {names[first]} {100 * (s[first]['s_step'] / f - 1):+.1f} %, "
+              f"{names[second]} {100 * (s[second]['s_step'] / f - 1):+.1f} %")
+
+
+def build_llama(args, path: Path, dtype: str) -> None:
+    """A random-init LlamaForCausalLM of the requested shape (head_dim 64, 4 query heads per key/value head, as
+    Llama), saved in `dtype`, plus the character tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(path)
+    if args.vocab < len(tok):
+        sys.exit(f"--vocab must be at least the tokenizer's {len(tok)} tokens")
+    heads = max(1, args.hidden // 64)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+        max_position_embeddings=max(512, args.max_length), bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if args.device == "cuda" else "cpu"):  # a 1B init on CPU takes minutes
+        model = LlamaForCausalLM(config)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
 
 
 def main() -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--intermediate", type=int, help="MLP width: with it (and --vocab) a Llama of real proportions "
+                   "(head_dim 64); without, peftkit's tiny Llama (4 heads, MLP 2 x hidden, ~100-token vocabulary)")
+    p.add_argument("--vocab", type=int, default=32000, help="with --intermediate: embedding/lm_head rows")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="weights of the base on both sides (float32 trains under bf16 autocast on CUDA)")
+    p.add_argument("--floor", action="store_true", help="also time the frozen base's forward + backward")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
     p.add_argument("--lora-fa", action="store_true", help="peftkit LoRA-FA (adapter.lora_fa) vs peftkit LoRA")
     args = p.parse_args()
@@ -306,7 +389,7 @@ def main() -> None:
         workdir = Path(args.workdir)
         recipe = recipe_for(args, workdir, adapter={"lora_fa": args.side == "lora-fa"})
         run_side = {"peftkit": run_peftkit, "peft": run_peft_lora, "lora": run_peftkit_measured,
-                    "lora-fa": run_peftkit_measured}[args.side]
+                    "lora-fa": run_peftkit_measured, "floor": run_floor}[args.side]
         child(recipe, run_side, workdir, args.threads)
         return
     from peftkit.modeling import quiet_transformers
@@ -315,12 +398,18 @@ def main() -> None:
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
-        build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
+        if args.intermediate:
+            build_llama(args, workdir / "model", args.model_dtype)
+        else:
+            build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_data(args, workdir)
-        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold,
-                              ("lora", "lora-fa") if args.lora_fa else ("peftkit", "peft"))
+        sides = ("lora", "lora-fa") if args.lora_fa else ("peftkit", "peft")
+        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides + (("floor",) if args.floor else ()),
+                              warm_first=args.device == "cuda")
     kind = "LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA"
-    title = (f"{kind} training, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
+    shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
+    title = (f"{kind} training, {args.device}, weights {args.model_dtype}: llama hidden {args.hidden} x {args.layers} "
+             f"layers{shape}, batch {args.batch_size}, rows of {args.words} number(s), "
              f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")
     report(results, args, title, args.device == "cuda")

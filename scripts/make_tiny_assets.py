@@ -1,5 +1,6 @@
 """Build the quickstart's tiny Llama-architecture model, character tokenizer and data, and the classification
-recipe's tiny BERT encoder and sentiment data, and multitask prompt tuning's source-task data, offline.
+recipe's tiny BERT encoder and sentiment data, multitask prompt tuning's source-task data, and the long-context
+recipe's 64-position copy of the tiny Llama, offline.
 
     python scripts/make_tiny_assets.py [ROOT]     # default ROOT: artifacts/
 
@@ -11,11 +12,13 @@ from pathlib import Path
 
 from peftkit.tiny import (
     build_classification_assets,
+    build_long_context_assets,
     build_multitask_assets,
     build_quickstart_assets,
 )
 
 if __name__ == "__main__":
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "artifacts"
-    for name, path in (build_quickstart_assets(root) | build_classification_assets(root) | build_multitask_assets(root)).items():
+    for name, path in (build_quickstart_assets(root) | build_classification_assets(root) | build_multitask_assets(root)
+                       | build_long_context_assets(root)).items():
         print(f"{name}: {path}")

@@ -6,6 +6,7 @@ family's refusals hold."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,14 @@ from peftkit.data import IGNORE_INDEX, eval_loader, load_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, evaluate, token_loss_sum
 from peftkit.inference import ModelSource
+from peftkit.methods.lora import LoraConfig
 from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import DataConfig, ModelConfig
 from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
 from tests.conftest import cli_user_error, make_recipe
+from tests.test_methods import models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
 
 TOL = 1e-4
 N, TASKS, RANKS = 4, 3, 2
@@ -207,3 +210,143 @@ def test_a_missing_source_adapter_names_the_key(llama, tmp_path):
     model = _model(llama)
     with pytest.raises(PeftkitError, match="adapter.source_adapter"):
         inject_adapters(model, _cfg(num_tasks=1, init="source", source_adapter=str(tmp_path / "nowhere")))
+
+
+# ------------------------------------------------------- generation, eval and chat with task ids (--task)
+
+GEN_ROWS = [("### Instruction:\nadd 12 and 30\n\n### Response:\n", 2), ("hi", 0), ("count: 1 2 3 4 5 6", 1),
+            ("abc", 2)]  # four prompt lengths in one left-padded batch, three tasks
+
+
+def _strong(base: Path, out: Path, num_tasks: int = TASKS) -> Path:
+    """A peftkit adapter whose task factors are N(0, 1) (peft's init draws them N(0, 0.02), which leaves every
+    task's prompt near zero), so that the tasks generate differently."""
+    model = _model(base)
+    torch.manual_seed(1)
+    cfg = _cfg(num_tasks=num_tasks)
+    inject_adapters(model, cfg)
+    virtual = virtual_tokens(model)
+    with torch.no_grad():
+        virtual.cols.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(2))
+        virtual.rows.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
+    save_adapter(out, adapter_state_dict(model, []), peft_config(cfg, [], str(base), False, model.config.model_type,
+                                                                 model_config=model.config))
+    return out
+
+
+def _peft_greedy(reference, ids: list[int], task: int, stops: list[int]) -> list[int]:
+    """Cache-free greedy decoding through peft's forward for a row of task `task`."""
+    from tests.test_generate import greedy_no_cache
+
+    task_ids = torch.tensor([task])
+    return greedy_no_cache(lambda x, **kw: reference(input_ids=x, task_ids=task_ids, **kw), ids, stops)
+
+
+def _job(adapter: Path, **kw):
+    from peftkit.generate import Sampling, generate_job
+
+    args = {"prompts": [], "data": None, "fmt": None, "chat": False, "limit": None, "task": None} | kw
+    return generate_job(None, [], None, str(adapter), args["prompts"], args["data"], args["fmt"], args["chat"],
+                        args["limit"], Sampling(max_new_tokens=12), batch_size=8, task=args["task"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_generate_with_each_row_s_task_is_cache_free_greedy_through_peft(arch, models, tmp_path):  # noqa: F811
+    """`peftkit generate --data` (rows of three tasks, one left-padded batch) gives, token for token, cache-free
+    greedy decoding through peft's forward with each row's task_ids; and --task N gives task N's for all."""
+    from peftkit.generate import run_generate, stop_token_ids
+
+    adapter = _strong(models[arch], tmp_path / "adapter")
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": "x", "task": t} for p, t in GEN_ROWS])
+    ours = [r["completion"] for r in run_generate(_job(adapter, data=str(tmp_path / "d.jsonl"), fmt="completion"))]
+    reference = PeftModel.from_pretrained(_model(models[arch]), adapter).eval()
+    tok = AutoTokenizer.from_pretrained(models[arch])
+    stops = stop_token_ids(reference.get_base_model(), tok)
+    ids = [tok(p)["input_ids"] for p, _ in GEN_ROWS]
+    expected = [tok.decode(_peft_greedy(reference, i, t, stops), skip_special_tokens=True)
+                for i, (_, t) in zip(ids, GEN_ROWS, strict=True)]
+    assert ours == expected
+    as_task_1 = [r["completion"] for r in run_generate(_job(adapter, prompts=[p for p, _ in GEN_ROWS], task=1))]
+    assert as_task_1 == [tok.decode(_peft_greedy(reference, i, 1, stops), skip_special_tokens=True) for i in ids]
+    assert len(set(ours)) > 1
+    if arch != "gpt2":  # tiny GPT-2's top logits lie within 0.01 of each other: a task moves them by 0.02, no argmax
+        assert as_task_1 != ours  # the task really changes the answers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_eval_with_task_is_peft_s_loss(arch, models, number_data, tmp_path):  # noqa: F811
+    """`peftkit eval --task 1` on rows without a task column: peft's loss with task_ids all 1 (<= 1e-4)."""
+    adapter = _strong(models[arch], tmp_path / "adapter")
+    data = str(number_data["eval"])
+    job = EvalJob(data=data, data_cfg=DataConfig(train=data, max_length=128), batch_size=4, task=1,
+                  source=ModelSource(ModelConfig(name_or_path=str(models[arch]), dtype="float32"), adapter=str(adapter)))
+    ours = evaluate(job)["loss"]
+    tok = AutoTokenizer.from_pretrained(models[arch])
+    reference = PeftModel.from_pretrained(_model(models[arch]), adapter).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_loader(load_examples(tok, data, "train", job.data_cfg)[0], 4, tok.pad_token_id):
+            length = batch["input_ids"].shape[1]
+            task_ids = torch.ones(batch["input_ids"].shape[0], dtype=torch.long)
+            logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               task_ids=task_ids).logits[:, -length:]
+            labels = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                           reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    # Tighter than TOL (measured: 0.0), since on tiny GPT-2 another task moves the loss by only 1.3e-5 (Llama: 0.054).
+    assert abs(ours - total / count) <= 1e-6
+    assert abs(ours - evaluate(replace(job, task=0))["loss"]) > 5e-6  # another task, another loss
+
+
+def test_chat_uses_the_task(llama, tmp_path):
+    from peftkit.chat import chat_loop
+    from peftkit.data.prompts import chat_prompt
+    from peftkit.generate import Sampling, stop_token_ids
+    from peftkit.modeling import load_adapted_model
+
+    adapter = _strong(llama, tmp_path / "adapter")
+    model, _, tok, *_ = load_adapted_model(str(llama), str(adapter))
+    lines = iter(["hi", "/exit"])
+    messages = chat_loop(model, tok, Sampling(max_new_tokens=12), read=lambda _: next(lines), write=lambda _: None,
+                         task=2)
+    reference = PeftModel.from_pretrained(_model(llama), adapter).eval()
+    ids = chat_prompt(tok, [{"role": "user", "content": "hi"}]).ids
+    expected = _peft_greedy(reference, ids, 2, stop_token_ids(model, tok))
+    assert messages[-1]["content"] == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_one_task_needs_no_task_flag(llama, tmp_path):
+    from peftkit.generate import run_generate
+
+    adapter = _strong(llama, tmp_path / "adapter", num_tasks=1)
+    assert run_generate(_job(adapter, prompts=["hi"])) == run_generate(_job(adapter, prompts=["hi"], task=0))
+
+
+def test_missing_or_wrong_tasks_are_clear_errors(llama, tmp_path, monkeypatch, capsys):
+    adapter = str(_strong(llama, tmp_path / "adapter"))
+    lora = tmp_path / "lora"
+    model = _model(llama)
+    lora_cfg = LoraConfig(method="lora", r=2, target_modules=["q_proj"])
+    inject_adapters(model, lora_cfg)
+    save_adapter(lora, adapter_state_dict(model, []), peft_config(lora_cfg, ["q_proj"], str(llama), False, "llama"))
+    plain = tmp_path / "plain.jsonl"
+    write_jsonl(plain, [{"prompt": "a", "completion": "b"}])
+    write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "a", "completion": "b", "task": 1}, {"prompt": "c", "completion": "d"}])
+    write_jsonl(tmp_path / "high.jsonl", [{"prompt": "a", "completion": "b", "task": 7}])
+    gen = ("generate", "--adapter", adapter, "--max-new-tokens", "2")
+    assert "adapter of 3 tasks, and nothing says which task to use: pass --task N (0 .. 2)." in cli_user_error(
+        monkeypatch, capsys, *gen, "--prompt", "x")
+    assert f"pass --task N (0 .. 2), or give every row of {plain} a 'task' column" in cli_user_error(
+        monkeypatch, capsys, *gen, "--data", str(plain), "--format", "completion")
+    assert "--task 3: " in cli_user_error(monkeypatch, capsys, *gen, "--prompt", "x", "--task", "3")
+    assert "a row's 'task' is 7, but" in cli_user_error(
+        monkeypatch, capsys, *gen, "--data", str(tmp_path / "high.jsonl"), "--format", "completion")
+    assert "Some rows of" in cli_user_error(
+        monkeypatch, capsys, *gen, "--data", str(tmp_path / "mixed.jsonl"), "--format", "completion")
+    assert "only a multitask prompt tuning adapter reads a task id" in cli_user_error(
+        monkeypatch, capsys, "generate", "--adapter", str(lora), "--prompt", "x", "--task", "1")
+    assert "pass --task N (0 .. 2)" in cli_user_error(
+        monkeypatch, capsys, "eval", "--model", str(llama), "--adapter", adapter, "--data", str(plain), "--format",
+        "completion")
+    assert "pass --task N (0 .. 2)." in cli_user_error(monkeypatch, capsys, "chat", "--adapter", adapter)

@@ -6,6 +6,7 @@ mistakes a user can make."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,13 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
             pass
     finally:
         model.eval()
+    scaled = Path(named._adapters["b"].directory).parent / "b-scaled"  # b again, recorded as trained RoPE-scaled
+    shutil.copytree(adapters["llama"]["b"], scaled)
+    meta = json.loads((scaled / "peftkit.json").read_text()) | {"rope_scaling": {"type": "linear", "factor": 2.0}}
+    (scaled / "peftkit.json").write_text(json.dumps(meta))
+    with pytest.raises(PeftkitError, match=r"Adapter 's' \(.*\) was trained with RoPE scaling linear x2.0, adapter 'a' "
+                                           "with none: adapters in one model share one base, scaled one way"):
+        named.load("s", scaled)
     # The base named by the caller: the weights decide, and another architecture's do not fit.
     own = NamedAdapters(_base(tiny_llama), base=str(tiny_llama))
     with pytest.raises(PeftkitError, match=r"adapter.target_modules .* matches no module of this model"):

@@ -71,7 +71,9 @@ def test_train_export_eval_merge_cli(tiny_llama, number_data, tmp_path):
         results[name] = json.loads(out.read_text())
         assert set(results[name]) == {"loss", "perplexity", "num_tokens"}
     assert results["adapter"]["loss"] == pytest.approx(results["merged"]["loss"], abs=1e-4)
-    assert results["adapter"]["loss"] == pytest.approx(manifest["metrics"]["eval_loss"], abs=1e-4)
+    # On CUDA the run evaluates at its training precision (bf16 autocast), `peftkit eval` in the weights' fp32.
+    tolerance = 1e-3 if torch.cuda.is_available() else 1e-4
+    assert results["adapter"]["loss"] == pytest.approx(manifest["metrics"]["eval_loss"], abs=tolerance)
     assert results["adapter"]["loss"] < results["base"]["loss"]
     assert results["base"]["num_tokens"] == results["merged"]["num_tokens"] > 0
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from peftkit.distributed import full, place_like
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable
@@ -214,16 +215,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT keys (`base_model.model.<path>.lora_A.weight`, ...; the prompt family's
-    `prompt_embeddings`), on CPU."""
+    `prompt_embeddings`), whole and on CPU. Under FSDP every process must call this (the shards are gathered)."""
     if (virtual := virtual_tokens(model)) is not None:
         return virtual.peft_state()
     state: dict[str, torch.Tensor] = {}
     for name, layer in adapter_layers(model).items():
         for pname, p in layer.adapter_params().items():
-            state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().cpu().contiguous()
+            state[f"{PEFT_PREFIX}{name}.{pname}"] = full(p.detach()).cpu().contiguous()
     for name, module in modules_to_save(model, saved_modules).items():
         for pname, p in module.named_parameters():
-            state[f"{PEFT_PREFIX}{name}.{pname}"] = p.detach().cpu().contiguous()
+            state[f"{PEFT_PREFIX}{name}.{pname}"] = full(p.detach()).cpu().contiguous()
     for holder in shared_holders(model):
         if holder.saved:
             state.update({f"{SHARED_PREFIX}{n}": t.detach().cpu().contiguous() for n, t in holder.named_buffers()})
@@ -264,7 +265,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
         if target.shape != tensor.shape:
             raise PeftkitError(_shape_mismatch(key, tuple(target.shape), tuple(tensor.shape), rank_dims))
         with torch.no_grad():
-            target.copy_(tensor.to(target.dtype))
+            target.copy_(place_like(tensor, target).to(target.dtype))
 
 
 def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...], rank_dims: dict[str, int]) -> str:

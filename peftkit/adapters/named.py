@@ -58,6 +58,7 @@ from peftkit.methods import method_of
 from peftkit.methods.base import Method
 from peftkit.methods.lora import LoraEmbedding, LoraLinear
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
+from peftkit.peft_format import read_meta
 from peftkit.recipe import AdapterConfig, QuantizationConfig
 
 BASE_NAMES = ("", "base")
@@ -165,6 +166,7 @@ class NamedAdapters:
         self._adapters: dict[str, _Adapter] = {}
         self._hosts: dict[str, AdapterHost] = {}
         self._recorded_base: tuple[str, str | None] | None = None  # (first adapter's name, its recorded base)
+        self._rope_scaling = None  # the first adapter's model.rope_scaling (peftkit.json), which the base loaded with
 
     @property
     def names(self) -> list[str]:
@@ -183,8 +185,9 @@ class NamedAdapters:
         """`add` what `load_adapter` read from `directory`, once it is known to fit this base."""
         self._check_fits(name, directory, raw, quant)
         self.add(name, cfg, state, directory)
-        if self.base is None and self._recorded_base is None:
+        if self._recorded_base is None:
             self._recorded_base = (name, raw.base_model_name_or_path)
+            self._rope_scaling = read_meta(directory).rope_scaling if directory else None
 
     def add(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], directory: str = "") -> None:
         """Put an adapter given as settings and PEFT-keyed tensors (what `load_adapter` reads) under `name` (inactive)."""
@@ -292,6 +295,10 @@ class NamedAdapters:
                 raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {recorded}, adapter {first!r} on "
                                    f"{base}: adapters in one model share one base. Load adapters of one base, or "
                                    "name the base yourself (--model) if both bases are the same model.")
+        if self._recorded_base is not None and (scaling := read_meta(directory).rope_scaling) != self._rope_scaling:
+            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained with RoPE scaling {_scaling(scaling)}, adapter "
+                               f"{self._recorded_base[0]!r} with {_scaling(self._rope_scaling)}: adapters in one model "
+                               "share one base, scaled one way.")
         if quant != self.quantization:
             def what(q): return f"a {q.method} (bitsandbytes) base" if q else "an unquantized base"
             raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {what(quant)}, but the model here is "
@@ -347,6 +354,10 @@ class NamedAdapters:
             for path in sorted(self._hosts, key=lambda p: -p.count(".")):
                 _replace(self.model, path, self._hosts[path])
             self.activate(self.active)
+
+
+def _scaling(rope_scaling) -> str:
+    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

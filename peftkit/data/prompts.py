@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftkit.data.examples import prompt_and_target_text, row_location, usable_row
+from peftkit.data.examples import prompt_and_target_text, row_location, row_task, usable_row
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
@@ -25,6 +25,8 @@ class Prompt:
     """The prompt as text (the chat template's rendering for `chat`)."""
     reference: str | None = None
     """The row's target: what the model was taught to answer."""
+    task_id: int | None = None
+    """The row's `task` (multitask prompt tuning's task id), or `--task`'s: `peftkit.task_ids`."""
     row: dict | None = field(default=None, repr=False)
     """The data row it came from (`peftkit generate --route` reads a column of it)."""
 
@@ -71,7 +73,9 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:
             break
-        if usable_row(row, cfg, row_location(source, i, line_numbers)):
-            prompts.append(row_prompt(tok, row, cfg.format))
-            prompts[-1].row = row
+        where = row_location(source, i, line_numbers)
+        if usable_row(row, cfg, where):
+            prompt = row_prompt(tok, row, cfg.format)
+            prompt.task_id, prompt.row = row_task(row, where), row
+            prompts.append(prompt)
     return prompts

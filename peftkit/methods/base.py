@@ -228,6 +228,8 @@ class Method:
     Llama-Adapter) or the prompt family computes something of its own beside the base: there is no merged
     model, and every merge path refuses it (`merge_refusal`, `refuse_unmergeable`)."""
 
+    reads_task_ids: ClassVar[bool] = False
+    """The forward takes per-row `task_ids` (the data's `task` column, `--task`): multitask prompt tuning."""
     layer_targets: ClassVar[bool] = True
     """The method wraps the layers `target_modules` names. False: it adapts the model as a whole (the prompt family,
     `peftkit.methods.virtual`: `install` puts one module on the model) and its adapter_config.json names no targets."""

@@ -122,11 +122,13 @@ class LoraLinear(_LoraLayer):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base_layer, r, alpha, use_rslora)
         in_features, out_features = linear_shape(base_layer)
-        device = base_layer.weight.device
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        # Drawn on the CPU, then moved beside the base (as peft): one seed gives one adapter on any device.
+        self.lora_A = nn.Linear(in_features, r, bias=False, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
+        self.lora_A.to(base_layer.weight.device)
+        self.lora_B.to(base_layer.weight.device)
 
     def reset_parameters(self) -> None:
         # As HF peft and the paper: A ~ kaiming-uniform, B = 0, so training starts from the base model.
@@ -211,11 +213,13 @@ class LoraEmbedding(_LoraLayer):
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         super().__init__(base_layer, r, alpha, use_rslora)
         num, dim = base_layer.weight.shape
-        device = base_layer.weight.device
-        # Shapes and names as HF peft: lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r).
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, device=device, dtype=torch.float32))
-        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=device, dtype=torch.float32))
+        # Shapes and names as HF peft: lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r); drawn on
+        # the CPU and moved beside the base, as LoraLinear.
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, dtype=torch.float32))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, dtype=torch.float32))
         self.reset_parameters()
+        self.lora_embedding_A.data = self.lora_embedding_A.data.to(base_layer.weight.device)
+        self.lora_embedding_B.data = self.lora_embedding_B.data.to(base_layer.weight.device)
 
     def reset_parameters(self) -> None:
         # HF peft initialises A to zero and B normal for embeddings (the lookup of A is the "input").

@@ -1,7 +1,9 @@
 """Multitask prompt tuning (Wang et al. 2023, "Multitask Prompt Tuning Enables Parameter-Efficient Transfer
 Learning"): one shared soft prompt P (n, hidden), and per task a rank-r factor pair, cols (n, r) and rows (r, hidden);
 task t's prompt is P * (cols_t @ rows_t), elementwise. A row's task is the data's `task` column (an integer);
-training, `peftkit eval` and the loss read it per row. Rows without a `task` (and `peftkit generate`) use task 0.
+training, `peftkit eval` and the loss read it per row, and a forward given no task ids uses task 0. `peftkit
+generate`/`eval`/`chat` take `--task N` or the rows' column, and refuse neither for several tasks (`peftkit.task_ids`);
+generation hands each row's task to the prefill of the virtual tokens (`prefilled_cache`).
 
 Two stages: train on several source tasks (num_tasks: K), then start a target task's adapter (num_tasks: 1) from
 that one (`init: source`, `source_adapter: DIR`): the shared prompt, and the source tasks' factors averaged

@@ -104,9 +104,9 @@ class PromptTuning(VirtualMethod):
         virtual.strip = n
 
     @classmethod
-    def prefilled_cache(cls, virtual: VirtualTokens, model: nn.Module, batch: int):
-        """The model's own forward over the prompt alone (positions 0..n-1, as in the full forward)."""
-        embeds = virtual.row_prompts(batch, None).to(model.get_input_embeddings().weight.dtype)
+    def prefilled_cache(cls, virtual: VirtualTokens, model: nn.Module, batch: int, task_ids: torch.Tensor | None = None):
+        """The model's own forward over each row's prompt alone (positions 0..n-1, as in the full forward)."""
+        embeds = virtual.row_prompts(batch, task_ids).to(model.get_input_embeddings().weight.dtype)
         mask = torch.ones(batch, virtual.num_virtual_tokens, dtype=torch.long, device=embeds.device)
         with virtual.bypassed():
             out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)

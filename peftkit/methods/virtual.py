@@ -205,15 +205,18 @@ def uninstall(model: nn.Module) -> VirtualTokens | None:
     return module
 
 
-def generation_inputs(model: nn.Module, mask: torch.Tensor) -> dict[str, Any]:
+def generation_inputs(model: nn.Module, mask: torch.Tensor, task_ids: torch.Tensor | None = None) -> dict[str, Any]:
     """Extra `generate` arguments for a (left-padded) batch whose attention mask is `mask`: nothing for a model
-    without virtual tokens; else the cache filled with them and the mask with n ones in front."""
+    without virtual tokens; else the cache filled with them and the mask with n ones in front. `task_ids`: each
+    row's task, for a method that reads them (multitask prompt tuning: only the prefill sees the prompt, so the
+    task picks it there; the decoding steps that follow find it in the cache)."""
     virtual = virtual_tokens(model)
     if virtual is None:
         return {}
     batch, n = mask.shape[0], virtual.num_virtual_tokens
+    tasks = {"task_ids": task_ids} if task_ids is not None and virtual.method.reads_task_ids else {}
     with torch.no_grad():
-        cache = virtual.method.prefilled_cache(virtual, model, batch)
+        cache = virtual.method.prefilled_cache(virtual, model, batch, **tasks)
     return {"attention_mask": torch.cat([mask.new_ones(batch, n), mask], dim=1), "cache": cache}
 
 
@@ -232,8 +235,6 @@ class VirtualMethod(Method):
     layer_targets: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
     param_names: ClassVar[tuple[str, ...]] = ()
-    reads_task_ids: ClassVar[bool] = False
-    """Whether the forward takes per-row `task_ids` (the data's `task` column): multitask prompt tuning."""
 
     @classmethod
     def install(cls, model: nn.Module, cfg: Any) -> VirtualTokens:
@@ -247,7 +248,8 @@ class VirtualMethod(Method):
 
     @classmethod
     def prefilled_cache(cls, virtual: VirtualTokens, model: nn.Module, batch: int):
-        """A `Cache` holding the virtual tokens' keys and values for `batch` rows."""
+        """A `Cache` holding the virtual tokens' keys and values for `batch` rows (a method that `reads_task_ids`
+        also takes `task_ids`, each row's task)."""
         raise NotImplementedError
 
     @classmethod

@@ -26,6 +26,7 @@ from peftkit.recipe.schema import (
     ModelConfig,
     QuantizationConfig,
     Recipe,
+    RopeScalingConfig,
     Section,
     TargetRegex,
     TrainingConfig,
@@ -33,6 +34,7 @@ from peftkit.recipe.schema import (
 
 __all__ = [
     "DATA_EXTENSIONS", "MAX_DEPTH", "MAX_MESSAGES", "MAX_RECIPE_BYTES", "MAX_VALUES", "AdapterConfig", "DataConfig",
-    "DType", "EvalConfig", "ExportConfig", "ModelConfig", "QuantizationConfig", "Recipe", "Section", "TargetRegex",
+    "DType", "EvalConfig", "ExportConfig", "ModelConfig", "QuantizationConfig", "Recipe", "RopeScalingConfig",
+    "Section", "TargetRegex",
     "TrainingConfig", "format_validation_error", "load_recipe",
 ]

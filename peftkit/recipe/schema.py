@@ -30,6 +30,19 @@ class LongContextConfig(Section):
         return round(self.group_size_ratio * max_length)
 
 
+class RopeScalingConfig(Section):
+    """RoPE scaling, set on the model's config as it loads (transformers' `rope_parameters`, checked by transformers'
+    own validation): the model then covers `factor` × its max_position_embeddings positions. LongLoRA extends a
+    context this way: linear, factor = data.max_length / max_position_embeddings rounded up."""
+
+    type: Literal["linear", "dynamic", "yarn"]
+    """transformers' rope_type. linear: position interpolation (positions divided by factor; Chen et al. 2023, the
+    LongLoRA paper's choice); dynamic: NTK-aware scaling of the rotary base, growing with the sequence length; yarn:
+    YaRN (Peng et al. 2023). (llama3 and longrope need more than a factor: they come in a model's own config.json.)"""
+    factor: float = Field(gt=1)
+    """How many times the model's max_position_embeddings the scaled model covers."""
+
+
 class ModelConfig(Section):
     """The base model."""
 
@@ -54,6 +67,9 @@ class ModelConfig(Section):
     data.train (the largest integer label + 1, or the sorted set of string labels)."""
     long_context: LongContextConfig | None = None
     """LongLoRA's shifted sparse attention during training (`s2_attention: true`); omit for plain attention."""
+    rope_scaling: RopeScalingConfig | None = None
+    """`{type: linear, factor: 2}`: RoPE scaling, to train (and run) past the model's max_position_embeddings; the
+    adapter records it (peftkit.json), so `peftkit eval`/`generate` load the base scaled the same way."""
 
 
 class QuantizationConfig(Section):

@@ -1,0 +1,68 @@
+"""RoPE scaling from the recipe (`model.rope_scaling: {type, factor}`): how LongLoRA trains past a model's
+max_position_embeddings. The scaling is set on the model's transformers config as it loads, in transformers' own
+terms (`rope_parameters`, standardized and validated by transformers), so the rotary embedding computes it and a
+merged model's config.json carries it; the adapter records it in peftkit.json (`peftkit.peft_format`), so that
+`peftkit eval`/`generate`/`merge` load the base scaled as it trained.
+
+A model covers max_position_embeddings positions, or factor times as many with scaling: a longer data.max_length is
+a recipe error before anything loads (a RoPE model runs past it, extrapolating positions it never saw; a model with
+learned positions, GPT-2's, fails with an index error).
+"""
+
+from __future__ import annotations
+
+import math
+
+from peftkit.errors import PeftkitError
+from peftkit.recipe import ModelConfig, Recipe, RopeScalingConfig
+
+KEY = "model.rope_scaling"
+
+
+def scale_rope(config, scaling: RopeScalingConfig, name: str) -> dict:
+    """Set `scaling` on the transformers `config` of model `name` (in place) and return its `rope_parameters`.
+
+    The model's own rope_theta (and partial rotary factor) stay; transformers fills in the rest (yarn's
+    original_max_position_embeddings) and validates. A model without RoPE, or whose config already scales it (a
+    long-context model such as Llama 3.1), is refused: stacking a second scaling is not what its authors trained."""
+    current = getattr(config, "rope_parameters", None)
+    if not current or "rope_theta" not in current:
+        raise PeftkitError(f"{KEY}: {name} ({config.model_type}) has no rotary position embeddings to scale; remove "
+                           f"{KEY}.")
+    if current.get("rope_type", "default") != "default":
+        raise PeftkitError(f"{KEY}: {name} scales its RoPE already (rope_type {current['rope_type']!r}, factor "
+                           f"{current.get('factor')}, in its config.json); remove {KEY} and train within its "
+                           f"{config.max_position_embeddings} positions.")
+    kept = {k: current[k] for k in ("rope_theta", "partial_rotary_factor") if k in current}
+    config.rope_parameters = kept | {"rope_type": scaling.type, "factor": scaling.factor}
+    try:
+        config.standardize_rope_params()
+        config.validate_rope()
+    except (KeyError, ValueError) as e:
+        raise PeftkitError(f"{KEY}: transformers refuses {scaling.type} scaling for {name}: {e}") from None
+    return dict(config.rope_parameters)
+
+
+def covered_positions(config, scaling: RopeScalingConfig | None) -> int | None:
+    """How many positions the model covers: max_position_embeddings (x factor with scaling); None if unknown."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    return int(positions * scaling.factor) if scaling else positions
+
+
+def check_context_length(recipe: Recipe, config) -> None:
+    """data.max_length within the positions the model covers, or a PeftkitError naming both keys and the fix."""
+    model: ModelConfig = recipe.model
+    covered, max_length = covered_positions(config, model.rope_scaling), recipe.data.max_length
+    if covered is None or max_length <= covered:
+        return
+    positions = config.max_position_embeddings
+    factor = math.ceil(max_length / positions)
+    if model.rope_scaling is None:
+        raise PeftkitError(f"data.max_length {max_length} is longer than {model.name_or_path}'s "
+                           f"max_position_embeddings ({positions}). Lower data.max_length to {positions}, or scale "
+                           f"its RoPE to cover it: {KEY}: {{type: linear, factor: {factor}}}.")
+    raise PeftkitError(f"data.max_length {max_length} is longer than the {covered} positions {KEY} covers "
+                       f"(max_position_embeddings {positions} x factor {model.rope_scaling.factor:g}). Raise "
+                       f"{KEY}.factor to {factor}, or lower data.max_length to {covered}.")

@@ -1,0 +1,74 @@
+"""Which task each prompt or row is, for an adapter whose method reads task ids (multitask prompt tuning: its soft
+prompt differs per task). `peftkit generate`, `peftkit eval` and `peftkit chat` take `--task N` (every prompt and
+row is task N) or, with data, each row's own `task` column, as training read it. An adapter of several tasks given
+neither is an error naming --task: task 0 would be a silent guess. One of a single task needs neither, and a model
+whose method reads no task ids ignores the data's column (as training does) and refuses --task.
+
+Task ids are integers: the data's `task` column is one, so an adapter records no task names to accept instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from peftkit.errors import PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.inference import ModelSource
+
+Item = TypeVar("Item")  # an Example (loss) or a Prompt (generation): both carry `task_id`
+
+
+def adapter_task_count(source: ModelSource) -> int | None:
+    """How many tasks the source's adapter has, if its method reads task ids; None for any other model (no
+    adapter, a merged model, another method). Read from adapter_config.json alone, before the model loads."""
+    from peftkit.peft_format import CONFIG_NAME, read_peft_config
+
+    if not source.adapter:
+        return None
+    path = Path(source.adapter)
+    method, peft = read_peft_config(path)
+    return method.from_peft(peft, path / CONFIG_NAME).num_tasks if method.reads_task_ids else None
+
+
+def resolve_tasks(source: ModelSource, task: int | None, given: list[int | None], data: str | None) -> list[int | None]:
+    """Each item's task id for `source`: `task` (--task) for all, else `given` (the data's column), checked
+    against the adapter's task count.
+
+    Args:
+        given: each item's own task (None: its row has no `task`; every --prompt is None).
+        data: where the items come from (a data file or hub id), for the messages; None for --prompt.
+    """
+    count = adapter_task_count(source)
+    if count is None:
+        if task is not None:
+            raise PeftkitError(f"--task {task}: only a multitask prompt tuning adapter reads a task id, and "
+                               f"{source.describe()} has none; drop --task.")
+        return given
+    span = f"0 .. {count - 1}"
+    if task is not None:
+        if not 0 <= task < count:
+            raise PeftkitError(f"--task {task}: {source.adapter} has {count} task(s); give a task id in {span}.")
+        return [task] * len(given)
+    if given and None not in given:
+        if (top := max(given)) >= count:
+            raise PeftkitError(f"{data}: a row's 'task' is {top}, but {source.adapter} has {count} task(s) ({span}); "
+                               "fix the rows' task ids, or pass --task N to use one task for every row.")
+        return given
+    if any(t is not None for t in given):
+        raise PeftkitError(f"Some rows of {data} have a 'task' field and some do not; give every row its task id, or "
+                           "pass --task N to use one task for every row.")
+    if count == 1:
+        return [0] * len(given)
+    where = f", or give every row of {data} a 'task' column" if data else ""
+    raise PeftkitError(f"{source.adapter} is a multitask prompt tuning adapter of {count} tasks, and nothing says which "
+                       f"task to use: pass --task N ({span}){where}.")
+
+
+def with_tasks(source: ModelSource, task: int | None, items: list[Item], data: str | None = None) -> list[Item]:
+    """`items` (examples or prompts) with the task ids `resolve_tasks` gives them (copies; unchanged when the model
+    reads no task ids)."""
+    tasks = resolve_tasks(source, task, [item.task_id for item in items], data)
+    return [item if item.task_id == t else replace(item, task_id=t) for item, t in zip(items, tasks, strict=True)]

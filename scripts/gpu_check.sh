@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks of one session, in one call (a lent GPU machine is short of time, not of memory):
+#   bash scripts/gpu_check.sh OUT_DIR [SECONDS]
+# Runs, each under its own time limit and in this order, stopping new steps past SECONDS (default 480):
+#   1. tests/test_sharded.py (FSDP2, FSDP2 + QLoRA) and the CUDA-relevant test files, on the GPU;
+#   2. bench_train.py: LoRA at a ~1.2B Llama shape in bf16, with the frozen-base floor, 2 repeats;
+#   3. bench_qlora.py at the same shape (NF4 + DQ, paged 8-bit AdamW, gradient checkpointing);
+#   4. bench_train.py at an 8B Llama layer shape (hidden 4096, MLP 14336, vocab 128256; 4 layers).
+# Logs and raw JSON go to OUT_DIR; a summary is printed last. Packages the machine lacks are expected as wheels
+# in .whl/ (see the device notes); torch, transformers, peft and accelerate are the machine's own.
+set -u
+out=${1:?usage: gpu_check.sh OUT_DIR [SECONDS]}
+budget=${2:-480}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+python3 - <<'EOF' 2>&1 | tee "$out/env.log"
+import importlib, torch
+print("gpu", torch.cuda.get_device_name(0), "torch", torch.__version__)
+for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "pydantic"):
+    print(name, importlib.import_module(name).__version__)
+EOF
+
+step() {  # step NAME LIMIT COMMAND...: run it unless the budget is spent; log to OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  if (( SECONDS + 30 > budget )); then echo "== $name: skipped (budget)" | tee -a "$out/summary.log"; return; fi
+  (( limit > budget - SECONDS )) && limit=$(( budget - SECONDS ))
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name: exit $? in $(( SECONDS - t0 )) s" | tee -a "$out/summary.log"
+}
+
+step tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_sharded.py tests/test_qlora.py \
+  tests/test_train.py tests/test_crash_safety.py tests/test_generate.py tests/test_prompt_methods.py
+step bench_train 150 python3 scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
+  --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 30 --repeats 2 --floor \
+  --json "$out/bench_train.json"
+step bench_qlora 90 python3 scripts/bench_qlora.py --device cuda --hidden 2048 --layers 16 --intermediate 5632 \
+  --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 25 --gradient-checkpointing \
+  --json "$out/bench_qlora.json"
+step bench_8b 90 python3 scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 4096 --layers 4 \
+  --intermediate 14336 --vocab 128256 --words 12 --max-length 512 --batch-size 4 --steps 20 --floor \
+  --json "$out/bench_8b.json"
+
+for f in tests bench_train bench_qlora bench_8b; do
+  [ -f "$out/$f.log" ] && { echo "---- $f"; tail -n 22 "$out/$f.log"; }
+done
+cat "$out/summary.log"

@@ -1,0 +1,144 @@
+"""RoPE scaling from the recipe (peftkit.rope_scaling): the model's rotary embedding uses the factor (its logits are
+those of a model transformers builds with that rope config), a LongLoRA recipe trains past max_position_embeddings,
+the adapter's peftkit.json and a merged model's config.json carry the scaling (eval after export = the run's own
+eval), and a too-long data.max_length is a recipe error naming the keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from peftkit.data import load_examples
+from peftkit.errors import PeftkitError
+from peftkit.evaluate import EvalJob, evaluate
+from peftkit.inference import ModelSource
+from peftkit.modeling import load_config, load_model
+from peftkit.recipe import DataConfig, ModelConfig, load_recipe
+from peftkit.tiny import build_tiny_model
+from tests.conftest import make_recipe
+
+POSITIONS = 64  # the short model's max_position_embeddings; number_data's rows are 78 to 104 tokens
+
+
+@pytest.fixture(scope="module")
+def short_llama(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rope") / "llama-64"
+    build_tiny_model(path, arch="llama", hidden_size=32, num_layers=2, seed=0, max_position_embeddings=POSITIONS)
+    return path
+
+
+def _scaled(base: Path, rope: dict) -> torch.nn.Module:
+    return load_model(ModelConfig(name_or_path=str(base), rope_scaling=rope), device=torch.device("cpu")).eval()
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn"])
+def test_rotary_embedding_uses_the_factor(rope_type, short_llama):
+    """Logits over 150 tokens equal those of a model transformers builds from a config with that rope_parameters."""
+    ours = _scaled(short_llama, {"type": rope_type, "factor": 3})
+    raw = AutoConfig.from_pretrained(short_llama).to_dict()
+    raw["rope_parameters"] = {"rope_type": rope_type, "factor": 3.0, "rope_theta": 10000.0}
+    config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})
+    reference = AutoModelForCausalLM.from_pretrained(short_llama, config=config).eval()
+    plain = AutoModelForCausalLM.from_pretrained(short_llama).eval()
+    ids = torch.randint(4, 90, (2, 150), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert torch.equal(logits, reference(ids).logits)
+        assert (logits - plain(ids).logits).abs().max() > 1e-2  # the scaling changes the model
+    assert ours.model.rotary_emb.rope_type == rope_type
+
+
+def _recipe(tmp_path: Path, base: Path, files: dict, rope: dict | None, model_keys: dict | None = None,
+            **sections) -> Path:
+    """make_recipe's recipe with model.rope_scaling (and `model_keys`) set."""
+    path = make_recipe(tmp_path, base, files, **sections)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"] |= (model_keys or {}) | ({"rope_scaling": rope} if rope is not None else {})
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _eval_loss(source: ModelSource, data: str) -> float:
+    job = EvalJob(data=data, data_cfg=DataConfig(train=data, max_length=128), batch_size=8, source=source)
+    return evaluate(job)["loss"]
+
+
+def test_longlora_recipe_trains_past_max_position_embeddings_and_exports_the_scaling(short_llama, number_data, tmp_path):
+    from peftkit.train import train
+
+    sections = {"adapter": {"modules_to_save": ["embed_tokens", "norm"]},
+                "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2}, "export": {"merged": True}}
+    recipe = load_recipe(_recipe(tmp_path, short_llama, number_data, {"type": "linear", "factor": 2},
+                                 {"long_context": {"s2_attention": True}}, **sections))
+    tok = AutoTokenizer.from_pretrained(short_llama)
+    rows = load_examples(tok, str(number_data["train"]), "train", recipe.data)[0]
+    assert min(len(e.input_ids) for e in rows) > POSITIONS  # every training row lies past the model's positions
+    summary = train(recipe, show_summary=False)
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    run = tmp_path / "run"
+    assert json.loads((run / "adapter" / "peftkit.json").read_text())["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    merged_config = json.loads((run / "merged" / "config.json").read_text())
+    assert merged_config["rope_parameters"] | {"rope_theta": None} == {"rope_type": "linear", "factor": 2.0, "rope_theta": None}
+    assert merged_config["max_position_embeddings"] == POSITIONS
+    data = str(number_data["eval"])
+    adapter = _eval_loss(ModelSource(adapter=str(run / "adapter")), data)  # the base from the adapter's record
+    assert abs(adapter - summary["eval_loss"]) <= 1e-5
+    merged = _eval_loss(ModelSource(ModelConfig(name_or_path=str(run / "merged"))), data)
+    assert abs(merged - summary["eval_loss"]) <= 1e-4
+    unscaled = tmp_path / "unscaled"  # the same adapter without the record: another model, another loss
+    shutil.copytree(run / "adapter", unscaled)
+    meta = json.loads((unscaled / "peftkit.json").read_text())
+    (unscaled / "peftkit.json").write_text(json.dumps(meta | {"rope_scaling": None}))
+    assert abs(_eval_loss(ModelSource(adapter=str(unscaled)), data) - adapter) > 1e-3
+
+    # Combining keeps the record too: a combined adapter's peftkit.json, and a merge into the base's config.json
+    # (of a plain LoRA: adapters that save whole modules do not combine).
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    plain = _recipe(tmp_path / "plain", short_llama, number_data, {"type": "linear", "factor": 2},
+                    training={"max_steps": 2, "batch_size": 8}, eval={"base_model": False})
+    train(load_recipe(plain), show_summary=False)
+    halves, lora = Combination("linear", (0.5, 0.5)), str(tmp_path / "plain" / "run" / "adapter")
+    combined = combine_adapters([lora] * 2, halves, str(tmp_path / "combined"))
+    assert json.loads((combined / "peftkit.json").read_text())["rope_scaling"] == {"type": "linear", "factor": 2.0}
+    folded = combine_adapters([lora] * 2, halves, str(tmp_path / "folded"), into_base=True)
+    assert json.loads((folded / "config.json").read_text())["rope_parameters"]["factor"] == 2.0
+
+
+@pytest.mark.parametrize(("rope", "max_length", "message"), [
+    (None, 128, "data.max_length 128 is longer than {model}'s max_position_embeddings (64). Lower data.max_length "
+                "to 64, or scale its RoPE to cover it: model.rope_scaling: {{type: linear, factor: 2}}."),
+    ({"type": "linear", "factor": 2}, 200, "data.max_length 200 is longer than the 128 positions model.rope_scaling "
+                                           "covers (max_position_embeddings 64 x factor 2). Raise "
+                                           "model.rope_scaling.factor to 4, or lower data.max_length to 128."),
+])
+def test_too_long_max_length_is_a_recipe_error(rope, max_length, message, short_llama, number_data, tmp_path):
+    from peftkit.train import train
+
+    recipe = _recipe(tmp_path, short_llama, number_data, rope, data={"max_length": max_length})
+    with pytest.raises(PeftkitError) as error:
+        train(load_recipe(recipe), show_summary=False)
+    assert str(error.value) == message.format(model=short_llama)
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # said before the model loads or the run starts
+
+
+def test_a_model_without_rope_is_refused(tiny_gpt2):
+    with pytest.raises(PeftkitError, match=r"model.rope_scaling: .* \(gpt2\) has no rotary position embeddings"):
+        load_config(ModelConfig(name_or_path=str(tiny_gpt2), rope_scaling={"type": "linear", "factor": 2}))
+
+
+def test_a_model_that_scales_already_is_refused(short_llama, tmp_path):
+    scaled = tmp_path / "scaled"
+    shutil.copytree(short_llama, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PeftkitError, match="scales its RoPE already .rope_type 'dynamic'"):
+        load_config(ModelConfig(name_or_path=str(scaled), rope_scaling={"type": "linear", "factor": 2}))

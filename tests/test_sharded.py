@@ -1,0 +1,97 @@
+"""Sharded training (FSDP2 through accelerate, configs/accelerate/fsdp2.yaml).
+
+accelerate turns FSDP on only with CUDA devices, so the training tests run where a GPU is (one GPU: a
+single-process FSDP run, which still shards every parameter into DTensors, gathers them for the checkpoint
+and the export, and restores them on resume); the refusals are checked everywhere.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+
+from peftkit.distributed import check_engine
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from tests.conftest import make_recipe
+
+FSDP2 = str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp2.yaml")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on CUDA devices only")
+
+
+def _launch(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes",
+               str(torch.cuda.device_count()), "-m", "peftkit", "train", str(recipe), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def _sections(**training) -> dict:
+    return dict(adapter={"dropout": 0.0}, eval={"base_model": False},
+                training={"max_steps": 10, "save_steps": 5, "mixed_precision": "no", "deterministic": True} | training)
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_engines_refuse_what_they_cannot_do(tiny_llama, number_data, tmp_path, kind):
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, export={"merged": True}))
+    with pytest.raises(PeftkitError) as e:
+        check_engine(recipe, SimpleNamespace(distributed_type=kind))
+    expected = "peftkit merge RUN_DIR/adapter" if kind == DistributedType.FSDP else "configs/accelerate/fsdp2.yaml"
+    assert expected in str(e.value)
+
+
+@gpu
+def test_fsdp2_trains_the_adapter_of_a_plain_run_and_resumes_bit_identically(tiny_llama, number_data, tmp_path):
+    """The FSDP2 run's adapter equals the plain run's (fp32, deterministic kernels); its checkpoints hold whole
+    tensors; resuming from step 5 gives the uninterrupted run's bits."""
+    from peftkit.train import train
+
+    plain = make_recipe(tmp_path / "plain", tiny_llama, number_data, **_sections())
+    train(load_recipe(plain))
+    sharded = make_recipe(tmp_path / "fsdp", tiny_llama, number_data, **_sections())
+    done = _launch(sharded)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    run = tmp_path / "fsdp" / "run"
+    assert json.loads((run / "manifest.json").read_text())["distributed"]["type"] == "FSDP"
+    one, two = _adapter(tmp_path / "plain" / "run"), _adapter(run)
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+
+    shutil.rmtree(run / "checkpoints" / "step-00000010")
+    for leftover in ("adapter", "manifest.json"):
+        shutil.rmtree(run / leftover) if (run / leftover).is_dir() else (run / leftover).unlink()
+    resumed = _launch(sharded, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    again = _adapter(run)
+    assert all(torch.equal(two[k], again[k]) for k in two)
+
+
+@gpu
+def test_fsdp2_qlora_with_float_quant_storage(tiny_llama, number_data, tmp_path):
+    """QLoRA under FSDP2 (4-bit weights stored as bfloat16, so FSDP can shard them): it trains, and the exported
+    adapter evaluates in `peftkit eval` to the run's own final eval loss."""
+    quant = {"method": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "quant_storage": "bfloat16"}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, quantization=quant,
+                         **_sections(max_steps=20, save_steps=10, lr=5e-3, mixed_precision="bf16", deterministic=False))
+    done = _launch(recipe)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    final = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    out = tmp_path / "eval.json"
+    ev = subprocess.run([sys.executable, "-m", "peftkit", "eval", "--model", str(tiny_llama), "--adapter",
+                         str(tmp_path / "run" / "adapter"), "--data", str(number_data["eval"]), "--format", "alpaca",
+                         "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+    assert abs(json.loads(out.read_text())["loss"] - final) <= 1e-3 * final
