@@ -228,6 +228,15 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
         atomic_write_json(json_out, results)
 
 
+def _adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """--adapter values: (one plain DIR, or None; the NAME=DIR pairs when several are given or any is named)."""
+    from peftkit.compare import parse_named
+
+    if len(adapters) == 1 and "=" not in adapters[0]:
+        return _local(adapters[0]), []
+    return None, [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
+
+
 def _check_json_out(path: Path, flag: str = "--json") -> None:
     """An output file flag must name a file we can write: checked before minutes of evaluation, not after."""
     from peftkit.rundir import make_writable_dir
@@ -243,7 +252,11 @@ def generate(
                                                      "is the default --adapter). Without --prompt or --data, the "
                                                      "prompts of its data.eval.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter directory to apply. Repeat "
+                                                         "as NAME=DIR to load several, picked per row by --route.")] = None,
+    route: Annotated[Optional[str], typer.Option("--route", help="With --data and NAME=DIR adapters: the column naming "
+                                                 "each row's adapter (empty or 'base': the base model); all rows "
+                                                 "generate in mixed batches.")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Generate for each row's prompt (the prompt training "
                                                 "used); the row's target is kept as the reference.")] = None,
@@ -271,9 +284,10 @@ def generate(
 
     if json_out is not None:
         _check_json_out(json_out)
-    job = generate_job(recipe, overrides or [], _local(model) if model else None, _local(adapter) if adapter else None,
-                       prompt or [], _local(data) if data else None, fmt, chat, limit,
-                       Sampling(max_new_tokens, temperature, top_p, seed), batch_size, trust_remote_code, task)
+    single, named = _adapter_flags(adapter or [])
+    job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompt or [],
+                       _local(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
+                       batch_size, trust_remote_code, task, named, route)
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):

@@ -49,14 +49,26 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
 
 def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None) -> dict[str, dict]:
     """Each row's metrics (and, for an adapter, its trainable parameters and size on disk), by row name;
-    `predictions_dir` gets NAME.jsonl per row when the metrics generate."""
+    `predictions_dir` gets NAME.jsonl per row when the metrics generate.
+
+    The base and the adapters are evaluated in one loaded model, each adapter activated in turn
+    (`peftkit.adapters.named`): the base loads once, as the adapters were trained on it (re-quantized as they
+    were). A merged model loads on its own; so does each adapter of a classifier (its head is the model's class)."""
     from peftkit.inspect import inspect_adapter
 
+    adapters = {name: job.source.adapter for name, job in jobs.items() if job.source.adapter}
+    shared = None
+    if adapters and jobs[BASE].data_cfg.format != "classification":
+        shared = jobs[BASE].source.load_named(list(adapters.items()))
     results = {}
     for name, job in jobs.items():
         if predictions_dir is not None:
             job = replace(job, predictions=predictions_dir / f"{name}.jsonl")
-        results[name] = evaluate(job)
+        if shared is not None and (name in adapters or name == BASE):
+            shared[1].activate(name if name in adapters else None)
+            results[name] = evaluate(job, shared[0])
+        else:
+            results[name] = evaluate(job)
         if job.source.adapter:
             info = inspect_adapter(Path(job.source.adapter))
             results[name] |= {"trainable_params": info["trainable_params"], "adapter_bytes": info["size_on_disk"]}

@@ -224,7 +224,7 @@ def _named_classes(model_cfg: ModelConfig):
     return LabelSet.from_config(config) if named else None
 
 
-def evaluate(job: EvalJob) -> dict[str, float]:
+def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     """`peftkit eval`: loss, perplexity and token count, and/or task metrics of generated answers, of a base,
     adapted or merged model on a dataset.
 
@@ -232,6 +232,10 @@ def evaluate(job: EvalJob) -> dict[str, float]:
     in seconds. With an adapter, the base is the job's model or the adapter's base_model_name_or_path, loaded
     (and re-quantized) as the adapter was trained. Generation metrics generate greedily from the prompt tokens
     training built for each row (`peftkit.data.prompts`), batched with left padding, up to EOS.
+
+    Args:
+        model: the model to evaluate, already loaded (one of several named adapters active: `peftkit.compare`);
+            default: `job.source` loaded.
     """
     from peftkit.data import load_examples
     from peftkit.data.prompts import load_prompts
@@ -247,7 +251,7 @@ def evaluate(job: EvalJob) -> dict[str, float]:
         examples = with_tasks(source, job.task, examples, job.data)
     if prompts is not None:
         prompts = with_tasks(source, job.task, prompts, job.data)
-    model = source.load()
+    model = source.load() if model is None else model
     result: dict[str, float] = {}
     if examples is not None:
         result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)

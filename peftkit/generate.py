@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +82,12 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
 
 
 def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampling, batch_size: int = 8,
-                   on_batch: Callable[[list[Prompt], list[str]], None] | None = None) -> list[str]:
+                   on_batch: Callable[[list[Prompt], list[str]], None] | None = None,
+                   route: Callable[[list[int]], AbstractContextManager] | None = None) -> list[str]:
     """The completion of each prompt, in order, generated `batch_size` at a time (prompts of similar length
-    together, so that little padding is computed). `on_batch` sees each batch's prompts and completions.
+    together, so that little padding is computed). `on_batch` sees each batch's prompts and completions; `route`,
+    given the indices of a batch's prompts, the context its generation runs in (a mixed-adapter batch:
+    `NamedAdapters.routed`).
 
     The model is left in the train/eval mode it was in, and torch's global RNG as it was (sampling seeds a fork
     of it): generating in the middle of a training run must not change the dropout masks that follow."""
@@ -98,8 +102,9 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
         try:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
-                                   tasks=[prompts[i].task_id for i in batch])
+                with route(batch) if route else nullcontext():
+                    new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
+                                       tasks=[prompts[i].task_id for i in batch])
                 for i, ids in zip(batch, new, strict=True):
                     texts[i] = tok.decode(ids, skip_special_tokens=True)
                 if on_batch:
@@ -127,6 +132,10 @@ class GenerateJob:
     batch_size: int = 8
     task: int | None = None
     """--task: every prompt's task id (multitask prompt tuning); without it, --data rows' own `task`."""
+    adapters: list[tuple[str, str]] = field(default_factory=list)
+    """Named adapters (--adapter NAME=DIR) loaded together on the base; `source.adapter` is the first."""
+    route: str | None = None
+    """The data column naming each row's adapter (--route): one mixed batch, each row through its own."""
 
     def build_prompts(self, tok) -> list[Prompt]:
         if self.data:
@@ -139,10 +148,15 @@ class GenerateJob:
 def generate_job(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
                  prompts: list[str], data: str | None, fmt: str | None, chat: bool, limit: int | None,
                  sampling: Sampling, batch_size: int, trust_remote_code: bool = False,
-                 task: int | None = None) -> GenerateJob:
+                 task: int | None = None, adapters: list[tuple[str, str]] | None = None,
+                 route: str | None = None) -> GenerateJob:
     """The `peftkit generate` arguments as one job. A recipe (or run directory) gives the model, the adapter
-    (a run's adapter/), the data format and, without --prompt or --data, data.eval's prompts."""
+    (a run's adapter/), the data format and, without --prompt or --data, data.eval's prompts. `adapters`: named
+    adapters (instead of `adapter`), each row of --data picking one by its `route` column."""
     sampling.check()
+    adapters = adapters or []
+    _check_route(adapters, route, data)
+    adapter = adapters[0][1] if adapters else adapter
     if prompts and data:
         raise PeftkitError("Give --prompt or --data, not both.")
     if chat and data:
@@ -151,7 +165,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,
-                      task=task)
+                      task=task, adapters=adapters, route=route)
     if cfg is not None:
         job.data_cfg = cfg.data
         if not prompts and not data:
@@ -167,16 +181,58 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     return job
 
 
+def _check_route(adapters: list[tuple[str, str]], route: str | None, data: str | None) -> None:
+    """--route picks among named adapters, per row of --data; several adapters need it."""
+    if route is not None and not adapters:
+        raise PeftkitError(f"--route {route}: name the adapters it picks from, e.g. --adapter sql=DIR --adapter chat=DIR.")
+    if route is not None and not data:
+        raise PeftkitError(f"--route {route} reads a column of each --data row; pass --data FILE.")
+    if len(adapters) > 1 and route is None:
+        raise PeftkitError(f"{len(adapters)} --adapter given: pass --data FILE --route COLUMN, the column naming each "
+                           "row's adapter (empty or 'base': the base model), or give one --adapter.")
+
+
+def row_routes(prompts: list[Prompt], column: str, names: list[str], data: str | None) -> list[str | None]:
+    """Each prompt's adapter name from its row's `column` (None: the base), checked before the model loads."""
+    from peftkit.adapters.named import BASE_NAMES
+
+    routes: list[str | None] = []
+    for i, prompt in enumerate(prompts):
+        row = prompt.row or {}
+        if column not in row:
+            raise PeftkitError(f"--route {column}: row {i + 1} of {data} has no {column!r} column (it has: "
+                               f"{', '.join(row) or 'none'}).")
+        value = row[column]
+        if value is None or value in BASE_NAMES:
+            routes.append(None)
+        elif isinstance(value, str) and value in names:
+            routes.append(value)
+        else:
+            raise PeftkitError(f"--route {column}: row {i + 1} of {data} names adapter {value!r}, which no --adapter "
+                               f"NAME=DIR gives (given: {', '.join(names)}; empty or 'base' for the base model).")
+    return routes
+
+
 def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     """Generate for every prompt of `job`: [{"prompt", "completion"} (+ "reference", the row's target, for
-    --data)]. The prompts (and their tasks) are built before the model loads, so a data mistake is reported in
-    seconds."""
+    --data; + "adapter" with --route)]. The prompts (and their tasks and routes) are built before the model loads,
+    so a data mistake is reported in seconds."""
     tok = job.source.tokenizer()
     prompts = job.build_prompts(tok)
     if not prompts:
         raise PeftkitError(f"{job.data} has no usable rows to take prompts from.")
     prompts = with_tasks(job.source, job.task, prompts, job.data)
-    model = job.source.load()
-    texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size, on_batch)
+    routes = row_routes(prompts, job.route, [n for n, _ in job.adapters], job.data) if job.route else None
+    route = None
+    if job.adapters:
+        model, named = job.source.load_named(job.adapters)
+        named.activate(job.adapters[0][0])  # one adapter, no --route: that adapter for every row
+        if routes is not None:
+            def route(batch: list[int]) -> AbstractContextManager:
+                return named.routed([routes[i] for i in batch])
+    else:
+        model = job.source.load()
+    texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size, on_batch, route)
     return [{"prompt": p.text, "completion": t} | ({"reference": p.reference} if p.reference is not None else {})
-            for p, t in zip(prompts, texts, strict=True)]
+            | ({"adapter": routes[i] or "base"} if routes is not None else {})
+            for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]

@@ -72,6 +72,17 @@ class ModelSource:
             return load_adapted_model(self.base, self.adapter, device, self.trust_remote_code)[0]
         return load_model(self.model, self.quantization, device, labels).eval()
 
+    def load_named(self, adapters: list[tuple[str, str]], device: torch.device | None = None):
+        """(model, NamedAdapters): the base loaded once with every (name, adapter directory) on it, none active; the
+        base is the given model, else the adapters' recorded one (`peftkit.adapters.named.load_named_model`)."""
+        from peftkit.adapters.named import load_named_model
+        from peftkit.modeling import resolve_device
+
+        device = device or resolve_device(self.model.device if self.model else "auto")
+        base = self.model.name_or_path if self.model else None
+        model, named, _ = load_named_model(adapters, base, device, self.trust_remote_code)
+        return model, named
+
 
 def model_source(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
                  trust_remote_code: bool, command: str) -> tuple[ModelSource, Recipe | None]:

@@ -371,6 +371,24 @@ def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device 
         (model, adapter settings, tokenizer, base ModelConfig, quantization or None)
     """
     from peftkit.adapters import inject_adapters, load_adapter_state_dict
+
+    model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code)
+    # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
+    # weights then decide, and load_adapter_state_dict refuses any that do not land.
+    inject_adapters(model, adapter_cfg, every_entry=False)
+    load_adapter_state_dict(model, state)
+    model.eval()
+    return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant
+
+
+def load_adapter_base(base: str | None, adapter_dir: str, device: torch.device | None = None,
+                      trust_remote_code: bool = False):
+    """An adapter's files and the base model it applies to, not yet adapted (`load_adapted_model`'s first half,
+    which `peftkit.adapters.named` shares: several adapters, one base).
+
+    Returns:
+        (base model, adapter settings, PEFT-keyed tensors, PEFT config, base ModelConfig, quantization or None)
+    """
     from peftkit.peft_format import load_adapter, read_meta
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
@@ -391,12 +409,7 @@ def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device 
         from peftkit.classify import with_head
 
         adapter_cfg = with_head(adapter_cfg, model)
-    # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
-    # weights then decide, and load_adapter_state_dict refuses any that do not land.
-    inject_adapters(model, adapter_cfg, every_entry=False)
-    load_adapter_state_dict(model, state)
-    model.eval()
-    return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant
+    return model, adapter_cfg, state, raw, model_cfg, quant
 
 
 def adapter_labels(adapter_dir: str, state: dict[str, torch.Tensor]) -> LabelSet:

@@ -9,7 +9,7 @@ reference answer (its target), so that what a model generates can be set beside 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peftkit.data.examples import prompt_and_target_text, row_location, row_task, usable_row
 from peftkit.data.rows import load_rows
@@ -27,6 +27,8 @@ class Prompt:
     """The row's target: what the model was taught to answer."""
     task_id: int | None = None
     """The row's `task` (multitask prompt tuning's task id), or `--task`'s: `peftkit.task_ids`."""
+    row: dict | None = field(default=None, repr=False)
+    """The data row it came from (`peftkit generate --route` reads a column of it)."""
 
 
 def chat_prompt(tok, messages: list[dict]) -> Prompt:
@@ -74,6 +76,6 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         where = row_location(source, i, line_numbers)
         if usable_row(row, cfg, where):
             prompt = row_prompt(tok, row, cfg.format)
-            prompt.task_id = row_task(row, where)
+            prompt.task_id, prompt.row = row_task(row, where), row
             prompts.append(prompt)
     return prompts

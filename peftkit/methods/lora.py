@@ -146,9 +146,12 @@ class LoraLinear(_LoraLayer):
         result = self.base_layer(x)
         if self.merged:
             return result
-        a = self.lora_A.weight
-        update = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling
-        return result + update.to(result.dtype)
+        return result + self.update(x).to(result.dtype)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling * B A dropout(x), in the adapter's dtype: what the layer adds to the base output (a mixed
+        batch, `peftkit.adapters.named`, adds it to some rows of one base output)."""
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
 
 
 class DoraLinear(LoraLinear):
@@ -234,11 +237,14 @@ class LoraEmbedding(_LoraLayer):
         result = self.base_layer(x)
         if self.merged:
             return result
+        return result + self.update(x).to(result.dtype)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """What the layer adds to the base lookup of token ids `x`, in the adapter's dtype."""
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)
-        update = (after_a @ self.lora_embedding_B.T) * self.scaling
-        return result + update.to(result.dtype)
+        return (after_a @ self.lora_embedding_B.T) * self.scaling
 
 
 class PeftLoraConfig(PeftConfigBase):

@@ -188,8 +188,20 @@ def install(model: nn.Module, module: VirtualTokens) -> VirtualTokens:
     """Put `module` on `model` (on its device) with its two hooks."""
     module.to(model.get_input_embeddings().weight.device)
     setattr(model, ATTR, module)
-    model.register_forward_pre_hook(module.before_forward, with_kwargs=True)
-    model.register_forward_hook(module.after_forward)
+    module.hooks = [model.register_forward_pre_hook(module.before_forward, with_kwargs=True),
+                    model.register_forward_hook(module.after_forward)]
+    return module
+
+
+def uninstall(model: nn.Module) -> VirtualTokens | None:
+    """Take the prompt-family adapter off `model` (its attribute and its two hooks) and return it, to `install` again
+    later (`peftkit.adapters.named` keeps one of several active); None when there is none."""
+    module = virtual_tokens(model)
+    if module is None:
+        return None
+    for hook in module.hooks:
+        hook.remove()
+    delattr(model, ATTR)
     return module
 
 

@@ -1,0 +1,393 @@
+"""Several named adapters on one base model: load, activate one (or none: the base), disable for a while,
+delete; and mixed batches, where each row of one forward goes through its own adapter or the base.
+
+    model, adapters, tok = load_named_model([("sql", "runs/sql/adapter"), ("chat", "runs/chat/adapter")])
+    adapters.activate("sql")              # every forward now runs the sql adapter
+    with adapters.disabled():             # the base, nothing unloaded
+        ...
+    with adapters.routed(["sql", None, "chat"]):  # one forward (or generate): row 0 sql, row 1 base, row 2 chat
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    adapters.delete("chat")               # its layers and parameters are gone
+
+Design. The single-adapter path (training, export, `load_adapted_model`) is not touched: it keeps one method
+layer per target, wrapping the base layer. Here each adapter is loaded exactly as that path loads one (the same
+`inject_adapters` and `load_adapter_state_dict`, on the model with every other adapter taken out), so each is its
+own set of method layers, all wrapping the *same* frozen base layer objects; an `AdapterHost` then takes the
+target's place in the model and holds the base layer and {name: that adapter's layer}. Its forward runs the
+active adapter's layer, or the base layer when none is active or the active adapter does not adapt this layer
+(adapters may target different layers). A `modules_to_save` module is held the same way: a copy per adapter
+with that adapter's weights, the base's own left as it was. Nothing is merged, so switching costs nothing.
+
+HF peft instead keeps per-name dicts (`lora_A["name"]`) inside every layer of every model, even for one adapter
+(`set_adapter`, `disable_adapter`, `delete_adapter`); that is the cost this design avoids for the common case.
+
+Mixed batches, as peft's `adapter_names=` (`LoraLayer._mixed_batch_forward`): a host computes the base layer once
+for the whole batch, then adds each row's adapter. Its LoRA linear adapters go in together, as S-LoRA/Punica's
+batched kernels do: their A and B are stacked once per mixed batch (a lower rank zero-padded, exactly), each row
+gathers its own, and two batched matmuls give every row its update, so the cost per layer does not grow with the
+number of adapters (peft loops over them, one small matmul pair each). A LoRA embedding adds its update to its
+rows; any other weight-update layer (DoRA, IA3, LoHa, LoKr, VeRA, OFT, AdaLoRA) and a `modules_to_save` copy
+recompute their rows whole through their own forward (correct for every method, at the cost of the base rows
+computed twice). Module adapters (bottleneck, Llama-Adapter: their blocks take more than one batch-first tensor)
+and the prompt family (one module on the whole model, which changes the sequence length) cannot split a batch by
+rows: a route naming one is refused. Mixed batches are for inference (peft refuses them in training mode too).
+
+The prompt family keeps one adapter active at a time: each is its own `VirtualTokens` module, installed on the
+model (`peftkit.methods.virtual.install`) while active and taken off otherwise.
+
+Adapters must share the base: same recorded base_model_name_or_path (unless the caller names the base itself, as
+`--model` does) and the same quantization; one trained for a sequence classifier is refused (its head is the
+model's class).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_to_save
+from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.methods import method_of
+from peftkit.methods.base import Method
+from peftkit.methods.lora import LoraEmbedding, LoraLinear
+from peftkit.methods.virtual import VirtualTokens, install, uninstall
+from peftkit.peft_format import read_meta
+from peftkit.recipe import AdapterConfig, QuantizationConfig
+
+BASE_NAMES = ("", "base")
+"""What a route names for a row that runs the base model (as does None)."""
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class AdapterHost(nn.Module):
+    """A module of a model with named adapters: the frozen base module and, by adapter name, the module that
+    replaces it for that adapter (a method layer wrapping the same base, or a `modules_to_save` copy)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None
+        self.routes: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
+        """In a mixed batch: (rows in the batch, [(adapter name, its row indices)]) for the adapters held here."""
+        self._stacked: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # As AdapterLayer: transformers' dtype/device probes read `module.weight`.
+        return self.base_layer.weight
+
+    def route(self, batch: int, groups: list[tuple[str, torch.Tensor]] | None) -> None:
+        """Start (or with None, end) a mixed batch of `batch` rows, `groups` giving each adapter's rows."""
+        self.routes = None if groups is None else (batch, [(n, rows) for n, rows in groups if n in self.adapters])
+        lora = [(n, rows) for n, rows in (self.routes or (0, []))[1] if type(self.adapters[n]) is LoraLinear]
+        self._stacked = _stack_lora([self.adapters[n] for n, _ in lora], [rows for _, rows in lora], batch) if lora else None
+
+    def forward(self, *args, **kwargs):
+        if self.routes is not None and self.routes[1]:
+            return self._mixed(*args, **kwargs)
+        module = self.adapters[self.active] if self.active in self.adapters else self.base_layer
+        return module(*args, **kwargs)
+
+    def _mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row through its own adapter's module (or the base), the base computed once for all rows."""
+        batch, groups = self.routes
+        if x.shape[0] != batch:
+            raise PeftkitError(f"A mixed batch routes {batch} rows, but this forward has {x.shape[0]} (beam search or "
+                               "several samples per prompt multiply the rows; route each copy of a row).")
+        result = self.base_layer(x)
+        if self._stacked is not None:  # every LoRA linear adapter at once: two batched matmuls, whatever their number
+            a, b, scale, slot = self._stacked
+            h = torch.bmm(x.reshape(batch, -1, a.shape[-1]).to(a.dtype), a[slot].transpose(1, 2))
+            update = torch.bmm(h, b[slot].transpose(1, 2)) * scale[slot][:, None, None]
+            result = result + update.reshape(result.shape).to(result.dtype)
+        for name, rows in groups:
+            layer, rows = self.adapters[name], rows.to(x.device)
+            if type(layer) is LoraLinear:
+                continue
+            if type(layer) is LoraEmbedding:
+                result = result.index_add(0, rows, layer.update(x[rows]).to(result.dtype))
+            else:  # a layer that does more than add (DoRA, IA3, ...) or a modules_to_save copy: its rows whole
+                result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
+        return result
+
+
+def _stack_lora(layers: list[LoraLinear], rows: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """(A (k+1, r, in), B (k+1, out, r), scaling (k+1,), each row's slot (batch,)) for k LoRA layers of one base:
+    slot 0 is all zeros (the rows of the base or of another method), a lower rank is padded with zeros (exact)."""
+    first = layers[0].lora_A.weight
+    r = max(layer.lora_A.weight.shape[0] for layer in layers)
+    a = first.new_zeros(len(layers) + 1, r, first.shape[1])
+    b = first.new_zeros(len(layers) + 1, layers[0].lora_B.weight.shape[0], r)
+    scale = first.new_zeros(len(layers) + 1)
+    slot = torch.zeros(batch, dtype=torch.long, device=first.device)
+    with torch.no_grad():
+        for k, (layer, row) in enumerate(zip(layers, rows, strict=True), start=1):
+            rank = layer.lora_A.weight.shape[0]
+            a[k, :rank], b[k, :, :rank], scale[k] = layer.lora_A.weight, layer.lora_B.weight, layer.scaling
+            slot[row.to(first.device)] = k
+    return a, b, scale, slot
+
+
+@dataclass
+class _Adapter:
+    method: type[Method]
+    directory: str
+    paths: list[str] = field(default_factory=list)
+    """The host paths this adapter has a module in."""
+    virtual: VirtualTokens | None = None
+    """A prompt-family adapter's module (installed on the model while active)."""
+
+
+class NamedAdapters:
+    """The named adapters of one base model (see the module docstring). Create it with `load_named_model`, or on a
+    base model you loaded (`NamedAdapters(model)`) and then `load` each adapter.
+
+    Args:
+        model: the base model, without an adapter.
+        base: the base's name when the caller chose it (`--model`): adapters recorded on other bases are then
+            accepted as the caller says; None: every adapter must record the same base.
+        quantization: how the base was loaded (bitsandbytes settings); every adapter must have been trained on
+            that (a 4-bit base is re-quantized as its adapter was trained: `load_adapted_model`).
+    """
+
+    def __init__(self, model: nn.Module, base: str | None = None, quantization: QuantizationConfig | None = None) -> None:
+        self.model = model
+        self.base = base
+        self.quantization = quantization
+        self.active: str | None = None
+        self._adapters: dict[str, _Adapter] = {}
+        self._hosts: dict[str, AdapterHost] = {}
+        self._recorded_base: tuple[str, str | None] | None = None  # (first adapter's name, its recorded base)
+        self._rope_scaling = None  # the first adapter's model.rope_scaling (peftkit.json), which the base loaded with
+
+    @property
+    def names(self) -> list[str]:
+        """The loaded adapters, in loading order."""
+        return list(self._adapters)
+
+    def load(self, name: str, directory: str | Path) -> None:
+        """Load the PEFT-format adapter in `directory` under `name` (inactive)."""
+        from peftkit.peft_format import load_adapter
+
+        self._check_new_name(name)
+        self._add_read(name, str(directory), *load_adapter(directory))
+
+    def _add_read(self, name: str, directory: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], raw,
+                  quant: QuantizationConfig | None) -> None:
+        """`add` what `load_adapter` read from `directory`, once it is known to fit this base."""
+        self._check_fits(name, directory, raw, quant)
+        self.add(name, cfg, state, directory)
+        if self._recorded_base is None:
+            self._recorded_base = (name, raw.base_model_name_or_path)
+            self._rope_scaling = read_meta(directory).rope_scaling if directory else None
+
+    def add(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], directory: str = "") -> None:
+        """Put an adapter given as settings and PEFT-keyed tensors (what `load_adapter` reads) under `name` (inactive)."""
+        self._check_new_name(name)
+        method = method_of(cfg)
+        entry = _Adapter(method, directory)
+        with self._bare():
+            if not method.layer_targets:
+                try:
+                    inject_adapters(self.model, cfg, every_entry=False)
+                    load_adapter_state_dict(self.model, state)
+                finally:
+                    entry.virtual = uninstall(self.model)
+                params = list(entry.virtual.parameters())
+            else:
+                entry.paths = self._attach_layers(name, cfg, state)
+                params = [p for path in entry.paths for n, p in self._hosts[path].adapters[name].named_parameters()
+                          if not n.startswith("base_layer.")]
+        for p in params:
+            p.requires_grad_(False)
+        self._adapters[name] = entry
+
+    def activate(self, name: str | None) -> None:
+        """Run every forward with adapter `name` from now on; None (or 'base'): the base model."""
+        name = None if name is None or name in BASE_NAMES else self._known(name)
+        uninstall(self.model)
+        for host in self._hosts.values():
+            host.active = name
+        if name is not None and (virtual := self._adapters[name].virtual) is not None:
+            install(self.model, virtual)
+        self.active = name
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model inside the block, nothing unloaded; the adapter active before is active again after."""
+        previous = self.active
+        self.activate(None)
+        try:
+            yield
+        finally:
+            self.activate(previous)
+
+    def delete(self, name: str) -> None:
+        """Unload adapter `name`: its modules leave the model (and their memory, once nothing else holds them); a
+        layer no adapter adapts any more gets its plain base layer back."""
+        entry = self._adapters[self._known(name)]
+        if self.active == name:
+            self.activate(None)
+        with self._bare():
+            for path in entry.paths:
+                del self._hosts[path].adapters[name]
+                if not len(self._hosts[path].adapters):
+                    del self._hosts[path]  # its base layer is in the tree already
+        del self._adapters[name]
+
+    @contextmanager
+    def routed(self, rows: Sequence[str | None]) -> Iterator[None]:
+        """Forwards (and `generate`) inside the block are mixed batches: row i runs adapter `rows[i]` (None, '' or
+        'base': the base model). The adapter active before is active again after."""
+        if self.model.training:
+            raise PeftkitError("A mixed batch is for inference: call model.eval() first (dropout would differ per row).")
+        names = [None if r is None or r in BASE_NAMES else r for r in rows]
+        for name in dict.fromkeys(n for n in names if n is not None):
+            self._check_mixable(name)
+        device = next(self.model.parameters()).device
+        groups = [(name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device))
+                  for name in dict.fromkeys(n for n in names if n is not None)]
+        previous = self.active
+        self.activate(None)
+        for host in self._hosts.values():
+            host.route(len(names), groups)
+        try:
+            yield
+        finally:
+            for host in self._hosts.values():
+                host.route(len(names), None)
+            self.activate(previous)
+
+    # ------------------------------------------------------------------------------------------- internals
+
+    def _known(self, name: str) -> str:
+        if name not in self._adapters:
+            loaded = ", ".join(self._adapters) or "none"
+            raise PeftkitError(f"No adapter named {name!r} is loaded (loaded: {loaded}).{did_you_mean(name, self._adapters)}"
+                               " Use one of those, or None / 'base' for the base model.")
+        return name
+
+    def _check_new_name(self, name: str) -> None:
+        if name in BASE_NAMES or not _NAME.match(name):
+            raise PeftkitError(f"Adapter name {name!r}: use letters, digits, _ and - ('base' means the base model).")
+        if name in self._adapters:
+            raise PeftkitError(f"An adapter named {name!r} is already loaded (from {self._adapters[name].directory or 'memory'}); "
+                               "give this one another name, or delete that one first.")
+
+    def _check_fits(self, name: str, directory: str, raw, quant: QuantizationConfig | None) -> None:
+        """The adapter was trained on this model's base: its recorded base (unless the caller named the base), its
+        quantization, a causal LM."""
+        if raw.task_type == "SEQ_CLS":
+            raise PeftkitError(f"Adapter {name!r} ({directory}) is for a sequence classifier (task_type SEQ_CLS), whose "
+                               "head is the model's class; load it alone (peftkit eval --adapter DIR).")
+        if self.base is None and self._recorded_base is not None:
+            recorded = raw.base_model_name_or_path
+            if recorded != self._recorded_base[1]:
+                first, base = self._recorded_base
+                raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {recorded}, adapter {first!r} on "
+                                   f"{base}: adapters in one model share one base. Load adapters of one base, or "
+                                   "name the base yourself (--model) if both bases are the same model.")
+        if self._recorded_base is not None and (scaling := read_meta(directory).rope_scaling) != self._rope_scaling:
+            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained with RoPE scaling {_scaling(scaling)}, adapter "
+                               f"{self._recorded_base[0]!r} with {_scaling(self._rope_scaling)}: adapters in one model "
+                               "share one base, scaled one way.")
+        if quant != self.quantization:
+            def what(q): return f"a {q.method} (bitsandbytes) base" if q else "an unquantized base"
+            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {what(quant)}, but the model here is "
+                               f"{what(self.quantization)[3:]}: adapters in one model share one base, loaded one way.")
+
+    def _check_mixable(self, name: str) -> None:
+        method = self._adapters[self._known(name)].method
+        if not method.mergeable:
+            raise PeftkitError(
+                f"Adapter {name!r} is {method.title} (method: {method.name}), which cannot serve a mixed batch: "
+                + ("it adds virtual tokens to the whole batch" if not method.layer_targets else
+                   "its modules take whole blocks, not rows") +
+                ". Mixed batches take weight-update adapters (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, OFT, AdaLoRA); "
+                f"run the rows for {name!r} apart, with adapters.activate({name!r}).")
+
+    def _attach_layers(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor]) -> list[str]:
+        """Inject the adapter into the bare model (its modules_to_save as copies), load its tensors, then move each
+        new module into the host at its path and put the base module back in the tree."""
+        originals = modules_to_save(self.model, cfg.modules_to_save)
+        for path, module in originals.items():
+            _replace(self.model, path, copy.deepcopy(module))
+        targets: list[str] = []
+        try:
+            targets = inject_adapters(self.model, cfg, every_entry=False)
+            load_adapter_state_dict(self.model, state)
+        except BaseException:
+            for path in targets:
+                _replace(self.model, path, self.model.get_submodule(path).base_layer)
+            for path, module in originals.items():
+                _replace(self.model, path, module)
+            raise
+        paths = []
+        for path, base in [(t, None) for t in targets] + list(originals.items()):
+            module = self.model.get_submodule(path)
+            base = module.base_layer if base is None else base
+            _replace(self.model, path, base)
+            host = self._hosts.get(path) or self._hosts.setdefault(path, AdapterHost(base))
+            host.adapters[name] = module
+            paths.append(path)
+        return paths
+
+    @contextmanager
+    def _bare(self) -> Iterator[None]:
+        """The base model's own modules in the tree (hosts and the prompt adapter taken out) for the block."""
+        # Outer hosts first out and last in: a module adapter's host (a whole MLP) may hold a LoRA host's layer,
+        # whose path is then reached through the plain block.
+        uninstall(self.model)
+        for path in sorted(self._hosts, key=lambda p: p.count(".")):
+            _replace(self.model, path, self._hosts[path].base_layer)
+        try:
+            yield
+        finally:
+            for path in sorted(self._hosts, key=lambda p: -p.count(".")):
+                _replace(self.model, path, self._hosts[path])
+            self.activate(self.active)
+
+
+def _scaling(rope_scaling) -> str:
+    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def load_named_model(adapters: Sequence[tuple[str, str]], base: str | None = None, device: torch.device | None = None,
+                     trust_remote_code: bool = False):
+    """The base loaded once (as `load_adapted_model` loads it for the first adapter: re-quantized as it was trained)
+    with every adapter on it by name, in eval mode, none active.
+
+    Args:
+        adapters: (name, adapter directory) pairs.
+        base: the base model; default the adapters' recorded base_model_name_or_path (which must then agree).
+
+    Returns:
+        (model, NamedAdapters, tokenizer)
+    """
+    from peftkit.modeling import check_remote_code, load_adapter_base, load_tokenizer
+
+    if not adapters:
+        raise PeftkitError("No adapters to load: give at least one (name, directory).")
+    first_name, first_dir = adapters[0]
+    model, cfg, state, raw, model_cfg, quant = load_adapter_base(base, first_dir, device, trust_remote_code)
+    named = NamedAdapters(model, base, quant)
+    named._check_new_name(first_name)
+    named._add_read(first_name, first_dir, cfg, state, raw, quant)
+    for name, directory in adapters[1:]:
+        check_remote_code(directory, trust_remote_code)
+        named.load(name, directory)
+    model.eval()
+    return model, named, load_tokenizer(model_cfg)
