@@ -165,6 +165,12 @@ def test_export_and_reload_give_the_same_logits(kind, sources, tiny_llama, tmp_p
                  peft_config(cfg, targets, str(tiny_llama), False, model.config.model_type))
     for d in dirs:
         shutil.rmtree(d)
+    from peftkit.inspect import inspect_adapter
+
+    info = inspect_adapter(tmp_path / "fusion")
+    assert info["peftkit_reads"]["ok"] and info["targets"]["count"] == len(targets)
+    # Counted: the fusion's tensors (W_q, W_k of a one-adapter site too), not the fused adapters' copies.
+    assert info["trainable_params"] == sum(t.numel() for k, t in adapter_state_dict(model, []).items() if ".fused." not in k)
     reloaded, loaded_cfg, *_ = load_adapted_model(None, str(tmp_path / "fusion"))
     assert torch.equal(_logits(model), _logits(reloaded))
     assert loaded_cfg.temperature and loaded_cfg.fuse == [str(d) for d in dirs]
