@@ -21,11 +21,13 @@ default ("dynamic") settings:
 
 W_q, W_k ~ N(0, 0.02) with zero biases, W_v = I exactly (AdapterHub adds 1e-6 off the diagonal; we do not: with
 W_v = I and uniform attention the site outputs y + the mean of the deltas, which tests check). No 1/sqrt(d) on the
-scores (AdapterHub has none). `value: false` drops W_v (AdapterHub's "static" fusion). `regularization` adds
+scores (AdapterHub has none). A site only one adapter adapts has no W_q, W_k (softmax over one output is 1): it
+outputs y + W_v delta. `value: false` drops W_v (AdapterHub's "static" fusion). `regularization` adds
 lambda * sum ||I - W_v||_F^2 over the sites to each step's loss (AdapterHub's, lambda = 0.01). `temperature: true`
 anneals T from 50 by 50/1000 per optimizer step down to 1 (AdapterHub per forward call, evaluations included); an
 evaluation and the exported adapter use T = 1. `dropout` acts on the scores, as AdapterHub's. Computed in fp32
-and cast back. 3 d^2 + 2 d parameters per site (2 d^2 + 2 d without W_v): target few layers on a wide model.
+and cast back. 3 d^2 + 2 d parameters per site (2 d^2 + 2 d without W_v): fuse adapters of few layers on a wide
+model.
 
 The fused adapters run as at inference (their dropout off) and are never trained. All of them must be of one base
 (the recipe's model, at the same revision and quantization); peftkit refuses VeRA (its projections are shared
@@ -33,7 +35,8 @@ model-wide under one name), the prompt family, Llama-Adapter, `modules_to_save` 
 
 Saved format (peft has no AdapterFusion, so it is peftkit's own, with PEFT's file names; peft refuses the unknown
 peft_type, peftkit reads it): `adapter_model.safetensors` holds, under `base_model.model.<site>.`, the fusion's
-`fusion_query.weight/.bias`, `fusion_key.weight/.bias`, `fusion_value.weight`, and a **copy** of every fused
+`fusion_query.weight/.bias`, `fusion_key.weight/.bias` (where 2 or more adapters meet), `fusion_value.weight` (with
+`value`), and a **copy** of every fused
 adapter's tensors at that site as `fused.<i>.<its own key suffix>` (`fused.0.lora_A.weight`, i its position in
 `fuse`); `adapter_config.json` (peft_type `ADAPTER_FUSION`) holds the fusion settings, `target_modules` (the sites)
 and `fused`: per adapter its source directory (for the record) and its whole adapter_config.json. Copies, not
@@ -139,22 +142,22 @@ class FusionLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fused: dict[str, AdapterLayer], size: int, cfg: FusionConfig) -> None:
         super().__init__(base_layer)
         self.facts = None
+        self.size = size
         self.fused = nn.ModuleDict(fused)
         self.fused.requires_grad_(False)
         device = next(base_layer.parameters()).device
-        self.fusion_query = nn.Linear(size, size, device=device, dtype=torch.float32)
-        self.fusion_key = nn.Linear(size, size, device=device, dtype=torch.float32)
+        # One adapter alone at a site: softmax over one score is 1, so the site has no query or key (only W_v).
+        attends = len(fused) > 1
+        self.fusion_query = nn.Linear(size, size, device=device, dtype=torch.float32) if attends else None
+        self.fusion_key = nn.Linear(size, size, device=device, dtype=torch.float32) if attends else None
         self.fusion_value = nn.Linear(size, size, bias=False, device=device, dtype=torch.float32) if cfg.value else None
         if device.type != "meta":
             with torch.no_grad():
-                for linear in (self.fusion_query, self.fusion_key):
+                for linear in (self.fusion_query, self.fusion_key) if attends else ():
                     linear.weight.normal_(0.0, 0.02)  # AdapterHub's init_bert_weights
                     linear.bias.zero_()
                 if self.fusion_value is not None:
                     self.fusion_value.weight.copy_(torch.eye(size))
-        if len(fused) == 1:  # softmax over one score is 1: query and key would get no gradient; saved all the same
-            self.fusion_query.requires_grad_(False)
-            self.fusion_key.requires_grad_(False)
         self.fusion_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.temperature = 1.0
         """The softmax temperature while training (`FusionTrainer` anneals it); evaluation uses 1."""
@@ -168,11 +171,13 @@ class FusionLayer(AdapterLayer):
     def fuse(self, query: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
         """sum_i p_i W_v delta_i (fp32), p = softmax((W_q query + b_q) . (W_k delta_i + b_k) / T) over the adapters."""
         stacked = torch.stack([d.float() for d in deltas], dim=-2)  # (..., N, d)
+        values = stacked if self.fusion_value is None else self.fusion_value(stacked)
+        if self.fusion_query is None:  # one adapter: p = 1
+            return values.squeeze(-2)
         q = self.fusion_query(query.float()).unsqueeze(-1)  # (..., d, 1)
         scores = (self.fusion_key(stacked) @ q).squeeze(-1)  # (..., N)
         temperature = self.temperature if self.training else 1.0
         probs = torch.softmax(self.fusion_dropout(scores) / temperature, dim=-1)
-        values = stacked if self.fusion_value is None else self.fusion_value(stacked)
         return (probs.unsqueeze(-2) @ values).squeeze(-2)
 
     def fusion_params(self) -> dict[str, nn.Parameter]:
@@ -337,7 +342,7 @@ class Fusion(Method):
         # fused layers inside count their own (by their methods).
         if not isinstance(layer, FusionLayer):
             return 0, 0
-        n, d = len(layer.fused), layer.fusion_query.in_features
+        n, d = len(layer.fused), layer.size
         return 3 * n * d + d + n, 0
 
     @classmethod
