@@ -271,8 +271,11 @@ def test_recipe_and_merge_refuse(sources, tiny_llama, number_data, tmp_path, mon
     with pytest.raises(PeftkitError) as e:
         load_recipe(recipe)
     assert "adapter.fuse" in str(e.value) and "at least 2" in str(e.value)
+    two = "adapter.fuse=" + json.dumps([str(sources["lora-a"]), str(sources["ia3"])])
     with pytest.raises(PeftkitError, match="AdapterFusion adapters .method: fusion. add computation"):
-        load_recipe(recipe, ["adapter.fuse=" + json.dumps([str(sources["lora-a"]), str(sources["ia3"])])])
+        load_recipe(recipe, [two])
+    with pytest.raises(PeftkitError, match="an AdapterFusion starts from the adapters adapter.fuse lists"):
+        load_recipe(recipe, [two, "export.merged=false", f"adapter.init_from={sources['lora-a']}"])
     model, cfg, targets = _fusion(tiny_llama, [sources["lora-a"], sources["ia3"]])
     save_adapter(tmp_path / "fusion", adapter_state_dict(model, []),
                  peft_config(cfg, targets, str(tiny_llama), False, model.config.model_type))

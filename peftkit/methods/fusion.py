@@ -333,6 +333,16 @@ class Fusion(Method):
         return cfg
 
     @classmethod
+    def recipe_conflict(cls, recipe: Any) -> str | None:
+        if recipe.classification:
+            return ("adapter.method fusion: model.task sequence_classification would need its new head trained beside "
+                    "the fusion, which peftkit's AdapterFusion does not do yet; fuse adapters of a causal LM")
+        if recipe.adapter.init_from:
+            return ("adapter.init_from: an AdapterFusion starts from the adapters adapter.fuse lists (and new fusion "
+                    "parameters); remove init_from")
+        return None
+
+    @classmethod
     def trainer(cls, model: nn.Module, cfg: FusionConfig, total_steps: int) -> FusionTrainer:
         return FusionTrainer([m for m in model.modules() if isinstance(m, FusionLayer)], cfg)
 
