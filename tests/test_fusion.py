@@ -48,7 +48,8 @@ def sources(tiny_llama, tmp_path_factory) -> dict[str, Path]:
     return {
         "lora-a": _source(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
                           root / "lora-a", 1),
-        "lora-b": _source(tiny_llama, LoraConfig(r=2, alpha=2, target_modules=["q_proj", "o_proj"]), root / "lora-b", 2),
+        "lora-b": _source(tiny_llama, LoraConfig(r=2, alpha=2, target_modules=["q_proj", "o_proj"]), root / "lora-b",
+                          2),
         "ia3": _source(tiny_llama, IA3Config(method="ia3"), root / "ia3", 3),  # k, v, down_proj (input-scaled)
         "bn-a": _source(tiny_llama, BottleneckConfig(method="bottleneck", reduction_factor=4, after="both"),
                         root / "bn-a", 4),
@@ -294,3 +295,34 @@ def test_generation_is_cache_free_greedy(sources, tiny_llama):
     model, _, _ = _fusion(tiny_llama, [sources[n] for n in KINDS["bottleneck"]])
     random_adapters(model, seed=3, std=0.3)
     _check_matches_reference(model.eval(), AutoTokenizer.from_pretrained(tiny_llama))
+
+
+def test_trainer_anneals_the_temperature_and_regularizes_the_value(sources, tiny_llama):
+    """temperature: T = 50 - 0.05 x step, down to 1, while training (evaluation at T = 1), kept by a checkpoint; the
+    regulariser is 0.01 x sum of ||I - W_v||^2 over the sites, by hand."""
+    from peftkit.methods.fusion import Fusion
+
+    model, cfg, _ = _fusion(tiny_llama, [sources["bn-a"], sources["bn-b"]], temperature=True)
+    layers = [m for m in model.modules() if isinstance(m, FusionLayer)]
+    trainer = Fusion.trainer(model, cfg, 10)
+    assert {layer.temperature for layer in layers} == {50.0}
+    trainer.after_step(100)
+    assert {layer.temperature for layer in layers} == {45.0}
+    state = trainer.state_dict()
+    trainer.after_step(2000)
+    assert {layer.temperature for layer in layers} == {1.0}
+    trainer.load_state_dict(state)
+    assert {layer.temperature for layer in layers} == {45.0}
+    model.eval()
+    assert torch.equal(_logits(model), _logits(_with_temperature(model, layers, 1.0)))
+    assert trainer.regularizer() == 0  # W_v starts at the identity
+    random_adapters(model, seed=2, std=0.1)
+    values = [layer.fusion_value.weight.detach() for layer in layers]
+    expected = 0.01 * sum(float(((torch.eye(v.shape[0]) - v) ** 2).sum()) for v in values)
+    assert float(trainer.regularizer().detach()) == pytest.approx(expected, rel=1e-6) and expected > 0
+
+
+def _with_temperature(model, layers: list[FusionLayer], temperature: float):
+    for layer in layers:
+        layer.temperature = temperature
+    return model

@@ -17,7 +17,8 @@ Where it fuses (a *site*), and what it fuses there:
 At each site, with y the sub-layer's (or layer's) output and d its width, as AdapterHub's `BertFusion` with its
 default ("dynamic") settings:
 
-    q = W_q query + b_q,  k_i = W_k delta_i + b_k,  v_i = W_v delta_i,  p = softmax(q . k_i / T),  out = y + sum_i p_i v_i
+    q = W_q query + b_q,  k_i = W_k delta_i + b_k,  v_i = W_v delta_i,
+    p = softmax_i(q . k_i / T),  out = y + sum_i p_i v_i
 
 W_q, W_k ~ N(0, 0.02) with zero biases, W_v = I exactly (AdapterHub adds 1e-6 off the diagonal; we do not: with
 W_v = I and uniform attention the site outputs y + the mean of the deltas, which tests check). No 1/sqrt(d) on the
@@ -61,7 +62,8 @@ from peftkit.section import AdapterSection
 
 WEIGHT_UPDATE = ("lora", "ia3", "loha", "lokr", "adalora", "oft")
 """Methods fused per wrapped layer."""
-PARAM_NAMES = ("fusion_query.weight", "fusion_query.bias", "fusion_key.weight", "fusion_key.bias", "fusion_value.weight")
+PARAM_NAMES = ("fusion_query.weight", "fusion_query.bias", "fusion_key.weight", "fusion_key.bias",
+               "fusion_value.weight")
 START_TEMPERATURE = 50.0  # AdapterHub's T with `temperature`, lowered by START / 1000 per step down to 1
 
 
