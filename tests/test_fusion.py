@@ -19,6 +19,7 @@ from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.fusion import FusionConfig, FusionLayer
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.oft import OftConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.modeling import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
@@ -51,6 +52,10 @@ def sources(tiny_llama, tmp_path_factory) -> dict[str, Path]:
         "lora-b": _source(tiny_llama, LoraConfig(r=2, alpha=2, target_modules=["q_proj", "o_proj"]), root / "lora-b",
                           2),
         "ia3": _source(tiny_llama, IA3Config(method="ia3"), root / "ia3", 3),  # k, v, down_proj (input-scaled)
+        "dora": _source(tiny_llama, LoraConfig(r=2, alpha=4, use_dora=True, target_modules=["q_proj", "up_proj"]),
+                        root / "dora", 6),
+        "oft": _source(tiny_llama, OftConfig(method="oft", oft_block_size=4, target_modules=["q_proj", "v_proj"]),
+                       root / "oft", 7),
         "bn-a": _source(tiny_llama, BottleneckConfig(method="bottleneck", reduction_factor=4, after="both"),
                         root / "bn-a", 4),
         "bn-b": _source(tiny_llama, BottleneckConfig(method="bottleneck", reduction_factor=8, non_linearity="gelu",
@@ -80,7 +85,10 @@ def _logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
-KINDS = {"weight-update": ["lora-a", "lora-b", "ia3"], "bottleneck": ["bn-a", "bn-b"]}
+# IA3 scales k and v's outputs but down_proj's input, OFT rotates the input, DoRA rescales the base output: the
+# fused layers hand all of them the base output they would compute, or let them compute their own.
+KINDS = {"weight-update": ["lora-a", "lora-b", "ia3"], "dora-oft": ["dora", "oft", "lora-a"],
+         "bottleneck": ["bn-a", "bn-b"]}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -326,3 +334,15 @@ def _with_temperature(model, layers: list[FusionLayer], temperature: float):
     for layer in layers:
         layer.temperature = temperature
     return model
+
+
+def test_the_base_layer_runs_once_per_site(sources, tiny_llama):
+    """The fused layers get the base output back for the input it ran on: one base call per site for LoRA and
+    output-scaled IA3 (k, v), one more for input-scaled IA3 (down_proj: the base runs on the scaled input)."""
+    model, _, targets = _fusion(tiny_llama, [sources[n] for n in KINDS["weight-update"]])
+    calls: dict[str, int] = {}
+    for path in targets:
+        model.get_submodule(path).base_layer.register_forward_hook(
+            lambda *_, path=path: calls.__setitem__(path, calls.get(path, 0) + 1))
+    _logits(model)
+    assert calls == {p: 2 if p.endswith("down_proj") else 1 for p in targets}
