@@ -291,6 +291,11 @@ def test_recipe_and_merge_refuse(sources, tiny_llama, number_data, tmp_path, mon
     err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", str(tmp_path / "fusion"), "--output",
                          str(tmp_path / "merged"))
     assert "cannot be merged" in err and "--adapter DIR" in err
+    config_file = tmp_path / "fusion" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"fused": config["fused"][:1]}))
+    with pytest.raises(PeftkitError, match='"fused" lists 1 adapters; an AdapterFusion has at least 2'):
+        load_adapted_model(None, str(tmp_path / "fusion"))
 
 
 def test_generation_is_cache_free_greedy(sources, tiny_llama):
