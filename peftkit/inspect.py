@@ -68,6 +68,8 @@ def inspect_adapter(path: str | Path) -> dict:
         if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):] in shared:
             continue  # frozen, not trained
         name = key.removeprefix(PEFT_PREFIX)
+        if ".fused." in name:
+            continue  # AdapterFusion's frozen copies of the adapters it fuses, not trained
         if not method.layer_targets:  # the prompt family: `prompt_embeddings`, the whole model's adapter
             targets.setdefault("(virtual tokens)", {})[name] = shape
             continue

@@ -211,7 +211,8 @@ def test_unknown_method(tmp_path):
                                               f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  method')}: "
                                               "'adapter.method' = 'lorra': must be one of 'lora', 'ia3', 'loha', 'lokr', "
                                               "'vera', 'adalora', 'oft', 'llama_adapter', 'bottleneck', "
-                                              "'prompt_tuning', 'p_tuning', 'prefix_tuning', 'multitask_prompt_tuning'.")
+                                              "'prompt_tuning', 'p_tuning', 'prefix_tuning', 'multitask_prompt_tuning', "
+                                              "'fusion'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):

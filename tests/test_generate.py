@@ -15,7 +15,6 @@ from peftkit.adapters import inject_adapters
 from peftkit.data import load_examples
 from peftkit.data.prompts import Prompt, load_prompts
 from peftkit.generate import Sampling, generate_texts, stop_token_ids
-from peftkit.methods import METHODS
 from peftkit.recipe import DataConfig
 from tests.conftest import cli_user_error, make_recipe, random_adapters
 from tests.test_methods import CASES, models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
@@ -46,7 +45,7 @@ def _check_matches_reference(model, tok) -> None:
     assert len(set(texts)) > 1 and any(texts)  # not trivially empty or identical
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(CASES))  # AdapterFusion: tests/test_fusion.py
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_batched_generation_is_cache_free_greedy(name, arch, models):  # noqa: F811
     case = CASES[name][0]

@@ -16,6 +16,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.adalora import AdaLora, AdaLoraConfig
 from peftkit.methods.base import AdapterLayer, Method, MethodTrainer
 from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
+from peftkit.methods.fusion import Fusion, FusionConfig
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.loha import Loha, LohaConfig
 from peftkit.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
@@ -52,6 +53,7 @@ register(PromptTuning)
 register(PTuning)
 register(PrefixTuning)
 register(MultitaskPromptTuning)
+register(Fusion)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -94,6 +96,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BottleneckConfig",
-           "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
+           "FusionConfig", "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

@@ -86,9 +86,17 @@ class BottleneckLayer(AdapterLayer):
     def forward(self, *args, **kwargs):
         out = self.base_layer(*args, **kwargs)
         output = first_output(out)
-        source = self.arguments.get(0, args, kwargs) if self.parallel else output
-        delta = self.adapter_up(self.activation(self.adapter_down(source.to(torch.float32)))) * self.scaling
-        return with_first_output(out, output + delta.to(output.dtype))
+        return with_first_output(out, output + self.delta(args, kwargs, output).to(output.dtype))
+
+    def source(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """What the adapter reads: the sub-layer's input (parallel) or its `output` (serial)."""
+        return self.arguments.get(0, args, kwargs) if self.parallel else output
+
+    def delta(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """The fp32 addition to the sub-layer's `output` for the call (`args`, `kwargs`): s * up(act(down(source))).
+        AdapterFusion (`peftkit.methods.fusion`) weighs these of several adapters."""
+        source = self.source(args, kwargs, output)
+        return self.adapter_up(self.activation(self.adapter_down(source.to(torch.float32)))) * self.scaling
 
 
 class TrainedNorm(AdapterLayer):

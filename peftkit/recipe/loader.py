@@ -297,6 +297,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 f"{path}{f':{line}' if line else ''}: '{section}.{key}' = {value[:80]!r} is not a usable path "
                 f"({reason}). Give an existing path (relative to the recipe's directory) or a hub id."
             ) from None
+    if isinstance(fuse := getattr(recipe.adapter, "fuse", None), list):  # AdapterFusion's adapter directories
+        recipe.adapter.fuse = [_resolve(value, base, "adapter") for value in fuse]
     if recipe.adapter.init_from:
         from peftkit.peft_format import init_from_config
 

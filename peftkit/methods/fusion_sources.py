@@ -1,0 +1,137 @@
+"""The adapters an AdapterFusion fuses (`peftkit.methods.fusion`): read from their directories for training (or
+from a fusion export's adapter_config.json when it is reloaded), checked to be fusable, and copied into the
+fused layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from pydantic import ValidationError
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import REEXPORT, AdapterLayer, is_quantized
+from peftkit.methods.fusion import WEIGHT_UPDATE, Fused
+
+if TYPE_CHECKING:
+    from peftkit.methods.fusion import FusionConfig
+
+
+def fused_adapters(cfg: FusionConfig) -> list[Fused]:
+    """The adapters `cfg.fuse` names, read (weights included) and checked once; those of a reloaded export as is."""
+    if cfg._fused is None:
+        cfg._fused = [_read_dir(path, f"adapter.fuse[{i}]") for i, path in enumerate(cfg.fuse)]
+        check_fusable(cfg._fused, "adapter.fuse")
+        _check_same_base(cfg._fused)
+    return cfg._fused
+
+
+def _read_dir(path: str, where: str) -> Fused:
+    from peftkit.methods import method_of
+    from peftkit.peft_format import CONFIG_NAME, load_adapter, read_json_object
+
+    if not Path(path).is_dir():
+        raise PeftkitError(f"{where}: {path} is not a directory. List the adapter directories to fuse, as `peftkit "
+                           "train` exports them (runs/NAME/adapter, with adapter_config.json and "
+                           "adapter_model.safetensors); train those adapters first.")
+    try:
+        cfg, state, peft, quant = load_adapter(path)
+    except PeftkitError as e:
+        raise PeftkitError(f"{where}: {e}") from None
+    config = read_json_object(Path(path) / CONFIG_NAME, REEXPORT)
+    return Fused(path, method_of(cfg), cfg, config, state, (peft.base_model_name_or_path, peft.revision), quant)
+
+
+def read_entry(config: dict, source: str | None, where: str) -> Fused:
+    """A fused adapter as a fusion export records it: its whole adapter_config.json (its weights are in the
+    export's own file)."""
+    from peftkit.methods import method_for_peft_type
+    from peftkit.peft_format import _field_problems
+
+    method = method_for_peft_type(config.get("peft_type"), where)
+    try:
+        peft = method.peft_config.model_validate(config)
+    except ValidationError as e:
+        raise PeftkitError(f"{where}: {'; '.join(_field_problems(e, config))}. {REEXPORT}") from None
+    return Fused(source or "", method, method.from_peft(peft, Path(where)), config)
+
+
+def check_fusable(fused: list[Fused], where: str) -> None:
+    """Methods AdapterFusion can fuse, of one kind: all bottleneck (one placement) or all weight-update methods."""
+    for i, f in enumerate(fused):
+        name = f.method.name
+        if name != "bottleneck" and name not in WEIGHT_UPDATE:
+            why = (" (its random projections are shared model-wide under one name, so two cannot sit in one model)"
+                   if name == "vera" else "")
+            raise PeftkitError(f"{where}[{i}]: {f.source} is a {f.method.title} adapter{why}; AdapterFusion fuses "
+                               f"bottleneck adapters, or weight-update adapters ({', '.join(WEIGHT_UPDATE)}).")
+        if f.cfg.modules_to_save:
+            raise PeftkitError(f"{where}[{i}]: {f.source} also trains whole modules ({', '.join(f.cfg.modules_to_save)}"
+                               "), which have no output to weigh against the others'. Fuse adapters without "
+                               "modules_to_save.")
+        if name == "bottleneck" and f.cfg.train_norms:
+            raise PeftkitError(f"{where}[{i}]: {f.source} also trains the normalisation layers (train_norms: true), "
+                               "which replace the model's own and cannot be weighed. Fuse adapters trained with "
+                               "train_norms: false.")
+    kinds = {f.method.name == "bottleneck" for f in fused}
+    if len(kinds) > 1:
+        raise PeftkitError(f"{where} mixes bottleneck adapters (after whole attention/MLP blocks) with weight-update "
+                           "adapters (inside single linear layers): their outputs sit in different places and cannot "
+                           "be weighed against each other. Fuse adapters of one kind.")
+    placements = {f.cfg.placement for f in fused if f.method.name == "bottleneck"}
+    if len(placements) > 1:
+        raise PeftkitError(f"{where} mixes serial and parallel bottleneck adapters, which read different inputs (the "
+                           "sub-layer's output or its input), so the fusion has no single query. Fuse adapters of one "
+                           "placement.")
+
+
+def _check_same_base(fused: list[Fused]) -> None:
+    first = fused[0]
+    for i, other in enumerate(fused[1:], start=1):
+        if other.base != first.base:
+            raise PeftkitError(f"adapter.fuse: {first.source} was trained on {first.base[0]} (revision "
+                               f"{first.base[1]}), adapter.fuse[{i}] {other.source} on {other.base[0]} (revision "
+                               f"{other.base[1]}). AdapterFusion combines adapters of one base model.")
+        if other.quant != first.quant:
+            raise PeftkitError(f"adapter.fuse: {first.source} and adapter.fuse[{i}] {other.source} were trained "
+                               "against bases quantized differently (see their peftkit.json); fuse adapters trained "
+                               "against the same weights.")
+
+
+def check_model(fused: list[Fused], model: torch.nn.Module) -> None:
+    """Adapters read for training were trained on this model: the recipe's model.name_or_path and quantization."""
+    if fused[0].state is None:  # a fusion export, checked when it was trained; loaded on its recorded base
+        return
+    recorded, name = fused[0].base[0], getattr(model, "name_or_path", "") or ""
+    if recorded and name and not _same_model(recorded, name):
+        raise PeftkitError(f"adapter.fuse: the adapters were trained on {recorded}, and model.name_or_path is {name}. "
+                           "AdapterFusion needs the base the adapters were trained on: set model.name_or_path to it.")
+    params = list(model.parameters())
+    if params and params[0].device.type != "meta":
+        quantized = any(is_quantized(m) for m in model.modules())
+        if quantized != (fused[0].quant is not None):
+            trained = "a 4/8-bit" if fused[0].quant is not None else "an unquantized"
+            raise PeftkitError(f"adapter.fuse: the adapters were trained against {trained} base, and this recipe "
+                               f"{'quantizes' if quantized else 'does not quantize'} it; set the quantization "
+                               "section as they were trained (their peftkit.json records it).")
+
+
+def _same_model(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def copy_weights(layer: AdapterLayer, fused: Fused, path: str) -> None:
+    """Copy the adapter's tensors for the module at `path` from its file into its freshly wrapped `layer`."""
+    from peftkit.adapters import PEFT_PREFIX
+
+    for name, p in layer.adapter_params().items():
+        key = f"{PEFT_PREFIX}{path}.{name}"
+        tensor = fused.state.get(key)
+        if tensor is None or tuple(tensor.shape) != tuple(p.shape):
+            found = "is missing" if tensor is None else f"has shape {tuple(tensor.shape)}, not {tuple(p.shape)}"
+            raise PeftkitError(f"adapter.fuse: {fused.source} does not fit this model: {key} {found}. Was it "
+                               "trained on another base model?")
+        if p.device.type != "meta":  # the memory estimate builds the layers on the meta device
+            with torch.no_grad():
+                p.copy_(tensor.to(p.dtype))
