@@ -135,6 +135,18 @@ class _Run:
     """A classifier's classes (model.task: sequence_classification), read from data.train."""
     adapter: object = None
     """The adapter as injected: the recipe's, with a classifier's head added to modules_to_save."""
+    compiled: dict = field(default_factory=dict)
+    """training.compile: the loss functions through torch.compile, made at their first step."""
+
+    def loss_function(self, fn):
+        """`fn` as the training step runs it: compiled with training.compile (the model's forward is traced through
+        it), else as it is. Evaluation and generation stay eager: their shapes and caches would only recompile."""
+        backend = self.cfg.training.compile
+        if not backend:
+            return fn
+        if fn not in self.compiled:
+            self.compiled[fn] = torch.compile(fn, backend="inductor" if backend is True else backend, dynamic=True)
+        return self.compiled[fn]
 
     @property
     def saved_modules(self) -> list[str]:
@@ -391,6 +403,7 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
         n_label, loss_fn = sum(len(b["labels"]) for b in window), example_loss_sum
     else:
         n_label, loss_fn = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window), token_loss_sum
+    loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in distributed.shard(batch, rank, world).items()}

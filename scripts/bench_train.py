@@ -4,6 +4,7 @@
     python scripts/bench_train.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
     python scripts/bench_train.py --dora                   # DoRA on both sides (use_dora: true)
     python scripts/bench_train.py --lora-fa                # peftkit LoRA vs peftkit LoRA-FA (adapter.lora_fa)
+    python scripts/bench_train.py --compile inductor --warmup 5   # peftkit with training.compile (first steps compile)
     # a ~1.2B Llama shape in bf16 on one GPU, rows of ~400 tokens, with the frozen-base floor:
     python scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
         --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 30 --floor
@@ -378,6 +379,7 @@ def main() -> None:
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights of the base on both sides (float32 trains under bf16 autocast on CUDA)")
     p.add_argument("--floor", action="store_true", help="also time the frozen base's forward + backward")
+    p.add_argument("--compile", choices=["inductor", "aot_eager"], help="peftkit side: training.compile")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
     p.add_argument("--lora-fa", action="store_true", help="peftkit LoRA-FA (adapter.lora_fa) vs peftkit LoRA")
     args = p.parse_args()
@@ -387,7 +389,8 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here")
     if args.side:
         workdir = Path(args.workdir)
-        recipe = recipe_for(args, workdir, adapter={"lora_fa": args.side == "lora-fa"})
+        recipe = recipe_for(args, workdir, adapter={"lora_fa": args.side == "lora-fa"},
+                            training={"compile": args.compile or False})
         run_side = {"peftkit": run_peftkit, "peft": run_peft_lora, "lora": run_peftkit_measured,
                     "lora-fa": run_peftkit_measured, "floor": run_floor}[args.side]
         child(recipe, run_side, workdir, args.threads)
@@ -406,7 +409,8 @@ def main() -> None:
         sides = ("lora", "lora-fa") if args.lora_fa else ("peftkit", "peft")
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides + (("floor",) if args.floor else ()),
                               warm_first=args.device == "cuda")
-    kind = "LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA"
+    kind = ("LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA") + \
+        (f" (peftkit: training.compile {args.compile})" if args.compile else "")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
     title = (f"{kind} training, {args.device}, weights {args.model_dtype}: llama hidden {args.hidden} x {args.layers} "
              f"layers{shape}, batch {args.batch_size}, rows of {args.words} number(s), "

@@ -264,6 +264,11 @@ def test_bad_value_names_key_line_and_what_is_allowed(tmp_path, old, new, expect
     assert message == f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, new)}: {expected}."
 
 
+def test_training_compile_names_its_choices(tmp_path):
+    message = _error(_write(tmp_path, RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  compile: fast")))
+    assert "'training.compile' = 'fast': must be one of False, True, 'inductor' or 'aot_eager'" in message
+
+
 def test_training_seed_must_fit_the_rng(tmp_path):
     # torch.manual_seed overflows past 2**64 and the data order seeds with seed x 1_000_003.
     message = _error(_write(tmp_path, RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  seed: 1099511627776")))

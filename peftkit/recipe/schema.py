@@ -154,6 +154,10 @@ class TrainingConfig(Section):
     """auto: bf16 autocast on a CUDA device that supports it, none on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    compile: Literal[False, True, "inductor", "aot_eager"] = False
+    """torch.compile the training step's forward and loss (true: the inductor backend, which generates kernels and
+    needs a C++ compiler on CPU; aot_eager: graph capture without code generation, for debugging). Compiling takes
+    tens of seconds at the first step; evaluation and generation stay eager."""
     log_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0)
     """Evaluate every N steps (and always at the end when data.eval is set)."""
