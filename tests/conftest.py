@@ -62,6 +62,28 @@ def random_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> 
         layer.method.randomize(layer, gen, std)
 
 
+def save_random_adapter(base: Path, cfg, out: Path, seed: int, std: float = 0.3) -> Path:
+    """A PEFT-format adapter of method `cfg` on `base`, far from identity (`random_adapters`; saved modules moved
+    too), saved as `peftkit train` exports it."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import adapter_state_dict, inject_adapters
+    from peftkit.merge import conv1d_modules
+    from peftkit.peft_format import peft_config, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    targets = inject_adapters(model, cfg)
+    random_adapters(model, seed=seed, std=std)
+    with torch.no_grad():
+        for name in cfg.modules_to_save:
+            model.get_submodule(name).weight.add_(0.05 * seed)
+    save_adapter(out, adapter_state_dict(model, cfg.modules_to_save),
+                 peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type,
+                             model_config=model.config))
+    return out
+
+
 def cli_user_error(monkeypatch, capsys, *args: str) -> str:
     """Run the `peftkit` CLI in this process on a user mistake: assert exit 2 and no traceback; return stderr."""
     import sys

@@ -23,7 +23,7 @@ from peftkit.methods.oft import OftConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.modeling import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
-from tests.conftest import cli_user_error, make_recipe, random_adapters
+from tests.conftest import cli_user_error, make_recipe, random_adapters, save_random_adapter
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
 
@@ -34,13 +34,7 @@ def _base(path: Path):
 
 def _source(model_path: Path, cfg, out: Path, seed: int) -> Path:
     """An adapter far from identity (random weights), saved as `peftkit train` exports it."""
-    model = _base(model_path)
-    torch.manual_seed(seed)
-    targets = inject_adapters(model, cfg)
-    random_adapters(model, seed=seed, std=0.3)
-    save_adapter(out, adapter_state_dict(model, []), peft_config(cfg, targets, str(model_path), False,
-                                                                 model.config.model_type))
-    return out
+    return save_random_adapter(model_path, cfg, out, seed)
 
 
 @pytest.fixture(scope="module")

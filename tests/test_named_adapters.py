@@ -14,18 +14,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import adapter_state_dict, inject_adapters
 from peftkit.adapters.named import AdapterHost, NamedAdapters, load_named_model
 from peftkit.errors import PeftkitError
 from peftkit.generate import Sampling, generate_ids, generate_job, generate_texts
-from peftkit.merge import conv1d_modules
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.modeling import load_adapted_model
-from peftkit.peft_format import peft_config, save_adapter
 from peftkit.tiny import number_rows, write_jsonl
-from tests.conftest import cli_user_error, random_adapters
+from tests.conftest import cli_user_error, save_random_adapter
 
 PAD = 0
 # Left-padded rows of different lengths, as generation batches them.
@@ -45,17 +42,7 @@ def _base(path: Path):
 
 def _make(base: Path, cfg, out: Path, seed: int) -> str:
     """A PEFT-format adapter far from identity (LoRA: nonzero B; IA3 away from 1; saved modules changed)."""
-    model = _base(base)
-    torch.manual_seed(seed)
-    targets = inject_adapters(model, cfg)
-    random_adapters(model, seed=seed, std=0.3)
-    with torch.no_grad():
-        for name in cfg.modules_to_save:
-            model.get_submodule(name).weight.add_(0.05 * seed)
-    save_adapter(out, adapter_state_dict(model, cfg.modules_to_save),
-                 peft_config(cfg, targets, str(base), bool(conv1d_modules(model)), model.config.model_type,
-                             model_config=model.config))
-    return str(out)
+    return str(save_random_adapter(base, cfg, out, seed))
 
 
 def _configs(arch: str) -> dict:
