@@ -40,20 +40,33 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> dict[str, float]:
-    """{'loss', 'perplexity', 'num_tokens'} of `model` on `examples` (eval mode, restored afterwards)."""
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+                  processes=None) -> dict[str, float]:
+    """{'loss', 'perplexity', 'num_tokens'} of `model` on `examples` (eval mode, restored afterwards).
+
+    `processes` (an accelerate Accelerator, several processes): each evaluates every num_processes-th batch and the
+    sums are added across processes, so N processes evaluate N times faster. Every process runs as many forwards
+    (one short of batches repeats its first, uncounted), which keeps FSDP's collectives in step."""
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
+    batches = list(eval_loader(examples, batch_size, pad_id))
+    mine = batches[rank::world]
     try:
-        for batch in eval_loader(examples, batch_size, pad_id):
-            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
-            total += loss.double()
-            tokens += n
+        for i in range(-(-len(batches) // world)):
+            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in (mine[i] if i < len(mine) else batches[0]).items()})
+            if i < len(mine):
+                total += loss.double()
+                tokens += n
     finally:
         model.train(was_training)
+    if world > 1:
+        from peftkit.distributed import total as summed
+
+        total, tokens = summed(processes, total), summed(processes, tokens)
     tokens = int(tokens)
     mean = float(total) / max(tokens, 1)
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "num_tokens": tokens}
@@ -82,6 +95,8 @@ class RunEval:
     tok: object = None
     sampling: Sampling = field(default_factory=Sampling)
     normalize: str = "squad"
+    processes: object = None
+    """The run's Accelerator when it has several processes: they share out the loss batches (`evaluate_loss`)."""
 
     @classmethod
     def of(cls, cfg: Recipe, tok, examples: list[Example]) -> RunEval:
@@ -98,7 +113,7 @@ class RunEval:
     def __call__(self, model: nn.Module, generator: nn.Module | None = None) -> dict[str, float]:
         """{'loss', 'perplexity', 'num_tokens', and each metric} of `model`; `generator` (default `model`) answers
         the prompts (the loop passes the model unwrapped from accelerate's wrapper)."""
-        result = evaluate_loss(model, self.examples, self.batch_size, self.pad_id)
+        result = evaluate_loss(model, self.examples, self.batch_size, self.pad_id, self.processes)
         if self.metrics:
             result |= generation_scores(generator or model, self.tok, self.prompts, self.metrics, self.sampling,
                                         self.batch_size, self.normalize)[0]

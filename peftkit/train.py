@@ -198,7 +198,7 @@ class _Run:
         it to the selection."""
         if self.last_eval is not None and self.last_eval[0] == step:
             return self.last_eval[1]
-        model = self.accelerator.unwrap_model(self.model)  # every process evaluates it all: no collective
+        model = self.accelerator.unwrap_model(self.model)  # every process joins (the loss's batches are shared out)
         result = self.eval_ex(model)
         self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
@@ -277,6 +277,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
     train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok)
+    if isinstance(eval_ex, RunEval) and accelerator.num_processes > 1:
+        eval_ex.processes = accelerator  # the processes share out the eval loss's batches
     for line in describe_stats(train_stats, cfg.data):
         console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
     if cfg.data.packing:

@@ -112,3 +112,35 @@ def test_a_user_error_in_several_processes_is_one_clear_message(tiny_llama, numb
     assert done.stderr.count("error: Data file not found") == 1, done.stderr  # said once, not by each process
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
     assert "error: the run stopped in its 2 processes (the message is above)." in done.stderr
+
+
+class _Process:
+    """One process of `world` as `evaluate_loss` sees an Accelerator, with the cross-process sum left to the test."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        self.process_index, self.num_processes = rank, world
+
+    def reduce(self, value, reduction):
+        return value
+
+
+def test_eval_loss_batches_are_shared_out_and_add_up(tiny_llama, number_data):
+    """Each of N processes evaluates every N-th batch (a process one batch short repeats its first, uncounted, so
+    FSDP's forwards stay in step); their token counts partition the whole and their sums add up to its loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.data import load_examples
+    from peftkit.evaluate import evaluate_loss
+    from peftkit.recipe import DataConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    data = DataConfig(train=str(number_data["eval"]), format="alpaca", max_length=128)
+    examples = load_examples(tok, data.train, "train", data)[0]  # 16 rows: 6 batches of 3
+    whole = evaluate_loss(model, examples, 3, tok.pad_token_id)
+    for world in (2, 4):  # 3 + 3 batches; 2 + 2 + 1 + 1
+        parts = [evaluate_loss(model, examples, 3, tok.pad_token_id, _Process(r, world)) for r in range(world)]
+        assert all(p["num_tokens"] > 0 for p in parts)
+        assert sum(p["num_tokens"] for p in parts) == whole["num_tokens"]
+        summed = sum(p["loss"] * p["num_tokens"] for p in parts) / whole["num_tokens"]
+        assert abs(summed - whole["loss"]) <= 1e-12
