@@ -134,15 +134,27 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
                              options=StateDictOptions(full_state_dict=True))
 
 
-def launch(num_processes: int, argv: list[str]) -> int:
-    """Run `peftkit <argv>` in `num_processes` processes through accelerate's launcher; the exit status (2 when
-    the processes stopped on a user error, as `peftkit` itself). Their stderr is passed on without the launcher's
-    own noise (torch elastic's log lines and its traceback of the failed child) and without an error line that
-    another process already printed."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-               "--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "peftkit", *argv]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, bufsize=1)
+FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+               "--fsdp_reshard_after_forward", "true", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+               "--fsdp_cpu_ram_efficient_loading", "false"]
+"""configs/accelerate/fsdp2.yaml as launcher flags (the package does not ship the configs folder)."""
+
+
+def launch_command(num_processes: int, argv: list[str], kind: str = "MULTI_GPU") -> list[str]:
+    """accelerate's launcher running `peftkit <argv>` in `num_processes` processes, as data parallel or, for `kind`
+    FSDP (a manifest's `distributed.type`), as configs/accelerate/fsdp2.yaml shards."""
+    engine = FSDP2_FLAGS if kind == "FSDP" else ["--multi_gpu"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_machines", "1",
+            "--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "peftkit", *argv]
+
+
+def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU") -> int:
+    """Run `launch_command` (data parallel, or FSDP2 for `kind` FSDP); the exit status (2 when the processes
+    stopped on a user error, as `peftkit` itself). Their stderr is passed on without the launcher's own noise
+    (torch elastic's log lines and its traceback of the failed child) and without an error line that another
+    process already printed."""
+    proc = subprocess.Popen(launch_command(num_processes, argv, kind), stderr=subprocess.PIPE, text=True, bufsize=1)
     errors = _relay(proc.stderr)
     code = proc.wait()
     if code and errors:

@@ -173,7 +173,7 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
                       soft_wrap=True)
         try:
             current = RecordedEnvironment.model_validate(environment(resolve_device(recipe.model.device)))
-            _train_again(recipe, manifest.distributed.get("processes", 1), console)
+            _train_again(recipe, manifest.distributed.get("processes", 1), console, manifest.distributed.get("type"))
         except PeftkitError as e:
             raise _rerun_failed(e, tmp, run_dir, report) from None
         report.notes += _env_differences(manifest.environment, current)
@@ -181,20 +181,22 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         return _compare(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
 
 
-def _train_again(recipe: Recipe, processes: int, console: Console) -> None:
-    """Train `recipe` as the recorded run did: in this process, or in as many processes as it had (launched)."""
+def _train_again(recipe: Recipe, processes: int, console: Console, kind: str | None = None) -> None:
+    """Train `recipe` as the recorded run did: in this process, or in as many processes as it had (launched), sharded
+    if it was (`kind` FSDP, even in one process: sharding changes the arithmetic's order)."""
     from peftkit.train import train
 
-    if processes == 1:
+    if processes == 1 and kind != "FSDP":
         train(recipe, console=console, show_summary=False)
         return
     from peftkit.distributed import launch
 
-    console.print(f"The recorded run trained in {processes} processes; so does the re-run.")
+    how = "FSDP2-sharded " if kind == "FSDP" else ""
+    console.print(f"The recorded run trained in {processes} {how}process{'es' if processes > 1 else ''}; so does the re-run.")
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-recipe-") as recipe_dir:
         recipe_file = Path(recipe_dir) / "recipe.yaml"
         recipe_file.write_text(recipe.to_yaml())
-        if code := launch(processes, ["train", str(recipe_file)]):
+        if code := launch(processes, ["train", str(recipe_file)], kind or "MULTI_GPU"):
             raise PeftkitError(f"the {processes}-process re-run failed (exit status {code}; its output is above)")
 
 

@@ -95,3 +95,20 @@ def test_fsdp2_qlora_with_float_quant_storage(tiny_llama, number_data, tmp_path)
                          "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
     assert abs(json.loads(out.read_text())["loss"] - final) <= 1e-3 * final
+
+
+def test_verify_relaunches_fsdp_runs_as_the_shipped_config():
+    """`peftkit verify` re-runs an FSDP run through launcher flags (the package ships no configs folder): they say
+    what configs/accelerate/fsdp2.yaml says; a data-parallel run goes back to --multi_gpu."""
+    import yaml
+
+    from peftkit.distributed import launch_command
+
+    command = launch_command(1, ["train", "r.yaml"], "FSDP")
+    flags = dict(zip(command[command.index("--fsdp_version")::2], command[command.index("--fsdp_version") + 1::2]))
+    shipped = yaml.safe_load(Path(FSDP2).read_text())["fsdp_config"]
+    for key, value in shipped.items():
+        if key != "fsdp_activation_checkpointing":  # off in both: the recipe's gradient_checkpointing decides
+            assert flags[f"--{key}"].lower() == str(value).lower(), key
+    assert "--use_fsdp" in command and "--multi_gpu" not in command
+    assert "--multi_gpu" in launch_command(2, ["train", "r.yaml"]) and "--use_fsdp" not in launch_command(2, ["x"])
