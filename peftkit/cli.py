@@ -58,7 +58,12 @@ def train(
         argv = ["train", str(recipe), *(f"--set={o}" for o in overrides or []), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else [])]
         raise typer.Exit(launch(num_processes, argv))
-    run_train(cfg, resume=resume, overwrite=overwrite, console=console)
+    from peftkit.distributed import close
+
+    try:
+        run_train(cfg, resume=resume, overwrite=overwrite, console=console)
+    finally:
+        close()
 
 
 @app.command()

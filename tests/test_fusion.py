@@ -184,14 +184,14 @@ def test_training_changes_the_fusion_parameters_and_nothing_else(sources, tiny_l
     """`peftkit train` with method: fusion, the trained model taken as it is exported: every base tensor and every
     fused adapter tensor is bit-identical to its file, every trained fusion tensor moved from its initial value,
     and the export's copies of the fused adapters are their files' tensors."""
-    import peftkit.train
+    import peftkit.finish
     from peftkit.evaluate import eval_job, evaluate
     from peftkit.recipe import load_recipe
     from peftkit.train import train
 
     trained_models = []
-    real_export = peftkit.train.export
-    monkeypatch.setattr(peftkit.train, "export", lambda model, *a, **k: trained_models.append(model) or
+    real_export = peftkit.finish.export
+    monkeypatch.setattr(peftkit.finish, "export", lambda model, *a, **k: trained_models.append(model) or
                         real_export(model, *a, **k))
     names = ["lora-a", "ia3"]
     adapter = {"method": "fusion", "fuse": [str(sources[n]) for n in names]}

@@ -18,7 +18,8 @@ from peftkit.metrics import accuracy, macro_f1
 from peftkit.modeling import load_adapted_model, load_model, load_tokenizer
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
 from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
-from peftkit.train import export, train
+from peftkit.export import export
+from peftkit.train import train
 from tests.conftest import make_recipe, random_adapters
 
 LABELS = LabelSet(("negative", "positive"))

@@ -1,0 +1,170 @@
+"""The end of a training run: the final evaluation, the checks that the result is usable (finite adapter and
+loss), export.best's choice, the export, the samples after fine-tuning, manifest.json, the report and the summary
+table. Every process calls `finish`; only the main process writes."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from peftkit import distributed
+from peftkit.adapters import adapter_state_dict, load_adapter_state_dict, nonfinite_tensors
+from peftkit.checkpoint import LoopState
+from peftkit.errors import PeftkitError
+from peftkit.export import export
+from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
+from peftkit.runtime import peak_memory_mb
+from peftkit.samples import answers, sample_prompts, samples_table
+
+if TYPE_CHECKING:
+    from peftkit.recipe import Recipe
+    from peftkit.train import _Run
+
+
+class TrainingFailed(PeftkitError):
+    """The run went through but its result is unusable (non-finite loss or weights): exit 1, nothing exported."""
+
+    exit_code = 1
+
+
+def task_metrics(cfg: Recipe) -> list[str]:
+    """The metrics an evaluation reports beside the loss: a classifier's accuracy and macro-F1, else eval.metrics'
+    generation metrics."""
+    return list(CLASSIFICATION_METRICS) if cfg.classification else cfg.eval.generation_metrics
+
+
+def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> dict:
+    """Final evaluation, the checks that the result is usable, export, manifest and summary."""
+    from peftkit import manifest as manifest_mod
+
+    cfg, out = run.cfg, run.out
+    model = run.accelerator.unwrap_model(run.model)
+    eval_result = run.evaluate(state.step) if run.eval_ex else None
+    if run.main:
+        fsync_path(run.metrics_path)
+    eval_result = _take_best(run, model, state, eval_result)
+    weights = _check_finite(run, model, eval_result, state)
+    # Every process generates (under FSDP each forward is a collective); the main process keeps the answers.
+    prompts = sample_prompts(cfg, run.tok)
+    texts = answers(model, run.tok, prompts, cfg) if prompts else []
+    if not run.main:  # the main process exports, samples and writes the manifest
+        run.accelerator.wait_for_everyone()
+        return {}
+    try:
+        exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter}), run.targets, out,
+                          run.method_trainer, run.labels, weights)
+    except DiskFullError as e:
+        raise DiskFullError(f"{e} Training itself finished; {run.resume_hint()}") from None
+    if prompts:
+        samples = run.summary.get("samples") or [{"prompt": p.text, "reference": p.reference} for p in prompts]
+        for sample, text in zip(samples, texts, strict=True):
+            sample["fine_tuned"] = text
+        run.summary["samples"] = samples
+    summary = {
+        "steps": state.step,
+        "skipped_steps": state.skipped_steps,
+        "train_loss": state.losses[-1] if state.losses else None,
+        "eval_loss": eval_result["loss"] if eval_result else None,
+        "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
+        **{f"eval_{m}": eval_result[m] if eval_result else None for m in task_metrics(run.cfg)},
+        **run.summary,
+        **(run.selection.summary() if run.selection else {}),
+        "tokens": state.tokens,
+        "elapsed_s": time.time() - started,
+        "peak_mem_mb": peak_memory_mb(run.device),
+    }
+    data = {split.removeprefix("data."): hashes for split, hashes in run.inputs.items() if split.startswith("data.")}
+    manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
+                                           base_model_sha256=run.inputs["model.name_or_path"],
+                                           init_from_sha256=run.inputs.get("adapter.init_from", {}),
+                                           distributed=distributed.describe(run.accelerator))
+    atomic_write_json(out / "manifest.json", manifest)
+    report = _write_report(run) if cfg.export.report else None
+    if show_summary:
+        _print_summary(run.console, summary, out, exported + ([report] if report else []))
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def _take_best(run: _Run, model, state: LoopState, eval_result: dict | None) -> dict | None:
+    """With export.best, put the best evaluation's adapter into the model (what is exported and sampled) and
+    return that evaluation's result; else the final one."""
+    best = run.selection.best if run.selection else None
+    if best is None or best.step is None or best.step == state.step:
+        return eval_result
+    load_adapter_state_dict(model, run.selection.best_weights)
+    run.console.print(f"export.best: exporting the adapter of step {best.step} (eval {best.metric} {best.value:.4f}), "
+                      f"not the final one of step {state.step}.", highlight=False)
+    return run.selection.best_result
+
+
+def _write_report(run: _Run) -> Path | None:
+    """report/ of the finished run. The run's results are already safe on disk: a report that fails is a
+    warning, not a failed run (`peftkit report RUN_DIR` can write it again)."""
+    from peftkit.report import write_report
+
+    try:
+        return write_report(run.out)
+    except Exception as e:  # noqa: BLE001 - whatever breaks the plots must not undo a finished run
+        run.console.print(f"[yellow]warning:[/] the report was not written ({type(e).__name__}: {e}); "
+                          f"run `peftkit report {run.out}` to try again.", highlight=False)
+        return None
+
+
+def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) -> dict:
+    """A run whose adapter or final eval loss is NaN/inf exports nothing and fails, whatever nan_policy says
+    (skip_step keeps single bad steps out of the weights; it does not make a broken result usable). Returns the
+    adapter's state dict (gathered by every process under FSDP), which the export writes."""
+    weights = adapter_state_dict(model, run.saved_modules)
+    bad = nonfinite_tensors(weights)
+    skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss)" if state.skipped_steps else ""
+    if bad:
+        raise TrainingFailed(
+            f"Training ended with non-finite adapter weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
+            f"{skipped}; nothing was exported. Lower training.lr, keep training.max_grad_norm set, or use "
+            "model.dtype: float32. " + run.resume_hint().replace("continue with", "you can continue from it with")
+        )
+    if eval_result is not None and not math.isfinite(eval_result["loss"]):
+        raise TrainingFailed(
+            f"The final eval loss is {eval_result['loss']}{skipped}: the fine-tuned model's predictions are not "
+            "finite on data.eval, so nothing was exported. Lower training.lr, keep training.max_grad_norm set, or "
+            "use model.dtype: float32."
+        )
+    return weights
+
+
+def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:
+    from rich.table import Table
+
+    table = Table(title="peftkit train: done", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a path folds onto the next line, never cut to `/tmp/run…` in a log
+    classifier = s["eval_loss"] is not None and s["eval_perplexity"] is None  # no perplexity of a class
+    if s["base_eval_loss"] is not None:
+        ppl = "" if classifier else f"  (ppl {math.exp(min(s['base_eval_loss'], 700)):.2f})"
+        table.add_row("eval loss, base model", f"{s['base_eval_loss']:.4f}{ppl}")
+    if s["eval_loss"] is not None:
+        ppl = "" if classifier else f"  (ppl {s['eval_perplexity']:.2f})"
+        table.add_row("eval loss, fine-tuned", f"{s['eval_loss']:.4f}{ppl}")
+    for metric in (m for m in GENERATION_METRICS + CLASSIFICATION_METRICS if f"eval_{m}" in s):  # eval.metrics
+        for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
+            if s.get(key) is not None:
+                table.add_row(f"{metric}, {who}", f"{s[key]:.4f}")
+    table.add_row("steps", f"{s['steps']}" + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else "")
+                  + (" (stopped early)" if s.get("stopped_early") else ""))
+    if best := s.get("best"):
+        table.add_row("exported adapter", f"best {best['metric']} {best['value']:.4f}, step {best['step']} (export.best)")
+    table.add_row("time", f"{s['elapsed_s']:.1f} s")
+    table.add_row("peak memory", f"{s['peak_mem_mb']:.0f} MiB")
+    for path in exported:
+        table.add_row(path.name, str(path))
+    table.add_row("run directory", str(out))
+    console.print(table)
+    if s.get("samples"):
+        console.print(samples_table(s["samples"]))
+
