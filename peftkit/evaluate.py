@@ -53,14 +53,18 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
     device = next(p for p in model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     tokens = torch.zeros((), dtype=torch.long, device=device)
-    batches = list(eval_loader(examples, batch_size, pad_id))
-    mine = batches[rank::world]
+    batches = -(-len(examples) // batch_size)
+    rounds, first, done = -(-batches // world), None, 0  # rounds: batches per process, rounded up
     try:
-        for i in range(-(-len(batches) // world)):
-            loss, n = token_loss_sum(model, {k: v.to(device) for k, v in (mine[i] if i < len(mine) else batches[0]).items()})
-            if i < len(mine):
+        for i, batch in enumerate(eval_loader(examples, batch_size, pad_id)):
+            first = batch if first is None else first
+            if i % world == rank:  # this process's share, collated one batch at a time
+                loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
                 total += loss.double()
                 tokens += n
+                done += 1
+        for _ in range(rounds - done):  # one short: the same number of forwards as the others, uncounted
+            token_loss_sum(model, {k: v.to(device) for k, v in first.items()})
     finally:
         model.train(was_training)
     if world > 1:

@@ -28,7 +28,7 @@ from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import DataConfig, ModelConfig
-from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
+from peftkit.tiny import number_rows, write_jsonl
 from tests.conftest import cli_user_error, make_recipe
 from tests.test_methods import models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
 
@@ -37,10 +37,8 @@ N, TASKS, RANKS = 4, 3, 2
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("mpt-model") / "llama"
-    build_tiny_model(path, arch="llama", hidden_size=32, num_layers=2, seed=0)
-    return path
+def llama(tiny_llama) -> Path:
+    return tiny_llama  # conftest's session model: the same 2-layer, hidden-32 Llama, built once
 
 
 @pytest.fixture(scope="module")
