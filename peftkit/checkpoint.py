@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from peftkit import zero
 from peftkit.adapters import adapter_state_dict, load_adapter_state_dict
 from peftkit.distributed import load_optimizer_state
 from peftkit.errors import PeftkitError
@@ -131,10 +132,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         state = LoopState.from_json((path / TRAINER_STATE).read_text())
         weights = load_file(path / WEIGHTS_NAME)
         # weights_only: the restricted unpickler (tensors, dicts, numbers), never arbitrary objects.
-        blob = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        with torch.serialization.safe_globals(zero.safe_globals()):  # a ZeRO optimizer state's own classes
+            blob = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
         if method_trainer is not None:  # first: P-tuning's encoder must be back before its output is loaded
             method_trainer.load_state_dict(blob["method_trainer"])
-        load_adapter_state_dict(model, weights)
+        with zero.gathered(model, modify=True):  # ZeRO-3: whole while written, then partitioned again
+            load_adapter_state_dict(model, weights)
         load_optimizer_state(model, optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         if selection is not None:

@@ -17,7 +17,8 @@ Semantics (what makes N processes x batch b train the adapter of 1 process x bat
 FSDP2 (`configs/accelerate/fsdp2.yaml`) shards the parameters as DTensors: gathering the adapter or the optimizer
 state whole is a collective, so every process computes what the main process then writes (`full`,
 `optimizer_state`). A merged export would gather the whole base on one process: it is refused under FSDP
-(`check_engine`; `peftkit merge RUN/adapter` does it afterwards). DeepSpeed is refused with the same clarity.
+(`check_engine`; `peftkit merge RUN/adapter` does it afterwards). DeepSpeed ZeRO is `peftkit.zero`: the same
+semantics, with DeepSpeed's engine doing the reduction and the optimizer step.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import sys
 
 import torch
 
+from peftkit import zero
+
 
 def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
     """This process's rows of a global batch: the `rank`-th of `world` nearly equal slices, in order."""
@@ -39,8 +42,28 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, to
 
 
 def no_sync(accelerator, model, last: bool):
-    """Skip DDP's gradient all-reduce on every micro-batch of a window but the last."""
-    return contextlib.nullcontext() if last or accelerator.num_processes == 1 else accelerator.no_sync(model)
+    """Skip DDP's gradient all-reduce on every micro-batch of a window but the last (DeepSpeed: `backward`)."""
+    if last or accelerator.num_processes == 1 or zero.active(accelerator):
+        return contextlib.nullcontext()
+    return accelerator.no_sync(model)
+
+
+def backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:
+    """Backward of one micro-batch of a window (`last`: the window's end)."""
+    if zero.active(accelerator):
+        zero.backward(model, loss, last)
+    else:
+        accelerator.backward(loss)
+
+
+def optimizer_step(accelerator, model, optimizer, parameters, max_grad_norm: float | None) -> float | None:
+    """Clip the gradients to `max_grad_norm` (if set) and step; the norm before clipping, or None unclipped."""
+    if zero.active(accelerator):  # the engine clips to gradient_clipping (= max_grad_norm, `zero.configure`)
+        norm = zero.step(model)
+        return norm if max_grad_norm is not None else None
+    norm = None if max_grad_norm is None else float(accelerator.clip_grad_norm_(parameters, max_grad_norm))
+    optimizer.step()
+    return norm
 
 
 def total(accelerator, value: torch.Tensor) -> torch.Tensor:
@@ -68,10 +91,11 @@ def rng_states(accelerator) -> list[dict]:
 
 
 def describe(accelerator) -> dict:
-    """What manifest.json records of the processes."""
+    """What manifest.json records of the processes (and DeepSpeed's ZeRO stage)."""
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     return {"processes": accelerator.num_processes, "backend": backend,
-            "type": str(accelerator.distributed_type).removeprefix("DistributedType.")}
+            "type": str(accelerator.distributed_type).removeprefix("DistributedType.")} | (
+        {"zero_stage": zero.stage(accelerator)} if zero.active(accelerator) else {})
 
 
 def close() -> None:
@@ -83,21 +107,37 @@ def close() -> None:
 
 
 def sharded(accelerator) -> bool:
-    """FSDP: parameters are shards (DTensors), so gathering one whole is a collective every process joins."""
-    return str(accelerator.distributed_type).endswith("FSDP")
+    """FSDP or ZeRO-3: parameters are shards, so every forward, and gathering a parameter whole, is a collective
+    every process joins."""
+    return str(accelerator.distributed_type).endswith("FSDP") or zero.stage(accelerator) == 3
+
+
+def gathered_state(accelerator, model, saved_modules: list[str], optimizer) -> tuple[dict, object] | None:
+    """(adapter weights, optimizer state) for a checkpoint when they are spread over the processes (FSDP,
+    DeepSpeed): every process calls this and joins the gathers. None when the main process reads them itself."""
+    if zero.active(accelerator):
+        return adapter_weights(model, saved_modules), zero.optimizer_state(optimizer)
+    if sharded(accelerator):
+        return adapter_weights(model, saved_modules), optimizer_state(model, optimizer)
+    return None
+
+
+def adapter_weights(model, saved_modules: list[str]) -> dict[str, torch.Tensor]:
+    """The adapter's state dict, whole (gathered from FSDP or ZeRO-3 shards: every process calls this)."""
+    from peftkit.adapters import adapter_state_dict
+
+    with zero.gathered(model):
+        weights = adapter_state_dict(model, saved_modules)
+        return {k: v.clone() for k, v in weights.items()} if zero.is_partitioned(model) else weights
 
 
 def check_engine(cfg, accelerator) -> None:
     """What an accelerate configuration cannot do with this recipe, said before the model loads."""
     from peftkit.errors import PeftkitError
 
-    kind = str(accelerator.distributed_type).removeprefix("DistributedType.")
-    if kind == "DEEPSPEED":
-        raise PeftkitError(
-            "accelerate is configured for DeepSpeed, which peftkit does not drive yet: its engine runs its own gradient "
-            "accumulation and clipping, which would change training.grad_accum and max_grad_norm silently. Use "
-            "configs/accelerate/fsdp2.yaml (sharded) or configs/accelerate/ddp.yaml instead.")
-    if sharded(accelerator) and cfg.export.merged:
+    if zero.active(accelerator):
+        zero.check(cfg, accelerator)
+    elif sharded(accelerator) and cfg.export.merged:
         raise PeftkitError(
             "export.merged: true under FSDP would gather the whole base model on one process. Set export.merged: "
             "false and merge afterwards with `peftkit merge RUN_DIR/adapter --output DIR`.")
@@ -131,8 +171,12 @@ def optimizer_state(model, optimizer) -> dict:
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(model, optimizer, state: dict) -> None:
-    """Restore what `optimizer_state` saved (every process holds the whole state: it read the checkpoint)."""
+def load_optimizer_state(model, optimizer, state: dict | list) -> None:
+    """Restore what `optimizer_state` (or `zero.optimizer_state`, a list by rank) saved (every process read the
+    whole checkpoint)."""
+    if isinstance(state, list):
+        zero.load_optimizer_state(optimizer, state)
+        return
     if not _fsdp(model):
         optimizer.load_state_dict(state)
         return
@@ -148,21 +192,27 @@ FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "
 """configs/accelerate/fsdp2.yaml as launcher flags (the package does not ship the configs folder)."""
 
 
-def launch_command(num_processes: int, argv: list[str], kind: str = "MULTI_GPU") -> list[str]:
+def launch_command(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_stage: int = 2) -> list[str]:
     """accelerate's launcher running `peftkit <argv>` in `num_processes` processes, as data parallel or, for `kind`
-    FSDP (a manifest's `distributed.type`), as configs/accelerate/fsdp2.yaml shards."""
-    engine = FSDP2_FLAGS if kind == "FSDP" else ["--multi_gpu"]
+    (a manifest's `distributed.type`) FSDP, as configs/accelerate/fsdp2.yaml shards, or DEEPSPEED, as
+    configs/accelerate/zero<zero_stage>.yaml."""
+    engine = {"FSDP": FSDP2_FLAGS, "DEEPSPEED": [*ZERO_FLAGS, "--zero_stage", str(zero_stage)]}.get(kind, ["--multi_gpu"])
     return [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_machines", "1",
             "--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
             "-m", "peftkit", *argv]
 
 
-def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU") -> int:
+ZERO_FLAGS = ["--use_deepspeed", "--offload_optimizer_device", "none", "--offload_param_device", "none",
+              "--zero3_init_flag", "false"]
+"""configs/accelerate/zero2.yaml and zero3.yaml as launcher flags, but for the stage."""
+
+
+def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_stage: int = 2) -> int:
     """Run `launch_command` (data parallel, or FSDP2 for `kind` FSDP); the exit status (2 when the processes
     stopped on a user error, as `peftkit` itself). Their stderr is passed on without the launcher's own noise
     (torch elastic's log lines and its traceback of the failed child) and without an error line that another
     process already printed."""
-    proc = subprocess.Popen(launch_command(num_processes, argv, kind), stderr=subprocess.PIPE, text=True, bufsize=1)
+    proc = subprocess.Popen(launch_command(num_processes, argv, kind, zero_stage), stderr=subprocess.PIPE, text=True, bufsize=1)
     errors = _relay(proc.stderr)
     code = proc.wait()
     if code and errors:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from peftkit import distributed
-from peftkit.adapters import adapter_state_dict, load_adapter_state_dict, nonfinite_tensors
+from peftkit import distributed, zero
+from peftkit.adapters import load_adapter_state_dict, nonfinite_tensors
 from peftkit.checkpoint import LoopState
 from peftkit.errors import PeftkitError
 from peftkit.export import export
@@ -97,7 +97,8 @@ def _take_best(run: _Run, model, state: LoopState, eval_result: dict | None) -> 
     best = run.selection.best if run.selection else None
     if best is None or best.step is None or best.step == state.step:
         return eval_result
-    load_adapter_state_dict(model, run.selection.best_weights)
+    with zero.gathered(model, modify=True):
+        load_adapter_state_dict(model, run.selection.best_weights)
     run.console.print(f"export.best: exporting the adapter of step {best.step} (eval {best.metric} {best.value:.4f}), "
                       f"not the final one of step {state.step}.", highlight=False)
     return run.selection.best_result
@@ -120,7 +121,7 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) 
     """A run whose adapter or final eval loss is NaN/inf exports nothing and fails, whatever nan_policy says
     (skip_step keeps single bad steps out of the weights; it does not make a broken result usable). Returns the
     adapter's state dict (gathered by every process under FSDP), which the export writes."""
-    weights = adapter_state_dict(model, run.saved_modules)
+    weights = distributed.adapter_weights(model, run.saved_modules)
     bad = nonfinite_tensors(weights)
     skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss)" if state.skipped_steps else ""
     if bad:

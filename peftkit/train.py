@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from peftkit import distributed, long_context
-from peftkit.adapters import (adapter_state_dict, count_parameters, inject_adapters,
+from peftkit import distributed, long_context, zero
+from peftkit.adapters import (count_parameters, inject_adapters,
                               load_adapter_state_dict, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
@@ -160,8 +160,7 @@ class _Run:
         rng = distributed.rng_states(self.accelerator)
         path = self.out / "checkpoints" / f"step-{state.step:08d}"
         model = self.accelerator.unwrap_model(self.model)
-        gathered = ((adapter_state_dict(model, self.saved_modules), distributed.optimizer_state(model, self.optimizer))
-                    if distributed.sharded(self.accelerator) else None)  # FSDP: every process joins the gather
+        gathered = distributed.gathered_state(self.accelerator, model, self.saved_modules, self.optimizer)
         if self.main:
             try:
                 path = save_checkpoint(self.out, model, self.saved_modules, self.optimizer, self.scheduler, state,
@@ -195,7 +194,7 @@ class _Run:
         result = self.eval_ex(model)
         self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
-            self.selection.observe(step, result, lambda: adapter_state_dict(model, self.saved_modules))
+            self.selection.observe(step, result, lambda: distributed.adapter_weights(model, self.saved_modules))
         self.last_eval = (step, result)
         return result
 
@@ -247,8 +246,11 @@ def _accelerator(cfg: Recipe, out: Path):
 
     check_trackers(cfg.training.report_to)
     device = resolve_device(cfg.model.device)
-    return Accelerator(mixed_precision=mixed_precision(cfg.training, device), cpu=device.type == "cpu",
-                       log_with=cfg.training.report_to or None, project_dir=out / TRACKERS_DIR)
+    engine = zero.accelerator_kwargs(device) if zero.requested() else {"cpu": device.type == "cpu"}
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.training, device), project_dir=out / TRACKERS_DIR,
+                              log_with=cfg.training.report_to or None, **engine)
+    zero.build_whole(accelerator)
+    return accelerator
 
 
 def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) -> _Run:
@@ -315,6 +317,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
+    if zero.active(accelerator):
+        zero.configure(cfg, accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter)
@@ -396,9 +400,10 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in distributed.shard(batch, rank, world).items()}
-        with distributed.no_sync(accelerator, run.model, last=i == len(window) - 1):
+        last = i == len(window) - 1
+        with distributed.no_sync(accelerator, run.model, last):
             loss, _ = loss_fn(run.model, batch)
-            accelerator.backward(loss * world / n_label)  # DDP averages over processes: x world undoes it
+            distributed.backward(accelerator, run.model, loss * world / n_label, last)  # x world: DDP averages
         loss_sum += loss.detach()
     loss_value = float(distributed.total(accelerator, loss_sum)) / n_label  # one sync per optimizer step
     reg_value = _regularize(run)
@@ -417,10 +422,8 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
         state.step += 1
         run.scheduler.step()
         return None, None, None
-    grad_norm = None
-    if tcfg.max_grad_norm is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(trainable_parameters(run.model), tcfg.max_grad_norm))
-    run.optimizer.step()
+    grad_norm = distributed.optimizer_step(accelerator, run.model, run.optimizer, trainable_parameters(run.model),
+                                           tcfg.max_grad_norm)
     run.scheduler.step()
     if run.method_trainer is not None:
         run.method_trainer.after_step(state.step + 1)  # peft's place for AdaLoRA's allocator: gradients still here

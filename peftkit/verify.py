@@ -173,7 +173,7 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
                       soft_wrap=True)
         try:
             current = RecordedEnvironment.model_validate(environment(resolve_device(recipe.model.device)))
-            _train_again(recipe, manifest.distributed.get("processes", 1), console, manifest.distributed.get("type"))
+            _train_again(recipe, manifest.distributed, console)
         except PeftkitError as e:
             raise _rerun_failed(e, tmp, run_dir, report) from None
         report.notes += _env_differences(manifest.environment, current)
@@ -181,22 +181,25 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         return _compare(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
 
 
-def _train_again(recipe: Recipe, processes: int, console: Console, kind: str | None = None) -> None:
-    """Train `recipe` as the recorded run did: in this process, or in as many processes as it had (launched), sharded
-    if it was (`kind` FSDP, even in one process: sharding changes the arithmetic's order)."""
+def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
+    """Train `recipe` as the recorded run did (`distributed`: its manifest's): in this process, or in as many
+    processes as it had (launched), sharded if it was (FSDP, DeepSpeed at its ZeRO stage; even in one process:
+    sharding changes the arithmetic's order). A DeepSpeed config's other settings are not recorded: DeepSpeed's
+    defaults stand in for them."""
     from peftkit.train import train
 
-    if processes == 1 and kind != "FSDP":
+    processes, kind, stage = distributed.get("processes", 1), distributed.get("type"), distributed.get("zero_stage", 2)
+    if processes == 1 and kind not in ("FSDP", "DEEPSPEED"):
         train(recipe, console=console, show_summary=False)
         return
     from peftkit.distributed import launch
 
-    how = "FSDP2-sharded " if kind == "FSDP" else ""
+    how = {"FSDP": "FSDP2-sharded ", "DEEPSPEED": f"DeepSpeed ZeRO-{stage} "}.get(kind, "")
     console.print(f"The recorded run trained in {processes} {how}process{'es' if processes > 1 else ''}; so does the re-run.")
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-recipe-") as recipe_dir:
         recipe_file = Path(recipe_dir) / "recipe.yaml"
         recipe_file.write_text(recipe.to_yaml())
-        if code := launch(processes, ["train", str(recipe_file)], kind or "MULTI_GPU"):
+        if code := launch(processes, ["train", str(recipe_file)], kind or "MULTI_GPU", stage):
             raise PeftkitError(f"the {processes}-process re-run failed (exit status {code}; its output is above)")
 
 

@@ -1,0 +1,201 @@
+"""DeepSpeed ZeRO through accelerate (configs/accelerate/zero2.yaml, zero3.yaml), with peftkit's training semantics.
+
+    accelerate launch --config_file configs/accelerate/zero2.yaml --num_processes N -m peftkit train RECIPE
+
+The recipe stays the authority. DeepSpeed's engine would run its own gradient accumulation and clipping; peftkit
+fills the config from the recipe instead (`configure`: micro-batch, accumulation, clipping; a value the config
+sets otherwise is an error naming both keys) and drives the engine's boundary itself (`backward`, `step`), so the
+loss keeps its normalisation by the global window's target tokens and N processes train the adapter of one.
+ZeRO-2 partitions the optimizer state and gradients, ZeRO-3 the parameters too: the adapter is gathered for each
+checkpoint and export (`gathered`, a collective every process joins), the optimizer state is kept per rank
+(`optimizer_state`), so `--resume` needs the same number of processes.
+
+On a machine without GPUs accelerate's DeepSpeed path would not start a process group (it skips DeepSpeed for
+`cpu=True` and has no CPU backend otherwise): `accelerator_kwargs` asks for gloo, which DeepSpeed's CPU accelerator
+uses, so the same code runs (and is tested) over gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+
+from peftkit.errors import PeftkitError
+
+
+def requested() -> bool:
+    """Whether accelerate's launcher was told to use DeepSpeed (before any Accelerator exists)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def accelerator_kwargs(device: torch.device) -> dict:
+    """Accelerator arguments for a DeepSpeed run on `device`: on the CPU (launched as several processes), a gloo
+    process group."""
+    if device.type != "cpu" or int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return {}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def active(accelerator) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def stage(accelerator) -> int:
+    """The ZeRO stage of a DeepSpeed run (0 when not one)."""
+    if not active(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check(cfg, accelerator) -> None:
+    """What DeepSpeed cannot do with this recipe, said before the model loads."""
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    where = "the DeepSpeed config"
+    for section, instead in (("optimizer", "training.optimizer and training.lr"), ("scheduler", "training.lr_scheduler")):
+        if section in config:
+            raise PeftkitError(f"{where} has an '{section}' section; peftkit builds it from the recipe "
+                               f"({instead}). Remove the section.")
+    if cfg.quantization is not None:
+        raise PeftkitError(f"quantization.method: {cfg.quantization.method} is not supported under DeepSpeed (its "
+                           "engine would cast or partition the quantized weights). Use configs/accelerate/fsdp2.yaml "
+                           "with quantization.quant_storage set to the compute dtype, or configs/accelerate/ddp.yaml.")
+    if cfg.adapter.method == "adalora":
+        raise PeftkitError("adapter.method: adalora is not supported under DeepSpeed: its rank allocator reads each "
+                           "weight's gradient after the step, which ZeRO has partitioned and freed by then. Use "
+                           "configs/accelerate/ddp.yaml.")
+    if getattr(cfg.adapter, "regularization", 0):
+        raise PeftkitError(f"adapter.regularization: {cfg.adapter.regularization} is not supported under DeepSpeed "
+                           "(a second backward per step, which ZeRO's gradient partitioning does not allow). Set it "
+                           "to 0, or use configs/accelerate/ddp.yaml.")
+    if cfg.training.nan_policy == "skip_step":
+        raise PeftkitError("training.nan_policy: skip_step is not supported under DeepSpeed: ZeRO has reduced the "
+                           "step's gradients into its partitions by the time the loss is known. Use stop (the "
+                           "default), or configs/accelerate/ddp.yaml.")
+    if stage(accelerator) == 3 and cfg.export.merged:
+        raise PeftkitError("export.merged: true under ZeRO-3 would gather the whole base model on one process. Set "
+                           "export.merged: false and merge afterwards with `peftkit merge RUN_DIR/adapter --output DIR`.")
+
+
+def build_whole(accelerator) -> None:
+    """Under ZeRO-3, let transformers build models whole in each process (the engine partitions the base at
+    `prepare`): accelerate's DeepSpeed config, registered with transformers, would make it build them partitioned
+    under `deepspeed.zero.Init`, which neither adapter injection nor the memory estimate's meta-device model
+    handle. So the model must fit one process while it loads."""
+    if stage(accelerator) == 3:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def configure(cfg, accelerator, model) -> None:
+    """Write the recipe's batch, accumulation and clipping into the DeepSpeed config ("auto" or absent there); a
+    value the config sets otherwise is an error that names both keys. ZeRO's gradient buckets, unless set, hold
+    the trainable parameters at once: DeepSpeed's defaults (5e8 numbers, 2 GB in fp32, allocated and cleared each
+    step) are sized for full fine-tuning, and made a tiny LoRA step take seconds on a CPU."""
+    tcfg, world = cfg.training, accelerator.num_processes
+    wanted = {
+        "train_micro_batch_size_per_gpu": (tcfg.batch_size, "training.batch_size"),
+        "gradient_accumulation_steps": (tcfg.grad_accum, "training.grad_accum"),
+        "gradient_clipping": (tcfg.max_grad_norm or 0.0, "training.max_grad_norm"),
+        "train_batch_size": (tcfg.batch_size * tcfg.grad_accum * world, "training.batch_size x grad_accum x processes"),
+    }
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, (value, recipe_key) in wanted.items():
+        given = config.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            raise PeftkitError(f"the DeepSpeed config sets {key}: {given}, but the recipe's {recipe_key} is {value}. "
+                               f"Set {key}: auto in the config (peftkit fills it from the recipe), or change the "
+                               "recipe.")
+        config[key] = value
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    section = config.setdefault("zero_optimization", {})
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if section.get(key, "auto") == "auto":
+            section[key] = int(min(5e8, max(trainable, 1)))
+    config["steps_per_print"] = 2**31 - 1  # the run's progress bar and metrics.jsonl say it already
+    accelerator.gradient_accumulation_steps = tcfg.grad_accum
+
+
+def backward(engine, loss: torch.Tensor, last: bool) -> None:
+    """Backward of one micro-batch; `last` marks the window's end, where ZeRO reduces the gradients. The loss is
+    already normalised by the window (DeepSpeed would divide it by the accumulation steps again)."""
+    engine.set_gradient_accumulation_boundary(last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+def step(engine) -> float | None:
+    """The optimizer step, DeepSpeed's way: clip to gradient_clipping, step, zero the gradients. The gradient norm
+    before clipping, as torch's clip_grad_norm_ reports it (None when the config clips nothing)."""
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def gathered(model, modify: bool = False):
+    """Under ZeRO-3, a context in which the adapter's parameters (every trainable or adapter parameter: not the
+    frozen base) are whole on every process; with `modify`, what the main process writes into them is kept. A
+    collective: every process enters it. Elsewhere a no-op."""
+    params = [p for p in _adapter_params(model) if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def is_partitioned(model) -> bool:
+    """Whether ZeRO-3 holds `model`'s parameters as partitions."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _adapter_params(model) -> list[torch.nn.Parameter]:
+    from peftkit.adapters import adapter_layers
+
+    held = {id(p) for layer in adapter_layers(model).values() for p in layer.adapter_params().values()}
+    return [p for p in model.parameters() if p.requires_grad or id(p) in held]
+
+
+def optimizer_state(optimizer) -> list[dict]:
+    """Every process's part of the ZeRO optimizer state, by rank, on the CPU (every process calls this)."""
+    from accelerate.utils import gather_object
+
+    state = _to_cpu(getattr(optimizer, "optimizer", optimizer).state_dict())
+    return gather_object([state]) if torch.distributed.get_world_size() > 1 else [state]
+
+
+def load_optimizer_state(optimizer, states: list[dict]) -> None:
+    """Restore `optimizer_state`'s per-rank parts (the same number of processes), the fp32 masters included."""
+    if len(states) != torch.distributed.get_world_size():
+        raise PeftkitError(f"the checkpoint's ZeRO optimizer state is split over {len(states)} processes; resume with "
+                           f"--num_processes {len(states)}.")
+    getattr(optimizer, "optimizer", optimizer).load_state_dict(states, load_optimizer_states=True,
+                                                               load_from_fp32_weights=True)
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def safe_globals() -> list:
+    """The DeepSpeed classes a ZeRO optimizer state holds, for `torch.load(weights_only=True)`; none outside a
+    DeepSpeed run (which has imported deepspeed already: importing it costs seconds and prints)."""
+    if "deepspeed" not in sys.modules:
+        return []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

@@ -1,0 +1,161 @@
+"""DeepSpeed ZeRO through accelerate, in real processes over gloo on the CPU (`peftkit.zero`)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit import zero
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+pytest.importorskip("deepspeed")
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
+STEPS = 12
+
+
+def _sections(batch_size: int, **training) -> dict:
+    # No dropout: its masks are drawn per process, so they cannot match a single process's.
+    return dict(training={"max_steps": STEPS, "batch_size": batch_size, "grad_accum": 2, "save_steps": 6,
+                          "eval_steps": 6, "max_grad_norm": 0.5} | training,
+                adapter={"dropout": 0.0}, eval={"base_model": False})
+
+
+def _launch(config: Path, recipe: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               "2", "-m", "peftkit", "train", str(recipe), *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def _adapter(run: Path) -> dict:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def _close(one: dict, two: dict) -> float:
+    assert one.keys() == two.keys()
+    return max((one[k] - two[k]).abs().max().item() for k in one)
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama, number_data, tmp_path_factory) -> Path:
+    """The reference: one plain process with the global batch (2 x 2), clipped at 0.5."""
+    root = tmp_path_factory.mktemp("single")
+    train(load_recipe(make_recipe(root, tiny_llama, number_data, **_sections(4))))
+    return root / "run"
+
+
+def test_zero2_trains_the_adapter_of_one_process_and_resumes_bit_identically(single, tiny_llama, number_data,
+                                                                             tmp_path):
+    """configs/accelerate/zero2.yaml, 2 processes x batch 2 x grad_accum 2: the adapter, losses and clipped grad
+    norms of one process with batch 4 (the recipe's accumulation and clipping, not DeepSpeed's defaults); killed
+    after step 6 (its later files removed) and resumed, the same bits as uninterrupted."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(2))
+    done = _launch(CONFIGS / "zero2.yaml", recipe)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    run = tmp_path / "run"
+    assert _close(_adapter(single), _adapter(run)) <= 1e-5
+    ours, theirs = _lines(run), _lines(single)
+    for a, b in zip(ours, theirs, strict=True):
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "DEEPSPEED", "zero_stage": 2}
+
+    uninterrupted = _adapter(run)
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
+    shutil.rmtree(run / "adapter")
+    (run / "manifest.json").unlink()
+    resumed = _launch(CONFIGS / "zero2.yaml", recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert "Resumed from step-00000006" in resumed.stdout
+    again = _adapter(run)
+    assert all((uninterrupted[k] == again[k]).all() for k in uninterrupted)
+
+
+def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(single, tiny_llama, number_data,
+                                                                               tmp_path):
+    """ZeRO-3 with every parameter partitioned (persistence threshold 0: the tiny model's tensors would otherwise
+    stay whole): the checkpoint's and the export's adapter are gathered whole and equal one process's."""
+    config = tmp_path / "zero3-partitioned.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                  "gradient_clipping": "auto"}))
+    launcher = tmp_path / "zero3.yaml"
+    launcher.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {config}\n"
+                        "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\n")
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(2))
+    done = _launch(launcher, recipe)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    run = tmp_path / "run"
+    assert _close(_adapter(single), _adapter(run)) <= 1e-5
+    checkpoint = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "adapter_model.safetensors")
+    assert _close(checkpoint, _adapter(run)) == 0.0
+    assert json.loads((run / "manifest.json").read_text())["distributed"]["zero_stage"] == 3
+
+
+def _accelerator(stage: int, **config) -> SimpleNamespace:
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}} | config)
+    return SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=2,
+                           state=SimpleNamespace(deepspeed_plugin=plugin), gradient_accumulation_steps=1)
+
+
+@pytest.mark.parametrize(("sections", "adapter", "config", "expected"), [
+    ({"quantization": {"method": "nf4"}}, {}, {}, "quantization.method: nf4 is not supported under DeepSpeed"),
+    ({}, {"method": "adalora"}, {}, "adapter.method: adalora is not supported under DeepSpeed"),
+    ({}, {"regularization": 0.1}, {}, "adapter.regularization: 0.1 is not supported under DeepSpeed"),
+    ({"training": {"nan_policy": "skip_step"}}, {}, {}, "training.nan_policy: skip_step"),
+    ({"export": {"merged": True}}, {}, {}, "peftkit merge RUN_DIR/adapter"),
+    ({}, {}, {"optimizer": {"type": "AdamW"}}, "has an 'optimizer' section"),
+])
+def test_deepspeed_refuses_what_it_cannot_do(tiny_llama, number_data, tmp_path, sections, adapter, config, expected):
+    """Checked before the model loads, each with its way out (AdaLoRA's and fusion's settings stand in as
+    attributes: the check reads nothing else of them)."""
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, **sections))
+    recipe = recipe.model_copy(update={"adapter": SimpleNamespace(**vars(recipe.adapter) | adapter)})
+    with pytest.raises(PeftkitError) as e:
+        zero.check(recipe, _accelerator(3, **config))
+    assert expected in str(e.value)
+
+
+def test_deepspeed_config_values_must_agree_with_the_recipe(tiny_llama, number_data, tmp_path):
+    """"auto" (or absent) takes the recipe's value; a different explicit value names both keys."""
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"grad_accum": 3,
+                                                                                  "max_grad_norm": 0.3}))
+    accelerator = _accelerator(2, gradient_clipping="auto")
+    zero.configure(recipe, accelerator, torch.nn.Linear(3, 2))
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["gradient_clipping"], config["train_batch_size"]) == (4, 3, 0.3, 24)
+    assert config["zero_optimization"]["reduce_bucket_size"] == 8  # the trainable numbers: one bucket
+    with pytest.raises(PeftkitError) as e:
+        zero.configure(recipe, _accelerator(2, gradient_clipping=1.0), torch.nn.Linear(3, 2))
+    assert "gradient_clipping: 1.0, but the recipe's training.max_grad_norm is 0.3" in str(e.value)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_verify_relaunches_deepspeed_runs_as_the_shipped_configs(stage):
+    """`peftkit verify` re-runs a DeepSpeed run through launcher flags: they say what zero<stage>.yaml says."""
+    import yaml
+
+    from peftkit.distributed import launch_command
+
+    command = launch_command(2, ["train", "r.yaml"], "DEEPSPEED", stage)
+    flags = dict(zip(command[command.index("--use_deepspeed") + 1::2], command[command.index("--use_deepspeed") + 2::2]))
+    shipped = yaml.safe_load((CONFIGS / f"zero{stage}.yaml").read_text())["deepspeed_config"]
+    assert {key: str(value).lower() for key, value in shipped.items()} == {
+        key.removeprefix("--"): value for key, value in flags.items() if key.startswith("--") and "process" not in key
+        and key not in ("--num_machines", "--mixed_precision", "--dynamo_backend", "-m")}
