@@ -11,6 +11,8 @@ Semantics (what makes N processes x batch b train the adapter of 1 process x bat
   from the global batches (no communication): each backpropagates `N x its token-loss sum / global count`, and
   DDP's gradient average turns that into the single-process gradient.
 - Gradients are synchronised once per optimizer step (`no_sync` on the other micro-batches).
+- Evaluation is shared out: each process takes every N-th batch of the eval loss and of eval.metrics' prompts
+  (`peftkit.evaluate`), and the sums and answers are gathered to all; under FSDP the answers are generated whole.
 - Only the main process writes (metrics, checkpoints, exports, manifest, report, trackers) or prints; each
   process's RNG state goes into the checkpoint (dropout masks differ by rank), so `--resume` is bit-identical.
 

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from peftkit.data import Example, eval_loader
+from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
-from peftkit.generate import Sampling, generate_texts
+from peftkit.generate import Sampling, generate_texts, length_batches
 from peftkit.inference import ModelSource, check_choices, recipe_source
 from peftkit.loss import next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
@@ -77,11 +78,41 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
 
 
 def generation_scores(model: nn.Module, tok, prompts: list, metrics: list[str], sampling: Sampling, batch_size: int,
-                      normalize: str) -> tuple[dict[str, float], list[str]]:
+                      normalize: str, processes=None) -> tuple[dict[str, float], list[str]]:
     """({metric: mean over rows}, answers): `model`'s answers to `prompts` (`peftkit.data.prompts.Prompt`) scored
-    against their references. Like `generate_texts`, it leaves the model's mode and torch's RNG as they were."""
-    texts = generate_texts(model, tok, prompts, sampling, batch_size)
+    against their references. Like `generate_texts`, it leaves the model's mode and torch's RNG as they were.
+    `processes` (an accelerate Accelerator, several processes): they share out the prompts (`shared_answers`)."""
+    texts = (shared_answers(model, tok, prompts, sampling, batch_size, processes) if processes is not None
+             else generate_texts(model, tok, prompts, sampling, batch_size))
     return score(texts, [p.reference for p in prompts], metrics, normalize), texts
+
+
+def generation_share(prompts: list, batch_size: int, rank: int, world: int) -> list[int]:
+    """The indices of the prompts that process `rank` of `world` answers: every world-th batch of
+    `length_batches`, from its rank-th, in that order.
+
+    `generate_texts` given just these prompts batches them exactly so again: sorting keeps their order (they
+    are already sorted by length, equal lengths by index), and every batch is full but the whole's last, which
+    comes last here too. So each prompt is answered beside the same prompts, with the same left padding, as in
+    one process: the same greedy answers, bit for bit."""
+    return [i for batch in length_batches(prompts, batch_size)[rank::world] for i in batch]
+
+
+def shared_answers(model: nn.Module, tok, prompts: list, sampling: Sampling, batch_size: int, processes) -> list[str]:
+    """`generate_texts`'s answers to `prompts`, each process generating its `generation_share` and every process
+    receiving all of them, in the prompts' order (a gather over the processes: all must call this).
+
+    For greedy answers (evaluation's): sampling draws from one seeded stream per process, not the single
+    process's one stream, so sampled answers would differ from one process's. The processes run different
+    numbers of generate calls and steps, so this is not for FSDP, where every forward is a collective."""
+    from accelerate.utils import gather_object
+
+    mine = generation_share(prompts, batch_size, processes.process_index, processes.num_processes)
+    texts = generate_texts(model, tok, [prompts[i] for i in mine], sampling, batch_size)
+    answers = [""] * len(prompts)
+    for i, text in gather_object(list(zip(mine, texts, strict=True))):  # every process's (index, answer) pairs
+        answers[i] = text
+    return answers
 
 
 @dataclass
@@ -100,7 +131,8 @@ class RunEval:
     sampling: Sampling = field(default_factory=Sampling)
     normalize: str = "squad"
     processes: object = None
-    """The run's Accelerator when it has several processes: they share out the loss batches (`evaluate_loss`)."""
+    """The run's Accelerator when it has several processes: they share out the loss batches (`evaluate_loss`) and,
+    unless FSDP shards the parameters, the prompts (`shared_answers`)."""
 
     @classmethod
     def of(cls, cfg: Recipe, tok, examples: list[Example]) -> RunEval:
@@ -119,8 +151,11 @@ class RunEval:
         the prompts (the loop passes the model unwrapped from accelerate's wrapper)."""
         result = evaluate_loss(model, self.examples, self.batch_size, self.pad_id, self.processes)
         if self.metrics:
+            # Under FSDP every forward is a collective, and a share would end at EOS after its own number of steps
+            # (and one process may have a batch fewer): there each process generates the whole, all in step.
+            sharing = self.processes if self.processes is not None and not sharded(self.processes) else None
             result |= generation_scores(generator or model, self.tok, self.prompts, self.metrics, self.sampling,
-                                        self.batch_size, self.normalize)[0]
+                                        self.batch_size, self.normalize, sharing)[0]
         return result
 
     def record(self, result: dict[str, float], prefix: str = "eval_") -> dict[str, float]:

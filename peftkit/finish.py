@@ -49,9 +49,10 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
         fsync_path(run.metrics_path)
     eval_result = _take_best(run, model, state, eval_result)
     weights = _check_finite(run, model, eval_result, state)
-    # Every process generates (under FSDP each forward is a collective); the main process keeps the answers.
+    # The main process keeps the answers: the others generate only under FSDP, where each forward is a collective.
     prompts = sample_prompts(cfg, run.tok)
-    texts = answers(model, run.tok, prompts, cfg) if prompts else []
+    generates = run.main or distributed.sharded(run.accelerator)
+    texts = answers(model, run.tok, prompts, cfg) if prompts and generates else []
     if not run.main:  # the main process exports, samples and writes the manifest
         run.accelerator.wait_for_everyone()
         return {}

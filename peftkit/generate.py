@@ -81,18 +81,24 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     return completions
 
 
+def length_batches(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
+    """The prompts' indices in the batches `generate_texts` generates: sorted by length (equal lengths in their
+    order), so that prompts of similar length share a batch and little padding is computed, then cut into runs
+    of `batch_size`."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampling, batch_size: int = 8,
                    on_batch: Callable[[list[Prompt], list[str]], None] | None = None,
                    route: Callable[[list[int]], AbstractContextManager] | None = None) -> list[str]:
-    """The completion of each prompt, in order, generated `batch_size` at a time (prompts of similar length
-    together, so that little padding is computed). `on_batch` sees each batch's prompts and completions; `route`,
-    given the indices of a batch's prompts, the context its generation runs in (a mixed-adapter batch:
-    `NamedAdapters.routed`).
+    """The completion of each prompt, in order, generated `batch_size` at a time (`length_batches`). `on_batch`
+    sees each batch's prompts and completions; `route`, given the indices of a batch's prompts, the context its
+    generation runs in (a mixed-adapter batch: `NamedAdapters.routed`).
 
     The model is left in the train/eval mode it was in, and torch's global RNG as it was (sampling seeds a fork
     of it): generating in the middle of a training run must not change the dropout masks that follow."""
     sampling.check()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     texts: list[str] = [""] * len(prompts)
     was_training = model.training
     device = next(model.parameters()).device
@@ -100,8 +106,7 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
         torch.manual_seed(sampling.seed)
         model.eval()
         try:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
+            for batch in length_batches(prompts, batch_size):
                 with route(batch) if route else nullcontext():
                     new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
                                        tasks=[prompts[i].task_id for i in batch])

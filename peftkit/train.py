@@ -190,7 +190,7 @@ class _Run:
         it to the selection."""
         if self.last_eval is not None and self.last_eval[0] == step:
             return self.last_eval[1]
-        model = self.accelerator.unwrap_model(self.model)  # every process joins (the loss's batches are shared out)
+        model = self.accelerator.unwrap_model(self.model)  # every process joins (loss batches, prompts shared out)
         result = self.eval_ex(model)
         self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
@@ -294,7 +294,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
             base = eval_ex(model)
         console.print(f"base model: {eval_ex.describe(base)} on {n} examples", highlight=False)
         summary |= {k: v for k, v in eval_ex.record(base, "base_eval_").items() if k != "base_eval_perplexity"}
-        if prompts := sample_prompts(cfg, tok):
+        # The base's samples go into the main process's summary; the model is not sharded yet, so only it generates.
+        if accelerator.is_main_process and (prompts := sample_prompts(cfg, tok)):
             with console.status(f"Generating {len(prompts)} samples with the base model (eval.samples)..."):
                 summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
                                       for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]
