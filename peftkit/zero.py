@@ -76,6 +76,10 @@ def check(cfg, accelerator) -> None:
         raise PeftkitError("training.nan_policy: skip_step is not supported under DeepSpeed: ZeRO has reduced the "
                            "step's gradients into its partitions by the time the loss is known. Use stop (the "
                            "default), or configs/accelerate/ddp.yaml.")
+    if stage(accelerator) == 3 and _prompt_family(cfg.adapter.method):
+        raise PeftkitError(f"adapter.method: {cfg.adapter.method} is not supported under ZeRO-3: its virtual tokens "
+                           "read the embedding table outside the embedding's forward, where ZeRO-3 holds only a "
+                           "partition of it. Use configs/accelerate/zero2.yaml, fsdp2.yaml or ddp.yaml.")
     if stage(accelerator) == 3 and cfg.export.merged:
         raise PeftkitError("export.merged: true under ZeRO-3 would gather the whole base model on one process. Set "
                            "export.merged: false and merge afterwards with `peftkit merge RUN_DIR/adapter --output DIR`.")
@@ -90,6 +94,13 @@ def build_whole(accelerator) -> None:
         from transformers.integrations import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()
+
+
+def _prompt_family(method: str) -> bool:
+    from peftkit.methods import METHODS
+    from peftkit.methods.virtual import VirtualMethod
+
+    return issubclass(METHODS[method], VirtualMethod)
 
 
 def configure(cfg, accelerator, model) -> None:

@@ -27,7 +27,8 @@ def _sections(batch_size: int, **training) -> dict:
     # No dropout: its masks are drawn per process, so they cannot match a single process's.
     return dict(training={"max_steps": STEPS, "batch_size": batch_size, "grad_accum": 2, "save_steps": 6,
                           "eval_steps": 6, "max_grad_norm": 0.5} | training,
-                adapter={"dropout": 0.0}, eval={"base_model": False})
+                adapter={"dropout": 0.0},
+                eval={"base_model": False, "metrics": ["exact_match", "token_f1"], "max_new_tokens": 8, "samples": 2})
 
 
 def _launch(config: Path, recipe: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -69,7 +70,7 @@ def test_zero2_trains_the_adapter_of_one_process_and_resumes_bit_identically(sin
     assert _close(_adapter(single), _adapter(run)) <= 1e-5
     ours, theirs = _lines(run), _lines(single)
     for a, b in zip(ours, theirs, strict=True):
-        for key in ("loss", "grad_norm", "eval_loss"):
+        for key in ("loss", "grad_norm", "eval_loss", "eval_token_f1"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -89,7 +90,8 @@ def test_zero2_trains_the_adapter_of_one_process_and_resumes_bit_identically(sin
 def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(single, tiny_llama, number_data,
                                                                                tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0: the tiny model's tensors would otherwise
-    stay whole): the checkpoint's and the export's adapter are gathered whole and equal one process's."""
+    stay whole): the checkpoint's and the export's adapter are gathered whole and equal one process's; eval.metrics
+    and eval.samples generate through the partitioned model."""
     config = tmp_path / "zero3-partitioned.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                   "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -102,6 +104,10 @@ def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(s
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     run = tmp_path / "run"
     assert _close(_adapter(single), _adapter(run)) <= 1e-5
+    # Every forward gathers the partitions: the processes generate the answers and samples whole, in step.
+    ours, theirs = (json.loads((r / "manifest.json").read_text())["metrics"] for r in (run, single))
+    assert ours["eval_token_f1"] == pytest.approx(theirs["eval_token_f1"]) and ours["eval_token_f1"] > 0
+    assert [s["fine_tuned"] for s in ours["samples"]] == [s["fine_tuned"] for s in theirs["samples"]]
     checkpoint = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "adapter_model.safetensors")
     assert _close(checkpoint, _adapter(run)) == 0.0
     assert json.loads((run / "manifest.json").read_text())["distributed"]["zero_stage"] == 3
@@ -119,6 +125,7 @@ def _accelerator(stage: int, **config) -> SimpleNamespace:
     ({}, {"regularization": 0.1}, {}, "adapter.regularization: 0.1 is not supported under DeepSpeed"),
     ({"training": {"nan_policy": "skip_step"}}, {}, {}, "training.nan_policy: skip_step"),
     ({"export": {"merged": True}}, {}, {}, "peftkit merge RUN_DIR/adapter"),
+    ({}, {"method": "prefix_tuning"}, {}, "adapter.method: prefix_tuning is not supported under ZeRO-3"),
     ({}, {}, {"optimizer": {"type": "AdamW"}}, "has an 'optimizer' section"),
 ])
 def test_deepspeed_refuses_what_it_cannot_do(tiny_llama, number_data, tmp_path, sections, adapter, config, expected):
