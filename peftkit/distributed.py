@@ -15,6 +15,8 @@ Semantics (what makes N processes x batch b train the adapter of 1 process x bat
   (`peftkit.evaluate`), and the sums and answers are gathered to all; under FSDP the answers are generated whole.
 - Only the main process writes (metrics, checkpoints, exports, manifest, report, trackers) or prints; each
   process's RNG state goes into the checkpoint (dropout masks differ by rank), so `--resume` is bit-identical.
+- Several machines (accelerate's `--num_machines`): every rank above is the global one, so the run directory must be
+  on a filesystem all machines share (`--resume` loads what the main process wrote: `check_sees_checkpoints`).
 
 FSDP2 (`configs/accelerate/fsdp2.yaml`) shards the parameters as DTensors: gathering the adapter or the optimizer
 state whole is a collective, so every process computes what the main process then writes (`full`,
@@ -26,9 +28,12 @@ semantics, with DeepSpeed's engine doing the reduction and the optimizer step.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -93,11 +98,32 @@ def rng_states(accelerator) -> list[dict]:
 
 
 def describe(accelerator) -> dict:
-    """What manifest.json records of the processes (and DeepSpeed's ZeRO stage)."""
+    """What manifest.json records of the processes (the machines they ran on, when more than one; DeepSpeed's ZeRO
+    stage)."""
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     return {"processes": accelerator.num_processes, "backend": backend,
             "type": str(accelerator.distributed_type).removeprefix("DistributedType.")} | (
+        {"machines": machines} if (machines := num_machines(accelerator)) > 1 else {}) | (
         {"zero_stage": zero.stage(accelerator)} if zero.active(accelerator) else {})
+
+
+def num_machines(accelerator) -> int:
+    """How many machines the processes run on: torch's launcher starts LOCAL_WORLD_SIZE of them on each (1 when
+    launched otherwise)."""
+    return accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
+def check_sees_checkpoints(out: Path, rank: int) -> None:
+    """--resume, on a process other than the main one: it loads the checkpoint the main process has just found in
+    `out`, so it must see the same directory (several machines: a filesystem they all share)."""
+    from peftkit.checkpoint import checkpoint_dirs
+    from peftkit.errors import PeftkitError
+
+    if not checkpoint_dirs(out):
+        raise PeftkitError(
+            f"--resume: process {rank} (on {socket.gethostname()}) finds no checkpoint in {out / 'checkpoints'}, "
+            "where the main process resumes from. Every machine of a run must see export.output_dir at the same "
+            "path: put it on a filesystem they share.")
 
 
 def close() -> None:

@@ -217,6 +217,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                else contextlib.nullcontext())  # one writer: the main process holds the directory
     with run_dir:
         accelerator.wait_for_everyone()  # the directory is checked and tidied before any process reads it
+        if resume and not accelerator.is_main_process:
+            distributed.check_sees_checkpoints(out, accelerator.process_index)
         started = time.time()
         run = _setup(recipe, out, resume, console, accelerator)
         # Only now, with data and model loaded, does the directory become this recipe's run.
