@@ -46,6 +46,11 @@ def _close(one: dict, two: dict) -> float:
     return max((one[k] - two[k]).abs().max().item() for k in one)
 
 
+def _samples(run: Path) -> list[str]:
+    """The fine-tuned model's eval.samples answers (greedy: the same adapter gives the same strings)."""
+    return [s["fine_tuned"] for s in json.loads((run / "manifest.json").read_text())["metrics"]["samples"]]
+
+
 def _lines(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -73,6 +78,7 @@ def test_zero2_trains_the_adapter_of_one_process_and_resumes_bit_identically(sin
         for key in ("loss", "grad_norm", "eval_loss", "eval_token_f1"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
+    assert _samples(run) == _samples(single) and all(_samples(run))
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "DEEPSPEED", "zero_stage": 2}
 
@@ -105,9 +111,7 @@ def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(s
     run = tmp_path / "run"
     assert _close(_adapter(single), _adapter(run)) <= 1e-5
     # Every forward gathers the partitions: the processes generate the answers and samples whole, in step.
-    ours, theirs = (json.loads((r / "manifest.json").read_text())["metrics"] for r in (run, single))
-    assert ours["eval_token_f1"] == pytest.approx(theirs["eval_token_f1"]) and ours["eval_token_f1"] > 0
-    assert [s["fine_tuned"] for s in ours["samples"]] == [s["fine_tuned"] for s in theirs["samples"]]
+    assert _samples(run) == _samples(single) and all(_samples(run))
     checkpoint = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "adapter_model.safetensors")
     assert _close(checkpoint, _adapter(run)) == 0.0
     assert json.loads((run / "manifest.json").read_text())["distributed"]["zero_stage"] == 3
