@@ -117,6 +117,21 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert all(again[k].equal(two[k]) for k in two)
 
 
+def test_the_single_gpu_config_launches_the_plain_run(tiny_llama, number_data, tmp_path):
+    """configs/accelerate/single_gpu.yaml (on a machine without one, the CPU) trains the in-process run's bits."""
+    sections = _sections(4, steps=6)
+    train(load_recipe(make_recipe(tmp_path / "plain", tiny_llama, number_data, **sections)))
+    launched = make_recipe(tmp_path / "launched", tiny_llama, number_data, **sections)
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "single_gpu.yaml"
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m",
+                           "peftkit", "train", str(launched)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = _adapter(tmp_path / "plain" / "run"), _adapter(tmp_path / "launched" / "run")
+    assert one.keys() == two.keys() and all(one[k].equal(two[k]) for k in one)
+    manifest = json.loads((tmp_path / "launched" / "run" / "manifest.json").read_text())
+    assert manifest["distributed"]["processes"] == 1
+
+
 def test_a_user_error_in_several_processes_is_one_clear_message(tiny_llama, number_data, tmp_path):
     recipe = make_recipe(tmp_path, tiny_llama, {**number_data, "train": tmp_path / "missing.jsonl"}, **_sections(2))
     done = _peftkit("train", str(recipe), "--num-processes", "2")
