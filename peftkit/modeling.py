@@ -166,6 +166,18 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def check_attention(cfg: ModelConfig, device: torch.device) -> None:
+    """model.attn_implementation: flash_attention_2 runs on CUDA devices, with the flash-attn package."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        need = "a CUDA device" if device.type != "cuda" else "the flash-attn package (pip install flash-attn)"
+        raise PeftkitError(f"model.attn_implementation: flash_attention_2 needs {need}; use sdpa (or leave the key "
+                           "out) here.")
+
+
 def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device: torch.device | None = None,
                labels: LabelSet | None = None) -> nn.Module:
     """AutoModelForCausalLM (model.task: sequence_classification: AutoModelForSequenceClassification) from a local
@@ -181,6 +193,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     config = load_config(cfg)
     _check_weight_files(cfg)
     device = device or resolve_device(cfg.device)
+    check_attention(cfg, device)
     kwargs: dict = dict(
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,

@@ -99,6 +99,9 @@ def mixed_precision(cfg: TrainingConfig, device: torch.device) -> str:
 
 def check_device_support(cfg: Recipe, device: torch.device) -> None:
     """Combinations that only fail once the device is known, caught before anything is loaded."""
+    from peftkit.modeling import check_attention
+
+    check_attention(cfg.model, device)
     q = cfg.quantization
     if q is not None and device.type == "cpu" and q.method != "int8" and q.compute_dtype == "float16":
         raise PeftkitError(

@@ -43,7 +43,7 @@ from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.classify import ClassifyEval, example_loss_sum, with_head
 from peftkit.data import describe_stats, load_examples, micro_batches
 from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
-from peftkit.data.packing import describe_packing, pack_examples
+from peftkit.data.packing import describe_packing, flatten, pack_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
 from peftkit.finish import TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
@@ -401,8 +401,11 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
         n_label, loss_fn = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window), token_loss_sum
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
+    flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
     for i, batch in enumerate(window):
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in distributed.shard(batch, rank, world).items()}
+        batch = distributed.shard(batch, rank, world)
+        batch = {k: v.to(accelerator.device, non_blocking=True)
+                 for k, v in (flatten(batch) if flat and "position_ids" in batch else batch).items()}
         last = i == len(window) - 1
         with distributed.no_sync(accelerator, run.model, last):
             loss, _ = loss_fn(run.model, batch)

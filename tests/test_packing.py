@@ -10,12 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters, trainable_parameters
 from peftkit.data import Collator, Example
-from peftkit.data.packing import pack_examples
+from peftkit.data.packing import flatten, pack_examples
 from peftkit.evaluate import token_loss_sum
 from peftkit.methods.lora import LoraConfig
 from peftkit.recipe import load_recipe
 from peftkit.train import train
-from tests.conftest import make_recipe, random_adapters
+from tests.conftest import cli_user_error, make_recipe, random_adapters
 from tests.test_methods import models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
 
 PAD = 0
@@ -62,6 +62,26 @@ def test_packed_loss_and_gradients_equal_unpacked(arch, models):  # noqa: F811
     p_loss, p_n, p_grads = _loss_and_grads(model, packed)
     assert p_n == n and abs(p_loss - loss) <= 1e-5 * max(1.0, abs(loss))
     assert max(float((a - b).abs().max()) for a, b in zip(grads, p_grads, strict=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_a_flattened_packed_batch_has_the_loss_and_gradients_of_the_rows(arch, models):  # noqa: F811
+    """What a flash-attention model trains on (`flatten`): the packed rows' real tokens as one row, no padding.
+    Checked through SDPA, which finds the examples from the same position ids."""
+    model = _model(models[arch])
+    packed = Collator(PAD)(pack_examples(_examples(), 16))
+    flat = flatten(packed)
+    assert flat["input_ids"].shape == (1, int(packed["attention_mask"].sum())) and "attention_mask" not in flat
+    loss, n, grads = _loss_and_grads(model, packed)
+    f_loss, f_n, f_grads = _loss_and_grads(model, flat)
+    assert f_n == n and abs(f_loss - loss) <= 1e-5 * max(1.0, abs(loss))
+    assert max(float((a - b).abs().max()) for a, b in zip(grads, f_grads, strict=True)) <= 1e-5
+
+
+def test_flash_attention_needs_cuda(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"packing": True})
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), "--set", "model.attn_implementation=flash_attention_2")
+    assert "model.attn_implementation: flash_attention_2 needs a CUDA device; use sdpa" in err
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])

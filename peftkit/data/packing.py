@@ -7,11 +7,18 @@ paths alike. The first label of each example is masked: in an unpacked batch it 
 predicts t + 1), and packed it would be predicted from the end of the example before it. So a packed batch has
 the loss and gradients of the same examples unpacked (tests/test_packing.py).
 
+With a flash-attention model (model.attn_implementation: flash_attention_2) a packed batch is flattened into one
+row without its padding (`flatten`): transformers' flash path then finds the examples from the position ids and runs
+its variable-length kernels on them, computing no padding at all. (Left as rows, the flash kernels would see one
+causal sequence per row: they take packed sequences from position ids only in a batch of one.)
+
 Rows are filled in the data's order, each example going into the current row while it fits (next fit), so the
 packing is the same for every run of the same data; the seeded epoch order then shuffles rows.
 """
 
 from __future__ import annotations
+
+import torch
 
 from peftkit.data.examples import IGNORE_INDEX, Example
 
@@ -37,3 +44,10 @@ def describe_packing(examples: list[Example], rows: list[Example], max_length: i
     tokens = sum(len(r.input_ids) for r in rows)
     return (f"data.packing: {len(examples)} examples in {len(rows)} rows of up to {max_length} tokens "
             f"({100 * tokens / (len(rows) * max_length):.0f}% filled)")
+
+
+def flatten(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A packed batch's real tokens as one row (1, tokens), row after row, without the padding or the mask. Each
+    example keeps its position ids and its masked first label, so the loss is the batch's."""
+    keep = batch["attention_mask"].bool()
+    return {k: batch[k][keep].unsqueeze(0) for k in ("input_ids", "position_ids", "labels")}

@@ -56,8 +56,9 @@ class ModelConfig(Section):
     """Run modelling code shipped with a hub model. Off unless you trust the repository."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: CUDA when available, else CPU."""
-    attn_implementation: Literal["eager", "sdpa"] | None = None
-    """Attention kernel; None lets transformers choose."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    """Attention kernel; None lets transformers choose. flash_attention_2 needs CUDA and the flash-attn package;
+    with data.packing its batches are flattened into one row (padding-free, varlen kernels)."""
     task: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     """causal_lm: next-token prediction (AutoModelForCausalLM). sequence_classification: one label per row
     (AutoModelForSequenceClassification, data.format: classification), its new head (`classifier` or `score`)
