@@ -2,7 +2,8 @@
 # The GPU checks of one session, in one call (a lent GPU machine is short of time, not of memory):
 #   bash scripts/gpu_check.sh OUT_DIR [SECONDS]
 # Runs, each under its own time limit and in this order, stopping new steps past SECONDS (default 480):
-#   1. tests/test_sharded.py (FSDP2, FSDP2 + QLoRA) and the CUDA-relevant test files, on the GPU;
+#   1. tests/test_sharded.py (FSDP2, FSDP2 + QLoRA), tests/test_deepspeed.py (ZeRO-2/3, one process per GPU) and
+#      the CUDA-relevant test files, on the GPU;
 #   2. bench_train.py: LoRA at a ~1.2B Llama shape in bf16, with the frozen-base floor, 2 repeats;
 #   3. bench_qlora.py at the same shape (NF4 + DQ, paged 8-bit AdamW, gradient checkpointing);
 #   4. bench_train.py at an 8B Llama layer shape (hidden 4096, MLP 14336, vocab 128256; 4 layers).
@@ -22,7 +23,7 @@ fi
 python3 - <<'EOF' 2>&1 | tee "$out/env.log"
 import importlib, torch
 print("gpu", torch.cuda.get_device_name(0), "torch", torch.__version__)
-for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "pydantic"):
+for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "pydantic", "deepspeed"):
     print(name, importlib.import_module(name).__version__)
 EOF
 
@@ -35,7 +36,7 @@ step() {  # step NAME LIMIT COMMAND...: run it unless the budget is spent; log t
   echo "== $name: exit $? in $(( SECONDS - t0 )) s" | tee -a "$out/summary.log"
 }
 
-step tests 170 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_sharded.py tests/test_qlora.py \
+step tests 200 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_sharded.py tests/test_deepspeed.py tests/test_qlora.py \
   tests/test_train.py tests/test_crash_safety.py tests/test_generate.py tests/test_prompt_methods.py
 step bench_train 150 python3 scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
   --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 30 --repeats 2 --floor \

@@ -97,3 +97,12 @@ def cli_user_error(monkeypatch, capsys, *args: str) -> str:
     assert exit_info.value.code == 2, captured.err
     assert "Traceback" not in captured.err + captured.out
     return captured.err
+
+
+def free_port() -> int:
+    """A TCP port free now, for a launcher's rendezvous (launches in parallel test workers must not share one)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -15,25 +15,29 @@ from peftkit import zero
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import free_port, make_recipe
 
 pytest.importorskip("deepspeed")
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
 STEPS = 12
+# Over gloo on the CPU, 2 processes; on GPUs one per GPU (NCCL takes one process per device), at most 2: so one
+# GPU runs the single-process ZeRO of a one-GPU machine against the plain run.
+PROCESSES = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 2
 
 
 def _sections(batch_size: int, **training) -> dict:
     # No dropout: its masks are drawn per process, so they cannot match a single process's.
     return dict(training={"max_steps": STEPS, "batch_size": batch_size, "grad_accum": 2, "save_steps": 6,
-                          "eval_steps": 6, "max_grad_norm": 0.5} | training,
+                          "eval_steps": 6, "max_grad_norm": 0.5, "mixed_precision": "no", "deterministic": True}
+                | training,
                 adapter={"dropout": 0.0},
                 eval={"base_model": False, "metrics": ["exact_match", "token_f1"], "max_new_tokens": 8, "samples": 2})
 
 
 def _launch(config: Path, recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
-               "2", "-m", "peftkit", "train", str(recipe), *extra]
+               str(PROCESSES), "--main_process_port", str(free_port()), "-m", "peftkit", "train", str(recipe), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
@@ -65,10 +69,11 @@ def single(tiny_llama, number_data, tmp_path_factory) -> Path:
 
 def test_zero2_trains_the_adapter_of_one_process_and_resumes_bit_identically(single, tiny_llama, number_data,
                                                                              tmp_path):
-    """configs/accelerate/zero2.yaml, 2 processes x batch 2 x grad_accum 2: the adapter, losses and clipped grad
+    """configs/accelerate/zero2.yaml, 2 processes x batch 2 x grad_accum 2 (on one GPU: 1 x 4): the adapter, losses
+    and clipped grad
     norms of one process with batch 4 (the recipe's accumulation and clipping, not DeepSpeed's defaults); killed
     after step 6 (its later files removed) and resumed, the same bits as uninterrupted."""
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(2))
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES))
     done = _launch(CONFIGS / "zero2.yaml", recipe)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     run = tmp_path / "run"
@@ -80,7 +85,8 @@ def test_zero2_trains_the_adapter_of_one_process_and_resumes_bit_identically(sin
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
     assert _samples(run) == _samples(single) and all(_samples(run))
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "DEEPSPEED", "zero_stage": 2}
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    assert manifest["distributed"] == {"processes": PROCESSES, "backend": backend, "type": "DEEPSPEED", "zero_stage": 2}
 
     uninterrupted = _adapter(run)
     shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
@@ -104,8 +110,8 @@ def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(s
                                   "gradient_clipping": "auto"}))
     launcher = tmp_path / "zero3.yaml"
     launcher.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {config}\n"
-                        "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\n")
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(2))
+                        f"  zero3_init_flag: false\nnum_machines: 1\nnum_processes: {PROCESSES}\n")
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES))
     done = _launch(launcher, recipe)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     run = tmp_path / "run"

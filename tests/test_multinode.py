@@ -15,18 +15,12 @@ from peftkit.distributed import check_sees_checkpoints
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import free_port, make_recipe
 from tests.test_distributed import _adapter, _kill_tree, _lines, _sections
 
 STEPS = 10
 PORT_TAKEN = re.compile(r"utilizing it|EADDRINUSE|address already in use", re.IGNORECASE)
 """What accelerate's launcher (or torch's store) says when the rendezvous port was taken after it was picked."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _machine(rank: int, port: int, argv: list[str]) -> list[str]:
@@ -55,7 +49,7 @@ def _on_two_machines(argv: list[str], logs: Path) -> None:
     """Run `peftkit <argv>` on 2 simulated machines and assert that both finished; a rendezvous port taken
     between being picked and bound gets one more try with another port."""
     for attempt in range(2):
-        port, files = _free_port(), [logs / f"machine-{rank}.log" for rank in range(2)]
+        port, files = free_port(), [logs / f"machine-{rank}.log" for rank in range(2)]
         procs = []
         for rank, file in enumerate(files):
             with file.open("w") as out:

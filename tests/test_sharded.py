@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from peftkit.distributed import check_engine
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
-from tests.conftest import make_recipe
+from tests.conftest import free_port, make_recipe
 
 FSDP2 = str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp2.yaml")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs FSDP on CUDA devices only")
@@ -28,7 +28,8 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs 
 
 def _launch(recipe: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2, "--num_processes",
-               str(torch.cuda.device_count()), "-m", "peftkit", "train", str(recipe), *extra]
+               str(torch.cuda.device_count()), "--main_process_port", str(free_port()), "-m", "peftkit", "train",
+               str(recipe), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
