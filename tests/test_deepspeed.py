@@ -88,22 +88,14 @@ def test_zero2_trains_the_adapter_of_one_process_and_resumes_bit_identically(sin
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     assert manifest["distributed"] == {"processes": PROCESSES, "backend": backend, "type": "DEEPSPEED", "zero_stage": 2}
 
-    uninterrupted = _adapter(run)
-    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
-    shutil.rmtree(run / "adapter")
-    (run / "manifest.json").unlink()
-    resumed = _launch(CONFIGS / "zero2.yaml", recipe, "--resume")
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
-    assert "Resumed from step-00000006" in resumed.stdout
-    again = _adapter(run)
-    assert all((uninterrupted[k] == again[k]).all() for k in uninterrupted)
+    _resume_from_the_middle(CONFIGS / "zero2.yaml", recipe, run)
 
 
 def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(single, tiny_llama, number_data,
                                                                                tmp_path):
     """ZeRO-3 with every parameter partitioned (persistence threshold 0: the tiny model's tensors would otherwise
     stay whole): the checkpoint's and the export's adapter are gathered whole and equal one process's; eval.metrics
-    and eval.samples generate through the partitioned model."""
+    and eval.samples generate through the partitioned model; resumed from step 6, the uninterrupted run's bits."""
     config = tmp_path / "zero3-partitioned.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                   "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -121,6 +113,20 @@ def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(s
     checkpoint = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "adapter_model.safetensors")
     assert _close(checkpoint, _adapter(run)) == 0.0
     assert json.loads((run / "manifest.json").read_text())["distributed"]["zero_stage"] == 3
+    _resume_from_the_middle(launcher, recipe, run)
+
+
+def _resume_from_the_middle(launcher: Path, recipe: Path, run: Path) -> None:
+    """Remove what the run wrote after step 6, resume: the uninterrupted run's bits."""
+    uninterrupted = _adapter(run)
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
+    shutil.rmtree(run / "adapter")
+    (run / "manifest.json").unlink()
+    resumed = _launch(launcher, recipe, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+    assert "Resumed from step-00000006" in resumed.stdout
+    again = _adapter(run)
+    assert all((uninterrupted[k] == again[k]).all() for k in uninterrupted)
 
 
 def _accelerator(stage: int, **config) -> SimpleNamespace:
