@@ -55,7 +55,7 @@ def stage(accelerator) -> int:
 def check(cfg, accelerator) -> None:
     """What DeepSpeed cannot do with this recipe, said before the model loads."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    where = "the DeepSpeed config"
+    where = _config_name()
     for section, instead in (("optimizer", "training.optimizer and training.lr"), ("scheduler", "training.lr_scheduler")):
         if section in config:
             raise PeftkitError(f"{where} has an '{section}' section; peftkit builds it from the recipe "
@@ -96,6 +96,12 @@ def build_whole(accelerator) -> None:
         unset_hf_deepspeed_config()
 
 
+def _config_name() -> str:
+    """The DeepSpeed config as a user knows it: its file, when accelerate was given one."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    return "the DeepSpeed config" + (f" {path}" if path != "none" else "")
+
+
 def _prompt_family(method: str) -> bool:
     from peftkit.methods import METHODS
     from peftkit.methods.virtual import VirtualMethod
@@ -119,7 +125,7 @@ def configure(cfg, accelerator, model) -> None:
     for key, (value, recipe_key) in wanted.items():
         given = config.get(key, "auto")
         if given != "auto" and float(given) != float(value):
-            raise PeftkitError(f"the DeepSpeed config sets {key}: {given}, but the recipe's {recipe_key} is {value}. "
+            raise PeftkitError(f"{_config_name()} sets {key}: {given}, but the recipe's {recipe_key} is {value}. "
                                f"Set {key}: auto in the config (peftkit fills it from the recipe), or change the "
                                "recipe.")
         config[key] = value
