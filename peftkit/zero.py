@@ -60,10 +60,11 @@ def check(cfg, accelerator) -> None:
         if section in config:
             raise PeftkitError(f"{where} has an '{section}' section; peftkit builds it from the recipe "
                                f"({instead}). Remove the section.")
-    if cfg.quantization is not None:
-        raise PeftkitError(f"quantization.method: {cfg.quantization.method} is not supported under DeepSpeed (its "
-                           "engine would cast or partition the quantized weights). Use configs/accelerate/fsdp2.yaml "
-                           "with quantization.quant_storage set to the compute dtype, or configs/accelerate/ddp.yaml.")
+    if cfg.quantization is not None and stage(accelerator) == 3:
+        raise PeftkitError(f"quantization.method: {cfg.quantization.method} is not supported under ZeRO-3 (it would "
+                           "partition the quantized weights, which bitsandbytes' layers read whole). Use "
+                           "configs/accelerate/zero2.yaml, or fsdp2.yaml with quantization.quant_storage set to the "
+                           "compute dtype.")
     if cfg.adapter.method == "adalora":
         raise PeftkitError("adapter.method: adalora is not supported under DeepSpeed: its rank allocator reads each "
                            "weight's gradient after the step, which ZeRO has partitioned and freed by then. Use "

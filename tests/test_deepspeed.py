@@ -129,6 +129,18 @@ def _resume_from_the_middle(launcher: Path, recipe: Path, run: Path) -> None:
     assert all((uninterrupted[k] == again[k]).all() for k in uninterrupted)
 
 
+def test_zero2_trains_qlora_as_one_process(tiny_llama, number_data, tmp_path):
+    """QLoRA (NF4 + double quant) under ZeRO-2: the 4-bit base stays whole and unpartitioned in each process (ZeRO-2
+    partitions only what trains), and 2 processes give one process's adapter (dequantized fp32 compute)."""
+    quant = {"quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}}
+    plain = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4, max_steps=6), **quant)
+    train(load_recipe(plain))
+    zero = make_recipe(tmp_path / "zero", tiny_llama, number_data, **_sections(4 // PROCESSES, max_steps=6), **quant)
+    done = _launch(CONFIGS / "zero2.yaml", zero)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert _close(_adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "zero" / "run")) <= 1e-5
+
+
 def _accelerator(stage: int, **config) -> SimpleNamespace:
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}} | config)
     return SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=2,
@@ -136,7 +148,7 @@ def _accelerator(stage: int, **config) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize(("sections", "adapter", "config", "expected"), [
-    ({"quantization": {"method": "nf4"}}, {}, {}, "quantization.method: nf4 is not supported under DeepSpeed"),
+    ({"quantization": {"method": "nf4"}}, {}, {}, "quantization.method: nf4 is not supported under ZeRO-3"),
     ({}, {"method": "adalora"}, {}, "adapter.method: adalora is not supported under DeepSpeed"),
     ({}, {"regularization": 0.1}, {}, "adapter.regularization: 0.1 is not supported under DeepSpeed"),
     ({"training": {"nan_policy": "skip_step"}}, {}, {}, "training.nan_policy: skip_step"),
