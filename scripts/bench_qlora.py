@@ -18,7 +18,8 @@ without warmup, grad clip 1.0, optional gradient checkpointing (non-reentrant on
   bnb_4bit_compute_dtype=...)`, `prepare_model_for_kbit_training`, `get_peft_model`, and `Trainer` with
   `optim='paged_adamw_8bit'`.
 
-Both see the same batches in the same order, and each runs in a fresh subprocess. Measured: tokens/s and
+Both see the same batches in the same order, and each runs in a fresh subprocess. `--floor` adds a third side
+(bench_train.py's): the frozen 4-bit base's forward and backward on the same batches, no adapter, no optimizer. Measured: tokens/s and
 s/step from step-end timestamps after `--warmup` skipped steps (see bench_train.py for the exact method),
 and peak memory: `torch.cuda.max_memory_allocated` on CUDA (reset after imports), the subprocess's peak
 RSS on CPU (bitsandbytes has no paged memory on CPU, so there the optimizer's paging saves nothing).
@@ -32,8 +33,8 @@ import tempfile
 from pathlib import Path
 
 # bench_train.py (same directory, so on sys.path when run as a script) holds the shared harness.
-from bench_train import (build_llama, child, common_args, ordered_examples, recipe_for, report, run_peftkit, run_trainer,
-                         spawn_sides, write_data)
+from bench_train import (build_llama, child, common_args, ordered_examples, recipe_for, report, run_floor, run_peftkit,
+                         run_trainer, spawn_sides, write_data)
 
 
 def build_model(args, path: Path) -> None:
@@ -102,7 +103,7 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here")
     if args.side:
         workdir = Path(args.workdir)
-        run_side = run_peftkit if args.side == "peftkit" else run_peft_qlora
+        run_side = {"peftkit": run_peftkit, "peft": run_peft_qlora, "floor": run_floor}[args.side]
         child(qlora_recipe(args, workdir), run_side, workdir, args.threads)
         return
     from peftkit.modeling import quiet_transformers
@@ -112,7 +113,8 @@ def main() -> None:
         workdir = Path(tmp)
         build_model(args, workdir / "model")
         write_data(args, workdir)
-        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, warm_first=args.device == "cuda")
+        sides = ("peftkit", "peft") + (("floor",) if args.floor else ())
+        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides, warm_first=args.device == "cuda")
     title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, weights {model_dtype(args)}, paged_adamw_8bit), {args.device}: llama hidden "
              f"{args.hidden} x {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}, batch "
              f"{args.batch_size}, max_length {args.max_length}, r {args.r}, gradient checkpointing "

@@ -66,6 +66,7 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch.set_num_threads in each side (default: torch's own)")
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating order; medians are shown")
     p.add_argument("--json", help="also write every run's raw figures (step-end times, losses, memory) to this file")
+    p.add_argument("--floor", action="store_true", help="also time the frozen base's forward + backward")
     # glibc's adaptive mmap threshold keeps freed activation buffers in the heap, which can move peak RSS by
     # tens of MiB either way; a fixed threshold returns them to the OS, so peak RSS tracks live memory.
     p.add_argument("--fixed-mmap-threshold", action="store_true", help="CPU: MALLOC_MMAP_THRESHOLD_=65536 in the sides")
@@ -171,7 +172,8 @@ def run_peftkit_measured(recipe, workdir: Path) -> dict:
 
 def run_floor(recipe, _workdir: Path | None = None) -> dict:
     """The frozen base's forward and backward on peftkit's batches, at peftkit's precision (bf16 autocast on CUDA
-    when the weights are float32): the least time any adapter method's step can take."""
+    when the weights are float32), quantized as the recipe says (bench_qlora: the 4-bit base): the least time any
+    adapter method's step can take."""
     import torch
 
     from peftkit.data.batches import eval_loader
@@ -181,7 +183,7 @@ def run_floor(recipe, _workdir: Path | None = None) -> dict:
 
     device = torch.device(recipe.model.device)
     tok, ordered = ordered_examples(recipe)
-    model = load_model(recipe.model, None, device)
+    model = load_model(recipe.model, recipe.quantization, device)
     model.requires_grad_(False)
     model.enable_input_require_grads()  # backward runs through every layer, as it must to reach an adapter
     model.train()
@@ -378,7 +380,6 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000, help="with --intermediate: embedding/lm_head rows")
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="weights of the base on both sides (float32 trains under bf16 autocast on CUDA)")
-    p.add_argument("--floor", action="store_true", help="also time the frozen base's forward + backward")
     p.add_argument("--compile", choices=["inductor", "aot_eager"], help="peftkit side: training.compile")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
     p.add_argument("--lora-fa", action="store_true", help="peftkit LoRA-FA (adapter.lora_fa) vs peftkit LoRA")

@@ -27,6 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, is_quantized, linear_shape,
                                   refuse_unsupported, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
+from peftkit.methods.lowrank import LowRankLinear
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize
 from peftkit.section import AdapterSection, TargetRegex
 
@@ -130,8 +131,9 @@ class LoraLinear(_LoraLayer):
         in_features, out_features = linear_shape(base_layer)
         # Drawn on the CPU, then moved beside the base (as peft): one seed gives one adapter on any device.
         where = _draw_device(base_layer)
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=where, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=where, dtype=torch.float32)
+        # nn.Linear subclasses whose CPU products run in MKL's fast orientation (see peftkit.methods.lowrank).
+        self.lora_A = LowRankLinear(in_features, r, device=where, dtype=torch.float32)
+        self.lora_B = LowRankLinear(r, out_features, device=where, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
         self.lora_A.to(base_layer.weight.device)
@@ -150,8 +152,12 @@ class LoraLinear(_LoraLayer):
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A dropout(x), in the adapter's dtype: what the layer adds to the base output (a mixed
-        batch, `peftkit.adapters.named`, adds it to some rows of one base output)."""
-        return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        batch, `peftkit.adapters.named`, adds it to some rows of one base output).
+
+        The scaling multiplies the r-wide A x rather than the out-wide result (as peft does): one pass over r
+        columns instead of `out` in forward and in backward. The same value when the scaling is a power of two
+        (alpha 16, r 8), else to float rounding."""
+        return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))) * self.scaling)
 
 
 class DoraLinear(LoraLinear):
