@@ -48,6 +48,14 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, to
     return {k: v[rows] for k, v in batch.items()}
 
 
+def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's, FSDP's or DeepSpeed's wrapper; in a plain run the model itself, without a call to
+    accelerate's `unwrap_model`, which imports deepspeed where it is installed (seconds, and a warning printed)."""
+    from accelerate.utils import DistributedType
+
+    return model if accelerator.distributed_type == DistributedType.NO else accelerator.unwrap_model(model)
+
+
 def no_sync(accelerator, model, last: bool):
     """Skip DDP's gradient all-reduce on every micro-batch of a window but the last (DeepSpeed: `backward`)."""
     if last or accelerator.num_processes == 1 or zero.active(accelerator):

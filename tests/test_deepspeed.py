@@ -138,7 +138,9 @@ def test_zero2_trains_qlora_as_one_process(tiny_llama, number_data, tmp_path):
     zero = make_recipe(tmp_path / "zero", tiny_llama, number_data, **_sections(4 // PROCESSES, max_steps=6), **quant)
     done = _launch(CONFIGS / "zero2.yaml", zero)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    assert _close(_adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "zero" / "run")) <= 1e-5
+    # Float rounding, amplified by Adam on near-zero gradients: one process at batch 2 x grad_accum 4 differs from
+    # itself at 4 x 2 by 1.1e-5 here (fused AdamW; 5.8e-6 with the for-loop one), and so does ZeRO-2.
+    assert _close(_adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "zero" / "run")) <= 2e-5
 
 
 def _accelerator(stage: int, **config) -> SimpleNamespace:

@@ -1,11 +1,13 @@
-"""LowRankLinear (LoRA's factors) against nn.Linear: the same values and gradients, products in another orientation."""
+"""LoRA's CPU products (peftkit.methods.lowrank) against separate products: the same values and gradients, computed in
+another orientation or as one autograd node."""
 
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from peftkit.methods.lora import LoraLinear
-from peftkit.methods.lowrank import MAX_THREADS, LowRankLinear
+from peftkit.methods.lowrank import MAX_THREADS, LowRankLinear, fusable
 
 
 @pytest.fixture
@@ -78,3 +80,131 @@ def test_state_dict_names_are_nn_linear_ones():
     fast, plain = _pair(16, 8)
     assert list(fast.state_dict()) == list(plain.state_dict()) == ["weight"]
     assert isinstance(fast, nn.Linear) and fast.bias is None
+
+
+# ----------------------------------------------------------------------------------------- fused_lora
+
+
+def _lora_layer(bias: bool, dropout: float = 0.0) -> LoraLinear:
+    """A LoRA layer over a non-identity frozen base, with a non-zero B (a fresh B is zero: nothing to check)."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(48, 40, bias=bias).requires_grad_(False), r=8, alpha=12, dropout=dropout)
+    nn.init.normal_(layer.lora_B.weight, std=0.5)
+    return layer
+
+
+def _separate(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer as separate products, as peft computes it: W x + b + s B A x."""
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    return F.linear(x, layer.base_layer.weight, layer.base_layer.bias) + (x @ a.T @ b.T) * layer.scaling
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("frozen_a", [False, True])  # LoRA-FA
+def test_fused_layer_matches_separate_products(bias, frozen_a, threads):
+    threads(1)
+    layer = _lora_layer(bias)
+    layer.lora_A.weight.requires_grad_(not frozen_a)
+    reference = _lora_layer(bias)
+    reference.lora_A.weight.requires_grad_(not frozen_a)
+    x = torch.randn(3, 29, 48)
+    grad_out = torch.randn(3, 29, 40)
+    x_fused, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert fusable(layer.base_layer, layer.factors, x_fused)
+    y_fused, y_ref = layer(x_fused), _separate(reference, x_ref)
+    (y_fused * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    pairs = [(y_fused, y_ref), (x_fused.grad, x_ref.grad), (layer.lora_B.weight.grad, reference.lora_B.weight.grad)]
+    if frozen_a:
+        assert layer.lora_A.weight.grad is None
+    else:
+        pairs.append((layer.lora_A.weight.grad, reference.lora_A.weight.grad))
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+    assert layer.base_layer.weight.grad is None
+    assert "_FusedLoraBackward" in _graph_nodes(y_fused)
+
+
+def test_fused_layer_with_an_input_that_needs_no_gradient(threads):
+    """The first layer's input (a frozen embedding's output): only the factors' gradients."""
+    threads(1)
+    layer, reference = _lora_layer(True), _lora_layer(True)
+    x = torch.randn(2, 7, 48)
+    layer(x).square().sum().backward()
+    _separate(reference, x).square().sum().backward()
+    for got, want in [(layer.lora_A.weight.grad, reference.lora_A.weight.grad),
+                      (layer.lora_B.weight.grad, reference.lora_B.weight.grad)]:
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+
+
+def test_what_keeps_the_separate_modules(threads):
+    """Hooks (DeepSpeed ZeRO-3 gathers weights in them), autocast, dropout, more threads than measured, a trainable
+    bias and a merged layer take the modules' path, and give the same values."""
+    threads(1)
+    x = torch.randn(2, 5, 48, requires_grad=True)
+    layer = _lora_layer(True)
+    calls = []
+    handle = layer.lora_B.register_forward_pre_hook(lambda module, args: calls.append(module))
+    assert not fusable(layer.base_layer, layer.factors, x)
+    assert "_FusedLoraBackward" not in _graph_nodes(layer(x)) and calls == [layer.lora_B]
+    handle.remove()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not fusable(layer.base_layer, layer.factors, x)
+    threads(MAX_THREADS + 1)
+    assert not fusable(layer.base_layer, layer.factors, x)
+    threads(1)
+    layer.base_layer.bias.requires_grad_(True)
+    assert not fusable(layer.base_layer, layer.factors, x)
+    layer.base_layer.bias.requires_grad_(False)
+    assert fusable(layer.base_layer, layer.factors, x)
+    assert "_FusedLoraBackward" not in _graph_nodes(_lora_layer(True, dropout=0.1)(x))
+    torch.testing.assert_close(layer(x), _separate(layer, x), rtol=0, atol=2e-6)
+    layer.merge()
+    assert "_FusedLoraBackward" not in _graph_nodes(layer(x))
+
+
+def _nf4_lora_layer() -> LoraLinear:
+    """LoRA over a real bitsandbytes NF4 + double-quant layer (quantized on the CPU), with a bias and a non-zero B."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 40)
+    quantized = bnb.nn.Linear4bit(64, 40, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    quantized.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+    quantized.bias = nn.Parameter(dense.bias.data, requires_grad=False)
+    layer = LoraLinear(quantized.to("cpu"), r=8, alpha=12)
+    nn.init.normal_(layer.lora_B.weight, std=0.5)
+    return layer
+
+
+def test_fused_layer_over_a_4bit_base_matches_bitsandbytes_modules(threads):
+    """QLoRA: the fused node multiplies by the NF4 weight with bitsandbytes' own functions; against the Linear4bit
+    module's autograd path plus separate LoRA products, values and gradients agree to float rounding."""
+    threads(1)
+    layer, reference = _nf4_lora_layer(), _nf4_lora_layer()
+    x = torch.randn(2, 23, 64)
+    grad_out = torch.randn(2, 23, 40)
+    x_fused, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert fusable(layer.base_layer, layer.factors, x_fused)
+    y_fused = layer(x_fused)
+    a, b = reference.lora_A.weight, reference.lora_B.weight
+    y_ref = reference.base_layer(x_ref) + (x_ref @ a.T @ b.T) * reference.scaling  # bitsandbytes' MatMul4Bit
+    assert "_FusedLoraBackward" in _graph_nodes(y_fused) and "MatMul4BitBackward" in _graph_nodes(y_ref)
+    (y_fused * grad_out).sum().backward()
+    (y_ref * grad_out).sum().backward()
+    for got, want in [(y_fused, y_ref), (x_fused.grad, x_ref.grad), (layer.lora_A.weight.grad, a.grad),
+                      (layer.lora_B.weight.grad, b.grad)]:
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6 * float(want.abs().max()))
+
+
+def test_a_4bit_base_the_fused_node_cannot_read_keeps_the_modules(threads):
+    """Another compute dtype than the input's, or weights repacked for a CPU's bf16 kernels (eval-time layout)."""
+    threads(1)
+    x = torch.randn(2, 5, 64)
+    layer = _nf4_lora_layer()
+    layer.base_layer.compute_dtype = torch.bfloat16
+    assert not fusable(layer.base_layer, layer.factors, x)
+    layer = _nf4_lora_layer()
+    layer.base_layer.weight.quant_state.packing_format_for_cpu = True
+    assert not fusable(layer.base_layer, layer.factors, x)

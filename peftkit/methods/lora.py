@@ -27,7 +27,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, is_quantized, linear_shape,
                                   refuse_unsupported, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
-from peftkit.methods.lowrank import LowRankLinear
+from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize
 from peftkit.section import AdapterSection, TargetRegex
 
@@ -145,10 +145,16 @@ class LoraLinear(_LoraLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and isinstance(self.lora_dropout, nn.Identity) and fusable(self.base_layer, self.factors, x):
+            return fused_lora(x, self.base_layer, self.lora_A, self.lora_B, self.scaling)  # one node: CPU, plain Linear
         result = self.base_layer(x)
         if self.merged:
             return result
         return result + self.update(x).to(result.dtype)
+
+    @property
+    def factors(self) -> tuple[nn.Linear, nn.Linear]:
+        return self.lora_A, self.lora_B
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """scaling * B A dropout(x), in the adapter's dtype: what the layer adds to the base output (a mixed
