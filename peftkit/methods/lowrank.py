@@ -1,20 +1,22 @@
-"""LoRA's products on CPU: the Linear of a low-rank factor (`lora_A`, r x in, and `lora_B`, out x r), whose backward
-products run in the orientation MKL's GEMM is fast at, and `fused_lora`, a whole LoRA layer over a frozen nn.Linear as
-one autograd node.
+"""LoRA's products on CPU: `fused_lora`, a whole LoRA layer over a frozen nn.Linear or bitsandbytes NF4/FP4 layer as
+one autograd node, and `LowRankLinear`, the Linear of one low-rank factor (`lora_A`, r x in, `lora_B`, out x r) for
+the layers that cannot be fused (8-bit bases, Conv1D). Both run the narrow products in the orientation MKL is fast at.
 
 On CPU (MKL 2024.2 in torch 2.13's wheel, AVX2), a product only a few columns wide is slow, and nn.Linear's backward
 takes lora_B's two gradients in that orientation. With 816 rows (batch 8 x ~102 tokens) and r 8, the input
 gradient `g @ B` ((816, 688) @ (688, 8)) takes 734 us on one thread, as `(B.T @ g.T).T` 213 us (2 threads: 375
 against 178); the weight gradient `g.T @ h` ((688, 816) @ (816, 8)) 814 us against 174 (2 threads: 416 against
-138). At 16 columns and more, or for the forward `x @ A.T` on 2 threads, the direct orientation is as fast or
-faster, so only products at most 8 columns wide are turned, in backward only. In nn.Linear's orientations LoRA's
-six small products per layer were 14 % of a QLoRA step at hidden 256 (scripts/bench_qlora.py). The values are
-the same products summed in another order: equal to float rounding (about 1e-7 relative), not bit for bit.
+138). At 16 columns and more the direct orientation is as fast or faster, so only products at most 8 columns wide
+are turned. The forward's `x @ A.T` gains on 1 thread only (816 x 256: 77 against 119 us; 2 threads: equal), so
+LowRankLinear keeps it direct and the fused node turns it. In nn.Linear's orientations LoRA's six small products
+per layer were 14 % of a QLoRA step at hidden 256 (scripts/bench_qlora.py). The values are the same products summed
+in another order: equal to float rounding (about 1e-7 relative), not bit for bit.
 
 The turned products run on fewer rows than the direct ones, so they gain less from more threads: measured on 1
-and 2 threads only, they are used up to `MAX_THREADS`; with more threads, or off the CPU, the layer is a plain
-nn.Linear (F.linear). The module stays an nn.Linear (same parameter and state-dict names), and its forward is
-still a module call, so hooks on it (DeepSpeed ZeRO-3 gathering the weight) still run.
+and 2 threads only, they are used up to `MAX_THREADS`; with more threads, or off the CPU, LoRA runs as separate
+modules of plain nn.Linear products (F.linear). LowRankLinear stays an nn.Linear (same parameter and state-dict
+names), and its forward is still a module call, so hooks on it (DeepSpeed ZeRO-3 gathering the weight) still run;
+a layer whose modules have hooks is not fused.
 """
 
 from __future__ import annotations
