@@ -47,8 +47,6 @@ def inspect_adapter(path: str | Path) -> dict:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
     methods), dtypes, size_on_disk, quantization, trust_remote_code, vllm ({accepts, reasons, caveats}).
     """
-    from peftkit.adapters import PEFT_PREFIX, SHARED_PREFIX
-
     path = Path(path)
     weights_file = check_adapter_dir(path)
     method, peft = read_peft_config(path)
@@ -60,24 +58,7 @@ def inspect_adapter(path: str | Path) -> dict:
         reads = {"ok": False, "reason": str(e)}
 
     shapes, dtypes = _tensor_header(weights_file)
-    targets: dict[str, dict[str, tuple[int, ...]]] = {}  # module path -> {tensor suffix: shape}
-    saved: dict[str, int] = {}  # modules_to_save tensors -> numel
-    shared = {k[len(SHARED_PREFIX):]: shape for k, shape in shapes.items()
-              if not k.startswith(PEFT_PREFIX) and k[len(SHARED_PREFIX):] in method.shared_names}
-    for key, shape in shapes.items():
-        if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):] in shared:
-            continue  # frozen, not trained
-        name = key.removeprefix(PEFT_PREFIX)
-        if ".fused." in name:
-            continue  # AdapterFusion's frozen copies of the adapters it fuses, not trained
-        if not method.layer_targets:  # the prompt family: `prompt_embeddings`, the whole model's adapter
-            targets.setdefault("(virtual tokens)", {})[name] = shape
-            continue
-        suffix = next((s for s in method.param_names + _LAYER_EXTRAS if name.endswith("." + s)), None)
-        if suffix is None:
-            saved[name] = _numel(shape)
-        else:
-            targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
+    targets, saved, shared = _sort_tensors(method, shapes)
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
     ranks = _ranks(method, targets)
     raw = json.loads((path / CONFIG_NAME).read_text())
@@ -102,6 +83,32 @@ def inspect_adapter(path: str | Path) -> dict:
     }
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved)
     return info
+
+
+def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict, dict]:
+    """The file's tensors by role: (module path -> {tensor suffix: shape} for the adapted layers, modules_to_save
+    tensor -> numel, shared frozen tensor name -> shape)."""
+    from peftkit.adapters import PEFT_PREFIX, SHARED_PREFIX
+
+    targets: dict[str, dict[str, tuple[int, ...]]] = {}
+    saved: dict[str, int] = {}
+    shared = {k[len(SHARED_PREFIX):]: shape for k, shape in shapes.items()
+              if not k.startswith(PEFT_PREFIX) and k[len(SHARED_PREFIX):] in method.shared_names}
+    for key, shape in shapes.items():
+        if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):] in shared:
+            continue  # frozen, not trained
+        name = key.removeprefix(PEFT_PREFIX)
+        if ".fused." in name:
+            continue  # AdapterFusion's frozen copies of the adapters it fuses, not trained
+        if not method.layer_targets:  # the prompt family: `prompt_embeddings`, the whole model's adapter
+            targets.setdefault("(virtual tokens)", {})[name] = shape
+            continue
+        suffix = next((s for s in method.param_names + _LAYER_EXTRAS if name.endswith("." + s)), None)
+        if suffix is None:
+            saved[name] = _numel(shape)
+        else:
+            targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
+    return targets, saved, shared
 
 
 def _tensor_header(weights_file: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:

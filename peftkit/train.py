@@ -291,16 +291,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
     if eval_ex and cfg.eval.base_model and not resume:
-        n = len(eval_ex)
-        with console.status(f"Evaluating the base model on {n} examples (eval.base_model: true)..."):
-            base = eval_ex(model)
-        console.print(f"base model: {eval_ex.describe(base)} on {n} examples", highlight=False)
-        summary |= {k: v for k, v in eval_ex.record(base, "base_eval_").items() if k != "base_eval_perplexity"}
-        # The base's samples go into the main process's summary; the model is not sharded yet, so only it generates.
-        if accelerator.is_main_process and (prompts := sample_prompts(cfg, tok)):
-            with console.status(f"Generating {len(prompts)} samples with the base model (eval.samples)..."):
-                summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
-                                      for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]
+        summary |= _evaluate_base(cfg, model, tok, eval_ex, accelerator, console)
 
     # Seed again right before the adapter is drawn: its init must not depend on what loading consumed.
     torch.manual_seed(tcfg.seed)
@@ -325,6 +316,21 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter)
+
+
+def _evaluate_base(cfg: Recipe, model, tok, eval_ex: RunEval | ClassifyEval, accelerator, console: Console) -> dict:
+    """eval.base_model: the base model's eval loss and metrics, and eval.samples' base answers, for the summary."""
+    n = len(eval_ex)
+    with console.status(f"Evaluating the base model on {n} examples (eval.base_model: true)..."):
+        base = eval_ex(model)
+    console.print(f"base model: {eval_ex.describe(base)} on {n} examples", highlight=False)
+    summary = {k: v for k, v in eval_ex.record(base, "base_eval_").items() if k != "base_eval_perplexity"}
+    # The base's samples go into the main process's summary; the model is not sharded yet, so only it generates.
+    if accelerator.is_main_process and (prompts := sample_prompts(cfg, tok)):
+        with console.status(f"Generating {len(prompts)} samples with the base model (eval.samples)..."):
+            summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
+                                  for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]
+    return summary
 
 
 def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | None, LabelSet | None]:
