@@ -157,7 +157,10 @@ def test_what_keeps_the_separate_modules(threads):
     assert not fusable(layer.base_layer, layer.factors, x)
     layer.base_layer.bias.requires_grad_(False)
     assert fusable(layer.base_layer, layer.factors, x)
-    assert "_FusedLoraBackward" not in _graph_nodes(_lora_layer(True, dropout=0.1)(x))
+    with_dropout = _lora_layer(True, dropout=0.1)
+    assert "_FusedLoraBackward" not in _graph_nodes(with_dropout(x))
+    assert "_FusedLoraBackward" in _graph_nodes(with_dropout.eval()(x))  # eval: dropout is the identity
+    torch.testing.assert_close(with_dropout(x), _separate(with_dropout, x), rtol=0, atol=2e-6)
     torch.testing.assert_close(layer(x), _separate(layer, x), rtol=0, atol=2e-6)
     layer.merge()
     assert "_FusedLoraBackward" not in _graph_nodes(layer(x))

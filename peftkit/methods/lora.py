@@ -145,8 +145,9 @@ class LoraLinear(_LoraLayer):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.merged and isinstance(self.lora_dropout, nn.Identity) and fusable(self.base_layer, self.factors, x):
-            return fused_lora(x, self.base_layer, self.lora_A, self.lora_B, self.scaling)  # one node: CPU, plain Linear
+        no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training  # (eval: dropout is the identity)
+        if not self.merged and no_dropout and fusable(self.base_layer, self.factors, x):
+            return fused_lora(x, self.base_layer, self.lora_A, self.lora_B, self.scaling)  # one node (CPU; see lowrank)
         result = self.base_layer(x)
         if self.merged:
             return result
