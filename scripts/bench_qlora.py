@@ -111,12 +111,13 @@ def main() -> None:
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="bench_qlora_") as tmp:
         workdir = Path(tmp)
-        build_model(args, workdir / "model")
+        if not args.model:
+            build_model(args, workdir / "model")
         write_data(args, workdir)
         sides = ("peftkit", "peft") + (("floor",) if args.floor else ())
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides, warm_first=args.device == "cuda")
-    title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, weights {model_dtype(args)}, paged_adamw_8bit), {args.device}: llama hidden "
-             f"{args.hidden} x {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}, batch "
+    title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, weights {model_dtype(args)}, paged_adamw_8bit), {args.device}: "
+             f"{args.model or f'llama hidden {args.hidden} x {args.layers} layers, intermediate {args.intermediate}, vocab {args.vocab}'}, batch "
              f"{args.batch_size}, max_length {args.max_length}, r {args.r}, gradient checkpointing "
              f"{args.gradient_checkpointing}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")

@@ -3,6 +3,7 @@
     python scripts/bench_train.py                          # CPU defaults: ~40 s on 2 idle cores
     python scripts/bench_train.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
     python scripts/bench_train.py --dora                   # DoRA on both sides (use_dora: true)
+    python scripts/bench_train.py --model /tmp/smollm2 --steps 12 --warmup 3 --floor   # the real SmolLM2-135M
     python scripts/bench_train.py --lora-fa                # peftkit LoRA vs peftkit LoRA-FA (adapter.lora_fa)
     python scripts/bench_train.py --compile inductor --warmup 5   # peftkit with training.compile (first steps compile)
     # a ~1.2B Llama shape in bf16 on one GPU, rows of ~400 tokens, with the frozen-base floor:
@@ -67,6 +68,8 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating order; medians are shown")
     p.add_argument("--json", help="also write every run's raw figures (step-end times, losses, memory) to this file")
     p.add_argument("--floor", action="store_true", help="also time the frozen base's forward + backward")
+    p.add_argument("--model", help="an existing model directory instead of a built one, e.g. /tmp/smollm2, the real "
+                   "SmolLM2-135M that `scripts/measure_memory.py --smollm2` writes (the shape flags are then ignored)")
     # glibc's adaptive mmap threshold keeps freed activation buffers in the heap, which can move peak RSS by
     # tens of MiB either way; a fixed threshold returns them to the OS, so peak RSS tracks live memory.
     p.add_argument("--fixed-mmap-threshold", action="store_true", help="CPU: MALLOC_MMAP_THRESHOLD_=65536 in the sides")
@@ -83,7 +86,7 @@ def recipe_for(args, workdir: Path, **sections):
                     warmup_steps=0, max_grad_norm=1.0, seed=args.seed, log_steps=1)
     training.update(sections.pop("training", {}))
     return Recipe.model_validate(dict(
-        model=dict(name_or_path=str(workdir / "model"), dtype=sections.pop("dtype", getattr(args, "model_dtype", None) or "float32"),
+        model=dict(name_or_path=str(model_dir(args, workdir)), dtype=sections.pop("dtype", getattr(args, "model_dtype", None) or "float32"),
                    device=args.device),
         # bench_qlora.py has no --dora flag: LoRA there.
         adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
@@ -94,6 +97,11 @@ def recipe_for(args, workdir: Path, **sections):
         eval=dict(base_model=False),
         **sections,
     ))
+
+
+def model_dir(args, workdir: Path) -> Path:
+    """--model, or the model the benchmark builds in its work directory."""
+    return Path(args.model) if getattr(args, "model", None) else workdir / "model"
 
 
 def write_data(args, workdir: Path) -> None:
@@ -402,7 +410,9 @@ def main() -> None:
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
-        if args.intermediate:
+        if args.model:
+            pass
+        elif args.intermediate:
             build_llama(args, workdir / "model", args.model_dtype)
         else:
             build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
@@ -413,8 +423,8 @@ def main() -> None:
     kind = ("LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA") + \
         (f" (peftkit: training.compile {args.compile})" if args.compile else "")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
-    title = (f"{kind} training, {args.device}, weights {args.model_dtype}: llama hidden {args.hidden} x {args.layers} "
-             f"layers{shape}, batch {args.batch_size}, rows of {args.words} number(s), "
+    model = args.model or f"llama hidden {args.hidden} x {args.layers} layers{shape}"
+    title = (f"{kind} training, {args.device}, weights {args.model_dtype}: {model}, batch {args.batch_size}, rows of {args.words} number(s), "
              f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")
     report(results, args, title, args.device == "cuda")
