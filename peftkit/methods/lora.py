@@ -161,8 +161,8 @@ class LoraLinear(_LoraLayer):
         """scaling * B A dropout(x), in the adapter's dtype: what the layer adds to the base output (a mixed
         batch, `peftkit.adapters.named`, adds it to some rows of one base output).
 
-        The scaling multiplies the r-wide A x rather than the out-wide result (as peft does): one pass over r
-        columns instead of `out` in forward and in backward. The same value when the scaling is a power of two
+        The scaling multiplies the r-wide A x, where peft scales the out-wide result: one pass over r columns
+        instead of `out` in forward and in backward. The same value when the scaling is a power of two
         (alpha 16, r 8), else to float rounding."""
         return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))) * self.scaling)
 
