@@ -410,11 +410,9 @@ def main() -> None:
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
-        if args.model:
-            pass
-        elif args.intermediate:
+        if args.intermediate and not args.model:
             build_llama(args, workdir / "model", args.model_dtype)
-        else:
+        elif not args.model:
             build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_data(args, workdir)
         sides = ("lora", "lora-fa") if args.lora_fa else ("peftkit", "peft")

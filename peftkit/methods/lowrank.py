@@ -149,6 +149,7 @@ def fusable(base: nn.Module, factors: tuple[nn.Module, nn.Module], x: torch.Tens
 
 def fused_lora(x: torch.Tensor, base: nn.Module, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
     """base(x) + lora_b(lora_a(x)) * scaling through `_FusedLora` (check `fusable` first)."""
+    quant_state = None if type(base) is nn.Linear else _quant_state(base, x)
     flat = _FusedLora.apply(x.reshape(-1, x.shape[-1]), base.weight, base.bias, lora_a.weight, lora_b.weight, scaling,
-                            _quant_state(base, x))
+                            quant_state)
     return flat.reshape(*x.shape[:-1], flat.shape[-1])
