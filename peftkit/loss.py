@@ -29,6 +29,8 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
     `logits` and (batch, time) `labels` (IGNORE_INDEX where unlabelled); the sum is an fp32 scalar."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
+    if torch.compiler.is_compiling():  # one graph: picking rows by a mask has a data-dependent shape (a graph break)
+        return _chunk_sum(logits[:, :-1].flatten(0, 1), targets.flatten()), keep.sum()
     picked, wanted = logits[:, :-1][keep], targets[keep]  # (n, vocab) in the model's dtype, (n,)
     rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     recompute = torch.is_grad_enabled() and picked.requires_grad

@@ -71,8 +71,11 @@ class LowRankLinear(nn.Linear):
 
 
 def cpu_fast_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `x` times `weight` takes this module's products: on CPU, in one dtype, with at most MAX_THREADS threads."""
-    return x.device.type == "cpu" and x.dtype == weight.dtype and torch.get_num_threads() <= MAX_THREADS
+    """Whether `x` times `weight` takes this module's products: on CPU, in one dtype, with at most MAX_THREADS threads,
+    not traced by torch.compile."""
+    # is_compiling first: torch.get_num_threads() would break torch.compile's graph (and compile fuses these itself).
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == weight.dtype
+            and torch.get_num_threads() <= MAX_THREADS)
 
 
 class _FusedLora(torch.autograd.Function):
@@ -137,14 +140,16 @@ def fusable(base: nn.Module, factors: tuple[nn.Module, nn.Module], x: torch.Tens
     """Whether `fused_lora` may stand in for base(x) + B(A(x)) s: a frozen plain nn.Linear or bitsandbytes Linear4bit
     and the factors without hooks (DeepSpeed ZeRO-3 gathers weights in hooks), on CPU's fast path, not traced by
     torch.compile (which fuses the modules itself) and not under autocast (which would cast the modules' products)."""
+    if not cpu_fast_path(x, factors[0].weight):
+        return False
     modules = (base, *factors)
     plain = type(base) is nn.Linear and base.weight.dtype == x.dtype
     return ((plain or _quant_state(base, x) is not None) and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad)
-            and cpu_fast_path(x, factors[0].weight) and factors[1].weight.dtype == x.dtype
+            and factors[1].weight.dtype == x.dtype
             and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def fused_lora(x: torch.Tensor, base: nn.Module, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
