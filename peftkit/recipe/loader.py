@@ -110,37 +110,10 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
     what is wrong and how to fix it. `path` names the source (a file, or e.g. 'recipe in manifest.json')."""
     loc = _data_loc(err["loc"], data)
     dotted = ".".join(str(p) for p in loc) or "(top level)"
-    where = str(path)
-    for depth in range(len(loc), 0, -1):
-        if loc[:depth] in overridden:
-            where = f"{path} (--set {'.'.join(map(str, loc[:depth]))})"
-            break
-        if loc[:depth] in lines:
-            where = f"{path}:{lines[loc[:depth]]}"
-            break
+    where = _where(loc, path, lines, overridden)
     kind = err["type"]
-    if kind == "invalid_key":  # `1: x` or `null: x`: YAML made a non-string key
-        section_loc = _data_loc(err["loc"][:-1], data)
-        valid = _valid_keys(section_loc, data)
-        section = ".".join(map(str, section_loc)) or "the recipe"
-        read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
-            type(err["input"]), f"a {type(err['input']).__name__}")
-        return (
-            f"{where}: key {err['input']!r} in {section} is not a name (YAML read it as {read_as}); quote it if it "
-            f"is meant as one. Valid keys: {', '.join(valid)}."
-        )
-    if kind == "extra_forbidden":
-        valid = _valid_keys(loc[:-1], data)
-        section = ".".join(map(str, loc[:-1])) or "the recipe"
-        if method := _method_without(_section_model(loc[:-1], data), str(loc[-1])):
-            return (
-                f"{where}: unknown key '{loc[-1]}' in {section}: {METHODS[method].title} (method: {method}) has no "
-                f"'{loc[-1]}'.{_suggest(str(loc[-1]), valid)} Valid keys for method {method}: {', '.join(valid)}."
-            )
-        return (
-            f"{where}: unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} "
-            f"Valid keys: {', '.join(valid)}."
-        )
+    if kind in ("invalid_key", "extra_forbidden"):
+        return f"{where}: {_key_message(err, loc, data)}"
     if kind == "adapter_method":  # the discriminator of the adapter union: point at the `method:` line
         line = lines.get((*loc, "method"))
         where = where if line is None or (*loc, "method") in overridden else f"{path}:{line}"
@@ -169,6 +142,33 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
         # A check across several keys of one section (or of the whole recipe): the message names the keys.
         return f"{where}: {dotted + ': ' if loc else ''}{msg}."
     return f"{where}: '{dotted}' = {shown}: {msg}."
+
+
+def _where(loc: tuple, path: str | Path, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    """'file:line' of the deepest written part of `loc`, or the --set that gave it; the bare file when neither."""
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in overridden:
+            return f"{path} (--set {'.'.join(map(str, loc[:depth]))})"
+        if loc[:depth] in lines:
+            return f"{path}:{lines[loc[:depth]]}"
+    return str(path)
+
+
+def _key_message(err: dict, loc: tuple, data: dict) -> str:
+    """What is wrong with a key itself: not a name (YAML made it a number, boolean or null), or unknown."""
+    if err["type"] == "invalid_key":  # `1: x` or `null: x`: YAML made a non-string key
+        section_loc = _data_loc(err["loc"][:-1], data)
+        section = ".".join(map(str, section_loc)) or "the recipe"
+        read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
+            type(err["input"]), f"a {type(err['input']).__name__}")
+        return (f"key {err['input']!r} in {section} is not a name (YAML read it as {read_as}); quote it if it is "
+                f"meant as one. Valid keys: {', '.join(_valid_keys(section_loc, data))}.")
+    valid = _valid_keys(loc[:-1], data)
+    section = ".".join(map(str, loc[:-1])) or "the recipe"
+    if method := _method_without(_section_model(loc[:-1], data), str(loc[-1])):
+        return (f"unknown key '{loc[-1]}' in {section}: {METHODS[method].title} (method: {method}) has no "
+                f"'{loc[-1]}'.{_suggest(str(loc[-1]), valid)} Valid keys for method {method}: {', '.join(valid)}.")
+    return f"unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} Valid keys: {', '.join(valid)}."
 
 
 # A union-typed key fails once per member type; one message says what any of them would accept.
