@@ -4,9 +4,12 @@
 # Runs, each under its own time limit and in this order, stopping new steps past SECONDS (default 480):
 #   1. tests/test_sharded.py (FSDP2, FSDP2 + QLoRA), tests/test_deepspeed.py (ZeRO-2/3, one process per GPU) and
 #      the CUDA-relevant test files, on the GPU;
-#   2. bench_train.py: LoRA at a ~1.2B Llama shape in bf16, with the frozen-base floor, 2 repeats;
-#   3. bench_qlora.py at the same shape (NF4 + DQ, paged 8-bit AdamW, gradient checkpointing);
-#   4. bench_train.py at an 8B Llama layer shape (hidden 4096, MLP 14336, vocab 128256; 4 layers).
+#   2. bench_lora_layer.py: one LoRA layer as modules and as the fused node (CPU-only in peftkit) at 1B and 8B layer
+#      shapes, bf16: whether the fused node would pay on a GPU (seconds);
+#   3. bench_train.py: LoRA at a ~1.2B Llama shape in bf16, with the frozen-base floor, 2 repeats;
+#   4. bench_qlora.py at the same shape (NF4 + DQ, paged 8-bit AdamW, gradient checkpointing);
+#   5. bench_train.py at an 8B Llama layer shape (hidden 4096, MLP 14336, vocab 128256; 4 layers);
+#   6. bench_train.py --compile inductor at the ~1.2B shape (training.compile: the step is one graph).
 # Logs and raw JSON go to OUT_DIR; a summary is printed last. Packages the machine lacks are expected as wheels
 # in .whl/ (see the device notes); torch, transformers, peft and accelerate are the machine's own.
 set -u
@@ -38,6 +41,8 @@ step() {  # step NAME LIMIT COMMAND...: run it unless the budget is spent; log t
 
 step tests 200 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_sharded.py tests/test_deepspeed.py tests/test_qlora.py \
   tests/test_train.py tests/test_crash_safety.py tests/test_generate.py tests/test_prompt_methods.py
+step lora_layer 40 python3 scripts/bench_lora_layer.py --device cuda --dtype bfloat16 --tokens 4096 \
+  --shapes 2048x2048,2048x5632,5632x2048,4096x4096,4096x14336,14336x4096 --iters 50
 step bench_train 150 python3 scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
   --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 30 --repeats 2 --floor \
   --json "$out/bench_train.json"
@@ -47,8 +52,11 @@ step bench_qlora 90 python3 scripts/bench_qlora.py --device cuda --hidden 2048 -
 step bench_8b 90 python3 scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 4096 --layers 4 \
   --intermediate 14336 --vocab 128256 --words 12 --max-length 512 --batch-size 4 --steps 20 --floor \
   --json "$out/bench_8b.json"
+step bench_compile 150 python3 scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
+  --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 40 --warmup 15 \
+  --compile inductor --json "$out/bench_compile.json"
 
-for f in tests bench_train bench_qlora bench_8b; do
+for f in tests lora_layer bench_train bench_qlora bench_8b bench_compile; do
   [ -f "$out/$f.log" ] && { echo "---- $f"; tail -n 22 "$out/$f.log"; }
 done
 cat "$out/summary.log"
