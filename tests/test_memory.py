@@ -188,7 +188,7 @@ def test_each_method_says_what_its_layers_keep(tiny_llama, number_data, tmp_path
         assert estimate({"method": method, "r": 1}) - lora == 2 * (4 * 9216 - 512 * 7 * 4)
 
 
-@pytest.mark.parametrize("method", ["loha", "oft", "vera", "llama_adapter", "bottleneck"])
+@pytest.mark.parametrize("method", ["loha", "lokr", "oft", "vera", "llama_adapter", "bottleneck"])
 def test_method_activations_are_an_upper_bound(method, tiny_llama):
     """Independent: what autograd saves in one forward (saved_tensors_hooks) for the method, beyond LoRA r=4's,
     is at most what the estimate adds for it (an upper bound: shared inputs are counted once by autograd)."""

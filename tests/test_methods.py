@@ -757,6 +757,27 @@ def test_lycoris_dropouts_in_training():
     assert _diff(layer.train()(x), base(x)) == 0 and _diff(layer.eval()(x), base(x)) > 1e-2
 
 
+def test_loha_update_is_one_node_that_keeps_only_its_factors():
+    """LoHa's delta is one autograd node: its value and its factors' gradients equal the separate products' bit for bit,
+    and autograd keeps only the four factors for it (the separate ops keep both (out, in) products as well)."""
+    from peftkit.methods.loha import Loha
+    from peftkit.methods.lycoris import LycorisFacts
+
+    gen = torch.Generator().manual_seed(0)
+    parts = {name: torch.randn(shape, generator=gen, requires_grad=True)
+             for name, shape in (("hada_w1_a", (48, 4)), ("hada_w1_b", (4, 40)), ("hada_w2_a", (48, 4)),
+                                 ("hada_w2_b", (4, 40)))}
+    grad = torch.randn(48, 40, generator=gen)
+    ref = (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"]) * 2.5
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        delta = Loha.delta(parts, LycorisFacts(r=4, alpha=10.0))
+    assert torch.equal(delta, ref)
+    expected = torch.autograd.grad(ref, list(parts.values()), grad)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(delta, list(parts.values()), grad), expected))
+    assert sorted(saved) == [4 * 40] * 2 + [48 * 4] * 2
+
+
 def test_lokr_recipe_with_a_lora_key_names_the_method(tmp_path):
     from peftkit.errors import PeftkitError
     from peftkit.recipe import load_recipe

@@ -26,6 +26,27 @@ from peftkit.methods.lycoris import (
 )
 
 
+class _HadamardProduct(torch.autograd.Function):
+    """(w1_a @ w1_b) * (w2_a @ w2_b) * scaling as one autograd node that keeps only the four factors and recomputes
+    the two (out, in) products in backward (as peft's HadaWeight): the graph of separate ops would keep both
+    products for the elementwise product's gradient. Gradients are the separate ops' to the bit."""
+
+    @staticmethod
+    def forward(ctx, w1_a, w1_b, w2_a, w2_b, scaling: float):
+        ctx.save_for_backward(w1_a, w1_b, w2_a, w2_b)
+        ctx.scaling = scaling
+        return (w1_a @ w1_b) * (w2_a @ w2_b) * scaling
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1_a, w1_b, w2_a, w2_b = ctx.saved_tensors
+        grad = grad * ctx.scaling
+        grad_w1, grad_w2 = grad * (w2_a @ w2_b), grad * (w1_a @ w1_b)
+        need = ctx.needs_input_grad
+        return (grad_w1 @ w1_b.t() if need[0] else None, w1_a.t() @ grad_w1 if need[1] else None,
+                grad_w2 @ w2_b.t() if need[2] else None, w2_a.t() @ grad_w2 if need[3] else None, None)
+
+
 class LohaConfig(LycorisConfig):
     """LoHa: a Hadamard product of two low-rank updates."""
 
@@ -55,9 +76,8 @@ class Loha(LycorisMethod):
 
     @staticmethod
     def delta(parts: dict[str, torch.Tensor], facts: LycorisFacts) -> torch.Tensor:
-        w1 = parts["hada_w1_a"].float() @ parts["hada_w1_b"].float()
-        w2 = parts["hada_w2_a"].float() @ parts["hada_w2_b"].float()
-        return w1 * w2 * facts.scaling
+        factors = (parts[name].float() for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        return _HadamardProduct.apply(*factors, facts.scaling)
 
     @staticmethod
     def update_shape(parts: dict[str, torch.Tensor], facts: LycorisFacts) -> tuple[int, int]:

@@ -4,9 +4,10 @@ shape. Each method adds only how its factors are laid out and multiplied into a 
 
 Both build the full delta weight W_d (out, in) in fp32 from their factors and add W_d x to the base output,
 as peft does: W_d has the size of the base weight, so a training step keeps one fp32 (out, in) tensor per
-adapted layer for the backward pass (LoRA keeps r numbers per token instead); W_d's own inputs are recomputed
-rather than kept. The merge adds the same W_d
-to the weight: `delta` is the one math of forward, in-place merge, state-dict merge and `peftkit merge`.
+adapted layer for the backward pass (LoRA keeps r numbers per token instead). What W_d's own gradient needs is
+small: LoKr's Kronecker product keeps its factors, and LoHa's Hadamard product is one autograd node that keeps
+its four factors and recomputes its two (out, in) products in backward. The merge adds the same W_d to the
+weight: `delta` is the one math of forward, in-place merge, state-dict merge and `peftkit merge`.
 
 The two dropouts (peft's semantics, training only):
 - `module_dropout`: each forward, each layer skips its update with probability p;
@@ -24,7 +25,6 @@ import torch
 from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
@@ -93,13 +93,7 @@ class LycorisLayer(AdapterLayer):
         result = self.base_layer(x)
         if self.merged or (self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout):
             return result
-        params = self.adapter_params()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params.values()):
-            # Recomputed in the backward pass (a few small matmuls) instead of kept: LoHa's Hadamard product would
-            # keep both (out, in) products for its gradient, on top of W_d that F.linear keeps.
-            delta = checkpoint(self.method.delta, params, self.facts, use_reentrant=False)
-        else:
-            delta = self.method.delta(params, self.facts)  # fp32 (out, in)
+        delta = self.method.delta(self.adapter_params(), self.facts)  # fp32 (out, in)
         if self.training and self.rank_dropout:
             delta = delta * rank_dropout_mask(delta.shape[0], self.rank_dropout, self.rescale_rank_dropout, delta.device)
         return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
