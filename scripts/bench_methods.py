@@ -3,6 +3,7 @@
     python scripts/bench_methods.py                          # CPU defaults: a few minutes on 2 idle cores
     python scripts/bench_methods.py --methods lora,ia3,oft --steps 30
     python scripts/bench_methods.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
+    python scripts/bench_methods.py --ab 8 --steps 6 --threads 1   # forward + backward, one process: steadier
 
 For each method, both sides train the same random-init Llama (built locally, nothing downloaded) on the same
 batches in the same order — bench_train.py's machinery: one fresh subprocess per side, step ends timed the
@@ -14,6 +15,12 @@ max_memory_allocated on GPU) and final eval loss, with peftkit/peft ratios.
 
 Each method's learning rate is its own (IA3 and VeRA train vectors and need a larger one), the same on both
 sides. AdaLoRA's peft side calls `update_and_allocate` after each optimizer step, as peft's docs say to.
+
+`--ab ROUNDS` times only what the method itself changes, the forward and backward pass, with both models in one
+process: each batch runs on both models back to back (alternating which goes first), ROUNDS times over the
+`--steps` batches, and the ratio is the median of the pairs' ratios. On a
+shared machine, where two training runs of the same side differ by 10 % or more, this is what can tell a 5 %
+difference (it is how LoKr's recomputed update was found).
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (common_args, child, ordered_examples, recipe_for, run_peftkit, run_trainer,  # noqa: E402
-                         spawn_sides, summarize, write_data)
+from bench_train import (_sync, common_args, child, ordered_examples, recipe_for, run_peftkit,  # noqa: E402
+                         run_trainer, spawn_sides, summarize, write_data)
 
 # name -> the recipe's adapter section, its learning rate, and peft config keys set on top of the exported one.
 BENCH: dict[str, dict] = {
@@ -74,35 +81,49 @@ def available(args, workdir: Path, names: list[str]) -> list[str]:
     return found
 
 
-def run_peft_method(recipe, workdir: Path, name: str) -> dict:
-    """transformers Trainer + peft, configured by the adapter_config.json peftkit writes for `recipe`."""
+def load_base(recipe):
+    """The recipe's base model in fp32 on its device, without a KV cache."""
     import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.to(recipe.model.device)
+
+
+def both_models(recipe, name: str):
+    """(peftkit's model, peft's model) of method `name`, each injected right after the same seeding; peft's is
+    configured by the adapter_config.json peftkit writes for `recipe`, plus BENCH's `peft` keys."""
     from peft import PeftConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, TrainerCallback
 
     from peftkit.adapters import inject_adapters
-    from peftkit.data import load_examples
-    from peftkit.evaluate import evaluate_loss
     from peftkit.methods import method_of
     from peftkit.peft_format import peft_config
     from peftkit.runtime import seed_everything
 
-    def load():
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
-        model.config.use_cache = False
-        return model.to(recipe.model.device)
-
-    probe = load()
-    config = peft_config(recipe.adapter, inject_adapters(probe, recipe.adapter), recipe.model.name_or_path, False,
-                         "llama", model_config=probe.config)
-    peft_type = method_of(recipe.adapter).peft_type
+    seed_everything(recipe.training.seed, deterministic_cuda=False)  # what peftkit's train does before injection
+    ours = load_base(recipe)
+    config = peft_config(recipe.adapter, inject_adapters(ours, recipe.adapter), recipe.model.name_or_path, False,
+                         "llama", model_config=ours.config)
     config = {k: v for k, v in config.items() if k != "peft_type"} | {"inference_mode": False}  # trainable
     config |= BENCH[name].get("peft", {})
-    if name == "adalora":
-        config["total_step"] = recipe.training.max_steps
-    tok, ordered = ordered_examples(recipe)
+    if name == "adalora":  # at least one step past its warm-up and final phases, which peft requires (--ab runs few)
+        config["total_step"] = max(recipe.training.max_steps, config["tinit"] + config["tfinal"] + 1)
     seed_everything(recipe.training.seed, deterministic_cuda=False)  # as peftkit: the same seed before injection
-    model = get_peft_model(load(), PeftConfig.from_peft_type(peft_type=peft_type, **config))
+    theirs = get_peft_model(load_base(recipe),
+                            PeftConfig.from_peft_type(peft_type=method_of(recipe.adapter).peft_type, **config))
+    return ours, theirs
+
+
+def run_peft_method(recipe, workdir: Path, name: str) -> dict:
+    """transformers Trainer + peft, configured by the adapter_config.json peftkit writes for `recipe`."""
+    from transformers import TrainerCallback
+
+    from peftkit.data import load_examples
+    from peftkit.evaluate import evaluate_loss
+
+    tok, ordered = ordered_examples(recipe)
+    _, model = both_models(recipe, name)
 
     class Allocate(TrainerCallback):  # AdaLoRA: after optimizer.step, before the gradients are zeroed
         def on_optimizer_step(self, _args, state, *_, **__):
@@ -136,6 +157,53 @@ class RealTokens:
         return Cut()
 
 
+def ab_times(recipe, name: str, rounds: int) -> dict[str, float]:
+    """--ab: forward + backward of peftkit's model and peft's, both in this process, on the same batches (the
+    recipe's first max_steps, in training order, padded as in training). Each batch is timed on both models back to
+    back, in alternating order, so the two times of a pair see the same machine; returned: each side's median
+    s/step, and the median of the pairs' ratios (peftkit / peft)."""
+    import torch
+
+    from peftkit.data.batches import eval_loader
+    from peftkit.evaluate import token_loss_sum
+
+    tok, ordered = ordered_examples(recipe)
+    device = torch.device(recipe.model.device)
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for _, b in zip(range(recipe.training.max_steps), eval_loader(ordered, recipe.training.batch_size,
+                                                                            tok.pad_token_id))]
+    ours, theirs = both_models(recipe, name)
+    sides = {"peftkit": ours.train(), "peft": RealTokens(theirs.train())}
+    params = {side: [p for p in model.parameters() if p.requires_grad] for side, model in sides.items()}
+
+    def step(side: str, batch: dict) -> float:
+        start = _sync(recipe.model.device)
+        loss, n = token_loss_sum(sides[side], batch)
+        (loss / n).backward()
+        for p in params[side]:
+            p.grad = None
+        return _sync(recipe.model.device) - start
+
+    for side in sides:
+        for batch in batches[:2]:
+            step(side, batch)  # first calls: allocations, kernel selection
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for i in range(rounds * len(batches)):
+        for side in (sides if i % 2 == 0 else list(sides)[::-1]):
+            times[side].append(step(side, batches[i % len(batches)]))
+    ratios = [a / b for a, b in zip(times["peftkit"], times["peft"])]
+    return {side: statistics.median(t) for side, t in times.items()} | {"ratio": statistics.median(ratios)}
+
+
+def report_ab(rows: dict[str, dict[str, float]], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'method':14}{'s/step':>9}{'peft':>9}{'ratio':>7}")
+    for name, t in rows.items():
+        print(f"{name:14}{t['peftkit']:>9.4f}{t['peft']:>9.4f}{t['ratio']:>7.3f}")
+    print("forward + backward only (no optimizer, no data loading); s/step: medians; ratio: the median of each "
+          "batch's peftkit / peft time (< 1: faster for peftkit)")
+
+
 def report(rows: dict[str, dict[str, dict]], args, title: str, cuda: bool) -> None:
     mem = "peak MiB" if cuda else "peak RSS MiB"
     print(f"\n{title}")
@@ -160,6 +228,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--methods", default=",".join(BENCH), help=f"comma-separated, of: {', '.join(BENCH)}")
     p.add_argument("--method", help="(internal) the method a side runs")
+    p.add_argument("--ab", type=int, metavar="ROUNDS", help="instead of two training runs a side: time forward + "
+                   "backward of both models in one process, ROUNDS alternating rounds (steady on a noisy machine)")
     args = p.parse_args()
     import torch
 
@@ -183,6 +253,15 @@ def main() -> None:
         build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_data(args, workdir)
         write_jsonl(workdir / "eval.jsonl", number_rows(64, seed=2))
+        if args.ab:
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            names = [n for n in available(args, workdir, args.methods.split(",")) if n not in NO_PEFT]
+            report_ab({name: ab_times(bench_recipe(args, workdir, name), name, args.ab) for name in names},
+                      f"Methods, {args.device}, one process: llama hidden {args.hidden} x {args.layers} layers, batch "
+                      f"{args.batch_size}, {args.steps} batches, median of {args.ab} rounds, torch threads "
+                      f"{torch.get_num_threads()}")
+            return
         for name in available(args, workdir, args.methods.split(",")):
             print(f"{name} ...", flush=True)
             sides = ("peftkit",) if name in NO_PEFT else ("peftkit", "peft")

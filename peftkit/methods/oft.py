@@ -153,11 +153,10 @@ def rotation_blocks(vec: torch.Tensor, facts: OftFacts) -> torch.Tensor:
     eye = torch.eye(b, device=vec.device, dtype=vec.dtype).expand_as(q)
     if not facts.use_cayley_neumann:
         return torch.linalg.solve(eye + q, eye - q, left=False)  # (I - Q)(I + Q)^-1, as peft
-    coefficients = neumann_coefficients(facts.num_cayley_neumann_terms)
-    rotation, power = eye.clone(), eye
-    for c in coefficients[1:]:
-        power = power @ q
-        rotation = rotation + c * power
+    rotation, power = eye.clone(), None
+    for c in neumann_coefficients(facts.num_cayley_neumann_terms)[1:]:
+        power = q if power is None else power @ q
+        rotation.add_(power, alpha=c)  # c is 1 or 2: exact, with or without a fused multiply-add
     return rotation
 
 
