@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import (_sync, common_args, child, ordered_examples, recipe_for, run_peftkit,  # noqa: E402
+from bench_train import (ab_pairs, common_args, paired_ratio, child, ordered_examples, recipe_for, run_peftkit,  # noqa: E402
                          run_trainer, spawn_sides, summarize, write_data)
 
 # name -> the recipe's adapter section, its learning rate, and peft config keys set on top of the exported one.
@@ -157,51 +157,14 @@ class RealTokens:
         return Cut()
 
 
-def ab_times(recipe, name: str, rounds: int) -> dict[str, float]:
-    """--ab: forward + backward of peftkit's model and peft's, both in this process, on the same batches (the
-    recipe's first max_steps, in training order, padded as in training). Each batch is timed on both models back to
-    back, in alternating order, so the two times of a pair see the same machine; returned: each side's median
-    s/step, and the median of the pairs' ratios (peftkit / peft)."""
-    import torch
-
-    from peftkit.data.batches import eval_loader
-    from peftkit.evaluate import token_loss_sum
-
-    tok, ordered = ordered_examples(recipe)
-    device = torch.device(recipe.model.device)
-    batches = [{k: v.to(device) for k, v in b.items()}
-               for _, b in zip(range(recipe.training.max_steps), eval_loader(ordered, recipe.training.batch_size,
-                                                                            tok.pad_token_id))]
-    ours, theirs = both_models(recipe, name)
-    sides = {"peftkit": ours.train(), "peft": RealTokens(theirs.train())}
-    params = {side: [p for p in model.parameters() if p.requires_grad] for side, model in sides.items()}
-
-    def step(side: str, batch: dict) -> float:
-        start = _sync(recipe.model.device)
-        loss, n = token_loss_sum(sides[side], batch)
-        (loss / n).backward()
-        for p in params[side]:
-            p.grad = None
-        return _sync(recipe.model.device) - start
-
-    for side in sides:
-        for batch in batches[:2]:
-            step(side, batch)  # first calls: allocations, kernel selection
-    times: dict[str, list[float]] = {side: [] for side in sides}
-    for i in range(rounds * len(batches)):
-        for side in (sides if i % 2 == 0 else list(sides)[::-1]):
-            times[side].append(step(side, batches[i % len(batches)]))
-    ratios = [a / b for a, b in zip(times["peftkit"], times["peft"])]
-    return {side: statistics.median(t) for side, t in times.items()} | {"ratio": statistics.median(ratios)}
-
-
-def report_ab(rows: dict[str, dict[str, float]], title: str) -> None:
+def report_methods_ab(rows: dict[str, dict[str, list[float]]], title: str) -> None:
     print(f"\n{title}")
     print(f"{'method':14}{'s/step':>9}{'peft':>9}{'ratio':>7}")
     for name, t in rows.items():
-        print(f"{name:14}{t['peftkit']:>9.4f}{t['peft']:>9.4f}{t['ratio']:>7.3f}")
-    print("forward + backward only (no optimizer, no data loading); s/step: medians; ratio: the median of each "
-          "batch's peftkit / peft time (< 1: faster for peftkit)")
+        print(f"{name:14}{statistics.median(t['peftkit']):>9.4f}{statistics.median(t['peft']):>9.4f}"
+              f"{paired_ratio(t['peftkit'], t['peft']):>7.3f}")
+    print("forward + backward only (no optimizer, no data loading); s/step: medians; ratio: peftkit / peft, the "
+          "median over batches of the two times on one batch (< 1: faster for peftkit)")
 
 
 def report(rows: dict[str, dict[str, dict]], args, title: str, cuda: bool) -> None:
@@ -228,8 +191,6 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--methods", default=",".join(BENCH), help=f"comma-separated, of: {', '.join(BENCH)}")
     p.add_argument("--method", help="(internal) the method a side runs")
-    p.add_argument("--ab", type=int, metavar="ROUNDS", help="instead of two training runs a side: time forward + "
-                   "backward of both models in one process, ROUNDS alternating rounds (steady on a noisy machine)")
     args = p.parse_args()
     import torch
 
@@ -257,10 +218,15 @@ def main() -> None:
             if args.threads:
                 torch.set_num_threads(args.threads)
             names = [n for n in available(args, workdir, args.methods.split(",")) if n not in NO_PEFT]
-            report_ab({name: ab_times(bench_recipe(args, workdir, name), name, args.ab) for name in names},
-                      f"Methods, {args.device}, one process: llama hidden {args.hidden} x {args.layers} layers, batch "
-                      f"{args.batch_size}, {args.steps} batches, median of {args.ab} rounds, torch threads "
-                      f"{torch.get_num_threads()}")
+            rows = {}
+            for name in names:
+                recipe = bench_recipe(args, workdir, name)
+                ours, theirs = both_models(recipe, name)
+                rows[name] = ab_pairs(recipe, {"peftkit": ours.train(), "peft": RealTokens(theirs.train())}, args.ab)
+                del ours, theirs
+            report_methods_ab(rows, f"Methods, {args.device}, one process: llama hidden {args.hidden} x {args.layers} "
+                              f"layers, batch {args.batch_size}, {args.steps} batches x {args.ab} rounds, torch "
+                              f"threads {torch.get_num_threads()}")
             return
         for name in available(args, workdir, args.methods.split(",")):
             print(f"{name} ...", flush=True)

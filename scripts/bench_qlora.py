@@ -1,6 +1,7 @@
 """Benchmark: peftkit QLoRA vs. transformers + peft + bitsandbytes (the QLoRA reference recipe).
 
     python scripts/bench_qlora.py                        # CPU defaults (small model): ~40 s on 2 idle cores
+    python scripts/bench_qlora.py --ab 4 --steps 6 --floor   # forward + backward only, all sides in one process
     # memory of the lean k-bit preparation vs peft's fp32 upcast (slow: bf16 matmuls on a CPU without AVX512-BF16)
     python scripts/bench_qlora.py --model-dtype bfloat16 --vocab 32000 --fixed-mmap-threshold --steps 25
     # ~0.85B parameters (TinyLlama's shape with 16 of its 22 layers; --layers 22 gives its 1.1B) on one GPU:
@@ -33,8 +34,8 @@ import tempfile
 from pathlib import Path
 
 # bench_train.py (same directory, so on sys.path when run as a script) holds the shared harness.
-from bench_train import (build_llama, child, common_args, ordered_examples, recipe_for, report, run_floor, run_peftkit,
-                         run_trainer, spawn_sides, write_data)
+from bench_train import (build_llama, child, common_args, ordered_examples, recipe_for, report, run_ab, run_floor,
+                         run_peftkit, run_trainer, spawn_sides, write_data)
 
 
 def build_model(args, path: Path) -> None:
@@ -61,14 +62,14 @@ def qlora_recipe(args, workdir: Path):
     )
 
 
-def run_peft_qlora(recipe, workdir: Path) -> dict:
+def peft_qlora_model(recipe):
+    """The QLoRA reference: NF4 + double quant by transformers, prepare_model_for_kbit_training, peft's LoRA."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from peftkit.train import seed_everything
 
-    tok, ordered = ordered_examples(recipe)
     dtype = getattr(torch, recipe.quantization.compute_dtype)
     load_dtype = getattr(torch, recipe.model.dtype)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -83,7 +84,12 @@ def run_peft_qlora(recipe, workdir: Path) -> dict:
     a = recipe.adapter
     seed_everything(recipe.training.seed, deterministic_cuda=False)  # as peftkit, right before injection
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return run_trainer(get_peft_model(model, config), tok, ordered, recipe, workdir, optim="paged_adamw_8bit")
+    return get_peft_model(model, config)
+
+
+def run_peft_qlora(recipe, workdir: Path) -> dict:
+    tok, ordered = ordered_examples(recipe)
+    return run_trainer(peft_qlora_model(recipe), tok, ordered, recipe, workdir, optim="paged_adamw_8bit")
 
 
 def main() -> None:
@@ -114,6 +120,8 @@ def main() -> None:
         if not args.model:
             build_model(args, workdir / "model")
         write_data(args, workdir)
+        if args.ab:
+            return run_ab(args, qlora_recipe(args, workdir), peft_qlora_model)
         sides = ("peftkit", "peft") + (("floor",) if args.floor else ())
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides, warm_first=args.device == "cuda")
     title = (f"QLoRA (nf4 + double quant, compute {compute_dtype(args)}, weights {model_dtype(args)}, paged_adamw_8bit), {args.device}: "

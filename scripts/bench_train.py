@@ -6,6 +6,7 @@
     python scripts/bench_train.py --model /tmp/smollm2 --steps 12 --warmup 3 --floor   # the real SmolLM2-135M
     python scripts/bench_train.py --lora-fa                # peftkit LoRA vs peftkit LoRA-FA (adapter.lora_fa)
     python scripts/bench_train.py --compile inductor --warmup 5   # peftkit with training.compile (first steps compile)
+    python scripts/bench_train.py --ab 4 --steps 6 --floor    # forward + backward only, all sides in one process
     # a ~1.2B Llama shape in bf16 on one GPU, rows of ~400 tokens, with the frozen-base floor:
     python scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
         --intermediate 5632 --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 30 --floor
@@ -29,6 +30,11 @@ peftkit's s/step over it is its overhead. Peak memory: CUDA max_memory_allocated
 --lora-fa compares two peftkit sides, LoRA and LoRA-FA, instead of peftkit and peft; it also shows the
 activations one training forward keeps for backward at batch x max_length tokens, measured with
 `peftkit.memory.saved_activation_bytes` (exact, where peak RSS on CPU is blurred by the allocator).
+
+`--ab ROUNDS` builds every side's model in one process instead and times only the forward and backward pass
+(`ab_pairs`): each of `--steps` batches runs on all the models back to back, in rotating order, ROUNDS times over,
+and a ratio is the median over batches of two models' times on the same batch. Training runs on this 2-core VM
+swing by 10 % and more between identical runs; these ratios agree to about 3 % between runs.
 
 On a shared or busy CPU, timings swing by 2-10x between runs (torch's OpenMP threads wait on each other
 when a core is taken): use `--repeats 3` (medians, alternating order) and `--threads 1` there. On CPU,
@@ -68,6 +74,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="runs per side, alternating order; medians are shown")
     p.add_argument("--json", help="also write every run's raw figures (step-end times, losses, memory) to this file")
     p.add_argument("--floor", action="store_true", help="also time the frozen base's forward + backward")
+    p.add_argument("--ab", type=int, metavar="ROUNDS", help="instead of a training run per side: forward + backward "
+                   "of every side's model in one process, each batch on all back to back, ROUNDS times over the "
+                   "--steps batches (steady on a noisy machine; --floor adds the frozen base)")
     p.add_argument("--model", help="an existing model directory instead of a built one, e.g. /tmp/smollm2, the real "
                    "SmolLM2-135M that `scripts/measure_memory.py --smollm2` writes (the shape flags are then ignored)")
     # glibc's adaptive mmap threshold keeps freed activation buffers in the heap, which can move peak RSS by
@@ -178,6 +187,99 @@ def run_peftkit_measured(recipe, workdir: Path) -> dict:
     return result
 
 
+def floor_model(recipe):
+    """The frozen base as the floor runs it: quantized as the recipe says, no adapter, gradients to its inputs."""
+    import torch
+
+    from peftkit.modeling import load_model
+
+    model = load_model(recipe.model, recipe.quantization, torch.device(recipe.model.device))
+    model.requires_grad_(False)
+    model.enable_input_require_grads()  # backward runs through every layer, as it must to reach an adapter
+    return model.train()
+
+
+def peftkit_model(recipe):
+    """The model as peftkit's train() builds it (load, seed, inject, prepare), for --ab."""
+    import torch
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.modeling import load_model, prepare_for_training
+    from peftkit.runtime import seed_everything
+
+    seed_everything(recipe.training.seed, deterministic_cuda=False)
+    model = load_model(recipe.model, recipe.quantization, torch.device(recipe.model.device))
+    torch.manual_seed(recipe.training.seed)
+    inject_adapters(model, recipe.adapter)
+    prepare_for_training(model, recipe.training.gradient_checkpointing)
+    return model.train()
+
+
+def autocast_bf16(recipe, model) -> bool:
+    """Whether peftkit's step runs `model` under bf16 autocast (fp32 weights where mixed precision is bf16)."""
+    import torch
+
+    from peftkit.runtime import mixed_precision
+
+    device = torch.device(recipe.model.device)
+    return mixed_precision(recipe.training, device) == "bf16" and next(model.parameters()).dtype == torch.float32
+
+
+def ab_pairs(recipe, models: dict, rounds: int) -> dict[str, list[float]]:
+    """--ab: forward + backward of each of `models` (name -> model), all in this process, on the recipe's first
+    max_steps batches (training order, padded as in training), `rounds` times over. Each batch runs on every model
+    back to back, the order rotating, so the times of one batch see the same machine (compare them with
+    `paired_ratio`). Per model: its step times, in the same order for all."""
+    import torch
+
+    from peftkit.data.batches import eval_loader
+    from peftkit.evaluate import token_loss_sum
+
+    tok, ordered = ordered_examples(recipe)
+    device = torch.device(recipe.model.device)
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for _, b in zip(range(recipe.training.max_steps), eval_loader(ordered, recipe.training.batch_size,
+                                                                            tok.pad_token_id))]
+    bf16 = autocast_bf16(recipe, next(iter(models.values())))
+    params = {name: [p for p in model.parameters() if p.requires_grad] for name, model in models.items()}
+
+    def step(name: str, batch: dict) -> float:
+        start = _sync(recipe.model.device)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            loss, n = token_loss_sum(models[name], batch)
+        (loss / n).backward()
+        for p in params[name]:
+            p.grad = None
+        return _sync(recipe.model.device) - start
+
+    for name in models:
+        for batch in batches[:2]:
+            step(name, batch)  # first calls: allocations, kernel selection
+    names, times = list(models), {name: [] for name in models}
+    for i in range(rounds * len(batches)):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(step(name, batches[i % len(batches)]))
+    return times
+
+
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """The median over batches of time / the reference's time on the same batch (ab_pairs' lists)."""
+    return statistics.median(a / b for a, b in zip(times, reference))
+
+
+def report_ab(times: dict[str, list[float]], title: str) -> None:
+    """The --ab table: each model's median s/step, and peftkit's time over peft's and the floor's on the same batch."""
+    print(f"\n{title}")
+    for name, t in times.items():
+        print(f"{name:10}{statistics.median(t):>9.4f} s/step")
+    others = [name for name in ("peft", "floor") if name in times]
+    print("peftkit / " + ", peftkit / ".join(f"{name}: {paired_ratio(times['peftkit'], times[name]):.3f}"
+                                              for name in others)
+          + (f"; peft / floor: {paired_ratio(times['peft'], times['floor']):.3f}" if "floor" in times else ""))
+    print("forward + backward only (no optimizer, no data loading), one process; s/step: medians; a ratio is the "
+          "median over batches of the two times on one batch")
+
+
 def run_floor(recipe, _workdir: Path | None = None) -> dict:
     """The frozen base's forward and backward on peftkit's batches, at peftkit's precision (bf16 autocast on CUDA
     when the weights are float32), quantized as the recipe says (bench_qlora: the 4-bit base): the least time any
@@ -186,16 +288,11 @@ def run_floor(recipe, _workdir: Path | None = None) -> dict:
 
     from peftkit.data.batches import eval_loader
     from peftkit.evaluate import token_loss_sum
-    from peftkit.modeling import load_model
-    from peftkit.runtime import mixed_precision
 
     device = torch.device(recipe.model.device)
     tok, ordered = ordered_examples(recipe)
-    model = load_model(recipe.model, recipe.quantization, device)
-    model.requires_grad_(False)
-    model.enable_input_require_grads()  # backward runs through every layer, as it must to reach an adapter
-    model.train()
-    bf16 = mixed_precision(recipe.training, device) == "bf16" and next(model.parameters()).dtype == torch.float32
+    model = floor_model(recipe)
+    bf16 = autocast_bf16(recipe, model)
     ends: list[float] = []
     for batch in eval_loader(ordered, recipe.training.batch_size, tok.pad_token_id):  # in order, padded as in training
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -242,14 +339,14 @@ def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extr
     return {"step_ends": ends, "losses": losses}
 
 
-def run_peft_lora(recipe, workdir: Path) -> dict:
+def peft_lora_model(recipe):
+    """The recipe's LoRA (or DoRA) on its base, by peft."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from peftkit.train import seed_everything
 
-    tok, ordered = ordered_examples(recipe)
     model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
     model.to(recipe.model.device)
     model.config.use_cache = False
@@ -258,7 +355,12 @@ def run_peft_lora(recipe, workdir: Path) -> dict:
     seed_everything(recipe.training.seed, deterministic_cuda=False)
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
                         use_dora=a.use_dora)
-    return run_trainer(get_peft_model(model, config), tok, ordered, recipe, workdir,
+    return get_peft_model(model, config)
+
+
+def run_peft_lora(recipe, workdir: Path) -> dict:
+    tok, ordered = ordered_examples(recipe)
+    return run_trainer(peft_lora_model(recipe), tok, ordered, recipe, workdir,
                        optim="adamw_torch_fused" if recipe.model.device == "cuda" else "adamw_torch")
 
 
@@ -355,6 +457,21 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
               f"{names[second]} {100 * (s[second]['s_step'] / f - 1):+.1f} %")
 
 
+def run_ab(args, recipe, peft_model) -> None:
+    """--ab: peftkit's model, peft's (`peft_model(recipe)`) and with --floor the frozen base, timed by ab_pairs."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {"peftkit": peftkit_model(recipe), "peft": peft_model(recipe)}
+    if args.floor:
+        models["floor"] = floor_model(recipe)
+    report_ab(ab_pairs(recipe, models, args.ab),
+              f"{recipe.adapter.method} over {recipe.model.name_or_path if args.model else 'the built model'}"
+              f"{' (NF4)' if recipe.quantization else ''}, {args.device}, batch {args.batch_size}, {args.steps} "
+              f"batches x {args.ab} rounds, torch threads {torch.get_num_threads()}")
+
+
 def build_llama(args, path: Path, dtype: str) -> None:
     """A random-init LlamaForCausalLM of the requested shape (head_dim 64, 4 query heads per key/value head, as
     Llama), saved in `dtype`, plus the character tokenizer."""
@@ -415,6 +532,10 @@ def main() -> None:
         elif not args.model:
             build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_data(args, workdir)
+        if args.ab:
+            if args.lora_fa or args.compile:
+                sys.exit("--ab times peftkit's LoRA against peft's and the floor: not with --lora-fa or --compile")
+            return run_ab(args, recipe_for(args, workdir), peft_lora_model)
         sides = ("lora", "lora-fa") if args.lora_fa else ("peftkit", "peft")
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides + (("floor",) if args.floor else ()),
                               warm_first=args.device == "cuda")
