@@ -175,9 +175,13 @@ def test_merge_after_eval_forward_reads_the_weights_the_layer_uses(qllama):
     model = injected(qllama)
     expected = dequant_and_delta(model)
     layers = [layer.base_layer for layer in adapter_layers(model).values()]
-    for layer in layers:  # bitsandbytes' own default, whatever load_model chooses
-        layer.support_avx512bf16_for_cpu = True
-    plain_logits(model)  # eval mode, no grad: what evaluate_loss does, before the export in train()
+    # Each layer's own eval forward, with bitsandbytes' default (load_model turns it off): what repacks. A model's eval
+    # forward reaches it where LoRA runs as modules (more than lowrank.MAX_THREADS threads); the fused CPU node calls
+    # bitsandbytes' matmul itself and leaves the weights alone.
+    with torch.no_grad():
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
+            layer.eval()(torch.randn(2, layer.in_features))
     assert all(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
     merged = merged_model(model, ADAPTER, torch.float32).state_dict()
     for name, (deq, delta) in expected.items():
