@@ -18,9 +18,9 @@ sides. AdaLoRA's peft side calls `update_and_allocate` after each optimizer step
 
 `--ab ROUNDS` times only what the method itself changes, the forward and backward pass, with both models in one
 process: each batch runs on both models back to back (alternating which goes first), ROUNDS times over the
-`--steps` batches, and the ratio is the median of the pairs' ratios. On a
-shared machine, where two training runs of the same side differ by 10 % or more, this is what can tell a 5 %
-difference (it is how LoKr's recomputed update was found).
+`--steps` batches, and the ratio is the median of the pairs' ratios. On a shared machine, where two training runs
+of the same side differ by 10 % or more, this is what can tell a 5 % difference (it is how LoKr's recomputed
+update was found).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def both_models(recipe, name: str):
     from peftkit.peft_format import peft_config
     from peftkit.runtime import seed_everything
 
-    seed_everything(recipe.training.seed, deterministic_cuda=False)  # what peftkit's train does before injection
+    seed_everything(recipe.training.seed, deterministic_cuda=False)  # deterministic kernels, as peftkit's train
     ours = load_base(recipe)
     config = peft_config(recipe.adapter, inject_adapters(ours, recipe.adapter), recipe.model.name_or_path, False,
                          "llama", model_config=ours.config)
