@@ -145,8 +145,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         ranks = blob.get("rng_ranks", [blob["rng"]])
         rng = ranks[rank] if rank < len(ranks) else blob["rng"]  # this process's (dropout differs by rank)
         torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "cuda" in rng and torch.cuda.is_available():  # one state per GPU the run saw; a resume may see fewer
+            for index, cuda_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(cuda_state, index)
     except Exception as e:  # noqa: BLE001 - whatever fails to load makes the checkpoint unusable, nothing else
         raise DamagedCheckpoint(f"it does not load ({type(e).__name__}: {str(e)[:200]})") from None
     return state, recorded["inputs"]

@@ -56,6 +56,20 @@ def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     return model if accelerator.distributed_type == DistributedType.NO else accelerator.unwrap_model(model)
 
 
+def autocast_only(accelerator, model: torch.nn.Module) -> None:
+    """Under native mixed precision accelerate's `prepare` wraps the forward in autocast and then converts every
+    floating output to fp32: the full (batch, time, vocab) logits, twice the bf16 size, the very copy
+    `peftkit.loss` exists to avoid (4.2 GB at batch 4 x 2048 tokens of a 128k vocabulary). Keep the autocast, drop
+    the conversion: the loss takes its labelled rows to fp32 itself."""
+    inner = unwrap(accelerator, model)
+    original = inner.__dict__.pop("_original_forward", None)
+    if original is not None:
+        from accelerate.utils import get_mixed_precision_context_manager
+
+        inner.forward = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)(
+            original)
+
+
 def no_sync(accelerator, model, last: bool):
     """Skip DDP's gradient all-reduce on every micro-batch of a window but the last (DeepSpeed: `backward`)."""
     if last or accelerator.num_processes == 1 or zero.active(accelerator):
@@ -167,9 +181,22 @@ def adapter_weights(model, saved_modules: list[str]) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in weights.items()} if zero.is_partitioned(model) else weights
 
 
+def ddp_kwargs(cfg) -> list:
+    """accelerate handlers for torch DDP: a method whose layers skip their update at random (`skips_parameters`)
+    leaves parameters out of one process's graph that another's uses, which DDP must look for every step (else its
+    next forward fails); their gradients stay None where no process used them, as in a single process."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from peftkit.methods import method_of
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if method_of(cfg.adapter).skips_parameters(
+        cfg.adapter) else []
+
+
 def check_engine(cfg, accelerator) -> None:
     """What an accelerate configuration cannot do with this recipe, said before the model loads."""
     from peftkit.errors import PeftkitError
+    from peftkit.methods import method_of
 
     if zero.active(accelerator):
         zero.check(cfg, accelerator)
@@ -177,6 +204,11 @@ def check_engine(cfg, accelerator) -> None:
         raise PeftkitError(
             "export.merged: true under FSDP would gather the whole base model on one process. Set export.merged: "
             "false and merge afterwards with `peftkit merge RUN_DIR/adapter --output DIR`.")
+    elif sharded(accelerator) and method_of(cfg.adapter).skips_parameters(cfg.adapter):
+        raise PeftkitError(
+            f"adapter.module_dropout: {cfg.adapter.module_dropout} is not supported under FSDP: each process skips "
+            "other layers' updates, and FSDP reduces only the gradients a process has, so the processes' reductions "
+            "would not match. Set it to 0, or use configs/accelerate/ddp.yaml.")
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

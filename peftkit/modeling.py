@@ -178,11 +178,17 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def check_attention(cfg: ModelConfig, device: torch.device) -> None:
-    """model.attn_implementation: flash_attention_2 runs on CUDA devices, with the flash-attn package."""
+    """model.attn_implementation: flash_attention_2 runs on CUDA devices, with the flash-attn package, on 16-bit
+    weights: flash-attn computes in fp16/bf16 only, and transformers casts fp32 queries to the weights' dtype
+    wherever no autocast runs (evaluations, generation, mixed_precision: no), which flash-attn then refuses."""
     if cfg.attn_implementation != "flash_attention_2":
         return
     import importlib.util
 
+    if cfg.dtype == "float32":
+        raise PeftkitError("model.attn_implementation: flash_attention_2 computes in float16 or bfloat16 only, and "
+                           "model.dtype is float32. Set model.dtype: bfloat16 (the adapter still trains in float32), "
+                           "or use sdpa.")
     if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
         need = "a CUDA device" if device.type != "cuda" else "the flash-attn package (pip install flash-attn)"
         raise PeftkitError(f"model.attn_implementation: flash_attention_2 needs {need}; use sdpa (or leave the key "

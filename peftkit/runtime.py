@@ -20,16 +20,36 @@ from peftkit.recipe import Recipe, TrainingConfig
 def seed_everything(seed: int, deterministic_cuda: bool) -> None:
     """Seed torch (CPU and CUDA) and pick deterministic kernels.
 
-    CPU kernels are deterministic for a given thread count anyway; `use_deterministic_algorithms` makes
-    any nondeterministic op raise rather than silently differ. On CUDA that costs speed (no atomics-based
-    kernels, cuBLAS workspace pinned), so it is opt-in there with training.deterministic.
+    CPU kernels are deterministic for a given thread count anyway; `use_deterministic_algorithms` also fills new
+    tensors with NaN, so an op that read uninitialized memory shows rather than silently differs. On CUDA
+    determinism costs speed (no atomics-based kernels, cuBLAS workspace pinned), so it is opt-in there with
+    training.deterministic, and then strict: in warn-only mode torch's SDPA backward kernels (memory-efficient and
+    flash) only warn and keep their nondeterministic algorithm; strict mode switches them to a deterministic one,
+    and an op that has none raises (`nondeterministic_op_error` says which).
     """
     torch.manual_seed(seed)
     if deterministic_cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-    if deterministic_cuda or not torch.cuda.is_available():
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True)
+    else:  # (off on CUDA: a process may train more than once)
+        torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
+
+
+@contextlib.contextmanager
+def nondeterministic_op_error():
+    """Turn torch's error for an op without a deterministic kernel (under training.deterministic: true) into the
+    recipe's."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "does not have a deterministic implementation" not in str(e):
+            raise
+        raise PeftkitError(
+            f"training.deterministic: true, but this run uses an operation torch has no deterministic kernel for "
+            f"({str(e).split(',')[0]}). Set training.deterministic: false (runs then reproduce only up to "
+            "kernel-level rounding on GPUs), or change what uses it (model.attn_implementation, the method)."
+        ) from None
 
 
 def optimizer_groups(cfg: TrainingConfig, model: torch.nn.Module) -> list[dict]:

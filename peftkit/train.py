@@ -56,7 +56,7 @@ from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_context_length
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
-                             optimizer_groups, peak_memory_mb, seed_everything)
+                             nondeterministic_op_error, optimizer_groups, peak_memory_mb, seed_everything)
 from peftkit.samples import answers, sample_prompts
 from peftkit.selection import Selection
 from peftkit.trackers import DIRECTORY as TRACKERS_DIR
@@ -235,7 +235,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps}).")
         run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to and run.main else None
         try:
-            _loop(run, state)
+            with nondeterministic_op_error():
+                _loop(run, state)
             return finish(run, state, started, show_summary)
         finally:
             if run.trackers is not None:
@@ -245,12 +246,17 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
 def _accelerator(cfg: Recipe, out: Path):
     """accelerate's Accelerator, made first: it knows this process's rank and device (`peftkit.distributed`)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     check_trackers(cfg.training.report_to)
+    # A process that trains twice (a notebook, verify, tests) may change mixed precision, which accelerate's
+    # process-wide state refuses once set; the process group (PartialState) stays.
+    AcceleratorState._reset_state()
     device = resolve_device(cfg.model.device)
     engine = zero.accelerator_kwargs(device) if zero.requested() else {"cpu": device.type == "cpu"}
+    handlers = engine.pop("kwargs_handlers", []) + distributed.ddp_kwargs(cfg)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.training, device), project_dir=out / TRACKERS_DIR,
-                              log_with=cfg.training.report_to or None, **engine)
+                              log_with=cfg.training.report_to or None, kwargs_handlers=handlers, **engine)
     zero.build_whole(accelerator)
     return accelerator
 
@@ -291,7 +297,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
     if eval_ex and cfg.eval.base_model and not resume:
-        summary |= _evaluate_base(cfg, model, tok, eval_ex, accelerator, console)
+        with accelerator.autocast():  # at the precision of the run's later evaluations (its forward's, after prepare)
+            summary |= _evaluate_base(cfg, model, tok, eval_ex, accelerator, console)
 
     # Seed again right before the adapter is drawn: its init must not depend on what loading consumed.
     torch.manual_seed(tcfg.seed)
@@ -314,6 +321,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     if zero.active(accelerator):
         zero.configure(cfg, accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    distributed.autocast_only(accelerator, model)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter)
 
@@ -358,7 +366,8 @@ def _loop(run: _Run, state: LoopState) -> None:
     collate = ClassificationCollator(run.tok.pad_token_id) if cfg.classification else None
     stream = micro_batches(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.seed,
                            cfg.data.shuffle, run.tok.pad_token_id, start=state.step * tcfg.grad_accum,
-                           num_workers=cfg.data.num_workers, collate=collate)
+                           num_workers=cfg.data.num_workers, collate=collate,
+                           pin_memory=run.accelerator.device.type == "cuda")  # the step's copies then run async
     run.model.train()
     window_start, window_tokens = time.time(), 0
     with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:

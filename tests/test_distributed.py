@@ -141,6 +141,16 @@ def test_a_user_error_in_several_processes_is_one_clear_message(tiny_llama, numb
     assert "error: the run stopped in its 2 processes (the message is above)." in done.stderr
 
 
+def test_layers_that_skip_their_update_at_random_train_under_ddp(tiny_llama, number_data, tmp_path):
+    """LoHa's module_dropout leaves the skipped layers' factors out of a process's graph, other layers in each
+    process: DDP, told to look for unused parameters, trains on (plain DDP fails its second forward)."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"method": "loha", "module_dropout": 0.5},
+                         training={"max_steps": 3, "batch_size": 2}, eval={"base_model": False})
+    done = _peftkit("train", str(recipe), "--num-processes", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [x["step"] for x in _lines(tmp_path / "run") if "loss" in x] == [1, 2, 3]
+
+
 class _Process:
     """One process of `world` as `evaluate_loss` sees an Accelerator, with the cross-process sum left to the test;
     `kind`: accelerate's distributed type (FSDP: the parameters are sharded)."""

@@ -297,6 +297,16 @@ def test_fp16_with_a_4bit_base(tmp_path):
             "bf16 or auto.") in message
 
 
+def test_fp16_with_fp16_modules_trained_in_full(tmp_path):
+    text = (RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: fp16")
+            .replace("dtype: float32", "dtype: float16").replace("  dropout: 0.0", "  dropout: 0.0\n  modules_to_save: [lm_head]"))
+    message = _error(_write(tmp_path, text))
+    assert (f"{tmp_path / 'my-recipe.yaml'}: training.mixed_precision: fp16 unscales fp32 gradients only, and with "
+            "model.dtype: float16 the modules trained in full") in message
+    assert "set model.dtype: float32" in message
+    _ = load_recipe(_write(tmp_path, text.replace("dtype: float16", "dtype: float32")))  # fp32 weights: accepted
+
+
 @pytest.mark.parametrize(("remove", "key", "where"), [
     ("model:\n  name_or_path: ./tiny-model\n  dtype: float32\n", "model", "as a top-level section"),
     ("  name_or_path: ./tiny-model\n", "model.name_or_path", "under 'model:'"),

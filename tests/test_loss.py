@@ -59,3 +59,30 @@ def test_no_labels_give_zero():
     logits, labels = _batch(torch.float32)
     total, n = next_token_loss_sum(logits, torch.full_like(labels, IGNORE_INDEX))
     assert float(total) == 0.0 and int(n) == 0
+
+
+def test_under_mixed_precision_the_model_returns_its_logits_in_autocast_dtype(tiny_llama):
+    """accelerate's prepare (native bf16 autocast, here on the CPU) would hand the loss fp32 logits, a full-size
+    copy; after `autocast_only` the forward still runs under autocast (fp32 weights, bf16 logits, the values of
+    an autocast forward) and the logits stay bf16."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.distributed import autocast_only
+
+    ids = torch.tensor([[1, 40, 41, 42, 7]])
+    try:
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        with torch.autocast("cpu", torch.bfloat16):
+            expected = model(input_ids=ids).logits
+        model = accelerator.prepare(model)
+        assert model(input_ids=ids).logits.dtype == torch.float32  # accelerate's conversion, which this undoes
+        autocast_only(accelerator, model)
+        logits = model(input_ids=ids).logits
+    finally:
+        AcceleratorState._reset_state()
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, expected)
+    assert next(model.parameters()).dtype == torch.float32

@@ -78,9 +78,13 @@ def test_a_flattened_packed_batch_has_the_loss_and_gradients_of_the_rows(arch, m
     assert max(float((a - b).abs().max()) for a, b in zip(grads, f_grads, strict=True)) <= 1e-5
 
 
-def test_flash_attention_needs_cuda(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+def test_flash_attention_needs_16_bit_weights_and_cuda(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"packing": True})
-    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), "--set", "model.attn_implementation=flash_attention_2")
+    flash = ("--set", "model.attn_implementation=flash_attention_2")
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flash)  # model.dtype: float32
+    assert "flash_attention_2 computes in float16 or bfloat16 only, and model.dtype is float32" in err
+    assert "Set model.dtype: bfloat16" in err
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flash, "--set", "model.dtype=bfloat16")
     assert "model.attn_implementation: flash_attention_2 needs a CUDA device; use sdpa" in err
 
 

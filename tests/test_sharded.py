@@ -49,6 +49,15 @@ def test_fsdp_refuses_a_merged_export(tiny_llama, number_data, tmp_path):
     assert "peftkit merge RUN_DIR/adapter" in str(e.value)
 
 
+def test_fsdp_refuses_layers_that_skip_their_update_at_random(tiny_llama, number_data, tmp_path):
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data,
+                                     adapter={"method": "lokr", "module_dropout": 0.1}))
+    with pytest.raises(PeftkitError) as e:
+        check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))
+    assert "adapter.module_dropout: 0.1 is not supported under FSDP" in str(e.value)
+    assert "configs/accelerate/ddp.yaml" in str(e.value)
+
+
 @gpu
 def test_fsdp2_trains_the_adapter_of_a_plain_run_and_resumes_bit_identically(tiny_llama, number_data, tmp_path):
     """The FSDP2 run's adapter equals the plain run's (fp32, deterministic kernels); its checkpoints hold whole

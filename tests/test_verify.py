@@ -260,3 +260,28 @@ def test_a_run_recorded_before_a_recipe_key_was_added_still_verifies(run):
     _edit_manifest(run, drop_truncation)
     report = verify(run, console=_quiet())
     assert report.ok, report.differences
+
+
+def test_training_deterministic_is_strict_and_a_kernel_without_a_deterministic_variant_is_a_recipe_error():
+    """training.deterministic: true must not merely warn: in warn-only mode torch keeps the nondeterministic SDPA
+    backward kernels on CUDA. An op with no deterministic kernel then stops the run with the recipe's message
+    (torch's own text, as its CUDA kernels raise it, since no CPU op raises)."""
+    import torch
+
+    from peftkit.runtime import nondeterministic_op_error, seed_everything
+
+    try:
+        seed_everything(0, deterministic_cuda=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        with pytest.raises(PeftkitError) as e, nondeterministic_op_error():
+            raise RuntimeError("histc_cuda does not have a deterministic implementation, but you set "
+                               "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for "
+                               "this operation, or you can use the 'warn_only=True' option, if that's acceptable.")
+        assert "training.deterministic: true" in str(e.value) and "(histc_cuda does not have" in str(e.value)
+        assert "training.deterministic: false" in str(e.value)
+        with pytest.raises(RuntimeError, match="other"), nondeterministic_op_error():
+            raise RuntimeError("other")  # anything else passes through
+    finally:
+        seed_everything(0, deterministic_cuda=False)
+    assert torch.are_deterministic_algorithms_enabled() != torch.cuda.is_available()  # on CPU: warn-only

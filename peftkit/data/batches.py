@@ -65,10 +65,11 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool)
 
 def micro_batches(
     examples: list[Example], batch_size: int, seed: int, shuffle: bool, pad_id: int, start: int = 0, num_workers: int = 0,
-    collate: Callable | None = None,
+    collate: Callable | None = None, pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An endless stream of collated micro-batches across epochs, starting at micro-batch index `start`;
-    `collate` (default `Collator(pad_id)`) turns a list of examples into a batch.
+    `collate` (default `Collator(pad_id)`) turns a list of examples into a batch; `pin_memory` (for a CUDA run)
+    puts it in page-locked memory, so its copy to the device overlaps the step.
 
     Batch composition is decided here in the main process; workers only collate, so `num_workers > 0`
     yields the same batches in the same order.
@@ -80,7 +81,7 @@ def micro_batches(
         # An own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift dropout masks depending on where an epoch (or a resumed run) starts.
         loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate or Collator(pad_id), num_workers=num_workers,
-                            generator=torch.Generator().manual_seed(seed + epoch))
+                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch))
         yield from loader
         epoch, offset = epoch + 1, 0
 

@@ -157,7 +157,10 @@ class AdaLoraTrainer(MethodTrainer):
                 "rank_pattern": self.rank_pattern}
 
     def load_state_dict(self, state: dict) -> None:
-        self.exp_avg_ipt, self.exp_avg_unc = dict(state["exp_avg_ipt"]), dict(state["exp_avg_unc"])
+        # A checkpoint loads onto the CPU; each score goes back beside its parameter (on its GPU in a CUDA run).
+        device = {name: p.device for name, p in self._params()}
+        self.exp_avg_ipt, self.exp_avg_unc = ({name: t.to(device[name]) for name, t in state[key].items()}
+                                              for key in ("exp_avg_ipt", "exp_avg_unc"))
         self.rank_pattern = state["rank_pattern"]
 
     def export(self, cfg: AdaLoraConfig, state: dict[str, torch.Tensor]) -> tuple[AdaLoraConfig, dict[str, torch.Tensor]]:

@@ -255,6 +255,12 @@ class Method:
                 "export.merged: false (or skip `peftkit merge`) and use it with `peftkit eval/generate --adapter DIR`.")
 
     @classmethod
+    def skips_parameters(cls, cfg: Any) -> bool:
+        """Whether a training forward may leave some of the adapter's parameters out of the graph, at random and
+        per process (LyCORIS' `module_dropout`): torch DDP must then look for unused parameters every step."""
+        return False
+
+    @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
         """What in a whole recipe this method cannot do (`export.merged` for a method that cannot merge, ...), as
         a recipe error message, or None."""

@@ -125,6 +125,10 @@ class LycorisMethod(Method):
         raise NotImplementedError
 
     @classmethod
+    def skips_parameters(cls, cfg: LycorisConfig) -> bool:
+        return cfg.module_dropout > 0
+
+    @classmethod
     def wrap(cls, base: nn.Module, cfg: LycorisConfig, path: str) -> LycorisLayer:
         if not isinstance(base, nn.Linear):  # bitsandbytes' 4-bit and 8-bit layers are nn.Linear too
             kind = "a GPT-2 style Conv1D" if is_conv1d(base) else f"an {type(base).__name__}"

@@ -263,6 +263,14 @@ class Recipe(Section):
             raise ValueError(
                 "training.mixed_precision: fp16 with a 4-bit base overflows easily; use bf16 or auto"
             )
+        if self.training.mixed_precision == "fp16" and self.model.dtype == "float16" and (
+                getattr(self.adapter, "modules_to_save", None) or self.classification):
+            raise ValueError(
+                "training.mixed_precision: fp16 unscales fp32 gradients only, and with model.dtype: float16 the "
+                "modules trained in full (adapter.modules_to_save, a classifier's head) would have fp16 ones "
+                "(torch: 'Attempting to unscale FP16 gradients'); set model.dtype: float32 (the matmuls still run "
+                "in fp16 under autocast), or use mixed_precision: bf16 where the GPU has it"
+            )
         if self.eval.generation_metrics and self.data.format == "text":
             raise ValueError(
                 f"eval.metrics: {', '.join(self.eval.generation_metrics)} score generated answers against each "
