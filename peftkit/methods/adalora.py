@@ -26,8 +26,8 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, REEXPORT, is_conv1d, linear_shape,
-                                  refuse_unsupported, targets_from_peft)
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, REEXPORT, draw_device, is_conv1d,
+                                  linear_shape, refuse_unsupported, targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, peft 0.21) for the
@@ -133,10 +133,11 @@ class AdaLoraLinear(AdapterLayer):
         in_features, out_features = linear_shape(base_layer)
         self.facts = facts
         device = base_layer.weight.device
+        where = draw_device(device)  # drawn on the CPU, then moved: one seed, one adapter on any device
         # peft's init: E = 0 (the update starts at zero), A and B ~ N(0, 0.02).
-        self.lora_A = nn.Parameter(torch.randn(r, in_features, device=device) * 0.02)
+        self.lora_A = nn.Parameter((torch.randn(r, in_features, device=where) * 0.02).to(device))
         self.lora_E = nn.Parameter(torch.zeros(r, 1, device=device))
-        self.lora_B = nn.Parameter(torch.randn(out_features, r, device=device) * 0.02)
+        self.lora_B = nn.Parameter((torch.randn(out_features, r, device=where) * 0.02).to(device))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,13 @@ def refuse_unmergeable(method: type[Method]) -> None:
         raise PeftkitError(refusal)
 
 
+def draw_device(device: torch.device) -> torch.device:
+    """Where a new adapter's initial values are drawn, for a base on `device`: the CPU, then moved beside the base
+    (as peft's LoRA): one seed gives one adapter on any device. On the meta device itself (the memory estimate
+    injects there, and an absurd rank must not allocate)."""
+    return device if device.type == "meta" else torch.device("cpu")
+
+
 class Method:
     """The protocol of a weight-update method; subclasses fill in every hook and register with
     `peftkit.methods.register`."""

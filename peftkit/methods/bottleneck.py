@@ -29,7 +29,7 @@ from torch import nn
 from torch.func import functional_call
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import REEXPORT, AdapterLayer, Method, PeftConfigBase
+from peftkit.methods.base import REEXPORT, AdapterLayer, Method, PeftConfigBase, draw_device
 from peftkit.methods.blocks import CallArguments, decoder_blocks, first_output, norm_layers, with_first_output
 from peftkit.section import AdapterSection
 
@@ -72,12 +72,15 @@ class BottleneckLayer(AdapterLayer):
         self.facts = None
         size = int(hidden_size // cfg.reduction_factor)
         device = next(base_layer.parameters()).device
-        self.adapter_down = nn.Linear(hidden_size, size, device=device, dtype=torch.float32)
-        self.adapter_up = nn.Linear(size, hidden_size, device=device, dtype=torch.float32)
+        # Drawn on the CPU, then moved: one seed, one adapter on any device.
+        self.adapter_down = nn.Linear(hidden_size, size, device=draw_device(device), dtype=torch.float32)
+        self.adapter_up = nn.Linear(size, hidden_size, device=draw_device(device), dtype=torch.float32)
         with torch.no_grad():
             self.adapter_down.bias.zero_()
             self.adapter_up.weight.zero_()  # zero-init: the adapter adds exactly 0 at step 0
             self.adapter_up.bias.zero_()
+        self.adapter_down.to(device)
+        self.adapter_up.to(device)
         self.parallel = cfg.placement == "parallel"
         self.activation = ACTIVATIONS[cfg.non_linearity]
         self.scaling = cfg.scaling

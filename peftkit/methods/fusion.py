@@ -56,7 +56,7 @@ from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import REEXPORT, AdapterLayer, Method, MethodTrainer, PeftConfigBase, linear_shape
+from peftkit.methods.base import REEXPORT, AdapterLayer, Method, MethodTrainer, PeftConfigBase, draw_device, linear_shape
 from peftkit.methods.blocks import first_output, with_first_output
 from peftkit.section import AdapterSection
 
@@ -148,18 +148,22 @@ class FusionLayer(AdapterLayer):
         self.fused = nn.ModuleDict(fused)
         self.fused.requires_grad_(False)
         device = next(base_layer.parameters()).device
+        where = draw_device(device)  # drawn on the CPU, then moved: one seed, one fusion on any device
         # One adapter alone at a site: softmax over one score is 1, so the site has no query or key (only W_v).
         attends = len(fused) > 1
-        self.fusion_query = nn.Linear(size, size, device=device, dtype=torch.float32) if attends else None
-        self.fusion_key = nn.Linear(size, size, device=device, dtype=torch.float32) if attends else None
-        self.fusion_value = nn.Linear(size, size, bias=False, device=device, dtype=torch.float32) if cfg.value else None
-        if device.type != "meta":
+        self.fusion_query = nn.Linear(size, size, device=where, dtype=torch.float32) if attends else None
+        self.fusion_key = nn.Linear(size, size, device=where, dtype=torch.float32) if attends else None
+        self.fusion_value = nn.Linear(size, size, bias=False, device=where, dtype=torch.float32) if cfg.value else None
+        if where.type != "meta":
             with torch.no_grad():
                 for linear in (self.fusion_query, self.fusion_key) if attends else ():
                     linear.weight.normal_(0.0, 0.02)  # AdapterHub's init_bert_weights
                     linear.bias.zero_()
                 if self.fusion_value is not None:
                     self.fusion_value.weight.copy_(torch.eye(size))
+        for linear in (self.fusion_query, self.fusion_key, self.fusion_value):
+            if linear is not None:
+                linear.to(device)
         self.fusion_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.temperature = 1.0
         """The softmax temperature while training (`FusionTrainer` anneals it); evaluation uses 1."""

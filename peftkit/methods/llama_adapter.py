@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import REEXPORT, AdapterLayer, Method, PeftConfigBase
+from peftkit.methods.base import REEXPORT, AdapterLayer, Method, PeftConfigBase, draw_device
 from peftkit.methods.blocks import CallArguments, first_output, with_first_output
 from peftkit.section import AdapterSection
 
@@ -69,7 +69,9 @@ class AdaptionPromptLayer(AdapterLayer):
         self.gpt2 = hasattr(base_layer, "c_attn")
         device = next(base_layer.parameters()).device
         # peft draws the prompt from N(0, 1) (the official repo's nn.Embedding init); the gate starts at 0.
-        self.adaption_prompt = nn.Parameter(torch.empty(1, adapter_len, hidden_size, device=device).normal_())
+        # Drawn on the CPU, then moved: one seed, one adapter on any device.
+        self.adaption_prompt = nn.Parameter(
+            torch.empty(1, adapter_len, hidden_size, device=draw_device(device)).normal_().to(device))
         self.adaption_gate = nn.Parameter(torch.zeros(1, device=device))
         self.arguments = CallArguments(base_layer)
 

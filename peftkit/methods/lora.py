@@ -24,8 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, is_quantized, linear_shape,
-                                  refuse_unsupported, targets_from_peft)
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, draw_device, is_conv1d, is_quantized,
+                                  linear_shape, refuse_unsupported, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize
@@ -117,12 +117,6 @@ class _LoraLayer(AdapterLayer):
         return lora_delta(self.parts(), self.facts)
 
 
-def _draw_device(base_layer: nn.Module) -> torch.device:
-    """Where a new adapter's initial values are drawn: the CPU, unless the base is on the meta device (the memory
-    estimate injects there, and an absurd rank must not allocate)."""
-    return base_layer.weight.device if base_layer.weight.device.type == "meta" else torch.device("cpu")
-
-
 class LoraLinear(_LoraLayer):
     """LoRA around nn.Linear, transformers' Conv1D or a bitsandbytes Linear4bit/Linear8bitLt."""
 
@@ -130,7 +124,7 @@ class LoraLinear(_LoraLayer):
         super().__init__(base_layer, r, alpha, use_rslora)
         in_features, out_features = linear_shape(base_layer)
         # Drawn on the CPU, then moved beside the base (as peft): one seed gives one adapter on any device.
-        where = _draw_device(base_layer)
+        where = draw_device(base_layer.weight.device)
         # nn.Linear subclasses whose CPU products run in MKL's fast orientation (see peftkit.methods.lowrank).
         self.lora_A = LowRankLinear(in_features, r, device=where, dtype=torch.float32)
         self.lora_B = LowRankLinear(r, out_features, device=where, dtype=torch.float32)
@@ -235,8 +229,8 @@ class LoraEmbedding(_LoraLayer):
         num, dim = base_layer.weight.shape
         # Shapes and names as HF peft: lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r); drawn on
         # the CPU and moved beside the base, as LoraLinear.
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, device=_draw_device(base_layer), dtype=torch.float32))
-        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=_draw_device(base_layer), dtype=torch.float32))
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, device=draw_device(base_layer.weight.device), dtype=torch.float32))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=draw_device(base_layer.weight.device), dtype=torch.float32))
         self.reset_parameters()
         self.lora_embedding_A.data = self.lora_embedding_A.data.to(base_layer.weight.device)
         self.lora_embedding_B.data = self.lora_embedding_B.data.to(base_layer.weight.device)

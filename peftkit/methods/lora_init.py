@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, is_quantized
+from peftkit.methods.base import AdapterLayer, draw_device, is_quantized
 
 MOVES_BASE = ("pissa", "olora")
 """Inits that move part of the base weight into the adapter (and convert at export)."""
@@ -37,8 +37,9 @@ def initialize(layer: AdapterLayer, init: str, pissa_niter: int | None, path: st
     embedding = isinstance(layer.base_layer, nn.Embedding)
     if init == "gaussian":
         if not embedding:  # as peft: an embedding's A is zero and its B normal whatever init says
-            with torch.no_grad():
-                nn.init.normal_(layer.lora_A.weight, std=1 / layer.r)
+            a = layer.lora_A.weight
+            with torch.no_grad():  # drawn on the CPU, then moved: one seed, one adapter on any device
+                a.copy_(torch.empty(a.shape, device=draw_device(a.device)).normal_(std=1 / layer.r))
         return
     if embedding:
         raise PeftkitError(f"adapter.init: {init} decomposes a Linear or Conv1D weight; '{path}' is an Embedding. "

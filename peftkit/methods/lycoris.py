@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
-                                  targets_from_peft)
+from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, draw_device, is_conv1d, linear_shape,
+                                  refuse_unsupported, targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 
@@ -84,8 +84,9 @@ class LycorisLayer(AdapterLayer):
         self.rescale_rank_dropout = rescale_rank_dropout
 
     def factor(self, name: str, rows: int, cols: int) -> nn.Parameter:
-        """A new fp32 factor `name` (its PEFT key suffix) of shape (rows, cols), beside the base weight."""
-        p = nn.Parameter(torch.empty(rows, cols, device=self.base_layer.weight.device, dtype=torch.float32))
+        """A new fp32 factor `name` (its PEFT key suffix) of shape (rows, cols), to be drawn on `draw_device` (the
+        method's `wrap` moves it beside the base weight)."""
+        p = nn.Parameter(torch.empty(rows, cols, device=draw_device(self.base_layer.weight.device), dtype=torch.float32))
         self.register_parameter(name, p)
         return p
 
@@ -137,7 +138,10 @@ class LycorisMethod(Method):
                 f"peft's {cls.peft_type} does (peft could not load the adapter otherwise). Target Linear layers, or "
                 "use method: lora, which adapts Conv1D and Embedding layers too."
             )
-        return cls.layer(base, cfg)
+        layer = cls.layer(base, cfg)
+        for p in layer.adapter_params().values():  # drawn on the CPU: one seed, one adapter on any device
+            p.data = p.data.to(base.weight.device)
+        return layer
 
     @classmethod
     def layer_facts(cls, cfg: LycorisConfig, path: str, fan_in_fan_out: bool) -> LycorisFacts:
