@@ -64,11 +64,12 @@ class LycorisFacts:
 
 def rank_dropout_mask(rows: int, p: float, rescale: bool, device: torch.device) -> torch.Tensor:
     """(rows, 1): 0 for a dropped output row (probability p), else 1, or 1 / (fraction kept) with `rescale`.
-    All rows dropped gives zeros (peft divides 0 by 0 there, a NaN update)."""
-    keep = (torch.rand(rows) > p).float()
+    All rows dropped gives zeros (peft divides 0 by 0 there, a NaN update). Drawn on `device`, like nn.Dropout's
+    masks: a CPU draw copied to a GPU would wait for the stream at every layer."""
+    keep = (torch.rand(rows, device=device) > p).float()
     if rescale:
         keep = keep / keep.mean().clamp_min(1 / rows)
-    return keep[:, None].to(device)
+    return keep[:, None]
 
 
 class LycorisLayer(AdapterLayer):
