@@ -21,7 +21,7 @@ Semantics (what makes N processes x batch b train the adapter of 1 process x bat
 FSDP2 (`configs/accelerate/fsdp2.yaml`) shards the parameters as DTensors: gathering the adapter or the optimizer
 state whole is a collective, so every process computes what the main process then writes (`full`,
 `optimizer_state`). A merged export would gather the whole base on one process: it is refused under FSDP
-(`check_engine`; `peftkit merge RUN/adapter` does it afterwards). DeepSpeed ZeRO is `peftkit.zero`: the same
+(`check_engine`; `peftkit merge --adapter RUN/adapter` does it afterwards). DeepSpeed ZeRO is `peftkit.zero`: the same
 semantics, with DeepSpeed's engine doing the reduction and the optimizer step.
 """
 
@@ -203,7 +203,7 @@ def check_engine(cfg, accelerator) -> None:
     elif sharded(accelerator) and cfg.export.merged:
         raise PeftkitError(
             "export.merged: true under FSDP would gather the whole base model on one process. Set export.merged: "
-            "false and merge afterwards with `peftkit merge RUN_DIR/adapter --output DIR`.")
+            "false and merge afterwards with `peftkit merge --adapter RUN_DIR/adapter --output DIR`.")
     elif sharded(accelerator) and method_of(cfg.adapter).skips_parameters(cfg.adapter):
         raise PeftkitError(
             f"adapter.module_dropout: {cfg.adapter.module_dropout} is not supported under FSDP: each process skips "

@@ -83,7 +83,7 @@ def check(cfg, accelerator) -> None:
                            "partition of it. Use configs/accelerate/zero2.yaml, fsdp2.yaml or ddp.yaml.")
     if stage(accelerator) == 3 and cfg.export.merged:
         raise PeftkitError("export.merged: true under ZeRO-3 would gather the whole base model on one process. Set "
-                           "export.merged: false and merge afterwards with `peftkit merge RUN_DIR/adapter --output DIR`.")
+                           "export.merged: false and merge afterwards with `peftkit merge --adapter RUN_DIR/adapter --output DIR`.")
 
 
 def build_whole(accelerator) -> None:

@@ -155,7 +155,7 @@ def _accelerator(stage: int, **config) -> SimpleNamespace:
     ({}, {"method": "adalora"}, {}, "adapter.method: adalora is not supported under DeepSpeed"),
     ({}, {"regularization": 0.1}, {}, "adapter.regularization: 0.1 is not supported under DeepSpeed"),
     ({"training": {"nan_policy": "skip_step"}}, {}, {}, "training.nan_policy: skip_step"),
-    ({"export": {"merged": True}}, {}, {}, "peftkit merge RUN_DIR/adapter"),
+    ({"export": {"merged": True}}, {}, {}, "peftkit merge --adapter RUN_DIR/adapter --output DIR"),
     ({}, {"method": "prefix_tuning"}, {}, "adapter.method: prefix_tuning is not supported under ZeRO-3"),
     ({}, {}, {"optimizer": {"type": "AdamW"}}, "has an 'optimizer' section"),
 ])

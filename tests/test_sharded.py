@@ -46,7 +46,7 @@ def test_fsdp_refuses_a_merged_export(tiny_llama, number_data, tmp_path):
     recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, export={"merged": True}))
     with pytest.raises(PeftkitError) as e:
         check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))
-    assert "peftkit merge RUN_DIR/adapter" in str(e.value)
+    assert "peftkit merge --adapter RUN_DIR/adapter --output DIR" in str(e.value)
 
 
 def test_fsdp_refuses_layers_that_skip_their_update_at_random(tiny_llama, number_data, tmp_path):
