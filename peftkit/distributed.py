@@ -33,6 +33,7 @@ import re
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -181,16 +182,30 @@ def adapter_weights(model, saved_modules: list[str]) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in weights.items()} if zero.is_partitioned(model) else weights
 
 
-def ddp_kwargs(cfg) -> list:
-    """accelerate handlers for torch DDP: a method whose layers skip their update at random (`skips_parameters`)
-    leaves parameters out of one process's graph that another's uses, which DDP must look for every step (else its
-    next forward fails); their gradients stay None where no process used them, as in a single process."""
-    from accelerate.utils import DistributedDataParallelKwargs
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+"""How long a process waits in a collective before the run fails: transformers Trainer's `ddp_timeout`. NCCL's own
+default is 10 minutes, and the other processes wait while the main process alone writes a merged export, the
+report and the base model's samples."""
+
+
+def accelerator_handlers(cfg, engine: list) -> list:
+    """accelerate's kwargs handlers for a run: the engine's (`peftkit.zero`), with the process group's timeout; for
+    torch DDP, a method whose layers skip their update at random (`skips_parameters`) leaves parameters out of one
+    process's graph that another's uses, which DDP must look for every step (else its next forward fails); their
+    gradients stay None where no process used them, as in a single process."""
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     from peftkit.methods import method_of
 
-    return [DistributedDataParallelKwargs(find_unused_parameters=True)] if method_of(cfg.adapter).skips_parameters(
-        cfg.adapter) else []
+    handlers = list(engine)
+    group = next((h for h in handlers if isinstance(h, InitProcessGroupKwargs)), None)
+    if group is None:
+        group = InitProcessGroupKwargs()
+        handlers.append(group)
+    group.timeout = PROCESS_GROUP_TIMEOUT
+    if method_of(cfg.adapter).skips_parameters(cfg.adapter):
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return handlers
 
 
 def check_engine(cfg, accelerator) -> None:

@@ -254,7 +254,7 @@ def _accelerator(cfg: Recipe, out: Path):
     AcceleratorState._reset_state()
     device = resolve_device(cfg.model.device)
     engine = zero.accelerator_kwargs(device) if zero.requested() else {"cpu": device.type == "cpu"}
-    handlers = engine.pop("kwargs_handlers", []) + distributed.ddp_kwargs(cfg)
+    handlers = distributed.accelerator_handlers(cfg, engine.pop("kwargs_handlers", []))
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.training, device), project_dir=out / TRACKERS_DIR,
                               log_with=cfg.training.report_to or None, kwargs_handlers=handlers, **engine)
     zero.build_whole(accelerator)

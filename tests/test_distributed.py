@@ -141,6 +141,25 @@ def test_a_user_error_in_several_processes_is_one_clear_message(tiny_llama, numb
     assert "error: the run stopped in its 2 processes (the message is above)." in done.stderr
 
 
+def test_the_process_group_waits_trainers_timeout_and_ddp_looks_for_unused_parameters_only_when_needed(
+        tiny_llama, number_data, tmp_path):
+    """NCCL would give up after 10 minutes while the main process alone writes a merged export; DeepSpeed's gloo
+    backend on the CPU is kept; `find_unused_parameters` (a graph walk per step) only for module_dropout."""
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    from peftkit.distributed import PROCESS_GROUP_TIMEOUT, accelerator_handlers
+
+    lora = load_recipe(make_recipe(tmp_path / "lora", tiny_llama, number_data))
+    (group,) = accelerator_handlers(lora, [])
+    assert group.to_kwargs() == {"timeout": PROCESS_GROUP_TIMEOUT} and PROCESS_GROUP_TIMEOUT.total_seconds() == 1800
+    (group,) = accelerator_handlers(lora, [InitProcessGroupKwargs(backend="gloo")])
+    assert group.to_kwargs() == {"backend": "gloo", "timeout": PROCESS_GROUP_TIMEOUT}
+    loha = load_recipe(make_recipe(tmp_path / "loha", tiny_llama, number_data,
+                                   adapter={"method": "loha", "module_dropout": 0.1}))
+    _, ddp = accelerator_handlers(loha, [])
+    assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters
+
+
 def test_layers_that_skip_their_update_at_random_train_under_ddp(tiny_llama, number_data, tmp_path):
     """LoHa's module_dropout leaves the skipped layers' factors out of a process's graph, other layers in each
     process: DDP, told to look for unused parameters, trains on (plain DDP fails its second forward)."""
