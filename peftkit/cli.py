@@ -27,8 +27,8 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow an adapter whose base runs its "
-                                               "own modelling code (recorded in its peftkit.json) to load it.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that --model ships, "
+                                               "or that an adapter's base needs (recorded in its peftkit.json).")]
 Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
                                             "prompt and row (default: the data's 'task' column).")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]

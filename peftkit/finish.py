@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from peftkit.train import _Run
 
 
+RESTART = ("Lower training.lr and start again with `peftkit train RECIPE --overwrite`: --resume continues only the "
+           "same recipe, which would diverge again the same way.")
+"""What to do about a run that diverged (runs are deterministic, so resuming it unchanged diverges again)."""
+
+
 class TrainingFailed(PeftkitError):
     """The run went through but its result is unusable (non-finite loss or weights): exit 1, nothing exported."""
 
@@ -128,8 +133,8 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) 
     if bad:
         raise TrainingFailed(
             f"Training ended with non-finite adapter weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"
-            f"{skipped}; nothing was exported. Lower training.lr, keep training.max_grad_norm set, or use "
-            "model.dtype: float32. " + run.resume_hint().replace("continue with", "you can continue from it with")
+            f"{skipped}; nothing was exported. Keep training.max_grad_norm set, or use model.dtype: float32. "
+            + RESTART
         )
     if eval_result is not None and not math.isfinite(eval_result["loss"]):
         raise TrainingFailed(

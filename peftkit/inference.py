@@ -33,7 +33,8 @@ class ModelSource:
 
     def with_flags(self, model: str | None, adapter: str | None, trust_remote_code: bool) -> ModelSource:
         """This source with the command line's --model, --adapter and --trust-remote-code on top."""
-        return replace(self, model=ModelConfig(name_or_path=model, dtype="auto") if model else self.model,
+        given = ModelConfig(name_or_path=model, dtype="auto", trust_remote_code=trust_remote_code) if model else None
+        return replace(self, model=given or self.model,
                        adapter=adapter or self.adapter, trust_remote_code=trust_remote_code)
 
     @property

@@ -277,11 +277,12 @@ def check_fits(estimate: MemoryEstimate | None, device: torch.device) -> None:
     where = "of RAM on this machine" if device.type == "cpu" else f"on {torch.cuda.get_device_name(device)}"
     adapter_part = estimate.adapter + estimate.gradients + estimate.optimizer
     if adapter_part >= estimate.base_weights:
-        fix = ("Most of it is the adapter, whose A and B matrices, gradients and optimizer state grow linearly "
-               "with adapter.r: lower adapter.r (8 to 64 is usual), or target fewer modules.")
+        fix = ("Most of it is the adapter, whose weights, gradients and optimizer state grow with its size: lower "
+               "adapter.r (8 to 64 is usual; adapter.init_r for adalora, num_virtual_tokens for the prompt family, a "
+               "larger reduction_factor for bottleneck adapters), or target fewer modules.")
     else:
-        fix = ("Most of it is the base model's weights: load them 4-bit (a quantization section with method: nf4), "
-               "or use a smaller model.")
+        fix = ("Most of it is the base model's weights: load them 4-bit (a quantization section with method: nf4; "
+               "causal language models), or use a smaller model.")
     raise PeftkitError(
         f"This run needs an estimated {_size(estimate.model_state)} before activations ({_parts(estimate)}), more "
         f"than the {_size(available)} {where}. {fix}"

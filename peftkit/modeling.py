@@ -83,7 +83,8 @@ def _check_config_json(file: Path, trust_remote_code: bool) -> None:
         raise PeftkitError(
             f"{file}: model_type {model_type!r} is not an architecture transformers {transformers_version} knows."
             f"{did_you_mean(model_type, CONFIG_MAPPING.keys())} If the model is newer than this transformers, upgrade "
-            "it (pip install -U transformers); if it ships its own modelling code, set model.trust_remote_code: true."
+            "it (pip install -U transformers); if it ships its own modelling code, set model.trust_remote_code: true (peftkit eval, generate, chat: "
+            "--trust-remote-code)."
         )
 
 
@@ -180,7 +181,7 @@ def load_tokenizer(cfg: ModelConfig):
 def check_attention(cfg: ModelConfig, device: torch.device) -> None:
     """model.attn_implementation: flash_attention_2 runs on CUDA devices, with the flash-attn package, on 16-bit
     weights: flash-attn computes in fp16/bf16 only, and transformers casts fp32 queries to the weights' dtype
-    wherever no autocast runs (evaluations, generation, mixed_precision: no), which flash-attn then refuses."""
+    wherever no autocast runs (`peftkit eval`, `generate`, mixed_precision: no), which flash-attn then refuses."""
     if cfg.attn_implementation != "flash_attention_2":
         return
     import importlib.util
@@ -270,7 +271,8 @@ def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device, task
                            "the Hugging Face cache and download it again.") from None
     except torch.cuda.OutOfMemoryError:
         raise PeftkitError(f"Model {name_or_path} does not fit in the memory of {device}. Load it 4-bit (a "
-                           "quantization section with method: nf4), or use a smaller model or a larger GPU.") from None
+                           "quantization section with method: nf4; causal language models), or use a smaller model "
+                           "or a larger GPU.") from None
 
 
 def classifier_kwargs(cfg: ModelConfig, labels: LabelSet | None) -> dict:

@@ -46,7 +46,7 @@ from peftkit.data.classification import ClassificationCollator, LabelSet, load_c
 from peftkit.data.packing import describe_packing, flatten, pack_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
-from peftkit.finish import TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
+from peftkit.finish import RESTART, TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import DiskFullError, append_line, atomic_write_text
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
@@ -172,6 +172,7 @@ class _Run:
         return path
 
     def resume_hint(self) -> str:
+        """Where a run stopped by something outside it (a full disk) continues."""
         ckpts = checkpoint_dirs(self.out)
         if not ckpts:
             return "No checkpoint was written yet, so the run starts again from step 0 (set training.save_steps)."
@@ -434,9 +435,8 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
             ckpts = checkpoint_dirs(run.out)
             raise PeftkitError(
                 f"Loss became {loss_value} at step {state.step + 1}; training stopped. "
-                + (f"The last good checkpoint is {ckpts[-1]} (resume with --resume after lowering training.lr). "
-                   if ckpts else "No checkpoint was written (set training.save_steps). ")
-                + "Set training.nan_policy: skip_step to skip such steps instead."
+                + (f"The last good checkpoint is {ckpts[-1]}. " if ckpts else "")
+                + f"{RESTART} Set training.nan_policy: skip_step to skip such steps instead."
             )
         state.skipped_steps += 1
         run.console.print(f"[yellow]step {state.step + 1}: loss {loss_value}, step skipped[/]")

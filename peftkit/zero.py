@@ -56,7 +56,7 @@ def check(cfg, accelerator) -> None:
     """What DeepSpeed cannot do with this recipe, said before the model loads."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     where = _config_name()
-    for section, instead in (("optimizer", "training.optimizer and training.lr"), ("scheduler", "training.lr_scheduler")):
+    for section, instead in (("optimizer", "training.optimizer and training.lr"), ("scheduler", "training.scheduler")):
         if section in config:
             raise PeftkitError(f"{where} has an '{section}' section; peftkit builds it from the recipe "
                                f"({instead}). Remove the section.")

@@ -61,6 +61,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_llama, number_data, 
     assert "Loss became" in message and "at step" in message and "nan_policy: skip_step" in message
     step = int(message.split("at step ")[1].split(";")[0])
     assert f"step-{step - 1:08d}" in message  # the last good checkpoint is named
+    assert "start again with `peftkit train RECIPE --overwrite`: --resume continues only the same recipe" in message
     assert (tmp_path / "run" / "checkpoints" / f"step-{step - 1:08d}" / "adapter_model.safetensors").exists()
 
 
@@ -87,8 +88,9 @@ def test_skip_step_that_leaves_non_finite_weights_fails_and_exports_nothing(tiny
         train(load_recipe(_exploding(tmp_path, tiny_llama, number_data, "skip_step")))
     message = str(e.value)
     assert message.startswith("Training ended with non-finite adapter weights (base_model.model.")
-    assert "steps were skipped for a non-finite loss); nothing was exported. Lower training.lr" in message
-    assert "The newest whole checkpoint is step-" in message and e.value.exit_code == 1
+    assert "steps were skipped for a non-finite loss); nothing was exported." in message and e.value.exit_code == 1
+    # not "--resume": the same recipe would diverge again the same way
+    assert "Lower training.lr and start again with `peftkit train RECIPE --overwrite`" in message
     assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "manifest.json").exists()
 
 

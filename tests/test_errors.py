@@ -280,6 +280,10 @@ def test_empty_section_says_so(tmp_path):
     message = _error(_write(tmp_path, text))
     assert (f"my-recipe.yaml:{_line(text, 'eval:')}: 'eval' = None: the section is empty; indent its keys under it, "
             "or delete the line to use the defaults.") in message
+    text = RECIPE.replace("export:\n  output_dir: ./run\n", "export:\n")  # required: no defaults to fall back on
+    message = _error(_write(tmp_path, text))
+    assert (f"my-recipe.yaml:{_line(text, 'export:')}: 'export' = None: the section is empty; indent its keys under "
+            "it (the section is required).") in message
 
 
 def test_warmup_longer_than_the_run(tmp_path):
@@ -440,7 +444,7 @@ def test_malformed_jsonl_line_is_reported_by_number(tmp_path):
     path = _jsonl(tmp_path, [GOOD, "", '{"instruction": "x", "output": "y"', GOOD])
     message = _data_error(path)
     assert message.startswith(f"{path}:3: not a valid JSON object (")
-    assert message.endswith("Fix the line, or set data.on_bad_rows: skip to drop such rows.")
+    assert message.endswith("Fix the line, or set data.on_bad_rows: skip (peftkit eval: --on-bad-rows skip) to drop such rows.")
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
@@ -453,7 +457,7 @@ def test_row_missing_the_format_fields_names_its_line(tmp_path):
     path = _jsonl(tmp_path, [GOOD, "", "", '{"instruction": "Write the number in words.", "input": "8"}', GOOD])
     assert _data_error(path) == (
         f"{path}:4: missing field 'output' for data.format 'alpaca' (each row needs instruction, output). Fix the "
-        "row, set the right data.format, or set data.on_bad_rows: skip.")
+        "row, set the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip).")
 
 
 def test_rows_of_another_format(tmp_path):

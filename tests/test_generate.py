@@ -140,3 +140,12 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     assert "This tokenizer has no chat_template" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", str(plain), "--prompt", "x", "--chat")
+
+
+def test_trust_remote_code_flag_reaches_the_model_given_with_model():
+    """`--model DIR --trust-remote-code` (eval, generate, chat): the model's own code may run, as the config-check
+    message advises; without the flag it may not."""
+    from peftkit.inference import ModelSource
+
+    assert ModelSource().with_flags("some/model", None, True).model.trust_remote_code
+    assert not ModelSource().with_flags("some/model", None, False).model.trust_remote_code

@@ -705,7 +705,7 @@ def test_lycoris_refuses_conv1d(cfg, models):
     from peftkit.errors import PeftkitError
 
     with pytest.raises(PeftkitError, match=r"adapter.target_modules: 'transformer.h.0.attn.c_attn' is a GPT-2 style "
-                                           r"Conv1D layer; Lo(Ha|Kr) adapts nn.Linear layers only.*use method: lora"):
+                                           r"Conv1D layer; Lo(Ha|Kr) adapts nn.Linear layers only.*use adapter.method: lora"):
         inject_adapters(_load(models["gpt2"]), cfg)
 
 

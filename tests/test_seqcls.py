@@ -263,7 +263,7 @@ def test_missing_label_column_names_the_line(tmp_path, tiny_bert, sentiment):
         train(load_recipe(recipe))
     assert str(err.value) == (
         f"{tmp_path / 'bad.jsonl'}:2: missing field 'label' for data.format 'classification' (each row needs text, "
-        "label). Fix the row, set the right data.format, or set data.on_bad_rows: skip.")
+        "label). Fix the row, set the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip).")
     assert not (tmp_path / "run" / "adapter").exists()
 
 
@@ -348,5 +348,6 @@ def test_selection_metrics_of_a_classifier(tmp_path, tiny_bert, sentiment):
     recipe = classification_recipe(tmp_path, tiny_bert, sentiment, training={"eval_steps": 2},
                                    export={"best": "perplexity"})
     with pytest.raises(PeftkitError, match=r"export.best: metric 'perplexity' is not computed during training "
-                                           r"\(computed: loss, accuracy, macro_f1\)"):
+                                           r"\(computed: loss, accuracy, macro_f1\); use one of those\.") as e:
         load_recipe(recipe)
+    assert "eval.metrics" not in str(e.value)  # a classifier's evaluations ignore it: no advice to add it there

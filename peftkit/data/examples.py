@@ -153,7 +153,7 @@ def usable_row(row: object, cfg: DataConfig, where: str) -> bool:
     raise PeftkitError(
         f"{where}: {problem} for data.format '{cfg.format}' (each row needs "
         f"{', '.join(REQUIRED_FIELDS[cfg.format])}). Fix the row, set the right data.format, or set "
-        "data.on_bad_rows: skip."
+        "data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip)."
     )
 
 

@@ -63,11 +63,12 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
     """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says."""
     if cfg.format == "classification":
         raise PeftkitError(f"data.format 'classification' has no prompt to generate from in {source}: a classifier "
-                           "predicts a label (peftkit eval reports accuracy and macro_f1). Use --prompt, or data in the "
-                           "alpaca, completion or chat format.")
+                           "predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the alpaca, "
+                           "completion or chat format (with peftkit generate, --prompt also works).")
     if cfg.format == "text":
         raise PeftkitError(f"data.format 'text' has no prompt to generate from in {source} (every token is target). "
-                           "Use --prompt, or data in the alpaca, completion or chat format.")
+                           "Use data in the alpaca, completion or chat format (with peftkit generate, --prompt also works; "
+                           "with peftkit eval, so does leaving out the generation metrics).")
     rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows)
     prompts = []
     for i, row in enumerate(rows):

@@ -33,7 +33,7 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
                     continue
                 raise PeftkitError(
                     f"{path}:{lineno}: not a valid JSON object ({e}). Fix the line, or set data.on_bad_rows: skip "
-                    "to drop such rows."
+                    "(peftkit eval: --on-bad-rows skip) to drop such rows."
                 ) from None
             rows.append(row)
             line_numbers.append(lineno)

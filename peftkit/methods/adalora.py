@@ -91,7 +91,7 @@ class AdaLoraConfig(AdapterSection):
         init_r = info.data.get("init_r")
         if init_r is not None and v >= init_r:
             raise ValueError(f"must be below init_r ({init_r}): AdaLoRA prunes from init_r down to an average of "
-                             "target_r. Lower target_r or raise init_r (or use method: lora for a fixed rank)")
+                             "target_r. Lower target_r or raise init_r (or use adapter.method: lora for a fixed rank)")
         return v
 
     @field_validator("rank_pattern")

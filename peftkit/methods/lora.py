@@ -72,8 +72,9 @@ class LoraConfig(AdapterSection):
             raise ValueError(f"adapter.init: {self.init} draws the step-0 weights, and adapter.init_from already gives "
                              "them; remove adapter.init")
         if self.init in MOVES_BASE and self.use_dora:
+            niter = " (and remove pissa_niter)" if self.pissa_niter is not None else ""
             raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
-                             "gaussian with DoRA, or set use_dora: false")
+                             f"gaussian with DoRA{niter}, or set use_dora: false")
         return self
 
 

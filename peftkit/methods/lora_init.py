@@ -43,14 +43,16 @@ def initialize(layer: AdapterLayer, init: str, pissa_niter: int | None, path: st
         return
     if embedding:
         raise PeftkitError(f"adapter.init: {init} decomposes a Linear or Conv1D weight; '{path}' is an Embedding. "
-                           "Leave embeddings out of adapter.target_modules, or use init: default.")
+                           "Leave embeddings out of adapter.target_modules, or use init: default"
+                           + (" (and remove pissa_niter)." if pissa_niter is not None else "."))
     if is_quantized(layer.base_layer):
         # As peft ("initialize PiSSA under float32 ... then re-quantize the residual"): the residual W - s B A
         # would be re-quantized, so the converted adapter would no longer give the trained model on the base.
         raise PeftkitError(
             f"adapter.init: {init} rewrites the base weights as W - s B A, and '{path}' is quantized (bitsandbytes), "
             "so the residual would be re-quantized and the exported adapter would not reproduce the trained model. "
-            "Use init: default or gaussian with a quantized base, or drop the quantization section."
+            "Use init: default or gaussian with a quantized base"
+            + (" (and remove pissa_niter)" if pissa_niter is not None else "") + ", or drop the quantization section."
         )
     weight = layer.base_layer.weight
     if weight.device.type == "meta":  # the memory estimate's model: shapes only

@@ -137,7 +137,7 @@ class LycorisMethod(Method):
             raise PeftkitError(
                 f"adapter.target_modules: '{path}' is {kind} layer; {cls.title} adapts nn.Linear layers only, as "
                 f"peft's {cls.peft_type} does (peft could not load the adapter otherwise). Target Linear layers, or "
-                "use method: lora, which adapts Conv1D and Embedding layers too."
+                "use adapter.method: lora, which adapts Conv1D and Embedding layers too."
             )
         layer = cls.layer(base, cfg)
         for p in layer.adapter_params().values():  # drawn on the CPU: one seed, one adapter on any device

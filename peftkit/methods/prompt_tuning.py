@@ -71,7 +71,7 @@ def text_ids(model: nn.Module, text: str, n: int) -> torch.Tensor:
         tok = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise PeftkitError(f"adapter.init: text needs the base model's tokenizer, which did not load from "
-                           f"{source!r} ({e}). Use init: random or vocab.") from None
+                           f"{source!r} ({e}). Use init: random or vocab (and remove init_text).") from None
     ids = tok(text)["input_ids"]
     if not ids:
         raise PeftkitError(f"adapter.init_text {text!r} has no tokens.")

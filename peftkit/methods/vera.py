@@ -138,7 +138,7 @@ class Vera(Method):
         if isinstance(base, nn.Embedding):
             raise PeftkitError(
                 f"adapter.target_modules: '{path}' is an embedding; VeRA (as peft's) adapts Linear and Conv1D layers "
-                "only. Leave embeddings out of adapter.target_modules (all-linear does), or use method: lora."
+                "only. Leave embeddings out of adapter.target_modules (all-linear does), or use adapter.method: lora."
             )
         return VeraLinear(base, cfg.r, cfg.d_initial, cfg.dropout)
 

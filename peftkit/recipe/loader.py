@@ -137,7 +137,10 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
     if kind != "value_error":  # a validator's own message (`target_modules: []`) is more precise than the hint
         msg = _UNION_HINTS.get(loc, msg)
     if given is None and kind in ("model_type", "dict_type"):
-        msg = "the section is empty; indent its keys under it, or delete the line to use the defaults"
+        field = Recipe.model_fields.get(str(loc[0])) if len(loc) == 1 else None
+        msg = "the section is empty; indent its keys under it" + (
+            " (the section is required)" if field is not None and field.is_required()
+            else ", or delete the line to use the defaults")
     if kind == "value_error" and isinstance(given, dict):
         # A check across several keys of one section (or of the whole recipe): the message names the keys.
         return f"{where}: {dotted + ': ' if loc else ''}{msg}."

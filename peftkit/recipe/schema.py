@@ -291,7 +291,7 @@ class Recipe(Section):
         if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():
             raise ValueError(
                 f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, and adapter.method "
-                f"{method.name} has no A/B matrices; remove training.loraplus_lr_ratio or use method: lora"
+                f"{method.name} has no A/B matrices; remove training.loraplus_lr_ratio or use adapter.method: lora"
             )
         if self.export.merged and (refusal := method.merge_refusal()):
             raise ValueError(f"export.merged: {refusal}")
@@ -309,9 +309,11 @@ class Recipe(Section):
             # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
             computed = ("loss", *CLASSIFICATION_METRICS) if self.classification else (*LOSS_METRICS, *self.eval.metrics)
             if metric not in computed:
-                computed = ", ".join(computed)
-                raise ValueError(f"{key}: metric {metric!r} is not computed during training (computed: {computed}); "
-                                 f"use one of those, or add {metric!r} to eval.metrics")
+                # eval.metrics can add a generation metric to a language model's evaluations, nothing else
+                addable = metric in GENERATION_METRICS and not self.classification
+                raise ValueError(f"{key}: metric {metric!r} is not computed during training (computed: "
+                                 f"{', '.join(computed)}); use one of those"
+                                 + (f", or add {metric!r} to eval.metrics" if addable else ""))
 
     @property
     def best_metric(self) -> str | None:
