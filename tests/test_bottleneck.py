@@ -129,6 +129,10 @@ def test_eval_and_generate_cli_on_a_trained_run(models, number_data, tmp_path, m
     prompts = load_prompts(tok, str(number_data["eval"]), "train", DataConfig(train=str(number_data["eval"])), 2)
     completions = [r["completion"] for r in json.loads((tmp_path / "gen.json").read_text())]
     assert completions == generate_texts(model, tok, prompts, Sampling(max_new_tokens=6))
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
+    assert completions != generate_texts(base, tok, prompts, Sampling(max_new_tokens=6))  # the adapter is applied
 
 
 def test_refusals(models, tmp_path):  # noqa: F811

@@ -364,7 +364,12 @@ def test_cli_combines_and_merges(llama_adapters, tiny_llama, tmp_path, monkeypat
                                       "--output", str(tmp_path / "cli-merged")])
     main()
     assert "Merged model written to" in capsys.readouterr().out
-    assert (tmp_path / "cli-merged" / "config.json").exists()
+    # The flags reach the combination: the API's merge with the same seed, density and weights, not with seed 0.
+    merged = _logits(_load(tmp_path / "cli-merged"))
+    for seed, same in ((1, True), (0, False)):
+        api = combine_adapters([a, b], Combination("dare_linear", (0.5, 0.5), density=0.5, seed=seed),
+                               str(tmp_path / f"api-merged-{seed}"), into_base=True)
+        assert (_diff(merged, _logits(_load(api))) <= 1e-6) == same, seed
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -96,6 +96,11 @@ def test_same_answers_live_merged_and_in_peft(tiny_llama, number_data, tmp_path)
         theirs.append(tok.decode(out[0, len(prompt.ids):], skip_special_tokens=True))
     assert live_answers == theirs
     assert len(set(theirs)) > 1
+    base = eval_job(None, [], str(tiny_llama), data, None, None, None, None, None, **common,
+                    predictions=tmp_path / "base.jsonl")
+    evaluate(base)
+    base_answers = [json.loads(x)["prediction"] for x in (tmp_path / "base.jsonl").read_text().splitlines()]
+    assert live_answers != base_answers  # the adapter changes answers: all three ignoring it would agree too
 
 
 def test_bad_flags_are_clear_errors(tiny_llama, number_data, monkeypatch, capsys):

@@ -316,6 +316,16 @@ def test_paged_optimizer_on_cpu_notes_it_once_and_only_on_cpu(qlora_run):
 # in_features < 64 (conftest's hidden-32 model) or out_features not a multiple of 32.
 
 
+def test_loading_opts_every_4bit_layer_out_of_the_bf16_repack_on_any_cpu(qllama, monkeypatch):
+    """The tests below only bite on a CPU with AVX512-BF16, where bitsandbytes turns its bf16 repack on. Here the
+    CPU is made to say it has it: every Linear4bit comes out of load_model with the repack off all the same."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    layers = [m for m in load_quantized(qllama).modules() if isinstance(m, bnb_modules.Linear4bit)]
+    assert len(layers) == 14 and not any(layer.support_avx512bf16_for_cpu for layer in layers)
+
+
 @pytest.mark.parametrize("hidden", [64, 32], ids=["hidden_64", "hidden_32"])
 def test_eval_forward_computes_in_compute_dtype(hidden, tmp_path):
     """evaluate_loss (eval mode, no grad) must compute what training computes, with compute_dtype float32."""

@@ -85,14 +85,20 @@ def test_export_best_exports_the_best_evaluation_and_survives_a_resume(tiny_llam
     assert _same(_weights(run / "adapter"), exported)
 
 
-def test_export_best_by_a_task_metric_name(tiny_llama, number_data, tmp_path):
+def test_export_best_by_a_task_metric_name(tiny_llama, number_data, tmp_path, monkeypatch):
+    """export.best: token_f1 keeps the evaluation with the highest token_f1. The tiny model's scores after a few
+    steps tie (all 0), where any choice passes: the scores are scripted, so a min/max or metric mix-up fails."""
+    import peftkit.evaluate as evaluate_mod
+
+    scripted, real = iter([0.2, 0.5, 0.3]), evaluate_mod.score
+    monkeypatch.setattr(evaluate_mod, "score", lambda *a, **k: real(*a, **k) | {"token_f1": next(scripted)})
     recipe = make_recipe(tmp_path, tiny_llama, number_data,
-                         training={"max_steps": 2, "eval_steps": 1}, export={"best": "token_f1"},
+                         training={"max_steps": 3, "eval_steps": 1}, export={"best": "token_f1"},
                          eval={"base_model": False, "metrics": ["token_f1"], "max_new_tokens": 4})
     summary = train(load_recipe(recipe))
     f1 = [x["eval_token_f1"] for x in _lines(tmp_path / "run") if "eval_token_f1" in x]
-    assert summary["best"]["metric"] == "eval_token_f1" and summary["best"]["value"] == max(f1)
-    assert summary["best"]["step"] == 1 + f1.index(max(f1))
+    assert f1 == [0.2, 0.5, 0.3]
+    assert summary["best"] == summary["best"] | {"metric": "eval_token_f1", "value": 0.5, "step": 2}
 
 
 @pytest.mark.parametrize(("sections", "expected"), [
