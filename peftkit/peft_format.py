@@ -237,7 +237,9 @@ def check_adapter_dir(path: Path) -> Path:
         raise PeftkitError(f"Adapter directory not found: {path}")
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.exists():
-        hint = " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists() else ""
+        hint = (f" It is a training run's directory: its adapter is {path / 'adapter'}." if (path / "adapter" / CONFIG_NAME).exists()
+                else " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists()
+                else "")
         raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{hint}")
     if not weights_file.exists():
         legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""

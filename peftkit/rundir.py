@@ -119,6 +119,9 @@ def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, con
         check_output_dir(out, recipe_yaml, resume, overwrite)
         for note in recover_and_tidy(out):
             console.print(f"note: {note}", highlight=False)
+        if not resume and (out / "manifest.json").exists():
+            console.print(f"note: {out} holds a finished run; this run replaces it once its data and model have "
+                          "loaded.", highlight=False)
         yield
 
 

@@ -24,11 +24,12 @@ Item = TypeVar("Item")  # an Example (loss) or a Prompt (generation): both carry
 def adapter_task_count(source: ModelSource) -> int | None:
     """How many tasks the source's adapter has, if its method reads task ids; None for any other model (no
     adapter, a merged model, another method). Read from adapter_config.json alone, before the model loads."""
-    from peftkit.peft_format import CONFIG_NAME, read_peft_config
+    from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config
 
     if not source.adapter:
         return None
     path = Path(source.adapter)
+    check_adapter_dir(path)  # a model or run directory given as --adapter: said as such, not a traceback
     method, peft = read_peft_config(path)
     return method.from_peft(peft, path / CONFIG_NAME).num_tasks if method.reads_task_ids else None
 

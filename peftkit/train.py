@@ -233,7 +233,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
             ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler, run.inputs, console,
                                             run.method_trainer, run.selection, accelerator.process_index)
             truncate_metrics(run.metrics_path, state.step, run.total_steps)
-            console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps}).")
+            console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
+                          + (" The run had finished: its final evaluation and exports are made again."
+                             if state.step >= run.total_steps else ""))
         run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to and run.main else None
         try:
             with nondeterministic_op_error():

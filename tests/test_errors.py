@@ -130,7 +130,10 @@ def test_recipe_that_is_not_a_mapping(tmp_path, text, kind):
 
 def test_missing_and_unreadable_recipe_files(tmp_path):
     assert _error(tmp_path / "nope.yaml") == f"Recipe file not found: {tmp_path / 'nope.yaml'}"
-    assert _error(tmp_path).startswith(f"Cannot read recipe {tmp_path}")  # a directory
+    assert _error(tmp_path) == f"{tmp_path} is a directory, not a recipe file."
+    (tmp_path / "recipe.yaml").write_text("model: {}\n")  # a run directory: its recipe is named
+    assert _error(tmp_path) == (f"{tmp_path} is a directory, not a recipe file. It is a run directory: its recipe is "
+                                f"{tmp_path / 'recipe.yaml'}.")
     (tmp_path / "latin1.yaml").write_bytes(b"model:\n  name_or_path: caf\xe9\n")
     assert _error(tmp_path / "latin1.yaml").startswith(f"Cannot read recipe {tmp_path / 'latin1.yaml'}")
 
@@ -415,8 +418,8 @@ def _data_error(path: Path, **kw) -> str:
 def test_missing_data_file(tmp_path):
     missing = tmp_path / "data" / "trian.jsonl"
     assert _data_error(missing) == (
-        f"Data file not found: {missing}. Check data.train/data.eval (relative paths are resolved against the "
-        "recipe's directory).")
+        f"Data file not found: {missing}. Check the path: a relative one is resolved against the recipe's directory "
+        "in a recipe (data.train, data.eval), against the current directory in --data.")
 
 
 def test_data_path_that_is_a_directory(tmp_path):

@@ -149,3 +149,17 @@ def test_trust_remote_code_flag_reaches_the_model_given_with_model():
 
     assert ModelSource().with_flags("some/model", None, True).model.trust_remote_code
     assert not ModelSource().with_flags("some/model", None, False).model.trust_remote_code
+
+
+def test_an_adapter_flag_that_names_a_model_or_a_run_is_a_clear_error(tiny_llama, tmp_path, monkeypatch, capsys):
+    """eval, generate and chat read the adapter's task count before loading: a model or run directory given as
+    --adapter was a FileNotFoundError traceback there (exit 1)."""
+    err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--adapter", str(tiny_llama),
+                         "--prompt", "hi")
+    assert f"{tiny_llama} is not a PEFT adapter directory: it has no adapter_config.json. It holds a full model" in err
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--adapter", str(run),
+                         "--prompt", "hi")
+    assert f"It is a training run's directory: its adapter is {run / 'adapter'}." in err

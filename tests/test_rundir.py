@@ -162,9 +162,14 @@ def test_resuming_a_finished_run_writes_no_metric_line_twice(tiny_llama, number_
     recipe = _recipe(tmp_path, tiny_llama, number_data, training={**SECTIONS["training"], "eval_steps": 2})
     train(recipe, console=_console()[0])
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-    train(recipe, resume=True, console=_console()[0])
+    console, out = _console()
+    train(recipe, resume=True, console=console)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
     assert metrics.count('"eval_loss"') == 3  # steps 2, 4 and the final one at 6
+    assert "The run had finished: its final evaluation and exports are made again." in out.getvalue()
+    console, out = _console()
+    train(recipe, console=console)  # the same recipe again, without --resume: said, not silent
+    assert "holds a finished run; this run replaces it once its data and model have loaded" in out.getvalue()
 
 
 # --------------------------------------------------------------------------------- damaged checkpoints

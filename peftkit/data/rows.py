@@ -75,8 +75,9 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
     is_file = path.is_absolute() or path.suffix.lower() in DATA_EXTENSIONS
     if is_file:
         if not path.exists():
-            raise PeftkitError(f"Data file not found: {source}. Check data.train/data.eval (relative paths are "
-                               "resolved against the recipe's directory).")
+            raise PeftkitError(f"Data file not found: {source}. Check the path: a relative one is resolved against the "
+                               "recipe's directory in a recipe (data.train, data.eval), against the current "
+                               "directory in --data.")
         if path.is_dir():
             raise PeftkitError(f"Data path {source} is a directory; point it at a .jsonl/.json/.csv/.parquet file.")
         kind = DATA_EXTENSIONS.get(path.suffix.lower())

@@ -154,7 +154,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
         text = path.read_text()
     except FileNotFoundError:
         raise PeftkitError(f"Recipe file not found: {path}") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except IsADirectoryError:
+        run = f" It is a run directory: its recipe is {path / 'recipe.yaml'}." if (path / "recipe.yaml").is_file() else ""
+        raise PeftkitError(f"{path} is a directory, not a recipe file.{run}") from None
+    except (PermissionError, UnicodeDecodeError) as e:
         raise PeftkitError(f"Cannot read recipe {path}: {e}") from None
     try:
         data, lines, duplicates = _parse_yaml(text, "the recipe")
