@@ -83,8 +83,8 @@ def _check_config_json(file: Path, trust_remote_code: bool) -> None:
         raise PeftkitError(
             f"{file}: model_type {model_type!r} is not an architecture transformers {transformers_version} knows."
             f"{did_you_mean(model_type, CONFIG_MAPPING.keys())} If the model is newer than this transformers, upgrade "
-            "it (pip install -U transformers); if it ships its own modelling code, set model.trust_remote_code: true (peftkit eval, generate, chat: "
-            "--trust-remote-code)."
+            "it (pip install -U transformers); if it ships its own modelling code, set model.trust_remote_code: true "
+            "(peftkit eval, generate, chat: --trust-remote-code)."
         )
 
 

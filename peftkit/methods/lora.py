@@ -28,7 +28,7 @@ from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, draw_dev
                                   linear_shape, refuse_unsupported, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
-from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize
+from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, without_niter
 from peftkit.section import AdapterSection, TargetRegex
 
 
@@ -72,9 +72,8 @@ class LoraConfig(AdapterSection):
             raise ValueError(f"adapter.init: {self.init} draws the step-0 weights, and adapter.init_from already gives "
                              "them; remove adapter.init")
         if self.init in MOVES_BASE and self.use_dora:
-            niter = " (and remove pissa_niter)" if self.pissa_niter is not None else ""
             raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
-                             f"gaussian with DoRA{niter}, or set use_dora: false")
+                             f"gaussian with DoRA{without_niter(self.pissa_niter)}, or set use_dora: false")
         return self
 
 
@@ -230,8 +229,9 @@ class LoraEmbedding(_LoraLayer):
         num, dim = base_layer.weight.shape
         # Shapes and names as HF peft: lora_embedding_A (r, num_embeddings), lora_embedding_B (dim, r); drawn on
         # the CPU and moved beside the base, as LoraLinear.
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, device=draw_device(base_layer.weight.device), dtype=torch.float32))
-        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=draw_device(base_layer.weight.device), dtype=torch.float32))
+        where = draw_device(base_layer.weight.device)
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, device=where, dtype=torch.float32))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, device=where, dtype=torch.float32))
         self.reset_parameters()
         self.lora_embedding_A.data = self.lora_embedding_A.data.to(base_layer.weight.device)
         self.lora_embedding_B.data = self.lora_embedding_B.data.to(base_layer.weight.device)

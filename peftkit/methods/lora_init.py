@@ -30,6 +30,11 @@ MOVES_BASE = ("pissa", "olora")
 """Inits that move part of the base weight into the adapter (and convert at export)."""
 
 
+def without_niter(pissa_niter: int | None) -> str:
+    """For a message that points away from init: pissa, the key that would then be refused in turn."""
+    return " (and remove pissa_niter)" if pissa_niter is not None else ""
+
+
 def initialize(layer: AdapterLayer, init: str, pissa_niter: int | None, path: str) -> None:
     """Give `layer` (a LoRA Linear/Conv1D/Embedding layer) the init `init`; see the module docstring."""
     if init == "default":
@@ -43,16 +48,16 @@ def initialize(layer: AdapterLayer, init: str, pissa_niter: int | None, path: st
         return
     if embedding:
         raise PeftkitError(f"adapter.init: {init} decomposes a Linear or Conv1D weight; '{path}' is an Embedding. "
-                           "Leave embeddings out of adapter.target_modules, or use init: default"
-                           + (" (and remove pissa_niter)." if pissa_niter is not None else "."))
+                           f"Leave embeddings out of adapter.target_modules, or use init: default"
+                           f"{without_niter(pissa_niter)}.")
     if is_quantized(layer.base_layer):
         # As peft ("initialize PiSSA under float32 ... then re-quantize the residual"): the residual W - s B A
         # would be re-quantized, so the converted adapter would no longer give the trained model on the base.
         raise PeftkitError(
             f"adapter.init: {init} rewrites the base weights as W - s B A, and '{path}' is quantized (bitsandbytes), "
             "so the residual would be re-quantized and the exported adapter would not reproduce the trained model. "
-            "Use init: default or gaussian with a quantized base"
-            + (" (and remove pissa_niter)" if pissa_niter is not None else "") + ", or drop the quantization section."
+            f"Use init: default or gaussian with a quantized base{without_niter(pissa_niter)}, or drop the "
+            "quantization section."
         )
     weight = layer.base_layer.weight
     if weight.device.type == "meta":  # the memory estimate's model: shapes only
