@@ -122,12 +122,13 @@ def rng_states(accelerator) -> list[dict]:
 
 def describe(accelerator) -> dict:
     """What manifest.json records of the processes (the machines they ran on, when more than one; DeepSpeed's ZeRO
-    stage)."""
+    stage, and its 16-bit mode when one is on)."""
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else None
     return {"processes": accelerator.num_processes, "backend": backend,
             "type": str(accelerator.distributed_type).removeprefix("DistributedType.")} | (
         {"machines": machines} if (machines := num_machines(accelerator)) > 1 else {}) | (
-        {"zero_stage": zero.stage(accelerator)} if zero.active(accelerator) else {})
+        {"zero_stage": zero.stage(accelerator)} if zero.active(accelerator) else {}) | (
+        {"precision": precision} if (precision := zero.precision(accelerator)) else {})
 
 
 def num_machines(accelerator) -> int:
@@ -177,7 +178,7 @@ def adapter_weights(model, saved_modules: list[str]) -> dict[str, torch.Tensor]:
     """The adapter's state dict, whole (gathered from FSDP or ZeRO-3 shards: every process calls this)."""
     from peftkit.adapters import adapter_state_dict
 
-    with zero.gathered(model):
+    with zero.gathered(model), zero.masters(model):  # under DeepSpeed's 16-bit modes, the fp32 masters
         weights = adapter_state_dict(model, saved_modules)
         return {k: v.clone() for k, v in weights.items()} if zero.is_partitioned(model) else weights
 

@@ -52,8 +52,8 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
     eval_result = run.evaluate(state.step) if run.eval_ex else None
     if run.main:
         fsync_path(run.metrics_path)
-    eval_result = _take_best(run, model, state, eval_result)
-    weights = _check_finite(run, model, eval_result, state)
+    eval_result, best_weights = _take_best(run, model, state, eval_result)
+    weights = _check_finite(run, model, eval_result, state, best_weights)
     # The main process keeps the answers: the others generate only under FSDP, where each forward is a collective.
     prompts = sample_prompts(cfg, run.tok)
     generates = run.main or distributed.sharded(run.accelerator)
@@ -97,17 +97,18 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
     return summary
 
 
-def _take_best(run: _Run, model, state: LoopState, eval_result: dict | None) -> dict | None:
-    """With export.best, put the best evaluation's adapter into the model (what is exported and sampled) and
-    return that evaluation's result; else the final one."""
+def _take_best(run: _Run, model, state: LoopState, eval_result: dict | None) -> tuple[dict | None, dict | None]:
+    """With export.best, put the best evaluation's adapter into the model (what is sampled and merged) and return
+    that evaluation's result and adapter (what is exported: under DeepSpeed's 16-bit modes the fp32 masters, which
+    the model's 16-bit copy would round); else the final result and None."""
     best = run.selection.best if run.selection else None
     if best is None or best.step is None or best.step == state.step:
-        return eval_result
+        return eval_result, None
     with zero.gathered(model, modify=True):
         load_adapter_state_dict(model, run.selection.best_weights)
     run.console.print(f"export.best: exporting the adapter of step {best.step} (eval {best.metric} {best.value:.4f}), "
                       f"not the final one of step {state.step}.", highlight=False)
-    return run.selection.best_result
+    return run.selection.best_result, run.selection.best_weights
 
 
 def _write_report(run: _Run) -> Path | None:
@@ -123,11 +124,12 @@ def _write_report(run: _Run) -> Path | None:
         return None
 
 
-def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState) -> dict:
+def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState, weights: dict | None) -> dict:
     """A run whose adapter or final eval loss is NaN/inf exports nothing and fails, whatever nan_policy says
     (skip_step keeps single bad steps out of the weights; it does not make a broken result usable). Returns the
-    adapter's state dict (gathered by every process under FSDP), which the export writes."""
-    weights = distributed.adapter_weights(model, run.saved_modules)
+    adapter's state dict, which the export writes: `weights` (export.best's), else the model's (gathered by every
+    process under FSDP)."""
+    weights = distributed.adapter_weights(model, run.saved_modules) if weights is None else weights
     bad = nonfinite_tensors(weights)
     skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss)" if state.skipped_steps else ""
     if bad:

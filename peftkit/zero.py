@@ -52,6 +52,16 @@ def stage(accelerator) -> int:
     return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def precision(accelerator) -> str | None:
+    """DeepSpeed's 16-bit mode of a run ("bf16" or "fp16"; None when off, or not a DeepSpeed run): set by the
+    config's bf16/fp16 sections, which accelerate fills from mixed_precision."""
+    if not active(accelerator):
+        return None
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    return next((mode for mode in ("bf16", "fp16") if str(config.get(mode, {}).get("enabled")).lower() == "true"),
+                None)
+
+
 def check(cfg, accelerator) -> None:
     """What DeepSpeed cannot do with this recipe, said before the model loads."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -164,6 +174,27 @@ def gathered(model, modify: bool = False):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+@contextlib.contextmanager
+def masters(model):
+    """Under DeepSpeed's bf16 or fp16 mode the engine holds the whole model in 16 bits, the adapter included, and
+    the optimizer holds the adapter's fp32 masters, split over the processes: inside this context each trainable
+    16-bit parameter holds its fp32 master, whole, so what is read there (a checkpoint's or the export's adapter)
+    is what the optimizer trains, not its rounding. A collective per parameter: every process enters it, inside
+    `gathered` under ZeRO-3. Elsewhere (fp32 parameters, no engine) a no-op."""
+    swapped = []
+    try:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32 and (hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")):
+                from deepspeed.utils import safe_get_full_fp32_param
+
+                swapped.append((p, p.data))
+                p.data = safe_get_full_fp32_param(p)
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data
 
 
 def is_partitioned(model) -> bool:

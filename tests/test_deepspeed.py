@@ -117,6 +117,35 @@ def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(s
     _resume_from_the_middle(launcher, recipe, run)
 
 
+def test_zero2_in_bf16_checkpoints_and_exports_the_fp32_masters(single, tiny_llama, number_data, tmp_path):
+    """DeepSpeed's bf16 mode (what mixed_precision: auto gives on a bf16 GPU; here the config's bf16 section): the
+    engine holds the whole model in bf16 and ZeRO the adapter's fp32 masters. The export and the checkpoints hold
+    the masters (fp32 values that bf16 cannot hold: the engine's bf16 copy would be all bf16 values), near one fp32
+    process's adapter (the forward and backward ran in bf16); resumed from step 6, the uninterrupted run's bits."""
+    config = tmp_path / "zero2-bf16.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                                  "gradient_clipping": "auto"}))
+    launcher = tmp_path / "zero2-bf16.yaml"
+    launcher.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {config}\n"
+                        f"  zero3_init_flag: false\nnum_machines: 1\nnum_processes: {PROCESSES}\n")
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES))
+    done = _launch(launcher, recipe)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    run = tmp_path / "run"
+    adapter, reference = _adapter(run), _adapter(single)
+    for key, value in adapter.items():
+        assert value.dtype == torch.float32 and not value.equal(value.bfloat16().float()), key
+    distance = sum((adapter[k] - reference[k]).square().sum() for k in adapter).sqrt()
+    assert 0 < distance <= 0.05 * sum(v.square().sum() for v in reference.values()).sqrt()  # 1.7 % here
+    ours, theirs = _lines(run), _lines(single)
+    assert ours[-1]["eval_loss"] == pytest.approx(theirs[-1]["eval_loss"], rel=1e-3)
+    checkpoint = load_file(run / "checkpoints" / f"step-{STEPS:08d}" / "adapter_model.safetensors")
+    assert _close(checkpoint, adapter) == 0.0
+    assert json.loads((run / "manifest.json").read_text())["distributed"]["precision"] == "bf16"
+    _resume_from_the_middle(launcher, recipe, run)
+
+
 def _resume_from_the_middle(launcher: Path, recipe: Path, run: Path) -> None:
     """Remove what the run wrote after step 6, resume: the uninterrupted run's bits."""
     uninterrupted = _adapter(run)
