@@ -49,9 +49,11 @@ def classification_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> t
     return model(**inputs).logits
 
 
-def example_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def example_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
+                     labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the rows' cross-entropies, number of rows): the counterpart of `token_loss_sum`, so that a step's
-    loss is the mean over every row of the accumulation window however it is split into micro-batches."""
+    loss is the mean over every row of the accumulation window however it is split into micro-batches. (Every row
+    has its one label: `labelled`, the counterpart's, is not needed.)"""
     logits = classification_logits(model, batch)
     labels = batch["labels"]
     return F.cross_entropy(logits.float(), labels, reduction="sum"), torch.tensor(labels.numel())

@@ -18,15 +18,17 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts, length_batches
 from peftkit.inference import ModelSource, check_choices, recipe_source
-from peftkit.loss import next_token_loss_sum
+from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
 from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
 from peftkit.task_ids import with_tasks
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropies over labelled positions, number of labelled positions).
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
+                   labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropies over labelled positions, number of labelled positions); `labelled`, their
+    number counted on the CPU (`labelled_count`), spares the loss a host sync on a GPU.
 
     Summing and dividing by the token count of the whole accumulation window (not averaging per
     micro-batch) weights every token equally however the padding falls.
@@ -37,7 +39,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
                                                   else {"attention_mask": batch["attention_mask"]})
     inputs |= task_inputs(model, batch)  # per-row task ids, for a method that reads them (multitask prompt tuning)
     logits = model(**inputs, use_cache=False).logits
-    return next_token_loss_sum(logits, batch["labels"])  # tensors: the caller decides when to sync
+    return next_token_loss_sum(logits, batch["labels"], labelled)  # tensors: the caller decides when to sync
 
 
 @torch.no_grad()
@@ -60,7 +62,8 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
         for i, batch in enumerate(eval_loader(examples, batch_size, pad_id)):
             first = batch if first is None else first
             if i % world == rank:  # this process's share, collated one batch at a time
-                loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+                loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()},
+                                         labelled_count(batch["labels"]))
                 total += loss.double()
                 tokens += n
                 done += 1

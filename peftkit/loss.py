@@ -24,14 +24,31 @@ def _chunk_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_count(labels: torch.Tensor) -> int:
+    """How many positions of (batch, time) `labels` have a labelled next token: what `next_token_loss_sum` sums
+    over. Counted where the labels are (the CPU, before a batch moves), it spares the loss a host sync."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                        labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies over the labelled positions, their number) of (batch, time, vocab)
-    `logits` and (batch, time) `labels` (IGNORE_INDEX where unlabelled); the sum is an fp32 scalar."""
+    `logits` and (batch, time) `labels` (IGNORE_INDEX where unlabelled); the sum is an fp32 scalar.
+
+    `labelled`, their number (`labelled_count` of the labels while on the CPU), makes picking them a gather of a
+    known size. Counting them here instead reads a GPU tensor, which stops the host until the forward has run: a
+    sync per micro-batch, before its backward can be queued."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if torch.compiler.is_compiling():  # one graph: picking rows by a mask has a data-dependent shape (a graph break)
         return _chunk_sum(logits[:, :-1].flatten(0, 1), targets.flatten()), keep.sum()
-    picked, wanted = logits[:, :-1][keep], targets[keep]  # (n, vocab) in the model's dtype, (n,)
+    labelled = int(keep.sum()) if labelled is None else labelled
+    # The labelled rows in order, as flat (batch x time) positions: (n, vocab) in the model's dtype, and (n,) targets.
+    labelled_next = torch.zeros_like(labels, dtype=torch.bool)
+    labelled_next[:, :-1] = keep
+    at = torch.nonzero_static(labelled_next.flatten(), size=labelled).squeeze(1)
+    picked = logits.reshape(-1, logits.shape[-1]).index_select(0, at)
+    wanted = labels.flatten().index_select(0, at + 1)
     rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     recompute = torch.is_grad_enabled() and picked.requires_grad
     total = torch.zeros((), dtype=torch.float32, device=logits.device)

@@ -73,3 +73,19 @@ def with_tasks(source: ModelSource, task: int | None, items: list[Item], data: s
     reads no task ids)."""
     tasks = resolve_tasks(source, task, [item.task_id for item in items], data)
     return [item if item.task_id == t else replace(item, task_id=t) for item, t in zip(items, tasks, strict=True)]
+
+
+def check_training_tasks(cfg, split: str, items: list) -> None:
+    """Training's check of the data's task ids against adapter.num_tasks, as the data loads (before the model
+    does). The forward then needs no check of its own on a GPU, where reading the ids would stop the host every
+    step; `split` names the recipe key the items came from ('data.train', 'data.eval')."""
+    from peftkit.methods import method_of
+
+    if not method_of(cfg.adapter).reads_task_ids:
+        return
+    count = cfg.adapter.num_tasks
+    top = max((item.task_id for item in items if item.task_id is not None), default=None)
+    if top is not None and top >= count:
+        path = getattr(cfg.data, split.removeprefix("data."))
+        raise PeftkitError(f"{split} ({path}): a row's 'task' is {top}, but adapter.num_tasks is {count}: the rows' "
+                           f"task ids must lie in 0 .. {count - 1}. Fix the rows, or set adapter.num_tasks: {top + 1}.")

@@ -46,6 +46,8 @@ from peftkit.data.classification import ClassificationCollator, LabelSet, load_c
 from peftkit.data.packing import describe_packing, flatten, pack_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
+from peftkit.loss import labelled_count
+from peftkit.task_ids import check_training_tasks
 from peftkit.finish import RESTART, TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import DiskFullError, append_line, atomic_write_text
 from peftkit.methods import MethodTrainer, method_of
@@ -356,9 +358,11 @@ def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | N
             eval_ex = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
         return train_ex, stats, eval_ex, labels
     train_ex, stats = load_examples(tok, data.train, data.train_split, data)
+    check_training_tasks(cfg, "data.train", train_ex)
     eval_ex = None
     if data.eval:  # the loss examples, and eval.metrics' prompts
         eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data)[0])
+        check_training_tasks(cfg, "data.eval", eval_ex.examples + eval_ex.prompts)
     return train_ex, stats, eval_ex, None
 
 
@@ -416,17 +420,18 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
     if run.cfg.classification:
         n_label, loss_fn = sum(len(b["labels"]) for b in window), example_loss_sum
     else:
-        n_label, loss_fn = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window), token_loss_sum
+        n_label, loss_fn = sum(labelled_count(b["labels"]) for b in window), token_loss_sum
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
     for i, batch in enumerate(window):
         batch = distributed.shard(batch, rank, world)
-        batch = {k: v.to(accelerator.device, non_blocking=True)
-                 for k, v in (flatten(batch) if flat and "position_ids" in batch else batch).items()}
+        batch = flatten(batch) if flat and "position_ids" in batch else batch
+        labelled = None if run.cfg.classification else labelled_count(batch["labels"])  # on the CPU: no sync
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         last = i == len(window) - 1
         with distributed.no_sync(accelerator, run.model, last):
-            loss, _ = loss_fn(run.model, batch)
+            loss, _ = loss_fn(run.model, batch, labelled)
             distributed.backward(accelerator, run.model, loss * world / n_label, last)  # x world: DDP averages
         loss_sum += loss.detach()
     loss_value = float(distributed.total(accelerator, loss_sum)) / n_label  # one sync per optimizer step

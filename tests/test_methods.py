@@ -13,7 +13,9 @@ peftkit's code. The checks:
 5. PEFT interop both ways, fp32, max abs logit difference <= 1e-4: peft loads our adapter (and our merged
    export agrees); an adapter peft made with non-trivial weights is read, evaluated and merged by peftkit;
 6. a bf16 base with an fp32 adapter;
-7. a 4-bit NF4 base: training moves only the adapter, and the merge into the dequantized weights is exact.
+7. a 4-bit NF4 base: training moves only the adapter, and the merge into the dequantized weights is exact;
+8. training from a recipe exports an adapter;
+9. a training micro-batch reads no GPU value on the host beyond what the frozen base's reads (no sync per step).
 
 Module adapters (Llama-Adapter, bottleneck) add computation of their own and fold into no weight: they have no
 dense weight and skip the merge checks (their refusal to merge is tested in their own files); bottleneck adapters
@@ -37,11 +39,15 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict, share_tensors
+from peftkit.data import IGNORE_INDEX
 from peftkit.errors import PeftkitError
+from peftkit.evaluate import token_loss_sum
+from peftkit.loss import labelled_count
 from peftkit.merge import conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
@@ -630,6 +636,62 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
         return
     reference = PeftModel.from_pretrained(_load(models["llama"]), run / "adapter").eval()
     assert _diff(_logits(ours), _logits(reference)[:, -IDS.shape[1]:]) <= TOL
+
+
+# ------------------------------------------------------------------------------ 9. no host sync in a step
+
+# Ops that read a tensor's values on the host (a value, or a size that depends on values): on a GPU each stops the
+# host until the stream has run that far, so the next kernels are queued late.
+HOST_READS = ("aten._local_scalar_dense", "aten.nonzero.", "aten.masked_select", "aten.is_nonzero", "aten.equal",
+              "aten.unique", "aten._unique")
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(HOST_READS):
+            self.seen[str(func)] = self.seen.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _step_host_reads(model: nn.Module, batch: dict, peftkit_loss: bool = True) -> dict[str, int]:
+    """The host reads of one training micro-batch as `peftkit train` runs it: forward with dropout on, the loss
+    given its labelled count from the CPU, backward; without `peftkit_loss`, the model's own reads alone (the
+    logits' sum as the loss)."""
+    model.train()
+    labelled = labelled_count(batch["labels"])  # on the CPU, before the batch would move to the GPU
+    with _HostReads() as reads:
+        if peftkit_loss:
+            loss, _ = token_loss_sum(model, batch, labelled)
+        else:
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum()
+        loss.backward()
+    return reads.seen
+
+
+@pytest.mark.parametrize("case", BY_CASE)
+def test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model(case, models):
+    """An adapted model's micro-batch makes the host reads of the frozen base's (transformers' padding-mask check)
+    and no more: no adapter layer, and not the loss, reads a GPU tensor's values in a step. The loss picked its
+    labelled rows by a mask until it was given their count, and multitask prompt tuning range-checked its task ids
+    on the device: each a sync per micro-batch."""
+    path = models[case.archs[0]]
+    ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2], [6, 2, 8, 1, 4, 0, 0, 0]])
+    labels = ids.clone()
+    labels[:, :3] = IGNORE_INDEX
+    labels[1, 5:] = IGNORE_INDEX
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # the second row padded
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    base = _step_host_reads(_load(path), batch, peftkit_loss=False)
+    model = _load(path)
+    torch.manual_seed(0)
+    inject_adapters(model, case.cfg)
+    tasks = {"task_ids": torch.tensor([case.cfg.num_tasks - 1, 0])} if method_of(case.cfg).reads_task_ids else {}
+    reads = _step_host_reads(model, batch | tasks)
+    assert all(reads.get(op, 0) <= n for op, n in base.items()) and set(reads) <= set(base), (reads, base)
 
 
 # ------------------------------------------------------------------------------- method-specific: DoRA

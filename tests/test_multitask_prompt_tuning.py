@@ -164,11 +164,13 @@ def test_training_trains_only_the_tasks_in_the_batch(llama, task_data):
     assert virtual.table.grad.abs().sum() > 0
 
 
-def test_a_task_id_out_of_range_is_a_clear_error(llama):
-    model = _model(llama)
-    inject_adapters(model, _cfg())
-    with pytest.raises(PeftkitError, match="num_tasks is 3"):
-        model(input_ids=torch.tensor([[1, 2, 3]]), task_ids=torch.tensor([3]))
+def test_a_task_id_out_of_range_is_a_clear_error_before_training(llama, task_data, tmp_path, monkeypatch, capsys):
+    """Checked as the data loads (the forward does not check: on a GPU that would be a host sync per step)."""
+    recipe = _recipe(tmp_path, llama, task_data, {"num_tasks": TASKS - 1})
+    message = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert (f"data.train ({task_data['train']}): a row's 'task' is {TASKS - 1}, but adapter.num_tasks is "
+            f"{TASKS - 1}" in message and f"set adapter.num_tasks: {TASKS}" in message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_bad_task_field_names_the_row(llama, tmp_path):
