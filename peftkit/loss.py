@@ -38,6 +38,8 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     `labelled`, their number (`labelled_count` of the labels while on the CPU), makes picking them a gather of a
     known size. Counting them here instead reads a GPU tensor, which stops the host until the forward has run: a
     sync per micro-batch, before its backward can be queued."""
+    if logits.shape[:2] != labels.shape:  # the flat positions below would pick other rows, silently
+        raise ValueError(f"logits of {tuple(logits.shape[:2])} positions for labels of {tuple(labels.shape)}")
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if torch.compiler.is_compiling():  # one graph: picking rows by a mask has a data-dependent shape (a graph break)

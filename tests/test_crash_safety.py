@@ -71,8 +71,8 @@ def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path
 
     calls = []
 
-    def nan_on_third_step(model, batch):
-        loss, n = token_loss_sum(model, batch)
+    def nan_on_third_step(model, batch, labelled):
+        loss, n = token_loss_sum(model, batch, labelled)
         calls.append(1)
         return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
 

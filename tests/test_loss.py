@@ -1,5 +1,6 @@
 """The chunked next-token loss (`peftkit.loss`) against the plain full-size fp32 cross-entropy."""
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -86,3 +87,11 @@ def test_under_mixed_precision_the_model_returns_its_logits_in_autocast_dtype(ti
         AcceleratorState._reset_state()
     assert logits.dtype == torch.bfloat16 and torch.equal(logits, expected)
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_logits_that_do_not_match_the_labels_are_refused():
+    """The labelled rows are picked by flat (batch x time) position: logits of other positions (a method that
+    prepended tokens and did not strip them) would give other rows' losses, so they are an error, not a number."""
+    logits, labels = _batch(torch.float32)
+    with pytest.raises(ValueError, match=r"logits of \(3, 8\) positions for labels of \(3, 9\)"):
+        next_token_loss_sum(logits[:, 1:], labels)

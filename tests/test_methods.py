@@ -662,7 +662,9 @@ def _step_host_reads(model: nn.Module, batch: dict, peftkit_loss: bool = True) -
     given its labelled count from the CPU, backward; without `peftkit_loss`, the model's own reads alone (the
     logits' sum as the loss)."""
     model.train()
-    labelled = labelled_count(batch["labels"])  # on the CPU, before the batch would move to the GPU
+    labelled = labelled_count(batch["labels"])  # on the CPU, before the batch moves to the model's device
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
     with _HostReads() as reads:
         if peftkit_loss:
             loss, _ = token_loss_sum(model, batch, labelled)
@@ -685,12 +687,13 @@ def test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model(case, m
     labels[1, 5:] = IGNORE_INDEX
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])  # the second row padded
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    base = _step_host_reads(_load(path), batch, peftkit_loss=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # scripts/gpu_check.sh runs it on a GPU
+    base = _step_host_reads(_load(path).to(device), batch, peftkit_loss=False)
     model = _load(path)
     torch.manual_seed(0)
     inject_adapters(model, case.cfg)
     tasks = {"task_ids": torch.tensor([case.cfg.num_tasks - 1, 0])} if method_of(case.cfg).reads_task_ids else {}
-    reads = _step_host_reads(model, batch | tasks)
+    reads = _step_host_reads(model.to(device), batch | tasks)
     assert all(reads.get(op, 0) <= n for op, n in base.items()) and set(reads) <= set(base), (reads, base)
 
 
