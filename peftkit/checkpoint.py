@@ -137,7 +137,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         if method_trainer is not None:  # first: P-tuning's encoder must be back before its output is loaded
             method_trainer.load_state_dict(blob["method_trainer"])
         with zero.gathered(model, modify=True):  # ZeRO-3: whole while written, then partitioned again
-            load_adapter_state_dict(model, weights)
+            load_adapter_state_dict(model, weights, encoder_restored=method_trainer is not None)
         load_optimizer_state(model, optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         if selection is not None:

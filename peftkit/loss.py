@@ -38,19 +38,17 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     `labelled`, their number (`labelled_count` of the labels while on the CPU), makes picking them a gather of a
     known size. Counting them here instead reads a GPU tensor, which stops the host until the forward has run: a
     sync per micro-batch, before its backward can be queued."""
-    if logits.shape[:2] != labels.shape:  # the flat positions below would pick other rows, silently
+    if logits.shape[:2] != labels.shape:  # the positions below would pick other rows, silently
         raise ValueError(f"logits of {tuple(logits.shape[:2])} positions for labels of {tuple(labels.shape)}")
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if torch.compiler.is_compiling():  # one graph: picking rows by a mask has a data-dependent shape (a graph break)
         return _chunk_sum(logits[:, :-1].flatten(0, 1), targets.flatten()), keep.sum()
     labelled = int(keep.sum()) if labelled is None else labelled
-    # The labelled rows in order, as flat (batch x time) positions: (n, vocab) in the model's dtype, and (n,) targets.
-    labelled_next = torch.zeros_like(labels, dtype=torch.bool)
-    labelled_next[:, :-1] = keep
-    at = torch.nonzero_static(labelled_next.flatten(), size=labelled).squeeze(1)
-    picked = logits.reshape(-1, logits.shape[-1]).index_select(0, at)
-    wanted = labels.flatten().index_select(0, at + 1)
+    # The labelled positions in order, as (row, time): their logits (n, vocab) in the model's dtype, gathered alone
+    # whatever the logits' strides (the prompt family's are a slice: a reshape would copy them all), and targets.
+    row, time = torch.nonzero_static(keep, size=labelled).unbind(1)
+    picked, wanted = logits[row, time], targets[row, time]
     rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     recompute = torch.is_grad_enabled() and picked.requires_grad
     total = torch.zeros((), dtype=torch.float32, device=logits.device)

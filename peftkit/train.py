@@ -362,7 +362,7 @@ def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | N
     eval_ex = None
     if data.eval:  # the loss examples, and eval.metrics' prompts
         eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data)[0])
-        check_training_tasks(cfg, "data.eval", eval_ex.examples + eval_ex.prompts)
+        check_training_tasks(cfg, "data.eval", eval_ex.examples + eval_ex.prompts + sample_prompts(cfg, tok))
     return train_ex, stats, eval_ex, None
 
 

@@ -66,6 +66,11 @@ def check(cfg, accelerator) -> None:
     """What DeepSpeed cannot do with this recipe, said before the model loads."""
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     where = _config_name()
+    if stage(accelerator) == 0:
+        raise PeftkitError(f"{where} runs ZeRO stage 0 (DeepSpeed without ZeRO), which peftkit does not support: its "
+                           "16-bit optimizer keeps fp32 masters that peftkit can neither export nor restore on "
+                           "--resume. Set zero_optimization.stage: 2 (configs/accelerate/zero2.yaml), or use "
+                           "configs/accelerate/ddp.yaml for plain data parallelism.")
     for section, instead in (("optimizer", "training.optimizer and training.lr"), ("scheduler", "training.scheduler")):
         if section in config:
             raise PeftkitError(f"{where} has an '{section}' section; peftkit builds it from the recipe "

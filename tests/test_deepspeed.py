@@ -184,6 +184,7 @@ def _accelerator(stage: int, **config) -> SimpleNamespace:
     ({"export": {"merged": True}}, {}, {}, "peftkit merge --adapter RUN_DIR/adapter --output DIR"),
     ({}, {"method": "prefix_tuning"}, {}, "adapter.method: prefix_tuning is not supported under ZeRO-3"),
     ({}, {}, {"optimizer": {"type": "AdamW"}}, "has an 'optimizer' section"),
+    ({}, {}, {"zero_optimization": {"stage": 0}}, "runs ZeRO stage 0 (DeepSpeed without ZeRO)"),
 ])
 def test_deepspeed_refuses_what_it_cannot_do(tiny_llama, number_data, tmp_path, sections, adapter, config, expected):
     """Checked before the model loads, each with its way out (AdaLoRA's and fusion's settings stand in as

@@ -214,6 +214,29 @@ def test_encoder_survives_a_checkpoint_and_a_peft_file_loads_as_its_prompt(model
     assert plain.encoder is None and torch.equal(plain.prompt().detach(), saved["prompt_embeddings"])
 
 
+def test_a_resumed_encoder_is_kept_where_its_16_bit_copy_rounds_the_saved_prompt(models):  # noqa: F811
+    """Under DeepSpeed's bf16 mode the model runs a bf16 copy of the encoder and the checkpoint holds the fp32
+    masters' output (`zero.masters`): restored from its checkpoint (`encoder_restored`), the encoder is kept, though
+    its bf16 output is the saved prompt only up to rounding; a file alone still loads as the prompt."""
+    def bf16_copy(seed: int):
+        model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32)
+        torch.manual_seed(seed)
+        inject_adapters(model, CONFIGS["p_tuning"])
+        return model.to(torch.bfloat16), virtual_tokens(model)  # what DeepSpeed's engine holds
+
+    trained, virtual = bf16_copy(1)
+    encoder_state = EncoderTrainer(virtual).state_dict()
+    masters = {"prompt_embeddings": virtual.prompt().detach().float() * (1 + 1e-3)}  # fp32, not a bf16 value
+    resumed, again = bf16_copy(2)
+    EncoderTrainer(again).load_state_dict(encoder_state)
+    assert not torch.allclose(again.prompt().detach().float(), masters["prompt_embeddings"], rtol=1e-4, atol=1e-6)
+    load_adapter_state_dict(resumed, masters, encoder_restored=True)
+    assert again.encoder is not None and all(torch.equal(p, encoder_state[n]) for n, p in again.named_parameters())
+    loaded, plain = bf16_copy(3)
+    load_adapter_state_dict(loaded, masters)
+    assert plain.encoder is None  # dropped: a file alone carries no encoder
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 

@@ -231,10 +231,12 @@ def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, 
     return state
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy PEFT-keyed tensors into an injected model; every key must land and every shape match."""
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], encoder_restored: bool = False) -> None:
+    """Copy PEFT-keyed tensors into an injected model; every key must land and every shape match.
+    `encoder_restored`: a run's own checkpoint, whose P-tuning or prefix encoder is already back
+    (`VirtualTokens.load_peft_state`)."""
     if (virtual := virtual_tokens(model)) is not None:
-        virtual.load_peft_state(state)
+        virtual.load_peft_state(state, encoder_restored)
         return
     targets: dict[str, torch.Tensor] = {}
     rank_dims: dict[str, int] = {}

@@ -90,7 +90,7 @@ class MultitaskTokens(VirtualTokens):
     def row_prompts(self, batch: int, task_ids: torch.Tensor | None) -> torch.Tensor:
         """(batch, n, hidden): P * (cols_t @ rows_t) for each row's task t (task 0 without task ids)."""
         if task_ids is None:
-            task_ids = torch.zeros(batch, dtype=torch.long)
+            task_ids = torch.zeros(batch, dtype=torch.long, device=self.cols.device)  # made there: no copy
         task_ids = task_ids.reshape(-1)
         if len(task_ids) != batch:
             raise PeftkitError(f"{len(task_ids)} task ids for a batch of {batch} rows.")
@@ -103,8 +103,8 @@ class MultitaskTokens(VirtualTokens):
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {key: t.detach().float().cpu().contiguous() for key, t in zip(KEYS, (self.table, self.cols, self.rows))}
 
-    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Take the three tensors peft saves (shapes checked against this model's)."""
+    def load_peft_state(self, state: dict[str, torch.Tensor], encoder_restored: bool = False) -> None:
+        """Take the three tensors peft saves (shapes checked against this model's); no encoder to keep."""
         if set(state) != set(KEYS):
             raise PeftkitError(f"The adapter does not fit a {self.method.name} model: it should hold exactly "
                                f"{', '.join(KEYS)}, not {', '.join(sorted(state))}.")

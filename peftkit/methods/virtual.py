@@ -87,11 +87,13 @@ class VirtualTokens(nn.Module):
     def peft_state(self) -> dict[str, torch.Tensor]:
         return {PROMPT_KEY: self.prompt().detach().float().cpu().contiguous()}
 
-    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+    def load_peft_state(self, state: dict[str, torch.Tensor], encoder_restored: bool = False) -> None:
         """Take `prompt_embeddings` from a PEFT-keyed state dict. A module with an encoder whose output is not the
         saved prompt (a file peft or an earlier run wrote: it carries no encoder) drops the encoder and holds the
-        prompt itself, as peft's inference mode does; resuming a checkpoint restores the encoder first
-        (`MethodTrainer.load_state_dict`), whose output then is the saved prompt."""
+        prompt itself, as peft's inference mode does. Resuming a checkpoint restores the encoder first
+        (`MethodTrainer.load_state_dict`) and says so (`encoder_restored`): the encoder is kept. Its output is the
+        saved prompt, but under DeepSpeed's 16-bit modes only up to bf16 rounding: the checkpoint holds the
+        optimizer's fp32 masters' output (`zero.masters`), the model runs their 16-bit copy."""
         if set(state) != {PROMPT_KEY}:
             extra = sorted(set(state) - {PROMPT_KEY})
             raise PeftkitError(f"The adapter does not fit a {self.method.name} model: it should hold exactly "
@@ -103,7 +105,7 @@ class VirtualTokens(nn.Module):
                                "on a different base model, or with another num_virtual_tokens.")
         saved = saved.to(self.table.device, torch.float32)
         if self.encoder is not None:
-            if torch.allclose(current.float(), saved, rtol=1e-4, atol=1e-6):
+            if encoder_restored or torch.allclose(current.float(), saved, rtol=1e-4, atol=1e-6):
                 return
             self.encoder = None
             self.table = nn.Parameter(saved.clone(), requires_grad=self.table.requires_grad)
