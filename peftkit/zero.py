@@ -67,10 +67,11 @@ def check(cfg, accelerator) -> None:
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     where = _config_name()
     if stage(accelerator) == 0:
-        raise PeftkitError(f"{where} runs ZeRO stage 0 (DeepSpeed without ZeRO), which peftkit does not support: its "
-                           "16-bit optimizer keeps fp32 masters that peftkit can neither export nor restore on "
-                           "--resume. Set zero_optimization.stage: 2 (configs/accelerate/zero2.yaml), or use "
-                           "configs/accelerate/ddp.yaml for plain data parallelism.")
+        raise PeftkitError(f"{where} runs ZeRO stage 0 (DeepSpeed without ZeRO), which peftkit does not support: it "
+                           "checkpoints, restores and exports the adapter through ZeRO's optimizer (its partitions "
+                           "and fp32 masters), which stage 0 does not have. Set zero_optimization.stage: 2 "
+                           "(configs/accelerate/zero2.yaml), or use configs/accelerate/ddp.yaml for plain data "
+                           "parallelism.")
     for section, instead in (("optimizer", "training.optimizer and training.lr"), ("scheduler", "training.scheduler")):
         if section in config:
             raise PeftkitError(f"{where} has an '{section}' section; peftkit builds it from the recipe "
