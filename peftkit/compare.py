@@ -12,7 +12,6 @@ from rich.table import Table
 
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, evaluate
-from peftkit.inference import ModelSource
 from peftkit.recipe import ModelConfig
 
 BASE = "base"
@@ -42,8 +41,8 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
     for name, path in adapters:
         jobs[name] = replace(job, source=replace(base, adapter=path))
     for name, path in merged:
-        jobs[name] = replace(job, task=None, source=ModelSource(ModelConfig(name_or_path=path, dtype="auto"),
-                                                                trust_remote_code=job.source.trust_remote_code))
+        jobs[name] = replace(job, task=None, source=replace(base, model=ModelConfig(name_or_path=path, dtype="auto"),
+                                                            quantization=None))
     return jobs
 
 

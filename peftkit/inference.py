@@ -30,6 +30,9 @@ class ModelSource:
     """A PEFT-format adapter directory to apply."""
     trust_remote_code: bool = False
     """The user's --trust-remote-code: needed for an adapter whose base runs its own modelling code."""
+    mixed_precision: str = "auto"
+    """training.mixed_precision of the recipe the model comes from: the autocast it runs under on CUDA
+    (`peftkit.runtime.inference_autocast`)."""
 
     def with_flags(self, model: str | None, adapter: str | None, trust_remote_code: bool) -> ModelSource:
         """This source with the command line's --model, --adapter and --trust-remote-code on top."""
@@ -68,21 +71,26 @@ class ModelSource:
         `labels`: a sequence classifier's classes, for a model without adapter (`peftkit.modeling.load_model`)."""
         from peftkit.modeling import load_adapted_model, load_model, resolve_device
 
+        from peftkit.runtime import inference_autocast, under_autocast
+
         device = device or resolve_device(self.model.device if self.model else "auto")
         if self.adapter:
-            return load_adapted_model(self.base, self.adapter, device, self.trust_remote_code)[0]
-        return load_model(self.model, self.quantization, device, labels).eval()
+            model = load_adapted_model(self.base, self.adapter, device, self.trust_remote_code)[0]
+        else:
+            model = load_model(self.model, self.quantization, device, labels).eval()
+        return under_autocast(model, inference_autocast(self.mixed_precision, device), device)
 
     def load_named(self, adapters: list[tuple[str, str]], device: torch.device | None = None):
         """(model, NamedAdapters): the base loaded once with every (name, adapter directory) on it, none active; the
         base is the given model, else the adapters' recorded one (`peftkit.adapters.named.load_named_model`)."""
         from peftkit.adapters.named import load_named_model
         from peftkit.modeling import resolve_device
+        from peftkit.runtime import inference_autocast, under_autocast
 
         device = device or resolve_device(self.model.device if self.model else "auto")
         base = self.model.name_or_path if self.model else None
         model, named, _ = load_named_model(adapters, base, device, self.trust_remote_code)
-        return model, named
+        return under_autocast(model, inference_autocast(self.mixed_precision, device), device), named
 
 
 def model_source(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
@@ -91,7 +99,8 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
     --adapter on top, or those flags alone; and the recipe, if any."""
     if recipe is not None:
         cfg, run_adapter = recipe_source(recipe, overrides)
-        return ModelSource(cfg.model, cfg.quantization, run_adapter).with_flags(model, adapter, trust_remote_code), cfg
+        source = ModelSource(cfg.model, cfg.quantization, run_adapter, mixed_precision=cfg.training.mixed_precision)
+        return source.with_flags(model, adapter, trust_remote_code), cfg
     if not model and not adapter:
         raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
                            "directory.")

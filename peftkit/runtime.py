@@ -119,6 +119,25 @@ def mixed_precision(cfg: TrainingConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
 
 
+def inference_autocast(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `peftkit eval`, `generate` and `chat` run a model under: training's (`mixed_precision`,
+    from the recipe's training.mixed_precision; `auto` without one), so that they give the figures and answers the
+    run's own evaluations gave, at their speed. Only on CUDA: a recipe trained on a GPU evaluates on a CPU as is."""
+    if device.type != "cuda" or setting == "no":
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def under_autocast(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device) -> torch.nn.Module:
+    """`model` with its forward run under `device`'s autocast to `dtype` (as accelerate's `prepare` wraps it for
+    training: every caller, `generate` included, goes through it); as it is for None."""
+    if dtype is not None:
+        model.forward = torch.autocast(device.type, dtype=dtype)(model.forward)
+    return model
+
+
 def check_device_support(cfg: Recipe, device: torch.device) -> None:
     """Combinations that only fail once the device is known, caught before anything is loaded."""
     from peftkit.modeling import check_attention

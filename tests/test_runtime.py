@@ -11,7 +11,7 @@ from peftkit.adapters import adapter_layers, inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.recipe import TrainingConfig, load_recipe
-from peftkit.runtime import build_optimizer, lr_lambda, optimizer_groups
+from peftkit.runtime import build_optimizer, inference_autocast, lr_lambda, optimizer_groups, under_autocast
 from tests.conftest import make_recipe
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
@@ -84,3 +84,34 @@ def test_loraplus_refused_for_ia3(tiny_llama, number_data, tmp_path):
     message = str(info.value)
     assert "training.loraplus_lr_ratio" in message and "ia3 has no A/B matrices" in message
     assert "remove training.loraplus_lr_ratio" in message
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    ("no", "cuda", None), ("bf16", "cuda", torch.bfloat16), ("fp16", "cuda", torch.float16),
+    ("bf16", "cpu", None), ("fp16", "cpu", None), ("auto", "cpu", None),  # a GPU recipe evaluates on a CPU as is
+])
+def test_inference_runs_under_training_s_autocast_on_cuda_only(setting, device, expected):
+    assert inference_autocast(setting, torch.device(device)) is expected
+
+
+def test_eval_and_generate_models_run_under_the_recipe_s_autocast(tiny_llama, number_data, tmp_path):
+    """`peftkit eval`/`generate`/`chat` load the model of a recipe (or run directory) with the recipe's
+    training.mixed_precision, and run its forward under that autocast, as the run's own evaluations did: here
+    bf16 autocast on the CPU stands in for the GPU's; the wrapped forward gives an autocast forward's logits."""
+    from peftkit.evaluate import eval_job
+    from peftkit.inference import model_source
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"mixed_precision": "no"})
+    assert model_source(recipe, [], None, None, False, "generate")[0].mixed_precision == "no"
+    job = eval_job(recipe, ["training.mixed_precision=auto"], None, None, None, None, None, None, None, False, None,
+                   None, None, None, None)
+    assert job.source.mixed_precision == "auto"
+    ids = torch.tensor([[5, 9, 3, 7, 2]])
+    model = under_autocast(AutoModelForCausalLM.from_pretrained(tiny_llama), torch.bfloat16, torch.device("cpu"))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(ids).logits
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, expected)
+    assert not torch.equal(logits.float(), reference(ids).logits)  # not the fp32 forward's
