@@ -41,6 +41,18 @@ def _launch(config: Path, recipe: Path, *extra: str) -> subprocess.CompletedProc
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+def _launcher(stem: Path, config: dict) -> Path:
+    """An accelerate config file (STEM.yaml) for DeepSpeed `config` (STEM.json), the recipe filling the batch,
+    accumulation and clipping."""
+    auto = dict.fromkeys(("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"), "auto")
+    stem.with_suffix(".json").write_text(json.dumps(config | auto))
+    launcher = stem.with_suffix(".yaml")
+    launcher.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: "
+                        f"{stem.with_suffix('.json')}\n  zero3_init_flag: false\nnum_machines: 1\n"
+                        f"num_processes: {PROCESSES}\n")
+    return launcher
+
+
 def _adapter(run: Path) -> dict:
     return load_file(run / "adapter" / "adapter_model.safetensors")
 
@@ -93,13 +105,8 @@ def test_zero3_partitions_the_parameters_and_trains_the_adapter_of_one_process(s
     """ZeRO-3 with every parameter partitioned (persistence threshold 0: the tiny model's tensors would otherwise
     stay whole): the checkpoint's and the export's adapter are gathered whole and equal one process's; eval.metrics
     and eval.samples generate through the partitioned model; resumed from step 6, the uninterrupted run's bits."""
-    config = tmp_path / "zero3-partitioned.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                  "gradient_clipping": "auto"}))
-    launcher = tmp_path / "zero3.yaml"
-    launcher.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {config}\n"
-                        f"  zero3_init_flag: false\nnum_machines: 1\nnum_processes: {PROCESSES}\n")
+    partitioned = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    launcher = _launcher(tmp_path / "zero3", {"zero_optimization": partitioned})
     recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES))
     done = _launch(launcher, recipe)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -119,13 +126,7 @@ def test_zero2_in_bf16_checkpoints_and_exports_the_fp32_masters(single, tiny_lla
     engine holds the whole model in bf16 and ZeRO the adapter's fp32 masters. The export and the checkpoints hold
     the masters (fp32 values that bf16 cannot hold: the engine's bf16 copy would be all bf16 values), near one fp32
     process's adapter (the forward and backward ran in bf16); resumed from step 6, the uninterrupted run's bits."""
-    config = tmp_path / "zero2-bf16.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
-                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                  "gradient_clipping": "auto"}))
-    launcher = tmp_path / "zero2-bf16.yaml"
-    launcher.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {config}\n"
-                        f"  zero3_init_flag: false\nnum_machines: 1\nnum_processes: {PROCESSES}\n")
+    launcher = _launcher(tmp_path / "zero2-bf16", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
     recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES))
     done = _launch(launcher, recipe)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
