@@ -17,7 +17,7 @@ from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, generate_texts, length_batches
-from peftkit.inference import ModelSource, check_choices, recipe_source
+from peftkit.inference import ModelSource, check_choices, check_no_overrides, recipe_source
 from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
@@ -204,6 +204,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     if recipe is None:
         if not model or not data:
             raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data.")
+        check_no_overrides(overrides, "eval")
         job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
         cfg, run_adapter = recipe_source(recipe, overrides)

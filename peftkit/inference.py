@@ -30,9 +30,9 @@ class ModelSource:
     """A PEFT-format adapter directory to apply."""
     trust_remote_code: bool = False
     """The user's --trust-remote-code: needed for an adapter whose base runs its own modelling code."""
-    mixed_precision: str = "auto"
+    mixed_precision: str = "no"
     """training.mixed_precision of the recipe the model comes from: the autocast it runs under on CUDA
-    (`peftkit.runtime.inference_autocast`)."""
+    (`peftkit.runtime.inference_autocast`), as the run's evaluations did; without a recipe, none."""
 
     def with_flags(self, model: str | None, adapter: str | None, trust_remote_code: bool) -> ModelSource:
         """This source with the command line's --model, --adapter and --trust-remote-code on top."""
@@ -104,7 +104,15 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
     if not model and not adapter:
         raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
                            "directory.")
+    check_no_overrides(overrides, command)
     return ModelSource().with_flags(model, adapter, trust_remote_code), None
+
+
+def check_no_overrides(overrides: list[str], command: str) -> None:
+    """--set changes a recipe's keys: without a recipe it would change nothing, which is said, not ignored."""
+    if overrides:
+        raise PeftkitError(f"--set {overrides[0]}: --set changes keys of a recipe, and this `peftkit {command}` has "
+                           "none. Give a RECIPE or run directory first, or drop --set.")
 
 
 def recipe_source(recipe: Path, overrides: list[str]) -> tuple[Recipe, str | None]:

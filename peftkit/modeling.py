@@ -181,7 +181,8 @@ def load_tokenizer(cfg: ModelConfig):
 def check_attention(cfg: ModelConfig, device: torch.device) -> None:
     """model.attn_implementation: flash_attention_2 runs on CUDA devices, with the flash-attn package, on 16-bit
     weights: flash-attn computes in fp16/bf16 only, and transformers casts fp32 queries to the weights' dtype
-    wherever no autocast runs (`peftkit eval`, `generate`, mixed_precision: no), which flash-attn then refuses."""
+    wherever no autocast runs (mixed_precision: no, `peftkit eval`/`generate` without a recipe), which flash-attn
+    then refuses."""
     if cfg.attn_implementation != "flash_attention_2":
         return
     import importlib.util

@@ -302,7 +302,9 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
     if eval_ex and cfg.eval.base_model and not resume:
-        with accelerator.autocast():  # at the precision of the run's later evaluations (its forward's, after prepare)
+        # At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
+        # holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
+        with accelerator.autocast():
             summary |= _evaluate_base(cfg, model, tok, eval_ex, accelerator, console)
 
     # Seed again right before the adapter is drawn: its init must not depend on what loading consumed.

@@ -297,6 +297,17 @@ def test_warmup_longer_than_the_run(tmp_path):
                        "than max_steps (6); lower warmup_steps.")
 
 
+def test_an_unquoted_no_is_mixed_precision_no(tmp_path):
+    """`mixed_precision: no`, as the README writes it, is YAML 1.1's false; it reads as `no`, in a file and in
+    --set (a true is still refused: it names no mode)."""
+    path = _write(tmp_path, RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: no"))
+    assert load_recipe(path).training.mixed_precision == "no"
+    overridden = load_recipe(_write(tmp_path, RECIPE, "plain.yaml"), ["training.mixed_precision=no"])
+    assert overridden.training.mixed_precision == "no"
+    with pytest.raises(PeftkitError, match="'training.mixed_precision' = True: must be one of 'auto', 'no'"):
+        load_recipe(path, ["training.mixed_precision=yes"])
+
+
 def test_fp16_with_a_4bit_base(tmp_path):
     text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: fp16") + "quantization:\n  method: nf4\n"
     message = _error(_write(tmp_path, text))

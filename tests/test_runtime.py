@@ -101,11 +101,18 @@ def test_eval_and_generate_models_run_under_the_recipe_s_autocast(tiny_llama, nu
     from peftkit.evaluate import eval_job
     from peftkit.inference import model_source
 
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"mixed_precision": "no"})
-    assert model_source(recipe, [], None, None, False, "generate")[0].mixed_precision == "no"
-    job = eval_job(recipe, ["training.mixed_precision=auto"], None, None, None, None, None, None, None, False, None,
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"mixed_precision": "fp16"})
+    assert model_source(recipe, [], None, None, False, "generate")[0].mixed_precision == "fp16"
+    job = eval_job(recipe, ["training.mixed_precision=no"], None, None, None, None, None, None, None, False, None,
                    None, None, None, None)
-    assert job.source.mixed_precision == "auto"
+    assert job.source.mixed_precision == "no"
+    # Without a recipe: the weights' dtype, and --set (which would change nothing) is an error, not ignored.
+    assert model_source(None, [], str(tiny_llama), None, False, "generate")[0].mixed_precision == "no"
+    with pytest.raises(PeftkitError, match=r"--set training.mixed_precision=bf16: --set changes keys of a recipe"):
+        model_source(None, ["training.mixed_precision=bf16"], str(tiny_llama), None, False, "generate")
+    with pytest.raises(PeftkitError, match="this `peftkit eval` has none. Give a RECIPE or run directory first"):
+        eval_job(None, ["eval.batch_size=2"], str(tiny_llama), str(number_data["eval"]), None, None, None, None, None,
+                 False, None, None, None, None, None)
     ids = torch.tensor([[5, 9, 3, 7, 2]])
     model = under_autocast(AutoModelForCausalLM.from_pretrained(tiny_llama), torch.bfloat16, torch.device("cpu"))
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama)

@@ -4,7 +4,7 @@ the rest of peftkit reads typed fields, never `dict.get(key, default)`)."""
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -153,6 +153,12 @@ class TrainingConfig(Section):
     """Seeds torch and the data order; < 2**32 because the data order seeds with seed x 1_000_003 + epoch."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a CUDA device that supports it, none on CPU."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _bare_no(cls, value: Any) -> Any:
+        """`mixed_precision: no` unquoted is YAML 1.1's false: the `no` it reads as."""
+        return "no" if value is False else value
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
     compile: Literal[False, True, "inductor", "aot_eager"] = False
