@@ -70,7 +70,6 @@ class ModelSource:
         """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied.
         `labels`: a sequence classifier's classes, for a model without adapter (`peftkit.modeling.load_model`)."""
         from peftkit.modeling import load_adapted_model, load_model, resolve_device
-
         from peftkit.runtime import inference_autocast, under_autocast
 
         device = device or resolve_device(self.model.device if self.model else "auto")

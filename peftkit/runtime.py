@@ -120,9 +120,10 @@ def mixed_precision(cfg: TrainingConfig, device: torch.device) -> str:
 
 
 def inference_autocast(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype `peftkit eval`, `generate` and `chat` run a model under: training's (`mixed_precision`,
-    from the recipe's training.mixed_precision; `auto` without one), so that they give the figures and answers the
-    run's own evaluations gave, at their speed. Only on CUDA: a recipe trained on a GPU evaluates on a CPU as is."""
+    """The autocast dtype `peftkit eval`, `generate` and `chat` run a recipe's model under: training's
+    (`mixed_precision`, from the recipe's training.mixed_precision; `no` without a recipe), so that they evaluate
+    as the run's own evaluations did, at their speed. Only on CUDA: a recipe trained on a GPU evaluates on a CPU as
+    it is."""
     if device.type != "cuda" or setting == "no":
         return None
     if setting == "auto":
