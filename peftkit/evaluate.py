@@ -213,8 +213,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         if not source:
             raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
         job = EvalJob(data=source, data_cfg=cfg.data, split=cfg.data.eval_split if not data else "train",
-                      source=ModelSource(cfg.model, cfg.quantization, run_adapter,
-                                         mixed_precision=cfg.training.mixed_precision),
+                      source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size)
     check_choices(fmt, on_bad_rows)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}

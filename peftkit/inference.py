@@ -33,12 +33,28 @@ class ModelSource:
     mixed_precision: str = "no"
     """training.mixed_precision of the recipe the model comes from: the autocast it runs under on CUDA
     (`peftkit.runtime.inference_autocast`), as the run's evaluations did; without a recipe, none."""
+    model_from_recipe: bool = False
+    """`model` is a recipe's: an adapter's base loads with its dtype, attn_implementation and revision, as the run
+    loaded it (a --model flag names the base only, loaded as the adapter's recorded base would be)."""
+
+    @classmethod
+    def of_recipe(cls, cfg: Recipe, run_adapter: str | None) -> ModelSource:
+        """A recipe's model, with the adapter of its run directory (if any), run as the run evaluated it."""
+        return cls(cfg.model, cfg.quantization, run_adapter, mixed_precision=cfg.training.mixed_precision,
+                   model_from_recipe=True)
 
     def with_flags(self, model: str | None, adapter: str | None, trust_remote_code: bool) -> ModelSource:
         """This source with the command line's --model, --adapter and --trust-remote-code on top."""
-        given = ModelConfig(name_or_path=model, dtype="auto", trust_remote_code=trust_remote_code) if model else None
-        return replace(self, model=given or self.model,
-                       adapter=adapter or self.adapter, trust_remote_code=trust_remote_code)
+        if not model:
+            return replace(self, adapter=adapter or self.adapter, trust_remote_code=trust_remote_code)
+        given = ModelConfig(name_or_path=model, dtype="auto", trust_remote_code=trust_remote_code)
+        return replace(self, model=given, model_from_recipe=False, adapter=adapter or self.adapter,
+                       trust_remote_code=trust_remote_code)
+
+    @property
+    def adapter_base(self) -> ModelConfig | str | None:
+        """What an adapter is applied to (`peftkit.modeling.load_adapter_base`'s `base`)."""
+        return self.model if self.model_from_recipe else self.base
 
     @property
     def base(self) -> str | None:
@@ -74,7 +90,7 @@ class ModelSource:
 
         device = device or resolve_device(self.model.device if self.model else "auto")
         if self.adapter:
-            model = load_adapted_model(self.base, self.adapter, device, self.trust_remote_code)[0]
+            model = load_adapted_model(self.adapter_base, self.adapter, device, self.trust_remote_code)[0]
         else:
             model = load_model(self.model, self.quantization, device, labels).eval()
         return under_autocast(model, inference_autocast(self.mixed_precision, device), device)
@@ -87,8 +103,8 @@ class ModelSource:
         from peftkit.runtime import inference_autocast, under_autocast
 
         device = device or resolve_device(self.model.device if self.model else "auto")
-        base = self.model.name_or_path if self.model else None
-        model, named, _ = load_named_model(adapters, base, device, self.trust_remote_code)
+        model, named, _ = load_named_model(adapters, self.adapter_base if self.model else None, device,
+                                           self.trust_remote_code)
         return under_autocast(model, inference_autocast(self.mixed_precision, device), device), named
 
 
@@ -98,8 +114,7 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
     --adapter on top, or those flags alone; and the recipe, if any."""
     if recipe is not None:
         cfg, run_adapter = recipe_source(recipe, overrides)
-        source = ModelSource(cfg.model, cfg.quantization, run_adapter, mixed_precision=cfg.training.mixed_precision)
-        return source.with_flags(model, adapter, trust_remote_code), cfg
+        return ModelSource.of_recipe(cfg, run_adapter).with_flags(model, adapter, trust_remote_code), cfg
     if not model and not adapter:
         raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
                            "directory.")

@@ -387,7 +387,7 @@ def check_remote_code(adapter_dir: str, allowed: bool) -> None:
         )
 
 
-def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device | None = None,
+def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
                        trust_remote_code: bool = False):
     """Base model (re-quantized as the adapter was trained, if it was) with a PEFT adapter injected.
 
@@ -396,7 +396,9 @@ def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device 
     unless `base` names another model.
 
     Args:
-        base: the base model; default the adapter's base_model_name_or_path.
+        base: the base model; default the adapter's base_model_name_or_path. A ModelConfig (a recipe's `model`)
+            loads it with its dtype, attn_implementation and revision, as the run that trained the adapter did;
+            a name, in the checkpoint's own dtype (float32 under quantization, the recipe default).
         trust_remote_code: the user's own `--trust-remote-code`. An adapter whose peftkit.json records that
             its base runs its own code is refused without it: a file never decides to run code.
 
@@ -414,7 +416,7 @@ def load_adapted_model(base: str | None, adapter_dir: str, device: torch.device 
     return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant
 
 
-def load_adapter_base(base: str | None, adapter_dir: str, device: torch.device | None = None,
+def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
                       trust_remote_code: bool = False):
     """An adapter's files and the base model it applies to, not yet adapted (`load_adapted_model`'s first half,
     which `peftkit.adapters.named` shares: several adapters, one base).
@@ -427,14 +429,17 @@ def load_adapter_base(base: str | None, adapter_dir: str, device: torch.device |
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
     check_remote_code(adapter_dir, trust_remote_code)
     recorded = raw.base_model_name_or_path
-    name = base or recorded
+    settings = base if isinstance(base, ModelConfig) else None
+    name = (settings.name_or_path if settings else base) or recorded
     if not name:
         raise PeftkitError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    # The recorded revision belongs to the recorded base: another --base is taken as the user gives it.
-    revision = raw.revision if name == recorded else None
+    # The recorded revision belongs to the recorded base (a recipe's own revision wins); another base is taken as given.
+    revision = settings.revision if settings and settings.revision else raw.revision if name == recorded else None
     classify = raw.task_type == "SEQ_CLS"
-    model_cfg = ModelConfig(name_or_path=name, dtype="auto" if quant is None else "float32", revision=revision,
-                            trust_remote_code=trust_remote_code, rope_scaling=read_meta(adapter_dir).rope_scaling,
+    dtype = settings.dtype if settings else "auto" if quant is None else "float32"
+    model_cfg = ModelConfig(name_or_path=name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                            attn_implementation=settings.attn_implementation if settings else None,
+                            rope_scaling=read_meta(adapter_dir).rope_scaling,
                             task="sequence_classification" if classify else "causal_lm")
     labels = adapter_labels(adapter_dir, state) if classify else None
     model = load_model(model_cfg, quant, device, labels)

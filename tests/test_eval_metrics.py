@@ -131,3 +131,25 @@ def test_recipe_errors(tiny_llama, number_data, tmp_path):
     assert cfg.eval.generation_metrics == ["token_f1"]
     assert load_recipe(make_recipe(tmp_path, tiny_llama, number_data, data={"format": "text"},
                                    eval={"metrics": ["perplexity"]})).eval.generation_metrics == []
+
+
+def test_eval_of_a_run_loads_its_base_as_the_run_did(tiny_llama, number_data, tmp_path):
+    """`peftkit eval RUN_DIR` loads the adapter's base with the recipe's model.dtype and attn_implementation, as
+    training did, so a bfloat16 run (of a float32 checkpoint) evaluates to its own eval loss; --model names a base
+    only, loaded in the checkpoint's dtype."""
+    import torch
+
+    from peftkit.inference import model_source
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 3})
+    summary = train(load_recipe(recipe, ["model.dtype=bfloat16", "model.attn_implementation=eager"]),
+                    show_summary=False)
+    run = tmp_path / "run"
+    flags = dict(overrides=[], model=None, data=None, fmt=None, adapter=None, max_length=None, batch_size=None,
+                 on_bad_rows=None, metrics=None, max_new_tokens=None, normalize=None)
+    assert evaluate(eval_job(run, **flags))["loss"] == summary["eval_loss"]
+    source = model_source(run, [], None, None, False, "eval")[0]
+    for model in (source.load(torch.device("cpu")), source.load_named([("a", str(run / "adapter"))])[0]):
+        assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
+    flagged = model_source(run, [], str(tiny_llama), None, False, "eval")[0].load(torch.device("cpu"))
+    assert flagged.dtype == torch.float32 and flagged.config._attn_implementation != "eager"

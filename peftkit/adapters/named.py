@@ -59,7 +59,7 @@ from peftkit.methods.base import Method
 from peftkit.methods.lora import LoraEmbedding, LoraLinear
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.peft_format import read_meta
-from peftkit.recipe import AdapterConfig, QuantizationConfig
+from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
 BASE_NAMES = ("", "base")
 """What a route names for a row that runs the base model (as does None)."""
@@ -365,14 +365,15 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def load_named_model(adapters: Sequence[tuple[str, str]], base: str | None = None, device: torch.device | None = None,
-                     trust_remote_code: bool = False):
+def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfig | None = None,
+                     device: torch.device | None = None, trust_remote_code: bool = False):
     """The base loaded once (as `load_adapted_model` loads it for the first adapter: re-quantized as it was trained)
     with every adapter on it by name, in eval mode, none active.
 
     Args:
         adapters: (name, adapter directory) pairs.
-        base: the base model; default the adapters' recorded base_model_name_or_path (which must then agree).
+        base: the base model (a name, or a recipe's `model`: `peftkit.modeling.load_adapter_base`); default the
+            adapters' recorded base_model_name_or_path (which must then agree).
 
     Returns:
         (model, NamedAdapters, tokenizer)
@@ -383,7 +384,7 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | None = Non
         raise PeftkitError("No adapters to load: give at least one (name, directory).")
     first_name, first_dir = adapters[0]
     model, cfg, state, raw, model_cfg, quant = load_adapter_base(base, first_dir, device, trust_remote_code)
-    named = NamedAdapters(model, base, quant)
+    named = NamedAdapters(model, model_cfg.name_or_path if base else None, quant)
     named._check_new_name(first_name)
     named._add_read(first_name, first_dir, cfg, state, raw, quant)
     for name, directory in adapters[1:]:
