@@ -39,13 +39,20 @@ from pathlib import Path
 import torch
 
 from peftkit import zero
+from peftkit.data import IGNORE_INDEX
 
 
 def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This process's rows of a global batch: the `rank`-th of `world` nearly equal slices, in order."""
+    """This process's rows of a global batch: the `rank`-th of `world` nearly equal slices, in order.
+
+    A global batch with fewer rows than processes (an epoch's last, or packed rows) leaves some slices empty. Such
+    a process gets the batch's first row with no label instead: it still runs the forward and backward that DDP's,
+    FSDP's and DeepSpeed's collectives wait for, and adds nothing to the loss or the gradients."""
     if world == 1:
         return batch
     rows = torch.tensor_split(torch.arange(len(batch["input_ids"])), world)[rank]
+    if not len(rows):
+        return {k: torch.full_like(v[:1], IGNORE_INDEX) if k == "labels" else v[:1] for k, v in batch.items()}
     return {k: v[rows] for k, v in batch.items()}
 
 

@@ -49,6 +49,8 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     # whatever the logits' strides (the prompt family's are a slice: a reshape would copy them all), and targets.
     row, time = torch.nonzero_static(keep, size=labelled).unbind(1)
     picked, wanted = logits[row, time], targets[row, time]
+    if not labelled:  # (a stand-in row: `peftkit.distributed.shard`) a zero whose backward reaches every parameter
+        return picked.float().sum(), keep.sum()
     rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     recompute = torch.is_grad_enabled() and picked.requires_grad
     total = torch.zeros((), dtype=torch.float32, device=logits.device)

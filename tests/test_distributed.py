@@ -68,6 +68,10 @@ def test_shard_splits_rows_in_order():
     parts = [shard(batch, r, 2)["input_ids"][:, 0].tolist() for r in range(2)]
     assert parts == [[0, 2, 4], [6, 8]]
     assert shard(batch, 0, 1) is batch
+    last = {k: v[3:4] for k, v in batch.items()}  # an epoch's last batch, one row for two processes
+    assert shard(last, 0, 2)["labels"].tolist() == [[6, 7]]
+    stand_in = shard(last, 1, 2)  # the forward and backward the collectives wait for, and no label
+    assert stand_in["input_ids"].tolist() == [[6, 7]] and stand_in["labels"].tolist() == [[-100, -100]]
 
 
 def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_bit_identically(
@@ -75,7 +79,11 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     """2 processes x batch 2 (x grad_accum 2) = 1 process x batch 4: the same adapter up to float rounding, and
     the same eval.metrics (their answers shared out over the processes); a 2-process run (`accelerate launch` with
     configs/accelerate/ddp.yaml) killed after a checkpoint and resumed (`--num-processes 2`) gives the
-    uninterrupted 2-process run's bits; only the main process writes."""
+    uninterrupted 2-process run's bits; only the main process writes. 61 rows: each epoch ends in a batch of one
+    row, which leaves the second process a stand-in row without labels (`shard`)."""
+    lines = number_data["train"].read_text().splitlines(keepends=True)[:61]
+    (tmp_path / "train61.jsonl").write_text("".join(lines))
+    number_data = number_data | {"train": tmp_path / "train61.jsonl"}
     single = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4, WITH_METRICS))
     train(load_recipe(single))
 

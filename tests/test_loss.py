@@ -56,10 +56,15 @@ def test_backward_keeps_no_fp32_copy_of_the_logits():
     assert sum(saved.values()) >= 24 * 4096 * 4  # the plain loss: an fp32 log-softmax of all 3 x 8 positions
 
 
-def test_no_labels_give_zero():
+@pytest.mark.parametrize("labelled", [None, 0])
+def test_no_labels_give_a_zero_that_backpropagates_zeros(labelled):
+    """A process's stand-in row (`peftkit.distributed.shard`) has no label: its loss is 0, and its backward still
+    reaches the logits (every parameter, which DDP's gradient reduction waits for) with zeros."""
     logits, labels = _batch(torch.float32)
-    total, n = next_token_loss_sum(logits, torch.full_like(labels, IGNORE_INDEX))
+    total, n = next_token_loss_sum(logits, torch.full_like(labels, IGNORE_INDEX), labelled)
     assert float(total) == 0.0 and int(n) == 0
+    total.backward()
+    assert logits.grad is not None and not logits.grad.any()
 
 
 def test_under_mixed_precision_the_model_returns_its_logits_in_autocast_dtype(tiny_llama):
