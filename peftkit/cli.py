@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 
 app = typer.Typer(
     help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.",
@@ -37,6 +37,34 @@ Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 def _local(path: str) -> str:
     """A CLI argument that exists on disk becomes absolute (relative to the current directory); else a hub id."""
     return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+@app.callback()
+def _every_command(ctx: typer.Context) -> None:
+    # A PeftkitWarning prints as one `warning:` line on stderr when it happens; Python's own settings are back
+    # when the command ends (tests run commands in their own process).
+    settings = warnings.catch_warnings()
+    settings.__enter__()
+    ctx.call_on_close(lambda: settings.__exit__(None, None, None))
+    warnings.showwarning = _warning_printer(warnings.showwarning)
+    warnings.simplefilter("always", PeftkitWarning)
+
+
+def _warning_printer(show_other):
+    """warnings.showwarning that prints a PeftkitWarning as one `warning:` line on stderr (once: a comparison loads
+    several models), others as Python does."""
+    from rich.markup import escape
+
+    shown: set[str] = set()
+
+    def show(message, category, *where) -> None:
+        if issubclass(category, PeftkitWarning):
+            if str(message) not in shown:
+                shown.add(str(message))
+                err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+        else:
+            show_other(message, category, *where)
+    return show
 
 
 @app.command()
@@ -105,7 +133,7 @@ def merge(
 ) -> None:
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model; or combine
     several adapters (--weights, --method) into one LoRA adapter, or with --into-base into the base."""
-    from peftkit.merge import MergeWarning, merge_adapter
+    from peftkit.merge import merge_adapter
 
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise PeftkitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16.")
@@ -118,13 +146,8 @@ def merge(
     if requantize:
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", MergeWarning)
-        out = merge_adapter(_local(adapter[0]), output, _local(base) if base else None, dtype, requantize, overwrite,
-                            trust_remote_code)
-    for w in caught:
-        if issubclass(w.category, MergeWarning):
-            err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    out = merge_adapter(_local(adapter[0]), output, _local(base) if base else None, dtype, requantize, overwrite,
+                        trust_remote_code)
     console.print(f"Merged model written to {out}")
 
 

@@ -42,7 +42,7 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
         jobs[name] = replace(job, source=replace(base, adapter=path))
     for name, path in merged:
         jobs[name] = replace(job, task=None, source=replace(base, model=ModelConfig(name_or_path=path, dtype="auto"),
-                                                            quantization=None))
+                                                            quantization=None, model_from_recipe=False))
     return jobs
 
 

@@ -15,6 +15,11 @@ class PeftkitError(Exception):
     exit_code = 2  # the CLI's exit status: 2 for a user mistake; a subclass may say otherwise
 
 
+class PeftkitWarning(UserWarning):
+    """Something to know that does not stop the command (a slower or approximate path was taken); the CLI prints it
+    as one `warning:` line on stderr, when it happens."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from peftkit.data import Example, eval_loader
+from peftkit.data.packing import VARLEN_KEYS
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
@@ -33,10 +34,12 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
     Summing and dividing by the token count of the whole accumulation window (not averaging per
     micro-batch) weights every token equally however the padding falls.
     """
-    # A packed batch (data.packing) goes in with its position ids and no mask: transformers then masks per example.
+    # A packed batch (data.packing) goes in with its position ids and no mask: transformers then masks per example;
+    # flattened for flash attention, with the examples' boundaries (`peftkit.data.packing.flatten`).
     packed = "position_ids" in batch
     inputs = {"input_ids": batch["input_ids"]} | ({"position_ids": batch["position_ids"]} if packed
                                                   else {"attention_mask": batch["attention_mask"]})
+    inputs |= {k: batch[k] for k in VARLEN_KEYS if k in batch}
     inputs |= task_inputs(model, batch)  # per-row task ids, for a method that reads them (multitask prompt tuning)
     logits = model(**inputs, use_cache=False).logits
     return next_token_loss_sum(logits, batch["labels"], labelled)  # tensors: the caller decides when to sync

@@ -7,6 +7,7 @@ loaded at its recorded revision and re-quantized as the adapter was trained (`lo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args
@@ -14,7 +15,7 @@ from typing import get_args
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig, ModelConfig, QuantizationConfig, Recipe
 
 FORMATS = get_args(DataConfig.model_fields["format"].annotation)
@@ -89,11 +90,12 @@ class ModelSource:
         from peftkit.runtime import inference_autocast, under_autocast
 
         device = device or resolve_device(self.model.device if self.model else "auto")
-        if self.adapter:
-            model = load_adapted_model(self.adapter_base, self.adapter, device, self.trust_remote_code)[0]
+        source = self.here(device)
+        if source.adapter:
+            model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code)[0]
         else:
-            model = load_model(self.model, self.quantization, device, labels).eval()
-        return under_autocast(model, inference_autocast(self.mixed_precision, device), device)
+            model = load_model(source.model, source.quantization, device, labels).eval()
+        return under_autocast(model, inference_autocast(source.mixed_precision, device), device)
 
     def load_named(self, adapters: list[tuple[str, str]], device: torch.device | None = None):
         """(model, NamedAdapters): the base loaded once with every (name, adapter directory) on it, none active; the
@@ -103,9 +105,29 @@ class ModelSource:
         from peftkit.runtime import inference_autocast, under_autocast
 
         device = device or resolve_device(self.model.device if self.model else "auto")
-        model, named, _ = load_named_model(adapters, self.adapter_base if self.model else None, device,
-                                           self.trust_remote_code)
-        return under_autocast(model, inference_autocast(self.mixed_precision, device), device), named
+        source = self.here(device)
+        model, named, _ = load_named_model(adapters, source.adapter_base if source.model else None, device,
+                                           source.trust_remote_code)
+        return under_autocast(model, inference_autocast(source.mixed_precision, device), device), named
+
+    def here(self, device: torch.device) -> ModelSource:
+        """This source as `device` runs it, so that a GPU run evaluates on a laptop: a recipe's flash_attention_2
+        that cannot run here gives way to transformers' default kernel (the same outputs up to rounding), and
+        16-bit weights on a CPU without native 16-bit matmuls are said to be slow; a `warning:` line for each."""
+        from peftkit.modeling import flash_attention_missing
+        from peftkit.runtime import cpu_dtype_note
+
+        model = self.model
+        if model is None:
+            return self
+        if model.attn_implementation == "flash_attention_2" and (need := flash_attention_missing(device)):
+            warnings.warn(f"model.attn_implementation: flash_attention_2 needs {need}; running with transformers' "
+                          "default attention here instead (the same outputs up to rounding).", PeftkitWarning,
+                          stacklevel=3)
+            model = model.model_copy(update={"attn_implementation": None})
+        if note := cpu_dtype_note(model.dtype, device):
+            warnings.warn(f"{note} Here: --set model.dtype=float32.", PeftkitWarning, stacklevel=3)
+        return replace(self, model=model)
 
 
 def model_source(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from peftkit.adapters import SHARED_PREFIX, adapter_layers, adapter_state_dict, merge_state_dict, shared_holders
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_directory
 from peftkit.methods import method_of
 from peftkit.methods.base import is_conv1d, is_quantized, refuse_unmergeable
@@ -180,7 +180,7 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
             (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
-class MergeWarning(UserWarning):
+class MergeWarning(PeftkitWarning):
     """Something the user should know about a merge that still went ahead."""
 
 

@@ -185,16 +185,22 @@ def check_attention(cfg: ModelConfig, device: torch.device) -> None:
     then refuses."""
     if cfg.attn_implementation != "flash_attention_2":
         return
-    import importlib.util
-
     if cfg.dtype == "float32":
         raise PeftkitError("model.attn_implementation: flash_attention_2 computes in float16 or bfloat16 only, and "
                            "model.dtype is float32. Set model.dtype: bfloat16 (the adapter still trains in float32), "
                            "or use sdpa.")
-    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
-        need = "a CUDA device" if device.type != "cuda" else "the flash-attn package (pip install flash-attn)"
+    if need := flash_attention_missing(device):
         raise PeftkitError(f"model.attn_implementation: flash_attention_2 needs {need}; use sdpa (or leave the key "
                            "out) here.")
+
+
+def flash_attention_missing(device: torch.device) -> str | None:
+    """What flash_attention_2 lacks on `device` (a CUDA device, or the flash-attn package), or None."""
+    import importlib.util
+
+    if device.type != "cuda":
+        return "a CUDA device"
+    return "the flash-attn package (pip install flash-attn)" if importlib.util.find_spec("flash_attn") is None else None
 
 
 def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device: torch.device | None = None,
@@ -433,8 +439,14 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     name = (settings.name_or_path if settings else base) or recorded
     if not name:
         raise PeftkitError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    # The recorded revision belongs to the recorded base (a recipe's own revision wins); another base is taken as given.
-    revision = settings.revision if settings and settings.revision else raw.revision if name == recorded else None
+    # The recorded revision belongs to the recorded base; another base is taken as given (a recipe's, at its revision).
+    revision = raw.revision if name == recorded else None
+    if settings and settings.revision:
+        if revision and revision != settings.revision:
+            raise PeftkitError(f"{adapter_dir} was trained on {name} at revision {revision}, and the recipe's "
+                               f"model.revision is {settings.revision}: drop model.revision (or --set "
+                               f"model.revision={revision}) to load the base it was trained on.")
+        revision = settings.revision
     classify = raw.task_type == "SEQ_CLS"
     dtype = settings.dtype if settings else "auto" if quant is None else "float32"
     model_cfg = ModelConfig(name_or_path=name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,

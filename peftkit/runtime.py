@@ -156,17 +156,17 @@ def check_device_support(cfg: Recipe, device: torch.device) -> None:
         raise PeftkitError(f"bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 or float32.")
 
 
-def cpu_dtype_note(cfg: Recipe, device: torch.device) -> str | None:
+def cpu_dtype_note(dtype: str, device: torch.device) -> str | None:
     """A note for 16-bit weights on a CPU without native bf16 matmuls, where they are slow, not lean.
 
     Measured on a 2-core AVX2 machine: a (1024 x 256) @ (256 x 32000) matmul ran at 12 GFLOP/s in bf16 vs 73 in
     fp32, and the QLoRA benchmark with bf16 embeddings/lm_head (vocab 32000) stepped 24x slower than with fp32.
     """
-    if device.type != "cpu" or cfg.model.dtype not in ("bfloat16", "float16"):
+    if device.type != "cpu" or dtype not in ("bfloat16", "float16"):
         return None
     with contextlib.suppress(Exception):
-        if cfg.model.dtype == "bfloat16" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if dtype == "bfloat16" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return None  # AVX512-BF16 / AMX: bf16 matmuls are fast here
-    return (f"model.dtype: {cfg.model.dtype} on a CPU without native 16-bit matmuls: the weights take half the "
+    return (f"model.dtype: {dtype} on a CPU without native 16-bit matmuls: the weights take half the "
             "memory, but matmuls run several times slower than in float32 (up to ~20x for a large vocabulary). "
             "Use model.dtype: float32 on this machine unless memory is what limits you.")

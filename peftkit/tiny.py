@@ -87,10 +87,11 @@ def build_tiny_model(
     vocab_size: int | None = None,
     max_position_embeddings: int = 512,
 ):
-    """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D) or
-    `qwen2` (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models).
+    """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D), `qwen2`
+    (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models) or `opt`.
     `max_position_embeddings` changes no weight of the RoPE models (llama, qwen2): only what the config claims."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     tok = build_char_tokenizer()
     vocab_size = vocab_size or len(tok)
@@ -109,6 +110,11 @@ def build_tiny_model(
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
                              initializer_range=0.1, **{**common, "tie_word_embeddings": True})
         cls = Qwen2ForCausalLM
+    elif arch == "opt":
+        config = OPTConfig(hidden_size=hidden_size, ffn_dim=2 * hidden_size, num_hidden_layers=num_layers,
+                           num_attention_heads=4, word_embed_proj_dim=hidden_size,
+                           max_position_embeddings=max_position_embeddings, **common)
+        cls = OPTForCausalLM
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     return _built(cls, config, tok, seed, path)

@@ -43,7 +43,7 @@ from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.classify import ClassifyEval, example_loss_sum, with_head
 from peftkit.data import describe_stats, load_examples, micro_batches
 from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
-from peftkit.data.packing import describe_packing, flatten, pack_examples
+from peftkit.data.packing import check_isolated, describe_packing, flatten, pack_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
 from peftkit.loss import labelled_count
@@ -278,7 +278,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     check_device_support(cfg, device)
     distributed.check_engine(cfg, accelerator)
     check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
-    if note := cpu_dtype_note(cfg, device):
+    if note := cpu_dtype_note(cfg.model.dtype, device):
         console.print(f"[yellow]note:[/] {note}")
     estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
@@ -287,16 +287,13 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok)
     if isinstance(eval_ex, RunEval) and accelerator.num_processes > 1:
         eval_ex.processes = accelerator  # the processes share out the eval loss's batches
-    for line in describe_stats(train_stats, cfg.data):
-        console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
-    if cfg.data.packing:
-        packed = pack_examples(train_ex, cfg.data.max_length)
-        console.print(describe_packing(train_ex, packed, cfg.data.max_length), highlight=False)
-        train_ex = packed
+    train_ex = _training_rows(cfg, train_ex, train_stats, console)
     inputs = run_inputs(cfg)
 
     with console.status("Loading model..."):
         model = load_model(cfg.model, cfg.quantization, device, labels)
+    if cfg.data.packing:
+        check_isolated(model)
     long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
@@ -346,6 +343,17 @@ def _evaluate_base(cfg: Recipe, model, tok, eval_ex: RunEval | ClassifyEval, acc
             summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
                                   for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]
     return summary
+
+
+def _training_rows(cfg: Recipe, examples: list, stats: dict, console: Console) -> list:
+    """The rows training draws from: the examples, packed into rows for data.packing; their counts printed."""
+    for line in describe_stats(stats, cfg.data):
+        console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
+    if not cfg.data.packing:
+        return examples
+    rows = pack_examples(examples, cfg.data.max_length)
+    console.print(describe_packing(examples, rows, cfg.data.max_length), highlight=False)
+    return rows
 
 
 def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | None, LabelSet | None]:
@@ -430,7 +438,7 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
         batch = distributed.shard(batch, rank, world)
         batch = flatten(batch) if flat and "position_ids" in batch else batch
         labelled = None if run.cfg.classification else labelled_count(batch["labels"])  # on the CPU: no sync
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         last = i == len(window) - 1
         with distributed.no_sync(accelerator, run.model, last):
             loss, _ = loss_fn(run.model, batch, labelled)

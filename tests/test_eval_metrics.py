@@ -133,7 +133,7 @@ def test_recipe_errors(tiny_llama, number_data, tmp_path):
                                    eval={"metrics": ["perplexity"]})).eval.generation_metrics == []
 
 
-def test_eval_of_a_run_loads_its_base_as_the_run_did(tiny_llama, number_data, tmp_path):
+def test_eval_of_a_run_loads_its_base_as_the_run_did(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """`peftkit eval RUN_DIR` loads the adapter's base with the recipe's model.dtype and attn_implementation, as
     training did, so a bfloat16 run (of a float32 checkpoint) evaluates to its own eval loss; --model names a base
     only, loaded in the checkpoint's dtype."""
@@ -153,3 +153,29 @@ def test_eval_of_a_run_loads_its_base_as_the_run_did(tiny_llama, number_data, tm
         assert model.dtype == torch.bfloat16 and model.config._attn_implementation == "eager"
     flagged = model_source(run, [], str(tiny_llama), None, False, "eval")[0].load(torch.device("cpu"))
     assert flagged.dtype == torch.float32 and flagged.config._attn_implementation != "eager"
+    other = tmp_path / "other"  # an adapter trained at another revision of the recipe's base: said, not loaded
+    shutil.copytree(run / "adapter", other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {"revision": "v1"}))
+    with pytest.raises(PeftkitError, match=rf"{other} was trained on .*tiny-llama at revision v1, and the recipe's "
+                       r"model.revision is v2: drop model.revision \(or --set model.revision=v1\)"):
+        model_source(run, ["model.revision=v2"], None, str(other), False, "eval")[0].load(torch.device("cpu"))
+
+    # A GPU run's flash_attention_2 evaluates on a CPU with transformers' default kernel, and says so; 16-bit
+    # weights on a CPU without native bf16 matmuls are said to be slow.
+    import yaml
+
+    from peftkit.cli import main
+
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    saved["model"]["attn_implementation"] = "flash_attention_2"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(run), "--json", str(tmp_path / "eval.json")])
+    main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("warning: model.attn_implementation: flash_attention_2 needs a CUDA device; running with transformers' "
+            "default attention here instead (the same outputs up to rounding).") in err
+    assert "warning: model.dtype: bfloat16 on a CPU without native 16-bit matmuls" in err
+    assert "Here: --set model.dtype=float32." in err
+    assert abs(json.loads((tmp_path / "eval.json").read_text())["loss"] - summary["eval_loss"]) < 1e-2  # sdpa

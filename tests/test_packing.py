@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
 from peftkit.adapters import inject_adapters, trainable_parameters
 from peftkit.data import Collator, Example
-from peftkit.data.packing import flatten, pack_examples
+from peftkit.data.packing import check_isolated, flatten, pack_examples
+from peftkit.errors import PeftkitError
 from peftkit.evaluate import token_loss_sum
 from peftkit.methods.lora import LoraConfig
 from peftkit.recipe import load_recipe
@@ -72,6 +73,12 @@ def test_a_flattened_packed_batch_has_the_loss_and_gradients_of_the_rows(arch, m
     packed = Collator(PAD)(pack_examples(_examples(), 16))
     flat = flatten(packed)
     assert flat["input_ids"].shape == (1, int(packed["attention_mask"].sum())) and "attention_mask" not in flat
+    # As transformers' own padding-free collator gives them: the examples' bounds spare every flash layer a sync.
+    reference = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": e.input_ids, "labels": e.labels} for e in _examples()])
+    for key, value in reference.items():
+        assert torch.equal(torch.as_tensor(flat[key]), torch.as_tensor(value)), key
+    assert flat["cu_seq_lens_q"].dtype == torch.int32 and isinstance(flat["max_length_q"], int)
     loss, n, grads = _loss_and_grads(model, packed)
     f_loss, f_n, f_grads = _loss_and_grads(model, flat)
     assert f_n == n and abs(f_loss - loss) <= 1e-5 * max(1.0, abs(loss))
@@ -112,3 +119,22 @@ def test_a_packed_run_trains(tiny_llama, number_data, tmp_path):
     summary = train(load_recipe(recipe), console=Console(file=out, width=200))
     assert "data.packing: 64 examples in" in out.getvalue()
     assert summary["eval_loss"] < summary["base_eval_loss"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packing_is_refused_for_a_model_whose_packed_examples_see_each_other(attention, models, number_data,
+                                                                             tmp_path):  # noqa: F811
+    """transformers builds the per-example mask of a packed row only for models that pass it their position ids:
+    Llama, Qwen2 and GPT-2 do, OPT (5.24) does not, so `peftkit train` refuses packing there before training."""
+    from peftkit.tiny import build_tiny_model
+
+    for arch in ("llama", "qwen2", "gpt2"):
+        check_isolated(AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation=attention))
+    build_tiny_model(tmp_path / "opt", arch="opt", hidden_size=32, num_layers=2, seed=0)
+    recipe = make_recipe(tmp_path, tmp_path / "opt", number_data, data={"packing": True})
+    with pytest.raises(PeftkitError, match=rf"data.packing: with opt models \({attention} attention\) the examples "
+                       r"packed into one row would attend to each other \(a change in one moved the next one's "
+                       r"logits by .*\): transformers builds the per-example mask only for models that pass it their "
+                       r"position ids. Set data.packing: false."):
+        train(load_recipe(recipe, [f"model.attn_implementation={attention}"]), show_summary=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training

@@ -170,19 +170,18 @@ def test_lr_schedule_shapes():
     assert const(9) == 1.0
 
 
-def test_16bit_weights_on_a_cpu_without_bf16_matmuls_get_a_note(tiny_llama, number_data, tmp_path, monkeypatch):
+def test_16bit_weights_on_a_cpu_without_bf16_matmuls_get_a_note(monkeypatch):
     from peftkit.runtime import cpu_dtype_note
 
     cpu = torch.device("cpu")
-    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))
-    recipe.model.dtype = "bfloat16"
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
-    note = cpu_dtype_note(recipe, cpu)
+    note = cpu_dtype_note("bfloat16", cpu)
     assert "model.dtype: bfloat16 on a CPU without native 16-bit matmuls" in note and "float32" in note
-    assert cpu_dtype_note(recipe, torch.device("cuda", 0)) is None
+    assert "model.dtype: float16 on a CPU" in cpu_dtype_note("float16", cpu)
+    assert cpu_dtype_note("bfloat16", torch.device("cuda", 0)) is None
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    assert cpu_dtype_note(recipe, cpu) is None
-    assert cpu_dtype_note(load_recipe(make_recipe(tmp_path, tiny_llama, number_data)), cpu) is None  # float32
+    assert cpu_dtype_note("bfloat16", cpu) is None
+    assert cpu_dtype_note("float32", cpu) is None and cpu_dtype_note("auto", cpu) is None
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
