@@ -52,6 +52,10 @@ def _optimizer_bytes(optimizer: str, sizes: list[int]) -> float:
 # i 1536, 30 layers) at 4 x 256 tokens in fp32: (9*576 + 4*1536) * 1024 * 4 B = 45 MiB a layer, 1.3 GiB
 # in all. Eager attention also keeps the scores and their softmax: 2 x heads x seq^2 per sequence.
 HIDDEN_PER_LAYER, MLP_PER_LAYER, EAGER_SCORES = 9, 4, 2
+# Packed rows (data.packing) reach SDPA with a block-diagonal mask instead of its causal kernel, and each layer then
+# keeps that (seq x seq) mask and, per token, one hidden state and one value per head more: batch x seq x (seq + h +
+# heads) values a layer (measured exactly with `saved_activation_bytes`, tests/test_memory.py). Eager attention
+# already keeps its scores; flash attention takes the rows flattened, without a mask.
 # LoRA-FA (A frozen) needs no A input for a weight gradient, so the two norm outputs (the input of q/k/v's and
 # gate/up's A) and down_proj's input act(gate) * up are not kept: 2 h + 1 i less per token and layer (o_proj's
 # input stays, held by attention's own backward). Measured with `saved_activation_bytes` (tests/test_memory.py).
@@ -126,7 +130,8 @@ def logits_bytes(tokens: int, vocab: int, act_bytes: int) -> int:
 
 
 def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, gradient_checkpointing: bool,
-                      lora_width: int = 0, eager: bool = False, frozen_a: bool = False) -> tuple[float, float]:
+                      lora_width: int = 0, eager: bool = False, frozen_a: bool = False,
+                      packed_sdpa: bool = False) -> tuple[float, float]:
     """(logits bytes, layer bytes) one training micro-batch keeps at its peak (see the constants above).
 
     Args:
@@ -137,6 +142,7 @@ def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, g
         lora_width: sum of r over the adapted modules of one layer (their A outputs are kept).
         eager: eager attention, which also keeps the seq x seq scores.
         frozen_a: LoRA-FA: the A matrices' inputs are not kept.
+        packed_sdpa: packed rows through SDPA, which keeps each layer's mask.
     """
     tokens = batch * seq
     logits = logits_bytes(tokens, shape.vocab, act_bytes)
@@ -146,6 +152,8 @@ def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, g
     per_layer = tokens * (hidden * shape.hidden + mlp * shape.intermediate + lora_width)
     if eager:
         per_layer += EAGER_SCORES * batch * shape.heads * seq * seq
+    if packed_sdpa:
+        per_layer += tokens * (seq + shape.hidden + shape.heads)
     if gradient_checkpointing:
         # each layer's input is kept, one layer's worth is recomputed during its backward
         layers = shape.layers * tokens * shape.hidden + per_layer
@@ -235,9 +243,10 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float)
     # precision on CUDA makes most of them 16-bit: then this is an upper bound)
     dtype = q.compute_dtype if q is not None and q.method != "int8" else recipe.model.dtype
     width = per_token // max(shape.layers, 1)
+    attention = recipe.model.attn_implementation
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
-                                       width, recipe.model.attn_implementation == "eager",
-                                       getattr(recipe.adapter, "lora_fa", False))
+                                       width, attention == "eager", getattr(recipe.adapter, "lora_fa", False),
+                                       packed_sdpa=recipe.data.packing and attention in (None, "sdpa"))
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
     evaluation = logits_bytes(recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) if recipe.data.eval else 0
     return max(logits + layers, evaluation)

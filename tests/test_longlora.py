@@ -122,6 +122,15 @@ def test_group_size_must_be_whole(tmp_path, tiny_llama, number_data):
         load_recipe(path)
 
 
+def test_packing_is_refused(tmp_path, tiny_llama, number_data):
+    """S²-Attn's groups start at each row, not at each packed example: a packed example would train unlike itself
+    alone (the groups shift with its offset in the row)."""
+    path = _recipe(tmp_path, tiny_llama, number_data, {"s2_attention": True})
+    with pytest.raises(PeftkitError, match=r"data.packing: shifted sparse attention \(model.long_context.s2_attention\) "
+                       r"groups tokens from the start of each row, not of each packed example"):
+        load_recipe(path, ["data.packing=true"])
+
+
 def test_unsupported_model_is_refused():
     model, _ = build_tiny_model(arch="gpt2", hidden_size=32, num_layers=1, seed=0)
     with pytest.raises(PeftkitError, match="model.long_context.s2_attention"):

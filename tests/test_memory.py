@@ -173,6 +173,33 @@ def test_lora_fa_activation_saving_is_what_autograd_keeps(tiny_llama):
     assert saved[False] - saved[True] == estimated[0] - estimated[1] > 0
 
 
+def test_packed_rows_activation_term_is_what_autograd_keeps(tiny_llama, number_data, tmp_path):
+    """Independent: packed rows (position ids, no mask) make SDPA keep each layer's (seq x seq) mask and a little
+    more, per layer batch x seq x (seq + hidden + heads) values: what autograd saves beyond the plain rows', at two
+    lengths; and a packed recipe's estimate counts it."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.memory import model_shape, saved_activation_bytes
+    from peftkit.methods.lora import LoraConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False  # as load_model sets it: transformers finds packed rows only without a cache
+    inject_adapters(model, LoraConfig(r=4))
+    shape = model_shape(model.config)
+    for seq in (64, 128):
+        ids = torch.randint(3, 100, (2, seq))
+        positions = torch.arange(seq // 2).repeat(2).expand(2, -1)  # two examples a row
+        extra = saved_activation_bytes(model, {"input_ids": ids, "position_ids": positions}) \
+            - saved_activation_bytes(model, {"input_ids": ids})
+        estimated = [activation_memory(shape, 2, seq, 4, False, 28, packed_sdpa=p)[1] for p in (False, True)]
+        assert extra == estimated[1] - estimated[0] > 2 * 2 * seq * seq * 4
+    plain = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))
+    packed = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, data={"packing": True}))
+    gap = estimate_memory(packed, torch.device("cpu")).activations - estimate_memory(plain, torch.device("cpu")).activations
+    assert gap == shape.layers * 4 * 128 * (128 + shape.hidden + shape.heads) * 4  # batch 4, max_length 128, fp32
+
+
 def test_each_method_says_what_its_layers_keep(tiny_llama, number_data, tmp_path):
     """LoHa and LoKr build a full (out, in) fp32 update every forward and keep it for backward: per layer of the
     tiny Llama q, o 32 x 32, k, v 16 x 32, gate, up 64 x 32, down 32 x 64 (9,216 values), where LoRA r=1 keeps

@@ -138,3 +138,26 @@ def test_packing_is_refused_for_a_model_whose_packed_examples_see_each_other(att
                        r"position ids. Set data.packing: false."):
         train(load_recipe(recipe, [f"model.attn_implementation={attention}"]), show_summary=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
+
+
+def test_padding_positions_do_not_rescale_dynamic_rope(tmp_path):
+    """Dynamic RoPE rescales by the largest position id in the batch: a packed batch's padding (a row of one
+    40-token example beside a row of three) must not count as a sequence longer than any example, which past
+    max_position_embeddings 64 would rescale every real token. The packed loss is the unpacked one."""
+    from transformers import AutoConfig
+
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "m", arch="llama", hidden_size=32, num_layers=2, seed=0, max_position_embeddings=64)
+    config = AutoConfig.from_pretrained(tmp_path / "m")
+    config.rope_parameters = {"rope_theta": config.rope_parameters["rope_theta"], "rope_type": "dynamic", "factor": 2.0}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", config=config, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+    examples = [Example(ids := torch.randint(4, 90, (40,), generator=gen).tolist(), [-100] * 10 + ids[10:])
+                for _ in range(4)]
+    rows = pack_examples(examples, 128)
+    assert [len(r.input_ids) for r in rows] == [120, 40]
+    with torch.no_grad():
+        packed, n = token_loss_sum(model, Collator(PAD)(rows))
+        unpacked, m = token_loss_sum(model, Collator(PAD)(examples))
+    assert int(n) == int(m) and abs(float(packed) - float(unpacked)) <= 1e-5 * float(unpacked)

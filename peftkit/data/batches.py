@@ -19,8 +19,9 @@ class Collator:
 
     def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
         """input_ids, labels and attention_mask (1 on real tokens); packed rows (`data.packing`) also get
-        position_ids, their padding numbered from 0 as one more sequence (no real token attends to it: it comes
-        last), and the model is then given those instead of the mask (`token_loss_sum`)."""
+        position_ids, and the model is then given those instead of the mask (`token_loss_sum`). Their padding is
+        at position 0, each pad a sequence of one token: no real token attends to it (it comes last), and no
+        position id exceeds the longest example's (dynamic RoPE scales by the largest one)."""
         width = max(len(e.input_ids) for e in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -35,7 +36,6 @@ class Collator:
             mask[i, :n] = 1
             if packed:
                 positions[i, :n] = torch.tensor(e.position_ids)
-                positions[i, n:] = torch.arange(width - n)
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if packed:
             out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}

@@ -351,6 +351,10 @@ def _check_long_context(recipe: Recipe) -> None:
     if recipe.classification:
         raise ValueError("model.long_context.s2_attention: shifted sparse attention is for causal LMs; "
                          "model.task is sequence_classification, so remove model.long_context")
+    if recipe.data.packing:
+        raise ValueError("data.packing: shifted sparse attention (model.long_context.s2_attention) groups tokens from "
+                         "the start of each row, not of each packed example, so a packed example would train "
+                         "unlike itself alone; set data.packing: false (long examples fill their rows anyway)")
     size, max_length = lc.group_size_ratio * recipe.data.max_length, recipe.data.max_length
     if abs(size - round(size)) > 1e-9 or size < 2:
         raise ValueError(f"model.long_context.group_size_ratio: {lc.group_size_ratio} × data.max_length {max_length} "
