@@ -119,9 +119,9 @@ def _recorded(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None,
-                    selection=None, rank: int = 0) -> tuple[LoopState, dict]:
+                    selection=None, rank: int = 0) -> tuple[LoopState, dict, int]:
     """Restore a checkpoint into the model, optimizer, scheduler, RNG, the method's trainer and the run's
-    selection (if any); returns (loop state, its inputs).
+    selection (if any); returns (loop state, its inputs, the number of processes that wrote it).
 
     Raises DamagedCheckpoint when its files fail their checksums or do not load.
     """
@@ -150,7 +150,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
                 torch.cuda.set_rng_state(cuda_state, index)
     except Exception as e:  # noqa: BLE001 - whatever fails to load makes the checkpoint unusable, nothing else
         raise DamagedCheckpoint(f"it does not load ({type(e).__name__}: {str(e)[:200]})") from None
-    return state, recorded["inputs"]
+    return state, recorded["inputs"], len(ranks)
 
 
 def _changed_input(recorded: dict, now: dict) -> str | None:
@@ -165,14 +165,22 @@ def _changed_input(recorded: dict, now: dict) -> str | None:
 
 
 def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Console,
-           method_trainer=None, selection=None, rank: int = 0) -> tuple[Path, LoopState]:
-    """Load the newest intact checkpoint of `out`; passing over damaged ones is said on the console."""
+           method_trainer=None, selection=None, rank: int = 0, world: int = 1) -> tuple[Path, LoopState]:
+    """Load the newest intact checkpoint of `out`, written by as many processes as `world`; passing over damaged
+    ones is said on the console."""
     for path in reversed(checkpoint_dirs(out)):
         try:
-            state, recorded = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection, rank)
+            state, recorded, writers = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection,
+                                                       rank)
         except DamagedCheckpoint as e:
             console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {e}; trying an older one.")
             continue
+        if writers != world:  # the global batch, the data's order and the schedule's length all depend on it
+            flag = f"--num-processes {writers}" if writers > 1 else "no --num-processes (one process)"
+            raise PeftkitError(
+                f"--resume: checkpoint {path.name} was written by {writers} process{'es' * (writers > 1)}, and this "
+                f"run has {world}. Its global batch, data order and schedule depend on the number, so resume with "
+                f"{flag}, or run without --resume and with --overwrite to start afresh.")
         if changed := _changed_input(recorded, inputs):
             raise PeftkitError(
                 f"--resume: {changed} since checkpoint {path.name} was written. Resuming would continue "

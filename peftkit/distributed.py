@@ -28,6 +28,7 @@ semantics, with DeepSpeed's engine doing the reduction and the optimizer step.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import socket
@@ -93,14 +94,23 @@ def backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:
         accelerator.backward(loss)
 
 
-def optimizer_step(accelerator, model, optimizer, parameters, max_grad_norm: float | None) -> float | None:
-    """Clip the gradients to `max_grad_norm` (if set) and step; the norm before clipping, or None unclipped."""
+def optimizer_step(accelerator, model, optimizer, parameters, max_grad_norm: float | None,
+                   check_finite: bool = False) -> tuple[float | None, bool]:
+    """Clip the gradients to `max_grad_norm` (if set) and step: (the norm before clipping, or None unclipped;
+    whether it stepped). `check_finite`: measure the norm even unclipped, and do not step when it is not finite
+    (then it is returned): every process decides alike, the gradients being already reduced."""
     if zero.active(accelerator):  # the engine clips to gradient_clipping (= max_grad_norm, `zero.configure`)
         norm = zero.step(model)
-        return norm if max_grad_norm is not None else None
-    norm = None if max_grad_norm is None else float(accelerator.clip_grad_norm_(parameters, max_grad_norm))
+        return (norm if max_grad_norm is not None else None), True
+    if max_grad_norm is None and not check_finite:
+        optimizer.step()
+        return None, True
+    # An infinite max_norm measures without clipping (the factor clamps to 1).
+    norm = float(accelerator.clip_grad_norm_(parameters, math.inf if max_grad_norm is None else max_grad_norm))
+    if check_finite and not math.isfinite(norm):
+        return norm, False
     optimizer.step()
-    return norm
+    return (norm if max_grad_norm is not None else None), True
 
 
 def total(accelerator, value: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,7 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState, 
     process under FSDP)."""
     weights = distributed.adapter_weights(model, run.saved_modules) if weights is None else weights
     bad = nonfinite_tensors(weights)
-    skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss)" if state.skipped_steps else ""
+    skipped = f" ({state.skipped_steps} steps were skipped for a non-finite loss or gradients)" if state.skipped_steps else ""
     if bad:
         raise TrainingFailed(
             f"Training ended with non-finite adapter weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})"

@@ -233,11 +233,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         state = LoopState()
         if resume:
             ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler, run.inputs, console,
-                                            run.method_trainer, run.selection, accelerator.process_index)
+                                            run.method_trainer, run.selection, accelerator.process_index,
+                                            accelerator.num_processes)
             truncate_metrics(run.metrics_path, state.step, run.total_steps)
+            stopped = run.selection is not None and run.selection.should_stop  # early stopping: a finished run
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
                           + (" The run had finished: its final evaluation and exports are made again."
-                             if state.step >= run.total_steps else ""))
+                             if state.step >= run.total_steps or stopped else ""))
         run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to and run.main else None
         try:
             with nondeterministic_op_error():
@@ -388,7 +390,7 @@ def _loop(run: _Run, state: LoopState) -> None:
     run.model.train()
     window_start, window_tokens = time.time(), 0
     with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
-        while state.step < run.total_steps:
+        while state.step < run.total_steps and not (run.selection is not None and run.selection.should_stop):
             if distributed.any_process(run.accelerator, stop.signal is not None):
                 path = run.checkpoint(state)
                 raise PeftkitError(
@@ -447,21 +449,13 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
     loss_value = float(distributed.total(accelerator, loss_sum)) / n_label  # one sync per optimizer step
     reg_value = _regularize(run)
     if not math.isfinite(loss_value + (reg_value or 0.0)):
-        run.optimizer.zero_grad(set_to_none=True)
-        if tcfg.nan_policy == "stop":
-            ckpts = checkpoint_dirs(run.out)
-            raise PeftkitError(
-                f"Loss became {loss_value} at step {state.step + 1}; training stopped. "
-                + (f"The last good checkpoint is {ckpts[-1]}. " if ckpts else "")
-                + f"{RESTART} Set training.nan_policy: skip_step to skip such steps instead."
-            )
-        state.skipped_steps += 1
-        run.console.print(f"[yellow]step {state.step + 1}: loss {loss_value}, step skipped[/]")
-        state.step += 1
-        run.scheduler.step()
-        return None, None, None
-    grad_norm = distributed.optimizer_step(accelerator, run.model, run.optimizer, trainable_parameters(run.model),
-                                           tcfg.max_grad_norm)
+        return _not_finite(run, state, f"Loss became {loss_value}", f"loss {loss_value}")
+    # A finite loss can still give non-finite gradients; fp16's loss scaler skips those steps itself.
+    grad_norm, stepped = distributed.optimizer_step(accelerator, run.model, run.optimizer,
+                                                    trainable_parameters(run.model), tcfg.max_grad_norm,
+                                                    check_finite=accelerator.scaler is None)
+    if not stepped:
+        return _not_finite(run, state, f"The gradient norm became {grad_norm}", f"gradient norm {grad_norm}")
     run.scheduler.step()
     if run.method_trainer is not None:
         run.method_trainer.after_step(state.step + 1)  # peft's place for AdaLoRA's allocator: gradients still here
@@ -470,6 +464,23 @@ def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple
     state.tokens += tokens
     state.losses.append(loss_value)
     return loss_value, grad_norm, reg_value
+
+
+def _not_finite(run: _Run, state: LoopState, became: str, what: str) -> tuple[None, None, None]:
+    """A step whose loss or gradients are not finite: training.nan_policy stops the run, or skips the step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.cfg.training.nan_policy == "stop":
+        ckpts = checkpoint_dirs(run.out)
+        raise PeftkitError(
+            f"{became} at step {state.step + 1}; training stopped. "
+            + (f"The last good checkpoint is {ckpts[-1]}. " if ckpts else "")
+            + f"{RESTART} Set training.nan_policy: skip_step to skip such steps instead."
+        )
+    state.skipped_steps += 1
+    run.console.print(f"[yellow]step {state.step + 1}: {what}, step skipped[/]")
+    state.step += 1
+    run.scheduler.step()
+    return None, None, None
 
 
 def _regularize(run: _Run) -> float | None:

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -46,10 +47,11 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in ckpt.parent.iterdir()] == ["step-00000004"]
 
 
-def _exploding(tmp_path, tiny_llama, number_data, policy):
-    # SGD at lr 1e4 without clipping overflows within a few steps.
+def _exploding(tmp_path, tiny_llama, number_data, policy, lr=3e38):
+    # SGD without clipping: at lr 3e38 the first step makes the model's outputs overflow (the loss is then NaN); at
+    # lr 1e4 the gradients overflow at step 3 while the loss is still finite.
     return make_recipe(tmp_path, tiny_llama, number_data,
-                       training={"max_steps": 12, "lr": 1e4, "optimizer": "sgd", "max_grad_norm": None,
+                       training={"max_steps": 12, "lr": lr, "optimizer": "sgd", "max_grad_norm": None,
                                  "scheduler": "constant", "warmup_steps": 0, "save_steps": 1, "nan_policy": policy},
                        eval={"base_model": False})
 
@@ -63,6 +65,21 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_llama, number_data, 
     assert f"step-{step - 1:08d}" in message  # the last good checkpoint is named
     assert "start again with `peftkit train RECIPE --overwrite`: --resume continues only the same recipe" in message
     assert (tmp_path / "run" / "checkpoints" / f"step-{step - 1:08d}" / "adapter_model.safetensors").exists()
+
+
+def test_non_finite_gradients_of_a_finite_loss_stop_or_skip_the_step(tiny_llama, number_data, tmp_path):
+    """Gradients that overflow while the loss is still finite are not applied: `stop` names the step, `skip_step`
+    skips it (before, the step corrupted the weights and the run failed later)."""
+    with pytest.raises(PeftkitError, match=r"^The gradient norm became nan at step 3; training stopped. The last good "
+                       r"checkpoint is .*step-00000002"):
+        train(load_recipe(_exploding(tmp_path / "stop", tiny_llama, number_data, "stop", lr=1e4)))
+    summary = train(load_recipe(_exploding(tmp_path / "skip", tiny_llama, number_data, "skip_step", lr=1e4)))
+    assert summary["skipped_steps"] == 10 and math.isfinite(summary["eval_loss"])
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "skip" / "run" / "adapter" / "adapter_model.safetensors")
+    step2 = load_file(tmp_path / "stop" / "run" / "checkpoints" / "step-00000002" / "adapter_model.safetensors")
+    assert exported.keys() == step2.keys() and all(torch.equal(exported[k], step2[k]) for k in step2)
 
 
 def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path, monkeypatch):
@@ -83,15 +100,32 @@ def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_skip_step_that_leaves_non_finite_weights_fails_and_exports_nothing(tiny_llama, number_data, tmp_path):
+def test_skip_step_that_leaves_a_broken_model_fails_and_exports_nothing(tiny_llama, number_data, tmp_path):
     with pytest.raises(train_failed()) as e:
         train(load_recipe(_exploding(tmp_path, tiny_llama, number_data, "skip_step")))
     message = str(e.value)
-    assert message.startswith("Training ended with non-finite adapter weights (base_model.model.")
-    assert "steps were skipped for a non-finite loss); nothing was exported." in message and e.value.exit_code == 1
+    assert message.startswith("The final eval loss is nan (11 steps were skipped for a non-finite loss or "
+                              "gradients): the fine-tuned model's predictions are not finite on data.eval, so nothing "
+                              "was exported. Lower training.lr")
+    assert e.value.exit_code == 1
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_non_finite_adapter_weights_are_never_exported():
+    """What no skipped step can leave behind (a finite update that overflows a weight): the run fails, naming the
+    tensor and the skipped steps, and says to start again, not to resume the same recipe."""
+    from peftkit.checkpoint import LoopState
+    from peftkit.finish import _check_finite
+
+    weights = {"base_model.model.layers.0.q_proj.lora_B.weight": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(train_failed()) as e:
+        _check_finite(None, None, {"loss": 1.0}, LoopState(skipped_steps=2), weights)
+    message = str(e.value)
+    assert message.startswith("Training ended with non-finite adapter weights (base_model.model.layers.0.q_proj."
+                              "lora_B.weight) (2 steps were skipped for a non-finite loss or gradients); nothing was "
+                              "exported.")
     # not "--resume": the same recipe would diverge again the same way
     assert "Lower training.lr and start again with `peftkit train RECIPE --overwrite`" in message
-    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "manifest.json").exists()
 
 
 def train_failed():

@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from peftkit.distributed import shard
+from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
 from peftkit.train import train
 from tests.conftest import make_recipe
@@ -118,6 +120,10 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     _kill_tree(proc.pid)
     proc.wait()
     assert not (tmp_path / "kill" / "run" / "adapter").exists(), "killed too late to test anything"
+    with pytest.raises(PeftkitError, match=r"--resume: checkpoint step-\d+ was written by 2 processes, and this run "
+                       r"has 1. Its global batch, data order and schedule depend on the number, so resume with "
+                       r"--num-processes 2"):
+        train(load_recipe(killed), resume=True)
     resumed = _peftkit("train", str(killed), "--num-processes", "2", "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resumed from step-" in resumed.stdout

@@ -50,6 +50,11 @@ def test_early_stopping_stops_after_patience_and_exports_that_step(tiny_llama, n
     lines = _lines(tmp_path / "stop" / "run")
     assert [x["step"] for x in lines if "eval_loss" in x] == [1, 2, 3]  # the end reuses step 3's evaluation
     assert max(x["step"] for x in lines) == 3
+    first = _weights(tmp_path / "stop" / "run" / "adapter")
+    again = train(load_recipe(stopped), resume=True)  # as if killed after its checkpoint at the stop: no step past it
+    assert again["steps"] == 3 and again["stopped_early"] is True
+    assert max(x["step"] for x in _lines(tmp_path / "stop" / "run")) == 3
+    assert _same(_weights(tmp_path / "stop" / "run" / "adapter"), first)
 
     full = make_recipe(tmp_path / "full", tiny_llama, number_data, eval={"base_model": False}, training=training)
     train(load_recipe(full))
