@@ -235,7 +235,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
             ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler, run.inputs, console,
                                             run.method_trainer, run.selection, accelerator.process_index,
                                             accelerator.num_processes)
-            truncate_metrics(run.metrics_path, state.step, run.total_steps)
+            if run.main:
+                truncate_metrics(run.metrics_path, state.step, run.total_steps)
             stopped = run.selection is not None and run.selection.should_stop  # early stopping: a finished run
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
                           + (" The run had finished: its final evaluation and exports are made again."

@@ -55,6 +55,16 @@ def _kill_tree(pid: int) -> None:
     for p in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
+    deadline = time.time() + 60  # until each has exited (a zombie holds no file, no lock): SIGKILL is not instant
+    while time.time() < deadline and any(_running(p) for p in tree):
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _adapter(run):
