@@ -27,6 +27,7 @@ from peftkit.data import (
     load_rows,
     truncation_error,
 )
+from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.recipe import DataConfig, Recipe
 
 MASKED_STYLE = "dim"
@@ -143,11 +144,13 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
         console.print()
         console.print(f"example {i}  {describe_example(built, cfg)}", **out)
         console.print(render_tokens(tok, built.example, plain=plain, show_ids=show_ids, cut=built.truncated), **out)
-    _, stats, cuts = count_examples(tok, rows, cfg, cfg.train, line_numbers)
+    examples, stats, cuts = count_examples(tok, rows, cfg, cfg.train, line_numbers)
     stats["bad_rows"] += bad
     console.print()
     for line in describe_stats(stats, cfg):
         console.print(line, **out)
+    if cfg.packing and examples:
+        console.print(describe_packing(examples, pack_examples(examples, cfg.max_length), cfg.max_length), **out)
     if cfg.truncation == "error" and cuts.first is not None:
         console.print("training would stop: " + truncation_error(cuts.first, stats["target_cut"], cuts.longest, cfg),
                       **out)

@@ -492,13 +492,13 @@ def test_on_bad_rows_skip_drops_and_counts(tmp_path):
 def test_on_bad_rows_skip_with_nothing_left(tmp_path):
     path = _jsonl(tmp_path, ["{not json", '{"instruction": "no output"}'])
     assert _data_error(path, on_bad_rows="skip") == (
-        f"No training examples from {path}: all 2 rows were skipped as malformed or missing the fields of data.format "
+        f"No examples from {path}: all 2 rows were skipped as malformed or missing the fields of data.format "
         "'alpaca' (instruction, output); check data.format, or set data.on_bad_rows: error to see the first bad row.")
 
 
 def test_empty_data_file(tmp_path):
     path = _jsonl(tmp_path, [])
-    assert _data_error(path) == (f"No training examples from {path}: it has no rows; point data.train/data.eval at "
+    assert _data_error(path) == (f"No examples from {path}: it has no rows; point data.train/data.eval at "
                                  "data with examples.")
 
 
@@ -507,7 +507,7 @@ def test_every_example_longer_than_max_length(tmp_path):
     write_jsonl(path, number_rows(5, seed=0))
     # The alpaca prompt alone is ~60 characters (= tokens here), so 16 tokens leave no response token.
     assert _data_error(path, max_length=16) == (
-        f"No training examples from {path}: all 5 examples have their whole target beyond data.max_length=16 tokens, "
+        f"No examples from {path}: all 5 examples have their whole target beyond data.max_length=16 tokens, "
         "so there is nothing left to learn; raise data.max_length.")
 
 

@@ -318,7 +318,7 @@ def test_data_file_without_rows(tmp_path, name, content):
     path = tmp_path / name
     path.write_bytes(content)
     assert _data_error(path, "text" if name.endswith(".txt") else "alpaca") == (
-        f"No training examples from {path}: it has no rows; point data.train/data.eval at data with examples.")
+        f"No examples from {path}: it has no rows; point data.train/data.eval at data with examples.")
 
 
 def test_unreadable_data_file_says_why(tmp_path):

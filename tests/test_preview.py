@@ -111,6 +111,13 @@ def test_preview_prints_examples_counts_and_whether_the_end_survived(tmp_path):
     )
 
 
+def test_preview_prints_training_s_packing_line(tmp_path):
+    """With data.packing, the counts end with the line `peftkit train` prints: 7 + 4 tokens in one row of 12, the
+    cut example (12) in another."""
+    printed = _preview(_recipe(tmp_path, [ROWS[0], ROWS[2], ROWS[1]], packing=True), n=1)
+    assert printed.endswith("data.packing: 3 examples in 2 rows of up to 12 tokens (96% filled)\n")
+
+
 def test_preview_shows_what_error_and_no_target_mean(tmp_path):
     rows = [ROWS[1], {"prompt": "x" * 20, "completion": "y"}]
     out = _preview(_recipe(tmp_path, rows, truncation="error"))

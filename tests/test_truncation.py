@@ -111,7 +111,7 @@ def test_drop_of_every_example_explains_itself(tmp_path):
     with pytest.raises(PeftkitError) as info:
         _load(path, max_length=6, truncation="drop")
     assert str(info.value) == (
-        f"No training examples from {path}: 1 examples lost the end of their target to data.max_length=6 tokens, "
+        f"No examples from {path}: 1 examples lost the end of their target to data.max_length=6 tokens, "
         "which data.truncation: drop leaves out, and the other 1 have their whole target beyond it; raise "
         "data.max_length, or set data.truncation: keep.")
 

@@ -232,7 +232,7 @@ def tokenize_rows(
                       "data.on_bad_rows: error to see the first bad row")
         else:
             reason = "it has no rows; point data.train/data.eval at data with examples"
-        raise PeftkitError(f"No training examples from {source}: {reason}.")
+        raise PeftkitError(f"No examples from {source}: {reason}.")
     return examples, stats
 
 
