@@ -90,8 +90,8 @@ class Selection:
 
     def stop_reason(self) -> str:
         s = self.stopper
-        return (f"early stopping: eval {s.metric} has not improved ({s.direction} is better, min_delta {s.min_delta}) "
-                f"for {s.stale} evaluations; its best was {s.value:.4f} at step {s.step}")
+        return (f"early stopping: eval {s.metric} has not improved by more than min_delta {s.min_delta} "
+                f"({s.direction} is better) for {s.stale} evaluations, since {s.value:.4f} at step {s.step}")
 
     def summary(self) -> dict:
         """What the run's summary (and manifest) says of the choice."""

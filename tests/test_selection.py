@@ -153,3 +153,17 @@ def test_a_tracker_without_its_package_is_a_clear_error(tiny_llama, number_data,
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert "training.report_to: wandb needs its package, which is not installed; run `pip install wandb`" in err
     assert not any(p.name in ("metrics.jsonl", "checkpoints", "trackers") for p in (tmp_path / "run").glob("*"))
+
+
+def test_the_stop_reason_names_the_last_improvement_by_min_delta():
+    """Early stopping counts from the last improvement by more than min_delta; export.best takes the best value
+    whatever min_delta, so the two may name different steps, and the message says which one it means."""
+    from peftkit.selection import Selection, Watch
+
+    selection = Selection(Watch("loss", True, 0.5), 2, Watch("loss", True))
+    for step, value in ((1, 4.0), (2, 3.8), (3, 3.7)):
+        selection.observe(step, {"loss": value}, dict)
+    assert selection.should_stop
+    assert selection.stop_reason() == ("early stopping: eval loss has not improved by more than min_delta 0.5 (lower "
+                                       "is better) for 2 evaluations, since 4.0000 at step 1")
+    assert selection.summary()["best"] == {"metric": "eval_loss", "value": 3.7, "step": 3}
