@@ -43,9 +43,7 @@ def _local(path: str) -> str:
 def _every_command(ctx: typer.Context) -> None:
     # A PeftkitWarning prints as one `warning:` line on stderr when it happens; Python's own settings are back
     # when the command ends (tests run commands in their own process).
-    settings = warnings.catch_warnings()
-    settings.__enter__()
-    ctx.call_on_close(lambda: settings.__exit__(None, None, None))
+    ctx.with_resource(warnings.catch_warnings())
     warnings.showwarning = _warning_printer(warnings.showwarning)
     warnings.simplefilter("always", PeftkitWarning)
 

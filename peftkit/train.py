@@ -144,6 +144,11 @@ class _Run:
         return self.compiled[fn]
 
     @property
+    def stopped_early(self) -> bool:
+        """training.early_stopping has ended the run (a resumed run may find it so)."""
+        return self.selection is not None and self.selection.should_stop
+
+    @property
     def saved_modules(self) -> list[str]:
         """What the adapter saves whole (adapter.modules_to_save, a classifier's head)."""
         return self.adapter.modules_to_save
@@ -237,10 +242,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                                             accelerator.num_processes)
             if run.main:
                 truncate_metrics(run.metrics_path, state.step, run.total_steps)
-            stopped = run.selection is not None and run.selection.should_stop  # early stopping: a finished run
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
                           + (" The run had finished: its final evaluation and exports are made again."
-                             if state.step >= run.total_steps or stopped else ""))
+                             if state.step >= run.total_steps or run.stopped_early else ""))
         run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to and run.main else None
         try:
             with nondeterministic_op_error():
@@ -391,7 +395,7 @@ def _loop(run: _Run, state: LoopState) -> None:
     run.model.train()
     window_start, window_tokens = time.time(), 0
     with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
-        while state.step < run.total_steps and not (run.selection is not None and run.selection.should_stop):
+        while state.step < run.total_steps and not run.stopped_early:
             if distributed.any_process(run.accelerator, stop.signal is not None):
                 path = run.checkpoint(state)
                 raise PeftkitError(
@@ -419,7 +423,7 @@ def _loop(run: _Run, state: LoopState) -> None:
                 progress.note(f"step {state.step}: {run.eval_ex.describe(result)}")
             if tcfg.save_steps and state.step % tcfg.save_steps == 0:
                 run.checkpoint(state)
-            if run.selection is not None and run.selection.should_stop:
+            if run.stopped_early:
                 progress.note(f"step {state.step}: {run.selection.stop_reason()}")
                 break
 
