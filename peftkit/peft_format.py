@@ -10,6 +10,7 @@ against, so that a merge dequantizes the same 4-bit weights; the base's RoPE sca
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from peftkit import __version__
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_write_bytes, atomic_write_json
 from peftkit.methods import Method, method_for_peft_type, method_of
 from peftkit.methods.base import REEXPORT, PeftConfigBase
@@ -209,10 +210,60 @@ def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
     raw = read_json_object(config_file, _REEXPORT)
     method = method_for_peft_type(raw.get("peft_type"), config_file)
     peft = _validated(method.peft_config, config_file, raw, _REEXPORT)
+    check_peft_fields(method, raw, config_file)
     if method.layer_targets and not peft.target_modules:
         raise PeftkitError(f'{config_file}: "target_modules" is {_show(peft.target_modules)}; it should name the '
                            f"adapted modules (a list of names, or a regular expression string). {_REEXPORT}")
     return method, peft
+
+
+UNSUPPORTED_FEATURES = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA), which adapts only the tokens from its invocation on",
+    "use_qalora": "QA-LoRA, which pools the input groupwise",
+    "use_bdlora": "block-diagonal LoRA",
+    "lora_bias": "a bias in lora_B",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layer replication, which stacks copies of the base's layers",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "exclude_modules": "exclude_modules",
+    "megatron_config": "Megatron's parallel linear layers",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+}
+"""peft features that change an adapter's outputs and that peftkit does not implement: one that is set is refused,
+for any method, so that an adapter never loads as something else (aLoRA saves plain LoRA tensor names)."""
+
+PEFT_BOOKKEEPING = {
+    "auto_mapping", "peft_version", "inference_mode", "fan_in_fan_out", "layers_pattern", "megatron_core",
+    "qalora_group_size", "runtime_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "init_lora_weights", "init_weights", "init_ia3_weights", "r", "target_r", "init_r", "tinit", "tfinal", "deltaT",
+    "beta1", "beta2", "orth_reg_weight", "total_step", "token_dim", "num_transformer_submodules",
+    "num_attention_heads", "num_layers", "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init",
+    "prompt_tuning_init_text", "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task",
+}
+"""Fields of peft's configs that do not change a saved adapter's outputs (settings of its training, its first values,
+or the wrapper's) or that peftkit derives from the model (`fan_in_fan_out`); a method reads what it needs of them
+(AdaLoRA's `r` is one: its ranks are the saved tensors')."""
+
+
+def check_peft_fields(method: type[Method], raw: dict, config_file: Path) -> None:
+    """Refuse a set `UNSUPPORTED_FEATURES` field of adapter_config.json; warn of a set field that peftkit does not know
+    (a newer peft's), which is ignored: if it changes the outputs, they differ from peft's."""
+    def is_set(value) -> bool:
+        return value not in (None, False, "", [], {}, "none")
+
+    for key, what in UNSUPPORTED_FEATURES.items():
+        if is_set(raw.get(key)):
+            raise PeftkitError(f"{config_file}: '{key}' is {json.dumps(raw[key])}: {what}; peftkit does not implement "
+                               "it, and loading the adapter without it would give outputs other than peft's.")
+    unknown = sorted(k for k, v in raw.items() if is_set(v) and k not in method.peft_config.model_fields
+                     and k not in PEFT_BOOKKEEPING)
+    if unknown:
+        warnings.warn(f"{config_file} sets {', '.join(repr(k) for k in unknown)}, which peftkit does not know and "
+                      "ignores; if a field changes the adapter's outputs, they differ from peft's.", PeftkitWarning,
+                      stacklevel=2)
 
 
 def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitError:

@@ -134,6 +134,31 @@ def test_a_mixed_batch_is_peft_s_adapter_names(tiny_llama, adapters, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+def test_a_peft_adapter_saving_norm_layers_keeps_them_out_of_the_shared_base(tiny_llama, adapters, tmp_path):
+    """peft matches modules_to_save by string suffix: its `norm` saves every input_layernorm and
+    post_attention_layernorm too. Those are that adapter's copies: the base and the other adapters keep their own."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(_base(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
+                                                        modules_to_save=["norm"], init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad and "norm" in name:
+                p.add_(0.5 * torch.randn(p.shape))
+    theirs.eval().save_pretrained(tmp_path / "norms")
+    model, named, _ = load_named_model([("norms", str(tmp_path / "norms")), ("a", adapters["llama"]["a"])])
+    ids, mask = _batch(ROWS)
+    with torch.no_grad():
+        expected = {"norms": theirs(input_ids=ids, attention_mask=mask).logits, None: _base(tiny_llama)(
+            input_ids=ids, attention_mask=mask).logits, "a": PeftModel.from_pretrained(_base(tiny_llama), adapters[
+                "llama"]["a"]).eval()(input_ids=ids, attention_mask=mask).logits}
+        for name, logits in expected.items():
+            named.activate(name)
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, logits, rtol=0, atol=1e-5)
+
+
 def test_delete_takes_the_adapter_and_its_parameters_out(tiny_llama, adapters):
     model, named, _ = load_named_model(list(adapters["llama"].items()))
     base = _base(tiny_llama)

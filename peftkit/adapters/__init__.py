@@ -192,6 +192,15 @@ def modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     return found
 
 
+def saved_base_modules(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """The modules, by full path, whose own parameters a PEFT state dict holds: its modules_to_save copies. peft
+    picks those by *string* suffix, so its `norm` also saves every `input_layernorm`: the keys say what is there."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    paths = {key[len(PEFT_PREFIX):].rsplit(".", 1)[0] for key in state
+             if key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):] in params}
+    return {path: model.get_submodule(path) for path in sorted(paths)}
+
+
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
     """The adapter layers of an injected model, by full path."""
     return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_to_save
+from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_to_save, saved_base_modules
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of
 from peftkit.methods.base import Method
@@ -318,6 +318,9 @@ class NamedAdapters:
         """Inject the adapter into the bare model (its modules_to_save as copies), load its tensors, then move each
         new module into the host at its path and put the base module back in the tree."""
         originals = modules_to_save(self.model, cfg.modules_to_save)
+        for path, module in saved_base_modules(self.model, state).items():  # peft's file may hold more
+            if not any(path == p or path.startswith(f"{p}.") for p in originals):
+                originals[path] = module
         for path, module in originals.items():
             _replace(self.model, path, copy.deepcopy(module))
         targets: list[str] = []

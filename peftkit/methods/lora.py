@@ -255,6 +255,10 @@ class LoraEmbedding(_LoraLayer):
         return (after_a @ self.lora_embedding_B.T) * self.scaling
 
 
+BASE_KEEPING_INITS = ("gaussian", "orthogonal", "eva")
+"""peft's init_lora_weights strings whose adapter fits the original base as saved."""
+
+
 class PeftLoraConfig(PeftConfigBase):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
@@ -350,7 +354,8 @@ class Lora(Method):
     @classmethod
     def from_peft(cls, peft: PeftLoraConfig, config_file: Path) -> LoraConfig:
         refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "layers_to_transform"))
-        if isinstance(peft.init_lora_weights, str) and peft.init_lora_weights.lower() != "gaussian":
+        # These inits draw A and B only; the others (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) also move the base weights.
+        if isinstance(peft.init_lora_weights, str) and peft.init_lora_weights.lower() not in BASE_KEEPING_INITS:
             raise PeftkitError(
                 f"{config_file}: init_lora_weights is {peft.init_lora_weights!r}: peft saved this adapter for the residual "
                 "base its init left (PiSSA, OLoRA, ...), not for the original one. Save it again with peft's "

@@ -1,0 +1,103 @@
+"""Which adapter_config.json fields peftkit refuses, ignores or warns of, checked against peft's own configs: a peft
+feature peftkit does not implement is refused by name (never loaded as something else), peft's defaults load
+quietly, and a field nobody here knows is a warning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from peft import LoraConfig as PeftLora
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.methods import method_for_peft_type
+from peftkit.modeling import load_adapted_model
+from peftkit.peft_format import UNSUPPORTED_FEATURES, check_peft_fields, load_adapter
+
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
+PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs beyond its defaults
+    "LoraConfig": {}, "IA3Config": {}, "LoHaConfig": {}, "LoKrConfig": {}, "OFTConfig": {"r": 0, "oft_block_size": 4},
+    "VeraConfig": {}, "AdaLoraConfig": {"total_step": 10}, "PromptTuningConfig": {}, "PrefixTuningConfig": {},
+    "PromptEncoderConfig": {}, "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 1},
+    "MultitaskPromptTuningConfig": {},
+}
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _peft_lora(base: Path, out: Path, **config) -> Path:
+    """A peft LoRA far from identity (init_lora_weights=False: B is drawn too), saved by peft."""
+    torch.manual_seed(0)
+    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 **{"init_lora_weights": False} | config))
+    model.eval().save_pretrained(out)
+    return out
+
+
+def _edit(adapter: Path, **fields) -> Path:
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | fields))
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_CONFIGS))
+def test_every_peft_config_at_its_defaults_passes_quietly(name):
+    """Every field peft writes at its default is either read, or known not to change the outputs: no refusal and no
+    warning (a new peft field with a set default would show here)."""
+    assert {f.name for f in dataclasses.fields(peft.LoraConfig)} >= set(UNSUPPORTED_FEATURES)  # peft's own names
+    config = getattr(peft, name)(task_type="CAUSAL_LM", **PEFT_CONFIGS[name])
+    raw = json.loads(json.dumps(config.to_dict(), default=str))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_peft_fields(method_for_peft_type(raw["peft_type"], Path("c.json")), raw, Path("c.json"))
+
+
+def test_a_peft_alora_adapter_is_refused_not_loaded_as_plain_lora(tiny_llama, tmp_path):
+    """aLoRA saves plain LoRA tensor names and adapts only from its invocation tokens on: loaded as LoRA, every
+    position would move (by up to 1.7 in the logits of this one)."""
+    adapter = _peft_lora(tiny_llama, tmp_path / "alora", alora_invocation_tokens=[60, 61])
+    with pytest.raises(PeftkitError, match=r"adapter_config.json: 'alora_invocation_tokens' is \[60, 61\]: activated LoRA"):
+        load_adapted_model(str(tiny_llama), str(adapter))
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("exclude_modules", ["model.layers.0.self_attn.q_proj"]), ("lora_bias", True), ("use_qalora", True),
+    ("trainable_token_indices", [5, 6]), ("layer_replication", [[0, 2], [1, 2]]), ("target_parameters", ["w"]),
+])
+def test_unsupported_peft_features_are_refused_by_name(key, value, tiny_llama, tmp_path):
+    config = _edit(_peft_lora(tiny_llama, tmp_path / "lora"), **{key: value})
+    with pytest.raises(PeftkitError) as info:
+        load_adapter(config.parent)
+    assert f"{config}: '{key}' is {json.dumps(value)}: " in str(info.value)
+    assert "does not implement it" in str(info.value)
+
+
+def test_an_unknown_field_that_is_set_warns_and_is_ignored(tiny_llama, tmp_path):
+    adapter = _peft_lora(tiny_llama, tmp_path / "lora")
+    _edit(adapter, some_future_variant={"blocks": 2}, another_unset=None)
+    with pytest.warns(PeftkitWarning, match="sets 'some_future_variant', which peftkit does not know") as seen:
+        load_adapter(adapter)
+    assert "another_unset" not in str(seen[0].message)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "eva"])
+def test_inits_that_keep_the_base_load_with_peft_numbers(init, tiny_llama, tmp_path):
+    """Orthogonal and EVA inits draw A and B only (unlike PiSSA or OLoRA, which move the base): the adapter is a plain
+    LoRA of the original base, with peft's outputs."""
+    adapter = _peft_lora(tiny_llama, tmp_path / "lora")  # weights far from identity; peft records its init string
+    _edit(adapter, init_lora_weights=init)
+    reference = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    ours = load_adapted_model(str(tiny_llama), str(adapter))[0]
+    with torch.no_grad():
+        diff = (ours(IDS).logits - reference(IDS).logits).abs().max()
+        assert (reference(IDS).logits - _load(tiny_llama)(IDS).logits).abs().max() > 0.1  # a change to check
+    assert float(diff) <= 1e-5
