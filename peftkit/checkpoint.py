@@ -118,6 +118,11 @@ def _recorded(path: Path) -> dict:
     return recorded
 
 
+def checked_files(path: Path) -> dict[str, str]:
+    """A checkpoint's files and their sha256, each checked against its checksums.json (DamagedCheckpoint if not)."""
+    return _recorded(path)["files"]
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None,
                     selection=None, rank: int = 0) -> tuple[LoopState, dict, int]:
     """Restore a checkpoint into the model, optimizer, scheduler, RNG, the method's trainer and the run's

@@ -91,6 +91,11 @@ def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:
             for directory in directories for name, digest in file_hashes(run_dir / directory).items()}
 
 
+def loss_digest(losses: list[float]) -> str:
+    """sha256 of the per-step losses as Python writes them: one string that says whether two runs' losses agree."""
+    return hashlib.sha256(repr(losses).encode()).hexdigest()
+
+
 def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
                    losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
                    init_from_sha256: dict | None = None, distributed: dict | None = None) -> dict:
@@ -114,7 +119,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "init_from_sha256": (init_from_sha256 if init_from_sha256 is not None
                              else file_hashes(recipe.adapter.init_from) if recipe.adapter.init_from else {}),
         "losses": losses,
-        "loss_digest": hashlib.sha256(repr(losses).encode()).hexdigest(),
+        "loss_digest": loss_digest(losses),
         "metrics": summary,
         "outputs_sha256": outputs,
     }

@@ -4,7 +4,8 @@ The recipe, seed and expected hashes come from RUN_DIR/manifest.json. First the 
 hashed against the manifest (every exported file, and recipe.yaml), so an artifact changed after the run
 is reported whatever the re-run says. Then the recipe is re-run in a temporary directory (never RUN_DIR)
 and the report names what differs: the environment (package versions, device), the data or base-model
-hashes, the first step whose loss diverges, and each exported file whose bytes differ. With a
+hashes, the first step whose loss diverges, each exported file whose bytes differ, and the results, log lines
+and checkpoints the re-run does not repeat (`peftkit.reproduced`). With a
 tolerance, losses and adapter weights are compared numerically instead (for runs on another machine,
 where bit equality is not expected); a file in RUN_DIR that no longer matches its recorded hash is still
 reported, so a tolerance cannot hide a change.
@@ -37,6 +38,7 @@ from peftkit.manifest import (
     read_manifest,
 )
 from peftkit.recipe import Recipe
+from peftkit.reproduced import differences
 
 
 @dataclass
@@ -178,7 +180,7 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
             raise _rerun_failed(e, tmp, run_dir, report) from None
         report.notes += _env_differences(manifest.environment, current)
         rerun = read_manifest(Path(tmp))
-        return _compare(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
+        return differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
 
 
 def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
@@ -211,29 +213,6 @@ def _rerun_failed(error: PeftkitError, tmp: str, run_dir: Path, report: VerifyRe
                         + (f"\nBefore the re-run it found:{found}" if found else ""))
 
 
-def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
-             tolerance: float) -> list[str]:
-    """The re-run's losses and outputs against the recorded ones; `intact`: RUN_DIR files matching their hash."""
-    out = []
-    if divergence := _first_divergence(manifest.losses, rerun.losses, tolerance):
-        out.append(divergence)
-    recorded, now = manifest.outputs_sha256, rerun.outputs_sha256
-    for name in sorted(recorded.keys() | now.keys()):
-        if recorded.get(name) == now.get(name):
-            continue
-        if name not in now:
-            out.append(f"output {name}: recorded, but the re-run did not write it")
-        elif name not in recorded:
-            out.append(f"output {name}: written by the re-run, but not recorded")
-        elif tolerance == 0:
-            out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
-        # RUN_DIR's copy is compared only when intact: a changed one is already reported, and may not even parse.
-        elif name.endswith(".safetensors") and name in intact and \
-                (problem := _weights_close(name, run_dir / name, tmp / name, tolerance)):
-            out.append(problem)
-    return out
-
-
 def _env_differences(recorded: RecordedEnvironment, current: RecordedEnvironment) -> list[str]:
     out = [f"environment: {name} {version} recorded, {current.versions.get(name)} now"
            for name, version in recorded.versions.items() if current.versions.get(name) != version]
@@ -241,24 +220,3 @@ def _env_differences(recorded: RecordedEnvironment, current: RecordedEnvironment
         if getattr(recorded, key) != getattr(current, key):
             out.append(f"environment: {key} {getattr(recorded, key)} recorded, {getattr(current, key)} now")
     return out
-
-
-def _first_divergence(expected: list[float], actual: list[float], tolerance: float) -> str | None:
-    for i, (a, b) in enumerate(zip(expected, actual)):
-        if not (a == b or (tolerance > 0 and math.isclose(a, b, rel_tol=0, abs_tol=tolerance))):
-            return f"loss diverges first at step {i + 1}: {a!r} recorded, {b!r} now"
-    if len(expected) != len(actual):
-        return f"{len(expected)} steps recorded, {len(actual)} now"
-    return None
-
-
-def _weights_close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:
-    from safetensors.torch import load_file
-
-    x, y = load_file(recorded), load_file(rerun)
-    if x.keys() != y.keys() or any(x[k].shape != y[k].shape for k in x):
-        return f"output {name}: different tensors (names or shapes) recorded and now"
-    if not x:
-        return None
-    worst = max(((x[k].float() - y[k].float()).abs().max().item(), k) for k in x)
-    return None if worst[0] <= tolerance else f"output {name}: max abs diff {worst[0]:.3g} at {worst[1]} > {tolerance}"

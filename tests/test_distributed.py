@@ -60,6 +60,26 @@ def _kill_tree(pid: int) -> None:
         time.sleep(0.05)
 
 
+def _unlocked(run: Path, timeout: float = 120.0) -> None:
+    """Wait until no process holds the run directory's lock: a killed process releases it once it has exited,
+    whatever kept it (a slow exit under load); a lock still held then is a failure that names its holder."""
+    import fcntl
+
+    deadline = time.time() + timeout
+    with open(run / ".peftkit.lock") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                holder = (run / ".peftkit.lock").read_text().strip()
+                pid = int(holder.split()[1])
+                state = Path(f"/proc/{pid}/status").read_text()[:300] if Path(f"/proc/{pid}").exists() else "gone"
+                assert time.time() < deadline, f"the killed run's lock is still held: {holder}; {state}"
+                time.sleep(0.1)
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -129,6 +149,7 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
         time.sleep(0.05)
     _kill_tree(proc.pid)
     proc.wait()
+    _unlocked(tmp_path / "kill" / "run")
     assert not (tmp_path / "kill" / "run" / "adapter").exists(), "killed too late to test anything"
     with pytest.raises(PeftkitError, match=r"--resume: checkpoint step-\d+ was written by 2 processes, and this run "
                        r"has 1. Its global batch, data order and schedule depend on the number, so resume with "

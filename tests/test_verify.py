@@ -40,7 +40,8 @@ def _quiet() -> Console:
 @pytest.fixture(scope="module")
 def recorded_run(tiny_llama, number_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recorded")
-    recipe = make_recipe(root, tiny_llama, number_data, training={"max_steps": 3}, eval={"base_model": False})
+    recipe = make_recipe(root, tiny_llama, number_data, training={"max_steps": 3, "save_steps": 2},
+                         eval={"base_model": False})
     train(load_recipe(recipe), console=_quiet())
     return root / "run"
 
@@ -109,6 +110,43 @@ def test_files_changed_after_the_run_are_reported_though_the_recipe_reproduces(r
         assert any(d.startswith(text) for d in report.differences), (text, report.differences)
     assert len(report.differences) == len(expected), report.differences  # the re-run itself matched
     assert f"the recipe still reproduces the recorded run; only the files in {run} differ from it" in report.notes
+
+
+def test_results_logs_and_checkpoints_edited_after_the_run_are_reported(run):
+    """Every record of the run is checked, not only the exported files: the manifest's results against the re-run's,
+    metrics.jsonl line by line, each checkpoint against its checksums.json and the re-run's."""
+    def edit(manifest):
+        manifest["metrics"]["eval_loss"] = 0.01
+        manifest["seed"], manifest["added"] = 7, 1
+        manifest["loss_digest"] = "0" * 64
+    _edit_manifest(run, edit)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = json.dumps(json.loads(lines[1]) | {"loss": 0.5})
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _flip_a_bit(run / "checkpoints/step-00000002/adapter_model.safetensors")
+    expected = ["manifest.json: its loss_digest does not match its losses; the manifest was edited after the run",
+                "manifest.json: added is 1 recorded, None now",
+                "manifest.json: metrics.eval_loss is 0.01 recorded, ",
+                "manifest.json: seed is 7 recorded, 0 now",
+                "metrics.jsonl line 2: loss is 0.5 recorded, ",
+                f"checkpoints/step-00000002 in {run}: adapter_model.safetensors does not match its checksum (truncated "
+                "or modified); it was changed after the run"]
+    for tolerance in (0.0, 1e-3):
+        report = verify(run, tolerance=tolerance, console=_quiet())
+        for text in expected:
+            assert any(d.startswith(text) for d in report.differences), (text, report.differences)
+        assert len(report.differences) == len(expected), report.differences
+
+
+def test_a_checkpoint_rewritten_with_its_checksums_is_not_the_re_run_s(run):
+    checkpoint = run / "checkpoints/step-00000002"
+    _flip_a_bit(checkpoint / "adapter_model.safetensors")
+    checksums = json.loads((checkpoint / "checksums.json").read_text())
+    checksums["files"]["adapter_model.safetensors"] = sha256_file(checkpoint / "adapter_model.safetensors")
+    (checkpoint / "checksums.json").write_text(json.dumps(checksums))
+    report = verify(run, console=_quiet())
+    assert len(report.differences) == 1, report.differences
+    assert report.differences[0].startswith("checkpoints/step-00000002/adapter_model.safetensors: sha256 ")
 
 
 def test_a_tolerance_does_not_hide_a_changed_adapter(run):

@@ -1,0 +1,172 @@
+"""Whether a re-run reproduced a recorded run, record by record: the losses, each exported file, manifest.json's
+results, metrics.jsonl line by line and each checkpoint (whole, and file by file). Bit for bit; with a tolerance,
+numbers and adapter weights within it. `peftkit.verify` runs the re-run and reads the report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+from peftkit.manifest import MANIFEST, Manifest, loss_digest
+
+
+def differences(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
+                tolerance: float) -> list[str]:
+    """What of the run recorded in `run_dir` the re-run in `tmp` did not reproduce; `intact`: the exported files
+    of `run_dir` that still match their recorded hash."""
+    return (_compare(manifest, rerun, run_dir, tmp, intact, tolerance) + _result_differences(manifest, rerun, tolerance)
+            + _log_differences(run_dir, tmp, tolerance) + _checkpoint_differences(run_dir, tmp, tolerance))
+
+
+def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
+             tolerance: float) -> list[str]:
+    """The re-run's losses and outputs against the recorded ones; `intact`: RUN_DIR files matching their hash."""
+    out = []
+    if divergence := _first_divergence(manifest.losses, rerun.losses, tolerance):
+        out.append(divergence)
+    recorded, now = manifest.outputs_sha256, rerun.outputs_sha256
+    for name in sorted(recorded.keys() | now.keys()):
+        if recorded.get(name) == now.get(name):
+            continue
+        if name not in now:
+            out.append(f"output {name}: recorded, but the re-run did not write it")
+        elif name not in recorded:
+            out.append(f"output {name}: written by the re-run, but not recorded")
+        elif tolerance == 0:
+            out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
+        # RUN_DIR's copy is compared only when intact: a changed one is already reported, and may not even parse.
+        elif name.endswith(".safetensors") and name in intact and \
+                (problem := _weights_close(name, run_dir / name, tmp / name, tolerance)):
+            out.append(problem)
+    return out
+
+
+METRICS_LOG = "metrics.jsonl"
+
+VARYING = ("elapsed_s", "peak_mem_mb", "tokens_per_s")
+"""What a run records that no re-run repeats: wall-clock time, speed and peak memory."""
+
+CHECKED_APART = {"command", "environment", "recipe", "recipe_sha256", "losses", "loss_digest", "data_sha256",
+                 "base_model_sha256", "init_from_sha256", "outputs_sha256"}
+"""manifest.json's fields that verify checks on their own (the command line, which names verify's own re-run, and
+the environment are notes); every other field must equal the re-run's."""
+
+
+def _result_differences(manifest: Manifest, rerun: Manifest, tolerance: float) -> list[str]:
+    """manifest.json's results (its metrics, seed, dtype, processes and any other field) against the re-run's,
+    and its loss_digest against its own losses."""
+    recorded, now = manifest.model_dump(), rerun.model_dump()
+    out = []
+    if recorded.get("loss_digest") != loss_digest(manifest.losses):
+        out.append(f"{MANIFEST}: its loss_digest does not match its losses; the manifest was edited after the run")
+    for key in sorted((recorded.keys() | now.keys()) - CHECKED_APART):
+        out += [f"{MANIFEST}: {problem}" for problem in _differ(key, recorded.get(key), now.get(key), tolerance)]
+    return out
+
+
+def _differ(where: str, recorded, now, tolerance: float) -> list[str]:
+    """Where `recorded` and `now` (JSON values) differ, numbers within `tolerance`; VARYING keys are skipped, and
+    with a tolerance so are generated texts (`samples`: another machine may decode another token)."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        skip = set(VARYING) | ({"samples"} if tolerance > 0 else set())
+        return [problem for key in sorted((recorded.keys() | now.keys()) - skip)
+                for problem in _differ(f"{where}.{key}" if where else key, recorded.get(key), now.get(key), tolerance)]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (recorded, now))
+    if recorded == now or (numbers and tolerance > 0 and math.isclose(recorded, now, rel_tol=0, abs_tol=tolerance)):
+        return []
+    return [f"{where} is {recorded!r} recorded, {now!r} now"]
+
+
+def _log_differences(run_dir: Path, tmp: Path, tolerance: float) -> list[str]:
+    """RUN_DIR's metrics.jsonl against the re-run's, line by line (the first difference)."""
+    recorded = _log_rows(run_dir / METRICS_LOG)
+    if isinstance(recorded, str):
+        return [recorded]
+    now = _log_rows(tmp / METRICS_LOG)
+    for i, (a, b) in enumerate(zip(recorded, now), start=1):
+        if problems := _differ("", a, b, tolerance):
+            return [f"{METRICS_LOG} line {i}: {problems[0]}"]
+    if len(recorded) != len(now):
+        return [f"{METRICS_LOG} has {len(recorded)} lines recorded, {len(now)} now"]
+    return []
+
+
+def _log_rows(path: Path) -> list[dict] | str:
+    """The rows of a metrics.jsonl, or what is wrong with it."""
+    if not path.is_file():
+        return f"{METRICS_LOG} is missing from {path.parent}"
+    rows = []
+    for i, line in enumerate(_text(path).splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            return f"{METRICS_LOG} line {i} in {path.parent} is not JSON; it was changed after the run"
+    return rows
+
+
+def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float) -> list[str]:
+    """RUN_DIR's checkpoints: each whole (its files match its checksums.json) and, file by file, the re-run's
+    (bit for bit; with a tolerance, the adapter weights numerically)."""
+    out = []
+    recorded, now = _checkpoints(run_dir), _checkpoints(tmp)
+    for name in sorted(recorded.keys() | now.keys()):
+        where = f"checkpoints/{name}"
+        if name not in now:
+            out.append(f"{where}: in {run_dir}, but the re-run did not write it")
+        elif name not in recorded:
+            out.append(f"{where}: written by the re-run, but not in {run_dir}")
+        elif isinstance(recorded[name], str):
+            out.append(f"{where} in {run_dir}: {recorded[name]}; it was changed after the run")
+        else:
+            for file in sorted(recorded[name].keys() | now[name].keys()):
+                a, b = recorded[name].get(file), now[name].get(file)
+                if a == b:
+                    continue
+                if tolerance == 0 or not file.endswith(".safetensors") or a is None or b is None:
+                    out.append(f"{where}/{file}: sha256 {(a or 'none')[:12]}… recorded, {(b or 'none')[:12]}… now")
+                elif problem := _weights_close(f"{where}/{file}", run_dir / where / file, tmp / where / file, tolerance):
+                    out.append(problem)
+    return out
+
+
+def _checkpoints(out: Path) -> dict[str, dict[str, str] | str]:
+    """{checkpoint directory: its files' sha256}, or why the checkpoint is not whole."""
+    from peftkit.checkpoint import DamagedCheckpoint, checked_files, checkpoint_dirs
+
+    found: dict[str, dict[str, str] | str] = {}
+    for path in checkpoint_dirs(out):
+        try:
+            found[path.name] = checked_files(path)
+        except DamagedCheckpoint as e:
+            found[path.name] = str(e)
+    return found
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{path} cannot be read ({e}); verify reads every file it checks.") from None
+
+
+def _first_divergence(expected: list[float], actual: list[float], tolerance: float) -> str | None:
+    for i, (a, b) in enumerate(zip(expected, actual)):
+        if not (a == b or (tolerance > 0 and math.isclose(a, b, rel_tol=0, abs_tol=tolerance))):
+            return f"loss diverges first at step {i + 1}: {a!r} recorded, {b!r} now"
+    if len(expected) != len(actual):
+        return f"{len(expected)} steps recorded, {len(actual)} now"
+    return None
+
+
+def _weights_close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:
+    from safetensors.torch import load_file
+
+    x, y = load_file(recorded), load_file(rerun)
+    if x.keys() != y.keys() or any(x[k].shape != y[k].shape for k in x):
+        return f"output {name}: different tensors (names or shapes) recorded and now"
+    if not x:
+        return None
+    worst = max(((x[k].float() - y[k].float()).abs().max().item(), k) for k in x)
+    return None if worst[0] <= tolerance else f"output {name}: max abs diff {worst[0]:.3g} at {worst[1]} > {tolerance}"
