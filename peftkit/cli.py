@@ -247,7 +247,7 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
     from peftkit.rundir import make_writable_dir
 
     named = [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
-    named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged")]
+    named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
     if predictions is not None:
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     results = compare(comparison_jobs(job, named, named_merged), predictions)

@@ -206,13 +206,12 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
 def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,
                   dtype: str | None, output_dir: str, trust_remote_code: bool) -> None:
     """The merged fp32 state as a plain model (+ tokenizer) in `dtype`, with the single-adapter merge's code."""
-    from peftkit.merge import base_provenance, non_persistent_buffers, plain_model_from_state, save_merged
+    from peftkit.merge import (base_provenance, checkpoint_dtype, non_persistent_buffers, plain_model_from_state,
+                               save_merged)
     from peftkit.modeling import DTYPES, load_tokenizer
     from peftkit.recipe import ModelConfig
 
-    if dtype is None:
-        saved = str(getattr(loaded.config, "dtype", None) or "float32").removeprefix("torch.")
-        dtype = saved if saved in DTYPES else "float32"
+    dtype = dtype or checkpoint_dtype(name, revision)
     if not all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()):
         raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
     model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded))

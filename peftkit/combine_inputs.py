@@ -83,12 +83,15 @@ class Source:
 
 def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Source]:
     """The adapters, read and checked one by one (PEFT format, no NaN, remote code allowed)."""
+    from peftkit.methods import method_of
+    from peftkit.methods.base import refuse_unmergeable
     from peftkit.modeling import check_remote_code
     from peftkit.peft_format import load_adapter
 
     sources = []
     for path in adapter_dirs:
         cfg, state, peft, quant = load_adapter(path)
+        refuse_unmergeable(method_of(cfg))  # module adapters and the prompt family: no weight update to combine
         check_remote_code(path, trust_remote_code)
         if cfg.modules_to_save:
             raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "

@@ -18,17 +18,19 @@ BASE = "base"
 _NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
 
 
-def parse_named(values: list[str], flag: str) -> list[tuple[str, str]]:
-    """`NAME=DIR` values of a repeatable flag (a bare DIR is named after its directory), names unique."""
+def parse_named(values: list[str], flag: str, taken: list[str] = ()) -> list[tuple[str, str]]:
+    """`NAME=DIR` values of a repeatable flag (a bare DIR is named after its directory), names unique among them,
+    the base's and `taken` (another flag's rows)."""
     named = []
     for value in values:
         match = _NAME.match(value)
         name, path = (match.group(1), match.group(2)) if match else (Path(value).name or value, value)
         named.append((name, path))
-    names = [BASE] + [n for n, _ in named]
+    names = [BASE, *taken] + [n for n, _ in named]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise PeftkitError(f"{flag}: the name {repeated[0]!r} is used twice (or is the base's row); name each one, "
+        raise PeftkitError(f"{flag}: the name {repeated[0]!r} is used twice (or is the base's row, or another flag's); "
+                           "name each one, "
                            f"e.g. {flag} a=DIR {flag} b=DIR.")
     return named
 

@@ -138,10 +138,29 @@ def plain_model_from_state(
         raise PeftkitError(f"Merged weights do not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}.")
     if tied:
         model.tie_weights()
+    else:
+        _tie_as_the_weights_say(model)
     for name, value in buffers.items():
         parent, _, leaf = name.rpartition(".")
         (model.get_submodule(parent) if parent else model).register_buffer(leaf, value, persistent=False)
     return model
+
+
+def _tie_as_the_weights_say(model: nn.Module) -> None:
+    """Make a tied config's output head agree with the merged weights. LoRA on the embeddings of a tied model adapts
+    the lookup only (as peft's does), and a saved lm_head copy (modules_to_save) the head only: the two matrices then
+    differ, and the config must say so, or a loader that ties them (vLLM; transformers' tie_weights, which
+    resize_token_embeddings calls) would serve another model. Equal matrices are tied again: one copy on disk."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    configs = [c for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+               if getattr(c, "tie_word_embeddings", False)]
+    if not configs or head is None or embedding is None or head.weight is embedding.weight:
+        return
+    if torch.equal(head.weight, embedding.weight):
+        model.tie_weights()
+        return
+    for config in configs:
+        config.tie_word_embeddings = False
 
 
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
@@ -257,15 +276,23 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     for out in outputs:
         check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
-    if dtype is None:
-        saved = getattr(model.config, "dtype", None)
-        dtype = str(saved).removeprefix("torch.") if saved is not None else "float32"
-        dtype = dtype if dtype in DTYPES else "float32"
-    merged = merged_model(model, cfg, DTYPES[dtype])
+    merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
     save_merged(merged, tok, output_dir, base_provenance(base.name_or_path, base.revision, base.trust_remote_code))
     if requantize:
         requantize_model(output_dir, outputs[1], requantize)
     return Path(output_dir)
+
+
+def checkpoint_dtype(name_or_path: str, revision: str | None = None) -> str:
+    """The dtype the base checkpoint's config.json records: a merge's default. The loaded model's config cannot say
+    (a 4-bit base loads to compute in float32). float32 when the file records none of DTYPES."""
+    from transformers import PretrainedConfig
+
+    from peftkit.modeling import DTYPES
+
+    raw = PretrainedConfig.get_config_dict(name_or_path, revision=revision)[0]
+    saved = str(raw.get("dtype") or raw.get("torch_dtype") or "float32").removeprefix("torch.")
+    return saved if saved in DTYPES else "float32"
 
 
 def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str) -> None:

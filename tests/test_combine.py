@@ -20,6 +20,7 @@ from peftkit.combine_adapters import adapter_files, combine_adapters, combine_la
 from peftkit.combine_inputs import Combination, output_rank, read_sources, skeleton
 from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules
+from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.peft_format import peft_config, save_adapter
@@ -395,8 +396,10 @@ def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2
     qv = make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 4, tmp_path / "qv")
     gpt2 = make_adapter(tiny_gpt2, LoraConfig(r=4, alpha=8), 5, tmp_path / "gpt2")
     ia3 = make_adapter(tiny_llama, IA3Config(method="ia3"), 6, tmp_path / "ia3")
+    bottleneck = make_adapter(tiny_llama, BottleneckConfig(method="bottleneck"), 7, tmp_path / "bottleneck")
     a = llama_adapters[0]
     for other, method, message in [
+        (bottleneck, "linear", "Bottleneck adapters (method: bottleneck) add computation of their own"),
         (r8, "linear", "needs adapters of equal rank, and these have r=4"),
         (qv, "linear", "needs adapters on the same modules"),
         (gpt2, "svd", "The adapters were trained on different bases"),

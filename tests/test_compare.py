@@ -63,8 +63,10 @@ def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monke
     args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])]
     assert "--adapter: the name 'a' is used twice" in cli_user_error(
         monkeypatch, capsys, *args, "--adapter", f"a={candidates / 'peft'}", "--adapter", f"a={candidates / 'peft'}")
-    assert "the name 'base' is used twice (or is the base's row)" in cli_user_error(
+    assert "the name 'base' is used twice (or is the base's row" in cli_user_error(
         monkeypatch, capsys, *args, "--adapter", f"base={candidates / 'peft'}")
+    assert "--merged: the name 'a' is used twice" in cli_user_error(  # one row each: the adapter's would be lost
+        monkeypatch, capsys, *args, "--adapter", f"a={candidates / 'peft'}", "--merged", f"a={tiny_llama}")
 
 
 def test_a_comparison_needs_the_base(number_data, candidates, monkeypatch, capsys):

@@ -446,6 +446,25 @@ def test_merged_equals_unmerged(case, arch, models):
     assert max(_diff(p, before[n]) for n, p in model.named_parameters()) <= 1e-5
 
 
+def test_a_merge_of_a_tied_model_unties_what_the_adapter_set_apart(models, tmp_path):
+    """Qwen2's head is tied to its embeddings, and LoRA on the embeddings adapts the lookup only (as peft's): merged,
+    the two matrices differ, so the saved config must not tie them, or tie_weights() (which transformers'
+    resize_token_embeddings calls; vLLM ties on loading) would serve another model."""
+    cfg = LoraConfig(r=2, alpha=4, target_modules=["embed_tokens", "o_proj"])
+    model, _ = _adapted(models["qwen2"], cfg)
+    adapted = _logits(model)
+    merged_model(model, cfg, torch.float32).save_pretrained(tmp_path / "merged")
+    reloaded = _load(tmp_path / "merged")
+    assert not reloaded.config.tie_word_embeddings
+    assert _diff(_logits(reloaded), adapted) <= TOL
+    reloaded.tie_weights()
+    assert _diff(_logits(reloaded), adapted) <= TOL
+    # A merge that leaves both alike keeps them tied, one matrix on disk.
+    plain = LoraConfig(r=2, alpha=4, target_modules=["o_proj"])
+    merged_model(_adapted(models["qwen2"], plain)[0], plain, torch.float32).save_pretrained(tmp_path / "alike")
+    assert _load(tmp_path / "alike").config.tie_word_embeddings
+
+
 # --------------------------------------------------------------------------- 4. state-dict round trip
 
 

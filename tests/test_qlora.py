@@ -59,6 +59,19 @@ BF16_REPACK = (
 )
 
 
+def test_a_qlora_merge_is_written_in_the_base_checkpoint_s_dtype(qllama, tmp_path):
+    """Without --dtype, the checkpoint's own (bfloat16 here), not the float32 the 4-bit base computed in."""
+    from transformers import AutoTokenizer
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(qllama, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(qllama).save_pretrained(bf16)
+    adapter_dir = _saved_qlora(injected(qllama), qllama, tmp_path / "adapter")
+    out = merge_adapter(str(adapter_dir), str(tmp_path / "merged"), base=str(bf16))
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 # ------------------------------------------------------------------------------------------ fixtures
 
 
@@ -201,14 +214,19 @@ def test_merged_logits_equal_qlora_logits(qllama, original):
     assert max_diff(plain_logits(naive), qlora) > 1e-2
 
 
+def _saved_qlora(model: nn.Module, base: Path, out: Path) -> Path:
+    """`model`'s adapter saved as a QLoRA run exports it (peftkit.json records the nf4 base)."""
+    quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
+    save_adapter(out, adapter_state_dict(model, []),
+                 peft_config(ADAPTER, list(adapter_layers(model)), str(base), fan_in_fan_out=False), quant)
+    assert json.loads((out / "peftkit.json").read_text())["quantization"]["method"] == "nf4"
+    return out
+
+
 def test_merge_adapter_requantizes_base_from_adapter_metadata(qllama, original, tmp_path):
     model = injected(qllama)
     expected = dequant_and_delta(model)
-    quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
-    adapter_dir = tmp_path / "adapter"
-    save_adapter(adapter_dir, adapter_state_dict(model, []),
-                 peft_config(ADAPTER, list(adapter_layers(model)), str(qllama), fan_in_fan_out=False), quant)
-    assert json.loads((adapter_dir / "peftkit.json").read_text())["quantization"]["method"] == "nf4"
+    adapter_dir = _saved_qlora(model, qllama, tmp_path / "adapter")
 
     out = merge_adapter(str(adapter_dir), str(tmp_path / "merged"), requantize="nf4")
     state = load_file(out / "model.safetensors")
