@@ -60,25 +60,43 @@ def example_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def predict(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> tuple[torch.Tensor, list[int]]:
+def predict(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+            processes=None) -> tuple[torch.Tensor, list[int]]:
     """(the (rows, num_labels) fp32 logits, the rows' class ids) of `model` on `examples`, in eval mode (the
-    model's mode is restored afterwards)."""
+    model's mode is restored afterwards).
+
+    `processes` (an accelerate Accelerator, several processes): each predicts every num_processes-th batch and the
+    shares are gathered back in order, so every process holds the whole, computed once, and decides the same (an
+    early stop, export.best). Every process runs as many forwards (one short of batches repeats its first, unused),
+    which keeps FSDP's collectives in step."""
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    logits, labels = [], []
+    shares, first = [], None  # (batch index, logits, class ids) of this process's batches
+    batches = -(-len(examples) // batch_size)
     try:
-        for batch in eval_loader(examples, batch_size, pad_id, ClassificationCollator(pad_id)):
-            logits.append(classification_logits(model, {k: v.to(device) for k, v in batch.items()}).float().cpu())
-            labels += batch["labels"].tolist()
+        for i, batch in enumerate(eval_loader(examples, batch_size, pad_id, ClassificationCollator(pad_id))):
+            first = batch if first is None else first
+            if i % world == rank:
+                logits = classification_logits(model, {k: v.to(device) for k, v in batch.items()})
+                shares.append((i, logits.float().cpu(), batch["labels"].tolist()))
+        for _ in range(-(-batches // world) - len(shares)):
+            classification_logits(model, {k: v.to(device) for k, v in first.items()})
     finally:
         model.train(was_training)
-    return torch.cat(logits), labels
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        shares = sorted(gather_object(shares), key=lambda share: share[0])
+    return torch.cat([logits for _, logits, _ in shares]), [label for *_, labels in shares for label in labels]
 
 
-def evaluate_classification(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int) -> dict[str, float]:
-    """{'loss' (mean cross-entropy per row), 'accuracy', 'macro_f1', 'num_examples'} of `model` on `examples`."""
-    logits, labels = predict(model, examples, batch_size, pad_id)
+def evaluate_classification(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+                            processes=None) -> dict[str, float]:
+    """{'loss' (mean cross-entropy per row), 'accuracy', 'macro_f1', 'num_examples'} of `model` on `examples`
+    (`processes`: shared out, as `predict` says)."""
+    logits, labels = predict(model, examples, batch_size, pad_id, processes)
     loss = float(F.cross_entropy(logits, torch.tensor(labels), reduction="mean"))
     predicted = logits.argmax(-1).tolist()
     return {"loss": loss, "accuracy": accuracy(predicted, labels), "macro_f1": macro_f1(predicted, labels),
@@ -94,12 +112,14 @@ class ClassifyEval:
     pad_id: int
     batch_size: int
     metrics: list[str] = field(default_factory=lambda: list(CLASSIFICATION_METRICS))
+    processes: object = None
+    """The run's Accelerator when it has several processes: they share out the batches (`predict`)."""
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __call__(self, model: nn.Module, generator: nn.Module | None = None) -> dict[str, float]:
-        return evaluate_classification(model, self.examples, self.batch_size, self.pad_id)
+        return evaluate_classification(model, self.examples, self.batch_size, self.pad_id, self.processes)
 
     def record(self, result: dict[str, float], prefix: str = "eval_") -> dict[str, float]:
         """The result under metrics.jsonl / summary names: `eval_loss`, `eval_accuracy`, `eval_macro_f1`."""

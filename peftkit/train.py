@@ -292,8 +292,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
     train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok)
-    if isinstance(eval_ex, RunEval) and accelerator.num_processes > 1:
-        eval_ex.processes = accelerator  # the processes share out the eval loss's batches
+    if eval_ex is not None and accelerator.num_processes > 1:
+        eval_ex.processes = accelerator  # the processes share out the eval batches
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     inputs = run_inputs(cfg)
 

@@ -249,6 +249,38 @@ def test_eval_loss_batches_are_shared_out_and_add_up(tiny_llama, number_data):
         assert abs(summed - whole["loss"]) <= 1e-12
 
 
+def test_classification_batches_are_shared_out_and_gathered_in_order(tiny_llama, tmp_path):
+    """A classifier's evaluation, shared out as the loss's: each process predicts every N-th batch (one short repeats
+    its first, unused, so all run as many forwards), and the shares put back in batch order are the single process's
+    logits bit for bit (the real gather: every process then holds the whole and decides an early stop alike)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit.classify import predict
+    from peftkit.data.classification import load_classification
+    from peftkit.recipe import DataConfig
+    from peftkit.tiny import sentiment_rows, write_jsonl
+
+    write_jsonl(tmp_path / "eval.jsonl", sentiment_rows(16, seed=4))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    data = DataConfig(train=str(tmp_path / "eval.jsonl"), format="classification", max_length=64)
+    examples = load_classification(tok, data.train, "train", data, None, 2)[0]  # 16 rows: 6 batches of 3
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    whole, labels = predict(model, examples, 3, tok.pad_token_id)
+    for world in (2, 4):  # 3 + 3 batches; 2 + 2 + 1 + 1
+        parts = {}
+        for rank in range(world):  # one process: accelerate's gather_object returns this process's part alone
+            forwards.clear()
+            logits, part_labels = predict(model, examples, 3, tok.pad_token_id, _Process(rank, world))
+            assert len(forwards) == -(-6 // world)
+            rows = [i for batch in range(rank, 6, world) for i in range(3 * batch, min(3 * batch + 3, 16))]
+            parts.update(zip(rows, zip(logits, part_labels, strict=True), strict=True))
+        assert torch.equal(torch.stack([parts[i][0] for i in range(16)]), whole)
+        assert [parts[i][1] for i in range(16)] == labels
+
+
 def _number_prompts(tiny_llama, number_data):
     from transformers import AutoTokenizer
 
