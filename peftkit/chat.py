@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from peftkit.data.prompts import chat_prompt
-from peftkit.generate import Sampling, generate_ids
+from peftkit.generate import Sampling, TooLong, check_room, generate_ids, stop_token_ids
 
 HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) ends."
 
@@ -17,17 +17,21 @@ class _Streamer:
     """Prints the reply's text as its tokens arrive (decoded whole each time, so multi-byte characters and
     merged word pieces print right), skipping the prompt that `generate` pushes first."""
 
-    def __init__(self, tok, write: Callable[[str], None]) -> None:
-        self.tok, self.write = tok, write
+    def __init__(self, tok, write: Callable[[str], None], stops: list[int]) -> None:
+        self.tok, self.write, self.stops = tok, write, set(stops)
         self.ids: list[int] = []
         self.shown = ""
         self.prompt_seen = False
+        self.stopped = False  # a stop token arrived: it and what follows are not the reply's (nor shown)
 
     def put(self, value) -> None:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.ids += value.flatten().tolist()
+        for token in value.flatten().tolist():
+            self.stopped = self.stopped or token in self.stops
+            if not self.stopped:
+                self.ids.append(token)
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
             self.write(text[len(self.shown):])
@@ -61,7 +65,14 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
         if not line:
             continue
         messages.append({"role": "user", "content": line})
+        prompt = chat_prompt(tok, messages).ids
+        try:
+            check_room(model, len(prompt), "conversation", sampling.max_new_tokens)
+        except TooLong as e:
+            messages.pop()
+            write(f"{e} /reset starts a new conversation.\n")
+            continue
         write("model> ")
-        streamer = _Streamer(tok, write)
-        ids = generate_ids(model, tok, [chat_prompt(tok, messages).ids], sampling, streamer=streamer, tasks=[task])[0]
+        streamer = _Streamer(tok, write, stop_token_ids(model, tok))
+        ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task])[0]
         messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})

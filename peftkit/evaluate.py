@@ -17,7 +17,7 @@ from peftkit.data.packing import VARLEN_KEYS
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
-from peftkit.generate import Sampling, generate_texts, length_batches
+from peftkit.generate import Sampling, check_room, generate_texts, length_batches
 from peftkit.inference import ModelSource, check_choices, check_no_overrides, recipe_source
 from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
@@ -315,6 +315,9 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
         prompts = with_tasks(source, job.task, prompts, job.data)
     model = source.load() if model is None else model
     result: dict[str, float] = {}
+    if examples:
+        check_room(model, max(len(e.input_ids) for e in examples), f"longest example of {job.data}", 0,
+                   "Lower --max-length (the examples are cut to it).")
     if examples is not None:
         result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)
         _check_finite_loss(result["loss"], source, job.data)

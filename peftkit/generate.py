@@ -11,8 +11,8 @@ of the whole sequence per new token — which `peftkit generate` must match toke
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from torch import nn
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.errors import PeftkitError
 from peftkit.inference import ModelSource, check_choices, model_source
-from peftkit.methods.virtual import generation_inputs
+from peftkit.methods.virtual import generation_inputs, virtual_tokens
 from peftkit.recipe import DataConfig
 from peftkit.task_ids import with_tasks
 
@@ -53,12 +53,42 @@ def stop_token_ids(model: nn.Module, tok) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
+class TooLong(PeftkitError):
+    """A sequence longer than the positions the model covers (`check_room`)."""
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position table has (GPT-2's n_positions, OPT's); None for a RoPE
+    model, which runs past its max_position_embeddings (worse, but runs: generation and eval allow it)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and not getattr(model.config, "rope_parameters", None) else None
+
+
+def check_room(model: nn.Module, tokens: int, what: str, new_tokens: int = 0, fix: str = "") -> None:
+    """A TooLong error when `tokens` (of `what`: "longest prompt"), the adapter's virtual tokens in front and `new_tokens` to
+    generate need more positions than a model with learned positions has: past them its position lookup fails."""
+    covered = learned_positions(model)
+    virtual = getattr(virtual_tokens(model), "num_virtual_tokens", 0)
+    if covered is None or tokens + virtual + new_tokens <= covered:
+        return
+    parts = [f"{tokens} tokens"] + ([f"the adapter's {virtual} virtual tokens"] if virtual else []) + (
+        [f"{new_tokens} new tokens (max_new_tokens)"] if new_tokens else [])
+    need = f"has {tokens} tokens" if len(parts) == 1 else f"needs {' + '.join(parts)} = {tokens + virtual + new_tokens}"
+    raise TooLong(f"The {what} {need}, more than the {covered} positions this {model.config.model_type} "
+                  f"model has (learned ones, which cannot be scaled). {fix}".strip())
+
+
 def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Sampling, streamer=None,
                  tasks: list[int | None] | None = None) -> list[list[int]]:
     """New token ids for each prompt of one batch (left-padded), each cut before its first stop token. `tasks`:
     each prompt's task id, for a multitask prompt tuning model (`peftkit.task_ids`; none: task 0)."""
     from transformers import GenerationConfig
 
+    if empty := sum(not p for p in prompts):
+        raise PeftkitError(f"{empty} prompt{'s have' if empty > 1 else ' has'} no tokens (an empty text, and a "
+                           "tokenizer that adds no BOS token): there is nothing to generate from. Give each prompt text.")
+    check_room(model, max(len(p) for p in prompts), "longest prompt", sampling.max_new_tokens,
+               "Shorten the prompt, or lower max_new_tokens.")
     stops = stop_token_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     width = max(len(p) for p in prompts)
@@ -72,13 +102,29 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front (peftkit.methods.virtual).
     task_ids = torch.tensor(tasks, device=device) if tasks and None not in tasks else None
     inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask, task_ids)
-    with torch.no_grad():
+    with torch.no_grad(), _without_model_defaults(model):
         out = model.generate(**inputs, generation_config=config, streamer=streamer)
     completions = []
     for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stops), len(row))
         completions.append(row[:end])
     return completions
+
+
+@contextmanager
+def _without_model_defaults(model: nn.Module) -> Iterator[None]:
+    """transformers fills every field a generate() call leaves unset from the model's generation_config.json: a chat
+    model's repetition_penalty, top_k, num_beams, no_repeat_ngram_size... would change greedy answers (and their
+    scores). Here the call's own config and transformers' neutral defaults stand alone; the end tokens were read
+    from the model's config before (`stop_token_ids`)."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def length_batches(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
@@ -99,6 +145,9 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
     The model is left in the train/eval mode it was in, and torch's global RNG as it was (sampling seeds a fork
     of it): generating in the middle of a training run must not change the dropout masks that follow."""
     sampling.check()
+    if prompts:  # all of them before the first batch: the longest comes last
+        check_room(model, max(len(p.ids) for p in prompts), "longest prompt", sampling.max_new_tokens,
+                   "Shorten the prompt, or lower max_new_tokens.")
     texts: list[str] = [""] * len(prompts)
     was_training = model.training
     device = next(model.parameters()).device

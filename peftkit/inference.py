@@ -71,10 +71,16 @@ class ModelSource:
     def tokenizer(self):
         """The tokenizer of the model (or of the adapter's base)."""
         from peftkit.modeling import check_remote_code, load_tokenizer
-        from peftkit.peft_format import recorded_base
+        from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
 
         cfg = self.model
         if self.adapter:
+            if cfg is None:  # the adapter names the base: its own errors first (a missing or broken adapter)
+                check_adapter_dir(Path(self.adapter))
+                read_peft_config(Path(self.adapter))
+                if self.base is None:
+                    raise PeftkitError(f"{Path(self.adapter) / CONFIG_NAME} records no base model "
+                                       "(base_model_name_or_path): name it with --model.")
             check_remote_code(self.adapter, self.trust_remote_code)
             cfg = cfg or ModelConfig(name_or_path=self.base or self.adapter,
                                      revision=recorded_base(self.adapter, "revision"),

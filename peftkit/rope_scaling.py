@@ -54,15 +54,20 @@ def covered_positions(config, scaling: RopeScalingConfig | None) -> int | None:
 def check_context_length(recipe: Recipe, config) -> None:
     """data.max_length within the positions the model covers, or a PeftkitError naming both keys and the fix."""
     model: ModelConfig = recipe.model
+    virtual = getattr(recipe.adapter, "num_virtual_tokens", 0)  # the prompt family's, in front of every row
     covered, max_length = covered_positions(config, model.rope_scaling), recipe.data.max_length
-    if covered is None or max_length <= covered:
+    if covered is None or max_length + virtual <= covered:
         return
     positions = config.max_position_embeddings
-    factor = math.ceil(max_length / positions)
+    factor = math.ceil((max_length + virtual) / positions)
+    length = f"data.max_length {max_length}" + (f" plus the adapter's {virtual} virtual tokens" if virtual else "")
+    if not getattr(config, "rope_parameters", None):
+        raise PeftkitError(f"{length} is longer than the {positions} positions {model.name_or_path} has (learned "
+                           f"positions, which cannot be scaled). Lower data.max_length to {positions - virtual}.")
     if model.rope_scaling is None:
-        raise PeftkitError(f"data.max_length {max_length} is longer than {model.name_or_path}'s "
-                           f"max_position_embeddings ({positions}). Lower data.max_length to {positions}, or scale "
-                           f"its RoPE to cover it: {KEY}: {{type: linear, factor: {factor}}}.")
-    raise PeftkitError(f"data.max_length {max_length} is longer than the {covered} positions {KEY} covers "
+        raise PeftkitError(f"{length} is longer than {model.name_or_path}'s max_position_embeddings ({positions}). "
+                           f"Lower data.max_length to {positions - virtual}, or scale its RoPE to cover it: "
+                           f"{KEY}: {{type: linear, factor: {factor}}}.")
+    raise PeftkitError(f"{length} is longer than the {covered} positions {KEY} covers "
                        f"(max_position_embeddings {positions} x factor {model.rope_scaling.factor:g}). Raise "
-                       f"{KEY}.factor to {factor}, or lower data.max_length to {covered}.")
+                       f"{KEY}.factor to {factor}, or lower data.max_length to {covered - virtual}.")

@@ -44,6 +44,37 @@ def test_replies_continue_the_conversation_and_reset_forgets_it(tiny_llama):
     assert "(new conversation)" in text
 
 
+def test_a_conversation_past_a_learned_position_table_is_refused_and_the_chat_goes_on(tmp_path):
+    """GPT-2's positions are a table (here 48): past it the lookup fails. That turn is refused with the reason and
+    left out of the history; the next one is answered."""
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "gpt2", arch="gpt2", hidden_size=32, num_layers=1, seed=0, max_position_embeddings=48)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    lines = iter(["1 2 3 4 5 6 7 8 9 " * 3, "hi", "/exit"])
+    shown: list[str] = []
+    messages = chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=lambda _: next(lines), write=shown.append)
+    text = "".join(shown)
+    assert "The conversation needs " in text and "more than the 48 positions this gpt2 model has" in text
+    assert "/reset starts a new conversation" in text
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
+    assert messages[1]["content"] == _expected_reply(model, tok, messages[:1])
+
+
+def test_the_reply_shown_stops_where_the_stored_reply_stops(tiny_llama):
+    """A model whose end tokens include an ordinary token: the screen shows what the history keeps, not the stop."""
+    from peftkit.chat import _Streamer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    shown: list[str] = []
+    streamer = _Streamer(tok, shown.append, stops=[tok.convert_tokens_to_ids("q")])
+    streamer.put(torch.tensor([[1, 2]]))  # the prompt, which generate pushes first
+    for token in "ddq6":
+        streamer.put(torch.tensor([tok.convert_tokens_to_ids(token)]))
+    assert "".join(shown) == "dd"
+
+
 def _pane(session: str) -> str:
     return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True,
                           check=True).stdout

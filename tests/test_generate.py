@@ -9,11 +9,13 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.adapters import inject_adapters
 from peftkit.data import load_examples
 from peftkit.data.prompts import Prompt, load_prompts
+from peftkit.errors import PeftkitError
 from peftkit.generate import Sampling, generate_texts, stop_token_ids
 from peftkit.recipe import DataConfig
 from tests.conftest import cli_user_error, make_recipe, random_adapters
@@ -69,6 +71,21 @@ def test_generation_over_a_4bit_base(models):  # noqa: F811
     inject_adapters(model, LoraConfig(r=4, alpha=8))
     random_adapters(model, seed=1, std=0.3)
     _check_matches_reference(model.eval(), AutoTokenizer.from_pretrained(models["llama"]))
+
+
+@pytest.mark.parametrize("decoding", [
+    {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05},  # Qwen2.5-Instruct's
+    {"no_repeat_ngram_size": 2}, {"num_beams": 2}, {"min_new_tokens": 5}])
+def test_greedy_ignores_the_decoding_options_of_the_model_s_generation_config(decoding, models, tmp_path):  # noqa: F811
+    """transformers fills what a generate() call leaves unset from generation_config.json: a chat model's shipped
+    options must not change greedy answers (nor eval.metrics' scores of them)."""
+    shipped = tmp_path / "model"
+    shutil.copytree(models["llama"], shipped)
+    config = json.loads((shipped / "generation_config.json").read_text())
+    (shipped / "generation_config.json").write_text(json.dumps(config | decoding))
+    model = AutoModelForCausalLM.from_pretrained(shipped, dtype=torch.float32).eval()
+    assert all(getattr(model.generation_config, k) == v for k, v in decoding.items())
+    _check_matches_reference(model, AutoTokenizer.from_pretrained(shipped))
 
 
 def test_sampling_is_seeded(models):  # noqa: F811
@@ -140,6 +157,61 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     assert "This tokenizer has no chat_template" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", str(plain), "--prompt", "x", "--chat")
+
+
+def test_past_a_learned_position_table_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    """GPT-2's positions are a table (here 48): a prompt, its new tokens, an eval example or a prompt-tuning adapter's
+    virtual tokens past it are refused with the count (they failed with an IndexError traceback)."""
+    from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
+
+    build_tiny_model(tmp_path / "gpt2", arch="gpt2", hidden_size=32, num_layers=1, seed=0, max_position_embeddings=48)
+    model = str(tmp_path / "gpt2")
+    long = "1 2 3 4 5 6 7 8 9 " * 3  # 55 tokens
+    assert ("The longest prompt needs 55 tokens + 4 new tokens (max_new_tokens) = 59, more than the 48 positions this "
+            "gpt2 model has") in " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", model, "--prompt",
+                                                         long, "--max-new-tokens", "4").split())
+    write_jsonl(tmp_path / "rows.jsonl", [{"prompt": long, "completion": "x"}])
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", model, "--data", str(tmp_path / "rows.jsonl"),
+                                  "--format", "completion").split())
+    assert "The longest example of" in err and "more than the 48 positions" in err and "Lower --max-length" in err
+    write_jsonl(tmp_path / "fit.jsonl", number_rows(4, seed=0))
+    recipe = make_recipe(tmp_path, tmp_path / "gpt2", {"train": tmp_path / "fit.jsonl", "eval": tmp_path / "fit.jsonl"},
+                         data={"max_length": 48})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "prompt_tuning", "num_virtual_tokens": 4}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert "data.max_length 48 plus the adapter's 4 virtual tokens is longer than the 48 positions" in err
+    assert "Lower data.max_length to 44" in err
+
+
+def test_a_prompt_without_tokens_or_no_prompt_at_all_is_a_clear_error(tiny_llama, tmp_path, monkeypatch, capsys):
+    from peftkit.generate import generate_ids
+    from peftkit.tiny import write_jsonl
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    with pytest.raises(PeftkitError, match="1 prompt has no tokens"):  # a tokenizer adding no BOS gives []
+        generate_ids(model, tok, [[5, 6], []], Sampling(max_new_tokens=2))
+    write_jsonl(tmp_path / "empty.jsonl", [])
+    assert "No usable rows in" in cli_user_error(  # was: exact_match 0.0 over 0 rows
+        monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(tmp_path / "empty.jsonl"),
+        "--metrics", "exact_match")
+
+
+def test_a_broken_adapter_without_model_gets_its_own_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """Without --model the adapter names the base: its own errors come first (they read as a broken model dir)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{not json")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert "adapter_config.json: not valid JSON" in cli_user_error(
+        monkeypatch, capsys, "generate", "--adapter", str(adapter), "--prompt", "hi")
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
+    assert "records no base model (base_model_name_or_path): name it with --model" in cli_user_error(
+        monkeypatch, capsys, "generate", "--adapter", str(adapter), "--prompt", "hi")
+    assert "Adapter directory not found" in cli_user_error(
+        monkeypatch, capsys, "generate", "--adapter", str(tmp_path / "missing"), "--prompt", "hi")
 
 
 def test_trust_remote_code_flag_reaches_the_model_given_with_model():

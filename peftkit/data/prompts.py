@@ -59,8 +59,11 @@ def row_prompt(tok, row: dict, fmt: str) -> Prompt:
     return prompt
 
 
-def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None) -> list[Prompt]:
-    """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says."""
+def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None,
+                 skip_empty: bool = False) -> list[Prompt]:
+    """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says. A row
+    whose prompt has no tokens is an error, or left out with `skip_empty` (eval.samples: a training row may have
+    no prompt)."""
     if cfg.format == "classification":
         raise PeftkitError(f"data.format 'classification' has no prompt to generate from in {source}: a classifier "
                            "predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the alpaca, "
@@ -77,6 +80,13 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         where = row_location(source, i, line_numbers)
         if usable_row(row, cfg, where):
             prompt = row_prompt(tok, row, cfg.format)
+            if not prompt.ids and skip_empty:
+                continue
+            if not prompt.ids:
+                raise PeftkitError(f"{where}: its prompt is empty, and this tokenizer adds no BOS token, so there is "
+                                   "nothing to generate from. Give the row a prompt (a loss-only eval needs none).")
             prompt.task_id, prompt.row = row_task(row, where), row
             prompts.append(prompt)
+    if not prompts and not skip_empty:
+        raise PeftkitError(f"No usable rows in {source} to take prompts from.")
     return prompts
