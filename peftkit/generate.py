@@ -65,8 +65,8 @@ def learned_positions(model: nn.Module) -> int | None:
 
 
 def check_room(model: nn.Module, tokens: int, what: str, new_tokens: int = 0, fix: str = "") -> None:
-    """A TooLong error when `tokens` (of `what`: "longest prompt"), the adapter's virtual tokens in front and `new_tokens` to
-    generate need more positions than a model with learned positions has: past them its position lookup fails."""
+    """A TooLong error when `tokens` (of `what`: "longest prompt"), the adapter's virtual tokens in front and
+    `new_tokens` to generate need more positions than a model with learned positions has: past them its position lookup fails."""
     covered = learned_positions(model)
     virtual = getattr(virtual_tokens(model), "num_virtual_tokens", 0)
     if covered is None or tokens + virtual + new_tokens <= covered:
@@ -86,7 +86,8 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
 
     if empty := sum(not p for p in prompts):
         raise PeftkitError(f"{empty} prompt{'s have' if empty > 1 else ' has'} no tokens (an empty text, and a "
-                           "tokenizer that adds no BOS token): there is nothing to generate from. Give each prompt text.")
+                           "tokenizer that adds no BOS token): there is nothing to generate from. Give each prompt "
+                           "text.")
     check_room(model, max(len(p) for p in prompts), "longest prompt", sampling.max_new_tokens,
                "Shorten the prompt, or lower max_new_tokens.")
     stops = stop_token_ids(model, tok)

@@ -23,7 +23,7 @@ from rich.console import Console
 from peftkit.errors import PeftkitError
 from peftkit.recipe import Recipe
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # bits per quantized weight: 4-bit codes + one fp32 absmax per 64 weights (0.5 bit) = 4.5; with double
 # quantization the absmax is 8-bit with one fp32 per 256 blocks: 4 + 8/64 + 32/(64*256) ≈ 4.127.
 QUANT_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.127, ("fp4", False): 4.5}
@@ -189,7 +189,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     modules = dict(model.named_modules())
     q = recipe.quantization
     skip = set(q.skip_modules) if q else set()
-    base = 0.0
+    base, dtype = 0.0, load_dtype(recipe.model.dtype, config)
     for name, p in _unique_parameters(model):
         module_name, _, _ = name.rpartition(".")
         module = modules[module_name]
@@ -197,7 +197,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         if quantized:
             base += p.numel() * (1 if q.method == "int8" else QUANT_BITS[(q.method, q.double_quant)] / 8)
         else:
-            base += p.numel() * BYTES[recipe.model.dtype]
+            base += p.numel() * BYTES[dtype]
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
     inject_adapters(model, recipe.adapter)
@@ -211,7 +211,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     # What each method's layers keep for backward: per token (LoRA's rank-r intermediate) and per layer (LoHa's
     # and LoKr's full (out, in) update, built every forward), fp32.
     kept = [layer.method.kept_for_backward(recipe.adapter, layer) for layer in adapter_layers(model).values()]
-    activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept))
+    activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept), dtype)
     device = device if device is not None else resolve_device(recipe.model.device)
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, _optimizer_bytes(recipe.training.optimizer, sizes),
                           activations=activations,
@@ -230,7 +230,16 @@ def _unique_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Param
     return [(n, p) for n, p in model.named_parameters() if n not in tied]
 
 
-def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float) -> float:
+def load_dtype(dtype: str, config) -> str:
+    """model.dtype as from_pretrained reads it: `auto` is the checkpoint's config.json dtype (float32 when it records
+    none of BYTES')."""
+    if dtype != "auto":
+        return dtype
+    saved = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
+    return saved if saved in BYTES else "float32"
+
+
+def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad:
     the logits and the loss's copies, as in training). `per_token`: the values all the
     adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens (with gradient
@@ -241,7 +250,7 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float)
     q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length
     # activations have the compute dtype: the 4-bit base's compute_dtype, else the load dtype (mixed
     # precision on CUDA makes most of them 16-bit: then this is an upper bound)
-    dtype = q.compute_dtype if q is not None and q.method != "int8" else recipe.model.dtype
+    dtype = q.compute_dtype if q is not None and q.method != "int8" else load
     width = per_token // max(shape.layers, 1)
     attention = recipe.model.attn_implementation
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,

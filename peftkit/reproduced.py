@@ -126,7 +126,8 @@ def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float) -> list[
                     continue
                 if tolerance == 0 or not file.endswith(".safetensors") or a is None or b is None:
                     out.append(f"{where}/{file}: sha256 {(a or 'none')[:12]}… recorded, {(b or 'none')[:12]}… now")
-                elif problem := _weights_close(f"{where}/{file}", run_dir / where / file, tmp / where / file, tolerance):
+                elif problem := _weights_close(f"{where}/{file}", run_dir / where / file, tmp / where / file,
+                                               tolerance):
                     out.append(problem)
     return out
 

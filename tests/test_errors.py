@@ -413,6 +413,54 @@ def test_override_with_a_bad_value_names_the_override(tmp_path):
                        "'training.lr' = 0: must be greater than 0.")
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("adapter.method=lroa", "(--set adapter.method): 'adapter.method' = 'lroa': must be one of"),
+    ("training={max_steps: 0}", "(--set training): 'training.max_steps' = 0: must be a positive integer"),
+    ("model.name_or_path=~peftkit-no-such-user-x/m", "(--set model.name_or_path): 'model.name_or_path' = "),
+    ('data.eval=""', "(--set data.eval): 'data.eval' is empty. Give a path"),
+])
+def test_a_mistake_made_by_a_set_names_the_set_not_a_line_of_the_file(tmp_path, override, expected):
+    message = _error(_write(tmp_path, RECIPE), [override])
+    assert f"{tmp_path / 'my-recipe.yaml'} {expected}" in message, message
+
+
+def test_a_check_across_a_section_names_the_set_inside_it(tmp_path):
+    message = _error(_write(tmp_path, RECIPE), ["training.warmup_steps=10"])
+    assert f"my-recipe.yaml:{_line(RECIPE, 'training:')} (with --set training.warmup_steps): training: " in message
+
+
+def test_an_empty_path_in_the_file_is_refused(tmp_path):
+    text = RECIPE.replace("output_dir: ./run", 'output_dir: ""')  # Path("") would be the recipe's own directory
+    assert _error(_write(tmp_path, text)).startswith(
+        f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  output_dir')}: 'export.output_dir' is empty.")
+
+
+@pytest.mark.parametrize(("where", "key", "home"), [
+    ("training:\n", "max_length: 256", "it is a key of 'data:'; move it there."),  # not "Did you mean max_steps?"
+    ("eval:\n", "seed: 3", "it is a key of 'training:'; move it there."),
+    ("data:\n", "batch_size: 2", "it is a key of 'training:' and of 'eval:'; move it under the one you mean."),
+])
+def test_a_key_written_in_another_section_says_where_it_belongs(tmp_path, where, key, home):
+    text = RECIPE.replace(where, f"{where}  {key}\n")
+    section, name = where.strip(" :\n"), key.split(":")[0]
+    assert _error(_write(tmp_path, text)).endswith(
+        f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  ' + key)}: unknown key '{name}' in {section}: {home}")
+
+
+def test_a_list_as_a_key_is_a_clear_error(tmp_path):
+    text = RECIPE.replace("  r: 4\n", "  ? [r, alpha]\n  : 4\n")
+    assert f"my-recipe.yaml:{_line(text, '  ? [r')}:5: a key must be a plain name, not a list or a mapping" in _error(
+        _write(tmp_path, text))
+
+
+def test_an_unusable_fuse_directory_names_its_entry(tmp_path):
+    text = RECIPE.replace("  r: 4\n  alpha: 8\n  dropout: 0.0\n  target_modules: all-linear\n",
+                          "  method: fusion\n  fuse: [./a, ~peftkit-no-such-user-x/b]\n")
+    message = _error(_write(tmp_path, text))
+    assert f"my-recipe.yaml:{_line(text, '  fuse')}: 'adapter.fuse[1]' = '~peftkit-no-such-user-x/b' is not a " \
+           "usable path (Could not determine home directory)" in message
+
+
 # ------------------------------------------------------------------------------------------ data
 
 

@@ -27,6 +27,16 @@ def test_estimate_counts_adapter_and_optimizer(tiny_llama, number_data, tmp_path
     assert est.base_weights == 4 * weights
 
 
+def test_dtype_auto_is_the_checkpoint_s_dtype(tiny_llama, number_data, tmp_path):
+    """`auto` loads the checkpoint's own dtype (float32 here): the estimate counts that, not 16-bit weights (which
+    under-counted a 7B fp32 checkpoint by 14 GB, and let a run that cannot fit start)."""
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))
+    auto = load_recipe(make_recipe(tmp_path, tiny_llama, number_data), ["model.dtype=auto"])
+    assert estimate_memory(auto) == estimate_memory(recipe)
+    half = estimate_memory(load_recipe(make_recipe(tmp_path, tiny_llama, number_data), ["model.dtype=bfloat16"]))
+    assert half.base_weights < estimate_memory(recipe).base_weights
+
+
 def test_estimate_nf4_weights(tiny_llama, number_data, tmp_path):
     recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, quantization={"method": "nf4"}))
     est = estimate_memory(recipe)

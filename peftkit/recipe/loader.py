@@ -115,8 +115,7 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
     if kind in ("invalid_key", "extra_forbidden"):
         return f"{where}: {_key_message(err, loc, data)}"
     if kind == "adapter_method":  # the discriminator of the adapter union: point at the `method:` line
-        line = lines.get((*loc, "method"))
-        where = where if line is None or (*loc, "method") in overridden else f"{path}:{line}"
+        where = _where((*loc, "method"), path, lines, overridden)
         methods = ", ".join(repr(m) for m in METHODS)
         return f"{where}: 'adapter.method' = {err['input'].get('method')!r}: must be one of {methods}."
     if kind == "missing":
@@ -148,13 +147,15 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
 
 
 def _where(loc: tuple, path: str | Path, lines: dict[tuple, int], overridden: set[tuple]) -> str:
-    """'file:line' of the deepest written part of `loc`, or the --set that gave it; the bare file when neither."""
+    """The --set that gave `loc` (or a section above it); else 'file:line' of the deepest written part of `loc`, the
+    bare file when none, with the --sets inside `loc` named beside it (a check across a section's keys)."""
     for depth in range(len(loc), 0, -1):
         if loc[:depth] in overridden:
             return f"{path} (--set {'.'.join(map(str, loc[:depth]))})"
-        if loc[:depth] in lines:
-            return f"{path}:{lines[loc[:depth]]}"
-    return str(path)
+    written = [loc[:depth] for depth in range(len(loc), 0, -1) if loc[:depth] in lines]
+    where = f"{path}:{lines[written[0]]}" if written else str(path)
+    inside = sorted(".".join(map(str, key)) for key in overridden if key[:len(loc)] == loc)
+    return where + (f" (with --set {', --set '.join(inside)})" if inside else "")
 
 
 def _key_message(err: dict, loc: tuple, data: dict) -> str:
@@ -168,10 +169,19 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
                 f"meant as one. Valid keys: {', '.join(_valid_keys(section_loc, data))}.")
     valid = _valid_keys(loc[:-1], data)
     section = ".".join(map(str, loc[:-1])) or "the recipe"
+    if len(loc) <= 2 and (homes := _home_sections(str(loc[-1]), loc[:-1], data)):
+        return (f"unknown key '{loc[-1]}' in {section}: it is a key of " + " and of ".join(f"'{h}:'" for h in homes)
+                + ("; move it there." if len(homes) == 1 else "; move it under the one you mean."))
     if method := _method_without(_section_model(loc[:-1], data), str(loc[-1])):
         return (f"unknown key '{loc[-1]}' in {section}: {METHODS[method].title} (method: {method}) has no "
                 f"'{loc[-1]}'.{_suggest(str(loc[-1]), valid)} Valid keys for method {method}: {', '.join(valid)}.")
     return f"unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} Valid keys: {', '.join(valid)}."
+
+
+def _home_sections(key: str, section: tuple, data: Any) -> list[str]:
+    """The other top-level sections that have the key `key` (`max_length` written under training: data)."""
+    models = {name: _section_model((name,), data) for name in Recipe.model_fields if (name,) != tuple(section)}
+    return [name for name, model in models.items() if model is not None and key in model.model_fields]
 
 
 # A union-typed key fails once per member type; one message says what any of them would accept.
@@ -285,23 +295,28 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]), data)
         raise _invalid([format_validation_error(err, data, path, lines, overridden) for _, err in errors]) from None
     base = path.resolve().parent
+
+    def usable(value: str, kind: str, loc: tuple) -> str:
+        where = _where(loc, path, lines, overridden)
+        key = f"{loc[0]}.{loc[1]}" + (f"[{loc[2]}]" if len(loc) > 2 else "")  # adapter.fuse[1]
+        if not value.strip():  # Path("") is ".": the recipe's own directory, silently
+            raise PeftkitError(f"{where}: '{key}' is empty. Give a path (relative to the recipe's directory) or a "
+                               "hub id.")
+        try:
+            return _resolve(value, base, kind)
+        except (OSError, RuntimeError, ValueError) as e:  # `~nosuchuser/x`, a name over 255 bytes, a NUL byte
+            reason = getattr(e, "strerror", None) or str(e).rstrip(".")
+            raise PeftkitError(f"{where}: '{key}' = {value[:80]!r} is not a usable path ({reason}). Give an existing "
+                               "path (relative to the recipe's directory) or a hub id.") from None
+
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
                                ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
                                ("adapter", "source_adapter", "adapter")):  # the latter: multitask prompt tuning's
         value = getattr(getattr(recipe, section), key, None)
-        if value is None:
-            continue
-        try:
-            setattr(getattr(recipe, section), key, _resolve(value, base, kind))
-        except (OSError, RuntimeError, ValueError) as e:  # `~nosuchuser/x`, a name over 255 bytes, a NUL byte
-            line = lines.get((section, key))
-            reason = getattr(e, "strerror", None) or str(e).rstrip(".")
-            raise PeftkitError(
-                f"{path}{f':{line}' if line else ''}: '{section}.{key}' = {value[:80]!r} is not a usable path "
-                f"({reason}). Give an existing path (relative to the recipe's directory) or a hub id."
-            ) from None
+        if value is not None:
+            setattr(getattr(recipe, section), key, usable(value, kind, (section, key)))
     if isinstance(fuse := getattr(recipe.adapter, "fuse", None), list):  # AdapterFusion's adapter directories
-        recipe.adapter.fuse = [_resolve(value, base, "adapter") for value in fuse]
+        recipe.adapter.fuse = [usable(value, "adapter", ("adapter", "fuse", i)) for i, value in enumerate(fuse)]
     if recipe.adapter.init_from:
         from peftkit.peft_format import init_from_config
 

@@ -132,6 +132,10 @@ def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int],
     if isinstance(node, yaml.MappingNode):
         first_line: dict[tuple[str, Any], int] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [r, alpha]`: YAML allows it, a recipe has names
+                mark = key_node.start_mark
+                raise _YamlProblem(f":{mark.line + 1}:{mark.column + 1}",
+                                   "a key must be a plain name, not a list or a mapping (YAML's `? [a, b]: ...`).")
             key_path, line = (*path, key_node.value), key_node.start_mark.line + 1
             key = (key_node.tag, key_node.value)  # `1:` and `"1":` are different keys
             if key in first_line:
