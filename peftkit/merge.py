@@ -247,7 +247,7 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
                 raise PeftkitError(f"--output {output} is the {label} ({held}){' or holds it' if output != held else ''};"
                                    " writing the merged model there would delete it. Choose another --output.")
     make_writable_dir(output.parent, "--output's parent")
-    tidy_leftovers(output.parent, only=output.name)  # what a killed earlier merge into `output` left
+    tidy_leftovers(output.parent, lambda entry: entry == output.name)  # what a killed earlier merge into it left
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
         kind = ("a file" if not output.is_dir() else "a peftkit run directory" if (output / "recipe.yaml").exists()
                 else "a model directory" if (output / "config.json").exists() else "a directory that is not empty")

@@ -12,10 +12,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
@@ -26,9 +27,18 @@ RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml
 LOCK_NAME = ".peftkit.lock"
 
 
-def is_temp_name(name: str) -> bool:
-    """Names fileio gives work in progress: `.NAME.XXXX.tmp` (files and directories) and `.NAME.old`."""
-    return name.startswith(".") and name.endswith((".tmp", ".old"))
+def is_temp_name(name: str, owned: Callable[[str], bool] = RUN_ENTRIES.__contains__) -> bool:
+    """A name fileio gives work in progress on an entry `owned` accepts (by default a run's own entries):
+    `.ENTRY.XXXXXXXX.tmp` (files and directories) or `.ENTRY.old`. A user's `.draft.tmp` is not one."""
+    if not name.startswith("."):
+        return False
+    if name.endswith(".old"):
+        return owned(name[1:-4])
+    return name.endswith(".tmp") and "." in name[1:-4] and owned(name[1:-4].rsplit(".", 1)[0])
+
+
+def _is_step(name: str) -> bool:
+    return re.fullmatch(r"step-\d+", name) is not None
 
 
 def is_run(out: Path) -> bool:
@@ -159,11 +169,12 @@ def run_lock(out: Path) -> Iterator[None]:
 
 def recover_and_tidy(out: Path) -> list[str]:
     """Undo what a kill in the middle of an atomic write left in a run directory; returns what was done."""
-    return tidy_leftovers(out) + tidy_leftovers(out / "checkpoints")
+    return tidy_leftovers(out) + tidy_leftovers(out / "checkpoints", _is_step)
 
 
-def tidy_leftovers(parent: Path, only: str | None = None) -> list[str]:
-    """Recover or remove the temp entries of interrupted atomic writes in `parent` (those of `only`, if given).
+def tidy_leftovers(parent: Path, owned: Callable[[str], bool] = RUN_ENTRIES.__contains__) -> list[str]:
+    """Recover or remove the temp entries of interrupted atomic writes in `parent`, of the entries `owned` accepts
+    (by default a run's own): anything else is the user's, and stays.
 
     `atomic_directory` replaces DIR by renaming it to `.DIR.old` and the new one into place: killed between
     the two renames, `.DIR.old` is the only whole copy, so it is renamed back. Every other temp entry is an
@@ -173,7 +184,7 @@ def tidy_leftovers(parent: Path, only: str | None = None) -> list[str]:
     if not parent.is_dir():
         return done
     for entry in sorted(parent.iterdir()):
-        if not is_temp_name(entry.name) or (only and not entry.name.startswith(f".{only}.")):
+        if not is_temp_name(entry.name, owned):
             continue
         original = parent / entry.name[1:].removesuffix(".old")
         if entry.name.endswith(".old") and not original.exists():

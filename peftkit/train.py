@@ -241,7 +241,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                                             run.method_trainer, run.selection, accelerator.process_index,
                                             accelerator.num_processes)
             if run.main:
-                truncate_metrics(run.metrics_path, state.step, run.total_steps)
+                truncate_metrics(run.metrics_path, state.step, state.step if run.stopped_early else run.total_steps)
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
                           + (" The run had finished: its final evaluation and exports are made again."
                              if state.step >= run.total_steps or run.stopped_early else ""))
@@ -305,7 +305,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
-    if eval_ex and cfg.eval.base_model and not resume:
+    if eval_ex and cfg.eval.base_model:  # on --resume too: its figures are in the manifest, as an unbroken run's
         # At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
         # holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():

@@ -59,6 +59,21 @@ def test_train_refuses_a_directory_of_user_files(tiny_llama, number_data, tmp_pa
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_hidden_files_named_like_temp_files_are_the_user_s(tiny_llama, number_data, tmp_path):
+    """Only the temp names of a run's own entries (`.adapter.XXXX.tmp`, `.adapter.old`) are tidied: a user's
+    `.draft.tmp` or `.bashrc.old` made the directory look empty, and was deleted (or renamed) without --overwrite."""
+    out = tmp_path / "run"
+    (out / ".cache.tmp").mkdir(parents=True)
+    (out / ".draft.tmp").write_text("draft")
+    (out / ".bashrc.old").write_text("old")
+    with pytest.raises(PeftkitError, match=r"already holds files that peftkit did not write \(.bashrc.old, .cache.tmp, "
+                                           r".draft.tmp\)"):
+        train(_recipe(tmp_path, tiny_llama, number_data), console=_console()[0])
+    train(_recipe(tmp_path, tiny_llama, number_data), overwrite=True, console=_console()[0])
+    assert (out / ".draft.tmp").read_text() == "draft" and (out / ".bashrc.old").read_text() == "old"
+    assert (out / ".cache.tmp").is_dir() and not (out / "bashrc").exists()
+
+
 def test_overwrite_never_replaces_a_user_directory_named_like_a_run_output(tiny_llama, number_data, tmp_path):
     out = tmp_path / "run"
     (out / "adapter").mkdir(parents=True)
@@ -170,6 +185,45 @@ def test_resuming_a_finished_run_writes_no_metric_line_twice(tiny_llama, number_
     console, out = _console()
     train(recipe, console=console)  # the same recipe again, without --resume: said, not silent
     assert "holds a finished run; this run replaces it once its data and model have loaded" in out.getvalue()
+
+
+def test_a_resumed_run_records_what_an_unbroken_one_does_and_verifies(tiny_llama, number_data, tmp_path):
+    """A run stopped after a checkpoint and resumed has the unbroken run's manifest (the base model's evaluation
+    too: it was left out, and verify then failed on the resumed run) and its metrics.jsonl."""
+    from peftkit.verify import verify
+
+    sections = dict(training={**SECTIONS["training"], "eval_steps": 2}, eval={"base_model": True})
+    whole = _recipe(tmp_path / "whole", tiny_llama, number_data, **sections)
+    train(whole, console=_console()[0])
+    broken = _recipe(tmp_path / "broken", tiny_llama, number_data, **sections)
+    train(broken, console=_console()[0])
+    run = tmp_path / "broken" / "run"
+    for name in ("adapter", "checkpoints/step-00000006", "checkpoints/step-00000004", "manifest.json"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()  # as if killed after step 2
+    train(broken, resume=True, console=_console()[0])
+
+    def results(path: Path) -> tuple[dict, list]:
+        metrics = json.loads((path / "manifest.json").read_text())["metrics"]
+        lines = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        vary = ("elapsed_s", "peak_mem_mb", "tokens_per_s")
+        return {k: v for k, v in metrics.items() if k not in vary}, [{k: v for k, v in x.items() if k not in vary}
+                                                                      for x in lines]
+    assert results(run) == results(tmp_path / "whole" / "run")
+    assert results(run)[0]["base_eval_loss"] is not None
+    assert verify(run, console=_console()[0]).ok
+
+
+def test_resuming_an_early_stopped_run_writes_its_last_evaluation_once(tiny_llama, number_data, tmp_path):
+    """Early stopping at a checkpoint step: the resumed run evaluates that step again for its export, and its line
+    replaces the logged one (it was written twice)."""
+    stopping = {"metric": "loss", "patience": 1}
+    recipe = _recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 30, "eval_steps": 2, "save_steps": 2, "lr": 0.5, "early_stopping": stopping})
+    train(recipe, console=_console()[0])
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]["steps"] < 30  # it stopped early
+    train(recipe, resume=True, console=_console()[0])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
 
 
 # --------------------------------------------------------------------------------- damaged checkpoints

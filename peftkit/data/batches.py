@@ -81,9 +81,20 @@ def micro_batches(
         # An own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift dropout masks depending on where an epoch (or a resumed run) starts.
         loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate or Collator(pad_id), num_workers=num_workers,
-                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch))
+                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
+                            worker_init_fn=_ignore_stop_signals if num_workers else None)
         yield from loader
         epoch, offset = epoch + 1, 0
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: SIGINT and SIGTERM sent to the whole process group (Ctrl-C, Slurm, systemd) are the main
+    process's to handle (it checkpoints and stops, then shuts its workers down); a worker killed by one would crash
+    the run instead."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_loader(examples: list[Example], batch_size: int, pad_id: int, collate: Callable | None = None) -> DataLoader:
