@@ -396,12 +396,7 @@ def _loop(run: _Run, state: LoopState) -> None:
     window_start, window_tokens = time.time(), 0
     with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
         while state.step < run.total_steps and not run.stopped_early:
-            if distributed.any_process(run.accelerator, stop.signal is not None):
-                path = run.checkpoint(state)
-                raise PeftkitError(
-                    f"{'Stopped by SIGTERM' if stop.signal == signal.SIGTERM else 'Interrupted'} at step "
-                    f"{state.step}; checkpoint saved to {path}. Continue with `peftkit train RECIPE --resume`."
-                )
+            _stop_if_asked(run, state, stop)
             window = [next(stream) for _ in range(tcfg.grad_accum)]
             tokens = sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
             window_tokens += tokens
@@ -426,6 +421,17 @@ def _loop(run: _Run, state: LoopState) -> None:
             if run.stopped_early:
                 progress.note(f"step {state.step}: {run.selection.stop_reason()}")
                 break
+        _stop_if_asked(run, state, stop)  # one during the last step stops too, before the final evaluation and export
+
+
+def _stop_if_asked(run: _Run, state: LoopState, stop: StopRequest) -> None:
+    """Checkpoint and stop when a process was sent SIGINT or SIGTERM (all of them together)."""
+    if distributed.any_process(run.accelerator, stop.signal is not None):
+        path = run.checkpoint(state)
+        raise PeftkitError(
+            f"{'Stopped by SIGTERM' if stop.signal == signal.SIGTERM else 'Interrupted'} at step "
+            f"{state.step}; checkpoint saved to {path}. Continue with `peftkit train RECIPE --resume`."
+        )
 
 
 def _step(run: _Run, window: list[dict], tokens: int, state: LoopState) -> tuple[float | None, float | None, float | None]:

@@ -143,11 +143,12 @@ def _logged_steps(run) -> list[int]:
     return [r["step"] for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(("sig", "at"), [(signal.SIGINT, 3), (signal.SIGTERM, 3), (signal.SIGINT, 8)])
 def test_signal_mid_step_checkpoints_that_step_and_resumes_bit_identically(tiny_llama, number_data, tmp_path,
-                                                                           monkeypatch, sig):
+                                                                           monkeypatch, sig, at):
     # The signal lands right after optimizer.step() of step 3, before the loop counts the step: acting on it
     # there would checkpoint step-2 state with step-3 weights (a resumed run would then apply step 3 twice).
+    # At the last step (8) it stops too, before the final evaluation and export (it was ignored).
     sections = dict(training={"max_steps": 8, "batch_size": 2, "grad_accum": 2, "optimizer": "sgd"},
                     adapter={"dropout": 0.1}, eval={"base_model": False})
     straight = make_recipe(tmp_path / "a", tiny_llama, number_data, **sections)
@@ -159,16 +160,16 @@ def test_signal_mid_step_checkpoints_that_step_and_resumes_bit_identically(tiny_
     def step_then_signal(self, *args, **kwargs):
         result = original_step(self, *args, **kwargs)
         stepped.append(1)
-        if len(stepped) == 3:
+        if len(stepped) == at:
             signal.raise_signal(sig)
         return result
 
     monkeypatch.setattr(torch.optim.SGD, "step", step_then_signal)
     interrupted = load_recipe(make_recipe(tmp_path / "b", tiny_llama, number_data, **sections))
-    with pytest.raises(PeftkitError, match="at step 3; checkpoint saved to .*step-00000003.*--resume"):
+    with pytest.raises(PeftkitError, match=f"at step {at}; checkpoint saved to .*step-0000000{at}.*--resume"):
         train(interrupted)
     run = tmp_path / "b" / "run"
-    assert _logged_steps(run) == [1, 2, 3]
+    assert _logged_steps(run) == list(range(1, at + 1)) and not (run / "adapter").exists()
     assert signal.getsignal(sig) is not None and signal.getsignal(sig) == {
         signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}[sig]  # handlers restored
     monkeypatch.undo()
