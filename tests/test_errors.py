@@ -400,6 +400,8 @@ def test_unusable_path(tmp_path, old, new, reason):
      "--set adapter.target_modules.regx: unknown key 'regx' in adapter.target_modules. Did you mean 'regex'?"),
     ("training.lr", "--set 'training.lr': expected KEY=VALUE, for example --set training.lr=2e-4"),
     ("=3", "--set '=3': expected KEY=VALUE, for example --set training.lr=2e-4"),
+    ("training.lr.x=1", "--set training.lr.x: 'training.lr' is a value, not a section with keys; set it whole: "
+     "--set training.lr=VALUE."),
     ("training.lr=[", "--set training.lr=[: the value is not valid YAML (expected the node content, but found "
      "'<stream end>'). Quote a string value, for example --set 'training.lr=\"[\"'."),
 ])

@@ -83,7 +83,10 @@ def _apply_override(data: dict, assignment: str) -> None:
         raise PeftkitError(f"--set {key.strip()}: key '{duplicates[0][0][-1]}' is given twice in the value; YAML would "
                            "silently keep only the last. Give each key once.")
     node = data
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], start=1):
+        if node.get(part) is not None and not isinstance(node[part], dict):  # `training.lr.x=1`: lr is a value
+            raise PeftkitError(f"--set {key.strip()}: '{'.'.join(parts[:depth])}' is a value, not a section with keys; "
+                               f"set it whole: --set {'.'.join(parts[:depth])}=VALUE.")
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
@@ -142,8 +145,8 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
             else ", or delete the line to use the defaults")
     if kind == "value_error" and isinstance(given, dict):
         # A check across several keys of one section (or of the whole recipe): the message names the keys.
-        return f"{where}: {dotted + ': ' if loc else ''}{msg}."
-    return f"{where}: '{dotted}' = {shown}: {msg}."
+        return f"{where}: {dotted + ': ' if loc else ''}{msg.rstrip('.')}."
+    return f"{where}: '{dotted}' = {shown}: {msg.rstrip('.')}."
 
 
 def _where(loc: tuple, path: str | Path, lines: dict[tuple, int], overridden: set[tuple]) -> str:
