@@ -66,7 +66,8 @@ def learned_positions(model: nn.Module) -> int | None:
 
 def check_room(model: nn.Module, tokens: int, what: str, new_tokens: int = 0, fix: str = "") -> None:
     """A TooLong error when `tokens` (of `what`: "longest prompt"), the adapter's virtual tokens in front and
-    `new_tokens` to generate need more positions than a model with learned positions has: past them its position lookup fails."""
+    `new_tokens` to generate need more positions than a model with learned positions has: past them its position
+    lookup fails."""
     covered = learned_positions(model)
     virtual = getattr(virtual_tokens(model), "num_virtual_tokens", 0)
     if covered is None or tokens + virtual + new_tokens <= covered:
