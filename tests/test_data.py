@@ -81,6 +81,23 @@ def test_order_is_seeded_and_resumable():
         assert torch.equal(next(resumed)["input_ids"], expected)
 
 
+def _worker_handlers(batch) -> tuple:
+    """A collate function, which runs in the DataLoader worker: that worker's SIGINT and SIGTERM handlers."""
+    import signal
+
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_data_workers_leave_stop_signals_to_the_main_process():
+    """SIGINT/SIGTERM sent to the whole process group (Ctrl-C, Slurm, systemd) must not kill a worker: the main
+    process checkpoints and stops. A worker that kept the default SIGTERM died, and the run crashed with a traceback."""
+    import signal
+
+    examples = [Example([1, 2, 3], [1, 2, 3]) for _ in range(4)]
+    stream = micro_batches(examples, 2, seed=0, shuffle=False, pad_id=0, num_workers=1, collate=_worker_handlers)
+    assert next(stream) == (signal.SIG_IGN, signal.SIG_IGN)
+
+
 def test_a_jsonl_file_is_read_without_importing_datasets(tmp_path):
     """`datasets` takes 0.7 s of a process's start; a .jsonl file (the quickstart's, most recipes') does not need it."""
     path = tmp_path / "rows.jsonl"
