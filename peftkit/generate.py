@@ -24,6 +24,7 @@ from peftkit.errors import PeftkitError
 from peftkit.inference import ModelSource, check_choices, model_source
 from peftkit.methods.virtual import generation_inputs, virtual_tokens
 from peftkit.recipe import DataConfig
+from peftkit.rope_scaling import learned_positions
 from peftkit.task_ids import with_tasks
 
 
@@ -57,18 +58,11 @@ class TooLong(PeftkitError):
     """A sequence longer than the positions the model covers (`check_room`)."""
 
 
-def learned_positions(model: nn.Module) -> int | None:
-    """How many positions a model with a learned position table has (GPT-2's n_positions, OPT's); None for a RoPE
-    model, which runs past its max_position_embeddings (worse, but runs: generation and eval allow it)."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    return positions if isinstance(positions, int) and not getattr(model.config, "rope_parameters", None) else None
-
-
 def check_room(model: nn.Module, tokens: int, what: str, new_tokens: int = 0, fix: str = "") -> None:
     """A TooLong error when `tokens` (of `what`: "longest prompt"), the adapter's virtual tokens in front and
     `new_tokens` to generate need more positions than a model with learned positions has: past them its position
     lookup fails."""
-    covered = learned_positions(model)
+    covered = learned_positions(model.config)  # a RoPE model runs past its positions: generation and eval allow it
     virtual = getattr(virtual_tokens(model), "num_virtual_tokens", 0)
     if covered is None or tokens + virtual + new_tokens <= covered:
         return

@@ -51,6 +51,13 @@ def covered_positions(config, scaling: RopeScalingConfig | None) -> int | None:
     return int(positions * scaling.factor) if scaling else positions
 
 
+def learned_positions(config) -> int | None:
+    """How many positions a model with a learned position table has (GPT-2's n_positions, OPT's): past them its
+    lookup fails. None for a RoPE model, which runs past its max_position_embeddings (worse, but it runs)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and not getattr(config, "rope_parameters", None) else None
+
+
 def check_context_length(recipe: Recipe, config) -> None:
     """data.max_length within the positions the model covers, or a PeftkitError naming both keys and the fix."""
     model: ModelConfig = recipe.model
@@ -61,7 +68,7 @@ def check_context_length(recipe: Recipe, config) -> None:
     positions = config.max_position_embeddings
     factor = math.ceil((max_length + virtual) / positions)
     length = f"data.max_length {max_length}" + (f" plus the adapter's {virtual} virtual tokens" if virtual else "")
-    if not getattr(config, "rope_parameters", None):
+    if learned_positions(config) is not None:
         raise PeftkitError(f"{length} is longer than the {positions} positions {model.name_or_path} has (learned "
                            f"positions, which cannot be scaled). Lower data.max_length to {positions - virtual}.")
     if model.rope_scaling is None:
