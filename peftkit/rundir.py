@@ -125,8 +125,14 @@ def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, con
         raise PeftkitError("--resume and --overwrite contradict each other: --resume continues the run in "
                            "export.output_dir, --overwrite starts it afresh. Pass one of them.")
     make_writable_dir(out)
+    fresh_lock = not (out / LOCK_NAME).exists()
     with run_lock(out):
-        check_output_dir(out, recipe_yaml, resume, overwrite)
+        try:
+            check_output_dir(out, recipe_yaml, resume, overwrite)
+        except PeftkitError:
+            if fresh_lock:  # refused before writing anything: leave the directory as it was found
+                (out / LOCK_NAME).unlink(missing_ok=True)
+            raise
         for note in recover_and_tidy(out):
             console.print(f"note: {note}", highlight=False)
         if not resume and (out / "manifest.json").exists():

@@ -403,15 +403,15 @@ def _loop(run: _Run, state: LoopState) -> None:
             loss_value, grad_norm, regularizer = _step(run, window, tokens, state)
             if loss_value is None:
                 continue
+            tps = window_tokens / max(time.time() - window_start, 1e-9)
+            lr = run.scheduler.get_last_lr()[0]
+            progress.update(state.step, loss_value, lr, tps)  # every step: the bar moves, the first step gets a line
             if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
-                tps = window_tokens / max(time.time() - window_start, 1e-9)
-                lr = run.scheduler.get_last_lr()[0]
                 record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
                 if regularizer is not None:
                     record["regularizer"] = regularizer
                 run.log(record)
-                progress.update(state.step, loss_value, lr, tps)
                 window_start, window_tokens = time.time(), 0
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
                 result = run.evaluate(state.step)

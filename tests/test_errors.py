@@ -289,6 +289,25 @@ def test_empty_section_says_so(tmp_path):
             "it (the section is required).") in message
 
 
+def test_an_empty_optional_section_is_not_silently_none(tmp_path):
+    """`quantization:` with nothing under it is YAML's null, which meant "no quantization": a QLoRA recipe trained a
+    full-precision base without a word. An explicit null (or --set quantization=null) still means none."""
+    text = RECIPE.replace("training:\n", "quantization:\ntraining:\n  early_stopping:\n")
+    path = _write(tmp_path, text)
+    assert _error(path) == (
+        "Invalid recipe (2 problems):\n"
+        f"  {path}:{_line(text, 'quantization:')}: 'quantization' = None: the section is empty, which would mean no "
+        "quantization at all; indent its keys under it, write 'quantization: {}' for its defaults, or write "
+        "'quantization: null' (or delete the line) to go without it.\n"
+        f"  {path}:{_line(text, '  early_stopping:')}: 'training.early_stopping' = None: the section is empty, which "
+        "would mean no early_stopping at all; indent its keys under it, write 'early_stopping: {}' for its defaults, "
+        "or write 'early_stopping: null' (or delete the line) to go without it.")
+    recipe = load_recipe(path, ["quantization.method=nf4", "training.early_stopping=null"])
+    assert recipe.quantization.method == "nf4" and recipe.training.early_stopping is None
+    assert load_recipe(_write(tmp_path, text.replace("quantization:", "quantization: null").replace(
+        "early_stopping:", "early_stopping: ~"), "explicit.yaml")).quantization is None
+
+
 def test_warmup_longer_than_the_run(tmp_path):
     text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 10")
     message = _error(_write(tmp_path, text))
@@ -311,15 +330,17 @@ def test_an_unquoted_no_is_mixed_precision_no(tmp_path):
 def test_fp16_with_a_4bit_base(tmp_path):
     text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: fp16") + "quantization:\n  method: nf4\n"
     message = _error(_write(tmp_path, text))
-    assert (f"{tmp_path / 'my-recipe.yaml'}: training.mixed_precision: fp16 with a 4-bit base overflows easily; use "
-            "bf16 or auto.") in message
+    # A check across sections points at the key its message starts with.
+    assert (f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  mixed_precision: fp16')}: training.mixed_precision: fp16 "
+            "with a 4-bit base overflows easily; use bf16 or auto.") in message
 
 
 def test_fp16_with_fp16_modules_trained_in_full(tmp_path):
     text = (RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: fp16")
             .replace("dtype: float32", "dtype: float16").replace("  dropout: 0.0", "  dropout: 0.0\n  modules_to_save: [lm_head]"))
     message = _error(_write(tmp_path, text))
-    assert (f"{tmp_path / 'my-recipe.yaml'}: training.mixed_precision: fp16 unscales fp32 gradients only, and with "
+    assert (f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  mixed_precision: fp16')}: training.mixed_precision: fp16 "
+            "unscales fp32 gradients only, and with "
             "model.dtype: float16 the modules trained in full") in message
     assert "set model.dtype: float32" in message
     _ = load_recipe(_write(tmp_path, text.replace("dtype: float16", "dtype: float32")))  # fp32 weights: accepted

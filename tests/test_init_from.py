@@ -72,8 +72,11 @@ def test_conflicting_method_keys_are_refused(tiny_llama, number_data, tmp_path):
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
                    LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(tmp_path / "p")
     init = str(tmp_path / "p")
-    with pytest.raises(PeftkitError, match=r"r: 16 in the recipe, 4 in the adapter"):
-        load_recipe(_init_recipe(tmp_path / "r", tiny_llama, number_data, {"init_from": init, "r": 16}))
+    recipe = _init_recipe(tmp_path / "r", tiny_llama, number_data, {"init_from": init, "r": 16})
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if "init_from:" in text)
+    with pytest.raises(PeftkitError, match=rf"^{recipe}:{line}: adapter.init_from: .* \(r: 16 in the recipe, 4 in the "
+                                           "adapter\)"):
+        load_recipe(recipe)
     with pytest.raises(PeftkitError, match="holds a lora adapter, but adapter.method is 'ia3'"):
         load_recipe(_init_recipe(tmp_path / "m", tiny_llama, number_data, {"init_from": init, "method": "ia3"}))
     # Keys that say the same as the adapter are fine.

@@ -58,6 +58,18 @@ def test_a_run_without_a_terminal_logs_progress_and_evaluations(tiny_llama, numb
     assert "━" not in out  # no live bar drawn into a file
 
 
+def test_progress_lines_do_not_wait_for_logged_steps(tiny_llama, number_data, tmp_path):
+    """With training.log_steps > 1 the first step still gets its line (it was the first logged step's), and the
+    lines fall on tenths of the run, not on multiples of log_steps."""
+    buffer = io.StringIO()
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 20, "log_steps": 7},
+                         eval={"base_model": False})
+    train(load_recipe(recipe), console=Console(file=buffer, width=200))
+    assert _plain_steps(buffer.getvalue()) == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [7, 14, 20]
+
+
 def test_a_terminal_gets_the_live_bar_not_plain_lines(tiny_llama, number_data, tmp_path):
     buffer = io.StringIO()
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 3}, eval={"base_model": False})

@@ -54,6 +54,7 @@ def test_train_refuses_a_directory_of_user_files(tiny_llama, number_data, tmp_pa
         f"export.output_dir {out} already holds files that peftkit did not write (config.json, notes.txt). Choose a "
         "new or empty directory, or pass --overwrite (a run writes only adapter, merged, checkpoints, metrics.jsonl, "
         "recipe.yaml, manifest.json, report, trackers; your files stay).")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]  # no .peftkit.lock left behind
     train(_recipe(tmp_path, tiny_llama, number_data), overwrite=True, console=_console()[0])
     assert (out / "notes.txt").read_text() == "my notes" and (out / "config.json").read_text() == "{}"
     assert (out / "adapter" / "adapter_model.safetensors").exists()

@@ -70,7 +70,7 @@ def _apply_override(data: dict, assignment: str) -> None:
                 f"Valid keys{f' for method {method}' if method else ''}: {', '.join(valid)}."
             )
     try:
-        value, _, duplicates = _parse_yaml(raw, "the value") if raw.strip() else (None, {}, [])
+        value, _, duplicates, _ = _parse_yaml(raw, "the value") if raw.strip() else (None, {}, [], set())
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise PeftkitError(
@@ -144,7 +144,11 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
             " (the section is required)" if field is not None and field.is_required()
             else ", or delete the line to use the defaults")
     if kind == "value_error" and isinstance(given, dict):
-        # A check across several keys of one section (or of the whole recipe): the message names the keys.
+        # A check across several keys of one section (or of the whole recipe): the message names the keys. One
+        # that starts with a key's full name (`training.mixed_precision: fp16 with a 4-bit base ...`) is placed there.
+        named = tuple(m[1].split(".")) if (m := re.match(r"([a-z_]+(?:\.[a-z_]+)*)[: ]", msg)) else ()
+        if named[:1] and named[0] in Recipe.model_fields and named[:len(loc)] == loc:
+            where = _where(named, path, lines, overridden)
         return f"{where}: {dotted + ': ' if loc else ''}{msg.rstrip('.')}."
     return f"{where}: '{dotted}' = {shown}: {msg.rstrip('.')}."
 
@@ -264,6 +268,30 @@ def _drop_misspelled(errors: list[tuple[tuple, dict]], data: Any) -> list[tuple[
             if not (err["type"] == "missing" and (loc[:-1], f" Did you mean '{loc[-1]}'?") in meant)]
 
 
+def _value_at(data: Any, loc: tuple) -> Any:
+    for key in loc:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _optional_section(loc: tuple, data: Any) -> type[BaseModel] | None:
+    """The section the key at `loc` holds when it may be left out (`quantization`, `training.early_stopping`)."""
+    model = _section_model(loc[:-1], data)
+    field = model.model_fields.get(str(loc[-1])) if model is not None else None
+    members = _members(field.annotation) if field is not None else []
+    sections = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+    return sections[0] if type(None) in members and len(sections) == 1 else None
+
+
+def _empty_section_message(loc: tuple, path: Path, lines: dict[tuple, int], section: type[BaseModel]) -> str:
+    """`quantization:` with nothing under it reads as "no quantization", which is rarely what it was written for."""
+    dotted, key = ".".join(map(str, loc)), loc[-1]
+    defaults = (f", write '{key}: {{}}' for its defaults" if not any(f.is_required() for f in section.model_fields.values())
+                else "")
+    return (f"{path}:{lines[loc]}: '{dotted}' = None: the section is empty, which would mean no {key} at all; indent "
+            f"its keys under it{defaults}, or write '{key}: null' (or delete the line) to go without it.")
+
+
 def _resolve(value: str, base: Path, kind: str) -> str:
     """Resolve a recipe path against the recipe's directory; leave hub ids alone."""
     expanded = Path(value).expanduser()
@@ -287,16 +315,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         overrides: `KEY=VALUE` strings (`training.lr=2e-4`); VALUE is parsed as YAML.
     """
     path = Path(path)
-    data, lines = _read_yaml(path)
+    data, lines, empty = _read_yaml(path)
     overridden = set()
     for assignment in overrides:
         _apply_override(data, assignment)
         overridden.add(tuple(assignment.partition("=")[0].strip().split(".")))
+    problems = [_empty_section_message(loc, path, lines, section) for loc in sorted(empty, key=lines.__getitem__)
+                if _value_at(data, loc) is None and (section := _optional_section(loc, data))
+                and not any(loc[:depth] in overridden for depth in range(1, len(loc) + 1))]
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]), data)
-        raise _invalid([format_validation_error(err, data, path, lines, overridden) for _, err in errors]) from None
+        problems += [format_validation_error(err, data, path, lines, overridden) for _, err in errors]
+    if problems:
+        raise _invalid(problems) from None
     base = path.resolve().parent
 
     def usable(value: str, kind: str, loc: tuple) -> str:
@@ -323,5 +356,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if recipe.adapter.init_from:
         from peftkit.peft_format import init_from_config
 
-        recipe.adapter = init_from_config(recipe.adapter)
+        try:
+            recipe.adapter = init_from_config(recipe.adapter)
+        except PeftkitError as e:  # the adapter is the recipe's: say where the recipe names it
+            raise PeftkitError(f"{_where(('adapter', 'init_from'), path, lines, overridden)}: {e}") from None
     return recipe

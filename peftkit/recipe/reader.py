@@ -99,8 +99,8 @@ def _compose(text: str) -> yaml.Node | None:
         return yaml.compose(text, Loader=_LineLoader)
 
 
-def _parse_yaml(text: str, what: str) -> tuple[Any, dict[tuple, int], list[tuple[tuple, int, int]]]:
-    """(data, line of every key path, keys given twice) of a YAML document.
+def _parse_yaml(text: str, what: str) -> tuple[Any, dict[tuple, int], list[tuple[tuple, int, int]], set[tuple]]:
+    """(data, line of every key path, keys given twice, key paths written with no value at all) of a YAML document.
 
     Raises yaml.YAMLError for a syntax error and _YamlProblem for a document refused by `_check_shape` or a
     value PyYAML's constructors cannot build.
@@ -109,9 +109,10 @@ def _parse_yaml(text: str, what: str) -> tuple[Any, dict[tuple, int], list[tuple
     node = _compose(text)
     lines: dict[tuple, int] = {}
     duplicates: list[tuple[tuple, int, int]] = []
+    empty: set[tuple] = set()
     if node is None:
-        return None, lines, duplicates
-    _compose_lines(node, (), lines, duplicates)  # first: constructing merges `<<: *x` keys into the nodes
+        return None, lines, duplicates, empty
+    _compose_lines(node, (), lines, duplicates, empty)  # first: constructing merges `<<: *x` keys into the nodes
     try:
         data = _LineLoader("").construct_document(node)
     except (ValueError, KeyError, AttributeError, TypeError) as e:
@@ -121,13 +122,14 @@ def _parse_yaml(text: str, what: str) -> tuple[Any, dict[tuple, int], list[tuple
         problem = (f"{bad.value!r} cannot be read as {bad.tag.rsplit(':', 1)[-1]}" if bad
                    else f"a value cannot be read ({e!r})")
         raise _YamlProblem(where, f"YAML error: {problem}. Remove the explicit !!tag or fix the value.") from None
-    return data, lines, duplicates
+    return data, lines, duplicates, empty
 
 
 def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int],
-                   duplicates: list[tuple[tuple, int, int]]) -> None:
-    """Record the line of every key path, and each key given twice in one mapping as (key path, first line,
-    second line): PyYAML silently keeps the last value. Aliases are walked as what they stand for (bounded by
+                   duplicates: list[tuple[tuple, int, int]], empty: set[tuple]) -> None:
+    """Record the line of every key path, each key given twice in one mapping as (key path, first line,
+    second line): PyYAML silently keeps the last value, and each key written with nothing after it (`quantization:`,
+    which YAML reads as null, unlike an explicit `null`). Aliases are walked as what they stand for (bounded by
     `_check_shape`), so the keys of an anchored section have lines too."""
     if isinstance(node, yaml.MappingNode):
         first_line: dict[tuple[str, Any], int] = {}
@@ -142,14 +144,16 @@ def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int],
                 duplicates.append((key_path, first_line[key], line))
             first_line.setdefault(key, line)
             lines[key_path] = line
-            _compose_lines(value_node, key_path, lines, duplicates)
+            if isinstance(value_node, yaml.ScalarNode) and value_node.tag.endswith(":null") and not value_node.value:
+                empty.add(key_path)
+            _compose_lines(value_node, key_path, lines, duplicates, empty)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[(*path, i)] = item.start_mark.line + 1
-            _compose_lines(item, (*path, i), lines, duplicates)
+            _compose_lines(item, (*path, i), lines, duplicates, empty)
 
 
-def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
+def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int], set[tuple]]:
     try:
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:
@@ -164,7 +168,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
     except (PermissionError, UnicodeDecodeError) as e:
         raise PeftkitError(f"Cannot read recipe {path}: {e}") from None
     try:
-        data, lines, duplicates = _parse_yaml(text, "the recipe")
+        data, lines, duplicates, empty = _parse_yaml(text, "the recipe")
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -195,7 +199,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int]]:
             f"{second}); YAML would silently keep only the last. Delete one of them."
             for key_path, first, second in duplicates
         ])
-    return data, lines
+    return data, lines, empty
 
 
 def _dotted_parent(key_path: tuple) -> str:
