@@ -23,7 +23,7 @@ from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
 from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
-from peftkit.task_ids import with_tasks
+from peftkit.task_ids import adapter_task_count, with_tasks
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
@@ -143,9 +143,11 @@ class RunEval:
     @classmethod
     def of(cls, cfg: Recipe, tok, examples: list[Example]) -> RunEval:
         from peftkit.data.prompts import load_prompts
+        from peftkit.task_ids import recipe_reads_tasks
 
         metrics = cfg.eval.generation_metrics
-        prompts = load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data) if metrics else []
+        prompts = load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data,
+                               tasks=recipe_reads_tasks(cfg)) if metrics else []
         return cls(examples, tok.pad_token_id, cfg.eval.batch_size, metrics, prompts, tok,
                    Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.normalize)
 
@@ -307,8 +309,10 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     source = job.source
     generated = [m for m in job.metrics if m in GENERATION_METRICS]
     tok = source.tokenizer()
-    examples = load_examples(tok, job.data, job.split, job.data_cfg)[0] if set(job.metrics) & set(LOSS_METRICS) else None
-    prompts = load_prompts(tok, job.data, job.split, job.data_cfg) if generated else None
+    tasks = adapter_task_count(source) is not None
+    examples = (load_examples(tok, job.data, job.split, job.data_cfg, tasks=tasks)[0]
+                if set(job.metrics) & set(LOSS_METRICS) else None)
+    prompts = load_prompts(tok, job.data, job.split, job.data_cfg, tasks=tasks) if generated else None
     if examples is not None:
         examples = with_tasks(source, job.task, examples, job.data)
     if prompts is not None:

@@ -25,7 +25,7 @@ from peftkit.inference import ModelSource, check_choices, model_source
 from peftkit.methods.virtual import generation_inputs, virtual_tokens
 from peftkit.recipe import DataConfig
 from peftkit.rope_scaling import learned_positions
-from peftkit.task_ids import with_tasks
+from peftkit.task_ids import adapter_task_count, with_tasks
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,8 @@ class GenerateJob:
 
     def build_prompts(self, tok) -> list[Prompt]:
         if self.data:
-            return load_prompts(tok, self.data, self.split, self.data_cfg, self.limit)
+            return load_prompts(tok, self.data, self.split, self.data_cfg, self.limit,
+                                tasks=adapter_task_count(self.source) is not None)
         if self.chat:
             return [chat_prompt(tok, [{"role": "user", "content": p}]) for p in self.prompts]
         return [text_prompt(tok, p) for p in self.prompts]

@@ -173,8 +173,12 @@ def load_tokenizer(cfg: ModelConfig):
     except (OSError, ValueError) as e:
         raise PeftkitError(f"Could not load a tokenizer from {cfg.name_or_path}: {e}") from None
     if tok.pad_token is None:
-        # Padding positions are masked out of attention and loss, so reusing EOS is safe.
-        tok.pad_token = tok.eos_token
+        # Padding positions are masked out of attention and loss, so reusing another token is safe.
+        spare = next((t for t in (tok.eos_token, tok.unk_token, tok.bos_token) if t is not None), None)
+        if spare is None:
+            raise PeftkitError(f"The tokenizer of {cfg.name_or_path} has no pad token and no EOS, UNK or BOS token to "
+                               "pad with. Give it one (tokenizer_config.json's pad_token or eos_token).")
+        tok.pad_token = spare
     return tok
 
 

@@ -29,6 +29,7 @@ from peftkit.data import (
 )
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.recipe import DataConfig, Recipe
+from peftkit.task_ids import recipe_reads_tasks
 
 MASKED_STYLE = "dim"
 TRAINED_STYLE = "bold green"
@@ -134,7 +135,9 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     cfg = recipe.data
     tok = load_tokenizer(recipe.model)
     rows, bad, line_numbers = load_rows(cfg.train, cfg.train_split, cfg.on_bad_rows)
-    shown = list(islice((b for b in build_examples(tok, rows, cfg, cfg.train, line_numbers) if b is not None), n))
+    tasks = recipe_reads_tasks(recipe)
+    shown = list(islice((b for b in build_examples(tok, rows, cfg, cfg.train, line_numbers, tasks=tasks)
+                         if b is not None), n))
     plain = is_plain(console)
     out = {"markup": False, "highlight": False, "soft_wrap": True}  # data is not rich markup; one line stays one line
     console.print(f"data.train {cfg.train}: format {cfg.format}, data.max_length {cfg.max_length}, "
@@ -144,7 +147,7 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
         console.print()
         console.print(f"example {i}  {describe_example(built, cfg)}", **out)
         console.print(render_tokens(tok, built.example, plain=plain, show_ids=show_ids, cut=built.truncated), **out)
-    examples, stats, cuts = count_examples(tok, rows, cfg, cfg.train, line_numbers)
+    examples, stats, cuts = count_examples(tok, rows, cfg, cfg.train, line_numbers, tasks=tasks)
     stats["bad_rows"] += bad
     console.print()
     for line in describe_stats(stats, cfg):

@@ -17,7 +17,10 @@ def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
     `text` and `classification` formats (no prompt to answer: a classifier's eval reports accuracy instead)."""
     if not (cfg.eval.samples and cfg.data.eval) or cfg.data.format in ("text", "classification"):
         return []
-    return load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data, limit=cfg.eval.samples, skip_empty=True)
+    from peftkit.task_ids import recipe_reads_tasks
+
+    return load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data, limit=cfg.eval.samples, skip_empty=True,
+                        tasks=recipe_reads_tasks(cfg))
 
 
 def answers(model: nn.Module, tok, prompts: list[Prompt], cfg: Recipe) -> list[str]:

@@ -75,13 +75,18 @@ def with_tasks(source: ModelSource, task: int | None, items: list[Item], data: s
     return [item if item.task_id == t else replace(item, task_id=t) for item, t in zip(items, tasks, strict=True)]
 
 
+def recipe_reads_tasks(cfg) -> bool:
+    """Whether a recipe's method reads the data's `task` column (multitask prompt tuning); any other ignores it."""
+    from peftkit.methods import method_of
+
+    return method_of(cfg.adapter).reads_task_ids
+
+
 def check_training_tasks(cfg, split: str, items: list) -> None:
     """Training's check of the data's task ids against adapter.num_tasks, as the data loads (before the model
     does). The forward then needs no check of its own on a GPU, where reading the ids would stop the host every
     step; `split` names the recipe key the items came from ('data.train', 'data.eval')."""
-    from peftkit.methods import method_of
-
-    if not method_of(cfg.adapter).reads_task_ids:
+    if not recipe_reads_tasks(cfg):
         return
     count = cfg.adapter.num_tasks
     top = max((item.task_id for item in items if item.task_id is not None), default=None)

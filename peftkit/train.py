@@ -47,7 +47,7 @@ from peftkit.data.packing import check_isolated, describe_packing, flatten, pack
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
 from peftkit.loss import labelled_count
-from peftkit.task_ids import check_training_tasks
+from peftkit.task_ids import check_training_tasks, recipe_reads_tasks
 from peftkit.finish import RESTART, TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import DiskFullError, append_line, atomic_write_text
 from peftkit.methods import MethodTrainer, method_of
@@ -374,11 +374,12 @@ def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | N
             examples = load_classification(tok, data.eval, data.eval_split, data, labels)[0]
             eval_ex = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
         return train_ex, stats, eval_ex, labels
-    train_ex, stats = load_examples(tok, data.train, data.train_split, data)
+    tasks = recipe_reads_tasks(cfg)
+    train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks)
     check_training_tasks(cfg, "data.train", train_ex)
     eval_ex = None
     if data.eval:  # the loss examples, and eval.metrics' prompts
-        eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data)[0])
+        eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data, tasks=tasks)[0])
         check_training_tasks(cfg, "data.eval", eval_ex.examples + eval_ex.prompts + sample_prompts(cfg, tok))
     return train_ex, stats, eval_ex, None
 

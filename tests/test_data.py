@@ -53,6 +53,92 @@ def test_chat_loss_on_assistant_turns_only(tmp_path):
     assert _decode_labels(ex) == "yo</s>\nciao</s>\n"
 
 
+# Qwen3's logic: the assistant turns after the last user message carry a (here empty) <think> block, earlier
+# ones none, so `messages[:i + 1]` rendered alone is not a prefix of the whole conversation.
+QWEN3_STYLE = (
+    "{%- set ns = namespace(last=messages|length - 1, found=false) -%}"
+    "{%- for m in messages[::-1] -%}{%- if not ns.found and m.role == 'user' -%}"
+    "{%- set ns.found = true -%}{%- set ns.last = messages|length - 1 - loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.index0 > ns.last and loop.last %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2.5's: a default system prompt in front of a conversation without one.
+QWEN_STYLE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_masks_follow_the_turns_whatever_the_template_does_to_beginnings(tmp_path):
+    """Two templates whose renderings of a conversation's beginning are not prefixes of the whole: Qwen3's (the
+    second user turn was trained as if the assistant said it) and a conversation that opens with the assistant
+    (the default system prompt and the role header were trained)."""
+    import copy
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = QWEN3_STYLE
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "yo<|im_end|>\n<think>\n\n</think>\n\nok<|im_end|>\n"
+    tok.chat_template = QWEN_STYLE
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "assistant", "content": "Hello!"}, *messages]}])
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Hello!<|im_end|>\nyo<|im_end|>\nok<|im_end|>\n"
+
+
+def test_a_tokenizer_that_appends_eos_puts_none_between_prompt_and_answer(tmp_path):
+    """Like Llama's with add_eos_token: encoding with special tokens gives `<s> text </s>`. The prompt's EOS sat
+    between prompt and answer (trained on, and ending every generation prompt)."""
+    import copy
+
+    from tokenizers import processors
+
+    from peftkit.data.prompts import text_prompt
+
+    tok = copy.deepcopy(TOK)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)])
+    assert tok("ab")["input_ids"][-1] == tok.eos_token_id
+    for fmt, row, text in (("completion", {"prompt": "2+2=", "completion": "4"}, "<s>2+2=4</s>"),
+                           ("text", {"text": "xy"}, "<s>xy</s>")):
+        write_jsonl(tmp_path / "d.jsonl", [row])
+        (ex,), _ = load_examples(tok, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format=fmt))
+        assert tok.decode(ex.input_ids) == text
+    assert tok.decode(text_prompt(tok, "2+2=").ids) == "<s>2+2="
+
+
+def test_csv_text_is_read_as_written_and_blank_text_lines_are_no_examples(tmp_path):
+    """pandas typed a CSV's "4" as a number and an empty cell (an alpaca row without input) as NaN, so those
+    rows were refused; a .txt file's blank lines became examples of BOS and EOS alone."""
+    (tmp_path / "d.csv").write_text('instruction,input,output\nAdd.,,"4"\nSay NA.,NA,007\n')
+    examples, _ = load_examples(TOK, str(tmp_path / "d.csv"), "train", DataConfig(train="x"))
+    assert [TOK.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in examples] == ["4</s>", "007</s>"]
+    assert "### Input" not in TOK.decode(examples[0].input_ids) and "### Input:\nNA" in TOK.decode(examples[1].input_ids)
+    (tmp_path / "d.txt").write_text("The quick fox.\n\nSecond paragraph.\n\n\n")
+    examples, _ = load_examples(TOK, str(tmp_path / "d.txt"), "train", DataConfig(train="x", format="text"))
+    assert [TOK.decode(e.input_ids) for e in examples] == ["<s>The quick fox.</s>", "<s>Second paragraph.</s>"]
+
+
+def test_an_empty_text_row_is_a_bad_row_and_a_byte_order_mark_is_not_one(tmp_path):
+    import pytest
+
+    from peftkit.errors import PeftkitError
+
+    (tmp_path / "d.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "ab"}\n{"text": "  "}\n')
+    with pytest.raises(PeftkitError, match=r"d.jsonl:2: field 'text' is empty for data.format 'text'"):
+        load_examples(TOK, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="text"))
+    (ex,), _ = load_examples(TOK, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="text",
+                                                                              on_bad_rows="skip"))
+    assert TOK.decode(ex.input_ids) == "<s>ab</s>"
+
+
 def test_truncation_and_examples_with_nothing_left(tmp_path):
     rows = [{"prompt": "x" * 50, "completion": "yy"}, {"prompt": "p", "completion": "z" * 40}]
     examples, stats = _load(tmp_path, rows, "completion", max_length=20)

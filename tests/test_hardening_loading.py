@@ -145,6 +145,26 @@ def test_broken_config_json_names_the_file(base, tmp_path, text, expected):
         assert expected in str(info.value)
 
 
+def test_a_tokenizer_without_eos_or_pad(base, number_data, tmp_path):
+    """Padding falls back to UNK (or BOS) when there is no EOS; the formats that end targets with EOS say it is
+    missing (a TypeError deep in decode, or in the collator, before)."""
+    from transformers import AutoTokenizer
+
+    from peftkit.data import load_examples
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import DataConfig
+
+    model = shutil.copytree(base, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.eos_token, tok.pad_token = None, None
+    tok.save_pretrained(model)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(model)))
+    assert tok.eos_token is None and tok.pad_token == tok.unk_token is not None
+    with pytest.raises(PeftkitError, match="data.format 'alpaca' ends each target with the tokenizer's EOS token, so "
+                                           "the model learns to stop, and this tokenizer has none"):
+        load_examples(tok, str(number_data["train"]), "train", DataConfig(train="x"))
+
+
 def test_unknown_model_type_suggests_the_closest(base, tmp_path):
     broken = _copy(base, tmp_path / "model")
     _edit_json(broken / "config.json", model_type="llamaXYZ")

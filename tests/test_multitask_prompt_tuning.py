@@ -133,7 +133,7 @@ def test_eval_loss_reads_the_task_column_as_peft(llama, task_data, tmp_path):
                   source=ModelSource(ModelConfig(name_or_path=str(llama), dtype="float32"), adapter=str(adapter)))
     ours = evaluate(job)
     tok = AutoTokenizer.from_pretrained(llama)
-    examples = load_examples(tok, data, "train", job.data_cfg)[0]
+    examples = load_examples(tok, data, "train", job.data_cfg, tasks=True)[0]
     reference = PeftModel.from_pretrained(_model(llama), adapter).eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -152,7 +152,8 @@ def test_training_trains_only_the_tasks_in_the_batch(llama, task_data):
     model = _model(llama)
     inject_adapters(model, _cfg())
     tok = AutoTokenizer.from_pretrained(llama)
-    examples = [e for e in load_examples(tok, str(task_data["train"]), "train", DataConfig(train="x", max_length=128))[0]
+    examples = [e for e in load_examples(tok, str(task_data["train"]), "train", DataConfig(train="x", max_length=128),
+                                        tasks=True)[0]
                 if e.task_id != 1]
     batch = next(iter(eval_loader(examples, 4, tok.pad_token_id)))
     assert sorted(set(batch["task_ids"].tolist())) == [0, 2]
@@ -177,7 +178,40 @@ def test_bad_task_field_names_the_row(llama, tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b", "task": "one"}])
     tok = AutoTokenizer.from_pretrained(llama)
     with pytest.raises(PeftkitError, match="field 'task' is 'one'"):
-        load_examples(tok, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="completion"))
+        load_examples(tok, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="completion"), tasks=True)
+
+
+def test_rows_with_and_without_a_task_are_refused_as_the_data_loads(llama, tmp_path):
+    """Not at the first batch that mixes them, some steps into training (the order depends on the shuffle)."""
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b", "task": 0}, {"prompt": "c", "completion": "d"}])
+    tok = AutoTokenizer.from_pretrained(llama)
+    with pytest.raises(PeftkitError, match="some rows have a 'task' field and some do not"):
+        load_examples(tok, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="completion"), tasks=True)
+
+
+def test_another_method_ignores_the_task_column_whatever_it_holds(llama, tmp_path):
+    """The README's promise: a LoRA run on data whose `task` column holds names, or is missing from some rows,
+    trains exactly as on the same rows without the column (it was refused, or failed some steps in)."""
+    from rich.console import Console
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    rows = number_rows(12, seed=3)
+    tagged = [r | ({"task": ["numbers", 1, None][i % 3]} if i % 4 else {}) for i, r in enumerate(rows)]
+    adapters = []
+    for name, data in (("plain", rows), ("tagged", tagged)):
+        write_jsonl(tmp_path / name / "train.jsonl", data)
+        files = {"train": tmp_path / name / "train.jsonl", "eval": tmp_path / name / "train.jsonl"}
+        recipe = make_recipe(tmp_path / name, llama, files, training={"max_steps": 3}, eval={"samples": 2})
+        train(load_recipe(recipe), console=Console(quiet=True))
+        adapters.append(load_file(tmp_path / name / "run" / "adapter" / "adapter_model.safetensors"))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    job = EvalJob(data=str(tmp_path / "tagged" / "train.jsonl"), metrics=["loss", "exact_match"],
+                  data_cfg=DataConfig(train="x", max_length=128),
+                  source=ModelSource(ModelConfig(name_or_path=str(llama)), adapter=str(tmp_path / "tagged" / "run" / "adapter")))
+    assert evaluate(job)["num_tokens"] > 0
 
 
 def _recipe(tmp_path, llama, task_data, adapter: dict, **sections) -> Path:

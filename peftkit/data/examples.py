@@ -66,13 +66,31 @@ def prompt_and_target_text(row: dict, fmt: str) -> tuple[str, str]:
 
 def _prompt_and_target(tok, row: dict, fmt: str) -> tuple[list[int], list[int]]:
     """Token ids of the part without loss (prompt) and the part with loss (target, EOS appended)."""
+    if tok.eos_token_id is None:
+        raise PeftkitError(f"data.format '{fmt}' ends each target with the tokenizer's EOS token, so the model learns "
+                           "to stop, and this tokenizer has none. Give it one (tokenizer_config.json's eos_token), or "
+                           "use data.format: chat with a chat template that marks the end of each turn.")
     prompt, target = prompt_and_target_text(row, fmt)
-    prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-    if not prompt and tok.bos_token_id is not None:
-        bos = tok("", add_special_tokens=True)["input_ids"]  # [] for tokenizers that add no BOS
-        prompt_ids = bos
+    prompt_ids = encode_prompt(tok, prompt)
     target_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return prompt_ids, target_ids
+
+
+def encode_prompt(tok, text: str) -> list[int]:
+    """`text` as the beginning of an example: with the special tokens the tokenizer puts in front (BOS), without
+    those it puts after (a Llama tokenizer with `add_eos_token` appends EOS, which would then sit between the
+    prompt and its answer, in training and in generation alike). An empty `text` is the leading specials alone."""
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    tail = _trailing_specials(tok)
+    return ids[: len(ids) - len(tail)] if tail and ids[-len(tail):] == tail else ids
+
+
+def _trailing_specials(tok) -> list[int]:
+    """The special tokens the tokenizer appends to an encoded text ([] for most: they add a BOS in front only)."""
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    full = tok("a", add_special_tokens=True)["input_ids"]
+    starts = [k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain]
+    return full[starts[0] + len(plain):] if plain and starts else []
 
 
 def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -82,17 +100,46 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     if not tok.is_fast:
         raise PeftkitError("data.format 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
     text = tok.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            start = len(tok.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)) if i else 0
-            end = len(tok.apply_chat_template(messages[: i + 1], tokenize=False))
-            spans.append((start, end))
+    spans = [_assistant_span(tok, messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [t if any(s <= a < e for s, e in spans) and b > a else IGNORE_INDEX
               for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
     return ids, labels
+
+
+def _assistant_span(tok, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+    """Where assistant turn `messages[i]` lies in `text`, the whole conversation rendered: from the end of the
+    conversation before it with the generation prompt, to the end of the conversation up to it (its content and
+    end-of-turn marker).
+
+    Both renderings are usually prefixes of `text`. Some templates render a turn differently once later turns
+    follow (Qwen3 gives the last assistant turn an empty `<think>` block, earlier ones none), and a turn that opens
+    the conversation has no conversation before it: there the turn is found by its content, with the text the
+    shorter rendering puts after the content (the end-of-turn marker), so the loss never runs into later turns
+    or the template's header and default system prompt.
+    """
+    content = messages[i]["content"]
+    before = _render(tok, messages[:i], add_generation_prompt=True)
+    start = len(before) if before is not None and text.startswith(before) else text.find(content)
+    through = _render(tok, messages[: i + 1])
+    if through is not None and text.startswith(through) and len(through) > start >= 0:
+        return start, len(through)
+    at = text.find(content, max(start, 0))
+    tail = through[through.rfind(content) + len(content):] if through is not None and content in through else None
+    if start < 0 or at < 0 or tail is None or not text.startswith(tail, at + len(content)):
+        raise PeftkitError(f"the chat template renders assistant turn {i + 1} in a way peftkit cannot locate in the "
+                           "whole conversation, so its loss mask would be a guess. Use a template whose renderings "
+                           "of a conversation's beginnings are prefixes of the whole, or another data.format.")
+    return start, at + len(content) + len(tail)
+
+
+def _render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
+    """The chat template's text of `messages`; None where it refuses them (some refuse an empty conversation)."""
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, IndexError, ...)
+        return None
 
 
 def _full_example(tok, row: dict, fmt: str) -> tuple[list[int], list[int]]:
@@ -104,13 +151,15 @@ def _full_example(tok, row: dict, fmt: str) -> tuple[list[int], list[int]]:
 
 
 def build_examples(
-    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None
+    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, *, tasks: bool = False
 ) -> Iterator[BuiltExample | None]:
     """Each row tokenized, masked and cut to data.max_length, in order; None for a bad row skipped under
     data.on_bad_rows: skip (a bad row raises under `error`). Applies no data.truncation policy.
 
     Args:
         line_numbers: the file line of each row (a .jsonl file), so that a message names the line.
+        tasks: read each row's `task` (the model's method reads task ids: `peftkit.task_ids`); another method
+            ignores the column, whatever it holds.
     """
     if cfg.format == "classification":  # one label per row, not target tokens: peftkit.data.classification
         raise PeftkitError(f"{source}: data.format 'classification' rows are read by peftkit train and peftkit eval only; "
@@ -123,7 +172,7 @@ def build_examples(
         ids, labels = _full_example(tok, row, cfg.format)
         n = cfg.max_length
         lost = sum(label != IGNORE_INDEX for label in labels[n:])
-        example = Example(ids[:n], labels[:n], task_id=row_task(row, where))
+        example = Example(ids[:n], labels[:n], task_id=row_task(row, where) if tasks else None)
         yield BuiltExample(i, where, example, len(ids), lost)
 
 
@@ -166,7 +215,7 @@ class _TargetCuts:
 
 
 def count_examples(
-    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None
+    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, *, tasks: bool = False
 ) -> tuple[list[Example], dict, _TargetCuts]:
     """The examples training keeps and the counts, with data.truncation `error` counted like `keep` (the
     caller decides whether to stop): `tokenize_rows` without its errors, so `peftkit preview` can report
@@ -175,7 +224,7 @@ def count_examples(
     stats = {"bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0, "truncation_dropped": 0,
              "system_prompt_rows": 0, "system_prompt_tokens": 0}
     cuts = _TargetCuts()
-    for built in build_examples(tok, rows, cfg, source, line_numbers):
+    for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
         if built is None:
             stats["bad_rows"] += 1
             continue
@@ -200,7 +249,8 @@ def count_examples(
 
 
 def tokenize_rows(
-    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, skipped: int = 0
+    tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, skipped: int = 0, *,
+    tasks: bool = False
 ) -> tuple[list[Example], dict]:
     """Tokenize and mask; returns the examples and the counts that `describe_stats` prints:
     `bad_rows` skipped, `too_long` (no target left, dropped), `truncated` (cut at all), `target_cut` (the
@@ -211,8 +261,9 @@ def tokenize_rows(
     Args:
         line_numbers: the file line of each row (a .jsonl file), so that a message names the line.
         skipped: malformed lines the reader already dropped, so an empty result can say why.
+        tasks: read the rows' `task` column (`build_examples`).
     """
-    examples, stats, cuts = count_examples(tok, rows, cfg, source, line_numbers)
+    examples, stats, cuts = count_examples(tok, rows, cfg, source, line_numbers, tasks=tasks)
     if cfg.truncation == "error" and cuts.first is not None:
         raise PeftkitError(truncation_error(cuts.first, stats["target_cut"], cuts.longest, cfg))
     if not examples:
@@ -246,9 +297,12 @@ def truncation_error(first: BuiltExample, count: int, longest: int, cfg: DataCon
             "data.truncation: drop to leave such examples out (keep trains on them as cut).")
 
 
-def load_examples(tok, source: str, split: str, cfg: DataConfig) -> tuple[list[Example], dict]:
+def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False) -> tuple[list[Example], dict]:
+    """The examples of `source` and their counts (`tokenize_rows`); `tasks`: read the rows' `task` column."""
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows)
-    examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad)
+    examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
+    if tasks and len({e.task_id is None for e in examples}) > 1:  # a batch would fail mid-training
+        raise PeftkitError(f"{source}: some rows have a 'task' field and some do not; give every row its task id.")
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
     return examples, stats

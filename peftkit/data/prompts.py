@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftkit.data.examples import prompt_and_target_text, row_location, row_task, usable_row
+from peftkit.data.examples import encode_prompt, prompt_and_target_text, row_location, row_task, usable_row
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
@@ -42,7 +42,7 @@ def chat_prompt(tok, messages: list[dict]) -> Prompt:
 
 def text_prompt(tok, text: str) -> Prompt:
     """A plain prompt, tokenized as training tokenizes a prompt (the tokenizer's special tokens added)."""
-    return Prompt(tok(text, add_special_tokens=True)["input_ids"], text)
+    return Prompt(encode_prompt(tok, text), text)
 
 
 def row_prompt(tok, row: dict, fmt: str) -> Prompt:
@@ -60,10 +60,10 @@ def row_prompt(tok, row: dict, fmt: str) -> Prompt:
 
 
 def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None,
-                 skip_empty: bool = False) -> list[Prompt]:
+                 skip_empty: bool = False, *, tasks: bool = False) -> list[Prompt]:
     """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says. A row
     whose prompt has no tokens is an error, or left out with `skip_empty` (eval.samples: a training row may have
-    no prompt)."""
+    no prompt). `tasks`: read the rows' `task` column (a model whose method reads task ids)."""
     if cfg.format == "classification":
         raise PeftkitError(f"data.format 'classification' has no prompt to generate from in {source}: a classifier "
                            "predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the alpaca, "
@@ -85,7 +85,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             if not prompt.ids:
                 raise PeftkitError(f"{where}: its prompt is empty, and this tokenizer adds no BOS token, so there is "
                                    "nothing to generate from. Give the row a prompt (a loss-only eval needs none).")
-            prompt.task_id, prompt.row = row_task(row, where), row
+            prompt.task_id, prompt.row = row_task(row, where) if tasks else None, row
             prompts.append(prompt)
     if not prompts and not skip_empty:
         raise PeftkitError(f"No usable rows in {source} to take prompts from.")

@@ -21,7 +21,7 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
     """(rows, malformed lines skipped, the line number of each row): blank and skipped lines make row
     numbers and line numbers differ, and messages about a row must name its line."""
     rows, bad, line_numbers = [], 0, []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark (Windows editors write one) is not a row's
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -91,7 +91,7 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
                 return [], 0, None
             import datasets
 
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **_read_options(path, kind))
         except PermissionError:
             raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
         except (ValueError, OSError, _generation_error()) as e:  # (an except clause's types are read when it is tried)
@@ -99,7 +99,10 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
                 return [], 0, None
             # DatasetGenerationError's own text is "An error occurred while generating the dataset"; the cause says what.
             raise PeftkitError(f"Could not read data file {source}: {e.__cause__ or e}") from None
-        return list(ds), 0, None
+        rows = list(ds)
+        if kind == "text":  # a blank line separates paragraphs; it is no example (a .jsonl's blank lines are skipped too)
+            rows = [row for row in rows if row["text"].strip()]
+        return rows, 0, None
     import datasets
 
     try:
@@ -110,6 +113,19 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
             "with its extension (.jsonl, .json, .csv, .parquet)."
         ) from None
     return list(ds), 0, None
+
+
+def _read_options(path: Path, kind: str) -> dict:
+    """`datasets.load_dataset` options for a file: a CSV's text columns read as the text they hold. pandas would
+    make a completion "4" the number 4, an empty cell (an alpaca row without input) NaN, and "NA" missing; only
+    `label` keeps pandas' reading (an integer column is class ids)."""
+    if kind != "csv":
+        return {}
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f), [])
+    return {"converters": {name: str for name in header if name != "label"}, "keep_default_na": False}
 
 
 # A lone UTF-16 surrogate (JSON "\\ud800") is not valid Unicode: no tokenizer can encode it, and the fast
@@ -126,6 +142,8 @@ def _row_problem(row: dict, fmt: str) -> str | None:
         return _messages_problem(row["messages"])
     if fmt == "classification" and (problem := _label_problem(row["label"])):
         return problem
+    if fmt == "text" and isinstance(row["text"], str) and not row["text"].strip():
+        return "field 'text' is empty"
     present = [f for f in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ())) if row.get(f) is not None and f != "label"]
     return next((p for f in present if (p := _text_problem(f"field '{f}'", row[f]))), None)
 

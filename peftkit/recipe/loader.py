@@ -3,6 +3,7 @@ key, file and line and how to fix it; relative paths resolved against the recipe
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 import typing
@@ -34,22 +35,30 @@ def _members(annotation: Any) -> list[Any]:
 def _section_model(loc: tuple, data: Any = None) -> type[BaseModel] | None:
     """The pydantic model whose fields live at `loc` (a path of keys), or None. Where the section is a union of
     adapter methods' configs, the one that `data` (the recipe) picks with its `method:` key."""
-    model: Any = Recipe
-    node = data
+    node, methods = data, []
     for key in loc:
+        node = node.get(key) if isinstance(node, dict) else None
+        name = node.get("method") if isinstance(node, dict) else None
+        methods.append(name if isinstance(name, str) else None)
+    return _section_model_of(tuple(loc), tuple(methods))
+
+
+@functools.lru_cache(maxsize=1024)  # a recipe of thousands of unknown keys asks for the same few sections each time
+def _section_model_of(loc: tuple, methods: tuple) -> type[BaseModel] | None:
+    """`_section_model` of the keys `loc`, where `methods` holds the `method:` written at each of them (or None)."""
+    model: Any = Recipe
+    for key, method in zip(loc, methods, strict=True):
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
             return None
-        node = node.get(key) if isinstance(node, dict) else None
         candidates = [a for a in _members(model.model_fields[key].annotation) if isinstance(a, type)]
         models = [a for a in candidates if issubclass(a, BaseModel)]
-        model = _chosen_method(models, node) if len(models) > 1 else next(iter(models), None)
+        model = _chosen_method(models, method) if len(models) > 1 else next(iter(models), None)
     return model
 
 
-def _chosen_method(models: list[type[BaseModel]], node: Any) -> type[BaseModel] | None:
-    """The config of the method `node` names (the default method when it names none, or an unknown one)."""
-    name = node.get("method", DEFAULT_METHOD) if isinstance(node, dict) else DEFAULT_METHOD
-    config = METHODS[name].config if isinstance(name, str) and name in METHODS else METHODS[DEFAULT_METHOD].config
+def _chosen_method(models: list[type[BaseModel]], name: str | None) -> type[BaseModel] | None:
+    """The config of the method `name` (the default method for None, or an unknown one)."""
+    config = METHODS[name].config if name in METHODS else METHODS[DEFAULT_METHOD].config
     return config if config in models else models[0]
 
 
