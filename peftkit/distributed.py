@@ -96,9 +96,9 @@ def backward(accelerator, model, loss: torch.Tensor, last: bool) -> None:
 
 def optimizer_step(accelerator, model, optimizer, parameters, max_grad_norm: float | None,
                    check_finite: bool = False) -> tuple[float | None, bool]:
-    """Clip the gradients to `max_grad_norm` (if set) and step: (the norm before clipping, or None unclipped;
-    whether it stepped). `check_finite`: measure the norm even unclipped, and do not step when it is not finite
-    (then it is returned): every process decides alike, the gradients being already reduced."""
+    """Clip the gradients to `max_grad_norm` (if set) and step: (the norm before clipping, or None where it was not
+    measured; whether it stepped). `check_finite`: measure the norm even unclipped, and do not step when it is not
+    finite (then it is returned): every process decides alike, the gradients being already reduced."""
     if zero.active(accelerator):  # the engine clips to gradient_clipping (= max_grad_norm, `zero.configure`)
         norm = zero.step(model)
         return (norm if max_grad_norm is not None else None), True
@@ -110,7 +110,7 @@ def optimizer_step(accelerator, model, optimizer, parameters, max_grad_norm: flo
     if check_finite and not math.isfinite(norm):
         return norm, False
     optimizer.step()
-    return (norm if max_grad_norm is not None else None), True
+    return norm, True
 
 
 def total(accelerator, value: torch.Tensor) -> torch.Tensor:

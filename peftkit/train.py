@@ -41,7 +41,7 @@ from peftkit.adapters import (count_parameters, inject_adapters,
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.classify import ClassifyEval, example_loss_sum, with_head
-from peftkit.data import describe_stats, load_examples, micro_batches
+from peftkit.data import describe_stats, load_examples, step_windows, steps_per_epoch
 from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
 from peftkit.data.packing import check_isolated, describe_packing, flatten, pack_examples
 from peftkit.errors import PeftkitError
@@ -255,6 +255,18 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                 run.trackers.close()
 
 
+def _total_steps(tcfg, examples: int, processes: int) -> int:
+    """training.max_steps, or `epochs` whole passes over the (packed) training examples; a warmup longer than the
+    run, which the recipe's check cannot see without the data, is refused here, before the model loads."""
+    total = tcfg.max_steps or tcfg.epochs * steps_per_epoch(examples, tcfg.batch_size * processes, tcfg.grad_accum)
+    if tcfg.warmup_steps > total:
+        raise PeftkitError(f"training.warmup_steps ({tcfg.warmup_steps}) is larger than the run's {total} optimizer "
+                           f"steps (training.epochs {tcfg.epochs} over {examples:,} training examples, batch_size "
+                           f"{tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {processes} process(es)), so the "
+                           "learning rate would never reach training.lr; lower warmup_steps.")
+    return total
+
+
 def _accelerator(cfg: Recipe, out: Path):
     """accelerate's Accelerator, made first: it knows this process's rank and device (`peftkit.distributed`)."""
     from accelerate import Accelerator
@@ -295,6 +307,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     if eval_ex is not None and accelerator.num_processes > 1:
         eval_ex.processes = accelerator  # the processes share out the eval batches
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
+    total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
     inputs = run_inputs(cfg)
 
     with console.status("Loading model..."):
@@ -324,8 +337,6 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)}{where}: {trainable:,} trainable "
                   f"of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
-    per_epoch = -(-len(train_ex) // (tcfg.batch_size * accelerator.num_processes))
-    total_steps = tcfg.max_steps or max(1, (tcfg.epochs * per_epoch) // tcfg.grad_accum)
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
@@ -389,23 +400,22 @@ def _loop(run: _Run, state: LoopState) -> None:
     cfg, tcfg = run.cfg, run.cfg.training
     # Global micro-batches: every process draws the same rows and trains on its slice (`_step`).
     collate = ClassificationCollator(run.tok.pad_token_id) if cfg.classification else None
-    stream = micro_batches(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.seed,
-                           cfg.data.shuffle, run.tok.pad_token_id, start=state.step * tcfg.grad_accum,
-                           num_workers=cfg.data.num_workers, collate=collate,
-                           pin_memory=run.accelerator.device.type == "cuda")  # the step's copies then run async
+    stream = step_windows(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.grad_accum, tcfg.seed,
+                          cfg.data.shuffle, run.tok.pad_token_id, start=state.step, num_workers=cfg.data.num_workers,
+                          collate=collate, pin_memory=run.accelerator.device.type == "cuda")  # copies then run async
     run.model.train()
     window_start, window_tokens = time.time(), 0
     with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
         while state.step < run.total_steps and not run.stopped_early:
             _stop_if_asked(run, state, stop)
-            window = [next(stream) for _ in range(tcfg.grad_accum)]
+            window = next(stream)
+            lr = run.scheduler.get_last_lr()[0]  # the rate this step applies (the scheduler steps after it)
             tokens = sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
             window_tokens += tokens
             loss_value, grad_norm, regularizer = _step(run, window, tokens, state)
             if loss_value is None:
                 continue
             tps = window_tokens / max(time.time() - window_start, 1e-9)
-            lr = run.scheduler.get_last_lr()[0]
             progress.update(state.step, loss_value, lr, tps)  # every step: the bar moves, the first step gets a line
             if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
                 record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
@@ -414,11 +424,13 @@ def _loop(run: _Run, state: LoopState) -> None:
                     record["regularizer"] = regularizer
                 run.log(record)
                 window_start, window_tokens = time.time(), 0
+            paused = time.time()  # evaluations and checkpoints are not training: tokens_per_s leaves them out
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
                 result = run.evaluate(state.step)
                 progress.note(f"step {state.step}: {run.eval_ex.describe(result)}")
             if tcfg.save_steps and state.step % tcfg.save_steps == 0:
                 run.checkpoint(state)
+            window_start += time.time() - paused
             if run.stopped_early:
                 progress.note(f"step {state.step}: {run.selection.stop_reason()}")
                 break

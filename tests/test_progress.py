@@ -58,6 +58,30 @@ def test_a_run_without_a_terminal_logs_progress_and_evaluations(tiny_llama, numb
     assert "━" not in out  # no live bar drawn into a file
 
 
+def test_tokens_per_s_leaves_evaluations_out(tiny_llama, number_data, tmp_path, monkeypatch):
+    """A step after an evaluation was charged with its time (a tenth of the throughput, in the log and the report's
+    plot). Each evaluation is made to take a second more: steps of ~0.02 s would show it 50 times over."""
+    import statistics
+    import time
+
+    from peftkit import train as train_module
+
+    evaluate = train_module._Run.evaluate
+
+    def slow(run, step):
+        time.sleep(1.0)
+        return evaluate(run, step)
+
+    monkeypatch.setattr(train_module._Run, "evaluate", slow)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 8, "eval_steps": 3},
+                         eval={"base_model": False})
+    train(load_recipe(recipe), console=Console(quiet=True))
+    rates = {r["step"]: r["tokens_per_s"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
+             if "tokens_per_s" in r}
+    typical = statistics.median(rates.values())
+    assert rates[4] > typical / 5 and rates[7] > typical / 5, rates
+
+
 def test_progress_lines_do_not_wait_for_logged_steps(tiny_llama, number_data, tmp_path):
     """With training.log_steps > 1 the first step still gets its line (it was the first logged step's), and the
     lines fall on tenths of the run, not on multiples of log_steps."""

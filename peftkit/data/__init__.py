@@ -14,7 +14,7 @@ lost its end (the EOS / end-of-turn it should learn to stop on) is kept, dropped
 `data.truncation` says, and counted either way: `describe_stats` turns the counts into the lines to print.
 """
 
-from peftkit.data.batches import Collator, epoch_batches, eval_loader, micro_batches
+from peftkit.data.batches import Collator, epoch_batches, eval_loader, step_windows, steps_per_epoch
 from peftkit.data.examples import (
     IGNORE_INDEX,
     BuiltExample,
@@ -31,4 +31,4 @@ from peftkit.data.rows import REQUIRED_FIELDS, load_rows
 
 __all__ = ["IGNORE_INDEX", "REQUIRED_FIELDS", "BuiltExample", "Collator", "Example", "build_examples", "count_examples",
            "describe_stats", "epoch_batches", "eval_loader", "injected_system_tokens", "load_examples", "load_rows",
-           "micro_batches", "tokenize_rows", "truncation_error"]
+           "step_windows", "steps_per_epoch", "tokenize_rows", "truncation_error"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import islice
 
 import torch
 from torch.utils.data import DataLoader
@@ -63,28 +64,36 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def micro_batches(
-    examples: list[Example], batch_size: int, seed: int, shuffle: bool, pad_id: int, start: int = 0, num_workers: int = 0,
-    collate: Callable | None = None, pin_memory: bool = False,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """An endless stream of collated micro-batches across epochs, starting at micro-batch index `start`;
+def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over `examples`: every micro-batch of the epoch is in a window of up to
+    `grad_accum` of them, the last window of an epoch shorter when they do not divide (as transformers' Trainer)."""
+    return -(-(-(-examples // batch_size)) // grad_accum)
+
+
+def step_windows(
+    examples: list[Example], batch_size: int, grad_accum: int, seed: int, shuffle: bool, pad_id: int, start: int = 0,
+    num_workers: int = 0, collate: Callable | None = None, pin_memory: bool = False,
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """An endless stream of optimizer steps' windows of collated micro-batches, epoch after epoch, from step
+    `start`. A window never spans two epochs: `epochs: 1` trains on every example once, whatever `grad_accum`.
     `collate` (default `Collator(pad_id)`) turns a list of examples into a batch; `pin_memory` (for a CUDA run)
     puts it in page-locked memory, so its copy to the device overlaps the step.
 
     Batch composition is decided here in the main process; workers only collate, so `num_workers > 0`
     yields the same batches in the same order.
     """
-    per_epoch = -(-len(examples) // batch_size)
-    epoch, offset = divmod(start, per_epoch)
+    epoch, step = divmod(start, steps_per_epoch(len(examples), batch_size, grad_accum))
     while True:
-        batches = epoch_batches(len(examples), batch_size, seed, epoch, shuffle)[offset:]
+        batches = epoch_batches(len(examples), batch_size, seed, epoch, shuffle)[step * grad_accum:]
         # An own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would
         # shift dropout masks depending on where an epoch (or a resumed run) starts.
-        loader = DataLoader(examples, batch_sampler=batches, collate_fn=collate or Collator(pad_id), num_workers=num_workers,
-                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
-                            worker_init_fn=_ignore_stop_signals if num_workers else None)
-        yield from loader
-        epoch, offset = epoch + 1, 0
+        loader = iter(DataLoader(examples, batch_sampler=batches, collate_fn=collate or Collator(pad_id),
+                                 num_workers=num_workers, pin_memory=pin_memory,
+                                 generator=torch.Generator().manual_seed(seed + epoch),
+                                 worker_init_fn=_ignore_stop_signals if num_workers else None))
+        while window := list(islice(loader, grad_accum)):
+            yield window
+        epoch, step = epoch + 1, 0
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
