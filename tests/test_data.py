@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from peftkit.data import IGNORE_INDEX, Collator, Example, epoch_batches, load_examples, micro_batches
+from peftkit.data import IGNORE_INDEX, Collator, Example, epoch_batches, load_examples, step_windows, steps_per_epoch
 from peftkit.recipe import DataConfig
 from peftkit.tiny import build_char_tokenizer, write_jsonl
 
@@ -160,11 +160,17 @@ def test_order_is_seeded_and_resumable():
     assert a != epoch_batches(10, 3, seed=0, epoch=1, shuffle=True)
     assert sorted(i for b in a for i in b) == list(range(10))
     examples = [Example([1, i + 5], [IGNORE_INDEX, i + 5]) for i in range(10)]
-    full = micro_batches(examples, 3, seed=0, shuffle=True, pad_id=0)
-    stream = [next(full)["input_ids"] for _ in range(9)]  # 4 batches per epoch: crosses two epochs
-    resumed = micro_batches(examples, 3, seed=0, shuffle=True, pad_id=0, start=5)
-    for expected in stream[5:]:
-        assert torch.equal(next(resumed)["input_ids"], expected)
+    # 4 micro-batches of 3 an epoch, in windows of 3 and 1: steps 0-5 cross two epochs, each window in its own.
+    assert steps_per_epoch(10, 3, 3) == 2
+    full = step_windows(examples, 3, 3, seed=0, shuffle=True, pad_id=0)
+    stream = [[b["input_ids"] for b in next(full)] for _ in range(6)]
+    assert [len(w) for w in stream] == [3, 1, 3, 1, 3, 1]
+    for epoch in (0, 1, 2):
+        rows = sorted(int(ids[i, 1]) - 5 for w in stream[2 * epoch:2 * epoch + 2] for ids in w for i in range(len(ids)))
+        assert rows == list(range(10))  # every example once an epoch
+    resumed = step_windows(examples, 3, 3, seed=0, shuffle=True, pad_id=0, start=3)
+    for expected in stream[3:]:
+        assert all(torch.equal(a["input_ids"], b) for a, b in zip(next(resumed), expected, strict=True))
 
 
 def _worker_handlers(batch) -> tuple:
@@ -180,8 +186,8 @@ def test_data_workers_leave_stop_signals_to_the_main_process():
     import signal
 
     examples = [Example([1, 2, 3], [1, 2, 3]) for _ in range(4)]
-    stream = micro_batches(examples, 2, seed=0, shuffle=False, pad_id=0, num_workers=1, collate=_worker_handlers)
-    assert next(stream) == (signal.SIG_IGN, signal.SIG_IGN)
+    stream = step_windows(examples, 2, 1, seed=0, shuffle=False, pad_id=0, num_workers=1, collate=_worker_handlers)
+    assert next(stream) == [(signal.SIG_IGN, signal.SIG_IGN)]
 
 
 def test_a_jsonl_file_is_read_without_importing_datasets(tmp_path):
