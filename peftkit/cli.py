@@ -101,6 +101,13 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
 
     resolved = load_recipe(recipe, overrides or [])
     console.print(f"# {recipe}: valid", style="green")
+    # A value the recipe's rules take for a local path (not a hub id) should be there: train would stop at it. A
+    # warning, not an error: the recipe may be meant for another machine.
+    for key, value in (("model.name_or_path", resolved.model.name_or_path), ("data.train", resolved.data.train),
+                       ("data.eval", resolved.data.eval)):
+        if value and Path(value).is_absolute() and not Path(value).exists():
+            err_console.print(f"[yellow]warning:[/] {key} {value} does not exist here (a relative path is resolved "
+                              "against the recipe's directory); train would stop at it.", highlight=False)
     print(resolved.to_yaml(), end="")
 
 
@@ -157,8 +164,11 @@ def _combine(adapters: list[str], output: str, base: str | None, dtype: str | No
     from peftkit.combine_inputs import Combination
 
     if weights is None or method is None:
-        raise PeftkitError(f"Combining {len(adapters)} adapters needs --weights (one per adapter, e.g. "
-                           f"{','.join(['0.5'] * len(adapters))}) and --method (e.g. linear, cat or svd).")
+        missing = " and ".join(f for f, v in (("--weights", weights), ("--method", method)) if v is None)
+        one = (" (or drop --weights and --method to merge the one adapter into its base)" if len(adapters) == 1
+               else "")
+        raise PeftkitError(f"Combining adapters needs {missing}: --weights one per adapter (e.g. "
+                           f"{','.join(['0.5'] * len(adapters))}), --method how (e.g. linear, cat or svd){one}.")
     if requantize is not None:
         raise PeftkitError("--requantize is for the single-adapter merge; merge the combined adapter with "
                            "--into-base, then load it quantized.")
@@ -222,7 +232,7 @@ def eval_cmd(
     single = _local(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                   predictions, task)
+                   predictions, task, comparing=comparing)
     if comparing:
         _compare(job, adapters, merged, predictions, json_out)
         return

@@ -161,7 +161,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     loaded = None
     if into_base or not all(s.plain_lora for s in sources):
         loaded = _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code,
-                            read_meta(adapter_dirs[0]).rope_scaling)
+                            read_meta(adapter_dirs[0]))
     base_state = base_state_dict(loaded) if loaded is not None else None
     if uses_full_updates(combination, sources, into_base):
         updates = combined_updates(combination, sources, model, base_state)
@@ -181,14 +181,16 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
 
 
 def _load_base(name: str, revision: str | None, quant, device: torch.device, trust_remote_code: bool,
-               rope_scaling=None) -> nn.Module:
-    """The base, quantized and RoPE-scaled as the adapters were trained (so that its dequantized weights are theirs,
-    and the merged model's config.json keeps the scaling)."""
+               meta) -> nn.Module:
+    """The base, quantized (from the dtype it was quantized from) and RoPE-scaled as the adapters were trained, by
+    their first's peftkit.json `meta` (so that its dequantized weights are theirs, and the merged model's config.json
+    keeps the scaling)."""
     from peftkit.modeling import load_model
     from peftkit.recipe import ModelConfig
 
-    cfg = ModelConfig(name_or_path=name, dtype="auto" if quant is None else "float32", revision=revision,
-                      trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
+    dtype = "auto" if quant is None else meta.base_dtype or "float32"
+    cfg = ModelConfig(name_or_path=name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
+                      rope_scaling=meta.rope_scaling)
     return load_model(cfg, quant, device)
 
 
@@ -200,7 +202,7 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
     with atomic_directory(output_dir) as tmp:
         meta = read_meta(first.path)
         save_adapter(tmp, state, config, first.quant, quantized_on(first.path), meta.trust_remote_code,
-                     rope_scaling=meta.rope_scaling)
+                     rope_scaling=meta.rope_scaling, base_dtype=meta.base_dtype)
 
 
 def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,

@@ -199,12 +199,14 @@ class EvalJob:
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
              adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
              trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,
-             normalize: str | None = None, predictions: Path | None = None, task: int | None = None) -> EvalJob:
+             normalize: str | None = None, predictions: Path | None = None, task: int | None = None, *,
+             comparing: bool = False) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
     recipe defaults, so figures are comparable with training's (a run's eval.metrics, eval.max_new_tokens and
-    eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures)."""
+    eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures). `comparing`: the candidates are
+    named apart (--adapter NAME=DIR, --merged), and the recipe gives the base only."""
     eval_cfg = EvalConfig()
     if recipe is None:
         if not model or not data:
@@ -212,7 +214,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         check_no_overrides(overrides, "eval")
         job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
-        cfg, run_adapter = recipe_source(recipe, overrides)
+        cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter or comparing))
         eval_cfg = cfg.eval
         source = data or cfg.data.eval
         if not source:

@@ -36,7 +36,7 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
                          trust_remote_code=cfg.model.trust_remote_code,
                          labels=list(labels.names) if labels is not None else None,
-                         rope_scaling=cfg.model.rope_scaling)
+                         rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype)
         exported.append(out / "adapter")
     if cfg.export.merged:
         dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]

@@ -46,12 +46,25 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path, directory: bool = False) -> None:
+    """Give `path` the mode an ordinary `open`/`mkdir` would (0666/0777 less the umask): mkstemp and mkdtemp make
+    their entries private (0600/0700), which left a run's adapter unreadable to a serving account or a colleague."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
+            _as_created(Path(tmp))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -97,12 +110,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _as_created(tmp, directory=True)
         with _disk_errors(path):
             yield tmp
             for f in tmp.rglob("*"):
                 if f.is_file():
+                    _as_created(f)  # what a library wrote inside with a private mode too
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
+                elif f.is_dir():
+                    _as_created(f, directory=True)
             if path.exists():
                 # Two renames: the old directory stays whole until the new one is complete.
                 old = path.with_name(f".{path.name}.old")

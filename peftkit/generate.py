@@ -210,6 +210,9 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     adapter = adapters[0][1] if adapters else adapter
     if prompts and data:
         raise PeftkitError("Give --prompt or --data, not both.")
+    if prompts and limit is not None:
+        raise PeftkitError("--limit takes the first N rows of --data (or of a run's data.eval); with --prompt, give "
+                           "the prompts you want.")
     if chat and data:
         raise PeftkitError("--chat applies to --prompt: with --data, the data's format decides (chat rows are "
                            "rendered with the chat template already).")

@@ -141,7 +141,7 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
     """What `peftkit COMMAND` runs: a recipe's model (a run directory's with its adapter/) with --model and
     --adapter on top, or those flags alone; and the recipe, if any."""
     if recipe is not None:
-        cfg, run_adapter = recipe_source(recipe, overrides)
+        cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter))
         return ModelSource.of_recipe(cfg, run_adapter).with_flags(model, adapter, trust_remote_code), cfg
     if not model and not adapter:
         raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
@@ -157,9 +157,10 @@ def check_no_overrides(overrides: list[str], command: str) -> None:
                            "none. Give a RECIPE or run directory first, or drop --set.")
 
 
-def recipe_source(recipe: Path, overrides: list[str]) -> tuple[Recipe, str | None]:
+def recipe_source(recipe: Path, overrides: list[str], named: bool = False) -> tuple[Recipe, str | None]:
     """A recipe file, or a run directory read through its recipe.yaml: (the recipe, the run's adapter/ if it
-    has one, the default --adapter)."""
+    has one, the default --adapter). A run directory without adapter/ is an error unless `named` (--model or
+    --adapter says what to load): its base model alone would pass for the fine-tuned one."""
     from peftkit.recipe import load_recipe
 
     run_dir = recipe if recipe.is_dir() else None
@@ -169,6 +170,13 @@ def recipe_source(recipe: Path, overrides: list[str]) -> tuple[Recipe, str | Non
                                "directory.")
         recipe = run_dir / "recipe.yaml"
     adapter = run_dir / "adapter" if run_dir is not None else None
+    if adapter is not None and not adapter.is_dir() and not named:
+        instead = (f"evaluate its merged model with --model {run_dir / 'merged'}" if (run_dir / "merged").is_dir()
+                   else f"finish it with `peftkit train {recipe} --resume`" if (run_dir / "checkpoints").is_dir()
+                   else "export it with export.adapter: true")
+        raise PeftkitError(f"{run_dir} holds no adapter/ (export.adapter: false, or the run has not finished), so its "
+                           f"base model would stand in for the fine-tuned one. Name what to load: {instead}, or give "
+                           f"--adapter DIR (the base model alone: pass {recipe}).")
     return load_recipe(recipe, overrides), str(adapter) if adapter is not None and adapter.is_dir() else None
 
 

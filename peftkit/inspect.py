@@ -43,7 +43,8 @@ def inspect_adapter(path: str | Path) -> dict:
 
     Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}), base_model, revision, targets
     ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
-    for a method without a rank, IA3), modules_to_save, trainable_params, adapter_params, shared ({saved:
+    for a method without a rank, IA3), modules_to_save, trainable_params, adapter_params, saved_params (differs
+    from trainable_params where an encoder's output is saved: P-tuning), base_copies, shared ({saved:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
     methods), dtypes, size_on_disk, quantization, trust_remote_code, vllm ({accepts, reasons, caveats}).
     """
@@ -51,17 +52,18 @@ def inspect_adapter(path: str | Path) -> dict:
     weights_file = check_adapter_dir(path)
     method, peft = read_peft_config(path)
     meta = read_meta(path)
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    trained = None
     try:
-        method.from_peft(peft, path / CONFIG_NAME)
+        trained = method.trained_params(method.from_peft(peft, path / CONFIG_NAME), raw)
         reads = {"ok": True, "reason": None}
     except PeftkitError as e:
         reads = {"ok": False, "reason": str(e)}
 
     shapes, dtypes = _tensor_header(weights_file)
-    targets, saved, shared = _sort_tensors(method, shapes)
+    targets, saved, shared, base_copies = _sort_tensors(method, shapes)
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
     ranks = _ranks(method, targets)
-    raw = json.loads((path / CONFIG_NAME).read_text())
     info = {
         "path": str(path),
         "method": method.name,
@@ -72,8 +74,9 @@ def inspect_adapter(path: str | Path) -> dict:
         "targets": {"count": len(targets), "modules": dict(sorted(Counter(p.rsplit(".", 1)[-1] for p in targets).items()))},
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
-        "trainable_params": adapter_params + sum(saved.values()),
+        "trainable_params": trained if trained is not None else adapter_params + sum(saved.values()),
         "adapter_params": adapter_params,
+        "base_copies": base_copies,
         "shared": {"saved": shared, "regenerated": [n for n in method.shared_names if n not in shared]}
         if method.shared_names else None,
         "dtypes": sorted(dtypes),
@@ -81,17 +84,20 @@ def inspect_adapter(path: str | Path) -> dict:
         "quantization": meta.quantization.model_dump() if meta.quantization else None,
         "trust_remote_code": meta.trust_remote_code,
     }
-    info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved)
+    info["saved_params"] = adapter_params + sum(saved.values())
+    info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     return info
 
 
-def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict, dict]:
+def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict, dict, list[str]]:
     """The file's tensors by role: (module path -> {tensor suffix: shape} for the adapted layers, modules_to_save
-    tensor -> numel, shared frozen tensor name -> shape)."""
+    tensor -> numel, shared frozen tensor name -> shape, the frozen base weights saved beside the adapter: peft's
+    `save_embedding_layers` copies an adapted embedding's `base_layer.weight`)."""
     from peftkit.adapters import PEFT_PREFIX, SHARED_PREFIX
 
     targets: dict[str, dict[str, tuple[int, ...]]] = {}
     saved: dict[str, int] = {}
+    base_copies: list[str] = []
     shared = {k[len(SHARED_PREFIX):]: shape for k, shape in shapes.items()
               if not k.startswith(PEFT_PREFIX) and k[len(SHARED_PREFIX):] in method.shared_names}
     for key, shape in shapes.items():
@@ -100,6 +106,9 @@ def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dic
         name = key.removeprefix(PEFT_PREFIX)
         if ".fused." in name:
             continue  # AdapterFusion's frozen copies of the adapters it fuses, not trained
+        if name.endswith(".base_layer.weight"):
+            base_copies.append(name)  # a frozen copy of the base's weight, not trained
+            continue
         if not method.layer_targets:  # the prompt family: `prompt_embeddings`, the whole model's adapter
             targets.setdefault("(virtual tokens)", {})[name] = shape
             continue
@@ -108,7 +117,7 @@ def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dic
             saved[name] = _numel(shape)
         else:
             targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
-    return targets, saved, shared
+    return targets, saved, shared, base_copies
 
 
 def _tensor_header(weights_file: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -154,7 +163,7 @@ def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]])
 
 
 def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
-                  targets: dict[str, dict[str, tuple[int, ...]]], saved: dict[str, int]) -> dict:
+                  targets: dict[str, dict[str, tuple[int, ...]]], saved: dict[str, int], base_copies: list[str]) -> dict:
     reasons, caveats = [], []
     if peft_type != "LORA":
         reasons.append(f"vLLM serves LoRA adapters only; this is {peft_type}")
@@ -166,6 +175,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append("use_dora: vLLM does not support DoRA")
     if raw.get("bias", "none") != "none":
         reasons.append(f"bias={raw['bias']!r}: vLLM refuses adapter biases unless started with --enable-lora-bias")
+    if base_copies:
+        caveats.append(f"the file holds base weights ({', '.join(base_copies)}), which peft saves beside an adapted "
+                       "embedding (save_embedding_layers): not verified against vLLM")
     if any("lora_embedding_A" in parts for parts in targets.values()):
         caveats.append("LoRA on an embedding: only some vLLM versions and models serve it (recent ones dropped it)")
     heads = sorted({p for p in targets if p.rsplit(".", 1)[-1] == "lm_head"})
@@ -235,8 +247,13 @@ def describe(info: dict) -> list[str]:
             lines += [f"                 {path}: r={r}" for path, r in ranks.items()]
     if info["modules_to_save"]:
         lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
+    trainable, saved = info["trainable_params"], info["saved_params"]
     lines += [
-        f"parameters     {info['trainable_params']:,} trainable ({info['adapter_params']:,} in the adapter layers)",
+        f"parameters     {trainable:,} trainable ({info['adapter_params']:,} in the adapter layers)" if trainable == saved
+        else f"parameters     {trainable:,} trainable; {saved:,} saved (the prompt encoder's output: training's encoder "
+             "is not saved)",
+        *([f"base copies    {', '.join(info['base_copies'])}: frozen base weights saved beside the adapter, not "
+           "trained"] if info["base_copies"] else []),
         *_shared_lines(info["shared"]),
         f"dtype          {', '.join(info['dtypes'])}",
         f"size on disk   {_size(info['size_on_disk'])}",

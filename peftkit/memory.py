@@ -248,9 +248,10 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     if shape is None:
         return 0.0
     q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length
-    # activations have the compute dtype: the 4-bit base's compute_dtype, else the load dtype (mixed
-    # precision on CUDA makes most of them 16-bit: then this is an upper bound)
-    dtype = q.compute_dtype if q is not None and q.method != "int8" else load
+    # Activations have the load dtype: a 4-bit layer computes in its compute_dtype but returns its input's dtype,
+    # and the norms, the residual stream and the unquantized head (the logits) run in the load dtype; the wider
+    # of the two bounds both (mixed precision on CUDA makes most of them 16-bit: then this is an upper bound).
+    dtype = max(q.compute_dtype, load, key=BYTES.__getitem__) if q is not None and q.method != "int8" else load
     width = per_token // max(shape.layers, 1)
     attention = recipe.model.attn_implementation
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,

@@ -452,7 +452,8 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
                                f"model.revision={revision}) to load the base it was trained on.")
         revision = settings.revision
     classify = raw.task_type == "SEQ_CLS"
-    dtype = settings.dtype if settings else "auto" if quant is None else "float32"
+    # A quantized base is quantized from the dtype training loaded it in (other weights, other 4-bit codes).
+    dtype = settings.dtype if settings else "auto" if quant is None else read_meta(adapter_dir).base_dtype or "float32"
     model_cfg = ModelConfig(name_or_path=name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                             attn_implementation=settings.attn_implementation if settings else None,
                             rope_scaling=read_meta(adapter_dir).rope_scaling,

@@ -79,6 +79,7 @@ def save_adapter(
     trust_remote_code: bool = False,
     labels: list[str] | None = None,
     rope_scaling: RopeScalingConfig | None = None,
+    base_dtype: str | None = None,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
     with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
@@ -92,6 +93,8 @@ def save_adapter(
         labels: a classifier's class names by id (model.task: sequence_classification), so that eval maps a row's
             label to the id training used.
         rope_scaling: the base's model.rope_scaling, so that eval, generate and merge load the base scaled alike.
+        base_dtype: the model.dtype a quantized base loaded in before it was quantized (recorded with
+            `quantization` only): quantizing from bfloat16 and from float32 weights gives different 4-bit codes.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -101,6 +104,8 @@ def save_adapter(
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,
             "quantized_on": quantized_on if quantization else None, "trust_remote_code": trust_remote_code}
+    if quantization and base_dtype is not None:
+        meta["base_dtype"] = base_dtype
     if labels is not None:
         meta["labels"] = labels
     if rope_scaling is not None:
@@ -124,6 +129,9 @@ class PeftkitMeta(BaseModel):
     """A classifier's class names by id (SEQ_CLS adapters peftkit trained)."""
     rope_scaling: RopeScalingConfig | None = None
     """The base's RoPE scaling in training (model.rope_scaling): the base loads with it wherever the adapter is used."""
+    base_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
+    """A quantized base's model.dtype in training, the dtype its weights were quantized from: a merge, eval or generate
+    without the recipe loads it so, to re-quantize the same 4-bit codes (None: float32, as before it was recorded)."""
 
 
 # What a list-or-string field should be, in words: pydantic reports one error per member of the union,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_bytes, atomic_write_text
+from peftkit.manifest import read_manifest
 from peftkit.metrics import GENERATION_METRICS
 
 REPORT_DIR = "report"
@@ -34,6 +35,8 @@ CURVES = [
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training lines, eval lines) of RUN_DIR/metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
+    if run_dir.is_file():
+        raise PeftkitError(f"{run_dir} is a file: give the run directory that holds it ({run_dir.parent}).")
     if not path.is_file():
         raise PeftkitError(f"{run_dir} has no metrics.jsonl: give a peftkit run directory (`peftkit train` writes one).")
     rows = []
@@ -152,7 +155,8 @@ def write_report(run_dir: Path, log_scale: bool = False) -> Path:
     if not train:
         raise PeftkitError(f"{run_dir}/metrics.jsonl has no training step yet; nothing to plot.")
     manifest_path = run_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    # Checked as verify checks it: a damaged manifest is an error naming it, not a traceback.
+    manifest = read_manifest(run_dir).model_dump(mode="json") if manifest_path.is_file() else None
     recipe_path = run_dir / "recipe.yaml"
     recipe_text = recipe_path.read_text() if recipe_path.is_file() else "(no recipe.yaml)"
     plots = plot_curves(train, evals, log_scale)

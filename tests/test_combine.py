@@ -380,7 +380,7 @@ def test_cli_combines_and_merges(llama_adapters, tiny_llama, tmp_path, monkeypat
     (["--weights", "0.5,0.5", "--method", "ties", "--density", "0"], "must be in (0, 1]"),
     (["--weights", "0.5,0.5", "--method", "ties"], "give the fraction to keep, e.g. --density 0.5"),
     (["--weights", "0.5,x", "--method", "cat"], "give numbers separated by commas"),
-    (["--method", "cat"], "needs --weights"),
+    (["--method", "cat"], "Combining adapters needs --weights: --weights one per adapter (e.g. 0.5,0.5)"),
 ])
 def test_cli_refuses_bad_combinations(extra, message, llama_adapters, tmp_path, monkeypatch, capsys):
     a, b = llama_adapters
@@ -388,6 +388,14 @@ def test_cli_refuses_bad_combinations(extra, message, llama_adapters, tmp_path, 
                          str(tmp_path / "out"), *extra)
     assert message in " ".join(err.split())
     assert not (tmp_path / "out").exists()
+
+
+def test_one_adapter_with_weights_but_no_method_says_what_is_missing(llama_adapters, tmp_path, monkeypatch, capsys):
+    """It said "Combining 1 adapters needs --weights ..." to a command that gave --weights."""
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", llama_adapters[0], "--output",
+                         str(tmp_path / "out"), "--weights", "1")
+    assert "Combining adapters needs --method: " in " ".join(err.split())
+    assert "drop --weights and --method to merge the one adapter into its base" in " ".join(err.split())
 
 
 def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2, llama_adapters, tmp_path,

@@ -198,3 +198,26 @@ def test_ctrl_c_in_a_real_process_saves_checkpoint_and_resumes(tiny_llama, numbe
     assert _logged_steps(run) == list(range(1, 101))
     train(load_recipe(make_recipe(tmp_path / "a", tiny_llama, number_data, **sections)))
     assert _adapter_bytes(run) == _adapter_bytes(tmp_path / "a" / "run")
+
+
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_atomic_writes_get_the_modes_an_ordinary_write_would(tmp_path, umask, file_mode, dir_mode):
+    """mkstemp/mkdtemp made every exported file 0600 and directory 0700 whatever the umask: a run's adapter was
+    unreadable to the account serving it. A file a library writes inside an atomic directory is covered too."""
+    import os
+    import stat
+
+    from peftkit.fileio import atomic_directory, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_directory(tmp_path / "adapter") as tmp:
+            (tmp / "sub").mkdir(mode=0o700)
+            fd = os.open(tmp / "sub" / "weights", os.O_CREAT | os.O_WRONLY, 0o600)  # as safetensors may
+            os.close(fd)
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "a.json") == file_mode and mode(tmp_path / "adapter" / "sub" / "weights") == file_mode
+    assert mode(tmp_path / "adapter") == dir_mode and mode(tmp_path / "adapter" / "sub") == dir_mode

@@ -146,6 +146,8 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
     assert "Give --prompt or --data, not both" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--data", str(number_data["eval"]))
     assert "Nothing to generate from" in cli_user_error(monkeypatch, capsys, "generate", "--model", model)
+    assert "--limit takes the first N rows of --data" in cli_user_error(  # it was ignored
+        monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--limit", "2")
     assert "data.format 'text' has no prompt to generate from" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", model, "--data", str(number_data["eval"]), "--format", "text")
     plain = tmp_path / "no-template"

@@ -108,6 +108,49 @@ def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):
     assert dora["trainable_params"] == dora["adapter_params"] == 2 * (4 * (32 + 32) + 32)
 
 
+@pytest.mark.parametrize("method", ["p_tuning", "prefix_tuning"])
+def test_a_prompt_encoder_counts_what_trains_not_what_is_saved(method, tiny_llama, tmp_path):
+    """P-tuning (and prefix tuning with its projection) save the encoder's output, not the encoder: inspect (and
+    eval's comparison table) counted the saved table as "trainable", 320 of peft's 2,720."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, get_peft_model
+
+    from peftkit.methods.p_tuning import PTuningConfig
+    from peftkit.methods.prefix_tuning import PrefixTuningConfig as OurPrefix
+
+    ours, theirs = {"p_tuning": (PTuningConfig(method="p_tuning", num_virtual_tokens=5, encoder_hidden_size=16),
+                                 PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=16)),
+                    "prefix_tuning": (OurPrefix(method="prefix_tuning", num_virtual_tokens=5, projection=True,
+                                                encoder_hidden_size=16),
+                                      PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5,
+                                                         prefix_projection=True, encoder_hidden_size=16))}[method]
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), theirs)
+    expected = reference.get_nb_trainable_parameters()[0]
+    reference.save_pretrained(tmp_path / "peft")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    inject_adapters(model, ours)
+    config = peft_config(ours, [], str(tiny_llama), False, model.config.model_type, model_config=model.config)
+    save_adapter(tmp_path / "ours", adapter_state_dict(model, []), config)
+    for path in (tmp_path / "peft", tmp_path / "ours"):
+        info = inspect_adapter(path)
+        assert info["trainable_params"] == expected and info["saved_params"] == info["adapter_params"] < expected
+        assert "saved (the prompt encoder's output" in "\n".join(describe(info))
+
+
+def test_peft_s_copy_of_an_adapted_embedding_is_not_trainable(tiny_llama, tmp_path):
+    """peft saves `embed_tokens.base_layer.weight` beside a LoRA on the embedding: inspect counted it trainable
+    (8,216 of 1,688) and named it modules_to_save in the vLLM verdict."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           PeftLora(task_type="CAUSAL_LM", r=2, target_modules=["embed_tokens", "q_proj"]))
+    model.save_pretrained(tmp_path / "a", save_embedding_layers=True)
+    info = inspect_adapter(tmp_path / "a")
+    assert info["trainable_params"] == model.get_nb_trainable_parameters()[0]
+    assert info["base_copies"] == ["model.embed_tokens.base_layer.weight"]
+    assert not any("modules_to_save" in r for r in info["vllm"]["reasons"])
+
+
 def test_cli_text_and_json(tiny_llama, tmp_path, capsys, monkeypatch):
     import sys
 

@@ -145,6 +145,24 @@ def test_eval_of_a_run_directory_gives_training_s_figures(finished):
     assert explicit == from_run
 
 
+def test_a_run_without_its_adapter_is_not_evaluated_as_its_base(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """export.adapter: false (or an unfinished run): `peftkit eval RUN` and `generate RUN` scored the base model
+    and exited 0, as if it were the fine-tuned one."""
+    from tests.conftest import cli_user_error
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}, eval={"base_model": False},
+                         export={"adapter": False, "merged": True})
+    train(load_recipe(recipe), console=Console(quiet=True))
+    run = tmp_path / "run"
+    for command in ("eval", "generate"):
+        message = cli_user_error(monkeypatch, capsys, command, str(run))
+        assert f"{run} holds no adapter/" in message and f"--model {run / 'merged'}" in message
+    merged = _eval(str(run), "--model", str(run / "merged"))
+    final = json.loads((run / "manifest.json").read_text())["metrics"]["eval_loss"]
+    assert merged["loss"] == pytest.approx(final, abs=1e-4)
+
+
 def test_eval_flags_default_to_the_recipe_defaults(finished, tiny_llama, number_data):
     root, summary = finished
     flags = _eval("--model", str(tiny_llama), "--adapter", str(root / "run" / "adapter"), "--data",

@@ -166,6 +166,34 @@ def test_loaded_base_is_the_requested_4bit_format(qllama, original, method, doub
 # ---------------------------------------------------------------------------------- 2-4. merging
 
 
+def test_modules_to_save_of_a_quantized_layer_is_a_clear_error(qllama):
+    """It was torch's 'only Tensors of floating point dtype can require gradients', with a traceback."""
+    model = load_quantized(qllama)
+    with pytest.raises(PeftkitError, match=r"adapter.modules_to_save: 'model.layers.0.self_attn.q_proj' holds quantized "
+                                           r"weights \(weight: torch.uint8\).* Add it to quantization.skip_modules"):
+        inject_adapters(model, LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["q_proj"]))
+
+
+def test_a_16bit_compute_dtype_does_not_shrink_the_activation_estimate_of_a_float32_base(qllama, number_data, tmp_path):
+    """compute_dtype bfloat16 (the default) on a float32 base: the estimate sized every activation in bf16 (half the
+    fp32 figure), but a 4-bit layer returns its input's dtype and the rest runs in fp32: autograd keeps the same
+    bytes either way, and so does the estimate now."""
+    from peftkit.memory import estimate_memory, saved_activation_bytes
+
+    estimated, kept = [], []
+    for compute in ("bfloat16", "float32"):
+        recipe = load_recipe(QLORA_RECIPE, [f"model.name_or_path={qllama}", f"data.train={number_data['train']}",
+                                            "data.eval=null", "data.max_length=64", "training.batch_size=2",
+                                            f"quantization.compute_dtype={compute}", f"export.output_dir={tmp_path}"])
+        model = load_model(recipe.model, recipe.quantization, CPU)
+        torch.manual_seed(0)
+        inject_adapters(model, recipe.adapter)
+        model.train()
+        kept.append(saved_activation_bytes(model, {"input_ids": torch.randint(3, 40, (2, 64))}))
+        estimated.append(estimate_memory(recipe, CPU).activations)
+    assert kept[0] == kept[1] and estimated[0] == estimated[1]
+
+
 def test_merge_folds_delta_into_dequantized_weights(qllama, original):
     model = injected(qllama)
     expected = dequant_and_delta(model)
@@ -306,6 +334,22 @@ def test_qlora_merged_export_matches_trained_model(qlora_run, tmp_path):
     assert max_diff(plain_logits(exported), expected) <= 1e-4
     merged = merge_adapter(str(out / "adapter"), str(tmp_path / "merged"))
     assert max_diff(plain_logits(AutoModelForCausalLM.from_pretrained(merged, device_map={"": "cpu"})), expected) <= 1e-4
+
+
+def test_a_merge_quantizes_the_base_from_the_dtype_training_did(qllama, number_data, tmp_path):
+    """model.dtype: bfloat16 on a float32 checkpoint (the usual GPU QLoRA recipe): training quantized bf16 weights,
+    and `peftkit merge` (no recipe) quantized the fp32 ones: other 4-bit codes, every quantized layer off (0.086 on a
+    test model). peftkit.json records the dtype, and the merge equals the run's own merged/ bit for bit."""
+    recipe = load_recipe(QLORA_RECIPE, [
+        f"model.name_or_path={qllama}", "model.dtype=bfloat16", f"data.train={number_data['train']}",
+        "data.eval=null", "training.max_steps=2", "training.warmup_steps=0", "training.eval_steps=null",
+        "training.save_steps=null", "export.merged=true", f"export.output_dir={tmp_path / 'run'}"])
+    train(recipe, console=Console(quiet=True))
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "peftkit.json").read_text())["base_dtype"] == "bfloat16"
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), dtype="bfloat16")
+    ours, theirs = load_file(tmp_path / "run" / "merged" / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_merge_of_a_cuda_quantized_adapter_without_cuda_warns(qlora_run, tmp_path, monkeypatch):

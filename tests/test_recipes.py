@@ -86,3 +86,6 @@ def test_validate_prints_every_default(tmp_path):
     assert result.exit_code == 0
     for key in ("use_rslora:", "nan_policy: stop", "grad_accum: 1", "on_bad_rows: error", "merged: false"):
         assert key in result.output
+    # t.jsonl is a local path by its extension, and is not there (`m` may be a hub id): said, still valid.
+    assert f"warning: data.train {tmp_path / 't.jsonl'} does not exist here" in " ".join(result.output.split())
+    assert "warning: model.name_or_path" not in result.output

@@ -96,3 +96,17 @@ def test_a_damaged_or_empty_metrics_file_is_a_clear_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     with pytest.raises(PeftkitError, match=r"metrics.jsonl:2 is not a JSON line; the file is damaged"):
         write_report(tmp_path)
+
+
+def test_a_damaged_manifest_is_a_clear_error(run, tmp_path):
+    """A bare json.loads gave report a JSONDecodeError (or, for `[1, 2]`, an AttributeError) traceback."""
+    copy = shutil.copytree(run, tmp_path / "run")
+    for text, problem in (('{"truncated', "is not valid JSON"), ("[1, 2]", "holds an array, not the JSON object")):
+        (copy / "manifest.json").write_text(text)
+        with pytest.raises(PeftkitError, match=problem):
+            write_report(copy)
+
+
+def test_a_file_given_for_the_run_directory_says_so(run):
+    with pytest.raises(PeftkitError, match=r"metrics.jsonl is a file: give the run directory that holds it"):
+        write_report(run / "metrics.jsonl")

@@ -143,6 +143,12 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
                 f"adapter.modules_to_save: '{name}' shares its weight with another module (tied embeddings), so "
                 "training it would change both. Untie the weights in the model config or adapt it with LoRA instead."
             )
+        if frozen := [n for n, p in module.named_parameters() if not p.dtype.is_floating_point]:
+            raise PeftkitError(
+                f"adapter.modules_to_save: '{name}' holds quantized weights ({', '.join(frozen)}: "
+                f"{module.get_parameter(frozen[0]).dtype}), which cannot be trained in full. Add it to "
+                "quantization.skip_modules to keep it in full precision, or adapt it with LoRA instead."
+            )
         for p in module.parameters():
             p.requires_grad_(True)
     return names

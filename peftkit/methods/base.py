@@ -253,6 +253,13 @@ class Method:
         return {}
 
     @classmethod
+    def trained_params(cls, cfg: Any, facts: dict) -> int | None:
+        """The parameters training updates, where the file saves something else (P-tuning saves its prompt
+        encoder's output, not the encoder), from the config and `facts` (adapter_config.json, `model_facts`'s
+        fields among them); None where the saved tensors are what trained."""
+        return None
+
+    @classmethod
     def merge_refusal(cls) -> str | None:
         """Why this method's adapters cannot be merged into the base weights (and what to do instead), or None."""
         if cls.mergeable:

@@ -83,6 +83,15 @@ class PTuning(PromptTuning):
         return facts | {"encoder_hidden_size": cfg.encoder_hidden_size or facts["token_dim"]}
 
     @classmethod
+    def trained_params(cls, cfg: PTuningConfig, facts: dict) -> int | None:
+        dim = facts.get("token_dim")
+        if not isinstance(dim, int):
+            return None
+        with torch.device("meta"):  # counted, not allocated
+            head = encoder(cfg.encoder, dim, cfg.encoder_hidden_size or dim)
+        return cfg.num_virtual_tokens * dim + sum(p.numel() for p in head.parameters())
+
+    @classmethod
     def from_peft(cls, peft: PTuningPeftConfig, config_file: Path) -> PTuningConfig:
         cls.check_peft(peft, config_file)
         kind = {v: k for k, v in PEFT_ENCODER.items()}.get(peft.encoder_reparameterization_type, "mlp")

@@ -108,6 +108,14 @@ class PrefixTuning(VirtualMethod):
                 "encoder_hidden_size": cfg.encoder_hidden_size or heads * head_dim}
 
     @classmethod
+    def trained_params(cls, cfg: PrefixTuningConfig, facts: dict) -> int | None:
+        kv, layers = facts.get("token_dim"), facts.get("num_layers")
+        if not cfg.projection or not (isinstance(kv, int) and isinstance(layers, int)):
+            return None  # without the projection the saved table is what trained
+        hidden, out = cfg.encoder_hidden_size or kv, layers * 2 * kv
+        return cfg.num_virtual_tokens * kv + (kv + 1) * hidden + (hidden + 1) * out  # the table and the tanh MLP
+
+    @classmethod
     def to_peft(cls, cfg: PrefixTuningConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
         return cls.peft_common(cfg, targets, base_name) | {"prefix_projection": cfg.projection, "init_weights": None,
                                                            "encoder_hidden_size": cfg.encoder_hidden_size}
