@@ -80,6 +80,9 @@ def train(
     from peftkit.train import train as run_train
 
     cfg = load_recipe(recipe, overrides or [])  # a recipe mistake shows here, once, before any process starts
+    from peftkit.rundir import check_recipe_file
+
+    check_recipe_file(recipe, Path(cfg.export.output_dir), cfg.to_yaml())
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
         from peftkit.distributed import launch
 

@@ -274,6 +274,9 @@ def evaluate_classifier(job: EvalJob) -> dict[str, float]:
         raise PeftkitError(f"{job.source.describe()} is not a sequence classifier (its adapter's task_type is not "
                            f"SEQ_CLS), so it cannot be scored on data.format 'classification' rows of {job.data}.")
     examples = load_classification(tok, job.data, job.split, job.data_cfg, LabelSet.from_config(model.config))[0]
+    if examples:  # BERT's learned positions end at 512: past them a traceback, not a number
+        check_room(model, max(len(e.input_ids) for e in examples), f"longest row of {job.data}", 0,
+                   "Lower --max-length (the rows are cut to it).")
     result = evaluate_classification(model, examples, job.batch_size, tok.pad_token_id)
     _check_finite_loss(result["loss"], job.source, job.data)
     return result

@@ -18,6 +18,7 @@ from peftkit.errors import PeftkitError
 from peftkit.export import export
 from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
+from peftkit.rope_scaling import fresh_dynamic_rope
 from peftkit.runtime import peak_memory_mb
 from peftkit.samples import answers, sample_prompts, samples_table
 
@@ -57,7 +58,8 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
     # The main process keeps the answers: the others generate only under FSDP, where each forward is a collective.
     prompts = sample_prompts(cfg, run.tok)
     generates = run.main or distributed.sharded(run.accelerator)
-    texts = answers(model, run.tok, prompts, cfg) if prompts and generates else []
+    with fresh_dynamic_rope(model):  # as `peftkit generate` of the exported adapter answers
+        texts = answers(model, run.tok, prompts, cfg) if prompts and generates else []
     if not run.main:  # the main process exports, samples and writes the manifest
         run.accelerator.wait_for_everyone()
         return {}

@@ -68,13 +68,30 @@ def file_hashes(path: str | Path) -> dict[str, str]:
     return {}
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+"""The files a tokenizer (and its chat template) is read from: what a run tokenizes its data with."""
+
+_LATER_HASHED = frozenset(TOKENIZER_FILES) - {"tokenizer.json"}
+"""Hashed since December 2026; earlier records hold none of them, which means not hashed, not absent."""
+
+
 def model_weight_hashes(name_or_path: str) -> dict[str, str]:
-    """Content hashes of the base model's weight and config files (local directories only)."""
+    """Content hashes of the base model's weight, config and tokenizer files (local directories only)."""
     path = Path(name_or_path)
     if not path.is_dir():
         return {}
     return {f.name: sha256_file(f) for f in sorted(path.iterdir())
-            if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", "tokenizer.json"))}
+            if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", *TOKENIZER_FILES))}
+
+
+def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[tuple[str, str]]:
+    """(name, 'changed' | 'is gone' | 'is new') of each base-model file whose hash differs from a record; a record
+    made before the tokenizer files were hashed holds none of them, and those are then not compared."""
+    older = not _LATER_HASHED & recorded.keys()
+    names = sorted((recorded.keys() | now.keys()) - (_LATER_HASHED - recorded.keys() if older else set()))
+    return [(name, "is gone" if name not in now else "is new" if name not in recorded else "changed")
+            for name in names if recorded.get(name) != now.get(name)]
 
 
 def data_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:

@@ -302,12 +302,13 @@ def _expected_for_new_head(model: nn.Module, loading_info: dict, cfg: ModelConfi
     """The loading info without what a classifier is expected to lack: its new head (missing, or of another
     size when the base was a classifier with other classes) and the base's own output head (lm_head, BERT's
     `cls`), which the classifier does not use (unexpected). The decoder's pad token is set here too: the head
-    reads the last token that is not padding, and transformers refuses batches of several rows without it."""
+    reads the last token that is not padding, and transformers refuses batches of several rows without it. It is the
+    tokenizer's, which pads the batches: a checkpoint's other pad id made the head read padding (figures that changed
+    with the batch size)."""
     from peftkit.classify import head_names
 
     heads = tuple(f"{name}." for name in head_names(model))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
+    model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
     return {"missing_keys": [k for k in loading_info["missing_keys"] if not k.startswith(heads)],
             "mismatched_keys": [m for m in loading_info["mismatched_keys"] if not m[0].startswith(heads)],
             "unexpected_keys": []}

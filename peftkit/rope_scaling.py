@@ -11,7 +11,9 @@ learned positions, GPT-2's, fails with an index error).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 from peftkit.errors import PeftkitError
 from peftkit.recipe import ModelConfig, Recipe, RopeScalingConfig
@@ -44,11 +46,41 @@ def scale_rope(config, scaling: RopeScalingConfig, name: str) -> dict:
 
 
 def covered_positions(config, scaling: RopeScalingConfig | None) -> int | None:
-    """How many positions the model covers: max_position_embeddings (x factor with scaling); None if unknown."""
+    """How many positions the model covers: max_position_embeddings x the recipe's factor; without one, as far as the
+    model's own config scales its RoPE (a merged model of a scaled run: linear, factor 2 over 64 positions covers
+    128; Llama 3.1's llama3 scaling extends an original 8,192 that max_position_embeddings already counts); None if
+    unknown."""
     positions = getattr(config, "max_position_embeddings", None)
     if not isinstance(positions, int):
         return None
-    return int(positions * scaling.factor) if scaling else positions
+    if scaling:
+        return int(positions * scaling.factor)
+    own = getattr(config, "rope_parameters", None) or {}
+    factor = own.get("factor") if own.get("rope_type", "default") != "default" else None
+    if not isinstance(factor, (int, float)):
+        return positions
+    return max(positions, int(int(own.get("original_max_position_embeddings") or positions) * factor))
+
+
+@contextlib.contextmanager
+def fresh_dynamic_rope(model) -> Iterator[None]:
+    """Run the block with dynamic RoPE as a freshly loaded model has it, then put training's state back.
+
+    transformers' dynamic scaling keeps the frequencies of the longest sequence it has seen until one shorter than
+    the original context comes: an evaluation during or after training then depended on the training batches (and
+    differed from `peftkit eval` of the exported adapter), and would in turn change the training after it."""
+    saved = [(m, m.inv_freq, m.max_seq_len_cached, m.attention_scaling) for m in model.modules()
+             if "dynamic" in str(getattr(m, "rope_type", "")) and hasattr(m, "original_inv_freq")
+             and hasattr(m, "max_seq_len_cached")]
+    for m, inv_freq, _, _ in saved:
+        m.register_buffer("inv_freq", m.original_inv_freq.to(inv_freq.device), persistent=False)
+        m.max_seq_len_cached = m.original_max_seq_len
+    try:
+        yield
+    finally:
+        for m, inv_freq, cached, scaling in saved:
+            m.register_buffer("inv_freq", inv_freq, persistent=False)
+            m.max_seq_len_cached, m.attention_scaling = cached, scaling
 
 
 def learned_positions(config) -> int | None:
@@ -71,6 +103,9 @@ def check_context_length(recipe: Recipe, config) -> None:
     if learned_positions(config) is not None:
         raise PeftkitError(f"{length} is longer than the {positions} positions {model.name_or_path} has (learned "
                            f"positions, which cannot be scaled). Lower data.max_length to {positions - virtual}.")
+    if model.rope_scaling is None and covered > positions:  # the model's config scales its RoPE already
+        raise PeftkitError(f"{length} is longer than the {covered} positions {model.name_or_path} covers (its "
+                           f"config.json's RoPE scaling). Lower data.max_length to {covered - virtual}.")
     if model.rope_scaling is None:
         raise PeftkitError(f"{length} is longer than {model.name_or_path}'s max_position_embeddings ({positions}). "
                            f"Lower data.max_length to {positions - virtual}, or scale its RoPE to cover it: "

@@ -104,6 +104,19 @@ def _normalised(recipe_file: Path) -> str | None:
         return None
 
 
+def check_recipe_file(recipe_file: Path, out: Path, recipe_yaml: str) -> None:
+    """Refuse a recipe kept as recipe.yaml in its own export.output_dir: the run writes its resolved recipe there,
+    over the user's (comments and all; with --overwrite the old run's entries, that file among them, are removed
+    first). The run's own recipe.yaml, exactly as a run wrote it (`peftkit train RUN/recipe.yaml --resume`), is fine."""
+    with contextlib.suppress(OSError):
+        if recipe_file.resolve() == (out / "recipe.yaml").resolve() and recipe_file.read_text() != recipe_yaml:
+            raise PeftkitError(
+                f"{recipe_file}: this recipe is the recipe.yaml of its own export.output_dir ({out}), where the run "
+                "writes its resolved recipe over yours. Set export.output_dir to another directory (e.g. ./run, next "
+                "to the recipe), or keep the recipe under another name or elsewhere."
+            )
+
+
 def make_writable_dir(out: Path, key: str = "export.output_dir") -> None:
     """Create `out` if needed and check that a file can be written in it, before any model is loaded."""
     if out.exists() and not out.is_dir():

@@ -55,7 +55,7 @@ from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_fo
 from peftkit.peft_format import load_adapter
 from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
-from peftkit.rope_scaling import check_context_length
+from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
                              nondeterministic_op_error, optimizer_groups, peak_memory_mb, seed_everything)
@@ -199,7 +199,8 @@ class _Run:
         if self.last_eval is not None and self.last_eval[0] == step:
             return self.last_eval[1]
         model = distributed.unwrap(self.accelerator, self.model)  # every process joins (loss batches, prompts shared out)
-        result = self.eval_ex(model)
+        with fresh_dynamic_rope(model):  # as `peftkit eval` of the exported adapter sees it
+            result = self.eval_ex(model)
         self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
             self.selection.observe(step, result, lambda: distributed.adapter_weights(model, self.saved_modules))

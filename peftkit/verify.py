@@ -30,6 +30,7 @@ from peftkit.manifest import (
     RECIPE_FILE,
     Manifest,
     RecordedEnvironment,
+    changed_model_files,
     data_hashes,
     environment,
     file_hashes,
@@ -155,8 +156,9 @@ def _input_differences(manifest: Manifest) -> list[str]:
             out.append(f"data.{split}: {path} no longer exists (it was hashed when the run was made)")
         else:
             out.append(f"data.{split}: the content of {path} differs from the recorded one")
-    if model_weight_hashes(recipe.model.name_or_path) != manifest.base_model_sha256:
-        out.append(f"base model: weight files differ from the recorded ones ({recipe.model.name_or_path})")
+    if changed := changed_model_files(manifest.base_model_sha256, model_weight_hashes(recipe.model.name_or_path)):
+        files = ", ".join(f"{name} {state}" for name, state in changed)
+        out.append(f"base model: its files differ from the recorded ones ({recipe.model.name_or_path}: {files})")
     if recipe.adapter.init_from and file_hashes(recipe.adapter.init_from) != manifest.init_from_sha256:
         out.append(f"adapter.init_from: the files of {recipe.adapter.init_from} differ from the recorded ones")
     return out

@@ -277,6 +277,9 @@ def test_inspect_describes_the_prompt(name, models, tmp_path):  # noqa: F811
     info = inspect_adapter(_ours(name, models["llama"], tmp_path / "adapter"))
     assert info["method"] == name and info["peftkit_reads"]["ok"]
     width = 32 if name != "prefix_tuning" else 2 * 2 * 16  # hidden; layers x (key, value) x (2 kv heads x 8)
-    assert info["adapter_params"] == info["trainable_params"] == 4 * width
+    assert info["adapter_params"] == info["saved_params"] == 4 * width
+    # P-tuning trains its MLP encoder (32 -> 16 -> 16 -> 32) too, and saves only its output.
+    encoder = (32 + 1) * 16 + (16 + 1) * 16 + (16 + 1) * 32 if name == "p_tuning" else 0
+    assert info["trainable_params"] == 4 * width + encoder
     assert not info["vllm"]["accepts"] and json.dumps(info)
     assert method_of(CONFIGS[name]).name == name

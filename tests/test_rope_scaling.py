@@ -112,6 +112,22 @@ def test_longlora_recipe_trains_past_max_position_embeddings_and_exports_the_sca
     assert json.loads((folded / "config.json").read_text())["rope_parameters"]["factor"] == 2.0
 
 
+def test_dynamic_rope_evaluations_see_the_model_as_loaded(short_llama, number_data, tmp_path):
+    """transformers' dynamic RoPE keeps the frequencies of the longest sequence it saw: the run's evaluations used the
+    training batches' (its final eval loss 4.9553 where `peftkit eval` of its adapter gave 4.9477 on the hunt's
+    model). Long training rows, short eval rows (still past the 64 positions), an adapter training cannot move."""
+    from peftkit.tiny import number_rows, write_jsonl
+    from peftkit.train import train
+
+    write_jsonl(tmp_path / "short.jsonl", [dict(r, instruction="n") for r in number_rows(8, seed=5)])
+    data = {"train": number_data["train"], "eval": tmp_path / "short.jsonl"}
+    summary = train(load_recipe(_recipe(tmp_path, short_llama, data, {"type": "dynamic", "factor": 2},
+                                        training={"max_steps": 2, "batch_size": 16, "lr": 1e-12})), show_summary=False)
+    after = _eval_loss(ModelSource(adapter=str(tmp_path / "run" / "adapter")), str(tmp_path / "short.jsonl"))
+    assert summary["eval_loss"] == pytest.approx(after, abs=1e-6)
+    assert summary["eval_loss"] == pytest.approx(summary["base_eval_loss"], abs=1e-5)
+
+
 @pytest.mark.parametrize(("rope", "max_length", "message"), [
     (None, 128, "data.max_length 128 is longer than {model}'s max_position_embeddings (64). Lower data.max_length "
                 "to 64, or scale its RoPE to cover it: model.rope_scaling: {{type: linear, factor: 2}}."),
@@ -127,6 +143,23 @@ def test_too_long_max_length_is_a_recipe_error(rope, max_length, message, short_
         train(load_recipe(recipe), show_summary=False)
     assert str(error.value) == message.format(model=short_llama)
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # said before the model loads or the run starts
+
+
+def test_a_model_whose_config_scales_covers_its_scaled_length(short_llama, number_data, tmp_path):
+    """A merged model of a scaled run (linear, factor 2 over 64 positions) was refused at max_length 128 with advice
+    to scale its RoPE, which is then refused as scaling twice."""
+    from peftkit.rope_scaling import check_context_length
+
+    scaled = shutil.copytree(short_llama, tmp_path / "scaled")
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    (scaled / "config.json").write_text(json.dumps(config))
+    model_config = load_config(ModelConfig(name_or_path=str(scaled)))
+    check_context_length(load_recipe(_recipe(tmp_path, scaled, number_data, None, data={"max_length": 128})), model_config)
+    with pytest.raises(PeftkitError, match=r"data.max_length 129 is longer than the 128 positions .* covers \(its "
+                                           r"config.json's RoPE scaling\). Lower data.max_length to 128."):
+        check_context_length(load_recipe(_recipe(tmp_path, scaled, number_data, None, data={"max_length": 129})),
+                             model_config)
 
 
 def test_a_model_without_rope_is_refused(tiny_gpt2):

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
 from peftkit import fileio
+from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
 from peftkit.rundir import open_run_dir, run_lock
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import cli_user_error, make_recipe
 
 SECTIONS = dict(training={"max_steps": 6, "save_steps": 2, "save_total_limit": 3}, eval={"base_model": False})
 
@@ -58,6 +60,23 @@ def test_train_refuses_a_directory_of_user_files(tiny_llama, number_data, tmp_pa
     train(_recipe(tmp_path, tiny_llama, number_data), overwrite=True, console=_console()[0])
     assert (out / "notes.txt").read_text() == "my notes" and (out / "config.json").read_text() == "{}"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_recipe_kept_in_its_own_output_dir_is_not_overwritten(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """export.output_dir: . beside recipe.yaml: the run wrote its resolved recipe over the user's (with --overwrite
+    it removed it first, as an old run's entry). A run's own recipe.yaml, as the run wrote it, still resumes."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2, "save_steps": 1},
+                         eval={"base_model": False}, export={"output_dir": "."})
+    text = "# my notes\n" + recipe.read_text()
+    recipe.write_text(text)
+    for flags in ((), ("--overwrite",)):
+        message = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flags)
+        assert f"{recipe}: this recipe is the recipe.yaml of its own export.output_dir ({tmp_path})" in message
+        assert recipe.read_text() == text
+    recipe.write_text(text.replace("output_dir: .", "output_dir: run"))
+    train(load_recipe(recipe), console=_console()[0])
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "run" / "recipe.yaml"), "--resume"])
+    assert result.exit_code == 0, result.output
 
 
 def test_hidden_files_named_like_temp_files_are_the_user_s(tiny_llama, number_data, tmp_path):
@@ -288,21 +307,47 @@ def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tiny_llama, numbe
         train(recipe, resume=True, console=_console()[0])
 
 
-@pytest.mark.parametrize("changed", ["data", "model"])
+@pytest.mark.parametrize("changed", ["train.jsonl", "config.json", "tokenizer_config.json"])
 def test_resume_after_the_inputs_changed_is_refused(tiny_llama, number_data, tmp_path, changed):
+    """The tokenizer's files too: a chat template edited in tokenizer_config.json changes what the data tokenizes to."""
     data = {k: Path(shutil.copy(v, tmp_path / v.name)) for k, v in number_data.items()}
     model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
     recipe = _recipe(tmp_path, model, data)
     train(recipe, console=_console()[0])
-    edited = data["train"] if changed == "data" else model / "config.json"
+    edited = data["train"] if changed == "train.jsonl" else model / changed
     edited.write_text(edited.read_text() + "\n")
     with pytest.raises(PeftkitError) as e:
         train(recipe, resume=True, console=_console()[0])
-    what = "data.train file train.jsonl" if changed == "data" else "model.name_or_path file config.json"
+    what = f"data.train file {changed}" if changed == "train.jsonl" else f"model.name_or_path file {changed}"
     assert str(e.value) == (
         f"--resume: {what} changed since checkpoint step-00000006 was written. Resuming would continue training on "
         "other inputs than the run began with. Restore the original, or run without --resume and with --overwrite "
         "to start afresh.")
+
+
+def test_a_record_made_before_tokenizer_files_were_hashed_still_resumes_and_verifies(tiny_llama, number_data, tmp_path):
+    """Older checkpoints and manifests hold the weights', config.json's and tokenizer.json's hashes only: the files
+    hashed since are not compared against them (they were not recorded, not added)."""
+    from peftkit.verify import verify
+
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    run = tmp_path / "run"
+    assert "tokenizer_config.json" in json.loads((run / "manifest.json").read_text())["base_model_sha256"]
+
+    def as_recorded_before(record: Path) -> None:
+        data = json.loads(record.read_text())
+        hashes = data["base_model_sha256"] if record.name == "manifest.json" else data["inputs"]["model.name_or_path"]
+        for name in [n for n in hashes if n not in ("config.json", "tokenizer.json") and not n.endswith(".safetensors")]:
+            del hashes[name]
+        record.write_text(json.dumps(data))
+
+    for record in (run / "checkpoints").glob("step-*/checksums.json"):
+        as_recorded_before(record)
+    train(recipe, resume=True, console=_console()[0])
+    as_recorded_before(run / "manifest.json")  # the resumed run wrote a new one
+    report = verify(run, console=_console()[0])
+    assert report.ok, report.differences
 
 
 # ---------------------------------------------------------------------------------------------- disk full

@@ -224,6 +224,31 @@ def test_resume_mid_run_is_bit_identical(tmp_path, tiny_bert, sentiment):
     assert weights.read_bytes() == whole
 
 
+def test_a_decoder_pads_with_the_tokenizer_s_pad_id_whatever_the_checkpoint_says(tmp_path, tiny_llama, sentiment):
+    """config.json's pad_token_id 3 and the tokenizer's 0: the head read padding, and the figures changed with the
+    batch size (0.1348 at batch 8, 0.3215 one row at a time on the hunt's model)."""
+    from peftkit.evaluate import eval_job, evaluate
+
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"pad_token_id": 3}))
+    figures = [evaluate(eval_job(None, [], str(model), str(sentiment["eval"]), "classification", None, None, size,
+                                 None))["loss"] for size in (1, 8)]
+    assert figures[0] == pytest.approx(figures[1], abs=1e-5)
+
+
+def test_eval_of_rows_past_an_encoder_s_positions_is_a_clear_error(tmp_path, tiny_bert):
+    """It was a RuntimeError from BERT's position embeddings (a GPT-2 language model's eval said it clearly)."""
+    from peftkit.evaluate import eval_job, evaluate
+
+    positions = json.loads((tiny_bert / "config.json").read_text())["max_position_embeddings"]
+    write_jsonl(tmp_path / "long.jsonl", [{"text": "ab" * positions, "label": "positive"}])  # cut to max_length
+    with pytest.raises(PeftkitError, match=rf"The longest row of .*long.jsonl has {positions + 100} tokens, more than "
+                                           rf"the {positions} positions this bert model has"):
+        evaluate(eval_job(None, [], str(tiny_bert), str(tmp_path / "long.jsonl"), "classification", None,
+                          positions + 100, None, None))
+
+
 def test_eval_of_a_base_without_head_repeats(tiny_bert, sentiment):
     """`peftkit eval --model BASE --format classification`: the data's classes and a head drawn from seed 0."""
     from peftkit.evaluate import eval_job, evaluate
@@ -290,6 +315,10 @@ def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment
       "sequence_classification")),
     ({"data": {"format": "classification", "packing": True}},
      "data.packing: a classification row is one example with one label; set data.packing: false"),
+    # The prompt family cut the class columns off the logits (an IndexError at step 1), and Llama-Adapter and prefix
+    # tuning left the head untrained and unsaved.
+    *(({"adapter": {"method": method}}, f"adapter.method: {method} cannot train a classifier")
+      for method in ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning", "llama_adapter")),
 ])
 def test_recipe_errors(tmp_path, tiny_bert, sentiment, sections, message):
     recipe = classification_recipe(tmp_path, tiny_bert, sentiment, **sections)

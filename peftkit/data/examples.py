@@ -3,6 +3,7 @@ data.max_length and what it did (counts, `describe_stats`), and the default-syst
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -85,6 +86,7 @@ def encode_prompt(tok, text: str) -> list[int]:
     return ids[: len(ids) - len(tail)] if tail and ids[-len(tail):] == tail else ids
 
 
+@functools.lru_cache(maxsize=8)  # once per tokenizer, not per row
 def _trailing_specials(tok) -> list[int]:
     """The special tokens the tokenizer appends to an encoded text ([] for most: they add a BOS in front only)."""
     plain = tok("a", add_special_tokens=False)["input_ids"]

@@ -4,6 +4,7 @@ key, file and line and how to fix it; relative paths resolved against the recipe
 from __future__ import annotations
 
 import functools
+import math
 import re
 import types
 import typing
@@ -337,8 +338,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as e:
         errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]), data)
         problems += [format_validation_error(err, data, path, lines, overridden) for _, err in errors]
-    if problems:
-        raise _invalid(problems) from None
+    if problems:  # in the file's order; --set and file-wide ones after
+        at = re.compile(re.escape(str(path)) + r":(\d+)")
+        raise _invalid(sorted(problems, key=lambda m: int(n[1]) if (n := at.match(m)) else math.inf)) from None
     base = path.resolve().parent
 
     def usable(value: str, kind: str, loc: tuple) -> str:

@@ -388,6 +388,13 @@ def _check_task(recipe: Recipe) -> None:
         )
     if data.packing:
         raise ValueError("data.packing: a classification row is one example with one label; set data.packing: false")
+    method = method_of(recipe.adapter)
+    if not method.layer_targets or "modules_to_save" not in type(recipe.adapter).model_fields:
+        raise ValueError(
+            f"adapter.method: {method.name} cannot train a classifier: the new head must train in full beside the "
+            "adapter, which the prompt family and Llama-Adapter do not do here; use a weight method (lora, ia3, "
+            "loha, lokr, vera, adalora, oft) or bottleneck"
+        )
     if recipe.quantization is not None:
         raise ValueError("quantization: 4/8-bit bases are not supported for model.task: sequence_classification yet; "
                          "remove the quantization section")
