@@ -194,6 +194,7 @@ def test_another_method_ignores_the_task_column_whatever_it_holds(llama, tmp_pat
     trains exactly as on the same rows without the column (it was refused, or failed some steps in)."""
     from rich.console import Console
 
+    from peftkit.generate import Sampling
     from peftkit.recipe import load_recipe
     from peftkit.train import train
 
@@ -209,7 +210,7 @@ def test_another_method_ignores_the_task_column_whatever_it_holds(llama, tmp_pat
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     job = EvalJob(data=str(tmp_path / "tagged" / "train.jsonl"), metrics=["loss", "exact_match"],
-                  data_cfg=DataConfig(train="x", max_length=128),
+                  data_cfg=DataConfig(train="x", max_length=128), sampling=Sampling(max_new_tokens=4),
                   source=ModelSource(ModelConfig(name_or_path=str(llama)), adapter=str(tmp_path / "tagged" / "run" / "adapter")))
     assert evaluate(job)["num_tokens"] > 0
 

@@ -60,7 +60,7 @@ def test_a_run_without_a_terminal_logs_progress_and_evaluations(tiny_llama, numb
 
 def test_tokens_per_s_leaves_evaluations_out(tiny_llama, number_data, tmp_path, monkeypatch):
     """A step after an evaluation was charged with its time (a tenth of the throughput, in the log and the report's
-    plot). Each evaluation is made to take a second more: steps of ~0.02 s would show it 50 times over."""
+    plot). Each evaluation is made to take half a second more: steps of ~0.02 s would show it 25 times over."""
     import statistics
     import time
 
@@ -69,7 +69,7 @@ def test_tokens_per_s_leaves_evaluations_out(tiny_llama, number_data, tmp_path, 
     evaluate = train_module._Run.evaluate
 
     def slow(run, step):
-        time.sleep(1.0)
+        time.sleep(0.5)
         return evaluate(run, step)
 
     monkeypatch.setattr(train_module._Run, "evaluate", slow)
