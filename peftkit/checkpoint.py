@@ -160,16 +160,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
 
 def _changed_input(recorded: dict, now: dict) -> str | None:
     """The first data or base-model file whose hash differs between a checkpoint and now, described."""
-    from peftkit.manifest import changed_model_files
+    from peftkit.manifest import changed_files, changed_model_files
 
     for key in sorted(set(recorded) | set(now)):
-        before, after = recorded.get(key, {}), now.get(key, {})
-        if key == "model.name_or_path":
-            changed = changed_model_files(before, after)
-        else:
-            changed = [(name, "is gone" if name not in after else "is new" if name not in before else "changed")
-                       for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
-        if changed:
+        compare = changed_model_files if key == "model.name_or_path" else changed_files
+        if changed := compare(recorded.get(key, {}), now.get(key, {})):
             return f"{key} file {changed[0][0]} {changed[0][1]}"
     return None
 

@@ -63,6 +63,7 @@ def inspect_adapter(path: str | Path) -> dict:
     shapes, dtypes = _tensor_header(weights_file)
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
+    saved_params = adapter_params + sum(saved.values())
     ranks = _ranks(method, targets)
     info = {
         "path": str(path),
@@ -74,8 +75,9 @@ def inspect_adapter(path: str | Path) -> dict:
         "targets": {"count": len(targets), "modules": dict(sorted(Counter(p.rsplit(".", 1)[-1] for p in targets).items()))},
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
-        "trainable_params": trained if trained is not None else adapter_params + sum(saved.values()),
+        "trainable_params": trained if trained is not None else saved_params,
         "adapter_params": adapter_params,
+        "saved_params": saved_params,
         "base_copies": base_copies,
         "shared": {"saved": shared, "regenerated": [n for n in method.shared_names if n not in shared]}
         if method.shared_names else None,
@@ -84,7 +86,6 @@ def inspect_adapter(path: str | Path) -> dict:
         "quantization": meta.quantization.model_dump() if meta.quantization else None,
         "trust_remote_code": meta.trust_remote_code,
     }
-    info["saved_params"] = adapter_params + sum(saved.values())
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     return info
 

@@ -85,13 +85,19 @@ def model_weight_hashes(name_or_path: str) -> dict[str, str]:
             if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", *TOKENIZER_FILES))}
 
 
-def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[tuple[str, str]]:
-    """(name, 'changed' | 'is gone' | 'is new') of each base-model file whose hash differs from a record; a record
-    made before the tokenizer files were hashed holds none of them, and those are then not compared."""
-    older = not _LATER_HASHED & recorded.keys()
-    names = sorted((recorded.keys() | now.keys()) - (_LATER_HASHED - recorded.keys() if older else set()))
+def changed_files(recorded: dict[str, str], now: dict[str, str],
+                  unrecorded: frozenset = frozenset()) -> list[tuple[str, str]]:
+    """(name, 'changed' | 'is gone' | 'is new') of each file whose hash differs from a record, but those of
+    `unrecorded` that the record lacks (they were not hashed then)."""
+    names = sorted((recorded.keys() | now.keys()) - (unrecorded - recorded.keys()))
     return [(name, "is gone" if name not in now else "is new" if name not in recorded else "changed")
             for name in names if recorded.get(name) != now.get(name)]
+
+
+def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[tuple[str, str]]:
+    """`changed_files` of the base model's files; a record made before the tokenizer files were hashed holds none of
+    them, and those are then not compared."""
+    return changed_files(recorded, now, frozenset() if _LATER_HASHED & recorded.keys() else _LATER_HASHED)
 
 
 def data_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:

@@ -233,10 +233,9 @@ def _unique_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Param
 def load_dtype(dtype: str, config) -> str:
     """model.dtype as from_pretrained reads it: `auto` is the checkpoint's config.json dtype (float32 when it records
     none of BYTES')."""
-    if dtype != "auto":
-        return dtype
-    saved = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    return saved if saved in BYTES else "float32"
+    from peftkit.modeling import dtype_name
+
+    return dtype if dtype != "auto" else dtype_name(getattr(config, "dtype", None))
 
 
 def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str) -> float:

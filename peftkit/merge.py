@@ -288,11 +288,10 @@ def checkpoint_dtype(name_or_path: str, revision: str | None = None) -> str:
     (a 4-bit base loads to compute in float32). float32 when the file records none of DTYPES."""
     from transformers import PretrainedConfig
 
-    from peftkit.modeling import DTYPES
+    from peftkit.modeling import dtype_name
 
     raw = PretrainedConfig.get_config_dict(name_or_path, revision=revision)[0]
-    saved = str(raw.get("dtype") or raw.get("torch_dtype") or "float32").removeprefix("torch.")
-    return saved if saved in DTYPES else "float32"
+    return dtype_name(raw.get("dtype") or raw.get("torch_dtype"))
 
 
 def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str) -> None:

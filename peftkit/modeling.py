@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(recorded: object) -> str:
+    """A dtype a config records (`torch.bfloat16`, "float16", None) as one of DTYPES' names; float32 otherwise."""
+    name = str(recorded or "float32").removeprefix("torch.")
+    return name if name in DTYPES else "float32"
+
+
 def resolve_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" and not torch.cuda.is_available():
         raise PeftkitError("model.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'.")
@@ -453,11 +459,12 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
                                f"model.revision={revision}) to load the base it was trained on.")
         revision = settings.revision
     classify = raw.task_type == "SEQ_CLS"
+    meta = read_meta(adapter_dir)
     # A quantized base is quantized from the dtype training loaded it in (other weights, other 4-bit codes).
-    dtype = settings.dtype if settings else "auto" if quant is None else read_meta(adapter_dir).base_dtype or "float32"
+    dtype = settings.dtype if settings else "auto" if quant is None else meta.base_dtype or "float32"
     model_cfg = ModelConfig(name_or_path=name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                             attn_implementation=settings.attn_implementation if settings else None,
-                            rope_scaling=read_meta(adapter_dir).rope_scaling,
+                            rope_scaling=meta.rope_scaling,
                             task="sequence_classification" if classify else "causal_lm")
     labels = adapter_labels(adapter_dir, state) if classify else None
     model = load_model(model_cfg, quant, device, labels)

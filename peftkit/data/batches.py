@@ -67,7 +67,8 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool)
 def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
     """Optimizer steps in one pass over `examples`: every micro-batch of the epoch is in a window of up to
     `grad_accum` of them, the last window of an epoch shorter when they do not divide (as transformers' Trainer)."""
-    return -(-(-(-examples // batch_size)) // grad_accum)
+    micro_batches = -(-examples // batch_size)  # ceil
+    return -(-micro_batches // grad_accum)
 
 
 def step_windows(
