@@ -114,6 +114,52 @@ def test_a_tokenizer_that_appends_eos_puts_none_between_prompt_and_answer(tmp_pa
     assert tok.decode(text_prompt(tok, "2+2=").ids) == "<s>2+2="
 
 
+def _sentencepiece_style_tokenizer():
+    """Like Llama-2's and Mistral v0.1's: Metaspace with prepend_scheme first, so a text encoded alone starts with
+    a `▁` word piece (`4` alone is `▁4`; after `2+2=` it is `4`)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = string.ascii_letters + string.digits + "#"
+    pieces = ["<pad>", "<s>", "</s>", "<unk>", *sorted(set(words + "+=:\n")), "▁", *("▁" + c for c in words)]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=[("▁", c) for c in words],
+                                   unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def test_a_target_is_tokenized_as_it_follows_its_prompt(tmp_path):
+    """A SentencePiece tokenizer marks the start of a text: the target encoded alone began with `▁4`, a token the
+    text `2+2=4` never has. The target's tokens are now those of prompt and target encoded together, and the
+    prompt's are those generation sends; a prompt whose end merges into the target keeps the target's own."""
+    from peftkit.data.prompts import text_prompt
+
+    tok = _sentencepiece_style_tokenizer()
+    assert tok.convert_ids_to_tokens(tok("4", add_special_tokens=False)["input_ids"]) == ["▁4"]
+    rows = [({"prompt": "2+2=", "completion": "4"}, "completion", "2+2=", "4"),
+            ({"instruction": "Add", "output": "ab"}, "alpaca", "### Instruction:\nAdd\n\n### Response:\n", "ab"),
+            ({"prompt": "Q: ", "completion": "a b"}, "completion", "Q: ", "a b")]
+    for row, fmt, prompt, answer in rows:
+        write_jsonl(tmp_path / "d.jsonl", [row])
+        (ex,), _ = load_examples(tok, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format=fmt))
+        sent = text_prompt(tok, prompt).ids
+        assert ex.input_ids[: len(sent)] == sent and all(t == IGNORE_INDEX for t in ex.labels[: len(sent)])
+        target = ex.input_ids[len(sent):]
+        assert ex.labels[len(sent):] == target and target[-1] == tok.eos_token_id
+        joined = tok(prompt + answer)["input_ids"]
+        if prompt.endswith(" "):  # the prompt's `▁` merges into `▁a`: the target alone
+            assert joined[: len(sent)] != sent
+            assert target[:-1] == tok(answer, add_special_tokens=False)["input_ids"]
+        else:
+            assert ex.input_ids == joined + [tok.eos_token_id]
+            assert not tok.convert_ids_to_tokens(target[0]).startswith("▁")
+
+
 def test_csv_text_is_read_as_written_and_blank_text_lines_are_no_examples(tmp_path):
     """pandas typed a CSV's "4" as a number and an empty cell (an alpaca row without input) as NaN, so those
     rows were refused; a .txt file's blank lines became examples of BOS and EOS alone."""

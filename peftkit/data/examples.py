@@ -73,8 +73,23 @@ def _prompt_and_target(tok, row: dict, fmt: str) -> tuple[list[int], list[int]]:
                            "use data.format: chat with a chat template that marks the end of each turn.")
     prompt, target = prompt_and_target_text(row, fmt)
     prompt_ids = encode_prompt(tok, prompt)
-    target_ids = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return prompt_ids, target_ids
+    return prompt_ids, _target_ids(tok, prompt, prompt_ids, target) + [tok.eos_token_id]
+
+
+def _target_ids(tok, prompt: str, prompt_ids: list[int], target: str) -> list[int]:
+    """The target's tokens as they follow the prompt: the rest of the prompt and target encoded together, where
+    that begins with `prompt_ids` (the prompt generation sends), else the target encoded alone.
+
+    Encoded alone, a target loses its context: a SentencePiece tokenizer that marks the start of a text with `▁`
+    (Llama-2, Mistral v0.1: Metaspace with prepend_scheme first) turns "4" after "2+2=" into `▁4`, a token the
+    joined text never has. Where the joined encoding does not begin with the prompt's own tokens (a prompt ending
+    in a space that merges into the target's first word), the model could not produce it after the prompt that
+    generation sends, so the target is encoded alone (TRL's SFTTrainer warns and keeps the joined one).
+    """
+    joined = encode_prompt(tok, prompt + target)
+    if joined[: len(prompt_ids)] == prompt_ids:
+        return joined[len(prompt_ids):]
+    return tok(target, add_special_tokens=False)["input_ids"]
 
 
 def encode_prompt(tok, text: str) -> list[int]:
