@@ -37,11 +37,22 @@ def parse_named(values: list[str], flag: str, taken: list[str] = ()) -> list[tup
 
 def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[tuple[str, str]]) -> dict[str, EvalJob]:
     """One job per row: the base model, each adapter on it, each merged model; all on `job`'s data and metrics.
-    (`eval_job` has made sure of a base: a recipe's model, or --model.) --task goes to the adapters only."""
+    (`eval_job` has made sure of a base: a recipe's model, or --model.) --task goes to the adapters that read task
+    ids only (multitask prompt tuning): the base, merged models and other methods' adapters are compared on the same
+    rows without one; a --task that no adapter reads is an error."""
+    from peftkit.task_ids import adapter_task_count
+
     base = replace(job.source, adapter=None)
     jobs = {BASE: replace(job, source=base, task=None)}
+    reading = False
     for name, path in adapters:
-        jobs[name] = replace(job, source=replace(base, adapter=path))
+        source = replace(base, adapter=path)
+        reads = adapter_task_count(source) is not None
+        reading |= reads
+        jobs[name] = replace(job, source=source, task=job.task if reads else None)
+    if job.task is not None and not reading:
+        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning adapter reads a task id, and none of "
+                           "the compared adapters is one; drop --task.")
     for name, path in merged:
         jobs[name] = replace(job, task=None, source=replace(base, model=ModelConfig(name_or_path=path, dtype="auto"),
                                                             quantization=None, model_from_recipe=False))

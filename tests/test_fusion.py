@@ -274,6 +274,11 @@ def test_recipe_and_merge_refuse(sources, tiny_llama, number_data, tmp_path, mon
     with pytest.raises(PeftkitError) as e:
         load_recipe(recipe)
     assert "adapter.fuse" in str(e.value) and "at least 2" in str(e.value)
+    a = sources["lora-a"]
+    twice = "adapter.fuse=" + json.dumps([str(sources["ia3"]), str(a), f"{a.parent}/./{a.name}"])  # one, spelled 2 ways
+    with pytest.raises(PeftkitError, match=r"--set adapter.fuse.*: adapter.fuse\[2\] is adapter.fuse\[1\] again .*List "
+                                           "each adapter directory once"):
+        load_recipe(recipe, [twice, "export.merged=false"])
     two = "adapter.fuse=" + json.dumps([str(sources["lora-a"]), str(sources["ia3"])])
     with pytest.raises(PeftkitError, match="AdapterFusion adapters .method: fusion. add computation"):
         load_recipe(recipe, [two])

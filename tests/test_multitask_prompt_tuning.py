@@ -385,3 +385,25 @@ def test_missing_or_wrong_tasks_are_clear_errors(llama, tmp_path, monkeypatch, c
         monkeypatch, capsys, "eval", "--model", str(llama), "--adapter", adapter, "--data", str(plain), "--format",
         "completion")
     assert "pass --task N (0 .. 2)." in cli_user_error(monkeypatch, capsys, "chat", "--adapter", adapter)
+
+
+def test_a_comparison_gives_the_task_to_the_adapters_that_read_one(llama, number_data, tmp_path):
+    """`peftkit eval --adapter mpt=DIR --adapter lora=DIR --task 1`: the multitask adapter's row is its loss with
+    task 1, LoRA's row its loss alone (it reads no task id; it stopped the whole comparison before); a --task that no
+    compared adapter reads is still an error."""
+    from peftkit.compare import compare, comparison_jobs
+    from tests.conftest import save_random_adapter
+
+    mpt = _strong(llama, tmp_path / "mpt")
+    lora = save_random_adapter(llama, LoraConfig(r=2, alpha=4, target_modules=["q_proj"]), tmp_path / "lora", seed=1)
+    data = str(number_data["eval"])
+    job = EvalJob(data=data, data_cfg=DataConfig(train=data, max_length=128), batch_size=4, task=1,
+                  source=ModelSource(ModelConfig(name_or_path=str(llama), dtype="float32")))
+    rows = compare(comparison_jobs(job, [("mpt", str(mpt)), ("lora", str(lora))], []))
+    alone = {name: evaluate(replace(job, task=task, source=replace(job.source, adapter=str(path))))["loss"]
+             for name, path, task in (("mpt", mpt, 1), ("lora", lora, None))}
+    assert rows["mpt"]["loss"] == alone["mpt"] and rows["lora"]["loss"] == alone["lora"]
+    assert rows["mpt"]["loss"] != evaluate(replace(job, task=0, source=replace(job.source, adapter=str(mpt))))["loss"]
+    with pytest.raises(PeftkitError, match="--task 1: only a multitask prompt tuning adapter reads a task id, and none "
+                                           "of the compared adapters is one; drop --task"):
+        comparison_jobs(job, [("lora", str(lora))], [])

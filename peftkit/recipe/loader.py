@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import types
 import typing
@@ -364,6 +365,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             setattr(getattr(recipe, section), key, usable(value, kind, (section, key)))
     if isinstance(fuse := getattr(recipe.adapter, "fuse", None), list):  # AdapterFusion's adapter directories
         recipe.adapter.fuse = [usable(value, "adapter", ("adapter", "fuse", i)) for i, value in enumerate(fuse)]
+        real = [os.path.realpath(value) for value in recipe.adapter.fuse]
+        for j, value in enumerate(real):
+            if (i := real.index(value)) < j:  # one adapter twice: its outputs weighed against themselves, silently
+                raise PeftkitError(f"{_where(('adapter', 'fuse', j), path, lines, overridden)}: adapter.fuse[{j}] is "
+                                   f"adapter.fuse[{i}] again ({value}); AdapterFusion weighs different adapters "
+                                   "against each other. List each adapter directory once.")
     if recipe.adapter.init_from:
         from peftkit.peft_format import init_from_config
 
