@@ -370,7 +370,9 @@ def chat(
     source, _ = model_source(recipe, overrides or [], _local(model) if model else None,
                              _local(adapter) if adapter else None, trust_remote_code, "chat")
     tok = source.tokenizer()
-    chat_prompt(tok, [{"role": "user", "content": "probe"}])  # no template: said before the model loads
+    chat_prompt(tok, [{"role": "user", "content": "probe"}],  # no template: said before the model loads
+                "peftkit chat needs one. Use a model whose tokenizer has a template, or `peftkit generate --prompt "
+                "TEXT` to continue plain text")
     task = resolve_tasks(source, task, [None], None)[0]  # and a missing --task
     loaded = source.load()
     torch.manual_seed(seed)

@@ -88,21 +88,23 @@ def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None) -> di
 
 
 def comparison_table(results: dict[str, dict], metrics: list[str]) -> Table:
-    """Rows as given; per metric, its value and (but for the base) the difference from the base."""
+    """Rows as given; per metric, its value and (but for the base) the difference from the base. Every column is as
+    wide as its widest cell: a table wider than the output (a pipe or a log is 80 columns) runs on rather than cut a
+    number to `-3.03…`."""
     shown = [m for m in metrics if m in results[BASE]]
-    table = Table(title="peftkit eval: comparison (Δ = row - base)")
-    table.add_column("model")
-    for metric in shown:
-        table.add_column(metric, justify="right")
-        table.add_column("Δ", justify="right")
-    table.add_column("trainable", justify="right")
-    table.add_column("adapter size", justify="right")
+    headers = ["model", *(h for metric in shown for h in (metric, "Δ")), "trainable", "adapter size"]
+    rows = []
     for name, row in results.items():
         cells = [name]
         for metric in shown:
             value, delta = row[metric], row[metric] - results[BASE][metric]
             cells += [f"{value:.4f}", "" if name == BASE else f"{delta:+.4f}"]
-        cells += [f"{row['trainable_params']:,}" if "trainable_params" in row else "",
-                  f"{row['adapter_bytes'] / 2**20:.2f} MiB" if "adapter_bytes" in row else ""]
+        rows.append(cells + [f"{row['trainable_params']:,}" if "trainable_params" in row else "",
+                             f"{row['adapter_bytes'] / 2**20:.2f} MiB" if "adapter_bytes" in row else ""])
+    table = Table(title="peftkit eval: comparison (Δ = row - base)")
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True,
+                         min_width=max(len(header), *(len(cells[i]) for cells in rows)))
+    for cells in rows:
         table.add_row(*cells)
     return table

@@ -59,6 +59,27 @@ def test_comparison_table(tiny_llama, number_data, candidates, tmp_path, monkeyp
     assert f"{results['ours']['loss'] - results['base']['loss']:+.4f}" in shown  # the Δ column
 
 
+def test_a_wide_comparison_is_printed_whole_in_a_log():
+    """Piped or logged, rich prints at 80 columns and cut cells to fit: Δ -3.0365 showed as `-3.03…`, 2,442,240
+    trainable as `2,442…`. Every cell now prints whole (the table runs wider)."""
+    import io
+
+    from rich.console import Console
+
+    from peftkit.compare import comparison_table
+
+    metrics = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
+    base = dict(zip(metrics, [4.5, 90.0, 0.0, 0.1, 0.2], strict=True))
+    results = {"base": base, "a-long-adapter-name": {m: v - 3.0365 for m, v in base.items()}
+               | {"trainable_params": 2442240, "adapter_bytes": 9 * 2**20}}
+    out = io.StringIO()
+    Console(file=out, soft_wrap=True).print(comparison_table(results, metrics))
+    shown = out.getvalue()
+    assert "…" not in shown and Console(file=io.StringIO()).width == 80
+    for cell in ("a-long-adapter-name", "-3.0365", "1.4635", "2,442,240", "9.00 MiB", "exact_match", "perplexity"):
+        assert cell in shown, cell
+
+
 def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monkeypatch, capsys):
     args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])]
     assert "--adapter: the name 'a' is used twice" in cli_user_error(

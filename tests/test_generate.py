@@ -159,6 +159,8 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
     (plain / "tokenizer_config.json").write_text(json.dumps(config))
     assert "This tokenizer has no chat_template" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", str(plain), "--prompt", "x", "--chat")
+    said = cli_user_error(monkeypatch, capsys, "chat", "--model", str(plain))  # a way out chat has: not "drop --chat"
+    assert "no chat_template" in said and "peftkit chat needs one" in said and "--chat" not in said
 
 
 def test_past_a_learned_position_table_is_a_clear_error(tmp_path, monkeypatch, capsys):

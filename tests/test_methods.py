@@ -465,6 +465,26 @@ def test_a_merge_of_a_tied_model_unties_what_the_adapter_set_apart(models, tmp_p
     assert _load(tmp_path / "alike").config.tie_word_embeddings
 
 
+def test_peft_s_lora_on_a_tied_head_loads_with_its_base_copy(models, tmp_path):
+    """peft saves `lm_head.base_layer.weight` beside a LoRA on a tied head (Qwen2, SmolLM2): that weight is the
+    embeddings' one tensor, which a parameter listing without duplicates names only once, as the embeddings'; the
+    adapter was refused as "trained on another base model" (and inspect said it loads). Loaded, peft's logits."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from peftkit.modeling import load_adapted_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_load(models["qwen2"]), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                                        target_modules=["q_proj", "lm_head"]))
+    peft_model.save_pretrained(tmp_path / "a")
+    from safetensors.torch import load_file
+
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
+    expected = _logits(PeftModel.from_pretrained(_load(models["qwen2"]), tmp_path / "a").eval())
+    assert _diff(expected, _logits(_load(models["qwen2"]))) > 1e-3
+    assert _diff(_logits(load_adapted_model(None, str(tmp_path / "a"))[0].eval()), expected) <= TOL
+
+
 # --------------------------------------------------------------------------- 4. state-dict round trip
 
 

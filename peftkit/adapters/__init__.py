@@ -264,7 +264,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
         keys = {f"{SHARED_PREFIX}{n}": t for n, t in holder.named_buffers()}
         targets.update(keys)
         optional |= set() if holder.saved else set(keys)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
     for key in state:
         if key not in targets and key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):] in params:
             targets[key] = params[key[len(PEFT_PREFIX):]]

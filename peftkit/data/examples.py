@@ -43,7 +43,9 @@ class BuiltExample:
     """Tokens before the cut."""
     target_lost: int
     """Target tokens the cut removed. A cut removes a suffix, so > 0 means the target's end (the EOS or
-    end-of-turn marker the model should learn to stop on) is not trained."""
+    end-of-turn marker the model should learn to stop on) is not trained. 0 when the cut target tokens are all
+    whitespace: what a chat template puts after its end-of-turn marker (ChatML's newline after `<|im_end|>`),
+    which the cut leaves in place."""
 
     @property
     def truncated(self) -> bool:
@@ -188,9 +190,10 @@ def build_examples(
             continue
         ids, labels = _full_example(tok, row, cfg.format)
         n = cfg.max_length
-        lost = sum(label != IGNORE_INDEX for label in labels[n:])
+        lost = [label for label in labels[n:] if label != IGNORE_INDEX]
+        lost = lost if tok.decode(lost).strip() else []  # whitespace after the end-of-turn marker: the end is kept
         example = Example(ids[:n], labels[:n], task_id=row_task(row, where) if tasks else None)
-        yield BuiltExample(i, where, example, len(ids), lost)
+        yield BuiltExample(i, where, example, len(ids), len(lost))
 
 
 def row_task(row: dict, where: str) -> int | None:

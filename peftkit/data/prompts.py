@@ -31,11 +31,15 @@ class Prompt:
     """The data row it came from (`peftkit generate --route` reads a column of it)."""
 
 
-def chat_prompt(tok, messages: list[dict]) -> Prompt:
-    """A conversation rendered by the chat template with the generation prompt; a clear error without one."""
+NO_TEMPLATE_FIX = "drop --chat (the prompt is then used as it is), or use a model whose tokenizer has a template"
+"""The way out `generate --chat` offers for a tokenizer without a chat template (`chat_prompt`'s `fix`)."""
+
+
+def chat_prompt(tok, messages: list[dict], fix: str = NO_TEMPLATE_FIX) -> Prompt:
+    """A conversation rendered by the chat template with the generation prompt; without one, an error ending in
+    `fix`: what the command that asked can do instead."""
     if not getattr(tok, "chat_template", None):
-        raise PeftkitError("This tokenizer has no chat_template, so there is no chat format to render: drop --chat "
-                           "(the prompt is then used as it is), or use a model whose tokenizer has a template.")
+        raise PeftkitError(f"This tokenizer has no chat_template, so there is no chat format to render: {fix}.")
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return Prompt(tok(text, add_special_tokens=False)["input_ids"], text)
 
@@ -50,7 +54,8 @@ def row_prompt(tok, row: dict, fmt: str) -> Prompt:
     if fmt == "chat":
         messages = row["messages"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt = chat_prompt(tok, messages[:last])
+        prompt = chat_prompt(tok, messages[:last], "use a model whose tokenizer has a template, or data in another "
+                             "format (--format alpaca, completion or text)")
         prompt.reference = messages[last]["content"]
         return prompt
     text, target = prompt_and_target_text(row, fmt)
