@@ -108,49 +108,32 @@ def test_shard_splits_rows_in_order():
 
 def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_bit_identically(
         tiny_llama, number_data, tmp_path):
-    """2 processes x batch 2 (x grad_accum 2) = 1 process x batch 4: the same adapter up to float rounding, and
-    the same eval.metrics (their answers shared out over the processes); a 2-process run (`accelerate launch` with
-    configs/accelerate/ddp.yaml) killed after a checkpoint and resumed (`--num-processes 2`) gives the
-    uninterrupted 2-process run's bits; only the main process writes. 61 rows: each epoch ends in a batch of one
-    row, which leaves the second process a stand-in row without labels (`shard`)."""
+    """2 processes x batch 2 (x grad_accum 2) = 1 process x batch 4: a 2-process run (`accelerate launch` with
+    configs/accelerate/ddp.yaml) killed after a checkpoint and resumed (`--num-processes 2`) ends with one
+    process's adapter up to float rounding and the same eval.metrics (their answers shared out over the
+    processes); only the main process writes; `peftkit verify` re-runs it uninterrupted in 2 processes and finds
+    the same bits. 61 rows: each epoch ends in a batch of one row, which leaves the second process a stand-in row
+    without labels (`shard`)."""
     lines = number_data["train"].read_text().splitlines(keepends=True)[:61]
     (tmp_path / "train61.jsonl").write_text("".join(lines))
     number_data = number_data | {"train": tmp_path / "train61.jsonl"}
     single = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4, WITH_METRICS))
     train(load_recipe(single))
 
-    straight = make_recipe(tmp_path / "two", tiny_llama, number_data, **_sections(2, WITH_METRICS))
-    done = _peftkit("train", str(straight), "--num-processes", "2")
-    assert done.returncode == 0, done.stdout + done.stderr
-    one, two = _adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "two" / "run")
-    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
-    lines = _lines(tmp_path / "two" / "run")
-    assert [x["step"] for x in lines if "loss" in x] == list(range(1, STEPS + 1))  # one writer: no line twice
-    for a, b in zip(_lines(tmp_path / "one" / "run"), lines, strict=True):
-        assert abs(a.get("loss", a.get("eval_loss")) - b.get("loss", b.get("eval_loss"))) <= 1e-5
-        assert all(a[f"eval_{m}"] == b[f"eval_{m}"] for m in METRICS if "eval_loss" in a), (a, b)  # same answers
-    manifest = json.loads((tmp_path / "two" / "run" / "manifest.json").read_text())
-    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "MULTI_CPU"}
-    alone = json.loads((tmp_path / "one" / "run" / "manifest.json").read_text())["metrics"]
-    assert [manifest["metrics"][f"eval_{m}"] for m in METRICS] == [alone[f"eval_{m}"] for m in METRICS]
-    assert alone["eval_token_f1"] > 0.1  # not all zero: answers set against the wrong references would score apart
-    assert manifest["metrics"]["samples"] == alone["samples"] and len(alone["samples"]) == 2
-    verified = _peftkit("verify", str(tmp_path / "two" / "run"))  # re-runs in 2 processes too
-    assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
-
-    killed = make_recipe(tmp_path / "kill", tiny_llama, number_data, **_sections(2))
+    killed = make_recipe(tmp_path / "two", tiny_llama, number_data, **_sections(2, WITH_METRICS))
     config = Path(__file__).parents[1] / "configs" / "accelerate" / "ddp.yaml"  # the shipped config, as users launch
     proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                              "-m", "peftkit", "train", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = tmp_path / "kill" / "run" / "checkpoints"
+    run = tmp_path / "two" / "run"
     deadline = time.time() + 300
-    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+    while time.time() < deadline and not ((run / "checkpoints").exists()
+                                          and any(p.name.startswith("step-") for p in (run / "checkpoints").iterdir())):
         time.sleep(0.05)
     _kill_tree(proc.pid)
     proc.wait()
-    _unlocked(tmp_path / "kill" / "run")
-    assert not (tmp_path / "kill" / "run" / "adapter").exists(), "killed too late to test anything"
+    _unlocked(run)
+    assert not (run / "adapter").exists(), "killed too late to test anything"
     with pytest.raises(PeftkitError, match=r"--resume: checkpoint step-\d+ was written by 2 processes, and this run "
                        r"has 1. Its global batch, data order and schedule depend on the number, so resume with "
                        r"--num-processes 2"):
@@ -158,8 +141,22 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     resumed = _peftkit("train", str(killed), "--num-processes", "2", "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resumed from step-" in resumed.stdout
-    again = _adapter(tmp_path / "kill" / "run")
-    assert all(again[k].equal(two[k]) for k in two)
+
+    one, two = _adapter(tmp_path / "one" / "run"), _adapter(run)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    lines = _lines(run)
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, STEPS + 1))  # one writer: no line twice
+    for a, b in zip(_lines(tmp_path / "one" / "run"), lines, strict=True):
+        assert abs(a.get("loss", a.get("eval_loss")) - b.get("loss", b.get("eval_loss"))) <= 1e-5
+        assert all(a[f"eval_{m}"] == b[f"eval_{m}"] for m in METRICS if "eval_loss" in a), (a, b)  # same answers
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "MULTI_CPU"}
+    alone = json.loads((tmp_path / "one" / "run" / "manifest.json").read_text())["metrics"]
+    assert [manifest["metrics"][f"eval_{m}"] for m in METRICS] == [alone[f"eval_{m}"] for m in METRICS]
+    assert alone["eval_token_f1"] > 0.1  # not all zero: answers set against the wrong references would score apart
+    assert manifest["metrics"]["samples"] == alone["samples"] and len(alone["samples"]) == 2
+    verified = _peftkit("verify", str(run))  # an uninterrupted re-run, in 2 processes too: the resumed run's bits
+    assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
 
 
 def test_the_single_gpu_config_launches_the_plain_run(tiny_llama, number_data, tmp_path):
