@@ -93,6 +93,40 @@ def test_chat_masks_follow_the_turns_whatever_the_template_does_to_beginnings(tm
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Hello!<|im_end|>\nyo<|im_end|>\nok<|im_end|>\n"
 
 
+def _byte_level_tokenizer(trim_offsets: bool):
+    """GPT-2 style (ByteLevel BPE, trained here on two lines), its post-processor trimming offsets or not, with a chat
+    template whose generation prompt `Assistant: ` ends in the space that begins the answer's first token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|end|>", "<pad>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["User: hi\nAssistant: Paris is\nif x:\n    return  x"] * 4, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}Assistant: {% endif %}")
+    return tok
+
+
+def test_chat_trains_every_token_of_the_answer_whatever_its_offsets(tmp_path):
+    """Trimmed offsets give a whitespace token no width (`Ġ` at (p, p)): the second space of `return  x` went
+    untrained. A token running across the turn's start (`ĠParis`, its space the generation prompt's) was untrained
+    too, so the answer's first word never was; it is trained whole, as transformers' assistant mask takes it."""
+    for trim in (True, False):
+        tok = _byte_level_tokenizer(trim)
+        for answer in ("if x:\n    return  x", "Paris is"):
+            write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": answer}]}])
+            (ex,), _ = load_examples(tok, str(tmp_path / "c.jsonl"), "train", DataConfig(train="x", format="chat"))
+            trained = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+            assert trained.lstrip(" ") == answer + "<|end|>\n", (trim, trained)
+            assert trained.startswith(" ") == (answer == "Paris is")  # the crossing token, whole
+
+
 def test_a_tokenizer_that_appends_eos_puts_none_between_prompt_and_answer(tmp_path):
     """Like Llama's with add_eos_token: encoding with special tokens gives `<s> text </s>`. The prompt's EOS sat
     between prompt and answer (trained on, and ending every generation prompt)."""
@@ -136,7 +170,8 @@ def _sentencepiece_style_tokenizer():
 def test_a_target_is_tokenized_as_it_follows_its_prompt(tmp_path):
     """A SentencePiece tokenizer marks the start of a text: the target encoded alone began with `▁4`, a token the
     text `2+2=4` never has. The target's tokens are now those of prompt and target encoded together, and the
-    prompt's are those generation sends; a prompt whose end merges into the target keeps the target's own."""
+    prompt's are those generation sends; a prompt whose end merges into the target keeps the target's own, encoded
+    as text that continues (no `▁` of its own)."""
     from peftkit.data.prompts import text_prompt
 
     tok = _sentencepiece_style_tokenizer()
@@ -152,12 +187,13 @@ def test_a_target_is_tokenized_as_it_follows_its_prompt(tmp_path):
         target = ex.input_ids[len(sent):]
         assert ex.labels[len(sent):] == target and target[-1] == tok.eos_token_id
         joined = tok(prompt + answer)["input_ids"]
-        if prompt.endswith(" "):  # the prompt's `▁` merges into `▁a`: the target alone
+        if prompt.endswith(" "):  # the prompt's `▁` merges into `▁a`: the target alone, as text that continues
             assert joined[: len(sent)] != sent
-            assert target[:-1] == tok(answer, add_special_tokens=False)["input_ids"]
+            assert tok.convert_ids_to_tokens(target[:-1]) == ["a", "▁b"]  # alone, it was `▁a` `▁b`: "Q:  a b"
         else:
             assert ex.input_ids == joined + [tok.eos_token_id]
             assert not tok.convert_ids_to_tokens(target[0]).startswith("▁")
+        assert tok.decode(ex.input_ids, skip_special_tokens=True) == prompt + answer  # the row's text, no space added
 
 
 def test_csv_text_is_read_as_written_and_blank_text_lines_are_no_examples(tmp_path):

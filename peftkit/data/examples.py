@@ -86,12 +86,14 @@ def _target_ids(tok, prompt: str, prompt_ids: list[int], target: str) -> list[in
     (Llama-2, Mistral v0.1: Metaspace with prepend_scheme first) turns "4" after "2+2=" into `▁4`, a token the
     joined text never has. Where the joined encoding does not begin with the prompt's own tokens (a prompt ending
     in a space that merges into the target's first word), the model could not produce it after the prompt that
-    generation sends, so the target is encoded alone (TRL's SFTTrainer warns and keeps the joined one).
+    generation sends, so the target is encoded alone (TRL's SFTTrainer warns and keeps the joined one), as text that
+    continues: after the EOS token, which the tokenizer keeps apart, so that no start-of-text `▁` comes in.
     """
     joined = encode_prompt(tok, prompt + target)
     if joined[: len(prompt_ids)] == prompt_ids:
         return joined[len(prompt_ids):]
-    return tok(target, add_special_tokens=False)["input_ids"]
+    after_eos = tok(tok.eos_token + target, add_special_tokens=False)["input_ids"]
+    return after_eos[1:] if after_eos[:1] == [tok.eos_token_id] else tok(target, add_special_tokens=False)["input_ids"]
 
 
 def encode_prompt(tok, text: str) -> list[int]:
@@ -122,7 +124,11 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     spans = [_assistant_span(tok, messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    labels = [t if any(s <= a < e for s, e in spans) and b > a else IGNORE_INDEX
+    # A token is trained when its characters overlap a turn's: a whitespace token that a tokenizer gives no width
+    # (ByteLevel's trim_offsets: `(p, p)`) counts from inside the turn, and a token that runs across the turn's start
+    # (a generation prompt ending in a space that merges into the answer's first word) is trained whole, as the
+    # assistant mask of transformers' apply_chat_template takes it.
+    labels = [t if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
               for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
     return ids, labels
 
