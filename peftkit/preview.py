@@ -51,14 +51,15 @@ def _pieces(tok, ids: list[int]) -> list[str]:
 
     Decoding one id alone loses context: SentencePiece drops a word's leading space at the start of a decode,
     and a byte-level BPE splits a multi-byte character over tokens. So each piece is the decode of a few
-    tokens of left context plus this one, minus the decode of the context alone; where that is not a prefix
-    (half a character), the token's own decode.
+    tokens of left context plus this one, minus the decode of the context alone, both without a trailing half
+    character (U+FFFD): a character split over tokens shows with the token that completes it (`東` is 3 byte
+    tokens: "", "", "東"), never as `�`. Where that is not a prefix, the token's own decode.
     """
     pieces = []
     for i, token_id in enumerate(ids):
         context = ids[max(0, i - _WINDOW) : i]
-        before = tok.decode(context, skip_special_tokens=False) if context else ""
-        after = tok.decode([*context, token_id], skip_special_tokens=False)
+        before = tok.decode(context, skip_special_tokens=False).rstrip("\ufffd") if context else ""
+        after = tok.decode([*context, token_id], skip_special_tokens=False).rstrip("\ufffd")
         pieces.append(after[len(before) :] if after.startswith(before) else tok.decode([token_id]))
     return pieces
 

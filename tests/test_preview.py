@@ -186,3 +186,19 @@ def test_cli_help_shows_flags(tmp_path):
     assert result.exit_code == 0
     assert "--show-ids" in result.output and "--show-ids <" not in result.output
     assert "--n" in result.output and "Loads the tokenizer, not the model." in " ".join(result.output.split())
+
+
+def test_a_character_split_over_byte_tokens_shows_whole():
+    """A byte-level BPE splits `東` and `😀` over byte tokens; each token decoded alone is U+FFFD, which preview showed
+    (`«�⟨30679⟩�⟨126⟩…»` for SmolLM2). The pieces join to the decoded text, and none is half a character."""
+    from peftkit.data import Example
+    from peftkit.preview import _pieces, render_tokens
+    from tests.test_data import _byte_level_tokenizer
+
+    tok = _byte_level_tokenizer(trim_offsets=False)
+    ids = tok("Paris 東京 😀 is", add_special_tokens=False)["input_ids"]
+    assert len(ids) > len("Paris 東京 😀 is".split()) + 6  # the characters really are split over tokens
+    pieces = _pieces(tok, ids)
+    assert "".join(pieces) == tok.decode(ids) == "Paris 東京 😀 is" and not any("\ufffd" in p for p in pieces)
+    shown = render_tokens(tok, Example(ids, ids), plain=True).plain
+    assert shown == "«Paris 東京 😀 is»"
