@@ -81,7 +81,7 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
         "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
         **{f"eval_{m}": eval_result[m] if eval_result else None for m in task_metrics(run.cfg)},
         **run.summary,
-        **(run.selection.summary() if run.selection else {}),
+        **(run.selection.summary(state.step >= run.total_steps) if run.selection else {}),
         "tokens": state.tokens,
         "elapsed_s": time.time() - started,
         "peak_mem_mb": peak_memory_mb(run.device),

@@ -93,11 +93,12 @@ class Selection:
         return (f"early stopping: eval {s.metric} has not improved by more than min_delta {s.min_delta} "
                 f"({s.direction} is better) for {s.stale} evaluations, since {s.value:.4f} at step {s.step}")
 
-    def summary(self) -> dict:
-        """What the run's summary (and manifest) says of the choice."""
+    def summary(self, trained_all: bool) -> dict:
+        """What the run's summary (and manifest) says of the choice. `trained_all`: the run reached its last step,
+        so it did not stop early, whatever its final evaluation (stale past the patience) says."""
         out = {}
         if self.stopper is not None:
-            out["stopped_early"] = self.should_stop
+            out["stopped_early"] = self.should_stop and not trained_all
         if self.best is not None and self.best.step is not None:
             out["best"] = {"metric": f"eval_{self.best.metric}", "value": self.best.value, "step": self.best.step}
         return out

@@ -56,6 +56,12 @@ def test_early_stopping_stops_after_patience_and_exports_that_step(tiny_llama, n
     assert max(x["step"] for x in _lines(tmp_path / "stop" / "run")) == 3
     assert _same(_weights(tmp_path / "stop" / "run" / "adapter"), first)
 
+    # The same stop falling on the run's last step (its final evaluation is the second stale one): every step
+    # trained, so not stopped early (the manifest said so, and the summary printed "3 (stopped early)").
+    last = make_recipe(tmp_path / "last", tiny_llama, number_data, eval={"base_model": False}, training=training
+                       | {"max_steps": 3, "early_stopping": {"metric": "loss", "mode": "max", "patience": 2}})
+    summary = train(load_recipe(last))
+    assert summary["steps"] == 3 and summary["stopped_early"] is False
     full = make_recipe(tmp_path / "full", tiny_llama, number_data, eval={"base_model": False}, training=training)
     train(load_recipe(full))
     step3 = tmp_path / "full" / "run" / "checkpoints" / "step-00000003"
@@ -166,4 +172,5 @@ def test_the_stop_reason_names_the_last_improvement_by_min_delta():
     assert selection.should_stop
     assert selection.stop_reason() == ("early stopping: eval loss has not improved by more than min_delta 0.5 (lower "
                                        "is better) for 2 evaluations, since 4.0000 at step 1")
-    assert selection.summary()["best"] == {"metric": "eval_loss", "value": 3.7, "step": 3}
+    assert selection.summary(trained_all=False) == {"stopped_early": True,
+                                                    "best": {"metric": "eval_loss", "value": 3.7, "step": 3}}
