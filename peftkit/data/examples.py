@@ -197,7 +197,8 @@ def build_examples(
         ids, labels = _full_example(tok, row, cfg.format)
         n = cfg.max_length
         lost = [label for label in labels[n:] if label != IGNORE_INDEX]
-        lost = lost if tok.decode(lost).strip() else []  # whitespace after the end-of-turn marker: the end is kept
+        if lost and not tok.decode(lost).strip():  # only whitespace after the end-of-turn marker: the end is kept
+            lost = []
         example = Example(ids[:n], labels[:n], task_id=row_task(row, where) if tasks else None)
         yield BuiltExample(i, where, example, len(ids), len(lost))
 
