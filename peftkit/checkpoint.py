@@ -198,12 +198,13 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
 
 
 def run_inputs(recipe) -> dict:
-    """Content hashes of the files a run trains on, by recipe key (local paths; a hub id hashes to {}): the data,
-    the base model's weights and the adapter a run starts from (`adapter.init_from`)."""
+    """Content hashes of the files a run trains on, by recipe key: the data (local files; a hub dataset hashes to
+    {}), the base model's weights (a hub id's in the local cache: taken after the model loaded) and the adapter a run
+    starts from (`adapter.init_from`)."""
     from peftkit.manifest import file_hashes, model_weight_hashes
 
     inputs = {"data.train": file_hashes(recipe.data.train),
-              "model.name_or_path": model_weight_hashes(recipe.model.name_or_path)}
+              "model.name_or_path": model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)}
     if recipe.data.eval:
         inputs["data.eval"] = file_hashes(recipe.data.eval)
     if recipe.adapter.init_from:

@@ -76,10 +76,26 @@ _LATER_HASHED = frozenset(TOKENIZER_FILES) - {"tokenizer.json"}
 """Hashed since December 2026; earlier records hold none of them, which means not hashed, not absent."""
 
 
-def model_weight_hashes(name_or_path: str) -> dict[str, str]:
-    """Content hashes of the base model's weight, config and tokenizer files (local directories only)."""
+def model_directory(name_or_path: str, revision: str | None = None) -> Path | None:
+    """Where a base model's files lie: a local directory, or a hub id's snapshot of `revision` (its main branch
+    when None) in the local Hugging Face cache, where transformers put it; None for a hub id not in the cache (or a
+    local directory that is gone). Never the network."""
     path = Path(name_or_path)
-    if not path.is_dir():
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+    except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError), or no hub id (HFValidationError)
+        return None
+
+
+def model_weight_hashes(name_or_path: str, revision: str | None = None) -> dict[str, str]:
+    """Content hashes of the base model's weight, config and tokenizer files: those of a local directory, or of a
+    hub id's cached snapshot (`model_directory`); {} when neither is there."""
+    path = model_directory(name_or_path, revision)
+    if path is None:
         return {}
     return {f.name: sha256_file(f) for f in sorted(path.iterdir())
             if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", *TOKENIZER_FILES))}
@@ -96,7 +112,9 @@ def changed_files(recorded: dict[str, str], now: dict[str, str],
 
 def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[tuple[str, str]]:
     """`changed_files` of the base model's files; a record made before the tokenizer files were hashed holds none of
-    them, and those are then not compared."""
+    them, and those are then not compared. An empty record hashed nothing (a hub id, before December 2026)."""
+    if not recorded:
+        return []
     return changed_files(recorded, now, frozenset() if _LATER_HASHED & recorded.keys() else _LATER_HASHED)
 
 
@@ -138,7 +156,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "recipe_sha256": recipe.sha256(),
         "data_sha256": data,
         "base_model_sha256": (base_model_sha256 if base_model_sha256 is not None
-                              else model_weight_hashes(recipe.model.name_or_path)),
+                              else model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)),
         "init_from_sha256": (init_from_sha256 if init_from_sha256 is not None
                              else file_hashes(recipe.adapter.init_from) if recipe.adapter.init_from else {}),
         "losses": losses,

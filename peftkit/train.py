@@ -309,10 +309,10 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
         eval_ex.processes = accelerator  # the processes share out the eval batches
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
-    inputs = run_inputs(cfg)
 
     with console.status("Loading model..."):
         model = load_model(cfg.model, cfg.quantization, device, labels)
+    inputs = run_inputs(cfg)  # after loading: a hub id's files are then in the local cache
     if cfg.data.packing:
         check_isolated(model)
     long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only

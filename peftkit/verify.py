@@ -17,6 +17,7 @@ user's own `--trust-remote-code`.
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,12 +157,22 @@ def _input_differences(manifest: Manifest) -> list[str]:
             out.append(f"data.{split}: {path} no longer exists (it was hashed when the run was made)")
         else:
             out.append(f"data.{split}: the content of {path} differs from the recorded one")
-    if changed := changed_model_files(manifest.base_model_sha256, model_weight_hashes(recipe.model.name_or_path)):
-        files = ", ".join(f"{name} {state}" for name, state in changed)
-        out.append(f"base model: its files differ from the recorded ones ({recipe.model.name_or_path}: {files})")
+    if Path(recipe.model.name_or_path).is_absolute():  # a hub id's: after the re-run, which resolves its revision
+        out += _base_model_difference(manifest.base_model_sha256, model_weight_hashes(recipe.model.name_or_path), recipe)
     if recipe.adapter.init_from and file_hashes(recipe.adapter.init_from) != manifest.init_from_sha256:
         out.append(f"adapter.init_from: the files of {recipe.adapter.init_from} differ from the recorded ones")
     return out
+
+
+def _base_model_difference(recorded: dict[str, str], now: dict[str, str], recipe: Recipe) -> list[str]:
+    model = recipe.model
+    if not (changed := changed_model_files(recorded, now)):
+        return []
+    files = ", ".join(f"{name} {state}" for name, state in changed)
+    revision = model.revision or "main"
+    hub = "" if Path(model.name_or_path).is_absolute() else f"; the re-run loaded revision '{revision}' from the hub" + (
+        "" if re.fullmatch(r"[0-9a-f]{40}", revision) else ", a branch that has moved: pin model.revision to a commit")
+    return [f"base model: its files differ from the recorded ones ({model.name_or_path}: {files}){hub}"]
 
 
 def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float, console: Console,
@@ -182,7 +193,10 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
             raise _rerun_failed(e, tmp, run_dir, report) from None
         report.notes += _env_differences(manifest.environment, current)
         rerun = read_manifest(Path(tmp))
-        return differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
+        out = differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
+        if not Path(recipe.model.name_or_path).is_absolute():  # a hub id: the files the re-run loaded
+            out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe) + out
+        return out
 
 
 def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:

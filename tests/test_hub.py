@@ -1,0 +1,93 @@
+"""A hub id as the base model: read offline from a Hugging Face cache laid out as the hub client writes it (blobs,
+snapshots of commits, refs of branches), by huggingface_hub and transformers themselves; no network."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+from safetensors.torch import load_file, save_file
+
+from peftkit.errors import PeftkitError
+from peftkit.fileio import sha256_file
+from peftkit.manifest import changed_model_files, model_weight_hashes
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from peftkit.verify import verify
+from tests.conftest import make_recipe
+
+REPO = "acme/tiny-llama"
+
+
+def _publish(cache: Path, files: Path, commit: str) -> None:
+    """Put the files of directory `files` in the cache as commit `commit` of REPO, and point its main branch there."""
+    repo = cache / f"models--{REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for file in files.iterdir():
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def hub(tiny_llama, tmp_path, monkeypatch) -> Path:
+    """An offline hub cache holding tiny_llama as REPO's main (both libraries read these settings at each call)."""
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _publish(cache, tiny_llama, "a" * 40)
+    return cache
+
+
+def test_a_hub_models_files_are_recorded_and_a_moved_branch_is_refused_on_resume_and_reported_by_verify(
+        hub, tiny_llama, number_data, tmp_path):
+    """The manifest and the checkpoints hash the cached files the run loaded (they recorded nothing for a hub id, so
+    --resume and verify could not tell another base). Once main moves to a commit with other weights, --resume is
+    refused and verify names the base model's changed file and the fix."""
+    recipe = load_recipe(make_recipe(tmp_path, Path(REPO), number_data, training={"max_steps": 2, "save_steps": 2}))
+    assert recipe.model.name_or_path == REPO
+    train(recipe)
+    run = tmp_path / "run"
+    expected = {f.name: sha256_file(f) for f in tiny_llama.iterdir()
+                if f.suffix == ".safetensors" or f.name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                                                            "chat_template.jinja")}
+    assert json.loads((run / "manifest.json").read_text())["base_model_sha256"] == expected
+    checksums = json.loads((run / "checkpoints" / "step-00000002" / "checksums.json").read_text())
+    assert checksums["inputs"]["model.name_or_path"] == expected
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for file in tiny_llama.iterdir():
+        (moved / file.name).write_bytes(file.read_bytes())
+    weights = load_file(moved / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 0.5
+    save_file(weights, moved / "model.safetensors", metadata={"format": "pt"})
+    _publish(hub, moved, "b" * 40)
+    assert model_weight_hashes(REPO)["model.safetensors"] == sha256_file(moved / "model.safetensors")
+    assert model_weight_hashes(REPO, "a" * 40) == expected  # a commit stays what it was
+
+    with pytest.raises(PeftkitError, match="model.name_or_path file model.safetensors changed since checkpoint"):
+        train(recipe, resume=True)
+    report = verify(run)
+    assert not report.ok
+    assert (f"base model: its files differ from the recorded ones ({REPO}: model.safetensors changed); the re-run "
+            "loaded revision 'main' from the hub, a branch that has moved: pin model.revision to a commit"
+            in report.differences)
+    # Pinned to the run's commit, the same run verifies.
+    pinned = load_recipe(make_recipe(tmp_path / "pinned", Path(REPO), number_data, training={"max_steps": 2}))
+    pinned.model.revision = "a" * 40
+    train(pinned)
+    assert verify(tmp_path / "pinned" / "run").ok
+
+
+def test_a_record_without_hashes_is_not_a_change():
+    """Runs on a hub id recorded {} before its files were hashed: nothing to compare, not every file new."""
+    assert changed_model_files({}, {"model.safetensors": "0" * 64}) == []
+    assert changed_model_files({"model.safetensors": "0" * 64}, {}) == [("model.safetensors", "is gone")]
