@@ -20,7 +20,7 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_bytes, atomic_write_text
 from peftkit.manifest import read_manifest
-from peftkit.metrics import GENERATION_METRICS
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
 
 REPORT_DIR = "report"
 # (file stem, title, metrics.jsonl key of the training lines, y label)
@@ -71,13 +71,16 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
     ax.legend()
     plots["loss"] = _png(fig)
     plt.close(fig)
-    metric_curves = {m: [(r["step"], r[f"eval_{m}"]) for r in evals if f"eval_{m}" in r] for m in GENERATION_METRICS}
+    metric_curves = {m: [(r["step"], r[f"eval_{m}"]) for r in evals if f"eval_{m}" in r]
+                     for m in GENERATION_METRICS + CLASSIFICATION_METRICS}
     if any(metric_curves.values()):
         fig, ax = plt.subplots(figsize=(7, 3.0))
         for metric, points in metric_curves.items():
             if points:
                 ax.plot(*zip(*points, strict=True), "o-", label=metric, linewidth=1.5)
-        ax.set(xlabel="step", ylabel="mean over eval rows", title="Eval metrics (greedy answers)")
+        generated = any(metric_curves[m] for m in GENERATION_METRICS)
+        ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval rows",
+               title="Eval metrics (greedy answers)" if generated else "Eval metrics (classes)")
         ax.grid(alpha=0.3)
         ax.legend()
         plots["eval_metrics"] = _png(fig)
@@ -101,18 +104,19 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
     return f"<table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{cells}</table>"
 
 
-def _metrics_rows(metrics: dict) -> list[tuple[str, str, str]]:
-    """Eval loss and perplexity, and the eval.metrics, of the base model (before training) and of the fine-tuned one."""
+def _metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]:
+    """Eval loss and perplexity (a classifier's loss has none), and the eval.metrics (a classifier's accuracy and
+    macro-F1), of the base model (before training) and of the fine-tuned one."""
     base, tuned = metrics.get("base_eval_loss"), metrics.get("eval_loss")
 
     def fmt(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
-    return [("eval loss", fmt(base), fmt(tuned)),
-            ("eval perplexity", fmt(None if base is None else math.exp(min(base, 700.0))),
-             fmt(metrics.get("eval_perplexity")))] + [
+    perplexity = [] if classifier else [("eval perplexity", fmt(None if base is None else math.exp(min(base, 700.0))),
+                                         fmt(metrics.get("eval_perplexity")))]
+    return [("eval loss", fmt(base), fmt(tuned)), *perplexity] + [
         (metric.replace("_", " "), fmt(metrics.get(f"base_eval_{metric}")), fmt(metrics.get(f"eval_{metric}")))
-        for metric in GENERATION_METRICS if f"eval_{metric}" in metrics]
+        for metric in GENERATION_METRICS + CLASSIFICATION_METRICS if f"eval_{metric}" in metrics]
 
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}"
@@ -122,6 +126,7 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto
 
 def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, recipe_text: str) -> str:
     metrics = (manifest or {}).get("metrics", {})
+    classifier = _task(recipe_text) == "sequence_classification"
     images = "".join(f'<figure><img alt="{stem}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                      f"</figure>" for stem, data in plots.items())
     facts = [("steps", metrics.get("steps")), ("trainable parameters", metrics.get("trainable_params")),
@@ -143,9 +148,21 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     status = "" if manifest else "<p><b>No manifest.json: the run did not finish; the curves show what it logged.</b></p>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit report: {html.escape(run_dir.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>peftkit run {html.escape(str(run_dir))}</h1>{status}"
-            f"<ul>{fact_rows}</ul><h2>Evaluation</h2>{_table(_metrics_rows(metrics))}{sample_table}<h2>Curves</h2>{images}"
+            f"<ul>{fact_rows}</ul><h2>Evaluation</h2>{_table(_metrics_rows(metrics, classifier))}{sample_table}<h2>Curves</h2>{images}"
             f"<h2>Recipe</h2><pre>{html.escape(recipe_text)}</pre>"
             f"<h2>Environment</h2><pre>{html.escape(environment)}</pre></body></html>")
+
+
+def _task(recipe_text: str) -> str | None:
+    """model.task of a run's resolved recipe.yaml (None where there is none, or it does not read)."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return None
+    model = recipe.get("model") if isinstance(recipe, dict) else None
+    return model.get("task") if isinstance(model, dict) else None
 
 
 def write_report(run_dir: Path, log_scale: bool = False) -> Path:

@@ -240,3 +240,11 @@ def truncate_metrics(path: Path, step: int, final_step: int) -> None:
             if record["step"] < step or (record["step"] == step and not (step == final_step and "eval_loss" in record)):
                 kept.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def records_at(path: Path, step: int) -> list[dict]:
+    """The metrics.jsonl records of `step` (those `truncate_metrics` kept of a resumed run's checkpoint step)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for record in records if record.get("step") == step]

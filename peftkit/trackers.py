@@ -2,13 +2,19 @@
 tracker API. metrics.jsonl stays the record of a run; a tracker gets a copy of each of its lines.
 
 Where they write: TensorBoard under `<output_dir>/trackers/<run name>/`; MLflow to `MLFLOW_TRACKING_URI`, by
-default `<output_dir>/trackers/mlruns`; W&B offline (files under `<output_dir>/trackers/wandb`) unless
-`WANDB_MODE` is set, so no account is needed. The recipe goes along as the run's hyperparameters.
+default the SQLite store `<output_dir>/trackers/mlflow.db` (MLflow 3 refuses its plain file store unless told to
+allow it); W&B offline (files under `<output_dir>/trackers/wandb`) unless `WANDB_MODE` is set, so no account is
+needed. The recipe goes along as the run's hyperparameters.
+
+On --resume the trackers continue the run's own records, as metrics.jsonl does: TensorBoard purges what was logged
+after the checkpoint (the resumed run logs those steps again), and MLflow and online W&B continue the same run (ids
+in `trackers/runs.json`). W&B cannot resume an offline run (wandb/wandb#2423): each resumed part is its own.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +22,7 @@ from peftkit.errors import PeftkitError
 
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 DIRECTORY = "trackers"
+RUN_IDS = "runs.json"
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -43,21 +50,40 @@ def flat_config(recipe_dict: dict, prefix: str = "") -> dict:
 
 
 class Trackers:
-    """The run's trackers on one accelerator; `log` sends a metrics.jsonl record, `close` ends them."""
+    """The run's trackers on one accelerator; `log` sends a metrics.jsonl record, `close` ends them.
 
-    def __init__(self, accelerator, recipe, out: Path) -> None:
+    `resumed`: on --resume, the checkpoint's step and the metrics.jsonl records kept at that step."""
+
+    def __init__(self, accelerator, recipe, out: Path, resumed: tuple[int, list[dict]] | None = None) -> None:
+        from peftkit.fileio import atomic_write_text
+
         self.accelerator = accelerator
-        names = recipe.training.report_to
+        names, directory = recipe.training.report_to, (out / DIRECTORY).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        ids = json.loads((directory / RUN_IDS).read_text()) if resumed and (directory / RUN_IDS).is_file() else {}
         if "mlflow" in names:
-            os.environ.setdefault("MLFLOW_TRACKING_URI", (out / DIRECTORY / "mlruns").resolve().as_uri())
-        init = {"wandb": {"mode": os.environ.get("WANDB_MODE", "offline"), "dir": str(out / DIRECTORY)}}
-        (out / DIRECTORY).mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{directory / 'mlflow.db'}")
+        wandb_mode = os.environ.get("WANDB_MODE", "offline")
+        init = {"wandb": {"mode": wandb_mode, "dir": str(directory)}
+                         | ({"id": ids["wandb"], "resume": "allow"} if "wandb" in ids and wandb_mode != "offline" else {}),
+                "mlflow": {"logging_dir": str(directory / "mlartifacts"), "run_id": ids.get("mlflow")},
+                # Events from this step on, logged before the run stopped, are hidden: the resumed run logs them again.
+                "tensorboard": {"purge_step": resumed[0]} if resumed else {}}
         accelerator.init_trackers(out.resolve().name, config=flat_config(recipe.model_dump(mode="json")),
-                                  init_kwargs={n: init[n] for n in names if n in init})
+                                  init_kwargs={n: init[n] for n in names})
+        if resumed and "tensorboard" in names:  # what metrics.jsonl kept of the purged step
+            for record in resumed[1]:
+                accelerator.get_tracker("tensorboard").log(_scalars(record), step=record["step"])
+        run_id = {"wandb": lambda run: run.id, "mlflow": lambda run: run.info.run_id}
+        if ids := {n: run_id[n](accelerator.get_tracker(n, unwrap=True)) for n in names if n in run_id}:
+            atomic_write_text(directory / RUN_IDS, json.dumps(ids, indent=2))
 
     def log(self, record: dict) -> None:
-        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        self.accelerator.log(values, step=record["step"])
+        self.accelerator.log(_scalars(record), step=record["step"])
 
     def close(self) -> None:
         self.accelerator.end_training()
+
+
+def _scalars(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}

@@ -56,7 +56,7 @@ from peftkit.peft_format import load_adapter
 from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
-from peftkit.rundir import clear_run, open_run_dir, truncate_metrics
+from peftkit.rundir import clear_run, open_run_dir, records_at, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
                              nondeterministic_op_error, optimizer_groups, peak_memory_mb, seed_everything)
 from peftkit.samples import answers, sample_prompts
@@ -246,7 +246,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
                           + (" The run had finished: its final evaluation and exports are made again."
                              if state.step >= run.total_steps or run.stopped_early else ""))
-        run.trackers = Trackers(run.accelerator, recipe, out) if recipe.training.report_to and run.main else None
+        if recipe.training.report_to and run.main:
+            run.trackers = Trackers(run.accelerator, recipe, out, (state.step, records_at(run.metrics_path, state.step))
+                                    if resume else None)
         try:
             with nondeterministic_op_error():
                 _loop(run, state)

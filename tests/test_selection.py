@@ -136,16 +136,26 @@ def test_selection_recipe_errors(sections, expected, tiny_llama, number_data, tm
     assert "recipe.yaml" in err
 
 
-def test_tensorboard_gets_what_metrics_jsonl_has(tiny_llama, number_data, tmp_path):
+def test_tensorboard_gets_what_metrics_jsonl_has_after_resumes_too(tiny_llama, number_data, tmp_path):
+    """Each resume (from a checkpoint before the end, and of a finished run, whose final evaluation is made again)
+    logs its steps again: TensorBoard purges what the stopped run had logged after the checkpoint, so each step is
+    there once, as in metrics.jsonl (it had steps 3, 4, 3, 4 after the first resume, a second final eval after the
+    other)."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    recipe = make_recipe(tmp_path, tiny_llama, number_data,
-                         training={"max_steps": 4, "eval_steps": 2, "report_to": ["tensorboard"]})
-    train(load_recipe(recipe))
-    logs = tmp_path / "run" / "trackers" / "run"
-    acc = EventAccumulator(str(logs)).Reload()
-    lines = _lines(tmp_path / "run")
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 4, "eval_steps": 2, "save_steps": 2, "report_to": ["tensorboard"]}))
+    run = tmp_path / "run"
+    train(recipe)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")  # as if killed after step 4, before its checkpoint
+    shutil.rmtree(run / "adapter")
+    (run / "manifest.json").unlink()
+    train(recipe, resume=True)
+    train(recipe, resume=True)
+    acc = EventAccumulator(str(run / "trackers" / "run")).Reload()
+    lines = _lines(run)
+    assert [x["step"] for x in lines if "eval_loss" in x] == [2, 4]
     for key in ("loss", "lr", "eval_loss"):
         expected = [(x["step"], x[key]) for x in lines if key in x]
         got = [(e.step, e.value) for e in acc.Scalars(key)]

@@ -190,6 +190,17 @@ def test_training_from_a_recipe_improves_accuracy(tmp_path, tiny_bert, sentiment
     result = evaluate(eval_job(run, [], None, None, None, None, None, None, None))
     assert result["accuracy"] == summary["eval_accuracy"]
     assert result["loss"] == pytest.approx(summary["eval_loss"], abs=1e-6)
+    # The report shows the accuracy and macro-F1, base and fine-tuned, and their curve; no perplexity (it showed only
+    # a perplexity made from the class loss).
+    from peftkit.report import write_report
+
+    page = write_report(run).read_text()
+    for metric in ("accuracy", "macro f1"):
+        key = metric.replace(" ", "_")
+        row = f"<tr><th>{metric}</th><td>{summary[f'base_eval_{key}']:.4f}</td><td>{summary[f'eval_{key}']:.4f}</td></tr>"
+        assert row in page
+    assert "perplexity" not in page.split("<h2>Curves</h2>")[0]
+    assert (run / "report" / "eval_metrics.png").is_file()
 
 
 def test_decoder_run_exports_what_peft_loads(tmp_path, tiny_llama, sentiment):
