@@ -61,16 +61,22 @@ class Trackers:
         names, directory = recipe.training.report_to, (out / DIRECTORY).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         ids = json.loads((directory / RUN_IDS).read_text()) if resumed and (directory / RUN_IDS).is_file() else {}
-        if "mlflow" in names:
-            os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{directory / 'mlflow.db'}")
+        # The run's own store, for this run only (until close): the user's MLFLOW_TRACKING_URI wins.
+        self.own_mlflow_uri = "mlflow" in names and "MLFLOW_TRACKING_URI" not in os.environ
+        if self.own_mlflow_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{directory / 'mlflow.db'}"
         wandb_mode = os.environ.get("WANDB_MODE", "offline")
         init = {"wandb": {"mode": wandb_mode, "dir": str(directory)}
                          | ({"id": ids["wandb"], "resume": "allow"} if "wandb" in ids and wandb_mode != "offline" else {}),
                 "mlflow": {"logging_dir": str(directory / "mlartifacts"), "run_id": ids.get("mlflow")},
                 # Events from this step on, logged before the run stopped, are hidden: the resumed run logs them again.
                 "tensorboard": {"purge_step": resumed[0]} if resumed else {}}
-        accelerator.init_trackers(out.resolve().name, config=flat_config(recipe.model_dump(mode="json")),
-                                  init_kwargs={n: init[n] for n in names})
+        try:
+            accelerator.init_trackers(out.resolve().name, config=flat_config(recipe.model_dump(mode="json")),
+                                      init_kwargs={n: init[n] for n in names})
+        except BaseException:
+            self.close()
+            raise
         if resumed and "tensorboard" in names:  # what metrics.jsonl kept of the purged step
             for record in resumed[1]:
                 accelerator.get_tracker("tensorboard").log(_scalars(record), step=record["step"])
@@ -83,6 +89,8 @@ class Trackers:
 
     def close(self) -> None:
         self.accelerator.end_training()
+        if self.own_mlflow_uri:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def _scalars(record: dict) -> dict:
