@@ -26,13 +26,15 @@ STEPS = 12
 PROCESSES = min(torch.cuda.device_count(), 2) if torch.cuda.is_available() else 2
 
 
-def _sections(batch_size: int, **training) -> dict:
+def _sections(batch_size: int, generate: bool = True, **training) -> dict:
+    """`generate`: eval.metrics and eval.samples, whose greedy answers every process generates in step."""
     # No dropout: its masks are drawn per process, so they cannot match a single process's.
+    answers = {"metrics": ["exact_match", "token_f1"], "max_new_tokens": 8, "samples": 2} if generate else {}
     return dict(training={"max_steps": STEPS, "batch_size": batch_size, "grad_accum": 2, "save_steps": 6,
                           "eval_steps": 6, "max_grad_norm": 0.5, "mixed_precision": "no", "deterministic": True}
                 | training,
                 adapter={"dropout": 0.0},
-                eval={"base_model": False, "metrics": ["exact_match", "token_f1"], "max_new_tokens": 8, "samples": 2})
+                eval={"base_model": False} | answers)
 
 
 def _launch(config: Path, recipe: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -127,7 +129,7 @@ def test_zero2_in_bf16_checkpoints_and_exports_the_fp32_masters(single, tiny_lla
     the masters (fp32 values that bf16 cannot hold: the engine's bf16 copy would be all bf16 values), near one fp32
     process's adapter (the forward and backward ran in bf16); resumed from step 6, the uninterrupted run's bits."""
     launcher = _launcher(tmp_path / "zero2-bf16", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES))
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections(4 // PROCESSES, generate=False))
     done = _launch(launcher, recipe)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     run = tmp_path / "run"
@@ -161,9 +163,9 @@ def test_zero2_trains_qlora_as_one_process(tiny_llama, number_data, tmp_path):
     """QLoRA (NF4 + double quant) under ZeRO-2: the 4-bit base stays whole and unpartitioned in each process (ZeRO-2
     partitions only what trains), and 2 processes give one process's adapter (dequantized fp32 compute)."""
     quant = {"quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}}
-    plain = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4, max_steps=6), **quant)
+    plain = make_recipe(tmp_path / "one", tiny_llama, number_data, **_sections(4, False, max_steps=6), **quant)
     train(load_recipe(plain))
-    zero = make_recipe(tmp_path / "zero", tiny_llama, number_data, **_sections(4 // PROCESSES, max_steps=6), **quant)
+    zero = make_recipe(tmp_path / "zero", tiny_llama, number_data, **_sections(4 // PROCESSES, False, max_steps=6), **quant)
     done = _launch(CONFIGS / "zero2.yaml", zero)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     # Float rounding, amplified by Adam on near-zero gradients: one process at batch 2 x grad_accum 4 differs from
