@@ -356,6 +356,13 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
     """
     path = cfg.init_from
     loaded = load_adapter(path)[0]
+    if loaded.method == "adalora" and loaded.rank_pattern:  # every AdaLoRA export: its run's allocation pruned it
+        raise PeftkitError(
+            f"adapter.init_from: {path} is an AdaLoRA adapter pruned by its run's rank allocation (rank_pattern in "
+            "its adapter_config.json), and peftkit does not continue AdaLoRA's allocation from a pruned adapter. "
+            "Resume that run from its checkpoints if it did not finish (`peftkit train RECIPE --resume`); else merge "
+            "the adapter into its base (`peftkit merge`) and train a new adapter on the merged model."
+        )
     given = cfg.model_fields_set - {"init_from"}
     if "method" in given and cfg.method != loaded.method:
         raise PeftkitError(

@@ -144,6 +144,18 @@ def test_peft_trained_adapter_with_rank_pattern_loads_merges_and_inspects(lockst
     assert ranks == {k.removesuffix(".lora_E"): sum(v) for k, v in pattern.items()} and len(set(ranks.values())) > 1
 
 
+def test_a_pruned_adapter_as_init_from_is_a_recipe_error(lockstep, number_data, tmp_path):
+    """Every AdaLoRA export is pruned (rank_pattern); as `adapter.init_from` it was accepted by validate and refused
+    by train after the model loaded, blaming adapter.rank_pattern, a key the recipe does not have."""
+    lockstep["theirs"].save_pretrained(tmp_path / "peft")
+    recipe = _recipe(tmp_path, lockstep["base"], number_data, {"init_from": str(tmp_path / "peft")})
+    with pytest.raises(PeftkitError) as e:
+        load_recipe(recipe)
+    message = " ".join(str(e.value).split())
+    assert message.startswith(f"{recipe}:")
+    assert f"adapter.init_from: {tmp_path / 'peft'} is an AdaLoRA adapter pruned by its run's rank allocation" in message
+
+
 def test_our_adapter_with_rank_pattern_loads_in_peft(lockstep, tmp_path):
     ours, base, trainer = lockstep["ours"], lockstep["base"], lockstep["trainer"]
     cfg, state = trainer.export(lockstep["cfg"], adapter_state_dict(ours, []))

@@ -19,7 +19,7 @@ from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import cli_user_error, make_recipe
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
 
@@ -175,6 +175,19 @@ def test_pissa_refuses_a_quantized_base(tiny_llama):
     model = load_model(ModelConfig(name_or_path=str(tiny_llama), dtype="float32"), quant, torch.device("cpu"))
     with pytest.raises(PeftkitError, match=r"adapter.init: pissa rewrites the base weights .* quantized"):
         inject_adapters(model, LoraConfig(r=4, init="pissa"))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_quantized_base_is_refused_by_the_recipe(init, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """`peftkit validate` says it (it passed, and `train` refused after loading the model), naming the line; a LoRA
+    on layers the quantization leaves whole (quantization.skip_modules: lm_head) is no conflict."""
+    quant = {"quantization": {"method": "nf4", "compute_dtype": "float32"}}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"init": init}, **quant)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert f"adapter.init: {init} rewrites the base weights as W - s B A, and quantization.method nf4 quantizes" in err
+    assert f"{recipe}:" in err
+    load_recipe(make_recipe(tmp_path, tiny_llama, number_data, adapter={"init": init, "target_modules": ["lm_head"]},
+                            **quant))
 
 
 def test_pissa_refuses_an_embedding(tiny_llama):

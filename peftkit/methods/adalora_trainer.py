@@ -54,8 +54,8 @@ def check_schedule(cfg: AdaLoraConfig, total_steps: int) -> None:
     if cfg.rank_pattern:
         raise PeftkitError(
             "adapter.rank_pattern is set (the adapter was pruned by an earlier AdaLoRA run, e.g. through init_from): "
-            "peftkit does not continue AdaLoRA's rank allocation from a pruned adapter. Start from the unpruned "
-            "adapter, or train the pruned one further with method: lora after converting it.")
+            "peftkit does not continue AdaLoRA's rank allocation from a pruned adapter. Remove adapter.rank_pattern; or "
+            "merge the pruned adapter into its base (`peftkit merge`) and train a new one on the merged model.")
 
 
 class AdaLoraTrainer(MethodTrainer):

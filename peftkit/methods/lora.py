@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -287,6 +287,21 @@ class Lora(Method):
     # As peft's create_loraplus_optimizer; DoRA's magnitude trains at `lr` (peft puts 1-D tensors with B).
     loraplus_roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "embedding",
                       "lora_embedding_B": "embedding"}
+
+    @classmethod
+    def recipe_conflict(cls, recipe: Any) -> str | None:
+        cfg, q = recipe.adapter, recipe.quantization
+        if q is None or cfg.init not in MOVES_BASE:
+            return None
+        kept = isinstance(cfg.target_modules, list) and all(t.split(".")[-1] in q.skip_modules for t in cfg.target_modules)
+        if kept:  # only layers the quantization leaves in full precision
+            return None
+        # As at injection (`lora_init.initialize`), where the layers are known: here the recipe alone says so.
+        return (f"adapter.init: {cfg.init} rewrites the base weights as W - s B A, and quantization.method {q.method} "
+                "quantizes the layers it targets (every linear layer but quantization.skip_modules), so the residual "
+                "would be re-quantized and the exported adapter would not reproduce the trained model; use init: "
+                f"default or gaussian with a quantized base{without_niter(cfg.pissa_niter)}, or drop the quantization "
+                "section")
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: LoraConfig, path: str) -> _LoraLayer:

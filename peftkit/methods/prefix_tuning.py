@@ -57,6 +57,15 @@ class PrefixTuning(VirtualMethod):
     peft_config: ClassVar[type] = PrefixTuningPeftConfig
 
     @classmethod
+    def recipe_conflict(cls, recipe: Any) -> str | None:
+        long_context = recipe.model.long_context
+        if long_context is not None and long_context.s2_attention:  # the keys outnumber the queries: full attention
+            return ("model.long_context.s2_attention: prefix tuning puts its prefix in every layer's keys and values, "
+                    "outside the groups shifted sparse attention forms, so training would run plain full attention; "
+                    "remove model.long_context, or use a method it trains with (lora, prompt_tuning, llama_adapter)")
+        return super().recipe_conflict(recipe)
+
+    @classmethod
     def install(cls, model: nn.Module, cfg: PrefixTuningConfig) -> VirtualTokens:
         layers, heads, head_dim = kv_dims(model.config)
         kv, n = heads * head_dim, cfg.num_virtual_tokens
