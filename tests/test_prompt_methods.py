@@ -254,14 +254,16 @@ def test_merging_is_refused_with_what_to_do(models, tmp_path, monkeypatch, capsy
     # S²-Attn ran plain attention on a prefix's longer keys: the same bits with and without it, silently
     ("prefix_tuning", {"model": {"long_context": {"s2_attention": True, "group_size_ratio": 0.25}}},
      "model.long_context.s2_attention: prefix tuning puts its prefix in every layer's keys and values"),
+    ("prompt_tuning", {"adapter": {"modules_to_save": ["lm_head"]}},  # was "List should have at most 0 items"
+     "the prompt family trains its virtual tokens (and their encoder) only, not modules in full"),
 ])
 def test_recipe_refuses_what_the_methods_cannot_do(method, sections, message, models, number_data,  # noqa: F811
                                                    tmp_path, monkeypatch, capsys):
     recipe = make_recipe(tmp_path, models["llama"], number_data)
     data = yaml.safe_load(recipe.read_text())
+    data["adapter"] = {"method": method, "num_virtual_tokens": 4}
     for section, values in sections.items():
         data[section].update(values)
-    data["adapter"] = {"method": method, "num_virtual_tokens": 4}
     recipe.write_text(yaml.safe_dump(data))
     assert message in cli_user_error(monkeypatch, capsys, "validate", str(recipe))
 

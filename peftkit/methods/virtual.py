@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
@@ -44,8 +44,16 @@ class VirtualConfig(AdapterSection):
 
     num_virtual_tokens: int = Field(20, gt=0)
     """How many virtual tokens go in front of every sequence: each costs attention over n more positions."""
-    modules_to_save: list[str] = Field(default_factory=list, max_length=0)
+    modules_to_save: list[str] = Field(default_factory=list)
     """Not supported by the prompt family (always empty)."""
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _none_to_save(cls, v: list[str]) -> list[str]:
+        if v:
+            raise ValueError("the prompt family trains its virtual tokens (and their encoder) only, not modules in "
+                             "full; remove adapter.modules_to_save, or use adapter.method: lora, which takes it")
+        return v
 
 
 class VirtualPeftConfig(PeftConfigBase):
