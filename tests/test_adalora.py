@@ -219,6 +219,13 @@ def test_user_errors_name_the_key_and_the_fix(tmp_path):
     with pytest.raises(PeftkitError, match=r"adapter.tinit \(3\) \+ adapter.tfinal \(2\) leave no step of this run's 5 "
                                            r"optimizer steps.*train longer"):
         AdaLora.trainer(torch.nn.Module(), cfg, 5)
+    # The final allocation at step 1 found no importance score (none taken yet) and pruned every rank: the run
+    # exported an empty adapter (peft's allocator fails with a KeyError there).
+    for tfinal, steps in ((0, 1), (4, 5)):
+        cfg = AdaLoraConfig(method="adalora", init_r=4, target_r=2, tfinal=tfinal)
+        with pytest.raises(PeftkitError, match=rf"adapter.tfinal \({tfinal}\) puts AdaLoRA's final rank allocation at "
+                                               rf"step 1 of this run's {steps} optimizer steps.*every rank would be pruned"):
+            AdaLora.trainer(torch.nn.Module(), cfg, steps)
     (tmp_path / "r.yaml").write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\nexport: {output_dir: o}\n"
                                      "adapter:\n  method: adalora\n  init_r: 8\n  target_r: 12\n")
     with pytest.raises(PeftkitError, match=r"r.yaml:7: 'adapter.target_r' = 12: must be below init_r \(8\).*Lower target_r"):

@@ -51,6 +51,13 @@ def check_schedule(cfg: AdaLoraConfig, total_steps: int) -> None:
             f"adapter.tinit ({cfg.tinit}) + adapter.tfinal ({cfg.tfinal}) leave no step of this run's {total_steps} "
             "optimizer steps for AdaLoRA to reallocate ranks in (it needs tinit + tfinal < the run's steps). Lower "
             "tinit or tfinal, or train longer (training.max_steps / training.epochs).")
+    if total_steps - cfg.tfinal < 2:  # (tinit 0) the final allocation at step 1 would have no score to go by
+        raise PeftkitError(
+            f"adapter.tfinal ({cfg.tfinal}) puts AdaLoRA's final rank allocation at step {total_steps - cfg.tfinal} "
+            f"of this run's {total_steps} optimizer steps, before any step has scored the ranks' importance: every "
+            "rank would be pruned and the adapter exported empty. "
+            + (f"Lower tfinal to at most {total_steps - 2}, or train" if total_steps >= 2 else "Train")
+            + f" at least {cfg.tfinal + 2} steps (training.max_steps / training.epochs).")
     if cfg.rank_pattern:
         raise PeftkitError(
             "adapter.rank_pattern is set (the adapter was pruned by an earlier AdaLoRA run, e.g. through init_from): "
