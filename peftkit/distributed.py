@@ -31,6 +31,7 @@ import contextlib
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -308,14 +309,38 @@ ZERO_FLAGS = ["--use_deepspeed", "--offload_optimizer_device", "none", "--offloa
 """configs/accelerate/zero2.yaml and zero3.yaml as launcher flags, but for the stage."""
 
 
+def die_with_parent() -> None:
+    """Have the kernel send this process SIGTERM when its parent dies, SIGKILL included (Linux; elsewhere nothing).
+    torch elastic starts each worker in a session of its own, so a kill of the launcher's process group left them
+    training on, alone; with it they stop as on a scheduler's SIGTERM: at the step's end, with a checkpoint."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_stage: int = 2) -> int:
     """Run `launch_command` (data parallel, or FSDP2 for `kind` FSDP); the exit status (2 when the processes
     stopped on a user error, as `peftkit` itself). Their stderr is passed on without the launcher's own noise
     (torch elastic's log lines and its traceback of the failed child) and without an error line that another
-    process already printed."""
-    proc = subprocess.Popen(launch_command(num_processes, argv, kind, zero_stage), stderr=subprocess.PIPE, text=True, bufsize=1)
-    errors = _relay(proc.stderr)
-    code = proc.wait()
+    process already printed. The launcher runs in a session of its own and dies with this process; Ctrl-C or
+    SIGTERM here is passed to it once (it passes it to the processes, which checkpoint and stop) and this process
+    relays their last words."""
+    linux = sys.platform.startswith("linux")
+    proc = subprocess.Popen(launch_command(num_processes, argv, kind, zero_stage), stderr=subprocess.PIPE, text=True,
+                            bufsize=1, start_new_session=linux, preexec_fn=die_with_parent if linux else None)
+    forward = {sig: signal.signal(sig, lambda number, _: proc.send_signal(number))
+               for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        errors = _relay(proc.stderr)
+        code = proc.wait()
+    finally:
+        for sig, previous in forward.items():
+            signal.signal(sig, previous)
     if code and errors:
         print(f"error: the run stopped in its {num_processes} processes (the message is above).", file=sys.stderr)
         return 2
@@ -325,11 +350,21 @@ def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_st
 _ELASTIC_LOG = re.compile(r"^[WEI]\d{4} .*torch/distributed/elastic")
 
 
+_RANK_PREFIX = re.compile(r"^\[rank\d+\]: ")
+"""torch's prefix of the lines of a process's uncaught exception (`[rank1]: Traceback ...`)."""
+
+
 def _relay(stream) -> bool:
-    """Copy `stream` to stderr, filtered as `launch` says; whether a peftkit `error:` line went by."""
+    """Copy `stream` to stderr, filtered as `launch` says; whether a peftkit `error:` line went by. A process's
+    `[rankN]:` traceback is held to the end and dropped when another process said its error: it is the collective
+    that broke when that process stopped (`Connection closed by peer`)."""
     seen_errors: set[str] = set()
     held: list[str] = []  # a traceback's first lines: the launcher's own is dropped with all that follows it
+    ranks: list[str] = []
     for line in stream:
+        if _RANK_PREFIX.match(line):
+            ranks.append(line)
+            continue
         if held or line.startswith("Traceback (most recent call last):"):
             held.append(line)
             if any("accelerate/commands/launch.py" in h or "torch/distributed/run.py" in h for h in held):
@@ -349,4 +384,5 @@ def _relay(stream) -> bool:
             seen_errors.add(line)
         sys.stderr.write(line)
     sys.stderr.writelines(held if not any("launch.py" in h for h in held) else [])
+    sys.stderr.writelines(ranks if not seen_errors else [])
     return bool(seen_errors)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -276,6 +277,8 @@ def _accelerator(cfg: Recipe, out: Path):
     from accelerate.state import AcceleratorState
 
     check_trackers(cfg.training.report_to)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of `accelerate launch` / torchrun: stop with the launcher
+        distributed.die_with_parent()
     # A process that trains twice (a notebook, verify, tests) may change mixed precision, which accelerate's
     # process-wide state refuses once set; the process group (PartialState) stays.
     AcceleratorState._reset_state()

@@ -1,6 +1,5 @@
 """Data-parallel training in real processes (accelerate's launcher, torch DDP over gloo on the CPU)."""
 
-import contextlib
 import json
 import os
 import signal
@@ -39,8 +38,8 @@ def _sections(batch_size: int, evaluation: dict | None = None, steps: int = STEP
                 adapter={"dropout": 0.0}, eval=evaluation or {"base_model": False})
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and all its descendants (torch's launcher starts its workers in sessions of their own)."""
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (torch's launcher starts its workers in sessions of their own)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -52,11 +51,25 @@ def _kill_tree(pid: int) -> None:
     while todo:
         tree.append(todo.pop())
         todo += children.get(tree[-1], [])
-    for p in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-    deadline = time.time() + 60  # until each has exited (a zombie holds no file, no lock): SIGKILL is not instant
-    while time.time() < deadline and any(_running(p) for p in tree):
+    return tree
+
+
+def _exited(pids: list[int], timeout: float = 60.0) -> bool:
+    """Whether each has exited (a zombie holds no file, no lock) within `timeout`: SIGKILL is not instant."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    return not any(_running(p) for p in pids)
+
+
+def _newest_step(run: Path) -> int:
+    steps = [int(p.name.removeprefix("step-")) for p in (run / "checkpoints").glob("step-*")]
+    return max(steps, default=0)
+
+
+def _until(condition, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not condition():
         time.sleep(0.05)
 
 
@@ -126,18 +139,29 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
                              "-m", "peftkit", "train", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "two" / "run"
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((run / "checkpoints").exists()
-                                          and any(p.name.startswith("step-") for p in (run / "checkpoints").iterdir())):
-        time.sleep(0.05)
-    _kill_tree(proc.pid)
+    _until(lambda: _newest_step(run) > 0)
+    # SIGKILL to the launcher alone, as to its process group (the workers are in sessions of their own): they went
+    # on training, orphaned, and finished the run; now the kernel sends them SIGTERM, they checkpoint and stop.
+    processes = _tree(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert _exited(processes, timeout=120), "the workers trained on without their launcher"
     _unlocked(run)
     assert not (run / "adapter").exists(), "killed too late to test anything"
     with pytest.raises(PeftkitError, match=r"--resume: checkpoint step-\d+ was written by 2 processes, and this run "
                        r"has 1. Its global batch, data order and schedule depend on the number, so resume with "
                        r"--num-processes 2"):
         train(load_recipe(killed), resume=True)
+    # A scheduler's SIGTERM to the process group of `peftkit train --num-processes 2`: the processes checkpoint and
+    # stop, and it says so and exits 2 (it died at once with status 143, their message lost).
+    first = _newest_step(run)
+    stopped = subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(killed), "--num-processes", "2", "--resume"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _until(lambda: _newest_step(run) > first)
+    os.killpg(stopped.pid, signal.SIGTERM)
+    err = stopped.communicate(timeout=300)[1]
+    assert stopped.returncode == 2 and "error: the run stopped in its 2 processes" in err, err
+    assert "error: Stopped by SIGTERM at step" in err and not (run / "adapter").exists(), err
     resumed = _peftkit("train", str(killed), "--num-processes", "2", "--resume")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resumed from step-" in resumed.stdout
@@ -181,6 +205,21 @@ def test_a_user_error_in_several_processes_is_one_clear_message(tiny_llama, numb
     assert done.stderr.count("error: Data file not found") == 1, done.stderr  # said once, not by each process
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr
     assert "error: the run stopped in its 2 processes (the message is above)." in done.stderr
+
+
+def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_out(capsys):
+    """A run directory in use: the main process stops with its error, and the other one's barrier breaks, with a
+    `[rank1]:` traceback that was printed after the error (torch's prefix escaped the filter). Alone (a crash of
+    its own) such a traceback is shown."""
+    from peftkit.distributed import _relay
+
+    error = "error: export.output_dir /r is in use by another peftkit run (process 7 on vm). Wait for it ...\n"
+    trace = ["[rank1]: Traceback (most recent call last):\n", '[rank1]:   File "train.py", line 228, in train\n',
+             "[rank1]: RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:62683.\n"]
+    assert _relay(iter([error, *trace]))
+    assert capsys.readouterr().err == error
+    assert not _relay(iter(trace))
+    assert capsys.readouterr().err == "".join(trace)
 
 
 def test_the_process_group_waits_trainers_timeout_and_ddp_looks_for_unused_parameters_only_when_needed(
