@@ -1,5 +1,6 @@
 """Data-parallel training in real processes (accelerate's launcher, torch DDP over gloo on the CPU)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -60,6 +61,15 @@ def _exited(pids: list[int], timeout: float = 60.0) -> bool:
     while time.time() < deadline and any(_running(p) for p in pids):
         time.sleep(0.05)
     return not any(_running(p) for p in pids)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, and wait until they have exited."""
+    tree = _tree(pid)
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    _exited(tree)
 
 
 def _newest_step(run: Path) -> int:
