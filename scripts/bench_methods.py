@@ -62,7 +62,12 @@ NO_PEFT = {"bottleneck"}  # peftkit's own layout: the peft column stays empty
 def bench_recipe(args, workdir: Path, name: str):
     """The recipe of method `name`: bench_train's, with the method's adapter, lr and the eval split."""
     recipe = recipe_for(args, workdir, training={"lr": BENCH[name]["lr"]})
-    recipe.adapter = BENCH[name]["adapter"]
+    adapter = dict(BENCH[name]["adapter"])
+    if name == "adalora":  # its warm-up and final phases cut to fit a short run (--ab runs few steps), as peftkit needs
+        steps = recipe.training.max_steps  # tinit + tfinal below it, and the final allocation after step 1
+        adapter["tfinal"] = min(adapter["tfinal"], max(steps - 2, 0) // 2)
+        adapter["tinit"] = min(adapter["tinit"], max(steps - 1 - adapter["tfinal"], 0))
+    recipe.adapter = adapter
     recipe.data.eval = str(workdir / "eval.jsonl")
     return recipe
 
