@@ -482,6 +482,12 @@ def main() -> None:
         # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except PermissionError as e:  # a file or directory of the user's that this user may not read or write
+        what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+        err_console.print(f"[bold red]error:[/] {escape(what)}: permission denied. Check that the user running "
+                          "peftkit may read it (inputs) or write there (outputs), or choose another path.",
+                          highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -28,13 +28,40 @@ class DiskFullError(PeftkitError):
 def _disk_errors(path: Path) -> Iterator[None]:
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:
+        if _out_of_space(e, path):
             raise DiskFullError(
                 f"No space left on the device while writing {path}. The previous version of it, if any, is "
                 "intact; free some disk space, or write somewhere else."
             ) from e
+        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+            raise DiskFullError(
+                f"{path} would be larger than this process may write (File too large: a file-size limit such as "
+                "`ulimit -f`). The previous version of it, if any, is intact; raise the limit, or write somewhere else."
+            ) from e
         raise
+
+
+_FULL = ("No space left on device", "Disk quota exceeded")
+_SHORT_WRITE = ("iostream error", "unexpected pos", "file write failed")
+
+
+def _out_of_space(error: Exception, path: Path) -> bool:
+    """Whether `error`, raised writing `path`, means the disk (or quota) is full. Libraries that write files
+    themselves say it their own way: safetensors as "No space left on device (os error 28)" in a SafetensorError,
+    torch.save as a short write of its zip writer ("basic_ios::clear: iostream error", "unexpected pos N vs M"),
+    which is taken as a full disk when the filesystem has less than 1 MiB left."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    if any(words in text for words in _FULL):
+        return True
+    if not any(words in text for words in _SHORT_WRITE):
+        return False
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    with contextlib.suppress(OSError):
+        return existing is not None and shutil.disk_usage(existing).free < 1 << 20
+    return False
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,7 +135,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` (old contents removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    with _disk_errors(path):
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         _as_created(tmp, directory=True)
         with _disk_errors(path):

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -219,12 +220,25 @@ def clear_run(out: Path) -> None:
     """Remove what an earlier run wrote into `out` (RUN_ENTRIES only), before a fresh run writes its own."""
     if not is_run(out):
         return
-    for name in RUN_ENTRIES:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
+    # Moved aside first, each a rename in `out`, so that an entry this user may not move (or a failure midway) leaves
+    # the earlier run whole, not half deleted: what was moved goes back and the error names the entry.
+    aside = Path(tempfile.mkdtemp(dir=out, prefix=".peftkit-replaced-"))
+    moved = []
+    try:
+        for name in RUN_ENTRIES:
+            if (out / name).exists() or (out / name).is_symlink():
+                os.replace(out / name, aside / name)
+                moved.append(name)
+    except OSError as e:
+        for name in moved:
+            os.replace(aside / name, out / name)
+        aside.rmdir()
+        raise PeftkitError(f"--overwrite: {out / name} cannot be moved out of the way "
+                           f"({e.strerror}); the earlier run in {out} is left as it was. Fix its permissions, or "
+                           "choose another export.output_dir.") from None
+    shutil.rmtree(aside, onerror=lambda *_: None)
+    if aside.exists():
+        warnings.warn(f"the earlier run's files in {aside} could not all be deleted; remove them by hand", stacklevel=2)
 
 
 def truncate_metrics(path: Path, step: int, final_step: int) -> None:

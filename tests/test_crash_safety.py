@@ -47,6 +47,34 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in ckpt.parent.iterdir()] == ["step-00000004"]
 
 
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real filesystem of 256 KiB with all but 12 KiB taken (a tmpfs: needs the right to mount, root in CI)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (mount / "filler").write_bytes(b"\0" * (256 - 12) * 1024)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)  # lazy: a file a failed writer left open
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_a_library_writing_onto_a_full_disk_is_a_disk_full_error(writer, full_disk):
+    """safetensors and torch.save write checkpoint files themselves and report a full disk in their own words
+    (a SafetensorError "No space left on device (os error 28)"; a RuntimeError of torch's zip writer, "unexpected
+    pos"): they came out as tracebacks, where an OSError was the clear error; the half-written directory is gone."""
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.arange(64 * 1024, dtype=torch.float32)}  # 256 KiB
+    with pytest.raises(PeftkitError, match=r"^No space left on the device while writing .*step-00000002\. The previous"):
+        with atomic_directory(full_disk / "step-00000002") as d:
+            save_file(tensors, d / "adapter_model.safetensors") if writer == "safetensors" else torch.save(tensors, d / "s.pt")
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
 def _exploding(tmp_path, tiny_llama, number_data, policy, lr=3e38):
     # SGD without clipping: at lr 3e38 the first step makes the model's outputs overflow (the loss is then NaN); at
     # lr 1e4 the gradients overflow at step 3 while the loss is still finite.

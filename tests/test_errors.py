@@ -8,6 +8,7 @@ parts of the message a user needs: what is wrong, where, and what to do instead.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from peftkit import fileio
 from peftkit.data import load_examples, load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig, load_recipe
@@ -792,3 +794,63 @@ def test_fixing_a_recipe_after_a_data_error_is_not_refused(assets, tmp_path):
     with pytest.raises(PeftkitError, match="nothing left to learn"):
         train(load_recipe(path, ["data.max_length=16"]), console=_quiet())
     train(load_recipe(path), console=_quiet())  # the fix: the default max_length of the helper, 128
+
+
+# ------------------------------------------------------------------------------------------ permissions, limits
+
+
+def _unprivileged(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`peftkit ARGS` as a user whom file modes bind: root keeps its capabilities to override them unless dropped."""
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root without setpriv: file modes do not bind")
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--"]
+    return subprocess.run([*prefix, sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_overwrite_that_cannot_move_an_entry_leaves_the_earlier_run_whole(assets, tmp_path):
+    """An entry the user may not move (here adapter/, read-only: a directory moves only with write access to it): --overwrite deleted the entries one by one and
+    stopped on it with a traceback, leaving a run whose manifest listed an adapter that was gone."""
+    out = tmp_path / "run"
+    shutil.copytree(assets["run"], out)
+    before = sorted(p.name for p in out.iterdir())
+    other = _run_recipe(assets["root"], out, r=4, name="overwrite.yaml")
+    (out / "adapter").chmod(0o555)
+    try:
+        done = _unprivileged("train", str(other), "--overwrite")
+    finally:
+        (out / "adapter").chmod(0o755)
+    assert done.returncode == 2, done.stderr
+    assert f"error: --overwrite: {out / 'adapter'} cannot be moved out of the way" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == before and "r: 4" not in (out / "recipe.yaml").read_text()
+
+
+def test_a_read_only_run_directory_is_a_clear_error_for_report(assets, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(assets["run"], out)
+    shutil.rmtree(out / "report", ignore_errors=True)
+    out.chmod(0o555)
+    try:
+        done = _unprivileged("report", str(out))
+    finally:
+        out.chmod(0o755)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: {out / 'report'}: permission denied." in " ".join(done.stderr.split())
+
+
+def test_a_file_size_limit_is_a_clear_error(tmp_path):
+    """`ulimit -f`: the write fails with EFBIG (Python ignores SIGXFSZ), which came out as a traceback."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+    try:
+        with pytest.raises(PeftkitError, match=r"a\.bin would be larger than this process may write \(File too large"):
+            fileio.atomic_write_bytes(tmp_path / "a.bin", b"x" * 20000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list(tmp_path.iterdir()) == []
