@@ -236,7 +236,7 @@ def clear_run(out: Path) -> None:
         raise PeftkitError(f"--overwrite: {out / name} cannot be moved out of the way "
                            f"({e.strerror}); the earlier run in {out} is left as it was. Fix its permissions, or "
                            "choose another export.output_dir.") from None
-    shutil.rmtree(aside, onerror=lambda *_: None)
+    shutil.rmtree(aside, ignore_errors=True)
     if aside.exists():
         warnings.warn(f"the earlier run's files in {aside} could not all be deleted; remove them by hand", stacklevel=2)
 
