@@ -163,9 +163,12 @@ def _changed_input(recorded: dict, now: dict) -> str | None:
     from peftkit.manifest import changed_files, changed_model_files
 
     for key in sorted(set(recorded) | set(now)):
+        if not recorded.get(key):  # nothing hashed then: a hub dataset before December 2026
+            continue
         compare = changed_model_files if key == "model.name_or_path" else changed_files
         if changed := compare(recorded.get(key, {}), now.get(key, {})):
-            return f"{key} file {changed[0][0]} {changed[0][1]}"
+            name, state = changed[0]
+            return f"{key}: the rows read from the hub {state}" if name == "rows" else f"{key} file {name} {state}"
     return None
 
 
@@ -198,15 +201,13 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
 
 
 def run_inputs(recipe) -> dict:
-    """Content hashes of the files a run trains on, by recipe key: the data (local files; a hub dataset hashes to
-    {}), the base model's weights (a hub id's in the local cache: taken after the model loaded) and the adapter a run
-    starts from (`adapter.init_from`)."""
-    from peftkit.manifest import file_hashes, model_weight_hashes
+    """Content hashes of the files a run trains on, by recipe key: the data (local files; a hub dataset's rows, as
+    read), the base model's weights (a hub id's in the local cache: taken after the model loaded) and the adapter a
+    run starts from (`adapter.init_from`)."""
+    from peftkit.manifest import data_hashes, file_hashes, model_weight_hashes
 
-    inputs = {"data.train": file_hashes(recipe.data.train),
-              "model.name_or_path": model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)}
-    if recipe.data.eval:
-        inputs["data.eval"] = file_hashes(recipe.data.eval)
+    inputs = {f"data.{split}": hashes for split, hashes in data_hashes(recipe).items()}
+    inputs["model.name_or_path"] = model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)
     if recipe.adapter.init_from:
         inputs["adapter.init_from"] = file_hashes(recipe.adapter.init_from)
     return inputs

@@ -30,7 +30,7 @@ from pydantic import (
 from peftkit import __version__
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
-from peftkit.recipe import Recipe, format_validation_error
+from peftkit.recipe import Recipe, format_validation_error, is_hub_dataset
 
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
@@ -118,12 +118,21 @@ def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[t
     return changed_files(recorded, now, frozenset() if _LATER_HASHED & recorded.keys() else _LATER_HASHED)
 
 
+def source_hashes(source: str, split: str, revision: str | None = None) -> dict[str, str]:
+    """`file_hashes` of a data file; for a hub dataset, {"rows": sha256} of the rows this process read of it
+    (`rows.HUB_ROWS`), or {} before it read them."""
+    from peftkit.data.rows import HUB_ROWS
+
+    return dict(HUB_ROWS.get((source, split, revision), {})) if is_hub_dataset(source) else file_hashes(source)
+
+
 def data_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:
-    """sha256 of the recipe's data files, by split ("train", and "eval" when the recipe has one)."""
-    data = {"train": file_hashes(recipe.data.train)}
-    if recipe.data.eval:
-        data["eval"] = file_hashes(recipe.data.eval)
-    return data
+    """sha256 of the recipe's data, by split ("train", and "eval" when the recipe has one): `source_hashes`."""
+    data = recipe.data
+    hashes = {"train": source_hashes(data.train, data.train_split, data.revision)}
+    if data.eval:
+        hashes["eval"] = source_hashes(data.eval, data.eval_split, data.revision)
+    return hashes
 
 
 def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:

@@ -135,7 +135,7 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
 
     cfg = recipe.data
     tok = load_tokenizer(recipe.model)
-    rows, bad, line_numbers = load_rows(cfg.train, cfg.train_split, cfg.on_bad_rows)
+    rows, bad, line_numbers = load_rows(cfg.train, cfg.train_split, cfg.on_bad_rows, cfg.revision)
     tasks = recipe_reads_tasks(recipe)
     shown = list(islice((b for b in build_examples(tok, rows, cfg, cfg.train, line_numbers, tasks=tasks)
                          if b is not None), n))

@@ -39,7 +39,7 @@ from peftkit.manifest import (
     output_hashes,
     read_manifest,
 )
-from peftkit.recipe import Recipe
+from peftkit.recipe import Recipe, is_hub_dataset
 from peftkit.reproduced import differences
 
 
@@ -151,7 +151,7 @@ def _input_differences(manifest: Manifest) -> list[str]:
     now, recorded = data_hashes(recipe), manifest.data_sha256
     for split in sorted(now.keys() | recorded.keys()):
         path = recipe.data.train if split == "train" else recipe.data.eval
-        if now.get(split) == recorded.get(split):
+        if now.get(split) == recorded.get(split) or (path and is_hub_dataset(path)):  # a hub one's: after the re-run
             continue
         if now.get(split) == {}:
             out.append(f"data.{split}: {path} no longer exists (it was hashed when the run was made)")
@@ -196,7 +196,20 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         out = differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
         if not Path(recipe.model.name_or_path).is_absolute():  # a hub id: the files the re-run loaded
             out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe) + out
-        return out
+        return _hub_data_differences(manifest.data_sha256, rerun.data_sha256, recipe) + out
+
+
+def _hub_data_differences(recorded: dict, now: dict, recipe: Recipe) -> list[str]:
+    """The hub datasets whose rows, as the re-run read them, differ from the recorded digest (a record without one,
+    from before December 2026, is not compared)."""
+    out = []
+    for split, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        if source and is_hub_dataset(source) and recorded.get(split) and recorded[split] != now.get(split):
+            revision = recipe.data.revision or "main"
+            pin = "" if re.fullmatch(r"[0-9a-f]{40}", revision) else ", a branch that has moved: pin data.revision to a commit"
+            out.append(f"data.{split}: the rows the re-run read from hub dataset '{source}' (revision '{revision}') "
+                       f"differ from the recorded ones{pin}")
+    return out
 
 
 def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:

@@ -4,16 +4,20 @@ snapshots of commits, refs of branches), by huggingface_hub and transformers the
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
+from peftkit.checkpoint import _changed_input
+from peftkit.data.rows import rows_digest
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
 from peftkit.manifest import changed_model_files, model_weight_hashes
 from peftkit.recipe import load_recipe
+from peftkit.tiny import number_rows, write_jsonl
 from peftkit.train import train
 from peftkit.verify import verify
 from tests.conftest import make_recipe
@@ -91,3 +95,76 @@ def test_a_record_without_hashes_is_not_a_change():
     """Runs on a hub id recorded {} before its files were hashed: nothing to compare, not every file new."""
     assert changed_model_files({}, {"model.safetensors": "0" * 64}) == []
     assert changed_model_files({"model.safetensors": "0" * 64}, {}) == [("model.safetensors", "is gone")]
+
+
+DATASET = "acme/numbers"
+
+
+def _publish_dataset(cache: Path, rows: list[dict], commit: str, tmp_path: Path) -> None:
+    """Put `rows` in the datasets cache as commit `commit` of DATASET, as a load of it from the hub leaves them (its
+    prepared arrow file and info); offline, `datasets` reads the newest commit there (whatever the revision asked)."""
+    import shutil
+
+    import datasets
+
+    source = tmp_path / f"rows-{commit[:4]}.jsonl"
+    write_jsonl(source, rows)
+    built = datasets.load_dataset("json", data_files=str(source), split="train", cache_dir=str(tmp_path / commit[:4]))
+    prepared = Path(built.cache_files[0]["filename"]).parent
+    target = cache / DATASET.replace("/", "___") / "default" / "0.0.0" / commit
+    target.mkdir(parents=True)
+    info = json.loads((prepared / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps(info | {"dataset_name": DATASET.split("/")[1]}))
+    shutil.copy(prepared / "json-train.arrow", target / f"{DATASET.split('/')[1]}-train.arrow")
+    os.utime(target, (time.time() + len(os.listdir(target.parent)), ) * 2)  # the newest commit is the newest dir
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch) -> Path:
+    """An offline datasets cache holding number rows as DATASET's main."""
+    import datasets
+
+    cache = tmp_path / "datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    _publish_dataset(cache, number_rows(64, seed=1), "a" * 40, tmp_path)
+    return cache
+
+
+def test_a_hub_datasets_rows_are_recorded_and_other_rows_are_refused_on_resume_and_reported_by_verify(
+        hub_dataset, tiny_llama, number_data, tmp_path):
+    """A hub dataset has no file of its own to hash, and runs on one recorded {}: --resume continued on whatever
+    main had become, and verify could not say why a loss diverged. A run records a digest of the rows it read."""
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, {"train": DATASET, "eval": number_data["eval"]},
+                                     training={"max_steps": 2, "save_steps": 2}))
+    train(recipe)
+    run = tmp_path / "run"
+    expected = {"rows": rows_digest(number_rows(64, seed=1))}
+    assert json.loads((run / "manifest.json").read_text())["data_sha256"]["train"] == expected
+    checksums = json.loads((run / "checkpoints" / "step-00000002" / "checksums.json").read_text())
+    assert checksums["inputs"]["data.train"] == expected
+    assert verify(run).ok
+
+    rows = number_rows(64, seed=1)
+    rows[5]["output"] = "five"
+    _publish_dataset(hub_dataset, rows, "b" * 40, tmp_path)
+    with pytest.raises(PeftkitError, match="data.train: the rows read from the hub changed since checkpoint "
+                                           "step-00000002 was written"):
+        train(recipe, resume=True)
+    report = verify(run)
+    assert not report.ok
+    assert (f"data.train: the rows the re-run read from hub dataset '{DATASET}' (revision 'main') differ from the "
+            "recorded ones, a branch that has moved: pin data.revision to a commit") in report.differences
+
+
+def test_a_record_without_rows_is_not_a_change_on_resume():
+    """A checkpoint from before the rows were hashed holds {} for a hub dataset: nothing to compare."""
+    assert _changed_input({"data.train": {}}, {"data.train": {"rows": "0" * 64}}) is None
+    assert _changed_input({"data.train": {"rows": "1" * 64}}, {"data.train": {"rows": "0" * 64}}) == (
+        "data.train: the rows read from the hub changed")
+
+
+def test_data_revision_of_local_files_is_a_recipe_error(tiny_llama, number_data, tmp_path):
+    with pytest.raises(PeftkitError, match=r"data.revision: a revision of a hub dataset, and data.train and "
+                                           r"data.eval are local files; remove data.revision"):
+        load_recipe(make_recipe(tmp_path, tiny_llama, number_data, data={"revision": "main"}))

@@ -110,7 +110,7 @@ def load_classification(tok, source: str, split: str, cfg: DataConfig, labels: L
                         num_labels: int | None = None) -> tuple[list[Example], dict, LabelSet]:
     """The examples of `source`, the counts `describe_stats` prints, and the classes: `labels` when given (an eval
     set, mapped to the training classes), else read from these rows (data.train) with `num_labels`."""
-    rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows)
+    rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     usable = usable_rows(rows, cfg, source, line_numbers)
     if not usable:
         raise PeftkitError(f"{source} has no usable rows for data.format 'classification' ({len(rows)} rows, "

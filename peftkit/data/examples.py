@@ -326,7 +326,7 @@ def truncation_error(first: BuiltExample, count: int, longest: int, cfg: DataCon
 
 def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False) -> tuple[list[Example], dict]:
     """The examples of `source` and their counts (`tokenize_rows`); `tasks`: read the rows' `task` column."""
-    rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows)
+    rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
     if tasks and len({e.task_id is None for e in examples}) > 1:  # a batch would fail mid-training
         raise PeftkitError(f"{source}: some rows have a 'task' field and some do not; give every row its task id.")

@@ -77,7 +77,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         raise PeftkitError(f"data.format 'text' has no prompt to generate from in {source} (every token is target). "
                            "Use data in the alpaca, completion or chat format (with peftkit generate, --prompt also works; "
                            "with peftkit eval, so does leaving out the generation metrics).")
-    rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows)
+    rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     prompts = []
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:

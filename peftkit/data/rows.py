@@ -3,12 +3,13 @@ an error naming its line, or skipped and counted (data.on_bad_rows)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.recipe import DATA_EXTENSIONS
+from peftkit.recipe import DATA_EXTENSIONS, is_hub_dataset
 
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
                    "text": ("text",), "classification": ("text", "label")}
@@ -65,15 +66,30 @@ def _generation_error() -> type[Exception]:
     return DatasetGenerationError
 
 
-def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list[dict], int, list[int] | None]:
-    """Rows of a local file or hub dataset; returns (rows, bad_rows_skipped, line number of each row or None).
+HUB_ROWS: dict[tuple[str, str, str | None], dict[str, str]] = {}
+"""{(hub id, split, revision): {"rows": sha256}} of the hub datasets this process has read: a hub dataset has no
+file of its own to hash, so a run records a digest of the rows it read (`data_hashes`)."""
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """sha256 of rows as canonical JSON, one row a line (a value JSON has no form for counts by its repr)."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=repr).encode("utf-8", "surrogatepass"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def load_rows(source: str, split: str, on_bad_rows: str = "error",
+              revision: str | None = None) -> tuple[list[dict], int, list[int] | None]:
+    """Rows of a local file or hub dataset (at `revision`); returns (rows, bad_rows_skipped, line number of each row
+    or None).
 
     A .jsonl file is parsed here line by line so a malformed line is reported by number; other formats go
     through `datasets.load_dataset` (imported only for them: it takes 0.7 s of a process's start).
     """
     path = Path(source)
-    is_file = path.is_absolute() or path.suffix.lower() in DATA_EXTENSIONS
-    if is_file:
+    if not is_hub_dataset(source):
         if not path.exists():
             raise PeftkitError(f"Data file not found: {source}. Check the path: a relative one is resolved against the "
                                "recipe's directory in a recipe (data.train, data.eval), against the current "
@@ -106,13 +122,16 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error") -> tuple[list
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, split=split, revision=revision)
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "could not get it"
+        at = f" at revision '{revision}'" if revision else ""
         raise PeftkitError(
-            f"Could not load dataset '{source}' (split '{split}') from the hub: {e}. For a local file, give a path "
+            f"Could not load dataset '{source}' (split '{split}'{at}) from the hub: {e}. For a local file, give a path "
             "with its extension (.jsonl, .json, .csv, .parquet)."
         ) from None
-    return list(ds), 0, None
+    rows = list(ds)
+    HUB_ROWS[(source, split, revision)] = {"rows": rows_digest(rows)}
+    return rows, 0, None
 
 
 def _read_options(path: Path, kind: str) -> dict:

@@ -30,11 +30,12 @@ from peftkit.recipe.schema import (
     Section,
     TargetRegex,
     TrainingConfig,
+    is_hub_dataset,
 )
 
 __all__ = [
     "DATA_EXTENSIONS", "MAX_DEPTH", "MAX_MESSAGES", "MAX_RECIPE_BYTES", "MAX_VALUES", "AdapterConfig", "DataConfig",
     "DType", "EvalConfig", "ExportConfig", "ModelConfig", "QuantizationConfig", "Recipe", "RopeScalingConfig",
     "Section", "TargetRegex",
-    "TrainingConfig", "format_validation_error", "load_recipe",
+    "TrainingConfig", "format_validation_error", "is_hub_dataset", "load_recipe",
 ]

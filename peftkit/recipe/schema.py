@@ -4,6 +4,7 @@ the rest of peftkit reads typed fields, never `dict.get(key, default)`)."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -15,6 +16,13 @@ from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by 
 
 DType = Literal["float32", "bfloat16", "float16"]
 DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def is_hub_dataset(source: str) -> bool:
+    """Whether data.train / data.eval names a hub dataset: not an absolute path (a recipe's data files are made
+    absolute when it loads) and without a data file's extension."""
+    path = Path(source)
+    return not path.is_absolute() and path.suffix.lower() not in DATA_EXTENSIONS
 
 
 class LongContextConfig(Section):
@@ -95,6 +103,9 @@ class DataConfig(Section):
     """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
     eval: str | None = None
     """Same forms as `train`; omit to skip evaluation."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of `train` and `eval` when they are hub datasets. A run records a digest
+    of the rows it read, so `--resume` and `verify` tell when a branch has moved; pin a commit to read the same rows."""
     format: Literal["alpaca", "chat", "completion", "text", "classification"] = "alpaca"
     """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text;
     classification: text, label and optional text_pair (model.task: sequence_classification)."""
@@ -283,6 +294,10 @@ class Recipe(Section):
                 "row's reference, and data.format 'text' has no prompt or reference (every token is target); "
                 "remove eval.metrics or use the alpaca, completion or chat format"
             )
+        if self.data.revision and not any(source and is_hub_dataset(source) for source in (self.data.train,
+                                                                                           self.data.eval)):
+            raise ValueError("data.revision: a revision of a hub dataset, and data.train and data.eval are local "
+                             "files; remove data.revision")
         _check_task(self)
         _check_long_context(self)
         self._check_selection()
