@@ -139,7 +139,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         _as_created(tmp, directory=True)
-        with _disk_errors(path):
+        with _disk_errors(path), _named_as(tmp, path):
             yield tmp
             for f in tmp.rglob("*"):
                 if f.is_file():
@@ -161,6 +161,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _named_as(tmp: Path, path: Path) -> Iterator[None]:
+    """A full disk met by a write inside `tmp` (an atomic write of a file in it) is said of `path`, the directory
+    the user asked for: `tmp` is gone by the time they read it."""
+    try:
+        yield
+    except DiskFullError as e:
+        raise DiskFullError(str(e).replace(str(tmp), str(path))) from e.__cause__
 
 
 def _remove(path: Path) -> None:

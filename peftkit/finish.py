@@ -67,7 +67,7 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
         exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter}), run.targets, out,
                           run.method_trainer, run.labels, weights)
     except DiskFullError as e:
-        raise DiskFullError(f"{e} Training itself finished; {run.resume_hint()}") from None
+        raise DiskFullError(f"{e} Training itself finished. {run.resume_hint()}") from None
     if prompts:
         samples = run.summary.get("samples") or [{"prompt": p.text, "reference": p.reference} for p in prompts]
         for sample, text in zip(samples, texts, strict=True):

@@ -10,6 +10,7 @@ against, so that a merge dequantizes the same 4-bit weights; the base's RoPE sca
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ from peftkit import __version__
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_write_bytes, atomic_write_json
 from peftkit.methods import Method, method_for_peft_type, method_of
-from peftkit.methods.base import REEXPORT, PeftConfigBase
+from peftkit.methods.base import REEXPORT, PeftConfigBase, is_set
 from peftkit.recipe import AdapterConfig, QuantizationConfig, RopeScalingConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -259,13 +260,15 @@ or the wrapper's) or that peftkit derives from the model (`fan_in_fan_out`); a m
 def check_peft_fields(method: type[Method], raw: dict, config_file: Path) -> None:
     """Refuse a set `UNSUPPORTED_FEATURES` field of adapter_config.json; warn of a set field that peftkit does not know
     (a newer peft's), which is ignored: if it changes the outputs, they differ from peft's."""
-    def is_set(value) -> bool:
-        return value not in (None, False, "", [], {}, "none")
-
     for key, what in UNSUPPORTED_FEATURES.items():
         if is_set(raw.get(key)):
             raise PeftkitError(f"{config_file}: '{key}' is {json.dumps(raw[key])}: {what}; peftkit does not implement "
                                "it, and loading the adapter without it would give outputs other than peft's.")
+    if raw.get("ensure_weight_tying") is True and (embeddings := _embeddings_adapted(raw)):
+        raise PeftkitError(f"{config_file}: 'ensure_weight_tying' is true and the adapter covers {embeddings}: peft "
+                           "then gives a model's tied output embeddings the same adapter as its input embeddings; "
+                           "peftkit does not implement that tying, and loading the adapter without it would give "
+                           "outputs other than peft's.")
     unknown = sorted(k for k, v in raw.items() if is_set(v) and k not in method.peft_config.model_fields
                      and k not in PEFT_BOOKKEEPING)
     if unknown:
@@ -274,9 +277,27 @@ def check_peft_fields(method: type[Method], raw: dict, config_file: Path) -> Non
                       stacklevel=2)
 
 
+def _embeddings_adapted(raw: dict) -> str:
+    """The embedding layers (peft's names for those it ties) that an adapter's targets or modules_to_save name."""
+    targets, saved = raw.get("target_modules"), raw.get("modules_to_save") or []
+    names = [*(targets if isinstance(targets, list) else []), *saved]
+    hits = [e for e in ("embed_tokens", "lm_head") if any(n.rsplit(".", 1)[-1] == e for n in names)
+            or isinstance(targets, str) and re.fullmatch(targets, e)]
+    return " and ".join(hits)
+
+
 def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitError:
-    """The error for a safetensors file that cannot be read: truncated by an interrupted copy, or overwritten."""
-    size = file.stat().st_size if file.exists() else 0
+    """The error for a safetensors file that cannot be read: truncated by an interrupted copy, or overwritten; or
+    one this user may not read (safetensors says "No such file or directory" of it too)."""
+    try:
+        with open(file, "rb"):
+            pass
+    except PermissionError:
+        return PeftkitError(f"{file} is not readable (permission denied). Ask for read access to it, or copy it "
+                            "somewhere you can read.")
+    except FileNotFoundError:
+        return PeftkitError(f"{file} is missing (a link to a file that is gone?). {fix}.")
+    size = file.stat().st_size
     return PeftkitError(f"{file} is truncated or corrupt ({size:,} bytes; safetensors says: {error}). {fix}.")
 
 

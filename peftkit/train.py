@@ -183,7 +183,8 @@ class _Run:
         """Where a run stopped by something outside it (a full disk) continues."""
         ckpts = checkpoint_dirs(self.out)
         if not ckpts:
-            return "No checkpoint was written yet, so the run starts again from step 0 (set training.save_steps)."
+            unset = "" if self.cfg.training.save_steps else " (set training.save_steps to write checkpoints)"
+            return f"No checkpoint was written yet, so the run starts again from step 0{unset}."
         return f"The newest whole checkpoint is {ckpts[-1].name}: continue with `peftkit train RECIPE --resume`."
 
     def log(self, record: dict) -> None:

@@ -854,3 +854,15 @@ def test_a_file_size_limit_is_a_clear_error(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_weights_file_is_said_to_be_unreadable(assets, tmp_path):
+    """safetensors says "No such file or directory" of a file it may not open, which came out as "truncated or
+    corrupt ... Copy or download the model again"."""
+    model = tmp_path / "model"
+    shutil.copytree(assets["narrow"], model)
+    (model / "model.safetensors").chmod(0o000)
+    done = _unprivileged("eval", "--model", str(model), "--data", str(assets["root"] / "train.jsonl"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert (f"error: {model / 'model.safetensors'} is not readable (permission denied). Ask for read access to it, "
+            "or copy it somewhere you can read.") in " ".join(done.stderr.split())

@@ -37,8 +37,8 @@ def _load(path: Path) -> torch.nn.Module:
 def _peft_lora(base: Path, out: Path, **config) -> Path:
     """A peft LoRA far from identity (init_lora_weights=False: B is drawn too), saved by peft."""
     torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                 **{"init_lora_weights": False} | config))
+    config = {"target_modules": ["q_proj", "v_proj"], "init_lora_weights": False} | config
+    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, **config))
     model.eval().save_pretrained(out)
     return out
 
@@ -101,3 +101,48 @@ def test_inits_that_keep_the_base_load_with_peft_numbers(init, tiny_llama, tmp_p
         diff = (ours(IDS).logits - reference(IDS).logits).abs().max()
         assert (reference(IDS).logits - _load(tiny_llama)(IDS).logits).abs().max() > 0.1  # a change to check
     assert float(diff) <= 1e-5
+
+
+def test_layers_to_transform_0_is_refused_by_name(tiny_llama, tmp_path):
+    """peft saves `layers_to_transform: 0` (layer 0 only) as an integer; 0 read as unset, so the adapter was wrapped
+    into every layer and refused as trained on another base model."""
+    adapter = _peft_lora(tiny_llama, tmp_path / "lora", layers_to_transform=0, layers_pattern="layers")
+    with pytest.raises(PeftkitError, match="'layers_to_transform' is set; peftkit does not support it yet"):
+        load_adapted_model(str(tiny_llama), str(adapter))
+
+
+def test_ensure_weight_tying_on_tied_embeddings_is_refused_by_name(tmp_path):
+    """peft gives tied output embeddings the input embeddings' adapter too (and saves more tensors): refused by name,
+    not as an adapter trained on another base model."""
+    from peftkit.tiny import build_tiny_model
+
+    base = tmp_path / "qwen2"
+    build_tiny_model(base, arch="qwen2", hidden_size=32, num_layers=1, seed=0)
+    assert _load(base).config.tie_word_embeddings
+    adapter = _peft_lora(base, tmp_path / "lora", target_modules=["embed_tokens"], ensure_weight_tying=True)
+    with pytest.raises(PeftkitError, match="'ensure_weight_tying' is true and the adapter covers embed_tokens: peft"):
+        load_adapted_model(str(base), str(adapter))
+
+
+def test_a_module_in_target_modules_and_modules_to_save_is_trained_in_full_as_in_peft(tiny_llama, tmp_path):
+    """peft puts no adapter on a module that modules_to_save trains in full (its copy wins); peftkit wrapped it too and
+    refused peft's adapter for its missing lora_A/lora_B."""
+    adapter = _peft_lora(tiny_llama, tmp_path / "lora", target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+        model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # a copy that differs from the base
+        model.save_pretrained(adapter)
+        reference = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()(IDS).logits
+        ours = load_adapted_model(str(tiny_llama), str(adapter))[0]
+        assert (reference - _load(tiny_llama)(IDS).logits).abs().max() > 0.05
+        torch.testing.assert_close(ours(IDS).logits, reference, atol=1e-6, rtol=0)
+
+
+def test_a_recipe_target_that_modules_to_save_trains_in_full_is_an_error(tiny_llama, tmp_path):
+    from peftkit.adapters import inject_adapters
+    from peftkit.methods.lora import LoraConfig
+
+    cfg = LoraConfig(target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
+    with pytest.raises(PeftkitError, match="adapter.target_modules entry 'lm_head' names modules that "
+                                           "adapter.modules_to_save trains in full"):
+        inject_adapters(_load(tiny_llama), cfg)

@@ -366,9 +366,14 @@ def _fail_fsync_under(fragment: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("where, hint", [
-    (".step-00000002.", "No checkpoint was written yet, so the run starts again from step 0"),
+    (".step-00000002.", "run/checkpoints/step-00000002. The previous version of it, if any, is intact; free some disk "
+                        "space, or write somewhere else. No checkpoint was written yet, so the run starts again from "
+                        "step 0."),  # training.save_steps is set: no hint to set it
     (".step-00000004.", "The newest whole checkpoint is step-00000002: continue with `peftkit train RECIPE --resume`."),
-    (".adapter.", "Training itself finished; The newest whole checkpoint is step-00000006"),
+    # named as the adapter directory, not the temporary one it was written in (gone when the user reads this)
+    (".adapter.", "run/adapter/adapter_config.json. The previous version of it, if any, is intact; free some disk "
+                  "space, or write somewhere else. Training itself finished. The newest whole checkpoint is "
+                  "step-00000006"),
 ])
 def test_disk_full_while_checkpointing_or_exporting(tiny_llama, number_data, tmp_path, monkeypatch, where, hint):
     _fail_fsync_under(where, monkeypatch)

@@ -127,7 +127,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             p.requires_grad_(False)
         method.install(model, cfg)
         return []
-    names = method.select_targets(model, cfg, every_entry)
+    names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry)
     for p in model.parameters():
         p.requires_grad_(False)
     layers = []
@@ -152,6 +152,21 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         for p in module.parameters():
             p.requires_grad_(True)
     return names
+
+
+def _outside_saved(names: list[str], cfg: AdapterConfig, every_entry: bool) -> list[str]:
+    """`names` without the modules `cfg.modules_to_save` trains in full and those inside them, as peft decides (its
+    copy of such a module holds no adapter). A recipe's target_modules entry that only names such modules is an
+    error (`every_entry`): it would adapt nothing."""
+    saved = getattr(cfg, "modules_to_save", None) or []
+    inside = {n for n in names if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)}
+    if every_entry and inside and isinstance(getattr(cfg, "target_modules", None), list):
+        for entry in cfg.target_modules:
+            if all(n in inside for n in names if _suffix_match(n, entry)):
+                raise PeftkitError(f"adapter.target_modules entry {entry!r} names modules that adapter.modules_to_save "
+                                   "trains in full, which then get no adapter (as in peft); remove it from one of "
+                                   "the two.")
+    return [n for n in names if n not in inside]
 
 
 def share_tensors(method: type[Method], cfg: AdapterConfig, layers: list[AdapterLayer]) -> None:

@@ -180,11 +180,19 @@ class MethodTrainer:
         return cfg, state
 
 
+def is_set(value: Any) -> bool:
+    """Whether an adapter_config.json field holds a setting: not null, false, empty or "none" (0 is one:
+    `layers_to_transform: 0` adapts layer 0)."""
+    if value is None or value is False:
+        return False
+    return not isinstance(value, str | list | tuple | dict) or value not in ("", "none") and len(value) > 0
+
+
 def refuse_unsupported(peft: BaseModel, config_file: Path, keys: tuple[str, ...], what: str = "peftkit") -> None:
     """A PEFT feature peftkit does not implement is refused, never silently ignored: any of `keys` set, or a
     `bias` other than 'none' (for a config that has the field)."""
     for key in keys:
-        if getattr(peft, key):
+        if is_set(getattr(peft, key)):
             raise PeftkitError(f"{config_file}: '{key}' is set; {what} does not support it yet.")
     if getattr(peft, "bias", "none") != "none":
         raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
