@@ -106,8 +106,11 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
     console.print(f"# {recipe}: valid", style="green")
     # A value the recipe's rules take for a local path (not a hub id) should be there: train would stop at it. A
     # warning, not an error: the recipe may be meant for another machine.
+    adapter = resolved.adapter
+    fused = [(f"adapter.fuse[{i}]", value) for i, value in enumerate(getattr(adapter, "fuse", None) or [])]
     for key, value in (("model.name_or_path", resolved.model.name_or_path), ("data.train", resolved.data.train),
-                       ("data.eval", resolved.data.eval)):
+                       ("data.eval", resolved.data.eval), *fused,
+                       ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
         if value and Path(value).is_absolute() and not Path(value).exists():
             err_console.print(f"[yellow]warning:[/] {key} {value} does not exist here (a relative path is resolved "
                               "against the recipe's directory); train would stop at it.", highlight=False)

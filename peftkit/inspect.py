@@ -32,6 +32,9 @@ from peftkit.peft_format import (
 # for modules_to_save.
 _LAYER_EXTRAS = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
+_VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling"}
+"""adapter_config.json's flags that make a LoRA one of its variants, and the variant's name."""
+
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
 
 
@@ -46,7 +49,9 @@ def inspect_adapter(path: str | Path) -> dict:
     for a method without a rank, IA3), modules_to_save, trainable_params, adapter_params, saved_params (differs
     from trainable_params where an encoder's output is saved: P-tuning), base_copies, shared ({saved:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
-    methods), dtypes, size_on_disk, quantization, trust_remote_code, vllm ({accepts, reasons, caveats}).
+    methods), dtypes, size_on_disk, quantization, rope_scaling ({type, factor} recorded in peftkit.json, or null),
+    trust_remote_code, variants (LoRA's: "DoRA", "rsLoRA scaling"), virtual_tokens (the prompt family's count; null
+    for other methods), vllm ({accepts, reasons, caveats}).
     """
     path = Path(path)
     weights_file = check_adapter_dir(path)
@@ -84,7 +89,10 @@ def inspect_adapter(path: str | Path) -> dict:
         "dtypes": sorted(dtypes),
         "size_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "quantization": meta.quantization.model_dump() if meta.quantization else None,
+        "rope_scaling": meta.rope_scaling.model_dump() if meta.rope_scaling else None,
         "trust_remote_code": meta.trust_remote_code,
+        "variants": [name for key, name in _VARIANTS.items() if raw.get(key)],
+        "virtual_tokens": None if method.layer_targets else raw.get("num_virtual_tokens"),
     }
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     return info
@@ -228,11 +236,14 @@ def describe(info: dict) -> list[str]:
     if info["revision"]:
         base += f" @ {info['revision']}"
     modules = ", ".join(f"{name} x{n}" for name, n in info["targets"]["modules"].items())
+    variants = "".join(f", {v}" for v in info["variants"])
+    targets = (f"targets        {info['targets']['count']} modules: {modules}" if info["virtual_tokens"] is None
+               else f"targets        the whole model: {info['virtual_tokens']} virtual tokens")
     lines = [
         f"adapter        {info['path']}",
-        f"method         {info['method']} (peft_type {info['peft_type']})",
+        f"method         {info['method']}{variants} (peft_type {info['peft_type']})",
         f"base model     {base}",
-        f"targets        {info['targets']['count']} modules: {modules}",
+        targets,
     ]
     ranks = info["ranks"]
     if ranks is not None:
@@ -249,8 +260,9 @@ def describe(info: dict) -> list[str]:
     if info["modules_to_save"]:
         lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
     trainable, saved = info["trainable_params"], info["saved_params"]
+    where = "adapter layers" if info["virtual_tokens"] is None else "virtual tokens' table"
     lines += [
-        f"parameters     {trainable:,} trainable ({info['adapter_params']:,} in the adapter layers)" if trainable == saved
+        f"parameters     {trainable:,} trainable ({info['adapter_params']:,} in the {where})" if trainable == saved
         else f"parameters     {trainable:,} trainable; {saved:,} saved (the prompt encoder's output: training's encoder "
              "is not saved)",
         *([f"base copies    {', '.join(info['base_copies'])}: frozen base weights saved beside the adapter, not "
@@ -262,6 +274,9 @@ def describe(info: dict) -> list[str]:
     q = info["quantization"]
     lines.append(f"quantization   {q['method']} (double_quant {q['double_quant']}, compute {q['compute_dtype']})" if q
                  else "quantization   none recorded (trained on an unquantized base, or not by peftkit)")
+    if rope := info["rope_scaling"]:
+        lines.append(f"rope scaling   {rope['type']}, factor {rope['factor']:g}: peftkit loads the base so wherever the "
+                     "adapter is used (peftkit.json); peft does not read it, so scale the base's RoPE there too")
     if info["trust_remote_code"]:
         lines.append("remote code    the base runs its own modelling code: merge/eval need --trust-remote-code")
     if not info["peftkit_reads"]["ok"]:

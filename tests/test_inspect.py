@@ -102,8 +102,11 @@ def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):
     assert len(set(info["ranks"].values())) == 2
     assert info["quantization"] is None and not info["peftkit_reads"]["ok"]  # rank_pattern: not yet
     assert info["vllm"]["accepts"]
-    dora = inspect_adapter(_peft(tiny_llama, tmp_path / "d", r=4, target_modules=["q_proj"], use_dora=True))
+    dora = inspect_adapter(_peft(tiny_llama, tmp_path / "d", r=4, target_modules=["q_proj"], use_dora=True,
+                                 use_rslora=True))
     assert not dora["vllm"]["accepts"] and "DoRA" in dora["vllm"]["reasons"][0]
+    assert dora["variants"] == ["DoRA", "rsLoRA scaling"] and info["variants"] == []
+    assert "method         lora, DoRA, rsLoRA scaling (peft_type LORA)" in describe(dora)  # was: plain "lora"
     # The magnitude vectors (one per output feature) count with their layers, not as modules_to_save.
     assert dora["trainable_params"] == dora["adapter_params"] == 2 * (4 * (32 + 32) + 32)
 
@@ -178,3 +181,25 @@ def test_not_an_adapter_gives_load_adapters_errors(kind, tiny_llama, tmp_path, c
     with pytest.raises(PeftkitError) as theirs:
         load_adapter(path)
     assert str(theirs.value) in cli_user_error(monkeypatch, capsys, "inspect", str(path)).replace("\n", "")
+
+
+def test_prompt_tuning_s_virtual_tokens_and_a_recorded_rope_scaling(tiny_llama, tmp_path):
+    """The prompt family adapts the model as a whole: its targets line said "1 modules: (virtual tokens) x1". The RoPE
+    scaling an adapter was trained under (peftkit.json, which peft does not read) was not shown at all."""
+    from peftkit.methods.prompt_tuning import PromptTuningConfig
+    from peftkit.recipe import RopeScalingConfig
+
+    cfg = PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    inject_adapters(model, cfg)
+    config = peft_config(cfg, [], str(tiny_llama), False, model.config.model_type, model_config=model.config)
+    save_adapter(tmp_path / "pt", adapter_state_dict(model, []), config,
+                 rope_scaling=RopeScalingConfig(type="linear", factor=4))
+    info = inspect_adapter(tmp_path / "pt")
+    assert info["virtual_tokens"] == 6 and info["rope_scaling"] == {"type": "linear", "factor": 4.0}
+    lines = describe(info)
+    assert "targets        the whole model: 6 virtual tokens" in lines
+    assert any(line.startswith("rope scaling   linear, factor 4: peftkit loads the base so") for line in lines)
+    plain = inspect_adapter(_ours(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora"))
+    assert plain["virtual_tokens"] is None and plain["rope_scaling"] is None
+    assert not any(line.startswith("rope scaling") for line in describe(plain))

@@ -89,3 +89,22 @@ def test_validate_prints_every_default(tmp_path):
     # t.jsonl is a local path by its extension, and is not there (`m` may be a hub id): said, still valid.
     assert f"warning: data.train {tmp_path / 't.jsonl'} does not exist here" in " ".join(result.output.split())
     assert "warning: model.name_or_path" not in result.output
+
+
+@pytest.mark.parametrize(("adapter", "missing"), [
+    ("{method: fusion, fuse: [a, b]}", ["adapter.fuse[0] {d}/a", "adapter.fuse[1] {d}/b"]),
+    ("{method: multitask_prompt_tuning, num_tasks: 1, init: source, source_adapter: mpt}", ["adapter.source_adapter {d}/mpt"]),
+])
+def test_validate_warns_of_missing_adapter_directories(adapter, missing, tmp_path):
+    """The adapters a recipe starts from (AdapterFusion's, multitask prompt tuning's source) are paths as the model's
+    and the data's are: one that is not there is said by validate, as theirs are."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    (tmp_path / "r.yaml").write_text(f"model: {{name_or_path: m}}\ndata: {{train: t.jsonl}}\nadapter: {adapter}\n"
+                                     "export: {output_dir: o}\n")
+    result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 0, result.output
+    for key in missing:
+        assert f"warning: {key.format(d=tmp_path)} does not exist here" in " ".join(result.output.split())
