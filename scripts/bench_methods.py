@@ -213,10 +213,14 @@ def main() -> None:
     unknown = [m for m in args.methods.split(",") if m not in BENCH]
     if unknown:
         sys.exit(f"--methods: {', '.join(unknown)} not among {', '.join(BENCH)}")
+    if args.floor:
+        sys.exit("--floor: the frozen base's forward + backward is the same for every method; "
+                 "scripts/bench_train.py --floor times it")
     rows: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_methods_") as tmp:
         workdir = Path(tmp)
-        build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
+        if not args.model:  # --model: recipe_for reads that one
+            build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_data(args, workdir)
         write_jsonl(workdir / "eval.jsonl", number_rows(64, seed=2))
         if args.ab:
@@ -229,9 +233,12 @@ def main() -> None:
                 ours, theirs = both_models(recipe, name)
                 rows[name] = ab_pairs(recipe, {"peftkit": ours.train(), "peft": RealTokens(theirs.train())}, args.ab)
                 del ours, theirs
-            report_methods_ab(rows, f"Methods, {args.device}, one process: llama hidden {args.hidden} x {args.layers} "
-                              f"layers, batch {args.batch_size}, {args.steps} batches x {args.ab} rounds, torch "
-                              f"threads {torch.get_num_threads()}")
+                t = rows[name]  # as each method ends: a stopped benchmark keeps what it measured
+                print(f"{name}: peftkit / peft {paired_ratio(t['peftkit'], t['peft']):.3f}", flush=True)
+            title = (f"Methods, {args.device}, one process: {_model(args)}, batch {args.batch_size}, {args.steps} "
+                     f"batches x {args.ab} rounds, torch threads {torch.get_num_threads()}")
+            report_methods_ab(rows, title)
+            _write_json(args, title, rows)
             return
         for name in available(args, workdir, args.methods.split(",")):
             print(f"{name} ...", flush=True)
@@ -239,10 +246,23 @@ def main() -> None:
             results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides=sides, extra=("--method", name))
             rows[name] = {side: _medians([summarize(r, args.warmup) | _extra(r) for r in rs])
                           for side, rs in results.items()}
-    title = (f"Methods, {args.device}: llama hidden {args.hidden} x {args.layers} layers, batch {args.batch_size}, "
+    title = (f"Methods, {args.device}: {_model(args)}, batch {args.batch_size}, "
              f"max_length {args.max_length}, {args.steps} steps (first {max(args.warmup, 1)} untimed), "
              f"{args.repeats} run(s) per side, torch threads {args.threads or torch.get_num_threads()}")
     report(rows, args, title, args.device == "cuda")
+    _write_json(args, title, rows)
+
+
+def _model(args) -> str:
+    return args.model or f"llama hidden {args.hidden} x {args.layers} layers"
+
+
+def _write_json(args, title: str, rows: dict) -> None:
+    """--json: the table's figures (per method and side), for a note or a later comparison."""
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
 
 
 def _extra(result: dict) -> dict:

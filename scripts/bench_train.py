@@ -406,7 +406,10 @@ def spawn_sides(workdir: Path, repeats: int, fixed_mmap_threshold: bool, sides: 
             if proc.returncode != 0 or not tagged:
                 sys.exit(f"{side} side failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
             if i >= warm_first:
-                results[side].append(json.loads(tagged[-1][len(RESULT_TAG):]))
+                results[side].append(result := json.loads(tagged[-1][len(RESULT_TAG):]))
+                ends = result["step_ends"]  # as each run ends: a stopped benchmark keeps what it measured
+                print(f"  {side}: {len(ends)} steps in {ends[-1] - ends[0]:.2f} s after the first, final loss "
+                      f"{result['losses'][-1]:.4f}, peak {result['peak_mb']:,.0f} MiB", flush=True)
     return results
 
 
