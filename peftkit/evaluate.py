@@ -236,6 +236,11 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
     if job.data_cfg.format == "classification":
         _classification_job(job)
+    elif labelled := [m for m in job.metrics if m in CLASSIFICATION_METRICS]:
+        raise PeftkitError(f"--metrics {','.join(labelled)}: {' and '.join(labelled)} score{'s' * (len(labelled) == 1)} a classifier's predicted "
+                           f"labels, on data.format 'classification' rows; these rows are '{job.data_cfg.format}'. "
+                           f"Use {', '.join((*LOSS_METRICS, *GENERATION_METRICS))} (or --format "
+                           "classification for rows with text and label).")
     if predictions is not None and not any(m in GENERATION_METRICS for m in job.metrics):
         raise PeftkitError(f"--predictions: nothing is generated without a generation metric; add --metrics "
                            f"{GENERATION_METRICS[0]} (or {', '.join(GENERATION_METRICS[1:])}).")

@@ -7,6 +7,8 @@ loaded at its recorded revision and re-quantized as the adapter was trained (`lo
 
 from __future__ import annotations
 
+import json
+
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +69,23 @@ class ModelSource:
 
     def describe(self) -> str:
         return f"{self.base} with adapter {self.adapter}" if self.adapter else str(self.base)
+
+    def classifier(self) -> bool:
+        """Whether this is a sequence classifier, from its files alone: a recipe's model.task, an adapter saved as
+        SEQ_CLS, or a model directory whose config.json names a ...ForSequenceClassification class."""
+        if self.model is not None and self.model.task == "sequence_classification":
+            return True
+        files = [Path(self.adapter) / "adapter_config.json"] if self.adapter else []
+        files += [Path(self.model.name_or_path) / "config.json"] if self.model is not None else []
+        for file in files:
+            try:
+                config = json.loads(file.read_text())
+            except (OSError, ValueError):  # not there, or not JSON: loading says so in its own words
+                continue
+            if isinstance(config, dict) and (config.get("task_type") == "SEQ_CLS" or any(
+                    str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])):
+                return True
+        return False
 
     def tokenizer(self):
         """The tokenizer of the model (or of the adapter's base)."""
@@ -142,12 +161,18 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
     --adapter on top, or those flags alone; and the recipe, if any."""
     if recipe is not None:
         cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter))
-        return ModelSource.of_recipe(cfg, run_adapter).with_flags(model, adapter, trust_remote_code), cfg
-    if not model and not adapter:
-        raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or run "
-                           "directory.")
-    check_no_overrides(overrides, command)
-    return ModelSource().with_flags(model, adapter, trust_remote_code), None
+        source = ModelSource.of_recipe(cfg, run_adapter).with_flags(model, adapter, trust_remote_code)
+    else:
+        if not model and not adapter:
+            raise PeftkitError(f"peftkit {command} needs a model: --model M (and/or --adapter DIR), or a RECIPE or "
+                               "run directory.")
+        check_no_overrides(overrides, command)
+        source, cfg = ModelSource().with_flags(model, adapter, trust_remote_code), None
+    if command in ("generate", "chat") and source.classifier():
+        raise PeftkitError(f"{source.describe()} is a sequence classifier: it predicts a label and generates no text, "
+                           f"so there is nothing for peftkit {command} to do. Score it with `peftkit eval` (loss, "
+                           "accuracy, macro_f1).")
+    return source, cfg
 
 
 def check_no_overrides(overrides: list[str], command: str) -> None:

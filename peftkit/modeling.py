@@ -118,7 +118,14 @@ def load_config(cfg: ModelConfig):
 
 
 def _not_loadable(name_or_path: str, error: Exception) -> PeftkitError:
-    """A model transformers cannot find or read (a hub id offline, a missing weights file)."""
+    """A model transformers cannot find or read (a hub id offline, a missing weights file). A name that is not on
+    disk but whose first part is a local directory is most likely a mistyped path: said first."""
+    path = Path(name_or_path)
+    if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():
+        near = sorted(p.name for p in path.parent.iterdir())[:10] if path.parent.is_dir() else []
+        return PeftkitError(f"Could not load model {name_or_path}: there is no such local directory (its start, "
+                            f"{path.parts[0]}, is one here" + (f"; {path.parent} holds {', '.join(near)}" if near else "")
+                            + f"), and as a hub id it could not be loaded either ({str(error).splitlines()[0]}).")
     return PeftkitError(f"Could not load model {name_or_path}: {error}\nFor a hub id this needs network access (or a "
                         "cached copy); only safetensors weights are accepted.")
 
@@ -342,6 +349,11 @@ def _check_weights_fit(model: nn.Module, loading_info: dict, source: str) -> Non
     if unexpected:
         problems.append(f"{len(unexpected)} weights in the files have no place in the model the config describes "
                         f"(e.g. {unexpected[0]})")
+    saved_as = getattr(model.config, "architectures", None) or []
+    if saved_as and type(model).__name__ not in saved_as:  # another head or task: the user's choice of model, not a file
+        raise PeftkitError(
+            f"{source} holds a {saved_as[0]}, and it was to load as a {type(model).__name__}: {'; '.join(problems)}. "
+            "Is it the model you meant? (a base for an adapter is the model the adapter was trained on)")
     raise PeftkitError(
         f"The weights of {source} do not match its config.json: {'; '.join(problems)}. Loading would fill them "
         "with random values. Was config.json edited, or copied from another model? Put back the config.json "

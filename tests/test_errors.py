@@ -427,6 +427,11 @@ def test_unusable_path(tmp_path, old, new, reason):
      "--set training.lr=VALUE."),
     ("training.lr=[", "--set training.lr=[: the value is not valid YAML (expected the node content, but found "
      "'<stream end>'). Quote a string value, for example --set 'training.lr=\"[\"'."),
+    # a key of another section: said as a recipe file's is (it was "Did you mean 'lr'?" for training.r)
+    ("training.r=16", "--set training.r: unknown key 'r' in training: it is a key of 'adapter:'; use --set adapter.r=16."),
+    ("lr=1", "--set lr: unknown key 'lr' in the recipe: it is a key of 'training:'; use --set training.lr=1."),
+    ("data.batch_size=4", "--set data.batch_size: unknown key 'batch_size' in data: it is a key of 'training:' and of "
+     "'eval:'; use --set training.batch_size=4 or --set eval.batch_size=4."),
 ])
 def test_bad_override(tmp_path, override, expected):
     assert _error(_write(tmp_path, RECIPE), [override]).startswith(expected)
@@ -866,3 +871,18 @@ def test_an_unreadable_weights_file_is_said_to_be_unreadable(assets, tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert (f"error: {model / 'model.safetensors'} is not readable (permission denied). Ask for read access to it, "
             "or copy it somewhere you can read.") in " ".join(done.stderr.split())
+
+
+def test_a_mistyped_local_model_path_is_said_to_be_one(tmp_path, monkeypatch, capsys):
+    """`--model artifacts/nonexist`, where artifacts/ is a directory here: the error was the hub client's "couldn't
+    connect to huggingface.co", as if the user had meant a hub id."""
+    from huggingface_hub import constants
+
+    from tests.conftest import cli_user_error
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "artifacts" / "tiny-llama").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "artifacts/tiny-lama", "--prompt", "hi").split())
+    assert ("error: Could not load model artifacts/tiny-lama: there is no such local directory (its start, artifacts, "
+            "is one here; artifacts holds tiny-llama), and as a hub id it could not be loaded either") in err, err

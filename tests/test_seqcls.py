@@ -203,7 +203,7 @@ def test_training_from_a_recipe_improves_accuracy(tmp_path, tiny_bert, sentiment
     assert (run / "report" / "eval_metrics.png").is_file()
 
 
-def test_decoder_run_exports_what_peft_loads(tmp_path, tiny_llama, sentiment):
+def test_decoder_run_exports_what_peft_loads(tmp_path, tiny_llama, sentiment, monkeypatch, capsys):
     """A Llama classifier trained from a recipe: pooling on the last non-pad token, its `score` head saved."""
     recipe = classification_recipe(tmp_path, tiny_llama, sentiment, training={"max_steps": 3, "batch_size": 8},
                                    eval={"batch_size": 8, "samples": 3}, export={"merged": True})
@@ -220,6 +220,16 @@ def test_decoder_run_exports_what_peft_loads(tmp_path, tiny_llama, sentiment):
     assert merged.config.id2label == {0: "negative", 1: "positive"}
     with torch.no_grad():
         assert (merged(**batch).logits - logits).abs().max() <= 1e-5
+    # A classifier generates no text: generate and chat said so with an AttributeError traceback (generation_config),
+    # and the no-prompt and no-template errors suggested `--prompt`.
+    from tests.conftest import cli_user_error
+
+    run = tmp_path / "run"
+    for args in (("generate", str(run), "--prompt", "great movie"), ("generate", str(run)), ("chat", str(run)),
+                 ("generate", "--model", str(run / "merged"), "--prompt", "x"), ("generate", "--adapter", str(adapter))):
+        err = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
+        assert "is a sequence classifier: it predicts a label and generates no text, so there is nothing for peftkit " \
+               f"{args[0]} to do. Score it with `peftkit eval` (loss, accuracy, macro_f1)." in err, err
 
 
 def test_resume_mid_run_is_bit_identical(tmp_path, tiny_bert, sentiment):
@@ -345,6 +355,16 @@ def test_classification_metric_on_a_causal_task_is_refused(tmp_path, tiny_llama,
         load_recipe(recipe)
 
 
+def test_eval_cli_refuses_classification_metrics_on_other_rows(tmp_path, monkeypatch, capsys, tiny_llama, number_data):
+    """--metrics accuracy on alpaca rows printed a blank line (and --json wrote {}), exit 0."""
+    from tests.conftest import cli_user_error
+
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]),
+                         "--metrics", "accuracy,loss")
+    assert ("--metrics accuracy: accuracy scores a classifier's predicted labels, on data.format 'classification' "
+            "rows; these rows are 'alpaca'. Use loss, perplexity, exact_match, token_f1, rouge_l") in " ".join(err.split())
+
+
 def test_eval_cli_refuses_generation_metrics(tmp_path, monkeypatch, capsys, tiny_bert, sentiment):
     from tests.conftest import cli_user_error
 
@@ -391,3 +411,17 @@ def test_selection_metrics_of_a_classifier(tmp_path, tiny_bert, sentiment):
                                            r"\(computed: loss, accuracy, macro_f1\); use one of those\.") as e:
         load_recipe(recipe)
     assert "eval.metrics" not in str(e.value)  # a classifier's evaluations ignore it: no advice to add it there
+
+
+def test_an_encoder_given_as_a_causal_lm_is_named_as_the_wrong_model(tmp_path, monkeypatch, capsys, tiny_bert,
+                                                                       tiny_llama):
+    """An encoder where a causal LM belongs (a wrong merge --base, or --model) was blamed on its config.json ("Was
+    config.json edited, or copied from another model? Put back the config.json saved with these weights")."""
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import cli_user_error, save_random_adapter
+
+    adapter = save_random_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora", seed=1)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "merge", "--adapter", str(adapter), "--base", str(tiny_bert),
+                                  "--output", str(tmp_path / "merged")).split())
+    assert f"error: {tiny_bert} holds a BertModel, and it was to load as a BertLMHeadModel: " in err, err
+    assert "Is it the model you meant?" in err and "config.json edited" not in err

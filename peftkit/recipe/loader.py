@@ -74,6 +74,10 @@ def _apply_override(data: dict, assignment: str) -> None:
         if model is not None and parts[depth - 1] not in model.model_fields:
             valid = _field_order(model)
             where = ".".join(parts[: depth - 1]) or "the recipe"
+            if depth <= 2 and (homes := _home_sections(parts[depth - 1], tuple(parts[: depth - 1]), data)):
+                moved = " or ".join(f"--set {'.'.join([home, *parts[depth - 1:]])}={raw}" for home in homes)
+                raise PeftkitError(f"--set {key}: unknown key '{parts[depth - 1]}' in {where}: it is a key of "
+                                   + " and of ".join(f"'{h}:'" for h in homes) + f"; use {moved}.")
             if method := _method_without(model, parts[depth - 1]):
                 where += f": {METHODS[method].title} (method: {method}) has no '{parts[depth - 1]}'"
             raise PeftkitError(
