@@ -27,11 +27,11 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that --model ships, "
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the model (--model, --base) ships, "
                                                "or that an adapter's base needs (recorded in its peftkit.json).")]
 Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
                                             "prompt and row (default: the data's 'task' column).")]
-Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
 
 
 def _local(path: str) -> str:
@@ -119,7 +119,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
 
 @app.command()
 def merge(
-    adapter: Annotated[list[str], typer.Option("--adapter", help="PEFT adapter directory; repeat it, with --weights "
+    adapter: Annotated[list[str], typer.Option("--adapter", metavar="DIR", help="PEFT adapter directory; repeat it, with --weights "
                                                "and --method, to combine several.")],
     output: Annotated[str, typer.Option("--output", help="Directory for the merged model (or combined adapter).")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model; default: the adapter's base_model_name_or_path.")] = None,
@@ -200,9 +200,9 @@ def eval_cmd(
     data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification; "
                                                "default: the recipe's, else alpaca.")] = None,
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter directory to apply. Repeat "
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory to apply. Repeat "
                                                          "as NAME=DIR to compare several with the base.")] = None,
-    merged: Annotated[Optional[list[str]], typer.Option("--merged", help="NAME=DIR: a merged model to add to the "
+    merged: Annotated[Optional[list[str]], typer.Option("--merged", metavar="NAME=DIR", help="NAME=DIR: a merged model to add to the "
                                                         "comparison (repeatable).")] = None,
     max_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate examples to this many tokens; default: "
                                                       "data.max_length (512).")] = None,
@@ -265,6 +265,9 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
     named = [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
     named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
     if predictions is not None:
+        if predictions.suffix.lower() in (".jsonl", ".json") and not predictions.is_dir():
+            raise PeftkitError(f"--predictions {predictions}: a comparison writes one NAME.jsonl per model, into a "
+                               f"directory; give a directory (e.g. --predictions {predictions.with_suffix('')}).")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     results = compare(comparison_jobs(job, named, named_merged), predictions)
     console.print(comparison_table(results, job.metrics))
@@ -296,12 +299,12 @@ def generate(
                                                      "is the default --adapter). Without --prompt or --data, the "
                                                      "prompts of its data.eval.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="PEFT adapter directory to apply. Repeat "
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory to apply. Repeat "
                                                          "as NAME=DIR to load several, picked per row by --route.")] = None,
     route: Annotated[Optional[str], typer.Option("--route", help="With --data and NAME=DIR adapters: the column naming "
                                                  "each row's adapter (empty or 'base': the base model); all rows "
                                                  "generate in mixed batches.")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", metavar="TEXT", help="A prompt (repeatable).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Generate for each row's prompt (the prompt training "
                                                 "used); the row's target is kept as the reference.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion; default: the recipe's, "

@@ -111,7 +111,7 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
                 "one base combine; if these are the same model under two names, pass it as --base.")
         if other.quant != first.quant:
             raise PeftkitError(
-                f"{first.path} was trained against a base quantized as {_quant(first.quant)}, {other.path} against "
+                f"{first.path} was trained against {_quant(first.quant)}, {other.path} against "
                 f"{_quant(other.quant)}: their updates were trained against different weights and do not combine.")
     name = base or first.base
     if not name:
@@ -120,7 +120,8 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
 
 
 def _quant(quant) -> str:
-    return "full precision (not quantized)" if quant is None else f"{quant.method} (double_quant {quant.double_quant})"
+    return "a full-precision base" if quant is None else (f"a base quantized to {quant.method} (double_quant "
+                                                           f"{quant.double_quant})")
 
 
 def lora_layers(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, bool]]:
@@ -163,9 +164,10 @@ def check_combinable(combination: Combination, sources: list[Source], into_base:
         for s in sources:
             if not s.plain_lora:
                 raise PeftkitError(
-                    f"--method {combination.method} combines LoRA factors (A and B); {s.describe} has no such factors "
-                    "(a DoRA adapter's update also rescales W by its magnitude). Use an SVD method (--method svd, "
-                    "ties_svd, ...), or --into-base, which combine each adapter's full update.")
+                    f"--method {combination.method} combines LoRA factors (A and B); {s.describe} has no such factors"
+                    + (" (DoRA's update also rescales W by its magnitude)" if getattr(s.cfg, "use_dora", False) else "")
+                    + ". Use an SVD method (--method svd, ties_svd, ...), or --into-base, which combine each "
+                    "adapter's full update.")
     if combination.method in FACTOR_WISE:
         ranks = {s.path: s.cfg.r for s in sources}
         if len(set(ranks.values())) > 1:

@@ -150,32 +150,41 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState, 
 
 
 def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:
+    """The run's figures and files: a table in a terminal; in a log (not a terminal) one `name  value` line each, so
+    that no path is folded across lines where a reader copies it from."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="peftkit train: done", show_header=False)
-    table.add_column(no_wrap=True)
-    table.add_column(overflow="fold")  # a path folds onto the next line, never cut to `/tmp/run…` in a log
+    rows = []
     classifier = s["eval_loss"] is not None and s["eval_perplexity"] is None  # no perplexity of a class
     if s["base_eval_loss"] is not None:
         ppl = "" if classifier else f"  (ppl {math.exp(min(s['base_eval_loss'], 700)):.2f})"
-        table.add_row("eval loss, base model", f"{s['base_eval_loss']:.4f}{ppl}")
+        rows.append(("eval loss, base model", f"{s['base_eval_loss']:.4f}{ppl}"))
     if s["eval_loss"] is not None:
         ppl = "" if classifier else f"  (ppl {s['eval_perplexity']:.2f})"
-        table.add_row("eval loss, fine-tuned", f"{s['eval_loss']:.4f}{ppl}")
+        rows.append(("eval loss, fine-tuned", f"{s['eval_loss']:.4f}{ppl}"))
     for metric in (m for m in GENERATION_METRICS + CLASSIFICATION_METRICS if f"eval_{m}" in s):  # eval.metrics
         for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
             if s.get(key) is not None:
-                table.add_row(f"{metric}, {who}", f"{s[key]:.4f}")
-    table.add_row("steps", f"{s['steps']}" + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else "")
-                  + (" (stopped early)" if s.get("stopped_early") else ""))
+                rows.append((f"{metric}, {who}", f"{s[key]:.4f}"))
+    rows.append(("steps", f"{s['steps']}" + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else "")
+                 + (" (stopped early)" if s.get("stopped_early") else "")))
     if best := s.get("best"):
-        table.add_row("exported adapter", f"best {best['metric']} {best['value']:.4f}, step {best['step']} (export.best)")
-    table.add_row("time", f"{s['elapsed_s']:.1f} s")
-    table.add_row("peak memory", f"{s['peak_mem_mb']:.0f} MiB")
-    for path in exported:
-        table.add_row(path.name, str(path))
-    table.add_row("run directory", str(out))
-    console.print(table)
+        rows.append(("exported adapter", f"best {best['metric']} {best['value']:.4f}, step {best['step']} (export.best)"))
+    rows += [("time", f"{s['elapsed_s']:.1f} s"), ("peak memory", f"{s['peak_mem_mb']:.0f} MiB")]
+    rows += [(path.name, str(path)) for path in exported] + [("run directory", str(out))]
+    if console.is_terminal:
+        table = Table(title="peftkit train: done", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # a path folds onto the next line, never cut to `/tmp/run…`
+        for name, value in rows:
+            table.add_row(name, value)
+        console.print(table)
+    else:
+        width = max(len(name) for name, _ in rows)
+        console.print("peftkit train: done", highlight=False)
+        for name, value in rows:
+            console.print(f"  {escape(name):<{width}}  {escape(value)}", soft_wrap=True, highlight=False)
     if s.get("samples"):
         console.print(samples_table(s["samples"]))
 

@@ -246,6 +246,8 @@ def read_manifest(run_dir: Path) -> Manifest:
     if not run_dir.is_dir():
         raise PeftkitError(f"{run_dir} is not a directory. Give the run directory of a finished `peftkit train` "
                            "(its export.output_dir, which holds manifest.json).")
+    if not path.is_file() and (run_dir.parent / MANIFEST).is_file():  # a run's adapter/, merged/ or report/
+        raise PeftkitError(f"{run_dir} is the {run_dir.name}/ of a run, not the run directory: pass {run_dir.parent}.")
     if not path.is_file():
         raise PeftkitError(f"{run_dir} has no {MANIFEST}; it is not a finished peftkit run directory (train writes "
                            f"{MANIFEST} last, so an interrupted run has none: finish it with `peftkit train RECIPE --resume`).")

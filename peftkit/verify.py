@@ -33,7 +33,6 @@ from peftkit.manifest import (
     RecordedEnvironment,
     changed_model_files,
     data_hashes,
-    environment,
     file_hashes,
     model_weight_hashes,
     output_hashes,
@@ -178,8 +177,6 @@ def _base_model_difference(recorded: dict[str, str], now: dict[str, str], recipe
 def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float, console: Console,
            report: VerifyReport) -> list[str]:
     """Train the recorded recipe again in a temporary directory; the differences from the recorded run."""
-    from peftkit.modeling import resolve_device
-
     recipe = manifest.recipe.model_copy(deep=True)
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
         # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there.
@@ -187,12 +184,12 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         console.print(f"Re-running the recipe recorded in {run_dir} in a temporary directory (deleted afterwards) ...",
                       soft_wrap=True)
         try:
-            current = RecordedEnvironment.model_validate(environment(resolve_device(recipe.model.device)))
             _train_again(recipe, manifest.distributed, console)
         except PeftkitError as e:
             raise _rerun_failed(e, tmp, run_dir, report) from None
-        report.notes += _env_differences(manifest.environment, current)
         rerun = read_manifest(Path(tmp))
+        # the re-run's own record: under several processes, the launched ones' (cpu:0, 1 thread each), not this one's
+        report.notes += _env_differences(manifest.environment, rerun.environment)
         out = differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
         if not Path(recipe.model.name_or_path).is_absolute():  # a hub id: the files the re-run loaded
             out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe) + out

@@ -90,6 +90,17 @@ def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monke
         monkeypatch, capsys, *args, "--adapter", f"a={candidates / 'peft'}", "--merged", f"a={tiny_llama}")
 
 
+def test_a_comparison_s_predictions_file_name_is_refused(tiny_llama, number_data, candidates, tmp_path, monkeypatch,
+                                                         capsys):
+    """`--predictions preds.jsonl` in a comparison silently made a directory named preds.jsonl."""
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]),
+                         "--adapter", f"a={candidates / 'peft'}", "--metrics", "exact_match", "--predictions",
+                         str(tmp_path / "preds.jsonl"))
+    assert (f"--predictions {tmp_path / 'preds.jsonl'}: a comparison writes one NAME.jsonl per model, into a directory; "
+            f"give a directory (e.g. --predictions {tmp_path / 'preds'}).") in " ".join(err.split())
+    assert not (tmp_path / "preds.jsonl").exists()
+
+
 def test_a_comparison_needs_the_base(number_data, candidates, monkeypatch, capsys):
     assert "peftkit eval needs a RECIPE (or a run directory), or both --model and --data" in cli_user_error(
         monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), "--adapter", f"a={candidates / 'peft'}",

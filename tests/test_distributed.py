@@ -191,6 +191,8 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert manifest["metrics"]["samples"] == alone["samples"] and len(alone["samples"]) == 2
     verified = _peftkit("verify", str(run))  # an uninterrupted re-run, in 2 processes too: the resumed run's bits
     assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
+    # compared with the launched re-run's environment, not verify's own process (cpu:0 and 1 thread each there)
+    assert "environment:" not in verified.stdout + verified.stderr, verified.stdout + verified.stderr
 
 
 def test_the_single_gpu_config_launches_the_plain_run(tiny_llama, number_data, tmp_path):

@@ -94,6 +94,20 @@ def test_progress_lines_do_not_wait_for_logged_steps(tiny_llama, number_data, tm
     assert [r["step"] for r in records if "loss" in r] == [7, 14, 20]
 
 
+def test_the_summary_of_a_run_in_a_log_keeps_each_path_on_its_line(tiny_llama, number_data, tmp_path):
+    """Not a terminal (80 columns, rich's default there): the summary table folded long paths across lines, so a
+    path could not be copied out of a CI log."""
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "run"
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1}, eval={"base_model": False},
+                         export={"output_dir": str(deep)})
+    buffer = io.StringIO()
+    train(load_recipe(recipe), console=Console(file=buffer, width=80))
+    lines = buffer.getvalue().splitlines()
+    assert "peftkit train: done" in lines
+    assert any(line.split() == ["adapter", str(deep / "adapter")] for line in lines)
+    assert any(line.split() == ["run", "directory", str(deep)] for line in lines)
+
+
 def test_a_terminal_gets_the_live_bar_not_plain_lines(tiny_llama, number_data, tmp_path):
     buffer = io.StringIO()
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 3}, eval={"base_model": False})

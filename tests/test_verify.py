@@ -260,6 +260,10 @@ def test_a_malformed_manifest_is_a_clear_error(run, case):
 
 
 def test_a_manifest_that_is_not_json_or_missing(run):
+    # a run's adapter/ given for the run (the hint was "finish it with `peftkit train RECIPE --resume`")
+    with pytest.raises(PeftkitError, match=f"^{run / 'adapter'} is the adapter/ of a run, not the run directory: "
+                                           f"pass {run}.$"):
+        verify(run / "adapter", console=_quiet())
     (run / "manifest.json").write_bytes(b'{"recipe": "\xff"}')  # not UTF-8
     with pytest.raises(PeftkitError, match=f"^{run / 'manifest.json'} is not valid JSON .*restore it from a copy"):
         verify(run, console=_quiet())

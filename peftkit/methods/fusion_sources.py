@@ -64,7 +64,7 @@ def check_fusable(fused: list[Fused], where: str) -> None:
         if name != "bottleneck" and name not in WEIGHT_UPDATE:
             why = (" (its random projections are shared model-wide under one name, so two cannot sit in one model)"
                    if name == "vera" else "")
-            raise PeftkitError(f"{where}[{i}]: {f.source} is a {f.method.title} adapter{why}; AdapterFusion fuses "
+            raise PeftkitError(f"{where}[{i}]: {f.source} is {'an' if f.method.title[0] in 'AEIOU' else 'a'} {f.method.title} adapter{why}; AdapterFusion fuses "
                                f"bottleneck adapters, or weight-update adapters ({', '.join(WEIGHT_UPDATE)}).")
         if f.cfg.modules_to_save:
             raise PeftkitError(f"{where}[{i}]: {f.source} also trains whole modules ({', '.join(f.cfg.modules_to_save)}"
