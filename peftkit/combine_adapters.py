@@ -157,7 +157,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     protected = {"base model": name} | {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}
     check_merge_output(Path(output_dir), protected, overwrite)
     model = skeleton(name, revision, trust_remote_code)
-    check_fits(sources, model)
+    check_fits(sources, model, combination)
     loaded = None
     if into_base or not all(s.plain_lora for s in sources):
         loaded = _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code,
@@ -199,6 +199,8 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
     from peftkit.fileio import atomic_directory
     from peftkit.peft_format import quantized_on, read_meta, save_adapter
 
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        raise PeftkitError("The combined adapter has NaN/inf values; nothing was written.")
     with atomic_directory(output_dir) as tmp:
         meta = read_meta(first.path)
         save_adapter(tmp, state, config, first.quant, quantized_on(first.path), meta.trust_remote_code,

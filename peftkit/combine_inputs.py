@@ -56,6 +56,11 @@ class Combination:
             raise PeftkitError(f"--svd-clamp {self.svd_clamp}: a quantile in (0, 1], e.g. 0.99.")
         if self.majority_sign not in ("total", "frequency"):
             raise PeftkitError(f"--majority-sign {self.majority_sign!r}: use total or frequency.")
+        if not 0 <= self.seed < 2**64:  # torch.Generator's range
+            raise PeftkitError(f"--seed {self.seed}: use an integer from 0 to 2**64 - 1.")
+        if big := [w for w in self.weights if abs(w) > torch.finfo(torch.float32).max]:
+            raise PeftkitError(f"--weights: {big[0]:g} is beyond float32's range (the adapters' dtype); the combined "
+                               "adapter would hold inf.")
 
 
 @dataclass
@@ -211,8 +216,9 @@ def skeleton(name: str, revision: str | None, trust_remote_code: bool) -> nn.Mod
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
-def check_fits(sources: list[Source], model: nn.Module) -> None:
-    """Every adapted module exists in the base, and each LoRA's update has the shape of its weight."""
+def check_fits(sources: list[Source], model: nn.Module, combination: Combination | None = None) -> None:
+    """Every adapted module exists in the base, each LoRA's update has the shape of its weight, and --svd-rank is a
+    rank some adapted layer can hold (a larger one would only be padded with zeros)."""
     from peftkit.merge import conv1d_modules
 
     modules, conv1d = dict(model.named_modules()), conv1d_modules(model)
@@ -221,6 +227,7 @@ def check_fits(sources: list[Source], model: nn.Module) -> None:
             if name not in modules or not hasattr(modules[name], "weight"):
                 raise PeftkitError(f"{s.path} adapts '{name}', which the base model does not have: it was trained on "
                                    "another base. Combine adapters of one base.")
+    for s in sources:
         if not s.plain_lora:
             continue  # checked by merge_state_dict against the real weights
         for name, (a, b, embedding) in lora_layers(s.state).items():
@@ -229,4 +236,9 @@ def check_fits(sources: list[Source], model: nn.Module) -> None:
             if shape != expected:
                 raise PeftkitError(f"{s.path} does not fit the base model: '{name}' has weight {shape} but the "
                                    f"adapter's update is {expected}. It was trained on another base.")
-
+    if combination is not None and combination.svd_rank is not None:
+        most = max(min(modules[name].weight.shape) for s in sources for name in adapted_modules(s))
+        if combination.svd_rank > most:
+            raise PeftkitError(f"--svd-rank {combination.svd_rank}: no adapted layer holds more than rank {most} (the "
+                               f"smaller side of its weight); a larger rank is only zeros. Use --svd-rank {most} or "
+                               "less.")

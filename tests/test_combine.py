@@ -381,6 +381,13 @@ def test_cli_combines_and_merges(llama_adapters, tiny_llama, tmp_path, monkeypat
     (["--weights", "0.5,0.5", "--method", "ties"], "give the fraction to keep, e.g. --density 0.5"),
     (["--weights", "0.5,x", "--method", "cat"], "give numbers separated by commas"),
     (["--method", "cat"], "Combining adapters needs --weights: --weights one per adapter (e.g. 0.5,0.5)"),
+    # were: a traceback (torch's generator, built for every method); a written adapter full of inf; r=20000 of zeros
+    (["--weights", "0.5,0.5", "--method", "cat", "--seed", "99999999999999999999999"],
+     "--seed 99999999999999999999999: use an integer from 0 to 2**64 - 1."),
+    (["--weights", "1e39,1", "--method", "cat"], "--weights: 1e+39 is beyond float32's range"),
+    (["--weights", "3e38,1", "--method", "cat"], "The combined adapter has NaN/inf values; nothing was written."),
+    (["--weights", "0.5,0.5", "--method", "svd", "--svd-rank", "20000"],
+     "--svd-rank 20000: no adapted layer holds more than rank 32 (the smaller side of its weight)"),
 ])
 def test_cli_refuses_bad_combinations(extra, message, llama_adapters, tmp_path, monkeypatch, capsys):
     a, b = llama_adapters
