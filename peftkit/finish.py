@@ -154,6 +154,7 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
     that no path is folded across lines where a reader copies it from."""
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     rows = []
     classifier = s["eval_loss"] is not None and s["eval_perplexity"] is None  # no perplexity of a class
@@ -178,7 +179,7 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
         table.add_column(no_wrap=True)
         table.add_column(overflow="fold")  # a path folds onto the next line, never cut to `/tmp/run…`
         for name, value in rows:
-            table.add_row(name, value)
+            table.add_row(Text(name), Text(value))  # Text: a path with [brackets] is shown, not read as markup
         console.print(table)
     else:
         width = max(len(name) for name, _ in rows)
