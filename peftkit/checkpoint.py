@@ -190,11 +190,11 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
                 f"run has {world}. Its global batch, data order and schedule depend on the number, so resume with "
                 f"{flag}, or run without --resume and with --overwrite to start afresh.")
         if changed := _changed_input(recorded, inputs):
-            raise PeftkitError(
-                f"--resume: {changed} since checkpoint {path.name} was written. Resuming would continue "
-                "training on other inputs than the run began with. Restore the original, or run without --resume and with --overwrite to start "
-                "afresh."
-            )
+            fix = ("A hub dataset's branch moved on: run without --resume and with --overwrite to start afresh (pin "
+                   "data.revision to a commit so that a resume reads the rows it began with)" if "from the hub" in changed
+                   else "Restore the original, or run without --resume and with --overwrite to start afresh")
+            raise PeftkitError(f"--resume: {changed} since checkpoint {path.name} was written. Resuming would continue "
+                               f"training on other inputs than the run began with. {fix}.")
         return path, state
     raise PeftkitError(f"--resume: no intact checkpoint in {out / CHECKPOINTS} (each one is damaged, see above). "
                        "Run without --resume and with --overwrite to start again.")

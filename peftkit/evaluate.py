@@ -219,7 +219,9 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         source = data or cfg.data.eval
         if not source:
             raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
-        job = EvalJob(data=source, data_cfg=cfg.data, split=cfg.data.eval_split if not data else "train",
+        # data.revision is the recipe's datasets' revision, not another dataset's given with --data
+        own = cfg.data if data in (None, cfg.data.train, cfg.data.eval) else cfg.data.model_copy(update={"revision": None})
+        job = EvalJob(data=source, data_cfg=own, split=cfg.data.eval_split if not data else "train",
                       source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size)
     check_choices(fmt, on_bad_rows)

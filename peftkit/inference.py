@@ -82,8 +82,9 @@ class ModelSource:
                 config = json.loads(file.read_text())
             except (OSError, ValueError):  # not there, or not JSON: loading says so in its own words
                 continue
-            if isinstance(config, dict) and (config.get("task_type") == "SEQ_CLS" or any(
-                    str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or [])):
+            classes = (config.get("architectures") or []) if isinstance(config, dict) else []
+            if isinstance(config, dict) and (config.get("task_type") == "SEQ_CLS" or classes and all(
+                    str(a).endswith("ForSequenceClassification") for a in classes)):  # none of them generates
                 return True
         return False
 

@@ -126,6 +126,16 @@ def source_hashes(source: str, split: str, revision: str | None = None) -> dict[
     return dict(HUB_ROWS.get((source, split, revision), {})) if is_hub_dataset(source) else file_hashes(source)
 
 
+def hub_commits(recipe: Recipe) -> dict[str, str]:
+    """The commit each hub dataset of the recipe was read at, by split (where `datasets` said)."""
+    from peftkit.data.rows import HUB_COMMITS
+
+    data = recipe.data
+    found = {split: HUB_COMMITS.get((source, getattr(data, f"{split}_split"), data.revision))
+             for split, source in (("train", data.train), ("eval", data.eval)) if source and is_hub_dataset(source)}
+    return {split: commit for split, commit in found.items() if commit}
+
+
 def data_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:
     """sha256 of the recipe's data, by split ("train", and "eval" when the recipe has one): `source_hashes`."""
     data = recipe.data
@@ -164,6 +174,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "recipe": recipe.model_dump(mode="json"),
         "recipe_sha256": recipe.sha256(),
         "data_sha256": data,
+        "data_commits": hub_commits(recipe),
         "base_model_sha256": (base_model_sha256 if base_model_sha256 is not None
                               else model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)),
         "init_from_sha256": (init_from_sha256 if init_from_sha256 is not None
@@ -202,6 +213,8 @@ class Manifest(BaseModel):
     recipe_sha256: Sha256
     losses: list[float]
     data_sha256: dict[str, dict[str, Sha256]]
+    data_commits: dict[str, str] = {}
+    """The commit each hub dataset was read at, by split (where `datasets` said); {} for local files."""
     base_model_sha256: dict[str, Sha256]
     init_from_sha256: dict[str, Sha256] = {}
     """The files of the adapter the run started from (`adapter.init_from`); {} without one."""

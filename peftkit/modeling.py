@@ -439,7 +439,7 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
     model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
     # weights then decide, and load_adapter_state_dict refuses any that do not land.
-    inject_adapters(model, adapter_cfg, every_entry=False)
+    inject_adapters(model, adapter_cfg, every_entry=False, state=state)
     load_adapter_state_dict(model, state)
     model.eval()
     return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant
@@ -453,7 +453,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     Returns:
         (base model, adapter settings, PEFT-keyed tensors, PEFT config, base ModelConfig, quantization or None)
     """
-    from peftkit.peft_format import load_adapter, read_meta
+    from peftkit.peft_format import check_weight_tying, load_adapter, read_meta
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
     check_remote_code(adapter_dir, trust_remote_code)
@@ -480,6 +480,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
                             task="sequence_classification" if classify else "causal_lm")
     labels = adapter_labels(adapter_dir, state) if classify else None
     model = load_model(model_cfg, quant, device, labels)
+    check_weight_tying(adapter_dir, model)
     if classify:
         from peftkit.classify import with_head
 

@@ -245,6 +245,7 @@ UNSUPPORTED_FEATURES = {
 for any method, so that an adapter never loads as something else (aLoRA saves plain LoRA tensor names)."""
 
 PEFT_BOOKKEEPING = {
+    "ensure_weight_tying",  # checked against the model: `check_weight_tying`
     "auto_mapping", "peft_version", "inference_mode", "fan_in_fan_out", "layers_pattern", "megatron_core",
     "qalora_group_size", "runtime_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
     "init_lora_weights", "init_weights", "init_ia3_weights", "r", "target_r", "init_r", "tinit", "tfinal", "deltaT",
@@ -264,17 +265,28 @@ def check_peft_fields(method: type[Method], raw: dict, config_file: Path) -> Non
         if is_set(raw.get(key)):
             raise PeftkitError(f"{config_file}: '{key}' is {json.dumps(raw[key])}: {what}; peftkit does not implement "
                                "it, and loading the adapter without it would give outputs other than peft's.")
-    if raw.get("ensure_weight_tying") is True and (embeddings := _embeddings_adapted(raw)):
-        raise PeftkitError(f"{config_file}: 'ensure_weight_tying' is true and the adapter covers {embeddings}: peft "
-                           "then gives a model's tied output embeddings the same adapter as its input embeddings; "
-                           "peftkit does not implement that tying, and loading the adapter without it would give "
-                           "outputs other than peft's.")
     unknown = sorted(k for k, v in raw.items() if is_set(v) and k not in method.peft_config.model_fields
                      and k not in PEFT_BOOKKEEPING)
     if unknown:
         warnings.warn(f"{config_file} sets {', '.join(repr(k) for k in unknown)}, which peftkit does not know and "
                       "ignores; if a field changes the adapter's outputs, they differ from peft's.", PeftkitWarning,
                       stacklevel=2)
+
+
+def check_weight_tying(adapter_dir: str | Path, model: torch.nn.Module) -> None:
+    """Refuse an adapter saved with peft's `ensure_weight_tying` on embeddings when `model` ties its input and output
+    embeddings: peft then gives the output embeddings the same adapter, which peftkit does not implement (on an
+    untied model the flag does nothing, in peft too)."""
+    config_file = Path(adapter_dir) / CONFIG_NAME
+    raw = json.loads(config_file.read_text())
+    if raw.get("ensure_weight_tying") is not True or not (embeddings := _embeddings_adapted(raw)):
+        return
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is not None and outputs is not None and inputs.weight is outputs.weight:
+        raise PeftkitError(f"{config_file}: 'ensure_weight_tying' is true and the adapter covers {embeddings} of a model "
+                           "whose input and output embeddings are tied: peft then gives the output embeddings the same "
+                           "adapter; peftkit does not implement that tying, and loading the adapter without it would "
+                           "give outputs other than peft's.")
 
 
 def _embeddings_adapted(raw: dict) -> str:

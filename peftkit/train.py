@@ -335,9 +335,10 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     torch.manual_seed(tcfg.seed)
     # An adapter to start from may list targets for other architectures (peft's generic defaults); its
     # weights decide, and load_adapter_state_dict refuses any that do not land (as for `peftkit eval`).
-    targets = inject_adapters(model, adapter, every_entry=not cfg.adapter.init_from)
-    if cfg.adapter.init_from:
-        load_adapter_state_dict(model, load_adapter(cfg.adapter.init_from)[1])
+    start = load_adapter(cfg.adapter.init_from)[1] if cfg.adapter.init_from else None
+    targets = inject_adapters(model, adapter, every_entry=start is None, state=start)
+    if start is not None:
+        load_adapter_state_dict(model, start)
     prepare_for_training(model, tcfg.gradient_checkpointing)
     summary["trainable_params"], summary["total_params"] = trainable, total = count_parameters(model)
     where = f" on {len(targets)} modules" if targets else ""  # the prompt family adapts the model as a whole

@@ -193,19 +193,25 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         out = differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
         if not Path(recipe.model.name_or_path).is_absolute():  # a hub id: the files the re-run loaded
             out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe) + out
-        return _hub_data_differences(manifest.data_sha256, rerun.data_sha256, recipe) + out
+        return _hub_data_differences(manifest, rerun, recipe) + out
 
 
-def _hub_data_differences(recorded: dict, now: dict, recipe: Recipe) -> list[str]:
+def _hub_data_differences(manifest: Manifest, rerun: Manifest, recipe: Recipe) -> list[str]:
     """The hub datasets whose rows, as the re-run read them, differ from the recorded digest (a record without one,
-    from before December 2026, is not compared)."""
+    from before December 2026, is not compared), with the commits each read where recorded."""
+    recorded, now = manifest.data_sha256, rerun.data_sha256
+    run_commits, rerun_commits = manifest.data_commits, rerun.data_commits
     out = []
     for split, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         if source and is_hub_dataset(source) and recorded.get(split) and recorded[split] != now.get(split):
             revision = recipe.data.revision or "main"
-            pin = "" if re.fullmatch(r"[0-9a-f]{40}", revision) else ", a branch that has moved: pin data.revision to a commit"
-            out.append(f"data.{split}: the rows the re-run read from hub dataset '{source}' (revision '{revision}') "
-                       f"differ from the recorded ones{pin}")
+            read = "".join(f", {who} commit {commits[split]}" for who, commits in
+                           (("the run read", run_commits), ("the re-run", rerun_commits)) if split in commits)
+            pin = ("" if re.fullmatch(r"[0-9a-f]{40}", revision) else
+                   f", a branch that has moved: pin data.revision to a commit"
+                   + (f" ({run_commits[split]} is the run's)" if split in run_commits else ""))
+            out.append(f"data.{split}: the rows the re-run read from hub dataset '{source}' (revision '{revision}'"
+                       f"{read}) differ from the recorded ones{pin}")
     return out
 
 

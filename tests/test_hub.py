@@ -140,7 +140,8 @@ def test_a_hub_datasets_rows_are_recorded_and_other_rows_are_refused_on_resume_a
     train(recipe)
     run = tmp_path / "run"
     expected = {"rows": rows_digest(number_rows(64, seed=1))}
-    assert json.loads((run / "manifest.json").read_text())["data_sha256"]["train"] == expected
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data_sha256"]["train"] == expected and manifest["data_commits"] == {"train": "a" * 40}
     checksums = json.loads((run / "checkpoints" / "step-00000002" / "checksums.json").read_text())
     assert checksums["inputs"]["data.train"] == expected
     assert verify(run).ok
@@ -149,12 +150,14 @@ def test_a_hub_datasets_rows_are_recorded_and_other_rows_are_refused_on_resume_a
     rows[5]["output"] = "five"
     _publish_dataset(hub_dataset, rows, "b" * 40, tmp_path)
     with pytest.raises(PeftkitError, match="data.train: the rows read from the hub changed since checkpoint "
-                                           "step-00000002 was written"):
+                                           "step-00000002 was written. .* A hub dataset's branch moved on: run without "
+                                           "--resume and with --overwrite to start afresh"):
         train(recipe, resume=True)
     report = verify(run)
     assert not report.ok
-    assert (f"data.train: the rows the re-run read from hub dataset '{DATASET}' (revision 'main') differ from the "
-            "recorded ones, a branch that has moved: pin data.revision to a commit") in report.differences
+    assert (f"data.train: the rows the re-run read from hub dataset '{DATASET}' (revision 'main', the run read commit "
+            f"{'a' * 40}, the re-run commit {'b' * 40}) differ from the recorded ones, a branch that has moved: pin "
+            f"data.revision to a commit ({'a' * 40} is the run's)") in report.differences
 
 
 def test_a_record_without_rows_is_not_a_change_on_resume():
@@ -164,7 +167,32 @@ def test_a_record_without_rows_is_not_a_change_on_resume():
         "data.train: the rows read from the hub changed")
 
 
-def test_data_revision_of_local_files_is_a_recipe_error(tiny_llama, number_data, tmp_path):
+def test_data_revision_of_local_files_or_of_two_hub_datasets_is_a_recipe_error(tiny_llama, number_data, tmp_path):
     with pytest.raises(PeftkitError, match=r"data.revision: a revision of a hub dataset, and data.train and "
                                            r"data.eval are local files; remove data.revision"):
         load_recipe(make_recipe(tmp_path, tiny_llama, number_data, data={"revision": "main"}))
+    with pytest.raises(PeftkitError, match=r"data.revision: one revision for two hub datasets \(acme/a, acme/b\)"):
+        load_recipe(make_recipe(tmp_path, tiny_llama, {"train": "acme/a", "eval": "acme/b"}, data={"revision": "v1"}))
+
+
+def test_data_revision_stays_with_the_recipe_s_datasets(tiny_llama, tmp_path):
+    """`peftkit eval RECIPE --data OTHER`: the recipe's data.revision is its own datasets', not OTHER's."""
+    from peftkit.evaluate import eval_job
+    from peftkit.generate import Sampling, generate_job
+
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": DATASET, "eval": DATASET}, data={"revision": "c" * 40})
+    assert eval_job(recipe, [], None, None, None, None, None, None, None).data_cfg.revision == "c" * 40
+    assert eval_job(recipe, [], None, "acme/other", None, None, None, None, None).data_cfg.revision is None
+    job = generate_job(recipe, [], None, None, [], "acme/other", None, False, None, Sampling(), 8)
+    assert job.data_cfg.revision is None
+
+
+def test_the_rows_digest_counts_images_and_bytes_by_content():
+    """A PIL image's repr holds its memory address: digested by repr, the same rows gave another digest in every
+    process, and every --resume on such a dataset was refused."""
+    from PIL import Image
+
+    def rows(color):
+        return [{"text": "a", "image": Image.new("RGB", (2, 2), color), "raw": b"\x00\x01"}]
+
+    assert rows_digest(rows("red")) == rows_digest(rows("red")) != rows_digest(rows("blue"))

@@ -120,8 +120,25 @@ def test_ensure_weight_tying_on_tied_embeddings_is_refused_by_name(tmp_path):
     build_tiny_model(base, arch="qwen2", hidden_size=32, num_layers=1, seed=0)
     assert _load(base).config.tie_word_embeddings
     adapter = _peft_lora(base, tmp_path / "lora", target_modules=["embed_tokens"], ensure_weight_tying=True)
-    with pytest.raises(PeftkitError, match="'ensure_weight_tying' is true and the adapter covers embed_tokens: peft"):
+    with pytest.raises(PeftkitError, match="'ensure_weight_tying' is true and the adapter covers embed_tokens of a "
+                                           "model whose input and output embeddings are tied: peft then"):
         load_adapted_model(str(base), str(adapter))
+
+
+def test_ensure_weight_tying_on_an_untied_model_loads_with_peft_numbers(tiny_llama, tmp_path):
+    """On a model whose embeddings are not tied, peft only warns of the flag: the adapter loads, as it did before the
+    flag was checked."""
+    assert not _load(tiny_llama).config.tie_word_embeddings
+    adapter = _peft_lora(tiny_llama, tmp_path / "lora", target_modules=["embed_tokens", "q_proj"],
+                         ensure_weight_tying=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's own "no tied modules were found"
+        reference = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PeftkitWarning)  # nor an "unknown field" warning
+        ours = load_adapted_model(str(tiny_llama), str(adapter))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, reference(IDS).logits, atol=1e-6, rtol=0)
 
 
 def test_a_module_in_target_modules_and_modules_to_save_is_trained_in_full_as_in_peft(tiny_llama, tmp_path):
@@ -146,3 +163,18 @@ def test_a_recipe_target_that_modules_to_save_trains_in_full_is_an_error(tiny_ll
     with pytest.raises(PeftkitError, match="adapter.target_modules entry 'lm_head' names modules that "
                                            "adapter.modules_to_save trains in full"):
         inject_adapters(_load(tiny_llama), cfg)
+
+
+def test_a_saved_adapter_s_weights_keep_a_module_inside_modules_to_save_adapted(tiny_llama):
+    """peftkit before December 2026 adapted modules inside a classifier head it also saved whole (RoBERTa's
+    classifier.dense): its adapters must still load, so a module the saved weights adapt stays wrapped."""
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.methods.lora import LoraConfig
+
+    cfg = LoraConfig(r=2, target_modules=["q_proj", "lm_head"], modules_to_save=["lm_head"])
+    plain = inject_adapters(_load(tiny_llama), cfg, every_entry=False)
+    assert "lm_head" not in plain
+    state = {"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 32)}
+    model = _load(tiny_llama)
+    kept = inject_adapters(model, cfg, every_entry=False, state=state)
+    assert kept == [*plain, "lm_head"] and "lm_head" in adapter_layers(model)

@@ -425,3 +425,14 @@ def test_an_encoder_given_as_a_causal_lm_is_named_as_the_wrong_model(tmp_path, m
                                   "--output", str(tmp_path / "merged")).split())
     assert f"error: {tiny_bert} holds a BertModel, and it was to load as a BertLMHeadModel: " in err, err
     assert "Is it the model you meant?" in err and "config.json edited" not in err
+
+
+def test_a_target_inside_the_head_is_a_recipe_error_naming_the_head(tmp_path, tiny_llama, sentiment):
+    """The head is trained in full (modules_to_save, added by peftkit, not written in the recipe): LoRA inside it
+    gave adapters peft cannot load. The error names the head and why, not a modules_to_save the user never wrote."""
+    recipe = classification_recipe(tmp_path, tiny_llama, sentiment,
+                                   adapter={"r": 2, "alpha": 4, "target_modules": ["q_proj", "score"]})
+    with pytest.raises(PeftkitError, match=r"adapter.target_modules entry 'score' names the classification head "
+                                           r"'score' \(or modules inside it\), which a sequence classifier trains in "
+                                           r"full \(as peft's SEQ_CLS\); remove 'score' from adapter.target_modules."):
+        train(load_recipe(recipe))

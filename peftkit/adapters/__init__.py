@@ -107,7 +107,8 @@ def _layer_kinds(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = True) -> list[str]:
+def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = True,
+                    state: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Wrap the target layers in the method's layers, freeze everything else, unfreeze `modules_to_save`.
 
     Seeding is the caller's job: initial weights (LoRA's A) are drawn from torch's global RNG, so call
@@ -116,6 +117,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     Args:
         every_entry: refuse a `target_modules` list entry that matches nothing (a recipe's typo). Off for a
             saved adapter, whose weights say what it adapts.
+        state: a saved adapter's PEFT-keyed tensors: a module inside `modules_to_save` that they adapt is wrapped
+            (peftkit before December 2026 adapted a classifier head's `dense` and saved the head whole too).
 
     Returns:
         the full paths of the wrapped modules.
@@ -127,7 +130,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             p.requires_grad_(False)
         method.install(model, cfg)
         return []
-    names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry)
+    names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry,
+                           _adapted_by(state, method) if state is not None else set())
     for p in model.parameters():
         p.requires_grad_(False)
     layers = []
@@ -154,19 +158,37 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     return names
 
 
-def _outside_saved(names: list[str], cfg: AdapterConfig, every_entry: bool) -> list[str]:
+def _outside_saved(names: list[str], cfg: AdapterConfig, every_entry: bool, adapted: set[str]) -> list[str]:
     """`names` without the modules `cfg.modules_to_save` trains in full and those inside them, as peft decides (its
-    copy of such a module holds no adapter). A recipe's target_modules entry that only names such modules is an
-    error (`every_entry`): it would adapt nothing."""
+    copy of such a module holds no adapter), but those a saved adapter's weights adapt (`adapted`). A recipe's
+    target_modules entry that only names such modules is an error (`every_entry`): it would adapt nothing."""
+    from peftkit.classify import HEAD_NAMES
+
     saved = getattr(cfg, "modules_to_save", None) or []
-    inside = {n for n in names if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)}
+    inside = {n for n in names if n not in adapted
+              and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)}
     if every_entry and inside and isinstance(getattr(cfg, "target_modules", None), list):
         for entry in cfg.target_modules:
             if all(n in inside for n in names if _suffix_match(n, entry)):
-                raise PeftkitError(f"adapter.target_modules entry {entry!r} names modules that adapter.modules_to_save "
-                                   "trains in full, which then get no adapter (as in peft); remove it from one of "
-                                   "the two.")
+                head = next((m for m in saved if m in HEAD_NAMES), None)
+                why = (f"names the classification head '{head}' (or modules inside it), which a sequence classifier "
+                       f"trains in full (as peft's SEQ_CLS); remove {entry!r} from adapter.target_modules" if head else
+                       "names modules that adapter.modules_to_save trains in full, which then get no adapter (as in "
+                       "peft); remove it from one of the two")
+                raise PeftkitError(f"adapter.target_modules entry {entry!r} {why}.")
     return [n for n in names if n not in inside]
+
+
+def _adapted_by(state: dict[str, torch.Tensor], method) -> set[str]:
+    """The module paths a saved adapter's PEFT-keyed tensors adapt (keys `<path>.<one of the method's tensors>`)."""
+    found = set()
+    for key in state:
+        name = key.removeprefix(PEFT_PREFIX)
+        for param in method.param_names:
+            head, sep, _ = name.partition(f".{param.split('.')[0]}")
+            if sep:
+                found.add(head)
+    return found
 
 
 def share_tensors(method: type[Method], cfg: AdapterConfig, layers: list[AdapterLayer]) -> None:

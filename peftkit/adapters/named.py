@@ -58,7 +58,7 @@ from peftkit.methods import method_of
 from peftkit.methods.base import Method
 from peftkit.methods.lora import LoraEmbedding, LoraLinear
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
-from peftkit.peft_format import read_meta
+from peftkit.peft_format import check_weight_tying, read_meta
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
 BASE_NAMES = ("", "base")
@@ -184,6 +184,8 @@ class NamedAdapters:
                   quant: QuantizationConfig | None) -> None:
         """`add` what `load_adapter` read from `directory`, once it is known to fit this base."""
         self._check_fits(name, directory, raw, quant)
+        if directory:
+            check_weight_tying(directory, self.model)
         self.add(name, cfg, state, directory)
         if self._recorded_base is None:
             self._recorded_base = (name, raw.base_model_name_or_path)
@@ -197,7 +199,7 @@ class NamedAdapters:
         with self._bare():
             if not method.layer_targets:
                 try:
-                    inject_adapters(self.model, cfg, every_entry=False)
+                    inject_adapters(self.model, cfg, every_entry=False, state=state)
                     load_adapter_state_dict(self.model, state)
                 finally:
                     entry.virtual = uninstall(self.model)
@@ -325,7 +327,7 @@ class NamedAdapters:
             _replace(self.model, path, copy.deepcopy(module))
         targets: list[str] = []
         try:
-            targets = inject_adapters(self.model, cfg, every_entry=False)
+            targets = inject_adapters(self.model, cfg, every_entry=False, state=state)
             load_adapter_state_dict(self.model, state)
         except BaseException:
             for path in targets:

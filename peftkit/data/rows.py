@@ -69,15 +69,27 @@ def _generation_error() -> type[Exception]:
 HUB_ROWS: dict[tuple[str, str, str | None], dict[str, str]] = {}
 """{(hub id, split, revision): {"rows": sha256}} of the hub datasets this process has read: a hub dataset has no
 file of its own to hash, so a run records a digest of the rows it read (`data_hashes`)."""
+HUB_COMMITS: dict[tuple[str, str, str | None], str] = {}
+"""The commit each of those was read at, where `datasets` says (its cache directory is named after it)."""
 
 
 def rows_digest(rows: list[dict]) -> str:
-    """sha256 of rows as canonical JSON, one row a line (a value JSON has no form for counts by its repr)."""
+    """sha256 of rows as canonical JSON, one row a line; a value JSON has no form for (bytes, an image, an array, a
+    date) counts by its content (`_content`), never by a repr that holds a memory address."""
     digest = hashlib.sha256()
     for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=repr).encode("utf-8", "surrogatepass"))
-        digest.update(b"\n")
+        line = json.dumps(row, sort_keys=True, ensure_ascii=False, default=_content)
+        digest.update(line.encode("utf-8", "surrogatepass") + b"\n")
     return digest.hexdigest()
+
+
+def _content(value) -> str:
+    data = value if isinstance(value, bytes | bytearray) else value.tobytes() if hasattr(value, "tobytes") else None
+    if data is not None:  # bytes, a PIL image or a numpy array: its type, shape and bytes
+        shape = getattr(value, "shape", None) or getattr(value, "size", None)
+        return f"{type(value).__name__} {shape} {getattr(value, 'mode', '')} {hashlib.sha256(data).hexdigest()}"
+    text = str(value)  # a date, a Decimal: what it says
+    return type(value).__name__ if " at 0x" in text else text
 
 
 def load_rows(source: str, split: str, on_bad_rows: str = "error",
@@ -131,6 +143,9 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
         ) from None
     rows = list(ds)
     HUB_ROWS[(source, split, revision)] = {"rows": rows_digest(rows)}
+    cached = Path(ds.cache_files[0]["filename"]).parent.name if ds.cache_files else ""
+    if re.fullmatch(r"[0-9a-f]{40}", cached):
+        HUB_COMMITS[(source, split, revision)] = cached
     return rows, 0, None
 
 

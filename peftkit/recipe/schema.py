@@ -294,10 +294,14 @@ class Recipe(Section):
                 "row's reference, and data.format 'text' has no prompt or reference (every token is target); "
                 "remove eval.metrics or use the alpaca, completion or chat format"
             )
-        if self.data.revision and not any(source and is_hub_dataset(source) for source in (self.data.train,
-                                                                                           self.data.eval)):
+        hub = {source for source in (self.data.train, self.data.eval) if source and is_hub_dataset(source)}
+        if self.data.revision and not hub:
             raise ValueError("data.revision: a revision of a hub dataset, and data.train and data.eval are local "
                              "files; remove data.revision")
+        if self.data.revision and len(hub) > 1:
+            raise ValueError(f"data.revision: one revision for two hub datasets ({', '.join(sorted(hub))}), which "
+                             "have commits of their own; remove data.revision, or use one dataset's two splits "
+                             "(data.train_split, data.eval_split)")
         _check_task(self)
         _check_long_context(self)
         self._check_selection()
