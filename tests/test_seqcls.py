@@ -436,3 +436,19 @@ def test_a_target_inside_the_head_is_a_recipe_error_naming_the_head(tmp_path, ti
                                            r"'score' \(or modules inside it\), which a sequence classifier trains in "
                                            r"full \(as peft's SEQ_CLS\); remove 'score' from adapter.target_modules."):
         train(load_recipe(recipe))
+
+
+def test_a_config_that_lists_a_causal_lm_class_is_no_classifier(tmp_path):
+    """generate/chat refuse a classifier by its files: a config.json listing a causal LM class beside a classifier
+    class still generates."""
+    from peftkit.inference import ModelSource
+
+    def source(*classes):
+        path = tmp_path / "-".join(classes)
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"architectures": list(classes)}))
+        return ModelSource(model=ModelConfig(name_or_path=str(path)))
+
+    assert source("LlamaForSequenceClassification").classifier()
+    assert not source("LlamaForCausalLM", "LlamaForSequenceClassification").classifier()
+    assert not source("LlamaForCausalLM").classifier()
