@@ -9,12 +9,14 @@ why, and refuses to continue when the data or the base model changed since the r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from peftkit import zero
 from peftkit.adapters import adapter_state_dict, load_adapter_state_dict
@@ -85,7 +87,7 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
             blob["rng_ranks"] = rng
         if method_trainer is not None:
             blob["method_trainer"] = method_trainer.state_dict()
-        torch.save(blob, tmp / STATE_FILE)
+        _save_state(blob, tmp / STATE_FILE)
         (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__))
         if selection is not None:
             selection.save(tmp)
@@ -181,7 +183,7 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
             state, recorded, writers = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection,
                                                        rank)
         except DamagedCheckpoint as e:
-            console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {e}; trying an older one.")
+            console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {escape(str(e))}; trying an older one.")
             continue
         if writers != world:  # the global batch, the data's order and the schedule's length all depend on it
             flag = f"--num-processes {writers}" if writers > 1 else "no --num-processes (one process)"
@@ -198,6 +200,21 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
         return path, state
     raise PeftkitError(f"--resume: no intact checkpoint in {out / CHECKPOINTS} (each one is damaged, see above). "
                        "Run without --resume and with --overwrite to start again.")
+
+
+def _save_state(blob: dict, path: Path) -> None:
+    """torch.save, with the same bytes wherever the run directory is: torch names the archive inside the file after
+    the file for an ASCII path, and "archive" for any other (it writes through Python then), so a run under a
+    directory named in another script never verified. Such a path is reached through an ASCII one: its directory's
+    descriptor in /proc/self/fd (Linux; elsewhere the bytes differ, not the contents)."""
+    if not str(path).isascii() and path.name.isascii() and os.path.isdir("/proc/self/fd"):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            torch.save(blob, f"/proc/self/fd/{fd}/{path.name}")
+        finally:
+            os.close(fd)
+        return
+    torch.save(blob, path)
 
 
 def run_inputs(recipe) -> dict:

@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 # soft_wrap: a line stays one line in a log file (grep-able), however long; the terminal wraps it on screen.
 console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # a warning in a log is one line, as an error is
 
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the model (--model, --base) ships, "
                                                "or that an adapter's base needs (recorded in its peftkit.json).")]
@@ -35,8 +35,15 @@ Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VA
 
 
 def _local(path: str) -> str:
-    """A CLI argument that exists on disk becomes absolute (relative to the current directory); else a hub id."""
-    return str(Path(path).resolve()) if Path(path).exists() else path
+    """A CLI argument that exists on disk becomes absolute (relative to the current directory; `~` expanded, as in a
+    recipe: `--model=~/m` reaches peftkit unexpanded); else a hub id, or the missing path it names."""
+    expanded = Path(path).expanduser()
+    return str(expanded.resolve()) if expanded.exists() else str(expanded) if path.startswith("~") else path
+
+
+def _expanded(path: Path | None) -> Path | None:
+    """An output path flag with `~` expanded (`--json=~/e.json` made a directory named `~`)."""
+    return path.expanduser() if path is not None else None
 
 
 @app.callback()
@@ -100,10 +107,12 @@ def train(
 @app.command()
 def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")], overrides: Overrides = None) -> None:
     """Check a recipe and print it fully resolved (every default, absolute paths), or its errors."""
+    from rich.markup import escape
+
     from peftkit.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides or [])
-    console.print(f"# {recipe}: valid", style="green")
+    console.print(f"# {recipe}: valid", style="green", markup=False)
     # A value the recipe's rules take for a local path (not a hub id) should be there: train would stop at it. A
     # warning, not an error: the recipe may be meant for another machine.
     adapter = resolved.adapter
@@ -112,7 +121,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
                        ("data.eval", resolved.data.eval), *fused,
                        ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
         if value and Path(value).is_absolute() and not Path(value).exists():
-            err_console.print(f"[yellow]warning:[/] {key} {value} does not exist here (a relative path is resolved "
+            err_console.print(f"[yellow]warning:[/] {key} {escape(value)} does not exist here (a relative path is resolved "
                               "against the recipe's directory); train would stop at it.", highlight=False)
     print(resolved.to_yaml(), end="")
 
@@ -146,6 +155,8 @@ def merge(
     several adapters (--weights, --method) into one LoRA adapter, or with --into-base into the base."""
     from peftkit.merge import merge_adapter
 
+    output = str(Path(output).expanduser())
+
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise PeftkitError(f"--dtype {dtype!r}: use float32, bfloat16 or float16.")
     if requantize is not None and requantize not in ("nf4", "fp4"):
@@ -159,7 +170,7 @@ def merge(
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
     out = merge_adapter(_local(adapter[0]), output, _local(base) if base else None, dtype, requantize, overwrite,
                         trust_remote_code)
-    console.print(f"Merged model written to {out}")
+    console.print(f"Merged model written to {out}", markup=False, highlight=False)
 
 
 def _combine(adapters: list[str], output: str, base: str | None, dtype: str | None, requantize: str | None,
@@ -189,7 +200,7 @@ def _combine(adapters: list[str], output: str, base: str | None, dtype: str | No
     out = combine_adapters([_local(a) for a in adapters], combination, output, into_base, _local(base) if base else None,
                            dtype, overwrite, trust_remote_code)
     what = "Merged model" if into_base else f"Combined adapter ({method})"
-    console.print(f"{what} written to {out}")
+    console.print(f"{what} written to {out}", markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -231,6 +242,7 @@ def eval_cmd(
     from peftkit.fileio import atomic_write_json
 
     adapters, merged = adapter or [], merged or []
+    json_out, predictions = _expanded(json_out), _expanded(predictions)
     comparing = len(adapters) > 1 or bool(merged) or any("=" in a for a in adapters)
     for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
         if path is not None:
@@ -329,6 +341,7 @@ def generate(
     from peftkit.fileio import atomic_write_json
     from peftkit.generate import Sampling, generate_job, run_generate
 
+    json_out = _expanded(json_out)
     if json_out is not None:
         _check_json_out(json_out)
     single, named = _adapter_flags(adapter or [])

@@ -24,11 +24,30 @@ class DiskFullError(PeftkitError):
     what the user can do next (a checkpoint to resume from, or none)."""
 
 
+def resolved(path: str | os.PathLike, what: str) -> Path:
+    """`Path.resolve()`, with a symlink loop said as a user's error (pathlib raises RuntimeError, or OSError ELOOP)."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise
+        raise PeftkitError(f"{what} {path}: a loop of symbolic links; point it at a real directory.") from None
+
+
+def _short(name: str, limit: int = 200) -> str:
+    """`name`, cut to `limit` bytes (whole characters): the temporary and set-aside names beside a file add ~15 bytes
+    to it, and a name near the filesystem's 255-byte limit would not fit."""
+    return name.encode()[:limit].decode(errors="ignore")
+
+
 @contextlib.contextmanager
 def _disk_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except Exception as e:
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+            raise PeftkitError(f"{path}: a name in this path is longer than the filesystem allows (255 bytes a "
+                               "name); choose a shorter one.") from e
         if _out_of_space(e, path):
             raise DiskFullError(
                 f"No space left on the device while writing {path}. The previous version of it, if any, is "
@@ -89,7 +108,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_errors(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp")
         try:
             _as_created(Path(tmp))
             with os.fdopen(fd, "wb") as f:
@@ -136,7 +155,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_errors(path):
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp"))
     try:
         _as_created(tmp, directory=True)
         with _disk_errors(path), _named_as(tmp, path):
@@ -150,7 +169,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                     _as_created(f, directory=True)
             if path.exists():
                 # Two renames: the old directory stays whole until the new one is complete.
-                old = path.with_name(f".{path.name}.old")
+                old = path.with_name(f".{_short(path.name)}.old")
                 _remove(old)
                 os.replace(path, old)
                 os.replace(tmp, path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 
 from peftkit import distributed, zero
 from peftkit.adapters import load_adapter_state_dict, nonfinite_tensors
@@ -121,7 +122,7 @@ def _write_report(run: _Run) -> Path | None:
     try:
         return write_report(run.out)
     except Exception as e:  # noqa: BLE001 - whatever breaks the plots must not undo a finished run
-        run.console.print(f"[yellow]warning:[/] the report was not written ({type(e).__name__}: {e}); "
+        run.console.print(f"[yellow]warning:[/] the report was not written ({type(e).__name__}: {escape(str(e))}); "
                           f"run `peftkit report {run.out}` to try again.", highlight=False)
         return None
 
@@ -152,7 +153,6 @@ def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState, 
 def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:
     """The run's figures and files: a table in a terminal; in a log (not a terminal) one `name  value` line each, so
     that no path is folded across lines where a reader copies it from."""
-    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 

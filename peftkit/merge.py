@@ -233,9 +233,10 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     Args:
         protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
     """
+    from peftkit.fileio import resolved
     from peftkit.rundir import make_writable_dir, tidy_leftovers
 
-    output = output.expanduser().resolve()
+    output = resolved(output, "--output")
     cwd = Path.cwd().resolve()
     if output == cwd or output in cwd.parents:
         raise PeftkitError(f"--output {output} is the current directory or one above it; the merged model replaces "
@@ -246,6 +247,17 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
             if output == held or output in held.parents:
                 raise PeftkitError(f"--output {output} is the {label} ({held}){' or holds it' if output != held else ''};"
                                    " writing the merged model there would delete it. Choose another --output.")
+    for label, path in protected.items():  # inside an adapter, or any part of a run: verify would find it added
+        if path and Path(path).exists():
+            held = Path(path).resolve()
+            if held in output.parents:
+                raise PeftkitError(f"--output {output} is inside the {label} ({held}); a directory added there changes "
+                                   "what it holds. Choose an --output outside it.")
+    if run := next((p for p in output.parents if (p / "manifest.json").is_file() and (p / "recipe.yaml").is_file()),
+                   None):
+        raise PeftkitError(f"--output {output} is inside the run directory {run}, whose files its manifest.json lists "
+                           "(verify would find the merged model added after the run). Choose an --output outside it, "
+                           "e.g. beside it.")
     make_writable_dir(output.parent, "--output's parent")
     tidy_leftovers(output.parent, lambda entry: entry == output.name)  # what a killed earlier merge into it left
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):

@@ -148,10 +148,10 @@ def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, con
                 (out / LOCK_NAME).unlink(missing_ok=True)
             raise
         for note in recover_and_tidy(out):
-            console.print(f"note: {note}", highlight=False)
+            console.print(f"note: {note}", highlight=False, markup=False)
         if not resume and (out / "manifest.json").exists():
             console.print(f"note: {out} holds a finished run; this run replaces it once its data and model have "
-                          "loaded.", highlight=False)
+                          "loaded.", highlight=False, markup=False)
         yield
 
 

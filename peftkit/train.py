@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from peftkit import distributed, long_context, zero
 from peftkit.adapters import (count_parameters, inject_adapters,
@@ -305,7 +306,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     distributed.check_engine(cfg, accelerator)
     check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
     if note := cpu_dtype_note(cfg.model.dtype, device):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
     check_fits(estimate, device)

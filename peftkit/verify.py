@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from peftkit.errors import PeftkitError
-from peftkit.fileio import sha256_file
+from peftkit.fileio import resolved, sha256_file
 from peftkit.manifest import (
     MANIFEST,
     RECIPE_FILE,
@@ -65,7 +65,7 @@ def verify(run_dir: str | Path, tolerance: float = 0.0, console: Console | None 
         raise PeftkitError(f"--tolerance {tolerance}: must be a finite number >= 0 (0 demands identical bits; "
                            "e.g. 1e-4 for a run made on another machine).")
     console = console or Console()
-    run_dir = Path(run_dir).resolve()
+    run_dir = resolved(run_dir, "RUN_DIR")
     manifest = read_manifest(run_dir)
     _check_remote_code(manifest.recipe, trust_remote_code, run_dir / MANIFEST)
     report = VerifyReport(run_dir=run_dir, ok=True)
@@ -182,6 +182,7 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there.
         recipe.export.output_dir = tmp
         console.print(f"Re-running the recipe recorded in {run_dir} in a temporary directory (deleted afterwards) ...",
+                      markup=False,
                       soft_wrap=True)
         try:
             _train_again(recipe, manifest.distributed, console)

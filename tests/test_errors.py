@@ -409,6 +409,12 @@ def test_unusable_path(tmp_path, old, new, reason):
     assert message.startswith(f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  ' + key.split('.')[1])}: '{key}' = ")
     assert f"is not a usable path ({reason})" in message
     assert "Give an existing path (relative to the recipe's directory) or a hub id." in message
+    assert ("..." in message) == (len(new) > 80)  # a value cut to 80 characters says so
+
+
+def test_an_unusable_output_dir_gets_an_output_s_advice(tmp_path):
+    message = _error(_write(tmp_path, RECIPE.replace("output_dir: ./run", "output_dir: ./" + "o" * 300)))
+    assert "is not a usable path (File name too long). Give a directory path that can be created." in message
 
 
 # ------------------------------------------------------------------------------------------ --set
@@ -886,3 +892,43 @@ def test_a_mistyped_local_model_path_is_said_to_be_one(tmp_path, monkeypatch, ca
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "artifacts/tiny-lama", "--prompt", "hi").split())
     assert ("error: Could not load model artifacts/tiny-lama: there is no such local directory (its start, artifacts, "
             "is one here; artifacts holds tiny-llama), and as a hub id it could not be loaded either") in err, err
+
+
+def test_names_near_the_filesystem_s_limit(tmp_path):
+    """A legal 250-byte name failed in every atomic write with a traceback (its temporary name, 14 bytes longer,
+    was not); a name over the limit is a clear error."""
+    fileio.atomic_write_bytes(tmp_path / ("m" * 250), b"x")
+    with fileio.atomic_directory(tmp_path / ("中" * 83)) as tmp:  # 249 bytes
+        (tmp / "f").write_text("y")
+    with fileio.atomic_directory(tmp_path / ("中" * 83)) as tmp:  # replacing it: the old one is set aside first
+        (tmp / "f").write_text("z")
+    assert (tmp_path / ("m" * 250)).read_bytes() == b"x" and (tmp_path / ("中" * 83) / "f").read_text() == "z"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m" * 250, "中" * 83])
+    with pytest.raises(PeftkitError, match="a name in this path is longer than the filesystem allows"):
+        fileio.atomic_write_bytes(tmp_path / ("m" * 256), b"x")
+
+
+def test_a_tilde_in_a_flag_s_path_is_the_home_directory(tmp_path, monkeypatch, capsys):
+    """`--json=~/e.json` reaches peftkit unexpanded (the shell expands `~` only at a word's start): it made a
+    directory named `~` in the current one. `~` is the home directory, as in a recipe."""
+    from tests.conftest import cli_user_error
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model=~/no-model", "--data", "x.jsonl",
+                                  "--json=~/out/e.json").split())
+    assert not (tmp_path / "~").exists() and (tmp_path / "home" / "out").is_dir()
+    assert "Could not load model" in err or "not found" in err, err
+
+
+def test_a_symlink_loop_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from tests.conftest import cli_user_error
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    err = cli_user_error(monkeypatch, capsys, "verify", str(tmp_path / "a"))
+    assert f"RUN_DIR {tmp_path / 'a'}: a loop of symbolic links; point it at a real directory." in " ".join(err.split())
+    with pytest.raises(PeftkitError, match="--output .*: a loop of symbolic links"):
+        from peftkit.merge import check_merge_output
+
+        check_merge_output(tmp_path / "a", {}, overwrite=False)

@@ -108,3 +108,21 @@ def test_validate_warns_of_missing_adapter_directories(adapter, missing, tmp_pat
     assert result.exit_code == 0, result.output
     for key in missing:
         assert f"warning: {key.format(d=tmp_path)} does not exist here" in " ".join(result.output.split())
+
+
+def test_paths_that_look_like_rich_markup_are_printed_as_they_are(tmp_path):
+    """A directory named `[bold]x[/bold]` lost its brackets in validate's lines (and in train's notes, merge's and
+    verify's): rich read them as markup. Warnings were also folded at 80 columns in a log."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    folder = tmp_path / "[bold]x[/bold] dir"  # "[bold]x[" inside which "bold] dir"
+    folder.mkdir(parents=True)
+    (folder / "[red]r.yaml").write_text('model: {name_or_path: "/nope/[bold]m[/bold]"}\ndata: {train: t.jsonl}\n'
+                                        "export: {output_dir: o}\n")
+    result = CliRunner().invoke(app, ["validate", str(folder / "[red]r.yaml")])
+    assert result.exit_code == 0, result.output
+    assert f"# {folder / '[red]r.yaml'}: valid" in result.output
+    assert ("warning: model.name_or_path /nope/[bold]m[/bold] does not exist here (a relative path is resolved against "
+            "the recipe's directory); train would stop at it.") in result.output.splitlines()

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -441,6 +442,12 @@ def test_merge_never_writes_over_the_base_the_adapter_or_the_current_directory(a
         assert _merge_error(adapter_run, output, overwrite=True).startswith("--output ")
         assert "is the current directory or one above it" in _merge_error(adapter_run, output, overwrite=True)
     assert (base / "config.json").exists() and (adapter / "adapter_config.json").exists()
+    # inside the adapter, or anywhere in its run: accepted, and the run then failed verify ("added after the run")
+    assert _merge_error(adapter_run, adapter / "m").startswith(
+        f"--output {adapter / 'm'} is inside the adapter ({adapter}); a directory added there changes what it holds.")
+    run = adapter_run.resolve()
+    assert _merge_error(adapter_run, run / "checkpoints" / "m").startswith(
+        f"--output {run / 'checkpoints' / 'm'} is inside the run directory {run}, whose files its manifest.json lists")
 
 
 def test_merge_checks_the_requantized_output_too(adapter_run, tmp_path):
@@ -485,3 +492,19 @@ def test_a_run_written_before_a_recipe_key_was_added_is_the_same_recipe(tiny_lla
     console, buffer = _console()
     train(recipe, resume=True, console=console)
     assert "Resumed from step-00000006" in buffer.getvalue()
+
+
+def test_a_checkpoint_s_bytes_do_not_depend_on_the_run_directory_s_name(tmp_path):
+    """torch.save named the archive inside training_state.pt after the file for an ASCII path and "archive" for any
+    other: the same state got other bytes under a directory named in another script, and such a run never verified
+    (its checkpoints 'differed' from the re-run's in /tmp)."""
+    from peftkit.checkpoint import _save_state
+
+    blob = {"optimizer": {"state": {0: {"exp_avg": torch.arange(4.0)}}}, "rng": torch.get_rng_state()}
+    files = []
+    for name in ("plain", "é 中文 😀"):
+        (tmp_path / name).mkdir()
+        _save_state(blob, tmp_path / name / "training_state.pt")
+        files.append((tmp_path / name / "training_state.pt").read_bytes())
+    assert files[0] == files[1]
+    assert torch.load(tmp_path / "é 中文 😀" / "training_state.pt", weights_only=True)["rng"].equal(blob["rng"])

@@ -358,8 +358,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             return _resolve(value, base, kind)
         except (OSError, RuntimeError, ValueError) as e:  # `~nosuchuser/x`, a name over 255 bytes, a NUL byte
             reason = getattr(e, "strerror", None) or str(e).rstrip(".")
-            raise PeftkitError(f"{where}: '{key}' = {value[:80]!r} is not a usable path ({reason}). Give an existing "
-                               "path (relative to the recipe's directory) or a hub id.") from None
+            shown = value if len(value) <= 80 else f"{value[:77]}..."
+            fix = ("a directory path that can be created" if kind == "output" else
+                   "an existing path (relative to the recipe's directory) or a hub id")
+            raise PeftkitError(f"{where}: '{key}' = {shown!r} is not a usable path ({reason}). Give {fix}.") from None
 
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
                                ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
