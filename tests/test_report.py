@@ -85,7 +85,7 @@ def test_a_run_writes_its_report(tiny_llama, number_data, tmp_path):
     train(load_recipe(recipe), console=Console(file=out, width=300))
     page = tmp_path / "run" / "report" / "report.html"
     assert page.is_file() and "<h2>Curves</h2>" in page.read_text()
-    assert re.search(r"report\.html\s*│\s*" + re.escape(str(page)), out.getvalue())
+    assert re.search(r"^  report\.html\s+" + re.escape(str(page)) + "$", out.getvalue(), re.M)  # the summary's line
     assert verify(tmp_path / "run", console=Console(quiet=True)).ok
 
 
