@@ -298,8 +298,11 @@ def _adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str
 
 def _check_json_out(path: Path, flag: str = "--json") -> None:
     """An output file flag must name a file we can write: checked before minutes of evaluation, not after."""
+    from peftkit.fileio import special_file
     from peftkit.rundir import make_writable_dir
 
+    if special_file(path):  # /dev/stdout, a pipe: written as it is
+        return
     if path.is_dir():
         raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / 'eval.json'}.")
     make_writable_dir(path.parent, f"{flag}'s directory")

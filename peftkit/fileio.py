@@ -105,7 +105,15 @@ def _as_created(path: Path, directory: bool = False) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all (a temporary file renamed over it). A symbolic link keeps pointing
+    at its file, which is the one replaced; a pipe or device (`--json /dev/stdout`) is written as it is."""
     path = Path(path)
+    with _disk_errors(path):  # (a name over 255 bytes fails its first look, here)
+        if special_file(path):
+            _write_stream(path, data)
+            return
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_errors(path):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp")
@@ -121,6 +129,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
                 os.unlink(tmp)
             raise
     _fsync_dir(path.parent)
+
+
+_STANDARD = {"/dev/stdout": 1, "/dev/fd/1": 1, "/proc/self/fd/1": 1, "/dev/stderr": 2, "/dev/fd/2": 2,
+             "/proc/self/fd/2": 2}
+
+
+def _write_stream(path: Path, data: bytes) -> None:
+    """Write into a stream: this process's own stdout or stderr through Python's (their other lines and this one
+    keep their order, and a redirection to a file is not truncated), anything else appended."""
+    import sys
+
+    fd = _STANDARD.get(os.path.abspath(path))
+    with _disk_errors(path):
+        if fd is not None:
+            stream = sys.stdout if fd == 1 else sys.stderr
+            stream.flush()
+            stream.buffer.write(data)
+            stream.buffer.flush()
+        else:
+            with open(path, "ab") as f:
+                f.write(data)
+
+
+def special_file(path: Path) -> bool:
+    """Whether `path` is a stream to write into, never to replace: under /dev or /proc (/dev/stdout, whatever it
+    leads to: a terminal, a pipe, the log file of a redirection), or there and neither a regular file nor a
+    directory (a named pipe)."""
+    absolute = Path(os.path.abspath(path))
+    if absolute.parts[1:2] in (("dev",), ("proc",)):
+        return True
+    return path.exists() and not (path.is_file() or path.is_dir())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -7,6 +7,7 @@ parts of the message a user needs: what is wrong, where, and what to do instead.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -932,3 +933,27 @@ def test_a_symlink_loop_is_a_clear_error(tmp_path, monkeypatch, capsys):
         from peftkit.merge import check_merge_output
 
         check_merge_output(tmp_path / "a", {}, overwrite=False)
+
+
+def test_json_out_to_a_link_a_pipe_or_stdout(tmp_path, capsys):
+    """An output file flag (--json, --predictions) replaced a symbolic link by a file, refused a pipe, and (as root)
+    renamed a temporary file over /dev/stdout itself, the system's link."""
+    import threading
+
+    (tmp_path / "link.json").symlink_to("real.json")
+    fileio.atomic_write_json(tmp_path / "link.json", {"a": 1})
+    assert (tmp_path / "link.json").is_symlink() and json.loads((tmp_path / "real.json").read_text()) == {"a": 1}
+
+    os.mkfifo(tmp_path / "pipe")
+    got = []
+    reader = threading.Thread(target=lambda: got.append((tmp_path / "pipe").read_text()))
+    reader.start()
+    fileio.atomic_write_text(tmp_path / "pipe", "through the pipe")
+    reader.join(timeout=30)
+    assert got == ["through the pipe"] and not (tmp_path / "pipe").is_file()
+
+    before = os.readlink("/dev/stdout") if os.path.islink("/dev/stdout") else None
+    print("first line")
+    fileio.atomic_write_json("/dev/stdout", {"b": 2})
+    assert capsys.readouterr().out == 'first line\n{\n  "b": 2\n}\n'  # in order, through Python's stdout
+    assert (os.readlink("/dev/stdout") if os.path.islink("/dev/stdout") else None) == before
