@@ -153,11 +153,11 @@ def _write_stream(path: Path, data: bytes) -> None:
 
 
 def special_file(path: Path) -> bool:
-    """Whether `path` is a stream to write into, never to replace: under /dev or /proc (/dev/stdout, whatever it
-    leads to: a terminal, a pipe, the log file of a redirection), or there and neither a regular file nor a
-    directory (a named pipe)."""
-    absolute = Path(os.path.abspath(path))
-    if absolute.parts[1:2] in (("dev",), ("proc",)):
+    """Whether `path` is a stream to write into, never to replace: a process's file descriptor (/dev/stdout,
+    /dev/fd/N, /proc/...: whatever it leads to, a terminal, a pipe or the log file of a redirection), or a file there
+    that is neither regular nor a directory (a named pipe, /dev/null). /dev/shm's files are files."""
+    absolute = os.path.abspath(path)
+    if absolute in _STANDARD or absolute.startswith(("/dev/fd/", "/proc/")):
         return True
     return path.exists() and not (path.is_file() or path.is_dir())
 

@@ -957,3 +957,4 @@ def test_json_out_to_a_link_a_pipe_or_stdout(tmp_path, capsys):
     fileio.atomic_write_json("/dev/stdout", {"b": 2})
     assert capsys.readouterr().out == 'first line\n{\n  "b": 2\n}\n'  # in order, through Python's stdout
     assert (os.readlink("/dev/stdout") if os.path.islink("/dev/stdout") else None) == before
+    assert not fileio.special_file(Path("/dev/shm/out.json"))  # a file there is a file: replaced whole
