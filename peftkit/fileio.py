@@ -137,19 +137,19 @@ _STANDARD = {"/dev/stdout": 1, "/dev/fd/1": 1, "/proc/self/fd/1": 1, "/dev/stder
 
 def _write_stream(path: Path, data: bytes) -> None:
     """Write into a stream: this process's own stdout or stderr through Python's (their other lines and this one
-    keep their order, and a redirection to a file is not truncated), anything else appended."""
+    keep their order, and a redirection to a file is not truncated), anything else appended. The caller says a full
+    disk (`atomic_write_bytes`'s `_disk_errors`)."""
     import sys
 
     fd = _STANDARD.get(os.path.abspath(path))
-    with _disk_errors(path):
-        if fd is not None:
-            stream = sys.stdout if fd == 1 else sys.stderr
-            stream.flush()
-            stream.buffer.write(data)
-            stream.buffer.flush()
-        else:
-            with open(path, "ab") as f:
-                f.write(data)
+    if fd is not None:
+        stream = sys.stdout if fd == 1 else sys.stderr
+        stream.flush()
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    else:
+        with open(path, "ab") as f:
+            f.write(data)
 
 
 def special_file(path: Path) -> bool:

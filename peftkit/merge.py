@@ -247,10 +247,7 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
             if output == held or output in held.parents:
                 raise PeftkitError(f"--output {output} is the {label} ({held}){' or holds it' if output != held else ''};"
                                    " writing the merged model there would delete it. Choose another --output.")
-    for label, path in protected.items():  # inside an adapter, or any part of a run: verify would find it added
-        if path and Path(path).exists():
-            held = Path(path).resolve()
-            if held in output.parents:
+            if held in output.parents:  # inside an adapter (or, below, a run): verify would find it added
                 raise PeftkitError(f"--output {output} is inside the {label} ({held}); a directory added there changes "
                                    "what it holds. Choose an --output outside it.")
     if run := next((p for p in output.parents if (p / "manifest.json").is_file() and (p / "recipe.yaml").is_file()),
