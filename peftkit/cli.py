@@ -305,7 +305,7 @@ def _check_json_out(path: Path, flag: str = "--json") -> None:
         return
     if path.is_dir():
         raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / 'eval.json'}.")
-    make_writable_dir(path.parent, f"{flag}'s directory")
+    make_writable_dir(path.parent, f"{flag}'s directory", create=False)  # made when written: a refused run leaves none
 
 
 @app.command()

@@ -118,10 +118,19 @@ def check_recipe_file(recipe_file: Path, out: Path, recipe_yaml: str) -> None:
             )
 
 
-def make_writable_dir(out: Path, key: str = "export.output_dir") -> None:
-    """Create `out` if needed and check that a file can be written in it, before any model is loaded."""
+def make_writable_dir(out: Path, key: str = "export.output_dir", create: bool = True) -> None:
+    """Create `out` if needed and check that a file can be written in it, before any model is loaded. With
+    `create=False` a missing `out` is left missing: its nearest existing parent must be a directory we may write."""
     if out.exists() and not out.is_dir():
         raise PeftkitError(f"{key} {out} is a file, not a directory; choose another path.")
+    if not create and not out.exists():
+        above = next(p for p in out.parents if p.exists())
+        if not above.is_dir():
+            raise PeftkitError(f"{key} {out} cannot be made: {above} is a file, not a directory; choose another path.")
+        if not os.access(above, os.W_OK | os.X_OK):
+            raise PeftkitError(f"{key} {out} cannot be made in {above} (permission denied); choose another path or "
+                               "fix its permissions.")
+        return
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):

@@ -439,6 +439,13 @@ def test_an_unusable_output_dir_gets_an_output_s_advice(tmp_path):
     ("lr=1", "--set lr: unknown key 'lr' in the recipe: it is a key of 'training:'; use --set training.lr=1."),
     ("data.batch_size=4", "--set data.batch_size: unknown key 'batch_size' in data: it is a key of 'training:' and of "
      "'eval:'; use --set training.batch_size=4 or --set eval.batch_size=4."),
+    # of two homes, the one that takes the value (it named quantization.method for lora too)
+    ("model.method=lora", "--set model.method: unknown key 'method' in model: it is a key of 'adapter:'; use --set "
+     "adapter.method=lora."),
+    ("model.method=nf4", "--set model.method: unknown key 'method' in model: it is a key of 'quantization:'; use "
+     "--set quantization.method=nf4."),
+    ("data.batch_size=x", "--set data.batch_size: unknown key 'batch_size' in data: it is a key of 'training:' and of "
+     "'eval:'; use --set training.batch_size=x or --set eval.batch_size=x."),
 ])
 def test_bad_override(tmp_path, override, expected):
     assert _error(_write(tmp_path, RECIPE), [override]).startswith(expected)
@@ -476,6 +483,7 @@ def test_an_empty_path_in_the_file_is_refused(tmp_path):
     ("training:\n", "max_length: 256", "it is a key of 'data:'; move it there."),  # not "Did you mean max_steps?"
     ("eval:\n", "seed: 3", "it is a key of 'training:'; move it there."),
     ("data:\n", "batch_size: 2", "it is a key of 'training:' and of 'eval:'; move it under the one you mean."),
+    ("model:\n", "method: ia3", "it is a key of 'adapter:'; move it there."),
 ])
 def test_a_key_written_in_another_section_says_where_it_belongs(tmp_path, where, key, home):
     text = RECIPE.replace(where, f"{where}  {key}\n")
@@ -916,10 +924,13 @@ def test_a_tilde_in_a_flag_s_path_is_the_home_directory(tmp_path, monkeypatch, c
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model=~/no-model", "--data", "x.jsonl").split())
+    assert f"{tmp_path / 'home' / 'no-model'}" in err, err
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "out").write_text("a file where --json wants a directory")
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model=~/no-model", "--data", "x.jsonl",
                                   "--json=~/out/e.json").split())
-    assert not (tmp_path / "~").exists() and (tmp_path / "home" / "out").is_dir()
-    assert "Could not load model" in err or "not found" in err, err
+    assert not (tmp_path / "~").exists() and f"--json's directory {tmp_path / 'home' / 'out'} is a file" in err, err
 
 
 def test_a_symlink_loop_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -471,6 +471,15 @@ def test_eval_json_output_checked_before_evaluating(adapter_run, tiny_llama, num
         result = CliRunner().invoke(app, [*args, "--json", str(target)])
         assert isinstance(result.exception, PeftkitError) and str(result.exception).startswith(expected)
         assert "loss" not in result.output  # nothing was evaluated
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "file" / "sub" / "e.json")])
+    assert str(result.exception) == (f"--json's directory {tmp_path / 'file' / 'sub'} cannot be made: "
+                                      f"{tmp_path / 'file'} is a file, not a directory; choose another path.")
+    # A refused evaluation leaves no directory behind for its --json: it is made when the file is written.
+    result = CliRunner().invoke(app, [*args[:-1], "bogus", "--json", str(tmp_path / "new" / "e.json")])
+    assert result.exit_code != 0 and not (tmp_path / "new").exists()
+    result = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "new" / "e.json")])
+    assert result.exit_code == 0 and "loss" in json.loads((tmp_path / "new" / "e.json").read_text())
 
 
 def test_disk_full_during_merge_leaves_no_partial_output(adapter_run, tmp_path, monkeypatch):

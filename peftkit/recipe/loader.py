@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ValidationError,
-)
+from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
@@ -74,7 +71,8 @@ def _apply_override(data: dict, assignment: str) -> None:
         if model is not None and parts[depth - 1] not in model.model_fields:
             valid = _field_order(model)
             where = ".".join(parts[: depth - 1]) or "the recipe"
-            if depth <= 2 and (homes := _home_sections(parts[depth - 1], tuple(parts[: depth - 1]), data)):
+            if depth <= 2 and (homes := _home_sections(parts[depth - 1], tuple(parts[: depth - 1]), data,
+                                                       _plain_value(raw) if depth == len(parts) else None)):
                 moved = " or ".join(f"--set {'.'.join([home, *parts[depth - 1:]])}={raw}" for home in homes)
                 raise PeftkitError(f"--set {key}: unknown key '{parts[depth - 1]}' in {where}: it is a key of "
                                    + " and of ".join(f"'{h}:'" for h in homes) + f"; use {moved}.")
@@ -191,7 +189,7 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
                 f"meant as one. Valid keys: {', '.join(_valid_keys(section_loc, data))}.")
     valid = _valid_keys(loc[:-1], data)
     section = ".".join(map(str, loc[:-1])) or "the recipe"
-    if len(loc) <= 2 and (homes := _home_sections(str(loc[-1]), loc[:-1], data)):
+    if len(loc) <= 2 and (homes := _home_sections(str(loc[-1]), loc[:-1], data, _value_at(data, loc))):
         return (f"unknown key '{loc[-1]}' in {section}: it is a key of " + " and of ".join(f"'{h}:'" for h in homes)
                 + ("; move it there." if len(homes) == 1 else "; move it under the one you mean."))
     if method := _method_without(_section_model(loc[:-1], data), str(loc[-1])):
@@ -200,10 +198,29 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
     return f"unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} Valid keys: {', '.join(valid)}."
 
 
-def _home_sections(key: str, section: tuple, data: Any) -> list[str]:
-    """The other top-level sections that have the key `key` (`max_length` written under training: data)."""
+def _home_sections(key: str, section: tuple, data: Any, value: Any = None) -> list[str]:
+    """The other top-level sections that have the key `key` (`max_length` written under training: data); of
+    several, those that would take `value` (`method: lora` is adapter's, not quantization's)."""
     models = {name: _section_model((name,), data) for name in Recipe.model_fields if (name,) != tuple(section)}
-    return [name for name, model in models.items() if model is not None and key in model.model_fields]
+    homes = {name: model for name, model in models.items() if model is not None and key in model.model_fields}
+    return [name for name, model in homes.items() if _takes(name, model, key, value)] or list(homes)
+
+
+def _plain_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _takes(section: str, model: type[BaseModel], key: str, value: Any) -> bool:
+    if (section, key) == ("adapter", "method"):  # each method's config takes only its own name
+        return value in METHODS
+    try:
+        TypeAdapter(model.model_fields[key].annotation).validate_python(value)
+    except (ValidationError, PydanticSchemaGenerationError):
+        return False
+    return True
 
 
 # A union-typed key fails once per member type; one message says what any of them would accept.
