@@ -88,9 +88,10 @@ def build_tiny_model(
     max_position_embeddings: int = 512,
 ):
     """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D), `qwen2`
-    (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models) or `opt`.
+    (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models), `gemma2`
+    (a scaled embedding lookup, soft-capped logits, a sliding-window layer) or `opt`.
     `max_position_embeddings` changes no weight of the RoPE models (llama, qwen2): only what the config claims."""
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
 
     tok = build_char_tokenizer()
@@ -110,6 +111,13 @@ def build_tiny_model(
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
                              initializer_range=0.1, **{**common, "tie_word_embeddings": True})
         cls = Qwen2ForCausalLM
+    elif arch == "gemma2":  # embeddings scaled by sqrt(hidden) in forward; layer 0 attends in a sliding window of 8
+        config = Gemma2Config(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+                              query_pre_attn_scalar=hidden_size // 4, sliding_window=8,
+                              max_position_embeddings=max_position_embeddings, initializer_range=0.1,
+                              **{**common, "tie_word_embeddings": True})
+        cls = Gemma2ForCausalLM
     elif arch == "opt":
         config = OPTConfig(hidden_size=hidden_size, ffn_dim=2 * hidden_size, num_hidden_layers=num_layers,
                            num_attention_heads=4, word_embed_proj_dim=hidden_size,

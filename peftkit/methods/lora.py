@@ -252,7 +252,13 @@ class LoraEmbedding(_LoraLayer):
         base = self.base_layer
         after_a = F.embedding(x, self.lora_embedding_A.T, base.padding_idx, base.max_norm, base.norm_type,
                               base.scale_grad_by_freq, base.sparse)
-        return (after_a @ self.lora_embedding_B.T) * self.scaling
+        update = (after_a @ self.lora_embedding_B.T) * self.scaling
+        # Gemma's embedding scales its lookup by sqrt(hidden) in forward (`embed_scale`); the update is part of the
+        # row it scales, as in the merged weight (and in peft).
+        scale = getattr(base, "embed_scale", None)
+        if isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1):
+            update = update * torch.as_tensor(scale).to(update.dtype)
+        return update
 
 
 BASE_KEEPING_INITS = ("gaussian", "orthogonal", "eva")
