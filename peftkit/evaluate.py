@@ -17,7 +17,7 @@ from peftkit.data.packing import VARLEN_KEYS
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
-from peftkit.generate import Sampling, check_room, generate_texts, length_batches
+from peftkit.generate import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
 from peftkit.inference import ModelSource, check_choices, check_no_overrides, recipe_source
 from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
@@ -93,15 +93,15 @@ def generation_scores(model: nn.Module, tok, prompts: list, metrics: list[str], 
     return score(texts, [p.reference for p in prompts], metrics, normalize), texts
 
 
-def generation_share(prompts: list, batch_size: int, rank: int, world: int) -> list[int]:
+def generation_share(prompts: list, batch_size: int, rank: int, world: int, unpadded: bool = False) -> list[int]:
     """The indices of the prompts that process `rank` of `world` answers: every world-th batch of
     `length_batches`, from its rank-th, in that order.
 
     `generate_texts` given just these prompts batches them exactly so again: sorting keeps their order (they
-    are already sorted by length, equal lengths by index), and every batch is full but the whole's last, which
-    comes last here too. So each prompt is answered beside the same prompts, with the same left padding, as in
+    are already sorted by length, equal lengths by index), and every batch is full but the last of its run (the
+    whole, or with `unpadded` one length's), which comes last here too. So each prompt is answered beside the same prompts, with the same left padding, as in
     one process: the same greedy answers, bit for bit."""
-    return [i for batch in length_batches(prompts, batch_size)[rank::world] for i in batch]
+    return [i for batch in length_batches(prompts, batch_size, unpadded)[rank::world] for i in batch]
 
 
 def shared_answers(model: nn.Module, tok, prompts: list, sampling: Sampling, batch_size: int, processes) -> list[str]:
@@ -113,8 +113,9 @@ def shared_answers(model: nn.Module, tok, prompts: list, sampling: Sampling, bat
     numbers of generate calls and steps, so this is not for FSDP, where every forward is a collective."""
     from accelerate.utils import gather_object
 
-    mine = generation_share(prompts, batch_size, processes.process_index, processes.num_processes)
-    texts = generate_texts(model, tok, [prompts[i] for i in mine], sampling, batch_size)
+    unpadded = padding_hides_virtual_tokens(model, prompts, sampling.max_new_tokens)  # decided for all prompts
+    mine = generation_share(prompts, batch_size, processes.process_index, processes.num_processes, unpadded)
+    texts = generate_texts(model, tok, [prompts[i] for i in mine], sampling, batch_size, unpadded=unpadded)
     answers = [""] * len(prompts)
     for i, text in gather_object(list(zip(mine, texts, strict=True))):  # every process's (index, answer) pairs
         answers[i] = text

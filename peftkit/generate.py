@@ -10,6 +10,7 @@ of the whole sequence per new token — which `peftkit generate` must match toke
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -123,20 +124,36 @@ def _without_model_defaults(model: nn.Module) -> Iterator[None]:
         model.generation_config = saved
 
 
-def length_batches(prompts: list[Prompt], batch_size: int) -> list[list[int]]:
+def length_batches(prompts: list[Prompt], batch_size: int, unpadded: bool = False) -> list[list[int]]:
     """The prompts' indices in the batches `generate_texts` generates: sorted by length (equal lengths in their
     order), so that prompts of similar length share a batch and little padding is computed, then cut into runs
-    of `batch_size`."""
+    of `batch_size`; `unpadded`: also wherever the length changes, so no batch is padded."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    runs = [list(g) for _, g in itertools.groupby(order, key=lambda i: len(prompts[i].ids))] if unpadded else [order]
+    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+
+
+def padding_hides_virtual_tokens(model: nn.Module, prompts: list[Prompt], max_new_tokens: int) -> bool:
+    """Whether a left-padded batch would answer otherwise than each prompt alone: a prompt-family adapter's virtual
+    tokens come before the pads, so in a sliding-window layer (Mistral, Gemma 2 and 3) the pads push them out of
+    a padded row's window. Not when the whole of the longest answer fits in the window."""
+    virtual = virtual_tokens(model)
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window, layer_types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
+    if virtual is None or not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return False
+    longest = max((len(p.ids) for p in prompts), default=0)
+    return virtual.num_virtual_tokens + longest + max_new_tokens > window
 
 
 def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampling, batch_size: int = 8,
                    on_batch: Callable[[list[Prompt], list[str]], None] | None = None,
-                   route: Callable[[list[int]], AbstractContextManager] | None = None) -> list[str]:
+                   route: Callable[[list[int]], AbstractContextManager] | None = None,
+                   unpadded: bool | None = None) -> list[str]:
     """The completion of each prompt, in order, generated `batch_size` at a time (`length_batches`). `on_batch`
     sees each batch's prompts and completions; `route`, given the indices of a batch's prompts, the context its
-    generation runs in (a mixed-adapter batch: `NamedAdapters.routed`).
+    generation runs in (a mixed-adapter batch: `NamedAdapters.routed`); `unpadded`: batches without padding
+    (default: where `padding_hides_virtual_tokens`).
 
     The model is left in the train/eval mode it was in, and torch's global RNG as it was (sampling seeds a fork
     of it): generating in the middle of a training run must not change the dropout masks that follow."""
@@ -151,7 +168,9 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
         torch.manual_seed(sampling.seed)
         model.eval()
         try:
-            for batch in length_batches(prompts, batch_size):
+            if unpadded is None:
+                unpadded = padding_hides_virtual_tokens(model, prompts, sampling.max_new_tokens)
+            for batch in length_batches(prompts, batch_size, unpadded):
                 with route(batch) if route else nullcontext():
                     new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
                                        tasks=[prompts[i].task_id for i in batch])

@@ -349,12 +349,19 @@ def test_each_process_generates_whole_single_process_batches(tiny_llama, number_
     prompts = _number_prompts(tiny_llama, number_data)[1]
     whole = length_batches(prompts, 3)  # 6 batches, the last of 1
     assert len({len(p.ids) for p in prompts}) > 1 and len(whole[-1]) == 1
-    for world in (2, 4):  # 3 + 3 batches; 2 + 2 (one the short last) + 1 + 1
-        shares = [generation_share(prompts, 3, rank, world) for rank in range(world)]
-        assert sorted(i for share in shares for i in share) == list(range(len(prompts)))
-        for rank, share in enumerate(shares):
-            again = [[share[j] for j in batch] for batch in length_batches([prompts[i] for i in share], 3)]
-            assert again == whole[rank::world]
+    # Unpadded (a prompt-family adapter on a sliding-window model): cut at each change of length too.
+    def padded(batches):
+        return sum(len({len(prompts[i].ids) for i in batch}) > 1 for batch in batches)
+
+    unpadded = length_batches(prompts, 4, unpadded=True)
+    assert padded(length_batches(prompts, 4)) > 0 and padded(unpadded) == 0
+    for batches, size, flag in ((whole, 3, False), (unpadded, 4, True)):
+        for world in (2, 4):  # 3 + 3 batches; 2 + 2 (one the short last) + 1 + 1
+            shares = [generation_share(prompts, size, rank, world, flag) for rank in range(world)]
+            assert sorted(i for share in shares for i in share) == list(range(len(prompts)))
+            for rank, share in enumerate(shares):
+                again = [[share[j] for j in batch] for batch in length_batches([prompts[i] for i in share], size, flag)]
+                assert again == batches[rank::world]
 
 
 def test_shared_out_answers_are_the_single_process_answers(tiny_llama, number_data):

@@ -48,7 +48,9 @@ def _check_matches_reference(model, tok) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))  # AdapterFusion: tests/test_fusion.py
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+# gemma2: a sliding window of 8, which the pads in front of a short prompt pushed the prompt family's virtual tokens
+# out of (they come before the pads): such batches are not padded.
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2"])
 def test_batched_generation_is_cache_free_greedy(name, arch, models):  # noqa: F811
     case = CASES[name][0]
     if arch not in case.archs:

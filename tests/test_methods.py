@@ -158,20 +158,22 @@ CASES: dict[str, list[Case]] = {
     ],
     # The prompt family: no layer is wrapped (no layouts); peft starts the prompt at random (no identity).
     "prompt_tuning": [
-        Case("prompt-tuning", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4, init="vocab"), ("llama", "qwen2", "gpt2"),
+        Case("prompt-tuning", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4, init="vocab"),
+             ("llama", "qwen2", "gpt2", "gemma2"),
              (), identity_at_init=False),
         Case("prompt-tuning-text", PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=5, init="text",
                                                       init_text="sum:"), ("llama",), (), identity_at_init=False),
     ],
     "p_tuning": [
-        Case("p-tuning", PTuningConfig(method="p_tuning", num_virtual_tokens=4), ("llama", "qwen2", "gpt2"), (),
+        Case("p-tuning", PTuningConfig(method="p_tuning", num_virtual_tokens=4), ("llama", "qwen2", "gpt2", "gemma2"), (),
              identity_at_init=False),
         Case("p-tuning-lstm", PTuningConfig(method="p_tuning", num_virtual_tokens=3, encoder="lstm", encoder_hidden_size=8),
              ("llama",), (), identity_at_init=False),
     ],
     "prefix_tuning": [
         # Grouped-query attention on llama and qwen2 (2 key/value heads of 4 attention heads), none on gpt2.
-        Case("prefix-tuning", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=4), ("llama", "qwen2", "gpt2"),
+        Case("prefix-tuning", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=4),
+             ("llama", "qwen2", "gpt2", "gemma2"),
              (), identity_at_init=False),
         Case("prefix-tuning-projection", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=3, projection=True,
                                                             encoder_hidden_size=8), ("llama", "gpt2"), (),
@@ -181,7 +183,7 @@ CASES: dict[str, list[Case]] = {
     "multitask_prompt_tuning": [
         Case("multitask-prompt-tuning", MultitaskPromptTuningConfig(method="multitask_prompt_tuning", num_virtual_tokens=4,
                                                                     num_tasks=2, num_ranks=2),
-             ("llama", "qwen2", "gpt2"), (), identity_at_init=False),
+             ("llama", "qwen2", "gpt2", "gemma2"), (), identity_at_init=False),
     ],
 }
 
