@@ -137,6 +137,35 @@ def test_generation_is_cache_free_greedy_through_peft(name, arch, who, models, t
     assert len(set(texts)) > 1 and any(texts)  # not trivially empty or identical
 
 
+def test_prefix_tuning_on_multi_query_falcon_has_one_key_value_head(tmp_path):
+    """Falcon-7B's layout (multi_query, the old decoder) caches one key/value head, which no config field names:
+    the prefix had one per attention head and the first forward crashed (peft's too). peft loads ours and decodes
+    it as peftkit does."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = FalconConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          new_decoder_architecture=False, multi_query=True, alibi=False, bias=False,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    FalconForCausalLM(config).save_pretrained(tmp_path / "falcon")
+    tok.save_pretrained(tmp_path / "falcon")
+    adapter = _ours("prefix_tuning", tmp_path / "falcon", tmp_path / "adapter")
+    assert json.loads((adapter / "adapter_config.json").read_text())["num_attention_heads"] == 1
+    model, _, tok, *_ = load_adapted_model(str(tmp_path / "falcon"), str(adapter))
+    prompts = [Prompt(tok(p)["input_ids"], p) for p in PROMPTS]
+    texts = generate_texts(model, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
+    reference, stops = _peft(tmp_path / "falcon", adapter), stop_token_ids(model, tok)
+    assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops), skip_special_tokens=True) for p in prompts]
+    ids = torch.tensor([prompts[0].ids])
+    with torch.no_grad():
+        moved = reference(input_ids=ids).logits[:, -ids.shape[1]:] - reference.get_base_model()(input_ids=ids).logits
+        assert float((model(input_ids=ids).logits - reference(input_ids=ids).logits[:, -ids.shape[1]:]).abs().max()) \
+            <= TOL < float(moved.abs().max())
+
+
 def test_peft_generate_is_not_cache_free_greedy(models, tmp_path):  # noqa: F811
     """peft 0.21.2's own `generate` with transformers 5.24 on a tiny Llama: prompt tuning, P-tuning and prefix tuning
     give other tokens than its cache-free forward for at least one of them (all three when this was written)."""

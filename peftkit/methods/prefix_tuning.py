@@ -45,6 +45,8 @@ def kv_dims(model_config) -> tuple[int, int, int]:
     dims = model_dims(model_config)
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     heads = getattr(text, "num_key_value_heads", None) or dims["num_attention_heads"]
+    if getattr(text, "model_type", None) == "falcon" and not text.new_decoder_architecture:  # what its cache holds
+        heads = 1 if text.multi_query else text.num_kv_heads  # Falcon-7B: multi-query, one key/value head
     head_dim = getattr(text, "head_dim", None) or dims["token_dim"] // dims["num_attention_heads"]
     return dims["num_layers"], heads, head_dim
 
