@@ -777,6 +777,26 @@ def test_dora_refuses_an_embedding(models):
 # -------------------------------------------------------------------------------- method-specific: IA3
 
 
+def test_ia3_default_targets_of_mixtral_adapt_what_this_transformers_has_as_peft_s_do():
+    """peft's Mixtral default names the experts' `w2`, which transformers 5 keeps as fused parameters, not layers:
+    peftkit refused the recipe, blaming a target_modules entry the user never wrote. peft adapts k/v alone."""
+    from peft import IA3Config as PeftIA3
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(config)
+    reference = {n.removeprefix("base_model.model.") for n, m in
+                 get_peft_model(MixtralForCausalLM(config), PeftIA3(task_type="CAUSAL_LM")).named_modules()
+                 if hasattr(m, "ia3_l")}
+    assert inject_adapters(model, IA3Config(method="ia3")) == sorted(reference, key=[n for n, _ in
+                                                                               model.named_modules()].index)
+    assert {n.rsplit(".", 1)[-1] for n in reference} == {"k_proj", "v_proj"}
+    with pytest.raises(PeftkitError, match="entry 'w2'"):  # written in the recipe, an entry must match
+        inject_adapters(MixtralForCausalLM(config), IA3Config(method="ia3", target_modules=["k_proj", "w2"],
+                                                              feedforward_modules=["w2"]))
+
+
 def test_ia3_regex_modules_from_peft(models, tmp_path):
     """peft's IA3 takes regular expressions (matched in full) for target_modules and feedforward_modules too."""
     from peft import IA3Config as PeftIA3

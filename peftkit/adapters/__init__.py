@@ -124,6 +124,9 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         the full paths of the wrapped modules.
     """
     method = method_of(cfg)
+    # An architecture's default list (IA3, AdaLoRA) may name what this transformers version no longer has as a layer
+    # (Mixtral's experts' w2, now fused parameters): as in peft, its entries need not all match; one must.
+    every_entry = every_entry and getattr(cfg, "target_modules", "given") is not None
     cfg = method.resolve(cfg, getattr(getattr(model, "config", None), "model_type", None))
     if not method.layer_targets:  # the prompt family: one module on the whole model, no layer wrapped
         for p in model.parameters():
