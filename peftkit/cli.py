@@ -50,9 +50,13 @@ def _expanded(path: Path | None) -> Path | None:
 def _every_command(ctx: typer.Context) -> None:
     # A PeftkitWarning prints as one `warning:` line on stderr when it happens; Python's own settings are back
     # when the command ends (tests run commands in their own process).
+    from peftkit.progress import show_work_on
+
     ctx.with_resource(warnings.catch_warnings())
     warnings.showwarning = _warning_printer(warnings.showwarning)
     warnings.simplefilter("always", PeftkitWarning)
+    show_work_on(console)  # tokenizing a dataset, an evaluation: a bar, or a line every 30 s in a log
+    ctx.call_on_close(lambda: show_work_on(None))
 
 
 def _warning_printer(show_other):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from peftkit.inference import ModelSource, check_choices, check_no_overrides, re
 from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
+from peftkit.progress import work
 from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
 from peftkit.task_ids import adapter_task_count, with_tasks
 
@@ -47,12 +49,13 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
-                  processes=None) -> dict[str, float]:
+                  processes=None, advance: Callable[[int], None] | None = None) -> dict[str, float]:
     """{'loss', 'perplexity', 'num_tokens'} of `model` on `examples` (eval mode, restored afterwards).
 
     `processes` (an accelerate Accelerator, several processes): each evaluates every num_processes-th batch and the
     sums are added across processes, so N processes evaluate N times faster. Every process runs as many forwards
-    (one short of batches repeats its first, uncounted), which keeps FSDP's collectives in step."""
+    (one short of batches repeats its first, uncounted), which keeps FSDP's collectives in step. `advance(n)`:
+    told of each batch's n examples (a progress bar)."""
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     was_training = model.training
     model.eval()
@@ -70,6 +73,8 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
                 total += loss.double()
                 tokens += n
                 done += 1
+            if advance is not None:
+                advance(len(batch["input_ids"]))
         for _ in range(rounds - done):  # one short: the same number of forwards as the others, uncounted
             token_loss_sum(model, {k: v.to(device) for k, v in first.items()})
     finally:
@@ -84,12 +89,14 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pa
 
 
 def generation_scores(model: nn.Module, tok, prompts: list, metrics: list[str], sampling: Sampling, batch_size: int,
-                      normalize: str, processes=None) -> tuple[dict[str, float], list[str]]:
+                      normalize: str, processes=None, advance: Callable[[int], None] | None = None,
+                      ) -> tuple[dict[str, float], list[str]]:
     """({metric: mean over rows}, answers): `model`'s answers to `prompts` (`peftkit.data.prompts.Prompt`) scored
     against their references. Like `generate_texts`, it leaves the model's mode and torch's RNG as they were.
     `processes` (an accelerate Accelerator, several processes): they share out the prompts (`shared_answers`)."""
+    shown = (lambda batch, _: advance(len(batch))) if advance is not None else None
     texts = (shared_answers(model, tok, prompts, sampling, batch_size, processes) if processes is not None
-             else generate_texts(model, tok, prompts, sampling, batch_size))
+             else generate_texts(model, tok, prompts, sampling, batch_size, on_batch=shown))
     return score(texts, [p.reference for p in prompts], metrics, normalize), texts
 
 
@@ -99,8 +106,8 @@ def generation_share(prompts: list, batch_size: int, rank: int, world: int, unpa
 
     `generate_texts` given just these prompts batches them exactly so again: sorting keeps their order (they
     are already sorted by length, equal lengths by index), and every batch is full but the last of its run (the
-    whole, or with `unpadded` one length's), which comes last here too. So each prompt is answered beside the same prompts, with the same left padding, as in
-    one process: the same greedy answers, bit for bit."""
+    whole, or with `unpadded` one length's), which comes last here too. So each prompt is answered beside the
+    same prompts, with the same left padding, as in one process: the same greedy answers, bit for bit."""
     return [i for batch in length_batches(prompts, batch_size, unpadded)[rank::world] for i in batch]
 
 
@@ -336,10 +343,13 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
         check_room(model, max(len(e.input_ids) for e in examples), f"longest example of {job.data}", 0,
                    "Lower --max-length (the examples are cut to it).")
     if examples is not None:
-        result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id)
+        with work("loss", len(examples), "examples") as advance:
+            result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id, advance=advance)
         _check_finite_loss(result["loss"], source, job.data)
     if prompts is not None:
-        scores, texts = generation_scores(model, tok, prompts, generated, job.sampling, job.batch_size, job.normalize)
+        with work("generating answers", len(prompts), "rows") as advance:
+            scores, texts = generation_scores(model, tok, prompts, generated, job.sampling, job.batch_size,
+                                              job.normalize, advance=advance)
         result |= scores
         result["num_rows"] = len(prompts)
         if job.predictions:

@@ -1,4 +1,5 @@
-"""What a run shows while it trains: rich's live bar on a terminal, plain lines everywhere else.
+"""What a run shows while it trains, and while other long work runs (tokenizing a dataset, an evaluation): rich's
+live bar on a terminal, plain lines everywhere else.
 
 A live bar redraws one line in place; written to a file (nohup, a cluster job, CI) it appears once, at the
 end, and a 20-minute run's log holds nothing in between. So when the console is not a terminal, progress is
@@ -8,7 +9,10 @@ the last step: about a dozen lines for a short run, one every 30 s for a long on
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 from rich.console import Console
@@ -72,3 +76,55 @@ class TrainProgress:
     def note(self, text: str) -> None:
         """A line of its own (an evaluation's result), above the live bar when there is one."""
         self.console.print(text, highlight=False, soft_wrap=True)
+
+
+_WORK_CONSOLE: Console | None = None
+
+
+def show_work_on(console: Console | None) -> None:
+    """Where `work` shows its progress (the CLI's console); None: nowhere (the library, called from Python)."""
+    global _WORK_CONSOLE
+    _WORK_CONSOLE = console
+
+
+@contextlib.contextmanager
+def work(label: str, total: int, unit: str, interval_s: float = 30.0) -> Iterator[Callable[[int], None]]:
+    """Progress of `total` units of work other than training; yields `advance(n=1)`. On a terminal, a bar that
+    goes when the work ends; elsewhere a plain line every `interval_s` seconds (none for work that ends sooner).
+    Only the main process of several shows it, and nothing shows beside another live display."""
+    console = _WORK_CONSOLE
+    if console is None or total <= 0 or os.environ.get("RANK", "0") != "0":
+        yield lambda n=1: None
+        return
+    if console.is_terminal:
+        from rich.errors import LiveError
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        bar = Progress(TextColumn(label.replace("[", r"\[")), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+        task = bar.add_task(label, total=total)
+        try:
+            bar.start()
+        except LiveError:  # inside another live display (a status line): that one says what is going on
+            yield lambda n=1: None
+            return
+        try:
+            yield lambda n=1: bar.advance(task, n)
+        finally:
+            bar.stop()
+        return
+    started = last = time.monotonic()
+    done = 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= interval_s and done < total:
+            last = now
+            eta = (now - started) / done * (total - done)
+            console.print(f"{label}: {done:,}/{total:,} {unit} ({100 * done / total:.0f}%)  elapsed "
+                          f"{_clock(now - started)}  ETA {_clock(eta)}", highlight=False, markup=False, soft_wrap=True)
+
+    yield advance

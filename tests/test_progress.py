@@ -221,3 +221,59 @@ def test_boolean_options_read_as_flags_in_help(command, flags):
     assert result.exit_code == 0 and "<bool>" not in result.output
     for flag in flags:
         assert re.search(rf"^\s+{flag}\s{{2,}}\S", result.output, re.M), result.output
+
+
+# ------------------------------------------------------------------ other long work: tokenizing, evaluating
+
+
+@pytest.fixture
+def work_console():
+    """The console `peftkit.progress.work` shows on, as the CLI sets it; none again afterwards."""
+    from peftkit.progress import show_work_on
+
+    def shown_on(**kwargs) -> io.StringIO:
+        buffer = io.StringIO()
+        show_work_on(Console(file=buffer, width=200, **kwargs))
+        return buffer
+
+    yield shown_on
+    show_work_on(None)
+
+
+def test_work_in_a_log_is_a_line_per_interval(work_console):
+    from peftkit.progress import work
+
+    buffer = work_console()
+    with work("tokenizing train.jsonl", 4, "rows", interval_s=0.0) as advance:
+        for _ in range(4):
+            advance()
+    assert [line.split("  elapsed")[0] for line in buffer.getvalue().splitlines()] == [
+        f"tokenizing train.jsonl: {n}/4 rows ({25 * n}%)" for n in (1, 2, 3)]  # the end is the caller's line
+    with work("tokenizing train.jsonl", 4, "rows") as advance:  # work shorter than the interval: no line
+        advance(4)
+    assert len(buffer.getvalue().splitlines()) == 3
+
+
+def test_tokenizing_and_evaluating_show_a_bar_on_a_terminal(work_console, tiny_llama, number_data):
+    """A 500k-row dataset tokenized for 17 minutes, and `peftkit eval` of 20k rows ran 6, without a word."""
+    from transformers import AutoTokenizer
+
+    from peftkit.data import load_examples
+    from peftkit.evaluate import EvalJob, evaluate
+    from peftkit.generate import Sampling
+    from peftkit.inference import ModelSource
+    from peftkit.recipe import DataConfig, ModelConfig
+
+    buffer = work_console(force_terminal=True)
+    data = DataConfig(train=str(number_data["train"]), max_length=256)
+    assert len(load_examples(AutoTokenizer.from_pretrained(tiny_llama), data.train, "train", data)[0]) == 64
+    assert re.search(r"tokenizing train\.jsonl.*64/64 rows", _plain(buffer))
+    evaluate(EvalJob(data=str(number_data["eval"]), data_cfg=data, batch_size=4, metrics=["loss", "exact_match"],
+                     sampling=Sampling(max_new_tokens=4),
+                     source=ModelSource(ModelConfig(name_or_path=str(tiny_llama), dtype="float32"))))
+    assert re.search(r"loss.*16/16 examples", _plain(buffer))
+    assert re.search(r"generating answers.*16/16 rows", _plain(buffer))
+
+
+def _plain(buffer: io.StringIO) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from peftkit.data.rows import REQUIRED_FIELDS, _row_problem, load_rows
 from peftkit.errors import PeftkitError
+from peftkit.progress import work
 from peftkit.recipe import DataConfig
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
@@ -251,28 +252,36 @@ def count_examples(
     stats = {"bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0, "truncation_dropped": 0,
              "system_prompt_rows": 0, "system_prompt_tokens": 0}
     cuts = _TargetCuts()
-    for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
-        if built is None:
-            stats["bad_rows"] += 1
-            continue
-        stats["truncated"] += built.truncated
-        if built.no_target:
-            stats["too_long"] += 1
-            continue
-        if built.target_lost:
-            stats["target_cut"] += 1
-            cuts.first = cuts.first or built
-            cuts.longest = max(cuts.longest, built.length)
-            if cfg.truncation == "drop":
-                stats["truncation_dropped"] += 1
-                continue
-        if cfg.format == "chat" and rows[built.index]["messages"][0]["role"] != "system":
-            stats["system_prompt_rows"] += 1
-        examples.append(built.example)
+    with work(f"tokenizing {source.rstrip('/').rsplit('/', 1)[-1]}", len(rows), "rows") as advance:
+        for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
+            advance()
+            _count(built, rows, cfg, stats, cuts, examples)
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)
     return examples, stats, cuts
+
+
+def _count(built: BuiltExample | None, rows: list[dict], cfg: DataConfig, stats: dict, cuts: _TargetCuts,
+           examples: list[Example]) -> None:
+    """`count_examples` of one row: counted, and kept in `examples` or not."""
+    if built is None:
+        stats["bad_rows"] += 1
+        return
+    stats["truncated"] += built.truncated
+    if built.no_target:
+        stats["too_long"] += 1
+        return
+    if built.target_lost:
+        stats["target_cut"] += 1
+        cuts.first = cuts.first or built
+        cuts.longest = max(cuts.longest, built.length)
+        if cfg.truncation == "drop":
+            stats["truncation_dropped"] += 1
+            return
+    if cfg.format == "chat" and rows[built.index]["messages"][0]["role"] != "system":
+        stats["system_prompt_rows"] += 1
+    examples.append(built.example)
 
 
 def tokenize_rows(
