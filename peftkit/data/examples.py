@@ -3,6 +3,7 @@ data.max_length and what it did (counts, `describe_stats`), and the default-syst
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -129,9 +130,18 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     # (ByteLevel's trim_offsets: `(p, p)`) counts from inside the turn, and a token that runs across the turn's start
     # (a generation prompt ending in a space that merges into the answer's first word) is trained whole, as the
     # assistant mask of transformers' apply_chat_template takes it.
-    labels = [t if any(a < e and b > s for s, e in spans) else IGNORE_INDEX
-              for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
-    return ids, labels
+    apart = all(e0 <= s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))  # in turn order: always, but checked
+    return ids, [t if _in_a_span(a, b, spans, apart) else IGNORE_INDEX
+                 for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
+
+
+def _in_a_span(a: int, b: int, spans: list[tuple[int, int]], apart: bool) -> bool:
+    """Whether characters [a, b) overlap one of `spans`; of spans `apart` (in order, none overlapping) found by
+    bisection, so a long conversation's mask costs tokens x log(turns), not tokens x turns."""
+    if not apart:
+        return any(a < e and b > s for s, e in spans)
+    j = bisect.bisect_right(spans, a, key=lambda span: span[1])  # the first span ending after a
+    return j < len(spans) and spans[j][0] < b
 
 
 def _assistant_span(tok, messages: list[dict], i: int, text: str) -> tuple[int, int]:
