@@ -280,3 +280,24 @@ def test_a_jsonl_file_is_read_without_importing_datasets(tmp_path):
             "'datasets' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "[{'a': 1}] False", done.stdout + done.stderr
+
+
+def test_a_bad_row_deep_in_a_file_is_an_error_before_any_tokenizing(tmp_path, monkeypatch):
+    """A missing field on line 70,001 of 100k rows was reported after the 70,000 rows before it were tokenized
+    (minutes, for real data). Rows go to the tokenizer 512 at a time; a chunk boundary changes no example."""
+    import pytest
+
+    from peftkit.data import examples as examples_module
+    from peftkit.errors import PeftkitError
+
+    rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(1200)]
+    whole = _load(tmp_path, rows, "completion")[0]
+    singly = [e for i in range(0, 1200, 150) for e in _load(tmp_path, rows[i:i + 150], "completion")[0]]
+    assert [(e.input_ids, e.labels) for e in whole] == [(e.input_ids, e.labels) for e in singly]
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized before the bad row was found")
+
+    monkeypatch.setattr(examples_module, "_full_examples", no_tokenizing)
+    with pytest.raises(PeftkitError, match=r"d\.jsonl:1201: missing field 'completion'"):
+        _load(tmp_path, [*rows, {"prompt": "x"}], "completion")

@@ -214,15 +214,17 @@ def build_examples(
     if cfg.format == "classification":  # one label per row, not target tokens: peftkit.data.classification
         raise PeftkitError(f"{source}: data.format 'classification' rows are read by peftkit train and peftkit eval only; "
                            "this command does not show them yet.")
+    # Every row's fields first: a bad row deep in a large file is an error in seconds, not after the tokenizing of
+    # all the rows before it.
+    usable = [usable_row(row, cfg, row_location(source, i, line_numbers)) for i, row in enumerate(rows)]
     for start in range(0, len(rows), ROWS_PER_CALL):
         chunk = range(start, min(start + ROWS_PER_CALL, len(rows)))
-        wheres = [row_location(source, i, line_numbers) for i in chunk]
-        usable = [usable_row(rows[i], cfg, where) for i, where in zip(chunk, wheres, strict=True)]
-        full = iter(_full_examples(tok, [rows[i] for i, ok in zip(chunk, usable, strict=True) if ok], cfg.format))
-        for i, where, ok in zip(chunk, wheres, usable, strict=True):
-            if not ok:
+        full = iter(_full_examples(tok, [rows[i] for i in chunk if usable[i]], cfg.format))
+        for i in chunk:
+            if not usable[i]:
                 yield None
                 continue
+            where = row_location(source, i, line_numbers)
             ids, labels = next(full)
             n = cfg.max_length
             lost = [label for label in labels[n:] if label != IGNORE_INDEX]
