@@ -91,7 +91,8 @@ def show_work_on(console: Console | None) -> None:
 def work(label: str, total: int, unit: str, interval_s: float = 30.0) -> Iterator[Callable[[int], None]]:
     """Progress of `total` units of work other than training; yields `advance(n=1)`. On a terminal, a bar that
     goes when the work ends; elsewhere a plain line every `interval_s` seconds (none for work that ends sooner).
-    Only the main process of several shows it, and nothing shows beside another live display."""
+    Only the main process of several shows it. Inside another live display (a status line) rich 15 stacks the bar
+    under it; an older rich refuses two at once, and then the status line alone says what is going on."""
     console = _WORK_CONSOLE
     if console is None or total <= 0 or os.environ.get("RANK", "0") != "0":
         yield lambda n=1: None
@@ -106,7 +107,7 @@ def work(label: str, total: int, unit: str, interval_s: float = 30.0) -> Iterato
         task = bar.add_task(label, total=total)
         try:
             bar.start()
-        except LiveError:  # inside another live display (a status line): that one says what is going on
+        except LiveError:  # rich < 15, inside another live display
             yield lambda n=1: None
             return
         try:

@@ -444,6 +444,8 @@ def test_an_unusable_output_dir_gets_an_output_s_advice(tmp_path):
      "adapter.method=lora."),
     ("model.method=nf4", "--set model.method: unknown key 'method' in model: it is a key of 'quantization:'; use "
      "--set quantization.method=nf4."),
+    ("model.method=[lora]", "--set model.method: unknown key 'method' in model: it is a key of 'quantization:' and of "
+     "'adapter:'; use --set quantization.method=[lora] or --set adapter.method=[lora]."),  # a list: no traceback
     ("data.batch_size=x", "--set data.batch_size: unknown key 'batch_size' in data: it is a key of 'training:' and of "
      "'eval:'; use --set training.batch_size=x or --set eval.batch_size=x."),
 ])

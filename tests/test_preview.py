@@ -202,3 +202,17 @@ def test_a_character_split_over_byte_tokens_shows_whole():
     assert "".join(pieces) == tok.decode(ids) == "Paris 東京 😀 is" and not any("\ufffd" in p for p in pieces)
     shown = render_tokens(tok, Example(ids, ids), plain=True).plain
     assert shown == "«Paris 東京 😀 is»"
+
+
+def test_preview_shows_the_examples_before_a_bad_row_then_its_error(tmp_path):
+    """Rows are tokenized 512 at a time; preview still shows the first examples before a bad row's error."""
+    import pytest
+
+    from peftkit.errors import PeftkitError
+
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(40)]
+    rows[20] = {"prompt": "no completion"}
+    out = io.StringIO()
+    with pytest.raises(PeftkitError, match=r"train\.jsonl:21: missing field 'completion'"):
+        preview(load_recipe(_recipe(tmp_path, rows)), 2, Console(file=out, width=80))
+    assert "example 2" in out.getvalue()

@@ -190,6 +190,8 @@ def _render(tok, messages: list[dict], add_generation_prompt: bool = False) -> s
 
 def _full_examples(tok, rows: list[dict], fmt: str) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels of valid rows, before any cut."""
+    if not rows:
+        return []
     if fmt == "chat":
         return [_chat_example(tok, row["messages"]) for row in rows]
     return [(prompt + target, [IGNORE_INDEX] * len(prompt) + target)
@@ -214,17 +216,15 @@ def build_examples(
     if cfg.format == "classification":  # one label per row, not target tokens: peftkit.data.classification
         raise PeftkitError(f"{source}: data.format 'classification' rows are read by peftkit train and peftkit eval only; "
                            "this command does not show them yet.")
-    # Every row's fields first: a bad row deep in a large file is an error in seconds, not after the tokenizing of
-    # all the rows before it.
-    usable = [usable_row(row, cfg, row_location(source, i, line_numbers)) for i, row in enumerate(rows)]
     for start in range(0, len(rows), ROWS_PER_CALL):
         chunk = range(start, min(start + ROWS_PER_CALL, len(rows)))
-        full = iter(_full_examples(tok, [rows[i] for i in chunk if usable[i]], cfg.format))
-        for i in chunk:
-            if not usable[i]:
+        good = [_problem(rows[i], cfg.format) is None for i in chunk]  # a bad row raises (or is None) in turn
+        full = iter(_full_examples(tok, [rows[i] for i, ok in zip(chunk, good, strict=True) if ok], cfg.format))
+        for i, ok in zip(chunk, good, strict=True):
+            where = row_location(source, i, line_numbers)
+            if not ok and not usable_row(rows[i], cfg, where):
                 yield None
                 continue
-            where = row_location(source, i, line_numbers)
             ids, labels = next(full)
             n = cfg.max_length
             lost = [label for label in labels[n:] if label != IGNORE_INDEX]
@@ -249,10 +249,14 @@ def row_location(source: str, index: int, line_numbers: list[int] | None) -> str
     return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"
 
 
+def _problem(row: object, fmt: str) -> str | None:
+    return _row_problem(row, fmt) if isinstance(row, dict) else "not an object"
+
+
 def usable_row(row: object, cfg: DataConfig, where: str) -> bool:
     """Whether a row has what data.format needs; a bad row is False under data.on_bad_rows: skip, else an error
     naming `where` and the fields."""
-    problem = _row_problem(row, cfg.format) if isinstance(row, dict) else "not an object"
+    problem = _problem(row, cfg.format)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":
@@ -282,6 +286,9 @@ def count_examples(
     stats = {"bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0, "truncation_dropped": 0,
              "system_prompt_rows": 0, "system_prompt_tokens": 0}
     cuts = _TargetCuts()
+    for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,
+        if _problem(row, cfg.format):  # not after the tokenizing of all the rows before it
+            usable_row(row, cfg, row_location(source, i, line_numbers))
     with work(f"tokenizing {source.rstrip('/').rsplit('/', 1)[-1]}", len(rows), "rows") as advance:
         for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
             advance()

@@ -215,7 +215,7 @@ def _plain_value(raw: str) -> Any:
 
 def _takes(section: str, model: type[BaseModel], key: str, value: Any) -> bool:
     if (section, key) == ("adapter", "method"):  # each method's config takes only its own name
-        return value in METHODS
+        return isinstance(value, str) and value in METHODS
     try:
         TypeAdapter(model.model_fields[key].annotation).validate_python(value)
     except (ValidationError, PydanticSchemaGenerationError):
