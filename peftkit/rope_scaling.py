@@ -28,6 +28,10 @@ def scale_rope(config, scaling: RopeScalingConfig, name: str) -> dict:
     original_max_position_embeddings) and validates. A model without RoPE, or whose config already scales it (a
     long-context model such as Llama 3.1), is refused: stacking a second scaling is not what its authors trained."""
     current = getattr(config, "rope_parameters", None)
+    if current and all(isinstance(v, dict) for v in current.values()):  # Gemma 3: a RoPE per attention type
+        raise PeftkitError(f"{KEY}: {name} ({config.model_type}) has a RoPE per attention type "
+                           f"({', '.join(current)}), and peftkit scales a model's one RoPE; remove {KEY} (a "
+                           "long-context variant of the model scales its full-attention RoPE in its config.json).")
     if not current or "rope_theta" not in current:
         raise PeftkitError(f"{KEY}: {name} ({config.model_type}) has no rotary position embeddings to scale; remove "
                            f"{KEY}.")

@@ -175,3 +175,16 @@ def test_a_model_that_scales_already_is_refused(short_llama, tmp_path):
     (scaled / "config.json").write_text(json.dumps(config))
     with pytest.raises(PeftkitError, match="scales its RoPE already .rope_type 'dynamic'"):
         load_config(ModelConfig(name_or_path=str(scaled), rope_scaling={"type": "linear", "factor": 2}))
+
+
+def test_a_rope_per_attention_type_is_refused_for_what_it_is(tmp_path):
+    """Gemma 3 sets one RoPE for its full-attention layers and one for its sliding ones: it was refused as a model
+    "without rotary position embeddings"."""
+    from transformers import Gemma3TextConfig
+
+    from peftkit.recipe import RopeScalingConfig
+    from peftkit.rope_scaling import scale_rope
+
+    with pytest.raises(PeftkitError, match=r"model.rope_scaling: g \(gemma3_text\) has a RoPE per attention type "
+                                           r"\((full_attention, sliding_attention|sliding_attention, full_attention)\)"):
+        scale_rope(Gemma3TextConfig(), RopeScalingConfig(type="linear", factor=2), "g")
