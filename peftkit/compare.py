@@ -74,6 +74,7 @@ def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None) -> di
         shared = jobs[BASE].source.load_named(list(adapters.items()))
     results = {}
     for name, job in jobs.items():
+        job = replace(job, name=name)
         if predictions_dir is not None:
             job = replace(job, predictions=predictions_dir / f"{name}.jsonl")
         if shared is not None and (name in adapters or name == BASE):

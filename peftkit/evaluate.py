@@ -202,6 +202,8 @@ class EvalJob:
     """Write one JSON line per row here: prompt, prediction, reference."""
     task: int | None = None
     """--task: every row's task id (multitask prompt tuning); without it, the rows' own `task` (`peftkit.task_ids`)."""
+    name: str | None = None
+    """A comparison's name for the model: its progress lines say which model they are about."""
 
 
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
@@ -343,11 +345,11 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
         check_room(model, max(len(e.input_ids) for e in examples), f"longest example of {job.data}", 0,
                    "Lower --max-length (the examples are cut to it).")
     if examples is not None:
-        with work("loss", len(examples), "examples") as advance:
+        with work(f"{job.name}: loss" if job.name else "loss", len(examples), "examples") as advance:
             result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id, advance=advance)
         _check_finite_loss(result["loss"], source, job.data)
     if prompts is not None:
-        with work("generating answers", len(prompts), "rows") as advance:
+        with work(f"{job.name}: answers" if job.name else "answers", len(prompts), "rows") as advance:
             scores, texts = generation_scores(model, tok, prompts, generated, job.sampling, job.batch_size,
                                               job.normalize, advance=advance)
         result |= scores

@@ -272,7 +272,10 @@ def test_tokenizing_and_evaluating_show_a_bar_on_a_terminal(work_console, tiny_l
                      sampling=Sampling(max_new_tokens=4),
                      source=ModelSource(ModelConfig(name_or_path=str(tiny_llama), dtype="float32"))))
     assert re.search(r"loss.*16/16 examples", _plain(buffer))
-    assert re.search(r"generating answers.*16/16 rows", _plain(buffer))
+    assert re.search(r"answers.*16/16 rows", _plain(buffer))
+    evaluate(EvalJob(data=str(number_data["eval"]), data_cfg=data, batch_size=4, name="tuned",  # in a comparison
+                     source=ModelSource(ModelConfig(name_or_path=str(tiny_llama), dtype="float32"))))
+    assert re.search(r"tuned: loss.*16/16 examples", _plain(buffer))
 
 
 def _plain(buffer: io.StringIO) -> str:
