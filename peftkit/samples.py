@@ -5,6 +5,7 @@ the reference, and the manifest and report keep them."""
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 from torch import nn
 
 from peftkit.data.prompts import Prompt, load_prompts
@@ -41,5 +42,5 @@ def samples_table(samples: list[dict]) -> Table:
         table.add_column(column, overflow="fold")
     for s in samples:
         row = [_short(s["prompt"]), s["reference"] or ""] + ([s.get("base", "")] if "base model" in columns else [])
-        table.add_row(*row, s["fine_tuned"])
+        table.add_row(*(Text(cell) for cell in (*row, s["fine_tuned"])))  # as written: `[/INST]` is not markup
     return table

@@ -52,3 +52,18 @@ def test_no_samples_for_the_text_format(tiny_llama, tmp_path):
                               eval={"samples": 2})
     assert yaml.safe_load(recipe_path.read_text())["eval"]["samples"] == 2
     assert "samples" not in train(load_recipe(recipe_path), console=Console(quiet=True))
+
+
+def test_the_samples_table_prints_text_as_written():
+    """Mistral's prompts hold `[INST] ... [/INST]`: read as rich markup, `[/INST]` ended every chat run that showed
+    samples with a MarkupError traceback."""
+    import io
+
+    from rich.console import Console
+
+    from peftkit.samples import samples_table
+
+    out = io.StringIO()
+    Console(file=out, width=200).print(samples_table([{"prompt": "[INST] hi [/INST]", "reference": "[b]x[/b]",
+                                                       "fine_tuned": "[/INST] y"}]))
+    assert "[INST] hi [/INST]" in out.getvalue() and "[b]x[/b]" in out.getvalue() and "[/INST] y" in out.getvalue()
