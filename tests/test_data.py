@@ -301,3 +301,60 @@ def test_a_bad_row_deep_in_a_file_is_an_error_before_any_tokenizing(tmp_path, mo
     monkeypatch.setattr(examples_module, "_full_examples", no_tokenizing)
     with pytest.raises(PeftkitError, match=r"d\.jsonl:1201: missing field 'completion'"):
         _load(tmp_path, [*rows, {"prompt": "x"}], "completion")
+
+
+# DeepSeek-R1-distill's logic: the generation prompt opens a <think> block that the conversation's own turns lack, so
+# no rendering of a conversation's beginning with the generation prompt is a prefix of the whole.
+DEEPSEEK_STYLE = ("{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}{% else %}<A>{{ m.content }}</s>"
+                  "{% endif %}{% endfor %}{% if add_generation_prompt %}<A><think>\n{% endif %}")
+
+
+def test_a_turn_found_by_its_content_is_never_an_earlier_copy_of_it(tmp_path):
+    """Where the renderings of beginnings are not prefixes, a turn is found by its content: that found the first copy
+    of the answer anywhere (a user turn, an earlier answer, the default system prompt) and trained everything from
+    there on. An empty answer there has nothing to find: refused, not trained as nothing."""
+    import copy
+
+    import pytest
+
+    from peftkit.errors import PeftkitError
+
+    tok = copy.deepcopy(TOK)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+
+    def trained(messages):
+        write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+        (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+        return tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+
+    tok.chat_template = DEEPSEEK_STYLE
+    assert trained([{"role": "user", "content": "Say Yes or No"}, {"role": "assistant", "content": "Yes"},
+                    {"role": "user", "content": "Yes again?"}, {"role": "assistant", "content": "Yes"}]) == "Yes</s>Yes</s>"
+    with pytest.raises(PeftkitError, match=r"d\.jsonl:1: the chat template renders assistant turn 2 in a way peftkit "
+                                           "cannot locate"):
+        trained([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}])
+    tok.chat_template = QWEN_STYLE  # "assistant" is in the default system prompt too
+    assert trained([{"role": "assistant", "content": "assistant"}, {"role": "user", "content": "thanks"},
+                    {"role": "assistant", "content": "ok"}]) == "assistant<|im_end|>\nok<|im_end|>\n"
+
+
+def test_a_conversation_the_template_refuses_is_an_error_naming_its_row(tmp_path):
+    """Gemma's template raises on a system message: it was a jinja traceback from train, eval, generate and chat."""
+    import copy
+
+    import pytest
+
+    from peftkit.data.prompts import load_prompts
+    from peftkit.errors import PeftkitError
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}")
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    write_jsonl(tmp_path / "d.jsonl", [ok, {"messages": [{"role": "system", "content": "Be brief."}, *ok["messages"]]}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    expected = r"d\.jsonl:2: the chat template refuses this conversation \(System role not supported\)\. Fix"
+    with pytest.raises(PeftkitError, match=expected):
+        load_examples(tok, cfg.train, "train", cfg)
+    with pytest.raises(PeftkitError, match=expected):
+        load_prompts(tok, cfg.train, "train", cfg)

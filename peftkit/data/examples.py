@@ -132,8 +132,11 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
                            "tokenizer with a template.")
     if not tok.is_fast:
         raise PeftkitError("data.format 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
-    text = tok.apply_chat_template(messages, tokenize=False)
-    spans = [_assistant_span(tok, messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    text = render_chat(tok, messages)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":  # each turn after the one before it
+            spans.append(_assistant_span(tok, messages, i, text, spans[-1][1] if spans else 0))
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     # A token is trained when its characters overlap a turn's: a whitespace token that a tokenizer gives no width
@@ -154,7 +157,7 @@ def _in_a_span(a: int, b: int, spans: list[tuple[int, int]], apart: bool) -> boo
     return j < len(spans) and spans[j][0] < b
 
 
-def _assistant_span(tok, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0) -> tuple[int, int]:
     """Where assistant turn `messages[i]` lies in `text`, the whole conversation rendered: from the end of the
     conversation before it with the generation prompt, to the end of the conversation up to it (its content and
     end-of-turn marker).
@@ -167,17 +170,33 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str) -> tuple[int, 
     """
     content = messages[i]["content"]
     before = _render(tok, messages[:i], add_generation_prompt=True)
-    start = len(before) if before is not None and text.startswith(before) else text.find(content)
+    start = len(before) if before is not None and text.startswith(before) else None
     through = _render(tok, messages[: i + 1])
-    if through is not None and text.startswith(through) and len(through) > start >= 0:
+    if start is not None and through is not None and text.startswith(through) and len(through) > start:
         return start, len(through)
-    at = text.find(content, max(start, 0))
-    tail = through[through.rfind(content) + len(content):] if through is not None and content in through else None
-    if start < 0 or at < 0 or tail is None or not text.startswith(tail, at + len(content)):
+    # The content followed by its end-of-turn text, after the turn before (`floor`): never an earlier copy of the
+    # answer in a user turn or a default system prompt. An empty content has nothing of its own to find.
+    tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through
+            else None)
+    at = text.find(content + tail, max(start or 0, floor)) if tail is not None else -1
+    if at < 0:
         raise PeftkitError(f"the chat template renders assistant turn {i + 1} in a way peftkit cannot locate in the "
                            "whole conversation, so its loss mask would be a guess. Use a template whose renderings "
                            "of a conversation's beginnings are prefixes of the whole, or another data.format.")
-    return start, at + len(content) + len(tail)
+    return (at if start is None else start), at + len(content) + len(tail)
+
+
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text of a conversation; a conversation it refuses (Gemma's takes no system message;
+    most want user and assistant turns in turn) is an error in the template's own words, not a jinja traceback."""
+    from jinja2 import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise PeftkitError(f"the chat template refuses this conversation ({e}). Fix the conversation (for example, "
+                           "put a system message the template refuses into the first user message) or use a "
+                           "model whose template takes it.") from None
 
 
 def _render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
@@ -188,12 +207,12 @@ def _render(tok, messages: list[dict], add_generation_prompt: bool = False) -> s
         return None
 
 
-def _full_examples(tok, rows: list[dict], fmt: str) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels of valid rows, before any cut."""
+def _full_examples(tok, rows: list[dict], fmt: str, wheres: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels of valid rows (at `wheres`: a conversation's error names its row), before any cut."""
     if not rows:
         return []
     if fmt == "chat":
-        return [_chat_example(tok, row["messages"]) for row in rows]
+        return [_located(where, _chat_example, tok, row["messages"]) for row, where in zip(rows, wheres, strict=True)]
     return [(prompt + target, [IGNORE_INDEX] * len(prompt) + target)
             for prompt, target in _prompts_and_targets(tok, rows, fmt)]
 
@@ -219,7 +238,9 @@ def build_examples(
     for start in range(0, len(rows), ROWS_PER_CALL):
         chunk = range(start, min(start + ROWS_PER_CALL, len(rows)))
         good = [_problem(rows[i], cfg.format) is None for i in chunk]  # a bad row raises (or is None) in turn
-        full = iter(_full_examples(tok, [rows[i] for i, ok in zip(chunk, good, strict=True) if ok], cfg.format))
+        kept = [i for i, ok in zip(chunk, good, strict=True) if ok]
+        full = iter(_full_examples(tok, [rows[i] for i in kept], cfg.format,
+                                   [row_location(source, i, line_numbers) for i in kept]))
         for i, ok in zip(chunk, good, strict=True):
             where = row_location(source, i, line_numbers)
             if not ok and not usable_row(rows[i], cfg, where):
@@ -247,6 +268,14 @@ def row_task(row: dict, where: str) -> int | None:
 def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:
     """`FILE:LINE` for a row of a .jsonl file, `SOURCE row N` otherwise."""
     return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"
+
+
+def _located(where: str, make, *args):
+    """`make(*args)`, its error (about one row) prefixed with the row's location."""
+    try:
+        return make(*args)
+    except PeftkitError as e:
+        raise PeftkitError(f"{where}: {e}") from None
 
 
 def _problem(row: object, fmt: str) -> str | None:

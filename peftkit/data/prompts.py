@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftkit.data.examples import encode_prompt, prompt_and_target_text, row_location, row_task, usable_row
+from peftkit.data.examples import (_located, encode_prompt, prompt_and_target_text, render_chat, row_location, row_task,
+                                   usable_row)
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
@@ -40,7 +41,7 @@ def chat_prompt(tok, messages: list[dict], fix: str = NO_TEMPLATE_FIX) -> Prompt
     `fix`: what the command that asked can do instead."""
     if not getattr(tok, "chat_template", None):
         raise PeftkitError(f"This tokenizer has no chat_template, so there is no chat format to render: {fix}.")
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tok, messages, add_generation_prompt=True)
     return Prompt(tok(text, add_special_tokens=False)["input_ids"], text)
 
 
@@ -84,7 +85,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             break
         where = row_location(source, i, line_numbers)
         if usable_row(row, cfg, where):
-            prompt = row_prompt(tok, row, cfg.format)
+            prompt = _located(where, row_prompt, tok, row, cfg.format)
             if not prompt.ids and skip_empty:
                 continue
             if not prompt.ids:
