@@ -358,3 +358,28 @@ def test_a_conversation_the_template_refuses_is_an_error_naming_its_row(tmp_path
         load_examples(tok, cfg.train, "train", cfg)
     with pytest.raises(PeftkitError, match=expected):
         load_prompts(tok, cfg.train, "train", cfg)
+
+
+def test_a_generation_prompt_unlike_training_s_prefix_is_warned_about(tmp_path):
+    """DeepSeek-R1's template opens a <think> block in the generation prompt that its turns lack: generate --data and
+    eval's metrics asked the model in a form it never trained on, without a word."""
+    import copy
+    import warnings
+
+    from peftkit.data.prompts import load_prompts
+    from peftkit.errors import PeftkitWarning
+
+    tok = copy.deepcopy(TOK)
+    rows = [{"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": str(i)}]}
+            for i in range(3)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    for template, expected in ((DEEPSEEK_STYLE, 1), (QWEN_STYLE, 0)):
+        tok.chat_template = template
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_prompts(tok, cfg.train, "train", cfg)
+        said = [str(w.message) for w in caught if issubclass(w.category, PeftkitWarning)]
+        assert len(said) == expected  # once, for the first row, not per row
+        assert all(m.startswith(f"{cfg.train}:1: the chat template's generation prompt differs") and "<think>" in m
+                   for m in said)

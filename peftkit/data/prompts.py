@@ -9,12 +9,14 @@ reference answer (its target), so that what a model generates can be set beside 
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 
 from peftkit.data.examples import (_located, encode_prompt, prompt_and_target_text, render_chat, row_location, row_task,
                                    usable_row)
 from peftkit.data.rows import load_rows
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
 
 
@@ -79,7 +81,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                            "Use data in the alpaca, completion or chat format (with peftkit generate, --prompt also works; "
                            "with peftkit eval, so does leaving out the generation metrics).")
     rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
-    prompts = []
+    prompts, checked = [], False
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:
             break
@@ -93,6 +95,29 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                                    "nothing to generate from. Give the row a prompt (a loss-only eval needs none).")
             prompt.task_id, prompt.row = row_task(row, where) if tasks else None, row
             prompts.append(prompt)
+            if cfg.format == "chat" and len(prompts) <= CHAT_PROMPTS_CHECKED:
+                checked = checked or _warn_if_not_as_trained(tok, row["messages"], prompt, where)
     if not prompts and not skip_empty:
         raise PeftkitError(f"No usable rows in {source} to take prompts from.")
     return prompts
+
+
+CHAT_PROMPTS_CHECKED = 16
+"""Chat rows whose generation prompt is compared with what training puts before the answer (a template's habit)."""
+
+
+def _warn_if_not_as_trained(tok, messages: list[dict], prompt: Prompt, where: str) -> bool:
+    """Warn (and return True) when the chat template's generation prompt is not the token prefix training has before
+    the row's last answer: DeepSeek-R1's opens a `<think>` block the turns lack, Mistral v0.3's moves the system
+    message into the last user turn, a prompt ending in a space gives the space its own token."""
+    trained = tok(render_chat(tok, messages), add_special_tokens=False)["input_ids"]
+    if trained[: len(prompt.ids)] == prompt.ids:
+        return False
+    k = next(k for k, (a, b) in enumerate(zip(prompt.ids, trained)) if a != b) if any(
+        a != b for a, b in zip(prompt.ids, trained)) else min(len(prompt.ids), len(trained))
+    warnings.warn(f"{where}: the chat template's generation prompt differs from what training puts before the answer, "
+                  f"from token {k}: the prompt has {tok.decode(prompt.ids[k:k + 12])!r} (ids {prompt.ids[k:k + 3]}), "
+                  f"training {tok.decode(trained[k:k + 12])!r} (ids {trained[k:k + 3]}). The model is asked in a form it did not learn; its answers (and "
+                  "generation metrics) may suffer. Prefer a template whose generation prompt is what its turns "
+                  "begin with.", PeftkitWarning, stacklevel=2)
+    return True
