@@ -797,6 +797,30 @@ def test_ia3_default_targets_of_mixtral_adapt_what_this_transformers_has_as_peft
                                                               feedforward_modules=["w2"]))
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "bloom"])
+def test_default_targets_are_peft_s_for_more_families(family):
+    """IA3 and AdaLoRA without target_modules adapt what peft's defaults adapt (these two were refused)."""
+    from peft import AdaLoraConfig as PeftAdaLora
+    from peft import IA3Config as PeftIA3
+    from transformers import BloomConfig, BloomForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from peftkit.methods.adalora import AdaLoraConfig
+
+    def model():
+        torch.manual_seed(0)
+        if family == "bloom":
+            return BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4))
+        return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+
+    for ours, theirs, marker in ((IA3Config(method="ia3"), PeftIA3(task_type="CAUSAL_LM"), "ia3_l"),
+                                 (AdaLoraConfig(method="adalora", init_r=4, target_r=2),
+                                  PeftAdaLora(task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=10), "lora_E")):
+        reference = [n.removeprefix("base_model.model.") for n, m in get_peft_model(model(), theirs).named_modules()
+                     if hasattr(m, marker)]
+        assert inject_adapters(model(), ours) == reference and reference
+
+
 def test_ia3_regex_modules_from_peft(models, tmp_path):
     """peft's IA3 takes regular expressions (matched in full) for target_modules and feedforward_modules too."""
     from peft import IA3Config as PeftIA3

@@ -34,7 +34,8 @@ from peftkit.section import AdapterSection, TargetRegex
 # architectures peftkit is tested on and their close relatives.
 DEFAULTS: dict[str, list[str]] = {
     "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "bloom": ["query_key_value"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gpt_neox": ["query_key_value"],
 }
 E_KEY = ".lora_E"  # rank_pattern's keys: `<module path>.lora_E`, as peft writes them

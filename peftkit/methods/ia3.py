@@ -34,6 +34,8 @@ DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
     "qwen3": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "gemma": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
     "gemma2": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gemma3_text": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
     "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
     "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
     "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
