@@ -23,7 +23,7 @@ from torch import nn
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.errors import PeftkitError
 from peftkit.inference import ModelSource, check_choices, model_source
-from peftkit.methods.virtual import generation_inputs, virtual_tokens
+from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
 from peftkit.recipe import DataConfig
 from peftkit.rope_scaling import learned_positions
 from peftkit.task_ids import adapter_task_count, with_tasks
@@ -138,7 +138,7 @@ def padding_hides_virtual_tokens(model: nn.Module, prompts: list[Prompt], max_ne
     tokens come before the pads, so in a sliding-window layer (Mistral, Gemma 2 and 3) the pads push them out of
     a padded row's window. Not when the whole of the longest answer fits in the window."""
     virtual = virtual_tokens(model)
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text = text_config(model.config)
     window, layer_types = getattr(text, "sliding_window", None), getattr(text, "layer_types", None)
     if virtual is None or not window or (layer_types is not None and "sliding_attention" not in layer_types):
         return False

@@ -240,7 +240,7 @@ def build_examples(
         if not ok and not usable_row(row, cfg, where):
             yield None
             continue
-        ids, labels = _located(where, _chat_example, tok, row["messages"]) if chat else next(full)
+        ids, labels = located(where, _chat_example, tok, row["messages"]) if chat else next(full)
         n = cfg.max_length
         lost = [label for label in labels[n:] if label != IGNORE_INDEX]
         if lost and not tok.decode(lost).strip():  # only whitespace after the end-of-turn marker: the end is kept
@@ -264,7 +264,7 @@ def row_location(source: str, index: int, line_numbers: list[int] | None) -> str
     return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"
 
 
-def _located(where: str, make, *args):
+def located(where: str, make, *args):
     """`make(*args)`, its error (about one row) prefixed with the row's location."""
     try:
         return make(*args)

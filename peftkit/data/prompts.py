@@ -10,10 +10,9 @@ reference answer (its target), so that what a model generates can be set beside 
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass, field
 
-from peftkit.data.examples import (_located, encode_prompt, prompt_and_target_text, render_chat, row_location, row_task,
+from peftkit.data.examples import (encode_prompt, located, prompt_and_target_text, render_chat, row_location, row_task,
                                    usable_row)
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -87,7 +86,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             break
         where = row_location(source, i, line_numbers)
         if usable_row(row, cfg, where):
-            prompt = _located(where, row_prompt, tok, row, cfg.format)
+            prompt = located(where, row_prompt, tok, row, cfg.format)
             if not prompt.ids and skip_empty:
                 continue
             if not prompt.ids:
@@ -113,11 +112,10 @@ def _warn_if_not_as_trained(tok, messages: list[dict], prompt: Prompt, where: st
     trained = tok(render_chat(tok, messages), add_special_tokens=False)["input_ids"]
     if trained[: len(prompt.ids)] == prompt.ids:
         return False
-    k = next(k for k, (a, b) in enumerate(zip(prompt.ids, trained)) if a != b) if any(
-        a != b for a, b in zip(prompt.ids, trained)) else min(len(prompt.ids), len(trained))
+    k = next((k for k, (a, b) in enumerate(zip(prompt.ids, trained)) if a != b), len(trained))  # where they part
     warnings.warn(f"{where}: the chat template's generation prompt differs from what training puts before the answer, "
                   f"from token {k}: the prompt has {tok.decode(prompt.ids[k:k + 12])!r} (ids {prompt.ids[k:k + 3]}), "
-                  f"training {tok.decode(trained[k:k + 12])!r} (ids {trained[k:k + 3]}). The model is asked in a form it did not learn; its answers (and "
-                  "generation metrics) may suffer. Prefer a template whose generation prompt is what its turns "
+                  f"training {tok.decode(trained[k:k + 12])!r} (ids {trained[k:k + 3]}). The model is asked in a form "
+                  "it did not learn; its answers (and generation metrics) may suffer. Prefer a template whose generation prompt is what its turns "
                   "begin with.", PeftkitWarning, stacklevel=2)
     return True

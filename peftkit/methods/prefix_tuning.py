@@ -21,7 +21,8 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import MethodTrainer
-from peftkit.methods.virtual import VirtualConfig, VirtualMethod, VirtualPeftConfig, VirtualTokens, install, model_dims
+from peftkit.methods.virtual import (VirtualConfig, VirtualMethod, VirtualPeftConfig, VirtualTokens, install, model_dims,
+                                     text_config)
 
 
 class PrefixTuningConfig(VirtualConfig):
@@ -43,7 +44,7 @@ class PrefixTuningPeftConfig(VirtualPeftConfig):
 def kv_dims(model_config) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) as peft's `_prepare_prompt_learning_config` reads them."""
     dims = model_dims(model_config)
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     heads = getattr(text, "num_key_value_heads", None) or dims["num_attention_heads"]
     if getattr(text, "model_type", None) == "falcon" and not text.new_decoder_architecture:  # what its cache holds
         heads = 1 if text.multi_query else text.num_kv_heads  # Falcon-7B: multi-query, one key/value head

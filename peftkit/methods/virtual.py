@@ -230,9 +230,14 @@ def generation_inputs(model: nn.Module, mask: torch.Tensor, task_ids: torch.Tens
     return {"attention_mask": torch.cat([mask.new_ones(batch, n), mask], dim=1), "cache": cache}
 
 
+def text_config(model_config):
+    """The decoder's config: a multimodal model's text config (Gemma 3's), else the config itself."""
+    return model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+
+
 def model_dims(model_config) -> dict[str, int]:
     """peft's `_prepare_prompt_learning_config` facts for a decoder-only model: hidden size, layers, heads."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    text = text_config(model_config)
     hidden = getattr(text, "hidden_size", None) or text.n_embd  # GPT-2's names second
     heads = getattr(text, "num_attention_heads", None) or text.n_head
     layers = getattr(text, "num_hidden_layers", None) or text.n_layer
