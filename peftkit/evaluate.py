@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from peftkit.data import Example, eval_loader
+from peftkit.data import Example, Examples, eval_loader
 from peftkit.data.packing import VARLEN_KEYS
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
@@ -48,7 +48,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, pad_id: int,
+def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int,
                   processes=None, advance: Callable[[int], None] | None = None) -> dict[str, float]:
     """{'loss', 'perplexity', 'num_tokens'} of `model` on `examples` (eval mode, restored afterwards).
 
@@ -135,7 +135,7 @@ class RunEval:
     the end: the loss and perplexity, and eval.metrics of greedy answers up to eval.max_new_tokens, batched by
     eval.batch_size, from the prompts `peftkit eval RUN_DIR --metrics` uses (all usable rows of data.eval)."""
 
-    examples: list[Example]
+    examples: Examples
     pad_id: int
     batch_size: int
     metrics: list[str] = field(default_factory=list)
@@ -149,7 +149,7 @@ class RunEval:
     unless FSDP shards the parameters, the prompts (`shared_answers`)."""
 
     @classmethod
-    def of(cls, cfg: Recipe, tok, examples: list[Example]) -> RunEval:
+    def of(cls, cfg: Recipe, tok, examples: Examples) -> RunEval:
         from peftkit.data.prompts import load_prompts
         from peftkit.task_ids import recipe_reads_tasks
 
@@ -342,7 +342,7 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     model = source.load() if model is None else model
     result: dict[str, float] = {}
     if examples:
-        check_room(model, max(len(e.input_ids) for e in examples), f"longest example of {job.data}", 0,
+        check_room(model, max(examples.lengths()), f"longest example of {job.data}", 0,
                    "Lower --max-length (the examples are cut to it).")
     if examples is not None:
         with work(f"{job.name}: loss" if job.name else "loss", len(examples), "examples") as advance:

@@ -9,6 +9,7 @@ Task ids are integers: the data's `task` column is one, so an adapter records no
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -70,7 +71,12 @@ def resolve_tasks(source: ModelSource, task: int | None, given: list[int | None]
 
 def with_tasks(source: ModelSource, task: int | None, items: list[Item], data: str | None = None) -> list[Item]:
     """`items` (examples or prompts) with the task ids `resolve_tasks` gives them (copies; unchanged when the model
-    reads no task ids)."""
+    reads no task ids; `Examples` keep their arrays and get the ids in place)."""
+    from peftkit.data.stored import Examples
+
+    if isinstance(items, Examples):
+        items.task_ids = resolve_tasks(source, task, items.task_ids, data)
+        return items
     tasks = resolve_tasks(source, task, [item.task_id for item in items], data)
     return [item if item.task_id == t else replace(item, task_id=t) for item, t in zip(items, tasks, strict=True)]
 
@@ -82,14 +88,14 @@ def recipe_reads_tasks(cfg) -> bool:
     return method_of(cfg.adapter).reads_task_ids
 
 
-def check_training_tasks(cfg, split: str, items: list) -> None:
-    """Training's check of the data's task ids against adapter.num_tasks, as the data loads (before the model
-    does). The forward then needs no check of its own on a GPU, where reading the ids would stop the host every
-    step; `split` names the recipe key the items came from ('data.train', 'data.eval')."""
+def check_training_tasks(cfg, split: str, tasks: Iterable[int | None]) -> None:
+    """Training's check of the data's task ids (None: a row without one) against adapter.num_tasks, as the data
+    loads (before the model does). The forward then needs no check of its own on a GPU, where reading the ids would
+    stop the host every step; `split` names the recipe key the rows came from ('data.train', 'data.eval')."""
     if not recipe_reads_tasks(cfg):
         return
     count = cfg.adapter.num_tasks
-    top = max((item.task_id for item in items if item.task_id is not None), default=None)
+    top = max((task for task in tasks if task is not None), default=None)
     if top is not None and top >= count:
         path = getattr(cfg.data, split.removeprefix("data."))
         raise PeftkitError(f"{split} ({path}): a row's 'task' is {top}, but adapter.num_tasks is {count}: the rows' "

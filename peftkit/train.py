@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     accelerator: object
-    train_ex: list
+    train_ex: Sequence
     eval_ex: RunEval | ClassifyEval | None
     """data.eval's loss examples and eval.metrics' prompts (a classifier's: its rows); None without data.eval."""
     targets: list[str]
@@ -372,7 +373,7 @@ def _evaluate_base(cfg: Recipe, model, tok, eval_ex: RunEval | ClassifyEval, acc
     return summary
 
 
-def _training_rows(cfg: Recipe, examples: list, stats: dict, console: Console) -> list:
+def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Console) -> Sequence:
     """The rows training draws from: the examples, packed into rows for data.packing; their counts printed."""
     for line in describe_stats(stats, cfg.data):
         console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
@@ -396,11 +397,12 @@ def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | N
         return train_ex, stats, eval_ex, labels
     tasks = recipe_reads_tasks(cfg)
     train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks)
-    check_training_tasks(cfg, "data.train", train_ex)
+    check_training_tasks(cfg, "data.train", train_ex.task_ids)
     eval_ex = None
     if data.eval:  # the loss examples, and eval.metrics' prompts
         eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data, tasks=tasks)[0])
-        check_training_tasks(cfg, "data.eval", eval_ex.examples + eval_ex.prompts + sample_prompts(cfg, tok))
+        prompts = [*eval_ex.prompts, *sample_prompts(cfg, tok)]
+        check_training_tasks(cfg, "data.eval", [*eval_ex.examples.task_ids, *(p.task_id for p in prompts)])
     return train_ex, stats, eval_ex, None
 
 

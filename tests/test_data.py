@@ -383,3 +383,46 @@ def test_a_generation_prompt_unlike_training_s_prefix_is_warned_about(tmp_path):
         assert len(said) == expected  # once, for the first row, not per row
         assert all(m.startswith(f"{cfg.train}:1: the chat template's generation prompt differs") and "<think>" in m
                    for m in said)
+
+
+def test_examples_store_gives_back_what_went_in():
+    from peftkit.data import Examples
+
+    made = [Example([5, 300, 70_000], [IGNORE_INDEX, 300, 70_000], task_id=2), Example([1], [1]),
+            Example([9, 8], [IGNORE_INDEX, IGNORE_INDEX], task_id=0)]
+    stored = Examples(made)
+    assert len(stored) == 3 and list(stored) == made and stored[-1] == made[-1]
+    assert stored.lengths() == [3, 1, 2] and stored.task_ids == [2, None, 0]
+    try:
+        stored[3]
+    except IndexError:
+        pass
+    else:
+        raise AssertionError("no IndexError past the end")
+    packed = Examples([Example([1, 2, 3], [IGNORE_INDEX, 2, 3], [0, 1, 0])])
+    assert packed[0].position_ids == [0, 1, 0]
+    for mixed in (Example([4], [4]), Example([4], [4, 4], [0]), Example([4], [4], token_type_ids=[1])):
+        try:
+            Examples([Example([1], [1], [0]), mixed])
+        except ValueError:
+            continue
+        raise AssertionError(f"{mixed} accepted")
+
+
+def test_loaded_examples_are_held_in_about_8_bytes_a_token(tmp_path):
+    """A list of Examples holds a pointer per token in each of two lists (16 bytes with this tokenizer's small ids,
+    about 45 with a real tokenizer's); the store holds an int32 id and label per token."""
+    import tracemalloc
+
+    rows = [{"instruction": f"Write {i} in words, please." * 3, "output": f"number {i} " * 5} for i in range(300)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="alpaca", max_length=512)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        examples, _ = load_examples(TOK, cfg.train, "train", cfg)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    tokens = sum(len(e.input_ids) for e in examples)
+    assert tokens > 50_000 and held / tokens < 10, f"{held / tokens:.1f} bytes a token"

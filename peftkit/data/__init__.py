@@ -12,13 +12,13 @@ EOS is appended to alpaca/completion/text examples so the model learns to stop. 
 to `max_length`; one with no target token left after truncation is dropped, with a count. One whose target
 lost its end (the EOS / end-of-turn it should learn to stop on) is kept, dropped or an error as
 `data.truncation` says, and counted either way: `describe_stats` turns the counts into the lines to print.
+The examples are held as flat int32 arrays (`Examples`), 8 bytes a token.
 """
 
 from peftkit.data.batches import Collator, epoch_batches, eval_loader, step_windows, steps_per_epoch
 from peftkit.data.examples import (
     IGNORE_INDEX,
     BuiltExample,
-    Example,
     build_examples,
     count_examples,
     describe_stats,
@@ -28,7 +28,8 @@ from peftkit.data.examples import (
     truncation_error,
 )
 from peftkit.data.rows import REQUIRED_FIELDS, load_rows
+from peftkit.data.stored import Example, Examples
 
-__all__ = ["IGNORE_INDEX", "REQUIRED_FIELDS", "BuiltExample", "Collator", "Example", "build_examples", "count_examples",
+__all__ = ["IGNORE_INDEX", "REQUIRED_FIELDS", "BuiltExample", "Collator", "Example", "Examples", "build_examples", "count_examples",
            "describe_stats", "epoch_batches", "eval_loader", "injected_system_tokens", "load_examples", "load_rows",
            "step_windows", "steps_per_epoch", "tokenize_rows", "truncation_error"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 
 import torch
 from torch.utils.data import DataLoader
 
-from peftkit.data.examples import IGNORE_INDEX, Example
+from peftkit.data.examples import IGNORE_INDEX
+from peftkit.data.stored import Example
 from peftkit.errors import PeftkitError
 
 
@@ -72,7 +73,7 @@ def steps_per_epoch(examples: int, batch_size: int, grad_accum: int) -> int:
 
 
 def step_windows(
-    examples: list[Example], batch_size: int, grad_accum: int, seed: int, shuffle: bool, pad_id: int, start: int = 0,
+    examples: Sequence[Example], batch_size: int, grad_accum: int, seed: int, shuffle: bool, pad_id: int, start: int = 0,
     num_workers: int = 0, collate: Callable | None = None, pin_memory: bool = False,
 ) -> Iterator[list[dict[str, torch.Tensor]]]:
     """An endless stream of optimizer steps' windows of collated micro-batches, epoch after epoch, from step
@@ -107,6 +108,6 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def eval_loader(examples: list[Example], batch_size: int, pad_id: int, collate: Callable | None = None) -> DataLoader:
+def eval_loader(examples: Sequence[Example], batch_size: int, pad_id: int, collate: Callable | None = None) -> DataLoader:
     return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate or Collator(pad_id),
                       generator=torch.Generator().manual_seed(0))

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from peftkit.data.rows import REQUIRED_FIELDS, _row_problem, load_rows
+from peftkit.data.stored import Example, Examples
 from peftkit.errors import PeftkitError
 from peftkit.progress import work
 from peftkit.recipe import DataConfig
@@ -16,18 +17,6 @@ from peftkit.recipe import DataConfig
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int] | None = None
-    """Only for a packed row (`data.packing`): positions restarting at 0 at each packed example."""
-    token_type_ids: list[int] | None = None
-    """Only for a classification row whose tokenizer marks its text_pair (BERT's segment ids)."""
-    task_id: int | None = None
-    """The row's `task` (an integer >= 0), when the data has one: multitask prompt tuning's task id."""
 
 
 @dataclass
@@ -301,11 +290,11 @@ class _TargetCuts:
 
 def count_examples(
     tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, *, tasks: bool = False
-) -> tuple[list[Example], dict, _TargetCuts]:
+) -> tuple[Examples, dict, _TargetCuts]:
     """The examples training keeps and the counts, with data.truncation `error` counted like `keep` (the
     caller decides whether to stop): `tokenize_rows` without its errors, so `peftkit preview` can report
     what training would do."""
-    examples: list[Example] = []
+    examples = Examples()
     stats = {"bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0, "truncation_dropped": 0,
              "system_prompt_rows": 0, "system_prompt_tokens": 0}
     cuts = _TargetCuts()
@@ -323,7 +312,7 @@ def count_examples(
 
 
 def _count(built: BuiltExample | None, rows: list[dict], cfg: DataConfig, stats: dict, cuts: _TargetCuts,
-           examples: list[Example]) -> None:
+           examples: Examples) -> None:
     """`count_examples` of one row: counted, and kept in `examples` or not."""
     if built is None:
         stats["bad_rows"] += 1
@@ -347,7 +336,7 @@ def _count(built: BuiltExample | None, rows: list[dict], cfg: DataConfig, stats:
 def tokenize_rows(
     tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, skipped: int = 0, *,
     tasks: bool = False
-) -> tuple[list[Example], dict]:
+) -> tuple[Examples, dict]:
     """Tokenize and mask; returns the examples and the counts that `describe_stats` prints:
     `bad_rows` skipped, `too_long` (no target left, dropped), `truncated` (cut at all), `target_cut` (the
     target lost its end: EOS / end-of-turn), `truncation_dropped` (left out by data.truncation: drop),
@@ -393,11 +382,11 @@ def truncation_error(first: BuiltExample, count: int, longest: int, cfg: DataCon
             "data.truncation: drop to leave such examples out (keep trains on them as cut).")
 
 
-def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False) -> tuple[list[Example], dict]:
+def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False) -> tuple[Examples, dict]:
     """The examples of `source` and their counts (`tokenize_rows`); `tasks`: read the rows' `task` column."""
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
-    if tasks and len({e.task_id is None for e in examples}) > 1:  # a batch would fail mid-training
+    if tasks and len({task is None for task in examples.task_ids}) > 1:  # a batch would fail mid-training
         raise PeftkitError(f"{source}: some rows have a 'task' field and some do not; give every row its task id.")
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)

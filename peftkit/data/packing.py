@@ -21,15 +21,18 @@ packing is the same for every run of the same data; the seeded epoch order then 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from peftkit.data.examples import IGNORE_INDEX, Example
+from peftkit.data.examples import IGNORE_INDEX
+from peftkit.data.stored import Example, Examples
 from peftkit.errors import PeftkitError
 
 
-def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
+def pack_examples(examples: Sequence[Example], max_length: int) -> Examples:
     """Rows of consecutive examples, each at most `max_length` tokens (an example is never split)."""
-    rows: list[Example] = []
+    rows = Examples()
     current = Example([], [], [])
     for example in examples:
         n = len(example.input_ids)
@@ -71,8 +74,8 @@ def check_isolated(model: torch.nn.Module) -> None:
             "per-example mask only for models that pass it their position ids. Set data.packing: false.")
 
 
-def describe_packing(examples: list[Example], rows: list[Example], max_length: int) -> str:
-    tokens = sum(len(r.input_ids) for r in rows)
+def describe_packing(examples: Sequence[Example], rows: Examples, max_length: int) -> str:
+    tokens = sum(rows.lengths())
     return (f"data.packing: {len(examples)} examples in {len(rows)} rows of up to {max_length} tokens "
             f"({100 * tokens / (len(rows) * max_length):.0f}% filled)")
 
