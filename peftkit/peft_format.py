@@ -252,6 +252,7 @@ PEFT_BOOKKEEPING = {
     "beta1", "beta2", "orth_reg_weight", "total_step", "token_dim", "num_transformer_submodules",
     "num_attention_heads", "num_layers", "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init",
     "prompt_tuning_init_text", "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task",
+    "use_effective_conv2d",  # LoHa/LoKr: convolution layers only, which peftkit does not adapt
 }
 """Fields of peft's configs that do not change a saved adapter's outputs (settings of its training, its first values,
 or the wrapper's) or that peftkit derives from the model (`fan_in_fan_out`); a method reads what it needs of them

@@ -797,6 +797,22 @@ def test_ia3_default_targets_of_mixtral_adapt_what_this_transformers_has_as_peft
                                                               feedforward_modules=["w2"]))
 
 
+def test_ia3_feedforward_entry_must_name_a_target(models):
+    """A feedforward_modules entry that names no target would be dropped, and the module meant would have its output
+    scaled, not its input: refused (peft: "should be a subset of target_modules"), also beside the default targets.
+    The architecture's default feedforward_modules beside other targets is no error (peft fills it in too)."""
+    from peftkit.section import TargetRegex
+
+    for given in ({"feedforward_modules": ["up_proj"]},  # the default targets: k_proj, v_proj, down_proj
+                  {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_prj"]},
+                  {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": TargetRegex(regex=r".*\.up_proj")}):
+        with pytest.raises(PeftkitError, match="feedforward_modules entry .* names none of the modules IA3 adapts"):
+            inject_adapters(_load(models["llama"]), IA3Config(method="ia3", **given))
+    model = _load(models["llama"])
+    inject_adapters(model, IA3Config(method="ia3", target_modules=["q_proj", "v_proj"]))  # default: down_proj
+    assert not any(layer.is_feedforward for layer in adapter_layers(model).values())
+
+
 @pytest.mark.parametrize("family", ["gemma3_text", "bloom"])
 def test_default_targets_are_peft_s_for_more_families(family):
     """IA3 and AdaLoRA without target_modules adapt what peft's defaults adapt (these two were refused)."""

@@ -61,6 +61,16 @@ def test_every_peft_config_at_its_defaults_passes_quietly(name):
         check_peft_fields(method_for_peft_type(raw["peft_type"], Path("c.json")), raw, Path("c.json"))
 
 
+
+@pytest.mark.parametrize("name", ["LoHaConfig", "LoKrConfig"])
+def test_effective_conv2d_passes_quietly(name):
+    """`use_effective_conv2d` changes convolution layers only, which peftkit does not adapt: set, it is no warning."""
+    raw = json.loads(json.dumps(getattr(peft, name)(task_type="CAUSAL_LM", use_effective_conv2d=True).to_dict(),
+                                default=str))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_peft_fields(method_for_peft_type(raw["peft_type"], Path("c.json")), raw, Path("c.json"))
+
 def test_a_peft_alora_adapter_is_refused_not_loaded_as_plain_lora(tiny_llama, tmp_path):
     """aLoRA saves plain LoRA tensor names and adapts only from its invocation tokens on: loaded as LoRA, every
     position would move (by up to 1.7 in the logits of this one)."""

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from torch import nn
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
                                   targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
@@ -57,6 +57,8 @@ class IA3Config(AdapterSection):
     output scaled."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
+    _feedforward_given: bool = PrivateAttr(True)
+    """False where `IA3.resolve` filled feedforward_modules with the architecture's default."""
 
 
 def _suffix_match(name: str, entry: str) -> bool:
@@ -143,9 +145,30 @@ class IA3(Method):
                 "feedforward_modules: [down_proj] for a Llama-like model."
             )
         targets, feedforward = DEFAULTS[model_type]
-        return cfg.model_copy(update={"target_modules": cfg.target_modules if cfg.target_modules is not None else targets,
-                                      "feedforward_modules": cfg.feedforward_modules if cfg.feedforward_modules is not None
-                                      else feedforward})
+        resolved = cfg.model_copy(update={"target_modules": cfg.target_modules if cfg.target_modules is not None
+                                          else targets,
+                                          "feedforward_modules": cfg.feedforward_modules if cfg.feedforward_modules
+                                          is not None else feedforward})
+        resolved._feedforward_given = cfg.feedforward_modules is not None
+        return resolved
+
+    @classmethod
+    def select_targets(cls, model: nn.Module, cfg: IA3Config, every_entry: bool) -> list[str]:
+        """The targets; a feedforward_modules entry the user gave must name one of them (peft: "should be a subset
+        of target_modules"), or the setting would be dropped and the module meant would have its output scaled."""
+        names = super().select_targets(model, cfg, every_entry)
+        if cfg._feedforward_given:
+            given = cfg.feedforward_modules
+            for entry in [given] if isinstance(given, TargetRegex) else given:
+                if not any(is_feedforward(n, entry if isinstance(entry, TargetRegex) else [entry]) for n in names):
+                    shown = f"{{regex: {entry.regex!r}}}" if isinstance(entry, TargetRegex) else repr(entry)
+                    kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))
+                    raise PeftkitError(
+                        f"adapter.feedforward_modules entry {shown} names none of the modules IA3 adapts (the "
+                        f"target_modules: {', '.join(kinds)}). IA3 scales the input of the targets it names, so each "
+                        "entry must name a target: add the module to target_modules too, or fix the name."
+                        + (did_you_mean(entry, kinds) if isinstance(entry, str) else ""))
+        return names
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: IA3Config, path: str) -> IA3Linear:
