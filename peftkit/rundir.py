@@ -170,6 +170,24 @@ def lock_holder(out: Path) -> str:
     return "unknown"
 
 
+_HELD_LOCKS: set[int] = set()
+"""The file descriptors of the run locks this process holds."""
+
+
+def _close_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): close the run locks' descriptors. A flock belongs to the open file,
+    which a child shares; a worker outlives a killed run by seconds (until it notices), and would hold the lock that
+    long: `--resume` at once was refused, naming the dead process."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Hold `out/.peftkit.lock` for the run; a second writer is refused at once, naming the holder."""
@@ -189,10 +207,12 @@ def run_lock(out: Path) -> Iterator[None]:
                 f"export.output_dir {out} is in use by another peftkit run ({lock_holder(out)}). Wait for it to "
                 "finish or stop it, or choose another export.output_dir."
             ) from None
+        _HELD_LOCKS.add(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # closing drops the flock; the file stays (removing it would race a new writer)
 
 

@@ -3,6 +3,7 @@ leftovers are tidied, a damaged checkpoint is passed over, and a resume on chang
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -166,6 +167,36 @@ def test_second_writer_is_refused_naming_the_process_and_a_killed_run_leaves_no_
     with run_lock(tmp_path / "run"):  # the kernel dropped the dead process's lock
         pass
 
+
+
+def test_a_forked_child_that_outlives_a_killed_run_does_not_hold_its_lock(tmp_path):
+    """A DataLoader worker (a fork) lives on for seconds after its run is killed; it must not keep the run's lock,
+    or `--resume` at once is refused, naming the dead process."""
+    holder = tmp_path / "holder.py"
+    holder.write_text(
+        "import multiprocessing, sys, time\n"
+        "from pathlib import Path\n"
+        "from peftkit.rundir import run_lock\n"
+        "with run_lock(Path(sys.argv[1])):\n"
+        "    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,))\n"
+        "    child.start()\n"
+        "    print(child.pid, flush=True)\n"
+        "    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, str(holder), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    try:
+        with pytest.raises(PeftkitError, match="in use by another peftkit run"):  # held while its run lives
+            with run_lock(tmp_path):
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        os.kill(child, 0)  # the child lives on
+        with run_lock(tmp_path):
+            pass
+    finally:
+        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 # ------------------------------------------------------------------------------------ crash leftovers
 
