@@ -31,6 +31,11 @@ TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run 
                                                "or that an adapter's base needs (recorded in its peftkit.json).")]
 Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
                                             "prompt and row (default: the data's 'task' column).")]
+DataSplit = Annotated[Optional[str], typer.Option("--split", metavar="NAME", help="With --data naming a hub dataset: the split to "
+                                                 "read (default: train).")]
+DataRevision = Annotated[Optional[str], typer.Option("--data-revision", metavar="REV", help="With --data naming a hub "
+                                                     "dataset: the branch, tag or commit to read (data.revision of "
+                                                     "the command line).")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
 
 
@@ -237,6 +242,8 @@ def eval_cmd(
                                                         "(prompt, prediction, reference) here; in a comparison, a "
                                                         "directory (NAME.jsonl each).")] = None,
     task: Task = None,
+    split: DataSplit = None,
+    data_revision: DataRevision = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -254,7 +261,7 @@ def eval_cmd(
     single = _local(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                   predictions, task, comparing=comparing)
+                   predictions, task, comparing=comparing, split=split, data_revision=data_revision)
     if comparing:
         _compare(job, adapters, merged, predictions, json_out)
         return
@@ -338,6 +345,8 @@ def generate(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write [{prompt, completion}, ...] here instead "
                                                      "of printing.")] = None,
     task: Task = None,
+    split: DataSplit = None,
+    data_revision: DataRevision = None,
     overrides: Overrides = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
@@ -354,7 +363,7 @@ def generate(
     single, named = _adapter_flags(adapter or [])
     job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompt or [],
                        _local(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
-                       batch_size, trust_remote_code, task, named, route)
+                       batch_size, trust_remote_code, task, named, route, split, data_revision)
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):

@@ -19,7 +19,7 @@ from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
-from peftkit.inference import ModelSource, check_choices, check_no_overrides, recipe_source
+from peftkit.inference import ModelSource, check_choices, check_no_overrides, hub_data_flags, recipe_source
 from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
@@ -210,13 +210,14 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
              adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
              trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,
              normalize: str | None = None, predictions: Path | None = None, task: int | None = None, *,
-             comparing: bool = False) -> EvalJob:
+             comparing: bool = False, split: str | None = None, data_revision: str | None = None) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
     recipe defaults, so figures are comparable with training's (a run's eval.metrics, eval.max_new_tokens and
     eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures). `comparing`: the candidates are
-    named apart (--adapter NAME=DIR, --merged), and the recipe gives the base only."""
+    named apart (--adapter NAME=DIR, --merged), and the recipe gives the base only. `split`, `data_revision`: what is
+    read of a hub dataset given as `data` (`hub_data_flags`)."""
     eval_cfg = EvalConfig()
     if recipe is None:
         if not model or not data:
@@ -235,6 +236,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
                       source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size)
     check_choices(fmt, on_bad_rows)
+    job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
     job.data_cfg = job.data_cfg.model_copy(update=updates)
     job.source = job.source.with_flags(model, adapter, trust_remote_code)

@@ -22,7 +22,7 @@ from torch import nn
 
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.errors import PeftkitError
-from peftkit.inference import ModelSource, check_choices, model_source
+from peftkit.inference import ModelSource, check_choices, hub_data_flags, model_source
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
 from peftkit.recipe import DataConfig
 from peftkit.rope_scaling import learned_positions
@@ -219,10 +219,11 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
                  prompts: list[str], data: str | None, fmt: str | None, chat: bool, limit: int | None,
                  sampling: Sampling, batch_size: int, trust_remote_code: bool = False,
                  task: int | None = None, adapters: list[tuple[str, str]] | None = None,
-                 route: str | None = None) -> GenerateJob:
+                 route: str | None = None, split: str | None = None, data_revision: str | None = None) -> GenerateJob:
     """The `peftkit generate` arguments as one job. A recipe (or run directory) gives the model, the adapter
     (a run's adapter/), the data format and, without --prompt or --data, data.eval's prompts. `adapters`: named
-    adapters (instead of `adapter`), each row of --data picking one by its `route` column."""
+    adapters (instead of `adapter`), each row of --data picking one by its `route` column. `split`, `data_revision`:
+    what is read of a hub dataset given as `data` (`hub_data_flags`)."""
     sampling.check()
     adapters = adapters or []
     _check_route(adapters, route, data)
@@ -253,6 +254,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
         job.data_cfg = (job.data_cfg or DataConfig(train=job.data)).model_copy(update={"format": fmt} if fmt else {})
     elif not prompts:
         raise PeftkitError("Nothing to generate from: pass --prompt TEXT (repeatable) or --data FILE.")
+    job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     return job
 
 

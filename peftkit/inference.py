@@ -206,6 +206,19 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False) -> tu
     return load_recipe(recipe, overrides), str(adapter) if adapter is not None and adapter.is_dir() else None
 
 
+def hub_data_flags(data: str | None, split: str | None, revision: str | None, data_cfg: DataConfig | None,
+                   default_split: str) -> tuple[str, DataConfig | None]:
+    """(the split, the data settings) with --split and --data-revision applied: what is read of a hub dataset given
+    with --data. `default_split`: the split read without --split."""
+    from peftkit.recipe import is_hub_dataset
+
+    for flag, value in (("--split", split), ("--data-revision", revision)):
+        if value is not None and not (data and is_hub_dataset(data)):
+            raise PeftkitError(f"{flag} picks what is read of a hub dataset given with --data; "
+                               + (f"{data} is a local file." if data else "give --data DATASET_ID."))
+    return split or default_split, data_cfg.model_copy(update={"revision": revision}) if revision else data_cfg
+
+
 def check_choices(fmt: str | None, on_bad_rows: str | None) -> None:
     """--format and --on-bad-rows take the recipe's values."""
     for flag, value, choices in (("--format", fmt, FORMATS), ("--on-bad-rows", on_bad_rows, ("error", "skip"))):

@@ -100,22 +100,30 @@ def test_a_record_without_hashes_is_not_a_change():
 DATASET = "acme/numbers"
 
 
-def _publish_dataset(cache: Path, rows: list[dict], commit: str, tmp_path: Path) -> None:
-    """Put `rows` in the datasets cache as commit `commit` of DATASET, as a load of it from the hub leaves them (its
-    prepared arrow file and info); offline, `datasets` reads the newest commit there (whatever the revision asked)."""
+def _publish_dataset(cache: Path, rows: list[dict], commit: str, tmp_path: Path, test_rows: list[dict] | None = None,
+                     ) -> None:
+    """Put `rows` (and `test_rows` as a test split) in the datasets cache as commit `commit` of DATASET, as a load of
+    it from the hub leaves them (its prepared arrow files and info); offline, `datasets` reads the newest commit there
+    (whatever the revision asked)."""
     import shutil
 
     import datasets
 
-    source = tmp_path / f"rows-{commit[:4]}.jsonl"
-    write_jsonl(source, rows)
-    built = datasets.load_dataset("json", data_files=str(source), split="train", cache_dir=str(tmp_path / commit[:4]))
-    prepared = Path(built.cache_files[0]["filename"]).parent
     target = cache / DATASET.replace("/", "___") / "default" / "0.0.0" / commit
     target.mkdir(parents=True)
-    info = json.loads((prepared / "dataset_info.json").read_text())
+    info = {}
+    for split, split_rows in (("train", rows), ("test", test_rows)):
+        if split_rows is None:
+            continue
+        source = tmp_path / f"rows-{commit[:4]}-{split}.jsonl"
+        write_jsonl(source, split_rows)
+        built = datasets.load_dataset("json", data_files=str(source), split="train",
+                                      cache_dir=str(tmp_path / f"{commit[:4]}-{split}"))
+        prepared = Path(built.cache_files[0]["filename"]).parent
+        made = json.loads((prepared / "dataset_info.json").read_text())
+        info = made | {"splits": info.get("splits", {}) | {split: made["splits"]["train"] | {"name": split}}}
+        shutil.copy(prepared / "json-train.arrow", target / f"{DATASET.split('/')[1]}-{split}.arrow")
     (target / "dataset_info.json").write_text(json.dumps(info | {"dataset_name": DATASET.split("/")[1]}))
-    shutil.copy(prepared / "json-train.arrow", target / f"{DATASET.split('/')[1]}-train.arrow")
     os.utime(target, (time.time() + len(os.listdir(target.parent)), ) * 2)  # the newest commit is the newest dir
 
 
@@ -186,6 +194,46 @@ def test_data_revision_stays_with_the_recipe_s_datasets(tiny_llama, tmp_path):
     job = generate_job(recipe, [], None, None, [], "acme/other", None, False, None, Sampling(), 8)
     assert job.data_cfg.revision is None
 
+
+def test_eval_and_generate_read_the_hub_split_and_revision_given_on_the_command_line(tiny_llama, tmp_path, monkeypatch):
+    """`--data DATASET --split test` reads that split (it read train, whatever the user wanted), and --data-revision
+    pins it; both are refused for a local file."""
+    import datasets
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.evaluate import eval_job
+
+    cache = tmp_path / "datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    _publish_dataset(cache, number_rows(64, seed=1), "a" * 40, tmp_path, test_rows=number_rows(6, seed=5))
+    write_jsonl(tmp_path / "test.jsonl", number_rows(6, seed=5))
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(app, [*args, "--model", str(tiny_llama)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def evaluated(*args: str) -> dict:
+        run("eval", *args, "--json", str(tmp_path / "e.json"))
+        return json.loads((tmp_path / "e.json").read_text())
+
+    assert evaluated("--data", DATASET, "--split", "test") == evaluated("--data", str(tmp_path / "test.jsonl"))
+    assert evaluated("--data", DATASET)["num_tokens"] != evaluated("--data", str(tmp_path / "test.jsonl"))["num_tokens"]
+    generated = []
+    for data in (["--data", DATASET, "--split", "test"], ["--data", str(tmp_path / "test.jsonl")]):
+        run("generate", *data, "--limit", "2", "--max-new-tokens", "2", "--json", str(tmp_path / "g.json"))
+        generated.append(json.loads((tmp_path / "g.json").read_text()))
+    assert generated[0] == generated[1]
+    job = eval_job(None, [], str(tiny_llama), DATASET, None, None, None, None, None, data_revision="v1", split="test")
+    assert (job.split, job.data_cfg.revision) == ("test", "v1")
+    for flag in ("--split", "--data-revision"):
+        result = CliRunner().invoke(app, ["eval", "--model", str(tiny_llama), "--data", str(tmp_path / "test.jsonl"),
+                                          flag, "x"])
+        assert isinstance(result.exception, PeftkitError)  # the CLI's entry point prints it, exit status 2
+        assert str(result.exception) == (f"{flag} picks what is read of a hub dataset given with --data; "
+                                         f"{tmp_path / 'test.jsonl'} is a local file.")
 
 def test_the_rows_digest_counts_images_and_bytes_by_content():
     """A PIL image's repr holds its memory address: digested by repr, the same rows gave another digest in every
