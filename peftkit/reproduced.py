@@ -24,7 +24,8 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
              tolerance: float) -> list[str]:
     """The re-run's losses and outputs against the recorded ones; `intact`: RUN_DIR files matching their hash."""
     out = []
-    if divergence := _first_divergence(manifest.losses, rerun.losses, tolerance):
+    skipped = bool((getattr(manifest, "metrics", None) or {}).get("skipped_steps"))
+    if divergence := _first_divergence(manifest.losses, rerun.losses, tolerance, skipped):
         out.append(divergence)
     recorded, now = manifest.outputs_sha256, rerun.outputs_sha256
     for name in sorted(recorded.keys() | now.keys()):
@@ -149,12 +150,15 @@ def _text(path: Path) -> str:
         raise PeftkitError(f"{path} cannot be read ({e}); verify reads every file it checks.") from None
 
 
-def _first_divergence(expected: list[float], actual: list[float], tolerance: float) -> str | None:
+def _first_divergence(expected: list[float], actual: list[float], tolerance: float, skipped: bool = False) -> str | None:
+    """Where the losses part; `skipped`: the run skipped steps (nan_policy: skip_step), which record no loss, so the
+    n-th loss is not step n's."""
     for i, (a, b) in enumerate(zip(expected, actual)):
         if not (a == b or (tolerance > 0 and math.isclose(a, b, rel_tol=0, abs_tol=tolerance))):
-            return f"loss diverges first at step {i + 1}: {a!r} recorded, {b!r} now"
+            where = f"loss {i + 1} of those recorded (skipped steps record none)" if skipped else f"step {i + 1}"
+            return f"loss diverges first at {where}: {a!r} recorded, {b!r} now"
     if len(expected) != len(actual):
-        return f"{len(expected)} steps recorded, {len(actual)} now"
+        return f"{len(expected)} {'losses' if skipped else 'steps'} recorded, {len(actual)} now"
     return None
 
 

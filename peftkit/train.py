@@ -424,11 +424,10 @@ def _loop(run: _Run, state: LoopState) -> None:
             tokens = sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
             window_tokens += tokens
             loss_value, grad_norm, regularizer = _step(run, window, tokens, state)
-            if loss_value is None:
-                continue
             tps = window_tokens / max(time.time() - window_start, 1e-9)
-            progress.update(state.step, loss_value, lr, tps)  # every step: the bar moves, the first step gets a line
-            if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
+            if loss_value is not None:  # a skipped step (nan_policy: skip_step) has no loss to show or log
+                progress.update(state.step, loss_value, lr, tps)  # every step: the bar moves, the first gets a line
+            if loss_value is not None and (state.step % tcfg.log_steps == 0 or state.step == run.total_steps):
                 record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
                 if regularizer is not None:

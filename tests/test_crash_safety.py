@@ -122,10 +122,16 @@ def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path
         return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
 
     monkeypatch.setattr(train_mod, "token_loss_sum", nan_on_third_step)
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"nan_policy": "skip_step"}, eval={"base_model": False})
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"nan_policy": "skip_step", "eval_steps": 3, "save_steps": 3})
     summary = train(load_recipe(recipe))
     assert summary["steps"] == 6 and summary["skipped_steps"] == 1 and len(calls) == 6
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    # The skipped step has no loss to log, but its evaluation and checkpoint are made as scheduled.
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 4, 5, 6]
+    assert 3 in [line["step"] for line in lines if "eval_loss" in line]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000003").is_dir()
 
 
 def test_skip_step_that_leaves_a_broken_model_fails_and_exports_nothing(tiny_llama, number_data, tmp_path):

@@ -327,3 +327,13 @@ def test_training_deterministic_is_strict_and_a_kernel_without_a_deterministic_v
     finally:
         seed_everything(0, deterministic_cuda=False)
     assert torch.are_deterministic_algorithms_enabled() != torch.cuda.is_available()  # on CPU: warn-only
+
+
+def test_a_divergence_after_a_skipped_step_is_not_named_by_a_wrong_step():
+    """A step skipped for a non-finite loss (nan_policy: skip_step) records no loss: the n-th loss is not step n's."""
+    from peftkit.reproduced import _first_divergence
+
+    assert _first_divergence([1.0, 2.0, 3.0], [1.0, 2.5, 3.0], 0) == "loss diverges first at step 2: 2.0 recorded, 2.5 now"
+    assert _first_divergence([1.0, 2.0, 3.0], [1.0, 2.5, 3.0], 0, skipped=True) == (
+        "loss diverges first at loss 2 of those recorded (skipped steps record none): 2.0 recorded, 2.5 now")
+    assert _first_divergence([1.0], [1.0, 2.0], 0, skipped=True) == "1 losses recorded, 2 now"
