@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
@@ -48,6 +49,19 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
+FEW_POINTS = 20
+"""A curve of at most this many points is drawn with a dot at each (a run of one step has one point: no line)."""
+
+
+def _curve(ax, steps: list, values: list, fmt: str = "-", **style) -> None:
+    """A curve against whole steps; short ones with their points marked."""
+    from matplotlib.ticker import MaxNLocator
+
+    few = len(steps) <= FEW_POINTS and "o" not in fmt
+    ax.plot(steps, values, fmt, **({"marker": "o", "markersize": 3.5} if few else {}) | style)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps are whole: no 0.96-1.04 ticks
+
+
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -63,9 +77,9 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
 
     plots = {}
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", linewidth=1.2)
+    _curve(ax, [r["step"] for r in train], [r["loss"] for r in train], label="train loss", linewidth=1.2)
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", linewidth=1.5)
+        _curve(ax, [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", linewidth=1.5)
     ax.set(xlabel="step", ylabel="loss", title="Loss", yscale="log" if log_scale else "linear")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -77,7 +91,7 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
         fig, ax = plt.subplots(figsize=(7, 3.0))
         for metric, points in metric_curves.items():
             if points:
-                ax.plot(*zip(*points, strict=True), "o-", label=metric, linewidth=1.5)
+                _curve(ax, *zip(*points, strict=True), "o-", label=metric, linewidth=1.5)
         generated = any(metric_curves[m] for m in GENERATION_METRICS)
         ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval rows",
                title="Eval metrics (greedy answers)" if generated else "Eval metrics (classes)")
@@ -90,7 +104,7 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
         if not points:
             continue
         fig, ax = plt.subplots(figsize=(7, 3.0))
-        ax.plot(*zip(*points, strict=True), linewidth=1.2)
+        _curve(ax, *zip(*points, strict=True), linewidth=1.2)
         ax.set(xlabel="step", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         plots[stem] = _png(fig)
@@ -121,7 +135,17 @@ def _metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}"
          "table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}"
-         "pre{background:#f6f6f6;padding:1rem;overflow:auto}img{max-width:100%}")
+         "pre{background:#f6f6f6;padding:1rem;overflow:auto}img{max-width:100%}"
+         "table.samples{table-layout:fixed;width:100%}"
+         "td.text{text-align:left;vertical-align:top;white-space:pre-wrap;overflow-wrap:anywhere}")
+_BIDI_CONTROLS = re.compile("[\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _text_cell(value: object) -> str:
+    """A sample's text as a table cell: as written (newlines kept, long words broken), each bidirectional control
+    character shown as its code point (`<U+202E>`), not obeyed: it would reverse the text after it."""
+    shown = _BIDI_CONTROLS.sub(lambda m: f"<U+{ord(m.group()):04X}>", str(value or ""))
+    return f"<td class='text'>{html.escape(shown)}</td>"
 
 
 def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, recipe_text: str) -> str:
@@ -130,7 +154,8 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     images = "".join(f'<figure><img alt="{stem}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                      f"</figure>" for stem, data in plots.items())
     facts = [("steps", metrics.get("steps")), ("trainable parameters", metrics.get("trainable_params")),
-             ("tokens", metrics.get("tokens")), ("elapsed (s)", metrics.get("elapsed_s"))]
+             ("tokens", metrics.get("tokens")), ("elapsed (s)", metrics.get("elapsed_s")),
+             ("steps skipped for a non-finite loss or gradients (training.nan_policy)", metrics.get("skipped_steps") or None)]
     fact_rows = "".join(f"<li>{html.escape(k)}: {html.escape(f'{v:,}' if isinstance(v, int) else f'{v:.1f}')}</li>"
                         for k, v in facts if v is not None)
     if metrics.get("stopped_early"):
@@ -140,10 +165,9 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
                       f"{best['step']} (export.best); the fine-tuned column is that evaluation</li>")
     environment = json.dumps((manifest or {}).get("environment", {}), indent=2)
     samples = metrics.get("samples") or []
-    sample_rows = "".join("<tr>" + "".join(f"<td style='text-align:left'>{html.escape(str(s.get(k) or ''))}</td>"
-                                            for k in ("prompt", "reference", "base", "fine_tuned")) + "</tr>"
-                          for s in samples)
-    sample_table = (f"<h2>Generations (greedy)</h2><table><tr><th>prompt</th><th>reference</th><th>base model</th>"
+    sample_rows = "".join("<tr>" + "".join(_text_cell(s.get(k)) for k in ("prompt", "reference", "base", "fine_tuned"))
+                          + "</tr>" for s in samples)
+    sample_table = (f"<h2>Generations (greedy)</h2><table class='samples'><tr><th>prompt</th><th>reference</th><th>base model</th>"
                     f"<th>fine-tuned</th></tr>{sample_rows}</table>" if samples else "")
     status = "" if manifest else "<p><b>No manifest.json: the run did not finish; the curves show what it logged.</b></p>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit report: {html.escape(run_dir.name)}"

@@ -110,3 +110,20 @@ def test_a_damaged_manifest_is_a_clear_error(run, tmp_path):
 def test_a_file_given_for_the_run_directory_says_so(run):
     with pytest.raises(PeftkitError, match=r"metrics.jsonl is a file: give the run directory that holds it"):
         write_report(run / "metrics.jsonl")
+
+
+def test_a_one_step_run_s_curves_are_drawn_and_sample_text_is_shown_as_written(tmp_path):
+    """A curve of one point was an invisible line: a run of one step (or log_steps >= max_steps) had empty plots. A
+    sample's newlines are kept, and a bidirectional control character is shown, not obeyed."""
+    from peftkit.report import plot_curves, render_html
+
+    one = [{"step": 1, "loss": 4.8, "lr": 0.01, "grad_norm": 2.6, "tokens_per_s": 4713.0, "peak_mem_mb": 451.7}]
+    drawn = {stem: _blue_pixels(data) for stem, data in plot_curves(one, [], False).items()}
+    assert set(drawn) == {"loss", "lr", "grad_norm", "throughput", "memory"} and min(drawn.values()) > 10, drawn
+    sample = {"prompt": "### Instruction:\nSay \u202ehi\n\n### Response:\n", "reference": "x" * 300, "base": "<b>",
+              "fine_tuned": "ok"}
+    page = render_html(tmp_path, {}, {"metrics": {"samples": [sample], "skipped_steps": 2}}, "")
+    assert ("<td class='text'>### Instruction:\nSay &lt;U+202E&gt;hi\n\n### Response:\n</td>" in page
+            and "\u202e" not in page and "<td class='text'>&lt;b&gt;</td>" in page)
+    assert "white-space:pre-wrap;overflow-wrap:anywhere" in page
+    assert "<li>steps skipped for a non-finite loss or gradients (training.nan_policy): 2</li>" in page
