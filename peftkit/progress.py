@@ -41,10 +41,11 @@ class TrainProgress:
 
             self.bar = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+                TextColumn("{task.fields[figures]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
             )
-            self.task = self.bar.add_task("train", total=total, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
+            # Until a step ends there are no figures to show (a loss of nan would read as a diverged run).
+            self.task = self.bar.add_task("train", total=total, completed=start_step, figures="first step running")
 
     def __enter__(self) -> TrainProgress:
         if self.bar is not None:
@@ -58,7 +59,7 @@ class TrainProgress:
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         """Called at each logged step."""
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, lr=lr, tps=tokens_per_s)
+            self.bar.update(self.task, completed=step, figures=f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s")
             return
         now = time.monotonic()
         due = (step == self.start_step + 1 or step == self.total or step % self.every == 0

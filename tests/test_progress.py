@@ -116,6 +116,19 @@ def test_a_terminal_gets_the_live_bar_not_plain_lines(tiny_llama, number_data, t
     assert _plain_steps(out) == [] and "3/3" in out and "tok/s" in out
 
 
+def test_the_live_bar_shows_no_loss_before_the_first_step_ends():
+    """A fresh or resumed run's bar showed `loss nan  lr 0.00e+00  0 tok/s` until its first step ended: a run that
+    reads as diverged."""
+    buffer = io.StringIO()
+    with TrainProgress(Console(file=buffer, width=200, force_terminal=True), total=60, start_step=33) as progress:
+        progress.bar.refresh()
+        before = buffer.getvalue()
+        progress.update(34, 1.25, 2e-4, 1234.0)
+        progress.bar.refresh()
+    assert "first step running" in before and "nan" not in before and "33/60" in before
+    assert "loss 1.2500  lr 2.00e-04  1,234 tok/s" in buffer.getvalue()
+
+
 def test_cli_with_stdout_redirected_to_a_file_logs_progress(tiny_llama, number_data, tmp_path):
     """Plain step lines in a log file, and no library's noise among them: where deepspeed is installed (the dev
     extras), saving the merged model imports it (accelerate's unwrap_model) and, without a GPU, it warned "Setting
