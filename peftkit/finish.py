@@ -172,7 +172,8 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
                  + (" (stopped early)" if s.get("stopped_early") else "")))
     if best := s.get("best"):
         rows.append(("exported adapter", f"best {best['metric']} {best['value']:.4f}, step {best['step']} (export.best)"))
-    rows += [("time", f"{s['elapsed_s']:.1f} s"), ("peak memory", f"{s['peak_mem_mb']:.0f} MiB")]
+    since = f" (since the resume at step {s['resumed_at_step']})" if s.get("resumed_at_step") is not None else ""
+    rows += [("time", f"{s['elapsed_s']:.1f} s{since}"), ("peak memory", f"{s['peak_mem_mb']:.0f} MiB{since}")]
     rows += [(path.name, str(path)) for path in exported] + [("run directory", str(out))]
     if console.is_terminal:
         table = Table(title="peftkit train: done", show_header=False)

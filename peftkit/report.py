@@ -158,6 +158,9 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
              ("steps skipped for a non-finite loss or gradients (training.nan_policy)", metrics.get("skipped_steps") or None)]
     fact_rows = "".join(f"<li>{html.escape(k)}: {html.escape(f'{v:,}' if isinstance(v, int) else f'{v:.1f}')}</li>"
                         for k, v in facts if v is not None)
+    if metrics.get("resumed_at_step") is not None:
+        fact_rows += (f"<li>resumed at step {metrics['resumed_at_step']}: elapsed time and peak memory are the resumed "
+                      "process's</li>")
     if metrics.get("stopped_early"):
         fact_rows += "<li>stopped early (training.early_stopping)</li>"
     if best := metrics.get("best"):

@@ -46,8 +46,9 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
 
 METRICS_LOG = "metrics.jsonl"
 
-VARYING = ("elapsed_s", "peak_mem_mb", "tokens_per_s")
-"""What a run records that no re-run repeats: wall-clock time, speed and peak memory."""
+VARYING = ("elapsed_s", "peak_mem_mb", "tokens_per_s", "resumed_at_step")
+"""What a run records that no re-run repeats: wall-clock time, speed and peak memory, and where a resumed run's
+process started (its time and memory are that process's)."""
 
 CHECKED_APART = {"command", "environment", "recipe", "recipe_sha256", "losses", "loss_digest", "data_sha256",
                  "data_commits", "base_model_sha256", "init_from_sha256", "outputs_sha256"}

@@ -247,6 +247,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                                             accelerator.num_processes)
             if run.main:
                 truncate_metrics(run.metrics_path, state.step, state.step if run.stopped_early else run.total_steps)
+            run.summary["resumed_at_step"] = state.step  # elapsed_s and peak_mem_mb are this process's
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
                           + (" The run had finished: its final evaluation and exports are made again."
                              if state.step >= run.total_steps or run.stopped_early else ""))

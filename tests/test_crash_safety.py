@@ -207,9 +207,14 @@ def test_signal_mid_step_checkpoints_that_step_and_resumes_bit_identically(tiny_
     assert signal.getsignal(sig) is not None and signal.getsignal(sig) == {
         signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}[sig]  # handlers restored
     monkeypatch.undo()
-    train(interrupted, resume=True)
+    summary = train(interrupted, resume=True)
     assert _logged_steps(run) == list(range(1, 9))
     assert _adapter_bytes(run) == _adapter_bytes(tmp_path / "a" / "run")
+    assert summary["resumed_at_step"] == at  # the time and peak memory recorded are the resumed process's
+
+    from peftkit.reproduced import _differ
+
+    assert _differ("", {"resumed_at_step": at, "steps": 8}, {"steps": 8}, 0) == []  # verify's re-run runs straight
 
 
 def test_ctrl_c_in_a_real_process_saves_checkpoint_and_resumes(tiny_llama, number_data, tmp_path):

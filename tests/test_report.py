@@ -122,7 +122,8 @@ def test_a_one_step_run_s_curves_are_drawn_and_sample_text_is_shown_as_written(t
     assert set(drawn) == {"loss", "lr", "grad_norm", "throughput", "memory"} and min(drawn.values()) > 10, drawn
     sample = {"prompt": "### Instruction:\nSay \u202ehi\n\n### Response:\n", "reference": "x" * 300, "base": "<b>",
               "fine_tuned": "ok"}
-    page = render_html(tmp_path, {}, {"metrics": {"samples": [sample], "skipped_steps": 2}}, "")
+    page = render_html(tmp_path, {}, {"metrics": {"samples": [sample], "skipped_steps": 2, "resumed_at_step": 33}}, "")
+    assert "<li>resumed at step 33: elapsed time and peak memory are the resumed process's</li>" in page
     assert ("<td class='text'>### Instruction:\nSay &lt;U+202E&gt;hi\n\n### Response:\n</td>" in page
             and "\u202e" not in page and "<td class='text'>&lt;b&gt;</td>" in page)
     assert "white-space:pre-wrap;overflow-wrap:anywhere" in page
