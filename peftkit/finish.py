@@ -21,7 +21,7 @@ from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
 from peftkit.rope_scaling import fresh_dynamic_rope
 from peftkit.runtime import peak_memory_mb
-from peftkit.samples import answers, sample_prompts, samples_table
+from peftkit.samples import answers, print_samples, sample_prompts
 
 if TYPE_CHECKING:
     from peftkit.recipe import Recipe
@@ -188,5 +188,5 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
         for name, value in rows:
             console.print(f"  {escape(name):<{width}}  {escape(value)}", soft_wrap=True, highlight=False)
     if s.get("samples"):
-        console.print(samples_table(s["samples"]))
+        print_samples(console, s["samples"])
 

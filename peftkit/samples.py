@@ -4,6 +4,7 @@ the reference, and the manifest and report keep them."""
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from torch import nn
@@ -32,6 +33,19 @@ def answers(model: nn.Module, tok, prompts: list[Prompt], cfg: Recipe) -> list[s
 def _short(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else "…" + flat[-(width - 1):]
+
+
+def print_samples(console: Console, samples: list[dict]) -> None:
+    """The samples: a table on a terminal; in a log, a line per field, never wrapped (newlines shown as spaces)."""
+    if console.is_terminal:
+        console.print(samples_table(samples))
+        return
+    console.print("generations (greedy)", highlight=False)
+    for i, s in enumerate(samples, 1):
+        fields = [("prompt", _short(s["prompt"])), ("reference", s["reference"] or "")]
+        fields += [("base model", s.get("base") or "")] if "base" in s else []
+        for name, value in [*fields, ("fine-tuned", s["fine_tuned"])]:
+            console.print(Text(f"  {i}  {name:<10}  {' '.join(value.split())}"), soft_wrap=True, highlight=False)
 
 
 def samples_table(samples: list[dict]) -> Table:

@@ -67,3 +67,21 @@ def test_the_samples_table_prints_text_as_written():
     Console(file=out, width=200).print(samples_table([{"prompt": "[INST] hi [/INST]", "reference": "[b]x[/b]",
                                                        "fine_tuned": "[/INST] y"}]))
     assert "[INST] hi [/INST]" in out.getvalue() and "[b]x[/b]" in out.getvalue() and "[/INST] y" in out.getvalue()
+
+
+def test_in_a_log_the_samples_are_lines_never_wrapped():
+    """In a log (no terminal), a table at 80 columns cut prompts and wrapped cells; the README says a log's long lines
+    are never wrapped. Each field is one line, markup shown as written."""
+    import io
+
+    from rich.console import Console
+
+    from peftkit.samples import print_samples
+
+    out = io.StringIO()
+    reference = "nine hundred seventy-eight, " * 6
+    print_samples(Console(file=out, width=80), [{"prompt": "Write 978 in words.\n", "reference": reference,
+                                                 "base": "[/INST] Ygg", "fine_tuned": "nine\nhundred"}])
+    assert out.getvalue().splitlines() == [
+        "generations (greedy)", "  1  prompt      Write 978 in words.", f"  1  reference   {reference.strip()}",
+        "  1  base model  [/INST] Ygg", "  1  fine-tuned  nine hundred"]
