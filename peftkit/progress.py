@@ -34,6 +34,7 @@ class TrainProgress:
         self.console, self.total, self.start_step, self.interval_s = console, total, start_step, interval_s
         self.every = max(1, -(-total // 10))  # a tenth of the run, rounded up
         self.started = self.last_line = time.monotonic()
+        self.latest: tuple | None = None  # the last update's figures, and whether a plain line showed them
         self.bar = None
         if console.is_terminal:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -64,8 +65,11 @@ class TrainProgress:
         now = time.monotonic()
         due = (step == self.start_step + 1 or step == self.total or step % self.every == 0
                or now - self.last_line >= self.interval_s)
-        if not due:
-            return
+        self.latest = (step, loss, lr, tokens_per_s, due)
+        if due:
+            self._line(step, loss, lr, tokens_per_s, now)
+
+    def _line(self, step: int, loss: float, lr: float, tokens_per_s: float, now: float) -> None:
         self.last_line = now
         elapsed = now - self.started
         done = step - self.start_step
@@ -73,6 +77,12 @@ class TrainProgress:
         self.console.print(
             f"step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  lr {lr:.2e}  "
             f"{tokens_per_s:,.0f} tok/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}", highlight=False, soft_wrap=True)
+
+    def stopped(self) -> None:
+        """The run ends before its last planned step (early stopping): a log gets the last step's line too."""
+        if self.bar is None and self.latest is not None and not self.latest[-1]:
+            self._line(*self.latest[:-1], time.monotonic())
+            self.latest = None
 
     def note(self, text: str) -> None:
         """A line of its own (an evaluation's result), above the live bar when there is one."""

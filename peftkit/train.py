@@ -443,6 +443,7 @@ def _loop(run: _Run, state: LoopState) -> None:
                 run.checkpoint(state)
             window_start += time.time() - paused
             if run.stopped_early:
+                progress.stopped()
                 progress.note(f"step {state.step}: {run.selection.stop_reason()}")
                 break
         _stop_if_asked(run, state, stop)  # one during the last step stops too, before the final evaluation and export

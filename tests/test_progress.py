@@ -36,6 +36,23 @@ def test_plain_lines_every_tenth_of_the_run_and_at_both_ends():
     assert _plain_steps(buffer.getvalue()) == [1, *range(100, 1001, 100)]
 
 
+def test_a_run_stopped_early_logs_its_last_step():
+    """Early stopping ends a run between its planned lines: a log had no line for the step it stopped at."""
+    buffer = io.StringIO()
+    with TrainProgress(Console(file=buffer, width=200), total=1000, interval_s=1e9) as progress:
+        for step in range(1, 138):
+            progress.update(step, loss=1.0, lr=1e-4, tokens_per_s=1234.0)
+        progress.stopped()
+        progress.stopped()  # once
+    assert _plain_steps(buffer.getvalue()) == [1, 100, 137]
+    buffer = io.StringIO()
+    with TrainProgress(Console(file=buffer, width=200), total=1000, interval_s=1e9) as progress:
+        for step in range(1, 201):
+            progress.update(step, loss=1.0, lr=1e-4, tokens_per_s=1234.0)
+        progress.stopped()  # its line is out already
+    assert _plain_steps(buffer.getvalue()) == [1, 100, 200]
+
+
 def test_plain_lines_at_least_every_interval():
     buffer = io.StringIO()
     with TrainProgress(Console(file=buffer, width=200), total=1000, interval_s=0.0) as progress:
