@@ -50,7 +50,7 @@ def test_chat_loss_on_assistant_turns_only(tmp_path):
     (ex,), _ = _load(tmp_path, [{"messages": messages}], "chat")
     assert TOK.decode(ex.input_ids) == TOK.apply_chat_template(messages, tokenize=False)
     # Each assistant turn's content and its end-of-turn marker, no user or system text, no role headers.
-    assert _decode_labels(ex) == "yo</s>\nciao</s>\n"
+    assert _decode_labels(ex) == "yo</s>ciao</s>"  # not the newline the template puts after
 
 
 # Qwen3's logic: the assistant turns after the last user message carry a (here empty) <think> block, earlier
@@ -86,11 +86,11 @@ def test_chat_masks_follow_the_turns_whatever_the_template_does_to_beginnings(tm
     cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
     (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)
-    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "yo<|im_end|>\n<think>\n\n</think>\n\nok<|im_end|>\n"
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "yo<|im_end|><think>\n\n</think>\n\nok<|im_end|>"
     tok.chat_template = QWEN_STYLE
     write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "assistant", "content": "Hello!"}, *messages]}])
     (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
-    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Hello!<|im_end|>\nyo<|im_end|>\nok<|im_end|>\n"
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Hello!<|im_end|>yo<|im_end|>ok<|im_end|>"
 
 
 def _byte_level_tokenizer(trim_offsets: bool):
@@ -123,7 +123,7 @@ def test_chat_trains_every_token_of_the_answer_whatever_its_offsets(tmp_path):
                                                              {"role": "assistant", "content": answer}]}])
             (ex,), _ = load_examples(tok, str(tmp_path / "c.jsonl"), "train", DataConfig(train="x", format="chat"))
             trained = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
-            assert trained.lstrip(" ") == answer + "<|end|>\n", (trim, trained)
+            assert trained.lstrip(" ") == answer + "<|end|>", (trim, trained)
             assert trained.startswith(" ") == (answer == "Paris is")  # the crossing token, whole
 
 
@@ -335,7 +335,7 @@ def test_a_turn_found_by_its_content_is_never_an_earlier_copy_of_it(tmp_path):
         trained([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}])
     tok.chat_template = QWEN_STYLE  # "assistant" is in the default system prompt too
     assert trained([{"role": "assistant", "content": "assistant"}, {"role": "user", "content": "thanks"},
-                    {"role": "assistant", "content": "ok"}]) == "assistant<|im_end|>\nok<|im_end|>\n"
+                    {"role": "assistant", "content": "ok"}]) == "assistant<|im_end|>ok<|im_end|>"
 
 
 def test_a_conversation_the_template_refuses_is_an_error_naming_its_row(tmp_path):
@@ -426,3 +426,25 @@ def test_loaded_examples_are_held_in_about_8_bytes_a_token(tmp_path):
         tracemalloc.stop()
     tokens = sum(len(e.input_ids) for e in examples)
     assert tokens > 50_000 and held / tokens < 10, f"{held / tokens:.1f} bytes a token"
+
+
+def test_chat_trained_tokens_are_transformers_assistant_mask(tmp_path):
+    """The trained tokens are those transformers' assistant mask marks, with `{% generation %}` around each answer
+    and its end-of-turn marker as TRL's templates put it: the newline the template writes after the marker is not
+    trained (it was: on one-word answers a fifth of the targets, and the eval loss fell with it)."""
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+                {"role": "assistant", "content": "Lima"}, {"role": "user", "content": "And Kenya?"},
+                {"role": "assistant", "content": "Nairobi"}]
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    (ex,), _ = load_examples(tok, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="chat"))
+    reference = tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert ex.input_ids == reference["input_ids"] and "<|im_end|>\n<|im_start|>" in tok.decode(ex.input_ids)
+    assert [label != IGNORE_INDEX for label in ex.labels] == [bool(m) for m in reference["assistant_masks"]]
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Lima<|im_end|>Nairobi<|im_end|>"

@@ -136,16 +136,16 @@ def test_chat_preview_matches_the_hand_built_mask(tmp_path):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "yo"}]
     recipe = _recipe(tmp_path, [{"messages": messages}], format="chat", max_length=64)
-    # Everything up to and including the assistant header is masked; "yo</s>\n" is trained.
+    # Everything up to and including the assistant header is masked; "yo</s>" is trained, not the newline after.
     prompt = ids("<|system|>\nBe brief.") + [EOS] + ids("\n<|user|>\nhi") + [EOS] + ids("\n<|assistant|>\n")
     (example,), _ = load_examples(TOK, str(tmp_path / "train.jsonl"), "train", DataConfig(
         train=str(tmp_path / "train.jsonl"), format="chat", max_length=64))
     assert example.input_ids == prompt + ids("yo") + [EOS] + ids("\n")
-    assert example.labels == [X] * len(prompt) + ids("yo") + [EOS] + ids("\n")
+    assert example.labels == [X] * len(prompt) + ids("yo") + [EOS] + [X] * len(ids("\n"))
     out = _preview(recipe)
     assert len(prompt) == 49  # 20 + </s> + 12 + </s> + 15
-    assert ": 53 tokens, 4 trained; end of target (EOS / end-of-turn): trained\n" in out
-    assert "[<|system|>↵\nBe brief.</s>↵\n<|user|>↵\nhi</s>↵\n<|assistant|>↵\n]«yo</s>↵\n»\n" in out
+    assert ": 53 tokens, 3 trained; end of target (EOS / end-of-turn): trained\n" in out
+    assert "[<|system|>↵\nBe brief.</s>↵\n<|user|>↵\nhi</s>↵\n<|assistant|>↵\n]«yo</s>»[↵\n]\n" in out
 
 
 # Qwen2.5's template in miniature (as in test_truncation.py): a default system prompt when there is none.
@@ -161,7 +161,7 @@ def test_chat_preview_shows_the_injected_system_prompt_and_warns(tmp_path):
     out = _preview(_recipe(tmp_path, [{"messages": NO_SYSTEM}], chat_template=QWEN_STYLE, format="chat",
                            max_length=100))
     assert ("[<|im_start|>system↵\nYou are a helpful assistant.<|im_end|>↵\n<|im_start|>user↵\n2+2?<|im_end|>↵\n"
-            "<|im_start|>assistant↵\n]«4<|im_end|>↵\n»\n") in out
+            "<|im_start|>assistant↵\n]«4<|im_end|>»[↵\n]\n") in out
     assert out.endswith("1 training examples\nwarning: the chat template adds a default system prompt of 27 tokens (27% "
                         "of data.max_length=100) to each of the 1 conversations without a system message; it is masked "
                         "from the loss but takes room the answers need. Add a short explicit system message to those "

@@ -149,7 +149,8 @@ def _in_a_span(a: int, b: int, spans: list[tuple[int, int]], apart: bool) -> boo
 def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0) -> tuple[int, int]:
     """Where assistant turn `messages[i]` lies in `text`, the whole conversation rendered: from the end of the
     conversation before it with the generation prompt, to the end of the conversation up to it (its content and
-    end-of-turn marker).
+    end-of-turn marker), without the whitespace the template writes after the marker (ChatML's newline after
+    `<|im_end|>`), as transformers' assistant mask ends a turn where `{% generation %}` closes.
 
     Both renderings are usually prefixes of `text`. Some templates render a turn differently once later turns
     follow (Qwen3 gives the last assistant turn an empty `<think>` block, earlier ones none), and a turn that opens
@@ -161,8 +162,8 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     before = _render(tok, messages[:i], add_generation_prompt=True)
     start = len(before) if before is not None and text.startswith(before) else None
     through = _render(tok, messages[: i + 1])
-    if start is not None and through is not None and text.startswith(through) and len(through) > start:
-        return start, len(through)
+    if start is not None and through is not None and text.startswith(through) and len(through.rstrip()) > start:
+        return start, len(through.rstrip())  # not the whitespace after the marker (ChatML's newline after <|im_end|>)
     # The content followed by its end-of-turn text, after the turn before (`floor`): never an earlier copy of the
     # answer in a user turn or a default system prompt. An empty content has nothing of its own to find.
     tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through
@@ -172,7 +173,7 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
         raise PeftkitError(f"the chat template renders assistant turn {i + 1} in a way peftkit cannot locate in the "
                            "whole conversation, so its loss mask would be a guess. Use a template whose renderings "
                            "of a conversation's beginnings are prefixes of the whole, or another data.format.")
-    return (at if start is None else start), at + len(content) + len(tail)
+    return (at if start is None else start), at + len(content) + len(tail.rstrip())
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -376,10 +377,12 @@ def truncation_error(first: BuiltExample, count: int, longest: int, cfg: DataCon
     """The data.truncation: error message: the first example whose target lost its end, and how to fix it."""
     others = f"{count - 1} more example is" if count == 2 else f"{count - 1} more examples are"
     more = f" {others} cut the same way; the longest has {longest} tokens." if count > 1 else ""
+    cut = (f"its last {first.target_lost} target tokens, with the EOS / end-of-turn the model should learn to stop "
+           "on, are cut" if first.target_lost > 1 else
+           "its last target token, the EOS / end-of-turn the model should learn to stop on, is cut")
     return (f"{first.where}: this example has {first.length} tokens but data.max_length is {cfg.max_length}, so "
-            f"its last {first.target_lost} target tokens, with the EOS / end-of-turn the model should learn to "
-            f"stop on, are cut (data.truncation: error).{more} Raise data.max_length to {longest}, or set "
-            "data.truncation: drop to leave such examples out (keep trains on them as cut).")
+            f"{cut} (data.truncation: error).{more} Raise data.max_length to {longest}, or set data.truncation: drop "
+            "to leave such examples out (keep trains on them as cut).")
 
 
 def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False) -> tuple[Examples, dict]:
