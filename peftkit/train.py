@@ -428,13 +428,13 @@ def _loop(run: _Run, state: LoopState) -> None:
             tps = window_tokens / max(time.time() - window_start, 1e-9)
             if loss_value is not None:  # a skipped step (nan_policy: skip_step) has no loss to show or log
                 progress.update(state.step, loss_value, lr, tps)  # every step: the bar moves, the first gets a line
-            if loss_value is not None and (state.step % tcfg.log_steps == 0 or state.step == run.total_steps):
-                record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                          "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
-                if regularizer is not None:
-                    record["regularizer"] = regularizer
-                run.log(record)
-                window_start, window_tokens = time.time(), 0
+                if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
+                    record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                              "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
+                    if regularizer is not None:
+                        record["regularizer"] = regularizer
+                    run.log(record)
+                    window_start, window_tokens = time.time(), 0
             paused = time.time()  # evaluations and checkpoints are not training: tokens_per_s leaves them out
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
                 result = run.evaluate(state.step)

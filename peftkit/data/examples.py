@@ -162,8 +162,9 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     before = _render(tok, messages[:i], add_generation_prompt=True)
     start = len(before) if before is not None and text.startswith(before) else None
     through = _render(tok, messages[: i + 1])
-    if start is not None and through is not None and text.startswith(through) and len(through.rstrip()) > start:
-        return start, len(through.rstrip())  # not the whitespace after the marker (ChatML's newline after <|im_end|>)
+    end = len(through.rstrip()) if through is not None else 0  # at the marker, not the whitespace after it
+    if start is not None and through is not None and text.startswith(through) and end > start:
+        return start, end
     # The content followed by its end-of-turn text, after the turn before (`floor`): never an earlier copy of the
     # answer in a user turn or a default system prompt. An empty content has nothing of its own to find.
     tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through

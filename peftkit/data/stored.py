@@ -46,8 +46,8 @@ class Examples(Sequence[Example]):
             self._positions = array("i")
         if (example.position_ids is None) != (self._positions is None):
             raise ValueError("examples with and without position ids in one Examples")
-        per_token = (example.labels, *([] if example.position_ids is None else [example.position_ids]))
-        if any(len(values) != len(example.input_ids) for values in per_token):
+        n = len(example.input_ids)
+        if len(example.labels) != n or (example.position_ids is not None and len(example.position_ids) != n):
             raise ValueError("an example's labels or position ids differ in length from its input_ids")
         self._ids.extend(example.input_ids)
         self._labels.extend(example.labels)
