@@ -90,6 +90,9 @@ def train(
     num_processes: Annotated[int, typer.Option("--num-processes", min=1, help=(
         "Train data-parallel in N processes (one per GPU; gloo on CPU) through accelerate's launcher; the "
         "global batch is training.batch_size x grad_accum x N."))] = 1,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help=(
+        "Tokenize the data anew, neither reading nor keeping the tokenized-data cache (PEFTKIT_CACHE names its "
+        "directory; PEFTKIT_CACHE=off turns it off everywhere)."))] = False,
 ) -> None:
     """Fine-tune: data → model → adapter → training → export, as the recipe says."""
     from peftkit.recipe import load_recipe
@@ -103,12 +106,12 @@ def train(
         from peftkit.distributed import launch
 
         argv = ["train", str(recipe), *(f"--set={o}" for o in overrides or []), *(["--resume"] if resume else []),
-                *(["--overwrite"] if overwrite else [])]
+                *(["--overwrite"] if overwrite else []), *(["--no-cache"] if no_cache else [])]
         raise typer.Exit(launch(num_processes, argv))
     from peftkit.distributed import close
 
     try:
-        run_train(cfg, resume=resume, overwrite=overwrite, console=console)
+        run_train(cfg, resume=resume, overwrite=overwrite, console=console, cache=not no_cache)
     finally:
         close()
 

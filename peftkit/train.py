@@ -213,7 +213,7 @@ class _Run:
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console: Console | None = None,
-          show_summary: bool = True) -> dict:
+          show_summary: bool = True, cache: bool = True) -> dict:
     """Run a recipe end to end and return the summary (also in manifest.json).
 
     Args:
@@ -222,6 +222,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         overwrite: replace a run of another recipe found in the output directory (never the user's files).
         console: where progress and the summary go.
         show_summary: print the closing table (`verify` re-runs in a temporary directory and says its own).
+        cache: read and keep the tokenized data in the cache (`peftkit.data.cache`); False tokenizes it anew.
     """
     out = Path(recipe.export.output_dir)
     accelerator = _accelerator(recipe, out)
@@ -233,7 +234,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         if resume and not accelerator.is_main_process:
             distributed.check_sees_checkpoints(out, accelerator.process_index)
         started = time.time()
-        run = _setup(recipe, out, resume, console, accelerator)
+        run = _setup(recipe, out, resume, console, accelerator, cache)
         # Only now, with data and model loaded, does the directory become this recipe's run.
         if run.main and not resume:
             clear_run(out)
@@ -295,7 +296,7 @@ def _accelerator(cfg: Recipe, out: Path):
     return accelerator
 
 
-def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) -> _Run:
+def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, cache: bool = True) -> _Run:
     """Seed, check the device and memory, load data and model, evaluate the base, inject the adapter and
     build the optimizer: everything that can fail before the run directory is touched."""
     from peftkit.memory import check_fits, estimate_memory, print_estimate
@@ -313,7 +314,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator) 
     print_estimate(console, estimate)
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
-    train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok)
+    train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok, cache)
     if eval_ex is not None and accelerator.num_processes > 1:
         eval_ex.processes = accelerator  # the processes share out the eval batches
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
@@ -385,7 +386,7 @@ def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Consol
     return rows
 
 
-def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | None, LabelSet | None]:
+def _load_data(cfg: Recipe, tok, cache: bool = True) -> tuple[list, dict, RunEval | ClassifyEval | None, LabelSet | None]:
     """(training examples, their counts, data.eval's evaluation or None, a classifier's classes or None), all read
     before the model loads, so that a data mistake shows in seconds."""
     data = cfg.data
@@ -397,11 +398,11 @@ def _load_data(cfg: Recipe, tok) -> tuple[list, dict, RunEval | ClassifyEval | N
             eval_ex = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
         return train_ex, stats, eval_ex, labels
     tasks = recipe_reads_tasks(cfg)
-    train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks)
+    train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)
     check_training_tasks(cfg, "data.train", train_ex.task_ids)
     eval_ex = None
     if data.eval:  # the loss examples, and eval.metrics' prompts
-        eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data, tasks=tasks)[0])
+        eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data, tasks=tasks, cache=cache)[0])
         prompts = [*eval_ex.prompts, *sample_prompts(cfg, tok)]
         check_training_tasks(cfg, "data.eval", [*eval_ex.examples.task_ids, *(p.task_id for p in prompts)])
     return train_ex, stats, eval_ex, None

@@ -225,7 +225,7 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
 
     processes, kind, stage = distributed.get("processes", 1), distributed.get("type"), distributed.get("zero_stage", 2)
     if processes == 1 and kind not in ("FSDP", "DEEPSPEED"):
-        train(recipe, console=console, show_summary=False)
+        train(recipe, console=console, show_summary=False, cache=False)  # the data tokenized anew: no cache vouches
         return
     from peftkit.distributed import launch
 
@@ -234,7 +234,7 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-recipe-") as recipe_dir:
         recipe_file = Path(recipe_dir) / "recipe.yaml"
         recipe_file.write_text(recipe.to_yaml())
-        if code := launch(processes, ["train", str(recipe_file)], kind or "MULTI_GPU", stage):
+        if code := launch(processes, ["train", str(recipe_file), "--no-cache"], kind or "MULTI_GPU", stage):
             raise PeftkitError(f"the {processes}-process re-run failed (exit status {code}; its output is above)")
 
 

@@ -1,11 +1,27 @@
 """Shared fixtures: tiny models, tokenizers and data built locally and deterministically (no downloads)."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_data_cache(tmp_path_factory) -> Iterator[None]:
+    """The suite's tokenized-data cache (`peftkit.data.cache`) is its own, never the user's ~/.cache/peftkit: for the
+    session's fixtures here, and each test gets one of its own below."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PEFTKIT_CACHE", str(tmp_path_factory.mktemp("peftkit-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _own_data_cache(tmp_path_factory, monkeypatch) -> None:
+    """Each test its own tokenized-data cache: none reads what another kept."""
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path_factory.mktemp("peftkit-cache")))
 
 
 @pytest.fixture(scope="session")

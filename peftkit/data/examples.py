@@ -7,12 +7,14 @@ import bisect
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-from peftkit.data.rows import REQUIRED_FIELDS, _row_problem, load_rows
+from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, load_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.errors import PeftkitError
+from peftkit.fileio import sha256_file
 from peftkit.progress import work
-from peftkit.recipe import DataConfig
+from peftkit.recipe import DataConfig, is_hub_dataset
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -386,15 +388,37 @@ def truncation_error(first: BuiltExample, count: int, longest: int, cfg: DataCon
             "to leave such examples out (keep trains on them as cut).")
 
 
-def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False) -> tuple[Examples, dict]:
-    """The examples of `source` and their counts (`tokenize_rows`); `tasks`: read the rows' `task` column."""
+def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False,
+                  cache: bool = True) -> tuple[Examples, dict]:
+    """The examples of `source` and their counts (`tokenize_rows`); `tasks`: read the rows' `task` column. With
+    `cache`, read from the tokenized-data cache where they are there (`peftkit.data.cache`), and kept there when not."""
+    from peftkit.data.cache import cache_root
+
+    root = cache_root() if cache else None
+    # (a path that is no file fails in load_rows, in its words)
+    local = root is not None and not is_hub_dataset(source) and Path(source).is_file()
+    entry = _cache_entry(root, tok, sha256_file(source), cfg, tasks, source) if local else None
+    if entry is not None and (hit := entry.read()) is not None:
+        return hit
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
+    if root is not None and (hub := HUB_ROWS.get((source, split, cfg.revision))):  # a hub dataset: its rows' digest
+        entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source)
+        if (hit := entry.read()) is not None:
+            return hit
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
     if tasks and len({task is None for task in examples.task_ids}) > 1:  # a batch would fail mid-training
         raise PeftkitError(f"{source}: some rows have a 'task' field and some do not; give every row its task id.")
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
+    if entry is not None and (not local or sha256_file(source) == entry.data_digest):  # not a file changed meanwhile
+        entry.write(examples, stats)
     return examples, stats
+
+
+def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str):
+    from peftkit.data.cache import ExampleCache
+
+    return ExampleCache(root, tok, data_digest, cfg, tasks, source)
 
 
 # A default system prompt the chat template adds to each conversation without one is masked from the loss
@@ -440,6 +464,8 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
     limit = f"data.max_length={cfg.max_length}"
     total = stats["examples"] + stats["too_long"] + stats["truncation_dropped"]
     line = f"{stats['examples']} training examples"
+    if stats.get("cached"):
+        line += f", read from the tokenized-data cache ({stats['cached']})"
     if stats["bad_rows"]:
         line += f"; skipped {stats['bad_rows']} bad rows (data.on_bad_rows: skip)"
     if stats["truncated"]:

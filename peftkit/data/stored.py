@@ -68,6 +68,25 @@ class Examples(Sequence[Example]):
     def __iter__(self) -> Iterator[Example]:
         return (self[i] for i in range(len(self)))
 
+    def arrays(self) -> tuple[array, array, array]:
+        """The flat token ids and labels, and where each example ends in them (`from_arrays` makes them again)."""
+        if self._positions is not None:
+            raise ValueError("packed rows (with position ids) are made from examples, not kept")
+        return self._ids, self._labels, self._ends
+
+    @classmethod
+    def from_arrays(cls, ids: array, labels: array, ends: array, task_ids: list[int | None]) -> Examples:
+        """The examples of `arrays()` (and their task ids), checked to fit together."""
+        if (ids.typecode, labels.typecode, ends.typecode) != ("i", "i", "q"):
+            raise ValueError("ids and labels are int32 arrays, ends an int64 one")
+        bounds = [0, *ends]
+        if (len(ids) != len(labels) or len(task_ids) != len(ends) or bounds[-1] != len(ids)
+                or any(a > b for a, b in zip(bounds, bounds[1:]))):
+            raise ValueError("the arrays do not fit together")
+        examples = cls()
+        examples._ids, examples._labels, examples._ends, examples.task_ids = ids, labels, ends, list(task_ids)
+        return examples
+
     def lengths(self) -> list[int]:
         """Each example's token count, without making the examples."""
         return [b - a for a, b in zip([0, *self._ends[:-1]], self._ends, strict=True)]

@@ -1,0 +1,175 @@
+"""The tokenized-data cache: a dataset's examples and counts (`load_examples`), kept on disk under a key of all that
+made them, so that the next `train`, `--resume` or `eval` of the same data reads them instead of tokenizing again.
+
+The key is a sha256 of: the data's content (a file's bytes; a hub dataset's rows, `rows.HUB_ROWS`), the tokenizer as
+`save_pretrained` writes it (vocabulary, special tokens, chat template, pad token), the data settings that shape an
+example (format, max_length, truncation, on_bad_rows, task ids), the source of `peftkit.data` and the versions of
+transformers, tokenizers and jinja2. A change to any of them is another key; nothing is invalidated in place.
+
+Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts, with
+a sha256 of both: a damaged entry is said and replaced, never read. Where the cache cannot be written (a read-only
+or full disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
+else `~/.cache/peftkit`); `PEFTKIT_CACHE=off` turns it off, as `peftkit train --no-cache` does for one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from array import array
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from peftkit.data.stored import Examples
+from peftkit.errors import PeftkitWarning
+from peftkit.recipe import DataConfig
+
+CACHE_ENV = "PEFTKIT_CACHE"
+FORMAT = 1
+"""The entries' layout; a change makes every key new."""
+_NO_TASK = -1  # a task id of None in the stored array
+
+
+def cache_root() -> Path | None:
+    """The cache's directory, or None when `PEFTKIT_CACHE=off`."""
+    chosen = os.environ.get(CACHE_ENV, "")
+    if chosen.strip().lower() in ("off", "0", "false", "no"):
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "peftkit"
+
+
+def _code_digest() -> str:
+    """sha256 of `peftkit.data`'s source: a change to how examples are built is a new key."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tok) -> str:
+    """sha256 of the files `tok.save_pretrained` writes: everything that makes it tokenize as it does."""
+    digest = hashlib.sha256(f"{type(tok).__module__}.{type(tok).__qualname__}".encode())
+    with tempfile.TemporaryDirectory(prefix="peftkit-tokenizer-") as saved:
+        tok.save_pretrained(saved)
+        for path in sorted(Path(saved).rglob("*")):
+            if path.is_file():
+                digest.update(str(path.relative_to(saved)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("transformers", "tokenizers", "jinja2", "sentencepiece"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+class ExampleCache:
+    """The entry of one dataset's examples: `read` it (None on a miss), or `write` it after tokenizing."""
+
+    def __init__(self, root: Path, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str) -> None:
+        key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
+               "data": data_digest, "tasks": tasks,
+               "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows"})}
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.path = root / "examples" / f"{name}.safetensors"
+        self.data_digest, self.source = data_digest, source
+
+    def read(self) -> tuple[Examples, dict] | None:
+        """The cached examples and counts, the counts with `cached`: the entry's path; None where there are none (or
+        they are damaged: said, then remade)."""
+        if not self.path.is_file():
+            return None
+        try:
+            examples, stats = _load(self.path)
+        except ValueError as e:  # unreadable, cut short, altered: tokenize again and replace it
+            warnings.warn(PeftkitWarning(f"the cached examples of {self.source} at {self.path} are damaged ({e}); "
+                                         "tokenizing again."), stacklevel=2)
+            return None
+        return examples, stats | {"cached": str(self.path)}
+
+    def write(self, examples: Examples, stats: dict) -> None:
+        """Keep the examples for the next run; a cache that cannot be written is said, and the run goes on."""
+        from peftkit.fileio import _as_created
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            os.close(fd)
+            _as_created(Path(tmp))  # (mkstemp's file is private; a cache is as readable as the user's other files)
+            try:
+                _save(Path(tmp), examples, stats)
+                os.replace(tmp, self.path)  # whole or not at all; another process writing the same key writes the same
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except (OSError, SafetensorError) as e:
+            warnings.warn(PeftkitWarning(f"could not write the tokenized-data cache at {self.path} ({e}); going on "
+                                         f"without it. Set {CACHE_ENV} to a writable directory, or {CACHE_ENV}=off."),
+                          stacklevel=2)
+
+
+def _arrays(examples: Examples) -> dict[str, array]:
+    ids, labels, ends = examples.arrays()
+    tasks = array("q", (_NO_TASK if task is None else task for task in examples.task_ids))
+    return {"input_ids": ids, "labels": labels, "ends": ends, "task_ids": tasks}
+
+
+def _digest(arrays: dict[str, array], stats: str) -> str:
+    digest = hashlib.sha256(stats.encode())
+    for name in sorted(arrays):
+        digest.update(name.encode() + b"\0")
+        digest.update(arrays[name])  # (the buffer itself: no copy)
+    return digest.hexdigest()
+
+
+def _save(path: Path, examples: Examples, stats: dict) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays = _arrays(examples)
+    text = json.dumps(stats, sort_keys=True)
+    tensors = {name: np.frombuffer(values, dtype=np.int32 if values.typecode == "i" else np.int64)
+               for name, values in arrays.items()}  # views of the arrays, not copies
+    save_file(tensors, path, metadata={"peftkit_examples": str(FORMAT), "stats": text, "sha256": _digest(arrays, text)})
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _array(typecode: str, values) -> array:
+    out = array(typecode)
+    out.frombytes(memoryview(values).cast("B"))  # (from the numpy array's buffer: no copy in between)
+    return out
+
+
+def _load(path: Path) -> tuple[Examples, dict]:
+    """An entry's examples and counts; ValueError where its content is not what was written."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = f.metadata() or {}
+            arrays = {name: _array("i" if name in ("input_ids", "labels") else "q", f.get_tensor(name))
+                      for name in ("input_ids", "labels", "ends", "task_ids")}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and others) on a bad file
+        raise ValueError(f"not a readable safetensors file: {e}") from None
+    text = metadata.get("stats", "")
+    if metadata.get("sha256") != _digest(arrays, text):
+        raise ValueError("its content does not match its sha256")
+    stats = json.loads(text)
+    tasks = [None if task == _NO_TASK else task for task in arrays["task_ids"]]
+    examples = Examples.from_arrays(arrays["input_ids"], arrays["labels"], arrays["ends"], tasks)
+    if stats.get("examples") != len(examples):
+        raise ValueError("its counts do not match its examples")
+    return examples, stats

@@ -1,0 +1,198 @@
+"""The tokenized-data cache (`peftkit.data.cache`): a second run reads the examples it kept and trains the same bits;
+anything that shapes the examples is a new key; a damaged entry is said and remade; verify never reads it."""
+
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from peftkit.data import Examples, load_examples
+from peftkit.data.examples import describe_stats, tokenize_rows
+from peftkit.errors import PeftkitWarning
+from peftkit.modeling import load_tokenizer
+from peftkit.recipe import DataConfig, ModelConfig, load_recipe
+from peftkit.tiny import number_rows, write_jsonl
+from peftkit.train import train
+from peftkit.verify import verify
+from tests.conftest import make_recipe
+from tests.test_hub import hub_dataset  # noqa: F401 - a fixture
+
+
+def _entries(root: Path) -> list[Path]:
+    return sorted((root / "examples").glob("*.safetensors")) if (root / "examples").is_dir() else []
+
+
+def _same(a: Examples, b: Examples) -> bool:
+    return list(a) == list(b) and a.task_ids == b.task_ids
+
+
+def _load(tok, path: Path, **data) -> tuple[Examples, dict]:
+    return load_examples(tok, str(path), "train", DataConfig(train=str(path), **data))
+
+
+def test_a_second_load_reads_the_examples_and_counts_kept_by_the_first(tiny_llama, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    rows = number_rows(40, seed=3)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    fresh = tokenize_rows(tok, rows, DataConfig(train="x", max_length=90), "x")
+    first = _load(tok, tmp_path / "train.jsonl", max_length=90)
+    assert len(_entries(cache)) == 1 and "cached" not in first[1]
+    second = _load(tok, tmp_path / "train.jsonl", max_length=90)
+    assert second[1].pop("cached") == str(_entries(cache)[0])
+    assert _same(first[0], fresh[0]) and _same(second[0], fresh[0])
+    assert first[1] == second[1] == fresh[1] and fresh[1]["truncated"] > 0
+    said = describe_stats(second[1] | {"cached": "PATH"}, DataConfig(train="x", max_length=90))[0]
+    assert said.startswith("40 training examples, read from the tokenized-data cache (PATH); ")
+    # The same bytes under another name are the same data.
+    shutil.copy(tmp_path / "train.jsonl", tmp_path / "copy.jsonl")
+    assert _same(_load(tok, tmp_path / "copy.jsonl", max_length=90)[0], fresh[0]) and len(_entries(cache)) == 1
+
+
+def test_what_shapes_the_examples_is_another_key(tiny_llama, tmp_path, monkeypatch):
+    """The data's content, each data setting that shapes an example, the task ids and the tokenizer each make a new
+    entry; each entry read back equals the examples tokenized anew."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    rows = [{**row, "task": i % 2} for i, row in enumerate(number_rows(24, seed=4))]
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, rows)
+    variants = [({}, False), ({"max_length": 90}, False), ({"max_length": 90, "truncation": "drop"}, False),
+                ({"on_bad_rows": "skip"}, False), ({"format": "completion"}, False),
+                ({"format": "completion"}, True)]
+    for i, (data, tasks) in enumerate(variants):
+        if data.get("format") == "completion" and not tasks:
+            write_jsonl(path, [{"prompt": r["instruction"], "completion": r["output"], "task": r["task"]} for r in rows])
+        cfg = DataConfig(train=str(path), **data)
+        kept = load_examples(tok, str(path), "train", cfg, tasks=tasks)
+        assert len(_entries(cache)) == i + 1
+        again = load_examples(tok, str(path), "train", cfg, tasks=tasks)
+        fresh = tokenize_rows(tok, [json.loads(line) for line in path.read_text().splitlines()], cfg, "x", tasks=tasks)
+        assert "cached" not in kept[1] and again[1].pop("cached")  # kept by the first load, read by the second
+        assert _same(kept[0], fresh[0]) and _same(again[0], fresh[0]) and kept[1] == again[1]
+    assert again[0].task_ids == [i % 2 for i in range(24)]
+    write_jsonl(path, [*[{"prompt": r["instruction"], "completion": r["output"], "task": r["task"]} for r in rows],
+                       {"prompt": "one more", "completion": "row", "task": 0}])
+    assert len(load_examples(tok, str(path), "train", cfg, tasks=True)[0]) == 25 and len(_entries(cache)) == 7
+    tok.pad_token = tok.unk_token  # another tokenizer (as saved): another key
+    load_examples(tok, str(path), "train", cfg, tasks=True)
+    assert len(_entries(cache)) == 8
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "empty"])
+def test_a_damaged_entry_is_said_and_remade(tiny_llama, tmp_path, monkeypatch, damage):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "train.jsonl", number_rows(16, seed=5))
+    fresh = _load(tok, tmp_path / "train.jsonl")
+    [entry] = _entries(cache)
+    data = bytearray(entry.read_bytes())
+    if damage == "flip":
+        data[-9] ^= 1  # a token id in the last array
+    entry.write_bytes(data if damage == "flip" else data[: len(data) // 2] if damage == "cut" else b"")
+    why = "its content does not match its sha256" if damage == "flip" else "not a readable safetensors file"
+    with pytest.warns(PeftkitWarning, match=rf"the cached examples of {tmp_path / 'train.jsonl'} at {entry} are "
+                                            rf"damaged \({why}.*\); tokenizing again"):
+        again = _load(tok, tmp_path / "train.jsonl")
+    assert _same(again[0], fresh[0]) and again[1] == fresh[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remade: read without a word
+        assert _same(_load(tok, tmp_path / "train.jsonl")[0], fresh[0])
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_the_examples_are_the_same(tiny_llama, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "a-file" / "cache"))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=6))
+    with pytest.warns(PeftkitWarning, match=r"could not write the tokenized-data cache at .*; going on without it. "
+                                            r"Set PEFTKIT_CACHE to a writable directory, or PEFTKIT_CACHE=off"):
+        examples, stats = _load(tok, tmp_path / "train.jsonl")
+    assert len(examples) == stats["examples"] == 8
+
+
+def test_off_keeps_nothing(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTKIT_CACHE", "off")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=6))
+    _load(tok, tmp_path / "train.jsonl")
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "home").exists()
+    monkeypatch.delenv("PEFTKIT_CACHE")  # the default: under XDG_CACHE_HOME
+    _load(tok, tmp_path / "train.jsonl")
+    assert len(_entries(tmp_path / "xdg" / "peftkit")) == 1
+
+
+def test_a_run_from_the_cache_trains_the_same_bits_and_verify_tokenizes_anew(tiny_llama, number_data, tmp_path,
+                                                                              monkeypatch):
+    """A second run reads both datasets from the cache and writes the same adapter and losses as the first and as a
+    run without the cache. verify tokenizes anew: an entry swapped for another dataset's (a valid entry, under this
+    data's key) changes what a run from the cache trains, and verify still finds the run reproduced."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    runs = {}
+    for name, cached in (("first", True), ("second", True), ("without", False)):
+        recipe = load_recipe(make_recipe(tmp_path / name, tiny_llama, number_data, training={"max_steps": 3}))
+        shown = io.StringIO()
+        train(recipe, console=Console(file=shown, width=400), cache=cached)
+        run = Path(recipe.export.output_dir)
+        runs[name] = ((run / "adapter" / "adapter_model.safetensors").read_bytes(),
+                      json.loads((run / "manifest.json").read_text())["losses"])
+        assert ("64 training examples, read from the tokenized-data cache (" in shown.getvalue()) == (name == "second")
+    assert runs["first"] == runs["second"] == runs["without"]
+    assert len(_entries(cache)) == 2
+
+    train_entry = next(e for e in _entries(cache) if e.stat().st_size == max(x.stat().st_size for x in _entries(cache)))
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, number_rows(64, seed=9))
+    before = set(_entries(cache))
+    recipe = load_recipe(make_recipe(tmp_path / "other", tiny_llama, {"train": other, "eval": number_data["eval"]},
+                                     training={"max_steps": 3}))
+    train(recipe, console=Console(file=io.StringIO()))
+    [forged] = set(_entries(cache)) - before
+    shutil.copy(forged, train_entry)
+    recipe = load_recipe(make_recipe(tmp_path / "forged", tiny_llama, number_data, training={"max_steps": 3}))
+    train(recipe, console=Console(file=io.StringIO()))
+    assert (tmp_path / "forged" / "run" / "adapter" / "adapter_model.safetensors").read_bytes() != runs["first"][0]
+    report = verify(tmp_path / "first" / "run", console=Console(file=io.StringIO()))
+    assert report.ok, report.differences
+
+
+def test_examples_from_arrays_refuse_arrays_that_do_not_fit():
+    from array import array
+
+    with pytest.raises(ValueError, match="do not fit together"):
+        Examples.from_arrays(array("i", [1, 2, 3]), array("i", [1, 2, 3]), array("q", [2, 4]), [None, None])
+    with pytest.raises(ValueError, match="do not fit together"):
+        Examples.from_arrays(array("i", [1, 2, 3]), array("i", [1, 2]), array("q", [3]), [None])
+    examples = Examples.from_arrays(array("i", [1, 2, 3]), array("i", [-100, 2, 3]), array("q", [1, 3]), [None, 1])
+    assert [e.input_ids for e in examples] == [[1], [2, 3]] and examples.task_ids == [None, 1]
+
+
+def test_a_hub_dataset_is_kept_under_its_rows_digest(hub_dataset, tiny_llama, tmp_path, monkeypatch):
+    """A hub dataset has no file to hash: its entry is keyed by the rows read, so rows that changed on the hub are
+    another entry, never the old examples."""
+    from tests.test_hub import DATASET, _publish_dataset
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    cfg = DataConfig(train=DATASET)
+    first = load_examples(tok, DATASET, "train", cfg)
+    again = load_examples(tok, DATASET, "train", cfg)
+    assert _same(again[0], first[0]) and again[1]["cached"] == str(_entries(cache)[0])
+    rows = number_rows(64, seed=1)
+    rows[5]["output"] = "five"
+    _publish_dataset(hub_dataset, rows, "b" * 40, tmp_path)
+    moved = load_examples(tok, DATASET, "train", cfg)
+    assert "cached" not in moved[1]
+    assert _same(moved[0], tokenize_rows(tok, rows, cfg, "x")[0]) and not _same(moved[0], first[0])
+    assert len(_entries(cache)) == 2
