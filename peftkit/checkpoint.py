@@ -175,9 +175,11 @@ def _changed_input(recorded: dict, now: dict) -> str | None:
 
 
 def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Console,
-           method_trainer=None, selection=None, rank: int = 0, world: int = 1) -> tuple[Path, LoopState]:
+           method_trainer=None, selection=None, rank: int = 0, world: int = 1,
+           hub_model: str | None = None) -> tuple[Path, LoopState]:
     """Load the newest intact checkpoint of `out`, written by as many processes as `world`; passing over damaged
-    ones is said on the console."""
+    ones is said on the console. `hub_model`: the base's hub id, where it is one (a changed base is then a branch
+    that moved, not a file to restore)."""
     for path in reversed(checkpoint_dirs(out)):
         try:
             state, recorded, writers = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection,
@@ -194,6 +196,9 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
         if changed := _changed_input(recorded, inputs):
             fix = ("A hub dataset's branch moved on: run without --resume and with --overwrite to start afresh (pin "
                    "data.revision to a commit so that a resume reads the rows it began with)" if "from the hub" in changed
+                   else f"The branch or tag of {hub_model} that model.revision names moved on: set model.revision to "
+                   "the commit the run began with (a finished run records it as base_model_commit), or run without "
+                   "--resume and with --overwrite to start afresh" if hub_model and changed.startswith("model.")
                    else "Restore the original, or run without --resume and with --overwrite to start afresh")
             raise PeftkitError(f"--resume: {changed} since checkpoint {path.name} was written. Resuming would continue "
                                f"training on other inputs than the run began with. {fix}.")

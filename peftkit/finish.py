@@ -65,8 +65,10 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
         run.accelerator.wait_for_everyone()
         return {}
     try:
-        exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter}), run.targets, out,
-                          run.method_trainer, run.labels, weights)
+        # A hub base's revision as the commit that loaded: the adapter names the base it was trained on.
+        model_cfg = cfg.model.model_copy(update={"revision": run.base_commit or cfg.model.revision})
+        exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter, "model": model_cfg}),
+                          run.targets, out, run.method_trainer, run.labels, weights)
     except DiskFullError as e:
         raise DiskFullError(f"{e} Training itself finished. {run.resume_hint()}") from None
     if prompts:
@@ -91,7 +93,8 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
                                            base_model_sha256=run.inputs["model.name_or_path"],
                                            init_from_sha256=run.inputs.get("adapter.init_from", {}),
-                                           distributed=distributed.describe(run.accelerator))
+                                           distributed=distributed.describe(run.accelerator),
+                                           base_model_commit=run.base_commit)
     atomic_write_json(out / "manifest.json", manifest)
     report = _write_report(run) if cfg.export.report else None
     if show_summary:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import sys
 from collections.abc import Iterable
 from importlib import metadata
@@ -91,6 +92,15 @@ def model_directory(name_or_path: str, revision: str | None = None) -> Path | No
         return None
 
 
+def hub_commit(name_or_path: str, revision: str | None = None) -> str | None:
+    """The commit of a hub id's snapshot in the local cache that `revision` (main when None) names now: what a run
+    loaded, taken right after it loaded; None for a local directory, or where the cache does not say."""
+    if Path(name_or_path).is_dir():
+        return None
+    path = model_directory(name_or_path, revision)
+    return path.name if path is not None and re.fullmatch(r"[0-9a-f]{40}", path.name) else None
+
+
 def model_weight_hashes(name_or_path: str, revision: str | None = None) -> dict[str, str]:
     """Content hashes of the base model's weight, config and tokenizer files: those of a local directory, or of a
     hub id's cached snapshot (`model_directory`); {} when neither is there."""
@@ -158,7 +168,8 @@ def loss_digest(losses: list[float]) -> str:
 
 def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
                    losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
-                   init_from_sha256: dict | None = None, distributed: dict | None = None) -> dict:
+                   init_from_sha256: dict | None = None, distributed: dict | None = None,
+                   base_model_commit: str | None = None) -> dict:
     """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
     the run began (what it trained on, and no second read of a multi-GB base); computed here when not given.
     `distributed`: the processes that trained (`peftkit.distributed.describe`); default one."""
@@ -177,6 +188,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "data_commits": hub_commits(recipe),
         "base_model_sha256": (base_model_sha256 if base_model_sha256 is not None
                               else model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)),
+        "base_model_commit": base_model_commit,
         "init_from_sha256": (init_from_sha256 if init_from_sha256 is not None
                              else file_hashes(recipe.adapter.init_from) if recipe.adapter.init_from else {}),
         "losses": losses,
@@ -216,6 +228,9 @@ class Manifest(BaseModel):
     data_commits: dict[str, str] = {}
     """The commit each hub dataset was read at, by split (where `datasets` said); {} for local files."""
     base_model_sha256: dict[str, Sha256]
+    base_model_commit: str | None = None
+    """The commit of a hub id's snapshot the run loaded (`hub_commit`); None for a local directory, and in records
+    from before it was kept."""
     init_from_sha256: dict[str, Sha256] = {}
     """The files of the adapter the run started from (`adapter.init_from`); {} without one."""
     environment: RecordedEnvironment

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.manifest import TOKENIZER_FILES, model_directory
 from peftkit.recipe import ModelConfig, QuantizationConfig
 from peftkit.rope_scaling import scale_rope
 
@@ -107,8 +108,11 @@ def load_config(cfg: ModelConfig):
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
-        raise _not_loadable(cfg.name_or_path, e) from None
+        raise _not_loadable(cfg.name_or_path, e, cfg.revision) from None
     except (ValueError, TypeError, StrictDataclassError) as e:
+        snapshot = None if Path(cfg.name_or_path).is_dir() else model_directory(cfg.name_or_path, cfg.revision)
+        if snapshot is not None and (snapshot / "config.json").is_file():  # a hub id's: said as a local one's is
+            _check_config_json(snapshot / "config.json", cfg.trust_remote_code)
         where = Path(cfg.name_or_path) / "config.json" if Path(cfg.name_or_path).is_dir() else cfg.name_or_path
         raise PeftkitError(f"{where}: transformers cannot use this model config: {' '.join(str(e).split())} Fix "
                            "config.json, or restore it from where the model came from.") from None
@@ -117,17 +121,56 @@ def load_config(cfg: ModelConfig):
     return config
 
 
-def _not_loadable(name_or_path: str, error: Exception) -> PeftkitError:
+def _not_loadable(name_or_path: str, error: Exception, revision: str | None = None) -> PeftkitError:
     """A model transformers cannot find or read (a hub id offline, a missing weights file). A name that is not on
-    disk but whose first part is a local directory is most likely a mistyped path: said first."""
+    disk but whose first part is a local directory is most likely a mistyped path: said first; then what the local
+    Hugging Face cache tells of a hub id (`_hub_problem`), or of a directory without weights."""
     path = Path(name_or_path)
     if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():
         near = sorted(p.name for p in path.parent.iterdir())[:10] if path.parent.is_dir() else []
         return PeftkitError(f"Could not load model {name_or_path}: there is no such local directory (its start, "
                             f"{path.parts[0]}, is one here" + (f"; {path.parent} holds {', '.join(near)}" if near else "")
                             + f"), and as a hub id it could not be loaded either ({str(error).splitlines()[0]}).")
+    problem = _no_weights(path) if path.is_dir() else _hub_problem(name_or_path, revision)
+    if problem:
+        return PeftkitError(f"Could not load model {name_or_path}: {problem}")
     return PeftkitError(f"Could not load model {name_or_path}: {error}\nFor a hub id this needs network access (or a "
                         "cached copy); only safetensors weights are accepted.")
+
+
+def _no_weights(directory: Path) -> str | None:
+    """What a model directory without safetensors weights holds instead, said; None where it has some."""
+    if any(directory.glob("*.safetensors")):
+        return None
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
+    return (f"{directory} holds no .safetensors weights" + (f" (only {', '.join(others)})" if others else "")
+            + "; peftkit reads safetensors weights only (loading never unpickles). Use a copy of the model in "
+            "safetensors, or save one with transformers' save_pretrained.")
+
+
+def _hub_problem(name_or_path: str, revision: str | None) -> str | None:
+    """Why a hub id could not be loaded, as the local Hugging Face cache tells: a snapshot without safetensors
+    weights; offline, a repository or revision the cache does not hold. None where it cannot tell (online, the
+    hub's own error says)."""
+    from huggingface_hub import constants
+
+    snapshot = model_directory(name_or_path, revision)
+    if snapshot is not None:
+        return _no_weights(snapshot)
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    offline = "HF_HUB_OFFLINE is set, so nothing is downloaded"
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{name_or_path.replace('/', '--')}"
+    if not repo.is_dir():
+        cache = Path(constants.HF_HUB_CACHE)
+        held = [p.name.removeprefix("models--").replace("--", "/") for p in cache.glob("models--*")]
+        return (f"it is not in the local Hugging Face cache ({cache}), and {offline}.{did_you_mean(name_or_path, held)} "
+                "Check the id, or unset HF_HUB_OFFLINE to download it.")
+    refs = sorted(f"'{p.relative_to(repo / 'refs')}'" for p in (repo / "refs").rglob("*") if p.is_file())
+    commits = sorted(p.name for p in (repo / "snapshots").iterdir()) if (repo / "snapshots").is_dir() else []
+    held = ", ".join([*refs, *commits][:8]) or "no revision"
+    return (f"revision '{revision or 'main'}' is not in the local Hugging Face cache ({repo}), which holds {held}, "
+            f"and {offline}. Ask for a revision it holds, or unset HF_HUB_OFFLINE to download this one.")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -184,6 +227,12 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
+        directory = Path(cfg.name_or_path) if Path(cfg.name_or_path).is_dir() else model_directory(cfg.name_or_path,
+                                                                                                   cfg.revision)
+        if directory is not None and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+            raise PeftkitError(f"Could not load a tokenizer from {cfg.name_or_path}: {directory} holds none of its "
+                               f"files ({', '.join(TOKENIZER_FILES)}). Copy the tokenizer files from where the model "
+                               "came from.") from None
         raise PeftkitError(f"Could not load a tokenizer from {cfg.name_or_path}: {e}") from None
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing another token is safe.
@@ -289,7 +338,7 @@ def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device, task
     try:
         return auto.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise _not_loadable(name_or_path, e) from None
+        raise _not_loadable(name_or_path, e, kwargs.get("revision")) from None
     except SafetensorError as e:  # local files were checked before; this is a hub download or cache
         raise PeftkitError(f"The weights of model {name_or_path} are truncated or corrupt ({e}); delete its copy in "
                            "the Hugging Face cache and download it again.") from None

@@ -327,7 +327,11 @@ def check_adapter_dir(path: Path) -> Path:
     """The weights file of the adapter directory `path`; a PeftkitError saying what is missing otherwise (no
     directory, a full model's directory, no safetensors weights)."""
     if not path.is_dir():
-        raise PeftkitError(f"Adapter directory not found: {path}")
+        hub = (not path.exists() and not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith((".", "~"))
+               and not Path(path.parts[0]).is_dir())
+        raise PeftkitError(f"Adapter directory not found: {path}" + (
+            ". An adapter is read from a local directory; for one on the Hugging Face hub, download it first "
+            f"(hf download {path} --local-dir DIR) and pass DIR." if hub else ""))
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.exists():
         hint = (f" It is a training run's directory: its adapter is {path / 'adapter'}." if (path / "adapter" / CONFIG_NAME).exists()

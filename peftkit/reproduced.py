@@ -51,7 +51,7 @@ VARYING = ("elapsed_s", "peak_mem_mb", "tokens_per_s", "resumed_at_step")
 process started (its time and memory are that process's)."""
 
 CHECKED_APART = {"command", "environment", "recipe", "recipe_sha256", "losses", "loss_digest", "data_sha256",
-                 "data_commits", "base_model_sha256", "init_from_sha256", "outputs_sha256"}
+                 "data_commits", "base_model_sha256", "base_model_commit", "init_from_sha256", "outputs_sha256"}
 """manifest.json's fields that verify checks on their own (the command line, which names verify's own re-run, and
 the environment are notes); every other field must equal the re-run's."""
 

@@ -50,6 +50,7 @@ from peftkit.data.packing import check_isolated, describe_packing, flatten, pack
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval, token_loss_sum
 from peftkit.loss import labelled_count
+from peftkit.manifest import hub_commit
 from peftkit.task_ids import check_training_tasks, recipe_reads_tasks
 from peftkit.finish import RESTART, TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import DiskFullError, append_line, atomic_write_text
@@ -134,6 +135,9 @@ class _Run:
     adapter: object = None
     """The adapter as injected: the recipe's, with a classifier's head added to modules_to_save."""
     compiled: dict = field(default_factory=dict)
+    base_commit: str | None = None
+    """The commit of a hub base's snapshot that loaded (`manifest.hub_commit`): recorded, and the exported adapter's
+    `revision`, so that what loads it later loads this base even after the branch moved."""
     """training.compile: the loss functions through torch.compile, made at their first step."""
 
     def loss_function(self, fn):
@@ -245,7 +249,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         if resume:
             ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler, run.inputs, console,
                                             run.method_trainer, run.selection, accelerator.process_index,
-                                            accelerator.num_processes)
+                                            accelerator.num_processes, hub_model=None if run.base_commit is None
+                                            else recipe.model.name_or_path)
             if run.main:
                 truncate_metrics(run.metrics_path, state.step, state.step if run.stopped_early else run.total_steps)
             run.summary["resumed_at_step"] = state.step  # elapsed_s and peak_mem_mb are this process's
@@ -323,6 +328,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     with console.status("Loading model..."):
         model = load_model(cfg.model, cfg.quantization, device, labels)
     inputs = run_inputs(cfg)  # after loading: a hub id's files are then in the local cache
+    base_commit = hub_commit(cfg.model.name_or_path, cfg.model.revision)
     if cfg.data.packing:
         check_isolated(model)
     long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only
@@ -357,7 +363,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     model, optimizer = accelerator.prepare(model, optimizer)
     distributed.autocast_only(accelerator, model)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
-                inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter)
+                inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
+                base_commit=base_commit)
 
 
 def _evaluate_base(cfg: Recipe, model, tok, eval_ex: RunEval | ClassifyEval, accelerator, console: Console) -> dict:

@@ -163,14 +163,18 @@ def _input_differences(manifest: Manifest) -> list[str]:
     return out
 
 
-def _base_model_difference(recorded: dict[str, str], now: dict[str, str], recipe: Recipe) -> list[str]:
+def _base_model_difference(recorded: dict[str, str], now: dict[str, str], recipe: Recipe,
+                           commit: str | None = None) -> list[str]:
+    """The base model's changed files, said; for a hub id at a branch or tag, the fix: pin the run's `commit`."""
     model = recipe.model
     if not (changed := changed_model_files(recorded, now)):
         return []
     files = ", ".join(f"{name} {state}" for name, state in changed)
     revision = model.revision or "main"
+    pin = f" ({commit} is the run's)" if commit else ""
     hub = "" if Path(model.name_or_path).is_absolute() else f"; the re-run loaded revision '{revision}' from the hub" + (
-        "" if re.fullmatch(r"[0-9a-f]{40}", revision) else ", a branch that has moved: pin model.revision to a commit")
+        "" if re.fullmatch(r"[0-9a-f]{40}", revision)
+        else f", a branch or tag that has moved: pin model.revision to a commit{pin}")
     return [f"base model: its files differ from the recorded ones ({model.name_or_path}: {files}){hub}"]
 
 
@@ -193,7 +197,8 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
         report.notes += _env_differences(manifest.environment, rerun.environment)
         out = differences(manifest, rerun, run_dir, Path(tmp), intact, tolerance)
         if not Path(recipe.model.name_or_path).is_absolute():  # a hub id: the files the re-run loaded
-            out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe) + out
+            out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe,
+                                         manifest.base_model_commit) + out
         return _hub_data_differences(manifest, rerun, recipe) + out
 
 

@@ -27,7 +27,12 @@ REPO = "acme/tiny-llama"
 
 def _publish(cache: Path, files: Path, commit: str) -> None:
     """Put the files of directory `files` in the cache as commit `commit` of REPO, and point its main branch there."""
-    repo = cache / f"models--{REPO.replace('/', '--')}"
+    _publish_to(cache, REPO, files, commit)
+
+
+def _publish_to(cache: Path, repo_id: str, files: Path, commit: str) -> None:
+    """`_publish` for repository `repo_id`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir(exist_ok=True)
@@ -65,6 +70,10 @@ def test_a_hub_models_files_are_recorded_and_a_moved_branch_is_refused_on_resume
     assert json.loads((run / "manifest.json").read_text())["base_model_sha256"] == expected
     checksums = json.loads((run / "checkpoints" / "step-00000002" / "checksums.json").read_text())
     assert checksums["inputs"]["model.name_or_path"] == expected
+    # The commit that loaded is recorded, and the adapter names it: what loads the adapter later loads this base.
+    assert json.loads((run / "manifest.json").read_text())["base_model_commit"] == "a" * 40
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["revision"] == "a" * 40
+    final = json.loads((run / "manifest.json").read_text())["metrics"]["eval_loss"]
 
     moved = tmp_path / "moved"
     moved.mkdir()
@@ -77,13 +86,22 @@ def test_a_hub_models_files_are_recorded_and_a_moved_branch_is_refused_on_resume
     assert model_weight_hashes(REPO)["model.safetensors"] == sha256_file(moved / "model.safetensors")
     assert model_weight_hashes(REPO, "a" * 40) == expected  # a commit stays what it was
 
-    with pytest.raises(PeftkitError, match="model.name_or_path file model.safetensors changed since checkpoint"):
+    with pytest.raises(PeftkitError, match="model.name_or_path file model.safetensors changed since checkpoint .* The "
+                                           f"branch or tag of {REPO} that model.revision names moved on: set "
+                                           "model.revision to the commit the run began with"):
         train(recipe, resume=True)
     report = verify(run)
     assert not report.ok
     assert (f"base model: its files differ from the recorded ones ({REPO}: model.safetensors changed); the re-run "
-            "loaded revision 'main' from the hub, a branch that has moved: pin model.revision to a commit"
-            in report.differences)
+            f"loaded revision 'main' from the hub, a branch or tag that has moved: pin model.revision to a commit "
+            f"({'a' * 40} is the run's)" in report.differences)
+    # `peftkit eval RUN` scores the adapter on the base it was trained on, not on main's new weights.
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(run)], catch_exceptions=False)
+    assert float(result.output.split()[1]) == pytest.approx(final, abs=1e-4), result.output  # (main now: 4.3575)
     # Pinned to the run's commit, the same run verifies.
     pinned = load_recipe(make_recipe(tmp_path / "pinned", Path(REPO), number_data, training={"max_steps": 2}))
     pinned.model.revision = "a" * 40
@@ -244,3 +262,70 @@ def test_the_rows_digest_counts_images_and_bytes_by_content():
         return [{"text": "a", "image": Image.new("RGB", (2, 2), color), "raw": b"\x00\x01"}]
 
     assert rows_digest(rows("red")) == rows_digest(rows("red")) != rows_digest(rows("blue"))
+
+
+def test_a_pinned_dataset_commit_that_was_not_read_is_refused(hub_dataset, tiny_llama, number_data, tmp_path):
+    """Offline, `datasets` reads the newest cached copy whatever the revision: a run pinned to commit a trained on
+    commit b's rows, recorded both, and verify vouched for it (its re-run read b again). A pinned commit not read is
+    an error; a branch or tag that offline cannot be resolved is a warning naming the commit read."""
+    from peftkit.data import load_examples
+    from peftkit.errors import PeftkitWarning
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import DataConfig, ModelConfig
+
+    _publish_dataset(hub_dataset, number_rows(64, seed=7), "b" * 40, tmp_path)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    with pytest.raises(PeftkitError, match=f"Hub dataset '{DATASET}': revision {'a' * 40} was asked and `datasets` "
+                                           f"read commit {'b' * 40} from its cache \\(offline it reads the newest cached "
+                                           "copy, whatever the revision\\). The cache holds that commit too: read it "
+                                           f"online .*, or pin the commit read \\({'b' * 40}\\)"):
+        load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="a" * 40))
+    with pytest.raises(PeftkitError, match=f"revision {'c' * 40} was asked .* Read it once online"):
+        load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="c" * 40))
+    with pytest.warns(PeftkitWarning, match=f"hub dataset '{DATASET}': offline, `datasets` reads the newest cached copy "
+                                            f"whatever the revision, and revision 'v1' cannot be resolved; it read "
+                                            f"commit {'b' * 40}"):
+        load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="v1"))
+    assert len(load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="b" * 40))[0]) == 64
+
+
+def test_what_the_cache_lacks_is_said_offline(hub, tiny_llama, tmp_path):
+    """transformers says "check your internet connection" for all of these, with offline mode on and the repository
+    cached; a missing weights or tokenizer file got advice about use_safetensors or sentencepiece."""
+    from peftkit.modeling import load_model, load_tokenizer
+    from peftkit.peft_format import check_adapter_dir
+    from peftkit.recipe import ModelConfig
+
+    def refused(name: str, revision: str | None = None, tokenizer: bool = False) -> str:
+        cfg = ModelConfig(name_or_path=name, revision=revision)
+        with pytest.raises(PeftkitError) as e:
+            load_tokenizer(cfg) if tokenizer else load_model(cfg, None)
+        return str(e.value)
+
+    assert refused(REPO, "v2") == (
+        f"Could not load model {REPO}: revision 'v2' is not in the local Hugging Face cache "
+        f"({hub / 'models--acme--tiny-llama'}), which holds 'main', {'a' * 40}, and HF_HUB_OFFLINE is set, so nothing "
+        "is downloaded. Ask for a revision it holds, or unset HF_HUB_OFFLINE to download this one.")
+    assert refused("acme/tiny-lama") == (
+        f"Could not load model acme/tiny-lama: it is not in the local Hugging Face cache ({hub}), and HF_HUB_OFFLINE "
+        f"is set, so nothing is downloaded. Did you mean '{REPO}'? Check the id, or unset HF_HUB_OFFLINE to download it.")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in tiny_llama.iterdir():
+        if file.suffix != ".safetensors" and not file.name.startswith(("tokenizer", "chat_template")):
+            (broken / file.name).write_bytes(file.read_bytes())
+    (broken / "pytorch_model.bin").write_bytes(b"pickled")
+    for name, where in (("acme/broken", None), (str(broken), broken)):
+        if where is None:
+            _publish_to(hub, name, broken, "d" * 40)
+            where = hub / "models--acme--broken" / "snapshots" / ("d" * 40)
+        assert refused(name) == (
+            f"Could not load model {name}: {where} holds no .safetensors weights (only pytorch_model.bin); peftkit "
+            "reads safetensors weights only (loading never unpickles). Use a copy of the model in safetensors, or save "
+            "one with transformers' save_pretrained.")
+        assert refused(name, tokenizer=True).startswith(
+            f"Could not load a tokenizer from {name}: {where} holds none of its files (tokenizer.json, ")
+    with pytest.raises(PeftkitError, match=r"Adapter directory not found: acme/adapter. An adapter is read from a "
+                                           r"local directory; for one on the Hugging Face hub, download it first "
+                                           r"\(hf download acme/adapter --local-dir DIR\) and pass DIR."):
+        check_adapter_dir(Path("acme/adapter"))

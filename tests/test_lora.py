@@ -102,6 +102,25 @@ def test_bf16_base_keeps_fp32_adapter_and_output_dtype():
     assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_bf16_base_adds_the_update_before_rounding_as_peft(tiny_llama, tmp_path):
+    """On a bf16 base the fp32 update is added, then the sum rounded once, as peft's Linear does: the same logits
+    bit for bit (rounded first, then added, they were up to 0.05 apart)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.modeling import load_adapted_model
+    from peftkit.recipe import ModelConfig
+    from tests.conftest import save_random_adapter
+
+    adapter = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8), tmp_path / "adapter", seed=3, std=0.2)
+    ids = torch.randint(4, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    reference = PeftModel.from_pretrained(base, str(adapter)).eval()
+    ours = load_adapted_model(ModelConfig(name_or_path=str(tiny_llama), dtype="bfloat16"), str(adapter))[0]
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
 def test_state_dict_merge_loads_into_plain_model_strict():
     """merge_state_dict is pure and its output loads into a plain nn.Linear model with strict=True."""
     torch.manual_seed(0)

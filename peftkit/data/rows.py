@@ -141,12 +141,37 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
             f"Could not load dataset '{source}' (split '{split}'{at}) from the hub: {e}. For a local file, give a path "
             "with its extension (.jsonl, .json, .csv, .parquet)."
         ) from None
-    rows = list(ds)
-    HUB_ROWS[(source, split, revision)] = {"rows": rows_digest(rows)}
     cached = Path(ds.cache_files[0]["filename"]).parent.name if ds.cache_files else ""
     if re.fullmatch(r"[0-9a-f]{40}", cached):
+        _check_commit(source, revision, cached, Path(ds.cache_files[0]["filename"]).parent.parent)
         HUB_COMMITS[(source, split, revision)] = cached
+    rows = list(ds)
+    HUB_ROWS[(source, split, revision)] = {"rows": rows_digest(rows)}
     return rows, 0, None
+
+
+def _check_commit(source: str, revision: str | None, read: str, commits: Path) -> None:
+    """Offline, `datasets` (4.x) reads the newest cached copy of a hub dataset whatever revision was asked: a pinned
+    commit it did not read is an error; a branch or tag, which offline cannot be resolved, is a warning naming the
+    commit read. `commits`: the directory of the cached commits."""
+    if revision is None or revision == read:
+        return
+    import datasets
+
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        offline = " (offline it reads the newest cached copy, whatever the revision)" if datasets.config.HF_HUB_OFFLINE else ""
+        fix = ("The cache holds that commit too: read it online (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE)"
+               if (commits / revision).is_dir() else "Read it once online, so that it is in the cache")
+        raise PeftkitError(f"Hub dataset '{source}': revision {revision} was asked and `datasets` read commit {read} "
+                           f"from its cache{offline}. {fix}, or pin the commit read ({read}).")
+    if datasets.config.HF_HUB_OFFLINE:
+        import warnings
+
+        from peftkit.errors import PeftkitWarning
+
+        warnings.warn(PeftkitWarning(
+            f"hub dataset '{source}': offline, `datasets` reads the newest cached copy whatever the revision, and "
+            f"revision '{revision}' cannot be resolved; it read commit {read}. Pin that commit to be sure."), stacklevel=3)
 
 
 def _read_options(path: Path, kind: str) -> dict:

@@ -145,7 +145,9 @@ class LoraLinear(_LoraLayer):
         result = self.base_layer(x)
         if self.merged:
             return result
-        return result + self.update(x).to(result.dtype)
+        if is_quantized(self.base_layer):  # rounded, then added: as peft's bitsandbytes layers
+            return result + self.update(x).to(result.dtype)
+        return (result + self.update(x)).to(result.dtype)  # added in the adapter's dtype, rounded once: as peft's Linear
 
     @property
     def factors(self) -> tuple[nn.Linear, nn.Linear]:
@@ -245,7 +247,9 @@ class LoraEmbedding(_LoraLayer):
         result = self.base_layer(x)
         if self.merged:
             return result
-        return result + self.update(x).to(result.dtype)
+        if is_quantized(self.base_layer):  # rounded, then added: as peft's bitsandbytes layers
+            return result + self.update(x).to(result.dtype)
+        return (result + self.update(x)).to(result.dtype)  # added in the adapter's dtype, rounded once: as peft's Linear
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """What the layer adds to the base lookup of token ids `x`, in the adapter's dtype."""
