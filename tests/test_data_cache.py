@@ -97,7 +97,7 @@ def test_a_damaged_entry_is_said_and_remade(tiny_llama, tmp_path, monkeypatch, d
     if damage == "flip":
         data[-9] ^= 1  # a token id in the last array
     entry.write_bytes(data if damage == "flip" else data[: len(data) // 2] if damage == "cut" else b"")
-    why = "its content does not match its sha256" if damage == "flip" else "not a readable safetensors file"
+    why = "its content does not match its sha256" if damage == "flip" else "not a readable entry"
     with pytest.warns(PeftkitWarning, match=rf"the cached examples of {tmp_path / 'train.jsonl'} at {entry} are "
                                             rf"damaged \({why}.*\); tokenizing again"):
         again = _load(tok, tmp_path / "train.jsonl")

@@ -147,23 +147,32 @@ def _save(path: Path, examples: Examples, stats: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _array(typecode: str, values) -> array:
-    out = array(typecode)
-    out.frombytes(memoryview(values).cast("B"))  # (from the numpy array's buffer: no copy in between)
-    return out
+_LAYOUT = {"input_ids": ("i", "I32"), "labels": ("i", "I32"), "ends": ("q", "I64"), "task_ids": ("q", "I64")}
+"""Each stored array's typecode here and dtype in the file."""
 
 
 def _load(path: Path) -> tuple[Examples, dict]:
-    """An entry's examples and counts; ValueError where its content is not what was written."""
-    from safetensors import safe_open
+    """An entry's examples and counts; ValueError where its content is not what was written.
 
+    The safetensors layout (an 8-byte header length, the JSON header, the data) read straight into the arrays: through
+    `safetensors.safe_open` each array was copied twice and the whole file mapped besides (peak memory +120 MiB on
+    100k examples)."""
     try:
-        with safe_open(path, framework="np") as f:
-            metadata = f.metadata() or {}
-            arrays = {name: _array("i" if name in ("input_ids", "labels") else "q", f.get_tensor(name))
-                      for name in ("input_ids", "labels", "ends", "task_ids")}
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and others) on a bad file
-        raise ValueError(f"not a readable safetensors file: {e}") from None
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > os.fstat(f.fileno()).st_size - 8:
+                raise ValueError("its header runs past its end")
+            header = json.loads(f.read(size))
+            metadata, arrays = header.pop("__metadata__", {}), {}
+            for name, (typecode, dtype) in _LAYOUT.items():
+                start, end = header[name]["data_offsets"]
+                if header[name]["dtype"] != dtype:
+                    raise ValueError(f"{name} is {header[name]['dtype']}")
+                f.seek(8 + size + start)
+                arrays[name] = array(typecode)
+                arrays[name].fromfile(f, (end - start) // arrays[name].itemsize)
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # (json's errors are ValueErrors)
+        raise ValueError(f"not a readable entry: {type(e).__name__}: {e}") from None
     text = metadata.get("stats", "")
     if metadata.get("sha256") != _digest(arrays, text):
         raise ValueError("its content does not match its sha256")
