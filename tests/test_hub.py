@@ -329,3 +329,12 @@ def test_what_the_cache_lacks_is_said_offline(hub, tiny_llama, tmp_path):
                                            r"local directory; for one on the Hugging Face hub, download it first "
                                            r"\(hf download acme/adapter --local-dir DIR\) and pass DIR."):
         check_adapter_dir(Path("acme/adapter"))
+
+
+def test_an_unknown_split_names_the_splits_there(hub_dataset):
+    from peftkit.data import load_rows
+
+    with pytest.raises(PeftkitError) as e:
+        load_rows(DATASET, "validation")
+    assert (f"Could not load dataset '{DATASET}' (split 'validation') from the hub: Unknown split \"validation\". "
+            "Should be one of ['train']. For a local file, give a path") in str(e.value)

@@ -138,8 +138,8 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "could not get it"
         at = f" at revision '{revision}'" if revision else ""
         raise PeftkitError(
-            f"Could not load dataset '{source}' (split '{split}'{at}) from the hub: {e}. For a local file, give a path "
-            "with its extension (.jsonl, .json, .csv, .parquet)."
+            f"Could not load dataset '{source}' (split '{split}'{at}) from the hub: {str(e).rstrip('.')}. For a local file, "
+            "give a path with its extension (.jsonl, .json, .csv, .parquet)."
         ) from None
     cached = Path(ds.cache_files[0]["filename"]).parent.name if ds.cache_files else ""
     if re.fullmatch(r"[0-9a-f]{40}", cached):
