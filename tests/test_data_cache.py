@@ -11,6 +11,8 @@ import pytest
 from rich.console import Console
 
 from peftkit.data import Examples, load_examples
+from peftkit.data.cache import _load as _load_entry
+from peftkit.data.cache import _save
 from peftkit.data.examples import describe_stats, tokenize_rows
 from peftkit.errors import PeftkitWarning
 from peftkit.modeling import load_tokenizer
@@ -158,7 +160,8 @@ def test_a_run_from_the_cache_trains_the_same_bits_and_verify_tokenizes_anew(tin
                                      training={"max_steps": 3}))
     train(recipe, console=Console(file=io.StringIO()))
     [forged] = set(_entries(cache)) - before
-    shutil.copy(forged, train_entry)
+    # (a valid entry under this key: a copy would be refused as another key's, so its examples are saved anew)
+    _save(train_entry, *_load_entry(forged, forged.stem), train_entry.stem)
     recipe = load_recipe(make_recipe(tmp_path / "forged", tiny_llama, number_data, training={"max_steps": 3}))
     train(recipe, console=Console(file=io.StringIO()))
     assert (tmp_path / "forged" / "run" / "adapter" / "adapter_model.safetensors").read_bytes() != runs["first"][0]
@@ -196,3 +199,127 @@ def test_a_hub_dataset_is_kept_under_its_rows_digest(hub_dataset, tiny_llama, tm
     assert "cached" not in moved[1]
     assert _same(moved[0], tokenize_rows(tok, rows, cfg, "x")[0]) and not _same(moved[0], first[0])
     assert len(_entries(cache)) == 2
+
+
+def _header(entry: Path) -> dict:
+    data = entry.read_bytes()
+    return json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])
+
+
+def _with_header(entry: Path, header) -> None:
+    """Rewrite `entry` with another header, its data unchanged (the header padded to its old length)."""
+    data = entry.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size
+    entry.write_bytes(data[:8] + text.ljust(size) + data[8 + size:])
+
+
+@pytest.mark.parametrize("header", ["a list", "metadata a list", "stats a number", "no key", "no sha256"])
+def test_an_entry_with_a_header_of_other_shapes_is_damaged_not_a_crash(tiny_llama, tmp_path, monkeypatch, header):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=5))
+    fresh = _load(tok, tmp_path / "train.jsonl")
+    [entry] = _entries(cache)
+    kept = _header(entry)
+    metadata = kept["__metadata__"]
+    altered = {"a list": [kept], "metadata a list": kept | {"__metadata__": [metadata]},
+               "stats a number": kept | {"__metadata__": metadata | {"stats": 8}},
+               "no key": kept | {"__metadata__": {k: v for k, v in metadata.items() if k != "key"}},
+               "no sha256": kept | {"__metadata__": {k: v for k, v in metadata.items() if k != "sha256"}}}[header]
+    _with_header(entry, altered)
+    with pytest.warns(PeftkitWarning, match=r"are damaged \(not a readable entry: \w+Error: .*\); tokenizing again"):
+        again = _load(tok, tmp_path / "train.jsonl")
+    assert _same(again[0], fresh[0]) and again[1] == fresh[1]
+
+
+def test_an_entry_under_another_keys_name_is_not_read(tiny_llama, tmp_path, monkeypatch):
+    """An entry copied or renamed onto another key's name (whole and valid in itself) holds other examples."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "a.jsonl", number_rows(8, seed=5))
+    write_jsonl(tmp_path / "b.jsonl", number_rows(12, seed=6))
+    _load(tok, tmp_path / "a.jsonl")
+    [a] = _entries(cache)
+    fresh_b = _load(tok, tmp_path / "b.jsonl")
+    [b] = set(_entries(cache)) - {a}
+    shutil.copy(a, b)
+    with pytest.warns(PeftkitWarning, match=rf"at {b} are damaged \(it was written for another key\)"):
+        again = _load(tok, tmp_path / "b.jsonl")
+    assert _same(again[0], fresh_b[0]) and len(again[0]) == 12
+
+
+def test_the_same_bytes_read_as_another_kind_of_file_are_another_entry(tiny_llama, tmp_path, monkeypatch):
+    """A .jsonl file's bytes as a .txt file are other rows (one text a line): not the .jsonl's examples."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "train.jsonl", [{"text": f"row {i} says {i * 7}"} for i in range(6)])
+    shutil.copy(tmp_path / "train.jsonl", tmp_path / "train.txt")
+    as_jsonl = _load(tok, tmp_path / "train.jsonl", format="text")
+    as_text = _load(tok, tmp_path / "train.txt", format="text")
+    assert "cached" not in as_text[1] and len(_entries(cache)) == 2
+    uncached = load_examples(tok, str(tmp_path / "train.txt"), "train", DataConfig(train="x", format="text"),
+                             cache=False)
+    assert _same(as_text[0], uncached[0]) and not _same(as_text[0], as_jsonl[0])
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_a_file_rewritten_with_its_modification_time_kept_is_read_anew(tiny_llama, tmp_path, monkeypatch, suffix):
+    """`datasets` keys its own cache of a file by path and modification time; a file rewritten with its time kept
+    (`cp -p`, `rsync -t`) gives the new rows, with or without peftkit's cache."""
+    import csv
+    import os
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    path = tmp_path / f"train{suffix}"
+
+    def write(output: str) -> None:
+        rows = [{"instruction": f"say {i}", "output": f"{output} {i}"} for i in range(4)]
+        if suffix == ".json":
+            path.write_text(json.dumps(rows))
+        else:
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["instruction", "output"])
+                writer.writeheader()
+                writer.writerows(rows)
+
+    write("aaaa")
+    kept = os.stat(path)
+    for cached in (False, True):
+        old = load_examples(tok, str(path), "train", DataConfig(train="x"), cache=cached)
+    write("bbbb")
+    os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    for cached in (False, True):
+        new = load_examples(tok, str(path), "train", DataConfig(train="x"), cache=cached)
+        assert "bbbb 3" in tok.decode(new[0][3].input_ids) and not _same(new[0], old[0])
+
+
+def test_entries_are_as_readable_as_other_files_and_killed_writes_are_cleared(tiny_llama, tmp_path, monkeypatch):
+    import os
+    import time
+
+    from peftkit.data.cache import STALE_TEMPORARY_S
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    (cache / "examples").mkdir(parents=True)
+    stale, young = cache / "examples" / ".x.safetensors.ab12.tmp", cache / "examples" / ".y.safetensors.cd34.tmp"
+    stale.write_bytes(b"half")
+    young.write_bytes(b"being written")
+    old = time.time() - STALE_TEMPORARY_S - 60
+    os.utime(stale, (old, old))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=5))
+    previous = os.umask(0o022)
+    try:
+        _load(tok, tmp_path / "train.jsonl")
+    finally:
+        os.umask(previous)
+    [entry] = _entries(cache)
+    assert entry.stat().st_mode & 0o777 == 0o644
+    assert not stale.exists() and young.exists()

@@ -3,11 +3,12 @@ made them, so that the next `train`, `--resume` or `eval` of the same data reads
 
 The key is a sha256 of: the data's content (a file's bytes; a hub dataset's rows, `rows.HUB_ROWS`), the tokenizer as
 `save_pretrained` writes it (vocabulary, special tokens, chat template, pad token), the data settings that shape an
-example (format, max_length, truncation, on_bad_rows, task ids), the source of `peftkit.data` and the versions of
-transformers, tokenizers and jinja2. A change to any of them is another key; nothing is invalidated in place.
+example (format, max_length, truncation, on_bad_rows, task ids), how the rows were read (a file's extension), the
+source of `peftkit.data` and the versions of transformers, tokenizers, jinja2 and the readers of other files than
+.jsonl (datasets, pyarrow, pandas). A change to any of them is another key; nothing is invalidated in place.
 
 Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts, with
-a sha256 of both: a damaged entry is said and replaced, never read. Where the cache cannot be written (a read-only
+a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read. Where the cache cannot be written (a read-only
 or full disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
 else `~/.cache/peftkit`); `PEFTKIT_CACHE=off` turns it off, as `peftkit train --no-cache` does for one run.
 """
@@ -67,7 +68,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("transformers", "tokenizers", "jinja2", "sentencepiece"):
+    for name in ("transformers", "tokenizers", "jinja2", "sentencepiece", "datasets", "pyarrow", "pandas"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -78,12 +79,15 @@ def _versions() -> dict[str, str]:
 class ExampleCache:
     """The entry of one dataset's examples: `read` it (None on a miss), or `write` it after tokenizing."""
 
-    def __init__(self, root: Path, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str) -> None:
+    def __init__(self, root: Path, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str,
+                 reader: str) -> None:
+        """`reader`: how the rows were read from the data (a file's extension; "hub"): the same bytes as .jsonl and
+        as .txt are other rows."""
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
-               "data": data_digest, "tasks": tasks,
+               "data": data_digest, "reader": reader, "tasks": tasks,
                "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows"})}
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        self.path = root / "examples" / f"{name}.safetensors"
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self.path = root / "examples" / f"{self.key}.safetensors"
         self.data_digest, self.source = data_digest, source
 
     def read(self) -> tuple[Examples, dict] | None:
@@ -92,7 +96,7 @@ class ExampleCache:
         if not self.path.is_file():
             return None
         try:
-            examples, stats = _load(self.path)
+            examples, stats = _load(self.path, self.key)
         except ValueError as e:  # unreadable, cut short, altered: tokenize again and replace it
             warnings.warn(PeftkitWarning(f"the cached examples of {self.source} at {self.path} are damaged ({e}); "
                                          "tokenizing again."), stacklevel=2)
@@ -107,9 +111,10 @@ class ExampleCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             os.close(fd)
-            _as_created(Path(tmp))  # (mkstemp's file is private; a cache is as readable as the user's other files)
             try:
-                _save(Path(tmp), examples, stats)
+                _save(Path(tmp), examples, stats, self.key)
+                _as_created(Path(tmp))  # (a private file, as mkstemp and save_file make it; a cache is as readable
+                # as the user's other files)
                 os.replace(tmp, self.path)  # whole or not at all; another process writing the same key writes the same
             finally:
                 if os.path.exists(tmp):
@@ -118,6 +123,24 @@ class ExampleCache:
             warnings.warn(PeftkitWarning(f"could not write the tokenized-data cache at {self.path} ({e}); going on "
                                          f"without it. Set {CACHE_ENV} to a writable directory, or {CACHE_ENV}=off."),
                           stacklevel=2)
+            return
+        _remove_stale_temporaries(self.path.parent)
+
+
+STALE_TEMPORARY_S = 24 * 3600
+"""A temporary entry this old was left by a run killed while writing it (a write takes seconds)."""
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove what killed runs left half-written; a run writing now has a younger file."""
+    import time
+
+    for tmp in directory.glob(".*.safetensors.*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                tmp.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
 
 
 def _arrays(examples: Examples) -> dict[str, array]:
@@ -134,7 +157,7 @@ def _digest(arrays: dict[str, array], stats: str) -> str:
     return digest.hexdigest()
 
 
-def _save(path: Path, examples: Examples, stats: dict) -> None:
+def _save(path: Path, examples: Examples, stats: dict, key: str) -> None:
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -142,7 +165,8 @@ def _save(path: Path, examples: Examples, stats: dict) -> None:
     text = json.dumps(stats, sort_keys=True)
     tensors = {name: np.frombuffer(values, dtype=np.int32 if values.typecode == "i" else np.int64)
                for name, values in arrays.items()}  # views of the arrays, not copies
-    save_file(tensors, path, metadata={"peftkit_examples": str(FORMAT), "stats": text, "sha256": _digest(arrays, text)})
+    save_file(tensors, path, metadata={"peftkit_examples": str(FORMAT), "key": key, "stats": text,
+                                       "sha256": _digest(arrays, text)})
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -151,8 +175,12 @@ _LAYOUT = {"input_ids": ("i", "I32"), "labels": ("i", "I32"), "ends": ("q", "I64
 """Each stored array's typecode here and dtype in the file."""
 
 
-def _load(path: Path) -> tuple[Examples, dict]:
-    """An entry's examples and counts; ValueError where its content is not what was written.
+class _Damaged(ValueError):
+    """An entry read whole whose content is not what was written."""
+
+
+def _load(path: Path, key: str) -> tuple[Examples, dict]:
+    """An entry's examples and counts; ValueError where its content is not what was written for `key`.
 
     The safetensors layout (an 8-byte header length, the JSON header, the data) read straight into the arrays: through
     `safetensors.safe_open` each array was copied twice and the whole file mapped besides (peak memory +120 MiB on
@@ -163,22 +191,26 @@ def _load(path: Path) -> tuple[Examples, dict]:
             if size > os.fstat(f.fileno()).st_size - 8:
                 raise ValueError("its header runs past its end")
             header = json.loads(f.read(size))
-            metadata, arrays = header.pop("__metadata__", {}), {}
+            metadata, arrays = header.pop("__metadata__"), {}
+            if metadata["key"] != key:  # (an entry copied or renamed onto another's name)
+                raise _Damaged("it was written for another key")
             for name, (typecode, dtype) in _LAYOUT.items():
                 start, end = header[name]["data_offsets"]
                 if header[name]["dtype"] != dtype:
-                    raise ValueError(f"{name} is {header[name]['dtype']}")
+                    raise _Damaged(f"{name} is {header[name]['dtype']}")
                 f.seek(8 + size + start)
                 arrays[name] = array(typecode)
                 arrays[name].fromfile(f, (end - start) // arrays[name].itemsize)
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as e:  # (json's errors are ValueErrors)
+        text = metadata["stats"]
+        if metadata["sha256"] != _digest(arrays, text):
+            raise _Damaged("its content does not match its sha256")
+        stats = json.loads(text)
+        tasks = [None if task == _NO_TASK else task for task in arrays["task_ids"]]
+        examples = Examples.from_arrays(arrays["input_ids"], arrays["labels"], arrays["ends"], tasks)
+        if stats["examples"] != len(examples):
+            raise _Damaged("its counts do not match its examples")
+    except _Damaged:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever an altered file makes of the reading: not this entry
         raise ValueError(f"not a readable entry: {type(e).__name__}: {e}") from None
-    text = metadata.get("stats", "")
-    if metadata.get("sha256") != _digest(arrays, text):
-        raise ValueError("its content does not match its sha256")
-    stats = json.loads(text)
-    tasks = [None if task == _NO_TASK else task for task in arrays["task_ids"]]
-    examples = Examples.from_arrays(arrays["input_ids"], arrays["labels"], arrays["ends"], tasks)
-    if stats.get("examples") != len(examples):
-        raise ValueError("its counts do not match its examples")
     return examples, stats

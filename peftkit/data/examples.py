@@ -397,12 +397,13 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
     root = cache_root() if cache else None
     # (a path that is no file fails in load_rows, in its words)
     local = root is not None and not is_hub_dataset(source) and Path(source).is_file()
-    entry = _cache_entry(root, tok, sha256_file(source), cfg, tasks, source) if local else None
+    entry = _cache_entry(root, tok, sha256_file(source), cfg, tasks, source, Path(source).suffix.lower()) if local \
+        else None
     if entry is not None and (hit := entry.read()) is not None:
         return hit
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     if root is not None and (hub := HUB_ROWS.get((source, split, cfg.revision))):  # a hub dataset: its rows' digest
-        entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source)
+        entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source, "hub")
         if (hit := entry.read()) is not None:
             return hit
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
@@ -415,10 +416,10 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
     return examples, stats
 
 
-def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str):
+def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str, reader: str):
     from peftkit.data.cache import ExampleCache
 
-    return ExampleCache(root, tok, data_digest, cfg, tasks, source)
+    return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader)
 
 
 # A default system prompt the chat template adds to each conversation without one is masked from the loss

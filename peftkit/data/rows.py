@@ -119,7 +119,10 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
                 return [], 0, None
             import datasets
 
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **_read_options(path, kind))
+            # (`datasets` keys its own cache of a file by path and modification time: a file rewritten with its time
+            # kept, as `cp -p`, `rsync -t` or a checkout can, was read as the old rows. Read the bytes there are.)
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", download_mode="force_redownload",
+                                       **_read_options(path, kind))
         except PermissionError:
             raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
         except (ValueError, OSError, _generation_error()) as e:  # (an except clause's types are read when it is tried)
