@@ -6,13 +6,14 @@ ranks, target modules, shapes), all made before any weight is combined (`peftkit
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from peftkit.combine import COMBINATIONS, FACTOR_WISE, NEEDS_DENSITY, SVD, MajoritySign
-from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
 def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:
     """(base name, revision) the adapters share; a PeftkitError for adapters of different bases."""
     first = sources[0]
+    revision = _shared_revision(sources) if base is None else None
     for other in sources[1:]:
-        if base is None and (other.base, other.revision) != (first.base, first.revision):
+        if base is None and (other.base != first.base or other.revision not in (None, revision)):
             raise PeftkitError(
                 f"The adapters were trained on different bases: {first.path} on {first.base} (revision "
                 f"{first.revision}), {other.path} on {other.base} (revision {other.revision}). Only adapters of "
@@ -121,7 +123,21 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
     name = base or first.base
     if not name:
         raise PeftkitError(f"{first.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    return name, first.revision if name == first.base else None
+    return name, revision if name == first.base else None
+
+
+def _shared_revision(sources: list[Source]) -> str | None:
+    """The base revision the adapters record. One that records none was saved before peftkit recorded the commit a
+    hub base loaded (or by another tool): taken as trained on that commit too, and said."""
+    recorded = [source for source in sources if source.revision]
+    if not recorded or len(recorded) == len(sources):
+        return sources[0].revision
+    unrecorded = ", ".join(str(source.path) for source in sources if not source.revision)
+    warnings.warn(PeftkitWarning(
+        f"{unrecorded} records no revision of {recorded[0].base} (saved before peftkit recorded the commit a hub base "
+        f"loaded, or by another tool); combining on {recorded[0].revision}, the commit {recorded[0].path} was trained "
+        "on."), stacklevel=3)
+    return recorded[0].revision
 
 
 def _quant(quant) -> str:

@@ -90,7 +90,7 @@ class ModelSource:
 
     def tokenizer(self):
         """The tokenizer of the model (or of the adapter's base)."""
-        from peftkit.modeling import check_remote_code, load_tokenizer
+        from peftkit.modeling import base_revision, check_remote_code, load_tokenizer
         from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
 
         cfg = self.model
@@ -102,9 +102,11 @@ class ModelSource:
                     raise PeftkitError(f"{Path(self.adapter) / CONFIG_NAME} records no base model "
                                        "(base_model_name_or_path): name it with --model.")
             check_remote_code(self.adapter, self.trust_remote_code)
-            cfg = cfg or ModelConfig(name_or_path=self.base or self.adapter,
-                                     revision=recorded_base(self.adapter, "revision"),
-                                     trust_remote_code=self.trust_remote_code)
+            cfg = cfg or ModelConfig(name_or_path=self.base or self.adapter, trust_remote_code=self.trust_remote_code)
+            # the base's tokenizer at the revision its weights load at (a run's: the commit it was trained on)
+            revision = base_revision(self.adapter, cfg.name_or_path, recorded_base(self.adapter),
+                                     recorded_base(self.adapter, "revision"), cfg.revision, say=False)
+            cfg = cfg.model_copy(update={"revision": revision})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
         return load_tokenizer(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.manifest import TOKENIZER_FILES, model_directory
 from peftkit.recipe import ModelConfig, QuantizationConfig
 from peftkit.rope_scaling import scale_rope
@@ -511,14 +512,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     name = (settings.name_or_path if settings else base) or recorded
     if not name:
         raise PeftkitError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    # The recorded revision belongs to the recorded base; another base is taken as given (a recipe's, at its revision).
-    revision = raw.revision if name == recorded else None
-    if settings and settings.revision:
-        if revision and revision != settings.revision:
-            raise PeftkitError(f"{adapter_dir} was trained on {name} at revision {revision}, and the recipe's "
-                               f"model.revision is {settings.revision}: drop model.revision (or --set "
-                               f"model.revision={revision}) to load the base it was trained on.")
-        revision = settings.revision
+    revision = base_revision(adapter_dir, name, recorded, raw.revision, settings.revision if settings else None)
     classify = raw.task_type == "SEQ_CLS"
     meta = read_meta(adapter_dir)
     # A quantized base is quantized from the dtype training loaded it in (other weights, other 4-bit codes).
@@ -535,6 +529,30 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
 
         adapter_cfg = with_head(adapter_cfg, model)
     return model, adapter_cfg, state, raw, model_cfg, quant
+
+
+def base_revision(adapter_dir: str, name: str, recorded_name: str | None, recorded: str | None, asked: str | None,
+                  say: bool = True) -> str | None:
+    """The revision of base `name` to load under the adapter at `adapter_dir`, which records `recorded_name` at
+    `recorded`; `asked`: a recipe's model.revision. The recorded revision belongs to the recorded base: another base is
+    taken as given. A run's adapter records the commit its base loaded, and its recipe may name the branch or tag
+    that was at that commit then: the commit is what the adapter was trained on, and is loaded (said with `say` where
+    the branch has moved since)."""
+    recorded = recorded if name == recorded_name else None
+    if not asked or not recorded or asked == recorded:
+        return asked or recorded
+    commit = re.compile(r"[0-9a-f]{40}")
+    if commit.fullmatch(recorded) and (recorded.startswith(asked) or not commit.fullmatch(asked)):
+        from peftkit.manifest import hub_commit
+
+        if say and not recorded.startswith(asked) and (now := hub_commit(name, asked)) not in (None, recorded):
+            warnings.warn(PeftkitWarning(
+                f"{adapter_dir} was trained on {name} at commit {recorded}, which model.revision '{asked}' named "
+                f"then; it names {now} now. Loading {recorded}, the base the adapter was trained on."), stacklevel=2)
+        return recorded
+    raise PeftkitError(f"{adapter_dir} was trained on {name} at revision {recorded}, and the recipe's "
+                       f"model.revision is {asked}: drop model.revision (or --set "
+                       f"model.revision={recorded}) to load the base it was trained on.")
 
 
 def adapter_labels(adapter_dir: str, state: dict[str, torch.Tensor]) -> LabelSet:

@@ -34,6 +34,8 @@ from peftkit.manifest import (
     changed_model_files,
     data_hashes,
     file_hashes,
+    hub_commit,
+    model_directory,
     model_weight_hashes,
     output_hashes,
     read_manifest,
@@ -182,6 +184,8 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
            report: VerifyReport) -> list[str]:
     """Train the recorded recipe again in a temporary directory; the differences from the recorded run."""
     recipe = manifest.recipe.model_copy(deep=True)
+    if note := _pin_unchanged_base(recipe, manifest):
+        report.notes.append(note)
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
         # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there.
         recipe.export.output_dir = tmp
@@ -200,6 +204,24 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
             out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe,
                                          manifest.base_model_commit) + out
         return _hub_data_differences(manifest, rerun, recipe) + out
+
+
+def _pin_unchanged_base(recipe: Recipe, manifest: Manifest) -> str | None:
+    """A hub base at a branch or tag that has moved since the run to a commit with the same files (a README edit):
+    the re-run loads the run's commit (pinned in `recipe`), and the note says so. The exported adapter records the
+    commit its base loaded, so a re-run at the branch's new commit would differ in that alone."""
+    model, commit = recipe.model, manifest.base_model_commit
+    revision = model.revision or "main"
+    if commit is None or Path(model.name_or_path).is_absolute() or re.fullmatch(r"[0-9a-f]{40}", revision):
+        return None
+    now = hub_commit(model.name_or_path, model.revision)
+    if now in (None, commit) or model_directory(model.name_or_path, commit) is None or \
+            changed_model_files(manifest.base_model_sha256, model_weight_hashes(model.name_or_path, model.revision)):
+        return None  # (other files: the re-run at the branch reports them)
+    model.revision = commit
+    return (f"model.revision '{revision}' of {model.name_or_path} has moved from the run's commit {commit} to {now}, "
+            f"which has the same weight, config and tokenizer files: the re-run loaded {commit}, as the run did "
+            "(pin model.revision to it to say so in the recipe)")
 
 
 def _hub_data_differences(manifest: Manifest, rerun: Manifest, recipe: Recipe) -> list[str]:

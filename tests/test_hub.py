@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,52 @@ def test_a_hub_models_files_are_recorded_and_a_moved_branch_is_refused_on_resume
     pinned.model.revision = "a" * 40
     train(pinned)
     assert verify(tmp_path / "pinned" / "run").ok
+
+
+def _eval_loss(run: Path) -> tuple[float, str]:
+    """`peftkit eval RUN`'s loss, and what it said on stderr."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(run)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return float(result.stdout.split()[1]), result.stderr
+
+
+def test_a_run_at_a_named_branch_is_evaluated_and_verified_at_the_commit_it_loaded(hub, tiny_llama, number_data,
+                                                                                  tmp_path):
+    """A recipe naming `model.revision: main`: `peftkit eval RUN` loads the commit the run was trained on (weights and
+    tokenizer), saying so once main has moved; verify after a move that changed none of the model's files re-runs
+    at the run's commit and finds the same bits."""
+    recipe = load_recipe(make_recipe(tmp_path, Path(REPO), number_data, training={"max_steps": 2}))
+    recipe.model.revision = "main"
+    train(recipe)
+    run = tmp_path / "run"
+    final = json.loads((run / "manifest.json").read_text())["metrics"]["eval_loss"]
+    loss, said = _eval_loss(run)
+    assert loss == pytest.approx(final, abs=1e-4) and "warning" not in said
+
+    _publish(hub, tiny_llama, "b" * 40)  # main moves to a commit with the same files
+    report = verify(run)
+    assert report.ok, report.differences
+    assert (f"model.revision 'main' of {REPO} has moved from the run's commit {'a' * 40} to {'b' * 40}, which has the "
+            f"same weight, config and tokenizer files: the re-run loaded {'a' * 40}, as the run did (pin model.revision to it "
+            "to say so in the recipe)") in report.notes
+
+    retokenized = tmp_path / "retokenized"  # main moves to a tokenizer that gives 'e' and 't' each other's ids
+    retokenized.mkdir()
+    for file in tiny_llama.iterdir():
+        (retokenized / file.name).write_bytes(file.read_bytes())
+    tokenizer = json.loads((tiny_llama / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab["e"], vocab["t"] = vocab["t"], vocab["e"]
+    (retokenized / "tokenizer.json").write_text(json.dumps(tokenizer))
+    _publish(hub, retokenized, "c" * 40)
+    loss, said = _eval_loss(run)
+    assert loss == pytest.approx(final, abs=1e-4)  # (main's tokenizer: another loss)
+    assert (f"was trained on {REPO} at commit {'a' * 40}, which model.revision 'main' named then; it names {'c' * 40} "
+            f"now. Loading {'a' * 40}, the base the adapter was trained on.") in " ".join(said.split())
 
 
 def test_a_record_without_hashes_is_not_a_change():
@@ -264,7 +311,8 @@ def test_the_rows_digest_counts_images_and_bytes_by_content():
     assert rows_digest(rows("red")) == rows_digest(rows("red")) != rows_digest(rows("blue"))
 
 
-def test_a_pinned_dataset_commit_that_was_not_read_is_refused(hub_dataset, tiny_llama, number_data, tmp_path):
+def test_a_pinned_dataset_commit_that_was_not_read_is_refused(hub_dataset, tiny_llama, number_data, tmp_path,
+                                                              monkeypatch):
     """Offline, `datasets` reads the newest cached copy whatever the revision: a run pinned to commit a trained on
     commit b's rows, recorded both, and verify vouched for it (its re-run read b again). A pinned commit not read is
     an error; a branch or tag that offline cannot be resolved is a warning naming the commit read."""
@@ -278,8 +326,13 @@ def test_a_pinned_dataset_commit_that_was_not_read_is_refused(hub_dataset, tiny_
     with pytest.raises(PeftkitError, match=f"Hub dataset '{DATASET}': revision {'a' * 40} was asked and `datasets` "
                                            f"read commit {'b' * 40} from its cache \\(offline it reads the newest cached "
                                            "copy, whatever the revision\\). The cache holds that commit too: read it "
-                                           f"online .*, or pin the commit read \\({'b' * 40}\\)"):
+                                           f"online, or pin the commit read \\({'b' * 40}\\)"):
         load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="a" * 40))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # what the user set is what to unset
+    with pytest.raises(PeftkitError, match="read it online \\(unset HF_DATASETS_OFFLINE\\), or pin"):
+        load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="a" * 40))
+    with pytest.raises(PeftkitError, match=f"revision aaaaaaa was asked and `datasets` read commit {'b' * 40}"):
+        load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="aaaaaaa"))  # a short hash: a commit
     with pytest.raises(PeftkitError, match=f"revision {'c' * 40} was asked .* Read it once online"):
         load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="c" * 40))
     with pytest.warns(PeftkitWarning, match=f"hub dataset '{DATASET}': offline, `datasets` reads the newest cached copy "
@@ -287,6 +340,9 @@ def test_a_pinned_dataset_commit_that_was_not_read_is_refused(hub_dataset, tiny_
                                             f"commit {'b' * 40}"):
         load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="v1"))
     assert len(load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="b" * 40))[0]) == 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the short hash of the commit read is that commit
+        assert len(load_examples(tok, DATASET, "train", DataConfig(train=DATASET, revision="bbbbbbbb"))[0]) == 64
 
 
 def test_what_the_cache_lacks_is_said_offline(hub, tiny_llama, tmp_path):
@@ -338,3 +394,30 @@ def test_an_unknown_split_names_the_splits_there(hub_dataset):
         load_rows(DATASET, "validation")
     assert (f"Could not load dataset '{DATASET}' (split 'validation') from the hub: Unknown split \"validation\". "
             "Should be one of ['train']. For a local file, give a path") in str(e.value)
+
+
+def test_adapters_of_one_hub_base_combine_when_one_records_no_revision(hub, tiny_llama, tmp_path):
+    """An adapter saved before the commit of a hub base was recorded (revision null) combines with one that records
+    it, on that commit, said; two commits are two bases."""
+    from peftkit.combine_inputs import Combination
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.errors import PeftkitWarning
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_combine import LLAMA_TARGETS, make_adapter
+
+    dirs = []
+    for seed, revision in ((1, None), (2, "a" * 40)):
+        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=LLAMA_TARGETS), seed,
+                                 tmp_path / f"a{seed}"))
+        config = json.loads((made / "adapter_config.json").read_text())
+        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
+                                                                       "revision": revision}))
+        dirs.append(str(made))
+    with pytest.warns(PeftkitWarning, match=f"{dirs[0]} records no revision of {REPO} .*combining on {'a' * 40}, the "
+                                            f"commit {dirs[1]} was trained on"):
+        combine_adapters(dirs, Combination("linear", (0.5, 0.5)), str(tmp_path / "both"))
+    assert json.loads((tmp_path / "both" / "adapter_config.json").read_text())["revision"] == "a" * 40
+    config = json.loads((Path(dirs[0]) / "adapter_config.json").read_text())
+    (Path(dirs[0]) / "adapter_config.json").write_text(json.dumps(config | {"revision": "b" * 40}))
+    with pytest.raises(PeftkitError, match="The adapters were trained on different bases"):
+        combine_adapters(dirs, Combination("linear", (0.5, 0.5)), str(tmp_path / "other"))

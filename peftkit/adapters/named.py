@@ -55,7 +55,7 @@ from torch import nn
 from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_to_save, saved_base_modules
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of
-from peftkit.methods.base import Method
+from peftkit.methods.base import Method, is_quantized
 from peftkit.methods.lora import LoraEmbedding, LoraLinear
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.peft_format import check_weight_tying, read_meta
@@ -106,14 +106,16 @@ class AdapterHost(nn.Module):
         if self._stacked is not None:  # every LoRA linear adapter at once: two batched matmuls, whatever their number
             a, b, scale, slot = self._stacked
             h = torch.bmm(x.reshape(batch, -1, a.shape[-1]).to(a.dtype), a[slot].transpose(1, 2))
-            update = torch.bmm(h, b[slot].transpose(1, 2)) * scale[slot][:, None, None]
-            result = result + update.reshape(result.shape).to(result.dtype)
+            update = (torch.bmm(h, b[slot].transpose(1, 2)) * scale[slot][:, None, None]).reshape(result.shape)
+            # rounded as each row's adapter alone rounds it (`LoraLinear.forward`): a zero update leaves a row's bits
+            result = result + update.to(result.dtype) if is_quantized(self.base_layer) else \
+                (result + update).to(result.dtype)
         for name, rows in groups:
             layer, rows = self.adapters[name], rows.to(x.device)
             if type(layer) is LoraLinear:
                 continue
             if type(layer) is LoraEmbedding:
-                result = result.index_add(0, rows, layer.update(x[rows]).to(result.dtype))
+                result = result.index_copy(0, rows, (result[rows] + layer.update(x[rows])).to(result.dtype))
             else:  # a layer that does more than add (DoRA, IA3, ...) or a modules_to_save copy: its rows whole
                 result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -155,18 +156,23 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
 
 def _check_commit(source: str, revision: str | None, read: str, commits: Path) -> None:
     """Offline, `datasets` (4.x) reads the newest cached copy of a hub dataset whatever revision was asked: a pinned
-    commit it did not read is an error; a branch or tag, which offline cannot be resolved, is a warning naming the
-    commit read. `commits`: the directory of the cached commits."""
-    if revision is None or revision == read:
+    commit (a hash of 7 to 40 hex digits) it did not read is an error; a branch or tag, which offline cannot be
+    resolved, is a warning naming the commit read. `commits`: the directory of the cached commits."""
+    pinned = revision is not None and re.fullmatch(r"[0-9a-f]{7,40}", revision)
+    if revision is None or revision == read or pinned and read.startswith(revision):
         return
     import datasets
 
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        offline = " (offline it reads the newest cached copy, whatever the revision)" if datasets.config.HF_HUB_OFFLINE else ""
-        fix = ("The cache holds that commit too: read it online (unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE)"
-               if (commits / revision).is_dir() else "Read it once online, so that it is in the cache")
+    if pinned:
+        offline = datasets.config.HF_HUB_OFFLINE
+        why = ("offline it reads the newest cached copy, whatever the revision" if offline
+               else "the hub did not answer, and it read the newest cached copy")
+        held = commits.is_dir() and any(commit.name.startswith(revision) for commit in commits.iterdir())
+        switches = " and ".join(name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(name))
+        fix = ("The cache holds that commit too: read it online" + (f" (unset {switches})" if switches else "")
+               if held else "Read it once online, so that it is in the cache")
         raise PeftkitError(f"Hub dataset '{source}': revision {revision} was asked and `datasets` read commit {read} "
-                           f"from its cache{offline}. {fix}, or pin the commit read ({read}).")
+                           f"from its cache ({why}). {fix}, or pin the commit read ({read}).")
     if datasets.config.HF_HUB_OFFLINE:
         import warnings
 
