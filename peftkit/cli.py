@@ -252,12 +252,13 @@ def eval_cmd(
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
     same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
+    from peftkit.compare import split_named
     from peftkit.evaluate import eval_job, evaluate
     from peftkit.fileio import atomic_write_json
 
     adapters, merged = adapter or [], merged or []
     json_out, predictions = _expanded(json_out), _expanded(predictions)
-    comparing = len(adapters) > 1 or bool(merged) or any("=" in a for a in adapters)
+    comparing = len(adapters) > 1 or bool(merged) or any(split_named(a) for a in adapters)
     for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
         if path is not None:
             _check_json_out(path, flag)
@@ -303,9 +304,9 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
 
 def _adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
     """--adapter values: (one plain DIR, or None; the NAME=DIR pairs when several are given or any is named)."""
-    from peftkit.compare import parse_named
+    from peftkit.compare import parse_named, split_named
 
-    if len(adapters) == 1 and "=" not in adapters[0]:
+    if len(adapters) == 1 and not split_named(adapters[0]):
         return _local(adapters[0]), []
     return None, [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
 

@@ -18,14 +18,21 @@ BASE = "base"
 _NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
 
 
+def split_named(value: str) -> tuple[str, str] | None:
+    """(NAME, DIR) of a `NAME=DIR` value; None for a bare DIR. A path that exists is a DIR whatever '=' it holds (a
+    sweep's `lr=2e-4/adapter`)."""
+    match = _NAME.match(value)
+    if match is None or Path(value).expanduser().exists():
+        return None
+    return match.group(1), match.group(2)
+
+
 def parse_named(values: list[str], flag: str, taken: list[str] = ()) -> list[tuple[str, str]]:
     """`NAME=DIR` values of a repeatable flag (a bare DIR is named after its directory), names unique among them,
     the base's and `taken` (another flag's rows)."""
     named = []
     for value in values:
-        match = _NAME.match(value)
-        name, path = (match.group(1), match.group(2)) if match else (Path(value).name or value, value)
-        named.append((name, path))
+        named.append(split_named(value) or (Path(value).name or value, value))
     names = [BASE, *taken] + [n for n, _ in named]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

@@ -19,6 +19,7 @@ from peftkit.errors import PeftkitError
 from peftkit.export import export
 from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
+from peftkit.modeling import dtype_name
 from peftkit.rope_scaling import fresh_dynamic_rope
 from peftkit.runtime import peak_memory_mb
 from peftkit.samples import answers, print_samples, sample_prompts
@@ -94,7 +95,8 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
                                            base_model_sha256=run.inputs["model.name_or_path"],
                                            init_from_sha256=run.inputs.get("adapter.init_from", {}),
                                            distributed=distributed.describe(run.accelerator),
-                                           base_model_commit=run.base_commit)
+                                           base_model_commit=run.base_commit,
+                                           dtype=dtype_name(model.get_input_embeddings().weight.dtype))
     atomic_write_json(out / "manifest.json", manifest)
     report = _write_report(run) if cfg.export.report else None
     if show_summary:

@@ -169,10 +169,12 @@ def loss_digest(losses: list[float]) -> str:
 def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
                    losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
                    init_from_sha256: dict | None = None, distributed: dict | None = None,
-                   base_model_commit: str | None = None) -> dict:
+                   base_model_commit: str | None = None, dtype: str | None = None) -> dict:
     """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
     the run began (what it trained on, and no second read of a multi-GB base); computed here when not given.
-    `distributed`: the processes that trained (`peftkit.distributed.describe`); default one."""
+    `distributed`: the processes that trained (`peftkit.distributed.describe`); default one. `dtype`: the base's
+    weights as they loaded (model.dtype `auto` resolved: the checkpoint's dtype, float32 on a CPU without fast 16-bit
+    matmuls); default the recipe's setting."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     return {
@@ -180,7 +182,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "command": " ".join(sys.argv),
         "environment": environment(device),
         "distributed": distributed or {"processes": 1, "backend": None, "type": "NO"},
-        "dtype": recipe.model.dtype,
+        "dtype": dtype or recipe.model.dtype,
         "seed": recipe.training.seed,
         "recipe": recipe.model_dump(mode="json"),
         "recipe_sha256": recipe.sha256(),

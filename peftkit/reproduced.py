@@ -64,6 +64,8 @@ def _result_differences(manifest: Manifest, rerun: Manifest, tolerance: float) -
     if recorded.get("loss_digest") != loss_digest(manifest.losses):
         out.append(f"{MANIFEST}: its loss_digest does not match its losses; the manifest was edited after the run")
     for key in sorted((recorded.keys() | now.keys()) - CHECKED_APART):
+        if key == "dtype" and recorded.get(key) == "auto":  # (before December 2026 the setting, not what it resolved to)
+            continue
         out += [f"{MANIFEST}: {problem}" for problem in _differ(key, recorded.get(key), now.get(key), tolerance)]
     return out
 

@@ -135,10 +135,10 @@ class _Run:
     adapter: object = None
     """The adapter as injected: the recipe's, with a classifier's head added to modules_to_save."""
     compiled: dict = field(default_factory=dict)
+    """training.compile: the loss functions through torch.compile, made at their first step."""
     base_commit: str | None = None
     """The commit of a hub base's snapshot that loaded (`manifest.hub_commit`): recorded, and the exported adapter's
     `revision`, so that what loads it later loads this base even after the branch moved."""
-    """training.compile: the loss functions through torch.compile, made at their first step."""
 
     def loss_function(self, fn):
         """`fn` as the training step runs it: compiled with training.compile (the model's forward is traced through

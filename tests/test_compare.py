@@ -105,3 +105,26 @@ def test_a_comparison_needs_the_base(number_data, candidates, monkeypatch, capsy
     assert "peftkit eval needs a RECIPE (or a run directory), or both --model and --data" in cli_user_error(
         monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), "--adapter", f"a={candidates / 'peft'}",
         "--adapter", f"b={candidates / 'peft'}")
+
+
+def test_an_adapter_path_holding_an_equals_sign_is_a_path(tiny_llama, number_data, candidates, tmp_path, monkeypatch,
+                                                         capsys):
+    """A sweep's directory (`lr=5e-2/adapter`) is one adapter, evaluated alone, not an adapter named `lr` at
+    `5e-2/adapter`; NAME=DIR still names one where no such path exists."""
+    import shutil
+
+    from peftkit.cli import main
+    from peftkit.compare import parse_named, split_named
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(candidates / "run" / "adapter", tmp_path / "lr=5e-2" / "adapter")
+    assert split_named("lr=5e-2/adapter") is None and split_named("best=lr=5e-2/adapter") == ("best", "lr=5e-2/adapter")
+    assert parse_named(["lr=5e-2/adapter", "x=lr=5e-2/adapter"], "--adapter") == [
+        ("adapter", "lr=5e-2/adapter"), ("x", "lr=5e-2/adapter")]
+    data = str(number_data["eval"])
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", "--model", str(tiny_llama), "--data", data,
+                                     "--adapter", "lr=5e-2/adapter"])
+    main()
+    alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, str(candidates / "run" / "adapter"), None, None,
+                              None, metrics="loss"))
+    assert capsys.readouterr().out.startswith(f"loss {alone['loss']:.4f}")

@@ -88,6 +88,28 @@ def test_an_intact_run_verifies_and_nothing_is_written_into_it(run, recorded_run
     assert _snapshot(run) == before and _snapshot(recorded_run) == recorded_before
 
 
+def test_the_manifest_records_the_dtype_auto_resolved_to_and_an_older_auto_still_verifies(tiny_llama, number_data,
+                                                                                           tmp_path):
+    """model.dtype: auto loads the checkpoint's dtype: the manifest says which (it said "auto"); a manifest written
+    before that records "auto", and verify does not take the re-run's resolved dtype for a difference."""
+    from peftkit.tiny import build_tiny_model
+
+    base = tmp_path / "bf16-llama"
+    build_tiny_model(base, arch="llama", hidden_size=32, num_layers=2, seed=0)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"dtype": "bfloat16", "torch_dtype": "bfloat16"}))
+    for model, dtype in ((tiny_llama, "float32"), (base, "bfloat16")):
+        recipe = load_recipe(make_recipe(tmp_path / dtype, model, number_data, training={"max_steps": 2}))
+        recipe.model.dtype = "auto"
+        train(recipe, console=_quiet())
+        run = tmp_path / dtype / "run"
+        assert json.loads((run / "manifest.json").read_text())["dtype"] == dtype
+    _edit_manifest(run, lambda manifest: manifest | {"dtype": "auto"})
+    assert verify(run, console=_quiet()).ok
+    _edit_manifest(run, lambda manifest: manifest | {"dtype": "float16"})
+    assert "manifest.json: dtype is 'float16' recorded, 'bfloat16' now" in verify(run, console=_quiet()).differences
+
+
 # ---------------------------------------------------------------------------- files changed in RUN_DIR
 
 

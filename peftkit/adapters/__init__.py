@@ -16,7 +16,8 @@ from torch import nn
 from peftkit.distributed import full, place_like
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
-from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable
+from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable,
+                                  suffix_match)
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.recipe import AdapterConfig, TargetRegex
 
@@ -56,7 +57,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex
     elif isinstance(target_modules, TargetRegex):
         names = [n for n in modules if n and re.fullmatch(target_modules.regex, n)]
     else:
-        names = [n for n in modules if n and any(_suffix_match(n, t) for t in target_modules)]
+        names = [n for n in modules if n and any(suffix_match(n, t) for t in target_modules)]
         if every_entry:
             _check_every_entry_matches(model, target_modules, names)
     names = [n for n in names if not isinstance(modules[n], AdapterLayer)]
@@ -77,14 +78,9 @@ def _check_every_entry_matches(model: nn.Module, target_modules: list[str], name
     """An entry that matches nothing is a typo (`v_prj`): refuse it even when the other entries match, or
     the run silently trains fewer layers than the recipe says."""
     for entry in target_modules:
-        if not any(_suffix_match(n, entry) for n in names):
+        if not any(suffix_match(n, entry) for n in names):
             raise PeftkitError(f"adapter.target_modules entry {entry!r} (of {target_modules!r}) "
                                f"{_matches_nothing(model)}{did_you_mean(entry, _layer_kinds(model))}")
-
-
-def _suffix_match(name: str, entry: str) -> bool:
-    """`q_proj` names `model.layers.0.self_attn.q_proj`, as in PEFT: whole path components only."""
-    return name == entry or name.endswith("." + entry)
 
 
 def _matches_nothing(model: nn.Module) -> str:
@@ -172,7 +168,7 @@ def _outside_saved(names: list[str], cfg: AdapterConfig, every_entry: bool, adap
               and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in saved)}
     if every_entry and inside and isinstance(getattr(cfg, "target_modules", None), list):
         for entry in cfg.target_modules:
-            if all(n in inside for n in names if _suffix_match(n, entry)):
+            if all(n in inside for n in names if suffix_match(n, entry)):
                 head = next((m for m in saved if m in HEAD_NAMES), None)
                 why = (f"names the classification head '{head}' (or modules inside it), which a sequence classifier "
                        f"trains in full (as peft's SEQ_CLS); remove {entry!r} from adapter.target_modules" if head else
@@ -226,7 +222,7 @@ def modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
     """The modules named by suffix in `names`, by full path; a name that matches nothing is an error."""
     found: dict[str, nn.Module] = {}
     for wanted in names:
-        hits = {n: m for n, m in model.named_modules() if _suffix_match(n, wanted)}
+        hits = {n: m for n, m in model.named_modules() if suffix_match(n, wanted)}
         if not hits:
             suffixes = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
             raise PeftkitError(

@@ -36,6 +36,11 @@ def is_quantized(layer: nn.Module) -> bool:
     return type(layer).__module__.startswith("bitsandbytes")
 
 
+def suffix_match(name: str, entry: str) -> bool:
+    """`q_proj` names `model.layers.0.self_attn.q_proj`, as in PEFT: whole path components only."""
+    return name == entry or name.endswith("." + entry)
+
+
 def is_conv1d(layer: nn.Module) -> bool:
     """transformers' GPT-2 style Conv1D: a linear layer whose weight is stored (in, out)."""
     return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")

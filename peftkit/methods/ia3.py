@@ -21,7 +21,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
-                                  targets_from_peft)
+                                  suffix_match, targets_from_peft)
 from peftkit.section import AdapterSection, TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, peft 0.21)
@@ -61,15 +61,11 @@ class IA3Config(AdapterSection):
     """False where `IA3.resolve` filled feedforward_modules with the architecture's default."""
 
 
-def _suffix_match(name: str, entry: str) -> bool:
-    return name == entry or name.endswith("." + entry)
-
-
 def is_feedforward(path: str, feedforward: list[str] | TargetRegex | None) -> bool:
     """Whether the target at `path` has its input scaled: named by suffix, or matched in full by the regex."""
     if isinstance(feedforward, TargetRegex):
         return re.fullmatch(feedforward.regex, path) is not None
-    return any(_suffix_match(path, f) for f in feedforward or [])
+    return any(suffix_match(path, f) for f in feedforward or [])
 
 
 @dataclass(frozen=True)
