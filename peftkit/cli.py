@@ -46,6 +46,17 @@ def _local(path: str) -> str:
     return str(expanded.resolve()) if expanded.exists() else str(expanded) if path.startswith("~") else path
 
 
+def _adapter(value: str) -> str:
+    """An --adapter value: a local directory (`_local`), else a hub adapter fetched into the Hugging Face cache
+    (`peftkit.hub`: `user/name[@REVISION]`), else the missing path, which loading names."""
+    local = _local(value)
+    if Path(local).exists():
+        return local
+    from peftkit.hub import hub_adapter
+
+    return hub_adapter(value) or local
+
+
 def _expanded(path: Path | None) -> Path | None:
     """An output path flag with `~` expanded (`--json=~/e.json` made a directory named `~`)."""
     return path.expanduser() if path is not None else None
@@ -140,7 +151,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
 
 @app.command()
 def merge(
-    adapter: Annotated[list[str], typer.Option("--adapter", metavar="DIR", help="PEFT adapter directory; repeat it, with --weights "
+    adapter: Annotated[list[str], typer.Option("--adapter", metavar="DIR", help="PEFT adapter directory (or hub id user/name[@REV]); repeat it, with --weights "
                                                "and --method, to combine several.")],
     output: Annotated[str, typer.Option("--output", help="Directory for the merged model (or combined adapter).")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model; default: the adapter's base_model_name_or_path.")] = None,
@@ -180,7 +191,7 @@ def merge(
     if requantize:
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
-    out = merge_adapter(_local(adapter[0]), output, _local(base) if base else None, dtype, requantize, overwrite,
+    out = merge_adapter(_adapter(adapter[0]), output, _local(base) if base else None, dtype, requantize, overwrite,
                         trust_remote_code)
     console.print(f"Merged model written to {out}", markup=False, highlight=False)
 
@@ -209,7 +220,7 @@ def _combine(adapters: list[str], output: str, base: str | None, dtype: str | No
     except ValueError:
         raise PeftkitError(f"--weights {weights!r}: give numbers separated by commas, e.g. --weights 0.7,0.3.") from None
     combination = Combination(method, parsed, density, svd_rank, svd_clamp, majority_sign, seed)
-    out = combine_adapters([_local(a) for a in adapters], combination, output, into_base, _local(base) if base else None,
+    out = combine_adapters([_adapter(a) for a in adapters], combination, output, into_base, _local(base) if base else None,
                            dtype, overwrite, trust_remote_code)
     what = "Merged model" if into_base else f"Combined adapter ({method})"
     console.print(f"{what} written to {out}", markup=False, highlight=False)
@@ -223,7 +234,7 @@ def eval_cmd(
     data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification; "
                                                "default: the recipe's, else alpaca.")] = None,
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory to apply. Repeat "
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory (or hub id user/name[@REV]) to apply. Repeat "
                                                          "as NAME=DIR to compare several with the base.")] = None,
     merged: Annotated[Optional[list[str]], typer.Option("--merged", metavar="NAME=DIR", help="NAME=DIR: a merged model to add to the "
                                                         "comparison (repeatable).")] = None,
@@ -262,7 +273,7 @@ def eval_cmd(
     for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
         if path is not None:
             _check_json_out(path, flag)
-    single = _local(adapters[0]) if adapters and not comparing else None
+    single = _adapter(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
                    predictions, task, comparing=comparing, split=split, data_revision=data_revision)
@@ -289,7 +300,7 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
     from peftkit.fileio import atomic_write_json
     from peftkit.rundir import make_writable_dir
 
-    named = [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
+    named = [(n, _adapter(p)) for n, p in parse_named(adapters, "--adapter")]
     named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
     if predictions is not None:
         if predictions.suffix.lower() in (".jsonl", ".json") and not predictions.is_dir():
@@ -307,8 +318,8 @@ def _adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str
     from peftkit.compare import parse_named, split_named
 
     if len(adapters) == 1 and not split_named(adapters[0]):
-        return _local(adapters[0]), []
-    return None, [(n, _local(p)) for n, p in parse_named(adapters, "--adapter")]
+        return _adapter(adapters[0]), []
+    return None, [(n, _adapter(p)) for n, p in parse_named(adapters, "--adapter")]
 
 
 def _check_json_out(path: Path, flag: str = "--json") -> None:
@@ -329,7 +340,7 @@ def generate(
                                                      "is the default --adapter). Without --prompt or --data, the "
                                                      "prompts of its data.eval.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory to apply. Repeat "
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory (or hub id user/name[@REV]) to apply. Repeat "
                                                          "as NAME=DIR to load several, picked per row by --route.")] = None,
     route: Annotated[Optional[str], typer.Option("--route", help="With --data and NAME=DIR adapters: the column naming "
                                                  "each row's adapter (empty or 'base': the base model); all rows "
@@ -385,7 +396,7 @@ def chat(
     recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its model; its adapter/ is "
                                                      "the default --adapter).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory to apply.")] = None,
+    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory (or hub id user/name[@REV]) to apply.")] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message opening the conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
@@ -407,7 +418,7 @@ def chat(
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     sampling.check()
     source, _ = model_source(recipe, overrides or [], _local(model) if model else None,
-                             _local(adapter) if adapter else None, trust_remote_code, "chat")
+                             _adapter(adapter) if adapter else None, trust_remote_code, "chat")
     tok = source.tokenizer()
     chat_prompt(tok, [{"role": "user", "content": "probe"}],  # no template: said before the model loads
                 "peftkit chat needs one. Use a model whose tokenizer has a template, or `peftkit generate --prompt "
@@ -477,7 +488,7 @@ def preview(
 
 @app.command("inspect")
 def inspect_cmd(
-    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT-format adapter directory (peftkit's or peft's).")],
+    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT-format adapter directory (peftkit's or peft's), or a hub id user/name[@REV].")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
 ) -> None:
     """Describe an adapter from its files: method, base model, targets, ranks, parameters, dtype, size,
@@ -488,7 +499,7 @@ def inspect_cmd(
 
     from peftkit.inspect import describe, inspect_adapter
 
-    info = inspect_adapter(adapter_dir)
+    info = inspect_adapter(Path(_adapter(str(adapter_dir))))
     if as_json:
         print(json.dumps(info, indent=2))
         return

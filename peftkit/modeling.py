@@ -160,18 +160,9 @@ def _hub_problem(name_or_path: str, revision: str | None) -> str | None:
         return _no_weights(snapshot)
     if not constants.HF_HUB_OFFLINE:
         return None
-    offline = "HF_HUB_OFFLINE is set, so nothing is downloaded"
-    repo = Path(constants.HF_HUB_CACHE) / f"models--{name_or_path.replace('/', '--')}"
-    if not repo.is_dir():
-        cache = Path(constants.HF_HUB_CACHE)
-        held = [p.name.removeprefix("models--").replace("--", "/") for p in cache.glob("models--*")]
-        return (f"it is not in the local Hugging Face cache ({cache}), and {offline}.{did_you_mean(name_or_path, held)} "
-                "Check the id, or unset HF_HUB_OFFLINE to download it.")
-    refs = sorted(f"'{p.relative_to(repo / 'refs')}'" for p in (repo / "refs").rglob("*") if p.is_file())
-    commits = sorted(p.name for p in (repo / "snapshots").iterdir()) if (repo / "snapshots").is_dir() else []
-    held = ", ".join([*refs, *commits][:8]) or "no revision"
-    return (f"revision '{revision or 'main'}' is not in the local Hugging Face cache ({repo}), which holds {held}, "
-            f"and {offline}. Ask for a revision it holds, or unset HF_HUB_OFFLINE to download this one.")
+    from peftkit.hub import cache_miss
+
+    return cache_miss(name_or_path, revision)
 
 
 def _weight_files(path: Path) -> list[Path]:

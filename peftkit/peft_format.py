@@ -330,8 +330,8 @@ def check_adapter_dir(path: Path) -> Path:
         hub = (not path.exists() and not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith((".", "~"))
                and not Path(path.parts[0]).is_dir())
         raise PeftkitError(f"Adapter directory not found: {path}" + (
-            ". An adapter is read from a local directory; for one on the Hugging Face hub, download it first "
-            f"(hf download {path} --local-dir DIR) and pass DIR." if hub else ""))
+            ". An adapter is read from a local directory; for one on the Hugging Face hub, the peftkit commands take "
+            f"its id (--adapter {path}), and `peftkit.hub.hub_adapter('{path}')` gives its directory." if hub else ""))
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.exists():
         hint = (f" It is a training run's directory: its adapter is {path / 'adapter'}." if (path / "adapter" / CONFIG_NAME).exists()

@@ -382,8 +382,9 @@ def test_what_the_cache_lacks_is_said_offline(hub, tiny_llama, tmp_path):
         assert refused(name, tokenizer=True).startswith(
             f"Could not load a tokenizer from {name}: {where} holds none of its files (tokenizer.json, ")
     with pytest.raises(PeftkitError, match=r"Adapter directory not found: acme/adapter. An adapter is read from a "
-                                           r"local directory; for one on the Hugging Face hub, download it first "
-                                           r"\(hf download acme/adapter --local-dir DIR\) and pass DIR."):
+                                           r"local directory; for one on the Hugging Face hub, the peftkit commands "
+                                           r"take its id \(--adapter acme/adapter\), and "
+                                           r"`peftkit.hub.hub_adapter\('acme/adapter'\)` gives its directory."):
         check_adapter_dir(Path("acme/adapter"))
 
 
@@ -421,3 +422,47 @@ def test_adapters_of_one_hub_base_combine_when_one_records_no_revision(hub, tiny
     (Path(dirs[0]) / "adapter_config.json").write_text(json.dumps(config | {"revision": "b" * 40}))
     with pytest.raises(PeftkitError, match="The adapters were trained on different bases"):
         combine_adapters(dirs, Combination("linear", (0.5, 0.5)), str(tmp_path / "other"))
+
+
+def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_llama, number_data, tmp_path,
+                                                                  monkeypatch, capsys):
+    """`--adapter user/name[@REV]` that is no local path is a hub adapter: fetched into the Hugging Face cache (here,
+    offline, read from it) and used as the same directory would be: eval, generate, merge and inspect give what the
+    local copy gives; what the cache lacks is said."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from tests.conftest import cli_user_error
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}))
+    train(recipe)
+    local = tmp_path / "run" / "adapter"
+    _publish_to(hub, "acme/tiny-lora", local, "e" * 40)
+    runner = CliRunner()
+
+    def said(*args: str) -> str:
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    data = ["--model", str(tiny_llama), "--data", str(number_data["eval"])]
+    expected = said("eval", *data, "--adapter", str(local))
+    assert said("eval", *data, "--adapter", "acme/tiny-lora") == expected
+    assert said("eval", *data, "--adapter", f"acme/tiny-lora@{'e' * 40}") == expected
+    prompt = ["generate", "--model", str(tiny_llama), "--prompt", "1 plus 2", "--max-new-tokens", "5"]
+    assert said(*prompt, "--adapter", "acme/tiny-lora") == said(*prompt, "--adapter", str(local))
+    said("merge", "--adapter", "acme/tiny-lora", "--base", str(tiny_llama), "--output", str(tmp_path / "merged"))
+    said("merge", "--adapter", str(local), "--base", str(tiny_llama), "--output", str(tmp_path / "merged-local"))
+    merged, merged_local = (load_file(tmp_path / d / "model.safetensors") for d in ("merged", "merged-local"))
+    assert merged.keys() == merged_local.keys() and all(merged[k].equal(merged_local[k]) for k in merged)
+    snapshot = hub / "models--acme--tiny-lora" / "snapshots" / ("e" * 40)
+    assert said("inspect", "acme/tiny-lora", "--json") == said("inspect", str(snapshot), "--json")
+    assert json.loads(said("inspect", "acme/tiny-lora", "--json"))["peft_type"] == "LORA"
+
+    err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", "acme/tiny-lorra")
+    assert "Adapter acme/tiny-lorra: no such local directory, and of hub adapter acme/tiny-lorra, it is not in the " \
+           "local Hugging Face cache" in " ".join(err.split())
+    assert "Did you mean 'acme/tiny-lora'?" in " ".join(err.split()), err
+    err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", "acme/tiny-lora@v2")
+    assert (f"revision 'v2' is not in the local Hugging Face cache ({hub / 'models--acme--tiny-lora'}), which holds "
+            f"'main', {'e' * 40}, and HF_HUB_OFFLINE is set, so nothing is downloaded.") in " ".join(err.split()), err

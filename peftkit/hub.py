@@ -1,0 +1,66 @@
+"""Adapters on the Hugging Face hub: an `--adapter` that names no local path but a hub repository (`user/name`, or
+`user/name@REVISION` for a branch, tag or commit) is fetched into the Hugging Face cache, its adapter files only, and
+read from there, as peft's `PeftModel.from_pretrained("user/name")` does. Offline (`HF_HUB_OFFLINE=1`) the cache is
+read and nothing is downloaded; a repository or revision it lacks is said with what it holds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from peftkit.errors import PeftkitError, did_you_mean
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "peftkit.json"]
+"""What a hub adapter is read from (a legacy .bin is fetched to be named in the error that refuses it)."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_adapter(value: str) -> str | None:
+    """The local snapshot directory of the hub adapter `value` names, fetched where not cached; None where `value`
+    cannot be a hub id (a path: `./x`, `~/x`, `/x`, `a/b/c`)."""
+    repo_id, _, revision = value.partition("@")
+    if not _HUB_ID.fullmatch(repo_id) or (revision and not re.fullmatch(r"[\w./-]+", revision)):
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f" at revision '{revision}'" if revision else ""
+    try:
+        return snapshot_download(repo_id, revision=revision or None, allow_patterns=ADAPTER_FILES)
+    except LocalEntryNotFoundError:  # offline (or the hub unreachable), and not in the cache
+        raise PeftkitError(f"Adapter {value}: no such local directory, and of hub adapter {repo_id}{at}, "
+                           f"{cache_miss(repo_id, revision or None)}") from None
+    except GatedRepoError:
+        raise PeftkitError(f"Adapter {value}: hub repository {repo_id} is gated; accept its terms on the hub and log in "
+                           "(`hf auth login`).") from None
+    except RepositoryNotFoundError:
+        raise PeftkitError(f"Adapter {value}: no such local directory, and no hub repository {repo_id} (or a private "
+                           "one: log in with `hf auth login`). Check the path or the id.") from None
+    except RevisionNotFoundError:
+        raise PeftkitError(f"Adapter {value}: hub repository {repo_id} has no revision '{revision}'.") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise PeftkitError(f"Adapter {value}: could not fetch hub adapter {repo_id}{at} ({e}).") from None
+
+
+def cache_miss(repo_id: str, revision: str | None) -> str:
+    """Why the local Hugging Face cache cannot give model repository `repo_id` at `revision` (main when None), where
+    nothing can be downloaded: the repository is not there (with a did-you-mean), or not that revision (with those
+    it holds)."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    offline = constants.HF_HUB_OFFLINE
+    why = "HF_HUB_OFFLINE is set, so nothing is downloaded" if offline else "the hub could not be reached"
+    if not repo.is_dir():
+        held = [p.name.removeprefix("models--").replace("--", "/") for p in cache.glob("models--*")]
+        fix = "unset HF_HUB_OFFLINE to download it" if offline else "download it where the hub can be reached"
+        return f"it is not in the local Hugging Face cache ({cache}), and {why}.{did_you_mean(repo_id, held)} " \
+               f"Check the id, or {fix}."
+    refs = sorted(f"'{p.relative_to(repo / 'refs')}'" for p in (repo / "refs").rglob("*") if p.is_file())
+    commits = sorted(p.name for p in (repo / "snapshots").iterdir()) if (repo / "snapshots").is_dir() else []
+    held = ", ".join([*refs, *commits][:8]) or "no revision"
+    fix = "unset HF_HUB_OFFLINE to download this one" if offline else "download it where the hub can be reached"
+    return (f"revision '{revision or 'main'}' is not in the local Hugging Face cache ({repo}), which holds {held}, "
+            f"and {why}. Ask for a revision it holds, or {fix}.")
