@@ -126,7 +126,7 @@ def test_a_run_at_a_named_branch_is_evaluated_and_verified_at_the_commit_it_load
     """A recipe naming `model.revision: main`: `peftkit eval RUN` loads the commit the run was trained on (weights and
     tokenizer), saying so once main has moved; verify after a move that changed none of the model's files re-runs
     at the run's commit and finds the same bits."""
-    recipe = load_recipe(make_recipe(tmp_path, Path(REPO), number_data, training={"max_steps": 2}))
+    recipe = load_recipe(make_recipe(tmp_path, Path(REPO), number_data, training={"max_steps": 2, "save_steps": 1}))
     recipe.model.revision = "main"
     train(recipe)
     run = tmp_path / "run"
