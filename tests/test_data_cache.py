@@ -87,14 +87,20 @@ def test_what_shapes_the_examples_is_another_key(tiny_llama, tmp_path, monkeypat
     assert len(_entries(cache)) == 8
 
 
-@pytest.mark.parametrize("damage", ["flip", "cut", "empty"])
-def test_a_damaged_entry_is_said_and_remade(tiny_llama, tmp_path, monkeypatch, damage):
+def _one_entry(tiny_llama, tmp_path: Path, monkeypatch, rows: int) -> tuple:
+    """(tokenizer, examples and counts of tmp_path/train.jsonl, the one cache entry they were kept in)."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
-    write_jsonl(tmp_path / "train.jsonl", number_rows(16, seed=5))
+    write_jsonl(tmp_path / "train.jsonl", number_rows(rows, seed=5))
     fresh = _load(tok, tmp_path / "train.jsonl")
     [entry] = _entries(cache)
+    return tok, fresh, entry
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "empty"])
+def test_a_damaged_entry_is_said_and_remade(tiny_llama, tmp_path, monkeypatch, damage):
+    tok, fresh, entry = _one_entry(tiny_llama, tmp_path, monkeypatch, 16)
     data = bytearray(entry.read_bytes())
     if damage == "flip":
         data[-9] ^= 1  # a token id in the last array
@@ -217,12 +223,7 @@ def _with_header(entry: Path, header) -> None:
 
 @pytest.mark.parametrize("header", ["a list", "metadata a list", "stats a number", "no key", "no sha256"])
 def test_an_entry_with_a_header_of_other_shapes_is_damaged_not_a_crash(tiny_llama, tmp_path, monkeypatch, header):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
-    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
-    write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=5))
-    fresh = _load(tok, tmp_path / "train.jsonl")
-    [entry] = _entries(cache)
+    tok, fresh, entry = _one_entry(tiny_llama, tmp_path, monkeypatch, 8)
     kept = _header(entry)
     metadata = kept["__metadata__"]
     altered = {"a list": [kept], "metadata a list": kept | {"__metadata__": [metadata]},
