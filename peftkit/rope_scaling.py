@@ -25,22 +25,30 @@ def scale_rope(config, scaling: RopeScalingConfig, name: str) -> dict:
     """Set `scaling` on the transformers `config` of model `name` (in place) and return its `rope_parameters`.
 
     The model's own rope_theta (and partial rotary factor) stay; transformers fills in the rest (yarn's
-    original_max_position_embeddings) and validates. A model without RoPE, or whose config already scales it (a
-    long-context model such as Llama 3.1), is refused: stacking a second scaling is not what its authors trained."""
+    original_max_position_embeddings) and validates. A model with a RoPE per attention type (Gemma 3) has its
+    full-attention RoPE scaled, as Gemma 3's long-context checkpoints do: its sliding-window layers see no more than
+    their window. A model without RoPE, or whose config already scales it (a long-context model such as Llama 3.1),
+    is refused: stacking a second scaling is not what its authors trained."""
     current = getattr(config, "rope_parameters", None)
-    if current and all(isinstance(v, dict) for v in current.values()):  # Gemma 3: a RoPE per attention type
+    per_type = bool(current) and all(isinstance(v, dict) for v in current.values())
+    if per_type and "full_attention" not in current:
         raise PeftkitError(f"{KEY}: {name} ({config.model_type}) has a RoPE per attention type "
-                           f"({', '.join(current)}), and peftkit scales a model's one RoPE; remove {KEY} (a "
-                           "long-context variant of the model scales its full-attention RoPE in its config.json).")
-    if not current or "rope_theta" not in current:
+                           f"({', '.join(current)}) and none for full attention, the one peftkit scales; remove {KEY}.")
+    own = current["full_attention"] if per_type else current
+    which = "its full-attention RoPE" if per_type else "its RoPE"
+    if not own or "rope_theta" not in own:
         raise PeftkitError(f"{KEY}: {name} ({config.model_type}) has no rotary position embeddings to scale; remove "
                            f"{KEY}.")
-    if current.get("rope_type", "default") != "default":
-        raise PeftkitError(f"{KEY}: {name} scales its RoPE already (rope_type {current['rope_type']!r}, factor "
-                           f"{current.get('factor')}, in its config.json); remove {KEY} and train within its "
+    if own.get("rope_type", "default") != "default":
+        raise PeftkitError(f"{KEY}: {name} scales {which} already (rope_type {own['rope_type']!r}, factor "
+                           f"{own.get('factor')}, in its config.json); remove {KEY} and train within its "
                            f"{config.max_position_embeddings} positions.")
-    kept = {k: current[k] for k in ("rope_theta", "partial_rotary_factor") if k in current}
-    config.rope_parameters = kept | {"rope_type": scaling.type, "factor": scaling.factor}
+    if per_type and scaling.type == "dynamic":  # (its frequencies, kept per attention type, are not reset for evals)
+        raise PeftkitError(f"{KEY}: dynamic scaling of {name}'s RoPE per attention type is not supported; use "
+                           "type: linear or yarn.")
+    kept = {k: own[k] for k in ("rope_theta", "partial_rotary_factor") if k in own}
+    scaled = kept | {"rope_type": scaling.type, "factor": scaling.factor}
+    config.rope_parameters = {**current, "full_attention": scaled} if per_type else scaled
     try:
         config.standardize_rope_params()
         config.validate_rope()

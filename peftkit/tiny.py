@@ -89,9 +89,10 @@ def build_tiny_model(
 ):
     """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D), `qwen2`
     (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models), `gemma2`
-    (a scaled embedding lookup, soft-capped logits, a sliding-window layer) or `opt`.
+    (a scaled embedding lookup, soft-capped logits, a sliding-window layer), `gemma3` (as gemma2, with a RoPE per
+    attention type: sliding and full) or `opt`.
     `max_position_embeddings` changes no weight of the RoPE models (llama, qwen2): only what the config claims."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
 
     tok = build_char_tokenizer()
@@ -118,6 +119,15 @@ def build_tiny_model(
                               max_position_embeddings=max_position_embeddings, initializer_range=0.1,
                               **{**common, "tie_word_embeddings": True})
         cls = Gemma2ForCausalLM
+    elif arch == "gemma3":  # layer 0 in a sliding window of 8 (its own RoPE), layer 1 full attention
+        config = Gemma3TextConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=hidden_size // 4, query_pre_attn_scalar=hidden_size // 4, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+                                  + ["sliding_attention"] * (num_layers % 2),
+                                  max_position_embeddings=max_position_embeddings, initializer_range=0.1,
+                                  **{**common, "tie_word_embeddings": True})
+        cls = Gemma3ForCausalLM
     elif arch == "opt":
         config = OPTConfig(hidden_size=hidden_size, ffn_dim=2 * hidden_size, num_hidden_layers=num_layers,
                            num_attention_heads=4, word_embed_proj_dim=hidden_size,

@@ -177,14 +177,46 @@ def test_a_model_that_scales_already_is_refused(short_llama, tmp_path):
         load_config(ModelConfig(name_or_path=str(scaled), rope_scaling={"type": "linear", "factor": 2}))
 
 
-def test_a_rope_per_attention_type_is_refused_for_what_it_is(tmp_path):
-    """Gemma 3 sets one RoPE for its full-attention layers and one for its sliding ones: it was refused as a model
-    "without rotary position embeddings"."""
-    from transformers import Gemma3TextConfig
-
+def test_gemma3_has_its_full_attention_rope_scaled(number_data, tmp_path):
+    """Gemma 3 keeps a RoPE per attention type: the recipe's scaling goes to the full-attention one (as Gemma 3's
+    long-context checkpoints scale it), the sliding-window one stays; logits are those of the model transformers
+    builds with that config, a run trains past max_position_embeddings, and its adapter and merged model evaluate as
+    the run did. A full-attention RoPE scaled already, or dynamic scaling per type, is refused."""
     from peftkit.recipe import RopeScalingConfig
     from peftkit.rope_scaling import scale_rope
+    from peftkit.train import train
 
-    with pytest.raises(PeftkitError, match=r"model.rope_scaling: g \(gemma3_text\) has a RoPE per attention type "
-                                           r"\((full_attention, sliding_attention|sliding_attention, full_attention)\)"):
-        scale_rope(Gemma3TextConfig(), RopeScalingConfig(type="linear", factor=2), "g")
+    base = tmp_path / "gemma3-64"
+    build_tiny_model(base, arch="gemma3", hidden_size=32, num_layers=2, seed=0, max_position_embeddings=POSITIONS)
+    ours = _scaled(base, {"type": "linear", "factor": 2})
+    config = AutoConfig.from_pretrained(base)
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    rotary, unscaled = ours.model.rotary_emb, plain.model.rotary_emb
+    assert torch.equal(rotary.full_attention_inv_freq, unscaled.full_attention_inv_freq / 2)
+    assert torch.equal(rotary.sliding_attention_inv_freq, unscaled.sliding_attention_inv_freq)
+    config.rope_parameters = {**config.rope_parameters,
+                              "full_attention": config.rope_parameters["full_attention"] | {"rope_type": "linear",
+                                                                                            "factor": 2.0}}
+    theirs = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32).eval()
+    ids = torch.arange(4, 4 + 2 * POSITIONS).unsqueeze(0) % 90 + 4
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+        assert not torch.equal(ours(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+    recipe = load_recipe(_recipe(tmp_path, base, number_data, {"type": "linear", "factor": 2},
+                                 training={"max_steps": 3, "batch_size": 8, "lr": 1e-2}, export={"merged": True}))
+    summary = train(recipe, show_summary=False)
+    run, data = tmp_path / "run", str(number_data["eval"])
+    merged_rope = json.loads((run / "merged" / "config.json").read_text())["rope_parameters"]
+    assert merged_rope["full_attention"] | {"rope_theta": None} == {"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": None}
+    assert merged_rope["sliding_attention"]["rope_type"] == "default"
+    assert abs(_eval_loss(ModelSource(adapter=str(run / "adapter")), data) - summary["eval_loss"]) <= 1e-5
+    assert abs(_eval_loss(ModelSource(ModelConfig(name_or_path=str(run / "merged"))), data) - summary["eval_loss"]) <= 1e-4
+
+    with pytest.raises(PeftkitError, match=r"model.rope_scaling: m scales its full-attention RoPE already \(rope_type "
+                                           r"'linear', factor 2.0, in its config.json\)"):
+        scale_rope(AutoConfig.from_pretrained(run / "merged"), RopeScalingConfig(type="linear", factor=2), "m")
+    with pytest.raises(PeftkitError, match="dynamic scaling of g's RoPE per attention type is not supported; use "
+                                           "type: linear or yarn"):
+        scale_rope(AutoConfig.from_pretrained(base), RopeScalingConfig(type="dynamic", factor=2), "g")
