@@ -71,9 +71,16 @@ class Trackers:
                 "mlflow": {"logging_dir": str(directory / "mlartifacts"), "run_id": ids.get("mlflow")},
                 # Events from this step on, logged before the run stopped, are hidden: the resumed run logs them again.
                 "tensorboard": {"purge_step": resumed[0]} if resumed else {}}
+        config = flat_config(recipe.model_dump(mode="json"))
         try:
-            accelerator.init_trackers(out.resolve().name, config=flat_config(recipe.model_dump(mode="json")),
+            # TensorBoard keeps the recipe from the first start: each add_hparams is a run of its own (a directory
+            # named by the time), so a resumed run showed up once per start. The others take it again (an offline
+            # wandb run resumes as a new one; MLflow's run accepts the same values).
+            accelerator.init_trackers(out.resolve().name, config=None if resumed else config,
                                       init_kwargs={n: init[n] for n in names})
+            for name in names if resumed else ():
+                if name != "tensorboard":
+                    accelerator.get_tracker(name).store_init_configuration(config)
         except BaseException:
             self.close()
             raise

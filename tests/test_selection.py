@@ -154,6 +154,8 @@ def test_tensorboard_gets_what_metrics_jsonl_has_after_resumes_too(tiny_llama, n
     train(recipe, resume=True)
     train(recipe, resume=True)
     acc = EventAccumulator(str(run / "trackers" / "run")).Reload()
+    # the recipe as hyperparameters once (each call writes directories of its own), not once per start
+    assert len(list((run / "trackers" / "run").glob("*/hparams.yml"))) == 1
     lines = _lines(run)
     assert [x["step"] for x in lines if "eval_loss" in x] == [2, 4]
     for key in ("loss", "lr", "eval_loss"):
