@@ -15,9 +15,10 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_mo
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def hub_adapter(value: str) -> str | None:
+def hub_adapter(value: str, tried: str | None = None) -> str | None:
     """The local snapshot directory of the hub adapter `value` names, fetched where not cached; None where `value`
-    cannot be a hub id (a path: `./x`, `~/x`, `/x`, `a/b/c`)."""
+    cannot be a hub id (a path: `./x`, `~/x`, `/x`, `a/b/c`). `tried`: the local path it was looked for at first, for
+    the errors (a recipe's: relative to the recipe's directory)."""
     repo_id, _, revision = value.partition("@")
     if not _HUB_ID.fullmatch(repo_id) or (revision and not re.fullmatch(r"[\w./-]+", revision)):
         return None
@@ -26,16 +27,17 @@ def hub_adapter(value: str) -> str | None:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     at = f" at revision '{revision}'" if revision else ""
+    local = f"no such local directory ({tried})" if tried and tried != value else "no such local directory"
     try:
         return snapshot_download(repo_id, revision=revision or None, allow_patterns=ADAPTER_FILES)
     except LocalEntryNotFoundError:  # offline (or the hub unreachable), and not in the cache
-        raise PeftkitError(f"Adapter {value}: no such local directory, and of hub adapter {repo_id}{at}, "
+        raise PeftkitError(f"Adapter {value}: {local}, and of hub adapter {repo_id}{at}, "
                            f"{cache_miss(repo_id, revision or None)}") from None
     except GatedRepoError:
         raise PeftkitError(f"Adapter {value}: hub repository {repo_id} is gated; accept its terms on the hub and log in "
                            "(`hf auth login`).") from None
     except RepositoryNotFoundError:
-        raise PeftkitError(f"Adapter {value}: no such local directory, and no hub repository {repo_id} (or a private "
+        raise PeftkitError(f"Adapter {value}: {local}, and no hub repository {repo_id} (or a private "
                            "one: log in with `hf auth login`). Check the path or the id.") from None
     except RevisionNotFoundError:
         raise PeftkitError(f"Adapter {value}: hub repository {repo_id} has no revision '{revision}'.") from None

@@ -466,3 +466,34 @@ def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_lla
     err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", "acme/tiny-lora@v2")
     assert (f"revision 'v2' is not in the local Hugging Face cache ({hub / 'models--acme--tiny-lora'}), which holds "
             f"'main', {'e' * 40}, and HF_HUB_OFFLINE is set, so nothing is downloaded.") in " ".join(err.split()), err
+
+
+def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_data, tmp_path):
+    """adapter.init_from: user/name, no local path, continues from the hub adapter (read from the cache offline);
+    a misspelled one names the recipe's line, the local path looked for and the adapters the cache holds."""
+    import yaml
+
+    first = load_recipe(make_recipe(tmp_path / "first", tiny_llama, number_data, training={"max_steps": 2}))
+    train(first)
+    _publish_to(hub, "acme/tiny-lora", tmp_path / "first" / "run" / "adapter", "e" * 40)
+    for name, init_from in (("hub", "acme/tiny-lora"), ("local", str(tmp_path / "first" / "run" / "adapter"))):
+        path = make_recipe(tmp_path / name, tiny_llama, number_data, training={"max_steps": 2})
+        recipe = yaml.safe_load(path.read_text())
+        recipe["adapter"] = {"init_from": init_from}
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        loaded = load_recipe(path)
+        if name == "hub":
+            assert loaded.adapter.init_from == str(hub / "models--acme--tiny-lora" / "snapshots" / ("e" * 40))
+        train(loaded)
+    assert load_file(tmp_path / "hub" / "run" / "adapter" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "local" / "run" / "adapter" / "adapter_model.safetensors").keys()
+    assert (json.loads((tmp_path / "hub" / "run" / "manifest.json").read_text())["losses"]
+            == json.loads((tmp_path / "local" / "run" / "manifest.json").read_text())["losses"])
+    path.write_text(path.read_text().replace(init_from, "acme/tiny-lorra"))
+    with pytest.raises(PeftkitError) as e:
+        load_recipe(path)
+    said = " ".join(str(e.value).split())
+    assert said.startswith(f"{path}:") and "adapter.init_from" in said, said
+    assert (f"Adapter acme/tiny-lorra: no such local directory ({tmp_path / 'local' / 'acme' / 'tiny-lorra'}), and of "
+            "hub adapter acme/tiny-lorra, it is not in the local Hugging Face cache") in said, said
+    assert "Did you mean 'acme/tiny-lora'?" in said

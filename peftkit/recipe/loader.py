@@ -372,13 +372,21 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             raise PeftkitError(f"{where}: '{key}' is empty. Give a path (relative to the recipe's directory) or a "
                                "hub id.")
         try:
-            return _resolve(value, base, kind)
+            resolved = _resolve(value, base, kind)
         except (OSError, RuntimeError, ValueError) as e:  # `~nosuchuser/x`, a name over 255 bytes, a NUL byte
             reason = getattr(e, "strerror", None) or str(e).rstrip(".")
             shown = value if len(value) <= 80 else f"{value[:77]}..."
             fix = ("a directory path that can be created" if kind == "output" else
                    "an existing path (relative to the recipe's directory) or a hub id")
             raise PeftkitError(f"{where}: '{key}' = {shown!r} is not a usable path ({reason}). Give {fix}.") from None
+        if kind == "adapter" and not Path(resolved).exists():  # a hub adapter (`peftkit.hub`), or the missing path
+            from peftkit.hub import hub_adapter
+
+            try:
+                return hub_adapter(value, tried=resolved) or resolved
+            except PeftkitError as e:
+                raise PeftkitError(f"{where}: {key}: {e}") from None
+        return resolved
 
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
                                ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
