@@ -116,6 +116,14 @@ def check_recipe_file(recipe_file: Path, out: Path, recipe_yaml: str) -> None:
                 "writes its resolved recipe over yours. Set export.output_dir to another directory (e.g. ./run, next "
                 "to the recipe), or keep the recipe under another name or elsewhere."
             )
+        run_dir = recipe_file.resolve().parent
+        if recipe_file.name == "recipe.yaml" and run_dir != out.resolve() and \
+                any((run_dir / entry).exists() for entry in ("manifest.json", "checkpoints", "metrics.jsonl")):
+            raise PeftkitError(
+                f"{recipe_file} is the recipe of the run in {run_dir}, copied or moved there from {out}, which its "
+                f"export.output_dir still names: this would train there (--resume, --overwrite), not in {run_dir}. "
+                f"A run goes on where it was made: use {out / 'recipe.yaml'} (or move the run back there); for a new "
+                "run, copy the recipe elsewhere and set its export.output_dir.")
 
 
 def make_writable_dir(out: Path, key: str = "export.output_dir", create: bool = True) -> None:

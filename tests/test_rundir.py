@@ -81,6 +81,25 @@ def test_a_recipe_kept_in_its_own_output_dir_is_not_overwritten(tiny_llama, numb
     assert result.exit_code == 0, result.output
 
 
+def test_the_recipe_of_a_copied_run_does_not_train_the_original(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A run copied elsewhere keeps a recipe.yaml whose export.output_dir names the original: `peftkit train
+    COPY/recipe.yaml --resume` (or --overwrite) went on with, or replaced, the original run, silently."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4, "save_steps": 2},
+                         eval={"base_model": False})
+    run = tmp_path / "run"
+    train(load_recipe(recipe), console=_console()[0])
+    shutil.copytree(run, tmp_path / "copy")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    for flags in (("--resume",), ("--overwrite",)):
+        message = cli_user_error(monkeypatch, capsys, "train", str(tmp_path / "copy" / "recipe.yaml"), *flags)
+        assert (f"{tmp_path / 'copy' / 'recipe.yaml'} is the recipe of the run in {tmp_path / 'copy'}, copied or moved "
+                f"there from {run}, which its export.output_dir still names: this would train there (--resume, "
+                f"--overwrite), not in {tmp_path / 'copy'}. A run goes on where it was made: use {run / 'recipe.yaml'}"
+                ) in message
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
 def test_hidden_files_named_like_temp_files_are_the_user_s(tiny_llama, number_data, tmp_path):
     """Only the temp names of a run's own entries (`.adapter.XXXX.tmp`, `.adapter.old`) are tidied: a user's
     `.draft.tmp` or `.bashrc.old` made the directory look empty, and was deleted (or renamed) without --overwrite."""
