@@ -1,6 +1,7 @@
 """Adapters on the Hugging Face hub: an `--adapter` that names no local path but a hub repository (`user/name`, or
-`user/name@REVISION` for a branch, tag or commit) is fetched into the Hugging Face cache, its adapter files only, and
-read from there, as peft's `PeftModel.from_pretrained("user/name")` does. Offline (`HF_HUB_OFFLINE=1`) the cache is
+`user/name@REVISION` for a branch, tag or commit; `user/name/SUBFOLDER` for one of several in a repository) is
+fetched into the Hugging Face cache, its adapter files only, and read from there, as peft's
+`PeftModel.from_pretrained("user/name", subfolder=...)` does. Offline (`HF_HUB_OFFLINE=1`) the cache is
 read and nothing is downloaded; a repository or revision it lacks is said with what it holds."""
 
 from __future__ import annotations
@@ -12,16 +13,19 @@ from peftkit.errors import PeftkitError, did_you_mean
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "peftkit.json"]
 """What a hub adapter is read from (a legacy .bin is fetched to be named in the error that refuses it)."""
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/([\w.-]+(?:/[\w.-]+)*))?")
+"""user/name, then the subfolder the adapter lies in, if any (a repository of several adapters or checkpoints)."""
 
 
 def hub_adapter(value: str, tried: str | None = None) -> str | None:
     """The local snapshot directory of the hub adapter `value` names, fetched where not cached; None where `value`
-    cannot be a hub id (a path: `./x`, `~/x`, `/x`, `a/b/c`). `tried`: the local path it was looked for at first, for
-    the errors (a recipe's: relative to the recipe's directory)."""
-    repo_id, _, revision = value.partition("@")
-    if not _HUB_ID.fullmatch(repo_id) or (revision and not re.fullmatch(r"[\w./-]+", revision)):
+    cannot be a hub id (a path: `./x`, `~/x`, `/x`); `user/name/SUBFOLDER` is the adapter in a subfolder of the
+    repository. `tried`: the local path it was looked for at first, for the errors (a recipe's: relative to the
+    recipe's directory)."""
+    name, _, revision = value.partition("@")
+    if not (match := _HUB_ID.fullmatch(name)) or (revision and not re.fullmatch(r"[\w./-]+", revision)):
         return None
+    repo_id, subfolder = match.groups()
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -29,7 +33,8 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
     at = f" at revision '{revision}'" if revision else ""
     local = f"no such local directory ({tried})" if tried and tried != value else "no such local directory"
     try:
-        return snapshot_download(repo_id, revision=revision or None, allow_patterns=ADAPTER_FILES)
+        snapshot = snapshot_download(repo_id, revision=revision or None,
+                                     allow_patterns=[f"{subfolder}/{f}" if subfolder else f for f in ADAPTER_FILES])
     except LocalEntryNotFoundError:  # offline (or the hub unreachable), and not in the cache
         raise PeftkitError(f"Adapter {value}: {local}, and of hub adapter {repo_id}{at}, "
                            f"{cache_miss(repo_id, revision or None)}") from None
@@ -43,6 +48,9 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
         raise PeftkitError(f"Adapter {value}: hub repository {repo_id} has no revision '{revision}'.") from None
     except (HfHubHTTPError, OSError) as e:
         raise PeftkitError(f"Adapter {value}: could not fetch hub adapter {repo_id}{at} ({e}).") from None
+    if subfolder and not Path(snapshot, subfolder).is_dir():
+        raise PeftkitError(f"Adapter {value}: hub repository {repo_id}{at} has no adapter files in {subfolder}/.")
+    return str(Path(snapshot, subfolder)) if subfolder else snapshot
 
 
 def cache_miss(repo_id: str, revision: str | None) -> str:

@@ -4,6 +4,7 @@ snapshots of commits, refs of branches), by huggingface_hub and transformers the
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -37,11 +38,13 @@ def _publish_to(cache: Path, repo_id: str, files: Path, commit: str) -> None:
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir(exist_ok=True)
-    for file in files.iterdir():
+    for file in sorted(f for f in files.rglob("*") if f.is_file()):
         data = file.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
-        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+        link = snapshot / file.relative_to(files)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
 
@@ -438,6 +441,10 @@ def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_lla
     train(recipe)
     local = tmp_path / "run" / "adapter"
     _publish_to(hub, "acme/tiny-lora", local, "e" * 40)
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_combine import LLAMA_TARGETS, make_adapter
+
+    make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=LLAMA_TARGETS), 3, tmp_path / "other-adapter")
     runner = CliRunner()
 
     def said(*args: str) -> str:
@@ -459,6 +466,15 @@ def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_lla
     assert said("inspect", "acme/tiny-lora", "--json") == said("inspect", str(snapshot), "--json")
     assert json.loads(said("inspect", "acme/tiny-lora", "--json"))["peft_type"] == "LORA"
 
+    several = tmp_path / "several"  # a repository of two adapters in subfolders
+    shutil.copytree(local, several / "first")
+    shutil.copytree(tmp_path / "other-adapter", several / "second")
+    _publish_to(hub, "acme/several", several, "f" * 40)
+    assert said("eval", *data, "--adapter", "acme/several/first") == expected
+    assert said("eval", *data, "--adapter", f"acme/several/second@{'f' * 40}") == \
+        said("eval", *data, "--adapter", str(tmp_path / "other-adapter"))
+    err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", "acme/several/third")
+    assert "Adapter acme/several/third: hub repository acme/several has no adapter files in third/." in err
     err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", "acme/tiny-lorra")
     assert "Adapter acme/tiny-lorra: no such local directory, and of hub adapter acme/tiny-lorra, it is not in the " \
            "local Hugging Face cache" in " ".join(err.split())
