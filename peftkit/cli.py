@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -516,6 +517,17 @@ def _click_exception() -> type:
     return ClickException
 
 
+INTERRUPTED = 130
+"""The exit status of a command stopped by Ctrl-C, or by SIGTERM outside the steps of a training loop."""
+
+
+def _stop_on_sigterm(_signum, _frame) -> None:
+    """SIGTERM outside a training loop's steps (loading, evaluation, export, other commands) stops the command as
+    Ctrl-C does, its cleanups run and a word said; it killed the process silently. (The loop's own handler,
+    `peftkit.train.StopRequest`, finishes the step and saves a checkpoint.)"""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: user errors print as one clear message (exit 2), never as a traceback."""
     from rich.markup import escape
@@ -524,8 +536,11 @@ def main() -> None:
     # Whatever a command leaves (torch's, transformers' and a model's objects) is the OS's to free at exit: frozen,
     # it is passed over by the interpreter's last garbage collections, which took 1.2-1.5 s of every command's end.
     atexit.register(gc.freeze)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         code = app(standalone_mode=False)
+        if code == INTERRUPTED:  # typer's status for a KeyboardInterrupt in a command, which it does not say
+            err_console.print("interrupted")
         if isinstance(code, int) and code:
             sys.exit(code)
     except PeftkitError as e:
@@ -540,7 +555,7 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except click_error as e:  # usage errors: unknown option, missing argument
         e.show()
         sys.exit(e.exit_code)

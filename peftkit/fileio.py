@@ -182,6 +182,14 @@ def append_line(path: str | os.PathLike, line: str, sync: bool = True) -> None:
             os.fsync(f.fileno())
 
 
+def unlink_durably(path: Path) -> None:
+    """Remove the file `path` (if there) and make the removal durable before anything after it."""
+    if path.exists():
+        with _disk_errors(path):
+            path.unlink()
+        _fsync_dir(path.parent)
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """fsync a file written earlier without it (no-op if it does not exist)."""
     with contextlib.suppress(FileNotFoundError), _disk_errors(Path(path)), open(path, "rb") as f:

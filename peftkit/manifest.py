@@ -279,8 +279,12 @@ def read_manifest(run_dir: Path) -> Manifest:
     if not path.is_file() and (run_dir.parent / MANIFEST).is_file():  # a run's adapter/, merged/ or report/
         raise PeftkitError(f"{run_dir} is the {run_dir.name}/ of a run, not the run directory: pass {run_dir.parent}.")
     if not path.is_file():
+        from peftkit.rundir import checkpoint_names
+
+        finish = ("finish it with `peftkit train RECIPE --resume`" if checkpoint_names(run_dir / "checkpoints") else
+                  "it stopped before its first checkpoint: train it again with `peftkit train RECIPE`")
         raise PeftkitError(f"{run_dir} has no {MANIFEST}; it is not a finished peftkit run directory (train writes "
-                           f"{MANIFEST} last, so an interrupted run has none: finish it with `peftkit train RECIPE --resume`).")
+                           f"{MANIFEST} last, so an interrupted run has none: {finish}).")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:

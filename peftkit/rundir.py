@@ -79,16 +79,26 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
             f"{out} holds a run of a different recipe (its recipe.yaml differs). Choose another export.output_dir, "
             "or pass --overwrite to replace that run."
         )
-    has_checkpoints = any((out / "checkpoints").glob("step-*[0-9]"))
+    has_checkpoints = bool(checkpoint_names(out / "checkpoints"))
     if resume and not has_checkpoints:
-        raise PeftkitError(f"--resume: no checkpoint in {out / 'checkpoints'}. Set training.save_steps to write "
-                           "checkpoints, or run without --resume.")
+        raise PeftkitError(f"--resume: no checkpoint in {out / 'checkpoints'} to continue from (the run stopped before "
+                           "its first one, or training.save_steps is not set). Run without --resume to train it "
+                           "again from step 0.")
     unfinished = has_checkpoints and not (out / "manifest.json").exists()
     if unfinished and not resume and not overwrite:
         raise PeftkitError(
             f"{out} holds an unfinished run of this recipe, with checkpoints in {out / 'checkpoints'}. Continue it "
             "with --resume, or pass --overwrite to start again from step 0 (its checkpoints are then removed)."
         )
+
+
+def checkpoint_names(checkpoints: Path) -> list[str]:
+    """The checkpoints in `checkpoints`, by name: whole ones, and one a kill left only as `.step-N.old` in the middle
+    of its replace (`atomic_directory`), which opening the run restores (`recover_and_tidy`)."""
+    if not checkpoints.is_dir():
+        return []
+    names = {p.name for p in checkpoints.iterdir() if _is_step(p.name)}
+    return sorted(names | {p.name[1:-4] for p in checkpoints.glob(".step-*.old") if _is_step(p.name[1:-4])})
 
 
 def _normalised(recipe_file: Path) -> str | None:

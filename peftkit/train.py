@@ -53,7 +53,7 @@ from peftkit.loss import labelled_count
 from peftkit.manifest import hub_commit
 from peftkit.task_ids import check_training_tasks, recipe_reads_tasks
 from peftkit.finish import RESTART, TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
-from peftkit.fileio import DiskFullError, append_line, atomic_write_text
+from peftkit.fileio import DiskFullError, append_line, atomic_write_text, unlink_durably
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
@@ -252,6 +252,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                                             accelerator.num_processes, hub_model=None if run.base_commit is None
                                             else recipe.model.name_or_path)
             if run.main:
+                # A finished run is unfinished again until `finish` writes its manifest: killed from here on, it no
+                # longer looks finished (with metrics.jsonl cut back to the checkpoint, it no longer verified).
+                unlink_durably(out / "manifest.json")
                 truncate_metrics(run.metrics_path, state.step, state.step if run.stopped_early else run.total_steps)
             run.summary["resumed_at_step"] = state.step  # elapsed_s and peak_mem_mb are this process's
             console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."

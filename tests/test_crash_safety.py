@@ -260,3 +260,24 @@ def test_atomic_writes_get_the_modes_an_ordinary_write_would(tmp_path, umask, fi
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(tmp_path / "a.json") == file_mode and mode(tmp_path / "adapter" / "sub" / "weights") == file_mode
     assert mode(tmp_path / "adapter") == dir_mode and mode(tmp_path / "adapter" / "sub") == dir_mode
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_command_stopped_outside_the_training_steps_says_so(tiny_llama, number_data, tmp_path, sig):
+    """Ctrl-C in a command (typer turns it into exit status 130 and says nothing) printed nothing; SIGTERM outside the
+    training loop (loading, evaluation, export, any other command) killed the process silently, its cleanups not run.
+    Both now stop the command with `interrupted` and status 130."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    code = ("import os, signal, sys\n"
+            "import peftkit.recipe as recipe\n"
+            "from peftkit import cli\n"
+            "load = recipe.load_recipe\n"
+            "def stopped(*args, **kwargs):\n"
+            f"    os.kill(os.getpid(), signal.{sig})\n"
+            "    return load(*args, **kwargs)\n"
+            "recipe.load_recipe = stopped\n"
+            f"sys.argv = ['peftkit', 'validate', {str(recipe)!r}]\n"
+            "cli.main()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "interrupted", done.stderr

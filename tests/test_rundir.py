@@ -244,6 +244,70 @@ def test_leftovers_of_a_killed_write_are_tidied_and_an_interrupted_replace_is_un
     assert "note: removed .merged.k2j3.tmp, left by an interrupted write" in notes
 
 
+def test_a_run_whose_only_checkpoint_was_being_replaced_resumes(tiny_llama, number_data, tmp_path):
+    """Killed between the two renames that replace its only checkpoint (save_total_limit 1, a SIGTERM at a save
+    step), a run holds `.step-N.old` and the new copy's temporary directory: --resume was refused ("no checkpoint"),
+    and a run without it started again from step 0 after restoring the checkpoint. It resumes, as uninterrupted."""
+    recipe = _recipe(tmp_path / "whole", tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    killed = _recipe(tmp_path / "killed", tiny_llama, number_data)
+    train(killed, console=_console()[0])
+    run = tmp_path / "killed" / "run"
+    for name in ("adapter", "manifest.json"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    for step in ("step-00000006", "step-00000004"):
+        shutil.rmtree(run / "checkpoints" / step)
+    os.replace(run / "checkpoints" / "step-00000002", run / "checkpoints" / ".step-00000002.old")
+    (run / "checkpoints" / ".step-00000002.x1y2.tmp").mkdir()
+    console, said = _console()
+    train(killed, resume=True, console=console)
+    assert "Resumed from step-00000002 (step 2 of 6)" in said.getvalue()
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_resume_without_a_checkpoint_says_why_and_verify_says_what_to_do(tiny_llama, number_data, tmp_path):
+    """Stopped before its first checkpoint, a run with save_steps set was told to "set training.save_steps"; verify
+    told it to --resume, which is refused."""
+    from peftkit.verify import verify
+
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    run = tmp_path / "run"
+    for name in ("adapter", "manifest.json", "checkpoints"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    with pytest.raises(PeftkitError, match=r"--resume: no checkpoint in .*checkpoints to continue from \(the run "
+                                           r"stopped before its first one, or training.save_steps is not set\). Run "
+                                           r"without --resume to train it again from step 0."):
+        train(recipe, resume=True, console=_console()[0])
+    with pytest.raises(PeftkitError, match="it stopped before its first checkpoint: train it again with `peftkit "
+                                           "train RECIPE`"):
+        verify(run)
+
+
+def test_a_finished_run_killed_while_resumed_no_longer_looks_finished(tiny_llama, number_data, tmp_path, monkeypatch):
+    """--resume of a finished run cuts metrics.jsonl back to its checkpoint and makes the end again; killed in
+    between, the run kept its manifest.json (eval took it for finished, verify failed on metrics.jsonl). The manifest
+    goes first; another --resume finishes the run, which verifies."""
+    import peftkit.train as train_module
+    from peftkit.verify import verify
+
+    recipe = _recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 8, "save_steps": 3})
+    train(recipe, console=_console()[0])
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill in the loop, right after the cut
+
+    monkeypatch.setattr(train_module, "_loop", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, resume=True, console=_console()[0])
+    assert not (run / "manifest.json").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    monkeypatch.undo()
+    train(recipe, resume=True, console=_console()[0])
+    assert verify(run, console=_console()[0]).ok
+
+
 def test_resuming_a_finished_run_writes_no_metric_line_twice(tiny_llama, number_data, tmp_path):
     recipe = _recipe(tmp_path, tiny_llama, number_data, training={**SECTIONS["training"], "eval_steps": 2})
     train(recipe, console=_console()[0])
