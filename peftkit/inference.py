@@ -205,6 +205,10 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False) -> tu
         raise PeftkitError(f"{run_dir} holds no adapter/ (export.adapter: false, or the run has not finished), so its "
                            f"base model would stand in for the fine-tuned one. Name what to load: {instead}, or give "
                            f"--adapter DIR (the base model alone: pass {recipe}).")
+    if adapter is not None and adapter.is_dir() and not (run_dir / "manifest.json").exists():
+        warnings.warn(PeftkitWarning(f"{run_dir} has no manifest.json: the run has not finished (or was stopped while "
+                                     f"it made its end again); this is the adapter/ it exported last. `peftkit train "
+                                     f"{recipe} --resume` finishes it."), stacklevel=2)
     return load_recipe(recipe, overrides), str(adapter) if adapter is not None and adapter.is_dir() else None
 
 

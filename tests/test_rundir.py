@@ -303,6 +303,9 @@ def test_a_finished_run_killed_while_resumed_no_longer_looks_finished(tiny_llama
     with pytest.raises(KeyboardInterrupt):
         train(recipe, resume=True, console=_console()[0])
     assert not (run / "manifest.json").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    result = CliRunner().invoke(app, ["eval", str(run)])  # its adapter/ is the one exported last: evaluated, said
+    assert result.exit_code == 0 and f"{run} has no manifest.json: the run has not finished" in " ".join(
+        result.stderr.split()), result.output
     monkeypatch.undo()
     train(recipe, resume=True, console=_console()[0])
     assert verify(run, console=_console()[0]).ok
