@@ -489,7 +489,7 @@ def preview(
 
 @app.command("inspect")
 def inspect_cmd(
-    adapter_dir: Annotated[Path, typer.Argument(help="A PEFT-format adapter directory (peftkit's or peft's), or a hub id user/name[@REV].")],
+    adapter_dir: Annotated[str, typer.Argument(help="A PEFT-format adapter directory (peftkit's or peft's), or a hub id user/name[@REV].")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
 ) -> None:
     """Describe an adapter from its files: method, base model, targets, ranks, parameters, dtype, size,
@@ -500,7 +500,7 @@ def inspect_cmd(
 
     from peftkit.inspect import describe, inspect_adapter
 
-    info = inspect_adapter(Path(_adapter(str(adapter_dir))))
+    info = inspect_adapter(Path(_adapter(adapter_dir)))  # (a str: typer's Path drops the `./` of `./x`)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -530,13 +530,23 @@ def _stop_on_sigterm(_signum, _frame) -> None:
 
 def main() -> None:
     """Entry point: user errors print as one clear message (exit 2), never as a traceback."""
-    from rich.markup import escape
-
-    click_error = _click_exception()
     # Whatever a command leaves (torch's, transformers' and a model's objects) is the OS's to free at exit: frozen,
     # it is passed over by the interpreter's last garbage collections, which took 1.2-1.5 s of every command's end.
     atexit.register(gc.freeze)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if "LOCAL_RANK" in os.environ:  # a launched worker keeps the default: one blocked in a collective must die
+        _run_command()
+        return
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        _run_command()
+    finally:  # (main called in a process that goes on: a test's)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command() -> None:
+    from rich.markup import escape
+
+    click_error = _click_exception()
     try:
         code = app(standalone_mode=False)
         if code == INTERRUPTED:  # typer's status for a KeyboardInterrupt in a command, which it does not say

@@ -26,7 +26,16 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
     if not (match := _HUB_ID.fullmatch(name)) or (revision and not re.fullmatch(r"[\w./-]+", revision)):
         return None
     repo_id, subfolder = match.groups()
-    from huggingface_hub import snapshot_download
+    if subfolder and any(part in (".", "..") for part in subfolder.split("/")):
+        return None  # (a path: a subfolder stays inside its repository's snapshot)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:  # `--` or `..` in it, a name too long: no hub id, a path
+        return None
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
@@ -48,8 +57,11 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
         raise PeftkitError(f"Adapter {value}: hub repository {repo_id} has no revision '{revision}'.") from None
     except (HfHubHTTPError, OSError) as e:
         raise PeftkitError(f"Adapter {value}: could not fetch hub adapter {repo_id}{at} ({e}).") from None
-    if subfolder and not Path(snapshot, subfolder).is_dir():
-        raise PeftkitError(f"Adapter {value}: hub repository {repo_id}{at} has no adapter files in {subfolder}/.")
+    if subfolder and not Path(snapshot, subfolder).is_dir():  # (offline, or unreachable: the cached snapshot)
+        why = ("the local Hugging Face cache holds none, and HF_HUB_OFFLINE is set, so nothing is downloaded"
+               if constants.HF_HUB_OFFLINE else "or the hub could not be reached and the cached copy holds none")
+        raise PeftkitError(f"Adapter {value}: hub repository {repo_id}{at} has no adapter files in {subfolder}/ "
+                           f"({why}).")
     return str(Path(snapshot, subfolder)) if subfolder else snapshot
 
 

@@ -526,24 +526,45 @@ def base_revision(adapter_dir: str, name: str, recorded_name: str | None, record
                   say: bool = True) -> str | None:
     """The revision of base `name` to load under the adapter at `adapter_dir`, which records `recorded_name` at
     `recorded`; `asked`: a recipe's model.revision. The recorded revision belongs to the recorded base: another base is
-    taken as given. A run's adapter records the commit its base loaded, and its recipe may name the branch or tag
-    that was at that commit then: the commit is what the adapter was trained on, and is loaded (said with `say` where
-    the branch has moved since)."""
+    taken as given. A run's adapter records the commit its base loaded, where its recipe may name a branch or tag:
+    asked for that branch (the run's own, as its manifest says, or one that names the commit now), the commit is what
+    the adapter was trained on, and is loaded (said with `say` where the branch has moved since). Any other revision
+    is refused: the adapter was not trained on it."""
     recorded = recorded if name == recorded_name else None
     if not asked or not recorded or asked == recorded:
         return asked or recorded
-    commit = re.compile(r"[0-9a-f]{40}")
-    if commit.fullmatch(recorded) and (recorded.startswith(asked) or not commit.fullmatch(asked)):
+    commit = re.fullmatch(r"[0-9a-f]{40}", recorded) is not None
+    if commit and re.fullmatch(r"[0-9a-f]{7,40}", asked):  # a commit's hash, or its short form
+        if recorded.startswith(asked):
+            return recorded
+    elif commit:
         from peftkit.manifest import hub_commit
 
-        if say and not recorded.startswith(asked) and (now := hub_commit(name, asked)) not in (None, recorded):
-            warnings.warn(PeftkitWarning(
-                f"{adapter_dir} was trained on {name} at commit {recorded}, which model.revision '{asked}' named "
-                f"then; it names {now} now. Loading {recorded}, the base the adapter was trained on."), stacklevel=2)
-        return recorded
+        now = hub_commit(name, asked)
+        if now == recorded:
+            return recorded
+        if asked == _run_revision(adapter_dir, recorded):
+            if say and now is not None:
+                warnings.warn(PeftkitWarning(
+                    f"{adapter_dir} was trained on {name} at commit {recorded}, which model.revision '{asked}' named "
+                    f"then; it names {now} now. Loading {recorded}, the base the adapter was trained on."),
+                    stacklevel=2)
+            return recorded
     raise PeftkitError(f"{adapter_dir} was trained on {name} at revision {recorded}, and the recipe's "
                        f"model.revision is {asked}: drop model.revision (or --set "
                        f"model.revision={recorded}) to load the base it was trained on.")
+
+
+def _run_revision(adapter_dir: str, commit: str) -> str | None:
+    """The model.revision the run that exported `adapter_dir` (its run directory's manifest.json) named, where that
+    run loaded `commit`; None for an adapter outside its run directory."""
+    try:
+        manifest = json.loads((Path(adapter_dir).parent / "manifest.json").read_text())
+        if manifest["base_model_commit"] == commit:
+            return manifest["recipe"]["model"]["revision"] or "main"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def adapter_labels(adapter_dir: str, state: dict[str, torch.Tensor]) -> LabelSet:

@@ -157,6 +157,18 @@ def test_a_run_at_a_named_branch_is_evaluated_and_verified_at_the_commit_it_load
     assert loss == pytest.approx(final, abs=1e-4)  # (main's tokenizer: another loss)
     assert (f"was trained on {REPO} at commit {'a' * 40}, which model.revision 'main' named then; it names {'c' * 40} "
             f"now. Loading {'a' * 40}, the base the adapter was trained on.") in " ".join(said.split())
+    # Another branch, or another commit's short hash, is not what the adapter was trained on: refused, as before.
+    from peftkit.modeling import base_revision
+
+    (hub / "models--acme--tiny-llama" / "refs" / "v2").write_text("c" * 40)
+    adapter = str(run / "adapter")
+    for asked in ("v2", "ccccccc"):
+        with pytest.raises(PeftkitError, match=f"trained on {REPO} at revision {'a' * 40}, and the recipe's "
+                                               f"model.revision is {asked}: drop model.revision"):
+            base_revision(adapter, REPO, REPO, "a" * 40, asked)
+    assert base_revision(adapter, REPO, REPO, "a" * 40, "aaaaaaa") == "a" * 40
+    (hub / "models--acme--tiny-llama" / "refs" / "v1").write_text("a" * 40)  # a tag at the commit: that commit
+    assert base_revision(adapter, REPO, REPO, "a" * 40, "v1") == "a" * 40
 
 
 def test_a_record_without_hashes_is_not_a_change():
@@ -474,7 +486,7 @@ def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_lla
     assert said("eval", *data, "--adapter", f"acme/several/second@{'f' * 40}") == \
         said("eval", *data, "--adapter", str(tmp_path / "other-adapter"))
     err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", "acme/several/third")
-    assert "Adapter acme/several/third: hub repository acme/several has no adapter files in third/." in err
+    assert "Adapter acme/several/third: hub repository acme/several has no adapter files in third/ (" in err
     err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", "acme/tiny-lorra")
     assert "Adapter acme/tiny-lorra: no such local directory, and of hub adapter acme/tiny-lorra, it is not in the " \
            "local Hugging Face cache" in " ".join(err.split())
@@ -513,3 +525,27 @@ def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_dat
     assert (f"Adapter acme/tiny-lorra: no such local directory ({tmp_path / 'local' / 'acme' / 'tiny-lorra'}), and of "
             "hub adapter acme/tiny-lorra, it is not in the local Hugging Face cache") in said, said
     assert "Did you mean 'acme/tiny-lora'?" in said
+
+
+def test_paths_that_look_like_hub_ids_stay_paths(hub, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """What no hub id can be stays a (missing) path, said as one: `--` or `..` in a name (a traceback from
+    huggingface_hub's validation), `./acme/x`, a subfolder with `..` (it reached any directory: /etc, another
+    repository's files). A subfolder the cache lacks offline is said as such, not as missing from the hub."""
+    from peftkit.cli import _adapter
+    from peftkit.hub import hub_adapter
+    from tests.conftest import cli_user_error
+
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1}))
+    train(recipe)
+    _publish_to(hub, "acme/tiny-lora", tmp_path / "run" / "adapter", "e" * 40)
+    monkeypatch.chdir(tmp_path)
+    for value in ("stage--1/adapter", "runs/my..run", "./acme/tiny-lora", "acme/tiny-lora/../../../../etc",
+                  "acme/tiny-lora/./x", "/acme/tiny-lora"):
+        assert hub_adapter(value) is None and _adapter(value) == value, value
+    err = cli_user_error(monkeypatch, capsys, "inspect", "./acme/tiny-lora")
+    assert "Adapter directory not found: acme/tiny-lora" in err, err  # (typer's Path dropped the ./: loaded the hub's)
+    err = cli_user_error(monkeypatch, capsys, "inspect", "stage--1/adapter")
+    assert "Adapter directory not found: stage--1/adapter" in err, err
+    err = cli_user_error(monkeypatch, capsys, "inspect", "acme/tiny-lora/nosub")
+    assert ("Adapter acme/tiny-lora/nosub: hub repository acme/tiny-lora has no adapter files in nosub/ (the local "
+            "Hugging Face cache holds none, and HF_HUB_OFFLINE is set, so nothing is downloaded).") in " ".join(err.split())

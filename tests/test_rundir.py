@@ -98,6 +98,12 @@ def test_the_recipe_of_a_copied_run_does_not_train_the_original(tiny_llama, numb
                 f"--overwrite), not in {tmp_path / 'copy'}. A run goes on where it was made: use {run / 'recipe.yaml'}"
                 ) in message
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    # A project's own recipe.yaml beside the runs it made (checkpoints/lora-a/) is no copied run's.
+    project = make_recipe(tmp_path / "project", tiny_llama, number_data, training={"max_steps": 1},
+                          eval={"base_model": False}, export={"output_dir": "checkpoints/lora-a"})
+    for output_dir in ("checkpoints/lora-a", "checkpoints/lora-b"):
+        result = CliRunner().invoke(app, ["train", str(project), "--set", f"export.output_dir={output_dir}"])
+        assert result.exit_code == 0, result.output
 
 
 def test_hidden_files_named_like_temp_files_are_the_user_s(tiny_llama, number_data, tmp_path):
