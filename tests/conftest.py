@@ -18,6 +18,17 @@ def _no_user_data_cache(tmp_path_factory) -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_as_in_a_terminal() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, whatever started the suite: a shell's background job (`&`)
+    ignores SIGINT, and so would every process a test starts, so the Ctrl-C tests failed there."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def _own_data_cache(tmp_path_factory, monkeypatch) -> None:
     """Each test its own tokenized-data cache: none reads what another kept."""
