@@ -29,15 +29,14 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
     if subfolder and any(part in (".", "..") for part in subfolder.split("/")):
         return None  # (a path: a subfolder stays inside its repository's snapshot)
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
     from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError:  # `--` or `..` in it, a name too long: no hub id, a path
         return None
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     at = f" at revision '{revision}'" if revision else ""
     local = f"no such local directory ({tried})" if tried and tried != value else "no such local directory"

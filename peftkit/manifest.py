@@ -173,8 +173,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
     """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
     the run began (what it trained on, and no second read of a multi-GB base); computed here when not given.
     `distributed`: the processes that trained (`peftkit.distributed.describe`); default one. `dtype`: the base's
-    weights as they loaded (model.dtype `auto` resolved: the checkpoint's dtype, float32 on a CPU without fast 16-bit
-    matmuls); default the recipe's setting."""
+    weights as they loaded (model.dtype `auto` resolved to the checkpoint's dtype); default the recipe's setting."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     return {

@@ -127,9 +127,9 @@ def check_recipe_file(recipe_file: Path, out: Path, recipe_yaml: str) -> None:
                 "to the recipe), or keep the recipe under another name or elsewhere."
             )
         run_dir = recipe_file.resolve().parent
-        a_run = (run_dir / "manifest.json").is_file() or (run_dir / "metrics.jsonl").is_file() or \
-            bool(checkpoint_names(run_dir / "checkpoints"))  # (a project's checkpoints/lora-a/ is no run's)
-        if recipe_file.name == "recipe.yaml" and run_dir != out.resolve() and a_run:
+        if recipe_file.name == "recipe.yaml" and run_dir != out.resolve() and (
+                (run_dir / "manifest.json").is_file() or (run_dir / "metrics.jsonl").is_file()
+                or checkpoint_names(run_dir / "checkpoints")):  # (a project's checkpoints/lora-a/ is no run's)
             raise PeftkitError(
                 f"{recipe_file} is the recipe of the run in {run_dir}, copied or moved there from {out}, which its "
                 f"export.output_dir still names: this would train there (--resume, --overwrite), not in {run_dir}. "

@@ -8,8 +8,8 @@ source of `peftkit.data` and the versions of transformers, tokenizers, jinja2 an
 .jsonl (datasets, pyarrow, pandas). A change to any of them is another key; nothing is invalidated in place.
 
 Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts, with
-a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read. Where the cache cannot be written (a read-only
-or full disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
+a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read.
+Where the cache cannot be written (a read-only or full disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
 else `~/.cache/peftkit`); `PEFTKIT_CACHE=off` turns it off, as `peftkit train --no-cache` does for one run.
 """
 
