@@ -135,7 +135,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
 
     from peftkit.recipe import load_recipe
 
-    resolved = load_recipe(recipe, overrides or [])
+    resolved = load_recipe(recipe, overrides or [], missing_adapters_ok=True)
     console.print(f"# {recipe}: valid", style="green", markup=False)
     # A value the recipe's rules take for a local path (not a hub id) should be there: train would stop at it. A
     # warning, not an error: the recipe may be meant for another machine.
@@ -145,8 +145,9 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
                        ("data.eval", resolved.data.eval), *fused,
                        ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
         if value and Path(value).is_absolute() and not Path(value).exists():
+            hub = ", nor is it a hub adapter that could be fetched" if key.startswith("adapter.") else ""
             err_console.print(f"[yellow]warning:[/] {key} {escape(value)} does not exist here (a relative path is resolved "
-                              "against the recipe's directory); train would stop at it.", highlight=False)
+                              f"against the recipe's directory){hub}; train would stop at it.", highlight=False)
     print(resolved.to_yaml(), end="")
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent / "recipes"
@@ -93,21 +94,31 @@ def test_validate_prints_every_default(tmp_path):
 
 @pytest.mark.parametrize(("adapter", "missing"), [
     ("{method: fusion, fuse: [a, b]}", ["adapter.fuse[0] {d}/a", "adapter.fuse[1] {d}/b"]),
+    # Two parts: a hub id too (`user/name`), which the offline cache lacks: a warning still, not an error.
+    ("{method: fusion, fuse: [adapters/a, adapters/b]}", ["adapter.fuse[0] {d}/adapters/a", "adapter.fuse[1] {d}/adapters/b"]),
     ("{method: multitask_prompt_tuning, num_tasks: 1, init: source, source_adapter: mpt}", ["adapter.source_adapter {d}/mpt"]),
 ])
-def test_validate_warns_of_missing_adapter_directories(adapter, missing, tmp_path):
+def test_validate_warns_of_missing_adapter_directories(adapter, missing, tmp_path, monkeypatch):
     """The adapters a recipe starts from (AdapterFusion's, multitask prompt tuning's source) are paths as the model's
-    and the data's are: one that is not there is said by validate, as theirs are."""
+    and the data's are: one that is not there is said by validate, as theirs are. One that could be a hub id was an
+    error once hub adapters came (validate of a recipe meant for another machine failed); train still stops at it."""
+    from huggingface_hub import constants
     from typer.testing import CliRunner
 
     from peftkit.cli import app
 
     (tmp_path / "r.yaml").write_text(f"model: {{name_or_path: m}}\ndata: {{train: t.jsonl}}\nadapter: {adapter}\n"
                                      "export: {output_dir: o}\n")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     result = CliRunner().invoke(app, ["validate", str(tmp_path / "r.yaml")])
     assert result.exit_code == 0, result.output
     for key in missing:
         assert f"warning: {key.format(d=tmp_path)} does not exist here" in " ".join(result.output.split())
+    if "adapters/" in adapter:
+        assert "nor is it a hub adapter" in " ".join(result.output.split())
+        with pytest.raises(PeftkitError, match=r"r.yaml:3: adapter.fuse\[0\]: Adapter adapters/a: no such local"):
+            load_recipe(tmp_path / "r.yaml")
 
 
 def test_paths_that_look_like_rich_markup_are_printed_as_they_are(tmp_path):
