@@ -88,11 +88,12 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
         if method_trainer is not None:
             blob["method_trainer"] = method_trainer.state_dict()
         _save_state(blob, tmp / STATE_FILE)
-        (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__))
+        (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__), encoding="utf-8")
         if selection is not None:
             selection.save(tmp)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-        (tmp / CHECKSUMS).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, sort_keys=True))
+        (tmp / CHECKSUMS).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, sort_keys=True),
+                                     encoding="utf-8")
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
@@ -101,7 +102,7 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
 def _recorded(path: Path) -> dict:
     """checksums.json, after checking every file against it."""
     try:
-        recorded = json.loads((path / CHECKSUMS).read_text())
+        recorded = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
         files, inputs = recorded["files"], recorded["inputs"]
         if not isinstance(files, dict) or not isinstance(inputs, dict):
             raise TypeError
@@ -136,7 +137,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
 
     recorded = _recorded(path)
     try:
-        state = LoopState.from_json((path / TRAINER_STATE).read_text())
+        state = LoopState.from_json((path / TRAINER_STATE).read_text(encoding="utf-8"))
         weights = load_file(path / WEIGHTS_NAME)
         # weights_only: the restricted unpickler (tensors, dicts, numbers), never arbitrary objects.
         with torch.serialization.safe_globals(zero.safe_globals()):  # a ZeRO optimizer state's own classes

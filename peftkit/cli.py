@@ -378,14 +378,15 @@ def generate(
     if json_out is not None:
         _check_json_out(json_out)
     single, named = _adapter_flags(adapter or [])
-    job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompt or [],
+    prompts = [_typed(text) for text in prompt or []]
+    job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompts,
                        _local(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
                        batch_size, trust_remote_code, task, named, route, split, data_revision)
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):
             console.print(f"[dim]{escape(p.text)}[/]{escape(c)}", highlight=False)
-            console.rule(style="dim")
+            console.rule(style="dim", characters="─" if console.encoding.startswith("utf") else "-")
 
     results = run_generate(job, on_batch=None if json_out else show)
     if json_out:
@@ -428,7 +429,8 @@ def chat(
     task = resolve_tasks(source, task, [None], None)[0]  # and a missing --task
     loaded = source.load()
     torch.manual_seed(seed)
-    chat_loop(loaded, tok, sampling, system=system, task=task)
+    chat_loop(loaded, tok, sampling, read=lambda asked: _typed(input(asked)), system=system and _typed(system),
+              task=task)
 
 
 @app.command()
@@ -534,6 +536,7 @@ def main() -> None:
     # Whatever a command leaves (torch's, transformers' and a model's objects) is the OS's to free at exit: frozen,
     # it is passed over by the interpreter's last garbage collections, which took 1.2-1.5 s of every command's end.
     atexit.register(gc.freeze)
+    _printable_output()
     if "LOCAL_RANK" in os.environ:  # a launched worker keeps the default: one blocked in a collective must die
         _run_command()
         return
@@ -542,6 +545,23 @@ def main() -> None:
         _run_command()
     finally:  # (main called in a process that goes on: a test's)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _typed(text: str) -> str:
+    """A text argument (a prompt) as typed. Where the locale could not decode its bytes (a non-UTF-8 locale: Python
+    keeps them as lone surrogates, which a tokenizer refuses with a TypeError), they are read as UTF-8."""
+    if not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    return os.fsencode(text).decode("utf-8", errors="replace")
+
+
+def _printable_output() -> None:
+    """Where stdout or stderr cannot encode every character (a non-UTF-8 locale, PYTHONIOENCODING=ascii, a Windows
+    console), print what they cannot as `\\xe9`-style escapes: a character in a message, a path or a generated text
+    crashed the command with UnicodeEncodeError, after the work was done."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") not in ("utf8", "utf16"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _run_command() -> None:

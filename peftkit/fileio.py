@@ -175,7 +175,7 @@ def append_line(path: str | os.PathLike, line: str, sync: bool = True) -> None:
     readers skip. Without fsync a line survives a killed process (it is in the page cache) but not a power
     cut. The training loop appends unsynced and calls `fsync_path` at each checkpoint: an fsync costs 0.24 ms
     (median) on a local disk here but can take far longer on network or VM disks, on every step."""
-    with _disk_errors(Path(path)), open(path, "a") as f:
+    with _disk_errors(Path(path)), open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()
         if sync:

@@ -79,7 +79,7 @@ class ModelSource:
         files += [Path(self.model.name_or_path) / "config.json"] if self.model is not None else []
         for file in files:
             try:
-                config = json.loads(file.read_text())
+                config = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, ValueError):  # not there, or not JSON: loading says so in its own words
                 continue
             classes = (config.get("architectures") or []) if isinstance(config, dict) else []

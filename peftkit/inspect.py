@@ -57,7 +57,7 @@ def inspect_adapter(path: str | Path) -> dict:
     weights_file = check_adapter_dir(path)
     method, peft = read_peft_config(path)
     meta = read_meta(path)
-    raw = json.loads((path / CONFIG_NAME).read_text())
+    raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     trained = None
     try:
         trained = method.trained_params(method.from_peft(peft, path / CONFIG_NAME), raw)

@@ -196,7 +196,7 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if provenance is not None:  # a plain write: atomic_directory syncs every file before the rename
-            (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+            (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
 
 class MergeWarning(PeftkitWarning):

@@ -559,7 +559,7 @@ def _run_revision(adapter_dir: str, commit: str) -> str | None:
     """The model.revision the run that exported `adapter_dir` (its run directory's manifest.json) named, where that
     run loaded `commit`; None for an adapter outside its run directory."""
     try:
-        manifest = json.loads((Path(adapter_dir).parent / "manifest.json").read_text())
+        manifest = json.loads((Path(adapter_dir).parent / "manifest.json").read_text(encoding="utf-8"))
         if manifest["base_model_commit"] == commit:
             return manifest["recipe"]["model"]["revision"] or "main"
     except (OSError, ValueError, KeyError, TypeError):

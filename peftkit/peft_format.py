@@ -279,7 +279,7 @@ def check_weight_tying(adapter_dir: str | Path, model: torch.nn.Module) -> None:
     embeddings: peft then gives the output embeddings the same adapter, which peftkit does not implement (on an
     untied model the flag does nothing, in peft too)."""
     config_file = Path(adapter_dir) / CONFIG_NAME
-    raw = json.loads(config_file.read_text())
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
     if raw.get("ensure_weight_tying") is not True or not (embeddings := _embeddings_adapted(raw)):
         return
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
@@ -381,7 +381,7 @@ def recorded_base(adapter_dir: str | Path, field: str = "base_model_name_or_path
     """The adapter's base_model_name_or_path (or another string `field`, e.g. `revision`), best effort and
     without reading its weights (a broken config is `load_adapter`'s to report)."""
     try:
-        base = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text()).get(field)
+        base = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text(encoding="utf-8")).get(field)
     except (OSError, ValueError, AttributeError):
         return None
     return base if isinstance(base, str) else None

@@ -41,7 +41,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise PeftkitError(f"{run_dir} has no metrics.jsonl: give a peftkit run directory (`peftkit train` writes one).")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -202,7 +202,7 @@ def write_report(run_dir: Path, log_scale: bool = False) -> Path:
     # Checked as verify checks it: a damaged manifest is an error naming it, not a traceback.
     manifest = read_manifest(run_dir).model_dump(mode="json") if manifest_path.is_file() else None
     recipe_path = run_dir / "recipe.yaml"
-    recipe_text = recipe_path.read_text() if recipe_path.is_file() else "(no recipe.yaml)"
+    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else "(no recipe.yaml)"
     plots = plot_curves(train, evals, log_scale)
     out = run_dir / REPORT_DIR
     out.mkdir(exist_ok=True)

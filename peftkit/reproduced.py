@@ -148,7 +148,7 @@ def _checkpoints(out: Path) -> dict[str, dict[str, str] | str]:
 
 def _text(path: Path) -> str:
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise PeftkitError(f"{path} cannot be read ({e}); verify reads every file it checks.") from None
 

@@ -110,7 +110,7 @@ def _normalised(recipe_file: Path) -> str | None:
     from peftkit.recipe import Recipe
 
     try:
-        return Recipe.model_validate(yaml.safe_load(recipe_file.read_text())).to_yaml()
+        return Recipe.model_validate(yaml.safe_load(recipe_file.read_text(encoding="utf-8"))).to_yaml()
     except (OSError, ValueError, yaml.YAMLError, ValidationError):
         return None
 
@@ -120,7 +120,8 @@ def check_recipe_file(recipe_file: Path, out: Path, recipe_yaml: str) -> None:
     over the user's (comments and all; with --overwrite the old run's entries, that file among them, are removed
     first). The run's own recipe.yaml, exactly as a run wrote it (`peftkit train RUN/recipe.yaml --resume`), is fine."""
     with contextlib.suppress(OSError):
-        if recipe_file.resolve() == (out / "recipe.yaml").resolve() and recipe_file.read_text() != recipe_yaml:
+        if (recipe_file.resolve() == (out / "recipe.yaml").resolve()
+                and recipe_file.read_text(encoding="utf-8") != recipe_yaml):
             raise PeftkitError(
                 f"{recipe_file}: this recipe is the recipe.yaml of its own export.output_dir ({out}), where the run "
                 "writes its resolved recipe over yours. Set export.output_dir to another directory (e.g. ./run, next "
@@ -185,7 +186,7 @@ def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, con
 
 def lock_holder(out: Path) -> str:
     with contextlib.suppress(OSError):
-        return (out / LOCK_NAME).read_text().strip() or "unknown"
+        return (out / LOCK_NAME).read_text(encoding="utf-8").strip() or "unknown"
     return "unknown"
 
 
@@ -296,7 +297,7 @@ def truncate_metrics(path: Path, step: int, final_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         with contextlib.suppress(ValueError, KeyError, TypeError):
             record = json.loads(line)
             if record["step"] < step or (record["step"] == step and not (step == final_step and "eval_loss" in record)):
@@ -308,5 +309,5 @@ def records_at(path: Path, step: int) -> list[dict]:
     """The metrics.jsonl records of `step` (those `truncate_metrics` kept of a resumed run's checkpoint step)."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [record for record in records if record.get("step") == step]

@@ -110,7 +110,7 @@ class Selection:
 
         state = {"stopper": asdict(self.stopper) if self.stopper else None,
                  "best": asdict(self.best) if self.best else None, "best_result": self.best_result}
-        (directory / STATE_FILE).write_text(json.dumps(state))
+        (directory / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
         if self.best_weights is not None:
             save_file(self.best_weights, directory / WEIGHTS_FILE)
 
@@ -118,7 +118,7 @@ class Selection:
         """Restore what `save` wrote. Raises (KeyError, ValueError, OSError) on a file that does not fit."""
         from safetensors.torch import load_file
 
-        state = json.loads((directory / STATE_FILE).read_text())
+        state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
         for name in ("stopper", "best"):
             watch, saved = getattr(self, name), state[name]
             if (watch is None) != (saved is None) or (watch is not None and saved["metric"] != watch.metric):

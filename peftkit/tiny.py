@@ -182,7 +182,7 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 def build_quickstart_assets(root: str | Path) -> dict[str, Path]:

@@ -60,7 +60,8 @@ class Trackers:
         self.accelerator = accelerator
         names, directory = recipe.training.report_to, (out / DIRECTORY).resolve()
         directory.mkdir(parents=True, exist_ok=True)
-        ids = json.loads((directory / RUN_IDS).read_text()) if resumed and (directory / RUN_IDS).is_file() else {}
+        ids = (json.loads((directory / RUN_IDS).read_text(encoding="utf-8"))
+               if resumed and (directory / RUN_IDS).is_file() else {})
         # The run's own store, for this run only (until close): the user's MLFLOW_TRACKING_URI wins.
         self.own_mlflow_uri = "mlflow" in names and "MLFLOW_TRACKING_URI" not in os.environ
         if self.own_mlflow_uri:

@@ -260,7 +260,7 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
     console.print(f"The recorded run trained in {processes} {how}process{'es' if processes > 1 else ''}; so does the re-run.")
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-recipe-") as recipe_dir:
         recipe_file = Path(recipe_dir) / "recipe.yaml"
-        recipe_file.write_text(recipe.to_yaml())
+        recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
         if code := launch(processes, ["train", str(recipe_file), "--no-cache"], kind or "MULTI_GPU", stage):
             raise PeftkitError(f"the {processes}-process re-run failed (exit status {code}; its output is above)")
 

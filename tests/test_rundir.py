@@ -202,9 +202,15 @@ def test_a_forked_child_that_outlives_a_killed_run_does_not_hold_its_lock(tmp_pa
         "import multiprocessing, sys, time\n"
         "from pathlib import Path\n"
         "from peftkit.rundir import run_lock\n"
+        "def worker(started):\n"
+        "    started.set()\n"
+        "    time.sleep(60)\n"
         "with run_lock(Path(sys.argv[1])):\n"
-        "    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,))\n"
+        "    context = multiprocessing.get_context('fork')\n"
+        "    started = context.Event()\n"
+        "    child = context.Process(target=worker, args=(started,))\n"
         "    child.start()\n"
+        "    started.wait(60)  # the child runs: the fork's handlers (closing the lock) are done\n"
         "    print(child.pid, flush=True)\n"
         "    time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, str(holder), str(tmp_path)], stdout=subprocess.PIPE, text=True)

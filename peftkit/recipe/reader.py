@@ -159,7 +159,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int], set[tuple]]:
         if size > MAX_RECIPE_BYTES:
             raise PeftkitError(f"{path}: the recipe is {size / 2**20:.1f} MB; a recipe is a few KB (the limit is "
                                f"{MAX_RECIPE_BYTES // 2**20} MB). Check that this is the recipe file you meant.")
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PeftkitError(f"Recipe file not found: {path}") from None
     except IsADirectoryError:
