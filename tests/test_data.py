@@ -1,5 +1,6 @@
 """Tokenization and loss masks for each data format, checked token by token."""
 
+import os
 import subprocess
 import sys
 
@@ -270,6 +271,19 @@ def test_data_workers_leave_stop_signals_to_the_main_process():
     examples = [Example([1, 2, 3], [1, 2, 3]) for _ in range(4)]
     stream = step_windows(examples, 2, 1, seed=0, shuffle=False, pad_id=0, num_workers=1, collate=_worker_handlers)
     assert next(stream) == [(signal.SIG_IGN, signal.SIG_IGN)]
+
+
+def _worker_pid(batch) -> int:
+    return os.getpid()
+
+
+def test_data_workers_start_once_for_every_epoch():
+    """A DataLoader per epoch started its workers anew each epoch: on small data of many epochs, 2 workers made
+    training 2.5x slower than none. The batches are the same either way (test_order_is_seeded_and_resumable)."""
+    examples = [Example([1, 2, 3], [1, 2, 3]) for _ in range(4)]
+    stream = step_windows(examples, 2, 1, seed=0, shuffle=True, pad_id=0, num_workers=1, collate=_worker_pid)
+    pids = {pid for _ in range(6) for pid in next(stream)}  # 3 epochs of 2 steps
+    assert len(pids) == 1 and os.getpid() not in pids
 
 
 def test_a_jsonl_file_is_read_without_importing_datasets(tmp_path):
