@@ -166,7 +166,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     if uses_full_updates(combination, sources, into_base):
         updates = combined_updates(combination, sources, model, base_state)
         merged = base_state | {f"{m}.weight": base_state[f"{m}.weight"].float() + d for m, d in updates.items()}
-        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code)
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite)
         return Path(output_dir)
     layers = combine_layers(combination, sources, model, base_state)
     rank = output_rank(combination, sources)
@@ -174,9 +174,9 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     if into_base:
         cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=list(layers))
         merged = merge_state_dict(base_state, state, cfg, conv1d_modules(loaded), dtype=torch.float32)
-        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code)
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite)
     else:
-        _write_adapter(output_dir, state, config, sources[0])
+        _write_adapter(output_dir, state, config, sources[0], overwrite)
     return Path(output_dir)
 
 
@@ -194,21 +194,23 @@ def _load_base(name: str, revision: str | None, quant, device: torch.device, tru
     return load_model(cfg, quant, device)
 
 
-def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict, first: Source) -> None:
-    """The combined adapter, atomically as a directory; its peftkit.json keeps the inputs' quantization."""
+def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict, first: Source,
+                   replace: bool) -> None:
+    """The combined adapter, atomically as a directory (`replace`: an output there by then, as `save_merged`); its
+    peftkit.json keeps the inputs' quantization."""
     from peftkit.fileio import atomic_directory
     from peftkit.peft_format import quantized_on, read_meta, save_adapter
 
     if not all(torch.isfinite(t).all() for t in state.values()):
         raise PeftkitError("The combined adapter has NaN/inf values; nothing was written.")
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, replace) as tmp:
         meta = read_meta(first.path)
         save_adapter(tmp, state, config, first.quant, quantized_on(first.path), meta.trust_remote_code,
                      rope_scaling=meta.rope_scaling, base_dtype=meta.base_dtype)
 
 
 def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,
-                  dtype: str | None, output_dir: str, trust_remote_code: bool) -> None:
+                  dtype: str | None, output_dir: str, trust_remote_code: bool, replace: bool) -> None:
     """The merged fp32 state as a plain model (+ tokenizer) in `dtype`, with the single-adapter merge's code."""
     from peftkit.merge import (base_provenance, checkpoint_dtype, non_persistent_buffers, plain_model_from_state,
                                save_merged)
@@ -220,4 +222,4 @@ def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str,
         raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
     model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded))
     tok = load_tokenizer(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code))
-    save_merged(model, tok, output_dir, base_provenance(name, revision, trust_remote_code))
+    save_merged(model, tok, output_dir, base_provenance(name, revision, trust_remote_code), replace)

@@ -8,6 +8,7 @@ version or the new one, never half of one.
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -197,13 +198,19 @@ def fsync_path(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` (old contents removed)."""
+def atomic_directory(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` (old contents removed).
+
+    The temporary directory is flock-ed while it is written, so another process tidying leftovers of killed writes
+    passes it by (`being_written`). replace=False: a `path` that another process wrote meanwhile (anything but an
+    empty directory) is an error, and stays as it is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_errors(path):
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp"))
+    lock = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         _as_created(tmp, directory=True)
         with _disk_errors(path), _named_as(tmp, path):
             yield tmp
@@ -214,7 +221,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                         os.fsync(fh.fileno())
                 elif f.is_dir():
                     _as_created(f, directory=True)
-            if path.exists():
+            if path.exists() and replace:
                 # Two renames: the old directory stays whole until the new one is complete.
                 old = path.with_name(f".{_short(path.name)}.old")
                 _remove(old)
@@ -222,11 +229,41 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
                 os.replace(tmp, path)
                 _remove(old)
             else:
-                os.replace(tmp, path)
+                _rename_into_place(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def _rename_into_place(tmp: Path, path: Path) -> None:
+    """tmp -> path, where path is not there or an empty directory (rename(2) refuses anything else, atomically)."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise PeftkitError(f"{path} was written by another process while this one worked; it is left as it is, and "
+                           "this result was not kept. Choose another output, or replace it with --overwrite.") from None
+
+
+def being_written(entry: Path) -> bool:
+    """Whether `entry` is the temporary directory of an `atomic_directory` that a live process is writing now."""
+    if entry.is_symlink() or not entry.is_dir():
+        return False
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @contextlib.contextmanager

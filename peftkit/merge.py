@@ -185,13 +185,16 @@ def base_provenance(name_or_path: str, revision: str | None, trust_remote_code: 
                             "trust_remote_code": trust_remote_code}}
 
 
-def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance: dict | None = None) -> None:
+def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance: dict | None = None,
+                replace: bool = True) -> None:
     """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory.
 
     Args:
         provenance: `base_provenance(...)`, written to peftkit.json beside the model.
+        replace: replace an `output_dir` that is there by then (`peftkit merge --overwrite`); else one that another
+            process wrote meanwhile is an error.
     """
-    with atomic_directory(output_dir) as tmp:
+    with atomic_directory(output_dir, replace) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -233,8 +236,8 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     Args:
         protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
     """
-    from peftkit.fileio import resolved
-    from peftkit.rundir import make_writable_dir, tidy_leftovers
+    from peftkit.fileio import being_written, resolved
+    from peftkit.rundir import is_temp_name, make_writable_dir, tidy_leftovers
 
     output = resolved(output, "--output")
     cwd = Path.cwd().resolve()
@@ -256,7 +259,11 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
                            "(verify would find the merged model added after the run). Choose an --output outside it, "
                            "e.g. beside it.")
     make_writable_dir(output.parent, "--output's parent")
-    tidy_leftovers(output.parent, lambda entry: entry == output.name)  # what a killed earlier merge into it left
+    ours = lambda entry: entry == output.name  # noqa: E731
+    if live := next((e.name for e in output.parent.iterdir() if is_temp_name(e.name, ours) and being_written(e)), None):
+        raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
+                           "it to finish, or choose another --output.")
+    tidy_leftovers(output.parent, ours)  # what a killed earlier merge into it left
     if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
         kind = ("a file" if not output.is_dir() else "a peftkit run directory" if (output / "recipe.yaml").exists()
                 else "a model directory" if (output / "config.json").exists() else "a directory that is not empty")
@@ -286,9 +293,10 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
     merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
-    save_merged(merged, tok, output_dir, base_provenance(base.name_or_path, base.revision, base.trust_remote_code))
+    save_merged(merged, tok, output_dir, base_provenance(base.name_or_path, base.revision, base.trust_remote_code),
+                replace=overwrite)
     if requantize:
-        requantize_model(output_dir, outputs[1], requantize)
+        requantize_model(output_dir, outputs[1], requantize, replace=overwrite)
     return Path(output_dir)
 
 
@@ -303,7 +311,7 @@ def checkpoint_dtype(name_or_path: str, revision: str | None = None) -> str:
     return dtype_name(raw.get("dtype") or raw.get("torch_dtype"))
 
 
-def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str) -> None:
+def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str, replace: bool = True) -> None:
     """Load a merged model quantized (nf4, double quant) and save it 4-bit. Rounding the merged weights to
     4 bits again moves them away from what was trained: expect small logit differences."""
     from peftkit.modeling import load_model, load_tokenizer
@@ -311,4 +319,4 @@ def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str
 
     cfg = ModelConfig(name_or_path=str(merged_dir), dtype="auto")
     model = load_model(cfg, QuantizationConfig(method=method, compute_dtype="float32"), torch.device("cpu"))
-    save_merged(model, load_tokenizer(cfg), output_dir)
+    save_merged(model, load_tokenizer(cfg), output_dir, replace=replace)

@@ -11,15 +11,19 @@ Plots are drawn with matplotlib's Agg backend (no display needed). Reading needs
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import html
 import io
 import json
 import math
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.fileio import atomic_write_bytes, atomic_write_text
+from peftkit.fileio import atomic_directory
 from peftkit.manifest import read_manifest
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
 
@@ -41,10 +45,14 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise PeftkitError(f"{run_dir} has no metrics.jsonl: give a peftkit run directory (`peftkit train` writes one).")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the partial last line of a killed run (fileio.append_line), or of one writing it now
             raise PeftkitError(f"{path}:{number} is not a JSON line; the file is damaged.") from None
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
@@ -193,8 +201,25 @@ def _task(recipe_text: str) -> str | None:
 
 
 def write_report(run_dir: Path, log_scale: bool = False) -> Path:
-    """Write RUN_DIR/report/ (report.html and the PNGs); returns the html file."""
+    """Write RUN_DIR/report/ (report.html and the PNGs) as a whole; returns the html file.
+
+    A report of a run still training may be drawn while the run finishes and writes its own final report: it is
+    then drawn again from the finished run rather than put over the final one."""
     run_dir = Path(run_dir)
+    while True:
+        finished = _finished(run_dir)
+        plots, page = _render(run_dir, log_scale)
+        with _report_lock(run_dir):
+            if _finished(run_dir) == finished:
+                with atomic_directory(run_dir / REPORT_DIR) as tmp:
+                    for stem, data in plots.items():
+                        (tmp / f"{stem}.png").write_bytes(data)
+                    (tmp / "report.html").write_text(page, encoding="utf-8")
+                return run_dir / REPORT_DIR / "report.html"
+
+
+def _render(run_dir: Path, log_scale: bool) -> tuple[dict[str, bytes], str]:
+    """The plots (PNG bytes by stem) and the html page of what the run has written so far."""
     train, evals = read_metrics(run_dir)
     if not train:
         raise PeftkitError(f"{run_dir}/metrics.jsonl has no training step yet; nothing to plot.")
@@ -204,10 +229,25 @@ def write_report(run_dir: Path, log_scale: bool = False) -> Path:
     recipe_path = run_dir / "recipe.yaml"
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else "(no recipe.yaml)"
     plots = plot_curves(train, evals, log_scale)
-    out = run_dir / REPORT_DIR
-    out.mkdir(exist_ok=True)
-    for stem, data in plots.items():
-        atomic_write_bytes(out / f"{stem}.png", data)
-    page = out / "report.html"
-    atomic_write_text(page, render_html(run_dir, plots, manifest, recipe_text))
-    return page
+    return plots, render_html(run_dir, plots, manifest, recipe_text)
+
+
+def _finished(run_dir: Path) -> tuple[int, int] | None:
+    """Which finish of the run its manifest.json records (None: not finished), told apart by inode and mtime (a
+    manifest is written once per finish, by a rename)."""
+    with contextlib.suppress(OSError):  # (not there; or RUN_DIR a file, which reading it says)
+        stat = (run_dir / "manifest.json").stat()
+        return stat.st_ino, stat.st_mtime_ns
+    return None
+
+
+@contextlib.contextmanager
+def _report_lock(run_dir: Path) -> Iterator[None]:
+    """Only one process at a time puts a report in place in `run_dir` (a flock of the directory itself: the run's own
+    lock is held by a training for all its run)."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

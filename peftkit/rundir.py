@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.fileio import atomic_write_text
+from peftkit.fileio import atomic_write_text, being_written
 
 RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json", "report",
                "trackers")
@@ -253,7 +253,7 @@ def tidy_leftovers(parent: Path, owned: Callable[[str], bool] = RUN_ENTRIES.__co
     if not parent.is_dir():
         return done
     for entry in sorted(parent.iterdir()):
-        if not is_temp_name(entry.name, owned):
+        if not is_temp_name(entry.name, owned) or being_written(entry):  # (another process's write in progress)
             continue
         original = parent / entry.name[1:].removesuffix(".old")
         if entry.name.endswith(".old") and not original.exists():

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
-from peftkit.report import write_report
+from peftkit.report import read_metrics, write_report
 from peftkit.train import train
 from tests.conftest import make_recipe
 
@@ -93,9 +93,39 @@ def test_a_damaged_or_empty_metrics_file_is_a_clear_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "eval_loss": 2.0}\n')
     with pytest.raises(PeftkitError, match="metrics.jsonl has no training step yet; nothing to plot"):
         write_report(tmp_path)
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(PeftkitError, match=r"metrics.jsonl:2 is not a JSON line; the file is damaged"):
         write_report(tmp_path)
+    # A partial last line is what a killed run leaves (fileio.append_line), or one writing it now: left out. It was
+    # refused as damage, and `peftkit report` of such a run (documented to work on unfinished runs) failed.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == ([{"step": 1, "loss": 2.0}], [])
+    assert write_report(tmp_path).is_file()
+
+
+def test_a_report_drawn_while_the_run_finishes_does_not_replace_the_final_one(run, tmp_path, monkeypatch):
+    """`peftkit report RUN` of a run still training, drawn while the run finished: it was put in place after the
+    run's own final report, which then said "the run did not finish" (and a report's PNGs were put in place one by
+    one, so two reports at once could mix). Now it is drawn again from the finished run."""
+    from peftkit import report
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    manifest = (copy / "manifest.json").read_bytes()
+    (copy / "manifest.json").unlink()
+    shutil.rmtree(copy / "report", ignore_errors=True)
+    real, calls = report.plot_curves, []
+
+    def the_run_finishes_meanwhile(*args):
+        calls.append(args)
+        if len(calls) == 1:  # while the user's report draws the unfinished run, the run writes its manifest and report
+            (copy / "manifest.json").write_bytes(manifest)
+            assert "did not finish" not in write_report(copy).read_text(encoding="utf-8")
+        return real(*args)
+
+    monkeypatch.setattr(report, "plot_curves", the_run_finishes_meanwhile)
+    page = write_report(copy).read_text(encoding="utf-8")
+    assert "did not finish" not in page and len(calls) == 3  # drawn again, from the finished run
+    assert not list(copy.glob(".*.tmp"))  # no temporary left
 
 
 def test_a_damaged_manifest_is_a_clear_error(run, tmp_path):

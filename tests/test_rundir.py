@@ -24,7 +24,7 @@ from peftkit import fileio
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
-from peftkit.rundir import open_run_dir, run_lock
+from peftkit.rundir import open_run_dir, run_lock, tidy_leftovers
 from peftkit.train import train
 from tests.conftest import cli_user_error, make_recipe
 
@@ -585,6 +585,42 @@ def test_merge_checks_the_requantized_output_too(adapter_run, tmp_path):
     (tmp_path / "m-nf4" / "keep.txt").write_text("x")
     assert _merge_error(adapter_run, tmp_path / "m", requantize="nf4").startswith(f"--output {tmp_path / 'm-nf4'} is a ")
     assert not (tmp_path / "m").exists()  # refused before anything was written
+
+
+def test_two_merges_into_one_output(adapter_run, tmp_path, monkeypatch):
+    """Two `peftkit merge --output X` at once: the second's tidy-up of killed merges deleted the first's temporary
+    directory while it was written, and X was left without config.json or weights, both merges saying they wrote
+    it; or the later one replaced the earlier without --overwrite. Now a merge started while another writes X is
+    refused, and one whose X appears while it merges keeps that X and says so."""
+    from peftkit import merge
+    from peftkit.fileio import atomic_directory
+
+    output = tmp_path / "m"
+    with atomic_directory(output) as other:  # another process's merge, writing now
+        (other / "config.json").write_text("{}")
+        tidy_leftovers(tmp_path, lambda name: name == "m")
+        assert other.is_dir()  # not taken for a killed write's leftover
+        assert _merge_error(adapter_run, output) == (
+            f"--output {output} is being written by another process now ({other.name} beside it). Wait for it to "
+            "finish, or choose another --output.")
+    assert (output / "config.json").is_file()
+    shutil.rmtree(output)
+
+    real = merge.merged_model
+
+    def another_merge_finishes_meanwhile(*args, **kwargs):
+        output.mkdir()
+        (output / "theirs.txt").write_text("x")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "merged_model", another_merge_finishes_meanwhile)
+    assert _merge_error(adapter_run, output) == (
+        f"{output} was written by another process while this one worked; it is left as it is, and this result was "
+        "not kept. Choose another output, or replace it with --overwrite.")
+    assert [p.name for p in tmp_path.iterdir()] == ["m"] and [p.name for p in output.iterdir()] == ["theirs.txt"]
+    shutil.rmtree(output)
+    merge.merge_adapter(str(adapter_run / "adapter"), str(output), overwrite=True)  # --overwrite: replaced
+    assert (output / "config.json").is_file() and not (output / "theirs.txt").exists()
 
 
 # ---------------------------------------------------------------------------------------------- eval --json
