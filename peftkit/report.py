@@ -76,6 +76,25 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+SMOOTH_FROM = 200
+"""From this many logged training steps on, the loss plot adds the losses' moving average (over a 50th of them)."""
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Each value's mean with the `window - 1` before it (fewer at the start), over the finite ones only (a skipped
+    step's NaN loss leaves no hole beyond itself); NaN where a window holds none."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    finite = np.isfinite(v)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(finite, v, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(finite)])
+    end = np.arange(1, len(v) + 1)
+    start = np.maximum(0, end - window)
+    n = counts[end] - counts[start]
+    return np.where(n > 0, (sums[end] - sums[start]) / np.maximum(n, 1), np.nan).tolist()
+
+
 def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[str, bytes]:
     """PNG bytes by file stem: the loss plot, and one per recorded training curve."""
     import matplotlib
@@ -85,9 +104,17 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
 
     plots = {}
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    _curve(ax, [r["step"] for r in train], [r["loss"] for r in train], label="train loss", linewidth=1.2)
+    steps, losses = [r["step"] for r in train], [r["loss"] for r in train]
+    if len(losses) < SMOOTH_FROM:
+        _curve(ax, steps, losses, label="train loss", linewidth=1.2)
+    else:  # thousands of noisy per-step losses are a solid band: drawn faint, under their moving average
+        window = max(2, len(losses) // 50)
+        _curve(ax, steps, losses, label="train loss", linewidth=0.8, alpha=0.3, color="C0")
+        _curve(ax, steps, moving_average(losses, window), label=f"train loss, mean of the last {window}",
+               linewidth=1.6, color="C0")
     if evals:
-        _curve(ax, [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", linewidth=1.5)
+        _curve(ax, [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", linewidth=1.5,
+               color="C1")
     ax.set(xlabel="step", ylabel="loss", title="Loss", yscale="log" if log_scale else "linear")
     ax.grid(alpha=0.3)
     ax.legend()

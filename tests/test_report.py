@@ -142,6 +142,34 @@ def test_a_file_given_for_the_run_directory_says_so(run):
         write_report(run / "metrics.jsonl")
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # (the stand-in draws none)
+def test_a_long_run_s_loss_is_drawn_with_its_moving_average(monkeypatch):
+    """20k noisy per-step losses drew a solid band; from SMOOTH_FROM logged steps on, their trailing moving average
+    is drawn over them (NaN losses, skipped steps, left out of it)."""
+    import math
+    import random
+
+    from peftkit import report
+
+    rng = random.Random(0)
+    losses = [2.0 - i / 1000 + rng.uniform(-0.5, 0.5) for i in range(1000)]
+    losses[10] = losses[11] = float("nan")
+    window = 20
+    for i, got in enumerate(report.moving_average(losses, window)):
+        kept = [x for x in losses[max(0, i - window + 1):i + 1] if not math.isnan(x)]
+        assert got == pytest.approx(sum(kept) / len(kept), rel=1e-12), i
+    assert math.isnan(report.moving_average([float("nan"), 1.0], 1)[0])
+
+    drawn = []
+    monkeypatch.setattr(report, "_curve", lambda ax, steps, values, fmt="-", **style: drawn.append(style.get("label")))
+    train = [{"step": i + 1, "loss": x} for i, x in enumerate(losses)]
+    report.plot_curves(train[:report.SMOOTH_FROM - 1], [], False)
+    assert drawn == ["train loss"]  # fewer steps: the losses alone
+    drawn.clear()
+    report.plot_curves(train, [], False)
+    assert drawn == ["train loss", "train loss, mean of the last 20"]
+
+
 def test_a_one_step_run_s_curves_are_drawn_and_sample_text_is_shown_as_written(tmp_path):
     """A curve of one point was an invisible line: a run of one step (or log_steps >= max_steps) had empty plots. A
     sample's newlines are kept, and a bidirectional control character is shown, not obeyed."""
