@@ -8,7 +8,6 @@ version or the new one, never half of one.
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -18,6 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): directories are written unlocked
+    fcntl = None
 
 
 class DiskFullError(PeftkitError):
@@ -201,41 +205,55 @@ def fsync_path(path: str | os.PathLike) -> None:
 def atomic_directory(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `path` (old contents removed).
 
-    The temporary directory is flock-ed while it is written, so another process tidying leftovers of killed writes
-    passes it by (`being_written`). replace=False: a `path` that another process wrote meanwhile (anything but an
-    empty directory) is an error, and stays as it is."""
+    The temporary directory is locked while it is written (`locked_directory`), so another process tidying leftovers
+    of killed writes passes it by (`being_written`). replace=False: a `path` that another process wrote meanwhile
+    (anything but an empty directory) is an error, and stays as it is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_errors(path):
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp"))
-    lock = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        _as_created(tmp, directory=True)
-        with _disk_errors(path), _named_as(tmp, path):
-            yield tmp
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    _as_created(f)  # what a library wrote inside with a private mode too
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-                elif f.is_dir():
-                    _as_created(f, directory=True)
-            if path.exists() and replace:
-                # Two renames: the old directory stays whole until the new one is complete.
-                old = path.with_name(f".{_short(path.name)}.old")
-                _remove(old)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                _remove(old)
-            else:
-                _rename_into_place(tmp, path)
+        with locked_directory(tmp):
+            _as_created(tmp, directory=True)
+            with _disk_errors(path), _named_as(tmp, path):
+                yield tmp
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        _as_created(f)  # what a library wrote inside with a private mode too
+                        with open(f, "rb") as fh:
+                            os.fsync(fh.fileno())
+                    elif f.is_dir():
+                        _as_created(f, directory=True)
+                if path.exists() and replace:
+                    # Two renames: the old directory stays whole until the new one is complete.
+                    old = path.with_name(f".{_short(path.name)}.old")
+                    _remove(old)
+                    os.replace(path, old)
+                    os.replace(tmp, path)
+                    _remove(old)
+                else:
+                    _rename_into_place(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def locked_directory(path: Path) -> Iterator[None]:
+    """An exclusive flock of directory `path` while the block runs, waiting for another holder. Where the system or
+    its file system cannot lock a directory (Windows; some network and FUSE file systems) the block runs unlocked,
+    as before there were locks: a lock only guards against other processes, never a condition to write."""
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
     finally:
-        os.close(lock)
+        if fd is not None:
+            os.close(fd)
 
 
 def _rename_into_place(tmp: Path, path: Path) -> None:
@@ -250,8 +268,9 @@ def _rename_into_place(tmp: Path, path: Path) -> None:
 
 
 def being_written(entry: Path) -> bool:
-    """Whether `entry` is the temporary directory of an `atomic_directory` that a live process is writing now."""
-    if entry.is_symlink() or not entry.is_dir():
+    """Whether `entry` is the temporary directory of an `atomic_directory` that a live process is writing now (False
+    where that cannot be told: no locks here)."""
+    if fcntl is None or entry.is_symlink() or not entry.is_dir():
         return False
     try:
         fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
@@ -261,6 +280,8 @@ def being_written(entry: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
+    except OSError:
+        return False
     finally:
         os.close(fd)
     return False

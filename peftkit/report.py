@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import html
 import io
 import json
 import math
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-from peftkit.fileio import atomic_directory
+from peftkit.fileio import atomic_directory, locked_directory
 from peftkit.manifest import read_manifest
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
 
@@ -236,7 +233,7 @@ def write_report(run_dir: Path, log_scale: bool = False) -> Path:
     while True:
         finished = _finished(run_dir)
         plots, page = _render(run_dir, log_scale)
-        with _report_lock(run_dir):
+        with locked_directory(run_dir):  # one report put in place at a time (a training holds the run's own lock)
             if _finished(run_dir) == finished:
                 with atomic_directory(run_dir / REPORT_DIR) as tmp:
                     for stem, data in plots.items():
@@ -266,15 +263,3 @@ def _finished(run_dir: Path) -> tuple[int, int] | None:
         stat = (run_dir / "manifest.json").stat()
         return stat.st_ino, stat.st_mtime_ns
     return None
-
-
-@contextlib.contextmanager
-def _report_lock(run_dir: Path) -> Iterator[None]:
-    """Only one process at a time puts a report in place in `run_dir` (a flock of the directory itself: the run's own
-    lock is held by a training for all its run)."""
-    fd = os.open(run_dir, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

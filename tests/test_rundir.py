@@ -623,6 +623,29 @@ def test_two_merges_into_one_output(adapter_run, tmp_path, monkeypatch):
     assert (output / "config.json").is_file() and not (output / "theirs.txt").exists()
 
 
+@pytest.mark.parametrize("system", ["windows", "no directory locks"])
+def test_directories_are_written_where_they_cannot_be_locked(system, tmp_path, monkeypatch):
+    """The lock of a directory being written only guards against other processes: where there is none (Windows:
+    no fcntl; NFS refuses an exclusive flock on a read-only descriptor, some FUSE file systems any), it is written
+    unlocked, as before locks, never refused."""
+    import errno
+    import types
+
+    from peftkit import fileio
+
+    def refuse(fd, flags):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fileio, "fcntl", None if system == "windows" else types.SimpleNamespace(
+        flock=refuse, LOCK_EX=2, LOCK_NB=4))
+    with fileio.atomic_directory(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("x")
+        assert not fileio.being_written(tmp)
+    with fileio.locked_directory(tmp_path):
+        pass
+    assert (tmp_path / "d" / "f").read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
 # ---------------------------------------------------------------------------------------------- eval --json
 
 
