@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import codecs
 import gc
 import os
 import signal
@@ -135,7 +136,8 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
 
     from peftkit.recipe import load_recipe
 
-    resolved = load_recipe(recipe, overrides or [], missing_adapters_ok=True)
+    missing: list[str] = []
+    resolved = load_recipe(recipe, overrides or [], missing_adapters=missing)
     console.print(f"# {recipe}: valid", style="green", markup=False)
     # A value the recipe's rules take for a local path (not a hub id) should be there: train would stop at it. A
     # warning, not an error: the recipe may be meant for another machine.
@@ -144,10 +146,11 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
     for key, value in (("model.name_or_path", resolved.model.name_or_path), ("data.train", resolved.data.train),
                        ("data.eval", resolved.data.eval), *fused,
                        ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
-        if value and Path(value).is_absolute() and not Path(value).exists():
-            hub = ", nor is it a hub adapter that could be fetched" if key.startswith("adapter.") else ""
+        if value and Path(value).is_absolute() and not Path(value).exists() and not any(key in m for m in missing):
             err_console.print(f"[yellow]warning:[/] {key} {escape(value)} does not exist here (a relative path is resolved "
-                              f"against the recipe's directory){hub}; train would stop at it.", highlight=False)
+                              "against the recipe's directory); train would stop at it.", highlight=False)
+    for message in missing:  # a path that could be a hub id too: why neither is there
+        err_console.print(f"[yellow]warning:[/] {escape(message)} Train would stop at it.", highlight=False)
     print(resolved.to_yaml(), end="")
 
 
@@ -558,10 +561,20 @@ def _typed(text: str) -> str:
 def _printable_output() -> None:
     """Where stdout or stderr cannot encode every character (a non-UTF-8 locale, PYTHONIOENCODING=ascii, a Windows
     console), print what they cannot as `\\xe9`-style escapes: a character in a message, a path or a generated text
-    crashed the command with UnicodeEncodeError, after the work was done."""
+    crashed the command with UnicodeEncodeError, after the work was done. The bytes of a file name the locale could
+    not decode (kept as lone surrogates) are written back as they were."""
+    codecs.register_error("peftkit", _escape_unprintable)
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") not in ("utf8", "utf16"):
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="peftkit")
+
+
+def _escape_unprintable(error: UnicodeError) -> tuple[str | bytes, int]:
+    """The `peftkit` codec error handler: surrogateescape's bytes for lone surrogates, else backslashreplace."""
+    text = error.object[error.start:error.end]
+    if isinstance(error, UnicodeEncodeError) and all("\udc80" <= c <= "\udcff" for c in text):
+        return bytes(ord(c) - 0xDC00 for c in text), error.end
+    return codecs.backslashreplace_errors(error)
 
 
 def _run_command() -> None:

@@ -155,7 +155,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     name, revision = check_same_base(sources, base)
     check_combinable(combination, sources, into_base)
     protected = {"base model": name} | {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}
-    check_merge_output(Path(output_dir), protected, overwrite)
+    output_dir = str(check_merge_output(Path(output_dir), protected, overwrite))  # (a symbolic link: its target)
     model = skeleton(name, revision, trust_remote_code)
     check_fits(sources, model, combination)
     loaded = None

@@ -331,9 +331,10 @@ def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_st
     SIGTERM here is passed to it once (it passes it to the processes, which checkpoint and stop) and this process
     relays their last words."""
     linux = sys.platform.startswith("linux")
+    # The processes write their stderr in the encoding this one's has (the same environment): read it back in it.
     proc = subprocess.Popen(launch_command(num_processes, argv, kind, zero_stage), stderr=subprocess.PIPE,
-                            encoding="utf-8", errors="replace", bufsize=1, start_new_session=linux,
-                            preexec_fn=die_with_parent if linux else None)
+                            encoding=sys.stderr.encoding or "utf-8", errors="replace", bufsize=1,
+                            start_new_session=linux, preexec_fn=die_with_parent if linux else None)
     forward = {sig: signal.signal(sig, lambda number, _: proc.send_signal(number))
                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

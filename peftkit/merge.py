@@ -227,8 +227,9 @@ def merge_device(adapter_dir: str) -> torch.device:
     return torch.device("cpu")
 
 
-def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool) -> None:
-    """Refuse an --output whose replacement would delete something peftkit did not write.
+def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool) -> Path:
+    """Refuse an --output whose replacement would delete something peftkit did not write; the output resolved (a
+    symbolic link's target: what is checked is what is written).
 
     `output` is replaced as a whole, so it must not be (or contain) the current directory, the base model or
     the adapter, even with --overwrite; an existing file or non-empty directory needs --overwrite.
@@ -268,6 +269,7 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
         kind = ("a file" if not output.is_dir() else "a peftkit run directory" if (output / "recipe.yaml").exists()
                 else "a model directory" if (output / "config.json").exists() else "a directory that is not empty")
         raise PeftkitError(f"--output {output} is {kind}. Choose a new directory, or pass --overwrite to replace it.")
+    return output
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None,
@@ -289,14 +291,14 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     check_adapter_dir(Path(adapter_dir))
     refuse_unmergeable(read_peft_config(Path(adapter_dir))[0])  # before minutes of loading the base
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
-    for out in outputs:
-        check_merge_output(out, {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}, overwrite)
+    protected = {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}
+    targets = [check_merge_output(out, protected, overwrite) for out in outputs]
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
     merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
-    save_merged(merged, tok, output_dir, base_provenance(base.name_or_path, base.revision, base.trust_remote_code),
+    save_merged(merged, tok, targets[0], base_provenance(base.name_or_path, base.revision, base.trust_remote_code),
                 replace=overwrite)
     if requantize:
-        requantize_model(output_dir, outputs[1], requantize, replace=overwrite)
+        requantize_model(targets[0], targets[1], requantize, replace=overwrite)
     return Path(output_dir)
 
 

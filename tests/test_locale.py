@@ -61,3 +61,16 @@ def test_a_run_in_an_ascii_locale(tmp_path, tiny_llama):
     assert generated.stdout.startswith("Salue \\u2713")  # the prompt's bytes read as UTF-8, not lone surrogates
     assert "verified" in _peftkit("verify", str(run)).stdout
     assert "prompt_tuning" in _peftkit("inspect", str(run / "adapter")).stdout
+
+
+def test_a_file_name_the_locale_cannot_decode_is_printed_as_its_bytes(tmp_path):
+    """Python keeps such a name's bytes as lone surrogates; escaping them (`\\udce9`) printed a path that is not
+    the file's: they go out as the bytes they were."""
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(folder)
+    with open(folder + b"/r.yaml", "w", encoding="utf-8") as f:
+        f.write("model: {name_or_path: m}\ndata: {train: t.jsonl}\nexport: {output_dir: o}\n")
+    result = subprocess.run([sys.executable, "-m", "peftkit", "validate", folder + b"/r.yaml"], capture_output=True,
+                            env=_ascii_locale(), timeout=120, check=False)
+    assert result.returncode == 0 and result.stdout.startswith(b"# " + folder + b"/r.yaml: valid"), result
+

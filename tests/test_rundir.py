@@ -623,6 +623,17 @@ def test_two_merges_into_one_output(adapter_run, tmp_path, monkeypatch):
     assert (output / "config.json").is_file() and not (output / "theirs.txt").exists()
 
 
+def test_merge_into_a_link_to_an_empty_directory(adapter_run, tmp_path):
+    """The link's target is what is checked and what is written (a merge that refused replaced outputs failed here at
+    its end, saying another process had written the link)."""
+    from peftkit.merge import merge_adapter
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "link"))
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("system", ["windows", "no directory locks"])
 def test_directories_are_written_where_they_cannot_be_locked(system, tmp_path, monkeypatch):
     """The lock of a directory being written only guards against other processes: where there is none (Windows:

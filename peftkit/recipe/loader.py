@@ -340,15 +340,16 @@ _FIELD_NAMES = _all_fields(Recipe)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
-                missing_adapters_ok: bool = False) -> Recipe:
+                missing_adapters: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; raise PeftkitError with every problem found.
 
     Args:
         path: the YAML file.
         overrides: `KEY=VALUE` strings (`training.lr=2e-4`); VALUE is parsed as YAML.
-        missing_adapters_ok: an adapter directory the recipe starts from (`adapter.fuse`, `source_adapter`) that is
-            neither here nor a hub adapter that can be fetched stays its local path (`peftkit validate`: the recipe
-            may be meant for another machine) instead of being an error. `adapter.init_from` is read either way.
+        missing_adapters: where given, an adapter directory the recipe starts from (`adapter.fuse`,
+            `source_adapter`) that is neither here nor a hub adapter that can be fetched is said here and stays its
+            local path (`peftkit validate`: the recipe may be meant for another machine), instead of being an error.
+            `adapter.init_from` is read either way.
     """
     path = Path(path)
     data, lines, empty = _read_yaml(path)
@@ -389,9 +390,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
             try:
                 return hub_adapter(value, tried=resolved) or resolved
             except PeftkitError as e:
-                if missing_adapters_ok and loc[1] != "init_from":
-                    return resolved
-                raise PeftkitError(f"{where}: {key}: {e}") from None
+                if missing_adapters is None or loc[1] == "init_from":
+                    raise PeftkitError(f"{where}: {key}: {e}") from None
+                missing_adapters.append(f"{where}: {key}: {e}")
+                return resolved
         return resolved
 
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
