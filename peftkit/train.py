@@ -428,7 +428,10 @@ def _loop(run: _Run, state: LoopState) -> None:
                           collate=collate, pin_memory=run.accelerator.device.type == "cuda")  # copies then run async
     run.model.train()
     window_start, window_tokens = time.time(), 0
-    with StopRequest() as stop, TrainProgress(run.console, run.total_steps, state.step) as progress:
+    # closing: the data workers stop with the loop, whatever ends it. An error's traceback keeps this frame (and so
+    # the stream) alive to the interpreter's exit, which then waited forever on workers that ignore SIGTERM.
+    with contextlib.closing(stream), StopRequest() as stop, TrainProgress(run.console, run.total_steps,
+                                                                          state.step) as progress:
         while state.step < run.total_steps and not run.stopped_early:
             _stop_if_asked(run, state, stop)
             window = next(stream)

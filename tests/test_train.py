@@ -85,6 +85,33 @@ def test_train_export_eval_merge_cli(tiny_llama, number_data, tmp_path):
         assert (again(IDS).logits - merged(IDS).logits).abs().max() <= 1e-6
 
 
+CRASH_AT_STEP_3 = """
+import sys
+import peftkit.train as pt
+real, calls = pt._step, []
+def step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("a bug at step 3")
+    return real(*args, **kwargs)
+pt._step = step
+from peftkit.cli import main
+sys.argv = ["peftkit", "train", sys.argv[1]]
+main()
+"""
+
+
+def test_a_crash_with_data_workers_ends_the_process(tiny_llama, number_data, tmp_path):
+    """An unexpected error in training with data.num_workers > 0 printed its traceback and then hung for ever: the
+    traceback kept the data loader alive to the interpreter's exit, which waited on workers that ignore SIGTERM."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"num_workers": 2}, training={"max_steps": 20},
+                         eval={"base_model": False})
+    (tmp_path / "crash.py").write_text(CRASH_AT_STEP_3)
+    done = subprocess.run([sys.executable, str(tmp_path / "crash.py"), str(recipe)], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 1 and "RuntimeError: a bug at step 3" in done.stderr, done.stderr[-2000:]
+
+
 def test_same_seed_same_bits_with_accumulation_and_workers(tiny_llama, number_data, tmp_path):
     """Bit-identical adapters across runs; data loader workers do not change the data order."""
     shas = []
