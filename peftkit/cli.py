@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import codecs
+import errno
 import gc
 import os
 import signal
@@ -440,6 +441,8 @@ def chat(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not).")],
     log_scale: Annotated[bool, typer.Option("--log-scale", help="Loss on a log scale.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", help="Write the report directory here instead of "
+                                                  "RUN_DIR/report (a run on read-only storage).")] = None,
 ) -> None:
     """Write RUN_DIR/report/report.html (self-contained) and its plots as PNGs: loss, learning rate, grad norm,
     tokens/s, peak memory, base vs fine-tuned eval, the recipe and the environment."""
@@ -447,7 +450,7 @@ def report(
 
     from peftkit.report import write_report
 
-    console.print(f"wrote {escape(str(write_report(run_dir, log_scale)))}")
+    console.print(f"wrote {escape(str(write_report(run_dir, log_scale, _expanded(output))))}")
 
 
 @app.command()
@@ -596,6 +599,12 @@ def _run_command() -> None:
         err_console.print(f"[bold red]error:[/] {escape(what)}: permission denied. Check that the user running "
                           "peftkit may read it (inputs) or write there (outputs), or choose another path.",
                           highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(str(e.filename))}: read-only file system. Choose an output "
+                          "on writable storage.", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

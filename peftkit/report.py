@@ -16,6 +16,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -224,22 +225,33 @@ def _task(recipe_text: str) -> str | None:
     return model.get("task") if isinstance(model, dict) else None
 
 
-def write_report(run_dir: Path, log_scale: bool = False) -> Path:
-    """Write RUN_DIR/report/ (report.html and the PNGs) as a whole; returns the html file.
+def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = None) -> Path:
+    """Write RUN_DIR/report/ (or `output`: report.html and the PNGs) as a whole; returns the html file.
 
     A report of a run still training may be drawn while the run finishes and writes its own final report: it is
     then drawn again from the finished run rather than put over the final one."""
     run_dir = Path(run_dir)
+    out = Path(output) if output is not None else run_dir / REPORT_DIR
+    read_metrics(run_dir)  # what is not a run is said first
+    _check_writable(out.parent, out)
     while True:
         finished = _finished(run_dir)
         plots, page = _render(run_dir, log_scale)
         with locked_directory(run_dir):  # one report put in place at a time (a training holds the run's own lock)
             if _finished(run_dir) == finished:
-                with atomic_directory(run_dir / REPORT_DIR) as tmp:
+                with atomic_directory(out) as tmp:
                     for stem, data in plots.items():
                         (tmp / f"{stem}.png").write_bytes(data)
                     (tmp / "report.html").write_text(page, encoding="utf-8")
-                return run_dir / REPORT_DIR / "report.html"
+                return out / "report.html"
+
+
+def _check_writable(parent: Path, out: Path) -> None:
+    """Refuse, before drawing, a report directory whose parent cannot be written (read-only storage, permissions)."""
+    if parent.is_dir() and not os.access(parent, os.W_OK):
+        read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        why = "read-only file system" if read_only else f"permission denied ({parent} is not writable by this user)"
+        raise PeftkitError(f"{out}: {why}. Write the report elsewhere with --output DIR.")
 
 
 def _render(run_dir: Path, log_scale: bool) -> tuple[dict[str, bytes], str]:

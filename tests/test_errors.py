@@ -861,7 +861,27 @@ def test_a_read_only_run_directory_is_a_clear_error_for_report(assets, tmp_path)
     finally:
         out.chmod(0o755)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert f"error: {out / 'report'}: permission denied." in " ".join(done.stderr.split())
+    assert f"error: {out / 'report'}: permission denied ({out} is not writable by this user). Write the report " \
+        "elsewhere with --output DIR." in " ".join(done.stderr.split())
+
+
+def test_a_run_on_a_read_only_file_system_is_reported_elsewhere(assets, tmp_path):
+    """A run on read-only storage (a bind mount here): `peftkit report` printed an OSError traceback (EROFS is no
+    PermissionError); it says so before drawing, and `--output DIR` writes the report elsewhere."""
+    out = tmp_path / "run"
+    shutil.copytree(assets["run"], out)
+    shutil.rmtree(out / "report", ignore_errors=True)
+    mount = f"mount --bind {out} {out} && mount -o remount,bind,ro {out}"
+    script = f"{mount} && {sys.executable} -m peftkit report {out}; {sys.executable} -m peftkit report {out} " \
+             f"--output {tmp_path / 'elsewhere'}"
+    can = shutil.which("unshare") and subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode == 0
+    if not can:
+        pytest.skip("no read-only bind mount here (unshare -m needs root and a kernel that allows it)")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    said = " ".join(done.stderr.split())
+    assert "Traceback" not in said and f"error: {out / 'report'}: read-only file system. Write the report elsewhere " \
+        "with --output DIR." in said, said
+    assert (tmp_path / "elsewhere" / "report.html").is_file() and not (out / "report").exists()
 
 
 def test_a_file_size_limit_is_a_clear_error(tmp_path):
