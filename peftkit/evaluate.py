@@ -19,7 +19,8 @@ from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
-from peftkit.inference import ModelSource, check_choices, check_no_overrides, hub_data_flags, recipe_source
+from peftkit.inference import (ModelSource, check_base_is_there, check_choices, check_no_overrides, hub_data_flags,
+                               recipe_source)
 from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
@@ -230,6 +231,9 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         source = data or cfg.data.eval
         if not source:
             raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
+        if not data and Path(source).is_absolute() and not Path(source).exists():  # a moved project, a copied run
+            raise PeftkitError(f"data.eval {source} of {recipe} is not there: moved or deleted since? Give the data "
+                               "with --data FILE.")
         # data.revision is the recipe's datasets' revision, not another dataset's given with --data
         own = cfg.data if data in (None, cfg.data.train, cfg.data.eval) else cfg.data.model_copy(update={"revision": None})
         job = EvalJob(data=source, data_cfg=own, split=cfg.data.eval_split if not data else "train",
@@ -240,6 +244,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
     job.data_cfg = job.data_cfg.model_copy(update=updates)
     job.source = job.source.with_flags(model, adapter, trust_remote_code)
+    check_base_is_there(job.source, recipe)
     job.batch_size = batch_size or job.batch_size
     job.metrics = parse_metrics(metrics) if metrics else list(dict.fromkeys([*job.metrics, *eval_cfg.metrics]))
     normalize = normalize or eval_cfg.normalize

@@ -171,11 +171,29 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
                                "run directory.")
         check_no_overrides(overrides, command)
         source, cfg = ModelSource().with_flags(model, adapter, trust_remote_code), None
+    check_base_is_there(source, recipe)
     if command in ("generate", "chat") and source.classifier():
         raise PeftkitError(f"{source.describe()} is a sequence classifier: it predicts a label and generates no text, "
                            f"so there is nothing for peftkit {command} to do. Score it with `peftkit eval` (loss, "
                            "accuracy, macro_f1).")
     return source, cfg
+
+
+def check_base_is_there(source: ModelSource, recipe: Path | None) -> None:
+    """A base recorded as a local path (a recipe's model.name_or_path, an adapter's base_model_name_or_path) that is
+    gone, as after moving a project or copying a run to another machine, is said with where the path comes from and
+    how to give the base instead (it was "Model directory not found")."""
+    if source.model is not None and not source.model_from_recipe:
+        return  # --model: the user's own path, said as it is
+    base = source.base
+    if not base or not Path(base).is_absolute() or Path(base).exists():
+        return
+    if source.model_from_recipe:
+        where = f"model.name_or_path of {recipe / 'recipe.yaml' if recipe.is_dir() else recipe}"
+    else:
+        where = f"base_model_name_or_path of {Path(source.adapter) / 'adapter_config.json'}"
+    raise PeftkitError(f"The base model {base} ({where}) is not there: moved or deleted since? Give it with "
+                       "--model DIR.")
 
 
 def check_no_overrides(overrides: list[str], command: str) -> None:

@@ -291,7 +291,12 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     check_adapter_dir(Path(adapter_dir))
     refuse_unmergeable(read_peft_config(Path(adapter_dir))[0])  # before minutes of loading the base
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
-    protected = {"base model": base or recorded_base(adapter_dir), "adapter": adapter_dir}
+    recorded = recorded_base(adapter_dir)
+    if base is None and recorded and Path(recorded).is_absolute() and not Path(recorded).exists():
+        config = Path(adapter_dir) / "adapter_config.json"
+        raise PeftkitError(f"The base model {recorded} (base_model_name_or_path of {config}) is not there: moved or "
+                           "deleted since? Give it with --base DIR.")
+    protected = {"base model": base or recorded, "adapter": adapter_dir}
     targets = [check_merge_output(out, protected, overwrite) for out in outputs]
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
     merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])

@@ -851,6 +851,48 @@ def test_overwrite_that_cannot_move_an_entry_leaves_the_earlier_run_whole(assets
     assert sorted(p.name for p in out.iterdir()) == before and "r: 4" not in (out / "recipe.yaml").read_text()
 
 
+def test_a_run_whose_base_and_data_moved_says_where_they_were_named(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A project moved, or a run copied to another machine: eval, generate and merge of the run said only "Model
+    directory not found: /old/path", not that it is the recipe's (or the adapter's) and how to give another."""
+    from conftest import make_recipe
+
+    from peftkit.train import train
+
+    project = tmp_path / "project"
+    shutil.copytree(tiny_llama, project / "model")
+    shutil.copytree(number_data["eval"].parent, project / "data")
+    data = {"train": project / "data" / "train.jsonl", "eval": project / "data" / "eval.jsonl"}
+    recipe = make_recipe(project, project / "model", data, training={"max_steps": 1}, eval={"base_model": False})
+    train(load_recipe(recipe))
+    run = project / "run"
+    (project / "model").rename(tmp_path / "model")
+    (project / "data").rename(tmp_path / "data")
+
+    def said(*args: str) -> str:
+        return " ".join(cli_user_error(monkeypatch, capsys, *args).split())
+
+    base = f"The base model {project / 'model'}"
+    assert said("eval", str(run)) == (f"error: data.eval {project / 'data' / 'eval.jsonl'} of {run} is not there: "
+                                      "moved or deleted since? Give the data with --data FILE.")
+    assert said("eval", str(run), "--data", str(tmp_path / "data" / "eval.jsonl")) == (
+        f"error: {base} (model.name_or_path of {run / 'recipe.yaml'}) is not there: moved or deleted since? Give it "
+        "with --model DIR.")
+    assert said("generate", "--adapter", str(run / "adapter"), "--prompt", "x") == (
+        f"error: {base} (base_model_name_or_path of {run / 'adapter' / 'adapter_config.json'}) is not there: moved "
+        "or deleted since? Give it with --model DIR.")
+    assert said("merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "m")) == (
+        f"error: {base} (base_model_name_or_path of {run / 'adapter' / 'adapter_config.json'}) is not there: moved "
+        "or deleted since? Give it with --base DIR.")
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    done = CliRunner().invoke(app, ["eval", str(run), "--model", str(tmp_path / "model"), "--data",
+                                    str(tmp_path / "data" / "eval.jsonl")])
+    assert done.exit_code == 0 and "loss" in done.output, done.output  # what the messages say to do, works
+
+
 def test_a_read_only_run_directory_is_a_clear_error_for_report(assets, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(assets["run"], out)
