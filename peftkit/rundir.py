@@ -47,9 +47,9 @@ def is_run(out: Path) -> bool:
     return (out / "recipe.yaml").exists() or (out / "manifest.json").exists()
 
 
-def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool) -> None:
+def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool) -> list[str]:
     """Refuse, before anything expensive, every way a run could clobber or mix with what is in `out` (an
-    existing directory).
+    existing directory); notes for the console.
 
     Args:
         out: export.output_dir.
@@ -74,11 +74,21 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
                 "stay)."
             )
     previous = out / "recipe.yaml"
-    if not overwrite and previous.exists() and _normalised(previous) != recipe_yaml:
-        raise PeftkitError(
-            f"{out} holds a run of a different recipe (its recipe.yaml differs). Choose another export.output_dir, "
-            "or pass --overwrite to replace that run."
-        )
+    notes = []
+    if not overwrite and previous.exists() and (before := _normalised(previous)) != recipe_yaml:
+        changed = _changed_keys(before, recipe_yaml)
+        if not changed or (other := [key for key in changed if key.split("[")[0] not in PATH_KEYS]):
+            keys = f" in {', '.join(other[:5])}" if changed else ""  # (not in the paths: those may have moved)
+            raise PeftkitError(
+                f"{out} holds a run of a different recipe (its recipe.yaml differs{keys}). Choose another "
+                "export.output_dir, or pass --overwrite to replace that run."
+            )
+        # The same recipe, its files at other paths (a moved project, a copied run): the same run. A resume checks
+        # the files' contents against what its checkpoint recorded.
+        shown = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in list(changed.items())[:3])
+        notes.append(f"{out} holds a run of this recipe made with its files at other paths ({shown}"
+                     f"{'; ...' if len(changed) > 3 else ''}); it is taken as the same run"
+                     + (", its inputs checked against its checkpoint." if resume else "."))
     has_checkpoints = bool(checkpoint_names(out / "checkpoints"))
     if resume and not has_checkpoints:
         raise PeftkitError(f"--resume: no checkpoint in {out / 'checkpoints'} to continue from (the run stopped before "
@@ -90,6 +100,30 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
             f"{out} holds an unfinished run of this recipe, with checkpoints in {out / 'checkpoints'}. Continue it "
             "with --resume, or pass --overwrite to start again from step 0 (its checkpoints are then removed)."
         )
+    return notes
+
+
+PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir", "adapter.init_from",
+             "adapter.fuse", "adapter.source_adapter")
+"""A recipe's keys that hold paths, resolved to absolute ones in a run's recipe.yaml: they change when a project moves."""
+
+
+def _changed_keys(before: str | None, after: str) -> dict[str, tuple]:
+    """{dotted key: (value in `before`, value in `after`)} of two resolved recipes' YAML; {} when `before` is None."""
+    import yaml
+
+    if before is None:
+        return {}
+
+    def flat(value, prefix: str = "") -> dict:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            return {f"{prefix[:-1]}[{i}]": item for i, item in enumerate(value)}
+        return {prefix[:-1]: value}
+
+    old, new = flat(yaml.safe_load(before)), flat(yaml.safe_load(after))
+    return {key: (old.get(key), new.get(key)) for key in dict.fromkeys([*old, *new]) if old.get(key) != new.get(key)}
 
 
 def checkpoint_names(checkpoints: Path) -> list[str]:
@@ -171,12 +205,12 @@ def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, con
     fresh_lock = not (out / LOCK_NAME).exists()
     with run_lock(out):
         try:
-            check_output_dir(out, recipe_yaml, resume, overwrite)
+            notes = check_output_dir(out, recipe_yaml, resume, overwrite)
         except PeftkitError:
             if fresh_lock:  # refused before writing anything: leave the directory as it was found
                 (out / LOCK_NAME).unlink(missing_ok=True)
             raise
-        for note in recover_and_tidy(out):
+        for note in notes + recover_and_tidy(out):
             console.print(f"note: {note}", highlight=False, markup=False)
         if not resume and (out / "manifest.json").exists():
             console.print(f"note: {out} holds a finished run; this run replaces it once its data and model have "

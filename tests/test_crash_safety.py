@@ -1,15 +1,19 @@
 """Crash safety: atomic writes, a full disk, NaN losses, Ctrl-C."""
 
 import errno
+import io
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from peftkit import fileio
@@ -215,6 +219,56 @@ def test_signal_mid_step_checkpoints_that_step_and_resumes_bit_identically(tiny_
     from peftkit.reproduced import _differ
 
     assert _differ("", {"resumed_at_step": at, "steps": 8}, {"steps": 8}, 0) == []  # verify's re-run runs straight
+
+
+def _project(root: Path, model: Path, files: dict[str, Path], lr: float = 0.1) -> Path:
+    """A project as users lay one out: model, data and a recipe naming them by relative paths."""
+    shutil.copytree(model, root / "model")
+    for name in ("train", "eval"):
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copy(files[name], root / "data" / f"{name}.jsonl")
+    (root / "recipe.yaml").write_text(
+        "model: {name_or_path: model, dtype: float32}\n"
+        "adapter: {r: 4, alpha: 8, target_modules: all-linear}\n"
+        "data: {train: data/train.jsonl, eval: data/eval.jsonl, format: alpaca, max_length: 128}\n"
+        f"training: {{max_steps: 6, batch_size: 4, lr: {lr}, optimizer: sgd, save_steps: 2, seed: 0}}\n"
+        "export: {output_dir: run, report: false}\neval: {base_model: false, samples: 0}\n")
+    return root / "recipe.yaml"
+
+
+def test_a_moved_project_resumes_its_run(tiny_llama, number_data, tmp_path, monkeypatch):
+    """A project moved (or a run copied to another machine) with its unfinished run: --resume was refused as "a run
+    of a different recipe" (the resolved paths differ), and the advice was --overwrite, which deletes the
+    checkpoints. The same recipe at other paths is the same run; the checkpoint's record of the inputs' contents
+    decides, as for any resume."""
+    straight = _project(tmp_path / "straight", tiny_llama, number_data)
+    train(load_recipe(straight))
+    moved = _project(tmp_path / "here", tiny_llama, number_data)
+    stepped, original_step = [], torch.optim.SGD.step
+
+    def step_then_sigterm(self, *args, **kwargs):
+        result = original_step(self, *args, **kwargs)
+        stepped.append(1)
+        if len(stepped) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_sigterm)
+    with pytest.raises(PeftkitError, match="Stopped by SIGTERM at step 3"):
+        train(load_recipe(moved))
+    monkeypatch.undo()
+    (tmp_path / "here").rename(tmp_path / "there")
+    out = io.StringIO()
+    train(load_recipe(tmp_path / "there" / "recipe.yaml"), resume=True, console=Console(file=out, width=1000))
+    assert f"made with its files at other paths (model.name_or_path: {tmp_path / 'here' / 'model'} -> " \
+        f"{tmp_path / 'there' / 'model'}" in " ".join(out.getvalue().split())
+    assert _adapter_bytes(tmp_path / "there" / "run") == _adapter_bytes(tmp_path / "straight" / "run")
+    # Another recipe is still another run, its changed keys named.
+    other = _project(tmp_path / "other", tiny_llama, number_data, lr=0.2)
+    shutil.copytree(tmp_path / "there" / "run", tmp_path / "other" / "run")
+    with pytest.raises(PeftkitError, match=r"holds a run of a different recipe \(its recipe.yaml differs in "
+                                           r"training.lr\)"):
+        train(load_recipe(other), resume=True)
 
 
 def test_ctrl_c_in_a_real_process_saves_checkpoint_and_resumes(tiny_llama, number_data, tmp_path):
