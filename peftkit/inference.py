@@ -216,18 +216,23 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False) -> tu
                                "directory.")
         recipe = run_dir / "recipe.yaml"
     adapter = run_dir / "adapter" if run_dir is not None else None
+    cfg = load_recipe(recipe, overrides)
+    if run_dir is not None and Path(cfg.export.output_dir).resolve() == run_dir.resolve():
+        resume = f"`peftkit train {recipe} --resume`"
+    else:  # a moved or copied run: its recipe.yaml would resume the original (and is refused)
+        resume = f"`peftkit train RECIPE --resume` with its project's recipe ({recipe} names {cfg.export.output_dir})"
     if adapter is not None and not adapter.is_dir() and not named:
         instead = (f"evaluate its merged model with --model {run_dir / 'merged'}" if (run_dir / "merged").is_dir()
-                   else f"finish it with `peftkit train {recipe} --resume`" if (run_dir / "checkpoints").is_dir()
+                   else f"finish it with {resume}" if (run_dir / "checkpoints").is_dir()
                    else "export it with export.adapter: true")
         raise PeftkitError(f"{run_dir} holds no adapter/ (export.adapter: false, or the run has not finished), so its "
                            f"base model would stand in for the fine-tuned one. Name what to load: {instead}, or give "
                            f"--adapter DIR (the base model alone: pass {recipe}).")
     if adapter is not None and adapter.is_dir() and not (run_dir / "manifest.json").exists():
         warnings.warn(PeftkitWarning(f"{run_dir} has no manifest.json: the run has not finished (or was stopped while "
-                                     f"it made its end again); this is the adapter/ it exported last. `peftkit train "
-                                     f"{recipe} --resume` finishes it."), stacklevel=2)
-    return load_recipe(recipe, overrides), str(adapter) if adapter is not None and adapter.is_dir() else None
+                                     f"it made its end again); this is the adapter/ it exported last. {resume} "
+                                     "finishes it."), stacklevel=2)
+    return cfg, str(adapter) if adapter is not None and adapter.is_dir() else None
 
 
 def hub_data_flags(data: str | None, split: str | None, revision: str | None, data_cfg: DataConfig | None,

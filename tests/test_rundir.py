@@ -316,8 +316,13 @@ def test_a_finished_run_killed_while_resumed_no_longer_looks_finished(tiny_llama
         train(recipe, resume=True, console=_console()[0])
     assert not (run / "manifest.json").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 6
     result = CliRunner().invoke(app, ["eval", str(run)])  # its adapter/ is the one exported last: evaluated, said
-    assert result.exit_code == 0 and f"{run} has no manifest.json: the run has not finished" in " ".join(
-        result.stderr.split()), result.output
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and f"{run} has no manifest.json: the run has not finished" in said, result.output
+    assert f"`peftkit train {run / 'recipe.yaml'} --resume` finishes it." in said
+    copy = shutil.copytree(run, tmp_path / "copy")  # its recipe.yaml would resume the original, and is refused
+    said = " ".join(CliRunner().invoke(app, ["eval", str(copy)]).stderr.split())
+    assert (f"`peftkit train RECIPE --resume` with its project's recipe ({copy / 'recipe.yaml'} names {run}) "
+            "finishes it.") in said, said
     monkeypatch.undo()
     train(recipe, resume=True, console=_console()[0])
     assert verify(run, console=_console()[0]).ok
