@@ -126,6 +126,23 @@ def cli_user_error(monkeypatch, capsys, *args: str) -> str:
     return captured.err
 
 
+def signal_after_step(monkeypatch, optimizer: type, at: int, sig: int) -> None:
+    """Have `optimizer`'s step raise `sig` in this process right after its `at`-th call: a signal landing mid-run,
+    at a step's end (undo with monkeypatch.undo())."""
+    import signal
+
+    original, calls = optimizer.step, []
+
+    def step_then_signal(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == at:
+            signal.raise_signal(sig)
+        return result
+
+    monkeypatch.setattr(optimizer, "step", step_then_signal)
+
+
 def free_port() -> int:
     """A TCP port free now, for a launcher's rendezvous (launches in parallel test workers must not share one)."""
     import socket

@@ -28,7 +28,7 @@ from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import make_recipe, signal_after_step
 from tests.test_methods import _diff, _load, _logits
 
 INIT_R, TARGET_R, TINIT, TFINAL, TOTAL = 6, 3, 2, 3, 10
@@ -188,16 +188,7 @@ def test_resume_restores_the_allocator_bit_identically(tiny_llama, number_data, 
     straight = _recipe(tmp_path / "a", tiny_llama, number_data, **sections)
     train(load_recipe(straight))
 
-    stepped, original_step = [], torch.optim.AdamW.step
-
-    def step_then_signal(self, *args, **kwargs):
-        result = original_step(self, *args, **kwargs)
-        stepped.append(1)
-        if len(stepped) == 5:
-            signal.raise_signal(signal.SIGINT)
-        return result
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
+    signal_after_step(monkeypatch, torch.optim.AdamW, 5, signal.SIGINT)
     stopped = _recipe(tmp_path / "b", tiny_llama, number_data, **sections)
     with pytest.raises(PeftkitError, match="at step 5"):
         train(load_recipe(stopped))

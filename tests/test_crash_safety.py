@@ -22,7 +22,7 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory, atomic_write_bytes
 from peftkit.recipe import load_recipe
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import make_recipe, signal_after_step
 
 
 def _disk_full(*_args, **_kwargs):
@@ -192,17 +192,7 @@ def test_signal_mid_step_checkpoints_that_step_and_resumes_bit_identically(tiny_
     straight = make_recipe(tmp_path / "a", tiny_llama, number_data, **sections)
     train(load_recipe(straight))
 
-    stepped = []
-    original_step = torch.optim.SGD.step
-
-    def step_then_signal(self, *args, **kwargs):
-        result = original_step(self, *args, **kwargs)
-        stepped.append(1)
-        if len(stepped) == at:
-            signal.raise_signal(sig)
-        return result
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step_then_signal)
+    signal_after_step(monkeypatch, torch.optim.SGD, at, sig)
     interrupted = load_recipe(make_recipe(tmp_path / "b", tiny_llama, number_data, **sections))
     with pytest.raises(PeftkitError, match=f"at step {at}; checkpoint saved to .*step-0000000{at}.*--resume"):
         train(interrupted)
@@ -244,16 +234,7 @@ def test_a_moved_project_resumes_its_run(tiny_llama, number_data, tmp_path, monk
     straight = _project(tmp_path / "straight", tiny_llama, number_data)
     train(load_recipe(straight))
     moved = _project(tmp_path / "here", tiny_llama, number_data)
-    stepped, original_step = [], torch.optim.SGD.step
-
-    def step_then_sigterm(self, *args, **kwargs):
-        result = original_step(self, *args, **kwargs)
-        stepped.append(1)
-        if len(stepped) == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(torch.optim.SGD, "step", step_then_sigterm)
+    signal_after_step(monkeypatch, torch.optim.SGD, 3, signal.SIGTERM)
     with pytest.raises(PeftkitError, match="Stopped by SIGTERM at step 3"):
         train(load_recipe(moved))
     monkeypatch.undo()
