@@ -712,7 +712,7 @@ def test_output_dir_holding_a_different_run(assets):
     with pytest.raises(PeftkitError) as info:
         train(load_recipe(other), console=_quiet())
     assert str(info.value) == (
-        f"{assets['run']} holds a run of a different recipe (its recipe.yaml differs). Choose another "
+        f"{assets['run']} holds a run of a different recipe (its recipe.yaml differs in adapter.r). Choose another "
         "export.output_dir, or pass --overwrite to replace that run.")
     assert (assets["run"] / "adapter").is_dir()  # refused before touching the earlier run
 
