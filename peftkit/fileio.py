@@ -244,16 +244,29 @@ def locked_directory(path: Path) -> Iterator[None]:
     """An exclusive flock of directory `path` while the block runs, waiting for another holder. Where the system or
     its file system cannot lock a directory (Windows; some network and FUSE file systems) the block runs unlocked,
     as before there were locks: a lock only guards against other processes, never a condition to write."""
-    fd = None
-    if fcntl is not None:
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    fd = _flocked(path, fcntl.LOCK_EX) if fcntl is not None else None
     try:
         yield
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _flocked(path: Path, flags: int) -> int | None:
+    """A descriptor of `path` holding `flock(flags)`, or None where `path` cannot be locked here. With LOCK_NB, a lock
+    another holds raises BlockingIOError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, flags)
+    except OSError as e:
+        os.close(fd)
+        if isinstance(e, BlockingIOError):
+            raise
+        return None
+    return fd
 
 
 def _rename_into_place(tmp: Path, path: Path) -> None:
@@ -273,16 +286,10 @@ def being_written(entry: Path) -> bool:
     if fcntl is None or entry.is_symlink() or not entry.is_dir():
         return False
     try:
-        fd = os.open(entry, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = _flocked(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    except OSError:
-        return False
-    finally:
+    if fd is not None:
         os.close(fd)
     return False
 

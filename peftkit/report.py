@@ -232,11 +232,11 @@ def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = N
     then drawn again from the finished run rather than put over the final one."""
     run_dir = Path(run_dir)
     out = Path(output) if output is not None else run_dir / REPORT_DIR
-    read_metrics(run_dir)  # what is not a run is said first
-    _check_writable(out.parent, out)
     while True:
         finished = _finished(run_dir)
-        plots, page = _render(run_dir, log_scale)
+        train, evals = read_metrics(run_dir)  # (what is not a run is said first)
+        _check_writable(out.parent, out)  # before drawing
+        plots, page = _render(run_dir, train, evals, log_scale)
         with locked_directory(run_dir):  # one report put in place at a time (a training holds the run's own lock)
             if _finished(run_dir) == finished:
                 with atomic_directory(out) as tmp:
@@ -254,9 +254,8 @@ def _check_writable(parent: Path, out: Path) -> None:
         raise PeftkitError(f"{out}: {why}. Write the report elsewhere with --output DIR.")
 
 
-def _render(run_dir: Path, log_scale: bool) -> tuple[dict[str, bytes], str]:
-    """The plots (PNG bytes by stem) and the html page of what the run has written so far."""
-    train, evals = read_metrics(run_dir)
+def _render(run_dir: Path, train: list[dict], evals: list[dict], log_scale: bool) -> tuple[dict[str, bytes], str]:
+    """The plots (PNG bytes by stem) and the html page of what the run has written so far (`read_metrics`)."""
     if not train:
         raise PeftkitError(f"{run_dir}/metrics.jsonl has no training step yet; nothing to plot.")
     manifest_path = run_dir / "manifest.json"
