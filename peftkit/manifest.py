@@ -12,7 +12,8 @@ import json
 import platform
 import re
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
@@ -126,6 +127,35 @@ def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[t
     if not recorded:
         return []
     return changed_files(recorded, now, frozenset() if _LATER_HASHED & recorded.keys() else _LATER_HASHED)
+
+
+def base_changes(adapter_dir: str, name_or_path: str, revision: str | None) -> Callable[[], list] | None:
+    """A function returning `changed_model_files` between the base hashes recorded by the run that exported
+    `adapter_dir` (its run directory's manifest.json) and base `name_or_path` as it is now; None for an adapter outside
+    a finished run, or a record without hashes. The files are hashed in a thread while the caller loads the model
+    (hashlib and file reads release the GIL; a GB takes about a second here); the function waits for it."""
+    try:
+        recorded = json.loads((Path(adapter_dir).parent / MANIFEST).read_text(encoding="utf-8"))["base_model_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(recorded, dict) or not recorded:
+        return None
+
+    def compare() -> list[tuple[str, str]]:
+        try:
+            return changed_model_files(recorded, model_weight_hashes(name_or_path, revision))
+        except OSError:  # unreadable: the load says so in its own words
+            return []
+
+    found: list[list[tuple[str, str]]] = []
+    # A daemon thread: a load stopped by an error or Ctrl-C exits at once, not after hashing GBs.
+    thread = threading.Thread(target=lambda: found.append(compare()), name="peftkit-base-hashes", daemon=True)
+    thread.start()
+
+    def result() -> list[tuple[str, str]]:
+        thread.join()
+        return found[0] if found else []
+    return result
 
 
 def source_hashes(source: str, split: str, revision: str | None = None) -> dict[str, str]:

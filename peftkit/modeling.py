@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
-from peftkit.manifest import TOKENIZER_FILES, model_directory
+from peftkit.manifest import TOKENIZER_FILES, base_changes, model_directory
 from peftkit.recipe import ModelConfig, QuantizationConfig
 from peftkit.rope_scaling import scale_rope
 
@@ -513,7 +513,10 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
                             rope_scaling=meta.rope_scaling,
                             task="sequence_classification" if classify else "causal_lm")
     labels = adapter_labels(adapter_dir, state) if classify else None
+    changes = base_changes(adapter_dir, name, revision) if name == recorded else None
     model = load_model(model_cfg, quant, device, labels)
+    if changes is not None and (changed := changes()):
+        warnings.warn(PeftkitWarning(changed_base_note(name, Path(adapter_dir).parent, changed)), stacklevel=3)
     check_weight_tying(adapter_dir, model)
     if classify:
         from peftkit.classify import with_head
@@ -565,6 +568,15 @@ def _run_revision(adapter_dir: str, commit: str) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return None
+
+
+def changed_base_note(base: str, run_dir: Path, changed: list[tuple[str, str]]) -> str:
+    """What is said of a base whose files differ from those the run at `run_dir` trained its adapter on."""
+    files = ", ".join(f"{name} {how}" for name, how in changed[:3]) + (f", and {len(changed) - 3} more"
+                                                                       if len(changed) > 3 else "")
+    return (f"the base model {base} has changed since {run_dir} trained its adapter on it: {files} "
+            f"({run_dir / 'manifest.json'} records the files' sha256). What loads is the adapter over the base as it is now, not the model the run "
+            f"trained. Restore the base, or see `peftkit verify {run_dir}`.")
 
 
 def adapter_labels(adapter_dir: str, state: dict[str, torch.Tensor]) -> LabelSet:

@@ -893,6 +893,45 @@ def test_a_run_whose_base_and_data_moved_says_where_they_were_named(tiny_llama, 
     assert done.exit_code == 0 and "loss" in done.output, done.output  # what the messages say to do, works
 
 
+def test_a_base_changed_since_the_run_is_said_by_eval_generate_and_merge(tiny_llama, number_data, tmp_path):
+    """A base directory overwritten after training (another checkpoint saved over it, a fixed tokenizer): eval,
+    generate and merge of the run's adapter loaded it without a word, and a merge wrote a model the run never
+    trained. The run's manifest.json has the base files' sha256: each command now compares them and warns."""
+    from conftest import make_recipe
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.train import train
+
+    shutil.copytree(tiny_llama, tmp_path / "model")
+    recipe = make_recipe(tmp_path, tmp_path / "model", number_data, training={"max_steps": 1},
+                         eval={"base_model": False})
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    commands = {"eval": ["eval", str(run)],
+                "generate": ["generate", "--adapter", str(run / "adapter"), "--prompt", "12", "--max-new-tokens", "2"],
+                "merge": ["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "merged")]}
+
+    def said(args: list[str]) -> str:
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 0, done.output
+        return " ".join(done.output.split())
+
+    assert not any("has changed since" in said(args) for args in commands.values())  # the base as trained
+    weights = load_file(tmp_path / "model" / "model.safetensors")
+    name = next(k for k in weights if k.endswith("q_proj.weight"))
+    weights[name] = weights[name] + 0.01
+    save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    commands["merge"].append("--overwrite")
+    for command, args in commands.items():
+        assert (f"warning: the base model {tmp_path / 'model'} has changed since {run} trained its adapter on it: "
+                f"model.safetensors changed ({run / 'manifest.json'} records the files' sha256). What loads is the "
+                "adapter over the base as it is now, not the model the run trained. Restore the base, or see "
+                f"`peftkit verify {run}`.") in said(args), command
+    assert "has changed since" not in said(["eval", str(run), "--model", str(tiny_llama)])  # another base, as given
+
+
 def test_a_read_only_run_directory_is_a_clear_error_for_report(assets, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(assets["run"], out)
