@@ -13,7 +13,8 @@ from rich.console import Console
 from peftkit.data import Examples, load_examples
 from peftkit.data.cache import _load as _load_entry
 from peftkit.data.cache import _save
-from peftkit.data.examples import describe_stats, tokenize_rows
+from peftkit.data.checks import describe_stats
+from peftkit.data.examples import tokenize_rows
 from peftkit.errors import PeftkitWarning
 from peftkit.modeling import load_tokenizer
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe

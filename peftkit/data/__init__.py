@@ -16,13 +16,12 @@ The examples are held as flat int32 arrays (`Examples`), 8 bytes a token.
 """
 
 from peftkit.data.batches import Collator, epoch_batches, eval_loader, step_windows, steps_per_epoch
+from peftkit.data.checks import describe_stats, injected_system_tokens
 from peftkit.data.examples import (
     IGNORE_INDEX,
     BuiltExample,
     build_examples,
     count_examples,
-    describe_stats,
-    injected_system_tokens,
     load_examples,
     tokenize_rows,
     truncation_error,

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
 from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, load_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.errors import PeftkitError
@@ -137,6 +138,22 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     apart = all(e0 <= s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))  # in turn order: always, but checked
     return ids, [t if _in_a_span(a, b, spans, apart) else IGNORE_INDEX
                  for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
+
+
+def turn_end_trained(tok) -> bool:
+    """Whether the chat template closes an assistant turn with a special token that the turn's loss covers (an EOS
+    or end-of-turn marker: what teaches the model to stop); a template that ends turns with plain text does not.
+    True where the template refuses the probe conversation (its own rows then fail in their own words)."""
+    messages = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": "ok"}]
+    try:
+        ids, labels = _chat_example(tok, messages)
+    except PeftkitError:
+        return True
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    while trained and not tok.decode(trained[-1:]).strip():  # whitespace the template writes after its marker
+        trained.pop()
+    specials = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+    return bool(trained) and trained[-1] in specials
 
 
 def _in_a_span(a: int, b: int, spans: list[tuple[int, int]], apart: bool) -> bool:
@@ -299,8 +316,9 @@ def count_examples(
     caller decides whether to stop): `tokenize_rows` without its errors, so `peftkit preview` can report
     what training would do."""
     examples = Examples()
-    stats = {"bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0, "truncation_dropped": 0,
-             "system_prompt_rows": 0, "system_prompt_tokens": 0}
+    stats = {"rows": len(rows), "bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0,
+             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
+             "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and not turn_end_trained(tok)}
     cuts = _TargetCuts()
     for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,
         if _problem(row, cfg.format):  # not after the tokenizing of all the rows before it
@@ -309,6 +327,9 @@ def count_examples(
         for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
             advance()
             _count(built, rows, cfg, stats, cuts, examples)
+            if built is not None and (found := special_tokens_in(tok, rows[built.index], cfg.format)):
+                stats["special_text_rows"] += 1
+                stats["special_text_first"] = stats["special_text_first"] or f"{built.where}: {found}"
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)
@@ -420,78 +441,3 @@ def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, sour
     from peftkit.data.cache import ExampleCache
 
     return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader)
-
-
-# A default system prompt the chat template adds to each conversation without one is masked from the loss
-# but still fills the window. Past a quarter of data.max_length it is the largest part of a short example's
-# prompt and pushes long answers into the cut (Qwen2.5's default, "You are Qwen, created by Alibaba Cloud.
-# You are a helpful assistant.", is ~20 tokens: 4 % of 512, 31 % of 64), so it is worth a line then.
-SYSTEM_PROMPT_WARN_SHARE = 0.25
-_PROBE = "PROBE_peftkit_7f3a"  # a user message no template's own text contains
-
-
-def injected_system_tokens(tok) -> int:
-    """Tokens a chat template adds as a default system prompt to a conversation without a system message.
-
-    Counts the tokens before the first user message's content in a conversation without a system message,
-    minus the same with a one-character system message: what an explicit short system message saves. 0 for a
-    template that adds none, or one that adds the same text either way (Llama 3.1's date header), which no
-    change to the data avoids.
-    """
-    user = [{"role": "user", "content": _PROBE}, {"role": "assistant", "content": "ok"}]
-
-    def tokens_before_user(messages: list[dict]) -> int:
-        text = tok.apply_chat_template(messages, tokenize=False)
-        start = text.rfind(_PROBE)
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return sum(1 for a, _ in enc["offset_mapping"] if a < start)
-
-    try:
-        without = tokens_before_user(user)
-        with_short = tokens_before_user([{"role": "system", "content": "."}, *user])
-    except Exception:  # noqa: BLE001 - a template may refuse a system role (Gemma's raises): it injects none either
-        return 0
-    return max(0, without - with_short)
-
-
-def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
-    """The lines to print about the training data that `load_examples` returned `stats` for.
-
-    The first line counts examples, skipped bad rows, truncated and dropped ones; lines starting with
-    `warning: ` follow when examples are trained without the end of their target (data.truncation: keep) or
-    when the chat template's default system prompt takes more than SYSTEM_PROMPT_WARN_SHARE of max_length.
-    The lines hold no rich markup (print them with markup=False).
-    """
-    limit = f"data.max_length={cfg.max_length}"
-    total = stats["examples"] + stats["too_long"] + stats["truncation_dropped"]
-    line = f"{stats['examples']} training examples"
-    if stats.get("cached"):
-        line += f", read from the tokenized-data cache ({stats['cached']})"
-    if stats["bad_rows"]:
-        line += f"; skipped {stats['bad_rows']} bad rows (data.on_bad_rows: skip)"
-    if stats["truncated"]:
-        line += f"; {stats['truncated']} of {total} cut at {limit} tokens"
-    if stats["too_long"]:
-        line += f"; dropped {stats['too_long']} whose target lies beyond data.max_length"
-    if stats["truncation_dropped"]:
-        line += f"; dropped {stats['truncation_dropped']} whose target lost its end (data.truncation: drop)"
-    lines = [line]
-    if stats["target_cut"] and cfg.truncation != "drop":
-        lines.append(
-            f"warning: {stats['target_cut']} of {total} examples lost the end of their target (the EOS / end-of-turn "
-            f"the model should learn to stop on) to {limit}"
-            + (" and are trained as cut (data.truncation: keep), so the model is not taught to stop after them. "
-               "Raise data.max_length, or set data.truncation: drop to leave them out."
-               if cfg.truncation == "keep" else "; data.truncation: error stops training at the first of them.")
-        )
-    injected = stats["system_prompt_tokens"]
-    if injected > SYSTEM_PROMPT_WARN_SHARE * cfg.max_length:
-        lines.append(
-            f"warning: the chat template adds a default system prompt of {injected} tokens "
-            f"({100 * injected / cfg.max_length:.0f}% of {limit}) to each of the {stats['system_prompt_rows']} "
-            "conversations without a system message; it is masked from the loss but takes room the answers need. "
-            "Add a short explicit system message to those conversations, or raise data.max_length."
-        )
-    return lines
-
-

@@ -23,7 +23,9 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
     """(rows, malformed lines skipped, the line number of each row): blank and skipped lines make row
     numbers and line numbers differ, and messages about a row must name its line."""
     rows, bad, line_numbers = [], 0, []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte order mark (Windows editors write one) is not a row's
+    # -sig: a byte order mark (Windows editors write one) is not a row's; surrogateescape: a byte that is not UTF-8
+    # (a line saved as Latin-1) is that line's problem, found below, not an error at some offset of the whole file.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -33,8 +35,9 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
                 if on_bad_rows == "skip":
                     bad += 1
                     continue
+                fix = ("Save the file as UTF-8" if isinstance(e, _NotUtf8) else "Fix the line")
                 raise PeftkitError(
-                    f"{path}:{lineno}: not a valid JSON object ({e}). Fix the line, or set data.on_bad_rows: skip "
+                    f"{path}:{lineno}: {e}. {fix}, or set data.on_bad_rows: skip "
                     "(peftkit eval: --on-bad-rows skip) to drop such rows."
                 ) from None
             rows.append(row)
@@ -42,13 +45,46 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
     return rows, bad, line_numbers
 
 
+class _NotUtf8(ValueError):
+    """A line holding bytes that are not UTF-8."""
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _undecoded(line: str) -> str | None:
+    """What is wrong with a line read with errors="surrogateescape" that holds a byte that is not UTF-8, or None."""
+    if byte := _UNDECODED.search(line):
+        return (f"not UTF-8 text (byte 0x{ord(byte.group()) - 0xDC00:02x} at character {byte.start() + 1}; a file "
+                "saved as Latin-1 or Windows-1252?)")
+    return None
+
+
+def _read_text(path: Path) -> tuple[list[dict], int, list[int]]:
+    """A text file's lines as rows {"text": line}, as `datasets`' text reader splits them (str.splitlines), with
+    their line numbers; a blank line separates paragraphs and is no example (a .jsonl's blank lines are skipped
+    too), and a byte order mark is no text."""
+    rows, line_numbers = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines(), 1):
+        if problem := _undecoded(line):
+            raise PeftkitError(f"{path}:{lineno}: {problem}. Save the file as UTF-8.")
+        if line.strip():
+            rows.append({"text": line})
+            line_numbers.append(lineno)
+    return rows, 0, line_numbers
+
+
 def _json_object(line: str) -> dict:
+    if problem := _undecoded(line):
+        raise _NotUtf8(problem)
     try:
         row = json.loads(line)
     except RecursionError:  # the json module recurses per bracket: `[[[[...` 100,000 deep is not a row
-        raise ValueError("nested too deeply") from None
+        raise ValueError("not a valid JSON object (nested too deeply)") from None
+    except ValueError as e:
+        raise ValueError(f"not a valid JSON object ({e})") from None
     if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")  # noqa: TRY004 - one kind: a bad line
+        raise ValueError(f"not a valid JSON object (expected a JSON object, got {type(row).__name__})")  # noqa: TRY004
     return row
 
 
@@ -116,6 +152,8 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
         try:
             if path.suffix.lower() == ".jsonl":
                 return _read_jsonl(path, on_bad_rows)
+            if kind == "text":
+                return _read_text(path)
             if _is_blank(path):  # `datasets` fails on these with StopIteration or a message about its own internals
                 return [], 0, None
             import datasets
@@ -131,10 +169,7 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
                 return [], 0, None
             # DatasetGenerationError's own text is "An error occurred while generating the dataset"; the cause says what.
             raise PeftkitError(f"Could not read data file {source}: {e.__cause__ or e}") from None
-        rows = list(ds)
-        if kind == "text":  # a blank line separates paragraphs; it is no example (a .jsonl's blank lines are skipped too)
-            rows = [row for row in rows if row["text"].strip()]
-        return rows, 0, None
+        return list(ds), 0, None
     import datasets
 
     try:
@@ -191,7 +226,7 @@ def _read_options(path: Path, kind: str) -> dict:
         return {}
     import csv
 
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: as pandas, which reads the rows, drops a BOM
         header = next(csv.reader(f), [])
     return {"converters": {name: str for name in header if name != "label"}, "keep_default_na": False}
 

@@ -1,0 +1,134 @@
+"""What the data does to training that a user should hear of, beyond the counts: a chat template's default system
+prompt that fills the window, a chat template that never teaches the model to stop, and the text of special tokens
+inside the data (encoded as those tokens); `describe_stats` turns them and the counts into the lines to print."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from peftkit.data.rows import OPTIONAL_FIELDS, REQUIRED_FIELDS
+from peftkit.recipe import DataConfig
+
+
+@functools.lru_cache(maxsize=8)  # once per tokenizer, not per row
+def special_text(tok) -> re.Pattern | None:
+    """The text of the tokenizer's special tokens (BOS, EOS, pad, a chat template's turn markers) as one pattern,
+    the longest first; None for a tokenizer without any."""
+    names = {t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens)
+    names = sorted((name for name in names if name and name.strip()), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, names))) if names else None
+
+
+def special_tokens_in(tok, row: dict, fmt: str) -> str | None:
+    """Where the first special token's text sits in a row's fields ("field 'output' holds '</s>'"), or None.
+
+    A tokenizer encodes that text as the special token itself, whoever wrote it: an EOS inside an answer teaches
+    the model to stop there, and an end-of-turn marker in a message ends the turn (what follows reads as a turn of
+    the template's own). The `text` format is text already rendered, whose special tokens are meant; there, only a
+    BOS it begins with (when the tokenizer puts one in front too) and an EOS it ends with (peftkit appends one) are
+    said: two of them in a row."""
+    if fmt == "text":
+        bos, eos, text = tok.bos_token, tok.eos_token, row["text"].strip()
+        if bos and text.startswith(bos) and tok("", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]:
+            return f"field 'text' begins with '{bos}', and the tokenizer puts a BOS in front of it too (two BOS)"
+        if eos and text.endswith(eos):
+            return f"field 'text' ends with '{eos}', and peftkit appends an EOS to it too (two EOS)"
+        return None
+    pattern = special_text(tok)
+    if pattern is None:
+        return None
+    if fmt == "chat":
+        fields = [(f"messages[{i}].content", m.get("content")) for i, m in enumerate(row["messages"])]
+    else:
+        fields = [(f"field '{name}'", row.get(name)) for name in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ()))]
+    for name, value in fields:
+        if isinstance(value, str) and (found := pattern.search(value)):
+            return f"{name} holds '{found.group()}'"
+    return None
+
+
+# A default system prompt the chat template adds to each conversation without one is masked from the loss
+# but still fills the window. Past a quarter of data.max_length it is the largest part of a short example's
+# prompt and pushes long answers into the cut (Qwen2.5's default, "You are Qwen, created by Alibaba Cloud.
+# You are a helpful assistant.", is ~20 tokens: 4 % of 512, 31 % of 64), so it is worth a line then.
+SYSTEM_PROMPT_WARN_SHARE = 0.25
+PROBE = "PROBE_peftkit_7f3a"  # a user message no template's own text contains
+
+
+def injected_system_tokens(tok) -> int:
+    """Tokens a chat template adds as a default system prompt to a conversation without a system message.
+
+    Counts the tokens before the first user message's content in a conversation without a system message,
+    minus the same with a one-character system message: what an explicit short system message saves. 0 for a
+    template that adds none, or one that adds the same text either way (Llama 3.1's date header), which no
+    change to the data avoids.
+    """
+    user = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": "ok"}]
+
+    def tokens_before_user(messages: list[dict]) -> int:
+        text = tok.apply_chat_template(messages, tokenize=False)
+        start = text.rfind(PROBE)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return sum(1 for a, _ in enc["offset_mapping"] if a < start)
+
+    try:
+        without = tokens_before_user(user)
+        with_short = tokens_before_user([{"role": "system", "content": "."}, *user])
+    except Exception:  # noqa: BLE001 - a template may refuse a system role (Gemma's raises): it injects none either
+        return 0
+    return max(0, without - with_short)
+
+
+def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
+    """The lines to print about the training data that `load_examples` returned `stats` for.
+
+    The first line counts examples, skipped bad rows, truncated and dropped ones; lines starting with
+    `warning: ` follow when examples are trained without the end of their target (data.truncation: keep) or
+    when the chat template's default system prompt takes more than SYSTEM_PROMPT_WARN_SHARE of max_length.
+    The lines hold no rich markup (print them with markup=False).
+    """
+    limit = f"data.max_length={cfg.max_length}"
+    total = stats["examples"] + stats["too_long"] + stats["truncation_dropped"]
+    line = f"{stats['examples']} training examples"
+    if stats.get("cached"):
+        line += f", read from the tokenized-data cache ({stats['cached']})"
+    if stats["bad_rows"]:
+        line += f"; skipped {stats['bad_rows']} bad rows (data.on_bad_rows: skip)"
+    if stats["truncated"]:
+        line += f"; {stats['truncated']} of {total} cut at {limit} tokens"
+    if stats["too_long"]:
+        line += f"; dropped {stats['too_long']} whose target lies beyond data.max_length"
+    if stats["truncation_dropped"]:
+        line += f"; dropped {stats['truncation_dropped']} whose target lost its end (data.truncation: drop)"
+    lines = [line]
+    if stats["target_cut"] and cfg.truncation != "drop":
+        lines.append(
+            f"warning: {stats['target_cut']} of {total} examples lost the end of their target (the EOS / end-of-turn "
+            f"the model should learn to stop on) to {limit}"
+            + (" and are trained as cut (data.truncation: keep), so the model is not taught to stop after them. "
+               "Raise data.max_length, or set data.truncation: drop to leave them out."
+               if cfg.truncation == "keep" else "; data.truncation: error stops training at the first of them.")
+        )
+    if rows := stats.get("special_text_rows"):
+        lines.append(
+            f"warning: {rows} of {stats.get('rows', rows)} rows hold the text of a special token, which the tokenizer "
+            f"encodes as that token, not as text (first: {stats['special_text_first']}). An EOS or end-of-turn "
+            "marker inside an answer teaches the model to stop there, and one in a message ends that turn. Remove or "
+            "reword it where it is meant as text."
+        )
+    if stats.get("turn_ends_unmarked"):
+        lines.append(
+            "warning: the chat template ends an assistant turn with no special token (no EOS or end-of-turn marker "
+            "after the answer), so training never teaches the model to stop: generation runs on to its token limit. "
+            "Use a tokenizer whose chat template closes each turn with one (its EOS or an end-of-turn token)."
+        )
+    injected = stats["system_prompt_tokens"]
+    if injected > SYSTEM_PROMPT_WARN_SHARE * cfg.max_length:
+        lines.append(
+            f"warning: the chat template adds a default system prompt of {injected} tokens "
+            f"({100 * injected / cfg.max_length:.0f}% of {limit}) to each of the {stats['system_prompt_rows']} "
+            "conversations without a system message; it is masked from the loss but takes room the answers need. "
+            "Add a short explicit system message to those conversations, or raise data.max_length."
+        )
+    return lines

@@ -1,0 +1,110 @@
+"""What the content of a data file does to the examples, beyond cuts (test_truncation): the text of special tokens
+in the rows, a chat template that never teaches the model to stop, and files with a byte order mark, blank lines or
+bytes that are not UTF-8. The character tokenizer makes each token one character, so expectations are by hand."""
+
+import copy
+import json
+
+import pytest
+
+from peftkit.data import IGNORE_INDEX, describe_stats, load_examples, load_rows
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig
+from peftkit.tiny import build_char_tokenizer
+
+TOK = build_char_tokenizer()
+BOS, EOS = TOK.bos_token_id, TOK.eos_token_id
+X = IGNORE_INDEX
+
+
+def ids(text: str) -> list[int]:
+    return TOK.convert_tokens_to_ids(list(text))
+
+
+def _load(tmp_path, rows, fmt, tok=TOK):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(train=str(path), format=fmt, max_length=64)
+    examples, stats = load_examples(tok, cfg.train, "train", cfg, cache=False)
+    return examples, stats, describe_stats(stats, cfg), path
+
+
+def test_the_text_of_a_special_token_in_a_row_is_said_with_its_place(tmp_path):
+    """A `</s>` written in an answer was encoded as the EOS token itself, mid-target, teaching the model to stop
+    there, without a word (as in transformers and axolotl: a tokenizer parses special tokens out of any text)."""
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "x</s>y"},
+            {"prompt": "<s>c", "completion": "d"}]
+    examples, stats, said, path = _load(tmp_path, rows, "completion")
+    assert examples[1].input_ids == [BOS, *ids("a"), *ids("x"), EOS, *ids("y"), EOS]  # what the warning is about
+    assert said[1] == (
+        f"warning: 2 of 3 rows hold the text of a special token, which the tokenizer encodes as that token, not as "
+        f"text (first: {path}:2: field 'completion' holds '</s>'). An EOS or end-of-turn marker inside an answer "
+        "teaches the model to stop there, and one in a message ends that turn. Remove or reword it where it is meant "
+        "as text.")
+    chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<pad>"}]}]
+    assert _load(tmp_path, chat, "chat")[1]["special_text_first"] == f"{path}:2: messages[1].content holds '<pad>'"
+    assert _load(tmp_path, rows[:1], "completion")[2] == ["1 training examples"]
+
+
+def test_text_rows_are_taken_as_rendered_but_a_doubled_bos_or_eos_is_said(tmp_path):
+    """`text` rows are text already rendered, whose special tokens are meant; one that begins with the BOS (which
+    the tokenizer adds too) or ends with the EOS (which peftkit appends) trains two in a row."""
+    assert _load(tmp_path, [{"text": "a</s>b"}], "text")[1]["special_text_rows"] == 0
+    examples, stats, _, path = _load(tmp_path, [{"text": "<s>ab"}, {"text": "ab</s>"}], "text")
+    assert examples[0].input_ids[:2] == [BOS, BOS] and examples[1].input_ids[-2:] == [EOS, EOS]
+    assert stats["special_text_rows"] == 2
+    assert stats["special_text_first"] == (f"{path}:1: field 'text' begins with '<s>', and the tokenizer puts a BOS "
+                                           "in front of it too (two BOS)")
+
+
+def test_a_chat_template_that_closes_turns_with_plain_text_is_said(tmp_path):
+    """A template writing `role: content` lines trains the answer, never a token to stop on: the model runs on to
+    the generation limit. preview and train now say so."""
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]}]
+    examples, stats, said, _ = _load(tmp_path, rows, "chat", tok)
+    assert [t for t, label in zip(examples[0].input_ids, examples[0].labels) if label != X] == ids("ok")
+    assert said[1:] == [
+        "warning: the chat template ends an assistant turn with no special token (no EOS or end-of-turn marker after "
+        "the answer), so training never teaches the model to stop: generation runs on to its token limit. Use a "
+        "tokenizer whose chat template closes each turn with one (its EOS or an end-of-turn token)."]
+    assert _load(tmp_path, rows, "chat")[2] == ["1 training examples"]  # the tiny template closes turns with </s>
+
+
+def test_a_byte_order_mark_is_no_text_in_csv_and_txt_files(tmp_path):
+    """A BOM (Windows editors write one) kept the first CSV column from being read as text ("007" became the
+    number 7, then a bad row), and began the first row of a .txt file, where it was trained."""
+    csv = tmp_path / "d.csv"
+    csv.write_bytes(b"\xef\xbb\xbfprompt,completion\n007,8\n")
+    assert load_rows(str(csv), "train")[0] == [{"prompt": "007", "completion": "8"}]
+    txt = tmp_path / "d.txt"
+    txt.write_bytes(b"\xef\xbb\xbfhello\n\n\nworld\n")
+    assert load_rows(str(txt), "train") == ([{"text": "hello"}, {"text": "world"}], 0, [1, 4])
+
+
+def test_a_txt_rows_line_is_named_past_blank_lines(tmp_path):
+    txt = tmp_path / "d.txt"
+    txt.write_text("ab\n\n\n" + "c" * 80 + "\n")
+    cfg = DataConfig(train=str(txt), format="text", max_length=16, truncation="error")
+    with pytest.raises(PeftkitError, match=f"^{txt}:4: this example has 82 tokens"):
+        load_examples(TOK, cfg.train, "train", cfg, cache=False)
+
+
+def test_a_line_that_is_not_utf8_is_named_and_can_be_skipped(tmp_path):
+    """A Latin-1 `é` deep in a .jsonl was "'utf-8' codec can't decode byte 0xe9 in position 5489" (an offset in a
+    read chunk), which data.on_bad_rows: skip could not skip."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n\n{"prompt": "caf\xe9", "completion": "b"}\n')
+    with pytest.raises(PeftkitError) as error:
+        load_rows(str(path), "train")
+    assert str(error.value) == (
+        f"{path}:3: not UTF-8 text (byte 0xe9 at character 16; a file saved as Latin-1 or Windows-1252?). Save the "
+        "file as UTF-8, or set data.on_bad_rows: skip (peftkit eval: --on-bad-rows skip) to drop such rows.")
+    assert load_rows(str(path), "train", "skip") == ([{"prompt": "a", "completion": "b"}], 1, [1])
+    txt = tmp_path / "d.txt"
+    txt.write_bytes(b"ab\ncaf\xe9\n")
+    with pytest.raises(PeftkitError, match=f"^{txt}:2: not UTF-8 text \\(byte 0xe9 at character 4;"):
+        load_rows(str(txt), "train")
