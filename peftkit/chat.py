@@ -13,6 +13,13 @@ from peftkit.generate import Sampling, TooLong, check_room, generate_ids, stop_t
 HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) ends."
 
 
+def reply_text(tok, ids: list[int]) -> str:
+    """A reply's tokens as text, as streamed and as kept in the conversation: without the "clean-up" of spaces before
+    punctuation that some tokenizers ask for (Llama 3's), which would rewrite text already on the screen ("ok !"
+    printed, "ok!" kept) and change what the model said."""
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 class _Streamer:
     """Prints the reply's text as its tokens arrive (decoded whole each time, so multi-byte characters and
     merged word pieces print right), skipping the prompt that `generate` pushes first."""
@@ -32,7 +39,7 @@ class _Streamer:
             self.stopped = self.stopped or token in self.stops
             if not self.stopped:
                 self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = reply_text(self.tok, self.ids)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
             self.write(text[len(self.shown):])
             self.shown = text
@@ -70,9 +77,11 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
             check_room(model, len(prompt), "conversation", sampling.max_new_tokens)
         except TooLong as e:
             messages.pop()
-            write(f"{e} /reset starts a new conversation.\n")
+            fix = ("/reset starts a new conversation." if len(messages) > len(start) else
+                   "Write a shorter message, or start peftkit chat with a lower --max-new-tokens.")
+            write(f"{e} {fix}\n")
             continue
         write("model> ")
         streamer = _Streamer(tok, write, stop_token_ids(model, tok))
         ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task])[0]
-        messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})
+        messages.append({"role": "assistant", "content": reply_text(tok, ids)})

@@ -81,7 +81,7 @@ def _every_command(ctx: typer.Context) -> None:
 def _warning_printer(show_other):
     """warnings.showwarning that prints a PeftkitWarning as one `warning:` line on stderr (once: a comparison loads
     several models), others as Python does."""
-    from rich.markup import escape
+    from rich.text import Text
 
     shown: set[str] = set()
 
@@ -89,7 +89,7 @@ def _warning_printer(show_other):
         if issubclass(category, PeftkitWarning):
             if str(message) not in shown:
                 shown.add(str(message))
-                err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+                err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), highlight=False)
         else:
             show_other(message, category, *where)
     return show
@@ -374,6 +374,7 @@ def generate(
     """Generate completions with a base model, a base + adapter, or a merged model: greedy unless
     --temperature > 0, stopping at EOS."""
     from rich.markup import escape
+    from rich.text import Text
 
     from peftkit.fileio import atomic_write_json
     from peftkit.generate import Sampling, generate_job, run_generate
@@ -389,7 +390,7 @@ def generate(
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):
-            console.print(f"[dim]{escape(p.text)}[/]{escape(c)}", highlight=False)
+            console.print(Text.assemble((p.text, "dim"), c), highlight=False)  # as Text: no markup to escape
             console.rule(style="dim", characters="─" if console.encoding.startswith("utf") else "-")
 
     results = run_generate(job, on_batch=None if json_out else show)
@@ -427,14 +428,16 @@ def chat(
     source, _ = model_source(recipe, overrides or [], _local(model) if model else None,
                              _adapter(adapter) if adapter else None, trust_remote_code, "chat")
     tok = source.tokenizer()
-    chat_prompt(tok, [{"role": "user", "content": "probe"}],  # no template: said before the model loads
+    system = _typed(system) if system else None
+    opening = [{"role": "system", "content": system}] if system else []
+    # No template, or one that refuses a system message: said before the model loads.
+    chat_prompt(tok, [*opening, {"role": "user", "content": "probe"}],
                 "peftkit chat needs one. Use a model whose tokenizer has a template, or `peftkit generate --prompt "
                 "TEXT` to continue plain text")
     task = resolve_tasks(source, task, [None], None)[0]  # and a missing --task
     loaded = source.load()
     torch.manual_seed(seed)
-    chat_loop(loaded, tok, sampling, read=lambda asked: _typed(input(asked)), system=system and _typed(system),
-              task=task)
+    chat_loop(loaded, tok, sampling, read=lambda asked: _typed(input(asked)), system=system, task=task)
 
 
 @app.command()
@@ -505,7 +508,7 @@ def inspect_cmd(
     quantization, and whether vLLM would serve it (and why not). Loads no model."""
     import json
 
-    from rich.markup import escape
+    from rich.text import Text
 
     from peftkit.inspect import describe, inspect_adapter
 
@@ -514,7 +517,7 @@ def inspect_cmd(
         print(json.dumps(info, indent=2))
         return
     for line in describe(info):
-        console.print(escape(line), highlight=False)
+        console.print(Text(line), highlight=False)
 
 
 def _click_exception() -> type:

@@ -29,6 +29,11 @@ from peftkit.rope_scaling import learned_positions
 from peftkit.task_ids import adapter_task_count, with_tasks
 
 
+MIN_TEMPERATURE = 1e-5
+"""The lowest sampling temperature taken: below it sampling is greedy decoding in all but name, and far below it
+(1e-45) the logits divided by it overflow."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 128
@@ -43,16 +48,27 @@ class Sampling:
             raise PeftkitError(f"--max-new-tokens {self.max_new_tokens}: must be at least 1.")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise PeftkitError(f"--temperature {self.temperature}: must be a number >= 0 (0 = greedy).")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # the logits divided by 1e-45 are inf, and sampling fails
+            raise PeftkitError(f"--temperature {self.temperature}: too small to sample with; use 0 for greedy "
+                               f"decoding, or at least {MIN_TEMPERATURE:g}.")
         if not (0 < self.top_p <= 1):
             raise PeftkitError(f"--top-p {self.top_p}: must be in (0, 1] (1 = no cut).")
+        if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
+            raise PeftkitError(f"--seed {self.seed}: must be an integer from -2**63 to 2**64 - 1.")
 
 
 def stop_token_ids(model: nn.Module, tok) -> list[int]:
-    """The tokenizer's EOS and the model's own end tokens (a chat model's end-of-turn, from generation_config)."""
+    """The tokenizer's EOS and the model's own end tokens (a chat model's end-of-turn, from generation_config), then
+    the token its chat template closes an assistant turn with, where that is another: a base model's config names its
+    EOS only (Llama 3's `<|end_of_text|>`), and a chat fine-tune of it learns to stop at the template's `<|eot_id|>`."""
+    from peftkit.data.examples import turn_end_token
+
     ids = [tok.eos_token_id]
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += config_eos if isinstance(config_eos, list) else [config_eos]
-    return sorted({i for i in ids if i is not None})
+    stops = sorted({i for i in ids if i is not None})
+    turn_end = turn_end_token(tok)
+    return stops + ([turn_end] if turn_end is not None and turn_end not in stops else [])
 
 
 class TooLong(PeftkitError):

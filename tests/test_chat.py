@@ -52,12 +52,15 @@ def test_a_conversation_past_a_learned_position_table_is_refused_and_the_chat_go
     build_tiny_model(tmp_path / "gpt2", arch="gpt2", hidden_size=32, num_layers=1, seed=0, max_position_embeddings=48)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "gpt2")
-    lines = iter(["1 2 3 4 5 6 7 8 9 " * 3, "hi", "/exit"])
+    lines = iter(["1 2 3 4 5 6 7 8 9 " * 3, "hi", "1 2 3 4 5 6 7 8 9 " * 3, "/exit"])
     shown: list[str] = []
     messages = chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=lambda _: next(lines), write=shown.append)
     text = "".join(shown)
     assert "The conversation needs " in text and "more than the 48 positions this gpt2 model has" in text
-    assert "/reset starts a new conversation" in text
+    # What helps: a new conversation when there is one to forget, a shorter message (or reply) when there is not.
+    too_long = [line.rsplit(". ", 1)[-1] for line in text.splitlines() if "positions this gpt2 model has" in line]
+    assert too_long == ["Write a shorter message, or start peftkit chat with a lower --max-new-tokens.",
+                        "/reset starts a new conversation."]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["hi"]
     assert messages[1]["content"] == _expected_reply(model, tok, messages[:1])
 
@@ -73,6 +76,22 @@ def test_the_reply_shown_stops_where_the_stored_reply_stops(tiny_llama):
     for token in "ddq6":
         streamer.put(torch.tensor([tok.convert_tokens_to_ids(token)]))
     assert "".join(shown) == "dd"
+
+
+def test_the_reply_shown_is_the_reply_kept_with_a_tokenizer_that_cleans_up_spaces(tiny_llama):
+    """Llama 3's tokenizer asks for `clean_up_tokenization_spaces`, which rewrites " !" as "!" in text already on the
+    screen: the streamer printed "Bonjour  Oui  ok " (each punctuation mark lost) and kept "Bonjour! Oui, ok?"."""
+    from peftkit.chat import _Streamer, reply_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama, clean_up_tokenization_spaces=True)
+    ids = tok("Bonjour ! Oui , ok ?", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "Bonjour! Oui, ok?"  # what the tokenizer's own decode makes of it
+    shown: list[str] = []
+    streamer = _Streamer(tok, shown.append, stops=[])
+    streamer.put(torch.tensor([[1, 2]]))
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+    assert "".join(shown) == reply_text(tok, streamer.ids) == "Bonjour ! Oui , ok ?"
 
 
 def _pane(session: str) -> str:

@@ -141,10 +141,40 @@ def test_cli_generates_from_a_run_directory(tiny_llama, number_data, tmp_path, m
     assert "3 completions written" in capsys.readouterr().out
 
 
+def test_generation_stops_at_the_token_the_chat_template_closes_turns_with(tiny_llama):
+    """A base model's config names its EOS only (Llama 3's `<|end_of_text|>`), and its chat fine-tune learns to end a
+    turn with the template's `<|eot_id|>`: generation ran past it to --max-new-tokens, into a made-up next turn."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert stop_token_ids(model, tok) == [tok.eos_token_id]  # the tiny template closes turns with </s>, its EOS
+    tok.chat_template = tok.chat_template.replace("</s>", "<pad>")
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, tok.pad_token_id]
+    tok.chat_template = tok.chat_template.replace("<pad>", "")  # turns closed by a newline: nothing to stop at
+    assert stop_token_ids(model, tok) == [tok.eos_token_id]
+
+
+def test_the_printed_prompt_and_completion_are_the_text_itself(tiny_llama, tmp_path):
+    """Printed through rich markup, a prompt ending in two backslashes showed one, and a completion ending in one
+    showed two."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    args = ["generate", "--model", str(tiny_llama), "--prompt", "[b]x\\\\", "--max-new-tokens", "3"]
+    assert CliRunner().invoke(app, [*args, "--json", str(tmp_path / "g.json")]).exit_code == 0
+    [result] = json.loads((tmp_path / "g.json").read_text())
+    printed = CliRunner().invoke(app, args).output
+    assert printed.splitlines()[0] == "[b]x\\\\" + result["completion"].split("\n")[0]
+
+
 def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     model = str(tiny_llama)
     assert "--temperature -1.0: must be a number >= 0" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--temperature", "-1")
+    assert "--temperature 1e-45: too small to sample with; use 0 for greedy decoding, or at least 1e-05." in (
+        cli_user_error(monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--temperature", "1e-45"))
+    assert "--seed 99999999999999999999: must be an integer from -2**63 to 2**64 - 1." in cli_user_error(
+        monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--seed", "99999999999999999999")
     assert "Give --prompt or --data, not both" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--data", str(number_data["eval"]))
     assert "Nothing to generate from" in cli_user_error(monkeypatch, capsys, "generate", "--model", model)

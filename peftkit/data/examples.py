@@ -140,20 +140,27 @@ def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
                  for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
 
 
-def turn_end_trained(tok) -> bool:
-    """Whether the chat template closes an assistant turn with a special token that the turn's loss covers (an EOS
-    or end-of-turn marker: what teaches the model to stop); a template that ends turns with plain text does not.
-    True where the template refuses the probe conversation (its own rows then fail in their own words)."""
+def turn_end_token(tok) -> int | None:
+    """The special token that closes an assistant turn in the chat template and that the turn's loss covers (an EOS
+    or end-of-turn marker, `<|im_end|>`, `<|eot_id|>`: what teaches the model to stop, and what generation stops at);
+    None for a template that ends turns with plain text, or that refuses the probe conversation (its own rows then
+    fail in their own words)."""
+    template = getattr(tok, "chat_template", None)
+    return _turn_end_token(tok, template) if template and tok.is_fast else None
+
+
+@functools.lru_cache(maxsize=8)  # once per tokenizer and template: generation asks each batch
+def _turn_end_token(tok, template: str) -> int | None:
     messages = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": "ok"}]
     try:
         ids, labels = _chat_example(tok, messages)
     except PeftkitError:
-        return True
+        return None
     trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
     while trained and not tok.decode(trained[-1:]).strip():  # whitespace the template writes after its marker
         trained.pop()
     specials = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
-    return bool(trained) and trained[-1] in specials
+    return trained[-1] if trained and trained[-1] in specials else None
 
 
 def _in_a_span(a: int, b: int, spans: list[tuple[int, int]], apart: bool) -> bool:
@@ -318,7 +325,7 @@ def count_examples(
     examples = Examples()
     stats = {"rows": len(rows), "bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
-             "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and not turn_end_trained(tok)}
+             "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and turn_end_token(tok) is None}
     cuts = _TargetCuts()
     for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,
         if _problem(row, cfg.format):  # not after the tokenizing of all the rows before it
