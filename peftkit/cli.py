@@ -183,6 +183,7 @@ def merge(
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model; or combine
     several adapters (--weights, --method) into one LoRA adapter, or with --into-base into the base."""
     from peftkit.merge import merge_adapter
+    from peftkit.progress import phase
 
     output = str(Path(output).expanduser())
 
@@ -197,8 +198,9 @@ def merge(
     if requantize:
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
-    out = merge_adapter(_adapter(adapter[0]), output, _local(base) if base else None, dtype, requantize, overwrite,
-                        trust_remote_code)
+    with phase(f"Merging {adapter[0]} into its base..."):
+        out = merge_adapter(_adapter(adapter[0]), output, _local(base) if base else None, dtype, requantize,
+                            overwrite, trust_remote_code)
     console.print(f"Merged model written to {out}", markup=False, highlight=False)
 
 

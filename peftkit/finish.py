@@ -20,6 +20,7 @@ from peftkit.export import export
 from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
 from peftkit.modeling import dtype_name
+from peftkit.progress import phase
 from peftkit.rope_scaling import fresh_dynamic_rope
 from peftkit.runtime import peak_memory_mb
 from peftkit.samples import answers, print_samples, sample_prompts
@@ -60,8 +61,11 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
     # The main process keeps the answers: the others generate only under FSDP, where each forward is a collective.
     prompts = sample_prompts(cfg, run.tok)
     generates = run.main or distributed.sharded(run.accelerator)
-    with fresh_dynamic_rope(model):  # as `peftkit generate` of the exported adapter answers
-        texts = answers(model, run.tok, prompts, cfg) if prompts and generates else []
+    texts = []
+    if prompts and generates:
+        with fresh_dynamic_rope(model), phase(f"Generating {len(prompts)} samples with the fine-tuned model "
+                                              "(eval.samples)...", run.console):
+            texts = answers(model, run.tok, prompts, cfg)  # as `peftkit generate` of the exported adapter answers
     if not run.main:  # the main process exports, samples and writes the manifest
         run.accelerator.wait_for_everyone()
         return {}

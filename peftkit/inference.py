@@ -115,14 +115,16 @@ class ModelSource:
         """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied.
         `labels`: a sequence classifier's classes, for a model without adapter (`peftkit.modeling.load_model`)."""
         from peftkit.modeling import load_adapted_model, load_model, resolve_device
+        from peftkit.progress import phase
         from peftkit.runtime import inference_autocast, under_autocast
 
         device = device or resolve_device(self.model.device if self.model else "auto")
         source = self.here(device)
-        if source.adapter:
-            model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code)[0]
-        else:
-            model = load_model(source.model, source.quantization, device, labels).eval()
+        with phase(f"Loading {source.describe()}..."):
+            if source.adapter:
+                model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code)[0]
+            else:
+                model = load_model(source.model, source.quantization, device, labels).eval()
         return under_autocast(model, inference_autocast(source.mixed_precision, device), device)
 
     def load_named(self, adapters: list[tuple[str, str]], device: torch.device | None = None):

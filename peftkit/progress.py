@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -140,3 +141,46 @@ def work(label: str, total: int, unit: str, interval_s: float = 30.0) -> Iterato
                           f"{_clock(now - started)}  ETA {_clock(eta)}", highlight=False, markup=False, soft_wrap=True)
 
     yield advance
+
+
+PHASE_INTERVAL_S = 30.0
+"""The longest a log goes without a line during a `phase`."""
+
+
+@contextlib.contextmanager
+def phase(label: str, console: Console | None = None) -> Iterator[None]:
+    """A stretch of work with nothing to count (loading a model, generating samples, a merge): on a terminal, a
+    spinner with `label`; elsewhere a line every PHASE_INTERVAL_S seconds while it lasts (none for work that ends
+    sooner), so that a log is never silent for minutes. `console`: default `work`'s (the CLI's)."""
+    console, interval_s = console or _WORK_CONSOLE, PHASE_INTERVAL_S
+    if console is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    if console.is_terminal:
+        from rich.errors import LiveError
+
+        status = console.status(label)
+        try:
+            status.start()
+        except LiveError:  # rich < 15, inside another live display: that one says what is going on
+            yield
+            return
+        try:
+            yield
+        finally:
+            status.stop()
+        return
+    ended, started = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not ended.wait(interval_s):
+            console.print(f"{label} (still running, {_clock(time.monotonic() - started)})", highlight=False,
+                          markup=False, soft_wrap=True)
+
+    thread = threading.Thread(target=beat, name="peftkit-phase", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        ended.set()
+        thread.join()

@@ -57,7 +57,7 @@ from peftkit.fileio import DiskFullError, append_line, atomic_write_text, unlink
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
-from peftkit.progress import TrainProgress
+from peftkit.progress import TrainProgress, phase
 from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.rundir import clear_run, open_run_dir, records_at, truncate_metrics
@@ -328,7 +328,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
 
-    with console.status("Loading model..."):
+    with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)
     inputs = run_inputs(cfg)  # after loading: a hub id's files are then in the local cache
     base_commit = hub_commit(cfg.model.name_or_path, cfg.model.revision)
@@ -373,13 +373,13 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
 def _evaluate_base(cfg: Recipe, model, tok, eval_ex: RunEval | ClassifyEval, accelerator, console: Console) -> dict:
     """eval.base_model: the base model's eval loss and metrics, and eval.samples' base answers, for the summary."""
     n = len(eval_ex)
-    with console.status(f"Evaluating the base model on {n} examples (eval.base_model: true)..."):
+    with phase(f"Evaluating the base model on {n} examples (eval.base_model: true)...", console):
         base = eval_ex(model)
     console.print(f"base model: {eval_ex.describe(base)} on {n} examples", highlight=False)
     summary = {k: v for k, v in eval_ex.record(base, "base_eval_").items() if k != "base_eval_perplexity"}
     # The base's samples go into the main process's summary; the model is not sharded yet, so only it generates.
     if accelerator.is_main_process and (prompts := sample_prompts(cfg, tok)):
-        with console.status(f"Generating {len(prompts)} samples with the base model (eval.samples)..."):
+        with phase(f"Generating {len(prompts)} samples with the base model (eval.samples)...", console):
             summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
                                   for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]
     return summary

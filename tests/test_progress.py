@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from rich.console import Console
@@ -59,6 +60,41 @@ def test_plain_lines_at_least_every_interval():
         for step in range(1, 51):
             progress.update(step, loss=1.0, lr=1e-4, tokens_per_s=1.0)
     assert _plain_steps(buffer.getvalue()) == list(range(1, 51))
+
+
+def test_a_phase_without_a_terminal_says_it_is_still_running(monkeypatch):
+    from peftkit import progress
+
+    monkeypatch.setattr(progress, "PHASE_INTERVAL_S", 0.05)
+    buffer = io.StringIO()
+    with progress.phase("Loading model...", Console(file=buffer, width=200)):
+        time.sleep(0.18)
+    assert buffer.getvalue().splitlines() == ["Loading model... (still running, 0:00:00)"] * 3
+    buffer = io.StringIO()
+    with progress.phase("Loading model...", Console(file=buffer, width=200)):
+        pass  # work that ends sooner: not a word
+    time.sleep(0.1)
+    assert buffer.getvalue() == ""
+
+
+def test_a_run_s_long_phases_are_not_silent_in_a_log(tiny_llama, number_data, tmp_path, monkeypatch):
+    """Loading the model and generating the samples before and after training printed nothing in a log: a real model
+    on a CPU stayed silent for minutes (119 s for the base model's samples of a 300M model). Each now says it is
+    still running every PHASE_INTERVAL_S seconds (30 s; 1 ms here), as do eval, generate, chat and merge loading."""
+    from peftkit import progress
+
+    monkeypatch.setattr(progress, "PHASE_INTERVAL_S", 0.001)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}, eval={"samples": 2})
+    done = CliRunner().invoke(app, ["train", str(recipe)])
+    assert done.exit_code == 0, done.output
+    for label in ("Loading model...", "Evaluating the base model on 16 examples (eval.base_model: true)...",
+                  "Generating 2 samples with the base model (eval.samples)...",
+                  "Generating 2 samples with the fine-tuned model (eval.samples)..."):
+        assert re.search(f"^{re.escape(label)} \\(still running, 0:00:0\\d\\)$", done.output, re.MULTILINE), label
+    done = CliRunner().invoke(app, ["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output",
+                                    str(tmp_path / "merged")])
+    assert done.exit_code == 0 and f"Merging {tmp_path / 'run' / 'adapter'} into its base... (still running" in (
+        done.output), done.output
 
 
 def test_a_run_without_a_terminal_logs_progress_and_evaluations(tiny_llama, number_data, tmp_path):
