@@ -250,7 +250,14 @@ def run_lock(out: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no locking, as before
         yield
         return
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd, writable = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644), True
+    except PermissionError:  # another user's lock file (a shared project): flock needs no write access to it
+        try:
+            fd, writable = os.open(out / LOCK_NAME, os.O_RDONLY), False
+        except PermissionError:
+            raise PeftkitError(f"{out / LOCK_NAME}, the lock file of another user's run, cannot be opened (permission "
+                               "denied). Once no run of theirs uses the directory, remove the file.") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -262,8 +269,9 @@ def run_lock(out: Path) -> Iterator[None]:
                 "finish or stop it, or choose another export.output_dir."
             ) from None
         _HELD_LOCKS.add(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        if writable:  # else the holder named to a second writer is the file's last one
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
         _HELD_LOCKS.discard(fd)

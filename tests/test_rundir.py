@@ -194,6 +194,30 @@ def test_second_writer_is_refused_naming_the_process_and_a_killed_run_leaves_no_
 
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="makes a file of another user's")
+def test_another_user_s_lock_file_is_locked_read_only(tmp_path):
+    """A shared project: the run's `.peftkit.lock` was made by another user (mode 644), and open(O_RDWR) failed with
+    a PermissionError traceback on every `train` and `--resume` there. flock needs no write access: the file is
+    opened read-only; one it cannot even read is a clear error."""
+    lock = tmp_path / ".peftkit.lock"
+    lock.write_text("process 7 on elsewhere\n")
+    os.chown(lock, 65534, 65534)
+    caps = "-dac_override,-dac_read_search"  # root bound by file modes, as another user is
+    script = ("import sys\nfrom pathlib import Path\nfrom peftkit.errors import PeftkitError\n"
+              "from peftkit.rundir import run_lock\ntry:\n    with run_lock(Path(sys.argv[1])):\n        print('held')\n"
+              "except PeftkitError as e:\n    print(e)\n")
+
+    def lock_as_another_user() -> str:
+        return subprocess.run(["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", sys.executable, "-c",
+                               script, str(tmp_path)], capture_output=True, text=True, timeout=120).stdout.strip()
+
+    assert lock_as_another_user() == "held"
+    assert lock.read_text() == "process 7 on elsewhere\n"
+    lock.chmod(0o600)
+    assert lock_as_another_user() == (f"{lock}, the lock file of another user's run, cannot be opened (permission "
+                                      "denied). Once no run of theirs uses the directory, remove the file.")
+
+
 def test_a_forked_child_that_outlives_a_killed_run_does_not_hold_its_lock(tmp_path):
     """A DataLoader worker (a fork) lives on for seconds after its run is killed; it must not keep the run's lock,
     or `--resume` at once is refused, naming the dead process."""
