@@ -102,14 +102,41 @@ def hub_commit(name_or_path: str, revision: str | None = None) -> str | None:
     return path.name if path is not None and re.fullmatch(r"[0-9a-f]{40}", path.name) else None
 
 
-def model_weight_hashes(name_or_path: str, revision: str | None = None) -> dict[str, str]:
+def model_weight_hashes(name_or_path: str, revision: str | None = None, hash_file=sha256_file) -> dict[str, str]:
     """Content hashes of the base model's weight, config and tokenizer files: those of a local directory, or of a
-    hub id's cached snapshot (`model_directory`); {} when neither is there."""
+    hub id's cached snapshot (`model_directory`); {} when neither is there. `hash_file`: a file's sha256."""
     path = model_directory(name_or_path, revision)
     if path is None:
         return {}
-    return {f.name: sha256_file(f) for f in sorted(path.iterdir())
+    return {f.name: hash_file(f) for f in sorted(path.iterdir())
             if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", *TOKENIZER_FILES))}
+
+
+def remembered_sha256(path: Path) -> str:
+    """A file's sha256, kept in the peftkit cache (`file-hashes/`) under its path, size, modification time and inode,
+    and read from there while those are unchanged: a warning's check, not a record's (what `verify` and a run's
+    manifest hash is always read anew: a time can be set back by hand)."""
+    from peftkit.data.cache import cache_root
+    from peftkit.fileio import atomic_write_text
+
+    root = cache_root()
+    if root is None:
+        return sha256_file(path)
+    st = path.stat()
+    key = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_dev}"
+    entry = root / "file-hashes" / hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+    try:
+        if re.fullmatch(r"[0-9a-f]{64}", known := entry.read_text(encoding="utf-8").strip()):
+            return known
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(entry, digest)
+    except OSError:  # a cache that cannot be written only costs the hashing next time
+        pass
+    return digest
 
 
 def changed_files(recorded: dict[str, str], now: dict[str, str],
@@ -132,18 +159,19 @@ def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[t
 def base_changes(adapter_dir: str, name_or_path: str, revision: str | None) -> Callable[[], list] | None:
     """A function returning `changed_model_files` between the base hashes recorded by the run that exported
     `adapter_dir` (its run directory's manifest.json) and base `name_or_path` as it is now; None for an adapter outside
-    a finished run, or a record without hashes. The files are hashed in a thread while the caller loads the model
-    (hashlib and file reads release the GIL; a GB takes about a second here); the function waits for it."""
+    a finished run, a record without hashes, or a hub base not in the cache yet. The files are hashed in a thread
+    while the caller loads the model (hashlib and file reads release the GIL; a GB takes about a second here), once:
+    then read from the cache while they are unchanged (`remembered_sha256`); the function waits for it."""
     try:
         recorded = json.loads((Path(adapter_dir).parent / MANIFEST).read_text(encoding="utf-8"))["base_model_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(recorded, dict) or not recorded:
-        return None
+    if not isinstance(recorded, dict) or not recorded or model_directory(name_or_path, revision) is None:
+        return None  # (a hub base not in the cache yet: the load fetches it at the recorded commit)
 
     def compare() -> list[tuple[str, str]]:
         try:
-            return changed_model_files(recorded, model_weight_hashes(name_or_path, revision))
+            return changed_model_files(recorded, model_weight_hashes(name_or_path, revision, remembered_sha256))
         except OSError:  # unreadable: the load says so in its own words
             return []
 

@@ -159,7 +159,9 @@ def phase(label: str, console: Console | None = None) -> Iterator[None]:
     if console.is_terminal:
         from rich.errors import LiveError
 
-        status = console.status(label)
+        from rich.text import Text
+
+        status = console.status(Text(label))  # a label holds paths: `[...]` in one is no markup
         try:
             status.start()
         except LiveError:  # rich < 15, inside another live display: that one says what is going on

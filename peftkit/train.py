@@ -62,7 +62,8 @@ from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.rundir import clear_run, open_run_dir, records_at, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
-                             nondeterministic_op_error, optimizer_groups, peak_memory_mb, seed_everything)
+                             nondeterministic_op_error, optimizer_groups, peak_memory_mb, scheduled_lr,
+                             seed_everything)
 from peftkit.samples import answers, sample_prompts
 from peftkit.selection import Selection
 from peftkit.trackers import DIRECTORY as TRACKERS_DIR
@@ -359,7 +360,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
                   f"of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
-    optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console)
+    optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     if zero.active(accelerator):
         zero.configure(cfg, accelerator, model)
@@ -435,7 +436,7 @@ def _loop(run: _Run, state: LoopState) -> None:
         while state.step < run.total_steps and not run.stopped_early:
             _stop_if_asked(run, state, stop)
             window = next(stream)
-            lr = run.scheduler.get_last_lr()[0]  # the rate this step applies (the scheduler steps after it)
+            lr = scheduled_lr(tcfg, run.scheduler)  # the rate this step applies (the scheduler steps after it)
             tokens = sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
             window_tokens += tokens
             loss_value, grad_norm, regularizer = _step(run, window, tokens, state)

@@ -32,30 +32,46 @@ def _load(tmp_path, rows, fmt, tok=TOK):
 def test_the_text_of_a_special_token_in_a_row_is_said_with_its_place(tmp_path):
     """A `</s>` written in an answer was encoded as the EOS token itself, mid-target, teaching the model to stop
     there, without a word (as in transformers and axolotl: a tokenizer parses special tokens out of any text)."""
-    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "x</s>y"},
-            {"prompt": "<s>c", "completion": "d"}]
-    examples, stats, said, path = _load(tmp_path, rows, "completion")
-    assert examples[1].input_ids == [BOS, *ids("a"), *ids("x"), EOS, *ids("y"), EOS]  # what the warning is about
+    rows = [{"instruction": "a", "output": "b"}, {"instruction": "a", "output": "x</s>y"},
+            {"instruction": "c<pad>", "output": "d"}]
+    examples, stats, said, path = _load(tmp_path, rows, "alpaca")
+    assert examples[1].input_ids[-4:] == [*ids("x"), EOS, *ids("y"), EOS]  # what the warning is about
     assert said[1] == (
         f"warning: 2 of 3 rows hold the text of a special token, which the tokenizer encodes as that token, not as "
-        f"text (first: {path}:2: field 'completion' holds '</s>'). An EOS or end-of-turn marker inside an answer "
+        f"text (first: {path}:2: field 'output' holds '</s>'). An EOS or end-of-turn marker inside an answer "
         "teaches the model to stop there, and one in a message ends that turn. Remove or reword it where it is meant "
         "as text.")
     chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]},
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<pad>"}]}]
     assert _load(tmp_path, chat, "chat")[1]["special_text_first"] == f"{path}:2: messages[1].content holds '<pad>'"
-    assert _load(tmp_path, rows[:1], "completion")[2] == ["1 training examples"]
+    assert _load(tmp_path, rows[:1], "alpaca")[2] == ["1 training examples"]
 
 
-def test_text_rows_are_taken_as_rendered_but_a_doubled_bos_or_eos_is_said(tmp_path):
-    """`text` rows are text already rendered, whose special tokens are meant; one that begins with the BOS (which
-    the tokenizer adds too) or ends with the EOS (which peftkit appends) trains two in a row."""
+def test_a_special_token_s_name_the_tokenizer_does_not_split_out_is_text(tmp_path):
+    """`sep_token = "Human:"` names a special token that the tokenizer never splits out of a text: "Human: hi" is
+    plain characters, and no warning."""
+    tok = copy.deepcopy(TOK)
+    tok.sep_token = "Human:"
+    rows = [{"instruction": "Human: hi", "output": "b"}]
+    examples, stats, _, _ = _load(tmp_path, rows, "alpaca", tok)
+    assert ids("Human: hi") == examples[0].input_ids[1 + len(ids("### Instruction:\n")):][:9]
+    assert stats["special_text_rows"] == 0
+
+
+def test_text_and_completion_rows_are_taken_as_rendered_but_a_doubled_bos_or_eos_is_said(tmp_path):
+    """`text` and `completion` rows are often text already rendered (TRL's prompt/completion with a ChatML prompt),
+    whose special tokens are meant; one that begins with the BOS (which the tokenizer adds too) or ends with the EOS
+    (which peftkit appends) trains two in a row."""
     assert _load(tmp_path, [{"text": "a</s>b"}], "text")[1]["special_text_rows"] == 0
+    assert _load(tmp_path, [{"prompt": "<pad>a", "completion": "b<pad>"}], "completion")[1]["special_text_rows"] == 0
     examples, stats, _, path = _load(tmp_path, [{"text": "<s>ab"}, {"text": "ab</s>"}], "text")
     assert examples[0].input_ids[:2] == [BOS, BOS] and examples[1].input_ids[-2:] == [EOS, EOS]
     assert stats["special_text_rows"] == 2
     assert stats["special_text_first"] == (f"{path}:1: field 'text' begins with '<s>', and the tokenizer puts a BOS "
                                            "in front of it too (two BOS)")
+    stats = _load(tmp_path, [{"prompt": "a", "completion": "b</s>"}], "completion")[1]
+    assert stats["special_text_first"] == (f"{path}:1: field 'completion' ends with '</s>', and peftkit appends an "
+                                           "EOS to it too (two EOS)")
 
 
 def test_a_chat_template_that_closes_turns_with_plain_text_is_said(tmp_path):
@@ -83,6 +99,18 @@ def test_a_byte_order_mark_is_no_text_in_csv_and_txt_files(tmp_path):
     txt = tmp_path / "d.txt"
     txt.write_bytes(b"\xef\xbb\xbfhello\n\n\nworld\n")
     assert load_rows(str(txt), "train") == ([{"text": "hello"}, {"text": "world"}], 0, [1, 4])
+
+
+def test_txt_rows_are_the_lines_datasets_reads(tmp_path):
+    """Lines end at \\n, \\r\\n and \\r as in `datasets`' text reader, not at the other breaks str.splitlines
+    knows (a form feed from a PDF, Word's \\v, \\x85, \\u2028): those stay in their line."""
+    import datasets
+
+    txt = tmp_path / "d.txt"
+    txt.write_bytes("page one\fpage two\nweb\u2028second\nnel\x85x\r\nlast\rz\n".encode())
+    theirs = datasets.load_dataset("text", data_files=str(txt), split="train", download_mode="force_redownload")
+    rows, _, lines = load_rows(str(txt), "train")
+    assert rows == list(theirs) and len(rows) == 5 and lines == [1, 2, 3, 4, 5]
 
 
 def test_a_txt_rows_line_is_named_past_blank_lines(tmp_path):

@@ -932,6 +932,28 @@ def test_a_base_changed_since_the_run_is_said_by_eval_generate_and_merge(tiny_ll
     assert "has changed since" not in said(["eval", str(run), "--model", str(tiny_llama)])  # another base, as given
 
 
+def test_the_base_check_hashes_a_file_once_and_skips_a_hub_base_not_fetched_yet(tmp_path):
+    """An 8B base took ~11 s to hash at every eval, generate or merge: a file's hash is kept under its path, size,
+    time and inode and read back while they hold. A hub base not in the cache yet was "gone" file by file (every
+    recorded file "is gone") until the load fetched it: that base is not compared."""
+    from peftkit.manifest import base_changes, remembered_sha256
+    from peftkit.fileio import sha256_file
+
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"weights")
+    digest = remembered_sha256(file)
+    assert digest == sha256_file(file)
+    [entry] = (Path(os.environ["PEFTKIT_CACHE"]) / "file-hashes").iterdir()
+    entry.write_text("f" * 64)  # the kept hash is what is read, the file is not
+    assert remembered_sha256(file) == "f" * 64
+    file.write_bytes(b"other weights")  # changed: hashed anew
+    assert remembered_sha256(file) == sha256_file(file)
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"base_model_sha256": {"config.json": "0" * 64}}))
+    assert base_changes(str(tmp_path / "run" / "adapter"), "someone/not-fetched-yet", None) is None
+
+
 def test_a_read_only_run_directory_is_a_clear_error_for_report(assets, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(assets["run"], out)

@@ -151,6 +151,9 @@ def test_generation_stops_at_the_token_the_chat_template_closes_turns_with(tiny_
     assert stop_token_ids(model, tok) == [tok.eos_token_id, tok.pad_token_id]
     tok.chat_template = tok.chat_template.replace("<pad>", "")  # turns closed by a newline: nothing to stop at
     assert stop_token_ids(model, tok) == [tok.eos_token_id]
+    template = tok.chat_template.replace("\n{% endfor %}", "<pad>\n{% endfor %}")
+    tok.chat_template = {"default": template, "tool_use": "{{ messages }}"}  # named templates (Hermes, Command-R)
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, tok.pad_token_id]  # apply_chat_template's: "default"
 
 
 def test_the_printed_prompt_and_completion_are_the_text_itself(tiny_llama, tmp_path):

@@ -1,5 +1,6 @@
 """The optimizer's parameter groups: LoRA+ (training.loraplus_lr_ratio) with every optimizer peftkit offers."""
 
+import json
 from typing import get_args
 
 import pytest
@@ -68,6 +69,55 @@ def test_loraplus_steps_apply_each_groups_lr(tiny_llama):
     opt.step()
     for key, lr in {"A": 0.1, "B": 1.6, "m": 0.1, "head": 0.1}.items():
         torch.testing.assert_close(tensors[key].detach(), before[key] - lr * grads[key], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("loraplus", [None, 16])
+def test_biases_and_norms_get_no_weight_decay_as_in_trainer(loraplus, tiny_gpt2):
+    """One weight_decay for every group decayed a trained norm's scale (and biases) toward 0, where transformers'
+    Trainer leaves them out: the groups now follow Trainer.get_decay_parameter_names, taken here as the reference."""
+    from transformers import Trainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32)
+    inject_adapters(model, LoraConfig(r=4, alpha=8, target_modules=["c_attn"], modules_to_save=["ln_f"]))
+    cfg = TrainingConfig(lr=1e-3, weight_decay=0.5, loraplus_lr_ratio=loraplus)
+    opt = build_optimizer(cfg, optimizer_groups(cfg, model), torch.device("cpu"), Console(quiet=True))
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    trainer_decays = set(Trainer.get_decay_parameter_names(None, model))
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trained if "ln_f" in n} and {n for n in trained if "lora_" in n}  # both kinds are there
+    assert {name: decay[id(p)] for name, p in trained.items()} == {
+        name: 0.5 if name in trainer_decays else 0.0 for name in trained}
+    assert optimizer_groups(TrainingConfig(lr=1e-3, loraplus_lr_ratio=loraplus), model)[0].get("weight_decay") is None
+
+
+def test_the_logged_lr_is_training_lr_whatever_group_comes_first(tiny_llama, number_data, tmp_path):
+    """With LoRA+ on the embeddings, their group (loraplus_lr_embedding, 1e-6) came first and its rate was logged,
+    and shown on the progress line and the report's plot, as the run's learning rate."""
+    from peftkit.train import train
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data,
+                         adapter={"r": 4, "alpha": 8, "target_modules": ["embed_tokens", "q_proj"]},
+                         training={"max_steps": 2, "lr": 1e-3, "warmup_steps": 0, "scheduler": "constant",
+                                   "loraplus_lr_ratio": 16, "log_steps": 1}, eval={"base_model": False})
+    train(load_recipe(recipe))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["lr"] for line in lines if "lr" in line] == [1e-3, 1e-3]
+
+
+def test_an_8bit_optimizer_keeps_32bit_state_for_trained_embeddings(tmp_path):
+    """As transformers' Trainer has bitsandbytes do (optim_bits 32 for every nn.Embedding): an embedding trained in
+    full (modules_to_save) kept uint8 moments, which Trainer avoids for stability."""
+    from peftkit.tiny import build_tiny_model
+
+    model = build_tiny_model(hidden_size=64)[0]  # an embedding of 102 x 64 values: above bitsandbytes' 4096 floor
+    inject_adapters(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    cfg = TrainingConfig(optimizer="adamw_8bit", lr=1e-3)
+    opt = build_optimizer(cfg, optimizer_groups(cfg, model), torch.device("cpu"), Console(quiet=True), model)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    opt.step()
+    embedding = model.get_input_embeddings().weight
+    assert embedding.requires_grad and embedding.numel() > 4096
+    assert opt.state[embedding]["state1"].dtype == torch.float32
 
 
 def test_without_loraplus_one_group(tiny_llama):

@@ -12,40 +12,50 @@ from peftkit.recipe import DataConfig
 
 
 @functools.lru_cache(maxsize=8)  # once per tokenizer, not per row
-def special_text(tok) -> re.Pattern | None:
-    """The text of the tokenizer's special tokens (BOS, EOS, pad, a chat template's turn markers) as one pattern,
-    the longest first; None for a tokenizer without any."""
-    names = {t.content for t in tok.added_tokens_decoder.values() if t.special} | set(tok.all_special_tokens)
-    names = sorted((name for name in names if name and name.strip()), key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, names))) if names else None
+def _specials(tok) -> tuple[frozenset[int], re.Pattern | None]:
+    """The ids of the tokens the tokenizer splits out of any text as special (BOS, EOS, a chat template's turn
+    markers: its added tokens marked special), and their text as one pattern, the longest first."""
+    added = {i: t.content for i, t in tok.added_tokens_decoder.items() if t.special and t.content.strip()}
+    names = sorted(set(added.values()), key=len, reverse=True)
+    return frozenset(added), re.compile("|".join(map(re.escape, names))) if names else None
 
 
-def special_tokens_in(tok, row: dict, fmt: str) -> str | None:
-    """Where the first special token's text sits in a row's fields ("field 'output' holds '</s>'"), or None.
+def special_tokens_in(tok, row: dict, fmt: str, body: list[int]) -> str | None:
+    """Where the first special token's text sits in a row ("field 'output' holds '</s>'"), or None.
 
     A tokenizer encodes that text as the special token itself, whoever wrote it: an EOS inside an answer teaches
     the model to stop there, and an end-of-turn marker in a message ends the turn (what follows reads as a turn of
-    the template's own). The `text` format is text already rendered, whose special tokens are meant; there, only a
-    BOS it begins with (when the tokenizer puts one in front too) and an EOS it ends with (peftkit appends one) are
-    said: two of them in a row."""
-    if fmt == "text":
-        bos, eos, text = tok.bos_token, tok.eos_token, row["text"].strip()
-        if bos and text.startswith(bos) and tok("", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]:
-            return f"field 'text' begins with '{bos}', and the tokenizer puts a BOS in front of it too (two BOS)"
-        if eos and text.endswith(eos):
-            return f"field 'text' ends with '{eos}', and peftkit appends an EOS to it too (two EOS)"
-        return None
-    pattern = special_text(tok)
-    if pattern is None:
+    the template's own). Alpaca rows are looked for in their tokens (`body`: the example's ids between the BOS the
+    tokenizer puts in front and the EOS peftkit appends), chat messages in their text. `text` and `completion` rows
+    are often text already rendered (a ChatML prompt), whose special tokens are meant: there only a BOS the text
+    begins with (when the tokenizer puts one in front too) and an EOS it ends with (peftkit appends one) are said,
+    two of them in a row."""
+    ids, pattern = _specials(tok)
+    if fmt in ("text", "completion"):
+        first, last = ("text", "text") if fmt == "text" else ("prompt", "completion")
+        bos, eos = tok.bos_token, tok.eos_token
+        if bos and row[first].lstrip().startswith(bos) and _adds_bos(tok):
+            return f"field '{first}' begins with '{bos}', and the tokenizer puts a BOS in front of it too (two BOS)"
+        if eos and row[last].rstrip().endswith(eos):
+            return f"field '{last}' ends with '{eos}', and peftkit appends an EOS to it too (two EOS)"
         return None
     if fmt == "chat":
         fields = [(f"messages[{i}].content", m.get("content")) for i, m in enumerate(row["messages"])]
-    else:
-        fields = [(f"field '{name}'", row.get(name)) for name in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ()))]
-    for name, value in fields:
-        if isinstance(value, str) and (found := pattern.search(value)):
-            return f"{name} holds '{found.group()}'"
-    return None
+        for name, value in fields:
+            if pattern is not None and isinstance(value, str) and (found := pattern.search(value)):
+                return f"{name} holds '{found.group()}'"
+        return None
+    if ids.isdisjoint(body):  # alpaca: a set's look-up per token, in C (a pattern over 6k names is not)
+        return None
+    text = tok.convert_ids_to_tokens(next(t for t in body if t in ids))
+    fields = (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ()))
+    where = next((f"field '{name}'" for name in fields if isinstance(row.get(name), str) and text in row[name]), "it")
+    return f"{where} holds '{text}'"
+
+
+@functools.lru_cache(maxsize=8)
+def _adds_bos(tok) -> bool:
+    return tok.bos_token_id is not None and tok("", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id]
 
 
 # A default system prompt the chat template adds to each conversation without one is masked from the loss

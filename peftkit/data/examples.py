@@ -146,7 +146,9 @@ def turn_end_token(tok) -> int | None:
     None for a template that ends turns with plain text, or that refuses the probe conversation (its own rows then
     fail in their own words)."""
     template = getattr(tok, "chat_template", None)
-    return _turn_end_token(tok, template) if template and tok.is_fast else None
+    if isinstance(template, dict):  # named templates (Hermes, Command-R): apply_chat_template's is "default"
+        template = template.get("default")
+    return _turn_end_token(tok, template) if isinstance(template, str) and tok.is_fast else None
 
 
 @functools.lru_cache(maxsize=8)  # once per tokenizer and template: generation asks each batch
@@ -327,6 +329,7 @@ def count_examples(
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
              "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and turn_end_token(tok) is None}
     cuts = _TargetCuts()
+    lead = len(encode_prompt(tok, "")) if cfg.format != "chat" else 0  # the special tokens put in front (BOS)
     for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,
         if _problem(row, cfg.format):  # not after the tokenizing of all the rows before it
             usable_row(row, cfg, row_location(source, i, line_numbers))
@@ -334,13 +337,21 @@ def count_examples(
         for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
             advance()
             _count(built, rows, cfg, stats, cuts, examples)
-            if built is not None and (found := special_tokens_in(tok, rows[built.index], cfg.format)):
+            if built is not None and (found := special_tokens_in(tok, rows[built.index], cfg.format,
+                                                                 _body(built, lead))):
                 stats["special_text_rows"] += 1
                 stats["special_text_first"] = stats["special_text_first"] or f"{built.where}: {found}"
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)
     return examples, stats, cuts
+
+
+def _body(built: BuiltExample, lead: int) -> list[int]:
+    """An example's ids between the `lead` special tokens the tokenizer puts in front and the EOS peftkit appends
+    (kept unless cut at data.max_length)."""
+    ids = built.example.input_ids
+    return ids[lead:len(ids) - (not built.truncated)]
 
 
 def _count(built: BuiltExample | None, rows: list[dict], cfg: DataConfig, stats: dict, cuts: _TargetCuts,

@@ -61,11 +61,13 @@ def _undecoded(line: str) -> str | None:
 
 
 def _read_text(path: Path) -> tuple[list[dict], int, list[int]]:
-    """A text file's lines as rows {"text": line}, as `datasets`' text reader splits them (str.splitlines), with
-    their line numbers; a blank line separates paragraphs and is no example (a .jsonl's blank lines are skipped
-    too), and a byte order mark is no text."""
+    """A text file's lines as rows {"text": line}, as `datasets`' text reader splits them (at newlines, \\r\\n and \\r
+    read as newlines; not at the other line breaks str.splitlines knows: a form feed stays in its line), with their
+    line numbers; a blank line separates paragraphs and is no example (a .jsonl's blank lines are skipped too), and
+    a byte order mark is no text."""
     rows, line_numbers = [], []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines(), 1):
+    text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    for lineno, line in enumerate(text.split("\n"), 1):
         if problem := _undecoded(line):
             raise PeftkitError(f"{path}:{lineno}: {problem}. Save the file as UTF-8.")
         if line.strip():
