@@ -246,3 +246,27 @@ def test_method_activations_are_an_upper_bound(method, tiny_llama):
         estimated[name] = activation_memory(shape, 2, 16, 4, False, sum(k[0] for k in kept) // shape.layers)[1] \
             + 4 * sum(k[1] for k in kept)
     assert saved[method] - saved["lora"] <= estimated[method] - estimated["lora"]
+
+
+def test_8bit_optimizer_estimate_counts_embeddings_in_32_bits(number_data, tmp_path):
+    """The 8-bit optimizers keep an embedding trained in full (modules_to_save) in 32-bit state, as Trainer has them
+    do: the estimate's optimizer term is the state the optimizer really holds after a step."""
+    from rich.console import Console
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.runtime import build_optimizer, optimizer_groups
+    from peftkit.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(tmp_path / "m64", hidden_size=64)  # a 102 x 64 embedding: above the 4096 floor
+    recipe = load_recipe(make_recipe(tmp_path, tmp_path / "m64", number_data,
+                                     adapter={"r": 4, "alpha": 8, "modules_to_save": ["embed_tokens"]},
+                                     training={"optimizer": "adamw_8bit"}))
+    inject_adapters(model, recipe.adapter)
+    optimizer = build_optimizer(recipe.training, optimizer_groups(recipe.training, model), torch.device("cpu"),
+                                Console(quiet=True), model)
+    ids = torch.tensor([[1, 40, 41, 42, 7, 60]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    held = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+               for key, t in state.items() if key in ("state1", "state2"))
+    assert estimate_memory(recipe).optimizer == held
