@@ -4,8 +4,10 @@ classifier's predicted labels (`accuracy`, `macro_f1`).
 - `exact_match`: the normalised prediction equals the normalised reference.
 - `token_f1`: F1 of the normalised whitespace tokens shared by prediction and reference (SQuAD's, counting
   repeats; 1 when both are empty).
-- `rouge_l`: ROUGE-L F-measure (longest common subsequence) from Google's `rouge-score` package, with its own
-  tokenisation (lowercased, non-alphanumerics dropped) and no stemming; the normalisation does not apply.
+- `rouge_l`: ROUGE-L F-measure (longest common subsequence) from Google's `rouge-score` package, without stemming,
+  on its tokenisation (lowercased, words of letters and digits) extended past ASCII (`rouge_tokens`): its own keeps
+  only a-z and 0-9, so an exact answer in Russian or Chinese had no tokens and scored 0. The normalisation does not
+  apply.
 
 Normalisation before `exact_match` and `token_f1` (`--normalize`):
 - `squad` (default): lowercase, punctuation removed, the articles a / an / the removed, whitespace collapsed —
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 
 from peftkit.errors import PeftkitError
@@ -83,6 +86,37 @@ def parse_metrics(spec: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def rouge_tokens(text: str) -> list[str]:
+    """ROUGE's words in any script: rouge-score's tokenisation (lowercase; runs of letters and digits, everything else
+    a separator) with the letters, combining marks and digits of every script, and each character of a script
+    written without spaces between words (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) a word of its own. ASCII
+    text gives rouge-score's own tokens (tested)."""
+    words, word = [], []
+    for ch in text.lower():
+        if _UNSPACED.match(ch) or unicodedata.category(ch)[0] not in "LMN":
+            if word:
+                words.append("".join(word))
+                word = []
+            if _UNSPACED.match(ch):
+                words.append(ch)
+        else:
+            word.append(ch)
+    return words + (["".join(word)] if word else [])
+
+
+# Scripts written without spaces between words: CJK ideographs (and their extensions and compatibility forms),
+# hiragana and katakana, Thai, Lao, Myanmar, Khmer.
+_UNSPACED = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+                       "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff]")
+
+
+class _RougeTokens:
+    """`rouge_tokens` as rouge-score's scorer takes a tokenizer."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return rouge_tokens(text)
+
+
 def score(predictions: list[str], references: list[str], metrics: list[str], how: str = "squad") -> dict[str, float]:
     """The mean of each generation metric of `metrics` over the rows."""
     if how not in NORMALIZATIONS:
@@ -91,7 +125,7 @@ def score(predictions: list[str], references: list[str], metrics: list[str], how
     if "rouge_l" in metrics:
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_RougeTokens())
         per_row["rouge_l"] = lambda p, r: scorer.score(r, p)["rougeL"].fmeasure  # score(target, prediction)
     n = max(len(predictions), 1)
     return {m: sum(per_row[m](p, r) for p, r in zip(predictions, references, strict=True)) / n

@@ -34,6 +34,28 @@ def test_scores_against_hand_computed_values():
     assert got == {"rouge_l": pytest.approx((2 / 3 + 1 / 2) / 2), "exact_match": 0.5}
 
 
+def test_rouge_l_counts_words_of_every_script():
+    """rouge-score's tokens are [a-z0-9] runs only: an exact answer in Russian or Chinese had none and scored 0 (and
+    "café" was "caf"). Its ASCII tokens are kept (its own tokenizer is the reference on random printable text); other
+    scripts' letters make words, and a Chinese character is a word of its own."""
+    import random
+    import string
+
+    from rouge_score import tokenize
+
+    from peftkit.metrics import rouge_tokens
+
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice(string.printable) for _ in range(80))
+        assert rouge_tokens(text) == tokenize.tokenize(text, None), text
+    assert rouge_tokens("Привет, МИР! café_au-lait नमस्ते 你好") == ["привет", "мир", "café", "au", "lait", "नमस्ते",
+                                                                   "你", "好"]
+    assert score(["Привет мир", "你好世界"], ["привет, мир", "你好世界"], ["rouge_l"]) == {"rouge_l": 1.0}
+    # "你好" against "你好世界": LCS 2 characters, P 2/2, R 2/4, F = 2/3
+    assert score(["你好"], ["你好世界"], ["rouge_l"])["rouge_l"] == pytest.approx(2 / 3)
+
+
 def _rows(n: int) -> list[dict]:
     return [{"instruction": f"add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(n)]
 
