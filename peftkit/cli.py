@@ -162,7 +162,7 @@ def merge(
     output: Annotated[str, typer.Option("--output", help="Directory for the merged model (or combined adapter).")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model; default: the adapter's base_model_name_or_path.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16; default: the base's dtype.")] = None,
-    requantize: Annotated[Optional[str], typer.Option("--requantize", help="Also save OUTPUT-nf4, re-quantized (lossy).")] = None,
+    requantize: Annotated[Optional[str], typer.Option("--requantize", help="nf4 (or fp4): also save OUTPUT-nf4, re-quantized (lossy).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (never the base or the adapter).")] = False,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Combining: one weight per --adapter, e.g. "
                                                    "0.7,0.3; a negative weight subtracts that adapter.")] = None,
@@ -195,6 +195,11 @@ def merge(
         _combine(adapter, output, base, dtype, requantize, overwrite, weights, method, density, svd_rank, svd_clamp,
                  majority_sign, seed, into_base, trust_remote_code)
         return
+    combining = {"--into-base": into_base, "--density": density is not None, "--svd-rank": svd_rank is not None,
+                 "--svd-clamp": svd_clamp is not None, "--majority-sign": majority_sign != "total", "--seed": seed != 0}
+    if given := next((flag for flag, set_ in combining.items() if set_), None):
+        raise PeftkitError(f"{given} is for combining several adapters (--adapter repeated, with --weights and "
+                           f"--method); one --adapter is merged into its base as it is. Remove {given}.")
     if requantize:
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
@@ -297,7 +302,7 @@ def eval_cmd(
     shown += [f"{name} {result[name]:.4f}" for name in job.metrics if name in result and name not in ("loss", "perplexity")]
     if "num_rows" in result:
         shown.append(f"rows {result['num_rows']}")
-    console.print("  ".join(shown))
+    _said_beside(json_out, predictions).print("  ".join(shown))
     if json_out:
         atomic_write_json(json_out, result)
 
@@ -316,9 +321,21 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
                                f"directory; give a directory (e.g. --predictions {predictions.with_suffix('')}).")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     results = compare(comparison_jobs(job, named, named_merged), predictions)
-    console.print(comparison_table(results, job.metrics))
+    _said_beside(json_out).print(comparison_table(results, job.metrics))
     if json_out:
         atomic_write_json(json_out, results)
+
+
+def _said_beside(*outputs: Path | None):
+    """The console for what a command says besides its output files: stderr where one of them is this process's
+    stdout (`--json /dev/stdout | jq .` reads the JSON alone), else stdout."""
+    for path in outputs:
+        try:
+            if path is not None and os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno())):
+                return err_console
+        except (OSError, ValueError):  # not there yet; a stdout without a file descriptor
+            continue
+    return console
 
 
 def _adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -338,7 +355,8 @@ def _check_json_out(path: Path, flag: str = "--json") -> None:
     if special_file(path):  # /dev/stdout, a pipe: written as it is
         return
     if path.is_dir():
-        raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / 'eval.json'}.")
+        name = "predictions.jsonl" if flag == "--predictions" else "eval.json"
+        raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / name}.")
     make_writable_dir(path.parent, f"{flag}'s directory", create=False)  # made when written: a refused run leaves none
 
 
@@ -365,7 +383,7 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Sampling: nucleus cut, in (0, 1].")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (left-padded).")] = 8,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write [{prompt, completion}, ...] here instead "
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write [{prompt, completion, reference}, ...] here instead "
                                                      "of printing.")] = None,
     task: Task = None,
     split: DataSplit = None,
@@ -398,7 +416,7 @@ def generate(
     results = run_generate(job, on_batch=None if json_out else show)
     if json_out:
         atomic_write_json(json_out, results)
-        console.print(f"{len(results)} completions written to {escape(str(json_out))}")
+        _said_beside(json_out).print(f"{len(results)} completions written to {escape(str(json_out))}")
 
 
 @app.command()

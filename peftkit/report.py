@@ -231,7 +231,7 @@ def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = N
     A report of a run still training may be drawn while the run finishes and writes its own final report: it is
     then drawn again from the finished run rather than put over the final one."""
     run_dir = Path(run_dir)
-    out = Path(output) if output is not None else run_dir / REPORT_DIR
+    out = check_report_output(output, run_dir) if output is not None else run_dir / REPORT_DIR
     while True:
         finished = _finished(run_dir)
         train, evals = read_metrics(run_dir)  # (what is not a run is said first)
@@ -244,6 +244,35 @@ def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = N
                         (tmp / f"{stem}.png").write_bytes(data)
                     (tmp / "report.html").write_text(page, encoding="utf-8")
                 return out / "report.html"
+
+
+def check_report_output(output: Path, run_dir: Path) -> Path:
+    """`--output`, resolved, when writing the report there (which replaces that directory as a whole) deletes nothing
+    peftkit did not write: a new directory, or one holding only an earlier report; never the run directory, a
+    directory above it or inside it (but its own report/), or the current directory or one above it."""
+    from peftkit.fileio import resolved
+    from peftkit.rundir import make_writable_dir
+
+    out, run, cwd = resolved(output, "--output"), resolved(run_dir, "RUN_DIR"), Path.cwd().resolve()
+    instead = f"Name a new directory, e.g. --output {run.parent / (run.name + '-report')}."
+    if out == cwd or out in cwd.parents:
+        raise PeftkitError(f"--output {out} is the current directory or one above it; the report replaces its "
+                           f"directory as a whole. {instead}")
+    if out == run or out in run.parents:
+        raise PeftkitError(f"--output {out} is the run directory {run}{' or holds it' if out != run else ''}; the "
+                           f"report replaces its directory as a whole, which would delete the run. {instead}")
+    if run in out.parents and out != run / REPORT_DIR:
+        raise PeftkitError(f"--output {out} is inside the run directory {run}, whose files its manifest.json lists. "
+                           f"{instead}")
+    make_writable_dir(out.parent, "--output's parent")
+    if out.exists() and not out.is_dir():
+        raise PeftkitError(f"--output {out} is a file. {instead}")
+    if out.is_dir() and (others := sorted(e.name for e in out.iterdir()
+                                          if e.name != "report.html" and not e.name.endswith(".png"))):
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise PeftkitError(f"--output {out} holds files that are not a report's ({listed}); the report replaces its "
+                           f"directory as a whole. {instead}")
+    return out
 
 
 def _check_writable(parent: Path, out: Path) -> None:

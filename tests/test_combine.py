@@ -405,6 +405,18 @@ def test_one_adapter_with_weights_but_no_method_says_what_is_missing(llama_adapt
     assert "drop --weights and --method to merge the one adapter into its base" in " ".join(err.split())
 
 
+@pytest.mark.parametrize("flag", [["--into-base"], ["--density", "0.5"], ["--svd-rank", "3"], ["--svd-clamp", "0.9"],
+                                  ["--majority-sign", "frequency"], ["--seed", "3"]])
+def test_one_adapter_with_a_combining_flag_is_refused(flag, llama_adapters, tmp_path, monkeypatch, capsys):
+    """A single-adapter merge ignored the combining flags (`--into-base`, `--density 0.5` ...) and exited 0."""
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", llama_adapters[0], "--output",
+                         str(tmp_path / "out"), *flag)
+    assert " ".join(err.split()) == (f"error: {flag[0]} is for combining several adapters (--adapter repeated, with "
+                                     f"--weights and --method); one --adapter is merged into its base as it is. "
+                                     f"Remove {flag[0]}.")
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2, llama_adapters, tmp_path,
                                                            monkeypatch, capsys):
     r8 = make_adapter(tiny_llama, LoraConfig(r=8, alpha=8, target_modules=LLAMA_TARGETS), 3, tmp_path / "r8")

@@ -987,6 +987,57 @@ def test_a_run_on_a_read_only_file_system_is_reported_elsewhere(assets, tmp_path
     assert (tmp_path / "elsewhere" / "report.html").is_file() and not (out / "report").exists()
 
 
+def test_report_output_never_deletes_what_peftkit_did_not_write(assets, tmp_path, monkeypatch, capsys):
+    """`report --output DIR` replaces DIR as a whole: pointed at the run itself it left only the report (adapter,
+    checkpoints, manifest gone), and pointed at a user's directory, a file or the current directory it replaced
+    them; "" and "." were tracebacks. Each is now refused, and an earlier report is replaced."""
+    run = tmp_path / "run"
+    shutil.copytree(assets["run"], run)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("precious")
+    (tmp_path / "afile").write_text("keep")
+    monkeypatch.chdir(tmp_path)
+    instead = f"Name a new directory, e.g. --output {tmp_path / 'run-report'}."
+
+    def said(output: str) -> str:
+        return " ".join(cli_user_error(monkeypatch, capsys, "report", str(run), "--output", output).split())
+
+    assert said(str(run)) == (f"error: --output {run} is the run directory {run}; the report replaces its directory "
+                              f"as a whole, which would delete the run. {instead}")
+    assert said(str(run / "adapter")) == (f"error: --output {run / 'adapter'} is inside the run directory {run}, whose "
+                                          f"files its manifest.json lists. {instead}")
+    assert said(str(tmp_path / "notes")) == (f"error: --output {tmp_path / 'notes'} holds files that are not a "
+                                             f"report's (notes.txt); the report replaces its directory as a whole. "
+                                             f"{instead}")
+    assert said(str(tmp_path / "afile")) == f"error: --output {tmp_path / 'afile'} is a file. {instead}"
+    for here in ("", "."):
+        assert said(here).startswith(f"error: --output {tmp_path} is the current directory or one above it")
+    assert said("afile/r") == f"error: --output's parent {tmp_path / 'afile'} is a file, not a directory; choose another path."
+    assert (tmp_path / "notes" / "notes.txt").read_text() == "precious" and (run / "manifest.json").is_file()
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    for _ in range(2):  # a new directory, then the same one holding that report
+        done = CliRunner().invoke(app, ["report", str(run), "--output", str(tmp_path / "r")])
+        assert done.exit_code == 0 and (tmp_path / "r" / "report.html").is_file(), done.output
+
+
+def test_json_to_stdout_is_the_json_alone(assets, tmp_path):
+    """README's `--json /dev/stdout | jq .`: eval printed its summary line before the JSON, and generate its
+    "N completions written" after it, on the same stdout. Those lines now go to stderr when --json is stdout."""
+    run = tmp_path / "run"
+    shutil.copytree(assets["run"], run)
+    data = str(assets["root"] / "train.jsonl")
+    for args in (["eval", str(run), "--data", data],
+                 ["generate", str(run), "--data", data, "--limit", "1", "--max-new-tokens", "2"]):
+        done = subprocess.run([sys.executable, "-m", "peftkit", *args, "--json", "/dev/stdout"], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert isinstance(json.loads(done.stdout), dict if args[0] == "eval" else list), done.stdout
+        assert ("loss" if args[0] == "eval" else "1 completions written to /dev/stdout") in done.stderr
+
+
 def test_a_file_size_limit_is_a_clear_error(tmp_path):
     """`ulimit -f`: the write fails with EFBIG (Python ignores SIGXFSZ), which came out as a traceback."""
     import resource
