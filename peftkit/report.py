@@ -231,10 +231,11 @@ def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = N
     A report of a run still training may be drawn while the run finishes and writes its own final report: it is
     then drawn again from the finished run rather than put over the final one."""
     run_dir = Path(run_dir)
-    out = check_report_output(output, run_dir) if output is not None else run_dir / REPORT_DIR
+    out = None
     while True:
         finished = _finished(run_dir)
         train, evals = read_metrics(run_dir)  # (what is not a run is said first)
+        out = out or (check_report_output(output, run_dir) if output is not None else run_dir / REPORT_DIR)
         _check_writable(out.parent, out)  # before drawing
         plots, page = _render(run_dir, train, evals, log_scale)
         with locked_directory(run_dir):  # one report put in place at a time (a training holds the run's own lock)
