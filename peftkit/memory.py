@@ -34,14 +34,13 @@ OPTIMIZER_BYTES = {"adamw": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_a
 MIN_8BIT_SIZE = 4096
 
 
-def _optimizer_bytes(optimizer: str, sizes: list[int], embeddings: int = 0) -> float:
-    """`sizes`: the trainable tensors' element counts; `embeddings`: how many of them (the last ones) are embedding
-    weights, which the 8-bit optimizers keep in 32 bits (`peftkit.runtime.build_optimizer`)."""
+def _optimizer_bytes(optimizer: str, sizes: list[int], embeddings: list[int] = ()) -> float:
+    """`sizes`: the trainable tensors' element counts, but for `embeddings`': embedding weights, which the 8-bit
+    optimizers keep in 32 bits (`peftkit.runtime.build_optimizer`)."""
     per = OPTIMIZER_BYTES[optimizer]
     if per == 2:
-        rest = len(sizes) - embeddings
-        return sum(n * (2 if n >= MIN_8BIT_SIZE and i < rest else 8) for i, n in enumerate(sizes))
-    return per * sum(sizes)
+        return sum(n * (2 if n >= MIN_8BIT_SIZE else 8) for n in sizes) + 8 * sum(embeddings)
+    return per * (sum(sizes) + sum(embeddings))
 
 
 # Activations, in units of one token's hidden state (h values) or MLP width (i values), that a decoder
@@ -205,7 +204,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
     inject_adapters(model, recipe.adapter)
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    trainable = sorted(trainable_parameters(model), key=lambda p: id(p) in embedded)  # embeddings last
+    trainable = trainable_parameters(model)
     sizes = [p.numel() for p in trainable]  # trainable tensors' element counts
     # Frozen adapter tensors (LoRA-FA's A) are weights without gradient or optimizer state, and so are the frozen
     # fp32 tensors every layer shares (VeRA's projections).
@@ -218,7 +217,8 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     kept = [layer.method.kept_for_backward(recipe.adapter, layer) for layer in adapter_layers(model).values()]
     activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept), dtype)
     device = device if device is not None else resolve_device(recipe.model.device)
-    optimizer = _optimizer_bytes(recipe.training.optimizer, sizes, sum(id(p) in embedded for p in trainable))
+    optimizer = _optimizer_bytes(recipe.training.optimizer, [p.numel() for p in trainable if id(p) not in embedded],
+                                 [p.numel() for p in trainable if id(p) in embedded])
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, optimizer, activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
 

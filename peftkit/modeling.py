@@ -575,8 +575,8 @@ def changed_base_note(base: str, run_dir: Path, changed: list[tuple[str, str]]) 
     files = ", ".join(f"{name} {how}" for name, how in changed[:3]) + (f", and {len(changed) - 3} more"
                                                                        if len(changed) > 3 else "")
     return (f"the base model {base} has changed since {run_dir} trained its adapter on it: {files} "
-            f"({run_dir / 'manifest.json'} records the files' sha256). What loads is the adapter over the base as it is now, not the model the run "
-            f"trained. Restore the base, or see `peftkit verify {run_dir}`.")
+            f"({run_dir / 'manifest.json'} records the files' sha256). What loads is the adapter over the base as it "
+            f"is now, not the model the run trained. Restore the base, or see `peftkit verify {run_dir}`.")
 
 
 def adapter_labels(adapter_dir: str, state: dict[str, torch.Tensor]) -> LabelSet:

@@ -158,7 +158,6 @@ def phase(label: str, console: Console | None = None) -> Iterator[None]:
         return
     if console.is_terminal:
         from rich.errors import LiveError
-
         from rich.text import Text
 
         status = console.status(Text(label))  # a label holds paths: `[...]` in one is no markup

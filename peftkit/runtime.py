@@ -66,12 +66,12 @@ def optimizer_groups(cfg: TrainingConfig, model: torch.nn.Module) -> list[dict]:
     from transformers.trainer_pt_utils import get_parameter_names
 
     params = trainable_parameters(model)
-    roles: dict[int, str] = {}
+    roles, lrs = {}, {}
     if cfg.loraplus_lr_ratio is not None:
         roles = {id(p): layer.method.loraplus_roles.get(name, "other")
                  for layer in adapter_layers(model).values() for name, p in layer.adapter_params().items()}
-    lrs = {"A": cfg.lr, "B": cfg.lr * (cfg.loraplus_lr_ratio or 1), "embedding": cfg.loraplus_lr_embedding,
-           "other": cfg.lr}
+        lrs = {"A": cfg.lr, "B": cfg.lr * cfg.loraplus_lr_ratio, "embedding": cfg.loraplus_lr_embedding,
+               "other": cfg.lr}
     decayed = None
     if cfg.weight_decay:
         names = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
