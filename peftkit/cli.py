@@ -315,12 +315,18 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
 
     named = [(n, _adapter(p)) for n, p in parse_named(adapters, "--adapter")]
     named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
+    made = predictions is not None and not predictions.exists()
     if predictions is not None:
         if predictions.suffix.lower() in (".jsonl", ".json") and not predictions.is_dir():
             raise PeftkitError(f"--predictions {predictions}: a comparison writes one NAME.jsonl per model, into a "
                                f"directory; give a directory (e.g. --predictions {predictions.with_suffix('')}).")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
-    results = compare(comparison_jobs(job, named, named_merged), predictions)
+    try:
+        results = compare(comparison_jobs(job, named, named_merged), predictions)
+    except BaseException:  # an error or Ctrl-C before any model's predictions: no empty directory left behind
+        if made and not any(predictions.iterdir()):
+            predictions.rmdir()
+        raise
     _said_beside(json_out).print(comparison_table(results, job.metrics))
     if json_out:
         atomic_write_json(json_out, results)

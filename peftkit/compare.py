@@ -18,13 +18,20 @@ BASE = "base"
 _NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
 
 
-def split_named(value: str) -> tuple[str, str] | None:
+def split_named(value: str, flag: str = "--adapter") -> tuple[str, str] | None:
     """(NAME, DIR) of a `NAME=DIR` value; None for a bare DIR. A path that exists is a DIR whatever '=' it holds (a
-    sweep's `lr=2e-4/adapter`)."""
-    match = _NAME.match(value)
-    if match is None or Path(value).expanduser().exists():
+    sweep's `lr=2e-4/adapter`); one that does not, with an empty NAME or DIR (`a=`, `=run/adapter`), is an error."""
+    if Path(value).expanduser().exists():
         return None
-    return match.group(1), match.group(2)
+    match = _NAME.match(value)
+    name, _, path = value.partition("=")
+    if match is None and "=" in value and not (name.strip() and path.strip()):
+        raise PeftkitError(f"{flag} {value!r}: {'the NAME' if not name.strip() else 'the DIR'} of NAME=DIR is empty; "
+                           f"give both, e.g. {flag} tuned=runs/a/adapter.")
+    if match is None and "=" in value and "/" not in name:
+        raise PeftkitError(f"{flag} {value!r}: a NAME holds only letters, digits, '_', '.' and '-' "
+                           f"(e.g. {flag} {re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}={path}).")
+    return None if match is None else (match.group(1), match.group(2))
 
 
 def parse_named(values: list[str], flag: str, taken: list[str] = ()) -> list[tuple[str, str]]:
@@ -32,7 +39,7 @@ def parse_named(values: list[str], flag: str, taken: list[str] = ()) -> list[tup
     the base's and `taken` (another flag's rows)."""
     named = []
     for value in values:
-        named.append(split_named(value) or (Path(value).name or value, value))
+        named.append(split_named(value, flag) or (Path(value).name or value, value))
     names = [BASE, *taken] + [n for n, _ in named]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

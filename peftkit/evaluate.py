@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 from peftkit.data import Example, Examples, eval_loader
 from peftkit.data.packing import VARLEN_KEYS
 from peftkit.distributed import sharded
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_write_text
 from peftkit.generate import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
 from peftkit.inference import (ModelSource, check_base_is_there, check_choices, check_no_overrides, hub_data_flags,
@@ -247,7 +248,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     check_base_is_there(job.source, recipe)
     job.batch_size = batch_size or job.batch_size
     job.metrics = parse_metrics(metrics) if metrics else list(dict.fromkeys([*job.metrics, *eval_cfg.metrics]))
-    normalize = normalize or eval_cfg.normalize
+    normalize_flag, normalize = normalize, normalize or eval_cfg.normalize
     job.sampling = Sampling(max_new_tokens=max_new_tokens or eval_cfg.max_new_tokens)
     job.normalize, job.predictions, job.task = normalize, predictions, task
     job.sampling.check()
@@ -260,6 +261,10 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
                            f"labels, on data.format 'classification' rows; these rows are '{job.data_cfg.format}'. "
                            f"Use {', '.join((*LOSS_METRICS, *GENERATION_METRICS))} (or --format "
                            "classification for rows with text and label).")
+    if normalize_flag is not None and not {"exact_match", "token_f1"} & set(job.metrics):
+        warnings.warn(f"--normalize {normalize_flag}: only exact_match and token_f1 are normalized, and neither is "
+                      f"among the metrics ({', '.join(job.metrics)}); add --metrics exact_match to use it.",
+                      PeftkitWarning, stacklevel=2)
     if predictions is not None and not any(m in GENERATION_METRICS for m in job.metrics):
         raise PeftkitError(f"--predictions: nothing is generated without a generation metric; add --metrics "
                            f"{GENERATION_METRICS[0]} (or {', '.join(GENERATION_METRICS[1:])}).")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.inference import ModelSource, check_choices, hub_data_flags, model_source
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
 from peftkit.recipe import DataConfig
@@ -55,6 +56,11 @@ class Sampling:
             raise PeftkitError(f"--top-p {self.top_p}: must be in (0, 1] (1 = no cut).")
         if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
             raise PeftkitError(f"--seed {self.seed}: must be an integer from -2**63 to 2**64 - 1.")
+        ignored = [f for f, given in (("--top-p", self.top_p != 1), ("--seed", self.seed != 0)) if given]
+        if self.temperature == 0 and ignored:
+            warnings.warn(f"{' and '.join(ignored)} {'change' if len(ignored) > 1 else 'changes'} nothing under greedy "
+                          "decoding (--temperature 0, the default); add --temperature, e.g. 0.7, to sample.",
+                          PeftkitWarning, stacklevel=2)
 
 
 def stop_token_ids(model: nn.Module, tok) -> list[int]:

@@ -101,6 +101,20 @@ def test_a_comparison_s_predictions_file_name_is_refused(tiny_llama, number_data
     assert not (tmp_path / "preds.jsonl").exists()
 
 
+def test_a_comparison_that_fails_leaves_no_empty_predictions_directory(tiny_llama, number_data, candidates, tmp_path,
+                                                                      monkeypatch, capsys):
+    """The directory was made before the models loaded; an error (or Ctrl-C) then left it behind, empty."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(candidates / "peft", broken)
+    (broken / "adapter_config.json").write_text("[]")
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]),
+                         "--adapter", f"a={candidates / 'peft'}", "--adapter", f"b={broken}", "--metrics",
+                         "exact_match", "--predictions", str(tmp_path / "preds"))
+    assert "adapter_config.json" in err and not (tmp_path / "preds").exists()
+
+
 def test_a_comparison_needs_the_base(number_data, candidates, monkeypatch, capsys):
     assert "peftkit eval needs a RECIPE (or a run directory), or both --model and --data" in cli_user_error(
         monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), "--adapter", f"a={candidates / 'peft'}",
@@ -128,3 +142,22 @@ def test_an_adapter_path_holding_an_equals_sign_is_a_path(tiny_llama, number_dat
     alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, str(candidates / "run" / "adapter"), None, None,
                               None, metrics="loss"))
     assert capsys.readouterr().out.startswith(f"loss {alone['loss']:.4f}")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("a=", "--merged 'a=': the DIR of NAME=DIR is empty"),
+    ("=runs/a/adapter", "--merged '=runs/a/adapter': the NAME of NAME=DIR is empty"),
+    ("my run=runs/a", "a NAME holds only letters, digits, '_', '.' and '-' (e.g. --merged my_run=runs/a)"),
+])
+def test_a_name_dir_value_with_an_empty_or_unusable_part_says_which(value, expected, tmp_path, monkeypatch):
+    """`a=` and `=DIR` were taken for directories and reported "not found" (or as hub ids); a value that exists as a
+    path is still a path."""
+    from peftkit.compare import parse_named
+    from peftkit.errors import PeftkitError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PeftkitError) as caught:
+        parse_named([value], "--merged")
+    assert expected in str(caught.value)
+    (tmp_path / value).mkdir(parents=True)
+    assert parse_named([value], "--merged")[0][1] == value

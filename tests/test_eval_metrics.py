@@ -179,3 +179,20 @@ def test_eval_of_a_run_loads_its_base_as_the_run_did(tiny_llama, number_data, tm
     assert "warning: model.dtype: bfloat16 on a CPU without native 16-bit matmuls" in err
     assert "Here: --set model.dtype=float32." in err
     assert abs(json.loads((tmp_path / "eval.json").read_text())["loss"] - summary["eval_loss"]) < 1e-2  # sdpa
+
+
+def test_normalize_without_a_metric_it_applies_to_is_said(tiny_llama, number_data):
+    """`--normalize strip` with --metrics loss (or rouge_l) was silently ignored."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+
+    flags = dict(overrides=[], model=str(tiny_llama), data=str(number_data["eval"]), fmt=None, adapter=None,
+                 max_length=None, batch_size=None, on_bad_rows=None, max_new_tokens=None)
+    with pytest.warns(PeftkitWarning, match=r"--normalize strip: only exact_match and token_f1 are normalized, and "
+                                            r"neither is among the metrics \(loss, rouge_l\)"):
+        eval_job(None, **flags, metrics="loss,rouge_l", normalize="strip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eval_job(None, **flags, metrics="loss,token_f1", normalize="strip")
+        eval_job(None, **flags, metrics="loss", normalize=None)

@@ -170,6 +170,25 @@ def test_the_printed_prompt_and_completion_are_the_text_itself(tiny_llama, tmp_p
     assert printed.splitlines()[0] == "[b]x\\\\" + result["completion"].split("\n")[0]
 
 
+@pytest.mark.parametrize("flags, said", [
+    ({"top_p": 0.9}, "--top-p changes nothing under greedy decoding"),
+    ({"top_p": 0.9, "seed": 3}, "--top-p and --seed change nothing under greedy decoding"),
+])
+def test_sampling_flags_under_greedy_decoding_are_said_to_do_nothing(flags, said):
+    """--top-p and --seed were silently ignored without --temperature; sampling with them says nothing."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+    from peftkit.generate import Sampling
+
+    with pytest.warns(PeftkitWarning, match=said):
+        Sampling(**flags).check()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampling(temperature=0.7, **flags).check()
+        Sampling().check()
+
+
 def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     model = str(tiny_llama)
     assert "--temperature -1.0: must be a number >= 0" in cli_user_error(
