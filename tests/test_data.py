@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from peftkit.data import IGNORE_INDEX, Collator, Example, epoch_batches, load_examples, step_windows, steps_per_epoch
@@ -149,9 +150,10 @@ def test_a_tokenizer_that_appends_eos_puts_none_between_prompt_and_answer(tmp_pa
     assert tok.decode(text_prompt(tok, "2+2=").ids) == "<s>2+2="
 
 
-def _sentencepiece_style_tokenizer():
+def _sentencepiece_style_tokenizer(prepend_scheme: str = "first"):
     """Like Llama-2's and Mistral v0.1's: Metaspace with prepend_scheme first, so a text encoded alone starts with
-    a `▁` word piece (`4` alone is `▁4`; after `2+2=` it is `4`)."""
+    a `▁` word piece (`4` alone is `▁4`; after `2+2=` it is `4`). `always`: their `legacy: true`, which starts a text
+    anew after each special token too (`</s>4` is `</s> ▁4`)."""
     import string
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -161,21 +163,22 @@ def _sentencepiece_style_tokenizer():
     pieces = ["<pad>", "<s>", "</s>", "<unk>", *sorted(set(words + "+=:\n")), "▁", *("▁" + c for c in words)]
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=[("▁", c) for c in words],
                                    unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=False)
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>")
 
 
-def test_a_target_is_tokenized_as_it_follows_its_prompt(tmp_path):
+@pytest.mark.parametrize("prepend_scheme", ["first", "always"])
+def test_a_target_is_tokenized_as_it_follows_its_prompt(tmp_path, prepend_scheme):
     """A SentencePiece tokenizer marks the start of a text: the target encoded alone began with `▁4`, a token the
     text `2+2=4` never has. The target's tokens are now those of prompt and target encoded together, and the
     prompt's are those generation sends; a prompt whose end merges into the target keeps the target's own, encoded
-    as text that continues (no `▁` of its own)."""
+    as text that continues (no `▁` of its own; with `legacy: true` it had one: `Q: ▁ ▁a`)."""
     from peftkit.data.prompts import text_prompt
 
-    tok = _sentencepiece_style_tokenizer()
+    tok = _sentencepiece_style_tokenizer(prepend_scheme)
     assert tok.convert_ids_to_tokens(tok("4", add_special_tokens=False)["input_ids"]) == ["▁4"]
     rows = [({"prompt": "2+2=", "completion": "4"}, "completion", "2+2=", "4"),
             ({"instruction": "Add", "output": "ab"}, "alpaca", "### Instruction:\nAdd\n\n### Response:\n", "ab"),

@@ -85,12 +85,30 @@ def _target_ids(tok, prompt_ids: list[int], joined: list[int], target: str) -> l
     joined text never has. Where the joined encoding does not begin with the prompt's own tokens (a prompt ending
     in a space that merges into the target's first word), the model could not produce it after the prompt that
     generation sends, so the target is encoded alone (TRL's SFTTrainer warns and keeps the joined one), as text that
-    continues: after the EOS token, which the tokenizer keeps apart, so that no start-of-text `▁` comes in.
+    continues (`_continuing`): after a text the tokenizer keeps apart, so that no start-of-text `▁` comes in.
     """
     if joined[: len(prompt_ids)] == prompt_ids:  # `joined`: the prompt and target encoded together
         return joined[len(prompt_ids):]
-    after_eos = tok(tok.eos_token + target, add_special_tokens=False)["input_ids"]
-    return after_eos[1:] if after_eos[:1] == [tok.eos_token_id] else tok(target, add_special_tokens=False)["input_ids"]
+    lead = _continuing(tok)
+    lead_ids = tok(lead, add_special_tokens=False)["input_ids"]
+    after = tok(lead + target, add_special_tokens=False)["input_ids"]
+    return after[len(lead_ids):] if after[: len(lead_ids)] == lead_ids else tok(target, add_special_tokens=False)["input_ids"]
+
+
+@functools.lru_cache(maxsize=8)  # once per tokenizer, not per row
+def _continuing(tok) -> str:
+    """A text after which the tokenizer encodes what follows as the middle of a text: its EOS token; or, for a
+    SentencePiece tokenizer that starts a text anew after each special token (Llama-2's `legacy: true`: `</s>f` is
+    `</s> ▁f`, as `f` alone is `▁f`), a newline, which it encodes apart (`\nf` is `▁ <0x0A> f`)."""
+    def after(lead: str) -> list[int]:
+        lead_ids = tok(lead, add_special_tokens=False)["input_ids"]
+        return tok(lead + PROBE_WORD, add_special_tokens=False)["input_ids"][len(lead_ids):]
+
+    alone = tok(PROBE_WORD, add_special_tokens=False)["input_ids"]
+    return "\n" if after(tok.eos_token) == alone != after("\n") else tok.eos_token
+
+
+PROBE_WORD = "f"
 
 
 def encode_prompt(tok, text: str) -> list[int]:
