@@ -444,6 +444,7 @@ def chat(
     import torch
 
     from peftkit.chat import chat_loop
+    from peftkit.data.checks import guard_token_ids
     from peftkit.data.prompts import chat_prompt
     from peftkit.generate import Sampling
     from peftkit.inference import model_source
@@ -462,6 +463,7 @@ def chat(
                 "TEXT` to continue plain text")
     task = resolve_tasks(source, task, [None], None)[0]  # and a missing --task
     loaded = source.load()
+    guard_token_ids(loaded, tok)
     torch.manual_seed(seed)
     chat_loop(loaded, tok, sampling, read=lambda asked: _typed(input(asked)), system=system, task=task)
 

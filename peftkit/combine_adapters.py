@@ -220,6 +220,7 @@ def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str,
     dtype = dtype or checkpoint_dtype(name, revision)
     if not all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()):
         raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
-    model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded))
+    model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded),
+                                   generation_config=getattr(loaded, "generation_config", None))
     tok = load_tokenizer(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code))
     save_merged(model, tok, output_dir, base_provenance(name, revision, trust_remote_code), replace)

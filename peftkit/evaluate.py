@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from peftkit.data import Example, Examples, eval_loader
+from peftkit.data.checks import guard_token_ids
 from peftkit.data.packing import VARLEN_KEYS
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -352,6 +353,7 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     if prompts is not None:
         prompts = with_tasks(source, job.task, prompts, job.data)
     model = source.load() if model is None else model
+    guard_token_ids(model, tok)
     result: dict[str, float] = {}
     if examples:
         check_room(model, max(examples.lengths()), f"longest example of {job.data}", 0,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.data.checks import guard_token_ids
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.inference import ModelSource, check_choices, hub_data_flags, model_source
@@ -331,6 +332,7 @@ def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
                 return named.routed([routes[i] for i in batch])
     else:
         model = job.source.load()
+    guard_token_ids(model, tok)
     texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size, on_batch, route)
     return [{"prompt": p.text, "completion": t} | ({"reference": p.reference} if p.reference is not None else {})
             | ({"adapter": routes[i] or "base"} if routes is not None else {})

@@ -9,7 +9,8 @@ What vLLM accepts is stated conservatively, from vLLM's LoRA loader (vllm/lora/p
 models.py, 0.6-0.10): it serves `peft_type: LORA` only, and refuses `modules_to_save`, `use_dora` and
 `bias` other than "none" (without --enable-lora-bias), and target modules the model class does not list as
 LoRA-capable. The rank must be <= --max-lora-rank (default 16). What depends on the vLLM version or the
-model class is a caveat, not a verdict.
+model class is a caveat, not a verdict. What llama.cpp's convert_lora_to_gguf.py does is read from it
+(`_llama_cpp_verdict`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def inspect_adapter(path: str | Path) -> dict:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
     methods), dtypes, size_on_disk, quantization, rope_scaling ({type, factor} recorded in peftkit.json, or null),
     trust_remote_code, variants (LoRA's: "DoRA", "rsLoRA scaling"), virtual_tokens (the prompt family's count; null
-    for other methods), vllm ({accepts, reasons, caveats}).
+    for other methods), vllm ({accepts, reasons, caveats}), llama_cpp (the same, for llama.cpp's
+    convert_lora_to_gguf.py).
     """
     path = Path(path)
     weights_file = check_adapter_dir(path)
@@ -95,6 +97,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "virtual_tokens": None if method.layer_targets else raw.get("num_virtual_tokens"),
     }
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
+    info["llama_cpp"] = _llama_cpp_verdict(method.peft_type, raw, saved, targets)
     return info
 
 
@@ -205,6 +208,33 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
 
 
+def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets: dict) -> dict:
+    """What llama.cpp's convert_lora_to_gguf.py makes of the adapter: it reads `lora_alpha` and the lora_A/lora_B
+    tensors alone (exiting on any other tensor but peft's base copies), and llama.cpp scales each layer by alpha / its
+    rank; a config field it does not read but the numbers depend on makes a GGUF that is silently wrong."""
+    reasons = []
+    if peft_type != "LORA":
+        return {"accepts": False, "reasons": [f"convert_lora_to_gguf.py converts LoRA adapters only; this is {peft_type}"],
+                "caveats": []}
+    if raw.get("modules_to_save") or saved:
+        reasons.append(f"saved modules ({', '.join(raw.get('modules_to_save') or sorted(saved))}): "
+                       "convert_lora_to_gguf.py stops at any tensor but lora_A/lora_B")
+    if raw.get("use_dora"):
+        reasons.append("use_dora: its magnitude vectors stop convert_lora_to_gguf.py")
+    if raw.get("bias", "none") != "none":
+        reasons.append(f"bias={raw['bias']!r}: the bias tensors stop convert_lora_to_gguf.py")
+    if raw.get("use_rslora"):
+        reasons.append("use_rslora: not read, so each layer would be scaled by alpha/r, not alpha/sqrt(r) (sqrt(r) "
+                       "times too small, silently)")
+    if raw.get("alpha_pattern"):
+        reasons.append("alpha_pattern: not read, so those layers would be scaled by lora_alpha (silently wrong)")
+    caveats = ["LoRA on lm_head: refused for a base whose output head is its embeddings (tied)"] if any(
+        p.rsplit(".", 1)[-1] == "lm_head" for p in targets) else []
+    if reasons:
+        caveats.append("merge it (peftkit merge) and convert the merged model with convert_hf_to_gguf.py instead")
+    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
 def _vllm_rank(r: int) -> int:
     """The smallest of vLLM's allowed --max-lora-rank values that holds r."""
     return next((v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r), r)
@@ -284,4 +314,8 @@ def describe(info: dict) -> list[str]:
     vllm = info["vllm"]
     lines.append("vLLM           " + ("would accept it" if vllm["accepts"] else "would refuse it: " + "; ".join(vllm["reasons"])))
     lines += [f"               note: {c}" for c in vllm["caveats"]]
+    gguf = info["llama_cpp"]
+    lines.append("llama.cpp      " + ("convert_lora_to_gguf.py would convert it" if gguf["accepts"] else
+                                      "do not convert it with convert_lora_to_gguf.py: " + "; ".join(gguf["reasons"])))
+    lines += [f"               note: {c}" for c in gguf["caveats"]]
     return lines

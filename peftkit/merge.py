@@ -115,13 +115,15 @@ def conv1d_modules(model: nn.Module) -> set[str]:
 
 def plain_model_from_state(
     config, state: dict[str, torch.Tensor], dtype: torch.dtype, buffers: dict[str, torch.Tensor],
-    classifier: bool = False,
+    classifier: bool = False, generation_config=None,
 ) -> nn.Module:
     """A fresh, unquantized model of `config` holding exactly `state` (strict load).
 
     Built on the meta device (no random init, no second copy of the weights), then given the tensors of
     `state` and the construction-time `buffers` of the source model. `classifier`: a sequence classifier
-    (AutoModelForSequenceClassification; its classes are in `config`), not a causal LM."""
+    (AutoModelForSequenceClassification; its classes are in `config`), not a causal LM. `generation_config`: the
+    source model's (its generation_config.json: a chat model's end-of-turn token, its sampling defaults), which
+    one made from `config` alone would lose."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = copy.deepcopy(config)
@@ -143,6 +145,8 @@ def plain_model_from_state(
     for name, value in buffers.items():
         parent, _, leaf = name.rpartition(".")
         (model.get_submodule(parent) if parent else model).register_buffer(leaf, value, persistent=False)
+    if generation_config is not None and not classifier:
+        model.generation_config = copy.deepcopy(generation_config)
     return model
 
 
@@ -161,6 +165,12 @@ def _tie_as_the_weights_say(model: nn.Module) -> None:
         return
     for config in configs:
         config.tie_word_embeddings = False
+    if model.config.model_type.startswith("gemma"):
+        warnings.warn(f"the adapter changed {model.config.model_type}'s embeddings or output head alone, so the merged "
+                      "model is saved with them untied (tie_word_embeddings: false): transformers loads it right, but "
+                      "tools that take Gemma's to be tied do not (vLLM refuses it; llama.cpp's GGUF converter drops its "
+                      "lm_head). For those, serve the adapter unmerged, or train it without embed_tokens and lm_head.",
+                      MergeWarning, stacklevel=4)
 
 
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
@@ -174,7 +184,8 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     # twice a bf16 model's size, and the cast to `dtype` a copy more (a merge peaked at 3x the model, now ~1x).
     state = merge_state_dict(base, adapter, adapter_cfg, conv1d_modules(model), dtype=dtype)
     classifier = type(model).__name__.endswith("ForSequenceClassification")
-    return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model), classifier)
+    return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model), classifier,
+                                  getattr(model, "generation_config", None))
 
 
 MERGED_FROM_NAME = "peftkit.json"
@@ -202,9 +213,46 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
     with atomic_directory(output_dir, replace) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            base = (provenance or {}).get("merged_from", {})
+            save_tokenizer(tokenizer, Path(tmp), base.get("base_model_name_or_path") or tokenizer.name_or_path,
+                           base.get("revision"))
         if provenance is not None:  # a plain write: atomic_directory syncs every file before the rename
             (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+
+
+def save_tokenizer(tokenizer, out: Path, name_or_path: str, revision: str | None = None) -> None:
+    """The base's own tokenizer files, copied byte for byte, where its directory has them and they load to the same
+    tokenizer; else `tokenizer.save_pretrained`. save_pretrained writes transformers 5's layout (tokenizer_class
+    `TokenizersBackend`, the chat template in chat_template.jinja only), which transformers 4 cannot read (llama.cpp's
+    GGUF converter pins it; TGI reads the template from tokenizer_config.json), and the pad token peftkit pads with
+    where the base has none (EOS: a collator that masks padding out of the labels then never trains EOS)."""
+    import shutil
+
+    from peftkit.manifest import TOKENIZER_FILES, model_directory
+
+    source = model_directory(name_or_path, revision) if name_or_path else None
+    files = [source / name for name in TOKENIZER_FILES if (source / name).is_file()] if source else []
+    for file in files:
+        shutil.copyfile(file, out / file.name)
+    if files and _same_tokenizer(out, tokenizer):
+        return
+    for file in files:
+        (out / file.name).unlink()
+    tokenizer.save_pretrained(out)
+
+
+def _same_tokenizer(directory: Path, tokenizer) -> bool:
+    """Whether `directory` loads to a tokenizer that encodes as `tokenizer` does (its pad token aside)."""
+    from transformers import AutoTokenizer
+
+    probe = "Hello, world! 342 → «ünïcödé» 你好\n\t  end</s>"
+    try:
+        copied = AutoTokenizer.from_pretrained(directory)
+    except Exception:  # noqa: BLE001 - files that do not load alone (a tokenizer of remote code): saved instead
+        return False
+    return (copied.get_vocab() == tokenizer.get_vocab() and copied(probe)["input_ids"] == tokenizer(probe)["input_ids"]
+            and copied.eos_token == tokenizer.eos_token and copied.bos_token == tokenizer.bos_token
+            and getattr(copied, "chat_template", None) == getattr(tokenizer, "chat_template", None))
 
 
 class MergeWarning(PeftkitWarning):

@@ -45,6 +45,7 @@ from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_chec
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.classify import ClassifyEval, example_loss_sum, with_head
 from peftkit.data import describe_stats, load_examples, step_windows, steps_per_epoch
+from peftkit.data.checks import guard_token_ids
 from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
 from peftkit.data.packing import check_isolated, describe_packing, flatten, pack_examples
 from peftkit.errors import PeftkitError
@@ -331,6 +332,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
 
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)
+    guard_token_ids(model, tok)
     inputs = run_inputs(cfg)  # after loading: a hub id's files are then in the local cache
     base_commit = hub_commit(cfg.model.name_or_path, cfg.model.revision)
     if cfg.data.packing:

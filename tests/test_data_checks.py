@@ -136,3 +136,35 @@ def test_a_line_that_is_not_utf8_is_named_and_can_be_skipped(tmp_path):
     txt.write_bytes(b"ab\ncaf\xe9\n")
     with pytest.raises(PeftkitError, match=f"^{txt}:2: not UTF-8 text \\(byte 0xe9 at character 4;"):
         load_rows(str(txt), "train")
+
+
+def test_a_token_added_to_the_tokenizer_but_not_the_model_is_a_clear_error(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A token added to the tokenizer after the model was saved (ChatML markers on a base model) was torch's
+    `IndexError: index out of range in self`, a traceback from deep in the forward, in train, eval and generate."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peftkit.cli import main
+    from peftkit.tiny import write_jsonl
+    from tests.conftest import cli_user_error, make_recipe
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.save_pretrained(base)
+    rows = len(tok) - 1
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"prompt": "<|im_start|>12", "completion": "twelve"}] * 4)
+    said = (f"token '<|im_start|>' (id {rows}) has no embedding: the model has {rows} embedding rows and its "
+            f"tokenizer {rows + 1} tokens, some added after the model was saved. peftkit does not resize")
+    recipe = make_recipe(tmp_path, base, {"train": data, "eval": data}, data={"format": "completion"})
+    for args in (["train", str(recipe)], ["eval", "--model", str(base), "--data", str(data), "--format", "completion"],
+                 ["generate", "--model", str(base), "--prompt", "<|im_start|>hi", "--max-new-tokens", "2"]):
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, *args).split())
+    # Text without the added token runs as ever.
+    monkeypatch.setattr("sys.argv", ["peftkit", "generate", "--model", str(base), "--prompt", "12", "--max-new-tokens",
+                                     "2"])
+    main()
+    assert capsys.readouterr().out.startswith("12")

@@ -203,3 +203,19 @@ def test_prompt_tuning_s_virtual_tokens_and_a_recorded_rope_scaling(tiny_llama, 
     plain = inspect_adapter(_ours(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora"))
     assert plain["virtual_tokens"] is None and plain["rope_scaling"] is None
     assert not any(line.startswith("rope scaling") for line in describe(plain))
+
+
+def test_what_llama_cpp_s_converter_makes_of_an_adapter(tiny_llama, tmp_path):
+    """llama.cpp's convert_lora_to_gguf.py reads lora_alpha and the lora_A/lora_B tensors alone: rsLoRA's scale is
+    lost there without an error (sqrt(r) times too small), and DoRA's magnitudes or saved modules stop it."""
+    plain = inspect_adapter(_peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj"]))
+    assert plain["llama_cpp"] == {"accepts": True, "reasons": [], "caveats": []}
+    assert "llama.cpp      convert_lora_to_gguf.py would convert it" in describe(plain)
+    both = inspect_adapter(_peft(tiny_llama, tmp_path / "d", r=4, target_modules=["q_proj"], use_dora=True,
+                                 use_rslora=True))
+    assert not both["llama_cpp"]["accepts"] and [r.split(":")[0] for r in both["llama_cpp"]["reasons"]] == [
+        "use_dora", "use_rslora"]
+    said = "\n".join(describe(both))
+    assert "alpha/sqrt(r)" in said and "merge it (peftkit merge) and convert the merged model" in said
+    other = inspect_adapter(_ours(tiny_llama, IA3Config(method="ia3"), tmp_path / "i"))
+    assert not other["llama_cpp"]["accepts"] and "LoRA adapters only; this is IA3" in other["llama_cpp"]["reasons"][0]

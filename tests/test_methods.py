@@ -48,7 +48,7 @@ from peftkit.data import IGNORE_INDEX
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import token_loss_sum
 from peftkit.loss import labelled_count
-from peftkit.merge import conv1d_modules, merge_adapter, merged_model
+from peftkit.merge import MergeWarning, conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.bottleneck import BottleneckConfig
@@ -469,6 +469,10 @@ def test_a_merge_of_a_tied_model_unties_what_the_adapter_set_apart(models, tmp_p
     plain = LoraConfig(r=2, alpha=4, target_modules=["o_proj"])
     merged_model(_adapted(models["qwen2"], plain)[0], plain, torch.float32).save_pretrained(tmp_path / "alike")
     assert _load(tmp_path / "alike").config.tie_word_embeddings
+    # Gemma's: loaders that take them to be tied (vLLM, llama.cpp's converter) are named.
+    gemma, _ = _adapted(models["gemma2"], cfg)
+    with pytest.warns(MergeWarning, match="vLLM refuses it; llama.cpp's GGUF converter drops its lm_head"):
+        merged_model(gemma, cfg, torch.float32)
 
 
 def test_peft_s_lora_on_a_tied_head_loads_with_its_base_copy(models, tmp_path):

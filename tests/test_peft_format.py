@@ -77,3 +77,43 @@ def test_remote_code_base_needs_the_users_flag(pinned_run, tmp_path, monkeypatch
     merge_adapter(str(adapter), str(tmp_path / "m"), trust_remote_code=True)
     assert calls[0]["trust_remote_code"] is True
     assert json.loads((tmp_path / "m" / "peftkit.json").read_text())["merged_from"]["trust_remote_code"] is True
+
+
+def test_a_merged_model_keeps_the_base_s_generation_config_and_tokenizer_files(tiny_llama, tmp_path, monkeypatch):
+    """The merged model was rebuilt from config.json: generation_config.json lost a chat model's end-of-turn token
+    and its sampling defaults; its tokenizer was re-saved in transformers 5's layout (tokenizer_class
+    TokenizersBackend, which transformers 4, llama.cpp's GGUF converter, cannot read) with peftkit's pad token
+    added (EOS, where the base has none). Both are now the base's, byte for byte."""
+    import filecmp
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from peftkit.cli import main
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import save_random_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (base / "special_tokens_map.json").unlink(missing_ok=True)
+    GenerationConfig(eos_token_id=[2, 5], bos_token_id=1, do_sample=True, temperature=0.6, top_p=0.9).save_pretrained(base)
+    assert AutoTokenizer.from_pretrained(base).pad_token is None
+    adapter = save_random_adapter(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "a", seed=1)
+    monkeypatch.setattr("sys.argv", ["peftkit", "merge", "--adapter", str(adapter), "--output", str(tmp_path / "m")])
+    main()
+    merged = tmp_path / "m"
+    kept = GenerationConfig.from_pretrained(merged)
+    assert (kept.eos_token_id, kept.do_sample, kept.temperature, kept.top_p) == ([2, 5], True, 0.6, 0.9)
+    tokenizer_files = [f.name for f in base.iterdir() if f.name.startswith(("tokenizer", "chat_template"))]
+    assert tokenizer_files and all(filecmp.cmp(base / f, merged / f, shallow=False) for f in tokenizer_files)
+    assert AutoTokenizer.from_pretrained(merged).pad_token is None
+    other = save_random_adapter(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path / "b", seed=2)
+    monkeypatch.setattr("sys.argv", ["peftkit", "merge", "--adapter", str(adapter), "--adapter", str(other),
+                                     "--weights", "0.5,0.5", "--method", "linear", "--into-base", "--output",
+                                     str(tmp_path / "c")])
+    main()  # several adapters combined into the base: the same
+    assert GenerationConfig.from_pretrained(tmp_path / "c").eos_token_id == [2, 5]
+    assert all(filecmp.cmp(base / f, tmp_path / "c" / f, shallow=False) for f in tokenizer_files)

@@ -142,3 +142,29 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
             "Add a short explicit system message to those conversations, or raise data.max_length."
         )
     return lines
+
+
+def guard_token_ids(model, tok) -> None:
+    """Where the tokenizer has more tokens than the model has embedding rows (tokens added to it after the model was
+    saved, which peftkit does not resize the model for), an id past the rows is a clear error, not torch's
+    `IndexError: index out of range in self` from deep inside the forward: in training, evaluation, generation
+    and chat alike. A pre-hook on the model's forward, checking its input_ids; nothing is hooked otherwise."""
+    from peftkit.errors import PeftkitError
+
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None) or getattr(getattr(embedding, "weight", None), "shape", [None])[0]
+    if rows is None or len(tok) <= rows or getattr(model, "_peftkit_token_guard", False):
+        return
+
+    def check(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or not ids.numel() or (top := int(ids.max())) < rows:
+            return
+        raise PeftkitError(f"token {tok.convert_ids_to_tokens(top)!r} (id {top}) has no embedding: the model has "
+                           f"{rows} embedding rows and its tokenizer {len(tok)} tokens, some added after the model "
+                           "was saved. peftkit does not resize a model's embeddings: use the tokenizer the model was "
+                           "saved with, or give the model the rows first (model.resize_token_embeddings(len(tokenizer))"
+                           ", then save_pretrained both).")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
+    model._peftkit_token_guard = True
