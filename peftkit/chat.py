@@ -8,6 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from peftkit.data.prompts import chat_prompt
+from peftkit.errors import visible
 from peftkit.generate import Sampling, TooLong, check_room, generate_ids, stop_token_ids
 
 HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) ends."
@@ -41,7 +42,7 @@ class _Streamer:
                 self.ids.append(token)
         text = reply_text(self.tok, self.ids)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-            self.write(text[len(self.shown):])
+            self.write(visible(text[len(self.shown):]))
             self.shown = text
 
     def end(self) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.errors import PeftkitError, PeftkitWarning, visible
 
 app = typer.Typer(
     help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.",
@@ -89,7 +89,7 @@ def _warning_printer(show_other):
         if issubclass(category, PeftkitWarning):
             if str(message) not in shown:
                 shown.add(str(message))
-                err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"), highlight=False)
+                err_console.print(Text.assemble(("warning:", "yellow"), f" {visible(str(message))}"), highlight=False)
         else:
             show_other(message, category, *where)
     return show
@@ -416,7 +416,7 @@ def generate(
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):
-            console.print(Text.assemble((p.text, "dim"), c), highlight=False)  # as Text: no markup to escape
+            console.print(Text.assemble((visible(p.text), "dim"), visible(c)), highlight=False)  # no markup in Text
             console.rule(style="dim", characters="─" if console.encoding.startswith("utf") else "-")
 
     results = run_generate(job, on_batch=None if json_out else show)
@@ -545,7 +545,7 @@ def inspect_cmd(
         print(json.dumps(info, indent=2))
         return
     for line in describe(info):
-        console.print(Text(line), highlight=False)
+        console.print(Text(visible(line)), highlight=False)
 
 
 def _click_exception() -> type:
@@ -623,7 +623,7 @@ def _run_command() -> None:
             sys.exit(code)
     except PeftkitError as e:
         # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(visible(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except PermissionError as e:  # a file or directory of the user's that this user may not read or write
         what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")

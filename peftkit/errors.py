@@ -6,6 +6,7 @@ prints it without a traceback; a traceback means a bug in peftkit.
 """
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -24,3 +25,13 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or '' when nothing is close."""
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """`text` to print on a terminal, with its control characters shown as `\\x1b`, not obeyed: text from a file
+    (a path or name in an adapter's config, a dataset row, a generated answer) could clear the screen, or move the
+    cursor to write a fake line over an error. Newlines and tabs stay (a carriage return rich drops itself)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

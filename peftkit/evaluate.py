@@ -228,7 +228,8 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         check_no_overrides(overrides, "eval")
         job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
-        cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter or comparing))
+        cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter or comparing),
+                                         trust_remote_code=trust_remote_code)
         eval_cfg = cfg.eval
         source = data or cfg.data.eval
         if not source:

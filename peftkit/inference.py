@@ -165,7 +165,7 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
     """What `peftkit COMMAND` runs: a recipe's model (a run directory's with its adapter/) with --model and
     --adapter on top, or those flags alone; and the recipe, if any."""
     if recipe is not None:
-        cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter))
+        cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter), trust_remote_code=trust_remote_code)
         source = ModelSource.of_recipe(cfg, run_adapter).with_flags(model, adapter, trust_remote_code)
     else:
         if not model and not adapter:
@@ -205,10 +205,13 @@ def check_no_overrides(overrides: list[str], command: str) -> None:
                            "none. Give a RECIPE or run directory first, or drop --set.")
 
 
-def recipe_source(recipe: Path, overrides: list[str], named: bool = False) -> tuple[Recipe, str | None]:
+def recipe_source(recipe: Path, overrides: list[str], named: bool = False,
+                  trust_remote_code: bool = False) -> tuple[Recipe, str | None]:
     """A recipe file, or a run directory read through its recipe.yaml: (the recipe, the run's adapter/ if it
     has one, the default --adapter). A run directory without adapter/ is an error unless `named` (--model or
-    --adapter says what to load): its base model alone would pass for the fine-tuned one."""
+    --adapter says what to load): its base model alone would pass for the fine-tuned one. A run directory's recipe
+    that records model.trust_remote_code: true needs the user's --trust-remote-code (`trust_remote_code`): a run
+    copied from elsewhere never decides to run code, as a manifest or an adapter's peftkit.json never does."""
     from peftkit.recipe import load_recipe
 
     run_dir = recipe if recipe.is_dir() else None
@@ -219,6 +222,10 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False) -> tu
         recipe = run_dir / "recipe.yaml"
     adapter = run_dir / "adapter" if run_dir is not None else None
     cfg = load_recipe(recipe, overrides)
+    if run_dir is not None and cfg.model.trust_remote_code and not trust_remote_code:
+        raise PeftkitError(f"{recipe} records model.trust_remote_code: true, so loading {cfg.model.name_or_path} would "
+                           "execute the modelling code that ships with it. A run directory's files never decide that: "
+                           "if you trust that code, pass --trust-remote-code.")
     if run_dir is not None and Path(cfg.export.output_dir).resolve() == run_dir.resolve():
         resume = f"`peftkit train {recipe} --resume`"
     else:  # a moved or copied run: its recipe.yaml would resume the original (and is refused)

@@ -117,7 +117,7 @@ def remembered_sha256(path: Path) -> str:
     and read from there while those are unchanged: a warning's check, not a record's (what `verify` and a run's
     manifest hash is always read anew: a time can be set back by hand)."""
     from peftkit.data.cache import cache_root
-    from peftkit.fileio import atomic_write_text
+    from peftkit.fileio import DiskFullError, atomic_write_text
 
     root = cache_root()
     if root is None:
@@ -134,8 +134,8 @@ def remembered_sha256(path: Path) -> str:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(entry, digest)
-    except OSError:  # a cache that cannot be written only costs the hashing next time
-        pass
+    except (OSError, DiskFullError):  # a cache that cannot be written only costs the hashing next time (a full disk
+        pass  # is a DiskFullError: uncaught, it ended the hashing thread, and the changed base went unsaid)
     return digest
 
 

@@ -184,12 +184,25 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+MAX_JSON_BYTES = 64 * 2**20
+"""The largest settings file read (adapter_config.json, peftkit.json, a model's config.json): real ones are kilobytes."""
+
+
 def read_json_object(file: Path, what: str) -> dict:
-    """A JSON file that must hold an object; anything else is a PeftkitError naming the file."""
+    """A JSON file that must hold an object; anything else is a PeftkitError naming the file. Only a regular file of
+    at most MAX_JSON_BYTES is read: a FIFO in its place would block for ever (deaf to Ctrl-C), /dev/zero fill memory."""
     try:
-        raw = json.loads(file.read_bytes())
+        if file.exists() and not file.is_file():
+            raise PeftkitError(f"{file} is not a regular file (a device, a FIFO or a directory). {what}")
+        with open(file, "rb") as handle:
+            data = handle.read(MAX_JSON_BYTES + 1)
+        if len(data) > MAX_JSON_BYTES:
+            raise PeftkitError(f"{file} is larger than {MAX_JSON_BYTES // 2**20} MiB: not a settings file. {what}")
+        raw = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PeftkitError(f"{file}: not valid JSON ({e}). {what}") from None
+    except RecursionError:  # the json module recurses once per bracket
+        raise PeftkitError(f"{file}: not a settings file (JSON nested thousands of levels deep). {what}") from None
     if not isinstance(raw, dict):
         raise PeftkitError(f"{file} must hold a JSON object of settings, but holds {json_kind(raw)}. {what}")
     return raw
@@ -341,6 +354,10 @@ def check_adapter_dir(path: Path) -> Path:
     if not weights_file.exists():
         legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""
         raise PeftkitError(f"{path} has no {WEIGHTS_NAME}.{legacy}")
+    for file in (config_file, weights_file, path / META_NAME):  # opening a FIFO would wait for ever, deaf to Ctrl-C
+        if file.exists() and not file.is_file():
+            raise PeftkitError(f"{file} is not a regular file (a device, a FIFO or a directory). Copy the adapter "
+                               "again from where it came from.")
     return weights_file
 
 
@@ -369,6 +386,13 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
             "diverged before this adapter was saved. Train again with a lower training.lr (or a training.max_grad_norm), "
             "or use an earlier checkpoint."
         )
+    # A rank past every width in the file is refused before r x width is allocated per layer (r: 10**9 was a 128 GB
+    # allocation); a plausible one that does not match is said, layer by layer, when the weights are loaded.
+    ranks = {t.shape[0] for k, t in state.items() if ".lora_A." in k and t.dim() == 2}
+    widest = max((max(t.shape) for t in state.values() if t.dim()), default=0)
+    if ranks and isinstance(r := getattr(cfg, "r", None), int) and r > max(ranks) and r > widest:
+        raise PeftkitError(f"The adapter's weights do not match its {CONFIG_NAME}: it says r: {r}, and its lora_A "
+                           f"weights have rank {max(ranks)} at most. Fix the file, or export the adapter again.")
     return cfg, state, peft, quant
 
 

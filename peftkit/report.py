@@ -156,10 +156,10 @@ def _metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]
     macro-F1), of the base model (before training) and of the fine-tuned one."""
     base, tuned = metrics.get("base_eval_loss"), metrics.get("eval_loss")
 
-    def fmt(value: float | None) -> str:
-        return "" if value is None else f"{value:.4f}"
+    def fmt(value: float | None) -> str:  # a manifest from elsewhere may hold anything: shown as its text
+        return "" if value is None else f"{value:.4f}" if _number(value) else str(value)
 
-    perplexity = [] if classifier else [("eval perplexity", fmt(None if base is None else math.exp(min(base, 700.0))),
+    perplexity = [] if classifier else [("eval perplexity", fmt(math.exp(min(base, 700.0)) if _number(base) else base),
                                          fmt(metrics.get("eval_perplexity")))]
     return [("eval loss", fmt(base), fmt(tuned)), *perplexity] + [
         (metric.replace("_", " "), fmt(metrics.get(f"base_eval_{metric}")), fmt(metrics.get(f"eval_{metric}")))
@@ -181,6 +181,21 @@ def _text_cell(value: object) -> str:
     return f"<td class='text'>{html.escape(shown)}</td>"
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(value: object, float_format: str = "") -> str:
+    """A manifest's value as HTML text: a number formatted (whole ones with thousands separators), anything else as
+    its text, escaped. A manifest may come from elsewhere: its values are never markup (a `<script>` in one ran when
+    the report was opened), nor need they be numbers where peftkit writes numbers."""
+    if _number(value) and isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float) and float_format:
+        return html.escape(format(value, float_format))
+    return html.escape(str(value))
+
+
 def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, recipe_text: str) -> str:
     metrics = (manifest or {}).get("metrics", {})
     classifier = _task(recipe_text) == "sequence_classification"
@@ -189,16 +204,15 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     facts = [("steps", metrics.get("steps")), ("trainable parameters", metrics.get("trainable_params")),
              ("tokens", metrics.get("tokens")), ("elapsed (s)", metrics.get("elapsed_s")),
              ("steps skipped for a non-finite loss or gradients (training.nan_policy)", metrics.get("skipped_steps") or None)]
-    fact_rows = "".join(f"<li>{html.escape(k)}: {html.escape(f'{v:,}' if isinstance(v, int) else f'{v:.1f}')}</li>"
-                        for k, v in facts if v is not None)
+    fact_rows = "".join(f"<li>{html.escape(k)}: {_shown(v, '.1f')}</li>" for k, v in facts if v is not None)
     if metrics.get("resumed_at_step") is not None:
-        fact_rows += (f"<li>resumed at step {metrics['resumed_at_step']}: elapsed time and peak memory are the resumed "
-                      "process's</li>")
+        fact_rows += (f"<li>resumed at step {_shown(metrics['resumed_at_step'])}: elapsed time and peak memory are the "
+                      "resumed process's</li>")
     if metrics.get("stopped_early"):
         fact_rows += "<li>stopped early (training.early_stopping)</li>"
-    if best := metrics.get("best"):
-        fact_rows += (f"<li>exported adapter: the best {html.escape(best['metric'])} ({best['value']:.4f}), at step "
-                      f"{best['step']} (export.best); the fine-tuned column is that evaluation</li>")
+    if isinstance(best := metrics.get("best"), dict):
+        fact_rows += (f"<li>exported adapter: the best {_shown(best.get('metric'))} ({_shown(best.get('value'), '.4f')}), "
+                      f"at step {_shown(best.get('step'))} (export.best); the fine-tuned column is that evaluation</li>")
     environment = json.dumps((manifest or {}).get("environment", {}), indent=2)
     samples = metrics.get("samples") or []
     sample_rows = "".join("<tr>" + "".join(_text_cell(s.get(k)) for k in ("prompt", "reference", "base", "fine_tuned"))

@@ -17,7 +17,8 @@ def differences(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, i
     """What of the run recorded in `run_dir` the re-run in `tmp` did not reproduce; `intact`: the exported files
     of `run_dir` that still match their recorded hash."""
     return (_compare(manifest, rerun, run_dir, tmp, intact, tolerance) + _result_differences(manifest, rerun, tolerance)
-            + _log_differences(run_dir, tmp, tolerance) + _checkpoint_differences(run_dir, tmp, tolerance))
+            + _log_differences(run_dir, tmp, tolerance)
+            + _checkpoint_differences(run_dir, tmp, tolerance, (manifest.metrics or {}).get("steps")))
 
 
 def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
@@ -35,10 +36,10 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
             out.append(f"output {name}: recorded, but the re-run did not write it")
         elif name not in recorded:
             out.append(f"output {name}: written by the re-run, but not recorded")
-        elif tolerance == 0:
+        elif tolerance == 0 or not name.endswith(".safetensors"):  # settings and tokenizer files: bit for bit always
             out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
         # RUN_DIR's copy is compared only when intact: a changed one is already reported, and may not even parse.
-        elif name.endswith(".safetensors") and name in intact and \
+        elif name in intact and \
                 (problem := _weights_close(name, run_dir / name, tmp / name, tolerance)):
             out.append(problem)
     return out
@@ -110,15 +111,18 @@ def _log_rows(path: Path) -> list[dict] | str:
     return rows
 
 
-def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float) -> list[str]:
+def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float, steps: object = None) -> list[str]:
     """RUN_DIR's checkpoints: each whole (its files match its checksums.json) and, file by file, the re-run's of the
     same step (bit for bit; with a tolerance, the adapter weights numerically). Steps only one side has are not
-    differences: a stopped and resumed run checkpoints at its stop, and old checkpoints may be pruned or deleted."""
+    differences: a stopped and resumed run checkpoints at its stop, and old checkpoints may be pruned or deleted;
+    but one past the run's last step (`steps`, the manifest's) was made after the run (`--resume` would take it up)."""
     out = []
     recorded, now = _checkpoints(run_dir), _checkpoints(tmp)
     for name in sorted(recorded):
         where = f"checkpoints/{name}"
-        if isinstance(recorded[name], str):
+        if isinstance(steps, int) and int(name.rpartition("-")[2]) > steps:
+            out.append(f"{where} in {run_dir}: a checkpoint past the run's {steps} steps; it was added after the run")
+        elif isinstance(recorded[name], str):
             out.append(f"{where} in {run_dir}: {recorded[name]}; it was changed after the run")
         elif isinstance(now.get(name), dict):
             for file in sorted(recorded[name].keys() | now[name].keys()):

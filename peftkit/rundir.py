@@ -15,12 +15,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_write_text, being_written
 
 RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json", "report",
@@ -205,6 +206,7 @@ def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, con
     fresh_lock = not (out / LOCK_NAME).exists()
     with run_lock(out):
         try:
+            _refuse_linked_files(out)
             notes = check_output_dir(out, recipe_yaml, resume, overwrite)
         except PeftkitError:
             if fresh_lock:  # refused before writing anything: leave the directory as it was found
@@ -216,6 +218,20 @@ def open_run_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool, con
             console.print(f"note: {out} holds a finished run; this run replaces it once its data and model have "
                           "loaded.", highlight=False, markup=False)
         yield
+
+
+_WRITTEN_FILES = ("metrics.jsonl", "manifest.json", "recipe.yaml")
+"""The run's files `train` appends to or replaces: through a symbolic link, that would be the file it points to."""
+
+
+def _refuse_linked_files(out: Path) -> None:
+    """A run's own files are never symbolic links; one planted in a run from elsewhere had `train --resume` rewrite the
+    file it pointed to (a user's ~/.bashrc as metrics.jsonl)."""
+    for name in _WRITTEN_FILES:
+        if (out / name).is_symlink():
+            raise PeftkitError(f"{out / name} is a symbolic link (to {os.readlink(out / name)}); a run's own files never "
+                               "are, and train would write through it. Replace it with a copy of the file, or remove "
+                               "it.")
 
 
 def lock_holder(out: Path) -> str:
@@ -250,18 +266,37 @@ def run_lock(out: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no locking, as before
         yield
         return
+    # Never through a symbolic link, nor onto a FIFO or device: the lock is truncated and written (a link planted in a
+    # downloaded run once had `train` overwrite the file it pointed to).
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd, writable = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644), True
-    except PermissionError:  # another user's lock file (a shared project): flock needs no write access to it
         try:
-            fd, writable = os.open(out / LOCK_NAME, os.O_RDONLY), False
-        except PermissionError:
-            raise PeftkitError(f"{out / LOCK_NAME}, the lock file of another user's run, cannot be opened (permission "
-                               "denied). Once no run of theirs uses the directory, remove the file.") from None
+            fd, writable = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT | flags, 0o644), True
+        except PermissionError:  # another user's lock file (a shared project): flock needs no write access to it
+            try:
+                fd, writable = os.open(out / LOCK_NAME, os.O_RDONLY | flags), False
+            except PermissionError:
+                raise PeftkitError(f"{out / LOCK_NAME}, the lock file of another user's run, cannot be opened "
+                                   "(permission denied). Once no run of theirs uses the directory, remove the file.") from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise PeftkitError(f"{out / LOCK_NAME} is not a plain file (a symbolic link, a FIFO or a device): a run's lock "
+                           "file never is. Remove it and run again.")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks (some NFS, FUSE)
+                warnings.warn(PeftkitWarning(f"{out} is on a file system that cannot lock files ({e.strerror}): this "
+                                             "run goes on unlocked, so make sure no other peftkit run writes there."),
+                              stacklevel=3)
+                yield
+                return
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             raise PeftkitError(
@@ -270,8 +305,9 @@ def run_lock(out: Path) -> Iterator[None]:
             ) from None
         _HELD_LOCKS.add(fd)
         if writable:  # else the holder named to a second writer is the file's last one
-            os.ftruncate(fd, 0)
-            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+            with contextlib.suppress(OSError):  # a full disk: the holder's name is a courtesy, the flock the lock
+                os.ftruncate(fd, 0)
+                os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
         yield
     finally:
         _HELD_LOCKS.discard(fd)

@@ -10,6 +10,7 @@ from rich.text import Text
 from torch import nn
 
 from peftkit.data.prompts import Prompt, load_prompts
+from peftkit.errors import visible
 from peftkit.generate import Sampling, generate_texts
 from peftkit.recipe import Recipe
 
@@ -45,7 +46,7 @@ def print_samples(console: Console, samples: list[dict]) -> None:
         fields = [("prompt", _short(s["prompt"])), ("reference", s["reference"] or "")]
         fields += [("base model", s.get("base") or "")] if "base" in s else []
         for name, value in [*fields, ("fine-tuned", s["fine_tuned"])]:
-            console.print(Text(f"  {i}  {name:<10}  {' '.join(value.split())}"), soft_wrap=True, highlight=False)
+            console.print(Text(visible(f"  {i}  {name:<10}  {' '.join(value.split())}")), soft_wrap=True, highlight=False)
 
 
 def samples_table(samples: list[dict]) -> Table:
@@ -56,5 +57,5 @@ def samples_table(samples: list[dict]) -> Table:
         table.add_column(column, overflow="fold")
     for s in samples:
         row = [_short(s["prompt"]), s["reference"] or ""] + ([s.get("base", "")] if "base model" in columns else [])
-        table.add_row(*(Text(cell) for cell in (*row, s["fine_tuned"])))  # as written: `[/INST]` is not markup
+        table.add_row(*(Text(visible(cell)) for cell in (*row, s["fine_tuned"])))  # as written: `[/INST]` is not markup
     return table

@@ -253,6 +253,10 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                                             run.method_trainer, run.selection, accelerator.process_index,
                                             accelerator.num_processes, hub_model=None if run.base_commit is None
                                             else recipe.model.name_or_path)
+            if state.step > run.total_steps:  # the recipe and data are the run's (checked): not a checkpoint of it
+                raise PeftkitError(f"{ckpt} is at step {state.step}, past this run's {run.total_steps} steps: no run of "
+                                   "this recipe made it (it was added to the run directory). Remove it to resume "
+                                   "from the checkpoint before it.")
             if run.main:
                 # A finished run is unfinished again until `finish` writes its manifest: killed from here on, it no
                 # longer looks finished (with metrics.jsonl cut back to the checkpoint, it no longer verified).

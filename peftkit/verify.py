@@ -108,6 +108,10 @@ def _changed_files(run_dir: Path, manifest: Manifest, on_disk: dict[str, str]) -
     elif (now := _sha256(recipe_file)) != manifest.recipe_sha256:
         out.append(_changed(RECIPE_FILE, run_dir, now, manifest.recipe_sha256))
     recorded = manifest.outputs_sha256
+    for directory in sorted({"adapter", "merged"} - set(manifest.exported_dirs)):  # eval/generate would load it
+        if (run_dir / directory).exists():
+            out.append(f"{directory}/ in {run_dir} is not in the manifest (the run exported none); it was added after "
+                       "the run")
     missing_dirs = [d for d in manifest.exported_dirs if not (run_dir / d).is_dir()]
     for directory in missing_dirs:  # one line for the directory, not one per file in it
         count = sum(name.startswith(f"{directory}/") for name in recorded)

@@ -116,13 +116,29 @@ def test_a_damaged_entry_is_said_and_remade(tiny_llama, tmp_path, monkeypatch, d
         assert _same(_load(tok, tmp_path / "train.jsonl")[0], fresh[0])
 
 
-def test_a_cache_that_cannot_be_written_is_said_and_the_examples_are_the_same(tiny_llama, tmp_path, monkeypatch):
-    (tmp_path / "a-file").write_text("")
-    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "a-file" / "cache"))
+@pytest.mark.parametrize("failure, said", [
+    ("written", r"could not write the tokenized-data cache at .*; going on without it. Set PEFTKIT_CACHE to a writable "
+                r"directory, or PEFTKIT_CACHE=off"),
+    ("keyed", r"the tokenized-data cache is not used: saving the tokenizer to .* to key it failed \(No space left on "
+              r"device \(os error 28\)\)"),
+])
+def test_a_cache_that_cannot_be_written_or_keyed_is_said_and_the_examples_are_the_same(tiny_llama, tmp_path, monkeypatch,
+                                                                                       failure, said):
+    """keyed: the key hashes the tokenizer saved into a temporary directory, and a full TMPDIR was a traceback (the
+    tokenizers library's bare `Exception: No space left on device`), with a warm cache too."""
+    from peftkit.data import cache
+
+    def full(tok):
+        raise Exception("No space left on device (os error 28)")  # noqa: TRY002 - what the tokenizers library raises
+
+    if failure == "written":
+        (tmp_path / "a-file").write_text("")
+        monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "a-file" / "cache"))
+    else:
+        monkeypatch.setattr(cache, "tokenizer_digest", full)
     tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
     write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=6))
-    with pytest.warns(PeftkitWarning, match=r"could not write the tokenized-data cache at .*; going on without it. "
-                                            r"Set PEFTKIT_CACHE to a writable directory, or PEFTKIT_CACHE=off"):
+    with pytest.warns(PeftkitWarning, match=said):
         examples, stats = _load(tok, tmp_path / "train.jsonl")
     assert len(examples) == stats["examples"] == 8
 

@@ -954,6 +954,21 @@ def test_the_base_check_hashes_a_file_once_and_skips_a_hub_base_not_fetched_yet(
     assert base_changes(str(tmp_path / "run" / "adapter"), "someone/not-fetched-yet", None) is None
 
 
+def test_a_full_cache_disk_still_hashes_a_base(tmp_path, monkeypatch):
+    """A full disk under PEFTKIT_CACHE raised DiskFullError (no OSError) in the hashing thread: it died with a
+    traceback on stderr, and the base's change went unsaid."""
+    from peftkit import fileio
+    from peftkit.manifest import remembered_sha256
+
+    def full(path, text):
+        raise fileio.DiskFullError(f"No space left on the device while writing {path}.")
+
+    monkeypatch.setattr(fileio, "atomic_write_text", full)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"weights")
+    assert remembered_sha256(file) == fileio.sha256_file(file)
+
+
 def test_a_read_only_run_directory_is_a_clear_error_for_report(assets, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(assets["run"], out)

@@ -6,6 +6,7 @@ into one and saved with `save_adapter`, then truncated, overwritten or edited.
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -272,6 +273,33 @@ def test_adapter_config_that_is_not_an_object(adapter, tmp_path, text, kind):
                                f"{kind}. Fix the file, or export the adapter again.")
 
 
+@pytest.mark.parametrize("planted, said", [
+    ("fifo", "adapter_config.json is not a regular file (a device, a FIFO or a directory)"),
+    ("zero", "adapter_config.json is not a regular file (a device, a FIFO or a directory)"),
+    ("huge", "adapter_config.json is larger than 64 MiB: not a settings file"),
+    ("deep", "adapter_config.json: not a settings file (JSON nested thousands of levels deep)"),
+])
+def test_an_adapter_config_that_is_no_settings_file_is_refused_at_once(adapter, tmp_path, planted, said):
+    """A FIFO in its place blocked for ever, deaf to Ctrl-C; a link to /dev/zero read until memory ran out; JSON
+    nested 100,000 deep was a RecursionError traceback."""
+    import os
+
+    broken = _copy(adapter, tmp_path / "adapter")
+    config = broken / "adapter_config.json"
+    config.unlink()
+    if planted == "fifo":
+        os.mkfifo(config)
+    elif planted == "zero":
+        config.symlink_to("/dev/zero")
+    elif planted == "huge":
+        with open(config, "wb") as f:
+            f.truncate(64 * 2**20 + 1)
+    else:
+        config.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PeftkitError, match=re.escape(said)):
+        _load_adapter(broken)
+
+
 @pytest.mark.parametrize("changes, expected", [
     ({"r": "eight"}, '"r" is "eight"; it should be a whole number'),
     ({"r": 0}, '"r" is 0; it should be a number > 0'),
@@ -343,6 +371,15 @@ def test_adapter_weights_of_another_rank_than_its_config(adapter, tmp_path):
     assert message.startswith("The adapter's weights do not match its adapter_config.json: module "
                               "'model.layers.0.self_attn.q_proj' expects lora_A of shape (8, 32) but the adapter has (4, 32).")
     assert "The weights have rank 4, the config says r: 8." in message
+
+
+def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):
+    """r: 1000000000 allocated r x width per layer before the shapes were compared: a 128 GB RuntimeError traceback
+    (or, for a rank of a few GB a layer, memory run out)."""
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "adapter_config.json", r=10**9)
+    with pytest.raises(PeftkitError, match=r"it says r: 1000000000, and its lora_A weights have rank 4 at most"):
+        _load_adapter(broken)
 
 
 def test_cli_merge_of_an_adapter_with_a_bad_config(adapter, tmp_path, monkeypatch, capsys):

@@ -219,3 +219,22 @@ def test_what_llama_cpp_s_converter_makes_of_an_adapter(tiny_llama, tmp_path):
     assert "alpha/sqrt(r)" in said and "merge it (peftkit merge) and convert the merged model" in said
     other = inspect_adapter(_ours(tiny_llama, IA3Config(method="ia3"), tmp_path / "i"))
     assert not other["llama_cpp"]["accepts"] and "LoRA adapters only; this is IA3" in other["llama_cpp"]["reasons"][0]
+
+
+def test_control_characters_from_a_file_are_shown_not_obeyed(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A base_model_name_or_path holding `\\x1b[2J` cleared the screen on `inspect`; in an error message, escape
+    sequences wrote a fake `loss ...` line over the error."""
+    import sys
+
+    from peftkit.cli import main
+
+    adapter = _ours(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    sneaky = "/models/base\x1b[2J\x1b[H\x9b1m"
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": sneaky}))
+    monkeypatch.setattr(sys, "argv", ["peftkit", "inspect", str(adapter)])
+    main()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x9b" not in out and "/models/base\\x1b[2J\\x1b[H\\x9b1m" in out
+    err = cli_user_error(monkeypatch, capsys, "generate", "--adapter", str(adapter), "--prompt", "12")
+    assert "\x1b" not in err and "/models/base\\x1b[2J" in " ".join(err.split())

@@ -137,6 +137,22 @@ def test_a_damaged_manifest_is_a_clear_error(run, tmp_path):
             write_report(copy)
 
 
+def test_a_manifest_s_values_are_text_in_the_report_never_markup(run, tmp_path):
+    """A manifest from elsewhere put `<script>` into report.html (metrics.resumed_at_step, metrics.best.step, which
+    verify passes over as varying), and a text where a number belongs was a ValueError traceback."""
+    import json
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["metrics"] |= {"resumed_at_step": "<script>alert(1)</script>", "steps": "six", "eval_loss": "<b>x</b>",
+                            "base_eval_loss": "low", "best": {"metric": "eval_loss", "value": "<i>", "step": "<img src=x onerror=alert(2)>"}}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    page = write_report(copy).read_text(encoding="utf-8")
+    assert "<script>" not in page and "<img src=x" not in page and "<b>x" not in page and "<i>" not in page
+    assert "resumed at step &lt;script&gt;alert(1)&lt;/script&gt;" in page and "steps: six" in page
+    assert "at step &lt;img src=x onerror=alert(2)&gt;" in page
+
+
 def test_a_file_given_for_the_run_directory_says_so(run):
     with pytest.raises(PeftkitError, match=r"metrics.jsonl is a file: give the run directory that holds it"):
         write_report(run / "metrics.jsonl")

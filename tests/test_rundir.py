@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from peftkit import fileio
 from peftkit.cli import app
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import load_recipe
 from peftkit.rundir import open_run_dir, run_lock, tidy_leftovers
 from peftkit.train import train
@@ -216,6 +216,60 @@ def test_another_user_s_lock_file_is_locked_read_only(tmp_path):
     lock.chmod(0o600)
     assert lock_as_another_user() == (f"{lock}, the lock file of another user's run, cannot be opened (permission "
                                       "denied). Once no run of theirs uses the directory, remove the file.")
+
+
+@pytest.mark.parametrize("planted", ["link", "dangling", "fifo"])
+def test_a_lock_file_that_is_a_link_or_a_fifo_is_never_written_through(tmp_path, planted):
+    """A run from elsewhere with `.peftkit.lock` linked to a user's file: every `train` truncated that file and wrote
+    its process line into it (created it, for a dangling link), even when the run was then refused."""
+    victim = tmp_path / "victim" / "authorized_keys"
+    victim.parent.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    if planted == "fifo":
+        os.mkfifo(run / ".peftkit.lock")
+    else:
+        if planted == "link":
+            victim.write_text("ssh-ed25519 AAAA user\n")
+        (run / ".peftkit.lock").symlink_to(victim)
+    with pytest.raises(PeftkitError, match=r"\.peftkit\.lock is not a plain file \(a symbolic link, a FIFO or a device\)"):
+        with run_lock(run):
+            pass
+    assert (victim.read_text() == "ssh-ed25519 AAAA user\n") if planted == "link" else not victim.exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json"])
+def test_a_run_file_that_is_a_link_is_refused_not_written_through(tiny_llama, number_data, tmp_path, name):
+    """`train --resume` rewrote metrics.jsonl through a link planted in a run (a user's ~/.bashrc became metric lines);
+    a run's own files are never links."""
+    cfg = _recipe(tmp_path, tiny_llama, number_data)
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH=$HOME/bin:$PATH\n")
+    run = Path(cfg.export.output_dir)
+    run.mkdir()
+    (run / name).symlink_to(victim)
+    with pytest.raises(PeftkitError, match=rf"{name} is a symbolic link \(to {victim}\); a run's own files never are"):
+        train(cfg, resume=True, console=_console()[0])
+    assert victim.read_text() == "export PATH=$HOME/bin:$PATH\n"
+
+
+@pytest.mark.parametrize("failure", ["no locks", "full disk"])
+def test_a_lock_on_a_file_system_without_locks_or_space_does_not_stop_the_run(tmp_path, monkeypatch, failure):
+    """flock on a file system without locks (ENOLCK: some NFS mounts; EOPNOTSUPP) and the holder's line on a full
+    disk were OSError tracebacks at the start of every train; the run now goes on (unlocked, said)."""
+    import fcntl
+
+    def fail(*args):
+        raise OSError(errno.ENOLCK if failure == "no locks" else errno.ENOSPC, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl if failure == "no locks" else os, "flock" if failure == "no locks" else "write", fail)
+    if failure == "no locks":
+        with pytest.warns(PeftkitWarning, match="cannot lock files .*: this run goes on unlocked"):
+            with run_lock(tmp_path):
+                pass
+    else:
+        with run_lock(tmp_path):
+            pass
 
 
 def test_a_forked_child_that_outlives_a_killed_run_does_not_hold_its_lock(tmp_path):
@@ -417,7 +471,18 @@ def _rewrite_state(step_dir: Path) -> None:
     (step_dir / "checksums.json").write_text(json.dumps(sums))
 
 
+def _pickle_an_object(step_dir: Path) -> None:
+    """A training_state.pt holding an object (a payload that would run code), checksums.json updated to match."""
+    import datetime
+
+    torch.save({"when": datetime.datetime(2026, 1, 1)}, step_dir / "training_state.pt")
+    sums = json.loads((step_dir / "checksums.json").read_text())
+    sums["files"]["training_state.pt"] = fileio.sha256_file(step_dir / "training_state.pt")
+    (step_dir / "checksums.json").write_text(json.dumps(sums))
+
+
 DAMAGE = {
+    "pickled object": _pickle_an_object,
     "truncated weights": lambda d: (d / "adapter_model.safetensors").write_bytes(
         (d / "adapter_model.safetensors").read_bytes()[:100]),
     "missing optimizer state": lambda d: (d / "training_state.pt").unlink(),
@@ -426,6 +491,8 @@ DAMAGE = {
     "wrong types": _rewrite_state,
 }
 REASONS = {
+    "pickled object": "its training_state.pt holds objects other than tensors and numbers, which peftkit never "
+                      "unpickles (it would run code a file names)",
     "truncated weights": "adapter_model.safetensors does not match its checksum (truncated or modified)",
     "missing optimizer state": "training_state.pt is missing",
     "bad json": "trainer_state.json does not match its checksum (truncated or modified)",

@@ -202,6 +202,45 @@ def test_a_merged_export_is_checked_and_reproduced(merged_run, tmp_path):
     assert report.differences[0].startswith(f"merged/model.safetensors in {run} was changed after the run")
 
 
+def test_a_tampered_run_whose_manifest_was_rehashed_is_not_vouched_for(run, tmp_path):
+    """Three forgeries verify passed: an adapter_config.json edited (lora_alpha 8 -> 800) with its hash in the manifest
+    made anew, under --tolerance, which compared weights only; an adapter/ added to a run that exported none, which
+    eval and generate then load; and a checkpoint past the run's last step, which --resume then took up."""
+    config = run / "adapter" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": 800'))
+    _edit_manifest(run, lambda m: m["outputs_sha256"].__setitem__("adapter/adapter_config.json", sha256_file(config)))
+    report = verify(run, tolerance=1e-4, console=_quiet())
+    assert any(d.startswith("output adapter/adapter_config.json: sha256") for d in report.differences), report.differences
+
+    exported_none = Path(shutil.copytree(run, tmp_path / "none"))
+    _edit_manifest(exported_none, lambda m: m.__setitem__(
+        "outputs_sha256", {k: v for k, v in m["outputs_sha256"].items() if not k.startswith("adapter/")}))
+    assert f"adapter/ in {exported_none} is not in the manifest (the run exported none); it was added after the run" in (
+        _changed_files_of(exported_none))
+
+    forged = Path(shutil.copytree(run, tmp_path / "forged"))
+    step = Path(shutil.copytree(forged / "checkpoints" / "step-00000002", forged / "checkpoints" / "step-00000004"))
+    state = json.loads((step / "trainer_state.json").read_text())
+    (step / "trainer_state.json").write_text(json.dumps(state | {"step": 4}))
+    checksums = json.loads((step / "checksums.json").read_text())
+    checksums["files"]["trainer_state.json"] = sha256_file(step / "trainer_state.json")
+    (step / "checksums.json").write_text(json.dumps(checksums))
+    report = verify(forged, console=_quiet())
+    assert (f"checkpoints/step-00000004 in {forged}: a checkpoint past the run's 3 steps; it was added after the run"
+            in report.differences)
+    recipe = load_recipe(forged / "recipe.yaml", [f"export.output_dir={forged}"])
+    with pytest.raises(PeftkitError, match="step-00000004 is at step 4, past this run's 3 steps: no run of this recipe"):
+        train(recipe, resume=True, console=_quiet())
+
+
+def _changed_files_of(run: Path) -> list[str]:
+    from peftkit.manifest import read_manifest
+    from peftkit.verify import _changed_files, _exported_hashes
+
+    manifest = read_manifest(run)
+    return _changed_files(run, manifest, _exported_hashes(run, manifest))
+
+
 # ------------------------------------------------------------------------------------ remote code
 
 
@@ -233,6 +272,23 @@ def test_a_manifest_cannot_make_verify_run_model_code(run):
 
     report = verify(run, console=_quiet(), trust_remote_code=True)  # the user's own flag allows it
     assert report.ok, report.differences
+
+
+def test_a_run_s_recipe_cannot_make_eval_generate_or_chat_run_model_code(run, monkeypatch, capsys):
+    """`peftkit eval RUN_DIR` (generate, chat) loaded the base with the run's recipe's model.trust_remote_code: a
+    downloaded run whose recipe names a base inside it, with an auto_map, ran that code unasked."""
+    from tests.conftest import cli_user_error
+
+    _record_trust_remote_code(run)
+    said = (f"{run / 'recipe.yaml'} records model.trust_remote_code: true, so loading")
+    for args in (["eval", str(run)], ["generate", str(run), "--prompt", "12"], ["chat", str(run)]):
+        err = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
+        assert err.startswith(f"error: {said}") and "if you trust that code, pass --trust-remote-code." in err
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(run), "--trust-remote-code"])
+    from peftkit.cli import main
+
+    main()  # the user's own flag allows it
+    assert capsys.readouterr().out.startswith("loss ")
 
 
 # ------------------------------------------------------------------------------------ malformed manifests

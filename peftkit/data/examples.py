@@ -461,7 +461,7 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     if root is not None and (hub := HUB_ROWS.get((source, split, cfg.revision))):  # a hub dataset: its rows' digest
         entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source, "hub")
-        if (hit := entry.read()) is not None:
+        if entry is not None and (hit := entry.read()) is not None:
             return hit
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
     if tasks and len({task is None for task in examples.task_ids}) > 1:  # a batch would fail mid-training
@@ -474,6 +474,18 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
 
 
 def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str, reader: str):
-    from peftkit.data.cache import ExampleCache
+    """The cache entry of these rows; None, said, where it cannot be keyed: its key hashes the tokenizer as
+    save_pretrained writes it, into a temporary directory, and a full TMPDIR failed the run (a 17 MB tokenizer.json)."""
+    import tempfile
+    import warnings
 
-    return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader)
+    from peftkit.data.cache import CACHE_ENV, ExampleCache
+    from peftkit.errors import PeftkitWarning
+
+    try:
+        return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a full disk
+        warnings.warn(PeftkitWarning(f"the tokenized-data cache is not used: saving the tokenizer to "
+                                     f"{tempfile.gettempdir()} to key it failed ({e}). Free space there (or set TMPDIR "
+                                     f"to another directory), or set {CACHE_ENV}=off."), stacklevel=3)
+        return None
