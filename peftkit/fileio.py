@@ -58,7 +58,7 @@ def _disk_errors(path: Path) -> Iterator[None]:
                 f"No space left on the device while writing {path}. The previous version of it, if any, is "
                 "intact; free some disk space, or write somewhere else."
             ) from e
-        if isinstance(e, OSError) and e.errno == errno.EFBIG:
+        if _too_large(e):
             raise DiskFullError(
                 f"{path} would be larger than this process may write (File too large: a file-size limit such as "
                 "`ulimit -f`). The previous version of it, if any, is intact; raise the limit, or write somewhere else."
@@ -86,6 +86,22 @@ def _out_of_space(error: Exception, path: Path) -> bool:
     with contextlib.suppress(OSError):
         return existing is not None and shutil.disk_usage(existing).free < 1 << 20
     return False
+
+
+def _too_large(error: Exception) -> bool:
+    """Whether `error` is a file-size limit (`ulimit -f`): EFBIG, said by safetensors as "File too large (os error
+    27)", and by torch.save as a short write (see `_out_of_space`) under a limit."""
+    if isinstance(error, OSError):
+        return error.errno == errno.EFBIG
+    text = str(error)
+    if "File too large" in text:
+        return True
+    try:
+        import resource
+    except ImportError:  # not POSIX: no such limit
+        return False
+    return any(words in text for words in _SHORT_WRITE) and resource.getrlimit(resource.RLIMIT_FSIZE)[0] != \
+        resource.RLIM_INFINITY
 
 
 def _fsync_dir(path: Path) -> None:

@@ -101,7 +101,10 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
                                            distributed=distributed.describe(run.accelerator),
                                            base_model_commit=run.base_commit,
                                            dtype=dtype_name(model.get_input_embeddings().weight.dtype))
-    atomic_write_json(out / "manifest.json", manifest)
+    try:
+        atomic_write_json(out / "manifest.json", manifest)
+    except DiskFullError as e:
+        raise DiskFullError(f"{e} Training itself finished. {run.resume_hint()}") from None
     report = _write_report(run) if cfg.export.report else None
     if show_summary:
         _print_summary(run.console, summary, out, exported + ([report] if report else []))

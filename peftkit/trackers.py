@@ -59,6 +59,7 @@ class Trackers:
 
         self.accelerator = accelerator
         names, directory = recipe.training.report_to, (out / DIRECTORY).resolve()
+        self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         ids = (json.loads((directory / RUN_IDS).read_text(encoding="utf-8"))
                if resumed and (directory / RUN_IDS).is_file() else {})
@@ -93,12 +94,27 @@ class Trackers:
             atomic_write_text(directory / RUN_IDS, json.dumps(ids, indent=2))
 
     def log(self, record: dict) -> None:
-        self.accelerator.log(_scalars(record), step=record["step"])
+        """A full disk is a DiskFullError naming the trackers' directory (TensorBoard's writer raised OSError)."""
+        from peftkit.fileio import _disk_errors
+
+        with _disk_errors(self.directory):
+            self.accelerator.log(_scalars(record), step=record["step"])
 
     def close(self) -> None:
-        self.accelerator.end_training()
-        if self.own_mlflow_uri:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        """End the trackers; one that cannot write its last events (a full disk) is said, not raised: closing runs
+        while another error (the full disk's own) is on its way to the user."""
+        import warnings
+
+        from peftkit.errors import PeftkitWarning
+
+        try:
+            self.accelerator.end_training()
+        except OSError as e:
+            warnings.warn(PeftkitWarning(f"the trackers of {self.directory} could not be closed ({e}); their last "
+                                         "events may be missing."), stacklevel=2)
+        finally:
+            if self.own_mlflow_uri:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def _scalars(record: dict) -> dict:

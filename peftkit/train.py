@@ -199,9 +199,16 @@ class _Run:
         """One metrics.jsonl line (and the same to training.report_to's trackers), from the main process."""
         if not self.main:
             return
-        append_line(self.metrics_path, json.dumps(record), sync=False)
+        try:
+            append_line(self.metrics_path, json.dumps(record), sync=False)
+        except DiskFullError:  # a line may be cut short in it: `--resume` cuts the log back to its checkpoint
+            raise DiskFullError(f"No space left on the device while appending to {self.metrics_path}; its last line "
+                                f"may be cut short, which --resume drops. {self.resume_hint()}") from None
         if self.trackers is not None:
-            self.trackers.log(record)
+            try:
+                self.trackers.log(record)
+            except DiskFullError as e:
+                raise DiskFullError(f"{e} {self.resume_hint()}") from None
 
     def evaluate(self, step: int) -> dict:
         """Evaluate at `step` (once: the end of an early-stopped run reuses its last evaluation), log it and show

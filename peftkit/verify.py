@@ -25,7 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from peftkit.errors import PeftkitError
-from peftkit.fileio import resolved, sha256_file
+from peftkit.fileio import DiskFullError, resolved, sha256_file
 from peftkit.manifest import (
     MANIFEST,
     RECIPE_FILE,
@@ -272,6 +272,9 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
 def _rerun_failed(error: PeftkitError, tmp: str, run_dir: Path, report: VerifyReport) -> PeftkitError:
     """The re-run's own error, its temporary paths (deleted by now) named as such, plus what was found before."""
     message = str(error).replace(tmp, "<verify's temporary directory>")
+    if isinstance(error, DiskFullError):  # the re-run's own advice (free space, --resume) is about a directory gone by now
+        message = (f"{message.split('. ')[0]}. verify re-runs in {Path(tmp).parent} (the system's temporary directory, "
+                   "TMPDIR): free space there, or point TMPDIR at a directory with room for the run.")
     found = "".join(f"\n  {difference}" for difference in report.differences)
     return PeftkitError(f"verify could not re-run the recipe recorded in {run_dir / MANIFEST}: {message}"
                         + (f"\nBefore the re-run it found:{found}" if found else ""))

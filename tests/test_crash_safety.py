@@ -79,6 +79,23 @@ def test_a_library_writing_onto_a_full_disk_is_a_disk_full_error(writer, full_di
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
 
 
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_a_library_writing_past_a_file_size_limit_is_a_clear_error(writer, tmp_path):
+    """Under `ulimit -f`, safetensors said "File too large (os error 27)" and torch.save made a short write: both
+    were tracebacks (only an OSError EFBIG was said)."""
+    write = "save_file(tensors, d / 'w.safetensors')" if writer == "safetensors" else "torch.save(tensors, d / 's.pt')"
+    script = ("import resource, sys, torch\nfrom pathlib import Path\nfrom safetensors.torch import save_file\n"
+              "from peftkit.errors import PeftkitError\nfrom peftkit.fileio import atomic_directory\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))\n"
+              "tensors = {'w': torch.arange(64 * 1024, dtype=torch.float32)}\ntry:\n"
+              "    with atomic_directory(Path(sys.argv[1]) / 'step-00000002') as d:\n"
+              "        " + write + "\nexcept PeftkitError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith(f"{tmp_path / 'step-00000002'} would be larger than this process may write (File "
+                                  "too large: a file-size limit such as `ulimit -f`)"), done.stdout + done.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def _exploding(tmp_path, tiny_llama, number_data, policy, lr=3e38):
     # SGD without clipping: at lr 3e38 the first step makes the model's outputs overflow (the loss is then NaN); at
     # lr 1e4 the gradients overflow at step 3 while the loss is still finite.

@@ -327,3 +327,20 @@ def test_unreadable_data_file_says_why(tmp_path):
     message = _data_error(path)
     assert message.startswith(f"Could not read data file {path}: ")
     assert "An error occurred while generating the dataset" not in message
+
+
+def test_a_full_datasets_cache_is_named_not_the_data_file(tmp_path, monkeypatch):
+    """datasets converts a .csv into its cache first: a full cache was "Could not read data file train.csv: Not enough
+    disk space", the data file blamed and the cache unnamed."""
+    import datasets
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    path = tmp_path / "train.csv"
+    path.write_text("instruction,output\nAdd,two\n")
+    monkeypatch.setattr(datasets, "load_dataset", full)
+    message = _data_error(path)
+    assert message == (f"Could not read data file {path}: the datasets library's cache, where it converts the file "
+                       f"first, is full ({datasets.config.HF_DATASETS_CACHE}). Free space there, or set "
+                       "HF_DATASETS_CACHE to a directory with room.")

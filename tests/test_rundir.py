@@ -601,6 +601,9 @@ def _fail_fsync_under(fragment: str, monkeypatch) -> None:
     (".adapter.", "run/adapter/adapter_config.json. The previous version of it, if any, is intact; free some disk "
                   "space, or write somewhere else. Training itself finished. The newest whole checkpoint is "
                   "step-00000006"),
+    # the manifest: said without a way on before
+    (".manifest.json.", "run/manifest.json. The previous version of it, if any, is intact; free some disk space, or "
+                        "write somewhere else. Training itself finished. The newest whole checkpoint is step-00000006"),
 ])
 def test_disk_full_while_checkpointing_or_exporting(tiny_llama, number_data, tmp_path, monkeypatch, where, hint):
     _fail_fsync_under(where, monkeypatch)
@@ -611,6 +614,27 @@ def test_disk_full_while_checkpointing_or_exporting(tiny_llama, number_data, tmp
     assert hint in message and e.value.exit_code == 2
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*")) if where != ".adapter." else []
     assert all(not name.startswith(".") for name in ckpts)  # no half-written checkpoint left
+
+
+def test_disk_full_while_appending_a_metric_line_says_so_and_how_to_go_on(tiny_llama, number_data, tmp_path,
+                                                                         monkeypatch):
+    """The append was said as if the file had been replaced ("The previous version of it, if any, is intact"), though
+    a cut line may end it, and without the checkpoint to resume from."""
+    from peftkit import train as train_module
+
+    real = train_module.append_line
+
+    def append(path, line, sync=True):
+        if '"step": 5' in line:
+            raise fileio.DiskFullError(f"No space left on the device while writing {path}.")
+        return real(path, line, sync)
+
+    monkeypatch.setattr(train_module, "append_line", append)
+    with pytest.raises(PeftkitError) as e:
+        train(_recipe(tmp_path, tiny_llama, number_data), console=_console()[0])
+    assert str(e.value) == (f"No space left on the device while appending to {tmp_path / 'run' / 'metrics.jsonl'}; its "
+                            "last line may be cut short, which --resume drops. The newest whole checkpoint is "
+                            "step-00000004: continue with `peftkit train RECIPE --resume`.")
 
 
 # ---------------------------------------------------------------------------------------------- merge --output

@@ -165,6 +165,39 @@ def test_tensorboard_gets_what_metrics_jsonl_has_after_resumes_too(tiny_llama, n
         assert all(math.isclose(g, v, rel_tol=1e-6) for (_, g), (_, v) in zip(got, expected, strict=True))
 
 
+def test_a_full_disk_under_tensorboard_is_said_with_the_checkpoint_to_resume_from(tiny_llama, number_data, tmp_path,
+                                                                                monkeypatch):
+    """TensorBoard's writer raising ENOSPC mid-run was two tracebacks (the log, then closing the trackers), with no
+    word of the checkpoint to go on from."""
+    import errno
+
+    from accelerate import Accelerator
+
+    from peftkit.errors import PeftkitError, PeftkitWarning
+
+    pytest.importorskip("tensorboard")
+    real_log, real_end = Accelerator.log, Accelerator.end_training
+
+    def log(self, values, step=None, **kwargs):
+        if step == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_log(self, values, step=step, **kwargs)
+
+    def end(self):
+        real_end(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "log", log)
+    monkeypatch.setattr(Accelerator, "end_training", end)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 4, "save_steps": 2, "report_to": ["tensorboard"]}))
+    with pytest.raises(PeftkitError) as e, pytest.warns(PeftkitWarning, match="could not be closed"):
+        train(recipe)
+    assert str(e.value).startswith(f"No space left on the device while writing {tmp_path / 'run' / 'trackers'}")
+    assert str(e.value).endswith("The newest whole checkpoint is step-00000002: continue with `peftkit train RECIPE "
+                                 "--resume`.")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_a_tracker_without_its_package_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"report_to": ["wandb"]})

@@ -415,3 +415,19 @@ def test_a_divergence_after_a_skipped_step_is_not_named_by_a_wrong_step():
     assert _first_divergence([1.0, 2.0, 3.0], [1.0, 2.5, 3.0], 0, skipped=True) == (
         "loss diverges first at loss 2 of those recorded (skipped steps record none): 2.0 recorded, 2.5 now")
     assert _first_divergence([1.0], [1.0, 2.0], 0, skipped=True) == "1 losses recorded, 2 now"
+
+
+def test_a_re_run_that_fills_the_temporary_directory_says_where_to_make_room(tmp_path):
+    """The re-run's own advice was `peftkit train RECIPE --resume`, for a temporary directory deleted by then."""
+    from peftkit.fileio import DiskFullError
+    from peftkit.verify import VerifyReport, _rerun_failed
+
+    tmp = str(tmp_path / "peftkit-verify-x")
+    error = DiskFullError(f"No space left on the device while writing {tmp}/checkpoints/step-00000020. The previous "
+                          "version of it, if any, is intact; free some disk space, or write somewhere else. The newest "
+                          "whole checkpoint is step-00000010: continue with `peftkit train RECIPE --resume`.")
+    said = str(_rerun_failed(error, tmp, tmp_path / "run", VerifyReport(run_dir=tmp_path / "run", ok=True)))
+    assert said == (f"verify could not re-run the recipe recorded in {tmp_path / 'run' / 'manifest.json'}: No space "
+                    "left on the device while writing <verify's temporary directory>/checkpoints/step-00000020. verify "
+                    f"re-runs in {tmp_path} (the system's temporary directory, TMPDIR): free space there, or point TMPDIR "
+                    "at a directory with room for the run.")

@@ -170,7 +170,14 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
             if _NO_ROWS in str(e):  # `[]`, `{}`, a CSV with only its header: no rows, said the way .jsonl says it
                 return [], 0, None
             # DatasetGenerationError's own text is "An error occurred while generating the dataset"; the cause says what.
-            raise PeftkitError(f"Could not read data file {source}: {e.__cause__ or e}") from None
+            why = str(e.__cause__ or e)
+            if "disk space" in why or "No space left" in why:  # (datasets' NotEnoughDiskSpace; ENOSPC) its cache's
+                import datasets
+
+                raise PeftkitError(f"Could not read data file {source}: the datasets library's cache, where it converts "
+                                   f"the file first, is full ({datasets.config.HF_DATASETS_CACHE}). Free space there, "
+                                   "or set HF_DATASETS_CACHE to a directory with room.") from None
+            raise PeftkitError(f"Could not read data file {source}: {why}") from None
         return list(ds), 0, None
     import datasets
 
