@@ -104,13 +104,15 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
 def _recorded(path: Path) -> dict:
     """checksums.json, after checking every file against it."""
     try:
+        if (path / CHECKSUMS).exists() and not (path / CHECKSUMS).is_file():  # a FIFO would block the read for ever
+            raise TypeError
         recorded = json.loads((path / CHECKSUMS).read_text(encoding="utf-8"))
         files, inputs = recorded["files"], recorded["inputs"]
         if not isinstance(files, dict) or not isinstance(inputs, dict):
             raise TypeError
     except FileNotFoundError:
         raise DamagedCheckpoint(f"it has no {CHECKSUMS} (incomplete)") from None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # (JSON nested thousands deep: RecursionError)
         raise DamagedCheckpoint(f"its {CHECKSUMS} is unreadable") from None
     for name in (WEIGHTS_NAME, STATE_FILE, TRAINER_STATE):
         if name not in files:

@@ -338,7 +338,7 @@ def tidy_leftovers(parent: Path, owned: Callable[[str], bool] = RUN_ENTRIES.__co
             os.replace(entry, original)
             done.append(f"restored {original} from an interrupted replace")
         else:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()  # a link: itself
             done.append(f"removed {entry.name}, left by an interrupted write")
     return done
 

@@ -238,6 +238,18 @@ def test_a_lock_file_that_is_a_link_or_a_fifo_is_never_written_through(tmp_path,
     assert (victim.read_text() == "ssh-ed25519 AAAA user\n") if planted == "link" else not victim.exists()
 
 
+def test_a_leftover_temp_name_that_is_a_link_to_a_directory_is_removed_as_a_link(tmp_path):
+    """`.adapter.x1y2.tmp` linked to a directory: rmtree refused it ("Cannot call rmtree on a symbolic link"), a
+    traceback at every --resume; the link goes, what it points to stays."""
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".adapter.x1y2.tmp").symlink_to(outside, target_is_directory=True)
+    assert tidy_leftovers(run) == ["removed .adapter.x1y2.tmp, left by an interrupted write"]
+    assert not (run / ".adapter.x1y2.tmp").is_symlink() and (outside / "keep").is_dir()
+
+
 @pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json"])
 def test_a_run_file_that_is_a_link_is_refused_not_written_through(tiny_llama, number_data, tmp_path, name):
     """`train --resume` rewrote metrics.jsonl through a link planted in a run (a user's ~/.bashrc became metric lines);
@@ -483,6 +495,7 @@ def _pickle_an_object(step_dir: Path) -> None:
 
 DAMAGE = {
     "pickled object": _pickle_an_object,
+    "deep checksums": lambda d: (d / "checksums.json").write_text("[" * 100_000 + "]" * 100_000),
     "truncated weights": lambda d: (d / "adapter_model.safetensors").write_bytes(
         (d / "adapter_model.safetensors").read_bytes()[:100]),
     "missing optimizer state": lambda d: (d / "training_state.pt").unlink(),
@@ -491,6 +504,7 @@ DAMAGE = {
     "wrong types": _rewrite_state,
 }
 REASONS = {
+    "deep checksums": "its checksums.json is unreadable",
     "pickled object": "its training_state.pt holds objects other than tensors and numbers, which peftkit never "
                       "unpickles (it would run code a file names)",
     "truncated weights": "adapter_model.safetensors does not match its checksum (truncated or modified)",
