@@ -42,7 +42,7 @@ class _Streamer:
                 self.ids.append(token)
         text = reply_text(self.tok, self.ids)
         if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-            self.write(visible(text[len(self.shown):]))
+            self.write(visible(text[len(self.shown):]).replace("\r", ""))  # print() obeys a lone CR
             self.shown = text
 
     def end(self) -> None:

@@ -222,7 +222,8 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False,
         recipe = run_dir / "recipe.yaml"
     adapter = run_dir / "adapter" if run_dir is not None else None
     cfg = load_recipe(recipe, overrides)
-    if run_dir is not None and cfg.model.trust_remote_code and not trust_remote_code:
+    in_a_run = run_dir is not None or any((recipe.parent / n).exists() for n in ("manifest.json", "checkpoints"))
+    if in_a_run and cfg.model.trust_remote_code and not trust_remote_code:
         raise PeftkitError(f"{recipe} records model.trust_remote_code: true, so loading {cfg.model.name_or_path} would "
                            "execute the modelling code that ships with it. A run directory's files never decide that: "
                            "if you trust that code, pass --trust-remote-code.")

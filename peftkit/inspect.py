@@ -216,13 +216,13 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
     if peft_type != "LORA":
         return {"accepts": False, "reasons": [f"convert_lora_to_gguf.py converts LoRA adapters only; this is {peft_type}"],
                 "caveats": []}
-    if raw.get("modules_to_save") or saved:
-        reasons.append(f"saved modules ({', '.join(raw.get('modules_to_save') or sorted(saved))}): "
-                       "convert_lora_to_gguf.py stops at any tensor but lora_A/lora_B")
+    # It carries norm weights whole (mergekit's adapters hold them); any other tensor but lora_A/lora_B stops it: saved
+    # modules, and the biases of bias: all / lora_only.
+    if stopping := sorted(n for n in saved if "_layernorm" not in n and ".norm" not in n):
+        reasons.append(f"tensors other than lora_A/lora_B ({', '.join(stopping[:3])}{' ...' * (len(stopping) > 3)}: "
+                       "saved modules or biases) stop convert_lora_to_gguf.py, which carries norm weights only")
     if raw.get("use_dora"):
         reasons.append("use_dora: its magnitude vectors stop convert_lora_to_gguf.py")
-    if raw.get("bias", "none") != "none":
-        reasons.append(f"bias={raw['bias']!r}: the bias tensors stop convert_lora_to_gguf.py")
     if raw.get("use_rslora"):
         reasons.append("use_rslora: not read, so each layer would be scaled by alpha/r, not alpha/sqrt(r) (sqrt(r) "
                        "times too small, silently)")

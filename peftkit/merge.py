@@ -247,7 +247,7 @@ def _same_tokenizer(directory: Path, tokenizer) -> bool:
 
     probe = "Hello, world! 342 → «ünïcödé» 你好\n\t  end</s>"
     try:
-        copied = AutoTokenizer.from_pretrained(directory)
+        copied = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)  # never a prompt, never code
     except Exception:  # noqa: BLE001 - files that do not load alone (a tokenizer of remote code): saved instead
         return False
     return (copied.get_vocab() == tokenizer.get_vocab() and copied(probe)["input_ids"] == tokenizer(probe)["input_ids"]

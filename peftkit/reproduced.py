@@ -36,13 +36,37 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
             out.append(f"output {name}: recorded, but the re-run did not write it")
         elif name not in recorded:
             out.append(f"output {name}: written by the re-run, but not recorded")
-        elif tolerance == 0 or not name.endswith(".safetensors"):  # settings and tokenizer files: bit for bit always
+        elif tolerance == 0:
             out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
         # RUN_DIR's copy is compared only when intact: a changed one is already reported, and may not even parse.
+        elif not name.endswith(".safetensors"):  # settings and tokenizer files: the same, but for the versions
+            if name in intact and not _same_settings(run_dir / name, tmp / name):
+                out.append(f"output {name}: its content differs from the re-run's (beyond the library versions it "
+                           "records)")
         elif name in intact and \
                 (problem := _weights_close(name, run_dir / name, tmp / name, tolerance)):
             out.append(problem)
     return out
+
+
+_ENVIRONMENT_FIELDS = ("peftkit_version", "transformers_version", "quantized_on")
+"""What an exported settings file records of the machine and libraries that wrote it: under --tolerance (a run made
+elsewhere) the environment notes say those; every other field must match."""
+
+
+def _same_settings(recorded: Path, rerun: Path) -> bool:
+    """Whether two exported files are the same: JSON compared as values without `_ENVIRONMENT_FIELDS`, others byte
+    for byte (a tokenizer's files)."""
+    a, b = recorded.read_bytes(), rerun.read_bytes()
+    if a == b or recorded.suffix != ".json":
+        return a == b
+    try:
+        a, b = json.loads(a), json.loads(b)
+    except (ValueError, RecursionError):
+        return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        a, b = ({k: v for k, v in d.items() if k not in _ENVIRONMENT_FIELDS} for d in (a, b))
+    return a == b
 
 
 METRICS_LOG = "metrics.jsonl"

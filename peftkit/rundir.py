@@ -232,6 +232,9 @@ def _refuse_linked_files(out: Path) -> None:
             raise PeftkitError(f"{out / name} is a symbolic link (to {os.readlink(out / name)}); a run's own files never "
                                "are, and train would write through it. Replace it with a copy of the file, or remove "
                                "it.")
+        if (out / name).exists() and not stat.S_ISREG(os.lstat(out / name).st_mode):  # a FIFO: reading it would hang
+            raise PeftkitError(f"{out / name} is not a plain file (a FIFO, a device or a directory); a run's own files "
+                               "never are. Remove it.")
 
 
 def lock_holder(out: Path) -> str:
@@ -288,21 +291,25 @@ def run_lock(out: Path) -> Iterator[None]:
         raise PeftkitError(f"{out / LOCK_NAME} is not a plain file (a symbolic link, a FIFO or a device): a run's lock "
                            "file never is. Remove it and run again.")
     try:
+        unlockable = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks (some NFS, FUSE)
-                warnings.warn(PeftkitWarning(f"{out} is on a file system that cannot lock files ({e.strerror}): this "
-                                             "run goes on unlocked, so make sure no other peftkit run writes there."),
-                              stacklevel=3)
-                yield
-                return
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                unlockable = e.strerror  # (said outside this handler: the run's own errors are not chained to it)
+            elif e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            raise PeftkitError(
-                f"export.output_dir {out} is in use by another peftkit run ({lock_holder(out)}). Wait for it to "
-                "finish or stop it, or choose another export.output_dir."
-            ) from None
+            else:
+                raise PeftkitError(
+                    f"export.output_dir {out} is in use by another peftkit run ({lock_holder(out)}). Wait for it to "
+                    "finish or stop it, or choose another export.output_dir."
+                ) from None
+        if unlockable is not None:
+            warnings.warn(PeftkitWarning(f"{out} is on a file system that cannot lock files ({unlockable}): this run "
+                                         "goes on unlocked, so make sure no other peftkit run writes there."),
+                          stacklevel=3)
+            yield
+            return
         _HELD_LOCKS.add(fd)
         if writable:  # else the holder named to a second writer is the file's last one
             with contextlib.suppress(OSError):  # a full disk: the holder's name is a courtesy, the flock the lock

@@ -163,6 +163,14 @@ def test_a_token_added_to_the_tokenizer_but_not_the_model_is_a_clear_error(tiny_
     for args in (["train", str(recipe)], ["eval", "--model", str(base), "--data", str(data), "--format", "completion"],
                  ["generate", "--model", str(base), "--prompt", "<|im_start|>hi", "--max-new-tokens", "2"]):
         assert said in " ".join(cli_user_error(monkeypatch, capsys, *args).split())
+    # A prompt-tuning adapter's own pre-hook embeds input_ids: the guard runs before it.
+    from peftkit.methods import PromptTuningConfig
+    from tests.conftest import save_random_adapter
+
+    adapter = save_random_adapter(base, PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4),
+                                  tmp_path / "pt", seed=1)
+    assert said in " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", str(base), "--adapter", str(adapter),
+                                           "--data", str(data), "--format", "completion").split())
     # Text without the added token runs as ever.
     monkeypatch.setattr("sys.argv", ["peftkit", "generate", "--model", str(base), "--prompt", "12", "--max-new-tokens",
                                      "2"])

@@ -217,6 +217,10 @@ def test_what_llama_cpp_s_converter_makes_of_an_adapter(tiny_llama, tmp_path):
         "use_dora", "use_rslora"]
     said = "\n".join(describe(both))
     assert "alpha/sqrt(r)" in said and "merge it (peftkit merge) and convert the merged model" in said
+    saved = inspect_adapter(_peft(tiny_llama, tmp_path / "s", r=4, target_modules=["q_proj"],
+                                  modules_to_save=["lm_head"], alpha_pattern={"q_proj": 16}))
+    assert [r.split(" (")[0].split(":")[0] for r in saved["llama_cpp"]["reasons"]] == [
+        "tensors other than lora_A/lora_B", "alpha_pattern"]
     other = inspect_adapter(_ours(tiny_llama, IA3Config(method="ia3"), tmp_path / "i"))
     assert not other["llama_cpp"]["accepts"] and "LoRA adapters only; this is IA3" in other["llama_cpp"]["reasons"][0]
 

@@ -250,17 +250,24 @@ def test_a_leftover_temp_name_that_is_a_link_to_a_directory_is_removed_as_a_link
     assert not (run / ".adapter.x1y2.tmp").is_symlink() and (outside / "keep").is_dir()
 
 
-@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json"])
-def test_a_run_file_that_is_a_link_is_refused_not_written_through(tiny_llama, number_data, tmp_path, name):
-    """`train --resume` rewrote metrics.jsonl through a link planted in a run (a user's ~/.bashrc became metric lines);
-    a run's own files are never links."""
+@pytest.mark.parametrize("name", ["metrics.jsonl", "manifest.json", "recipe.yaml"])
+@pytest.mark.parametrize("planted", ["link", "fifo"])
+def test_a_run_file_that_is_a_link_or_a_fifo_is_refused_not_written_through(tiny_llama, number_data, tmp_path, name,
+                                                                           planted):
+    """`train --resume` rewrote metrics.jsonl through a link planted in a run (a user's ~/.bashrc became metric lines),
+    and hung reading a FIFO; a run's own files are never either."""
     cfg = _recipe(tmp_path, tiny_llama, number_data)
     victim = tmp_path / "bashrc"
     victim.write_text("export PATH=$HOME/bin:$PATH\n")
     run = Path(cfg.export.output_dir)
     run.mkdir()
-    (run / name).symlink_to(victim)
-    with pytest.raises(PeftkitError, match=rf"{name} is a symbolic link \(to {victim}\); a run's own files never are"):
+    if planted == "link":
+        (run / name).symlink_to(victim)
+        said = rf"{name} is a symbolic link \(to {victim}\); a run's own files never are"
+    else:
+        os.mkfifo(run / name)
+        said = rf"{name} is not a plain file \(a FIFO, a device or a directory\)"
+    with pytest.raises(PeftkitError, match=said):
         train(cfg, resume=True, console=_console()[0])
     assert victim.read_text() == "export PATH=$HOME/bin:$PATH\n"
 
@@ -277,8 +284,9 @@ def test_a_lock_on_a_file_system_without_locks_or_space_does_not_stop_the_run(tm
     monkeypatch.setattr(fcntl if failure == "no locks" else os, "flock" if failure == "no locks" else "write", fail)
     if failure == "no locks":
         with pytest.warns(PeftkitWarning, match="cannot lock files .*: this run goes on unlocked"):
-            with run_lock(tmp_path):
-                pass
+            with pytest.raises(ValueError) as raised, run_lock(tmp_path):
+                raise ValueError("the run's own error")
+        assert raised.value.__context__ is None  # not "during handling of" the lock's OSError
     else:
         with run_lock(tmp_path):
             pass

@@ -210,7 +210,8 @@ def test_a_tampered_run_whose_manifest_was_rehashed_is_not_vouched_for(run, tmp_
     config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": 800'))
     _edit_manifest(run, lambda m: m["outputs_sha256"].__setitem__("adapter/adapter_config.json", sha256_file(config)))
     report = verify(run, tolerance=1e-4, console=_quiet())
-    assert any(d.startswith("output adapter/adapter_config.json: sha256") for d in report.differences), report.differences
+    assert ("output adapter/adapter_config.json: its content differs from the re-run's (beyond the library versions it "
+            "records)") in report.differences, report.differences
 
     exported_none = Path(shutil.copytree(run, tmp_path / "none"))
     _edit_manifest(exported_none, lambda m: m.__setitem__(
@@ -231,6 +232,20 @@ def test_a_tampered_run_whose_manifest_was_rehashed_is_not_vouched_for(run, tmp_
     recipe = load_recipe(forged / "recipe.yaml", [f"export.output_dir={forged}"])
     with pytest.raises(PeftkitError, match="step-00000004 is at step 4, past this run's 3 steps: no run of this recipe"):
         train(recipe, resume=True, console=_quiet())
+
+
+def test_under_a_tolerance_the_versions_an_export_records_are_no_difference(run, monkeypatch):
+    """An honest re-run under a newer peftkit (or transformers) writes its version into adapter/peftkit.json: bit for
+    bit that differs, and a re-run made elsewhere (--tolerance) is said through the environment notes instead."""
+    import peftkit.manifest
+    import peftkit.peft_format
+
+    monkeypatch.setattr(peftkit.peft_format, "__version__", "9.9.9")
+    monkeypatch.setattr(peftkit.manifest, "__version__", "9.9.9")
+    report = verify(run, tolerance=1e-4, console=_quiet())
+    assert report.ok, report.differences
+    assert any("peftkit" in note and "9.9.9" in note for note in report.notes), report.notes
+    assert any(d.startswith("output adapter/peftkit.json: sha256") for d in verify(run, console=_quiet()).differences)
 
 
 def _changed_files_of(run: Path) -> list[str]:
@@ -281,7 +296,8 @@ def test_a_run_s_recipe_cannot_make_eval_generate_or_chat_run_model_code(run, mo
 
     _record_trust_remote_code(run)
     said = (f"{run / 'recipe.yaml'} records model.trust_remote_code: true, so loading")
-    for args in (["eval", str(run)], ["generate", str(run), "--prompt", "12"], ["chat", str(run)]):
+    for args in (["eval", str(run)], ["generate", str(run), "--prompt", "12"], ["chat", str(run)],
+                 ["eval", str(run / "recipe.yaml")]):  # the run's recipe file named, not the run
         err = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
         assert err.startswith(f"error: {said}") and "if you trust that code, pass --trust-remote-code." in err
     monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(run), "--trust-remote-code"])

@@ -166,5 +166,6 @@ def guard_token_ids(model, tok) -> None:
                            "saved with, or give the model the rows first (model.resize_token_embeddings(len(tokenizer))"
                            ", then save_pretrained both).")
 
-    model.register_forward_pre_hook(check, with_kwargs=True)
+    # First of the model's pre-hooks: the prompt family's own (registered when its adapter loads) embeds input_ids.
+    model.register_forward_pre_hook(check, with_kwargs=True, prepend=True)
     model._peftkit_token_guard = True

@@ -485,7 +485,9 @@ def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, sour
     try:
         return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a full disk
+        space = "space" in str(e) or getattr(e, "errno", None) == 28
+        fix = "Free space there (or set TMPDIR to another directory), or" if space else "To skip it,"
         warnings.warn(PeftkitWarning(f"the tokenized-data cache is not used: saving the tokenizer to "
-                                     f"{tempfile.gettempdir()} to key it failed ({e}). Free space there (or set TMPDIR "
-                                     f"to another directory), or set {CACHE_ENV}=off."), stacklevel=3)
+                                     f"{tempfile.gettempdir()} to key it failed ({e}). {fix} set {CACHE_ENV}=off."),
+                      stacklevel=3)
         return None
