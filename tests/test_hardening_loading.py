@@ -382,6 +382,24 @@ def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_buil
         _load_adapter(broken)
 
 
+def test_a_backtracking_target_regex_neither_hangs_nor_goes_unsaid(adapter, tmp_path, monkeypatch):
+    """`(.|.)*Z` in an adapter_config.json kept `re.fullmatch` busy for ever (still running at 120 s); matched through
+    the `regex` package it matches nothing at once, and one past the timeout is said."""
+    import time
+
+    from peftkit import adapters
+
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "adapter_config.json", target_modules="(.|.)*Z")
+    started = time.monotonic()
+    with pytest.raises(PeftkitError, match="matches no module"):
+        _load_adapter(broken)
+    assert time.monotonic() - started < 60
+    monkeypatch.setattr(adapters, "REGEX_TIMEOUT_S", 1e-9)  # (a pattern slow for `regex` too: said, not waited on)
+    with pytest.raises(PeftkitError, match=r"the regular expression took over 1e-09 s to match one module name"):
+        _load_adapter(broken)
+
+
 def test_cli_merge_of_an_adapter_with_a_bad_config(adapter, tmp_path, monkeypatch, capsys):
     broken = _copy(adapter, tmp_path / "adapter")
     _edit_json(broken / "adapter_config.json", r="eight")

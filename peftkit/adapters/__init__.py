@@ -42,6 +42,23 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if m is head}
 
 
+REGEX_TIMEOUT_S = 2.0
+"""How long a target_modules regex may take to match one module name."""
+
+
+def _regex_targets(target: TargetRegex, modules: dict[str, nn.Module]) -> list[str]:
+    """The module paths `target.regex` fully matches, as peft's `re.fullmatch` does, through the `regex` package (a
+    transformers dependency) for its timeout: an adapter_config.json's `(.|.)*Z` kept `re` busy for ever."""
+    import regex
+
+    try:
+        return [n for n in modules if n and regex.fullmatch(target.regex, n, timeout=REGEX_TIMEOUT_S)]
+    except TimeoutError:
+        raise PeftkitError(f"adapter.target_modules {_describe(target)}: the regular expression took over "
+                           f"{REGEX_TIMEOUT_S:g} s to match one module name (it backtracks without end); write it "
+                           "without nested repetition, or as a list of names.") from None
+
+
 def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex, every_entry: bool = True) -> list[str]:
     """Full module paths the adapter applies to, in model order.
 
@@ -55,7 +72,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex
         heads = _output_head_names(model)
         names = [n for n, m in modules.items() if _is_linear(m) and n not in heads]
     elif isinstance(target_modules, TargetRegex):
-        names = [n for n in modules if n and re.fullmatch(target_modules.regex, n)]
+        names = _regex_targets(target_modules, modules)
     else:
         names = [n for n in modules if n and any(suffix_match(n, t) for t in target_modules)]
         if every_entry:
