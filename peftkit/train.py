@@ -30,6 +30,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from peftkit.data import describe_stats, load_examples, step_windows, steps_per_
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
 from peftkit.data.packing import check_isolated, describe_packing, flatten, pack_examples
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.evaluate import RunEval, token_loss_sum
 from peftkit.loss import labelled_count
 from peftkit.manifest import hub_commit
@@ -294,6 +295,10 @@ def _total_steps(tcfg, examples: int, processes: int) -> int:
                            f"steps (training.epochs {tcfg.epochs} over {examples:,} training examples, batch_size "
                            f"{tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {processes} process(es)), so the "
                            "learning rate would never reach training.lr; lower warmup_steps.")
+    if tcfg.warmup_steps == total > 1:
+        warnings.warn(PeftkitWarning(f"training.warmup_steps ({total}) is the whole run: the learning rate rises at "
+                                     f"every step and ends at {total}/{total + 1} of training.lr, never reaching it; "
+                                     "lower warmup_steps."), stacklevel=2)
     return total
 
 

@@ -185,6 +185,17 @@ def test_a_warmup_longer_than_an_epochs_run_is_refused_before_loading(tiny_llama
         train(load_recipe(recipe))
 
 
+def test_a_warmup_as_long_as_the_run_is_said(tiny_llama, number_data, tmp_path):
+    """warmup_steps == max_steps was accepted without a word: the learning rate never reaches training.lr."""
+    from peftkit.errors import PeftkitWarning
+    from peftkit.train import _total_steps
+
+    tcfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4, "warmup_steps": 4}))
+    with pytest.warns(PeftkitWarning, match=r"training.warmup_steps \(4\) is the whole run: .* ends at 4/5 of "
+                                            r"training.lr, never reaching it"):
+        assert _total_steps(tcfg.training, 64, 1) == 4
+
+
 def test_resume_after_sigkill_is_bit_identical(tiny_llama, number_data, tmp_path):
     sections = dict(training={"max_steps": 40, "save_steps": 4, "batch_size": 2, "grad_accum": 2},
                     adapter={"dropout": 0.1}, eval={"base_model": False})
