@@ -9,8 +9,8 @@ why, and refuses to continue when the data or the base model changed since the r
 from __future__ import annotations
 
 import json
-import pickle
 import os
+import pickle
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +58,8 @@ class DamagedCheckpoint(Exception):
 
 def checkpoint_dirs(out: Path) -> list[Path]:
     """The checkpoints of a run, oldest first."""
-    found = [p for p in (out / CHECKPOINTS).glob("step-*[0-9]") if p.name[5:].isdecimal() and p.name[5:].isascii()]  # not a user's `step-x9`
+    found = [p for p in (out / CHECKPOINTS).glob("step-*[0-9]")
+             if p.name[5:].isdecimal() and p.name[5:].isascii()]  # not a user's `step-x9`
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -161,7 +162,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
             for index, cuda_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(cuda_state, index)
     except Exception as e:  # noqa: BLE001 - whatever fails to load makes the checkpoint unusable, nothing else
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):  # torch's text goes on to advise weights_only=False: never here
+        # torch's own text goes on to advise weights_only=False: never here
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
             raise DamagedCheckpoint(f"its {STATE_FILE} holds objects other than tensors and numbers, which peftkit "
                                     "never unpickles (it would run code a file names)") from None
         raise DamagedCheckpoint(f"it does not load ({type(e).__name__}: {str(e)[:200]})") from None

@@ -189,7 +189,7 @@ def _shown(value: object, float_format: str = "") -> str:
     """A manifest's value as HTML text: a number formatted (whole ones with thousands separators), anything else as
     its text, escaped. A manifest may come from elsewhere: its values are never markup (a `<script>` in one ran when
     the report was opened), nor need they be numbers where peftkit writes numbers."""
-    if _number(value) and isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     if isinstance(value, float) and float_format:
         return html.escape(format(value, float_format))

@@ -228,11 +228,15 @@ def _refuse_linked_files(out: Path) -> None:
     """A run's own files are never symbolic links; one planted in a run from elsewhere had `train --resume` rewrite the
     file it pointed to (a user's ~/.bashrc as metrics.jsonl)."""
     for name in _WRITTEN_FILES:
-        if (out / name).is_symlink():
+        try:
+            mode = os.lstat(out / name).st_mode
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(mode):
             raise PeftkitError(f"{out / name} is a symbolic link (to {os.readlink(out / name)}); a run's own files never "
                                "are, and train would write through it. Replace it with a copy of the file, or remove "
                                "it.")
-        if (out / name).exists() and not stat.S_ISREG(os.lstat(out / name).st_mode):  # a FIFO: reading it would hang
+        if not stat.S_ISREG(mode):  # a FIFO: reading it would hang
             raise PeftkitError(f"{out / name} is not a plain file (a FIFO, a device or a directory); a run's own files "
                                "never are. Remove it.")
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 DIRECTORY = "trackers"
@@ -103,10 +104,6 @@ class Trackers:
     def close(self) -> None:
         """End the trackers; one that cannot write its last events (a full disk) is said, not raised: closing runs
         while another error (the full disk's own) is on its way to the user."""
-        import warnings
-
-        from peftkit.errors import PeftkitWarning
-
         try:
             self.accelerator.end_training()
         except OSError as e:

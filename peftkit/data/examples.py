@@ -89,10 +89,15 @@ def _target_ids(tok, prompt_ids: list[int], joined: list[int], target: str) -> l
     """
     if joined[: len(prompt_ids)] == prompt_ids:  # `joined`: the prompt and target encoded together
         return joined[len(prompt_ids):]
-    lead = _continuing(tok)
+    after = _encoded_after(tok, _continuing(tok), target)
+    return after if after is not None else tok(target, add_special_tokens=False)["input_ids"]
+
+
+def _encoded_after(tok, lead: str, text: str) -> list[int] | None:
+    """The ids of `text` encoded after `lead`, without lead's own; None where the two merge into other tokens."""
     lead_ids = tok(lead, add_special_tokens=False)["input_ids"]
-    after = tok(lead + target, add_special_tokens=False)["input_ids"]
-    return after[len(lead_ids):] if after[: len(lead_ids)] == lead_ids else tok(target, add_special_tokens=False)["input_ids"]
+    ids = tok(lead + text, add_special_tokens=False)["input_ids"]
+    return ids[len(lead_ids):] if ids[: len(lead_ids)] == lead_ids else None
 
 
 @functools.lru_cache(maxsize=8)  # once per tokenizer, not per row
@@ -100,12 +105,9 @@ def _continuing(tok) -> str:
     """A text after which the tokenizer encodes what follows as the middle of a text: its EOS token; or, for a
     SentencePiece tokenizer that starts a text anew after each special token (Llama-2's `legacy: true`: `</s>f` is
     `</s> ▁f`, as `f` alone is `▁f`), a newline, which it encodes apart (`\nf` is `▁ <0x0A> f`)."""
-    def after(lead: str) -> list[int]:
-        lead_ids = tok(lead, add_special_tokens=False)["input_ids"]
-        return tok(lead + PROBE_WORD, add_special_tokens=False)["input_ids"][len(lead_ids):]
-
     alone = tok(PROBE_WORD, add_special_tokens=False)["input_ids"]
-    return "\n" if after(tok.eos_token) == alone != after("\n") else tok.eos_token
+    after_eos, after_newline = (_encoded_after(tok, lead, PROBE_WORD) for lead in (tok.eos_token, "\n"))
+    return "\n" if after_eos == alone and after_newline not in (None, alone) else tok.eos_token
 
 
 PROBE_WORD = "f"
