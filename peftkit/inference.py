@@ -78,6 +78,8 @@ class ModelSource:
         files = [Path(self.adapter) / "adapter_config.json"] if self.adapter else []
         files += [Path(self.model.name_or_path) / "config.json"] if self.model is not None else []
         for file in files:
+            if not file.is_file():  # missing, or a FIFO whose read would block: loading says what it is
+                continue
             try:
                 config = json.loads(file.read_text(encoding="utf-8"))
             except (OSError, ValueError):  # not there, or not JSON: loading says so in its own words

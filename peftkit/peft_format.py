@@ -354,10 +354,9 @@ def check_adapter_dir(path: Path) -> Path:
     if not weights_file.exists():
         legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""
         raise PeftkitError(f"{path} has no {WEIGHTS_NAME}.{legacy}")
-    for file in (config_file, weights_file, path / META_NAME):  # opening a FIFO would wait for ever, deaf to Ctrl-C
-        if file.exists() and not file.is_file():
-            raise PeftkitError(f"{file} is not a regular file (a device, a FIFO or a directory). Copy the adapter "
-                               "again from where it came from.")
+    if not weights_file.is_file():  # opening a FIFO would wait for ever, deaf to Ctrl-C (the JSON files: read_json_object)
+        raise PeftkitError(f"{weights_file} is not a regular file (a device, a FIFO or a directory). Copy the adapter "
+                           "again from where it came from.")
     return weights_file
 
 
@@ -404,8 +403,11 @@ def quantized_on(path: str | Path) -> str | None:
 def recorded_base(adapter_dir: str | Path, field: str = "base_model_name_or_path") -> str | None:
     """The adapter's base_model_name_or_path (or another string `field`, e.g. `revision`), best effort and
     without reading its weights (a broken config is `load_adapter`'s to report)."""
+    config = Path(adapter_dir) / CONFIG_NAME
+    if not config.is_file():  # a FIFO would block the read for ever (loading then says what the file is)
+        return None
     try:
-        base = json.loads((Path(adapter_dir) / CONFIG_NAME).read_text(encoding="utf-8")).get(field)
+        base = json.loads(config.read_text(encoding="utf-8")).get(field)
     except (OSError, ValueError, AttributeError):
         return None
     return base if isinstance(base, str) else None

@@ -300,6 +300,22 @@ def test_an_adapter_config_that_is_no_settings_file_is_refused_at_once(adapter, 
         _load_adapter(broken)
 
 
+def test_generate_with_an_adapter_config_that_is_a_fifo_says_so(adapter, tmp_path):
+    """`generate --adapter` read adapter_config.json for the base's name and the adapter's task before loading did:
+    on a FIFO that read waited for ever."""
+    import os
+    import subprocess
+    import sys
+
+    broken = _copy(adapter, tmp_path / "adapter")
+    (broken / "adapter_config.json").unlink()
+    os.mkfifo(broken / "adapter_config.json")
+    done = subprocess.run([sys.executable, "-m", "peftkit", "generate", "--adapter", str(broken), "--prompt", "12"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "adapter_config.json is not a regular file (a device, a FIFO or a directory)" in (
+        " ".join(done.stderr.split())), done.stderr
+
+
 @pytest.mark.parametrize("changes, expected", [
     ({"r": "eight"}, '"r" is "eight"; it should be a whole number'),
     ({"r": 0}, '"r" is 0; it should be a number > 0'),
