@@ -47,7 +47,9 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
     labelled = int(keep.sum()) if labelled is None else labelled
     # The labelled positions in order, as (row, time): their logits (n, vocab) in the model's dtype, gathered alone
     # whatever the logits' strides (the prompt family's are a slice: a reshape would copy them all), and targets.
-    row, time = torch.nonzero_static(keep, size=labelled).unbind(1)
+    # (Not on an empty mask, rows one token wide: CUDA's kernel crashed on one before torch 2.9.)
+    where = torch.nonzero_static(keep, size=labelled) if keep.numel() else keep.new_zeros((0, 2), dtype=torch.long)
+    row, time = where.unbind(1)
     picked, wanted = logits[row, time], targets[row, time]
     if not labelled:  # (a stand-in row: `peftkit.distributed.shard`) a zero whose backward reaches every parameter
         return picked.float().sum(), keep.sum()

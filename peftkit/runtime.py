@@ -17,23 +17,28 @@ from peftkit.errors import PeftkitError
 from peftkit.recipe import Recipe, TrainingConfig
 
 
-def seed_everything(seed: int, deterministic_cuda: bool) -> None:
+def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | None = None) -> None:
     """Seed torch (CPU and CUDA) and pick deterministic kernels.
 
     CPU kernels are deterministic for a given thread count anyway; `use_deterministic_algorithms` also fills new
-    tensors with NaN, so an op that read uninitialized memory shows rather than silently differs. On CUDA
-    determinism costs speed (no atomics-based kernels, cuBLAS workspace pinned), so it is opt-in there with
-    training.deterministic, and then strict: in warn-only mode torch's SDPA backward kernels (memory-efficient and
-    flash) only warn and keep their nondeterministic algorithm; strict mode switches them to a deterministic one,
-    and an op that has none raises (`nondeterministic_op_error` says which).
+    tensors with NaN, so an op that read uninitialized memory shows rather than silently differs: always on for a
+    run on the CPU (`device`; without it, where no GPU is). On CUDA determinism costs speed (no atomics-based
+    kernels, cuBLAS workspace pinned), so it is opt-in there with training.deterministic, and then strict: in
+    warn-only mode torch's SDPA backward kernels (memory-efficient and flash) only warn and keep their
+    nondeterministic algorithm; strict mode switches them to a deterministic one, and an op that has none raises
+    (`nondeterministic_op_error` says which). flash-attn's own kernels (attn_implementation: flash_attention_2) are
+    outside torch's switch: transformers asks them for their deterministic backward when
+    FLASH_ATTENTION_DETERMINISTIC is 1, read at every call.
     """
     torch.manual_seed(seed)
     if deterministic_cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
     else:  # (off on CUDA: a process may train more than once)
-        torch.use_deterministic_algorithms(not torch.cuda.is_available(), warn_only=True)
+        on_cpu = device.type != "cuda" if device is not None else not torch.cuda.is_available()
+        torch.use_deterministic_algorithms(on_cpu, warn_only=True)
 
 
 @contextlib.contextmanager
@@ -140,12 +145,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether CUDA `device` computes in bfloat16 natively: compute capability 8.0 on (Ampere, Hopper...), or ROCm.
+    `torch.cuda.is_bf16_supported()` also says yes for GPUs that only emulate it (T4, V100: much slower, and
+    flash-attn refuses them), and asks about the current device, not necessarily the run's."""
+    if device.type != "cuda":
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def mixed_precision(cfg: TrainingConfig, device: torch.device) -> str:
     if cfg.mixed_precision != "auto":
         if cfg.mixed_precision != "no" and device.type != "cuda":
             raise PeftkitError(f"training.mixed_precision: {cfg.mixed_precision} needs a CUDA device; use auto or no on CPU.")
         return cfg.mixed_precision
-    return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if native_bf16(device) else "no"
+
+
+def check_fp16_gradients(model: torch.nn.Module, precision: str) -> None:
+    """fp16 mixed precision's loss scaler unscales fp32 gradients only. A parameter that trains in float16 (a
+    modules_to_save copy or a classifier's head, from a checkpoint stored in float16 under model.dtype: auto;
+    `Recipe` refuses model.dtype: float16 itself) would stop the first step with torch's "Attempting to unscale FP16
+    gradients"."""
+    if precision != "fp16":
+        return
+    half = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        more = f" (and {len(half) - 1} more)" if len(half) > 1 else ""
+        raise PeftkitError(
+            f"training.mixed_precision: fp16 unscales fp32 gradients only, and {half[0]}{more} would train in "
+            "float16: the checkpoint's own dtype, which model.dtype: auto keeps. Set model.dtype: float32 (the "
+            "matmuls still run in fp16 under autocast), or use mixed_precision: bf16 where the GPU has it.")
 
 
 def inference_autocast(setting: str, device: torch.device) -> torch.dtype | None:
@@ -156,7 +186,7 @@ def inference_autocast(setting: str, device: torch.device) -> torch.dtype | None
     if device.type != "cuda" or setting == "no":
         return None
     if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if native_bf16(device) else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[setting]
 
 
@@ -180,9 +210,26 @@ def check_device_support(cfg: Recipe, device: torch.device) -> None:
             "needs the loss scaling that only runs on CUDA, so it would be slow and underflow. Use float32 (or "
             "bfloat16) on CPU; float16 is for CUDA devices without bfloat16."
         )
-    if device.type == "cuda" and "bfloat16" in (cfg.model.dtype, q.compute_dtype if q else None) \
-            and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and _bf16_keys(cfg) and not torch.cuda.is_bf16_supported():
         raise PeftkitError(f"bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16 or float32.")
+
+
+def _bf16_keys(cfg: Recipe) -> list[str]:
+    """The recipe keys that ask for bfloat16 weights or matmuls."""
+    q = cfg.quantization
+    return [key for key, value in (("model.dtype", cfg.model.dtype),
+                                   ("quantization.compute_dtype", q.compute_dtype if q else None)) if value == "bfloat16"]
+
+
+def emulated_bf16_note(cfg: Recipe, device: torch.device) -> str | None:
+    """A note for bfloat16 asked of a GPU that only emulates it (T4, V100): it runs, several times slower."""
+    keys = _bf16_keys(cfg)
+    if device.type != "cuda" or not keys or native_bf16(device):
+        return None
+    capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return (f"{' and '.join(keys)}: bfloat16 on {torch.cuda.get_device_name(device)} (compute capability {capability}; "
+            "native from 8.0) is emulated, several times slower than float16, which is native there. Set them to "
+            "float16 (or float32).")
 
 
 def cpu_dtype_note(dtype: str, device: torch.device) -> str | None:

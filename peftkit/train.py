@@ -63,9 +63,9 @@ from peftkit.progress import TrainProgress, phase
 from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.rundir import clear_run, open_run_dir, records_at, truncate_metrics
-from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, lr_lambda, mixed_precision,
-                             nondeterministic_op_error, optimizer_groups, peak_memory_mb, scheduled_lr,
-                             seed_everything)
+from peftkit.runtime import (build_optimizer, check_device_support, check_fp16_gradients, cpu_dtype_note,
+                             emulated_bf16_note, lr_lambda, mixed_precision, nondeterministic_op_error,
+                             optimizer_groups, peak_memory_mb, scheduled_lr, seed_everything)
 from peftkit.samples import answers, sample_prompts
 from peftkit.selection import Selection
 from peftkit.trackers import DIRECTORY as TRACKERS_DIR
@@ -328,13 +328,13 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     from peftkit.memory import check_fits, estimate_memory, print_estimate
 
     tcfg = cfg.training
-    seed_everything(tcfg.seed, tcfg.deterministic)
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
+    seed_everything(tcfg.seed, tcfg.deterministic, device)
     check_device_support(cfg, device)
     distributed.check_engine(cfg, accelerator)
     check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
-    if note := cpu_dtype_note(cfg.model.dtype, device):
+    if note := cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device):
         console.print(f"[yellow]note:[/] {escape(note)}")
     estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
@@ -372,6 +372,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     if start is not None:
         load_adapter_state_dict(model, start)
     prepare_for_training(model, tcfg.gradient_checkpointing)
+    if not zero.active(accelerator):  # (DeepSpeed scales fp16 losses with fp32 master weights of its own)
+        check_fp16_gradients(model, accelerator.mixed_precision)
     summary["trainable_params"], summary["total_params"] = trainable, total = count_parameters(model)
     where = f" on {len(targets)} modules" if targets else ""  # the prompt family adapts the model as a whole
     console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)}{where}: {trainable:,} trainable "

@@ -28,7 +28,7 @@ from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model
 from peftkit.train import train
-from tests.conftest import make_recipe, signal_after_step
+from tests.conftest import make_recipe, random_adapters, signal_after_step
 from tests.test_methods import _diff, _load, _logits
 
 INIT_R, TARGET_R, TINIT, TFINAL, TOTAL = 6, 3, 2, 3, 10
@@ -221,3 +221,34 @@ def test_user_errors_name_the_key_and_the_fix(tmp_path):
                                      "adapter:\n  method: adalora\n  init_r: 8\n  target_r: 12\n")
     with pytest.raises(PeftkitError, match=r"r.yaml:7: 'adapter.target_r' = 12: must be below init_r \(8\).*Lower target_r"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_an_infinite_gradient_leaves_the_importance_scores_as_they_were(tiny_llama):
+    """fp16's loss scaler skips a step whose gradients hold inf (often its first ones), and the loop counts it: the
+    entries with a non-finite gradient keep their averages (one inf made an uncertainty |inf - inf| = NaN for good,
+    and its triplet pruned whatever its importance); the others, and every entry of a finite step, update as before."""
+    model = _load(tiny_llama).train()
+    cfg = AdaLoraConfig(method="adalora", **SETTINGS)
+    torch.manual_seed(0)
+    inject_adapters(model, cfg)
+    random_adapters(model)  # E starts at zero, and with it A's and B's gradients
+    trainer = AdaLora.trainer(model, cfg, TOTAL)
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainer.after_step(1)
+    before = {k: (v.clone(), trainer.exp_avg_unc[k].clone()) for k, v in trainer.exp_avg_ipt.items()}
+    name, param = next((n, p) for n, p in trainer._params() if n.endswith("lora_A"))
+    param.grad[0, 0] = float("inf")
+    trainer.after_step(2)
+    for key, (avg, unc) in before.items():
+        assert torch.isfinite(trainer.exp_avg_ipt[key]).all() and torch.isfinite(trainer.exp_avg_unc[key]).all()
+    (p_avg, p_unc) = before[name]
+    assert trainer.exp_avg_ipt[name][0, 0] == p_avg[0, 0] and trainer.exp_avg_unc[name][0, 0] == p_unc[0, 0]
+    ipt = (param * param.grad).abs()  # the finite entries: the plain moving averages, to the bit
+    beta1, beta2 = cfg.beta1, cfg.beta2
+    avg = beta1 * p_avg + (1 - beta1) * ipt
+    unc = beta2 * p_unc + (1 - beta2) * (ipt - avg).abs()
+    finite = torch.isfinite(ipt)
+    assert torch.equal(trainer.exp_avg_ipt[name], torch.where(finite, avg, p_avg))
+    assert torch.equal(trainer.exp_avg_unc[name], torch.where(finite, unc, p_unc))
+    assert not torch.equal(trainer.exp_avg_ipt[name], p_avg)

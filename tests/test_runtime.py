@@ -1,6 +1,7 @@
 """The optimizer's parameter groups: LoRA+ (training.loraplus_lr_ratio) with every optimizer peftkit offers."""
 
 import json
+import os
 from typing import get_args
 
 import pytest
@@ -172,3 +173,81 @@ def test_eval_and_generate_models_run_under_the_recipe_s_autocast(tiny_llama, nu
         logits = model(ids).logits
     assert logits.dtype == torch.bfloat16 and torch.equal(logits, expected)
     assert not torch.equal(logits.float(), reference(ids).logits)  # not the fp32 forward's
+
+
+# ------------------------------------------------------------------ GPU-only decisions, taken on the CPU's side
+# What a GPU answers to torch.cuda's queries is set here: the decisions on those answers are what is tested.
+
+
+def _gpu(monkeypatch, name: str, capability: tuple[int, int]) -> torch.device:
+    """torch.cuda answering as `name` would: bf16 "supported" (torch counts emulation), its compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    return torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize(("name", "capability", "native"), [
+    ("Tesla T4", (7, 5), False), ("Tesla V100-SXM2-16GB", (7, 0), False), ("NVIDIA A100-SXM4-40GB", (8, 0), True),
+    ("NVIDIA H100 80GB HBM3", (9, 0), True)])
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_it_natively(name, capability, native, monkeypatch,
+                                                                         tiny_llama, number_data, tmp_path):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100, which only emulate bf16 (several times slower):
+    mixed_precision: auto trains there in fp32, evaluations run without autocast, and a recipe's bfloat16 is
+    noted as emulated; on Ampere and later, bf16."""
+    from peftkit.runtime import emulated_bf16_note, mixed_precision
+
+    device = _gpu(monkeypatch, name, capability)
+    assert mixed_precision(TrainingConfig(), device) == ("bf16" if native else "no")
+    assert inference_autocast("auto", device) is (torch.bfloat16 if native else None)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, quantization={"method": "nf4"}))
+    note = emulated_bf16_note(recipe, device)  # quantization.compute_dtype's default is bfloat16
+    if native:
+        assert note is None
+    else:
+        assert note.startswith(f"quantization.compute_dtype: bfloat16 on {name} (compute capability "
+                               f"{capability[0]}.{capability[1]}; native from 8.0) is emulated")
+        assert "float16" in note.split("is emulated")[1]
+    assert emulated_bf16_note(load_recipe(make_recipe(tmp_path, tiny_llama, number_data)), device) is None  # fp32
+
+
+def test_deterministic_runs_ask_flash_attention_for_its_deterministic_backward(monkeypatch):
+    """flash-attn's kernels are outside torch's deterministic switch; transformers passes them
+    deterministic=True when FLASH_ATTENTION_DETERMINISTIC is 1. A CPU run is deterministic on a GPU machine too."""
+    from peftkit.runtime import seed_everything
+
+    monkeypatch.delenv("FLASH_ATTENTION_DETERMINISTIC", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        seed_everything(0, deterministic_cuda=False, device=torch.device("cuda"))
+        assert "FLASH_ATTENTION_DETERMINISTIC" not in os.environ and not torch.are_deterministic_algorithms_enabled()
+        seed_everything(0, deterministic_cuda=True, device=torch.device("cuda"))
+        assert os.environ["FLASH_ATTENTION_DETERMINISTIC"] == "1"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, the run on its CPU
+        seed_everything(0, deterministic_cuda=False, device=torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        monkeypatch.undo()
+        seed_everything(0, deterministic_cuda=False)
+
+
+def test_fp16_mixed_precision_refuses_parameters_that_would_train_in_float16(tiny_llama):
+    """A checkpoint stored in float16 under model.dtype: auto gives modules_to_save copies in float16, whose
+    gradients fp16's loss scaler cannot unscale (torch: "Attempting to unscale FP16 gradients", at step 1)."""
+    from peftkit.runtime import check_fp16_gradients
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float16)
+    inject_adapters(model, LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"]))
+    with pytest.raises(PeftkitError) as e:
+        check_fp16_gradients(model, "fp16")
+    assert str(e.value).startswith("training.mixed_precision: fp16 unscales fp32 gradients only, and lm_head.")
+    assert "would train in float16" in str(e.value) and "Set model.dtype: float32" in str(e.value)
+    with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):  # what it stands for (torch's)
+        param = next(p for p in model.parameters() if p.requires_grad and p.dtype == torch.float16)
+        param.grad = torch.ones_like(param)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.ones(()))  # (its scale is made at the first loss it scales)
+        scaler.unscale_(torch.optim.SGD([param]))
+    check_fp16_gradients(model, "bf16")  # bf16 autocast has no scaler
+    check_fp16_gradients(_injected(tiny_llama, modules_to_save=["lm_head"]), "fp16")  # float32 copies

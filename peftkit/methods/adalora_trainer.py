@@ -116,15 +116,20 @@ class AdaLoraTrainer(MethodTrainer):
 
     @torch.no_grad()
     def _update_importance(self) -> None:
+        """The moving averages of |p * grad| and of its distance to that average. An entry whose gradient is not
+        finite keeps its averages: fp16's loss scaler skips such steps (often in its first ones) but the loop still
+        counts them, and one inf made an entry's uncertainty |inf - inf| = NaN for good, and the triplet pruned."""
         beta1, beta2 = self.cfg.beta1, self.cfg.beta2
         for name, p in self._params():
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             ipt = (p * grad).abs()
-            avg = self.exp_avg_ipt.get(name, torch.zeros_like(p))
-            unc = self.exp_avg_unc.get(name, torch.zeros_like(p))
-            avg = beta1 * avg + (1 - beta1) * ipt
-            self.exp_avg_ipt[name] = avg
-            self.exp_avg_unc[name] = beta2 * unc + (1 - beta2) * (ipt - avg).abs()
+            old_avg = self.exp_avg_ipt.get(name, torch.zeros_like(p))
+            old_unc = self.exp_avg_unc.get(name, torch.zeros_like(p))
+            avg = beta1 * old_avg + (1 - beta1) * ipt
+            unc = beta2 * old_unc + (1 - beta2) * (ipt - avg).abs()
+            finite = torch.isfinite(ipt)  # (elementwise: no host sync; where all are, the same values to the bit)
+            self.exp_avg_ipt[name] = torch.where(finite, avg, old_avg)
+            self.exp_avg_unc[name] = torch.where(finite, unc, old_unc)
 
     def _triplet_scores(self) -> dict[str, torch.Tensor]:
         """s_i per layer, (r,): Ibar U of E_i + mean of A's row i + mean of B's column i."""
