@@ -162,7 +162,7 @@ def merge(
     output: Annotated[str, typer.Option("--output", help="Directory for the merged model (or combined adapter).")],
     base: Annotated[Optional[str], typer.Option("--base", help="Base model; default: the adapter's base_model_name_or_path.")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16; default: the base's dtype.")] = None,
-    requantize: Annotated[Optional[str], typer.Option("--requantize", help="nf4 (or fp4): also save OUTPUT-nf4, re-quantized (lossy).")] = None,
+    requantize: Annotated[Optional[str], typer.Option("--requantize", help="nf4 or fp4: also save OUTPUT-nf4 (OUTPUT-fp4), re-quantized (lossy).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUTPUT (never the base or the adapter).")] = False,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Combining: one weight per --adapter, e.g. "
                                                    "0.7,0.3; a negative weight subtracts that adapter.")] = None,

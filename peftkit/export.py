@@ -10,7 +10,7 @@ import torch
 from peftkit.adapters import adapter_layers, adapter_state_dict
 from peftkit.data.classification import LabelSet
 from peftkit.fileio import atomic_directory
-from peftkit.merge import base_provenance, conv1d_modules, merged_model, save_merged
+from peftkit.merge import base_provenance, checkpoint_dtype, conv1d_modules, merged_model, save_merged
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.modeling import DTYPES
 from peftkit.peft_format import peft_config, save_adapter
@@ -39,7 +39,8 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
                          rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype)
         exported.append(out / "adapter")
     if cfg.export.merged:
-        dtype = DTYPES[cfg.export.merged_dtype or _load_dtype(cfg, model)]
+        # As `peftkit merge`: the base checkpoint's own dtype (a bf16 base trained in float32 merges to bf16).
+        dtype = DTYPES[cfg.export.merged_dtype or checkpoint_dtype(cfg.model.name_or_path, cfg.model.revision)]
         save_merged(merged_model(model, cfg.adapter, dtype), tok, out / "merged",
                     base_provenance(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code))
         exported.append(out / "merged")
@@ -52,10 +53,3 @@ def _device_of(model) -> torch.device:
 
 def _base_name(cfg: Recipe) -> str:
     return cfg.model.name_or_path
-
-
-def _load_dtype(cfg: Recipe, model) -> str:
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    dtype = getattr(model.config, "dtype", None) or torch.float32
-    return str(dtype).removeprefix("torch.")

@@ -127,14 +127,16 @@ def test_without_loraplus_one_group(tiny_llama):
     assert len(groups) == 1 and "lr" not in groups[0]
 
 
-def test_loraplus_refused_for_ia3(tiny_llama, number_data, tmp_path):
+@pytest.mark.parametrize("method", ["ia3", "adalora"])
+def test_loraplus_refused_for_methods_other_than_lora(method, tiny_llama, number_data, tmp_path):
+    """AdaLoRA has A and B matrices too, but LoRA+ is LoRA's: the message does not say it has none."""
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"loraplus_lr_ratio": 16})
-    recipe.write_text(recipe.read_text().replace("  r: 4\n  alpha: 8\n", "  method: ia3\n"))
+    recipe.write_text(recipe.read_text().replace("  r: 4\n  alpha: 8\n", f"  method: {method}\n"))
     with pytest.raises(PeftkitError) as info:
         load_recipe(recipe)
     message = str(info.value)
-    assert "training.loraplus_lr_ratio" in message and "ia3 has no A/B matrices" in message
-    assert "remove training.loraplus_lr_ratio" in message
+    assert "training.loraplus_lr_ratio" in message and "for adapter.method: lora" in message
+    assert f"only, not {method}" in message and "remove training.loraplus_lr_ratio" in message
 
 
 @pytest.mark.parametrize(("setting", "device", "expected"), [

@@ -85,6 +85,31 @@ def test_train_export_eval_merge_cli(tiny_llama, number_data, tmp_path):
         assert (again(IDS).logits - merged(IDS).logits).abs().max() <= 1e-6
 
 
+
+def test_a_bf16_base_trained_in_float32_exports_its_merge_in_bf16_as_peftkit_merge_does(tiny_llama, number_data,
+                                                                                         tmp_path):
+    """export.merged_dtype's default is the base checkpoint's dtype, as `peftkit merge`'s: a bf16 base loaded in
+    float32 (model.dtype's default) wrote a float32 merged/, twice the size, unlike `peftkit merge` of the same
+    adapter."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama / name).exists():
+            shutil.copy(tiny_llama / name, base / name)
+    recipe = make_recipe(tmp_path, base, number_data, training={"max_steps": 2}, export={"merged": True})
+    train(load_recipe(recipe), show_summary=False)
+    run = tmp_path / "run"
+    assert json.loads((run / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(run / "adapter"), "--output", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    exported, merged = load_file(run / "merged" / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    assert exported.keys() == merged.keys() and all(t.dtype == torch.bfloat16 for t in exported.values())
+    assert all(torch.equal(exported[k], merged[k]) for k in exported)
+
 CRASH_AT_STEP_3 = """
 import sys
 import peftkit.train as pt

@@ -315,8 +315,9 @@ class Recipe(Section):
             raise ValueError(conflict)
         if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():
             raise ValueError(
-                f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, and adapter.method "
-                f"{method.name} has no A/B matrices; remove training.loraplus_lr_ratio or use adapter.method: lora"
+                f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, for adapter.method: lora "
+                f"(with DoRA, LoRA-FA or PiSSA) only, not {method.name}; remove training.loraplus_lr_ratio or use "
+                "adapter.method: lora"
             )
         if self.export.merged and (refusal := method.merge_refusal()):
             raise ValueError(f"export.merged: {refusal}")
