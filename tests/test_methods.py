@@ -495,6 +495,45 @@ def test_peft_s_lora_on_a_tied_head_loads_with_its_base_copy(models, tmp_path):
     assert _diff(_logits(load_adapted_model(None, str(tmp_path / "a"))[0].eval()), expected) <= TOL
 
 
+
+def test_a_tied_head_in_modules_to_save_trains_a_copy_as_peft_s(models, tmp_path):
+    """peft trains a copy of a module in modules_to_save; on tied embeddings (Qwen2's, SmolLM2's) peftkit refused
+    the recipe, and refused to load or merge peft's adapters that have one. The head's copy trains and the
+    embeddings keep the base's values; peft loads ours with our logits, we load theirs with theirs, and the merge
+    (untied) gives them."""
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import load_file
+
+    base = models["qwen2"]
+    cfg = LoraConfig(r=2, alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model, targets = _adapted(base, cfg)
+    assert model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # as training moves it
+    assert torch.equal(model.model.embed_tokens.weight, _load(base).model.embed_tokens.weight)
+    save_adapter(tmp_path / "ours", adapter_state_dict(model, cfg.modules_to_save),
+                 peft_config(cfg, targets, str(base), False, "qwen2"))
+    ours = _logits(model)
+    assert _diff(ours, _logits(_load(base))) > 1e-2
+    assert _diff(_logits(PeftModel.from_pretrained(_load(base), tmp_path / "ours").eval()), ours) <= TOL
+    merge_adapter(str(tmp_path / "ours"), str(tmp_path / "merged"))
+    merged = _load(tmp_path / "merged")
+    assert not merged.config.tie_word_embeddings and _diff(_logits(merged), ours) <= TOL
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(_load(base), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                        target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(0.1)
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert any(k.endswith("lm_head.weight") for k in load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    expected = _logits(PeftModel.from_pretrained(_load(base), tmp_path / "theirs").eval())
+    loaded = load_adapted_model(None, str(tmp_path / "theirs"))[0].eval()
+    assert _diff(_logits(loaded), expected) <= TOL
+    assert torch.equal(loaded.model.embed_tokens.weight, _load(base).model.embed_tokens.weight)
+
 # --------------------------------------------------------------------------- 4. state-dict round trip
 
 

@@ -158,11 +158,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         setattr(parent, child, layers[-1])
     share_tensors(method, cfg, layers)
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
-        if any(_shared(p, q) for p in module.parameters() for q in _other_params(model, name)):
-            raise PeftkitError(
-                f"adapter.modules_to_save: '{name}' shares its weight with another module (tied embeddings), so "
-                "training it would change both. Untie the weights in the model config or adapt it with LoRA instead."
-            )
+        _untie(model, name, module)
         if frozen := [n for n, p in module.named_parameters() if not p.dtype.is_floating_point]:
             raise PeftkitError(
                 f"adapter.modules_to_save: '{name}' holds quantized weights ({', '.join(frozen)}: "
@@ -221,6 +217,19 @@ def share_tensors(method: type[Method], cfg: AdapterConfig, layers: list[Adapter
 def shared_holders(model: nn.Module) -> list[SharedTensors]:
     """The distinct `SharedTensors` of an injected model's adapter layers (one per adapter)."""
     return list({id(layer.shared): layer.shared for layer in adapter_layers(model).values() if layer.shared is not None}.values())
+
+
+def _untie(model: nn.Module, name: str, module: nn.Module) -> None:
+    """A module trained in full (modules_to_save) that shares a weight with another (tied embeddings: lm_head and
+    embed_tokens) gets a copy of its own, as peft trains a copy of the module: the other keeps the base's values.
+    Trained in place, the shared weight changed both, and a peft adapter's saved lm_head was written into the
+    embeddings too."""
+    others = list(_other_params(model, name))
+    for pname, p in list(module.named_parameters()):
+        if any(_shared(p, q) for q in others):
+            path, _, leaf = pname.rpartition(".")
+            owner = module.get_submodule(path) if path else module
+            setattr(owner, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
 
 
 def _shared(p: torch.Tensor, q: torch.Tensor) -> bool:
