@@ -1085,6 +1085,26 @@ def test_oft_refuses_sizes_that_do_not_split_the_input(models, tmp_path):
     assert OftConfig(method="oft", r=4).oft_block_size == 0  # r alone: 4 blocks, the block size follows
 
 
+
+@pytest.mark.parametrize("sizes", [{"oft_block_size": 12}, {"r": 3, "oft_block_size": 0}])
+def test_oft_loads_peft_s_adapters_whose_sizes_peft_adjusted_per_layer(sizes, models, tmp_path):
+    """peft makes an OFT adapter whose block size (or r) does not divide a layer's input, adjusting it to the
+    nearest divisor for that layer (12 -> 8 for 32 and 64 inputs; r 3 -> 2 blocks of 32 inputs, 4 of 64), as
+    SmolLM2's 576 and 1536 inputs get from peft's default 32. A recipe with such a size is refused (above); peft's
+    adapter loads, with peft's logits, and merges."""
+    from peft import OFTConfig
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(_load(models["llama"]), OFTConfig(**sizes, target_modules=["q_proj", "down_proj"],
+                                                              init_weights=False))
+    theirs.save_pretrained(tmp_path / "a")
+    expected = _logits(PeftModel.from_pretrained(_load(models["llama"]), tmp_path / "a").eval())
+    assert _diff(expected, _logits(_load(models["llama"]))) > 1e-3
+    loaded = load_adapted_model(None, str(tmp_path / "a"))[0].eval()
+    assert _diff(_logits(loaded), expected) <= TOL
+    merge_adapter(str(tmp_path / "a"), str(tmp_path / "merged"))
+    assert _diff(_logits(_load(tmp_path / "merged")), expected) <= TOL
+
 def test_oft_refuses_gpt2_conv1d(models):
     from peftkit.errors import PeftkitError
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 from packaging.version import InvalidVersion, Version
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
@@ -62,6 +62,9 @@ class OftConfig(AdapterSection):
     """As LoRA's: `all-linear`, module-name suffixes, or {regex: ...}. nn.Linear and 4-bit/8-bit layers only."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
+    _saved: bool = PrivateAttr(False)
+    """Read from a saved adapter (`Oft.from_peft`): peft adjusts a size that does not divide a layer's input to its
+    nearest divisor, layer by layer, and so does the loading of its adapters; a recipe's is refused."""
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +108,8 @@ def block_size_for(cfg: OftConfig, in_features: int, path: str) -> int:
     if in_features % value == 0:
         return in_features // cfg.r if cfg.r else value
     fix = nearest_divisor(in_features, value)
+    if cfg._saved:  # peft's adapter, sized as peft sized this layer (the weights' shapes are checked on loading)
+        return in_features // fix if cfg.r else fix
     raise PeftkitError(
         f"adapter.{key}: {value} does not divide the {in_features} input features of '{path}' (OFT splits them "
         f"into r blocks of oft_block_size). Set {key}: {fix} (peft would silently use {fix} for this layer), or "
@@ -315,12 +320,14 @@ class Oft(Method):
         if (peft.r == 0) == (peft.oft_block_size == 0):
             raise PeftkitError(f'{config_file}: "r" is {peft.r} and "oft_block_size" is {peft.oft_block_size}; '
                                "exactly one of them must be nonzero. Fix the file, or export the adapter again.")
-        return OftConfig(method="oft", r=peft.r, oft_block_size=peft.oft_block_size, coft=peft.coft, eps=peft.eps,
-                         block_share=peft.block_share, module_dropout=peft.module_dropout,
-                         use_cayley_neumann=peft.use_cayley_neumann,
-                         num_cayley_neumann_terms=peft.num_cayley_neumann_terms,
-                         target_modules=targets_from_peft(peft.target_modules, config_file),
-                         modules_to_save=peft.modules_to_save or [])
+        cfg = OftConfig(method="oft", r=peft.r, oft_block_size=peft.oft_block_size, coft=peft.coft, eps=peft.eps,
+                        block_share=peft.block_share, module_dropout=peft.module_dropout,
+                        use_cayley_neumann=peft.use_cayley_neumann,
+                        num_cayley_neumann_terms=peft.num_cayley_neumann_terms,
+                        target_modules=targets_from_peft(peft.target_modules, config_file),
+                        modules_to_save=peft.modules_to_save or [])
+        cfg._saved = True
+        return cfg
 
     @classmethod
     def kept_for_backward(cls, cfg: OftConfig, layer: AdapterLayer) -> tuple[int, int]:
