@@ -817,6 +817,21 @@ def test_dora_refuses_an_embedding(models):
         inject_adapters(_load(models["llama"]), cfg)
 
 
+def test_inspect_says_peftkit_cannot_load_peft_s_dora_on_an_embedding(models, tmp_path):
+    """peft 0.21 has DoRA on embeddings; peftkit refuses such an adapter when it loads it, and inspect said it reads
+    it."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from peftkit.inspect import inspect_adapter
+
+    get_peft_model(_load(models["llama"]), PeftLoraConfig(r=2, lora_alpha=4, use_dora=True, init_lora_weights=False,
+                                                          target_modules=["embed_tokens", "o_proj"])).save_pretrained(tmp_path / "a")
+    reads = inspect_adapter(tmp_path / "a")["peftkit_reads"]
+    assert not reads["ok"] and reads["reason"].startswith("use_dora on the embedding 'model.embed_tokens'")
+    with pytest.raises(PeftkitError, match="Embedding; peftkit's DoRA adapts Linear and Conv1D layers only"):
+        load_adapted_model(None, str(tmp_path / "a"))
+
+
 # -------------------------------------------------------------------------------- method-specific: IA3
 
 
