@@ -17,6 +17,11 @@ from peftkit.errors import PeftkitError
 from peftkit.recipe import Recipe, TrainingConfig
 
 
+FLASH_DETERMINISTIC = "FLASH_ATTENTION_DETERMINISTIC"
+_flash_deterministic_set = False
+"""Whether seed_everything set FLASH_DETERMINISTIC (a user's own setting is left alone)."""
+
+
 def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | None = None) -> None:
     """Seed torch (CPU and CUDA) and pick deterministic kernels.
 
@@ -30,13 +35,18 @@ def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | 
     outside torch's switch: transformers asks them for their deterministic backward when
     FLASH_ATTENTION_DETERMINISTIC is 1, read at every call.
     """
+    global _flash_deterministic_set
     torch.manual_seed(seed)
     if deterministic_cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"
+        if os.environ.get(FLASH_DETERMINISTIC) != "1":
+            os.environ[FLASH_DETERMINISTIC], _flash_deterministic_set = "1", True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
-    else:  # (off on CUDA: a process may train more than once)
+    else:  # (off on CUDA: a process may train more than once, and a later run gets flash-attn's faster backward back)
+        if _flash_deterministic_set:
+            os.environ.pop(FLASH_DETERMINISTIC, None)
+            _flash_deterministic_set = False
         on_cpu = device.type != "cuda" if device is not None else not torch.cuda.is_available()
         torch.use_deterministic_algorithms(on_cpu, warn_only=True)
 

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftkit import distributed, long_context, zero
-from peftkit.adapters import (count_parameters, inject_adapters,
+from peftkit.adapters import (check_copies, count_parameters, inject_adapters,
                               load_adapter_state_dict, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
@@ -385,6 +385,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     if zero.active(accelerator):
         zero.configure(cfg, accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    check_copies(accelerator.unwrap_model(model), adapter)
     distributed.autocast_only(accelerator, model)
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,

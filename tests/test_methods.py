@@ -534,6 +534,15 @@ def test_a_tied_head_in_modules_to_save_trains_a_copy_as_peft_s(models, tmp_path
     assert _diff(_logits(loaded), expected) <= TOL
     assert torch.equal(loaded.model.embed_tokens.weight, _load(base).model.embed_tokens.weight)
 
+    # FSDP2's fsdp_cpu_ram_efficient_loading calls tie_weights() in accelerate's prepare: the copy would train
+    # nothing, so training stops there.
+    from peftkit.adapters import check_copies
+
+    check_copies(model, cfg)
+    model.tie_weights()
+    with pytest.raises(PeftkitError, match="'lm_head' shares its weight with another module again after accelerate"):
+        check_copies(model, cfg)
+
 # --------------------------------------------------------------------------- 4. state-dict round trip
 
 
@@ -1119,6 +1128,30 @@ def test_oft_loads_peft_s_adapters_whose_sizes_peft_adjusted_per_layer(sizes, mo
     assert _diff(_logits(loaded), expected) <= TOL
     merge_adapter(str(tmp_path / "a"), str(tmp_path / "merged"))
     assert _diff(_logits(_load(tmp_path / "merged")), expected) <= TOL
+
+
+def test_a_run_from_peft_s_adjusted_oft_adapter_trains_and_verifies(models, number_data, tmp_path):
+    """adapter.init_from such an adapter: `peftkit verify` re-runs the recipe its manifest records, which holds no
+    file's flag (it refused the sizes there)."""
+    from peft import OFTConfig
+    from rich.console import Console
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from peftkit.verify import verify
+    from tests.conftest import make_recipe
+
+    get_peft_model(_load(models["llama"]), OFTConfig(oft_block_size=12, target_modules=["q_proj"],
+                                                     init_weights=False)).save_pretrained(tmp_path / "a")
+    recipe = make_recipe(tmp_path, models["llama"], number_data, adapter={"init_from": str(tmp_path / "a")},
+                         training={"max_steps": 2})
+    text = recipe.read_text().replace("  r: 4\n  alpha: 8\n  target_modules: all-linear\n", "")
+    assert "init_from" in text and "r: 4" not in text
+    recipe.write_text(text)
+    train(load_recipe(recipe), show_summary=False)
+    report = verify(tmp_path / "run", console=Console(quiet=True))
+    assert report.ok, report.differences
+
 
 def test_oft_refuses_gpt2_conv1d(models):
     from peftkit.errors import PeftkitError

@@ -229,6 +229,11 @@ def test_deterministic_runs_ask_flash_attention_for_its_deterministic_backward(m
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, the run on its CPU
         seed_everything(0, deterministic_cuda=False, device=torch.device("cpu"))
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert "FLASH_ATTENTION_DETERMINISTIC" not in os.environ  # a later run in the process: flash-attn's fast backward
+        os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"  # the user's own is left alone
+        seed_everything(0, deterministic_cuda=True, device=torch.device("cuda"))
+        seed_everything(0, deterministic_cuda=False, device=torch.device("cuda"))
+        assert os.environ["FLASH_ATTENTION_DETERMINISTIC"] == "1"
     finally:
         monkeypatch.undo()
         seed_everything(0, deterministic_cuda=False)

@@ -232,6 +232,19 @@ def _untie(model: nn.Module, name: str, module: nn.Module) -> None:
             setattr(owner, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
 
 
+def check_copies(model: nn.Module, cfg: AdapterConfig) -> None:
+    """The copies `_untie` made still apart after accelerate's prepare: FSDP2 with fsdp_cpu_ram_efficient_loading
+    ties the model's weights again (transformers' tie_weights), and the copy the optimizer holds would train
+    nothing."""
+    for name, module in modules_to_save(model, getattr(cfg, "modules_to_save", None) or []).items():
+        if any(p is q for p in module.parameters() for q in _other_params(model, name)):
+            raise PeftkitError(
+                f"adapter.modules_to_save: '{name}' shares its weight with another module again after accelerate "
+                "prepared the model (tied embeddings, tied again: FSDP2's fsdp_cpu_ram_efficient_loading does it). "
+                "Set fsdp_cpu_ram_efficient_loading: false, as configs/accelerate/fsdp2.yaml has it, or leave "
+                f"'{name}' out of adapter.modules_to_save.")
+
+
 def _shared(p: torch.Tensor, q: torch.Tensor) -> bool:
     """Tied weights: one Parameter, or views of one storage (not decidable on the meta device, where the
     memory estimate injects: every meta tensor has data_ptr 0)."""

@@ -108,7 +108,9 @@ def block_size_for(cfg: OftConfig, in_features: int, path: str) -> int:
     if in_features % value == 0:
         return in_features // cfg.r if cfg.r else value
     fix = nearest_divisor(in_features, value)
-    if cfg._saved:  # peft's adapter, sized as peft sized this layer (the weights' shapes are checked on loading)
+    # peft's adapter (read from its file, or a run's recipe starting from it: a re-run under `peftkit verify` reads
+    # that from manifest.json), sized as peft sized this layer; the weights' shapes are checked on loading.
+    if cfg._saved or cfg.init_from is not None:
         return in_features // fix if cfg.r else fix
     raise PeftkitError(
         f"adapter.{key}: {value} does not divide the {in_features} input features of '{path}' (OFT splits them "
