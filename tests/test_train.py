@@ -1,5 +1,6 @@
 """End to end: train → export → eval → merge, through the functions and the CLI, on CPU."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -322,3 +323,18 @@ def test_lora_fa_refuses_an_embedding(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     with pytest.raises(PeftkitError, match="adapter.lora_fa: 'model.embed_tokens' is an Embedding, whose LoRA A starts at zero"):
         inject_adapters(model, LoraConfig(r=4, lora_fa=True, target_modules=["embed_tokens", "q_proj"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="flash-attn on a CUDA device (scripts/gpu_check.sh runs it)")
+def test_deterministic_runs_with_flash_attention_repeat_bit_for_bit(tiny_llama, number_data, tmp_path):
+    """training.deterministic: true reaches flash-attn's kernels through FLASH_ATTENTION_DETERMINISTIC, which torch's
+    switch does not: two runs give the same adapter bits."""
+    hashes = []
+    for i in range(2):
+        recipe = make_recipe(tmp_path / str(i), tiny_llama, number_data,
+                             model={"attn_implementation": "flash_attention_2", "dtype": "bfloat16", "device": "cuda"},
+                             training={"max_steps": 5, "deterministic": True})
+        train(load_recipe(recipe), show_summary=False)
+        hashes.append(sha256_file(tmp_path / str(i) / "run" / "adapter" / "adapter_model.safetensors"))
+    assert hashes[0] == hashes[1]
