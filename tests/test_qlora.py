@@ -347,9 +347,10 @@ def test_a_merge_quantizes_the_base_from_the_dtype_training_did(qllama, number_d
     train(recipe, console=Console(quiet=True))
     adapter = tmp_path / "run" / "adapter"
     assert json.loads((adapter / "peftkit.json").read_text())["base_dtype"] == "bfloat16"
-    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), dtype="bfloat16")
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"))  # both in the checkpoint's dtype, float32
     ours, theirs = load_file(tmp_path / "run" / "merged" / "model.safetensors"), load_file(merged / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert {t.dtype for t in ours.values()} == {torch.float32}
 
 
 def test_merge_of_a_cuda_quantized_adapter_without_cuda_warns(qlora_run, tmp_path, monkeypatch):
