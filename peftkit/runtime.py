@@ -18,12 +18,14 @@ from peftkit.recipe import Recipe, TrainingConfig
 
 
 FLASH_DETERMINISTIC = "FLASH_ATTENTION_DETERMINISTIC"
+CUBLAS_CONFIG = "CUBLAS_WORKSPACE_CONFIG"
 _flash_deterministic_set = False
 """Whether seed_everything set FLASH_DETERMINISTIC (a user's own setting is left alone)."""
 
 
-def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | None = None) -> None:
-    """Seed torch (CPU and CUDA) and pick deterministic kernels.
+def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | None = None) -> str | None:
+    """Seed torch (CPU and CUDA) and pick deterministic kernels; returns a note when determinism may not reach
+    cuBLAS (see below).
 
     CPU kernels are deterministic for a given thread count anyway; `use_deterministic_algorithms` also fills new
     tensors with NaN, so an op that read uninitialized memory shows rather than silently differs: always on for a
@@ -33,12 +35,20 @@ def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | 
     nondeterministic algorithm; strict mode switches them to a deterministic one, and an op that has none raises
     (`nondeterministic_op_error` says which). flash-attn's own kernels (attn_implementation: flash_attention_2) are
     outside torch's switch: transformers asks them for their deterministic backward when
-    FLASH_ATTENTION_DETERMINISTIC is 1, read at every call.
+    FLASH_ATTENTION_DETERMINISTIC is 1, read at every call. cuBLAS's CUBLAS_WORKSPACE_CONFIG is set here too, but
+    torch reads it for the workspace once, when it first calls cuBLAS: in a process that already used CUDA (a
+    notebook) setting it now satisfies torch's check without reaching cuBLAS, and the note says so.
     """
     global _flash_deterministic_set
     torch.manual_seed(seed)
+    note = None
     if deterministic_cuda:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if CUBLAS_CONFIG not in os.environ and (device is None or device.type == "cuda") and torch.cuda.is_initialized():
+            note = (f"training.deterministic: CUDA was already in use in this process, so {CUBLAS_CONFIG}, set "
+                    "now, may not reach cuBLAS, whose results can then differ between runs. For bit-identical runs "
+                    f"set {CUBLAS_CONFIG}=:4096:8 in the environment before Python starts (for a notebook, before "
+                    "its kernel starts), or run `peftkit train` from a shell.")
+        os.environ.setdefault(CUBLAS_CONFIG, ":4096:8")
         if os.environ.get(FLASH_DETERMINISTIC) != "1":
             os.environ[FLASH_DETERMINISTIC], _flash_deterministic_set = "1", True
         torch.backends.cudnn.benchmark = False
@@ -49,6 +59,7 @@ def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | 
             _flash_deterministic_set = False
         on_cpu = device.type != "cuda" if device is not None else not torch.cuda.is_available()
         torch.use_deterministic_algorithms(on_cpu, warn_only=True)
+    return note
 
 
 @contextlib.contextmanager

@@ -330,12 +330,13 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     tcfg = cfg.training
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
-    seed_everything(tcfg.seed, tcfg.deterministic, device)
+    cublas_note = seed_everything(tcfg.seed, tcfg.deterministic, device)
     check_device_support(cfg, device)
     distributed.check_engine(cfg, accelerator)
     check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
-    if note := cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device):
-        console.print(f"[yellow]note:[/] {escape(note)}")
+    for note in (cublas_note, cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device)):
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}")
     estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
     check_fits(estimate, device)
