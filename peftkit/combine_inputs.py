@@ -98,6 +98,10 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
     for path in adapter_dirs:
         cfg, state, peft, quant = load_adapter(path)
         refuse_unmergeable(method_of(cfg))  # module adapters and the prompt family: no weight update to combine
+        if getattr(cfg, "_residual_init", None):
+            from peftkit.methods.lora_init import residual_refusal
+
+            raise residual_refusal("peftkit merge", path, "combining adapters reads them before their base's weights")
         check_remote_code(path, trust_remote_code)
         if cfg.modules_to_save:
             raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "

@@ -45,7 +45,8 @@ def inspect_adapter(path: str | Path) -> dict:
     Raises the PeftkitError `load_adapter` raises for a directory that is not a readable PEFT adapter (no
     directory, no adapter_config.json, no safetensors weights, an unknown peft_type, malformed fields).
 
-    Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}), base_model, revision, targets
+    Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}: why not, or how it reads it where
+    it converts it), base_model, revision, targets
     ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
     for a method without a rank, IA3), modules_to_save, trainable_params, adapter_params, saved_params (differs
     from trainable_params where an encoder's output is saved: P-tuning), base_copies, shared ({saved:
@@ -60,10 +61,11 @@ def inspect_adapter(path: str | Path) -> dict:
     method, peft = read_peft_config(path)
     meta = read_meta(path)
     raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    trained = None
+    trained, residual = None, None
     try:
-        trained = method.trained_params(method.from_peft(peft, path / CONFIG_NAME), raw)
-        reads = {"ok": True, "reason": None}
+        cfg = method.from_peft(peft, path / CONFIG_NAME)
+        trained, residual = method.trained_params(cfg, raw), getattr(cfg, "_residual_init", None)
+        reads = {"ok": True, "reason": None if residual is None else RESIDUAL.format(init=residual)}
     except PeftkitError as e:
         reads = {"ok": False, "reason": str(e)}
 
@@ -102,7 +104,18 @@ def inspect_adapter(path: str | Path) -> dict:
     }
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     info["llama_cpp"] = _llama_cpp_verdict(method.peft_type, raw, saved, targets)
+    if residual:  # both would apply it to the original base: no error, wrong outputs
+        for verdict in (info["vllm"], info["llama_cpp"]):
+            verdict["accepts"] = False
+            verdict["reasons"].append(RESIDUAL_ELSEWHERE.format(init=residual))
     return info
+
+
+RESIDUAL = ("peft saved it unconverted, for the residual base its {init} init leaves; peftkit converts it on loading "
+            "(that init computed again from the base weights) to the plain LoRA of rank 2r it is on the original base")
+RESIDUAL_ELSEWHERE = ("init_lora_weights {init}: saved unconverted, for the residual base that init leaves, it would "
+                      "be applied to the original base (wrong outputs, without an error); `peftkit merge` it, or save "
+                      "it again with peft's path_initial_model_for_weight_conversion")
 
 
 def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict, dict, list[str]]:
@@ -313,10 +326,12 @@ def describe(info: dict) -> list[str]:
                      "adapter is used (peftkit.json); peft does not read it, so scale the base's RoPE there too")
     if info["trust_remote_code"]:
         lines.append("remote code    the base runs its own modelling code: merge/eval need --trust-remote-code")
-    if not info["peftkit_reads"]["ok"]:
-        lines.append(f"peftkit        cannot load it: {info['peftkit_reads']['reason']}")
+    reads = info["peftkit_reads"]
+    if not reads["ok"] or reads["reason"]:
+        lines.append(f"peftkit        {'loads it' if reads['ok'] else 'cannot load it'}: {reads['reason']}")
     vllm = info["vllm"]
-    lines.append("vLLM           " + ("would accept it" if vllm["accepts"] else "would refuse it: " + "; ".join(vllm["reasons"])))
+    lines.append("vLLM           " + ("would accept it" if vllm["accepts"] else "cannot serve it as saved: " +
+                                      "; ".join(vllm["reasons"])))
     lines += [f"               note: {c}" for c in vllm["caveats"]]
     gguf = info["llama_cpp"]
     lines.append("llama.cpp      " + ("convert_lora_to_gguf.py would convert it" if gguf["accepts"] else

@@ -418,8 +418,13 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
     (any method peftkit reads, peftkit's or peft's), keeping `init_from`. A method key the recipe sets too must
     say the same as the adapter: two sources for one setting would leave a reader guessing which one trained.
     """
+    from peftkit.methods.lora_init import residual_refusal
+
     path = cfg.init_from
     loaded = load_adapter(path)[0]
+    if getattr(loaded, "_residual_init", None):
+        raise residual_refusal("adapter.init_from", path, "training on from it here would train that init's "
+                               "directions too, as part of a plain LoRA on the original base")
     if loaded.method == "adalora" and loaded.rank_pattern:  # every AdaLoRA export: its run's allocation pruned it
         raise PeftkitError(
             f"adapter.init_from: {path} is an AdaLoRA adapter pruned by its run's rank allocation (rank_pattern in "

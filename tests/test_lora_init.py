@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -208,11 +209,116 @@ def test_recipe_refuses_init_combinations(adapter, message, tiny_llama, number_d
     assert message in str(info.value) and str(recipe) in str(info.value)
 
 
-def test_an_unconverted_peft_pissa_adapter_is_refused(tiny_llama, tmp_path):
-    """peft's save without path_initial_model_for_weight_conversion fits only the residual base."""
+# ------------------------------------------------- peft's adapters saved unconverted, for the residual base
+
+
+def _peft_saved(base, out, init, rslora=False, targets=("q_proj", "down_proj", "embed_tokens"), dora=False):
+    """peft's adapter with init `init`, moved away from it ("trained"), saved as peft saves it by default: for
+    the residual base that init left (no path_initial_model_for_weight_conversion)."""
+    torch.manual_seed(0)
+    model = get_peft_model(_load(base), PeftLoraConfig(r=2, lora_alpha=6, target_modules=list(targets),
+                                                       init_lora_weights=init, use_rslora=rslora,
+                                                       use_dora=dora))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(("arch", "init", "rslora", "dora"), [
+    ("llama", "pissa", False, False), ("llama", "olora", True, False), ("llama", "OLoRA", False, False),
+    ("gpt2", "pissa", True, False), ("llama", "olora", False, True)])
+def test_peft_s_unconverted_pissa_and_olora_adapters_load_as_peft_loads_them(arch, init, rslora, dora, request,
+                                                                              tmp_path):
+    """peft loads such an adapter by running the init again on the base (its residual W - s B0 A0); peftkit
+    converts it instead (A0, B0 computed again), to the rank-2r plain LoRA on the untouched base: the same logits
+    as peft's, unmerged and merged. An embedding among the targets (peft leaves its base alone) keeps its update;
+    GPT-2's Conv1D weights are stored (in, out). DoRA's magnitudes rescale the same W + s B A either way.
+    (peft's OLoRA does not run on Conv1D: not tested there.)"""
+    from safetensors.torch import load_file
+
+    base = request.getfixturevalue(f"tiny_{arch}")
+    targets = ("c_attn", "c_fc") if arch == "gpt2" else ("q_proj", "down_proj") if dora else \
+        ("q_proj", "down_proj", "embed_tokens")
+    adapter = _peft_saved(base, tmp_path / "adapter", init, rslora, targets, dora)
+    theirs = _logits(PeftModel.from_pretrained(_load(base), adapter).eval())
+    assert _diff(theirs, _logits(_load(base))) > 0.3  # the adapter matters
+    ours, cfg = load_adapted_model(str(base), str(adapter), torch.device("cpu"))[:2]
+    assert _diff(_logits(ours.eval()), theirs) <= 1e-5
+    assert (cfg.r, cfg.alpha) == (4, 6 * (2**0.5 if rslora else 2))
+    original = load_file(next(base.glob("*.safetensors")))
+    for key, tensor in ours.state_dict().items():  # the base as saved: other adapters can share it
+        if ".base_layer." in key or "lora_" not in key and key in original:
+            assert torch.equal(tensor, original[key.replace(".base_layer.", ".")]), key
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(base))
+    assert _diff(_logits(_load(merged)), theirs) <= 1e-5
+
+
+def test_an_unconverted_pissa_adapter_shares_its_base_with_other_named_adapters(tiny_llama, tmp_path):
+    """Several adapters on one base (`peftkit chat --adapter a=DIR --adapter b=DIR`): the PiSSA one, converted,
+    leaves the base as it is, so the plain LoRA beside it and the bare base give what they give alone."""
+    from peftkit.adapters.named import load_named_model
+
+    pissa = _peft_saved(tiny_llama, tmp_path / "pissa", "pissa")
+    plain = _peft_saved(tiny_llama, tmp_path / "plain", True, targets=("q_proj", "v_proj"))
+    model, named, _ = load_named_model([("plain", str(plain)), ("pissa", str(pissa))])
+    for name, adapter in (("pissa", pissa), ("plain", plain)):
+        named.activate(name)
+        assert _diff(_logits(model), _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())) <= 1e-5
+    named.activate(None)
+    assert torch.equal(_logits(model), _logits(_load(tiny_llama)))
+
+
+def test_unconverted_adapters_are_refused_where_they_cannot_be_converted(tiny_llama, number_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Combining reads the adapters before the base, fusion keeps its sources as saved, init_from would train the
+    init's directions too, a quantized base has no exact weights to compute the init from, and pissa_niter's
+    randomized SVD cannot be computed again: each says so, and how to convert the adapter with peft."""
+    from peftkit.methods.lora_init import base_weight_of
     from peftkit.peft_format import load_adapter
 
-    model = get_peft_model(_load(tiny_llama), PeftLoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
-    model.save_pretrained(tmp_path / "pissa")
-    with pytest.raises(PeftkitError, match="init_lora_weights is 'pissa'.*path_initial_model_for_weight_conversion"):
-        load_adapter(tmp_path / "pissa")
+    pissa = _peft_saved(tiny_llama, tmp_path / "pissa", "pissa", targets=("q_proj",))
+    convert = "save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", str(pissa), "--adapter", str(pissa),
+                         "--weights", "0.5,0.5", "--method", "linear", "--output", str(tmp_path / "combined"))
+    assert f"peftkit merge: {pissa} is an adapter peft saved for the residual base" in " ".join(err.split())
+    assert convert in " ".join(err.split())
+    plain = _peft_saved(tiny_llama, tmp_path / "plain", True, targets=("q_proj",))
+    for adapter, where in (({"init_from": str(pissa)}, "adapter.init_from"),
+                           ({"method": "fusion", "fuse": [str(plain), str(pissa)]}, "adapter.fuse")):
+        recipe = make_recipe(tmp_path, tiny_llama, number_data)
+        recipe.write_text(recipe.read_text().split("adapter:")[0] + yaml.safe_dump({"adapter": adapter}) +
+                          "data:" + recipe.read_text().split("data:", 1)[1])
+        with pytest.raises(PeftkitError, match=rf"{where}.*: {pissa} is an adapter peft saved for the residual base"):
+            train(load_recipe(recipe), show_summary=False)  # (fusion reads its sources when the run starts)
+    quant = QuantizationConfig(method="nf4", compute_dtype="float32")
+    model = load_model(ModelConfig(name_or_path=str(tiny_llama), dtype="float32"), quant, torch.device("cpu"))
+    with pytest.raises(PeftkitError, match="the base is quantized here .'model.layers.0.self_attn.q_proj'.: the "
+                                           "residual cannot be rebuilt"):
+        base_weight_of(model)("model.layers.0.self_attn.q_proj")
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "wider", arch="llama", hidden_size=48, num_layers=2, seed=0)
+    with pytest.raises(PeftkitError, match="does not fit this base: its 'model.layers.0.self_attn.q_proj' maps 32 "
+                                           "features to 32, the base's layer 48 to 48"):
+        load_adapted_model(str(tmp_path / "wider"), str(pissa), torch.device("cpu"))
+    fast = _peft_saved(tiny_llama, tmp_path / "fast", "pissa_niter_4", targets=("q_proj",))
+    with pytest.raises(PeftkitError, match=r"init_lora_weights is 'pissa_niter_4'.*its fast SVD draws random numbers"):
+        load_adapter(fast)
+    config = json.loads((fast / "adapter_config.json").read_text())
+    (fast / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": "loftq"}))
+    with pytest.raises(PeftkitError, match=r"init_lora_weights is 'loftq': peft saved this adapter for the residual"):
+        load_adapter(fast)  # LoftQ (and CorDA, LoRA-GA) move the base too, not from the weights alone
+
+
+def test_inspect_says_peftkit_converts_it_and_vllm_and_llama_cpp_would_not(tiny_llama, tmp_path):
+    from peftkit.inspect import describe, inspect_adapter
+
+    info = inspect_adapter(_peft_saved(tiny_llama, tmp_path / "olora", "olora", targets=("q_proj",)))
+    assert info["peftkit_reads"]["ok"] and "peftkit converts it on loading" in info["peftkit_reads"]["reason"]
+    for tool in ("vllm", "llama_cpp"):
+        assert not info[tool]["accepts"] and "would be applied to the original base" in info[tool]["reasons"][-1]
+    assert any(line.startswith("peftkit        loads it: peft saved it unconverted") for line in describe(info))

@@ -136,6 +136,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     Returns:
         the full paths of the wrapped modules.
     """
+    _check_converted(cfg)
     method = method_of(cfg)
     # An architecture's default list (IA3, AdaLoRA) may name what this transformers version no longer has as a layer
     # (Mixtral's experts' w2, now fused parameters): as in peft, its entries need not all match; one must.
@@ -168,6 +169,14 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         for p in module.parameters():
             p.requires_grad_(True)
     return names
+
+
+def _check_converted(cfg: AdapterConfig) -> None:
+    """peft's unconverted PiSSA/OLoRA adapter fits a residual base: computing with it needs
+    `peftkit.methods.lora_init.on_original_base` first (a path that skipped it is a bug, not silently wrong numbers)."""
+    if getattr(cfg, "_residual_init", None):
+        raise PeftkitError("peft's PiSSA/OLoRA adapter for a residual base reached a model unconverted; please report "
+                           "this as a peftkit bug, with the command")
 
 
 def _outside_saved(names: list[str], cfg: AdapterConfig, every_entry: bool, adapted: set[str]) -> list[str]:
@@ -410,6 +419,7 @@ def merge_state_dict(
 
     Each layer is merged in fp32 before one final cast.
     """
+    _check_converted(cfg)
     method = method_of(cfg)
     refuse_unmergeable(method)
     merged = dict(base)

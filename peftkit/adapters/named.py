@@ -185,9 +185,12 @@ class NamedAdapters:
     def _add_read(self, name: str, directory: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], raw,
                   quant: QuantizationConfig | None) -> None:
         """`add` what `load_adapter` read from `directory`, once it is known to fit this base."""
+        from peftkit.methods.lora_init import base_weight_of, on_original_base
+
         self._check_fits(name, directory, raw, quant)
         if directory:
             check_weight_tying(directory, self.model)
+        cfg, state = on_original_base(cfg, state, base_weight_of(self.model))  # peft's unconverted PiSSA/OLoRA
         self.add(name, cfg, state, directory)
         if self._recorded_base is None:
             self._recorded_base = (name, raw.base_model_name_or_path)

@@ -39,6 +39,10 @@ def _read_dir(path: str, where: str) -> Fused:
         cfg, state, peft, quant = load_adapter(path)
     except PeftkitError as e:
         raise PeftkitError(f"{where}: {e}") from None
+    if getattr(cfg, "_residual_init", None):
+        from peftkit.methods.lora_init import residual_refusal
+
+        raise residual_refusal(where, path, "fusion keeps its sources as saved")
     config = read_json_object(Path(path) / CONFIG_NAME, REEXPORT)
     return Fused(path, method_of(cfg), cfg, config, state, (peft.base_model_name_or_path, peft.revision), quant)
 

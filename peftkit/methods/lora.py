@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -58,6 +58,9 @@ class LoraConfig(AdapterSection):
     """init: pissa only: fast SVD (`torch.svd_lowrank`) with this many iterations instead of the exact SVD."""
     lora_fa: bool = False
     """LoRA-FA: A stays frozen at its init and only B trains (no gradient, optimizer state or saved input for A)."""
+    _residual_init: str | None = PrivateAttr(None)
+    """Read from peft's unconverted PiSSA or OLoRA adapter (its init): it fits the residual base that init leaves,
+    until `peftkit.methods.lora_init.on_original_base` converts it."""
 
     @property
     def scaling(self) -> float:
@@ -267,6 +270,8 @@ class LoraEmbedding(_LoraLayer):
 
 BASE_KEEPING_INITS = ("gaussian", "orthogonal", "eva")
 """peft's init_lora_weights strings whose adapter fits the original base as saved."""
+RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be computed again: peft's own loading "
+                "gets another one)")
 
 
 class PeftLoraConfig(PeftConfigBase):
@@ -379,16 +384,22 @@ class Lora(Method):
     @classmethod
     def from_peft(cls, peft: PeftLoraConfig, config_file: Path) -> LoraConfig:
         refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "layers_to_transform"))
-        # These inits draw A and B only; the others (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) also move the base weights.
-        if isinstance(peft.init_lora_weights, str) and peft.init_lora_weights.lower() not in BASE_KEEPING_INITS:
+        # These inits draw A and B only; the others (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) also move the base weights:
+        # PiSSA's and OLoRA's are computed again from the base when it is loaded (lora_init.on_original_base).
+        init = peft.init_lora_weights if isinstance(peft.init_lora_weights, str) else ""
+        moved = "olora" if init.lower() == "olora" else "pissa" if init == "pissa" else None  # as peft matches them
+        if init and not moved and init.lower() not in BASE_KEEPING_INITS:
             raise PeftkitError(
-                f"{config_file}: init_lora_weights is {peft.init_lora_weights!r}: peft saved this adapter for the residual "
-                "base its init left (PiSSA, OLoRA, ...), not for the original one. Save it again with peft's "
-                "save_pretrained(..., path_initial_model_for_weight_conversion=...), which converts it to a plain LoRA."
+                f"{config_file}: init_lora_weights is {init!r}: peft saved this adapter for the residual base its "
+                f"init left, not for the original one{RANDOM_PISSA * init.startswith('pissa_niter_')}. Save it again "
+                "with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...), which converts it "
+                "to a plain LoRA."
             )
-        return LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
-                          target_modules=targets_from_peft(peft.target_modules, config_file),
-                          use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [])
+        cfg = LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
+                         target_modules=targets_from_peft(peft.target_modules, config_file),
+                         use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [])
+        cfg._residual_init = moved
+        return cfg
 
     @classmethod
     def for_original_base(cls, layers: dict[str, AdapterLayer], state: dict[str, torch.Tensor],

@@ -14,17 +14,26 @@ path_initial_model_for_weight_conversion=...)` does: W_res + s B A = W + s (B A 
 A' = [A; A0], B' = [B, -B0] of rank 2r and alpha doubled (x sqrt(2) with rsLoRA), so that s' = s: a plain LoRA on
 the original base. A0 and B0 are kept on the layer (`initial_parts`); a resumed run recomputes them from the
 original base, bit for bit, since the init is deterministic after the seed.
+
+peft's own adapters saved without that conversion (adapter_config.json's init_lora_weights still "pissa" or
+"olora") fit the residual base, which peft's loading rebuilds by running the init again on the base weights.
+`on_original_base` converts them the same way instead, when the base is at hand: A0, B0 are computed again
+from the base weights (exact SVD and QR are deterministic), and the adapter becomes the rank-2r plain LoRA above,
+so every path after it (merge, several named adapters) sees an ordinary LoRA and the base stays as it is.
+"pissa_niter_N" is refused: its randomized SVD gives other A0, B0 on every run, peft's own loading included.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, draw_device, is_quantized
+from peftkit.methods.base import AdapterLayer, draw_device, is_conv1d, is_quantized
 
 MOVES_BASE = ("pissa", "olora")
 """Inits that move part of the base weight into the adapter (and convert at export)."""
@@ -108,6 +117,79 @@ def for_original_base(layers: dict[str, AdapterLayer], state: dict[str, torch.Te
         a_key, b_key = f"{PEFT_PREFIX}{path}.lora_A.weight", f"{PEFT_PREFIX}{path}.lora_B.weight"
         state[a_key] = torch.cat([state[a_key], initial["lora_A.weight"].cpu()], dim=0).contiguous()
         state[b_key] = torch.cat([state[b_key], -initial["lora_B.weight"].cpu()], dim=1).contiguous()
-    # peft's rewrite: r doubles; alpha doubles (alpha / r kept), x sqrt(2) with rsLoRA (alpha / sqrt(r) kept).
+    return state, _converted_config(config)
+
+
+def _converted_config(config: dict) -> dict:
+    """peft's rewrite of the config: r doubles; alpha doubles (alpha / r kept), x sqrt(2) with rsLoRA (alpha /
+    sqrt(r) kept)."""
     alpha = config["lora_alpha"] * (math.sqrt(2) if config["use_rslora"] else 2)
-    return state, {**config, "r": 2 * config["r"], "lora_alpha": alpha, "init_lora_weights": True}
+    return {**config, "r": 2 * config["r"], "lora_alpha": alpha, "init_lora_weights": True}
+
+
+def residual_refusal(where: str, path: str | Path, what: str) -> PeftkitError:
+    """The error for an unconverted PiSSA/OLoRA adapter from peft (`cfg._residual_init`) where `where` cannot
+    convert it (`what`: why not)."""
+    return PeftkitError(
+        f"{where}: {path} is an adapter peft saved for the residual base its PiSSA or OLoRA init left "
+        f"(init_lora_weights in its adapter_config.json), and {what}. Save it again with peft's save_pretrained(..., "
+        "path_initial_model_for_weight_conversion=...), which converts it to a plain LoRA; `peftkit merge` (of it "
+        "alone), `generate`, `eval` and `chat` load it as it is.")
+
+
+def base_weight_of(model: nn.Module) -> Callable[[str], torch.Tensor | None]:
+    """The (out, in) weight of the base layer at a module path of `model`, injected or not (None: no such module)."""
+    def weight(path: str) -> torch.Tensor | None:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            return None  # loading says which of the adapter's modules the model lacks
+        module = getattr(module, "base_layer", module)
+        if is_quantized(module):
+            raise PeftkitError(
+                "peft saved this adapter for the residual base its init left (init_lora_weights: pissa or olora), "
+                f"and the base is quantized here ('{path}'): the residual cannot be rebuilt from 4-bit or 8-bit "
+                "weights. Load it on the unquantized base, or save it again with peft's save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...), which converts it to a plain LoRA.")
+        return module.weight.T if is_conv1d(module) else module.weight
+    return weight
+
+
+def on_original_base(cfg, state: dict[str, torch.Tensor], weight_of: Callable[[str], torch.Tensor | None]):
+    """(LoRA settings, PEFT-keyed tensors) of an adapter peft saved unconverted for its init's residual base
+    (`cfg._residual_init`, see the module docstring), as the plain rank-2r LoRA it is on the original base,
+    whose (out, in) weights `weight_of(module path)` gives (`base_weight_of`); anything else as given.
+
+    Each target's A0, B0 are its init computed again from that weight in fp32, as peft's loading does; an
+    embedding (peft does not move its base) has zeros for them, to keep one rank. On a bfloat16 base the result
+    differs from peft's loading by the rounding of peft's residual to bfloat16, as peft's own conversion does."""
+    from peftkit.adapters import PEFT_PREFIX  # peftkit.adapters imports the method registry
+
+    init = getattr(cfg, "_residual_init", None)
+    if init is None:
+        return cfg, state
+    state = dict(state)
+    scaling = cfg.scaling
+    for key in [k for k in state if k.startswith(PEFT_PREFIX) and k.endswith(".lora_A.weight")]:
+        path, b_key = key[len(PEFT_PREFIX):-len(".lora_A.weight")], key.replace(".lora_A.", ".lora_B.")
+        a, b, w = state[key], state[b_key], weight_of(path)
+        if w is None:
+            continue
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise PeftkitError(f"The adapter does not fit this base: its '{path}' maps {a.shape[1]} features to "
+                               f"{b.shape[0]}, the base's layer {w.shape[1]} to {w.shape[0]}. Load it on the base it "
+                               "was trained on.")
+        # On the weight's device (a GPU's SVD is fast), as peft's init runs
+        a0, b0 = (_pissa if init == "pissa" else _olora)(w.detach().float(), cfg.r, scaling, None)
+        a0, b0 = a0.cpu(), b0.cpu()
+        state[key] = torch.cat([a, a0.to(a.dtype)], dim=0).contiguous()
+        state[b_key] = torch.cat([b, -b0.to(b.dtype)], dim=1).contiguous()
+    for key in [k for k in state if k.startswith(PEFT_PREFIX) and k.endswith(".lora_embedding_A")]:
+        b_key = key.replace(".lora_embedding_A", ".lora_embedding_B")
+        a, b = state[key], state[b_key]
+        state[key] = torch.cat([a, torch.zeros_like(a)], dim=0)
+        state[b_key] = torch.cat([b, torch.zeros_like(b)], dim=1)
+    config = _converted_config({"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora})
+    converted = cfg.model_copy(update={"r": config["r"], "alpha": config["lora_alpha"]})
+    converted._residual_init = None
+    return converted, state
