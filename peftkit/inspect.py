@@ -27,6 +27,7 @@ from peftkit.peft_format import (
     read_meta,
     read_peft_config,
     unreadable_safetensors,
+    without_adapter_name,
 )
 
 # Tensors of an adapter layer beside its low-rank pair (DoRA's magnitudes): counted with their layer, not taken
@@ -70,6 +71,8 @@ def inspect_adapter(path: str | Path) -> dict:
         reads = {"ok": False, "reason": str(e)}
 
     shapes, dtypes = _tensor_header(weights_file)
+    renamed = without_adapter_name(shapes, method, weights_file)
+    shapes = {new: shapes[key] for key, new in renamed.items()}
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
     embedded = [p for p, parts in targets.items() if any(k.startswith("lora_embedding_") for k in parts)]
     if reads["ok"] and raw.get("use_dora") and embedded:  # what loading refuses, when it wraps the layer
@@ -104,10 +107,14 @@ def inspect_adapter(path: str | Path) -> dict:
     }
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     info["llama_cpp"] = _llama_cpp_verdict(method.peft_type, raw, saved, targets)
-    if residual:  # both would apply it to the original base: no error, wrong outputs
+    from peftkit.adapters import PEFT_PREFIX
+
+    named = next((key for key, new in renamed.items() if key != new), None)
+    for reason in ([RESIDUAL_ELSEWHERE.format(init=residual)] if residual else []) + \
+            ([NAMED_KEYS.format(key=named.removeprefix(PEFT_PREFIX))] if named else []):
         for verdict in (info["vllm"], info["llama_cpp"]):
             verdict["accepts"] = False
-            verdict["reasons"].append(RESIDUAL_ELSEWHERE.format(init=residual))
+            verdict["reasons"].append(reason)
     return info
 
 
@@ -116,6 +123,10 @@ RESIDUAL = ("peft saved it unconverted, for the residual base its {init} init le
 RESIDUAL_ELSEWHERE = ("init_lora_weights {init}: saved unconverted, for the residual base that init leaves, it would "
                       "be applied to the original base (wrong outputs, without an error); `peftkit merge` it, or save "
                       "it again with peft's path_initial_model_for_weight_conversion")
+
+
+NAMED_KEYS = ("its keys carry peft's in-memory adapter name ({key}), which peft and peftkit read and other loaders "
+              "do not: save it with peft's save_pretrained, or `peftkit merge` it")
 
 
 def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dict, dict, list[str]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -379,6 +380,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
         state = load_file(weights_file)
     except (SafetensorError, OSError) as e:
         raise unreadable_safetensors(weights_file, e, "Export the adapter again, or copy it again") from None
+    state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
     if bad := nonfinite_tensors(state):
         raise PeftkitError(
             f"{weights_file}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}): training "
@@ -393,6 +395,34 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
         raise PeftkitError(f"The adapter's weights do not match its {CONFIG_NAME}: it says r: {r}, and its lora_A "
                            f"weights have rank {max(ranks)} at most. Fix the file, or export the adapter again.")
     return cfg, state, peft, quant
+
+
+def without_adapter_name(keys: Iterable[str], method: type[Method], file: Path) -> dict[str, str]:
+    """{saved key: PEFT key} for a file whose keys carry peft's in-memory adapter name, as `model.state_dict()`
+    has them (`q_proj.lora_A.default.weight`, DoRA's `lora_magnitude_vector.default.weight` or
+    `lora_magnitude_vector.weight`), where save_pretrained writes `q_proj.lora_A.weight`; peft loads both, and so
+    does peftkit. Every key maps to itself where none carries a name; a file of several names is refused."""
+    params = {p.removesuffix(".weight"): p for p in method.param_names}
+    if not params:
+        return {key: key for key in keys}
+    alternatives = "|".join(map(re.escape, sorted(params, key=len, reverse=True)))  # the longest first
+    pattern = re.compile(rf"^(.*\.)({alternatives})\.([^.]+)(\.weight)?$")
+    renamed, names = {}, set()
+    for key in keys:
+        match = pattern.match(key)
+        if match is None or any(key.endswith(f".{p}") for p in method.param_names):
+            renamed[key] = key
+            continue
+        head, param, name, weight = match.groups()
+        if name != "weight" or weight:  # (`lora_magnitude_vector.weight`: a module's weight, no name)
+            names.add(name)
+        renamed[key] = head + params[param]
+    if len(names) > 1:
+        raise PeftkitError(f"{file} holds the tensors of {len(names)} adapters ({', '.join(sorted(names))}, the names "
+                           "in its keys): save each with peft's save_pretrained, one directory per adapter.")
+    if len(set(renamed.values())) < len(renamed):
+        return {key: key for key in renamed}  # the plain keys are there too: loading says what does not fit
+    return renamed
 
 
 def quantized_on(path: str | Path) -> str | None:

@@ -34,6 +34,11 @@ def _load(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IDS).logits
+
+
 def _peft_lora(base: Path, out: Path, **config) -> Path:
     """A peft LoRA far from identity (init_lora_weights=False: B is drawn too), saved by peft."""
     torch.manual_seed(0)
@@ -188,3 +193,37 @@ def test_a_saved_adapter_s_weights_keep_a_module_inside_modules_to_save_adapted(
     model = _load(tiny_llama)
     kept = inject_adapters(model, cfg, every_entry=False, state=state)
     assert kept == [*plain, "lm_head"] and "lm_head" in adapter_layers(model)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_keys_with_peft_s_adapter_name_load_as_peft_loads_them(dora, tiny_llama, tmp_path):
+    """A file saved from model.state_dict() keeps peft's in-memory names (`q_proj.lora_A.default.weight`, DoRA's
+    `lora_magnitude_vector.default.weight`, or `lora_magnitude_vector.weight`); peft loads them, and so does peftkit,
+    with the logits of the file save_pretrained writes. Other loaders do not (inspect says so); a file holding two
+    adapters' names is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from peftkit.inspect import inspect_adapter
+
+    saved = _peft_lora(tiny_llama, tmp_path / "saved", use_dora=dora)
+    reference = _logits(load_adapted_model(str(tiny_llama), str(saved), torch.device("cpu"))[0])
+    state = load_file(saved / "adapter_model.safetensors")
+    for suffix in (".default.weight", ".weight") if dora else (".default.weight",):
+        named = tmp_path / f"named{suffix}"
+        named.mkdir()
+        (named / "adapter_config.json").write_text((saved / "adapter_config.json").read_text())
+        save_file({(k.removesuffix(".weight") + suffix if k.endswith(".weight") or k.endswith("vector") else k): t
+                   for k, t in state.items()}, named / "adapter_model.safetensors")
+        assert torch.equal(_logits(load_adapted_model(str(tiny_llama), str(named), torch.device("cpu"))[0]), reference)
+        theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), named).eval()
+        assert float((_logits(theirs) - reference).abs().max()) <= 1e-5
+        info = inspect_adapter(named)
+        assert info["targets"]["count"] == 4 and not info["modules_to_save"]
+        assert "its keys carry peft's in-memory adapter name" in info["vllm"]["reasons"][-1]
+    if dora:
+        return
+    both = load_file(named / "adapter_model.safetensors")
+    both |= {k.replace(".default.", ".other."): t.clone() for k, t in both.items()}
+    save_file(both, named / "adapter_model.safetensors")
+    with pytest.raises(PeftkitError, match=r"holds the tensors of 2 adapters \(default, other, the names in its"):
+        load_adapter(named)
