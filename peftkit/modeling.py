@@ -480,7 +480,7 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
     model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
     # weights then decide, and load_adapter_state_dict refuses any that do not land.
-    inject_adapters(model, adapter_cfg, every_entry=False, state=state)
+    inject_adapters(model, adapter_cfg, every_entry=False, state=state, saved_only=True)
     load_adapter_state_dict(model, state)
     model.eval()
     return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant

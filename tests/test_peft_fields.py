@@ -227,3 +227,32 @@ def test_keys_with_peft_s_adapter_name_load_as_peft_loads_them(dora, tiny_llama,
     save_file(both, named / "adapter_model.safetensors")
     with pytest.raises(PeftkitError, match=r"holds the tensors of 2 adapters \(default, other, the names in its"):
         load_adapter(named)
+
+
+def test_targets_the_weights_do_not_adapt_are_left_alone_with_a_warning(tiny_llama, number_data, tmp_path):
+    """adapter_config.json's target_modules naming more than its weights hold (a tool that saved some layers):
+    peft gives the others a zero update and warns; peftkit leaves them unwrapped and warns, with peft's logits,
+    merged too. init_from, which would train them, refuses it and says why (it blamed the base model)."""
+    from peftkit.merge import merge_adapter
+    from peftkit.recipe import load_recipe
+    from tests.conftest import make_recipe
+
+    adapter = _peft_lora(tiny_llama, tmp_path / "qv")
+    # (init_lora_weights true, as peft saves it after training: peft's own layers for k, o then start at zero)
+    _edit(adapter, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=True)
+    theirs = _logits(peft.PeftModel.from_pretrained(_load(tiny_llama), adapter))
+    assert float((theirs - _logits(_load(tiny_llama))).abs().max()) > 0.1
+    with pytest.warns(PeftkitWarning, match=r"target_modules match 4 modules its weights do not adapt \(e.g. "
+                                            r"'model.layers.0.self_attn.k_proj'\): they are left as they are"):
+        ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    assert float((_logits(ours) - theirs).abs().max()) <= 1e-5
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+    assert float((_logits(_load(merged)) - theirs).abs().max()) <= 1e-5
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1})
+    recipe.write_text(recipe.read_text().replace("adapter:\n  r: 4\n  alpha: 8\n  target_modules: all-linear\n",
+                                                 f"adapter:\n  init_from: {adapter}\n"))
+    from peftkit.train import train
+
+    with pytest.raises(PeftkitError, match=r"target_modules \(adapter_config.json\) match 4 modules its weights do "
+                                           r"not adapt \(e.g. 'model.layers.0.self_attn.k_proj'\)"):
+        train(load_recipe(recipe), show_summary=False)

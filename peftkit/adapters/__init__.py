@@ -8,13 +8,14 @@ Adapter parameters are found through the layers' `adapter_params()` protocol and
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from peftkit.distributed import full, place_like
-from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable,
                                   suffix_match)
@@ -121,7 +122,7 @@ def _layer_kinds(model: nn.Module) -> list[str]:
 
 
 def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = True,
-                    state: dict[str, torch.Tensor] | None = None) -> list[str]:
+                    state: dict[str, torch.Tensor] | None = None, saved_only: bool = False) -> list[str]:
     """Wrap the target layers in the method's layers, freeze everything else, unfreeze `modules_to_save`.
 
     Seeding is the caller's job: initial weights (LoRA's A) are drawn from torch's global RNG, so call
@@ -132,6 +133,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             saved adapter, whose weights say what it adapts.
         state: a saved adapter's PEFT-keyed tensors: a module inside `modules_to_save` that they adapt is wrapped
             (peftkit before December 2026 adapted a classifier head's `dense` and saved the head whole too).
+        saved_only: wrap only the targets `state` adapts, with a warning naming the others (an adapter_config.json
+            whose target_modules say more than its weights: peft gives those layers a zero update, and warns).
 
     Returns:
         the full paths of the wrapped modules.
@@ -147,8 +150,14 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             p.requires_grad_(False)
         method.install(model, cfg)
         return []
-    names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry,
-                           _adapted_by(state, method) if state is not None else set())
+    adapted = _adapted_by(state, method) if state is not None else set()
+    names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry, adapted)
+    # (None of them adapted: the weights are for another model, which loading says)
+    if saved_only and adapted & set(names) and (bare := [n for n in names if n not in adapted]):
+        warnings.warn(PeftkitWarning(
+            f"adapter_config.json's target_modules match {len(bare)} modules its weights do not adapt (e.g. "
+            f"'{bare[0]}'): they are left as they are, as in peft (which gives them an update of zero)."), stacklevel=2)
+        names = [n for n in names if n in adapted]
     for p in model.parameters():
         p.requires_grad_(False)
     layers = []
@@ -354,6 +363,12 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
             targets[key] = params[key[len(PEFT_PREFIX):]]
     missing = sorted(set(targets) - set(state) - optional)
     unexpected = sorted(set(state) - set(targets))
+    bare = [name for name in adapter_layers(model) if not any(k.startswith(f"{PEFT_PREFIX}{name}.") for k in state)]
+    if missing and not unexpected and bare:
+        raise PeftkitError(
+            f"The adapter's target_modules (adapter_config.json) match {len(bare)} modules its weights do not adapt "
+            f"(e.g. '{bare[0]}'): the config says more than the weights. Narrow its target_modules to the modules "
+            "the weights are for.")
     if missing or unexpected:
         raise PeftkitError(
             "The adapter does not fit this model: "

@@ -204,7 +204,7 @@ class NamedAdapters:
         with self._bare():
             if not method.layer_targets:
                 try:
-                    inject_adapters(self.model, cfg, every_entry=False, state=state)
+                    inject_adapters(self.model, cfg, every_entry=False, state=state, saved_only=True)
                     load_adapter_state_dict(self.model, state)
                 finally:
                     entry.virtual = uninstall(self.model)
@@ -332,7 +332,7 @@ class NamedAdapters:
             _replace(self.model, path, copy.deepcopy(module))
         targets: list[str] = []
         try:
-            targets = inject_adapters(self.model, cfg, every_entry=False, state=state)
+            targets = inject_adapters(self.model, cfg, every_entry=False, state=state, saved_only=True)
             load_adapter_state_dict(self.model, state)
         except BaseException:
             for path in targets:
