@@ -234,10 +234,28 @@ def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
     method = method_for_peft_type(raw.get("peft_type"), config_file)
     peft = _validated(method.peft_config, config_file, raw, _REEXPORT)
     check_peft_fields(method, raw, config_file)
+    if method.layer_targets and peft.target_modules is None and (found := _targets_in_weights(path, method)):
+        peft.target_modules = found  # peft takes the architecture's default targets; the weights say which
     if method.layer_targets and not peft.target_modules:
         raise PeftkitError(f'{config_file}: "target_modules" is {_show(peft.target_modules)}; it should name the '
                            f"adapted modules (a list of names, or a regular expression string). {_REEXPORT}")
     return method, peft
+
+
+def _targets_in_weights(path: Path, method: type[Method]) -> list[str]:
+    """The names of the modules an adapter's weights adapt (`q_proj`), from its file's header; [] where unreadable."""
+    from safetensors import safe_open
+
+    from peftkit.adapters import modules_adapted_by
+
+    weights_file = path / WEIGHTS_NAME
+    try:
+        with safe_open(weights_file, "pt") as f:
+            keys = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
+    except (SafetensorError, OSError):
+        return []  # loading says what is wrong with the file
+    keys = without_adapter_name(keys, method, weights_file).values()
+    return sorted({module.rsplit(".", 1)[-1] for module in modules_adapted_by(dict.fromkeys(keys), method)})
 
 
 UNSUPPORTED_FEATURES = {

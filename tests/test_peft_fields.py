@@ -256,3 +256,18 @@ def test_targets_the_weights_do_not_adapt_are_left_alone_with_a_warning(tiny_lla
     with pytest.raises(PeftkitError, match=r"target_modules \(adapter_config.json\) match 4 modules its weights do "
                                            r"not adapt \(e.g. 'model.layers.0.self_attn.k_proj'\)"):
         train(load_recipe(recipe), show_summary=False)
+
+
+def test_null_target_modules_take_the_modules_the_weights_adapt(tiny_llama, tmp_path):
+    """target_modules: null (torchtune-style minimal configs): peft takes its default targets for the architecture
+    (q_proj, v_proj on Llama); peftkit takes what the weights adapt, the same modules here, with peft's logits."""
+    from peftkit.inspect import inspect_adapter
+
+    adapter = _peft_lora(tiny_llama, tmp_path / "qv")
+    _edit(adapter, target_modules=None)
+    theirs = _logits(peft.PeftModel.from_pretrained(_load(tiny_llama), adapter))
+    cfg = load_adapter(adapter)[0]
+    assert sorted(cfg.target_modules) == ["q_proj", "v_proj"]
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    assert float((_logits(ours) - theirs).abs().max()) <= 1e-5
+    assert inspect_adapter(adapter)["targets"]["count"] == 4

@@ -150,7 +150,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             p.requires_grad_(False)
         method.install(model, cfg)
         return []
-    adapted = _adapted_by(state, method) if state is not None else set()
+    adapted = modules_adapted_by(state, method) if state is not None else set()
     names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry, adapted)
     # (None of them adapted: the weights are for another model, which loading says)
     if saved_only and adapted & set(names) and (bare := [n for n in names if n not in adapted]):
@@ -209,7 +209,7 @@ def _outside_saved(names: list[str], cfg: AdapterConfig, every_entry: bool, adap
     return [n for n in names if n not in inside]
 
 
-def _adapted_by(state: dict[str, torch.Tensor], method) -> set[str]:
+def modules_adapted_by(state: dict[str, torch.Tensor], method) -> set[str]:
     """The module paths a saved adapter's PEFT-keyed tensors adapt (keys `<path>.<one of the method's tensors>`)."""
     found = set()
     for key in state:
