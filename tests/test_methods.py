@@ -864,6 +864,23 @@ def test_ia3_default_targets_of_mixtral_adapt_what_this_transformers_has_as_peft
                                                               feedforward_modules=["w2"]))
 
 
+@pytest.mark.parametrize("module", ["block_sparse_moe.experts.0.w1", "block_sparse_moe.gate"])
+def test_a_mixtral_adapter_of_transformers_4_s_layout_is_refused_saying_so(module):
+    """Mixtral LoRAs trained under transformers 4 adapt `block_sparse_moe.gate` and `block_sparse_moe.experts.N.w1`,
+    which transformers 5 renamed and fused into 3-D parameters: refused naming that (it blamed a recipe entry, or
+    "another base model")."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    state = {f"base_model.model.model.layers.0.{m}.lora_{p}.weight": torch.zeros(2, 2)
+             for m in ("self_attn.q_proj", module) for p in "AB"}
+    cfg = LoraConfig(r=2, target_modules=["q_proj", module.rsplit(".", 1)[-1]])
+    with pytest.raises(PeftkitError, match=rf"adapts 1 module of transformers 4's mixture-of-experts layout \(e.g. "
+                                           rf"'model.layers.0.{module}'\), which this transformers has renamed"):
+        inject_adapters(MixtralForCausalLM(config), cfg, every_entry=False, state=state)
+
+
 def test_ia3_feedforward_entry_must_name_a_target(models):
     """A feedforward_modules entry that names no target would be dropped, and the module meant would have its output
     scaled, not its input: refused (peft: "should be a subset of target_modules"), also beside the default targets.

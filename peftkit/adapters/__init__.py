@@ -151,6 +151,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         method.install(model, cfg)
         return []
     adapted = modules_adapted_by(state, method) if state is not None else set()
+    _check_expert_layout(model, adapted)
     names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry, adapted)
     # (None of them adapted: the weights are for another model, which loading says)
     if saved_only and adapted & set(names) and (bare := [n for n in names if n not in adapted]):
@@ -178,6 +179,24 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         for p in module.parameters():
             p.requires_grad_(True)
     return names
+
+
+MOE_V4 = re.compile(r"\.block_sparse_moe\.|\.experts\.\d+\.")
+"""Module paths of transformers 4's mixture-of-experts layers: Mixtral's `block_sparse_moe.gate` and
+`block_sparse_moe.experts.N.w1`, Qwen2-MoE's and OLMoE's `mlp.experts.N.gate_proj`."""
+
+
+def _check_expert_layout(model: nn.Module, adapted: set[str]) -> None:
+    """Refuse, saying why, a saved adapter on transformers 4's per-expert layers that this model does not have:
+    transformers 5 renamed the router and fused each layer's experts into 3-D parameters, which peftkit does not
+    adapt (peft 0.21 converts such adapters to LoRA on those parameters)."""
+    modules = dict(model.named_modules())
+    if old := sorted(p for p in adapted if p not in modules and MOE_V4.search(f".{p}.")):
+        raise PeftkitError(
+            f"The adapter adapts {len(old)} module{'s' * (len(old) > 1)} of transformers 4's mixture-of-experts layout "
+            f"(e.g. '{old[0]}'), which this transformers has renamed, and whose experts it fuses into 3-D "
+            "parameters: peftkit does not adapt those (peft does, converting the adapter). Load it with peft and merge "
+            "it there (merge_and_unload), then use the merged model; or use an adapter on the attention layers only.")
 
 
 def _check_converted(cfg: AdapterConfig) -> None:
