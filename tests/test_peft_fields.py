@@ -271,3 +271,19 @@ def test_null_target_modules_take_the_modules_the_weights_adapt(tiny_llama, tmp_
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     assert float((_logits(ours) - theirs).abs().max()) <= 1e-5
     assert inspect_adapter(adapter)["targets"]["count"] == 4
+
+
+def test_modules_to_save_without_weights_in_the_file_load_with_a_warning(tiny_llama, tmp_path):
+    """A config listing modules_to_save whose weights the file lacks: peft fails (KeyError); peftkit loads the
+    rest, keeping the base's module, and warns."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = _peft_lora(tiny_llama, tmp_path / "saved", modules_to_save=["lm_head"])
+    state = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: t for k, t in state.items() if "lm_head" not in k}, adapter / "adapter_model.safetensors")
+    without = _peft_lora(tiny_llama, tmp_path / "without")  # the same LoRA (seed 0), no saved module
+    with pytest.warns(PeftkitWarning, match="lists 'lm_head' in modules_to_save, and the adapter's file holds no "
+                                            "weights for it: it keeps the base's"):
+        ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    reference = load_adapted_model(str(tiny_llama), str(without), torch.device("cpu"))[0]
+    assert torch.equal(_logits(ours), _logits(reference))

@@ -169,6 +169,10 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         setattr(parent, child, layers[-1])
     share_tensors(method, cfg, layers)
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
+        if state is not None and not any(k.startswith(f"{PEFT_PREFIX}{name}.") for k in state):
+            warnings.warn(PeftkitWarning(f"adapter_config.json lists '{name}' in modules_to_save, and the adapter's "
+                                         "file holds no weights for it: it keeps the base's (peft fails to load it)."),
+                          stacklevel=2)
         _untie(model, name, module)
         if frozen := [n for n, p in module.named_parameters() if not p.dtype.is_floating_point]:
             raise PeftkitError(
