@@ -100,7 +100,7 @@ def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):
     info = inspect_adapter(made)
     assert {p.rsplit(".", 1)[-1]: r for p, r in info["ranks"].items()} == {"q_proj": 4, "o_proj": 8}
     assert len(set(info["ranks"].values())) == 2
-    assert info["quantization"] is None and not info["peftkit_reads"]["ok"]  # rank_pattern: not yet
+    assert info["quantization"] is None and info["peftkit_reads"]["ok"]
     assert info["vllm"]["accepts"]
     dora = inspect_adapter(_peft(tiny_llama, tmp_path / "d", r=4, target_modules=["q_proj"], use_dora=True,
                                  use_rslora=True))

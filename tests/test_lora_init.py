@@ -212,13 +212,13 @@ def test_recipe_refuses_init_combinations(adapter, message, tiny_llama, number_d
 # ------------------------------------------------- peft's adapters saved unconverted, for the residual base
 
 
-def _peft_saved(base, out, init, rslora=False, targets=("q_proj", "down_proj", "embed_tokens"), dora=False):
+def _peft_saved(base, out, init, rslora=False, targets=("q_proj", "down_proj", "embed_tokens"), dora=False, **extra):
     """peft's adapter with init `init`, moved away from it ("trained"), saved as peft saves it by default: for
     the residual base that init left (no path_initial_model_for_weight_conversion)."""
     torch.manual_seed(0)
     model = get_peft_model(_load(base), PeftLoraConfig(r=2, lora_alpha=6, target_modules=list(targets),
                                                        init_lora_weights=init, use_rslora=rslora,
-                                                       use_dora=dora))
+                                                       use_dora=dora, **extra))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -255,6 +255,17 @@ def test_peft_s_unconverted_pissa_and_olora_adapters_load_as_peft_loads_them(arc
             assert torch.equal(tensor, original[key.replace(".base_layer.", ".")]), key
     merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(base))
     assert _diff(_logits(_load(merged)), theirs) <= 1e-5
+
+
+def test_an_unconverted_pissa_adapter_with_per_module_ranks_converts_each_at_its_own(tiny_llama, tmp_path):
+    """rank_pattern / alpha_pattern: each module's A0, B0 at its own rank and scaling, patterns doubled as r and
+    alpha are."""
+    adapter = _peft_saved(tiny_llama, tmp_path / "a", "pissa", targets=("q_proj", "down_proj"),
+                          rank_pattern={"down_proj": 3}, alpha_pattern={r"layers\.1\..*q_proj": 5})
+    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
+    ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
+    assert _diff(_logits(ours.eval()), theirs) <= 1e-5
+    assert (cfg.rank_pattern, cfg.alpha_pattern) == ({"down_proj": 6}, {r"layers\.1\..*q_proj": 10})
 
 
 def test_an_unconverted_pissa_adapter_shares_its_base_with_other_named_adapters(tiny_llama, tmp_path):

@@ -287,3 +287,60 @@ def test_modules_to_save_without_weights_in_the_file_load_with_a_warning(tiny_ll
         ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     reference = load_adapted_model(str(tiny_llama), str(without), torch.device("cpu"))[0]
     assert torch.equal(_logits(ours), _logits(reference))
+
+
+# ------------------------------------------------------------------------- rank_pattern and alpha_pattern
+
+
+PATTERNS = {"rank_pattern": {r"layers\.0\.self_attn\.v_proj": 2, "o_proj": 6},
+            "alpha_pattern": {"v_proj": 24, r"layers\.1\..*q_proj": 3}}
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_dora": True}, {"use_rslora": True}])
+def test_peft_s_rank_and_alpha_patterns_load_with_peft_s_numbers(extra, tiny_llama, tmp_path):
+    """Per-module ranks and alphas (peft's rank_pattern / alpha_pattern, which axolotl writes too): each module's
+    rank and scaling as peft gives them (first matching key, matched at the end of the path), unmerged and
+    merged. They were refused."""
+    from peftkit.adapters import adapter_layers
+    from peftkit.merge import merge_adapter
+
+    adapter = _peft_lora(tiny_llama, tmp_path / "a", target_modules=["q_proj", "v_proj", "o_proj"], **PATTERNS, **extra)
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
+    assert (cfg.rank_pattern, cfg.alpha_pattern) == (PATTERNS["rank_pattern"], PATTERNS["alpha_pattern"])
+    layers = adapter_layers(ours)
+    for name, layer in layers.items():
+        reference = theirs.base_model.model.get_submodule(name)
+        assert (layer.r, layer.scaling) == (reference.r["default"], reference.scaling["default"]), name
+    assert {layer.r for layer in layers.values()} == {2, 4, 6}
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+    assert float((_logits(_load(merged)) - _logits(theirs)).abs().max()) <= 1e-5
+
+
+def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, number_data, tmp_path):
+    """adapter.rank_pattern / alpha_pattern in a recipe: the layers get their own rank (the file's shapes) and
+    scaling, the export records both patterns, and peft loads it with peftkit's logits. A key that is no regular
+    expression is refused naming it."""
+    from safetensors.torch import load_file
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"target_modules": ["q_proj", "v_proj", "o_proj"],
+                                                                     **PATTERNS}, training={"max_steps": 2})
+    train(load_recipe(recipe), show_summary=False)
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["rank_pattern"], config["alpha_pattern"]) == (PATTERNS["rank_pattern"], PATTERNS["alpha_pattern"])
+    shapes = {k.split("layers.")[1].split(".lora")[0]: t.shape for k, t in
+              load_file(adapter / "adapter_model.safetensors").items() if "lora_A" in k}
+    assert (shapes["0.self_attn.v_proj"][0], shapes["1.self_attn.v_proj"][0], shapes["0.self_attn.o_proj"][0],
+            shapes["0.self_attn.q_proj"][0]) == (2, 4, 6, 4)
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+    bad = make_recipe(tmp_path / "bad", tiny_llama, number_data, adapter={"rank_pattern": {"(q_proj": 2}})
+    with pytest.raises(PeftkitError, match=r"adapter.rank_pattern.*key '\(q_proj' is not a regular expression"):
+        load_recipe(bad)

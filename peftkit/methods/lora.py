@@ -14,12 +14,13 @@ merging are computed in fp32 (`lora_delta`, the one LoRA merge math) and cast on
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -58,6 +59,11 @@ class LoraConfig(AdapterSection):
     """init: pissa only: fast SVD (`torch.svd_lowrank`) with this many iterations instead of the exact SVD."""
     lora_fa: bool = False
     """LoRA-FA: A stays frozen at its init and only B trains (no gradient, optimizer state or saved input for A)."""
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
+    """Per-module ranks, {regex: rank}: a key matches the end of a module's path (`q_proj`, `layers\\.0\\..*v_proj`),
+    the first that matches wins, and other modules keep `r` (peft's rank_pattern)."""
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Per-module alphas, {regex: alpha}, matched as rank_pattern; other modules keep `alpha` (peft's alpha_pattern)."""
     _residual_init: str | None = PrivateAttr(None)
     """Read from peft's unconverted PiSSA or OLoRA adapter (its init): it fits the residual base that init leaves,
     until `peftkit.methods.lora_init.on_original_base` converts it."""
@@ -66,6 +72,13 @@ class LoraConfig(AdapterSection):
     def scaling(self) -> float:
         """The scaling of a layer of rank `r`; merges read each layer's own rank from its tensors."""
         return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """The rank and alpha of the layer at module path `path`: rank_pattern's and alpha_pattern's, else r and
+        alpha."""
+        return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.alpha)
+
+    _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: _regex_keys(pattern))
 
     @model_validator(mode="after")
     def _init_combinations(self) -> LoraConfig:
@@ -78,6 +91,25 @@ class LoraConfig(AdapterSection):
             raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
                              f"gaussian with DoRA{without_niter(self.pissa_niter)}, or set use_dora: false")
         return self
+
+
+def _regex_keys(pattern: dict | None) -> dict | None:
+    """A rank_pattern's or alpha_pattern's keys must be regular expressions."""
+    for key in pattern or {}:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"key {key!r} is not a regular expression ({e})") from None
+    return pattern
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    """peft's get_pattern_key: the value of the first key of `pattern` whose regex matches the end of `path` (whole
+    path components: `q_proj` matches `model.layers.0.self_attn.q_proj`, not `...xq_proj`), else `default`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -284,9 +316,10 @@ class PeftLoraConfig(PeftConfigBase):
     bias: str = "none"
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
+    alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] | None = None
+    _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: _regex_keys(pattern))
     # Features peftkit does not implement: a value here is refused rather than silently ignored.
-    rank_pattern: dict | None = None
-    alpha_pattern: dict | None = None
     layers_to_transform: list[int] | int | None = None
 
 
@@ -331,7 +364,7 @@ class Lora(Method):
                 "never change. Leave embeddings out of adapter.target_modules (all-linear does), or set lora_fa: false."
             )
         kind = LoraEmbedding if isinstance(base, nn.Embedding) else DoraLinear if cfg.use_dora else LoraLinear
-        layer = kind(base, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
+        layer = kind(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
         initialize(layer, cfg.init, cfg.pissa_niter, path)
         if cfg.lora_fa:
             layer.lora_A.weight.requires_grad_(False)
@@ -339,7 +372,11 @@ class Lora(Method):
 
     @classmethod
     def layer_facts(cls, cfg: LoraConfig, path: str, fan_in_fan_out: bool) -> LoraFacts:
-        return LoraFacts(cfg.alpha, cfg.use_rslora, fan_in_fan_out, cfg.use_dora)
+        return LoraFacts(cfg.rank_and_alpha(path)[1], cfg.use_rslora, fan_in_fan_out, cfg.use_dora)
+
+    @classmethod
+    def kept_for_backward(cls, cfg: LoraConfig, layer: AdapterLayer) -> tuple[int, int]:
+        return layer.r, 0  # (rank_pattern: the layer's own)
 
     @staticmethod
     def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
@@ -375,15 +412,15 @@ class Lora(Method):
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
             "init_lora_weights": True,
-            "rank_pattern": {},
-            "alpha_pattern": {},
+            "rank_pattern": dict(cfg.rank_pattern),
+            "alpha_pattern": dict(cfg.alpha_pattern),
             "layers_to_transform": None,
             "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, peft: PeftLoraConfig, config_file: Path) -> LoraConfig:
-        refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "layers_to_transform"))
+        refuse_unsupported(peft, config_file, ("layers_to_transform",))
         # These inits draw A and B only; the others (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) also move the base weights:
         # PiSSA's and OLoRA's are computed again from the base when it is loaded (lora_init.on_original_base).
         init = peft.init_lora_weights if isinstance(peft.init_lora_weights, str) else ""
@@ -397,7 +434,8 @@ class Lora(Method):
             )
         cfg = LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
                          target_modules=targets_from_peft(peft.target_modules, config_file),
-                         use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [])
+                         use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [],
+                         rank_pattern=peft.rank_pattern or {}, alpha_pattern=peft.alpha_pattern or {})
         cfg._residual_init = moved
         return cfg
 
@@ -409,7 +447,9 @@ class Lora(Method):
     @classmethod
     def describe(cls, cfg: LoraConfig) -> str:
         extras = [*(["DoRA"] if cfg.use_dora else []), *([f"{cfg.init} init"] if cfg.init != "default" else []),
-                  *(["LoRA-FA (A frozen)"] if cfg.lora_fa else [])]
+                  *(["LoRA-FA (A frozen)"] if cfg.lora_fa else []),
+                  *([f"rank_pattern {cfg.rank_pattern}"] if cfg.rank_pattern else []),
+                  *([f"alpha_pattern {cfg.alpha_pattern}"] if cfg.alpha_pattern else [])]
         return f"LoRA r={cfg.r}" + (f" with {', '.join(extras)}" if extras else "")
 
     @classmethod

@@ -122,9 +122,11 @@ def for_original_base(layers: dict[str, AdapterLayer], state: dict[str, torch.Te
 
 def _converted_config(config: dict) -> dict:
     """peft's rewrite of the config: r doubles; alpha doubles (alpha / r kept), x sqrt(2) with rsLoRA (alpha /
-    sqrt(r) kept)."""
-    alpha = config["lora_alpha"] * (math.sqrt(2) if config["use_rslora"] else 2)
-    return {**config, "r": 2 * config["r"], "lora_alpha": alpha, "init_lora_weights": True}
+    sqrt(r) kept); so do rank_pattern's and alpha_pattern's values."""
+    factor = math.sqrt(2) if config["use_rslora"] else 2
+    return {**config, "r": 2 * config["r"], "lora_alpha": config["lora_alpha"] * factor, "init_lora_weights": True,
+            "rank_pattern": {k: 2 * r for k, r in (config.get("rank_pattern") or {}).items()},
+            "alpha_pattern": {k: a * factor for k, a in (config.get("alpha_pattern") or {}).items()}}
 
 
 def residual_refusal(where: str, path: str | Path, what: str) -> PeftkitError:
@@ -164,12 +166,12 @@ def on_original_base(cfg, state: dict[str, torch.Tensor], weight_of: Callable[[s
     embedding (peft does not move its base) has zeros for them, to keep one rank. On a bfloat16 base the result
     differs from peft's loading by the rounding of peft's residual to bfloat16, as peft's own conversion does."""
     from peftkit.adapters import PEFT_PREFIX  # peftkit.adapters imports the method registry
+    from peftkit.methods.lora import lora_scaling  # (which imports this module)
 
     init = getattr(cfg, "_residual_init", None)
     if init is None:
         return cfg, state
     state = dict(state)
-    scaling = cfg.scaling
     for key in [k for k in state if k.startswith(PEFT_PREFIX) and k.endswith(".lora_A.weight")]:
         path, b_key = key[len(PEFT_PREFIX):-len(".lora_A.weight")], key.replace(".lora_A.", ".lora_B.")
         a, b, w = state[key], state[b_key], weight_of(path)
@@ -179,8 +181,10 @@ def on_original_base(cfg, state: dict[str, torch.Tensor], weight_of: Callable[[s
             raise PeftkitError(f"The adapter does not fit this base: its '{path}' maps {a.shape[1]} features to "
                                f"{b.shape[0]}, the base's layer {w.shape[1]} to {w.shape[0]}. Load it on the base it "
                                "was trained on.")
+        r, alpha = cfg.rank_and_alpha(path)
         # On the weight's device (a GPU's SVD is fast), as peft's init runs
-        a0, b0 = (_pissa if init == "pissa" else _olora)(w.detach().float(), cfg.r, scaling, None)
+        a0, b0 = (_pissa if init == "pissa" else _olora)(w.detach().float(), r, lora_scaling(alpha, r, cfg.use_rslora),
+                                                          None)
         a0, b0 = a0.cpu(), b0.cpu()
         state[key] = torch.cat([a, a0.to(a.dtype)], dim=0).contiguous()
         state[b_key] = torch.cat([b, -b0.to(b.dtype)], dim=1).contiguous()
@@ -189,7 +193,9 @@ def on_original_base(cfg, state: dict[str, torch.Tensor], weight_of: Callable[[s
         a, b = state[key], state[b_key]
         state[key] = torch.cat([a, torch.zeros_like(a)], dim=0)
         state[b_key] = torch.cat([b, torch.zeros_like(b)], dim=1)
-    config = _converted_config({"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora})
-    converted = cfg.model_copy(update={"r": config["r"], "alpha": config["lora_alpha"]})
+    config = _converted_config({"r": cfg.r, "lora_alpha": cfg.alpha, "use_rslora": cfg.use_rslora,
+                                "rank_pattern": cfg.rank_pattern, "alpha_pattern": cfg.alpha_pattern})
+    converted = cfg.model_copy(update={"r": config["r"], "alpha": config["lora_alpha"], "rank_pattern":
+                                       config["rank_pattern"], "alpha_pattern": config["alpha_pattern"]})
     converted._residual_init = None
     return converted, state
