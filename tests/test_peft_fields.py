@@ -341,6 +341,12 @@ def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, n
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
     theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
     assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    with pytest.raises(PeftkitError, match="sets rank_pattern or alpha_pattern .*combining takes one rank and alpha"):
+        combine_adapters([str(adapter), str(adapter)], Combination(method="cat", weights=(1.0, 1.0)),
+                         str(tmp_path / "combined"))
     bad = make_recipe(tmp_path / "bad", tiny_llama, number_data, adapter={"rank_pattern": {"(q_proj": 2}})
     with pytest.raises(PeftkitError, match=r"adapter.rank_pattern.*key '\(q_proj' is not a regular expression"):
         load_recipe(bad)
