@@ -23,9 +23,8 @@ _flash_deterministic_set = False
 """Whether seed_everything set FLASH_DETERMINISTIC (a user's own setting is left alone)."""
 
 
-def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | None = None) -> str | None:
-    """Seed torch (CPU and CUDA) and pick deterministic kernels; returns a note when determinism may not reach
-    cuBLAS (see below).
+def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | None = None) -> None:
+    """Seed torch (CPU and CUDA) and pick deterministic kernels.
 
     CPU kernels are deterministic for a given thread count anyway; `use_deterministic_algorithms` also fills new
     tensors with NaN, so an op that read uninitialized memory shows rather than silently differs: always on for a
@@ -35,19 +34,12 @@ def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | 
     nondeterministic algorithm; strict mode switches them to a deterministic one, and an op that has none raises
     (`nondeterministic_op_error` says which). flash-attn's own kernels (attn_implementation: flash_attention_2) are
     outside torch's switch: transformers asks them for their deterministic backward when
-    FLASH_ATTENTION_DETERMINISTIC is 1, read at every call. cuBLAS's CUBLAS_WORKSPACE_CONFIG is set here too, but
-    torch reads it for the workspace once, when it first calls cuBLAS: in a process that already used CUDA (a
-    notebook) setting it now satisfies torch's check without reaching cuBLAS, and the note says so.
+    FLASH_ATTENTION_DETERMINISTIC is 1, read at every call. cuBLAS's CUBLAS_WORKSPACE_CONFIG: `pin_cublas_workspace`,
+    earlier in a run (and here for other callers).
     """
     global _flash_deterministic_set
     torch.manual_seed(seed)
-    note = None
     if deterministic_cuda:
-        if CUBLAS_CONFIG not in os.environ and (device is None or device.type == "cuda") and torch.cuda.is_initialized():
-            note = (f"training.deterministic: CUDA was already in use in this process, so {CUBLAS_CONFIG}, set "
-                    "now, may not reach cuBLAS, whose results can then differ between runs. For bit-identical runs "
-                    f"set {CUBLAS_CONFIG}=:4096:8 in the environment before Python starts (for a notebook, before "
-                    "its kernel starts), or run `peftkit train` from a shell.")
         os.environ.setdefault(CUBLAS_CONFIG, ":4096:8")
         if os.environ.get(FLASH_DETERMINISTIC) != "1":
             os.environ[FLASH_DETERMINISTIC], _flash_deterministic_set = "1", True
@@ -59,7 +51,22 @@ def seed_everything(seed: int, deterministic_cuda: bool, device: torch.device | 
             _flash_deterministic_set = False
         on_cpu = device.type != "cuda" if device is not None else not torch.cuda.is_available()
         torch.use_deterministic_algorithms(on_cpu, warn_only=True)
-    return note
+
+
+def pin_cublas_workspace(deterministic: bool, device: str) -> str | None:
+    """For training.deterministic off the CPU (`device`: model.device): set CUBLAS_WORKSPACE_CONFIG before anything
+    in the run starts CUDA (accelerate's Accelerator does, with several processes). torch reads it once, at its
+    first cuBLAS call: where CUDA had started already in this process (a notebook), setting it satisfies torch's
+    check without reaching cuBLAS, and the note returned says so; None otherwise."""
+    if not deterministic or device == "cpu" or CUBLAS_CONFIG in os.environ:
+        return None
+    os.environ[CUBLAS_CONFIG] = ":4096:8"
+    if not torch.cuda.is_initialized():
+        return None
+    return (f"training.deterministic: CUDA was already in use in this process, so {CUBLAS_CONFIG}, set now, may not "
+            "reach cuBLAS, whose results can then differ between runs. For bit-identical runs set "
+            f"{CUBLAS_CONFIG}=:4096:8 in the environment before Python starts (for a notebook, before its kernel "
+            "starts), or run `peftkit train` from a shell.")
 
 
 @contextlib.contextmanager

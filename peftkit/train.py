@@ -65,7 +65,7 @@ from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.rundir import clear_run, open_run_dir, records_at, truncate_metrics
 from peftkit.runtime import (build_optimizer, check_device_support, check_fp16_gradients, cpu_dtype_note,
                              emulated_bf16_note, lr_lambda, mixed_precision, nondeterministic_op_error,
-                             optimizer_groups, peak_memory_mb, scheduled_lr, seed_everything)
+                             optimizer_groups, peak_memory_mb, pin_cublas_workspace, scheduled_lr, seed_everything)
 from peftkit.samples import answers, sample_prompts
 from peftkit.selection import Selection
 from peftkit.trackers import DIRECTORY as TRACKERS_DIR
@@ -239,8 +239,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         cache: read and keep the tokenized data in the cache (`peftkit.data.cache`); False tokenizes it anew.
     """
     out = Path(recipe.export.output_dir)
+    cublas_note = pin_cublas_workspace(recipe.training.deterministic, recipe.model.device)  # before CUDA starts
     accelerator = _accelerator(recipe, out)
     console = (console or Console()) if accelerator.is_main_process else Console(quiet=True)
+    if cublas_note:
+        console.print(f"[yellow]note:[/] {escape(cublas_note)}")
     run_dir = (open_run_dir(out, recipe.to_yaml(), resume, overwrite, console) if accelerator.is_main_process
                else contextlib.nullcontext())  # one writer: the main process holds the directory
     with run_dir:
@@ -330,13 +333,12 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     tcfg = cfg.training
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
-    cublas_note = seed_everything(tcfg.seed, tcfg.deterministic, device)
+    seed_everything(tcfg.seed, tcfg.deterministic, device)
     check_device_support(cfg, device)
     distributed.check_engine(cfg, accelerator)
     check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
-    for note in (cublas_note, cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device)):
-        if note:
-            console.print(f"[yellow]note:[/] {escape(note)}")
+    if note := cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device):
+        console.print(f"[yellow]note:[/] {escape(note)}")
     estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
     check_fits(estimate, device)

@@ -230,19 +230,19 @@ def _peft_saved(base, out, init, rslora=False, targets=("q_proj", "down_proj", "
 
 @pytest.mark.parametrize(("arch", "init", "rslora", "dora"), [
     ("llama", "pissa", False, False), ("llama", "olora", True, False), ("llama", "OLoRA", False, False),
-    ("gpt2", "pissa", True, False), ("llama", "olora", False, True)])
+    ("gpt2", "pissa", True, False), ("gpt2", "olora", False, False), ("llama", "olora", False, True)])
 def test_peft_s_unconverted_pissa_and_olora_adapters_load_as_peft_loads_them(arch, init, rslora, dora, request,
                                                                               tmp_path):
     """peft loads such an adapter by running the init again on the base (its residual W - s B0 A0); peftkit
     converts it instead (A0, B0 computed again), to the rank-2r plain LoRA on the untouched base: the same logits
     as peft's, unmerged and merged. An embedding among the targets (peft leaves its base alone) keeps its update;
-    GPT-2's Conv1D weights are stored (in, out). DoRA's magnitudes rescale the same W + s B A either way.
-    (peft's OLoRA does not run on Conv1D: not tested there.)"""
+    GPT-2's Conv1D weights are stored (in, out): peft's PiSSA decomposes W, its OLoRA the stored W^T (it runs on
+    square Conv1D layers only, as attn.c_proj). DoRA's magnitudes rescale the same W + s B A either way."""
     from safetensors.torch import load_file
 
     base = request.getfixturevalue(f"tiny_{arch}")
-    targets = ("c_attn", "c_fc") if arch == "gpt2" else ("q_proj", "down_proj") if dora else \
-        ("q_proj", "down_proj", "embed_tokens")
+    targets = (("attn.c_proj",) if init == "olora" else ("c_attn", "c_fc")) if arch == "gpt2" else \
+        ("q_proj", "down_proj") if dora else ("q_proj", "down_proj", "embed_tokens")
     adapter = _peft_saved(base, tmp_path / "adapter", init, rslora, targets, dora)
     theirs = _logits(PeftModel.from_pretrained(_load(base), adapter).eval())
     assert _diff(theirs, _logits(_load(base))) > 0.3  # the adapter matters
@@ -316,6 +316,14 @@ def test_unconverted_adapters_are_refused_where_they_cannot_be_converted(tiny_ll
     with pytest.raises(PeftkitError, match="does not fit this base: its 'model.layers.0.self_attn.q_proj' maps 32 "
                                            "features to 32, the base's layer 48 to 48"):
         load_adapted_model(str(tmp_path / "wider"), str(pissa), torch.device("cpu"))
+    build_tiny_model(tmp_path / "qwen2", arch="qwen2", hidden_size=32, num_layers=2, seed=0)  # lm_head tied
+    tied = _peft_saved(tmp_path / "qwen2", tmp_path / "tied", "pissa", targets=("q_proj", "lm_head"))
+    with pytest.raises(PeftkitError, match="'lm_head' shares its weight with 'model.embed_tokens.weight' .tied.: "
+                                           "peft's init moved both"):
+        load_adapted_model(str(tmp_path / "qwen2"), str(tied), torch.device("cpu"))
+    with pytest.raises(PeftkitError, match="adapter.init: olora rewrites the base weight of 'lm_head' as W - s B A, "
+                                           "and it is shared with 'model.embed_tokens.weight'"):  # training it: too
+        inject_adapters(_load(tmp_path / "qwen2"), LoraConfig(r=2, init="olora", target_modules=["q_proj", "lm_head"]))
     fast = _peft_saved(tiny_llama, tmp_path / "fast", "pissa_niter_4", targets=("q_proj",))
     with pytest.raises(PeftkitError, match=r"init_lora_weights is 'pissa_niter_4'.*its fast SVD draws random numbers"):
         load_adapter(fast)

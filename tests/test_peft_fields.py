@@ -118,14 +118,6 @@ def test_inits_that_keep_the_base_load_with_peft_numbers(init, tiny_llama, tmp_p
     assert float(diff) <= 1e-5
 
 
-def test_layers_to_transform_0_is_refused_by_name(tiny_llama, tmp_path):
-    """peft saves `layers_to_transform: 0` (layer 0 only) as an integer; 0 read as unset, so the adapter was wrapped
-    into every layer and refused as trained on another base model."""
-    adapter = _peft_lora(tiny_llama, tmp_path / "lora", layers_to_transform=0, layers_pattern="layers")
-    with pytest.raises(PeftkitError, match="'layers_to_transform' is set; peftkit does not support it yet"):
-        load_adapted_model(str(tiny_llama), str(adapter))
-
-
 def test_ensure_weight_tying_on_tied_embeddings_is_refused_by_name(tmp_path):
     """peft gives tied output embeddings the input embeddings' adapter too (and saves more tensors): refused by name,
     not as an adapter trained on another base model."""
@@ -349,4 +341,39 @@ def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, n
                          str(tmp_path / "combined"))
     bad = make_recipe(tmp_path / "bad", tiny_llama, number_data, adapter={"rank_pattern": {"(q_proj": 2}})
     with pytest.raises(PeftkitError, match=r"adapter.rank_pattern.*key '\(q_proj' is not a regular expression"):
+        load_recipe(bad)
+
+
+@pytest.mark.parametrize("layers", [{"layers_to_transform": [1]}, {"layers_to_transform": 0, "layers_pattern": "layers"}])
+def test_layers_to_transform_adapts_the_layers_peft_adapts(layers, tiny_llama, number_data, tmp_path):
+    """peft's layers_to_transform (with layers_pattern; an integer is one layer, 0 included): peft's adapter loads
+    with its logits; a recipe's adapts the
+    same modules peft picks for the same settings, and peft loads its export with peftkit's logits. Refused: with
+    a regex or all-linear target_modules (as peft refuses it), and indices of no layer."""
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import make_recipe
+
+    peft_made = _peft_lora(tiny_llama, tmp_path / "peft", **layers)
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), peft_made).eval()
+    ours = load_adapted_model(str(tiny_llama), str(peft_made), torch.device("cpu"))[0]
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+    picked = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    assert set(adapter_layers(ours)) == picked and len(picked) == 2
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2},
+                         adapter={"target_modules": ["q_proj", "v_proj"], **layers})
+    train(load_recipe(recipe), show_summary=False)
+    adapter = tmp_path / "run" / "adapter"
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == picked
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+    with pytest.raises(PeftkitError, match=r"layers_to_transform \[5\] leaves none of the 4 target modules: their "
+                                           r"layers are numbered 0 to 1"):
+        inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["q_proj", "v_proj"], layers_to_transform=[5]))
+    bad = make_recipe(tmp_path / "bad", tiny_llama, number_data, adapter=layers)  # all-linear
+    with pytest.raises(PeftkitError, match=r"adapter.layers_to_transform picks among the modules of a list of "
+                                           r"target_modules; with target_modules 'all-linear'"):
         load_recipe(bad)

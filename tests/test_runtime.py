@@ -240,28 +240,24 @@ def test_deterministic_runs_ask_flash_attention_for_its_deterministic_backward(m
 
 
 def test_determinism_asked_after_cuda_started_notes_that_cublas_may_not_follow(monkeypatch):
-    """torch reads CUBLAS_WORKSPACE_CONFIG once, at its first cuBLAS call: set later (a notebook that already used
-    the GPU), it passes torch's check but may not reach cuBLAS. The note says how to set it in time; set before,
-    or with CUDA not yet started, or for a run on the CPU, there is nothing to say."""
-    from peftkit.runtime import seed_everything
+    """torch reads CUBLAS_WORKSPACE_CONFIG once, at its first cuBLAS call: `peftkit train` sets it before the
+    Accelerator (which starts CUDA with several processes). Set where CUDA had started already (a notebook), it
+    passes torch's check but may not reach cuBLAS: the note says how to set it in time. Set before, with CUDA not
+    started, for a run on the CPU or without training.deterministic, there is nothing to say."""
+    from peftkit.runtime import pin_cublas_workspace
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    try:
-        assert seed_everything(0, deterministic_cuda=True, device=torch.device("cpu")) is None
-        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-        note = seed_everything(0, deterministic_cuda=True, device=torch.device("cuda"))
-        assert note.startswith("training.deterministic: CUDA was already in use in this process")
-        assert "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before Python starts" in note
-        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # torch's check passes: the run goes on
-        assert seed_everything(0, deterministic_cuda=True, device=torch.device("cuda")) is None  # (set before)
-        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-        assert seed_everything(0, deterministic_cuda=False, device=torch.device("cuda")) is None
-        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-        assert seed_everything(0, deterministic_cuda=True, device=torch.device("cuda")) is None
-    finally:
-        monkeypatch.undo()
-        seed_everything(0, deterministic_cuda=False)
+    assert pin_cublas_workspace(True, "cpu") is None and pin_cublas_workspace(False, "auto") is None
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    note = pin_cublas_workspace(True, "auto")
+    assert note.startswith("training.deterministic: CUDA was already in use in this process")
+    assert "set CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before Python starts" in note
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # torch's check passes: the run goes on
+    assert pin_cublas_workspace(True, "cuda") is None  # (set before)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert pin_cublas_workspace(True, "cuda") is None and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
 def test_fp16_mixed_precision_refuses_parameters_that_would_train_in_float16(tiny_llama):

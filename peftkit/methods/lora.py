@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, draw_device, is_conv1d, is_quantized,
-                                  linear_shape, refuse_unsupported, targets_from_peft)
+from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, PeftConfigBase, draw_device, is_conv1d,
+                                  is_quantized, linear_shape, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
-from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, without_niter
+from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import AdapterSection, TargetRegex
 
 
@@ -64,6 +64,11 @@ class LoraConfig(AdapterSection):
     the first that matches wins, and other modules keep `r` (peft's rank_pattern)."""
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     """Per-module alphas, {regex: alpha}, matched as rank_pattern; other modules keep `alpha` (peft's alpha_pattern)."""
+    layers_to_transform: list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None = None
+    """Adapt the target modules of these layers only (a list of target_modules): the layer's index is the number
+    after `layers_pattern` in a module's path, or the first number after a dot in it (peft's)."""
+    layers_pattern: list[str] | str | None = None
+    """With layers_to_transform: the name before a layer's index (`layers`, `h`), where the first number would not do."""
     _residual_init: str | None = PrivateAttr(None)
     """Read from peft's unconverted PiSSA or OLoRA adapter (its init): it fits the residual base that init leaves,
     until `peftkit.methods.lora_init.on_original_base` converts it."""
@@ -87,10 +92,32 @@ class LoraConfig(AdapterSection):
         if self.init != "default" and self.init_from:
             raise ValueError(f"adapter.init: {self.init} draws the step-0 weights, and adapter.init_from already gives "
                              "them; remove adapter.init")
+        if self.layers_to_transform is not None and not isinstance(self.target_modules, list):
+            raise ValueError("adapter.layers_to_transform picks among the modules of a list of target_modules; with "
+                             f"target_modules {_shown(self.target_modules)} give the layers in a regex instead (e.g. "
+                             r"{regex: 'layers\.(0|1)\..*(q_proj|v_proj)'}), or list the module names")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("adapter.layers_pattern names where layers_to_transform's indices are read; set "
+                             "layers_to_transform too, or remove layers_pattern")
         if self.init in MOVES_BASE and self.use_dora:
             raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
                              f"gaussian with DoRA{without_niter(self.pissa_niter)}, or set use_dora: false")
         return self
+
+
+def _shown(targets) -> str:
+    return repr(targets) if isinstance(targets, str) else f"{{regex: {targets.regex!r}}}"
+
+
+def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The index of the layer that module `path` is in, as peft reads it for layers_to_transform: the number after
+    one of `layers_pattern` (`layers`: `model.layers.3.mlp` -> 3), else the first number after a dot (None: none)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+    return int(match["idx"]) if match else None
 
 
 def _regex_keys(pattern: dict | None) -> dict | None:
@@ -319,8 +346,8 @@ class PeftLoraConfig(PeftConfigBase):
     rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] | None = None
     _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: _regex_keys(pattern))
-    # Features peftkit does not implement: a value here is refused rather than silently ignored.
-    layers_to_transform: list[int] | int | None = None
+    layers_to_transform: list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None = None
+    layers_pattern: list[str] | str | None = None
 
 
 class Lora(Method):
@@ -350,6 +377,30 @@ class Lora(Method):
                 "would be re-quantized and the exported adapter would not reproduce the trained model; use init: "
                 f"default or gaussian with a quantized base{without_niter(cfg.pissa_niter)}, or drop the quantization "
                 "section")
+
+    @classmethod
+    def select_targets(cls, model: nn.Module, cfg: LoraConfig, every_entry: bool) -> list[str]:
+        names = super().select_targets(model, cfg, every_entry)
+        if cfg.init in MOVES_BASE:  # the residual would move every module sharing the weight
+            for name in names:
+                if other := shared_weight(model, model.get_submodule(name)):
+                    raise PeftkitError(
+                        f"adapter.init: {cfg.init} rewrites the base weight of '{name}' as W - s B A, and it is shared "
+                        f"with '{other}' (tied): that would move both, which the exported adapter (a LoRA on "
+                        f"'{name}') cannot give back. Leave '{name.rsplit('.', 1)[-1]}' out of adapter.target_modules, "
+                        f"or use init: default{without_niter(cfg.pissa_niter)}.")
+        if cfg.layers_to_transform is None:
+            return names
+        wanted = cfg.layers_to_transform if isinstance(cfg.layers_to_transform, list) else [cfg.layers_to_transform]
+        kept = [n for n in names if layer_index(n, cfg.layers_pattern) in wanted]
+        if not kept:
+            found = sorted({i for n in names if (i := layer_index(n, cfg.layers_pattern)) is not None})
+            raise PeftkitError(
+                f"adapter.layers_to_transform {cfg.layers_to_transform} leaves none of the {len(names)} target modules: "
+                + (f"their layers are numbered {found[0]} to {found[-1]}." if found else "no layer index was found in "
+                   f"their paths (e.g. '{names[0]}'){' after ' + repr(cfg.layers_pattern) if cfg.layers_pattern else ''}.")
+                + " Give indices among those" + (", or the layers_pattern of this model." if not found else "."))
+        return kept
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: LoraConfig, path: str) -> _LoraLayer:
@@ -414,13 +465,12 @@ class Lora(Method):
             "init_lora_weights": True,
             "rank_pattern": dict(cfg.rank_pattern),
             "alpha_pattern": dict(cfg.alpha_pattern),
-            "layers_to_transform": None,
-            "layers_pattern": None,
+            "layers_to_transform": cfg.layers_to_transform,
+            "layers_pattern": cfg.layers_pattern,
         }
 
     @classmethod
     def from_peft(cls, peft: PeftLoraConfig, config_file: Path) -> LoraConfig:
-        refuse_unsupported(peft, config_file, ("layers_to_transform",))
         # These inits draw A and B only; the others (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) also move the base weights:
         # PiSSA's and OLoRA's are computed again from the base when it is loaded (lora_init.on_original_base).
         init = peft.init_lora_weights if isinstance(peft.init_lora_weights, str) else ""
@@ -432,10 +482,16 @@ class Lora(Method):
                 "with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...), which converts it "
                 "to a plain LoRA."
             )
-        cfg = LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
-                         target_modules=targets_from_peft(peft.target_modules, config_file),
-                         use_rslora=peft.use_rslora, use_dora=peft.use_dora, modules_to_save=peft.modules_to_save or [],
-                         rank_pattern=peft.rank_pattern or {}, alpha_pattern=peft.alpha_pattern or {})
+        try:
+            cfg = LoraConfig(r=peft.r, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
+                             target_modules=targets_from_peft(peft.target_modules, config_file),
+                             use_rslora=peft.use_rslora, use_dora=peft.use_dora,
+                             modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
+                             alpha_pattern=peft.alpha_pattern or {}, layers_to_transform=peft.layers_to_transform,
+                             layers_pattern=peft.layers_pattern if peft.layers_to_transform is not None else None)
+        except ValidationError as e:  # settings that contradict each other (peft refuses them too)
+            raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
+                               f"{REEXPORT}") from None
         cfg._residual_init = moved
         return cfg
 

@@ -139,32 +139,50 @@ def residual_refusal(where: str, path: str | Path, what: str) -> PeftkitError:
         "alone), `generate`, `eval` and `chat` load it as it is.")
 
 
-def base_weight_of(model: nn.Module) -> Callable[[str], torch.Tensor | None]:
-    """The (out, in) weight of the base layer at a module path of `model`, injected or not (None: no such module)."""
-    def weight(path: str) -> torch.Tensor | None:
+def shared_weight(model: nn.Module, module: nn.Module) -> str | None:
+    """The other name of `module`'s weight in `model` where another module uses it too (a tied lm_head's
+    embeddings), else None."""
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is module.weight]
+    mine = {f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is module}
+    return next((n for n in names if n not in mine), None)
+
+
+_CONVERT = ("Save it again with peft's save_pretrained(..., path_initial_model_for_weight_conversion=...), which "
+            "converts it to a plain LoRA.")
+
+
+def base_weight_of(model: nn.Module) -> Callable[[str], tuple[torch.Tensor, bool] | None]:
+    """(the weight as stored, whether stored (in, out): Conv1D) of the base layer at a module path of `model`,
+    injected or not (None: no such module)."""
+    def weight(path: str) -> tuple[torch.Tensor, bool] | None:
         try:
             module = model.get_submodule(path)
         except AttributeError:
             return None  # loading says which of the adapter's modules the model lacks
         module = getattr(module, "base_layer", module)
+        why = "peft saved this adapter for the residual base its init left (init_lora_weights: pissa or olora)"
         if is_quantized(module):
-            raise PeftkitError(
-                "peft saved this adapter for the residual base its init left (init_lora_weights: pissa or olora), "
-                f"and the base is quantized here ('{path}'): the residual cannot be rebuilt from 4-bit or 8-bit "
-                "weights. Load it on the unquantized base, or save it again with peft's save_pretrained(..., "
-                "path_initial_model_for_weight_conversion=...), which converts it to a plain LoRA.")
-        return module.weight.T if is_conv1d(module) else module.weight
+            raise PeftkitError(f"{why}, and the base is quantized here ('{path}'): the residual cannot be rebuilt "
+                               f"from 4-bit or 8-bit weights. Load it on the unquantized base, or: {_CONVERT}")
+        if other := shared_weight(model, module):
+            raise PeftkitError(f"{why}, and '{path}' shares its weight with '{other}' (tied): peft's init moved "
+                               f"both, which no LoRA on '{path}' alone gives back (peft's conversion neither). Train "
+                               f"it again without '{path.rsplit('.', 1)[-1]}' in target_modules.")
+        return module.weight, is_conv1d(module)
     return weight
 
 
-def on_original_base(cfg, state: dict[str, torch.Tensor], weight_of: Callable[[str], torch.Tensor | None]):
+def on_original_base(cfg, state: dict[str, torch.Tensor],
+                     weight_of: Callable[[str], tuple[torch.Tensor, bool] | None]):
     """(LoRA settings, PEFT-keyed tensors) of an adapter peft saved unconverted for its init's residual base
     (`cfg._residual_init`, see the module docstring), as the plain rank-2r LoRA it is on the original base,
-    whose (out, in) weights `weight_of(module path)` gives (`base_weight_of`); anything else as given.
+    whose weights `weight_of(module path)` gives (`base_weight_of`); anything else as given.
 
     Each target's A0, B0 are its init computed again from that weight in fp32, as peft's loading does; an
-    embedding (peft does not move its base) has zeros for them, to keep one rank. On a bfloat16 base the result
-    differs from peft's loading by the rounding of peft's residual to bfloat16, as peft's own conversion does."""
+    embedding (peft does not move its base) has zeros for them, to keep one rank. peft's OLoRA takes the QR of the
+    weight as stored, (in, out) on Conv1D (square layers only: it fails on others), so the residual it leaves there
+    is W - s (B0 A0)^T. On a bfloat16 base the result differs from peft's loading by the rounding of peft's residual
+    to bfloat16, as peft's own conversion does."""
     from peftkit.adapters import PEFT_PREFIX  # peftkit.adapters imports the method registry
     from peftkit.methods.lora import lora_scaling  # (which imports this module)
 
@@ -174,17 +192,23 @@ def on_original_base(cfg, state: dict[str, torch.Tensor], weight_of: Callable[[s
     state = dict(state)
     for key in [k for k in state if k.startswith(PEFT_PREFIX) and k.endswith(".lora_A.weight")]:
         path, b_key = key[len(PEFT_PREFIX):-len(".lora_A.weight")], key.replace(".lora_A.", ".lora_B.")
-        a, b, w = state[key], state[b_key], weight_of(path)
-        if w is None:
+        a, b, found = state[key], state[b_key], weight_of(path)
+        if found is None:
             continue
-        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+        stored, conv1d = found
+        w = stored.detach().float()  # on the weight's device (a GPU's SVD is fast), as peft's init runs
+        out_in = tuple(w.shape[::-1] if conv1d else w.shape)
+        if (b.shape[0], a.shape[1]) != out_in:
             raise PeftkitError(f"The adapter does not fit this base: its '{path}' maps {a.shape[1]} features to "
-                               f"{b.shape[0]}, the base's layer {w.shape[1]} to {w.shape[0]}. Load it on the base it "
+                               f"{b.shape[0]}, the base's layer {out_in[1]} to {out_in[0]}. Load it on the base it "
                                "was trained on.")
         r, alpha = cfg.rank_and_alpha(path)
-        # On the weight's device (a GPU's SVD is fast), as peft's init runs
-        a0, b0 = (_pissa if init == "pissa" else _olora)(w.detach().float(), r, lora_scaling(alpha, r, cfg.use_rslora),
-                                                          None)
+        scaling = lora_scaling(alpha, r, cfg.use_rslora)
+        if init == "pissa":
+            a0, b0 = _pissa(w.T if conv1d else w, r, scaling, None)
+        else:
+            a0, b0 = _olora(w, r, scaling, None)
+            a0, b0 = (b0.T, a0.T) if conv1d else (a0, b0)  # (B0 A0)^T as a LoRA pair on the (out, in) weight
         a0, b0 = a0.cpu(), b0.cpu()
         state[key] = torch.cat([a, a0.to(a.dtype)], dim=0).contiguous()
         state[b_key] = torch.cat([b, -b0.to(b.dtype)], dim=1).contiguous()
