@@ -68,7 +68,8 @@ class LoraConfig(AdapterSection):
     """Adapt the target modules of these layers only (a list of target_modules): the layer's index is the number
     after `layers_pattern` in a module's path, or the first number after a dot in it (peft's)."""
     layers_pattern: list[str] | str | None = None
-    """With layers_to_transform: the name before a layer's index (`layers`, `h`), where the first number would not do."""
+    """With layers_to_transform: the name before a layer's index (`layers`, `h`), where the first number would not
+    do."""
     _residual_init: str | None = PrivateAttr(None)
     """Read from peft's unconverted PiSSA or OLoRA adapter (its init): it fits the residual base that init leaves,
     until `peftkit.methods.lora_init.on_original_base` converts it."""
@@ -395,11 +396,12 @@ class Lora(Method):
         kept = [n for n in names if layer_index(n, cfg.layers_pattern) in wanted]
         if not kept:
             found = sorted({i for n in names if (i := layer_index(n, cfg.layers_pattern)) is not None})
+            after = f" after {cfg.layers_pattern!r}" if cfg.layers_pattern else ""
             raise PeftkitError(
-                f"adapter.layers_to_transform {cfg.layers_to_transform} leaves none of the {len(names)} target modules: "
-                + (f"their layers are numbered {found[0]} to {found[-1]}." if found else "no layer index was found in "
-                   f"their paths (e.g. '{names[0]}'){' after ' + repr(cfg.layers_pattern) if cfg.layers_pattern else ''}.")
-                + " Give indices among those" + (", or the layers_pattern of this model." if not found else "."))
+                f"adapter.layers_to_transform {cfg.layers_to_transform} leaves none of the {len(names)} target "
+                "modules: " + (f"their layers are numbered {found[0]} to {found[-1]}. Give indices among those."
+                               if found else f"no layer index was found in their paths (e.g. '{names[0]}'){after}. "
+                               "Give the layers_pattern of this model."))
         return kept
 
     @classmethod
