@@ -2,8 +2,8 @@
 
 Works for peftkit's adapters and peft's: the facts come from adapter_config.json, the tensor shapes and
 dtypes in adapter_model.safetensors (read from its header, never the data), and peftkit.json when there is
-one. An adapter with a feature peftkit cannot apply yet (rank_pattern, alpha_pattern) is still described,
-with the reason peftkit would refuse to load it.
+one. An adapter with a feature peftkit cannot apply yet (a peft feature it does not implement) is still
+described, with the reason peftkit would refuse to load it.
 
 What vLLM accepts is stated conservatively, from vLLM's LoRA loader (vllm/lora/peft_helper.py and
 models.py, 0.6-0.10): it serves `peft_type: LORA` only, and refuses `modules_to_save`, `use_dora` and
@@ -229,7 +229,7 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
             caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
         if len(set(ranks.values())) > 1:
             caveats.append("per-layer ranks (rank_pattern): not verified against vLLM")
-    if raw.get("layers_to_transform") or raw.get("alpha_pattern"):
+    if raw.get("layers_to_transform") not in (None, []) or raw.get("alpha_pattern"):
         caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")

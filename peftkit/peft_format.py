@@ -174,6 +174,8 @@ def _field_problems(err: ValidationError, data: dict) -> list[str]:
             problems[field] = f'"{field}" is missing'
         elif e["type"] == "extra_forbidden":
             problems[field] = f'"{field}" is not a setting peftkit knows'
+        elif e["type"] == "value_error":  # a validator's own words
+            problems[field] = f'"{field}" is {_show(e["input"])}: {e["msg"].removeprefix("Value error, ")}'
         else:
             value, expected = (data[field], _WHOLE_FIELDS[field]) if whole else (e["input"], _expected(e))
             problems[field] = f'"{field}" is {_show(value)}; it should be {expected}'

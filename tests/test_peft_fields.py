@@ -340,7 +340,7 @@ def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, n
         combine_adapters([str(adapter), str(adapter)], Combination(method="cat", weights=(1.0, 1.0)),
                          str(tmp_path / "combined"))
     bad = make_recipe(tmp_path / "bad", tiny_llama, number_data, adapter={"rank_pattern": {"(q_proj": 2}})
-    with pytest.raises(PeftkitError, match=r"adapter.rank_pattern.*key '\(q_proj' is not a regular expression"):
+    with pytest.raises(PeftkitError, match=r"adapter.rank_pattern.*'\(q_proj' is not a regular expression"):
         load_recipe(bad)
 
 
@@ -377,3 +377,29 @@ def test_layers_to_transform_adapts_the_layers_peft_adapts(layers, tiny_llama, n
     with pytest.raises(PeftkitError, match=r"adapter.layers_to_transform picks among the modules of a list of "
                                            r"target_modules; with target_modules 'all-linear'"):
         load_recipe(bad)
+
+
+def test_layers_to_transform_edge_cases_follow_peft(tiny_llama, number_data, tmp_path):
+    """An empty list picks no layers out (all adapted, as peft); a module's full path in target_modules is adapted
+    whatever its layer (peft matches it first); a layers_pattern that is no regular expression is refused, in a
+    file and in a recipe, naming it (it was a raw re.error)."""
+    from peftkit.adapters import adapter_layers
+    from peftkit.recipe import load_recipe
+    from tests.conftest import make_recipe
+
+    for name, settings in (("empty", {"layers_to_transform": []}),
+                           ("path", {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"],
+                                     "layers_to_transform": [1]})):
+        adapter = _peft_lora(tiny_llama, tmp_path / name, **settings)
+        theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+        ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+        assert set(adapter_layers(ours)) == {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                                             if hasattr(m, "lora_A")}
+        assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+    _edit(adapter, layers_pattern="(lay")
+    with pytest.raises(PeftkitError, match=r'"layers_pattern" is "\(lay": .\(lay. is not a regular expression'):
+        load_adapter(adapter)
+    layers = {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": "(l"}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=layers)
+    with pytest.raises(PeftkitError, match=r"adapter.layers_pattern.*'\(l' is not a regular expression"):
+        load_recipe(recipe)

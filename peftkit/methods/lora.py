@@ -84,7 +84,8 @@ class LoraConfig(AdapterSection):
         alpha."""
         return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.alpha)
 
-    _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: _regex_keys(pattern))
+    _pattern_keys = field_validator("rank_pattern", "alpha_pattern", "layers_pattern")(
+        lambda pattern: _regex_keys(pattern))
 
     @model_validator(mode="after")
     def _init_combinations(self) -> LoraConfig:
@@ -121,13 +122,13 @@ def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None
     return int(match["idx"]) if match else None
 
 
-def _regex_keys(pattern: dict | None) -> dict | None:
-    """A rank_pattern's or alpha_pattern's keys must be regular expressions."""
-    for key in pattern or {}:
+def _regex_keys(pattern: dict | list | str | None) -> dict | list | str | None:
+    """A rank_pattern's or alpha_pattern's keys, and layers_pattern's names, must be regular expressions."""
+    for key in [pattern] if isinstance(pattern, str) else pattern or ():
         try:
             re.compile(key)
         except re.error as e:
-            raise ValueError(f"key {key!r} is not a regular expression ({e})") from None
+            raise ValueError(f"{key!r} is not a regular expression ({e})") from None
     return pattern
 
 
@@ -346,9 +347,10 @@ class PeftLoraConfig(PeftConfigBase):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] | None = None
-    _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: _regex_keys(pattern))
     layers_to_transform: list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None = None
     layers_pattern: list[str] | str | None = None
+    _pattern_keys = field_validator("rank_pattern", "alpha_pattern", "layers_pattern")(
+        lambda pattern: _regex_keys(pattern))
 
 
 class Lora(Method):
@@ -390,10 +392,11 @@ class Lora(Method):
                         f"with '{other}' (tied): that would move both, which the exported adapter (a LoRA on "
                         f"'{name}') cannot give back. Leave '{name.rsplit('.', 1)[-1]}' out of adapter.target_modules, "
                         f"or use init: default{without_niter(cfg.pissa_niter)}.")
-        if cfg.layers_to_transform is None:
+        if cfg.layers_to_transform in (None, []):  # (peft: an empty list picks no layers out)
             return names
         wanted = cfg.layers_to_transform if isinstance(cfg.layers_to_transform, list) else [cfg.layers_to_transform]
-        kept = [n for n in names if layer_index(n, cfg.layers_pattern) in wanted]
+        # A module's full path among target_modules is adapted whatever its layer (peft matches it first).
+        kept = [n for n in names if n in cfg.target_modules or layer_index(n, cfg.layers_pattern) in wanted]
         if not kept:
             found = sorted({i for n in names if (i := layer_index(n, cfg.layers_pattern)) is not None})
             after = f" after {cfg.layers_pattern!r}" if cfg.layers_pattern else ""
