@@ -386,8 +386,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
             targets[key] = params[key[len(PEFT_PREFIX):]]
     missing = sorted(set(targets) - set(state) - optional)
     unexpected = sorted(set(state) - set(targets))
-    bare = [name for name in adapter_layers(model) if not any(k.startswith(f"{PEFT_PREFIX}{name}.") for k in state)]
-    if missing and not unexpected and bare:
+    # (Only once something is missing: every load and resume passes here, and the scan is layers x keys.)
+    bare = [name for name in adapter_layers(model) if not any(k.startswith(f"{PEFT_PREFIX}{name}.") for k in state)] \
+        if missing and not unexpected else []
+    if bare:
         raise PeftkitError(
             f"The adapter's target_modules (adapter_config.json) match {len(bare)} modules its weights do not adapt "
             f"(e.g. '{bare[0]}'): the config says more than the weights. Narrow its target_modules to the modules "
