@@ -379,6 +379,96 @@ def test_layers_to_transform_adapts_the_layers_peft_adapts(layers, tiny_llama, n
         load_recipe(bad)
 
 
+LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter section, for each method with layers
+    "loha": ("LoHaConfig", {"r": 2, "alpha": 4}, {"r": 2, "alpha": 4}),
+    "lokr": ("LoKrConfig", {"r": 2, "alpha": 4}, {"r": 2, "alpha": 4}),
+    "vera": ("VeraConfig", {"r": 8}, {"r": 8}),
+    "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10}, {"init_r": 4, "target_r": 2}),
+    "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(LAYER_METHODS))
+def test_layers_to_transform_picks_peft_s_layers_for_every_method(method, tiny_llama, tmp_path):
+    """layers_to_transform and layers_pattern are every method's whose peft config has them (it was LoRA's alone,
+    and peft's LoHa, LoKr, VeRA, AdaLoRA and OFT adapters with it were refused; peft's IA3 has none): peft's adapter (moved far from identity)
+    loads with peft's modules and logits, and peftkit's adapter on the same settings adapts the modules peft picks
+    and loads in peft with peftkit's logits."""
+    from peftkit.adapters import adapter_layers
+    from peftkit.methods import method_of
+    from pydantic import TypeAdapter
+
+    from peftkit.methods import AdapterConfig
+    from tests.conftest import save_random_adapter
+
+    kind, theirs_settings, ours_settings = LAYER_METHODS[method]
+    layers = {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 1, "layers_pattern": "layers"}
+    torch.manual_seed(0)
+    made = get_peft_model(_load(tiny_llama), getattr(peft, kind)(task_type="CAUSAL_LM", **layers, **theirs_settings))
+    with torch.no_grad():
+        for p in made.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.2)
+    picked = {n.removeprefix("base_model.model.") for n, m in made.named_modules()
+              if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)}
+    assert picked == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    made.eval().save_pretrained(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), tmp_path / "peft").eval()
+    ours = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == picked
+    assert float((_logits(ours) - _logits(tiny_base := _load(tiny_llama))).abs().max()) > 1e-3
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+
+    cfg = TypeAdapter(AdapterConfig).validate_python({"method": method, **layers, **ours_settings})
+    adapter = save_random_adapter(tiny_llama, cfg, tmp_path / "ours", seed=3)
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == picked and method_of(cfg).name == method
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    assert float((_logits(ours) - _logits(tiny_base)).abs().max()) > 1e-3
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*\.(q_proj|v_proj)"])
+def test_layers_to_transform_beside_all_linear_or_a_regex_is_what_peft_does(targets, tiny_llama, number_data,
+                                                                              tmp_path):
+    """peft applies no layers_to_transform beside a regex target_modules (it matches the regex alone) or all-linear
+    (which becomes every linear layer's full path, matched before any layer index), where LoHa's config allows the
+    pair (LoRA's and AdaLoRA's refuse it): peft's file, saved as peft saves it and with the string itself, loads
+    with peft's modules, the string with a warning that the layers are not applied. A recipe with the pair is refused
+    for every method, naming the fix (peftkit does not drop a setting it was given)."""
+    from pydantic import ValidationError
+
+    from peftkit.adapters import adapter_layers
+    from peftkit.methods.adalora import AdaLoraConfig
+    from peftkit.recipe import load_recipe
+    from tests.conftest import make_recipe
+
+    settings = {"target_modules": targets, "layers_to_transform": [0]}
+    made = get_peft_model(_load(tiny_llama), peft.LoHaConfig(task_type="CAUSAL_LM", r=2, **settings))
+    tuned = {n.removeprefix("base_model.model.") for n, m in made.named_modules()
+             if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)}
+    assert len(tuned) == (14 if targets == "all-linear" else 4)  # both layers'
+    made.save_pretrained(tmp_path / "loha")
+    ours = load_adapted_model(str(tiny_llama), str(tmp_path / "loha"), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == tuned
+    _edit(tmp_path / "loha", target_modules=targets)
+    kind = "'all-linear'" if targets == "all-linear" else "a regex"
+    with pytest.warns(PeftkitWarning, match=rf"layers_to_transform \[0\] is not applied, because target_modules is "
+                                            rf"{kind}, which peft matches alone"):
+        ours = load_adapted_model(str(tiny_llama), str(tmp_path / "loha"), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == tuned
+    shown = "'all-linear'" if targets == "all-linear" else r"\{regex: "
+    refused = rf"layers_to_transform picks among the modules of a list of target_modules; with target_modules {shown}"
+    given = targets if targets == "all-linear" else {"regex": targets}
+    for method in ("lora", "loha"):
+        bad = make_recipe(tmp_path / method, tiny_llama, number_data, adapter={
+            "method": method, "target_modules": given, "layers_to_transform": [0]})
+        with pytest.raises(PeftkitError, match=r"recipe.yaml:\d+: .*" + refused):
+            load_recipe(bad)
+    with pytest.raises(ValidationError, match=refused):
+        AdaLoraConfig(method="adalora", target_modules=given, layers_to_transform=[0])
+
+
 def test_layers_to_transform_edge_cases_follow_peft(tiny_llama, number_data, tmp_path):
     """An empty list picks no layers out (all adapted, as peft); a module's full path in target_modules is adapted
     whatever its layer (peft matches it first); a layers_pattern that is no regular expression is refused, in a

@@ -26,9 +26,10 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, REEXPORT, draw_device, is_conv1d,
+from peftkit.methods.base import (AdapterLayer, Method, REEXPORT, draw_device, is_conv1d,
                                   linear_shape, refuse_unsupported, targets_from_peft)
-from peftkit.section import AdapterSection, TargetRegex
+from peftkit.methods.layers import LayerTargets, PeftLayerTargets
+from peftkit.section import TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, peft 0.21) for the
 # architectures peftkit is tested on and their close relatives.
@@ -41,7 +42,7 @@ DEFAULTS: dict[str, list[str]] = {
 E_KEY = ".lora_E"  # rank_pattern's keys: `<module path>.lora_E`, as peft writes them
 
 
-class AdaLoraConfig(AdapterSection):
+class AdaLoraConfig(LayerTargets):
     """AdaLoRA: SVD-form LoRA whose per-layer ranks shrink from init_r to an average of target_r while training.
 
     The schedule (peft's): `tinit` warm-up steps at full rank, then the total budget (target_r x layers) is
@@ -150,7 +151,7 @@ class AdaLoraLinear(AdapterLayer):
         return result + update.to(result.dtype)
 
 
-class PeftAdaLoraConfig(PeftConfigBase):
+class PeftAdaLoraConfig(PeftLayerTargets):
     """The fields of an ADALORA adapter_config.json that peftkit reads (defaults: peft's AdaLoraConfig)."""
 
     init_r: int = Field(12, gt=0)
@@ -168,7 +169,6 @@ class PeftAdaLoraConfig(PeftConfigBase):
     # Features peftkit does not implement: a value here is refused rather than silently ignored.
     bias: str = "none"
     alpha_pattern: dict | None = None
-    layers_to_transform: list[int] | int | None = None
 
 
 def cut_to_pattern(state: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]], prefix: str) -> dict[str, torch.Tensor]:
@@ -254,7 +254,7 @@ class AdaLora(Method):
 
     @classmethod
     def from_peft(cls, peft: PeftAdaLoraConfig, config_file: Path) -> AdaLoraConfig:
-        refuse_unsupported(peft, config_file, ("alpha_pattern", "layers_to_transform"))
+        refuse_unsupported(peft, config_file, ("alpha_pattern",))
         # Keys with the adapter name (`...lora_E.default`) are how peft keeps them in memory; files drop it.
         pattern = {re.sub(r"\.lora_E\.[^.]+$", E_KEY, k): v for k, v in (peft.rank_pattern or {}).items()} or None
         # total_step is left out: it was the length of the run that made the adapter; a run starting from it
@@ -264,7 +264,8 @@ class AdaLora(Method):
         try:
             return AdaLoraConfig(method="adalora", **fields, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
                                  target_modules=targets_from_peft(peft.target_modules, config_file),
-                                 modules_to_save=peft.modules_to_save or [], rank_pattern=pattern)
+                                 modules_to_save=peft.modules_to_save or [], rank_pattern=pattern,
+                                 **peft.layer_settings(config_file))
         except ValidationError as e:
             err = e.errors()[0]
             raise PeftkitError(f'{config_file}: "{err["loc"][0]}" {err["msg"].removeprefix("Value error, ")}. '

@@ -301,11 +301,13 @@ class Method:
     @classmethod
     def select_targets(cls, model: nn.Module, cfg: Any, every_entry: bool) -> list[str]:
         """Full paths of the modules `wrap` is given, in model order (`cfg` already `resolve`d). Default: the
-        Linear/Conv1D/Embedding layers `cfg.target_modules` names (`peftkit.adapters.find_targets`); a module
-        adapter picks whole blocks (attention, MLP) instead."""
+        Linear/Conv1D/Embedding layers `cfg.target_modules` names (`peftkit.adapters.find_targets`) in the layers
+        `cfg.layers_to_transform` keeps (`peftkit.methods.layers.pick_layers`); a module adapter picks whole blocks
+        (attention, MLP) instead."""
         from peftkit.adapters import find_targets  # peftkit.adapters imports this module
+        from peftkit.methods.layers import pick_layers  # (it imports this module too)
 
-        return find_targets(model, cfg.target_modules, every_entry)
+        return pick_layers(find_targets(model, cfg.target_modules, every_entry), cfg)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: Any, path: str) -> AdapterLayer:
@@ -367,7 +369,9 @@ class Method:
         `task_type` is set from model.task by `peftkit.peft_format.peft_config`."""
         return {"peft_type": cls.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
                 "target_modules": sorted(targets), "modules_to_save": cfg.modules_to_save or None,
-                "inference_mode": True, "revision": None}
+                "inference_mode": True, "revision": None} | (
+                    {"layers_to_transform": cfg.layers_to_transform, "layers_pattern": cfg.layers_pattern}
+                    if hasattr(cfg, "layers_to_transform") else {})
 
     @classmethod
     def from_peft(cls, peft: Any, config_file: Path) -> Any:

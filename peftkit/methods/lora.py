@@ -25,15 +25,16 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, PeftConfigBase, draw_device, is_conv1d,
+from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, draw_device, is_conv1d,
                                   is_quantized, linear_shape, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
+from peftkit.methods.layers import LayerTargets, PeftLayerTargets, regex_keys
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
-from peftkit.section import AdapterSection, TargetRegex
+from peftkit.section import TargetRegex
 
 
-class LoraConfig(AdapterSection):
+class LoraConfig(LayerTargets):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -64,12 +65,6 @@ class LoraConfig(AdapterSection):
     the first that matches wins, and other modules keep `r` (peft's rank_pattern)."""
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     """Per-module alphas, {regex: alpha}, matched as rank_pattern; other modules keep `alpha` (peft's alpha_pattern)."""
-    layers_to_transform: list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None = None
-    """Adapt the target modules of these layers only (a list of target_modules): the layer's index is the number
-    after `layers_pattern` in a module's path, or the first number after a dot in it (peft's)."""
-    layers_pattern: list[str] | str | None = None
-    """With layers_to_transform: the name before a layer's index (`layers`, `h`), where the first number would not
-    do."""
     _residual_init: str | None = PrivateAttr(None)
     """Read from peft's unconverted PiSSA or OLoRA adapter (its init): it fits the residual base that init leaves,
     until `peftkit.methods.lora_init.on_original_base` converts it."""
@@ -84,8 +79,7 @@ class LoraConfig(AdapterSection):
         alpha."""
         return _pattern_value(self.rank_pattern, path, self.r), _pattern_value(self.alpha_pattern, path, self.alpha)
 
-    _pattern_keys = field_validator("rank_pattern", "alpha_pattern", "layers_pattern")(
-        lambda pattern: _regex_keys(pattern))
+    _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: regex_keys(pattern))
 
     @model_validator(mode="after")
     def _init_combinations(self) -> LoraConfig:
@@ -94,42 +88,10 @@ class LoraConfig(AdapterSection):
         if self.init != "default" and self.init_from:
             raise ValueError(f"adapter.init: {self.init} draws the step-0 weights, and adapter.init_from already gives "
                              "them; remove adapter.init")
-        if self.layers_to_transform is not None and not isinstance(self.target_modules, list):
-            raise ValueError("adapter.layers_to_transform picks among the modules of a list of target_modules; with "
-                             f"target_modules {_shown(self.target_modules)} give the layers in a regex instead (e.g. "
-                             r"{regex: 'layers\.(0|1)\..*(q_proj|v_proj)'}), or list the module names")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("adapter.layers_pattern names where layers_to_transform's indices are read; set "
-                             "layers_to_transform too, or remove layers_pattern")
         if self.init in MOVES_BASE and self.use_dora:
             raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
                              f"gaussian with DoRA{without_niter(self.pissa_niter)}, or set use_dora: false")
         return self
-
-
-def _shown(targets) -> str:
-    return repr(targets) if isinstance(targets, str) else f"{{regex: {targets.regex!r}}}"
-
-
-def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The index of the layer that module `path` is in, as peft reads it for layers_to_transform: the number after
-    one of `layers_pattern` (`layers`: `model.layers.3.mlp` -> 3), else the first number after a dot (None: none)."""
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
-    return int(match["idx"]) if match else None
-
-
-def _regex_keys(pattern: dict | list | str | None) -> dict | list | str | None:
-    """A rank_pattern's or alpha_pattern's keys, and layers_pattern's names, must be regular expressions."""
-    for key in [pattern] if isinstance(pattern, str) else pattern or ():
-        try:
-            re.compile(key)
-        except re.error as e:
-            raise ValueError(f"{key!r} is not a regular expression ({e})") from None
-    return pattern
 
 
 def _pattern_value(pattern: dict, path: str, default):
@@ -335,7 +297,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
                 "gets another one)")
 
 
-class PeftLoraConfig(PeftConfigBase):
+class PeftLoraConfig(PeftLayerTargets):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -347,10 +309,7 @@ class PeftLoraConfig(PeftConfigBase):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] | None = None
-    layers_to_transform: list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None = None
-    layers_pattern: list[str] | str | None = None
-    _pattern_keys = field_validator("rank_pattern", "alpha_pattern", "layers_pattern")(
-        lambda pattern: _regex_keys(pattern))
+    _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: regex_keys(pattern))
 
 
 class Lora(Method):
@@ -392,20 +351,7 @@ class Lora(Method):
                         f"with '{other}' (tied): that would move both, which the exported adapter (a LoRA on "
                         f"'{name}') cannot give back. Leave '{name.rsplit('.', 1)[-1]}' out of adapter.target_modules, "
                         f"or use init: default{without_niter(cfg.pissa_niter)}.")
-        if cfg.layers_to_transform in (None, []):  # (peft: an empty list picks no layers out)
-            return names
-        wanted = cfg.layers_to_transform if isinstance(cfg.layers_to_transform, list) else [cfg.layers_to_transform]
-        # A module's full path among target_modules is adapted whatever its layer (peft matches it first).
-        kept = [n for n in names if n in cfg.target_modules or layer_index(n, cfg.layers_pattern) in wanted]
-        if not kept:
-            found = sorted({i for n in names if (i := layer_index(n, cfg.layers_pattern)) is not None})
-            after = f" after {cfg.layers_pattern!r}" if cfg.layers_pattern else ""
-            raise PeftkitError(
-                f"adapter.layers_to_transform {cfg.layers_to_transform} leaves none of the {len(names)} target "
-                "modules: " + (f"their layers are numbered {found[0]} to {found[-1]}. Give indices among those."
-                               if found else f"no layer index was found in their paths (e.g. '{names[0]}'){after}. "
-                               "Give the layers_pattern of this model."))
-        return kept
+        return names
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: LoraConfig, path: str) -> _LoraLayer:
@@ -470,8 +416,6 @@ class Lora(Method):
             "init_lora_weights": True,
             "rank_pattern": dict(cfg.rank_pattern),
             "alpha_pattern": dict(cfg.alpha_pattern),
-            "layers_to_transform": cfg.layers_to_transform,
-            "layers_pattern": cfg.layers_pattern,
         }
 
     @classmethod
@@ -492,8 +436,7 @@ class Lora(Method):
                              target_modules=targets_from_peft(peft.target_modules, config_file),
                              use_rslora=peft.use_rslora, use_dora=peft.use_dora,
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
-                             alpha_pattern=peft.alpha_pattern or {}, layers_to_transform=peft.layers_to_transform,
-                             layers_pattern=peft.layers_pattern if peft.layers_to_transform is not None else None)
+                             alpha_pattern=peft.alpha_pattern or {}, **peft.layer_settings(config_file))
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None

@@ -27,12 +27,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, draw_device, is_conv1d, linear_shape,
+from peftkit.methods.base import (AdapterLayer, Method, draw_device, is_conv1d, linear_shape,
                                   refuse_unsupported, targets_from_peft)
-from peftkit.section import AdapterSection, TargetRegex
+from peftkit.methods.layers import LayerTargets, PeftLayerTargets
+from peftkit.section import TargetRegex
 
 
-class LycorisConfig(AdapterSection):
+class LycorisConfig(LayerTargets):
     """The keys LoHa and LoKr share (defaults: peft's, except `target_modules`, all-linear as LoRA's)."""
 
     r: int = Field(8, gt=0)
@@ -101,7 +102,7 @@ class LycorisLayer(AdapterLayer):
         return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
 
 
-class PeftLycorisConfig(PeftConfigBase):
+class PeftLycorisConfig(PeftLayerTargets):
     """The fields of a LOHA/LOKR adapter_config.json that peftkit reads (defaults: peft's). peft's
     `use_effective_conv2d` changes only convolution layers, which peftkit does not adapt: ignored."""
 
@@ -112,7 +113,6 @@ class PeftLycorisConfig(PeftConfigBase):
     # Features peftkit does not implement: a value here is refused rather than silently ignored.
     rank_pattern: dict | None = None
     alpha_pattern: dict | None = None
-    layers_to_transform: list[int] | int | None = None
     exclude_modules: list[str] | str | None = None
 
 
@@ -180,19 +180,18 @@ class LycorisMethod(Method):
             "use_effective_conv2d": False,
             "rank_pattern": {},
             "alpha_pattern": {},
-            "layers_to_transform": None,
-            "layers_pattern": None,
             "exclude_modules": None,
         } | cls.extra_peft(cfg)
 
     @classmethod
     def from_peft(cls, peft: PeftLycorisConfig, config_file: Path) -> LycorisConfig:
-        refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "layers_to_transform", "exclude_modules"),
+        refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "exclude_modules"),
                            f"peftkit's {cls.title}")
         return cls.config(method=cls.name, r=peft.r, alpha=peft.alpha, rank_dropout=peft.rank_dropout,
                           module_dropout=peft.module_dropout,
                           target_modules=targets_from_peft(peft.target_modules, config_file),
-                          modules_to_save=peft.modules_to_save or [], **cls.extra_keys(peft))
+                          modules_to_save=peft.modules_to_save or [], **peft.layer_settings(config_file),
+                          **cls.extra_keys(peft))
 
     @classmethod
     def kept_for_backward(cls, cfg: LycorisConfig, layer: AdapterLayer) -> tuple[int, int]:

@@ -25,14 +25,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
+from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
                                   targets_from_peft)
-from peftkit.section import AdapterSection, TargetRegex
+from peftkit.methods.layers import LayerTargets, PeftLayerTargets
+from peftkit.section import TargetRegex
 
 SEED_RANGE = {"ge": -(2**63), "lt": 2**64}  # what torch.Generator.manual_seed takes
 
 
-class VeraConfig(AdapterSection):
+class VeraConfig(LayerTargets):
     """VeRA: two trained vectors per layer around a frozen random low-rank pair shared by all layers."""
 
     method: Literal["vera"]
@@ -109,7 +110,7 @@ class VeraLinear(AdapterLayer):
         return result + update.to(result.dtype)
 
 
-class PeftVeraConfig(PeftConfigBase):
+class PeftVeraConfig(PeftLayerTargets):
     """The fields of a VERA adapter_config.json that peftkit reads (defaults: peft's VeraConfig)."""
 
     r: int = Field(256, gt=0)
@@ -119,7 +120,6 @@ class PeftVeraConfig(PeftConfigBase):
     d_initial: float = 0.1
     # Features peftkit does not implement: a value here is refused rather than silently ignored.
     bias: str = "none"
-    layers_to_transform: list[int] | int | None = None
 
 
 class Vera(Method):
@@ -179,17 +179,15 @@ class Vera(Method):
             "fan_in_fan_out": fan_in_fan_out,
             "bias": "none",
             "init_weights": True,
-            "layers_to_transform": None,
-            "layers_pattern": None,
         }
 
     @classmethod
     def from_peft(cls, peft: PeftVeraConfig, config_file: Path) -> VeraConfig:
-        refuse_unsupported(peft, config_file, ("layers_to_transform",))
+        refuse_unsupported(peft, config_file, ())  # (its bias)
         return VeraConfig(method="vera", r=peft.r, target_modules=targets_from_peft(peft.target_modules, config_file),
                           projection_prng_key=peft.projection_prng_key, d_initial=peft.d_initial,
                           save_projection=peft.save_projection, dropout=peft.vera_dropout,
-                          modules_to_save=peft.modules_to_save or [])
+                          modules_to_save=peft.modules_to_save or [], **peft.layer_settings(config_file))
 
     @classmethod
     def kept_for_backward(cls, cfg: VeraConfig, layer: AdapterLayer) -> tuple[int, int]:

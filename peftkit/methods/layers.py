@@ -1,0 +1,112 @@
+"""Which layers' targets an adapter adapts: peft's `layers_to_transform` / `layers_pattern`, one rule for every
+method that wraps the layers `target_modules` names (peft's `check_target_module_exists`).
+
+`LayerTargets` is the recipe side (the method configs subclass it), `PeftLayerTargets` the adapter_config.json side,
+and `pick_layers` the rule itself, applied by `Method.select_targets`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator, model_validator
+
+from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.methods.base import PeftConfigBase
+from peftkit.section import AdapterSection, TargetRegex
+
+LayerIndices = list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None
+
+
+def regex_keys(pattern: dict | list | str | None) -> dict | list | str | None:
+    """A rank_pattern's or alpha_pattern's keys, and layers_pattern's names, must be regular expressions."""
+    for key in [pattern] if isinstance(pattern, str) else pattern or ():
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{key!r} is not a regular expression ({e})") from None
+    return pattern
+
+
+class LayerTargets(AdapterSection):
+    """The `adapter` keys that pick layers among the targets (every method that wraps layers has them)."""
+
+    layers_to_transform: LayerIndices = None
+    """Adapt the target modules of these layers only: the layer's index is the number after `layers_pattern` in a
+    module's path, or the first number after a dot in it (peft's)."""
+    layers_pattern: list[str] | str | None = None
+    """With layers_to_transform: the name before a layer's index (`layers`, `h`), where the first number would not
+    do."""
+
+    _layers_pattern_regex = field_validator("layers_pattern")(lambda pattern: regex_keys(pattern))
+
+    @model_validator(mode="after")
+    def _layers_need_targets(self) -> LayerTargets:
+        targets = getattr(self, "target_modules", None)
+        if self.layers_to_transform is not None and (isinstance(targets, TargetRegex) or targets == "all-linear"):
+            shown = f"{{regex: {targets.regex!r}}}" if isinstance(targets, TargetRegex) else repr(targets)
+            raise ValueError("adapter.layers_to_transform picks among the modules of a list of target_modules; with "
+                             f"target_modules {shown} give the layers in a regex instead (e.g. "
+                             r"{regex: 'layers\.(0|1)\..*(q_proj|v_proj)'}), or list the module names")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("adapter.layers_pattern names where layers_to_transform's indices are read; set "
+                             "layers_to_transform too, or remove layers_pattern")
+        return self
+
+
+class PeftLayerTargets(PeftConfigBase):
+    """adapter_config.json's layer selection (peft's defaults)."""
+
+    layers_to_transform: LayerIndices = None
+    layers_pattern: list[str] | str | None = None
+    _layers_pattern_regex = field_validator("layers_pattern")(lambda pattern: regex_keys(pattern))
+
+    def layer_settings(self, config_file: Path) -> dict[str, Any]:
+        """The recipe's layers_to_transform / layers_pattern for this file, read as peft reads it: layers_pattern
+        counts only with layers_to_transform, and both are passed over with a regex or `all-linear` target_modules
+        (peft matches the regex alone, and all-linear becomes the full path of every linear layer, which it matches
+        before any layer index; LoRA's and AdaLoRA's configs refuse both pairs)."""
+        if self.layers_to_transform is None:
+            return {}
+        if isinstance(self.target_modules, str):
+            kind = "'all-linear'" if self.target_modules == "all-linear" else "a regex"
+            warnings.warn(f"{config_file}: layers_to_transform {self.layers_to_transform} is not applied, because "
+                          f"target_modules is {kind}, which peft matches alone; the adapter loads as peft loads it",
+                          PeftkitWarning, stacklevel=2)
+            return {}
+        return {"layers_to_transform": self.layers_to_transform, "layers_pattern": self.layers_pattern}
+
+
+def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The index of the layer that module `path` is in, as peft reads it for layers_to_transform: the number after
+    one of `layers_pattern` (`layers`: `model.layers.3.mlp` -> 3), else the first number after a dot (None: none)."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+    return int(match["idx"]) if match else None
+
+
+def pick_layers(names: list[str], cfg: Any) -> list[str]:
+    """The target modules `names` (full paths) that cfg's layers_to_transform keeps, in order: all of them without
+    one (or with an empty list, as peft); a full path given in target_modules whatever its layer (peft matches it
+    first). Refuses indices that keep nothing."""
+    wanted, pattern = getattr(cfg, "layers_to_transform", None), getattr(cfg, "layers_pattern", None)
+    if wanted in (None, []):
+        return names
+    wanted = wanted if isinstance(wanted, list) else [wanted]
+    given = cfg.target_modules if isinstance(cfg.target_modules, list) else []
+    kept = [n for n in names if n in given or layer_index(n, pattern) in wanted]
+    if not kept:
+        found = sorted({i for n in names if (i := layer_index(n, pattern)) is not None})
+        after = f" after {pattern!r}" if pattern else ""
+        raise PeftkitError(
+            f"adapter.layers_to_transform {cfg.layers_to_transform} leaves none of the {len(names)} target "
+            "modules: " + (f"their layers are numbered {found[0]} to {found[-1]}. Give indices among those."
+                           if found else f"no layer index was found in their paths (e.g. '{names[0]}'){after}. "
+                           "Give the layers_pattern of this model."))
+    return kept
