@@ -202,7 +202,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
             base += p.numel() * BYTES[dtype]
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
-    inject_adapters(model, recipe.adapter)
+    inject_adapters(model, recipe.adapter, every_entry=not recipe.adapter.init_from)  # (as train: a file's settings)
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     trainable = trainable_parameters(model)
     sizes = [p.numel() for p in trainable]  # trainable tensors' element counts

@@ -268,7 +268,6 @@ UNSUPPORTED_FEATURES = {
     "trainable_token_indices": "trainable token embeddings",
     "layer_replication": "layer replication, which stacks copies of the base's layers",
     "target_parameters": "LoRA on parameters (target_parameters)",
-    "exclude_modules": "exclude_modules, which keeps the modules it names out of target_modules",
     "megatron_config": "Megatron's parallel linear layers",
     "velora_config": "VeLoRA",
     "kasa_config": "KaSA",

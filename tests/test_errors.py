@@ -200,14 +200,14 @@ def test_unknown_key_of_another_method_names_the_chosen_method_and_its_keys(tmp_
     assert message == ("Invalid recipe (1 problem):\n  "
                        f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  r: 4')}: unknown key 'r' in adapter: IA3 "
                        "(method: ia3) has no 'r'. Valid keys for method ia3: method, target_modules, "
-                       "feedforward_modules, modules_to_save, init_from.")
+                       "feedforward_modules, modules_to_save, exclude_modules, init_from.")
     lora = _error(_write(tmp_path, RECIPE.replace("  dropout: 0.0\n", "  feedforward_modules: [down_proj]\n")))
     assert ("unknown key 'feedforward_modules' in adapter: LoRA (method: lora) has no 'feedforward_modules'. Did you "
             "mean 'target_modules'? Valid keys for method lora: method, r, alpha,") in lora
     ia3 = _write(tmp_path, RECIPE.replace("adapter:\n  r: 4\n  alpha: 8\n  dropout: 0.0\n", "adapter:\n  method: ia3\n"))
     assert _error(ia3, ["adapter.r=8"]) == ("--set adapter.r: unknown key 'r' in adapter: IA3 (method: ia3) has no "
                                             "'r'. Valid keys for method ia3: method, target_modules, "
-                                            "feedforward_modules, modules_to_save, init_from.")
+                                            "feedforward_modules, modules_to_save, exclude_modules, init_from.")
     assert load_recipe(ia3).adapter.feedforward_modules is None  # peft's default for the architecture
 
 

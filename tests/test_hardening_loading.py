@@ -386,7 +386,7 @@ def test_adapter_weights_of_another_rank_than_its_config(adapter, tmp_path):
     message = str(info.value)
     assert message.startswith("The adapter's weights do not match its adapter_config.json: module "
                               "'model.layers.0.self_attn.q_proj' expects lora_A of shape (8, 32) but the adapter has (4, 32).")
-    assert "The weights have rank 4, the config says r: 8." in message
+    assert "The weights have rank 4, the config gives it rank 8 (its r, or a rank_pattern entry)." in message
 
 
 def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def test_a_peft_alora_adapter_is_refused_not_loaded_as_plain_lora(tiny_llama, tm
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("exclude_modules", ["model.layers.0.self_attn.q_proj"]), ("lora_bias", True), ("use_qalora", True),
+    ("lora_bias", True), ("use_qalora", True),
     ("trainable_token_indices", [5, 6]), ("layer_replication", [[0, 2], [1, 2]]), ("target_parameters", ["w"]),
 ])
 def test_unsupported_peft_features_are_refused_by_name(key, value, tiny_llama, tmp_path):
@@ -467,6 +468,120 @@ def test_layers_to_transform_beside_all_linear_or_a_regex_is_what_peft_does(targ
             load_recipe(bad)
     with pytest.raises(ValidationError, match=refused):
         AdaLoraConfig(method="adalora", target_modules=given, layers_to_transform=[0])
+
+
+EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter section: the methods with exclude_modules
+    "lora": ("LoraConfig", {"r": 2}, {"r": 2}),
+    "ia3": ("IA3Config", {"feedforward_modules": []}, {"feedforward_modules": []}),
+    "loha": ("LoHaConfig", {"r": 2, "alpha": 4}, {"r": 2, "alpha": 4}),
+    "lokr": ("LoKrConfig", {"r": 2, "alpha": 4}, {"r": 2, "alpha": 4}),
+    "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10}, {"init_r": 4, "target_r": 2}),
+    "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
+}
+
+
+def _far_from_identity(made: torch.nn.Module) -> set[str]:
+    """Move a peft model's trained tensors far from their init; the module paths it adapts."""
+    with torch.no_grad():
+        for p in made.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.2)
+    return {n.removeprefix("base_model.model.") for n, m in made.named_modules()
+            if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)}
+
+
+@pytest.mark.parametrize("method", sorted(EXCLUDE_METHODS))
+def test_exclude_modules_leaves_out_what_peft_leaves_out(method, tiny_llama, tmp_path):
+    """exclude_modules (a full path, or the end of one after a dot), as peft's, for every method whose peft config
+    has it (it was refused): peft's adapter loads with peft's modules and logits, and peftkit's adapter adapts the
+    modules peft keeps and loads in peft with peftkit's logits, without peft's "no modules were excluded" warning
+    (the export lists the kept modules and no exclude_modules)."""
+    from pydantic import TypeAdapter
+
+    from peftkit.adapters import adapter_layers
+    from peftkit.methods import AdapterConfig
+    from tests.conftest import save_random_adapter
+
+    kind, theirs_settings, ours_settings = EXCLUDE_METHODS[method]
+    settings = {"target_modules": ["q_proj", "v_proj"],
+                "exclude_modules": ["model.layers.0.self_attn.q_proj", "layers.1.self_attn.v_proj"]}
+    torch.manual_seed(0)
+    made = get_peft_model(_load(tiny_llama), getattr(peft, kind)(task_type="CAUSAL_LM", **settings, **theirs_settings))
+    kept = _far_from_identity(made)
+    assert kept == {"model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj"}
+    made.eval().save_pretrained(tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), tmp_path / "peft").eval()
+    ours = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == kept
+    base = _logits(_load(tiny_llama))
+    assert float((_logits(ours) - base).abs().max()) > 1e-3
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+
+    cfg = TypeAdapter(AdapterConfig).validate_python({"method": method, **settings, **ours_settings})
+    adapter = save_random_adapter(tiny_llama, cfg, tmp_path / "ours", seed=3)
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == kept
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    assert not [w for w in seen if "exclude" in str(w.message)]
+    assert float((_logits(ours) - base).abs().max()) > 1e-3
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+
+
+def test_exclude_modules_as_a_regex_and_its_mistakes(tiny_llama, number_data, tmp_path):
+    """A string exclude_modules in a file is a regex matched against the full path (peft's re.fullmatch), as
+    {regex: ...} in a recipe. A recipe's entry that names no module of the model is a typo, refused with the names
+    there are (peft only warns), also where target_modules is the architecture's default; one naming a module that
+    is no target (lm_head beside all-linear) passes, as in peft. Leaving out every target is refused, as peft
+    refuses it. IA3's feedforward_modules name targets before exclusion (peft's subset of target_modules)."""
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.methods.ia3 import IA3Config
+    from peftkit.methods.lora import LoraConfig
+
+    adapter = _peft_lora(tiny_llama, tmp_path / "regex", exclude_modules=r".*layers\.0\..*")
+    theirs = peft.PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]
+    assert set(adapter_layers(ours)) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    assert float((_logits(ours) - _logits(theirs)).abs().max()) <= 1e-5
+    cfg = LoraConfig(target_modules=["q_proj", "v_proj"], exclude_modules={"regex": r".*layers\.0\..*"})
+    assert set(inject_adapters(_load(tiny_llama), cfg)) == set(adapter_layers(ours))
+    assert len(inject_adapters(_load(tiny_llama), LoraConfig(exclude_modules=["lm_head", "down_proj"]))) == 12
+    ia3 = IA3Config(method="ia3", target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                    exclude_modules=["down_proj"])
+    assert set(inject_adapters(_load(tiny_llama), ia3)) == {f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)}
+
+    for settings, message in (
+            ({"exclude_modules": ["v_proj", "q_prj"]}, r"adapter.exclude_modules entry 'q_prj' names no module of "
+                                                       r"this model; fix it or remove it. Did you mean 'q_proj'\?"),
+            ({"exclude_modules": {"regex": r".*\.kv_proj"}}, r"adapter.exclude_modules \{regex: .*\} matches no "
+                                                             r"module of this model"),
+            ({"exclude_modules": ["q_proj", "v_proj"]}, r"adapter.exclude_modules leaves out all 4 target modules, "
+                                                        r"so nothing would be adapted")):
+        with pytest.raises(PeftkitError, match=message):
+            inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["q_proj", "v_proj"], **settings))
+    with pytest.raises(PeftkitError, match=r"entry 'down_prj' names no module of this model"):
+        inject_adapters(_load(tiny_llama), IA3Config(method="ia3", exclude_modules=["down_prj"]))  # (targets: null)
+
+
+def test_init_from_a_peft_adapter_whose_exclude_modules_names_nothing_trains(tiny_llama, number_data, tmp_path):
+    """peft saves an exclude_modules entry that excluded nothing (it only warns); a run starting from that adapter
+    (init_from) trains, where its memory estimate refused the file's entry as if the recipe had it."""
+    import yaml
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import make_recipe
+
+    adapter = _peft_lora(tiny_llama, tmp_path / "peft", exclude_modules=["zzz", "model.layers.0.self_attn.q_proj"])
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1})
+    text = yaml.safe_load(recipe.read_text())
+    text["adapter"] = {"init_from": str(adapter)}
+    recipe.write_text(yaml.safe_dump(text))
+    train(load_recipe(recipe), show_summary=False)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj",
+                                                "model.layers.1.self_attn.v_proj"]
 
 
 def test_layers_to_transform_edge_cases_follow_peft(tiny_llama, number_data, tmp_path):

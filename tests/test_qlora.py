@@ -491,3 +491,41 @@ def test_float16_compute_on_cpu_is_a_recipe_error(qllama, number_data, tmp_path)
         train(recipe, console=Console(file=io.StringIO()))
     assert "float32" in str(error.value)  # says what to use instead
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # rejected before any training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="paged memory is CUDA's (scripts/gpu_check.sh runs it)")
+@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "paged_adamw_32bit"])
+def test_a_paged_optimizer_s_state_is_paged_again_after_loading(optimizer):
+    """bitsandbytes' load_state_dict moves a paged optimizer's moments onto the GPU as ordinary tensors, so a resumed
+    run held in GPU memory what the unbroken one paged out (and could run out of it where that one fitted).
+    `keep_paged` pages them again, with the same values: the next steps give the unbroken run's bits."""
+    from peftkit.recipe import TrainingConfig
+    from peftkit.runtime import build_optimizer, keep_paged
+
+    def run(steps: int, p: nn.Parameter, opt) -> None:
+        for step in range(steps):
+            p.grad = torch.randn(p.shape, device=p.device, generator=torch.Generator(p.device).manual_seed(step))
+            opt.step()
+
+    cfg = TrainingConfig(optimizer=optimizer, lr=1e-2)
+    make = lambda p: build_optimizer(cfg, [p], p.device, Console(file=io.StringIO()))  # noqa: E731
+    start = torch.randn(1024, 128, device="cuda")  # 131,072 elements: bitsandbytes pages from 1e5
+    straight = nn.Parameter(start.clone())
+    opt = make(straight)
+    run(2, straight, opt)
+    assert all(getattr(s["state1"], "is_paged", False) for s in opt.state.values())
+    buffer = io.BytesIO()  # as a checkpoint keeps it, and --resume reads it (onto the CPU)
+    torch.save(opt.state_dict(), buffer)
+    run(2, straight, opt)
+
+    resumed = nn.Parameter(start.clone())
+    first = make(resumed)
+    run(2, resumed, first)
+    again = make(resumed)
+    again.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True, map_location="cpu"))
+    assert not any(getattr(s["state1"], "is_paged", False) for s in again.state.values())  # bitsandbytes' own
+    keep_paged(again)
+    state = next(iter(again.state.values()))
+    assert all(getattr(state[k], "is_paged", False) for k in ("state1", "state2") if k in state)
+    run(2, resumed, again)  # (the generator gives steps 0 and 1 again: the same for both runs below)
+    torch.testing.assert_close(resumed, straight, rtol=0, atol=0)

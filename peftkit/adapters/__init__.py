@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable,
                                   suffix_match)
+from peftkit.methods.target_filters import check_excluded
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.recipe import AdapterConfig, TargetRegex
 
@@ -47,15 +48,16 @@ REGEX_TIMEOUT_S = 2.0
 """How long a target_modules regex may take to match one module name."""
 
 
-def _regex_targets(target: TargetRegex, modules: dict[str, nn.Module]) -> list[str]:
-    """The module paths `target.regex` fully matches, as peft's `re.fullmatch` does, through the `regex` package (a
-    transformers dependency) for its timeout: an adapter_config.json's `(.|.)*Z` kept `re` busy for ever."""
+def regex_targets(target: TargetRegex, names: Iterable[str], key: str = "target_modules") -> list[str]:
+    """The module paths among `names` that `target.regex` fully matches, as peft's `re.fullmatch` does, through the
+    `regex` package (a transformers dependency) for its timeout: an adapter_config.json's `(.|.)*Z` kept `re` busy for
+    ever. `key`: the recipe key the regex is."""
     import regex
 
     try:
-        return [n for n in modules if n and regex.fullmatch(target.regex, n, timeout=REGEX_TIMEOUT_S)]
+        return [n for n in names if n and regex.fullmatch(target.regex, n, timeout=REGEX_TIMEOUT_S)]
     except TimeoutError:
-        raise PeftkitError(f"adapter.target_modules {_describe(target)}: the regular expression took over "
+        raise PeftkitError(f"adapter.{key} {_describe(target)}: the regular expression took over "
                            f"{REGEX_TIMEOUT_S:g} s to match one module name (it backtracks without end); write it "
                            "without nested repetition, or as a list of names.") from None
 
@@ -73,7 +75,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex
         heads = _output_head_names(model)
         names = [n for n, m in modules.items() if _is_linear(m) and n not in heads]
     elif isinstance(target_modules, TargetRegex):
-        names = _regex_targets(target_modules, modules)
+        names = regex_targets(target_modules, modules)
     else:
         names = [n for n in modules if n and any(suffix_match(n, t) for t in target_modules)]
         if every_entry:
@@ -141,6 +143,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     """
     _check_converted(cfg)
     method = method_of(cfg)
+    if every_entry:  # (before the line below: whatever target_modules, a recipe's exclude_modules names modules)
+        check_excluded([n for n, _ in model.named_modules()], cfg)
     # An architecture's default list (IA3, AdaLoRA) may name what this transformers version no longer has as a layer
     # (Mixtral's experts' w2, now fused parameters): as in peft, its entries need not all match; one must.
     every_entry = every_entry and getattr(cfg, "target_modules", "given") is not None
@@ -424,8 +428,9 @@ def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...],
     if rank_dim is not None and len(saved) == len(expected) and [d for i, d in enumerate(saved) if i != rank_dim] == \
             [d for i, d in enumerate(expected) if i != rank_dim]:
         return (f"The adapter's weights do not match its adapter_config.json: {mismatch} The weights have rank "
-                f"{saved[rank_dim]}, the config says r: {expected[rank_dim]}. The two files come from different "
-                "runs; export the adapter again, or put back the adapter_config.json saved with these weights.")
+                f"{saved[rank_dim]}, the config gives it rank {expected[rank_dim]} (its r, or a rank_pattern entry). "
+                "The two files come from different runs; export the adapter again, or put back the "
+                "adapter_config.json saved with these weights.")
     return (f"The adapter does not fit this model: {mismatch} It was trained on a different base model (another "
             "size or vocabulary); pass the base it was trained on.")
 

@@ -28,7 +28,8 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, REEXPORT, draw_device, is_conv1d,
                                   linear_shape, refuse_unsupported, targets_from_peft)
-from peftkit.methods.layers import LayerTargets, PeftLayerTargets
+from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
+                                             filters_from_peft)
 from peftkit.section import TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, peft 0.21) for the
@@ -42,7 +43,7 @@ DEFAULTS: dict[str, list[str]] = {
 E_KEY = ".lora_E"  # rank_pattern's keys: `<module path>.lora_E`, as peft writes them
 
 
-class AdaLoraConfig(LayerTargets):
+class AdaLoraConfig(LayerTargets, ExcludedTargets):
     """AdaLoRA: SVD-form LoRA whose per-layer ranks shrink from init_r to an average of target_r while training.
 
     The schedule (peft's): `tinit` warm-up steps at full rank, then the total budget (target_r x layers) is
@@ -151,7 +152,7 @@ class AdaLoraLinear(AdapterLayer):
         return result + update.to(result.dtype)
 
 
-class PeftAdaLoraConfig(PeftLayerTargets):
+class PeftAdaLoraConfig(PeftLayerTargets, PeftExcludedTargets):
     """The fields of an ADALORA adapter_config.json that peftkit reads (defaults: peft's AdaLoraConfig)."""
 
     init_r: int = Field(12, gt=0)
@@ -265,7 +266,7 @@ class AdaLora(Method):
             return AdaLoraConfig(method="adalora", **fields, alpha=peft.lora_alpha, dropout=peft.lora_dropout,
                                  target_modules=targets_from_peft(peft.target_modules, config_file),
                                  modules_to_save=peft.modules_to_save or [], rank_pattern=pattern,
-                                 **peft.layer_settings(config_file))
+                                 **filters_from_peft(peft, config_file))
         except ValidationError as e:
             err = e.errors()[0]
             raise PeftkitError(f'{config_file}: "{err["loc"][0]}" {err["msg"].removeprefix("Value error, ")}. '

@@ -301,13 +301,13 @@ class Method:
     @classmethod
     def select_targets(cls, model: nn.Module, cfg: Any, every_entry: bool) -> list[str]:
         """Full paths of the modules `wrap` is given, in model order (`cfg` already `resolve`d). Default: the
-        Linear/Conv1D/Embedding layers `cfg.target_modules` names (`peftkit.adapters.find_targets`) in the layers
-        `cfg.layers_to_transform` keeps (`peftkit.methods.layers.pick_layers`); a module adapter picks whole blocks
-        (attention, MLP) instead."""
+        Linear/Conv1D/Embedding layers `cfg.target_modules` names (`peftkit.adapters.find_targets`) that
+        `cfg.exclude_modules` and `cfg.layers_to_transform` keep (`peftkit.methods.target_filters.narrow`); a module
+        adapter picks whole blocks (attention, MLP) instead."""
         from peftkit.adapters import find_targets  # peftkit.adapters imports this module
-        from peftkit.methods.layers import pick_layers  # (it imports this module too)
+        from peftkit.methods.target_filters import narrow  # (it imports this module too)
 
-        return pick_layers(find_targets(model, cfg.target_modules, every_entry), cfg)
+        return narrow(find_targets(model, cfg.target_modules, every_entry), cfg)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: Any, path: str) -> AdapterLayer:
@@ -371,7 +371,9 @@ class Method:
                 "target_modules": sorted(targets), "modules_to_save": cfg.modules_to_save or None,
                 "inference_mode": True, "revision": None} | (
                     {"layers_to_transform": cfg.layers_to_transform, "layers_pattern": cfg.layers_pattern}
-                    if hasattr(cfg, "layers_to_transform") else {})
+                    if hasattr(cfg, "layers_to_transform") else {}) | (
+                    # the targets above already leave them out: peft would warn that it excluded nothing
+                    {"exclude_modules": None} if hasattr(cfg, "exclude_modules") else {})
 
     @classmethod
     def from_peft(cls, peft: Any, config_file: Path) -> Any:

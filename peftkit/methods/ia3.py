@@ -20,9 +20,10 @@ from pydantic import Field, PrivateAttr
 from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
-from peftkit.methods.base import (AdapterLayer, Method, PeftConfigBase, is_conv1d, linear_shape, refuse_unsupported,
+from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
                                   suffix_match, targets_from_peft)
-from peftkit.section import AdapterSection, TargetRegex
+from peftkit.methods.target_filters import ExcludedTargets, PeftExcludedTargets, filters_from_peft, narrow
+from peftkit.section import TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, peft 0.21)
 # for the architectures peftkit is tested on and their close relatives: (targets, feed-forward modules).
@@ -44,7 +45,7 @@ DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class IA3Config(AdapterSection):
+class IA3Config(ExcludedTargets):
     """(IA)^3: learned scaling vectors on keys, values and feed-forward inputs."""
 
     method: Literal["ia3"]
@@ -113,7 +114,7 @@ class IA3Linear(AdapterLayer):
         return (result.to(l.dtype) * l).to(result.dtype)
 
 
-class PeftIA3Config(PeftConfigBase):
+class PeftIA3Config(PeftExcludedTargets):
     """The fields of an IA3 adapter_config.json that peftkit reads (defaults: peft's IA3Config)."""
 
     feedforward_modules: list[str] | str | None = None
@@ -151,8 +152,11 @@ class IA3(Method):
     @classmethod
     def select_targets(cls, model: nn.Module, cfg: IA3Config, every_entry: bool) -> list[str]:
         """The targets; a feedforward_modules entry the user gave must name one of them (peft: "should be a subset
-        of target_modules"), or the setting would be dropped and the module meant would have its output scaled."""
-        names = super().select_targets(model, cfg, every_entry)
+        of target_modules"), or the setting would be dropped and the module meant would have its output scaled.
+        Checked before exclude_modules leaves some targets out (peft's subset is of target_modules too)."""
+        from peftkit.adapters import find_targets  # (peftkit.adapters imports this module)
+
+        names = find_targets(model, cfg.target_modules, every_entry)
         if cfg._feedforward_given:
             given = cfg.feedforward_modules
             for entry in [given] if isinstance(given, TargetRegex) else given:
@@ -164,7 +168,7 @@ class IA3(Method):
                         f"target_modules: {', '.join(kinds)}). IA3 scales the input of the targets it names, so each "
                         "entry must name a target: add the module to target_modules too, or fix the name."
                         + (did_you_mean(entry, kinds) if isinstance(entry, str) else ""))
-        return names
+        return narrow(names, cfg)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: IA3Config, path: str) -> IA3Linear:
@@ -220,7 +224,8 @@ class IA3(Method):
         if isinstance(feedforward, str):  # peft: a string is a regex matched in full against the module path
             feedforward = targets_from_peft(feedforward, config_file, key="feedforward_modules")
         return IA3Config(method="ia3", target_modules=targets_from_peft(peft.target_modules, config_file),
-                         feedforward_modules=feedforward, modules_to_save=peft.modules_to_save or [])
+                         feedforward_modules=feedforward, modules_to_save=peft.modules_to_save or [],
+                         **filters_from_peft(peft, config_file))
 
     @classmethod
     def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:

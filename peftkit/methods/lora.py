@@ -28,13 +28,14 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, draw_device, is_conv1d,
                                   is_quantized, linear_shape, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
-from peftkit.methods.layers import LayerTargets, PeftLayerTargets, regex_keys
+from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
+                                             filters_from_peft, regex_keys)
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import TargetRegex
 
 
-class LoraConfig(LayerTargets):
+class LoraConfig(LayerTargets, ExcludedTargets):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -297,7 +298,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
                 "gets another one)")
 
 
-class PeftLoraConfig(PeftLayerTargets):
+class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -436,7 +437,7 @@ class Lora(Method):
                              target_modules=targets_from_peft(peft.target_modules, config_file),
                              use_rslora=peft.use_rslora, use_dora=peft.use_dora,
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
-                             alpha_pattern=peft.alpha_pattern or {}, **peft.layer_settings(config_file))
+                             alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file))
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None

@@ -29,11 +29,12 @@ from torch.nn import functional as F
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, draw_device, is_conv1d, linear_shape,
                                   refuse_unsupported, targets_from_peft)
-from peftkit.methods.layers import LayerTargets, PeftLayerTargets
+from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
+                                             filters_from_peft)
 from peftkit.section import TargetRegex
 
 
-class LycorisConfig(LayerTargets):
+class LycorisConfig(LayerTargets, ExcludedTargets):
     """The keys LoHa and LoKr share (defaults: peft's, except `target_modules`, all-linear as LoRA's)."""
 
     r: int = Field(8, gt=0)
@@ -102,7 +103,7 @@ class LycorisLayer(AdapterLayer):
         return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
 
 
-class PeftLycorisConfig(PeftLayerTargets):
+class PeftLycorisConfig(PeftLayerTargets, PeftExcludedTargets):
     """The fields of a LOHA/LOKR adapter_config.json that peftkit reads (defaults: peft's). peft's
     `use_effective_conv2d` changes only convolution layers, which peftkit does not adapt: ignored."""
 
@@ -113,7 +114,6 @@ class PeftLycorisConfig(PeftLayerTargets):
     # Features peftkit does not implement: a value here is refused rather than silently ignored.
     rank_pattern: dict | None = None
     alpha_pattern: dict | None = None
-    exclude_modules: list[str] | str | None = None
 
 
 class LycorisMethod(Method):
@@ -180,17 +180,16 @@ class LycorisMethod(Method):
             "use_effective_conv2d": False,
             "rank_pattern": {},
             "alpha_pattern": {},
-            "exclude_modules": None,
         } | cls.extra_peft(cfg)
 
     @classmethod
     def from_peft(cls, peft: PeftLycorisConfig, config_file: Path) -> LycorisConfig:
-        refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern", "exclude_modules"),
+        refuse_unsupported(peft, config_file, ("rank_pattern", "alpha_pattern"),
                            f"peftkit's {cls.title}")
         return cls.config(method=cls.name, r=peft.r, alpha=peft.alpha, rank_dropout=peft.rank_dropout,
                           module_dropout=peft.module_dropout,
                           target_modules=targets_from_peft(peft.target_modules, config_file),
-                          modules_to_save=peft.modules_to_save or [], **peft.layer_settings(config_file),
+                          modules_to_save=peft.modules_to_save or [], **filters_from_peft(peft, config_file),
                           **cls.extra_keys(peft))
 
     @classmethod

@@ -30,7 +30,8 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
                                   targets_from_peft)
-from peftkit.methods.layers import LayerTargets, PeftLayerTargets
+from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
+                                             filters_from_peft)
 from peftkit.section import TargetRegex
 
 # The first peft whose Cayley-Neumann series this file computes (peft 0.18 changed it). Written as the adapter's
@@ -38,7 +39,7 @@ from peftkit.section import TargetRegex
 NEUMANN_SINCE = "0.18.0"
 
 
-class OftConfig(LayerTargets):
+class OftConfig(LayerTargets, ExcludedTargets):
     """OFT: a trained block-diagonal rotation of each target layer's input."""
 
     method: Literal["oft"]
@@ -239,7 +240,7 @@ class OftLinear(AdapterLayer):
         return self.base_layer(rotated.to(x.dtype))
 
 
-class PeftOftConfig(PeftLayerTargets):
+class PeftOftConfig(PeftLayerTargets, PeftExcludedTargets):
     """The fields of an OFT adapter_config.json that peftkit reads (defaults: peft 0.21's OFTConfig)."""
 
     r: int = Field(0, ge=0)
@@ -253,7 +254,6 @@ class PeftOftConfig(PeftLayerTargets):
     peft_version: str | None = None
     # Features peftkit does not implement: a value here is refused rather than silently ignored.
     bias: str = "none"
-    exclude_modules: list[str] | str | None = None
 
 
 class Oft(Method):
@@ -304,13 +304,12 @@ class Oft(Method):
             "block_share": cfg.block_share,
             "use_cayley_neumann": cfg.use_cayley_neumann,
             "num_cayley_neumann_terms": cfg.num_cayley_neumann_terms,
-            "exclude_modules": None,
             "peft_version": NEUMANN_SINCE,
         }
 
     @classmethod
     def from_peft(cls, peft: PeftOftConfig, config_file: Path) -> OftConfig:
-        refuse_unsupported(peft, config_file, ("exclude_modules",))
+        refuse_unsupported(peft, config_file, ())  # (its bias)
         if "oft_block_size" not in peft.model_fields_set:  # as peft: the layout before peft 0.14
             raise PeftkitError(f"{config_file}: no 'oft_block_size': an OFT adapter of peft < 0.14, whose weights "
                                "neither peft nor peftkit reads any more. Train it again.")
@@ -325,7 +324,7 @@ class Oft(Method):
                         use_cayley_neumann=peft.use_cayley_neumann,
                         num_cayley_neumann_terms=peft.num_cayley_neumann_terms,
                         target_modules=targets_from_peft(peft.target_modules, config_file),
-                        modules_to_save=peft.modules_to_save or [], **peft.layer_settings(config_file))
+                        modules_to_save=peft.modules_to_save or [], **filters_from_peft(peft, config_file))
         cfg._saved = True
         return cfg
 

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
                                   targets_from_peft)
-from peftkit.methods.layers import LayerTargets, PeftLayerTargets
+from peftkit.methods.target_filters import LayerTargets, PeftLayerTargets, filters_from_peft
 from peftkit.section import TargetRegex
 
 SEED_RANGE = {"ge": -(2**63), "lt": 2**64}  # what torch.Generator.manual_seed takes
@@ -187,7 +187,7 @@ class Vera(Method):
         return VeraConfig(method="vera", r=peft.r, target_modules=targets_from_peft(peft.target_modules, config_file),
                           projection_prng_key=peft.projection_prng_key, d_initial=peft.d_initial,
                           save_projection=peft.save_projection, dropout=peft.vera_dropout,
-                          modules_to_save=peft.modules_to_save or [], **peft.layer_settings(config_file))
+                          modules_to_save=peft.modules_to_save or [], **filters_from_peft(peft, config_file))
 
     @classmethod
     def kept_for_backward(cls, cfg: VeraConfig, layer: AdapterLayer) -> tuple[int, int]:

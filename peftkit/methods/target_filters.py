@@ -1,8 +1,9 @@
-"""Which layers' targets an adapter adapts: peft's `layers_to_transform` / `layers_pattern`, one rule for every
-method that wraps the layers `target_modules` names (peft's `check_target_module_exists`).
+"""Which of the modules `target_modules` names an adapter adapts: peft's `layers_to_transform` / `layers_pattern`
+and `exclude_modules`, one rule each for every method whose peft config has the field (peft's
+`check_target_module_exists`).
 
-`LayerTargets` is the recipe side (the method configs subclass it), `PeftLayerTargets` the adapter_config.json side,
-and `pick_layers` the rule itself, applied by `Method.select_targets`.
+`LayerTargets` and `ExcludedTargets` are the recipe side (a method's config subclasses those it has), the `Peft...`
+classes the adapter_config.json side, and `narrow` the rules themselves, applied by `Method.select_targets`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from peftkit.errors import PeftkitError, PeftkitWarning
-from peftkit.methods.base import PeftConfigBase
+from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
+from peftkit.methods.base import PeftConfigBase, suffix_match, targets_from_peft
 from peftkit.section import AdapterSection, TargetRegex
 
 LayerIndices = list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None
@@ -32,7 +33,7 @@ def regex_keys(pattern: dict | list | str | None) -> dict | list | str | None:
 
 
 class LayerTargets(AdapterSection):
-    """The `adapter` keys that pick layers among the targets (every method that wraps layers has them)."""
+    """The `adapter` keys that pick layers among the targets."""
 
     layers_to_transform: LayerIndices = None
     """Adapt the target modules of these layers only: the layer's index is the number after `layers_pattern` in a
@@ -50,11 +51,19 @@ class LayerTargets(AdapterSection):
             shown = f"{{regex: {targets.regex!r}}}" if isinstance(targets, TargetRegex) else repr(targets)
             raise ValueError("adapter.layers_to_transform picks among the modules of a list of target_modules; with "
                              f"target_modules {shown} give the layers in a regex instead (e.g. "
-                             r"{regex: 'layers\.(0|1)\..*(q_proj|v_proj)'}), or list the module names")
+                             r"{regex: '.*layers\.(0|1)\..*(q_proj|v_proj)'}), or list the module names")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("adapter.layers_pattern names where layers_to_transform's indices are read; set "
                              "layers_to_transform too, or remove layers_pattern")
         return self
+
+
+class ExcludedTargets(AdapterSection):
+    """The `adapter` key that leaves modules out of the targets."""
+
+    exclude_modules: list[str] | TargetRegex | None = None
+    """Modules left out of the targets (peft's exclude_modules): names matching a module's path or its end after a
+    dot, or {regex: ...} matched against the full path. Each must leave out some target."""
 
 
 class PeftLayerTargets(PeftConfigBase):
@@ -80,6 +89,20 @@ class PeftLayerTargets(PeftConfigBase):
         return {"layers_to_transform": self.layers_to_transform, "layers_pattern": self.layers_pattern}
 
 
+class PeftExcludedTargets(PeftConfigBase):
+    """adapter_config.json's exclude_modules (a string is a regex, as target_modules')."""
+
+    exclude_modules: list[str] | str | None = None
+
+    def exclude_settings(self, config_file: Path) -> dict[str, Any]:
+        """The recipe's exclude_modules for this file (none for an empty list, as peft)."""
+        if not self.exclude_modules:
+            return {}
+        if self.exclude_modules == "all-linear":  # (no keyword here: a regex like any other string)
+            return {"exclude_modules": TargetRegex(regex="all-linear")}
+        return {"exclude_modules": targets_from_peft(self.exclude_modules, config_file, key="exclude_modules")}
+
+
 def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
     """The index of the layer that module `path` is in, as peft reads it for layers_to_transform: the number after
     one of `layers_pattern` (`layers`: `model.layers.3.mlp` -> 3), else the first number after a dot (None: none)."""
@@ -91,10 +114,52 @@ def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None
     return int(match["idx"]) if match else None
 
 
-def pick_layers(names: list[str], cfg: Any) -> list[str]:
-    """The target modules `names` (full paths) that cfg's layers_to_transform keeps, in order: all of them without
-    one (or with an empty list, as peft); a full path given in target_modules whatever its layer (peft matches it
-    first). Refuses indices that keep nothing."""
+def narrow(names: list[str], cfg: Any) -> list[str]:
+    """The target modules `names` (full paths, in order) that cfg's exclude_modules and layers_to_transform keep."""
+    return _pick_layers(_drop_excluded(names, cfg), cfg)
+
+
+def check_excluded(modules: list[str], cfg: Any) -> None:
+    """A recipe's exclude_modules entry that names no module of the model (full paths `modules`) is a typo: refused
+    with the names there are (peft only warns). One naming a module that is no target (`lm_head` beside all-linear)
+    is no mistake, and passes, as in peft."""
+    from peftkit.adapters import regex_targets  # (peftkit.adapters imports the methods)
+
+    excluded = getattr(cfg, "exclude_modules", None)
+    for entry in [excluded] if isinstance(excluded, TargetRegex) else excluded or ():
+        if isinstance(entry, TargetRegex):
+            if not regex_targets(entry, modules, key="exclude_modules"):
+                raise PeftkitError(f"adapter.exclude_modules {{regex: {entry.regex!r}}} matches no module of this "
+                                   "model (it is matched against the full path, as target_modules' regex); fix it "
+                                   "or remove it.")
+        elif not any(suffix_match(n, entry) for n in modules):
+            kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in modules if n))
+            raise PeftkitError(f"adapter.exclude_modules entry {entry!r} names no module of this model; fix it or "
+                               f"remove it.{did_you_mean(entry, kinds)}")
+
+
+def _drop_excluded(names: list[str], cfg: Any) -> list[str]:
+    """`names` without those exclude_modules names; leaving out every target is refused (as peft)."""
+    from peftkit.adapters import regex_targets  # (peftkit.adapters imports the methods)
+
+    excluded = getattr(cfg, "exclude_modules", None)
+    if not excluded:
+        return names
+    if isinstance(excluded, TargetRegex):
+        dropped = set(regex_targets(excluded, names, key="exclude_modules"))
+    else:
+        dropped = {n for n in names if any(suffix_match(n, e) for e in excluded)}
+    kept = [n for n in names if n not in dropped]
+    if not kept:
+        raise PeftkitError(f"adapter.exclude_modules leaves out all {len(names)} target modules, so nothing would be "
+                           "adapted; exclude fewer modules, or target others")
+    return kept
+
+
+def _pick_layers(names: list[str], cfg: Any) -> list[str]:
+    """`names` in the layers cfg's layers_to_transform keeps: all of them without one (or with an empty list, as
+    peft); a full path given in target_modules whatever its layer (peft matches it first). Refuses indices that keep
+    nothing."""
     wanted, pattern = getattr(cfg, "layers_to_transform", None), getattr(cfg, "layers_pattern", None)
     if wanted in (None, []):
         return names
@@ -110,3 +175,9 @@ def pick_layers(names: list[str], cfg: Any) -> list[str]:
                            if found else f"no layer index was found in their paths (e.g. '{names[0]}'){after}. "
                            "Give the layers_pattern of this model."))
     return kept
+
+
+def filters_from_peft(peft: PeftConfigBase, config_file: Path) -> dict[str, Any]:
+    """The recipe keys of those filters that the method of adapter_config.json `peft` has, read from it."""
+    return ((peft.layer_settings(config_file) if isinstance(peft, PeftLayerTargets) else {})
+            | (peft.exclude_settings(config_file) if isinstance(peft, PeftExcludedTargets) else {}))
