@@ -25,7 +25,6 @@ from peftkit.distributed import load_optimizer_state
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory, fsync_path, sha256_file
 from peftkit.peft_format import WEIGHTS_NAME
-from peftkit.runtime import keep_paged
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -153,7 +152,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         with zero.gathered(model, modify=True):  # ZeRO-3: whole while written, then partitioned again
             load_adapter_state_dict(model, weights, encoder_restored=method_trainer is not None)
         load_optimizer_state(model, optimizer, blob["optimizer"])
-        keep_paged(optimizer)
         scheduler.load_state_dict(blob["scheduler"])
         if selection is not None:
             selection.load(path)

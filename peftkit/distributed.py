@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 from datetime import timedelta
+from inspect import signature
 from pathlib import Path
 
 import torch
@@ -280,12 +281,40 @@ def load_optimizer_state(model, optimizer, state: dict | list) -> None:
         zero.load_optimizer_state(optimizer, state)
         return
     if not _fsdp(model):
-        optimizer.load_state_dict(state)
+        inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's wrapper)
+        if getattr(inner, "is_paged", False):
+            # (paged below, not all on the GPU first; an older bitsandbytes has no such argument)
+            keep = {"move_to_device": False} if "move_to_device" in signature(inner.load_state_dict).parameters else {}
+            inner.load_state_dict(state, **keep)
+            _page_again(inner)
+        else:
+            optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def _page_again(optimizer) -> None:
+    """Page a bitsandbytes paged optimizer's moments again after its `load_state_dict(move_to_device=False)`, which
+    leaves them as ordinary CPU tensors: its default `.to(device)` put them all on the GPU at once, so a resumed run
+    held there what the unbroken run kept paged, and could run out of memory where that one fitted. Paged as
+    bitsandbytes' `get_state_buffer` pages new ones (the state of CUDA parameters of 1e5 elements and more), with the
+    same values; its first `step()` moves the rest to the GPU (`to_gpu`). Not under FSDP or DeepSpeed, which restore
+    optimizer state their own way (there it stays unpaged after a resume)."""
+    import bitsandbytes.functional as bnb_functional
+
+    for param, state in optimizer.state.items():
+        if param.device.type != "cuda" or param.numel() < 1e5:
+            continue
+        for key in ("state1", "state2"):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and not getattr(value, "is_paged", False):
+                paged = bnb_functional.get_paged(*value.shape, dtype=value.dtype, device=param.device)
+                paged.copy_(value)
+                optimizer.page_mng.paged_tensors.append(paged)
+                state[key] = paged
 
 
 FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",

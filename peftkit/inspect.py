@@ -74,10 +74,6 @@ def inspect_adapter(path: str | Path) -> dict:
     renamed = without_adapter_name(shapes, method, weights_file)
     shapes = {new: shapes[key] for key, new in renamed.items()}
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
-    embedded = [p for p, parts in targets.items() if any(k.startswith("lora_embedding_") for k in parts)]
-    if reads["ok"] and raw.get("use_dora") and embedded:  # what loading refuses, when it wraps the layer
-        reads = {"ok": False, "reason": f"use_dora on the embedding '{embedded[0]}': peftkit's DoRA adapts Linear "
-                                        "and Conv1D layers only (peft's loads in peft)"}
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
     saved_params = adapter_params + sum(saved.values())
     ranks = _ranks(method, targets)

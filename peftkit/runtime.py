@@ -152,28 +152,6 @@ def build_optimizer(cfg: TrainingConfig, params: list, device: torch.device, con
     return optimizer
 
 
-def keep_paged(optimizer) -> None:
-    """Page a bitsandbytes paged optimizer's moments again after its `load_state_dict`, which moves them onto the GPU
-    as ordinary tensors (`.to(device)`): a resumed run would hold in GPU memory what the unbroken run kept paged, and
-    could run out of it where that one fitted. Paged as bitsandbytes' `get_state_buffer` pages new ones (the state of
-    CUDA parameters of 1e5 elements and more), with the same values; anything else is left as it is."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's wrapper)
-    if not getattr(inner, "is_paged", False):
-        return
-    import bitsandbytes.functional as bnb_functional
-
-    for param, state in inner.state.items():
-        if param.device.type != "cuda" or param.numel() < 1e5:
-            continue
-        for key in ("state1", "state2"):
-            value = state.get(key)
-            if isinstance(value, torch.Tensor) and not getattr(value, "is_paged", False):
-                paged = bnb_functional.get_paged(*value.shape, dtype=value.dtype, device=param.device)
-                paged.copy_(value)
-                inner.page_mng.paged_tensors.append(paged)
-                state[key] = paged
-
-
 def lr_lambda(cfg: TrainingConfig, total_steps: int):
     """Linear warmup over warmup_steps, then cosine/linear decay to 0 at total_steps (or constant)."""
     def factor(step: int) -> float:

@@ -818,27 +818,62 @@ def test_dora_dropout_in_training_follows_peft():
     assert _diff(layer.eval()(x), x @ lora_dense(weight, bias, parts, cfg, "linear")[0].T + bias) <= 1e-5
 
 
-def test_dora_refuses_an_embedding(models):
-    from peftkit.errors import PeftkitError
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_dora_on_an_embedding_loads_merges_and_exports_as_peft_s(arch, models, tmp_path, monkeypatch):
+    """peft 0.21's DoRA on an embedding (refused before): the norm of W + s (B A)^T is taken over the vocabulary for
+    each embedding dimension. peft's adapter, far from identity, loads with peft's logits and merges to them, in
+    place (and back) and by `peftkit merge`; peftkit's loads in peft with peftkit's logits. Gemma 2 ties its head to
+    the embeddings, which keep the head's weights apart in a merge (as for LoRA; peft's own merge moves the head).
+    The norm is summed over blocks of rows (7 here, of 102), as peft's over the whole vocabulary at once."""
+    import peftkit.methods.lora as lora_module
 
-    cfg = LoraConfig(use_dora=True, target_modules=["embed_tokens", "o_proj"])
-    with pytest.raises(PeftkitError, match="Embedding; peftkit's DoRA adapts Linear and Conv1D layers only"):
-        inject_adapters(_load(models["llama"]), cfg)
-
-
-def test_inspect_says_peftkit_cannot_load_peft_s_dora_on_an_embedding(models, tmp_path):
-    """peft 0.21 has DoRA on embeddings; peftkit refuses such an adapter when it loads it, and inspect said it reads
-    it."""
+    monkeypatch.setattr(lora_module, "NORM_ROWS", 7)
     from peft import LoraConfig as PeftLoraConfig
 
-    from peftkit.inspect import inspect_adapter
+    from peftkit.adapters import load_adapter_state_dict
+    from peftkit.peft_format import load_adapter
+    from tests.conftest import save_random_adapter
 
-    get_peft_model(_load(models["llama"]), PeftLoraConfig(r=2, lora_alpha=4, use_dora=True, init_lora_weights=False,
-                                                          target_modules=["embed_tokens", "o_proj"])).save_pretrained(tmp_path / "a")
-    reads = inspect_adapter(tmp_path / "a")["peftkit_reads"]
-    assert not reads["ok"] and reads["reason"].startswith("use_dora on the embedding 'model.embed_tokens'")
-    with pytest.raises(PeftkitError, match="Embedding; peftkit's DoRA adapts Linear and Conv1D layers only"):
-        load_adapted_model(None, str(tmp_path / "a"))
+    torch.manual_seed(0)
+    settings = {"use_dora": True, "target_modules": ["embed_tokens", "o_proj"]}
+    made = get_peft_model(_load(models[arch]), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **settings))
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape))
+    made.save_pretrained(tmp_path / "peft")
+    theirs = _logits(PeftModel.from_pretrained(_load(models[arch]), tmp_path / "peft").eval())
+    model = load_adapted_model(str(models[arch]), str(tmp_path / "peft"), torch.device("cpu"))[0]
+    assert _diff(_logits(model), _logits(_load(models[arch]))) > 1e-2
+    assert _diff(_logits(model), theirs) <= TOL
+    merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(models[arch]))
+    assert _diff(_logits(_load(tmp_path / "merged")), theirs) <= TOL
+    if arch == "llama":  # (an in-place merge of a tied embedding would move the head too)
+        for layer in adapter_layers(model).values():
+            layer.merge()
+        assert _diff(_logits(model), theirs) <= TOL
+        for layer in adapter_layers(model).values():
+            layer.unmerge()
+        assert _diff(_logits(model), theirs) <= TOL
+
+    # Training: the same gradients (the norm detached, as peft's).
+    trained = PeftModel.from_pretrained(_load(models[arch]), tmp_path / "peft", is_trainable=True)
+    trained(IDS).logits.square().mean().backward()
+    model = _load(models[arch])
+    inject_adapters(model, LoraConfig(r=2, alpha=4, **settings))
+    load_adapter_state_dict(model, load_adapter(tmp_path / "peft")[1])
+    model(IDS).logits.square().mean().backward()
+    embedding = model.get_submodule("model.embed_tokens")
+    for name in ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+        theirs_grad = trained.get_parameter(f"base_model.model.model.embed_tokens.{name}.default" + ".weight" * (
+            name == "lora_magnitude_vector")).grad
+        assert _diff(getattr(embedding, name).grad, theirs_grad) <= 1e-6
+
+    cfg = LoraConfig(r=2, alpha=4, **settings)
+    adapter = save_random_adapter(models[arch], cfg, tmp_path / "ours", seed=3)
+    ours = _logits(load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))[0])
+    assert _diff(ours, _logits(_load(models[arch]))) > 1e-2
+    assert _diff(ours, _logits(PeftModel.from_pretrained(_load(models[arch]), adapter).eval())) <= TOL
 
 
 # -------------------------------------------------------------------------------- method-specific: IA3

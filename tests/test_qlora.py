@@ -493,14 +493,33 @@ def test_float16_compute_on_cpu_is_a_recipe_error(qllama, number_data, tmp_path)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # rejected before any training
 
 
+
+def test_a_paged_optimizer_run_resumes_bit_identically(tiny_llama, number_data, tmp_path):
+    """A paged optimizer's state is restored through bitsandbytes' load_state_dict without its move to the GPU, and
+    paged again there (`peftkit.distributed._page_again`; CUDA: the test below): the resumed run gives the bits of
+    the unbroken one."""
+    from tests.conftest import make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"max_steps": 4, "save_steps": 2, "optimizer": "paged_adamw_8bit"})
+    train(load_recipe(recipe), show_summary=False)
+    adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    straight = adapter.read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")
+    train(load_recipe(recipe), resume=True, show_summary=False)
+    assert adapter.read_bytes() == straight
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="paged memory is CUDA's (scripts/gpu_check.sh runs it)")
 @pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "paged_adamw_32bit"])
 def test_a_paged_optimizer_s_state_is_paged_again_after_loading(optimizer):
-    """bitsandbytes' load_state_dict moves a paged optimizer's moments onto the GPU as ordinary tensors, so a resumed
-    run held in GPU memory what the unbroken one paged out (and could run out of it where that one fitted).
-    `keep_paged` pages them again, with the same values: the next steps give the unbroken run's bits."""
+    """bitsandbytes' load_state_dict moves a paged optimizer's moments onto the GPU as ordinary tensors, all at once,
+    so a resumed run held in GPU memory what the unbroken one paged out (and could run out of it where that one
+    fitted). `load_optimizer_state` keeps them on the CPU and pages them again, with the same values: the next steps
+    give the unbroken run's bits."""
+    from peftkit.distributed import load_optimizer_state
     from peftkit.recipe import TrainingConfig
-    from peftkit.runtime import build_optimizer, keep_paged
+    from peftkit.runtime import build_optimizer
 
     def run(steps: int, p: nn.Parameter, opt) -> None:
         for step in range(steps):
@@ -519,13 +538,11 @@ def test_a_paged_optimizer_s_state_is_paged_again_after_loading(optimizer):
     run(2, straight, opt)
 
     resumed = nn.Parameter(start.clone())
-    first = make(resumed)
-    run(2, resumed, first)
+    run(2, resumed, make(resumed))
     again = make(resumed)
-    again.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True, map_location="cpu"))
-    assert not any(getattr(s["state1"], "is_paged", False) for s in again.state.values())  # bitsandbytes' own
-    keep_paged(again)
+    load_optimizer_state(nn.Linear(1, 1), again, torch.load(io.BytesIO(buffer.getvalue()), weights_only=True,
+                                                            map_location="cpu"))
     state = next(iter(again.state.values()))
     assert all(getattr(state[k], "is_paged", False) for k in ("state1", "state2") if k in state)
-    run(2, resumed, again)  # (the generator gives steps 0 and 1 again: the same for both runs below)
+    run(2, resumed, again)  # (the generator gives steps 0 and 1 again: the same for both runs)
     torch.testing.assert_close(resumed, straight, rtol=0, atol=0)

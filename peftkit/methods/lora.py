@@ -50,7 +50,8 @@ class LoraConfig(LayerTargets, ExcludedTargets):
     use_rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r)."""
     use_dora: bool = False
-    """DoRA: also train a magnitude per output feature (Linear/Conv1D only); each step adds the row norms of W + s B A."""
+    """DoRA: also train a magnitude per output feature (an embedding's: per dimension); each step adds the norms of
+    W + s B A."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
@@ -136,7 +137,9 @@ class _LoraLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, use_rslora: bool) -> None:
         super().__init__(base_layer)
         self.r = r
-        self.facts = LoraFacts(alpha, use_rslora, is_conv1d(base_layer), isinstance(self, DoraLinear))
+        # An embedding's weight is (num_embeddings, dim), laid out as a Conv1D's (in, out): DoRA's norm is per dim.
+        self.facts = LoraFacts(alpha, use_rslora, is_conv1d(base_layer) or isinstance(self, DoraEmbedding),
+                               isinstance(self, (DoraLinear, DoraEmbedding)))
         self.scaling = lora_scaling(alpha, r, use_rslora)
 
     def delta_weight(self) -> torch.Tensor:
@@ -190,7 +193,26 @@ class LoraLinear(_LoraLayer):
         return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))) * self.scaling)
 
 
-class DoraLinear(LoraLinear):
+class _DoraMerge:
+    """DoRA's in-place merge and unmerge, for DoraLinear and DoraEmbedding (before their LoRA class in the bases)."""
+
+    def merge(self) -> None:
+        # The unmerge needs the norm of the unmerged weight, which the merged weight no longer determines.
+        if not self.merged:
+            self._merged_norm = self.weight_norm()
+        super().merge()
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        restored = dora_unmerge(weight.data.float(), self.delta_weight(), self.lora_magnitude_vector.detach(),
+                                self._merged_norm, self.facts.fan_in_fan_out)
+        weight.data.copy_(restored.to(weight.dtype))
+        self.merged, self._merged_norm = False, None
+
+
+class DoraLinear(_DoraMerge, LoraLinear):
     """LoRA with DoRA around a Linear, Conv1D or bitsandbytes layer: W' = m * V / ||V||_c, V = W + s B A."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
@@ -234,20 +256,6 @@ class DoraLinear(LoraLinear):
         update = (gain - 1) * base_out + gain * lora
         return result + update.to(result.dtype)
 
-    def merge(self) -> None:
-        # The unmerge needs the norm of the unmerged weight, which the merged weight no longer determines.
-        if not self.merged:
-            self._merged_norm = self.weight_norm()
-        super().merge()
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        weight = self.base_layer.weight
-        restored = dora_unmerge(weight.data.float(), self.delta_weight(), self.lora_magnitude_vector.detach(),
-                                self._merged_norm, self.facts.fan_in_fan_out)
-        weight.data.copy_(restored.to(weight.dtype))
-        self.merged, self._merged_norm = False, None
 
 
 class LoraEmbedding(_LoraLayer):
@@ -290,6 +298,41 @@ class LoraEmbedding(_LoraLayer):
         if isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1):
             update = update * torch.as_tensor(scale).to(update.dtype)
         return update
+
+
+NORM_ROWS = 8192
+"""Rows of an embedding per block of DoraEmbedding's norm (8192 x 4096 fp32: 128 MiB)."""
+
+
+class DoraEmbedding(_DoraMerge, LoraEmbedding):
+    """LoRA with DoRA on nn.Embedding, as peft's: V = W + s (B A)^T (num_embeddings, dim), its norm taken over the
+    vocabulary for each of the `dim` columns, and m (dim,) trained: token t's row is g * V[t], g = m / ||V||
+    (detached, as DoraLinear's)."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+        super().__init__(base_layer, r, alpha, dropout, use_rslora)
+        # m starts at ||W|| (A is 0): the layer starts as its base. PEFT's name and shape.
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm())
+        self._merged_norm: torch.Tensor | None = None
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s (B A)^T|| over the vocabulary, (dim,), without gradient: summed over blocks of rows, so that what
+        it allocates is a block's, not three fp32 (vocab, dim) matrices (6 GiB for Qwen2-7B's embeddings, every
+        step; peft's)."""
+        with torch.no_grad():
+            weight, squares = self.base_layer.weight, 0.0
+            for start in range(0, weight.shape[0], NORM_ROWS):
+                rows = slice(start, start + NORM_ROWS)
+                block = weight[rows].float() + (self.lora_embedding_B @ self.lora_embedding_A[:, rows]).T * self.scaling
+                squares = squares + block.square().sum(0)
+            return squares.sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        gain = self.lora_magnitude_vector / self.weight_norm()
+        return (gain * result.to(gain.dtype) + gain * self.update(x)).to(result.dtype)  # (peft's order of terms)
 
 
 BASE_KEEPING_INITS = ("gaussian", "orthogonal", "eva")
@@ -356,17 +399,15 @@ class Lora(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: LoraConfig, path: str) -> _LoraLayer:
-        if isinstance(base, nn.Embedding) and cfg.use_dora:
-            raise PeftkitError(
-                f"adapter.use_dora: '{path}' is an Embedding; peftkit's DoRA adapts Linear and Conv1D layers only. "
-                "Leave embeddings out of adapter.target_modules (all-linear does), or set use_dora: false."
-            )
         if isinstance(base, nn.Embedding) and cfg.lora_fa:
             raise PeftkitError(
                 f"adapter.lora_fa: '{path}' is an Embedding, whose LoRA A starts at zero: frozen there, the layer could "
                 "never change. Leave embeddings out of adapter.target_modules (all-linear does), or set lora_fa: false."
             )
-        kind = LoraEmbedding if isinstance(base, nn.Embedding) else DoraLinear if cfg.use_dora else LoraLinear
+        if isinstance(base, nn.Embedding):
+            kind = DoraEmbedding if cfg.use_dora else LoraEmbedding
+        else:
+            kind = DoraLinear if cfg.use_dora else LoraLinear
         layer = kind(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
         initialize(layer, cfg.init, cfg.pissa_niter, path)
         if cfg.lora_fa:
@@ -387,9 +428,11 @@ class Lora(Method):
         if not facts.use_dora:
             return weight + delta
         if "lora_magnitude_vector" not in parts:
-            raise PeftkitError("A DoRA adapter (use_dora: true) without lora_magnitude_vector for a layer "
-                               "(an embedding?): peftkit's DoRA adapts Linear and Conv1D layers only.")
-        return dora_merge(weight, delta, parts["lora_magnitude_vector"].to(weight.device), facts.fan_in_fan_out)
+            raise PeftkitError("A DoRA adapter (use_dora: true) without lora_magnitude_vector for a layer: the file "
+                               "is incomplete; export the adapter again.")
+        # An embedding's (num_embeddings, dim) weight is laid out as a Conv1D's (in, out) (DoraEmbedding).
+        return dora_merge(weight, delta, parts["lora_magnitude_vector"].to(weight.device),
+                          facts.fan_in_fan_out or "lora_embedding_A" in parts)
 
     @staticmethod
     def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
