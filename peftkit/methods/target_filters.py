@@ -63,7 +63,7 @@ class ExcludedTargets(AdapterSection):
 
     exclude_modules: list[str] | TargetRegex | None = None
     """Modules left out of the targets (peft's exclude_modules): names matching a module's path or its end after a
-    dot, or {regex: ...} matched against the full path. Each must leave out some target."""
+    dot, or {regex: ...} matched against the full path. Each must name some module of the model."""
 
 
 class PeftLayerTargets(PeftConfigBase):
