@@ -21,6 +21,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import Method
+from peftkit.methods.trainable_tokens import TOKEN_ROWS
 from peftkit.peft_format import (
     CONFIG_NAME,
     check_adapter_dir,
@@ -49,7 +50,8 @@ def inspect_adapter(path: str | Path) -> dict:
     Returns keys: path, method, peft_type, peftkit_reads ({ok, reason}: why not, or how it reads it where
     it converts it), base_model, revision, targets
     ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
-    for a method without a rank, IA3), modules_to_save, trainable_params, adapter_params, saved_params (differs
+    for a method without a rank, IA3), modules_to_save, trainable_tokens ({module path: trained rows}),
+    trainable_params, adapter_params, saved_params (differs
     from trainable_params where an encoder's output is saved: P-tuning), base_copies, shared ({saved:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
     methods), dtypes, size_on_disk, quantization, rope_scaling ({type, factor} recorded in peftkit.json, or null),
@@ -101,6 +103,8 @@ def inspect_adapter(path: str | Path) -> dict:
         "variants": [name for key, name in _VARIANTS.items() if raw.get(key)],
         "virtual_tokens": None if method.layer_targets else raw.get("num_virtual_tokens"),
     }
+    info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
+                                for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     info["llama_cpp"] = _llama_cpp_verdict(method.peft_type, raw, saved, targets)
     from peftkit.adapters import PEFT_PREFIX
@@ -204,9 +208,12 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if peft_type != "LORA":
         reasons.append(f"vLLM serves LoRA adapters only; this is {peft_type}")
         return {"accepts": False, "reasons": reasons, "caveats": caveats}
-    if raw.get("modules_to_save") or saved:
-        named = raw.get("modules_to_save") or sorted(saved)
+    whole = [n for n in saved if not n.endswith("." + TOKEN_ROWS)]
+    if raw.get("modules_to_save") or whole:
+        named = raw.get("modules_to_save") or sorted(whole)
         reasons.append(f"modules_to_save ({', '.join(named)}): vLLM's loader requires it to be null")
+    if raw.get("trainable_token_indices"):
+        reasons.append("trainable_token_indices: vLLM's loader reads LoRA's tensors, not trained embedding rows")
     if raw.get("use_dora"):
         reasons.append("use_dora: vLLM does not support DoRA")
     if raw.get("bias", "none") != "none":
@@ -313,6 +320,9 @@ def describe(info: dict) -> list[str]:
             lines += [f"                 {path}: r={r}" for path, r in ranks.items()]
     if info["modules_to_save"]:
         lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
+    if info["trainable_tokens"]:
+        lines.append("token rows     " + ", ".join(f"{path} ({n} tokens)" for path, n in info["trainable_tokens"].items())
+                     + ": trained embedding rows (trainable_token_indices)")
     trainable, saved = info["trainable_params"], info["saved_params"]
     where = "adapter layers" if info["virtual_tokens"] is None else "virtual tokens' table"
     lines += [

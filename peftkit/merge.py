@@ -20,6 +20,7 @@ from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_directory
 from peftkit.methods import method_of
 from peftkit.methods.base import is_conv1d, is_quantized, refuse_unmergeable
+from peftkit.methods.trainable_tokens import TOKEN_ROWS, TokenAdapter, merge_rows, plain_name
 from peftkit.recipe import AdapterConfig
 
 
@@ -75,9 +76,9 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if _adapter_own(name, adapters):
             continue  # the adapter's own modules (lora_A, lora_B, dropout, ...)
-        key = name.replace(".base_layer", "")
+        key = plain_name(name)
         for pname, p in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if f"{name}.{pname}" in skip:
+            if f"{name}.{pname}" in skip or isinstance(module, TokenAdapter):  # (its trained rows)
                 continue
             value = dequantize_weight(module) if (is_quantized(module) and pname == "weight") else p.detach()
             state[f"{key}.{pname}" if key else pname] = value.cpu()
@@ -105,12 +106,12 @@ def _non_persistent(model: nn.Module) -> set[str]:
 def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Buffers computed at construction (rotary inv_freq, ...) that no state dict carries."""
     buffers = dict(model.named_buffers())
-    return {k.replace(".base_layer", ""): buffers[k].detach().cpu() for k in _non_persistent(model) if k in buffers}
+    return {plain_name(k): buffers[k].detach().cpu() for k in _non_persistent(model) if k in buffers}
 
 
 def conv1d_modules(model: nn.Module) -> set[str]:
     """Paths (without `.base_layer`) of layers whose weight is stored (in, out)."""
-    return {name.replace(".base_layer", "") for name, m in model.named_modules() if is_conv1d(m)}
+    return {plain_name(name) for name, m in model.named_modules() if is_conv1d(m)}
 
 
 def plain_model_from_state(
@@ -176,8 +177,8 @@ def _tie_as_the_weights_say(model: nn.Module) -> None:
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
     refuse_unmergeable(method_of(adapter_cfg))
-    base = base_state_dict(model)
-    adapter = adapter_state_dict(model, adapter_cfg.modules_to_save)
+    base = merge_rows(model, base_state_dict(model))
+    adapter = {k: v for k, v in adapter_state_dict(model, adapter_cfg.modules_to_save).items() if not k.endswith(TOKEN_ROWS)}
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
     adapter |= {f"{SHARED_PREFIX}{n}": t.cpu() for holder in shared_holders(model) for n, t in holder.named_buffers()}
     # Each layer is merged in fp32 and cast to `dtype` as it is done: held whole in fp32, the merged layers took

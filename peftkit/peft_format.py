@@ -265,7 +265,6 @@ UNSUPPORTED_FEATURES = {
     "use_qalora": "QA-LoRA, which pools the input groupwise",
     "use_bdlora": "block-diagonal LoRA",
     "lora_bias": "a bias in lora_B",
-    "trainable_token_indices": "trainable token embeddings",
     "layer_replication": "layer replication, which stacks copies of the base's layers",
     "target_parameters": "LoRA on parameters (target_parameters)",
     "megatron_config": "Megatron's parallel linear layers",

@@ -3,8 +3,9 @@ per method), run by hand after changing a method or `peftkit/zero.py`.
 
     python scripts/check_zero_methods.py --stage 3            # every weight-update and module method
     python scripts/check_zero_methods.py --stage 2 prompt_tuning p_tuning prefix_tuning
+    python scripts/check_zero_methods.py --arch qwen2 trainable_tokens   # a base whose head is tied to its embeddings
 
-For each method, its recipes/methods/<name>.yaml adapter trains 6 steps on the tiny Llama: once in one process
+For each method, its recipes/methods/<name>.yaml adapter trains 6 steps on the tiny Llama (or --arch): once in one process
 with batch 4, once in 2 ZeRO processes (gloo on a CPU) with batch 2, every parameter partitioned under ZeRO-3
 (persistence threshold 0). Prints the largest difference between the two adapters; above 1e-5 is a failure.
 """
@@ -24,7 +25,8 @@ from safetensors.torch import load_file
 from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
 
 RECIPES = Path(__file__).parents[1] / "recipes" / "methods"
-ZERO3_METHODS = ["lora", "dora", "lora_fa", "ia3", "loha", "lokr", "vera", "oft", "llama_adapter", "bottleneck"]
+ZERO3_METHODS = ["lora", "dora", "lora_fa", "ia3", "loha", "lokr", "vera", "oft", "llama_adapter", "bottleneck",
+                 "trainable_tokens"]
 
 
 def _launcher(root: Path, stage: int) -> Path:
@@ -75,11 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("methods", nargs="*", help="recipes/methods/<name>.yaml names (default: all for the stage)")
     parser.add_argument("--stage", type=int, choices=(2, 3), default=3)
+    parser.add_argument("--arch", choices=("llama", "qwen2", "gpt2", "gemma2"), default="llama", help="the tiny model")
     args = parser.parse_args()
     methods = args.methods or ZERO3_METHODS + (["prompt_tuning", "p_tuning", "prefix_tuning"] if args.stage == 2 else [])
     with tempfile.TemporaryDirectory(prefix="peftkit-zero-") as tmp:
         root = Path(tmp)
-        build_tiny_model(root / "model", arch="llama", hidden_size=32, num_layers=2, seed=0)
+        build_tiny_model(root / "model", arch=args.arch, hidden_size=32, num_layers=2, seed=0)
         write_jsonl(root / "train.jsonl", number_rows(64, seed=1))
         write_jsonl(root / "eval.jsonl", number_rows(16, seed=2))
         launcher = _launcher(root, args.stage)

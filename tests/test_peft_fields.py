@@ -86,7 +86,7 @@ def test_a_peft_alora_adapter_is_refused_not_loaded_as_plain_lora(tiny_llama, tm
 
 @pytest.mark.parametrize(("key", "value"), [
     ("lora_bias", True), ("use_qalora", True),
-    ("trainable_token_indices", [5, 6]), ("layer_replication", [[0, 2], [1, 2]]), ("target_parameters", ["w"]),
+    ("layer_replication", [[0, 2], [1, 2]]), ("target_parameters", ["w"]),
 ])
 def test_unsupported_peft_features_are_refused_by_name(key, value, tiny_llama, tmp_path):
     config = _edit(_peft_lora(tiny_llama, tmp_path / "lora"), **{key: value})

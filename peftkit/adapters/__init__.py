@@ -20,6 +20,7 @@ from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable,
                                   suffix_match)
 from peftkit.methods.target_filters import check_excluded
+from peftkit.methods.trainable_tokens import TOKEN_ROWS, inject_token_rows, token_wrappers
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.recipe import AdapterConfig, TargetRegex
 
@@ -186,6 +187,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             )
         for p in module.parameters():
             p.requires_grad_(True)
+    saved = list(modules_to_save(model, cfg.modules_to_save)) if cfg.modules_to_save else []
+    inject_token_rows(model, getattr(cfg, "trainable_token_indices", None), saved)
     return names
 
 
@@ -323,7 +326,7 @@ def saved_base_modules(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     picks those by *string* suffix, so its `norm` also saves every `input_layernorm`: the keys say what is there."""
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     paths = {key[len(PEFT_PREFIX):].rsplit(".", 1)[0] for key in state
-             if key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):] in params}
+             if key.startswith(PEFT_PREFIX) and key[len(PEFT_PREFIX):] in params and not key.endswith(TOKEN_ROWS)}
     return {path: model.get_submodule(path) for path in sorted(paths)}
 
 
@@ -360,6 +363,9 @@ def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, 
     for name, module in modules_to_save(model, saved_modules).items():
         for pname, p in module.named_parameters():
             state[f"{PEFT_PREFIX}{name}.{pname}"] = full(p.detach()).cpu().contiguous()
+    for name, wrapper in token_wrappers(model).items():
+        for pname, p in wrapper.adapter_params().items():
+            state[f"{PEFT_PREFIX}{name}.{pname}"] = full(p.detach()).cpu().contiguous()
     for holder in shared_holders(model):
         if holder.saved:
             state.update({f"{SHARED_PREFIX}{n}": t.detach().cpu().contiguous() for n, t in holder.named_buffers()})
@@ -379,6 +385,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
         rank_dims.update(layer.method.rank_dims)
         for pname, p in layer.adapter_params().items():
             targets[f"{PEFT_PREFIX}{name}.{pname}"] = p
+    for name, wrapper in token_wrappers(model).items():
+        targets.update({f"{PEFT_PREFIX}{name}.{pname}": p for pname, p in wrapper.adapter_params().items()})
     optional: set[str] = set()  # shared tensors the adapter need not carry: regenerated at injection
     for holder in shared_holders(model):
         keys = {f"{SHARED_PREFIX}{n}": t for n, t in holder.named_buffers()}

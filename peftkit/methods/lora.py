@@ -31,11 +31,12 @@ from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft, regex_keys)
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
+from peftkit.methods.trainable_tokens import PeftTrainableTokens, TrainableTokenIndices
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import TargetRegex
 
 
-class LoraConfig(LayerTargets, ExcludedTargets):
+class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -341,7 +342,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
                 "gets another one)")
 
 
-class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets):
+class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -460,6 +461,7 @@ class Lora(Method):
             "init_lora_weights": True,
             "rank_pattern": dict(cfg.rank_pattern),
             "alpha_pattern": dict(cfg.alpha_pattern),
+            "trainable_token_indices": cfg.trainable_token_indices,
         }
 
     @classmethod
@@ -480,7 +482,8 @@ class Lora(Method):
                              target_modules=targets_from_peft(peft.target_modules, config_file),
                              use_rslora=peft.use_rslora, use_dora=peft.use_dora,
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
-                             alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file))
+                             alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
+                             **peft.token_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None
@@ -497,7 +500,8 @@ class Lora(Method):
         extras = [*(["DoRA"] if cfg.use_dora else []), *([f"{cfg.init} init"] if cfg.init != "default" else []),
                   *(["LoRA-FA (A frozen)"] if cfg.lora_fa else []),
                   *([f"rank_pattern {cfg.rank_pattern}"] if cfg.rank_pattern else []),
-                  *([f"alpha_pattern {cfg.alpha_pattern}"] if cfg.alpha_pattern else [])]
+                  *([f"alpha_pattern {cfg.alpha_pattern}"] if cfg.alpha_pattern else []),
+                  *([f"trainable tokens {cfg.trainable_token_indices}"] if cfg.trainable_token_indices else [])]
         return f"LoRA r={cfg.r}" + (f" with {', '.join(extras)}" if extras else "")
 
     @classmethod

@@ -18,6 +18,7 @@ from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, Vali
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
 from peftkit.methods.target_filters import ExcludedTargets, LayerTargets
+from peftkit.methods.trainable_tokens import TrainableTokenIndices
 from peftkit.recipe.reader import _invalid, _parse_yaml, _read_yaml, _YamlProblem
 from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
 from peftkit.section import AdapterSection
@@ -278,10 +279,11 @@ def _valid_keys(loc: tuple, data: Any = None) -> list[str]:
 
 def _field_order(model: type[BaseModel]) -> list[str]:
     """A section's keys as an error lists them."""
-    # Fields of a shared base (every adapter method's `init_from`, the layer methods' `layers_to_transform`) come
-    # first in pydantic's order; a method's own keys, `method` first, read better ahead of them, init_from last.
+    # Fields of a shared base (every adapter method's `init_from`, the layer methods' `layers_to_transform`, LoRA's
+    # `trainable_token_indices`) come first in pydantic's order; a method's own keys, `method` first, read better
+    # ahead of them, init_from last.
     shared = sorted((name for name in model.model_fields
-                     if name in LayerTargets.model_fields or name in ExcludedTargets.model_fields),
+                     if any(name in base.model_fields for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices))),
                     key=lambda name: name in AdapterSection.model_fields)
     return [name for name in model.model_fields if name not in shared] + shared
 

@@ -1,0 +1,223 @@
+"""LoRA's `trainable_token_indices` (rows of the embeddings trained, the rest frozen), against peft: peft's adapters load
+with peft's logits and merge to peft's merged model, peftkit's exports load in peft with peftkit's logits, a training
+step's gradients are peft's, and a run trains those rows alone. Tied heads (Qwen2, Gemma 2, GPT-2) use the trained
+rows too, as in peft; Gemma 2's embeddings are scaled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLora
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from conftest import cli_user_error, make_recipe
+from peftkit.errors import PeftkitError
+from peftkit.merge import merged_model
+from peftkit.modeling import load_adapted_model
+from peftkit.recipe import load_recipe
+from peftkit.tiny import build_tiny_model
+
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [2, 7, 7, 42, 9, 41, 3, 5]])
+TOKENS = [7, 42, 61]
+ROWS = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("token-models")
+    for arch in ("llama", "qwen2", "gemma2", "gpt2"):
+        build_tiny_model(root / arch, arch=arch, hidden_size=32, num_layers=2, seed=0)
+    return {arch: root / arch for arch in ("llama", "qwen2", "gemma2", "gpt2")}
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference relative to the logits' scale: a tied head computes the trained tokens' logits apart
+    from the others (peft: with the whole matrix), the same dot products summed in another order."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+
+def _peft_adapter(base: Path, out: Path, indices, targets=("q_proj",)) -> tuple[PeftModel, Path]:
+    """A peft LoRA with trained token rows, its rows and B moved far from the base's (a merge must not pass
+    trivially), saved by peft."""
+    torch.manual_seed(0)
+    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=list(targets),
+                                                 init_lora_weights=False, trainable_token_indices=indices))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    model.eval().save_pretrained(out)
+    return model, out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2"])
+def test_peft_s_adapter_loads_and_merges_with_peft_s_numbers(arch, models, tmp_path):
+    """Untied (Llama) and tied (Qwen2, Gemma 2 with its scaled lookup, GPT-2's Conv1D model) bases: the trained rows
+    reach the lookup and, where tied, the head's logits of those tokens, as in peft; merged, peft's merged model."""
+    targets = ("c_attn",) if arch == "gpt2" else ("q_proj",)
+    peft_model, adapter = _peft_adapter(models[arch], tmp_path / "peft", TOKENS, targets)
+    expected = _logits(peft_model)
+    assert (expected - _logits(_load(models[arch]))).abs().max() > 1e-2  # the rows really change the output
+    model, cfg, *_ = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))
+    assert cfg.trainable_token_indices == TOKENS
+    assert _diff(_logits(model), expected) <= 1e-6
+    merged = merged_model(model, cfg, torch.float32)
+    reference = peft_model.merge_and_unload()
+    assert _diff(_logits(merged), _logits(reference)) <= 1e-6
+    tied = reference.config.tie_word_embeddings
+    assert merged.config.tie_word_embeddings == tied  # the head took the same rows: still one matrix
+    if tied:
+        assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+
+
+def test_the_dict_form_trains_rows_of_each_module_named(models, tmp_path):
+    """{embed_tokens: ids, lm_head: other ids} on an untied model: each module its own rows, both saved."""
+    indices = {"embed_tokens": [7, 42], "lm_head": [5, 61, 62]}
+    peft_model, adapter = _peft_adapter(models["llama"], tmp_path / "peft", indices)
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert keys["base_model.model.lm_head.token_adapter.trainable_tokens_delta"].shape == (3, 32)
+    model, cfg, *_ = load_adapted_model(str(models["llama"]), str(adapter), torch.device("cpu"))
+    assert _diff(_logits(model), _logits(peft_model)) <= 1e-6
+    merged = merged_model(model, cfg, torch.float32)
+    assert _diff(_logits(merged), _logits(peft_model.merge_and_unload())) <= 1e-6
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_training_step_s_gradients_are_peft_s(arch, models, tmp_path):
+    """The same adapter in both (peft's, loaded): the loss and the gradients of the trained rows and of LoRA's
+    factors agree; rows not in a batch get a zero gradient."""
+    peft_model, adapter = _peft_adapter(models[arch], tmp_path / "peft", TOKENS)
+    model, _, *_ = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))
+    model.train()
+    peft_model.train()
+    labels = IDS.clone()
+    ours, theirs = model(IDS, labels=labels).loss, peft_model(IDS, labels=labels).loss
+    ours.backward()
+    theirs.backward()
+    assert abs(ours.item() - theirs.item()) <= 1e-6 * theirs.item()
+    peft_grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    our_grads = {f"base_model.model.{n}": p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert our_grads.keys() == peft_grads.keys()
+    for name, grad in our_grads.items():
+        assert (grad - peft_grads[name]).abs().max() <= 1e-5 * peft_grads[name].abs().max(), name
+    row_grad = our_grads[ROWS]
+    assert row_grad.abs().sum(1).gt(0).all()  # every trained token is in the batch (and, tied, in every logit)
+    if arch == "llama":  # untied: a token that is not in the batch has no gradient
+        absent = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))[0]
+        absent.train()(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+        assert absent.get_parameter(ROWS.removeprefix("base_model.model.")).grad.abs().max() == 0
+
+
+@pytest.mark.parametrize(("arch", "adapter"), [("llama", {}), ("qwen2", {}), ("qwen2", {"use_dora": True}),
+                                               ("llama", {"init": "pissa"})], ids=["llama", "qwen2", "dora", "pissa"])
+def test_a_run_trains_the_rows_and_peft_loads_the_export(arch, adapter, models, number_data, tmp_path):
+    """`peftkit train` with trainable_token_indices: only those rows move (the rest of the embedding stays the base's,
+    in the merged export too), the adapter_config.json says them, and peft loads the adapter with peftkit's logits
+    (with DoRA, and with PiSSA, whose export is converted for the original base)."""
+    from peftkit.train import train
+
+    tok_ids = [76, 85, 86]  # "e", "n", "o": in every row of the number data ("one", "seven", ...)
+    recipe = make_recipe(tmp_path, models[arch], number_data, adapter={"target_modules": ["q_proj"],
+                                                                       "trainable_token_indices": tok_ids} | adapter,
+                         export={"merged": True})
+    train(load_recipe(recipe), overwrite=True)
+    run = tmp_path / "run"
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == tok_ids
+    rows = load_file(run / "adapter" / "adapter_model.safetensors")[ROWS]
+    base = _load(models[arch])
+    start = base.get_input_embeddings().weight.detach()[tok_ids]
+    assert (rows - start).abs().max() > 1e-3  # trained
+    ours = load_adapted_model(str(models[arch]), str(run / "adapter"), torch.device("cpu"))[0]
+    peft_model = PeftModel.from_pretrained(_load(models[arch]), run / "adapter").eval()
+    assert _diff(_logits(ours), _logits(peft_model)) <= 1e-6
+    merged = _load(run / "merged")
+    others = [i for i in range(base.config.vocab_size) if i not in tok_ids]
+    assert torch.equal(merged.get_input_embeddings().weight[others], base.get_input_embeddings().weight[others])
+    assert torch.equal(merged.get_input_embeddings().weight[tok_ids], rows)
+    assert _diff(_logits(merged), _logits(ours)) <= 1e-6
+
+
+def _cfg(**adapter):
+    from pydantic import TypeAdapter
+
+    import peftkit.methods
+
+    return TypeAdapter(peftkit.methods.AdapterConfig).validate_python({"r": 2, "target_modules": ["q_proj"]} | adapter)
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({"trainable_token_indices": [7, 500]}, "token id 500 is past the 102 rows of 'model.embed_tokens'"),
+    ({"trainable_token_indices": {"embed_token": [7]}}, "'embed_token' names no module of this model"),
+    ({"trainable_token_indices": [7], "modules_to_save": ["embed_tokens"]}, "is in modules_to_save too"),
+    ({"trainable_token_indices": [7], "target_modules": ["embed_tokens", "q_proj"]}, "not an embedding or a plain linear"),
+])
+def test_settings_that_cannot_apply_are_refused(adapter, message, models):
+    from peftkit.adapters import inject_adapters
+
+    with pytest.raises(PeftkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        inject_adapters(_load(models["llama"]), _cfg(**adapter))
+
+
+def test_the_recipe_refuses_repeated_or_empty_ids(monkeypatch, capsys, tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"trainable_token_indices": [7, 9, 7]})
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert "adapter.trainable_token_indices" in err and "token ids given twice: [7]" in err
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"trainable_token_indices": {"lm_head": []}})
+    assert "the list of token ids for 'lm_head' is empty" in cli_user_error(monkeypatch, capsys, "train", str(recipe))
+
+
+def test_combining_fusing_and_naming_refuse_it(models, tmp_path):
+    from peftkit.adapters.named import load_named_model
+    from peftkit.combine_inputs import read_sources
+
+    _, adapter = _peft_adapter(models["llama"], tmp_path / "peft", TOKENS)
+    with pytest.raises(PeftkitError, match="trains rows of the embeddings"):
+        load_named_model([("a", str(adapter))], str(models["llama"]))
+    with pytest.raises(PeftkitError, match="trains rows of the embeddings"):
+        read_sources([str(adapter), str(adapter)], False)
+
+
+def test_inspect_shows_the_rows_and_what_vllm_makes_of_them(models, tmp_path):
+    from peftkit.inspect import inspect_adapter
+
+    _, adapter = _peft_adapter(models["qwen2"], tmp_path / "peft", TOKENS)
+    info = inspect_adapter(adapter)
+    assert info["trainable_tokens"] == {"model.embed_tokens": 3}
+    assert info["peftkit_reads"]["ok"]
+    assert any("trainable_token_indices" in r for r in info["vllm"]["reasons"])
+    assert not any("modules_to_save" in r for r in info["vllm"]["reasons"])
+
+
+def test_a_resumed_qlora_run_gives_the_unbroken_run_s_bits(tiny_llama, number_data, tmp_path):
+    """Over a 4-bit base with the 8-bit paged optimizer (the rows are an fp32 tensor beside the 4-bit layers): the
+    checkpoint carries the rows and their optimizer state, and a resumed run exports the unbroken run's bytes."""
+    import shutil
+
+    from peftkit.train import train
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         adapter={"trainable_token_indices": [76, 85, 86]},
+                         quantization={"method": "nf4", "compute_dtype": "float32"},
+                         training={"max_steps": 4, "save_steps": 2, "optimizer": "paged_adamw_8bit"})
+    train(load_recipe(recipe), show_summary=False)
+    adapter = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    straight = adapter.read_bytes()
+    assert ROWS in load_file(adapter)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")
+    train(load_recipe(recipe), resume=True, show_summary=False)
+    assert adapter.read_bytes() == straight
