@@ -109,6 +109,9 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
         if cfg.modules_to_save:
             raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "
                                "update to weight and combine. Combine adapters without modules_to_save.")
+        if getattr(cfg, "lora_bias", False):
+            raise PeftkitError(f"{path} has a bias in lora_B (lora_bias), which combining does not carry; merge it "
+                               "alone (`peftkit merge --adapter` once).")
         if getattr(cfg, "trainable_token_indices", None):
             raise PeftkitError(f"{path} also trains rows of the embeddings (trainable_token_indices): those are "
                                "values, not updates to weigh and combine. Combine adapters without them, or merge "

@@ -218,6 +218,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append("use_dora: vLLM does not support DoRA")
     if raw.get("bias", "none") != "none":
         reasons.append(f"bias={raw['bias']!r}: vLLM refuses adapter biases unless started with --enable-lora-bias")
+    if raw.get("lora_bias"):
+        caveats.append("lora_bias: vLLM reads lora_B's bias only in versions with --enable-lora-bias, started with it "
+                       "(not verified)")
     if base_copies:
         caveats.append(f"the file holds base weights ({', '.join(base_copies)}), which peft saves beside an adapted "
                        "embedding (save_embedding_layers): not verified against vLLM")
@@ -254,6 +257,9 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
                        "saved modules or biases) stop convert_lora_to_gguf.py, which carries norm weights only")
     if raw.get("use_dora"):
         reasons.append("use_dora: its magnitude vectors stop convert_lora_to_gguf.py")
+    if raw.get("lora_bias"):
+        reasons.append("lora_bias: convert_lora_to_gguf.py reads lora_A/lora_B weights alone, and llama.cpp applies "
+                       "no LoRA bias: lora_B's bias would be lost or misread")
     if raw.get("use_rslora"):
         reasons.append("use_rslora: not read, so each layer would be scaled by alpha/r, not alpha/sqrt(r) (sqrt(r) "
                        "times too small, silently)")

@@ -264,7 +264,6 @@ UNSUPPORTED_FEATURES = {
     "alora_invocation_tokens": "activated LoRA (aLoRA), which adapts only the tokens from its invocation on",
     "use_qalora": "QA-LoRA, which pools the input groupwise",
     "use_bdlora": "block-diagonal LoRA",
-    "lora_bias": "a bias in lora_B",
     "layer_replication": "layer replication, which stacks copies of the base's layers",
     "target_parameters": "LoRA on parameters (target_parameters)",
     "megatron_config": "Megatron's parallel linear layers",

@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftkit import distributed, long_context, zero
-from peftkit.adapters import (check_copies, count_parameters, inject_adapters,
+from peftkit.adapters import (adapter_layers, check_copies, count_parameters, inject_adapters,
                               load_adapter_state_dict, trainable_parameters)
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
@@ -374,6 +374,8 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     targets = inject_adapters(model, adapter, every_entry=start is None, state=start)
     if start is not None:
         load_adapter_state_dict(model, start)
+    if cfg.export.merged:
+        _check_biases_merge(model)
     prepare_for_training(model, tcfg.gradient_checkpointing)
     if not zero.active(accelerator):  # (DeepSpeed scales fp16 losses with fp32 master weights of its own)
         check_fp16_gradients(model, accelerator.mixed_precision)
@@ -393,6 +395,16 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     return _Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
                 base_commit=base_commit)
+
+
+def _check_biases_merge(model) -> None:
+    """export.merged with lora_bias on a layer without a bias: refused before training, not after it."""
+    if bare := [name for name, layer in adapter_layers(model).items()
+                if getattr(getattr(layer, "lora_B", None), "bias", None) is not None
+                and getattr(layer.base_layer, "bias", None) is None]:
+        raise PeftkitError(f"adapter.lora_bias: '{bare[0]}' (and {len(bare) - 1} more) has no bias, so export.merged "
+                           "cannot fold lora_B's bias into the model (peft cannot either). Set export.merged: false "
+                           "(the adapter loads in peft with its biases), or lora_bias: false.")
 
 
 def _evaluate_base(cfg: Recipe, model, tok, eval_ex: RunEval | ClassifyEval, accelerator, console: Console) -> dict:

@@ -93,6 +93,10 @@ CASES: dict[str, list[Case]] = {
              ("llama", "gemma2"), ("linear", "embedding")),
         # DoRA: Linear and Conv1D (biased on qwen2 q/k/v and every gpt2 layer: the bias stays outside the rescaling).
         Case("dora", LoraConfig(r=4, alpha=8, use_dora=True), ("llama", "qwen2", "gpt2"), ("linear", "conv1d")),
+        # lora_bias: a bias in lora_B, on the biased layers (Qwen2's q/v, GPT-2's Conv1D c_attn); the merge moves the
+        # base's bias by s b (tests/test_lora.py: a layer without one).
+        Case("lora-bias", LoraConfig(r=4, alpha=8, lora_bias=True, target_modules={"regex": r".*\.(q_proj|v_proj|c_attn)"}),
+             ("qwen2", "gpt2"), ("linear", "conv1d")),
         # LoRA-FA: A frozen at its init (the battery's checks hold as for LoRA; what trains is tested in test_train).
         Case("lora-fa", LoraConfig(r=4, alpha=8, lora_fa=True), ("llama",), ("linear",)),
     ],
@@ -189,9 +193,12 @@ CASES: dict[str, list[Case]] = {
 
 
 def lora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: LoraConfig, layout: str):
-    """(W + (alpha / r) B A, b), alpha / sqrt(r) with rsLoRA, in the layout the base stores W. With DoRA,
-    (m * V / ||V||_c, b) for V = W + (alpha / r) B A (out, in), ||.||_c the L2 norm of each output row."""
+    """(W + (alpha / r) B A, b), alpha / sqrt(r) with rsLoRA, in the layout the base stores W; with lora_bias, b +
+    (alpha / r) b_B. With DoRA, (m * V / ||V||_c, b) for V = W + (alpha / r) B A (out, in), ||.||_c the L2 norm of
+    each output row."""
     scaling = cfg.alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+    if "lora_B.bias" in parts and bias is not None:
+        bias = bias + scaling * parts["lora_B.bias"]
     if layout == "embedding":  # peft's names: A (r, vocab), B (dim, r); W is (vocab, dim)
         return weight + scaling * (parts["lora_embedding_B"] @ parts["lora_embedding_A"]).T, bias
     w = weight.T if layout == "conv1d" else weight  # (out, in)
@@ -671,7 +678,8 @@ def _layout(layer) -> str:
 @pytest.mark.parametrize("case", BY_CASE)
 def test_nf4_base_trains_and_merges_exactly(case, models):
     quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
-    model = load_model(ModelConfig(name_or_path=str(models["llama"]), dtype="float32"), quant, torch.device("cpu"))
+    arch = "llama" if "llama" in case.archs or not case.archs else case.archs[0]  # (lora-bias: a biased model)
+    model = load_model(ModelConfig(name_or_path=str(models[arch]), dtype="float32"), quant, torch.device("cpu"))
     torch.manual_seed(0)
     inject_adapters(model, case.cfg)
     random_adapters(model, seed=1, std=0.1)

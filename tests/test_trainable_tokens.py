@@ -96,16 +96,46 @@ def test_the_dict_form_trains_rows_of_each_module_named(models, tmp_path):
     assert _diff(_logits(merged), _logits(peft_model.merge_and_unload())) <= 1e-6
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_a_training_step_s_gradients_are_peft_s(arch, models, tmp_path):
+@pytest.mark.parametrize(("arch", "indices"), [
+    ("qwen2", {"embed_tokens": TOKENS, "lm_head": TOKENS}),  # peft ties the head to the embeddings' rows
+    ("qwen2", {"embed_tokens": TOKENS, "lm_head": [5, 61, 62]}),  # other ids: each its own rows, untied
+    ("gemma2", {"model.embed_tokens": [7, 42], "lm_head": [61]}),
+], ids=["same-ids", "other-ids", "gemma2-other-ids"])
+def test_the_dict_form_on_a_tied_model_ties_as_peft_does(arch, indices, models, tmp_path):
+    peft_model, adapter = _peft_adapter(models[arch], tmp_path / "peft", indices)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    model, cfg, *_ = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))
+    assert _diff(_logits(model), _logits(peft_model)) <= 1e-6
+    merged = merged_model(model, cfg, torch.float32)
+    assert _diff(_logits(merged), _logits(model)) <= 1e-6
+    # Tied (same ids): one set of rows saved, the merged model tied; else each module's rows, the merge untied.
+    # (peft's own merge of the untied case writes both into the one shared matrix.)
+    same = len({tuple(ids) for ids in indices.values()}) == 1
+    assert len([k for k in saved if "trainable_tokens_delta" in k]) == (1 if same else 2)
+    assert merged.config.tie_word_embeddings == same
+
+
+def test_lora_on_a_tied_head_beside_trained_rows_as_peft_nests_them(models, tmp_path):
+    """peft's LoRA on lm_head with trainable tokens on a tied model: the head's base layer, inside the LoRA layer,
+    takes the rows (peft's structure); merged, the rows and then the LoRA update land in the head's weight."""
+    peft_model, adapter = _peft_adapter(models["qwen2"], tmp_path / "peft", TOKENS, ("q_proj", "lm_head"))
+    model, cfg, *_ = load_adapted_model(str(models["qwen2"]), str(adapter), torch.device("cpu"))
+    assert _diff(_logits(model), _logits(peft_model)) <= 1e-6
+    assert _diff(_logits(merged_model(model, cfg, torch.float32)), _logits(model)) <= 1e-6
+
+
+@pytest.mark.parametrize(("arch", "tokens"), [("llama", TOKENS), ("qwen2", TOKENS), ("llama", [0, 7, 42])],
+                         ids=["llama", "qwen2", "padding-row"])
+def test_a_training_step_s_gradients_are_peft_s(arch, tokens, models, tmp_path):
     """The same adapter in both (peft's, loaded): the loss and the gradients of the trained rows and of LoRA's
-    factors agree; rows not in a batch get a zero gradient."""
-    peft_model, adapter = _peft_adapter(models[arch], tmp_path / "peft", TOKENS)
+    factors agree; rows not in a batch get a zero gradient, and so does the embedding's padding row (id 0 here)."""
+    peft_model, adapter = _peft_adapter(models[arch], tmp_path / "peft", tokens)
     model, _, *_ = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))
     model.train()
     peft_model.train()
-    labels = IDS.clone()
-    ours, theirs = model(IDS, labels=labels).loss, peft_model(IDS, labels=labels).loss
+    ids = torch.cat([IDS, torch.tensor([[1, 0, 7, 0, 42, 0, 9, 2]])])
+    labels = ids.clone()
+    ours, theirs = model(ids, labels=labels).loss, peft_model(ids, labels=labels).loss
     ours.backward()
     theirs.backward()
     assert abs(ours.item() - theirs.item()) <= 1e-6 * theirs.item()
@@ -115,7 +145,10 @@ def test_a_training_step_s_gradients_are_peft_s(arch, models, tmp_path):
     for name, grad in our_grads.items():
         assert (grad - peft_grads[name]).abs().max() <= 1e-5 * peft_grads[name].abs().max(), name
     row_grad = our_grads[ROWS]
-    assert row_grad.abs().sum(1).gt(0).all()  # every trained token is in the batch (and, tied, in every logit)
+    trained = [i for i, t in enumerate(tokens) if t != 0]
+    assert row_grad[trained].abs().sum(1).gt(0).all()  # every trained token is in the batch (and, tied, in every logit)
+    if 0 in tokens:
+        assert row_grad[tokens.index(0)].abs().max() == 0
     if arch == "llama":  # untied: a token that is not in the batch has no gradient
         absent = load_adapted_model(str(models[arch]), str(adapter), torch.device("cpu"))[0]
         absent.train()(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
@@ -179,6 +212,9 @@ def test_the_recipe_refuses_repeated_or_empty_ids(monkeypatch, capsys, tiny_llam
     assert "adapter.trainable_token_indices" in err and "token ids given twice: [7]" in err
     recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"trainable_token_indices": {"lm_head": []}})
     assert "the list of token ids for 'lm_head' is empty" in cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"trainable_token_indices": []})
+    assert "adapter.trainable_token_indices" in (err := cli_user_error(monkeypatch, capsys, "train", str(recipe)))
+    assert "is empty; give the token ids" in err
 
 
 def test_combining_fusing_and_naming_refuse_it(models, tmp_path):

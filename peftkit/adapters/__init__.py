@@ -17,8 +17,8 @@ from torch import nn
 from peftkit.distributed import full, place_like
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
-from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_unmergeable,
-                                  suffix_match)
+from peftkit.methods.base import (Method, SharedTensors, check_bias_to_merge, is_conv1d, is_quantized, linear_shape,
+                                  refuse_unmergeable, suffix_match)
 from peftkit.methods.target_filters import check_excluded
 from peftkit.methods.trainable_tokens import TOKEN_ROWS, inject_token_rows, token_wrappers
 from peftkit.methods.virtual import virtual_tokens
@@ -493,6 +493,8 @@ def merge_state_dict(
         parts = {name: t.to(weight.device) for name, t in (parts | shared).items()}
         new = method.merge_weight(weight.float(), parts, facts)
         bias = base.get(f"{module}.bias")
+        if bias is None:
+            check_bias_to_merge(parts, f"'{module}'")
         new_bias = None if bias is None else method.merge_bias(bias.float(), parts, facts)
         if not (torch.isfinite(new).all() and (new_bias is None or torch.isfinite(new_bias).all())):
             raise PeftkitError(f"Merging '{module}' produced NaN/inf weights; the adapter is broken.")

@@ -87,7 +87,7 @@ class AdapterHost(nn.Module):
     def route(self, batch: int, groups: list[tuple[str, torch.Tensor]] | None) -> None:
         """Start (or with None, end) a mixed batch of `batch` rows, `groups` giving each adapter's rows."""
         self.routes = None if groups is None else (batch, [(n, rows) for n, rows in groups if n in self.adapters])
-        lora = [(n, rows) for n, rows in (self.routes or (0, []))[1] if type(self.adapters[n]) is LoraLinear]
+        lora = [(n, rows) for n, rows in (self.routes or (0, []))[1] if _stackable(self.adapters[n])]
         self._stacked = _stack_lora([self.adapters[n] for n, _ in lora], [rows for _, rows in lora], batch) if lora else None
 
     def forward(self, *args, **kwargs):
@@ -112,13 +112,18 @@ class AdapterHost(nn.Module):
                 (result + update).to(result.dtype)
         for name, rows in groups:
             layer, rows = self.adapters[name], rows.to(x.device)
-            if type(layer) is LoraLinear:
+            if _stackable(layer):
                 continue
             if type(layer) is LoraEmbedding:
                 result = result.index_copy(0, rows, (result[rows] + layer.update(x[rows])).to(result.dtype))
-            else:  # a layer that does more than add (DoRA, IA3, ...) or a modules_to_save copy: its rows whole
+            else:  # a layer that does more than add (DoRA, IA3, lora_bias...) or a modules_to_save copy: rows whole
                 result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
         return result
+
+
+def _stackable(layer: nn.Module) -> bool:
+    """A plain LoRA linear layer, whose update `_stack_lora` batches (not one with lora_bias)."""
+    return type(layer) is LoraLinear and layer.lora_B.bias is None
 
 
 def _stack_lora(layers: list[LoraLinear], rows: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:

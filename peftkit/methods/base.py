@@ -111,6 +111,11 @@ class AdapterLayer(nn.Module):
                 "drift from what was trained. Use `peftkit merge`, which dequantizes the base to fp32 first."
             )
         weight, bias, parts = self.base_layer.weight, getattr(self.base_layer, "bias", None), self.parts()
+        if not isinstance(weight, nn.Parameter):  # (a head with trained token rows: its weight is computed)
+            raise PeftkitError("Cannot merge in place into a layer whose weight is computed (trained token rows); "
+                               "use `peftkit merge`.")
+        if bias is None:
+            check_bias_to_merge(parts, "this layer")
         merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
         merged_bias = None if bias is None else self.method.merge_bias(bias.data.float(), parts, self.facts)
         if not (torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())):
@@ -129,6 +134,15 @@ class AdapterLayer(nn.Module):
         if bias is not None and (restored := self.method.unmerge_bias(bias.data.float(), parts, self.facts)) is not None:
             bias.data.copy_(restored.to(bias.dtype))
         self.merged = False
+
+
+def check_bias_to_merge(parts: dict[str, torch.Tensor], module: str) -> None:
+    """Refuse to merge a layer whose adapter has a bias (LoRA's lora_bias) into a base layer without one: the sum
+    has nowhere to go (peft refuses it too)."""
+    if biases := [name for name in parts if name.endswith(".bias")]:
+        raise PeftkitError(f"The adapter has a bias ({biases[0]}, lora_bias) on {module}, whose base layer has none, "
+                           "so it cannot be merged (peft cannot either): use the adapter unmerged, or train it with "
+                           "lora_bias: false.")
 
 
 class PeftConfigBase(BaseModel):

@@ -68,6 +68,9 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices):
     the first that matches wins, and other modules keep `r` (peft's rank_pattern)."""
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     """Per-module alphas, {regex: alpha}, matched as rank_pattern; other modules keep `alpha` (peft's alpha_pattern)."""
+    lora_bias: bool = False
+    """A trained bias in lora_B, starting at zero (peft's lora_bias; for LoRAs extracted from a full fine-tune, whose
+    biases moved too): the update is s (B A x + b). A merge adds s b to the base's bias, so it needs one."""
     _residual_init: str | None = PrivateAttr(None)
     """Read from peft's unconverted PiSSA or OLoRA adapter (its init): it fits the residual base that init leaves,
     until `peftkit.methods.lora_init.on_original_base` converts it."""
@@ -91,6 +94,10 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices):
         if self.init != "default" and self.init_from:
             raise ValueError(f"adapter.init: {self.init} draws the step-0 weights, and adapter.init_from already gives "
                              "them; remove adapter.init")
+        if self.lora_bias and (self.use_dora or self.init != "default"):
+            what = "use_dora" if self.use_dora else f"init: {self.init}"
+            raise ValueError(f"adapter.lora_bias with {what} is not supported (peft refuses it too); set lora_bias: "
+                             f"false, or {'use_dora: false' if self.use_dora else 'init: default'}")
         if self.init in MOVES_BASE and self.use_dora:
             raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
                              f"gaussian with DoRA{without_niter(self.pissa_niter)}, or set use_dora: false")
@@ -151,14 +158,15 @@ class _LoraLayer(AdapterLayer):
 class LoraLinear(_LoraLayer):
     """LoRA around nn.Linear, transformers' Conv1D or a bitsandbytes Linear4bit/Linear8bitLt."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 bias: bool = False):
         super().__init__(base_layer, r, alpha, use_rslora)
         in_features, out_features = linear_shape(base_layer)
         # Drawn on the CPU, then moved beside the base (as peft): one seed gives one adapter on any device.
         where = draw_device(base_layer.weight.device)
         # nn.Linear subclasses whose CPU products run in MKL's fast orientation (see peftkit.methods.lowrank).
         self.lora_A = LowRankLinear(in_features, r, device=where, dtype=torch.float32)
-        self.lora_B = LowRankLinear(r, out_features, device=where, dtype=torch.float32)
+        self.lora_B = LowRankLinear(r, out_features, device=where, dtype=torch.float32, bias=bias)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
         self.lora_A.to(base_layer.weight.device)
@@ -168,6 +176,8 @@ class LoraLinear(_LoraLayer):
         # As HF peft and the paper: A ~ kaiming-uniform, B = 0, so training starts from the base model.
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.lora_B.bias is not None:
+            nn.init.zeros_(self.lora_B.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training  # (eval: dropout is the identity)
@@ -190,8 +200,9 @@ class LoraLinear(_LoraLayer):
 
         The scaling multiplies the r-wide A x, where peft scales the out-wide result: one pass over r columns
         instead of `out` in forward and in backward. The same value when the scaling is a power of two
-        (alpha 16, r 8), else to float rounding."""
-        return self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))) * self.scaling)
+        (alpha 16, r 8), else to float rounding. With lora_bias, s (B A x + b), as peft's."""
+        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
+        return self.lora_B(h) * self.scaling if self.lora_B.bias is not None else self.lora_B(h * self.scaling)
 
 
 class _DoraMerge:
@@ -352,6 +363,7 @@ class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens)
     bias: str = "none"
     use_dora: bool = False
     init_lora_weights: bool | str = True
+    lora_bias: bool = False
     rank_pattern: dict[str, Annotated[int, Field(gt=0)]] | None = None
     alpha_pattern: dict[str, Annotated[float, Field(gt=0)]] | None = None
     _pattern_keys = field_validator("rank_pattern", "alpha_pattern")(lambda pattern: regex_keys(pattern))
@@ -363,11 +375,12 @@ class Lora(Method):
     peft_type = "LORA"
     config = LoraConfig
     peft_config = PeftLoraConfig
-    param_names = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    param_names = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
+                   "lora_magnitude_vector")
     # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
     rank_dims = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
     # As peft's create_loraplus_optimizer; DoRA's magnitude trains at `lr` (peft puts 1-D tensors with B).
-    loraplus_roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "embedding",
+    loraplus_roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "B", "lora_embedding_A": "embedding",
                       "lora_embedding_B": "embedding"}
 
     @classmethod
@@ -405,11 +418,16 @@ class Lora(Method):
                 f"adapter.lora_fa: '{path}' is an Embedding, whose LoRA A starts at zero: frozen there, the layer could "
                 "never change. Leave embeddings out of adapter.target_modules (all-linear does), or set lora_fa: false."
             )
+        if isinstance(base, nn.Embedding) and cfg.lora_bias:
+            raise PeftkitError(f"adapter.lora_bias: '{path}' is an Embedding, which has no bias (peft refuses it too); "
+                               "leave embeddings out of adapter.target_modules, or set lora_bias: false.")
         if isinstance(base, nn.Embedding):
-            kind = DoraEmbedding if cfg.use_dora else LoraEmbedding
+            layer = (DoraEmbedding if cfg.use_dora else LoraEmbedding)(base, *cfg.rank_and_alpha(path), cfg.dropout,
+                                                                        cfg.use_rslora)
+        elif cfg.use_dora:
+            layer = DoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
         else:
-            kind = DoraLinear if cfg.use_dora else LoraLinear
-        layer = kind(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
+            layer = LoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
         initialize(layer, cfg.init, cfg.pissa_niter, path)
         if cfg.lora_fa:
             layer.lora_A.weight.requires_grad_(False)
@@ -442,6 +460,20 @@ class Lora(Method):
         return weight - lora_delta(parts, facts).to(weight.device)
 
     @staticmethod
+    def merge_bias(bias: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor | None:
+        if "lora_B.bias" not in parts:
+            return None
+        b = parts["lora_B.bias"].float().to(bias.device)
+        return bias + b * lora_scaling(facts.alpha, parts["lora_A.weight"].shape[0], facts.use_rslora)
+
+    @staticmethod
+    def unmerge_bias(bias: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor | None:
+        if "lora_B.bias" not in parts:
+            return None
+        b = parts["lora_B.bias"].float().to(bias.device)
+        return bias - b * lora_scaling(facts.alpha, parts["lora_A.weight"].shape[0], facts.use_rslora)
+
+    @staticmethod
     def update_shape(parts: dict[str, torch.Tensor], facts: LoraFacts) -> tuple[int, int]:
         if "lora_A.weight" in parts:
             shape = (parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1])
@@ -462,6 +494,7 @@ class Lora(Method):
             "rank_pattern": dict(cfg.rank_pattern),
             "alpha_pattern": dict(cfg.alpha_pattern),
             "trainable_token_indices": cfg.trainable_token_indices,
+            "lora_bias": cfg.lora_bias,
         }
 
     @classmethod
@@ -483,7 +516,7 @@ class Lora(Method):
                              use_rslora=peft.use_rslora, use_dora=peft.use_dora,
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
                              alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
-                             **peft.token_settings())
+                             lora_bias=peft.lora_bias, **peft.token_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None
@@ -498,7 +531,7 @@ class Lora(Method):
     @classmethod
     def describe(cls, cfg: LoraConfig) -> str:
         extras = [*(["DoRA"] if cfg.use_dora else []), *([f"{cfg.init} init"] if cfg.init != "default" else []),
-                  *(["LoRA-FA (A frozen)"] if cfg.lora_fa else []),
+                  *(["LoRA-FA (A frozen)"] if cfg.lora_fa else []), *(["lora_bias"] if cfg.lora_bias else []),
                   *([f"rank_pattern {cfg.rank_pattern}"] if cfg.rank_pattern else []),
                   *([f"alpha_pattern {cfg.alpha_pattern}"] if cfg.alpha_pattern else []),
                   *([f"trainable tokens {cfg.trainable_token_indices}"] if cfg.trainable_token_indices else [])]

@@ -57,15 +57,15 @@ class _LowRankMatmul(torch.autograd.Function):
 
 
 class LowRankLinear(nn.Linear):
-    """nn.Linear without bias for one low-rank factor; on CPU with up to MAX_THREADS threads its products run through
-    `_LowRankMatmul`."""
+    """nn.Linear for one low-rank factor (without bias but for LoRA's `lora_bias`); on CPU with up to MAX_THREADS
+    threads its products run through `_LowRankMatmul`."""
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not cpu_fast_path(x, self.weight):
-            return F.linear(x, self.weight)  # the dtype check leaves F.linear's own error for a mismatch
+        if self.bias is not None or not cpu_fast_path(x, self.weight):
+            return F.linear(x, self.weight, self.bias)  # the dtype check leaves F.linear's own error for a mismatch
         flat = _LowRankMatmul.apply(x.reshape(-1, x.shape[-1]), self.weight)
         return flat.reshape(*x.shape[:-1], self.out_features)
 
@@ -140,7 +140,7 @@ def fusable(base: nn.Module, factors: tuple[nn.Module, nn.Module], x: torch.Tens
     """Whether `fused_lora` may stand in for base(x) + B(A(x)) s: a frozen plain nn.Linear or bitsandbytes Linear4bit
     and the factors without hooks (DeepSpeed ZeRO-3 gathers weights in hooks), on CPU's fast path, not traced by
     torch.compile (which fuses the modules itself) and not under autocast (which would cast the modules' products)."""
-    if not cpu_fast_path(x, factors[0].weight):
+    if not cpu_fast_path(x, factors[0].weight) or factors[1].bias is not None:  # (lora_bias: the modules add it)
         return False
     modules = (base, *factors)
     plain = type(base) is nn.Linear and base.weight.dtype == x.dtype

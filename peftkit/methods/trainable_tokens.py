@@ -11,7 +11,8 @@ as peft wraps it (`TrainableTokensWrapper` around a `TrainableTokensLayer`), so 
 
 Where the model ties its output head to the input embeddings (tie_word_embeddings) and the list form (or the
 embeddings' own entry) is given, the head is wrapped too, sharing the embedding's rows (and saving none of its own),
-as peft does: the head's logits for those tokens use the trained rows.
+as peft does: the head's logits for those tokens use the trained rows. As in peft, a head named with other ids
+trains rows of its own instead; under an adapter layer (LoRA on lm_head) the head's base layer takes the rows.
 
 The forward never copies the whole matrix (peft's does, each call: `weight.index_copy`): the embedding looks the
 base up and puts the trained rows where the ids are trained (`torch.where` over a token -> row table, no host
@@ -41,7 +42,11 @@ TokenIndices = TokenIds | dict[str, TokenIds] | None
 
 
 def _check_indices(value: TokenIndices) -> TokenIndices:
-    for name, ids in (value.items() if isinstance(value, dict) else [("", value or [0])]):
+    if value is None:
+        return value
+    if not value:
+        raise ValueError("is empty; give the token ids whose embedding rows train, or leave the key out")
+    for name, ids in (value.items() if isinstance(value, dict) else [("", value)]):
         where = f" for {name!r}" if name else ""
         if not ids:
             raise ValueError(f"the list of token ids{where} is empty; give the ids whose embeddings train")
@@ -81,6 +86,8 @@ class TokenAdapter(nn.Module):
         self.base_layer = base_layer
         self.ids = list(ids)
         self.num_rows = base_layer.weight.shape[0]  # (read now: under ZeRO-3 the weight is a shard later)
+        padding = getattr(base_layer, "padding_idx", None)
+        self.padding_row = self.ids.index(padding) if padding in self.ids else None
         self._source = [source] if source is not None else []
         if source is None:
             rows = base_layer.weight.detach()[torch.tensor(self.ids, device=base_layer.weight.device)]
@@ -108,7 +115,8 @@ class TokenAdapter(nn.Module):
         if isinstance(self.base_layer, nn.Embedding):
             _, lookup = self.tables(x.device)
             row = lookup[x]
-            new = F.embedding(row.clamp(min=0), self.rows.to(weight.dtype))
+            # The embedding's padding row, if trained, gets no gradient (as the base lookup's, and peft's).
+            new = F.embedding(row.clamp(min=0), self.rows.to(weight.dtype), padding_idx=self.padding_row)
             if (scale := getattr(self.base_layer, "embed_scale", None)) is not None:  # Gemma 3's scaled lookup
                 new = new * scale.to(new.dtype)
             return torch.where((row >= 0).unsqueeze(-1), new.to(out.dtype), out)
@@ -184,36 +192,50 @@ def _wanted(model: nn.Module, indices: TokenIndices) -> dict[str, list[int]]:
 
 def inject_token_rows(model: nn.Module, indices: TokenIndices, saved: list[str]) -> list[str]:
     """Wrap the modules `indices` (trainable_token_indices) names, and the heads tied to a wrapped input embedding;
-    their rows train. `saved`: modules_to_save's full paths, which may not be named too. Returns the wrapped paths."""
+    their rows train. `saved`: modules_to_save's full paths, which may not be named too. Returns the wrapped paths.
+
+    Tying as peft's: a linear head sharing the embeddings' weight uses the embeddings' rows (and saves none) unless
+    it is named with other ids (then each trains its own rows); where an adapter layer wraps it, its base layer."""
     if not indices:
         return []
     wanted = _wanted(model, indices)
     embedding = model.get_input_embeddings()
+    tied = [path for path, module in model.named_modules()
+            if module is not embedding and getattr(module, "weight", None) is embedding.weight]
+    embedding_path = next(path for path, module in model.named_modules() if module is embedding)
+    ties = embedding_path in wanted and all(wanted.get(path, wanted[embedding_path]) == wanted[embedding_path]
+                                            for path in tied)
     wrapped: dict[str, TokenRows] = {}
     for path, ids in wanted.items():
-        module = model.get_submodule(path)
-        if path in saved:
-            raise PeftkitError(f"adapter.trainable_token_indices: '{path}' is in modules_to_save too, which trains it "
-                               "whole; give one of the two.")
-        if not isinstance(module, (nn.Embedding, nn.Linear)) or type(module).__module__.startswith("bitsandbytes"):
-            raise PeftkitError(f"adapter.trainable_token_indices: '{path}' is a {type(module).__name__}, not an "
-                               "embedding or a plain linear output head (an adapter layer already wraps it, or it "
-                               "is quantized); name the embeddings, or leave the module out of target_modules.")
-        if (past := [i for i in ids if i >= module.weight.shape[0]]):
-            raise PeftkitError(f"adapter.trainable_token_indices: token id {past[0]} is past the {module.weight.shape[0]} "
-                               f"rows of '{path}'. Resize the embeddings first (the tokenizer's new tokens need rows).")
-        wrapped[path] = _replace(model, path, TokenRows(module, ids))
-    source = next((w for p, w in wrapped.items() if w.token_adapter.base_layer is embedding), None)
-    if source is not None:
-        for path, module in list(model.named_modules()):
-            if path in wrapped or module is embedding or getattr(module, "weight", None) is not embedding.weight:
-                continue
-            if not isinstance(module, nn.Linear) or path.endswith(".base_layer"):
-                raise PeftkitError(f"adapter.trainable_token_indices: '{path}' shares its weight with the embeddings "
-                                   f"(tied), and is a {type(module).__name__}: an adapter layer wraps it (leave it out "
-                                   "of target_modules), or it is no linear head.")
-            wrapped[path] = _replace(model, path, TokenRows(module, source.token_adapter.ids, source))
+        if not (ties and path in tied):  # (a tied head named with the embeddings' own ids: tied below)
+            wrapped[path] = _replace(model, path, TokenRows(_wrappable(model, path, saved, ids), ids))
+    if ties:
+        source = wrapped[embedding_path]
+        for path in tied:
+            module = model.get_submodule(path)
+            # (an adapter layer's `.weight` is its base's: the base layer inside it takes the rows, as in peft)
+            if type(module) is nn.Linear:
+                wrapped[path] = _replace(model, path, TokenRows(module, source.token_adapter.ids, source))
     return list(wrapped)
+
+
+def _wrappable(model: nn.Module, path: str, saved: list[str], ids: list[int]) -> nn.Module:
+    """The module at `path`, checked to take trained rows `ids`."""
+    module = model.get_submodule(path)
+    if path in saved:
+        raise PeftkitError(f"adapter.trainable_token_indices: '{path}' is in modules_to_save too, which trains it "
+                           "whole; give one of the two.")
+    if not isinstance(module, (nn.Embedding, nn.Linear)) or type(module).__module__.startswith("bitsandbytes"):
+        raise PeftkitError(f"adapter.trainable_token_indices: '{path}' is a {type(module).__name__}, not an "
+                           "embedding or a plain linear output head (an adapter layer already wraps it, or it "
+                           "is quantized); name the embeddings, or leave the module out of target_modules.")
+    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
+        raise PeftkitError(f"adapter.trainable_token_indices: '{path}' renormalises its rows or scales their "
+                           "gradients by frequency, which trained rows do not do; train it whole (modules_to_save).")
+    if past := [i for i in ids if i >= module.weight.shape[0]]:
+        raise PeftkitError(f"adapter.trainable_token_indices: token id {past[0]} is past the {module.weight.shape[0]} "
+                           f"rows of '{path}'. Resize the embeddings first (the tokenizer's new tokens need rows).")
+    return module
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
