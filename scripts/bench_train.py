@@ -3,6 +3,7 @@
     python scripts/bench_train.py                          # CPU defaults: ~40 s on 2 idle cores
     python scripts/bench_train.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --steps 60
     python scripts/bench_train.py --dora                   # DoRA on both sides (use_dora: true)
+    python scripts/bench_train.py --model /tmp/smollm2 --trainable-tokens 8 --ab 3 --steps 4   # + trained token rows
     python scripts/bench_train.py --model /tmp/smollm2 --steps 12 --warmup 3 --floor   # the real SmolLM2-135M
     python scripts/bench_train.py --lora-fa                # peftkit LoRA vs peftkit LoRA-FA (adapter.lora_fa)
     python scripts/bench_train.py --compile inductor --warmup 5   # peftkit with training.compile (first steps compile)
@@ -99,13 +100,19 @@ def recipe_for(args, workdir: Path, **sections):
                    device=args.device),
         # bench_qlora.py has no --dora flag: LoRA there.
         adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
-                     use_dora=getattr(args, "dora", False), **sections.pop("adapter", {})),
+                     use_dora=getattr(args, "dora", False), **token_rows(args), **sections.pop("adapter", {})),
         data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length),
         training=training,
         export=dict(output_dir=str(workdir / "peftkit-run"), adapter=False, merged=False),
         eval=dict(base_model=False),
         **sections,
     ))
+
+
+def token_rows(args) -> dict:
+    """--trainable-tokens N: trainable_token_indices of N ids (from 10 on), on both sides."""
+    n = getattr(args, "trainable_tokens", None)
+    return {"trainable_token_indices": list(range(10, 10 + n))} if n else {}
 
 
 def model_dir(args, workdir: Path) -> Path:
@@ -354,7 +361,7 @@ def peft_lora_model(recipe):
     # As peftkit: same seed right before injection (so the same lora_A init), deterministic CPU kernels.
     seed_everything(recipe.training.seed, deterministic_cuda=False)
     config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
-                        use_dora=a.use_dora)
+                        use_dora=a.use_dora, trainable_token_indices=a.trainable_token_indices)
     return get_peft_model(model, config)
 
 
@@ -470,7 +477,8 @@ def run_ab(args, recipe, peft_model) -> None:
     if args.floor:
         models["floor"] = floor_model(recipe)
     report_ab(ab_pairs(recipe, models, args.ab),
-              f"{recipe.adapter.method} over {recipe.model.name_or_path if args.model else 'the built model'}"
+              f"{recipe.adapter.method}{' + trainable tokens' if token_rows(args) else ''} over "
+              f"{recipe.model.name_or_path if args.model else 'the built model'}"
               f"{' (NF4)' if recipe.quantization else ''}, {args.device}, batch {args.batch_size}, {args.steps} "
               f"batches x {args.ab} rounds, torch threads {torch.get_num_threads()}")
 
@@ -511,6 +519,8 @@ def main() -> None:
     p.add_argument("--compile", choices=["inductor", "aot_eager"], help="peftkit side: training.compile")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
     p.add_argument("--lora-fa", action="store_true", help="peftkit LoRA-FA (adapter.lora_fa) vs peftkit LoRA")
+    p.add_argument("--trainable-tokens", type=int, metavar="N", help="also train N rows of the embeddings "
+                   "(trainable_token_indices; a tied head uses them too), on both sides")
     args = p.parse_args()
     import torch
 
@@ -543,6 +553,7 @@ def main() -> None:
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides + (("floor",) if args.floor else ()),
                               warm_first=args.device == "cuda")
     kind = ("LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA") + \
+        (f" + {args.trainable_tokens} trainable tokens" if args.trainable_tokens else "") + \
         (f" (peftkit: training.compile {args.compile})" if args.compile else "")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
     model = args.model or f"llama hidden {args.hidden} x {args.layers} layers{shape}"

