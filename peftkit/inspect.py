@@ -21,7 +21,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import Method
-from peftkit.methods.trainable_tokens import TOKEN_ROWS
+from peftkit.methods.token_rows import TOKEN_ROWS
 from peftkit.peft_format import (
     CONFIG_NAME,
     check_adapter_dir,

@@ -20,7 +20,7 @@ from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_directory
 from peftkit.methods import method_of
 from peftkit.methods.base import is_conv1d, is_quantized, refuse_unmergeable
-from peftkit.methods.trainable_tokens import TOKEN_ROWS, TokenAdapter, merge_rows, plain_name
+from peftkit.methods.token_rows import TOKEN_ROWS, TokenAdapter, merge_rows, plain_name
 from peftkit.recipe import AdapterConfig
 
 

@@ -3,7 +3,7 @@ per method), run by hand after changing a method or `peftkit/zero.py`.
 
     python scripts/check_zero_methods.py --stage 3            # every weight-update and module method
     python scripts/check_zero_methods.py --stage 2 prompt_tuning p_tuning prefix_tuning
-    python scripts/check_zero_methods.py --arch qwen2 trainable_tokens   # a base whose head is tied to its embeddings
+    python scripts/check_zero_methods.py --arch qwen2 lora_trainable_tokens trainable_tokens   # a tied head
 
 For each method, its recipes/methods/<name>.yaml adapter trains 6 steps on the tiny Llama (or --arch): once in one process
 with batch 4, once in 2 ZeRO processes (gloo on a CPU) with batch 2, every parameter partitioned under ZeRO-3
@@ -26,7 +26,7 @@ from peftkit.tiny import build_tiny_model, number_rows, write_jsonl
 
 RECIPES = Path(__file__).parents[1] / "recipes" / "methods"
 ZERO3_METHODS = ["lora", "dora", "lora_fa", "ia3", "loha", "lokr", "vera", "oft", "llama_adapter", "bottleneck",
-                 "trainable_tokens"]
+                 "lora_trainable_tokens", "trainable_tokens"]
 
 
 def _launcher(root: Path, stage: int) -> Path:

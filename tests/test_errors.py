@@ -216,7 +216,7 @@ def test_unknown_method(tmp_path):
     assert _error(_write(tmp_path, text)) == ("Invalid recipe (1 problem):\n  "
                                               f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  method')}: "
                                               "'adapter.method' = 'lorra': must be one of 'lora', 'ia3', 'loha', 'lokr', "
-                                              "'vera', 'adalora', 'oft', 'llama_adapter', 'bottleneck', "
+                                              "'vera', 'adalora', 'oft', 'trainable_tokens', 'llama_adapter', 'bottleneck', "
                                               "'prompt_tuning', 'p_tuning', 'prefix_tuning', 'multitask_prompt_tuning', "
                                               "'fusion'.")
 

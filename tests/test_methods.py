@@ -63,6 +63,7 @@ from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.modeling import load_adapted_model, load_model
 from peftkit.peft_format import peft_config, save_adapter
@@ -144,6 +145,12 @@ CASES: dict[str, list[Case]] = {
              ("linear",)),
         Case("oft-shared", OftConfig(method="oft", oft_block_size=4, block_share=True, num_cayley_neumann_terms=7),
              ("llama",), ("linear",)),
+    ],
+    # Rows 3, 7 and 12 of the embeddings (ids in IDS): on tied heads (qwen2, gemma2's scaled lookup, gpt2) the head's
+    # logits of those tokens too. The dense check: an embedding of 20 rows.
+    "trainable_tokens": [
+        Case("trainable-tokens", TrainableTokensConfig(token_indices=[3, 7, 12]), ("llama", "qwen2", "gemma2", "gpt2"),
+             ("embedding",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -286,12 +293,21 @@ def oft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: O
     return weight @ rotation.T, bias
 
 
+def trainable_tokens_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
+    """W with row i of each trained token id i replaced by its trained row."""
+    dense = weight.clone()
+    for row, token in enumerate(cfg.token_indices):
+        dense[token] = parts["trainable_tokens_delta"][row]
+    return dense, bias
+
+
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
-         "adalora": adalora_dense, "oft": oft_dense}
+         "adalora": adalora_dense, "oft": oft_dense, "trainable_tokens": trainable_tokens_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
                    "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False},
+                   "TRAINABLE_TOKENS": {"init_weights": False},  # random rows
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
                    "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},

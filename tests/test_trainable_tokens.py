@@ -257,3 +257,108 @@ def test_a_resumed_qlora_run_gives_the_unbroken_run_s_bits(tiny_llama, number_da
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")
     train(load_recipe(recipe), resume=True, show_summary=False)
     assert adapter.read_bytes() == straight
+
+
+# ------------------------------------------------------------------------ method: trainable_tokens (peft's alone)
+
+
+def test_the_method_on_a_tied_model_saves_the_rows_under_both_names_as_peft(models, tmp_path):
+    """TRAINABLE_TOKENS on Qwen2: the tied head holds the embeddings' rows (one tensor trained), saved under both
+    names as peft saves them, with the embeddings alone as target_modules; peft loads the export with our logits."""
+    from peftkit.methods.trainable_tokens import TrainableTokensConfig
+    from tests.conftest import save_random_adapter
+
+    cfg = TrainableTokensConfig(token_indices=TOKENS)
+    adapter = save_random_adapter(models["qwen2"], cfg, tmp_path / "ours", seed=1)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert set(saved) == {"base_model.model.model.embed_tokens.trainable_tokens_delta",
+                          "base_model.model.lm_head.trainable_tokens_delta"}
+    assert torch.equal(*saved.values())
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_modules"] == ["model.embed_tokens"]
+    model, *_ = load_adapted_model(str(models["qwen2"]), str(adapter), torch.device("cpu"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(trained) == 1 and trained[0].shape == (3, 32)
+    peft_model = PeftModel.from_pretrained(_load(models["qwen2"]), adapter).eval()
+    assert _diff(_logits(model), _logits(peft_model)) <= 1e-6
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({"token_indices": [7, 500]}, "adapter.token_indices: token id 500 is past the 102 rows of 'model.embed_tokens'"),
+    ({"token_indices": [7], "target_modules": ["q_proj"]}, "'model.layers.0.self_attn.q_proj' is a Linear"),
+])
+def test_the_method_refuses_what_cannot_apply(adapter, message, models):
+    from peftkit.adapters import inject_adapters
+    from peftkit.methods.trainable_tokens import TrainableTokensConfig
+
+    cfg = TrainableTokensConfig(**adapter)
+    with pytest.raises(PeftkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        inject_adapters(_load(models["llama"]), cfg)
+
+
+def test_the_method_s_recipe_mistakes(monkeypatch, capsys, tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"method": "trainable_tokens"})
+    assert "adapter.token_indices" in cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    recipe = make_recipe(tmp_path, tiny_llama, number_data,
+                         adapter={"method": "trainable_tokens", "token_indices": [7], "modules_to_save": ["lm_head"]})
+    assert "peft's method has no modules_to_save" in cli_user_error(monkeypatch, capsys, "train", str(recipe))
+
+
+def test_combining_the_method_s_adapters_is_refused(models, tmp_path):
+    from peftkit.combine_inputs import read_sources
+    from peftkit.methods.trainable_tokens import TrainableTokensConfig
+    from tests.conftest import save_random_adapter
+
+    adapter = save_random_adapter(models["llama"], TrainableTokensConfig(token_indices=TOKENS), tmp_path / "a", 1)
+    with pytest.raises(PeftkitError, match="trains rows of the embeddings"):
+        read_sources([str(adapter), str(adapter)], False)
+
+
+def test_the_method_naming_a_tied_head_too_ties_it(models):
+    """target_modules [embed_tokens, lm_head] on Qwen2: the head takes the embeddings' rows in place of its own (one
+    tensor trains), so the model is the default one's (peft 0.21 fails on this setting)."""
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.methods.trainable_tokens import TrainableTokensConfig
+
+    models_ = {}
+    for name, targets in (("named", ["embed_tokens", "lm_head"]), ("default", None)):
+        model = _load(models["qwen2"])
+        torch.manual_seed(0)
+        inject_adapters(model, TrainableTokensConfig(token_indices=TOKENS, target_modules=targets))
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+        models_[name] = model
+    named = models_["named"]
+    assert len([p for p in named.parameters() if p.requires_grad]) == 1 and len(adapter_layers(named)) == 2
+    assert torch.equal(_logits(named), _logits(models_["default"]))
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["embeddings-first", "head-first"])
+def test_merging_and_unmerging_tied_layers_in_place_restores_the_base(order, models):
+    """An embedding and its tied head are two layers over one weight: merged and unmerged in either order, the base's
+    rows come back, and the merged model gives the adapted one's logits."""
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.methods.trainable_tokens import TrainableTokensConfig
+
+    model, base = _load(models["qwen2"]), _load(models["qwen2"])
+    inject_adapters(model, TrainableTokensConfig(token_indices=TOKENS))
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+    adapted = _logits(model)
+    layers = list(adapter_layers(model).values())[::order]
+    for layer in layers:
+        layer.merge()
+    assert _diff(_logits(model), adapted) <= 1e-6
+    for layer in layers[::order]:
+        layer.unmerge()
+    assert torch.equal(model.get_input_embeddings().base_layer.weight, base.get_input_embeddings().weight)
+    assert _diff(_logits(model), adapted) <= 1e-6
+
+
+def test_named_adapters_refuse_the_method_on_a_tied_model(models, tmp_path):
+    from peftkit.adapters.named import load_named_model
+    from peftkit.methods.trainable_tokens import TrainableTokensConfig
+    from tests.conftest import save_random_adapter
+
+    adapter = save_random_adapter(models["qwen2"], TrainableTokensConfig(token_indices=TOKENS), tmp_path / "a", 1)
+    with pytest.raises(PeftkitError, match="whose weight the output head shares: one model cannot hold those"):
+        load_named_model([("a", str(adapter))], str(models["qwen2"]))

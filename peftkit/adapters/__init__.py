@@ -20,7 +20,7 @@ from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import (Method, SharedTensors, check_bias_to_merge, is_conv1d, is_quantized, linear_shape,
                                   refuse_unmergeable, suffix_match)
 from peftkit.methods.target_filters import check_excluded
-from peftkit.methods.trainable_tokens import TOKEN_ROWS, inject_token_rows, token_wrappers
+from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows, token_wrappers
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.recipe import AdapterConfig, TargetRegex
 
@@ -166,13 +166,14 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         names = [n for n in names if n in adapted]
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = []
+    wrapped: dict[str, AdapterLayer] = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layers.append(method.wrap(getattr(parent, child), cfg, name))
-        setattr(parent, child, layers[-1])
-    share_tensors(method, cfg, layers)
+        wrapped[name] = method.wrap(getattr(parent, child), cfg, name)
+        setattr(parent, child, wrapped[name])
+    method.link_layers(model, cfg, wrapped)
+    share_tensors(method, cfg, list(wrapped.values()))
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
         if state is not None and not any(k.startswith(f"{PEFT_PREFIX}{name}.") for k in state):
             warnings.warn(PeftkitWarning(f"adapter_config.json lists '{name}' in modules_to_save, and the adapter's "
@@ -357,9 +358,13 @@ def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, 
     if (virtual := virtual_tokens(model)) is not None:
         return virtual.peft_state()
     state: dict[str, torch.Tensor] = {}
-    for name, layer in adapter_layers(model).items():
+    seen: dict[int, torch.Tensor] = {}  # a tensor two layers share (a head tied to trained token rows): saved twice,
+    for name, layer in adapter_layers(model).items():  # as peft saves it, as copies (safetensors refuses one shared)
         for pname, p in layer.adapter_params().items():
-            state[f"{PEFT_PREFIX}{name}.{pname}"] = full(p.detach()).cpu().contiguous()
+            if id(p) in seen:
+                state[f"{PEFT_PREFIX}{name}.{pname}"] = seen[id(p)].clone()
+            else:
+                state[f"{PEFT_PREFIX}{name}.{pname}"] = seen[id(p)] = full(p.detach()).cpu().contiguous()
     for name, module in modules_to_save(model, saved_modules).items():
         for pname, p in module.named_parameters():
             state[f"{PEFT_PREFIX}{name}.{pname}"] = full(p.detach()).cpu().contiguous()

@@ -329,10 +329,12 @@ class NamedAdapters:
     def _attach_layers(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor]) -> list[str]:
         """Inject the adapter into the bare model (its modules_to_save as copies), load its tensors, then move each
         new module into the host at its path and put the base module back in the tree."""
-        if getattr(cfg, "trainable_token_indices", None):
-            raise PeftkitError(f"Adapter {name!r} also trains rows of the embeddings (trainable_token_indices), which "
-                               "one model cannot hold per adapter; load it alone (--adapter DIR), or merge it "
-                               "(`peftkit merge`).")
+        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
+        if getattr(cfg, "trainable_token_indices", None) or (cfg.method == "trainable_tokens" and tied):
+            why = " (trainable_token_indices)" if cfg.method == "lora" else ", whose weight the output head shares"
+            raise PeftkitError(f"Adapter {name!r} trains rows of the embeddings{why}: one model cannot hold those per "
+                               "adapter; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
         originals = modules_to_save(self.model, cfg.modules_to_save)
         for path, module in saved_base_modules(self.model, state).items():  # peft's file may hold more
             if not any(path == p or path.startswith(f"{p}.") for p in originals):

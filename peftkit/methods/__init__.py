@@ -28,6 +28,7 @@ from peftkit.methods.oft import Oft
 from peftkit.methods.p_tuning import PTuning, PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig
+from peftkit.methods.trainable_tokens import TrainableTokens
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -47,6 +48,7 @@ register(Lokr)
 register(Vera)
 register(AdaLora)
 register(Oft)
+register(TrainableTokens)
 register(LlamaAdapter)
 register(Bottleneck)
 register(PromptTuning)

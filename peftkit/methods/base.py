@@ -329,6 +329,11 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def link_layers(cls, model: nn.Module, cfg: Any, layers: dict[str, AdapterLayer]) -> None:
+        """After every target is wrapped (`layers`, by path): tie layers together, wrapping more modules where the
+        method ties them (trainable tokens: a head tied to the embeddings), added to `layers`. Default: nothing."""
+
+    @classmethod
     def shared_tensors(cls, cfg: Any, shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         """The fp32 CPU tensors, by `shared_names`, shared by an adapter on layers of (in, out) `shapes`; only
         called for a method with `shared_names`. The state-dict merge calls it too, for an adapter that did not

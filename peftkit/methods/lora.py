@@ -31,7 +31,7 @@ from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft, regex_keys)
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
-from peftkit.methods.trainable_tokens import PeftTrainableTokens, TrainableTokenIndices
+from peftkit.methods.token_rows import PeftTrainableTokens, TrainableTokenIndices
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import TargetRegex
 

@@ -1,29 +1,25 @@
-"""Trainable tokens: a few rows of an embedding trained, the rest frozen (peft's `trainable_token_indices`, the LoRA
-setting for new special tokens, e.g. a chat template's, without training the whole embedding as modules_to_save).
+"""Trainable tokens (peft's TRAINABLE_TOKENS): rows of the embeddings trained, the rest of the model frozen, e.g. the
+embeddings of new special tokens. `method: trainable_tokens` trains them alone; LoRA's `trainable_token_indices`
+trains them beside LoRA (`peftkit.methods.token_rows`). Both compute with `ReplacedRows`.
 
-`adapter.trainable_token_indices` is a list of token ids (rows of the model's input embeddings) or {module name:
-ids} (`{embed_tokens: [...], lm_head: [...]}`, names matched as modules_to_save's). Each named module is wrapped
-as peft wraps it (`TrainableTokensWrapper` around a `TrainableTokensLayer`), so the keys are peft's:
-
-- the trained rows: `<path>.token_adapter.trainable_tokens_delta`, (len(ids), dim), row j the new value of token
-  ids[j]: values, not differences from the base (peft's name notwithstanding), starting as the base's rows;
-- the frozen base: `<path>.token_adapter.base_layer.weight`.
-
-Where the model ties its output head to the input embeddings (tie_word_embeddings) and the list form (or the
-embeddings' own entry) is given, the head is wrapped too, sharing the embedding's rows (and saving none of its own),
-as peft does: the head's logits for those tokens use the trained rows. As in peft, a head named with other ids
-trains rows of its own instead; under an adapter layer (LoRA on lm_head) the head's base layer takes the rows.
+Saved as peft saves them: `<path>.trainable_tokens_delta`, (len(ids), dim), row j the new value of token ids[j]:
+values, not differences from the base (peft's name notwithstanding), starting as the base's rows (fp32). A linear head
+tied to the embeddings (tie_word_embeddings) is wrapped too and holds the embeddings' own tensor, so its logits of
+those tokens use the trained rows, as peft's; the file carries it under both names, as peft's does.
 
 The forward never copies the whole matrix (peft's does, each call: `weight.index_copy`): the embedding looks the
 base up and puts the trained rows where the ids are trained (`torch.where` over a token -> row table, no host
 sync); the head computes the trained tokens' logits alone and writes them into the base's logits. The values are
 peft's: a lookup is a copy, so the embedding's are bit for bit; a logit is the same dot product, summed in another
-order (float rounding). A merge writes the rows into the weight (`merge_rows`).
+order (float rounding). The embedding's padding row, if trained, gets no gradient, as in the base lookup. A merge
+writes the rows into the weight.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -31,21 +27,19 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import PeftConfigBase, suffix_match
-from peftkit.section import AdapterSection
-
-TOKEN_ROWS = "token_adapter.trainable_tokens_delta"
-"""A wrapper's trained rows, after its module path (the key peft saves)."""
+from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, targets_from_peft
+from peftkit.section import AdapterSection, TargetRegex
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 TokenIndices = TokenIds | dict[str, TokenIds] | None
 
 
-def _check_indices(value: TokenIndices) -> TokenIndices:
+
+def check_indices(value: TokenIndices) -> TokenIndices:
     if value is None:
         return value
     if not value:
-        raise ValueError("is empty; give the token ids whose embedding rows train, or leave the key out")
+        raise ValueError("is empty; give the token ids whose embedding rows train")
     for name, ids in (value.items() if isinstance(value, dict) else [("", value)]):
         where = f" for {name!r}" if name else ""
         if not ids:
@@ -56,48 +50,19 @@ def _check_indices(value: TokenIndices) -> TokenIndices:
     return value
 
 
-class TrainableTokenIndices(AdapterSection):
-    """The `adapter` key that trains rows of an embedding."""
+class ReplacedRows:
+    """The lookup (or head) with rows `ids` of the base layer's weight replaced by `rows`: what peft's
+    `TrainableTokensLayer` computes, shared by LoRA's `TokenAdapter` and the method's `TokenLayer`."""
 
-    trainable_token_indices: TokenIndices = None
-    """Token ids whose embedding rows train (new special tokens), the rest of the embedding frozen: a list (the
-    input embeddings, and a head tied to them) or {module name: ids}. Saved as peft's."""
+    base_layer: nn.Module
+    rows: torch.Tensor
 
-    _indices = field_validator("trainable_token_indices")(lambda value: _check_indices(value))
-
-
-class PeftTrainableTokens(PeftConfigBase):
-    """adapter_config.json's trainable_token_indices."""
-
-    trainable_token_indices: TokenIndices = None
-    _indices = field_validator("trainable_token_indices")(lambda value: _check_indices(value))
-
-    def token_settings(self) -> dict[str, Any]:
-        return {"trainable_token_indices": self.trainable_token_indices} if self.trainable_token_indices else {}
-
-
-class TokenAdapter(nn.Module):
-    """peft's `TrainableTokensLayer`: the frozen `base_layer` (an embedding, or a linear output head) with the rows
-    `ids` of its weight replaced by `trainable_tokens_delta`, or by those of `source` (a head tied to the embedding),
-    which it holds outside its own modules, so that they are saved once."""
-
-    def __init__(self, base_layer: nn.Module, ids: list[int], source: TokenAdapter | None = None) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+    def _setup(self, base_layer: nn.Module, ids: list[int]) -> None:
         self.ids = list(ids)
         self.num_rows = base_layer.weight.shape[0]  # (read now: under ZeRO-3 the weight is a shard later)
         padding = getattr(base_layer, "padding_idx", None)
         self.padding_row = self.ids.index(padding) if padding in self.ids else None
-        self._source = [source] if source is not None else []
-        if source is None:
-            rows = base_layer.weight.detach()[torch.tensor(self.ids, device=base_layer.weight.device)]
-            # fp32 whatever the base's dtype, as every adapter weight (cast to the base's in the forward)
-            self.trainable_tokens_delta = nn.Parameter(rows.float().clone())
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self._source[0].trainable_tokens_delta if self._source else self.trainable_tokens_delta
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(the ids, and token id -> row or -1 over the vocabulary) on `device`, made once per device (a tensor made
@@ -109,15 +74,15 @@ class TokenAdapter(nn.Module):
             self._tables[device] = ids, lookup
         return self._tables[device]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+    def replace_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """`out`, the base layer's output for `x`, with the trained rows' values where they apply."""
         weight = self.base_layer.weight
         if isinstance(self.base_layer, nn.Embedding):
             _, lookup = self.tables(x.device)
             row = lookup[x]
             # The embedding's padding row, if trained, gets no gradient (as the base lookup's, and peft's).
             new = F.embedding(row.clamp(min=0), self.rows.to(weight.dtype), padding_idx=self.padding_row)
-            if (scale := getattr(self.base_layer, "embed_scale", None)) is not None:  # Gemma 3's scaled lookup
+            if (scale := getattr(self.base_layer, "embed_scale", None)) is not None:  # Gemma's scaled lookup
                 new = new * scale.to(new.dtype)
             return torch.where((row >= 0).unsqueeze(-1), new.to(out.dtype), out)
         ids, _ = self.tables(x.device)
@@ -127,130 +92,177 @@ class TokenAdapter(nn.Module):
         # (in place: the head's output is no tensor its backward keeps)
         return out.index_copy_(-1, ids, logits.to(out.dtype))
 
-    def merged_weight(self) -> torch.Tensor:
-        """The base weight with the rows replaced (peft's `get_merged_weights`); the base's as it is where either is a
-        shard (ZeRO-3's flat one outside a forward, FSDP2's DTensor), of which only the dtype and device mean much."""
-        from torch.distributed.tensor import DTensor
 
-        weight = self.base_layer.weight
-        if weight.dim() != 2 or self.rows.dim() != 2 or isinstance(weight, DTensor) or isinstance(self.rows, DTensor):
-            return weight
-        ids, _ = self.tables(weight.device)
-        return weight.index_copy(0, ids, self.rows.detach().to(weight.dtype))
+def initial_rows(base_layer: nn.Module, ids: list[int]) -> nn.Parameter:
+    """The base's rows `ids`, as the trained rows' start: fp32 whatever the base's dtype, as every adapter weight
+    (cast to the base's in the forward)."""
+    rows = base_layer.weight.detach()[torch.tensor(ids, device=base_layer.weight.device)]
+    return nn.Parameter(rows.float().clone())
 
 
-class TokenRows(nn.Module):
-    """peft's `TrainableTokensWrapper`, put where the embedding (or tied head) was: its `token_adapter` does the
-    work; `weight` is the merged weight, as peft's wrapper answers it (code that reads an embedding's weight)."""
-
-    def __init__(self, base_layer: nn.Module, ids: list[int], source: TokenRows | None = None) -> None:
-        super().__init__()
-        self.token_adapter = TokenAdapter(base_layer, ids, source.token_adapter if source is not None else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.token_adapter(x)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.token_adapter.merged_weight()
-
-    @property
-    def tied(self) -> bool:
-        return bool(self.token_adapter._source)
-
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The trained rows under their key after the module's path; none for a tied head."""
-        return {} if self.tied else {TOKEN_ROWS: self.token_adapter.trainable_tokens_delta}
-
-
-def token_wrappers(model: nn.Module) -> dict[str, TokenRows]:
-    """The trainable-token wrappers of an injected model, by full path."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, TokenRows)}
-
-
-def plain_name(name: str) -> str:
-    """A module or tensor path of an injected model as the base model has it (wrappers taken out)."""
-    return name.replace(".token_adapter.base_layer", "").replace(".base_layer", "")
-
-
-def _wanted(model: nn.Module, indices: TokenIndices) -> dict[str, list[int]]:
-    """{full module path: ids} that `indices` names: a list is the input embeddings'; a dict's names match as
-    modules_to_save's (a path, or its end after a dot)."""
-    if not isinstance(indices, dict):
-        embedding = model.get_input_embeddings()
-        path = next(n for n, m in model.named_modules() if m is embedding)
-        return {path: indices}
-    wanted: dict[str, list[int]] = {}
-    for name, ids in indices.items():
-        hits = [n for n, _ in model.named_modules() if n and suffix_match(n, name)]
-        if not hits:
-            raise PeftkitError(f"adapter.trainable_token_indices: {name!r} names no module of this model; name its "
-                               "embeddings (e.g. embed_tokens) or output head (lm_head).")
-        wanted.update(dict.fromkeys(hits, ids))
-    return wanted
-
-
-def inject_token_rows(model: nn.Module, indices: TokenIndices, saved: list[str]) -> list[str]:
-    """Wrap the modules `indices` (trainable_token_indices) names, and the heads tied to a wrapped input embedding;
-    their rows train. `saved`: modules_to_save's full paths, which may not be named too. Returns the wrapped paths.
-
-    Tying as peft's: a linear head sharing the embeddings' weight uses the embeddings' rows (and saves none) unless
-    it is named with other ids (then each trains its own rows); where an adapter layer wraps it, its base layer."""
-    if not indices:
-        return []
-    wanted = _wanted(model, indices)
-    embedding = model.get_input_embeddings()
-    tied = [path for path, module in model.named_modules()
-            if module is not embedding and getattr(module, "weight", None) is embedding.weight]
-    embedding_path = next(path for path, module in model.named_modules() if module is embedding)
-    ties = embedding_path in wanted and all(wanted.get(path, wanted[embedding_path]) == wanted[embedding_path]
-                                            for path in tied)
-    wrapped: dict[str, TokenRows] = {}
-    for path, ids in wanted.items():
-        if not (ties and path in tied):  # (a tied head named with the embeddings' own ids: tied below)
-            wrapped[path] = _replace(model, path, TokenRows(_wrappable(model, path, saved, ids), ids))
-    if ties:
-        source = wrapped[embedding_path]
-        for path in tied:
-            module = model.get_submodule(path)
-            # (an adapter layer's `.weight` is its base's: the base layer inside it takes the rows, as in peft)
-            if type(module) is nn.Linear:
-                wrapped[path] = _replace(model, path, TokenRows(module, source.token_adapter.ids, source))
-    return list(wrapped)
-
-
-def _wrappable(model: nn.Module, path: str, saved: list[str], ids: list[int]) -> nn.Module:
-    """The module at `path`, checked to take trained rows `ids`."""
-    module = model.get_submodule(path)
-    if path in saved:
-        raise PeftkitError(f"adapter.trainable_token_indices: '{path}' is in modules_to_save too, which trains it "
-                           "whole; give one of the two.")
-    if not isinstance(module, (nn.Embedding, nn.Linear)) or type(module).__module__.startswith("bitsandbytes"):
-        raise PeftkitError(f"adapter.trainable_token_indices: '{path}' is a {type(module).__name__}, not an "
-                           "embedding or a plain linear output head (an adapter layer already wraps it, or it "
-                           "is quantized); name the embeddings, or leave the module out of target_modules.")
-    if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
-        raise PeftkitError(f"adapter.trainable_token_indices: '{path}' renormalises its rows or scales their "
-                           "gradients by frequency, which trained rows do not do; train it whole (modules_to_save).")
-    if past := [i for i in ids if i >= module.weight.shape[0]]:
-        raise PeftkitError(f"adapter.trainable_token_indices: token id {past[0]} is past the {module.weight.shape[0]} "
-                           f"rows of '{path}'. Resize the embeddings first (the tokenizer's new tokens need rows).")
-    return module
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
     return module
 
 
-def merge_rows(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A plain state dict of the base (`merge.base_state_dict`) with every wrapper's trained rows written into its
-    module's weight (a tied head's too, so that the merged model ties them again)."""
-    out = dict(state)
-    for path, wrapper in token_wrappers(model).items():
-        key = f"{plain_name(path)}.weight"
-        adapter = wrapper.token_adapter
-        rows = adapter.rows.detach().to(out[key].device, out[key].dtype)
-        out[key] = out[key].index_copy(0, torch.tensor(adapter.ids, device=out[key].device), rows)
-    return out
+class TrainableTokensConfig(AdapterSection):
+    """peft's TRAINABLE_TOKENS method: rows of the embeddings train, and nothing else (no LoRA)."""
+
+    method: Literal["trainable_tokens"] = "trainable_tokens"
+    token_indices: TokenIds
+    """Token ids whose embedding rows train (e.g. new special tokens; give the model rows for them first)."""
+    target_modules: list[str] | TargetRegex | None = None
+    """The embeddings to train rows of: null for the model's input embeddings (peft's default); names or {regex}."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Not supported here (always empty): use LoRA's trainable_token_indices beside modules_to_save."""
+
+    _indices = field_validator("token_indices")(lambda value: check_indices(value))
+
+    @field_validator("modules_to_save")
+    @classmethod
+    def _none_to_save(cls, v: list[str]) -> list[str]:
+        if v:
+            raise ValueError("trainable tokens train rows of the embeddings only (peft's method has no "
+                             "modules_to_save); remove it, or use method: lora with trainable_token_indices")
+        return v
+
+
+class PeftTrainableTokensConfig(PeftConfigBase):
+    """The fields of a TRAINABLE_TOKENS adapter_config.json that peftkit reads."""
+
+    token_indices: TokenIds
+    _indices = field_validator("token_indices")(lambda value: check_indices(value))
+
+
+@dataclass(frozen=True)
+class TokenFacts:
+    ids: tuple[int, ...]
+
+
+class TokenLayer(ReplacedRows, AdapterLayer):
+    """The method's layer, where the embedding (or a head tied to it) was: keys `<path>.trainable_tokens_delta`, as
+    peft's. A tied head holds the embedding's own Parameter (`TrainableTokens.link_layers`): one tensor, saved under
+    both names, as peft saves it."""
+
+    def __init__(self, base_layer: nn.Module, ids: list[int]) -> None:
+        super().__init__(base_layer)
+        self._setup(base_layer, ids)
+        self.facts = TokenFacts(tuple(ids))
+        self.trainable_tokens_delta = initial_rows(base_layer, self.ids)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.trainable_tokens_delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        return out if self.merged else self.replace_rows(x, out)
+
+    # The rows a merge overwrites are kept on the weight itself, for the unmerge: an embedding and the head tied to it
+    # are two layers over one weight, merged and unmerged in either order, and only the first merge sees the base's.
+    def merge(self) -> None:
+        weight = self.base_layer.weight
+        if not self.merged and not hasattr(weight, "_peftkit_rows"):
+            weight._peftkit_rows = weight.detach()[list(self.ids)].clone()
+        super().merge()
+
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        if self.merged and hasattr(weight, "_peftkit_rows"):
+            with torch.no_grad():
+                weight[list(self.ids)] = weight._peftkit_rows
+            del weight._peftkit_rows
+        self.merged = False
+
+
+class TrainableTokens(Method):
+    name = "trainable_tokens"
+    title = "Trainable tokens"
+    peft_type = "TRAINABLE_TOKENS"
+    config = TrainableTokensConfig
+    peft_config = PeftTrainableTokensConfig
+    param_names = ("trainable_tokens_delta",)
+
+    @classmethod
+    def select_targets(cls, model: nn.Module, cfg: TrainableTokensConfig, every_entry: bool) -> list[str]:
+        from peftkit.adapters import find_targets  # (peftkit.adapters imports this module)
+
+        if cfg.target_modules is None:
+            embedding = model.get_input_embeddings()
+            return [next(path for path, module in model.named_modules() if module is embedding)]
+        names = find_targets(model, cfg.target_modules, every_entry)
+        head = model.get_output_embeddings()
+        for path in names:
+            module = model.get_submodule(path)
+            if not isinstance(module, nn.Embedding) and module is not head:
+                raise PeftkitError(f"adapter.target_modules: '{path}' is a {type(module).__name__}; trainable tokens "
+                                   "take rows of an embedding (or of the output head): name the embeddings, or leave "
+                                   "target_modules null for the input embeddings.")
+        return names
+
+    @classmethod
+    def wrap(cls, base: nn.Module, cfg: TrainableTokensConfig, path: str) -> TokenLayer:
+        if type(base) is not nn.Linear and not isinstance(base, nn.Embedding):  # (a quantized head: no rows)
+            raise PeftkitError(f"adapter.target_modules: '{path}' is a {type(base).__name__}; trainable tokens take "
+                               "rows of an embedding (or of a plain linear output head).")
+        if past := [i for i in cfg.token_indices if i >= base.weight.shape[0]]:
+            raise PeftkitError(f"adapter.token_indices: token id {past[0]} is past the {base.weight.shape[0]} rows of "
+                               f"'{path}'. Resize the embeddings first (the tokenizer's new tokens need rows).")
+        return TokenLayer(base, cfg.token_indices)
+
+    @classmethod
+    def link_layers(cls, model: nn.Module, cfg: TrainableTokensConfig, layers: dict[str, AdapterLayer]) -> None:
+        """A linear head tied to a wrapped embedding (tie_word_embeddings) holds the embedding's rows, so its logits
+        of those tokens use them, as peft ties it: wrapped for the purpose, or, named in target_modules too, given
+        the embedding's rows in place of its own (peft means to; 0.21 fails on it)."""
+        for layer in [layer for layer in layers.values() if isinstance(layer.base_layer, nn.Embedding)]:
+            for path, module in list(model.named_modules()):
+                inside = any(path.startswith(f"{wrapped}.") for wrapped in layers)
+                if isinstance(module, TokenLayer) and module is not layer and module.base_layer.weight is \
+                        layer.base_layer.weight:
+                    module.trainable_tokens_delta = layer.trainable_tokens_delta
+                elif type(module) is nn.Linear and module.weight is layer.base_layer.weight and not inside:
+                    head = replace_module(model, path, TokenLayer(module, layer.ids))
+                    head.trainable_tokens_delta = layer.trainable_tokens_delta
+                    layers[path] = head
+
+    @classmethod
+    def layer_facts(cls, cfg: TrainableTokensConfig, path: str, fan_in_fan_out: bool) -> TokenFacts:
+        return TokenFacts(tuple(cfg.token_indices))
+
+    @staticmethod
+    def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: TokenFacts) -> torch.Tensor:
+        rows = parts["trainable_tokens_delta"]
+        if len(facts.ids) != rows.shape[0] or max(facts.ids) >= weight.shape[0]:
+            raise PeftkitError(f"The adapter's {rows.shape[0]} trained rows do not fit its token_indices "
+                               f"({len(facts.ids)} ids, up to {max(facts.ids)}) and a weight of {weight.shape[0]} "
+                               "rows.")
+        return weight.index_copy(0, torch.tensor(facts.ids, device=weight.device), rows.to(weight))
+
+    @staticmethod
+    def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: TokenFacts) -> torch.Tensor:
+        raise PeftkitError("A merge of trained token rows overwrote the base's; the layer's unmerge() kept them.")
+
+    @staticmethod
+    def update_shape(parts: dict[str, torch.Tensor], facts: TokenFacts) -> tuple[int | None, ...]:
+        return None, parts["trainable_tokens_delta"].shape[1]
+
+    @classmethod
+    def to_peft(cls, cfg: TrainableTokensConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
+        common = cls.peft_common(cfg, targets, base_name)
+        return {k: common[k] for k in ("peft_type", "task_type", "base_model_name_or_path", "target_modules",
+                                       "inference_mode", "revision")} | {
+            "token_indices": list(cfg.token_indices), "init_weights": True}
+
+    @classmethod
+    def from_peft(cls, peft: PeftTrainableTokensConfig, config_file: Path) -> TrainableTokensConfig:
+        targets = None if peft.target_modules is None else targets_from_peft(peft.target_modules, config_file)
+        return TrainableTokensConfig(token_indices=peft.token_indices, target_modules=targets)
+
+    @classmethod
+    def describe(cls, cfg: TrainableTokensConfig) -> str:
+        return f"Trainable tokens ({len(cfg.token_indices)} rows)"
+
+
+TokenLayer.method = TrainableTokens

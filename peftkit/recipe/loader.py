@@ -18,7 +18,7 @@ from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, Vali
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
 from peftkit.methods.target_filters import ExcludedTargets, LayerTargets
-from peftkit.methods.trainable_tokens import TrainableTokenIndices
+from peftkit.methods.token_rows import TrainableTokenIndices
 from peftkit.recipe.reader import _invalid, _parse_yaml, _read_yaml, _YamlProblem
 from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
 from peftkit.section import AdapterSection
