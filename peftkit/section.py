@@ -47,6 +47,13 @@ class TargetRegex(Section):
         return v
 
 
+def none_saved(value: list[str], why: str) -> list[str]:
+    """A method's `modules_to_save`, which it does not support: empty, or a ValueError saying `why`."""
+    if value:
+        raise ValueError(why)
+    return value
+
+
 class AdapterSection(Section):
     """What every method's `adapter` section shares (each method's config subclasses it)."""
 

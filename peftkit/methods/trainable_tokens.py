@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, targets_from_peft
-from peftkit.section import AdapterSection, TargetRegex
+from peftkit.section import AdapterSection, TargetRegex, none_saved
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
 TokenIndices = TokenIds | dict[str, TokenIds] | None
@@ -119,13 +119,9 @@ class TrainableTokensConfig(AdapterSection):
 
     _indices = field_validator("token_indices")(lambda value: check_indices(value))
 
-    @field_validator("modules_to_save")
-    @classmethod
-    def _none_to_save(cls, v: list[str]) -> list[str]:
-        if v:
-            raise ValueError("trainable tokens train rows of the embeddings only (peft's method has no "
-                             "modules_to_save); remove it, or use method: lora with trainable_token_indices")
-        return v
+    _none_saved = field_validator("modules_to_save")(lambda value: none_saved(
+        value, "trainable tokens train rows of the embeddings only (peft's method has no modules_to_save); remove it, "
+        "or use method: lora with trainable_token_indices"))
 
 
 class PeftTrainableTokensConfig(PeftConfigBase):

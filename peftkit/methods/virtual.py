@@ -31,7 +31,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import AdapterLayer, Method, MethodTrainer, PeftConfigBase
-from peftkit.section import AdapterSection
+from peftkit.section import AdapterSection, none_saved
 
 ATTR = "peftkit_virtual"
 PROMPT_KEY = "prompt_embeddings"
@@ -47,13 +47,9 @@ class VirtualConfig(AdapterSection):
     modules_to_save: list[str] = Field(default_factory=list)
     """Not supported by the prompt family (always empty)."""
 
-    @field_validator("modules_to_save")
-    @classmethod
-    def _none_to_save(cls, v: list[str]) -> list[str]:
-        if v:
-            raise ValueError("the prompt family trains its virtual tokens (and their encoder) only, not modules in "
-                             "full; remove adapter.modules_to_save, or use adapter.method: lora, which takes it")
-        return v
+    _none_saved = field_validator("modules_to_save")(lambda value: none_saved(
+        value, "the prompt family trains its virtual tokens (and their encoder) only, not modules in full; remove "
+        "adapter.modules_to_save, or use adapter.method: lora, which takes it"))
 
 
 class VirtualPeftConfig(PeftConfigBase):
