@@ -233,6 +233,10 @@ def check_engine(cfg, accelerator) -> None:
     from peftkit.errors import PeftkitError
     from peftkit.methods import method_of
 
+    if sharded(accelerator) and getattr(cfg.adapter, "layer_replication", None):
+        raise PeftkitError(
+            "adapter.layer_replication stacks copies of layers that share their weights, which FSDP and ZeRO-3 shard "
+            "once per layer; train it under DDP (configs/accelerate/ddp.yaml) or ZeRO-2.")
     if zero.active(accelerator):
         zero.check(cfg, accelerator)
     elif sharded(accelerator) and cfg.export.merged:

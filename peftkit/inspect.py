@@ -51,6 +51,7 @@ def inspect_adapter(path: str | Path) -> dict:
     it converts it), base_model, revision, targets
     ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
     for a method without a rank, IA3), modules_to_save, trainable_tokens ({module path: trained rows}),
+    layer_replication (LoRA's stacked ranges, or null),
     trainable_params, adapter_params, saved_params (differs
     from trainable_params where an encoder's output is saved: P-tuning), base_copies, shared ({saved:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
@@ -103,6 +104,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "variants": [name for key, name in _VARIANTS.items() if raw.get(key)],
         "virtual_tokens": None if method.layer_targets else raw.get("num_virtual_tokens"),
     }
+    info["layer_replication"] = raw.get("layer_replication")
     info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
                                 for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
@@ -202,6 +204,10 @@ def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]])
     return ranks
 
 
+STACKED = ("layer_replication: {who} does not stack the base's layers again, so the stacked layers' tensors have no "
+           "layer to go to; merge it (peftkit merge) and serve the merged model")
+
+
 def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
                   targets: dict[str, dict[str, tuple[int, ...]]], saved: dict[str, int], base_copies: list[str]) -> dict:
     reasons, caveats = [], []
@@ -214,6 +220,8 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append(f"modules_to_save ({', '.join(named)}): vLLM's loader requires it to be null")
     if raw.get("trainable_token_indices"):
         reasons.append("trainable_token_indices: vLLM's loader reads LoRA's tensors, not trained embedding rows")
+    if raw.get("layer_replication"):
+        reasons.append(STACKED.format(who="vLLM"))
     if raw.get("use_dora"):
         reasons.append("use_dora: vLLM does not support DoRA")
     if raw.get("bias", "none") != "none":
@@ -257,6 +265,8 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
                        "saved modules or biases) stop convert_lora_to_gguf.py, which carries norm weights only")
     if raw.get("use_dora"):
         reasons.append("use_dora: its magnitude vectors stop convert_lora_to_gguf.py")
+    if raw.get("layer_replication"):
+        reasons.append(STACKED.format(who="llama.cpp"))
     if raw.get("lora_bias"):
         reasons.append("lora_bias: convert_lora_to_gguf.py reads lora_A/lora_B weights alone, and llama.cpp applies "
                        "no LoRA bias: lora_B's bias would be lost or misread")
@@ -326,6 +336,9 @@ def describe(info: dict) -> list[str]:
             lines += [f"                 {path}: r={r}" for path, r in ranks.items()]
     if info["modules_to_save"]:
         lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
+    if raw_stack := info["layer_replication"]:
+        lines.append(f"stacked layers {raw_stack}: the base's layers stacked again (layer_replication), "
+                     "sharing their weights")
     if info["trainable_tokens"]:
         lines.append("token rows     " + ", ".join(f"{path} ({n} tokens)" for path, n in info["trainable_tokens"].items())
                      + ": trained embedding rows (trainable_token_indices)")

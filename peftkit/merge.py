@@ -184,6 +184,9 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     # Each layer is merged in fp32 and cast to `dtype` as it is done: held whole in fp32, the merged layers took
     # twice a bf16 model's size, and the cast to `dtype` a copy more (a merge peaked at 3x the model, now ~1x).
     state = merge_state_dict(base, adapter, adapter_cfg, conv1d_modules(model), dtype=dtype)
+    if getattr(adapter_cfg, "layer_replication", None):  # the stacked copies shared the base's weights: now their own
+        seen: set[int] = set()
+        state = {k: v.clone() if v.data_ptr() in seen else seen.add(v.data_ptr()) or v for k, v in state.items()}
     classifier = type(model).__name__.endswith("ForSequenceClassification")
     return plain_model_from_state(model.config, state, dtype, non_persistent_buffers(model), classifier,
                                   getattr(model, "generation_config", None))

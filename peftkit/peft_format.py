@@ -264,7 +264,6 @@ UNSUPPORTED_FEATURES = {
     "alora_invocation_tokens": "activated LoRA (aLoRA), which adapts only the tokens from its invocation on",
     "use_qalora": "QA-LoRA, which pools the input groupwise",
     "use_bdlora": "block-diagonal LoRA",
-    "layer_replication": "layer replication, which stacks copies of the base's layers",
     "target_parameters": "LoRA on parameters (target_parameters)",
     "megatron_config": "Megatron's parallel linear layers",
     "velora_config": "VeLoRA",
@@ -488,7 +487,7 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
         )
     conflicts = [f"{key}: {getattr(cfg, key)!r} in the recipe, {getattr(loaded, key)!r} in the adapter"
                  for key in sorted(given - {"method"}) if key in type(loaded).model_fields
-                 and _plain(getattr(cfg, key)) != _plain(getattr(loaded, key))]
+                 and _plain(getattr(cfg, key), key) != _plain(getattr(loaded, key), key)]
     if cfg.method == loaded.method and conflicts:
         raise PeftkitError(
             f"adapter.init_from: {path} sets the adapter's settings, and the recipe says otherwise ("
@@ -503,8 +502,9 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
     return loaded.model_copy(update={"init_from": path})
 
 
-def _plain(value: object) -> object:
-    """A setting in comparable form: a TargetRegex as its dict, a list sorted (module order means nothing)."""
+def _plain(value: object, key: str) -> object:
+    """A setting in comparable form: a TargetRegex as its dict, a list sorted (module order means nothing), but
+    layer_replication's (its ranges stack in their order)."""
     if isinstance(value, BaseModel):
         return value.model_dump()
-    return sorted(value) if isinstance(value, list) else value
+    return sorted(value) if isinstance(value, list) and key != "layer_replication" else value

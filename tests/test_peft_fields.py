@@ -85,7 +85,7 @@ def test_a_peft_alora_adapter_is_refused_not_loaded_as_plain_lora(tiny_llama, tm
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("use_qalora", True), ("layer_replication", [[0, 2], [1, 2]]), ("target_parameters", ["w"]),
+    ("use_qalora", True), ("target_parameters", ["w"]),
 ])
 def test_unsupported_peft_features_are_refused_by_name(key, value, tiny_llama, tmp_path):
     config = _edit(_peft_lora(tiny_llama, tmp_path / "lora"), **{key: value})

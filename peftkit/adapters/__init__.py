@@ -19,6 +19,7 @@ from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import (Method, SharedTensors, check_bias_to_merge, is_conv1d, is_quantized, linear_shape,
                                   refuse_unmergeable, suffix_match)
+from peftkit.methods.replication import replicate_layers
 from peftkit.methods.target_filters import check_excluded
 from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows, token_wrappers
 from peftkit.methods.virtual import virtual_tokens
@@ -150,6 +151,8 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     # (Mixtral's experts' w2, now fused parameters): as in peft, its entries need not all match; one must.
     every_entry = every_entry and getattr(cfg, "target_modules", "given") is not None
     cfg = method.resolve(cfg, getattr(getattr(model, "config", None), "model_type", None))
+    if getattr(cfg, "layer_replication", None):  # (before the targets: they are the stacked model's)
+        replicate_layers(model, cfg.layer_replication)
     if not method.layer_targets:  # the prompt family: one module on the whole model, no layer wrapped
         for p in model.parameters():
             p.requires_grad_(False)

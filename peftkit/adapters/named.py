@@ -329,6 +329,9 @@ class NamedAdapters:
     def _attach_layers(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor]) -> list[str]:
         """Inject the adapter into the bare model (its modules_to_save as copies), load its tensors, then move each
         new module into the host at its path and put the base module back in the tree."""
+        if getattr(cfg, "layer_replication", None):
+            raise PeftkitError(f"Adapter {name!r} stacks the base's layers again (layer_replication): its model is not "
+                               "the others' base; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
         if getattr(cfg, "trainable_token_indices", None) or (cfg.method == "trainable_tokens" and tied):

@@ -74,6 +74,9 @@ def check_fusable(fused: list[Fused], where: str) -> None:
             raise PeftkitError(f"{where}[{i}]: {f.source} also trains whole modules ({', '.join(f.cfg.modules_to_save)}"
                                "), which have no output to weigh against the others'. Fuse adapters without "
                                "modules_to_save.")
+        if getattr(f.cfg, "layer_replication", None):
+            raise PeftkitError(f"{where}[{i}]: {f.source} stacks the base's layers again (layer_replication), so it "
+                               "is not on the others' base. Fuse adapters without it.")
         if getattr(f.cfg, "trainable_token_indices", None):
             raise PeftkitError(f"{where}[{i}]: {f.source} also trains rows of the embeddings (trainable_token_indices"
                                "), which have no output to weigh against the others'. Fuse adapters without them.")

@@ -31,12 +31,13 @@ from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft, regex_keys)
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
+from peftkit.methods.replication import LayerReplication, PeftLayerReplication
 from peftkit.methods.token_rows import PeftTrainableTokens, TrainableTokenIndices
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import TargetRegex
 
 
-class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices):
+class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -353,7 +354,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
                 "gets another one)")
 
 
-class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens):
+class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -495,6 +496,7 @@ class Lora(Method):
             "alpha_pattern": dict(cfg.alpha_pattern),
             "trainable_token_indices": cfg.trainable_token_indices,
             "lora_bias": cfg.lora_bias,
+            "layer_replication": cfg.layer_replication,
         }
 
     @classmethod
@@ -516,7 +518,7 @@ class Lora(Method):
                              use_rslora=peft.use_rslora, use_dora=peft.use_dora,
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
                              alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
-                             lora_bias=peft.lora_bias, **peft.token_settings())
+                             lora_bias=peft.lora_bias, **peft.token_settings(), **peft.replication_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None
@@ -534,7 +536,8 @@ class Lora(Method):
                   *(["LoRA-FA (A frozen)"] if cfg.lora_fa else []), *(["lora_bias"] if cfg.lora_bias else []),
                   *([f"rank_pattern {cfg.rank_pattern}"] if cfg.rank_pattern else []),
                   *([f"alpha_pattern {cfg.alpha_pattern}"] if cfg.alpha_pattern else []),
-                  *([f"trainable tokens {cfg.trainable_token_indices}"] if cfg.trainable_token_indices else [])]
+                  *([f"trainable tokens {cfg.trainable_token_indices}"] if cfg.trainable_token_indices else []),
+                  *([f"layer_replication {cfg.layer_replication}"] if cfg.layer_replication else [])]
         return f"LoRA r={cfg.r}" + (f" with {', '.join(extras)}" if extras else "")
 
     @classmethod

@@ -18,6 +18,7 @@ from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, Vali
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
 from peftkit.methods.target_filters import ExcludedTargets, LayerTargets
+from peftkit.methods.replication import LayerReplication
 from peftkit.methods.token_rows import TrainableTokenIndices
 from peftkit.recipe.reader import _invalid, _parse_yaml, _read_yaml, _YamlProblem
 from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
@@ -283,7 +284,8 @@ def _field_order(model: type[BaseModel]) -> list[str]:
     # `trainable_token_indices`) come first in pydantic's order; a method's own keys, `method` first, read better
     # ahead of them, init_from last.
     shared = sorted((name for name in model.model_fields
-                     if any(name in base.model_fields for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices))),
+                     if any(name in base.model_fields
+                            for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication))),
                     key=lambda name: name in AdapterSection.model_fields)
     return [name for name in model.model_fields if name not in shared] + shared
 
