@@ -19,9 +19,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from peftkit.errors import PeftkitError
 from peftkit.methods import Method
 from peftkit.methods.token_rows import TOKEN_ROWS
+from peftkit.methods.trainable_tokens import ROWS_PARAM
 from peftkit.peft_format import (
     CONFIG_NAME,
     check_adapter_dir,
@@ -79,6 +82,9 @@ def inspect_adapter(path: str | Path) -> dict:
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
     saved_params = adapter_params + sum(saved.values())
+    tied_rows = _tied_row_copies(weights_file, renamed, raw)
+    if trained is None:
+        trained = saved_params - sum(_numel(shapes[key]) for key in tied_rows) if tied_rows else None
     ranks = _ranks(method, targets)
     info = {
         "path": str(path),
@@ -107,6 +113,7 @@ def inspect_adapter(path: str | Path) -> dict:
     info["layer_replication"] = raw.get("layer_replication")
     info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
                                 for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
+    info["tied_rows"] = {_module(copy): _module(kept) for copy, kept in tied_rows.items()}
     info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     info["llama_cpp"] = _llama_cpp_verdict(method.peft_type, raw, saved, targets)
     from peftkit.adapters import PEFT_PREFIX
@@ -160,6 +167,40 @@ def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dic
         else:
             targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
     return targets, saved, shared, base_copies
+
+
+def _module(key: str) -> str:
+    """The module path of a trained-rows tensor's key: `lm_head` for `base_model.model.lm_head.trainable_tokens_delta`."""
+    return key.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS).removesuffix("." + ROWS_PARAM)
+
+
+def _tied_row_copies(weights_file: Path, renamed: dict[str, str], raw: dict) -> dict[str, str]:
+    """{copy key: kept key} for trained token rows saved twice: a head tied to the embeddings holds their rows, and
+    peft (and peftkit) save them under both modules' names. Two row tensors equal bit for bit are one trained tensor;
+    the kept one is the module the config names (`target_modules`, or trainable_token_indices' keys), else the first."""
+    from safetensors import safe_open
+
+    keys = [key for key, new in renamed.items() if new.endswith("." + ROWS_PARAM)]  # (TOKEN_ROWS ends so too)
+    if len(keys) < 2:
+        return {}
+    with safe_open(weights_file, "pt") as f:
+        rows = {renamed[key]: f.get_tensor(key) for key in keys}
+    indices = raw.get("trainable_token_indices")
+    named = raw.get("target_modules") if raw.get("peft_type") == "TRAINABLE_TOKENS" else (
+        list(indices) if isinstance(indices, dict) else ["embed_tokens"])
+    named = [named] if isinstance(named, str) else list(named or [])
+
+    def is_named(key: str) -> bool:
+        return any(_module(key) == n or _module(key).endswith("." + n) for n in named)
+
+    copies: dict[str, str] = {}
+    order = sorted(rows, key=lambda key: (not is_named(key), key))
+    for i, key in enumerate(order):
+        kept = next((k for k in order[:i] if k not in copies and rows[k].shape == rows[key].shape
+                     and rows[k].dtype == rows[key].dtype and torch.equal(rows[k], rows[key])), None)
+        if kept is not None:
+            copies[key] = kept
+    return copies
 
 
 def _tensor_header(weights_file: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -344,8 +385,11 @@ def describe(info: dict) -> list[str]:
                      + ": trained embedding rows (trainable_token_indices)")
     trainable, saved = info["trainable_params"], info["saved_params"]
     where = "adapter layers" if info["virtual_tokens"] is None else "virtual tokens' table"
+    tied = "; ".join(f"{copy}'s rows are {kept}'s" for copy, kept in info["tied_rows"].items())
     lines += [
         f"parameters     {trainable:,} trainable ({info['adapter_params']:,} in the {where})" if trainable == saved
+        else f"parameters     {trainable:,} trainable; {saved:,} saved ({tied}: a head tied to the embeddings shares "
+             "their trained rows, saved under both names as peft saves them)" if tied
         else f"parameters     {trainable:,} trainable; {saved:,} saved (the prompt encoder's output: training's encoder "
              "is not saved)",
         *([f"base copies    {', '.join(info['base_copies'])}: frozen base weights saved beside the adapter, not "

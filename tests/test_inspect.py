@@ -242,3 +242,31 @@ def test_control_characters_from_a_file_are_shown_not_obeyed(tiny_llama, tmp_pat
     assert "\x1b" not in out and "\x9b" not in out and "/models/base\\x1b[2J\\x1b[H\\x9b1m" in out
     err = cli_user_error(monkeypatch, capsys, "generate", "--adapter", str(adapter), "--prompt", "12")
     assert "\x1b" not in err and "/models/base\\x1b[2J" in " ".join(err.split())
+
+
+def test_a_tied_head_s_copy_of_trained_rows_counts_once(tmp_path):
+    """On Qwen2 (head tied to the embeddings) peft saves trained token rows under both modules' names; inspect counts
+    the one trained tensor, as peft's own count does, and says which is the copy. Rows of their own do not merge."""
+    from peft import TrainableTokensConfig as PeftTrainableTokens
+    from peft import get_peft_model
+
+    from peftkit.tiny import build_tiny_model
+
+    base = tmp_path / "qwen2"
+    build_tiny_model(base, arch="qwen2", hidden_size=32, num_layers=2, seed=0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           PeftTrainableTokens(target_modules=["embed_tokens"], token_indices=[3, 7, 12]))
+    model.save_pretrained(tmp_path / "tt")
+    info = inspect_adapter(tmp_path / "tt")
+    assert info["targets"]["modules"] == {"embed_tokens": 1, "lm_head": 1}  # the file holds both
+    assert info["saved_params"] == 2 * 3 * 32
+    assert info["trainable_params"] == 3 * 32 == model.get_nb_trainable_parameters()[0]
+    assert info["tied_rows"] == {"lm_head": "model.embed_tokens"}
+    assert "96 trainable; 192 saved (lm_head's rows are model.embed_tokens's" in "\n".join(describe(info))
+
+    # Other ids on each module: two trained tensors, nothing tied, even where their values agree.
+    rows = {"embed_tokens": [3, 7], "lm_head": [5, 9]}
+    info = inspect_adapter(_ours(base, LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=rows),
+                                 tmp_path / "own"))
+    assert info["tied_rows"] == {} and info["trainable_params"] == info["saved_params"]
+    assert info["trainable_tokens"] == {"model.embed_tokens": 2, "lm_head": 2}

@@ -50,6 +50,10 @@ def check_indices(value: TokenIndices) -> TokenIndices:
     return value
 
 
+ROWS_PARAM = "trainable_tokens_delta"
+"""The trained rows' tensor name after a module path (peft's; under LoRA, after `token_adapter.`)."""
+
+
 class ReplacedRows:
     """The lookup (or head) with rows `ids` of the base layer's weight replaced by `rows`: what peft's
     `TrainableTokensLayer` computes, shared by LoRA's `TokenAdapter` and the method's `TokenLayer`."""
@@ -178,7 +182,7 @@ class TrainableTokens(Method):
     peft_type = "TRAINABLE_TOKENS"
     config = TrainableTokensConfig
     peft_config = PeftTrainableTokensConfig
-    param_names = ("trainable_tokens_delta",)
+    param_names = (ROWS_PARAM,)
 
     @classmethod
     def select_targets(cls, model: nn.Module, cfg: TrainableTokensConfig, every_entry: bool) -> list[str]:
