@@ -216,6 +216,9 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     # and LoKr's full (out, in) update, built every forward), fp32.
     kept = [layer.method.kept_for_backward(recipe.adapter, layer) for layer in adapter_layers(model).values()]
     activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept), dtype)
+    # and what one layer allocates for a moment in its forward (DoRA's norm), on top: the largest layer's
+    activations += 4.0 * max((layer.method.forward_scratch(recipe.adapter, layer)
+                              for layer in adapter_layers(model).values()), default=0)
     device = device if device is not None else resolve_device(recipe.model.device)
     optimizer = _optimizer_bytes(recipe.training.optimizer, [p.numel() for p in trainable if id(p) not in embedded],
                                  [p.numel() for p in trainable if id(p) in embedded])
@@ -245,7 +248,7 @@ def load_dtype(dtype: str, config) -> str:
 
 def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad:
-    the logits and the loss's copies, as in training). `per_token`: the values all the
+    the logits and the loss's copies, as in training). `per_token`: the fp32 values all the
     adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens (with gradient
     checkpointing, one decoder layer's share at a time)."""
     shape = model_shape(config)
@@ -256,7 +259,8 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     # and the norms, the residual stream and the unquantized head (the logits) run in the load dtype; the wider
     # of the two bounds both (mixed precision on CUDA makes most of them 16-bit: then this is an upper bound).
     dtype = max(q.compute_dtype, load, key=BYTES.__getitem__) if q is not None and q.method != "int8" else load
-    width = per_token // max(shape.layers, 1)
+    # (the adapters compute in fp32: their values count as that many of the activations' dtype)
+    width = per_token * 4 // (BYTES[dtype] * max(shape.layers, 1))
     attention = recipe.model.attn_implementation
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
                                        width, attention == "eager", getattr(recipe.adapter, "lora_fa", False),

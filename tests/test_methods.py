@@ -842,6 +842,55 @@ def test_dora_dropout_in_training_follows_peft():
     assert _diff(layer.eval()(x), x @ lora_dense(weight, bias, parts, cfg, "linear")[0].T + bias) <= 1e-5
 
 
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "nf4"])
+def test_dora_norm_is_taken_a_block_of_rows_at_a_time(layout, monkeypatch):
+    """DoraLinear's ||W + s B A||_c, over blocks of output rows (2 here, of 7; 64 MiB of fp32 in use), equals the
+    dense norm of the fp32 (dequantized, for NF4) weight plus the update: what each step allocates for it is a
+    block's, not three (out, in) fp32 matrices."""
+    import bitsandbytes as bnb
+
+    import peftkit.methods.lora as lora_module
+    from peftkit.merge import dequantize_weight
+
+    cfg = LoraConfig(r=4, alpha=8, use_dora=True)
+    if layout == "nf4":
+        torch.manual_seed(0)
+        base = bnb.nn.Linear4bit(64, 7, compute_dtype=torch.float32, quant_type="nf4")
+        base.load_state_dict(nn.Linear(64, 7).state_dict())
+        base = base.to("cpu")
+        weight = dequantize_weight(base)
+    else:
+        base = _base_layer(layout)
+        weight = base.weight.detach().clone()
+        weight = weight.T if layout == "conv1d" else weight  # (out, in)
+    layer = method_of(cfg).wrap(base, cfg, "layer")
+    method_of(cfg).randomize(layer, torch.Generator().manual_seed(2), 0.3)
+    a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    dense = (weight.float() + 2.0 * b @ a).norm(dim=1)
+    assert torch.equal(layer.weight_norm(), dense)  # one block: the whole matrix, as before
+    monkeypatch.setattr(lora_module, "NORM_ELEMENTS", 2 * weight.shape[1] + 1)
+    with _LargestOutput() as largest:
+        norm = layer.weight_norm()
+    assert _diff(norm, dense) <= 1e-6 and _diff(dense, weight.float().norm(dim=1)) > 1e-2
+    # no (out, in) tensor is made, but for NF4's dequantized weight (bitsandbytes dequantizes whole tensors)
+    assert largest.numel == (weight.numel() if layout == "nf4" else 2 * weight.shape[1])
+
+
+class _LargestOutput(TorchDispatchMode):
+    """The element count of the largest tensor the ops under it allocate (views of their inputs are not)."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_dora_on_an_embedding_loads_merges_and_exports_as_peft_s(arch, models, tmp_path, monkeypatch):
     """peft 0.21's DoRA on an embedding (refused before): the norm of W + s (B A)^T is taken over the vocabulary for

@@ -415,6 +415,12 @@ class Method:
         return getattr(cfg, "r", 0), 0
 
     @classmethod
+    def forward_scratch(cls, cfg: Any, layer: AdapterLayer) -> int:
+        """fp32 values the adapter of `layer` allocates in a forward and frees before the next layer's (DoRA's weight
+        norm): the memory estimate adds the largest layer's. Default: none."""
+        return 0
+
+    @classmethod
     def describe(cls, cfg: Any) -> str:
         """The method and its size setting for the parameter-count line (`LoRA r=8`)."""
         return cls.title

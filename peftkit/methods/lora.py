@@ -225,6 +225,10 @@ class _DoraMerge:
         self.merged, self._merged_norm = False, None
 
 
+NORM_ELEMENTS = 2**24
+"""Values of a block of output rows of DoraLinear's norm (64 MiB in fp32; 4096 rows of a 4096-wide layer)."""
+
+
 class DoraLinear(_DoraMerge, LoraLinear):
     """LoRA with DoRA around a Linear, Conv1D or bitsandbytes layer: W' = m * V / ||V||_c, V = W + s B A."""
 
@@ -245,10 +249,20 @@ class DoraLinear(_DoraMerge, LoraLinear):
         return weight.T if self.facts.fan_in_fan_out else weight
 
     def weight_norm(self) -> torch.Tensor:
-        """||W + s B A||_c, (out,), without gradient."""
+        """||W + s B A||_c, (out,), without gradient, a block of output rows at a time: what it allocates is a block's
+        (NORM_ELEMENTS fp32 values, three times), not three fp32 (out, in) matrices (peft's, every step: 700 MiB for
+        a Llama-8B MLP projection). A quantized weight is dequantized whole first (bitsandbytes dequantizes whole
+        tensors)."""
         with torch.no_grad():
-            delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-            return weight_norm(self.base_weight(), delta)
+            a, b = self.lora_A.weight, self.lora_B.weight
+            weight = self.base_layer.weight
+            if is_quantized(self.base_layer):
+                weight = self.base_weight()
+            elif self.facts.fan_in_fan_out:
+                weight = weight.T
+            step = max(1, NORM_ELEMENTS // weight.shape[1])
+            return torch.cat([weight_norm(weight[i:i + step].float(), (b[i:i + step] @ a) * self.scaling)
+                              for i in range(0, weight.shape[0], step)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -440,7 +454,27 @@ class Lora(Method):
 
     @classmethod
     def kept_for_backward(cls, cfg: LoraConfig, layer: AdapterLayer) -> tuple[int, int]:
+        if isinstance(layer, (DoraLinear, DoraEmbedding)):
+            # DoRA's gain multiplies the base output and the update, (tokens, out) each, kept for its gradient; per
+            # layer, the gain and the norm (measured with `saved_activation_bytes`, tests/test_memory.py)
+            out = layer.lora_B.weight.shape[0] if isinstance(layer, DoraLinear) else layer.lora_embedding_B.shape[0]
+            return layer.r + 2 * out, 3 * out
         return layer.r, 0  # (rank_pattern: the layer's own)
+
+    @classmethod
+    def forward_scratch(cls, cfg: LoraConfig, layer: AdapterLayer) -> int:
+        """DoRA's norm: a block of W + s B A and its square, and the block of W in fp32 (a linear layer's: an NF4
+        weight dequantized whole, in its compute dtype and in fp32); with dropout, the fp32 weight W x_d needs."""
+        if isinstance(layer, DoraEmbedding):
+            return 3 * min(layer.base_layer.weight.numel(), NORM_ROWS * layer.base_layer.weight.shape[1])
+        if not isinstance(layer, DoraLinear):
+            return 0
+        in_features, out_features = linear_shape(layer.base_layer)
+        whole = in_features * out_features
+        scratch = 3 * min(whole, max(NORM_ELEMENTS, in_features))
+        if is_quantized(layer.base_layer):
+            scratch += 2 * whole  # (the dequantized weight, which the norm's blocks are cut from)
+        return scratch + (whole if cfg.dropout > 0 else 0)
 
     @staticmethod
     def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
