@@ -97,7 +97,7 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
     sources = []
     for path in adapter_dirs:
         cfg, state, peft, quant = load_adapter(path)
-        refuse_unmergeable(method_of(cfg))  # module adapters and the prompt family: no weight update to combine
+        refuse_unmergeable(method_of(cfg), cfg)  # module adapters and the prompt family: no weight update to combine
         if cfg.method == "lora" and (cfg.rank_pattern or cfg.alpha_pattern):
             raise PeftkitError(f"{path} sets rank_pattern or alpha_pattern (per-module ranks or alphas); combining "
                                "takes one rank and alpha per adapter. Merge it alone (`peftkit merge --adapter` once).")

@@ -54,7 +54,7 @@ def inspect_adapter(path: str | Path) -> dict:
     it converts it), base_model, revision, targets
     ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
     for a method without a rank, IA3), modules_to_save, trainable_tokens ({module path: trained rows}),
-    layer_replication (LoRA's stacked ranges, or null),
+    layer_replication (LoRA's stacked ranges, or null), alora_invocation_tokens (aLoRA's, or null),
     trainable_params, adapter_params, saved_params (differs
     from trainable_params where an encoder's output is saved: P-tuning), base_copies, shared ({saved:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
@@ -111,6 +111,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "virtual_tokens": None if method.layer_targets else raw.get("num_virtual_tokens"),
     }
     info["layer_replication"] = raw.get("layer_replication")
+    info["alora_invocation_tokens"] = raw.get("alora_invocation_tokens")
     info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
                                 for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
     info["tied_rows"] = {_module(copy): _module(kept) for copy, kept in tied_rows.items()}
@@ -286,6 +287,8 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
             caveats.append("per-layer ranks (rank_pattern): not verified against vLLM")
     if raw.get("layers_to_transform") not in (None, []) or raw.get("alpha_pattern"):
         caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
+    if raw.get("alora_invocation_tokens"):
+        caveats.append(ACTIVATED.format(who="vLLM"))
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
@@ -318,9 +321,15 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
         reasons.append("alpha_pattern: not read, so those layers would be scaled by lora_alpha (silently wrong)")
     caveats = ["LoRA on lm_head: refused for a base whose output head is its embeddings (tied)"] if any(
         p.rsplit(".", 1)[-1] == "lm_head" for p in targets) else []
-    if reasons:
+    if raw.get("alora_invocation_tokens"):
+        caveats.append(ACTIVATED.format(who="llama.cpp (its converter and server)"))
+    if reasons and not raw.get("alora_invocation_tokens"):
         caveats.append("merge it (peftkit merge) and convert the merged model with convert_hf_to_gguf.py instead")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+ACTIVATED = ("alora_invocation_tokens (aLoRA): only a {who} with activated-LoRA support honours it; one without applies "
+             "the adapter to every token, the prompt before the invocation too (different outputs, without an error)")
 
 
 def _vllm_rank(r: int) -> int:
@@ -380,6 +389,9 @@ def describe(info: dict) -> list[str]:
     if raw_stack := info["layer_replication"]:
         lines.append(f"stacked layers {raw_stack}: the base's layers stacked again (layer_replication), "
                      "sharing their weights")
+    if info["alora_invocation_tokens"]:
+        lines.append(f"activated      from the invocation {info['alora_invocation_tokens']} on (aLoRA): the tokens "
+                     "before it keep the base's outputs; not mergeable")
     if info["trainable_tokens"]:
         lines.append("token rows     " + ", ".join(f"{path} ({n} tokens)" for path, n in info["trainable_tokens"].items())
                      + ": trained embedding rows (trainable_token_indices)")

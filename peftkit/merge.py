@@ -176,7 +176,7 @@ def _tie_as_the_weights_say(model: nn.Module) -> None:
 
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
-    refuse_unmergeable(method_of(adapter_cfg))
+    refuse_unmergeable(method_of(adapter_cfg), adapter_cfg)
     base = merge_rows(model, base_state_dict(model))
     adapter = {k: v for k, v in adapter_state_dict(model, adapter_cfg.modules_to_save).items() if not k.endswith(TOKEN_ROWS)}
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
@@ -346,7 +346,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
 
     check_adapter_dir(Path(adapter_dir))
-    refuse_unmergeable(read_peft_config(Path(adapter_dir))[0])  # before minutes of loading the base
+    refuse_unmergeable(*read_peft_config(Path(adapter_dir)))  # before minutes of loading the base
     outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
     recorded = recorded_base(adapter_dir)
     if base is None and recorded and Path(recorded).is_absolute() and not Path(recorded).exists():

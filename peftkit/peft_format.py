@@ -261,7 +261,6 @@ def _targets_in_weights(path: Path, method: type[Method]) -> list[str]:
 
 
 UNSUPPORTED_FEATURES = {
-    "alora_invocation_tokens": "activated LoRA (aLoRA), which adapts only the tokens from its invocation on",
     "use_qalora": "QA-LoRA, which pools the input groupwise",
     "use_bdlora": "block-diagonal LoRA",
     "target_parameters": "LoRA on parameters (target_parameters)",
@@ -272,7 +271,7 @@ UNSUPPORTED_FEATURES = {
     "arrow_config": "Arrow routing",
 }
 """peft features that change an adapter's outputs and that peftkit does not implement: one that is set is refused,
-for any method, so that an adapter never loads as something else (aLoRA saves plain LoRA tensor names)."""
+for any method, so that an adapter never loads as something else (QA-LoRA saves plain LoRA tensor names)."""
 
 PEFT_BOOKKEEPING = {
     "ensure_weight_tying",  # checked against the model: `check_weight_tying`

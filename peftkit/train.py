@@ -346,6 +346,11 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok, cache)
     if eval_ex is not None and accelerator.num_processes > 1:
         eval_ex.processes = accelerator  # the processes share out the eval batches
+    if ids := getattr(cfg.adapter, "alora_invocation_tokens", None):
+        from peftkit.methods.alora import check_invocation
+
+        if warning := check_invocation(ids, train_ex, tok):
+            console.print(warning, style="yellow", markup=False, highlight=False)
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
 

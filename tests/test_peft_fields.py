@@ -76,13 +76,6 @@ def test_effective_conv2d_passes_quietly(name):
         warnings.simplefilter("error")
         check_peft_fields(method_for_peft_type(raw["peft_type"], Path("c.json")), raw, Path("c.json"))
 
-def test_a_peft_alora_adapter_is_refused_not_loaded_as_plain_lora(tiny_llama, tmp_path):
-    """aLoRA saves plain LoRA tensor names and adapts only from its invocation tokens on: loaded as LoRA, every
-    position would move (by up to 1.7 in the logits of this one)."""
-    adapter = _peft_lora(tiny_llama, tmp_path / "alora", alora_invocation_tokens=[60, 61])
-    with pytest.raises(PeftkitError, match=r"adapter_config.json: 'alora_invocation_tokens' is \[60, 61\]: activated LoRA"):
-        load_adapted_model(str(tiny_llama), str(adapter))
-
 
 @pytest.mark.parametrize(("key", "value"), [
     ("use_qalora", True), ("target_parameters", ["w"]),

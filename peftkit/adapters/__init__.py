@@ -482,7 +482,7 @@ def merge_state_dict(
     """
     _check_converted(cfg)
     method = method_of(cfg)
-    refuse_unmergeable(method)
+    refuse_unmergeable(method, cfg)
     merged = dict(base)
     modules, shared = _split_adapter_keys(adapter, method, base, merged, dtype)
     if modules and set(method.shared_names) - set(shared):  # not saved: regenerated, as at injection

@@ -332,6 +332,10 @@ class NamedAdapters:
         if getattr(cfg, "layer_replication", None):
             raise PeftkitError(f"Adapter {name!r} stacks the base's layers again (layer_replication): its model is not "
                                "the others' base; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
+        if getattr(cfg, "alora_invocation_tokens", None):
+            raise PeftkitError(f"Adapter {name!r} is an activated LoRA (alora_invocation_tokens), which acts from its "
+                               "invocation in each row on: named adapters do not route it; load it alone (--adapter "
+                               "DIR).")
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
         if getattr(cfg, "trainable_token_indices", None) or (cfg.method == "trainable_tokens" and tied):

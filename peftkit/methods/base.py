@@ -217,9 +217,10 @@ def refuse_unsupported(peft: BaseModel, config_file: Path, keys: tuple[str, ...]
         raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
 
 
-def refuse_unmergeable(method: type[Method]) -> None:
-    """A PeftkitError for a method whose adapter cannot be folded into the base (`Method.merge_refusal`)."""
-    if refusal := method.merge_refusal():
+def refuse_unmergeable(method: type[Method], cfg: Any = None) -> None:
+    """A PeftkitError for a method whose adapter (of settings `cfg`, where given) cannot be folded into the base
+    (`Method.merge_refusal`)."""
+    if refusal := method.merge_refusal(cfg):
         raise PeftkitError(refusal)
 
 
@@ -287,8 +288,9 @@ class Method:
         return None
 
     @classmethod
-    def merge_refusal(cls) -> str | None:
-        """Why this method's adapters cannot be merged into the base weights (and what to do instead), or None."""
+    def merge_refusal(cls, cfg: Any = None) -> str | None:
+        """Why this method's adapters (of settings `cfg`, a recipe's or adapter_config.json's, where given) cannot be
+        merged into the base weights (and what to do instead), or None."""
         if cls.mergeable:
             return None
         return (f"{cls.title} adapters (method: {cls.name}) add computation of their own to the model instead of "

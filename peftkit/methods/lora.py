@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
+from peftkit.methods.alora import Activation, PeftActivation, install_invocation, masked
 from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, draw_device, is_conv1d,
                                   is_quantized, linear_shape, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
@@ -37,7 +38,7 @@ from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize,
 from peftkit.section import TargetRegex
 
 
-class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication):
+class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication, Activation):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -99,6 +100,12 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerRepl
             what = "use_dora" if self.use_dora else f"init: {self.init}"
             raise ValueError(f"adapter.lora_bias with {what} is not supported (peft refuses it too); set lora_bias: "
                              f"false, or {'use_dora: false' if self.use_dora else 'init: default'}")
+        if self.alora_invocation_tokens and (self.use_dora or self.init in MOVES_BASE):
+            what = "use_dora" if self.use_dora else f"init: {self.init}"
+            why = ("peft refuses it too" if self.use_dora else
+                   "it rewrites the base weights, so the tokens before the invocation would not keep the base's outputs")
+            raise ValueError(f"adapter.alora_invocation_tokens (aLoRA) with {what} is not supported ({why}); remove "
+                             f"{'use_dora' if self.use_dora else 'init'}, or alora_invocation_tokens")
         if self.init in MOVES_BASE and self.use_dora:
             raise ValueError(f"adapter.init: {self.init} with use_dora is not supported; use init: default or "
                              f"gaussian with DoRA{without_niter(self.pissa_niter)}, or set use_dora: false")
@@ -204,6 +211,37 @@ class LoraLinear(_LoraLayer):
         (alpha 16, r 8), else to float rounding. With lora_bias, s (B A x + b), as peft's."""
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
         return self.lora_B(h) * self.scaling if self.lora_B.bias is not None else self.lora_B(h * self.scaling)
+
+
+class ALoraLinear(LoraLinear):
+    """Activated LoRA (`peftkit.methods.alora`): LoRA's update on the tokens from the invocation on, the base's output
+    before it. The model's `Invocation` (hooked on its forward) says where; peft's order of rounding (the update cast
+    to the base output's dtype, then added)."""
+
+    invocation = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        update = masked(self.update(x), self.invocation, type(self.base_layer).__name__)
+        return result if update is None else result + update.to(result.dtype)
+
+    def merge(self) -> None:
+        raise PeftkitError(ALORA_UNMERGEABLE)
+
+
+def _alora_conflict(recipe: Any) -> str | None:
+    if recipe.data.packing:
+        return ("adapter.alora_invocation_tokens (aLoRA) with data.packing: the adapter acts from the invocation's last "
+                "occurrence in a row, and a packed row holds several examples; set data.packing: false")
+    if recipe.classification:
+        return ("adapter.alora_invocation_tokens (aLoRA) is for causal language models (peft's too), not a classifier "
+                "(model.num_labels); remove alora_invocation_tokens")
+    return None
+
+
+ALORA_UNMERGEABLE = ("An aLoRA adapter (alora_invocation_tokens) cannot be merged: it changes only the tokens from its "
+                     "invocation on, which no weight can do. Keep it separate (export.merged: false; skip `peftkit "
+                     "merge`) and use it with --adapter DIR, or peft's PeftModel.from_pretrained.")
 
 
 class _DoraMerge:
@@ -368,7 +406,8 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
                 "gets another one)")
 
 
-class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication):
+class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication,
+                     PeftActivation):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -401,6 +440,8 @@ class Lora(Method):
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
         cfg, q = recipe.adapter, recipe.quantization
+        if cfg.alora_invocation_tokens and (refusal := _alora_conflict(recipe)):
+            return refusal
         if q is None or cfg.init not in MOVES_BASE:
             return None
         kept = isinstance(cfg.target_modules, list) and all(t.split(".")[-1] in q.skip_modules for t in cfg.target_modules)
@@ -433,6 +474,9 @@ class Lora(Method):
                 f"adapter.lora_fa: '{path}' is an Embedding, whose LoRA A starts at zero: frozen there, the layer could "
                 "never change. Leave embeddings out of adapter.target_modules (all-linear does), or set lora_fa: false."
             )
+        if isinstance(base, nn.Embedding) and cfg.alora_invocation_tokens:
+            raise PeftkitError(f"adapter.alora_invocation_tokens: '{path}' is an Embedding, and aLoRA adapts linear "
+                               "layers only (peft refuses it too); leave embeddings out of adapter.target_modules.")
         if isinstance(base, nn.Embedding) and cfg.lora_bias:
             raise PeftkitError(f"adapter.lora_bias: '{path}' is an Embedding, which has no bias (peft refuses it too); "
                                "leave embeddings out of adapter.target_modules, or set lora_bias: false.")
@@ -441,12 +485,24 @@ class Lora(Method):
                                                                         cfg.use_rslora)
         elif cfg.use_dora:
             layer = DoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
+        elif cfg.alora_invocation_tokens:
+            layer = ALoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
         else:
             layer = LoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
         initialize(layer, cfg.init, cfg.pissa_niter, path)
         if cfg.lora_fa:
             layer.lora_A.weight.requires_grad_(False)
         return layer
+
+    @classmethod
+    def link_layers(cls, model: nn.Module, cfg: LoraConfig, layers: dict[str, AdapterLayer]) -> None:
+        if cfg.alora_invocation_tokens:
+            adapted = [layer for layer in layers.values() if isinstance(layer, ALoraLinear)]
+            install_invocation(model, cfg.alora_invocation_tokens, adapted)
+
+    @classmethod
+    def merge_refusal(cls, cfg: Any = None) -> str | None:
+        return ALORA_UNMERGEABLE if getattr(cfg, "alora_invocation_tokens", None) else None
 
     @classmethod
     def layer_facts(cls, cfg: LoraConfig, path: str, fan_in_fan_out: bool) -> LoraFacts:
@@ -531,6 +587,7 @@ class Lora(Method):
             "trainable_token_indices": cfg.trainable_token_indices,
             "lora_bias": cfg.lora_bias,
             "layer_replication": cfg.layer_replication,
+            "alora_invocation_tokens": cfg.alora_invocation_tokens,
         }
 
     @classmethod
@@ -552,7 +609,8 @@ class Lora(Method):
                              use_rslora=peft.use_rslora, use_dora=peft.use_dora,
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
                              alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
-                             lora_bias=peft.lora_bias, **peft.token_settings(), **peft.replication_settings())
+                             lora_bias=peft.lora_bias, **peft.token_settings(), **peft.replication_settings(),
+                             **peft.activation_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None
@@ -571,7 +629,8 @@ class Lora(Method):
                   *([f"rank_pattern {cfg.rank_pattern}"] if cfg.rank_pattern else []),
                   *([f"alpha_pattern {cfg.alpha_pattern}"] if cfg.alpha_pattern else []),
                   *([f"trainable tokens {cfg.trainable_token_indices}"] if cfg.trainable_token_indices else []),
-                  *([f"layer_replication {cfg.layer_replication}"] if cfg.layer_replication else [])]
+                  *([f"layer_replication {cfg.layer_replication}"] if cfg.layer_replication else []),
+                  *([f"aLoRA invocation {cfg.alora_invocation_tokens}"] if cfg.alora_invocation_tokens else [])]
         return f"LoRA r={cfg.r}" + (f" with {', '.join(extras)}" if extras else "")
 
     @classmethod

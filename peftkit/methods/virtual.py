@@ -264,7 +264,7 @@ class VirtualMethod(Method):
         raise NotImplementedError
 
     @classmethod
-    def merge_refusal(cls) -> str | None:
+    def merge_refusal(cls, cfg: Any = None) -> str | None:
         return (f"A {cls.name} adapter cannot be merged: it adds virtual tokens in front of the input, not a change "
                 "to any weight. Keep the adapter separate (set export.merged: false; skip `peftkit merge`) and use "
                 "it: `peftkit generate` / `peftkit eval` with --adapter DIR (or the run directory), or peft's "

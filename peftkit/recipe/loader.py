@@ -17,6 +17,7 @@ from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, Vali
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
+from peftkit.methods.alora import Activation
 from peftkit.methods.target_filters import ExcludedTargets, LayerTargets
 from peftkit.methods.replication import LayerReplication
 from peftkit.methods.token_rows import TrainableTokenIndices
@@ -285,7 +286,8 @@ def _field_order(model: type[BaseModel]) -> list[str]:
     # ahead of them, init_from last.
     shared = sorted((name for name in model.model_fields
                      if any(name in base.model_fields
-                            for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication))),
+                            for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication,
+                                         Activation))),
                     key=lambda name: name in AdapterSection.model_fields)
     return [name for name in model.model_fields if name not in shared] + shared
 

@@ -319,7 +319,7 @@ class Recipe(Section):
                 f"(with DoRA, LoRA-FA or PiSSA) only, not {method.name}; remove training.loraplus_lr_ratio or use "
                 "adapter.method: lora"
             )
-        if self.export.merged and (refusal := method.merge_refusal()):
+        if self.export.merged and (refusal := method.merge_refusal(self.adapter)):
             raise ValueError(f"export.merged: {refusal}")
         return self
 

@@ -1,0 +1,187 @@
+"""Activated LoRA (aLoRA; Greenewald et al. 2025, arXiv:2504.12397), peft's `alora_invocation_tokens`: LoRA that
+acts only on the tokens from its invocation on. Before the last occurrence of the invocation sequence in a row
+every layer gives the base's output, so the KV cache of a conversation so far is the base model's, and an aLoRA is
+called in mid-conversation without computing it again.
+
+`adapter.alora_invocation_tokens` is the invocation's token ids, as the base's tokenizer encodes it *in context*
+(the same string can tokenize otherwise at the start of a text: training checks that the examples hold it). In a
+row, the adapter is on at the start of the invocation's last occurrence and every position after; a row without it
+is the base's. As peft:
+
+- the positions come from each forward's `input_ids` (a forward pre-hook on the model, `Invocation`); a forward
+  from `inputs_embeds` alone runs the base;
+- during generation with a KV cache, each new token's forward sees only that token: the rows' starts are kept from
+  the forward that filled the cache (the same cache object), so every generated token is adapted in a row that
+  held the invocation, and none in a row that did not;
+- only linear layers (and Conv1D): not embeddings, not with DoRA; an aLoRA cannot be merged into the weights.
+
+Where peft picks the adapted tokens by a boolean index (a host sync per layer), the update here is computed for
+every token and zeroed where the adapter is off (`torch.where`): the same values, without a sync.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.methods.base import PeftConfigBase
+from peftkit.section import AdapterSection
+
+InvocationIds = list[Annotated[int, Field(ge=0)]] | None
+
+
+def _check_ids(value: InvocationIds) -> InvocationIds:
+    if value is not None and not value:
+        raise ValueError("is empty; give the token ids of the invocation (e.g. the tokenizer's encoding of "
+                         "'<|im_start|>assistant\\n'), or leave the key out for plain LoRA")
+    return value
+
+
+class Activation(AdapterSection):
+    """The `adapter` key that makes LoRA an activated LoRA."""
+
+    alora_invocation_tokens: InvocationIds = None
+    """aLoRA: the token ids of the invocation sequence (as the base's tokenizer encodes it in context); the adapter
+    acts from its last occurrence in a row on, and the tokens before it keep the base's outputs (and KV cache)."""
+
+    _ids = field_validator("alora_invocation_tokens")(lambda value: _check_ids(value))
+
+
+class PeftActivation(PeftConfigBase):
+    """adapter_config.json's alora_invocation_tokens."""
+
+    alora_invocation_tokens: InvocationIds = None
+    _ids = field_validator("alora_invocation_tokens")(lambda value: _check_ids(value))
+
+    def activation_settings(self) -> dict[str, Any]:
+        return {"alora_invocation_tokens": self.alora_invocation_tokens} if self.alora_invocation_tokens else {}
+
+
+def last_starts(ids: torch.Tensor, invocation: torch.Tensor) -> torch.Tensor:
+    """The index in each row of `ids` (batch, T) where the last occurrence of `invocation` (n,), on the same device,
+    starts, -1 where it does not occur: (batch,) long, computed on the device without a host sync."""
+    n, width = invocation.numel(), ids.shape[1]
+    if width < n:
+        return torch.full(ids.shape[:1], -1, dtype=torch.long, device=ids.device)
+    found = (ids.unfold(1, n, 1) == invocation).all(-1)  # (batch, T - n + 1)
+    where = torch.arange(width - n + 1, device=ids.device)
+    return torch.where(found, where, -1).amax(dim=1)
+
+
+def _seen(cache: Any, kwargs: dict) -> int:
+    """Positions a KV cache already holds before this forward (0 without one)."""
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    position = kwargs.get("cache_position")
+    return int(position[0]) if isinstance(position, torch.Tensor) and position.numel() else 0
+
+
+class Invocation:
+    """Where each row's adapter is on, for the current forward: a forward pre-hook on the model computes it from the
+    input ids (`mask`, (batch, T) bool); every aLoRA layer of the model reads it."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.mask: torch.Tensor | None = None
+        self._starts: torch.Tensor | None = None
+        self._cache: Any = None
+        self._warned = False
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            self.mask = self._starts = None
+            if not self._warned:
+                warnings.warn(PeftkitWarning("aLoRA: a forward without input_ids (inputs_embeds only) cannot find the "
+                                             "invocation, so it runs the base model (as peft's)."), stacklevel=2)
+                self._warned = True
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers 5.2x's name, and 4's)
+        seen = _seen(cache, kwargs)
+        if self.ids.device != ids.device:  # (once: a copy from the host each forward would wait for the device)
+            self.ids = self.ids.to(ids.device)
+        starts = last_starts(ids, self.ids)
+        starts = torch.where(starts >= 0, starts + seen, -1)
+        kept = self._cache() if self._cache is not None else None
+        if seen and cache is not None and kept is cache and self._starts is not None \
+                and self._starts.shape == starts.shape:
+            starts = torch.where(starts >= 0, starts, self._starts)  # generation: the starts of the cache's forward
+        self._starts = starts
+        try:
+            self._cache = weakref.ref(cache) if cache is not None else None
+        except TypeError:  # (a cache class that takes no weak references: its starts are not carried over)
+            self._cache = None
+        positions = torch.arange(seen, seen + ids.shape[1], device=ids.device)
+        self.mask = (starts[:, None] >= 0) & (positions[None, :] >= starts[:, None])
+
+
+def install_invocation(model: nn.Module, ids: list[int], layers: list[nn.Module]) -> Invocation:
+    """The model's `Invocation`, hooked on its forward and given to each aLoRA layer."""
+    invocation = Invocation(ids)
+    model.register_forward_pre_hook(invocation, with_kwargs=True)
+    for layer in layers:
+        layer.invocation = invocation
+    return invocation
+
+
+def masked(update: torch.Tensor, invocation: Invocation | None, where: str) -> torch.Tensor | None:
+    """`update` (batch, T, out) where the adapter is on and 0 elsewhere; None where it is on nowhere (no input ids)."""
+    mask = invocation.mask if invocation is not None else None
+    if mask is None:
+        return None
+    if mask.shape != update.shape[:-1]:
+        raise PeftkitError(f"aLoRA layer '{where}' got input of shape {tuple(update.shape[:-1])} where the model's input "
+                           f"ids were {tuple(mask.shape)}: an aLoRA layer runs inside its model's forward, which finds "
+                           "the invocation in the input ids.")
+    return torch.where(mask[..., None], update, 0)
+
+
+def invocation_coverage(examples: Any, invocation: list[int]) -> tuple[int, int]:
+    """(examples that hold the invocation, those of them with a labelled token after its last occurrence's start:
+    the ones that train the adapter) among causal-LM `examples` (`peftkit.data.stored.Examples`)."""
+    from peftkit.data import IGNORE_INDEX
+
+    flat_ids, flat_labels, ends = examples.arrays()
+    ids = torch.frombuffer(flat_ids, dtype=torch.int32).long() if len(flat_ids) else torch.zeros(0, dtype=torch.long)
+    ends = torch.tensor(ends, dtype=torch.long)
+    n = len(invocation)
+    if ids.numel() < n or not len(ends):
+        return 0, 0
+    starts = torch.nonzero((ids.unfold(0, n, 1) == torch.tensor(invocation)).all(-1)).flatten()
+    owner = torch.searchsorted(ends, starts, right=True)
+    inside = starts + n <= ends[owner]  # (not across two examples)
+    last = torch.full((len(ends),), -1, dtype=torch.long).scatter_reduce(0, owner[inside], starts[inside], "amax")
+    labels = torch.frombuffer(flat_labels, dtype=torch.int32)
+    labelled = torch.nonzero(labels != IGNORE_INDEX).flatten()
+    last_label = torch.full((len(ends),), -1, dtype=torch.long).scatter_reduce(
+        0, torch.searchsorted(ends, labelled, right=True), labelled, "amax")
+    holding = last >= 0
+    # the label of token j is predicted at position j - 1, which the adapter changes from the start on
+    return int(holding.sum()), int((holding & (last_label > last)).sum())
+
+
+def check_invocation(invocation: list[int], examples: Any, tok: Any) -> str | None:
+    """Refuse training data in which the invocation never occurs before a labelled token (the adapter would train
+    nothing: most often ids encoded out of context); a warning (returned) where some examples lack it."""
+    holding, training = invocation_coverage(examples, invocation)
+    total = len(examples)
+    shown = f"adapter.alora_invocation_tokens {invocation} ({tok.decode(invocation)!r})"
+    if not training:
+        where = (f"occurs in none of the {total} training examples" if not holding else
+                 f"occurs in {holding} of the {total} training examples, but never before a labelled token")
+        raise PeftkitError(
+            f"{shown} {where}, so the adapter would be off on every trained token and "
+            "learn nothing. Give the ids as the tokenizer encodes the invocation inside a text, which can differ from "
+            "the string alone (compare tok(example_text).input_ids with tok(invocation, add_special_tokens=False)), "
+            "and put it before the answer the adapter learns.")
+    if training < total:
+        return (f"warning: {total - training} of the {total} training examples train nothing: {shown} "
+                f"{'does not occur in them' if holding == training else 'is missing from them or comes after their labels'}"
+                ", and the adapter acts only from it on.")
+    return None
