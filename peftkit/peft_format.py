@@ -261,6 +261,7 @@ def _targets_in_weights(path: Path, method: type[Method]) -> list[str]:
 
 
 UNSUPPORTED_FEATURES = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA), which adapts only the tokens from its invocation on",
     "use_qalora": "QA-LoRA, which pools the input groupwise",
     "use_bdlora": "block-diagonal LoRA",
     "target_parameters": "LoRA on parameters (target_parameters)",
@@ -271,7 +272,8 @@ UNSUPPORTED_FEATURES = {
     "arrow_config": "Arrow routing",
 }
 """peft features that change an adapter's outputs and that peftkit does not implement: one that is set is refused,
-for any method, so that an adapter never loads as something else (QA-LoRA saves plain LoRA tensor names)."""
+for any method whose config does not read it, so that an adapter never loads as something else (QA-LoRA saves plain
+LoRA tensor names)."""
 
 PEFT_BOOKKEEPING = {
     "ensure_weight_tying",  # checked against the model: `check_weight_tying`
@@ -292,7 +294,7 @@ def check_peft_fields(method: type[Method], raw: dict, config_file: Path) -> Non
     """Refuse a set `UNSUPPORTED_FEATURES` field of adapter_config.json; warn of a set field that peftkit does not know
     (a newer peft's), which is ignored: if it changes the outputs, they differ from peft's."""
     for key, what in UNSUPPORTED_FEATURES.items():
-        if is_set(raw.get(key)):
+        if is_set(raw.get(key)) and key not in method.peft_config.model_fields:  # (LoRA reads aLoRA's)
             raise PeftkitError(f"{config_file}: '{key}' is {json.dumps(raw[key])}: {what}; peftkit does not implement "
                                "it, and loading the adapter without it would give outputs other than peft's.")
     unknown = sorted(k for k, v in raw.items() if is_set(v) and k not in method.peft_config.model_fields

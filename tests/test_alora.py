@@ -6,6 +6,7 @@ cannot work (a merge, packed rows), are refused saying why."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,11 @@ def _load(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _peft_alora(base: Path, out: Path, **settings) -> Path:
+def _peft_alora(base: Path, out: Path, invocation: list[int] = INVOCATION, **settings) -> Path:
     torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", r=4, lora_alpha=8, init_lora_weights=False,
-                                                 alora_invocation_tokens=INVOCATION, **settings))
+    settings = {"r": 4, "lora_alpha": 8} | settings
+    model = get_peft_model(_load(base), PeftLora(task_type="CAUSAL_LM", init_lora_weights=False,
+                                                 alora_invocation_tokens=invocation, **settings))
     model.save_pretrained(out)
     return out
 
@@ -266,3 +268,122 @@ def test_named_adapters_refuse_an_alora(models, tmp_path):
     adapters = NamedAdapters(_load(models["llama"]))
     with pytest.raises(PeftkitError, match="'helper' is an activated LoRA .* load it alone"):
         adapters.load("helper", _peft_alora(models["llama"], tmp_path / "peft"))
+
+
+def _peft_generate(model, prompts: list[list[int]], stops: list[int], pad: int, n: int) -> list[list[int]]:
+    """peft's generate on a left-padded batch, each row cut before its first stop token."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=stops,
+                             pad_token_id=pad)
+    return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in out[:, width:].tolist()]
+
+
+@pytest.mark.parametrize("invocation", [[5, 9], [29]])
+def test_generation_is_peft_s_and_a_generated_invocation_does_not_start_the_adapter(invocation, models, tmp_path):
+    """Batches of left-padded prompts, some holding the invocation (twice in one), some not: peftkit's tokens are
+    peft's generate's. The invocation [29], which the model itself generates in a row without it, does not start the
+    adapter there: as peft's generate, the prompt alone invokes it."""
+    path = models["llama"]
+    adapter = _peft_alora(path, tmp_path / "peft", invocation, lora_alpha=32)
+    model = load_adapted_model(str(path), str(adapter), torch.device("cpu"))[0]
+    theirs = PeftModel.from_pretrained(_load(path), adapter).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    stops = stop_token_ids(model, tok)
+    generated = []
+    for prompts in ([[3, 4, *invocation, 7], [6, *invocation, 4, *invocation, 6, 7, 8], [1, 2, 3, 4]],
+                    [list(range(1, 13)), [30, 31, *invocation], [40, 41, 42]]):
+        out = generate_ids(model, tok, prompts, Sampling(max_new_tokens=8))
+        assert out == _peft_generate(theirs, prompts, stops, tok.pad_token_id, 8)
+        generated += [new for prompt, new in zip(prompts, out) if not set(invocation) <= set(prompt)]
+    if invocation == [29]:
+        assert any(29 in new for new in generated)  # (the case this checks: generated, and no adapter after it)
+
+
+def test_a_cache_cropped_back_before_the_invocation_runs_the_base(models, tmp_path):
+    """The aLoRA workflow: a conversation's cache, the aLoRA invoked on it, the cache cropped back to the
+    conversation, which goes on without the invocation: the base's tokens (and peft's), not the aLoRA's."""
+    from transformers import DynamicCache
+
+    path = models["llama"]
+    adapter = _peft_alora(path, tmp_path / "peft", lora_alpha=32)
+    conversation, invoked, going_on = [3, 4, 6, 7, 8], [*INVOCATION, 11], [12, 13, 14, 15]
+
+    def run(model) -> list[int]:
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model.generate(input_ids=torch.tensor([conversation + invoked]), cache=cache, max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)
+            cache.crop(len(conversation) - cache.get_seq_length())  # (a negative count: tokens dropped)
+            out = model.generate(input_ids=torch.tensor([conversation + going_on]), cache=cache, max_new_tokens=6,
+                                 do_sample=False, pad_token_id=0)
+        return out[0, len(conversation + going_on):].tolist()
+
+    ours = run(load_adapted_model(str(path), str(adapter), torch.device("cpu"))[0].eval())
+    assert ours == run(PeftModel.from_pretrained(_load(path), adapter).eval()) == run(_load(path))
+
+
+def test_a_bf16_base_rounds_as_peft_s_and_keeps_the_base_before_the_invocation(models, tmp_path):
+    """bf16: the update is added in fp32 and the sum rounded once, as peft's in-place add: peft's logits bit for bit
+    (rounding the update to bf16 first moved them by 0.03), and the base's before the invocation."""
+    from peftkit.adapters import load_adapter_state_dict
+    from peftkit.peft_format import load_adapter
+
+    path = models["llama"]
+    adapter = _peft_alora(path, tmp_path / "peft", lora_alpha=32)
+    cfg, state = load_adapter(adapter)[:2]
+    ours = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    inject_adapters(ours, cfg, every_entry=False, state=state)
+    load_adapter_state_dict(ours, state)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16),
+                                           adapter).eval()(input_ids=IDS).logits
+        logits = ours(input_ids=IDS).logits
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()(input_ids=IDS).logits
+    assert torch.equal(logits, theirs)
+    _check_base_before_invocation(logits, base)
+
+
+def test_an_adapted_output_head_generates_as_peft_s(models, tmp_path):
+    """generate computes the head on the last position only (logits_to_keep): an aLoRA on lm_head takes that
+    position's row of the mask."""
+    path = models["llama"]
+    adapter = _peft_alora(path, tmp_path / "peft", target_modules=["q_proj", "lm_head"])
+    model = load_adapted_model(str(path), str(adapter), torch.device("cpu"))[0]
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [[3, 4, 5, 9, 7], [1, 2, 3, 4]]
+    theirs = PeftModel.from_pretrained(_load(path), adapter).eval()
+    assert generate_ids(model, tok, prompts, Sampling(max_new_tokens=6)) == \
+        _peft_generate(theirs, prompts, stop_token_ids(model, tok), tok.pad_token_id, 6)
+
+
+def test_another_method_s_alora_field_is_refused(models, tmp_path):
+    """aLoRA is LoRA's: an AdaLoRA file with alora_invocation_tokens (peft's own forward fails on it) is refused, not
+    loaded as an AdaLoRA on every token."""
+    from peftkit.peft_format import load_adapter
+
+    adapter = _peft_alora(models["llama"], tmp_path / "peft")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config |= {"peft_type": "ADALORA", "init_r": 4, "target_r": 4, "total_step": 10}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(PeftkitError, match="'alora_invocation_tokens' is \\[5, 9\\]: activated LoRA"):
+        load_adapter(adapter)
+
+
+def test_the_coverage_search_in_chunks_finds_what_one_pass_finds(tiny_llama, number_data, monkeypatch):
+    """The training-data check searches the flat token array a chunk at a time (bounded memory on large data): chunks
+    of 5 tokens, occurrences straddling them, give the counts one pass gives."""
+    import peftkit.methods.alora as alora
+    from peftkit.data import load_examples
+    from peftkit.recipe import DataConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    data = DataConfig(train=str(number_data["train"]), format="alpaca")
+    examples = load_examples(tok, str(number_data["train"]), None, data)[0]
+    invocations = [tok(text, add_special_tokens=False)["input_ids"] for text in ("### Response:", "hundred", "zzz")]
+    whole = [invocation_coverage(examples, ids) for ids in invocations]
+    monkeypatch.setattr(alora, "COVERAGE_CHUNK", 5)
+    assert [invocation_coverage(examples, ids) for ids in invocations] == whole
+    assert whole[0] == (64, 64) and 0 < whole[1][0] < 64 and whole[2] == (0, 0)

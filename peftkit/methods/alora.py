@@ -10,13 +10,15 @@ is the base's. As peft:
 
 - the positions come from each forward's `input_ids` (a forward pre-hook on the model, `Invocation`); a forward
   from `inputs_embeds` alone runs the base;
-- during generation with a KV cache, each new token's forward sees only that token: the rows' starts are kept from
-  the forward that filled the cache (the same cache object), so every generated token is adapted in a row that
-  held the invocation, and none in a row that did not;
+- during generation with a KV cache, each new token's forward sees only that token: the rows' starts are kept with
+  the cache (`Invocation`), so every generated token is adapted in a row whose prompt held the invocation, and none
+  in a row whose prompt did not (as peft's generate: an invocation the model generates does not start it); a cache
+  cropped back to before the invocation drops it;
 - only linear layers (and Conv1D): not embeddings, not with DoRA; an aLoRA cannot be merged into the weights.
 
 Where peft picks the adapted tokens by a boolean index (a host sync per layer), the update here is computed for
-every token and zeroed where the adapter is off (`torch.where`): the same values, without a sync.
+every token and zeroed where the adapter is off (`torch.where`): the same values, without a sync. (With dropout in
+training, the draws therefore differ from peft's, which draws for the adapted tokens only: the same distribution.)
 """
 
 from __future__ import annotations
@@ -84,13 +86,20 @@ def _seen(cache: Any, kwargs: dict) -> int:
 
 class Invocation:
     """Where each row's adapter is on, for the current forward: a forward pre-hook on the model computes it from the
-    input ids (`mask`, (batch, T) bool); every aLoRA layer of the model reads it."""
+    input ids (`mask`, (batch, T) bool); every aLoRA layer of the model reads it.
+
+    The rows' starts are absolute positions, kept with the KV cache they were found for: a forward continuing that
+    cache (transformers' generate feeds the uncached tokens only) keeps them, where they lie inside what the cache
+    still holds (a cache cropped back to before an invocation drops it), and a later occurrence in its new tokens
+    replaces them. A generated token (a one-token forward right at the cache's end) is not searched: as peft's
+    generate, which finds the invocation in the prompt only."""
 
     def __init__(self, ids: list[int]) -> None:
         self.ids = torch.tensor(ids, dtype=torch.long)
         self.mask: torch.Tensor | None = None
         self._starts: torch.Tensor | None = None
         self._cache: Any = None
+        self._end = 0  # the position after the last forward's tokens
         self._warned = False
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -103,43 +112,60 @@ class Invocation:
                 self._warned = True
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (transformers 5.2x's name, and 4's)
-        seen = _seen(cache, kwargs)
+        seen, width = _seen(cache, kwargs), ids.shape[1]
         if self.ids.device != ids.device:  # (once: a copy from the host each forward would wait for the device)
             self.ids = self.ids.to(ids.device)
-        starts = last_starts(ids, self.ids)
-        starts = torch.where(starts >= 0, starts + seen, -1)
         kept = self._cache() if self._cache is not None else None
-        if seen and cache is not None and kept is cache and self._starts is not None \
-                and self._starts.shape == starts.shape:
-            starts = torch.where(starts >= 0, starts, self._starts)  # generation: the starts of the cache's forward
-        self._starts = starts
+        same = bool(seen) and cache is not None and kept is cache and self._starts is not None \
+            and self._starts.shape[0] == ids.shape[0]
+        if same and width == 1 and seen == self._end:
+            starts = self._starts  # a generated token
+        else:
+            starts = last_starts(ids, self.ids)
+            starts = torch.where(starts >= 0, starts + seen, -1)
+            if same:  # a continuation of the cache: its starts still inside it count
+                earlier = torch.where(self._starts < seen, self._starts, -1)
+                starts = torch.where(starts >= 0, starts, earlier)
+        self._starts, self._end = starts, seen + width
         try:
             self._cache = weakref.ref(cache) if cache is not None else None
         except TypeError:  # (a cache class that takes no weak references: its starts are not carried over)
             self._cache = None
-        positions = torch.arange(seen, seen + ids.shape[1], device=ids.device)
+        positions = torch.arange(seen, seen + width, device=ids.device)
         self.mask = (starts[:, None] >= 0) & (positions[None, :] >= starts[:, None])
 
 
-def install_invocation(model: nn.Module, ids: list[int], layers: list[nn.Module]) -> Invocation:
-    """The model's `Invocation`, hooked on its forward and given to each aLoRA layer."""
+def install_invocation(model: nn.Module, ids: list[int], layers: dict[str, nn.Module]) -> Invocation:
+    """The model's `Invocation`, hooked on its forward and given to each aLoRA layer (by path)."""
     invocation = Invocation(ids)
     model.register_forward_pre_hook(invocation, with_kwargs=True)
-    for layer in layers:
-        layer.invocation = invocation
+    for path, layer in layers.items():
+        layer.invocation, layer.path = invocation, path
     return invocation
 
 
 def masked(update: torch.Tensor, invocation: Invocation | None, where: str) -> torch.Tensor | None:
-    """`update` (batch, T, out) where the adapter is on and 0 elsewhere; None where it is on nowhere (no input ids)."""
+    """`update` (batch, T, out) where the adapter is on and 0 elsewhere; None where it is on nowhere (no input ids).
+    A layer that sees the last positions only (the output head under generate's logits_to_keep) takes theirs; one
+    that sees the tokens flattened (batch x T, out) (a mixture-of-experts' shared expert) takes them so."""
     mask = invocation.mask if invocation is not None else None
     if mask is None:
         return None
-    if mask.shape != update.shape[:-1]:
-        raise PeftkitError(f"aLoRA layer '{where}' got input of shape {tuple(update.shape[:-1])} where the model's input "
-                           f"ids were {tuple(mask.shape)}: an aLoRA layer runs inside its model's forward, which finds "
-                           "the invocation in the input ids.")
+    shape = update.shape[:-1]
+    if len(shape) == 2 and shape[0] == mask.shape[0] and shape[1] <= mask.shape[1]:
+        mask = mask[:, mask.shape[1] - shape[1]:]
+    elif len(shape) == 1 and shape[0] == mask.numel():
+        mask = mask.reshape(-1)
+    else:
+        raise PeftkitError(f"aLoRA: '{where}' got {tuple(shape)} tokens where the model's input ids were "
+                           f"{tuple(mask.shape)}, so which of them follow the invocation is unknown (a layer that "
+                           "takes a subset of the tokens, such as a routed expert). Leave it out of "
+                           "adapter.target_modules.")
     return torch.where(mask[..., None], update, 0)
+
+
+COVERAGE_CHUNK = 1 << 24
+"""Tokens searched at a time by `invocation_coverage` (its scratch: a few bytes a token of a chunk)."""
 
 
 def invocation_coverage(examples: Any, invocation: list[int]) -> tuple[int, int]:
@@ -148,19 +174,24 @@ def invocation_coverage(examples: Any, invocation: list[int]) -> tuple[int, int]
     from peftkit.data import IGNORE_INDEX
 
     flat_ids, flat_labels, ends = examples.arrays()
-    ids = torch.frombuffer(flat_ids, dtype=torch.int32).long() if len(flat_ids) else torch.zeros(0, dtype=torch.long)
-    ends = torch.tensor(ends, dtype=torch.long)
-    n = len(invocation)
-    if ids.numel() < n or not len(ends):
+    n, count = len(invocation), len(ends)
+    if len(flat_ids) < n or not count:
         return 0, 0
-    starts = torch.nonzero((ids.unfold(0, n, 1) == torch.tensor(invocation)).all(-1)).flatten()
-    owner = torch.searchsorted(ends, starts, right=True)
-    inside = starts + n <= ends[owner]  # (not across two examples)
-    last = torch.full((len(ends),), -1, dtype=torch.long).scatter_reduce(0, owner[inside], starts[inside], "amax")
+    ids = torch.frombuffer(flat_ids, dtype=torch.int32)
+    ends = torch.tensor(ends, dtype=torch.long)
+    pattern = torch.tensor(invocation, dtype=torch.int32)
+    last = torch.full((count,), -1, dtype=torch.long)
+    for begin in range(0, len(flat_ids) - n + 1, COVERAGE_CHUNK):  # (windows starting in the chunk)
+        window = ids[begin:begin + COVERAGE_CHUNK + n - 1]
+        starts = torch.nonzero((window.unfold(0, n, 1) == pattern).all(-1)).flatten() + begin
+        owner = torch.searchsorted(ends, starts, right=True)
+        inside = starts + n <= ends[owner]  # (not across two examples)
+        last.scatter_reduce_(0, owner[inside], starts[inside], "amax")
+    last_label = torch.full((count,), -1, dtype=torch.long)
     labels = torch.frombuffer(flat_labels, dtype=torch.int32)
-    labelled = torch.nonzero(labels != IGNORE_INDEX).flatten()
-    last_label = torch.full((len(ends),), -1, dtype=torch.long).scatter_reduce(
-        0, torch.searchsorted(ends, labelled, right=True), labelled, "amax")
+    for begin in range(0, len(flat_labels), COVERAGE_CHUNK):
+        labelled = torch.nonzero(labels[begin:begin + COVERAGE_CHUNK] != IGNORE_INDEX).flatten() + begin
+        last_label.scatter_reduce_(0, torch.searchsorted(ends, labelled, right=True), labelled, "amax")
     holding = last >= 0
     # the label of token j is predicted at position j - 1, which the adapter changes from the start on
     return int(holding.sum()), int((holding & (last_label > last)).sum())

@@ -215,15 +215,16 @@ class LoraLinear(_LoraLayer):
 
 class ALoraLinear(LoraLinear):
     """Activated LoRA (`peftkit.methods.alora`): LoRA's update on the tokens from the invocation on, the base's output
-    before it. The model's `Invocation` (hooked on its forward) says where; peft's order of rounding (the update cast
-    to the base output's dtype, then added)."""
+    before it. The model's `Invocation` (hooked on its forward) says where. Added in the adapter's dtype and rounded
+    once, as peft's in-place add (its bitsandbytes layers' too): the positions before the invocation add 0 exactly."""
 
     invocation = None
+    path = ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        update = masked(self.update(x), self.invocation, type(self.base_layer).__name__)
-        return result if update is None else result + update.to(result.dtype)
+        update = masked(self.update(x), self.invocation, self.path)
+        return result if update is None else (result + update).to(result.dtype)
 
     def merge(self) -> None:
         raise PeftkitError(ALORA_UNMERGEABLE)
@@ -497,7 +498,7 @@ class Lora(Method):
     @classmethod
     def link_layers(cls, model: nn.Module, cfg: LoraConfig, layers: dict[str, AdapterLayer]) -> None:
         if cfg.alora_invocation_tokens:
-            adapted = [layer for layer in layers.values() if isinstance(layer, ALoraLinear)]
+            adapted = {path: layer for path, layer in layers.items() if isinstance(layer, ALoraLinear)}
             install_invocation(model, cfg.alora_invocation_tokens, adapted)
 
     @classmethod
