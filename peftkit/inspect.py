@@ -55,6 +55,7 @@ def inspect_adapter(path: str | Path) -> dict:
     ({count, modules: {name: count}}), ranks ({module path: r} for the layers with a low-rank factor; null
     for a method without a rank, IA3), modules_to_save, trainable_tokens ({module path: trained rows}),
     layer_replication (LoRA's stacked ranges, or null), alora_invocation_tokens (aLoRA's, or null),
+    target_parameters (LoRA's parameters, or null),
     trainable_params, adapter_params, saved_params (differs
     from trainable_params where an encoder's output is saved: P-tuning), base_copies, shared ({saved:
     {name: shape}, regenerated: [names]}: frozen tensors every layer uses, VeRA's projections; null for other
@@ -93,7 +94,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "peftkit_reads": reads,
         "base_model": peft.base_model_name_or_path,
         "revision": peft.revision,
-        "targets": {"count": len(targets), "modules": dict(sorted(Counter(p.rsplit(".", 1)[-1] for p in targets).items()))},
+        "targets": {"count": len(targets), "modules": dict(sorted(Counter(_label(p) for p in targets).items()))},
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
         "trainable_params": trained if trained is not None else saved_params,
@@ -112,6 +113,17 @@ def inspect_adapter(path: str | Path) -> dict:
     }
     info["layer_replication"] = raw.get("layer_replication")
     info["alora_invocation_tokens"] = raw.get("alora_invocation_tokens")
+    info["target_parameters"] = raw.get("target_parameters")
+    if info["target_parameters"] and ranks:
+        # A parameter's lora_A has r x experts rows: its rank is the config's r (left out under a rank_pattern, which
+        # the file's shapes cannot resolve without the expert count).
+        modules = {m.rsplit(".", 1)[-1] for m in raw.get("target_modules") or [] if isinstance(m, str)}
+
+        def on_parameter(path: str) -> bool:
+            return ".base_layer" in path or _label(path) not in modules
+
+        ranks = info["ranks"] = {path: raw["r"] if on_parameter(path) else rank for path, rank in ranks.items()
+                                 if not (on_parameter(path) and raw.get("rank_pattern"))}
     info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
                                 for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
     info["tied_rows"] = {_module(copy): _module(kept) for copy, kept in tied_rows.items()}
@@ -168,6 +180,12 @@ def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dic
         else:
             targets.setdefault(name[: -len(suffix) - 1], {})[suffix] = shape
     return targets, saved, shared, base_copies
+
+
+def _label(path: str) -> str:
+    """A target's name in the module counts: its last component, wrappers taken out (LoRA on two parameters of
+    `experts` nests `experts.base_layer` in `experts`)."""
+    return path.replace(".base_layer", "").rsplit(".", 1)[-1]
 
 
 def _module(key: str) -> str:
@@ -289,6 +307,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
+    if raw.get("target_parameters"):
+        caveats.append("target_parameters (LoRA on fused expert weights): only vLLM versions with LoRA for fused "
+                       "mixture-of-experts layers load it; not verified against vLLM")
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
@@ -323,6 +344,9 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
         p.rsplit(".", 1)[-1] == "lm_head" for p in targets) else []
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="llama.cpp (its converter and server)"))
+    if raw.get("target_parameters"):
+        reasons.append("target_parameters: convert_lora_to_gguf.py converts LoRA on linear layers, not an update of "
+                       "fused expert parameters (not verified)")
     if reasons and not raw.get("alora_invocation_tokens"):
         caveats.append("merge it (peftkit merge) and convert the merged model with convert_hf_to_gguf.py instead")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
@@ -392,6 +416,9 @@ def describe(info: dict) -> list[str]:
     if info["alora_invocation_tokens"]:
         lines.append(f"activated      from the invocation {info['alora_invocation_tokens']} on (aLoRA): the tokens "
                      "before it keep the base's outputs; not mergeable")
+    if info["target_parameters"]:
+        lines.append(f"on parameters  {', '.join(info['target_parameters'])} (target_parameters): LoRA on the "
+                     "parameters themselves, one update per expert of a 3-D expert stack")
     if info["trainable_tokens"]:
         lines.append("token rows     " + ", ".join(f"{path} ({n} tokens)" for path, n in info["trainable_tokens"].items())
                      + ": trained embedding rows (trainable_token_indices)")

@@ -87,7 +87,8 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _adapter_own(name: str, adapters: dict[str, nn.Module]) -> bool:
     """The module at `name` belongs to an adapter layer (its lora_A, its shared projections), not to the base."""
-    owner = next((a for a in adapters if name == a or name.startswith(a + ".")), None)
+    # (the innermost: LoRA on parameters nests a module's wrappers, `experts` around `experts.base_layer`)
+    owner = max((a for a in adapters if name == a or name.startswith(a + ".")), key=len, default=None)
     return owner is not None and not name.startswith(owner + ".base_layer")
 
 
@@ -174,11 +175,28 @@ def _tie_as_the_weights_say(model: nn.Module) -> None:
                       MergeWarning, stacklevel=4)
 
 
+def merge_parameters(model: nn.Module, base: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """LoRA on parameters (target_parameters) folded into the base's parameters in fp32; the adapter's other
+    tensors, for `merge_state_dict`."""
+    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.methods.param_lora import ParamLora
+
+    for path, layer in adapter_layers(model).items():
+        if isinstance(layer, ParamLora):
+            key = f"{plain_name(path)}.{layer.parameter_name}"
+            with torch.no_grad():
+                base[key] = base[key].float() + layer.delta_weight().cpu()
+            adapter = {k: v for k, v in adapter.items() if not k.startswith(f"{PEFT_PREFIX}{path}.lora_")}
+    return base, adapter
+
+
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
     refuse_unmergeable(method_of(adapter_cfg), adapter_cfg)
     base = merge_rows(model, base_state_dict(model))
     adapter = {k: v for k, v in adapter_state_dict(model, adapter_cfg.modules_to_save).items() if not k.endswith(TOKEN_ROWS)}
+    base, adapter = merge_parameters(model, base, adapter)
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
     adapter |= {f"{SHARED_PREFIX}{n}": t.cpu() for holder in shared_holders(model) for n, t in holder.named_buffers()}
     # Each layer is merged in fp32 and cast to `dtype` as it is done: held whole in fp32, the merged layers took

@@ -237,8 +237,11 @@ def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
     peft = _validated(method.peft_config, config_file, raw, _REEXPORT)
     check_peft_fields(method, raw, config_file)
     if method.layer_targets and peft.target_modules is None and (found := _targets_in_weights(path, method)):
+        if parameters := getattr(peft, "target_parameters", None):  # (their modules' wrappers are not targets)
+            holders = {"base_layer"} | {p.rpartition(".")[0].rsplit(".", 1)[-1] for p in parameters if "." in p}
+            found = [name for name in found if name not in holders]
         peft.target_modules = found  # peft takes the architecture's default targets; the weights say which
-    if method.layer_targets and not peft.target_modules:
+    if method.layer_targets and not peft.target_modules and not getattr(peft, "target_parameters", None):
         raise PeftkitError(f'{config_file}: "target_modules" is {_show(peft.target_modules)}; it should name the '
                            f"adapted modules (a list of names, or a regular expression string). {_REEXPORT}")
     return method, peft

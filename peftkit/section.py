@@ -59,9 +59,10 @@ class AdapterSection(Section):
 
     @field_validator("target_modules", check_fields=False)
     @classmethod
-    def _targets_not_empty(cls, v: Any) -> Any:
-        """An empty `target_modules` list would adapt nothing (every method's config has the field)."""
-        if isinstance(v, list) and not v:
+    def _targets_not_empty(cls, v: Any, info: ValidationInfo) -> Any:
+        """An empty `target_modules` list would adapt nothing (every method's config has the field), unless LoRA's
+        target_parameters (validated before it) adapts parameters."""
+        if isinstance(v, list) and not v and not info.data.get("target_parameters"):
             defaults = ", or null for the defaults" if cls.model_fields["target_modules"].default is None else ""
             raise ValueError(f"is an empty list; name at least one module, or use 'all-linear'{defaults}")
         return v

@@ -90,9 +90,9 @@ def build_tiny_model(
     """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D), `qwen2`
     (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models), `gemma2`
     (a scaled embedding lookup, soft-capped logits, a sliding-window layer), `gemma3` (as gemma2, with a RoPE per
-    attention type: sliding and full) or `opt`.
+    attention type: sliding and full), `mixtral` (experts in fused 3-D parameters) or `opt`.
     `max_position_embeddings` changes no weight of the RoPE models (llama, qwen2): only what the config claims."""
-    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
                               Qwen2Config, Qwen2ForCausalLM)
 
     tok = build_char_tokenizer()
@@ -128,6 +128,11 @@ def build_tiny_model(
                                   max_position_embeddings=max_position_embeddings, initializer_range=0.1,
                                   **{**common, "tie_word_embeddings": True})
         cls = Gemma3ForCausalLM
+    elif arch == "mixtral":  # a mixture of 4 experts (2 a token), fused in 3-D parameters as transformers 5 holds them
+        config = MixtralConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                               max_position_embeddings=max_position_embeddings, initializer_range=0.1, **common)
+        cls = MixtralForCausalLM
     elif arch == "opt":
         config = OPTConfig(hidden_size=hidden_size, ffn_dim=2 * hidden_size, num_hidden_layers=num_layers,
                            num_attention_heads=4, word_embed_proj_dim=hidden_size,

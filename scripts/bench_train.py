@@ -100,7 +100,8 @@ def recipe_for(args, workdir: Path, **sections):
                    device=args.device),
         # bench_qlora.py has no --dora flag: LoRA there.
         adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
-                     use_dora=getattr(args, "dora", False), **token_rows(args), **sections.pop("adapter", {})),
+                     use_dora=getattr(args, "dora", False), **token_rows(args)) | expert_params(args)
+        | sections.pop("adapter", {}),
         data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length),
         training=training,
         export=dict(output_dir=str(workdir / "peftkit-run"), adapter=False, merged=False),
@@ -113,6 +114,16 @@ def token_rows(args) -> dict:
     """--trainable-tokens N: trainable_token_indices of N ids (from 10 on), on both sides."""
     n = getattr(args, "trainable_tokens", None)
     return {"trainable_token_indices": list(range(10, 10 + n))} if n else {}
+
+
+def expert_params(args) -> dict:
+    """--moe: LoRA on the attention projections and the experts' fused weights (target_parameters), on both sides.
+    Named, not all-linear: on a transformers 5 mixture of experts, peft's all-linear also adds the router and the
+    experts (gate_up_proj at twice the rank), as transformers 4's all-linear took them."""
+    if not getattr(args, "moe", False):
+        return {}
+    return {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
 
 
 def model_dir(args, workdir: Path) -> Path:
@@ -360,8 +371,10 @@ def peft_lora_model(recipe):
     a = recipe.adapter
     # As peftkit: same seed right before injection (so the same lora_A init), deterministic CPU kernels.
     seed_everything(recipe.training.seed, deterministic_cuda=False)
-    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
-                        use_dora=a.use_dora, trainable_token_indices=a.trainable_token_indices)
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        target_modules=a.target_modules if isinstance(a.target_modules, list) else "all-linear",
+                        use_dora=a.use_dora, trainable_token_indices=a.trainable_token_indices,
+                        target_parameters=a.target_parameters)
     return get_peft_model(model, config)
 
 
@@ -519,6 +532,8 @@ def main() -> None:
     p.add_argument("--compile", choices=["inductor", "aot_eager"], help="peftkit side: training.compile")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
     p.add_argument("--lora-fa", action="store_true", help="peftkit LoRA-FA (adapter.lora_fa) vs peftkit LoRA")
+    p.add_argument("--moe", action="store_true", help="a tiny Mixtral (4 experts, 2 a token) of --hidden and --layers, "
+                   "with LoRA on its fused experts too (target_parameters), on both sides")
     p.add_argument("--trainable-tokens", type=int, metavar="N", help="also train N rows of the embeddings "
                    "(trainable_token_indices; a tied head uses them too), on both sides")
     args = p.parse_args()
@@ -543,7 +558,8 @@ def main() -> None:
         if args.intermediate and not args.model:
             build_llama(args, workdir / "model", args.model_dtype)
         elif not args.model:
-            build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
+            build_tiny_model(workdir / "model", arch="mixtral" if args.moe else "llama", hidden_size=args.hidden,
+                             num_layers=args.layers, seed=0)
         write_data(args, workdir)
         if args.ab:
             if args.lora_fa or args.compile:
@@ -554,9 +570,10 @@ def main() -> None:
                               warm_first=args.device == "cuda")
     kind = ("LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA") + \
         (f" + {args.trainable_tokens} trainable tokens" if args.trainable_tokens else "") + \
+        (" + the experts' fused weights (target_parameters)" if args.moe else "") + \
         (f" (peftkit: training.compile {args.compile})" if args.compile else "")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
-    model = args.model or f"llama hidden {args.hidden} x {args.layers} layers{shape}"
+    model = args.model or f"{'mixtral' if args.moe else 'llama'} hidden {args.hidden} x {args.layers} layers{shape}"
     title = (f"{kind} training, {args.device}, weights {args.model_dtype}: {model}, batch {args.batch_size}, rows of {args.words} number(s), "
              f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")

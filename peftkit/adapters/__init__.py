@@ -175,6 +175,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped[name] = method.wrap(getattr(parent, child), cfg, name)
         setattr(parent, child, wrapped[name])
+    method.wrap_parameters(model, cfg, set(wrapped), every_entry)
     method.link_layers(model, cfg, wrapped)
     share_tensors(method, cfg, list(wrapped.values()))
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
@@ -203,15 +204,16 @@ MOE_V4 = re.compile(r"\.block_sparse_moe\.|\.experts\.\d+\.")
 
 def _check_expert_layout(model: nn.Module, adapted: set[str]) -> None:
     """Refuse, saying why, a saved adapter on transformers 4's per-expert layers that this model does not have:
-    transformers 5 renamed the router and fused each layer's experts into 3-D parameters, which peftkit does not
-    adapt (peft 0.21 converts such adapters to LoRA on those parameters)."""
+    transformers 5 renamed the router and fused each layer's experts into 3-D parameters (which LoRA's
+    target_parameters adapts; peft 0.21 converts such adapters to that, peftkit does not)."""
     modules = dict(model.named_modules())
     if old := sorted(p for p in adapted if p not in modules and MOE_V4.search(f".{p}.")):
         raise PeftkitError(
             f"The adapter adapts {len(old)} module{'s' * (len(old) > 1)} of transformers 4's mixture-of-experts layout "
             f"(e.g. '{old[0]}'), which this transformers has renamed, and whose experts it fuses into 3-D "
-            "parameters: peftkit does not adapt those (peft does, converting the adapter). Load it with peft and merge "
-            "it there (merge_and_unload), then use the merged model; or use an adapter on the attention layers only.")
+            "parameters: peftkit does not convert such an adapter to them (peft does). Load it with peft and merge it "
+            "there (merge_and_unload), then use the merged model; or train it again with adapter.target_parameters "
+            "([experts.gate_up_proj, experts.down_proj]); or use an adapter on the attention layers only.")
 
 
 def _check_converted(cfg: AdapterConfig) -> None:

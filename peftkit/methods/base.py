@@ -331,6 +331,12 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def wrap_parameters(cls, model: nn.Module, cfg: Any, wrapped: set[str], every_entry: bool) -> list[str]:
+        """After the target modules (`wrapped`, by path) are wrapped: wrap parameters the method adapts directly
+        (LoRA's target_parameters); their paths. `every_entry`: as for the target modules. Default: none."""
+        return []
+
+    @classmethod
     def link_layers(cls, model: nn.Module, cfg: Any, layers: dict[str, AdapterLayer]) -> None:
         """After every target is wrapped (`layers`, by path): tie layers together, wrapping more modules where the
         method ties them (trainable tokens: a head tied to the embeddings), added to `layers`. Default: nothing."""

@@ -77,6 +77,9 @@ def check_fusable(fused: list[Fused], where: str) -> None:
         if getattr(f.cfg, "layer_replication", None):
             raise PeftkitError(f"{where}[{i}]: {f.source} stacks the base's layers again (layer_replication), so it "
                                "is not on the others' base. Fuse adapters without it.")
+        if getattr(f.cfg, "target_parameters", None):
+            raise PeftkitError(f"{where}[{i}]: {f.source} adapts parameters (target_parameters), which have no output "
+                               "of their own to weigh against the others'. Fuse adapters without them.")
         if getattr(f.cfg, "alora_invocation_tokens", None):
             raise PeftkitError(f"{where}[{i}]: {f.source} is an activated LoRA (alora_invocation_tokens), which acts "
                                "only from its invocation on. Fuse adapters without it.")

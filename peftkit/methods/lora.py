@@ -32,13 +32,15 @@ from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft, regex_keys)
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
+from peftkit.methods.param_lora import (ParamLora, PeftTargetParameters, TargetParameters, check_parameter_settings,
+                                        note_fused_experts, without_holders, wrap_parameters)
 from peftkit.methods.replication import LayerReplication, PeftLayerReplication
 from peftkit.methods.token_rows import PeftTrainableTokens, TrainableTokenIndices
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import TargetRegex
 
 
-class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication, Activation):
+class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication, Activation, TargetParameters):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -100,6 +102,8 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerRepl
             what = "use_dora" if self.use_dora else f"init: {self.init}"
             raise ValueError(f"adapter.lora_bias with {what} is not supported (peft refuses it too); set lora_bias: "
                              f"false, or {'use_dora: false' if self.use_dora else 'init: default'}")
+        if refusal := check_parameter_settings(self):
+            raise ValueError(refusal)
         if self.alora_invocation_tokens and (self.use_dora or self.init in MOVES_BASE):
             what = "use_dora" if self.use_dora else f"init: {self.init}"
             why = ("peft refuses it too" if self.use_dora else
@@ -408,7 +412,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
 
 
 class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication,
-                     PeftActivation):
+                     PeftActivation, PeftTargetParameters):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -457,6 +461,14 @@ class Lora(Method):
 
     @classmethod
     def select_targets(cls, model: nn.Module, cfg: LoraConfig, every_entry: bool) -> list[str]:
+        if cfg.target_modules == []:  # parameters only (target_parameters)
+            return []
+        if cfg.target_modules == "all-linear" and not cfg.target_parameters and every_entry:
+            note_fused_experts(model)
+        if cfg.target_parameters and isinstance(cfg.target_modules, list) and not every_entry:
+            cfg = without_holders(model, cfg)
+            if not cfg.target_modules:
+                return []
         names = super().select_targets(model, cfg, every_entry)
         if cfg.init in MOVES_BASE:  # the residual would move every module sharing the weight
             for name in names:
@@ -496,6 +508,10 @@ class Lora(Method):
         return layer
 
     @classmethod
+    def wrap_parameters(cls, model: nn.Module, cfg: LoraConfig, wrapped: set[str], every_entry: bool) -> list[str]:
+        return wrap_parameters(model, cfg, wrapped, every_entry) if cfg.target_parameters else []
+
+    @classmethod
     def link_layers(cls, model: nn.Module, cfg: LoraConfig, layers: dict[str, AdapterLayer]) -> None:
         if cfg.alora_invocation_tokens:
             adapted = {path: layer for path, layer in layers.items() if isinstance(layer, ALoraLinear)}
@@ -511,6 +527,10 @@ class Lora(Method):
 
     @classmethod
     def kept_for_backward(cls, cfg: LoraConfig, layer: AdapterLayer) -> tuple[int, int]:
+        if isinstance(layer, ParamLora):
+            # The adapted weight, W + s B A, whole (as peft's: its experts' slices are what they compute with) and,
+            # now that the weight takes a gradient, each routed token's input (in_features, for each of its experts)
+            return layer.in_features * layer.routed, layer.param().numel()
         if isinstance(layer, (DoraLinear, DoraEmbedding)):
             # DoRA's gain multiplies the base output and the update, (tokens, out) each, kept for its gradient; per
             # layer, the gain and the norm (measured with `saved_activation_bytes`, tests/test_memory.py)
@@ -521,7 +541,10 @@ class Lora(Method):
     @classmethod
     def forward_scratch(cls, cfg: LoraConfig, layer: AdapterLayer) -> int:
         """DoRA's norm: a block of W + s B A and its square, and the block of W in fp32 (a linear layer's: an NF4
-        weight dequantized whole, in its compute dtype and in fp32); with dropout, the fp32 weight W x_d needs."""
+        weight dequantized whole, in its compute dtype and in fp32); with dropout, the fp32 weight W x_d needs. LoRA on
+        a parameter: the adapted weight's gradient in backward (its update is made in place of W + s B A)."""
+        if isinstance(layer, ParamLora):
+            return layer.param().numel()
         if isinstance(layer, DoraEmbedding):
             return 3 * min(layer.base_layer.weight.numel(), NORM_ROWS * layer.base_layer.weight.shape[1])
         if not isinstance(layer, DoraLinear):
@@ -589,6 +612,7 @@ class Lora(Method):
             "lora_bias": cfg.lora_bias,
             "layer_replication": cfg.layer_replication,
             "alora_invocation_tokens": cfg.alora_invocation_tokens,
+            "target_parameters": cfg.target_parameters,
         }
 
     @classmethod
@@ -611,7 +635,7 @@ class Lora(Method):
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
                              alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
                              lora_bias=peft.lora_bias, **peft.token_settings(), **peft.replication_settings(),
-                             **peft.activation_settings())
+                             **peft.activation_settings(), **peft.parameter_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None
@@ -631,7 +655,8 @@ class Lora(Method):
                   *([f"alpha_pattern {cfg.alpha_pattern}"] if cfg.alpha_pattern else []),
                   *([f"trainable tokens {cfg.trainable_token_indices}"] if cfg.trainable_token_indices else []),
                   *([f"layer_replication {cfg.layer_replication}"] if cfg.layer_replication else []),
-                  *([f"aLoRA invocation {cfg.alora_invocation_tokens}"] if cfg.alora_invocation_tokens else [])]
+                  *([f"aLoRA invocation {cfg.alora_invocation_tokens}"] if cfg.alora_invocation_tokens else []),
+                  *([f"target_parameters {cfg.target_parameters}"] if cfg.target_parameters else [])]
         return f"LoRA r={cfg.r}" + (f" with {', '.join(extras)}" if extras else "")
 
     @classmethod
@@ -646,4 +671,4 @@ class Lora(Method):
                     p.mul_(1 + torch.randn(p.shape, generator=generator) * std)
 
 
-_LoraLayer.method = Lora  # defined after the layers, which it builds
+_LoraLayer.method = ParamLora.method = Lora  # defined after the layers, which it builds
