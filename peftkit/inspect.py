@@ -38,7 +38,7 @@ from peftkit.peft_format import (
 # for modules_to_save.
 _LAYER_EXTRAS = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
-_VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling"}
+_VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling", "use_bdlora": "BD-LoRA (block-diagonal factors)"}
 """adapter_config.json's flags that make a LoRA one of its variants, and the variant's name."""
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
@@ -307,6 +307,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
+    if raw.get("use_bdlora"):
+        caveats.append("use_bdlora (BD-LoRA): only vLLM versions with block-diagonal LoRA support read its stacked "
+                       "blocks; not verified against vLLM")
     if raw.get("target_parameters"):
         caveats.append("target_parameters (LoRA on fused expert weights): only vLLM versions with LoRA for fused "
                        "mixture-of-experts layers load it; not verified against vLLM")
@@ -344,6 +347,9 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
         p.rsplit(".", 1)[-1] == "lm_head" for p in targets) else []
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="llama.cpp (its converter and server)"))
+    if raw.get("use_bdlora"):
+        reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked, which "
+                       "convert_lora_to_gguf.py would read as plain LoRA factors of the wrong shape")
     if raw.get("target_parameters"):
         reasons.append("target_parameters: convert_lora_to_gguf.py converts LoRA on linear layers, not an update of "
                        "fused expert parameters (not verified)")

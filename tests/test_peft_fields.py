@@ -78,7 +78,7 @@ def test_effective_conv2d_passes_quietly(name):
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("use_qalora", True), ("use_bdlora", {"nblocks": 2}),
+    ("use_qalora", True), ("arrow_config", {"top_k": 2}),
 ])
 def test_unsupported_peft_features_are_refused_by_name(key, value, tiny_llama, tmp_path):
     config = _edit(_peft_lora(tiny_llama, tmp_path / "lora"), **{key: value})

@@ -332,6 +332,9 @@ class NamedAdapters:
         if getattr(cfg, "layer_replication", None):
             raise PeftkitError(f"Adapter {name!r} stacks the base's layers again (layer_replication): its model is not "
                                "the others' base; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
+        if getattr(cfg, "use_bdlora", None):
+            raise PeftkitError(f"Adapter {name!r} has block-diagonal factors (use_bdlora), which mixed batches do not "
+                               "stack; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
         if getattr(cfg, "target_parameters", None):
             raise PeftkitError(f"Adapter {name!r} adapts parameters (target_parameters), which named adapters do not "
                                "route per row; load it alone (--adapter DIR), or merge it (`peftkit merge`).")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +26,8 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.alora import Activation, PeftActivation, install_invocation, masked
+from peftkit.methods.bdlora import (BlockDiagonal, BlockDiagonalLora, PeftBlockDiagonal, bdlora_conflict, block_side,
+                                    full_factor)
 from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, draw_device, is_conv1d,
                                   is_quantized, linear_shape, targets_from_peft)
 from peftkit.methods.dora import dora_merge, dora_unmerge, weight_norm
@@ -40,7 +42,8 @@ from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize,
 from peftkit.section import TargetRegex
 
 
-class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication, Activation, TargetParameters):
+class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication, Activation, TargetParameters,
+                 BlockDiagonalLora):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -102,7 +105,7 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerRepl
             what = "use_dora" if self.use_dora else f"init: {self.init}"
             raise ValueError(f"adapter.lora_bias with {what} is not supported (peft refuses it too); set lora_bias: "
                              f"false, or {'use_dora: false' if self.use_dora else 'init: default'}")
-        if refusal := check_parameter_settings(self):
+        if refusal := check_parameter_settings(self) or bdlora_conflict(self):
             raise ValueError(refusal)
         if self.alora_invocation_tokens and (self.use_dora or self.init in MOVES_BASE):
             what = "use_dora" if self.use_dora else f"init: {self.init}"
@@ -138,6 +141,9 @@ class LoraFacts:
     fan_in_fan_out: bool = False
     """The base weight is stored (in, out) (transformers' Conv1D)."""
     use_dora: bool = False
+    blocks_a: int = 1
+    """BD-LoRA: A is block-diagonal in this many blocks (held stacked, (r, in / blocks_a)); likewise B."""
+    blocks_b: int = 1
 
 
 def lora_delta(parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor:
@@ -145,6 +151,7 @@ def lora_delta(parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor
     (num_embeddings, dim) for an embedding, whose A is (r, num_embeddings) and B (dim, r)."""
     if "lora_A.weight" in parts:
         a, b = parts["lora_A.weight"].float(), parts["lora_B.weight"].float()
+        a, b = full_factor(a, facts.blocks_a), full_factor(b, facts.blocks_b)
         delta = b @ a
         delta = delta.T if facts.fan_in_fan_out else delta
     else:
@@ -171,7 +178,7 @@ class LoraLinear(_LoraLayer):
     """LoRA around nn.Linear, transformers' Conv1D or a bitsandbytes Linear4bit/Linear8bitLt."""
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 bias: bool = False):
+                 bias: bool = False, blocks: tuple[str, int] | None = None):
         super().__init__(base_layer, r, alpha, use_rslora)
         in_features, out_features = linear_shape(base_layer)
         # Drawn on the CPU, then moved beside the base (as peft): one seed gives one adapter on any device.
@@ -181,6 +188,13 @@ class LoraLinear(_LoraLayer):
         self.lora_B = LowRankLinear(r, out_features, device=where, dtype=torch.float32, bias=bias)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
+        if blocks is not None:  # BD-LoRA (peftkit.methods.bdlora): one factor block-diagonal, drawn after, as peft's
+            side, n = blocks
+            if side == "A":
+                self.lora_A = BlockDiagonal(in_features, r, n, zero=False, device=where)
+            else:
+                self.lora_B = BlockDiagonal(r, out_features, n, zero=True, device=where)
+            self.facts = replace(self.facts, blocks_a=n if side == "A" else 1, blocks_b=n if side == "B" else 1)
         self.lora_A.to(base_layer.weight.device)
         self.lora_B.to(base_layer.weight.device)
 
@@ -412,7 +426,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
 
 
 class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication,
-                     PeftActivation, PeftTargetParameters):
+                     PeftActivation, PeftTargetParameters, PeftBlockDiagonal):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -487,6 +501,9 @@ class Lora(Method):
                 f"adapter.lora_fa: '{path}' is an Embedding, whose LoRA A starts at zero: frozen there, the layer could "
                 "never change. Leave embeddings out of adapter.target_modules (all-linear does), or set lora_fa: false."
             )
+        if isinstance(base, nn.Embedding) and cfg.use_bdlora:
+            raise PeftkitError(f"adapter.use_bdlora: '{path}' is an Embedding, and BD-LoRA adapts linear layers only "
+                               "(peft refuses it too); leave embeddings out of adapter.target_modules.")
         if isinstance(base, nn.Embedding) and cfg.alora_invocation_tokens:
             raise PeftkitError(f"adapter.alora_invocation_tokens: '{path}' is an Embedding, and aLoRA adapts linear "
                                "layers only (peft refuses it too); leave embeddings out of adapter.target_modules.")
@@ -501,7 +518,9 @@ class Lora(Method):
         elif cfg.alora_invocation_tokens:
             layer = ALoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
         else:
-            layer = LoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
+            side = block_side(cfg.use_bdlora, path) if cfg.use_bdlora else None
+            blocks = (side, cfg.use_bdlora.nblocks) if side else None
+            layer = LoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias, blocks)
         initialize(layer, cfg.init, cfg.pissa_niter, path)
         if cfg.lora_fa:
             layer.lora_A.weight.requires_grad_(False)
@@ -523,7 +542,10 @@ class Lora(Method):
 
     @classmethod
     def layer_facts(cls, cfg: LoraConfig, path: str, fan_in_fan_out: bool) -> LoraFacts:
-        return LoraFacts(cfg.rank_and_alpha(path)[1], cfg.use_rslora, fan_in_fan_out, cfg.use_dora)
+        side = block_side(cfg.use_bdlora, path) if cfg.use_bdlora else None
+        n = cfg.use_bdlora.nblocks if side else 1
+        return LoraFacts(cfg.rank_and_alpha(path)[1], cfg.use_rslora, fan_in_fan_out, cfg.use_dora,
+                         blocks_a=n if side == "A" else 1, blocks_b=n if side == "B" else 1)
 
     @classmethod
     def kept_for_backward(cls, cfg: LoraConfig, layer: AdapterLayer) -> tuple[int, int]:
@@ -591,7 +613,7 @@ class Lora(Method):
     @staticmethod
     def update_shape(parts: dict[str, torch.Tensor], facts: LoraFacts) -> tuple[int, int]:
         if "lora_A.weight" in parts:
-            shape = (parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1])
+            shape = (parts["lora_B.weight"].shape[0], parts["lora_A.weight"].shape[1] * facts.blocks_a)
             return shape[::-1] if facts.fan_in_fan_out else shape
         return parts["lora_embedding_A"].shape[1], parts["lora_embedding_B"].shape[0]
 
@@ -613,6 +635,7 @@ class Lora(Method):
             "layer_replication": cfg.layer_replication,
             "alora_invocation_tokens": cfg.alora_invocation_tokens,
             "target_parameters": cfg.target_parameters,
+            "use_bdlora": cfg.use_bdlora.model_dump() if cfg.use_bdlora else None,
         }
 
     @classmethod
@@ -635,7 +658,8 @@ class Lora(Method):
                              modules_to_save=peft.modules_to_save or [], rank_pattern=peft.rank_pattern or {},
                              alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
                              lora_bias=peft.lora_bias, **peft.token_settings(), **peft.replication_settings(),
-                             **peft.activation_settings(), **peft.parameter_settings())
+                             **peft.activation_settings(), **peft.parameter_settings(),
+                             **peft.bdlora_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None

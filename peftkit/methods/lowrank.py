@@ -142,6 +142,8 @@ def fusable(base: nn.Module, factors: tuple[nn.Module, nn.Module], x: torch.Tens
     torch.compile (which fuses the modules itself) and not under autocast (which would cast the modules' products)."""
     if not cpu_fast_path(x, factors[0].weight) or factors[1].bias is not None:  # (lora_bias: the modules add it)
         return False
+    if not all(isinstance(f, nn.Linear) for f in factors):  # (BD-LoRA's block-diagonal factor)
+        return False
     modules = (base, *factors)
     plain = type(base) is nn.Linear and base.weight.dtype == x.dtype
     return ((plain or _quant_state(base, x) is not None) and not base.weight.requires_grad

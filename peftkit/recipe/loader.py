@@ -18,6 +18,7 @@ from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, Vali
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
 from peftkit.methods.alora import Activation
+from peftkit.methods.bdlora import BlockDiagonalLora
 from peftkit.methods.param_lora import TargetParameters
 from peftkit.methods.target_filters import ExcludedTargets, LayerTargets
 from peftkit.methods.replication import LayerReplication
@@ -288,7 +289,7 @@ def _field_order(model: type[BaseModel]) -> list[str]:
     shared = sorted((name for name in model.model_fields
                      if any(name in base.model_fields
                             for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication,
-                                         Activation, TargetParameters))),
+                                         Activation, TargetParameters, BlockDiagonalLora))),
                     key=lambda name: name in AdapterSection.model_fields)
     return [name for name in model.model_fields if name not in shared] + shared
 

@@ -1,0 +1,153 @@
+"""Block-diagonal LoRA (`use_bdlora`, peftkit.methods.bdlora): one factor of each target block-diagonal, saved as its
+blocks stacked. Checked against peft 0.21 both ways (logits, gradients, keys and shapes), against the merged weights
+(in place, `merged_model`, `peftkit merge`), and against a dense block-diagonal product; what peft refuses beside it,
+and what cannot carry it, is refused saying why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig as PeftLora
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora.config import BdLoraConfig
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.merge import merge_adapter, merged_model
+from peftkit.methods.bdlora import BlockDiagonal
+from peftkit.methods.lora import LoraConfig
+from peftkit.modeling import load_adapted_model
+from tests.conftest import cli_user_error, make_recipe, save_random_adapter
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+BLOCKS = {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _peft_adapter(base: Path, out: Path) -> Path:
+    """peft's BD-LoRA, far from identity (its block-diagonal B starts at zero even with init_lora_weights=False)."""
+    torch.manual_seed(0)
+    model = get_peft_model(_load(base), PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS,
+                                                 use_bdlora=BdLoraConfig(**BLOCKS)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def test_a_block_diagonal_factor_is_a_dense_block_diagonal_matrix():
+    layer = BlockDiagonal(8, 6, nblocks=2, zero=False)
+    x = torch.randn(3, 5, 8)
+    dense = torch.block_diag(*layer.weight.detach().chunk(2, dim=0))  # (6, 8): blocks of 3 x 4
+    assert dense[:3, 4:].abs().max() == 0 and dense[3:, :4].abs().max() == 0
+    assert (layer(x) - x @ dense.T).abs().max() <= 1e-6
+
+
+def test_peft_s_adapter_loads_with_peft_s_logits_and_merges_to_them(tiny_llama, tmp_path):
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
+    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
+    model, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
+    assert (_logits(model) - _logits(_load(tiny_llama))).abs().max() > 1e-2
+    assert (_logits(model) - theirs).abs().max() <= 1e-5
+    assert (_logits(merged_model(model, cfg, torch.float32)) - theirs).abs().max() <= 1e-5
+    for layer in adapter_layers(model).values():
+        layer.merge()
+    assert (_logits(model) - theirs).abs().max() <= 1e-5
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+    assert (_logits(_load(tmp_path / "merged")) - theirs).abs().max() <= 1e-5
+
+
+def test_peft_loads_our_export_with_its_shapes_and_our_logits(tiny_llama, tmp_path):
+    cfg = LoraConfig(r=4, alpha=8, target_modules=TARGETS, use_bdlora=BLOCKS)
+    ours = save_random_adapter(tiny_llama, cfg, tmp_path / "ours", seed=3)
+    theirs = {k: v.shape for k, v in load_file(_peft_adapter(tiny_llama, tmp_path / "peft") /
+                                                "adapter_model.safetensors").items()}
+    assert {k: v.shape for k, v in load_file(ours / "adapter_model.safetensors").items()} == theirs
+    assert theirs["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"] == (4, 16)  # (r, in / 2)
+    assert theirs["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] == (32, 2)  # (out, r / 2)
+    ours_logits = _logits(load_adapted_model(str(tiny_llama), str(ours), torch.device("cpu"))[0])
+    assert (ours_logits - _logits(PeftModel.from_pretrained(_load(tiny_llama), ours).eval())).abs().max() <= 1e-5
+
+
+def test_gradients_equal_peft_s(tiny_llama, tmp_path):
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
+    theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter, is_trainable=True).train()
+    loss = theirs(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    expected = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                for n, p in theirs.named_parameters() if p.requires_grad}
+    model = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].train()
+    for layer in adapter_layers(model).values():
+        for p in layer.adapter_params().values():
+            p.requires_grad_(True)
+    ours = model(input_ids=IDS, labels=IDS).loss
+    ours.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+    assert (ours - loss).abs() <= 1e-6 and grads.keys() == expected.keys()
+    assert max((grads[n] - expected[n]).abs().max() for n in grads) <= 1e-6
+
+
+def test_a_run_trains_what_peft_loads(tiny_llama, number_data, tmp_path):
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4}, export={"merged": True})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] |= {"target_modules": TARGETS, "use_bdlora": BLOCKS}
+    recipe.write_text(yaml.safe_dump(raw))
+    cfg = load_recipe(recipe)
+    train(cfg)
+    run = Path(cfg.export.output_dir)
+    ours = _logits(load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0])
+    assert (ours - _logits(PeftModel.from_pretrained(_load(tiny_llama), run / "adapter").eval())).abs().max() <= 1e-5
+    assert (ours - _logits(_load(run / "merged"))).abs().max() <= 1e-5
+    assert (ours - _logits(_load(tiny_llama))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({"use_bdlora": BLOCKS | {"target_modules_bd_b": ["q_proj"]}},
+     "target 'model.layers.0.self_attn.v_proj' matches neither target_modules_bd_a nor target_modules_bd_b"),
+    ({"use_bdlora": BLOCKS | {"nblocks": 3}}, "nblocks 3 does not divide"),
+    ({"use_bdlora": BLOCKS | {"target_modules_bd_b": ["q_proj", "v_proj", "o_proj"]}},
+     "['o_proj'] are in both target_modules_bd_a and target_modules_bd_b"),
+    ({"use_bdlora": BLOCKS, "use_dora": True}, "adapter.use_bdlora with use_dora is not supported"),
+])
+def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] |= {"target_modules": TARGETS, "r": 4} | adapter
+    recipe.write_text(yaml.safe_dump(raw))
+    assert message in cli_user_error(monkeypatch, capsys, "train", str(recipe))
+
+
+def test_what_cannot_carry_it_refuses_it(tiny_llama, tmp_path):
+    from peftkit.adapters.named import NamedAdapters
+    from peftkit.inspect import inspect_adapter
+
+    with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding, and BD-LoRA"):
+        inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["embed_tokens"], use_bdlora=BLOCKS | {
+            "target_modules_bd_a": ["embed_tokens"]}))
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
+    with pytest.raises(PeftkitError, match="'bd' has block-diagonal factors"):
+        NamedAdapters(_load(tiny_llama)).load("bd", adapter)
+    info = inspect_adapter(adapter)
+    assert "BD-LoRA (block-diagonal factors)" in info["variants"] and set(info["ranks"].values()) == {4}
+    assert not info["llama_cpp"]["accepts"] and info["peftkit_reads"]["ok"]
