@@ -308,8 +308,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
     if raw.get("use_bdlora"):
-        caveats.append("use_bdlora (BD-LoRA): only vLLM versions with block-diagonal LoRA support read its stacked "
-                       "blocks; not verified against vLLM")
+        reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
+                       "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "
+                       "supports BD-LoRA (not verified here), or merge it")
     if raw.get("target_parameters"):
         caveats.append("target_parameters (LoRA on fused expert weights): only vLLM versions with LoRA for fused "
                        "mixture-of-experts layers load it; not verified against vLLM")

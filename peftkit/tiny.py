@@ -210,6 +210,15 @@ def build_long_context_assets(root: str | Path) -> dict[str, Path]:
     return {"long_context_model": model_dir}
 
 
+def build_moe_assets(root: str | Path) -> dict[str, Path]:
+    """recipes/methods/lora_moe.yaml's model: a tiny Mixtral (4 experts, 2 a token, fused in 3-D parameters as
+    transformers 5 holds them), trained on the quickstart's data."""
+    model_dir = Path(root) / "tiny-mixtral"
+    if not (model_dir / "config.json").exists():
+        build_tiny_model(model_dir, arch="mixtral", hidden_size=64, num_layers=2, seed=0)
+    return {"moe_model": model_dir}
+
+
 def build_classification_assets(root: str | Path) -> dict[str, Path]:
     """The classification recipe's tiny BERT encoder, tokenizer and sentiment data under `root` (idempotent,
     deterministic); beside the quickstart's files, which it leaves alone."""

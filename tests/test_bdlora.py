@@ -129,6 +129,8 @@ def test_a_run_trains_what_peft_loads(tiny_llama, number_data, tmp_path):
     ({"use_bdlora": BLOCKS | {"target_modules_bd_b": ["q_proj", "v_proj", "o_proj"]}},
      "['o_proj'] are in both target_modules_bd_a and target_modules_bd_b"),
     ({"use_bdlora": BLOCKS, "use_dora": True}, "adapter.use_bdlora with use_dora is not supported"),
+    ({"use_bdlora": BLOCKS, "init": "gaussian"}, "adapter.use_bdlora with init: gaussian is not supported (peft draws"),
+    ({"use_bdlora": BLOCKS, "lora_bias": True}, "(peft drops the bias of a block-diagonal B without a word)"),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     recipe = make_recipe(tmp_path, tiny_llama, number_data)
@@ -151,3 +153,34 @@ def test_what_cannot_carry_it_refuses_it(tiny_llama, tmp_path):
     info = inspect_adapter(adapter)
     assert "BD-LoRA (block-diagonal factors)" in info["variants"] and set(info["ranks"].values()) == {4}
     assert not info["llama_cpp"]["accepts"] and info["peftkit_reads"]["ok"]
+
+
+def test_conv1d_and_quantized_targets_are_refused_where_peft_builds_no_block(tmp_path):
+    """peft's BD-LoRA reads a Linear's in/out features (a Conv1D fails there) and its bitsandbytes layers build plain
+    factors: such a target in the lists would make a file neither side reads as the other; refused, naming it."""
+    from peftkit.tiny import build_tiny_model
+    from tests.test_qlora import load_quantized
+
+    gpt2 = tmp_path / "gpt2"
+    build_tiny_model(gpt2, arch="gpt2", hidden_size=32, num_layers=2, seed=0)
+    with pytest.raises(PeftkitError, match="'transformer.h.0.attn.c_attn' is a Conv1D layer, where peft builds no"):
+        inject_adapters(_load(gpt2), LoraConfig(r=4, target_modules=["c_attn"], use_bdlora={
+            "target_modules_bd_b": ["c_attn"], "nblocks": 2}))
+    llama = tmp_path / "llama64"
+    build_tiny_model(llama, arch="llama", hidden_size=64, num_layers=2, seed=0)
+    with pytest.raises(PeftkitError, match="'model.layers.0.self_attn.q_proj' is a 4-bit/8-bit layer"):
+        inject_adapters(load_quantized(llama), LoraConfig(r=4, target_modules=["q_proj"], use_bdlora={
+            "target_modules_bd_b": ["q_proj"], "nblocks": 2}))
+
+
+def test_peft_s_settings_read_as_peft_reads_them(tiny_llama, tmp_path):
+    """An unknown key inside use_bdlora (a newer peft's) is dropped and a null match_strict is false, as in peft."""
+    import json
+
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
+    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["use_bdlora"] |= {"future_key": 1, "match_strict": None}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert (_logits(load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0]) - theirs).abs().max() \
+        <= 1e-5

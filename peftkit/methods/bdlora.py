@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
@@ -45,13 +45,27 @@ class BdLoraSettings(Section):
         return self
 
 
+class PeftBdLora(BaseModel):
+    """adapter_config.json's use_bdlora, read as peft reads it: unknown keys dropped, a null match_strict false."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    target_modules_bd_a: list[str] | None = None
+    target_modules_bd_b: list[str] | None = None
+    nblocks: int = Field(1, ge=1)
+    match_strict: bool | None = True
+
+
 class PeftBlockDiagonal(PeftConfigBase):
     """adapter_config.json's use_bdlora."""
 
-    use_bdlora: BdLoraSettings | None = None
+    use_bdlora: PeftBdLora | None = None
 
     def bdlora_settings(self) -> dict[str, Any]:
-        return {"use_bdlora": self.use_bdlora} if self.use_bdlora is not None else {}
+        if self.use_bdlora is None:
+            return {}
+        return {"use_bdlora": BdLoraSettings(**self.use_bdlora.model_dump() | {
+            "match_strict": bool(self.use_bdlora.match_strict)})}
 
 
 class BlockDiagonalLora(AdapterSection):
@@ -83,8 +97,8 @@ class BlockDiagonal(nn.Module):
         super().__init__()
         if in_features % nblocks or out_features % nblocks:
             raise PeftkitError(f"adapter.use_bdlora: nblocks {nblocks} does not divide a block-diagonal factor of "
-                               f"{out_features} x {in_features} (the rank r and the layer's widths must be multiples "
-                               "of it).")
+                               f"{out_features} x {in_features} (the rank r and the layers' widths must be multiples "
+                               "of it); choose an nblocks that divides r (and rank_pattern's ranks) and the widths.")
         self.nblocks = nblocks
         self.weight = nn.Parameter(torch.empty(out_features, in_features // nblocks, device=device,
                                                dtype=torch.float32))
@@ -105,12 +119,18 @@ def full_factor(weight: torch.Tensor, nblocks: int) -> torch.Tensor:
 
 
 def bdlora_conflict(cfg: Any) -> str | None:
-    """Why LoRA settings cannot go with use_bdlora (peft refuses each), or None."""
+    """Why LoRA settings cannot go with use_bdlora, or None."""
     if cfg.use_bdlora is None:
         return None
-    for key, bad in (("use_dora", cfg.use_dora), ("alora_invocation_tokens", bool(cfg.alora_invocation_tokens)),
-                     ("lora_bias", cfg.lora_bias), ("target_parameters", bool(cfg.target_parameters)),
-                     ("init", cfg.init not in ("default", "gaussian"))):
+    for key, bad, why in (
+            ("use_dora", cfg.use_dora, "peft refuses it"),
+            ("alora_invocation_tokens", bool(cfg.alora_invocation_tokens), "peft refuses it"),
+            ("target_parameters", bool(cfg.target_parameters), "peft refuses it"),
+            ("lora_bias", cfg.lora_bias, "peft drops the bias of a block-diagonal B without a word"),
+            (f"init: {cfg.init}", cfg.init != "default",
+             "peft draws the block-diagonal factor its own way whatever the init, and pissa/olora then start away "
+             "from the base")):
         if bad:
-            return f"adapter.use_bdlora with {key} is not supported (peft refuses it); remove {key}, or use_bdlora"
+            return (f"adapter.use_bdlora with {key} is not supported ({why}); remove {key.split(':')[0]}, or "
+                    "use_bdlora")
     return None

@@ -519,6 +519,13 @@ class Lora(Method):
             layer = ALoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
         else:
             side = block_side(cfg.use_bdlora, path) if cfg.use_bdlora else None
+            if side and (is_conv1d(base) or is_quantized(base)):
+                raise PeftkitError(
+                    f"adapter.use_bdlora: '{path}' is {'a Conv1D' if is_conv1d(base) else 'a 4-bit/8-bit'} layer, "
+                    "where peft builds no block-diagonal factor (its "
+                    f"{'BD-LoRA reads a Linear' if is_conv1d(base) else 'bitsandbytes layers build plain ones'}), so "
+                    "neither could read the other's file; leave it out of the use_bdlora lists (with match_strict: "
+                    "false), or train on an unquantized Linear base.")
             blocks = (side, cfg.use_bdlora.nblocks) if side else None
             layer = LoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias, blocks)
         initialize(layer, cfg.init, cfg.pissa_niter, path)
