@@ -131,6 +131,62 @@ def save_random_adapter(base: Path, cfg, out: Path, seed: int, std: float = 0.3)
     return out
 
 
+def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor) -> tuple[float, dict, dict]:
+    """One training forward and backward of the PEFT adapter at `adapter` on `base` (fp32, dropout as saved) in peft
+    and in peftkit: (the two losses' difference, peft's gradients and peftkit's, by parameter path)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import adapter_layers
+    from peftkit.modeling import load_adapted_model
+
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter,
+                                       is_trainable=True).train()
+    loss = theirs(input_ids=ids, labels=ids).loss
+    loss.backward()
+    expected = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                for n, p in theirs.named_parameters() if p.requires_grad}
+    model = load_adapted_model(str(base), str(adapter), torch.device("cpu"))[0].train()
+    for layer in adapter_layers(model).values():
+        for p in layer.adapter_params().values():
+            p.requires_grad_(True)
+    ours = model(input_ids=ids, labels=ids).loss
+    ours.backward()
+    return float((ours - loss).abs()), expected, {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor, out: Path) -> None:
+    """peft's adapter at `adapter` (far from identity) gives peft's logits on `ids` in peftkit, and so does each merge:
+    in place (and back), `merged_model`, and `peftkit merge` into `out`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import adapter_layers
+    from peftkit.merge import merge_adapter, merged_model
+    from peftkit.modeling import load_adapted_model
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    def plain(path: Path) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    theirs = logits(PeftModel.from_pretrained(plain(base), adapter))
+    model, cfg = load_adapted_model(str(base), str(adapter), torch.device("cpu"))[:2]
+    assert (logits(model) - logits(plain(base))).abs().max() > 1e-2
+    assert (logits(model) - theirs).abs().max() <= 1e-5
+    assert (logits(merged_model(model, cfg, torch.float32)) - theirs).abs().max() <= 1e-5
+    for layer in adapter_layers(model).values():
+        layer.merge()
+    assert (logits(model) - theirs).abs().max() <= 1e-5
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    assert (logits(model) - theirs).abs().max() <= 1e-5
+    merge_adapter(str(adapter), str(out), base=str(base))
+    assert (logits(plain(out)) - theirs).abs().max() <= 1e-5
+
+
 def cli_user_error(monkeypatch, capsys, *args: str) -> str:
     """Run the `peftkit` CLI in this process on a user mistake: assert exit 2 and no traceback; return stderr."""
     import sys

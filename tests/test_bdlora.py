@@ -16,13 +16,13 @@ from peft.tuners.lora.config import BdLoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
-from peftkit.merge import merge_adapter, merged_model
 from peftkit.methods.bdlora import BlockDiagonal
 from peftkit.methods.lora import LoraConfig
 from peftkit.modeling import load_adapted_model
-from tests.conftest import cli_user_error, make_recipe, save_random_adapter
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
+                            save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -60,19 +60,7 @@ def test_a_block_diagonal_factor_is_a_dense_block_diagonal_matrix():
 
 
 def test_peft_s_adapter_loads_with_peft_s_logits_and_merges_to_them(tiny_llama, tmp_path):
-    adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
-    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
-    model, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
-    assert (_logits(model) - _logits(_load(tiny_llama))).abs().max() > 1e-2
-    assert (_logits(model) - theirs).abs().max() <= 1e-5
-    assert (_logits(merged_model(model, cfg, torch.float32)) - theirs).abs().max() <= 1e-5
-    for layer in adapter_layers(model).values():
-        layer.merge()
-    assert (_logits(model) - theirs).abs().max() <= 1e-5
-    for layer in adapter_layers(model).values():
-        layer.unmerge()
-    merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
-    assert (_logits(_load(tmp_path / "merged")) - theirs).abs().max() <= 1e-5
+    check_loads_and_merges_as_peft(tiny_llama, _peft_adapter(tiny_llama, tmp_path / "peft"), IDS, tmp_path / "merged")
 
 
 def test_peft_loads_our_export_with_its_shapes_and_our_logits(tiny_llama, tmp_path):
@@ -89,19 +77,8 @@ def test_peft_loads_our_export_with_its_shapes_and_our_logits(tiny_llama, tmp_pa
 
 def test_gradients_equal_peft_s(tiny_llama, tmp_path):
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
-    theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter, is_trainable=True).train()
-    loss = theirs(input_ids=IDS, labels=IDS).loss
-    loss.backward()
-    expected = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
-                for n, p in theirs.named_parameters() if p.requires_grad}
-    model = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].train()
-    for layer in adapter_layers(model).values():
-        for p in layer.adapter_params().values():
-            p.requires_grad_(True)
-    ours = model(input_ids=IDS, labels=IDS).loss
-    ours.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
-    assert (ours - loss).abs() <= 1e-6 and grads.keys() == expected.keys()
+    difference, expected, grads = peft_and_our_gradients(tiny_llama, adapter, IDS)
+    assert difference <= 1e-6 and grads.keys() == expected.keys()
     assert max((grads[n] - expected[n]).abs().max() for n in grads) <= 1e-6
 
 

@@ -135,6 +135,40 @@ class Invocation:
         self.mask = (starts[:, None] >= 0) & (positions[None, :] >= starts[:, None])
 
 
+class Activated:
+    """What makes a LoRA layer (before it in the bases, `ALoraLinear(Activated, LoraLinear)`) an aLoRA: its update on
+    the tokens from the invocation on, the base's output before it, where the model's `Invocation` says. Added in the
+    adapter's dtype and rounded once, as peft's in-place add (its bitsandbytes layers' too): the positions before the
+    invocation add 0 exactly. It cannot be merged."""
+
+    invocation: Invocation | None = None
+    path = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        update = masked(self.update(x), self.invocation, self.path)
+        return result if update is None else (result + update).to(result.dtype)
+
+    def merge(self) -> None:
+        raise PeftkitError(UNMERGEABLE)
+
+
+UNMERGEABLE = ("An aLoRA adapter (alora_invocation_tokens) cannot be merged: it changes only the tokens from its "
+               "invocation on, which no weight can do. Keep it separate (export.merged: false; skip `peftkit merge`) "
+               "and use it with --adapter DIR, or peft's PeftModel.from_pretrained.")
+
+
+def alora_conflict(recipe: Any) -> str | None:
+    """Why a recipe cannot train an aLoRA, or None."""
+    if recipe.data.packing:
+        return ("adapter.alora_invocation_tokens (aLoRA) with data.packing: the adapter acts from the invocation's "
+                "last occurrence in a row, and a packed row holds several examples; set data.packing: false")
+    if recipe.classification:
+        return ("adapter.alora_invocation_tokens (aLoRA) is for causal language models (peft's too), not a classifier "
+                "(model.num_labels); remove alora_invocation_tokens")
+    return None
+
+
 def install_invocation(model: nn.Module, ids: list[int], layers: dict[str, nn.Module]) -> Invocation:
     """The model's `Invocation`, hooked on its forward and given to each aLoRA layer (by path)."""
     invocation = Invocation(ids)
@@ -212,7 +246,7 @@ def check_invocation(invocation: list[int], examples: Any, tok: Any) -> str | No
             "the string alone (compare tok(example_text).input_ids with tok(invocation, add_special_tokens=False)), "
             "and put it before the answer the adapter learns.")
     if training < total:
-        return (f"warning: {total - training} of the {total} training examples train nothing: {shown} "
-                f"{'does not occur in them' if holding == training else 'is missing from them or comes after their labels'}"
-                ", and the adapter acts only from it on.")
+        where = "does not occur in them" if holding == training else "is missing from them or comes after their labels"
+        return (f"warning: {total - training} of the {total} training examples train nothing: {shown} {where}, and "
+                "the adapter acts only from it on.")
     return None

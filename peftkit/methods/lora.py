@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.alora import Activation, PeftActivation, install_invocation, masked
+from peftkit.methods.alora import (UNMERGEABLE, Activated, Activation, PeftActivation, alora_conflict,
+                                   install_invocation)
 from peftkit.methods.bdlora import (BlockDiagonal, BlockDiagonalLora, PeftBlockDiagonal, bdlora_conflict, block_side,
                                     full_factor)
 from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, draw_device, is_conv1d,
@@ -231,36 +232,8 @@ class LoraLinear(_LoraLayer):
         return self.lora_B(h) * self.scaling if self.lora_B.bias is not None else self.lora_B(h * self.scaling)
 
 
-class ALoraLinear(LoraLinear):
-    """Activated LoRA (`peftkit.methods.alora`): LoRA's update on the tokens from the invocation on, the base's output
-    before it. The model's `Invocation` (hooked on its forward) says where. Added in the adapter's dtype and rounded
-    once, as peft's in-place add (its bitsandbytes layers' too): the positions before the invocation add 0 exactly."""
-
-    invocation = None
-    path = ""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        update = masked(self.update(x), self.invocation, self.path)
-        return result if update is None else (result + update).to(result.dtype)
-
-    def merge(self) -> None:
-        raise PeftkitError(ALORA_UNMERGEABLE)
-
-
-def _alora_conflict(recipe: Any) -> str | None:
-    if recipe.data.packing:
-        return ("adapter.alora_invocation_tokens (aLoRA) with data.packing: the adapter acts from the invocation's last "
-                "occurrence in a row, and a packed row holds several examples; set data.packing: false")
-    if recipe.classification:
-        return ("adapter.alora_invocation_tokens (aLoRA) is for causal language models (peft's too), not a classifier "
-                "(model.num_labels); remove alora_invocation_tokens")
-    return None
-
-
-ALORA_UNMERGEABLE = ("An aLoRA adapter (alora_invocation_tokens) cannot be merged: it changes only the tokens from its "
-                     "invocation on, which no weight can do. Keep it separate (export.merged: false; skip `peftkit "
-                     "merge`) and use it with --adapter DIR, or peft's PeftModel.from_pretrained.")
+class ALoraLinear(Activated, LoraLinear):
+    """Activated LoRA on a Linear, Conv1D or bitsandbytes layer (`peftkit.methods.alora.Activated`)."""
 
 
 class _DoraMerge:
@@ -459,7 +432,7 @@ class Lora(Method):
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
         cfg, q = recipe.adapter, recipe.quantization
-        if cfg.alora_invocation_tokens and (refusal := _alora_conflict(recipe)):
+        if cfg.alora_invocation_tokens and (refusal := alora_conflict(recipe)):
             return refusal
         if q is None or cfg.init not in MOVES_BASE:
             return None
@@ -545,7 +518,7 @@ class Lora(Method):
 
     @classmethod
     def merge_refusal(cls, cfg: Any = None) -> str | None:
-        return ALORA_UNMERGEABLE if getattr(cfg, "alora_invocation_tokens", None) else None
+        return UNMERGEABLE if getattr(cfg, "alora_invocation_tokens", None) else None
 
     @classmethod
     def layer_facts(cls, cfg: LoraConfig, path: str, fan_in_fan_out: bool) -> LoraFacts:
