@@ -109,6 +109,9 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
         if cfg.modules_to_save:
             raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "
                                "update to weight and combine. Combine adapters without modules_to_save.")
+        if getattr(cfg, "velora_config", None):
+            raise PeftkitError(f"{path} is a VeLoRA (velora_config), whose projections combining does not carry; merge "
+                               "it alone (`peftkit merge --adapter` once), or combine it as the plain LoRA it saves.")
         if getattr(cfg, "use_bdlora", None):
             raise PeftkitError(f"{path} has block-diagonal factors (use_bdlora), which combining does not carry; merge "
                                "it alone (`peftkit merge --adapter` once).")

@@ -237,6 +237,10 @@ def check_engine(cfg, accelerator) -> None:
         raise PeftkitError(
             "adapter.layer_replication stacks copies of layers that share their weights, which FSDP and ZeRO-3 shard "
             "once per layer; train it under DDP (configs/accelerate/ddp.yaml) or ZeRO-2.")
+    if sharded(accelerator) and getattr(cfg.adapter, "velora_config", None):
+        raise PeftkitError(
+            "adapter.velora_config writes each layer's projection in its forward, which FSDP and ZeRO-3 hold sharded "
+            "(not run here); train it under DDP (configs/accelerate/ddp.yaml) or ZeRO-2.")
     if sharded(accelerator) and getattr(cfg.adapter, "target_parameters", None):
         raise PeftkitError(
             "adapter.target_parameters adds its update to whole parameters each forward, which FSDP and ZeRO-3 hold "

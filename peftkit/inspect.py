@@ -38,7 +38,8 @@ from peftkit.peft_format import (
 # for modules_to_save.
 _LAYER_EXTRAS = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
-_VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling", "use_bdlora": "BD-LoRA (block-diagonal factors)"}
+_VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling", "use_bdlora": "BD-LoRA (block-diagonal factors)",
+             "velora_config": "VeLoRA (trained from compressed inputs)"}
 """adapter_config.json's flags that make a LoRA one of its variants, and the variant's name."""
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
@@ -307,6 +308,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
+    if raw.get("velora_config"):
+        caveats.append("velora_config (VeLoRA): plain LoRA outside training, but the file also holds lora_velora_embed "
+                       "tensors, which a loader may refuse as unknown; not verified against vLLM")
     if raw.get("use_bdlora"):
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
                        "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "
@@ -348,6 +352,9 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
         p.rsplit(".", 1)[-1] == "lm_head" for p in targets) else []
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="llama.cpp (its converter and server)"))
+    if raw.get("velora_config"):
+        reasons.append("velora_config: its lora_velora_embed tensors (training's projections) stop "
+                       "convert_lora_to_gguf.py; outside training it is plain LoRA: merge it")
     if raw.get("use_bdlora"):
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked, which "
                        "convert_lora_to_gguf.py would read as plain LoRA factors of the wrong shape")

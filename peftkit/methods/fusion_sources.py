@@ -77,6 +77,8 @@ def check_fusable(fused: list[Fused], where: str) -> None:
         if getattr(f.cfg, "layer_replication", None):
             raise PeftkitError(f"{where}[{i}]: {f.source} stacks the base's layers again (layer_replication), so it "
                                "is not on the others' base. Fuse adapters without it.")
+        if getattr(f.cfg, "velora_config", None):
+            raise PeftkitError(f"{where}[{i}]: {f.source} is a VeLoRA (velora_config); fuse adapters without it.")
         if getattr(f.cfg, "use_bdlora", None):
             raise PeftkitError(f"{where}[{i}]: {f.source} has block-diagonal factors (use_bdlora), which fusion does "
                                "not stack. Fuse adapters without them, or merge it first.")

@@ -39,12 +39,13 @@ from peftkit.methods.param_lora import (ParamLora, PeftTargetParameters, TargetP
                                         note_fused_experts, without_holders, wrap_parameters)
 from peftkit.methods.replication import LayerReplication, PeftLayerReplication
 from peftkit.methods.token_rows import PeftTrainableTokens, TrainableTokenIndices
+from peftkit.methods.velora import Compressed, PeftVelora, Velora
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import TargetRegex
 
 
 class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication, Activation, TargetParameters,
-                 BlockDiagonalLora):
+                 BlockDiagonalLora, Velora):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -108,6 +109,11 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerRepl
                              f"false, or {'use_dora: false' if self.use_dora else 'init: default'}")
         if refusal := check_parameter_settings(self) or bdlora_conflict(self):
             raise ValueError(refusal)
+        if self.velora_config is not None and (other := next((key for key, on in (
+                ("use_dora", self.use_dora), ("alora_invocation_tokens", self.alora_invocation_tokens),
+                ("use_bdlora", self.use_bdlora), ("target_parameters", self.target_parameters)) if on), None)):
+            raise ValueError(f"adapter.velora_config with {other} is not supported (peft refuses the combination); "
+                             f"remove {other}, or velora_config")
         if self.alora_invocation_tokens and (self.use_dora or self.init in MOVES_BASE):
             what = "use_dora" if self.use_dora else f"init: {self.init}"
             why = ("peft refuses it too" if self.use_dora else
@@ -230,6 +236,11 @@ class LoraLinear(_LoraLayer):
         (alpha 16, r 8), else to float rounding. With lora_bias, s (B A x + b), as peft's."""
         h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
         return self.lora_B(h) * self.scaling if self.lora_B.bias is not None else self.lora_B(h * self.scaling)
+
+
+class VeloraLinear(Compressed, LoraLinear):
+    """VeLoRA on a Linear or Conv1D layer (`peftkit.methods.velora.Compressed`): LoRA, whose A trains from compressed
+    inputs."""
 
 
 class ALoraLinear(Activated, LoraLinear):
@@ -399,7 +410,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
 
 
 class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication,
-                     PeftActivation, PeftTargetParameters, PeftBlockDiagonal):
+                     PeftActivation, PeftTargetParameters, PeftBlockDiagonal, PeftVelora):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -422,7 +433,7 @@ class Lora(Method):
     config = LoraConfig
     peft_config = PeftLoraConfig
     param_names = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
-                   "lora_magnitude_vector")
+                   "lora_magnitude_vector", "lora_velora_embed")
     # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
     rank_dims = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
     # As peft's create_loraplus_optimizer; DoRA's magnitude trains at `lr` (peft puts 1-D tensors with B).
@@ -474,6 +485,9 @@ class Lora(Method):
                 f"adapter.lora_fa: '{path}' is an Embedding, whose LoRA A starts at zero: frozen there, the layer could "
                 "never change. Leave embeddings out of adapter.target_modules (all-linear does), or set lora_fa: false."
             )
+        if isinstance(base, nn.Embedding) and cfg.velora_config is not None:
+            raise PeftkitError(f"adapter.velora_config: '{path}' is an Embedding, and VeLoRA trains linear layers only "
+                               "(peft refuses it too); leave embeddings out of adapter.target_modules.")
         if isinstance(base, nn.Embedding) and cfg.use_bdlora:
             raise PeftkitError(f"adapter.use_bdlora: '{path}' is an Embedding, and BD-LoRA adapts linear layers only "
                                "(peft refuses it too); leave embeddings out of adapter.target_modules.")
@@ -490,6 +504,12 @@ class Lora(Method):
             layer = DoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
         elif cfg.alora_invocation_tokens:
             layer = ALoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
+        elif cfg.velora_config is not None:
+            if is_quantized(base):
+                raise PeftkitError(f"adapter.velora_config: '{path}' is a 4-bit/8-bit layer, which peft's VeLoRA does "
+                                   "not take; drop velora_config, or the quantization.")
+            layer = VeloraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
+            layer.setup_velora(cfg.velora_config)
         else:
             side = block_side(cfg.use_bdlora, path) if cfg.use_bdlora else None
             if side and (is_conv1d(base) or is_quantized(base)):
@@ -616,6 +636,7 @@ class Lora(Method):
             "alora_invocation_tokens": cfg.alora_invocation_tokens,
             "target_parameters": cfg.target_parameters,
             "use_bdlora": cfg.use_bdlora.model_dump() if cfg.use_bdlora else None,
+            "velora_config": cfg.velora_config.model_dump() if cfg.velora_config else None,
         }
 
     @classmethod
@@ -639,7 +660,7 @@ class Lora(Method):
                              alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
                              lora_bias=peft.lora_bias, **peft.token_settings(), **peft.replication_settings(),
                              **peft.activation_settings(), **peft.parameter_settings(),
-                             **peft.bdlora_settings())
+                             **peft.bdlora_settings(), **peft.velora_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None

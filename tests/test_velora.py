@@ -1,0 +1,112 @@
+"""VeLoRA (`velora_config`, peftkit.methods.velora): LoRA whose A trains from inputs compressed to one value a group.
+Checked against peft 0.21: one step's loss and gradients (A's approximate, and not LoRA's exact one) for each
+projection init, its adapters' logits (plain LoRA outside training) and merges, and peft loading ours; settings peft
+refuses are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig as PeftLora
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora.config import VeloraConfig
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.methods.lora import LoraConfig
+from peftkit.modeling import load_adapted_model
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
+                            save_random_adapter)
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+TARGETS = ["q_proj", "down_proj"]
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _peft_adapter(base: Path, out: Path, **velora) -> Path:
+    torch.manual_seed(0)
+    model = get_peft_model(_load(base), PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS,
+                                                 velora_config=VeloraConfig(num_groups=5, **velora)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("init_type", ["batch_average", "batch_average_once", "random"])
+def test_a_step_s_gradients_are_peft_s(init_type, tiny_llama, tmp_path):
+    """The projection (the batch's, or the file's random one) and A's gradient from the compressed inputs equal peft's
+    (5 groups of 32 and 64 features: padded); that gradient is not plain LoRA's exact one."""
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft", init_type=init_type)
+    difference, expected, grads = peft_and_our_gradients(tiny_llama, adapter, IDS)
+    assert difference <= 1e-6 and set(grads) >= set(expected)
+    assert max((grads[n] - expected[n]).abs().max() for n in expected) <= 1e-6
+    model = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()  # (no dropout: LoRA's)
+    a = model.get_parameter("model.layers.0.self_attn.q_proj.lora_A.weight").requires_grad_(True)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert (a.grad - grads["model.layers.0.self_attn.q_proj.lora_A.weight"]).abs().max() > 1e-4
+
+
+def test_adapters_load_and_merge_as_peft_s_both_ways(tiny_llama, tmp_path):
+    check_loads_and_merges_as_peft(tiny_llama, _peft_adapter(tiny_llama, tmp_path / "peft"), IDS, tmp_path / "merged")
+    cfg = LoraConfig(r=4, alpha=8, target_modules=TARGETS, velora_config={"num_groups": 5, "init_type": "random"})
+    ours = save_random_adapter(tiny_llama, cfg, tmp_path / "ours", seed=3)
+    saved = load_file(ours / "adapter_model.safetensors")
+    assert saved["base_model.model.model.layers.0.mlp.down_proj.lora_velora_embed"].shape == (13,)  # 64 in 5 groups
+    logits = load_adapted_model(str(tiny_llama), str(ours), torch.device("cpu"))[0](input_ids=IDS).logits
+    assert (logits - PeftModel.from_pretrained(_load(tiny_llama), ours)(input_ids=IDS).logits).abs().max() <= 1e-5
+
+
+def test_a_run_trains_it(tiny_llama, number_data, tmp_path):
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] |= {"target_modules": TARGETS, "velora_config": {"num_groups": 8}}
+    recipe.write_text(yaml.safe_dump(raw))
+    cfg = load_recipe(recipe)
+    train(cfg)
+    adapter = Path(cfg.export.output_dir) / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["velora_config"]["num_groups"] == 8
+    with torch.no_grad():
+        ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0](input_ids=IDS).logits
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({"velora_config": {"num_groups": 0}}, "'adapter.velora_config.num_groups' = 0"),
+    ({"velora_config": {}, "use_dora": True}, "adapter.velora_config with use_dora is not supported"),
+])
+def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] |= {"target_modules": TARGETS} | adapter
+    recipe.write_text(yaml.safe_dump(raw))
+    assert message in cli_user_error(monkeypatch, capsys, "train", str(recipe))
+
+
+def test_an_embedding_target_is_refused(tiny_llama):
+    with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding, and VeLoRA trains linear layers"):
+        inject_adapters(_load(tiny_llama), LoraConfig(target_modules=["embed_tokens"], velora_config={}))
+
+
+def test_inspect_says_what_it_is(tiny_llama, tmp_path):
+    from peftkit.inspect import inspect_adapter
+
+    info = inspect_adapter(_peft_adapter(tiny_llama, tmp_path / "peft"))
+    assert "VeLoRA (trained from compressed inputs)" in info["variants"] and info["peftkit_reads"]["ok"]
+    assert info["targets"]["modules"] == {"down_proj": 2, "q_proj": 2} and set(info["ranks"].values()) == {4}
+    assert not info["llama_cpp"]["accepts"] and "lora_velora_embed" in info["llama_cpp"]["reasons"][0]
