@@ -110,3 +110,27 @@ def test_inspect_says_what_it_is(tiny_llama, tmp_path):
     assert "VeLoRA (trained from compressed inputs)" in info["variants"] and info["peftkit_reads"]["ok"]
     assert info["targets"]["modules"] == {"down_proj": 2, "q_proj": 2} and set(info["ranks"].values()) == {4}
     assert not info["llama_cpp"]["accepts"] and "lora_velora_embed" in info["llama_cpp"]["reasons"][0]
+
+
+@pytest.mark.parametrize("init_type", ["batch_average_once", "random"])
+def test_a_resumed_run_gives_the_unbroken_run_s_bits(init_type, tiny_llama, number_data, tmp_path):
+    """A run killed after step 2 and resumed ends with the unbroken run's adapter, bit for bit: the projection a
+    checkpoint holds is kept (batch_average_once), and a random one is drawn once (the memory estimate builds the
+    layers on the meta device first)."""
+    import shutil
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.test_train import _adapter_sha
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         adapter={"dropout": 0.1, "velora_config": {"num_groups": 5, "init_type": init_type}},
+                         training={"max_steps": 6, "batch_size": 4, "save_steps": 2, "save_total_limit": 10})
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    unbroken = _adapter_sha(run)
+    for step in (4, 6):
+        shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
+    (run / "manifest.json").unlink()
+    train(load_recipe(recipe), resume=True)
+    assert _adapter_sha(run) == unbroken

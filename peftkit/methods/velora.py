@@ -61,8 +61,8 @@ def _groups(x: torch.Tensor, num_groups: int) -> torch.Tensor:
 def unit(vector: torch.Tensor) -> torch.Tensor:
     """`vector` (fp32) of norm 1; all ones, normalised, for a zero vector (as peft)."""
     vector = vector.float()
-    norm = torch.linalg.vector_norm(vector)
-    return vector / norm if norm > 0 else torch.ones_like(vector) / vector.numel() ** 0.5
+    norm = torch.linalg.vector_norm(vector)  # (no Python branch on it: the memory estimate builds on the meta device)
+    return torch.where(norm > 0, vector / norm, torch.ones_like(vector) / vector.numel() ** 0.5)
 
 
 class CompressedInputLinear(torch.autograd.Function):
@@ -111,6 +111,9 @@ class Compressed:
         result = self.base_layer(x)
         h = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         settings = self.velora
+        if settings.init_type == "batch_average_once" and not self._embed_set:
+            # (once: a projection loaded with the weights, a checkpoint's on --resume, is kept; peft draws it again)
+            self._embed_set = bool(self.lora_velora_embed.abs().sum() > 0)
         if settings.init_type == "batch_average" or (settings.init_type == "batch_average_once" and not self._embed_set):
             with torch.no_grad():
                 self.lora_velora_embed.copy_(unit(_groups(h.detach(), settings.num_groups).mean(dim=(0, 1))))
