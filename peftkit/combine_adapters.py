@@ -24,7 +24,8 @@ from peftkit.combine_inputs import (Combination, Source, adapted_modules, check_
                                     check_same_base, lora_layers, output_rank, read_sources, skeleton,
                                     uses_full_updates)
 from peftkit.errors import PeftkitError
-from peftkit.methods.lora import LoraConfig, LoraFacts, lora_delta, lora_scaling
+from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora_layers import LoraFacts, lora_delta, lora_scaling
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor, bool]]
 """{module path: (A, B, is_embedding)}: a LoRA adapter's factors, scaling 1."""

@@ -176,6 +176,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
+    from peftkit.methods.expert_lists import check_start
     from peftkit.modeling import load_config, resolve_device
 
     config = load_config(recipe.model)
@@ -202,6 +203,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
             base += p.numel() * BYTES[dtype]
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
+    check_start(recipe.adapter, model)
     inject_adapters(model, recipe.adapter, every_entry=not recipe.adapter.init_from)  # (as train: a file's settings)
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     trainable = trainable_parameters(model)

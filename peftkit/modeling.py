@@ -494,6 +494,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     Returns:
         (base model, adapter settings, PEFT-keyed tensors, PEFT config, base ModelConfig, quantization or None)
     """
+    from peftkit.methods.expert_lists import on_fused_experts
     from peftkit.methods.lora_init import base_weight_of, on_original_base
     from peftkit.peft_format import check_weight_tying, load_adapter, read_meta
 
@@ -520,6 +521,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
         warnings.warn(PeftkitWarning(changed_base_note(name, Path(adapter_dir).parent, changed)), stacklevel=3)
     check_weight_tying(adapter_dir, model)
     adapter_cfg, state = on_original_base(adapter_cfg, state, base_weight_of(model))  # peft's unconverted PiSSA/OLoRA
+    adapter_cfg, state = on_fused_experts(adapter_cfg, state, model)  # transformers 4's per-expert LoRA
     if classify:
         from peftkit.classify import with_head
 

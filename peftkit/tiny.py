@@ -90,10 +90,11 @@ def build_tiny_model(
     """A randomly initialised causal LM and its tokenizer: `llama`, `gpt2` (whose layers are Conv1D), `qwen2`
     (biased q/k/v projections and an output head tied to the embeddings, as Qwen2's small models), `gemma2`
     (a scaled embedding lookup, soft-capped logits, a sliding-window layer), `gemma3` (as gemma2, with a RoPE per
-    attention type: sliding and full), `mixtral` (experts in fused 3-D parameters) or `opt`.
+    attention type: sliding and full), `mixtral` (experts in fused 3-D parameters), `qwen2_moe` (fused experts beside a shared expert), `qwen3_moe` or `opt`.
     `max_position_embeddings` changes no weight of the RoPE models (llama, qwen2): only what the config claims."""
     from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, OPTConfig, OPTForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     tok = build_char_tokenizer()
     vocab_size = vocab_size or len(tok)
@@ -133,6 +134,14 @@ def build_tiny_model(
                                num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                                max_position_embeddings=max_position_embeddings, initializer_range=0.1, **common)
         cls = MixtralForCausalLM
+    elif arch in ("qwen2_moe", "qwen3_moe"):  # 4 fused experts (2 a token); Qwen2-MoE's beside a shared expert
+        moe = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, moe_intermediate_size=hidden_size,
+                   num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                   num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+                   max_position_embeddings=max_position_embeddings, initializer_range=0.1, **common)
+        config = Qwen2MoeConfig(shared_expert_intermediate_size=2 * hidden_size, **moe) if arch == "qwen2_moe" \
+            else Qwen3MoeConfig(**moe)
+        cls = Qwen2MoeForCausalLM if arch == "qwen2_moe" else Qwen3MoeForCausalLM
     elif arch == "opt":
         config = OPTConfig(hidden_size=hidden_size, ffn_dim=2 * hidden_size, num_hidden_layers=num_layers,
                            num_attention_heads=4, word_embed_proj_dim=hidden_size,

@@ -57,6 +57,7 @@ from peftkit.task_ids import check_training_tasks, recipe_reads_tasks
 from peftkit.finish import RESTART, TrainingFailed, finish, task_metrics  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import DiskFullError, append_line, atomic_write_text, unlink_durably
 from peftkit.methods import MethodTrainer, method_of
+from peftkit.methods.expert_lists import check_start
 from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
 from peftkit.progress import TrainProgress, phase
@@ -375,6 +376,7 @@ def _setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, 
     torch.manual_seed(tcfg.seed)
     # An adapter to start from may list targets for other architectures (peft's generic defaults); its
     # weights decide, and load_adapter_state_dict refuses any that do not land (as for `peftkit eval`).
+    check_start(adapter, model)
     start = load_adapter(cfg.adapter.init_from)[1] if cfg.adapter.init_from else None
     targets = inject_adapters(model, adapter, every_entry=start is None, state=start)
     if start is not None:

@@ -155,9 +155,11 @@ def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor) -> tupl
     return float((ours - loss).abs()), expected, {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
 
 
-def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor, out: Path) -> None:
-    """peft's adapter at `adapter` (far from identity) gives peft's logits on `ids` in peftkit, and so does each merge:
-    in place (and back), `merged_model`, and `peftkit merge` into `out`."""
+def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor, out: Path,
+                                   theirs: torch.Tensor | None = None) -> None:
+    """peft's adapter at `adapter` (far from identity) gives peft's logits on `ids` in peftkit (or `theirs`, where peft
+    is not the reference), and so does each merge: in place (and back), `merged_model`, and `peftkit merge` into
+    `out`."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -172,7 +174,8 @@ def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor,
     def plain(path: Path) -> torch.nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    theirs = logits(PeftModel.from_pretrained(plain(base), adapter))
+    if theirs is None:
+        theirs = logits(PeftModel.from_pretrained(plain(base), adapter))
     model, cfg = load_adapted_model(str(base), str(adapter), torch.device("cpu"))[:2]
     assert (logits(model) - logits(plain(base))).abs().max() > 1e-2
     assert (logits(model) - theirs).abs().max() <= 1e-5

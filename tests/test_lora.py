@@ -9,7 +9,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import merge_state_dict
 from peftkit.errors import PeftkitError
-from peftkit.methods.lora import LoraConfig, LoraEmbedding, LoraLinear
+from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear
 
 
 def _nonzero(layer, seed=0):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.methods.lora import LoraLinear
+from peftkit.methods.lora_layers import LoraLinear
 from peftkit.methods.lowrank import MAX_THREADS, LowRankLinear, fusable
 
 

@@ -849,7 +849,7 @@ def test_dora_norm_is_taken_a_block_of_rows_at_a_time(layout, monkeypatch):
     block's, not three (out, in) fp32 matrices."""
     import bitsandbytes as bnb
 
-    import peftkit.methods.lora as lora_module
+    import peftkit.methods.lora_layers as lora_module
     from peftkit.merge import dequantize_weight
 
     cfg = LoraConfig(r=4, alpha=8, use_dora=True)
@@ -898,7 +898,7 @@ def test_dora_on_an_embedding_loads_merges_and_exports_as_peft_s(arch, models, t
     place (and back) and by `peftkit merge`; peftkit's loads in peft with peftkit's logits. Gemma 2 ties its head to
     the embeddings, which keep the head's weights apart in a merge (as for LoRA; peft's own merge moves the head).
     The norm is summed over blocks of rows (7 here, of 102), as peft's over the whole vocabulary at once."""
-    import peftkit.methods.lora as lora_module
+    import peftkit.methods.lora_layers as lora_module
 
     monkeypatch.setattr(lora_module, "NORM_ROWS", 7)
     from peft import LoraConfig as PeftLoraConfig
@@ -975,8 +975,8 @@ def test_ia3_default_targets_of_mixtral_adapt_what_this_transformers_has_as_peft
 @pytest.mark.parametrize("module", ["block_sparse_moe.experts.0.w1", "block_sparse_moe.gate"])
 def test_a_mixtral_adapter_of_transformers_4_s_layout_is_refused_saying_so(module):
     """Mixtral LoRAs trained under transformers 4 adapt `block_sparse_moe.gate` and `block_sparse_moe.experts.N.w1`,
-    which transformers 5 renamed and fused into 3-D parameters: refused naming that (it blamed a recipe entry, or
-    "another base model")."""
+    which transformers 5 renamed and fused into 3-D parameters: loading converts them (tests/test_expert_lists.py);
+    unconverted, they are refused naming that (it blamed a recipe entry, or "another base model")."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -985,7 +985,7 @@ def test_a_mixtral_adapter_of_transformers_4_s_layout_is_refused_saying_so(modul
              for m in ("self_attn.q_proj", module) for p in "AB"}
     cfg = LoraConfig(r=2, target_modules=["q_proj", module.rsplit(".", 1)[-1]])
     with pytest.raises(PeftkitError, match=rf"adapts 1 module of transformers 4's mixture-of-experts layout \(e.g. "
-                                           rf"'model.layers.0.{module}'\), which this transformers has renamed"):
+                                           rf"'model.layers.0.{module}'\), which this model does not have"):
         inject_adapters(MixtralForCausalLM(config), cfg, every_entry=False, state=state)
 
 

@@ -18,7 +18,8 @@ from peftkit.adapters.named import AdapterHost, NamedAdapters, load_named_model
 from peftkit.errors import PeftkitError
 from peftkit.generate import Sampling, generate_ids, generate_job, generate_texts
 from peftkit.methods.ia3 import IA3Config
-from peftkit.methods.lora import LoraConfig, LoraLinear
+from peftkit.methods.lora import LoraConfig
+from peftkit.methods.lora_layers import LoraLinear
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.modeling import load_adapted_model
 from peftkit.tiny import number_rows, write_jsonl
@@ -326,7 +327,7 @@ def test_a_mixed_batch_on_a_bf16_base_gives_each_row_the_bits_of_its_adapter_alo
     the update first, and 30 % of a LoRA row's outputs were one bf16 step off."""
     from torch import nn
 
-    from peftkit.methods.lora import LoraEmbedding
+    from peftkit.methods.lora_layers import LoraEmbedding
 
     torch.manual_seed(0)
     base = (nn.Linear(64, 48) if kind == "linear" else nn.Embedding(80, 48)).to(torch.bfloat16)

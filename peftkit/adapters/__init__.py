@@ -203,17 +203,18 @@ MOE_V4 = re.compile(r"\.block_sparse_moe\.|\.experts\.\d+\.")
 
 
 def _check_expert_layout(model: nn.Module, adapted: set[str]) -> None:
-    """Refuse, saying why, a saved adapter on transformers 4's per-expert layers that this model does not have:
-    transformers 5 renamed the router and fused each layer's experts into 3-D parameters (which LoRA's
-    target_parameters adapts; peft 0.21 converts such adapters to that, peftkit does not)."""
+    """Refuse, saying why, a saved adapter on transformers 4's per-expert layers that this model does not have and
+    `peftkit.methods.expert_lists.on_fused_experts` could not convert to its fused experts."""
     modules = dict(model.named_modules())
     if old := sorted(p for p in adapted if p not in modules and MOE_V4.search(f".{p}.")):
         raise PeftkitError(
             f"The adapter adapts {len(old)} module{'s' * (len(old) > 1)} of transformers 4's mixture-of-experts layout "
-            f"(e.g. '{old[0]}'), which this transformers has renamed, and whose experts it fuses into 3-D "
-            "parameters: peftkit does not convert such an adapter to them (peft does). Load it with peft and merge it "
-            "there (merge_and_unload), then use the merged model; or train it again with adapter.target_parameters "
-            "([experts.gate_up_proj, experts.down_proj]); or use an adapter on the attention layers only.")
+            f"(e.g. '{old[0]}'), which this model does not have (transformers 5 renamed them, and fuses the experts "
+            "into 3-D parameters). Loading an adapter to evaluate, generate or merge converts Mixtral's and "
+            "Qwen2-MoE-style layers to those parameters; these are of another layout, or reach training "
+            "(adapter.init_from), which does not convert them: merge the adapter into its base (`peftkit merge`) and "
+            "train a new adapter on the merged model, or train again with adapter.target_parameters "
+            "([experts.gate_up_proj, experts.down_proj]).")
 
 
 def _check_converted(cfg: AdapterConfig) -> None:

@@ -56,7 +56,7 @@ from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_t
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of
 from peftkit.methods.base import Method, is_quantized
-from peftkit.methods.lora import LoraEmbedding, LoraLinear
+from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.peft_format import check_weight_tying, read_meta
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
@@ -190,12 +190,14 @@ class NamedAdapters:
     def _add_read(self, name: str, directory: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], raw,
                   quant: QuantizationConfig | None) -> None:
         """`add` what `load_adapter` read from `directory`, once it is known to fit this base."""
+        from peftkit.methods.expert_lists import on_fused_experts
         from peftkit.methods.lora_init import base_weight_of, on_original_base
 
         self._check_fits(name, directory, raw, quant)
         if directory:
             check_weight_tying(directory, self.model)
         cfg, state = on_original_base(cfg, state, base_weight_of(self.model))  # peft's unconverted PiSSA/OLoRA
+        cfg, state = on_fused_experts(cfg, state, self.model)  # transformers 4's per-expert LoRA
         self.add(name, cfg, state, directory)
         if self._recorded_base is None:
             self._recorded_base = (name, raw.base_model_name_or_path)

@@ -197,7 +197,7 @@ class FusedLinear(FusionLayer):
     def __init__(self, base_layer: nn.Module, fused: dict[str, AdapterLayer], size: int, cfg: FusionConfig) -> None:
         super().__init__(base_layer, fused, size, cfg)
         self.base_output = _BaseOutput(base_layer)
-        from peftkit.methods.lora import DoraEmbedding, DoraLinear  # DoRA reads its base's weights (and its type)
+        from peftkit.methods.lora_layers import DoraEmbedding, DoraLinear  # DoRA reads its base's weights (and its type)
 
         for layer in self.fused.values():
             if not isinstance(layer, (DoraLinear, DoraEmbedding)):

@@ -184,7 +184,7 @@ def on_original_base(cfg, state: dict[str, torch.Tensor],
     is W - s (B0 A0)^T. On a bfloat16 base the result differs from peft's loading by the rounding of peft's residual
     to bfloat16, as peft's own conversion does."""
     from peftkit.adapters import PEFT_PREFIX  # peftkit.adapters imports the method registry
-    from peftkit.methods.lora import lora_scaling  # (which imports this module)
+    from peftkit.methods.lora_layers import lora_scaling  # (which imports this module)
 
     init = getattr(cfg, "_residual_init", None)
     if init is None:
