@@ -112,6 +112,10 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
         if getattr(cfg, "velora_config", None):
             raise PeftkitError(f"{path} is a VeLoRA (velora_config), whose projections combining does not carry; merge "
                                "it alone (`peftkit merge --adapter` once), or combine it as the plain LoRA it saves.")
+        if getattr(cfg, "kasa_config", None):
+            raise PeftkitError(f"{path} is a KaSA adapter (kasa_config), which applies to its base without the r "
+                               "smallest singular components of each target; combining adds updates to the base as "
+                               "saved. Merge it alone (`peftkit merge --adapter` once).")
         if getattr(cfg, "use_bdlora", None):
             raise PeftkitError(f"{path} has block-diagonal factors (use_bdlora), which combining does not carry; merge "
                                "it alone (`peftkit merge --adapter` once).")

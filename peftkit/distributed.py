@@ -241,6 +241,10 @@ def check_engine(cfg, accelerator) -> None:
         raise PeftkitError(
             "adapter.velora_config writes each layer's projection in its forward, which FSDP and ZeRO-3 hold sharded "
             "(not run here); train it under DDP (configs/accelerate/ddp.yaml) or ZeRO-2.")
+    if sharded(accelerator) and getattr(cfg.adapter, "kasa_config", None):
+        raise PeftkitError(
+            "adapter.kasa_config truncates each target's whole base weight by its SVD when the layer is built, which "
+            "FSDP and ZeRO-3 hold sharded (not run here); train it under DDP (configs/accelerate/ddp.yaml).")
     if sharded(accelerator) and getattr(cfg.adapter, "target_parameters", None):
         raise PeftkitError(
             "adapter.target_parameters adds its update to whole parameters each forward, which FSDP and ZeRO-3 hold "

@@ -39,7 +39,8 @@ from peftkit.peft_format import (
 _LAYER_EXTRAS = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
 _VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling", "use_bdlora": "BD-LoRA (block-diagonal factors)",
-             "velora_config": "VeLoRA (trained from compressed inputs)"}
+             "velora_config": "VeLoRA (trained from compressed inputs)",
+             "kasa_config": "KaSA (trained singular values, truncated base)"}
 """adapter_config.json's flags that make a LoRA one of its variants, and the variant's name."""
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
@@ -311,6 +312,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if raw.get("velora_config"):
         caveats.append("velora_config (VeLoRA): plain LoRA outside training, but the file also holds lora_velora_embed "
                        "tensors, which a loader may refuse as unknown; not verified against vLLM")
+    if raw.get("kasa_config"):
+        reasons.append("kasa_config (KaSA): its lora_diag tensors scale the rank, and the base must lose its r smallest "
+                       "singular components first; a plain LoRA loader does neither (silently wrong): merge it")
     if raw.get("use_bdlora"):
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
                        "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "
@@ -355,6 +359,9 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
     if raw.get("velora_config"):
         reasons.append("velora_config: its lora_velora_embed tensors (training's projections) stop "
                        "convert_lora_to_gguf.py; outside training it is plain LoRA: merge it")
+    if raw.get("kasa_config"):
+        reasons.append("kasa_config (KaSA): convert_lora_to_gguf.py reads neither its lora_diag tensors nor the "
+                       "truncation of the base it applies to: merge it")
     if raw.get("use_bdlora"):
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked, which "
                        "convert_lora_to_gguf.py would read as plain LoRA factors of the wrong shape")

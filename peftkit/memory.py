@@ -248,6 +248,12 @@ def load_dtype(dtype: str, config) -> str:
     return dtype if dtype != "auto" else dtype_name(getattr(config, "dtype", None))
 
 
+def frees_a_inputs(adapter) -> bool:
+    """LoRA-FA (A frozen) and VeLoRA (A's gradient from compressed inputs, counted by `kept_for_backward`) keep no
+    input of A for its gradient."""
+    return bool(getattr(adapter, "lora_fa", False) or getattr(adapter, "velora_config", None))
+
+
 def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad:
     the logits and the loss's copies, as in training). `per_token`: the fp32 values all the
@@ -265,7 +271,7 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     width = per_token * 4 // (BYTES[dtype] * max(shape.layers, 1))
     attention = recipe.model.attn_implementation
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
-                                       width, attention == "eager", getattr(recipe.adapter, "lora_fa", False),
+                                       width, attention == "eager", frees_a_inputs(recipe.adapter),
                                        packed_sdpa=recipe.data.packing and attention in (None, "sdpa"))
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
     evaluation = logits_bytes(recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) if recipe.data.eval else 0

@@ -89,6 +89,11 @@ def check(cfg, accelerator) -> None:
         raise PeftkitError(f"adapter.regularization: {cfg.adapter.regularization} is not supported under DeepSpeed "
                            "(a second backward per step, which ZeRO's gradient partitioning does not allow). Set it "
                            "to 0, or use configs/accelerate/ddp.yaml.")
+    kasa = getattr(cfg.adapter, "kasa_config", None)
+    if kasa is not None and (kasa.beta or kasa.gamma):
+        raise PeftkitError(f"adapter.kasa_config's regularisers (beta: {kasa.beta}, gamma: {kasa.gamma}) are not "
+                           "supported under DeepSpeed (a second backward per step, which ZeRO's gradient partitioning "
+                           "does not allow). Set both to 0 (KaSA without them), or use configs/accelerate/ddp.yaml.")
     if cfg.training.nan_policy == "skip_step":
         raise PeftkitError("training.nan_policy: skip_step is not supported under DeepSpeed: ZeRO has reduced the "
                            "step's gradients into its partitions by the time the loss is known. Use stop (the "

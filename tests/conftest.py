@@ -190,6 +190,24 @@ def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor,
     assert (logits(plain(out)) - theirs).abs().max() <= 1e-5
 
 
+def check_resumes_to_the_same_bits(recipe: Path, run: Path, kill_after: int, steps: int) -> None:
+    """Train `recipe` (saving a checkpoint every `kill_after` steps or fewer) to `run`, drop the checkpoints after step
+    `kill_after` and the manifest (a run killed there), resume: the adapter's file equals the unbroken run's, byte for
+    byte."""
+    import shutil
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    train(load_recipe(recipe))
+    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    for step in range(kill_after + 1, steps + 1):
+        shutil.rmtree(run / "checkpoints" / f"step-{step:08d}", ignore_errors=True)
+    (run / "manifest.json").unlink()
+    train(load_recipe(recipe), resume=True)
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
+
+
 def cli_user_error(monkeypatch, capsys, *args: str) -> str:
     """Run the `peftkit` CLI in this process on a user mistake: assert exit 2 and no traceback; return stderr."""
     import sys

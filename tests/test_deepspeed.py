@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from peftkit import zero
 from peftkit.errors import PeftkitError
+from peftkit.methods.kasa import KasaSettings
 from peftkit.recipe import load_recipe
 from peftkit.train import train
 from tests.conftest import free_port, make_recipe
@@ -183,6 +184,7 @@ def _accelerator(stage: int, **config) -> SimpleNamespace:
     ({"quantization": {"method": "nf4"}}, {}, {}, "quantization.method: nf4 is not supported under ZeRO-3"),
     ({}, {"method": "adalora"}, {}, "adapter.method: adalora is not supported under DeepSpeed"),
     ({}, {"regularization": 0.1}, {}, "adapter.regularization: 0.1 is not supported under DeepSpeed"),
+    ({}, {"kasa_config": KasaSettings(beta=0, gamma=0.1)}, {}, "kasa_config's regularisers (beta: 0.0, gamma: 0.1)"),
     ({"training": {"nan_policy": "skip_step"}}, {}, {}, "training.nan_policy: skip_step"),
     ({"export": {"merged": True}}, {}, {}, "peftkit merge --adapter RUN_DIR/adapter --output DIR"),
     ({}, {"method": "prefix_tuning"}, {}, "adapter.method: prefix_tuning is not supported under ZeRO-3"),
@@ -190,7 +192,7 @@ def _accelerator(stage: int, **config) -> SimpleNamespace:
     ({}, {}, {"zero_optimization": {"stage": 0}}, "runs ZeRO stage 0 (DeepSpeed without ZeRO)"),
 ])
 def test_deepspeed_refuses_what_it_cannot_do(tiny_llama, number_data, tmp_path, sections, adapter, config, expected):
-    """Checked before the model loads, each with its way out (AdaLoRA's and fusion's settings stand in as
+    """Checked before the model loads, each with its way out (AdaLoRA's, fusion's and KaSA's settings stand in as
     attributes: the check reads nothing else of them)."""
     recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, **sections))
     recipe = recipe.model_copy(update={"adapter": SimpleNamespace(**vars(recipe.adapter) | adapter)})

@@ -7,6 +7,7 @@ loads them."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def _v4_modules(model: torch.nn.Module, arch: str) -> dict[str, tuple[str, int, 
 
 
 def v4_adapter(base: Path, out: Path, arch: str, targets: list[str], r: int = 2, alpha: float = 4, seed: int = 0,
-               use_rslora: bool = False, alpha_pattern: dict | None = None, **config) -> tuple[Path, torch.Tensor]:
+               use_rslora: bool = False, alpha_pattern: dict | None = None, saved_targets: object = None,
+               **config) -> tuple[Path, torch.Tensor]:
     """A LoRA adapter as peft saved it on transformers 4 (far from identity), and the logits of the model it was
     trained for: each v4 layer's s B A added to its rows of the fused weights."""
     model = _load(base)
@@ -82,12 +84,14 @@ def v4_adapter(base: Path, out: Path, arch: str, targets: list[str], r: int = 2,
             a = torch.randn(r, in_features, generator=g) * 0.3
             b = torch.randn(out_features, r, generator=g) * 0.3
             state[f"base_model.model.{path}.lora_A.weight"], state[f"base_model.model.{path}.lora_B.weight"] = a, b
-            a_ = (alpha_pattern or {}).get(name, alpha)
+            # (peft's get_pattern_key: the first key whose regex matches the end of the v4 path)
+            a_ = next((v for k, v in (alpha_pattern or {}).items() if re.match(rf"(.*\.)?({k})$", path)), alpha)
             weight[rows] += (b @ a) * (a_ / (r ** 0.5 if use_rslora else r))
     out.mkdir(parents=True)
     save_file(state, out / "adapter_model.safetensors")
     (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": targets,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+        "target_modules": targets if saved_targets is None else saved_targets,
         "base_model_name_or_path": str(base), "lora_dropout": 0.0, "bias": "none", "use_rslora": use_rslora,
         "alpha_pattern": alpha_pattern or {}, **config}))
     return out, _logits(model)
@@ -119,14 +123,18 @@ def test_qwen2_moe_s_shared_expert_keeps_its_layers_where_peft_drops_the_experts
             - expected).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["dropout", "rslora", "one_of_a_pair", "alpha_pattern"])
+@pytest.mark.parametrize("case", ["dropout", "rslora", "one_of_a_pair", "alpha_pattern", "router_alpha",
+                                  "pattern_of_new_paths", "regex_targets"])
 def test_what_peft_does_not_load_right_loads_as_the_model_it_was_trained_for(case, bases, tmp_path):
     """peft 0.21 refuses lora_dropout (most Hub adapters have it) and a projection of a fused pair adapted alone,
     and scales an rsLoRA pair by sqrt(2) too much (it doubles alpha with the rank)."""
     from peft import PeftModel
 
     settings = {"dropout": {"lora_dropout": 0.05}, "rslora": {"use_rslora": True}, "one_of_a_pair": {},
-                "alpha_pattern": {"alpha_pattern": {"w3": 16, "w2": 1}}}[case]
+                "alpha_pattern": {"alpha_pattern": {"w3": 16, "w2": 1}},
+                "router_alpha": {"alpha_pattern": {"gate": 1}},  # (no match on the router's new path, gate.weight)
+                "pattern_of_new_paths": {"alpha_pattern": {r".*mlp.*": 16}},  # (matches transformers 5's paths only)
+                "regex_targets": {"saved_targets": r".*\.(w1|w2|w3|gate|q_proj)"}}[case]
     targets = ["q_proj", "w1", "w2"] if case == "one_of_a_pair" else ALL["mixtral"]
     adapter, expected = v4_adapter(bases["mixtral"], tmp_path / "v4", "mixtral", targets, **settings)
     check_loads_and_merges_as_peft(bases["mixtral"], adapter, IDS, tmp_path / "merged", theirs=expected)

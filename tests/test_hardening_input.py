@@ -173,7 +173,7 @@ def test_many_problems_are_listed_up_to_a_limit(tmp_path):
     assert len(lines) == 1 + MAX_MESSAGES + 1 and lines[-1] == f"  ... and {n - MAX_MESSAGES} more"
     assert lines[1] == (f"  {tmp_path / 'my-recipe.yaml'}:6: unknown key 'key0' in adapter. Valid keys: method, r, alpha, "
                         "dropout, target_modules, use_rslora, use_dora, modules_to_save, init, "
-                        "pissa_niter, lora_fa, rank_pattern, alpha_pattern, lora_bias, velora_config, use_bdlora, "
+                        "pissa_niter, lora_fa, rank_pattern, alpha_pattern, lora_bias, kasa_config, velora_config, use_bdlora, "
                         "target_parameters, alora_invocation_tokens, layer_replication, trainable_token_indices, exclude_modules, layers_to_transform, layers_pattern, init_from.")
 
 

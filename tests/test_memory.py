@@ -7,7 +7,7 @@ import yaml
 import torch
 from rich.console import Console
 
-from peftkit.memory import (CPU_RUNTIME_BYTES, MemoryEstimate, ModelShape, activation_memory, check_fits,
+from peftkit.memory import (CPU_RUNTIME_BYTES, MemoryEstimate, ModelShape, activation_memory, check_fits, frees_a_inputs,
                             estimate_memory, print_estimate)
 from peftkit.recipe import load_recipe
 from tests.conftest import make_recipe
@@ -183,6 +183,17 @@ def test_lora_fa_activation_saving_is_what_autograd_keeps(tiny_llama):
     assert saved[False] - saved[True] == estimated[0] - estimated[1] > 0
 
 
+def test_velora_estimate_counts_its_saving_as_autograd_keeps_it(tiny_llama):
+    """Independent: what autograd saves in one forward (saved_tensors_hooks) with LoRA and with VeLoRA (all-linear,
+    16 groups) differs by what the estimate takes off: A's inputs, less num_groups values a token and layer."""
+    from peftkit.methods.lora import LoraConfig
+
+    (lora_saved, lora_estimate), (saved, estimate) = (
+        saved_and_estimated(tiny_llama, LoraConfig(r=4, target_modules="all-linear", **velora))
+        for velora in ({}, {"velora_config": {"num_groups": 16}}))
+    assert lora_saved - saved == lora_estimate - estimate > 0
+
+
 def test_packed_rows_activation_term_is_what_autograd_keeps(tiny_llama, number_data, tmp_path):
     """Independent: packed rows (position ids, no mask) make SDPA keep each layer's (seq x seq) mask and a little
     more, per layer batch x seq x (seq + hidden + heads) values: what autograd saves beyond the plain rows', at two
@@ -238,8 +249,8 @@ def saved_and_estimated(model_path, cfg) -> tuple[int, float]:
     saved = saved_activation_bytes(model, {"input_ids": torch.randint(3, 100, (2, 16))})
     kept = [layer.method.kept_for_backward(cfg, layer) for layer in adapter_layers(model).values()]
     shape = model_shape(model.config)
-    return saved, activation_memory(shape, 2, 16, 4, False, sum(k[0] for k in kept) // shape.layers)[1] \
-        + 4 * sum(k[1] for k in kept)
+    return saved, activation_memory(shape, 2, 16, 4, False, sum(k[0] for k in kept) // shape.layers,
+                                    frozen_a=frees_a_inputs(cfg))[1] + 4 * sum(k[1] for k in kept)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr", "oft", "vera", "llama_adapter", "bottleneck"])

@@ -21,8 +21,8 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.modeling import load_adapted_model
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
-                            save_random_adapter)
+from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, make_recipe,
+                            peft_and_our_gradients, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "down_proj"]
@@ -117,20 +117,7 @@ def test_a_resumed_run_gives_the_unbroken_run_s_bits(init_type, tiny_llama, numb
     """A run killed after step 2 and resumed ends with the unbroken run's adapter, bit for bit: the projection a
     checkpoint holds is kept (batch_average_once), and a random one is drawn once (the memory estimate builds the
     layers on the meta device first)."""
-    import shutil
-
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-    from tests.test_train import _adapter_sha
-
     recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
                          adapter={"dropout": 0.1, "velora_config": {"num_groups": 5, "init_type": init_type}},
                          training={"max_steps": 6, "batch_size": 4, "save_steps": 2, "save_total_limit": 10})
-    train(load_recipe(recipe))
-    run = tmp_path / "run"
-    unbroken = _adapter_sha(run)
-    for step in (4, 6):
-        shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
-    (run / "manifest.json").unlink()
-    train(load_recipe(recipe), resume=True)
-    assert _adapter_sha(run) == unbroken
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)

@@ -337,6 +337,10 @@ class NamedAdapters:
         if getattr(cfg, "use_bdlora", None):
             raise PeftkitError(f"Adapter {name!r} has block-diagonal factors (use_bdlora), which mixed batches do not "
                                "stack; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
+        if getattr(cfg, "kasa_config", None):
+            raise PeftkitError(f"Adapter {name!r} is a KaSA adapter (kasa_config), which truncates the base weights "
+                               "the other adapters and the base's rows share; load it alone (--adapter DIR), or merge "
+                               "it (`peftkit merge`).")
         if getattr(cfg, "target_parameters", None):
             raise PeftkitError(f"Adapter {name!r} adapts parameters (target_parameters), which named adapters do not "
                                "route per row; load it alone (--adapter DIR), or merge it (`peftkit merge`).")

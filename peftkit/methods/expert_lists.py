@@ -80,7 +80,8 @@ def _plan(cfg, adapted: set[str], model: nn.Module):
         elif (match := EXPERT.match(new)) and match["experts"] in modules:
             fused = next((f for f, families in FUSED.items() for parts in families if match["proj"] in parts), None)
             if fused is not None and isinstance(getattr(modules[match["experts"]], fused, None), nn.Parameter):
-                groups.setdefault((match["experts"], fused), {}).setdefault(match["proj"], {})[int(match["index"])] = path
+                by_index = groups.setdefault((match["experts"], fused), {}).setdefault(match["proj"], {})
+                by_index[int(match["index"])] = path
     return routers, groups
 
 
@@ -103,9 +104,9 @@ def check_start(cfg, model: nn.Module) -> None:
     if routers or groups:
         raise PeftkitError(
             f"adapter.init_from: {cfg.init_from} adapts transformers 4's per-expert mixture-of-experts layers (e.g. "
-            f"'{_example(routers, groups)}'), which this model holds as fused 3-D parameters. peftkit converts such an adapter "
-            "to evaluate, generate or merge it, not to train on from it: merge it into its base (`peftkit merge "
-            f"{cfg.init_from} OUT`) and train a new adapter on the merged model, or train one with "
+            f"'{_example(routers, groups)}'), which this model holds as fused 3-D parameters. peftkit converts such an "
+            "adapter to evaluate, generate or merge it, not to train on from it: merge it into its base (`peftkit merge "
+            f"--adapter {cfg.init_from} --output MERGED`) and train a new adapter on MERGED, or train one with "
             "adapter.target_parameters ([experts.gate_up_proj, experts.down_proj]).")
 
 
@@ -119,27 +120,33 @@ def on_fused_experts(cfg, state: dict[str, torch.Tensor], model: nn.Module):
     if not routers and not groups:
         return cfg, state
     if cfg.use_dora or cfg.lora_bias:
-        raise PeftkitError(f"The adapter adapts transformers 4's per-expert layers (e.g. '{_example(routers, groups)}') with "
-                           f"{'DoRA' if cfg.use_dora else 'lora_bias'}, which LoRA on transformers 5's fused experts "
-                           "does not have (nor peft's): load it with transformers 4, or on the attention layers only.")
+        raise PeftkitError(f"The adapter adapts transformers 4's per-expert layers (e.g. "
+                           f"'{_example(routers, groups)}') with {'DoRA' if cfg.use_dora else 'lora_bias'}, which "
+                           "LoRA on transformers 5's fused experts does not have (nor peft's): load it with "
+                           "transformers 4, or on the attention layers only.")
     state = dict(state)
     targets = {f"{new}.weight": (new, "weight") for new in routers.values()}  # parameter path -> (module, name)
     targets |= {f"{experts}.{fused}": (experts, fused) for experts, fused in groups}
+    ranks, alphas = {}, {}  # (parameter path: each converted target's own entry, whatever the file's patterns say)
     for path, new in routers.items():  # (a parameter of a module of its own: the keys stay the module's)
         for part in ("A", "B"):
             state[f"{PREFIX}{new}.lora_{part}.weight"] = state.pop(f"{PREFIX}{path}.lora_{part}.weight")
-    ranks, alphas = {}, {}
+        ranks[new, "weight"] = state[f"{PREFIX}{new}.lora_A.weight"].shape[0]
+        alphas[new, "weight"] = cfg.rank_and_alpha(path)[1]
     for (experts, fused), found in groups.items():
         a, b, ranks[experts, fused], alphas[experts, fused] = _fused(cfg, state, experts, fused, found,
                                                                      getattr(modules[experts], fused))
         prefix = _key_prefix(experts, fused, modules[experts], targets)
         state[f"{PREFIX}{prefix}.lora_A.weight"], state[f"{PREFIX}{prefix}.lora_B.weight"] = a, b
-    # (the fused parameters' own entries first: peft's and peftkit's patterns apply the first that matches)
-    patterns = {re.escape(f"{e}.{f}"): r for (e, f), r in ranks.items() if r != cfg.r}
-    alpha_patterns = {re.escape(f"{e}.{f}"): alpha for (e, f), alpha in alphas.items() if alpha != cfg.alpha}
+    # Every converted parameter's own entries, first (patterns apply the first that matches): the file's patterns were
+    # written for transformers 4's paths, and may match the new ones otherwise (`.*mlp.*`), or miss them (`gate`).
+    patterns = {re.escape(f"{m}.{n}"): r for (m, n), r in ranks.items()}
+    alpha_patterns = {re.escape(f"{m}.{n}"): alpha for (m, n), alpha in alphas.items()}
     kept = cfg.target_modules
     if isinstance(kept, list):  # (without the entries that named transformers 4's layers only: `w1`, `gate`)
         kept = [e for e in kept if any(p == e or p.endswith("." + e) for p in modules if not _router(p, modules))]
+    elif not isinstance(kept, str) and kept is not None:  # a regex, which may match a router: the modules it adapted
+        kept = sorted(p for p in _adapted(state) if p in modules and f"{p}.weight" not in targets)
     return cfg.model_copy(update={
         "target_modules": kept,
         "target_parameters": list(cfg.target_parameters or []) + list(targets),
@@ -167,10 +174,13 @@ def _fused(cfg, state: dict[str, torch.Tensor], experts: str, fused: str, found:
                            "layers cannot be converted to it.")
     factors = {}  # projection -> (A (E, r, in), B (E, out, r), scaling)
     for proj, by_index in found.items():
+        if max(by_index) >= count:
+            raise PeftkitError(f"The adapter adapts {max(by_index) + 1} experts' {proj} in '{experts}', and this "
+                               f"model's '{fused}' holds {count}: load it on the base it was trained on.")
         if sorted(by_index) != list(range(count)):
             missing = sorted(set(range(count)) - set(by_index))
             raise PeftkitError(f"The adapter adapts {len(by_index)} of the {count} experts' {proj} in '{experts}' "
-                               f"(not expert {missing[0] if missing else max(by_index)}): transformers 5 fuses all "
+                               f"(not expert {missing[0]}): transformers 5 fuses all "
                                f"{count} into '{fused}', and a partial set cannot be converted.")
         paths = [by_index[i] for i in range(count)]
         a = [state.pop(f"{PREFIX}{p}.lora_A.weight") for p in paths]

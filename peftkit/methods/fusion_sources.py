@@ -79,6 +79,9 @@ def check_fusable(fused: list[Fused], where: str) -> None:
                                "is not on the others' base. Fuse adapters without it.")
         if getattr(f.cfg, "velora_config", None):
             raise PeftkitError(f"{where}[{i}]: {f.source} is a VeLoRA (velora_config); fuse adapters without it.")
+        if getattr(f.cfg, "kasa_config", None):
+            raise PeftkitError(f"{where}[{i}]: {f.source} is a KaSA adapter (kasa_config), which truncates the base "
+                               "the others share. Fuse adapters without it, or merge it first.")
         if getattr(f.cfg, "use_bdlora", None):
             raise PeftkitError(f"{where}[{i}]: {f.source} has block-diagonal factors (use_bdlora), which fusion does "
                                "not stack. Fuse adapters without them, or merge it first.")

@@ -26,16 +26,17 @@ from peftkit.methods.param_lora import (ParamLora, PeftTargetParameters, TargetP
                                         note_fused_experts, without_holders, wrap_parameters)
 from peftkit.methods.replication import LayerReplication, PeftLayerReplication
 from peftkit.methods.token_rows import PeftTrainableTokens, TrainableTokenIndices
+from peftkit.methods.kasa import Kasa, KasaTrainer, PeftKasa, kasa_conflict
 from peftkit.methods.velora import PeftVelora, Velora
 from peftkit.methods import lora_layers
-from peftkit.methods.lora_layers import (ALoraLinear, DoraEmbedding, DoraLinear, LoraEmbedding, LoraFacts, LoraLinear,
-                                         VeloraLinear, _LoraLayer, lora_delta, lora_scaling)
+from peftkit.methods.lora_layers import (ALoraLinear, DoraEmbedding, DoraLinear, KasaLinear, LoraEmbedding, LoraFacts,
+                                         LoraLinear, VeloraLinear, _LoraLayer, lora_delta, lora_scaling)
 from peftkit.methods.lora_init import MOVES_BASE, for_original_base, initialize, shared_weight, without_niter
 from peftkit.section import TargetRegex
 
 
 class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication, Activation, TargetParameters,
-                 BlockDiagonalLora, Velora):
+                 BlockDiagonalLora, Velora, Kasa):
     """The adapter injected into the frozen base."""
 
     method: Literal["lora"] = "lora"
@@ -97,7 +98,7 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerRepl
             what = "use_dora" if self.use_dora else f"init: {self.init}"
             raise ValueError(f"adapter.lora_bias with {what} is not supported (peft refuses it too); set lora_bias: "
                              f"false, or {'use_dora: false' if self.use_dora else 'init: default'}")
-        if refusal := check_parameter_settings(self) or bdlora_conflict(self):
+        if refusal := check_parameter_settings(self) or bdlora_conflict(self) or kasa_conflict(self):
             raise ValueError(refusal)
         if self.velora_config is not None and (other := next((key for key, on in (
                 ("use_dora", self.use_dora), ("alora_invocation_tokens", self.alora_invocation_tokens),
@@ -132,7 +133,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
 
 
 class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication,
-                     PeftActivation, PeftTargetParameters, PeftBlockDiagonal, PeftVelora):
+                     PeftActivation, PeftTargetParameters, PeftBlockDiagonal, PeftVelora, PeftKasa):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -155,12 +156,13 @@ class Lora(Method):
     config = LoraConfig
     peft_config = PeftLoraConfig
     param_names = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
-                   "lora_magnitude_vector", "lora_velora_embed")
+                   "lora_magnitude_vector", "lora_velora_embed", "lora_diag")
     # lora_A / lora_embedding_A are (r, in); lora_B / lora_embedding_B are (out, r).
     rank_dims = {"lora_A": 0, "lora_embedding_A": 0, "lora_B": 1, "lora_embedding_B": 1}
-    # As peft's create_loraplus_optimizer; DoRA's magnitude trains at `lr` (peft puts 1-D tensors with B).
-    loraplus_roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "B", "lora_embedding_A": "embedding",
-                      "lora_embedding_B": "embedding"}
+    # As peft's create_loraplus_optimizer (KaSA's lora_diag, 1-D, with B); DoRA's magnitude trains at `lr` (peft puts
+    # 1-D tensors with B).
+    loraplus_roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "B", "lora_diag": "B",
+                      "lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
 
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
@@ -210,6 +212,9 @@ class Lora(Method):
         if isinstance(base, nn.Embedding) and cfg.velora_config is not None:
             raise PeftkitError(f"adapter.velora_config: '{path}' is an Embedding, and VeLoRA trains linear layers only "
                                "(peft refuses it too); leave embeddings out of adapter.target_modules.")
+        if isinstance(base, nn.Embedding) and cfg.kasa_config is not None:
+            raise PeftkitError(f"adapter.kasa_config: '{path}' is an Embedding, and KaSA adapts linear layers only "
+                               "(peft refuses it too); leave embeddings out of adapter.target_modules.")
         if isinstance(base, nn.Embedding) and cfg.use_bdlora:
             raise PeftkitError(f"adapter.use_bdlora: '{path}' is an Embedding, and BD-LoRA adapts linear layers only "
                                "(peft refuses it too); leave embeddings out of adapter.target_modules.")
@@ -226,6 +231,14 @@ class Lora(Method):
             layer = DoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
         elif cfg.alora_invocation_tokens:
             layer = ALoraLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora, cfg.lora_bias)
+        elif cfg.kasa_config is not None:
+            if is_quantized(base) or is_conv1d(base):
+                what = "a 4-bit/8-bit layer, whose weight cannot be truncated and stay" if is_quantized(base) else \
+                    "a Conv1D, which peft's KaSA refuses"
+                raise PeftkitError(f"adapter.kasa_config: '{path}' is {what}; KaSA adapts unquantized Linear layers. "
+                                   "Drop kasa_config, or the quantization (or leave the layer out of the targets).")
+            layer = KasaLinear(base, *cfg.rank_and_alpha(path), cfg.dropout, cfg.use_rslora)
+            layer.setup_kasa(path)
         elif cfg.velora_config is not None:
             if is_quantized(base):
                 raise PeftkitError(f"adapter.velora_config: '{path}' is a 4-bit/8-bit layer, which peft's VeLoRA does "
@@ -280,6 +293,8 @@ class Lora(Method):
             # layer, the gain and the norm (measured with `saved_activation_bytes`, tests/test_memory.py)
             out = layer.lora_B.weight.shape[0] if isinstance(layer, DoraLinear) else layer.lora_embedding_B.shape[0]
             return layer.r + 2 * out, 3 * out
+        if isinstance(layer, VeloraLinear):  # A's input compressed to num_groups values a token, not kept whole
+            return layer.r + layer.velora.num_groups, 0
         return layer.r, 0  # (rank_pattern: the layer's own)
 
     @classmethod
@@ -359,6 +374,7 @@ class Lora(Method):
             "target_parameters": cfg.target_parameters,
             "use_bdlora": cfg.use_bdlora.model_dump() if cfg.use_bdlora else None,
             "velora_config": cfg.velora_config.model_dump() if cfg.velora_config else None,
+            "kasa_config": cfg.kasa_config.model_dump() if cfg.kasa_config else None,
         }
 
     @classmethod
@@ -382,7 +398,8 @@ class Lora(Method):
                              alpha_pattern=peft.alpha_pattern or {}, **filters_from_peft(peft, config_file),
                              lora_bias=peft.lora_bias, **peft.token_settings(), **peft.replication_settings(),
                              **peft.activation_settings(), **peft.parameter_settings(),
-                             **peft.bdlora_settings(), **peft.velora_settings())
+                             **peft.bdlora_settings(), **peft.velora_settings(),
+                             **peft.kasa_settings())
         except ValidationError as e:  # settings that contradict each other (peft refuses them too)
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None
@@ -395,6 +412,10 @@ class Lora(Method):
         return for_original_base(layers, state, config)
 
     @classmethod
+    def trainer(cls, model: nn.Module, cfg: LoraConfig, total_steps: int):
+        return KasaTrainer(model, cfg.kasa_config) if cfg.kasa_config is not None else None
+
+    @classmethod
     def describe(cls, cfg: LoraConfig) -> str:
         extras = [*(["DoRA"] if cfg.use_dora else []), *([f"{cfg.init} init"] if cfg.init != "default" else []),
                   *(["LoRA-FA (A frozen)"] if cfg.lora_fa else []), *(["lora_bias"] if cfg.lora_bias else []),
@@ -403,7 +424,9 @@ class Lora(Method):
                   *([f"trainable tokens {cfg.trainable_token_indices}"] if cfg.trainable_token_indices else []),
                   *([f"layer_replication {cfg.layer_replication}"] if cfg.layer_replication else []),
                   *([f"aLoRA invocation {cfg.alora_invocation_tokens}"] if cfg.alora_invocation_tokens else []),
-                  *([f"target_parameters {cfg.target_parameters}"] if cfg.target_parameters else [])]
+                  *([f"target_parameters {cfg.target_parameters}"] if cfg.target_parameters else []),
+                  *(["BD-LoRA"] if cfg.use_bdlora else []), *(["VeLoRA"] if cfg.velora_config else []),
+                  *(["KaSA"] if cfg.kasa_config else [])]
         return f"LoRA r={cfg.r}" + (f" with {', '.join(extras)}" if extras else "")
 
     @classmethod

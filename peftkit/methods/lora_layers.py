@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from peftkit.methods.alora import Activated
 from peftkit.methods.base import AdapterLayer, draw_device, is_conv1d, is_quantized, linear_shape
 from peftkit.methods.bdlora import BlockDiagonal, full_factor
+from peftkit.methods.kasa import Diagonal
 from peftkit.methods.dora import dora_unmerge, weight_norm
 from peftkit.methods.lowrank import LowRankLinear, fusable, fused_lora
 from peftkit.methods.velora import Compressed
@@ -52,6 +53,8 @@ def lora_delta(parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor
     if "lora_A.weight" in parts:
         a, b = parts["lora_A.weight"].float(), parts["lora_B.weight"].float()
         a, b = full_factor(a, facts.blocks_a), full_factor(b, facts.blocks_b)
+        if "lora_diag" in parts:  # KaSA: s B diag(d) A
+            b = b * parts["lora_diag"].float()
         delta = b @ a
         delta = delta.T if facts.fan_in_fan_out else delta
     else:
@@ -72,6 +75,15 @@ class _LoraLayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, in the base weight's layout ((in, out) for Conv1D)."""
         return lora_delta(self.parts(), self.facts)
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's output plus `update(x)` (its own, where merged)."""
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        if is_quantized(self.base_layer):  # rounded, then added: as peft's bitsandbytes layers
+            return result + self.update(x).to(result.dtype)
+        return (result + self.update(x)).to(result.dtype)  # added in the adapter's dtype, rounded once: as peft's Linear
 
 
 class LoraLinear(_LoraLayer):
@@ -109,12 +121,7 @@ class LoraLinear(_LoraLayer):
         no_dropout = isinstance(self.lora_dropout, nn.Identity) or not self.training  # (eval: dropout is the identity)
         if not self.merged and no_dropout and fusable(self.base_layer, self.factors, x):
             return fused_lora(x, self.base_layer, self.lora_A, self.lora_B, self.scaling)  # one node (CPU; see lowrank)
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        if is_quantized(self.base_layer):  # rounded, then added: as peft's bitsandbytes layers
-            return result + self.update(x).to(result.dtype)
-        return (result + self.update(x)).to(result.dtype)  # added in the adapter's dtype, rounded once: as peft's Linear
+        return self.adapted(x)
 
     @property
     def factors(self) -> tuple[nn.Linear, nn.Linear]:
@@ -134,6 +141,11 @@ class LoraLinear(_LoraLayer):
 class VeloraLinear(Compressed, LoraLinear):
     """VeLoRA on a Linear or Conv1D layer (`peftkit.methods.velora.Compressed`): LoRA, whose A trains from compressed
     inputs."""
+
+
+class KasaLinear(Diagonal, LoraLinear):
+    """KaSA on a Linear layer (`peftkit.methods.kasa.Diagonal`): LoRA with trained singular values, on a base weight
+    without its r smallest singular components."""
 
 
 class ALoraLinear(Activated, LoraLinear):
@@ -240,12 +252,7 @@ class LoraEmbedding(_LoraLayer):
         nn.init.normal_(self.lora_embedding_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        if is_quantized(self.base_layer):  # rounded, then added: as peft's bitsandbytes layers
-            return result + self.update(x).to(result.dtype)
-        return (result + self.update(x)).to(result.dtype)  # added in the adapter's dtype, rounded once: as peft's Linear
+        return self.adapted(x)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """What the layer adds to the base lookup of token ids `x`, in the adapter's dtype."""

@@ -19,6 +19,7 @@ from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import DEFAULT_METHOD, METHODS
 from peftkit.methods.alora import Activation
 from peftkit.methods.bdlora import BlockDiagonalLora
+from peftkit.methods.kasa import Kasa
 from peftkit.methods.velora import Velora
 from peftkit.methods.param_lora import TargetParameters
 from peftkit.methods.target_filters import ExcludedTargets, LayerTargets
@@ -290,7 +291,7 @@ def _field_order(model: type[BaseModel]) -> list[str]:
     shared = sorted((name for name in model.model_fields
                      if any(name in base.model_fields
                             for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication,
-                                         Activation, TargetParameters, BlockDiagonalLora, Velora))),
+                                         Activation, TargetParameters, BlockDiagonalLora, Velora, Kasa))),
                     key=lambda name: name in AdapterSection.model_fields)
     return [name for name in model.model_fields if name not in shared] + shared
 
