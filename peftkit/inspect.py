@@ -23,6 +23,7 @@ import torch
 
 from peftkit.errors import PeftkitError
 from peftkit.methods import Method
+from peftkit.methods.monteclora import without_sampler
 from peftkit.methods.token_rows import TOKEN_ROWS
 from peftkit.methods.trainable_tokens import ROWS_PARAM
 from peftkit.peft_format import (
@@ -40,7 +41,8 @@ _LAYER_EXTRAS = ("lora_magnitude_vector", "lora_magnitude_vector.weight")
 
 _VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling", "use_bdlora": "BD-LoRA (block-diagonal factors)",
              "velora_config": "VeLoRA (trained from compressed inputs)",
-             "kasa_config": "KaSA (trained singular values, truncated base)"}
+             "kasa_config": "KaSA (trained singular values, truncated base)",
+             "monteclora_config": "MonteCLoRA (plain LoRA outside training)"}
 """adapter_config.json's flags that make a LoRA one of its variants, and the variant's name."""
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
@@ -81,7 +83,7 @@ def inspect_adapter(path: str | Path) -> dict:
 
     shapes, dtypes = _tensor_header(weights_file)
     renamed = without_adapter_name(shapes, method, weights_file)
-    shapes = {new: shapes[key] for key, new in renamed.items()}
+    shapes = without_sampler({new: shapes[key] for key, new in renamed.items()}, peft)  # (MonteCLoRA's training state)
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
     saved_params = adapter_params + sum(saved.values())
@@ -309,6 +311,10 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
+    if raw.get("monteclora_config"):
+        caveats.append("monteclora_config (MonteCLoRA): plain LoRA outside training, but the file also holds its "
+                       "sampler's tensors (lora_monteclora_sampler.*), which a loader may refuse as unknown; not "
+                       "verified against vLLM")
     if raw.get("velora_config"):
         caveats.append("velora_config (VeLoRA): plain LoRA outside training, but the file also holds lora_velora_embed "
                        "tensors, which a loader may refuse as unknown; not verified against vLLM")
@@ -322,6 +328,9 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if raw.get("target_parameters"):
         caveats.append("target_parameters (LoRA on fused expert weights): only vLLM versions with LoRA for fused "
                        "mixture-of-experts layers load it; not verified against vLLM")
+    if experts := _per_expert(targets):
+        caveats.append(f"{PER_EXPERT.format(example=experts[0])}; whether vLLM serves LoRA on a mixture's experts "
+                       "depends on its version: not verified against vLLM")
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
@@ -356,6 +365,9 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
         p.rsplit(".", 1)[-1] == "lm_head" for p in targets) else []
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="llama.cpp (its converter and server)"))
+    if raw.get("monteclora_config"):
+        reasons.append("monteclora_config: its sampler's tensors (lora_monteclora_sampler.*) stop "
+                       "convert_lora_to_gguf.py; outside training it is plain LoRA: merge it")
     if raw.get("velora_config"):
         reasons.append("velora_config: its lora_velora_embed tensors (training's projections) stop "
                        "convert_lora_to_gguf.py; outside training it is plain LoRA: merge it")
@@ -368,9 +380,21 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
     if raw.get("target_parameters"):
         reasons.append("target_parameters: convert_lora_to_gguf.py converts LoRA on linear layers, not an update of "
                        "fused expert parameters (not verified)")
+    if experts := _per_expert(targets):
+        caveats.append(f"{PER_EXPERT.format(example=experts[0])}; not verified against convert_lora_to_gguf.py")
     if reasons and not raw.get("alora_invocation_tokens"):
         caveats.append("merge it (peftkit merge) and convert the merged model with convert_hf_to_gguf.py instead")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+PER_EXPERT = ("it adapts a mixture of experts' experts one by one (transformers 4's layout, e.g. '{example}'), which "
+              "transformers 5 fuses: peftkit converts it to LoRA on the fused experts when it loads it")
+
+
+def _per_expert(targets: dict) -> list[str]:
+    from peftkit.adapters import MOE_V4
+
+    return sorted(p for p in targets if MOE_V4.search(f".{p}.") and ".experts." in f".{p}.")
 
 
 ACTIVATED = ("alora_invocation_tokens (aLoRA): only a {who} with activated-LoRA support honours it; one without applies "

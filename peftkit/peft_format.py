@@ -26,6 +26,7 @@ from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_write_bytes, atomic_write_json
 from peftkit.methods import Method, method_for_peft_type, method_of
 from peftkit.methods.base import REEXPORT, PeftConfigBase, is_set
+from peftkit.methods.monteclora import without_sampler
 from peftkit.recipe import AdapterConfig, QuantizationConfig, RopeScalingConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -401,6 +402,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
     except (SafetensorError, OSError) as e:
         raise unreadable_safetensors(weights_file, e, "Export the adapter again, or copy it again") from None
     state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
+    state = without_sampler(state, peft)  # (MonteCLoRA's training state)
     if bad := nonfinite_tensors(state):
         raise PeftkitError(
             f"{weights_file}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}): training "
@@ -475,6 +477,11 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
     if getattr(loaded, "_residual_init", None):
         raise residual_refusal("adapter.init_from", path, "training on from it here would train that init's "
                                "directions too, as part of a plain LoRA on the original base")
+    if trained_as := getattr(loaded, "_trained_as", None):
+        raise PeftkitError(f"adapter.init_from: {path} is a {trained_as} adapter, which peftkit reads (it is plain LoRA "
+                           "outside training) but does not train: training on from it would not be "
+                           f"{trained_as}. Train on in peft, or merge it into its base (`peftkit merge --adapter "
+                           f"{path} --output MERGED`) and train a new adapter on MERGED.")
     if loaded.method == "adalora" and loaded.rank_pattern:  # every AdaLoRA export: its run's allocation pruned it
         raise PeftkitError(
             f"adapter.init_from: {path} is an AdaLoRA adapter pruned by its run's rank allocation (rank_pattern in "

@@ -185,3 +185,13 @@ def test_training_on_from_it_is_refused_saying_what_to_do(bases, number_data, tm
     err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
     assert (f"adapter.init_from: {adapter} adapts transformers 4's per-expert mixture-of-experts layers (e.g. "
             "'model.layers.0.block_sparse_moe.experts.0.w1')") in err and "not to train on from it" in err
+
+
+def test_inspect_says_the_experts_are_adapted_one_by_one(bases, tmp_path):
+    from peftkit.inspect import inspect_adapter
+
+    adapter, _ = v4_adapter(bases["mixtral"], tmp_path / "v4", "mixtral", ALL["mixtral"])
+    info = inspect_adapter(adapter)
+    for verdict in (info["vllm"], info["llama_cpp"]):
+        assert any("experts one by one (transformers 4's layout, e.g. 'model.layers.0.block_sparse_moe.experts.0.w1')"
+                   in caveat for caveat in verdict["caveats"])

@@ -27,6 +27,7 @@ from peftkit.methods.param_lora import (ParamLora, PeftTargetParameters, TargetP
 from peftkit.methods.replication import LayerReplication, PeftLayerReplication
 from peftkit.methods.token_rows import PeftTrainableTokens, TrainableTokenIndices
 from peftkit.methods.kasa import Kasa, KasaTrainer, PeftKasa, kasa_conflict
+from peftkit.methods.monteclora import PeftMonteclora
 from peftkit.methods.velora import PeftVelora, Velora
 from peftkit.methods import lora_layers
 from peftkit.methods.lora_layers import (ALoraLinear, DoraEmbedding, DoraLinear, KasaLinear, LoraEmbedding, LoraFacts,
@@ -71,6 +72,9 @@ class LoraConfig(LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerRepl
     lora_bias: bool = False
     """A trained bias in lora_B, starting at zero (peft's lora_bias; for LoRAs extracted from a full fine-tune, whose
     biases moved too): the update is s (B A x + b). A merge adds s b to the base's bias, so it needs one."""
+    _trained_as: str | None = PrivateAttr(None)
+    """Read from an adapter trained by a LoRA variant that is plain LoRA outside training (MonteCLoRA), which peftkit
+    does not train: its name, for `adapter.init_from`'s refusal."""
     _residual_init: str | None = PrivateAttr(None)
     """Read from peft's unconverted PiSSA or OLoRA adapter (its init): it fits the residual base that init leaves,
     until `peftkit.methods.lora_init.on_original_base` converts it."""
@@ -133,7 +137,7 @@ RANDOM_PISSA = (" (its fast SVD draws random numbers, so the residual cannot be 
 
 
 class PeftLoraConfig(PeftLayerTargets, PeftExcludedTargets, PeftTrainableTokens, PeftLayerReplication,
-                     PeftActivation, PeftTargetParameters, PeftBlockDiagonal, PeftVelora, PeftKasa):
+                     PeftActivation, PeftTargetParameters, PeftBlockDiagonal, PeftVelora, PeftKasa, PeftMonteclora):
     """The fields of a LORA adapter_config.json that peftkit reads (defaults: peft's LoraConfig)."""
 
     r: int = Field(gt=0)
@@ -404,6 +408,7 @@ class Lora(Method):
             raise PeftkitError(f"{config_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}. "
                                f"{REEXPORT}") from None
         cfg._residual_init = moved
+        cfg._trained_as = "MonteCLoRA" if peft.monteclora_config is not None else None
         return cfg
 
     @classmethod
