@@ -377,6 +377,15 @@ def generate(
     route: Annotated[Optional[str], typer.Option("--route", help="With --data and NAME=DIR adapters: the column naming "
                                                  "each row's adapter (empty or 'base': the base model); all rows "
                                                  "generate in mixed batches.")] = None,
+    arrow: Annotated[bool, typer.Option("--arrow", help="Route each token, in every adapted layer, among the NAME=DIR "
+                                        "LoRA adapters (Arrow, as peft's create_arrow_model): no training.")] = False,
+    arrow_top_k: Annotated[Optional[int], typer.Option("--arrow-top-k", min=1, help="--arrow: the adapters each token "
+                                                       "takes (default: 3, or fewer adapters' count).")] = None,
+    arrow_temperature: Annotated[Optional[float], typer.Option("--arrow-temperature", help="--arrow: the softmax "
+                                                               "temperature of the adapters' scores (default 1).")] = None,
+    general: Annotated[Optional[list[str]], typer.Option("--general", metavar="NAME", help="--arrow: a NAME=DIR "
+                                                         "adapter of general knowledge, subtracted from the others "
+                                                         "(GenKnowSub; repeatable).")] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", metavar="TEXT", help="A prompt (repeatable).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Generate for each row's prompt (the prompt training "
                                                 "used); the row's target is kept as the reference.")] = None,
@@ -408,11 +417,21 @@ def generate(
     json_out = _expanded(json_out)
     if json_out is not None:
         _check_json_out(json_out)
+    from peftkit.adapters.arrow import ArrowSettings
+
     single, named = _adapter_flags(adapter or [])
     prompts = [_typed(text) for text in prompt or []]
+    if not arrow and (arrow_top_k is not None or arrow_temperature is not None):
+        raise PeftkitError(f"--arrow-{'top-k' if arrow_top_k is not None else 'temperature'} sets Arrow routing: pass "
+                           "--arrow too.")
+    if general and len(set(general)) < len(general):
+        raise PeftkitError(f"--general names {', '.join(general)}: each adapter once.")
+    tasks = max(len(named) - len(general or []), 1)
+    settings = ArrowSettings(top_k=arrow_top_k or min(3, tasks),
+                             temperature=1.0 if arrow_temperature is None else arrow_temperature) if arrow else None
     job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompts,
                        _local(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
-                       batch_size, trust_remote_code, task, named, route, split, data_revision)
+                       batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):

@@ -265,11 +265,17 @@ def skeleton(name: str, revision: str | None, trust_remote_code: bool) -> nn.Mod
 def check_fits(sources: list[Source], model: nn.Module, combination: Combination | None = None) -> None:
     """Every adapted module exists in the base, each LoRA's update has the shape of its weight, and --svd-rank is a
     rank some adapted layer can hold (a larger one would only be padded with zeros)."""
+    from peftkit.adapters import MOE_V4
     from peftkit.merge import conv1d_modules
 
     modules, conv1d = dict(model.named_modules()), conv1d_modules(model)
     for s in sources:
         for name in adapted_modules(s):
+            if name not in modules and MOE_V4.search(f".{name}."):
+                raise PeftkitError(f"{s.path} adapts '{name}', a mixture-of-experts layer of transformers 4's layout, "
+                                   "which this transformers fuses: loading one adapter converts it, combining does "
+                                   "not. Merge it alone (`peftkit merge --adapter` once), or combine adapters on the "
+                                   "attention layers.")
             if name not in modules or not hasattr(modules[name], "weight"):
                 raise PeftkitError(f"{s.path} adapts '{name}', which the base model does not have: it was trained on "
                                    "another base. Combine adapters of one base.")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.adapters.arrow import ArrowSettings
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.prompts import Prompt, chat_prompt, load_prompts, text_prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -228,6 +229,9 @@ class GenerateJob:
     """Named adapters (--adapter NAME=DIR) loaded together on the base; `source.adapter` is the first."""
     route: str | None = None
     """The data column naming each row's adapter (--route): one mixed batch, each row through its own."""
+    arrow: ArrowSettings | None = None
+    """--arrow: route each token among the named adapters (`NamedAdapters.arrow`); `general` names GenKnowSub's."""
+    general: list[str] = field(default_factory=list)
 
     def build_prompts(self, tok) -> list[Prompt]:
         if self.data:
@@ -242,14 +246,17 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
                  prompts: list[str], data: str | None, fmt: str | None, chat: bool, limit: int | None,
                  sampling: Sampling, batch_size: int, trust_remote_code: bool = False,
                  task: int | None = None, adapters: list[tuple[str, str]] | None = None,
-                 route: str | None = None, split: str | None = None, data_revision: str | None = None) -> GenerateJob:
+                 route: str | None = None, split: str | None = None, data_revision: str | None = None,
+                 arrow: ArrowSettings | None = None, general: list[str] | None = None) -> GenerateJob:
     """The `peftkit generate` arguments as one job. A recipe (or run directory) gives the model, the adapter
     (a run's adapter/), the data format and, without --prompt or --data, data.eval's prompts. `adapters`: named
     adapters (instead of `adapter`), each row of --data picking one by its `route` column. `split`, `data_revision`:
-    what is read of a hub dataset given as `data` (`hub_data_flags`)."""
+    what is read of a hub dataset given as `data` (`hub_data_flags`). `arrow`: Arrow routing among the named adapters
+    (all but the `general` ones, GenKnowSub's)."""
     sampling.check()
     adapters = adapters or []
-    _check_route(adapters, route, data)
+    _check_arrow(adapters, arrow, general or [], route)
+    _check_route(adapters, route, data, arrow is not None)
     adapter = adapters[0][1] if adapters else adapter
     if prompts and data:
         raise PeftkitError("Give --prompt or --data, not both.")
@@ -262,7 +269,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,
-                      task=task, adapters=adapters, route=route)
+                      task=task, adapters=adapters, route=route, arrow=arrow, general=list(general or []))
     if cfg is not None:
         job.data_cfg = cfg.data
         if not prompts and not data:
@@ -281,13 +288,29 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     return job
 
 
-def _check_route(adapters: list[tuple[str, str]], route: str | None, data: str | None) -> None:
-    """--route picks among named adapters, per row of --data; several adapters need it."""
+def _check_arrow(adapters: list[tuple[str, str]], arrow: ArrowSettings | None, general: list[str],
+                 route: str | None) -> None:
+    """--arrow routes among NAME=DIR adapters (--general names some of them), not with --route."""
+    if arrow is None:
+        if general:
+            raise PeftkitError(f"--general {general[0]} names a GenKnowSub adapter of Arrow routing: pass --arrow too.")
+        return
+    if route is not None:
+        raise PeftkitError("--arrow routes each token among the adapters, --route each row to one: give one of them.")
+    names = [name for name, _ in adapters]
+    if not adapters or any(name not in names for name in general):
+        missing = next((name for name in general if name not in names), None)
+        raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR"
+                           + (f" (--general {missing} names none of them)." if missing else "."))
+
+
+def _check_route(adapters: list[tuple[str, str]], route: str | None, data: str | None, arrow: bool = False) -> None:
+    """--route picks among named adapters, per row of --data; several adapters need it (or --arrow)."""
     if route is not None and not adapters:
         raise PeftkitError(f"--route {route}: name the adapters it picks from, e.g. --adapter sql=DIR --adapter chat=DIR.")
     if route is not None and not data:
         raise PeftkitError(f"--route {route} reads a column of each --data row; pass --data FILE.")
-    if len(adapters) > 1 and route is None:
+    if len(adapters) > 1 and route is None and not arrow:
         raise PeftkitError(f"{len(adapters)} --adapter given: pass --data FILE --route COLUMN, the column naming each "
                            "row's adapter (empty or 'base': the base model), or give one --adapter.")
 
@@ -327,7 +350,12 @@ def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
     if job.adapters:
         model, named = job.source.load_named(job.adapters)
         named.activate(job.adapters[0][0])  # one adapter, no --route: that adapter for every row
-        if routes is not None:
+        if job.arrow is not None:
+            tasks = [name for name, _ in job.adapters if name not in job.general]
+
+            def route(batch: list[int]) -> AbstractContextManager:
+                return named.arrow(tasks, job.general, job.arrow)
+        elif routes is not None:
             def route(batch: list[int]) -> AbstractContextManager:
                 return named.routed([routes[i] for i in batch])
     else:

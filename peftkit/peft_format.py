@@ -273,7 +273,7 @@ UNSUPPORTED_FEATURES = {
     "velora_config": "VeLoRA",
     "kasa_config": "KaSA",
     "monteclora_config": "MonteCLoRA",
-    "arrow_config": "Arrow routing",
+    "arrow_config": "Arrow routing's router (peftkit routes adapters with `peftkit generate --arrow` instead)",
 }
 """peft features that change an adapter's outputs and that peftkit does not implement: one that is set is refused,
 for any method whose config does not read it, so that an adapter never loads as something else (QA-LoRA saves plain

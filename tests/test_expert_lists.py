@@ -195,3 +195,13 @@ def test_inspect_says_the_experts_are_adapted_one_by_one(bases, tmp_path):
     for verdict in (info["vllm"], info["llama_cpp"]):
         assert any("experts one by one (transformers 4's layout, e.g. 'model.layers.0.block_sparse_moe.experts.0.w1')"
                    in caveat for caveat in verdict["caveats"])
+
+
+def test_combining_says_it_does_not_convert(bases, tmp_path):
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    adapter, _ = v4_adapter(bases["mixtral"], tmp_path / "v4", "mixtral", ALL["mixtral"])
+    with pytest.raises(PeftkitError, match="a mixture-of-experts layer of transformers 4's layout, which this "
+                                           "transformers fuses: loading one adapter converts it, combining does not"):
+        combine_adapters([str(adapter)] * 2, Combination("linear", (0.5, 0.5)), str(tmp_path / "combined"))

@@ -43,6 +43,7 @@ model's class).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ import torch
 from torch import nn
 
 from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_to_save, saved_base_modules
+from peftkit.adapters.arrow import ArrowLayer, ArrowSettings
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of
 from peftkit.methods.base import Method, is_quantized
@@ -78,6 +80,8 @@ class AdapterHost(nn.Module):
         self.routes: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
         """In a mixed batch: (rows in the batch, [(adapter name, its row indices)]) for the adapters held here."""
         self._stacked: tuple[torch.Tensor, ...] | None = None
+        self.arrow: ArrowLayer | None = None
+        """Under `NamedAdapters.arrow`: the task adapters this layer routes each token among."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,6 +95,8 @@ class AdapterHost(nn.Module):
         self._stacked = _stack_lora([self.adapters[n] for n, _ in lora], [rows for _, rows in lora], batch) if lora else None
 
     def forward(self, *args, **kwargs):
+        if self.arrow is not None:
+            return self._arrow(*args, **kwargs)
         if self.routes is not None and self.routes[1]:
             return self._mixed(*args, **kwargs)
         module = self.adapters[self.active] if self.active in self.adapters else self.base_layer
@@ -119,6 +125,13 @@ class AdapterHost(nn.Module):
             else:  # a layer that does more than add (DoRA, IA3, lora_bias...) or a modules_to_save copy: rows whole
                 result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
         return result
+
+
+    def _arrow(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's output plus each token's Arrow-weighed adapter updates, rounded as one LoRA's update is."""
+        result = self.base_layer(x)
+        update = self.arrow.update(x)
+        return result + update.to(result.dtype) if is_quantized(self.base_layer) else (result + update).to(result.dtype)
 
 
 def _stackable(layer: nn.Module) -> bool:
@@ -263,6 +276,8 @@ class NamedAdapters:
         'base': the base model). The adapter active before is active again after."""
         if self.model.training:
             raise PeftkitError("A mixed batch is for inference: call model.eval() first (dropout would differ per row).")
+        if any(host.arrow is not None for host in self._hosts.values()):
+            raise PeftkitError("A mixed batch inside Arrow routing: end the `arrow` block first.")
         names = [None if r is None or r in BASE_NAMES else r for r in rows]
         for name in dict.fromkeys(n for n in names if n is not None):
             self._check_mixable(name)
@@ -279,6 +294,63 @@ class NamedAdapters:
             for host in self._hosts.values():
                 host.route(len(names), None)
             self.activate(previous)
+
+    @contextmanager
+    def arrow(self, tasks: Sequence[str], general: Sequence[str] = (), settings: ArrowSettings | None = None
+              ) -> Iterator[None]:
+        """Forwards (and `generate`) inside the block route each token, in every adapted layer, among the `tasks`
+        adapters by Arrow (`peftkit.adapters.arrow`; with `general` adapters, GenKnowSub first): peft's
+        `create_arrow_model`. Plain LoRA adapters on the same layers with the same rank, as peft requires; for
+        inference. The adapter active before is active again after."""
+        settings = settings or ArrowSettings()
+        if self.model.training:
+            raise PeftkitError("Arrow routing is for inference: call model.eval() first.")
+        tasks, general = [self._known(n) for n in tasks], [self._known(n) for n in general]
+        if not tasks or set(tasks) & set(general) or len(set(tasks)) < len(tasks):
+            raise PeftkitError("Arrow routes among one or more task adapters, each named once, none of them also a "
+                               f"general adapter (tasks: {', '.join(tasks) or 'none'}; general: "
+                               f"{', '.join(general) or 'none'}).")
+        if any(host.arrow is not None or host.routes is not None for host in self._hosts.values()):
+            raise PeftkitError("Arrow routing is on already (or a mixed batch is): blocks of either do not nest.")
+        if not 1 <= settings.top_k <= len(tasks) or not 0 < settings.temperature < math.inf:
+            raise PeftkitError(f"Arrow's top_k is {settings.top_k} and its temperature {settings.temperature}: top_k "
+                               f"takes 1 to {len(tasks)} (the task adapters), and the temperature is a finite number "
+                               "above 0.")
+        layers = self._arrow_layers(tasks + general)
+        previous = self.active
+        self.activate(None)
+        for path, by_name in layers.items():
+            self._hosts[path].arrow = ArrowLayer.build([by_name[n] for n in tasks], [by_name[n] for n in general],
+                                                      settings)
+        try:
+            yield
+        finally:
+            for path in layers:
+                self._hosts[path].arrow = None
+            self.activate(previous)
+
+    def _arrow_layers(self, names: list[str]) -> dict[str, dict[str, LoraLinear]]:
+        """{layer path: {adapter: its LoRA layer}}: every adapter plain LoRA on the same layers with the same rank."""
+        paths = {name: set(self._adapters[name].paths) for name in names}
+        for name in names:
+            if not paths[name] or self._adapters[name].virtual is not None:
+                raise PeftkitError(f"Adapter {name!r} is a {self._adapters[name].method.title} adapter, not a LoRA on "
+                                   "linear layers: Arrow routes those only (as peft's). Leave it out of the routing.")
+            odd = next((p for p in paths[name] if not _stackable(self._hosts[p].adapters[name])), None)
+            if odd is not None:
+                raise PeftkitError(f"Adapter {name!r} is not a plain LoRA on linear layers at '{odd}' "
+                                   f"({type(self._hosts[odd].adapters[name]).__name__}): Arrow routes those only (as "
+                                   "peft's). Leave it out of the routing.")
+            if paths[name] != paths[names[0]]:
+                other = sorted(paths[name] ^ paths[names[0]])[0]
+                raise PeftkitError(f"Adapters {names[0]!r} and {name!r} adapt other layers (e.g. '{other}'): Arrow "
+                                   "routes adapters of the same target modules (as peft's).")
+        for path in sorted(paths[names[0]]):
+            ranks = {name: self._hosts[path].adapters[name].r for name in names}
+            if len(set(ranks.values())) > 1:
+                raise PeftkitError(f"Arrow routes adapters of one rank (as peft's), and at '{path}' these differ: "
+                                   f"{', '.join(f'{n} r={r}' for n, r in ranks.items())}.")
+        return {p: {n: self._hosts[p].adapters[n] for n in names} for p in sorted(paths[names[0]])}
 
     # ------------------------------------------------------------------------------------------- internals
 

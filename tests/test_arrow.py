@@ -1,0 +1,163 @@
+"""Arrow routing (`NamedAdapters.arrow`, peftkit.adapters.arrow): a library of LoRA adapters combined per token, against
+peft 0.21's `create_arrow_model` (with and without GenKnowSub) and against a hand-computed routing of one layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig as PeftLora
+from peft import get_peft_model
+from peft.tuners.lora.arrow import create_arrow_model
+from peft.tuners.lora.config import ArrowConfig
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters.arrow import ArrowSettings, prototype
+from peftkit.adapters.named import load_named_model
+from peftkit.errors import PeftkitError
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _adapters(base: Path, root: Path, count: int, seed: int, r: int = 4, **settings) -> list[str]:
+    """`count` peft LoRA adapters, far from identity, each its own alpha."""
+    dirs = []
+    for i in range(count):
+        torch.manual_seed(seed + i)
+        model = get_peft_model(_load(base), PeftLora(r=r, lora_alpha=4 + 4 * i, target_modules=TARGETS, **settings))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape) * 0.3)
+        model.save_pretrained(root / f"a{seed + i}")
+        dirs.append(str(root / f"a{seed + i}"))
+    return dirs
+
+
+@pytest.mark.parametrize(("top_k", "temperature", "general"), [(2, 1.0, 0), (1, 0.5, 0), (3, 2.0, 0), (2, 1.0, 2)])
+def test_logits_are_peft_s(top_k, temperature, general, tiny_llama, tmp_path):
+    tasks, generals = _adapters(tiny_llama, tmp_path, 3, 0), _adapters(tiny_llama, tmp_path, general, 10)
+    config = ArrowConfig(top_k=top_k, router_temperature=temperature, use_gks=bool(general), rng_seed=0)
+    theirs = create_arrow_model(_load(tiny_llama), tasks, config, general_adapter_paths=generals or None).eval()
+    model, adapters, _ = load_named_model([(f"t{i}", d) for i, d in enumerate(tasks)]
+                                          + [(f"g{i}", d) for i, d in enumerate(generals)], str(tiny_llama))
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS).logits
+        with adapters.arrow([f"t{i}" for i in range(3)], [f"g{i}" for i in range(general)],
+                            ArrowSettings(top_k=top_k, temperature=temperature, seed=0)):
+            ours = model(input_ids=IDS).logits
+        plain = model(input_ids=IDS).logits
+    assert (ours - expected).abs().max() <= 1e-5
+    assert (plain - _load(tiny_llama)(input_ids=IDS).logits).abs().max() == 0  # after the block: the base again
+    assert (ours - plain).abs().max() > 1e-2
+
+
+def test_one_layer_routes_as_computed_by_hand(tiny_llama, tmp_path):
+    """Independent of peft: the prototypes are B A's top right singular vectors (up to sign; 15 power iterations, as
+    peft's, come close to the exact SVD's), and a token's update is the softmax-weighed sum of its top-2 adapters'
+    s B A x."""
+    tasks = _adapters(tiny_llama, tmp_path, 3, 0)
+    model, adapters, _ = load_named_model([(f"t{i}", d) for i, d in enumerate(tasks)], str(tiny_llama))
+    host = model.model.layers[0].self_attn.q_proj
+    layers = [host.adapters[f"t{i}"] for i in range(3)]
+    x = torch.randn(5, 32)
+    with torch.no_grad(), adapters.arrow(["t0", "t1", "t2"], settings=ArrowSettings(top_k=2)):
+        got = host(x) - host.base_layer(x)
+        for layer, proto in zip(layers, host.arrow.prototypes):
+            top = torch.linalg.svd(layer.lora_B.weight @ layer.lora_A.weight)[2][0]
+            assert abs(float(proto @ top)) > 0.999  # (unit vectors: the same direction, within 2.6 degrees)
+        protos = host.arrow.prototypes.clone()
+    for t in range(5):
+        scores = (x[t] @ protos.T).abs()
+        top = scores.topk(2).indices
+        weights = torch.softmax(scores[top], 0)
+        want = sum(w * layers[i].scaling * (layers[i].lora_B.weight @ (layers[i].lora_A.weight @ x[t]))
+                   for w, i in zip(weights, top.tolist()))
+        assert (got[t] - want).abs().max() < 1e-5
+
+
+def test_what_it_cannot_route_is_refused(tiny_llama, tmp_path):
+    tasks = _adapters(tiny_llama, tmp_path, 2, 0)
+    other_rank = _adapters(tiny_llama, tmp_path / "r8", 1, 5, r=8)
+    dora = _adapters(tiny_llama, tmp_path / "dora", 1, 7, use_dora=True)
+    model, adapters, _ = load_named_model([("a", tasks[0]), ("b", tasks[1]), ("wide", other_rank[0]),
+                                           ("dora", dora[0])], str(tiny_llama))
+    from peft import PromptTuningConfig
+
+    torch.manual_seed(0)
+    get_peft_model(_load(tiny_llama), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        tmp_path / "prompt")
+    adapters.load("prompt", tmp_path / "prompt")
+    for names, general, settings, message in [
+        (["a", "b"], [], ArrowSettings(top_k=3), "top_k takes 1 to 2"),
+        (["a", "b"], [], ArrowSettings(top_k=1, temperature=float("nan")), "a finite number above 0"),
+        (["prompt"], [], ArrowSettings(top_k=1), "'prompt' is a Prompt tuning adapter, not a LoRA on linear layers"),
+        (["a", "wide"], [], ArrowSettings(top_k=1), "adapters of one rank"),
+        (["a", "dora"], [], ArrowSettings(top_k=1), "'dora' is not a plain LoRA on linear layers"),
+        (["a"], ["a"], ArrowSettings(top_k=1), "none of them also a general adapter"),
+        (["a", "nope"], [], ArrowSettings(top_k=1), "No adapter named 'nope'"),
+    ]:
+        with pytest.raises(PeftkitError, match=message), adapters.arrow(names, general, settings):
+            pass
+    with adapters.arrow(["a", "b"], settings=ArrowSettings(top_k=1)):  # (blocks do not nest, nor mix with routes)
+        with pytest.raises(PeftkitError, match="blocks of either do not nest"), \
+                adapters.arrow(["a"], [], ArrowSettings(1)):
+            pass
+        with pytest.raises(PeftkitError, match="end the `arrow` block first"), adapters.routed(["a", "b"]):
+            pass
+    assert prototype(torch.ones(2, 3), torch.ones(3, 2), 0).shape == (3,)
+
+
+def test_generate_arrow_is_cache_free_greedy_through_peft_s_arrow_model(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`peftkit generate --adapter NAME=DIR ... --arrow` (batched, left-padded, with a KV cache) gives, for each prompt,
+    greedy decoding with one full forward per token through peft's Arrow model."""
+    import json
+    import sys
+
+    from peftkit.cli import main
+    from peftkit.data.prompts import text_prompt
+    from peftkit.generate import stop_token_ids
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import ModelConfig
+    from tests.test_generate import greedy_no_cache
+
+    tasks = _adapters(tiny_llama, tmp_path, 3, 0)
+    prompts = ["### Instruction:\nadd 12 and 30\n\n### Response:\n", "count: 1 2 3"]
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["peftkit", "generate", "--model", str(tiny_llama), "--arrow", "--arrow-top-k",
+                                      "2", "--max-new-tokens", "10", "--json", str(out)]
+                        + [a for i, d in enumerate(tasks) for a in ("--adapter", f"t{i}={d}")]
+                        + [a for p in prompts for a in ("--prompt", p)])
+    main()
+    theirs = create_arrow_model(_load(tiny_llama), tasks, ArrowConfig(top_k=2, rng_seed=0)).eval()
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    stops = stop_token_ids(theirs, tok)
+    expected = [tok.decode(greedy_no_cache(theirs, text_prompt(tok, p).ids, stops, 10), skip_special_tokens=True)
+                for p in prompts]
+    assert [r["completion"] for r in json.loads(out.read_text())] == expected
+    assert expected != [tok.decode(greedy_no_cache(_load(tiny_llama), text_prompt(tok, p).ids, stops, 10),
+                                   skip_special_tokens=True) for p in prompts]
+
+
+def test_generate_flags_that_do_not_go_together_are_refused(tiny_llama, tmp_path, monkeypatch, capsys):
+    from tests.conftest import cli_user_error
+
+    tasks = _adapters(tiny_llama, tmp_path, 2, 0)
+    named = ["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}"]
+    for args, message in [
+        (["--arrow", "--adapter", tasks[0]], "--arrow routes among named adapters"),
+        ([*named, "--arrow", "--general", "c"], "--general c names none of them"),
+        ([*named, "--general", "b"], "pass --arrow too"),
+        ([*named, "--arrow", "--route", "x", "--data", "d.jsonl"], "give one of them"),
+        ([*named, "--arrow", "--arrow-top-k", "3"], "top_k takes 1 to 2"),
+        ([*named, "--arrow-temperature", "2"], "--arrow-temperature sets Arrow routing: pass --arrow too"),
+        ([*named, "--arrow", "--general", "b", "--general", "b"], "each adapter once"),
+    ]:
+        err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi", *args)
+        assert message in " ".join(err.split()), err
