@@ -32,6 +32,15 @@ err_console = Console(stderr=True, soft_wrap=True)  # a warning in a log is one 
 
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the model (--model, --base) ships, "
                                                "or that an adapter's base needs (recorded in its peftkit.json).")]
+Arrow = Annotated[bool, typer.Option("--arrow", help="Route each token, in every adapted layer, among the NAME=DIR LoRA "
+                                     "adapters (Arrow, as peft's create_arrow_model): no training.")]
+ArrowTopK = Annotated[Optional[int], typer.Option("--arrow-top-k", min=1, help="--arrow: the adapters each token takes "
+                                                  "(default: 3, or fewer adapters' count).")]
+ArrowTemperature = Annotated[Optional[float], typer.Option("--arrow-temperature", help="--arrow: the softmax "
+                                                           "temperature of the adapters' scores (default 1).")]
+General = Annotated[Optional[list[str]], typer.Option("--general", metavar="NAME", help="--arrow: a NAME=DIR adapter of "
+                                                      "general knowledge, subtracted from the others (GenKnowSub; "
+                                                      "repeatable).")]
 Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
                                             "prompt and row (default: the data's 'task' column).")]
 DataSplit = Annotated[Optional[str], typer.Option("--split", metavar="NAME", help="With --data naming a hub dataset: the split to "
@@ -268,6 +277,10 @@ def eval_cmd(
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
                                                         "(prompt, prediction, reference) here; in a comparison, a "
                                                         "directory (NAME.jsonl each).")] = None,
+    arrow: Arrow = False,
+    arrow_top_k: ArrowTopK = None,
+    arrow_temperature: ArrowTemperature = None,
+    general: General = None,
     task: Task = None,
     split: DataSplit = None,
     data_revision: DataRevision = None,
@@ -283,6 +296,9 @@ def eval_cmd(
     adapters, merged = adapter or [], merged or []
     json_out, predictions = _expanded(json_out), _expanded(predictions)
     comparing = len(adapters) > 1 or bool(merged) or any(split_named(a) for a in adapters)
+    settings = _arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters))
+    if settings is not None and not (comparing and adapters):
+        raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR.")
     for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
         if path is not None:
             _check_json_out(path, flag)
@@ -291,7 +307,7 @@ def eval_cmd(
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
                    predictions, task, comparing=comparing, split=split, data_revision=data_revision)
     if comparing:
-        _compare(job, adapters, merged, predictions, json_out)
+        _compare(job, adapters, merged, predictions, json_out, settings, general or [])
         return
     result = evaluate(job)
     shown = []
@@ -307,14 +323,21 @@ def eval_cmd(
         atomic_write_json(json_out, result)
 
 
-def _compare(job, adapters: list[str], merged: list[str], predictions: Path | None, json_out: Path | None) -> None:
-    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR): one table against the base."""
-    from peftkit.compare import compare, comparison_jobs, comparison_table, parse_named
+def _compare(job, adapters: list[str], merged: list[str], predictions: Path | None, json_out: Path | None,
+             arrow=None, general: list[str] = ()) -> None:
+    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR): one table against the base; with
+    `arrow` (ArrowSettings), a row of Arrow routing among them too (`general`: GenKnowSub's)."""
+    from peftkit.compare import ARROW, compare, comparison_jobs, comparison_table, parse_named
     from peftkit.fileio import atomic_write_json
     from peftkit.rundir import make_writable_dir
 
     named = [(n, _adapter(p)) for n, p in parse_named(adapters, "--adapter")]
     named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
+    if missing := next((n for n in general if n not in [name for name, _ in named]), None):
+        raise PeftkitError(f"--general {missing} names none of the --adapter NAME=DIR adapters.")
+    if arrow is not None and ARROW in [n for n, _ in named + named_merged]:
+        raise PeftkitError(f"--arrow adds a row named {ARROW!r} to the comparison: name that adapter otherwise.")
+    routing = (arrow, [n for n, _ in named if n not in general], list(general)) if arrow is not None else None
     made = predictions is not None and not predictions.exists()
     if predictions is not None:
         if predictions.suffix.lower() in (".jsonl", ".json") and not predictions.is_dir():
@@ -322,7 +345,7 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
                                f"directory; give a directory (e.g. --predictions {predictions.with_suffix('')}).")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     try:
-        results = compare(comparison_jobs(job, named, named_merged), predictions)
+        results = compare(comparison_jobs(job, named, named_merged), predictions, routing)
     except BaseException:  # an error or Ctrl-C before any model's predictions: no empty directory left behind
         if made and not any(predictions.iterdir()):
             predictions.rmdir()
@@ -342,6 +365,22 @@ def _said_beside(*outputs: Path | None):
         except (OSError, ValueError):  # not there yet; a stdout without a file descriptor
             continue
     return console
+
+
+def _arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, general: list[str] | None,
+                    adapters: int):
+    """--arrow's settings (None without it), its flags checked: the top_k default is 3, or the task adapters' count."""
+    from peftkit.adapters.arrow import ArrowSettings
+
+    if not arrow and (top_k is not None or temperature is not None):
+        raise PeftkitError(f"--arrow-{'top-k' if top_k is not None else 'temperature'} sets Arrow routing: pass "
+                           "--arrow too.")
+    if general and len(set(general)) < len(general):
+        raise PeftkitError(f"--general names {', '.join(general)}: each adapter once.")
+    if not arrow:
+        return None
+    tasks = max(adapters - len(general or []), 1)
+    return ArrowSettings(top_k=top_k or min(3, tasks), temperature=1.0 if temperature is None else temperature)
 
 
 def _adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -377,15 +416,10 @@ def generate(
     route: Annotated[Optional[str], typer.Option("--route", help="With --data and NAME=DIR adapters: the column naming "
                                                  "each row's adapter (empty or 'base': the base model); all rows "
                                                  "generate in mixed batches.")] = None,
-    arrow: Annotated[bool, typer.Option("--arrow", help="Route each token, in every adapted layer, among the NAME=DIR "
-                                        "LoRA adapters (Arrow, as peft's create_arrow_model): no training.")] = False,
-    arrow_top_k: Annotated[Optional[int], typer.Option("--arrow-top-k", min=1, help="--arrow: the adapters each token "
-                                                       "takes (default: 3, or fewer adapters' count).")] = None,
-    arrow_temperature: Annotated[Optional[float], typer.Option("--arrow-temperature", help="--arrow: the softmax "
-                                                               "temperature of the adapters' scores (default 1).")] = None,
-    general: Annotated[Optional[list[str]], typer.Option("--general", metavar="NAME", help="--arrow: a NAME=DIR "
-                                                         "adapter of general knowledge, subtracted from the others "
-                                                         "(GenKnowSub; repeatable).")] = None,
+    arrow: Arrow = False,
+    arrow_top_k: ArrowTopK = None,
+    arrow_temperature: ArrowTemperature = None,
+    general: General = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", metavar="TEXT", help="A prompt (repeatable).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Generate for each row's prompt (the prompt training "
                                                 "used); the row's target is kept as the reference.")] = None,
@@ -417,18 +451,9 @@ def generate(
     json_out = _expanded(json_out)
     if json_out is not None:
         _check_json_out(json_out)
-    from peftkit.adapters.arrow import ArrowSettings
-
     single, named = _adapter_flags(adapter or [])
     prompts = [_typed(text) for text in prompt or []]
-    if not arrow and (arrow_top_k is not None or arrow_temperature is not None):
-        raise PeftkitError(f"--arrow-{'top-k' if arrow_top_k is not None else 'temperature'} sets Arrow routing: pass "
-                           "--arrow too.")
-    if general and len(set(general)) < len(general):
-        raise PeftkitError(f"--general names {', '.join(general)}: each adapter once.")
-    tasks = max(len(named) - len(general or []), 1)
-    settings = ArrowSettings(top_k=arrow_top_k or min(3, tasks),
-                             temperature=1.0 if arrow_temperature is None else arrow_temperature) if arrow else None
+    settings = _arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named))
     job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompts,
                        _local(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
                        batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)

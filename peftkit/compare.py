@@ -15,6 +15,8 @@ from peftkit.evaluate import EvalJob, evaluate
 from peftkit.recipe import ModelConfig
 
 BASE = "base"
+ARROW = "arrow"
+"""The row of `peftkit eval --arrow`: the adapters routed per token."""
 _NAME = re.compile(r"^([A-Za-z0-9_.-]+)=(.+)$")
 
 
@@ -73,16 +75,20 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
     return jobs
 
 
-def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None) -> dict[str, dict]:
+def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None, arrow=None) -> dict[str, dict]:
     """Each row's metrics (and, for an adapter, its trainable parameters and size on disk), by row name;
     `predictions_dir` gets NAME.jsonl per row when the metrics generate.
 
     The base and the adapters are evaluated in one loaded model, each adapter activated in turn
     (`peftkit.adapters.named`): the base loads once, as the adapters were trained on it (re-quantized as they
-    were). A merged model loads on its own; so does each adapter of a classifier (its head is the model's class)."""
+    were). A merged model loads on its own; so does each adapter of a classifier (its head is the model's class).
+    `arrow`, (ArrowSettings, task adapters, general adapters): a last row, ARROW, of the shared model routing each
+    token among the task adapters (`NamedAdapters.arrow`)."""
     from peftkit.inspect import inspect_adapter
 
     adapters = {name: job.source.adapter for name, job in jobs.items() if job.source.adapter}
+    if arrow is not None and jobs[BASE].data_cfg.format == "classification":
+        raise PeftkitError("--arrow routes a causal LM's adapters; a classifier's load one at a time.")
     shared = None
     if adapters and jobs[BASE].data_cfg.format != "classification":
         shared = jobs[BASE].source.load_named(list(adapters.items()))
@@ -99,6 +105,13 @@ def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None) -> di
         if job.source.adapter:
             info = inspect_adapter(Path(job.source.adapter))
             results[name] |= {"trainable_params": info["trainable_params"], "adapter_bytes": info["size_on_disk"]}
+    if arrow is not None:
+        settings, tasks, general = arrow
+        job = replace(jobs[BASE], name=ARROW)
+        if predictions_dir is not None:
+            job = replace(job, predictions=predictions_dir / f"{ARROW}.jsonl")
+        with shared[1].arrow(tasks, general, settings):
+            results[ARROW] = evaluate(job, shared[0])
     return results
 
 

@@ -161,3 +161,47 @@ def test_generate_flags_that_do_not_go_together_are_refused(tiny_llama, tmp_path
     ]:
         err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi", *args)
         assert message in " ".join(err.split()), err
+
+
+def test_eval_arrow_adds_a_row_with_peft_s_arrow_model_s_figures(tiny_llama, number_data, tmp_path, monkeypatch):
+    """`peftkit eval --adapter NAME=DIR ... --arrow` adds the row `arrow`: the loss (and exact match of its greedy
+    answers) that peft's Arrow model gives on the same rows."""
+    import json
+    import sys
+
+    from peftkit.cli import main
+    from peftkit.evaluate import eval_job, evaluate
+
+    tasks = _adapters(tiny_llama, tmp_path, 3, 0)
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(sys, "argv", ["peftkit", "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]),
+                                      "--metrics", "loss,exact_match", "--max-new-tokens", "6", "--arrow",
+                                      "--arrow-top-k", "2", "--general", "t2", "--json", str(out)]
+                        + [a for i, d in enumerate(tasks) for a in ("--adapter", f"t{i}={d}")])
+    main()
+    results = json.loads(out.read_text())
+    assert set(results) == {"base", "t0", "t1", "t2", "arrow"}
+    theirs = create_arrow_model(_load(tiny_llama), tasks[:2], ArrowConfig(top_k=2, use_gks=True, rng_seed=0),
+                                general_adapter_paths=tasks[2:]).eval()
+    job = eval_job(None, [], str(tiny_llama), str(number_data["eval"]), None, None, None, None, None,
+                   metrics="loss,exact_match", max_new_tokens=6)
+    expected = evaluate(job, theirs)
+    assert abs(results["arrow"]["loss"] - expected["loss"]) <= 1e-5
+    assert results["arrow"]["exact_match"] == expected["exact_match"]
+    assert abs(results["arrow"]["loss"] - results["base"]["loss"]) > 1e-3
+
+
+def test_eval_flags_that_do_not_go_together_are_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    from tests.conftest import cli_user_error
+
+    tasks = _adapters(tiny_llama, tmp_path, 2, 0)
+    base = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])]
+    for args, message in [
+        (["--arrow", "--adapter", tasks[0]], "--arrow routes among named adapters"),
+        (["--adapter", f"a={tasks[0]}", "--adapter", f"arrow={tasks[1]}", "--arrow"], "name that adapter otherwise"),
+        (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow", "--general", "c"],
+         "--general c names none of the --adapter NAME=DIR adapters"),
+        (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow-top-k", "1"], "pass --arrow too"),
+    ]:
+        err = cli_user_error(monkeypatch, capsys, *base, *args)
+        assert message in " ".join(err.split()), err
