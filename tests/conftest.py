@@ -155,6 +155,27 @@ def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor) -> tupl
     return float((ours - loss).abs()), expected, {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
 
 
+def peft_lora(base: Path, config, seed: int = 0):
+    """peft's model of `config` (a peft LoraConfig) on `base` in fp32, far from identity: each lora_B drawn from
+    N(0, 0.3^2) (seeded), where peft starts it at zero."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.3)
+    return model
+
+
+def save_peft_lora(base: Path, out: Path, config, seed: int = 0) -> Path:
+    """`peft_lora`'s adapter, saved by peft to `out`."""
+    peft_lora(base, config, seed).save_pretrained(out)
+    return out
+
+
 def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor, out: Path,
                                    theirs: torch.Tensor | None = None) -> None:
     """peft's adapter at `adapter` (far from identity) gives peft's logits on `ids` in peftkit (or `theirs`, where peft

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters.arrow import ArrowSettings, prototype
 from peftkit.adapters.named import load_named_model
 from peftkit.errors import PeftkitError
+from tests.conftest import save_peft_lora
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -29,13 +30,8 @@ def _adapters(base: Path, root: Path, count: int, seed: int, r: int = 4, **setti
     """`count` peft LoRA adapters, far from identity, each its own alpha."""
     dirs = []
     for i in range(count):
-        torch.manual_seed(seed + i)
-        model = get_peft_model(_load(base), PeftLora(r=r, lora_alpha=4 + 4 * i, target_modules=TARGETS, **settings))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape) * 0.3)
-        model.save_pretrained(root / f"a{seed + i}")
+        save_peft_lora(base, root / f"a{seed + i}",
+                       PeftLora(r=r, lora_alpha=4 + 4 * i, target_modules=TARGETS, **settings), seed + i)
         dirs.append(str(root / f"a{seed + i}"))
     return dirs
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig as PeftLora
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora.config import BdLoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -22,7 +22,7 @@ from peftkit.methods.bdlora import BlockDiagonal
 from peftkit.methods.lora import LoraConfig
 from peftkit.modeling import load_adapted_model
 from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
-                            save_random_adapter)
+                            save_peft_lora, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -40,15 +40,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 def _peft_adapter(base: Path, out: Path) -> Path:
     """peft's BD-LoRA, far from identity (its block-diagonal B starts at zero even with init_lora_weights=False)."""
-    torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS,
-                                                 use_bdlora=BdLoraConfig(**BLOCKS)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape) * 0.3)
-    model.save_pretrained(out)
-    return out
+    return save_peft_lora(base, out, PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS,
+                                              use_bdlora=BdLoraConfig(**BLOCKS)))
 
 
 def test_a_block_diagonal_factor_is_a_dense_block_diagonal_matrix():

@@ -9,26 +9,16 @@ from pathlib import Path
 import torch
 import yaml
 from peft import LoraConfig as PeftLora
-from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
-from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe
+from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe, save_peft_lora
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 
 
 def _peft_adapter(base: Path, out: Path) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, PeftLora(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                           monteclora_config={"num_samples": 4, "buffer_size": 3}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape) * 0.3)
-    model.save_pretrained(out)
-    return out
+    return save_peft_lora(base, out, PeftLora(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                              monteclora_config={"num_samples": 4, "buffer_size": 3}))
 
 
 def test_peft_s_adapter_loads_and_merges_as_peft_evaluates_it(tiny_llama, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig as PeftLora
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora.config import VeloraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -22,7 +22,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.modeling import load_adapted_model
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, make_recipe,
-                            peft_and_our_gradients, save_random_adapter)
+                            peft_and_our_gradients, save_peft_lora, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "down_proj"]
@@ -33,15 +33,8 @@ def _load(path: Path) -> torch.nn.Module:
 
 
 def _peft_adapter(base: Path, out: Path, **velora) -> Path:
-    torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS,
-                                                 velora_config=VeloraConfig(num_groups=5, **velora)))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape) * 0.3)
-    model.save_pretrained(out)
-    return out
+    return save_peft_lora(base, out, PeftLora(r=4, lora_alpha=8, init_lora_weights=False, target_modules=TARGETS,
+                                              velora_config=VeloraConfig(num_groups=5, **velora)))
 
 
 @pytest.mark.parametrize("init_type", ["batch_average", "batch_average_once", "random"])
