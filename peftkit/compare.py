@@ -81,14 +81,22 @@ def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None, arrow
 
     The base and the adapters are evaluated in one loaded model, each adapter activated in turn
     (`peftkit.adapters.named`): the base loads once, as the adapters were trained on it (re-quantized as they
-    were). A merged model loads on its own; so does each adapter of a classifier (its head is the model's class).
+    were). A merged model loads on its own; so does each adapter of a classifier (its head is the model's class),
+    and one that does not share its base (`named.ALONE`: KaSA truncates it, layer_replication stacks it...).
     `arrow`, (ArrowSettings, task adapters, general adapters): a last row, ARROW, of the shared model routing each
     token among the task adapters (`NamedAdapters.arrow`)."""
     from peftkit.inspect import inspect_adapter
 
+    from peftkit.adapters.named import loads_alone
+
     adapters = {name: job.source.adapter for name, job in jobs.items() if job.source.adapter}
+    alone = {name: key for name, path in adapters.items() if (key := loads_alone(path))}
+    adapters = {name: path for name, path in adapters.items() if name not in alone}
     if arrow is not None and jobs[BASE].data_cfg.format == "classification":
         raise PeftkitError("--arrow routes a causal LM's adapters; a classifier's load one at a time.")
+    if arrow is not None and (odd := next((n for n in arrow[1] + arrow[2] if n in alone), None)):
+        raise PeftkitError(f"--arrow routes plain LoRA adapters, and {odd!r} sets {alone[odd]}; compare it without "
+                           "--arrow, or leave it out.")
     shared = None
     if adapters and jobs[BASE].data_cfg.format != "classification":
         shared = jobs[BASE].source.load_named(list(adapters.items()))

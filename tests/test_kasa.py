@@ -181,3 +181,30 @@ def test_loraplus_trains_the_singular_values_with_b_as_peft(tiny_llama):
     groups = optimizer_groups(TrainingConfig(lr=1e-3, loraplus_lr_ratio=16), model)
     diag = model.get_parameter("model.layers.0.self_attn.q_proj.lora_diag")
     assert next(g["lr"] for g in groups if any(p is diag for p in g["params"])) == pytest.approx(16e-3)
+
+
+def test_eval_compares_it_beside_other_adapters_on_a_model_of_its_own(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                       capsys):
+    """`peftkit eval --adapter k=KASA --adapter l=LORA`: the KaSA adapter, which would truncate the base the others
+    share, is evaluated on its own model (it was refused), with peft's loss; `--arrow` says why it cannot route it."""
+    import sys
+
+    from peftkit.cli import main
+    from peftkit.evaluate import eval_job, evaluate
+    from tests.conftest import save_peft_lora
+
+    kasa = _peft_adapter(tiny_llama, tmp_path / "kasa")
+    lora = save_peft_lora(tiny_llama, tmp_path / "lora", PeftLora(r=4, lora_alpha=8, target_modules=TARGETS))
+    out = tmp_path / "out.json"
+    argv = ["peftkit", "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--adapter",
+            f"k={kasa}", "--adapter", f"l={lora}"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--json", str(out)])
+    main()
+    results = json.loads(out.read_text())
+    job = eval_job(None, [], str(tiny_llama), str(number_data["eval"]), None, None, None, None, None)
+    for name, adapter in (("k", kasa), ("l", lora)):
+        theirs = evaluate(job, PeftModel.from_pretrained(_load(tiny_llama), adapter))
+        assert abs(results[name]["loss"] - theirs["loss"]) <= 1e-5
+    assert abs(results["base"]["loss"] - evaluate(job, _load(tiny_llama))["loss"]) <= 1e-6
+    err = cli_user_error(monkeypatch, capsys, *argv[1:], "--arrow", "--arrow-top-k", "1")
+    assert "--arrow routes plain LoRA adapters, and 'k' sets kasa_config" in " ".join(err.split())

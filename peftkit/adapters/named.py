@@ -63,6 +63,9 @@ from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.peft_format import check_weight_tying, read_meta
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
+ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters")
+"""adapter_config.json fields of the adapters that do not share a base with others (each refused below, saying why)."""
+
 BASE_NAMES = ("", "base")
 """What a route names for a row that runs the base model (as does None)."""
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -466,6 +469,18 @@ class NamedAdapters:
             for path in sorted(self._hosts, key=lambda p: -p.count(".")):
                 _replace(self.model, path, self._hosts[path])
             self.activate(self.active)
+
+
+def loads_alone(adapter_dir: str) -> str | None:
+    """The `ALONE` field set in `adapter_dir`'s adapter_config.json, or None: a comparison evaluates such an adapter on
+    a model of its own."""
+    import json
+
+    from peftkit.methods.base import is_set
+
+    config = Path(adapter_dir) / "adapter_config.json"
+    raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    return next((key for key in ALONE if is_set(raw.get(key))), None)
 
 
 def _scaling(rope_scaling) -> str:
