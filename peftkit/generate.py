@@ -346,22 +346,21 @@ def run_generate(job: GenerateJob, on_batch=None) -> list[dict]:
         raise PeftkitError(f"{job.data} has no usable rows to take prompts from.")
     prompts = with_tasks(job.source, job.task, prompts, job.data)
     routes = row_routes(prompts, job.route, [n for n, _ in job.adapters], job.data) if job.route else None
-    route = None
+    route, routing = None, nullcontext()
     if job.adapters:
         model, named = job.source.load_named(job.adapters)
         named.activate(job.adapters[0][0])  # one adapter, no --route: that adapter for every row
-        if job.arrow is not None:
-            tasks = [name for name, _ in job.adapters if name not in job.general]
-
-            def route(batch: list[int]) -> AbstractContextManager:
-                return named.arrow(tasks, job.general, job.arrow)
+        if job.arrow is not None:  # (one block for every batch: each layer's prototypes computed once)
+            routing = named.arrow([name for name, _ in job.adapters if name not in job.general], job.general,
+                                  job.arrow)
         elif routes is not None:
             def route(batch: list[int]) -> AbstractContextManager:
                 return named.routed([routes[i] for i in batch])
     else:
         model = job.source.load()
     guard_token_ids(model, tok)
-    texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size, on_batch, route)
+    with routing:
+        texts = generate_texts(model, tok, prompts, job.sampling, job.batch_size, on_batch, route)
     return [{"prompt": p.text, "completion": t} | ({"reference": p.reference} if p.reference is not None else {})
             | ({"adapter": routes[i] or "base"} if routes is not None else {})
             for i, (p, t) in enumerate(zip(prompts, texts, strict=True))]

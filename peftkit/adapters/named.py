@@ -57,8 +57,8 @@ from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_t
 from peftkit.adapters.arrow import ArrowLayer, ArrowSettings
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of
-from peftkit.methods.base import Method, is_quantized
-from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear
+from peftkit.methods.base import Method
+from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear, plus_update
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.peft_format import check_weight_tying, read_meta
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
@@ -117,8 +117,7 @@ class AdapterHost(nn.Module):
             h = torch.bmm(x.reshape(batch, -1, a.shape[-1]).to(a.dtype), a[slot].transpose(1, 2))
             update = (torch.bmm(h, b[slot].transpose(1, 2)) * scale[slot][:, None, None]).reshape(result.shape)
             # rounded as each row's adapter alone rounds it (`LoraLinear.forward`): a zero update leaves a row's bits
-            result = result + update.to(result.dtype) if is_quantized(self.base_layer) else \
-                (result + update).to(result.dtype)
+            result = plus_update(self.base_layer, result, update)
         for name, rows in groups:
             layer, rows = self.adapters[name], rows.to(x.device)
             if _stackable(layer):
@@ -132,9 +131,7 @@ class AdapterHost(nn.Module):
 
     def _arrow(self, x: torch.Tensor) -> torch.Tensor:
         """The base's output plus each token's Arrow-weighed adapter updates, rounded as one LoRA's update is."""
-        result = self.base_layer(x)
-        update = self.arrow.update(x)
-        return result + update.to(result.dtype) if is_quantized(self.base_layer) else (result + update).to(result.dtype)
+        return plus_update(self.base_layer, self.base_layer(x), self.arrow.update(x))
 
 
 def _stackable(layer: nn.Module) -> bool:

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.adapters import PEFT_PREFIX as PREFIX
+from peftkit.adapters import modules_adapted_by
 from peftkit.errors import PeftkitError
 
-PREFIX = "base_model.model."
 RENAMED = ((".block_sparse_moe.", ".mlp."),)  # transformers 4's module path part -> transformers 5's
 FUSED = {"gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")), "down_proj": (("w2",), ("down_proj",))}
 """transformers 5's fused parameter -> the transformers 4 projections stacked in it, in order, per family."""
@@ -40,8 +41,11 @@ EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>[^.]+)
 LINEAR_KINDS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _adapted(state: dict[str, torch.Tensor]) -> set[str]:
-    return {key[len(PREFIX):].rsplit(".lora_", 1)[0] for key in state if key.startswith(PREFIX) and ".lora_" in key}
+def _adapted(keys) -> set[str]:
+    """The module paths a LoRA file's keys adapt."""
+    from peftkit.methods.lora import Lora
+
+    return modules_adapted_by(keys, Lora)
 
 
 def _renamed(path: str, modules: dict[str, nn.Module]) -> str:

@@ -63,6 +63,13 @@ def lora_delta(parts: dict[str, torch.Tensor], facts: LoraFacts) -> torch.Tensor
     return delta * lora_scaling(facts.alpha, a.shape[0], facts.use_rslora)
 
 
+def plus_update(base_layer: nn.Module, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """`base_layer`'s output `result` plus an adapter's `update` (in the adapter's dtype): on a 4-bit/8-bit base
+    rounded, then added, as peft's bitsandbytes layers; else added in the adapter's dtype and rounded once, as peft's
+    Linear."""
+    return result + update.to(result.dtype) if is_quantized(base_layer) else (result + update).to(result.dtype)
+
+
 class _LoraLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, use_rslora: bool) -> None:
         super().__init__(base_layer)
@@ -79,11 +86,7 @@ class _LoraLayer(AdapterLayer):
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         """The base's output plus `update(x)` (its own, where merged)."""
         result = self.base_layer(x)
-        if self.merged:
-            return result
-        if is_quantized(self.base_layer):  # rounded, then added: as peft's bitsandbytes layers
-            return result + self.update(x).to(result.dtype)
-        return (result + self.update(x)).to(result.dtype)  # added in the adapter's dtype, rounded once: as peft's Linear
+        return result if self.merged else plus_update(self.base_layer, result, self.update(x))
 
 
 class LoraLinear(_LoraLayer):
