@@ -255,7 +255,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     (all but the `general` ones, GenKnowSub's)."""
     sampling.check()
     adapters = adapters or []
-    _check_arrow(adapters, arrow, general or [], route)
+    check_arrow(adapters, arrow, general or [], route)
     _check_route(adapters, route, data, arrow is not None)
     adapter = adapters[0][1] if adapters else adapter
     if prompts and data:
@@ -288,7 +288,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     return job
 
 
-def _check_arrow(adapters: list[tuple[str, str]], arrow: ArrowSettings | None, general: list[str],
+def check_arrow(adapters: list[tuple[str, str]], arrow: ArrowSettings | None, general: list[str],
                  route: str | None) -> None:
     """--arrow routes among NAME=DIR adapters (--general names some of them), not with --route."""
     if arrow is None:

@@ -286,6 +286,10 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         # below, in our words) instead of raising an error whose details went to a log we silence.
         ignore_mismatched_sizes=True,
         output_loading_info=True,
+        # transformers 5 swaps layers for hub kernels by default once the `kernels` package is installed (transformers
+        # 5.25 requires it): code downloaded and run at load time, which fails offline on a GPU (measured on an H200)
+        # and makes a run's bits depend on the hub's state. The model's own code runs instead.
+        use_kernels=False,
     )
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

@@ -91,7 +91,7 @@ def load_base(recipe):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=torch.float32, use_kernels=False)
     model.config.use_cache = False
     return model.to(recipe.model.device)
 

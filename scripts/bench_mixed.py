@@ -71,7 +71,7 @@ def build(args, workdir: Path) -> list[tuple[str, str]]:
     cfg = LoraConfig(r=args.r, alpha=2 * args.r)
     adapters = []
     for i in range(args.adapters):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_kernels=False)
         torch.manual_seed(i)
         targets = inject_adapters(model, cfg)
         gen = torch.Generator().manual_seed(100 + i)

@@ -76,7 +76,7 @@ def peft_qlora_model(recipe):
                              bnb_4bit_compute_dtype=dtype)
     cuda = recipe.model.device == "cuda"
     model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, quantization_config=bnb, dtype=load_dtype,
-                                                 device_map={"": 0} if cuda else None)
+                                                 device_map={"": 0} if cuda else None, use_kernels=False)
     model.config.use_cache = False
     # The reference recipe; note it upcasts every non-quantized parameter (embeddings, norms, lm_head) to fp32.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.training.gradient_checkpointing,

@@ -365,7 +365,8 @@ def peft_lora_model(recipe):
 
     from peftkit.train import seed_everything
 
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype),
+                                                 use_kernels=False)  # as peftkit: the model's own code
     model.to(recipe.model.device)
     model.config.use_cache = False
     a = recipe.adapter

@@ -87,7 +87,9 @@ def make_recipe(tmp_path: Path, model: Path, files: dict[str, Path], **sections)
         "model": {"name_or_path": str(model), "dtype": "float32"},
         "adapter": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
         "data": {"train": str(files["train"]), "eval": str(files["eval"]), "format": "alpaca", "max_length": 128},
-        "training": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "seed": 0},
+        # fp32 everywhere: on a GPU `auto` would be bf16 autocast, and the tests compare with fp32 references
+        "training": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "seed": 0,
+                     "mixed_precision": "no"},
         "export": {"output_dir": str(tmp_path / "run"), "adapter": True, "merged": False, "report": False},
         "eval": {"batch_size": 8, "samples": 0},  # generations before/after: tests/test_samples.py
     }
@@ -220,12 +222,13 @@ def check_resumes_to_the_same_bits(recipe: Path, run: Path, kill_after: int, ste
     from peftkit.recipe import load_recipe
     from peftkit.train import train
 
-    train(load_recipe(recipe))
+    exact = ["training.deterministic=true"] if torch.cuda.is_available() else []  # CUDA's atomics otherwise
+    train(load_recipe(recipe, exact))
     unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     for step in range(kill_after + 1, steps + 1):
         shutil.rmtree(run / "checkpoints" / f"step-{step:08d}", ignore_errors=True)
     (run / "manifest.json").unlink()
-    train(load_recipe(recipe), resume=True)
+    train(load_recipe(recipe, exact), resume=True)
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
 
 

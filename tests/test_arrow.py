@@ -151,12 +151,74 @@ def test_generate_flags_that_do_not_go_together_are_refused(tiny_llama, tmp_path
         ([*named, "--arrow", "--general", "c"], "--general c names none of them"),
         ([*named, "--general", "b"], "pass --arrow too"),
         ([*named, "--arrow", "--route", "x", "--data", "d.jsonl"], "give one of them"),
-        ([*named, "--arrow", "--arrow-top-k", "3"], "top_k takes 1 to 2"),
+        ([*named, "--arrow", "--arrow-top-k", "3"], "--arrow-top-k 3: takes 1 to 2, the task adapters"),
+        ([*named, "--arrow", "--general", "b", "--arrow-top-k", "2"], "--arrow-top-k 2: takes 1 to 1"),
+        ([*named, "--arrow", "--arrow-temperature", "0"], "--arrow-temperature 0.0: give a finite number above 0"),
         ([*named, "--arrow-temperature", "2"], "--arrow-temperature sets Arrow routing: pass --arrow too"),
         ([*named, "--arrow", "--general", "b", "--general", "b"], "each adapter once"),
     ]:
         err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi", *args)
         assert message in " ".join(err.split()), err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"]])
+def test_wrong_arrow_flags_are_said_before_a_hub_adapter_is_fetched(command, tiny_llama, monkeypatch, capsys):
+    """The flags are checked first: a mistake is said at once, not after downloading every hub adapter named."""
+    import peftkit.hub
+    from tests.conftest import cli_user_error
+
+    def fetch(value: str):
+        raise AssertionError(f"{value} fetched before the flags were checked")
+
+    monkeypatch.setattr(peftkit.hub, "hub_adapter", fetch)
+    hub = ["--adapter", "a=acme/a", "--adapter", "b=acme/b"]
+    for args, message in [
+        ([*hub, "--general", "b"], "pass --arrow too"),
+        ([*hub, "--arrow", "--arrow-top-k", "3"], "--arrow-top-k 3: takes 1 to 2"),
+        ([*hub, "--arrow", "--general", "c"], "--general c names none of them"),
+        (["--adapter", "acme/a", "--arrow"], "--arrow routes among named adapters"),
+    ]:
+        err = cli_user_error(monkeypatch, capsys, *command, "--model", str(tiny_llama), *args)
+        assert message in " ".join(err.split()), err
+
+
+def test_chat_arrow_replies_as_cache_free_greedy_through_peft_s_arrow_model(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`peftkit chat --adapter NAME=DIR ... --arrow --general NAME`: each reply is greedy decoding of the conversation
+    so far, one full forward per token, through peft's Arrow model with GenKnowSub; several adapters without --arrow
+    are refused."""
+    import builtins
+    import sys
+
+    from peftkit.cli import main
+    from peftkit.data.prompts import chat_prompt
+    from peftkit.generate import stop_token_ids
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import ModelConfig
+    from tests.conftest import cli_user_error
+    from tests.test_generate import greedy_no_cache
+
+    dirs = _adapters(tiny_llama, tmp_path, 4, 0)
+    named = [a for i, d in enumerate(dirs) for a in ("--adapter", f"t{i}={d}")]
+    lines = iter(["hi", "and then?", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda _: next(lines))
+    monkeypatch.setattr(sys, "argv", ["peftkit", "chat", "--model", str(tiny_llama), *named, "--arrow",
+                                      "--general", "t3", "--max-new-tokens", "6"])
+    main()
+    shown = capsys.readouterr().out
+    theirs = create_arrow_model(_load(tiny_llama), dirs[:3], ArrowConfig(top_k=3, rng_seed=0, use_gks=True),
+                                general_adapter_paths=dirs[3:]).eval()
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    messages = []
+    for line in ("hi", "and then?"):
+        messages.append({"role": "user", "content": line})
+        ids = greedy_no_cache(theirs, chat_prompt(tok, messages).ids, stop_token_ids(theirs, tok), 6)
+        messages.append({"role": "assistant", "content": tok.decode(ids, skip_special_tokens=True)})
+        assert f"model> {messages[-1]['content']}\n" in shown
+    base = greedy_no_cache(_load(tiny_llama), chat_prompt(tok, messages[:1]).ids, stop_token_ids(theirs, tok), 6)
+    assert tok.decode(base, skip_special_tokens=True) != messages[1]["content"]
+
+    err = cli_user_error(monkeypatch, capsys, "chat", "--model", str(tiny_llama), *named[:4])
+    assert "peftkit chat runs one adapter" in err and "--arrow" in err
 
 
 def test_eval_arrow_adds_a_row_with_peft_s_arrow_model_s_figures(tiny_llama, number_data, tmp_path, monkeypatch):

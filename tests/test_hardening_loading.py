@@ -91,6 +91,15 @@ def _empty(file: Path) -> None:
     file.write_bytes(b"")
 
 
+def test_the_model_s_own_code_runs_not_hub_kernels(base):
+    """transformers 5 swaps layers for hub kernels by default when the `kernels` package is installed: code fetched
+    at load time (an offline GPU run failed on it) and other bits than the model's. peftkit loads without them."""
+    from peftkit.modeling import load_model
+
+    model = load_model(ModelConfig(name_or_path=str(base)))
+    assert getattr(model, "_use_kernels", False) is False
+
+
 @pytest.mark.parametrize("damage, reason", [(_truncate, "file not fully covered"), (_garbage_header, "header too large"),
                                             (_empty, "header too small")])
 def test_corrupt_model_weights_name_the_file(base, tmp_path, damage, reason):

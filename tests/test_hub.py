@@ -531,7 +531,7 @@ def test_paths_that_look_like_hub_ids_stay_paths(hub, tiny_llama, number_data, t
     """What no hub id can be stays a (missing) path, said as one: `--` or `..` in a name (a traceback from
     huggingface_hub's validation), `./acme/x`, a subfolder with `..` (it reached any directory: /etc, another
     repository's files). A subfolder the cache lacks offline is said as such, not as missing from the hub."""
-    from peftkit.cli import _adapter
+    from peftkit.cli.options import adapter_path
     from peftkit.hub import hub_adapter
     from tests.conftest import cli_user_error
 
@@ -541,7 +541,7 @@ def test_paths_that_look_like_hub_ids_stay_paths(hub, tiny_llama, number_data, t
     monkeypatch.chdir(tmp_path)
     for value in ("stage--1/adapter", "runs/my..run", "./acme/tiny-lora", "acme/tiny-lora/../../../../etc",
                   "acme/tiny-lora/./x", "/acme/tiny-lora"):
-        assert hub_adapter(value) is None and _adapter(value) == value, value
+        assert hub_adapter(value) is None and adapter_path(value) == value, value
     err = cli_user_error(monkeypatch, capsys, "inspect", "./acme/tiny-lora")
     assert "Adapter directory not found: acme/tiny-lora" in err, err  # (typer's Path dropped the ./: loaded the hub's)
     err = cli_user_error(monkeypatch, capsys, "inspect", "stage--1/adapter")

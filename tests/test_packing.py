@@ -91,7 +91,8 @@ def test_flash_attention_needs_16_bit_weights_and_cuda(tiny_llama, number_data, 
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flash)  # model.dtype: float32
     assert "flash_attention_2 computes in float16 or bfloat16 only, and model.dtype is float32" in err
     assert "Set model.dtype: bfloat16" in err
-    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flash, "--set", "model.dtype=bfloat16")
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flash, "--set", "model.dtype=bfloat16",
+                         "--set", "model.device=cpu")
     assert "model.attn_implementation: flash_attention_2 needs a CUDA device; use sdpa" in err
 
 

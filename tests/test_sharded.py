@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
@@ -85,6 +86,37 @@ def test_fsdp2_trains_the_adapter_of_a_plain_run_and_resumes_bit_identically(tin
 
 
 @gpu
+@pytest.mark.parametrize("adapter", [
+    {"target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": "### Response:"},
+    {"trainable_token_indices": [76, 85, 86]},
+    {"method": "trainable_tokens", "token_indices": [76, 85, 86], "target_modules": None},
+], ids=["alora", "lora_trainable_token_indices", "trainable_tokens"])
+def test_fsdp2_trains_each_method_s_adapter_as_a_plain_run(adapter, tiny_llama, number_data, tmp_path):
+    """aLoRA (its mask from each row's last invocation) and trained embedding rows (a slice of an FSDP2-sharded
+    embedding, and the rows' own parameters): the FSDP2 run's adapter equals the plain run's (fp32, deterministic)."""
+    from transformers import AutoTokenizer
+
+    from peftkit.train import train
+
+    if isinstance(adapter.get("alora_invocation_tokens"), str):
+        tok = AutoTokenizer.from_pretrained(tiny_llama)
+        adapter = adapter | {"alora_invocation_tokens": tok(adapter["alora_invocation_tokens"],
+                                                             add_special_tokens=False)["input_ids"]}
+    recipes = [make_recipe(tmp_path / name, tiny_llama, number_data, **_sections(max_steps=6, save_steps=6))
+               for name in ("plain", "fsdp")]
+    for recipe in recipes:  # the whole adapter section: trainable_tokens has no r, alpha or dropout
+        raw = yaml.safe_load(recipe.read_text())
+        raw["adapter"] = adapter if "method" in adapter else raw["adapter"] | adapter
+        recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipes[0]))
+    done = _launch(recipes[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    one, two = _adapter(tmp_path / "plain" / "run"), _adapter(tmp_path / "fsdp" / "run")
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+
+
+@gpu
 def test_fsdp2_qlora_with_float_quant_storage(tiny_llama, number_data, tmp_path):
     """QLoRA under FSDP2 (4-bit weights stored as bfloat16, so FSDP can shard them): it trains, and the exported
     adapter evaluates in `peftkit eval` to the run's own final eval loss."""
@@ -108,7 +140,6 @@ def test_fsdp2_qlora_with_float_quant_storage(tiny_llama, number_data, tmp_path)
 def test_verify_relaunches_fsdp_runs_as_the_shipped_config():
     """`peftkit verify` re-runs an FSDP run through launcher flags (the package ships no configs folder): they say
     what configs/accelerate/fsdp2.yaml says; a data-parallel run goes back to --multi_gpu."""
-    import yaml
 
     from peftkit.distributed import launch_command
 

@@ -1,167 +1,19 @@
-"""The `peftkit` command: thin Typer wrappers around plain functions that tests call directly."""
+"""The commands on models and adapters: merge (or combine), eval (or compare), generate, chat, inspect."""
 
 from __future__ import annotations
 
-import atexit
-import codecs
-import errno
-import gc
 import os
-import signal
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from peftkit.errors import PeftkitError, PeftkitWarning, visible
-
-app = typer.Typer(
-    help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    # Plain click help: flags show as flags (`--resume`), where the rich panels print `--resume <bool>`.
-    rich_markup_mode=None,
-)
-# soft_wrap: a line stays one line in a log file (grep-able), however long; the terminal wraps it on screen.
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)  # a warning in a log is one line, as an error is
-
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the model (--model, --base) ships, "
-                                               "or that an adapter's base needs (recorded in its peftkit.json).")]
-Arrow = Annotated[bool, typer.Option("--arrow", help="Route each token, in every adapted layer, among the NAME=DIR LoRA "
-                                     "adapters (Arrow, as peft's create_arrow_model): no training.")]
-ArrowTopK = Annotated[Optional[int], typer.Option("--arrow-top-k", min=1, help="--arrow: the adapters each token takes "
-                                                  "(default: 3, or fewer adapters' count).")]
-ArrowTemperature = Annotated[Optional[float], typer.Option("--arrow-temperature", help="--arrow: the softmax "
-                                                           "temperature of the adapters' scores (default 1).")]
-General = Annotated[Optional[list[str]], typer.Option("--general", metavar="NAME", help="--arrow: a NAME=DIR adapter of "
-                                                      "general knowledge, subtracted from the others (GenKnowSub; "
-                                                      "repeatable).")]
-Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
-                                            "prompt and row (default: the data's 'task' column).")]
-DataSplit = Annotated[Optional[str], typer.Option("--split", metavar="NAME", help="With --data naming a hub dataset: the split to "
-                                                 "read (default: train).")]
-DataRevision = Annotated[Optional[str], typer.Option("--data-revision", metavar="REV", help="With --data naming a hub "
-                                                     "dataset: the branch, tag or commit to read (data.revision of "
-                                                     "the command line).")]
-Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
-
-
-def _local(path: str) -> str:
-    """A CLI argument that exists on disk becomes absolute (relative to the current directory; `~` expanded, as in a
-    recipe: `--model=~/m` reaches peftkit unexpanded); else a hub id, or the missing path it names."""
-    expanded = Path(path).expanduser()
-    return str(expanded.resolve()) if expanded.exists() else str(expanded) if path.startswith("~") else path
-
-
-def _adapter(value: str) -> str:
-    """An --adapter value: a local directory (`_local`), else a hub adapter fetched into the Hugging Face cache
-    (`peftkit.hub`: `user/name[@REVISION]`), else the missing path, which loading names."""
-    local = _local(value)
-    if Path(local).exists():
-        return local
-    from peftkit.hub import hub_adapter
-
-    return hub_adapter(value) or local
-
-
-def _expanded(path: Path | None) -> Path | None:
-    """An output path flag with `~` expanded (`--json=~/e.json` made a directory named `~`)."""
-    return path.expanduser() if path is not None else None
-
-
-@app.callback()
-def _every_command(ctx: typer.Context) -> None:
-    # A PeftkitWarning prints as one `warning:` line on stderr when it happens; Python's own settings are back
-    # when the command ends (tests run commands in their own process).
-    from peftkit.progress import show_work_on
-
-    ctx.with_resource(warnings.catch_warnings())
-    warnings.showwarning = _warning_printer(warnings.showwarning)
-    warnings.simplefilter("always", PeftkitWarning)
-    show_work_on(console)  # tokenizing a dataset, an evaluation: a bar, or a line every 30 s in a log
-    ctx.call_on_close(lambda: show_work_on(None))
-
-
-def _warning_printer(show_other):
-    """warnings.showwarning that prints a PeftkitWarning as one `warning:` line on stderr (once: a comparison loads
-    several models), others as Python does."""
-    from rich.text import Text
-
-    shown: set[str] = set()
-
-    def show(message, category, *where) -> None:
-        if issubclass(category, PeftkitWarning):
-            if str(message) not in shown:
-                shown.add(str(message))
-                err_console.print(Text.assemble(("warning:", "yellow"), f" {visible(str(message))}"), highlight=False)
-        else:
-            show_other(message, category, *where)
-    return show
-
-
-@app.command()
-def train(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
-    overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in export.output_dir.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different run found in export.output_dir.")] = False,
-    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help=(
-        "Train data-parallel in N processes (one per GPU; gloo on CPU) through accelerate's launcher; the "
-        "global batch is training.batch_size x grad_accum x N."))] = 1,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help=(
-        "Tokenize the data anew, neither reading nor keeping the tokenized-data cache (PEFTKIT_CACHE names its "
-        "directory; PEFTKIT_CACHE=off turns it off everywhere)."))] = False,
-) -> None:
-    """Fine-tune: data → model → adapter → training → export, as the recipe says."""
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train as run_train
-
-    cfg = load_recipe(recipe, overrides or [])  # a recipe mistake shows here, once, before any process starts
-    from peftkit.rundir import check_recipe_file
-
-    check_recipe_file(recipe, Path(cfg.export.output_dir), cfg.to_yaml())
-    if num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        from peftkit.distributed import launch
-
-        argv = ["train", str(recipe), *(f"--set={o}" for o in overrides or []), *(["--resume"] if resume else []),
-                *(["--overwrite"] if overwrite else []), *(["--no-cache"] if no_cache else [])]
-        raise typer.Exit(launch(num_processes, argv))
-    from peftkit.distributed import close
-
-    try:
-        run_train(cfg, resume=resume, overwrite=overwrite, console=console, cache=not no_cache)
-    finally:
-        close()
-
-
-@app.command()
-def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")], overrides: Overrides = None) -> None:
-    """Check a recipe and print it fully resolved (every default, absolute paths), or its errors."""
-    from rich.markup import escape
-
-    from peftkit.recipe import load_recipe
-
-    missing: list[str] = []
-    resolved = load_recipe(recipe, overrides or [], missing_adapters=missing)
-    console.print(f"# {recipe}: valid", style="green", markup=False)
-    # A value the recipe's rules take for a local path (not a hub id) should be there: train would stop at it. A
-    # warning, not an error: the recipe may be meant for another machine.
-    adapter = resolved.adapter
-    fused = [(f"adapter.fuse[{i}]", value) for i, value in enumerate(getattr(adapter, "fuse", None) or [])]
-    for key, value in (("model.name_or_path", resolved.model.name_or_path), ("data.train", resolved.data.train),
-                       ("data.eval", resolved.data.eval), *fused,
-                       ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
-        if value and Path(value).is_absolute() and not Path(value).exists() and not any(key in m for m in missing):
-            err_console.print(f"[yellow]warning:[/] {key} {escape(value)} does not exist here (a relative path is resolved "
-                              "against the recipe's directory); train would stop at it.", highlight=False)
-    for message in missing:  # a path that could be a hub id too: why neither is there
-        err_console.print(f"[yellow]warning:[/] {escape(message)} Train would stop at it.", highlight=False)
-    print(resolved.to_yaml(), end="")
+from peftkit.cli.application import app, console, err_console
+from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, General, Overrides, Task,
+                                 TrustRemoteCode, adapter_flags, adapter_path, arrow_settings, check_json_out,
+                                 fetched, local_path, typed, user_path)
+from peftkit.errors import PeftkitError, visible
 
 
 @app.command()
@@ -213,7 +65,7 @@ def merge(
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
     with phase(f"Merging {adapter[0]} into its base..."):
-        out = merge_adapter(_adapter(adapter[0]), output, _local(base) if base else None, dtype, requantize,
+        out = merge_adapter(adapter_path(adapter[0]), output, local_path(base) if base else None, dtype, requantize,
                             overwrite, trust_remote_code)
     console.print(f"Merged model written to {out}", markup=False, highlight=False)
 
@@ -242,7 +94,7 @@ def _combine(adapters: list[str], output: str, base: str | None, dtype: str | No
     except ValueError:
         raise PeftkitError(f"--weights {weights!r}: give numbers separated by commas, e.g. --weights 0.7,0.3.") from None
     combination = Combination(method, parsed, density, svd_rank, svd_clamp, majority_sign, seed)
-    out = combine_adapters([_adapter(a) for a in adapters], combination, output, into_base, _local(base) if base else None,
+    out = combine_adapters([adapter_path(a) for a in adapters], combination, output, into_base, local_path(base) if base else None,
                            dtype, overwrite, trust_remote_code)
     what = "Merged model" if into_base else f"Combined adapter ({method})"
     console.print(f"{what} written to {out}", markup=False, highlight=False)
@@ -294,16 +146,16 @@ def eval_cmd(
     from peftkit.fileio import atomic_write_json
 
     adapters, merged = adapter or [], merged or []
-    json_out, predictions = _expanded(json_out), _expanded(predictions)
+    json_out, predictions = user_path(json_out), user_path(predictions)
     comparing = len(adapters) > 1 or bool(merged) or any(split_named(a) for a in adapters)
-    settings = _arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters))
+    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters))
     if settings is not None and not (comparing and adapters):
         raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR.")
     for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
         if path is not None:
-            _check_json_out(path, flag)
-    single = _adapter(adapters[0]) if adapters and not comparing else None
-    job = eval_job(recipe, overrides or [], _local(model) if model else None, _local(data) if data else None, fmt,
+            check_json_out(path, flag)
+    single = adapter_path(adapters[0]) if adapters and not comparing else None
+    job = eval_job(recipe, overrides or [], local_path(model) if model else None, local_path(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
                    predictions, task, comparing=comparing, split=split, data_revision=data_revision)
     if comparing:
@@ -331,8 +183,8 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
     from peftkit.fileio import atomic_write_json
     from peftkit.rundir import make_writable_dir
 
-    named = [(n, _adapter(p)) for n, p in parse_named(adapters, "--adapter")]
-    named_merged = [(n, _local(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
+    named = [(n, adapter_path(p)) for n, p in parse_named(adapters, "--adapter")]
+    named_merged = [(n, local_path(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
     if missing := next((n for n in general if n not in [name for name, _ in named]), None):
         raise PeftkitError(f"--general {missing} names none of the --adapter NAME=DIR adapters.")
     if arrow is not None and ARROW in [n for n, _ in named + named_merged]:
@@ -365,44 +217,6 @@ def _said_beside(*outputs: Path | None):
         except (OSError, ValueError):  # not there yet; a stdout without a file descriptor
             continue
     return console
-
-
-def _arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, general: list[str] | None,
-                    adapters: int):
-    """--arrow's settings (None without it), its flags checked: the top_k default is 3, or the task adapters' count."""
-    from peftkit.adapters.arrow import ArrowSettings
-
-    if not arrow and (top_k is not None or temperature is not None):
-        raise PeftkitError(f"--arrow-{'top-k' if top_k is not None else 'temperature'} sets Arrow routing: pass "
-                           "--arrow too.")
-    if general and len(set(general)) < len(general):
-        raise PeftkitError(f"--general names {', '.join(general)}: each adapter once.")
-    if not arrow:
-        return None
-    tasks = max(adapters - len(general or []), 1)
-    return ArrowSettings(top_k=top_k or min(3, tasks), temperature=1.0 if temperature is None else temperature)
-
-
-def _adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
-    """--adapter values: (one plain DIR, or None; the NAME=DIR pairs when several are given or any is named)."""
-    from peftkit.compare import parse_named, split_named
-
-    if len(adapters) == 1 and not split_named(adapters[0]):
-        return _adapter(adapters[0]), []
-    return None, [(n, _adapter(p)) for n, p in parse_named(adapters, "--adapter")]
-
-
-def _check_json_out(path: Path, flag: str = "--json") -> None:
-    """An output file flag must name a file we can write: checked before minutes of evaluation, not after."""
-    from peftkit.fileio import special_file
-    from peftkit.rundir import make_writable_dir
-
-    if special_file(path):  # /dev/stdout, a pipe: written as it is
-        return
-    if path.is_dir():
-        name = "predictions.jsonl" if flag == "--predictions" else "eval.json"
-        raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / name}.")
-    make_writable_dir(path.parent, f"{flag}'s directory", create=False)  # made when written: a refused run leaves none
 
 
 @app.command()
@@ -446,16 +260,18 @@ def generate(
     from rich.text import Text
 
     from peftkit.fileio import atomic_write_json
-    from peftkit.generate import Sampling, generate_job, run_generate
+    from peftkit.generate import Sampling, check_arrow, generate_job, run_generate
 
-    json_out = _expanded(json_out)
+    json_out = user_path(json_out)
     if json_out is not None:
-        _check_json_out(json_out)
-    single, named = _adapter_flags(adapter or [])
-    prompts = [_typed(text) for text in prompt or []]
-    settings = _arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named))
-    job = generate_job(recipe, overrides or [], _local(model) if model else None, single, prompts,
-                       _local(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
+        check_json_out(json_out)
+    single, named = adapter_flags(adapter or [])
+    prompts = [typed(text) for text in prompt or []]
+    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named))
+    check_arrow(named, settings, general or [], route)  # before a hub adapter is fetched
+    single, named = fetched(single, named)
+    job = generate_job(recipe, overrides or [], local_path(model) if model else None, single, prompts,
+                       local_path(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
                        batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)
 
     def show(prompts, completions) -> None:
@@ -474,7 +290,13 @@ def chat(
     recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its model; its adapter/ is "
                                                      "the default --adapter).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
-    adapter: Annotated[Optional[str], typer.Option("--adapter", help="PEFT adapter directory (or hub id user/name[@REV]) to apply.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory "
+                                                         "(or hub id user/name[@REV]) to apply; with --arrow, several "
+                                                         "as NAME=DIR.")] = None,
+    arrow: Arrow = False,
+    arrow_top_k: ArrowTopK = None,
+    arrow_temperature: ArrowTemperature = None,
+    general: General = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message opening the conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
@@ -485,90 +307,45 @@ def chat(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Chat with a model in the terminal (its chat template), replies streamed; /reset, /exit."""
+    from contextlib import nullcontext
+
     import torch
 
     from peftkit.chat import chat_loop
     from peftkit.data.checks import guard_token_ids
     from peftkit.data.prompts import chat_prompt
-    from peftkit.generate import Sampling
+    from peftkit.generate import Sampling, check_arrow
     from peftkit.inference import model_source
     from peftkit.task_ids import resolve_tasks
 
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     sampling.check()
-    source, _ = model_source(recipe, overrides or [], _local(model) if model else None,
-                             _adapter(adapter) if adapter else None, trust_remote_code, "chat")
+    single, named = adapter_flags(adapter or [])
+    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named))
+    check_arrow(named, settings, general or [], None)
+    if settings is None and len(named) > 1:
+        raise PeftkitError("peftkit chat runs one adapter: give --adapter once, or route each token among several "
+                           "NAME=DIR adapters with --arrow.")
+    single, named = fetched(single, named)  # (hub adapters downloaded once the flags are known to be right)
+    source, _ = model_source(recipe, overrides or [], local_path(model) if model else None,
+                             single or (named[0][1] if named else None), trust_remote_code, "chat")
     tok = source.tokenizer()
-    system = _typed(system) if system else None
+    system = typed(system) if system else None
     opening = [{"role": "system", "content": system}] if system else []
     # No template, or one that refuses a system message: said before the model loads.
     chat_prompt(tok, [*opening, {"role": "user", "content": "probe"}],
                 "peftkit chat needs one. Use a model whose tokenizer has a template, or `peftkit generate --prompt "
                 "TEXT` to continue plain text")
     task = resolve_tasks(source, task, [None], None)[0]  # and a missing --task
-    loaded = source.load()
+    if settings is not None:  # one Arrow block for the whole conversation: each layer's prototypes computed once
+        loaded, adapters = source.load_named(named)
+        routing = adapters.arrow([n for n, _ in named if n not in (general or [])], general or [], settings)
+    else:
+        loaded, routing = source.load(), nullcontext()
     guard_token_ids(loaded, tok)
     torch.manual_seed(seed)
-    chat_loop(loaded, tok, sampling, read=lambda asked: _typed(input(asked)), system=system, task=task)
-
-
-@app.command()
-def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or not).")],
-    log_scale: Annotated[bool, typer.Option("--log-scale", help="Loss on a log scale.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", help="Write the report directory here instead of "
-                                                  "RUN_DIR/report (a run on read-only storage).")] = None,
-) -> None:
-    """Write RUN_DIR/report/report.html (self-contained) and its plots as PNGs: loss, learning rate, grad norm,
-    tokens/s, peak memory, base vs fine-tuned eval, the recipe and the environment."""
-    from rich.markup import escape
-
-    from peftkit.report import write_report
-
-    console.print(f"wrote {escape(str(write_report(run_dir, log_scale, _expanded(output))))}")
-
-
-@app.command()
-def verify(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (with manifest.json).")],
-    tolerance: Annotated[float, typer.Option(help="0: identical bits; > 0: compare losses and weights numerically.")] = 0.0,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow re-running a recipe that "
-                                                    "records model.trust_remote_code: true (runs the model's own code).")] = False,
-) -> None:
-    """Check RUN_DIR's files against its manifest, then re-run it in a temporary directory; exit 0 if all
-    match, 1 with a report if not."""
-    from rich.markup import escape
-
-    from peftkit.verify import verify as run_verify
-
-    report = run_verify(run_dir, tolerance, console, trust_remote_code=trust_remote_code)
-    # escape(): the lines quote paths and file names, which are not rich markup; soft_wrap: one line each, greppable.
-    for note in report.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    if report.ok:
-        console.print(f"[green]verified:[/] {escape(str(report.run_dir))} reproduces"
-                      + (" bit for bit." if tolerance == 0 else f" within {tolerance}."), soft_wrap=True)
-        return
-    for diff in report.differences:
-        console.print(f"[red]differs:[/] {escape(diff)}", soft_wrap=True)
-    console.print(f"[red]not verified:[/] {escape(str(report.run_dir))}", soft_wrap=True)
-    raise typer.Exit(1)
-
-
-@app.command()
-def preview(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
-    overrides: Overrides = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="How many examples to show: the first N rows of data.train.")] = 3,
-    show_ids: Annotated[bool, typer.Option("--show-ids", help="Print each token's id after it (shows token boundaries).")] = False,
-) -> None:
-    """Show the first training examples the way the model sees them: after formatting, the chat template and
-    the cut at data.max_length, masked tokens (no loss) apart from trained ones, then the counts training would
-    print. Loads the tokenizer, not the model."""
-    from peftkit.preview import preview as run_preview
-    from peftkit.recipe import load_recipe
-
-    run_preview(load_recipe(recipe, overrides or []), n, console, show_ids=show_ids)
+    with routing:
+        chat_loop(loaded, tok, sampling, read=lambda asked: typed(input(asked)), system=system, task=task)
 
 
 @app.command("inspect")
@@ -584,112 +361,9 @@ def inspect_cmd(
 
     from peftkit.inspect import describe, inspect_adapter
 
-    info = inspect_adapter(Path(_adapter(adapter_dir)))  # (a str: typer's Path drops the `./` of `./x`)
+    info = inspect_adapter(Path(adapter_path(adapter_dir)))  # (a str: typer's Path drops the `./` of `./x`)
     if as_json:
         print(json.dumps(info, indent=2))
         return
     for line in describe(info):
         console.print(Text(visible(line)), highlight=False)
-
-
-def _click_exception() -> type:
-    """ClickException of the click that Typer runs on: recent Typer vendors its own copy."""
-    try:
-        from typer._click.exceptions import ClickException
-    except ImportError:
-        from click.exceptions import ClickException
-    return ClickException
-
-
-INTERRUPTED = 130
-"""The exit status of a command stopped by Ctrl-C, or by SIGTERM outside the steps of a training loop."""
-
-
-def _stop_on_sigterm(_signum, _frame) -> None:
-    """SIGTERM outside a training loop's steps (loading, evaluation, export, other commands) stops the command as
-    Ctrl-C does, its cleanups run and a word said; it killed the process silently. (The loop's own handler,
-    `peftkit.train.StopRequest`, finishes the step and saves a checkpoint.)"""
-    raise KeyboardInterrupt
-
-
-def main() -> None:
-    """Entry point: user errors print as one clear message (exit 2), never as a traceback."""
-    # Whatever a command leaves (torch's, transformers' and a model's objects) is the OS's to free at exit: frozen,
-    # it is passed over by the interpreter's last garbage collections, which took 1.2-1.5 s of every command's end.
-    atexit.register(gc.freeze)
-    _printable_output()
-    if "LOCAL_RANK" in os.environ:  # a launched worker keeps the default: one blocked in a collective must die
-        _run_command()
-        return
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
-        _run_command()
-    finally:  # (main called in a process that goes on: a test's)
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _typed(text: str) -> str:
-    """A text argument (a prompt) as typed. Where the locale could not decode its bytes (a non-UTF-8 locale: Python
-    keeps them as lone surrogates, which a tokenizer refuses with a TypeError), they are read as UTF-8."""
-    if not any("\udc80" <= c <= "\udcff" for c in text):
-        return text
-    return os.fsencode(text).decode("utf-8", errors="replace")
-
-
-def _printable_output() -> None:
-    """Where stdout or stderr cannot encode every character (a non-UTF-8 locale, PYTHONIOENCODING=ascii, a Windows
-    console), print what they cannot as `\\xe9`-style escapes: a character in a message, a path or a generated text
-    crashed the command with UnicodeEncodeError, after the work was done. The bytes of a file name the locale could
-    not decode (kept as lone surrogates) are written back as they were."""
-    codecs.register_error("peftkit", _escape_unprintable)
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") not in ("utf8", "utf16"):
-            stream.reconfigure(errors="peftkit")
-
-
-def _escape_unprintable(error: UnicodeError) -> tuple[str | bytes, int]:
-    """The `peftkit` codec error handler: surrogateescape's bytes for lone surrogates, else backslashreplace."""
-    text = error.object[error.start:error.end]
-    if isinstance(error, UnicodeEncodeError) and all("\udc80" <= c <= "\udcff" for c in text):
-        return bytes(ord(c) - 0xDC00 for c in text), error.end
-    return codecs.backslashreplace_errors(error)
-
-
-def _run_command() -> None:
-    from rich.markup import escape
-
-    click_error = _click_exception()
-    try:
-        code = app(standalone_mode=False)
-        if code == INTERRUPTED:  # typer's status for a KeyboardInterrupt in a command, which it does not say
-            err_console.print("interrupted")
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except PeftkitError as e:
-        # escape(): messages quote user text such as regexes ('[qk]_proj'), which is not rich markup.
-        err_console.print(f"[bold red]error:[/] {escape(visible(str(e)))}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except PermissionError as e:  # a file or directory of the user's that this user may not read or write
-        what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
-        err_console.print(f"[bold red]error:[/] {escape(what)}: permission denied. Check that the user running "
-                          "peftkit may read it (inputs) or write there (outputs), or choose another path.",
-                          highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except OSError as e:
-        if e.errno != errno.EROFS:
-            raise
-        err_console.print(f"[bold red]error:[/] {escape(str(e.filename))}: read-only file system. Choose an output "
-                          "on writable storage.", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(INTERRUPTED)
-    except click_error as e:  # usage errors: unknown option, missing argument
-        e.show()
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

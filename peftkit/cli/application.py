@@ -1,0 +1,52 @@
+"""The Typer application every command registers on, its consoles, and what runs around every command."""
+
+from __future__ import annotations
+
+import warnings
+
+import typer
+from rich.console import Console
+
+from peftkit.errors import PeftkitWarning, visible
+
+app = typer.Typer(
+    help="Parameter-efficient fine-tuning of Hugging Face models from YAML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # Plain click help: flags show as flags (`--resume`), where the rich panels print `--resume <bool>`.
+    rich_markup_mode=None,
+)
+# soft_wrap: a line stays one line in a log file (grep-able), however long; the terminal wraps it on screen.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)  # a warning in a log is one line, as an error is
+
+
+@app.callback()
+def _every_command(ctx: typer.Context) -> None:
+    # A PeftkitWarning prints as one `warning:` line on stderr when it happens; Python's own settings are back
+    # when the command ends (tests run commands in their own process).
+    from peftkit.progress import show_work_on
+
+    ctx.with_resource(warnings.catch_warnings())
+    warnings.showwarning = _warning_printer(warnings.showwarning)
+    warnings.simplefilter("always", PeftkitWarning)
+    show_work_on(console)  # tokenizing a dataset, an evaluation: a bar, or a line every 30 s in a log
+    ctx.call_on_close(lambda: show_work_on(None))
+
+
+def _warning_printer(show_other):
+    """warnings.showwarning that prints a PeftkitWarning as one `warning:` line on stderr (once: a comparison loads
+    several models), others as Python does."""
+    from rich.text import Text
+
+    shown: set[str] = set()
+
+    def show(message, category, *where) -> None:
+        if issubclass(category, PeftkitWarning):
+            if str(message) not in shown:
+                shown.add(str(message))
+                err_console.print(Text.assemble(("warning:", "yellow"), f" {visible(str(message))}"), highlight=False)
+        else:
+            show_other(message, category, *where)
+    return show

@@ -1,0 +1,113 @@
+"""The options several commands share, and how a command reads its path and text arguments."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from peftkit.errors import PeftkitError
+
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the model (--model, --base) ships, "
+                                               "or that an adapter's base needs (recorded in its peftkit.json).")]
+Arrow = Annotated[bool, typer.Option("--arrow", help="Route each token, in every adapted layer, among the NAME=DIR LoRA "
+                                     "adapters (Arrow, as peft's create_arrow_model): no training.")]
+ArrowTopK = Annotated[Optional[int], typer.Option("--arrow-top-k", min=1, help="--arrow: the adapters each token takes "
+                                                  "(default: 3, or fewer adapters' count).")]
+ArrowTemperature = Annotated[Optional[float], typer.Option("--arrow-temperature", help="--arrow: the softmax "
+                                                           "temperature of the adapters' scores (default 1).")]
+General = Annotated[Optional[list[str]], typer.Option("--general", metavar="NAME", help="--arrow: a NAME=DIR adapter of "
+                                                      "general knowledge, subtracted from the others (GenKnowSub; "
+                                                      "repeatable).")]
+Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
+                                            "prompt and row (default: the data's 'task' column).")]
+DataSplit = Annotated[Optional[str], typer.Option("--split", metavar="NAME", help="With --data naming a hub dataset: the split to "
+                                                 "read (default: train).")]
+DataRevision = Annotated[Optional[str], typer.Option("--data-revision", metavar="REV", help="With --data naming a hub "
+                                                     "dataset: the branch, tag or commit to read (data.revision of "
+                                                     "the command line).")]
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
+
+
+def local_path(path: str) -> str:
+    """A CLI argument that exists on disk becomes absolute (relative to the current directory; `~` expanded, as in a
+    recipe: `--model=~/m` reaches peftkit unexpanded); else a hub id, or the missing path it names."""
+    expanded = Path(path).expanduser()
+    return str(expanded.resolve()) if expanded.exists() else str(expanded) if path.startswith("~") else path
+
+
+def adapter_path(value: str) -> str:
+    """An --adapter value: a local directory (`local_path`), else a hub adapter fetched into the Hugging Face cache
+    (`peftkit.hub`: `user/name[@REVISION]`), else the missing path, which loading names."""
+    local = local_path(value)
+    if Path(local).exists():
+        return local
+    from peftkit.hub import hub_adapter
+
+    return hub_adapter(value) or local
+
+
+def user_path(path: Path | None) -> Path | None:
+    """An output path flag with `~` expanded (`--json=~/e.json` made a directory named `~`)."""
+    return path.expanduser() if path is not None else None
+
+
+def typed(text: str) -> str:
+    """A text argument (a prompt) as typed. Where the locale could not decode its bytes (a non-UTF-8 locale: Python
+    keeps them as lone surrogates, which a tokenizer refuses with a TypeError), they are read as UTF-8."""
+    if not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    return os.fsencode(text).decode("utf-8", errors="replace")
+
+
+def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, general: list[str] | None,
+                    adapters: int):
+    """--arrow's settings (None without it), its flags checked: the top_k default is 3, or the task adapters' count."""
+    from peftkit.adapters.arrow import ArrowSettings
+
+    if not arrow and (top_k is not None or temperature is not None):
+        raise PeftkitError(f"--arrow-{'top-k' if top_k is not None else 'temperature'} sets Arrow routing: pass "
+                           "--arrow too.")
+    if general and len(set(general)) < len(general):
+        raise PeftkitError(f"--general names {', '.join(general)}: each adapter once.")
+    if not arrow:
+        return None
+    tasks = max(adapters - len(general or []), 1)
+    # Said before anything loads (NamedAdapters.arrow says it too, after loading the base and every adapter).
+    if top_k is not None and top_k > tasks:
+        raise PeftkitError(f"--arrow-top-k {top_k}: takes 1 to {tasks}, the task adapters (the NAME=DIR adapters "
+                           "other than --general ones).")
+    if temperature is not None and not 0 < temperature < math.inf:
+        raise PeftkitError(f"--arrow-temperature {temperature}: give a finite number above 0.")
+    return ArrowSettings(top_k=top_k or min(3, tasks), temperature=1.0 if temperature is None else temperature)
+
+
+def adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """--adapter values as given: (one plain DIR, or None; the NAME=DIR pairs when several are given or any is
+    named). `fetched` then resolves them: check the flags in between, before a hub adapter is downloaded."""
+    from peftkit.compare import parse_named, split_named
+
+    if len(adapters) == 1 and not split_named(adapters[0]):
+        return adapters[0], []
+    return None, parse_named(adapters, "--adapter")
+
+
+def fetched(single: str | None, named: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """`adapter_flags`' values as local directories (`adapter_path`: a hub adapter is fetched into the cache)."""
+    return adapter_path(single) if single else None, [(n, adapter_path(p)) for n, p in named]
+
+
+def check_json_out(path: Path, flag: str = "--json") -> None:
+    """An output file flag must name a file we can write: checked before minutes of evaluation, not after."""
+    from peftkit.fileio import special_file
+    from peftkit.rundir import make_writable_dir
+
+    if special_file(path):  # /dev/stdout, a pipe: written as it is
+        return
+    if path.is_dir():
+        name = "predictions.jsonl" if flag == "--predictions" else "eval.json"
+        raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / name}.")
+    make_writable_dir(path.parent, f"{flag}'s directory", create=False)  # made when written: a refused run leaves none
