@@ -30,6 +30,15 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
 CHECKSUMS = "checksums.json"
+ALSO_AT = "PEFTKIT_CHECKPOINT_ALSO_AT"
+"""Set by `peftkit verify` for its re-run (launched processes inherit it): the steps, comma-separated, at which the
+recorded run has checkpoints. The re-run writes and keeps one at each of them too, so that each is compared with its
+own bit for bit: a stopped and resumed run has one at the step it stopped at, which its save_steps do not make."""
+
+
+def also_at() -> frozenset[int]:
+    """The steps `ALSO_AT` names (none outside a verify re-run)."""
+    return frozenset(int(s) for s in os.environ.get(ALSO_AT, "").split(",") if s.isascii() and s.isdecimal())
 
 
 @dataclass
@@ -98,7 +107,8 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
         (tmp / CHECKSUMS).write_text(json.dumps({"files": files, "inputs": inputs}, indent=2, sort_keys=True),
                                      encoding="utf-8")
     for old in checkpoint_dirs(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name[5:]) not in also_at():
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 

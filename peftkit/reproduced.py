@@ -137,9 +137,10 @@ def _log_rows(path: Path) -> list[dict] | str:
 
 def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float, steps: object = None) -> list[str]:
     """RUN_DIR's checkpoints: each whole (its files match its checksums.json) and, file by file, the re-run's of the
-    same step (bit for bit; with a tolerance, the adapter weights numerically). Steps only one side has are not
-    differences: a stopped and resumed run checkpoints at its stop, and old checkpoints may be pruned or deleted;
-    but one past the run's last step (`steps`, the manifest's) was made after the run (`--resume` would take it up)."""
+    same step (bit for bit; with a tolerance, the adapter weights numerically). The re-run checkpoints at every step
+    RUN_DIR has one (`peftkit.checkpoint.ALSO_AT`: a stopped and resumed run's at its stop too), so one it lacks is a
+    difference; one only the re-run has is not (RUN_DIR's may have been pruned or deleted). One past the run's last
+    step (`steps`, the manifest's) was made after the run (`--resume` would take it up)."""
     out = []
     recorded, now = _checkpoints(run_dir), _checkpoints(tmp)
     for name in sorted(recorded):
@@ -148,7 +149,10 @@ def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float, steps: o
             out.append(f"{where} in {run_dir}: a checkpoint past the run's {steps} steps; it was added after the run")
         elif isinstance(recorded[name], str):
             out.append(f"{where} in {run_dir}: {recorded[name]}; it was changed after the run")
-        elif isinstance(now.get(name), dict):
+        elif name not in now:
+            out.append(f"{where} in {run_dir}: the re-run, which checkpoints at each of the run's checkpoint steps, "
+                       "made none at this step")
+        elif isinstance(now[name], dict):
             for file in sorted(recorded[name].keys() | now[name].keys()):
                 a, b = recorded[name].get(file), now[name].get(file)
                 if a == b:

@@ -42,7 +42,7 @@ from rich.markup import escape
 from peftkit import distributed, long_context, zero
 from peftkit.adapters import (adapter_layers, check_copies, count_parameters, inject_adapters,
                               load_adapter_state_dict, trainable_parameters)
-from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
+from peftkit.checkpoint import LoopState, also_at, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.classify import ClassifyEval, example_loss_sum, with_head
 from peftkit.data import describe_stats, load_examples, step_windows, steps_per_epoch
@@ -471,6 +471,7 @@ def _loop(run: _Run, state: LoopState) -> None:
                           cfg.data.shuffle, run.tok.pad_token_id, start=state.step, num_workers=cfg.data.num_workers,
                           collate=collate, pin_memory=run.accelerator.device.type == "cuda")  # copies then run async
     run.model.train()
+    extra = also_at()  # a verify re-run's: the recorded run's checkpoint steps
     window_start, window_tokens = time.time(), 0
     # closing: the data workers stop with the loop, whatever ends it. An error's traceback keeps this frame (and so
     # the stream) alive to the interpreter's exit, which then waited forever on workers that ignore SIGTERM.
@@ -497,7 +498,7 @@ def _loop(run: _Run, state: LoopState) -> None:
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
                 result = run.evaluate(state.step)
                 progress.note(f"step {state.step}: {run.eval_ex.describe(result)}")
-            if tcfg.save_steps and state.step % tcfg.save_steps == 0:
+            if tcfg.save_steps and state.step % tcfg.save_steps == 0 or state.step in extra:
                 run.checkpoint(state)
             window_start += time.time() - paused
             if run.stopped_early:

@@ -17,13 +17,17 @@ user's own `--trust-remote-code`.
 from __future__ import annotations
 
 import math
+import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
+from peftkit.checkpoint import ALSO_AT, checkpoint_dirs
 from peftkit.errors import PeftkitError
 from peftkit.fileio import DiskFullError, resolved, sha256_file
 from peftkit.manifest import (
@@ -197,7 +201,8 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
                       markup=False,
                       soft_wrap=True)
         try:
-            _train_again(recipe, manifest.distributed, console)
+            with _checkpoints_where(run_dir):
+                _train_again(recipe, manifest.distributed, console)
         except PeftkitError as e:
             raise _rerun_failed(e, tmp, run_dir, report) from None
         rerun = read_manifest(Path(tmp))
@@ -208,6 +213,21 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
             out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe,
                                          manifest.base_model_commit) + out
         return _hub_data_differences(manifest, rerun, recipe) + out
+
+
+@contextmanager
+def _checkpoints_where(run_dir: Path) -> Iterator[None]:
+    """The re-run inside also checkpoints (and keeps a checkpoint) at each step RUN_DIR has one (`ALSO_AT`): a
+    stopped run's checkpoint at its stop is compared bit for bit as the scheduled ones are."""
+    previous = os.environ.get(ALSO_AT)
+    os.environ[ALSO_AT] = ",".join(path.name[5:] for path in checkpoint_dirs(run_dir))
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ALSO_AT]
+        else:
+            os.environ[ALSO_AT] = previous
 
 
 def _pin_unchanged_base(recipe: Recipe, manifest: Manifest) -> str | None:

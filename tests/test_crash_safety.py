@@ -289,6 +289,12 @@ def test_ctrl_c_in_a_real_process_saves_checkpoint_and_resumes(tiny_llama, numbe
     assert _logged_steps(run) == list(range(1, 101))
     train(load_recipe(make_recipe(tmp_path / "a", tiny_llama, number_data, **sections)))
     assert _adapter_bytes(run) == _adapter_bytes(tmp_path / "a" / "run")
+    # The checkpoint at the stop, which no save_steps made, equals the one verify's re-run makes at that step.
+    from peftkit.verify import verify
+
+    stops = [p.name for p in (run / "checkpoints").iterdir()]
+    report = verify(run, console=Console(file=io.StringIO()))
+    assert len(stops) == 1 and report.ok, (stops, report.differences)
 
 
 @pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])

@@ -160,15 +160,36 @@ def test_results_logs_and_checkpoints_edited_after_the_run_are_reported(run):
         assert len(report.differences) == len(expected), report.differences
 
 
-def test_a_checkpoint_rewritten_with_its_checksums_is_not_the_re_run_s(run):
-    checkpoint = run / "checkpoints/step-00000002"
+def _rewrite_with_its_checksums(checkpoint: Path) -> None:
+    """A bit of the checkpoint's weights changed, and checksums.json made to agree: whole, but not the run's."""
     _flip_a_bit(checkpoint / "adapter_model.safetensors")
     checksums = json.loads((checkpoint / "checksums.json").read_text())
     checksums["files"]["adapter_model.safetensors"] = sha256_file(checkpoint / "adapter_model.safetensors")
     (checkpoint / "checksums.json").write_text(json.dumps(checksums))
+
+
+def test_a_checkpoint_rewritten_with_its_checksums_is_not_the_re_run_s(run):
+    _rewrite_with_its_checksums(run / "checkpoints/step-00000002")
     report = verify(run, console=_quiet())
     assert len(report.differences) == 1, report.differences
     assert report.differences[0].startswith("checkpoints/step-00000002/adapter_model.safetensors: sha256 ")
+
+
+def test_a_stopped_run_s_checkpoint_is_compared_with_the_re_run_s_too(run, tiny_llama, number_data, tmp_path):
+    """A run stopped after step 1 and resumed has a checkpoint at step 1, which its save_steps (2) do not make (here
+    the same state, made by a run saving every step). The re-run checkpoints there too: intact, the run verifies;
+    rewritten with its checksums, it is reported. (The re-run made none there, and verify vouched for it.)"""
+    every = make_recipe(tmp_path / "every", tiny_llama, number_data,
+                        training={"max_steps": 3, "save_steps": 1, "save_total_limit": 3},
+                        eval={"base_model": False})
+    train(load_recipe(every), console=_quiet())
+    shutil.copytree(tmp_path / "every/run/checkpoints/step-00000001", run / "checkpoints/step-00000001")
+    report = verify(run, console=_quiet())
+    assert report.ok, report.differences
+    _rewrite_with_its_checksums(run / "checkpoints/step-00000001")
+    report = verify(run, console=_quiet())
+    assert len(report.differences) == 1, report.differences
+    assert report.differences[0].startswith("checkpoints/step-00000001/adapter_model.safetensors: sha256 ")
 
 
 def test_a_tolerance_does_not_hide_a_changed_adapter(run):
