@@ -4,8 +4,8 @@
 # Runs, each under its own time limit and in this order, stopping new steps past SECONDS (default 480):
 #   1. the tests on the GPU, in two steps: `tests` (FSDP2, FSDP2 + QLoRA, FSDP2 with aLoRA and trained token rows;
 #      DeepSpeed ZeRO-2/3, one process per GPU; QLoRA with the paged optimizer; training, crash safety, verify) and
-#      `tests_methods` (generation, the prompt family, AdaLoRA, KaSA, aLoRA, target_parameters, token rows, MoE,
-#      packing);
+#      `tests_methods` (tests/test_cuda.py: each method's CUDA run against its CPU run; then generation, the prompt
+#      family, AdaLoRA, KaSA, aLoRA, target_parameters, token rows, MoE, packing);
 #   2. bench_lora_layer.py: one LoRA layer as modules and as the fused node (CPU-only in peftkit) at 1B and 8B layer
 #      shapes, bf16: whether the fused node would pay on a GPU (seconds);
 #   3. bench_train.py: LoRA at a ~1.2B Llama shape in bf16, with the frozen-base floor (one repeat: each is 3
@@ -71,8 +71,8 @@ pytest=(python3 -m pytest -q -n 12 -p no:cacheprovider -p no:benchmark --tb=shor
 step tests 200 "${pytest[@]}" tests/test_sharded.py tests/test_deepspeed.py tests/test_qlora.py tests/test_train.py \
   tests/test_crash_safety.py tests/test_verify.py tests/test_loss.py \
   "tests/test_methods.py::test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model"
-step tests_methods 160 "${pytest[@]}" tests/test_generate.py tests/test_prompt_methods.py tests/test_adalora.py \
-  tests/test_kasa.py tests/test_alora.py tests/test_target_parameters.py tests/test_trainable_tokens.py \
+step tests_methods 160 "${pytest[@]}" tests/test_cuda.py tests/test_generate.py tests/test_prompt_methods.py \
+  tests/test_adalora.py tests/test_kasa.py tests/test_alora.py tests/test_target_parameters.py tests/test_trainable_tokens.py \
   tests/test_expert_lists.py tests/test_packing.py
 step lora_layer 40 python3 scripts/bench_lora_layer.py --device cuda --dtype bfloat16 --tokens 4096 \
   --shapes 2048x2048,2048x5632,5632x2048,4096x4096,4096x14336,14336x4096 --iters 50

@@ -177,6 +177,7 @@ def test_wrong_arrow_flags_are_said_before_a_hub_adapter_is_fetched(command, tin
         ([*hub, "--arrow", "--arrow-top-k", "3"], "--arrow-top-k 3: takes 1 to 2"),
         ([*hub, "--arrow", "--general", "c"], "--general c names none of them"),
         (["--adapter", "acme/a", "--arrow"], "--arrow routes among named adapters"),
+        ([*hub, "--arrow", "--task", "0"], "--task 0 picks the task of a multitask prompt tuning adapter"),
     ]:
         err = cli_user_error(monkeypatch, capsys, *command, "--model", str(tiny_llama), *args)
         assert message in " ".join(err.split()), err
@@ -260,6 +261,9 @@ def test_eval_flags_that_do_not_go_together_are_refused(tiny_llama, number_data,
         (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow", "--general", "c"],
          "--general c names none of the --adapter NAME=DIR adapters"),
         (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow-top-k", "1"], "pass --arrow too"),
+        (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow", "--arrow-top-k", "3"],
+         "--arrow-top-k 3: takes 1 to 2"),
+        (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow", "--task", "1"], "drop --task"),
     ]:
         err = cli_user_error(monkeypatch, capsys, *base, *args)
         assert message in " ".join(err.split()), err

@@ -148,7 +148,7 @@ def eval_cmd(
     adapters, merged = adapter or [], merged or []
     json_out, predictions = user_path(json_out), user_path(predictions)
     comparing = len(adapters) > 1 or bool(merged) or any(split_named(a) for a in adapters)
-    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters))
+    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters), task)
     if settings is not None and not (comparing and adapters):
         raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR.")
     for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
@@ -267,7 +267,7 @@ def generate(
         check_json_out(json_out)
     single, named = adapter_flags(adapter or [])
     prompts = [typed(text) for text in prompt or []]
-    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named))
+    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named), task)
     check_arrow(named, settings, general or [], route)  # before a hub adapter is fetched
     single, named = fetched(single, named)
     job = generate_job(recipe, overrides or [], local_path(model) if model else None, single, prompts,
@@ -321,7 +321,7 @@ def chat(
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     sampling.check()
     single, named = adapter_flags(adapter or [])
-    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named))
+    settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named), task)
     check_arrow(named, settings, general or [], None)
     if settings is None and len(named) > 1:
         raise PeftkitError("peftkit chat runs one adapter: give --adapter once, or route each token among several "

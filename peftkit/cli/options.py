@@ -64,8 +64,9 @@ def typed(text: str) -> str:
 
 
 def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, general: list[str] | None,
-                    adapters: int):
-    """--arrow's settings (None without it), its flags checked: the top_k default is 3, or the task adapters' count."""
+                   adapters: int, task: int | None = None):
+    """--arrow's settings (None without it), its flags checked: the top_k default is 3, or the task adapters' count.
+    `task`: --task, which picks a multitask prompt tuning adapter's task; Arrow routes LoRA adapters only."""
     from peftkit.adapters.arrow import ArrowSettings
 
     if not arrow and (top_k is not None or temperature is not None):
@@ -75,6 +76,9 @@ def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, ge
         raise PeftkitError(f"--general names {', '.join(general)}: each adapter once.")
     if not arrow:
         return None
+    if task is not None:
+        raise PeftkitError(f"--task {task} picks the task of a multitask prompt tuning adapter, and --arrow routes LoRA "
+                           "adapters, which read no task ids: drop --task.")
     tasks = max(adapters - len(general or []), 1)
     # Said before anything loads (NamedAdapters.arrow says it too, after loading the base and every adapter).
     if top_k is not None and top_k > tasks:

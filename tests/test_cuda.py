@@ -1,0 +1,80 @@
+"""On a GPU (skipped elsewhere; scripts/gpu_check.sh runs it): each method's training run on CUDA gives the adapter
+and the eval loss of the same recipe run on the CPU. Both train in fp32 with deterministic kernels, so what differs
+is the order of the floating-point sums: the adapters agree to 1e-4, the eval losses to 1e-5 relative. The CPU
+suite compares every method with peft and a dense reference; this file checks that the CUDA paths (the layers'
+devices, the methods' own tensors made on the GPU, KaSA's SVD, VeLoRA's projections, the MoE experts' updates)
+compute the same thing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+METHODS = {
+    "lora": {"target_modules": "all-linear"},
+    "dora": {"target_modules": "all-linear", "use_dora": True},
+    "kasa": {"target_modules": "all-linear", "kasa_config": {"beta": 1e-4, "gamma": 1e-3}},
+    "velora": {"target_modules": "all-linear", "velora_config": {"num_groups": 16, "init_type": "batch_average"}},
+    "bdlora": {"target_modules": ["q_proj", "v_proj", "o_proj"],
+               "use_bdlora": {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj", "v_proj"],
+                              "nblocks": 2}},
+    "lora_fa": {"target_modules": "all-linear", "lora_fa": True},
+    "alora": {"target_modules": ["q_proj", "v_proj"], "alora_invocation_tokens": "### Response:"},
+    "trainable_token_indices": {"target_modules": ["q_proj", "v_proj"], "trainable_token_indices": [76, 85, 86]},
+    "trainable_tokens": {"method": "trainable_tokens", "token_indices": [76, 85, 86], "target_modules": None},
+    "ia3": {"method": "ia3"},
+    "loha": {"method": "loha", "r": 4, "alpha": 8},
+    "lokr": {"method": "lokr", "r": 4, "alpha": 8},
+    "vera": {"method": "vera", "r": 8},
+    "oft": {"method": "oft", "r": 4},
+    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+    "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 4},
+    "moe": {"target_modules": ["q_proj", "v_proj"], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+}
+
+
+def _run(root: Path, model: Path, data: dict, adapter: dict, device: str) -> tuple[dict, float]:
+    recipe = make_recipe(root / device, model, data, training={"max_steps": 6, "deterministic": True},
+                         eval={"base_model": False})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["device"] = device
+    plain = "method" in adapter and adapter["method"] not in ("lora",)
+    raw["adapter"] = adapter if plain else {"r": 4, "alpha": 8, "dropout": 0.0} | adapter
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    run = root / device / "run"
+    loss = json.loads((run / "manifest.json").read_text())["metrics"]["eval_loss"]
+    return load_file(run / "adapter" / "adapter_model.safetensors"), loss
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_a_method_trains_on_cuda_as_on_the_cpu(name, tiny_llama, number_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from peftkit.tiny import build_tiny_model
+
+    adapter, model = dict(METHODS[name]), tiny_llama
+    if name == "moe":
+        model = tmp_path / "mixtral"
+        build_tiny_model(model, arch="mixtral", hidden_size=32, num_layers=2, seed=0)
+    if isinstance(adapter.get("alora_invocation_tokens"), str):
+        tok = AutoTokenizer.from_pretrained(model)
+        invocation = tok(adapter["alora_invocation_tokens"], add_special_tokens=False)
+        adapter["alora_invocation_tokens"] = invocation["input_ids"]
+    cpu, cpu_loss = _run(tmp_path, model, number_data, adapter, "cpu")
+    cuda, cuda_loss = _run(tmp_path, model, number_data, adapter, "cuda")
+    assert cpu.keys() == cuda.keys()
+    moved = max((cpu[k] - cuda[k]).abs().max().item() for k in cpu)
+    assert moved <= 1e-4, moved
+    assert cuda_loss == pytest.approx(cpu_loss, rel=1e-5)
