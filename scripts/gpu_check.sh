@@ -14,6 +14,7 @@
 #   5. bench_qlora.py at the same shape (NF4 + DQ, paged 8-bit AdamW, gradient checkpointing);
 #   6. bench_train.py at an 8B Llama layer shape (hidden 4096, MLP 14336, vocab 128256; 4 layers).
 # A session's 15 minutes of device time hold one call of about 480 s plus the machine's start (about 35 s on an H200).
+# A preflight first (a tiny model trains two steps on the GPU, seconds) stops the call when every load would fail.
 # Carried wheels (.whl/) that do not import beside the machine's packages are dropped for the machine's own versions.
 # OUT_DIR gets two files, so that a device that returns few files returns them all, even from a run cut short:
 # summary.log and gpu_check.tar.gz (every step's log and raw JSON, and env.log; re-packed after each step). A summary
@@ -53,6 +54,38 @@ print("gpu", torch.cuda.get_device_name(0), "torch", torch.__version__)
 for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "pydantic", "deepspeed"):
     print(name, importlib.import_module(name).__version__)
 EOF
+# Preflight, seconds: a tiny model trains two steps on the GPU. Something that breaks every load (as transformers' hub
+# kernels did, offline, on 2026-12-04) stops the call here instead of failing every step.
+if ! timeout 120 python3 - >"$work/preflight.log" 2>&1 <<'EOF'
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from peftkit.recipe import load_recipe
+from peftkit.tiny import build_tiny_model, write_jsonl
+from peftkit.train import train
+
+root = Path(tempfile.mkdtemp())
+build_tiny_model(root / "m", arch="llama", hidden_size=32, num_layers=2, seed=0)
+write_jsonl(root / "d.jsonl", [{"instruction": "Say it.", "input": str(i), "output": f"n{i}"} for i in range(16)])
+recipe = {"model": {"name_or_path": str(root / "m"), "device": "cuda"}, "adapter": {"r": 4},
+          "data": {"train": str(root / "d.jsonl"), "eval": str(root / "d.jsonl"), "format": "alpaca"},
+          "training": {"max_steps": 2, "batch_size": 4}, "eval": {"samples": 0},
+          "export": {"output_dir": str(root / "run"), "report": False}}
+(root / "r.yaml").write_text(yaml.safe_dump(recipe))
+train(load_recipe(root / "r.yaml"))
+assert torch.cuda.max_memory_allocated() > 0
+print("preflight: trained 2 steps on", torch.cuda.get_device_name(0))
+EOF
+then
+  echo "== preflight failed: nothing else runs (preflight.log)" | tee -a "$out/summary.log"
+  tail -n 15 "$work/preflight.log"
+  pack
+  exit 1
+fi
+echo "== preflight: ok" | tee -a "$out/summary.log"
 
 step() {  # step NAME LIMIT COMMAND...: run it unless the budget is spent; log to OUT/NAME.log
   local name=$1 limit=$2; shift 2
