@@ -54,6 +54,20 @@ def test_logits_are_peft_s(top_k, temperature, general, tiny_llama, tmp_path):
     assert (ours - plain).abs().max() > 1e-2
 
 
+def test_routing_under_bf16_autocast(tiny_llama, tmp_path):
+    """Under bf16 autocast, as `generate`/`chat`/`eval --arrow` run a recipe's model on a GPU (here the CPU's
+    autocast), Arrow routes in fp32 and the update's products run in bf16: the logits are the fp32 ones to bf16's
+    precision. (The scores came out bf16 and scatter refused them: --arrow on a recipe's model failed on a GPU.)"""
+    tasks = _adapters(tiny_llama, tmp_path, 3, 0)
+    model, adapters, _ = load_named_model([(f"t{i}", d) for i, d in enumerate(tasks)], str(tiny_llama))
+    with torch.no_grad(), adapters.arrow(["t0", "t1", "t2"], [], ArrowSettings(top_k=2, seed=0)):
+        exact = model(input_ids=IDS).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(input_ids=IDS).logits.float()
+    assert torch.isfinite(autocast).all()
+    assert (autocast - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
 def test_one_layer_routes_as_computed_by_hand(tiny_llama, tmp_path):
     """Independent of peft: the prototypes are B A's top right singular vectors (up to sign; 15 power iterations, as
     peft's, come close to the exact SVD's), and a token's update is the softmax-weighed sum of its top-2 adapters'

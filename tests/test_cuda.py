@@ -2,8 +2,8 @@
 and the eval loss of the same recipe run on the CPU. Both train in fp32 with deterministic kernels, so what differs
 is the order of the floating-point sums: the adapters agree to 1e-4, the eval losses to 1e-5 relative. The CPU
 suite compares every method with peft and a dense reference; this file checks that the CUDA paths (the layers'
-devices, the methods' own tensors made on the GPU, KaSA's SVD, VeLoRA's projections, the MoE experts' updates)
-compute the same thing."""
+devices, the methods' own tensors made on the GPU, KaSA's SVD, VeLoRA's projections and its random start, the MoE
+experts' updates) compute the same thing."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ METHODS = {
     "dora": {"target_modules": "all-linear", "use_dora": True},
     "kasa": {"target_modules": "all-linear", "kasa_config": {"beta": 1e-4, "gamma": 1e-3}},
     "velora": {"target_modules": "all-linear", "velora_config": {"num_groups": 16, "init_type": "batch_average"}},
+    "velora_random": {"target_modules": "all-linear", "velora_config": {"num_groups": 16, "init_type": "random"}},
     "bdlora": {"target_modules": ["q_proj", "v_proj", "o_proj"],
                "use_bdlora": {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj", "v_proj"],
                               "nblocks": 2}},

@@ -67,12 +67,16 @@ class ArrowLayer:
         return cls(a, b, scales, protos, settings)
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        """Each token's weighed sum of its top_k adapters' updates, in the adapters' dtype."""
+        """Each token's weighed sum of its top_k adapters' updates, in the adapters' dtype (under autocast, the
+        update's products in autocast's, as a LoRA layer's)."""
         tokens = x.to(self.a.dtype).reshape(-1, x.shape[-1])
-        scores = (tokens @ self.prototypes.T).abs()
-        top, index = torch.topk(scores, self.settings.top_k, dim=1)
-        weights = torch.softmax(tokens.new_full(scores.shape, float("-inf")).scatter(1, index, top)
-                                / self.settings.temperature, dim=1)
-        h = torch.einsum("tf,erf->ter", tokens, self.a)
-        y = torch.einsum("ter,eor->teo", h, self.b) * self.scales.view(1, -1, 1)
-        return torch.einsum("te,teo->to", weights, y).reshape(*x.shape[:-1], -1)
+        with torch.autocast(x.device.type, enabled=False):  # the routing in the adapters' dtype, whatever autocast
+            # says: under bf16 autocast the scores came out bf16, which scatter refused (and top-k tied more often)
+            scores = (tokens @ self.prototypes.T).abs()
+            top, index = torch.topk(scores, self.settings.top_k, dim=1)
+            weights = torch.softmax(tokens.new_full(scores.shape, float("-inf")).scatter(1, index, top)
+                                    / self.settings.temperature, dim=1)
+        # sum_e w_e s_e B_e (A_e x) as one product over (adapter, rank): never a (tokens, adapters, out) tensor, which
+        # peft builds (gigabytes per layer at an evaluation's batch of a large model's MLP)
+        h = torch.einsum("tf,erf->ter", tokens, self.a) * (weights * self.scales).unsqueeze(-1)
+        return torch.einsum("ter,eor->to", h, self.b).reshape(*x.shape[:-1], -1)

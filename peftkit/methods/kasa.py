@@ -66,8 +66,8 @@ def kasa_conflict(cfg: Any) -> str | None:
 
 def truncate(weight: nn.Parameter, r: int, path: str) -> None:
     """`weight` (out, in) without its r smallest singular components, in place: peft's `_truncate_base_weight`, step
-    for step (an exact fp32 SVD, U_k S_k V_k^T, cast back), so both truncate to the same bits. Nothing on the meta
-    device (the memory estimate)."""
+    for step (an exact fp32 SVD, U_k S_k V_k^T, cast back), so both truncate to the same bits on one device (a GPU's
+    SVD rounds otherwise than a CPU's). Nothing on the meta device (the memory estimate)."""
     k = min(weight.shape)
     if r >= k:
         raise PeftkitError(f"adapter.kasa_config: '{path}' has {k} singular values (min of {tuple(weight.shape)}), and "

@@ -100,7 +100,9 @@ class Compressed:
         in_features = self.lora_A.in_features
         width = -(-in_features // settings.num_groups)
         where = self.lora_A.weight.device
-        start = unit(torch.randn(width, device=where)) if settings.init_type == "random" else torch.zeros(width)
+        # Drawn on the CPU, then moved beside the base, as LoRA's A: one seed gives one adapter on any device (drawn
+        # on a GPU, it also left the CPU's generator, and so every later layer's A, other than a CPU run's).
+        start = unit(torch.randn(width)) if settings.init_type == "random" else torch.zeros(width)
         # A frozen tensor saved with the adapter (peft's persistent buffer): no gradient, no optimizer state.
         self.lora_velora_embed = nn.Parameter(start.to(where), requires_grad=False)
         self._embed_set = settings.init_type == "random"
