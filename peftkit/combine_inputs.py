@@ -91,7 +91,7 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
     """The adapters, read and checked one by one (PEFT format, no NaN, remote code allowed)."""
     from peftkit.methods import method_of
     from peftkit.methods.base import refuse_unmergeable
-    from peftkit.modeling import check_remote_code
+    from peftkit.adapter_base import check_remote_code
     from peftkit.peft_format import load_adapter
 
     sources = []

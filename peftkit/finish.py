@@ -27,7 +27,7 @@ from peftkit.samples import answers, print_samples, sample_prompts
 
 if TYPE_CHECKING:
     from peftkit.recipe import Recipe
-    from peftkit.train import _Run
+    from peftkit.start import Run
 
 
 RESTART = ("Lower training.lr and start again with `peftkit train RECIPE --overwrite`: --resume continues only the "
@@ -47,7 +47,7 @@ def task_metrics(cfg: Recipe) -> list[str]:
     return list(CLASSIFICATION_METRICS) if cfg.classification else cfg.eval.generation_metrics
 
 
-def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> dict:
+def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> dict:
     """Final evaluation, the checks that the result is usable, export, manifest and summary."""
     from peftkit import manifest as manifest_mod
 
@@ -112,7 +112,7 @@ def finish(run: _Run, state: LoopState, started: float, show_summary: bool) -> d
     return summary
 
 
-def _take_best(run: _Run, model, state: LoopState, eval_result: dict | None) -> tuple[dict | None, dict | None]:
+def _take_best(run: Run, model, state: LoopState, eval_result: dict | None) -> tuple[dict | None, dict | None]:
     """With export.best, put the best evaluation's adapter into the model (what is sampled and merged) and return
     that evaluation's result and adapter (what is exported: under DeepSpeed's 16-bit modes the fp32 masters, which
     the model's 16-bit copy would round); else the final result and None."""
@@ -126,7 +126,7 @@ def _take_best(run: _Run, model, state: LoopState, eval_result: dict | None) -> 
     return run.selection.best_result, run.selection.best_weights
 
 
-def _write_report(run: _Run) -> Path | None:
+def _write_report(run: Run) -> Path | None:
     """report/ of the finished run. The run's results are already safe on disk: a report that fails is a
     warning, not a failed run (`peftkit report RUN_DIR` can write it again)."""
     from peftkit.report import write_report
@@ -139,7 +139,7 @@ def _write_report(run: _Run) -> Path | None:
         return None
 
 
-def _check_finite(run: _Run, model, eval_result: dict | None, state: LoopState, weights: dict | None) -> dict:
+def _check_finite(run: Run, model, eval_result: dict | None, state: LoopState, weights: dict | None) -> dict:
     """A run whose adapter or final eval loss is NaN/inf exports nothing and fails, whatever nan_policy says
     (skip_step keeps single bad steps out of the weights; it does not make a broken result usable). Returns the
     adapter's state dict, which the export writes: `weights` (export.best's), else the model's (gathered by every

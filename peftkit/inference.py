@@ -56,7 +56,7 @@ class ModelSource:
 
     @property
     def adapter_base(self) -> ModelConfig | str | None:
-        """What an adapter is applied to (`peftkit.modeling.load_adapter_base`'s `base`)."""
+        """What an adapter is applied to (`peftkit.adapter_base.load_adapter_base`'s `base`)."""
         return self.model if self.model_from_recipe else self.base
 
     @property
@@ -92,7 +92,8 @@ class ModelSource:
 
     def tokenizer(self):
         """The tokenizer of the model (or of the adapter's base)."""
-        from peftkit.modeling import base_revision, check_remote_code, load_tokenizer
+        from peftkit.adapter_base import base_revision, check_remote_code
+        from peftkit.modeling import load_tokenizer
         from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
 
         cfg = self.model
@@ -116,7 +117,8 @@ class ModelSource:
     def load(self, device: torch.device | None = None, labels=None) -> nn.Module:
         """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied.
         `labels`: a sequence classifier's classes, for a model without adapter (`peftkit.modeling.load_model`)."""
-        from peftkit.modeling import load_adapted_model, load_model, resolve_device
+        from peftkit.adapter_base import load_adapted_model
+        from peftkit.modeling import load_model, resolve_device
         from peftkit.progress import phase
         from peftkit.runtime import inference_autocast, under_autocast
 

@@ -360,7 +360,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         overwrite: replace an existing --output (never the base, the adapter or the current directory).
         trust_remote_code: the user's `--trust-remote-code`; needed for an adapter whose base runs its own code.
     """
-    from peftkit.modeling import DTYPES, load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
+    from peftkit.modeling import DTYPES
     from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
 
     check_adapter_dir(Path(adapter_dir))

@@ -68,7 +68,7 @@ def peft_qlora_model(recipe):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from peftkit.train import seed_everything
+    from peftkit.runtime import seed_everything
 
     dtype = getattr(torch, recipe.quantization.compute_dtype)
     load_dtype = getattr(torch, recipe.model.dtype)

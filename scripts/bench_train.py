@@ -166,22 +166,23 @@ def _sync(device: str) -> float:
 
 def run_peftkit(recipe, _workdir: Path | None = None) -> dict:
     """peftkit.train.train(recipe); step ends timed where the loop writes each step's metrics line."""
+    import peftkit.start as ps
     import peftkit.train as pt
     from rich.console import Console
 
     ends: list[float] = []
-    original = pt.append_line
+    original = ps.append_line  # Run.log's
 
     def timed_append_line(path, line, **kwargs):
         if '"loss"' in line:
             ends.append(_sync(recipe.model.device))
         original(path, line, **kwargs)
 
-    pt.append_line = timed_append_line
+    ps.append_line = timed_append_line
     try:
         summary = pt.train(recipe, overwrite=True, console=Console(quiet=True))
     finally:
-        pt.append_line = original
+        ps.append_line = original
     lines = (Path(recipe.export.output_dir) / "metrics.jsonl").read_text().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
     return {"step_ends": ends, "losses": losses, "eval_loss": summary["eval_loss"],
@@ -363,7 +364,7 @@ def peft_lora_model(recipe):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peftkit.train import seed_everything
+    from peftkit.runtime import seed_everything
 
     model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype),
                                                  use_kernels=False)  # as peftkit: the model's own code

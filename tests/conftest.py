@@ -140,7 +140,7 @@ def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor) -> tupl
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import adapter_layers
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter,
                                        is_trainable=True).train()
@@ -188,7 +188,7 @@ def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor,
 
     from peftkit.adapters import adapter_layers
     from peftkit.merge import merge_adapter, merged_model
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     def logits(model: torch.nn.Module) -> torch.Tensor:
         with torch.no_grad():

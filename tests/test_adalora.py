@@ -23,7 +23,7 @@ from peftkit.errors import PeftkitError
 from peftkit.inspect import inspect_adapter
 from peftkit.merge import merge_adapter
 from peftkit.methods.adalora import AdaLora, AdaLoraConfig
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model

@@ -21,7 +21,7 @@ from peftkit.errors import PeftkitError
 from peftkit.generate import Sampling, generate_ids, stop_token_ids
 from peftkit.methods.alora import invocation_coverage, last_starts
 from peftkit.methods.lora import LoraConfig
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.recipe import load_recipe
 from peftkit.tiny import write_jsonl
 from tests.conftest import cli_user_error, make_recipe, save_random_adapter

@@ -20,7 +20,7 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.bdlora import BlockDiagonal
 from peftkit.methods.lora import LoraConfig
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
                             save_peft_lora, save_random_adapter)
 

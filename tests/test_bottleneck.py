@@ -108,7 +108,7 @@ def test_eval_and_generate_cli_on_a_trained_run(models, number_data, tmp_path, m
     from peftkit.cli import main
     from peftkit.data.prompts import load_prompts
     from peftkit.generate import Sampling, generate_texts
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
     from peftkit.recipe import DataConfig, load_recipe
     from peftkit.train import train
 
@@ -156,7 +156,7 @@ def test_refusals(models, tmp_path):  # noqa: F811
 
 
 def load_adapted_model_from(path):
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     return load_adapted_model(None, str(path))
 

@@ -677,7 +677,7 @@ def test_target_modules_naming_a_container(tmp_path):
 
 
 def test_model_directory_passed_as_adapter(assets):
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     with pytest.raises(PeftkitError) as info:
         load_adapted_model(None, str(assets["wide"]))
@@ -686,14 +686,14 @@ def test_model_directory_passed_as_adapter(assets):
 
 
 def test_missing_adapter_directory(tmp_path):
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     with pytest.raises(PeftkitError, match="^Adapter directory not found: "):
         load_adapted_model(None, str(tmp_path / "no-adapter"))
 
 
 def test_adapter_on_a_base_of_another_size(assets):
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     with pytest.raises(PeftkitError) as info:
         load_adapted_model(str(assets["wide"]), str(assets["run"] / "adapter"))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from peftkit.errors import PeftkitError
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.tiny import build_tiny_model
 from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe
 

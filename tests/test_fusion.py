@@ -21,7 +21,7 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.oft import OftConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
 from tests.conftest import cli_user_error, make_recipe, random_adapters, save_random_adapter
 

@@ -123,7 +123,7 @@ def test_cli_generates_from_a_run_directory(tiny_llama, number_data, tmp_path, m
     from rich.console import Console
 
     from peftkit.cli import main
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
     from peftkit.recipe import load_recipe
     from peftkit.train import train
 

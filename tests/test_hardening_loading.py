@@ -267,7 +267,7 @@ def test_tied_output_head_missing_from_the_files_is_normal(tmp_path):
 
 
 def _load_adapter(path: Path):
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     return load_adapted_model(None, str(path))
 

@@ -158,7 +158,7 @@ def test_a_run_at_a_named_branch_is_evaluated_and_verified_at_the_commit_it_load
     assert (f"was trained on {REPO} at commit {'a' * 40}, which model.revision 'main' named then; it names {'c' * 40} "
             f"now. Loading {'a' * 40}, the base the adapter was trained on.") in " ".join(said.split())
     # Another branch, or another commit's short hash, is not what the adapter was trained on: refused, as before.
-    from peftkit.modeling import base_revision
+    from peftkit.adapter_base import base_revision
 
     (hub / "models--acme--tiny-llama" / "refs" / "v2").write_text("c" * 40)
     adapter = str(run / "adapter")

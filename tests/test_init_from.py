@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
-from peftkit.train import _accelerator, _setup, train
+from peftkit.start import make_accelerator, setup
+from peftkit.train import train
 from tests.conftest import make_recipe
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
@@ -26,7 +27,7 @@ def _step0(recipe_path, tmp_path):
     """The model and settings `peftkit train` would start its first step from."""
     recipe = load_recipe(recipe_path)
     out = tmp_path / "run"
-    return _setup(recipe, out, False, Console(quiet=True), _accelerator(recipe, out)), recipe
+    return setup(recipe, out, False, Console(quiet=True), make_accelerator(recipe, out)), recipe
 
 
 def test_step0_weights_are_the_adapters(tiny_llama, number_data, tmp_path):

@@ -15,7 +15,7 @@ from peftkit.adapters import adapter_layers, adapter_state_dict, count_parameter
 from peftkit.errors import PeftkitError
 from peftkit.merge import merge_adapter, merged_model
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.tiny import build_char_tokenizer
 from tests.conftest import random_adapters

@@ -142,7 +142,7 @@ def _losses(run) -> list[float]:
 
 
 def test_recipe_trains_and_adapter_loads(tmp_path, tiny_llama, number_data):
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
     from peftkit.train import train
 
     sections = {"adapter": {"modules_to_save": ["embed_tokens", "norm"]},

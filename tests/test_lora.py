@@ -109,7 +109,7 @@ def test_bf16_base_adds_the_update_before_rounding_as_peft(tiny_llama, tmp_path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
     from peftkit.recipe import ModelConfig
     from tests.conftest import save_random_adapter
 

@@ -17,7 +17,8 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
 from peftkit.merge import merge_adapter
 from peftkit.methods.lora import Lora, LoraConfig
-from peftkit.modeling import load_adapted_model, load_model
+from peftkit.adapter_base import load_adapted_model
+from peftkit.modeling import load_model
 from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.train import train
 from tests.conftest import cli_user_error, make_recipe

@@ -65,7 +65,8 @@ from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
-from peftkit.modeling import load_adapted_model, load_model
+from peftkit.adapter_base import load_adapted_model
+from peftkit.modeling import load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
 from peftkit.tiny import build_tiny_model
@@ -504,7 +505,7 @@ def test_peft_s_lora_on_a_tied_head_loads_with_its_base_copy(models, tmp_path):
     adapter was refused as "trained on another base model" (and inspect said it loads). Loaded, peft's logits."""
     from peft import LoraConfig as PeftLoraConfig
 
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     torch.manual_seed(0)
     peft_model = get_peft_model(_load(models["qwen2"]), PeftLoraConfig(r=2, lora_alpha=4, init_lora_weights=False,

@@ -76,7 +76,7 @@ def _peft_made(base: Path, out: Path, seed: int, **config) -> Path:
 
 
 def _peftkit_model(base: Path, adapter: Path):
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
     return load_adapted_model(str(base), str(adapter))[0].float().eval()
 
 
@@ -338,7 +338,7 @@ def test_chat_uses_the_task(llama, tmp_path):
     from peftkit.chat import chat_loop
     from peftkit.data.prompts import chat_prompt
     from peftkit.generate import Sampling, stop_token_ids
-    from peftkit.modeling import load_adapted_model
+    from peftkit.adapter_base import load_adapted_model
 
     adapter = _strong(llama, tmp_path / "adapter")
     model, _, tok, *_ = load_adapted_model(str(llama), str(adapter))

@@ -21,7 +21,7 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora_layers import LoraLinear
 from peftkit.methods.prompt_tuning import PromptTuningConfig
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.tiny import number_rows, write_jsonl
 from tests.conftest import cli_user_error, save_random_adapter
 

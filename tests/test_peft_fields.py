@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods import method_for_peft_type
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import UNSUPPORTED_FEATURES, check_peft_fields, load_adapter
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])

@@ -123,26 +123,27 @@ def test_a_run_without_a_terminal_logs_progress_and_evaluations(tiny_llama, numb
 
 def test_tokens_per_s_leaves_evaluations_out(tiny_llama, number_data, tmp_path, monkeypatch):
     """A step after an evaluation was charged with its time (a tenth of the throughput, in the log and the report's
-    plot). Each evaluation is made to take half a second more: steps of ~0.02 s would show it 25 times over."""
+    plot). Each evaluation is made to take two seconds more: steps of ~0.02 s would show it 100 times over, far beyond
+    what a busy machine's slow step shows."""
     import statistics
     import time
 
-    from peftkit import train as train_module
+    from peftkit import start
 
-    evaluate = train_module._Run.evaluate
+    evaluate = start.Run.evaluate
 
     def slow(run, step):
-        time.sleep(0.5)
+        time.sleep(2.0)
         return evaluate(run, step)
 
-    monkeypatch.setattr(train_module._Run, "evaluate", slow)
+    monkeypatch.setattr(start.Run, "evaluate", slow)
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 8, "eval_steps": 3},
                          eval={"base_model": False})
     train(load_recipe(recipe), console=Console(quiet=True))
     rates = {r["step"]: r["tokens_per_s"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
              if "tokens_per_s" in r}
     typical = statistics.median(rates.values())
-    assert rates[4] > typical / 5 and rates[7] > typical / 5, rates
+    assert rates[4] > typical / 10 and rates[7] > typical / 10, rates
 
 
 def test_progress_lines_do_not_wait_for_logged_steps(tiny_llama, number_data, tmp_path):

@@ -35,7 +35,7 @@ from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.virtual import EncoderTrainer, virtual_tokens
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import DataConfig, ModelConfig
 from tests.conftest import cli_user_error, make_recipe

@@ -32,7 +32,8 @@ from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.merge import MergeWarning, merge_adapter, merge_device, merged_model
 from peftkit.methods.lora import LoraConfig
-from peftkit.modeling import load_adapted_model, load_model
+from peftkit.adapter_base import load_adapted_model
+from peftkit.modeling import load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.tiny import build_tiny_model

@@ -642,16 +642,16 @@ def test_disk_full_while_appending_a_metric_line_says_so_and_how_to_go_on(tiny_l
                                                                          monkeypatch):
     """The append was said as if the file had been replaced ("The previous version of it, if any, is intact"), though
     a cut line may end it, and without the checkpoint to resume from."""
-    from peftkit import train as train_module
+    from peftkit import start
 
-    real = train_module.append_line
+    real = start.append_line
 
     def append(path, line, sync=True):
         if '"step": 5' in line:
             raise fileio.DiskFullError(f"No space left on the device while writing {path}.")
         return real(path, line, sync)
 
-    monkeypatch.setattr(train_module, "append_line", append)
+    monkeypatch.setattr(start, "append_line", append)
     with pytest.raises(PeftkitError) as e:
         train(_recipe(tmp_path, tiny_llama, number_data), console=_console()[0])
     assert str(e.value) == (f"No space left on the device while appending to {tmp_path / 'run' / 'metrics.jsonl'}; its "

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.data.prompts import load_prompts
 from peftkit.generate import Sampling, generate_texts
-from peftkit.modeling import load_adapted_model
+from peftkit.adapter_base import load_adapted_model
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.report import write_report
 from peftkit.train import train

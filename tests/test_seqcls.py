@@ -15,7 +15,8 @@ from peftkit.classify import evaluate_classification, with_head
 from peftkit.data.classification import ClassificationCollator, LabelSet, load_classification
 from peftkit.errors import PeftkitError
 from peftkit.metrics import accuracy, macro_f1
-from peftkit.modeling import load_adapted_model, load_model, load_tokenizer
+from peftkit.adapter_base import load_adapted_model
+from peftkit.modeling import load_model, load_tokenizer
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
 from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
 from peftkit.export import export

@@ -496,13 +496,14 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfi
 
     Args:
         adapters: (name, adapter directory) pairs.
-        base: the base model (a name, or a recipe's `model`: `peftkit.modeling.load_adapter_base`); default the
+        base: the base model (a name, or a recipe's `model`: `peftkit.adapter_base.load_adapter_base`); default the
             adapters' recorded base_model_name_or_path (which must then agree).
 
     Returns:
         (model, NamedAdapters, tokenizer)
     """
-    from peftkit.modeling import check_remote_code, load_adapter_base, load_tokenizer
+    from peftkit.adapter_base import check_remote_code, load_adapter_base
+    from peftkit.modeling import load_tokenizer
 
     if not adapters:
         raise PeftkitError("No adapters to load: give at least one (name, directory).")
