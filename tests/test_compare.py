@@ -161,3 +161,42 @@ def test_a_name_dir_value_with_an_empty_or_unusable_part_says_which(value, expec
     assert expected in str(caught.value)
     (tmp_path / value).mkdir(parents=True)
     assert parse_named([value], "--merged")[0][1] == value
+
+
+def test_an_output_that_is_or_is_inside_an_input_is_refused(tiny_llama, number_data, candidates, tmp_path, monkeypatch,
+                                                           capsys):
+    """`--json` and `--predictions` were written over the command's own inputs: `--predictions ev.jsonl` or `--json
+    ev.jsonl` replaced the dataset, a comparison's `--predictions` at the data's directory wrote base.jsonl over a data
+    file of that name. Each is refused before anything loads, and the input is left as it was."""
+    import shutil
+
+    data = tmp_path / "ev.jsonl"
+    shutil.copy(number_data["eval"], data)
+    before = data.read_bytes()
+    args = ["eval", "--model", str(tiny_llama), "--data", str(data), "--metrics", "exact_match"]
+    for extra, said in [
+        (["--predictions", str(data)], f"--predictions {data} is the data ({data}), an input of this command: writing "
+                                       "it would overwrite it. Give --predictions another path."),
+        (["--json", str(data)], f"--json {data} is the data ({data})"),
+        (["--json", str(tiny_llama / "e.json")], f"--json {tiny_llama / 'e.json'} is inside the model ({tiny_llama})"),
+        (["--adapter", str(candidates / "peft"), "--json", str(candidates / "peft" / "adapter_config.json")],
+         "is inside the adapter"),
+        (["--adapter", f"a={candidates / 'peft'}", "--predictions", str(candidates / "peft")],
+         f"--predictions {candidates / 'peft'} is the adapter"),
+        (["--merged", f"m={candidates / 'run' / 'merged'}", "--json", str(candidates / "run" / "merged" / "e.json")],
+         "is inside the merged model"),
+    ]:
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, *args, *extra).split())
+    assert data.read_bytes() == before
+
+    base = tmp_path / "base.jsonl"  # the data is named as the comparison's base row's predictions
+    shutil.copy(number_data["eval"], base)
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(base), "--metrics",
+                         "exact_match", "--adapter", f"a={candidates / 'peft'}", "--predictions", str(tmp_path))
+    assert f"--predictions {tmp_path}: the comparison's base.jsonl is the data ({base})" in " ".join(err.split())
+    assert base.read_bytes() == before
+
+    run = candidates / "run"  # a run directory: its recipe's data.eval, its adapter/, the run itself
+    for out, said in [(run / "eval.json", f"is inside the run directory ({run})"),
+                      (number_data["eval"], f"is the data ({number_data['eval']})")]:
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, "eval", str(run), "--json", str(out)).split())

@@ -293,3 +293,31 @@ def test_an_adapter_flag_that_names_a_model_or_a_run_is_a_clear_error(tiny_llama
     err = cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--adapter", str(run),
                          "--prompt", "hi")
     assert f"It is a training run's directory: its adapter is {run / 'adapter'}." in err
+
+
+def test_an_output_that_is_or_is_inside_an_input_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """`generate --adapter A --json A/adapter_config.json` destroyed the adapter; `--json` over --data, the recipe or
+    into the model is refused too, before anything loads."""
+    from peft import LoraConfig
+
+    from tests.conftest import save_peft_lora
+
+    adapter = save_peft_lora(tiny_llama, tmp_path / "a0c", LoraConfig(r=2, target_modules=["q_proj"]))
+    config = (adapter / "adapter_config.json").read_bytes()
+    args = ["generate", "--model", str(tiny_llama)]
+    for extra, said in [
+        (["--adapter", str(adapter), "--prompt", "hi", "--json", str(adapter / "adapter_config.json")],
+         f"--json {adapter / 'adapter_config.json'} is inside the adapter ({adapter}), an input of this command: "
+         "writing there would change it. Give --json a path outside it."),
+        (["--adapter", f"a={adapter}", "--adapter", f"b={adapter}", "--arrow", "--prompt", "hi", "--json",
+          str(adapter)], f"--json {adapter} is the adapter"),
+        (["--data", str(number_data["eval"]), "--json", str(number_data["eval"])], "is the data"),
+        (["--prompt", "hi", "--json", str(tiny_llama / "config.json")], "is inside the model"),
+    ]:
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, *args, *extra).split())
+    assert (adapter / "adapter_config.json").read_bytes() == config
+    recipe = make_recipe(tmp_path / "r", tiny_llama, number_data)
+    assert f"--json {recipe} is the recipe" in " ".join(cli_user_error(
+        monkeypatch, capsys, "generate", str(recipe), "--json", str(recipe)).split())
+    assert f"is the data ({number_data['eval']})" in " ".join(cli_user_error(  # the recipe's data.eval
+        monkeypatch, capsys, "generate", str(recipe), "--json", str(number_data["eval"])).split())

@@ -10,9 +10,10 @@ from typing import Annotated, Optional
 import typer
 
 from peftkit.cli.application import app, console, err_console
-from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, General, Overrides, Task,
-                                 TrustRemoteCode, adapter_flags, adapter_path, arrow_settings, check_json_out,
-                                 fetched, local_path, typed, user_path)
+from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, General, Inputs,
+                                 Overrides, Task, TrustRemoteCode, adapter_flags, adapter_path, arrow_settings,
+                                 check_json_out, check_not_input, command_inputs, fetched, job_inputs, local_path,
+                                 typed, user_path)
 from peftkit.errors import PeftkitError, visible
 
 
@@ -141,7 +142,7 @@ def eval_cmd(
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
     same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
-    from peftkit.compare import split_named
+    from peftkit.compare import parse_named, split_named
     from peftkit.evaluate import eval_job, evaluate
     from peftkit.fileio import atomic_write_json
 
@@ -151,15 +152,24 @@ def eval_cmd(
     settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters), task)
     if settings is not None and not (comparing and adapters):
         raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR.")
-    for path, flag in ((json_out, "--json"), (None if comparing else predictions, "--predictions")):
+    named = parse_named(adapters, "--adapter") if comparing else []
+    named_merged = parse_named(merged, "--merged", [n for n, _ in named])
+    inputs = command_inputs(recipe, local_path(model) if model else None, local_path(data) if data else None,
+                            [local_path(p) for _, p in named] or adapters, [local_path(p) for _, p in named_merged])
+    outputs = ((json_out, "--json"), (None if comparing else predictions, "--predictions"))
+    for path, flag in outputs:
         if path is not None:
-            check_json_out(path, flag)
+            check_json_out(path, flag, inputs)
     single = adapter_path(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], local_path(model) if model else None, local_path(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
                    predictions, task, comparing=comparing, split=split, data_revision=data_revision)
+    inputs += job_inputs(job)  # a recipe's data.eval and model, a run's adapter/
+    for path, flag in outputs:
+        if path is not None:
+            check_json_out(path, flag, inputs)
     if comparing:
-        _compare(job, adapters, merged, predictions, json_out, settings, general or [])
+        _compare(job, named, named_merged, predictions, json_out, settings, general or [], inputs)
         return
     result = evaluate(job)
     shown = []
@@ -175,16 +185,17 @@ def eval_cmd(
         atomic_write_json(json_out, result)
 
 
-def _compare(job, adapters: list[str], merged: list[str], predictions: Path | None, json_out: Path | None,
-             arrow=None, general: list[str] = ()) -> None:
-    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR): one table against the base; with
-    `arrow` (ArrowSettings), a row of Arrow routing among them too (`general`: GenKnowSub's)."""
-    from peftkit.compare import ARROW, compare, comparison_jobs, comparison_table, parse_named
+def _compare(job, named: list[tuple[str, str]], merged: list[tuple[str, str]], predictions: Path | None,
+             json_out: Path | None, arrow=None, general: list[str] = (), inputs: Inputs = ()) -> None:
+    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR), as parsed: one table against the base;
+    with `arrow` (ArrowSettings), a row of Arrow routing among them too (`general`: GenKnowSub's). `inputs`: what no
+    --predictions file may be (`check_not_input`)."""
+    from peftkit.compare import ARROW, BASE, compare, comparison_jobs, comparison_table
     from peftkit.fileio import atomic_write_json
     from peftkit.rundir import make_writable_dir
 
-    named = [(n, adapter_path(p)) for n, p in parse_named(adapters, "--adapter")]
-    named_merged = [(n, local_path(p)) for n, p in parse_named(merged, "--merged", [n for n, _ in named])]
+    named = [(n, adapter_path(p)) for n, p in named]
+    named_merged = [(n, local_path(p)) for n, p in merged]
     if missing := next((n for n in general if n not in [name for name, _ in named]), None):
         raise PeftkitError(f"--general {missing} names none of the --adapter NAME=DIR adapters.")
     if arrow is not None and ARROW in [n for n, _ in named + named_merged]:
@@ -195,6 +206,10 @@ def _compare(job, adapters: list[str], merged: list[str], predictions: Path | No
         if predictions.suffix.lower() in (".jsonl", ".json") and not predictions.is_dir():
             raise PeftkitError(f"--predictions {predictions}: a comparison writes one NAME.jsonl per model, into a "
                                f"directory; give a directory (e.g. --predictions {predictions.with_suffix('')}).")
+        check_not_input(predictions, "--predictions", inputs)
+        for name in [BASE, *(n for n, _ in named + named_merged), *([ARROW] if arrow is not None else [])]:
+            check_not_input(predictions / f"{name}.jsonl", "--predictions", inputs,
+                            f"{predictions}: the comparison's {name}.jsonl")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     try:
         results = compare(comparison_jobs(job, named, named_merged), predictions, routing)
@@ -263,9 +278,11 @@ def generate(
     from peftkit.generate import Sampling, check_arrow, generate_job, run_generate
 
     json_out = user_path(json_out)
-    if json_out is not None:
-        check_json_out(json_out)
     single, named = adapter_flags(adapter or [])
+    inputs = command_inputs(recipe, local_path(model) if model else None, local_path(data) if data else None,
+                            [local_path(p) for p in [single] if p] + [local_path(p) for _, p in named])
+    if json_out is not None:
+        check_json_out(json_out, "--json", inputs)
     prompts = [typed(text) for text in prompt or []]
     settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named), task)
     check_arrow(named, settings, general or [], route)  # before a hub adapter is fetched
@@ -273,6 +290,8 @@ def generate(
     job = generate_job(recipe, overrides or [], local_path(model) if model else None, single, prompts,
                        local_path(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
                        batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)
+    if json_out is not None:  # and what the recipe gives: its data.eval, a run's adapter/
+        check_json_out(json_out, "--json", inputs + job_inputs(job))
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):

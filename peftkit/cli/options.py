@@ -104,13 +104,51 @@ def fetched(single: str | None, named: list[tuple[str, str]]) -> tuple[str | Non
     return adapter_path(single) if single else None, [(n, adapter_path(p)) for n, p in named]
 
 
-def check_json_out(path: Path, flag: str = "--json") -> None:
-    """An output file flag must name a file we can write: checked before minutes of evaluation, not after."""
+Inputs = list[tuple[str, "str | Path | None"]]
+"""A command's inputs, (what it is, its path): the data, the recipe or run, the model, the adapters."""
+
+
+def command_inputs(recipe: Path | None = None, model: str | None = None, data: str | None = None,
+                   adapters: list[str] = (), merged: list[str] = ()) -> Inputs:
+    """What a command reads, as `check_json_out` compares its outputs against (hub ids are skipped there)."""
+    run = recipe is not None and Path(recipe).is_dir()
+    return ([("the run directory" if run else "the recipe", recipe), ("the model", model), ("the data", data)]
+            + [("the adapter", a) for a in adapters] + [("the merged model", m) for m in merged])
+
+
+def job_inputs(job) -> Inputs:
+    """What an eval or generate job reads as it was resolved: a recipe's model and data.eval, a run's adapter/."""
+    source = job.source
+    return command_inputs(model=source.model.name_or_path if source.model else None, data=job.data,
+                          adapters=[source.adapter] if source.adapter else [])
+
+
+def check_not_input(path: Path, flag: str, inputs: Inputs, shown: str | None = None) -> None:
+    """Refuse an output `path` that is one of the command's `inputs`, or inside one (a data file, the recipe, a run,
+    model or adapter directory): writing it would replace what the command reads, or add to it. Paths not on disk
+    (hub ids) are skipped; `shown`: how the error names the output (default: `path`)."""
+    out = path.expanduser().resolve()
+    for label, given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        held = Path(given).expanduser().resolve()
+        if out == held:
+            raise PeftkitError(f"{flag} {shown or path} is {label} ({held}), an input of this command: writing it would "
+                               f"overwrite it. Give {flag} another path.")
+        if held in out.parents:
+            raise PeftkitError(f"{flag} {shown or path} is inside {label} ({held}), an input of this command: writing there "
+                               f"would change it. Give {flag} a path outside it.")
+
+
+def check_json_out(path: Path, flag: str = "--json", inputs: Inputs = ()) -> None:
+    """An output file flag must name a file we can write, and none of the command's `inputs` (`check_not_input`):
+    checked before minutes of evaluation, not after."""
     from peftkit.fileio import special_file
     from peftkit.rundir import make_writable_dir
 
     if special_file(path):  # /dev/stdout, a pipe: written as it is
         return
+    check_not_input(path, flag, inputs)
     if path.is_dir():
         name = "predictions.jsonl" if flag == "--predictions" else "eval.json"
         raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / name}.")
