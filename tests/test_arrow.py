@@ -175,9 +175,10 @@ def test_generate_flags_that_do_not_go_together_are_refused(tiny_llama, tmp_path
         assert message in " ".join(err.split()), err
 
 
-@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"]])
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["chat"], ["eval", "--data", "d.jsonl"]])
 def test_wrong_arrow_flags_are_said_before_a_hub_adapter_is_fetched(command, tiny_llama, monkeypatch, capsys):
-    """The flags are checked first: a mistake is said at once, not after downloading every hub adapter named."""
+    """The flags are checked first: a mistake is said at once, not after downloading every hub adapter named (eval
+    fetched them all first)."""
     import peftkit.hub
     from tests.conftest import cli_user_error
 
@@ -195,6 +196,10 @@ def test_wrong_arrow_flags_are_said_before_a_hub_adapter_is_fetched(command, tin
     ]:
         err = cli_user_error(monkeypatch, capsys, *command, "--model", str(tiny_llama), *args)
         assert message in " ".join(err.split()), err
+    if command[0] == "eval":  # its reserved row name too
+        err = cli_user_error(monkeypatch, capsys, *command, "--model", str(tiny_llama), "--adapter", "a=acme/a",
+                             "--adapter", "arrow=acme/b", "--arrow")
+        assert "--arrow adds a row named 'arrow' to the comparison: name that adapter otherwise." in err
 
 
 def test_chat_arrow_replies_as_cache_free_greedy_through_peft_s_arrow_model(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -273,7 +278,9 @@ def test_eval_flags_that_do_not_go_together_are_refused(tiny_llama, number_data,
         (["--arrow", "--adapter", tasks[0]], "--arrow routes among named adapters"),
         (["--adapter", f"a={tasks[0]}", "--adapter", f"arrow={tasks[1]}", "--arrow"], "name that adapter otherwise"),
         (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow", "--general", "c"],
-         "--general c names none of the --adapter NAME=DIR adapters"),
+         "--general c names none of them"),
+        (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--general", "b"], "pass --arrow too"),
+        (["--adapter", tasks[0], "--general", "b"], "pass --arrow too"),  # was ignored
         (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow-top-k", "1"], "pass --arrow too"),
         (["--adapter", f"a={tasks[0]}", "--adapter", f"b={tasks[1]}", "--arrow", "--arrow-top-k", "3"],
          "--arrow-top-k 3: takes 1 to 2"),

@@ -142,9 +142,10 @@ def eval_cmd(
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
     same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
-    from peftkit.compare import parse_named, split_named
+    from peftkit.compare import ARROW, parse_named, split_named
     from peftkit.evaluate import eval_job, evaluate
     from peftkit.fileio import atomic_write_json
+    from peftkit.generate import check_arrow
 
     adapters, merged = adapter or [], merged or []
     json_out, predictions = user_path(json_out), user_path(predictions)
@@ -154,6 +155,9 @@ def eval_cmd(
         raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR.")
     named = parse_named(adapters, "--adapter") if comparing else []
     named_merged = parse_named(merged, "--merged", [n for n, _ in named])
+    check_arrow(named, settings, general or [], None)  # (a hub adapter is fetched once the flags are right)
+    if settings is not None and ARROW in [n for n, _ in named + named_merged]:
+        raise PeftkitError(f"--arrow adds a row named {ARROW!r} to the comparison: name that adapter otherwise.")
     inputs = command_inputs(recipe, local_path(model) if model else None, local_path(data) if data else None,
                             [local_path(p) for _, p in named] or adapters, [local_path(p) for _, p in named_merged])
     outputs = ((json_out, "--json"), (None if comparing else predictions, "--predictions"))
@@ -196,10 +200,6 @@ def _compare(job, named: list[tuple[str, str]], merged: list[tuple[str, str]], p
 
     named = [(n, adapter_path(p)) for n, p in named]
     named_merged = [(n, local_path(p)) for n, p in merged]
-    if missing := next((n for n in general if n not in [name for name, _ in named]), None):
-        raise PeftkitError(f"--general {missing} names none of the --adapter NAME=DIR adapters.")
-    if arrow is not None and ARROW in [n for n, _ in named + named_merged]:
-        raise PeftkitError(f"--arrow adds a row named {ARROW!r} to the comparison: name that adapter otherwise.")
     routing = (arrow, [n for n, _ in named if n not in general], list(general)) if arrow is not None else None
     made = predictions is not None and not predictions.exists()
     if predictions is not None:
