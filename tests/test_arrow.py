@@ -193,6 +193,9 @@ def test_wrong_arrow_flags_are_said_before_a_hub_adapter_is_fetched(command, tin
         ([*hub, "--arrow", "--general", "c"], "--general c names none of them"),
         (["--adapter", "acme/a", "--arrow"], "--arrow routes among named adapters"),
         ([*hub, "--arrow", "--task", "0"], "--task 0 picks the task of a multitask prompt tuning adapter"),
+        ([*hub, "--arrow", "--general", "a", "--general", "b"],  # no task adapter: was found after loading, or never
+         "--general names 2 of the 2 --adapter NAME=DIR adapters: Arrow routes each token among the task adapters, "
+         "those not --general, so leave at least one out of --general."),
     ]:
         err = cli_user_error(monkeypatch, capsys, *command, "--model", str(tiny_llama), *args)
         assert message in " ".join(err.split()), err
@@ -288,3 +291,4 @@ def test_eval_flags_that_do_not_go_together_are_refused(tiny_llama, number_data,
     ]:
         err = cli_user_error(monkeypatch, capsys, *base, *args)
         assert message in " ".join(err.split()), err
+

@@ -79,7 +79,12 @@ def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, ge
     if task is not None:
         raise PeftkitError(f"--task {task} picks the task of a multitask prompt tuning adapter, and --arrow routes LoRA "
                            "adapters, which read no task ids: drop --task.")
-    tasks = max(adapters - len(general or []), 1)
+    tasks = adapters - len(general or [])
+    if general and tasks < 1:
+        raise PeftkitError(f"--general names {len(general)} of the {adapters} --adapter NAME=DIR adapters: Arrow routes "
+                           "each token among the task adapters, those not --general, so leave at least one out of "
+                           "--general.")
+    tasks = max(tasks, 1)  # no NAME=DIR adapter at all: check_arrow says to name them
     # Said before anything loads (NamedAdapters.arrow says it too, after loading the base and every adapter).
     if top_k is not None and top_k > tasks:
         raise PeftkitError(f"--arrow-top-k {top_k}: takes 1 to {tasks}, the task adapters (the NAME=DIR adapters "
