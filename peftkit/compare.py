@@ -100,6 +100,8 @@ def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None, arrow
     shared = None
     if adapters and jobs[BASE].data_cfg.format != "classification":
         shared = jobs[BASE].source.load_named(list(adapters.items()))
+        if arrow is not None:  # ranks, layers, methods: refused before any row is evaluated (or predictions written)
+            shared[1].check_arrow(arrow[1], arrow[2], arrow[0])
     results = {}
     for name, job in jobs.items():
         job = replace(job, name=name)

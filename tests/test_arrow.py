@@ -292,3 +292,17 @@ def test_eval_flags_that_do_not_go_together_are_refused(tiny_llama, number_data,
         err = cli_user_error(monkeypatch, capsys, *base, *args)
         assert message in " ".join(err.split()), err
 
+
+def test_eval_arrow_refuses_adapters_of_other_ranks_before_evaluating(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Adapters Arrow cannot route (here of ranks 4 and 2) were refused after the base and every adapter had been
+    evaluated, their predictions written; now right after loading, before any row is evaluated."""
+    from tests.conftest import cli_user_error
+
+    dirs = _adapters(tiny_llama, tmp_path, 1, 0) + _adapters(tiny_llama, tmp_path, 1, 1, r=2)
+    preds = tmp_path / "preds"
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]),
+                         "--metrics", "exact_match", "--max-new-tokens", "2", "--adapter", f"a={dirs[0]}", "--adapter",
+                         f"b={dirs[1]}", "--arrow", "--predictions", str(preds))
+    assert "Arrow routes adapters of one rank (as peft's)" in err and "a r=4, b r=2" in err
+    assert not preds.exists()  # no model's predictions written (the directory made for them is gone)

@@ -305,18 +305,10 @@ class NamedAdapters:
         settings = settings or ArrowSettings()
         if self.model.training:
             raise PeftkitError("Arrow routing is for inference: call model.eval() first.")
-        tasks, general = [self._known(n) for n in tasks], [self._known(n) for n in general]
-        if not tasks or set(tasks) & set(general) or len(set(tasks)) < len(tasks):
-            raise PeftkitError("Arrow routes among one or more task adapters, each named once, none of them also a "
-                               f"general adapter (tasks: {', '.join(tasks) or 'none'}; general: "
-                               f"{', '.join(general) or 'none'}).")
         if any(host.arrow is not None or host.routes is not None for host in self._hosts.values()):
             raise PeftkitError("Arrow routing is on already (or a mixed batch is): blocks of either do not nest.")
-        if not 1 <= settings.top_k <= len(tasks) or not 0 < settings.temperature < math.inf:
-            raise PeftkitError(f"Arrow's top_k is {settings.top_k} and its temperature {settings.temperature}: top_k "
-                               f"takes 1 to {len(tasks)} (the task adapters), and the temperature is a finite number "
-                               "above 0.")
-        layers = self._arrow_layers(tasks + general)
+        layers = self.check_arrow(tasks, general, settings)
+        tasks, general = list(tasks), list(general)
         previous = self.active
         self.activate(None)
         for path, by_name in layers.items():
@@ -328,6 +320,22 @@ class NamedAdapters:
             for path in layers:
                 self._hosts[path].arrow = None
             self.activate(previous)
+
+    def check_arrow(self, tasks: Sequence[str], general: Sequence[str] = (), settings: ArrowSettings | None = None
+                    ) -> dict[str, dict[str, LoraLinear]]:
+        """Refuse what `arrow` cannot route (unknown names, no task adapter, other methods, layers or ranks) without
+        routing: `peftkit eval --arrow` says so before it evaluates anything. Returns `_arrow_layers`."""
+        settings = settings or ArrowSettings()
+        tasks, general = [self._known(n) for n in tasks], [self._known(n) for n in general]
+        if not tasks or set(tasks) & set(general) or len(set(tasks)) < len(tasks):
+            raise PeftkitError("Arrow routes among one or more task adapters, each named once, none of them also a "
+                               f"general adapter (tasks: {', '.join(tasks) or 'none'}; general: "
+                               f"{', '.join(general) or 'none'}).")
+        if not 1 <= settings.top_k <= len(tasks) or not 0 < settings.temperature < math.inf:
+            raise PeftkitError(f"Arrow's top_k is {settings.top_k} and its temperature {settings.temperature}: top_k "
+                               f"takes 1 to {len(tasks)} (the task adapters), and the temperature is a finite number "
+                               "above 0.")
+        return self._arrow_layers(tasks + general)
 
     def _arrow_layers(self, names: list[str]) -> dict[str, dict[str, LoraLinear]]:
         """{layer path: {adapter: its LoRA layer}}: every adapter plain LoRA on the same layers with the same rank."""
