@@ -200,3 +200,25 @@ def test_an_output_that_is_or_is_inside_an_input_is_refused(tiny_llama, number_d
     for out, said in [(run / "eval.json", f"is inside the run directory ({run})"),
                       (number_data["eval"], f"is the data ({number_data['eval']})")]:
         assert said in " ".join(cli_user_error(monkeypatch, capsys, "eval", str(run), "--json", str(out)).split())
+
+
+def test_a_bad_merged_directory_is_said_before_evaluating(tiny_llama, number_data, candidates, tmp_path, monkeypatch,
+                                                          capsys):
+    """A --merged DIR that is missing, or an adapter's directory, was reported after the base and every adapter had
+    been evaluated; it is said before anything loads now, as an --adapter's is."""
+    import peftkit.compare
+
+    def compare(*args, **kwargs):
+        raise AssertionError("evaluated before --merged was checked")
+
+    monkeypatch.setattr(peftkit.compare, "compare", compare)
+    args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--adapter",
+            f"a={candidates / 'peft'}"]
+    peft, missing = candidates / "peft", tmp_path / "nope"
+    for value, said in [
+        (f"m={missing}", f"--merged m={missing}: {missing} is not there. Give a merged model's directory"),
+        (f"m={peft}", f"--merged m={peft}: {peft} is an adapter directory, not a merged model. Compare it as "
+                      f"--adapter m={peft}, or merge it first"),
+        (f"m={tmp_path}", f"--merged m={tmp_path}: {tmp_path} has no config.json, so it is not a model directory."),
+    ]:
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, *args, "--merged", value).split())

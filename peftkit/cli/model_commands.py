@@ -12,8 +12,8 @@ import typer
 from peftkit.cli.application import app, console, err_console
 from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, General, Inputs,
                                  Overrides, Task, TrustRemoteCode, adapter_flags, adapter_path, arrow_settings,
-                                 check_json_out, check_not_input, command_inputs, fetched, job_inputs, local_path,
-                                 typed, user_path)
+                                 check_json_out, check_merged, check_not_input, command_inputs, fetched, job_inputs,
+                                 local_path, typed, user_path)
 from peftkit.errors import PeftkitError, visible
 
 
@@ -155,6 +155,7 @@ def eval_cmd(
         raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR.")
     named = parse_named(adapters, "--adapter") if comparing else []
     named_merged = parse_named(merged, "--merged", [n for n, _ in named])
+    check_merged(named_merged)
     check_arrow(named, settings, general or [], None)  # (a hub adapter is fetched once the flags are right)
     if settings is not None and ARROW in [n for n, _ in named + named_merged]:
         raise PeftkitError(f"--arrow adds a row named {ARROW!r} to the comparison: name that adapter otherwise.")

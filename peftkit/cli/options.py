@@ -94,6 +94,26 @@ def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, ge
     return ArrowSettings(top_k=top_k or min(3, tasks), temperature=1.0 if temperature is None else temperature)
 
 
+def check_merged(merged: list[tuple[str, str]]) -> None:
+    """`eval --merged NAME=DIR` values: each a model directory (config.json), said before anything loads, as an
+    --adapter's errors are. A value that is no path on disk and does not look like one (`user/name`) is a hub id."""
+    for name, value in merged:
+        path = Path(value).expanduser()
+        given = f"--merged {name}={value}"
+        if path.is_dir() and (path / "config.json").is_file():
+            continue
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            raise PeftkitError(f"{given}: {value} is an adapter directory, not a merged model. Compare it as "
+                               f"--adapter {name}={value}, or merge it first (peftkit merge --adapter {value} --output "
+                               "DIR).")
+        if path.exists():
+            raise PeftkitError(f"{given}: {value} has no config.json, so it is not a model directory. Give a merged "
+                               "model's directory (peftkit merge --output writes one).")
+        if path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1:
+            raise PeftkitError(f"{given}: {value} is not there. Give a merged model's directory (peftkit merge "
+                               "--output writes one).")
+
+
 def adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
     """--adapter values as given: (one plain DIR, or None; the NAME=DIR pairs when several are given or any is
     named). `fetched` then resolves them: check the flags in between, before a hub adapter is downloaded."""
