@@ -263,9 +263,13 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
     if prompts and limit is not None:
         raise PeftkitError("--limit takes the first N rows of --data (or of a run's data.eval); with --prompt, give "
                            "the prompts you want.")
-    if chat and data:
-        raise PeftkitError("--chat applies to --prompt: with --data, the data's format decides (chat rows are "
-                           "rendered with the chat template already).")
+    if prompts and fmt is not None:
+        raise PeftkitError(f"--format {fmt} says how --data rows (or a run's data.eval) are read; --prompt is used as "
+                           "given (--chat wraps it as a user turn in the chat template): drop --format.")
+    if chat and not prompts:  # the prompts of --data, or of a recipe's data.eval: their format decides
+        source = f"{recipe}'s data.eval" if recipe and not data else "--data"
+        raise PeftkitError(f"--chat applies to --prompt: with the prompts of {source}, the data's format decides (chat "
+                           "rows are rendered with the chat template already). Drop --chat, or give --prompt TEXT.")
     check_choices(fmt, None)
     source, cfg = model_source(recipe, overrides, model, adapter, trust_remote_code, "generate")
     job = GenerateJob(source=source, prompts=prompts, chat=chat, limit=limit, sampling=sampling, batch_size=batch_size,

@@ -321,3 +321,17 @@ def test_an_output_that_is_or_is_inside_an_input_is_refused(tiny_llama, number_d
         monkeypatch, capsys, "generate", str(recipe), "--json", str(recipe)).split())
     assert f"is the data ({number_data['eval']})" in " ".join(cli_user_error(  # the recipe's data.eval
         monkeypatch, capsys, "generate", str(recipe), "--json", str(number_data["eval"])).split())
+
+
+def test_flags_that_do_not_apply_to_the_prompts_are_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """`generate RUN_DIR --chat` generated for the run's data.eval rows as their format says, ignoring --chat, and
+    `--prompt hi --format chat` ignored --format; both are refused, as --limit with --prompt is."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--chat").split())
+    assert f"--chat applies to --prompt: with the prompts of {recipe}'s data.eval, the data's format decides" in err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--data",
+                                  str(number_data["eval"]), "--chat").split())
+    assert "--chat applies to --prompt: with the prompts of --data, the data's format decides" in err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", str(tiny_llama), "--prompt", "hi",
+                                  "--format", "chat").split())
+    assert "--format chat says how --data rows (or a run's data.eval) are read; --prompt is used as given" in err
