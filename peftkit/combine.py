@@ -37,6 +37,8 @@ COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare
 NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
                  "magnitude_prune", "magnitude_prune_svd")
 ELECTS_SIGN = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
+DRAWS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
+"""The methods that prune at random (DARE), from the combination's seed."""
 
 MajoritySign = Literal["total", "frequency"]
 

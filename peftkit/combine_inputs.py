@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftkit.combine import COMBINATIONS, FACTOR_WISE, NEEDS_DENSITY, SVD, MajoritySign
+from peftkit.combine import COMBINATIONS, DRAWS, ELECTS_SIGN, FACTOR_WISE, NEEDS_DENSITY, SVD, MajoritySign
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 
 
@@ -62,6 +62,13 @@ class Combination:
         if big := [w for w in self.weights if abs(w) > torch.finfo(torch.float32).max]:
             raise PeftkitError(f"--weights: {big[0]:g} is beyond float32's range (the adapters' dtype); the combined "
                                "adapter would hold inf.")
+        # Refused as --density is: a flag the method does not read would be taken for one it does.
+        if self.majority_sign != "total" and self.method not in ELECTS_SIGN:
+            raise PeftkitError(f"--majority-sign is for the TIES methods ({', '.join(ELECTS_SIGN)}); --method "
+                               f"{self.method} elects no sign. Remove --majority-sign.")
+        if self.seed != 0 and self.method not in DRAWS:
+            raise PeftkitError(f"--seed is for the DARE methods ({', '.join(DRAWS)}), which prune at random; --method "
+                               f"{self.method} draws nothing. Remove --seed.")
 
 
 @dataclass

@@ -267,6 +267,10 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         warnings.warn(f"--normalize {normalize_flag}: only exact_match and token_f1 are normalized, and neither is "
                       f"among the metrics ({', '.join(job.metrics)}); add --metrics exact_match to use it.",
                       PeftkitWarning, stacklevel=2)
+    if max_new_tokens is not None and not any(m in GENERATION_METRICS for m in job.metrics):
+        warnings.warn(f"--max-new-tokens {max_new_tokens}: only the generation metrics ({', '.join(GENERATION_METRICS)}) "
+                      f"generate, and none is among the metrics ({', '.join(job.metrics)}); add --metrics exact_match "
+                      "to use it.", PeftkitWarning, stacklevel=2)
     if predictions is not None and not any(m in GENERATION_METRICS for m in job.metrics):
         raise PeftkitError(f"--predictions: nothing is generated without a generation metric; add --metrics "
                            f"{GENERATION_METRICS[0]} (or {', '.join(GENERATION_METRICS[1:])}).")

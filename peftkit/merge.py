@@ -366,7 +366,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
 
     check_adapter_dir(Path(adapter_dir))
     refuse_unmergeable(*read_peft_config(Path(adapter_dir)))  # before minutes of loading the base
-    outputs = [Path(output_dir)] + ([Path(f"{str(output_dir).rstrip('/')}-{requantize}")] if requantize else [])
+    outputs = [Path(output_dir)] + ([requantized_dir(output_dir, requantize)] if requantize else [])
     recorded = recorded_base(adapter_dir)
     if base is None and recorded and Path(recorded).is_absolute() and not Path(recorded).exists():
         config = Path(adapter_dir) / "adapter_config.json"
@@ -381,6 +381,11 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     if requantize:
         requantize_model(targets[0], targets[1], requantize, replace=overwrite)
     return Path(output_dir)
+
+
+def requantized_dir(output_dir: str | Path, method: str) -> Path:
+    """Where `merge_adapter(..., requantize=method)` writes the re-quantized model: beside OUTPUT, `OUTPUT-nf4`."""
+    return Path(f"{str(output_dir).rstrip('/')}-{method}")
 
 
 def checkpoint_dtype(name_or_path: str, revision: str | None = None) -> str:

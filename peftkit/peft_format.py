@@ -361,6 +361,9 @@ def read_meta(path: str | Path) -> PeftkitMeta:
 def check_adapter_dir(path: Path) -> Path:
     """The weights file of the adapter directory `path`; a PeftkitError saying what is missing otherwise (no
     directory, a full model's directory, no safetensors weights)."""
+    if path.exists() and not path.is_dir():
+        raise PeftkitError(f"{path} is a file, not an adapter directory: an adapter is a directory holding "
+                           f"{CONFIG_NAME} and {WEIGHTS_NAME}. Give that directory.")
     if not path.is_dir():
         hub = (not path.exists() and not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith((".", "~"))
                and not Path(path.parts[0]).is_dir())

@@ -386,6 +386,13 @@ def test_cli_combines_and_merges(llama_adapters, tiny_llama, tmp_path, monkeypat
      "--seed 99999999999999999999999: use an integer from 0 to 2**64 - 1."),
     (["--weights", "1e39,1", "--method", "cat"], "--weights: 1e+39 is beyond float32's range"),
     (["--weights", "3e38,1", "--method", "cat"], "The combined adapter has NaN/inf values; nothing was written."),
+    # were: accepted and ignored, where --density with linear was refused
+    (["--weights", "0.5,0.5", "--method", "linear", "--majority-sign", "frequency"],
+     "--majority-sign is for the TIES methods (ties, ties_svd, dare_ties, dare_ties_svd); --method linear elects no "
+     "sign. Remove --majority-sign."),
+    (["--weights", "0.5,0.5", "--method", "linear", "--seed", "7"],
+     "--seed is for the DARE methods (dare_linear, dare_ties, dare_linear_svd, dare_ties_svd), which prune at "
+     "random; --method linear draws nothing. Remove --seed."),
     (["--weights", "0.5,0.5", "--method", "svd", "--svd-rank", "20000"],
      "--svd-rank 20000: no adapted layer holds more than rank 32 (the smaller side of its weight)"),
 ])
@@ -457,3 +464,18 @@ def test_refuses_an_update_of_biases(tmp_path):
     with pytest.raises(PeftkitError, match="also changes the bias of 'model.layers.0.self_attn.q_proj'"):
         combine_adapters([ia3, ia3], Combination("svd", (0.5, 0.5), svd_rank=8), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_requantized_merge_says_where_it_wrote_both_models(llama_adapters, tmp_path, monkeypatch, capsys):
+    """`merge --requantize nf4 --output mq` printed only "Merged model written to mq", not the mq-nf4 it wrote too."""
+    import sys
+
+    import peftkit.merge
+    from peftkit.cli import main
+
+    monkeypatch.setattr(peftkit.merge, "merge_adapter", lambda adapter, output, *args: Path(output))
+    monkeypatch.setattr(sys, "argv", ["peftkit", "merge", "--adapter", llama_adapters[0], "--output",
+                                      str(tmp_path / "mq"), "--requantize", "nf4"])
+    main()
+    assert capsys.readouterr().out.splitlines() == [f"Merged model written to {tmp_path / 'mq'}",
+                                                    f"Re-quantized (nf4) model written to {tmp_path / 'mq-nf4'}"]

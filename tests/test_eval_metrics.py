@@ -196,3 +196,20 @@ def test_normalize_without_a_metric_it_applies_to_is_said(tiny_llama, number_dat
         warnings.simplefilter("error")
         eval_job(None, **flags, metrics="loss,token_f1", normalize="strip")
         eval_job(None, **flags, metrics="loss", normalize=None)
+
+
+def test_max_new_tokens_without_a_generation_metric_is_said(tiny_llama, number_data):
+    """`--max-new-tokens 5` with only loss metrics was silently ignored, where --normalize warned."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+
+    flags = dict(overrides=[], model=str(tiny_llama), data=str(number_data["eval"]), fmt=None, adapter=None,
+                 max_length=None, batch_size=None, on_bad_rows=None)
+    with pytest.warns(PeftkitWarning, match=r"--max-new-tokens 5: only the generation metrics \(exact_match, token_f1, "
+                                            r"rouge_l\) generate, and none is among the metrics \(loss, perplexity\)"):
+        eval_job(None, **flags, metrics="loss,perplexity", max_new_tokens=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eval_job(None, **flags, metrics="loss,exact_match", max_new_tokens=5)
+        eval_job(None, **flags, metrics="loss", max_new_tokens=None)

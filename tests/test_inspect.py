@@ -270,3 +270,12 @@ def test_a_tied_head_s_copy_of_trained_rows_counts_once(tmp_path):
                                  tmp_path / "own"))
     assert info["tied_rows"] == {} and info["trainable_params"] == info["saved_params"]
     assert info["trainable_tokens"] == {"model.embed_tokens": 2, "lm_head": 2}
+
+
+def test_a_file_given_as_the_adapter_is_said_to_be_a_file(tmp_path, monkeypatch, capsys):
+    """`peftkit inspect train.jsonl` (a file that exists) said "Adapter directory not found"."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "x"}\n')
+    err = " ".join(cli_user_error(monkeypatch, capsys, "inspect", str(data)).split())
+    assert (f"error: {data} is a file, not an adapter directory: an adapter is a directory holding "
+            "adapter_config.json and adapter_model.safetensors. Give that directory.") in err

@@ -44,7 +44,7 @@ def merge(
 ) -> None:
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model; or combine
     several adapters (--weights, --method) into one LoRA adapter, or with --into-base into the base."""
-    from peftkit.merge import merge_adapter
+    from peftkit.merge import merge_adapter, requantized_dir
     from peftkit.progress import phase
 
     output = str(Path(output).expanduser())
@@ -69,6 +69,9 @@ def merge(
         out = merge_adapter(adapter_path(adapter[0]), output, local_path(base) if base else None, dtype, requantize,
                             overwrite, trust_remote_code)
     console.print(f"Merged model written to {out}", markup=False, highlight=False)
+    if requantize:
+        console.print(f"Re-quantized ({requantize}) model written to {requantized_dir(out, requantize)}", markup=False,
+                      highlight=False)
 
 
 def _combine(adapters: list[str], output: str, base: str | None, dtype: str | None, requantize: str | None,
