@@ -68,7 +68,7 @@ class DamagedCheckpoint(Exception):
 def checkpoint_dirs(out: Path) -> list[Path]:
     """The checkpoints of a run, oldest first."""
     found = [p for p in (out / CHECKPOINTS).glob("step-*[0-9]")
-             if p.name[5:].isdecimal() and p.name[5:].isascii()]  # not a user's `step-x9`
+             if p.name[5:].isdecimal() and p.name[5:].isascii() and p.is_dir()]  # not a user's `step-x9`, nor a file
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -108,8 +108,19 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
                                      encoding="utf-8")
     for old in checkpoint_dirs(out)[:-keep]:
         if int(old.name[5:]) not in also_at():
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     return path
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint: renamed first (one step), so that a kill midway leaves no half-deleted `step-N` but a
+    temp entry, which the next start removes (`peftkit.rundir.recover_and_tidy`)."""
+    doomed = path.with_name(f".{path.name}.pruned.tmp")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return  # (already gone, or not this user's to move: left as it is)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _recorded(path: Path) -> dict:
@@ -136,9 +147,13 @@ def _recorded(path: Path) -> dict:
     return recorded
 
 
-def checked_files(path: Path) -> dict[str, str]:
-    """A checkpoint's files and their sha256, each checked against its checksums.json (DamagedCheckpoint if not)."""
-    return _recorded(path)["files"]
+def checked_record(path: Path) -> dict:
+    """A checkpoint's checksums.json ({"files": their sha256, "inputs": `run_inputs`}), each file checked against it
+    (DamagedCheckpoint if one does not match), and no other file in the checkpoint."""
+    recorded = _recorded(path)
+    if unlisted := sorted(f.name for f in path.iterdir() if f.name != CHECKSUMS and f.name not in recorded["files"]):
+        raise DamagedCheckpoint(f"it holds {unlisted[0]}, which its {CHECKSUMS} does not list")
+    return recorded
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None,
@@ -180,7 +195,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
     return state, recorded["inputs"], len(ranks)
 
 
-def _changed_input(recorded: dict, now: dict) -> str | None:
+def changed_input(recorded: dict, now: dict) -> str | None:
     """The first data or base-model file whose hash differs between a checkpoint and now, described."""
     from peftkit.manifest import changed_files, changed_model_files
 
@@ -213,7 +228,7 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
                 f"--resume: checkpoint {path.name} was written by {writers} process{'es' * (writers > 1)}, and this "
                 f"run has {world}. Its global batch, data order and schedule depend on the number, so resume with "
                 f"{flag}, or run without --resume and with --overwrite to start afresh.")
-        if changed := _changed_input(recorded, inputs):
+        if changed := changed_input(recorded, inputs):
             fix = ("A hub dataset's branch moved on: run without --resume and with --overwrite to start afresh (pin "
                    "data.revision to a commit so that a resume reads the rows it began with)" if "from the hub" in changed
                    else f"The branch or tag of {hub_model} that model.revision names moved on: set model.revision to "

@@ -74,7 +74,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 """The files a tokenizer (and its chat template) is read from: what a run tokenizes its data with."""
 
-_LATER_HASHED = frozenset(TOKENIZER_FILES) - {"tokenizer.json"}
+LATER_HASHED = frozenset(TOKENIZER_FILES) - {"tokenizer.json"}
 """Hashed since December 2026; earlier records hold none of them, which means not hashed, not absent."""
 
 
@@ -153,7 +153,7 @@ def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[t
     them, and those are then not compared. An empty record hashed nothing (a hub id, before December 2026)."""
     if not recorded:
         return []
-    return changed_files(recorded, now, frozenset() if _LATER_HASHED & recorded.keys() else _LATER_HASHED)
+    return changed_files(recorded, now, frozenset() if LATER_HASHED & recorded.keys() else LATER_HASHED)
 
 
 def base_changes(adapter_dir: str, name_or_path: str, revision: str | None) -> Callable[[], list] | None:

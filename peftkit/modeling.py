@@ -195,8 +195,37 @@ def _check_weight_files(cfg: ModelConfig) -> None:
             raise unreadable_safetensors(file, e, "Copy or download the model again") from None
 
 
+def import_bitsandbytes():
+    """bitsandbytes, imported without its hub kernel. On a CPU with AVX512-BF16, bitsandbytes 0.50's import asks the
+    hub for `kernels-community/quantization-bitsandbytes` (through the `kernels` package, which transformers 5.25
+    requires): seconds of waiting on every start where the hub cannot be reached (4.5 s measured here), and where it
+    can, code nobody asked for, run by an eval-time layout peftkit turns off anyway (`load_model`). Refused its
+    import, bitsandbytes falls back to its own kernels, as without `kernels` installed."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    missing = object()
+    kernels = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError, which bitsandbytes catches
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # (its note that the kernel did not load)
+    try:
+        import bitsandbytes
+    finally:
+        quiet.setLevel(level)
+        if kernels is missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = kernels
+    return bitsandbytes
+
+
 def bnb_config(q: QuantizationConfig):
     from transformers import BitsAndBytesConfig
+
+    import_bitsandbytes()  # before transformers imports it
 
     if q.method == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=q.skip_modules)

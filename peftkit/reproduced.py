@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import re
 from pathlib import Path
 
+from peftkit.checkpoint import CHECKSUMS
 from peftkit.errors import PeftkitError
-from peftkit.manifest import MANIFEST, Manifest, loss_digest
+from peftkit.manifest import LATER_HASHED, MANIFEST, Manifest, changed_model_files, loss_digest
+from peftkit.recipe import Recipe
 
 
 def differences(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
@@ -17,8 +21,9 @@ def differences(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, i
     """What of the run recorded in `run_dir` the re-run in `tmp` did not reproduce; `intact`: the exported files
     of `run_dir` that still match their recorded hash."""
     return (_compare(manifest, rerun, run_dir, tmp, intact, tolerance) + _result_differences(manifest, rerun, tolerance)
+            + _record_differences(manifest, rerun)
             + _log_differences(run_dir, tmp, tolerance)
-            + _checkpoint_differences(run_dir, tmp, tolerance, (manifest.metrics or {}).get("steps")))
+            + _checkpoint_differences(run_dir, tmp, tolerance, (manifest.metrics or {}).get("steps"), manifest.recipe))
 
 
 def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
@@ -89,9 +94,38 @@ def _result_differences(manifest: Manifest, rerun: Manifest, tolerance: float) -
     if recorded.get("loss_digest") != loss_digest(manifest.losses):
         out.append(f"{MANIFEST}: its loss_digest does not match its losses; the manifest was edited after the run")
     for key in sorted((recorded.keys() | now.keys()) - CHECKED_APART):
-        if key == "dtype" and recorded.get(key) == "auto":  # (before December 2026 the setting, not what it resolved to)
+        if key == "dtype" and recorded.get(key) == "auto" == manifest.recipe.model.dtype:  # (before December 2026
+            # the setting, not what it resolved to)
             continue
         out += [f"{MANIFEST}: {problem}" for problem in _differ(key, recorded.get(key), now.get(key), tolerance)]
+    return out
+
+
+def _record_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
+    """manifest.json's records of the run's inputs against the re-run's, where the checks of the inputs themselves
+    (`peftkit.verify`'s, before and after the re-run) pass a record by: an empty or pruned one hashes nothing there,
+    so an edit to it went unseen, and `peftkit eval` stopped warning of a changed base. Records of older versions
+    (a hub base's empty one, one without the tokenizer's files) stand."""
+    from peftkit.recipe import is_hub_dataset
+
+    recipe, out = manifest.recipe, []
+    edited = "; the manifest was edited after the run"
+    local_base = Path(recipe.model.name_or_path).is_absolute()
+    recorded, now = manifest.base_model_sha256, rerun.base_model_sha256
+    if recorded != now and not changed_model_files(recorded, now):  # (a change of the files: said on its own)
+        older = (not recorded and not local_base) or (recorded and not LATER_HASHED & recorded.keys())
+        if not older:
+            out.append(f"{MANIFEST}: base_model_sha256 records {len(recorded)} files of the base, the re-run hashed "
+                       f"{len(now)}{edited}")
+    if manifest.base_model_commit != rerun.base_model_commit and (local_base or not changed_model_files(recorded, now)):
+        out.append(f"{MANIFEST}: base_model_commit is {manifest.base_model_commit!r} recorded, "
+                   f"{rerun.base_model_commit!r} in the re-run{edited}")
+    sources = {"train": recipe.data.train, "eval": recipe.data.eval}
+    if local := sorted(split for split in manifest.data_commits if not is_hub_dataset(sources.get(split) or "")):
+        out.append(f"{MANIFEST}: data_commits records a hub commit for data.{local[0]}, which is not a hub "
+                   f"dataset{edited}")
+    if manifest.init_from_sha256 and not recipe.adapter.init_from:
+        out.append(f"{MANIFEST}: init_from_sha256 records files, and the recipe has no adapter.init_from{edited}")
     return out
 
 
@@ -102,6 +136,9 @@ def _differ(where: str, recorded, now, tolerance: float) -> list[str]:
         skip = set(VARYING) | ({"samples"} if tolerance > 0 else set())
         return [problem for key in sorted((recorded.keys() | now.keys()) - skip)
                 for problem in _differ(f"{where}.{key}" if where else key, recorded.get(key), now.get(key), tolerance)]
+    if isinstance(recorded, list) and isinstance(now, list) and len(recorded) == len(now) and tolerance > 0 and \
+            not any(_differ(where, a, b, tolerance) for a, b in zip(recorded, now)):
+        return []  # (a list of numbers, each within the tolerance)
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (recorded, now))
     if recorded == now or (numbers and tolerance > 0 and math.isclose(recorded, now, rel_tol=0, abs_tol=tolerance)):
         return []
@@ -135,13 +172,16 @@ def _log_rows(path: Path) -> list[dict] | str:
     return rows
 
 
-def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float, steps: object = None) -> list[str]:
-    """RUN_DIR's checkpoints: each whole (its files match its checksums.json) and, file by file, the re-run's of the
-    same step (bit for bit; with a tolerance, the adapter weights numerically). The re-run checkpoints at every step
-    RUN_DIR has one (`peftkit.checkpoint.ALSO_AT`: a stopped and resumed run's at its stop too), so one it lacks is a
-    difference; one only the re-run has is not (RUN_DIR's may have been pruned or deleted). One past the run's last
-    step (`steps`, the manifest's) was made after the run (`--resume` would take it up)."""
-    out = []
+def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float, steps: object = None,
+                            recipe: Recipe | None = None) -> list[str]:
+    """RUN_DIR's checkpoints: each whole (its files match its checksums.json, and it holds no other) and, file by
+    file, the re-run's of the same step (bit for bit; with a tolerance, numbers within it) with the same inputs
+    recorded (a resume checks the data and base against them). The re-run checkpoints at every step RUN_DIR has one
+    (`peftkit.checkpoint.ALSO_AT`: a stopped and resumed run's at its stop too), so one it lacks is a difference;
+    one only the re-run has is not (RUN_DIR's may have been pruned or deleted). One past the run's last step
+    (`steps`, the manifest's) was made after the run (`--resume` would take it up), as were the leftovers of
+    interrupted writes that the next `peftkit train` there would restore (`leftovers`)."""
+    out = leftovers(run_dir)
     recorded, now = _checkpoints(run_dir), _checkpoints(tmp)
     for name in sorted(recorded):
         where = f"checkpoints/{name}"
@@ -153,26 +193,72 @@ def _checkpoint_differences(run_dir: Path, tmp: Path, tolerance: float, steps: o
             out.append(f"{where} in {run_dir}: the re-run, which checkpoints at each of the run's checkpoint steps, "
                        "made none at this step")
         elif isinstance(now[name], dict):
-            for file in sorted(recorded[name].keys() | now[name].keys()):
-                a, b = recorded[name].get(file), now[name].get(file)
+            if _inputs_differ(recorded[name]["inputs"], now[name]["inputs"], recipe):
+                out.append(f"{where}/{CHECKSUMS}: the data and base-model hashes it records (which --resume checks "
+                           "the inputs against) differ from the re-run's; it was changed after the run")
+            files, rerun_files = recorded[name]["files"], now[name]["files"]
+            for file in sorted(files.keys() | rerun_files.keys()):
+                a, b = files.get(file), rerun_files.get(file)
                 if a == b:
                     continue
-                if tolerance == 0 or not file.endswith(".safetensors") or a is None or b is None:
+                if tolerance == 0 or a is None or b is None:
                     out.append(f"{where}/{file}: sha256 {(a or 'none')[:12]}… recorded, {(b or 'none')[:12]}… now")
-                elif problem := _weights_close(f"{where}/{file}", run_dir / where / file, tmp / where / file,
-                                               tolerance):
+                elif problem := _close(f"{where}/{file}", run_dir / where / file, tmp / where / file, tolerance):
                     out.append(problem)
     return out
 
 
-def _checkpoints(out: Path) -> dict[str, dict[str, str] | str]:
-    """{checkpoint directory: its files' sha256}, or why the checkpoint is not whole."""
-    from peftkit.checkpoint import DamagedCheckpoint, checked_files, checkpoint_dirs
+def _inputs_differ(recorded: dict, now: dict, recipe: Recipe | None) -> bool:
+    """Whether a checkpoint's record of its inputs differs from the re-run's, as `--resume` compares them (a record
+    from before the tokenizer's files were hashed holds none of them), beyond that: no input may be missing, and
+    only a hub source's may be empty (nothing was hashed of one before December 2026)."""
+    from peftkit.checkpoint import changed_input
+    from peftkit.recipe import is_hub_dataset
 
-    found: dict[str, dict[str, str] | str] = {}
+    def hub(key: str) -> bool:
+        if recipe is None:
+            return False
+        if key == "model.name_or_path":
+            return not Path(recipe.model.name_or_path).is_absolute()
+        source = {"data.train": recipe.data.train, "data.eval": recipe.data.eval}.get(key)
+        return bool(source) and is_hub_dataset(source)
+
+    return (recorded.keys() != now.keys() or any(not hashes and not hub(key) for key, hashes in recorded.items())
+            or changed_input(recorded, now) is not None)
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """What in RUN_DIR and its checkpoints/ no finished run holds: the temp entries of an interrupted write, which the
+    next `peftkit train` there restores (a `.NAME.old`: it would stand in for NAME) or removes, and anything in
+    checkpoints/ but checkpoint directories."""
+    from peftkit.checkpoint import CHECKPOINTS
+    from peftkit.rundir import _is_step, is_temp_name
+
+    out = [f"{entry.name} in {run_dir}: left by an interrupted write, which the next `peftkit train` there would "
+           "act on; no finished run holds it" for entry in sorted(run_dir.iterdir()) if is_temp_name(entry.name)]
+    folder = run_dir / CHECKPOINTS
+    if folder.is_dir():
+        for entry in sorted(folder.iterdir()):
+            if re.fullmatch(r"\.step-\d+\.old", entry.name):
+                out.append(f"{CHECKPOINTS}/{entry.name} in {run_dir}: a checkpoint left by an interrupted replace, "
+                           f"which `--resume` would restore as {entry.name[1:-4]}; no finished run holds it")
+            elif is_temp_name(entry.name, _is_step):
+                out.append(f"{CHECKPOINTS}/{entry.name} in {run_dir}: left by an interrupted write, which the next "
+                           "`peftkit train` there would remove; no finished run holds it")
+            elif not (_is_step(entry.name) and entry.is_dir() and not entry.is_symlink()):
+                out.append(f"{CHECKPOINTS}/{entry.name} in {run_dir}: not a checkpoint directory; it was added after "
+                           "the run")
+    return out
+
+
+def _checkpoints(out: Path) -> dict[str, dict | str]:
+    """{checkpoint directory: its checksums.json}, or why the checkpoint is not whole."""
+    from peftkit.checkpoint import DamagedCheckpoint, checked_record, checkpoint_dirs
+
+    found: dict[str, dict | str] = {}
     for path in checkpoint_dirs(out):
         try:
-            found[path.name] = checked_files(path)
+            found[path.name] = checked_record(path)
         except DamagedCheckpoint as e:
             found[path.name] = str(e)
     return found
@@ -195,6 +281,56 @@ def _first_divergence(expected: list[float], actual: list[float], tolerance: flo
     if len(expected) != len(actual):
         return f"{len(expected)} {'losses' if skipped else 'steps'} recorded, {len(actual)} now"
     return None
+
+
+def _close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:
+    """A checkpoint's file against the re-run's, numerically (`tolerance` > 0): adapter weights, the optimizer's and
+    RNG's state (torch.load's restricted unpickler; floating tensors and numbers within the tolerance, the rest
+    equal), JSON numbers; None if they agree."""
+    if name.endswith(".safetensors"):
+        return _weights_close(name, recorded, rerun, tolerance)
+    try:
+        if name.endswith(".json"):
+            a, b = json.loads(_text(recorded)), json.loads(_text(rerun))
+            problems = _differ("", a, b, tolerance)
+            return f"{name}: {problems[0]}" if problems else None
+        if name.endswith(".pt"):
+            import torch
+
+            from peftkit import zero
+
+            with torch.serialization.safe_globals(zero.safe_globals()):
+                a, b = (torch.load(path, weights_only=True, map_location="cpu") for path in (recorded, rerun))
+            return None if (where := _state_difference(a, b, tolerance)) is None else f"{name}: {where}"
+    except (ValueError, RecursionError, RuntimeError, OSError, pickle.UnpicklingError) as e:
+        return f"{name}: cannot be compared ({type(e).__name__}: {str(e)[:120]})"
+    return f"{name}: its bytes differ from the re-run's"
+
+
+def _state_difference(a, b, tolerance: float, where: str = "") -> str | None:
+    """Where two loaded states differ (floating tensors and floats by more than `tolerance`), or None."""
+    import torch
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return f"{where or 'its keys'}: {sorted(map(str, a.keys() ^ b.keys()))[:3]} in one only"
+        return next((found for key in a if (found := _state_difference(a[key], b[key], tolerance,
+                                                                         f"{where}.{key}" if where else str(key)))), None)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"{where}: {len(a)} items recorded, {len(b)} now"
+        return next((found for i, (x, y) in enumerate(zip(a, b))
+                     if (found := _state_difference(x, y, tolerance, f"{where}[{i}]"))), None)
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"{where}: {a.dtype} {tuple(a.shape)} recorded, {b.dtype} {tuple(b.shape)} now"
+        if not a.is_floating_point():
+            return None if torch.equal(a, b) else f"{where}: its values differ"
+        diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        return None if diff <= tolerance else f"{where}: max abs diff {diff:.3g} > {tolerance}"
+    if isinstance(a, float) and isinstance(b, float):
+        return None if math.isclose(a, b, rel_tol=0, abs_tol=tolerance) else f"{where}: {a!r} recorded, {b!r} now"
+    return None if a == b else f"{where}: {a!r} recorded, {b!r} now"
 
 
 def _weights_close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:

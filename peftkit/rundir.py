@@ -27,13 +27,18 @@ from peftkit.fileio import atomic_write_text, being_written
 RUN_ENTRIES = ("adapter", "merged", "checkpoints", "metrics.jsonl", "recipe.yaml", "manifest.json", "report",
                "trackers")
 LOCK_NAME = ".peftkit.lock"
+REPLACED_PREFIX = ".peftkit-replaced-"
+"""`clear_run`'s folder for an earlier run's entries on their way out: one a kill left is finished off."""
 
 
 def is_temp_name(name: str, owned: Callable[[str], bool] = RUN_ENTRIES.__contains__) -> bool:
     """A name fileio gives work in progress on an entry `owned` accepts (by default a run's own entries):
-    `.ENTRY.XXXXXXXX.tmp` (files and directories) or `.ENTRY.old`. A user's `.draft.tmp` is not one."""
+    `.ENTRY.XXXXXXXX.tmp` (files and directories) or `.ENTRY.old`; in a run directory, `clear_run`'s folder too.
+    A user's `.draft.tmp` is not one."""
     if not name.startswith("."):
         return False
+    if name.startswith(REPLACED_PREFIX):
+        return owned == RUN_ENTRIES.__contains__
     if name.endswith(".old"):
         return owned(name[1:-4])
     return name.endswith(".tmp") and "." in name[1:-4] and owned(name[1:-4].rsplit(".", 1)[0])
@@ -345,7 +350,10 @@ def tidy_leftovers(parent: Path, owned: Callable[[str], bool] = RUN_ENTRIES.__co
         if not is_temp_name(entry.name, owned) or being_written(entry):  # (another process's write in progress)
             continue
         original = parent / entry.name[1:].removesuffix(".old")
-        if entry.name.endswith(".old") and not original.exists():
+        if entry.name.startswith(REPLACED_PREFIX):  # the entries of a run being replaced: its deletion is finished
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(f"removed {entry.name}: the files of an earlier run, whose deletion was interrupted")
+        elif entry.name.endswith(".old") and not original.exists():
             os.replace(entry, original)
             done.append(f"restored {original} from an interrupted replace")
         else:
@@ -359,17 +367,18 @@ def clear_run(out: Path) -> None:
     if not is_run(out):
         return
     # Moved aside first, each a rename in `out`, so that an entry this user may not move (or a failure midway) leaves
-    # the earlier run whole, not half deleted: what was moved goes back and the error names the entry.
-    aside = Path(tempfile.mkdtemp(dir=out, prefix=".peftkit-replaced-"))
+    # the earlier run whole, not half deleted: what was moved goes back and the error names the entry. The manifest
+    # goes first: a kill midway leaves no finished-looking run without its files (the next run finishes the job).
+    aside = Path(tempfile.mkdtemp(dir=out, prefix=REPLACED_PREFIX))
     moved = []
     try:
-        for name in RUN_ENTRIES:
+        for name in sorted(RUN_ENTRIES, key=lambda entry: entry != "manifest.json"):
             if (out / name).exists() or (out / name).is_symlink():
                 os.replace(out / name, aside / name)
                 moved.append(name)
     except OSError as e:
-        for name in moved:
-            os.replace(aside / name, out / name)
+        for entry in moved:
+            os.replace(aside / entry, out / entry)
         aside.rmdir()
         raise PeftkitError(f"--overwrite: {out / name} cannot be moved out of the way "
                            f"({e.strerror}); the earlier run in {out} is left as it was. Fix its permissions, or "

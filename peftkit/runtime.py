@@ -134,8 +134,9 @@ def build_optimizer(cfg: TrainingConfig, params: list, device: torch.device, con
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    import bitsandbytes as bnb
+    from peftkit.modeling import import_bitsandbytes
 
+    bnb = import_bitsandbytes()
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[cfg.optimizer]
     if cfg.optimizer.startswith("paged") and device.type != "cuda":

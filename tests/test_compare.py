@@ -9,7 +9,9 @@ import pytest
 import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from peftkit.cli import app
 from peftkit.evaluate import eval_job, evaluate
 from peftkit.recipe import load_recipe
 from peftkit.train import train
@@ -196,10 +198,15 @@ def test_an_output_that_is_or_is_inside_an_input_is_refused(tiny_llama, number_d
     assert f"--predictions {tmp_path}: the comparison's base.jsonl is the data ({base})" in " ".join(err.split())
     assert base.read_bytes() == before
 
-    run = candidates / "run"  # a run directory: its recipe's data.eval, its adapter/, the run itself
-    for out, said in [(run / "eval.json", f"is inside the run directory ({run})"),
+    run = candidates / "run"  # a run directory: its recipe's data.eval, its adapter/, the run's own files
+    for out, said in [(run / "manifest.json", f"is the run's manifest.json ({run / 'manifest.json'})"),
+                      (run / "adapter" / "eval.json", f"is inside the run's adapter ({run / 'adapter'})"),
                       (number_data["eval"], f"is the data ({number_data['eval']})")]:
         assert said in " ".join(cli_user_error(monkeypatch, capsys, "eval", str(run), "--json", str(out)).split())
+    beside = run / "eval.json"  # beside the run's files, a result is the user's to keep with the run
+    result = CliRunner().invoke(app, ["eval", str(run), "--json", str(beside)])
+    assert result.exit_code == 0 and beside.is_file(), result.output
+    beside.unlink()
 
 
 def test_a_bad_merged_directory_is_said_before_evaluating(tiny_llama, number_data, candidates, tmp_path, monkeypatch,

@@ -100,6 +100,32 @@ def test_the_model_s_own_code_runs_not_hub_kernels(base):
     assert getattr(model, "_use_kernels", False) is False
 
 
+def test_bitsandbytes_loads_without_asking_the_hub_for_a_kernel(base):
+    """On a CPU with AVX512-BF16 (this machine's, and many servers'), bitsandbytes 0.50's import calls
+    `kernels.get_kernel("kernels-community/quantization-bitsandbytes")`: with the hub unreachable, 4.5 s of waiting in
+    every QLoRA process; reachable, code nobody asked for. A QLoRA load and the 8-bit optimizers never call it now,
+    and the `kernels` module is left as it was. (In a fresh process: bitsandbytes is imported once per process.)"""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, sys
+os.environ.pop("HF_HUB_OFFLINE", None)  # (offline, the kernel is only looked for in the cache)
+import kernels
+calls = []
+kernels.get_kernel = lambda *args, **kwargs: calls.append(args)
+from peftkit.modeling import load_model
+from peftkit.recipe import ModelConfig, QuantizationConfig
+model = load_model(ModelConfig(name_or_path={str(base)!r}), QuantizationConfig(method="nf4", double_quant=True))
+from peftkit.runtime import build_optimizer
+assert "bitsandbytes" in sys.modules and sys.modules["kernels"] is kernels
+print("calls", len(calls))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["calls", "0"], done.stdout
+
+
 @pytest.mark.parametrize("damage, reason", [(_truncate, "file not fully covered"), (_garbage_header, "header too large"),
                                             (_empty, "header too small")])
 def test_corrupt_model_weights_name_the_file(base, tmp_path, damage, reason):

@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
-from peftkit.checkpoint import _changed_input
+from peftkit.checkpoint import changed_input
 from peftkit.data.rows import rows_digest
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
@@ -250,8 +250,8 @@ def test_a_hub_datasets_rows_are_recorded_and_other_rows_are_refused_on_resume_a
 
 def test_a_record_without_rows_is_not_a_change_on_resume():
     """A checkpoint from before the rows were hashed holds {} for a hub dataset: nothing to compare."""
-    assert _changed_input({"data.train": {}}, {"data.train": {"rows": "0" * 64}}) is None
-    assert _changed_input({"data.train": {"rows": "1" * 64}}, {"data.train": {"rows": "0" * 64}}) == (
+    assert changed_input({"data.train": {}}, {"data.train": {"rows": "0" * 64}}) is None
+    assert changed_input({"data.train": {"rows": "1" * 64}}, {"data.train": {"rows": "0" * 64}}) == (
         "data.train: the rows read from the hub changed")
 
 

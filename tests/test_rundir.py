@@ -859,3 +859,74 @@ def test_a_checkpoint_s_bytes_do_not_depend_on_the_run_directory_s_name(tmp_path
         files.append((tmp_path / name / "training_state.pt").read_bytes())
     assert files[0] == files[1]
     assert torch.load(tmp_path / "é 中文 😀" / "training_state.pt", weights_only=True)["rng"].equal(blob["rng"])
+
+
+# ------------------------------------------------------------------------------- kills while deleting
+
+
+def test_a_kill_while_an_earlier_run_is_deleted_leaves_no_finished_looking_run_and_the_next_run_finishes_it(
+        tiny_llama, number_data, tmp_path, monkeypatch):
+    """`clear_run` moves the earlier run's entries into `.peftkit-replaced-*`, then deletes that. Killed midway, the
+    old manifest stayed beside a run whose adapter was gone; killed after the moves, the folder alone was left, and
+    every later `peftkit train` there was refused ("files that peftkit did not write"), --overwrite leaving it for
+    good. Now the manifest moves first, and opening the run directory finishes the deletion."""
+    import peftkit.rundir
+
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    train(recipe, console=_console()[0])
+    run = tmp_path / "run"
+    real, moves = os.replace, []
+
+    def killed_at_the_second_move(src, dst):
+        moves.append(Path(src).name)
+        if len(moves) == 2:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(peftkit.rundir.os, "replace", killed_at_the_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, overwrite=True, console=_console()[0])
+    monkeypatch.undo()
+    assert moves[0] == "manifest.json" and not (run / "manifest.json").exists()
+    aside = next(run.glob(".peftkit-replaced-*"))
+    for entry in sorted(run.iterdir()):  # what a kill after every move leaves: the folder alone
+        if entry.name in peftkit.rundir.RUN_ENTRIES:
+            os.replace(entry, aside / entry.name)
+    console, out = _console()
+    train(recipe, console=console)
+    assert not list(run.glob(".peftkit-replaced-*")) and (run / "manifest.json").exists()
+    assert f"note: removed {aside.name}: the files of an earlier run, whose deletion was interrupted" in out.getvalue()
+
+
+def test_a_kill_while_a_checkpoint_is_pruned_leaves_no_half_deleted_checkpoint(tiny_llama, number_data, tmp_path,
+                                                                                monkeypatch):
+    """A checkpoint past save_total_limit was deleted in place: killed midway, a half-deleted `step-N` stayed (no later
+    save pruned it again), and verify failed the finished run on it. Now it is renamed first, and the next start
+    removes the temp entry. A file named like a checkpoint is passed over (it ended --resume with a traceback)."""
+    import peftkit.checkpoint
+    from peftkit.verify import verify
+
+    recipe = _recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 6, "save_steps": 2,
+                                                                  "save_total_limit": 1})
+    run = tmp_path / "run"
+    real = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if Path(path).parent.name != "checkpoints":  # (shutil's own: the run's other deletions go on)
+            return real(path, *args, **kwargs)
+        next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peftkit.checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, console=_console()[0])
+    monkeypatch.setattr(peftkit.checkpoint.shutil, "rmtree", real)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".step-00000002.pruned.tmp", "step-00000004"]
+    (run / "checkpoints/step-00000099").write_text("not a checkpoint")
+    console, out = _console()
+    train(recipe, resume=True, console=console)
+    assert "Resumed from step-00000004" in out.getvalue()
+    assert "removed .step-00000002.pruned.tmp, left by an interrupted write" in out.getvalue()
+    (run / "checkpoints/step-00000099").unlink()
+    report = verify(run, console=_console()[0])
+    assert report.ok, report.differences

@@ -192,6 +192,100 @@ def test_a_stopped_run_s_checkpoint_is_compared_with_the_re_run_s_too(run, tiny_
     assert report.differences[0].startswith("checkpoints/step-00000001/adapter_model.safetensors: sha256 ")
 
 
+def test_leftovers_that_the_next_train_would_act_on_are_reported(run):
+    """A `.step-N.old` (what a kill mid-replace leaves) is restored as step N by the next `--resume`, which then
+    trained from it: planted in a finished run, verify said OK. A file named like a checkpoint, a run entry's temp
+    copy and `clear_run`'s folder are no part of a finished run either."""
+    shutil.copytree(run / "checkpoints/step-00000002", run / "checkpoints/.step-00000003.old")
+    (run / "checkpoints/step-00000009").write_text("x")
+    (run / "checkpoints/.step-00000002.pruned.tmp").mkdir()
+    (run / ".adapter.old").mkdir()
+    (run / ".peftkit-replaced-abc").mkdir()
+    report = verify(run, console=_quiet())
+    assert report.differences == [
+        f".adapter.old in {run}: left by an interrupted write, which the next `peftkit train` there would act on; no "
+        "finished run holds it",
+        f".peftkit-replaced-abc in {run}: left by an interrupted write, which the next `peftkit train` there would act "
+        "on; no finished run holds it",
+        f"checkpoints/.step-00000002.pruned.tmp in {run}: left by an interrupted write, which the next `peftkit train` "
+        "there would remove; no finished run holds it",
+        f"checkpoints/.step-00000003.old in {run}: a checkpoint left by an interrupted replace, which `--resume` would "
+        "restore as step-00000003; no finished run holds it",
+        f"checkpoints/step-00000009 in {run}: not a checkpoint directory; it was added after the run"]
+
+
+def test_a_checkpoint_s_recorded_inputs_and_files_it_does_not_list_are_checked(run):
+    """--resume refuses changed data or base by the hashes in a checkpoint's checksums.json: emptied, it refused
+    nothing, and verify said OK. A file the checksums do not list is not the run's either."""
+    checksums_file = run / "checkpoints/step-00000002/checksums.json"
+    checksums = json.loads(checksums_file.read_text())
+    checksums_file.write_text(json.dumps(checksums | {"inputs": {}}))
+    report = verify(run, console=_quiet())
+    assert report.differences == ["checkpoints/step-00000002/checksums.json: the data and base-model hashes it records "
+                                  "(which --resume checks the inputs against) differ from the re-run's; it was changed "
+                                  "after the run"]
+    checksums_file.write_text(json.dumps(checksums))
+    (run / "checkpoints/step-00000002/notes.txt").write_text("x")
+    assert verify(run, console=_quiet()).differences == [
+        f"checkpoints/step-00000002 in {run}: it holds notes.txt, which its checksums.json does not list; it was changed "
+        "after the run"]
+
+
+EDITED_RECORDS = {
+    "base_model_sha256": ({}, "manifest.json: base_model_sha256 records 0 files of the base, the re-run hashed "),
+    "dtype": ("auto", "manifest.json: dtype is 'auto' recorded, 'float32' now"),
+    "data_commits": ({"train": "a" * 40}, "manifest.json: data_commits records a hub commit for data.train, which is "
+                                          "not a hub dataset; the manifest was edited after the run"),
+    "base_model_commit": ("a" * 40, f"manifest.json: base_model_commit is '{'a' * 40}' recorded, None in the re-run; "
+                                    "the manifest was edited after the run"),
+    "init_from_sha256": ({"adapter_model.safetensors": "0" * 64}, "manifest.json: init_from_sha256 records files, and "
+                         "the recipe has no adapter.init_from; the manifest was edited after the run"),
+}
+
+
+@pytest.mark.parametrize("field", EDITED_RECORDS)
+def test_input_records_no_other_check_reads_are_compared_with_the_re_run_s(run, field):
+    """An emptied base record compared nothing (and `peftkit eval` stopped warning of a changed base); a recorded
+    dtype 'auto' passed as an older manifest's; commits and an init_from record for inputs that have none: all
+    verified OK."""
+    value, expected = EDITED_RECORDS[field]
+    _edit_manifest(run, lambda manifest: manifest.update({field: value}))
+    report = verify(run, console=_quiet())
+    assert len(report.differences) == 1 and report.differences[0].startswith(expected), report.differences
+
+
+def _nudge_checkpoint(checkpoint: Path, by: float) -> None:
+    """The optimizer's moments and the logged losses moved by `by`, checksums.json made to agree: a checkpoint as
+    another machine's rounding would write it."""
+    import torch
+
+    state = torch.load(checkpoint / "training_state.pt", weights_only=True)
+    for moments in state["optimizer"]["state"].values():
+        moments["exp_avg"] += by
+    torch.save(state, checkpoint / "training_state.pt")
+    trainer = json.loads((checkpoint / "trainer_state.json").read_text())
+    trainer["losses"] = [loss + by for loss in trainer["losses"]]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(trainer))
+    checksums = json.loads((checkpoint / "checksums.json").read_text())
+    checksums["files"] |= {name: sha256_file(checkpoint / name) for name in ("training_state.pt", "trainer_state.json")}
+    (checkpoint / "checksums.json").write_text(json.dumps(checksums))
+
+
+def test_under_a_tolerance_a_checkpoint_s_state_is_compared_as_numbers(run):
+    """A run with checkpoints made on another machine never verified under --tolerance: the optimizer's state and the
+    logged losses were compared by their bytes (the README's CI recipe checkpoints at step 20)."""
+    _nudge_checkpoint(run / "checkpoints/step-00000002", 1e-7)
+    assert verify(run, tolerance=1e-5, console=_quiet()).ok
+    differences = verify(run, console=_quiet()).differences
+    assert [d.split(":")[0] for d in differences] == ["checkpoints/step-00000002/trainer_state.json",
+                                                      "checkpoints/step-00000002/training_state.pt"], differences
+    _nudge_checkpoint(run / "checkpoints/step-00000002", 1e-3)
+    differences = verify(run, tolerance=1e-5, console=_quiet()).differences
+    assert differences[0].startswith("checkpoints/step-00000002/trainer_state.json: losses is [") and \
+        differences[1].startswith("checkpoints/step-00000002/training_state.pt: optimizer.state.0.exp_avg: max abs "
+                                  "diff 0.001 > 1e-05"), differences
+
+
 def test_a_tolerance_does_not_hide_a_changed_adapter(run):
     _flip_a_bit(run / ADAPTER)
     report = verify(run, tolerance=1e-3, console=_quiet())

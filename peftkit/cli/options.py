@@ -135,10 +135,14 @@ Inputs = list[tuple[str, "str | Path | None"]]
 
 def command_inputs(recipe: Path | None = None, model: str | None = None, data: str | None = None,
                    adapters: list[str] = (), merged: list[str] = ()) -> Inputs:
-    """What a command reads, as `check_json_out` compares its outputs against (hub ids are skipped there)."""
+    """What a command reads, as `check_json_out` compares its outputs against (hub ids are skipped there). Of a run
+    directory, the run's own entries: an output beside them (`RUN/eval.json`) is the user's to keep there."""
+    from peftkit.rundir import RUN_ENTRIES
+
     run = recipe is not None and Path(recipe).is_dir()
-    return ([("the run directory" if run else "the recipe", recipe), ("the model", model), ("the data", data)]
-            + [("the adapter", a) for a in adapters] + [("the merged model", m) for m in merged])
+    read = [(f"the run's {entry}", Path(recipe) / entry) for entry in RUN_ENTRIES] if run else [("the recipe", recipe)]
+    return (read + [("the model", model), ("the data", data)] + [("the adapter", a) for a in adapters]
+            + [("the merged model", m) for m in merged])
 
 
 def job_inputs(job) -> Inputs:
