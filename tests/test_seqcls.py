@@ -21,7 +21,7 @@ from peftkit.recipe import DataConfig, ModelConfig, load_recipe
 from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
 from peftkit.export import export
 from peftkit.train import train
-from tests.conftest import make_recipe, random_adapters
+from tests.conftest import cli_user_error, make_recipe, random_adapters
 
 LABELS = LabelSet(("negative", "positive"))
 TEXTS = ["good nice fine", "bad sad awful grim dull", "x", "happy lovely bright superb great good"]
@@ -264,7 +264,8 @@ def test_eval_of_rows_past_an_encoder_s_positions_is_a_clear_error(tmp_path, tin
     from peftkit.evaluate import eval_job, evaluate
 
     positions = json.loads((tiny_bert / "config.json").read_text())["max_position_embeddings"]
-    write_jsonl(tmp_path / "long.jsonl", [{"text": "ab" * positions, "label": "positive"}])  # cut to max_length
+    write_jsonl(tmp_path / "long.jsonl", [{"text": "ab" * positions, "label": "positive"},  # cut to max_length
+                                          {"text": "ab", "label": "negative"}])  # (a head of one class is refused)
     with pytest.raises(PeftkitError, match=rf"The longest row of .*long.jsonl has {positions + 100} tokens, more than "
                                            rf"the {positions} positions this bert model has"):
         evaluate(eval_job(None, [], str(tiny_bert), str(tmp_path / "long.jsonl"), "classification", None,
@@ -301,6 +302,19 @@ def test_integer_labels_and_text_pairs(tmp_path, tiny_bert):
 
 
 # ------------------------------------------------------------------------------- what the user sees
+
+
+@pytest.mark.parametrize(("label", "shown"), [("positive", "'positive'"), (0, "0")])
+def test_one_class_of_labels_is_refused(tmp_path, tiny_bert, sentiment, monkeypatch, capsys, label, shown):
+    """Every train label the same: a one-class head learns nothing (its loss is 0 from the start). String labels
+    trained such a head silently; integer labels were refused."""
+    write_jsonl(tmp_path / "one.jsonl", [{"text": t, "label": label} for t in ("good", "bad", "fine")])
+    recipe = classification_recipe(tmp_path, tiny_bert, {"train": tmp_path / "one.jsonl", "eval": sentiment["eval"]})
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert " ".join(err.split()) == (
+        f"error: {tmp_path / 'one.jsonl'}: every label is {shown}, so there is only one class; a classifier needs at "
+        "least 2.")
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_missing_label_column_names_the_line(tmp_path, tiny_bert, sentiment):

@@ -37,6 +37,9 @@ class LabelSet:
                 "names everywhere or class ids everywhere."
             )
         if strings:
+            if len(strings) < 2:
+                raise PeftkitError(f"{source}: every label is {strings[0]!r}, so there is only one class; a classifier "
+                                   "needs at least 2.")
             if num_labels is not None and num_labels != len(strings):
                 raise PeftkitError(
                     f"model.num_labels is {num_labels}, but {source} has {len(strings)} distinct string labels "
