@@ -101,6 +101,35 @@ def test_a_byte_order_mark_is_no_text_in_csv_and_txt_files(tmp_path):
     assert load_rows(str(txt), "train") == ([{"text": "hello"}, {"text": "world"}], 0, [1, 4])
 
 
+def test_a_value_of_the_wrong_type_is_its_own_row_s_problem_in_json_and_csv_files(tmp_path):
+    """`datasets` gives a column one type: one `"input": 5` in a .json array made every row's input a JSON value
+    (the string "4" became the number 4, and row 1 was blamed), one label `1.5` in a .csv made every label a float;
+    data.on_bad_rows: skip then dropped every row. Now the row holding it is named, and only it is skipped."""
+    from peftkit.data.classification import load_classification
+
+    rows = [{"instruction": f"Add {i}.", "input": str(i), "output": str(i + 1)} for i in range(8)]
+    rows[5]["input"] = 5
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    assert load_rows(str(path), "train")[0][:2] == rows[:2]  # "0" stays the text "0"
+    with pytest.raises(PeftkitError) as err:
+        load_examples(TOK, str(path), "train", DataConfig(train=str(path)), cache=False)
+    assert str(err.value).startswith(f"{path} row 6: field 'input' must be a string, got int for data.format 'alpaca'")
+    skip = DataConfig(train=str(path), on_bad_rows="skip")
+    assert load_examples(TOK, str(path), "train", skip, cache=False)[1]["bad_rows"] == 1
+
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\ngood,1\nbad,0\nfine,1\nmeh,1.5\nawful,0\n")
+    assert [row["label"] for row in load_rows(str(path), "train")[0]] == [1, 0, 1, 1.5, 0]
+    cfg = DataConfig(train=str(path), format="classification")
+    with pytest.raises(PeftkitError) as err:
+        load_classification(TOK, str(path), "train", cfg)
+    assert str(err.value).startswith(f"{path} row 4: field 'label' must be a string or an integer, got float for "
+                                     "data.format 'classification'")
+    examples, stats, labels = load_classification(TOK, str(path), "train", cfg.model_copy(update={"on_bad_rows": "skip"}))
+    assert (len(examples), stats["bad_rows"], labels.names) == (4, 1, ("0", "1"))
+
+
 def test_txt_rows_are_the_lines_datasets_reads(tmp_path):
     """Lines end at \\n, \\r\\n and \\r as in `datasets`' text reader, not at the other breaks str.splitlines
     knows (a form feed from a PDF, Word's \\v, \\x85, \\u2028): those stay in their line."""

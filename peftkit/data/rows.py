@@ -158,6 +158,8 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
                 return _read_text(path)
             if _is_blank(path):  # `datasets` fails on these with StopIteration or a message about its own internals
                 return [], 0, None
+            if kind == "json" and (rows := _read_json_array(path)) is not None:
+                return rows, 0, None
             import datasets
 
             # (`datasets` keys its own cache of a file by path and modification time: a file rewritten with its time
@@ -178,7 +180,7 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
                                    f"the file first, is full ({datasets.config.HF_DATASETS_CACHE}). Free space there, "
                                    "or set HF_DATASETS_CACHE to a directory with room.") from None
             raise PeftkitError(f"Could not read data file {source}: {why}") from None
-        return list(ds), 0, None
+        return ([_with_csv_label(row) for row in ds] if kind == "csv" else list(ds)), 0, None
     import datasets
 
     try:
@@ -227,17 +229,45 @@ def _check_commit(source: str, revision: str | None, read: str, commits: Path) -
             f"revision '{revision}' cannot be resolved; it read commit {read}. Pin that commit to be sure."), stacklevel=3)
 
 
+def _read_json_array(path: Path) -> list[dict] | None:
+    """The rows of a .json file that is one JSON array of objects, each as written; None for any other .json (JSON
+    lines, an object of columns, a file that is not JSON), which `datasets` reads. `datasets` gives a column one
+    type: where one row's "input" is the number 5, it read every row's "input" as a JSON value, the string "4" as
+    the number 4, and the row blamed was row 1."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        return None
+    return rows if isinstance(rows, list) and all(isinstance(row, dict) for row in rows) else None
+
+
+_CSV_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_CSV_DECIMAL = re.compile(r"\s*[+-]?(\d+\.\d*|\.\d+|\d+[eE][+-]?\d+|\d+\.\d*[eE][+-]?\d+)\s*")
+
+
+def _with_csv_label(row: dict) -> dict:
+    """A CSV row (every cell read as text) with its `label` cell as a value: an integer is a class id, a decimal
+    number a float (no class: the row is bad, and says so), other text a class name. pandas gave the column one
+    type: one `1.5` made every label a float, and row 1 was blamed."""
+    label = row.get("label")
+    if isinstance(label, str) and _CSV_INTEGER.fullmatch(label):
+        return {**row, "label": int(label)}
+    if isinstance(label, str) and _CSV_DECIMAL.fullmatch(label):
+        return {**row, "label": float(label)}
+    return row
+
+
 def _read_options(path: Path, kind: str) -> dict:
-    """`datasets.load_dataset` options for a file: a CSV's text columns read as the text they hold. pandas would
-    make a completion "4" the number 4, an empty cell (an alpaca row without input) NaN, and "NA" missing; only
-    `label` keeps pandas' reading (an integer column is class ids)."""
+    """`datasets.load_dataset` options for a file: a CSV's columns read as the text they hold. pandas would make a
+    completion "4" the number 4, an empty cell (an alpaca row without input) NaN, and "NA" missing; `label` is
+    read per row afterwards (`_with_csv_label`)."""
     if kind != "csv":
         return {}
     import csv
 
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: as pandas, which reads the rows, drops a BOM
         header = next(csv.reader(f), [])
-    return {"converters": {name: str for name in header if name != "label"}, "keep_default_na": False}
+    return {"converters": dict.fromkeys(header, str), "keep_default_na": False}
 
 
 # A lone UTF-16 surrogate (JSON "\\ud800") is not valid Unicode: no tokenizer can encode it, and the fast
