@@ -61,10 +61,18 @@ class AdapterSection(Section):
     @classmethod
     def _targets_not_empty(cls, v: Any, info: ValidationInfo) -> Any:
         """An empty `target_modules` list would adapt nothing (every method's config has the field), unless LoRA's
-        target_parameters (validated before it) adapts parameters."""
+        target_parameters (validated before it) adapts parameters; `[all-linear]` would adapt nothing either (it
+        is read as a module name no module has) and failed only after the model loaded."""
         if isinstance(v, list) and not v and not info.data.get("target_parameters"):
             defaults = ", or null for the defaults" if cls.model_fields["target_modules"].default is None else ""
             raise ValueError(f"is an empty list; name at least one module, or use 'all-linear'{defaults}")
+        if isinstance(v, list) and "all-linear" in v:
+            if "'all-linear'" not in str(cls.model_fields["target_modules"].annotation):  # trainable_tokens
+                raise ValueError("lists 'all-linear', which is no module name (and this method has no all-linear); "
+                                 "list the modules by name")
+            others = ", or list module names only" if len(v) > 1 else ""
+            raise ValueError("lists 'all-linear', which is a value of its own, not a module name; write "
+                             f"`target_modules: all-linear` (not in a list){others}")
         return v
 
     init_from: str | None = None

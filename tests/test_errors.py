@@ -239,6 +239,13 @@ BAD_VALUES = [
      "'adapter.target_modules' = 5: must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}"),
     ("  target_modules: all-linear", "  target_modules: []",
      "'adapter.target_modules' = list: is an empty list; name at least one module, or use 'all-linear'"),
+    # `[all-linear]` passed validate, then train said after loading the model that it matched no module
+    ("  target_modules: all-linear", "  target_modules: [all-linear]",
+     "'adapter.target_modules' = list: lists 'all-linear', which is a value of its own, not a module name; write "
+     "`target_modules: all-linear` (not in a list)"),
+    ("  target_modules: all-linear", "  target_modules: [all-linear, lm_head]",
+     "'adapter.target_modules' = list: lists 'all-linear', which is a value of its own, not a module name; write "
+     "`target_modules: all-linear` (not in a list), or list module names only"),
     ("  max_steps: 6", "  max_steps: lots",
      "'training.max_steps' = 'lots': must be a positive integer, or null to train for `epochs`"),
     ("eval:\n  batch_size: 8", "eval: fast", "'eval' = 'fast': must be a valid dictionary (a section of keys)"),
@@ -268,6 +275,22 @@ def test_bad_value_names_key_line_and_what_is_allowed(tmp_path, old, new, expect
     text = RECIPE.replace(old, new, 1)
     message = _error(_write(tmp_path, text))
     assert message == f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, new)}: {expected}."
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha", "lokr", "vera", "adalora", "oft", "trainable_tokens"])
+def test_all_linear_in_a_list_is_refused_by_every_method_with_target_modules(tmp_path, method):
+    """`[all-linear]` passed validate, and train said after loading the model that entry 'all-linear' matched no
+    module; trainable_tokens has no all-linear at all."""
+    text = RECIPE.replace("  r: 4\n  alpha: 8\n  dropout: 0.0\n", "").replace(
+        "  target_modules: all-linear", f"  method: {method}\n  token_indices: [0]\n  target_modules: [all-linear]")
+    if method != "trainable_tokens":
+        text = text.replace("  token_indices: [0]\n", "")
+    fix = ("which is no module name (and this method has no all-linear); list the modules by name" if
+           method == "trainable_tokens" else
+           "which is a value of its own, not a module name; write `target_modules: all-linear` (not in a list)")
+    assert _error(_write(tmp_path, text)) == (
+        f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, '  target_modules')}: "
+        f"'adapter.target_modules' = list: lists 'all-linear', {fix}.")
 
 
 def test_training_compile_names_its_choices(tmp_path):
