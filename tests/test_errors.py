@@ -137,8 +137,14 @@ def test_missing_and_unreadable_recipe_files(tmp_path):
     (tmp_path / "recipe.yaml").write_text("model: {}\n")  # a run directory: its recipe is named
     assert _error(tmp_path) == (f"{tmp_path} is a directory, not a recipe file. It is a run directory: its recipe is "
                                 f"{tmp_path / 'recipe.yaml'}.")
-    (tmp_path / "latin1.yaml").write_bytes(b"model:\n  name_or_path: caf\xe9\n")
-    assert _error(tmp_path / "latin1.yaml").startswith(f"Cannot read recipe {tmp_path / 'latin1.yaml'}")
+    # These said "Cannot read recipe ...: 'utf-8' codec can't decode byte 0xe9 in position 25": no line, no fix.
+    (tmp_path / "latin1.yaml").write_bytes(b"model:  # caf\xc3\xa9\n  name_or_path: caf\xe9\n")  # line 1: a UTF-8 é
+    assert _error(tmp_path / "latin1.yaml") == (
+        f"{tmp_path / 'latin1.yaml'}:2: not UTF-8 text (byte 0xe9 at character 20; a file saved as Latin-1 or "
+        "Windows-1252?). Save the recipe as UTF-8.")
+    (tmp_path / "utf16.yaml").write_bytes(RECIPE.encode("utf-16"))
+    assert _error(tmp_path / "utf16.yaml") == (f"{tmp_path / 'utf16.yaml'}:1: the recipe is UTF-16 text (it begins "
+                                               "with a UTF-16 byte order mark). Save it as UTF-8.")
 
 
 # Unknown keys at every level: (line of RECIPE to change, its replacement, the typo, the key meant, section).

@@ -153,19 +153,32 @@ def _compose_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int],
             _compose_lines(item, (*path, i), lines, duplicates, empty)
 
 
+def _not_utf8(path: Path, raw: bytes, at: int) -> str:
+    """What is wrong with a recipe whose byte `at` is not UTF-8, at its line, as a data file's line says it."""
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Windows' Notepad and PowerShell save "Unicode" so
+        return f"{path}:1: the recipe is UTF-16 text (it begins with a UTF-16 byte order mark). Save it as UTF-8."
+    start = raw.rfind(b"\n", 0, at) + 1
+    line, column = raw.count(b"\n", 0, at) + 1, len(raw[start:at].decode("utf-8", errors="replace")) + 1
+    return (f"{path}:{line}: not UTF-8 text (byte 0x{raw[at]:02x} at character {column}; a file saved as Latin-1 or "
+            "Windows-1252?). Save the recipe as UTF-8.")
+
+
 def _read_yaml(path: Path) -> tuple[dict, dict[tuple, int], set[tuple]]:
     try:
         size = path.stat().st_size
         if size > MAX_RECIPE_BYTES:
             raise PeftkitError(f"{path}: the recipe is {size / 2**20:.1f} MB; a recipe is a few KB (the limit is "
                                f"{MAX_RECIPE_BYTES // 2**20} MB). Check that this is the recipe file you meant.")
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise PeftkitError(f"Recipe file not found: {path}") from None
     except IsADirectoryError:
         run = f" It is a run directory: its recipe is {path / 'recipe.yaml'}." if (path / "recipe.yaml").is_file() else ""
         raise PeftkitError(f"{path} is a directory, not a recipe file.{run}") from None
-    except (PermissionError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise PeftkitError(_not_utf8(path, raw, e.start)) from None
+    except PermissionError as e:
         raise PeftkitError(f"Cannot read recipe {path}: {e}") from None
     try:
         data, lines, duplicates, empty = _parse_yaml(text, "the recipe")
