@@ -461,6 +461,9 @@ def test_an_unusable_output_dir_gets_an_output_s_advice(tmp_path):
     ("=3", "--set '=3': expected KEY=VALUE, for example --set training.lr=2e-4"),
     ("training.lr.x=1", "--set training.lr.x: 'training.lr' is a value, not a section with keys; set it whole: "
      "--set training.lr=VALUE."),
+    # an entry of a list: these said "unknown key '0' in adapter.target_modules ... Valid keys: regex"
+    ("adapter.target_modules.0=q_proj", "--set adapter.target_modules.0: 'adapter.target_modules' is a value, not a "
+     "section with keys; set it whole: --set adapter.target_modules=[...]."),
     ("training.lr=[", "--set training.lr=[: the value is not valid YAML (expected the node content, but found "
      "'<stream end>'). Quote a string value, for example --set 'training.lr=\"[\"'."),
     # a key of another section: said as a recipe file's is (it was "Did you mean 'lr'?" for training.r)
@@ -480,6 +483,14 @@ def test_an_unusable_output_dir_gets_an_output_s_advice(tmp_path):
 ])
 def test_bad_override(tmp_path, override, expected):
     assert _error(_write(tmp_path, RECIPE), [override]).startswith(expected)
+
+
+def test_an_override_into_a_list_says_to_set_it_whole(tmp_path):
+    path = _write(tmp_path, RECIPE.replace("target_modules: all-linear", "target_modules: [q_proj, v_proj]"))
+    assert _error(path, ["adapter.target_modules.1=k_proj"]) == (
+        "--set adapter.target_modules.1: 'adapter.target_modules' is a value, not a section with keys; set it whole: "
+        "--set adapter.target_modules=[...].")
+    assert load_recipe(path, ["adapter.target_modules=[k_proj]"]).adapter.target_modules == ["k_proj"]
 
 
 def test_override_with_a_bad_value_names_the_override(tmp_path):

@@ -77,6 +77,10 @@ def _apply_override(data: dict, assignment: str) -> None:
     for depth in range(1, len(parts) + 1):
         model = _section_model(tuple(parts[: depth - 1]), data)
         if model is not None and parts[depth - 1] not in model.model_fields:
+            # `adapter.target_modules.0=q_proj`: an entry of a list, where "unknown key '0' ... Valid keys: regex"
+            # (target_modules may also be the section {regex: ...}) misled. No section has a key of digits.
+            if depth > 1 and parts[depth - 1].isdigit():
+                raise _set_into_a_value(key.strip(), parts[: depth - 1])
             valid = _field_order(model)
             where = ".".join(parts[: depth - 1]) or "the recipe"
             if depth <= 2 and (homes := _home_sections(parts[depth - 1], tuple(parts[: depth - 1]), data,
@@ -106,12 +110,19 @@ def _apply_override(data: dict, assignment: str) -> None:
     node = data
     for depth, part in enumerate(parts[:-1], start=1):
         if node.get(part) is not None and not isinstance(node[part], dict):  # `training.lr.x=1`: lr is a value
-            raise PeftkitError(f"--set {key.strip()}: '{'.'.join(parts[:depth])}' is a value, not a section with keys; "
-                               f"set it whole: --set {'.'.join(parts[:depth])}=VALUE.")
+            raise _set_into_a_value(key.strip(), parts[:depth])
         if not isinstance(node.get(part), dict):
             node[part] = {}
         node = node[part]
     node[parts[-1]] = value
+
+
+def _set_into_a_value(key: str, parts: list[str]) -> PeftkitError:
+    """`--set KEY=...` where `parts` (a prefix of KEY) is a value, not a section; a key of digits under it would be
+    an entry of a list."""
+    name = ".".join(parts)
+    whole = "[...]" if key.split(".")[len(parts)].isdigit() else "VALUE"
+    return PeftkitError(f"--set {key}: '{name}' is a value, not a section with keys; set it whole: --set {name}={whole}.")
 
 
 def _data_loc(loc: tuple, data: Any) -> tuple:
