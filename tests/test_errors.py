@@ -412,6 +412,22 @@ def test_non_string_key(tmp_path):
             "method, r") in message
 
 
+@pytest.mark.parametrize(("pattern", "key", "read_as"), [
+    ("\n    q_proj: 4\n    yes: 2", "yes", "a boolean"), ("\n    1: 2", "1", "a number"),
+    (" {q_proj: 4, null: 2}", "null", "null")])
+def test_non_string_key_in_a_mapping_value(tmp_path, pattern, key, read_as):
+    """A key of `rank_pattern:` was "'adapter.rank_pattern.1' = True: must be a valid string", on the line of
+    rank_pattern, with a path that is no key and no fix."""
+    text = RECIPE.replace("  dropout: 0.0\n", f"  dropout: 0.0\n  rank_pattern:{pattern}\n")
+    line = _line(text, f"    {key}:") if pattern.startswith("\n") else _line(text, "  rank_pattern:")
+    said = (f"key {key} in adapter.rank_pattern is not a name (YAML read it as {read_as}); quote it if it is meant "
+            "as one.")
+    assert _error(_write(tmp_path, text)) == f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{line}: {said}"
+    said = said.replace(f"key {key}", f"key {yaml.safe_load(key)!r}")  # (as YAML read it: a --set has no lines)
+    assert _error(_write(tmp_path, RECIPE), [f"adapter.rank_pattern={{{key}: 2}}"]) == (
+        f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'} (--set adapter.rank_pattern): {said}")
+
+
 @pytest.mark.parametrize(("value", "tag"), [("!!int abc", "int"), ("!!bool maybe", "bool"), ("!!timestamp soon", "timestamp")])
 def test_value_with_an_explicit_tag_it_does_not_fit(tmp_path, value, tag):
     # PyYAML's own constructors raise ValueError/KeyError/AttributeError here, not a YAMLError.

@@ -149,6 +149,12 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
     kind = err["type"]
     if kind in ("invalid_key", "extra_forbidden"):
         return f"{where}: {_key_message(err, loc, data)}"
+    if err["loc"][-1:] == ("[key]",) and not isinstance(err["input"], str):  # `rank_pattern: {1: 4}`: a mapping's key
+        mapping, key = _data_loc(err["loc"][:-2], data), err["input"]
+        written = next((k[-1] for k in lines if k[:-1] == mapping and len(k) == len(mapping) + 1
+                        and type(value := _plain_value(k[-1])) is type(key) and value == key), None)  # `yes`, `on`
+        where = _where((*mapping, written) if written else mapping, path, lines, overridden)
+        return f"{where}: {_not_a_name(key, '.'.join(map(str, mapping)), written)}."
     if kind == "adapter_method":  # the discriminator of the adapter union: point at the `method:` line
         where = _where((*loc, "method"), path, lines, overridden)
         methods = ", ".join(repr(m) for m in METHODS)
@@ -202,10 +208,8 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
     if err["type"] == "invalid_key":  # `1: x` or `null: x`: YAML made a non-string key
         section_loc = _data_loc(err["loc"][:-1], data)
         section = ".".join(map(str, section_loc)) or "the recipe"
-        read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
-            type(err["input"]), f"a {type(err['input']).__name__}")
-        return (f"key {err['input']!r} in {section} is not a name (YAML read it as {read_as}); quote it if it is "
-                f"meant as one. Valid keys: {', '.join(_valid_keys(section_loc, data))}.")
+        return (f"{_not_a_name(err['input'], section)}. Valid keys: "
+                f"{', '.join(_valid_keys(section_loc, data))}.")
     valid = _valid_keys(loc[:-1], data)
     section = ".".join(map(str, loc[:-1])) or "the recipe"
     if len(loc) <= 2 and (homes := _home_sections(str(loc[-1]), loc[:-1], data, _value_at(data, loc))):
@@ -215,6 +219,14 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
         return (f"unknown key '{loc[-1]}' in {section}: {METHODS[method].title} (method: {method}) has no "
                 f"'{loc[-1]}'.{_suggest(str(loc[-1]), valid)} Valid keys for method {method}: {', '.join(valid)}.")
     return f"unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} Valid keys: {', '.join(valid)}."
+
+
+def _not_a_name(key: Any, section: str, written: str | None = None) -> str:
+    """A key of `section` that YAML did not read as a string (`1:`, `yes:`, `null:`), as `written` when known."""
+    read_as = {bool: "a boolean", int: "a number", float: "a number", type(None): "null"}.get(
+        type(key), f"a {type(key).__name__}")
+    return (f"key {written or repr(key)} in {section} is not a name (YAML read it as {read_as}); quote it if it is "
+            "meant as one")
 
 
 def _home_sections(key: str, section: tuple, data: Any, value: Any = None) -> list[str]:
