@@ -260,6 +260,19 @@ BAD_ROWS = [
      "messages[0].content must be a string, got null"),
     # The old reader said "no assistant message to learn from".
     ("chat", _chat({"role": 1, "content": "yo"}), "messages[1].role must be a string, got int"),
+    # A role no template knows was rendered as a turn of its own (`<|bot|>`) and trained silently; ShareGPT's
+    # `gpt` or a capitalised `Assistant` left "no assistant message to learn from", naming neither role nor fix.
+    ("chat", _chat({"role": "bot", "content": "yo"}),
+     "messages[1].role is 'bot', not a chat role (system, user, assistant, tool, developer, ipython, function); rename "
+     "it 'assistant'"),
+    ("chat", {"messages": [{"role": "human", "content": "hi"}, {"role": "gpt", "content": "yo"}]},
+     "messages[0].role is 'human', not a chat role (system, user, assistant, tool, developer, ipython, function); "
+     "rename it 'user'"),
+    ("chat", _chat({"role": "Assistant", "content": "yo"}),
+     "messages[1].role is 'Assistant', not a chat role (system, user, assistant, tool, developer, ipython, function); "
+     "rename it 'assistant'"),
+    ("chat", _chat({"role": "narrator", "content": "yo"}),
+     "messages[1].role is 'narrator', not a chat role (system, user, assistant, tool, developer, ipython, function)"),
     ("alpaca", {"instruction": "Say hi.", "input": {"name": "Bo"}, "output": "hi"},
      "field 'input' must be a string, got dict"),
     ("alpaca", {"instruction": "Say hi.", "input": ["Bo"], "output": "hi"}, "field 'input' must be a string, got list"),

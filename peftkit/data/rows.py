@@ -270,6 +270,13 @@ def _read_options(path: Path, kind: str) -> dict:
     return {"converters": dict.fromkeys(header, str), "keep_default_na": False}
 
 
+# The roles chat templates render: an assistant turn is the one trained; `tool` (and Llama 3.1's `ipython`, OpenAI's
+# `developer` and older `function`) are roles of templates that call tools. Any other role was rendered as a turn
+# of its own (`<|bot|>`) and trained silently, or, as ShareGPT's `gpt`, left the row with no assistant turn.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
+_ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+               "chatgpt": "assistant"}  # ShareGPT's, Gemma's and others' names for user and assistant
+
 # A lone UTF-16 surrogate (JSON "\\ud800") is not valid Unicode: no tokenizer can encode it, and the fast
 # (Rust) ones fail with a TypeError that names neither the row nor the text.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -309,6 +316,10 @@ def _messages_problem(messages: object) -> str | None:
         for key in ("role", "content"):
             if problem := _text_problem(f"messages[{i}].{key}", m[key]):
                 return problem
+        if m["role"] not in CHAT_ROLES:
+            meant = m["role"].lower() if m["role"].lower() in CHAT_ROLES else _ROLE_NAMES.get(m["role"].lower())
+            return (f"messages[{i}].role is {m['role']!r}, not a chat role ({', '.join(CHAT_ROLES)})"
+                    + (f"; rename it {meant!r}" if meant else ""))
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message to learn from"
     return None
