@@ -347,8 +347,7 @@ def test_a_turn_found_by_its_content_is_never_an_earlier_copy_of_it(tmp_path):
     tok.chat_template = DEEPSEEK_STYLE
     assert trained([{"role": "user", "content": "Say Yes or No"}, {"role": "assistant", "content": "Yes"},
                     {"role": "user", "content": "Yes again?"}, {"role": "assistant", "content": "Yes"}]) == "Yes</s>Yes</s>"
-    with pytest.raises(PeftkitError, match=r"d\.jsonl:1: the chat template renders assistant turn 2 in a way peftkit "
-                                           "cannot locate"):
+    with pytest.raises(PeftkitError, match=r"d\.jsonl:1: messages\[1\]\.content is empty \(an assistant turn\)"):
         trained([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}])
     tok.chat_template = QWEN_STYLE  # "assistant" is in the default system prompt too
     assert trained([{"role": "assistant", "content": "assistant"}, {"role": "user", "content": "thanks"},

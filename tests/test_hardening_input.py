@@ -305,6 +305,32 @@ def test_data_field_of_the_wrong_type_is_skipped_and_counted(tmp_path, fmt, row,
     assert len(examples) == 2 and stats["bad_rows"] == 1
 
 
+EMPTY_ANSWERS = [
+    ("alpaca", {"instruction": "Say hi.", "output": ""}, "field 'output' is empty"),
+    ("completion", {"prompt": "Say hi.", "completion": " \n"}, "field 'completion' is empty"),
+    ("chat", _chat({"role": "assistant", "content": ""}), "messages[1].content is empty (an assistant turn)"),
+    ("text", {"text": ""}, "field 'text' is empty"),
+]
+
+
+@pytest.mark.parametrize(("fmt", "row", "problem"), EMPTY_ANSWERS, ids=[e[0] for e in EMPTY_ANSWERS])
+def test_an_empty_answer_is_a_bad_row(tmp_path, fmt, row, problem):
+    """An empty output, completion or assistant turn trained on the end token alone, without a word; an empty text
+    was already a bad row. Each is now named, or skipped and counted; `peftkit generate --data` takes rows whose
+    answer is empty: there they are prompts, the answer a reference only."""
+    from peftkit.data.prompts import load_prompts
+
+    good = {"completion": {"prompt": "Say hi.", "completion": "hi"}, "text": {"text": "hi"}}.get(fmt) or GOOD[fmt]
+    path = _jsonl(tmp_path, [good, row, good])
+    message = _data_error(path, fmt)
+    assert message.startswith(f"{path}:2: {problem} for data.format '{fmt}' (each row needs ")
+    examples, stats = _load(path, fmt, on_bad_rows="skip")
+    assert len(examples) == 2 and stats["bad_rows"] == 1
+    if fmt != "text":  # (text rows have no prompt to generate from)
+        cfg = DataConfig(train=str(path), format=fmt)
+        assert len(load_prompts(TOK, str(path), "train", cfg, targets=False)) == 3
+
+
 def test_null_alpaca_input_means_no_input(tmp_path):
     (example,), stats = _load(_jsonl(tmp_path, [{"instruction": "Say hi.", "input": None, "output": "hi"}]))
     assert "### Input" not in TOK.decode(example.input_ids) and stats["bad_rows"] == 0

@@ -311,14 +311,14 @@ def located(where: str, make, *args):
         raise PeftkitError(f"{where}: {e}") from None
 
 
-def _problem(row: object, fmt: str) -> str | None:
-    return _row_problem(row, fmt) if isinstance(row, dict) else "not an object"
+def _problem(row: object, fmt: str, target: bool = True) -> str | None:
+    return _row_problem(row, fmt, target) if isinstance(row, dict) else "not an object"
 
 
-def usable_row(row: object, cfg: DataConfig, where: str) -> bool:
-    """Whether a row has what data.format needs; a bad row is False under data.on_bad_rows: skip, else an error
-    naming `where` and the fields."""
-    problem = _problem(row, cfg.format)
+def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True) -> bool:
+    """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
+    data.on_bad_rows: skip, else an error naming `where` and the fields."""
+    problem = _problem(row, cfg.format, target)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":

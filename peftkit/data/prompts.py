@@ -67,10 +67,11 @@ def row_prompt(tok, row: dict, fmt: str) -> Prompt:
 
 
 def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None,
-                 skip_empty: bool = False, *, tasks: bool = False) -> list[Prompt]:
+                 skip_empty: bool = False, *, tasks: bool = False, targets: bool = True) -> list[Prompt]:
     """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says. A row
     whose prompt has no tokens is an error, or left out with `skip_empty` (eval.samples: a training row may have
-    no prompt). `tasks`: read the rows' `task` column (a model whose method reads task ids)."""
+    no prompt). `tasks`: read the rows' `task` column (a model whose method reads task ids). `targets`: a row's
+    answer, the reference, must not be empty (False: `peftkit generate --data`, where the rows may be prompts only)."""
     if cfg.format == "classification":
         raise PeftkitError(f"data.format 'classification' has no prompt to generate from in {source}: a classifier "
                            "predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the alpaca, "
@@ -85,7 +86,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         if limit is not None and len(prompts) >= limit:
             break
         where = row_location(source, i, line_numbers)
-        if usable_row(row, cfg, where):
+        if usable_row(row, cfg, where, targets):
             prompt = located(where, row_prompt, tok, row, cfg.format)
             if not prompt.ids and skip_empty:
                 continue

@@ -282,17 +282,24 @@ _ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model":
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _row_problem(row: dict, fmt: str) -> str | None:
-    """What makes a row unusable for `fmt`, or None."""
+# The field a row's loss is on: empty (or only whitespace), the row trained on the end token alone, without a word
+# (as an empty assistant turn did); now a bad row, as an empty `text` was.
+TARGET_FIELDS = {"alpaca": "output", "completion": "completion", "text": "text"}
+
+
+def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
+    """What makes a row unusable for `fmt`, or None. `target`: an empty answer is a problem (not where the rows are
+    only prompts to generate from, `peftkit generate --data`)."""
     for field in REQUIRED_FIELDS[fmt]:
         if field not in row or row[field] is None:
             return f"missing field '{field}'"
     if fmt == "chat":
-        return _messages_problem(row["messages"])
+        return _messages_problem(row["messages"], target)
     if fmt == "classification" and (problem := _label_problem(row["label"])):
         return problem
-    if fmt == "text" and isinstance(row["text"], str) and not row["text"].strip():
-        return "field 'text' is empty"
+    field = TARGET_FIELDS.get(fmt)
+    if (target or fmt == "text") and field and isinstance(row[field], str) and not row[field].strip():
+        return f"field '{field}' is empty"
     present = [f for f in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ())) if row.get(f) is not None and f != "label"]
     return next((p for f in present if (p := _text_problem(f"field '{f}'", row[f]))), None)
 
@@ -308,7 +315,7 @@ def _label_problem(label: object) -> str | None:
     return None
 
 
-def _messages_problem(messages: object) -> str | None:
+def _messages_problem(messages: object, target: bool = True) -> str | None:
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                  for m in messages):
         return "'messages' must be a list of {role, content} objects"
@@ -320,6 +327,8 @@ def _messages_problem(messages: object) -> str | None:
             meant = m["role"].lower() if m["role"].lower() in CHAT_ROLES else _ROLE_NAMES.get(m["role"].lower())
             return (f"messages[{i}].role is {m['role']!r}, not a chat role ({', '.join(CHAT_ROLES)})"
                     + (f"; rename it {meant!r}" if meant else ""))
+        if target and m["role"] == "assistant" and not m["content"].strip():
+            return f"messages[{i}].content is empty (an assistant turn)"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message to learn from"
     return None
