@@ -531,6 +531,17 @@ def test_a_check_across_a_section_names_the_set_inside_it(tmp_path):
     assert f"my-recipe.yaml:{_line(RECIPE, 'training:')} (with --set training.warmup_steps): training: " in message
 
 
+@pytest.mark.parametrize("override", ["data.format=classification", "data={format: classification, train: t.jsonl}"])
+def test_a_check_across_sections_names_the_set_it_names(tmp_path, override):
+    """The file's model.task (causal_lm, by default) against a --set data.format was blamed on line 1 (`model:`)
+    alone, the --set that made it unsaid."""
+    message = _error(_write(tmp_path, RECIPE), [override])
+    assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:1 (with --set "
+                       f"{override.split('=')[0]}): model.task is 'causal_lm' and data.format is 'classification': a "
+                       "sequence_classification model trains on data.format: classification (text, label, optional "
+                       "text_pair) and that format needs it; set both, or neither.")
+
+
 def test_an_empty_path_in_the_file_is_refused(tmp_path):
     text = RECIPE.replace("output_dir: ./run", 'output_dir: ""')  # Path("") would be the recipe's own directory
     assert _error(_write(tmp_path, text)).startswith(

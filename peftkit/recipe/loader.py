@@ -187,6 +187,13 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
         named = tuple(m[1].split(".")) if (m := re.match(r"([a-z_]+(?:\.[a-z_]+)*)[: ]", msg)) else ()
         if named[:1] and named[0] in Recipe.model_fields and named[:len(loc)] == loc:
             where = _where(named, path, lines, overridden)
+        # The other keys it names may have been given by --set (`data.format=classification` against the file's
+        # model.task): say so, as a check inside one section does, or the file's line is blamed alone.
+        mentioned = {tuple(k.split(".")) for k in re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+", msg)}
+        sets = sorted({".".join(map(str, key)) for key in overridden for m in mentioned
+                       if m[0] in Recipe.model_fields and (key[:len(m)] == m or m[:len(key)] == key)})
+        if sets and "--set" not in where:
+            where += f" (with --set {', --set '.join(sets)})"
         return f"{where}: {dotted + ': ' if loc else ''}{msg.rstrip('.')}."
     return f"{where}: '{dotted}' = {shown}: {msg.rstrip('.')}."
 
