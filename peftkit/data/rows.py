@@ -235,6 +235,9 @@ def _read_json_array(path: Path) -> list[dict] | None:
     type: where one row's "input" is the number 5, it read every row's "input" as a JSON value, the string "4" as
     the number 4, and the row blamed was row 1."""
     try:
+        with open(path, encoding="utf-8-sig") as f:  # (JSON lines, the usual case, are not read twice: a look first)
+            if not f.read(4096).lstrip().startswith("["):
+                return None
         rows = json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
         return None
