@@ -262,6 +262,7 @@ def _nudge_checkpoint(checkpoint: Path, by: float) -> None:
     state = torch.load(checkpoint / "training_state.pt", weights_only=True)
     for moments in state["optimizer"]["state"].values():
         moments["exp_avg"] += by
+    state["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # a GPU machine's generators, recorded too
     torch.save(state, checkpoint / "training_state.pt")
     trainer = json.loads((checkpoint / "trainer_state.json").read_text())
     trainer["losses"] = [loss + by for loss in trainer["losses"]]
@@ -273,7 +274,8 @@ def _nudge_checkpoint(checkpoint: Path, by: float) -> None:
 
 def test_under_a_tolerance_a_checkpoint_s_state_is_compared_as_numbers(run):
     """A run with checkpoints made on another machine never verified under --tolerance: the optimizer's state and the
-    logged losses were compared by their bytes (the README's CI recipe checkpoints at step 20)."""
+    logged losses were compared by their bytes (the README's CI recipe checkpoints at step 20). The generators'
+    states are another machine's own (a GPU's recorded beside the CPU's)."""
     _nudge_checkpoint(run / "checkpoints/step-00000002", 1e-7)
     assert verify(run, tolerance=1e-5, console=_quiet()).ok
     differences = verify(run, console=_quiet()).differences
