@@ -23,6 +23,43 @@ def _clock(seconds: float) -> str:
     return str(timedelta(seconds=round(seconds)))
 
 
+def _train_bar_class():
+    """The live bar's class: rich.progress is imported only on a terminal."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    class TrainBar(Progress):
+        """`train ━━━ 120/1000 loss 1.2345  lr 2.00e-04  3,210 tok/s 0:01:02 ETA 0:07:35` on one line where the
+        terminal is wide enough; on a narrower one (a split pane, ~70 columns for 1000 steps) the figures move to a
+        line of their own under the bar. One line cut to fit cropped every column alike: `120/…`, `0:01…`."""
+
+        MIN_BAR = 5  # columns of bar worth showing
+
+        def __init__(self, console: Console) -> None:
+            self.figures_column = TextColumn("{task.fields[figures]}")
+            self.one_line = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), self.figures_column,
+                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            super().__init__(*self.one_line, console=console, transient=False)
+
+        def get_renderables(self):
+            if not self.tasks:  # (rich renders once before the task is added)
+                yield from super().get_renderables()
+                return
+            task = self.tasks[0]
+            figures = task.fields["figures"]
+            total = f"{task.total:.0f}"
+            # train, bar, 1000/1000, figures, elapsed, ETA and its time (H:MM:SS), 6 gaps
+            needed = len("train") + self.MIN_BAR + 2 * len(total) + 1 + len(figures) + 7 + len("ETA") + 7 + 6
+            self.columns = self.one_line if needed <= self.console.width else tuple(
+                c for c in self.one_line if c is not self.figures_column)
+            yield self.make_tasks_table(self.tasks)
+            if self.columns is not self.one_line:
+                yield Text(f"  {figures}", no_wrap=True, overflow="ellipsis")
+
+    return TrainBar
+
+
 class TrainProgress:
     """Progress of the training loop from `start_step` to `total` optimizer steps.
 
@@ -38,14 +75,7 @@ class TrainProgress:
         self.latest: tuple | None = None  # the last update's figures, and whether a plain line showed them
         self.bar = None
         if console.is_terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(
-                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[figures]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
-            )
+            self.bar = _train_bar_class()(console)
             # Until a step ends there are no figures to show (a loss of nan would read as a diverged run).
             self.task = self.bar.add_task("train", total=total, completed=start_step, figures="first step running")
 

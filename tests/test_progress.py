@@ -357,3 +357,19 @@ def test_tokenizing_and_evaluating_show_a_bar_on_a_terminal(work_console, tiny_l
 
 def _plain(buffer: io.StringIO) -> str:
     return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())
+
+
+@pytest.mark.parametrize("width", [50, 60, 70, 120])
+def test_the_live_bar_on_a_narrow_terminal_keeps_every_figure_whole(width):
+    """Cut to fit one line of a 70-column terminal, the bar showed `120/…`, `0:00…` and `ETA 0:0…`: the step count
+    and times were cropped. Now the figures go on a line of their own when one line cannot hold them all."""
+    buffer = io.StringIO()
+    with TrainProgress(Console(file=buffer, width=width, force_terminal=True, color_system=None), total=1000,
+                       start_step=119) as progress:
+        progress.update(120, 2.148, 1.09e-4, 146839.0)
+        progress.bar.refresh()
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).split("\r")[-1]
+    assert "…" not in shown
+    assert "120/1000" in shown and "loss 2.1480  lr 1.09e-04  146,839 tok/s" in shown
+    assert re.search(r"\d:\d\d:\d\d ETA (\d:\d\d:\d\d|-:--:--)", shown)
+    assert len(shown.strip().splitlines()) == (1 if width >= 100 else 2)
