@@ -116,6 +116,13 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
         if cfg.modules_to_save:
             raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "
                                "update to weight and combine. Combine adapters without modules_to_save.")
+        # peft's `bias: all` / `lora_only` saves the trained biases of the base itself (values, not updates):
+        # combining reads lora_A/lora_B only, so they were dropped without a word.
+        if getattr(peft, "bias", "none") not in (None, "none") and (biases := _trained_biases(cfg, state)):
+            raise PeftkitError(f"{path} also trains the base's biases (bias: {peft.bias} in adapter_config.json; "
+                               f"{len(biases)} saved, e.g. {biases[0]}): those are values, not updates to weigh and "
+                               "combine. Merge it alone (`peftkit merge --adapter` once), or combine adapters trained "
+                               "with bias: none.")
         if getattr(cfg, "velora_config", None):
             raise PeftkitError(f"{path} is a VeLoRA (velora_config), whose projections combining does not carry; merge "
                                "it alone (`peftkit merge --adapter` once), or combine it as the plain LoRA it saves.")
@@ -141,6 +148,17 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
                                "this one alone (`peftkit merge`).")
         sources.append(Source(path, cfg, state, peft.base_model_name_or_path, peft.revision, quant))
     return sources
+
+
+def _trained_biases(cfg, state: dict[str, torch.Tensor]) -> list[str]:
+    """The base's biases an adapter's file holds (peft's `bias: all` / `lora_only`), not its method's own tensors
+    (lora_B.bias of `lora_bias`), as module paths."""
+    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.methods import method_of
+
+    own = method_of(cfg).param_names
+    return sorted(key.removeprefix(PEFT_PREFIX).removesuffix(".bias").replace(".base_layer", "") for key in state
+                  if key.endswith(".bias") and not any(key.endswith("." + n) for n in own))
 
 
 def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:

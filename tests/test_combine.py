@@ -479,3 +479,29 @@ def test_a_requantized_merge_says_where_it_wrote_both_models(llama_adapters, tmp
     main()
     assert capsys.readouterr().out.splitlines() == [f"Merged model written to {tmp_path / 'mq'}",
                                                     f"Re-quantized (nf4) model written to {tmp_path / 'mq-nf4'}"]
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_refuses_an_adapter_that_trains_the_base_biases(bias, tmp_path, monkeypatch, capsys):
+    """peft's `bias: all` / `lora_only` saves Qwen2's trained q/k biases in the adapter: combining read lora_A/lora_B
+    alone and wrote an adapter (and with --into-base a model) without them, silently far from the inputs."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from peftkit.tiny import build_tiny_model
+    from tests.conftest import peft_lora
+
+    base = tmp_path / "qwen2"
+    build_tiny_model(base, arch="qwen2", hidden_size=32, num_layers=2, seed=0)
+    model = peft_lora(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], bias=bias), seed=1)
+    with torch.no_grad():  # trained biases, as a run with bias: all would leave them
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.5)
+    model.save_pretrained(tmp_path / "biased")
+    plain = make_adapter(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "k_proj"]), 2, tmp_path / "plain")
+    for into_base in ([], ["--into-base"]):
+        err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", plain, "--adapter", str(tmp_path / "biased"),
+                             "--weights", "0.5,0.5", "--method", "cat", *into_base, "--output", str(tmp_path / "out"))
+        assert f"also trains the base's biases (bias: {bias} in adapter_config.json" in " ".join(err.split()), err
+        assert "model.layers.0.self_attn.k_proj" in err
+        assert not (tmp_path / "out").exists()
