@@ -307,7 +307,8 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     symbolic link's target: what is checked is what is written).
 
     `output` is replaced as a whole, so it must not be (or contain) the current directory, the base model or
-    the adapter, even with --overwrite; an existing file or non-empty directory needs --overwrite.
+    the adapter, even with --overwrite; an existing file, model or adapter directory needs --overwrite; any other
+    non-empty directory (a run, the user's own files) is refused even with it.
 
     Args:
         protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
@@ -340,9 +341,20 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
         raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
                            "it to finish, or choose another --output.")
     tidy_leftovers(output.parent, ours)  # what a killed earlier merge into it left
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        kind = ("a file" if not output.is_dir() else "a peftkit run directory" if (output / "recipe.yaml").exists()
-                else "a model directory" if (output / "config.json").exists() else "a directory that is not empty")
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return output
+    kind = ("a file" if not output.is_dir() else "a peftkit run directory" if (output / "recipe.yaml").exists()
+            else "a model directory" if (output / "config.json").exists()
+            else "an adapter directory" if (output / "adapter_config.json").exists() else "a directory that is not empty")
+    if kind in ("a peftkit run directory", "a directory that is not empty"):
+        # --overwrite replaces the whole directory: only one a merge writes (a model, a combined adapter), never a
+        # run (its checkpoints, metrics) or a folder of the user's own files, which it deleted without a word.
+        held = sorted((e.name for e in output.iterdir()), key=lambda n: (n.startswith("."), n))  # its dotfiles last
+        raise PeftkitError(f"--output {output} is {kind} ({', '.join(held[:3])}{' ...' * (len(held) > 3)}), not a "
+                           "model or adapter a merge wrote; the merged output replaces its directory as a whole, so "
+                           "even --overwrite does not write there. Choose a new directory, e.g. "
+                           f"--output {output.with_name(output.name + '-merged')}.")
+    if not overwrite:
         raise PeftkitError(f"--output {output} is {kind}. Choose a new directory, or pass --overwrite to replace it.")
     return output
 

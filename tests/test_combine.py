@@ -505,3 +505,21 @@ def test_refuses_an_adapter_that_trains_the_base_biases(bias, tmp_path, monkeypa
         assert f"also trains the base's biases (bias: {bias} in adapter_config.json" in " ".join(err.split()), err
         assert "model.layers.0.self_attn.k_proj" in err
         assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_never_deletes_a_directory_of_the_users_own_files(llama_adapters, tmp_path, monkeypatch, capsys):
+    """`--output ~/work --overwrite` replaced a folder of the user's files by the combined adapter, deleting them (and
+    the refusal without --overwrite advised just that)."""
+    work = tmp_path / "work"
+    (work / "thesis").mkdir(parents=True)
+    (work / "thesis" / "ch1.tex").write_text("years of work")
+    for overwrite in ([], ["--overwrite"]):
+        err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", llama_adapters[0], "--adapter",
+                             llama_adapters[1], "--weights", "0.5,0.5", "--method", "cat", "--output", str(work),
+                             *overwrite)
+        assert f"--output {work} is a directory that is not empty (thesis), not a model or adapter a merge wrote" in (
+            " ".join(err.split())), err
+        assert (work / "thesis" / "ch1.tex").read_text() == "years of work"
+    combine_adapters(llama_adapters, Combination("cat", (0.5, 0.5)), str(tmp_path / "combined"))
+    combine_adapters(llama_adapters, Combination("cat", (1.0, 0.5)), str(tmp_path / "combined"), overwrite=True)
+    assert json.loads((tmp_path / "combined" / "adapter_config.json").read_text())["r"] == 8  # an adapter: replaced

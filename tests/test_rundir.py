@@ -682,10 +682,17 @@ def test_merge_refuses_existing_outputs_unless_overwrite(adapter_run, straight_r
     (tmp_path / "file").write_text("x")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("x")
-    for output, kind in [(straight_run, "a peftkit run directory"), (tmp_path / "file", "a file"),
-                         (tmp_path / "full", "a directory that is not empty")]:
-        assert _merge_error(adapter_run, output) == (
-            f"--output {output} is {kind}. Choose a new directory, or pass --overwrite to replace it.")
+    assert _merge_error(adapter_run, tmp_path / "file") == (
+        f"--output {tmp_path / 'file'} is a file. Choose a new directory, or pass --overwrite to replace it.")
+    # A run or a folder of the user's own files is no merge output: --overwrite deleted it whole (the error even
+    # advised it); now refused with or without it, before anything loads.
+    for output, kind, held in [(straight_run, "a peftkit run directory", "adapter, checkpoints, manifest.json ..."),
+                               (tmp_path / "full", "a directory that is not empty", "mine.txt")]:
+        for overwrite in (False, True):
+            assert " ".join(_merge_error(adapter_run, output, overwrite=overwrite).split()) == (
+                f"--output {output} is {kind} ({held}), not a model or adapter a merge wrote; the merged output "
+                "replaces its directory as a whole, so even --overwrite does not write there. Choose a new "
+                f"directory, e.g. --output {output}-merged.")
     assert (tmp_path / "full" / "mine.txt").exists() and (straight_run / "manifest.json").exists()
     shutil.copytree(tiny_llama, tmp_path / "other-model")
     assert "is a model directory" in _merge_error(adapter_run, tmp_path / "other-model")
