@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -224,13 +225,15 @@ def base_provenance(name_or_path: str, revision: str | None, trust_remote_code: 
 
 
 def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance: dict | None = None,
-                replace: bool = True) -> None:
+                replace: bool = True, then: Callable[[Path], None] | None = None) -> None:
     """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory.
 
     Args:
         provenance: `base_provenance(...)`, written to peftkit.json beside the model.
         replace: replace an `output_dir` that is there by then (`peftkit merge --overwrite`); else one that another
             process wrote meanwhile is an error.
+        then: called with the written temporary directory before it becomes `output_dir` (`--requantize`: a failure
+            there leaves the earlier outputs as they were, a pair, not a new merge beside an old re-quantized one).
     """
     with atomic_directory(output_dir, replace) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
@@ -240,6 +243,8 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
                            base.get("revision"))
         if provenance is not None:  # a plain write: atomic_directory syncs every file before the rename
             (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        if then is not None:
+            then(Path(tmp))
 
 
 def save_tokenizer(tokenizer, out: Path, name_or_path: str, revision: str | None = None) -> None:
@@ -388,10 +393,14 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     targets = [check_merge_output(out, protected, overwrite) for out in outputs]
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
     merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
+    # The re-quantized model is made from the merged one's temporary directory and put in place first: with
+    # --overwrite, a failure (or Ctrl-C) in it had left the new OUTPUT beside the old OUTPUT-nf4, both complete-looking
+    # and of different merges. Now a failure leaves both as they were.
+    def requantized(written: Path) -> None:
+        requantize_model(written, targets[1], requantize, replace=overwrite)
+
     save_merged(merged, tok, targets[0], base_provenance(base.name_or_path, base.revision, base.trust_remote_code),
-                replace=overwrite)
-    if requantize:
-        requantize_model(targets[0], targets[1], requantize, replace=overwrite)
+                replace=overwrite, then=requantized if requantize else None)
     return Path(output_dir)
 
 

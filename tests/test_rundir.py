@@ -736,6 +736,30 @@ def test_merge_checks_the_requantized_output_too(adapter_run, tmp_path):
     assert not (tmp_path / "m").exists()  # refused before anything was written
 
 
+def test_a_requantize_stopped_with_overwrite_leaves_both_outputs_as_they_were(adapter_run, tmp_path, monkeypatch):
+    """`merge --overwrite --requantize nf4` replaced OUTPUT first and re-quantized after: Ctrl-C (or a failure) in the
+    re-quantizing left the new merge beside the old OUTPUT-nf4, both complete-looking, of different merges."""
+    from peftkit import merge, modeling
+
+    merge.merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "m"), dtype="float32", requantize="nf4")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(modeling, "load_model", ctrl_c)  # the re-quantizing load, after the merge is written
+    with pytest.raises(KeyboardInterrupt):
+        merge.merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "m"), dtype="bfloat16", requantize="nf4",
+                            overwrite=True)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before  # the float32 merge and its nf4, no temporary left
+    monkeypatch.undo()
+    merge.merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "m"), dtype="bfloat16", requantize="nf4",
+                        overwrite=True)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (tmp_path / "m-nf4" / "config.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+
+
 def test_two_merges_into_one_output(adapter_run, tmp_path, monkeypatch):
     """Two `peftkit merge --output X` at once: the second's tidy-up of killed merges deleted the first's temporary
     directory while it was written, and X was left without config.json or weights, both merges saying they wrote
