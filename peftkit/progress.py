@@ -100,6 +100,12 @@ class TrainProgress:
         if due:
             self._line(step, loss, lr, tokens_per_s, now)
 
+    def skipped(self, step: int) -> None:
+        """A step skipped for a non-finite loss (training.nan_policy: skip_step; a line of its own says so): the bar
+        moves on with it, or stayed a step short of the end when the last step was the one skipped."""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
     def _line(self, step: int, loss: float, lr: float, tokens_per_s: float, now: float) -> None:
         self.last_line = now
         elapsed = now - self.started

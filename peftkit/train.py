@@ -184,6 +184,8 @@ def _loop(run: Run, state: LoopState) -> None:
                         record["regularizer"] = regularizer
                     run.log(record)
                     window_start, window_tokens = time.time(), 0
+            else:
+                progress.skipped(state.step)
             paused = time.time()  # evaluations and checkpoints are not training: tokens_per_s leaves them out
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
                 result = run.evaluate(state.step)

@@ -155,6 +155,35 @@ def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path
     assert (tmp_path / "run" / "checkpoints" / "step-00000003").is_dir()
 
 
+def test_a_skipped_last_step_takes_the_live_bar_to_the_end(tiny_llama, number_data, tmp_path, monkeypatch):
+    """The live bar moved only with a step's loss: a run whose last step was skipped ended on `5/6`."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    import peftkit.train as train_mod
+    from peftkit.evaluate import token_loss_sum
+
+    calls = []
+
+    def nan_on_last_step(model, batch, labelled):
+        loss, n = token_loss_sum(model, batch, labelled)
+        calls.append(1)
+        return (loss * float("nan"), n) if len(calls) == 6 else (loss, n)
+
+    monkeypatch.setattr(train_mod, "token_loss_sum", nan_on_last_step)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"nan_policy": "skip_step"})
+    buffer = io.StringIO()
+    summary = train(load_recipe(recipe), console=Console(file=buffer, width=150, force_terminal=True,
+                                                         color_system=None))
+    assert summary["skipped_steps"] == 1
+    bars = [part for part in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).split("\r")
+            if part.lstrip().startswith("train")]
+    assert "6/6" in bars[-1], bars[-1]
+
+
 def test_skip_step_that_leaves_a_broken_model_fails_and_exports_nothing(tiny_llama, number_data, tmp_path):
     with pytest.raises(train_failed()) as e:
         train(load_recipe(_exploding(tmp_path, tiny_llama, number_data, "skip_step")))

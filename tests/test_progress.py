@@ -373,3 +373,16 @@ def test_the_live_bar_on_a_narrow_terminal_keeps_every_figure_whole(width):
     assert "120/1000" in shown and "loss 2.1480  lr 1.09e-04  146,839 tok/s" in shown
     assert re.search(r"\d:\d\d:\d\d ETA (\d:\d\d:\d\d|-:--:--)", shown)
     assert len(shown.strip().splitlines()) == (1 if width >= 100 else 2)
+
+
+def test_the_live_bar_moves_on_past_a_skipped_step():
+    """A step skipped for a non-finite loss (nan_policy: skip_step) left the bar where it was: a run whose last step
+    was skipped ended on `19/20`."""
+    buffer = io.StringIO()
+    with TrainProgress(Console(file=buffer, width=120, force_terminal=True, color_system=None), total=20,
+                       start_step=18) as progress:
+        progress.update(19, 2.148, 1.09e-4, 1000.0)
+        progress.skipped(20)
+        progress.bar.refresh()
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).split("\r")[-1]
+    assert "20/20" in shown, shown
