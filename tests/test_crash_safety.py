@@ -131,18 +131,24 @@ def test_non_finite_gradients_of_a_finite_loss_stop_or_skip_the_step(tiny_llama,
     assert exported.keys() == step2.keys() and all(torch.equal(exported[k], step2[k]) for k in step2)
 
 
-def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path, monkeypatch):
+def _nan_loss_at_step(monkeypatch, step: int) -> list:
+    """The training loss made nan at micro-batch `step` (one a step here); the calls made, as a list."""
     import peftkit.train as train_mod
     from peftkit.evaluate import token_loss_sum
 
     calls = []
 
-    def nan_on_third_step(model, batch, labelled):
+    def nan_once(model, batch, labelled):
         loss, n = token_loss_sum(model, batch, labelled)
         calls.append(1)
-        return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
+        return (loss * float("nan"), n) if len(calls) == step else (loss, n)
 
-    monkeypatch.setattr(train_mod, "token_loss_sum", nan_on_third_step)
+    monkeypatch.setattr(train_mod, "token_loss_sum", nan_once)
+    return calls
+
+
+def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path, monkeypatch):
+    calls = _nan_loss_at_step(monkeypatch, 3)
     recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
                          training={"nan_policy": "skip_step", "eval_steps": 3, "save_steps": 3})
     summary = train(load_recipe(recipe))
@@ -162,17 +168,7 @@ def test_a_skipped_last_step_takes_the_live_bar_to_the_end(tiny_llama, number_da
 
     from rich.console import Console
 
-    import peftkit.train as train_mod
-    from peftkit.evaluate import token_loss_sum
-
-    calls = []
-
-    def nan_on_last_step(model, batch, labelled):
-        loss, n = token_loss_sum(model, batch, labelled)
-        calls.append(1)
-        return (loss * float("nan"), n) if len(calls) == 6 else (loss, n)
-
-    monkeypatch.setattr(train_mod, "token_loss_sum", nan_on_last_step)
+    _nan_loss_at_step(monkeypatch, 6)
     recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
                          training={"nan_policy": "skip_step"})
     buffer = io.StringIO()
