@@ -341,3 +341,36 @@ def test_entries_are_as_readable_as_other_files_and_killed_writes_are_cleared(ti
     [entry] = _entries(cache)
     assert entry.stat().st_mode & 0o777 == 0o644
     assert not stale.exists() and young.exists()
+
+
+def test_a_cache_directory_that_cannot_be_searched_costs_the_cache_not_the_run(tiny_llama, tmp_path, monkeypatch):
+    """A cache whose examples/ another user made private (mode 700): looking for the entry there was an uncaught
+    PermissionError (pathlib's is_file raises on EACCES), and the run failed before tokenizing."""
+    import os
+    import pathlib
+    import tempfile
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PEFTKIT_CACHE", str(cache))
+    (cache / "examples").mkdir(parents=True)
+    (cache / "examples").chmod(0)
+    stat = pathlib.Path.stat
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def stat_denied(self, *args, **kwargs):
+        return denied() if self.parent == cache / "examples" else stat(self, *args, **kwargs)
+
+    if os.geteuid() == 0:  # what mode 0 does to others than root, whom it lets in
+        monkeypatch.setattr(pathlib.Path, "stat", stat_denied)
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    rows = number_rows(8, seed=6)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    try:
+        with pytest.warns(PeftkitWarning, match=r"could not read the tokenized-data cache at .*Permission denied"):
+            examples, stats = _load(tok, tmp_path / "train.jsonl")
+    finally:
+        (cache / "examples").chmod(0o700)
+    assert _same(examples, tokenize_rows(tok, rows, DataConfig(train="x"), "x")[0]) and "cached" not in stats

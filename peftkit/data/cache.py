@@ -9,7 +9,8 @@ source of `peftkit.data` and the versions of transformers, tokenizers, jinja2 an
 
 Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts, with
 a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read.
-Where the cache cannot be written (a read-only or full disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
+Where the cache cannot be read (a directory another user made private) or written (a read-only or full
+disk), the run goes on without it. `PEFTKIT_CACHE` names its directory (default: `$XDG_CACHE_HOME/peftkit`,
 else `~/.cache/peftkit`); `PEFTKIT_CACHE=off` turns it off, as `peftkit train --no-cache` does for one run.
 """
 
@@ -93,7 +94,13 @@ class ExampleCache:
     def read(self) -> tuple[Examples, dict] | None:
         """The cached examples and counts, the counts with `cached`: the entry's path; None where there are none (or
         they are damaged: said, then remade)."""
-        if not self.path.is_file():
+        try:
+            if not self.path.is_file():
+                return None
+        except OSError as e:  # (is_file raises on EACCES: a cache directory another user made private)
+            warnings.warn(PeftkitWarning(f"could not read the tokenized-data cache at {self.path} ({e}); tokenizing "
+                                         f"again. Set {CACHE_ENV} to a directory of your own, or {CACHE_ENV}=off."),
+                          stacklevel=2)
             return None
         try:
             examples, stats = _load(self.path, self.key)
