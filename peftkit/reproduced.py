@@ -232,7 +232,7 @@ def leftovers(run_dir: Path) -> list[str]:
     next `peftkit train` there restores (a `.NAME.old`: it would stand in for NAME) or removes, and anything in
     checkpoints/ but checkpoint directories."""
     from peftkit.checkpoint import CHECKPOINTS
-    from peftkit.rundir import _is_step, is_temp_name
+    from peftkit.rundir import is_step, is_temp_name
 
     out = [f"{entry.name} in {run_dir}: left by an interrupted write, which the next `peftkit train` there would "
            "act on; no finished run holds it" for entry in sorted(run_dir.iterdir()) if is_temp_name(entry.name)]
@@ -242,10 +242,10 @@ def leftovers(run_dir: Path) -> list[str]:
             if re.fullmatch(r"\.step-\d+\.old", entry.name):
                 out.append(f"{CHECKPOINTS}/{entry.name} in {run_dir}: a checkpoint left by an interrupted replace, "
                            f"which `--resume` would restore as {entry.name[1:-4]}; no finished run holds it")
-            elif is_temp_name(entry.name, _is_step):
+            elif is_temp_name(entry.name, is_step):
                 out.append(f"{CHECKPOINTS}/{entry.name} in {run_dir}: left by an interrupted write, which the next "
                            "`peftkit train` there would remove; no finished run holds it")
-            elif not (_is_step(entry.name) and entry.is_dir() and not entry.is_symlink()):
+            elif not (is_step(entry.name) and entry.is_dir() and not entry.is_symlink()):
                 out.append(f"{CHECKPOINTS}/{entry.name} in {run_dir}: not a checkpoint directory; it was added after "
                            "the run")
     return out

@@ -44,7 +44,7 @@ def is_temp_name(name: str, owned: Callable[[str], bool] = RUN_ENTRIES.__contain
     return name.endswith(".tmp") and "." in name[1:-4] and owned(name[1:-4].rsplit(".", 1)[0])
 
 
-def _is_step(name: str) -> bool:
+def is_step(name: str) -> bool:
     return re.fullmatch(r"step-\d+", name) is not None
 
 
@@ -137,8 +137,8 @@ def checkpoint_names(checkpoints: Path) -> list[str]:
     of its replace (`atomic_directory`), which opening the run restores (`recover_and_tidy`)."""
     if not checkpoints.is_dir():
         return []
-    names = {p.name for p in checkpoints.iterdir() if _is_step(p.name)}
-    return sorted(names | {p.name[1:-4] for p in checkpoints.glob(".step-*.old") if _is_step(p.name[1:-4])})
+    names = {p.name for p in checkpoints.iterdir() if is_step(p.name)}
+    return sorted(names | {p.name[1:-4] for p in checkpoints.glob(".step-*.old") if is_step(p.name[1:-4])})
 
 
 def _normalised(recipe_file: Path) -> str | None:
@@ -332,7 +332,7 @@ def run_lock(out: Path) -> Iterator[None]:
 
 def recover_and_tidy(out: Path) -> list[str]:
     """Undo what a kill in the middle of an atomic write left in a run directory; returns what was done."""
-    return tidy_leftovers(out) + tidy_leftovers(out / "checkpoints", _is_step)
+    return tidy_leftovers(out) + tidy_leftovers(out / "checkpoints", is_step)
 
 
 def tidy_leftovers(parent: Path, owned: Callable[[str], bool] = RUN_ENTRIES.__contains__) -> list[str]:
