@@ -464,3 +464,59 @@ def test_chat_trained_tokens_are_transformers_assistant_mask(tmp_path):
     assert ex.input_ids == reference["input_ids"] and "<|im_end|>\n<|im_start|>" in tok.decode(ex.input_ids)
     assert [label != IGNORE_INDEX for label in ex.labels] == [bool(m) for m in reference["assistant_masks"]]
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Lima<|im_end|>Nairobi<|im_end|>"
+
+
+# Llama 3.1's way of writing today's date into every conversation (its template, cut to the date header).
+DATED_STYLE = ('{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+               '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "x" %}{%- endif %}'
+               "{%- endif %}<|system|>\nToday Date: {{ date_string }} {{ strftime_now('%Y-%m-%d') }}</s>\n"
+               "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _on_day(monkeypatch, day: int):
+    """transformers' `strftime_now` reads the clock of `datetime` in its module: make today 2026-12-`day`."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as chat_utils
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 12, day, 23, 59)
+
+    monkeypatch.setattr(chat_utils, "datetime", Clock)
+
+
+def test_a_template_that_writes_todays_date_tokenizes_the_same_on_every_day(tmp_path, monkeypatch):
+    # Rendered as transformers renders it, the date was the day's: verify on another day, a --resume past midnight
+    # or the tokenized-data cache saw other tokens for the same data.
+    from peftkit.data.prompts import chat_prompt
+
+    monkeypatch.setenv("PEFTKIT_CACHE", "off")
+    tok = build_char_tokenizer()
+    tok.chat_template = DATED_STYLE
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    seen = []
+    for day in (3, 4):
+        _on_day(monkeypatch, day)
+        assert f"{day:02d} Dec 2026" in tok.apply_chat_template(messages, tokenize=False)  # the clock did move
+        (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+        seen.append((ex.input_ids, ex.labels, chat_prompt(tok, messages[:1]).ids))
+    assert seen[0] == seen[1]
+    ids, labels, prompt = seen[0]
+    assert tok.decode(ids).startswith("<|system|>\nToday Date: 26 Jul 2024 2024-07-26</s>\n<|user|>\nhi")
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "yo</s>"
+    assert tok.decode(prompt) == tok.decode(ids[:len(prompt)])  # generation's prompt: training's, date and all
+
+
+def test_a_template_reading_the_clock_some_other_way_is_said(tmp_path, monkeypatch):
+    from peftkit.data.template import render
+    from peftkit.errors import PeftkitWarning
+
+    tok = build_char_tokenizer()
+    tok.chat_template = "{% set f = '%Y' %}{{ strftime_now(f) }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.warns(PeftkitWarning, match="reads today's date in a way peftkit cannot fix to one day"):
+        assert render(tok, [{"role": "user", "content": "hi"}]).endswith("hi")

@@ -3,9 +3,9 @@ made them, so that the next `train`, `--resume` or `eval` of the same data reads
 
 The key is a sha256 of: the data's content (a file's bytes; a hub dataset's rows, `rows.HUB_ROWS`), the tokenizer as
 `save_pretrained` writes it (vocabulary, special tokens, chat template, pad token), the data settings that shape an
-example (format, max_length, truncation, on_bad_rows, task ids), how the rows were read (a file's extension), the
-source of `peftkit.data` and the versions of transformers, tokenizers, jinja2 and the readers of other files than
-.jsonl (datasets, pyarrow, pandas). A change to any of them is another key; nothing is invalidated in place.
+example (format, max_length, truncation, on_bad_rows, task ids), how the rows were read (a file's extension, and
+the reader each extension gets), the source of `peftkit.data` and the versions of transformers, tokenizers, jinja2
+and the readers of other files than .jsonl (datasets, pyarrow, pandas). A change to any of them is another key; nothing is invalidated in place.
 
 Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts, with
 a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read.
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 
 from peftkit.data.stored import Examples
 from peftkit.errors import PeftkitWarning
-from peftkit.recipe import DataConfig
+from peftkit.recipe import DATA_EXTENSIONS, DataConfig
 
 CACHE_ENV = "PEFTKIT_CACHE"
 FORMAT = 1
@@ -85,7 +85,7 @@ class ExampleCache:
         """`reader`: how the rows were read from the data (a file's extension; "hub"): the same bytes as .jsonl and
         as .txt are other rows."""
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
-               "data": data_digest, "reader": reader, "tasks": tasks,
+               "data": data_digest, "reader": reader, "readers": DATA_EXTENSIONS, "tasks": tasks,
                "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows"})}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.path = root / "examples" / f"{self.key}.safetensors"

@@ -8,6 +8,7 @@ import functools
 import re
 
 from peftkit.data.rows import OPTIONAL_FIELDS, REQUIRED_FIELDS
+from peftkit.data.template import render
 from peftkit.recipe import DataConfig
 
 
@@ -77,7 +78,7 @@ def injected_system_tokens(tok) -> int:
     user = [{"role": "user", "content": PROBE}, {"role": "assistant", "content": "ok"}]
 
     def tokens_before_user(messages: list[dict]) -> int:
-        text = tok.apply_chat_template(messages, tokenize=False)
+        text = render(tok, messages)
         start = text.rfind(PROBE)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return sum(1 for a, _ in enc["offset_mapping"] if a < start)

@@ -12,6 +12,7 @@ from pathlib import Path
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
 from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, load_rows
 from peftkit.data.stored import Example, Examples
+from peftkit.data.template import render
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
 from peftkit.progress import work
@@ -231,7 +232,7 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) 
     from jinja2 import TemplateError
 
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render(tok, messages, add_generation_prompt)
     except TemplateError as e:
         raise PeftkitError(f"the chat template refuses this conversation ({e}). Fix the conversation (for example, "
                            "put a system message the template refuses into the first user message) or use a "
@@ -241,7 +242,7 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) 
 def _render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
     """The chat template's text of `messages`; None where it refuses them (some refuse an empty conversation)."""
     try:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render(tok, messages, add_generation_prompt)
     except Exception:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, IndexError, ...)
         return None
 

@@ -1,0 +1,52 @@
+"""A chat template rendered the same on every day: the one place peftkit calls `apply_chat_template`.
+
+Some templates write today's date into every conversation through transformers' `strftime_now` (Llama 3.1-3.3's
+"Today Date: 04 Dec 2026" in the system header, Mistral Small's and SmolLM3's system prompts). Rendered as they are,
+a run's tokens would depend on the day it ran: `peftkit verify` a day later would report other bits, a `--resume`
+past midnight would train on other tokens than the steps before it, and the tokenized-data cache would hand back
+another day's. So each `strftime_now("FORMAT")` with a literal format is given `CHAT_DATE`, in training, evaluation,
+generation and chat alike (a model's answers then match the prompts it was trained on).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import re
+import warnings
+
+from peftkit.errors import PeftkitWarning
+
+CHAT_DATE = datetime.date(2024, 7, 26)
+"""The day templates are given: the one Llama 3.1's own template falls back to when it is given no clock."""
+
+_STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\)""")
+_STRFTIME_USE = re.compile(r"strftime_now(?!\s+is\s+(?:not\s+)?defined)")  # not Llama's `strftime_now is defined`
+
+
+def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The tokenizer's chat template's text of `messages` (its `"default"` one where it has several), with
+    `CHAT_DATE` for today. Raises what the template raises, and ValueError for a tokenizer without a template."""
+    template = dated_template(tok.get_chat_template())
+    return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                   add_generation_prompt=add_generation_prompt)
+
+
+@functools.lru_cache(maxsize=16)
+def dated_template(template: str) -> str:
+    """`template` with each `strftime_now("FORMAT")` replaced by the string `CHAT_DATE` formats to. A template that
+    reads the clock otherwise (a format held in a variable) is left as it is, with a warning."""
+    def literal(match: re.Match) -> str:
+        fmt = match.group(1) if match.group(1) is not None else match.group(2)
+        return json.dumps(CHAT_DATE.strftime(fmt))  # a JSON string is a jinja string literal
+
+    dated = _STRFTIME_CALL.sub(literal, template)
+    if _STRFTIME_USE.search(dated):
+        warnings.warn(PeftkitWarning("the chat template reads today's date in a way peftkit cannot fix to one day "
+                                     "(strftime_now without a literal format), so the same data tokenizes differently "
+                                     "on different days: a run made on another day will not verify bit for bit. "
+                                     "To make runs repeatable, write a fixed date into the template (the "
+                                     "tokenizer's chat_template) in place of the call."),
+                      stacklevel=2)
+    return dated
