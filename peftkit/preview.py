@@ -106,7 +106,9 @@ def describe_example(built: BuiltExample, cfg: DataConfig) -> str:
             else f"{n} tokens")
     line = f"{built.where}: {size}, {trained} trained"
     if built.no_target:
-        return line + "; dropped: no target token within data.max_length"
+        return line + ("; no target token within data.max_length: training stops here (data.truncation: error)"
+                       if cfg.truncation == "error" and built.target_lost else
+                       "; dropped: no target token within data.max_length")
     if not built.target_lost:
         return line + "; end of target (EOS / end-of-turn): trained"
     fate = {"keep": "trained as cut (data.truncation: keep)", "drop": "left out (data.truncation: drop)",
@@ -156,6 +158,5 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     if cfg.packing and examples:
         console.print(describe_packing(examples, pack_examples(examples, cfg.max_length), cfg.max_length), **out)
     if cfg.truncation == "error" and cuts.first is not None:
-        console.print("training would stop: " + truncation_error(cuts.first, stats["target_cut"], cuts.longest, cfg),
-                      **out)
+        console.print("training would stop: " + truncation_error(cuts, cfg), **out)
     return shown

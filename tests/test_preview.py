@@ -123,13 +123,16 @@ def test_preview_shows_what_error_and_no_target_mean(tmp_path):
     out = _preview(_recipe(tmp_path, rows, truncation="error"))
     data = tmp_path / "train.jsonl"
     assert "CUT, its last 9 target tokens lie beyond data.max_length; training stops here (data.truncation: error)" in out
-    assert (f"example 2  {data}:2: 12 of 23 tokens (cut at data.max_length=12), 0 trained; dropped: no target token "
-            "within data.max_length\n[<s>xxxxxxxxxxx] ✂\n") in out
+    assert (f"example 2  {data}:2: 12 of 23 tokens (cut at data.max_length=12), 0 trained; no target token within "
+            "data.max_length: training stops here (data.truncation: error)\n[<s>xxxxxxxxxxx] ✂\n") in out
     assert out.endswith(
         f"training would stop: {data}:1: this example has 21 tokens but data.max_length is 12, so its last 9 target "
         "tokens, with the EOS / end-of-turn the model should learn to stop on, are cut (data.truncation: error). "
-        "Raise data.max_length to 21, or set data.truncation: drop to leave such examples out (keep trains on them "
-        "as cut).\n")
+        "1 more example is cut the same way; the longest has 23 tokens. Raise data.max_length to 23, or set "
+        "data.truncation: drop to leave such examples out (keep trains on them as cut).\n")
+    out = _preview(_recipe(tmp_path, rows, truncation="keep"))
+    assert (f"example 2  {data}:2: 12 of 23 tokens (cut at data.max_length=12), 0 trained; dropped: no target token "
+            "within data.max_length\n[<s>xxxxxxxxxxx] ✂\n") in out
 
 
 def test_chat_preview_matches_the_hand_built_mask(tmp_path):

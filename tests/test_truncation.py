@@ -88,7 +88,7 @@ def test_error_names_the_first_cut_row_by_line(tmp_path):
         _load(path, max_length=6, truncation="error")
     assert str(info.value) == (
         f"{path}:3: this example has 10 tokens but data.max_length is 6, so its last 4 target tokens, with the "
-        "EOS / end-of-turn the model should learn to stop on, are cut (data.truncation: error). 1 more example is "
+        "EOS / end-of-turn the model should learn to stop on, are cut (data.truncation: error). 2 more examples are "
         "cut the same way; the longest has 23 tokens. Raise data.max_length to 23, or set data.truncation: drop to "
         "leave such examples out (keep trains on them as cut).")
 
@@ -101,9 +101,16 @@ def test_error_names_the_row_number_of_other_files(tmp_path):
     assert str(info.value).startswith(f"{path} row 2: this example has 10 tokens but data.max_length is 6, ")
 
 
-def test_error_does_not_fire_for_examples_with_no_target_left(tmp_path):
-    # Those are dropped and counted under every policy, as before data.truncation existed.
-    examples, stats, _ = _load(_jsonl(tmp_path, [ROWS[0], ROWS[2]]), max_length=6, truncation="error")
+def test_error_names_an_example_whose_prompt_leaves_no_target(tmp_path):
+    # Dropped and counted under keep and drop; under error it was dropped too, unnamed, where the user asked to stop.
+    path = _jsonl(tmp_path, [ROWS[0], ROWS[2]])
+    with pytest.raises(PeftkitError) as info:
+        _load(path, max_length=6, truncation="error")
+    assert str(info.value) == (
+        f"{path}:3: this example has 11 tokens but data.max_length is 6, so none of its 2 target tokens is left: the "
+        "prompt fills data.max_length (data.truncation: error). Raise data.max_length to 11, or set data.truncation: "
+        "drop to leave such examples out (keep trains on them as cut).")
+    examples, stats, _ = _load(path, max_length=6, truncation="keep")
     assert len(examples) == 1 and stats["too_long"] == 1 and stats["target_cut"] == 0
 
 

@@ -337,6 +337,12 @@ class _TargetCuts:
 
     first: BuiltExample | None = None
     longest: int = 0
+    count: int = 0
+
+    def add(self, built: BuiltExample) -> None:
+        self.first = self.first or built
+        self.longest = max(self.longest, built.length)
+        self.count += 1
 
 
 def count_examples(
@@ -382,13 +388,14 @@ def _count(built: BuiltExample | None, rows: list[dict], cfg: DataConfig, stats:
         stats["bad_rows"] += 1
         return
     stats["truncated"] += built.truncated
-    if built.no_target:
+    if built.no_target:  # dropped under every setting: nothing of it is learned; `error` names it too
         stats["too_long"] += 1
+        if built.target_lost:
+            cuts.add(built)
         return
     if built.target_lost:
         stats["target_cut"] += 1
-        cuts.first = cuts.first or built
-        cuts.longest = max(cuts.longest, built.length)
+        cuts.add(built)
         if cfg.truncation == "drop":
             stats["truncation_dropped"] += 1
             return
@@ -414,7 +421,7 @@ def tokenize_rows(
     """
     examples, stats, cuts = count_examples(tok, rows, cfg, source, line_numbers, tasks=tasks)
     if cfg.truncation == "error" and cuts.first is not None:
-        raise PeftkitError(truncation_error(cuts.first, stats["target_cut"], cuts.longest, cfg))
+        raise PeftkitError(truncation_error(cuts, cfg))
     if not examples:
         bad = stats["bad_rows"] + skipped
         too_long, dropped = stats["too_long"], stats["truncation_dropped"]
@@ -436,12 +443,15 @@ def tokenize_rows(
     return examples, stats
 
 
-def truncation_error(first: BuiltExample, count: int, longest: int, cfg: DataConfig) -> str:
-    """The data.truncation: error message: the first example whose target lost its end, and how to fix it."""
+def truncation_error(cuts: _TargetCuts, cfg: DataConfig) -> str:
+    """The data.truncation: error message: the first example whose target lost its end (or all of it), and how to
+    fix it."""
+    first, count, longest = cuts.first, cuts.count, cuts.longest
     others = f"{count - 1} more example is" if count == 2 else f"{count - 1} more examples are"
     more = f" {others} cut the same way; the longest has {longest} tokens." if count > 1 else ""
-    cut = (f"its last {first.target_lost} target tokens, with the EOS / end-of-turn the model should learn to stop "
-           "on, are cut" if first.target_lost > 1 else
+    cut = (f"none of its {first.target_lost} target tokens is left: the prompt fills data.max_length" if first.no_target
+           else f"its last {first.target_lost} target tokens, with the EOS / end-of-turn the model should learn to "
+           "stop on, are cut" if first.target_lost > 1 else
            "its last target token, the EOS / end-of-turn the model should learn to stop on, is cut")
     return (f"{first.where}: this example has {first.length} tokens but data.max_length is {cfg.max_length}, so "
             f"{cut} (data.truncation: error).{more} Raise data.max_length to {longest}, or set data.truncation: drop "
