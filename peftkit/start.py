@@ -255,6 +255,11 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     if zero.active(accelerator):
         zero.configure(cfg, accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.num_processes > 1:
+        # From here on each process draws its own numbers (as accelerate's set_seed(device_specific=True)): seeded
+        # alike, every process drew the same dropout masks and module_dropout skips for its rows, where one process
+        # draws independent ones for all of them. Everything that must agree (the adapter's init) is drawn above.
+        torch.manual_seed(tcfg.seed + accelerator.process_index)
     check_copies(accelerator.unwrap_model(model), adapter)
     distributed.autocast_only(accelerator, model)
     return Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,

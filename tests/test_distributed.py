@@ -255,12 +255,16 @@ def test_the_process_group_waits_trainers_timeout_and_ddp_looks_for_unused_param
 
 def test_layers_that_skip_their_update_at_random_train_under_ddp(tiny_llama, number_data, tmp_path):
     """LoHa's module_dropout leaves the skipped layers' factors out of a process's graph, other layers in each
-    process: DDP, told to look for unused parameters, trains on (plain DDP fails its second forward)."""
+    process: DDP, told to look for unused parameters, trains on (plain DDP fails its second forward). Each process
+    draws its own skips and dropout masks: seeded alike, they drew the same ones for their different rows."""
     recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"method": "loha", "module_dropout": 0.5},
-                         training={"max_steps": 3, "batch_size": 2}, eval={"base_model": False})
+                         training={"max_steps": 3, "batch_size": 2, "save_steps": 3}, eval={"base_model": False})
     done = _peftkit("train", str(recipe), "--num-processes", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert [x["step"] for x in _lines(tmp_path / "run") if "loss" in x] == [1, 2, 3]
+    ranks = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "training_state.pt",
+                       weights_only=True)["rng_ranks"]
+    assert not ranks[0]["cpu"].equal(ranks[1]["cpu"])  # (the same draws from the same seed leave the same state)
 
 
 class _Process:
