@@ -157,9 +157,11 @@ def checked_record(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None,
-                    selection=None, rank: int = 0) -> tuple[LoopState, dict, int]:
+                    selection=None, rank: int = 0, world: int | None = None) -> tuple[LoopState, dict, int]:
     """Restore a checkpoint into the model, optimizer, scheduler, RNG, the method's trainer and the run's
-    selection (if any); returns (loop state, its inputs, the number of processes that wrote it).
+    selection (if any); returns (loop state, its inputs, the number of processes that wrote it). With `world`, a
+    checkpoint written by another number of processes restores nothing (the caller refuses it, saying so): a ZeRO
+    optimizer state split over them would fail to load, which passed the checkpoint over as damaged.
 
     Raises DamagedCheckpoint when its files fail their checksums or do not load.
     """
@@ -172,6 +174,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         # weights_only: the restricted unpickler (tensors, dicts, numbers), never arbitrary objects.
         with torch.serialization.safe_globals(zero.safe_globals()):  # a ZeRO optimizer state's own classes
             blob = torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+        ranks = blob.get("rng_ranks", [blob["rng"]])
+        if world is not None and len(ranks) != world:
+            return state, recorded["inputs"], len(ranks)
         if method_trainer is not None:  # first: P-tuning's encoder must be back before its output is loaded
             method_trainer.load_state_dict(blob["method_trainer"])
         with zero.gathered(model, modify=True):  # ZeRO-3: whole while written, then partitioned again
@@ -180,7 +185,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         scheduler.load_state_dict(blob["scheduler"])
         if selection is not None:
             selection.load(path)
-        ranks = blob.get("rng_ranks", [blob["rng"]])
         rng = ranks[rank] if rank < len(ranks) else blob["rng"]  # this process's (dropout differs by rank)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():  # one state per GPU the run saw; a resume may see fewer
@@ -218,7 +222,7 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
     for path in reversed(checkpoint_dirs(out)):
         try:
             state, recorded, writers = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection,
-                                                       rank)
+                                                       rank, world)
         except DamagedCheckpoint as e:
             console.print(f"[yellow]warning:[/] checkpoint {path.name} is damaged: {escape(str(e))}; trying an older one.")
             continue

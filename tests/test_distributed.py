@@ -1,6 +1,7 @@
 """Data-parallel training in real processes (accelerate's launcher, torch DDP over gloo on the CPU)."""
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file
 
 from peftkit.distributed import shard
@@ -127,6 +129,24 @@ def test_shard_splits_rows_in_order():
     assert shard(last, 0, 2)["labels"].tolist() == [[6, 7]]
     stand_in = shard(last, 1, 2)  # the forward and backward the collectives wait for, and no label
     assert stand_in["input_ids"].tolist() == [[6, 7]] and stand_in["labels"].tolist() == [[-100, -100]]
+
+
+def test_a_zero_checkpoint_of_other_processes_is_refused_by_its_count_not_passed_over_as_damaged(tmp_path):
+    """A ZeRO checkpoint holds its optimizer state split by rank, which does not load into another number of
+    processes: that failure passed every checkpoint over as damaged ("no intact checkpoint"), hiding the fix."""
+    from peftkit.checkpoint import LoopState, resume, save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    rng = {"cpu": torch.get_rng_state()}
+    save_checkpoint(tmp_path, model, [], optimizer, scheduler, LoopState(step=3), {}, 2, rng=[rng, rng],
+                    gathered=({"weight": torch.zeros(2, 2)}, [{"rank": 0}, {"rank": 1}]))  # 2 ranks' states
+    console = Console(file=io.StringIO())
+    with pytest.raises(PeftkitError, match=r"checkpoint step-00000003 was written by 2 processes, and this run has "
+                                           r"1\..* resume with --num-processes 2"):
+        resume(tmp_path, model, optimizer, scheduler, {}, console)
+    assert "damaged" not in console.file.getvalue()
 
 
 def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_bit_identically(
