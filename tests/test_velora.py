@@ -114,3 +114,28 @@ def test_a_resumed_run_gives_the_unbroken_run_s_bits(init_type, tiny_llama, numb
                          adapter={"dropout": 0.1, "velora_config": {"num_groups": 5, "init_type": init_type}},
                          training={"max_steps": 6, "batch_size": 4, "save_steps": 2, "save_total_limit": 10})
     check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)
+
+
+def test_two_processes_project_on_the_whole_batch_as_one_process(tiny_llama, number_data, tmp_path):
+    """2 processes x batch 2 train the adapter of 1 process x batch 4 (as LoRA, tests/test_distributed.py): each
+    process holds half of the global batch, and the projection is its mean over both (batch_average_once). Each
+    process projected on its own half: the adapters differed by 0.06, and each process kept its own projection,
+    where a checkpoint holds the main process's (a resumed 2-process run left the unbroken one)."""
+    import subprocess
+    import sys
+
+    adapter = {"dropout": 0.0, "target_modules": TARGETS,
+               "velora_config": {"num_groups": 4, "init_type": "batch_average_once"}}
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    recipes = {name: make_recipe(tmp_path / name, tiny_llama, number_data, adapter=adapter, eval={"base_model": False},
+                                 training={"max_steps": 3, "batch_size": batch_size, "lr": 2e-2})
+               for name, batch_size in (("one", 4), ("two", 2))}
+    train(load_recipe(recipes["one"]))
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipes["two"]), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    one, two = (load_file(tmp_path / name / "run" / "adapter" / "adapter_model.safetensors") for name in recipes)
+    assert any("lora_velora_embed" in k for k in one)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5

@@ -65,6 +65,22 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, vector / norm, torch.ones_like(vector) / vector.numel() ** 0.5)
 
 
+def _batch_mean(groups: torch.Tensor) -> torch.Tensor:
+    """The mean of (tokens, num_groups, width) `groups` over the tokens and groups: the batch's. In a run of several
+    processes each holds a slice of the global batch (`peftkit.distributed.shard`), so the sums and counts are added
+    over them (a collective: every process's training forwards run alike): each process projected on its own
+    slice's mean, which made N processes train another adapter than one process with the whole batch, and keep
+    different projections, of which a checkpoint holds the main process's (a resumed batch_average_once run
+    differed from the unbroken one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return groups.mean(dim=(0, 1))
+    sums = torch.cat([groups.float().sum(dim=(0, 1)), groups.new_tensor([groups.shape[0] * groups.shape[1]],
+                                                                        dtype=torch.float32)])
+    torch.distributed.all_reduce(sums)
+    return (sums[:-1] / sums[-1]).to(groups.dtype)
+
+
 class CompressedInputLinear(torch.autograd.Function):
     """x A^T, keeping for A's gradient only x's projection on `embed` per group (peft's VeloraFunction)."""
 
@@ -118,7 +134,7 @@ class Compressed:
             self._embed_set = bool(self.lora_velora_embed.abs().sum() > 0)
         if settings.init_type == "batch_average" or (settings.init_type == "batch_average_once" and not self._embed_set):
             with torch.no_grad():
-                self.lora_velora_embed.copy_(unit(_groups(h.detach(), settings.num_groups).mean(dim=(0, 1))))
+                self.lora_velora_embed.copy_(unit(_batch_mean(_groups(h.detach(), settings.num_groups))))
             self._embed_set = True
         a = CompressedInputLinear.apply(h, self.lora_A.weight, self.lora_velora_embed, settings.num_groups,
                                         settings.scale)
