@@ -401,10 +401,35 @@ _RANK_PREFIX = re.compile(r"^\[rank\d+\]: ")
 """torch's prefix of the lines of a process's uncaught exception (`[rank1]: Traceback ...`)."""
 
 
+_ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*: (\d+)")
+_ROOT_CAUSE_SIGNAL = re.compile(r"^\s*exitcode\s*: -(\d+) \(pid: (\d+)\)")
+"""The launcher's failure summary, under its `Root Cause (first observed failure):`: the rank, and the exit code of
+a process a signal ended (`exitcode  : -9 (pid: 4242)  (SIGKILL)`)."""
+
+
+def _killed(summary) -> str | None:
+    """What the launcher's failure summary (`summary`, read to its end) says of a run whose first failure was a
+    process ended by a signal, as an error line; None when it was not."""
+    rank, root, said = None, False, None
+    for line in summary:
+        root = root or line.startswith("Root Cause")
+        if root and (found := _ROOT_CAUSE_RANK.match(line)):
+            rank = found[1]
+        elif root and said is None and (found := _ROOT_CAUSE_SIGNAL.match(line)):
+            number = int(found[1])
+            name = signal.Signals(number).name if number in set(signal.Signals) else f"signal {number}"
+            said = (f"error: process {rank} (pid {found[2]}) was killed by {name}"
+                    + (", most often the kernel's out-of-memory killer (see `dmesg`)" if name == "SIGKILL" else "")
+                    + "; the other processes were stopped. --resume continues from the run's newest checkpoint.\n")
+    return said
+
+
 def _relay(stream) -> bool:
     """Copy `stream` to stderr, filtered as `launch` says; whether a peftkit `error:` line went by. A process's
     `[rankN]:` traceback is held to the end and dropped when another process said its error: it is the collective
-    that broke when that process stopped (`Connection closed by peer`)."""
+    that broke when that process stopped (`Connection closed by peer`). A process killed by a signal (the
+    out-of-memory killer's SIGKILL) says nothing itself: the launcher's failure summary, otherwise dropped, names it
+    in an error line of its own, in place of the other processes' tracebacks."""
     seen_errors: set[str] = set()
     held: list[str] = []  # a traceback's first lines: the launcher's own is dropped with all that follows it
     ranks: list[str] = []
@@ -415,8 +440,10 @@ def _relay(stream) -> bool:
         if held or line.startswith("Traceback (most recent call last):"):
             held.append(line)
             if any("accelerate/commands/launch.py" in h or "torch/distributed/run.py" in h for h in held):
-                for _ in stream:  # the launcher's traceback and failure summary: all that is left
-                    pass
+                # the launcher's traceback and failure summary: all that is left
+                if (killed := _killed(stream)) is not None and not seen_errors:
+                    sys.stderr.write(killed)  # (a failure, not a user error: the launcher's exit status stays)
+                    ranks = []
                 break
             if len(held) < 8:
                 continue

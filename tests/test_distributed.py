@@ -254,6 +254,33 @@ def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_o
     assert capsys.readouterr().err == "".join(trace)
 
 
+def test_a_process_killed_by_a_signal_is_named_not_left_to_the_broken_collective_s_traceback(capsys):
+    """A process the out-of-memory killer ends (SIGKILL) says nothing: the run ended with exit status 1 and the other
+    process's `[rank0]:` traceback (`Connection closed by peer`), the launcher's failure summary that names the
+    killed process dropped with its traceback. (The launcher's stderr as it was, shortened.)"""
+    from peftkit.distributed import _relay
+
+    trace = ["[rank0]: Traceback (most recent call last):\n",
+             "[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:16306.\n"]
+    launcher = ["E1204 20:38:00.649000 32298 site-packages/torch/distributed/elastic/multiprocessing/api.py:1002] "
+                "failed (exitcode: -9) local_rank: 1 (pid: 32312) of binary: python\n",
+                "Traceback (most recent call last):\n",
+                '  File "/site-packages/accelerate/commands/launch.py", line 1450, in <module>\n',
+                "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n",
+                "Failures:\n", "[1]:\n", "  rank      : 0 (local_rank: 0)\n",
+                "  exitcode  : -15 (pid: 32311)  (SIGTERM)\n",
+                "Root Cause (first observed failure):\n", "[0]:\n", "  host      : localhost\n",
+                "  rank      : 1 (local_rank: 1)\n", "  exitcode  : -9 (pid: 32312)  (SIGKILL)\n",
+                "  traceback : Signal 9 (SIGKILL) received by PID 32312\n"]
+    assert not _relay(iter([*trace, *launcher]))  # a failure, not a user error: the launcher's exit status 1 stays
+    assert capsys.readouterr().err == (
+        "error: process 1 (pid 32312) was killed by SIGKILL, most often the kernel's out-of-memory killer (see "
+        "`dmesg`); the other processes were stopped. --resume continues from the run's newest checkpoint.\n")
+    failed = [line.replace("-9 (pid: 32312)  (SIGKILL)", "1 (pid: 32312)") for line in launcher]  # a crash: its own
+    assert not _relay(iter([*trace, *failed]))  # traceback is shown
+    assert capsys.readouterr().err == "".join(trace)
+
+
 def test_the_process_group_waits_trainers_timeout_and_ddp_looks_for_unused_parameters_only_when_needed(
         tiny_llama, number_data, tmp_path):
     """NCCL would give up after 10 minutes while the main process alone writes a merged export; DeepSpeed's gloo
