@@ -120,11 +120,15 @@ def total(accelerator, value: torch.Tensor) -> torch.Tensor:
     return value if accelerator.num_processes == 1 else accelerator.reduce(value, reduction="sum")
 
 
-def any_process(accelerator, flag: bool) -> bool:
-    """True on every process when it is true on one (a stop request must be taken by all at the same step)."""
+def any_signal(accelerator, signum: int | None) -> int | None:
+    """The signal a process was sent (SIGTERM over SIGINT: the larger number), the same on every process, or None
+    when none was (a stop request must be taken by all at the same step, and said alike: a SIGTERM to one process had
+    the others say 'Interrupted', two error lines)."""
     if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum") > 0)
+        return signum
+    largest = torch.tensor(signum or 0, device=accelerator.device)
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+    return int(largest) or None
 
 
 def rng_states(accelerator) -> list[dict]:

@@ -201,11 +201,11 @@ def _loop(run: Run, state: LoopState) -> None:
 
 
 def _stop_if_asked(run: Run, state: LoopState, stop: StopRequest) -> None:
-    """Checkpoint and stop when a process was sent SIGINT or SIGTERM (all of them together)."""
-    if distributed.any_process(run.accelerator, stop.signal is not None):
+    """Checkpoint and stop when a process was sent SIGINT or SIGTERM (all of them together, with one message)."""
+    if received := distributed.any_signal(run.accelerator, stop.signal):
         path = run.checkpoint(state)
         raise PeftkitError(
-            f"{'Stopped by SIGTERM' if stop.signal == signal.SIGTERM else 'Interrupted'} at step "
+            f"{'Stopped by SIGTERM' if received == signal.SIGTERM else 'Interrupted'} at step "
             f"{state.step}; checkpoint saved to {path}. Continue with `peftkit train RECIPE --resume`."
         )
 

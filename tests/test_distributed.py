@@ -239,6 +239,33 @@ def test_a_user_error_in_several_processes_is_one_clear_message(tiny_llama, numb
     assert "error: the run stopped in its 2 processes (the message is above)." in done.stderr
 
 
+def test_a_signal_to_one_process_stops_all_with_one_message(tiny_llama, number_data, tmp_path):
+    """SIGTERM to one worker alone (a scheduler that signals one PID): every process checkpoints at the same step and
+    says the same. The others, sent nothing, said 'Interrupted at step N' beside its 'Stopped by SIGTERM'."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"dropout": 0.0}, eval={"base_model": False},
+                         training={"max_steps": 5000, "batch_size": 2, "save_steps": 5})
+    proc = subprocess.Popen([sys.executable, "-m", "peftkit", "train", str(recipe), "--num-processes", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _until(lambda: _newest_step(tmp_path / "run") > 0)
+        second = [pid for pid in _tree(proc.pid) if b"RANK=1" in _environ(pid) and b"LOCAL_RANK=1" in _environ(pid)]
+        os.kill(second[0], signal.SIGTERM)
+        err = proc.communicate(timeout=300)[1]
+    finally:
+        _kill_tree(proc.pid)
+    assert proc.returncode == 2, err
+    said = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(said) == 2 and said[0].startswith("error: Stopped by SIGTERM at step "), err
+    assert said[1] == "error: the run stopped in its 2 processes (the message is above).", err
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
 def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_out(capsys):
     """A run directory in use: the main process stops with its error, and the other one's barrier breaks, with a
     `[rank1]:` traceback that was printed after the error (torch's prefix escaped the filter). Alone (a crash of
