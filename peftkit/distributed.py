@@ -429,12 +429,14 @@ def _killed(summary) -> str | None:
 
 
 def _relay(stream) -> bool:
-    """Copy `stream` to stderr, filtered as `launch` says; whether a peftkit `error:` line went by. A process's
+    """Copy `stream` to stderr, filtered as `launch` says (a `warning:` or `error:` line that another process said
+    already left out); whether a peftkit `error:` line went by. A process's
     `[rankN]:` traceback is held to the end and dropped when another process said its error: it is the collective
     that broke when that process stopped (`Connection closed by peer`). A process killed by a signal (the
     out-of-memory killer's SIGKILL) says nothing itself: the launcher's failure summary, otherwise dropped, names it
     in an error line of its own, in place of the other processes' tracebacks."""
     seen_errors: set[str] = set()
+    seen_warnings: set[str] = set()
     held: list[str] = []  # a traceback's first lines: the launcher's own is dropped with all that follows it
     ranks: list[str] = []
     for line in stream:
@@ -456,6 +458,10 @@ def _relay(stream) -> bool:
             continue
         if _ELASTIC_LOG.match(line):
             continue
+        if line.startswith("warning:"):  # every process warns of the same recipe and data: said once
+            if line in seen_warnings:
+                continue
+            seen_warnings.add(line)
         if line.startswith("error:"):
             if line in seen_errors:
                 continue

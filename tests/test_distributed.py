@@ -281,6 +281,17 @@ def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_o
     assert capsys.readouterr().err == "".join(trace)
 
 
+def test_a_warning_of_every_process_is_said_once(capsys):
+    """Every process warns of the same recipe and data (a warmup as long as the run): said once, as an error is,
+    not once per process."""
+    from peftkit.distributed import _relay
+
+    warning = "warning: training.warmup_steps (3) is the whole run: ...; lower warmup_steps.\n"
+    other = "warning: data.eval: 2 rows were skipped.\n"
+    assert not _relay(iter([warning, warning, other, other]))
+    assert capsys.readouterr().err == warning + other
+
+
 def test_a_process_killed_by_a_signal_is_named_not_left_to_the_broken_collective_s_traceback(capsys):
     """A process the out-of-memory killer ends (SIGKILL) says nothing: the run ended with exit status 1 and the other
     process's `[rank0]:` traceback (`Connection closed by peer`), the launcher's failure summary that names the
