@@ -52,8 +52,20 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             if number == len(lines) and not text.endswith("\n"):
                 break  # the partial last line of a killed run (fileio.append_line), or of one writing it now
             raise PeftkitError(f"{path}:{number} is not a JSON line; the file is damaged.") from None
+        # A line that parses but is not one peftkit writes (edited by hand, or another tool's) was a KeyError
+        # traceback (no step), or a curve of strings drawn as categories.
+        row = rows[-1]
+        if not (isinstance(row, dict) and _number(row.get("step"))
+                and all(_number(row[key]) or row[key] is None and key in _CURVE_KEYS for key in _PLOTTED if key in row)):
+            raise PeftkitError(f"{path}:{number} is not a peftkit metrics line (a JSON object with a numeric step and "
+                               "numeric values); the file is damaged.")
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
+
+_CURVE_KEYS = tuple(key for _, _, key, _ in CURVES)
+_PLOTTED = ("loss", "eval_loss", *_CURVE_KEYS, *(f"eval_{m}" for m in GENERATION_METRICS + CLASSIFICATION_METRICS))
+"""The metrics.jsonl keys that `plot_curves` draws: each a number (a skipped step's loss NaN); a `CURVES` one may be
+null (not measured at that step)."""
 
 FEW_POINTS = 20
 """A curve of at most this many points is drawn with a dot at each (a run of one step has one point: no line)."""

@@ -98,6 +98,15 @@ def test_a_damaged_or_empty_metrics_file_is_a_clear_error(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(PeftkitError, match=r"metrics.jsonl:2 is not a JSON line; the file is damaged"):
         write_report(tmp_path)
+    # A line that reads as JSON but is not one peftkit writes was a KeyError traceback (no step), or a curve of
+    # strings drawn as categories.
+    for line in ('{"loss": 1.0}', '{"step": 2, "loss": "x"}', '["loss"]', '{"step": 2, "eval_loss": null}'):
+        (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1, "loss": 2.0}}\n{line}\n')
+        with pytest.raises(PeftkitError, match=r"metrics.jsonl:2 is not a peftkit metrics line \(a JSON object with a "
+                                               r"numeric step and numeric values\); the file is damaged"):
+            write_report(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN, "grad_norm": null}\n')  # a skipped step's
+    assert read_metrics(tmp_path)[0][0]["grad_norm"] is None
     # A partial last line is what a killed run leaves (fileio.append_line), or one writing it now: left out. It was
     # refused as damage, and `peftkit report` of such a run (documented to work on unfinished runs) failed.
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
