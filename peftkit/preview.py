@@ -28,6 +28,7 @@ from peftkit.data import (
     truncation_error,
 )
 from peftkit.data.packing import describe_packing, pack_examples
+from peftkit.errors import visible
 from peftkit.recipe import DataConfig, Recipe
 from peftkit.task_ids import recipe_reads_tasks
 
@@ -85,7 +86,8 @@ def render_tokens(tok, example: Example, *, plain: bool, show_ids: bool = False,
         if plain:
             text.append(TRAINED_OPEN if trained else MASKED_OPEN)
         for piece, token_id in tokens:
-            text.append(piece.replace("\n", NEWLINE_MARK), style=None if plain else style)
+            # a row's control characters shown as `\x1b`, not obeyed: `\x1b[2J` in the data cleared the screen
+            text.append(visible(piece).replace("\n", NEWLINE_MARK), style=None if plain else style)
             if show_ids:
                 text.append(f"⟨{token_id}⟩", style=None if plain else "italic cyan")
             text.append("\n" * piece.count("\n"))  # the line breaks after the id, so an id stays with its token

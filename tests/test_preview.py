@@ -207,6 +207,25 @@ def test_a_character_split_over_byte_tokens_shows_whole():
     assert shown == "«Paris 東京 😀 is»"
 
 
+def test_a_row_s_control_characters_are_shown_not_obeyed():
+    """A dataset row's escape sequences (`\x1b[2J` clears the screen) reached the terminal raw through a byte-level
+    tokenizer, which decodes them back; they show as `\x1b`, as in every other printed row."""
+    import io
+
+    from rich.console import Console
+
+    from peftkit.data import Example
+    from peftkit.preview import render_tokens
+    from tests.test_data import _byte_level_tokenizer
+
+    tok = _byte_level_tokenizer(trim_offsets=False)
+    ids = tok("Say \x1b[2J\x1b[31mred\x07!", add_special_tokens=False)["input_ids"]
+    out = io.StringIO()
+    Console(file=out, force_terminal=True).print(render_tokens(tok, Example(ids, ids), plain=True), markup=False,
+                                                 highlight=False, soft_wrap=True)
+    assert out.getvalue() == "«Say \\x1b[2J\\x1b[31mred\\x07!»\n"
+
+
 def test_preview_shows_the_examples_before_a_bad_row_then_its_error(tmp_path):
     """Rows are tokenized 512 at a time; preview still shows the first examples before a bad row's error."""
     import pytest
