@@ -9,8 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, visible
 from peftkit.evaluate import EvalJob, evaluate
 from peftkit.recipe import ModelConfig
 
@@ -143,6 +144,6 @@ def comparison_table(results: dict[str, dict], metrics: list[str]) -> Table:
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True,
                          min_width=max(len(header), *(len(cells[i]) for cells in rows)))
-    for cells in rows:
-        table.add_row(*cells)
+    for name, *cells in rows:  # a row named after its directory (`sweep[lr=2e-4]`) is text, not rich markup
+        table.add_row(Text(visible(name)), *cells)
     return table

@@ -82,6 +82,21 @@ def test_a_wide_comparison_is_printed_whole_in_a_log():
         assert cell in shown, cell
 
 
+def test_a_row_named_after_its_directory_shows_its_name_as_written():
+    """A bare --adapter DIR names its row after the directory: `sweep[lr=2e-4]` showed as `sweep` (the rest taken
+    for rich markup), and `x[/b]` was a MarkupError traceback after the whole evaluation."""
+    import io
+
+    from rich.console import Console
+
+    from peftkit.compare import comparison_table
+
+    results = {"base": {"loss": 1.0}, "sweep[lr=2e-4]": {"loss": 0.5}, "x[/b]": {"loss": 0.25}}
+    out = io.StringIO()
+    Console(file=out, soft_wrap=True).print(comparison_table(results, ["loss"]))
+    assert "│ sweep[lr=2e-4] │ 0.5000 │" in out.getvalue() and "│ x[/b]          │ 0.2500 │" in out.getvalue()
+
+
 def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monkeypatch, capsys):
     args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])]
     assert "--adapter: the name 'a' is used twice" in cli_user_error(
