@@ -43,7 +43,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if not path.is_file():
         raise PeftkitError(f"{run_dir} has no metrics.jsonl: give a peftkit run directory (`peftkit train` writes one).")
     rows = []
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     lines = text.splitlines()
     for number, line in enumerate(lines, 1):
         try:
@@ -60,6 +60,16 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
             raise PeftkitError(f"{path}:{number} is not a peftkit metrics line (a JSON object with a numeric step and "
                                "numeric values); the file is damaged.")
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+
+def _read_text(path: Path) -> str:
+    """A run's text file (peftkit writes UTF-8); one that is not, damaged or not peftkit's, is an error naming it, not
+    a UnicodeDecodeError traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PeftkitError(f"{path} is not UTF-8 text (at byte {e.start}); the file is damaged.") from None
 
 
 _CURVE_KEYS = tuple(key for _, _, key, _ in CURVES)
@@ -318,7 +328,7 @@ def _render(run_dir: Path, train: list[dict], evals: list[dict], log_scale: bool
     # Checked as verify checks it: a damaged manifest is an error naming it, not a traceback.
     manifest = read_manifest(run_dir).model_dump(mode="json") if manifest_path.is_file() else None
     recipe_path = run_dir / "recipe.yaml"
-    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else "(no recipe.yaml)"
+    recipe_text = _read_text(recipe_path) if recipe_path.is_file() else "(no recipe.yaml)"
     plots = plot_curves(train, evals, log_scale)
     return plots, render_html(run_dir, plots, manifest, recipe_text)
 

@@ -105,6 +105,15 @@ def test_a_damaged_or_empty_metrics_file_is_a_clear_error(tmp_path):
         with pytest.raises(PeftkitError, match=r"metrics.jsonl:2 is not a peftkit metrics line \(a JSON object with a "
                                                r"numeric step and numeric values\); the file is damaged"):
             write_report(tmp_path)
+    # Bytes that are not UTF-8 were a UnicodeDecodeError traceback, in metrics.jsonl or in recipe.yaml.
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\n')
+    with pytest.raises(PeftkitError, match=r"metrics.jsonl is not UTF-8 text \(at byte 25\); the file is damaged"):
+        write_report(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "recipe.yaml").write_bytes(b"model: {name_or_path: caf\xe9}\n")
+    with pytest.raises(PeftkitError, match=r"recipe.yaml is not UTF-8 text \(at byte 25\); the file is damaged"):
+        write_report(tmp_path)
+    (tmp_path / "recipe.yaml").unlink()
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": NaN, "grad_norm": null}\n')  # a skipped step's
     assert read_metrics(tmp_path)[0][0]["grad_norm"] is None
     # A partial last line is what a killed run leaves (fileio.append_line), or one writing it now: left out. It was
