@@ -271,6 +271,11 @@ def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = N
     while True:
         finished = _finished(run_dir)
         train, evals = read_metrics(run_dir)  # (what is not a run is said first)
+        if out is None and output is None:  # a user's file there, or notes kept in it, were deleted with the old report
+            default, fix = run_dir / REPORT_DIR, "Move them out, or write the report elsewhere with --output DIR."
+            if default.exists() and not default.is_dir():
+                raise PeftkitError(f"{default} is a file, where the report's directory goes. {fix.replace('them', 'it')}")
+            _check_only_a_report(default, str(default), fix)
         out = out or (check_report_output(output, run_dir) if output is not None else run_dir / REPORT_DIR)
         _check_writable(out.parent, out)  # before drawing
         plots, page = _render(run_dir, train, evals, log_scale)
@@ -304,12 +309,17 @@ def check_report_output(output: Path, run_dir: Path) -> Path:
     make_writable_dir(out.parent, "--output's parent")
     if out.exists() and not out.is_dir():
         raise PeftkitError(f"--output {out} is a file. {instead}")
+    _check_only_a_report(out, f"--output {out}", instead)
+    return out
+
+
+def _check_only_a_report(out: Path, what: str, instead: str) -> None:
+    """Refuse a report directory that holds files an earlier report did not write: writing replaces it as a whole."""
     if out.is_dir() and (others := sorted(e.name for e in out.iterdir()
                                           if e.name != "report.html" and not e.name.endswith(".png"))):
         listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise PeftkitError(f"--output {out} holds files that are not a report's ({listed}); the report replaces its "
+        raise PeftkitError(f"{what} holds files that are not a report's ({listed}); the report replaces its "
                            f"directory as a whole. {instead}")
-    return out
 
 
 def _check_writable(parent: Path, out: Path) -> None:

@@ -123,6 +123,26 @@ def test_a_damaged_or_empty_metrics_file_is_a_clear_error(tmp_path):
     assert write_report(tmp_path).is_file()
 
 
+def test_a_report_replaces_only_an_earlier_report(run, tmp_path, monkeypatch, capsys):
+    """RUN_DIR/report/ is replaced as a whole: a user's notes kept there, or a file named `report`, were deleted
+    without a word. They are refused, as --output refuses a directory holding files that are not a report's."""
+    from tests.conftest import cli_user_error
+
+    copy = shutil.copytree(run, tmp_path / "run")
+    write_report(copy)
+    (copy / "report" / "notes.md").write_text("mine")
+    said = cli_user_error(monkeypatch, capsys, "report", str(copy))
+    assert (f"{copy}/report holds files that are not a report's (notes.md); the report replaces its directory as a "
+            "whole. Move them out, or write the report elsewhere with --output DIR.") in said
+    assert (copy / "report" / "notes.md").read_text() == "mine"
+    shutil.rmtree(copy / "report")
+    (copy / "report").write_text("mine")
+    said = cli_user_error(monkeypatch, capsys, "report", str(copy))
+    assert (f"{copy}/report is a file, where the report's directory goes. Move it out, or write the report elsewhere "
+            "with --output DIR.") in said
+    assert (copy / "report").read_text() == "mine"
+
+
 def test_a_report_drawn_while_the_run_finishes_does_not_replace_the_final_one(run, tmp_path, monkeypatch):
     """`peftkit report RUN` of a run still training, drawn while the run finished: it was put in place after the
     run's own final report, which then said "the run did not finish" (and a report's PNGs were put in place one by
