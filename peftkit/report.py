@@ -55,8 +55,8 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
         # A line that parses but is not one peftkit writes (edited by hand, or another tool's) was a KeyError
         # traceback (no step), or a curve of strings drawn as categories.
         row = rows[-1]
-        if not (isinstance(row, dict) and _number(row.get("step"))
-                and all(_number(row[key]) or row[key] is None and key in _CURVE_KEYS for key in _PLOTTED if key in row)):
+        if not (isinstance(row, dict) and _number(row.get("step")) and all(
+                _number(row[key]) or row[key] is None and key in _CURVE_KEYS for key in _PLOTTED if key in row)):
             raise PeftkitError(f"{path}:{number} is not a peftkit metrics line (a JSON object with a numeric step and "
                                "numeric values); the file is damaged.")
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
@@ -237,10 +237,13 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
                       f"at step {_shown(best.get('step'))} (export.best); the fine-tuned column is that evaluation</li>")
     environment = json.dumps((manifest or {}).get("environment", {}), indent=2)
     samples = metrics.get("samples") or []
-    sample_rows = "".join("<tr>" + "".join(_text_cell(s.get(k)) for k in ("prompt", "reference", "base", "fine_tuned"))
-                          + "</tr>" for s in samples)
-    sample_table = (f"<h2>Generations (greedy)</h2><table class='samples'><tr><th>prompt</th><th>reference</th><th>base model</th>"
-                    f"<th>fine-tuned</th></tr>{sample_rows}</table>" if samples else "")
+    # The base model's column only where it answered (eval.base_model): an empty cell reads as an empty answer.
+    columns = {"prompt": "prompt", "reference": "reference"} | (
+        {"base": "base model"} if any("base" in s for s in samples) else {}) | {"fine_tuned": "fine-tuned"}
+    sample_rows = "".join("<tr>" + "".join(_text_cell(s.get(k)) for k in columns) + "</tr>" for s in samples)
+    headers = "".join(f"<th>{name}</th>" for name in columns.values())
+    sample_table = (f"<h2>Generations (greedy)</h2><table class='samples'><tr>{headers}</tr>{sample_rows}</table>"
+                    if samples else "")
     status = "" if manifest else "<p><b>No manifest.json: the run did not finish; the curves show what it logged.</b></p>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit report: {html.escape(run_dir.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>peftkit run {html.escape(str(run_dir))}</h1>{status}"

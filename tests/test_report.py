@@ -242,3 +242,17 @@ def test_a_one_step_run_s_curves_are_drawn_and_sample_text_is_shown_as_written(t
             and "\u202e" not in page and "<td class='text'>&lt;b&gt;</td>" in page)
     assert "white-space:pre-wrap;overflow-wrap:anywhere" in page
     assert "<li>steps skipped for a non-finite loss or gradients (training.nan_policy): 2</li>" in page
+
+
+def test_a_run_without_the_base_model_s_answers_has_no_base_column(tmp_path):
+    """With eval.base_model: false the samples hold no base answer: the report showed a "base model" column of empty
+    cells, which read as the base model answering nothing. The column is left out, as the terminal's table does."""
+    from peftkit.report import render_html
+
+    sample = {"prompt": "p", "reference": "r", "fine_tuned": "f"}
+    page = render_html(tmp_path, {}, {"metrics": {"samples": [sample]}}, "")
+    assert ("<table class='samples'><tr><th>prompt</th><th>reference</th><th>fine-tuned</th></tr><tr><td class='text'>"
+            "p</td><td class='text'>r</td><td class='text'>f</td></tr></table>") in page
+    page = render_html(tmp_path, {}, {"metrics": {"samples": [sample | {"base": ""}]}}, "")  # an empty answer: shown
+    assert ("<th>base model</th><th>fine-tuned</th></tr><tr><td class='text'>p</td><td class='text'>r</td>"
+            "<td class='text'></td>") in page
