@@ -374,6 +374,8 @@ def check_adapter_dir(path: Path) -> Path:
     if not config_file.exists():
         hint = (f" It is a training run's directory: its adapter is {path / 'adapter'}." if (path / "adapter" / CONFIG_NAME).exists()
                 else " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists()
+                else " It is a training run's directory holding no adapter/ (export.adapter: false, or the run has not "
+                     "finished: `peftkit train RECIPE --resume` finishes it)." if (path / "recipe.yaml").is_file()
                 else "")
         raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{hint}")
     if not weights_file.exists():

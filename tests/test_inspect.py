@@ -279,3 +279,16 @@ def test_a_file_given_as_the_adapter_is_said_to_be_a_file(tmp_path, monkeypatch,
     err = " ".join(cli_user_error(monkeypatch, capsys, "inspect", str(data)).split())
     assert (f"error: {data} is a file, not an adapter directory: an adapter is a directory holding "
             "adapter_config.json and adapter_model.safetensors. Give that directory.") in err
+
+
+def test_a_run_that_has_exported_no_adapter_yet_is_said_to_be_one(tmp_path, monkeypatch, capsys):
+    """`peftkit inspect RUN_DIR` of a run still training (recipe.yaml, metrics.jsonl, no adapter/ yet) said only
+    "it has no adapter_config.json", as for any directory."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: {name_or_path: x}\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    err = " ".join(cli_user_error(monkeypatch, capsys, "inspect", str(run)).split())
+    assert (f"error: {run} is not a PEFT adapter directory: it has no adapter_config.json. It is a training run's "
+            "directory holding no adapter/ (export.adapter: false, or the run has not finished: `peftkit train RECIPE "
+            "--resume` finishes it).") in err
