@@ -220,6 +220,8 @@ def _shown(value: object, float_format: str = "") -> str:
 
 def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, recipe_text: str) -> str:
     metrics = (manifest or {}).get("metrics", {})
+    if run_dir.name in ("", ".."):  # `peftkit report .` titled the page "peftkit report: " and named the run "."
+        run_dir = run_dir.resolve()
     classifier = _task(recipe_text) == "sequence_classification"
     images = "".join(f'<figure><img alt="{stem}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                      f"</figure>" for stem, data in plots.items())

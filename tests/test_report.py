@@ -7,6 +7,7 @@ import base64
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -256,3 +257,12 @@ def test_a_run_without_the_base_model_s_answers_has_no_base_column(tmp_path):
     page = render_html(tmp_path, {}, {"metrics": {"samples": [sample | {"base": ""}]}}, "")  # an empty answer: shown
     assert ("<th>base model</th><th>fine-tuned</th></tr><tr><td class='text'>p</td><td class='text'>r</td>"
             "<td class='text'></td>") in page
+
+
+def test_a_report_of_the_current_directory_names_the_run(run, tmp_path, monkeypatch):
+    """`peftkit report .` titled the page "peftkit report: " and headed it "peftkit run .": a report passed on named
+    no run. The current directory (or its parent, `..`) is named by its path."""
+    copy = shutil.copytree(run, tmp_path / "run")
+    monkeypatch.chdir(copy)
+    page = write_report(Path(".")).read_text()
+    assert "<title>peftkit report: run</title>" in page and f"<h1>peftkit run {copy.resolve()}</h1>" in page
