@@ -25,6 +25,7 @@ from peftkit.data import (
     count_examples,
     describe_stats,
     load_rows,
+    no_examples_error,
     truncation_error,
 )
 from peftkit.data.packing import describe_packing, pack_examples
@@ -161,4 +162,6 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
         console.print(describe_packing(examples, pack_examples(examples, cfg.max_length), cfg.max_length), **out)
     if cfg.truncation == "error" and cuts.first is not None:
         console.print("training would stop: " + truncation_error(cuts, cfg), **out)
+    elif not examples:  # "0 training examples" alone, where train stops at once
+        console.print("training would stop: " + no_examples_error(stats, cfg, cfg.train), **out)
     return shown

@@ -238,3 +238,20 @@ def test_preview_shows_the_examples_before_a_bad_row_then_its_error(tmp_path):
     with pytest.raises(PeftkitError, match=r"train\.jsonl:21: missing field 'completion'"):
         preview(load_recipe(_recipe(tmp_path, rows)), 2, Console(file=out, width=80))
     assert "example 2" in out.getvalue()
+
+
+def test_preview_of_data_that_gives_no_examples_says_training_would_stop(tmp_path):
+    """A data.train of no rows (or only bad ones, skipped) previewed as "0 training examples" alone, where train
+    stops at once with an error; preview now says so, in train's words."""
+    recipe = _recipe(tmp_path, [])
+    data = tmp_path / "train.jsonl"
+    assert _preview(recipe).endswith(
+        "0 training examples\n"
+        f"training would stop: No examples from {data}: it has no rows; point data.train/data.eval at data with "
+        "examples.\n")
+    recipe = _recipe(tmp_path, [{"prompt": "x"}], on_bad_rows="skip")
+    assert _preview(recipe).endswith(
+        "0 training examples; skipped 1 bad rows (data.on_bad_rows: skip)\n"
+        f"training would stop: No examples from {data}: all 1 rows were skipped as malformed or missing the fields of "
+        "data.format 'completion' (prompt, completion); check data.format, or set data.on_bad_rows: error to see the "
+        "first bad row.\n")

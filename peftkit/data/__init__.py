@@ -23,6 +23,7 @@ from peftkit.data.examples import (
     build_examples,
     count_examples,
     load_examples,
+    no_examples_error,
     tokenize_rows,
     truncation_error,
 )
@@ -31,4 +32,4 @@ from peftkit.data.stored import Example, Examples
 
 __all__ = ["IGNORE_INDEX", "REQUIRED_FIELDS", "BuiltExample", "Collator", "Example", "Examples", "build_examples", "count_examples",
            "describe_stats", "epoch_batches", "eval_loader", "injected_system_tokens", "load_examples", "load_rows",
-           "step_windows", "steps_per_epoch", "tokenize_rows", "truncation_error"]
+           "no_examples_error", "step_windows", "steps_per_epoch", "tokenize_rows", "truncation_error"]

@@ -423,24 +423,30 @@ def tokenize_rows(
     if cfg.truncation == "error" and cuts.first is not None:
         raise PeftkitError(truncation_error(cuts, cfg))
     if not examples:
-        bad = stats["bad_rows"] + skipped
-        too_long, dropped = stats["too_long"], stats["truncation_dropped"]
-        if dropped:
-            reason = (f"{'all ' if not too_long else ''}{dropped} examples lost the end of their target to "
-                      f"data.max_length={cfg.max_length} tokens, which data.truncation: drop leaves out"
-                      + (f", and the other {too_long} have their whole target beyond it" if too_long else "")
-                      + "; raise data.max_length, or set data.truncation: keep")
-        elif too_long:
-            reason = (f"all {too_long} examples have their whole target beyond data.max_length={cfg.max_length} "
-                      "tokens, so there is nothing left to learn; raise data.max_length")
-        elif bad:
-            reason = (f"all {bad} rows were skipped as malformed or missing the fields of data.format "
-                      f"'{cfg.format}' ({', '.join(REQUIRED_FIELDS[cfg.format])}); check data.format, or set "
-                      "data.on_bad_rows: error to see the first bad row")
-        else:
-            reason = "it has no rows; point data.train/data.eval at data with examples"
-        raise PeftkitError(f"No examples from {source}: {reason}.")
+        raise PeftkitError(no_examples_error(stats, cfg, source, skipped))
     return examples, stats
+
+
+def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 0) -> str:
+    """Why `source` gave no examples (`tokenize_rows`' counts; `skipped`: malformed lines the reader dropped), and
+    the fix: the error training stops with, which `peftkit preview` shows too."""
+    bad = stats["bad_rows"] + skipped
+    too_long, dropped = stats["too_long"], stats["truncation_dropped"]
+    if dropped:
+        reason = (f"{'all ' if not too_long else ''}{dropped} examples lost the end of their target to "
+                  f"data.max_length={cfg.max_length} tokens, which data.truncation: drop leaves out"
+                  + (f", and the other {too_long} have their whole target beyond it" if too_long else "")
+                  + "; raise data.max_length, or set data.truncation: keep")
+    elif too_long:
+        reason = (f"all {too_long} examples have their whole target beyond data.max_length={cfg.max_length} "
+                  "tokens, so there is nothing left to learn; raise data.max_length")
+    elif bad:
+        reason = (f"all {bad} rows were skipped as malformed or missing the fields of data.format "
+                  f"'{cfg.format}' ({', '.join(REQUIRED_FIELDS[cfg.format])}); check data.format, or set "
+                  "data.on_bad_rows: error to see the first bad row")
+    else:
+        reason = "it has no rows; point data.train/data.eval at data with examples"
+    return f"No examples from {source}: {reason}."
 
 
 def truncation_error(cuts: _TargetCuts, cfg: DataConfig) -> str:
