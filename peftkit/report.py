@@ -247,9 +247,14 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     sample_table = (f"<h2>Generations (greedy)</h2><table class='samples'><tr>{headers}</tr>{sample_rows}</table>"
                     if samples else "")
     status = "" if manifest else "<p><b>No manifest.json: the run did not finish; the curves show what it logged.</b></p>"
+    rows = _metrics_rows(metrics, classifier)
+    # A table of empty cells read as results missing by mistake: say why there are none.
+    evaluation = _table(rows) if any(base or tuned for _, base, tuned in rows) else (
+        "<p>None recorded yet: the run has not finished (the evaluations it has logged, if any, are drawn with the "
+        "loss).</p>" if manifest is None else "<p>None: the run evaluated nothing (its recipe has no data.eval).</p>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit report: {html.escape(run_dir.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>peftkit run {html.escape(str(run_dir))}</h1>{status}"
-            f"<ul>{fact_rows}</ul><h2>Evaluation</h2>{_table(_metrics_rows(metrics, classifier))}{sample_table}<h2>Curves</h2>{images}"
+            f"<ul>{fact_rows}</ul><h2>Evaluation</h2>{evaluation}{sample_table}<h2>Curves</h2>{images}"
             f"<h2>Recipe</h2><pre>{html.escape(recipe_text)}</pre>"
             f"<h2>Environment</h2><pre>{html.escape(environment)}</pre></body></html>")
 

@@ -266,3 +266,18 @@ def test_a_report_of_the_current_directory_names_the_run(run, tmp_path, monkeypa
     monkeypatch.chdir(copy)
     page = write_report(Path(".")).read_text()
     assert "<title>peftkit report: run</title>" in page and f"<h1>peftkit run {copy.resolve()}</h1>" in page
+
+
+def test_a_run_without_an_evaluation_says_why_there_is_none(tmp_path):
+    """A run without data.eval (or one not finished) showed an Evaluation table of empty cells, as if its results
+    had gone missing. It now says why there are none."""
+    from peftkit.report import render_html
+
+    finished = render_html(tmp_path, {}, {"metrics": {"steps": 3, "eval_loss": None, "base_eval_loss": None}}, "")
+    assert "<h2>Evaluation</h2><p>None: the run evaluated nothing (its recipe has no data.eval).</p>" in finished
+    assert "<td></td>" not in finished
+    running = render_html(tmp_path, {}, None, "")
+    assert ("<h2>Evaluation</h2><p>None recorded yet: the run has not finished (the evaluations it has logged, if any, "
+            "are drawn with the loss).</p>") in running
+    tuned = render_html(tmp_path, {}, {"metrics": {"eval_loss": 1.0}}, "")  # fine-tuned only (no eval.base_model)
+    assert "<tr><th>eval loss</th><td></td><td>1.0000</td></tr>" in tuned
