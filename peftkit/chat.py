@@ -64,6 +64,9 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
         except EOFError:
             write("\n")
             return messages
+        except KeyboardInterrupt:  # Ctrl-C: the CLI's `interrupted` was printed after `you> `, on its line
+            write("\n")
+            raise
         if line == "/exit":
             return messages
         if line == "/reset":
@@ -84,5 +87,9 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
             continue
         write("model> ")
         streamer = _Streamer(tok, write, stop_token_ids(model, tok))
-        ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task])[0]
+        try:
+            ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task])[0]
+        except KeyboardInterrupt:  # and after the half-streamed reply, on its line
+            write("\n")
+            raise
         messages.append({"role": "assistant", "content": reply_text(tok, ids)})

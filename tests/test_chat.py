@@ -110,6 +110,34 @@ def _wait_for(session: str, predicate, timeout: float = 120.0) -> str:
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_ctrl_c_ends_the_line_it_interrupts(tiny_llama, monkeypatch):
+    """Ctrl-C at `you> ` or in the middle of a streamed reply ends the chat (the CLI says `interrupted`, status 130):
+    that word was printed on the interrupted line, after the prompt or the half reply."""
+    import peftkit.chat
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+
+    def ctrl_c(_):
+        raise KeyboardInterrupt
+
+    shown: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=ctrl_c, write=shown.append)
+    assert shown == [peftkit.chat.HELP + "\n", "\n"]  # (`you> ` is input()'s, so the line is ended after it)
+
+    def interrupted(*args, streamer, **kwargs):
+        streamer.put(torch.tensor([[1, 2]]))  # the prompt, then half a reply, then Ctrl-C
+        streamer.put(torch.tensor([tok("ab", add_special_tokens=False)["input_ids"][0]]))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(peftkit.chat, "generate_ids", interrupted)
+    shown.clear()
+    with pytest.raises(KeyboardInterrupt):
+        chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=lambda _: "hi", write=shown.append)
+    assert "".join(shown).endswith("model> a\n")
+
+
 def test_chat_in_a_real_terminal(tiny_llama, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)
