@@ -41,6 +41,10 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     if run_dir.is_file():
         raise PeftkitError(f"{run_dir} is a file: give the run directory that holds it ({run_dir.parent}).")
     if not path.is_file():
+        if not run_dir.exists():  # (it was said to have no metrics.jsonl, as an existing directory is)
+            raise PeftkitError(f"{run_dir} does not exist: give a peftkit run directory (a recipe's export.output_dir).")
+        if (run_dir.parent / "metrics.jsonl").is_file():  # its adapter/, merged/ or report/
+            raise PeftkitError(f"{run_dir} is inside the run directory {run_dir.parent}: give that directory.")
         raise PeftkitError(f"{run_dir} has no metrics.jsonl: give a peftkit run directory (`peftkit train` writes one).")
     rows = []
     text = _read_text(path)

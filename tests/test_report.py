@@ -63,6 +63,15 @@ def test_report_files(run):
 def test_a_directory_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(PeftkitError, match="has no metrics.jsonl: give a peftkit run directory"):
         write_report(tmp_path)
+    # A path that does not exist, or the run's adapter/, was said to have no metrics.jsonl, as any directory is.
+    with pytest.raises(PeftkitError, match=r"nothing does not exist: give a peftkit run directory \(a recipe's "
+                                           r"export.output_dir\)\.$"):
+        write_report(tmp_path / "nothing")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "adapter").mkdir()
+    said = f"{tmp_path}/adapter is inside the run directory {tmp_path}: give that directory."
+    with pytest.raises(PeftkitError, match=f"^{re.escape(said)}$"):
+        write_report(tmp_path / "adapter")
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
