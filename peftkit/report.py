@@ -243,6 +243,8 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
                       f"at step {_shown(best.get('step'))} (export.best); the fine-tuned column is that evaluation</li>")
     environment = json.dumps((manifest or {}).get("environment", {}), indent=2)
     samples = metrics.get("samples") or []
+    # A manifest from elsewhere: samples that are not a list of objects are shown as text (an AttributeError before).
+    samples = [s if isinstance(s, dict) else {"prompt": s} for s in (samples if isinstance(samples, list) else [samples])]
     # The base model's column only where it answered (eval.base_model): an empty cell reads as an empty answer.
     columns = {"prompt": "prompt", "reference": "reference"} | (
         {"base": "base model"} if any("base" in s for s in samples) else {}) | {"fine_tuned": "fine-tuned"}

@@ -201,6 +201,12 @@ def test_a_manifest_s_values_are_text_in_the_report_never_markup(run, tmp_path):
     assert "<script>" not in page and "<img src=x" not in page and "<b>x" not in page and "<i>" not in page
     assert "resumed at step &lt;script&gt;alert(1)&lt;/script&gt;" in page and "steps: six" in page
     assert "at step &lt;img src=x onerror=alert(2)&gt;" in page
+    # Samples that are not a list of objects were an AttributeError (or TypeError) traceback: shown as text.
+    from peftkit.report import render_html
+
+    for samples, shown in (("<s>", "&lt;s&gt;"), ([None, 7], "7"), ({"prompt": "p"}, "p")):
+        page = render_html(copy, {}, {"metrics": {"samples": samples}}, "")
+        assert f"<tr><td class='text'>{shown}</td><td class='text'></td>" in page
 
 
 def test_a_file_given_for_the_run_directory_says_so(run):
