@@ -321,6 +321,9 @@ def test_an_output_that_is_or_is_inside_an_input_is_refused(tiny_llama, number_d
         monkeypatch, capsys, "generate", str(recipe), "--json", str(recipe)).split())
     assert f"is the data ({number_data['eval']})" in " ".join(cli_user_error(  # the recipe's data.eval
         monkeypatch, capsys, "generate", str(recipe), "--json", str(number_data["eval"])).split())
+    # A directory is told to hold a file of completions (it was told to hold an `eval.json`, eval's name).
+    said = " ".join(cli_user_error(monkeypatch, capsys, *args, "--prompt", "hi", "--json", str(tmp_path)).split())
+    assert f"--json {tmp_path} is a directory; give a file name, e.g. --json {tmp_path / 'completions.json'}." in said
 
 
 def test_flags_that_do_not_apply_to_the_prompts_are_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):

@@ -286,7 +286,7 @@ def generate(
     inputs = command_inputs(recipe, local_path(model) if model else None, local_path(data) if data else None,
                             [local_path(p) for p in [single] if p] + [local_path(p) for _, p in named])
     if json_out is not None:
-        check_json_out(json_out, "--json", inputs)
+        check_json_out(json_out, "--json", inputs, "completions.json")  # (eval.json was suggested)
     prompts = [typed(text) for text in prompt or []]
     settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named), task)
     check_arrow(named, settings, general or [], route)  # before a hub adapter is fetched
@@ -295,7 +295,7 @@ def generate(
                        local_path(data) if data else None, fmt, chat, limit, Sampling(max_new_tokens, temperature, top_p, seed),
                        batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)
     if json_out is not None:  # and what the recipe gives: its data.eval, a run's adapter/
-        check_json_out(json_out, "--json", inputs + job_inputs(job))
+        check_json_out(json_out, "--json", inputs + job_inputs(job), "completions.json")
 
     def show(prompts, completions) -> None:
         for p, c in zip(prompts, completions, strict=True):

@@ -169,9 +169,9 @@ def check_not_input(path: Path, flag: str, inputs: Inputs, shown: str | None = N
                                f"would change it. Give {flag} a path outside it.")
 
 
-def check_json_out(path: Path, flag: str = "--json", inputs: Inputs = ()) -> None:
+def check_json_out(path: Path, flag: str = "--json", inputs: Inputs = (), example: str = "eval.json") -> None:
     """An output file flag must name a file we can write, and none of the command's `inputs` (`check_not_input`):
-    checked before minutes of evaluation, not after."""
+    checked before minutes of evaluation, not after. `example`: the file name a directory given is told to hold."""
     from peftkit.fileio import special_file
     from peftkit.rundir import make_writable_dir
 
@@ -179,6 +179,6 @@ def check_json_out(path: Path, flag: str = "--json", inputs: Inputs = ()) -> Non
         return
     check_not_input(path, flag, inputs)
     if path.is_dir():
-        name = "predictions.jsonl" if flag == "--predictions" else "eval.json"
+        name = "predictions.jsonl" if flag == "--predictions" else example
         raise PeftkitError(f"{flag} {path} is a directory; give a file name, e.g. {flag} {path / name}.")
     make_writable_dir(path.parent, f"{flag}'s directory", create=False)  # made when written: a refused run leaves none
