@@ -1117,7 +1117,7 @@ def test_json_to_stdout_is_the_json_alone(assets, tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         assert isinstance(json.loads(done.stdout), dict if args[0] == "eval" else list), done.stdout
-        assert ("loss" if args[0] == "eval" else "1 completions written to /dev/stdout") in done.stderr
+        assert ("loss" if args[0] == "eval" else "1 completion written to /dev/stdout") in done.stderr  # ("completions")
 
 
 def test_a_file_size_limit_is_a_clear_error(tmp_path):

@@ -305,7 +305,8 @@ def generate(
     results = run_generate(job, on_batch=None if json_out else show)
     if json_out:
         atomic_write_json(json_out, results)
-        _said_beside(json_out).print(f"{len(results)} completions written to {escape(str(json_out))}")
+        n = len(results)
+        _said_beside(json_out).print(f"{n} completion{'s' * (n != 1)} written to {escape(str(json_out))}")
 
 
 @app.command()
