@@ -66,7 +66,6 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
-
 def _read_text(path: Path) -> str:
     """A run's text file (peftkit writes UTF-8); one that is not, damaged or not peftkit's, is an error naming it, not
     a UnicodeDecodeError traceback."""
