@@ -295,6 +295,34 @@ def test_an_adapter_flag_that_names_a_model_or_a_run_is_a_clear_error(tiny_llama
     assert f"It is a training run's directory: its adapter is {run / 'adapter'}." in err
 
 
+@pytest.mark.parametrize(("fmt", "rows"), [("alpaca", [{"instruction": "Say hi."}, {"instruction": "Add", "input": "2+2"}]),
+                                          ("completion", [{"prompt": "2+2="}, {"prompt": "3+3=", "completion": None}])])
+def test_data_of_prompts_alone_generates(fmt, rows, tiny_llama, tmp_path, monkeypatch, capsys):
+    """`peftkit generate --data` of rows that are prompts alone (no output or completion) was refused, "missing field
+    'output'", though those rows are only prompts there; they generate, without a reference. eval still needs it."""
+    from peftkit.cli import main
+    from peftkit.tiny import write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "gen.json"
+    monkeypatch.setattr("sys.argv", ["peftkit", "generate", "--model", str(tiny_llama), "--data",
+                                     str(tmp_path / "prompts.jsonl"), "--format", fmt, "--max-new-tokens", "4",
+                                     "--json", str(out)])
+    main()
+    results = json.loads(out.read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    prompts = load_prompts(tok, str(tmp_path / "prompts.jsonl"), "train",
+                           DataConfig(train=str(tmp_path / "prompts.jsonl"), format=fmt), targets=False)
+    assert results == [{"prompt": p.text, "completion": c}
+                       for p, c in zip(prompts, generate_texts(model, tok, prompts, Sampling(max_new_tokens=4)),
+                                       strict=True)]
+    target = {"alpaca": "output", "completion": "completion"}[fmt]
+    assert f"prompts.jsonl:1: missing field '{target}' for data.format '{fmt}'" in " ".join(cli_user_error(
+        monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(tmp_path / "prompts.jsonl"), "--format",
+        fmt, "--metrics", "exact_match").split())
+
+
 def test_an_output_that_is_or_is_inside_an_input_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """`generate --adapter A --json A/adapter_config.json` destroyed the adapter; `--json` over --data, the recipe or
     into the model is refused too, before anything loads."""

@@ -52,13 +52,14 @@ class BuiltExample:
         return all(label == IGNORE_INDEX for label in self.example.labels[1:])
 
 
-def prompt_and_target_text(row: dict, fmt: str) -> tuple[str, str]:
-    """The text without loss (the prompt) and with loss (the target) of an alpaca, completion or text row."""
+def prompt_and_target_text(row: dict, fmt: str) -> tuple[str, str | None]:
+    """The text without loss (the prompt) and with loss (the target) of an alpaca, completion or text row; the target
+    None where a row to generate from has none (`peftkit generate --data` of prompts alone)."""
     if fmt == "alpaca":
         template = ALPACA_PROMPT_WITH_INPUT if row.get("input") else ALPACA_PROMPT
-        return template.format(**row), row["output"]
+        return template.format(**row), row.get("output")
     if fmt == "completion":
-        return row["prompt"], row["completion"]
+        return row["prompt"], row.get("completion")
     return "", row["text"]
 
 

@@ -291,10 +291,12 @@ TARGET_FIELDS = {"alpaca": "output", "completion": "completion", "text": "text"}
 
 
 def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
-    """What makes a row unusable for `fmt`, or None. `target`: an empty answer is a problem (not where the rows are
-    only prompts to generate from, `peftkit generate --data`)."""
+    """What makes a row unusable for `fmt`, or None. `target`: an empty or missing answer is a problem (not where the
+    rows are only prompts to generate from, `peftkit generate --data`: `{"instruction": ...}` was refused for its
+    missing output)."""
     for field in REQUIRED_FIELDS[fmt]:
-        if field not in row or row[field] is None:
+        optional = not target and fmt != "text" and field == TARGET_FIELDS.get(fmt)
+        if (field not in row or row[field] is None) and not optional:
             return f"missing field '{field}'"
     if fmt == "chat":
         return _messages_problem(row["messages"], target)
