@@ -134,7 +134,7 @@ def comparison_table(results: dict[str, dict], metrics: list[str]) -> Table:
     headers = ["model", *(h for metric in shown for h in (metric, "Δ")), "trainable", "adapter size"]
     rows = []
     for name, row in results.items():
-        cells = [name]
+        cells = [visible(name)]  # (measured as shown: a control character is shown as `\x1b`)
         for metric in shown:
             value, delta = row[metric], row[metric] - results[BASE][metric]
             cells += [f"{value:.4f}", "" if name == BASE else f"{delta:+.4f}"]
@@ -145,5 +145,5 @@ def comparison_table(results: dict[str, dict], metrics: list[str]) -> Table:
         table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True,
                          min_width=max(len(header), *(len(cells[i]) for cells in rows)))
     for name, *cells in rows:  # a row named after its directory (`sweep[lr=2e-4]`) is text, not rich markup
-        table.add_row(Text(visible(name)), *cells)
+        table.add_row(Text(name), *cells)
     return table

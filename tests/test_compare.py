@@ -95,6 +95,13 @@ def test_a_row_named_after_its_directory_shows_its_name_as_written():
     out = io.StringIO()
     Console(file=out, soft_wrap=True).print(comparison_table(results, ["loss"]))
     assert "│ sweep[lr=2e-4] │ 0.5000 │" in out.getvalue() and "│ x[/b]          │ 0.2500 │" in out.getvalue()
+    # A control character is shown as `\x1b`, and the column measured as shown: in a table wider than the output
+    # (80 columns) the name was cut to its raw length, `run\x1…`.
+    metrics = ["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
+    base = dict(zip(metrics, [4.5, 90.0, 0.0, 0.1, 0.2], strict=True))
+    out = io.StringIO()
+    Console(file=out, soft_wrap=True).print(comparison_table({"base": base, "run\x1b[2J": base}, metrics))
+    assert "│ run\\x1b[2J │ 4.5000 │" in out.getvalue()
 
 
 def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monkeypatch, capsys):
