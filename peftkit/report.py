@@ -251,7 +251,9 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     headers = "".join(f"<th>{name}</th>" for name in columns.values())
     sample_table = (f"<h2>Generations (greedy)</h2><table class='samples'><tr>{headers}</tr>{sample_rows}</table>"
                     if samples else "")
-    status = "" if manifest else "<p><b>No manifest.json: the run did not finish; the curves show what it logged.</b></p>"
+    # (a report is drawn of a run still training too: "did not finish" said it had stopped)
+    status = "" if manifest else ("<p><b>No manifest.json: the run has not finished (it is still training, or it "
+                                  "stopped); the curves show what it has logged.</b></p>")
     rows = _metrics_rows(metrics, classifier)
     # A table of empty cells read as results missing by mistake: say why there are none.
     evaluation = _table(rows) if any(base or tuned for _, base, tuned in rows) else (

@@ -169,12 +169,12 @@ def test_a_report_drawn_while_the_run_finishes_does_not_replace_the_final_one(ru
         calls.append(args)
         if len(calls) == 1:  # while the user's report draws the unfinished run, the run writes its manifest and report
             (copy / "manifest.json").write_bytes(manifest)
-            assert "did not finish" not in write_report(copy).read_text(encoding="utf-8")
+            assert "No manifest.json" not in write_report(copy).read_text(encoding="utf-8")
         return real(*args)
 
     monkeypatch.setattr(report, "plot_curves", the_run_finishes_meanwhile)
     page = write_report(copy).read_text(encoding="utf-8")
-    assert "did not finish" not in page and len(calls) == 3  # drawn again, from the finished run
+    assert "No manifest.json" not in page and len(calls) == 3  # drawn again, from the finished run
     assert not list(copy.glob(".*.tmp"))  # no temporary left
 
 
@@ -291,7 +291,9 @@ def test_a_run_without_an_evaluation_says_why_there_is_none(tmp_path):
     finished = render_html(tmp_path, {}, {"metrics": {"steps": 3, "eval_loss": None, "base_eval_loss": None}}, "")
     assert "<h2>Evaluation</h2><p>None: the run evaluated nothing (its recipe has no data.eval).</p>" in finished
     assert "<td></td>" not in finished
-    running = render_html(tmp_path, {}, None, "")
+    running = render_html(tmp_path, {}, None, "")  # a run still training was said to be one that "did not finish"
+    assert ("<p><b>No manifest.json: the run has not finished (it is still training, or it stopped); the curves show "
+            "what it has logged.</b></p>") in running
     assert ("<h2>Evaluation</h2><p>None recorded yet: the run has not finished (the evaluations it has logged, if any, "
             "are drawn with the loss).</p>") in running
     tuned = render_html(tmp_path, {}, {"metrics": {"eval_loss": 1.0}}, "")  # fine-tuned only (no eval.base_model)
