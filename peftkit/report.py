@@ -301,7 +301,8 @@ def write_report(run_dir: Path, log_scale: bool = False, output: Path | None = N
                 with atomic_directory(out) as tmp:
                     for stem, data in plots.items():
                         (tmp / f"{stem}.png").write_bytes(data)
-                    (tmp / "report.html").write_text(page, encoding="utf-8")
+                    # backslashreplace: a lone surrogate (JSON "\ud83d" in a manifest from elsewhere) is no UTF-8
+                    (tmp / "report.html").write_text(page, encoding="utf-8", errors="backslashreplace")
                 return out / "report.html"
 
 

@@ -207,6 +207,10 @@ def test_a_manifest_s_values_are_text_in_the_report_never_markup(run, tmp_path):
     for samples, shown in (("<s>", "&lt;s&gt;"), ([None, 7], "7"), ({"prompt": "p"}, "p")):
         page = render_html(copy, {}, {"metrics": {"samples": samples}}, "")
         assert f"<tr><td class='text'>{shown}</td><td class='text'></td>" in page
+    # A lone surrogate (JSON "\ud83d", half an emoji) has no UTF-8: writing the page was a UnicodeEncodeError.
+    manifest["metrics"]["samples"] = [{"prompt": "half \ud83d", "fine_tuned": "ok"}]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert "<td class='text'>half \\ud83d</td>" in write_report(copy).read_text(encoding="utf-8")
 
 
 def test_a_file_given_for_the_run_directory_says_so(run):
