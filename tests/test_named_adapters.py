@@ -205,8 +205,8 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
         named.activate("x")
     with pytest.raises(PeftkitError, match=r"An adapter named 'a' is already loaded \(from .*/a\); give this one"):
         named.load("a", adapters["llama"]["b"])
-    with pytest.raises(PeftkitError, match=r"Adapter name 'v1.2': use letters, digits, _ and -"):
-        named.load("v1.2", adapters["llama"]["b"])
+    with pytest.raises(PeftkitError, match=r"Adapter name 'v1/2': use letters, digits, _, . and -"):
+        named.load("v1/2", adapters["llama"]["b"])
     with pytest.raises(PeftkitError, match=r"Adapter 'g' \(.*\) was trained on .*tiny-gpt2, adapter 'a' on .*tiny-llama: "
                                            "adapters in one model share one base"):
         named.load("g", adapters["gpt2"]["a"])
@@ -284,6 +284,28 @@ def test_generate_route_mistakes(adapters, routed_data, monkeypatch, capsys):
     assert "row 3 of" in cli_user_error(monkeypatch, capsys, *args, "--route", "adapter", *named)  # names 'c'
     assert "--route task: row 1 of" in cli_user_error(monkeypatch, capsys, *args, "--route", "task", *named)
 
+
+
+
+def test_any_name_eval_accepts_works_dots_and_torch_s_own_words_too(adapters, loaded):
+    """A layer holds its adapters in a torch ModuleDict, whose keys may not hold a '.' nor be its attributes: `eval
+    --adapter v1.2=DIR` (a NAME it takes) and `train=DIR` failed, the second with a KeyError traceback."""
+    dirs, alone = adapters["llama"], loaded["llama"][2]
+    model, named, _ = load_named_model([("v1.2", dirs["a"]), ("train", dirs["b"]), ("keys", dirs["c"])])
+    ids, mask = _batch(ROWS[:3])
+    with torch.no_grad():
+        for name, original in zip(["v1.2", "train", "keys"], "abc", strict=True):
+            named.activate(name)
+            expected = alone[original](input_ids=ids, attention_mask=mask).logits
+            assert (model(input_ids=ids, attention_mask=mask).logits - expected).abs().max() <= 1e-5
+        with named.routed(["v1.2", "train", "keys"]):
+            mixed = model(input_ids=ids, attention_mask=mask).logits
+        for row, original in enumerate("abc"):
+            named.activate(None)
+            expected = alone[original](input_ids=ids[row:row + 1], attention_mask=mask[row:row + 1]).logits
+            assert (mixed[row:row + 1] - expected).abs().max() <= 1e-5
+    named.delete("train")
+    assert named.names == ["v1.2", "keys"]
 
 def _first_llama_cases():
     from tests.test_methods import CASES

@@ -68,7 +68,29 @@ ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters")
 
 BASE_NAMES = ("", "base")
 """What a route names for a row that runs the base model (as does None)."""
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+"""What `--adapter NAME=DIR` takes (`peftkit.compare.split_named`): letters, digits, '_', '.' and '-'."""
+
+
+class _ByName(nn.ModuleDict):
+    """{adapter name: module}. torch refuses a module key with a '.' (`v1.2`) or one that is an attribute of the
+    dict (`train`, `keys`, `to`): each name is kept under '@' + the name with ':' for '.', which no name holds."""
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return "@" + name.replace(".", ":")
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(self._key(name))
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        super().__setitem__(self._key(name), module)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(self._key(name))
+
+    def __contains__(self, name: str | None) -> bool:
+        return name is not None and super().__contains__(self._key(name))
 
 
 class AdapterHost(nn.Module):
@@ -78,7 +100,7 @@ class AdapterHost(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        self.adapters = _ByName()
         self.active: str | None = None
         self.routes: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
         """In a mixed batch: (rows in the batch, [(adapter name, its row indices)]) for the adapters held here."""
@@ -371,7 +393,7 @@ class NamedAdapters:
 
     def _check_new_name(self, name: str) -> None:
         if name in BASE_NAMES or not _NAME.match(name):
-            raise PeftkitError(f"Adapter name {name!r}: use letters, digits, _ and - ('base' means the base model).")
+            raise PeftkitError(f"Adapter name {name!r}: use letters, digits, _, . and - ('base' means the base model).")
         if name in self._adapters:
             raise PeftkitError(f"An adapter named {name!r} is already loaded (from {self._adapters[name].directory or 'memory'}); "
                                "give this one another name, or delete that one first.")
