@@ -439,6 +439,29 @@ def test_adapters_of_one_hub_base_combine_when_one_records_no_revision(hub, tiny
         combine_adapters(dirs, Combination("linear", (0.5, 0.5)), str(tmp_path / "other"))
 
 
+
+def test_named_adapters_of_two_commits_of_one_hub_base_are_refused(hub, tiny_llama, tmp_path):
+    """Named adapters share the base loaded at the first one's commit: one trained on another commit was put on it
+    without a word (combining refuses such adapters); one that records no revision loads, as combining takes it."""
+    from peftkit.adapters.named import load_named_model
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_combine import make_adapter
+
+    _publish_to(hub, REPO, tiny_llama, "b" * 40)
+    dirs = []
+    for seed, revision in ((1, "a" * 40), (2, "b" * 40), (3, None)):
+        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), seed,
+                                 tmp_path / f"a{seed}"))
+        config = json.loads((made / "adapter_config.json").read_text())
+        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
+                                                                       "revision": revision}))
+        dirs.append(str(made))
+    with pytest.raises(PeftkitError, match=f"Adapter 'y' .* was trained on {REPO} at revision {'b' * 40}, adapter 'x' "
+                                           f"at revision {'a' * 40}: adapters in one model share one base, at one "
+                                           "commit"):
+        load_named_model([("x", dirs[0]), ("y", dirs[1])])
+    assert load_named_model([("x", dirs[0]), ("z", dirs[2])])[1].names == ["x", "z"]
+
 def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_llama, number_data, tmp_path,
                                                                   monkeypatch, capsys):
     """`--adapter user/name[@REV]` that is no local path is a hub adapter: fetched into the Hugging Face cache (here,

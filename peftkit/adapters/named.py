@@ -36,7 +36,7 @@ The prompt family keeps one adapter active at a time: each is its own `VirtualTo
 model (`peftkit.methods.virtual.install`) while active and taken off otherwise.
 
 Adapters must share the base: same recorded base_model_name_or_path (unless the caller names the base itself, as
-`--model` does) and the same quantization; one trained for a sequence classifier is refused (its head is the
+`--model` does), at the same revision where both record one, and the same quantization; one trained for a sequence classifier is refused (its head is the
 model's class).
 """
 
@@ -207,7 +207,8 @@ class NamedAdapters:
         self.active: str | None = None
         self._adapters: dict[str, _Adapter] = {}
         self._hosts: dict[str, AdapterHost] = {}
-        self._recorded_base: tuple[str, str | None] | None = None  # (first adapter's name, its recorded base)
+        # (first adapter's name, its recorded base, the base's recorded revision)
+        self._recorded_base: tuple[str, str | None, str | None] | None = None
         self._rope_scaling = None  # the first adapter's model.rope_scaling (peftkit.json), which the base loaded with
 
     @property
@@ -235,7 +236,7 @@ class NamedAdapters:
         cfg, state = on_fused_experts(cfg, state, self.model)  # transformers 4's per-expert LoRA
         self.add(name, cfg, state, directory)
         if self._recorded_base is None:
-            self._recorded_base = (name, raw.base_model_name_or_path)
+            self._recorded_base = (name, raw.base_model_name_or_path, raw.revision)
             self._rope_scaling = read_meta(directory).rope_scaling if directory else None
 
     def add(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], directory: str = "") -> None:
@@ -407,10 +408,18 @@ class NamedAdapters:
         if self.base is None and self._recorded_base is not None:
             recorded = raw.base_model_name_or_path
             if recorded != self._recorded_base[1]:
-                first, base = self._recorded_base
+                first, base, _ = self._recorded_base
                 raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {recorded}, adapter {first!r} on "
                                    f"{base}: adapters in one model share one base. Load adapters of one base, or "
                                    "name the base yourself (--model) if both bases are the same model.")
+        if self._recorded_base is not None and raw.base_model_name_or_path == self._recorded_base[1]:
+            # The base loads at the first adapter's commit (`adapter_base.base_revision`); one that records none was
+            # saved before peftkit recorded it (or by another tool), and is taken as trained on that one.
+            first, base, revision = self._recorded_base
+            if None not in (raw.revision, revision) and raw.revision != revision:
+                raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {base} at revision {raw.revision}, "
+                                   f"adapter {first!r} at revision {revision}: adapters in one model share one base, "
+                                   "at one commit. Load adapters trained on one revision.")
         if self._recorded_base is not None and (scaling := read_meta(directory).rope_scaling) != self._rope_scaling:
             raise PeftkitError(f"Adapter {name!r} ({directory}) was trained with RoPE scaling {_scaling(scaling)}, adapter "
                                f"{self._recorded_base[0]!r} with {_scaling(self._rope_scaling)}: adapters in one model "
