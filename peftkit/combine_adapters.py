@@ -39,7 +39,10 @@ def full_deltas(source: Source, base: dict[str, torch.Tensor], conv1d: set[str])
 
     modules = adapted_modules(source)
     subset = {k: v for k, v in base.items() if k.rsplit(".", 1)[0] in modules}
-    merged = merge_state_dict(subset, source.state, source.cfg, conv1d, dtype=torch.float32)
+    try:
+        merged = merge_state_dict(subset, source.state, source.cfg, conv1d, dtype=torch.float32)
+    except PeftkitError as e:  # "The adapter does not fit...": say which of the inputs
+        raise PeftkitError(f"{source.path}: {e}") from None
     for m in modules:
         bias = f"{m}.bias"
         if bias in subset and not torch.equal(merged[bias], subset[bias].float()):

@@ -442,6 +442,16 @@ def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2
         err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", other, "--weights", "0.5,0.5",
                              "--method", method, "--output", str(tmp_path / "out"))
         assert message in " ".join(err.split()), err
+    # An adapter of another base recorded as this one: an IA3 (no factors to check up front) names its directory.
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "wide", arch="llama", hidden_size=64, num_layers=2, seed=0)
+    wide = make_adapter(tmp_path / "wide", IA3Config(method="ia3"), 8, tmp_path / "wide-ia3")
+    config = json.loads((Path(wide) / "adapter_config.json").read_text()) | {"base_model_name_or_path": str(tiny_llama)}
+    (Path(wide) / "adapter_config.json").write_text(json.dumps(config))
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", wide, "--weights", "0.5,0.5",
+                         "--method", "svd", "--output", str(tmp_path / "out"))
+    assert f"{wide}: The adapter does not fit this model" in " ".join(err.split()), err
     # Different modules and ranks are what cat and svd are for.
     combine_adapters([a, r8], Combination("cat", (0.5, 0.5)), str(tmp_path / "cat"))
     combine_adapters([a, qv], Combination("svd", (0.5, 0.5)), str(tmp_path / "svd"))
