@@ -212,6 +212,13 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
         named.load("g", adapters["gpt2"]["a"])
     with pytest.raises(PeftkitError, match=r"A mixed batch routes 2 rows, but this forward has 5"), torch.no_grad(), named.routed(["a", "b"]):
         model(input_ids=_batch(ROWS)[0])
+    ids = _batch(ROWS[:2])[0]
+    with torch.no_grad(), named.routed(["a", "b"]):  # a nested block's end ended the outer one: its rows ran the base
+        mixed = model(input_ids=ids).logits
+        with pytest.raises(PeftkitError, match=r"A mixed batch inside a mixed batch: blocks of `routed` do not nest"):
+            with named.routed(["b", "a"]):
+                pass
+        assert torch.equal(model(input_ids=ids).logits, mixed)
     model.train()
     try:
         with pytest.raises(PeftkitError, match=r"A mixed batch is for inference: call model.eval\(\) first"), named.routed(["a"]):

@@ -301,6 +301,8 @@ class NamedAdapters:
             raise PeftkitError("A mixed batch is for inference: call model.eval() first (dropout would differ per row).")
         if any(host.arrow is not None for host in self._hosts.values()):
             raise PeftkitError("A mixed batch inside Arrow routing: end the `arrow` block first.")
+        if any(host.routes is not None for host in self._hosts.values()):  # the inner block's end would end both
+            raise PeftkitError("A mixed batch inside a mixed batch: blocks of `routed` do not nest; end the first one.")
         names = [None if r is None or r in BASE_NAMES else r for r in rows]
         for name in dict.fromkeys(n for n in names if n is not None):
             self._check_mixable(name)
