@@ -219,6 +219,14 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
             with named.routed(["b", "a"]):
                 pass
         assert torch.equal(model(input_ids=ids).logits, mixed)
+        # disabled() (or activate) here changed nothing: the rows still ran their adapters, not the base
+        with pytest.raises(PeftkitError, match=r"A mixed batch \(or Arrow routing\) is on: .* End the block first"):
+            with named.disabled():
+                pass
+        with pytest.raises(PeftkitError, match=r"A mixed batch \(or Arrow routing\) is on"):
+            named.activate("a")
+        assert torch.equal(model(input_ids=ids).logits, mixed)
+    assert named.active is None
     model.train()
     try:
         with pytest.raises(PeftkitError, match=r"A mixed batch is for inference: call model.eval\(\) first"), named.routed(["a"]):

@@ -262,6 +262,12 @@ class NamedAdapters:
 
     def activate(self, name: str | None) -> None:
         """Run every forward with adapter `name` from now on; None (or 'base'): the base model."""
+        if any(host.routes is not None or host.arrow is not None for host in self._hosts.values()):
+            raise PeftkitError("A mixed batch (or Arrow routing) is on: it picks each row's (each token's) adapters, so "
+                               "activate and disabled would change nothing inside its block. End the block first.")
+        self._activate(name)
+
+    def _activate(self, name: str | None) -> None:
         name = None if name is None or name in BASE_NAMES else self._known(name)
         uninstall(self.model)
         for host in self._hosts.values():
@@ -310,7 +316,7 @@ class NamedAdapters:
         groups = [(name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device))
                   for name in dict.fromkeys(n for n in names if n is not None)]
         previous = self.active
-        self.activate(None)
+        self._activate(None)
         for host in self._hosts.values():
             host.route(len(names), groups)
         try:
@@ -318,7 +324,7 @@ class NamedAdapters:
         finally:
             for host in self._hosts.values():
                 host.route(len(names), None)
-            self.activate(previous)
+            self._activate(previous)
 
     @contextmanager
     def arrow(self, tasks: Sequence[str], general: Sequence[str] = (), settings: ArrowSettings | None = None
@@ -335,7 +341,7 @@ class NamedAdapters:
         layers = self.check_arrow(tasks, general, settings)
         tasks, general = list(tasks), list(general)
         previous = self.active
-        self.activate(None)
+        self._activate(None)
         for path, by_name in layers.items():
             self._hosts[path].arrow = ArrowLayer.build([by_name[n] for n in tasks], [by_name[n] for n in general],
                                                       settings)
@@ -344,7 +350,7 @@ class NamedAdapters:
         finally:
             for path in layers:
                 self._hosts[path].arrow = None
-            self.activate(previous)
+            self._activate(previous)
 
     def check_arrow(self, tasks: Sequence[str], general: Sequence[str] = (), settings: ArrowSettings | None = None
                     ) -> dict[str, dict[str, LoraLinear]]:
@@ -506,7 +512,7 @@ class NamedAdapters:
         finally:
             for path in sorted(self._hosts, key=lambda p: -p.count(".")):
                 _replace(self.model, path, self._hosts[path])
-            self.activate(self.active)
+            self._activate(self.active)
 
 
 def loads_alone(adapter_dir: str) -> str | None:
