@@ -162,7 +162,10 @@ def _trained_biases(cfg, state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:
-    """(base name, revision) the adapters share; a PeftkitError for adapters of different bases."""
+    """(base name, revision) the adapters share; a PeftkitError for adapters of different bases (name, revision,
+    quantization, RoPE scaling)."""
+    from peftkit.peft_format import read_meta
+
     first = sources[0]
     revision = _shared_revision(sources) if base is None else None
     for other in sources[1:]:
@@ -175,6 +178,12 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
             raise PeftkitError(
                 f"{first.path} was trained against {_quant(first.quant)}, {other.path} against "
                 f"{_quant(other.quant)}: their updates were trained against different weights and do not combine.")
+        if (scaling := read_meta(other.path).rope_scaling) != (first_scaling := read_meta(first.path).rope_scaling):
+            # The combined adapter records the first's (its peftkit.json), with which every command then loads the base.
+            raise PeftkitError(
+                f"{first.path} was trained with RoPE scaling {_rope(first_scaling)}, {other.path} with "
+                f"{_rope(scaling)} (their peftkit.json): their updates were trained against a base scaled two ways "
+                "and do not combine.")
     name = base or first.base
     if not name:
         raise PeftkitError(f"{first.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
@@ -193,6 +202,10 @@ def _shared_revision(sources: list[Source]) -> str | None:
         f"loaded, or by another tool); combining on {recorded[0].revision}, the commit {recorded[0].path} was trained "
         "on."), stacklevel=3)
     return recorded[0].revision
+
+
+def _rope(rope_scaling) -> str:
+    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
 
 
 def _quant(quant) -> str:

@@ -458,6 +458,22 @@ def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2
     assert json.loads((tmp_path / "cat" / "adapter_config.json").read_text())["r"] == 12
 
 
+
+def test_refuses_adapters_trained_with_other_rope_scaling(llama_adapters, tmp_path, monkeypatch, capsys):
+    """One adapter trained on the base RoPE-scaled (its peftkit.json): combined without a word before, the result
+    recording the first input's scaling, so the order of --adapter decided the base every command loads."""
+    import shutil
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(llama_adapters[1], scaled)
+    meta = json.loads((scaled / "peftkit.json").read_text()) | {"rope_scaling": {"type": "linear", "factor": 2.0}}
+    (scaled / "peftkit.json").write_text(json.dumps(meta))
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", llama_adapters[0], "--adapter", str(scaled),
+                         "--weights", "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out"))
+    assert (f"{llama_adapters[0]} was trained with RoPE scaling none, {scaled} with linear x2.0 (their peftkit.json): "
+            "their updates were trained against a base scaled two ways") in " ".join(err.split()), err
+    assert not (tmp_path / "out").exists()
+
 def test_refuses_an_update_of_biases(tmp_path):
     """IA3 on Qwen2's biased q and v scales their biases too: a combined LoRA cannot carry that."""
     from peftkit.tiny import build_tiny_model
