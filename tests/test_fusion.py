@@ -6,6 +6,7 @@ input is a clear error."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,12 @@ def test_refuses_what_it_cannot_fuse(sources, tiny_llama, tiny_gpt2, tmp_path):
     gpt2 = _source(tiny_gpt2, LoraConfig(r=2, alpha=2), tmp_path / "gpt2", 1)
     assert "AdapterFusion combines adapters of one base model" in _error(tiny_llama, [sources["lora-a"], gpt2])
     assert "set model.name_or_path to it" in _error(tiny_llama, [gpt2, gpt2])
+    scaled = tmp_path / "scaled"  # lora-b, recorded as trained on the base RoPE-scaled: fused without a word before
+    shutil.copytree(sources["lora-b"], scaled)
+    meta = json.loads((scaled / "peftkit.json").read_text()) | {"rope_scaling": {"type": "linear", "factor": 2.0}}
+    (scaled / "peftkit.json").write_text(json.dumps(meta))
+    assert f"{sources['lora-a']} was trained with RoPE scaling none, adapter.fuse[1] {scaled} with linear x2.0" in \
+        (msg := _error(tiny_llama, [sources["lora-a"], scaled])) and "one base, scaled one way" in msg
     with pytest.raises(ValueError, match="lists 1 adapter directory; AdapterFusion combines at least 2"):
         FusionConfig(method="fusion", fuse=[str(sources["lora-a"])])
 

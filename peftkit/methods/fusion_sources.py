@@ -111,6 +111,8 @@ def check_fusable(fused: list[Fused], where: str) -> None:
 
 
 def _check_same_base(fused: list[Fused]) -> None:
+    from peftkit.peft_format import read_meta
+
     first = fused[0]
     for i, other in enumerate(fused[1:], start=1):
         if other.base != first.base:
@@ -121,6 +123,14 @@ def _check_same_base(fused: list[Fused]) -> None:
             raise PeftkitError(f"adapter.fuse: {first.source} and adapter.fuse[{i}] {other.source} were trained "
                                "against bases quantized differently (see their peftkit.json); fuse adapters trained "
                                "against the same weights.")
+        if (scaling := read_meta(other.source).rope_scaling) != (first_scaling := read_meta(first.source).rope_scaling):
+            raise PeftkitError(f"adapter.fuse: {first.source} was trained with RoPE scaling {_rope(first_scaling)}, "
+                               f"adapter.fuse[{i}] {other.source} with {_rope(scaling)} (their peftkit.json): "
+                               "AdapterFusion combines adapters of one base, scaled one way.")
+
+
+def _rope(rope_scaling) -> str:
+    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
 
 
 def check_model(fused: list[Fused], model: torch.nn.Module) -> None:
