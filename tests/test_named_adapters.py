@@ -225,6 +225,9 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
                 pass
         with pytest.raises(PeftkitError, match=r"A mixed batch \(or Arrow routing\) is on"):
             named.activate("a")
+        # delete here left b's rows running the base from then on, without a word
+        with pytest.raises(PeftkitError, match=r"A mixed batch \(or Arrow routing\) is on: delete adapter 'b' after"):
+            named.delete("b")
         assert torch.equal(model(input_ids=ids).logits, mixed)
     assert named.active is None
     model.train()

@@ -262,10 +262,14 @@ class NamedAdapters:
 
     def activate(self, name: str | None) -> None:
         """Run every forward with adapter `name` from now on; None (or 'base'): the base model."""
-        if any(host.routes is not None or host.arrow is not None for host in self._hosts.values()):
+        if self._routing():
             raise PeftkitError("A mixed batch (or Arrow routing) is on: it picks each row's (each token's) adapters, so "
                                "activate and disabled would change nothing inside its block. End the block first.")
         self._activate(name)
+
+    def _routing(self) -> bool:
+        """A `routed` or `arrow` block is on."""
+        return any(host.routes is not None or host.arrow is not None for host in self._hosts.values())
 
     def _activate(self, name: str | None) -> None:
         name = None if name is None or name in BASE_NAMES else self._known(name)
@@ -290,6 +294,8 @@ class NamedAdapters:
         """Unload adapter `name`: its modules leave the model (and their memory, once nothing else holds them); a
         layer no adapter adapts any more gets its plain base layer back."""
         entry = self._adapters[self._known(name)]
+        if self._routing():  # the block's rows (tokens) of this adapter would run the base from here on
+            raise PeftkitError(f"A mixed batch (or Arrow routing) is on: delete adapter {name!r} after its block ends.")
         if self.active == name:
             self.activate(None)
         with self._bare():
