@@ -111,6 +111,7 @@ def test_what_it_cannot_route_is_refused(tiny_llama, tmp_path):
         (["a", "wide"], [], ArrowSettings(top_k=1), "adapters of one rank"),
         (["a", "dora"], [], ArrowSettings(top_k=1), "'dora' is not a plain LoRA on linear layers"),
         (["a"], ["a"], ArrowSettings(top_k=1), "none of them also a general adapter"),
+        (["a"], ["b", "b"], ArrowSettings(top_k=1), "each named once"),  # [g1, g1, g2] weighed g1 twice in the mean
         (["a", "nope"], [], ArrowSettings(top_k=1), "No adapter named 'nope'"),
     ]:
         with pytest.raises(PeftkitError, match=message), adapters.arrow(names, general, settings):

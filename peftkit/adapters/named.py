@@ -364,7 +364,8 @@ class NamedAdapters:
         routing: `peftkit eval --arrow` says so before it evaluates anything. Returns `_arrow_layers`."""
         settings = settings or ArrowSettings()
         tasks, general = [self._known(n) for n in tasks], [self._known(n) for n in general]
-        if not tasks or set(tasks) & set(general) or len(set(tasks)) < len(tasks):
+        if (not tasks or set(tasks) & set(general) or len(set(tasks)) < len(tasks)
+                or len(set(general)) < len(general)):  # a general adapter named twice counted twice in the mean
             raise PeftkitError("Arrow routes among one or more task adapters, each named once, none of them also a "
                                f"general adapter (tasks: {', '.join(tasks) or 'none'}; general: "
                                f"{', '.join(general) or 'none'}).")
