@@ -167,13 +167,20 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
     from peftkit.peft_format import read_meta
 
     first = sources[0]
-    revision = _shared_revision(sources) if base is None else None
+    name = base or first.base
+    # The commit those recording the base (--base too, where they name it) were trained on: it loads, and is recorded.
+    recorded = [s for s in sources if s.base == name]
+    revision = _shared_revision(recorded) if recorded else None
     for other in sources[1:]:
         if base is None and (other.base != first.base or other.revision not in (None, revision)):
             raise PeftkitError(
                 f"The adapters were trained on different bases: {first.path} on {first.base} (revision "
                 f"{first.revision}), {other.path} on {other.base} (revision {other.revision}). Only adapters of "
                 "one base combine; if these are the same model under two names, pass it as --base.")
+        if base is not None and other.base == name and other.revision not in (None, revision):
+            raise PeftkitError(
+                f"{other.path} was trained on {name} at revision {other.revision}, {recorded[0].path} at revision "
+                f"{revision}: only adapters of one base combine, at one commit.")
         if other.quant != first.quant:
             raise PeftkitError(
                 f"{first.path} was trained against {_quant(first.quant)}, {other.path} against "
@@ -184,10 +191,9 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
                 f"{first.path} was trained with RoPE scaling {_rope(first_scaling)}, {other.path} with "
                 f"{_rope(scaling)} (their peftkit.json): their updates were trained against a base scaled two ways "
                 "and do not combine.")
-    name = base or first.base
     if not name:
         raise PeftkitError(f"{first.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
-    return name, revision if name == first.base else None
+    return name, revision
 
 
 def _shared_revision(sources: list[Source]) -> str | None:

@@ -440,6 +440,33 @@ def test_adapters_of_one_hub_base_combine_when_one_records_no_revision(hub, tiny
 
 
 
+
+def test_combining_with_base_named_as_recorded_keeps_the_recorded_commit(hub, tiny_llama, tmp_path):
+    """`peftkit merge --base REPO`, REPO the base the adapters record at commit a while main has moved to b: the
+    recorded commit was dropped (the combined adapter recorded none, so it loaded on b, and --into-base merged into
+    b's weights). Two commits of the --base among the inputs are two bases, as without --base."""
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_combine import make_adapter
+
+    _publish_to(hub, REPO, tiny_llama, "b" * 40)
+    dirs = []
+    for seed in (1, 2):
+        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), seed,
+                                 tmp_path / f"a{seed}"))
+        config = json.loads((made / "adapter_config.json").read_text())
+        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
+                                                                       "revision": "a" * 40}))
+        dirs.append(str(made))
+    out = combine_adapters(dirs, Combination("cat", (0.5, 0.5)), str(tmp_path / "both"), base=REPO)
+    assert json.loads((out / "adapter_config.json").read_text())["revision"] == "a" * 40
+    config = json.loads((Path(dirs[1]) / "adapter_config.json").read_text())
+    (Path(dirs[1]) / "adapter_config.json").write_text(json.dumps(config | {"revision": "b" * 40}))
+    with pytest.raises(PeftkitError, match=f"{dirs[1]} was trained on {REPO} at revision {'b' * 40}, {dirs[0]} at "
+                                           f"revision {'a' * 40}: only adapters of one base combine, at one commit"):
+        combine_adapters(dirs, Combination("cat", (0.5, 0.5)), str(tmp_path / "other"), base=REPO)
+
 def test_named_adapters_of_two_commits_of_one_hub_base_are_refused(hub, tiny_llama, tmp_path):
     """Named adapters share the base loaded at the first one's commit: one trained on another commit was put on it
     without a word (combining refuses such adapters); one that records no revision loads, as combining takes it."""
