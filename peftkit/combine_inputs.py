@@ -185,6 +185,12 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
             raise PeftkitError(
                 f"{first.path} was trained against {_quant(first.quant)}, {other.path} against "
                 f"{_quant(other.quant)}: their updates were trained against different weights and do not combine.")
+        if first.quant is not None and _quantized_from(first) != _quantized_from(other):
+            # The 4-bit codes are rounded from the weights in that dtype: `_load_base` loads the first's.
+            raise PeftkitError(
+                f"{first.path} was trained against a base quantized from {_quantized_from(first)}, {other.path} from "
+                f"{_quantized_from(other)} (their peftkit.json base_dtype): their updates were trained against "
+                "different 4-bit weights and do not combine.")
         if (scaling := read_meta(other.path).rope_scaling) != (first_scaling := read_meta(first.path).rope_scaling):
             # The combined adapter records the first's (its peftkit.json), with which every command then loads the base.
             raise PeftkitError(
@@ -208,6 +214,14 @@ def _shared_revision(sources: list[Source]) -> str | None:
         f"loaded, or by another tool); combining on {recorded[0].revision}, the commit {recorded[0].path} was trained "
         "on."), stacklevel=3)
     return recorded[0].revision
+
+
+def _quantized_from(source: Source) -> str:
+    """The dtype a quantized base's weights were quantized from (float32 where peftkit.json records none, as before
+    it was recorded)."""
+    from peftkit.peft_format import read_meta
+
+    return read_meta(source.path).base_dtype or "float32"
 
 
 def _rope(rope_scaling) -> str:

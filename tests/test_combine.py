@@ -474,6 +474,26 @@ def test_refuses_adapters_trained_with_other_rope_scaling(llama_adapters, tmp_pa
             "their updates were trained against a base scaled two ways") in " ".join(err.split()), err
     assert not (tmp_path / "out").exists()
 
+
+def test_refuses_adapters_of_a_4bit_base_quantized_from_other_dtypes(llama_adapters, tmp_path, monkeypatch, capsys):
+    """Two adapters of one NF4 base, one quantized from bf16 weights, one from fp32 (peftkit.json base_dtype): other
+    4-bit codes, combined before on the first's without a word. Refused before any base loads."""
+    import shutil
+
+    from peftkit.recipe import QuantizationConfig
+
+    dirs = []
+    for i, (adapter, dtype) in enumerate(zip(llama_adapters, ["bfloat16", None], strict=True)):
+        shutil.copytree(adapter, tmp_path / f"q{i}")
+        meta = json.loads((tmp_path / f"q{i}" / "peftkit.json").read_text())
+        meta |= {"quantization": QuantizationConfig().model_dump(), "quantized_on": "cpu", "base_dtype": dtype}
+        (tmp_path / f"q{i}" / "peftkit.json").write_text(json.dumps(meta))
+        dirs.append(str(tmp_path / f"q{i}"))
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", dirs[0], "--adapter", dirs[1], "--weights",
+                         "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out"))
+    assert (f"{dirs[0]} was trained against a base quantized from bfloat16, {dirs[1]} from float32 (their peftkit.json "
+            "base_dtype)") in " ".join(err.split()), err
+
 def test_refuses_an_update_of_biases(tmp_path):
     """IA3 on Qwen2's biased q and v scales their biases too: a combined LoRA cannot carry that."""
     from peftkit.tiny import build_tiny_model
