@@ -243,6 +243,21 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
     with pytest.raises(PeftkitError, match=r"Adapter 's' \(.*\) was trained with RoPE scaling linear x2.0, adapter 'a' "
                                            "with none: adapters in one model share one base, scaled one way"):
         named.load("s", scaled)
+    # One NF4 base quantized from other dtypes (peftkit.json base_dtype): other 4-bit codes, loaded on the first's.
+    from peftkit.recipe import QuantizationConfig
+
+    quantized = {}
+    for dtype in ("bfloat16", None):
+        quantized[dtype] = Path(named._adapters["b"].directory).parent / f"b-nf4-{dtype}"
+        shutil.copytree(adapters["llama"]["b"], quantized[dtype])
+        meta = json.loads((quantized[dtype] / "peftkit.json").read_text())
+        meta |= {"quantization": QuantizationConfig().model_dump(), "quantized_on": "cpu", "base_dtype": dtype}
+        (quantized[dtype] / "peftkit.json").write_text(json.dumps(meta))
+    nf4 = NamedAdapters(_base(tiny_llama), quantization=QuantizationConfig())  # (the weights' dtype is not read)
+    nf4.load("q16", quantized["bfloat16"])
+    with pytest.raises(PeftkitError, match=r"Adapter 'q32' \(.*\) was trained on a base quantized from float32, "
+                                           "adapter 'q16' on one quantized from bfloat16"):
+        nf4.load("q32", quantized[None])
     # The base named by the caller: the weights decide, and another architecture's do not fit.
     own = NamedAdapters(_base(tiny_llama), base=str(tiny_llama))
     with pytest.raises(PeftkitError, match=r"adapter.target_modules .* matches no module of this model"):

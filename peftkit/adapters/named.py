@@ -210,6 +210,7 @@ class NamedAdapters:
         # (first adapter's name, its recorded base, the base's recorded revision)
         self._recorded_base: tuple[str, str | None, str | None] | None = None
         self._rope_scaling = None  # the first adapter's model.rope_scaling (peftkit.json), which the base loaded with
+        self._base_dtype = None  # the first's quantized base's dtype before quantization (peftkit.json), loaded so
 
     @property
     def names(self) -> list[str]:
@@ -238,6 +239,7 @@ class NamedAdapters:
         if self._recorded_base is None:
             self._recorded_base = (name, raw.base_model_name_or_path, raw.revision)
             self._rope_scaling = read_meta(directory).rope_scaling if directory else None
+            self._base_dtype = read_meta(directory).base_dtype if directory else None
 
     def add(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], directory: str = "") -> None:
         """Put an adapter given as settings and PEFT-keyed tensors (what `load_adapter` reads) under `name` (inactive)."""
@@ -443,6 +445,12 @@ class NamedAdapters:
             def what(q): return f"a {q.method} (bitsandbytes) base" if q else "an unquantized base"
             raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {what(quant)}, but the model here is "
                                f"{what(self.quantization)[3:]}: adapters in one model share one base, loaded one way.")
+        if quant is not None and self._recorded_base is not None and \
+                (dtype := read_meta(directory).base_dtype or "float32") != (self._base_dtype or "float32"):
+            # The 4-bit codes are rounded from the weights in that dtype (none recorded: float32, as loading reads it).
+            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on a base quantized from {dtype}, adapter "
+                               f"{self._recorded_base[0]!r} on one quantized from {self._base_dtype or 'float32'} "
+                               "(their peftkit.json base_dtype): adapters in one model share one base, loaded one way.")
 
     def _check_mixable(self, name: str) -> None:
         method = self._adapters[self._known(name)].method
