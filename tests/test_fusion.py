@@ -267,6 +267,23 @@ def test_refuses_what_it_cannot_fuse(sources, tiny_llama, tiny_gpt2, tmp_path):
     (scaled / "peftkit.json").write_text(json.dumps(meta))
     assert f"{sources['lora-a']} was trained with RoPE scaling none, adapter.fuse[1] {scaled} with linear x2.0" in \
         (msg := _error(tiny_llama, [sources["lora-a"], scaled])) and "one base, scaled one way" in msg
+    from peftkit.recipe import QuantizationConfig
+
+    quantized = []  # one NF4 base quantized from bf16 and from fp32 weights: other 4-bit codes, fused before
+    for name, dtype in (("lora-a", "bfloat16"), ("lora-b", None)):
+        shutil.copytree(sources[name], tmp_path / f"{name}-nf4")
+        meta = json.loads((tmp_path / f"{name}-nf4" / "peftkit.json").read_text())
+        meta |= {"quantization": QuantizationConfig().model_dump(), "quantized_on": "cpu", "base_dtype": dtype}
+        (tmp_path / f"{name}-nf4" / "peftkit.json").write_text(json.dumps(meta))
+        quantized.append(tmp_path / f"{name}-nf4")
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig
+
+    nf4 = load_model(ModelConfig(name_or_path=str(tiny_llama)), QuantizationConfig(), torch.device("cpu"))
+    with pytest.raises(PeftkitError) as e:
+        inject_adapters(nf4, FusionConfig(method="fusion", fuse=[str(d) for d in quantized]))
+    assert f"{quantized[0]} was trained against a base quantized from bfloat16, adapter.fuse[1] {quantized[1]} from " \
+        "float32" in str(e.value)
     with pytest.raises(ValueError, match="lists 1 adapter directory; AdapterFusion combines at least 2"):
         FusionConfig(method="fusion", fuse=[str(sources["lora-a"])])
 

@@ -123,6 +123,11 @@ def _check_same_base(fused: list[Fused]) -> None:
             raise PeftkitError(f"adapter.fuse: {first.source} and adapter.fuse[{i}] {other.source} were trained "
                                "against bases quantized differently (see their peftkit.json); fuse adapters trained "
                                "against the same weights.")
+        if first.quant is not None and (dtype := read_meta(other.source).base_dtype or "float32") != \
+                (first_dtype := read_meta(first.source).base_dtype or "float32"):
+            raise PeftkitError(f"adapter.fuse: {first.source} was trained against a base quantized from {first_dtype}, "
+                               f"adapter.fuse[{i}] {other.source} from {dtype} (their peftkit.json base_dtype): other "
+                               "4-bit weights. Fuse adapters trained against the same weights.")
         if (scaling := read_meta(other.source).rope_scaling) != (first_scaling := read_meta(first.source).rope_scaling):
             raise PeftkitError(f"adapter.fuse: {first.source} was trained with RoPE scaling {_rope(first_scaling)}, "
                                f"adapter.fuse[{i}] {other.source} with {_rope(scaling)} (their peftkit.json): "
