@@ -467,6 +467,34 @@ def test_combining_with_base_named_as_recorded_keeps_the_recorded_commit(hub, ti
                                            f"revision {'a' * 40}: only adapters of one base combine, at one commit"):
         combine_adapters(dirs, Combination("cat", (0.5, 0.5)), str(tmp_path / "other"), base=REPO)
 
+
+def test_a_fusion_of_adapters_of_another_commit_of_its_hub_base_is_refused(hub, tiny_llama, number_data, tmp_path):
+    """adapter.fuse adapters recording commit a of REPO, main moved to b: the fusion trained on b's weights without a
+    word; with model.revision a it trains."""
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_combine import make_adapter
+
+    dirs = []
+    for seed in (1, 2):
+        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), seed,
+                                 tmp_path / f"a{seed}"))
+        config = json.loads((made / "adapter_config.json").read_text())
+        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
+                                                                       "revision": "a" * 40}))
+        dirs.append(str(made))
+    _publish_to(hub, REPO, tiny_llama, "b" * 40)
+    path = make_recipe(tmp_path, Path(REPO), number_data, training={"max_steps": 1})
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(data | {"adapter": {"method": "fusion", "fuse": dirs}}, sort_keys=False))
+    with pytest.raises(PeftkitError, match=f"adapter.fuse: the adapters were trained on {REPO} at commit {'a' * 40}, "
+                                           f"and this run loaded commit {'b' * 40} .model.revision main.. .*set "
+                                           f"model.revision: {'a' * 40}"):
+        train(load_recipe(path))
+    train(load_recipe(path, [f"model.revision={'a' * 40}"]))
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+
 def test_named_adapters_of_two_commits_of_one_hub_base_are_refused(hub, tiny_llama, tmp_path):
     """Named adapters share the base loaded at the first one's commit: one trained on another commit was put on it
     without a word (combining refuses such adapters); one that records no revision loads, as combining takes it."""

@@ -31,9 +31,9 @@ and cast back. 3 d^2 + 2 d parameters per site (2 d^2 + 2 d without W_v): fuse a
 model.
 
 The fused adapters run as at inference (their dropout off) and are never trained. All of them must be of one base
-(the recipe's model; one revision, quantization and RoPE scaling among them); peftkit refuses VeRA (its projections
-are shared model-wide under one name), the prompt family, Llama-Adapter, `modules_to_save` and bottleneck
-`train_norms`.
+(the recipe's model, at the commit they record; one revision, quantization and RoPE scaling among them); peftkit
+refuses VeRA (its projections are shared model-wide under one name), the prompt family, Llama-Adapter,
+`modules_to_save` and bottleneck `train_norms`.
 
 Saved format (peft has no AdapterFusion, so it is peftkit's own, with PEFT's file names; peft refuses the unknown
 peft_type, peftkit reads it): `adapter_model.safetensors` holds, under `base_model.model.<site>.`, the fusion's

@@ -156,6 +156,20 @@ def check_model(fused: list[Fused], model: torch.nn.Module) -> None:
                                "section as they were trained (their peftkit.json records it).")
 
 
+def check_commit(fused: list[Fused], name: str, revision: str | None, commit: str | None) -> None:
+    """Adapters read for training that record the commit of hub base `name` they were trained on (peftkit records the
+    commit it loaded) are fused on that commit: `commit`, the one this run loaded at model.revision `revision`."""
+    import re
+
+    if commit is None or fused[0].state is None:
+        return
+    base, recorded = fused[0].base  # one for all: `_check_same_base`
+    if base == name and recorded and re.fullmatch(r"[0-9a-f]{40}", recorded) and recorded != commit:
+        raise PeftkitError(f"adapter.fuse: the adapters were trained on {name} at commit {recorded}, and this run "
+                           f"loaded commit {commit} (model.revision {revision or 'main'}). AdapterFusion needs the "
+                           f"base the adapters were trained on: set model.revision: {recorded}.")
+
+
 def _same_model(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
