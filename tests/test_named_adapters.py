@@ -215,14 +215,14 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
     ids = _batch(ROWS[:2])[0]
     with torch.no_grad(), named.routed(["a", "b"]):  # a nested block's end ended the outer one: its rows ran the base
         mixed = model(input_ids=ids).logits
-        with pytest.raises(PeftkitError, match=r"A mixed batch inside a mixed batch: blocks of `routed` do not nest"):
-            with named.routed(["b", "a"]):
-                pass
+        with pytest.raises(PeftkitError, match=r"A mixed batch inside a mixed batch: blocks of `routed` do not nest"), \
+                named.routed(["b", "a"]):
+            pass
         assert torch.equal(model(input_ids=ids).logits, mixed)
         # disabled() (or activate) here changed nothing: the rows still ran their adapters, not the base
-        with pytest.raises(PeftkitError, match=r"A mixed batch \(or Arrow routing\) is on: .* End the block first"):
-            with named.disabled():
-                pass
+        with pytest.raises(PeftkitError, match=r"A mixed batch \(or Arrow routing\) is on: .* End the block first"), \
+                named.disabled():
+            pass
         with pytest.raises(PeftkitError, match=r"A mixed batch \(or Arrow routing\) is on"):
             named.activate("a")
         # delete here left b's rows running the base from then on, without a word
