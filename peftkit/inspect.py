@@ -90,7 +90,7 @@ def inspect_adapter(path: str | Path) -> dict:
     tied_rows = _tied_row_copies(weights_file, renamed, raw)
     if trained is None:
         trained = saved_params - sum(_numel(shapes[key]) for key in tied_rows) if tied_rows else None
-    ranks = _ranks(method, targets)
+    ranks = _ranks(method, targets, weights_file)
     info = {
         "path": str(path),
         "method": method.name,
@@ -252,16 +252,22 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, int] | None:
+def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]],
+           weights_file: Path) -> dict[str, int] | None:
     """Each layer's rank, read from a low-rank tensor's shape (the dimension the method's `rank_dims` names:
     LoRA's A is (r, in), LoHa's hada_w1_a (out, r)): the truth whatever `r` and `rank_pattern` say. None for a
-    method without a rank (IA3); a LoKr layer whose two Kronecker factors are both full matrices has none."""
+    method without a rank (IA3); a LoKr layer whose two Kronecker factors are both full matrices has none. A tensor
+    without that dimension (a 0-d lora_A: a damaged or hand-made file) is a PeftkitError naming it, not an IndexError."""
     if not method.rank_dims:
         return None
     ranks = {}
     for path, parts in sorted(targets.items()):
         for suffix, shape in parts.items():
             dim = method.rank_dims.get(suffix.removesuffix(".weight"))
+            if dim is not None and dim >= len(shape):
+                raise PeftkitError(f"{weights_file}: {path}.{suffix} has shape {shape}, with no dimension {dim} (its "
+                                   "rank): the file is damaged, or not a PEFT adapter's. Export the adapter again, or "
+                                   "copy it again.")
             if dim is not None:
                 ranks[path] = shape[dim]
                 break

@@ -292,3 +292,17 @@ def test_a_run_that_has_exported_no_adapter_yet_is_said_to_be_one(tmp_path, monk
     assert (f"error: {run} is not a PEFT adapter directory: it has no adapter_config.json. It is a training run's "
             "directory holding no adapter/ (export.adapter: false, or the run has not finished: `peftkit train RECIPE "
             "--resume` finishes it).") in err
+
+
+def test_a_lora_tensor_without_its_rank_dimension_is_said_not_a_traceback(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A 0-d lora_A (a damaged or hand-made file) was an IndexError traceback from `peftkit inspect`."""
+    from safetensors.torch import load_file, save_file
+
+    made = _peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj"])
+    weights = made / "adapter_model.safetensors"
+    state = load_file(weights)
+    state["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.tensor(1.0)
+    save_file(state, weights)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "inspect", str(made)).split())
+    assert f"{weights}: model.layers.0.self_attn.q_proj.lora_A.weight has shape (), with no dimension 0 (its rank): " \
+           "the file is damaged" in err
