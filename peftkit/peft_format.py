@@ -151,8 +151,9 @@ def _expected(err: dict) -> str:
     kind, ctx = err["type"], err.get("ctx", {})
     if kind == "literal_error":
         return f"one of {ctx['expected']}"
-    for prefix, words in (("int", "a whole number"), ("float", "a number"), ("bool", "true or false"),
-                          ("string", "a string"), ("list", "a list"), ("dict", "an object"), ("model", "an object")):
+    for prefix, words in (("int", "a whole number"), ("float", "a number"), ("finite", "a finite number"),
+                          ("bool", "true or false"), ("string", "a string"), ("list", "a list"), ("dict", "an object"),
+                          ("model", "an object")):
         if kind.startswith(prefix):
             return words
     bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",

@@ -356,6 +356,7 @@ def test_generate_with_an_adapter_config_that_is_a_fifo_says_so(adapter, tmp_pat
     ({"r": 0}, '"r" is 0; it should be a number > 0'),
     ({"lora_alpha": []}, '"lora_alpha" is []; it should be a number'),
     ({"lora_dropout": 1.5}, '"lora_dropout" is 1.5; it should be a number < 1'),
+    ({"lora_alpha": float("nan")}, '"lora_alpha" is NaN; it should be a finite number.'),  # (was "be input should be")
     ({"target_modules": 5}, '"target_modules" is 5; it should be a list of module names, or a regular expression string'),
     ({"target_modules": ["q_proj", 7]}, '"target_modules" is ["q_proj", 7]; it should be a list of module names'),
     ({"target_modules": []}, '"target_modules" is []; it should name the adapted modules'),  # (null: the weights')
