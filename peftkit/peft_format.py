@@ -409,6 +409,8 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
         raise unreadable_safetensors(weights_file, e, "Export the adapter again, or copy it again") from None
     state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
     state = without_sampler(state, peft)  # (MonteCLoRA's training state)
+    if getattr(cfg, "modules_to_save", None) and "modules_to_save" in type(cfg).model_fields:
+        cfg = cfg.model_copy(update={"modules_to_save": peft_saved_modules(cfg.modules_to_save, state, method)})
     if bad := nonfinite_tensors(state):
         raise PeftkitError(
             f"{weights_file}: {len(bad)} of its {len(state)} tensors hold NaN or inf values (e.g. {bad[0]}): training "
@@ -423,6 +425,22 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
         raise PeftkitError(f"The adapter's weights do not match its {CONFIG_NAME}: it says r: {r}, and its lora_A "
                            f"weights have rank {max(ranks)} at most. Fix the file, or export the adapter again.")
     return cfg, state, peft, quant
+
+
+def peft_saved_modules(names: list[str], state: dict[str, torch.Tensor], method: type[Method]) -> list[str]:
+    """adapter_config.json's modules_to_save `names` as the module paths the file holds, where peft's *string* suffix
+    match picked modules that peftkit's dotted one misses (peft's `layernorm` saves every `input_layernorm`, which
+    matched no module here and was refused; its `norm` saves those beside `model.norm`, which a run from it with
+    adapter.init_from then froze, and left out of its adapter): those paths, so that what peft saved is what loads,
+    trains and is saved again. Every other name stays (the counterpart of `saved_module_paths`)."""
+    paths = {key.removeprefix("base_model.model.").rsplit(".", 1)[0] for key in state
+             if not any(key.endswith(f".{p}") for p in method.param_names)}  # (not the adapter's own tensors)
+    out: list[str] = []
+    for name in names:
+        dotted = {p for p in paths if p == name or p.endswith(f".{name}")}
+        caught = {p for p in paths if p.endswith(name)}
+        out += sorted(caught) if caught - dotted else [name]
+    return list(dict.fromkeys(out))
 
 
 def without_adapter_name(keys: Iterable[str], method: type[Method], file: Path) -> dict[str, str]:

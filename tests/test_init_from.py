@@ -45,6 +45,24 @@ def test_step0_weights_are_the_adapters(tiny_llama, number_data, tmp_path):
     assert all(torch.equal(state[k], expected[k]) for k in expected)
 
 
+def test_a_peft_adapter_s_modules_to_save_train_on_and_are_saved_again(tiny_llama, number_data, tmp_path):
+    """peft's modules_to_save `norm` (a string suffix) saves every `input_layernorm` beside `model.norm`: a run from it
+    loaded those into the base, froze them and left them out of its adapter (the base's values again on loading)."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftkit.adapters import adapter_state_dict, trainable_parameters
+    from peftkit.peft_format import load_adapter
+
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], modules_to_save=["norm"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(tmp_path / "peft")
+    saved = load_adapter(tmp_path / "peft")[1]
+    assert "base_model.model.model.layers.1.input_layernorm.weight" in saved
+    run, recipe = _step0(_init_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(tmp_path / "peft")}), tmp_path)
+    state = adapter_state_dict(run.model, recipe.adapter.modules_to_save)
+    assert state.keys() == saved.keys()
+    assert sum(p.numel() for p in trainable_parameters(run.model)) == sum(t.numel() for t in saved.values())
+
+
 @pytest.mark.parametrize("peft_type", ["LORA", "IA3"])
 def test_starts_at_a_peft_adapters_logits(peft_type, tiny_llama, number_data, tmp_path):
     from peft import IA3Config, LoraConfig, get_peft_model

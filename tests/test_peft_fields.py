@@ -273,6 +273,35 @@ def test_modules_to_save_without_weights_in_the_file_load_with_a_warning(tiny_ll
     assert torch.equal(_logits(ours), _logits(reference))
 
 
+def _peft_lora_saving(base: Path, out: Path, saved: list[str]) -> Path:
+    """`_peft_lora` with `saved` as modules_to_save, their copies moved away from the base's values."""
+    adapter = _peft_lora(base, out, modules_to_save=saved)
+    model = peft.PeftModel.from_pretrained(_load(base), adapter).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(0.5)
+    model.save_pretrained(adapter)
+    return adapter
+
+
+def test_modules_to_save_that_peft_matched_by_string_suffix_load_as_peft_loads_them(tiny_llama, tmp_path):
+    """peft picks modules_to_save by *string* suffix: its `layernorm` saves every `input_layernorm` and
+    `post_attention_layernorm`, which peftkit's dotted match missed ("'layernorm' matches no module of this model")."""
+    from peftkit.merge import merge_adapter
+
+    adapter = _peft_lora_saving(tiny_llama, tmp_path / "a", ["layernorm"])
+    theirs = _logits(peft.PeftModel.from_pretrained(_load(tiny_llama), adapter))
+    ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
+    assert cfg.modules_to_save == [f"model.layers.{i}.{norm}" for i in (0, 1)
+                                   for norm in ("input_layernorm", "post_attention_layernorm")]
+    assert float((_logits(ours) - theirs).abs().max()) <= 1e-5
+    assert float((_logits(ours) - _logits(load_adapted_model(str(tiny_llama), str(_peft_lora(
+        tiny_llama, tmp_path / "plain")), torch.device("cpu"))[0])).abs().max()) > 0.05  # (the saved copies count)
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+    assert float((_logits(_load(merged)) - theirs).abs().max()) <= 1e-5
+
+
 # ------------------------------------------------------------------------- rank_pattern and alpha_pattern
 
 
