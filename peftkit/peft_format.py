@@ -373,10 +373,15 @@ def check_adapter_dir(path: Path) -> Path:
             f"its id (--adapter {path}), and `peftkit.hub.hub_adapter('{path}')` gives its directory." if hub else ""))
     config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not config_file.exists():
+        # peft's save_pretrained of a model with several adapters writes each but `default` to a subfolder of its name
+        named = sorted(d.name for d in path.iterdir() if (d / CONFIG_NAME).is_file()) if path.is_dir() else []
         hint = (f" It is a training run's directory: its adapter is {path / 'adapter'}." if (path / "adapter" / CONFIG_NAME).exists()
                 else " It holds a full model (config.json); pass it as --model/--base instead." if (path / "config.json").exists()
                 else " It is a training run's directory holding no adapter/ (export.adapter: false, or the run has not "
                      "finished: `peftkit train RECIPE --resume` finishes it)." if (path / "recipe.yaml").is_file()
+                else f" Its subdirectories {', '.join(named[:5])}{', ...' * (len(named) > 5)} hold adapters (peft saves "
+                     f"each adapter of a model but 'default' in one named after it): give one of those, e.g. "
+                     f"{path / named[0]}." if named
                 else "")
         raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{hint}")
     if not weights_file.exists():

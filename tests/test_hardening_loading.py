@@ -404,6 +404,23 @@ def test_bad_peftkit_json(adapter, tmp_path, text, expected):
         assert "type=" not in str(info.value)
 
 
+def test_peft_s_save_of_several_adapters_names_its_subdirectories(base, tmp_path, monkeypatch, capsys):
+    """peft's save_pretrained of a model with adapters `sql` and `chat` writes DIR/sql and DIR/chat, and nothing in DIR:
+    given DIR, the error said only that it has no adapter_config.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(target_modules=["q_proj"]), "sql")
+    model.add_adapter("chat", LoraConfig(target_modules=["v_proj"]))
+    model.save_pretrained(tmp_path / "saved")
+    capsys.readouterr()  # (transformers' progress bar)
+    err = " ".join(_main(monkeypatch, capsys, "merge", "--adapter", str(tmp_path / "saved"), "--output",
+                         str(tmp_path / "merged")).split())
+    assert (f"{tmp_path / 'saved'} is not a PEFT adapter directory: it has no adapter_config.json. Its subdirectories "
+            f"chat, sql hold adapters (peft saves each adapter of a model but 'default' in one named after it): give "
+            f"one of those, e.g. {tmp_path / 'saved' / 'chat'}.") in err
+
+
 def test_truncated_adapter_weights(adapter, tmp_path):
     broken = _copy(adapter, tmp_path / "adapter")
     _truncate(broken / "adapter_model.safetensors")
