@@ -461,12 +461,24 @@ def test_a_backtracking_target_regex_neither_hangs_nor_goes_unsaid(adapter, tmp_
     broken = _copy(adapter, tmp_path / "adapter")
     _edit_json(broken / "adapter_config.json", target_modules="(.|.)*Z")
     started = time.monotonic()
-    with pytest.raises(PeftkitError, match="matches no module"):
+    with pytest.raises(PeftkitError, match="match no module of this base model"):
         _load_adapter(broken)
     assert time.monotonic() - started < 60
     monkeypatch.setattr(adapters, "REGEX_TIMEOUT_S", 1e-9)  # (a pattern slow for `regex` too: said, not waited on)
     with pytest.raises(PeftkitError, match=r"the regular expression took over 1e-09 s to match one module name"):
         _load_adapter(broken)
+
+
+def test_an_adapter_on_another_architecture_says_so_not_to_edit_its_targets(adapter, tiny_gpt2, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A Llama adapter merged with --base a GPT-2 was told, as a recipe's typo, "Use some of those names, or
+    'all-linear'": an edit of its adapter_config.json that its weights cannot follow."""
+    err = _main(monkeypatch, capsys, "merge", "--adapter", str(adapter), "--base", str(tiny_gpt2), "--output",
+                str(tmp_path / "merged"))
+    assert err == ("error: adapter_config.json's target_modules ['model.layers.0.self_attn.q_proj', "
+                   "'model.layers.0.self_attn.v_proj'] match no module of this base model (its linear/embedding layers are named wte, wpe, c_attn, c_proj, c_fc, lm_head): the adapter "
+                   "was trained on another base model. Load it on that one (adapter_config.json's "
+                   "base_model_name_or_path names it).")
 
 
 def test_cli_merge_of_an_adapter_with_a_bad_config(adapter, tmp_path, monkeypatch, capsys):

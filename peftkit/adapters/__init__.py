@@ -46,6 +46,14 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if m is head}
 
 
+class NoTargets(PeftkitError):
+    """`target_modules` match no module of the model: a recipe's typo, or (a saved adapter's) another base model."""
+
+    def __init__(self, target_modules: object, model: nn.Module):
+        super().__init__(f"adapter.target_modules {_describe(target_modules)} {_matches_nothing(model)}")
+        self.target_modules, self.layer_kinds = target_modules, _layer_kinds(model)
+
+
 REGEX_TIMEOUT_S = 2.0
 """How long a target_modules regex may take to match one module name."""
 
@@ -84,7 +92,7 @@ def find_targets(model: nn.Module, target_modules: str | list[str] | TargetRegex
             _check_every_entry_matches(model, target_modules, names)
     names = [n for n in names if not isinstance(modules[n], AdapterLayer)]
     if not names:
-        raise PeftkitError(f"adapter.target_modules {_describe(target_modules)} {_matches_nothing(model)}")
+        raise NoTargets(target_modules, model)
     bad = [n for n in names if not (_is_linear(modules[n]) or isinstance(modules[n], nn.Embedding))]
     if bad:
         raise PeftkitError(
@@ -160,7 +168,18 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         return []
     adapted = modules_adapted_by(state, method) if state is not None else set()
     _check_expert_layout(model, adapted)
-    names = _outside_saved(method.select_targets(model, cfg, every_entry), cfg, every_entry, adapted)
+    try:
+        selected = method.select_targets(model, cfg, every_entry)
+    except NoTargets as e:
+        if not saved_only:
+            raise
+        # (not the recipe's fix, "use some of those names": the adapter's weights are for the modules it names)
+        raise PeftkitError(
+            f"adapter_config.json's target_modules {_describe(e.target_modules)} match no module of this base model "
+            f"(its linear/embedding layers are named {', '.join(e.layer_kinds) or '(none)'}): the adapter was trained "
+            "on another base model. Load it on that one (adapter_config.json's base_model_name_or_path names it)."
+        ) from None
+    names = _outside_saved(selected, cfg, every_entry, adapted)
     # (None of them adapted: the weights are for another model, which loading says)
     if saved_only and adapted & set(names) and (bare := [n for n in names if n not in adapted]):
         warnings.warn(PeftkitWarning(
