@@ -442,6 +442,20 @@ def test_adapter_weights_of_another_rank_than_its_config(adapter, tmp_path):
     assert "The weights have rank 4, the config gives it rank 8 (its r, or a rank_pattern entry)." in message
 
 
+def test_adapter_weights_of_an_integer_dtype_are_refused_not_cast(adapter, tmp_path):
+    """An int32 lora_B (a damaged file, or a tool's integer export) was cast into the float weights without a word:
+    its 0.3 became 0."""
+    broken = _copy(adapter, tmp_path / "adapter")
+    weights = broken / "adapter_model.safetensors"
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    save_file(load_file(weights) | {key: torch.ones(32, 4, dtype=torch.int32)}, weights)
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    assert str(info.value) == (f"The adapter's {key} is int32, not floating-point as the weight it loads into: cast, "
+                               "it would give other numbers than were saved. The file is damaged, or not a PEFT "
+                               "adapter's; export the adapter again.")
+
+
 def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):
     """r: 1000000000 allocated r x width per layer before the shapes were compared: a 128 GB RuntimeError traceback
     (or, for a rank of a few GB a layer, memory run out)."""

@@ -447,6 +447,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
         target = targets[key]
         if target.shape != tensor.shape:
             raise PeftkitError(_shape_mismatch(key, tuple(target.shape), tuple(tensor.shape), rank_dims))
+        if target.is_floating_point() and not tensor.is_floating_point():  # (copy_ would cast 0.7 to 0 without a word)
+            raise PeftkitError(f"The adapter's {key} is {str(tensor.dtype).removeprefix('torch.')}, not floating-point "
+                               "as the weight it loads into: cast, it would give other numbers than were saved. The "
+                               "file is damaged, or not a PEFT adapter's; export the adapter again.")
         with torch.no_grad():
             target.copy_(place_like(tensor, target).to(target.dtype))
 
