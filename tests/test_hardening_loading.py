@@ -493,6 +493,11 @@ def test_an_adapter_on_another_architecture_says_so_not_to_edit_its_targets(adap
                    "'model.layers.0.self_attn.v_proj'] match no module of this base model (its linear/embedding layers are named wte, wpe, c_attn, c_proj, c_fc, lm_head): the adapter "
                    "was trained on another base model. Load it on that one (adapter_config.json's "
                    "base_model_name_or_path names it).")
+    edited = _copy(adapter, tmp_path / "edited")  # the base it was trained on, the config made to match nothing
+    _edit_json(edited / "adapter_config.json", target_modules="q_proj")  # (a string is a regex of the whole path)
+    err = _main(monkeypatch, capsys, "merge", "--adapter", str(edited), "--output", str(tmp_path / "merged"))
+    assert err.endswith("yet its weights adapt modules of this model (e.g. 'model.layers.0.self_attn.q_proj'): the "
+                        "file was edited or damaged. Fix its target_modules, or export the adapter again.")
 
 
 def test_cli_merge_of_an_adapter_with_a_bad_config(adapter, tmp_path, monkeypatch, capsys):

@@ -174,11 +174,13 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         if not saved_only:
             raise
         # (not the recipe's fix, "use some of those names": the adapter's weights are for the modules it names)
+        fit = sorted(adapted & {n for n, _ in model.named_modules()})
+        why = (f"yet its weights adapt modules of this model (e.g. '{fit[0]}'): the file was edited or damaged. Fix "
+               "its target_modules, or export the adapter again." if fit else "the adapter was trained on another base "
+               "model. Load it on that one (adapter_config.json's base_model_name_or_path names it).")
         raise PeftkitError(
             f"adapter_config.json's target_modules {_describe(e.target_modules)} match no module of this base model "
-            f"(its linear/embedding layers are named {', '.join(e.layer_kinds) or '(none)'}): the adapter was trained "
-            "on another base model. Load it on that one (adapter_config.json's base_model_name_or_path names it)."
-        ) from None
+            f"(its linear/embedding layers are named {', '.join(e.layer_kinds) or '(none)'}): {why}") from None
     names = _outside_saved(selected, cfg, every_entry, adapted)
     # (None of them adapted: the weights are for another model, which loading says)
     if saved_only and adapted & set(names) and (bare := [n for n in names if n not in adapted]):
