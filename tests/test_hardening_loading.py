@@ -456,6 +456,20 @@ def test_adapter_weights_of_an_integer_dtype_are_refused_not_cast(adapter, tmp_p
                                "adapter's; export the adapter again.")
 
 
+def test_an_adapter_tensor_with_another_number_of_dimensions_is_said_damaged(adapter, tmp_path):
+    """A 0-d lora_A was "trained on a different base model (another size or vocabulary)": another base changes sizes,
+    never the number of dimensions."""
+    broken = _copy(adapter, tmp_path / "adapter")
+    weights = broken / "adapter_model.safetensors"
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file(load_file(weights) | {key: torch.tensor(1.0)}, weights)
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    assert str(info.value) == ("The adapter's file does not hold what its adapter_config.json describes: module "
+                               "'model.layers.0.self_attn.q_proj' expects lora_A of shape (4, 32) but the adapter has (). "
+                               "The file is damaged, or not a PEFT adapter's; export the adapter again.")
+
+
 def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):
     """r: 1000000000 allocated r x width per layer before the shapes were compared: a 128 GB RuntimeError traceback
     (or, for a rank of a few GB a layer, memory run out)."""

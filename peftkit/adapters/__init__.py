@@ -475,6 +475,9 @@ def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...],
                 f"{saved[rank_dim]}, the config gives it rank {expected[rank_dim]} (its r, or a rank_pattern entry). "
                 "The two files come from different runs; export the adapter again, or put back the "
                 "adapter_config.json saved with these weights.")
+    if len(saved) != len(expected):  # another base changes sizes, never the number of dimensions
+        return (f"The adapter's file does not hold what its adapter_config.json describes: {mismatch} The file is "
+                "damaged, or not a PEFT adapter's; export the adapter again.")
     return (f"The adapter does not fit this model: {mismatch} It was trained on a different base model (another "
             "size or vocabulary); pass the base it was trained on.")
 
