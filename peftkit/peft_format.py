@@ -412,6 +412,12 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
         state = load_file(weights_file)
     except (SafetensorError, OSError) as e:
         raise unreadable_safetensors(weights_file, e, "Export the adapter again, or copy it again") from None
+    if method.layer_targets and state and not any(key.startswith("base_model.") for key in state):  # (peft: KeyError)
+        example = next((k for k in state if any(k.endswith(f".{p}") for p in method.param_names)), next(iter(state)))
+        raise PeftkitError(f"{weights_file}: its keys lack peft's 'base_model.model.' prefix (e.g. {example}): "
+                           "it holds a model's state_dict, not an adapter as peft's save_pretrained writes it. Load it "
+                           "into the peft model it came from and save that with save_pretrained, or add the prefix to "
+                           "every key.")
     state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
     state = without_sampler(state, peft)  # (MonteCLoRA's training state)
     if getattr(cfg, "modules_to_save", None) and "modules_to_save" in type(cfg).model_fields:

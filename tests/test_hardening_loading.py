@@ -470,6 +470,19 @@ def test_an_adapter_tensor_with_another_number_of_dimensions_is_said_damaged(ada
                                "The file is damaged, or not a PEFT adapter's; export the adapter again.")
 
 
+def test_adapter_keys_without_peft_s_prefix_are_said_so(adapter, tmp_path, monkeypatch, capsys):
+    """A file of a model's state_dict keys (`model.layers.0.self_attn.q_proj.lora_A.weight`, no `base_model.model.`):
+    every weight was "for modules this model lacks", and the error asked whether it was trained on another base."""
+    broken = _copy(adapter, tmp_path / "adapter")
+    weights = broken / "adapter_model.safetensors"
+    save_file({k.removeprefix("base_model.model."): t for k, t in load_file(weights).items()}, weights)
+    err = _main(monkeypatch, capsys, "merge", "--adapter", str(broken), "--output", str(tmp_path / "merged"))
+    assert err == (f"error: {weights}: its keys lack peft's 'base_model.model.' prefix (e.g. "
+                   "model.layers.0.self_attn.q_proj.lora_A.weight): it holds a model's state_dict, not an adapter as "
+                   "peft's save_pretrained writes it. Load it into the peft model it came from and save that with "
+                   "save_pretrained, or add the prefix to every key.")
+
+
 def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):
     """r: 1000000000 allocated r x width per layer before the shapes were compared: a 128 GB RuntimeError traceback
     (or, for a rank of a few GB a layer, memory run out)."""
