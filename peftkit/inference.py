@@ -192,14 +192,24 @@ def check_base_is_there(source: ModelSource, recipe: Path | None) -> None:
     if source.model is not None and not source.model_from_recipe:
         return  # --model: the user's own path, said as it is
     base = source.base
-    if not base or not Path(base).is_absolute() or Path(base).exists():
+    if not base or not local_path(base) or Path(base).exists():
         return
     if source.model_from_recipe:
         where = f"model.name_or_path of {recipe / 'recipe.yaml' if recipe.is_dir() else recipe}"
     else:
         where = f"base_model_name_or_path of {Path(source.adapter) / 'adapter_config.json'}"
-    raise PeftkitError(f"The base model {base} ({where}) is not there: moved or deleted since? Give it with "
-                       "--model DIR.")
+    raise PeftkitError(f"The base model {base} ({where}{relative_to_cwd(base)}) is not there: moved or deleted since? "
+                       "Give it with --model DIR.")
+
+
+def local_path(name: str) -> bool:
+    """A model name that can only be a local path (as `peftkit.modeling` reads it): absolute, or `./`, `../`, `~`."""
+    return Path(name).is_absolute() or name.startswith((".", "~"))
+
+
+def relative_to_cwd(name: str) -> str:
+    """', read from the current directory DIR' for a relative path (peft records the one its base was loaded from)."""
+    return "" if Path(name).is_absolute() else f", read from the current directory {Path.cwd()}"
 
 
 def check_no_overrides(overrides: list[str], command: str) -> None:

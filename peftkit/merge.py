@@ -378,6 +378,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         trust_remote_code: the user's `--trust-remote-code`; needed for an adapter whose base runs its own code.
     """
     from peftkit.adapter_base import load_adapted_model
+    from peftkit.inference import local_path, relative_to_cwd
     from peftkit.modeling import DTYPES
     from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
 
@@ -385,10 +386,10 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     refuse_unmergeable(*read_peft_config(Path(adapter_dir)))  # before minutes of loading the base
     outputs = [Path(output_dir)] + ([requantized_dir(output_dir, requantize)] if requantize else [])
     recorded = recorded_base(adapter_dir)
-    if base is None and recorded and Path(recorded).is_absolute() and not Path(recorded).exists():
+    if base is None and recorded and local_path(recorded) and not Path(recorded).exists():
         config = Path(adapter_dir) / "adapter_config.json"
-        raise PeftkitError(f"The base model {recorded} (base_model_name_or_path of {config}) is not there: moved or "
-                           "deleted since? Give it with --base DIR.")
+        raise PeftkitError(f"The base model {recorded} (base_model_name_or_path of {config}{relative_to_cwd(recorded)}) "
+                           "is not there: moved or deleted since? Give it with --base DIR.")
     protected = {"base model": base or recorded, "adapter": adapter_dir}
     targets = [check_merge_output(out, protected, overwrite) for out in outputs]
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)

@@ -527,6 +527,20 @@ def test_an_adapter_on_another_architecture_says_so_not_to_edit_its_targets(adap
                         "file was edited or damaged. Fix its target_modules, or export the adapter again.")
 
 
+def test_a_relative_recorded_base_that_is_not_there_names_the_adapter_s_config(adapter, tmp_path, monkeypatch, capsys):
+    """peft records the path its base was loaded from, often relative (`../base`): run from elsewhere, it was "Model
+    directory not found: ../base", without saying that the adapter's config named it, or from where it is read."""
+    moved = _copy(adapter, tmp_path / "adapter")
+    _edit_json(moved / "adapter_config.json", base_model_name_or_path="../models/base")
+    monkeypatch.chdir(tmp_path)
+    where = (f"(base_model_name_or_path of {moved / 'adapter_config.json'}, read from the current directory {tmp_path}) "
+             "is not there: moved or deleted since?")
+    assert _main(monkeypatch, capsys, "generate", "--adapter", str(moved), "--prompt", "12") == (
+        f"error: The base model ../models/base {where} Give it with --model DIR.")
+    assert _main(monkeypatch, capsys, "merge", "--adapter", str(moved), "--output", str(tmp_path / "merged")) == (
+        f"error: The base model ../models/base {where} Give it with --base DIR.")
+
+
 def test_cli_merge_of_an_adapter_with_a_bad_config(adapter, tmp_path, monkeypatch, capsys):
     broken = _copy(adapter, tmp_path / "adapter")
     _edit_json(broken / "adapter_config.json", r="eight")
