@@ -483,6 +483,23 @@ def test_adapter_keys_without_peft_s_prefix_are_said_so(adapter, tmp_path, monke
                    "save_pretrained, or add the prefix to every key.")
 
 
+def test_adapter_weights_of_a_module_its_config_does_not_target_are_said_so(adapter, tmp_path):
+    """LoRA weights for k_proj under a target_modules without it (peft drops them silently) were "weights for modules
+    this model lacks; was it trained on another base model?", of a model that has k_proj."""
+    broken = _copy(adapter, tmp_path / "adapter")
+    weights = broken / "adapter_model.safetensors"
+    k_proj = "base_model.model.model.layers.0.self_attn.k_proj"
+    save_file(load_file(weights) | {f"{k_proj}.lora_A.weight": torch.zeros(4, 32),
+                                    f"{k_proj}.lora_B.weight": torch.ones(32, 4)}, weights)
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    assert str(info.value) == (
+        "The adapter's weights adapt 1 modules of this model that its target_modules (adapter_config.json) do not name "
+        "(e.g. 'model.layers.0.self_attn.k_proj'): the config says less than the weights (peft would leave those "
+        "weights out without a word). Add them to its target_modules, or put back the adapter_config.json saved with "
+        "these weights.")
+
+
 def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):
     """r: 1000000000 allocated r x width per layer before the shapes were compared: a 128 GB RuntimeError traceback
     (or, for a rank of a few GB a layer, memory run out)."""

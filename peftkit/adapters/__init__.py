@@ -438,6 +438,12 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
             f"The adapter's target_modules (adapter_config.json) match {len(bare)} modules its weights do not adapt "
             f"(e.g. '{bare[0]}'): the config says more than the weights. Narrow its target_modules to the modules "
             "the weights are for.")
+    if unexpected and (untargeted := _untargeted_modules(model, unexpected)):
+        raise PeftkitError(
+            f"The adapter's weights adapt {len(untargeted)} modules of this model that its target_modules "
+            f"(adapter_config.json) do not name (e.g. '{untargeted[0]}'): the config says less than the weights (peft "
+            "would leave those weights out without a word). Add them to its target_modules, or put back the "
+            "adapter_config.json saved with these weights.")
     if missing or unexpected:
         raise PeftkitError(
             "The adapter does not fit this model: "
@@ -455,6 +461,21 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
                                "file is damaged, or not a PEFT adapter's; export the adapter again.")
         with torch.no_grad():
             target.copy_(place_like(tensor, target).to(target.dtype))
+
+
+def _untargeted_modules(model: nn.Module, keys: list[str]) -> list[str]:
+    """The layers of `model` (Linear, Conv1D, Embedding; no adapter on them) that PEFT-keyed adapter tensors among `keys`
+    belong to (`<path>.lora_A.weight`, `<path>.lora_embedding_A`): tensors for modules the adapter does not target."""
+    modules = dict(model.named_modules())
+    found: dict[str, None] = {}
+    for key in keys:
+        parts = key.removeprefix(PEFT_PREFIX).split(".") if key.startswith(PEFT_PREFIX) else []
+        for path in (".".join(parts[:-1]), ".".join(parts[:-2])):  # `<path>.lora_embedding_A`, `<path>.lora_A.weight`
+            module = modules.get(path) if path else None
+            if module is not None and (_is_linear(module) or isinstance(module, nn.Embedding)):
+                found[path] = None
+                break
+    return list(found)
 
 
 def _shape_mismatch(key: str, expected: tuple[int, ...], saved: tuple[int, ...], rank_dims: dict[str, int]) -> str:
