@@ -420,6 +420,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
                            "every key.")
     state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
     state = without_sampler(state, peft)  # (MonteCLoRA's training state)
+    check_weights_are_of(method, state, weights_file)
     if getattr(cfg, "modules_to_save", None) and "modules_to_save" in type(cfg).model_fields:
         cfg = cfg.model_copy(update={"modules_to_save": peft_saved_modules(cfg.modules_to_save, state, method)})
     if bad := nonfinite_tensors(state):
@@ -436,6 +437,22 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
         raise PeftkitError(f"The adapter's weights do not match its {CONFIG_NAME}: it says r: {r}, and its lora_A "
                            f"weights have rank {max(ranks)} at most. Fix the file, or export the adapter again.")
     return cfg, state, peft, quant
+
+
+def check_weights_are_of(method: type[Method], state: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Refuse weights of none of `method`'s tensors that are another method's (LoRA's lora_A under a peft_type IA3):
+    an adapter_config.json from another adapter, which loading said as weights "for modules this model lacks"."""
+    from peftkit.adapters import modules_adapted_by
+    from peftkit.methods import METHODS
+
+    if not method.layer_targets or not method.param_names or not state or modules_adapted_by(state, method):
+        return
+    for other in METHODS.values():  # (not trainable tokens: LoRA's trainable_token_indices save their tensor too)
+        if other.layer_targets and other.name != "trainable_tokens" and (adapted := modules_adapted_by(state, other)):
+            raise PeftkitError(
+                f"{weights_file} holds {other.title} tensors (e.g. on '{min(adapted)}'), and its {CONFIG_NAME} says "
+                f"peft_type {method.peft_type} ({method.title}): the two files come from different adapters. Put back "
+                f"the {CONFIG_NAME} saved with these weights, or export the adapter again.")
 
 
 def peft_saved_modules(names: list[str], state: dict[str, torch.Tensor], method: type[Method]) -> list[str]:

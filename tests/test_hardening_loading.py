@@ -500,6 +500,20 @@ def test_adapter_weights_of_a_module_its_config_does_not_target_are_said_so(adap
         "these weights.")
 
 
+def test_an_adapter_config_of_another_method_than_the_weights_is_said_so(adapter, tmp_path):
+    """An IA3 adapter_config.json beside LoRA weights (the config of another adapter): every weight was "for modules
+    this model lacks; was it trained on another base model?"."""
+    broken = _copy(adapter, tmp_path / "adapter")
+    (broken / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "IA3", "task_type": "CAUSAL_LM", "target_modules": ["q_proj", "v_proj"], "feedforward_modules": []}))
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    assert str(info.value) == (
+        f"{broken / 'adapter_model.safetensors'} holds LoRA tensors (e.g. on 'model.layers.0.self_attn.q_proj'), and "
+        "its adapter_config.json says peft_type IA3 (IA3): the two files come from different adapters. Put back the "
+        "adapter_config.json saved with these weights, or export the adapter again.")
+
+
 def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):
     """r: 1000000000 allocated r x width per layer before the shapes were compared: a 128 GB RuntimeError traceback
     (or, for a rank of a few GB a layer, memory run out)."""
