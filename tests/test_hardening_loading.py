@@ -498,6 +498,12 @@ def test_adapter_weights_of_a_module_its_config_does_not_target_are_said_so(adap
         "(e.g. 'model.layers.0.self_attn.k_proj'): the config says less than the weights (peft would leave those "
         "weights out without a word). Add them to its target_modules, or put back the adapter_config.json saved with "
         "these weights.")
+    other = _copy(adapter, tmp_path / "other")  # a tensor under k_proj that is no adapter tensor: not an untargeted layer
+    weights = other / "adapter_model.safetensors"
+    save_file(load_file(weights) | {f"{k_proj}.scale.weight": torch.zeros(4)}, weights)
+    with pytest.raises(PeftkitError, match=r"The adapter does not fit this model: 1 weights for modules this model lacks "
+                                           rf"\(e\.g\. {re.escape(k_proj)}\.scale\.weight\)"):
+        _load_adapter(other)
 
 
 def test_an_adapter_config_of_another_method_than_the_weights_is_said_so(adapter, tmp_path):

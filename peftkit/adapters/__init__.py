@@ -413,8 +413,10 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
         return
     targets: dict[str, torch.Tensor] = {}
     rank_dims: dict[str, int] = {}
+    param_names: set[str] = set()  # the methods' tensor names (`lora_A.weight`)
     for name, layer in adapter_layers(model).items():
         rank_dims.update(layer.method.rank_dims)
+        param_names.update(layer.method.param_names)
         for pname, p in layer.adapter_params().items():
             targets[f"{PEFT_PREFIX}{name}.{pname}"] = p
     for name, wrapper in token_wrappers(model).items():
@@ -438,7 +440,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
             f"The adapter's target_modules (adapter_config.json) match {len(bare)} modules its weights do not adapt "
             f"(e.g. '{bare[0]}'): the config says more than the weights. Narrow its target_modules to the modules "
             "the weights are for.")
-    if unexpected and (untargeted := _untargeted_modules(model, unexpected)):
+    if unexpected and (untargeted := _untargeted_modules(model, unexpected, param_names)):
         raise PeftkitError(
             f"The adapter's weights adapt {len(untargeted)} modules of this model that its target_modules "
             f"(adapter_config.json) do not name (e.g. '{untargeted[0]}'): the config says less than the weights (peft "
@@ -463,18 +465,18 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
             target.copy_(place_like(tensor, target).to(target.dtype))
 
 
-def _untargeted_modules(model: nn.Module, keys: list[str]) -> list[str]:
+def _untargeted_modules(model: nn.Module, keys: list[str], param_names: set[str]) -> list[str]:
     """The layers of `model` (Linear, Conv1D, Embedding; no adapter on them) that PEFT-keyed adapter tensors among `keys`
-    belong to (`<path>.lora_A.weight`, `<path>.lora_embedding_A`): tensors for modules the adapter does not target."""
+    (`<path>.<one of param_names>`: `lora_A.weight`, `lora_embedding_A`) belong to: tensors for modules the adapter does
+    not target."""
     modules = dict(model.named_modules())
     found: dict[str, None] = {}
     for key in keys:
-        parts = key.removeprefix(PEFT_PREFIX).split(".") if key.startswith(PEFT_PREFIX) else []
-        for path in (".".join(parts[:-1]), ".".join(parts[:-2])):  # `<path>.lora_embedding_A`, `<path>.lora_A.weight`
-            module = modules.get(path) if path else None
-            if module is not None and (_is_linear(module) or isinstance(module, nn.Embedding)):
-                found[path] = None
-                break
+        path = key.removeprefix(PEFT_PREFIX) if key.startswith(PEFT_PREFIX) else ""
+        head = next((path[: -len(p) - 1] for p in param_names if path.endswith(f".{p}")), None)
+        module = modules.get(head) if head else None
+        if module is not None and (_is_linear(module) or isinstance(module, nn.Embedding)):
+            found[head] = None
     return list(found)
 
 
