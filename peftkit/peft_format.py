@@ -418,6 +418,10 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
                            "it holds a model's state_dict, not an adapter as peft's save_pretrained writes it. Load it "
                            "into the peft model it came from and save that with save_pretrained, or add the prefix to "
                            "every key.")
+    if copies := [key for key in state if ".modules_to_save." in key or ".original_module." in key]:  # (peft: KeyError)
+        raise PeftkitError(f"{weights_file} holds peft's in-memory modules_to_save wrapper ({copies[0]}): it is a peft "
+                           "model's state_dict, not an adapter as peft's save_pretrained writes it. Save that peft model "
+                           "with save_pretrained.")
     state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
     state = without_sampler(state, peft)  # (MonteCLoRA's training state)
     check_weights_are_of(method, state, weights_file)

@@ -520,6 +520,25 @@ def test_an_adapter_config_of_another_method_than_the_weights_is_said_so(adapter
         "adapter_config.json saved with these weights, or export the adapter again.")
 
 
+def test_a_peft_model_s_state_dict_with_its_modules_to_save_wrapper_is_said_so(base, tmp_path):
+    """`model.state_dict()` of a peft model keeps a saved module as `lm_head.modules_to_save.default.weight` beside
+    `lm_head.original_module.weight` (peft fails on it with a KeyError): "2 weights for modules this model lacks;
+    was it trained on another base model?"."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(target_modules=["q_proj"],
+                                                                                  modules_to_save=["lm_head"]))
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k: t.contiguous() for k, t in model.state_dict().items() if "lora_" in k or "lm_head" in k}, weights)
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(tmp_path / "adapter")
+    assert str(info.value) == (f"{weights} holds peft's in-memory modules_to_save wrapper (base_model.model.lm_head."
+                               "modules_to_save.default.weight): it is a peft model's state_dict, not an adapter as "
+                               "peft's save_pretrained writes it. Save that peft model with save_pretrained.")
+
+
 def test_an_absurd_rank_in_an_adapter_config_is_refused_before_any_layer_is_built(adapter, tmp_path):
     """r: 1000000000 allocated r x width per layer before the shapes were compared: a 128 GB RuntimeError traceback
     (or, for a rank of a few GB a layer, memory run out)."""
