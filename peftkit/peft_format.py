@@ -385,7 +385,9 @@ def check_adapter_dir(path: Path) -> Path:
                 else "")
         raise PeftkitError(f"{path} is not a PEFT adapter directory: it has no {CONFIG_NAME}.{hint}")
     if not weights_file.exists():
-        legacy = " Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles)." if (path / "adapter_model.bin").exists() else ""
+        legacy = (" Only adapter_model.bin is there; peftkit loads safetensors only (it never unpickles). If you trust "
+                  "the file, convert it: peft's PeftModel.from_pretrained(base, DIR).save_pretrained(NEW_DIR) writes "
+                  f"{WEIGHTS_NAME}." if (path / "adapter_model.bin").exists() else "")
         raise PeftkitError(f"{path} has no {WEIGHTS_NAME}.{legacy}")
     if not weights_file.is_file():  # opening a FIFO would wait for ever, deaf to Ctrl-C (the JSON files: read_json_object)
         raise PeftkitError(f"{weights_file} is not a regular file (a device, a FIFO or a directory). Copy the adapter "

@@ -404,6 +404,17 @@ def test_bad_peftkit_json(adapter, tmp_path, text, expected):
         assert "type=" not in str(info.value)
 
 
+def test_an_adapter_saved_as_a_pickle_only_says_how_to_convert_it(adapter, tmp_path, monkeypatch, capsys):
+    """adapter_model.bin alone (peft's safe_serialization=False) was refused without a way out."""
+    legacy = _copy(adapter, tmp_path / "adapter")
+    (legacy / "adapter_model.safetensors").unlink()
+    torch.save({}, legacy / "adapter_model.bin")
+    err = _main(monkeypatch, capsys, "merge", "--adapter", str(legacy), "--output", str(tmp_path / "merged"))
+    assert err == (f"error: {legacy} has no adapter_model.safetensors. Only adapter_model.bin is there; peftkit loads "
+                   "safetensors only (it never unpickles). If you trust the file, convert it: peft's "
+                   "PeftModel.from_pretrained(base, DIR).save_pretrained(NEW_DIR) writes adapter_model.safetensors.")
+
+
 def test_peft_s_save_of_several_adapters_names_its_subdirectories(base, tmp_path, monkeypatch, capsys):
     """peft's save_pretrained of a model with adapters `sql` and `chat` writes DIR/sql and DIR/chat, and nothing in DIR:
     given DIR, the error said only that it has no adapter_config.json."""
