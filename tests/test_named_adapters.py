@@ -260,8 +260,8 @@ def test_mistakes_are_clear(tiny_llama, adapters, loaded):
         nf4.load("q32", quantized[None])
     # The base named by the caller: the weights decide, and another architecture's do not fit.
     own = NamedAdapters(_base(tiny_llama), base=str(tiny_llama))
-    with pytest.raises(PeftkitError, match=r"adapter_config.json's target_modules .* match no module of this base "
-                                           r"model .*: the adapter was trained on another base model"):
+    with pytest.raises(PeftkitError, match=r"^Adapter 'g' \(.*\): adapter_config.json's target_modules .* match no "
+                                           r"module of this base model .*: the adapter was trained on another base model"):
         own.load("g", adapters["gpt2"]["a"])
     assert own.names == [] and not any(isinstance(m, AdapterHost) for m in own.model.modules())
 

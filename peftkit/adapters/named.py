@@ -246,7 +246,7 @@ class NamedAdapters:
         self._check_new_name(name)
         method = method_of(cfg)
         entry = _Adapter(method, directory)
-        with self._bare():
+        with self._bare(), _said_of(name, directory):
             if not method.layer_targets:
                 try:
                     inject_adapters(self.model, cfg, every_entry=False, state=state, saved_only=True)
@@ -528,6 +528,18 @@ class NamedAdapters:
             for path in sorted(self._hosts, key=lambda p: -p.count(".")):
                 _replace(self.model, path, self._hosts[path])
             self._activate(self.active)
+
+
+@contextmanager
+def _said_of(name: str, directory: str) -> Iterator[None]:
+    """An error of loading adapter `name`'s weights (which say "the adapter's ...", "adapter_config.json's ...") says
+    which adapter, of the several a command loads, it is about."""
+    try:
+        yield
+    except PeftkitError as e:
+        if str(e).startswith(f"Adapter {name!r}"):
+            raise
+        raise PeftkitError(f"Adapter {name!r}{f' ({directory})' if directory else ''}: {e}") from None
 
 
 def loads_alone(adapter_dir: str) -> str | None:
