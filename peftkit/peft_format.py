@@ -427,6 +427,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
     state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
     state = without_sampler(state, peft)  # (MonteCLoRA's training state)
     check_weights_are_of(method, state, weights_file)
+    check_adapter_tensors(method, state, weights_file)
     if getattr(cfg, "modules_to_save", None) and "modules_to_save" in type(cfg).model_fields:
         cfg = cfg.model_copy(update={"modules_to_save": peft_saved_modules(cfg.modules_to_save, state, method)})
     if bad := nonfinite_tensors(state):
@@ -459,6 +460,25 @@ def check_weights_are_of(method: type[Method], state: dict[str, torch.Tensor], w
                 f"{weights_file} holds {other.title} tensors (e.g. on '{min(adapted)}'), and its {CONFIG_NAME} says "
                 f"peft_type {method.peft_type} ({method.title}): the two files come from different adapters. Put back "
                 f"the {CONFIG_NAME} saved with these weights, or export the adapter again.")
+
+
+def check_adapter_tensors(method: type[Method], state: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Refuse an adapter tensor (`lora_A.weight`, ...) that is not floating-point, or that lacks the dimension its rank
+    is on (a 0-d lora_A): every command that loads the file (a merge of several adapters cast an int32 lora_B into
+    its sums without a word, and indexed past a 0-d lora_A's shape)."""
+    for key, tensor in state.items():
+        kind = next((p for p in method.param_names if key.endswith(f".{p}")), None)
+        if kind is None:
+            continue
+        if not tensor.is_floating_point():
+            raise PeftkitError(f"{weights_file}: {key} is {str(tensor.dtype).removeprefix('torch.')}, where adapter "
+                               "weights are floating-point: cast, it would give other numbers than were saved. The file "
+                               "is damaged, or not a PEFT adapter's; export the adapter again.")
+        dim = method.rank_dims.get(kind.removesuffix(".weight"))
+        if dim is not None and dim >= tensor.dim():
+            raise PeftkitError(f"{weights_file}: {key} has shape {tuple(tensor.shape)}, with no dimension {dim} (its "
+                               "rank): the file is damaged, or not a PEFT adapter's. Export the adapter again, or copy "
+                               "it again.")
 
 
 def peft_saved_modules(names: list[str], state: dict[str, torch.Tensor], method: type[Method]) -> list[str]:

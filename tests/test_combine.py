@@ -404,6 +404,27 @@ def test_cli_refuses_bad_combinations(extra, message, llama_adapters, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("damage, said", [
+    (lambda t: (t * 100).to(torch.int32), "is int32, where adapter weights are floating-point: cast, it would give "
+                                          "other numbers than were saved"),  # (it was merged, cast, without a word)
+    (lambda t: torch.tensor(1.0), "has shape (), with no dimension 0 (its rank): the file is damaged"),  # (IndexError)
+])
+def test_cli_refuses_a_damaged_adapter_tensor(damage, said, llama_adapters, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    a, b = llama_adapters
+    broken = Path(shutil.copytree(b, tmp_path / "b"))
+    weights = broken / "adapter_model.safetensors"
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file(load_file(weights) | {key: damage(load_file(weights)[key])}, weights)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", str(broken), "--weights",
+                                  "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out")).split())
+    assert f"error: {weights}: {key} {said}" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_adapter_with_weights_but_no_method_says_what_is_missing(llama_adapters, tmp_path, monkeypatch, capsys):
     """It said "Combining 1 adapters needs --weights ..." to a command that gave --weights."""
     err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", llama_adapters[0], "--output",

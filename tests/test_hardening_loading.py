@@ -462,23 +462,26 @@ def test_adapter_weights_of_an_integer_dtype_are_refused_not_cast(adapter, tmp_p
     save_file(load_file(weights) | {key: torch.ones(32, 4, dtype=torch.int32)}, weights)
     with pytest.raises(PeftkitError) as info:
         _load_adapter(broken)
-    assert str(info.value) == (f"The adapter's {key} is int32, not floating-point as the weight it loads into: cast, "
-                               "it would give other numbers than were saved. The file is damaged, or not a PEFT "
-                               "adapter's; export the adapter again.")
+    assert str(info.value) == (f"{weights}: {key} is int32, where adapter weights are floating-point: cast, it would "
+                               "give other numbers than were saved. The file is damaged, or not a PEFT adapter's; export "
+                               "the adapter again.")
 
 
 def test_an_adapter_tensor_with_another_number_of_dimensions_is_said_damaged(adapter, tmp_path):
-    """A 0-d lora_A was "trained on a different base model (another size or vocabulary)": another base changes sizes,
-    never the number of dimensions."""
+    """A 1-d lora_A was "trained on a different base model (another size or vocabulary)": another base changes sizes,
+    never the number of dimensions. (A 0-d one lacks the rank dimension: said on reading the file.)"""
     broken = _copy(adapter, tmp_path / "adapter")
     weights = broken / "adapter_model.safetensors"
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    save_file(load_file(weights) | {key: torch.tensor(1.0)}, weights)
+    save_file(load_file(weights) | {key: torch.ones(4)}, weights)
     with pytest.raises(PeftkitError) as info:
         _load_adapter(broken)
     assert str(info.value) == ("The adapter's file does not hold what its adapter_config.json describes: module "
-                               "'model.layers.0.self_attn.q_proj' expects lora_A of shape (4, 32) but the adapter has (). "
-                               "The file is damaged, or not a PEFT adapter's; export the adapter again.")
+                               "'model.layers.0.self_attn.q_proj' expects lora_A of shape (4, 32) but the adapter has "
+                               "(4,). The file is damaged, or not a PEFT adapter's; export the adapter again.")
+    save_file(load_file(weights) | {key: torch.tensor(1.0)}, weights)
+    with pytest.raises(PeftkitError, match=re.escape(f"{weights}: {key} has shape (), with no dimension 0 (its rank)")):
+        _load_adapter(broken)
 
 
 def test_adapter_keys_without_peft_s_prefix_are_said_so(adapter, tmp_path, monkeypatch, capsys):
