@@ -146,6 +146,12 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
             raise PeftkitError(f"{path} also trains rows of the embeddings (trainable tokens): those are "
                                "values, not updates to weigh and combine. Combine adapters without them, or merge "
                                "this one alone (`peftkit merge`).")
+        # (loading it alone refuses such a pair, as peft does; combining scaled the update by alpha / the config's r)
+        if cfg.method == "lora" and (off := next((k for k, t in state.items() if t.dim() == 2 and t.shape[0] != cfg.r
+                                                  and k.endswith((".lora_A.weight", ".lora_embedding_A"))), None)):
+            raise PeftkitError(f"{path}: its adapter_config.json says r: {cfg.r}, and {off} has rank "
+                               f"{state[off].shape[0]}: the two files come from different runs. Put back the "
+                               "adapter_config.json saved with these weights, or export the adapter again.")
         sources.append(Source(path, cfg, state, peft.base_model_name_or_path, peft.revision, quant))
     return sources
 

@@ -425,6 +425,23 @@ def test_cli_refuses_a_damaged_adapter_tensor(damage, said, llama_adapters, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_an_adapter_whose_config_gives_another_rank_than_its_weights(llama_adapters, tmp_path, monkeypatch,
+                                                                                capsys):
+    """adapter_config.json's r: 8 beside rank-4 weights (another run's config): loaded alone it is refused, as in peft;
+    `--method cat` combined it, its update scaled by alpha / 8, without a word."""
+    import shutil
+
+    a, b = llama_adapters
+    broken = Path(shutil.copytree(b, tmp_path / "b"))
+    config = json.loads((broken / "adapter_config.json").read_text()) | {"r": 8}
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", str(broken), "--weights",
+                                  "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out")).split())
+    assert (f"error: {broken}: its adapter_config.json says r: 8, and base_model.model.model.embed_tokens."
+            "lora_embedding_A has rank 4: the two files come from different runs.") in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_adapter_with_weights_but_no_method_says_what_is_missing(llama_adapters, tmp_path, monkeypatch, capsys):
     """It said "Combining 1 adapters needs --weights ..." to a command that gave --weights."""
     err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", llama_adapters[0], "--output",
