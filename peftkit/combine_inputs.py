@@ -152,8 +152,30 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
             raise PeftkitError(f"{path}: its adapter_config.json says r: {cfg.r}, and {off} has rank "
                                f"{state[off].shape[0]}: the two files come from different runs. Put back the "
                                "adapter_config.json saved with these weights, or export the adapter again.")
+        if untargeted := _untargeted(cfg, state):
+            raise PeftkitError(f"{path}: its weights adapt {len(untargeted)} modules that its adapter_config.json's "
+                               f"target_modules do not name (e.g. '{untargeted[0]}'): the config says less than the "
+                               "weights (loading it alone refuses them; peft leaves them out without a word). Add them "
+                               "to its target_modules, or put back the adapter_config.json saved with these weights.")
         sources.append(Source(path, cfg, state, peft.base_model_name_or_path, peft.revision, quant))
     return sources
+
+
+def _untargeted(cfg, state: dict[str, torch.Tensor]) -> list[str]:
+    """The module paths an adapter's weights adapt that its target_modules (a list, or a regex) do not match: combining
+    merged them without a word, where loading the adapter alone refuses them."""
+    from peftkit.adapters import modules_adapted_by, regex_targets
+    from peftkit.methods import method_of
+    from peftkit.methods.base import suffix_match
+    from peftkit.recipe import TargetRegex
+
+    targets = getattr(cfg, "target_modules", None)
+    if not targets or targets == "all-linear":  # (which layers all-linear takes, the model says)
+        return []
+    adapted = sorted(modules_adapted_by(state, method_of(cfg)))
+    if isinstance(targets, TargetRegex):
+        return sorted(set(adapted) - set(regex_targets(targets, adapted)))
+    return [m for m in adapted if not any(suffix_match(m, t) for t in targets)]
 
 
 def _trained_biases(cfg, state: dict[str, torch.Tensor]) -> list[str]:

@@ -442,6 +442,24 @@ def test_cli_refuses_an_adapter_whose_config_gives_another_rank_than_its_weights
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_an_adapter_whose_weights_adapt_modules_its_config_does_not_target(llama_adapters, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """k_proj's LoRA under a target_modules without k_proj: loaded alone it is refused (peft drops those weights);
+    combining merged them without a word."""
+    import shutil
+
+    a, b = llama_adapters
+    broken = Path(shutil.copytree(b, tmp_path / "b"))
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["target_modules"] = [t for t in config["target_modules"] if not t.endswith("k_proj")]
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", str(broken), "--weights",
+                                  "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out")).split())
+    assert (f"error: {broken}: its weights adapt 2 modules that its adapter_config.json's target_modules do not name "
+            "(e.g. 'model.layers.0.self_attn.k_proj'): the config says less than the weights") in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_one_adapter_with_weights_but_no_method_says_what_is_missing(llama_adapters, tmp_path, monkeypatch, capsys):
     """It said "Combining 1 adapters needs --weights ..." to a command that gave --weights."""
     err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", llama_adapters[0], "--output",
