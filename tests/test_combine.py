@@ -405,8 +405,8 @@ def test_cli_refuses_bad_combinations(extra, message, llama_adapters, tmp_path, 
 
 
 @pytest.mark.parametrize("damage, said", [
-    (lambda t: (t * 100).to(torch.int32), "is int32, where adapter weights are floating-point: cast, it would give "
-                                          "other numbers than were saved"),  # (it was merged, cast, without a word)
+    (lambda t: (t * 100).to(torch.int32), ("is int32, where adapter weights are floating-point: cast, it would give "
+                                           "other numbers than were saved")),  # (it was merged, cast, without a word)
     (lambda t: torch.tensor(1.0), "has shape (), with no dimension 0 (its rank): the file is damaged"),  # (IndexError)
 ])
 def test_cli_refuses_a_damaged_adapter_tensor(damage, said, llama_adapters, tmp_path, monkeypatch, capsys):
