@@ -259,8 +259,8 @@ def _targets_in_weights(path: Path, method: type[Method]) -> list[str]:
     try:
         with safe_open(weights_file, "pt") as f:
             keys = list(f.keys())  # noqa: SIM118 (safe_open is not a dict)
-    except (SafetensorError, OSError):
-        return []  # loading says what is wrong with the file
+    except (SafetensorError, OSError) as e:  # (said here: "target_modules is null" would blame the config)
+        raise unreadable_safetensors(weights_file, e, "Export the adapter again, or copy it again") from None
     keys = without_adapter_name(keys, method, weights_file).values()
     return sorted({module.rsplit(".", 1)[-1] for module in modules_adapted_by(dict.fromkeys(keys), method)})
 

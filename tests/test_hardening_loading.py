@@ -442,6 +442,17 @@ def test_truncated_adapter_weights(adapter, tmp_path):
     assert message.endswith("Export the adapter again, or copy it again.")
 
 
+def test_truncated_adapter_weights_whose_config_leaves_the_targets_to_them(adapter, tmp_path):
+    """target_modules: null takes the targets from the weights; with the weights truncated, the error blamed the config
+    ('"target_modules" is null; it should name the adapted modules')."""
+    broken = _copy(adapter, tmp_path / "adapter")
+    _edit_json(broken / "adapter_config.json", target_modules=None)
+    _truncate(broken / "adapter_model.safetensors")
+    with pytest.raises(PeftkitError) as info:
+        _load_adapter(broken)
+    assert str(info.value).startswith(f"{broken / 'adapter_model.safetensors'} is truncated or corrupt (")
+
+
 def test_adapter_weights_of_another_rank_than_its_config(adapter, tmp_path):
     broken = _copy(adapter, tmp_path / "adapter")
     _edit_json(broken / "adapter_config.json", r=8)
