@@ -37,12 +37,18 @@ def split_named(value: str, flag: str = "--adapter") -> tuple[str, str] | None:
     return None if match is None else (match.group(1), match.group(2))
 
 
+def _dir_name(value: str) -> str:
+    """The name of a bare DIR's row: its directory's name, with what a NAME may not hold as '_' (a space, brackets:
+    `my run` was refused as a name the user never chose, after the base had loaded)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(value).name).strip("_") or "adapter"
+
+
 def parse_named(values: list[str], flag: str, taken: list[str] = ()) -> list[tuple[str, str]]:
     """`NAME=DIR` values of a repeatable flag (a bare DIR is named after its directory), names unique among them,
     the base's and `taken` (another flag's rows)."""
     named = []
     for value in values:
-        named.append(split_named(value, flag) or (Path(value).name or value, value))
+        named.append(split_named(value, flag) or (_dir_name(value), value))
     names = [BASE, *taken] + [n for n, _ in named]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

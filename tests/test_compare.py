@@ -104,6 +104,25 @@ def test_a_row_named_after_its_directory_shows_its_name_as_written():
     assert "│ run\\x1b[2J │ 4.5000 │" in out.getvalue()
 
 
+def test_a_bare_dir_is_named_after_its_directory_as_a_name_may_be_written(tiny_llama, number_data, candidates,
+                                                                          tmp_path, monkeypatch, capsys):
+    """`--adapter "my run"` was named `my run`, which the shared model then refused ("Adapter name 'my run': use
+    letters, digits, ..."), a name the user never chose, after the base had loaded."""
+    import shutil
+
+    from peftkit.cli import main
+    from peftkit.compare import parse_named
+
+    assert parse_named(["a/my run [2]", "b/run.v1", "c/[]"], "--adapter") == [
+        ("my_run_2", "a/my run [2]"), ("run.v1", "b/run.v1"), ("adapter", "c/[]")]
+    shutil.copytree(candidates / "peft", tmp_path / "my run")
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]),
+                                     "--adapter", str(tmp_path / "my run"), "--adapter", f"b={candidates / 'peft'}"])
+    main()
+    out = capsys.readouterr().out
+    assert "my_run" in out and " b " in out
+
+
 def test_a_name_used_twice_is_refused(tiny_llama, number_data, candidates, monkeypatch, capsys):
     args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"])]
     assert "--adapter: the name 'a' is used twice" in cli_user_error(
