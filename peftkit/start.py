@@ -149,17 +149,20 @@ class Run:
             except DiskFullError as e:
                 raise DiskFullError(f"{e} {self.resume_hint()}") from None
 
-    def evaluate(self, step: int) -> dict:
-        """Evaluate at `step` (once: the end of an early-stopped run reuses its last evaluation), log it and show
-        it to the selection."""
+    def evaluate(self, step: int, unlogged: dict | None = None) -> dict:
+        """Evaluate at `step` (once: the end of an early-stopped run reuses its last evaluation), show it to the
+        selection and log it. `unlogged`: the step's training line, which training.log_steps left out; when this
+        evaluation stops the run early, it is logged first, as the last step of a run that ends there is."""
         if self.last_eval is not None and self.last_eval[0] == step:
             return self.last_eval[1]
         model = distributed.unwrap(self.accelerator, self.model)  # every process joins (loss batches, prompts shared out)
         with fresh_dynamic_rope(model):  # as `peftkit eval` of the exported adapter sees it
             result = self.eval_ex(model)
-        self.log({"step": step, **self.eval_ex.record(result)})
         if self.selection is not None:
             self.selection.observe(step, result, lambda: distributed.adapter_weights(model, self.saved_modules))
+        if unlogged is not None and self.stopped_early:
+            self.log(unlogged)
+        self.log({"step": step, **self.eval_ex.record(result)})
         self.last_eval = (step, result)
         return result
 

@@ -175,20 +175,23 @@ def _loop(run: Run, state: LoopState) -> None:
             window_tokens += tokens
             loss_value, grad_norm, regularizer = _step(run, window, tokens, state)
             tps = window_tokens / max(time.time() - window_start, 1e-9)
+            unlogged = None  # this step's line where log_steps leaves it out: an early stop here logs it still
             if loss_value is not None:  # a skipped step (nan_policy: skip_step) has no loss to show or log
                 progress.update(state.step, loss_value, lr, tps)  # every step: the bar moves, the first gets a line
+                record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
+                if regularizer is not None:
+                    record["regularizer"] = regularizer
                 if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
-                    record = {"step": state.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                              "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
-                    if regularizer is not None:
-                        record["regularizer"] = regularizer
                     run.log(record)
                     window_start, window_tokens = time.time(), 0
+                else:
+                    unlogged = record
             else:
                 progress.skipped(state.step)
             paused = time.time()  # evaluations and checkpoints are not training: tokens_per_s leaves them out
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
-                result = run.evaluate(state.step)
+                result = run.evaluate(state.step, unlogged)
                 progress.note(f"step {state.step}: {run.eval_ex.describe(result)}")
             if tcfg.save_steps and state.step % tcfg.save_steps == 0 or state.step in extra:
                 run.checkpoint(state)

@@ -132,9 +132,9 @@ def test_tokens_per_s_leaves_evaluations_out(tiny_llama, number_data, tmp_path, 
 
     evaluate = start.Run.evaluate
 
-    def slow(run, step):
+    def slow(run, step, *unlogged):
         time.sleep(2.0)
-        return evaluate(run, step)
+        return evaluate(run, step, *unlogged)
 
     monkeypatch.setattr(start.Run, "evaluate", slow)
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 8, "eval_steps": 3},

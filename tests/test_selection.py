@@ -68,6 +68,20 @@ def test_early_stopping_stops_after_patience_and_exports_that_step(tiny_llama, n
     assert _same(_weights(tmp_path / "stop" / "run" / "adapter"), _weights(step3))
 
 
+def test_an_early_stop_between_log_steps_logs_its_last_step(tiny_llama, number_data, tmp_path):
+    """log_steps 2, stopped early at step 3: metrics.jsonl ends with step 3's training line, then its evaluation, as
+    a run of max_steps 3 does. The line was missing: its last training line was step 2's, and the summary's
+    train_loss (step 3's) was in no line."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"max_steps": 12, "eval_steps": 1, "log_steps": 2,
+                                   "early_stopping": {"metric": "loss", "mode": "max", "patience": 2}})
+    summary = train(load_recipe(recipe))
+    assert summary["steps"] == 3 and summary["stopped_early"] is True
+    lines = _lines(tmp_path / "run")
+    assert [(x["step"], "loss" in x) for x in lines] == [(1, False), (2, True), (2, False), (3, True), (3, False)]
+    assert lines[3]["loss"] == summary["train_loss"] and lines[3]["tokens"] == summary["tokens"]
+
+
 def test_export_best_exports_the_best_evaluation_and_survives_a_resume(tiny_llama, number_data, tmp_path):
     """export.best by the *highest* eval loss (early_stopping mode max, patience never reached) is step 1's adapter:
     the exported weights equal the run's step-1 checkpoint and the summary's eval loss is step 1's. Resuming
