@@ -184,6 +184,16 @@ def _total_steps(tcfg, examples: int, processes: int) -> int:
     return total
 
 
+def _check_evaluations(cfg: Recipe) -> None:
+    """A warning where training.eval_steps evaluates nothing. A warning, not a recipe error (transformers' Trainer
+    refuses it): the recipe.yaml of a run made before it must still load (`peftkit eval RUN_DIR`, --resume)."""
+    tcfg = cfg.training
+    if tcfg.eval_steps and not cfg.data.eval:
+        warnings.warn(PeftkitWarning(f"training.eval_steps is {tcfg.eval_steps}, but this recipe has no data.eval to "
+                                     "evaluate on, so nothing is evaluated during training; set data.eval, or remove "
+                                     "training.eval_steps."), stacklevel=2)
+
+
 def make_accelerator(cfg: Recipe, out: Path):
     """accelerate's Accelerator, made first: it knows this process's rank and device (`peftkit.distributed`)."""
     from accelerate import Accelerator
@@ -232,6 +242,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
             console.print(warning, style="yellow", markup=False, highlight=False)
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
+    _check_evaluations(cfg)
 
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)

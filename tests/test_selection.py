@@ -233,3 +233,15 @@ def test_the_stop_reason_names_the_last_improvement_by_min_delta():
                                        "is better) for 2 evaluations, since 4.0000 at step 1")
     assert selection.summary(trained_all=False) == {"stopped_early": True,
                                                     "best": {"metric": "eval_loss", "value": 3.7, "step": 3}}
+
+
+def test_eval_steps_without_data_eval_is_said(tiny_llama, number_data, tmp_path):
+    """training.eval_steps without data.eval evaluates nothing: it was accepted without a word."""
+    from peftkit.errors import PeftkitWarning
+    from peftkit.start import _check_evaluations
+
+    cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"eval_steps": 2}, data={"eval": None}))
+    with pytest.warns(PeftkitWarning, match=r"^training.eval_steps is 2, but this recipe has no data.eval to evaluate "
+                                            r"on, so nothing is evaluated during training; set data.eval, or remove "
+                                            r"training.eval_steps.$"):
+        _check_evaluations(cfg)
