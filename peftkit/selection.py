@@ -90,6 +90,8 @@ class Selection:
 
     def stop_reason(self) -> str:
         s = self.stopper
+        if s.step is None:  # no evaluation was finite: none was ever the best
+            return f"early stopping: eval {s.metric} has not been finite in any of the {s.stale} evaluations"
         return (f"early stopping: eval {s.metric} has not improved by more than min_delta {s.min_delta} "
                 f"({s.direction} is better) for {s.stale} evaluations, since {s.value:.4f} at step {s.step}")
 

@@ -245,3 +245,19 @@ def test_eval_steps_without_data_eval_is_said(tiny_llama, number_data, tmp_path)
                                             r"on, so nothing is evaluated during training; set data.eval, or remove "
                                             r"training.eval_steps.$"):
         _check_evaluations(cfg)
+
+
+def test_early_stopping_on_evaluations_that_were_never_finite_says_so(tiny_llama, number_data, tmp_path, monkeypatch):
+    """An eval loss NaN at every evaluation never improves, so patience 2 stops the run at step 2, which then fails
+    as any run with a non-finite final eval loss does. The stop's message formatted the best value, None: a
+    TypeError traceback."""
+    import peftkit.evaluate as evaluate_mod
+    from peftkit.finish import TrainingFailed
+
+    monkeypatch.setattr(evaluate_mod, "evaluate_loss", lambda *a, **k: {"loss": math.nan, "perplexity": math.nan,
+                                                                          "num_tokens": 1})
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"max_steps": 6, "eval_steps": 1, "early_stopping": {"patience": 2}})
+    with pytest.raises(TrainingFailed, match="The final eval loss is nan"):
+        train(load_recipe(recipe))
+    assert max(x["step"] for x in _lines(tmp_path / "run")) == 2
