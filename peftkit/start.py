@@ -184,14 +184,27 @@ def _total_steps(tcfg, examples: int, processes: int) -> int:
     return total
 
 
-def _check_evaluations(cfg: Recipe) -> None:
-    """A warning where training.eval_steps evaluates nothing. A warning, not a recipe error (transformers' Trainer
-    refuses it): the recipe.yaml of a run made before it must still load (`peftkit eval RUN_DIR`, --resume)."""
-    tcfg = cfg.training
+def _check_evaluations(cfg: Recipe, total: int) -> None:
+    """A warning where training.eval_steps evaluates nothing, or leaves early stopping or export.best too few
+    evaluations in the run's `total` steps to act on (the recipe's check, `Recipe._check_selection`, only sees that
+    there are some). Warnings, not recipe errors (transformers' Trainer refuses eval steps without eval data): the
+    recipe.yaml of a run made before them must still load (`peftkit eval RUN_DIR`, --resume)."""
+    tcfg, best, es = cfg.training, cfg.best_metric, cfg.training.early_stopping
     if tcfg.eval_steps and not cfg.data.eval:
         warnings.warn(PeftkitWarning(f"training.eval_steps is {tcfg.eval_steps}, but this recipe has no data.eval to "
                                      "evaluate on, so nothing is evaluated during training; set data.eval, or remove "
                                      "training.eval_steps."), stacklevel=2)
+    if es is None and best is None:
+        return
+    during = (total - 1) // tcfg.eval_steps  # evaluations before the last step (the end's cannot stop the run)
+    run = f"training.eval_steps {tcfg.eval_steps} makes {during} evaluation(s) before the run's last step ({total})"
+    if es is not None and during <= es.patience:  # a first evaluation to improve on, then `patience` without
+        warnings.warn(PeftkitWarning(f"training.early_stopping.patience is {es.patience}, and {run}: too few for it "
+                                     f"ever to stop the run, which needs {es.patience + 1}; lower eval_steps or "
+                                     "patience."), stacklevel=2)
+    if best is not None and during == 0:
+        warnings.warn(PeftkitWarning(f"export.best: {run}, so the final evaluation is the only one and its adapter, "
+                                     "the final one, is exported; lower eval_steps."), stacklevel=2)
 
 
 def make_accelerator(cfg: Recipe, out: Path):
@@ -242,7 +255,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
             console.print(warning, style="yellow", markup=False, highlight=False)
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
-    _check_evaluations(cfg)
+    _check_evaluations(cfg, total_steps)
 
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)

@@ -244,7 +244,7 @@ def test_eval_steps_without_data_eval_is_said(tiny_llama, number_data, tmp_path)
     with pytest.warns(PeftkitWarning, match=r"^training.eval_steps is 2, but this recipe has no data.eval to evaluate "
                                             r"on, so nothing is evaluated during training; set data.eval, or remove "
                                             r"training.eval_steps.$"):
-        _check_evaluations(cfg)
+        _check_evaluations(cfg, 6)
 
 
 def test_early_stopping_on_evaluations_that_were_never_finite_says_so(tiny_llama, number_data, tmp_path, monkeypatch):
@@ -261,3 +261,30 @@ def test_early_stopping_on_evaluations_that_were_never_finite_says_so(tiny_llama
     with pytest.raises(TrainingFailed, match="The final eval loss is nan"):
         train(load_recipe(recipe))
     assert max(x["step"] for x in _lines(tmp_path / "run")) == 2
+
+
+def test_too_few_evaluations_for_early_stopping_or_export_best_are_said(tiny_llama, number_data, tmp_path):
+    """eval_steps 4 in 10 steps makes 2 evaluations before the last step (4, 8): early stopping with patience 2
+    needs 3 (one to improve on, two without), so it could never stop the run; eval_steps 10 leaves export.best the
+    final evaluation only. Both were accepted without a word."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+    from peftkit.start import _check_evaluations
+
+    def said(training, export=None):
+        cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 10} | training,
+                                      export=export or {}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _check_evaluations(cfg, 10)
+        return [str(w.message) for w in caught if w.category is PeftkitWarning]
+
+    assert said({"eval_steps": 4, "early_stopping": {"patience": 2}}) == [(
+        "training.early_stopping.patience is 2, and training.eval_steps 4 makes 2 evaluation(s) before the run's last "
+        "step (10): too few for it ever to stop the run, which needs 3; lower eval_steps or patience.")]
+    assert said({"eval_steps": 3, "early_stopping": {"patience": 2}}) == []  # 3, 6, 9
+    assert said({"eval_steps": 10}, {"best": True}) == [(
+        "export.best: training.eval_steps 10 makes 0 evaluation(s) before the run's last step (10), so the final "
+        "evaluation is the only one and its adapter, the final one, is exported; lower eval_steps.")]
+    assert said({"eval_steps": 9}, {"best": True}) == []
