@@ -338,6 +338,8 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     if cfg.task == "sequence_classification":
         loading_info = _expected_for_new_head(model, loading_info, cfg)
     _check_weights_fit(model, loading_info, cfg.name_or_path)
+    if quant is not None:
+        _refuse_quantized_tied_head(model, quant)
     if quant is None and device.type != "cuda":
         model.to(device)
     for module in model.modules():
@@ -432,6 +434,21 @@ def _check_weights_fit(model: nn.Module, loading_info: dict, source: str) -> Non
         "with random values. Was config.json edited, or copied from another model? Put back the config.json "
         "saved with these weights."
     )
+
+
+def _refuse_quantized_tied_head(model: nn.Module, quant: QuantizationConfig) -> None:
+    """An output head that shares its weight with the embeddings (Qwen2's small models, Gemma, GPT-2) cannot be
+    quantized: transformers swaps in a bitsandbytes layer that still holds the embeddings' float matrix, and its
+    first forward fails inside bitsandbytes (a bare AssertionError for 4-bit, an AttributeError for int8)."""
+    from peftkit.methods.base import is_quantized
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or not is_quantized(head) or head.weight is not embedding.weight:
+        return
+    name = next(n for n, m in model.named_modules() if m is head)
+    raise PeftkitError(f"quantization.skip_modules {quant.skip_modules} leaves out {name}, the output head, and this "
+                       f"model ties it to its input embeddings, which bitsandbytes cannot quantize. Add {name!r} to "
+                       "quantization.skip_modules (its default, [lm_head], keeps it).")
 
 
 def _quantized_shape_mismatches(model: nn.Module) -> list[tuple[str, tuple, tuple]]:

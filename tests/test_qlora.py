@@ -175,6 +175,23 @@ def test_modules_to_save_of_a_quantized_layer_is_a_clear_error(qllama):
         inject_adapters(model, LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["q_proj"]))
 
 
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_a_quantized_output_head_tied_to_the_embeddings_is_a_clear_error(tmp_path, qllama, method):
+    """skip_modules without lm_head on a tied model (Qwen2's small ones) loaded, then its first forward failed inside
+    bitsandbytes: a bare AssertionError (4-bit) or 'Parameter' object has no attribute 'CB' (int8). An untied head
+    is quantized as asked."""
+    qwen2 = tmp_path / "qwen2"
+    build_tiny_model(qwen2, arch="qwen2", hidden_size=32, num_layers=1, seed=0)
+    with pytest.raises(PeftkitError, match=r"quantization.skip_modules \[\] leaves out lm_head, the output head, and "
+                                           r"this model ties it to its input embeddings.* Add 'lm_head' to "
+                                           r"quantization.skip_modules"):
+        load_quantized(qwen2, method=method, skip_modules=[])
+    if method == "nf4":
+        untied = load_quantized(qllama, method=method, skip_modules=[])
+        assert isinstance(untied.lm_head, bnb.nn.Linear4bit)
+        assert torch.isfinite(fp32_logits(untied)).all()
+
+
 def test_a_16bit_compute_dtype_does_not_shrink_the_activation_estimate_of_a_float32_base(qllama, number_data, tmp_path):
     """compute_dtype bfloat16 (the default) on a float32 base: the estimate sized every activation in bf16 (half the
     fp32 figure), but a 4-bit layer returns its input's dtype and the rest runs in fp32: autograd keeps the same
