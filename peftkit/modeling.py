@@ -240,6 +240,33 @@ def bnb_config(q: QuantizationConfig):
     )
 
 
+def _check_prequantized(config, quant: QuantizationConfig, name_or_path: str) -> None:
+    """A checkpoint saved quantized (its config.json has a quantization_config: `peftkit merge --requantize`'s
+    OUTPUT-nf4, a hub "-bnb-4bit" model) loads with its own settings: transformers ignores every setting of the
+    quantization section (it only warns, in a log peftkit silences), so a recipe asking int8 or fp4 trained on nf4
+    and recorded int8 in the adapter. A section that says otherwise than the checkpoint is refused, naming the key."""
+    saved = getattr(config, "quantization_config", None)
+    if saved is None:
+        return
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    if saved.get("quant_method") != "bitsandbytes":
+        raise PeftkitError(f"{name_or_path} is already quantized ({saved.get('quant_method')}, in its config.json's "
+                           "quantization_config), and the quantization section quantizes through bitsandbytes: remove "
+                           "the quantization section.")
+    four_bit = not saved.get("load_in_8bit")
+    checkpoint = {"method": saved.get("bnb_4bit_quant_type", "fp4") if four_bit else "int8"}
+    if four_bit and quant.method != "int8":
+        checkpoint |= {"double_quant": bool(saved.get("bnb_4bit_use_double_quant")),
+                       "compute_dtype": dtype_name(saved.get("bnb_4bit_compute_dtype")),
+                       "quant_storage": str(saved.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")}
+    differ = [f"quantization.{key}: {value}" for key, value in checkpoint.items() if getattr(quant, key) != value]
+    if differ:
+        raise PeftkitError(f"{name_or_path} is already quantized by bitsandbytes (its config.json's "
+                           f"quantization_config), and it loads with its own settings whatever the quantization section "
+                           f"says. Set {', '.join(differ)} as the checkpoint has it, or quantize the unquantized model "
+                           "instead.")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -326,6 +353,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     if cfg.task == "sequence_classification":
         kwargs |= classifier_kwargs(cfg, labels)
     if quant is not None:
+        _check_prequantized(config, quant, cfg.name_or_path)
         kwargs["quantization_config"] = bnb_config(quant)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}

@@ -192,6 +192,34 @@ def test_a_quantized_output_head_tied_to_the_embeddings_is_a_clear_error(tmp_pat
         assert torch.isfinite(fp32_logits(untied)).all()
 
 
+def test_a_quantization_section_that_differs_from_a_prequantized_checkpoint_is_refused(qllama, tmp_path):
+    """A checkpoint saved 4-bit (merge --requantize's OUTPUT-nf4) loads with its own settings: a section asking int8
+    or fp4 trained on nf4 without a word (transformers' warning goes to a silenced log), and the adapter recorded the
+    section's method. The section that says what the checkpoint holds loads it."""
+    from peftkit.merge import requantize_model
+
+    saved = tmp_path / "nf4"
+    requantize_model(qllama, saved, "nf4")  # nf4, double quant, compute float32
+    for quant, key in ((dict(method="int8"), "quantization.method: nf4"),
+                       (dict(method="fp4"), "quantization.method: nf4"),
+                       (dict(method="nf4", double_quant=False), "quantization.double_quant: True"),
+                       (dict(method="nf4", compute_dtype="bfloat16"), "quantization.compute_dtype: float32")):
+        with pytest.raises(PeftkitError, match=rf"nf4 is already quantized by bitsandbytes .* Set {key} as the "
+                                               "checkpoint has it"):
+            load_quantized(saved, **quant)
+    layer = load_quantized(saved, method="nf4").model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.quant_type == "nf4"
+    # Another quantizer's checkpoint (its config says so; the weights are not read): transformers' "quantized with
+    # AwqConfig but you are passing a BitsAndBytesConfig" came out as "Could not load model".
+    awq = tmp_path / "awq"
+    shutil.copytree(qllama, awq)
+    config = json.loads((awq / "config.json").read_text())
+    (awq / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "awq", "bits": 4}}))
+    with pytest.raises(PeftkitError, match=r"awq is already quantized \(awq, in its config.json's quantization_config\)"
+                                           r", and the quantization section quantizes through bitsandbytes: remove"):
+        load_quantized(awq)
+
+
 def test_a_16bit_compute_dtype_does_not_shrink_the_activation_estimate_of_a_float32_base(qllama, number_data, tmp_path):
     """compute_dtype bfloat16 (the default) on a float32 base: the estimate sized every activation in bf16 (half the
     fp32 figure), but a 4-bit layer returns its input's dtype and the rest runs in fp32: autograd keeps the same
