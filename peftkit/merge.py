@@ -82,6 +82,8 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if f"{name}.{pname}" in skip or isinstance(module, TokenAdapter):  # (its trained rows)
                 continue
             value = dequantize_weight(module) if (is_quantized(module) and pname == "weight") else p.detach()
+            if pname == "weight" and _quantized_conv1d(module):  # back to the plain Conv1D's (in, out)
+                value = value.T.contiguous()
             state[f"{key}.{pname}" if key else pname] = value.cpu()
     return state
 
@@ -114,6 +116,19 @@ def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 def conv1d_modules(model: nn.Module) -> set[str]:
     """Paths (without `.base_layer`) of layers whose weight is stored (in, out)."""
     return {plain_name(name) for name, m in model.named_modules() if is_conv1d(m)}
+
+
+def _quantized_conv1d(module: nn.Module) -> bool:
+    """A bitsandbytes layer that transformers made from a GPT-2 style Conv1D: it quantized the transposed weight,
+    (out, in), and kept the class it replaced in `source_cls`. The plain model it merges into has the Conv1D."""
+    source = getattr(module, "source_cls", None)
+    return is_quantized(module) and isinstance(source, type) and source.__name__ == "Conv1D"
+
+
+def plain_conv1d_modules(model: nn.Module) -> set[str]:
+    """Paths of layers whose weight the plain model (and `base_state_dict`) stores (in, out): the Conv1D layers,
+    quantized or not."""
+    return conv1d_modules(model) | {plain_name(name) for name, m in model.named_modules() if _quantized_conv1d(m)}
 
 
 def plain_model_from_state(
@@ -202,7 +217,7 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     adapter |= {f"{SHARED_PREFIX}{n}": t.cpu() for holder in shared_holders(model) for n, t in holder.named_buffers()}
     # Each layer is merged in fp32 and cast to `dtype` as it is done: held whole in fp32, the merged layers took
     # twice a bf16 model's size, and the cast to `dtype` a copy more (a merge peaked at 3x the model, now ~1x).
-    state = merge_state_dict(base, adapter, adapter_cfg, conv1d_modules(model), dtype=dtype)
+    state = merge_state_dict(base, adapter, adapter_cfg, plain_conv1d_modules(model), dtype=dtype)
     if getattr(adapter_cfg, "layer_replication", None):  # the stacked copies shared the base's weights: now their own
         seen: set[int] = set()
         state = {k: v.clone() if v.data_ptr() in seen else seen.add(v.data_ptr()) or v for k, v in state.items()}

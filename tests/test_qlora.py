@@ -288,6 +288,25 @@ def test_merged_logits_equal_qlora_logits(qllama, original):
     assert max_diff(plain_logits(naive), qlora) > 1e-2
 
 
+def test_a_quantized_gpt2_merges_into_its_conv1d_layout(tmp_path):
+    """transformers quantizes GPT-2's Conv1D weights transposed, (out, in); the merge wrote them so into the plain
+    model's Conv1D layers, which store (in, out): a size mismatch error ('copying a param with shape [96, 32] ... the
+    shape in current model is [32, 96]') from `peftkit merge` and export.merged of every QLoRA GPT-2."""
+    gpt2 = tmp_path / "gpt2"
+    build_tiny_model(gpt2, arch="gpt2", hidden_size=32, num_layers=2, seed=0)
+    model = load_quantized(gpt2)
+    torch.manual_seed(0)
+    inject_adapters(model, ADAPTER)
+    random_adapters(model, seed=1, std=0.1)
+    layer = adapter_layers(model)["transformer.h.0.attn.c_attn"]
+    w = layer.base_layer.weight
+    deq = bnbF.dequantize_4bit(w.data, w.quant_state).float()
+    delta = SCALING * (layer.lora_B.weight.detach() @ layer.lora_A.weight.detach())
+    merged = merged_model(model, ADAPTER, torch.float32)
+    assert max_diff(merged.state_dict()["transformer.h.0.attn.c_attn.weight"], (deq + delta).T) <= 1e-6
+    assert max_diff(plain_logits(merged), plain_logits(model)) <= 1e-4  # eval mode: GPT-2's dropout off
+
+
 def _saved_qlora(model: nn.Module, base: Path, out: Path) -> Path:
     """`model`'s adapter saved as a QLoRA run exports it (peftkit.json records the nf4 base)."""
     quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
