@@ -151,7 +151,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
         trust_remote_code: the user's `--trust-remote-code`.
     """
     from peftkit.adapters import merge_state_dict
-    from peftkit.merge import base_state_dict, check_merge_output, conv1d_modules, merge_device
+    from peftkit.merge import base_state_dict, check_merge_output, conv1d_modules, merge_device, plain_conv1d_modules
     from peftkit.peft_format import read_meta
 
     combination.check(len(adapter_dirs))
@@ -177,7 +177,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     state, config = adapter_files(layers, rank, name, revision, conv1d_modules(model))
     if into_base:
         cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=list(layers))
-        merged = merge_state_dict(base_state, state, cfg, conv1d_modules(loaded), dtype=torch.float32)
+        merged = merge_state_dict(base_state, state, cfg, plain_conv1d_modules(loaded), dtype=torch.float32)
         _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite)
     else:
         _write_adapter(output_dir, state, config, sources[0], overwrite)

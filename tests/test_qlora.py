@@ -305,6 +305,17 @@ def test_a_quantized_gpt2_merges_into_its_conv1d_layout(tmp_path):
     merged = merged_model(model, ADAPTER, torch.float32)
     assert max_diff(merged.state_dict()["transformer.h.0.attn.c_attn.weight"], (deq + delta).T) <= 1e-6
     assert max_diff(plain_logits(merged), plain_logits(model)) <= 1e-4  # eval mode: GPT-2's dropout off
+    # `peftkit merge` of the saved QLoRA adapter, and combining it with itself (cat, half each: the same update) into
+    # the base, which failed the same way.
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    adapter = _saved_qlora(model, gpt2, tmp_path / "adapter")
+    shutil.copytree(adapter, tmp_path / "again")
+    for out in (merge_adapter(str(adapter), str(tmp_path / "merged")),
+                combine_adapters([str(adapter), str(tmp_path / "again")], Combination("cat", (0.5, 0.5)),
+                                 str(tmp_path / "combined"), into_base=True)):
+        assert max_diff(plain_logits(AutoModelForCausalLM.from_pretrained(out)), plain_logits(model)) <= 1e-4, out
 
 
 def _saved_qlora(model: nn.Module, base: Path, out: Path) -> Path:
