@@ -298,13 +298,27 @@ def check_attention(cfg: ModelConfig, device: torch.device) -> None:
     then refuses."""
     if cfg.attn_implementation != "flash_attention_2":
         return
-    if cfg.dtype == "float32":
+    if cfg.dtype == "float32" or (cfg.dtype == "auto" and _checkpoint_dtype(cfg) == "float32"):
+        said = "float32" if cfg.dtype == "float32" else "auto, the checkpoint's float32"
         raise PeftkitError("model.attn_implementation: flash_attention_2 computes in float16 or bfloat16 only, and "
-                           "model.dtype is float32. Set model.dtype: bfloat16 (the adapter still trains in float32), "
+                           f"model.dtype is {said}. Set model.dtype: bfloat16 (the adapter still trains in float32), "
                            "or use sdpa.")
     if need := flash_attention_missing(device):
         raise PeftkitError(f"model.attn_implementation: flash_attention_2 needs {need}; use sdpa (or leave the key "
                            "out) here.")
+
+
+def _checkpoint_dtype(cfg: ModelConfig) -> str | None:
+    """The dtype model.dtype `auto` loads, as the checkpoint's config.json records it; None where it records none or
+    cannot be read yet (loading then says why)."""
+    from transformers import PretrainedConfig
+
+    try:
+        raw = PretrainedConfig.get_config_dict(cfg.name_or_path, revision=cfg.revision)[0]
+    except (OSError, ValueError):
+        return None
+    recorded = raw.get("dtype") or raw.get("torch_dtype")
+    return dtype_name(recorded) if recorded else None
 
 
 def flash_attention_missing(device: torch.device) -> str | None:

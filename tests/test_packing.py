@@ -94,6 +94,18 @@ def test_flash_attention_needs_16_bit_weights_and_cuda(tiny_llama, number_data, 
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flash, "--set", "model.dtype=bfloat16",
                          "--set", "model.device=cpu")
     assert "model.attn_implementation: flash_attention_2 needs a CUDA device; use sdpa" in err
+    # model.dtype auto is the checkpoint's float32 (tiny_llama's config.json): refused as float32 is, where it had
+    # passed on a GPU with flash-attn (and failed in flash-attn's kernel); a 16-bit checkpoint passes that check.
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), *flash, "--set", "model.dtype=auto")
+    assert "flash_attention_2 computes in float16 or bfloat16 only, and model.dtype is auto, the checkpoint's float32" in err
+    from peftkit.modeling import check_attention
+    from peftkit.recipe import ModelConfig
+
+    cuda = torch.device("cuda", 0)  # check_attention looks at the device's type only
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(bf16)
+    with pytest.raises(PeftkitError, match="needs (a CUDA device|the flash-attn package)"):
+        check_attention(ModelConfig(name_or_path=str(bf16), dtype="auto", attn_implementation="flash_attention_2"), cuda)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
