@@ -244,7 +244,8 @@ def _check_prequantized(config, quant: QuantizationConfig, name_or_path: str) ->
     """A checkpoint saved quantized (its config.json has a quantization_config: `peftkit merge --requantize`'s
     OUTPUT-nf4, a hub "-bnb-4bit" model) loads with its own settings: transformers ignores every setting of the
     quantization section (it only warns, in a log peftkit silences), so a recipe asking int8 or fp4 trained on nf4
-    and recorded int8 in the adapter. A section that says otherwise than the checkpoint is refused, naming the key."""
+    and recorded int8 in the adapter. A section that says otherwise of the stored weights (method, double_quant,
+    quant_storage) is refused, naming the key; its compute_dtype, a setting of the layers, `load_model` applies."""
     saved = getattr(config, "quantization_config", None)
     if saved is None:
         return
@@ -257,12 +258,11 @@ def _check_prequantized(config, quant: QuantizationConfig, name_or_path: str) ->
     checkpoint = {"method": saved.get("bnb_4bit_quant_type", "fp4") if four_bit else "int8"}
     if four_bit and quant.method != "int8":
         checkpoint |= {"double_quant": bool(saved.get("bnb_4bit_use_double_quant")),
-                       "compute_dtype": dtype_name(saved.get("bnb_4bit_compute_dtype")),
                        "quant_storage": str(saved.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")}
     differ = [f"quantization.{key}: {value}" for key, value in checkpoint.items() if getattr(quant, key) != value]
     if differ:
         raise PeftkitError(f"{name_or_path} is already quantized by bitsandbytes (its config.json's "
-                           f"quantization_config), and it loads with its own settings whatever the quantization section "
+                           f"quantization_config): its weights load as they were stored, whatever the quantization section "
                            f"says. Set {', '.join(differ)} as the checkpoint has it, or quantize the unquantized model "
                            "instead.")
 
@@ -382,6 +382,13 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is not None:
         _refuse_quantized_tied_head(model, quant)
+    if quant is not None and quant.method != "int8" and getattr(config, "quantization_config", None) is not None:
+        # A checkpoint saved 4-bit loads with the compute dtype its config.json records: the recipe's is set here.
+        from peftkit.methods.base import is_quantized
+
+        for module in model.modules():
+            if is_quantized(module) and hasattr(module, "compute_dtype"):
+                module.compute_dtype, module.compute_type_is_set = DTYPES[quant.compute_dtype], True
     if quant is None and device.type != "cuda":
         model.to(device)
     for module in model.modules():

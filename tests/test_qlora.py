@@ -203,12 +203,16 @@ def test_a_quantization_section_that_differs_from_a_prequantized_checkpoint_is_r
     for quant, key in ((dict(method="int8"), "quantization.method: nf4"),
                        (dict(method="fp4"), "quantization.method: nf4"),
                        (dict(method="nf4", double_quant=False), "quantization.double_quant: True"),
-                       (dict(method="nf4", compute_dtype="bfloat16"), "quantization.compute_dtype: float32")):
+                       (dict(method="nf4", quant_storage="bfloat16"), "quantization.quant_storage: uint8")):
         with pytest.raises(PeftkitError, match=rf"nf4 is already quantized by bitsandbytes .* Set {key} as the "
                                                "checkpoint has it"):
             load_quantized(saved, **quant)
     layer = load_quantized(saved, method="nf4").model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.quant_type == "nf4"
+    # The compute dtype is the layers' setting, not the weights': the section's applies (transformers kept the saved
+    # float32).
+    bf16 = load_quantized(saved, method="nf4", compute_dtype="bfloat16")
+    assert {m.compute_dtype for m in bf16.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.bfloat16}
     # Another quantizer's checkpoint (its config says so; the weights are not read): transformers' "quantized with
     # AwqConfig but you are passing a BitsAndBytesConfig" came out as "Could not load model".
     awq = tmp_path / "awq"
