@@ -151,7 +151,8 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
         trust_remote_code: the user's `--trust-remote-code`.
     """
     from peftkit.adapters import merge_state_dict
-    from peftkit.merge import base_state_dict, check_merge_output, conv1d_modules, merge_device, plain_conv1d_modules
+    from peftkit.merge import (base_state_dict, check_merge_output, conv1d_modules, merge_device,
+                               plain_conv1d_modules)
     from peftkit.peft_format import read_meta
 
     combination.check(len(adapter_dirs))

@@ -200,10 +200,10 @@ def test_a_quantization_section_that_differs_from_a_prequantized_checkpoint_is_r
 
     saved = tmp_path / "nf4"
     requantize_model(qllama, saved, "nf4")  # nf4, double quant, compute float32
-    for quant, key in ((dict(method="int8"), "quantization.method: nf4"),
-                       (dict(method="fp4"), "quantization.method: nf4"),
-                       (dict(method="nf4", double_quant=False), "quantization.double_quant: True"),
-                       (dict(method="nf4", quant_storage="bfloat16"), "quantization.quant_storage: uint8")):
+    for quant, key in (({"method": "int8"}, "quantization.method: nf4"),
+                       ({"method": "fp4"}, "quantization.method: nf4"),
+                       ({"method": "nf4", "double_quant": False}, "quantization.double_quant: True"),
+                       ({"method": "nf4", "quant_storage": "bfloat16"}, "quantization.quant_storage: uint8")):
         with pytest.raises(PeftkitError, match=rf"nf4 is already quantized by bitsandbytes .* Set {key} as the "
                                                "checkpoint has it"):
             load_quantized(saved, **quant)
