@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, PromptEncoderConfig, PromptEncoderReparameterizationType, get_peft_model
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -320,3 +320,17 @@ def test_inspect_describes_the_prompt(name, models, tmp_path):  # noqa: F811
     assert info["trainable_params"] == 4 * width + encoder
     assert not info["vllm"]["accepts"] and json.dumps(info)
     assert method_of(CONFIGS[name]).name == name
+
+
+@pytest.mark.parametrize(("encoder", "layers"), [("LSTM", 1), ("LSTM", 3), ("MLP", 1)])
+def test_inspect_counts_a_peft_encoder_of_its_own_depth(encoder, layers, models, tmp_path):  # noqa: F811
+    """peft's LSTM has `encoder_num_layers` layers (its MLP ignores the key): inspect counted 2 whatever the file
+    said (15,040 for a 1-layer LSTM of 8,640). (An enum: peft's warning that its MLP ignores the key fails on a str.)"""
+    config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16,
+                                 encoder_reparameterization_type=PromptEncoderReparameterizationType[encoder],
+                                 encoder_num_layers=layers)
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32), config)
+    theirs.save_pretrained(tmp_path / "peft")
+    info = inspect_adapter(tmp_path / "peft")
+    assert info["trainable_params"] == theirs.get_nb_trainable_parameters()[0]
+    assert info["saved_params"] == 4 * 32  # the encoder's output

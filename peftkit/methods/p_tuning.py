@@ -41,20 +41,21 @@ class PTuningPeftConfig(VirtualPeftConfig):
 
 
 class LstmEncoder(nn.Module):
-    """peft's LSTM head: a bidirectional 2-layer LSTM over the table (one sequence of n), then an MLP."""
+    """peft's LSTM head: a bidirectional LSTM over the table (one sequence of n), 2 layers as peftkit trains it
+    (peft's `encoder_num_layers`, which only the LSTM reads), then an MLP."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, num_layers: int = 2) -> None:
         super().__init__()
-        self.lstm_head = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.lstm_head = nn.LSTM(dim, hidden, num_layers=num_layers, bidirectional=True, batch_first=True)
         self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
 
     def forward(self, table: torch.Tensor) -> torch.Tensor:
         return self.mlp_head(self.lstm_head(table.unsqueeze(0))[0])[0]
 
 
-def encoder(kind: str, dim: int, hidden: int) -> nn.Module:
+def encoder(kind: str, dim: int, hidden: int, lstm_layers: int = 2) -> nn.Module:
     if kind == "lstm":
-        return LstmEncoder(dim, hidden)
+        return LstmEncoder(dim, hidden, lstm_layers)
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
 
@@ -87,8 +88,12 @@ class PTuning(PromptTuning):
         dim = facts.get("token_dim")
         if not isinstance(dim, int):
             return None
+        # A peft adapter's LSTM has its own depth (encoder_num_layers: 1 trains 8,640 parameters where 2 train
+        # 15,040 for d 32, h 16); peft's MLP ignores it, always 3 Linear layers.
+        layers = facts.get("encoder_num_layers", 2)
+        layers = layers if isinstance(layers, int) and layers > 0 else 2
         with torch.device("meta"):  # counted, not allocated
-            head = encoder(cfg.encoder, dim, cfg.encoder_hidden_size or dim)
+            head = encoder(cfg.encoder, dim, cfg.encoder_hidden_size or dim, layers)
         return cfg.num_virtual_tokens * dim + sum(p.numel() for p in head.parameters())
 
     @classmethod
