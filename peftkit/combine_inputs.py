@@ -14,6 +14,7 @@ from torch import nn
 
 from peftkit.combine import COMBINATIONS, DRAWS, ELECTS_SIGN, FACTOR_WISE, NEEDS_DENSITY, SVD, MajoritySign
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
+from peftkit.peft_format import trained_base_biases
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
                                "update to weight and combine. Combine adapters without modules_to_save.")
         # peft's `bias: all` / `lora_only` saves the trained biases of the base itself (values, not updates):
         # combining reads lora_A/lora_B only, so they were dropped without a word.
-        if getattr(peft, "bias", "none") not in (None, "none") and (biases := _trained_biases(cfg, state)):
+        if getattr(peft, "bias", "none") not in (None, "none") and (biases := trained_base_biases(cfg, state)):
             raise PeftkitError(f"{path} also trains the base's biases (bias: {peft.bias} in adapter_config.json; "
                                f"{len(biases)} saved, e.g. {biases[0]}): those are values, not updates to weigh and "
                                "combine. Merge it alone (`peftkit merge --adapter` once), or combine adapters trained "
@@ -176,17 +177,6 @@ def _untargeted(cfg, state: dict[str, torch.Tensor]) -> list[str]:
     if isinstance(targets, TargetRegex):
         return sorted(set(adapted) - set(regex_targets(targets, adapted)))
     return [m for m in adapted if not any(suffix_match(m, t) for t in targets)]
-
-
-def _trained_biases(cfg, state: dict[str, torch.Tensor]) -> list[str]:
-    """The base's biases an adapter's file holds (peft's `bias: all` / `lora_only`), not its method's own tensors
-    (lora_B.bias of `lora_bias`), as module paths."""
-    from peftkit.adapters import PEFT_PREFIX
-    from peftkit.methods import method_of
-
-    own = method_of(cfg).param_names
-    return sorted(key.removeprefix(PEFT_PREFIX).removesuffix(".bias").replace(".base_layer", "") for key in state
-                  if key.endswith(".bias") and not any(key.endswith("." + n) for n in own))
 
 
 def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:

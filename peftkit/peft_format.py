@@ -551,7 +551,15 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
     from peftkit.methods.lora_init import residual_refusal
 
     path = cfg.init_from
-    loaded = load_adapter(path)[0]
+    loaded, state, peft, _ = load_adapter(path)
+    # peft's `bias: all` / `lora_only` trains the base's own biases and saves their values: the run would load them
+    # and train with them, and its export (bias: none, as every peftkit adapter) would leave them out.
+    if getattr(peft, "bias", "none") not in (None, "none") and (biases := trained_base_biases(loaded, state)):
+        raise PeftkitError(f"adapter.init_from: {path} also trained the base's biases (bias: {peft.bias} in its "
+                           f"adapter_config.json; {len(biases)} saved, e.g. {biases[0]}), which peftkit does not "
+                           "train or export: the run's adapter would leave them out of the model it trained. Merge it "
+                           f"into its base (`peftkit merge --adapter {path} --output MERGED`) and train a new adapter "
+                           "on MERGED, or train on in peft.")
     if getattr(loaded, "_residual_init", None):
         raise residual_refusal("adapter.init_from", path, "training on from it here would train that init's "
                                "directions too, as part of a plain LoRA on the original base")
@@ -589,6 +597,17 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
             f"{', '.join(sorted(given))}, which are {cfg.method} settings. Leave only init_from."
         )
     return loaded.model_copy(update={"init_from": path})
+
+
+def trained_base_biases(cfg, state: dict[str, torch.Tensor]) -> list[str]:
+    """The base's biases an adapter's file holds (peft's `bias: all` / `lora_only`), not its method's own tensors
+    (lora_B.bias of `lora_bias`), as module paths."""
+    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.methods import method_of
+
+    own = method_of(cfg).param_names
+    return sorted(key.removeprefix(PEFT_PREFIX).removesuffix(".bias").replace(".base_layer", "") for key in state
+                  if key.endswith(".bias") and not any(key.endswith("." + n) for n in own))
 
 
 def _plain(value: object, key: str) -> object:

@@ -105,6 +105,28 @@ def test_conflicting_method_keys_are_refused(tiny_llama, number_data, tmp_path):
         load_recipe(_init_recipe(tmp_path / "x", tiny_llama, number_data, {"init_from": str(tmp_path / "nothing")}))
 
 
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_a_peft_adapter_that_trained_the_base_s_biases_is_refused(bias, tiny_gpt2, number_data, tmp_path):
+    """peft's `bias: all` / `lora_only` saves the base's biases as trained: a run from it loaded them and trained with
+    them, then exported its LoRA without them (bias: none), a model other than the one it trained."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+                           LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn"], bias=bias,
+                                      fan_in_fan_out=True))
+    model.save_pretrained(tmp_path / "p")
+    recipe = _init_recipe(tmp_path / "r", tiny_gpt2, number_data, {"init_from": str(tmp_path / "p")})
+    with pytest.raises(PeftkitError, match=rf"adapter.init_from: .* also trained the base's biases \(bias: {bias} in "
+                                           r"its adapter_config.json; \d+ saved, e.g. transformer.h.0.attn.c_attn\)"):
+        load_recipe(recipe)
+    # With bias: none (peft's default) the biases stay the base's: the same adapter trains on from it.
+    model.peft_config["default"].bias = "none"
+    model.save_pretrained(tmp_path / "none")
+    assert load_recipe(_init_recipe(tmp_path / "n", tiny_gpt2, number_data,
+                                    {"init_from": str(tmp_path / "none")})).adapter.r == 4
+
+
 def test_the_starting_adapter_is_an_input_of_the_run(tiny_llama, number_data, tmp_path):
     """The adapter a run starts from is hashed like its data and base: in manifest.json, checked by `--resume`
     and by `peftkit verify`, so a run cannot silently continue from, or vouch for, another starting point."""
