@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters.named import AdapterHost, NamedAdapters, load_named_model
+from peftkit.adapters.named import AdapterHost, NamedAdapters, load_named_model, loads_alone
 from peftkit.errors import PeftkitError
 from peftkit.generate import Sampling, generate_ids, generate_job, generate_texts
 from peftkit.methods.ia3 import IA3Config
@@ -159,6 +159,29 @@ def test_a_peft_adapter_saving_norm_layers_keeps_them_out_of_the_shared_base(tin
             named.activate(name)
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, logits, rtol=0, atol=1e-5)
 
+
+
+def test_a_peft_adapter_that_trained_the_base_s_biases_is_refused_and_compared_alone(tiny_gpt2, adapters, tmp_path):
+    """peft's `bias: all` saves the base's own biases, trained: loaded beside other adapters they went into the shared
+    base layers, and the base's rows and every other adapter ran with them (logits 0.3 off). A comparison
+    (`peftkit eval --adapter NAME=DIR ...`) evaluates such an adapter on a model of its own."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    theirs = get_peft_model(_base(tiny_gpt2), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"],
+                                                       bias="all", fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(0.3)
+    theirs.save_pretrained(tmp_path / "biased")
+    for order in ([("a", adapters["gpt2"]["a"]), ("biased", str(tmp_path / "biased"))],
+                  [("biased", str(tmp_path / "biased")), ("a", adapters["gpt2"]["a"])]):
+        with pytest.raises(PeftkitError, match=r"^Adapter 'biased' \(.*\) also trained the base's biases \(bias: all in "
+                                               r"its adapter_config.json; \d+ saved, e.g. transformer.h.0"):
+            load_named_model(order)
+    assert loads_alone(str(tmp_path / "biased")) == "bias"
+    assert loads_alone(adapters["gpt2"]["a"]) is None
 
 def test_delete_takes_the_adapter_and_its_parameters_out(tiny_llama, adapters):
     model, named, _ = load_named_model(list(adapters["llama"].items()))

@@ -60,10 +60,10 @@ from peftkit.methods import method_of
 from peftkit.methods.base import Method
 from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear, plus_update
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
-from peftkit.peft_format import check_weight_tying, read_meta
+from peftkit.peft_format import check_weight_tying, read_meta, trained_base_biases
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
-ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters")
+ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters", "bias")
 """adapter_config.json fields of the adapters that do not share a base with others (each refused below, saying why)."""
 
 BASE_NAMES = ("", "base")
@@ -231,6 +231,13 @@ class NamedAdapters:
         from peftkit.methods.lora_init import base_weight_of, on_original_base
 
         self._check_fits(name, directory, raw, quant)
+        # peft's `bias: all` / `lora_only` saves the base's own biases, trained: loaded into the shared base layers,
+        # they ran under the base's rows and every other adapter's too.
+        if getattr(raw, "bias", "none") not in (None, "none") and (biases := trained_base_biases(cfg, state)):
+            raise PeftkitError(f"Adapter {name!r} ({directory}) also trained the base's biases (bias: {raw.bias} in its "
+                               f"adapter_config.json; {len(biases)} saved, e.g. {biases[0]}), which would change the "
+                               "base the other adapters and the base's rows share; load it alone (--adapter DIR), or "
+                               "merge it (`peftkit merge`).")
         if directory:
             check_weight_tying(directory, self.model)
         cfg, state = on_original_base(cfg, state, base_weight_of(self.model))  # peft's unconverted PiSSA/OLoRA
