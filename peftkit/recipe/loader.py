@@ -279,6 +279,13 @@ _SYNONYMS = {
 }
 
 
+# peft keys whose closest name here is another setting: what they are, not a pointer to that setting.
+_NOT_OURS = {
+    ("bias", "lora_bias"): " peft's `bias` (all / lora_only: train the base's own biases) has no peftkit key; "
+                           "'lora_bias' is another setting (a trained bias of the update, in lora_B).",
+}
+
+
 def _method_without(model: type[BaseModel] | None, key: str) -> str | None:
     """The method of an adapter config that lacks `key`, when saying so helps: the recipe chose a method other
     than the default, or `key` belongs to another method (`r` in an IA3 section). None otherwise."""
@@ -300,6 +307,8 @@ def _all_fields(model: type[BaseModel]) -> set[str]:
 
 def _suggest(key: str, valid: list[str]) -> str:
     normal = key.lower().replace("-", "_")  # `Batch-Size` is `batch_size` written another way
+    if note := next((n for (theirs, ours), n in _NOT_OURS.items() if normal == theirs and ours in valid), None):
+        return note
     for name in (key, normal):
         if _SYNONYMS.get(name) in valid:
             return f" Did you mean '{_SYNONYMS[name]}'?"
