@@ -61,6 +61,31 @@ def test_comparison_table(tiny_llama, number_data, candidates, tmp_path, monkeyp
     assert f"{results['ours']['loss'] - results['base']['loss']:+.4f}" in shown  # the Δ column
 
 
+
+@pytest.mark.parametrize("setting", [{"trainable_token_indices": [40, 41, 55]}, {"alora_invocation_tokens": [40, 41]}],
+                         ids=["trainable_token_indices", "alora_invocation_tokens"])
+def test_an_adapter_that_cannot_share_the_base_is_evaluated_alone(setting, tiny_llama, number_data, candidates,
+                                                                   tmp_path, monkeypatch):
+    """A LoRA that also trains rows of the embeddings (trainable_token_indices: one model, one set of rows), or an
+    activated LoRA (acting from its invocation on), which named adapters refuse: the comparison failed on it (exit
+    2); it is evaluated on a model of its own."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftkit.cli import main
+
+    torch.manual_seed(1)
+    config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], init_lora_weights=False, **setting)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), config).save_pretrained(tmp_path / "odd")
+    data, out = str(number_data["eval"]), tmp_path / "cmp.json"
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", "--model", str(tiny_llama), "--data", data, "--adapter",
+                                     f"odd={tmp_path / 'odd'}", "--adapter", f"theirs={candidates / 'peft'}",
+                                     "--json", str(out)])
+    main()
+    results = json.loads(out.read_text())
+    for name, adapter in (("odd", tmp_path / "odd"), ("theirs", candidates / "peft")):
+        alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, str(adapter), None, None, None, metrics="loss"))
+        assert results[name]["loss"] == alone["loss"]
+
 def test_a_wide_comparison_is_printed_whole_in_a_log():
     """Piped or logged, rich prints at 80 columns and cut cells to fit: Δ -3.0365 showed as `-3.03…`, 2,442,240
     trainable as `2,442…`. Every cell now prints whole (the table runs wider)."""

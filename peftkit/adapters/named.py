@@ -63,7 +63,8 @@ from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.peft_format import check_weight_tying, read_meta, trained_base_biases
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
-ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters", "bias")
+ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters", "bias", "trainable_token_indices",
+         "alora_invocation_tokens")
 """adapter_config.json fields of the adapters that do not share a base with others (each refused below, saying why)."""
 
 BASE_NAMES = ("", "base")
