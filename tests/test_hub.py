@@ -439,6 +439,20 @@ def test_adapters_of_one_hub_base_combine_when_one_records_no_revision(hub, tiny
         combine_adapters(dirs, Combination("linear", (0.5, 0.5)), str(tmp_path / "other"))
 
 
+def _adapters_recording(tiny_llama, tmp_path, revisions) -> list[str]:
+    """LoRA adapters of `tiny_llama` (seeds 1, 2, ...) whose adapter_config.json records REPO at each revision."""
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_combine import make_adapter
+
+    dirs = []
+    for seed, revision in enumerate(revisions, 1):
+        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), seed,
+                                 tmp_path / f"a{seed}"))
+        config = json.loads((made / "adapter_config.json").read_text())
+        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
+                                                                       "revision": revision}))
+        dirs.append(str(made))
+    return dirs
 
 
 def test_combining_with_base_named_as_recorded_keeps_the_recorded_commit(hub, tiny_llama, tmp_path):
@@ -447,18 +461,9 @@ def test_combining_with_base_named_as_recorded_keeps_the_recorded_commit(hub, ti
     b's weights). Two commits of the --base among the inputs are two bases, as without --base."""
     from peftkit.combine_adapters import combine_adapters
     from peftkit.combine_inputs import Combination
-    from peftkit.methods.lora import LoraConfig
-    from tests.test_combine import make_adapter
 
     _publish_to(hub, REPO, tiny_llama, "b" * 40)
-    dirs = []
-    for seed in (1, 2):
-        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), seed,
-                                 tmp_path / f"a{seed}"))
-        config = json.loads((made / "adapter_config.json").read_text())
-        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
-                                                                       "revision": "a" * 40}))
-        dirs.append(str(made))
+    dirs = _adapters_recording(tiny_llama, tmp_path, ["a" * 40, "a" * 40])
     out = combine_adapters(dirs, Combination("cat", (0.5, 0.5)), str(tmp_path / "both"), base=REPO)
     assert json.loads((out / "adapter_config.json").read_text())["revision"] == "a" * 40
     config = json.loads((Path(dirs[1]) / "adapter_config.json").read_text())
@@ -471,17 +476,8 @@ def test_combining_with_base_named_as_recorded_keeps_the_recorded_commit(hub, ti
 def test_a_fusion_of_adapters_of_another_commit_of_its_hub_base_is_refused(hub, tiny_llama, number_data, tmp_path):
     """adapter.fuse adapters recording commit a of REPO, main moved to b: the fusion trained on b's weights without a
     word; with model.revision a it trains."""
-    from peftkit.methods.lora import LoraConfig
-    from tests.test_combine import make_adapter
 
-    dirs = []
-    for seed in (1, 2):
-        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), seed,
-                                 tmp_path / f"a{seed}"))
-        config = json.loads((made / "adapter_config.json").read_text())
-        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
-                                                                       "revision": "a" * 40}))
-        dirs.append(str(made))
+    dirs = _adapters_recording(tiny_llama, tmp_path, ["a" * 40, "a" * 40])
     _publish_to(hub, REPO, tiny_llama, "b" * 40)
     path = make_recipe(tmp_path, Path(REPO), number_data, training={"max_steps": 1})
     import yaml
@@ -495,27 +491,20 @@ def test_a_fusion_of_adapters_of_another_commit_of_its_hub_base_is_refused(hub, 
     train(load_recipe(path, [f"model.revision={'a' * 40}"]))
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
 
+
 def test_named_adapters_of_two_commits_of_one_hub_base_are_refused(hub, tiny_llama, tmp_path):
     """Named adapters share the base loaded at the first one's commit: one trained on another commit was put on it
     without a word (combining refuses such adapters); one that records no revision loads, as combining takes it."""
     from peftkit.adapters.named import load_named_model
-    from peftkit.methods.lora import LoraConfig
-    from tests.test_combine import make_adapter
 
     _publish_to(hub, REPO, tiny_llama, "b" * 40)
-    dirs = []
-    for seed, revision in ((1, "a" * 40), (2, "b" * 40), (3, None)):
-        made = Path(make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj"]), seed,
-                                 tmp_path / f"a{seed}"))
-        config = json.loads((made / "adapter_config.json").read_text())
-        (made / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": REPO,
-                                                                       "revision": revision}))
-        dirs.append(str(made))
+    dirs = _adapters_recording(tiny_llama, tmp_path, ["a" * 40, "b" * 40, None])
     with pytest.raises(PeftkitError, match=f"Adapter 'y' .* was trained on {REPO} at revision {'b' * 40}, adapter 'x' "
                                            f"at revision {'a' * 40}: adapters in one model share one base, at one "
                                            "commit"):
         load_named_model([("x", dirs[0]), ("y", dirs[1])])
     assert load_named_model([("x", dirs[0]), ("z", dirs[2])])[1].names == ["x", "z"]
+
 
 def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_llama, number_data, tmp_path,
                                                                   monkeypatch, capsys):
