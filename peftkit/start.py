@@ -167,7 +167,6 @@ class Run:
         return result
 
 
-
 def _total_steps(tcfg, examples: int, processes: int) -> int:
     """training.max_steps, or `epochs` whole passes over the (packed) training examples; a warmup longer than the
     run, which the recipe's check cannot see without the data, is refused here, before the model loads."""

@@ -514,7 +514,6 @@ def test_refuses_unequal_ranks_different_targets_and_bases(tiny_llama, tiny_gpt2
     assert json.loads((tmp_path / "cat" / "adapter_config.json").read_text())["r"] == 12
 
 
-
 def test_refuses_adapters_trained_with_other_rope_scaling(llama_adapters, tmp_path, monkeypatch, capsys):
     """One adapter trained on the base RoPE-scaled (its peftkit.json): combined without a word before, the result
     recording the first input's scaling, so the order of --adapter decided the base every command loads."""
@@ -549,6 +548,7 @@ def test_refuses_adapters_of_a_4bit_base_quantized_from_other_dtypes(llama_adapt
                          "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out"))
     assert (f"{dirs[0]} was trained against a base quantized from bfloat16, {dirs[1]} from float32 (their peftkit.json "
             "base_dtype)") in " ".join(err.split()), err
+
 
 def test_refuses_an_update_of_biases(tmp_path):
     """IA3 on Qwen2's biased q and v scales their biases too: a combined LoRA cannot carry that."""

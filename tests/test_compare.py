@@ -61,7 +61,6 @@ def test_comparison_table(tiny_llama, number_data, candidates, tmp_path, monkeyp
     assert f"{results['ours']['loss'] - results['base']['loss']:+.4f}" in shown  # the Δ column
 
 
-
 @pytest.mark.parametrize("setting", [{"trainable_token_indices": [40, 41, 55]}, {"alora_invocation_tokens": [40, 41]}],
                          ids=["trainable_token_indices", "alora_invocation_tokens"])
 def test_an_adapter_that_cannot_share_the_base_is_evaluated_alone(setting, tiny_llama, number_data, candidates,
@@ -85,6 +84,7 @@ def test_an_adapter_that_cannot_share_the_base_is_evaluated_alone(setting, tiny_
     for name, adapter in (("odd", tmp_path / "odd"), ("theirs", candidates / "peft")):
         alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, str(adapter), None, None, None, metrics="loss"))
         assert results[name]["loss"] == alone["loss"]
+
 
 def test_a_wide_comparison_is_printed_whole_in_a_log():
     """Piped or logged, rich prints at 80 columns and cut cells to fit: Δ -3.0365 showed as `-3.03…`, 2,442,240

@@ -192,7 +192,6 @@ def test_unknown_key_in_target_modules_regex(tmp_path):
                        "adapter.target_modules. Did you mean 'regex'? Valid keys: regex.")
 
 
-
 def test_peft_s_bias_key_is_not_pointed_at_lora_bias(tmp_path):
     """peft's `bias: all` trains the base's biases; 'lora_bias' (what the closest-name rule suggested) is a bias of
     the update: another setting, which would have trained silently otherwise."""
@@ -201,6 +200,7 @@ def test_peft_s_bias_key_is_not_pointed_at_lora_bias(tmp_path):
     assert (f"my-recipe.yaml:{_line(text, '  bias: all')}: unknown key 'bias' in adapter. peft's `bias` (all / "
             "lora_only: train the base's own biases) has no peftkit key; 'lora_bias' is another setting") in message
     assert "Did you mean" not in message
+
 
 def test_unknown_key_far_from_any_valid_one_lists_the_valid_keys(tmp_path):
     text = RECIPE.replace("  dropout: 0.0\n", "  dropout: 0.0\n  zzzz: 1\n")

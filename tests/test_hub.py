@@ -315,6 +315,7 @@ def test_eval_and_generate_read_the_hub_split_and_revision_given_on_the_command_
         assert str(result.exception) == (f"{flag} picks what is read of a hub dataset given with --data; "
                                          f"{tmp_path / 'test.jsonl'} is a local file.")
 
+
 def test_the_rows_digest_counts_images_and_bytes_by_content():
     """A PIL image's repr holds its memory address: digested by repr, the same rows gave another digest in every
     process, and every --resume on such a dataset was refused."""

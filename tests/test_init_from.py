@@ -105,7 +105,6 @@ def test_conflicting_method_keys_are_refused(tiny_llama, number_data, tmp_path):
         load_recipe(_init_recipe(tmp_path / "x", tiny_llama, number_data, {"init_from": str(tmp_path / "nothing")}))
 
 
-
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_a_peft_adapter_that_trained_the_base_s_biases_is_refused(bias, tiny_gpt2, number_data, tmp_path):
     """peft's `bias: all` / `lora_only` saves the base's biases as trained: a run from it loaded them and trained with

@@ -160,7 +160,6 @@ def test_a_peft_adapter_saving_norm_layers_keeps_them_out_of_the_shared_base(tin
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, logits, rtol=0, atol=1e-5)
 
 
-
 def test_a_peft_adapter_that_trained_the_base_s_biases_is_refused_and_compared_alone(tiny_gpt2, adapters, tmp_path):
     """peft's `bias: all` saves the base's own biases, trained: loaded beside other adapters they went into the shared
     base layers, and the base's rows and every other adapter ran with them (logits 0.3 off). A comparison
@@ -182,6 +181,7 @@ def test_a_peft_adapter_that_trained_the_base_s_biases_is_refused_and_compared_a
             load_named_model(order)
     assert loads_alone(str(tmp_path / "biased")) == "bias"
     assert loads_alone(adapters["gpt2"]["a"]) is None
+
 
 def test_delete_takes_the_adapter_and_its_parameters_out(tiny_llama, adapters):
     model, named, _ = load_named_model(list(adapters["llama"].items()))
@@ -342,8 +342,6 @@ def test_generate_route_mistakes(adapters, routed_data, monkeypatch, capsys):
     assert "--route task: row 1 of" in cli_user_error(monkeypatch, capsys, *args, "--route", "task", *named)
 
 
-
-
 def test_any_name_eval_accepts_works_dots_and_torch_s_own_words_too(adapters, loaded):
     """A layer holds its adapters in a torch ModuleDict, whose keys may not hold a '.' nor be its attributes: `eval
     --adapter v1.2=DIR` (a NAME it takes) and `train=DIR` failed, the second with a KeyError traceback."""
@@ -363,6 +361,7 @@ def test_any_name_eval_accepts_works_dots_and_torch_s_own_words_too(adapters, lo
             assert (mixed[row:row + 1] - expected).abs().max() <= 1e-5
     named.delete("train")
     assert named.names == ["v1.2", "keys"]
+
 
 def _first_llama_cases():
     from tests.test_methods import CASES

@@ -66,7 +66,6 @@ def test_every_peft_config_at_its_defaults_passes_quietly(name):
         check_peft_fields(method_for_peft_type(raw["peft_type"], Path("c.json")), raw, Path("c.json"))
 
 
-
 @pytest.mark.parametrize("name", ["LoHaConfig", "LoKrConfig"])
 def test_effective_conv2d_passes_quietly(name):
     """`use_effective_conv2d` changes convolution layers only, which peftkit does not adapt: set, it is no warning."""

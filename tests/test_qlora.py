@@ -573,7 +573,6 @@ def test_float16_compute_on_cpu_is_a_recipe_error(qllama, number_data, tmp_path)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # rejected before any training
 
 
-
 def test_a_paged_optimizer_run_resumes_bit_identically(tiny_llama, number_data, tmp_path):
     """A paged optimizer's state is restored through bitsandbytes' load_state_dict without its move to the GPU, and
     paged again there (`peftkit.distributed._page_again`; CUDA: the test below): the resumed run gives the bits of

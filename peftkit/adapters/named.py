@@ -151,7 +151,6 @@ class AdapterHost(nn.Module):
                 result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
         return result
 
-
     def _arrow(self, x: torch.Tensor) -> torch.Tensor:
         """The base's output plus each token's Arrow-weighed adapter updates, rounded as one LoRA's update is."""
         return plus_update(self.base_layer, self.base_layer(x), self.arrow.update(x))
