@@ -467,3 +467,20 @@ def test_a_config_that_lists_a_causal_lm_class_is_no_classifier(tmp_path):
     assert source("LlamaForSequenceClassification").classifier()
     assert not source("LlamaForCausalLM", "LlamaForSequenceClassification").classifier()
     assert not source("LlamaForCausalLM").classifier()
+
+
+def test_integer_labels_in_eval_name_classes_of_digits(tmp_path, tiny_bert):
+    """Star ratings "1".."3" as strings in train.jsonl and 1, 2 in an eval CSV (which reads them as integers): each
+    is the class of its digits. An integer was a class id, so 1 was silently the class "2" and 3 an error."""
+    write_jsonl(tmp_path / "t.jsonl", [{"text": t, "label": s} for t, s in [("bad", "1"), ("ok", "2"), ("good", "3")]])
+    (tmp_path / "e.csv").write_text("text,label\nbad,1\nok,2\ngood,3\n")
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
+    cfg = DataConfig(train=str(tmp_path / "t.jsonl"), format="classification")
+    labels = load_classification(tok, cfg.train, "train", cfg)[2]
+    examples = load_classification(tok, str(tmp_path / "e.csv"), "train", cfg, labels)[0]
+    assert [labels.names[e.labels[0]] for e in examples] == ["1", "2", "3"]
+    with pytest.raises(PeftkitError) as err:  # 0 is no class's name, and no id where names are digits
+        labels.id_of(0, "e.csv row 1")
+    assert str(err.value) == ("e.csv row 1: label 0 is not one of the 3 classes the model was trained on (1, 2, 3). "
+                              "Fix the row, or train with data that has this class.")
+    assert LABELS.id_of(1, "x") == 1 and LabelSet(("0", "1", "2")).id_of(2, "x") == 2  # ids where names are not digits

@@ -10,6 +10,7 @@ label is not one of them is an error naming its row.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,8 @@ from peftkit.data.examples import Example, row_location, usable_row
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
+
+_INTEGER = re.compile(r"[+-]?\d+")  # a class name that an integer label could mean
 
 
 @dataclass(frozen=True)
@@ -61,15 +64,23 @@ class LabelSet:
         return cls(tuple(config.id2label[i] for i in range(config.num_labels)))
 
     def id_of(self, label: str | int, where: str) -> int:
-        """The class id of a row's label; an unknown one is a PeftkitError naming `where`."""
-        if isinstance(label, int) and label < len(self.names):
+        """The class id of a row's label; an unknown one is a PeftkitError naming `where`.
+
+        An integer is the class its digits name when there is one (classes named "1", "2", "3" from one file's
+        string labels, and 1, 2, 3 in a CSV that reads them as integers: 1 is "1", not id 1, "2"), else a class id
+        unless some class name is an integer's digits, where an id would be read as the wrong name."""
+        if isinstance(label, int) and str(label) in self.names:
+            return self.names.index(str(label))
+        ids = not any(_INTEGER.fullmatch(n) for n in self.names)
+        if isinstance(label, int) and ids and label < len(self.names):
             return label
         if isinstance(label, str) and label in self.names:
             return self.names.index(label)
         shown = ", ".join(self.names[:8]) + (", ..." if len(self.names) > 8 else "")
         raise PeftkitError(
-            f"{where}: label {label!r} is not one of the {len(self.names)} classes the model was trained on ({shown}; "
-            f"or their ids 0-{len(self.names) - 1}). Fix the row, or train with data that has this class."
+            f"{where}: label {label!r} is not one of the {len(self.names)} classes the model was trained on ({shown}"
+            f"{f'; or their ids 0-{len(self.names) - 1}' if ids else ''}). Fix the row, or train with data that has "
+            "this class."
         )
 
     @property
