@@ -290,8 +290,8 @@ def evaluate_classifier(job: EvalJob) -> dict[str, float]:
     """`peftkit eval` of a sequence classifier on data.format: classification rows: {'loss' (mean cross-entropy per
     row), 'accuracy', 'macro_f1', 'num_examples'}. The rows' labels map to the classes the model has: an adapter's
     (peftkit.json, else as many as its head has outputs), a model's config.json `id2label`. A model given without an
-    adapter loads as a sequence classifier; one whose config names no classes (a base without a head) gets the
-    data's classes and a random head, drawn from seed 0 so that the figures repeat."""
+    adapter loads as a sequence classifier; a base without a head (`_named_classes`) gets the data's classes and a
+    random head, drawn from seed 0 so that the figures repeat."""
     from peftkit.classify import evaluate_classification
     from peftkit.data.classification import LabelSet, load_classification
 
@@ -318,14 +318,17 @@ def evaluate_classifier(job: EvalJob) -> dict[str, float]:
 
 
 def _named_classes(model_cfg: ModelConfig):
-    """The classes a model's config.json names (a fine-tuned or merged classifier), or None when it has only
-    transformers' placeholders (`LABEL_0`, ...)."""
+    """The classes of a model's config.json (a fine-tuned or merged classifier: its head's outputs), or None for a
+    base without a head: one with only transformers' placeholders (`LABEL_0`, ...) whose architecture is no
+    sequence classifier. A classifier saved with placeholder names (peft's or transformers' own training) keeps its
+    head: the eval data's classes would give a head of their own count, drawn at random."""
     from peftkit.data.classification import LabelSet
     from peftkit.modeling import load_config
 
     config = load_config(model_cfg)
     named = any(name != f"LABEL_{i}" for i, name in config.id2label.items())
-    return LabelSet.from_config(config) if named else None
+    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
+    return LabelSet.from_config(config) if named or classifier else None
 
 
 def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:

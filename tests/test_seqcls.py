@@ -484,3 +484,26 @@ def test_integer_labels_in_eval_name_classes_of_digits(tmp_path, tiny_bert):
     assert str(err.value) == ("e.csv row 1: label 0 is not one of the 3 classes the model was trained on (1, 2, 3). "
                               "Fix the row, or train with data that has this class.")
     assert LABELS.id_of(1, "x") == 1 and LabelSet(("0", "1", "2")).id_of(2, "x") == 2  # ids where names are not digits
+
+
+def test_eval_of_a_classifier_with_placeholder_names_keeps_its_head(tmp_path, tiny_bert):
+    """A saved 3-class classifier whose config names its classes LABEL_0..2 (transformers' default, as a peft-trained
+    one has), scored on rows labelled 0 and 1: its own head, checked against its logits by hand. It was taken for a
+    base without a head, and the data's 2 classes got a new random one."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.evaluate import eval_job, evaluate
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).eval()
+    torch.nn.init.normal_(model.classifier.weight, std=2.0, generator=torch.Generator().manual_seed(1))
+    shutil.copytree(tiny_bert, tmp_path / "cls")
+    model.save_pretrained(tmp_path / "cls")
+    rows = [("bad", 0), ("ok", 1), ("good", 1), ("fine", 0)]
+    write_jsonl(tmp_path / "eval.jsonl", [{"text": t, "label": label} for t, label in rows])
+    got = evaluate(eval_job(None, [], str(tmp_path / "cls"), str(tmp_path / "eval.jsonl"), "classification", None,
+                            None, None, None))
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_bert)))
+    with torch.no_grad():
+        logits = torch.cat([model(**tok(t, return_tensors="pt")).logits for t, _ in rows])
+    want = torch.nn.functional.cross_entropy(logits, torch.tensor([label for _, label in rows]))
+    assert abs(got["loss"] - float(want)) < 1e-5
