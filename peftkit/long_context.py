@@ -7,8 +7,10 @@ flows between neighbouring groups. In eval mode (evaluation, generation) the mod
 It is registered through transformers' attention interface as `peftkit_s2`, wrapping the model's own attention
 function (SDPA or eager); a forward pre-hook on the model selects it while the model is in training mode and puts
 the model's own implementation back otherwise. The mask of each group is cut from transformers' full boolean mask
-(causal, padding, packed sequences), rolled with the heads: no token ever sees a later one, also in the group that
-wraps around (LongLoRA's reference code lets the first half-group there see the sequence's last half-group).
+(causal, padding, packed sequences), rolled with the heads: no token ever sees a later one, and the group that wraps
+around is cut in two, the sequence's first half-group and its end each seeing only itself (LongLoRA's reference code
+lets the first half-group there see the sequence's last half-group), so a row attends alike however far its batch
+pads it.
 A sequence whose length is not a multiple of the group size is padded at its end inside the attention (the padding
 is attended by nothing real and cut from the output).
 """
@@ -99,6 +101,11 @@ def shifted_group_attention(fn, module, query, key, value, attention_mask, group
         vs = value[:, half * kv_heads // 2:(half + 1) * kv_heads // 2]
         m = mask
         if shift:
+            # The roll puts the sequence's last tokens and its first `shift` in one group: cut them apart, so that
+            # neither sees the other (the end seeing the start made a row's attention depend on how far the batch
+            # padded it: 12 of a 13-token row saw 0-3 alone, in a batch padded to 20 it did not).
+            pos = torch.arange(padded, device=mask.device)
+            m = m & ~((pos[:, None] >= shift) & (pos[None, :] < shift))
             qs, ks, vs = (x.roll(-shift, dims=2) for x in (qs, ks, vs))
             m = m.roll((-shift, -shift), dims=(2, 3))
         out = _grouped(fn, module, qs, ks, vs, m, group, **kwargs)

@@ -34,8 +34,8 @@ def _model(impl: str = "sdpa"):
 
 def _reference_attention(attn, hidden, cos, sin, group: int) -> torch.Tensor:
     """LlamaAttention's output computed by hand, each head with its explicit mask: causal inside groups of `group`
-    tokens; the second half of the heads grouped after a roll by -group/2 (positions padded to a whole number of
-    groups first)."""
+    tokens; the second half of the heads in groups shifted by group/2, its first group the first group/2 tokens
+    alone (no wrap-around to the sequence's end)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     b, length, _ = hidden.shape
@@ -45,13 +45,13 @@ def _reference_attention(attn, hidden, cos, sin, group: int) -> torch.Tensor:
     v = attn.v_proj(hidden).view(shape).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k, v = repeat_kv(k, attn.num_key_value_groups), repeat_kv(v, attn.num_key_value_groups)
-    heads, padded = q.shape[1], -(-length // group) * group
+    heads = q.shape[1]
     pos = torch.arange(length)
     causal = pos[None, :] <= pos[:, None]
     outs = []
     for h in range(heads):
         shift = group // 2 if h >= heads // 2 else 0
-        g = ((pos - shift) % padded) // group
+        g = torch.div(pos - shift, group, rounding_mode="floor")
         mask = causal & (g[:, None] == g[None, :])
         scores = (q[:, h] @ k[:, h].transpose(-1, -2)) * attn.scaling
         outs.append(torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v[:, h])
@@ -87,6 +87,22 @@ def test_each_token_sees_only_its_groups():
     affected = set(torch.nonzero(diff > 1e-6).flatten().tolist())
     # position 5: its own group 0..7 (unshifted heads) and the shifted group 4..11; causal: only 5 and later
     assert affected == set(range(5, 12))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_a_padded_row_trains_as_itself_alone(impl):
+    """A 13-token row in a batch padded to 20 gives the logits it has alone. The group that wraps around let the
+    row's end see its start when the row was alone (padded to 16 inside the attention), not in the batch: 1.5 apart."""
+    model = _model(impl)
+    enable_s2_attention(model, 8)
+    model.train()
+    ids = torch.randint(4, 90, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 13:] = 0
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        assert (batch[1, :13] - model(ids[1:, :13]).logits[0]).abs().max() <= 1e-5
+        assert (batch[0] - model(ids[:1]).logits[0]).abs().max() <= 1e-5
 
 
 def test_off_and_eval_are_the_plain_model():
