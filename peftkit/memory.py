@@ -196,7 +196,9 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     for name, p in _unique_parameters(model):
         module_name, _, _ = name.rpartition(".")
         module = modules[module_name]
-        quantized = q is not None and isinstance(module, torch.nn.Linear) and module_name.rsplit(".", 1)[-1] not in skip
+        # bitsandbytes quantizes a Linear's weight only: its bias stays in the load dtype (Qwen2's q/k/v biases)
+        quantized = q is not None and isinstance(module, torch.nn.Linear) and p is module.weight \
+            and module_name.rsplit(".", 1)[-1] not in skip
         if quantized:
             base += p.numel() * (1 if q.method == "int8" else QUANT_BITS[(q.method, q.double_quant)] / 8)
         else:

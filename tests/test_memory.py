@@ -309,3 +309,20 @@ def test_dora_activations_are_what_autograd_keeps(tiny_llama, number_data, tmp_p
     lora, dora = (estimate({"r": 1, "target_modules": ["down_proj"], "use_dora": d}) for d in (False, True))
     # 2 layers x 4 x 128 tokens x 2 x 32 (out) + 2 x 3 x 32 per layer, and 3 x 32 x 64 of norm scratch, fp32
     assert dora - lora == 4 * (2 * 512 * 2 * 32 + 2 * 3 * 32 + 3 * 32 * 64)
+
+
+def test_nf4_biases_stay_in_the_load_dtype(number_data, tmp_path):
+    """bitsandbytes quantizes a Linear's weight, not its bias (a Linear4bit's bias stays fp32): Qwen2's q/k/v biases
+    were counted at 4.127 bits."""
+    from peftkit.tiny import build_tiny_model
+
+    model_dir = tmp_path / "qwen2"
+    build_tiny_model(model_dir, arch="qwen2", hidden_size=32, num_layers=2, seed=0)
+    est = estimate_memory(load_recipe(make_recipe(tmp_path, model_dir, number_data, quantization={"method": "nf4"})))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    quantized = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    rest = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in quantized)
+    assert any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))  # the premise
+    assert est.base_weights == pytest.approx(sum(w.numel() for w in quantized) * 4.127 / 8 + 4 * rest)
