@@ -180,10 +180,12 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     from peftkit.modeling import load_config, resolve_device
 
     config = load_config(recipe.model)
+    dtype = load_dtype(recipe.model.dtype, config)
     try:
         with torch.device("meta"):
             auto = AutoModelForSequenceClassification if recipe.classification else AutoModelForCausalLM
-            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
+                                     dtype=getattr(torch, dtype))
     except (OSError, ValueError):
         return None
     except RuntimeError as e:  # nothing is allocated on the meta device: only the config can be at fault
@@ -192,7 +194,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     modules = dict(model.named_modules())
     q = recipe.quantization
     skip = set(q.skip_modules) if q else set()
-    base, dtype = 0.0, load_dtype(recipe.model.dtype, config)
+    base = 0.0
     for name, p in _unique_parameters(model):
         module_name, _, _ = name.rpartition(".")
         module = modules[module_name]
@@ -209,13 +211,16 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     inject_adapters(model, recipe.adapter, every_entry=not recipe.adapter.init_from)  # (as train: a file's settings)
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     trainable = trainable_parameters(model)
-    sizes = [p.numel() for p in trainable]  # trainable tensors' element counts
+    # The adapters' own tensors are fp32; what trains in full (modules_to_save, a classifier's head) is the base's
+    # copy, in the load dtype, and so are its gradients and torch AdamW's moments (bitsandbytes' 32-bit state is fp32).
+    # The meta model is built in the load dtype, so each trainable tensor has the dtype it trains in.
+    width = {id(p): p.element_size() for p in trainable}
     # Frozen adapter tensors (LoRA-FA's A) are weights without gradient or optimizer state, and so are the frozen
     # fp32 tensors every layer shares (VeRA's projections).
     frozen = sum(p.numel() for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
                  if not p.requires_grad)
     frozen += sum(b.numel() for holder in shared_holders(model) for b in holder.buffers())
-    trained = 4.0 * sum(sizes)  # fp32
+    trained = float(sum(p.numel() * width[id(p)] for p in trainable))
     # What each method's layers keep for backward: per token (LoRA's rank-r intermediate) and per layer (LoHa's
     # and LoKr's full (out, in) update, built every forward), fp32.
     kept = [layer.method.kept_for_backward(recipe.adapter, layer) for layer in adapter_layers(model).values()]
@@ -226,6 +231,8 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     device = device if device is not None else resolve_device(recipe.model.device)
     optimizer = _optimizer_bytes(recipe.training.optimizer, [p.numel() for p in trainable if id(p) not in embedded],
                                  [p.numel() for p in trainable if id(p) in embedded])
+    if recipe.training.optimizer == "adamw":  # torch's moments take each parameter's dtype
+        optimizer = 2.0 * sum(p.numel() * width[id(p)] for p in trainable)
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, optimizer, activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
 

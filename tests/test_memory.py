@@ -326,3 +326,37 @@ def test_nf4_biases_stay_in_the_load_dtype(number_data, tmp_path):
     rest = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in quantized)
     assert any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))  # the premise
     assert est.base_weights == pytest.approx(sum(w.numel() for w in quantized) * 4.127 / 8 + 4 * rest)
+
+
+@pytest.mark.parametrize("adapter", [{"modules_to_save": ["lm_head"]}, {"method": "prompt_tuning", "num_virtual_tokens": 8},
+                                     {"trainable_token_indices": [1, 2, 3]}])
+def test_bf16_base_trainable_bytes_are_the_real_tensors(number_data, tmp_path, adapter):
+    """On a bf16 base the adapters train in fp32 but modules_to_save trains the base's bf16 copy (bf16 gradients and
+    torch AdamW moments): the estimate counted every trainable tensor as fp32, modules_to_save's weights, gradients and
+    moments twice too large. Each part is now what the loaded model holds and what one optimizer step allocates."""
+    from peftkit.adapters import inject_adapters, trainable_parameters
+    from peftkit.modeling import load_model
+    from peftkit.runtime import build_optimizer, optimizer_groups
+    from peftkit.tiny import build_tiny_model
+
+    model_dir = tmp_path / "qwen2"
+    build_tiny_model(model_dir, arch="qwen2", hidden_size=32, num_layers=2, seed=0)
+    path = make_recipe(tmp_path, model_dir, number_data)
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["dtype"] = "bfloat16"
+    raw["adapter"] = adapter if "method" in adapter else raw["adapter"] | adapter
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    est = estimate_memory(recipe)
+    model = load_model(recipe.model, None, torch.device("cpu"))
+    torch.manual_seed(0)
+    inject_adapters(model, recipe.adapter)
+    trainable = trainable_parameters(model)
+    real = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = build_optimizer(recipe.training, optimizer_groups(recipe.training, model), torch.device("cpu"),
+                                Console(quiet=True), model)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    assert (est.adapter, est.gradients, est.optimizer) == (real, real, state)
