@@ -311,10 +311,15 @@ def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         top = max(ranks.values())
         if top > VLLM_DEFAULT_MAX_LORA_RANK:
             caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
-        if len(set(ranks.values())) > 1:
-            caveats.append("per-layer ranks (rank_pattern): not verified against vLLM")
-    if raw.get("layers_to_transform") not in (None, []) or raw.get("alpha_pattern"):
-        caveats.append("layers_to_transform / alpha_pattern: not verified against vLLM")
+        # vLLM scales every layer by the config's lora_alpha / r (vllm/lora/peft_helper.py, lora_weights.py), read
+        # from neither rank_pattern nor alpha_pattern: a layer of another rank is scaled r_layer / r times off.
+        if other := sorted({rank for rank in ranks.values() if rank != raw.get("r", rank)}):
+            reasons.append(f"per-layer ranks (rank_pattern: {', '.join(map(str, other))} beside r={raw['r']}): vLLM "
+                           "scales every layer by lora_alpha / r, so those layers would be scaled wrong (silently)")
+    if raw.get("alpha_pattern"):
+        reasons.append("alpha_pattern: not read by vLLM, which scales every layer by lora_alpha (silently wrong)")
+    if raw.get("layers_to_transform") not in (None, []):
+        caveats.append("layers_to_transform: not verified against vLLM")
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
     if raw.get("monteclora_config"):

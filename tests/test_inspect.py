@@ -101,7 +101,11 @@ def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):
     assert {p.rsplit(".", 1)[-1]: r for p, r in info["ranks"].items()} == {"q_proj": 4, "o_proj": 8}
     assert len(set(info["ranks"].values())) == 2
     assert info["quantization"] is None and info["peftkit_reads"]["ok"]
-    assert info["vllm"]["accepts"]
+    # vLLM scales every layer by lora_alpha / r (the config's r): o_proj's update would be twice too large, so it
+    # is a reason, not a caveat (it was "accepts", with a "not verified" caveat)
+    assert not info["vllm"]["accepts"] and info["vllm"]["reasons"][0].startswith("per-layer ranks (rank_pattern: 8 ")
+    alpha = inspect_adapter(_peft(tiny_llama, tmp_path / "a", r=4, target_modules=["q_proj"], alpha_pattern={"q_proj": 16}))
+    assert not alpha["vllm"]["accepts"] and alpha["vllm"]["reasons"][0].startswith("alpha_pattern: not read by vLLM")
     dora = inspect_adapter(_peft(tiny_llama, tmp_path / "d", r=4, target_modules=["q_proj"], use_dora=True,
                                  use_rslora=True))
     assert not dora["vllm"]["accepts"] and "DoRA" in dora["vllm"]["reasons"][0]
