@@ -271,7 +271,7 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     shape = model_shape(config)
     if shape is None:
         return 0.0
-    q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length
+    q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length + _virtual_tokens(recipe.adapter)
     # Activations have the load dtype: a 4-bit layer computes in its compute_dtype but returns its input's dtype,
     # and the norms, the residual stream and the unquantized head (the logits) run in the load dtype; the wider
     # of the two bounds both (mixed precision on CUDA makes most of them 16-bit: then this is an upper bound).
@@ -285,6 +285,16 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
     evaluation = logits_bytes(recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) if recipe.data.eval else 0
     return max(logits + layers, evaluation)
+
+
+def _virtual_tokens(adapter) -> int:
+    """How many positions the method puts in front of every sequence: prompt tuning, P-tuning and multitask prompt
+    tuning prepend num_virtual_tokens embeddings, which every layer then computes and keeps like the text's (prefix
+    tuning adds keys and values only, 0 here)."""
+    from peftkit.methods import method_of
+    from peftkit.methods.prompt_tuning import PromptTuning
+
+    return adapter.num_virtual_tokens if issubclass(method_of(adapter), PromptTuning) else 0
 
 
 def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
