@@ -365,8 +365,8 @@ def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets
     if raw.get("layer_replication"):
         reasons.append(STACKED.format(who="llama.cpp"))
     if raw.get("lora_bias"):
-        reasons.append("lora_bias: convert_lora_to_gguf.py reads lora_A/lora_B weights alone, and llama.cpp applies "
-                       "no LoRA bias: lora_B's bias would be lost or misread")
+        reasons.append("lora_bias: convert_lora_to_gguf.py reads lora_A/lora_B weights alone and stops at lora_B's "
+                       "bias tensors (llama.cpp applies no LoRA bias)")
     if raw.get("use_rslora"):
         reasons.append("use_rslora: not read, so each layer would be scaled by alpha/r, not alpha/sqrt(r) (sqrt(r) "
                        "times too small, silently)")
