@@ -58,6 +58,10 @@ HIDDEN_PER_LAYER, MLP_PER_LAYER, EAGER_SCORES = 9, 4, 2
 # keeps that (seq x seq) mask and, per token, one hidden state and one value per head more: batch x seq x (seq + h +
 # heads) values a layer (measured exactly with `saved_activation_bytes`, tests/test_memory.py). Eager attention
 # already keeps its scores; flash attention takes the rows flattened, without a mask.
+# Prefix tuning's virtual keys and values: per virtual token, row and layer, each layer keeps them repeated to all heads
+# (2 h values) and one value per query (the mask's extra columns, seq): measured with `saved_activation_bytes` at two
+# lengths (tests/test_memory.py). Eager attention's scores grow by as many columns.
+PREFIX_PER_TOKEN = 2
 # LoRA-FA (A frozen) needs no A input for a weight gradient, so the two norm outputs (the input of q/k/v's and
 # gate/up's A) and down_proj's input act(gate) * up are not kept: 2 h + 1 i less per token and layer (o_proj's
 # input stays, held by attention's own backward). Measured with `saved_activation_bytes` (tests/test_memory.py).
@@ -133,7 +137,7 @@ def logits_bytes(tokens: int, vocab: int, act_bytes: int) -> int:
 
 def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, gradient_checkpointing: bool,
                       lora_width: int = 0, eager: bool = False, frozen_a: bool = False,
-                      packed_sdpa: bool = False) -> tuple[float, float]:
+                      packed_sdpa: bool = False, prefix: int = 0) -> tuple[float, float]:
     """(logits bytes, layer bytes) one training micro-batch keeps at its peak (see the constants above).
 
     Args:
@@ -145,6 +149,7 @@ def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, g
         eager: eager attention, which also keeps the seq x seq scores.
         frozen_a: LoRA-FA: the A matrices' inputs are not kept.
         packed_sdpa: packed rows through SDPA, which keeps each layer's mask.
+        prefix: prefix tuning's num_virtual_tokens, keys and values every layer attends to beside the sequence's.
     """
     tokens = batch * seq
     logits = logits_bytes(tokens, shape.vocab, act_bytes)
@@ -153,7 +158,9 @@ def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, g
         hidden, mlp = hidden - LORA_FA_FREED_HIDDEN, mlp - LORA_FA_FREED_MLP
     per_layer = tokens * (hidden * shape.hidden + mlp * shape.intermediate + lora_width)
     if eager:
-        per_layer += EAGER_SCORES * batch * shape.heads * seq * seq
+        per_layer += EAGER_SCORES * batch * shape.heads * seq * (seq + prefix)
+    if prefix:
+        per_layer += batch * prefix * (PREFIX_PER_TOKEN * shape.hidden + seq)
     if packed_sdpa:
         per_layer += tokens * (seq + shape.hidden + shape.heads)
     if gradient_checkpointing:
@@ -281,7 +288,9 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     attention = recipe.model.attn_implementation
     logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
                                        width, attention == "eager", frees_a_inputs(recipe.adapter),
-                                       packed_sdpa=recipe.data.packing and attention in (None, "sdpa"))
+                                       packed_sdpa=recipe.data.packing and attention in (None, "sdpa"),
+                                       prefix=recipe.adapter.num_virtual_tokens if recipe.adapter.method == "prefix_tuning"
+                                       else 0)
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
     evaluation = logits_bytes(recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) if recipe.data.eval else 0
     return max(logits + layers, evaluation)
@@ -290,7 +299,7 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
 def _virtual_tokens(adapter) -> int:
     """How many positions the method puts in front of every sequence: prompt tuning, P-tuning and multitask prompt
     tuning prepend num_virtual_tokens embeddings, which every layer then computes and keeps like the text's (prefix
-    tuning adds keys and values only, 0 here)."""
+    tuning adds keys and values only: `activation_memory`'s `prefix`)."""
     from peftkit.methods import method_of
     from peftkit.methods.prompt_tuning import PromptTuning
 
