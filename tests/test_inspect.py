@@ -228,8 +228,8 @@ def test_what_llama_cpp_s_converter_makes_of_an_adapter(tiny_llama, tmp_path):
     # convert_lora_to_gguf.py exits on a tensor that is neither lora_A/lora_B weight nor a norm: lora_B's bias is one
     # (it said the bias "would be lost or misread")
     bias = inspect_adapter(_peft(tiny_llama, tmp_path / "b", r=4, target_modules=["q_proj"], lora_bias=True))
-    assert bias["llama_cpp"]["reasons"] == ["lora_bias: convert_lora_to_gguf.py reads lora_A/lora_B weights alone and "
-                                            "stops at lora_B's bias tensors (llama.cpp applies no LoRA bias)"]
+    assert bias["llama_cpp"]["reasons"] == [("lora_bias: convert_lora_to_gguf.py reads lora_A/lora_B weights alone and "
+                                             "stops at lora_B's bias tensors (llama.cpp applies no LoRA bias)")]
     other = inspect_adapter(_ours(tiny_llama, IA3Config(method="ia3"), tmp_path / "i"))
     assert not other["llama_cpp"]["accepts"] and "LoRA adapters only; this is IA3" in other["llama_cpp"]["reasons"][0]
 
