@@ -206,6 +206,16 @@ def _check_evaluations(cfg: Recipe, total: int) -> None:
                                      "the final one, is exported; lower eval_steps."), stacklevel=2)
 
 
+def _check_checkpoints(tcfg, total: int) -> None:
+    """A warning where training.save_steps is longer than the run: no checkpoint is ever written, so a run killed or
+    stopped midway has nothing to --resume from (a warning, as `_check_evaluations`: the step count depends on the
+    data, which the recipe's checks do not read)."""
+    if tcfg.save_steps and tcfg.save_steps > total:
+        warnings.warn(PeftkitWarning(f"training.save_steps is {tcfg.save_steps}, longer than the run's {total} steps, "
+                                     "so no checkpoint is written and a run stopped midway cannot --resume; lower "
+                                     "save_steps."), stacklevel=2)
+
+
 def make_accelerator(cfg: Recipe, out: Path):
     """accelerate's Accelerator, made first: it knows this process's rank and device (`peftkit.distributed`)."""
     from accelerate import Accelerator
@@ -255,6 +265,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
     _check_evaluations(cfg, total_steps)
+    _check_checkpoints(tcfg, total_steps)
 
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)

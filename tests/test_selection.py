@@ -288,3 +288,24 @@ def test_too_few_evaluations_for_early_stopping_or_export_best_are_said(tiny_lla
         "export.best: training.eval_steps 10 makes 0 evaluation(s) before the run's last step (10), so the final "
         "evaluation is the only one and its adapter, the final one, is exported; lower eval_steps.")]
     assert said({"eval_steps": 9}, {"best": True}) == []
+
+
+def test_save_steps_longer_than_the_run_is_said(tiny_llama, number_data, tmp_path):
+    """save_steps 20 in a 10-step run writes no checkpoint, so a run stopped midway had nothing to --resume from, and
+    nothing said so; 10 checkpoints the last step."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+
+    def said(save_steps):
+        recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 10, "save_steps": save_steps})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(load_recipe(recipe, ["training.eval_steps=null"]), overwrite=True)
+        return [str(w.message) for w in caught if w.category is PeftkitWarning and "save_steps" in str(w.message)]
+
+    assert said(20) == ["training.save_steps is 20, longer than the run's 10 steps, so no checkpoint is written and a "
+                        "run stopped midway cannot --resume; lower save_steps."]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    assert said(10) == []
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000010"]
