@@ -139,6 +139,18 @@ def test_state_dict_merge_loads_into_plain_model_strict():
     torch.testing.assert_close(target(x), expected, rtol=0, atol=1e-5)
 
 
+def test_state_dict_merge_into_float16_refuses_weights_it_cannot_hold():
+    """The fp32 sum was checked finite, then cast: a float16 output wrote 70000 as inf without a word."""
+    base = {"fc.weight": torch.full((4, 6), 60000.0), "fc.bias": torch.zeros(4)}
+    adapter = {"base_model.model.fc.lora_A.weight": torch.ones(2, 6), "base_model.model.fc.lora_B.weight":
+               torch.full((4, 2), 5000.0)}  # update: 2 x 5000 x (alpha / r = 1) = 10000 per weight
+    with pytest.raises(PeftkitError, match=r"^Merging 'fc' gives weights beyond what float16 holds \(largest "
+                                           r"magnitude 70000\): merge into bfloat16 or float32"):
+        merge_state_dict(base, adapter, LoraConfig(r=2, alpha=2), dtype=torch.float16)
+    wide = merge_state_dict(base, adapter, LoraConfig(r=2, alpha=2), dtype=torch.bfloat16)
+    assert torch.isfinite(wide["fc.weight"]).all()
+
+
 def test_state_dict_merge_rejects_wrong_shape():
     base = {"fc.weight": torch.zeros(4, 6)}
     adapter = {"base_model.model.fc.lora_A.weight": torch.zeros(2, 5), "base_model.model.fc.lora_B.weight": torch.zeros(4, 2)}

@@ -563,7 +563,19 @@ def merge_state_dict(
         merged[key] = new.to(dtype or weight.dtype)
         if new_bias is not None:
             merged[f"{module}.bias"] = new_bias.to(dtype or bias.dtype)
+        _check_in_range(merged[key], new, module)
+        if new_bias is not None:
+            _check_in_range(merged[f"{module}.bias"], new_bias, module)
     return merged
+
+
+def _check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str) -> None:
+    """Refuse a merged tensor whose cast to the output dtype overflowed (a float16 output holds at most 65504): the
+    fp32 sum was checked finite, its cast would have been written as inf without a word."""
+    if not torch.isfinite(cast).all():
+        raise PeftkitError(f"Merging '{module}' gives weights beyond what {str(cast.dtype).removeprefix('torch.')} "
+                           f"holds (largest magnitude {exact.abs().max().item():.6g}): merge into bfloat16 or float32 "
+                           "(peftkit merge --dtype).")
 
 
 def _split_adapter_keys(adapter: dict[str, torch.Tensor], method: type[Method], base: dict[str, torch.Tensor],
