@@ -182,7 +182,7 @@ def _untargeted(cfg, state: dict[str, torch.Tensor]) -> list[str]:
 def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:
     """(base name, revision) the adapters share; a PeftkitError for adapters of different bases (name, revision,
     quantization, RoPE scaling)."""
-    from peftkit.peft_format import read_meta
+    from peftkit.peft_format import describe_rope, read_meta
 
     first = sources[0]
     name = base or first.base
@@ -203,18 +203,19 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
             raise PeftkitError(
                 f"{first.path} was trained against {_quant(first.quant)}, {other.path} against "
                 f"{_quant(other.quant)}: their updates were trained against different weights and do not combine.")
-        if first.quant is not None and _quantized_from(first) != _quantized_from(other):
+        if first.quant is not None and (dtype := read_meta(other.path).quantized_from) != \
+                (first_dtype := read_meta(first.path).quantized_from):
             # The 4-bit codes are rounded from the weights in that dtype: `_load_base` loads the first's.
             raise PeftkitError(
-                f"{first.path} was trained against a base quantized from {_quantized_from(first)}, {other.path} from "
-                f"{_quantized_from(other)} (their peftkit.json base_dtype): their updates were trained against "
+                f"{first.path} was trained against a base quantized from {first_dtype}, {other.path} from "
+                f"{dtype} (their peftkit.json base_dtype): their updates were trained against "
                 "different 4-bit weights and do not combine.")
         if (scaling := read_meta(other.path).rope_scaling) != (first_scaling := read_meta(first.path).rope_scaling):
             # The combined adapter records the first's (its peftkit.json), with which every command then loads the base.
             raise PeftkitError(
-                f"{first.path} was trained with RoPE scaling {_rope(first_scaling)}, {other.path} with "
-                f"{_rope(scaling)} (their peftkit.json): their updates were trained against a base scaled two ways "
-                "and do not combine.")
+                f"{first.path} was trained with RoPE scaling {describe_rope(first_scaling)}, {other.path} with "
+                f"{describe_rope(scaling)} (their peftkit.json): their updates were trained against a base scaled two "
+                "ways and do not combine.")
     if not name:
         raise PeftkitError(f"{first.path}/adapter_config.json names no base_model_name_or_path; pass --base.")
     return name, revision
@@ -232,18 +233,6 @@ def _shared_revision(sources: list[Source]) -> str | None:
         f"loaded, or by another tool); combining on {recorded[0].revision}, the commit {recorded[0].path} was trained "
         "on."), stacklevel=3)
     return recorded[0].revision
-
-
-def _quantized_from(source: Source) -> str:
-    """The dtype a quantized base's weights were quantized from (float32 where peftkit.json records none, as before
-    it was recorded)."""
-    from peftkit.peft_format import read_meta
-
-    return read_meta(source.path).base_dtype or "float32"
-
-
-def _rope(rope_scaling) -> str:
-    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
 
 
 def _quant(quant) -> str:

@@ -136,6 +136,16 @@ class PeftkitMeta(BaseModel):
     """A quantized base's model.dtype in training, the dtype its weights were quantized from: a merge, eval or generate
     without the recipe loads it so, to re-quantize the same 4-bit codes (None: float32, as before it was recorded)."""
 
+    @property
+    def quantized_from(self) -> str:
+        """`base_dtype`, float32 where none is recorded: what adapters sharing a 4-bit base must agree on."""
+        return self.base_dtype or "float32"
+
+
+def describe_rope(rope_scaling: RopeScalingConfig | None) -> str:
+    """A recorded RoPE scaling in words, for the errors refusing adapters of bases scaled two ways."""
+    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
+
 
 # What a list-or-string field should be, in words: pydantic reports one error per member of the union,
 # or per list element, where one phrase about the whole field reads better.

@@ -362,17 +362,16 @@ def test_bf16_base_trainable_bytes_are_the_real_tensors(number_data, tmp_path, a
     assert (est.adapter, est.gradients, est.optimizer) == (real, real, state)
 
 
-def test_prompt_tuning_activations_count_the_virtual_tokens(tiny_llama, number_data, tmp_path):
-    """Prompt tuning puts num_virtual_tokens embeddings before every sequence, and every layer keeps them as it keeps
-    the text's: the estimate took sequences of max_length, so 128 virtual tokens at max_length 128 saved more than
-    its upper bound (3.56 MB against 3.27 MB). Independent: what autograd saves in one forward of such a batch."""
+def _virtual_tokens_saved(tiny_llama, number_data, where, method: str, n: int):
+    """(the recipe of `method` with `n` virtual tokens, the bytes autograd saves in one forward of its training
+    micro-batch)."""
     from peftkit.adapters import inject_adapters
     from peftkit.memory import saved_activation_bytes
     from peftkit.modeling import load_model
 
-    path = make_recipe(tmp_path, tiny_llama, number_data)
+    path = make_recipe(where, tiny_llama, number_data)
     raw = yaml.safe_load(path.read_text())
-    raw["adapter"] = {"method": "prompt_tuning", "num_virtual_tokens": 128}
+    raw["adapter"] = {"method": method, "num_virtual_tokens": n}
     raw["data"]["eval"] = None  # the training micro-batch alone
     path.write_text(yaml.safe_dump(raw))
     recipe = load_recipe(path)
@@ -380,7 +379,15 @@ def test_prompt_tuning_activations_count_the_virtual_tokens(tiny_llama, number_d
     torch.manual_seed(0)
     inject_adapters(model, recipe.adapter)
     ids = torch.randint(3, 100, (recipe.training.batch_size, recipe.data.max_length))
-    saved = saved_activation_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return recipe, saved_activation_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                  "labels": ids})
+
+
+def test_prompt_tuning_activations_count_the_virtual_tokens(tiny_llama, number_data, tmp_path):
+    """Prompt tuning puts num_virtual_tokens embeddings before every sequence, and every layer keeps them as it keeps
+    the text's: the estimate took sequences of max_length, so 128 virtual tokens at max_length 128 saved more than
+    its upper bound (3.56 MB against 3.27 MB). Independent: what autograd saves in one forward of such a batch."""
+    recipe, saved = _virtual_tokens_saved(tiny_llama, number_data, tmp_path, "prompt_tuning", 128)
     fewer = recipe.model_copy(update={"adapter": recipe.adapter.model_copy(update={"num_virtual_tokens": 8})})
     assert estimate_memory(recipe).activations >= saved > estimate_memory(fewer).activations
 
@@ -389,24 +396,10 @@ def test_prefix_tuning_activations_count_the_virtual_keys_and_values(tiny_llama,
     """Prefix tuning's num_virtual_tokens keys and values are attended to by every layer, which keeps more for each
     of them: the estimate ignored them, and 512 virtual tokens at max_length 128 saved 5.5 MB against its 3.3 MB
     "upper bound". Independent: what autograd saves in one forward, the growth from 8 to 512 tokens exactly."""
-    from peftkit.adapters import inject_adapters
-    from peftkit.memory import saved_activation_bytes
-    from peftkit.modeling import load_model
-
     measured, estimated = [], []
     for n in (8, 512):
-        path = make_recipe(tmp_path / str(n), tiny_llama, number_data)
-        raw = yaml.safe_load(path.read_text())
-        raw["adapter"] = {"method": "prefix_tuning", "num_virtual_tokens": n}
-        raw["data"]["eval"] = None  # the training micro-batch alone
-        path.write_text(yaml.safe_dump(raw))
-        recipe = load_recipe(path)
-        model = load_model(recipe.model, None, torch.device("cpu"))
-        torch.manual_seed(0)
-        inject_adapters(model, recipe.adapter)
-        ids = torch.randint(3, 100, (recipe.training.batch_size, recipe.data.max_length))
-        measured.append(saved_activation_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                                       "labels": ids}))
+        recipe, saved = _virtual_tokens_saved(tiny_llama, number_data, tmp_path / str(n), "prefix_tuning", n)
+        measured.append(saved)
         estimated.append(estimate_memory(recipe).activations)
     assert estimated[1] - estimated[0] == measured[1] - measured[0] > 0
     assert estimated[1] >= measured[1]

@@ -60,7 +60,7 @@ from peftkit.methods import method_of
 from peftkit.methods.base import Method
 from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear, plus_update
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
-from peftkit.peft_format import check_weight_tying, read_meta, trained_base_biases
+from peftkit.peft_format import check_weight_tying, describe_rope, read_meta, trained_base_biases
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
 ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters", "bias", "trainable_token_indices",
@@ -246,7 +246,7 @@ class NamedAdapters:
         if self._recorded_base is None:
             self._recorded_base = (name, raw.base_model_name_or_path, raw.revision)
             self._rope_scaling = read_meta(directory).rope_scaling if directory else None
-            self._base_dtype = read_meta(directory).base_dtype if directory else None
+            self._base_dtype = read_meta(directory).quantized_from if directory else "float32"
 
     def add(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], directory: str = "") -> None:
         """Put an adapter given as settings and PEFT-keyed tensors (what `load_adapter` reads) under `name` (inactive)."""
@@ -445,18 +445,18 @@ class NamedAdapters:
                                    f"adapter {first!r} at revision {revision}: adapters in one model share one base, "
                                    "at one commit. Load adapters trained on one revision.")
         if self._recorded_base is not None and (scaling := read_meta(directory).rope_scaling) != self._rope_scaling:
-            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained with RoPE scaling {_scaling(scaling)}, adapter "
-                               f"{self._recorded_base[0]!r} with {_scaling(self._rope_scaling)}: adapters in one model "
-                               "share one base, scaled one way.")
+            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained with RoPE scaling "
+                               f"{describe_rope(scaling)}, adapter {self._recorded_base[0]!r} with {describe_rope(self._rope_scaling)}: "
+                               "adapters in one model share one base, scaled one way.")
         if quant != self.quantization:
             def what(q): return f"a {q.method} (bitsandbytes) base" if q else "an unquantized base"
             raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {what(quant)}, but the model here is "
                                f"{what(self.quantization)[3:]}: adapters in one model share one base, loaded one way.")
         if quant is not None and self._recorded_base is not None and \
-                (dtype := read_meta(directory).base_dtype or "float32") != (self._base_dtype or "float32"):
+                (dtype := read_meta(directory).quantized_from) != self._base_dtype:
             # The 4-bit codes are rounded from the weights in that dtype (none recorded: float32, as loading reads it).
             raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on a base quantized from {dtype}, adapter "
-                               f"{self._recorded_base[0]!r} on one quantized from {self._base_dtype or 'float32'} "
+                               f"{self._recorded_base[0]!r} on one quantized from {self._base_dtype} "
                                "(their peftkit.json base_dtype): adapters in one model share one base, loaded one way.")
 
     def _check_mixable(self, name: str) -> None:
@@ -561,8 +561,6 @@ def loads_alone(adapter_dir: str) -> str | None:
     return next((key for key in ALONE if is_set(raw.get(key))), None)
 
 
-def _scaling(rope_scaling) -> str:
-    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -111,7 +111,7 @@ def check_fusable(fused: list[Fused], where: str) -> None:
 
 
 def _check_same_base(fused: list[Fused]) -> None:
-    from peftkit.peft_format import read_meta
+    from peftkit.peft_format import describe_rope, read_meta
 
     first = fused[0]
     for i, other in enumerate(fused[1:], start=1):
@@ -123,19 +123,15 @@ def _check_same_base(fused: list[Fused]) -> None:
             raise PeftkitError(f"adapter.fuse: {first.source} and adapter.fuse[{i}] {other.source} were trained "
                                "against bases quantized differently (see their peftkit.json); fuse adapters trained "
                                "against the same weights.")
-        if first.quant is not None and (dtype := read_meta(other.source).base_dtype or "float32") != \
-                (first_dtype := read_meta(first.source).base_dtype or "float32"):
+        if first.quant is not None and (dtype := read_meta(other.source).quantized_from) != \
+                (first_dtype := read_meta(first.source).quantized_from):
             raise PeftkitError(f"adapter.fuse: {first.source} was trained against a base quantized from {first_dtype}, "
                                f"adapter.fuse[{i}] {other.source} from {dtype} (their peftkit.json base_dtype): other "
                                "4-bit weights. Fuse adapters trained against the same weights.")
         if (scaling := read_meta(other.source).rope_scaling) != (first_scaling := read_meta(first.source).rope_scaling):
-            raise PeftkitError(f"adapter.fuse: {first.source} was trained with RoPE scaling {_rope(first_scaling)}, "
-                               f"adapter.fuse[{i}] {other.source} with {_rope(scaling)} (their peftkit.json): "
+            raise PeftkitError(f"adapter.fuse: {first.source} was trained with RoPE scaling "
+                               f"{describe_rope(first_scaling)}, adapter.fuse[{i}] {other.source} with {describe_rope(scaling)} (their peftkit.json): "
                                "AdapterFusion combines adapters of one base, scaled one way.")
-
-
-def _rope(rope_scaling) -> str:
-    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
 
 
 def check_model(fused: list[Fused], model: torch.nn.Module) -> None:
