@@ -96,6 +96,19 @@ def test_merge_refuses_non_finite():
     assert not layer.merged
 
 
+def test_merge_in_place_refuses_weights_float16_cannot_hold():
+    """The in-place merge checked the fp32 sum, then cast it into a float16 weight: 70000 was written as inf."""
+    layer = LoraLinear(nn.Linear(6, 4).half(), r=2, alpha=2)
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(60000.0)
+        layer.lora_A.weight.fill_(1.0)
+        layer.lora_B.weight.fill_(5000.0)  # update: 2 x 5000 x (alpha / r = 1) = 10000 per weight
+    with pytest.raises(PeftkitError, match=r"^Merging this layer gives weights beyond what float16 holds \(largest "
+                                           r"magnitude 70000\): the layer was left unmerged; convert it to bfloat16"):
+        layer.merge()
+    assert not layer.merged and (layer.base_layer.weight == 60000.0).all()
+
+
 def test_bf16_base_keeps_fp32_adapter_and_output_dtype():
     base = nn.Linear(8, 8).to(torch.bfloat16)
     layer = LoraLinear(base, r=2, alpha=2)

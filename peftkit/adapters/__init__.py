@@ -17,8 +17,8 @@ from torch import nn
 from peftkit.distributed import full, place_like
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
-from peftkit.methods.base import (Method, SharedTensors, check_bias_to_merge, is_conv1d, is_quantized, linear_shape,
-                                  refuse_unmergeable, suffix_match)
+from peftkit.methods.base import (Method, SharedTensors, check_bias_to_merge, check_in_range, is_conv1d, is_quantized,
+                                  linear_shape, refuse_unmergeable, suffix_match)
 from peftkit.methods.replication import replicate_layers
 from peftkit.methods.target_filters import check_excluded
 from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows, token_wrappers
@@ -563,19 +563,10 @@ def merge_state_dict(
         merged[key] = new.to(dtype or weight.dtype)
         if new_bias is not None:
             merged[f"{module}.bias"] = new_bias.to(dtype or bias.dtype)
-        _check_in_range(merged[key], new, module)
+        check_in_range(merged[key], new, module)
         if new_bias is not None:
-            _check_in_range(merged[f"{module}.bias"], new_bias, module)
+            check_in_range(merged[f"{module}.bias"], new_bias, module)
     return merged
-
-
-def _check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str) -> None:
-    """Refuse a merged tensor whose cast to the output dtype overflowed (a float16 output holds at most 65504): the
-    fp32 sum was checked finite, its cast would have been written as inf without a word."""
-    if not torch.isfinite(cast).all():
-        raise PeftkitError(f"Merging '{module}' gives weights beyond what {str(cast.dtype).removeprefix('torch.')} "
-                           f"holds (largest magnitude {exact.abs().max().item():.6g}): merge into bfloat16 or float32 "
-                           "(peftkit merge --dtype).")
 
 
 def _split_adapter_keys(adapter: dict[str, torch.Tensor], method: type[Method], base: dict[str, torch.Tensor],

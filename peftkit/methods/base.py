@@ -120,9 +120,13 @@ class AdapterLayer(nn.Module):
         merged_bias = None if bias is None else self.method.merge_bias(bias.data.float(), parts, self.facts)
         if not (torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())):
             raise PeftkitError("Merging produced NaN/inf weights; the adapter is broken and was not merged.")
-        weight.data.copy_(merged.to(weight.dtype))
-        if merged_bias is not None:
-            bias.data.copy_(merged_bias.to(bias.dtype))
+        cast, cast_bias = merged.to(weight.dtype), None if merged_bias is None else merged_bias.to(bias.dtype)
+        check_in_range(cast, merged, None)
+        if cast_bias is not None:
+            check_in_range(cast_bias, merged_bias, None)
+        weight.data.copy_(cast)
+        if cast_bias is not None:
+            bias.data.copy_(cast_bias)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -134,6 +138,17 @@ class AdapterLayer(nn.Module):
         if bias is not None and (restored := self.method.unmerge_bias(bias.data.float(), parts, self.facts)) is not None:
             bias.data.copy_(restored.to(bias.dtype))
         self.merged = False
+
+
+def check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str | None) -> None:
+    """Refuse a merged tensor whose cast to the output dtype overflowed (a float16 output holds at most 65504): the
+    fp32 sum was checked finite, its cast would have been written as inf without a word. `module` None: an in-place
+    merge of one layer, which leaves its weight as it was."""
+    if not torch.isfinite(cast).all():
+        where, fix = (f"'{module}'", "merge into bfloat16 or float32 (peftkit merge --dtype)") if module else (
+            "this layer", "the layer was left unmerged; convert it to bfloat16 or float32 first")
+        raise PeftkitError(f"Merging {where} gives weights beyond what {str(cast.dtype).removeprefix('torch.')} "
+                           f"holds (largest magnitude {exact.abs().max().item():.6g}): {fix}.")
 
 
 def check_bias_to_merge(parts: dict[str, torch.Tensor], module: str) -> None:
