@@ -385,8 +385,9 @@ def test_every_method_beside_lora(case, tiny_llama, adapters, tmp_path):
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, alone, rtol=0, atol=1e-6)
         method = method_of(case.cfg)
         if not method.mergeable:
+            why = "it computes outputs of its own beside" if method.layer_targets else "it adds virtual tokens"
             with pytest.raises(PeftkitError, match=rf"Adapter 'm' is {method.title} \(method: {method.name}\), which "
-                                                   "cannot serve a mixed batch"), named.routed(["m", "a", None]):
+                                                   f"cannot serve a mixed batch: {why}"), named.routed(["m", "a", None]):
                 pass
         routes = ["m", "a", None] if method.mergeable else ["a", "a", None]
         with named.routed(routes):

@@ -465,7 +465,7 @@ class NamedAdapters:
             raise PeftkitError(
                 f"Adapter {name!r} is {method.title} (method: {method.name}), which cannot serve a mixed batch: "
                 + ("it adds virtual tokens to the whole batch" if not method.layer_targets else
-                   "its modules take whole blocks, not rows") +
+                   "it computes outputs of its own beside the base's layers, which are not routed by row") +
                 ". Mixed batches take weight-update adapters (LoRA, DoRA, IA3, LoHa, LoKr, VeRA, OFT, AdaLoRA); "
                 f"run the rows for {name!r} apart, with adapters.activate({name!r}).")
 
@@ -559,8 +559,6 @@ def loads_alone(adapter_dir: str) -> str | None:
     config = Path(adapter_dir) / "adapter_config.json"
     raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     return next((key for key in ALONE if is_set(raw.get(key))), None)
-
-
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
