@@ -1,5 +1,6 @@
 """`peftkit chat`: a multi-turn conversation in the terminal, rendered with the tokenizer's chat template,
-each reply streamed as it is generated. `/reset` starts a new conversation, `/exit` (or Ctrl-D) ends it."""
+each reply streamed as it is generated. Ctrl-C stops a reply (and leaves that turn out), `/reset` starts a new
+conversation, `/exit` (or Ctrl-D, or Ctrl-C at the prompt) ends it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from collections.abc import Callable
 from torch import nn
 
 from peftkit.data.prompts import chat_prompt
-from peftkit.errors import visible
+from peftkit.errors import Terminated, visible
 from peftkit.generate import Sampling, TooLong, check_room, generate_ids, stop_token_ids
 
-HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) ends."
+HELP = ("Type a message and press Enter. Ctrl-C stops a reply; /reset starts a new conversation, /exit (or Ctrl-D) "
+        "ends.")
+STOPPED = "(reply stopped: this turn is left out of the conversation)"
 
 
 def reply_text(tok, ids: list[int]) -> str:
@@ -89,7 +92,11 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
         streamer = _Streamer(tok, write, stop_token_ids(model, tok))
         try:
             ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task])[0]
-        except KeyboardInterrupt:  # and after the half-streamed reply, on its line
+        except Terminated:  # SIGTERM ends the chat, after the half-streamed reply, on its line
             write("\n")
             raise
+        except KeyboardInterrupt:  # Ctrl-C stops the reply: the turn is left out, the conversation goes on
+            messages.pop()
+            write(f"\n{STOPPED}\n")
+            continue
         messages.append({"role": "assistant", "content": reply_text(tok, ids)})

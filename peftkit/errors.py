@@ -16,6 +16,10 @@ class PeftkitError(Exception):
     exit_code = 2  # the CLI's exit status: 2 for a user mistake; a subclass may say otherwise
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C is (`peftkit.cli.run`): what stops a reply at a Ctrl-C (chat) still ends on it."""
+
+
 class PeftkitWarning(UserWarning):
     """Something to know that does not stop the command (a slower or approximate path was taken); the CLI prints it
     as one `warning:` line on stderr, when it happens."""

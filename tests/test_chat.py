@@ -110,10 +110,12 @@ def _wait_for(session: str, predicate, timeout: float = 120.0) -> str:
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
-def test_ctrl_c_ends_the_line_it_interrupts(tiny_llama, monkeypatch):
-    """Ctrl-C at `you> ` or in the middle of a streamed reply ends the chat (the CLI says `interrupted`, status 130):
-    that word was printed on the interrupted line, after the prompt or the half reply."""
+def test_ctrl_c_at_the_prompt_ends_the_chat_and_during_a_reply_stops_the_reply(tiny_llama, monkeypatch):
+    """Ctrl-C at `you> ` ends the chat (the CLI says `interrupted`, status 130), that word on the interrupted line.
+    Ctrl-C in the middle of a streamed reply stopped the whole chat: it now stops the reply, leaves that turn out of
+    the conversation and goes on; SIGTERM there still ends the chat."""
     import peftkit.chat
+    from peftkit.errors import Terminated
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -126,16 +128,34 @@ def test_ctrl_c_ends_the_line_it_interrupts(tiny_llama, monkeypatch):
         chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=ctrl_c, write=shown.append)
     assert shown == [peftkit.chat.HELP + "\n", "\n"]  # (`you> ` is input()'s, so the line is ended after it)
 
+    generate = peftkit.chat.generate_ids
+    calls = []
+
     def interrupted(*args, streamer, **kwargs):
+        calls.append(args[2])  # the prompt
+        if len(calls) > 1:
+            return generate(*args, streamer=streamer, **kwargs)
         streamer.put(torch.tensor([[1, 2]]))  # the prompt, then half a reply, then Ctrl-C
         streamer.put(torch.tensor([tok("ab", add_special_tokens=False)["input_ids"][0]]))
         raise KeyboardInterrupt
 
     monkeypatch.setattr(peftkit.chat, "generate_ids", interrupted)
     shown.clear()
-    with pytest.raises(KeyboardInterrupt):
+    lines = iter(["hi", "ho", "/exit"])
+    messages = chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=lambda _: next(lines), write=shown.append)
+    assert f"model> a\n{peftkit.chat.STOPPED}\nmodel> " in "".join(shown)
+    assert [m["content"] for m in messages[:1]] == ["ho"] and len(messages) == 2  # the stopped turn is left out
+    assert calls[1] == [chat_prompt(tok, [{"role": "user", "content": "ho"}]).ids]
+
+    def terminated(*args, streamer, **kwargs):
+        streamer.put(torch.tensor([[1, 2]]))
+        raise Terminated
+
+    monkeypatch.setattr(peftkit.chat, "generate_ids", terminated)
+    shown.clear()
+    with pytest.raises(Terminated):
         chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=lambda _: "hi", write=shown.append)
-    assert "".join(shown).endswith("model> a\n")
+    assert "".join(shown).endswith("model> \n")
 
 
 def test_chat_in_a_real_terminal(tiny_llama, tmp_path):

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from peftkit.cli.application import app, err_console
-from peftkit.errors import PeftkitError, visible
+from peftkit.errors import PeftkitError, Terminated, visible
 
 
 def _click_exception() -> type:
@@ -34,7 +34,7 @@ def _stop_on_sigterm(_signum, _frame) -> None:
     """SIGTERM outside a training loop's steps (loading, evaluation, export, other commands) stops the command as
     Ctrl-C does, its cleanups run and a word said; it killed the process silently. (The loop's own handler,
     `peftkit.train.StopRequest`, finishes the step and saves a checkpoint.)"""
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main() -> None:
