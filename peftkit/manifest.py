@@ -74,8 +74,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 """The files a tokenizer (and its chat template) is read from: what a run tokenizes its data with."""
 
-LATER_HASHED = frozenset(TOKENIZER_FILES) - {"tokenizer.json"}
-"""Hashed since December 2026; earlier records hold none of them, which means not hashed, not absent."""
+GENERATION_CONFIG = "generation_config.json"
+"""The base's generation defaults (its end-of-turn token, sampling settings): what eval's answers stop at, and what a
+merged model keeps."""
+
+LATER_HASHED = (frozenset(TOKENIZER_FILES) - {"tokenizer.json"}, frozenset({GENERATION_CONFIG}))
+"""The base's files hashed since a later version, a set each (the tokenizer's but tokenizer.json since December
+2026; generation_config.json since 4 December 2026): a record that holds none of a set's names did not hash them,
+which means not hashed, not absent."""
+
+
+def unhashed(recorded: dict[str, str]) -> frozenset[str]:
+    """The names of `LATER_HASHED` that a record of the base's hashes was made without."""
+    return frozenset().union(*(names for names in LATER_HASHED if not names & recorded.keys()))
 
 
 def model_directory(name_or_path: str, revision: str | None = None) -> Path | None:
@@ -103,13 +114,14 @@ def hub_commit(name_or_path: str, revision: str | None = None) -> str | None:
 
 
 def model_weight_hashes(name_or_path: str, revision: str | None = None, hash_file=sha256_file) -> dict[str, str]:
-    """Content hashes of the base model's weight, config and tokenizer files: those of a local directory, or of a
+    """Content hashes of the base model's weight, config, generation config and tokenizer files: those of a local directory, or of a
     hub id's cached snapshot (`model_directory`); {} when neither is there. `hash_file`: a file's sha256."""
     path = model_directory(name_or_path, revision)
     if path is None:
         return {}
     return {f.name: hash_file(f) for f in sorted(path.iterdir())
-            if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", *TOKENIZER_FILES))}
+            if f.is_file() and (f.suffix == ".safetensors" or f.name in ("config.json", GENERATION_CONFIG,
+                                                                         *TOKENIZER_FILES))}
 
 
 def remembered_sha256(path: Path) -> str:
@@ -149,11 +161,12 @@ def changed_files(recorded: dict[str, str], now: dict[str, str],
 
 
 def changed_model_files(recorded: dict[str, str], now: dict[str, str]) -> list[tuple[str, str]]:
-    """`changed_files` of the base model's files; a record made before the tokenizer files were hashed holds none of
-    them, and those are then not compared. An empty record hashed nothing (a hub id, before December 2026)."""
+    """`changed_files` of the base model's files; a record made before a set of files was hashed (`LATER_HASHED`)
+    holds none of them, and those are then not compared. An empty record hashed nothing (a hub id, before December
+    2026)."""
     if not recorded:
         return []
-    return changed_files(recorded, now, frozenset() if LATER_HASHED & recorded.keys() else LATER_HASHED)
+    return changed_files(recorded, now, unhashed(recorded))
 
 
 def base_changes(adapter_dir: str, name_or_path: str, revision: str | None) -> Callable[[], list] | None:

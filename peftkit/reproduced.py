@@ -12,7 +12,7 @@ from pathlib import Path
 
 from peftkit.checkpoint import CHECKSUMS
 from peftkit.errors import PeftkitError
-from peftkit.manifest import LATER_HASHED, MANIFEST, Manifest, changed_model_files, loss_digest
+from peftkit.manifest import MANIFEST, Manifest, changed_model_files, loss_digest, unhashed
 from peftkit.recipe import Recipe
 
 
@@ -113,7 +113,7 @@ def _record_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
     local_base = Path(recipe.model.name_or_path).is_absolute()
     recorded, now = manifest.base_model_sha256, rerun.base_model_sha256
     if recorded != now and not changed_model_files(recorded, now):  # (a change of the files: said on its own)
-        older = (not recorded and not local_base) or (recorded and not LATER_HASHED & recorded.keys())
+        older = (not recorded and not local_base) or bool(recorded and unhashed(recorded))
         if not older:
             out.append(f"{MANIFEST}: base_model_sha256 records {len(recorded)} files of the base, the re-run hashed "
                        f"{len(now)}{edited}")

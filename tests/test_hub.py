@@ -70,7 +70,7 @@ def test_a_hub_models_files_are_recorded_and_a_moved_branch_is_refused_on_resume
     run = tmp_path / "run"
     expected = {f.name: sha256_file(f) for f in tiny_llama.iterdir()
                 if f.suffix == ".safetensors" or f.name in ("config.json", "tokenizer.json", "tokenizer_config.json",
-                                                            "chat_template.jinja")}
+                                                            "chat_template.jinja", "generation_config.json")}
     assert json.loads((run / "manifest.json").read_text())["base_model_sha256"] == expected
     checksums = json.loads((run / "checkpoints" / "step-00000002" / "checksums.json").read_text())
     assert checksums["inputs"]["model.name_or_path"] == expected

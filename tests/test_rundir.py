@@ -556,9 +556,10 @@ def test_resume_with_every_checkpoint_damaged_is_a_clear_error(tiny_llama, numbe
         train(recipe, resume=True, console=_console()[0])
 
 
-@pytest.mark.parametrize("changed", ["train.jsonl", "config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("changed", ["train.jsonl", "config.json", "tokenizer_config.json", "generation_config.json"])
 def test_resume_after_the_inputs_changed_is_refused(tiny_llama, number_data, tmp_path, changed):
-    """The tokenizer's files too: a chat template edited in tokenizer_config.json changes what the data tokenizes to."""
+    """The tokenizer's files too: a chat template edited in tokenizer_config.json changes what the data tokenizes to.
+    And generation_config.json (not hashed before): its end-of-turn token is where eval's answers stop."""
     data = {k: Path(shutil.copy(v, tmp_path / v.name)) for k, v in number_data.items()}
     model = Path(shutil.copytree(tiny_llama, tmp_path / "model"))
     recipe = _recipe(tmp_path, model, data)
@@ -574,20 +575,25 @@ def test_resume_after_the_inputs_changed_is_refused(tiny_llama, number_data, tmp
         "to start afresh.")
 
 
-def test_a_record_made_before_tokenizer_files_were_hashed_still_resumes_and_verifies(tiny_llama, number_data, tmp_path):
-    """Older checkpoints and manifests hold the weights', config.json's and tokenizer.json's hashes only: the files
-    hashed since are not compared against them (they were not recorded, not added)."""
+@pytest.mark.parametrize("kept", [("config.json", "tokenizer.json"),  # before the tokenizer's other files were hashed
+                                  ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")])
+def test_a_record_made_before_tokenizer_files_were_hashed_still_resumes_and_verifies(tiny_llama, number_data, tmp_path,
+                                                                                      kept):
+    """Older checkpoints and manifests hold the weights', config.json's and tokenizer.json's hashes only, or those
+    and the tokenizer's other files but not generation_config.json: the files hashed since are not compared against
+    them (they were not recorded, not added)."""
     from peftkit.verify import verify
 
     recipe = _recipe(tmp_path, tiny_llama, number_data)
     train(recipe, console=_console()[0])
     run = tmp_path / "run"
-    assert "tokenizer_config.json" in json.loads((run / "manifest.json").read_text())["base_model_sha256"]
+    assert {"tokenizer_config.json", "generation_config.json"} <= json.loads((run / "manifest.json").read_text())[
+        "base_model_sha256"].keys()
 
     def as_recorded_before(record: Path) -> None:
         data = json.loads(record.read_text())
         hashes = data["base_model_sha256"] if record.name == "manifest.json" else data["inputs"]["model.name_or_path"]
-        for name in [n for n in hashes if n not in ("config.json", "tokenizer.json") and not n.endswith(".safetensors")]:
+        for name in [n for n in hashes if n not in kept and not n.endswith(".safetensors")]:
             del hashes[name]
         record.write_text(json.dumps(data))
 
