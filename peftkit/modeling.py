@@ -246,25 +246,52 @@ def _check_prequantized(config, quant: QuantizationConfig, name_or_path: str) ->
     quantization section (it only warns, in a log peftkit silences), so a recipe asking int8 or fp4 trained on nf4
     and recorded int8 in the adapter. A section that says otherwise of the stored weights (method, double_quant,
     quant_storage) is refused, naming the key; its compute_dtype, a setting of the layers, `load_model` applies."""
-    saved = getattr(config, "quantization_config", None)
+    saved = saved_quantization(config)
     if saved is None:
         return
-    saved = saved if isinstance(saved, dict) else saved.to_dict()
     if saved.get("quant_method") != "bitsandbytes":
         raise PeftkitError(f"{name_or_path} is already quantized ({saved.get('quant_method')}, in its config.json's "
                            "quantization_config), and the quantization section quantizes through bitsandbytes: remove "
                            "the quantization section.")
-    four_bit = not saved.get("load_in_8bit")
-    checkpoint = {"method": saved.get("bnb_4bit_quant_type", "fp4") if four_bit else "int8"}
-    if four_bit and quant.method != "int8":
-        checkpoint |= {"double_quant": bool(saved.get("bnb_4bit_use_double_quant")),
-                       "quant_storage": str(saved.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")}
+    checkpoint = _stored_settings(saved, quant.method == "int8")
     differ = [f"quantization.{key}: {value}" for key, value in checkpoint.items() if getattr(quant, key) != value]
     if differ:
         raise PeftkitError(f"{name_or_path} is already quantized by bitsandbytes (its config.json's "
                            f"quantization_config): its weights load as they were stored, whatever the quantization section "
                            f"says. Set {', '.join(differ)} as the checkpoint has it, or quantize the unquantized model "
                            "instead.")
+
+
+def saved_quantization(config) -> dict | None:
+    """The quantization_config of a checkpoint saved quantized (its config.json's), as a dict; None for one that is
+    not."""
+    saved = getattr(config, "quantization_config", None)
+    return None if saved is None else saved if isinstance(saved, dict) else saved.to_dict()
+
+
+def _stored_settings(saved: dict, int8: bool) -> dict:
+    """The quantization section's settings a bitsandbytes checkpoint's `saved` quantization_config stores (`int8`: the
+    section asks int8, whose weights have no double_quant or quant_storage)."""
+    four_bit = not saved.get("load_in_8bit")
+    settings = {"method": saved.get("bnb_4bit_quant_type", "fp4") if four_bit else "int8"}
+    if four_bit and not int8:
+        settings |= {"double_quant": bool(saved.get("bnb_4bit_use_double_quant")),
+                     "quant_storage": str(saved.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")}
+    return settings
+
+
+def check_quantization_section(config, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
+    """A run over a checkpoint saved by bitsandbytes needs the quantization section that says so: without it the
+    weights loaded 4-bit all the same, and the adapter recorded an unquantized base, which a merge then loaded."""
+    saved = saved_quantization(config)
+    if quant is not None or saved is None or saved.get("quant_method") != "bitsandbytes":
+        return
+    settings = ", ".join(f"{key}: {value}".replace("True", "true").replace("False", "false")
+                         for key, value in _stored_settings(saved, False).items())
+    raise PeftkitError(f"{cfg.name_or_path} is already quantized by bitsandbytes (its config.json's "
+                       f"quantization_config), and the recipe has no quantization section. Add the one the checkpoint "
+                       f"has (quantization: {{{settings}}}), so that the adapter records the quantized base it is "
+                       "trained against, and merges and evaluations load it as trained.")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -371,9 +398,9 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         kwargs["quantization_config"] = bnb_config(quant)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
-    elif quant is not None:
-        # Spelled out: without a device_map, transformers puts a bitsandbytes model on the GPU whenever one
-        # is present, whatever model.device says.
+    elif quant is not None or saved_quantization(config) is not None:
+        # Spelled out: without a device_map, transformers puts a bitsandbytes model (a checkpoint saved quantized
+        # too) on the GPU whenever one is present, whatever model.device says.
         kwargs["device_map"] = {"": "cpu"}
     quiet_transformers()
     model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device, cfg.task)
@@ -382,14 +409,14 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is not None:
         _refuse_quantized_tied_head(model, quant)
-    if quant is not None and quant.method != "int8" and getattr(config, "quantization_config", None) is not None:
+    if quant is not None and quant.method != "int8" and saved_quantization(config) is not None:
         # A checkpoint saved 4-bit loads with the compute dtype its config.json records: the recipe's is set here.
         from peftkit.methods.base import is_quantized
 
         for module in model.modules():
             if is_quantized(module) and hasattr(module, "compute_dtype"):
                 module.compute_dtype, module.compute_type_is_set = DTYPES[quant.compute_dtype], True
-    if quant is None and device.type != "cuda":
+    if quant is None and device.type != "cuda" and "device_map" not in kwargs:
         model.to(device)
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
@@ -400,6 +427,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
             # and a crash for layers narrower than 64. We keep the weights as quantized, on every CPU.
             module.support_avx512bf16_for_cpu = False
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    model.peftkit_revision = cfg.revision  # what else reads the base's files (a tokenizer) reads them at
     return model
 
 

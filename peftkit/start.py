@@ -30,7 +30,8 @@ from peftkit.finish import task_metrics
 from peftkit.manifest import hub_commit
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.methods.expert_lists import check_start
-from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
+from peftkit.modeling import (check_quantization_section, load_config, load_model, load_tokenizer, prepare_for_training,
+                              resolve_device)
 from peftkit.peft_format import load_adapter
 from peftkit.progress import phase
 from peftkit.recipe import Recipe
@@ -247,7 +248,9 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     seed_everything(tcfg.seed, tcfg.deterministic, device)
     check_device_support(cfg, device)
     distributed.check_engine(cfg, accelerator)
-    check_context_length(cfg, load_config(cfg.model))  # data.max_length within the (RoPE-scaled) positions
+    config = load_config(cfg.model)
+    check_context_length(cfg, config)  # data.max_length within the (RoPE-scaled) positions
+    check_quantization_section(config, cfg.model, cfg.quantization)
     if note := cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device):
         console.print(f"[yellow]note:[/] {escape(note)}")
     estimate = estimate_memory(cfg, device)

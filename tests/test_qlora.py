@@ -224,6 +224,22 @@ def test_a_quantization_section_that_differs_from_a_prequantized_checkpoint_is_r
         load_quantized(awq)
 
 
+def test_a_run_over_a_prequantized_checkpoint_without_a_quantization_section_is_refused(qllama, number_data, tmp_path):
+    """transformers loaded the checkpoint 4-bit all the same, and the adapter recorded `quantization: null`: a merge
+    later loaded the base as an unquantized model. The error gives the section the checkpoint has."""
+    from peftkit.merge import requantize_model
+
+    saved = tmp_path / "nf4"
+    requantize_model(qllama, saved, "nf4")  # nf4, double quant
+    overrides = [f"model.name_or_path={saved}", f"data.train={number_data['train']}", "data.eval=null",
+                 "training.max_steps=1", "training.warmup_steps=0", f"export.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(PeftkitError, match=r"nf4 is already quantized by bitsandbytes \(its config.json's "
+                                           r"quantization_config\), and the recipe has no quantization section\. Add "
+                                           r"the one the checkpoint has \(quantization: \{method: nf4, double_quant: "
+                                           r"true, quant_storage: uint8\}\)"):
+        train(load_recipe(QLORA_RECIPE, [*overrides, "quantization=null"]), console=Console(file=io.StringIO()))
+
+
 def test_a_16bit_compute_dtype_does_not_shrink_the_activation_estimate_of_a_float32_base(qllama, number_data, tmp_path):
     """compute_dtype bfloat16 (the default) on a float32 base: the estimate sized every activation in bf16 (half the
     fp32 figure), but a 4-bit layer returns its input's dtype and the rest runs in fp32: autograd keeps the same
