@@ -617,3 +617,25 @@ def test_paths_that_look_like_hub_ids_stay_paths(hub, tiny_llama, number_data, t
     err = cli_user_error(monkeypatch, capsys, "inspect", "acme/tiny-lora/nosub")
     assert ("Adapter acme/tiny-lora/nosub: hub repository acme/tiny-lora has no adapter files in nosub/ (the local "
             "Hugging Face cache holds none, and HF_HUB_OFFLINE is set, so nothing is downloaded).") in " ".join(err.split())
+
+
+def test_prompt_tuning_text_init_reads_the_tokenizer_of_the_commit_the_base_loaded(hub, tiny_llama, tmp_path):
+    """init: text tokenized init_text with the tokenizer of the hub base's main branch, whatever model.revision
+    loaded: here main's tokenizer ends each text with </s> where the loaded commit's begins it with <s>."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from peftkit.methods.prompt_tuning import text_ids
+    from peftkit.modeling import load_model, resolve_device
+    from peftkit.recipe import ModelConfig
+
+    newer = Path(shutil.copytree(tiny_llama, tmp_path / "newer"))
+    tok = AutoTokenizer.from_pretrained(newer)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.eos_token_id)])
+    tok.save_pretrained(newer)
+    _publish(hub, newer, "b" * 40)  # main moves on
+    model = load_model(ModelConfig(name_or_path=REPO, revision="a" * 40, dtype="float32"), device=resolve_device("cpu"))
+    expected = AutoTokenizer.from_pretrained(tiny_llama)("hi")["input_ids"]
+    assert expected != AutoTokenizer.from_pretrained(REPO)("hi")["input_ids"]
+    assert text_ids(model, "hi", 4).tolist() == (expected * 2)[:4]

@@ -67,8 +67,8 @@ def text_ids(model: nn.Module, text: str, n: int) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     source = getattr(model, "name_or_path", None) or model.config._name_or_path
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
+    try:  # a hub base's tokenizer at the revision the model loaded (`peftkit.modeling.load_model`), not main's
+        tok = AutoTokenizer.from_pretrained(source, revision=getattr(model, "peftkit_revision", None))
     except (OSError, ValueError) as e:
         raise PeftkitError(f"adapter.init: text needs the base model's tokenizer, which did not load from "
                            f"{source!r} ({e}). Use init: random or vocab (and remove init_text).") from None
