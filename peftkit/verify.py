@@ -260,7 +260,7 @@ def _hub_data_differences(manifest: Manifest, rerun: Manifest, recipe: Recipe) -
             read = "".join(f", {who} commit {commits[split]}" for who, commits in
                            (("the run read", run_commits), ("the re-run", rerun_commits)) if split in commits)
             pin = ("" if re.fullmatch(r"[0-9a-f]{40}", revision) else
-                   f", a branch that has moved: pin data.revision to a commit"
+                   ", a branch that has moved: pin data.revision to a commit"
                    + (f" ({run_commits[split]} is the run's)" if split in run_commits else ""))
             out.append(f"data.{split}: the rows the re-run read from hub dataset '{source}' (revision '{revision}'"
                        f"{read}) differ from the recorded ones{pin}")
