@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from peftkit.adapters import adapter_state_dict, inject_adapters
 from peftkit.combine import combine_tensors
 from peftkit.combine_adapters import adapter_files, combine_adapters, combine_layers
 from peftkit.combine_inputs import Combination, output_rank, read_sources, skeleton
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.merge import conv1d_modules
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.ia3 import IA3Config
@@ -548,6 +549,29 @@ def test_refuses_adapters_of_a_4bit_base_quantized_from_other_dtypes(llama_adapt
                          "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out"))
     assert (f"{dirs[0]} was trained against a base quantized from bfloat16, {dirs[1]} from float32 (their peftkit.json "
             "base_dtype)") in " ".join(err.split()), err
+
+
+def test_warns_of_adapters_of_a_4bit_base_quantized_on_other_devices(llama_adapters, tmp_path):
+    """One NF4 base quantized on CUDA for one adapter, on the CPU for the other (peftkit.json quantized_on): a few
+    other 4-bit codes, combined on the first's device without a word."""
+    import shutil
+
+    from peftkit.combine_inputs import check_same_base
+    from peftkit.recipe import QuantizationConfig
+
+    dirs = []
+    for i, (adapter, where) in enumerate(zip(llama_adapters, ["cuda", "cpu"], strict=True)):
+        shutil.copytree(adapter, tmp_path / f"q{i}")
+        meta = json.loads((tmp_path / f"q{i}" / "peftkit.json").read_text())
+        meta |= {"quantization": QuantizationConfig().model_dump(), "quantized_on": where}
+        (tmp_path / f"q{i}" / "peftkit.json").write_text(json.dumps(meta))
+        dirs.append(str(tmp_path / f"q{i}"))
+    with pytest.warns(PeftkitWarning, match=rf"{dirs[0]} was trained against a base quantized on cuda, {dirs[1]} on "
+                                            r"cpu \(their peftkit.json quantized_on\)"):
+        check_same_base(read_sources(dirs, False), None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_same_base(read_sources(dirs[:1] * 2, False), None)
 
 
 def test_refuses_an_update_of_biases(tmp_path):
