@@ -26,9 +26,12 @@ conflicting entries. We elect from sign(w_i) * tensor_i: identical for positive 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
+
+from peftkit.errors import PeftkitWarning
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -44,9 +47,15 @@ MajoritySign = Literal["total", "frequency"]
 
 
 def _prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """`tensor` with all but its int(density * numel) largest |values| set to zero (peft's top-k)."""
+    """`tensor` with all but its int(density * numel) largest |values| set to zero (peft's top-k); none kept (a
+    density below 1 / numel) is said, as peft does not: the combined update of that tensor is then zero."""
+    if (k := int(density * tensor.numel())) == 0 and tensor.numel():
+        warnings.warn(PeftkitWarning(
+            f"--density {density:g} keeps no value of a tensor of {tensor.numel()} ({tuple(tensor.shape)}: "
+            f"int({density:g} x {tensor.numel()}) = 0), so its part of the combined adapter is zero; raise --density "
+            f"to at least {1 / tensor.numel():.3g}."), stacklevel=2)
     mask = torch.zeros_like(tensor).reshape(-1)
-    top = torch.topk(tensor.abs().reshape(-1), k=int(density * tensor.numel()), largest=True)
+    top = torch.topk(tensor.abs().reshape(-1), k=k, largest=True)
     mask[top[1]] = 1
     return tensor * mask.reshape(tensor.shape)
 

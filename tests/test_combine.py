@@ -551,6 +551,19 @@ def test_refuses_adapters_of_a_4bit_base_quantized_from_other_dtypes(llama_adapt
             "base_dtype)") in " ".join(err.split()), err
 
 
+@pytest.mark.parametrize("kind", ["magnitude_prune", "ties"])
+def test_a_density_that_keeps_no_value_of_a_tensor_is_said(kind):
+    """int(density x numel) = 0 gave a zero tensor without a word (as in peft)."""
+    tensors = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.warns(PeftkitWarning, match=r"--density 0.1 keeps no value of a tensor of 6 \(\(2, 3\): int\(0.1 x 6\) "
+                                            r"= 0\), so its part of the combined adapter is zero; raise --density to at "
+                                            r"least 0.167"):
+        assert not combine_tensors(kind, tensors, [1.0, 1.0], density=0.1).any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert combine_tensors(kind, tensors, [1.0, 1.0], density=0.2).count_nonzero() > 0
+
+
 def test_warns_of_adapters_of_a_4bit_base_quantized_on_other_devices(llama_adapters, tmp_path):
     """One NF4 base quantized on CUDA for one adapter, on the CPU for the other (peftkit.json quantized_on): a few
     other 4-bit codes, combined on the first's device without a word."""
