@@ -232,6 +232,20 @@ def test_training_changes_the_fusion_parameters_and_nothing_else(sources, tiny_l
         pytest.approx(summary["eval_loss"], abs=1e-6)
 
 
+def test_a_run_on_a_base_scaled_otherwise_than_its_adapters_is_refused(sources, tiny_llama, number_data, tmp_path):
+    """model.rope_scaling set where the fused adapters were trained unscaled: their updates met a base scaled another
+    way, and the run trained on without a word."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    adapter = {"method": "fusion", "fuse": [str(sources[n]) for n in ("lora-a", "lora-b")]}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=adapter, training={"max_steps": 1})
+    _rewrite_adapter(recipe, adapter)
+    with pytest.raises(PeftkitError, match=r"^adapter.fuse: the adapters were trained with RoPE scaling none \(their "
+                                           r"peftkit.json\), and model.rope_scaling is linear x2.0. AdapterFusion needs"):
+        train(load_recipe(recipe, ["model.rope_scaling={type: linear, factor: 2}"]), show_summary=False)
+
+
 def _rewrite_adapter(recipe: Path, adapter: dict) -> None:
     import yaml
 

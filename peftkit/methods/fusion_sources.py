@@ -166,6 +166,20 @@ def check_commit(fused: list[Fused], name: str, revision: str | None, commit: st
                            f"base the adapters were trained on: set model.revision: {recorded}.")
 
 
+def check_rope(fused: list[Fused], rope_scaling) -> None:
+    """Adapters read for training were trained on the base scaled as the recipe's model.rope_scaling scales it: each
+    fused adapter's update meets the base it was trained against (they all record one: `_check_same_base`)."""
+    from peftkit.peft_format import describe_rope, read_meta
+
+    if fused[0].state is None:
+        return
+    if (recorded := read_meta(fused[0].source).rope_scaling) != rope_scaling:
+        raise PeftkitError(f"adapter.fuse: the adapters were trained with RoPE scaling {describe_rope(recorded)} "
+                           f"(their peftkit.json), and model.rope_scaling is {describe_rope(rope_scaling)}. "
+                           "AdapterFusion needs the base the adapters were trained on: set model.rope_scaling as "
+                           "they record it.")
+
+
 def _same_model(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
