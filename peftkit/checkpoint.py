@@ -99,6 +99,8 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
             blob["rng_ranks"] = rng
         if method_trainer is not None:
             blob["method_trainer"] = method_trainer.state_dict()
+        if (scaler := getattr(optimizer, "scaler", None)) is not None:  # fp16's loss scaler, which accelerate gave it
+            blob["scaler"] = scaler.state_dict()  # its scale: a resume from the first scale skipped other steps
         _save_state(blob, tmp / STATE_FILE)
         (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__), encoding="utf-8")
         if selection is not None:
@@ -183,6 +185,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
             load_adapter_state_dict(model, weights, encoder_restored=method_trainer is not None)
         load_optimizer_state(model, optimizer, blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+        if (scaler := getattr(optimizer, "scaler", None)) is not None and "scaler" in blob:
+            scaler.load_state_dict(blob["scaler"])
         if selection is not None:
             selection.load(path)
         rng = ranks[rank] if rank < len(ranks) else blob["rng"]  # this process's (dropout differs by rank)

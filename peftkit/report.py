@@ -230,7 +230,8 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
                      f"</figure>" for stem, data in plots.items())
     facts = [("steps", metrics.get("steps")), ("trainable parameters", metrics.get("trainable_params")),
              ("tokens", metrics.get("tokens")), ("elapsed (s)", metrics.get("elapsed_s")),
-             ("steps skipped for a non-finite loss or gradients (training.nan_policy)", metrics.get("skipped_steps") or None)]
+             ("steps skipped for a non-finite loss or gradients (training.nan_policy, the fp16 loss scaler)",
+              metrics.get("skipped_steps") or None)]
     fact_rows = "".join(f"<li>{html.escape(k)}: {_shown(v, '.1f')}</li>" for k, v in facts if v is not None)
     if metrics.get("resumed_at_step") is not None:
         fact_rows += (f"<li>resumed at step {_shown(metrics['resumed_at_step'])}: elapsed time and peak memory are the "

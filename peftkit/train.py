@@ -240,15 +240,20 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
     reg_value = _regularize(run)
     if not math.isfinite(loss_value + (reg_value or 0.0)):
         return _not_finite(run, state, f"Loss became {loss_value}", f"loss {loss_value}")
-    # A finite loss can still give non-finite gradients; fp16's loss scaler skips those steps itself.
+    # A finite loss can still give non-finite gradients; fp16's loss scaler skips those steps itself, and lowers its
+    # scale then (only then). accelerate's optimizer.step_was_skipped misses the skips of a fused AdamW (peftkit's
+    # adamw), which takes the scaler's inf check into its own kernel.
+    scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
     grad_norm, stepped = distributed.optimizer_step(accelerator, run.model, run.optimizer,
                                                     trainable_parameters(run.model), tcfg.max_grad_norm,
                                                     check_finite=accelerator.scaler is None)
     if not stepped:
         return _not_finite(run, state, f"The gradient norm became {grad_norm}", f"gradient norm {grad_norm}")
-    run.scheduler.step()
     if run.method_trainer is not None:
         run.method_trainer.after_step(state.step + 1)  # peft's place for AdaLoRA's allocator: gradients still here
+    if scale is not None and accelerator.scaler.get_scale() < scale:
+        return _scaler_skipped(run, state)
+    run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += tokens
@@ -268,8 +273,19 @@ def _not_finite(run: Run, state: LoopState, became: str, what: str) -> tuple[Non
         )
     state.skipped_steps += 1
     run.console.print(f"[yellow]step {state.step + 1}: {what}, step skipped[/]")
+    state.step += 1  # the data moves on; the schedule waits for the next update, as after `_scaler_skipped`
+    return None, None, None
+
+
+def _scaler_skipped(run: Run, state: LoopState) -> tuple[None, None, None]:
+    """A step fp16's loss scaler skipped (inf/nan in the scaled gradients; it lowered its scale), often one of the
+    first while it finds its scale: counted as skipped (no loss line, no update), whatever training.nan_policy says.
+    The schedule stays, as accelerate's AcceleratedScheduler, transformers' Trainer and DeepSpeed leave it."""
+    run.optimizer.zero_grad(set_to_none=True)
+    state.skipped_steps += 1
+    run.console.print(f"[yellow]step {state.step + 1}: fp16's loss scaler found inf/nan gradients, step skipped "
+                      f"(loss scale now {run.accelerator.scaler.get_scale():g})[/]")
     state.step += 1
-    run.scheduler.step()
     return None, None, None
 
 

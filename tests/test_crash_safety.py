@@ -157,6 +157,9 @@ def test_skip_step_past_a_one_off_nan_finishes(tiny_llama, number_data, tmp_path
     # The skipped step has no loss to log, but its evaluation and checkpoint are made as scheduled.
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines if "loss" in line] == [1, 2, 4, 5, 6]
+    # The schedule counts updates: step 4 applies the rate step 3 would have (warmup 1, then cosine over 5 steps).
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(4)]
+    assert [line["lr"] for line in lines if "loss" in line] == pytest.approx([1e-2 / 2] + [1e-2 * c for c in cosine])
     assert 3 in [line["step"] for line in lines if "eval_loss" in line]
     assert (tmp_path / "run" / "checkpoints" / "step-00000003").is_dir()
 
@@ -364,3 +367,58 @@ def test_a_command_stopped_outside_the_training_steps_says_so(tiny_llama, number
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 130, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "interrupted", done.stderr
+
+
+
+def _fp16_loss_scaler(monkeypatch, init_scale: float, growth_interval: int) -> None:
+    """fp16's loss scaling, on the CPU: accelerate makes a GradScaler only for CUDA, so the run's accelerator is given
+    torch's GradScaler for the CPU, and the gradients overflow as fp16's do when the scale is too large: a hook on the
+    first trainable parameter makes its gradient inf while the scale is above 2^17. The scaler then skips the step
+    and halves its scale."""
+    import peftkit.train as train_mod
+
+    make = train_mod.make_accelerator
+
+    def with_scaler(cfg, out):
+        accelerator = make(cfg, out)
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=growth_interval)
+        prepare = accelerator.prepare
+
+        def prepare_overflowing(model, optimizer):
+            model, optimizer = prepare(model, optimizer)
+            param = next(p for p in model.parameters() if p.requires_grad)
+            param.register_hook(lambda grad: torch.full_like(grad, math.inf) if scaler.get_scale() > 2**17 else grad)
+            return model, optimizer
+
+        accelerator.scaler, accelerator.prepare = scaler, prepare_overflowing
+        return accelerator
+
+    monkeypatch.setattr(train_mod, "make_accelerator", with_scaler)
+
+
+def test_a_step_the_loss_scaler_skips_leaves_the_schedule_and_is_counted_skipped(tiny_llama, number_data, tmp_path,
+                                                                                  monkeypatch):
+    """The scaler's skipped step still stepped the schedule (warmup went on without an update) and was logged as an
+    optimizer step, with the lr it never applied; now, as accelerate's AcceleratedScheduler and transformers' Trainer
+    do, the schedule waits for the next update, and the step is counted as skipped, with no loss line."""
+    _fp16_loss_scaler(monkeypatch, init_scale=2.0**18, growth_interval=10**6)  # step 1 overflows, then 2^17 holds
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"max_grad_norm": None, "warmup_steps": 2, "scheduler": "linear", "save_steps": 3})
+    summary = train(load_recipe(recipe))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 3, 4, 5, 6]
+    # warmup 2 over the 5 updates: 1/3, 2/3 of lr, then linear decay from 1 by 1/4 of the 4 steps after warmup
+    assert [row["lr"] for row in rows] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 0.75e-2, 0.5e-2])
+
+
+def test_the_loss_scale_is_part_of_the_checkpoint(tiny_llama, number_data, tmp_path, monkeypatch):
+    """A resumed fp16 run started again from the scaler's first scale, so it skipped other steps than the unbroken
+    run (here: 2^16 doubled after every update, and steps 3 and 5 overflow at 2^18; resumed at step 3, step 6 did)."""
+    from tests.conftest import check_resumes_to_the_same_bits
+
+    _fp16_loss_scaler(monkeypatch, init_scale=2.0**16, growth_interval=1)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"max_grad_norm": None, "save_steps": 3})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=3, steps=6)

@@ -261,7 +261,8 @@ def test_a_one_step_run_s_curves_are_drawn_and_sample_text_is_shown_as_written(t
     assert ("<td class='text'>### Instruction:\nSay &lt;U+202E&gt;hi\n\n### Response:\n</td>" in page
             and "\u202e" not in page and "<td class='text'>&lt;b&gt;</td>" in page)
     assert "white-space:pre-wrap;overflow-wrap:anywhere" in page
-    assert "<li>steps skipped for a non-finite loss or gradients (training.nan_policy): 2</li>" in page
+    assert ("<li>steps skipped for a non-finite loss or gradients (training.nan_policy, the fp16 loss scaler): 2</li>"
+            in page)
 
 
 def test_a_run_without_the_base_model_s_answers_has_no_base_column(tmp_path):
