@@ -377,6 +377,22 @@ def test_fp16_with_a_4bit_base(tmp_path):
             "with a 4-bit base overflows easily; use bf16 or auto.") in message
 
 
+
+def test_a_loraplus_embedding_rate_without_loraplus(tmp_path):
+    """training.loraplus_lr_embedding without loraplus_lr_ratio was ignored without a word: the embedding's LoRA
+    trained at training.lr."""
+    text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  loraplus_lr_embedding: 1.0e-5")
+    message = _error(_write(tmp_path, text))
+    assert (f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  loraplus_lr_embedding: 1.0e-5')}: "
+            "training.loraplus_lr_embedding: 1e-05 is the learning rate of an embedding's LoRA under LoRA+, and "
+            "training.loraplus_lr_ratio is null (LoRA+ off: every parameter trains at training.lr); set "
+            "loraplus_lr_ratio (e.g. 16), or remove loraplus_lr_embedding.") in message
+    with_ratio = text.replace("  warmup_steps: 1\n", "  warmup_steps: 1\n  loraplus_lr_ratio: 16\n")
+    assert load_recipe(_write(tmp_path, with_ratio)).training.loraplus_lr_embedding == 1e-5
+    # A run's recipe.yaml writes every default out: the default rate without LoRA+ still loads.
+    default = load_recipe(_write(tmp_path, text.replace("1.0e-5", "1.0e-6")))
+    assert load_recipe(_write(tmp_path, default.to_yaml())).training.loraplus_lr_ratio is None
+
 def test_fp16_with_fp16_modules_trained_in_full(tmp_path):
     text = (RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: fp16")
             .replace("dtype: float32", "dtype: float16").replace("  dropout: 0.0", "  dropout: 0.0\n  modules_to_save: [lm_head]"))
