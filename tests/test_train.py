@@ -54,6 +54,9 @@ def test_train_export_eval_merge_cli(tiny_llama, number_data, tmp_path):
     # The merged export equals base + adapter in peft (an independent implementation).
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
     reference = PeftModel.from_pretrained(base, run / "adapter").eval()
+    # total_params is the adapted model's, base and adapter together, as peft counts its "all params"
+    assert manifest["metrics"]["total_params"] == reference.get_nb_trainable_parameters()[1]
+    assert manifest["metrics"]["trainable_params"] == sum(t.numel() for t in keys.values())
     merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     ours, _, _, _, _ = load_adapted_model(None, str(run / "adapter"), torch.device("cpu"))
     with torch.no_grad():
