@@ -68,6 +68,35 @@ def test_early_stopping_stops_after_patience_and_exports_that_step(tiny_llama, n
     assert _same(_weights(tmp_path / "stop" / "run" / "adapter"), _weights(step3))
 
 
+
+def test_a_run_stopped_at_an_evaluation_and_resumed_stops_as_an_unbroken_one(tiny_llama, number_data, tmp_path,
+                                                                             monkeypatch):
+    """SIGTERM at step 2, an evaluation step between checkpoints: the stop's checkpoint holds that evaluation, and the
+    resumed run neither makes it again nor counts it twice toward the patience: metrics.jsonl (but for timings) and
+    the early stop at step 4 are the unbroken run's."""
+    import signal
+
+    import torch
+
+    from peftkit.errors import PeftkitError
+    from tests.conftest import signal_after_step
+
+    training = {"max_steps": 12, "eval_steps": 1, "save_steps": 5, "log_steps": 2,
+                "early_stopping": {"metric": "loss", "mode": "max", "patience": 3}}
+    runs = [make_recipe(tmp_path / name, tiny_llama, number_data, eval={"base_model": False}, training=training)
+            for name in ("unbroken", "stopped")]
+    unbroken = train(load_recipe(runs[0]))
+    signal_after_step(monkeypatch, torch.optim.AdamW, 2, signal.SIGTERM)
+    with pytest.raises(PeftkitError, match="^Stopped by SIGTERM at step 2"):
+        train(load_recipe(runs[1]))
+    monkeypatch.undo()
+    resumed = train(load_recipe(runs[1]), resume=True)
+    assert (resumed["steps"], resumed["stopped_early"]) == (unbroken["steps"], unbroken["stopped_early"]) == (4, True)
+    timings = ("tokens_per_s", "peak_mem_mb")
+    lines = [[{k: v for k, v in x.items() if k not in timings} for x in _lines(tmp_path / name / "run")]
+             for name in ("unbroken", "stopped")]
+    assert lines[0] == lines[1] and [x["step"] for x in lines[1] if "eval_loss" in x] == [1, 2, 3, 4]
+
 def test_an_early_stop_between_log_steps_logs_its_last_step(tiny_llama, number_data, tmp_path):
     """log_steps 2, stopped early at step 3: metrics.jsonl ends with step 3's training line, then its evaluation, as
     a run of max_steps 3 does. The line was missing: its last training line was step 2's, and the summary's
