@@ -20,7 +20,8 @@ generator given (peft draws from torch's global RNG, in this order: layers in mo
 
 TIES elects a sign per entry. peft elects it from the unweighted task tensors, so an adapter given a negative
 weight (a task to subtract) votes with the sign it is *not* applied with, and the merge keeps exactly its
-conflicting entries. We elect from sign(w_i) * tensor_i: identical for positive weights, right for negative.
+conflicting entries; one of weight 0 votes too, and counts among the entries averaged. We elect from
+sign(w_i) * tensor_i: identical for positive weights, right for negative ones, and weight 0 is no vote.
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def _sparsified(kind: str, tensors: list[torch.Tensor], density: float | None,
 def _elected(stacked: torch.Tensor, weights: torch.Tensor, method: MajoritySign) -> torch.Tensor:
     """TIES: where each task tensor has the elected sign, from the tensors signed as they are applied.
 
-    `total`: the sign of the summed (signed) values; `frequency`: the sign most tensors have (ties count +)."""
-    signs = torch.where(weights < 0, -1.0, 1.0).view(-1, *[1] * (stacked.dim() - 1))
+    `total`: the sign of the summed (signed) values; `frequency`: the sign most tensors have (ties count +). A task of
+    weight 0 applies nothing and has no vote, nor a place among those averaged (peft's, signed +, has both)."""
+    signs = torch.sign(weights).view(-1, *[1] * (stacked.dim() - 1))
     signed = stacked * signs
     votes = signed.sum(dim=0) if method == "total" else signed.sign().sum(dim=0)
     return signed.sign() == torch.where(votes >= 0, 1, -1)

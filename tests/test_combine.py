@@ -200,6 +200,18 @@ def test_ties_elects_signs_as_the_weights_apply_them():
     assert ours.item() == -3.0 and peft_ties.item() == -1.0
 
 
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+def test_a_ties_task_of_weight_0_is_no_vote(sign):
+    """Deliberate difference from peft: a task of weight 0 applies nothing, so it neither votes nor counts among the
+    entries averaged. peft's votes +: here it outvotes the applied tasks' -1 and halves what is kept."""
+    tasks = [torch.tensor([-1.0, 2.0]), torch.tensor([5.0, 2.0]), torch.tensor([5.0, 2.0])]
+    ours = combine_tensors("ties", tasks, [1.0, 0.0, 0.0], density=1.0, majority_sign=sign)
+    torch.testing.assert_close(ours, combine_tensors("ties", tasks[:1], [1.0], density=1.0, majority_sign=sign))
+    assert ours.tolist() == [-1.0, 2.0]
+    peft_ties = merge_utils.ties(tasks, torch.tensor([1.0, 0.0, 0.0]), 1.0, sign)
+    assert peft_ties.tolist() == pytest.approx([0.0, 2.0 / 3])
+
+
 def _dense_expectation(base: Path, deltas: dict[str, torch.Tensor]) -> nn.Module:
     """The base with `deltas` ({parameter name: delta}) added: the independent reference."""
     model = _load(base)
