@@ -88,19 +88,21 @@ def parse_metrics(spec: str | list[str]) -> list[str]:
 
 def rouge_tokens(text: str) -> list[str]:
     """ROUGE's words in any script: rouge-score's tokenisation (lowercase; runs of letters and digits, everything else
-    a separator) with the letters, combining marks and digits of every script, and each character of a script
-    written without spaces between words (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) a word of its own. ASCII
-    text gives rouge-score's own tokens (tested)."""
+    a separator) with the letters, combining marks and digits of every script, and each of those of a script
+    written without spaces between words (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) a word of its own; their
+    punctuation (the katakana middle dot, Myanmar's and Khmer's full stops) separates, as elsewhere. ASCII text gives
+    rouge-score's own tokens (tested)."""
     words, word = [], []
     for ch in text.lower():
-        if _UNSPACED.match(ch) or unicodedata.category(ch)[0] not in "LMN":
-            if word:
-                words.append("".join(word))
-                word = []
-            if _UNSPACED.match(ch):
-                words.append(ch)
-        else:
+        letter = unicodedata.category(ch)[0] in "LMN"
+        if letter and not _UNSPACED.match(ch):
             word.append(ch)
+            continue
+        if word:
+            words.append("".join(word))
+            word = []
+        if letter:  # a letter of a script without spaces: a word alone
+            words.append(ch)
     return words + (["".join(word)] if word else [])
 
 

@@ -135,3 +135,14 @@ def test_bad_flags_are_clear_errors(tiny_llama, number_data, monkeypatch, capsys
         cli_user_error(monkeypatch, capsys, *base, "--metrics", "exact_match", "--normalize", "lower")
     assert "data.format 'text' has no prompt to generate from" in \
         cli_user_error(monkeypatch, capsys, *base, "--metrics", "rouge_l", "--format", "text")
+
+
+def test_rouge_l_leaves_out_the_punctuation_of_scripts_written_without_spaces():
+    """Each character of Japanese, Thai, Myanmar or Khmer text is a word, but their punctuation, as everywhere else, is
+    a separator: the katakana middle dot of a name, Myanmar's and Khmer's full stops, Thai's angkhankhu counted as
+    words, so an answer without them (or with a space) was not an exact match."""
+    from peftkit.metrics import rouge_tokens
+
+    assert rouge_tokens("ジョン・スミス") == ["ジ", "ョ", "ン", "ス", "ミ", "ス"] == rouge_tokens("ジョン スミス")
+    assert rouge_tokens("ကို။") == ["က", "ိ", "ု"] and rouge_tokens("ក។") == ["ក"] and rouge_tokens("ก๚") == ["ก"]
+    assert score(["ジョン・スミス", "ကို"], ["ジョン スミス", "ကို။"], ["rouge_l"]) == {"rouge_l": 1.0}
