@@ -283,6 +283,9 @@ def _classification_job(job: EvalJob) -> None:
         raise PeftkitError(f"--metrics {','.join(generated)}: data.format 'classification' is scored by predicted "
                            f"class, not generated text; a classifier's eval reports loss, "
                            f"{', '.join(CLASSIFICATION_METRICS)} (drop --metrics, or pass --metrics accuracy).")
+    if job.predictions is not None:  # (not the generation metrics' advice below: they are refused here)
+        raise PeftkitError("--predictions writes generated answers, and a classifier (data.format 'classification') "
+                           "generates none: drop --predictions.")
     job.metrics = ["loss", *CLASSIFICATION_METRICS]
 
 

@@ -388,6 +388,18 @@ def test_eval_cli_refuses_generation_metrics(tmp_path, monkeypatch, capsys, tiny
     assert "--metrics exact_match: data.format 'classification' is scored by predicted class" in " ".join(err.split())
 
 
+def test_eval_cli_says_a_classifier_writes_no_predictions(tmp_path, monkeypatch, capsys, tiny_bert, sentiment):
+    """--predictions on classification rows said to add --metrics exact_match, which is refused there in turn."""
+    from tests.conftest import cli_user_error
+
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_bert), "--data",
+                                  str(sentiment["eval"]), "--format", "classification", "--predictions",
+                                  str(tmp_path / "p.jsonl")).split())
+    assert "--predictions writes generated answers, and a classifier (data.format 'classification') generates " \
+           "none: drop --predictions." in err
+    assert "--metrics exact_match" not in err
+
+
 def test_classification_assets_are_deterministic(tmp_path):
     from peftkit.tiny import build_classification_assets
 
