@@ -167,6 +167,12 @@ def test_a_comparison_s_predictions_file_name_is_refused(tiny_llama, number_data
     assert (f"--predictions {tmp_path / 'preds.jsonl'}: a comparison writes one NAME.jsonl per model, into a directory; "
             f"give a directory (e.g. --predictions {tmp_path / 'preds'}).") in " ".join(err.split())
     assert not (tmp_path / "preds.jsonl").exists()
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]),
+                         "--adapter", f"a={candidates / 'peft'}", "--metrics", "exact_match", "--predictions",
+                         str(tmp_path / "preds"), "--json", str(tmp_path / "preds" / "a.jsonl"))
+    assert (f"--json {tmp_path / 'preds' / 'a.jsonl'} is the --predictions file of a, {tmp_path / 'preds' / 'a.jsonl'}, "
+            "too: the metrics would replace the predictions.") in " ".join(err.split())
+    assert not (tmp_path / "preds").exists()
 
 
 def test_a_comparison_that_fails_leaves_no_empty_predictions_directory(tiny_llama, number_data, candidates, tmp_path,

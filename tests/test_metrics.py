@@ -146,3 +146,14 @@ def test_rouge_l_leaves_out_the_punctuation_of_scripts_written_without_spaces():
     assert rouge_tokens("ジョン・スミス") == ["ジ", "ョ", "ン", "ス", "ミ", "ス"] == rouge_tokens("ジョン スミス")
     assert rouge_tokens("ကို။") == ["က", "ိ", "ု"] and rouge_tokens("ក។") == ["ក"] and rouge_tokens("ก๚") == ["ก"]
     assert score(["ジョン・スミス", "ကို"], ["ジョン スミス", "ကို။"], ["rouge_l"]) == {"rouge_l": 1.0}
+
+
+def test_json_and_predictions_on_one_file_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """`--json out.json --predictions out.json`: the metrics, written last, replaced the predictions without a word."""
+    out = tmp_path / "out.json"
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data",
+                                  str(number_data["eval"]), "--metrics", "exact_match", "--predictions", str(out),
+                                  "--json", str(tmp_path / "." / "out.json")).split())
+    assert f"--json {tmp_path / '.' / 'out.json'} is the --predictions file too: the metrics would replace the " \
+           "predictions. Give --json another path." in err
+    assert not out.exists()

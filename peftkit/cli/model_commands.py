@@ -168,6 +168,8 @@ def eval_cmd(
     for path, flag in outputs:
         if path is not None:
             check_json_out(path, flag, inputs)
+    if predictions is not None and not comparing:
+        _check_apart(json_out, predictions, "the --predictions file")
     single = adapter_path(adapters[0]) if adapters and not comparing else None
     job = eval_job(recipe, overrides or [], local_path(model) if model else None, local_path(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
@@ -214,6 +216,8 @@ def _compare(job, named: list[tuple[str, str]], merged: list[tuple[str, str]], p
         for name in [BASE, *(n for n, _ in named + named_merged), *([ARROW] if arrow is not None else [])]:
             check_not_input(predictions / f"{name}.jsonl", "--predictions", inputs,
                             f"{predictions}: the comparison's {name}.jsonl")
+            _check_apart(json_out, predictions / f"{name}.jsonl",
+                         f"the --predictions file of {name}, {predictions / f'{name}.jsonl'},")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     try:
         results = compare(comparison_jobs(job, named, named_merged), predictions, routing)
@@ -224,6 +228,17 @@ def _compare(job, named: list[tuple[str, str]], merged: list[tuple[str, str]], p
     _said_beside(json_out).print(comparison_table(results, job.metrics))
     if json_out:
         atomic_write_json(json_out, results)
+
+
+def _check_apart(json_out: Path | None, predictions: Path, which: str) -> None:
+    """--json must not name a file --predictions writes: the JSON, written last, replaced the predictions unsaid."""
+    from peftkit.fileio import special_file
+
+    if json_out is None or special_file(json_out):  # /dev/stdout: both are written into the stream
+        return
+    if json_out.expanduser().resolve() == predictions.expanduser().resolve():
+        raise PeftkitError(f"--json {json_out} is {which} too: the metrics would replace the predictions. Give --json "
+                           "another path.")
 
 
 def _said_beside(*outputs: Path | None):
