@@ -153,6 +153,23 @@ def test_packing_is_refused_for_a_model_whose_packed_examples_see_each_other(att
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
 
 
+def test_packing_is_refused_for_a_model_that_takes_no_position_ids(models):  # noqa: F811
+    """A model whose forward has no position_ids argument (remote code can be so) gets a clear refusal, where the
+    isolation check's forward failed with a TypeError traceback."""
+
+    class NoPositionIds(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask=None, use_cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    with pytest.raises(PeftkitError, match=r"data.packing: this llama model's forward takes no position_ids, and a "
+                       r"packed row needs them to keep its examples apart. Set data.packing: false."):
+        check_isolated(NoPositionIds(AutoModelForCausalLM.from_pretrained(models["llama"])))
+
+
 def test_padding_positions_do_not_rescale_dynamic_rope(tmp_path):
     """Dynamic RoPE rescales by the largest position id in the batch: a packed batch's padding (a row of one
     40-token example beside a row of three) must not count as a sequence longer than any example, which past

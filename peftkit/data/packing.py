@@ -21,6 +21,7 @@ packing is the same for every run of the same data; the seeded epoch order then 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -55,6 +56,11 @@ def check_isolated(model: torch.nn.Module) -> None:
     the examples' bounds for flash attention.)"""
     device, vocab = next(model.parameters()).device, model.config.get_text_config().vocab_size
     flash = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+    kind = getattr(model.config, "model_type", type(model).__name__)
+    accepted = inspect.signature(model.forward).parameters.values()
+    if not any(p.name == "position_ids" or p.kind is p.VAR_KEYWORD for p in accepted):  # (remote code can lack it)
+        raise PeftkitError(f"data.packing: this {kind} model's forward takes no position_ids, and a packed row needs "
+                           "them to keep its examples apart. Set data.packing: false.")
     logits = []
     for first in (range(1, 5), range(5, 9)):  # then the same second example, tokens 9-12
         ids = torch.tensor([[t % vocab for t in [*first, *range(9, 13)]]])
@@ -66,7 +72,6 @@ def check_isolated(model: torch.nn.Module) -> None:
     moved = float((logits[0].float() - logits[1].float()).abs().max())
     rounding = 1e-4 if logits[0].dtype == torch.float32 else 1e-2  # 16-bit kernels may round rows apart
     if moved > rounding * float(logits[0].float().abs().max()):
-        kind = getattr(model.config, "model_type", type(model).__name__)
         attention = getattr(model.config, "_attn_implementation", None) or "default"
         raise PeftkitError(
             f"data.packing: with {kind} models ({attention} attention) the examples packed into one row would attend "
