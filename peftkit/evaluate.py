@@ -355,7 +355,7 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     source = job.source
     generated = [m for m in job.metrics if m in GENERATION_METRICS]
     tok = source.tokenizer()
-    tasks = adapter_task_count(source) is not None
+    tasks = job.task is None and adapter_task_count(source) is not None  # --task: the column is not read at all
     examples = (load_examples(tok, job.data, job.split, job.data_cfg, tasks=tasks)[0]
                 if set(job.metrics) & set(LOSS_METRICS) else None)
     prompts = load_prompts(tok, job.data, job.split, job.data_cfg, tasks=tasks) if generated else None

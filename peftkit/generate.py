@@ -236,7 +236,8 @@ class GenerateJob:
     def build_prompts(self, tok) -> list[Prompt]:
         if self.data:
             return load_prompts(tok, self.data, self.split, self.data_cfg, self.limit,
-                                tasks=adapter_task_count(self.source) is not None, targets=False)
+                                tasks=self.task is None and adapter_task_count(self.source) is not None,
+                                targets=False)  # --task: the rows' column is not read at all
         if self.chat:
             return [chat_prompt(tok, [{"role": "user", "content": p}]) for p in self.prompts]
         return [text_prompt(tok, p) for p in self.prompts]

@@ -334,6 +334,32 @@ def test_eval_with_task_is_peft_s_loss(arch, models, number_data, tmp_path):  # 
     assert abs(ours - evaluate(replace(job, task=0))["loss"]) > 5e-6  # another task, another loss
 
 
+def test_task_flag_overrides_whatever_the_task_column_holds(llama, tmp_path):
+    """--task N is every row's task: eval and generate give the figures of rows that all carry task N, whatever the
+    column holds (eval refused rows of which only some had a task, both refused a task named in words)."""
+    from peftkit.generate import Sampling, run_generate
+
+    adapter = _strong(llama, tmp_path / "adapter")
+    rows = number_rows(6, seed=3)
+    write_jsonl(tmp_path / "one.jsonl", [r | {"task": 1} for r in rows])
+    write_jsonl(tmp_path / "mixed.jsonl", [r | ({"task": 2} if i % 2 else {}) for i, r in enumerate(rows)])
+    write_jsonl(tmp_path / "named.jsonl", [r | {"task": "numbers"} for r in rows])
+
+    def scores(data: str, task: int | None):
+        job = EvalJob(data=data, data_cfg=DataConfig(train=data, max_length=128), batch_size=4, task=task,
+                      metrics=["loss", "exact_match"], sampling=Sampling(max_new_tokens=6),
+                      predictions=tmp_path / "predictions.jsonl",
+                      source=ModelSource(ModelConfig(name_or_path=str(llama), dtype="float32"), adapter=str(adapter)))
+        result = evaluate(job)
+        texts = [r["completion"] for r in run_generate(_job(adapter, data=data, fmt="alpaca", task=task))]
+        return result, (tmp_path / "predictions.jsonl").read_text(), texts
+
+    expected = scores(str(tmp_path / "one.jsonl"), None)
+    assert scores(str(tmp_path / "mixed.jsonl"), 1) == expected
+    assert scores(str(tmp_path / "named.jsonl"), 1) == expected
+    assert scores(str(tmp_path / "one.jsonl"), 0)[0]["loss"] != expected[0]["loss"]
+
+
 def test_chat_uses_the_task(llama, tmp_path):
     from peftkit.chat import chat_loop
     from peftkit.data.prompts import chat_prompt
