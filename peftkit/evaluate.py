@@ -298,6 +298,9 @@ def evaluate_classifier(job: EvalJob) -> dict[str, float]:
     from peftkit.classify import evaluate_classification
     from peftkit.data.classification import LabelSet, load_classification
 
+    if job.task is not None:  # (multitask prompt tuning cannot train a classifier: none reads one)
+        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning adapter reads a task id, and a sequence "
+                           "classifier is never one; drop --task.")
     source, labels = job.source, None
     if source.model is not None:
         source = replace(source, model=source.model.model_copy(update={"task": "sequence_classification"}))

@@ -411,6 +411,10 @@ def test_missing_or_wrong_tasks_are_clear_errors(llama, tmp_path, monkeypatch, c
         monkeypatch, capsys, "eval", "--model", str(llama), "--adapter", adapter, "--data", str(plain), "--format",
         "completion")
     assert "pass --task N (0 .. 2)." in cli_user_error(monkeypatch, capsys, "chat", "--adapter", adapter)
+    write_jsonl(tmp_path / "classes.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}])
+    assert "--task 1: only a multitask prompt tuning adapter reads a task id, and a sequence classifier" in cli_user_error(
+        monkeypatch, capsys, "eval", "--model", str(llama), "--data", str(tmp_path / "classes.jsonl"), "--format",
+        "classification", "--task", "1")  # (it was ignored)
 
 
 def test_a_comparison_gives_the_task_to_the_adapters_that_read_one(llama, number_data, tmp_path):
