@@ -241,10 +241,15 @@ def test_merge_is_refused(llama, tmp_path, monkeypatch, capsys):
     assert "multitask_prompt_tuning adapter cannot be merged" in err
 
 
-def test_a_missing_source_adapter_names_the_key(llama, tmp_path):
+def test_a_missing_or_unfitting_source_adapter_names_the_key(llama, tmp_path):
     model = _model(llama)
     with pytest.raises(PeftkitError, match="adapter.source_adapter"):
         inject_adapters(model, _cfg(num_tasks=1, init="source", source_adapter=str(tmp_path / "nowhere")))
+    source = _ours(llama, tmp_path / "source")  # of rank RANKS
+    with pytest.raises(PeftkitError, match=f"adapter.source_adapter: its tasks' factors have rank {RANKS} "
+                                           rf"\(prefix_task_cols \({TASKS}, {N}, {RANKS}\)\), but adapter.num_ranks is "
+                                           f"{RANKS + 1}; set adapter.num_ranks: {RANKS}."):
+        inject_adapters(model, _cfg(num_tasks=1, num_ranks=RANKS + 1, init="source", source_adapter=str(source)))
 
 
 # ------------------------------------------------------- generation, eval and chat with task ids (--task)

@@ -135,6 +135,10 @@ def source_state(cfg: MultitaskPromptTuningConfig, n: int, dim: int) -> dict[str
     if tuple(prompt.shape) != (n, dim) or cols.shape[1] != n or cols.shape[2] != rows.shape[1]:
         raise PeftkitError(f"adapter.source_adapter: its prompt is {tuple(prompt.shape)} (factors {tuple(cols.shape)}), "
                            f"this model's is ({n}, {dim}); use the same base model and num_virtual_tokens.")
+    if cols.shape[2] != cfg.num_ranks:  # (else: "the adapter does not fit this model", naming neither key)
+        raise PeftkitError(f"adapter.source_adapter: its tasks' factors have rank {cols.shape[2]} (prefix_task_cols "
+                           f"{tuple(cols.shape)}), but adapter.num_ranks is {cfg.num_ranks}; set adapter.num_ranks: "
+                           f"{cols.shape[2]}.")
     if cfg.source_task is None:
         return {PROMPT_KEY: prompt, COLS: cols.mean(0, keepdim=True), ROWS: rows.mean(0, keepdim=True)}
     if cfg.source_task >= cols.shape[0]:
