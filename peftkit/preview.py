@@ -29,9 +29,9 @@ from peftkit.data import (
     truncation_error,
 )
 from peftkit.data.packing import describe_packing, pack_examples
-from peftkit.errors import visible
+from peftkit.errors import PeftkitError, visible
 from peftkit.recipe import DataConfig, Recipe
-from peftkit.task_ids import recipe_reads_tasks
+from peftkit.task_ids import check_training_tasks, recipe_reads_tasks
 
 MASKED_STYLE = "dim"
 TRAINED_STYLE = "bold green"
@@ -107,7 +107,7 @@ def describe_example(built: BuiltExample, cfg: DataConfig) -> str:
     trained = sum(label != IGNORE_INDEX for label in example.labels[1:])
     size = (f"{n} of {built.length} tokens (cut at data.max_length={cfg.max_length})" if built.truncated
             else f"{n} tokens")
-    line = f"{built.where}: {size}, {trained} trained"
+    line = f"{built.where}: {size}, {trained} trained" + (f", task {example.task_id}" if example.task_id is not None else "")
     if built.no_target:
         return line + ("; no target token within data.max_length: training stops here (data.truncation: error)"
                        if cfg.truncation == "error" and built.target_lost else
@@ -164,4 +164,18 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
         console.print("training would stop: " + truncation_error(cuts, cfg), **out)
     elif not examples:  # "0 training examples" alone, where train stops at once
         console.print("training would stop: " + no_examples_error(stats, cfg, cfg.train), **out)
+    elif tasks and (stop := task_error(recipe, examples.task_ids)):
+        console.print("training would stop: " + stop, **out)
     return shown
+
+
+def task_error(recipe: Recipe, tasks: list[int | None]) -> str | None:
+    """What training's checks of data.train's task ids (multitask prompt tuning) would stop on, if anything: rows of
+    which only some have one (`load_examples`), or one past adapter.num_tasks - 1 (`check_training_tasks`)."""
+    if len({task is None for task in tasks}) > 1:
+        return f"{recipe.data.train}: some rows have a 'task' field and some do not; give every row its task id."
+    try:
+        check_training_tasks(recipe, "data.train", tasks)
+    except PeftkitError as e:
+        return str(e)
+    return None

@@ -255,3 +255,24 @@ def test_preview_of_data_that_gives_no_examples_says_training_would_stop(tmp_pat
         f"training would stop: No examples from {data}: all 1 rows were skipped as malformed or missing the fields of "
         "data.format 'completion' (prompt, completion); check data.format, or set data.on_bad_rows: error to see the "
         "first bad row.\n")
+
+
+def test_preview_shows_each_row_s_task_and_what_training_would_stop_on(tmp_path):
+    """Multitask prompt tuning reads each row's task id: preview shows it, and says that training would stop on a
+    task past adapter.num_tasks - 1 or on rows of which only some have one (it said nothing; train stopped)."""
+    def recipe(rows):
+        path = _recipe(tmp_path, rows)
+        raw = json.loads(path.read_text())
+        path.write_text(json.dumps(raw | {"adapter": {"method": "multitask_prompt_tuning", "num_virtual_tokens": 2,
+                                                      "num_tasks": 2}}))
+        return path
+
+    shown = _preview(recipe([{"prompt": "a", "completion": "b", "task": 1}, {"prompt": "c", "completion": "d", "task": 0}]))
+    assert ":1: 4 tokens, 2 trained, task 1;" in shown and ":2: 4 tokens, 2 trained, task 0;" in shown
+    assert "training would stop" not in shown
+    data = tmp_path / "train.jsonl"
+    assert _preview(recipe([{"prompt": "a", "completion": "b", "task": 2}])).endswith(
+        f"training would stop: data.train ({data}): a row's 'task' is 2, but adapter.num_tasks is 2: the rows' task "
+        "ids must lie in 0 .. 1. Fix the rows, or set adapter.num_tasks: 3.\n")
+    assert _preview(recipe([{"prompt": "a", "completion": "b", "task": 1}, {"prompt": "c", "completion": "d"}])).endswith(
+        f"training would stop: {data}: some rows have a 'task' field and some do not; give every row its task id.\n")
