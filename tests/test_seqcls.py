@@ -355,6 +355,10 @@ def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment
     # tuning left the head untrained and unsaved.
     *(({"adapter": {"method": method}}, f"adapter.method: {method} cannot train a classifier")
       for method in ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning", "llama_adapter")),
+    # AdapterFusion was refused with a reason naming the prompt family and Llama-Adapter only
+    ({"adapter": {"method": "fusion", "fuse": ["a", "b"]}},
+     "adapter.method: fusion cannot train a classifier: the new head must train in full beside the adapter, which "
+     "the prompt family, Llama-Adapter and AdapterFusion do not do here"),
 ])
 def test_recipe_errors(tmp_path, tiny_bert, sentiment, sections, message):
     recipe = classification_recipe(tmp_path, tiny_bert, sentiment, **sections)

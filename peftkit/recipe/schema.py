@@ -422,8 +422,8 @@ def _check_task(recipe: Recipe) -> None:
     if not method.layer_targets or "modules_to_save" not in type(recipe.adapter).model_fields:
         raise ValueError(
             f"adapter.method: {method.name} cannot train a classifier: the new head must train in full beside the "
-            "adapter, which the prompt family and Llama-Adapter do not do here; use a weight method (lora, ia3, "
-            "loha, lokr, vera, adalora, oft) or bottleneck"
+            "adapter, which the prompt family, Llama-Adapter and AdapterFusion do not do here; use a weight method "
+            "(lora, ia3, loha, lokr, vera, adalora, oft) or bottleneck"
         )
     if recipe.quantization is not None:
         raise ValueError("quantization: 4/8-bit bases are not supported for model.task: sequence_classification yet; "
