@@ -151,6 +151,8 @@ def _side(args, workdir: str, side: str) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
     if args.side:
         print(json.dumps(side(args)))
         return
