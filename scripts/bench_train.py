@@ -470,10 +470,12 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
     for side, rs in runs.items() if args.repeats > 1 else ():
         print(f"  {side} s/step per run: " + ", ".join(f"{r['s_step']:.4f}" for r in rs))
     names = {"peftkit": "peftkit", "peft": "peft+Trainer", "lora": "LoRA", "lora-fa": "LoRA-FA"}
-    print(f"{'':22}{names[first]:>12}{names[second]:>14}{names[first] + '/' + names[second]:>16}")
+    ratio = names[first] + "/" + names[second]
+    width = max(16, len(ratio) + 2)  # `peftkit/peft+Trainer` is 20 characters
+    print(f"{'':22}{names[first]:>12}{names[second]:>14}{ratio:>{width}}")
     for label, key, fmt in rows:
         a, b = s[first][key], s[second][key]
-        print(f"{label:22}{fmt.format(a):>12}{fmt.format(b):>14}{a / b:>16.3f}")
+        print(f"{label:22}{fmt.format(a):>12}{fmt.format(b):>14}{a / b:>{width}.3f}")
     print(f"ratio < 1: {names[first]} lower (better for s/step and memory, worse for tokens/s)")
     if "floor" in s:
         f = s["floor"]["s_step"]

@@ -22,3 +22,22 @@ def test_device_cuda_without_cuda_is_one_line_not_a_traceback(script):
     assert done.returncode == 1
     assert "--device cuda: no CUDA device here" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_bench_train_table_header_names_each_column(capsys):
+    """The ratio column's name (`peftkit/peft+Trainer`, 20 characters) ran into the column before it."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    run = {"step_ends": [0.0, 1.0, 2.0], "tokens_per_step": [10, 10, 10], "peak_mb": 100.0, "base_mb": 50.0,
+           "losses": [1.0]}
+    bench_train.report({"peftkit": [run], "peft": [run]}, argparse.Namespace(json=None, warmup=1, repeats=1),
+                       "title", cuda=False)
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[lines.index("title") + 2]
+    assert header.split() == ["peftkit", "peft+Trainer", "peftkit/peft+Trainer"]
+    tokens_row = next(line for line in lines if line.startswith("tokens/s"))
+    assert len(tokens_row) == len(header)  # the figures sit under their names
