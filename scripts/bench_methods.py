@@ -175,16 +175,16 @@ def report_methods_ab(rows: dict[str, dict[str, list[float]]], title: str) -> No
 def report(rows: dict[str, dict[str, dict]], args, title: str, cuda: bool) -> None:
     mem = "peak MiB" if cuda else "peak RSS MiB"
     print(f"\n{title}")
-    print(f"{'method':10}{'trainable':>12}{'s/step':>9}{'peft':>9}{'ratio':>7}{mem:>14}{'peft':>8}{'ratio':>7}"
+    print(f"{'method':14}{'trainable':>12}{'s/step':>9}{'peft':>9}{'ratio':>7}{mem:>14}{'peft':>8}{'ratio':>7}"
           f"{'eval loss':>11}{'peft':>8}")
     for name, s in rows.items():
         ours, theirs = s["peftkit"], s.get("peft")
         if theirs is None:  # peft has no such method
-            print(f"{name:10}{ours['trainable']:>12,}{ours['s_step']:>9.4f}{'—':>9}{'':>7}{ours['peak']:>14,.0f}"
+            print(f"{name:14}{ours['trainable']:>12,}{ours['s_step']:>9.4f}{'—':>9}{'':>7}{ours['peak']:>14,.0f}"
                   f"{'—':>8}{'':>7}{ours['eval_loss']:>11.4f}{'—':>8}")
             continue
         same = "" if ours["trainable"] == theirs["trainable"] else f" (peft {theirs['trainable']:,})"
-        print(f"{name:10}{ours['trainable']:>12,}{ours['s_step']:>9.4f}{theirs['s_step']:>9.4f}"
+        print(f"{name:14}{ours['trainable']:>12,}{ours['s_step']:>9.4f}{theirs['s_step']:>9.4f}"
               f"{ours['s_step'] / theirs['s_step']:>7.2f}{ours['peak']:>14,.0f}{theirs['peak']:>8,.0f}"
               f"{ours['peak'] / theirs['peak']:>7.2f}{ours['eval_loss']:>11.4f}{theirs['eval_loss']:>8.4f}{same}")
     print("ratio = peftkit / peft: < 1 is faster or smaller for peftkit")

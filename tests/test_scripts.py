@@ -41,3 +41,22 @@ def test_bench_train_table_header_names_each_column(capsys):
     assert header.split() == ["peftkit", "peft+Trainer", "peftkit/peft+Trainer"]
     tokens_row = next(line for line in lines if line.startswith("tokens/s"))
     assert len(tokens_row) == len(header)  # the figures sit under their names
+
+
+def test_bench_methods_table_keeps_long_method_names_in_their_column(capsys):
+    """`prompt_tuning`, `prefix_tuning` and `llama_adapter` (13 characters) pushed their row's figures right."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "scripts"))  # bench_methods.py imports bench_train.py beside it
+    try:
+        spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "scripts" / "bench_methods.py")
+        bench_methods = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_methods)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    side = {"trainable": 1280, "s_step": 0.1, "peak": 600.0, "eval_loss": 4.5}
+    rows = {"lora": {"peftkit": side, "peft": side}, "prompt_tuning": {"peftkit": side, "peft": side}}
+    bench_methods.report(rows, None, "title", cuda=False)
+    lines = capsys.readouterr().out.splitlines()
+    lora, prompt = (next(line for line in lines if line.startswith(name)) for name in rows)
+    assert len(prompt) == len(lora) == len(lines[lines.index("title") + 1])
