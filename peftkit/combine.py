@@ -47,6 +47,17 @@ DRAWS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
 MajoritySign = Literal["total", "frequency"]
 
 
+def _least_density(numel: int) -> str:
+    """The least density, written to 3 significant digits, that keeps a value of `numel`: 1 / numel rounded up (rounded
+    to nearest, 1 / 32768 was 3.05e-05, which keeps none)."""
+    exact, step = 1 / numel, 10.0 ** (math.floor(math.log10(1 / numel)) - 2)
+    shown = f"{exact:.3g}"
+    while int(float(shown) * numel) == 0:
+        exact += step
+        shown = f"{exact:.3g}"
+    return shown
+
+
 def _prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """`tensor` with all but its int(density * numel) largest |values| set to zero (peft's top-k); none kept (a
     density below 1 / numel) is said, as peft does not: the combined update of that tensor is then zero."""
@@ -54,7 +65,7 @@ def _prune_magnitude(tensor: torch.Tensor, density: float) -> torch.Tensor:
         warnings.warn(PeftkitWarning(
             f"--density {density:g} keeps no value of a tensor of {tensor.numel()} ({tuple(tensor.shape)}: "
             f"int({density:g} x {tensor.numel()}) = 0), so its part of the combined adapter is zero; raise --density "
-            f"to at least {1 / tensor.numel():.3g}."), stacklevel=2)
+            f"to at least {_least_density(tensor.numel())}."), stacklevel=2)
     mask = torch.zeros_like(tensor).reshape(-1)
     top = torch.topk(tensor.abs().reshape(-1), k=k, largest=True)
     mask[top[1]] = 1

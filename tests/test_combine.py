@@ -576,6 +576,15 @@ def test_a_density_that_keeps_no_value_of_a_tensor_is_said(kind):
         assert combine_tensors(kind, tensors, [1.0, 1.0], density=0.2).count_nonzero() > 0
 
 
+def test_the_density_the_warning_gives_keeps_a_value():
+    """The warning rounded 1 / numel to nearest: for a LoRA A of 8 x 4096 it said 3.05e-05, which keeps none either."""
+    tensor = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(PeftkitWarning, match=r"raise --density to at least 3\.06e-05\.") as caught:
+        combine_tensors("magnitude_prune", [tensor], [1.0], density=1e-5)
+    advised = float(str(caught[0].message).rsplit(" ", 1)[-1].rstrip("."))
+    assert combine_tensors("magnitude_prune", [tensor], [1.0], density=advised).count_nonzero() == 1
+
+
 def test_warns_of_adapters_of_a_4bit_base_quantized_on_other_devices(llama_adapters, tmp_path):
     """One NF4 base quantized on CUDA for one adapter, on the CPU for the other (peftkit.json quantized_on): a few
     other 4-bit codes, combined on the first's device without a word."""
