@@ -280,18 +280,26 @@ def _stored_settings(saved: dict, int8: bool) -> dict:
     return settings
 
 
-def check_quantization_section(config, cfg: ModelConfig, quant: QuantizationConfig | None) -> None:
+def check_quantization_section(config, cfg: ModelConfig, quant: QuantizationConfig | None,
+                               resume: bool = False) -> None:
     """A run over a checkpoint saved by bitsandbytes needs the quantization section that says so: without it the
-    weights loaded 4-bit all the same, and the adapter recorded an unquantized base, which a merge then loaded."""
+    weights loaded 4-bit all the same, and the adapter recorded an unquantized base, which a merge then loaded.
+    `resume`: a run started so (before this was refused) cannot go on, since the section makes it another recipe."""
     saved = saved_quantization(config)
     if quant is not None or saved is None or saved.get("quant_method") != "bitsandbytes":
         return
     settings = ", ".join(f"{key}: {value}".replace("True", "true").replace("False", "false")
                          for key, value in _stored_settings(saved, False).items())
-    raise PeftkitError(f"{cfg.name_or_path} is already quantized by bitsandbytes (its config.json's "
-                       f"quantization_config), and the recipe has no quantization section. Add the one the checkpoint "
-                       f"has (quantization: {{{settings}}}), so that the adapter records the quantized base it is "
-                       "trained against, and merges and evaluations load it as trained.")
+    said = (f"{cfg.name_or_path} is already quantized by bitsandbytes (its config.json's quantization_config), and "
+            "the recipe has no quantization section.")
+    if resume:
+        raise PeftkitError(f"{said} This run was started without one, so it cannot be resumed: adding the section "
+                           f"makes it another recipe. Train it again with the one the checkpoint has (quantization: "
+                           f"{{{settings}}}), with --overwrite or in another export.output_dir, so that the adapter "
+                           "records the quantized base it is trained against.")
+    raise PeftkitError(f"{said} Add the one the checkpoint has (quantization: {{{settings}}}), so that the adapter "
+                       "records the quantized base it is trained against, and merges and evaluations load it as "
+                       "trained.")
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -250,7 +250,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     distributed.check_engine(cfg, accelerator)
     config = load_config(cfg.model)
     check_context_length(cfg, config)  # data.max_length within the (RoPE-scaled) positions
-    check_quantization_section(config, cfg.model, cfg.quantization)
+    check_quantization_section(config, cfg.model, cfg.quantization, resume)
     if note := cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device):
         console.print(f"[yellow]note:[/] {escape(note)}")
     estimate = estimate_memory(cfg, device)

@@ -240,6 +240,31 @@ def test_a_run_over_a_prequantized_checkpoint_without_a_quantization_section_is_
         train(load_recipe(QLORA_RECIPE, [*overrides, "quantization=null"]), console=Console(file=io.StringIO()))
 
 
+def test_resuming_a_run_started_over_a_prequantized_checkpoint_without_a_section_says_to_start_again(
+        qllama, number_data, tmp_path, monkeypatch):
+    """A run started before the section was required could not resume, and the error said to add the section, which
+    --resume then refused as another recipe (its recipe.yaml differs): a loop of advice. It now says to train again."""
+    import peftkit.start
+    from peftkit.merge import requantize_model
+
+    saved = tmp_path / "nf4"
+    requantize_model(qllama, saved, "nf4")
+    overrides = [f"model.name_or_path={saved}", f"data.train={number_data['train']}", "data.eval=null",
+                 "training.max_steps=2", "training.warmup_steps=0", "training.save_steps=1",
+                 f"export.output_dir={tmp_path / 'run'}", "quantization=null"]
+    with monkeypatch.context() as before:  # the run as made before the check
+        before.setattr(peftkit.start, "check_quantization_section", lambda *args: None)
+        train(load_recipe(QLORA_RECIPE, overrides), console=Console(file=io.StringIO()))
+    (tmp_path / "run" / "manifest.json").unlink()  # unfinished: its checkpoints to resume from
+    with pytest.raises(PeftkitError) as caught:
+        train(load_recipe(QLORA_RECIPE, overrides), resume=True, console=Console(file=io.StringIO()))
+    message = " ".join(str(caught.value).split())
+    assert ("the recipe has no quantization section. This run was started without one, so it cannot be resumed: "
+            "adding the section makes it another recipe. Train it again with the one the checkpoint has "
+            "(quantization: {method: nf4, double_quant: true, quant_storage: uint8}), with --overwrite or in another "
+            "export.output_dir") in message, message
+
+
 def test_a_16bit_compute_dtype_does_not_shrink_the_activation_estimate_of_a_float32_base(qllama, number_data, tmp_path):
     """compute_dtype bfloat16 (the default) on a float32 base: the estimate sized every activation in bf16 (half the
     fp32 figure), but a 4-bit layer returns its input's dtype and the rest runs in fp32: autograd keeps the same
