@@ -184,6 +184,18 @@ def _total_steps(tcfg, examples: int, processes: int) -> int:
     return total
 
 
+def _check_loraplus(tcfg) -> None:
+    """training.loraplus_lr_embedding other than its default without loraplus_lr_ratio is ignored (LoRA+ is off:
+    every parameter trains at training.lr). A warning, not a recipe error: the recipe.yaml of a run made before it
+    was said must still load (`peftkit eval RUN_DIR`, --resume, verify's re-run)."""
+    rate = tcfg.loraplus_lr_embedding
+    if tcfg.loraplus_lr_ratio is None and rate != type(tcfg).model_fields["loraplus_lr_embedding"].default:
+        warnings.warn(PeftkitWarning(
+            f"training.loraplus_lr_embedding: {rate:g} is the learning rate of an embedding's LoRA under LoRA+, and "
+            "training.loraplus_lr_ratio is null (LoRA+ off: every parameter trains at training.lr), so it is "
+            "ignored; set loraplus_lr_ratio (e.g. 16), or remove loraplus_lr_embedding."), stacklevel=2)
+
+
 def _check_evaluations(cfg: Recipe, total: int) -> None:
     """A warning where training.eval_steps evaluates nothing, or leaves early stopping or export.best too few
     evaluations in the run's `total` steps to act on (the recipe's check, `Recipe._check_selection`, only sees that
@@ -269,6 +281,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
     _check_evaluations(cfg, total_steps)
     _check_checkpoints(tcfg, total_steps)
+    _check_loraplus(tcfg)
 
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -380,18 +381,27 @@ def test_fp16_with_a_4bit_base(tmp_path):
 
 def test_a_loraplus_embedding_rate_without_loraplus(tmp_path):
     """training.loraplus_lr_embedding without loraplus_lr_ratio was ignored without a word: the embedding's LoRA
-    trained at training.lr."""
+    trained at training.lr. It is a warning when training starts, not a recipe error: a run made before that was said
+    has it in its recipe.yaml, which `peftkit eval RUN_DIR`, --resume and verify must still load."""
+    from peftkit.errors import PeftkitWarning
+    from peftkit.start import _check_loraplus
+
     text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  loraplus_lr_embedding: 1.0e-5")
-    message = _error(_write(tmp_path, text))
-    assert (f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  loraplus_lr_embedding: 1.0e-5')}: "
-            "training.loraplus_lr_embedding: 1e-05 is the learning rate of an embedding's LoRA under LoRA+, and "
-            "training.loraplus_lr_ratio is null (LoRA+ off: every parameter trains at training.lr); set "
-            "loraplus_lr_ratio (e.g. 16), or remove loraplus_lr_embedding.") in message
+    recipe = load_recipe(_write(tmp_path, text))
+    assert load_recipe(_write(tmp_path, recipe.to_yaml())).training.loraplus_lr_embedding == 1e-5  # a run's copy
+    with pytest.warns(PeftkitWarning) as caught:
+        _check_loraplus(recipe.training)
+    assert str(caught[0].message) == (
+        "training.loraplus_lr_embedding: 1e-05 is the learning rate of an embedding's LoRA under LoRA+, and "
+        "training.loraplus_lr_ratio is null (LoRA+ off: every parameter trains at training.lr), so it is ignored; set "
+        "loraplus_lr_ratio (e.g. 16), or remove loraplus_lr_embedding.")
     with_ratio = text.replace("  warmup_steps: 1\n", "  warmup_steps: 1\n  loraplus_lr_ratio: 16\n")
-    assert load_recipe(_write(tmp_path, with_ratio)).training.loraplus_lr_embedding == 1e-5
-    # A run's recipe.yaml writes every default out: the default rate without LoRA+ still loads.
-    default = load_recipe(_write(tmp_path, text.replace("1.0e-5", "1.0e-6")))
-    assert load_recipe(_write(tmp_path, default.to_yaml())).training.loraplus_lr_ratio is None
+    default = text.replace("1.0e-5", "1.0e-6")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for quiet in (with_ratio, default):
+            _check_loraplus(load_recipe(_write(tmp_path, quiet)).training)
+
 
 def test_fp16_with_fp16_modules_trained_in_full(tmp_path):
     text = (RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  mixed_precision: fp16")

@@ -319,16 +319,6 @@ class Recipe(Section):
                 f"(with DoRA, LoRA-FA or PiSSA) only, not {method.name}; remove training.loraplus_lr_ratio or use "
                 "adapter.method: lora"
             )
-        # As model.num_labels without classification: the rate was ignored, every parameter trained at lr. Only a rate
-        # other than the default: a run's recipe.yaml writes the default out, with loraplus_lr_ratio: null.
-        embedding_lr = self.training.loraplus_lr_embedding
-        if self.training.loraplus_lr_ratio is None and embedding_lr != TrainingConfig.model_fields[
-                "loraplus_lr_embedding"].default:
-            raise ValueError(
-                f"training.loraplus_lr_embedding: {embedding_lr:g} is the learning rate of an embedding's LoRA under "
-                "LoRA+, and training.loraplus_lr_ratio is null (LoRA+ off: every parameter trains at training.lr); "
-                "set loraplus_lr_ratio (e.g. 16), or remove loraplus_lr_embedding"
-            )
         if self.export.merged and (refusal := method.merge_refusal(self.adapter)):
             raise ValueError(f"export.merged: {refusal}")
         return self
