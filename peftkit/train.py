@@ -34,7 +34,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from peftkit import distributed
+from peftkit import distributed, zero
 from peftkit.adapters import trainable_parameters
 from peftkit.checkpoint import LoopState, also_at, checkpoint_dirs
 from peftkit.checkpoint import resume as resume_checkpoint
@@ -242,7 +242,8 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
         return _not_finite(run, state, f"Loss became {loss_value}", f"loss {loss_value}")
     # A finite loss can still give non-finite gradients; fp16's loss scaler skips those steps itself, and lowers its
     # scale then (only then). accelerate's optimizer.step_was_skipped misses the skips of a fused AdamW (peftkit's
-    # adamw), which takes the scaler's inf check into its own kernel.
+    # adamw), which takes the scaler's inf check into its own kernel. Under DeepSpeed (no accelerate scaler) the
+    # engine's own fp16 scaler skips, and says so.
     scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
     grad_norm, stepped = distributed.optimizer_step(accelerator, run.model, run.optimizer,
                                                     trainable_parameters(run.model), tcfg.max_grad_norm,
@@ -251,7 +252,7 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
         return _not_finite(run, state, f"The gradient norm became {grad_norm}", f"gradient norm {grad_norm}")
     if run.method_trainer is not None:
         run.method_trainer.after_step(state.step + 1)  # peft's place for AdaLoRA's allocator: gradients still here
-    if scale is not None and accelerator.scaler.get_scale() < scale:
+    if scale is not None and accelerator.scaler.get_scale() < scale or zero.skipped(accelerator, run.model):
         return _scaler_skipped(run, state)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -283,8 +284,9 @@ def _scaler_skipped(run: Run, state: LoopState) -> tuple[None, None, None]:
     The schedule stays, as accelerate's AcceleratedScheduler, transformers' Trainer and DeepSpeed leave it."""
     run.optimizer.zero_grad(set_to_none=True)
     state.skipped_steps += 1
-    run.console.print(f"[yellow]step {state.step + 1}: fp16's loss scaler found inf/nan gradients, step skipped "
-                      f"(loss scale now {run.accelerator.scaler.get_scale():g})[/]")
+    scaler = run.accelerator.scaler  # (None under DeepSpeed, whose engine holds its own)
+    run.console.print(f"[yellow]step {state.step + 1}: fp16's loss scaler found inf/nan gradients, step skipped"
+                      + (f" (loss scale now {scaler.get_scale():g})" if scaler is not None else "") + "[/]")
     state.step += 1
     return None, None, None
 

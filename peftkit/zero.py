@@ -175,6 +175,12 @@ def step(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
+def skipped(accelerator, engine) -> bool:
+    """Whether DeepSpeed's last step was skipped: its fp16 loss scaler found inf/nan gradients (it then leaves its own
+    schedule where it was; the run's, outside the engine, must be left so by the loop). Never outside DeepSpeed."""
+    return active(accelerator) and not engine.was_step_applied()
+
+
 def gathered(model, modify: bool = False):
     """Under ZeRO-3, a context in which the adapter's parameters (every trainable or adapter parameter: not the
     frozen base) are whole on every process; with `modify`, what the main process writes into them is kept. A

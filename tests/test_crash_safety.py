@@ -422,3 +422,28 @@ def test_the_loss_scale_is_part_of_the_checkpoint(tiny_llama, number_data, tmp_p
     recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
                          training={"max_grad_norm": None, "save_steps": 3})
     check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=3, steps=6)
+
+
+def test_a_step_deepspeeds_loss_scaler_skips_leaves_the_schedule_and_is_counted_skipped(tiny_llama, number_data,
+                                                                                        tmp_path, monkeypatch):
+    """Under DeepSpeed the engine's own fp16 scaler skips overflowing steps (accelerate has no scaler there), and the
+    loop stepped the run's schedule, which lives outside the engine, and logged the step as an update all the same.
+    The engine's word (`was_step_applied`) now counts it skipped, as accelerate's scaler's. Here the engine is stood
+    in for: `zero.skipped` says step 1 was skipped (DeepSpeed's fp16 needs a GPU)."""
+    from types import SimpleNamespace
+
+    from peftkit import zero
+
+    assert zero.skipped(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"),
+                        SimpleNamespace(was_step_applied=lambda: False))
+    assert not zero.skipped(SimpleNamespace(distributed_type="DistributedType.NO"), None)
+    calls = []
+    monkeypatch.setattr(zero, "skipped", lambda accelerator, engine: calls.append(1) or len(calls) == 1)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
+                         training={"max_grad_norm": None, "warmup_steps": 2, "scheduler": "linear"})
+    summary = train(load_recipe(recipe))
+    assert summary["steps"] == 6 and summary["skipped_steps"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss" in row]
+    assert [row["step"] for row in rows] == [2, 3, 4, 5, 6]
+    assert [row["lr"] for row in rows] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 0.75e-2, 0.5e-2])
