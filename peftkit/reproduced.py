@@ -286,7 +286,7 @@ def _first_divergence(expected: list[float], actual: list[float], tolerance: flo
 def _close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:
     """A checkpoint's file against the re-run's, numerically (`tolerance` > 0): adapter weights, the optimizer's and
     scheduler's state (torch.load's restricted unpickler; floating tensors and numbers within the tolerance, the rest
-    equal), JSON numbers; None if they agree. The generators' states are left out: another machine's differ by design
+    equal; the loss scaler's only where the recorded checkpoint has it), JSON numbers; None if they agree. The generators' states are left out: another machine's differ by design
     (a GPU run records its CUDA generators, a CPU run none), and a different draw shows in the losses."""
     if name.endswith(".safetensors"):
         return _weights_close(name, recorded, rerun, tolerance)
@@ -303,6 +303,8 @@ def _close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | No
             with torch.serialization.safe_globals(zero.safe_globals()):
                 a, b = ({k: v for k, v in torch.load(path, weights_only=True, map_location="cpu").items()
                          if k not in ("rng", "rng_ranks")} for path in (recorded, rerun))
+            if "scaler" not in a:  # fp16's loss scale, saved since December 2026: an older checkpoint has none
+                b.pop("scaler", None)
             return None if (where := _state_difference(a, b, tolerance)) is None else f"{name}: {where}"
     except (ValueError, RecursionError, RuntimeError, OSError, pickle.UnpicklingError) as e:
         return f"{name}: cannot be compared ({type(e).__name__}: {str(e)[:120]})"

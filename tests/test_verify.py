@@ -564,3 +564,24 @@ def test_a_re_run_that_fills_the_temporary_directory_says_where_to_make_room(tmp
                     "left on the device while writing <verify's temporary directory>/checkpoints/step-00000020. verify "
                     f"re-runs in {tmp_path} (the system's temporary directory, TMPDIR): free space there, or point TMPDIR "
                     "at a directory with room for the run.")
+
+
+def test_a_checkpoint_saved_before_the_loss_scale_was_compares_without_it(tmp_path):
+    """fp16 checkpoints hold the loss scaler's state since December 2026: verify --tolerance of an older fp16 run
+    said its training_state.pt differed ('scaler' in one only), whatever the run's numbers."""
+    import torch
+
+    from peftkit.reproduced import _close
+
+    state = {"optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 3}}
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+              "_growth_tracker": 3}
+    torch.save(state, tmp_path / "older.pt")
+    torch.save(state | {"scaler": scaler}, tmp_path / "now.pt")
+    torch.save(state | {"scaler": scaler | {"scale": 32768.0}}, tmp_path / "other.pt")
+    assert _close("training_state.pt", tmp_path / "older.pt", tmp_path / "now.pt", 1e-4) is None
+    assert _close("training_state.pt", tmp_path / "other.pt", tmp_path / "now.pt", 1e-4) == (
+        "training_state.pt: scaler.scale: 32768.0 recorded, 65536.0 now")
+    assert _close("training_state.pt", tmp_path / "now.pt", tmp_path / "older.pt", 1e-4) == (
+        "training_state.pt: its keys: ['scaler'] in one only")
+
