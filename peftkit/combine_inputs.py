@@ -179,6 +179,21 @@ def _untargeted(cfg, state: dict[str, torch.Tensor]) -> list[str]:
     return [m for m in adapted if not any(suffix_match(m, t) for t in targets)]
 
 
+def _saved_quantized(name: str, revision: str | None) -> bool:
+    """Whether the base is a checkpoint saved quantized (its config.json's quantization_config): its 4-bit codes are
+    the saved ones wherever it loads, so where each adapter's run quantized (quantized_on) does not matter."""
+    import json
+
+    from peftkit.manifest import model_directory
+
+    directory = model_directory(name, revision)
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8")) if directory else {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("quantization_config") is not None
+
+
 def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:
     """(base name, revision) the adapters share; a PeftkitError for adapters of different bases (name, revision,
     quantization, RoPE scaling)."""
@@ -211,7 +226,7 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
                 f"{dtype} (their peftkit.json base_dtype): their updates were trained against "
                 "different 4-bit weights and do not combine.")
         if first.quant is not None and (where := read_meta(other.path).quantized_on) != \
-                (first_where := read_meta(first.path).quantized_on):
+                (first_where := read_meta(first.path).quantized_on) and not _saved_quantized(name, revision):
             warnings.warn(PeftkitWarning(
                 f"{first.path} was trained against a base quantized on {first_where}, {other.path} on {where} (their "
                 f"peftkit.json quantized_on): CUDA and CPU kernels round a few weights to other 4-bit codes, and the "

@@ -606,6 +606,15 @@ def test_warns_of_adapters_of_a_4bit_base_quantized_on_other_devices(llama_adapt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_same_base(read_sources(dirs[:1] * 2, False), None)
+    # A base saved quantized (merge --requantize's OUTPUT-nf4) loads its saved 4-bit codes on either device: no warning.
+    saved = tmp_path / "nf4"
+    shutil.copytree(read_sources(dirs[:1], False)[0].base, saved)
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (saved / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_same_base(read_sources(dirs, False), str(saved))
 
 
 def test_refuses_an_update_of_biases(tmp_path):
