@@ -354,6 +354,30 @@ def test_a_turn_found_by_its_content_is_never_an_earlier_copy_of_it(tmp_path):
                     {"role": "assistant", "content": "ok"}]) == "assistant<|im_end|>ok<|im_end|>"
 
 
+# Phi-3's template: the EOS closes the whole conversation, so a rendering up to a middle answer ends otherwise than
+# that answer does in the whole ("<|end|>\n<|endoftext|>" against "<|end|>\n<|user|>").
+PHI3_STYLE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_a_turn_rendered_with_the_conversations_end_is_trained_alone(tmp_path):
+    """A middle answer of Phi-3's template was found by its content followed by the conversation's end, which only
+    the last answer has: an answer the last one ends with ("yo" of "yo yo") trained everything from the first answer
+    to the end, user turns and all; one it does not end with was an error."""
+    import copy
+
+    tok = copy.deepcopy(TOK)
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = PHI3_STYLE
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    for first, last in (("yo", "yo yo"), ("Lima", "Nairobi")):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "again"}, {"role": "assistant", "content": last}]
+        write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+        (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+        assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == f"{first}<|end|>{last}<|end|>\n</s>"
+
+
 def test_a_conversation_the_template_refuses_is_an_error_naming_its_row(tmp_path):
     """Gemma's template raises on a system message: it was a jinja traceback from train, eval, generate and chat."""
     import copy

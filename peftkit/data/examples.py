@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,12 +220,32 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     # answer in a user turn or a default system prompt. An empty content has nothing of its own to find.
     tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through
             else None)
-    at = text.find(content + tail, max(start or 0, floor)) if tail is not None else -1
-    if at < 0:
+    found = _content_and_end(tok, text, content, tail, max(start or 0, floor)) if tail is not None else None
+    if found is None:
         raise PeftkitError(f"the chat template renders assistant turn {i + 1} in a way peftkit cannot locate in the "
                            "whole conversation, so its loss mask would be a guess. Use a template whose renderings "
                            "of a conversation's beginnings are prefixes of the whole, or another data.format.")
-    return (at if start is None else start), at + len(content) + len(tail.rstrip())
+    return (found[0] if start is None else start), found[1]
+
+
+def _content_and_end(tok, text: str, content: str, tail: str, after: int) -> tuple[int, int] | None:
+    """Where the first `content` in `text` from `after` that `tail` (the text the turn's rendering puts after its
+    content) follows begins, and where that tail ends; None where none is. Only the part of `tail` through a special
+    token need follow: Phi-3's template closes the conversation with an EOS after the last turn's `<|end|>\\n`, so
+    its rendering up to a middle turn ends in `<|end|>\\n<|endoftext|>`, which that turn lacks in the whole (found
+    whole, it was the last turn's, and everything from this turn to there was trained)."""
+    specials = [t.content for t in tok.added_tokens_decoder.values() if t.special and t.content.strip()]
+    at = text.find(content, after)
+    while at >= 0:
+        end = at + len(content)
+        shared = os.path.commonprefix([tail, text[end:]])
+        if shared.rstrip() == tail.rstrip():
+            return at, end + len(shared.rstrip())
+        through_special = max((shared.rfind(s) + len(s) for s in specials if s in shared), default=0)
+        if through_special:
+            return at, end + through_special
+        at = text.find(content, at + 1)
+    return None
 
 
 def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
