@@ -378,6 +378,35 @@ def test_a_turn_rendered_with_the_conversations_end_is_trained_alone(tmp_path):
         assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == f"{first}<|end|>{last}<|end|>\n</s>"
 
 
+# Mistral v0.3's template: the system message goes into the last user turn (so no beginning of a conversation with
+# one renders as a prefix of the whole), and each answer is trimmed.
+MISTRAL_STYLE = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+                 "{% set messages = messages[1:] %}{% endif %}{{ bos_token }}{% for m in messages %}"
+                 "{% if m['role'] == 'user' %}{% if loop.last and system is defined %}"
+                 "{{ '[INST] ' + system + '\\n\\n' + m['content'] + '[/INST]' }}{% else %}"
+                 "{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}"
+                 "{% else %}{{ ' ' + m['content'] | trim + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_an_answer_the_template_trims_is_found_trimmed(tmp_path):
+    """Where a turn is found by its content (Mistral v0.3's template with a system message), an answer with space
+    around it (a newline at its end, common in data) was looked for as it is, which the template trims away: the row
+    was an error, and with data.on_bad_rows: skip a conversation of such rows trained nothing."""
+    import copy
+
+    tok = copy.deepcopy(TOK)
+    tok.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]"]})
+    tok.chat_template = MISTRAL_STYLE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+                {"role": "assistant", "content": "Lima\n"}, {"role": "user", "content": "And Kenya?"},
+                {"role": "assistant", "content": " Nairobi "}]
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+    assert tok.decode(ex.input_ids) == "<s>[INST] Capital of Peru?[/INST] Lima</s>[INST] And Kenya?[/INST] Nairobi</s>"
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Lima</s>Nairobi</s>"
+
+
 def test_a_conversation_the_template_refuses_is_an_error_naming_its_row(tmp_path):
     """Gemma's template raises on a system message: it was a jinja traceback from train, eval, generate and chat."""
     import copy

@@ -217,7 +217,10 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     if start is not None and through is not None and text.startswith(through) and end > start:
         return start, end
     # The content followed by its end-of-turn text, after the turn before (`floor`): never an earlier copy of the
-    # answer in a user turn or a default system prompt. An empty content has nothing of its own to find.
+    # answer in a user turn or a default system prompt. An empty content has nothing of its own to find. A template
+    # that trims answers (Llama 3, Gemma, Mistral v0.3) renders one with space around it without that space.
+    if through is not None and content not in through:
+        content = content.strip()
     tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through
             else None)
     found = _content_and_end(tok, text, content, tail, max(start or 0, floor)) if tail is not None else None
