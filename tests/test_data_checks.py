@@ -205,3 +205,33 @@ def test_a_token_added_to_the_tokenizer_but_not_the_model_is_a_clear_error(tiny_
                                      "2"])
     main()
     assert capsys.readouterr().out.startswith("12")
+
+
+# Mistral v0.3's template, cut to its system message: it goes into the conversation's last user turn only, so a
+# conversation that ends in an answer (every training row) is rendered without it.
+SYSTEM_IN_LAST_USER_TURN = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set messages = messages[1:] %}"
+    "{% endif %}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% if loop.last and system is defined %}"
+    "{{ system }}\n\n{% endif %}{{ m['content'] }}[/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+
+
+def test_a_message_the_chat_template_leaves_out_is_said(tmp_path):
+    """Mistral v0.3's template leaves the system message out of a conversation ending in an answer: each row's
+    system message was dropped from training without a word, while generation's prompt (ending in a user turn) has
+    it."""
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = SYSTEM_IN_LAST_USER_TURN
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"},
+                          {"role": "assistant", "content": "a"}]}]
+    (_, ex), stats, said, path = _load(tmp_path, rows, "chat", tok)
+    assert "Be brief" not in tok.decode(ex.input_ids)  # what the warning is about
+    assert stats["dropped_message_rows"] == 1
+    assert said[-1] == (
+        f"warning: the chat template leaves the system message out of 1 of 2 conversations (first: {path}:2: "
+        "messages[0]), so training never sees it. Mistral v0.3's template, for one, writes the system message "
+        "into the last user turn only, which a conversation ending in an answer does not have (a generation prompt "
+        "does: the model is asked in a form it was not trained on). Put what it says into the first user message, or "
+        "use a template that keeps it.")
+    tok.chat_template = TOK.chat_template
+    assert _load(tmp_path, rows, "chat", tok)[1]["dropped_message_rows"] == 0

@@ -56,7 +56,8 @@ def test_keep_trains_the_cut_example_and_counts_it(tmp_path):
     ]
     assert stats == {"rows": 4, "bad_rows": 0, "too_long": 1, "truncated": 2, "target_cut": 1, "truncation_dropped": 0,
                      "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
-                     "special_text_first": None, "turn_ends_unmarked": False, "examples": 3}
+                     "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
+                     "dropped_message_first": None, "examples": 3}
     assert describe_stats(stats, cfg) == [
         ("3 training examples; 2 of 4 cut at data.max_length=6 tokens; dropped 1 whose target lies beyond "
         "data.max_length"),

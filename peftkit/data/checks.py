@@ -128,6 +128,14 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
             "marker inside an answer teaches the model to stop there, and one in a message ends that turn. Remove or "
             "reword it where it is meant as text."
         )
+    if rows := stats.get("dropped_message_rows"):
+        lines.append(
+            f"warning: the chat template leaves the system message out of {rows} of {stats.get('rows', rows)} "
+            f"conversations (first: {stats['dropped_message_first']}), so training never sees it. Mistral v0.3's "
+            "template, for one, writes the system message into the last user turn only, which a conversation ending "
+            "in an answer does not have (a generation prompt does: the model is asked in a form it was not trained "
+            "on). Put what it says into the first user message, or use a template that keeps it."
+        )
     if stats.get("turn_ends_unmarked"):
         lines.append(
             "warning: the chat template ends an assistant turn with no special token (no EOS or end-of-turn marker "

@@ -379,7 +379,8 @@ def count_examples(
     examples = Examples()
     stats = {"rows": len(rows), "bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
-             "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and turn_end_token(tok) is None}
+             "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and turn_end_token(tok) is None,
+             "dropped_message_rows": 0, "dropped_message_first": None}
     cuts = _TargetCuts()
     lead = len(encode_prompt(tok, "")) if cfg.format != "chat" else 0  # the special tokens put in front (BOS)
     for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,
@@ -393,10 +394,23 @@ def count_examples(
                                                                  _body(built, lead))):
                 stats["special_text_rows"] += 1
                 stats["special_text_first"] = stats["special_text_first"] or f"{built.where}: {found}"
+            if built is not None and cfg.format == "chat" and (left := left_out(tok, rows[built.index]["messages"])):
+                stats["dropped_message_rows"] += 1
+                stats["dropped_message_first"] = stats["dropped_message_first"] or f"{built.where}: {left}"
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)
     return examples, stats, cuts
+
+
+def left_out(tok, messages: list[dict]) -> str | None:
+    """The first system message whose content the chat template does not render ("messages[0]"), or None. Mistral
+    v0.3's template writes the system message into the last user turn only, so a conversation ending in an answer,
+    as each training row does, is rendered without it. (Other roles are not looked for: Llama 3.1's template writes
+    a tool's output as JSON, whose escapes a content with quotes or newlines does not match.)"""
+    text = render_chat(tok, messages)
+    return next((f"messages[{i}]" for i, m in enumerate(messages)
+                 if m["role"] == "system" and m["content"].strip() not in text), None)
 
 
 def _body(built: BuiltExample, lead: int) -> list[int]:
