@@ -407,6 +407,28 @@ def test_an_answer_the_template_trims_is_found_trimmed(tmp_path):
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Lima</s>Nairobi</s>"
 
 
+def test_an_answer_the_template_rewrites_is_an_error_that_says_so(tmp_path):
+    """DeepSeek-R1's template drops an answer's reasoning up to `</think>`: the row was an error saying the template
+    renders the turn in a way peftkit cannot locate and to use a template whose beginnings are prefixes of the whole,
+    which says nothing of the cause (the answer is not written as the row has it) or of the fix."""
+    import copy
+
+    from peftkit.errors import PeftkitError
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = DEEPSEEK_STYLE.replace("<A>{{ m.content }}", "<A>{{ m.content.split('</think>')[-1] }}")
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"}]
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    with pytest.raises(PeftkitError, match=r"d\.jsonl:1: the chat template does not write assistant turn 2 as the "
+                       r"row has it: it rewrites the answer \(DeepSeek-R1's drops the reasoning up to '</think>'\)"):
+        load_examples(tok, cfg.train, "train", cfg)
+    messages[1]["content"] = "4"
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "4</s>"
+
+
 def test_a_conversation_the_template_refuses_is_an_error_naming_its_row(tmp_path):
     """Gemma's template raises on a system message: it was a jinja traceback from train, eval, generate and chat."""
     import copy

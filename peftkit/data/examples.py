@@ -224,6 +224,11 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through
             else None)
     found = _content_and_end(tok, text, content, tail, max(start or 0, floor)) if tail is not None else None
+    if found is None and through is not None and content not in through:
+        raise PeftkitError(f"the chat template does not write assistant turn {i + 1} as the row has it: it rewrites "
+                           "the answer (DeepSeek-R1's drops the reasoning up to '</think>'), so peftkit cannot find "
+                           "the answer to put the loss on. Give the answers as the template writes them (without "
+                           "what it drops), or use another template.")
     if found is None:
         raise PeftkitError(f"the chat template renders assistant turn {i + 1} in a way peftkit cannot locate in the "
                            "whole conversation, so its loss mask would be a guess. Use a template whose renderings "
