@@ -146,7 +146,10 @@ def side(args) -> dict:
 
 def _side(args, workdir: str, side: str) -> dict:
     cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--workdir", workdir]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:  # the side's own error, not CalledProcessError's exit status
+        sys.exit(f"the {side} side failed (exit status {done.returncode}):\n{done.stderr.strip()[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
