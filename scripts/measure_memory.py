@@ -48,7 +48,11 @@ def vm_rss():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
-recipe = load_recipe(sys.argv[1], [f"export.output_dir={sys.argv[2]}", *sys.argv[3:]])
+from peftkit.errors import PeftkitError
+try:
+    recipe = load_recipe(sys.argv[1], [f"export.output_dir={sys.argv[2]}", *sys.argv[3:]])
+except PeftkitError as e:  # the recipe's error as peftkit says it (--steps below warmup_steps), not a traceback
+    sys.exit(str(e))
 est = estimate_memory(recipe)
 baseline = vm_rss()
 summary = train(recipe, show_summary=False)
