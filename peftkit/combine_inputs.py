@@ -225,11 +225,13 @@ def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str |
                 f"{first.path} was trained against a base quantized from {first_dtype}, {other.path} from "
                 f"{dtype} (their peftkit.json base_dtype): their updates were trained against "
                 "different 4-bit weights and do not combine.")
-        if first.quant is not None and (where := read_meta(other.path).quantized_on) != \
-                (first_where := read_meta(first.path).quantized_on) and not _saved_quantized(name, revision):
+        # (None: saved before peftkit recorded the device, which is then unknown, not another one)
+        if first.quant is not None and None not in (where := read_meta(other.path).quantized_on,
+                                                    first_where := read_meta(first.path).quantized_on) and \
+                where != first_where and not _saved_quantized(name, revision):
             warnings.warn(PeftkitWarning(
                 f"{first.path} was trained against a base quantized on {first_where}, {other.path} on {where} (their "
-                f"peftkit.json quantized_on): CUDA and CPU kernels round a few weights to other 4-bit codes, and the "
+                f"peftkit.json quantized_on): CUDA and CPU kernels round a few weights to other quantized codes, and the "
                 f"combined adapter records {first_where}, so {other.path}'s update meets weights a little off those "
                 "it was trained against (about 1e-3 in logits on a test model)."), stacklevel=2)
         if (scaling := read_meta(other.path).rope_scaling) != (first_scaling := read_meta(first.path).rope_scaling):

@@ -615,6 +615,12 @@ def test_warns_of_adapters_of_a_4bit_base_quantized_on_other_devices(llama_adapt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_same_base(read_sources(dirs, False), str(saved))
+    # An adapter saved before peftkit recorded the device (quantized_on null): unknown, not another device.
+    meta = json.loads((Path(dirs[1]) / "peftkit.json").read_text()) | {"quantized_on": None}
+    (Path(dirs[1]) / "peftkit.json").write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_same_base(read_sources(dirs, False), None)
 
 
 def test_refuses_an_update_of_biases(tmp_path):
