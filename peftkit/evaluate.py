@@ -205,6 +205,9 @@ class EvalJob:
     """Write one JSON line per row here: prompt, prediction, reference."""
     task: int | None = None
     """--task: every row's task id (multitask prompt tuning); without it, the rows' own `task` (`peftkit.task_ids`)."""
+    untasked: int | None = None
+    """The task of data without a `task` column: 0 for a recipe's own data, which training read so; None for data
+    given apart, which must say (or --task)."""
     name: str | None = None
     """A comparison's name for the model: its progress lines say which model they are about."""
 
@@ -241,7 +244,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         own = cfg.data if data in (None, cfg.data.train, cfg.data.eval) else cfg.data.model_copy(update={"revision": None})
         job = EvalJob(data=source, data_cfg=own, split=cfg.data.eval_split if not data else "train",
                       source=ModelSource.of_recipe(cfg, run_adapter),
-                      batch_size=cfg.eval.batch_size)
+                      batch_size=cfg.eval.batch_size, untasked=0 if data in (None, cfg.data.eval) else None)
     check_choices(fmt, on_bad_rows)
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
@@ -363,9 +366,9 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
                 if set(job.metrics) & set(LOSS_METRICS) else None)
     prompts = load_prompts(tok, job.data, job.split, job.data_cfg, tasks=tasks) if generated else None
     if examples is not None:
-        examples = with_tasks(source, job.task, examples, job.data)
+        examples = with_tasks(source, job.task, examples, job.data, job.untasked)
     if prompts is not None:
-        prompts = with_tasks(source, job.task, prompts, job.data)
+        prompts = with_tasks(source, job.task, prompts, job.data, job.untasked)
     model = source.load() if model is None else model
     guard_token_ids(model, tok)
     result: dict[str, float] = {}

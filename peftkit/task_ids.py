@@ -1,7 +1,8 @@
 """Which task each prompt or row is, for an adapter whose method reads task ids (multitask prompt tuning: its soft
 prompt differs per task). `peftkit generate`, `peftkit eval` and `peftkit chat` take `--task N` (every prompt and
 row is task N) or, with data, each row's own `task` column, as training read it. An adapter of several tasks given
-neither is an error naming --task: task 0 would be a silent guess. One of a single task needs neither, and a model
+neither is an error naming --task: task 0 would be a silent guess; but a recipe's own eval data without the column
+is task 0 for `peftkit eval`, as training read it. One of a single task needs neither, and a model
 whose method reads no task ids ignores the data's column (as training does) and refuses --task.
 
 Task ids are integers: the data's `task` column is one, so an adapter records no task names to accept instead.
@@ -35,13 +36,16 @@ def adapter_task_count(source: ModelSource) -> int | None:
     return method.from_peft(peft, path / CONFIG_NAME).num_tasks if method.reads_task_ids else None
 
 
-def resolve_tasks(source: ModelSource, task: int | None, given: list[int | None], data: str | None) -> list[int | None]:
+def resolve_tasks(source: ModelSource, task: int | None, given: list[int | None], data: str | None,
+                  untasked: int | None = None) -> list[int | None]:
     """Each item's task id for `source`: `task` (--task) for all, else `given` (the data's column), checked
     against the adapter's task count.
 
     Args:
         given: each item's own task (None: its row has no `task`; every --prompt is None).
         data: where the items come from (a data file or hub id), for the messages; None for --prompt.
+        untasked: the task of data without the column, where something says it (a recipe's own data is task 0
+            throughout, as training read it: `peftkit eval RUN_DIR` gives the run's figures); None: an error.
     """
     count = adapter_task_count(source)
     if count is None:
@@ -62,22 +66,23 @@ def resolve_tasks(source: ModelSource, task: int | None, given: list[int | None]
     if any(t is not None for t in given):
         raise PeftkitError(f"Some rows of {data} have a 'task' field and some do not; give every row its task id, or "
                            "pass --task N to use one task for every row.")
-    if count == 1:
-        return [0] * len(given)
+    if count == 1 or (untasked is not None and given):
+        return [untasked or 0] * len(given)
     where = f", or give every row of {data} a 'task' column" if data else ""
     raise PeftkitError(f"{source.adapter} is a multitask prompt tuning adapter of {count} tasks, and nothing says which "
                        f"task to use: pass --task N ({span}){where}.")
 
 
-def with_tasks(source: ModelSource, task: int | None, items: list[Item], data: str | None = None) -> list[Item]:
+def with_tasks(source: ModelSource, task: int | None, items: list[Item], data: str | None = None,
+               untasked: int | None = None) -> list[Item]:
     """`items` (examples or prompts) with the task ids `resolve_tasks` gives them (copies; unchanged when the model
     reads no task ids; `Examples` keep their arrays and get the ids in place)."""
     from peftkit.data.stored import Examples
 
     if isinstance(items, Examples):
-        items.task_ids = resolve_tasks(source, task, items.task_ids, data)
+        items.task_ids = resolve_tasks(source, task, items.task_ids, data, untasked)
         return items
-    tasks = resolve_tasks(source, task, [item.task_id for item in items], data)
+    tasks = resolve_tasks(source, task, [item.task_id for item in items], data, untasked)
     return [item if item.task_id == t else replace(item, task_id=t) for item, t in zip(items, tasks, strict=True)]
 
 

@@ -215,6 +215,30 @@ def test_another_method_ignores_the_task_column_whatever_it_holds(llama, tmp_pat
     assert evaluate(job)["num_tokens"] > 0
 
 
+def test_eval_of_a_run_on_its_own_data_without_tasks_is_task_0_as_training(llama, number_data, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Training reads data without a `task` column as task 0 throughout; `peftkit eval RUN_DIR` refused the run's own
+    eval data ("nothing says which task"), so it could not give the run's final eval loss. Data given apart still
+    must say."""
+    import json
+
+    from rich.console import Console
+
+    from peftkit.evaluate import eval_job
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    recipe = _recipe(tmp_path, llama, number_data, {"num_tasks": 2}, training={"max_steps": 2})
+    train(load_recipe(recipe), console=Console(quiet=True))
+    run = tmp_path / "run"
+    final = json.loads((run / "manifest.json").read_text())["metrics"]["eval_loss"]
+    args = dict(overrides=[], model=None, fmt=None, adapter=None, max_length=None, batch_size=None, on_bad_rows=None)
+    assert evaluate(eval_job(run, data=None, **args))["loss"] == pytest.approx(final, abs=1e-6)
+    assert "nothing says which task to use: pass --task N (0 .. 1)" in cli_user_error(
+        monkeypatch, capsys, "eval", "--model", str(llama), "--adapter", str(run / "adapter"), "--data",
+        str(number_data["eval"]))
+
+
 def _recipe(tmp_path, llama, task_data, adapter: dict, **sections) -> Path:
     recipe = make_recipe(tmp_path, llama, task_data, **sections)
     data = yaml.safe_load(recipe.read_text())
