@@ -94,8 +94,9 @@ def optimizer_groups(cfg: TrainingConfig, model: torch.nn.Module) -> list[dict]:
     """The trainable parameters as the optimizer's parameter groups: one group, or with LoRA+
     (`loraplus_lr_ratio`) one per role, each with its `lr` and a `loraplus` key naming the role ("A", "B",
     "embedding", "other": modules_to_save, DoRA's magnitude), in the model's parameter order. Weight decay is
-    training.weight_decay, but for biases and normalisation weights (a group of their own with weight_decay 0, as
-    transformers' Trainer leaves them out); the scheduler scales every group's lr by the same factor."""
+    training.weight_decay, but for biases and normalisation weights (a bottleneck's trained norms too: a group of
+    their own with weight_decay 0, as transformers' Trainer leaves them out); the scheduler scales every group's lr
+    by the same factor."""
     from transformers.trainer_pt_utils import get_parameter_names
 
     params = trainable_parameters(model)
@@ -107,7 +108,11 @@ def optimizer_groups(cfg: TrainingConfig, model: torch.nn.Module) -> list[dict]:
                "other": cfg.lr}
     decayed = None
     if cfg.weight_decay:
-        names = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
+        from peftkit.methods.bottleneck import TrainedNorm
+
+        # A bottleneck's train_norms wraps each norm: its weight is in no nn.LayerNorm, and GPT-2's ln_1.norm_weight
+        # matches no pattern, so the wrapper counts as a norm layer.
+        names = set(get_parameter_names(model, [torch.nn.LayerNorm, TrainedNorm], NO_DECAY_PATTERNS))
         decayed = {id(p) for name, p in model.named_parameters() if name in names}
     groups: dict[tuple[str | None, bool], list[torch.nn.Parameter]] = {}
     for p in params:

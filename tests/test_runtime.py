@@ -91,6 +91,23 @@ def test_biases_and_norms_get_no_weight_decay_as_in_trainer(loraplus, tiny_gpt2)
     assert optimizer_groups(TrainingConfig(lr=1e-3, loraplus_lr_ratio=loraplus), model)[0].get("weight_decay") is None
 
 
+def test_a_bottleneck_adapters_trained_norms_get_no_weight_decay(tiny_gpt2, tiny_llama):
+    """train_norms wraps each norm, so its trained weight sat in no nn.LayerNorm, and GPT-2's ln_1/ln_2/ln_f.norm_weight
+    matched no name pattern either: they decayed toward 0 (Llama's *_layernorm.norm_weight did not), where the README
+    says normalisation weights are left out, as Trainer leaves out a norm it trains."""
+    from peftkit.methods.bottleneck import BottleneckConfig
+
+    for path in (tiny_gpt2, tiny_llama):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        inject_adapters(model, BottleneckConfig(method="bottleneck", train_norms=True))
+        cfg = TrainingConfig(lr=1e-3, weight_decay=0.5)
+        decay = {id(p): g.get("weight_decay", 0.5) for g in optimizer_groups(cfg, model) for p in g["params"]}
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        assert {n for n in trained if n.endswith("norm_weight")}, path.name
+        assert {name: decay[id(p)] for name, p in trained.items()} == {
+            name: 0.0 if ".norm_" in name or name.endswith("bias") else 0.5 for name in trained}, path.name
+
+
 def test_the_logged_lr_is_training_lr_whatever_group_comes_first(tiny_llama, number_data, tmp_path):
     """With LoRA+ on the embeddings, their group (loraplus_lr_embedding, 1e-6) came first and its rate was logged,
     and shown on the progress line and the report's plot, as the run's learning rate."""
