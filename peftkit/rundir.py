@@ -403,9 +403,8 @@ def truncate_metrics(path: Path, step: int, final_step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def records_at(path: Path, step: int) -> list[dict]:
-    """The metrics.jsonl records of `step` (those `truncate_metrics` kept of a resumed run's checkpoint step)."""
+def metrics_records(path: Path) -> list[dict]:
+    """The metrics.jsonl records (of a resumed run: those `truncate_metrics` kept, up to its checkpoint's step)."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [record for record in records if record.get("step") == step]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

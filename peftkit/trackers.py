@@ -8,7 +8,8 @@ needed. The recipe goes along as the run's hyperparameters.
 
 On --resume the trackers continue the run's own records, as metrics.jsonl does: TensorBoard purges what was logged
 after the checkpoint (the resumed run logs those steps again), and MLflow and online W&B continue the same run (ids
-in `trackers/runs.json`). W&B cannot resume an offline run (wandb/wandb#2423): each resumed part is its own.
+in `trackers/runs.json`). W&B cannot resume an offline run (wandb/wandb#2423): each resumed part is a new run,
+which starts with metrics.jsonl's records up to the checkpoint, so the newest holds the whole run.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def flat_config(recipe_dict: dict, prefix: str = "") -> dict:
 class Trackers:
     """The run's trackers on one accelerator; `log` sends a metrics.jsonl record, `close` ends them.
 
-    `resumed`: on --resume, the checkpoint's step and the metrics.jsonl records kept at that step."""
+    `resumed`: on --resume, the checkpoint's step and the metrics.jsonl records kept (up to that step)."""
 
     def __init__(self, accelerator, recipe, out: Path, resumed: tuple[int, list[dict]] | None = None) -> None:
         from peftkit.fileio import atomic_write_text
@@ -87,12 +88,21 @@ class Trackers:
         except BaseException:
             self.close()
             raise
-        if resumed and "tensorboard" in names:  # what metrics.jsonl kept of the purged step
-            for record in resumed[1]:
-                accelerator.get_tracker("tensorboard").log(_scalars(record), step=record["step"])
+        if resumed:
+            self._log_kept(names, resumed, new_wandb="wandb" in names and "id" not in init["wandb"])
         run_id = {"wandb": lambda run: run.id, "mlflow": lambda run: run.info.run_id}
         if ids := {n: run_id[n](accelerator.get_tracker(n, unwrap=True)) for n in names if n in run_id}:
             atomic_write_text(directory / RUN_IDS, json.dumps(ids, indent=2))
+
+    def _log_kept(self, names: list[str], resumed: tuple[int, list[dict]], new_wandb: bool) -> None:
+        """What metrics.jsonl kept of a resumed run: TensorBoard's records of the purged step, and every record to a
+        new W&B run (an offline one: wandb cannot resume it), which else had only the steps after the checkpoint
+        while the stopped run's own may have none (a killed run's offline file kept only its header)."""
+        for record in resumed[1]:
+            if "tensorboard" in names and record["step"] == resumed[0]:
+                self.accelerator.get_tracker("tensorboard").log(_scalars(record), step=record["step"])
+            if new_wandb:
+                self.accelerator.get_tracker("wandb").log(_scalars(record), step=record["step"])
 
     def log(self, record: dict) -> None:
         """A full disk is a DiskFullError naming the trackers' directory (TensorBoard's writer raised OSError)."""

@@ -49,7 +49,7 @@ from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (Traini
 from peftkit.fileio import atomic_write_text, unlink_durably
 from peftkit.progress import TrainProgress
 from peftkit.recipe import Recipe
-from peftkit.rundir import clear_run, open_run_dir, records_at, truncate_metrics
+from peftkit.rundir import clear_run, metrics_records, open_run_dir, truncate_metrics
 from peftkit.runtime import nondeterministic_op_error, peak_memory_mb, pin_cublas_workspace, scheduled_lr
 from peftkit.start import Run, make_accelerator, setup
 from peftkit.trackers import Trackers
@@ -141,7 +141,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
                           + (" The run had finished: its final evaluation and exports are made again."
                              if state.step >= run.total_steps or run.stopped_early else ""))
         if recipe.training.report_to and run.main:
-            run.trackers = Trackers(run.accelerator, recipe, out, (state.step, records_at(run.metrics_path, state.step))
+            run.trackers = Trackers(run.accelerator, recipe, out, (state.step, metrics_records(run.metrics_path))
                                     if resume else None)
         try:
             with nondeterministic_op_error():

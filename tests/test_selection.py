@@ -208,6 +208,59 @@ def test_tensorboard_gets_what_metrics_jsonl_has_after_resumes_too(tiny_llama, n
         assert all(math.isclose(g, v, rel_tol=1e-6) for (_, g), (_, v) in zip(got, expected, strict=True))
 
 
+def _wandb_history(run_file):
+    """(step, values) of each history record in an offline W&B run's .wandb file: a 7-byte header, then a LevelDB
+    log (32 KiB blocks of records, each with a 7-byte header: crc, length, type 1 full, 2 first, 3 middle, 4 last)."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, pos, part, history = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = Record.FromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                values = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                history.append((record.history.step.num, {k: v for k, v in values.items() if not k.startswith("_")}))
+    return history
+
+
+def test_an_offline_wandb_run_resumed_holds_the_whole_run(tiny_llama, number_data, tmp_path, monkeypatch):
+    """A resumed offline W&B run is a new run (wandb cannot resume one offline), and it got only the steps after the
+    checkpoint, while the stopped run may hold nothing of the steps before: a killed run's offline file kept only its
+    7-byte header (wandb 0.31). The new run now starts with metrics.jsonl's records up to the checkpoint, so the
+    newest holds each record once, as metrics.jsonl does."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 4, "eval_steps": 2, "save_steps": 2, "report_to": ["wandb"]}))
+    run = tmp_path / "run"
+    train(recipe)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")  # as if killed after step 4, before its checkpoint
+    shutil.rmtree(run / "adapter")
+    (run / "manifest.json").unlink()
+    train(recipe, resume=True)
+    wandb.teardown()  # wandb-core may still be writing the offline file when the run's finish returns
+    [newest] = (run / "trackers" / "wandb" / "latest-run").glob("run-*.wandb")
+    logged = {}  # wandb merges the values logged at one step into one history record
+    for step, values in _wandb_history(newest):
+        logged.setdefault(step, {}).update(values)
+    expected = {}
+    for line in _lines(run):
+        expected.setdefault(line["step"], {}).update({k: v for k, v in line.items() if k != "step"})
+    assert sorted(logged) == sorted(expected) == [1, 2, 3, 4]
+    for step, values in expected.items():
+        assert logged[step].keys() == values.keys()
+        assert all(math.isclose(logged[step][k], v, rel_tol=1e-9) for k, v in values.items())
+
+
 def test_a_full_disk_under_tensorboard_is_said_with_the_checkpoint_to_resume_from(tiny_llama, number_data, tmp_path,
                                                                                 monkeypatch):
     """TensorBoard's writer raising ENOSPC mid-run was two tracebacks (the log, then closing the trackers), with no
