@@ -8,8 +8,9 @@ needed. The recipe goes along as the run's hyperparameters.
 
 On --resume the trackers continue the run's own records, as metrics.jsonl does: TensorBoard purges what was logged
 after the checkpoint (the resumed run logs those steps again), and MLflow and online W&B continue the same run (ids
-in `trackers/runs.json`). W&B cannot resume an offline run (wandb/wandb#2423): each resumed part is a new run,
-which starts with metrics.jsonl's records up to the checkpoint, so the newest holds the whole run.
+in `trackers/runs.json`; a store without the MLflow run is an error). W&B cannot resume an offline run
+(wandb/wandb#2423): each resumed part is a new run, which starts with metrics.jsonl's records up to the checkpoint,
+so the newest holds the whole run.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Trackers:
                 "tensorboard": {"purge_step": resumed[0]} if resumed else {}}
         config = flat_config(recipe.model_dump(mode="json"))
         try:
+            if ids.get("mlflow") and "mlflow" in names:
+                _check_mlflow_run(ids["mlflow"], directory / RUN_IDS)
             # TensorBoard keeps the recipe from the first start: each add_hparams is a run of its own (a directory
             # named by the time), so a resumed run showed up once per start. The others take it again (an offline
             # wandb run resumes as a new one; MLflow's run accepts the same values).
@@ -89,20 +92,21 @@ class Trackers:
             self.close()
             raise
         if resumed:
-            self._log_kept(names, resumed, new_wandb="wandb" in names and "id" not in init["wandb"])
+            continued = {"wandb": "id" in init["wandb"], "mlflow": bool(ids.get("mlflow"))}  # the stopped run's
+            self._log_kept(names, resumed, [n for n in continued if n in names and not continued[n]])
         run_id = {"wandb": lambda run: run.id, "mlflow": lambda run: run.info.run_id}
         if ids := {n: run_id[n](accelerator.get_tracker(n, unwrap=True)) for n in names if n in run_id}:
             atomic_write_text(directory / RUN_IDS, json.dumps(ids, indent=2))
 
-    def _log_kept(self, names: list[str], resumed: tuple[int, list[dict]], new_wandb: bool) -> None:
+    def _log_kept(self, names: list[str], resumed: tuple[int, list[dict]], new: list[str]) -> None:
         """What metrics.jsonl kept of a resumed run: TensorBoard's records of the purged step, and every record to a
-        new W&B run (an offline one: wandb cannot resume it), which else had only the steps after the checkpoint
-        while the stopped run's own may have none (a killed run's offline file kept only its header)."""
+        `new` run (W&B offline, which cannot resume one; MLflow without a run id in runs.json), which else had only
+        the steps after the checkpoint, while the stopped run's own may have none (a killed W&B run's offline file
+        kept only its header)."""
         for record in resumed[1]:
-            if "tensorboard" in names and record["step"] == resumed[0]:
-                self.accelerator.get_tracker("tensorboard").log(_scalars(record), step=record["step"])
-            if new_wandb:
-                self.accelerator.get_tracker("wandb").log(_scalars(record), step=record["step"])
+            purged = ["tensorboard"] if "tensorboard" in names and record["step"] == resumed[0] else []
+            for name in new + purged:
+                self.accelerator.get_tracker(name).log(_scalars(record), step=record["step"])
 
     def log(self, record: dict) -> None:
         """A full disk is a DiskFullError naming the trackers' directory (TensorBoard's writer raised OSError)."""
@@ -122,6 +126,23 @@ class Trackers:
         finally:
             if self.own_mlflow_uri:
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def _check_mlflow_run(run_id: str, run_ids: Path) -> None:
+    """A PeftkitError where the store MLFLOW_TRACKING_URI names lacks the run --resume continues (the run logged to
+    another store, or its mlflow.db was removed): MLflow's own error was a traceback."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.tracking.MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise PeftkitError(
+            f"training.report_to: the MLflow run {run_id} that {run_ids} names for --resume to continue is not in the "
+            f"store MLFLOW_TRACKING_URI names ({mlflow.get_tracking_uri()}). Set MLFLOW_TRACKING_URI to the store the "
+            f"run logged to, or remove the \"mlflow\" entry of {run_ids} to go on in a new MLflow run.") from None
 
 
 def _scalars(record: dict) -> dict:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -259,6 +260,32 @@ def test_an_offline_wandb_run_resumed_holds_the_whole_run(tiny_llama, number_dat
     for step, values in expected.items():
         assert logged[step].keys() == values.keys()
         assert all(math.isclose(logged[step][k], v, rel_tol=1e-9) for k, v in values.items())
+
+
+def test_resuming_into_another_mlflow_store_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """--resume continues the MLflow run of trackers/runs.json; with MLFLOW_TRACKING_URI now naming another store (or
+    the run's own mlflow.db removed) that run is not there, and the resume stopped on MLflow's traceback. The error
+    says to remove the run id to go on in a new run, which got only the steps after the checkpoint."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 4, "save_steps": 2, "report_to": ["mlflow"]})
+    run = tmp_path / "run"
+    train(load_recipe(recipe))
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe), "--resume").split())
+    run_id = json.loads((run / "trackers" / "runs.json").read_text())["mlflow"]
+    assert (f"training.report_to: the MLflow run {run_id} that {run / 'trackers' / 'runs.json'} names for --resume "
+            f"to continue is not in the store MLFLOW_TRACKING_URI names (sqlite:///{tmp_path / 'other.db'})") in err
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'other.db'}"
+    # as it says: without the run id, a new MLflow run, which starts with metrics.jsonl's records up to the checkpoint
+    (run / "trackers" / "runs.json").write_text("{}")
+    train(load_recipe(recipe), resume=True)
+    client = mlflow.tracking.MlflowClient()
+    [new] = client.search_runs([client.get_experiment_by_name("run").experiment_id])
+    assert [(m.step, m.value) for m in client.get_metric_history(new.info.run_id, "loss")] == [
+        (x["step"], x["loss"]) for x in _lines(run) if "loss" in x]
 
 
 def test_a_full_disk_under_tensorboard_is_said_with_the_checkpoint_to_resume_from(tiny_llama, number_data, tmp_path,
