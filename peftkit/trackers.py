@@ -36,6 +36,16 @@ def check_trackers(report_to: list[str]) -> None:
             f"training.report_to: {', '.join(missing)} needs its package, which is not installed; run "
             f"`pip install {' '.join(PACKAGES[m][0] for m in missing)}`, or remove it from training.report_to."
         )
+    # mlflow-skinny is `mlflow` without SQLAlchemy and alembic, which a SQLite store needs: peftkit's own included
+    own = "MLFLOW_TRACKING_URI" not in os.environ
+    if "mlflow" in report_to and (own or os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite:")) and not all(
+            importlib.util.find_spec(p) for p in ("sqlalchemy", "alembic")):
+        store = "its own store, <output_dir>/trackers/mlflow.db" if own else "the store MLFLOW_TRACKING_URI names"
+        raise PeftkitError(
+            f"training.report_to: mlflow would log to {store}, a SQLite database, which needs the full mlflow package "
+            "(this one lacks SQLAlchemy and alembic, as mlflow-skinny does); run `pip install mlflow`, or set "
+            "MLFLOW_TRACKING_URI to a tracking server."
+        )
 
 
 def flat_config(recipe_dict: dict, prefix: str = "") -> dict:
