@@ -76,10 +76,12 @@ class Trackers:
         directory.mkdir(parents=True, exist_ok=True)
         ids = (json.loads((directory / RUN_IDS).read_text(encoding="utf-8"))
                if resumed and (directory / RUN_IDS).is_file() else {})
-        # The run's own store, for this run only (until close): the user's MLFLOW_TRACKING_URI wins.
-        self.own_mlflow_uri = "mlflow" in names and "MLFLOW_TRACKING_URI" not in os.environ
-        if self.own_mlflow_uri:
-            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{directory / 'mlflow.db'}"
+        # For this run only (until close), the user's own settings winning: the run's own store, and no telemetry
+        # (MLflow 3 posts usage data to mlflow-telemetry.io from `import mlflow` on; a run makes no network call).
+        self.own_env = {key: value for key, value in (("MLFLOW_TRACKING_URI", f"sqlite:///{directory / 'mlflow.db'}"),
+                                                      ("MLFLOW_DISABLE_TELEMETRY", "true"))
+                        if "mlflow" in names and key not in os.environ}
+        os.environ.update(self.own_env)
         wandb_mode = os.environ.get("WANDB_MODE", "offline")
         init = {"wandb": {"mode": wandb_mode, "dir": str(directory)}
                          | ({"id": ids["wandb"], "resume": "allow"} if "wandb" in ids and wandb_mode != "offline" else {}),
@@ -134,8 +136,8 @@ class Trackers:
             warnings.warn(PeftkitWarning(f"the trackers of {self.directory} could not be closed ({e}); their last "
                                          "events may be missing."), stacklevel=2)
         finally:
-            if self.own_mlflow_uri:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            for key in self.own_env:
+                os.environ.pop(key, None)
 
 
 def _check_mlflow_run(run_id: str, run_ids: Path) -> None:

@@ -330,6 +330,37 @@ def test_a_tracker_without_its_package_is_a_clear_error(tiny_llama, number_data,
     assert not any(p.name in ("metrics.jsonl", "checkpoints", "trackers") for p in (tmp_path / "run").glob("*"))
 
 
+def test_mlflow_sends_no_telemetry_and_the_users_settings_win(tiny_llama, number_data, tmp_path, monkeypatch):
+    """MLflow 3 posts usage telemetry (config.mlflow-telemetry.io, from `import mlflow` on): a run's DNS lookup of it
+    was seen. peftkit now sets MLFLOW_DISABLE_TELEMETRY for the run (unless the user set it), as it sets the run's
+    own store where MLFLOW_TRACKING_URI is unset, and takes both away after."""
+    from accelerate import Accelerator
+
+    pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")  # for MLflow's SQLite store: mlflow-skinny lacks it
+    seen, real = [], Accelerator.init_trackers
+
+    def init_trackers(self, *args, **kwargs):
+        seen.append({k: os.environ.get(k) for k in ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_TRACKING_URI")})
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "init_trackers", init_trackers)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_DISABLE_TELEMETRY", raising=False)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 2, "report_to": ["mlflow"]}))
+    train(recipe)
+    assert seen.pop() == {"MLFLOW_DISABLE_TELEMETRY": "true",
+                          "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'run' / 'trackers' / 'mlflow.db'}"}
+    assert "MLFLOW_DISABLE_TELEMETRY" not in os.environ and "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
+    train(recipe, overwrite=True)
+    assert seen.pop() == {"MLFLOW_DISABLE_TELEMETRY": "false", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mine.db'}"}
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "false"
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mine.db'}"
+
+
 def test_mlflow_without_sqlalchemy_on_a_sqlite_store_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypatch,
                                                                      capsys):
     """mlflow-skinny installs the `mlflow` module without SQLAlchemy and alembic, so the check of the package passed
