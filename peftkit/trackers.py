@@ -32,9 +32,12 @@ def check_trackers(report_to: list[str]) -> None:
     """A PeftkitError naming the package to install for each tracker whose package is missing."""
     missing = [name for name in report_to if not any(importlib.util.find_spec(p) for p in PACKAGES[name])]
     if missing:
+        one = len(missing) == 1
+        need = "needs its package, which is" if one else "need their packages, which are"
         raise PeftkitError(
-            f"training.report_to: {', '.join(missing)} needs its package, which is not installed; run "
-            f"`pip install {' '.join(PACKAGES[m][0] for m in missing)}`, or remove it from training.report_to."
+            f"training.report_to: {' and '.join(missing)} {need} not installed; run "
+            f"`pip install {' '.join(PACKAGES[m][0] for m in missing)}`, or remove {'it' if one else 'them'} from "
+            "training.report_to."
         )
     # mlflow-skinny is `mlflow` without SQLAlchemy and alembic, which a SQLite store needs: peftkit's own included
     own = "MLFLOW_TRACKING_URI" not in os.environ

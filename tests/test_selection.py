@@ -328,6 +328,13 @@ def test_a_tracker_without_its_package_is_a_clear_error(tiny_llama, number_data,
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert "training.report_to: wandb needs its package, which is not installed; run `pip install wandb`" in err
     assert not any(p.name in ("metrics.jsonl", "checkpoints", "trackers") for p in (tmp_path / "run").glob("*"))
+    if importlib.util.find_spec("mlflow") is None:  # two missing: said of both ("wandb, mlflow needs its package")
+        from peftkit.errors import PeftkitError
+        from peftkit.trackers import check_trackers
+
+        with pytest.raises(PeftkitError, match=r"^training.report_to: wandb and mlflow need their packages, which are "
+                                               r"not installed; run `pip install wandb mlflow`, or remove them from"):
+            check_trackers(["wandb", "mlflow"])
 
 
 def test_mlflow_sends_no_telemetry_and_the_users_settings_win(tiny_llama, number_data, tmp_path, monkeypatch):
