@@ -208,8 +208,10 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         # bitsandbytes quantizes a Linear's weight only: its bias stays in the load dtype (Qwen2's q/k/v biases)
         quantized = q is not None and isinstance(module, torch.nn.Linear) and p is module.weight \
             and module_name.rsplit(".", 1)[-1] not in skip
-        if quantized:
-            base += p.numel() * (1 if q.method == "int8" else QUANT_BITS[(q.method, q.double_quant)] / 8)
+        if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) a row
+            base += p.numel() + 4 * p.shape[0]
+        elif quantized:
+            base += p.numel() * QUANT_BITS[(q.method, q.double_quant)] / 8
         else:
             base += p.numel() * BYTES[dtype]
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
