@@ -200,14 +200,13 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
                            "Fix config.json, or restore it from where the model came from.") from None
     modules = dict(model.named_modules())
     q = recipe.quantization
-    skip = set(q.skip_modules) if q else set()
     base = 0.0
     for name, p in _unique_parameters(model):
         module_name, _, _ = name.rpartition(".")
         module = modules[module_name]
         # bitsandbytes quantizes a Linear's weight only: its bias stays in the load dtype (Qwen2's q/k/v biases)
         quantized = q is not None and isinstance(module, torch.nn.Linear) and p is module.weight \
-            and module_name.rsplit(".", 1)[-1] not in skip
+            and not _skipped(module_name, q.skip_modules)
         if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) a row
             base += p.numel() + 4 * p.shape[0]
         elif quantized:
@@ -244,6 +243,16 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         optimizer = 2.0 * sum(p.numel() * width[id(p)] for p in trainable)
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, optimizer, activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
+
+
+def _skipped(name: str, skip_modules: list[str]) -> bool:
+    """Whether transformers keeps module `name` out of quantization for quantization.skip_modules: in transformers 5 an
+    entry names a path prefix ("model.layers.0"), a regex or a suffix, not only a last component ("lm_head")."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # transformers 4
+        return name.rsplit(".", 1)[-1] in skip_modules
+    return not should_convert_module(name, skip_modules)
 
 
 def _unique_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

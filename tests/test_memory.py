@@ -405,12 +405,15 @@ def test_prefix_tuning_activations_count_the_virtual_keys_and_values(tiny_llama,
     assert estimated[1] >= measured[1]
 
 
-def test_estimate_int8_weights_are_the_bytes_the_loaded_model_holds(tiny_llama, number_data, tmp_path):
+@pytest.mark.parametrize("skip", [["lm_head"], ["lm_head", "model.layers.0"]])
+def test_estimate_int8_weights_are_the_bytes_the_loaded_model_holds(tiny_llama, number_data, tmp_path, skip):
     """An int8 weight is one byte plus its row's fp32 absmax (Int8Params.SCB): the scales were left out (3% of the
-    quantized bytes here, 4 / in_features in general)."""
+    quantized bytes here, 4 / in_features in general). A skip_modules entry naming a path ("model.layers.0", which
+    transformers keeps whole in full precision) was counted quantized: only a last component was matched."""
     from peftkit.modeling import load_model
 
-    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, quantization={"method": "int8"}))
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data,
+                                     quantization={"method": "int8", "skip_modules": skip}))
     model = load_model(recipe.model, recipe.quantization, torch.device("cpu"))
     held = sum(p.numel() * p.element_size() for p in model.parameters())
     held += sum(p.SCB.numel() * p.SCB.element_size() for p in model.parameters() if getattr(p, "SCB", None) is not None)
