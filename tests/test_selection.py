@@ -69,7 +69,6 @@ def test_early_stopping_stops_after_patience_and_exports_that_step(tiny_llama, n
     assert _same(_weights(tmp_path / "stop" / "run" / "adapter"), _weights(step3))
 
 
-
 def test_a_run_stopped_at_an_evaluation_and_resumed_stops_as_an_unbroken_one(tiny_llama, number_data, tmp_path,
                                                                              monkeypatch):
     """SIGTERM at step 2, an evaluation step between checkpoints: the stop's checkpoint holds that evaluation, and the
@@ -97,6 +96,7 @@ def test_a_run_stopped_at_an_evaluation_and_resumed_stops_as_an_unbroken_one(tin
     lines = [[{k: v for k, v in x.items() if k not in timings} for x in _lines(tmp_path / name / "run")]
              for name in ("unbroken", "stopped")]
     assert lines[0] == lines[1] and [x["step"] for x in lines[1] if "eval_loss" in x] == [1, 2, 3, 4]
+
 
 def test_an_early_stop_between_log_steps_logs_its_last_step(tiny_llama, number_data, tmp_path):
     """log_steps 2, stopped early at step 3: metrics.jsonl ends with step 3's training line, then its evaluation, as
@@ -180,6 +180,15 @@ def test_selection_recipe_errors(sections, expected, tiny_llama, number_data, tm
     assert "recipe.yaml" in err
 
 
+def _killed_before_the_last_checkpoint(recipe, run) -> None:
+    """Train `recipe` (4 steps, a checkpoint every 2) into `run`, then leave it as if killed after step 4, before its
+    checkpoint."""
+    train(recipe)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    shutil.rmtree(run / "adapter")
+    (run / "manifest.json").unlink()
+
+
 def test_tensorboard_gets_what_metrics_jsonl_has_after_resumes_too(tiny_llama, number_data, tmp_path):
     """Each resume (from a checkpoint before the end, and of a finished run, whose final evaluation is made again)
     logs its steps again: TensorBoard purges what the stopped run had logged after the checkpoint, so each step is
@@ -191,10 +200,7 @@ def test_tensorboard_gets_what_metrics_jsonl_has_after_resumes_too(tiny_llama, n
     recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
         "max_steps": 4, "eval_steps": 2, "save_steps": 2, "report_to": ["tensorboard"]}))
     run = tmp_path / "run"
-    train(recipe)
-    shutil.rmtree(run / "checkpoints" / "step-00000004")  # as if killed after step 4, before its checkpoint
-    shutil.rmtree(run / "adapter")
-    (run / "manifest.json").unlink()
+    _killed_before_the_last_checkpoint(recipe, run)
     train(recipe, resume=True)
     train(recipe, resume=True)
     acc = EventAccumulator(str(run / "trackers" / "run")).Reload()
@@ -243,10 +249,7 @@ def test_an_offline_wandb_run_resumed_holds_the_whole_run(tiny_llama, number_dat
     recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
         "max_steps": 4, "eval_steps": 2, "save_steps": 2, "report_to": ["wandb"]}))
     run = tmp_path / "run"
-    train(recipe)
-    shutil.rmtree(run / "checkpoints" / "step-00000004")  # as if killed after step 4, before its checkpoint
-    shutil.rmtree(run / "adapter")
-    (run / "manifest.json").unlink()
+    _killed_before_the_last_checkpoint(recipe, run)
     train(recipe, resume=True)
     wandb.teardown()  # wandb-core may still be writing the offline file when the run's finish returns
     [newest] = (run / "trackers" / "wandb" / "latest-run").glob("run-*.wandb")
