@@ -438,18 +438,24 @@ def test_cli_refuses_a_damaged_adapter_tensor(damage, said, llama_adapters, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def _cat_with_edited_config(adapters, tmp_path, monkeypatch, capsys, edit) -> tuple[Path, str]:
+    """(the second adapter's copy with `edit` applied to its adapter_config.json, the error of `merge --method cat`
+    of the first and that copy, on one line)."""
+    import shutil
+
+    broken = Path(shutil.copytree(adapters[1], tmp_path / "b"))
+    config = edit(json.loads((broken / "adapter_config.json").read_text()))
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    err = cli_user_error(monkeypatch, capsys, "merge", "--adapter", adapters[0], "--adapter", str(broken), "--weights",
+                         "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out"))
+    return broken, " ".join(err.split())
+
+
 def test_cli_refuses_an_adapter_whose_config_gives_another_rank_than_its_weights(llama_adapters, tmp_path, monkeypatch,
                                                                                 capsys):
     """adapter_config.json's r: 8 beside rank-4 weights (another run's config): loaded alone it is refused, as in peft;
     `--method cat` combined it, its update scaled by alpha / 8, without a word."""
-    import shutil
-
-    a, b = llama_adapters
-    broken = Path(shutil.copytree(b, tmp_path / "b"))
-    config = json.loads((broken / "adapter_config.json").read_text()) | {"r": 8}
-    (broken / "adapter_config.json").write_text(json.dumps(config))
-    err = " ".join(cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", str(broken), "--weights",
-                                  "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out")).split())
+    broken, err = _cat_with_edited_config(llama_adapters, tmp_path, monkeypatch, capsys, lambda config: config | {"r": 8})
     assert (f"error: {broken}: its adapter_config.json says r: 8, and base_model.model.model.embed_tokens."
             "lora_embedding_A has rank 4: the two files come from different runs.") in err
     assert not (tmp_path / "out").exists()
@@ -459,15 +465,8 @@ def test_cli_refuses_an_adapter_whose_weights_adapt_modules_its_config_does_not_
                                                                                       monkeypatch, capsys):
     """k_proj's LoRA under a target_modules without k_proj: loaded alone it is refused (peft drops those weights);
     combining merged them without a word."""
-    import shutil
-
-    a, b = llama_adapters
-    broken = Path(shutil.copytree(b, tmp_path / "b"))
-    config = json.loads((broken / "adapter_config.json").read_text())
-    config["target_modules"] = [t for t in config["target_modules"] if not t.endswith("k_proj")]
-    (broken / "adapter_config.json").write_text(json.dumps(config))
-    err = " ".join(cli_user_error(monkeypatch, capsys, "merge", "--adapter", a, "--adapter", str(broken), "--weights",
-                                  "0.5,0.5", "--method", "cat", "--output", str(tmp_path / "out")).split())
+    broken, err = _cat_with_edited_config(llama_adapters, tmp_path, monkeypatch, capsys, lambda config: config | {
+        "target_modules": [t for t in config["target_modules"] if not t.endswith("k_proj")]})
     assert (f"error: {broken}: its weights adapt 2 modules that its adapter_config.json's target_modules do not name "
             "(e.g. 'model.layers.0.self_attn.k_proj'): the config says less than the weights") in err
     assert not (tmp_path / "out").exists()
