@@ -28,6 +28,7 @@ from peftkit.data import (
     no_examples_error,
     truncation_error,
 )
+from peftkit.data.examples import mixed_tasks_error
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError, visible
 from peftkit.recipe import DataConfig, Recipe
@@ -172,8 +173,8 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
 def task_error(recipe: Recipe, tasks: list[int | None]) -> str | None:
     """What training's checks of data.train's task ids (multitask prompt tuning) would stop on, if anything: rows of
     which only some have one (`load_examples`), or one past adapter.num_tasks - 1 (`check_training_tasks`)."""
-    if len({task is None for task in tasks}) > 1:
-        return f"{recipe.data.train}: some rows have a 'task' field and some do not; give every row its task id."
+    if mixed := mixed_tasks_error(recipe.data.train, tasks):
+        return mixed
     try:
         check_training_tasks(recipe, "data.train", tasks)
     except PeftkitError as e:

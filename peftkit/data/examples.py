@@ -242,13 +242,15 @@ def _content_and_end(tok, text: str, content: str, tail: str, after: int) -> tup
     token need follow: Phi-3's template closes the conversation with an EOS after the last turn's `<|end|>\\n`, so
     its rendering up to a middle turn ends in `<|end|>\\n<|endoftext|>`, which that turn lacks in the whole (found
     whole, it was the last turn's, and everything from this turn to there was trained)."""
-    specials = [t.content for t in tok.added_tokens_decoder.values() if t.special and t.content.strip()]
+    specials = None  # read once needed: most templates' tails follow whole
     at = text.find(content, after)
     while at >= 0:
         end = at + len(content)
         shared = os.path.commonprefix([tail, text[end:]])
         if shared.rstrip() == tail.rstrip():
             return at, end + len(shared.rstrip())
+        if specials is None:
+            specials = [t.content for t in tok.added_tokens_decoder.values() if t.special and t.content.strip()]
         through_special = max((shared.rfind(s) + len(s) for s in specials if s in shared), default=0)
         if through_special:
             return at, end + through_special
@@ -413,6 +415,8 @@ def left_out(tok, messages: list[dict]) -> str | None:
     v0.3's template writes the system message into the last user turn only, so a conversation ending in an answer,
     as each training row does, is rendered without it. (Other roles are not looked for: Llama 3.1's template writes
     a tool's output as JSON, whose escapes a content with quotes or newlines does not match.)"""
+    if not any(m["role"] == "system" for m in messages):  # (no render: this runs for every row)
+        return None
     text = render_chat(tok, messages)
     return next((f"messages[{i}]" for i, m in enumerate(messages)
                  if m["role"] == "system" and m["content"].strip() not in text), None)
@@ -527,8 +531,8 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
         if entry is not None and (hit := entry.read()) is not None:
             return hit
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
-    if tasks and len({task is None for task in examples.task_ids}) > 1:  # a batch would fail mid-training
-        raise PeftkitError(f"{source}: some rows have a 'task' field and some do not; give every row its task id.")
+    if tasks and (mixed := mixed_tasks_error(source, examples.task_ids)):  # a batch would fail mid-training
+        raise PeftkitError(mixed)
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
     if entry is not None and (not local or sha256_file(source) == entry.data_digest):  # not a file changed meanwhile
@@ -554,3 +558,10 @@ def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, sour
                                      f"{tempfile.gettempdir()} to key it failed ({e}). {fix} set {CACHE_ENV}=off."),
                       stacklevel=3)
         return None
+
+
+def mixed_tasks_error(source: str, tasks: list[int | None]) -> str | None:
+    """The error of data whose rows only partly have a `task` (multitask prompt tuning), or None."""
+    if len({task is None for task in tasks}) > 1:
+        return f"{source}: some rows have a 'task' field and some do not; give every row its task id."
+    return None
