@@ -114,8 +114,9 @@ def hub_commit(name_or_path: str, revision: str | None = None) -> str | None:
 
 
 def model_weight_hashes(name_or_path: str, revision: str | None = None, hash_file=sha256_file) -> dict[str, str]:
-    """Content hashes of the base model's weight, config, generation config and tokenizer files: those of a local directory, or of a
-    hub id's cached snapshot (`model_directory`); {} when neither is there. `hash_file`: a file's sha256."""
+    """Content hashes of the base model's weight, config, generation config and tokenizer files: those of a local
+    directory, or of a hub id's cached snapshot (`model_directory`); {} when neither is there. `hash_file`: a file's
+    sha256."""
     path = model_directory(name_or_path, revision)
     if path is None:
         return {}

@@ -378,6 +378,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
             model.num_labels classes named by their ids, else those of the checkpoint's config.json.
     """
     config = load_config(cfg)
+    saved = saved_quantization(config)  # a checkpoint saved quantized: its config.json's quantization_config
     _check_weight_files(cfg)
     device = device or resolve_device(cfg.device)
     check_attention(cfg, device)
@@ -406,7 +407,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         kwargs["quantization_config"] = bnb_config(quant)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
-    elif quant is not None or saved_quantization(config) is not None:
+    elif quant is not None or saved is not None:
         # Spelled out: without a device_map, transformers puts a bitsandbytes model (a checkpoint saved quantized
         # too) on the GPU whenever one is present, whatever model.device says.
         kwargs["device_map"] = {"": "cpu"}
@@ -417,7 +418,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is not None:
         _refuse_quantized_tied_head(model, quant)
-    if quant is not None and quant.method != "int8" and saved_quantization(config) is not None:
+    if quant is not None and quant.method != "int8" and saved is not None:
         # A checkpoint saved 4-bit loads with the compute dtype its config.json records: the recipe's is set here.
         from peftkit.methods.base import is_quantized
 

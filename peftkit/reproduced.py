@@ -286,8 +286,9 @@ def _first_divergence(expected: list[float], actual: list[float], tolerance: flo
 def _close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:
     """A checkpoint's file against the re-run's, numerically (`tolerance` > 0): adapter weights, the optimizer's and
     scheduler's state (torch.load's restricted unpickler; floating tensors and numbers within the tolerance, the rest
-    equal; the loss scaler's only where the recorded checkpoint has it), JSON numbers; None if they agree. The generators' states are left out: another machine's differ by design
-    (a GPU run records its CUDA generators, a CPU run none), and a different draw shows in the losses."""
+    equal; the loss scaler's only where the recorded checkpoint has it), JSON numbers; None if they agree. The
+    generators' states are left out: another machine's differ by design (a GPU run records its CUDA generators, a CPU
+    run none), and a different draw shows in the losses."""
     if name.endswith(".safetensors"):
         return _weights_close(name, recorded, rerun, tolerance)
     try:

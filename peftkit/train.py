@@ -252,7 +252,7 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
         return _not_finite(run, state, f"The gradient norm became {grad_norm}", f"gradient norm {grad_norm}")
     if run.method_trainer is not None:
         run.method_trainer.after_step(state.step + 1)  # peft's place for AdaLoRA's allocator: gradients still here
-    if scale is not None and accelerator.scaler.get_scale() < scale or zero.skipped(accelerator, run.model):
+    if (scale is not None and accelerator.scaler.get_scale() < scale) or zero.skipped(accelerator, run.model):
         return _scaler_skipped(run, state)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
