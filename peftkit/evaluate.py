@@ -386,10 +386,17 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
         result |= scores
         result["num_rows"] = len(prompts)
         if job.predictions:
-            lines = [json.dumps({"prompt": p.text, "prediction": t, "reference": p.reference}, ensure_ascii=False)
+            lines = [_jsonl_line({"prompt": p.text, "prediction": t, "reference": p.reference})
                      for p, t in zip(prompts, texts, strict=True)]
             atomic_write_text(job.predictions, "".join(line + "\n" for line in lines))
     return result
+
+
+def _jsonl_line(record: dict) -> str:
+    """One JSON line that stays one line for every reader: JSON keeps U+0085, U+2028 and U+2029 raw in a string, and
+    Python's `str.splitlines()` (U+2028/9: JavaScript before ES2019 too) would split the row there; they are escaped."""
+    line = json.dumps(record, ensure_ascii=False)
+    return line.translate({0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 
 def _check_finite_loss(loss: float, source: ModelSource, data: str) -> None:

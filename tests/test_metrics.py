@@ -75,6 +75,7 @@ def test_eval_metrics_and_predictions_file(tiny_llama, tmp_path):
     rows = _rows(4)
     for row, answer in zip(rows[:2], answers[:2]):
         row["output"] = answer
+    rows[2]["output"] = "a\u2028b\u2029c\x85d"  # separators JSON keeps raw: str.splitlines() would split the row
     write_jsonl(data, rows)
 
     out = tmp_path / "preds.jsonl"
@@ -82,7 +83,7 @@ def test_eval_metrics_and_predictions_file(tiny_llama, tmp_path):
                    metrics="exact_match,token_f1,loss", max_new_tokens=6, predictions=out)
     result = evaluate(job)
     assert result["exact_match"] == 0.5 and result["num_rows"] == 4 and "loss" in result and "rouge_l" not in result
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [line["prediction"] for line in lines] == answers
     assert [line["reference"] for line in lines] == [r["output"] for r in rows]
     assert [line["prompt"] for line in lines] == [p.text for p in prompts]
