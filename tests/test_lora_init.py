@@ -9,15 +9,17 @@ import torch
 import yaml
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from rich.console import Console
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.adapter_base import load_adapted_model
 from peftkit.adapters import adapter_layers, inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
 from peftkit.merge import merge_adapter
 from peftkit.methods.lora import Lora, LoraConfig
-from peftkit.adapter_base import load_adapted_model
 from peftkit.modeling import load_model
 from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.train import train
@@ -115,7 +117,6 @@ def test_conversion_matches_peft(rslora, tiny_llama, tmp_path):
     """peft's own conversion (save_pretrained with path_initial_model_for_weight_conversion) of a PiSSA adapter
     moved away from its init, and ours of the same A, B: the same rank-2r update per layer and the same r,
     lora_alpha and init_lora_weights in adapter_config.json."""
-    from safetensors.torch import load_file
 
     from peftkit.adapters import adapter_state_dict
 
@@ -192,6 +193,18 @@ def test_a_quantized_base_is_refused_by_the_recipe(init, tiny_llama, number_data
                             **quant))
 
 
+def test_pissa_on_layers_skip_modules_names_by_a_longer_suffix(tiny_llama, number_data, tmp_path):
+    """skip_modules [self_attn.q_proj] keeps every layer of target self_attn.q_proj whole (transformers matches
+    suffixes): no conflict. It was refused, comparing last names only. The layers really are left unquantized."""
+    quant = {"quantization": {"method": "nf4", "compute_dtype": "float32",
+                              "skip_modules": ["lm_head", "self_attn.q_proj"]}}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1},
+                         adapter={"init": "pissa", "target_modules": ["self_attn.q_proj"]}, **quant)
+    train(load_recipe(recipe), console=Console(quiet=True))
+    tensors = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert tensors and all("q_proj" in k for k in tensors)
+
+
 def test_pissa_refuses_an_embedding(tiny_llama):
     with pytest.raises(PeftkitError, match=r"adapter.init: olora .* 'model.embed_tokens' is an Embedding"):
         inject_adapters(_load(tiny_llama), LoraConfig(r=4, init="olora", target_modules=["embed_tokens"]))
@@ -239,7 +252,6 @@ def test_peft_s_unconverted_pissa_and_olora_adapters_load_as_peft_loads_them(arc
     as peft's, unmerged and merged. An embedding among the targets (peft leaves its base alone) keeps its update;
     GPT-2's Conv1D weights are stored (in, out): peft's PiSSA decomposes W, its OLoRA the stored W^T (it runs on
     square Conv1D layers only, as attn.c_proj). DoRA's magnitudes rescale the same W + s B A either way."""
-    from safetensors.torch import load_file
 
     base = request.getfixturevalue(f"tiny_{arch}")
     targets = (("attn.c_proj",) if init == "olora" else ("c_attn", "c_fc")) if arch == "gpt2" else \

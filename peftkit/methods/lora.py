@@ -175,7 +175,10 @@ class Lora(Method):
             return refusal
         if q is None or cfg.init not in MOVES_BASE:
             return None
-        kept = isinstance(cfg.target_modules, list) and all(t.split(".")[-1] in q.skip_modules for t in cfg.target_modules)
+        # Every layer a target names ends with it, so one that ends with a skip_modules entry (transformers keeps
+        # suffix matches whole) is never quantized; prefixes and regexes need the model's names: at injection.
+        kept = isinstance(cfg.target_modules, list) and all(any(t.endswith(s) for s in q.skip_modules)
+                                                            for t in cfg.target_modules)
         if kept:  # only layers the quantization leaves in full precision
             return None
         # As at injection (`lora_init.initialize`), where the layers are known: here the recipe alone says so.
