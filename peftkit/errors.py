@@ -16,6 +16,10 @@ class PeftkitError(Exception):
     exit_code = 2  # the CLI's exit status: 2 for a user mistake; a subclass may say otherwise
 
 
+class Stopped(PeftkitError):
+    """A run stopped as asked (SIGINT, SIGTERM), after saving a checkpoint to go on from."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as Ctrl-C is (`peftkit.cli.run`): what stops a reply at a Ctrl-C (chat) still ends on it."""
 

@@ -21,7 +21,7 @@ import os
 import warnings
 from pathlib import Path
 
-from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.errors import PeftkitError, PeftkitWarning, Stopped
 
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 DIRECTORY = "trackers"
@@ -130,10 +130,23 @@ class Trackers:
         with _disk_errors(self.directory):
             self.accelerator.log(_scalars(record), step=record["step"])
 
-    def close(self) -> None:
+    def _end_unfinished(self, stopped: bool) -> None:
+        names = [tracker.name for tracker in self.accelerator.trackers]
+        if "mlflow" in names:
+            import mlflow
+
+            mlflow.end_run(status="KILLED" if stopped else "FAILED")
+        if "wandb" in names:
+            self.accelerator.get_tracker("wandb", unwrap=True).finish(exit_code=1)
+
+    def close(self, ended_by: BaseException | None = None) -> None:
         """End the trackers; one that cannot write its last events (a full disk) is said, not raised: closing runs
-        while another error (the full disk's own) is on its way to the user."""
+        while another error (the full disk's own) is on its way to the user. `ended_by`: the error that ended the
+        run before its end, which accelerate's own ending marked a success: MLflow's run is then KILLED (stopped by
+        a signal) or FAILED, and W&B's run failed (exit code 1)."""
         try:
+            if ended_by is not None:
+                self._end_unfinished(isinstance(ended_by, Stopped | KeyboardInterrupt))
             self.accelerator.end_training()
         except OSError as e:
             warnings.warn(PeftkitWarning(f"the trackers of {self.directory} could not be closed ({e}); their last "

@@ -42,7 +42,7 @@ from peftkit.classify import example_loss_sum
 from peftkit.data import step_windows
 from peftkit.data.classification import ClassificationCollator
 from peftkit.data.packing import flatten
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, Stopped
 from peftkit.evaluate import token_loss_sum
 from peftkit.loss import labelled_count
 from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (TrainingFailed: part of this module's API)
@@ -146,10 +146,14 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         try:
             with nondeterministic_op_error():
                 _loop(run, state)
-            return finish(run, state, started, show_summary)
-        finally:
+            summary = finish(run, state, started, show_summary)
+        except BaseException as e:
             if run.trackers is not None:
-                run.trackers.close()
+                run.trackers.close(ended_by=e)
+            raise
+        if run.trackers is not None:
+            run.trackers.close()
+        return summary
 
 
 def _loop(run: Run, state: LoopState) -> None:
@@ -207,7 +211,7 @@ def _stop_if_asked(run: Run, state: LoopState, stop: StopRequest) -> None:
     """Checkpoint and stop when a process was sent SIGINT or SIGTERM (all of them together, with one message)."""
     if received := distributed.any_signal(run.accelerator, stop.signal):
         path = run.checkpoint(state)
-        raise PeftkitError(
+        raise Stopped(
             f"{'Stopped by SIGTERM' if received == signal.SIGTERM else 'Interrupted'} at step "
             f"{state.step}; checkpoint saved to {path}. Continue with `peftkit train RECIPE --resume`."
         )

@@ -215,14 +215,14 @@ def test_tensorboard_gets_what_metrics_jsonl_has_after_resumes_too(tiny_llama, n
         assert all(math.isclose(g, v, rel_tol=1e-6) for (_, g), (_, v) in zip(got, expected, strict=True))
 
 
-def _wandb_history(run_file):
-    """(step, values) of each history record in an offline W&B run's .wandb file: a 7-byte header, then a LevelDB
-    log (32 KiB blocks of records, each with a 7-byte header: crc, length, type 1 full, 2 first, 3 middle, 4 last)."""
+def _wandb_records(run_file):
+    """The records of an offline W&B run's .wandb file: a 7-byte header, then a LevelDB log (32 KiB blocks of
+    records, each with a 7-byte header: crc, length, type 1 full, 2 first, 3 middle, 4 last)."""
     import struct
 
     from wandb.proto.wandb_internal_pb2 import Record
 
-    data, pos, part, history = run_file.read_bytes(), 7, b"", []
+    data, pos, part = run_file.read_bytes(), 7, b""
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
@@ -230,11 +230,17 @@ def _wandb_history(run_file):
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         part, pos = part + data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
-            record = Record.FromString(part)
+            yield Record.FromString(part)
             part = b""
-            if record.WhichOneof("record_type") == "history":
-                values = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-                history.append((record.history.step.num, {k: v for k, v in values.items() if not k.startswith("_")}))
+
+
+def _wandb_history(run_file):
+    """(step, values) of each history record in an offline W&B run's .wandb file."""
+    history = []
+    for record in _wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            values = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            history.append((record.history.step.num, {k: v for k, v in values.items() if not k.startswith("_")}))
     return history
 
 
@@ -290,6 +296,72 @@ def test_resuming_into_another_mlflow_store_is_a_clear_error(tiny_llama, number_
     [new] = client.search_runs([client.get_experiment_by_name("run").experiment_id])
     assert [(m.step, m.value) for m in client.get_metric_history(new.info.run_id, "loss")] == [
         (x["step"], x["loss"]) for x in _lines(run) if "loss" in x]
+
+
+def test_a_run_that_ends_early_is_not_marked_finished_in_mlflow(tiny_llama, number_data, tmp_path, monkeypatch):
+    """accelerate ends every tracker's run as a success, so an interrupted or crashed run was FINISHED in MLflow.
+    Now: stopped by a signal (with a checkpoint) is KILLED, an error FAILED, and the same run is FINISHED once a
+    --resume completes it."""
+    import signal
+
+    import torch
+
+    from peftkit.errors import PeftkitError
+    from tests.conftest import signal_after_step
+
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("sqlalchemy")  # for MLflow's SQLite store: mlflow-skinny lacks it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 4, "save_steps": 2, "report_to": ["mlflow"]}))
+    run_ids = tmp_path / "run" / "trackers" / "runs.json"
+
+    def status() -> str:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'run' / 'trackers' / 'mlflow.db'}"
+        try:
+            return mlflow.tracking.MlflowClient().get_run(json.loads(run_ids.read_text())["mlflow"]).info.status
+        finally:
+            del os.environ["MLFLOW_TRACKING_URI"]
+
+    signal_after_step(monkeypatch, torch.optim.AdamW, 2, signal.SIGINT)
+    with pytest.raises(PeftkitError, match="^Interrupted at step 2"):
+        train(recipe)
+    assert status() == "KILLED"
+    monkeypatch.undo()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = torch.optim.AdamW.step
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("a crash")
+    monkeypatch.setattr(torch.optim.AdamW, "step", fails)
+    with pytest.raises(RuntimeError, match="a crash"):
+        train(recipe, resume=True)
+    assert status() == "FAILED"
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    train(recipe, resume=True)
+    assert status() == "FINISHED"
+
+
+def test_a_wandb_run_that_ends_early_exits_with_a_failure(tiny_llama, number_data, tmp_path, monkeypatch):
+    """The same for W&B: a stopped run's exit code was 0 (a success); it is 1 now."""
+    import signal
+
+    import torch
+
+    from peftkit.errors import PeftkitError
+    from tests.conftest import signal_after_step
+
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={
+        "max_steps": 4, "save_steps": 2, "report_to": ["wandb"]}))
+    signal_after_step(monkeypatch, torch.optim.AdamW, 2, signal.SIGINT)
+    with pytest.raises(PeftkitError, match="^Interrupted at step 2"):
+        train(recipe)
+    wandb.teardown()
+    [file] = (tmp_path / "run" / "trackers" / "wandb" / "latest-run").glob("run-*.wandb")
+    assert [r.exit.exit_code for r in _wandb_records(file) if r.WhichOneof("record_type") == "exit"] == [1]
 
 
 def test_a_full_disk_under_tensorboard_is_said_with_the_checkpoint_to_resume_from(tiny_llama, number_data, tmp_path,
