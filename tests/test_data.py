@@ -18,9 +18,9 @@ def _decode_labels(example):
     return TOK.decode([t for t in example.labels if t != IGNORE_INDEX])
 
 
-def _load(tmp_path, rows, fmt, max_length=256):
+def _load(tmp_path, rows, fmt, max_length=256, **data):
     write_jsonl(tmp_path / "d.jsonl", rows)
-    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format=fmt, max_length=max_length)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format=fmt, max_length=max_length, **data)
     return load_examples(TOK, cfg.train, "train", cfg)
 
 
@@ -53,6 +53,34 @@ def test_chat_loss_on_assistant_turns_only(tmp_path):
     assert TOK.decode(ex.input_ids) == TOK.apply_chat_template(messages, tokenize=False)
     # Each assistant turn's content and its end-of-turn marker, no user or system text, no role headers.
     assert _decode_labels(ex) == "yo</s>ciao</s>"  # not the newline the template puts after
+
+
+def test_train_on_chooses_the_tokens_with_loss(tmp_path):
+    """data.train_on: every answer (the default), a conversation's last answer only, or every token."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "ciao"}]
+    (ex,), _ = _load(tmp_path, [{"messages": messages}], "chat", train_on="last_answer")
+    assert _decode_labels(ex) == "ciao</s>"
+    (ex,), _ = _load(tmp_path, [{"messages": messages}], "chat", train_on="all")
+    assert ex.labels == ex.input_ids and TOK.decode(ex.input_ids) == TOK.apply_chat_template(messages, tokenize=False)
+    row = {"instruction": "Add.", "input": "1 2", "output": "3"}
+    (ex,), _ = _load(tmp_path, [row], "alpaca", train_on="all")
+    assert ex.labels == ex.input_ids and TOK.decode(ex.input_ids).endswith("### Response:\n3</s>")
+    (ex,), _ = _load(tmp_path, [row], "alpaca", train_on="last_answer")  # one answer a row: the answer
+    assert _decode_labels(ex) == "3</s>"
+    (ex,), _ = _load(tmp_path, [{"prompt": "2+2=", "completion": "4"}], "completion", train_on="all")
+    assert ex.labels == ex.input_ids
+
+
+def test_train_on_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    """Examples tokenized for one data.train_on are not handed back for another."""
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    rows = [{"instruction": "Add.", "input": "1 2", "output": "3"}]
+    (answers,), stats = _load(tmp_path, rows, "alpaca")
+    (everything,), again = _load(tmp_path, rows, "alpaca", train_on="all")
+    assert "cached" not in again and everything.labels == everything.input_ids != answers.labels
+    assert "cached" in _load(tmp_path, rows, "alpaca", train_on="all")[1]
 
 
 # Qwen3's logic: the assistant turns after the last user message carry a (here empty) <think> block, earlier

@@ -351,6 +351,9 @@ def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment
       "sequence_classification")),
     ({"data": {"format": "classification", "packing": True}},
      "data.packing: a classification row is one example with one label; set data.packing: false"),
+    ({"data": {"format": "classification", "train_on": "all"}},
+     "data.train_on: all chooses the tokens a language model's loss covers, and a classifier's loss is one label per "
+     "row; remove data.train_on"),
     # The prompt family cut the class columns off the logits (an IndexError at step 1), and Llama-Adapter and prefix
     # tuning left the head untrained and unsaved.
     *(({"adapter": {"method": method}}, f"adapter.method: {method} cannot train a classifier")

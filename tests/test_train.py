@@ -341,3 +341,21 @@ def test_deterministic_runs_with_flash_attention_repeat_bit_for_bit(tiny_llama, 
         train(load_recipe(recipe), show_summary=False)
         hashes.append(sha256_file(tmp_path / str(i) / "run" / "adapter" / "adapter_model.safetensors"))
     assert hashes[0] == hashes[1]
+
+
+def test_train_on_all_trains_and_evaluates_every_token(tiny_llama, number_data, tmp_path, monkeypatch):
+    """data.train_on: all puts the loss on the prompt too, in training and in the run's evaluation, and
+    `peftkit eval RUN_DIR` gives that run's final eval loss; the base's loss over every token is another figure."""
+    from peftkit.cli import main
+
+    summaries = {}
+    for train_on in ("answers", "all"):
+        (tmp_path / train_on).mkdir()
+        recipe = make_recipe(tmp_path / train_on, tiny_llama, number_data, data={"train_on": train_on},
+                             training={"max_steps": 2})
+        summaries[train_on] = train(load_recipe(recipe), show_summary=False)
+    assert summaries["all"]["base_eval_loss"] != summaries["answers"]["base_eval_loss"]
+    out = tmp_path / "eval.json"
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(tmp_path / "all" / "run"), "--json", str(out)])
+    main()
+    assert abs(json.loads(out.read_text())["loss"] - summaries["all"]["eval_loss"]) <= 1e-6

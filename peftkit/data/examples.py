@@ -141,19 +141,24 @@ def _trailing_specials(tok) -> list[int]:
     return full[starts[0] + len(plain):] if plain and starts else []
 
 
-def _chat_example(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+def _chat_example(tok, messages: list[dict], train_on: str = "answers") -> tuple[list[int], list[int]]:
+    """A conversation's token ids and labels: its assistant turns trained (`train_on` answers), the last one only
+    (last_answer), or every token (all)."""
     if not getattr(tok, "chat_template", None):
         raise PeftkitError("data.format is 'chat' but the tokenizer has no chat_template; use another format or a "
                            "tokenizer with a template.")
     if not tok.is_fast:
         raise PeftkitError("data.format 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
     text = render_chat(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if train_on == "all":
+        return ids, list(ids)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":  # each turn after the one before it
             spans.append(_assistant_span(tok, messages, i, text, spans[-1][1] if spans else 0))
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
+    spans = spans[-1:] if train_on == "last_answer" else spans
     # A token is trained when its characters overlap a turn's: a whitespace token that a tokenizer gives no width
     # (ByteLevel's trim_offsets: `(p, p)`) counts from inside the turn, and a token that runs across the turn's start
     # (a generation prompt ending in a space that merges into the answer's first word) is trained whole, as the
@@ -279,11 +284,12 @@ def _render(tok, messages: list[dict], add_generation_prompt: bool = False) -> s
         return None
 
 
-def _full_examples(tok, rows: list[dict], fmt: str) -> Iterator[tuple[list[int], list[int]]]:
-    """Token ids and labels of valid alpaca/completion/text rows, before any cut, `ROWS_PER_CALL` rows at a time."""
+def _full_examples(tok, rows: list[dict], fmt: str, train_on: str) -> Iterator[tuple[list[int], list[int]]]:
+    """Token ids and labels of valid alpaca/completion/text rows, before any cut, `ROWS_PER_CALL` rows at a time; the
+    prompt is trained too with `train_on` all."""
     for start in range(0, len(rows), ROWS_PER_CALL):
         for prompt, target in _prompts_and_targets(tok, rows[start:start + ROWS_PER_CALL], fmt):
-            yield prompt + target, [IGNORE_INDEX] * len(prompt) + target
+            yield prompt + target, (prompt if train_on == "all" else [IGNORE_INDEX] * len(prompt)) + target
 
 
 ROWS_PER_CALL = 512
@@ -306,13 +312,14 @@ def build_examples(
                            "this command does not show them yet.")
     chat = cfg.format == "chat"
     good = [_problem(row, cfg.format) is None for row in rows]  # a bad row raises (or is None) in its turn below
-    full = None if chat else _full_examples(tok, [row for row, ok in zip(rows, good, strict=True) if ok], cfg.format)
+    full = None if chat else _full_examples(tok, [row for row, ok in zip(rows, good, strict=True) if ok], cfg.format,
+                                            cfg.train_on)
     for i, (row, ok) in enumerate(zip(rows, good, strict=True)):
         where = row_location(source, i, line_numbers)
         if not ok and not usable_row(row, cfg, where):
             yield None
             continue
-        ids, labels = located(where, _chat_example, tok, row["messages"]) if chat else next(full)
+        ids, labels = located(where, _chat_example, tok, row["messages"], cfg.train_on) if chat else next(full)
         n = cfg.max_length
         lost = [label for label in labels[n:] if label != IGNORE_INDEX]
         if lost and not tok.decode(lost).strip():  # only whitespace after the end-of-turn marker: the end is kept

@@ -115,6 +115,11 @@ class DataConfig(Section):
     """An example whose target is cut by `max_length` (its end, EOS / end-of-turn, is lost, so the model does not
     learn to stop there): `keep` trains on it as cut and reports the count, `drop` leaves it out, `error` stops
     naming the first such row."""
+    train_on: Literal["answers", "last_answer", "all"] = "answers"
+    """Which tokens carry the loss: `answers`, every answer (alpaca's output, a completion, each assistant turn of a
+    conversation, with its EOS or end-of-turn token); `last_answer`, a conversation's last assistant turn only (the
+    earlier ones are context; the same as `answers` for the other formats, whose rows hold one answer); `all`, every
+    token, prompts, system and user turns too (axolotl's `train_on_inputs: true`)."""
     train_split: str = "train"
     eval_split: str = "train"
     """Split to read; a local file has only `train`."""
@@ -408,6 +413,9 @@ def _check_task(recipe: Recipe) -> None:
         )
     if data.packing:
         raise ValueError("data.packing: a classification row is one example with one label; set data.packing: false")
+    if data.train_on != "answers":
+        raise ValueError(f"data.train_on: {data.train_on} chooses the tokens a language model's loss covers, and a "
+                         "classifier's loss is one label per row; remove data.train_on")
     method = method_of(recipe.adapter)
     if not method.layer_targets or "modules_to_save" not in type(recipe.adapter).model_fields:
         raise ValueError(
