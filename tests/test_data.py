@@ -1,6 +1,7 @@
 """Tokenization and loss masks for each data format, checked token by token."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -567,6 +568,65 @@ def test_chat_trained_tokens_are_transformers_assistant_mask(tmp_path):
     assert ex.input_ids == reference["input_ids"] and "<|im_end|>\n<|im_start|>" in tok.decode(ex.input_ids)
     assert [label != IGNORE_INDEX for label in ex.labels] == [bool(m) for m in reference["assistant_masks"]]
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Lima<|im_end|>Nairobi<|im_end|>"
+
+
+# Qwen2.5's way with tools, cut short: the tool schemas in a system block, tool calls as JSON in the assistant turn
+# (content null beside them), tool results in a user turn; `{% generation %}` marks what transformers' assistant mask
+# takes as the assistant's.
+TOOLS_STYLE = (
+    "{%- if tools %}<|system|>\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools></s>\n{% endif %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' %}<|assistant|>\n{% generation %}"
+    "{%- if m.content %}{{ m.content }}{% endif %}{% for c in m.tool_calls or [] %}"
+    "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}</s>{% endgeneration %}\n"
+    "{%- elif m.role == 'tool' %}<|user|>\n<tool_response>{{ m.content }}</tool_response></s>\n"
+    "{%- else %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+
+
+def test_tool_calls_are_trained_as_the_template_writes_them(tmp_path):
+    """An assistant turn of tool calls with null content (OpenAI's form) was refused as empty; the row's `tools`
+    never reached the template. Now both do: the trained tokens are transformers' assistant mask, the tool schemas,
+    call results and user turns untrained, and eval's reference for a last turn of calls is their text."""
+    import copy
+
+    from peftkit.data.prompts import load_prompts
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = TOOLS_STYLE
+    messages = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "content": "3"}, {"role": "assistant", "content": "It is 3."}]
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages, "tools": TOOLS}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+    reference = tok.apply_chat_template(messages, tools=TOOLS, return_dict=True, return_assistant_tokens_mask=True)
+    assert ex.input_ids == reference["input_ids"] and '<tools>{"type": "function"' in tok.decode(ex.input_ids)
+    assert [label != IGNORE_INDEX for label in ex.labels] == [bool(m) for m in reference["assistant_masks"]]
+    call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX], skip_special_tokens=False) == \
+        f"{call}</s>It is 3.</s>"
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages[:2], "tools": TOOLS}])
+    [prompt] = load_prompts(tok, cfg.train, "train", cfg)
+    assert prompt.reference == call and prompt.text == tok.apply_chat_template(
+        messages[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
+     "messages[1].content must be a string, got null"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}]},
+     "messages[1].tool_calls must be a nonempty list of objects, in an assistant message (or null)"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [CALL]}, {"role": "assistant", "content": "x"}]},
+     "messages[0].tool_calls must be a nonempty list of objects, in an assistant message (or null)"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "tools": "add"},
+     "field 'tools' must be a list of objects (the tools' JSON schemas, as the chat template takes them)"),
+])
+def test_bad_tool_fields_are_named(tmp_path, row, message):
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)}"):
+        _load(tmp_path, [row], "chat")
 
 
 # Llama 3.1's way of writing today's date into every conversation (its template, cut to the date header).

@@ -141,15 +141,16 @@ def _trailing_specials(tok) -> list[int]:
     return full[starts[0] + len(plain):] if plain and starts else []
 
 
-def _chat_example(tok, messages: list[dict], train_on: str = "answers") -> tuple[list[int], list[int]]:
+def _chat_example(tok, messages: list[dict], train_on: str = "answers",
+                  tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """A conversation's token ids and labels: its assistant turns trained (`train_on` answers), the last one only
-    (last_answer), or every token (all)."""
+    (last_answer), or every token (all). `tools`: the row's tool schemas, which the template writes (not trained)."""
     if not getattr(tok, "chat_template", None):
         raise PeftkitError("data.format is 'chat' but the tokenizer has no chat_template; use another format or a "
                            "tokenizer with a template.")
     if not tok.is_fast:
         raise PeftkitError("data.format 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
-    text = render_chat(tok, messages)
+    text = render_chat(tok, messages, tools=tools)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if train_on == "all":
@@ -157,7 +158,7 @@ def _chat_example(tok, messages: list[dict], train_on: str = "answers") -> tuple
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":  # each turn after the one before it
-            spans.append(_assistant_span(tok, messages, i, text, spans[-1][1] if spans else 0))
+            spans.append(_assistant_span(tok, messages, i, text, spans[-1][1] if spans else 0, tools))
     spans = spans[-1:] if train_on == "last_answer" else spans
     # A token is trained when its characters overlap a turn's: a whitespace token that a tokenizer gives no width
     # (ByteLevel's trim_offsets: `(p, p)`) counts from inside the turn, and a token that runs across the turn's start
@@ -202,7 +203,8 @@ def _in_a_span(a: int, b: int, spans: list[tuple[int, int]], apart: bool) -> boo
     return j < len(spans) and spans[j][0] < b
 
 
-def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0) -> tuple[int, int]:
+def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0,
+                    tools: list[dict] | None = None) -> tuple[int, int]:
     """Where assistant turn `messages[i]` lies in `text`, the whole conversation rendered: from the end of the
     conversation before it with the generation prompt, to the end of the conversation up to it (its content and
     end-of-turn marker), without the whitespace the template writes after the marker (ChatML's newline after
@@ -214,10 +216,10 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     shorter rendering puts after the content (the end-of-turn marker), so the loss never runs into later turns
     or the template's header and default system prompt.
     """
-    content = messages[i]["content"]
-    before = _render(tok, messages[:i], add_generation_prompt=True)
+    content = messages[i].get("content") or ""  # (none beside tool calls)
+    before = _render(tok, messages[:i], add_generation_prompt=True, tools=tools)
     start = len(before) if before is not None and text.startswith(before) else None
-    through = _render(tok, messages[: i + 1])
+    through = _render(tok, messages[: i + 1], tools=tools)
     end = len(through.rstrip()) if through is not None else 0  # at the marker, not the whitespace after it
     if start is not None and through is not None and text.startswith(through) and end > start:
         return start, end
@@ -229,6 +231,11 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through
             else None)
     found = _content_and_end(tok, text, content, tail, max(start or 0, floor)) if tail is not None else None
+    if found is None and messages[i].get("tool_calls"):
+        raise PeftkitError(f"the chat template renders the tool calls of assistant turn {i + 1} in a way peftkit cannot "
+                           "locate in the whole conversation (its rendering of the conversation up to that turn is "
+                           "not a prefix of the whole), so its loss mask would be a guess. Use a template whose "
+                           "renderings of a conversation's beginnings are prefixes of the whole.")
     if found is None and through is not None and content not in through:
         raise PeftkitError(f"the chat template does not write assistant turn {i + 1} as the row has it: it rewrites "
                            "the answer (DeepSeek-R1's drops the reasoning up to '</think>'), so peftkit cannot find "
@@ -263,23 +270,25 @@ def _content_and_end(tok, text: str, content: str, tail: str, after: int) -> tup
     return None
 
 
-def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
+                tools: list[dict] | None = None) -> str:
     """The chat template's text of a conversation; a conversation it refuses (Gemma's takes no system message;
     most want user and assistant turns in turn) is an error in the template's own words, not a jinja traceback."""
     from jinja2 import TemplateError
 
     try:
-        return render(tok, messages, add_generation_prompt)
+        return render(tok, messages, add_generation_prompt, tools)
     except TemplateError as e:
         raise PeftkitError(f"the chat template refuses this conversation ({e}). Fix the conversation (for example, "
                            "put a system message the template refuses into the first user message) or use a "
                            "model whose template takes it.") from None
 
 
-def _render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str | None:
+def _render(tok, messages: list[dict], add_generation_prompt: bool = False,
+            tools: list[dict] | None = None) -> str | None:
     """The chat template's text of `messages`; None where it refuses them (some refuse an empty conversation)."""
     try:
-        return render(tok, messages, add_generation_prompt)
+        return render(tok, messages, add_generation_prompt, tools)
     except Exception:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, IndexError, ...)
         return None
 
@@ -319,7 +328,8 @@ def build_examples(
         if not ok and not usable_row(row, cfg, where):
             yield None
             continue
-        ids, labels = located(where, _chat_example, tok, row["messages"], cfg.train_on) if chat else next(full)
+        ids, labels = (located(where, _chat_example, tok, row["messages"], cfg.train_on, row.get("tools")) if chat
+                       else next(full))
         n = cfg.max_length
         lost = [label for label in labels[n:] if label != IGNORE_INDEX]
         if lost and not tok.decode(lost).strip():  # only whitespace after the end-of-turn marker: the end is kept
@@ -408,7 +418,7 @@ def count_examples(
                                                                  _body(built, lead))):
                 stats["special_text_rows"] += 1
                 stats["special_text_first"] = stats["special_text_first"] or f"{built.where}: {found}"
-            if built is not None and cfg.format == "chat" and (left := left_out(tok, rows[built.index]["messages"])):
+            if built is not None and cfg.format == "chat" and (left := left_out(tok, rows[built.index])):
                 stats["dropped_message_rows"] += 1
                 stats["dropped_message_first"] = stats["dropped_message_first"] or f"{built.where}: {left}"
     if stats["system_prompt_rows"]:
@@ -417,14 +427,15 @@ def count_examples(
     return examples, stats, cuts
 
 
-def left_out(tok, messages: list[dict]) -> str | None:
+def left_out(tok, row: dict) -> str | None:
     """The first system message whose content the chat template does not render ("messages[0]"), or None. Mistral
     v0.3's template writes the system message into the last user turn only, so a conversation ending in an answer,
     as each training row does, is rendered without it. (Other roles are not looked for: Llama 3.1's template writes
     a tool's output as JSON, whose escapes a content with quotes or newlines does not match.)"""
+    messages = row["messages"]
     if not any(m["role"] == "system" for m in messages):  # (no render: this runs for every row)
         return None
-    text = render_chat(tok, messages)
+    text = render_chat(tok, messages, tools=row.get("tools"))
     return next((f"messages[{i}]" for i, m in enumerate(messages)
                  if m["role"] == "system" and m["content"].strip() not in text), None)
 

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from peftkit.data.examples import (encode_prompt, located, prompt_and_target_text, render_chat, row_location, row_task,
-                                   usable_row)
+                                   turn_end_token, usable_row)
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
@@ -37,12 +37,12 @@ NO_TEMPLATE_FIX = "drop --chat (the prompt is then used as it is), or use a mode
 """The way out `generate --chat` offers for a tokenizer without a chat template (`chat_prompt`'s `fix`)."""
 
 
-def chat_prompt(tok, messages: list[dict], fix: str = NO_TEMPLATE_FIX) -> Prompt:
-    """A conversation rendered by the chat template with the generation prompt; without one, an error ending in
-    `fix`: what the command that asked can do instead."""
+def chat_prompt(tok, messages: list[dict], fix: str = NO_TEMPLATE_FIX, tools: list[dict] | None = None) -> Prompt:
+    """A conversation rendered by the chat template with the generation prompt (and `tools`, the tool schemas);
+    without a template, an error ending in `fix`: what the command that asked can do instead."""
     if not getattr(tok, "chat_template", None):
         raise PeftkitError(f"This tokenizer has no chat_template, so there is no chat format to render: {fix}.")
-    text = render_chat(tok, messages, add_generation_prompt=True)
+    text = render_chat(tok, messages, add_generation_prompt=True, tools=tools)
     return Prompt(tok(text, add_special_tokens=False)["input_ids"], text)
 
 
@@ -54,16 +54,31 @@ def text_prompt(tok, text: str) -> Prompt:
 def row_prompt(tok, row: dict, fmt: str) -> Prompt:
     """The prompt and reference of one valid row of format `fmt`."""
     if fmt == "chat":
-        messages = row["messages"]
+        messages, tools = row["messages"], row.get("tools")
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = chat_prompt(tok, messages[:last], "use a model whose tokenizer has a template, or data in another "
-                             "format (--format alpaca, completion or text)")
-        prompt.reference = messages[last]["content"]
+                             "format (--format alpaca, completion or text)", tools)
+        prompt.reference = (_tool_calls_text(tok, messages[:last + 1], prompt.text, tools)
+                            if messages[last].get("tool_calls") else messages[last]["content"])
         return prompt
     text, target = prompt_and_target_text(row, fmt)
     prompt = text_prompt(tok, text)
     prompt.reference = target
     return prompt
+
+
+def _tool_calls_text(tok, messages: list[dict], prompt: str, tools: list[dict] | None) -> str:
+    """The reference of a last assistant turn that calls tools: the template's text of the calls, what training
+    teaches the model to write after `prompt` (up to its end-of-turn marker, where generation stops)."""
+    through = render_chat(tok, messages, tools=tools)
+    if not through.startswith(prompt):
+        raise PeftkitError("the chat template renders the tool calls of the last assistant turn in a way that does not "
+                           "follow the generation prompt, so there is no reference text to score answers against. Use "
+                           "a template whose renderings of a conversation's beginnings are prefixes of the whole.")
+    turn = through[len(prompt):].rstrip()
+    end = turn_end_token(tok)
+    marker = tok.decode([end]) if end is not None else ""
+    return turn[:-len(marker)] if marker and turn.endswith(marker) else turn
 
 
 def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None,
@@ -96,7 +111,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             prompt.task_id, prompt.row = row_task(row, where) if tasks else None, row
             prompts.append(prompt)
             if cfg.format == "chat" and len(prompts) <= CHAT_PROMPTS_CHECKED:
-                checked = checked or _warn_if_not_as_trained(tok, row["messages"], prompt, where)
+                checked = checked or _warn_if_not_as_trained(tok, row, prompt, where)
     if not prompts and not skip_empty:
         raise PeftkitError(f"No usable rows in {source} to take prompts from.")
     return prompts
@@ -106,11 +121,11 @@ CHAT_PROMPTS_CHECKED = 16
 """Chat rows whose generation prompt is compared with what training puts before the answer (a template's habit)."""
 
 
-def _warn_if_not_as_trained(tok, messages: list[dict], prompt: Prompt, where: str) -> bool:
+def _warn_if_not_as_trained(tok, row: dict, prompt: Prompt, where: str) -> bool:
     """Warn (and return True) when the chat template's generation prompt is not the token prefix training has before
     the row's last answer: DeepSeek-R1's opens a `<think>` block the turns lack, Mistral v0.3's moves the system
     message into the last user turn, a prompt ending in a space gives the space its own token."""
-    trained = tok(render_chat(tok, messages), add_special_tokens=False)["input_ids"]
+    trained = tok(render_chat(tok, row["messages"], tools=row.get("tools")), add_special_tokens=False)["input_ids"]
     if trained[: len(prompt.ids)] == prompt.ids:
         return False
     k = next((k for k, (a, b) in enumerate(zip(prompt.ids, trained)) if a != b), len(trained))  # where they part

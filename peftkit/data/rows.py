@@ -299,6 +299,9 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
         if (field not in row or row[field] is None) and not optional:
             return f"missing field '{field}'"
     if fmt == "chat":
+        tools = row.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            return "field 'tools' must be a list of objects (the tools' JSON schemas, as the chat template takes them)"
         return _messages_problem(row["messages"], target)
     if fmt == "classification" and (problem := _label_problem(row["label"])):
         return problem
@@ -321,18 +324,25 @@ def _label_problem(label: object) -> str | None:
 
 
 def _messages_problem(messages: object, target: bool = True) -> str | None:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and ("content" in m or
+                                                                                          m.get("tool_calls"))
                                                  for m in messages):
         return "'messages' must be a list of {role, content} objects"
     for i, m in enumerate(messages):
+        calls = m.get("tool_calls")  # an assistant turn that calls tools (OpenAI's and transformers' form)
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls
+                                      and all(isinstance(c, dict) for c in calls)):
+            return (f"messages[{i}].tool_calls must be a nonempty list of objects, in an assistant message (or "
+                    "null)")
         for key in ("role", "content"):
-            if problem := _text_problem(f"messages[{i}].{key}", m[key]):
+            if (key == "role" or m.get(key) is not None or not calls) and (
+                    problem := _text_problem(f"messages[{i}].{key}", m.get(key))):
                 return problem
         if m["role"] not in CHAT_ROLES:
             meant = m["role"].lower() if m["role"].lower() in CHAT_ROLES else _ROLE_NAMES.get(m["role"].lower())
             return (f"messages[{i}].role is {m['role']!r}, not a chat role ({', '.join(CHAT_ROLES)})"
                     + (f"; rename it {meant!r}" if meant else ""))
-        if target and m["role"] == "assistant" and not m["content"].strip():
+        if target and m["role"] == "assistant" and not calls and not m["content"].strip():
             return f"messages[{i}].content is empty (an assistant turn)"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message to learn from"

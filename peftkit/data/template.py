@@ -25,12 +25,13 @@ _STRFTIME_CALL = re.compile(r"""strftime_now\(\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\
 _STRFTIME_USE = re.compile(r"strftime_now(?!\s+is\s+(?:not\s+)?defined)")  # not Llama's `strftime_now is defined`
 
 
-def render(tok, messages: list[dict], add_generation_prompt: bool = False) -> str:
+def render(tok, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
     """The tokenizer's chat template's text of `messages` (its `"default"` one where it has several), with
-    `CHAT_DATE` for today. Raises what the template raises, and ValueError for a tokenizer without a template."""
+    `CHAT_DATE` for today; `tools`: the JSON schemas of the tools the conversation may call (a row's `tools`).
+    Raises what the template raises, and ValueError for a tokenizer without a template."""
     template = dated_template(tok.get_chat_template())
     return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
+                                   add_generation_prompt=add_generation_prompt, tools=tools)
 
 
 @functools.lru_cache(maxsize=16)
