@@ -176,7 +176,8 @@ class Lora(Method):
         if q is None or cfg.init not in MOVES_BASE:
             return None
         # Every layer a target names ends with it, so one that ends with a skip_modules entry (transformers keeps
-        # suffix matches whole) is never quantized; prefixes and regexes need the model's names: at injection.
+        # suffix matches whole) is never quantized. Prefix and regex entries need the model's names, which a recipe
+        # lacks: refused here (too strict, never wrong).
         kept = isinstance(cfg.target_modules, list) and all(any(t.endswith(s) for s in q.skip_modules)
                                                             for t in cfg.target_modules)
         if kept:  # only layers the quantization leaves in full precision
