@@ -570,6 +570,47 @@ def test_chat_trained_tokens_are_transformers_assistant_mask(tmp_path):
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "Lima<|im_end|>Nairobi<|im_end|>"
 
 
+def test_sharegpt_rows_are_conversations(tmp_path):
+    """ShareGPT's rows (`conversations` of {from, value}, a `system` field beside them, as LLaMA-Factory and axolotl
+    read them) give the examples and prompts of the same conversation as `messages`; they were refused for their
+    missing 'messages'."""
+    from peftkit.data.prompts import load_prompts
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "yo"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "ciao"}]
+    sharegpt = {"system": "Be brief.", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
+                                                          {"from": "human", "value": "bye"},
+                                                          {"from": "gpt", "value": "ciao"}]}
+    (ex,), _ = _load(tmp_path, [sharegpt], "chat")
+    (expected,), _ = _load(tmp_path, [{"messages": messages}], "chat")
+    assert ex.input_ids == expected.input_ids and ex.labels == expected.labels
+    write_jsonl(tmp_path / "d.jsonl", [sharegpt])
+    [prompt] = load_prompts(TOK, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="chat"))
+    assert prompt.reference == "ciao" and prompt.text == TOK.apply_chat_template(messages[:-1], tokenize=False,
+                                                                                add_generation_prompt=True)
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}]},
+     "conversations[1].from is 'bot', not a ShareGPT speaker (human, gpt, system, observation)"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]},
+     "conversations[1].value is empty (an assistant turn)"),
+    ({"system": "s", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+     "conversations[0].value must be a string, got int"),
+    ({"system": 5, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+     "field 'system' must be a string, got int"),
+    ({"conversations": [{"from": "human", "text": "hi"}]},
+     "'conversations' must be a list of {from, value} objects (ShareGPT's turns: from human, gpt, system or "
+     "observation)"),
+])
+def test_bad_sharegpt_rows_are_named_in_their_own_words(tmp_path, row, message):
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)}"):
+        _load(tmp_path, [row], "chat")
+
+
 # Qwen2.5's way with tools, cut short: the tool schemas in a system block, tool calls as JSON in the assistant turn
 # (content null beside them), tool results in a user turn; `{% generation %}` marks what transformers' assistant mask
 # takes as the assistant's.

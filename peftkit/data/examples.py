@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
-from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, load_rows
+from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, load_rows, sharegpt_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -544,6 +544,7 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
     if entry is not None and (hit := entry.read()) is not None:
         return hit
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
+    rows = sharegpt_rows(rows) if cfg.format == "chat" else rows
     if root is not None and (hub := HUB_ROWS.get((source, split, cfg.revision))):  # a hub dataset: its rows' digest
         entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source, "hub")
         if entry is not None and (hit := entry.read()) is not None:

@@ -280,6 +280,31 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "fu
 _ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
                "chatgpt": "assistant"}  # ShareGPT's, Gemma's and others' names for user and assistant
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "observation": "tool", "tool": "tool"}
+"""ShareGPT's speakers (a turn's `from`: LLaMA-Factory's and axolotl's names) as chat roles."""
+
+
+def sharegpt_rows(rows: list) -> list:
+    """Rows of data.format chat, ShareGPT's among them (`conversations`: {from, value} turns, `system` beside them
+    as LLaMA-Factory writes it) as `messages` rows, the other fields kept; a turn whose `from` is no ShareGPT speaker
+    keeps it as its role (the role check names it)."""
+    def turns(row) -> list[dict] | None:
+        conversation = row.get("conversations") if isinstance(row, dict) and "messages" not in row else None
+        if not isinstance(conversation, list) or not all(isinstance(t, dict) and {"from", "value"} <= t.keys()
+                                                         for t in conversation):
+            return None
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") is not None else []
+        return system + [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+                         for t in conversation]
+    return [row | {"messages": messages, SHAREGPT: True} if (messages := turns(row)) is not None else row
+            for row in rows]
+
+
+SHAREGPT = "_peftkit_sharegpt"
+"""The key `sharegpt_rows` marks a row it converted with, so that a problem is named in the row's own terms."""
+
+
 # A lone UTF-16 surrogate (JSON "\\ud800") is not valid Unicode: no tokenizer can encode it, and the fast
 # (Rust) ones fail with a TypeError that names neither the row nor the text.
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -294,6 +319,11 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
     """What makes a row unusable for `fmt`, or None. `target`: an empty or missing answer is a problem (not where the
     rows are only prompts to generate from, `peftkit generate --data`: `{"instruction": ...}` was refused for its
     missing output)."""
+    if fmt == "chat" and "messages" not in row and "conversations" in row:  # (a well-formed one is converted)
+        return ("'conversations' must be a list of {from, value} objects (ShareGPT's turns: from human, gpt, system or "
+                "observation)")
+    if row.get(SHAREGPT):
+        return _sharegpt_problem(row, fmt, target)
     for field in REQUIRED_FIELDS[fmt]:
         optional = not target and fmt != "text" and field == TARGET_FIELDS.get(fmt)
         if (field not in row or row[field] is None) and not optional:
@@ -310,6 +340,21 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
         return f"field '{field}' is empty"
     present = [f for f in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ())) if row.get(f) is not None and f != "label"]
     return next((p for f in present if (p := _text_problem(f"field '{f}'", row[f]))), None)
+
+
+def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
+    """`_row_problem` of a row `sharegpt_rows` converted, in the row's own words (`conversations[i].value`)."""
+    shift = len(row["messages"]) - len(row["conversations"])  # a `system` field's turn in front
+    for i, turn in enumerate(row["conversations"]):
+        if turn["from"] not in SHAREGPT_ROLES:
+            return (f"conversations[{i}].from is {turn['from']!r}, not a ShareGPT speaker (human, gpt, system, "
+                    "observation)")
+    problem = _row_problem({k: v for k, v in row.items() if k != SHAREGPT}, fmt, target)
+    if problem is None:
+        return None
+    problem = re.sub(r"messages\[(\d+)\]", lambda m: f"conversations[{int(m.group(1)) - shift}]"
+                     if int(m.group(1)) >= shift else "field 'system'", problem)
+    return problem.replace("].content", "].value").replace("field 'system'.content", "field 'system'")
 
 
 def _label_problem(label: object) -> str | None:
