@@ -24,9 +24,9 @@ from peftkit.data import (
     build_examples,
     count_examples,
     describe_stats,
+    format_rows,
     load_rows,
     no_examples_error,
-    sharegpt_rows,
     truncation_error,
 )
 from peftkit.data.examples import mixed_tasks_error
@@ -143,7 +143,7 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     cfg = recipe.data
     tok = load_tokenizer(recipe.model)
     rows, bad, line_numbers = load_rows(cfg.train, cfg.train_split, cfg.on_bad_rows, cfg.revision)
-    rows = sharegpt_rows(rows) if cfg.format == "chat" else rows
+    rows = format_rows(rows, cfg)
     tasks = recipe_reads_tasks(recipe)
     shown = list(islice((b for b in build_examples(tok, rows, cfg, cfg.train, line_numbers, tasks=tasks)
                          if b is not None), n))

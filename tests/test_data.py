@@ -611,6 +611,34 @@ def test_bad_sharegpt_rows_are_named_in_their_own_words(tmp_path, row, message):
         _load(tmp_path, [row], "chat")
 
 
+def test_data_columns_map_the_formats_fields(tmp_path, monkeypatch):
+    """data.columns reads a format's fields from columns named otherwise; the cache keys on it (these rows hold both
+    names, with other text), and a missing column is named as the data names it."""
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    row = {"instruction": "Add.", "output": "3", "question": "Sum.", "answer": "4"}
+    (plain,), _ = _load(tmp_path, [row], "alpaca")
+    (mapped,), stats = _load(tmp_path, [row], "alpaca", columns={"instruction": "question", "output": "answer"})
+    (expected,), _ = _load(tmp_path, [{"instruction": "Sum.", "output": "4"}], "alpaca")
+    assert "cached" not in stats and mapped.input_ids == expected.input_ids and mapped.labels == expected.labels
+    assert plain.input_ids != mapped.input_ids
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=re.escape("d.jsonl:1: missing column 'question' (data.columns.instruction) "
+                                                     "for data.format 'alpaca' (each row needs question (as "
+                                                     "instruction), output)")):
+        _load(tmp_path, [{"instruction": "Add.", "output": "3"}], "alpaca", columns={"instruction": "question"})
+
+
+def test_a_data_column_for_no_field_is_a_recipe_error(tmp_path, monkeypatch, capsys, tiny_llama, number_data):
+    from tests.conftest import cli_user_error, make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"columns": {"instrution": "question"}})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert ("data.columns: 'instrution' is not a field of data.format alpaca (instruction, output, input, task); "
+            "each key names a field, its value the data's column. Did you mean 'instruction'?") in err
+    assert f"{recipe}:" in err
+
+
 # Qwen2.5's way with tools, cut short: the tool schemas in a system block, tool calls as JSON in the assistant turn
 # (content null beside them), tool results in a user turn; `{% generation %}` marks what transformers' assistant mask
 # takes as the assistant's.

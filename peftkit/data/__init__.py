@@ -27,9 +27,9 @@ from peftkit.data.examples import (
     tokenize_rows,
     truncation_error,
 )
-from peftkit.data.rows import REQUIRED_FIELDS, load_rows, sharegpt_rows
+from peftkit.data.rows import REQUIRED_FIELDS, format_rows, load_rows
 from peftkit.data.stored import Example, Examples
 
 __all__ = ["IGNORE_INDEX", "REQUIRED_FIELDS", "BuiltExample", "Collator", "Example", "Examples", "build_examples", "count_examples",
-           "describe_stats", "epoch_batches", "eval_loader", "injected_system_tokens", "load_examples", "load_rows",
-           "no_examples_error", "sharegpt_rows", "step_windows", "steps_per_epoch", "tokenize_rows", "truncation_error"]
+           "describe_stats", "epoch_batches", "format_rows", "eval_loader", "injected_system_tokens", "load_examples", "load_rows",
+           "no_examples_error", "step_windows", "steps_per_epoch", "tokenize_rows", "truncation_error"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from peftkit.data.examples import Example, row_location, usable_row
-from peftkit.data.rows import load_rows
+from peftkit.data.rows import format_rows, load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
 
@@ -125,6 +125,7 @@ def load_classification(tok, source: str, split: str, cfg: DataConfig, labels: L
     """The examples of `source`, the counts `describe_stats` prints, and the classes: `labels` when given (an eval
     set, mapped to the training classes), else read from these rows (data.train) with `num_labels`."""
     rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
+    rows = format_rows(rows, cfg)
     usable = usable_rows(rows, cfg, source, line_numbers)
     if not usable:
         raise PeftkitError(f"{source} has no usable rows for data.format 'classification' ({len(rows)} rows, "

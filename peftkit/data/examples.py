@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
-from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, load_rows, sharegpt_rows
+from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, format_rows, load_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -373,11 +373,18 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True) ->
         return True
     if cfg.on_bad_rows == "skip":
         return False
+    for field, column in cfg.columns.items():  # in the data's own words
+        problem = problem.replace(f"missing field '{field}'", f"missing column '{column}' (data.columns.{field})")
     raise PeftkitError(
-        f"{where}: {problem} for data.format '{cfg.format}' (each row needs "
-        f"{', '.join(REQUIRED_FIELDS[cfg.format])}). Fix the row, set the right data.format, or set "
-        "data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip)."
+        f"{where}: {problem} for data.format '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
+        "the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "
+        "--on-bad-rows skip)."
     )
+
+
+def needed_fields(cfg: DataConfig) -> str:
+    """The fields each row of data.format needs, by the column names data.columns gives them."""
+    return ", ".join(f"{cfg.columns[f]} (as {f})" if f in cfg.columns else f for f in REQUIRED_FIELDS[cfg.format])
 
 
 @dataclass
@@ -508,7 +515,7 @@ def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 
                   "tokens, so there is nothing left to learn; raise data.max_length")
     elif bad:
         reason = (f"all {bad} rows were skipped as malformed or missing the fields of data.format "
-                  f"'{cfg.format}' ({', '.join(REQUIRED_FIELDS[cfg.format])}); check data.format, or set "
+                  f"'{cfg.format}' ({needed_fields(cfg)}); check data.format, or set "
                   "data.on_bad_rows: error to see the first bad row")
     else:
         reason = "it has no rows; point data.train/data.eval at data with examples"
@@ -544,7 +551,7 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
     if entry is not None and (hit := entry.read()) is not None:
         return hit
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
-    rows = sharegpt_rows(rows) if cfg.format == "chat" else rows
+    rows = format_rows(rows, cfg)
     if root is not None and (hub := HUB_ROWS.get((source, split, cfg.revision))):  # a hub dataset: its rows' digest
         entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source, "hub")
         if entry is not None and (hit := entry.read()) is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from peftkit.data.examples import (encode_prompt, located, prompt_and_target_text, render_chat, row_location, row_task,
                                    turn_end_token, usable_row)
-from peftkit.data.rows import load_rows, sharegpt_rows
+from peftkit.data.rows import format_rows, load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
 
@@ -96,7 +96,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                            "Use data in the alpaca, completion or chat format (with peftkit generate, --prompt also works; "
                            "with peftkit eval, so does leaving out the generation metrics).")
     rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
-    rows = sharegpt_rows(rows) if cfg.format == "chat" else rows
+    rows = format_rows(rows, cfg)
     prompts, checked = [], False
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:

@@ -280,6 +280,24 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "fu
 _ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
                "chatgpt": "assistant"}  # ShareGPT's, Gemma's and others' names for user and assistant
 
+def format_fields(fmt: str) -> tuple[str, ...]:
+    """The fields a row of data.format `fmt` is read from (what data.columns may map): the format's own, and the
+    `task` of multitask prompt tuning."""
+    extra = {"chat": ("tools", "conversations", "system")}.get(fmt, ())
+    return (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ()), *extra, "task")
+
+
+def format_rows(rows: list, cfg) -> list:
+    """Rows as data.format reads them: each field that data.columns maps taken from its column (missing where the
+    row lacks the column, whatever the row holds under the field's own name), and ShareGPT's conversations as
+    messages (`sharegpt_rows`) for chat."""
+    if cfg.columns:
+        rows = [{k: v for k, v in row.items() if k not in cfg.columns}
+                | {field: row[column] for field, column in cfg.columns.items() if column in row}
+                if isinstance(row, dict) else row for row in rows]
+    return sharegpt_rows(rows) if cfg.format == "chat" else rows
+
+
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "observation": "tool", "tool": "tool"}
 """ShareGPT's speakers (a turn's `from`: LLaMA-Factory's and axolotl's names) as chat roles."""

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from peftkit.errors import did_you_mean
 from peftkit.methods import AdapterConfig, default_adapter, method_of
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
@@ -120,6 +121,21 @@ class DataConfig(Section):
     conversation, with its EOS or end-of-turn token); `last_answer`, a conversation's last assistant turn only (the
     earlier ones are context; the same as `answers` for the other formats, whose rows hold one answer); `all`, every
     token, prompts, system and user turns too (axolotl's `train_on_inputs: true`)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """The data's own column for a field the format reads, where it names it otherwise: `{instruction: question,
+    output: answer}` reads alpaca rows from `question` and `answer` columns."""
+
+    @model_validator(mode="after")
+    def _columns_are_fields(self) -> DataConfig:
+        from peftkit.data.rows import format_fields
+
+        fields = format_fields(self.format)
+        for field in self.columns:
+            if field not in fields:
+                raise ValueError(f"data.columns: {field!r} is not a field of data.format {self.format} "
+                                 f"({', '.join(fields)}); each key names a field, its value the data's column."
+                                 f"{did_you_mean(field, fields)}")
+        return self
     train_split: str = "train"
     eval_split: str = "train"
     """Split to read; a local file has only `train`."""
