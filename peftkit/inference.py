@@ -262,13 +262,15 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False,
 def hub_data_flags(data: str | None, split: str | None, revision: str | None, data_cfg: DataConfig | None,
                    default_split: str) -> tuple[str, DataConfig | None]:
     """(the split, the data settings) with --split and --data-revision applied: what is read of a hub dataset given
-    with --data. `default_split`: the split read without --split."""
+    with --data (--split: or a slice of a local file, `train[95%:]`). `default_split`: the split read without
+    --split."""
     from peftkit.recipe import is_hub_dataset
 
-    for flag, value in (("--split", split), ("--data-revision", revision)):
-        if value is not None and not (data and is_hub_dataset(data)):
-            raise PeftkitError(f"{flag} picks what is read of a hub dataset given with --data; "
-                               + (f"{data} is a local file." if data else "give --data DATASET_ID."))
+    if split is not None and not data:
+        raise PeftkitError("--split picks what is read of the data given with --data; give --data FILE or DATASET_ID.")
+    if revision is not None and not (data and is_hub_dataset(data)):
+        raise PeftkitError("--data-revision picks what is read of a hub dataset given with --data; "
+                           + (f"{data} is a local file." if data else "give --data DATASET_ID."))
     return split or default_split, data_cfg.model_copy(update={"revision": revision}) if revision else data_cfg
 
 

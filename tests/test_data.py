@@ -639,6 +639,30 @@ def test_a_data_column_for_no_field_is_a_recipe_error(tmp_path, monkeypatch, cap
     assert f"{recipe}:" in err
 
 
+def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
+    """train_split / eval_split slice a local file in the datasets library's syntax, so one file gives a training
+    set and a held-out one (a local file's split was ignored: `validation` read every row). The slices are cached
+    apart, and a bad row's line is its line in the file."""
+    from peftkit.data import load_rows
+    from peftkit.errors import PeftkitError
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(8)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="completion")
+    head, stats = load_examples(TOK, cfg.train, "train[:75%]", cfg)
+    tail, again = load_examples(TOK, cfg.train, "train[75%:]", cfg)
+    assert "cached" not in again and [_decode_labels(e) for e in tail] == ["12</s>", "14</s>"] and len(head) == 6
+    assert load_rows(cfg.train, "train[-3:]+train[:1]")[0] == rows[-3:] + rows[:1]
+    write_jsonl(tmp_path / "d.jsonl", [*rows[:7], {"prompt": "x"}])
+    with pytest.raises(PeftkitError, match="d.jsonl:8: missing field 'completion'"):
+        load_examples(TOK, cfg.train, "train[50%:]", cfg)
+    with pytest.raises(PeftkitError, match=re.escape(f"Data file {cfg.train}: split 'validation': Unknown split "
+                                                     "\"validation\". Should be one of ['train']. A local file is one "
+                                                     "split, 'train', which may be sliced as a hub dataset's")):
+        load_rows(cfg.train, "validation")
+
+
 # Qwen2.5's way with tools, cut short: the tool schemas in a system block, tool calls as JSON in the assistant turn
 # (content null beside them), tool results in a user turn; `{% generation %}` marks what transformers' assistant mask
 # takes as the assistant's.

@@ -359,3 +359,24 @@ def test_train_on_all_trains_and_evaluates_every_token(tiny_llama, number_data, 
     monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(tmp_path / "all" / "run"), "--json", str(out)])
     main()
     assert abs(json.loads(out.read_text())["loss"] - summaries["all"]["eval_loss"]) <= 1e-6
+
+
+def test_a_held_out_slice_of_the_training_file_is_the_runs_eval(tiny_llama, number_data, tmp_path, monkeypatch):
+    """data.eval the training file itself, sliced apart (train_split train[:75%], eval_split train[75%:]): the run
+    evaluates on the held-out rows, and `peftkit eval RUN_DIR` reads the same slice."""
+    from peftkit.cli import main
+
+    data = {"eval": str(number_data["train"]), "train_split": "train[:75%]", "eval_split": "train[75%:]"}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data=data, training={"max_steps": 2})
+    summary = train(load_recipe(recipe), show_summary=False)
+    out = tmp_path / "eval.json"
+    for args in ([str(tmp_path / "run")], ["--model", str(tiny_llama), "--adapter", str(tmp_path / "run" / "adapter"),
+                                           "--data", str(number_data["train"]), "--split", "train[75%:]",
+                                           "--max-length", "128"]):
+        monkeypatch.setattr("sys.argv", ["peftkit", "eval", *args, "--json", str(out)])
+        main()
+        assert abs(json.loads(out.read_text())["loss"] - summary["eval_loss"]) <= 1e-6
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(tmp_path / "run"), "--data", str(number_data["train"]),
+                                     "--json", str(out)])
+    main()  # the whole file: another figure
+    assert abs(json.loads(out.read_text())["loss"] - summary["eval_loss"]) > 1e-4

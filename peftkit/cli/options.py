@@ -25,7 +25,7 @@ General = Annotated[Optional[list[str]], typer.Option("--general", metavar="NAME
 Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
                                             "prompt and row (default: the data's 'task' column).")]
 DataSplit = Annotated[Optional[str], typer.Option("--split", metavar="NAME", help="With --data naming a hub dataset: the split to "
-                                                 "read (default: train).")]
+                                                 "read (default: train); a local file's slice, as 'train[95%:]'.")]
 DataRevision = Annotated[Optional[str], typer.Option("--data-revision", metavar="REV", help="With --data naming a hub "
                                                      "dataset: the branch, tag or commit to read (data.revision of "
                                                      "the command line).")]

@@ -81,11 +81,11 @@ class ExampleCache:
     """The entry of one dataset's examples: `read` it (None on a miss), or `write` it after tokenizing."""
 
     def __init__(self, root: Path, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str,
-                 reader: str) -> None:
+                 reader: str, split: str = "train") -> None:
         """`reader`: how the rows were read from the data (a file's extension; "hub"): the same bytes as .jsonl and
-        as .txt are other rows."""
+        as .txt are other rows. `split`: which of them (a local file's slice, `train[95%:]`)."""
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
-               "data": data_digest, "reader": reader, "readers": DATA_EXTENSIONS, "tasks": tasks,
+               "data": data_digest, "reader": reader, "readers": DATA_EXTENSIONS, "tasks": tasks, "split": split,
                "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows", "train_on",
                                                    "columns"})}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

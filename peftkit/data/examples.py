@@ -546,14 +546,14 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
     root = cache_root() if cache else None
     # (a path that is no file fails in load_rows, in its words)
     local = root is not None and not is_hub_dataset(source) and Path(source).is_file()
-    entry = _cache_entry(root, tok, sha256_file(source), cfg, tasks, source, Path(source).suffix.lower()) if local \
-        else None
+    entry = _cache_entry(root, tok, sha256_file(source), cfg, tasks, source, Path(source).suffix.lower(), split) \
+        if local else None
     if entry is not None and (hit := entry.read()) is not None:
         return hit
     rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     rows = format_rows(rows, cfg)
     if root is not None and (hub := HUB_ROWS.get((source, split, cfg.revision))):  # a hub dataset: its rows' digest
-        entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source, "hub")
+        entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source, "hub", split)
         if entry is not None and (hit := entry.read()) is not None:
             return hit
     examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
@@ -566,7 +566,7 @@ def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool 
     return examples, stats
 
 
-def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str, reader: str):
+def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str, reader: str, split: str):
     """The cache entry of these rows; None, said, where it cannot be keyed: its key hashes the tokenizer as
     save_pretrained writes it, into a temporary directory, and a full TMPDIR failed the run (a 17 MB tokenizer.json)."""
     import tempfile
@@ -576,7 +576,7 @@ def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, sour
     from peftkit.errors import PeftkitWarning
 
     try:
-        return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader)
+        return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader, split)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a full disk
         space = "space" in str(e) or getattr(e, "errno", None) == 28
         fix = "Free space there (or set TMPDIR to another directory), or" if space else "To skip it,"

@@ -137,50 +137,80 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
     or None).
 
     A .jsonl file is parsed here line by line so a malformed line is reported by number; other formats go
-    through `datasets.load_dataset` (imported only for them: it takes 0.7 s of a process's start).
+    through `datasets.load_dataset` (imported only for them: it takes 0.7 s of a process's start). A local file is
+    one split, `train`, which `split` may slice as a hub dataset's (`local_split`).
     """
-    path = Path(source)
     if not is_hub_dataset(source):
-        if not path.exists():
-            raise PeftkitError(f"Data file not found: {source}. Check the path: a relative one is resolved against the "
-                               "recipe's directory in a recipe (data.train, data.eval), against the current "
-                               "directory in --data.")
-        if path.is_dir():
-            raise PeftkitError(f"Data path {source} is a directory; point it at a .jsonl/.json/.csv/.parquet file.")
-        kind = DATA_EXTENSIONS.get(path.suffix.lower())
-        if kind is None:
-            raise PeftkitError(f"Data file {source}: unknown extension '{path.suffix}'. Use one of "
-                               f"{', '.join(DATA_EXTENSIONS)}.")
-        try:
-            if path.suffix.lower() == ".jsonl":
-                return _read_jsonl(path, on_bad_rows)
-            if kind == "text":
-                return _read_text(path)
-            if _is_blank(path):  # `datasets` fails on these with StopIteration or a message about its own internals
-                return [], 0, None
-            if kind == "json" and (rows := _read_json_array(path)) is not None:
-                return rows, 0, None
+        rows, bad, line_numbers = _local_rows(source, on_bad_rows)
+        rows, line_numbers = local_split(rows, line_numbers, split, source)
+        return rows, bad, line_numbers
+    return _hub_rows(source, split, revision)
+
+
+def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], int, list[int] | None]:
+    path = Path(source)
+    if not path.exists():
+        raise PeftkitError(f"Data file not found: {source}. Check the path: a relative one is resolved against the "
+                           "recipe's directory in a recipe (data.train, data.eval), against the current "
+                           "directory in --data.")
+    if path.is_dir():
+        raise PeftkitError(f"Data path {source} is a directory; point it at a .jsonl/.json/.csv/.parquet file.")
+    kind = DATA_EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise PeftkitError(f"Data file {source}: unknown extension '{path.suffix}'. Use one of "
+                           f"{', '.join(DATA_EXTENSIONS)}.")
+    try:
+        if path.suffix.lower() == ".jsonl":
+            return _read_jsonl(path, on_bad_rows)
+        if kind == "text":
+            return _read_text(path)
+        if _is_blank(path):  # `datasets` fails on these with StopIteration or a message about its own internals
+            return [], 0, None
+        if kind == "json" and (rows := _read_json_array(path)) is not None:
+            return rows, 0, None
+        import datasets
+
+        # (`datasets` keys its own cache of a file by path and modification time: a file rewritten with its time
+        # kept, as `cp -p`, `rsync -t` or a checkout can, was read as the old rows. Read the bytes there are.)
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", download_mode="force_redownload",
+                                   **_read_options(path, kind))
+    except PermissionError:
+        raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
+    except (ValueError, OSError, _generation_error()) as e:  # (an except clause's types are read when it is tried)
+        if _NO_ROWS in str(e):  # `[]`, `{}`, a CSV with only its header: no rows, said the way .jsonl says it
+            return [], 0, None
+        # DatasetGenerationError's own text is "An error occurred while generating the dataset"; the cause says what.
+        why = str(e.__cause__ or e)
+        if "disk space" in why or "No space left" in why:  # (datasets' NotEnoughDiskSpace; ENOSPC) its cache's
             import datasets
 
-            # (`datasets` keys its own cache of a file by path and modification time: a file rewritten with its time
-            # kept, as `cp -p`, `rsync -t` or a checkout can, was read as the old rows. Read the bytes there are.)
-            ds = datasets.load_dataset(kind, data_files=str(path), split="train", download_mode="force_redownload",
-                                       **_read_options(path, kind))
-        except PermissionError:
-            raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
-        except (ValueError, OSError, _generation_error()) as e:  # (an except clause's types are read when it is tried)
-            if _NO_ROWS in str(e):  # `[]`, `{}`, a CSV with only its header: no rows, said the way .jsonl says it
-                return [], 0, None
-            # DatasetGenerationError's own text is "An error occurred while generating the dataset"; the cause says what.
-            why = str(e.__cause__ or e)
-            if "disk space" in why or "No space left" in why:  # (datasets' NotEnoughDiskSpace; ENOSPC) its cache's
-                import datasets
+            raise PeftkitError(f"Could not read data file {source}: the datasets library's cache, where it converts "
+                               f"the file first, is full ({datasets.config.HF_DATASETS_CACHE}). Free space there, "
+                               "or set HF_DATASETS_CACHE to a directory with room.") from None
+        raise PeftkitError(f"Could not read data file {source}: {why}") from None
+    return ([_with_csv_label(row) for row in ds] if kind == "csv" else list(ds)), 0, None
 
-                raise PeftkitError(f"Could not read data file {source}: the datasets library's cache, where it converts "
-                                   f"the file first, is full ({datasets.config.HF_DATASETS_CACHE}). Free space there, "
-                                   "or set HF_DATASETS_CACHE to a directory with room.") from None
-            raise PeftkitError(f"Could not read data file {source}: {why}") from None
-        return ([_with_csv_label(row) for row in ds] if kind == "csv" else list(ds)), 0, None
+
+def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
+                source: str) -> tuple[list[dict], list[int] | None]:
+    """The rows of a local file that `split` names: `train` (all), or a slice of it in the datasets library's split
+    syntax, as a hub dataset's split is sliced (`train[:95%]`, `train[95%:]`, `train[:1000]`, `train[-200:]`,
+    joined with `+`), so one file gives a training split and a held-out one; another name is an error."""
+    if split == "train":
+        return rows, line_numbers
+    import datasets
+
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(rows)})
+    except (ValueError, AssertionError) as e:
+        raise PeftkitError(f"Data file {source}: split '{split}': {str(e).rstrip('.')}. A local file is one split, "
+                           "'train', which may be sliced as a hub dataset's: 'train[:95%]' and 'train[95%:]', "
+                           "'train[:1000]', 'train[-200:]'.") from None
+    picked = [i for part in parts for i in range(part.from_, part.to)]
+    return [rows[i] for i in picked], None if line_numbers is None else [line_numbers[i] for i in picked]
+
+
+def _hub_rows(source: str, split: str, revision: str | None) -> tuple[list[dict], int, None]:
     import datasets
 
     try:

@@ -138,7 +138,7 @@ class DataConfig(Section):
         return self
     train_split: str = "train"
     eval_split: str = "train"
-    """Split to read; a local file has only `train`."""
+    """Split to read; a local file is one, `train`, which both may slice as a hub split is sliced: `train[:95%]`."""
     shuffle: bool = True
     packing: bool = False
     """Pack several training examples into each row of up to `max_length` tokens, each with its own position ids
