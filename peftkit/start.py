@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from peftkit import distributed, long_context, zero
+from peftkit import distributed, long_context, neftune, zero
 from peftkit.adapters import adapter_layers, check_copies, count_parameters, inject_adapters, load_adapter_state_dict
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.classify import ClassifyEval, with_head
@@ -340,6 +340,8 @@ def _inject(cfg: Recipe, model, adapter, accelerator, console: Console, summary:
     if cfg.export.merged:
         _check_biases_merge(model)
     prepare_for_training(model, cfg.training.gradient_checkpointing)
+    if cfg.training.neftune_noise_alpha:
+        neftune.attach(model, cfg.training.neftune_noise_alpha)
     if not zero.active(accelerator):  # (DeepSpeed scales fp16 losses with fp32 master weights of its own)
         check_fp16_gradients(model, accelerator.mixed_precision)
     summary["trainable_params"], summary["total_params"] = trainable, total = count_parameters(model)

@@ -380,3 +380,32 @@ def test_a_held_out_slice_of_the_training_file_is_the_runs_eval(tiny_llama, numb
                                      "--json", str(out)])
     main()  # the whole file: another figure
     assert abs(json.loads(out.read_text())["loss"] - summary["eval_loss"]) > 1e-4
+
+
+def test_neftune_noises_the_embeddings_in_training_only(tiny_llama):
+    """training.neftune_noise_alpha: uniform noise within alpha / sqrt(length x hidden) on the input embeddings in
+    training mode (TRL's NEFTune), none in evaluation."""
+    from peftkit import neftune
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ids = torch.randint(5, 90, (3, 11))
+    plain = model.get_input_embeddings()(ids)
+    neftune.attach(model, 5.0)
+    bound = 5.0 / (11 * model.config.hidden_size) ** 0.5
+    noise = model.train().get_input_embeddings()(ids) - plain
+    assert 0.9 * bound < noise.abs().max() <= bound and noise.abs().min() < 0.1 * bound
+    assert torch.equal(model.eval().get_input_embeddings()(ids), plain)
+
+
+def test_a_neftune_run_trains_otherwise_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    from tests.conftest import check_resumes_to_the_same_bits
+
+    (tmp_path / "plain").mkdir()
+    plain = make_recipe(tmp_path / "plain", tiny_llama, number_data, training={"max_steps": 4})
+    train(load_recipe(plain), show_summary=False)
+    without = load_file(tmp_path / "plain" / "run" / "adapter" / "adapter_model.safetensors")
+    noisy = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4, "save_steps": 2,
+                                                                     "neftune_noise_alpha": 5.0})
+    check_resumes_to_the_same_bits(noisy, tmp_path / "run", 2, 4)
+    noised = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(without[k], noised[k]) for k in without)

@@ -193,6 +193,9 @@ class TrainingConfig(Section):
         return "no" if value is False else value
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, ~30% more compute."""
+    neftune_noise_alpha: float | None = Field(None, gt=0)
+    """NEFTune (Jain et al. 2023, arXiv:2310.05914): in training forwards, uniform noise of magnitude
+    alpha / sqrt(length x hidden) on the input embeddings, as TRL's `neftune_noise_alpha` (5 in the paper)."""
     compile: Literal[False, True, "inductor", "aot_eager"] = False
     """torch.compile the training step's forward and loss (true: the inductor backend, which generates kernels and
     needs a C++ compiler on CPU; aot_eager: graph capture without code generation, for debugging). Compiling takes
