@@ -37,7 +37,8 @@ from peftkit.progress import phase
 from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.runtime import (build_optimizer, check_device_support, check_fp16_gradients, cpu_dtype_note,
-                             emulated_bf16_note, lr_lambda, mixed_precision, optimizer_groups, seed_everything)
+                             emulated_bf16_note, lr_lambda, mixed_precision, optimizer_groups, seed_everything,
+                             warmup_steps)
 from peftkit.samples import answers, sample_prompts
 from peftkit.selection import Selection
 from peftkit.task_ids import check_training_tasks, recipe_reads_tasks
@@ -177,10 +178,11 @@ def _total_steps(tcfg, examples: int, processes: int) -> int:
                            f"steps (training.epochs {tcfg.epochs} over {examples:,} training examples, batch_size "
                            f"{tcfg.batch_size} x grad_accum {tcfg.grad_accum} x {processes} process(es)), so the "
                            "learning rate would never reach training.lr; lower warmup_steps.")
-    if tcfg.warmup_steps == total > 1:
-        warnings.warn(PeftkitWarning(f"training.warmup_steps ({total}) is the whole run: the learning rate rises at "
+    if warmup_steps(tcfg, total) == total > 1:
+        key = "warmup_steps" if tcfg.warmup_steps else f"warmup_ratio ({tcfg.warmup_ratio}, rounded up)"
+        warnings.warn(PeftkitWarning(f"training.{key} ({total}) is the whole run: the learning rate rises at "
                                      f"every step and ends at {total}/{total + 1} of training.lr, never reaching it; "
-                                     "lower warmup_steps."), stacklevel=2)
+                                     f"lower {key.split()[0]}."), stacklevel=2)
     return total
 
 

@@ -278,6 +278,62 @@ def test_lr_schedule_shapes():
     assert const(9) == 1.0
 
 
+def test_warmup_ratio_counts_steps_as_transformers_does():
+    """training.warmup_ratio: the warmup is ceil(ratio x steps), transformers' TrainingArguments.get_warmup_steps."""
+    from transformers import TrainingArguments
+
+    from peftkit.recipe import TrainingConfig
+    from peftkit.runtime import warmup_steps
+
+    for ratio, total in ((0.15, 10), (0.1, 37), (0.5, 3), (0.01, 1000)):
+        expected = TrainingArguments("unused", warmup_steps=ratio).get_warmup_steps(total)
+        assert warmup_steps(TrainingConfig(warmup_ratio=ratio), total) == expected
+        ratio_schedule = lr_lambda(TrainingConfig(warmup_ratio=ratio), total)
+        steps_schedule = lr_lambda(TrainingConfig(warmup_steps=expected), total)
+        assert [ratio_schedule(s) for s in range(total)] == [steps_schedule(s) for s in range(total)]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_32bit"])
+def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
+    """training.adam_betas / adam_epsilon: one step of each AdamW optimizer with betas (0.5, 0.9) and eps 1e-3 is
+    torch's reference AdamW's with them (those values move a step far from the defaults')."""
+    from rich.console import Console
+
+    from peftkit.recipe import TrainingConfig
+    from peftkit.runtime import build_optimizer
+
+    cfg = TrainingConfig(optimizer=optimizer, adam_betas=(0.5, 0.9), adam_epsilon=1e-3, lr=0.1)
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.zeros(64, 64))
+    reference.data.copy_(ours.data)
+    step = build_optimizer(cfg, [ours], torch.device("cpu"), Console(quiet=True))
+    expected = torch.optim.AdamW([reference], lr=0.1, betas=(0.5, 0.9), eps=1e-3, weight_decay=0.0)
+    for _ in range(2):
+        for p, opt in ((ours, step), (reference, expected)):
+            p.grad = torch.linspace(-1e-3, 1e-3, 64 * 64).view(64, 64).clone()
+            opt.step()
+    tolerance = 2e-3 if "8bit" in optimizer else 1e-6  # (8-bit state)
+    assert (ours - reference).abs().max() <= tolerance
+    default = TrainingConfig(optimizer=optimizer, lr=0.1)
+    other = torch.nn.Parameter(reference.data.clone())
+    assert build_optimizer(default, [other], torch.device("cpu"), Console(quiet=True)).param_groups[0]["eps"] == 1e-8
+
+
+@pytest.mark.parametrize(("training", "message"), [
+    ({"warmup_steps": 2, "warmup_ratio": 0.1}, "warmup_steps (2) and warmup_ratio (0.1) both set the warmup; keep one"),
+    ({"optimizer": "sgd", "adam_betas": [0.9, 0.95]}, "adam_betas and adam_epsilon are the AdamW optimizers', and "
+                                                      "optimizer is sgd"),
+    ({"adam_betas": [0.9, 1.0]}, "adam_betas [0.9, 1.0]: each beta is in [0, 1)"),
+])
+def test_optimizer_settings_that_conflict_are_recipe_errors(training, message, tiny_llama, number_data, tmp_path,
+                                                            monkeypatch, capsys):
+    from tests.conftest import cli_user_error
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training=training)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert message in err and f"{recipe}:" in err
+
+
 def test_16bit_weights_on_a_cpu_without_bf16_matmuls_get_a_note(monkeypatch):
     from peftkit.runtime import cpu_dtype_note
 

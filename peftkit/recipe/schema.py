@@ -177,8 +177,14 @@ class TrainingConfig(Section):
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """The AdamW optimizers' (beta1, beta2): [0.9, 0.95] is common for large models."""
+    adam_epsilon: float = Field(1e-8, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Warm up over this share of the run's optimizer steps, rounded up (transformers' warmup_ratio); or give
+    warmup_steps."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; null disables clipping."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -226,6 +232,14 @@ class TrainingConfig(Section):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainingConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}) both set the "
+                             "warmup; keep one")
+        if not all(0 <= beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"adam_betas {list(self.adam_betas)}: each beta is in [0, 1)")
+        if self.optimizer == "sgd" and (self.adam_betas != (0.9, 0.999) or self.adam_epsilon != 1e-8):
+            raise ValueError("adam_betas and adam_epsilon are the AdamW optimizers', and optimizer is sgd; remove them "
+                             "or use an AdamW optimizer")
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) is larger than max_steps ({self.max_steps}); "
