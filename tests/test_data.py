@@ -663,6 +663,33 @@ def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
         load_rows(cfg.train, "validation")
 
 
+def test_data_system_prompt_opens_conversations_without_one(tmp_path, monkeypatch):
+    """data.system_prompt is the system message of a conversation that has none (a ShareGPT row's too), in training
+    and in eval's prompts; a conversation's own stays. The cache keys on it."""
+    from peftkit.data.prompts import load_prompts
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    own = [{"role": "system", "content": "Mine."}, *turns]
+    rows = [{"messages": turns}, {"messages": own},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}]
+    (bare, kept, shared), _ = _load(tmp_path, rows, "chat")
+    (given, kept_too, shared_given), stats = _load(tmp_path, rows, "chat", system_prompt="Be brief.")
+    (expected,), _ = _load(tmp_path, [{"messages": [{"role": "system", "content": "Be brief."}, *turns]}], "chat")
+    assert "cached" not in stats and given.input_ids == shared_given.input_ids == expected.input_ids != bare.input_ids
+    assert kept_too.input_ids == kept.input_ids and given.labels == expected.labels
+    write_jsonl(tmp_path / "d.jsonl", rows[:1])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat", system_prompt="Be brief.")
+    [prompt] = load_prompts(TOK, cfg.train, "train", cfg)
+    assert prompt.text.startswith(TOK.apply_chat_template([{"role": "system", "content": "Be brief."}],
+                                                          tokenize=False))
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="data.system_prompt is the system message of chat conversations, and "
+                                              "data.format is alpaca"):
+        DataConfig(train="x", system_prompt="Be brief.")
+
+
 # Qwen2.5's way with tools, cut short: the tool schemas in a system block, tool calls as JSON in the assistant turn
 # (content null beside them), tool results in a user turn; `{% generation %}` marks what transformers' assistant mask
 # takes as the assistant's.

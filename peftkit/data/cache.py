@@ -87,7 +87,7 @@ class ExampleCache:
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
                "data": data_digest, "reader": reader, "readers": DATA_EXTENSIONS, "tasks": tasks, "split": split,
                "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows", "train_on",
-                                                   "columns"})}
+                                                   "columns", "system_prompt"})}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         self.path = root / "examples" / f"{self.key}.safetensors"
         self.data_digest, self.source = data_digest, source

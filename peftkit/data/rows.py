@@ -319,13 +319,24 @@ def format_fields(fmt: str) -> tuple[str, ...]:
 
 def format_rows(rows: list, cfg) -> list:
     """Rows as data.format reads them: each field that data.columns maps taken from its column (missing where the
-    row lacks the column, whatever the row holds under the field's own name), and ShareGPT's conversations as
-    messages (`sharegpt_rows`) for chat."""
+    row lacks the column, whatever the row holds under the field's own name), ShareGPT's conversations as messages
+    (`sharegpt_rows`) for chat, and data.system_prompt opening each conversation without a system message."""
     if cfg.columns:
         rows = [{k: v for k, v in row.items() if k not in cfg.columns}
                 | {field: row[column] for field, column in cfg.columns.items() if column in row}
                 if isinstance(row, dict) else row for row in rows]
-    return sharegpt_rows(rows) if cfg.format == "chat" else rows
+    if cfg.format != "chat":
+        return rows
+    rows = sharegpt_rows(rows)
+    return rows if cfg.system_prompt is None else [_with_system(row, cfg.system_prompt) for row in rows]
+
+
+def _with_system(row, system: str):
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or (messages and isinstance(messages[0], dict)
+                                          and messages[0].get("role") == "system"):
+        return row  # (a malformed row is said as it is)
+    return row | {"messages": [{"role": "system", "content": system}, *messages]}
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -121,12 +121,18 @@ class DataConfig(Section):
     conversation, with its EOS or end-of-turn token); `last_answer`, a conversation's last assistant turn only (the
     earlier ones are context; the same as `answers` for the other formats, whose rows hold one answer); `all`, every
     token, prompts, system and user turns too (axolotl's `train_on_inputs: true`)."""
+    system_prompt: str | None = None
+    """data.format chat: the system message of each conversation that opens without one (LLaMA-Factory's
+    default_system, axolotl's default_system_message)."""
     columns: dict[str, str] = Field(default_factory=dict)
     """The data's own column for a field the format reads, where it names it otherwise: `{instruction: question,
     output: answer}` reads alpaca rows from `question` and `answer` columns."""
 
     @model_validator(mode="after")
     def _columns_are_fields(self) -> DataConfig:
+        if self.system_prompt is not None and self.format != "chat":
+            raise ValueError(f"data.system_prompt is the system message of chat conversations, and data.format is "
+                             f"{self.format}; remove it, or use data.format: chat")
         from peftkit.data.rows import format_fields
 
         fields = format_fields(self.format)
