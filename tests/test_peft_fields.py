@@ -26,7 +26,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "LoraConfig": {}, "IA3Config": {}, "LoHaConfig": {}, "LoKrConfig": {}, "OFTConfig": {"r": 0, "oft_block_size": 4},
     "VeraConfig": {}, "AdaLoraConfig": {"total_step": 10}, "PromptTuningConfig": {}, "PrefixTuningConfig": {},
     "PromptEncoderConfig": {}, "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 1},
-    "MultitaskPromptTuningConfig": {},
+    "MultitaskPromptTuningConfig": {}, "HRAConfig": {},
 }
 
 
@@ -405,6 +405,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "vera": ("VeraConfig", {"r": 8}, {"r": 8}),
     "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10}, {"init_r": 4, "target_r": 2}),
     "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
+    "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 
@@ -496,6 +497,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "lokr": ("LoKrConfig", {"r": 2, "alpha": 4}, {"r": 2, "alpha": 4}),
     "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10}, {"init_r": 4, "target_r": 2}),
     "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
+    "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 

@@ -17,6 +17,7 @@ from peftkit.methods.adalora import AdaLora, AdaLoraConfig
 from peftkit.methods.base import AdapterLayer, Method, MethodTrainer
 from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
 from peftkit.methods.fusion import Fusion, FusionConfig
+from peftkit.methods.hra import Hra, HraConfig
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.loha import Loha, LohaConfig
 from peftkit.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
@@ -48,6 +49,7 @@ register(Lokr)
 register(Vera)
 register(AdaLora)
 register(Oft)
+register(Hra)
 register(TrainableTokens)
 register(LlamaAdapter)
 register(Bottleneck)
@@ -98,6 +100,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BottleneckConfig",
-           "FusionConfig", "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
+           "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]
