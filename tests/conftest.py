@@ -159,6 +159,30 @@ def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor,
     return float((ours - loss).abs()), expected, {n: p.grad for n, p in model.named_parameters() if prefix in n}
 
 
+class _BlockDiagonal:
+    """peft's BOFT CUDA extension (`fbd_cuda`), in PyTorch: (N, D, H, H) blocks to (N, D H, D H) block-diagonal
+    matrices and back. peft computes more than one butterfly factor only through it (without it, it silently trains
+    one), so the tests give it this to have peft's numbers for several factors on any machine."""
+
+    @staticmethod
+    def forward(blocks: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+    @staticmethod
+    def backward(grad: torch.Tensor, blocks: torch.Tensor) -> list[torch.Tensor]:
+        h = blocks.shape[-1]
+        return [torch.stack([torch.stack([g[d * h:(d + 1) * h, d * h:(d + 1) * h] for d in range(blocks.shape[1])])
+                             for g in grad])]
+
+
+@pytest.fixture
+def peft_boft_factors(monkeypatch) -> None:
+    """peft's BOFT with its block-diagonal extension (`_BlockDiagonal`), so that it builds every butterfly factor."""
+    import peft.tuners.boft.layer as boft_layer
+
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", _BlockDiagonal())
+
+
 def peft_lora(base: Path, config, seed: int = 0):
     """peft's model of `config` (a peft LoraConfig) on `base` in fp32, far from identity: each lora_B drawn from
     N(0, 0.3^2) (seeded), where peft starts it at zero."""

@@ -51,6 +51,7 @@ from peftkit.loss import labelled_count
 from peftkit.merge import MergeWarning, conv1d_modules, merge_adapter, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
+from peftkit.methods.boft import BoftConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.hra import HraConfig
 from peftkit.methods.ia3 import IA3Config
@@ -157,6 +158,13 @@ CASES: dict[str, list[Case]] = {
         Case("hra", HraConfig(method="hra", r=4), ("llama", "qwen2"), ("linear",), identity_tol=1e-5),
         Case("hra-gram-schmidt", HraConfig(method="hra", r=3, apply_GS=True), ("llama",), ("linear",),
              identity_at_init=False),
+    ],
+    # peft's BOFT adapts nn.Linear layers only, as HRA's. Two butterfly factors of blocks of 2 (12 inputs: 6 blocks, in
+    # pairs; the tiny models' 32 and 64: 16 and 32 blocks): peft computes them with its extension (peft_boft_factors).
+    "boft": [
+        Case("boft", BoftConfig(method="boft", boft_block_size=4), ("llama", "qwen2"), ("linear",)),
+        Case("boft-butterfly", BoftConfig(method="boft", boft_block_size=2, boft_n_butterfly_factor=2),
+             ("llama",), ("linear",)),
     ],
     # Rows 3, 7 and 12 of the embeddings (ids in IDS): on tied heads (qwen2, gemma2's scaled lookup, gpt2) the head's
     # logits of those tokens too. The dense check: an embedding of 20 rows.
@@ -320,6 +328,31 @@ def hra_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: H
     return weight @ product, bias
 
 
+def boft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: BoftConfig, layout: str):
+    """(s * W M^T row by row, b): M = M_m ... M_1, M_i = P_i diag(Q_i1, ..., Q_in) P_i^T, each Q the Cayley transform
+    (I - S)(I + S)^-1 of S = (R - R^T) / 2 for its block R of boft_R[i], P_i the permutation matrix of peft's butterfly
+    order for factor i (written out here: in each group of n / (blocks / 2^i) features, the chunks of b / 2 in even
+    places first, then the odd ones; the identity for one factor)."""
+    assert layout == "linear"
+    r, s = parts["boft_R"].float(), parts["boft_s"].float()
+    m, blocks, b, _ = r.shape
+    n = blocks * b
+    matrix = torch.eye(n)
+    for i in range(m):
+        skew = (r[i] - r[i].transpose(1, 2)) / 2
+        rotation = torch.block_diag(*[(torch.eye(b) - q) @ torch.linalg.inv(torch.eye(b) + q) for q in skew])
+        order = list(range(n))
+        if m > 1:
+            group, half = n // (blocks // 2 ** i), b // 2
+            chunks = [list(range(c, c + half)) for c in range(0, group, half)]
+            within = [j for chunk in chunks[0::2] + chunks[1::2] for j in chunk]
+            order = [start + j for start in range(0, n, group) for j in within]
+        perm = torch.zeros(n, n)
+        perm[torch.arange(n), torch.tensor(order)] = 1
+        matrix = perm @ rotation @ perm.T @ matrix
+    return (weight @ matrix.T) * s, bias
+
+
 def trainable_tokens_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """W with row i of each trained token id i replaced by its trained row."""
     dense = weight.clone()
@@ -329,12 +362,14 @@ def trainable_tokens_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Te
 
 
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
-         "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "trainable_tokens": trainable_tokens_dense}
+         "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
+         "trainable_tokens": trainable_tokens_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
                    "ADALORA": {"init_lora_weights": False}, "OFT": {"init_weights": False},
                    "HRA": {"init_weights": False},  # every column drawn (peft's default pairs them: the identity)
+                   "BOFT": {"init_weights": False},  # R ~ N(0, 0.1^2), s ~ N(1, 0.1^2)
                    "TRAINABLE_TOKENS": {"init_weights": False},  # random rows
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -368,6 +403,11 @@ def _skip_without_peft(case) -> None:
 
 
 # ------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def _peft_builds_boft_factors(peft_boft_factors) -> None:
+    """peft's BOFT computes every butterfly factor (tests/conftest.py), whatever this machine can compile."""
 
 
 @pytest.fixture(scope="module")

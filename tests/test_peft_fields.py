@@ -26,7 +26,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "LoraConfig": {}, "IA3Config": {}, "LoHaConfig": {}, "LoKrConfig": {}, "OFTConfig": {"r": 0, "oft_block_size": 4},
     "VeraConfig": {}, "AdaLoraConfig": {"total_step": 10}, "PromptTuningConfig": {}, "PrefixTuningConfig": {},
     "PromptEncoderConfig": {}, "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 1},
-    "MultitaskPromptTuningConfig": {}, "HRAConfig": {},
+    "MultitaskPromptTuningConfig": {}, "HRAConfig": {}, "BOFTConfig": {},
 }
 
 
@@ -406,6 +406,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10}, {"init_r": 4, "target_r": 2}),
     "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
     "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
 }
 
 
@@ -498,6 +499,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "total_step": 10}, {"init_r": 4, "target_r": 2}),
     "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
     "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
 }
 
 

@@ -15,6 +15,7 @@ from pydantic import Discriminator, Tag
 from peftkit.errors import PeftkitError
 from peftkit.methods.adalora import AdaLora, AdaLoraConfig
 from peftkit.methods.base import AdapterLayer, Method, MethodTrainer
+from peftkit.methods.boft import Boft, BoftConfig
 from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
 from peftkit.methods.fusion import Fusion, FusionConfig
 from peftkit.methods.hra import Hra, HraConfig
@@ -50,6 +51,7 @@ register(Vera)
 register(AdaLora)
 register(Oft)
 register(Hra)
+register(Boft)
 register(TrainableTokens)
 register(LlamaAdapter)
 register(Bottleneck)
@@ -99,7 +101,7 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BottleneckConfig",
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig",
            "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]
