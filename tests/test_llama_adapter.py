@@ -77,6 +77,41 @@ def test_attention_formula(models):  # noqa: F811
     assert float(expected.abs().max()) > 1e-2
 
 
+def test_heads_narrower_than_the_hidden_size_run_here_and_fail_in_peft(tmp_path):
+    """A Mistral whose heads x head_dim is not the hidden size (Mistral-Nemo's 32 x 128 = 4096 of 5120; here 4 x 12 =
+    48 of 32, 2 key/value heads): peftkit's block adds the formula of `test_attention_formula`, and its cached
+    generation is cache-free greedy decoding; peft 0.21's ADAPTION_PROMPT reads the key/value heads from k_proj's
+    in/out ratio (32 // 24 = 1, so 4 heads of 12 for 24 numbers) and fails on the adapter (the README says so)."""
+    tok = build_char_tokenizer(tmp_path / "nemo")
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=12, initializer_range=0.1,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "nemo")
+    model = _load(tmp_path / "nemo")
+    targets = inject_adapters(model, CFG)
+    random_adapters(model, seed=1, std=0.1)
+    layer = adapter_layers(model)["model.layers.1.self_attn"]
+    attn, prompt, gate = layer.base_layer, layer.adaption_prompt[0].detach(), float(layer.adaption_gate.detach())
+    h = torch.randn(2, 6, 32)
+    cos, sin = model.model.rotary_emb(h, torch.arange(6)[None].expand(2, -1))
+    with torch.no_grad():
+        got = layer(hidden_states=h, position_embeddings=(cos, sin), attention_mask=None)[0] \
+            - attn(hidden_states=h, position_embeddings=(cos, sin), attention_mask=None)[0]
+    q = (h @ attn.q_proj.weight.T).view(2, 6, 4, 12)
+    q = q * cos[:, :, None] + _rotate_half(q) * sin[:, :, None]
+    k, v = ((prompt @ proj.weight.T).view(5, 2, 12) for proj in (attn.k_proj, attn.v_proj))
+    heads = [gate * torch.softmax(torch.einsum("bnd,ld->bnl", q[:, :, i], k[:, i // 2]) / math.sqrt(12), dim=-1)
+             @ v[:, i // 2] for i in range(4)]
+    expected = torch.cat(heads, dim=-1) @ attn.o_proj.weight.T
+    assert float((got - expected).abs().max()) <= 1e-5 < float(expected.abs().max())
+    _check_matches_reference(model, tok)
+    save_adapter(tmp_path / "a", adapter_state_dict(model, []),
+                 peft_config(CFG, targets, str(tmp_path / "nemo"), False, "mistral"))
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):  # peft's view(1, 5, 4, 12) of 5 x 24
+        PeftModel.from_pretrained(_load(tmp_path / "nemo"), tmp_path / "a")(IDS)
+
+
 def test_only_prompts_and_gates_train_and_step_0_is_the_base(models):  # noqa: F811
     model = _load(models["llama"])
     with torch.no_grad():

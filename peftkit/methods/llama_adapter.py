@@ -35,7 +35,8 @@ from peftkit.methods.blocks import CallArguments, first_output, with_first_outpu
 from peftkit.section import AdapterSection
 
 # The architectures peft 0.21's ADAPTION_PROMPT supports (its TRANSFORMERS_MODEL_CONFIG) and the name of their
-# attention modules: only these, so that every adapter peftkit writes loads in peft.
+# attention modules: only these, so that every adapter peftkit writes loads in peft (but for heads that do not add up
+# to the hidden size, Mistral-Nemo's 32 x 128 of 5120, on which peft's own forward fails: README).
 ATTENTION_MODULE = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
 
 
