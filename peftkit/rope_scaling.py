@@ -102,6 +102,27 @@ def learned_positions(config) -> int | None:
     return positions if isinstance(positions, int) and not getattr(config, "rope_parameters", None) else None
 
 
+def check_answer_room(recipe: Recipe, config, prompts: list) -> None:
+    """The run's own generations (eval.samples, eval.metrics: `prompts`) within a learned position table, counted as
+    `peftkit.generate.check_room` counts them: the longest prompt, the adapter's virtual tokens and
+    eval.max_new_tokens. Checked before the model loads: the samples are generated after training, before the
+    export, so a run past the table trained to its end and then stopped without its adapter."""
+    covered = learned_positions(config)
+    if covered is None or not prompts:
+        return
+    virtual = getattr(recipe.adapter, "num_virtual_tokens", 0)
+    longest, new = max(len(p.ids) for p in prompts), recipe.eval.max_new_tokens
+    if longest + virtual + new <= covered:
+        return
+    room = covered - longest - virtual
+    parts = f"{longest} tokens" + (f" + the adapter's {virtual} virtual tokens" if virtual else "")
+    fix = f"Lower eval.max_new_tokens to {room}" if room > 0 else "Shorten data.eval's longest prompt"
+    raise PeftkitError(f"eval.max_new_tokens {new}: the run's generations (eval.samples, eval.metrics) answer prompts "
+                       f"of data.eval that need {parts} + {new} new tokens = {longest + virtual + new} positions, more "
+                       f"than the {covered} positions {recipe.model.name_or_path} has (learned ones, which cannot be "
+                       f"scaled). {fix}, or generate nothing (eval.samples: 0, no generation eval.metrics).")
+
+
 def check_context_length(recipe: Recipe, config) -> None:
     """data.max_length within the positions the model covers, or a PeftkitError naming both keys and the fix."""
     model: ModelConfig = recipe.model

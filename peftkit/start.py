@@ -35,7 +35,7 @@ from peftkit.modeling import (check_quantization_section, load_config, load_mode
 from peftkit.peft_format import load_adapter
 from peftkit.progress import phase
 from peftkit.recipe import Recipe
-from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
+from peftkit.rope_scaling import check_answer_room, check_context_length, fresh_dynamic_rope
 from peftkit.runtime import (build_optimizer, check_device_support, check_fp16_gradients, cpu_dtype_note,
                              emulated_bf16_note, lr_lambda, mixed_precision, optimizer_groups, seed_everything,
                              warmup_steps)
@@ -271,7 +271,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     print_estimate(console, estimate)
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model)
-    train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok, cache)
+    train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok, config, cache)
     if eval_ex is not None and accelerator.num_processes > 1:
         eval_ex.processes = accelerator  # the processes share out the eval batches
     if ids := getattr(cfg.adapter, "alora_invocation_tokens", None):
@@ -389,9 +389,11 @@ def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Consol
     return rows
 
 
-def _load_data(cfg: Recipe, tok, cache: bool = True) -> tuple[list, dict, RunEval | ClassifyEval | None, LabelSet | None]:
+def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict, RunEval | ClassifyEval | None,
+                                                                  LabelSet | None]:
     """(training examples, their counts, data.eval's evaluation or None, a classifier's classes or None), all read
-    before the model loads, so that a data mistake shows in seconds."""
+    before the model loads (whose `config` says how many positions the generations have), so that a data mistake
+    shows in seconds."""
     data = cfg.data
     if cfg.classification:  # the classes come from data.train; data.eval's labels are mapped to them
         train_ex, stats, labels = load_classification(tok, data.train, data.train_split, data, None, cfg.model.num_labels)
@@ -408,4 +410,5 @@ def _load_data(cfg: Recipe, tok, cache: bool = True) -> tuple[list, dict, RunEva
         eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data, tasks=tasks, cache=cache)[0])
         prompts = [*eval_ex.prompts, *sample_prompts(cfg, tok)]
         check_training_tasks(cfg, "data.eval", [*eval_ex.examples.task_ids, *(p.task_id for p in prompts)])
+        check_answer_room(cfg, config, prompts)
     return train_ex, stats, eval_ex, None

@@ -243,6 +243,33 @@ def test_past_a_learned_position_table_is_a_clear_error(tmp_path, monkeypatch, c
     assert "Lower data.max_length to 44" in err
 
 
+def test_a_run_whose_samples_pass_a_learned_position_table_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """eval.samples' prompts (32 tokens) + a prompt-tuning adapter's 4 virtual tokens + eval.max_new_tokens 16 = 52,
+    past GPT-2's 48 positions: the run trained to its end, then stopped generating the samples, before the export
+    (no adapter written). It is refused before the model loads; 12 new tokens fit."""
+    from peftkit.recipe import load_recipe
+    from peftkit.rope_scaling import check_answer_room
+    from peftkit.samples import sample_prompts
+    from peftkit.tiny import build_tiny_model, write_jsonl
+
+    build_tiny_model(tmp_path / "gpt2", arch="gpt2", hidden_size=32, num_layers=1, seed=0, max_position_embeddings=48)
+    write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "1 2 3 4 5 6 7 8 9 1 2 3 4 5 6 7", "completion": " ok"}] * 4)
+    recipe = make_recipe(tmp_path, tmp_path / "gpt2", {"train": tmp_path / "rows.jsonl", "eval": tmp_path / "rows.jsonl"},
+                         data={"max_length": 44, "format": "completion"}, training={"max_steps": 1},
+                         eval={"samples": 2, "max_new_tokens": 16, "base_model": False})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "prompt_tuning", "num_virtual_tokens": 4}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert ("eval.max_new_tokens 16: the run's generations (eval.samples, eval.metrics) answer prompts of data.eval "
+            "that need 32 tokens + the adapter's 4 virtual tokens + 16 new tokens = 52 positions, more than the 48 "
+            "positions") in err and "Lower eval.max_new_tokens to 12" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained
+    fits = load_recipe(recipe, ["eval.max_new_tokens=12"])
+    check_answer_room(fits, AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2").config,
+                      sample_prompts(fits, AutoTokenizer.from_pretrained(tmp_path / "gpt2")))
+
+
 def test_a_prompt_without_tokens_or_no_prompt_at_all_is_a_clear_error(tiny_llama, tmp_path, monkeypatch, capsys):
     from peftkit.generate import generate_ids
     from peftkit.tiny import write_jsonl
