@@ -166,6 +166,45 @@ def test_prefix_tuning_on_multi_query_falcon_has_one_key_value_head(tmp_path):
             <= TOL < float(moved.abs().max())
 
 
+@pytest.mark.parametrize("arch", ["lfm2", "gemma3n"])
+def test_prefix_tuning_refuses_layers_whose_cache_is_not_keys_and_values(arch, number_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    """LFM2's convolution layer (as Jamba's, Qwen3-Next's state-space or linear-attention ones) and Gemma 3n's layers
+    reading another's keys hold no keys and values of their own: the run stopped at its first forward on
+    transformers' traceback ('LinearAttentionLayer' object has no attribute 'update'; peft's too). It is refused
+    before training, naming the layers; prompt tuning trains there."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig, Lfm2Config, Lfm2ForCausalLM
+
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(tmp_path / arch)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+               num_key_value_heads=2)
+    if arch == "lfm2":
+        model = Lfm2ForCausalLM(Lfm2Config(num_hidden_layers=2, layer_types=["conv", "full_attention"], **ids))
+        layers = "layer 0 of this lfm2 model holds other than keys and values alone (LinearAttentionLayer"
+    else:  # its last 2 layers read the keys of the one before of their kind
+        model = Gemma3nForCausalLM(Gemma3nTextConfig(
+            num_hidden_layers=4, head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+            num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=len(tok), laurel_rank=4,
+            altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4, **ids))
+        layers = "layers 2, 3 of this gemma3n_text model holds other than keys and values alone (DummyLayer"
+    model.save_pretrained(tmp_path / arch)
+    recipe = make_recipe(tmp_path, tmp_path / arch, number_data, training={"max_steps": 1})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "prefix_tuning", "num_virtual_tokens": 4}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert "adapter.method prefix_tuning: prefix tuning puts key/value prefixes in every layer's attention cache" in err
+    assert layers in err and "Use prompt_tuning or p_tuning" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    prompted = AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.float32)
+    inject_adapters(prompted, CONFIGS["prompt_tuning"])
+    with torch.no_grad():
+        assert prompted(input_ids=torch.tensor([[1, 40, 41]])).logits.shape[:2] == (1, 3)
+
+
 def test_peft_generate_is_not_cache_free_greedy(models, tmp_path):  # noqa: F811
     """peft 0.21.2's own `generate` with transformers 5.24 on a tiny Llama: prompt tuning, P-tuning and prefix tuning
     give other tokens than its cache-free forward for at least one of them (all three when this was written)."""

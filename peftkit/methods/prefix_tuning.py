@@ -52,6 +52,28 @@ def kv_dims(model_config) -> tuple[int, int, int]:
     return dims["num_layers"], heads, head_dim
 
 
+def check_key_value_layers(model: nn.Module) -> None:
+    """Refuse a model whose cache holds other than keys and values alone for some layer (`DynamicCache`'s layer for
+    each: Jamba's, Qwen3-Next's or LFM2's state-space, linear-attention or convolution layers, Falcon-H1's layers
+    holding both, Gemma 3n's layers reading another's keys): the first forward with the prefix failed there with
+    transformers' error (peft's too)."""
+    from transformers import DynamicCache
+    from transformers import cache_utils
+
+    recurrent = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())  # transformers 5's hybrid models
+    layers = DynamicCache(config=model.config).layers
+    other = [i for i, layer in enumerate(layers)
+             if not isinstance(layer, cache_utils.DynamicLayer) or isinstance(layer, recurrent)]
+    if other:
+        kinds = ", ".join(sorted({type(layers[i]).__name__ for i in other}))
+        raise PeftkitError(
+            f"adapter.method prefix_tuning: prefix tuning puts key/value prefixes in every layer's attention cache, and "
+            f"the cache of layer{'s' if len(other) > 1 else ''} {', '.join(map(str, other))} of this "
+            f"{text_config(model.config).model_type} model holds other than keys and values alone ({kinds}: the state "
+            "of a state-space, linear-attention or convolution layer, or another layer's keys); peft's prefix tuning "
+            "fails on it too. Use prompt_tuning or p_tuning, whose virtual tokens go in front of the input, or lora.")
+
+
 class PrefixTuning(VirtualMethod):
     name: ClassVar[str] = "prefix_tuning"
     title: ClassVar[str] = "Prefix tuning"
@@ -70,6 +92,7 @@ class PrefixTuning(VirtualMethod):
 
     @classmethod
     def install(cls, model: nn.Module, cfg: PrefixTuningConfig) -> VirtualTokens:
+        check_key_value_layers(model)
         layers, heads, head_dim = kv_dims(model.config)
         kv, n = heads * head_dim, cfg.num_virtual_tokens
         if not cfg.projection:
