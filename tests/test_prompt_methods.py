@@ -205,6 +205,29 @@ def test_prefix_tuning_refuses_layers_whose_cache_is_not_keys_and_values(arch, n
         assert prompted(input_ids=torch.tensor([[1, 40, 41]])).logits.shape[:2] == (1, 3)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_an_attention_free_model_is_refused_before_training(method, number_data, tmp_path, monkeypatch, capsys):
+    """Mamba's config names no attention heads, which the prompt family's adapter_config.json records (peft asks to
+    specify them): prompt tuning trained to its end and the export failed on an AttributeError traceback ('MambaConfig'
+    object has no attribute 'n_head'), leaving no adapter. Both are refused before training."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer(tmp_path / "mamba")
+    MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, state_size=4,
+                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "mamba")
+    recipe = make_recipe(tmp_path, tmp_path / "mamba", number_data, training={"max_steps": 1})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": method, "num_virtual_tokens": 4}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert ("records the model's num_attention_heads in adapter_config.json, as peft, and this mamba model's config "
+            "has no num_attention_heads/n_head/num_heads/encoder_attention_heads") in err and "Use lora" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_peft_generate_is_not_cache_free_greedy(models, tmp_path):  # noqa: F811
     """peft 0.21.2's own `generate` with transformers 5.24 on a tiny Llama: prompt tuning, P-tuning and prefix tuning
     give other tokens than its cache-free forward for at least one of them (all three when this was written)."""

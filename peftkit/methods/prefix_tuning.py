@@ -92,8 +92,8 @@ class PrefixTuning(VirtualMethod):
 
     @classmethod
     def install(cls, model: nn.Module, cfg: PrefixTuningConfig) -> VirtualTokens:
+        layers, heads, head_dim = kv_dims(model.config)  # an attention-free model is refused there (Mamba)
         check_key_value_layers(model)
-        layers, heads, head_dim = kv_dims(model.config)
         kv, n = heads * head_dim, cfg.num_virtual_tokens
         if not cfg.projection:
             return install(model, VirtualTokens(cls, torch.randn(n, layers * 2 * kv)))

@@ -191,7 +191,9 @@ def task_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def install(model: nn.Module, module: VirtualTokens) -> VirtualTokens:
-    """Put `module` on `model` (on its device) with its two hooks."""
+    """Put `module` on `model` (on its device) with its two hooks. The facts the export records (`model_dims`) are
+    read now: a model without them is refused before training, not at the export after it."""
+    model_dims(model.config)
     module.to(model.get_input_embeddings().weight.device)
     setattr(model, ATTR, module)
     module.hooks = [model.register_forward_pre_hook(module.before_forward, with_kwargs=True),
@@ -232,12 +234,20 @@ def text_config(model_config):
 
 
 def model_dims(model_config) -> dict[str, int]:
-    """peft's `_prepare_prompt_learning_config` facts for a decoder-only model: hidden size, layers, heads."""
+    """peft's `_prepare_prompt_learning_config` facts for a decoder-only model, read by the names peft reads, in its
+    order: hidden size, heads, layers. A model whose config has none of a fact's names (Mamba has no attention heads)
+    is a PeftkitError, where peft asks to specify it."""
     text = text_config(model_config)
-    hidden = getattr(text, "hidden_size", None) or text.n_embd  # GPT-2's names second
-    heads = getattr(text, "num_attention_heads", None) or text.n_head
-    layers = getattr(text, "num_hidden_layers", None) or text.n_layer
-    return {"token_dim": hidden, "num_attention_heads": heads, "num_layers": layers}
+    names = {"token_dim": ("hidden_size", "n_embd", "d_model"),
+             "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+             "num_layers": ("num_hidden_layers", "num_layers", "n_layer")}
+    dims = {key: next((getattr(text, n) for n in pair if getattr(text, n, None)), None) for key, pair in names.items()}
+    if missing := [key for key, value in dims.items() if value is None]:
+        raise PeftkitError(f"The prompt family (prompt tuning, P-tuning, prefix tuning) records the model's "
+                           f"{', '.join(missing)} in adapter_config.json, as peft, and this {text.model_type} model's "
+                           f"config has no {' nor '.join('/'.join(names[key]) for key in missing)} (an attention-free "
+                           "model, as Mamba); peft's prompt learning refuses it too. Use lora.")
+    return dims
 
 
 class VirtualMethod(Method):
