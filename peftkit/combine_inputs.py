@@ -143,6 +143,10 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
         if getattr(cfg, "lora_bias", False):
             raise PeftkitError(f"{path} has a bias in lora_B (lora_bias), which combining does not carry; merge it "
                                "alone (`peftkit merge --adapter` once).")
+        if cfg.method == "ln_tuning":
+            raise PeftkitError(f"{path} is an LN tuning adapter, whose trained copies replace the norms' weights: "
+                               "those are values, not updates to weigh and combine. Merge it alone (`peftkit merge "
+                               "--adapter` once).")
         if getattr(cfg, "trainable_token_indices", None) or cfg.method == "trainable_tokens":
             raise PeftkitError(f"{path} also trains rows of the embeddings (trainable tokens): those are "
                                "values, not updates to weigh and combine. Combine adapters without them, or merge "

@@ -133,11 +133,9 @@ def save_random_adapter(base: Path, cfg, out: Path, seed: int, std: float = 0.3)
     return out
 
 
-def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor,
-                           prefix: str = "lora_") -> tuple[float, dict, dict]:
+def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor) -> tuple[float, dict, dict]:
     """One training forward and backward of the PEFT adapter at `adapter` on `base` (fp32, dropout as saved) in peft
-    and in peftkit: (the two losses' difference, peft's gradients and peftkit's of the tensors named `prefix`..., by
-    parameter path)."""
+    and in peftkit: (the two losses' difference, peft's gradients and peftkit's trained tensors', by parameter path)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -156,7 +154,7 @@ def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor,
             p.requires_grad_(True)
     ours = model(input_ids=ids, labels=ids).loss
     ours.backward()
-    return float((ours - loss).abs()), expected, {n: p.grad for n, p in model.named_parameters() if prefix in n}
+    return float((ours - loss).abs()), expected, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 class _BlockDiagonal:

@@ -88,7 +88,7 @@ def test_peft_s_adapter_loads_merges_and_trains_as_peft_s(factors, tiny_llama, t
     ours = _load(tmp_path / "merged").state_dict()
     assert ours.keys() == theirs.keys() and max(float((ours[k] - theirs[k]).abs().max()) for k in ours) <= 1e-6
 
-    difference, expected, grads = peft_and_our_gradients(tiny_llama, adapter, IDS, prefix="boft_")
+    difference, expected, grads = peft_and_our_gradients(tiny_llama, adapter, IDS)
     assert difference <= 1e-6 and grads.keys() == expected.keys() and len(grads) == 12
     assert max(float((grads[n] - expected[n]).abs().max() / expected[n].abs().max()) for n in grads) <= 1e-5
 

@@ -58,6 +58,7 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.loha import LohaConfig
 from peftkit.methods.lokr import LokrConfig
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
+from peftkit.methods.ln_tuning import LnTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.oft import OftConfig
@@ -172,6 +173,10 @@ CASES: dict[str, list[Case]] = {
         Case("trainable-tokens", TrainableTokensConfig(token_indices=[3, 7, 12]), ("llama", "qwen2", "gemma2", "gpt2"),
              ("embedding",)),
     ],
+    # peft's defaults: every norm on Llama (RMSNorm) and GPT-2 (LayerNorm, with a shift), post_attention_layernorm on
+    # Qwen2, Gemma 2's four per block (computing with 1 + w). The dense check: a LayerNorm of 12 features.
+    "ln_tuning": [Case("ln-tuning", LnTuningConfig(method="ln_tuning"), ("llama", "qwen2", "gpt2", "gemma2"),
+                       ("layernorm",))],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -361,9 +366,14 @@ def trainable_tokens_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Te
     return dense, bias
 
 
+def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
+    """The trained copy's (w', b') in place of the norm's (w, b)."""
+    return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
+
+
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
-         "trainable_tokens": trainable_tokens_dense}
+         "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -371,6 +381,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "HRA": {"init_weights": False},  # every column drawn (peft's default pairs them: the identity)
                    "BOFT": {"init_weights": False},  # R ~ N(0, 0.1^2), s ~ N(1, 0.1^2)
                    "TRAINABLE_TOKENS": {"init_weights": False},  # random rows
+                   "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
                    "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
@@ -462,7 +473,8 @@ def _save(model: nn.Module, cfg, targets: list[str], base: Path, out: Path) -> P
 def _base_layer(layout: str) -> nn.Module:
     torch.manual_seed(0)
     kind = layout.removesuffix("-ff")
-    layer = {"linear": lambda: nn.Linear(12, 7), "conv1d": lambda: Conv1D(7, 12), "embedding": lambda: nn.Embedding(20, 7)}[kind]()
+    layer = {"linear": lambda: nn.Linear(12, 7), "conv1d": lambda: Conv1D(7, 12), "embedding": lambda: nn.Embedding(20, 7),
+             "layernorm": lambda: nn.LayerNorm(12)}[kind]()
     nn.init.normal_(layer.weight)
     return layer
 
@@ -470,6 +482,8 @@ def _base_layer(layout: str) -> nn.Module:
 def _dense_forward(base: nn.Module, weight: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "embedding":
         return weight[x]
+    if layout == "layernorm":  # (x - mean) / sqrt(var + eps) * w; the test adds the shift
+        return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5) * weight
     return x @ weight if layout.startswith("conv1d") else x @ weight.T
 
 
@@ -687,6 +701,8 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
                 p.mul_(1 + 0.2 * torch.randn(p.shape))
             if "adaption_gate" in name:  # peft's Llama-Adapter gate starts at 0 (the base model)
                 p.copy_(0.5 + torch.rand(p.shape))
+            if "ln_tuning_layers" in name:  # peft's copies of the norms start as the base's
+                p.add_(0.3 * torch.randn(p.shape))
     reference.save_pretrained(tmp_path / "peft")
     theirs = _logits(reference.eval())[:, -IDS.shape[1]:]  # the prompt family's: after the virtual tokens'
     assert _diff(theirs, _logits(_load(models[arch]))) > 1e-3  # peft's weights really change the output

@@ -22,6 +22,7 @@ from peftkit.methods.hra import Hra, HraConfig
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.loha import Loha, LohaConfig
 from peftkit.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
+from peftkit.methods.ln_tuning import LnTuning, LnTuningConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
 from peftkit.methods.vera import Vera, VeraConfig
@@ -60,6 +61,7 @@ register(PTuning)
 register(PrefixTuning)
 register(MultitaskPromptTuning)
 register(Fusion)
+register(LnTuning)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -102,6 +104,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig",
-           "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
+           "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

@@ -1,0 +1,132 @@
+"""LN tuning (`method: ln_tuning`, peftkit.methods.ln_tuning): trained copies of the normalisation layers. Checked
+against peft 0.21 beyond the conformance suite (tests/test_methods.py): one step's gradients, peft's adapters loading
+and merging as peft's merge_and_unload, a resumed run's bits, and what it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LNTuningConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.methods.ln_tuning import LnTuningConfig
+from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, make_recipe,
+                            peft_and_our_gradients)
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _peft_adapter(base: Path, out: Path, seed: int = 0) -> Path:
+    """peft's LN tuning adapter on `base` (its defaults), its copies moved off the base's values."""
+    torch.manual_seed(seed)
+    model = get_peft_model(_load(base), LNTuningConfig(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_tuning_layers" in name:
+                p.add_(torch.randn(p.shape) * 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+def _recipe(tmp_path: Path, model: Path, data: dict, **adapter) -> Path:
+    recipe = make_recipe(tmp_path, model, data, eval={"base_model": False})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "ln_tuning", **adapter}
+    recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # RMSNorm; LayerNorm with its shift
+def test_a_step_s_gradients_are_peft_s(arch, tiny_llama, tiny_gpt2, tmp_path):
+    base = tiny_llama
+    if arch == "gpt2":  # without GPT-2's dropout, which draws differently in the two
+        model = _load(tiny_gpt2)
+        model.config.update({"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0})
+        model.save_pretrained(base := tmp_path / "gpt2")
+    adapter = _peft_adapter(base, tmp_path / "peft")
+    difference, expected, grads = peft_and_our_gradients(base, adapter, IDS)
+    assert difference <= 1e-6 and set(grads) >= set(expected) and len(expected) == (5 if arch == "llama" else 10)
+    assert max((grads[n] - expected[n]).abs().max() for n in expected) <= 1e-6
+    assert min(expected[n].abs().max() for n in expected) > 1e-4  # every copy gets a gradient
+
+
+def test_peft_s_adapters_load_and_merge_as_peft_s_merge_and_unload(tiny_gpt2, tmp_path):
+    adapter = _peft_adapter(tiny_gpt2, tmp_path / "peft")
+    check_loads_and_merges_as_peft(tiny_gpt2, adapter, IDS, tmp_path / "merged")
+    with torch.no_grad():
+        unloaded = PeftModel.from_pretrained(_load(tiny_gpt2), adapter).merge_and_unload()(input_ids=IDS).logits
+        ours = _load(tmp_path / "merged")(input_ids=IDS).logits
+    assert (ours - unloaded).abs().max() <= 1e-5
+
+
+def test_a_run_exports_what_peft_loads_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["training"] |= {"save_steps": 2, "save_total_limit": 10}
+    raw["export"]["merged"] = True
+    recipe.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=6)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), run / "adapter")(input_ids=IDS).logits
+        merged = _load(run / "merged")(input_ids=IDS).logits
+        base = _load(tiny_llama)(input_ids=IDS).logits
+    assert (merged - theirs).abs().max() <= 1e-5 and (merged - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({"target_modules": ["q_proj"]}, "adapter.target_modules matches 'model.layers.0.self_attn.q_proj', a Linear: LN "
+                                     "tuning trains normalisation layers (LayerNorm, RMSNorm) only"),
+    ({"target_modules": ["input_layernrm"]}, "adapter.target_modules entry 'input_layernrm' names no module"),
+    ({"target_modules": "all-linear"}, "'adapter.target_modules' = 'all-linear': is 'all-linear', which names linear "
+                                       "layers; LN tuning trains normalisation layers"),
+    ({"r": 8}, "has no 'r'. Valid keys for method ln_tuning: method, target_modules, modules_to_save"),
+])
+def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = _recipe(tmp_path, tiny_llama, number_data, **adapter)
+    assert message in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+
+
+def test_an_architecture_without_a_default_is_told_to_name_the_norms(tmp_path):
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "m", arch="gemma2", hidden_size=32, num_layers=1, seed=0)
+    model = _load(tmp_path / "m")
+    model.config.model_type = "unknown"
+    with pytest.raises(PeftkitError, match="LN tuning has no default for model type 'unknown'"):
+        inject_adapters(model, LnTuningConfig(method="ln_tuning"))
+
+
+def test_two_named_adapters_serve_each_its_rows_as_peft(tiny_llama, tmp_path):
+    from peftkit.adapters.named import load_named_model
+
+    expected = []
+    for seed in (0, 1):
+        _peft_adapter(tiny_llama, tmp_path / str(seed), seed=seed)
+        with torch.no_grad():
+            expected.append(PeftModel.from_pretrained(_load(tiny_llama), tmp_path / str(seed))(input_ids=IDS).logits)
+    model, adapters = load_named_model([("a", str(tmp_path / "0")), ("b", str(tmp_path / "1"))], str(tiny_llama))[:2]
+    with torch.no_grad(), adapters.routed(["a", "b"]):
+        mixed = model.eval()(input_ids=IDS).logits
+    assert (mixed[0] - expected[0][0]).abs().max() <= 1e-5 and (mixed[1] - expected[1][1]).abs().max() <= 1e-5
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
+
+
+def test_combining_refuses_it_and_inspect_reads_it(tiny_llama, tmp_path):
+    from peftkit.combine_inputs import read_sources
+    from peftkit.inspect import inspect_adapter
+
+    adapter = str(_peft_adapter(tiny_llama, tmp_path / "peft"))
+    with pytest.raises(PeftkitError, match="is an LN tuning adapter, whose trained copies replace the norms' weights"):
+        read_sources([adapter] * 2, False)
+    info = inspect_adapter(adapter)
+    assert info["peftkit_reads"]["ok"] and not info["vllm"]["accepts"]
