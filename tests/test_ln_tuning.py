@@ -121,12 +121,16 @@ def test_two_named_adapters_serve_each_its_rows_as_peft(tiny_llama, tmp_path):
     assert (expected[0] - expected[1]).abs().max() > 1e-3
 
 
-def test_combining_refuses_it_and_inspect_reads_it(tiny_llama, tmp_path):
+def test_combining_and_fusion_refuse_it_and_inspect_reads_it(tiny_llama, tmp_path):
     from peftkit.combine_inputs import read_sources
     from peftkit.inspect import inspect_adapter
+    from peftkit.methods.fusion import FusionConfig
+    from peftkit.methods.fusion_sources import check_fusable, fused_adapters
 
     adapter = str(_peft_adapter(tiny_llama, tmp_path / "peft"))
     with pytest.raises(PeftkitError, match="is an LN tuning adapter, whose trained copies replace the norms' weights"):
         read_sources([adapter] * 2, False)
+    with pytest.raises(PeftkitError, match=r"is an LN tuning adapter; AdapterFusion fuses bottleneck adapters"):
+        check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[adapter, adapter])), "adapter.fuse")
     info = inspect_adapter(adapter)
     assert info["peftkit_reads"]["ok"] and not info["vllm"]["accepts"]

@@ -61,6 +61,12 @@ def read_entry(config: dict, source: str | None, where: str) -> Fused:
     return Fused(source or "", method, method.from_peft(peft, Path(where)), config)
 
 
+def _article(title: str) -> str:
+    """'a' or 'an' before a method's title: an IA3, an LN tuning (an initialism read letter by letter), a LoRA."""
+    spelled = title.split()[0].isupper()
+    return "an" if title[0] in ("AEFHILMNORSX" if spelled else "AEIOU") else "a"
+
+
 def check_fusable(fused: list[Fused], where: str) -> None:
     """Methods AdapterFusion can fuse, of one kind: all bottleneck (one placement) or all weight-update methods."""
     for i, f in enumerate(fused):
@@ -68,7 +74,7 @@ def check_fusable(fused: list[Fused], where: str) -> None:
         if name != "bottleneck" and name not in WEIGHT_UPDATE:
             why = (" (its random projections are shared model-wide under one name, so two cannot sit in one model)"
                    if name == "vera" else "")
-            raise PeftkitError(f"{where}[{i}]: {f.source} is {'an' if f.method.title[0] in 'AEIOU' else 'a'} {f.method.title} adapter{why}; AdapterFusion fuses "
+            raise PeftkitError(f"{where}[{i}]: {f.source} is {_article(f.method.title)} {f.method.title} adapter{why}; AdapterFusion fuses "
                                f"bottleneck adapters, or weight-update adapters ({', '.join(WEIGHT_UPDATE)}).")
         if f.cfg.modules_to_save:
             raise PeftkitError(f"{where}[{i}]: {f.source} also trains whole modules ({', '.join(f.cfg.modules_to_save)}"
