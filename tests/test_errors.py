@@ -236,7 +236,7 @@ def test_unknown_method(tmp_path):
                                               "'vera', 'adalora', 'oft', 'hra', 'boft', 'trainable_tokens', "
                                               "'llama_adapter', 'bottleneck', "
                                               "'prompt_tuning', 'p_tuning', 'prefix_tuning', 'multitask_prompt_tuning', "
-                                              "'fusion', 'ln_tuning'.")
+                                              "'fusion', 'ln_tuning', 'fourierft'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):

@@ -53,6 +53,7 @@ from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.boft import BoftConfig
 from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.fourierft import FourierFtConfig
 from peftkit.methods.hra import HraConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.loha import LohaConfig
@@ -177,6 +178,15 @@ CASES: dict[str, list[Case]] = {
     # Qwen2, Gemma 2's four per block (computing with 1 + w). The dense check: a LayerNorm of 12 features.
     "ln_tuning": [Case("ln-tuning", LnTuningConfig(method="ln_tuning"), ("llama", "qwen2", "gpt2", "gemma2"),
                        ("layernorm",))],
+    # peft's default start, c ~ N(0, 1): not the base model. 16 coefficients fit the dense 12 x 7 layer and every
+    # layer of the tiny models (k/v 32 x 16 under GQA); then per-module counts (n_frequency_pattern) from zeros.
+    "fourierft": [
+        Case("fourierft", FourierFtConfig(method="fourierft", n_frequency=16), ("llama", "qwen2", "gpt2"),
+             ("linear", "conv1d"), identity_at_init=False),
+        Case("fourierft-pattern", FourierFtConfig(method="fourierft", n_frequency=24, scaling=300.0, random_loc_seed=5,
+                                                  init_weights=True, n_frequency_pattern={"down_proj": 40},
+                                                  target_modules=["q_proj", "v_proj", "down_proj"]), ("llama",), ()),
+    ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -366,6 +376,21 @@ def trainable_tokens_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Te
     return dense, bias
 
 
+def fourierft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: FourierFtConfig, layout: str):
+    """(W + dW, b), dW[p, q] = scaling / (out in) sum_k c_k cos(2 pi (p j_k / out + q l_k / in)) (the real part of the
+    inverse 2-D DFT of c at (j_k, l_k)), in float64; entry k is the k-th of randperm(out in) seeded with
+    random_loc_seed, row j_k = e // in, column l_k = e % in. W is (out, in), or (in, out) for Conv1D."""
+    w = weight.T if layout == "conv1d" else weight
+    out, inp = w.shape
+    c = parts["fourierft_spectrum"].double()
+    entries = torch.randperm(out * inp, generator=torch.Generator().manual_seed(cfg.random_loc_seed))[:len(c)]
+    j, l = (entries // inp).double(), (entries % inp).double()
+    p, q = torch.arange(out, dtype=torch.float64)[:, None, None], torch.arange(inp, dtype=torch.float64)[None, :, None]
+    delta = cfg.scaling / (out * inp) * (c * torch.cos(2 * math.pi * (p * j / out + q * l / inp))).sum(-1)
+    dense = w + delta.to(w.dtype)
+    return (dense.T if layout == "conv1d" else dense), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -373,7 +398,7 @@ def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], 
 
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
-         "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense}
+         "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -381,6 +406,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "HRA": {"init_weights": False},  # every column drawn (peft's default pairs them: the identity)
                    "BOFT": {"init_weights": False},  # R ~ N(0, 0.1^2), s ~ N(1, 0.1^2)
                    "TRAINABLE_TOKENS": {"init_weights": False},  # random rows
+                   "FOURIERFT": {"init_weights": False},  # N(0, 1), peft's default
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.

@@ -407,6 +407,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
     "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
+    "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
 }
 
 
@@ -500,6 +501,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "oft": ("OFTConfig", {"r": 0, "oft_block_size": 4}, {"r": 0, "oft_block_size": 4}),
     "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
+    "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
 }
 
 

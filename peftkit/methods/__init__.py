@@ -17,6 +17,7 @@ from peftkit.methods.adalora import AdaLora, AdaLoraConfig
 from peftkit.methods.base import AdapterLayer, Method, MethodTrainer
 from peftkit.methods.boft import Boft, BoftConfig
 from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
+from peftkit.methods.fourierft import FourierFt, FourierFtConfig
 from peftkit.methods.fusion import Fusion, FusionConfig
 from peftkit.methods.hra import Hra, HraConfig
 from peftkit.methods.ia3 import IA3, IA3Config
@@ -62,6 +63,7 @@ register(PrefixTuning)
 register(MultitaskPromptTuning)
 register(Fusion)
 register(LnTuning)
+register(FourierFt)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -104,6 +106,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig",
-           "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
+           "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

@@ -1,0 +1,158 @@
+"""FourierFT (`method: fourierft`, peftkit.methods.fourierft): trained spectral coefficients at random frequencies,
+the update their inverse 2-D DFT. Checked against peft 0.21 beyond the conformance suite (tests/test_methods.py):
+the same frequencies and first coefficients from the same seeds, one step's gradients, peft's adapters loading and
+merging as peft's merge_and_unload (Linear and Conv1D), a resumed run's bits, combining, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import FourierFTConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from peftkit.adapters import inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.methods.fourierft import FourierFtConfig
+from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, make_recipe,
+                            peft_and_our_gradients)
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+TARGETS = {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}  # Linear; Conv1D
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _peft_adapter(base: Path, out: Path, targets: list[str], **settings) -> Path:
+    """peft's FourierFT adapter (its default start, c ~ N(0, 1)), its coefficients moved on as by training."""
+    torch.manual_seed(0)
+    model = get_peft_model(_load(base), FourierFTConfig(task_type="CAUSAL_LM", target_modules=targets,
+                                                        **{"n_frequency": 50, "scaling": 100.0} | settings))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "fourierft_spectrum" in name:
+                p.add_(torch.randn(p.shape) * 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+def _recipe(tmp_path: Path, model: Path, data: dict, **adapter) -> Path:
+    recipe = make_recipe(tmp_path, model, data, eval={"base_model": False})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "fourierft", "n_frequency": 64, "scaling": 100.0, **adapter}
+    recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+def test_the_same_seeds_give_peft_s_frequencies_and_first_coefficients(tiny_gpt2):
+    settings = {"n_frequency": 40, "random_loc_seed": 11, "target_modules": ["c_attn", "mlp.c_proj"]}
+    torch.manual_seed(4)
+    theirs = get_peft_model(_load(tiny_gpt2), FourierFTConfig(task_type="CAUSAL_LM", **settings))
+    torch.manual_seed(4)
+    ours = _load(tiny_gpt2)
+    inject_adapters(ours, FourierFtConfig(method="fourierft", **settings))
+    for path in ("transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"):
+        layer, reference = ours.get_submodule(path), theirs.base_model.model.get_submodule(path)
+        assert torch.equal(layer.fourierft_indices, reference.indices["default"])
+        assert torch.equal(layer.fourierft_spectrum, reference.fourierft_spectrum["default"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_step_s_gradients_are_peft_s(arch, tiny_llama, tiny_gpt2, tmp_path):
+    base = tiny_llama
+    if arch == "gpt2":  # without GPT-2's dropout, which draws differently in the two
+        model = _load(tiny_gpt2)
+        model.config.update({"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0})
+        model.save_pretrained(base := tmp_path / "gpt2")
+    adapter = _peft_adapter(base, tmp_path / "peft", TARGETS[arch])
+    difference, expected, grads = peft_and_our_gradients(base, adapter, IDS)
+    assert difference <= 1e-5 and set(grads) >= set(expected) and len(expected) == 4
+    assert max((grads[n] - expected[n]).abs().max() for n in expected) <= 1e-5
+    assert min(expected[n].abs().max() for n in expected) > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_s_adapters_load_and_merge_as_peft_s_merge_and_unload(arch, tiny_llama, tiny_gpt2, tmp_path):
+    base = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]
+    adapter = _peft_adapter(base, tmp_path / "peft", TARGETS[arch], n_frequency_pattern={"q_proj": 30, "c_attn": 70})
+    check_loads_and_merges_as_peft(base, adapter, IDS, tmp_path / "merged")
+    with torch.no_grad():
+        unloaded = PeftModel.from_pretrained(_load(base), adapter).merge_and_unload()(input_ids=IDS).logits
+        ours = _load(tmp_path / "merged")(input_ids=IDS).logits
+    assert (ours - unloaded).abs().max() <= 1e-5
+
+
+def test_a_run_exports_what_peft_loads_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    recipe = _recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["training"] |= {"save_steps": 2, "save_total_limit": 10}
+    raw["export"]["merged"] = True
+    recipe.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=6)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), run / "adapter")(input_ids=IDS).logits
+        merged = _load(run / "merged")(input_ids=IDS).logits
+        base = _load(tiny_llama)(input_ids=IDS).logits
+    # (fp32: peft adds x dW^T to the base output, the merge (W + dW) x: other roundings)
+    assert (merged - theirs).abs().max() <= 1e-4 and (merged - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({"n_frequency": 0}, "'adapter.n_frequency' = 0"),
+    ({"n_frequency": 600}, "adapter.n_frequency: 600 coefficients do not fit a layer of 16 x 32 = 512 entries"),
+    ({"n_frequency_pattern": {"q_proj": -1}}, "adapter.n_frequency_pattern.q_proj"),
+    ({"target_modules": ["embed_tokens"]}, "'model.embed_tokens' is an embedding; FourierFT (as peft's) adapts Linear"),
+    ({"r": 8}, "has no 'r'. Valid keys for method fourierft: method, n_frequency, scaling, random_loc_seed"),
+])
+def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = _recipe(tmp_path, tiny_llama, number_data, **adapter)
+    assert message in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+
+
+def test_peft_s_settings_it_cannot_apply_are_refused(tiny_llama, tmp_path):
+    from peftkit.adapter_base import load_adapted_model
+
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft", TARGETS["llama"])
+    config = adapter / "adapter_config.json"
+    written = config.read_text()
+    for edit, message in (({"bias": "fourier_only"}, "bias='fourier_only'; peftkit supports bias='none' only"),
+                          ({"random_loc_seed": None}, "random_loc_seed is null, so the frequencies cannot be drawn")):
+        config.write_text(json.dumps(json.loads(written) | edit))
+        with pytest.raises(PeftkitError, match=message):
+            load_adapted_model(str(tiny_llama), str(adapter))
+
+
+def test_two_named_adapters_serve_each_its_rows_as_peft(tiny_llama, tmp_path):
+    from peftkit.adapters.named import load_named_model
+
+    expected = []
+    for name, seed in (("a", 777), ("b", 3)):  # other frequencies too
+        _peft_adapter(tiny_llama, tmp_path / name, TARGETS["llama"], random_loc_seed=seed)
+        with torch.no_grad():
+            expected.append(PeftModel.from_pretrained(_load(tiny_llama), tmp_path / name)(input_ids=IDS).logits)
+    model, adapters = load_named_model([("a", str(tmp_path / "a")), ("b", str(tmp_path / "b"))], str(tiny_llama))[:2]
+    with torch.no_grad(), adapters.routed(["b", "a"]):
+        mixed = model.eval()(input_ids=IDS).logits
+    assert (mixed[0] - expected[1][0]).abs().max() <= 1e-5 and (mixed[1] - expected[0][1]).abs().max() <= 1e-5
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
+
+
+def test_combined_into_the_base_it_adds_the_updates_and_fusion_refuses_it(tiny_llama, tmp_path):
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+    from peftkit.methods.fusion import FusionConfig
+    from peftkit.methods.fusion_sources import check_fusable, fused_adapters
+
+    a = str(_peft_adapter(tiny_llama, tmp_path / "a", TARGETS["llama"]))
+    merged = combine_adapters([a, a], Combination("linear", (0.5, 0.5)), str(tmp_path / "half"), into_base=True)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(_load(tiny_llama), a)(input_ids=IDS).logits
+        assert (_load(merged)(input_ids=IDS).logits - expected).abs().max() <= 1e-5
+    with pytest.raises(PeftkitError, match=r"is a FourierFT adapter; AdapterFusion fuses bottleneck adapters"):
+        check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[a, a])), "adapter.fuse")
