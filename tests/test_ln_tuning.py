@@ -134,3 +134,16 @@ def test_combining_and_fusion_refuse_it_and_inspect_reads_it(tiny_llama, tmp_pat
         check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[adapter, adapter])), "adapter.fuse")
     info = inspect_adapter(adapter)
     assert info["peftkit_reads"]["ok"] and not info["vllm"]["accepts"]
+
+
+def test_exclude_modules_leaves_out_what_peft_leaves_out(tiny_llama):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from peftkit.adapters import adapter_layers
+
+    excluded = ["model.norm", "layers.0.input_layernorm"]
+    theirs = get_peft_model(_load(tiny_llama), LNTuningConfig(task_type="CAUSAL_LM", exclude_modules=excluded))
+    kept = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if isinstance(m, BaseTunerLayer)}
+    ours = _load(tiny_llama)
+    inject_adapters(ours, LnTuningConfig(method="ln_tuning", exclude_modules=excluded))
+    assert set(adapter_layers(ours)) == kept and len(kept) == 3
