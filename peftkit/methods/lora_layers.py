@@ -230,7 +230,7 @@ class DoraLinear(_DoraMerge, LoraLinear):
             lora = self.lora_B(self.lora_A(dropped)) * self.scaling
             base_out = F.linear(dropped, self.base_weight())
         update = (gain - 1) * base_out + gain * lora
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)
 
 
 

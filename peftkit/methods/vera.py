@@ -107,7 +107,7 @@ class VeraLinear(AdapterLayer):
         a = self.shared.vera_A[:, : self.in_features]
         b = self.shared.vera_B[: len(lambda_b)]
         update = lambda_b * F.linear(lambda_d * F.linear(self.vera_dropout(x.to(lambda_d.dtype)), a), b)
-        return result + update.to(result.dtype)
+        return (result + update).to(result.dtype)
 
 
 class PeftVeraConfig(PeftLayerTargets):
