@@ -205,10 +205,10 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         module_name, _, _ = name.rpartition(".")
         module = modules[module_name]
         # bitsandbytes quantizes a Linear's weight only: its bias stays in the load dtype (Qwen2's q/k/v biases)
-        quantized = q is not None and isinstance(module, torch.nn.Linear) and p is module.weight \
+        quantized = q is not None and _quantizable(module) and p is module.weight \
             and not _skipped(module_name, q.skip_modules)
-        if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) a row
-            base += p.numel() + 4 * p.shape[0]
+        if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) an output row
+            base += p.numel() + 4 * (p.shape[0] if type(module) is torch.nn.Linear else p.shape[1])  # Conv1D: (in, out)
         elif quantized:
             base += p.numel() * QUANT_BITS[(q.method, q.double_quant)] / 8
         else:
@@ -243,6 +243,14 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         optimizer = 2.0 * sum(p.numel() * width[id(p)] for p in trainable)
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, optimizer, activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
+
+
+def _quantizable(module: torch.nn.Module) -> bool:
+    """Whether transformers' bitsandbytes integration replaces `module` by a 4-bit/8-bit layer: an nn.Linear (not a
+    subclass) or GPT-2's Conv1D, whose weight it quantizes transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    return type(module) is torch.nn.Linear or isinstance(module, Conv1D)
 
 
 def _skipped(name: str, skip_modules: list[str]) -> bool:
