@@ -100,7 +100,7 @@ class LycorisLayer(AdapterLayer):
         delta = self.method.delta(self.adapter_params(), self.facts)  # fp32 (out, in)
         if self.training and self.rank_dropout:
             delta = delta * rank_dropout_mask(delta.shape[0], self.rank_dropout, self.rescale_rank_dropout, delta.device)
-        return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
+        return (result + F.linear(x.to(delta.dtype), delta)).to(result.dtype)  # summed in fp32, rounded once (peft)
 
 
 class PeftLycorisConfig(PeftLayerTargets, PeftExcludedTargets):
