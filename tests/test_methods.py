@@ -772,11 +772,12 @@ def test_bf16_base_with_fp32_adapter(case, models):
         assert _rounded_once(merged[f"{name}.weight"], dense), name
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for _, c in ALL if c.id in ("dora", "vera", "loha", "lokr")])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for _, c in ALL
+                                  if c.id in ("dora", "vera", "loha", "lokr", "adalora")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
-    """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa and LoKr
-    rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients up to
-    33 %. Now the same bf16 logits, for peft's own loading of our adapter (4-bit bases: tests/test_qlora.py)."""
+    """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
+    AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients
+    up to 33 %. Now the same bf16 logits, for peft's own loading of our adapter (4-bit bases: tests/test_qlora.py)."""
     model, targets = _adapted(models["llama"], case.cfg, torch.bfloat16)
     saved = _save(model, case.cfg, targets, models["llama"], tmp_path / "adapter")
     reference = PeftModel.from_pretrained(_load(models["llama"], torch.bfloat16), saved).eval()

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, REEXPORT, draw_device, is_conv1d,
+from peftkit.methods.base import (AdapterLayer, Method, REEXPORT, draw_device, is_conv1d, is_quantized,
                                   linear_shape, refuse_unsupported, targets_from_peft)
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
@@ -148,8 +148,11 @@ class AdaLoraLinear(AdapterLayer):
         if self.merged:
             return result
         a = self.lora_A
-        update = (self.lora_dropout(x.to(a.dtype)) @ (a * self.lora_E).T @ self.lora_B.T) * self.facts.scaling
-        return result + update.to(result.dtype)
+        product = self.lora_dropout(x.to(a.dtype)) @ (a * self.lora_E).T @ self.lora_B.T
+        if is_quantized(self.base_layer):  # as peft's 4-bit/8-bit layers: the product rounded, then scaled
+            ranknum = torch.tensor([self.facts.init_r + 1e-5], device=product.device)  # (fp32, as peft's)
+            return (result + product.to(result.dtype) * self.facts.alpha / ranknum).to(result.dtype)
+        return (result + product * self.facts.scaling).to(result.dtype)  # summed in fp32, rounded once (peft)
 
 
 class PeftAdaLoraConfig(PeftLayerTargets, PeftExcludedTargets):
