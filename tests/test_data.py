@@ -591,6 +591,19 @@ def test_sharegpt_rows_are_conversations(tmp_path):
                                                                                 add_generation_prompt=True)
 
 
+def test_an_empty_sharegpt_system_field_is_no_system_message(tmp_path):
+    """LLaMA-Factory's ShareGPT rows often hold `"system": ""`, which it reads as no system message (its template's
+    default one, or none). It was an empty system turn, trained on as context, and data.system_prompt was not applied."""
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    (empty,), _ = _load(tmp_path, [{"system": "", "conversations": turns}], "chat")
+    (expected,), _ = _load(tmp_path, [{"messages": messages}], "chat")
+    assert empty.input_ids == expected.input_ids
+    (given,), _ = _load(tmp_path, [{"system": "", "conversations": turns}], "chat", system_prompt="Be brief.")
+    (expected,), _ = _load(tmp_path, [{"messages": [{"role": "system", "content": "Be brief."}, *messages]}], "chat")
+    assert given.input_ids == expected.input_ids
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}]},
      "conversations[1].from is 'bot', not a ShareGPT speaker (human, gpt, system, observation)"),

@@ -346,14 +346,15 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 def sharegpt_rows(rows: list) -> list:
     """Rows of data.format chat, ShareGPT's among them (`conversations`: {from, value} turns, `system` beside them
-    as LLaMA-Factory writes it) as `messages` rows, the other fields kept; a turn whose `from` is no ShareGPT speaker
+    as LLaMA-Factory writes it, empty for none) as `messages` rows, the other fields kept; a turn whose `from` is no ShareGPT speaker
     keeps it as its role (the role check names it)."""
     def turns(row) -> list[dict] | None:
         conversation = row.get("conversations") if isinstance(row, dict) and "messages" not in row else None
         if not isinstance(conversation, list) or not all(isinstance(t, dict) and {"from", "value"} <= t.keys()
                                                          for t in conversation):
             return None
-        system = [{"role": "system", "content": row["system"]}] if row.get("system") is not None else []
+        # ("system": "" is no system message, as LLaMA-Factory reads it: data.system_prompt then opens it)
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") not in (None, "") else []
         return system + [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
                          for t in conversation]
     return [row | {"messages": messages, SHAREGPT: True} if (messages := turns(row)) is not None else row
