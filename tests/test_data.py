@@ -676,6 +676,20 @@ def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
         load_rows(cfg.train, "validation")
 
 
+def test_a_bad_row_of_a_sliced_file_without_lines_is_named_by_its_row_in_the_file(tmp_path):
+    """A .json/.csv/.parquet file's rows are named `FILE row N`; in a slice, N was the row's place in the slice (row 2
+    of train[80%:] for the file's row 10)."""
+    import json
+
+    from peftkit.errors import PeftkitError
+
+    rows = [{"prompt": f"{i}+", "completion": str(i)} for i in range(9)] + [{"prompt": "9+", "completion": ""}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    cfg = DataConfig(train=str(tmp_path / "d.json"), format="completion")
+    with pytest.raises(PeftkitError, match=re.escape("d.json row 10: field 'completion' is empty")):
+        load_examples(TOK, cfg.train, "train[80%:]", cfg, cache=False)
+
+
 def test_data_system_prompt_opens_conversations_without_one(tmp_path, monkeypatch):
     """data.system_prompt is the system message of a conversation that has none (a ShareGPT row's too), in training
     and in eval's prompts; a conversation's own stays. The cache keys on it."""

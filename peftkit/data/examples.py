@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
-from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, _row_problem, format_rows, load_rows
+from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, RowNumbers, _row_problem, format_rows, load_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -349,7 +349,9 @@ def row_task(row: dict, where: str) -> int | None:
 
 
 def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:
-    """`FILE:LINE` for a row of a .jsonl file, `SOURCE row N` otherwise."""
+    """`FILE:LINE` for a row of a .jsonl file, `SOURCE row N` otherwise (N in the file, for a slice of one)."""
+    if isinstance(line_numbers, RowNumbers):
+        return f"{source} row {line_numbers[index]}"
     return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"
 
 

@@ -207,7 +207,13 @@ def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
                            "'train', which may be sliced as a hub dataset's: 'train[:95%]' and 'train[95%:]', "
                            "'train[:1000]', 'train[-200:]'.") from None
     picked = [i for part in parts for i in range(part.from_, part.to)]
-    return [rows[i] for i in picked], None if line_numbers is None else [line_numbers[i] for i in picked]
+    numbers = RowNumbers(i + 1 for i in picked) if line_numbers is None else [line_numbers[i] for i in picked]
+    return [rows[i] for i in picked], numbers
+
+
+class RowNumbers(list):
+    """The row numbers in the file (from 1) of a slice of a file without lines to name (.json, .csv, .parquet): a
+    row is `FILE row N` by its place in the file, not in the slice (`row_location`)."""
 
 
 def _hub_rows(source: str, split: str, revision: str | None) -> tuple[list[dict], int, None]:
