@@ -676,6 +676,27 @@ def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
         load_rows(cfg.train, "validation")
 
 
+def test_a_template_refusing_data_system_prompt_names_it(tmp_path):
+    """A template without a system role (Gemma's) refuses the conversations data.system_prompt opens: the error told
+    the user to fix a conversation that holds no system message; it now names data.system_prompt."""
+    from peftkit.data.prompts import load_prompts
+    from peftkit.errors import PeftkitError
+
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                         "supported') }}{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": "yo"}]}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat", system_prompt="Be brief.")
+    fix = ("d.jsonl:1: the chat template refuses this conversation (System role not supported): its system message is "
+           "data.system_prompt, which this model's template takes no system message for; remove data.system_prompt")
+    with pytest.raises(PeftkitError, match=re.escape(fix)):
+        load_examples(tok, cfg.train, "train", cfg, cache=False)
+    with pytest.raises(PeftkitError, match=re.escape(fix)):
+        load_prompts(tok, cfg.train, "train", cfg)
+
+
 def test_a_bad_row_of_a_sliced_file_without_lines_is_named_by_its_row_in_the_file(tmp_path):
     """A .json/.csv/.parquet file's rows are named `FILE row N`; in a slice, N was the row's place in the slice (row 2
     of train[80%:] for the file's row 10)."""

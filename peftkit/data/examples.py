@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
-from peftkit.data.rows import HUB_ROWS, REQUIRED_FIELDS, RowNumbers, _row_problem, format_rows, load_rows
+from peftkit.data.rows import (HUB_ROWS, REQUIRED_FIELDS, RowNumbers, SystemPrompt, _row_problem, format_rows,
+                               load_rows)
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -279,6 +280,10 @@ def render_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
     try:
         return render(tok, messages, add_generation_prompt, tools)
     except TemplateError as e:
+        if messages and isinstance(messages[0], SystemPrompt):
+            raise PeftkitError(f"the chat template refuses this conversation ({e}): its system message is "
+                               "data.system_prompt, which this model's template takes no system message for; remove "
+                               "data.system_prompt (or put it into the first user message of each row).") from None
         raise PeftkitError(f"the chat template refuses this conversation ({e}). Fix the conversation (for example, "
                            "put a system message the template refuses into the first user message) or use a "
                            "model whose template takes it.") from None

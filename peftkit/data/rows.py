@@ -342,7 +342,12 @@ def _with_system(row, system: str):
     if not isinstance(messages, list) or (messages and isinstance(messages[0], dict)
                                           and messages[0].get("role") == "system"):
         return row  # (a malformed row is said as it is)
-    return row | {"messages": [{"role": "system", "content": system}, *messages]}
+    return row | {"messages": [SystemPrompt(role="system", content=system), *messages]}
+
+
+class SystemPrompt(dict):
+    """The system message data.system_prompt puts in front of a conversation (a dict to the chat template), so that
+    a template refusing it names data.system_prompt, not the row (`render_chat`)."""
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
