@@ -697,6 +697,18 @@ def test_a_template_refusing_data_system_prompt_names_it(tmp_path):
         load_prompts(tok, cfg.train, "train", cfg)
 
 
+def test_an_empty_slice_of_a_local_file_is_said_as_such(tmp_path):
+    """train[95%:] of a 10-row file is no row (the datasets library refuses such a slice of a hub split): the error
+    said the file 'has no rows'."""
+    from peftkit.errors import PeftkitError
+
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}] * 10)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="completion")
+    with pytest.raises(PeftkitError, match=re.escape("d.jsonl: split 'train[95%:]' is none of its 10 rows; take a "
+                                                     "larger slice")):
+        load_examples(TOK, cfg.train, "train[95%:]", cfg, cache=False)
+
+
 def test_a_bad_row_of_a_sliced_file_without_lines_is_named_by_its_row_in_the_file(tmp_path):
     """A .json/.csv/.parquet file's rows are named `FILE row N`; in a slice, N was the row's place in the slice (row 2
     of train[80%:] for the file's row 10)."""

@@ -207,6 +207,9 @@ def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
                            "'train', which may be sliced as a hub dataset's: 'train[:95%]' and 'train[95%:]', "
                            "'train[:1000]', 'train[-200:]'.") from None
     picked = [i for part in parts for i in range(part.from_, part.to)]
+    if rows and not picked:  # (a hub split's slice too is an error: "corresponds to no data")
+        raise PeftkitError(f"Data file {source}: split '{split}' is none of its {len(rows)} rows; take a larger slice "
+                           "(percentages are rounded to whole rows).")
     numbers = RowNumbers(i + 1 for i in picked) if line_numbers is None else [line_numbers[i] for i in picked]
     return [rows[i] for i in picked], numbers
 
