@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -16,6 +14,9 @@ def attach(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
     def noisy(module: nn.Module, _args, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return output
-        magnitude = alpha / math.sqrt(output.size(1) * output.size(2))
-        return output + torch.empty_like(output).uniform_(-magnitude, magnitude)
+        # The bound as a tensor: a Python float of the length is a constant to torch.compile (training.compile),
+        # which then recompiled the step for each padded length, up to its limit of 8, and ran the rest uncompiled.
+        elements = torch.scalar_tensor(output.size(1) * output.size(2), dtype=torch.float32, device=output.device)
+        magnitude = (alpha * elements.rsqrt()).to(output.dtype)
+        return output + (torch.rand_like(output) * 2 - 1) * magnitude
     return model.get_input_embeddings().register_forward_hook(noisy)

@@ -453,6 +453,34 @@ def test_neftune_noises_the_embeddings_in_training_only(tiny_llama):
     assert torch.equal(model.eval().get_input_embeddings()(ids), plain)
 
 
+def test_neftune_under_torch_compile_compiles_once_for_every_length():
+    """training.compile traces with dynamic shapes so that a batch's padded length never recompiles; the noise's bound
+    was a Python float of the length, which torch.compile specialized on: each new length recompiled the step (a
+    minute each with inductor on a CPU) until its limit of 8, after which the step ran uncompiled."""
+    import torch._dynamo.testing
+
+    from peftkit import neftune
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, ids):
+            return self.head(self.embed(ids)).sum()
+
+    model = Tiny().train()
+    neftune.attach(model, 5.0)
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(model, backend=counter, dynamic=True)
+    for length in (3, 5, 7, 9, 11, 13, 17, 19, 23, 29):
+        step(torch.randint(0, 50, (2, length)))
+    assert counter.frame_count == 1
+
+
 def test_a_neftune_run_trains_otherwise_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
     from tests.conftest import check_resumes_to_the_same_bits
 
