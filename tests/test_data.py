@@ -676,6 +676,23 @@ def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
         load_rows(cfg.train, "validation")
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+     "messages[1].content is empty (an assistant turn)"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]},
+     "conversations[1].value is empty (an assistant turn)"),
+    ({"system": "s", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
+     "conversations[0].value must be a string, got int"),
+])
+def test_a_bad_row_is_named_in_its_own_words_beside_data_system_prompt(tmp_path, row, message):
+    """The message data.system_prompt puts in front of a conversation is not the row's: a bad messages[1] was said
+    to be messages[2]."""
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)}"):
+        _load(tmp_path, [row], "chat", system_prompt="Be brief.")
+
+
 def test_a_template_refusing_data_system_prompt_names_it(tmp_path):
     """A template without a system role (Gemma's) refuses the conversations data.system_prompt opens: the error told
     the user to fix a conversation that holds no system message; it now names data.system_prompt."""

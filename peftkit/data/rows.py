@@ -406,7 +406,10 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
         tools = row.get("tools")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             return "field 'tools' must be a list of objects (the tools' JSON schemas, as the chat template takes them)"
-        return _messages_problem(row["messages"], target)
+        messages = row["messages"]
+        if isinstance(messages, list) and messages and isinstance(messages[0], SystemPrompt):
+            messages = messages[1:]  # (data.system_prompt's, not the row's: its messages are named as it numbers them)
+        return _messages_problem(messages, target)
     if fmt == "classification" and (problem := _label_problem(row["label"])):
         return problem
     field = TARGET_FIELDS.get(fmt)
@@ -418,7 +421,8 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
 
 def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
     """`_row_problem` of a row `sharegpt_rows` converted, in the row's own words (`conversations[i].value`)."""
-    shift = len(row["messages"]) - len(row["conversations"])  # a `system` field's turn in front
+    own = [m for m in row["messages"] if not isinstance(m, SystemPrompt)]  # (`_row_problem` names these)
+    shift = len(own) - len(row["conversations"])  # a `system` field's turn in front
     for i, turn in enumerate(row["conversations"]):
         if turn["from"] not in SHAREGPT_ROLES:
             return (f"conversations[{i}].from is {turn['from']!r}, not a ShareGPT speaker (human, gpt, system, "
