@@ -21,10 +21,10 @@ def ids(text: str) -> list[int]:
     return TOK.convert_tokens_to_ids(list(text))
 
 
-def _load(tmp_path, rows, fmt, tok=TOK):
+def _load(tmp_path, rows, fmt, tok=TOK, **data):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = DataConfig(train=str(path), format=fmt, max_length=64)
+    cfg = DataConfig(train=str(path), format=fmt, max_length=64, **data)
     examples, stats = load_examples(tok, cfg.train, "train", cfg, cache=False)
     return examples, stats, describe_stats(stats, cfg), path
 
@@ -235,3 +235,19 @@ def test_a_message_the_chat_template_leaves_out_is_said(tmp_path):
         "use a template that keeps it.")
     tok.chat_template = TOK.chat_template
     assert _load(tmp_path, rows, "chat", tok)[1]["dropped_message_rows"] == 0
+
+
+def test_data_system_prompt_s_message_is_named_as_such_not_as_the_row_s(tmp_path):
+    """A conversation's messages are named as the row numbers them, the one data.system_prompt puts in front by that
+    key: it was counted, so a row's messages[0] was said to be messages[1], and the dropped system message the row's
+    messages[0]."""
+    tok = copy.deepcopy(TOK)
+    rows = [{"messages": [{"role": "user", "content": "q<pad>"}, {"role": "assistant", "content": "a"}]}]
+    _, stats, _, path = _load(tmp_path, rows, "chat", tok, system_prompt="Be brief.")
+    assert stats["special_text_first"] == f"{path}:1: messages[0].content holds '<pad>'"
+    assert _load(tmp_path, rows, "chat", tok, system_prompt="No <pad>.")[1]["special_text_first"] == (
+        f"{path}:1: data.system_prompt holds '<pad>'")
+    tok.chat_template = SYSTEM_IN_LAST_USER_TURN
+    rows[0]["messages"][0]["content"] = "q"
+    assert _load(tmp_path, rows, "chat", tok, system_prompt="Be brief.")[1]["dropped_message_first"] == (
+        f"{path}:1: data.system_prompt")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import re
 
-from peftkit.data.rows import OPTIONAL_FIELDS, REQUIRED_FIELDS
+from peftkit.data.rows import OPTIONAL_FIELDS, REQUIRED_FIELDS, message_name
 from peftkit.data.template import render
 from peftkit.recipe import DataConfig
 
@@ -41,7 +41,8 @@ def special_tokens_in(tok, row: dict, fmt: str, body: list[int]) -> str | None:
             return f"field '{last}' ends with '{eos}', and peftkit appends an EOS to it too (two EOS)"
         return None
     if fmt == "chat":
-        fields = [(f"messages[{i}].content", m.get("content")) for i, m in enumerate(row["messages"])]
+        fields = [(message_name(row["messages"], i, ".content"), m.get("content"))
+                  for i, m in enumerate(row["messages"])]
         for name, value in fields:
             if pattern is not None and isinstance(value, str) and (found := pattern.search(value)):
                 return f"{name} holds '{found.group()}'"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
 from peftkit.data.rows import (HUB_ROWS, REQUIRED_FIELDS, RowNumbers, SystemPrompt, _row_problem, format_rows,
-                               load_rows)
+                               load_rows, message_name)
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -450,7 +450,7 @@ def left_out(tok, row: dict) -> str | None:
     if not any(m["role"] == "system" for m in messages):  # (no render: this runs for every row)
         return None
     text = render_chat(tok, messages, tools=row.get("tools"))
-    return next((f"messages[{i}]" for i, m in enumerate(messages)
+    return next((message_name(messages, i) for i, m in enumerate(messages)
                  if m["role"] == "system" and m["content"].strip() not in text), None)
 
 

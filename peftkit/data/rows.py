@@ -353,6 +353,12 @@ class SystemPrompt(dict):
     a template refusing it names data.system_prompt, not the row (`render_chat`)."""
 
 
+def message_name(messages: list[dict], i: int, part: str = "") -> str:
+    """`messages[i]` (with `part`, `.content`) as the row numbers its messages, or data.system_prompt for its."""
+    lead = int(bool(messages) and isinstance(messages[0], SystemPrompt))
+    return "data.system_prompt" if lead and i == 0 else f"messages[{i - lead}]{part}"
+
+
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "observation": "tool", "tool": "tool"}
 """ShareGPT's speakers (a turn's `from`: LLaMA-Factory's and axolotl's names) as chat roles."""
