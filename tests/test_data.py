@@ -642,6 +642,26 @@ def test_data_columns_map_the_formats_fields(tmp_path, monkeypatch):
         _load(tmp_path, [{"instruction": "Add.", "output": "3"}], "alpaca", columns={"instruction": "question"})
 
 
+@pytest.mark.parametrize(("fmt", "columns", "row", "message"), [
+    ("completion", {"completion": "answer"}, {"prompt": "a", "answer": " "},
+     "column 'answer' (data.columns.completion) is empty"),
+    ("completion", {"completion": "answer"}, {"prompt": "a", "answer": 3},
+     "column 'answer' (data.columns.completion) must be a string, got int"),
+    ("chat", {"messages": "dialog"}, {"dialog": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+     "dialog[1].content is empty (an assistant turn)"),
+    ("chat", {"messages": "dialog"}, {"dialog": "hi"}, "'dialog' must be a list of {role, content} objects"),
+    ("chat", {"conversations": "turns"}, {"turns": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]},
+     "turns[1].value is empty (an assistant turn)"),
+])
+def test_a_bad_mapped_column_is_named_as_the_data_names_it(tmp_path, fmt, columns, row, message):
+    """A field data.columns reads from another column was named by the field's name, which the row does not hold
+    ('field completion is empty' of a row whose 'answer' is)."""
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)}"):
+        _load(tmp_path, [row], fmt, columns=columns)
+
+
 def test_a_data_column_for_no_field_is_a_recipe_error(tmp_path, monkeypatch, capsys, tiny_llama, number_data):
     from tests.conftest import cli_user_error, make_recipe
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import functools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,13 +381,22 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True) ->
         return True
     if cfg.on_bad_rows == "skip":
         return False
-    for field, column in cfg.columns.items():  # in the data's own words
-        problem = problem.replace(f"missing field '{field}'", f"missing column '{column}' (data.columns.{field})")
+    problem = in_columns(problem, cfg.columns)
     raise PeftkitError(
         f"{where}: {problem} for data.format '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
         "the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "
         "--on-bad-rows skip)."
     )
+
+
+def in_columns(problem: str, columns: dict[str, str]) -> str:
+    """A row's `problem` in the data's own words: a field data.columns reads from another column named by it
+    (`missing field 'output'`: `missing column 'answer' (data.columns.output)`; `messages[1]`: `dialog[1]`)."""
+    for field, column in columns.items():
+        named = f"column '{column}' (data.columns.{field})"
+        problem = problem.replace(f"missing field '{field}'", f"missing {named}").replace(f"field '{field}'", named)
+        problem = re.sub(rf"(?<![\w.'])('?){re.escape(field)}(?=\[|\1 must)", lambda m: m.group(1) + column, problem)
+    return problem
 
 
 def needed_fields(cfg: DataConfig) -> str:
