@@ -829,10 +829,21 @@ def test_tool_calls_are_trained_as_the_template_writes_them(tmp_path):
         messages[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True)
 
 
+def test_an_empty_tool_calls_list_is_no_calls(tmp_path):
+    """OpenAI's chat logs, and datasets exported from them, write `"tool_calls": []` in turns without calls (a user's
+    too); such rows, which trained before tool calls were read, were refused as bad rows (an old run's data too)."""
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    (ex,), _ = _load(tmp_path, [{"messages": [{**m, "tool_calls": []} for m in plain]}], "chat")
+    (expected,), _ = _load(tmp_path, [{"messages": plain}], "chat")
+    assert ex.input_ids == expected.input_ids and ex.labels == expected.labels
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
      "messages[1].content must be a string, got null"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}]},
+     "messages[1].content must be a string, got null"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": {}}]},
      "messages[1].tool_calls must be a nonempty list of objects, in an assistant message (or null)"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": [CALL]}, {"role": "assistant", "content": "x"}]},
      "messages[0].tool_calls must be a nonempty list of objects, in an assistant message (or null)"),

@@ -459,6 +459,7 @@ def _messages_problem(messages: object, target: bool = True) -> str | None:
         return "'messages' must be a list of {role, content} objects"
     for i, m in enumerate(messages):
         calls = m.get("tool_calls")  # an assistant turn that calls tools (OpenAI's and transformers' form)
+        calls = None if calls == [] else calls  # (OpenAI's logs write [] in turns without calls, users' too)
         if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls
                                       and all(isinstance(c, dict) for c in calls)):
             return (f"messages[{i}].tool_calls must be a nonempty list of objects, in an assistant message (or "
