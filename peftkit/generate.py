@@ -238,8 +238,10 @@ class GenerateJob:
             return load_prompts(tok, self.data, self.split, self.data_cfg, self.limit,
                                 tasks=self.task is None and adapter_task_count(self.source) is not None,
                                 targets=False)  # --task: the rows' column is not read at all
-        if self.chat:
-            return [chat_prompt(tok, [{"role": "user", "content": p}]) for p in self.prompts]
+        if self.chat:  # (opened with the recipe's data.system_prompt, as its training conversations were)
+            system = self.data_cfg.system_prompt if self.data_cfg is not None else None
+            opening = [{"role": "system", "content": system}] if system is not None else []
+            return [chat_prompt(tok, [*opening, {"role": "user", "content": p}]) for p in self.prompts]
         return [text_prompt(tok, p) for p in self.prompts]
 
 

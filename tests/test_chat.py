@@ -182,3 +182,24 @@ def test_chat_without_a_model_is_a_clear_error(monkeypatch, capsys):
     from tests.conftest import cli_user_error
 
     assert "peftkit chat needs a model: --model M (and/or --adapter DIR)" in cli_user_error(monkeypatch, capsys, "chat")
+
+
+def test_a_recipe_s_data_system_prompt_opens_chat_and_generate_chat(tiny_llama, number_data, tmp_path, monkeypatch):
+    """A model trained with data.system_prompt saw it open every conversation; `peftkit chat RECIPE` and `generate
+    RECIPE --chat --prompt` asked it without one. It is now their default system message (--system still wins)."""
+    import peftkit.chat
+    from peftkit.cli import main
+    from peftkit.generate import generate_job
+    from tests.conftest import make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"format": "chat", "system_prompt": "Be brief."})
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    job = generate_job(recipe, [], None, None, ["hi"], None, None, True, None, Sampling(), 8)
+    opened = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert job.build_prompts(tok)[0].text == chat_prompt(tok, opened).text
+    seen = []
+    monkeypatch.setattr(peftkit.chat, "chat_loop", lambda *args, system, **kwargs: seen.append(system))
+    for flags, system in (([], "Be brief."), (["--system", "Mine."], "Mine.")):
+        monkeypatch.setattr(sys, "argv", ["peftkit", "chat", str(recipe), "--set", "export.output_dir=x", *flags])
+        main()
+    assert seen == ["Be brief.", "Mine."]
