@@ -838,6 +838,22 @@ def test_an_empty_tool_calls_list_is_no_calls(tmp_path):
     assert ex.input_ids == expected.input_ids and ex.labels == expected.labels
 
 
+def test_an_empty_tool_calls_list_reaches_no_template(tmp_path):
+    """Llama 3.1's template takes a message holding the key `tool_calls` for a turn of calls, and refuses one that
+    is not a single call: `"tool_calls": []` in a plain turn was refused ('only supports single tool-calls'). An empty
+    list is left out of what the template sees, as transformers leaves a null one out."""
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if 'tool_calls' in m %}{% if not m.tool_calls|length == 1 %}"
+                         "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+                         "<|call|>{{ m.tool_calls[0].function.name }}</s>\n{% else %}<|{{ m['role'] }}|>\n"
+                         "{{ m['content'] }}</s>\n{% endif %}{% endfor %}")
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": [{**m, "tool_calls": []} for m in plain]}])
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg, cache=False)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(plain, tokenize=False)
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}]},
      "messages[1].content must be a string, got null"),

@@ -336,8 +336,18 @@ def format_rows(rows: list, cfg) -> list:
                 if isinstance(row, dict) else row for row in rows]
     if cfg.format != "chat":
         return rows
-    rows = sharegpt_rows(rows)
+    rows = [_without_empty_calls(row) for row in sharegpt_rows(rows)]
     return rows if cfg.system_prompt is None else [_with_system(row, cfg.system_prompt) for row in rows]
+
+
+def _without_empty_calls(row):
+    """A chat row without the `"tool_calls": []` of turns that call no tool (OpenAI's logs write it): Llama 3.1's
+    template takes a message holding the key for a turn of calls, and refuses one without a single call."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("tool_calls") == [] for m in messages):
+        return row
+    return row | {"messages": [{k: v for k, v in m.items() if k != "tool_calls"}
+                               if isinstance(m, dict) and m.get("tool_calls") == [] else m for m in messages]}
 
 
 def _with_system(row, system: str):
