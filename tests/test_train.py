@@ -324,6 +324,9 @@ def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
     ({"optimizer": "sgd", "adam_betas": [0.9, 0.95]}, "adam_betas and adam_epsilon are the AdamW optimizers', and "
                                                       "optimizer is sgd"),
     ({"adam_betas": [0.9, 1.0]}, "adam_betas [0.9, 1.0]: each beta is in [0, 1)"),
+    # one beta was "missing required key 'training.adam_betas'. Add 'adam_betas:' under 'training:'"
+    ({"adam_betas": [0.9]}, "'training.adam_betas' = list: must be two numbers, [beta1, beta2] (default [0.9, 0.999])"),
+    ({"adam_betas": 0.9}, "'training.adam_betas' = 0.9: must be two numbers, [beta1, beta2] (default [0.9, 0.999])"),
 ])
 def test_optimizer_settings_that_conflict_are_recipe_errors(training, message, tiny_llama, number_data, tmp_path,
                                                             monkeypatch, capsys):

@@ -185,6 +185,14 @@ class TrainingConfig(Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = "adamw"
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """The AdamW optimizers' (beta1, beta2): [0.9, 0.95] is common for large models."""
+
+    @field_validator("adam_betas", mode="before")
+    @classmethod
+    def _two_betas(cls, value: Any) -> Any:
+        """One beta was said as the key missing ('Add adam_betas: under training:'), a number as 'a valid tuple'."""
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError("must be two numbers, [beta1, beta2] (default [0.9, 0.999])")
+        return value
     adam_epsilon: float = Field(1e-8, gt=0)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
