@@ -452,6 +452,8 @@ def test_an_answer_the_template_rewrites_is_an_error_that_says_so(tmp_path):
     with pytest.raises(PeftkitError, match=r"d\.jsonl:1: the chat template does not write assistant turn 2 as the "
                        r"row has it: it rewrites the answer \(DeepSeek-R1's drops the reasoning up to '</think>'\)"):
         load_examples(tok, cfg.train, "train", cfg)
+    with pytest.raises(PeftkitError, match=r"does not write assistant turn 2 as"):  # (not data.system_prompt's: 3)
+        load_examples(tok, cfg.train, "train", cfg.model_copy(update={"system_prompt": "Be brief."}), cache=False)
     messages[1]["content"] = "4"
     write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
     (ex,), _ = load_examples(tok, cfg.train, "train", cfg)

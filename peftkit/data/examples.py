@@ -233,18 +233,19 @@ def _assistant_span(tok, messages: list[dict], i: int, text: str, floor: int = 0
     tail = (through[through.rfind(content) + len(content):] if through is not None and content and content in through
             else None)
     found = _content_and_end(tok, text, content, tail, max(start or 0, floor)) if tail is not None else None
+    turn = i + 1 - isinstance(messages[0], SystemPrompt)  # as the row numbers it (not data.system_prompt's)
     if found is None and messages[i].get("tool_calls"):
-        raise PeftkitError(f"the chat template renders the tool calls of assistant turn {i + 1} in a way peftkit cannot "
+        raise PeftkitError(f"the chat template renders the tool calls of assistant turn {turn} in a way peftkit cannot "
                            "locate in the whole conversation (its rendering of the conversation up to that turn is "
                            "not a prefix of the whole), so its loss mask would be a guess. Use a template whose "
                            "renderings of a conversation's beginnings are prefixes of the whole.")
     if found is None and through is not None and content not in through:
-        raise PeftkitError(f"the chat template does not write assistant turn {i + 1} as the row has it: it rewrites "
+        raise PeftkitError(f"the chat template does not write assistant turn {turn} as the row has it: it rewrites "
                            "the answer (DeepSeek-R1's drops the reasoning up to '</think>'), so peftkit cannot find "
                            "the answer to put the loss on. Give the answers as the template writes them (without "
                            "what it drops), or use another template.")
     if found is None:
-        raise PeftkitError(f"the chat template renders assistant turn {i + 1} in a way peftkit cannot locate in the "
+        raise PeftkitError(f"the chat template renders assistant turn {turn} in a way peftkit cannot locate in the "
                            "whole conversation, so its loss mask would be a guess. Use a template whose renderings "
                            "of a conversation's beginnings are prefixes of the whole, or another data.format.")
     return (found[0] if start is None else start), found[1]
