@@ -622,7 +622,9 @@ def test_an_empty_sharegpt_system_field_is_no_system_message(tmp_path):
 def test_bad_sharegpt_rows_are_named_in_their_own_words(tmp_path, row, message):
     from peftkit.errors import PeftkitError
 
-    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)}"):
+    # (what each row needs: it said 'messages' alone, of a row that is rightly ShareGPT's)
+    needs = "(each row needs messages, or ShareGPT's conversations)"
+    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)} for data.format 'chat' {re.escape(needs)}"):
         _load(tmp_path, [row], "chat")
 
 

@@ -401,8 +401,10 @@ def in_columns(problem: str, columns: dict[str, str]) -> str:
 
 
 def needed_fields(cfg: DataConfig) -> str:
-    """The fields each row of data.format needs, by the column names data.columns gives them."""
-    return ", ".join(f"{cfg.columns[f]} (as {f})" if f in cfg.columns else f for f in REQUIRED_FIELDS[cfg.format])
+    """The fields each row of data.format needs, by the column names data.columns gives them (a chat row's messages
+    may be ShareGPT's conversations)."""
+    fields = ", ".join(f"{cfg.columns[f]} (as {f})" if f in cfg.columns else f for f in REQUIRED_FIELDS[cfg.format])
+    return fields + (", or ShareGPT's conversations" if cfg.format == "chat" else "")
 
 
 @dataclass
