@@ -842,6 +842,19 @@ def test_an_empty_tool_calls_list_is_no_calls(tmp_path):
     assert ex.input_ids == expected.input_ids and ex.labels == expected.labels
 
 
+def test_an_empty_tools_list_is_no_tools(tmp_path):
+    """Llama 3.1's template writes its tool-calling instructions whenever `tools is not none`: a row's `"tools": []`
+    (mixed datasets write it in rows without tools) got them, with no tool to call. An empty list is no tools."""
+    tok = build_char_tokenizer()
+    tok.chat_template = ("{% if tools is not none %}<|system|>\nCall a tool.</s>\n{% endif %}{% for m in messages %}"
+                         "<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}")
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": plain, "tools": []}])
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg, cache=False)
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(plain, tokenize=False)
+
+
 def test_an_empty_tool_calls_list_reaches_no_template(tmp_path):
     """Llama 3.1's template takes a message holding the key `tool_calls` for a turn of calls, and refuses one that
     is not a single call: `"tool_calls": []` in a plain turn was refused ('only supports single tool-calls'). An empty

@@ -342,7 +342,10 @@ def format_rows(rows: list, cfg) -> list:
 
 def _without_empty_calls(row):
     """A chat row without the `"tool_calls": []` of turns that call no tool (OpenAI's logs write it): Llama 3.1's
-    template takes a message holding the key for a turn of calls, and refuses one without a single call."""
+    template takes a message holding the key for a turn of calls, and refuses one without a single call. And without
+    `"tools": []`, for which it writes its tool-calling instructions (`tools is not none`), with no tool to call."""
+    if isinstance(row, dict) and row.get("tools") == []:
+        row = {k: v for k, v in row.items() if k != "tools"}
     messages = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("tool_calls") == [] for m in messages):
         return row
