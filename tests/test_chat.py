@@ -199,7 +199,7 @@ def test_a_recipe_s_data_system_prompt_opens_chat_and_generate_chat(tiny_llama, 
     assert job.build_prompts(tok)[0].text == chat_prompt(tok, opened).text
     seen = []
     monkeypatch.setattr(peftkit.chat, "chat_loop", lambda *args, system, **kwargs: seen.append(system))
-    for flags, system in (([], "Be brief."), (["--system", "Mine."], "Mine.")):
+    for flags, system in (([], "Be brief."), (["--system", "Mine."], "Mine."), (["--system", ""], "")):
         monkeypatch.setattr(sys, "argv", ["peftkit", "chat", str(recipe), "--set", "export.output_dir=x", *flags])
         main()
-    assert seen == ["Be brief.", "Mine."]
+    assert seen == ["Be brief.", "Mine.", ""]

@@ -337,7 +337,7 @@ def chat(
     arrow_temperature: ArrowTemperature = None,
     general: General = None,
     system: Annotated[Optional[str], typer.Option("--system", help="A system message opening the conversation "
-                                                  "(default: a recipe's data.system_prompt).")] = None,
+                                                  "(default: a recipe's data.system_prompt; '' for none).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 (the default): greedy; > 0: sample.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Sampling: nucleus cut, in (0, 1].")] = 1.0,
@@ -370,8 +370,8 @@ def chat(
     source, cfg = model_source(recipe, overrides or [], local_path(model) if model else None,
                                single or (named[0][1] if named else None), trust_remote_code, "chat")
     tok = source.tokenizer()
-    # A recipe's data.system_prompt opened each conversation it trained on: the default of --system.
-    system = typed(system) if system else cfg.data.system_prompt if cfg is not None else None
+    # A recipe's data.system_prompt opened each conversation it trained on: the default of --system ('' for none).
+    system = typed(system) if system is not None else cfg.data.system_prompt if cfg is not None else None
     opening = [{"role": "system", "content": system}] if system else []
     # No template, or one that refuses a system message: said before the model loads.
     chat_prompt(tok, [*opening, {"role": "user", "content": "probe"}],
