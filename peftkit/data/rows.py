@@ -205,7 +205,8 @@ def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
     except (ValueError, AssertionError) as e:
         raise PeftkitError(f"Data file {source}: split '{split}': {str(e).rstrip('.')}. A local file is one split, "
                            "'train', which may be sliced as a hub dataset's: 'train[:95%]' and 'train[95%:]', "
-                           "'train[:1000]', 'train[-200:]'.") from None
+                           "'train[:1000]', 'train[-200:]' (before peftkit sliced local files, any split name read "
+                           "the whole file: --set data.eval_split=train (or data.train_split) reads it so).") from None
     picked = [i for part in parts for i in range(part.from_, part.to)]
     if rows and not picked:  # (a hub split's slice too is an error: "corresponds to no data")
         raise PeftkitError(f"Data file {source}: split '{split}' is none of its {len(rows)} rows; take a larger slice "
