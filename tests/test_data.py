@@ -678,7 +678,7 @@ def test_a_data_column_for_no_field_is_a_recipe_error(tmp_path, monkeypatch, cap
 
 def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
     """train_split / eval_split slice a local file in the datasets library's syntax, so one file gives a training
-    set and a held-out one (a local file's split was ignored: `validation` read every row). The slices are cached
+    set and a held-out one (a local file's split was ignored: `validation` read every row, now with a warning). The slices are cached
     apart, and a bad row's line is its line in the file."""
     from peftkit.data import load_rows
     from peftkit.errors import PeftkitError
@@ -694,10 +694,15 @@ def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "d.jsonl", [*rows[:7], {"prompt": "x"}])
     with pytest.raises(PeftkitError, match="d.jsonl:8: missing field 'completion'"):
         load_examples(TOK, cfg.train, "train[50%:]", cfg)
-    with pytest.raises(PeftkitError, match=re.escape(f"Data file {cfg.train}: split 'validation': Unknown split "
+    with pytest.raises(PeftkitError, match=re.escape(f"Data file {cfg.train}: split 'validation[:5]': Unknown split "
                                                      "\"validation\". Should be one of ['train']. A local file is one "
                                                      "split, 'train', which may be sliced as a hub dataset's")):
-        load_rows(cfg.train, "validation")
+        load_rows(cfg.train, "validation[:5]")
+    from peftkit.errors import PeftkitWarning  # a name alone reads every row, as before slicing: older runs resume
+
+    with pytest.warns(PeftkitWarning, match=re.escape(f"Data file {cfg.train}: split 'validation': a local file is "
+                                                      "one split, 'train', so every row is read.")):
+        assert len(load_rows(cfg.train, "validation")[0]) == 8
 
 
 @pytest.mark.parametrize(("row", "message"), [

@@ -310,10 +310,11 @@ def test_eval_and_generate_read_the_hub_split_and_revision_given_on_the_command_
     assert (job.split, job.data_cfg.revision) == ("test", "v1")
     for flag, message in (("--data-revision", "--data-revision picks what is read of a hub dataset given with "
                                                f"--data; {tmp_path / 'test.jsonl'} is a local file."),
-                          ("--split", f"Data file {tmp_path / 'test.jsonl'}: split 'x': Unknown split \"x\". Should "
-                                      "be one of ['train']. A local file is one split, 'train', which may be sliced")):
+                          ("--split", f"Data file {tmp_path / 'test.jsonl'}: split 'x[:1]': Unknown split \"x\". "
+                                      "Should be one of ['train']. A local file is one split, 'train', which may be "
+                                      "sliced")):
         result = CliRunner().invoke(app, ["eval", "--model", str(tiny_llama), "--data", str(tmp_path / "test.jsonl"),
-                                          flag, "x"])
+                                          flag, "x" if flag == "--data-revision" else "x[:1]"])
         assert isinstance(result.exception, PeftkitError)  # the CLI's entry point prints it, exit status 2
         assert str(result.exception).startswith(message)
 

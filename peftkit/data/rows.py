@@ -7,9 +7,10 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DATA_EXTENSIONS, is_hub_dataset
 
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
@@ -195,8 +196,15 @@ def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
                 source: str) -> tuple[list[dict], list[int] | None]:
     """The rows of a local file that `split` names: `train` (all), or a slice of it in the datasets library's split
     syntax, as a hub dataset's split is sliced (`train[:95%]`, `train[95%:]`, `train[:1000]`, `train[-200:]`,
-    joined with `+`), so one file gives a training split and a held-out one; another name is an error."""
+    joined with `+`), so one file gives a training split and a held-out one. Another name without a slice reads
+    every row, with a warning: so it did before local files were sliced, and a run made then still resumes and
+    verifies on the rows it trained on."""
     if split == "train":
+        return rows, line_numbers
+    if "[" not in split:
+        warnings.warn(PeftkitWarning(f"Data file {source}: split '{split}': a local file is one split, 'train', so "
+                                     "every row is read. Set the split to train, or slice the file as a hub "
+                                     "dataset's split is sliced: 'train[:95%]' and 'train[95%:]'."), stacklevel=2)
         return rows, line_numbers
     import datasets
 
@@ -205,8 +213,7 @@ def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
     except (ValueError, AssertionError) as e:
         raise PeftkitError(f"Data file {source}: split '{split}': {str(e).rstrip('.')}. A local file is one split, "
                            "'train', which may be sliced as a hub dataset's: 'train[:95%]' and 'train[95%:]', "
-                           "'train[:1000]', 'train[-200:]' (before peftkit sliced local files, any split name read "
-                           "the whole file: --set data.eval_split=train (or data.train_split) reads it so).") from None
+                           "'train[:1000]', 'train[-200:]'.") from None
     picked = [i for part in parts for i in range(part.from_, part.to)]
     if rows and not picked:  # (a hub split's slice too is an error: "corresponds to no data")
         raise PeftkitError(f"Data file {source}: split '{split}' is none of its {len(rows)} rows; take a larger slice "
