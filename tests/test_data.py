@@ -1,5 +1,6 @@
 """Tokenization and loss masks for each data format, checked token by token."""
 
+import json
 import os
 import re
 import subprocess
@@ -832,6 +833,9 @@ def test_tool_calls_are_trained_as_the_template_writes_them(tmp_path):
     call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX], skip_special_tokens=False) == \
         f"{call}</s>It is 3.</s>"
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages, "tools": json.dumps(TOOLS)}])  # glaive's JSON text
+    (as_text,), _ = load_examples(tok, cfg.train, "train", cfg)
+    assert as_text.input_ids == ex.input_ids and as_text.labels == ex.labels
     write_jsonl(tmp_path / "d.jsonl", [{"messages": messages[:2], "tools": TOOLS}])
     [prompt] = load_prompts(tok, cfg.train, "train", cfg)
     assert prompt.reference == call and prompt.text == tok.apply_chat_template(
@@ -886,7 +890,8 @@ def test_an_empty_tool_calls_list_reaches_no_template(tmp_path):
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": [CALL]}, {"role": "assistant", "content": "x"}]},
      "messages[0].tool_calls must be a nonempty list of objects, in an assistant message (or null)"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "tools": "add"},
-     "field 'tools' must be a list of objects (the tools' JSON schemas, as the chat template takes them)"),
+     "field 'tools' must be a list of objects, or JSON text of one (the tools' JSON schemas, as the chat template "
+     "takes them)"),
 ])
 def test_bad_tool_fields_are_named(tmp_path, row, message):
     from peftkit.errors import PeftkitError

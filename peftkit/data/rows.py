@@ -351,8 +351,14 @@ def format_rows(rows: list, cfg) -> list:
 def _without_empty_calls(row):
     """A chat row without the `"tool_calls": []` of turns that call no tool (OpenAI's logs write it): Llama 3.1's
     template takes a message holding the key for a turn of calls, and refuses one without a single call. And without
-    `"tools": []`, for which it writes its tool-calling instructions (`tools is not none`), with no tool to call."""
-    if isinstance(row, dict) and row.get("tools") == []:
+    `"tools": []`, for which it writes its tool-calling instructions (`tools is not none`), with no tool to call.
+    `tools` given as JSON text (LLaMA-Factory's and glaive's datasets store it so) is read as what it holds."""
+    if isinstance(row, dict) and isinstance(row.get("tools"), str):  # LLaMA-Factory's and glaive's: a JSON text
+        try:
+            row = row | {"tools": json.loads(row["tools"])}
+        except ValueError:
+            pass  # (said as the row's problem: not a list of objects)
+    if isinstance(row, dict) and row.get("tools") in ([], ""):
         row = {k: v for k, v in row.items() if k != "tools"}
     messages = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("tool_calls") == [] for m in messages):
@@ -432,7 +438,8 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
     if fmt == "chat":
         tools = row.get("tools")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-            return "field 'tools' must be a list of objects (the tools' JSON schemas, as the chat template takes them)"
+            return ("field 'tools' must be a list of objects, or JSON text of one (the tools' JSON schemas, as the "
+                    "chat template takes them)")
         messages = row["messages"]
         if isinstance(messages, list) and messages and isinstance(messages[0], SystemPrompt):
             messages = messages[1:]  # (data.system_prompt's, not the row's: its messages are named as it numbers them)
