@@ -199,7 +199,7 @@ def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
     joined with `+`), so one file gives a training split and a held-out one. Another name without a slice reads
     every row, with a warning: so it did before local files were sliced, and a run made then still resumes and
     verifies on the rows it trained on."""
-    if split == "train":
+    if split in ("train", None):  # (None: no split asked for, as a caller given no recipe passes)
         return rows, line_numbers
     if "[" not in split:
         warnings.warn(PeftkitWarning(f"Data file {source}: split '{split}': a local file is one split, 'train', so "
