@@ -292,7 +292,7 @@ BAD_ROWS = [
                                                                   for _, _, p in BAD_ROWS])
 def test_data_field_of_the_wrong_type_names_its_line(tmp_path, fmt, row, problem):
     path = _jsonl(tmp_path, [GOOD[fmt], "", row, GOOD[fmt]])
-    needs = "instruction, output" if fmt == "alpaca" else "messages"
+    needs = "instruction, output" if fmt == "alpaca" else "messages, or ShareGPT's conversations"
     assert _data_error(path, fmt) == (
         f"{path}:3: {problem} for data.format '{fmt}' (each row needs {needs}). Fix the row, set the right "
         "data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip).")
