@@ -256,6 +256,31 @@ def check_resumes_to_the_same_bits(recipe: Path, run: Path, kill_after: int, ste
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
 
 
+def check_run_for_peft_resumes(recipe: Path, base: Path, ids: torch.Tensor, tolerance: float) -> None:
+    """A run of `recipe` (a checkpoint every 2 of 6 steps, the merged model exported too) killed after step 2 and
+    resumed gives the unbroken run's adapter; peft's PeftModel of that adapter gives the merged model's logits
+    within `tolerance`, which the adapter moved away from the base's."""
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw["training"] |= {"save_steps": 2, "save_total_limit": 10}
+    raw["export"]["merged"] = True
+    recipe.write_text(yaml.safe_dump(raw))
+    run = Path(raw["export"]["output_dir"])
+    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=6)
+
+    def logits(path: Path, adapter: Path | None = None) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = PeftModel.from_pretrained(model, adapter) if adapter is not None else model
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    merged = logits(run / "merged")
+    assert (merged - logits(base, run / "adapter")).abs().max() <= tolerance
+    assert (merged - logits(base)).abs().max() > 1e-3
+
+
 def cli_user_error(monkeypatch, capsys, *args: str) -> str:
     """Run the `peftkit` CLI in this process on a user mistake: assert exit 2 and no traceback; return stderr."""
     import sys

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.fourierft import FourierFtConfig
-from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error, make_recipe,
+from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error, make_recipe,
                             peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
@@ -88,19 +88,8 @@ def test_peft_s_adapters_load_and_merge_as_peft_s_merge_and_unload(arch, tiny_ll
 
 
 def test_a_run_exports_what_peft_loads_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
-    recipe = _recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["training"] |= {"save_steps": 2, "save_total_limit": 10}
-    raw["export"]["merged"] = True
-    recipe.write_text(yaml.safe_dump(raw))
-    run = tmp_path / "run"
-    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=6)
-    with torch.no_grad():
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), run / "adapter")(input_ids=IDS).logits
-        merged = _load(run / "merged")(input_ids=IDS).logits
-        base = _load(tiny_llama)(input_ids=IDS).logits
-    # (fp32: peft adds x dW^T to the base output, the merge (W + dW) x: other roundings)
-    assert (merged - theirs).abs().max() <= 1e-4 and (merged - base).abs().max() > 1e-3
+    # (the tolerance, fp32: peft adds x dW^T to the base output, the merge (W + dW) x: other roundings)
+    check_run_for_peft_resumes(_recipe(tmp_path, tiny_llama, number_data), tiny_llama, IDS, 1e-4)
 
 
 @pytest.mark.parametrize(("adapter", "message"), [
