@@ -27,7 +27,8 @@ from peftkit.data.examples import (
     tokenize_rows,
     truncation_error,
 )
-from peftkit.data.rows import REQUIRED_FIELDS, format_rows, load_rows
+from peftkit.data.formats import REQUIRED_FIELDS, format_rows
+from peftkit.data.rows import load_rows
 from peftkit.data.stored import Example, Examples
 
 __all__ = ["IGNORE_INDEX", "REQUIRED_FIELDS", "BuiltExample", "Collator", "Example", "Examples", "build_examples", "count_examples",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import re
 
-from peftkit.data.rows import OPTIONAL_FIELDS, REQUIRED_FIELDS, message_name
+from peftkit.data.formats import OPTIONAL_FIELDS, REQUIRED_FIELDS, message_name
 from peftkit.data.template import render
 from peftkit.recipe import DataConfig
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from peftkit.data.examples import Example, row_location, usable_row
-from peftkit.data.rows import format_rows, load_rows
+from peftkit.data.formats import format_rows
+from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
-from peftkit.data.rows import (HUB_ROWS, REQUIRED_FIELDS, RowNumbers, SystemPrompt, _row_problem, format_rows,
-                               load_rows, message_name)
+from peftkit.data.formats import REQUIRED_FIELDS, SystemPrompt, _row_problem, format_rows, message_name
+from peftkit.data.rows import HUB_ROWS, RowNumbers, load_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from peftkit.data.examples import (encode_prompt, located, prompt_and_target_text, render_chat, row_location, row_task,
                                    turn_end_token, usable_row)
-from peftkit.data.rows import format_rows, load_rows
+from peftkit.data.formats import format_rows
+from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
 

@@ -133,7 +133,7 @@ class DataConfig(Section):
         if self.system_prompt is not None and self.format != "chat":
             raise ValueError(f"data.system_prompt is the system message of chat conversations, and data.format is "
                              f"{self.format}; remove it, or use data.format: chat")
-        from peftkit.data.rows import format_fields
+        from peftkit.data.formats import format_fields
 
         fields = format_fields(self.format)
         for field in self.columns:

@@ -1,0 +1,210 @@
+"""What each data.format reads of a row (rows as `peftkit.data.rows` reads them): its fields, data.columns'
+mapping, ShareGPT's conversations, data.system_prompt, and what makes a row unusable (a problem named in the row's
+own words)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
+                   "text": ("text",), "classification": ("text", "label")}
+OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",)}  # may be absent or null; a string when given
+
+
+# The roles chat templates render: an assistant turn is the one trained; `tool` (and Llama 3.1's `ipython`, OpenAI's
+# `developer` and older `function`) are roles of templates that call tools. Any other role was rendered as a turn
+# of its own (`<|bot|>`) and trained silently, or, as ShareGPT's `gpt`, left the row with no assistant turn.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "function")
+_ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
+               "chatgpt": "assistant"}  # ShareGPT's, Gemma's and others' names for user and assistant
+
+def format_fields(fmt: str) -> tuple[str, ...]:
+    """The fields a row of data.format `fmt` is read from (what data.columns may map): the format's own, and the
+    `task` of multitask prompt tuning."""
+    extra = {"chat": ("tools", "conversations", "system")}.get(fmt, ())
+    return (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ()), *extra, "task")
+
+
+def format_rows(rows: list, cfg) -> list:
+    """Rows as data.format reads them: each field that data.columns maps taken from its column (missing where the
+    row lacks the column, whatever the row holds under the field's own name), ShareGPT's conversations as messages
+    (`sharegpt_rows`) for chat, and data.system_prompt opening each conversation without a system message."""
+    if cfg.columns:
+        rows = [{k: v for k, v in row.items() if k not in cfg.columns}
+                | {field: row[column] for field, column in cfg.columns.items() if column in row}
+                if isinstance(row, dict) else row for row in rows]
+    if cfg.format != "chat":
+        return rows
+    rows = [_without_empty_calls(row) for row in sharegpt_rows(rows)]
+    return rows if cfg.system_prompt is None else [_with_system(row, cfg.system_prompt) for row in rows]
+
+
+def _without_empty_calls(row):
+    """A chat row without the `"tool_calls": []` of turns that call no tool (OpenAI's logs write it): Llama 3.1's
+    template takes a message holding the key for a turn of calls, and refuses one without a single call. And without
+    `"tools": []`, for which it writes its tool-calling instructions (`tools is not none`), with no tool to call.
+    `tools` given as JSON text (LLaMA-Factory's and glaive's datasets store it so) is read as what it holds."""
+    if isinstance(row, dict) and isinstance(row.get("tools"), str):  # LLaMA-Factory's and glaive's: a JSON text
+        try:
+            row = row | {"tools": json.loads(row["tools"])}
+        except ValueError:
+            pass  # (said as the row's problem: not a list of objects)
+    if isinstance(row, dict) and row.get("tools") in ([], ""):
+        row = {k: v for k, v in row.items() if k != "tools"}
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("tool_calls") == [] for m in messages):
+        return row
+    return row | {"messages": [{k: v for k, v in m.items() if k != "tool_calls"}
+                               if isinstance(m, dict) and m.get("tool_calls") == [] else m for m in messages]}
+
+
+def _with_system(row, system: str):
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or (messages and isinstance(messages[0], dict)
+                                          and messages[0].get("role") == "system"):
+        return row  # (a malformed row is said as it is)
+    return row | {"messages": [SystemPrompt(role="system", content=system), *messages]}
+
+
+class SystemPrompt(dict):
+    """The system message data.system_prompt puts in front of a conversation (a dict to the chat template), so that
+    a template refusing it names data.system_prompt, not the row (`render_chat`)."""
+
+
+def message_name(messages: list[dict], i: int, part: str = "") -> str:
+    """`messages[i]` (with `part`, `.content`) as the row numbers its messages, or data.system_prompt for its."""
+    lead = int(bool(messages) and isinstance(messages[0], SystemPrompt))
+    return "data.system_prompt" if lead and i == 0 else f"messages[{i - lead}]{part}"
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "observation": "tool", "tool": "tool"}
+"""ShareGPT's speakers (a turn's `from`: LLaMA-Factory's and axolotl's names) as chat roles."""
+
+
+def sharegpt_rows(rows: list) -> list:
+    """Rows of data.format chat, ShareGPT's among them (`conversations`: {from, value} turns, `system` beside them
+    as LLaMA-Factory writes it, empty for none) as `messages` rows, the other fields kept; a turn whose `from` is no ShareGPT speaker
+    keeps it as its role (the role check names it)."""
+    def turns(row) -> list[dict] | None:
+        conversation = row.get("conversations") if isinstance(row, dict) and "messages" not in row else None
+        if not isinstance(conversation, list) or not all(isinstance(t, dict) and {"from", "value"} <= t.keys()
+                                                         for t in conversation):
+            return None
+        # ("system": "" is no system message, as LLaMA-Factory reads it: data.system_prompt then opens it)
+        system = [{"role": "system", "content": row["system"]}] if row.get("system") not in (None, "") else []
+        return system + [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+                         for t in conversation]
+    return [row | {"messages": messages, SHAREGPT: True} if (messages := turns(row)) is not None else row
+            for row in rows]
+
+
+SHAREGPT = "_peftkit_sharegpt"
+"""The key `sharegpt_rows` marks a row it converted with, so that a problem is named in the row's own terms."""
+
+
+# A lone UTF-16 surrogate (JSON "\\ud800") is not valid Unicode: no tokenizer can encode it, and the fast
+# (Rust) ones fail with a TypeError that names neither the row nor the text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+# The field a row's loss is on: empty (or only whitespace), the row trained on the end token alone, without a word
+# (as an empty assistant turn did); now a bad row, as an empty `text` was.
+TARGET_FIELDS = {"alpaca": "output", "completion": "completion", "text": "text"}
+
+
+def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
+    """What makes a row unusable for `fmt`, or None. `target`: an empty or missing answer is a problem (not where the
+    rows are only prompts to generate from, `peftkit generate --data`: `{"instruction": ...}` was refused for its
+    missing output)."""
+    if fmt == "chat" and "messages" not in row and "conversations" in row:  # (a well-formed one is converted)
+        return ("'conversations' must be a list of {from, value} objects (ShareGPT's turns: from human, gpt, system or "
+                "observation)")
+    if row.get(SHAREGPT):
+        return _sharegpt_problem(row, fmt, target)
+    for field in REQUIRED_FIELDS[fmt]:
+        optional = not target and fmt != "text" and field == TARGET_FIELDS.get(fmt)
+        if (field not in row or row[field] is None) and not optional:
+            return f"missing field '{field}'"
+    if fmt == "chat":
+        tools = row.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            return ("field 'tools' must be a list of objects, or JSON text of one (the tools' JSON schemas, as the "
+                    "chat template takes them)")
+        messages = row["messages"]
+        if isinstance(messages, list) and messages and isinstance(messages[0], SystemPrompt):
+            messages = messages[1:]  # (data.system_prompt's, not the row's: its messages are named as it numbers them)
+        return _messages_problem(messages, target)
+    if fmt == "classification" and (problem := _label_problem(row["label"])):
+        return problem
+    field = TARGET_FIELDS.get(fmt)
+    if (target or fmt == "text") and field and isinstance(row[field], str) and not row[field].strip():
+        return f"field '{field}' is empty"
+    present = [f for f in (*REQUIRED_FIELDS[fmt], *OPTIONAL_FIELDS.get(fmt, ())) if row.get(f) is not None and f != "label"]
+    return next((p for f in present if (p := _text_problem(f"field '{f}'", row[f]))), None)
+
+
+def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
+    """`_row_problem` of a row `sharegpt_rows` converted, in the row's own words (`conversations[i].value`)."""
+    own = [m for m in row["messages"] if not isinstance(m, SystemPrompt)]  # (`_row_problem` names these)
+    shift = len(own) - len(row["conversations"])  # a `system` field's turn in front
+    for i, turn in enumerate(row["conversations"]):
+        if turn["from"] not in SHAREGPT_ROLES:
+            return (f"conversations[{i}].from is {turn['from']!r}, not a ShareGPT speaker (human, gpt, system, "
+                    "observation)")
+    problem = _row_problem({k: v for k, v in row.items() if k != SHAREGPT}, fmt, target)
+    if problem is None:
+        return None
+    problem = re.sub(r"messages\[(\d+)\]", lambda m: f"conversations[{int(m.group(1)) - shift}]"
+                     if int(m.group(1)) >= shift else "field 'system'", problem)
+    return problem.replace("].content", "].value").replace("field 'system'.content", "field 'system'")
+
+
+def _label_problem(label: object) -> str | None:
+    """A classification label is a class name (string) or a class id (integer >= 0)."""
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        return f"field 'label' must be a string or an integer, got {type(label).__name__}"
+    if isinstance(label, int) and label < 0:
+        return f"field 'label' is {label}; an integer label is a class id, 0 or more"
+    if isinstance(label, str) and not label.strip():
+        return "field 'label' is an empty string"
+    return None
+
+
+def _messages_problem(messages: object, target: bool = True) -> str | None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and ("content" in m or
+                                                                                          m.get("tool_calls"))
+                                                 for m in messages):
+        return "'messages' must be a list of {role, content} objects"
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls")  # an assistant turn that calls tools (OpenAI's and transformers' form)
+        calls = None if calls == [] else calls  # (OpenAI's logs write [] in turns without calls, users' too)
+        if calls is not None and not (m["role"] == "assistant" and isinstance(calls, list) and calls
+                                      and all(isinstance(c, dict) for c in calls)):
+            return (f"messages[{i}].tool_calls must be a nonempty list of objects, in an assistant message (or "
+                    "null)")
+        for key in ("role", "content"):
+            if (key == "role" or m.get(key) is not None or not calls) and (
+                    problem := _text_problem(f"messages[{i}].{key}", m.get(key))):
+                return problem
+        if m["role"] not in CHAT_ROLES:
+            meant = m["role"].lower() if m["role"].lower() in CHAT_ROLES else _ROLE_NAMES.get(m["role"].lower())
+            return (f"messages[{i}].role is {m['role']!r}, not a chat role ({', '.join(CHAT_ROLES)})"
+                    + (f"; rename it {meant!r}" if meant else ""))
+        if target and m["role"] == "assistant" and not calls and not m["content"].strip():
+            return f"messages[{i}].content is empty (an assistant turn)"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message to learn from"
+    return None
+
+
+def _text_problem(name: str, value: object) -> str | None:
+    if not isinstance(value, str):
+        return f"{name} must be a string, got {'null' if value is None else type(value).__name__}"
+    if bad := _SURROGATE.search(value):
+        return (f"{name} holds a lone surrogate \\u{ord(bad.group()):04x} at character {bad.start()}, which is not "
+                "valid Unicode and cannot be tokenized")
+    return None
+
+
