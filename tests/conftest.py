@@ -203,10 +203,10 @@ def save_peft_lora(base: Path, out: Path, config, seed: int = 0) -> Path:
 
 
 def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor, out: Path,
-                                   theirs: torch.Tensor | None = None) -> None:
+                                   theirs: torch.Tensor | None = None, unloaded: bool = False) -> None:
     """peft's adapter at `adapter` (far from identity) gives peft's logits on `ids` in peftkit (or `theirs`, where peft
     is not the reference), and so does each merge: in place (and back), `merged_model`, and `peftkit merge` into
-    `out`."""
+    `out`; with `unloaded`, the last also gives the logits of peft's own merge (`merge_and_unload`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -235,6 +235,19 @@ def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor,
     assert (logits(model) - theirs).abs().max() <= 1e-5
     merge_adapter(str(adapter), str(out), base=str(base))
     assert (logits(plain(out)) - theirs).abs().max() <= 1e-5
+    if unloaded:
+        assert (logits(plain(out)) - logits(PeftModel.from_pretrained(plain(base), adapter).merge_and_unload())
+                ).abs().max() <= 1e-5
+
+
+def gpt2_without_dropout(gpt2: Path, out: Path) -> Path:
+    """The GPT-2 at `gpt2` saved to `out` with its dropout off (peft's and peftkit's draw their masks differently)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2, dtype=torch.float32)
+    model.config.update({"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0})
+    model.save_pretrained(out)
+    return out
 
 
 def check_resumes_to_the_same_bits(recipe: Path, run: Path, kill_after: int, steps: int) -> None:

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.fourierft import FourierFtConfig
-from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error, make_recipe,
-                            peft_and_our_gradients)
+from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error,
+                            gpt2_without_dropout, make_recipe, peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}  # Linear; Conv1D
@@ -64,11 +64,7 @@ def test_the_same_seeds_give_peft_s_frequencies_and_first_coefficients(tiny_gpt2
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_step_s_gradients_are_peft_s(arch, tiny_llama, tiny_gpt2, tmp_path):
-    base = tiny_llama
-    if arch == "gpt2":  # without GPT-2's dropout, which draws differently in the two
-        model = _load(tiny_gpt2)
-        model.config.update({"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0})
-        model.save_pretrained(base := tmp_path / "gpt2")
+    base = gpt2_without_dropout(tiny_gpt2, tmp_path / "gpt2") if arch == "gpt2" else tiny_llama
     adapter = _peft_adapter(base, tmp_path / "peft", TARGETS[arch])
     difference, expected, grads = peft_and_our_gradients(base, adapter, IDS)
     assert difference <= 1e-5 and set(grads) >= set(expected) and len(expected) == 4
@@ -80,11 +76,7 @@ def test_a_step_s_gradients_are_peft_s(arch, tiny_llama, tiny_gpt2, tmp_path):
 def test_peft_s_adapters_load_and_merge_as_peft_s_merge_and_unload(arch, tiny_llama, tiny_gpt2, tmp_path):
     base = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]
     adapter = _peft_adapter(base, tmp_path / "peft", TARGETS[arch], n_frequency_pattern={"q_proj": 30, "c_attn": 70})
-    check_loads_and_merges_as_peft(base, adapter, IDS, tmp_path / "merged")
-    with torch.no_grad():
-        unloaded = PeftModel.from_pretrained(_load(base), adapter).merge_and_unload()(input_ids=IDS).logits
-        ours = _load(tmp_path / "merged")(input_ids=IDS).logits
-    assert (ours - unloaded).abs().max() <= 1e-5
+    check_loads_and_merges_as_peft(base, adapter, IDS, tmp_path / "merged", unloaded=True)
 
 
 def test_a_run_exports_what_peft_loads_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):

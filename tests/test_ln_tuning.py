@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.ln_tuning import LnTuningConfig
-from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error, make_recipe,
-                            peft_and_our_gradients)
+from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error,
+                            gpt2_without_dropout, make_recipe, peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 
@@ -47,11 +47,7 @@ def _recipe(tmp_path: Path, model: Path, data: dict, **adapter) -> Path:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # RMSNorm; LayerNorm with its shift
 def test_a_step_s_gradients_are_peft_s(arch, tiny_llama, tiny_gpt2, tmp_path):
-    base = tiny_llama
-    if arch == "gpt2":  # without GPT-2's dropout, which draws differently in the two
-        model = _load(tiny_gpt2)
-        model.config.update({"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0})
-        model.save_pretrained(base := tmp_path / "gpt2")
+    base = gpt2_without_dropout(tiny_gpt2, tmp_path / "gpt2") if arch == "gpt2" else tiny_llama
     adapter = _peft_adapter(base, tmp_path / "peft")
     difference, expected, grads = peft_and_our_gradients(base, adapter, IDS)
     assert difference <= 1e-6 and set(grads) >= set(expected) and len(expected) == (5 if arch == "llama" else 10)
@@ -61,11 +57,7 @@ def test_a_step_s_gradients_are_peft_s(arch, tiny_llama, tiny_gpt2, tmp_path):
 
 def test_peft_s_adapters_load_and_merge_as_peft_s_merge_and_unload(tiny_gpt2, tmp_path):
     adapter = _peft_adapter(tiny_gpt2, tmp_path / "peft")
-    check_loads_and_merges_as_peft(tiny_gpt2, adapter, IDS, tmp_path / "merged")
-    with torch.no_grad():
-        unloaded = PeftModel.from_pretrained(_load(tiny_gpt2), adapter).merge_and_unload()(input_ids=IDS).logits
-        ours = _load(tmp_path / "merged")(input_ids=IDS).logits
-    assert (ours - unloaded).abs().max() <= 1e-5
+    check_loads_and_merges_as_peft(tiny_gpt2, adapter, IDS, tmp_path / "merged", unloaded=True)
 
 
 def test_a_run_exports_what_peft_loads_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
