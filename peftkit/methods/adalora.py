@@ -150,7 +150,9 @@ class AdaLoraLinear(AdapterLayer):
         a = self.lora_A
         product = self.lora_dropout(x.to(a.dtype)) @ (a * self.lora_E).T @ self.lora_B.T
         if is_quantized(self.base_layer):  # as peft's 4-bit/8-bit layers: the product rounded, then scaled
-            ranknum = torch.tensor([self.facts.init_r + 1e-5], device=product.device)  # (fp32, as peft's)
+            # peft's fp32 ranknum + 1e-5, a 1-element tensor (so the division promotes to fp32), made by a fill on
+            # the device: torch.tensor of a Python list copies from the host, a sync per layer on CUDA.
+            ranknum = torch.full((1,), float(self.facts.init_r), device=product.device) + 1e-5
             return (result + product.to(result.dtype) * self.facts.alpha / ranknum).to(result.dtype)
         return (result + product * self.facts.scaling).to(result.dtype)  # summed in fp32, rounded once (peft)
 
