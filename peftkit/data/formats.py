@@ -19,6 +19,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool", "developer", "ipython", "fu
 _ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "ai": "assistant",
                "chatgpt": "assistant"}  # ShareGPT's, Gemma's and others' names for user and assistant
 
+
 def format_fields(fmt: str) -> tuple[str, ...]:
     """The fields a row of data.format `fmt` is read from (what data.columns may map): the format's own, and the
     `task` of multitask prompt tuning."""
