@@ -165,8 +165,8 @@ def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
 
 
 def lr_lambda(cfg: TrainingConfig, total_steps: int):
-    """Linear warmup over `warmup_steps`, then cosine/linear decay to 0 at total_steps (or constant)."""
-    warmup = warmup_steps(cfg, total_steps)
+    """Linear warmup over `warmup_steps`, then cosine/linear decay to `min_lr_ratio` at total_steps (or constant)."""
+    warmup, floor = warmup_steps(cfg, total_steps), cfg.min_lr_ratio
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -175,8 +175,10 @@ def lr_lambda(cfg: TrainingConfig, total_steps: int):
             return 1.0
         progress = (step - warmup) / max(1, total_steps - warmup)
         if cfg.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            decay = max(0.0, 1.0 - progress)
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return floor + (1.0 - floor) * decay  # exactly `decay` at floor 0
     return factor
 
 

@@ -293,6 +293,31 @@ def test_warmup_ratio_counts_steps_as_transformers_does():
         assert [ratio_schedule(s) for s in range(total)] == [steps_schedule(s) for s in range(total)]
 
 
+def test_min_lr_ratio_ends_the_decay_above_zero_as_transformers_does():
+    """training.min_lr_ratio: cosine decays to that share of lr, as transformers'
+    get_cosine_with_min_lr_schedule_with_warmup (min_lr_rate) after the warmup; linear ends there too."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from peftkit.recipe import TrainingConfig
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    reference = get_cosine_with_min_lr_schedule_with_warmup(torch.optim.SGD([parameter], lr=1.0), 0, 20,
+                                                            min_lr_rate=0.1)
+    expected = []
+    for _ in range(21):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step()
+        reference.step()
+    cosine = lr_lambda(TrainingConfig(min_lr_ratio=0.1), 20)
+    assert [cosine(s) for s in range(21)] == pytest.approx(expected, abs=1e-12)
+    assert cosine(20) == pytest.approx(0.1) and cosine(0) == 1.0
+    linear = lr_lambda(TrainingConfig(scheduler="linear", min_lr_ratio=0.2, warmup_steps=4), 14)
+    assert [linear(s) for s in (0, 4, 9, 14)] == pytest.approx([0.2, 1.0, 0.6, 0.2])
+    plain = lr_lambda(TrainingConfig(), 20)
+    at_zero = lr_lambda(TrainingConfig(min_lr_ratio=0.0), 20)
+    assert [plain(s) for s in range(21)] == [at_zero(s) for s in range(21)]
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_32bit"])
 def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
     """training.adam_betas / adam_epsilon: one step of each AdamW optimizer with betas (0.5, 0.9) and eps 1e-3 is
@@ -324,6 +349,9 @@ def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
     ({"optimizer": "sgd", "adam_betas": [0.9, 0.95]}, "adam_betas and adam_epsilon are the AdamW optimizers', and "
                                                       "optimizer is sgd"),
     ({"adam_betas": [0.9, 1.0]}, "adam_betas [0.9, 1.0]: each beta is in [0, 1)"),
+    ({"scheduler": "constant", "min_lr_ratio": 0.1}, "min_lr_ratio (0.1) is where cosine and linear decay end, and "
+                                                     "scheduler is constant; remove it or use cosine or linear"),
+    ({"min_lr_ratio": 1.0}, "'training.min_lr_ratio' = 1.0: must be less than 1"),
     # one beta was "missing required key 'training.adam_betas'. Add 'adam_betas:' under 'training:'"
     ({"adam_betas": [0.9]}, "'training.adam_betas' = list: must be two numbers, [beta1, beta2] (default [0.9, 0.999])"),
     ({"adam_betas": 0.9}, "'training.adam_betas' = 0.9: must be two numbers, [beta1, beta2] (default [0.9, 0.999])"),

@@ -199,6 +199,8 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Warm up over this share of the run's optimizer steps, rounded up (transformers' warmup_ratio); or give
     warmup_steps."""
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1)
+    """cosine and linear: decay to this share of lr, not to 0 (transformers' cosine_with_min_lr min_lr_rate)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; null disables clipping."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -249,6 +251,9 @@ class TrainingConfig(Section):
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}) both set the "
                              "warmup; keep one")
+        if self.min_lr_ratio and self.scheduler == "constant":
+            raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) is where cosine and linear decay end, and scheduler "
+                             "is constant; remove it or use cosine or linear")
         if not all(0 <= beta < 1 for beta in self.adam_betas):
             raise ValueError(f"adam_betas {list(self.adam_betas)}: each beta is in [0, 1)")
         if self.optimizer == "sgd" and (self.adam_betas != (0.9, 0.999) or self.adam_epsilon != 1e-8):
