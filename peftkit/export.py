@@ -9,20 +9,22 @@ import torch
 
 from peftkit.adapters import adapter_layers, adapter_state_dict
 from peftkit.data.classification import LabelSet
-from peftkit.fileio import atomic_directory
+from peftkit.fileio import atomic_directory, atomic_write_bytes
 from peftkit.merge import base_provenance, checkpoint_dtype, conv1d_modules, merged_model, save_merged
 from peftkit.methods import MethodTrainer, method_of
+from peftkit.model_card import CARD_NAME, model_card
 from peftkit.modeling import DTYPES
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import Recipe
 
 
 def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_trainer: MethodTrainer | None = None,
-           labels: LabelSet | None = None, state: dict | None = None) -> list[Path]:
+           labels: LabelSet | None = None, state: dict | None = None, metrics: dict | None = None) -> list[Path]:
     """Write adapter/ and/or merged/ as the recipe asks; returns the exported directories. `method_trainer`
     fills in what only the run knows (AdaLoRA: its length and rank pattern, with the pruned triplets cut);
     `labels`, a classifier's classes (saved in peftkit.json; a merged model has them in its config.json); `state`,
-    the adapter's state dict if already gathered (FSDP), else read from `model`."""
+    the adapter's state dict if already gathered (FSDP), else read from `model`; `metrics`, the run's evaluations for
+    adapter/README.md, its model card (peftkit.model_card)."""
     exported = []
     if cfg.export.adapter:
         adapter = cfg.adapter
@@ -37,6 +39,7 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
                          trust_remote_code=cfg.model.trust_remote_code,
                          labels=list(labels.names) if labels is not None else None,
                          rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype)
+            atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {}).encode())
         exported.append(out / "adapter")
     if cfg.export.merged:
         # As `peftkit merge`: the base checkpoint's own dtype (a bf16 base trained in float32 merges to bf16).

@@ -69,11 +69,17 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
     if not run.main:  # the main process exports, samples and writes the manifest
         run.accelerator.wait_for_everyone()
         return {}
+    evaluated = {
+        "eval_loss": eval_result["loss"] if eval_result else None,
+        "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
+        **{f"eval_{m}": eval_result[m] if eval_result else None for m in task_metrics(run.cfg)},
+    }
     try:
         # A hub base's revision as the commit that loaded: the adapter names the base it was trained on.
         model_cfg = cfg.model.model_copy(update={"revision": run.base_commit or cfg.model.revision})
+        card_metrics = {k: v for k, v in run.summary.items() if k.startswith("base_eval_")} | evaluated
         exported = export(model, run.tok, cfg.model_copy(update={"adapter": run.adapter, "model": model_cfg}),
-                          run.targets, out, run.method_trainer, run.labels, weights)
+                          run.targets, out, run.method_trainer, run.labels, weights, card_metrics)
     except DiskFullError as e:
         raise DiskFullError(f"{e} Training itself finished. {run.resume_hint()}") from None
     if prompts:
@@ -85,9 +91,7 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
         "steps": state.step,
         "skipped_steps": state.skipped_steps,
         "train_loss": state.losses[-1] if state.losses else None,
-        "eval_loss": eval_result["loss"] if eval_result else None,
-        "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
-        **{f"eval_{m}": eval_result[m] if eval_result else None for m in task_metrics(run.cfg)},
+        **evaluated,
         **run.summary,
         **(run.selection.summary(state.step >= run.total_steps) if run.selection else {}),
         "tokens": state.tokens,

@@ -176,7 +176,7 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
     return f"<table><tr><th></th><th>base</th><th>fine-tuned</th></tr>{cells}</table>"
 
 
-def _metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]:
+def metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]:
     """Eval loss and perplexity (a classifier's loss has none), and the eval.metrics (a classifier's accuracy and
     macro-F1), of the base model (before training) and of the fine-tuned one."""
     base, tuned = metrics.get("base_eval_loss"), metrics.get("eval_loss")
@@ -255,7 +255,7 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     # (a report is drawn of a run still training too: "did not finish" said it had stopped)
     status = "" if manifest else ("<p><b>No manifest.json: the run has not finished (it is still training, or it "
                                   "stopped); the curves show what it has logged.</b></p>")
-    rows = _metrics_rows(metrics, classifier)
+    rows = metrics_rows(metrics, classifier)
     # A table of empty cells read as results missing by mistake: say why there are none.
     evaluation = _table(rows) if any(base or tuned for _, base, tuned in rows) else (
         "<p>None recorded yet: the run has not finished (the evaluations it has logged, if any, are drawn with the "

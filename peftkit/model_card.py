@@ -1,0 +1,89 @@
+"""adapter/README.md: the model card a run writes beside its adapter, as peft's `save_pretrained` does, so that a
+pushed adapter shows on the Hugging Face Hub what it is, what it was trained on and from, how it scored and how to
+load it.
+
+The card holds only what the recipe and the run's evaluations decide (never a time, a run directory or a machine's
+path but the base's and the data's, which the recipe names), so a re-run of the recipe (`peftkit verify`) writes the
+same bytes. Its front matter is the Hub's: `base_model` (with the `base_model:adapter:` tag the Hub links adapters
+by) only for a base named by a hub id, since the Hub refuses a `base_model` that is no model id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from peftkit import __version__
+from peftkit.recipe import Recipe, is_hub_dataset
+from peftkit.report import metrics_rows
+
+CARD_NAME = "README.md"
+PEFTKIT_ONLY = {"BOTTLENECK", "ADAPTER_FUSION"}
+"""peft_types peft does not read: their cards show peftkit's way of loading them only."""
+
+
+def model_card(cfg: Recipe, peft_type: str, metrics: dict) -> str:
+    """The card's text. `metrics`: the run's evaluations as the manifest names them (`base_eval_loss`, `eval_loss`,
+    `eval_perplexity`, `eval_<metric>`...), those of the exported adapter."""
+    base = cfg.model.name_or_path
+    hub_base = not Path(base).is_dir()
+    task = "text-classification" if cfg.classification else "text-generation"
+    meta = {"library_name": "peft", "pipeline_tag": task,
+            "tags": ["peftkit", cfg.adapter.method] + ([f"base_model:adapter:{base}"] if hub_base else [])}
+    if hub_base:
+        meta = {"base_model": base} | meta
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+             f"# {cfg.adapter.method} adapter for `{_shown(base, hub_base)}`", "",
+             f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.", ""]
+    lines += _results(metrics, cfg.classification)
+    lines += _usage(cfg, peft_type, base, hub_base)
+    sections = {"adapter": cfg.adapter.model_dump(mode="json", exclude_none=True),
+                "training": cfg.training.model_dump(mode="json", exclude_defaults=True)}
+    lines += ["## Training settings", "", "The recipe's adapter keys, and its training keys that differ from peftkit's "
+              "defaults:",
+              "", "```yaml", yaml.safe_dump(sections, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _shown(name: str, hub: bool) -> str:
+    """A hub id as it is; a local directory by its name (its full path says nothing on the Hub)."""
+    return name if hub else Path(name).name
+
+
+def _data(cfg: Recipe) -> str:
+    source = cfg.data.train
+    shown = f"`{source}`" if is_hub_dataset(source) else f"`{Path(source).name}`"
+    return f"{shown} (`{cfg.data.format}` format, up to {cfg.data.max_length} tokens an example)"
+
+
+def _length(cfg: Recipe) -> str:
+    t = cfg.training
+    steps = f"{t.max_steps} optimizer steps" if t.max_steps else f"{t.epochs} epoch{'s' * (t.epochs > 1)}"
+    return f"{steps} of batch {t.batch_size} × {t.grad_accum}, lr {t.lr:g} ({t.scheduler})"
+
+
+def _results(metrics: dict, classifier: bool) -> list[str]:
+    rows = [row for row in metrics_rows(metrics, classifier) if row[1] or row[2]]
+    if not rows:
+        return []
+    table = ["| | base model | fine-tuned |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return ["## Evaluation", "", "On the recipe's `data.eval`:", "", *table, ""]
+
+
+def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool) -> list[str]:
+    shown = base if hub_base else "PATH/TO/" + Path(base).name
+    peftkit = ["```bash", "peftkit generate ADAPTER_DIR --prompt \"...\"    # also: peftkit chat, eval, merge", "```", ""]
+    if peft_type in PEFTKIT_ONLY:
+        return ["## Use", "", "This method has no peft equivalent: load it with peftkit.", "", *peftkit]
+    auto = "AutoModelForSequenceClassification" if cfg.classification else "AutoModelForCausalLM"
+    labels = f", num_labels={cfg.model.num_labels}" if cfg.classification and cfg.model.num_labels else ""
+    q = cfg.quantization
+    quantized = [] if q is None else [
+        f"It was trained over the base quantized by bitsandbytes ({q.method}"
+        + (", double quantization" if q.double_quant and q.method != "int8" else "")
+        + "); load the base so for the numbers above (`peftkit generate`, `eval` and `merge` do).", ""]
+    return ["## Use", "", *quantized, "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
+            f"base = {auto}.from_pretrained(\"{shown}\"{labels})",
+            "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")  # this directory, or its hub id", "```", "",
+            "or with peftkit:", "", *peftkit]

@@ -1,0 +1,75 @@
+"""adapter/README.md, the model card a run writes beside its adapter (peftkit.model_card): the Hub's front matter,
+the run's evaluations, how to load it, and nothing a re-run would write otherwise."""
+
+import json
+
+import yaml
+
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from peftkit.model_card import model_card
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+
+def test_a_run_writes_a_model_card_the_hub_reads_with_its_evaluations(tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4, "min_lr_ratio": 0.1})
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    card_file = run / "adapter" / "README.md"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "adapter/README.md" in manifest["outputs_sha256"]  # so verify checks it (a re-run writes the same bytes)
+
+    card = ModelCard.load(card_file)
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "peft" and meta["pipeline_tag"] == "text-generation"
+    assert "lora" in meta["tags"] and "base_model" not in meta  # a local base is no hub id: the Hub would refuse it
+    text = card_file.read_text()
+    metrics = manifest["metrics"]
+    assert f"| eval loss | {metrics['base_eval_loss']:.4f} | {metrics['eval_loss']:.4f} |" in text
+    assert "min_lr_ratio: 0.1" in text and "r: 4" in text and "alpha: 8.0" in text
+    assert str(tmp_path) not in text  # no machine's path: the base and the data by their names only
+    assert f"`{tiny_llama.name}`" in text and f"`{number_data['train'].name}`" in text
+    # peft loads the directory as before: the card is one more file beside the adapter's own
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), run / "adapter")
+
+
+def _recipe(tmp_path, tiny_llama, number_data, adapter=None, **sections):
+    path = make_recipe(tmp_path, tiny_llama, number_data, **sections)
+    if adapter is not None:  # the whole section: another method's keys are not LoRA's
+        recipe = yaml.safe_load(path.read_text()) | {"adapter": adapter}
+        path.write_text(yaml.safe_dump(recipe))
+    return load_recipe(path)
+
+
+def test_a_hub_base_is_the_cards_base_model(tiny_llama, number_data, tmp_path):
+    cfg = _recipe(tmp_path, tiny_llama, number_data)
+    hub = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": "HuggingFaceTB/SmolLM2-135M"})})
+    text = model_card(hub, "LORA", {})
+    meta = ModelCard(text).data.to_dict()
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+    assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M" in meta["tags"]
+    assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M")' in text
+    assert "## Evaluation" not in text  # a run without data.eval has no table
+
+
+def test_the_card_says_how_a_base_was_quantized_and_a_peftkit_only_method_loads(tiny_llama, number_data, tmp_path):
+    qlora = _recipe(tmp_path, tiny_llama, number_data, quantization={"method": "nf4"})
+    assert "quantized by bitsandbytes (nf4, double quantization)" in model_card(qlora, "LORA", {})
+    bottleneck = _recipe(tmp_path / "b", tiny_llama, number_data, adapter={"method": "bottleneck"})
+    text = model_card(bottleneck, "BOTTLENECK", {})
+    assert "no peft equivalent" in text and "PeftModel" not in text
+
+
+def test_a_classifiers_card_has_its_labels_and_accuracy(tiny_llama, number_data, tmp_path):
+    cfg = _recipe(tmp_path, tiny_llama, number_data)
+    classifier = cfg.model_copy(update={"model": cfg.model.model_copy(update={"task": "sequence_classification",
+                                                                                "num_labels": 3})})
+    metrics = {"base_eval_loss": 1.1, "eval_loss": 0.4, "base_eval_accuracy": 0.3, "eval_accuracy": 0.9}
+    text = model_card(classifier, "LORA", metrics)
+    assert ModelCard(text).data.to_dict()["pipeline_tag"] == "text-classification"
+    assert "num_labels=3" in text and "| accuracy | 0.3000 | 0.9000 |" in text
+    assert "perplexity" not in text  # a class has none
