@@ -13,6 +13,7 @@ from pathlib import Path
 from peftkit.checkpoint import CHECKSUMS
 from peftkit.errors import PeftkitError
 from peftkit.manifest import MANIFEST, Manifest, changed_model_files, loss_digest, unhashed
+from peftkit.model_card import CARD_NAME
 from peftkit.recipe import Recipe
 
 
@@ -43,6 +44,8 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
             out.append(f"output {name}: written by the re-run, but not recorded")
         elif tolerance == 0:
             out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
+        elif name.endswith(f"/{CARD_NAME}"):
+            continue  # the model card: figures rounded from the metrics and losses, which are compared on their own
         # RUN_DIR's copy is compared only when intact: a changed one is already reported, and may not even parse.
         elif not name.endswith(".safetensors"):  # settings and tokenizer files: the same, but for the versions
             if name in intact and not _same_settings(run_dir / name, tmp / name):

@@ -295,6 +295,16 @@ def test_a_tolerance_does_not_hide_a_changed_adapter(run):
     assert [d for d in report.differences if d.startswith(f"{ADAPTER} in {run} was changed after the run")]
 
 
+def test_a_tolerance_leaves_the_model_cards_rounded_figures_to_the_metrics(run):
+    """adapter/README.md shows the eval loss to 4 decimals: a run made elsewhere, whose loss is within the tolerance,
+    may round to another card. The metrics themselves are compared within it; bit for bit the card must match."""
+    card = run / "adapter" / "README.md"
+    card.write_text(card.read_text().replace("| eval loss |", "| eval loss (as another machine rounded it) |"))
+    _edit_manifest(run, lambda m: m["outputs_sha256"].update({"adapter/README.md": sha256_file(card)}))
+    assert verify(run, tolerance=1e-3, console=_quiet()).differences == []
+    assert [d for d in verify(run, console=_quiet()).differences if d.startswith("output adapter/README.md: sha256")]
+
+
 def test_a_missing_exported_directory_is_reported(run):
     shutil.rmtree(run / "adapter")
     report = verify(run, tolerance=1e-3, console=_quiet())
