@@ -607,9 +607,14 @@ def test_an_empty_sharegpt_system_field_is_no_system_message(tmp_path):
     assert given.input_ids == expected.input_ids
 
 
+CALL_FORM = ('a function_call turn\'s value is JSON text of a call, {"name": ..., "arguments": {...}}, or of a list of '
+             "calls")
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "x"}]},
-     "conversations[1].from is 'bot', not a ShareGPT speaker (human, gpt, system, observation)"),
+     "conversations[1].from is 'bot', not a ShareGPT speaker (human, gpt, function_call, observation, system); "
+     "rename it 'gpt'"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": " "}]},
      "conversations[1].value is empty (an assistant turn)"),
     ({"system": "s", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "x"}]},
@@ -617,8 +622,25 @@ def test_an_empty_sharegpt_system_field_is_no_system_message(tmp_path):
     ({"system": 5, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
      "field 'system' must be a string, got int"),
     ({"conversations": [{"from": "human", "text": "hi"}]},
-     "'conversations' must be a list of {from, value} objects (ShareGPT's turns: from human, gpt, system or "
-     "observation)"),
+     "'conversations' must be a list of {from, value} objects (ShareGPT's turns: from human, gpt, function_call, "
+     "observation, system)"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function", "value": "3"}, {"from": "gpt", "value": "x"}]},
+     "conversations[1].from is 'function', not a ShareGPT speaker (human, gpt, function_call, observation, system); "
+     "rename it 'observation' (a tool's result) or 'function_call' (a call)"),
+    ({"conversations": [{"from": "Human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+     "conversations[0].from is 'Human', not a ShareGPT speaker (human, gpt, function_call, observation, system); "
+     "rename it 'human'"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "{'name': 'add'}"}]},
+     "conversations[1].value is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+     "(char 1)); " + CALL_FORM),
+    ({"system": "s", "conversations": [{"from": "human", "value": "hi"},
+                                       {"from": "function_call", "value": '[{"name": "add", "arguments": "{}"}]'}]},
+     "conversations[1].value holds a call whose 'arguments' is a string: an object of the arguments by name ({} for "
+     "none); " + CALL_FORM),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": '{"arguments": {}}'}]},
+     "conversations[1].value holds a call without a 'name' (a nonempty string); " + CALL_FORM),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[]"}]},
+     "conversations[1].value is an empty list of calls; " + CALL_FORM),
 ])
 def test_bad_sharegpt_rows_are_named_in_their_own_words(tmp_path, row, message):
     from peftkit.errors import PeftkitError
@@ -840,6 +862,44 @@ def test_tool_calls_are_trained_as_the_template_writes_them(tmp_path):
     [prompt] = load_prompts(tok, cfg.train, "train", cfg)
     assert prompt.reference == call and prompt.text == tok.apply_chat_template(
         messages[:1], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+
+
+def test_sharegpt_function_calls_are_tool_calls(tmp_path):
+    """LLaMA-Factory's ShareGPT rows call tools in `function_call` turns (JSON text of {name, arguments}, or a list of
+    such calls), the results in `observation` turns and the schemas in `tools` as JSON text; the rows were refused
+    ('function_call' was no ShareGPT speaker). Their text, trained tokens and eval prompt are now those of the same
+    conversation as `messages` with `tool_calls`; a `tool` speaker is an observation."""
+    import copy
+
+    from peftkit.data.prompts import load_prompts
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = TOOLS_STYLE
+    other = {"type": "function", "function": {"name": "mul", "arguments": {"a": 3, "b": 3}}}
+    messages = [{"role": "system", "content": "Use tools."}, {"role": "user", "content": "1+2?"},
+                {"role": "assistant", "content": None, "tool_calls": [CALL]}, {"role": "tool", "content": "3"},
+                {"role": "assistant", "content": None, "tool_calls": [other, CALL]},
+                {"role": "tool", "content": "9"}, {"role": "tool", "content": "3"}, {"role": "assistant", "content": "9, 3."}]
+    turns = [{"from": "human", "value": "1+2?"}, {"from": "function_call", "value": json.dumps(CALL["function"])},
+             {"from": "observation", "value": "3"},
+             {"from": "function_call", "value": json.dumps([other["function"], CALL["function"]])},
+             {"from": "tool", "value": "9"}, {"from": "observation", "value": "3"}, {"from": "gpt", "value": "9, 3."}]
+    sharegpt = {"system": "Use tools.", "conversations": turns, "tools": json.dumps(TOOLS)}
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat", max_length=2048)
+    examples = []
+    for row in ({"messages": messages, "tools": TOOLS}, sharegpt):
+        write_jsonl(tmp_path / "d.jsonl", [row])
+        examples.append(load_examples(tok, cfg.train, "train", cfg, cache=False)[0][0])
+    expected, ex = examples
+    assert ex.input_ids == expected.input_ids and ex.labels == expected.labels
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    assert '<tool_call>{"name": "mul", "arguments": {"a": 3, "b": 3}}</tool_call><tool_call>{"name": "add"' in \
+        tok.decode([t for t in ex.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+    write_jsonl(tmp_path / "d.jsonl", [sharegpt | {"conversations": turns[:2]}])  # eval's prompt and reference
+    [prompt] = load_prompts(tok, cfg.train, "train", cfg)
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": messages[:3], "tools": TOOLS}])
+    [expected] = load_prompts(tok, cfg.train, "train", cfg)
+    assert (prompt.text, prompt.reference) == (expected.text, expected.reference) and "<tool_call>" in prompt.reference
 
 
 def test_an_empty_tool_calls_list_is_no_calls(tmp_path):

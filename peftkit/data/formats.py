@@ -80,9 +80,16 @@ def message_name(messages: list[dict], i: int, part: str = "") -> str:
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "observation": "tool", "tool": "tool"}
-"""ShareGPT's speakers (a turn's `from`: LLaMA-Factory's and axolotl's names) as chat roles."""
-
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+"""ShareGPT's speakers (a turn's `from`: LLaMA-Factory's and axolotl's names) as chat roles; a `function_call` turn is
+an assistant turn of tool calls (`_function_calls`), an `observation` a tool's result."""
+SHAREGPT_SPEAKERS = "human, gpt, function_call, observation, system"
+# Other datasets' names for a speaker, and the one to rename it to ("function": OpenAI's old role of a function's
+# result; some ShareGPT exports write it for the call).
+_SPEAKER_NAMES = {"function": "'observation' (a tool's result) or 'function_call' (a call)",
+                  **dict.fromkeys(("function_response", "function-response", "tool_response", "ipython"), "'observation'"),
+                  **dict.fromkeys(("function-call", "tool_call", "tool_calls"), "'function_call'"),
+                  "bot": "'gpt'", "model": "'gpt'"}
 
 def sharegpt_rows(rows: list) -> list:
     """Rows of data.format chat, ShareGPT's among them (`conversations`: {from, value} turns, `system` beside them
@@ -95,7 +102,9 @@ def sharegpt_rows(rows: list) -> list:
             return None
         # ("system": "" is no system message, as LLaMA-Factory reads it: data.system_prompt then opens it)
         system = [{"role": "system", "content": row["system"]}] if row.get("system") not in (None, "") else []
-        return system + [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+        return system + [{"role": "assistant", "content": None, "tool_calls": _function_calls(t["value"])[0]}
+                         if t["from"] == "function_call" else
+                         {"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
                          for t in conversation]
     return [row | {"messages": messages, SHAREGPT: True} if (messages := turns(row)) is not None else row
             for row in rows]
@@ -103,6 +112,38 @@ def sharegpt_rows(rows: list) -> list:
 
 SHAREGPT = "_peftkit_sharegpt"
 """The key `sharegpt_rows` marks a row it converted with, so that a problem is named in the row's own terms."""
+
+
+def _function_calls(value: object) -> tuple[list[dict] | None, str | None]:
+    """A ShareGPT `function_call` turn's value, as LLaMA-Factory writes it (JSON text of {"name", "arguments"}, or of
+    a list of such calls), as `tool_calls` in OpenAI's and transformers' form; or None and what is wrong with it."""
+    form = ("a function_call turn's value is JSON text of a call, {\"name\": ..., \"arguments\": {...}}, or of a "
+            "list of calls")
+    if not isinstance(value, str):
+        return None, f"must be a string, got {'null' if value is None else type(value).__name__} ({form})"
+    try:
+        calls = json.loads(value)
+    except (ValueError, RecursionError) as e:
+        return None, f"is not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e}); {form}"
+    calls = calls if isinstance(calls, list) else [calls]
+    if not calls:
+        return None, f"is an empty list of calls; {form}"
+    for call in calls:
+        if not isinstance(call, dict):
+            return None, f"holds a call that is {_json_type(call)}, not an object; {form}"
+        if not isinstance(call.get("name"), str) or not call["name"].strip():
+            return None, f"holds a call without a 'name' (a nonempty string); {form}"
+        if not isinstance(call.get("arguments"), dict):
+            given = f"whose 'arguments' is {_json_type(call['arguments'])}" if "arguments" in call else \
+                "without 'arguments'"
+            return None, f"holds a call {given}: an object of the arguments by name ({{}} for none); {form}"
+    return [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls], None
+
+
+def _json_type(value: object) -> str:
+    """`value`'s JSON type, as a message says it (`null`, `a string`, `a list`)."""
+    return {type(None): "null", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
 # A lone UTF-16 surrogate (JSON "\\ud800") is not valid Unicode: no tokenizer can encode it, and the fast
@@ -120,8 +161,7 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
     rows are only prompts to generate from, `peftkit generate --data`: `{"instruction": ...}` was refused for its
     missing output)."""
     if fmt == "chat" and "messages" not in row and "conversations" in row:  # (a well-formed one is converted)
-        return ("'conversations' must be a list of {from, value} objects (ShareGPT's turns: from human, gpt, system or "
-                "observation)")
+        return f"'conversations' must be a list of {{from, value}} objects (ShareGPT's turns: from {SHAREGPT_SPEAKERS})"
     if row.get(SHAREGPT):
         return _sharegpt_problem(row, fmt, target)
     for field in REQUIRED_FIELDS[fmt]:
@@ -152,8 +192,12 @@ def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
     shift = len(own) - len(row["conversations"])  # a `system` field's turn in front
     for i, turn in enumerate(row["conversations"]):
         if turn["from"] not in SHAREGPT_ROLES:
-            return (f"conversations[{i}].from is {turn['from']!r}, not a ShareGPT speaker (human, gpt, system, "
-                    "observation)")
+            name = str(turn["from"]).lower()
+            meant = f"'{name}'" if name in SHAREGPT_ROLES else _SPEAKER_NAMES.get(name)
+            return (f"conversations[{i}].from is {turn['from']!r}, not a ShareGPT speaker ({SHAREGPT_SPEAKERS})"
+                    + (f"; rename it {meant}" if meant else ""))
+        if turn["from"] == "function_call" and (problem := _function_calls(turn["value"])[1]):
+            return f"conversations[{i}].value {problem}"
     problem = _row_problem({k: v for k, v in row.items() if k != SHAREGPT}, fmt, target)
     if problem is None:
         return None
