@@ -627,6 +627,8 @@ CALL_FORM = ('a function_call turn\'s value is JSON text of a call, {"name": ...
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function", "value": "3"}, {"from": "gpt", "value": "x"}]},
      "conversations[1].from is 'function', not a ShareGPT speaker (human, gpt, function_call, observation, system); "
      "rename it 'observation' (a tool's result) or 'function_call' (a call)"),
+    ({"conversations": [{"from": ["human"], "value": "hi"}, {"from": "gpt", "value": "x"}]},  # a TypeError before
+     "conversations[0].from is ['human'], not a ShareGPT speaker (human, gpt, function_call, observation, system)"),
     ({"conversations": [{"from": "Human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
      "conversations[0].from is 'Human', not a ShareGPT speaker (human, gpt, function_call, observation, system); "
      "rename it 'human'"),

@@ -104,7 +104,8 @@ def sharegpt_rows(rows: list) -> list:
         system = [{"role": "system", "content": row["system"]}] if row.get("system") not in (None, "") else []
         return system + [{"role": "assistant", "content": None, "tool_calls": _function_calls(t["value"])[0]}
                          if t["from"] == "function_call" else
-                         {"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+                         {"role": SHAREGPT_ROLES.get(t["from"], t["from"]) if isinstance(t["from"], str) else t["from"],
+                          "content": t["value"]}
                          for t in conversation]
     return [row | {"messages": messages, SHAREGPT: True} if (messages := turns(row)) is not None else row
             for row in rows]
@@ -191,7 +192,7 @@ def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
     own = [m for m in row["messages"] if not isinstance(m, SystemPrompt)]  # (`_row_problem` names these)
     shift = len(own) - len(row["conversations"])  # a `system` field's turn in front
     for i, turn in enumerate(row["conversations"]):
-        if turn["from"] not in SHAREGPT_ROLES:
+        if not isinstance(turn["from"], str) or turn["from"] not in SHAREGPT_ROLES:  # (a list is no dict key)
             name = str(turn["from"]).lower()
             meant = f"'{name}'" if name in SHAREGPT_ROLES else _SPEAKER_NAMES.get(name)
             return (f"conversations[{i}].from is {turn['from']!r}, not a ShareGPT speaker ({SHAREGPT_SPEAKERS})"
