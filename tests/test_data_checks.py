@@ -47,6 +47,35 @@ def test_the_text_of_a_special_token_in_a_row_is_said_with_its_place(tmp_path):
     assert _load(tmp_path, rows[:1], "alpaca")[2] == ["1 training examples"]
 
 
+def test_the_warnings_name_a_row_s_place_as_the_data_names_it(tmp_path):
+    """With data.columns, or in a ShareGPT row, the special-token and dropped-message warnings named the format's
+    field or the converted messages (`field 'output'`, `messages[2].content`), which the data has not; they name the
+    column and the conversation's turn now, as a bad row's error does."""
+    rows = [{"instruction": "a", "answer": "x</s>y"}]
+    stats = _load(tmp_path, rows, "alpaca", columns={"output": "answer"})[1]
+    path = tmp_path / "d.jsonl"
+    assert stats["special_text_first"] == f"{path}:1: column 'answer' (data.columns.output) holds '</s>'"
+    stats = _load(tmp_path, [{"prompt": "a", "answer": "b</s>"}], "completion", columns={"completion": "answer"})[1]
+    assert stats["special_text_first"] == (f"{path}:1: column 'answer' (data.columns.completion) ends with '</s>', "
+                                           "and peftkit appends an EOS to it too (two EOS)")
+    dialog = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<pad>"}]
+    stats = _load(tmp_path, [{"dialog": dialog}], "chat", columns={"messages": "dialog"})[1]
+    assert stats["special_text_first"] == f"{path}:1: dialog[1].content holds '<pad>'"
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a<pad>"}]
+    stats = _load(tmp_path, [{"system": "s", "conversations": turns}], "chat")[1]
+    assert stats["special_text_first"] == f"{path}:1: conversations[1].value holds '<pad>'"
+    stats = _load(tmp_path, [{"turns": turns}], "chat", columns={"conversations": "turns"})[1]
+    assert stats["special_text_first"] == f"{path}:1: turns[1].value holds '<pad>'"
+    turns[1]["value"] = "a"
+    stats = _load(tmp_path, [{"system": "s<pad>", "conversations": turns}], "chat")[1]
+    assert stats["special_text_first"] == f"{path}:1: field 'system' holds '<pad>'"
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = SYSTEM_IN_LAST_USER_TURN
+    stats = _load(tmp_path, [{"prompt": "Be brief.", "conversations": turns}], "chat", tok,
+                  columns={"system": "prompt"})[1]
+    assert stats["dropped_message_first"] == f"{path}:1: column 'prompt' (data.columns.system)"
+
+
 def test_a_special_token_s_name_the_tokenizer_does_not_split_out_is_text(tmp_path):
     """`sep_token = "Human:"` names a special token that the tokenizer never splits out of a text: "Human: hi" is
     plain characters, and no warning."""

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
-from peftkit.data.formats import REQUIRED_FIELDS, SystemPrompt, _row_problem, format_rows, message_name
+from peftkit.data.formats import (REQUIRED_FIELDS, SystemPrompt, _row_problem, format_rows, message_name,
+                                   sharegpt_words)
 from peftkit.data.rows import HUB_ROWS, RowNumbers, load_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
@@ -400,6 +401,12 @@ def in_columns(problem: str, columns: dict[str, str]) -> str:
     return problem
 
 
+def in_data_words(text: str, row: dict, cfg: DataConfig) -> str:
+    """`text` about a row (a warning's "field 'output' holds '</s>'") naming its fields and messages as the data
+    does, as a bad row's error does: a column data.columns reads a field from, a ShareGPT row's conversations."""
+    return in_columns(sharegpt_words(text, row), cfg.columns)
+
+
 def needed_fields(cfg: DataConfig) -> str:
     """The fields each row of data.format needs, by the column names data.columns gives them (a chat row's messages
     may be ShareGPT's conversations)."""
@@ -441,13 +448,15 @@ def count_examples(
         for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
             advance()
             _count(built, rows, cfg, stats, cuts, examples)
-            if built is not None and (found := special_tokens_in(tok, rows[built.index], cfg.format,
-                                                                 _body(built, lead))):
+            row = rows[built.index] if built is not None else None
+            if row is not None and (found := special_tokens_in(tok, row, cfg.format, _body(built, lead))):
                 stats["special_text_rows"] += 1
-                stats["special_text_first"] = stats["special_text_first"] or f"{built.where}: {found}"
-            if built is not None and cfg.format == "chat" and (left := left_out(tok, rows[built.index])):
+                stats["special_text_first"] = stats["special_text_first"] or \
+                    f"{built.where}: {in_data_words(found, row, cfg)}"
+            if row is not None and cfg.format == "chat" and (left := left_out(tok, row)):
                 stats["dropped_message_rows"] += 1
-                stats["dropped_message_first"] = stats["dropped_message_first"] or f"{built.where}: {left}"
+                stats["dropped_message_first"] = stats["dropped_message_first"] or \
+                    f"{built.where}: {in_data_words(left, row, cfg)}"
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)

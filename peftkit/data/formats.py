@@ -189,8 +189,6 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
 
 def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
     """`_row_problem` of a row `sharegpt_rows` converted, in the row's own words (`conversations[i].value`)."""
-    own = [m for m in row["messages"] if not isinstance(m, SystemPrompt)]  # (`_row_problem` names these)
-    shift = len(own) - len(row["conversations"])  # a `system` field's turn in front
     for i, turn in enumerate(row["conversations"]):
         if not isinstance(turn["from"], str) or turn["from"] not in SHAREGPT_ROLES:  # (a list is no dict key)
             name = str(turn["from"]).lower()
@@ -200,11 +198,19 @@ def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
         if turn["from"] == "function_call" and (problem := _function_calls(turn["value"])[1]):
             return f"conversations[{i}].value {problem}"
     problem = _row_problem({k: v for k, v in row.items() if k != SHAREGPT}, fmt, target)
-    if problem is None:
-        return None
-    problem = re.sub(r"messages\[(\d+)\]", lambda m: f"conversations[{int(m.group(1)) - shift}]"
-                     if int(m.group(1)) >= shift else "field 'system'", problem)
-    return problem.replace("].content", "].value").replace("field 'system'.content", "field 'system'")
+    return None if problem is None else sharegpt_words(problem, row)
+
+
+def sharegpt_words(text: str, row: dict) -> str:
+    """`text` about a row (a problem, a warning) in the row's own words where `sharegpt_rows` converted it: its
+    `messages[2].content` as `conversations[1].value`, a message from its `system` field as `field 'system'`."""
+    if not row.get(SHAREGPT):
+        return text
+    own = [m for m in row["messages"] if not isinstance(m, SystemPrompt)]  # (`message_name` numbers these)
+    shift = len(own) - len(row["conversations"])  # a `system` field's turn in front
+    text = re.sub(r"messages\[(\d+)\]", lambda m: f"conversations[{int(m.group(1)) - shift}]"
+                  if int(m.group(1)) >= shift else "field 'system'", text)
+    return text.replace("].content", "].value").replace("field 'system'.content", "field 'system'")
 
 
 def _label_problem(label: object) -> str | None:
