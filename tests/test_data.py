@@ -730,6 +730,26 @@ def test_a_local_file_is_sliced_as_a_hub_split(tmp_path, monkeypatch):
         assert len(load_rows(cfg.train, "validation")[0]) == 8
 
 
+def test_each_slice_of_a_file_counts_its_own_skipped_lines(tmp_path):
+    """data.on_bad_rows: skip with one file sliced apart (train[:50%], train[50%:]): each slice said the whole file's
+    malformed lines as its own. A malformed line counts in the slice of the row after it (the last row's at the
+    file's end), and a slice's rows are still named by their lines in the file."""
+    from peftkit.data import describe_stats
+
+    rows = [json.dumps({"prompt": f"{i}+{i}=", "completion": str(2 * i)}) for i in range(8)]
+    rows[5] = json.dumps({"prompt": "5+5=", "completion": "10</s>"})  # (a special token's text: a warning naming it)
+    rows[6] = json.dumps({"prompt": "x"})  # a row without the format's fields: its slice's, as ever
+    lines = [rows[0], "{bad", *rows[1:5], "{bad", *rows[5:], "{bad"]  # malformed: lines 2, 7 and 11
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="completion", on_bad_rows="skip")
+    head, head_stats = load_examples(TOK, cfg.train, "train[:50%]", cfg, cache=False)
+    tail, tail_stats = load_examples(TOK, cfg.train, "train[50%:]", cfg, cache=False)
+    assert (len(head), head_stats["bad_rows"], len(tail), tail_stats["bad_rows"]) == (4, 1, 3, 3)
+    assert describe_stats(head_stats, cfg)[0] == "4 training examples; skipped 1 bad rows (data.on_bad_rows: skip)"
+    assert tail_stats["special_text_first"].startswith(f"{cfg.train}:8: field 'completion' ends with '</s>'")
+    assert load_examples(TOK, cfg.train, "train", cfg, cache=False)[1]["bad_rows"] == 4  # the whole file's
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
      "messages[1].content is empty (an assistant turn)"),

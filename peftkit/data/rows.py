@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -17,10 +18,10 @@ from peftkit.recipe import DATA_EXTENSIONS, is_hub_dataset
 _NO_ROWS = "corresponds to no data"
 
 
-def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int]]:
-    """(rows, malformed lines skipped, the line number of each row): blank and skipped lines make row
-    numbers and line numbers differ, and messages about a row must name its line."""
-    rows, bad, line_numbers = [], 0, []
+def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], list[int], list[int]]:
+    """(rows, the line number of each malformed line skipped, the line number of each row): blank and skipped lines
+    make row numbers and line numbers differ, and messages about a row must name its line."""
+    rows, bad, line_numbers = [], [], []
     # -sig: a byte order mark (Windows editors write one) is not a row's; surrogateescape: a byte that is not UTF-8
     # (a line saved as Latin-1) is that line's problem, found below, not an error at some offset of the whole file.
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -31,7 +32,7 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], int, list[int
                 row = _json_object(line)
             except ValueError as e:
                 if on_bad_rows == "skip":
-                    bad += 1
+                    bad.append(lineno)
                     continue
                 fix = ("Save the file as UTF-8" if isinstance(e, _NotUtf8) else "Fix the line")
                 raise PeftkitError(
@@ -58,7 +59,7 @@ def _undecoded(line: str) -> str | None:
     return None
 
 
-def _read_text(path: Path) -> tuple[list[dict], int, list[int]]:
+def _read_text(path: Path) -> tuple[list[dict], list[int], list[int]]:
     """A text file's lines as rows {"text": line}, as `datasets`' text reader splits them (at newlines, \\r\\n and \\r
     read as newlines; not at the other line breaks str.splitlines knows: a form feed stays in its line), with their
     line numbers; a blank line separates paragraphs and is no example (a .jsonl's blank lines are skipped too), and
@@ -71,7 +72,7 @@ def _read_text(path: Path) -> tuple[list[dict], int, list[int]]:
         if line.strip():
             rows.append({"text": line})
             line_numbers.append(lineno)
-    return rows, 0, line_numbers
+    return rows, [], line_numbers
 
 
 def _json_object(line: str) -> dict:
@@ -140,12 +141,23 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error",
     """
     if not is_hub_dataset(source):
         rows, bad, line_numbers = _local_rows(source, on_bad_rows)
-        rows, line_numbers = local_split(rows, line_numbers, split, source)
-        return rows, bad, line_numbers
+        picked, numbers = local_split(rows, line_numbers, split, source)
+        return picked, _skipped_in(bad, line_numbers, numbers), numbers
     return _hub_rows(source, split, revision)
 
 
-def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], int, list[int] | None]:
+def _skipped_in(bad: list[int], line_numbers: list[int] | None, picked: list[int] | None) -> int:
+    """How many of the malformed lines skipped (`bad`, their line numbers) fall in the slice of the file's rows whose
+    lines are `picked`: each counts in the slice of the row after it (of the last row, at the end of the file), so
+    the slices that split a file split its count; each slice counts them all where the file has no row. Counted
+    whole for every slice, `train[:50%]` and `train[50%:]` both said the file's count."""
+    if not bad or not line_numbers or picked is line_numbers:  # (the whole file: `local_split` hands it back)
+        return len(bad)
+    picked = set(picked)
+    return sum(line_numbers[min(bisect.bisect(line_numbers, line), len(line_numbers) - 1)] in picked for line in bad)
+
+
+def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], list[int], list[int] | None]:
     path = Path(source)
     if not path.exists():
         raise PeftkitError(f"Data file not found: {source}. Check the path: a relative one is resolved against the "
@@ -163,9 +175,9 @@ def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], int, list[in
         if kind == "text":
             return _read_text(path)
         if _is_blank(path):  # `datasets` fails on these with StopIteration or a message about its own internals
-            return [], 0, None
+            return [], [], None
         if kind == "json" and (rows := _read_json_array(path)) is not None:
-            return rows, 0, None
+            return rows, [], None
         import datasets
 
         # (`datasets` keys its own cache of a file by path and modification time: a file rewritten with its time
@@ -176,7 +188,7 @@ def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], int, list[in
         raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
     except (ValueError, OSError, _generation_error()) as e:  # (an except clause's types are read when it is tried)
         if _NO_ROWS in str(e):  # `[]`, `{}`, a CSV with only its header: no rows, said the way .jsonl says it
-            return [], 0, None
+            return [], [], None
         # DatasetGenerationError's own text is "An error occurred while generating the dataset"; the cause says what.
         why = str(e.__cause__ or e)
         if "disk space" in why or "No space left" in why:  # (datasets' NotEnoughDiskSpace; ENOSPC) its cache's
@@ -186,7 +198,7 @@ def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], int, list[in
                                f"the file first, is full ({datasets.config.HF_DATASETS_CACHE}). Free space there, "
                                "or set HF_DATASETS_CACHE to a directory with room.") from None
         raise PeftkitError(f"Could not read data file {source}: {why}") from None
-    return ([_with_csv_label(row) for row in ds] if kind == "csv" else list(ds)), 0, None
+    return ([_with_csv_label(row) for row in ds] if kind == "csv" else list(ds)), [], None
 
 
 def local_split(rows: list[dict], line_numbers: list[int] | None, split: str,
