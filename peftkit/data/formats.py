@@ -87,9 +87,11 @@ SHAREGPT_SPEAKERS = "human, gpt, function_call, observation, system"
 # Other datasets' names for a speaker, and the one to rename it to ("function": OpenAI's old role of a function's
 # result; some ShareGPT exports write it for the call).
 _SPEAKER_NAMES = {"function": "'observation' (a tool's result) or 'function_call' (a call)",
-                  **dict.fromkeys(("function_response", "function-response", "tool_response", "ipython"), "'observation'"),
+                  **dict.fromkeys(("function_response", "function-response", "tool_response", "ipython"),
+                                  "'observation'"),
                   **dict.fromkeys(("function-call", "tool_call", "tool_calls"), "'function_call'"),
                   "bot": "'gpt'", "model": "'gpt'"}
+
 
 def sharegpt_rows(rows: list) -> list:
     """Rows of data.format chat, ShareGPT's among them (`conversations`: {from, value} turns, `system` beside them
