@@ -39,12 +39,15 @@ class ModelSource:
     model_from_recipe: bool = False
     """`model` is a recipe's: an adapter's base loads with its dtype, attn_implementation and revision, as the run
     loaded it (a --model flag names the base only, loaded as the adapter's recorded base would be)."""
+    chat_template: str | None = None
+    """The recipe's data.chat_template, which the tokenizer gets in place of its own (kept under --model: the
+    recipe's data and its run's adapter were rendered with it); None without a recipe."""
 
     @classmethod
     def of_recipe(cls, cfg: Recipe, run_adapter: str | None) -> ModelSource:
         """A recipe's model, with the adapter of its run directory (if any), run as the run evaluated it."""
         return cls(cfg.model, cfg.quantization, run_adapter, mixed_precision=cfg.training.mixed_precision,
-                   model_from_recipe=True)
+                   model_from_recipe=True, chat_template=cfg.data.chat_template)
 
     def with_flags(self, model: str | None, adapter: str | None, trust_remote_code: bool) -> ModelSource:
         """This source with the command line's --model, --adapter and --trust-remote-code on top."""
@@ -112,7 +115,7 @@ class ModelSource:
             cfg = cfg.model_copy(update={"revision": revision})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
-        return load_tokenizer(cfg)
+        return load_tokenizer(cfg, self.chat_template)
 
     def load(self, device: torch.device | None = None, labels=None) -> nn.Module:
         """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied.

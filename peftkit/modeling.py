@@ -302,7 +302,10 @@ def check_quantization_section(config, cfg: ModelConfig, quant: QuantizationConf
                        "trained.")
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
+    """The tokenizer of `cfg`'s model, with a pad token (`pad_token`: EOS, UNK or BOS where it has none) and
+    `chat_template` where given: a recipe's data.chat_template (`peftkit.data.chat_templates.template_text`), in
+    place of the tokenizer's own."""
     from transformers import AutoTokenizer
 
     load_config(cfg)  # a broken config.json fails here in our words, not in the tokenizer's
@@ -323,6 +326,10 @@ def load_tokenizer(cfg: ModelConfig):
             raise PeftkitError(f"The tokenizer of {cfg.name_or_path} has no pad token and no EOS, UNK or BOS token to "
                                "pad with. Give it one (tokenizer_config.json's pad_token or eos_token).")
         tok.pad_token = spare
+    if chat_template is not None:
+        from peftkit.data.chat_templates import template_text
+
+        tok.chat_template = template_text(chat_template)
     return tok
 
 

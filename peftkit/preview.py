@@ -141,7 +141,7 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     from peftkit.modeling import load_tokenizer
 
     cfg = recipe.data
-    tok = load_tokenizer(recipe.model)
+    tok = load_tokenizer(recipe.model, cfg.chat_template)
     rows, bad, line_numbers = load_rows(cfg.train, cfg.train_split, cfg.on_bad_rows, cfg.revision)
     rows = format_rows(rows, cfg)
     tasks = recipe_reads_tasks(recipe)

@@ -270,7 +270,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
     check_fits(estimate, device)
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
     train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok, config, cache)
     if eval_ex is not None and accelerator.num_processes > 1:
         eval_ex.processes = accelerator  # the processes share out the eval batches

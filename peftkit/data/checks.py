@@ -137,7 +137,15 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
             "in an answer does not have (a generation prompt does: the model is asked in a form it was not trained "
             "on). Put what it says into the first user message, or use a template that keeps it."
         )
-    if stats.get("turn_ends_unmarked"):
+    if stats.get("turn_ends_unmarked") and (marker := stats.get("turn_end_text")):
+        lines.append(
+            f"warning: data.chat_template ends each assistant turn with {marker!r}, which is not a token of this "
+            "tokenizer: the model is taught to write it as plain text, not to stop, and generation does not stop at "
+            "it (it runs on to its token limit). peftkit adds no tokens (the model would need new embedding rows). "
+            "Use a template whose turns end with the tokenizer's EOS ({{ eos_token }}), or a tokenizer that has "
+            f"{marker!r} as a special token."
+        )
+    elif stats.get("turn_ends_unmarked"):
         lines.append(
             "warning: the chat template ends an assistant turn with no special token (no EOS or end-of-turn marker "
             "after the answer), so training never teaches the model to stop: generation runs on to its token limit. "

@@ -149,8 +149,9 @@ def _chat_example(tok, messages: list[dict], train_on: str = "answers",
     """A conversation's token ids and labels: its assistant turns trained (`train_on` answers), the last one only
     (last_answer), or every token (all). `tools`: the row's tool schemas, which the template writes (not trained)."""
     if not getattr(tok, "chat_template", None):
-        raise PeftkitError("data.format is 'chat' but the tokenizer has no chat_template; use another format or a "
-                           "tokenizer with a template.")
+        raise PeftkitError("data.format is 'chat' but the tokenizer has no chat_template (a base model's has none); "
+                           "set data.chat_template (chatml, llama3, a .jinja file, or a tokenizer directory to copy it "
+                           "from), use a tokenizer with a template, or use another format.")
     if not tok.is_fast:
         raise PeftkitError("data.format 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
     text = render_chat(tok, messages, tools=tools)
@@ -195,6 +196,17 @@ def _turn_end_token(tok, template: str) -> int | None:
         trained.pop()
     specials = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
     return trained[-1] if trained and trained[-1] in specials else None
+
+
+def turn_end_text(tok) -> str:
+    """What the chat template writes after an answer as part of the turn (`<|im_end|>`), for a template whose turns
+    end with no special token (`turn_end_token` None): the marker a warning names. '' where there is none."""
+    try:
+        ids, labels = _chat_example(tok, [{"role": "user", "content": PROBE}, {"role": "assistant", "content": "ok"}])
+    except PeftkitError:
+        return ""
+    trained = tok.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]).strip()
+    return trained.removeprefix("ok") if trained.startswith("ok") else ""
 
 
 def _in_a_span(a: int, b: int, spans: list[tuple[int, int]], apart: bool) -> bool:
@@ -439,6 +451,8 @@ def count_examples(
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
              "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and turn_end_token(tok) is None,
              "dropped_message_rows": 0, "dropped_message_first": None}
+    if stats["turn_ends_unmarked"] and cfg.chat_template is not None:  # the recipe's template: name its marker
+        stats["turn_end_text"] = turn_end_text(tok)
     cuts = _TargetCuts()
     lead = len(encode_prompt(tok, "")) if cfg.format != "chat" else 0  # the special tokens put in front (BOS)
     for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,

@@ -462,6 +462,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
                 raise PeftkitError(f"{_where(('adapter', 'fuse', j), path, lines, overridden)}: adapter.fuse[{j}] is "
                                    f"adapter.fuse[{i}] again ({value}); AdapterFusion weighs different adapters "
                                    "against each other. List each adapter directory once.")
+    if recipe.data.chat_template is not None:  # a file's or directory's template read in: the run keeps its text
+        from peftkit.data.chat_templates import resolved_template
+
+        try:
+            recipe.data.chat_template = resolved_template(recipe.data.chat_template, base)
+        except PeftkitError as e:
+            raise PeftkitError(f"{_where(('data', 'chat_template'), path, lines, overridden)}: data.chat_template: "
+                               f"{e}") from None
     if recipe.adapter.init_from:
         from peftkit.peft_format import init_from_config
 

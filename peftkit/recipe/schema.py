@@ -124,6 +124,10 @@ class DataConfig(Section):
     system_prompt: str | None = None
     """data.format chat: the system message of each conversation that opens without one (LLaMA-Factory's
     default_system, axolotl's default_system_message)."""
+    chat_template: str | None = None
+    """data.format chat: the chat template to set on the tokenizer (a base model's has none; an instruct model's is
+    replaced): a built-in (`chatml`, `llama3`), a .jinja file, a local tokenizer or model directory whose template
+    to copy, or the jinja text itself (`peftkit.data.chat_templates`). null: the tokenizer's own."""
     columns: dict[str, str] = Field(default_factory=dict)
     """The data's own column for a field the format reads, where it names it otherwise: `{instruction: question,
     output: answer}` reads alpaca rows from `question` and `answer` columns."""
@@ -133,6 +137,9 @@ class DataConfig(Section):
         if self.system_prompt is not None and self.format != "chat":
             raise ValueError(f"data.system_prompt is the system message of chat conversations, and data.format is "
                              f"{self.format}; remove it, or use data.format: chat")
+        if self.chat_template is not None and self.format != "chat":
+            raise ValueError(f"data.chat_template is the template of chat conversations, and data.format is "
+                             f"{self.format}, whose rows no template renders; remove it, or use data.format: chat")
         from peftkit.data.formats import format_fields
 
         fields = format_fields(self.format)

@@ -1,0 +1,191 @@
+"""data.chat_template: a recipe's chat template on a tokenizer without one (a base model's), or in place of its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.data.chat_templates import CHATML, LLAMA3
+from peftkit.data.examples import IGNORE_INDEX
+from peftkit.modeling import load_tokenizer
+from peftkit.recipe import load_recipe
+from peftkit.tiny import CHAT_TEMPLATE, write_jsonl
+from tests.conftest import cli_user_error, make_recipe
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+     {"role": "assistant", "content": "ciao"}],
+]
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, tiny_llama) -> Path:
+    """The tiny Llama with a tokenizer that has no chat template, as a base model's."""
+    path = tmp_path_factory.mktemp("models") / "base"
+    shutil.copytree(tiny_llama, path)
+    for f in path.glob("chat_template.*"):
+        f.unlink()
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chat-data")
+    rows = [{"messages": CONVERSATIONS[i % 2]} for i in range(8)]
+    write_jsonl(root / "train.jsonl", rows)
+    write_jsonl(root / "eval.jsonl", rows[:4])
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def chat_recipe(tmp_path: Path, model: Path, data: dict[str, Path], template, **data_keys) -> Path:
+    return make_recipe(tmp_path, model, data, data={"format": "chat", "chat_template": template, "max_length": 256,
+                                                      **data_keys})
+
+
+def _chatml_labels(messages: list[dict]) -> tuple[str, list[bool]]:
+    """ChatML's text of `messages`, and for each of its characters (one token each, the character tokenizer's)
+    whether it is trained: each answer and its <|im_end|>, not the newline after it."""
+    text, trained = "", []
+    for m in messages:
+        head = f"<|im_start|>{m['role']}\n"
+        body = m["content"] + "<|im_end|>"
+        text += head + body + "\n"
+        trained += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False]
+    return text, trained
+
+
+def test_chatml_on_a_base_tokenizer_trains_exactly_the_assistant_turns(tmp_path, base_model, chat_data):
+    from peftkit.data import load_examples
+
+    cfg = load_recipe(chat_recipe(tmp_path, base_model, chat_data, "chatml"))
+    assert load_tokenizer(cfg.model).chat_template is None  # the base's own: none
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    assert tok.chat_template == CHATML
+    examples, _ = load_examples(tok, cfg.data.train, "train", cfg.data)
+    for example, messages in zip(examples, CONVERSATIONS, strict=False):
+        text, trained = _chatml_labels(messages)
+        assert tok.decode(example.input_ids) == text and len(example.input_ids) == len(text)
+        assert example.labels == [t if keep else IGNORE_INDEX for t, keep in zip(example.input_ids, trained,
+                                                                                 strict=True)]
+
+
+def test_llama3_puts_the_bos_first_and_trains_trimmed_answers_with_their_eot(tmp_path, base_model, chat_data):
+    from peftkit.data.examples import _chat_example
+
+    cfg = load_recipe(chat_recipe(tmp_path, base_model, chat_data, "llama3"))
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    ids, labels = _chat_example(tok, [{"role": "user", "content": "hi "}, {"role": "assistant", "content": " 4 "}])
+    assert ids[0] == tok.bos_token_id
+    assert tok.decode(ids[1:]) == ("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                                   "<|start_header_id|>assistant<|end_header_id|>\n\n4<|eot_id|>")
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "4<|eot_id|>"
+
+
+def test_a_template_replaces_the_tokenizer_s_own_and_a_recipe_without_the_key_keeps_it(tmp_path, tiny_llama,
+                                                                                       chat_data):
+    plain = load_recipe(make_recipe(tmp_path / "plain", tiny_llama, chat_data, data={"format": "chat"}))
+    assert plain.data.chat_template is None and "chat_template: null" in plain.to_yaml()
+    assert load_tokenizer(plain.model, plain.data.chat_template).chat_template == CHAT_TEMPLATE
+    replaced = load_recipe(chat_recipe(tmp_path / "replaced", tiny_llama, chat_data, "llama3"))
+    assert load_tokenizer(replaced.model, replaced.data.chat_template).chat_template == LLAMA3
+
+
+def test_a_jinja_file_a_tokenizer_directory_or_the_text_itself(tmp_path, base_model, tiny_llama, chat_data):
+    """A .jinja file relative to the recipe's directory, whatever the working directory, or a tokenizer directory to
+    copy from, is read into the recipe: a run's recipe.yaml keeps the template it trained with."""
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "mine.jinja").write_text(CHATML)
+    from_file = load_recipe(chat_recipe(tmp_path, base_model, chat_data, "templates/mine.jinja"))
+    assert from_file.data.chat_template == CHATML
+    assert yaml.safe_load(from_file.to_yaml())["data"]["chat_template"] == CHATML
+    assert load_recipe(chat_recipe(tmp_path, base_model, chat_data, str(tiny_llama))).data.chat_template == CHAT_TEMPLATE
+    assert load_recipe(chat_recipe(tmp_path, base_model, chat_data, LLAMA3)).data.chat_template == LLAMA3
+    named = tmp_path / "named"  # transformers 4's named templates in tokenizer_config.json: the default one
+    named.mkdir()
+    (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "{{ 'tools' }}"}, {"name": "default", "template": CHATML}]}))
+    assert load_recipe(chat_recipe(tmp_path, base_model, chat_data, str(named))).data.chat_template == CHATML
+
+
+def test_bad_values_are_recipe_errors_that_name_the_key(tmp_path, base_model, chat_data, monkeypatch, capsys):
+    def said(template, **data_keys) -> str:
+        recipe = chat_recipe(tmp_path, base_model, chat_data, template, **data_keys)
+        return cli_user_error(monkeypatch, capsys, "validate", str(recipe))
+
+    unknown = said("chatm")
+    assert "data.chat_template: 'chatm' is not a built-in template (chatml, llama3)" in unknown
+    assert "Did you mean 'chatml'?" in unknown and "a .jinja file (relative to the recipe's directory)" in unknown
+    assert f"there is no file or directory {tmp_path / 'missing.jinja'}" in said("missing.jinja")
+    broken = said("{% for m in messages %}{{ m['content'] }}")
+    assert "data.chat_template: the template does not render a one-message conversation: TemplateSyntaxError" in broken
+    assert "use a built-in one (chatml, llama3)" in broken
+    assert "data.chat_template: the value is empty" in said(" ")
+    assert "holds no chat template" in said(str(base_model))
+    other = said("chatml", format="alpaca")
+    assert "data.chat_template is the template of chat conversations, and data.format is alpaca" in other
+
+
+def test_the_cache_key_changes_with_the_template(tmp_path, base_model, chat_data):
+    from peftkit.data import load_examples
+
+    cfg = load_recipe(chat_recipe(tmp_path, base_model, chat_data, "chatml"))
+    chatml = load_tokenizer(cfg.model, "chatml")
+    llama3 = load_tokenizer(cfg.model, "llama3")
+    assert "cached" not in load_examples(chatml, cfg.data.train, "train", cfg.data)[1]
+    assert "cached" not in load_examples(llama3, cfg.data.train, "train", cfg.data)[1]
+    assert "cached" in load_examples(load_tokenizer(cfg.model, "chatml"), cfg.data.train, "train", cfg.data)[1]
+
+
+def test_an_end_marker_that_is_no_token_is_warned_and_a_special_one_stops_generation(tmp_path, base_model,
+                                                                                     chat_data):
+    from peftkit.data import describe_stats, load_examples
+    from peftkit.data.examples import turn_end_token
+
+    cfg = load_recipe(chat_recipe(tmp_path, base_model, chat_data, "chatml"))
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    assert turn_end_token(tok) is None
+    lines = describe_stats(load_examples(tok, cfg.data.train, "train", cfg.data)[1], cfg.data)
+    assert any(line.startswith("warning: data.chat_template ends each assistant turn with '<|im_end|>', which is "
+                               "not a token of this tokenizer") and "generation does not stop at it" in line
+               for line in lines), lines
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)  # (a new one: turn_end_token keeps its answers)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert turn_end_token(tok) == tok.convert_tokens_to_ids("<|im_end|>")
+    lines = describe_stats(load_examples(tok, cfg.data.train, "train", cfg.data)[1], cfg.data)
+    assert not any("<|im_end|>" in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def chatml_run(tmp_path_factory, base_model, chat_data) -> Path:
+    """A run trained with data.chat_template: chatml on the base model, its adapter/ and merged/ exported."""
+    from rich.console import Console
+
+    from peftkit.train import train
+
+    root = tmp_path_factory.mktemp("chatml-run")
+    recipe = chat_recipe(root, base_model, chat_data, "chatml", eval=None)
+    cfg = load_recipe(recipe, ["training.max_steps=2", "export.merged=true"])
+    train(cfg, console=Console(quiet=True))
+    return root / "run"
+
+
+def test_eval_generate_and_chat_with_a_run_directory_use_its_template(chatml_run, base_model):
+    """`peftkit generate RUN_DIR --chat` renders with the run's template; --model alone keeps the tokenizer's own."""
+    from peftkit.generate import Sampling, generate_job
+
+    assert yaml.safe_load((chatml_run / "recipe.yaml").read_text())["data"]["chat_template"] == "chatml"
+    job = generate_job(chatml_run, [], None, None, ["hi"], None, None, True, None, Sampling(), 8)
+    tok = job.source.tokenizer()
+    assert tok.chat_template == CHATML
+    assert job.build_prompts(tok)[0].text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    plain = generate_job(None, [], str(base_model), None, ["hi"], None, None, False, None, Sampling(), 8)
+    assert plain.source.tokenizer().chat_template is None
