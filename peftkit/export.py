@@ -1,5 +1,6 @@
 """The last stage of a run: adapter/ (the PEFT format) and/or merged/ (a plain model), as the recipe's `export`
-section asks. Each directory is written whole (temp directory, then rename)."""
+section asks. Each directory is written whole (temp directory, then rename). With data.chat_template, adapter/ holds
+the template (chat_template.jinja) and merged/'s tokenizer has it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from peftkit.adapters import adapter_layers, adapter_state_dict
+from peftkit.data.chat_templates import ADAPTER_TEMPLATE
 from peftkit.data.classification import LabelSet
 from peftkit.fileio import atomic_directory, atomic_write_bytes
 from peftkit.merge import base_provenance, checkpoint_dtype, conv1d_modules, merged_model, save_merged
@@ -40,6 +42,8 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
                          labels=list(labels.names) if labels is not None else None,
                          rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype)
             atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {}).encode())
+            if cfg.data.chat_template is not None:  # the template it was trained with, which its base's tokenizer lacks
+                atomic_write_bytes(tmp / ADAPTER_TEMPLATE, tok.chat_template.encode())
         exported.append(out / "adapter")
     if cfg.export.merged:
         # As `peftkit merge`: the base checkpoint's own dtype (a bf16 base trained in float32 merges to bf16).

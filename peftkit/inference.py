@@ -41,7 +41,7 @@ class ModelSource:
     loaded it (a --model flag names the base only, loaded as the adapter's recorded base would be)."""
     chat_template: str | None = None
     """The recipe's data.chat_template, which the tokenizer gets in place of its own (kept under --model: the
-    recipe's data and its run's adapter were rendered with it); None without a recipe."""
+    recipe's data and its run's adapter were rendered with it); None without a recipe (`tokenizer`)."""
 
     @classmethod
     def of_recipe(cls, cfg: Recipe, run_adapter: str | None) -> ModelSource:
@@ -94,8 +94,10 @@ class ModelSource:
         return False
 
     def tokenizer(self):
-        """The tokenizer of the model (or of the adapter's base)."""
+        """The tokenizer of the model (or of the adapter's base), with the recipe's data.chat_template, else the one
+        the adapter carries (a run's adapter/ trained with data.chat_template), else its own."""
         from peftkit.adapter_base import base_revision, check_remote_code
+        from peftkit.data.chat_templates import adapter_template
         from peftkit.modeling import load_tokenizer
         from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
 
@@ -115,7 +117,7 @@ class ModelSource:
             cfg = cfg.model_copy(update={"revision": revision})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
-        return load_tokenizer(cfg, self.chat_template)
+        return load_tokenizer(cfg, self.chat_template or adapter_template(self.adapter))
 
     def load(self, device: torch.device | None = None, labels=None) -> nn.Module:
         """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied.

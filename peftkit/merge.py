@@ -393,6 +393,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         trust_remote_code: the user's `--trust-remote-code`; needed for an adapter whose base runs its own code.
     """
     from peftkit.adapter_base import load_adapted_model
+    from peftkit.data.chat_templates import adapter_template
     from peftkit.inference import local_path, relative_to_cwd
     from peftkit.modeling import DTYPES
     from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
@@ -408,6 +409,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     protected = {"base model": base or recorded, "adapter": adapter_dir}
     targets = [check_merge_output(out, protected, overwrite) for out in outputs]
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
+    if (template := adapter_template(adapter_dir)) is not None:  # the run's data.chat_template: the merged model's
+        tok.chat_template = template
     merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
     # The re-quantized model is made from the merged one's temporary directory and put in place first: with
     # --overwrite, a failure (or Ctrl-C) in it had left the new OUTPUT beside the old OUTPUT-nf4, both complete-looking

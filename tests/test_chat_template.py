@@ -189,3 +189,47 @@ def test_eval_generate_and_chat_with_a_run_directory_use_its_template(chatml_run
     assert job.build_prompts(tok)[0].text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     plain = generate_job(None, [], str(base_model), None, ["hi"], None, None, False, None, Sampling(), 8)
     assert plain.source.tokenizer().chat_template is None
+
+
+def test_the_adapter_and_the_merged_model_carry_the_template(chatml_run, base_model, tmp_path):
+    """adapter/ holds chat_template.jinja (hashed in the manifest, so verify checks it), merged/'s tokenizer has the
+    template, and so has `peftkit merge` of the adapter, and `generate --adapter` without a recipe uses it."""
+    from transformers import AutoTokenizer
+
+    from peftkit.generate import Sampling, generate_job
+    from peftkit.merge import merge_adapter
+
+    assert (chatml_run / "adapter" / "chat_template.jinja").read_text(encoding="utf-8") == CHATML
+    assert "adapter/chat_template.jinja" in json.loads((chatml_run / "manifest.json").read_text())["outputs_sha256"]
+    assert AutoTokenizer.from_pretrained(chatml_run / "merged").chat_template == CHATML
+    merge_adapter(str(chatml_run / "adapter"), str(tmp_path / "merged"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
+    job = generate_job(None, [], str(base_model), str(chatml_run / "adapter"), ["hi"], None, None, True, None,
+                       Sampling(), 8)
+    assert job.source.tokenizer().chat_template == CHATML
+
+
+def test_a_run_without_the_key_exports_no_template_file(tmp_path, tiny_llama, number_data):
+    from rich.console import Console
+
+    from peftkit.train import train
+
+    train(load_recipe(make_recipe(tmp_path, tiny_llama, number_data), ["training.max_steps=1"]),
+          console=Console(quiet=True))
+    assert sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "peftkit.json"]
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA3])
+def test_the_built_ins_train_what_transformers_assistant_mask_marks(template):
+    """Their `{% generation %}` blocks mark the tokens peftkit trains (TRL's assistant_only_loss reads them)."""
+    from peftkit.data.examples import _chat_example
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = template
+    ids, labels = _chat_example(tok, CONVERSATIONS[1])
+    marked = tok.apply_chat_template(CONVERSATIONS[1], tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+    assert marked["input_ids"] == ids
+    assert [bool(m) for m in marked["assistant_masks"]] == [label != IGNORE_INDEX for label in labels]

@@ -171,6 +171,17 @@ def test_chat_preview_shows_the_injected_system_prompt_and_warns(tmp_path):
                         "conversations, or raise data.max_length.\n")
 
 
+def test_preview_renders_with_the_recipe_s_data_chat_template(tmp_path):
+    """The char tokenizer's own template is `<|role|>` lines; data.chat_template: chatml replaces it (its marker no
+    token of this tokenizer: said)."""
+    out = io.StringIO()
+    recipe = load_recipe(_recipe(tmp_path, [{"messages": NO_SYSTEM}], format="chat", max_length=100),
+                         ["data.chat_template=chatml"])
+    preview(recipe, 1, Console(file=out, width=80))
+    assert "[<|im_start|>user↵\n2+2?<|im_end|>↵\n<|im_start|>assistant↵\n]«4<|im_end|>»[↵\n]\n" in out.getvalue()
+    assert "warning: data.chat_template ends each assistant turn with '<|im_end|>'" in out.getvalue()
+
+
 def test_cli_preview_with_overrides_and_ids(tmp_path):
     recipe = _recipe(tmp_path, ROWS)
     result = CliRunner().invoke(app, ["preview", str(recipe), "--n", "1", "--show-ids",

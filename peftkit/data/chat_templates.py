@@ -36,6 +36,10 @@ LLAMA3 = (
 `<|eot_id|>`; the tokenizer's BOS first."""
 BUILT_IN = {"chatml": CHATML, "llama3": LLAMA3}
 
+ADAPTER_TEMPLATE = "chat_template.jinja"
+"""The file a run's adapter/ keeps the template of its data.chat_template in: the name transformers 5 reads a
+tokenizer's template from, and a file vLLM's `--chat-template` takes."""
+
 _NAMES = ", ".join(BUILT_IN)
 FORMS = (f"a built-in template ({_NAMES}), a .jinja file (relative to the recipe's directory), a local tokenizer or "
          "model directory whose template to copy, or the jinja text itself")
@@ -53,6 +57,20 @@ def template_text(value: str) -> str:
     if not is_jinja(value):  # (a recipe validated without load_recipe: its path was never read)
         raise PeftkitError(f"data.chat_template {value!r} is not a built-in template ({_NAMES}) nor jinja text.")
     return value
+
+
+def adapter_template(adapter_dir: str | Path | None) -> str | None:
+    """The chat template an adapter directory carries (`ADAPTER_TEMPLATE`: a run's with data.chat_template), or
+    None: the base tokenizer's own then applies."""
+    path = Path(adapter_dir) / ADAPTER_TEMPLATE if adapter_dir else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PeftkitError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}): it is the chat template the "
+                           "adapter was trained with. Restore it from the run, or delete it to use the base "
+                           "tokenizer's own.") from None
 
 
 def resolved_template(value: str, base: Path) -> str:
