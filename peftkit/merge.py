@@ -267,7 +267,9 @@ def save_tokenizer(tokenizer, out: Path, name_or_path: str, revision: str | None
     tokenizer; else `tokenizer.save_pretrained`. save_pretrained writes transformers 5's layout (tokenizer_class
     `TokenizersBackend`, the chat template in chat_template.jinja only), which transformers 4 cannot read (llama.cpp's
     GGUF converter pins it; TGI reads the template from tokenizer_config.json), and the pad token peftkit pads with
-    where the base has none (EOS: a collator that masks padding out of the labels then never trains EOS)."""
+    where the base has none (EOS: a collator that masks padding out of the labels then never trains EOS). A tokenizer
+    given another chat template (data.chat_template) keeps the base's files with that template written in
+    (`_with_template`)."""
     import shutil
 
     from peftkit.manifest import TOKENIZER_FILES, model_directory
@@ -278,9 +280,31 @@ def save_tokenizer(tokenizer, out: Path, name_or_path: str, revision: str | None
         shutil.copyfile(file, out / file.name)
     if files and _same_tokenizer(out, tokenizer):
         return
+    if files and _with_template(out, tokenizer.chat_template) and _same_tokenizer(out, tokenizer):
+        return
     for file in files:
         (out / file.name).unlink()
     tokenizer.save_pretrained(out)
+
+
+def _with_template(directory: Path, template) -> bool:
+    """Write `template` into the copied tokenizer files in `directory`: tokenizer_config.json's `chat_template`, where
+    transformers 4, TGI and llama.cpp's converter read it, and a chat_template.jinja the base has (which transformers
+    5 reads first). False where there is no tokenizer_config.json, or no single template, to write."""
+    config = directory / "tokenizer_config.json"
+    if not isinstance(template, str) or not config.is_file():
+        return False
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    if not isinstance(settings, dict):
+        return False
+    settings["chat_template"] = template
+    config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if (directory / "chat_template.jinja").is_file():
+        (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return True
 
 
 def _same_tokenizer(directory: Path, tokenizer) -> bool:

@@ -33,6 +33,7 @@ def base_model(tmp_path_factory, tiny_llama) -> Path:
         f.unlink()
     config = json.loads((path / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 4's name (5 saves TokenizersBackend)
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
@@ -193,7 +194,8 @@ def test_eval_generate_and_chat_with_a_run_directory_use_its_template(chatml_run
 
 def test_the_adapter_and_the_merged_model_carry_the_template(chatml_run, base_model, tmp_path):
     """adapter/ holds chat_template.jinja (hashed in the manifest, so verify checks it), merged/'s tokenizer has the
-    template, and so has `peftkit merge` of the adapter, and `generate --adapter` without a recipe uses it."""
+    template in the base's own files, and so has `peftkit merge` of the adapter, and `generate --adapter` without a
+    recipe uses it."""
     from transformers import AutoTokenizer
 
     from peftkit.generate import Sampling, generate_job
@@ -201,9 +203,14 @@ def test_the_adapter_and_the_merged_model_carry_the_template(chatml_run, base_mo
 
     assert (chatml_run / "adapter" / "chat_template.jinja").read_text(encoding="utf-8") == CHATML
     assert "adapter/chat_template.jinja" in json.loads((chatml_run / "manifest.json").read_text())["outputs_sha256"]
-    assert AutoTokenizer.from_pretrained(chatml_run / "merged").chat_template == CHATML
     merge_adapter(str(chatml_run / "adapter"), str(tmp_path / "merged"))
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
+    for merged in (chatml_run / "merged", tmp_path / "merged"):
+        assert AutoTokenizer.from_pretrained(merged).chat_template == CHATML
+        # the base's files, as transformers 4, TGI and llama.cpp's converter read them, with the template written in
+        assert (merged / "tokenizer.json").read_bytes() == (base_model / "tokenizer.json").read_bytes()
+        assert json.loads((merged / "tokenizer_config.json").read_text()) == {
+            **json.loads((base_model / "tokenizer_config.json").read_text()), "chat_template": CHATML}
+        assert not (merged / "chat_template.jinja").exists()
     job = generate_job(None, [], str(base_model), str(chatml_run / "adapter"), ["hi"], None, None, True, None,
                        Sampling(), 8)
     assert job.source.tokenizer().chat_template == CHATML
@@ -233,3 +240,19 @@ def test_the_built_ins_train_what_transformers_assistant_mask_marks(template):
                                      return_assistant_tokens_mask=True)
     assert marked["input_ids"] == ids
     assert [bool(m) for m in marked["assistant_masks"]] == [label != IGNORE_INDEX for label in labels]
+
+
+def test_a_replaced_template_is_written_over_the_base_s_own_in_the_merged_files(tiny_llama, tmp_path):
+    """An instruct model's chat_template.jinja (which transformers 5 reads first) gets the new template too."""
+    from transformers import AutoTokenizer
+
+    from peftkit.merge import save_tokenizer
+    from peftkit.recipe import ModelConfig
+
+    assert (tiny_llama / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)), "llama3")
+    save_tokenizer(tok, tmp_path, str(tiny_llama))
+    assert (tmp_path / "chat_template.jinja").read_text() == LLAMA3
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"] == LLAMA3
+    assert AutoTokenizer.from_pretrained(tmp_path).chat_template == LLAMA3
+    assert (tmp_path / "tokenizer.json").read_bytes() == (tiny_llama / "tokenizer.json").read_bytes()
