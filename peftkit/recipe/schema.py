@@ -127,7 +127,8 @@ class DataConfig(Section):
     chat_template: str | None = None
     """data.format chat: the chat template to set on the tokenizer (a base model's has none; an instruct model's is
     replaced): a built-in (`chatml`, `llama3`), a .jinja file, a local tokenizer or model directory whose template
-    to copy, or the jinja text itself (`peftkit.data.chat_templates`). null: the tokenizer's own."""
+    to copy, or the jinja text itself (`peftkit.data.chat_templates`); load_recipe reads a file or directory into its
+    text, which the run's recipe.yaml keeps. null: the tokenizer's own."""
     columns: dict[str, str] = Field(default_factory=dict)
     """The data's own column for a field the format reads, where it names it otherwise: `{instruction: question,
     output: answer}` reads alpaca rows from `question` and `answer` columns."""
