@@ -224,7 +224,7 @@ def test_a_run_without_the_key_exports_no_template_file(tmp_path, tiny_llama, nu
     train(load_recipe(make_recipe(tmp_path, tiny_llama, number_data), ["training.max_steps=1"]),
           console=Console(quiet=True))
     assert sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "peftkit.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "peftkit.json"]  # (README.md: the model card)
 
 
 @pytest.mark.parametrize("template", [CHATML, LLAMA3])
