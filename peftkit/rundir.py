@@ -83,7 +83,7 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
     notes = []
     if not overwrite and previous.exists() and (before := _normalised(previous)) != recipe_yaml:
         changed = _changed_keys(before, recipe_yaml)
-        if not changed or (other := [key for key in changed if key.split("[")[0] not in PATH_KEYS]):
+        if not changed or (other := [key for key, (old, new) in changed.items() if not _moved_path(key, old, new)]):
             keys = f" in {', '.join(other[:5])}" if changed else ""  # (not in the paths: those may have moved)
             raise PeftkitError(
                 f"{out} holds a run of a different recipe (its recipe.yaml differs{keys}). Choose another "
@@ -112,6 +112,12 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
 PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir", "adapter.init_from",
              "adapter.fuse", "adapter.source_adapter")
 """A recipe's keys that hold paths, resolved to absolute ones in a run's recipe.yaml: they change when a project moves."""
+
+
+def _moved_path(key: str, old, new) -> bool:
+    """Whether a change of recipe key `key` from `old` to `new` may be a moved file: a path key (or an entry of a
+    list of them, adapter.fuse[1]) that holds a path before and after (one added or removed is another recipe)."""
+    return key.split("[")[0] in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
 
 
 def _changed_keys(before: str | None, after: str) -> dict[str, tuple]:

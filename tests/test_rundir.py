@@ -967,3 +967,20 @@ def test_a_kill_while_a_checkpoint_is_pruned_leaves_no_half_deleted_checkpoint(t
     (run / "checkpoints/step-00000099").unlink()
     report = verify(run, console=_console()[0])
     assert report.ok, report.differences
+
+
+@pytest.mark.parametrize(("before", "after", "key"), [({"eval": None}, {}, "data.eval"),  # a path key given, or removed
+                                                       ({}, {"eval": None}, "data.eval")])
+def test_a_path_key_given_or_removed_is_another_recipe_not_a_moved_file(tiny_llama, number_data, tmp_path, before,
+                                                                        after, key):
+    """A moved project changes the paths a recipe holds, and the run stays the same run; a path key that one recipe
+    has and the other has not (data.eval added, an adapter appended to adapter.fuse) is another recipe."""
+    from peftkit.rundir import check_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    first = _recipe(tmp_path / "a", tiny_llama, number_data, data=before)
+    (out / "recipe.yaml").write_text(first.to_yaml())
+    second = _recipe(tmp_path / "b", tiny_llama, number_data, data=after)
+    with pytest.raises(PeftkitError, match=rf"holds a run of a different recipe \(its recipe.yaml differs in {key}\)"):
+        check_output_dir(out, second.to_yaml(), resume=False, overwrite=False)
