@@ -213,18 +213,16 @@ def hub_commits(recipe: Recipe) -> dict[str, str]:
     from peftkit.data.rows import HUB_COMMITS
 
     data = recipe.data
-    found = {split: HUB_COMMITS.get((source, getattr(data, f"{split}_split"), data.revision))
-             for split, source in (("train", data.train), ("eval", data.eval)) if source and is_hub_dataset(source)}
-    return {split: commit for split, commit in found.items() if commit}
+    found = {key: HUB_COMMITS.get((source, split, data.revision))
+             for key, source, split in data.sources() if is_hub_dataset(source)}
+    return {key: commit for key, commit in found.items() if commit}
 
 
 def data_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:
-    """sha256 of the recipe's data, by split ("train", and "eval" when the recipe has one): `source_hashes`."""
+    """sha256 of the recipe's data, by dataset ("train", or "train[0]", "train[1]", ... for a list; and "eval" when
+    the recipe has one): `source_hashes`."""
     data = recipe.data
-    hashes = {"train": source_hashes(data.train, data.train_split, data.revision)}
-    if data.eval:
-        hashes["eval"] = source_hashes(data.eval, data.eval_split, data.revision)
-    return hashes
+    return {key: source_hashes(source, split, data.revision) for key, source, split in data.sources()}
 
 
 def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:

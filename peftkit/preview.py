@@ -24,12 +24,11 @@ from peftkit.data import (
     build_examples,
     count_examples,
     describe_stats,
-    format_rows,
-    load_rows,
     no_examples_error,
     truncation_error,
 )
 from peftkit.data.examples import mixed_tasks_error
+from peftkit.data.sources import read_rows
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError, visible
 from peftkit.recipe import DataConfig, Recipe
@@ -142,21 +141,21 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
 
     cfg = recipe.data
     tok = load_tokenizer(recipe.model, cfg.chat_template)
-    rows, bad, line_numbers = load_rows(cfg.train, cfg.train_split, cfg.on_bad_rows, cfg.revision)
-    rows = format_rows(rows, cfg)
+    rows, bad, line_numbers, name = read_rows(cfg.train, cfg.train_split, cfg)
     tasks = recipe_reads_tasks(recipe)
-    shown = list(islice((b for b in build_examples(tok, rows, cfg, cfg.train, line_numbers, tasks=tasks)
+    shown = list(islice((b for b in build_examples(tok, rows, cfg, name, line_numbers, tasks=tasks)
                          if b is not None), n))
     plain = is_plain(console)
     out = {"markup": False, "highlight": False, "soft_wrap": True}  # data is not rich markup; one line stays one line
-    console.print(f"data.train {cfg.train}: format {cfg.format}, data.max_length {cfg.max_length}, "
-                  f"the first {len(shown)} of {len(rows)} rows", **out)
+    listed = ", ".join(f"{e.path}" + (f" ({e.split})" if e.split != "train" else "") for e in cfg.train_sources())
+    console.print(f"data.train {listed if isinstance(cfg.train, list) else cfg.train}: format {cfg.format}, "
+                  f"data.max_length {cfg.max_length}, the first {len(shown)} of {len(rows)} rows", **out)
     console.print(legend(plain), **out)
     for i, built in enumerate(shown, 1):
         console.print()
         console.print(f"example {i}  {describe_example(built, cfg)}", **out)
         console.print(render_tokens(tok, built.example, plain=plain, show_ids=show_ids, cut=built.truncated), **out)
-    examples, stats, cuts = count_examples(tok, rows, cfg, cfg.train, line_numbers, tasks=tasks)
+    examples, stats, cuts = count_examples(tok, rows, cfg, name, line_numbers, tasks=tasks)
     stats["bad_rows"] += bad
     console.print()
     for line in describe_stats(stats, cfg):
@@ -166,16 +165,16 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     if cfg.truncation == "error" and cuts.first is not None:
         console.print("training would stop: " + truncation_error(cuts, cfg), **out)
     elif not examples:  # "0 training examples" alone, where train stops at once
-        console.print("training would stop: " + no_examples_error(stats, cfg, cfg.train), **out)
-    elif tasks and (stop := task_error(recipe, examples.task_ids)):
+        console.print("training would stop: " + no_examples_error(stats, cfg, name), **out)
+    elif tasks and (stop := task_error(recipe, examples.task_ids, name)):
         console.print("training would stop: " + stop, **out)
     return shown
 
 
-def task_error(recipe: Recipe, tasks: list[int | None]) -> str | None:
+def task_error(recipe: Recipe, tasks: list[int | None], name: str) -> str | None:
     """What training's checks of data.train's task ids (multitask prompt tuning) would stop on, if anything: rows of
     which only some have one (`load_examples`), or one past adapter.num_tasks - 1 (`check_training_tasks`)."""
-    if mixed := mixed_tasks_error(recipe.data.train, tasks):
+    if mixed := mixed_tasks_error(name, tasks):
         return mixed
     try:
         check_training_tasks(recipe, "data.train", tasks)

@@ -123,7 +123,7 @@ def _record_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
     if manifest.base_model_commit != rerun.base_model_commit and (local_base or not changed_model_files(recorded, now)):
         out.append(f"{MANIFEST}: base_model_commit is {manifest.base_model_commit!r} recorded, "
                    f"{rerun.base_model_commit!r} in the re-run{edited}")
-    sources = {"train": recipe.data.train, "eval": recipe.data.eval}
+    sources = {key: source for key, source, _ in recipe.data.sources()}
     if local := sorted(split for split in manifest.data_commits if not is_hub_dataset(sources.get(split) or "")):
         out.append(f"{MANIFEST}: data_commits records a hub commit for data.{local[0]}, which is not a hub "
                    f"dataset{edited}")
@@ -223,7 +223,7 @@ def _inputs_differ(recorded: dict, now: dict, recipe: Recipe | None) -> bool:
             return False
         if key == "model.name_or_path":
             return not Path(recipe.model.name_or_path).is_absolute()
-        source = {"data.train": recipe.data.train, "data.eval": recipe.data.eval}.get(key)
+        source = {f"data.{key}": source for key, source, _ in recipe.data.sources()}.get(key)
         return bool(source) and is_hub_dataset(source)
 
     return (recorded.keys() != now.keys() or any(not hashes and not hub(key) for key, hashes in recorded.items())

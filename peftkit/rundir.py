@@ -115,9 +115,11 @@ PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir
 
 
 def _moved_path(key: str, old, new) -> bool:
-    """Whether a change of recipe key `key` from `old` to `new` may be a moved file: a path key (or an entry of a
-    list of them, adapter.fuse[1]) that holds a path before and after (one added or removed is another recipe)."""
-    return key.split("[")[0] in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
+    """Whether a change of recipe key `key` from `old` to `new` may be a moved file: a path key (an entry of a list of
+    them, data.train[1] or its .path) that holds a path before and after (one added or removed is another recipe)."""
+    import re
+
+    return re.sub(r"\[\d+\](\.path)?$", "", key) in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
 
 
 def _changed_keys(before: str | None, after: str) -> dict[str, tuple]:
@@ -130,8 +132,8 @@ def _changed_keys(before: str | None, after: str) -> dict[str, tuple]:
     def flat(value, prefix: str = "") -> dict:
         if isinstance(value, dict):
             return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
-        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-            return {f"{prefix[:-1]}[{i}]": item for i, item in enumerate(value)}
+        if isinstance(value, list) and value and all(isinstance(item, str | dict) for item in value):  # data.train's
+            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix[:-1]}[{i}].").items()}
         return {prefix[:-1]: value}
 
     old, new = flat(yaml.safe_load(before)), flat(yaml.safe_load(after))

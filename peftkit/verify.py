@@ -158,8 +158,9 @@ def _input_differences(manifest: Manifest) -> list[str]:
     """Data and base-model files whose content changed since the run (a re-run then cannot match)."""
     recipe, out = manifest.recipe, []
     now, recorded = data_hashes(recipe), manifest.data_sha256
+    paths = {key: source for key, source, _ in recipe.data.sources()}
     for split in sorted(now.keys() | recorded.keys()):
-        path = recipe.data.train if split == "train" else recipe.data.eval
+        path = paths.get(split)
         if now.get(split) == recorded.get(split) or (path and is_hub_dataset(path)):  # a hub one's: after the re-run
             continue
         if now.get(split) == {}:
@@ -254,8 +255,8 @@ def _hub_data_differences(manifest: Manifest, rerun: Manifest, recipe: Recipe) -
     recorded, now = manifest.data_sha256, rerun.data_sha256
     run_commits, rerun_commits = manifest.data_commits, rerun.data_commits
     out = []
-    for split, source in (("train", recipe.data.train), ("eval", recipe.data.eval)):
-        if source and is_hub_dataset(source) and recorded.get(split) and recorded[split] != now.get(split):
+    for split, source, _ in recipe.data.sources():
+        if is_hub_dataset(source) and recorded.get(split) and recorded[split] != now.get(split):
             revision = recipe.data.revision or "main"
             read = "".join(f", {who} commit {commits[split]}" for who, commits in
                            (("the run read", run_commits), ("the re-run", rerun_commits)) if split in commits)

@@ -61,8 +61,8 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
     # warning, not an error: the recipe may be meant for another machine.
     adapter = resolved.adapter
     fused = [(f"adapter.fuse[{i}]", value) for i, value in enumerate(getattr(adapter, "fuse", None) or [])]
-    for key, value in (("model.name_or_path", resolved.model.name_or_path), ("data.train", resolved.data.train),
-                       ("data.eval", resolved.data.eval), *fused,
+    data = [(f"data.{key}", source) for key, source, _ in resolved.data.sources()]
+    for key, value in (("model.name_or_path", resolved.model.name_or_path), *data, *fused,
                        ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
         if value and Path(value).is_absolute() and not Path(value).exists() and not any(key in m for m in missing):
             err_console.print(f"[yellow]warning:[/] {key} {escape(value)} does not exist here (a relative path is resolved "

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from peftkit.data.examples import Example, row_location, usable_row
-from peftkit.data.formats import format_rows
-from peftkit.data.rows import load_rows
+from peftkit.data.sources import read_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
 
@@ -121,12 +120,12 @@ def classification_examples(tok, rows: list[tuple[str, dict]], labels: LabelSet,
     return examples, truncated
 
 
-def load_classification(tok, source: str, split: str, cfg: DataConfig, labels: LabelSet | None = None,
+def load_classification(tok, source: str | list, split: str | None, cfg: DataConfig, labels: LabelSet | None = None,
                         num_labels: int | None = None) -> tuple[list[Example], dict, LabelSet]:
-    """The examples of `source`, the counts `describe_stats` prints, and the classes: `labels` when given (an eval
-    set, mapped to the training classes), else read from these rows (data.train) with `num_labels`."""
-    rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
-    rows = format_rows(rows, cfg)
+    """The examples of `source` (a path or hub id, or data.train's list: `read_rows`), the counts `describe_stats`
+    prints, and the classes: `labels` when given (an eval set, mapped to the training classes), else read from these
+    rows (data.train) with `num_labels`."""
+    rows, skipped, line_numbers, source = read_rows(source, split, cfg)
     usable = usable_rows(rows, cfg, source, line_numbers)
     if not usable:
         raise PeftkitError(f"{source} has no usable rows for data.format 'classification' ({len(rows)} rows, "

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
-from peftkit.data.formats import (REQUIRED_FIELDS, SystemPrompt, _row_problem, format_rows, message_name,
-                                   sharegpt_words)
-from peftkit.data.rows import HUB_ROWS, RowNumbers, load_rows
+from peftkit.data.formats import REQUIRED_FIELDS, SystemPrompt, _row_problem, message_name, sharegpt_words
+from peftkit.data.rows import HUB_ROWS, row_location
+from peftkit.data.sources import mix_name, read_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -368,13 +368,6 @@ def row_task(row: dict, where: str) -> int | None:
     return task
 
 
-def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:
-    """`FILE:LINE` for a row of a .jsonl file, `SOURCE row N` otherwise (N in the file, for a slice of one)."""
-    if isinstance(line_numbers, RowNumbers):
-        return f"{source} row {line_numbers[index]}"
-    return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"
-
-
 def located(where: str, make, *args):
     """`make(*args)`, its error (about one row) prefixed with the row's location."""
     try:
@@ -387,15 +380,15 @@ def _problem(row: object, fmt: str, target: bool = True) -> str | None:
     return _row_problem(row, fmt, target) if isinstance(row, dict) else "not an object"
 
 
-def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True) -> bool:
+def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str = "data.columns") -> bool:
     """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
-    data.on_bad_rows: skip, else an error naming `where` and the fields."""
+    data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns)."""
     problem = _problem(row, cfg.format, target)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":
         return False
-    problem = in_columns(problem, cfg.columns)
+    problem = in_columns(problem, cfg.columns, columns_key)
     raise PeftkitError(
         f"{where}: {problem} for data.format '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
         "the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "
@@ -403,11 +396,11 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True) ->
     )
 
 
-def in_columns(problem: str, columns: dict[str, str]) -> str:
+def in_columns(problem: str, columns: dict[str, str], key: str = "data.columns") -> str:
     """A row's `problem` in the data's own words: a field data.columns reads from another column named by it
     (`missing field 'output'`: `missing column 'answer' (data.columns.output)`; `messages[1]`: `dialog[1]`)."""
     for field, column in columns.items():
-        named = f"column '{column}' (data.columns.{field})"
+        named = f"column '{column}' ({key}.{field})"
         problem = problem.replace(f"missing field '{field}'", f"missing {named}").replace(f"field '{field}'", named)
         problem = re.sub(rf"(?<![\w.'])('?){re.escape(field)}(?=\[|\1 must)", lambda m: m.group(1) + column, problem)
     return problem
@@ -458,7 +451,8 @@ def count_examples(
     for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,
         if _problem(row, cfg.format):  # not after the tokenizing of all the rows before it
             usable_row(row, cfg, row_location(source, i, line_numbers))
-    with work(f"tokenizing {source.rstrip('/').rsplit('/', 1)[-1]}", len(rows), "rows") as advance:
+    shown = source if source.startswith("data.train (") else source.rstrip("/").rsplit("/", 1)[-1]  # (a mix: whole)
+    with work(f"tokenizing {shown}", len(rows), "rows") as advance:
         for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
             advance()
             _count(built, rows, cfg, stats, cuts, examples)
@@ -580,36 +574,52 @@ def truncation_error(cuts: _TargetCuts, cfg: DataConfig) -> str:
             "to leave such examples out (keep trains on them as cut).")
 
 
-def load_examples(tok, source: str, split: str, cfg: DataConfig, *, tasks: bool = False,
+def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *, tasks: bool = False,
                   cache: bool = True) -> tuple[Examples, dict]:
-    """The examples of `source` and their counts (`tokenize_rows`); `tasks`: read the rows' `task` column. With
-    `cache`, read from the tokenized-data cache where they are there (`peftkit.data.cache`), and kept there when not."""
+    """The examples of `source` (one path or hub id at `split`, or data.train's list of datasets: `read_rows`) and
+    their counts (`tokenize_rows`); `tasks`: read the rows' `task` column. With `cache`, read from the
+    tokenized-data cache where they are there (`peftkit.data.cache`), and kept there when not."""
     from peftkit.data.cache import cache_root
 
     root = cache_root() if cache else None
+    parts = [(source, split, cfg.columns)] if isinstance(source, str) else \
+        [(entry.path, entry.split, entry.columns) for entry in cfg.train_sources()]
     # (a path that is no file fails in load_rows, in its words)
-    local = root is not None and not is_hub_dataset(source) and Path(source).is_file()
-    entry = _cache_entry(root, tok, sha256_file(source), cfg, tasks, source, Path(source).suffix.lower(), split) \
-        if local else None
+    local = root is not None and all(not is_hub_dataset(path) and Path(path).is_file() for path, _, _ in parts)
+    name = source if isinstance(source, str) else mix_name(cfg)
+    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, tasks, name) if local else None
     if entry is not None and (hit := entry.read()) is not None:
         return hit
-    rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
-    rows = format_rows(rows, cfg)
-    if root is not None and (hub := HUB_ROWS.get((source, split, cfg.revision))):  # a hub dataset: its rows' digest
-        entry = _cache_entry(root, tok, hub["rows"], cfg, tasks, source, "hub", split)
+    rows, bad, line_numbers, name = read_rows(source, split, cfg)  # (the same name)
+    if root is not None and not local and (digests := _data_digests(parts, cfg)):  # a hub dataset: its rows' digest
+        entry = _cache_entry(root, tok, digests, cfg, tasks, name)
         if entry is not None and (hit := entry.read()) is not None:
             return hit
-    examples, stats = tokenize_rows(tok, rows, cfg, source, line_numbers, skipped=bad, tasks=tasks)
-    if tasks and (mixed := mixed_tasks_error(source, examples.task_ids)):  # a batch would fail mid-training
+    examples, stats = tokenize_rows(tok, rows, cfg, name, line_numbers, skipped=bad, tasks=tasks)
+    if tasks and (mixed := mixed_tasks_error(name, examples.task_ids)):  # a batch would fail mid-training
         raise PeftkitError(mixed)
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
-    if entry is not None and (not local or sha256_file(source) == entry.data_digest):  # not a file changed meanwhile
+    if entry is not None and (not local or _data_digests(parts, cfg) == entry.digests):  # no file changed meanwhile
         entry.write(examples, stats)
     return examples, stats
 
 
-def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, source: str, reader: str, split: str):
+def _data_digests(parts: list[tuple[str, str | None, dict]], cfg: DataConfig) -> list[tuple] | None:
+    """(content digest, reader, split, columns) of each dataset: a file's sha256 and extension, a hub dataset's rows'
+    digest as read (`rows.HUB_ROWS`); None where a hub dataset's rows are not read yet."""
+    found = []
+    for path, split, columns in parts:
+        if is_hub_dataset(path):
+            if (hub := HUB_ROWS.get((path, split, cfg.revision))) is None:
+                return None
+            found.append((hub["rows"], "hub", split, columns))
+        else:
+            found.append((sha256_file(path), Path(path).suffix.lower(), split, columns))
+    return found
+
+
+def _cache_entry(root, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str):
     """The cache entry of these rows; None, said, where it cannot be keyed: its key hashes the tokenizer as
     save_pretrained writes it, into a temporary directory, and a full TMPDIR failed the run (a 17 MB tokenizer.json)."""
     import tempfile
@@ -619,7 +629,7 @@ def _cache_entry(root, tok, data_digest: str, cfg: DataConfig, tasks: bool, sour
     from peftkit.errors import PeftkitWarning
 
     try:
-        return ExampleCache(root, tok, data_digest, cfg, tasks, source, reader, split)
+        return ExampleCache(root, tok, digests, cfg, tasks, source)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a full disk
         space = "space" in str(e) or getattr(e, "errno", None) == 28
         fix = "Free space there (or set TMPDIR to another directory), or" if space else "To skip it,"

@@ -236,6 +236,20 @@ class RowNumbers(list):
     row is `FILE row N` by its place in the file, not in the slice (`row_location`)."""
 
 
+class Locations(list):
+    """Each row's own location, `FILE:LINE` or `FILE row N`, where the rows come from several datasets (a list in
+    data.train): what `row_location` names a row by in place of a file's line numbers."""
+
+
+def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:
+    """`FILE:LINE` for a row of a .jsonl file, `SOURCE row N` otherwise (N in the file, for a slice of one)."""
+    if isinstance(line_numbers, Locations):
+        return line_numbers[index]
+    if isinstance(line_numbers, RowNumbers):
+        return f"{source} row {line_numbers[index]}"
+    return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"
+
+
 def _hub_rows(source: str, split: str, revision: str | None) -> tuple[list[dict], int, None]:
     import datasets
 

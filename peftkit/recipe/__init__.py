@@ -20,6 +20,7 @@ from peftkit.recipe.schema import (
     DATA_EXTENSIONS,
     AdapterConfig,
     DataConfig,
+    DataSource,
     DType,
     EvalConfig,
     ExportConfig,
@@ -34,7 +35,7 @@ from peftkit.recipe.schema import (
 )
 
 __all__ = [
-    "DATA_EXTENSIONS", "MAX_DEPTH", "MAX_MESSAGES", "MAX_RECIPE_BYTES", "MAX_VALUES", "AdapterConfig", "DataConfig",
+    "DATA_EXTENSIONS", "MAX_DEPTH", "MAX_MESSAGES", "MAX_RECIPE_BYTES", "MAX_VALUES", "AdapterConfig", "DataConfig", "DataSource",
     "DType", "EvalConfig", "ExportConfig", "ModelConfig", "QuantizationConfig", "Recipe", "RopeScalingConfig",
     "Section", "TargetRegex",
     "TrainingConfig", "format_validation_error", "is_hub_dataset", "load_recipe",

@@ -36,6 +36,8 @@ def _members(annotation: Any) -> list[Any]:
         return _members(typing.get_args(annotation)[0])
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return [m for a in typing.get_args(annotation) for m in _members(a)]
+    if typing.get_origin(annotation) is list and (item := typing.get_args(annotation)):  # a list of sections: theirs
+        return [annotation, *(m for m in _members(item[0]) if isinstance(m, type) and issubclass(m, BaseModel))]
     return [annotation]
 
 
@@ -55,6 +57,8 @@ def _section_model_of(loc: tuple, methods: tuple) -> type[BaseModel] | None:
     """`_section_model` of the keys `loc`, where `methods` holds the `method:` written at each of them (or None)."""
     model: Any = Recipe
     for key, method in zip(loc, methods, strict=True):
+        if isinstance(key, int):  # an entry of a list of sections (data.train's): the entry's section
+            continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
             return None
         candidates = [a for a in _members(model.model_fields[key].annotation) if isinstance(a, type)]
@@ -144,7 +148,7 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
     """One pydantic error of a recipe in our words: where (file:line, or the --set that made it), which key,
     what is wrong and how to fix it. `path` names the source (a file, or e.g. 'recipe in manifest.json')."""
     loc = _data_loc(err["loc"], data)
-    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    dotted = _dotted(loc) or "(top level)"
     where = _where(loc, path, lines, overridden)
     kind = err["type"]
     if kind in ("invalid_key", "extra_forbidden"):
@@ -160,7 +164,7 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
         methods = ", ".join(repr(m) for m in METHODS)
         return f"{where}: 'adapter.method' = {err['input'].get('method')!r}: must be one of {methods}."
     if kind == "missing":
-        parent = ".".join(map(str, loc[:-1]))
+        parent = _dotted(loc[:-1])
         place = f"under '{parent}:'" if parent else "as a top-level section"
         return (
             f"{where}: missing required key '{dotted}'. Add '{loc[-1]}:' {place}; recipes/quickstart.yaml shows a "
@@ -175,7 +179,7 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
         msg = msg.replace("Input should be", "must be one of")
     msg = re.sub(r" or instance of \w+", " (a section of keys)", msg.replace("Input should be", "must be"))
     if kind != "value_error":  # a validator's own message (`target_modules: []`) is more precise than the hint
-        msg = _UNION_HINTS.get(loc, msg)
+        msg = _UNION_HINTS.get(loc[:2] + ("[i]",) if loc[:2] == ("data", "train") and len(loc) == 3 else loc, msg)
     if given is None and kind in ("model_type", "dict_type"):
         field = Recipe.model_fields.get(str(loc[0])) if len(loc) == 1 else None
         msg = "the section is empty; indent its keys under it" + (
@@ -184,7 +188,8 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
     if kind == "value_error" and isinstance(given, dict):
         # A check across several keys of one section (or of the whole recipe): the message names the keys. One
         # that starts with a key's full name (`training.mixed_precision: fp16 with a 4-bit base ...`) is placed there.
-        named = tuple(m[1].split(".")) if (m := re.match(r"([a-z_]+(?:\.[a-z_]+)*)[: ]", msg)) else ()
+        named = (tuple(int(part) if part.isdigit() else part for part in re.findall(r"\w+", m[1]))
+                 if (m := re.match(r"([a-z_]+(?:\.[a-z_]+|\[\d+\])*)[: ]", msg)) else ())  # data.train[1].columns
         if named[:1] and named[0] in Recipe.model_fields and named[:len(loc)] == loc:
             where = _where(named, path, lines, overridden)
         # The other keys it names may have been given by --set (`data.format=classification` against the file's
@@ -194,8 +199,14 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
                        if m[0] in Recipe.model_fields and (key[:len(m)] == m or m[:len(key)] == key)})
         if sets and "--set" not in where:
             where += f" (with --set {', --set '.join(sets)})"
-        return f"{where}: {dotted + ': ' if loc else ''}{msg.rstrip('.')}."
+        named_first = msg.startswith((f"{dotted}.", f"{dotted}["))  # `data.train[1].columns: ...` under data
+        return f"{where}: {dotted + ': ' if loc and not named_first else ''}{msg.rstrip('.')}."
     return f"{where}: '{dotted}' = {shown}: {msg.rstrip('.')}."
+
+
+def _dotted(loc: tuple) -> str:
+    """A key path as a recipe names it: `data.train[1].path` (a list's entries by index)."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
 
 
 def _where(loc: tuple, path: str | Path, lines: dict[tuple, int], overridden: set[tuple]) -> str:
@@ -218,7 +229,7 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
         return (f"{_not_a_name(err['input'], section)}. Valid keys: "
                 f"{', '.join(_valid_keys(section_loc, data))}.")
     valid = _valid_keys(loc[:-1], data)
-    section = ".".join(map(str, loc[:-1])) or "the recipe"
+    section = _dotted(loc[:-1]) or "the recipe"
     if len(loc) <= 2 and (homes := _home_sections(str(loc[-1]), loc[:-1], data, _value_at(data, loc))):
         return (f"unknown key '{loc[-1]}' in {section}: it is a key of " + " and of ".join(f"'{h}:'" for h in homes)
                 + ("; move it there." if len(homes) == 1 else "; move it under the one you mean."))
@@ -265,6 +276,7 @@ def _takes(section: str, model: type[BaseModel], key: str, value: Any) -> bool:
 _UNION_HINTS = {
     ("adapter", "target_modules"): "must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}",
     ("training", "max_steps"): "must be a positive integer, or null to train for `epochs`",
+    ("data", "train", "[i]"): "must be a path or hub id, or {path: ..., split: ..., columns: {...}}",
 }
 
 # Names other tools use for our keys: a user coming from peft/axolotl/transformers gets pointed at ours.
@@ -448,11 +460,15 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
                 return resolved
         return resolved
 
+    if isinstance(recipe.data.train, list):  # each dataset's path, where the recipe wrote it
+        recipe.data.train = [usable(entry, "data", ("data", "train", i)) if isinstance(entry, str) else
+                             entry.model_copy(update={"path": usable(entry.path, "data", ("data", "train", i, "path"))})
+                             for i, entry in enumerate(recipe.data.train)]
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
                                ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
                                ("adapter", "source_adapter", "adapter")):  # the latter: multitask prompt tuning's
         value = getattr(getattr(recipe, section), key, None)
-        if value is not None:
+        if isinstance(value, str):  # (data.train's list: above)
             setattr(getattr(recipe, section), key, usable(value, kind, (section, key)))
     if isinstance(fuse := getattr(recipe.adapter, "fuse", None), list):  # AdapterFusion's adapter directories
         recipe.adapter.fuse = [usable(value, "adapter", ("adapter", "fuse", i)) for i, value in enumerate(fuse)]

@@ -97,13 +97,33 @@ class QuantizationConfig(Section):
     """Modules kept in full precision (the output head by default, as bitsandbytes/transformers do)."""
 
 
+class DataSource(Section):
+    """One dataset of a list in data.train, read with its own split and columns."""
+
+    path: str
+    """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
+    split: str | None = None
+    """Its split (a slice of a local file: `train[:1000]`); default data.train_split."""
+    columns: dict[str, str] | None = None
+    """Its columns for the format's fields (as data.columns, which it replaces for this dataset); default
+    data.columns."""
+
+
 class DataConfig(Section):
     """Training and evaluation data."""
 
-    train: str
-    """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
+    train: str | list[str | DataSource]
+    """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id; or a list of them, each a path or hub id or
+    {path, split, columns}, whose rows are concatenated in the list's order and then shuffled together."""
+
+    @field_validator("train")
+    @classmethod
+    def _some_train_data(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list; give a path or hub id, or a list of one or more")
+        return value
     eval: str | None = None
-    """Same forms as `train`; omit to skip evaluation."""
+    """A file or hub dataset id, as one entry of `train` (one, not a list); omit to skip evaluation."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `train` and `eval` when they are hub datasets. A run records a digest
     of the rows it read, so `--resume` and `verify` tell when a branch has moved; pin a commit to read the same rows."""
@@ -144,12 +164,16 @@ class DataConfig(Section):
         from peftkit.data.formats import format_fields
 
         fields = format_fields(self.format)
-        for field in self.columns:
-            if field not in fields:
-                raise ValueError(f"data.columns: {field!r} is not a field of data.format {self.format} "
-                                 f"({', '.join(fields)}); each key names a field, its value the data's column."
-                                 f"{did_you_mean(field, fields)}")
+        listed = [(f"data.train[{i}].columns", entry.columns) for i, entry in enumerate(self.train)
+                  if isinstance(entry, DataSource) and entry.columns] if isinstance(self.train, list) else []
+        for key, columns in [("data.columns", self.columns), *listed]:
+            for field in columns:
+                if field not in fields:
+                    raise ValueError(f"{key}: {field!r} is not a field of data.format {self.format} "
+                                     f"({', '.join(fields)}); each key names a field, its value the data's column."
+                                     f"{did_you_mean(field, fields)}")
         return self
+
     train_split: str = "train"
     eval_split: str = "train"
     """Split to read; a local file is one, `train`, which both may slice as a hub split is sliced: `train[:95%]`."""
@@ -163,6 +187,22 @@ class DataConfig(Section):
     on_bad_rows: Literal["error", "skip"] = "error"
     """A row that is malformed or whose format fields are missing, not text, or not valid Unicode: stop with
     its line, or skip it and report the count."""
+
+    def train_sources(self) -> list[DataSource]:
+        """data.train as a list of datasets, each with its split and columns filled in (one for a single path)."""
+        entries = self.train if isinstance(self.train, list) else [self.train]
+        return [DataSource(path=entry, split=self.train_split, columns=self.columns) if isinstance(entry, str)
+                else entry.model_copy(update={"split": entry.split or self.train_split,
+                                              "columns": self.columns if entry.columns is None else entry.columns})
+                for entry in entries]
+
+    def sources(self) -> list[tuple[str, str, str]]:
+        """(key, path or hub id, split) of each dataset the recipe reads: `train` (one path), or `train[0]`,
+        `train[1]`, ... (a list), and `eval`. The keys name the datasets in a run's records (data_sha256)."""
+        train = self.train_sources()
+        keys = [f"train[{i}]" for i in range(len(train))] if isinstance(self.train, list) else ["train"]
+        found = [(key, entry.path, entry.split) for key, entry in zip(keys, train, strict=True)]
+        return found + ([("eval", self.eval, self.eval_split)] if self.eval else [])
 
 
 class EarlyStoppingConfig(Section):
@@ -359,7 +399,7 @@ class Recipe(Section):
                 "row's reference, and data.format 'text' has no prompt or reference (every token is target); "
                 "remove eval.metrics or use the alpaca, completion or chat format"
             )
-        hub = {source for source in (self.data.train, self.data.eval) if source and is_hub_dataset(source)}
+        hub = {source for _, source, _ in self.data.sources() if is_hub_dataset(source)}
         if self.data.revision and not hub:
             raise ValueError("data.revision: a revision of a hub dataset, and data.train and data.eval are local "
                              "files; remove data.revision")

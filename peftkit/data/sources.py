@@ -1,0 +1,48 @@
+"""data.train's datasets -> one list of rows: a file or hub dataset as `load_rows` reads it, or a list of them (a
+mix, as axolotl's `datasets:` and LLaMA-Factory's `dataset: a,b`) concatenated in the list's order, each read with
+its own split and columns and each row named by its own file and line."""
+
+from __future__ import annotations
+
+from peftkit.data.formats import format_rows
+from peftkit.data.rows import Locations, load_rows, row_location
+from peftkit.recipe import DataConfig
+
+
+def read_rows(source: str | list, split: str | None,
+              cfg: DataConfig) -> tuple[list[dict], int, list[int] | None, str]:
+    """(rows as data.format reads them, malformed lines skipped, each row's line number or location, a name for
+    messages) of `source`: one path or hub id at `split`, or data.train's list (`cfg.train_sources`; `split`
+    unused), whose name is `mix_name`."""
+    if isinstance(source, str):
+        rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
+        return format_rows(rows, cfg), bad, line_numbers, source
+    rows, bad, where = [], 0, Locations()
+    for i, entry in enumerate(cfg.train_sources()):
+        read, skipped, line_numbers = load_rows(entry.path, entry.split, cfg.on_bad_rows, cfg.revision)
+        own = cfg.model_copy(update={"columns": entry.columns})
+        read = format_rows(read, own)
+        if cfg.on_bad_rows == "error":  # a bad row said here, in its entry's columns (the mix's checks know only one)
+            _check_fields(read, own, entry.path, line_numbers, i)
+        rows += read
+        where += (row_location(entry.path, n, line_numbers) for n in range(len(read)))
+        bad += skipped
+    return rows, bad, where, mix_name(cfg)
+
+
+def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: list[int] | None, index: int) -> None:
+    """The first row of data.train[index] without the fields data.format needs, as an error in that entry's columns
+    (its own, or data.columns). (A classifier's rows are checked as they are read: `usable_rows`.)"""
+    from peftkit.data.examples import _problem, usable_row
+
+    entry = cfg.train[index] if isinstance(cfg.train, list) else None
+    key = f"data.train[{index}].columns" if getattr(entry, "columns", None) is not None else "data.columns"
+    for n, row in enumerate(rows):
+        if cfg.format != "classification" and _problem(row, cfg.format):
+            usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key)
+
+
+def mix_name(cfg: DataConfig) -> str:
+    """data.train's list in a message: `data.train (a.jsonl, org/dataset)`."""
+    return "data.train (" + ", ".join(entry.path.rsplit("/", 1)[-1] if entry.path.startswith("/") else entry.path
+                                      for entry in cfg.train_sources()) + ")"

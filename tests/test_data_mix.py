@@ -1,0 +1,267 @@
+"""data.train as a list of datasets (axolotl's `datasets:`, LLaMA-Factory's `dataset: a,b`): the rows of each, read with
+its own split and columns, concatenated in order; every message names the file and line of its row; each file is
+hashed for --resume and verify; the tokenized-data cache keys the whole mix."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from peftkit.data import load_examples
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig, load_recipe
+from peftkit.tiny import build_char_tokenizer, number_rows, write_jsonl
+from peftkit.train import train
+from tests.conftest import check_resumes_to_the_same_bits, cli_user_error, make_recipe
+from tests.test_hub import hub_dataset  # noqa: F401 - a fixture
+
+TOK = build_char_tokenizer()
+ADAPTER = "adapter/adapter_model.safetensors"
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=1000)
+
+
+@pytest.fixture
+def two_files(tmp_path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, number_rows(5, seed=1))
+    write_jsonl(b, [{"question": r["input"], "answer": r["output"]} for r in number_rows(4, seed=2)])
+    return a, b
+
+
+def _pairs(examples) -> list[tuple[list[int], list[int]]]:
+    return [(e.input_ids, e.labels) for e in examples]
+
+
+def _b_as_alpaca(b: Path) -> Path:
+    """b.jsonl's rows as alpaca rows of their own file: what a per-entry `columns` reads them as."""
+    rows = [json.loads(line) for line in b.read_text().splitlines()]
+    out = b.with_name("b_alpaca.jsonl")
+    write_jsonl(out, [{"instruction": "Write the number in words.", "input": r["question"], "output": r["answer"]}
+                      for r in rows])
+    return out
+
+
+def test_a_mix_s_examples_are_each_file_s_in_order_with_its_own_columns(two_files):
+    a, b = two_files
+    b_alpaca = _b_as_alpaca(b)
+    rows = [json.loads(line) for line in b.read_text().splitlines()]
+    b.write_text("".join(json.dumps({"instruction": "Write the number in words.", **r}) + "\n" for r in rows))
+    mix = DataConfig(train=[str(a), {"path": str(b), "columns": {"input": "question", "output": "answer"}}],
+                     max_length=128)
+    examples, stats = load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    alone = [load_examples(TOK, str(path), "train", DataConfig(train=str(path), max_length=128), cache=False)[0]
+             for path in (a, b_alpaca)]
+    assert _pairs(examples) == _pairs(alone[0]) + _pairs(alone[1])
+    assert stats["examples"] == stats["rows"] == 9
+
+
+def test_each_entry_has_its_own_split(two_files):
+    a, b = two_files
+    mix = DataConfig(train=[str(a), {"path": str(b), "split": "train[:2]", "columns": {"input": "question",
+                                                                                       "output": "answer",
+                                                                                       "instruction": "question"}}],
+                     train_split="train[:3]", max_length=128)
+    examples, _ = load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    assert len(examples) == 3 + 2
+
+
+def test_a_row_is_named_by_its_own_file_and_line_and_skipped_rows_are_counted_over_the_mix(two_files):
+    a, b = two_files
+    good = b.read_text()
+    mix = DataConfig(train=[str(a), {"path": str(b), "columns": {"instruction": "question", "output": "answer"}}],
+                     max_length=128)
+    b.write_text(good + "{not json\n")
+    with pytest.raises(PeftkitError, match=f"^{b}:5: not a valid JSON object"):
+        load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    b.write_text(good + "\n" + json.dumps({"question": "1"}) + "\n")
+    with pytest.raises(PeftkitError, match=f"^{b}:6: missing column 'answer' \\(data.train\\[1\\].columns.output\\)"):
+        load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    b.write_text(good + "{not json\n" + json.dumps({"question": "1"}) + "\n")
+    examples, stats = load_examples(TOK, mix.train, mix.train_split, mix.model_copy(update={"on_bad_rows": "skip"}),
+                                    cache=False)
+    assert len(examples) == 9 and stats["bad_rows"] == 2  # one unreadable line, one row without its answer
+
+
+def test_the_cache_keys_the_whole_mix(two_files):
+    a, b = two_files
+    columns = {"instruction": "question", "output": "answer"}
+    mix = DataConfig(train=[str(a), {"path": str(b), "columns": columns}], max_length=128)
+    first, stats = load_examples(TOK, mix.train, mix.train_split, mix)
+    assert "cached" not in stats
+    again, stats = load_examples(TOK, mix.train, mix.train_split, mix)
+    assert "cached" in stats and _pairs(again) == _pairs(first)
+    for other in ([str(a), {"path": str(b), "columns": columns, "split": "train[:2]"}],  # an entry's split
+                  [str(a), {"path": str(b), "columns": {**columns, "input": "question"}}],  # its columns
+                  [{"path": str(b), "columns": columns}, str(a)]):  # the order
+        changed = mix.model_copy(update={"train": DataConfig(train=other).train})
+        examples, stats = load_examples(TOK, changed.train, changed.train_split, changed)
+        assert "cached" not in stats and _pairs(examples) != _pairs(first), other
+    b.write_text(b.read_text().replace('"answer": "', '"answer": "x'))  # a file's content
+    examples, stats = load_examples(TOK, mix.train, mix.train_split, mix)
+    assert "cached" not in stats and _pairs(examples) != _pairs(first)
+
+
+def _mix_recipe(tmp_path: Path, tiny_llama: Path, number_data: dict, train_data, **sections) -> Path:
+    return make_recipe(tmp_path, tiny_llama, number_data, data={"train": train_data}, eval={"base_model": False},
+                       **sections)
+
+
+def test_a_list_of_one_entry_trains_the_same_bits_as_the_plain_path(tiny_llama, number_data, tmp_path):
+    plain = _mix_recipe(tmp_path / "plain", tiny_llama, number_data, str(number_data["train"]),
+                        training={"max_steps": 3})
+    listed = _mix_recipe(tmp_path / "listed", tiny_llama, number_data, [{"path": str(number_data["train"])}],
+                         training={"max_steps": 3})
+    for recipe in (plain, listed):
+        train(load_recipe(recipe), console=_quiet())
+    assert (tmp_path / "plain/run" / ADAPTER).read_bytes() == (tmp_path / "listed/run" / ADAPTER).read_bytes()
+
+
+@pytest.fixture
+def mix_run(tiny_llama, number_data, tmp_path) -> tuple[Path, Path, Path]:
+    """A recipe training on two files (a checkpoint every 2 of 6 steps), and its run directory and second file."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, number_rows(12, seed=3))
+    write_jsonl(b, number_rows(12, seed=4))
+    recipe = _mix_recipe(tmp_path, tiny_llama, number_data, [str(a), str(b)],
+                         training={"max_steps": 6, "save_steps": 2, "save_total_limit": 10})
+    return recipe, tmp_path / "run", b
+
+
+def test_a_mix_resumes_to_the_same_bits(mix_run):
+    recipe, run, _ = mix_run
+    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=6)
+
+
+def test_a_changed_second_file_is_refused_by_resume_and_named_by_verify(mix_run):
+    from peftkit.verify import verify
+
+    recipe, run, b = mix_run
+    train(load_recipe(recipe), console=_quiet())
+    assert set(json.loads((run / "manifest.json").read_text())["data_sha256"]) == {"train[0]", "train[1]", "eval"}
+    b.write_text(b.read_text() + json.dumps(number_rows(1, seed=5)[0]) + "\n")
+    report = verify(run, console=_quiet())
+    assert f"data.train[1]: the content of {b} differs from the recorded one" in report.differences
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    (run / "manifest.json").unlink()
+    with pytest.raises(PeftkitError, match=r"^--resume: data.train\[1\] file b.jsonl changed since checkpoint "
+                                           "step-00000004 was written"):
+        train(load_recipe(recipe), resume=True, console=_quiet())
+
+
+def _recipe_text(tmp_path: Path, tiny_llama: Path, number_data: dict, train_yaml: str) -> Path:
+    """A recipe whose data.train is `train_yaml` (list entries), from its line 3."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    data = raw.pop("data")
+    del data["train"]
+    recipe.write_text("data:\n  train:\n" + train_yaml + yaml.safe_dump({"data": data, **raw}, sort_keys=False)
+                      .removeprefix("data:\n"))
+    return recipe
+
+
+@pytest.mark.parametrize(("entries", "line", "message"), [
+    ("  - a.jsonl\n  - path: b.jsonl\n    colums: {answer: output}\n", 5,
+     "unknown key 'colums' in data.train[1]. Did you mean 'columns'? Valid keys: path, split, columns."),
+    ("  - a.jsonl\n  - path: b.jsonl\n    columns: {answr: output}\n", 5,
+     "data.train[1].columns: 'answr' is not a field of data.format alpaca (instruction, output, input, task)"),
+    ("  - a.jsonl\n  - split: train\n", 4, "missing required key 'data.train[1].path'."),
+    ("  - a.jsonl\n  - 5\n", 4, ("'data.train[1]' = 5: must be a path or hub id, or {path: ..., split: ..., "
+                                 "columns: {...}}.")),
+    ("  - a.jsonl\n  - path: ''\n", 4, "'data.train[1]' is empty."),
+])
+def test_a_bad_entry_is_a_recipe_error_at_its_line(tiny_llama, number_data, tmp_path, monkeypatch, capsys, entries,
+                                                    line, message):
+    recipe = _recipe_text(tmp_path, tiny_llama, number_data, entries)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert f"{recipe}:{line}: {message}" in err, err
+
+
+def test_an_empty_list_is_a_recipe_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"train": []})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert f"{recipe}:" in err and ("'data.train' = list: an empty list; give a path or hub id, or a list of one or "
+                                    "more.") in err
+
+
+def test_validate_warns_of_a_missing_file_of_the_list(tiny_llama, number_data, tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data,
+                         data={"train": [str(number_data["train"]), {"path": "gone.jsonl"}]})
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: data.train[1] {tmp_path / 'gone.jsonl'} does not exist here" in " ".join(result.output.split())
+
+
+def test_preview_shows_the_mix(tiny_llama, number_data, tmp_path, two_files):
+    from peftkit.preview import preview
+
+    a, b = two_files
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={
+        "train": [str(a), {"path": str(b), "columns": {"instruction": "question", "output": "answer"}}]})
+    console = Console(file=io.StringIO(), width=1000, no_color=True)
+    shown = preview(load_recipe(recipe), 9, console)
+    assert [built.where for built in shown] == [f"{a}:{i}" for i in range(1, 6)] + [f"{b}:{i}" for i in range(1, 5)]
+    out = console.file.getvalue()
+    assert f"data.train {a}, {b}: format alpaca" in out and "9 training examples" in out
+
+
+def test_a_classifier_s_classes_come_from_every_dataset_of_the_mix(tmp_path):
+    from peftkit.data.classification import load_classification
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    write_jsonl(tmp_path / "b.jsonl", [{"sentence": "fine", "label": "meh"}, {"sentence": 5, "label": "pos"}])
+    mix = DataConfig(train=[str(tmp_path / "a.jsonl"), {"path": str(tmp_path / "b.jsonl"),
+                                                        "columns": {"text": "sentence"}}], format="classification")
+    with pytest.raises(PeftkitError, match=f"^{tmp_path / 'b.jsonl'}:2: "):
+        load_classification(TOK, mix.train, mix.train_split, mix)
+    write_jsonl(tmp_path / "b.jsonl", [{"sentence": "fine", "label": "meh"}])
+    examples, _, labels = load_classification(TOK, mix.train, mix.train_split, mix)
+    assert len(examples) == 3 and sorted(labels.names) == ["meh", "neg", "pos"]
+
+
+def test_a_mix_s_files_moved_is_the_same_run_and_an_entry_s_split_changed_is_not(tiny_llama, number_data, tmp_path):
+    from peftkit.rundir import check_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    moved = Path(shutil.copytree(number_data["train"].parent, tmp_path / "moved"))
+    first = _mix_recipe(tmp_path / "a", tiny_llama, number_data, [str(number_data["eval"]),
+                                                                    {"path": str(number_data["train"])}])
+    (out / "recipe.yaml").write_text(load_recipe(first).to_yaml())
+    same = _mix_recipe(tmp_path / "b", tiny_llama, number_data, [str(moved / "eval.jsonl"),
+                                                                   {"path": str(moved / "train.jsonl")}])
+    assert "taken as the same run" in check_output_dir(out, load_recipe(same).to_yaml(), False, False)[0]
+    other = _mix_recipe(tmp_path / "c", tiny_llama, number_data, [str(number_data["eval"]),
+                                                                    {"path": str(number_data["train"]),
+                                                                     "split": "train[:50%]"}])
+    with pytest.raises(PeftkitError, match=r"differs in data.train\[1\].split\)"):
+        check_output_dir(out, load_recipe(other).to_yaml(), False, False)
+
+
+def test_a_hub_dataset_in_a_mix_records_its_rows_and_commit(hub_dataset, tiny_llama, number_data, tmp_path):
+    from peftkit.data.rows import rows_digest
+    from tests.test_hub import DATASET, _publish_dataset
+
+    recipe = _mix_recipe(tmp_path, tiny_llama, number_data, [str(number_data["eval"]),
+                                                               {"path": DATASET, "split": "train[:10]"}],
+                         training={"max_steps": 2, "save_steps": 2})
+    train(load_recipe(recipe), console=_quiet())
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data_sha256"]["train[1]"] == {"rows": rows_digest(number_rows(64, seed=1)[:10])}
+    assert manifest["data_commits"] == {"train[1]": "a" * 40}
+    rows = number_rows(64, seed=1)
+    rows[5]["output"] = "five"
+    _publish_dataset(hub_dataset, rows, "b" * 40, tmp_path)
+    (tmp_path / "run" / "manifest.json").unlink()
+    with pytest.raises(PeftkitError, match=r"^--resume: data.train\[1\]: the rows read from the hub changed since"):
+        train(load_recipe(recipe), resume=True, console=_quiet())
