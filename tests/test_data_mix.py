@@ -11,7 +11,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from peftkit.data import load_examples
+from peftkit.data import describe_stats, load_examples
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.tiny import build_char_tokenizer, number_rows, write_jsonl
@@ -87,6 +87,11 @@ def test_a_row_is_named_by_its_own_file_and_line_and_skipped_rows_are_counted_ov
     examples, stats = load_examples(TOK, mix.train, mix.train_split, mix.model_copy(update={"on_bad_rows": "skip"}),
                                     cache=False)
     assert len(examples) == 9 and stats["bad_rows"] == 2  # one unreadable line, one row without its answer
+    assert describe_stats(stats, mix)[0] == "9 training examples; skipped 2 bad rows (b.jsonl 2; data.on_bad_rows: skip)"
+    a.write_text(a.read_text() + "[]\n")
+    _, stats = load_examples(TOK, mix.train, mix.train_split, mix.model_copy(update={"on_bad_rows": "skip"}),
+                             cache=False)
+    assert "skipped 3 bad rows (a.jsonl 1, b.jsonl 2; data.on_bad_rows: skip)" in describe_stats(stats, mix)[0]
 
 
 def test_the_cache_keys_the_whole_mix(two_files):

@@ -106,7 +106,8 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
     if stats.get("cached"):
         line += f", read from the tokenized-data cache ({stats['cached']})"
     if stats["bad_rows"]:
-        line += f"; skipped {stats['bad_rows']} bad rows (data.on_bad_rows: skip)"
+        by = ", ".join(f"{name} {n}" for name, n in stats.get("bad_rows_by_dataset", {}).items())
+        line += f"; skipped {stats['bad_rows']} bad rows ({by + '; ' if by else ''}data.on_bad_rows: skip)"
     if stats["truncated"]:
         line += f"; {stats['truncated']} of {total} cut at {limit} tokens"
     if stats["too_long"]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
 from peftkit.data.formats import REQUIRED_FIELDS, SystemPrompt, _row_problem, message_name, sharegpt_words
-from peftkit.data.rows import HUB_ROWS, row_location
-from peftkit.data.sources import mix_name, read_rows
+from peftkit.data.rows import HUB_ROWS, Locations, row_location
+from peftkit.data.sources import bad_rows_by_dataset, mix_name, read_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -600,6 +600,8 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
         raise PeftkitError(mixed)
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
+    if stats["bad_rows"] and isinstance(line_numbers, Locations):  # a mix: which datasets they came from
+        stats["bad_rows_by_dataset"] = bad_rows_by_dataset(rows, line_numbers, cfg)
     if entry is not None and (not local or _data_digests(parts, cfg) == entry.digests):  # no file changed meanwhile
         entry.write(examples, stats)
     return examples, stats

@@ -238,7 +238,10 @@ class RowNumbers(list):
 
 class Locations(list):
     """Each row's own location, `FILE:LINE` or `FILE row N`, where the rows come from several datasets (a list in
-    data.train): what `row_location` names a row by in place of a file's line numbers."""
+    data.train): what `row_location` names a row by in place of a file's line numbers. `parts`: (dataset, its rows,
+    its unreadable lines skipped) of each, in order."""
+
+    parts: list[tuple[str, int, int]]
 
 
 def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:

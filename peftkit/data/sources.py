@@ -18,6 +18,7 @@ def read_rows(source: str | list, split: str | None,
         rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
         return format_rows(rows, cfg), bad, line_numbers, source
     rows, bad, where = [], 0, Locations()
+    where.parts = []
     for i, entry in enumerate(cfg.train_sources()):
         read, skipped, line_numbers = load_rows(entry.path, entry.split, cfg.on_bad_rows, cfg.revision)
         own = cfg.model_copy(update={"columns": entry.columns})
@@ -26,6 +27,7 @@ def read_rows(source: str | list, split: str | None,
             _check_fields(read, own, entry.path, line_numbers, i)
         rows += read
         where += (row_location(entry.path, n, line_numbers) for n in range(len(read)))
+        where.parts.append((entry.path, len(read), skipped))
         bad += skipped
     return rows, bad, where, mix_name(cfg)
 
@@ -40,6 +42,19 @@ def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: li
     for n, row in enumerate(rows):
         if cfg.format != "classification" and _problem(row, cfg.format):
             usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key)
+
+
+def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> dict[str, int]:
+    """{dataset: rows skipped under data.on_bad_rows: skip} of a mix's datasets that had any: its unreadable lines
+    and its rows without data.format's fields."""
+    from peftkit.data.examples import _problem
+
+    found, start = {}, 0
+    for path, count, skipped in where.parts:
+        if bad := skipped + sum(_problem(row, cfg.format) is not None for row in rows[start:start + count]):
+            found[path.rsplit("/", 1)[-1] if path.startswith("/") else path] = bad
+        start += count
+    return found
 
 
 def mix_name(cfg: DataConfig) -> str:
