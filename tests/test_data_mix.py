@@ -218,6 +218,9 @@ def test_preview_shows_the_mix(tiny_llama, number_data, tmp_path, two_files):
     assert [built.where for built in shown] == [f"{a}:{i}" for i in range(1, 6)] + [f"{b}:{i}" for i in range(1, 5)]
     out = console.file.getvalue()
     assert f"data.train {a}, {b}: format alpaca" in out and "9 training examples" in out
+    b.write_text(b.read_text() + "{not json\n")
+    preview(load_recipe(recipe, ["data.on_bad_rows=skip"]), 1, console)
+    assert "9 training examples; skipped 1 bad rows (b.jsonl 1; data.on_bad_rows: skip)" in console.file.getvalue()
 
 
 def test_a_classifier_s_classes_come_from_every_dataset_of_the_mix(tmp_path):
