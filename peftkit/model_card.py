@@ -52,9 +52,9 @@ def _shown(name: str, hub: bool) -> str:
 
 
 def _data(cfg: Recipe) -> str:
-    source = cfg.data.train
-    shown = f"`{source}`" if is_hub_dataset(source) else f"`{Path(source).name}`"
-    return f"{shown} (`{cfg.data.format}` format, up to {cfg.data.max_length} tokens an example)"
+    """data.train's datasets: a hub id as it is, a file by its name."""
+    shown = [f"`{s.path}`" if is_hub_dataset(s.path) else f"`{Path(s.path).name}`" for s in cfg.data.train_sources()]
+    return f"{' + '.join(shown)} (`{cfg.data.format}` format, up to {cfg.data.max_length} tokens an example)"
 
 
 def _length(cfg: Recipe) -> str:

@@ -56,6 +56,12 @@ def test_a_hub_base_is_the_cards_base_model(tiny_llama, number_data, tmp_path):
     assert "## Evaluation" not in text  # a run without data.eval has no table
 
 
+def test_a_mix_of_datasets_is_named_dataset_by_dataset(tiny_llama, number_data, tmp_path):
+    mix = [str(number_data["train"]), {"path": "org/more-numbers", "split": "train[:100]"}]
+    text = model_card(_recipe(tmp_path, tiny_llama, number_data, data={"train": mix}), "LORA", {})
+    assert "on `train.jsonl` + `org/more-numbers` (`alpaca` format" in text
+
+
 def test_the_card_says_how_a_base_was_quantized_and_a_peftkit_only_method_loads(tiny_llama, number_data, tmp_path):
     qlora = _recipe(tmp_path, tiny_llama, number_data, quantization={"method": "nf4"})
     assert "quantized by bitsandbytes (nf4, double quantization)" in model_card(qlora, "LORA", {})
