@@ -104,7 +104,8 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
                                            init_from_sha256=run.inputs.get("adapter.init_from", {}),
                                            distributed=distributed.describe(run.accelerator),
                                            base_model_commit=run.base_commit,
-                                           dtype=dtype_name(model.get_input_embeddings().weight.dtype))
+                                           dtype=dtype_name(model.get_input_embeddings().weight.dtype),
+                                           examples_sha256=run.examples_sha256)
     try:
         atomic_write_json(out / "manifest.json", manifest)
     except DiskFullError as e:

@@ -239,11 +239,13 @@ def loss_digest(losses: list[float]) -> str:
 def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path], device: torch.device,
                    losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
                    init_from_sha256: dict | None = None, distributed: dict | None = None,
-                   base_model_commit: str | None = None, dtype: str | None = None) -> dict:
+                   base_model_commit: str | None = None, dtype: str | None = None,
+                   examples_sha256: dict | None = None) -> dict:
     """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
     the run began (what it trained on, and no second read of a multi-GB base); computed here when not given.
     `distributed`: the processes that trained (`peftkit.distributed.describe`); default one. `dtype`: the base's
-    weights as they loaded (model.dtype `auto` resolved to the checkpoint's dtype); default the recipe's setting."""
+    weights as they loaded (model.dtype `auto` resolved to the checkpoint's dtype); default the recipe's setting.
+    `examples_sha256`: the digests of the examples the data became (`peftkit.data.stored.examples_digest`)."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     return {
@@ -257,6 +259,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "recipe_sha256": recipe.sha256(),
         "data_sha256": data,
         "data_commits": hub_commits(recipe),
+        "examples_sha256": examples_sha256 or {},
         "base_model_sha256": (base_model_sha256 if base_model_sha256 is not None
                               else model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)),
         "base_model_commit": base_model_commit,
@@ -298,6 +301,8 @@ class Manifest(BaseModel):
     data_sha256: dict[str, dict[str, Sha256]]
     data_commits: dict[str, str] = {}
     """The commit each hub dataset was read at, by split (where `datasets` said); {} for local files."""
+    examples_sha256: dict[str, Sha256] = {}
+    """The digests of the examples data.train and data.eval became; {} in manifests from before it was recorded."""
     base_model_sha256: dict[str, Sha256]
     base_model_commit: str | None = None
     """The commit of a hub id's snapshot the run loaded (`hub_commit`); None for a local directory, and in records

@@ -21,10 +21,27 @@ def differences(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, i
                 tolerance: float) -> list[str]:
     """What of the run recorded in `run_dir` the re-run in `tmp` did not reproduce; `intact`: the exported files
     of `run_dir` that still match their recorded hash."""
-    return (_compare(manifest, rerun, run_dir, tmp, intact, tolerance) + _result_differences(manifest, rerun, tolerance)
+    return (_examples_differences(manifest, rerun)
+            + _compare(manifest, rerun, run_dir, tmp, intact, tolerance) + _result_differences(manifest, rerun, tolerance)
             + _record_differences(manifest, rerun)
             + _log_differences(run_dir, tmp, tolerance)
             + _checkpoint_differences(run_dir, tmp, tolerance, (manifest.metrics or {}).get("steps"), manifest.recipe))
+
+
+def _examples_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
+    """Where the re-run made other examples of the same data files (their digests differ, the files' do not): the
+    cause of every difference after it, said first. A manifest from before the digests were recorded says nothing."""
+    out = []
+    for split in ("train", "eval"):
+        recorded, now = manifest.examples_sha256.get(split), rerun.examples_sha256.get(split)
+        same_rows = {k: v for k, v in manifest.data_sha256.items() if k.startswith(split)} == \
+            {k: v for k, v in rerun.data_sha256.items() if k.startswith(split)}
+        if recorded and now and recorded != now and same_rows:
+            out.append(f"data.{split}: the re-run made other examples of the same rows (their tokens or labels "
+                       "differ): what turns rows into tokens changed, the tokenizer's files, data.chat_template, or "
+                       "the transformers or peftkit version (the environment notes say which differ); what differs "
+                       "below follows from it")
+    return out
 
 
 def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, intact: set[str],
@@ -84,7 +101,8 @@ VARYING = ("elapsed_s", "peak_mem_mb", "tokens_per_s", "resumed_at_step")
 process started (its time and memory are that process's)."""
 
 CHECKED_APART = {"command", "environment", "recipe", "recipe_sha256", "losses", "loss_digest", "data_sha256",
-                 "data_commits", "base_model_sha256", "base_model_commit", "init_from_sha256", "outputs_sha256"}
+                 "examples_sha256", "data_commits", "base_model_sha256", "base_model_commit", "init_from_sha256",
+                 "outputs_sha256"}
 """manifest.json's fields that verify checks on their own (the command line, which names verify's own re-run, and
 the environment are notes); every other field must equal the re-run's."""
 

@@ -23,6 +23,7 @@ from peftkit.data import describe_stats, load_examples, steps_per_epoch
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.classification import LabelSet, load_classification
 from peftkit.data.packing import check_isolated, describe_packing, pack_examples
+from peftkit.data.stored import examples_digest
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.evaluate import RunEval
 from peftkit.fileio import DiskFullError, append_line
@@ -77,6 +78,8 @@ class Run:
     """A classifier's classes (model.task: sequence_classification), read from data.train."""
     adapter: object = None
     """The adapter as injected: the recipe's, with a classifier's head added to modules_to_save."""
+    examples_sha256: dict = field(default_factory=dict)
+    """`examples_digest` of data.train's and data.eval's examples (`train`, `eval`), before any packing."""
     compiled: dict = field(default_factory=dict)
     """training.compile: the loss functions through torch.compile, made at their first step."""
     base_commit: str | None = None
@@ -279,6 +282,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
 
         if warning := check_invocation(ids, train_ex, tok):
             console.print(warning, style="yellow", markup=False, highlight=False)
+    digests = {"train": examples_digest(train_ex)} | ({"eval": examples_digest(eval_ex.examples)} if eval_ex else {})
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
     _check_evaluations(cfg, total_steps)
@@ -324,7 +328,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     distributed.autocast_only(accelerator, model)
     return Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
-                base_commit=base_commit)
+                base_commit=base_commit, examples_sha256=digests)
 
 
 def _inject(cfg: Recipe, model, adapter, accelerator, console: Console, summary: dict) -> list[str]:

@@ -305,6 +305,24 @@ def test_a_tolerance_leaves_the_model_cards_rounded_figures_to_the_metrics(run):
     assert [d for d in verify(run, console=_quiet()).differences if d.startswith("output adapter/README.md: sha256")]
 
 
+def test_a_rerun_that_makes_other_examples_of_the_same_rows_says_so_first(run, monkeypatch):
+    """As a transformers or peftkit upgrade that tokenizes otherwise would: the data files and the base are the same,
+    the examples are not (manifest.json's examples_sha256), and the report says that first, as the cause of the
+    losses and weights that differ after it."""
+    from peftkit.data import examples
+
+    recorded = json.loads((run / "manifest.json").read_text())["examples_sha256"]
+    assert set(recorded) == {"train", "eval"}
+    original = examples._prompts_and_targets
+    monkeypatch.setattr(examples, "_prompts_and_targets",  # each target one token longer
+                        lambda tok, rows, fmt: [(p, t + t[-1:]) for p, t in original(tok, rows, fmt)])
+    differences = verify(run, console=_quiet()).differences
+    assert differences[0].startswith("data.train: the re-run made other examples of the same rows (their tokens or "
+                                     "labels differ): what turns rows into tokens changed")
+    assert differences[1].startswith("data.eval: the re-run made other examples of the same rows")
+    assert any(d.startswith("loss diverges first at step 1") for d in differences[2:])
+
+
 def test_a_missing_exported_directory_is_reported(run):
     shutil.rmtree(run / "adapter")
     report = verify(run, tolerance=1e-3, console=_quiet())

@@ -9,6 +9,7 @@ held by every process of a run. Here a token costs 8 bytes (12 with packed rows'
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -90,3 +91,20 @@ class Examples(Sequence[Example]):
     def lengths(self) -> list[int]:
         """Each example's token count, without making the examples."""
         return [b - a for a, b in zip([0, *self._ends[:-1]], self._ends, strict=True)]
+
+
+def examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 of the examples' token ids, labels, boundaries and task ids (a classifier's segment ids too): what the
+    data became for the model. A run records it (manifest.json's `examples_sha256`), so that `peftkit verify` tells a
+    re-run that tokenized the same files otherwise (another tokenizer, template or library version) from one that
+    trained otherwise on the same tokens."""
+    digest = hashlib.sha256()
+    if isinstance(examples, Examples) and examples._positions is None:
+        for part in examples.arrays():
+            digest.update(part.tobytes())
+    else:  # a classifier's list of examples
+        for example in examples:
+            for part in (example.input_ids, example.labels, example.token_type_ids or ()):
+                digest.update(array("q", [len(part), *part]).tobytes())
+    digest.update(repr(list(getattr(examples, "task_ids", None) or [e.task_id for e in examples])).encode())
+    return digest.hexdigest()
