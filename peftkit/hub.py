@@ -11,8 +11,10 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError, did_you_mean
 
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "peftkit.json"]
-"""What a hub adapter is read from (a legacy .bin is fetched to be named in the error that refuses it)."""
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "peftkit.json",
+                 "chat_template.jinja"]
+"""What a hub adapter is read from (a legacy .bin is fetched to be named in the error that refuses it; the chat
+template it was trained with, where it has one: a peftkit run's with data.chat_template, TRL's)."""
 _HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/([\w.-]+(?:/[\w.-]+)*))?")
 """user/name, then the subfolder the adapter lies in, if any (a repository of several adapters or checkpoints)."""
 

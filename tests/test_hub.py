@@ -567,6 +567,31 @@ def test_a_hub_adapter_is_read_from_the_hub_cache_by_every_command(hub, tiny_lla
             f"'main', {'e' * 40}, and HF_HUB_OFFLINE is set, so nothing is downloaded.") in " ".join(err.split()), err
 
 
+def test_a_hub_adapter_brings_the_chat_template_it_was_trained_with(hub, tiny_llama, tmp_path, monkeypatch):
+    """A run with data.chat_template keeps it in adapter/chat_template.jinja, which `--adapter DIR` uses in place of
+    the base tokenizer's own; fetched from the hub, the adapter has it too (it was left behind)."""
+    from peftkit.data.chat_templates import CHATML, adapter_template
+    from peftkit.hub import hub_adapter
+    from peftkit.inference import ModelSource
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.recipe import ModelConfig
+    from tests.test_combine import LLAMA_TARGETS, make_adapter
+
+    local = tmp_path / "adapter"
+    make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=LLAMA_TARGETS), 3, local)
+    (local / "chat_template.jinja").write_text(CHATML)
+    _publish_to(hub, "acme/chatml-lora", local, "c" * 40)
+    import huggingface_hub
+
+    asked, fetch = [], huggingface_hub.snapshot_download  # offline the whole cached snapshot comes back: what is
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",  # asked for is what an online fetch downloads
+                        lambda *a, **k: asked.append(k["allow_patterns"]) or fetch(*a, **k))
+    assert adapter_template(hub_adapter("acme/chatml-lora")) == CHATML
+    assert "chat_template.jinja" in asked[0]
+    source = ModelSource(ModelConfig(name_or_path=str(tiny_llama)), adapter=hub_adapter("acme/chatml-lora"))
+    assert source.tokenizer().chat_template == CHATML
+
+
 def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_data, tmp_path):
     """adapter.init_from: user/name, no local path, continues from the hub adapter (read from the cache offline);
     a misspelled one names the recipe's line, the local path looked for and the adapters the cache holds."""
