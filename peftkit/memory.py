@@ -180,24 +180,15 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         recipe: the run's recipe.
         device: where it runs (decides the runtime constant); by default the one recipe.model.device picks.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
     from peftkit.methods.expert_lists import check_start
     from peftkit.modeling import load_config, resolve_device
 
     config = load_config(recipe.model)
     dtype = load_dtype(recipe.model.dtype, config)
-    try:
-        with torch.device("meta"):
-            auto = AutoModelForSequenceClassification if recipe.classification else AutoModelForCausalLM
-            model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
-                                     dtype=getattr(torch, dtype))
-    except (OSError, ValueError):
+    model = meta_model(recipe, config)
+    if model is None:
         return None
-    except RuntimeError as e:  # nothing is allocated on the meta device: only the config can be at fault
-        raise PeftkitError(f"{recipe.model.name_or_path}/config.json describes a model that cannot be built ({e}). "
-                           "Fix config.json, or restore it from where the model came from.") from None
     modules = dict(model.named_modules())
     q = recipe.quantization
     base = 0.0
@@ -243,6 +234,24 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         optimizer = 2.0 * sum(p.numel() * width[id(p)] for p in trainable)
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, optimizer, activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
+
+
+def meta_model(recipe: Recipe, config) -> torch.nn.Module | None:
+    """The recipe's model built from its `config` on the meta device, in the load dtype: every module and parameter
+    shape, no value (nothing is read or allocated). None if transformers builds no such model from the config (the
+    loader will then say why); a PeftkitError for a config that describes a model that cannot be built."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    try:
+        with torch.device("meta"):
+            auto = AutoModelForSequenceClassification if recipe.classification else AutoModelForCausalLM
+            return auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
+                                    dtype=getattr(torch, load_dtype(recipe.model.dtype, config)))
+    except (OSError, ValueError):
+        return None
+    except RuntimeError as e:  # nothing is allocated on the meta device: only the config can be at fault
+        raise PeftkitError(f"{recipe.model.name_or_path}/config.json describes a model that cannot be built ({e}). "
+                           "Fix config.json, or restore it from where the model came from.") from None
 
 
 def _quantizable(module: torch.nn.Module) -> bool:

@@ -240,7 +240,7 @@ def bnb_config(q: QuantizationConfig):
     )
 
 
-def _check_prequantized(config, quant: QuantizationConfig, name_or_path: str) -> None:
+def check_prequantized(config, quant: QuantizationConfig, name_or_path: str) -> None:
     """A checkpoint saved quantized (its config.json has a quantization_config: `peftkit merge --requantize`'s
     OUTPUT-nf4, a hub "-bnb-4bit" model) loads with its own settings: transformers ignores every setting of the
     quantization section (it only warns, in a log peftkit silences), so a recipe asking int8 or fp4 trained on nf4
@@ -410,7 +410,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     if cfg.task == "sequence_classification":
         kwargs |= classifier_kwargs(cfg, labels)
     if quant is not None:
-        _check_prequantized(config, quant, cfg.name_or_path)
+        check_prequantized(config, quant, cfg.name_or_path)
         kwargs["quantization_config"] = bnb_config(quant)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}

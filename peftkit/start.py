@@ -336,6 +336,19 @@ def _inject(cfg: Recipe, model, adapter, accelerator, console: Console, summary:
     `summary`; the adapted modules' names."""
     # Seed again right before the adapter is drawn: its init must not depend on what loading consumed.
     torch.manual_seed(cfg.training.seed)
+    targets = adapt(cfg, model, adapter)
+    if not zero.active(accelerator):  # (DeepSpeed scales fp16 losses with fp32 master weights of its own)
+        check_fp16_gradients(model, accelerator.mixed_precision)
+    summary["trainable_params"], summary["total_params"] = count_parameters(model)
+    console.print(adapter_line(cfg, model, targets))
+    return targets
+
+
+def adapt(cfg: Recipe, model, adapter) -> list[str]:
+    """`adapter` (the recipe's, with a classifier's head) drawn, or adapter.init_from's loaded, into `model`, and the
+    model prepared for training, with train's refusals on the way; the adapted modules' names. `peftkit validate`
+    runs it on a meta-device model (`peftkit.model_checks`): nothing is drawn there, and init_from's weights only
+    checked to fit."""
     # An adapter to start from may list targets for other architectures (peft's generic defaults); its
     # weights decide, and load_adapter_state_dict refuses any that do not land (as for `peftkit eval`).
     check_start(adapter, model)
@@ -348,13 +361,15 @@ def _inject(cfg: Recipe, model, adapter, accelerator, console: Console, summary:
     prepare_for_training(model, cfg.training.gradient_checkpointing)
     if cfg.training.neftune_noise_alpha:
         neftune.attach(model, cfg.training.neftune_noise_alpha)
-    if not zero.active(accelerator):  # (DeepSpeed scales fp16 losses with fp32 master weights of its own)
-        check_fp16_gradients(model, accelerator.mixed_precision)
-    summary["trainable_params"], summary["total_params"] = trainable, total = count_parameters(model)
-    where = f" on {len(targets)} modules" if targets else ""  # the prompt family adapts the model as a whole
-    console.print(f"{method_of(cfg.adapter).describe(cfg.adapter)}{where}: {trainable:,} trainable "
-                  f"of {total:,} parameters ({100 * trainable / total:.3f}%)")
     return targets
+
+
+def adapter_line(cfg: Recipe, model, targets: list[str]) -> str:
+    """The line train prints of the adapter: the method, how many modules it adapts, its trainable parameters."""
+    trainable, total = count_parameters(model)
+    where = f" on {len(targets)} modules" if targets else ""  # the prompt family adapts the model as a whole
+    return (f"{method_of(cfg.adapter).describe(cfg.adapter)}{where}: {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / total:.3f}%)")
 
 
 def _check_biases_merge(model) -> None:

@@ -49,27 +49,47 @@ def train(
 
 @app.command()
 def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")], overrides: Overrides = None) -> None:
-    """Check a recipe and print it fully resolved (every default, absolute paths), or its errors."""
+    """Check a recipe and print it fully resolved (every default, absolute paths), or its errors. Where its model is
+    here (a local directory, or a hub id in the local Hugging Face cache), also train's refusals that its config.json,
+    tokenizer and an empty model decide, reading no weight."""
     from rich.markup import escape
 
+    from peftkit.model_checks import check_model, unavailable
     from peftkit.recipe import load_recipe
 
     missing: list[str] = []
     resolved = load_recipe(recipe, overrides or [], missing_adapters=missing)
+    absent = _absent_paths(resolved, missing)
+    # The adapters a recipe starts from (fused ones, a source) are read by the checks: missing, they are skipped.
+    skipped = next((f"{key} is not here" for key, _ in absent if key.startswith("adapter.")), None) \
+        or unavailable(resolved)
+    checked = check_model(resolved) if skipped is None else None
     console.print(f"# {recipe}: valid", style="green", markup=False)
-    # A value the recipe's rules take for a local path (not a hub id) should be there: train would stop at it. A
-    # warning, not an error: the recipe may be meant for another machine.
+    if checked:  # a YAML comment, as the line above: what is printed stays the recipe
+        console.print(f"# model checks (no weight read): {checked}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        err_console.print(f"[yellow]note:[/] model checks skipped: {escape(skipped)}.", highlight=False)
+    for _, warning in absent:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+    print(resolved.to_yaml(), end="")
+
+
+def _absent_paths(resolved, missing: list[str]) -> list[tuple[str, str]]:
+    """(key, warning) for each path of the recipe that is not here: train would stop at it. A warning, not an error:
+    the recipe may be meant for another machine. `missing`: load_recipe's messages of adapters that could be hub ids
+    too (why neither is there)."""
     adapter = resolved.adapter
     fused = [(f"adapter.fuse[{i}]", value) for i, value in enumerate(getattr(adapter, "fuse", None) or [])]
     data = [(f"data.{key}", source) for key, source, _ in resolved.data.sources()]
+    absent = []
     for key, value in (("model.name_or_path", resolved.model.name_or_path), *data, *fused,
                        ("adapter.source_adapter", getattr(adapter, "source_adapter", None))):
+        # A value the recipe's rules take for a local path (not a hub id) should be there.
         if value and Path(value).is_absolute() and not Path(value).exists() and not any(key in m for m in missing):
-            err_console.print(f"[yellow]warning:[/] {key} {escape(value)} does not exist here (a relative path is resolved "
-                              "against the recipe's directory); train would stop at it.", highlight=False)
-    for message in missing:  # a path that could be a hub id too: why neither is there
-        err_console.print(f"[yellow]warning:[/] {escape(message)} Train would stop at it.", highlight=False)
-    print(resolved.to_yaml(), end="")
+            absent.append((key, (f"{key} {value} does not exist here (a relative path is resolved against the "
+                                 "recipe's directory); train would stop at it.")))
+    adapters = [key for key, _ in fused] + ["adapter.source_adapter"]
+    return absent + [(next((k for k in adapters if k in m), "adapter"), f"{m} Train would stop at it.") for m in missing]
 
 
 @app.command()

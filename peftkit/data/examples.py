@@ -144,16 +144,21 @@ def _trailing_specials(tok) -> list[int]:
     return full[starts[0] + len(plain):] if plain and starts else []
 
 
-def _chat_example(tok, messages: list[dict], train_on: str = "answers",
-                  tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
-    """A conversation's token ids and labels: its assistant turns trained (`train_on` answers), the last one only
-    (last_answer), or every token (all). `tools`: the row's tool schemas, which the template writes (not trained)."""
+def check_chat_tokenizer(tok) -> None:
+    """What data.format chat needs of the tokenizer: a chat template, and offsets (a fast tokenizer)."""
     if not getattr(tok, "chat_template", None):
         raise PeftkitError("data.format is 'chat' but the tokenizer has no chat_template (a base model's has none); "
                            "set data.chat_template (chatml, llama3, a .jinja file, or a tokenizer directory to copy it "
                            "from), use a tokenizer with a template, or use another format.")
     if not tok.is_fast:
         raise PeftkitError("data.format 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
+
+
+def _chat_example(tok, messages: list[dict], train_on: str = "answers",
+                  tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+    """A conversation's token ids and labels: its assistant turns trained (`train_on` answers), the last one only
+    (last_answer), or every token (all). `tools`: the row's tool schemas, which the template writes (not trained)."""
+    check_chat_tokenizer(tok)
     text = render_chat(tok, messages, tools=tools)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]

@@ -1,0 +1,85 @@
+"""What `peftkit validate` checks against the recipe's model without reading a weight: the refusals train makes
+before its first step that config.json, the tokenizer and an empty model decide, made by train's own functions, in
+its words. The model is built from config.json on the meta device (every module and shape, no value: nothing is
+read or allocated: a Llama-3-8B config built in 4 s here), and the adapter injected there as the memory estimate does.
+
+Not checked here, since they need more than that: the weights' fit to config.json (`modeling.load_model`), the data
+(its rows, their lengths and the steps they make: warmup, evaluation and checkpoint intervals, AdaLoRA's schedule,
+eval.max_new_tokens within a learned position table), data.packing's test of the model's attention (it compares
+logits), what depends on the device (flash attention, bfloat16 support, fp16 gradients, whether the estimate fits)
+and the refusals of a quantized base, which is not quantized here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from peftkit.recipe import Recipe
+
+
+def unavailable(cfg: Recipe) -> str | None:
+    """Why the recipe's model cannot be checked on this machine (nothing is downloaded), or None where it can: a local
+    directory, or a hub id whose snapshot is in the local Hugging Face cache."""
+    from huggingface_hub import constants
+
+    from peftkit.manifest import model_directory
+
+    name = cfg.model.name_or_path
+    if model_directory(name, cfg.model.revision) is not None:
+        return None
+    if Path(name).is_absolute():
+        return f"model.name_or_path {name} is not here"
+    return (f"model.name_or_path {name} is no local directory, and as a hub id it is not in the local Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}); validate downloads nothing")
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """HF_HUB_OFFLINE while the checks read a hub id's files: from the local cache only, nothing downloaded."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
+def check_model(cfg: Recipe) -> str:
+    """Run train's refusals that the model's config.json, its tokenizer and a meta-device model decide (a
+    PeftkitError, as train raises it); returns what was checked: the adapter's line as train prints it (its trainable
+    parameters counted as train counts them) and the kinds of modules it adapts. Call where `unavailable` is None."""
+    from peftkit import long_context
+    from peftkit.classify import with_head
+    from peftkit.data.examples import check_chat_tokenizer
+    from peftkit.manifest import hub_commit
+    from peftkit.memory import meta_model
+    from peftkit.modeling import check_prequantized, check_quantization_section, load_config, load_tokenizer
+    from peftkit.rope_scaling import check_context_length
+    from peftkit.start import adapt, adapter_line
+
+    with _offline():
+        config = load_config(cfg.model)
+        check_context_length(cfg, config)
+        check_quantization_section(config, cfg.model, cfg.quantization)
+        if cfg.quantization is not None:
+            check_prequantized(config, cfg.quantization, cfg.model.name_or_path)
+        tok = load_tokenizer(cfg.model)
+        if cfg.data.format == "chat":
+            check_chat_tokenizer(tok)
+        model = meta_model(cfg, config)
+        if model is None:
+            return "config.json and the tokenizer only: transformers builds no model of this task from this config"
+        if cfg.adapter.method == "fusion":
+            from peftkit.methods.fusion_sources import check_commit, check_rope, fused_adapters
+
+            name, revision = cfg.model.name_or_path, cfg.model.revision
+            check_commit(fused_adapters(cfg.adapter), name, revision, hub_commit(name, revision))
+            check_rope(fused_adapters(cfg.adapter), cfg.model.rope_scaling)
+        long_context.apply(model, cfg)
+        targets = adapt(cfg, model, with_head(cfg.adapter, model) if cfg.classification else cfg.adapter)
+    kinds = sorted({name.rpartition(".")[2] for name in targets})
+    return adapter_line(cfg, model, targets) + (f"; adapted: {', '.join(kinds)}" if kinds else "")

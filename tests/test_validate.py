@@ -1,0 +1,129 @@
+"""`peftkit validate` against the recipe's model (`peftkit.model_checks`): train's refusals that config.json, the
+tokenizer and an empty (meta-device) model decide, in train's words, without reading a weight: each is checked on a
+copy of the model whose weights file is garbage, which any read would fail on."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import constants
+
+from peftkit.tiny import build_char_tokenizer
+from tests.conftest import cli_user_error, make_recipe
+from tests.test_hub import _publish
+
+
+def _garbage_weights(model: Path, out: Path) -> Path:
+    """A copy of `model` whose model.safetensors is not safetensors: loading it fails at once."""
+    shutil.copytree(model, out)
+    (out / "model.safetensors").write_bytes(b"not safetensors")
+    return out
+
+
+def _tiny_mamba(out: Path) -> Path:
+    """An attention-free model's config.json and tokenizer, and no weights file at all."""
+    from transformers import MambaConfig
+
+    tok = build_char_tokenizer(out)
+    MambaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, state_size=4,
+                pad_token_id=tok.pad_token_id).save_pretrained(out)
+    return out
+
+
+def _said(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
+    """(validate's error, train's error) for `recipe`: each exits 2 with a message and no traceback."""
+    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    trained = _said(cli_user_error(monkeypatch, capsys, "train", str(recipe)))
+    return validated, trained
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("target", "adapter.target_modules entry 'qq_proj' (of ['qq_proj']) matches no module of this model."),
+    ("no_template", "data.format is 'chat' but the tokenizer has no chat_template"),
+    ("llama_adapter", "adapter.adapter_layers: 5, but the model has 2 attention layers"),
+    ("learned_positions", "data.max_length 600 is longer than the 512 positions"),
+    ("mamba_prefix", "this mamba model's config has no num_attention_heads"),
+])
+def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_llama, tiny_gpt2, number_data,
+                                                          tmp_path, monkeypatch, capsys):
+    """Refusals train made only once a GPU job had started (the model's modules, its tokenizer, its architecture):
+    validate says them in train's words, from a model whose weights cannot be read."""
+    sections: dict = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["qq_proj"]}}
+    base = tiny_llama
+    if case == "no_template":  # chat rows, and a tokenizer without a template
+        sections = {"data": {"format": "chat", "train": str(tmp_path / "chat.jsonl"), "eval": None}}
+        (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                             '{"role": "assistant", "content": "ho"}]}\n')
+    elif case == "llama_adapter":
+        sections = {"adapter": {"method": "llama_adapter", "adapter_len": 4, "adapter_layers": 5}}
+    elif case == "learned_positions":  # GPT-2's 512 learned positions
+        sections, base = {"data": {"max_length": 600}}, tiny_gpt2
+    elif case == "mamba_prefix":
+        sections = {"adapter": {"method": "prefix_tuning", "num_virtual_tokens": 4}}
+    model = _tiny_mamba(tmp_path / "mamba") if case == "mamba_prefix" else _garbage_weights(base, tmp_path / "model")
+    if case == "no_template":
+        (model / "chat_template.jinja").unlink()
+    recipe = make_recipe(tmp_path / "r", model, number_data, **sections)
+    if case in ("llama_adapter", "mamba_prefix"):  # the adapter section whole, not make_recipe's LoRA updated
+        recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **sections}, sort_keys=False))
+    validated, trained = _refusal(monkeypatch, capsys, recipe)
+    assert expected in validated, validated
+    # train names the row it stopped at; the message is the same
+    assert trained == validated or (case == "no_template" and trained.endswith(validated.removeprefix("error: "))), \
+        (trained, validated)
+
+
+def test_validate_counts_the_trainable_parameters_train_counts(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                               capsys):
+    """A valid recipe: validate prints train's adapter line (its trainable count too), from a model whose weights
+    cannot be read, and the printout stays YAML."""
+    from peftkit.cli import main
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                         training={"max_steps": 1, "warmup_steps": 0}, data={"eval": None})
+    monkeypatch.setattr("sys.argv", ["peftkit", "train", str(recipe)])
+    main()
+    line = next(line for line in capsys.readouterr().out.splitlines() if "trainable of" in line)
+    assert line.startswith("LoRA r=4 on 4 modules: 896 trainable of"), line
+    text = recipe.read_text().replace(str(tiny_llama), str(_garbage_weights(tiny_llama, tmp_path / "model")))
+    recipe.write_text(text)
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+    main()  # (no SystemExit: valid)
+    out = capsys.readouterr().out
+    assert f"# model checks (no weight read): {line}; adapted: q_proj, v_proj\n" in out, out
+    assert yaml.safe_load(out)["adapter"]["r"] == 4
+
+
+def test_a_hub_model_is_checked_from_the_local_cache_only(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """A hub id in the local Hugging Face cache is checked from there, online too, without a request to the hub; one
+    that is not there is skipped with a note, and the recipe is still valid."""
+    import huggingface_hub.file_download as download
+
+    from peftkit.cli import main
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("validate asked the hub")
+
+    monkeypatch.setattr(download, "get_hf_file_metadata", no_network)
+    _publish(cache, _garbage_weights(tiny_llama, tmp_path / "model"), "a" * 40)
+    skipped = ("note: model checks skipped: model.name_or_path acme/other is no local directory, and as a hub id it "
+               f"is not in the local Hugging Face cache ({cache}); validate downloads nothing.")
+    for name, said in (("acme/tiny-llama", "# model checks (no weight read): LoRA r=4 on 14 modules"),
+                       ("acme/other", skipped)):
+        recipe = make_recipe(tmp_path, tiny_llama, number_data)
+        recipe.write_text(recipe.read_text().replace(str(tiny_llama), name))
+        monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+        main()  # (no SystemExit: valid)
+        captured = capsys.readouterr()
+        assert said in _said(captured.out + captured.err), captured
+        assert re.search(r"^model:$", captured.out, re.MULTILINE)
