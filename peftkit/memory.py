@@ -24,9 +24,20 @@ from peftkit.errors import PeftkitError
 from peftkit.recipe import Recipe
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# bits per quantized weight: 4-bit codes + one fp32 absmax per 64 weights (0.5 bit) = 4.5; with double
-# quantization the absmax is 8-bit with one fp32 per 256 blocks: 4 + 8/64 + 32/(64*256) ≈ 4.127.
-QUANT_BITS = {("nf4", True): 4.127, ("nf4", False): 4.5, ("fp4", True): 4.127, ("fp4", False): 4.5}
+# A 4-bit weight of n values (bitsandbytes' Params4bit, nf4 or fp4 alike) holds n/2 bytes of codes and a quant_state:
+# one fp32 absmax a block of 64 weights (0.5 bit a weight: 4.5 bits), and the 16-value fp32 code table (64 bytes). With
+# double quantization the absmax is 8-bit, itself quantized in blocks of 256 with one fp32 absmax each (4 + 8/64 +
+# 32/(64*256) ≈ 4.127 bits a weight), and the nested state adds an fp32 offset and its own 256-value fp32 code table:
+# 64 + 4 + 1024 bytes a layer, each layer's own (measured on a loaded model's quant states, tests/test_memory.py).
+QUANT_BLOCK, NESTED_BLOCK, CODE_BYTES, NESTED_CODE_BYTES = 64, 256, 16 * 4, 256 * 4
+
+
+def four_bit_bytes(n: int, double_quant: bool) -> int:
+    """The bytes bitsandbytes holds for a 4-bit weight of `n` values: its codes and its quant_state's tensors."""
+    blocks = -(-n // QUANT_BLOCK)
+    if not double_quant:
+        return -(-n // 2) + 4 * blocks + CODE_BYTES
+    return -(-n // 2) + blocks + 4 * -(-blocks // NESTED_BLOCK) + CODE_BYTES + 4 + NESTED_CODE_BYTES
 # optimizer state bytes per trainable parameter: AdamW keeps two fp32 moments; 8-bit AdamW two int8
 # moments (+ a negligible per-block scale), but only for tensors of >= 4096 elements (bitsandbytes keeps
 # smaller ones in fp32); SGD without momentum keeps none.
@@ -201,7 +212,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) an output row
             base += p.numel() + 4 * (p.shape[0] if type(module) is torch.nn.Linear else p.shape[1])  # Conv1D: (in, out)
         elif quantized:
-            base += p.numel() * QUANT_BITS[(q.method, q.double_quant)] / 8
+            base += four_bit_bytes(p.numel(), q.double_quant)
         else:
             base += p.numel() * BYTES[dtype]
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
