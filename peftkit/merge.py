@@ -37,8 +37,8 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
             data, state = _unpack_cpu_inference_layout(data, state)
         return bnbF.dequantize_4bit(data, state).float()
     scb = getattr(weight, "SCB", None)
-    if scb is None:
-        scb = getattr(module.state, "SCB", None)
+    if scb is None:  # (a Linear4bit not quantized yet, on the meta device, has neither: `peftkit.model_checks`)
+        scb = getattr(getattr(module, "state", None), "SCB", None)
     if weight.dtype == torch.int8 and scb is not None:  # LLM.int8(): row-wise absmax scaling by SCB / 127
         return weight.data.float() * scb.float().unsqueeze(1) / 127.0
     return weight.data.float()

@@ -7,7 +7,7 @@ Not checked here, since they need more than that: the weights' fit to config.jso
 (its rows, their lengths and the steps they make: warmup, evaluation and checkpoint intervals, AdaLoRA's schedule,
 eval.max_new_tokens within a learned position table), data.packing's test of the model's attention (it compares
 logits), what depends on the device (flash attention, bfloat16 support, fp16 gradients, whether the estimate fits)
-and the refusals of a quantized base, which is not quantized here.
+and the tied output head that bitsandbytes cannot quantize (`modeling.load_model`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,24 @@ def check_model(cfg: Recipe) -> str:
             name, revision = cfg.model.name_or_path, cfg.model.revision
             check_commit(fused_adapters(cfg.adapter), name, revision, hub_commit(name, revision))
             check_rope(fused_adapters(cfg.adapter), cfg.model.rope_scaling)
+        if cfg.quantization is not None:
+            _quantize(model, cfg)
         long_context.apply(model, cfg)
         targets = adapt(cfg, model, with_head(cfg.adapter, model) if cfg.classification else cfg.adapter)
     kinds = sorted({name.rpartition(".")[2] for name in targets})
     return adapter_line(cfg, model, targets) + (f"; adapted: {', '.join(kinds)}" if kinds else "")
+
+
+def _quantize(model, cfg: Recipe) -> None:
+    """The meta model's layers swapped for bitsandbytes' 4-bit/8-bit ones as from_pretrained swaps them (transformers'
+    quantizer, before any weight loads; still nothing allocated): the adapter meets the layers train's meets, and their
+    refusals (KaSA's, VeLoRA's, BD-LoRA's of a quantized layer)."""
+    import torch
+    from transformers.quantizers import AutoHfQuantizer
+
+    from peftkit.modeling import bnb_config
+
+    quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.quantization))
+    with torch.device("meta"):
+        quantizer.preprocess_model(model, dtype=next(model.parameters()).dtype, device_map={"": "cpu"})
+

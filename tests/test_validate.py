@@ -127,3 +127,16 @@ def test_a_hub_model_is_checked_from_the_local_cache_only(tiny_llama, number_dat
         captured = capsys.readouterr()
         assert said in _said(captured.out + captured.err), captured
         assert re.search(r"^model:$", captured.out, re.MULTILINE)
+
+
+def test_validate_meets_the_4bit_layers_train_meets(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """KaSA refuses a 4-bit layer, which train met only once the quantized model had loaded (its memory estimate
+    injects into unquantized layers): validate swaps its empty model's layers as from_pretrained does, and says it."""
+    sections = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"], "kasa_config": {}},
+                "quantization": {"method": "nf4"}}
+    trained = _said(cli_user_error(monkeypatch, capsys, "train", str(make_recipe(tmp_path, tiny_llama, number_data,
+                                                                                  **sections))))
+    recipe = make_recipe(tmp_path, _garbage_weights(tiny_llama, tmp_path / "model"), number_data, **sections)
+    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    assert validated == trained, (validated, trained)
+    assert "adapter.kasa_config: 'model.layers.0.self_attn.q_proj' is a 4-bit/8-bit layer" in validated
