@@ -70,6 +70,10 @@ def check_model(cfg: Recipe) -> str:
         tok = load_tokenizer(cfg.model)
         if cfg.data.format == "chat":
             check_chat_tokenizer(tok)
+        if cfg.classification:  # the head's size: the classes, as train reads them
+            from peftkit.modeling import classifier_kwargs
+
+            config.update(classifier_kwargs(cfg.model, _classes(cfg)))
         model = meta_model(cfg, config)
         if model is None:
             return "config.json and the tokenizer only: transformers builds no model of this task from this config"
@@ -100,3 +104,15 @@ def _quantize(model, cfg: Recipe) -> None:
     with torch.device("meta"):
         quantizer.preprocess_model(model, dtype=next(model.parameters()).dtype, device_map={"": "cpu"})
 
+
+def _classes(cfg: Recipe):
+    """A classifier's classes as train reads them from data.train (its rows, not tokenized) where its datasets are
+    local files; None otherwise, and model.num_labels or config.json's sizes the head (train's count may then
+    differ)."""
+    from peftkit.data.classification import LabelSet, classification_rows
+
+    data = cfg.data
+    if not all(Path(source.path).is_file() for source in data.train_sources()):
+        return None
+    usable, _, _, name = classification_rows(data.train, data.train_split, data)
+    return LabelSet.from_rows(usable, cfg.model.num_labels, name)

@@ -2,6 +2,7 @@
 tokenizer and an empty (meta-device) model decide, in train's words, without reading a weight: each is checked on a
 copy of the model whose weights file is garbage, which any read would fail on."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -79,18 +80,29 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
         (trained, validated)
 
 
-def test_validate_counts_the_trainable_parameters_train_counts(tiny_llama, number_data, tmp_path, monkeypatch,
+@pytest.mark.parametrize("task", ["causal_lm", "classifier"])
+def test_validate_counts_the_trainable_parameters_train_counts(task, tiny_llama, number_data, tmp_path, monkeypatch,
                                                                capsys):
     """A valid recipe: validate prints train's adapter line (its trainable count too), from a model whose weights
-    cannot be read, and the printout stays YAML."""
+    cannot be read, and the printout stays YAML. A classifier's head has as many rows as data.train has classes (3
+    here; config.json says 2), read from its rows as train reads them."""
     from peftkit.cli import main
+    from tests.test_seqcls import classification_recipe
 
-    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                         training={"max_steps": 1, "warmup_steps": 0}, data={"eval": None})
+    adapter = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    training = {"max_steps": 1, "warmup_steps": 0}
+    if task == "classifier":
+        rows = [{"text": f"row {i}", "label": ["low", "mid", "high"][i % 3]} for i in range(12)]
+        (tmp_path / "classes.jsonl").write_text("".join(f"{json.dumps(row)}\n" for row in rows))
+        files = {"train": tmp_path / "classes.jsonl", "eval": tmp_path / "classes.jsonl"}
+        recipe = classification_recipe(tmp_path, tiny_llama, files, adapter, training=training, data={"eval": None})
+    else:
+        recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=adapter, training=training, data={"eval": None})
     monkeypatch.setattr("sys.argv", ["peftkit", "train", str(recipe)])
     main()
     line = next(line for line in capsys.readouterr().out.splitlines() if "trainable of" in line)
-    assert line.startswith("LoRA r=4 on 4 modules: 896 trainable of"), line
+    head = 3 * 32 if task == "classifier" else 0  # `score`: 3 classes x hidden 32, trained in full
+    assert line.startswith(f"LoRA r=4 on 4 modules: {896 + head:,} trainable of"), line
     text = recipe.read_text().replace(str(tiny_llama), str(_garbage_weights(tiny_llama, tmp_path / "model")))
     recipe.write_text(text)
     monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])

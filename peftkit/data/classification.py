@@ -120,19 +120,28 @@ def classification_examples(tok, rows: list[tuple[str, dict]], labels: LabelSet,
     return examples, truncated
 
 
-def load_classification(tok, source: str | list, split: str | None, cfg: DataConfig, labels: LabelSet | None = None,
-                        num_labels: int | None = None) -> tuple[list[Example], dict, LabelSet]:
-    """The examples of `source` (a path or hub id, or data.train's list: `read_rows`), the counts `describe_stats`
-    prints, and the classes: `labels` when given (an eval set, mapped to the training classes), else read from these
-    rows (data.train) with `num_labels`."""
+def classification_rows(source: str | list, split: str | None,
+                        cfg: DataConfig) -> tuple[list[tuple[str, dict]], int, int, str]:
+    """The usable `(location, row)` pairs of `source` (a path or hub id, or data.train's list: `read_rows`), the
+    unreadable lines skipped, the rows read and the source's name for messages; a PeftkitError for a source without
+    a usable row."""
     rows, skipped, line_numbers, source = read_rows(source, split, cfg)
     usable = usable_rows(rows, cfg, source, line_numbers)
     if not usable:
         raise PeftkitError(f"{source} has no usable rows for data.format 'classification' ({len(rows)} rows, "
                            f"{skipped} unreadable lines); each row needs text and label.")
+    return usable, skipped, len(rows), source
+
+
+def load_classification(tok, source: str | list, split: str | None, cfg: DataConfig, labels: LabelSet | None = None,
+                        num_labels: int | None = None) -> tuple[list[Example], dict, LabelSet]:
+    """The examples of `source` (as `classification_rows` reads it), the counts `describe_stats` prints, and the
+    classes: `labels` when given (an eval set, mapped to the training classes), else read from these rows
+    (data.train) with `num_labels`."""
+    usable, skipped, read, source = classification_rows(source, split, cfg)
     labels = labels or LabelSet.from_rows(usable, num_labels, source)
     examples, truncated = classification_examples(tok, usable, labels, cfg.max_length)
-    stats = {"bad_rows": skipped + len(rows) - len(usable), "too_long": 0, "truncated": truncated, "target_cut": 0,
+    stats = {"bad_rows": skipped + read - len(usable), "too_long": 0, "truncated": truncated, "target_cut": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "examples": len(examples)}
     return examples, stats, labels
 
