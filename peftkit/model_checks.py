@@ -4,10 +4,11 @@ its words. The model is built from config.json on the meta device (every module 
 read or allocated: a Llama-3-8B config built in 4 s here), and the adapter injected there as the memory estimate does.
 
 Not checked here, since they need more than that: the weights' fit to config.json (`modeling.load_model`), the data
-(its rows, their lengths and the steps they make: warmup, evaluation and checkpoint intervals, AdaLoRA's schedule,
-eval.max_new_tokens within a learned position table), data.packing's test of the model's attention (it compares
-logits), what depends on the device (flash attention, bfloat16 support, fp16 gradients, whether the estimate fits)
-and the tied output head that bitsandbytes cannot quantize (`modeling.load_model`).
+(its rows, their lengths and the steps they make: warmup, evaluation and checkpoint intervals, and with
+training.epochs the method's own checks of the run, AdaLoRA's schedule; eval.max_new_tokens within a learned position
+table), data.packing's test of the model's attention (it compares logits), what depends on the device (flash
+attention, bfloat16 support, fp16 gradients, whether the estimate fits) and the tied output head that bitsandbytes
+cannot quantize (`modeling.load_model`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def check_model(cfg: Recipe) -> str:
     from peftkit.data.examples import check_chat_tokenizer
     from peftkit.manifest import hub_commit
     from peftkit.memory import meta_model
+    from peftkit.methods import method_of
     from peftkit.modeling import check_prequantized, check_quantization_section, load_config, load_tokenizer
     from peftkit.rope_scaling import check_context_length
     from peftkit.start import adapt, adapter_line
@@ -87,6 +89,8 @@ def check_model(cfg: Recipe) -> str:
             _quantize(model, cfg)
         long_context.apply(model, cfg)
         targets = adapt(cfg, model, with_head(cfg.adapter, model) if cfg.classification else cfg.adapter)
+        if cfg.training.max_steps:  # the run's steps, known without the data: what the method adds to the loop
+            method_of(cfg.adapter).trainer(model, cfg.adapter, cfg.training.max_steps)
     kinds = sorted({name.rpartition(".")[2] for name in targets})
     return adapter_line(cfg, model, targets) + (f"; adapted: {', '.join(kinds)}" if kinds else "")
 

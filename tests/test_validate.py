@@ -152,3 +152,26 @@ def test_validate_meets_the_4bit_layers_train_meets(tiny_llama, number_data, tmp
     validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
     assert validated == trained, (validated, trained)
     assert "adapter.kasa_config: 'model.layers.0.self_attn.q_proj' is a 4-bit/8-bit layer" in validated
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"adapter": {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 4, "tfinal": 4}},
+     "adapter.tinit (4) + adapter.tfinal (4) leave no step of this run's 6 optimizer steps"),
+    ({"adapter": {"method": "prefix_tuning", "num_virtual_tokens": 4}, "training": {"gradient_checkpointing": True}},
+     "training.gradient_checkpointing: prefix tuning's key/value prefixes sit in the attention cache"),
+])
+def test_validate_makes_the_method_s_checks_of_the_run(sections, expected, tiny_llama, number_data, tmp_path,
+                                                       monkeypatch, capsys):
+    """What the method adds to the training loop checks the run (AdaLoRA's schedule against its steps, prefix tuning
+    against gradient checkpointing): train said it after loading the model; validate says it where training.max_steps
+    gives the run's steps without the data."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    for section, values in sections.items():  # the adapter section whole, not make_recipe's LoRA updated
+        raw[section] = values if section == "adapter" else {**raw[section], **values}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    trained = _said(cli_user_error(monkeypatch, capsys, "train", str(recipe)))
+    recipe.write_text(recipe.read_text().replace(str(tiny_llama), str(_garbage_weights(tiny_llama, tmp_path / "m"))))
+    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    assert validated == trained, (validated, trained)
+    assert expected in validated

@@ -89,7 +89,8 @@ def _absent_paths(resolved, missing: list[str]) -> list[tuple[str, str]]:
             absent.append((key, (f"{key} {value} does not exist here (a relative path is resolved against the "
                                  "recipe's directory); train would stop at it.")))
     adapters = [key for key, _ in fused] + ["adapter.source_adapter"]
-    return absent + [(next((k for k in adapters if k in m), "adapter"), f"{m} Train would stop at it.") for m in missing]
+    return absent + [(next((key for key in adapters if key in m), "adapter"), f"{m} Train would stop at it.")
+                     for m in missing]
 
 
 @app.command()
