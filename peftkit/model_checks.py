@@ -7,8 +7,7 @@ Not checked here, since they need more than that: the weights' fit to config.jso
 (its rows, their lengths and the steps they make: warmup, evaluation and checkpoint intervals, and with
 training.epochs the method's own checks of the run, AdaLoRA's schedule; eval.max_new_tokens within a learned position
 table), data.packing's test of the model's attention (it compares logits), what depends on the device (flash
-attention, bfloat16 support, fp16 gradients, whether the estimate fits) and the tied output head that bitsandbytes
-cannot quantize (`modeling.load_model`).
+attention, bfloat16 support, fp16 gradients, whether the estimate fits).
 """
 
 from __future__ import annotations
@@ -102,11 +101,13 @@ def _quantize(model, cfg: Recipe) -> None:
     import torch
     from transformers.quantizers import AutoHfQuantizer
 
-    from peftkit.modeling import bnb_config
+    from peftkit.modeling import bnb_config, refuse_quantized_tied_head
 
     quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.quantization))
     with torch.device("meta"):
         quantizer.preprocess_model(model, dtype=next(model.parameters()).dtype, device_map={"": "cpu"})
+    model.tie_weights()  # as from_pretrained ties them once loaded (a swapped output head holds its own weight till then)
+    refuse_quantized_tied_head(model, cfg.quantization)
 
 
 def _classes(cfg: Recipe):

@@ -424,7 +424,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         loading_info = _expected_for_new_head(model, loading_info, cfg)
     _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is not None:
-        _refuse_quantized_tied_head(model, quant)
+        refuse_quantized_tied_head(model, quant)
     if quant is not None and quant.method != "int8" and saved is not None:
         # A checkpoint saved 4-bit loads with the compute dtype its config.json records: the recipe's is set here.
         from peftkit.methods.base import is_quantized
@@ -529,7 +529,7 @@ def _check_weights_fit(model: nn.Module, loading_info: dict, source: str) -> Non
     )
 
 
-def _refuse_quantized_tied_head(model: nn.Module, quant: QuantizationConfig) -> None:
+def refuse_quantized_tied_head(model: nn.Module, quant: QuantizationConfig) -> None:
     """An output head that shares its weight with the embeddings (Qwen2's small models, Gemma, GPT-2) cannot be
     quantized: transformers swaps in a bitsandbytes layer that still holds the embeddings' float matrix, and its
     first forward fails inside bitsandbytes (a bare AssertionError for 4-bit, an AttributeError for int8)."""

@@ -175,3 +175,20 @@ def test_validate_makes_the_method_s_checks_of_the_run(sections, expected, tiny_
     validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
     assert validated == trained, (validated, trained)
     assert expected in validated
+
+
+def test_validate_refuses_a_quantized_tied_head_as_train(number_data, tmp_path, monkeypatch, capsys):
+    """An output head tied to the embeddings (Qwen2's small models) left out of quantization.skip_modules: train refused
+    it once the quantized model had loaded; validate ties its empty quantized model's weights as from_pretrained does,
+    and says it in train's words."""
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "qwen2", arch="qwen2", hidden_size=32, num_layers=2, seed=0)
+    capsys.readouterr()  # (transformers' progress bar of saving it)
+    sections = {"quantization": {"method": "nf4", "skip_modules": []}}
+    trained = _said(cli_user_error(monkeypatch, capsys, "train",
+                                   str(make_recipe(tmp_path / "r", tmp_path / "qwen2", number_data, **sections))))
+    recipe = make_recipe(tmp_path, _garbage_weights(tmp_path / "qwen2", tmp_path / "model"), number_data, **sections)
+    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    assert validated == trained, (validated, trained)
+    assert "quantization.skip_modules [] leaves out lm_head, the output head, and this model ties it" in validated
