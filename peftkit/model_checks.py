@@ -68,7 +68,7 @@ def check_model(cfg: Recipe) -> str:
         check_quantization_section(config, cfg.model, cfg.quantization)
         if cfg.quantization is not None:
             check_prequantized(config, cfg.quantization, cfg.model.name_or_path)
-        tok = load_tokenizer(cfg.model)
+        tok = load_tokenizer(cfg.model, cfg.data.chat_template)
         if cfg.data.format == "chat":
             check_chat_tokenizer(tok)
         if cfg.classification:  # the head's size: the classes, as train reads them

@@ -80,6 +80,22 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
         (trained, validated)
 
 
+def test_validate_gives_the_tokenizer_the_recipes_chat_template(tiny_llama, tmp_path, monkeypatch, capsys):
+    """data.chat_template on a base whose tokenizer has none: train renders the chat rows with it, so validate's
+    tokenizer check must see it too, not refuse the tokenizer as template-less."""
+    from peftkit.cli import main
+
+    model = _garbage_weights(tiny_llama, tmp_path / "model")
+    (model / "chat_template.jinja").unlink()
+    (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
+                                         '{"role": "assistant", "content": "ho"}]}\n')
+    recipe = make_recipe(tmp_path / "r", model, {"train": tmp_path / "chat.jsonl", "eval": tmp_path / "chat.jsonl"},
+                         data={"format": "chat", "eval": None, "chat_template": "chatml"})
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+    main()  # (no SystemExit: valid)
+    assert "# model checks (no weight read): LoRA r=4" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("task", ["causal_lm", "classifier"])
 def test_validate_counts_the_trainable_parameters_train_counts(task, tiny_llama, number_data, tmp_path, monkeypatch,
                                                                capsys):
