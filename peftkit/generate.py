@@ -1,11 +1,12 @@
 """Text generation: `peftkit generate` (given prompts, or the prompts of a dataset's rows) and the decoding
 that `peftkit chat` shares.
 
-Greedy by default (`temperature: 0`); sampling with a temperature and top-p is seeded. Decoding goes through
-transformers' `generate` with its KV cache, batched with left padding (the attention mask then keeps the pads
-out of attention, and the position ids start at each prompt's first real token); it stops at the tokenizer's
-EOS or the model's own end-of-turn tokens. The test reference is cache-free greedy decoding — one full forward
-of the whole sequence per new token — which `peftkit generate` must match token for token, batched or not.
+Greedy by default (`temperature: 0`); sampling with a temperature (and top-p, top-k, min-p cuts) is seeded.
+Decoding goes through transformers' `generate` with its KV cache, batched with left padding (the attention mask
+then keeps the pads out of attention, and the position ids start at each prompt's first real token); it stops at
+the tokenizer's EOS or the model's own end-of-turn tokens. The test reference is cache-free greedy decoding — one
+full forward of the whole sequence per new token — which `peftkit generate` must match token for token, batched or
+not.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Sampling:
     top_p: float = 1.0
     """Sample only from the smallest set of tokens whose probabilities add up to top_p."""
     seed: int = 0
+    top_k: int = 0
+    """Sample only from the top_k most likely tokens; 0: no cut."""
+    min_p: float = 0.0
+    """Sample only from tokens at least min_p times as likely as the most likely one (transformers' min_p); 0: no
+    cut."""
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -56,13 +62,27 @@ class Sampling:
                                f"decoding, or at least {MIN_TEMPERATURE:g}.")
         if not (0 < self.top_p <= 1):
             raise PeftkitError(f"--top-p {self.top_p}: must be in (0, 1] (1 = no cut).")
+        if self.top_k < 0:
+            raise PeftkitError(f"--top-k {self.top_k}: must be an integer >= 0 (0 = no cut).")
+        if not (0 <= self.min_p <= 1):
+            raise PeftkitError(f"--min-p {self.min_p}: must be in [0, 1] (0 = no cut).")
         if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
             raise PeftkitError(f"--seed {self.seed}: must be an integer from -2**63 to 2**64 - 1.")
-        ignored = [f for f, given in (("--top-p", self.top_p != 1), ("--seed", self.seed != 0)) if given]
+        ignored = [f for f, given in (("--top-p", self.top_p != 1), ("--top-k", self.top_k != 0),
+                                      ("--min-p", self.min_p != 0), ("--seed", self.seed != 0)) if given]
         if self.temperature == 0 and ignored:
-            warnings.warn(f"{' and '.join(ignored)} {'change' if len(ignored) > 1 else 'changes'} nothing under greedy "
-                          "decoding (--temperature 0, the default); add --temperature, e.g. 0.7, to sample.",
+            named = ", ".join(ignored[:-1]) + " and " + ignored[-1] if len(ignored) > 1 else ignored[0]
+            warnings.warn(f"{named} {'change' if len(ignored) > 1 else 'changes'} nothing under greedy decoding "
+                          "(--temperature 0, the default); add --temperature, e.g. 0.7, to sample.",
                           PeftkitWarning, stacklevel=2)
+
+    def options(self) -> dict:
+        """The GenerationConfig fields these settings give (none set to its off value, so that the defaults decode
+        as transformers' own defaults do)."""
+        if self.temperature == 0:
+            return {}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} | (
+            {"min_p": self.min_p} if self.min_p else {})
 
 
 def stop_token_ids(model: nn.Module, tok) -> list[int]:
@@ -116,10 +136,8 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     device = next(model.parameters()).device
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    sample = sampling.temperature > 0
-    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sample, pad_token_id=pad,
-                              eos_token_id=stops, **({"temperature": sampling.temperature, "top_p": sampling.top_p,
-                                                      "top_k": 0} if sample else {}))
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.temperature > 0,
+                              pad_token_id=pad, eos_token_id=stops, **sampling.options())
     # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front (peftkit.methods.virtual).
     task_ids = torch.tensor(tasks, device=device) if tasks and None not in tasks else None
     inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask, task_ids)

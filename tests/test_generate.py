@@ -98,6 +98,60 @@ def test_sampling_is_seeded(models):  # noqa: F811
     assert runs[0] == runs[1] != runs[2]
 
 
+def transformers_answer(model, tok, text: str, seed: int = 0, **options) -> str:
+    """The reference, built apart from peftkit: transformers' own generate() of the plain model, one prompt unpadded,
+    with these GenerationConfig values and torch seeded with `seed`, cut at the tiny tokenizer's EOS (its one stop)."""
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([tok(text)["input_ids"]])
+    config = GenerationConfig(max_new_tokens=NEW, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
+                              **options)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    new = new[0, ids.shape[1]:].tolist()
+    return tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("flags, options", [
+    ({"top_k": 5}, {"top_k": 5, "top_p": 1.0}),
+    ({"min_p": 0.5}, {"min_p": 0.5, "top_k": 0, "top_p": 1.0}),
+    ({"top_k": 8, "top_p": 0.9, "min_p": 0.1}, {"top_k": 8, "top_p": 0.9, "min_p": 0.1}),
+])
+def test_sampling_cuts_are_transformers_own(flags, options, tiny_llama):
+    """--top-k and --min-p sample as transformers' generate() does with the same GenerationConfig values and seed."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [Prompt(tok(p)["input_ids"], p) for p in PROMPTS]
+    ours = [generate_texts(model, tok, [p], Sampling(NEW, temperature=1.5, seed=3, **flags))[0] for p in prompts]
+    uncut = [generate_texts(model, tok, [p], Sampling(NEW, temperature=1.5, seed=3))[0] for p in prompts]
+    assert ours == [transformers_answer(model, tok, p, 3, do_sample=True, temperature=1.5, **options) for p in PROMPTS]
+    assert ours != uncut  # the cut changed the answers
+
+
+DEFAULTS = ["--temperature", "0", "--top-p", "1", "--top-k", "0", "--min-p", "0", "--seed", "0"]
+
+
+def test_the_decoding_defaults_given_explicitly_change_no_answer(tiny_llama, tmp_path):
+    """`peftkit generate` with every decoding flag at its default gives the greedy answers it gives without them."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    answers = []
+    for flags in ([], DEFAULTS):
+        out = tmp_path / f"{len(flags)}.json"
+        args = ["generate", "--model", str(tiny_llama), *(a for p in PROMPTS for a in ("--prompt", p)),
+                "--max-new-tokens", str(NEW), "--json", str(out), *flags]
+        assert CliRunner().invoke(app, args).exit_code == 0
+        answers.append([r["completion"] for r in json.loads(out.read_text())])
+    greedy = [tok.decode(greedy_no_cache(model, tok(p)["input_ids"], [tok.eos_token_id]), skip_special_tokens=True)
+              for p in PROMPTS]
+    assert answers == [greedy, greedy]
+
+
 @pytest.mark.parametrize("fmt", ["alpaca", "chat"])
 def test_data_prompts_are_the_prompts_training_used(fmt, tiny_llama, tmp_path):
     """The prompt tokens of each row are exactly the masked (no-loss) prefix of its training example."""
@@ -173,6 +227,8 @@ def test_the_printed_prompt_and_completion_are_the_text_itself(tiny_llama, tmp_p
 @pytest.mark.parametrize("flags, said", [
     ({"top_p": 0.9}, "--top-p changes nothing under greedy decoding"),
     ({"top_p": 0.9, "seed": 3}, "--top-p and --seed change nothing under greedy decoding"),
+    ({"top_k": 40}, "--top-k changes nothing under greedy decoding"),
+    ({"min_p": 0.05, "top_k": 40, "seed": 1}, "--top-k, --min-p and --seed change nothing under greedy decoding"),
 ])
 def test_sampling_flags_under_greedy_decoding_are_said_to_do_nothing(flags, said):
     """--top-p and --seed were silently ignored without --temperature; sampling with them says nothing."""
@@ -197,6 +253,12 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
         cli_user_error(monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--temperature", "1e-45"))
     assert "--seed 99999999999999999999: must be an integer from -2**63 to 2**64 - 1." in cli_user_error(
         monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--seed", "99999999999999999999")
+    for command in ("generate", "chat"):
+        for flag, value, said in [("--top-k", "-1", "--top-k -1: must be an integer >= 0 (0 = no cut)."),
+                                  ("--min-p", "1.5", "--min-p 1.5: must be in [0, 1] (0 = no cut)."),
+                                  ("--min-p", "nan", "--min-p nan: must be in [0, 1] (0 = no cut).")]:
+            given = ["--prompt", "x"] if command == "generate" else []
+            assert said in cli_user_error(monkeypatch, capsys, command, "--model", model, *given, flag, value)
     assert "Give --prompt or --data, not both" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--data", str(number_data["eval"]))
     assert "Nothing to generate from" in cli_user_error(monkeypatch, capsys, "generate", "--model", model)

@@ -29,6 +29,10 @@ DataSplit = Annotated[Optional[str], typer.Option("--split", metavar="NAME", hel
 DataRevision = Annotated[Optional[str], typer.Option("--data-revision", metavar="REV", help="With --data naming a hub "
                                                      "dataset: the branch, tag or commit to read (data.revision of "
                                                      "the command line).")]
+TopK = Annotated[int, typer.Option("--top-k", metavar="K", help="Sampling: only the K most likely tokens; 0 (the default): "
+                                   "no cut.")]
+MinP = Annotated[float, typer.Option("--min-p", metavar="P", help="Sampling: only tokens at least P times as likely as the "
+                                     "most likely one, in [0, 1]; 0 (the default): no cut.")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
 
 
