@@ -51,6 +51,9 @@ class Sampling:
     min_p: float = 0.0
     """Sample only from tokens at least min_p times as likely as the most likely one (transformers' min_p); 0: no
     cut."""
+    repetition_penalty: float = 1.0
+    """Above 1, each token the prompt or the answer holds already has its logit divided by it (multiplied, when
+    negative: CTRL's penalty, transformers' repetition_penalty), under greedy decoding too; 1: none."""
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -66,6 +69,9 @@ class Sampling:
             raise PeftkitError(f"--top-k {self.top_k}: must be an integer >= 0 (0 = no cut).")
         if not (0 <= self.min_p <= 1):
             raise PeftkitError(f"--min-p {self.min_p}: must be in [0, 1] (0 = no cut).")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise PeftkitError(f"--repetition-penalty {self.repetition_penalty}: must be a number > 0 (1 = none; "
+                               "above 1 discourages repeating a token, e.g. 1.1).")
         if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
             raise PeftkitError(f"--seed {self.seed}: must be an integer from -2**63 to 2**64 - 1.")
         ignored = [f for f, given in (("--top-p", self.top_p != 1), ("--top-k", self.top_k != 0),
@@ -78,11 +84,12 @@ class Sampling:
 
     def options(self) -> dict:
         """The GenerationConfig fields these settings give (none set to its off value, so that the defaults decode
-        as transformers' own defaults do)."""
+        as transformers' own defaults do). The repetition penalty applies to greedy decoding too."""
+        penalty = {"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1 else {}
         if self.temperature == 0:
-            return {}
+            return penalty
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} | (
-            {"min_p": self.min_p} if self.min_p else {})
+            {"min_p": self.min_p} if self.min_p else {}) | penalty
 
 
 def stop_token_ids(model: nn.Module, tok) -> list[int]:
@@ -142,12 +149,28 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     task_ids = torch.tensor(tasks, device=device) if tasks and None not in tasks else None
     inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask, task_ids)
     with torch.no_grad(), _without_model_defaults(model):
-        out = model.generate(**inputs, generation_config=config, streamer=streamer)
+        out = model.generate(**inputs, generation_config=config, streamer=streamer,
+                             logits_processor=_penalty_past_pads(model, sampling, prompts, width))
     completions = []
     for row in out[:, width:].tolist():
         end = next((i for i, t in enumerate(row) if t in stops), len(row))
         completions.append(row[:end])
     return completions
+
+
+def _penalty_past_pads(model: nn.Module, sampling: Sampling, prompts: list[list[int]], width: int):
+    """transformers' repetition penalty leaves out a left-padded row's pads, counted up to the attention mask's first
+    1; a prompt-family adapter's mask starts with its virtual tokens' ones, so there the pads were penalized as tokens
+    of the prompt: with the EOS as pad (a tokenizer without a pad token), a padded row's answer ran on past where it
+    ends alone. The same processor, told each row's pad count, takes the place of the one transformers makes. None
+    where transformers counts right, no row is padded or there is no penalty."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    pads = [width - len(p) for p in prompts]
+    if sampling.repetition_penalty == 1 or not any(pads) or virtual_tokens(model) is None:
+        return None
+    return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(  # (it moves the counts to the ids' device)
+        sampling.repetition_penalty, prompt_ignore_length=torch.tensor(pads))])
 
 
 @contextmanager

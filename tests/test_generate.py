@@ -129,7 +129,48 @@ def test_sampling_cuts_are_transformers_own(flags, options, tiny_llama):
     assert ours != uncut  # the cut changed the answers
 
 
-DEFAULTS = ["--temperature", "0", "--top-p", "1", "--top-k", "0", "--min-p", "0", "--seed", "0"]
+@pytest.mark.parametrize("flags, options", [
+    ({}, {"do_sample": False}),  # greedy decoding
+    ({"temperature": 1.5, "seed": 3}, {"do_sample": True, "temperature": 1.5, "top_k": 0, "top_p": 1.0}),
+    ({"temperature": 1.5, "seed": 3, "top_k": 8}, {"do_sample": True, "temperature": 1.5, "top_k": 8, "top_p": 1.0}),
+])
+def test_the_repetition_penalty_is_transformers_own(flags, options, tiny_llama):
+    """--repetition-penalty, greedy or sampled, decodes as transformers' generate() with the same values and seed."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [Prompt(tok(p)["input_ids"], p) for p in PROMPTS]
+    ours = [generate_texts(model, tok, [p], Sampling(NEW, repetition_penalty=3.0, **flags))[0] for p in prompts]
+    seed = flags.get("seed", 0)
+    assert ours == [transformers_answer(model, tok, p, seed, repetition_penalty=3.0, **options) for p in PROMPTS]
+    assert ours != [generate_texts(model, tok, [p], Sampling(NEW, **flags))[0] for p in prompts]  # it penalized
+
+
+def test_the_repetition_penalty_leaves_a_padded_row_s_pads_out(tiny_llama):
+    """transformers' penalty finds a row's pads by the attention mask's first 1, which a prompt-family adapter's
+    virtual tokens put in front: it penalized the pads as tokens of the prompt, and with the EOS as pad (a tokenizer
+    without a pad token) a padded row's answer ran on past where it ends alone."""
+    from peftkit.generate import generate_ids
+    from peftkit.methods.prompt_tuning import PromptTuningConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    inject_adapters(model, PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4))
+    random_adapters(model, seed=1, std=0.3)
+    tok.pad_token = tok.eos_token
+    rows = [tok(p)["input_ids"] for p in ("hi", PROMPTS[2])]
+    sampling = Sampling(NEW, repetition_penalty=1.3)
+    first = generate_ids(model, tok, rows[:1], sampling)[0][0]
+    with torch.no_grad():  # the EOS a hair likelier than that first token: alone, "hi" is answered with the EOS
+        head = model.get_output_embeddings().weight
+        head[tok.eos_token_id] = 1.01 * head[first]
+    alone = [generate_ids(model, tok, [row], sampling)[0] for row in rows]
+    assert alone[0] == []
+    assert generate_ids(model, tok, rows, sampling) == alone  # the old code answered "hi" with its first token
+
+
+DEFAULTS = ["--temperature", "0", "--top-p", "1", "--top-k", "0", "--min-p", "0", "--repetition-penalty", "1",
+            "--seed", "0"]
 
 
 def test_the_decoding_defaults_given_explicitly_change_no_answer(tiny_llama, tmp_path):
@@ -256,7 +297,10 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
     for command in ("generate", "chat"):
         for flag, value, said in [("--top-k", "-1", "--top-k -1: must be an integer >= 0 (0 = no cut)."),
                                   ("--min-p", "1.5", "--min-p 1.5: must be in [0, 1] (0 = no cut)."),
-                                  ("--min-p", "nan", "--min-p nan: must be in [0, 1] (0 = no cut).")]:
+                                  ("--min-p", "nan", "--min-p nan: must be in [0, 1] (0 = no cut)."),
+                                  ("--repetition-penalty", "0", "--repetition-penalty 0.0: must be a number > 0 (1 = "
+                                   "none; above 1 discourages repeating a token, e.g. 1.1)."),
+                                  ("--repetition-penalty", "inf", "--repetition-penalty inf: must be a number > 0")]:
             given = ["--prompt", "x"] if command == "generate" else []
             assert said in cli_user_error(monkeypatch, capsys, command, "--model", model, *given, flag, value)
     assert "Give --prompt or --data, not both" in cli_user_error(

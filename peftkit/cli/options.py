@@ -33,6 +33,9 @@ TopK = Annotated[int, typer.Option("--top-k", metavar="K", help="Sampling: only 
                                    "no cut.")]
 MinP = Annotated[float, typer.Option("--min-p", metavar="P", help="Sampling: only tokens at least P times as likely as the "
                                      "most likely one, in [0, 1]; 0 (the default): no cut.")]
+RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", metavar="R", help="Above 1: discourage tokens "
+                                                  "the prompt or the answer holds already (greedy decoding too); 1 "
+                                                  "(the default): none.")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
 
 
