@@ -10,7 +10,7 @@ from torch import nn
 
 from peftkit.data.prompts import chat_prompt
 from peftkit.errors import Terminated, visible
-from peftkit.generate import Sampling, TooLong, check_room, generate_ids, stop_token_ids
+from peftkit.generate import Sampling, TooLong, check_room, cut_at_stop, generate_ids, stop_token_ids
 
 HELP = ("Type a message and press Enter. Ctrl-C stops a reply; /reset starts a new conversation, /exit (or Ctrl-D) "
         "ends.")
@@ -26,10 +26,11 @@ def reply_text(tok, ids: list[int]) -> str:
 
 class _Streamer:
     """Prints the reply's text as its tokens arrive (decoded whole each time, so multi-byte characters and
-    merged word pieces print right), skipping the prompt that `generate` pushes first."""
+    merged word pieces print right), skipping the prompt that `generate` pushes first. Text that may be the start of
+    a stop string (`texts`, --stop) waits for the tokens that tell; a stop string and what follows never print."""
 
-    def __init__(self, tok, write: Callable[[str], None], stops: list[int]) -> None:
-        self.tok, self.write, self.stops = tok, write, set(stops)
+    def __init__(self, tok, write: Callable[[str], None], stops: list[int], texts: tuple[str, ...] = ()) -> None:
+        self.tok, self.write, self.stops, self.texts = tok, write, set(stops), texts
         self.ids: list[int] = []
         self.shown = ""
         self.prompt_seen = False
@@ -43,12 +44,19 @@ class _Streamer:
             self.stopped = self.stopped or token in self.stops
             if not self.stopped:
                 self.ids.append(token)
-        text = reply_text(self.tok, self.ids)
-        if not text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-            self.write(visible(text[len(self.shown):]).replace("\r", ""))  # print() obeys a lone CR
-            self.shown = text
+        self._show(reply_text(self.tok, self.ids), done=False)
+
+    def _show(self, text: str, done: bool) -> None:
+        cut = cut_at_stop(text, self.texts)
+        if not done and len(cut) == len(text):  # the end of the text may begin a stop string: hold it back
+            cut = cut[:len(cut) - max((n for s in self.texts for n in range(1, len(s)) if cut.endswith(s[:n])),
+                                      default=0)]
+        if not cut.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            self.write(visible(cut[len(self.shown):]).replace("\r", ""))  # print() obeys a lone CR
+            self.shown = cut
 
     def end(self) -> None:
+        self._show(reply_text(self.tok, self.ids), done=True)  # what was held back, the reply's end
         self.write("\n")
 
 
@@ -89,9 +97,10 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
             write(f"{e} {fix}\n")
             continue
         write("model> ")
-        streamer = _Streamer(tok, write, stop_token_ids(model, tok))
+        streamer = _Streamer(tok, write, stop_token_ids(model, tok), sampling.stop)
         try:
-            ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task])[0]
+            ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task],
+                               decode=lambda ids: reply_text(tok, ids))[0]
         except Terminated:  # SIGTERM ends the chat, after the half-streamed reply, on its line
             write("\n")
             raise
@@ -99,4 +108,4 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
             messages.pop()
             write(f"\n{STOPPED}\n")
             continue
-        messages.append({"role": "assistant", "content": reply_text(tok, ids)})
+        messages.append({"role": "assistant", "content": cut_at_stop(reply_text(tok, ids), sampling.stop)})

@@ -54,6 +54,8 @@ class Sampling:
     repetition_penalty: float = 1.0
     """Above 1, each token the prompt or the answer holds already has its logit divided by it (multiplied, when
     negative: CTRL's penalty, transformers' repetition_penalty), under greedy decoding too; 1: none."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: an answer ends before the first of them its text holds (greedy decoding too)."""
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -72,6 +74,9 @@ class Sampling:
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise PeftkitError(f"--repetition-penalty {self.repetition_penalty}: must be a number > 0 (1 = none; "
                                "above 1 discourages repeating a token, e.g. 1.1).")
+        if "" in self.stop:
+            raise PeftkitError("--stop '': an empty stop string would end every answer before its first token; give "
+                               "the text to stop at.")
         if not -(2**63) <= self.seed < 2**64:  # torch.manual_seed's range
             raise PeftkitError(f"--seed {self.seed}: must be an integer from -2**63 to 2**64 - 1.")
         ignored = [f for f, given in (("--top-p", self.top_p != 1), ("--top-k", self.top_k != 0),
@@ -126,9 +131,12 @@ def check_room(model: nn.Module, tokens: int, what: str, new_tokens: int = 0, fi
 
 
 def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Sampling, streamer=None,
-                 tasks: list[int | None] | None = None) -> list[list[int]]:
+                 tasks: list[int | None] | None = None,
+                 decode: Callable[[list[int]], str] | None = None) -> list[list[int]]:
     """New token ids for each prompt of one batch (left-padded), each cut before its first stop token. `tasks`:
-    each prompt's task id, for a multitask prompt tuning model (`peftkit.task_ids`; none: task 0)."""
+    each prompt's task id, for a multitask prompt tuning model (`peftkit.task_ids`; none: task 0). With stop
+    strings (`sampling.stop`), a row ends at the token that completes one in its text as `decode` gives it (default:
+    `generate_texts`'), which the caller cuts there (`cut_at_stop`)."""
     from transformers import GenerationConfig
 
     if empty := sum(not p for p in prompts):
@@ -148,14 +156,46 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     # A prompt-family adapter adds its cache of virtual tokens and the mask with them in front (peftkit.methods.virtual).
     task_ids = torch.tensor(tasks, device=device) if tasks and None not in tasks else None
     inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask, task_ids)
+    decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
+    ends = [_StopAtText(sampling.stop, width, set(stops), decode)] if sampling.stop else None
     with torch.no_grad(), _without_model_defaults(model):
         out = model.generate(**inputs, generation_config=config, streamer=streamer,
-                             logits_processor=_penalty_past_pads(model, sampling, prompts, width))
+                             logits_processor=_penalty_past_pads(model, sampling, prompts, width),
+                             stopping_criteria=ends)
     completions = []
     for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        completions.append(row[:end])
+        row = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
+        if sampling.stop:  # a row done at a stop string went on with pads: up to the token that completed it
+            row = row[:next((n for n in range(1, len(row) + 1) if _holds(decode(row[:n]), sampling.stop)), len(row))]
+        completions.append(row)
     return completions
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the first stop string it holds (`Sampling.stop`), without it."""
+    return text[:min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))]
+
+
+def _holds(text: str, stop: tuple[str, ...]) -> bool:
+    return any(s in text for s in stop)
+
+
+class _StopAtText:
+    """A stopping criterion of `generate`: each row is done once the text of its answer holds a stop string.
+    transformers' own `stop_strings` is not used: it matches the string's tokens at the end of the whole sequence,
+    so it stopped an answer whose first tokens complete a string the prompt began (--stop 9P after a prompt ending
+    in 9: the answer 'P'), and it reads the special tokens that decoding skips as text (an answer '`<unk>^m', shown
+    as '`^m', never stopped at '`^m'); and it leaves the stop string in the answer."""
+
+    def __init__(self, stop: tuple[str, ...], width: int, end_tokens: set[int], decode: Callable[[list[int]], str]):
+        self.stop, self.width, self.end_tokens, self.decode = stop, width, end_tokens, decode
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.width:].tolist():  # (a finished row goes on with pads: cut at its end token)
+            row = row[:next((i for i, t in enumerate(row) if t in self.end_tokens), len(row))]
+            done.append(_holds(self.decode(row), self.stop))
+        return torch.tensor(done, device=input_ids.device)
 
 
 def _penalty_past_pads(model: nn.Module, sampling: Sampling, prompts: list[list[int]], width: int):
@@ -240,7 +280,7 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
                     new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
                                        tasks=[prompts[i].task_id for i in batch])
                 for i, ids in zip(batch, new, strict=True):
-                    texts[i] = tok.decode(ids, skip_special_tokens=True)
+                    texts[i] = cut_at_stop(tok.decode(ids, skip_special_tokens=True), sampling.stop)
                 if on_batch:
                     on_batch([prompts[i] for i in batch], [texts[i] for i in batch])
         finally:

@@ -44,6 +44,56 @@ def test_replies_continue_the_conversation_and_reset_forgets_it(tiny_llama):
     assert "(new conversation)" in text
 
 
+def test_the_decoding_options_reply_as_transformers_generate_does(tiny_llama):
+    """A reply sampled with --top-k, --min-p and --repetition-penalty is transformers' generate() of the conversation's
+    prompt with the same GenerationConfig values and seed (the chat command seeds torch once, before the first turn)."""
+    from tests.test_generate import transformers_answer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    sampling = Sampling(NEW, temperature=1.5, seed=5, top_k=8, min_p=0.05, repetition_penalty=1.3)
+    lines = iter(["hi", "/exit"])
+    torch.manual_seed(5)
+    messages = chat_loop(model, tok, sampling, read=lambda _: next(lines), write=lambda _: None)
+    prompt = chat_prompt(tok, messages[:1]).ids
+    assert messages[1]["content"] == transformers_answer(model, tok, prompt, 5, new=NEW, do_sample=True, temperature=1.5,
+                                                         top_k=8, top_p=1.0, min_p=0.05, repetition_penalty=1.3)
+
+
+def test_a_stop_string_ends_the_reply_before_it_on_screen_and_in_the_conversation(tiny_llama):
+    """--stop: the reply shown and kept ends before the stop string, which never prints."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    whole = _expected_reply(model, tok, [{"role": "user", "content": "hi"}])
+    stop = whole[3:5]  # a piece of the greedy reply
+    lines = iter(["hi", "/exit"])
+    shown: list[str] = []
+    messages = chat_loop(model, tok, Sampling(NEW, stop=(stop,)), read=lambda _: next(lines), write=shown.append)
+    assert messages[1]["content"] == whole[:whole.index(stop)] and len(whole[:whole.index(stop)]) >= 3
+    assert f"model> {whole[:whole.index(stop)]}\n" in "".join(shown)
+
+
+def test_text_that_may_begin_a_stop_string_waits_for_the_tokens_that_tell():
+    """The streamer holds back an end of the reply that begins a stop string: shown once it turns out another text
+    (or the reply ends), never when it completes the stop string."""
+    from peftkit.chat import _Streamer
+
+    class Chars:  # a tokenizer of one character a token
+        def decode(self, ids, **kwargs):
+            return "".join(map(chr, ids))
+
+    for stop, shown_after_each, end in [("cd", ["", "a", "ab", "ab", "ab"], "ab\n"),
+                                        ("bx", ["", "a", "a", "abc", "abcd"], "abcd\n")]:
+        shown: list[str] = []
+        streamer = _Streamer(Chars(), shown.append, stops=[], texts=(stop,))
+        streamer.put(torch.tensor([[0]]))  # the prompt
+        for i, char in enumerate("abcd"):
+            streamer.put(torch.tensor([ord(char)]))
+            assert "".join(shown) == shown_after_each[i + 1], (stop, char)
+        streamer.end()
+        assert "".join(shown) == end
+
+
 def test_a_conversation_past_a_learned_position_table_is_refused_and_the_chat_goes_on(tmp_path):
     """GPT-2's positions are a table (here 48): past it the lookup fails. That turn is refused with the reason and
     left out of the history; the next one is answered."""

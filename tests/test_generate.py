@@ -98,13 +98,14 @@ def test_sampling_is_seeded(models):  # noqa: F811
     assert runs[0] == runs[1] != runs[2]
 
 
-def transformers_answer(model, tok, text: str, seed: int = 0, **options) -> str:
-    """The reference, built apart from peftkit: transformers' own generate() of the plain model, one prompt unpadded,
-    with these GenerationConfig values and torch seeded with `seed`, cut at the tiny tokenizer's EOS (its one stop)."""
+def transformers_answer(model, tok, prompt: str | list[int], seed: int = 0, new: int = NEW, **options) -> str:
+    """The reference, built apart from peftkit: transformers' own generate() of the plain model, one prompt (text or
+    ids) unpadded, with these GenerationConfig values and torch seeded with `seed`, cut at the tiny tokenizer's EOS
+    (its one stop)."""
     from transformers import GenerationConfig
 
-    ids = torch.tensor([tok(text)["input_ids"]])
-    config = GenerationConfig(max_new_tokens=NEW, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
+    ids = torch.tensor([tok(prompt)["input_ids"] if isinstance(prompt, str) else prompt])
+    config = GenerationConfig(max_new_tokens=new, pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id],
                               **options)
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -169,8 +170,55 @@ def test_the_repetition_penalty_leaves_a_padded_row_s_pads_out(tiny_llama):
     assert generate_ids(model, tok, rows, sampling) == alone  # the old code answered "hi" with its first token
 
 
+def test_stop_strings_cut_the_answer_before_them(tiny_llama, tmp_path):
+    """--stop: each answer of one padded batch ends before the first stop string its text holds, the string left out,
+    and generation ends at the token that completes it. The greedy answers of the tiny model (20 tokens):
+    '`T`T`T`T`^mq`^mq' (the instruction; `<unk>` tokens between its '`' and 'T' or '^' decode to nothing), 'qqq...'
+    ("hi") and 'P66666V6V6VrPBSVBB6B' (the count)."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.generate import generate_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    greedy = [transformers_answer(model, tok, p, new=20, do_sample=False) for p in PROMPTS]
+    assert greedy[0] == "`T`T`T`T`^mq`^mq" and greedy[2] == "P66666V6V6VrPBSVBB6B"
+    for stop, cut in [(("6V",), ["`T`T`T`T`^mq`^mq", "qqqqqqqqqqqqqqqqqqqq", "P6666"]),
+                      (("`^m", "qqq", "6"), ["`T`T`T`T", "", "P"]),  # '`^m': text that decoding made of '`<unk>^m'
+                      (("9P", "zz"), greedy)]:  # '9P': the count's 9 and the answer's P; the answer holds no 9P
+        out = tmp_path / "gen.json"
+        args = ["generate", "--model", str(tiny_llama), *(a for p in PROMPTS for a in ("--prompt", p)),
+                "--max-new-tokens", "20", "--json", str(out), *(a for s in stop for a in ("--stop", s))]
+        assert CliRunner().invoke(app, args).exit_code == 0
+        assert [r["completion"] for r in json.loads(out.read_text())] == cut
+    ids = generate_ids(model, tok, [tok(p)["input_ids"] for p in PROMPTS], Sampling(20, stop=("6V", "^m")))
+    assert [len(row) for row in ids] == [14, 20, 7]  # '`T`T`<unk>T`<unk>T`<unk>^m', 'qqq...', 'P66666V'
+
+
+def test_data_batches_decode_as_each_prompt_alone(tiny_llama, number_data, tmp_path):
+    """`peftkit generate --data` with a repetition penalty and a stop string: each row of the padded batches answers
+    as transformers' generate() answers its prompt alone, cut before the stop string."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = load_prompts(tok, str(number_data["eval"]), "train", DataConfig(train=str(number_data["eval"])), 6)
+    assert len({len(p.ids) for p in prompts}) > 1  # padded batches
+    alone = [transformers_answer(model, tok, p.ids, repetition_penalty=1.5) for p in prompts]
+    stop = alone[0][2:4]  # a piece of the first answer
+    out = tmp_path / "gen.json"
+    args = ["generate", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--limit", "6",
+            "--batch-size", "4", "--max-new-tokens", str(NEW), "--repetition-penalty", "1.5", "--stop", stop,
+            "--json", str(out)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert [r["completion"] for r in json.loads(out.read_text())] == [a.split(stop)[0] for a in alone]
+
+
 DEFAULTS = ["--temperature", "0", "--top-p", "1", "--top-k", "0", "--min-p", "0", "--repetition-penalty", "1",
-            "--seed", "0"]
+            "--seed", "0"]  # (and no --stop)
 
 
 def test_the_decoding_defaults_given_explicitly_change_no_answer(tiny_llama, tmp_path):
@@ -300,7 +348,9 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
                                   ("--min-p", "nan", "--min-p nan: must be in [0, 1] (0 = no cut)."),
                                   ("--repetition-penalty", "0", "--repetition-penalty 0.0: must be a number > 0 (1 = "
                                    "none; above 1 discourages repeating a token, e.g. 1.1)."),
-                                  ("--repetition-penalty", "inf", "--repetition-penalty inf: must be a number > 0")]:
+                                  ("--repetition-penalty", "inf", "--repetition-penalty inf: must be a number > 0"),
+                                  ("--stop", "", "--stop '': an empty stop string would end every answer before its "
+                                   "first token")]:
             given = ["--prompt", "x"] if command == "generate" else []
             assert said in cli_user_error(monkeypatch, capsys, command, "--model", model, *given, flag, value)
     assert "Give --prompt or --data, not both" in cli_user_error(

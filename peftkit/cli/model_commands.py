@@ -11,9 +11,9 @@ import typer
 
 from peftkit.cli.application import app, console, err_console
 from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, General, Inputs, MinP,
-                                 Overrides, RepetitionPenalty, Task, TopK, TrustRemoteCode, adapter_flags, adapter_path,
-                                 arrow_settings, check_json_out, check_merged, check_not_input, command_inputs, fetched,
-                                 job_inputs, local_path, typed, user_path)
+                                 Overrides, RepetitionPenalty, Stop, Task, TopK, TrustRemoteCode, adapter_flags,
+                                 adapter_path, arrow_settings, check_json_out, check_merged, check_not_input,
+                                 command_inputs, fetched, job_inputs, local_path, typed, user_path)
 from peftkit.errors import PeftkitError, visible
 
 
@@ -281,6 +281,7 @@ def generate(
     top_k: TopK = 0,
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.0,
+    stop: Stop = None,
     seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch (left-padded).")] = 8,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write [{prompt, completion, reference}, ...] here instead "
@@ -311,7 +312,8 @@ def generate(
     single, named = fetched(single, named)
     job = generate_job(recipe, overrides or [], local_path(model) if model else None, single, prompts,
                        local_path(data) if data else None, fmt, chat, limit,
-                       Sampling(max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty),
+                       Sampling(max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
+                                  tuple(typed(t) for t in stop or [])),
                        batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)
     if json_out is not None:  # and what the recipe gives: its data.eval, a run's adapter/
         check_json_out(json_out, "--json", inputs + job_inputs(job), "completions.json")
@@ -348,6 +350,7 @@ def chat(
     top_k: TopK = 0,
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.0,
+    stop: Stop = None,
     seed: Annotated[int, typer.Option(help="Sampling: the seed.")] = 0,
     task: Task = None,
     overrides: Overrides = None,
@@ -365,7 +368,8 @@ def chat(
     from peftkit.inference import model_source
     from peftkit.task_ids import resolve_tasks
 
-    sampling = Sampling(max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
+                        tuple(typed(t) for t in stop or []))
     sampling.check()
     single, named = adapter_flags(adapter or [])
     settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named), task)

@@ -36,6 +36,8 @@ MinP = Annotated[float, typer.Option("--min-p", metavar="P", help="Sampling: onl
 RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", metavar="R", help="Above 1: discourage tokens "
                                                   "the prompt or the answer holds already (greedy decoding too); 1 "
                                                   "(the default): none.")]
+Stop = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End each answer before the first "
+                                                  "TEXT it holds, left out of it (repeatable).")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
 
 
