@@ -97,7 +97,7 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
             write(f"{e} {fix}\n")
             continue
         write("model> ")
-        streamer = _Streamer(tok, write, stop_token_ids(model, tok), sampling.stop)
+        streamer = _Streamer(tok, write, stop_token_ids(model, tok, sampling.stop), sampling.stop)
         try:
             ids = generate_ids(model, tok, [prompt], sampling, streamer=streamer, tasks=[task],
                                decode=lambda ids: reply_text(tok, ids))[0]

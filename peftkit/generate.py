@@ -97,10 +97,12 @@ class Sampling:
             {"min_p": self.min_p} if self.min_p else {}) | penalty
 
 
-def stop_token_ids(model: nn.Module, tok) -> list[int]:
+def stop_token_ids(model: nn.Module, tok, texts: tuple[str, ...] = ()) -> list[int]:
     """The tokenizer's EOS and the model's own end tokens (a chat model's end-of-turn, from generation_config), then
     the token its chat template closes an assistant turn with, where that is another: a base model's config names its
-    EOS only (Llama 3's `<|end_of_text|>`), and a chat fine-tune of it learns to stop at the template's `<|eot_id|>`."""
+    EOS only (Llama 3's `<|end_of_text|>`), and a chat fine-tune of it learns to stop at the template's `<|eot_id|>`.
+    Then the special tokens that stop strings (`texts`, --stop) name: decoding drops them, so `--stop '<|im_end|>'`
+    would never be found in an answer's text."""
     from peftkit.data.examples import turn_end_token
 
     ids = [tok.eos_token_id]
@@ -108,7 +110,9 @@ def stop_token_ids(model: nn.Module, tok) -> list[int]:
     ids += config_eos if isinstance(config_eos, list) else [config_eos]
     stops = sorted({i for i in ids if i is not None})
     turn_end = turn_end_token(tok)
-    return stops + ([turn_end] if turn_end is not None and turn_end not in stops else [])
+    stops += [turn_end] if turn_end is not None and turn_end not in stops else []
+    special = {token.content: i for i, token in getattr(tok, "added_tokens_decoder", {}).items() if token.special}
+    return stops + [special[t] for t in dict.fromkeys(texts) if t in special and special[t] not in stops]
 
 
 class TooLong(PeftkitError):
@@ -145,7 +149,7 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
                            "text.")
     check_room(model, max(len(p) for p in prompts), "longest prompt", sampling.max_new_tokens,
                "Shorten the prompt, or lower max_new_tokens.")
-    stops = stop_token_ids(model, tok)
+    stops = stop_token_ids(model, tok, sampling.stop)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
     width = max(len(p) for p in prompts)
     device = next(model.parameters()).device

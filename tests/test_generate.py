@@ -186,7 +186,8 @@ def test_stop_strings_cut_the_answer_before_them(tiny_llama, tmp_path):
     assert greedy[0] == "`T`T`T`T`^mq`^mq" and greedy[2] == "P66666V6V6VrPBSVBB6B"
     for stop, cut in [(("6V",), ["`T`T`T`T`^mq`^mq", "qqqqqqqqqqqqqqqqqqqq", "P6666"]),
                       (("`^m", "qqq", "6"), ["`T`T`T`T", "", "P"]),  # '`^m': text that decoding made of '`<unk>^m'
-                      (("9P", "zz"), greedy)]:  # '9P': the count's 9 and the answer's P; the answer holds no 9P
+                      (("9P", "zz"), greedy),  # '9P': the count's 9 and the answer's P; the answer holds no 9P
+                      (("<unk>",), ["`T`T`", *greedy[1:]])]:  # a special token, which decoding drops from the text
         out = tmp_path / "gen.json"
         args = ["generate", "--model", str(tiny_llama), *(a for p in PROMPTS for a in ("--prompt", p)),
                 "--max-new-tokens", "20", "--json", str(out), *(a for s in stop for a in ("--stop", s))]
@@ -194,6 +195,7 @@ def test_stop_strings_cut_the_answer_before_them(tiny_llama, tmp_path):
         assert [r["completion"] for r in json.loads(out.read_text())] == cut
     ids = generate_ids(model, tok, [tok(p)["input_ids"] for p in PROMPTS], Sampling(20, stop=("6V", "^m")))
     assert [len(row) for row in ids] == [14, 20, 7]  # '`T`T`<unk>T`<unk>T`<unk>^m', 'qqq...', 'P66666V'
+    assert stop_token_ids(model, tok, ("<unk>", "6V", "<unk>")) == [tok.eos_token_id, tok.unk_token_id]
 
 
 def test_data_batches_decode_as_each_prompt_alone(tiny_llama, number_data, tmp_path):
