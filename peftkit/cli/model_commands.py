@@ -293,7 +293,7 @@ def generate(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Generate completions with a base model, a base + adapter, or a merged model: greedy unless
-    --temperature > 0, stopping at EOS."""
+    --temperature > 0, stopping at EOS (or before a --stop string)."""
     from rich.markup import escape
     from rich.text import Text
 
