@@ -305,6 +305,19 @@ def test_a_tolerance_leaves_the_model_cards_rounded_figures_to_the_metrics(run):
     assert [d for d in verify(run, console=_quiet()).differences if d.startswith("output adapter/README.md: sha256")]
 
 
+def test_a_run_recorded_before_the_model_card_still_verifies(run):
+    """A run made before peftkit wrote adapter/README.md has no card, nor a record of one: its re-run writes one,
+    which is no difference (the card is made from the recipe and metrics, which are compared on their own)."""
+    (run / "adapter" / "README.md").unlink()
+
+    def no_card(manifest):
+        del manifest["outputs_sha256"]["adapter/README.md"]
+        del manifest["examples_sha256"]
+    _edit_manifest(run, no_card)
+    report = verify(run, console=_quiet())
+    assert report.ok, report.differences
+
+
 def test_a_rerun_that_makes_other_examples_of_the_same_rows_says_so_first(run, monkeypatch):
     """As a transformers or peftkit upgrade that tokenizes otherwise would: the data files and the base are the same,
     the examples are not (manifest.json's examples_sha256), and the report says that first, as the cause of the
