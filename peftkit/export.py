@@ -41,7 +41,8 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
                          trust_remote_code=cfg.model.trust_remote_code,
                          labels=list(labels.names) if labels is not None else None,
                          rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype)
-            atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {}).encode())
+            atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {},
+                                                            len(labels.names) if labels is not None else None).encode())
             if cfg.data.chat_template is not None:  # the template it was trained with, which its base's tokenizer lacks
                 atomic_write_bytes(tmp / ADAPTER_TEMPLATE, tok.chat_template.encode())
         exported.append(out / "adapter")

@@ -23,9 +23,10 @@ PEFTKIT_ONLY = {"BOTTLENECK", "ADAPTER_FUSION"}
 """peft_types peft does not read: their cards show peftkit's way of loading them only."""
 
 
-def model_card(cfg: Recipe, peft_type: str, metrics: dict) -> str:
+def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | None = None) -> str:
     """The card's text. `metrics`: the run's evaluations as the manifest names them (`base_eval_loss`, `eval_loss`,
-    `eval_perplexity`, `eval_<metric>`...), those of the exported adapter."""
+    `eval_perplexity`, `eval_<metric>`...), those of the exported adapter. `num_labels`: a classifier's classes as
+    the run found them (model.num_labels, or read from data.train)."""
     base = cfg.model.name_or_path
     hub_base = not Path(base).is_dir()
     task = "text-classification" if cfg.classification else "text-generation"
@@ -37,7 +38,7 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict) -> str:
              f"# {cfg.adapter.method} adapter for `{_shown(base, hub_base)}`", "",
              f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.", ""]
     lines += _results(metrics, cfg.classification)
-    lines += _usage(cfg, peft_type, base, hub_base)
+    lines += _usage(cfg, peft_type, base, hub_base, num_labels or cfg.model.num_labels)
     sections = {"adapter": cfg.adapter.model_dump(mode="json", exclude_none=True),
                 "training": cfg.training.model_dump(mode="json", exclude_defaults=True)}
     lines += ["## Training settings", "", "The recipe's adapter keys, and its training keys that differ from peftkit's "
@@ -71,13 +72,13 @@ def _results(metrics: dict, classifier: bool) -> list[str]:
     return ["## Evaluation", "", "On the recipe's `data.eval`:", "", *table, ""]
 
 
-def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool) -> list[str]:
+def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: int | None) -> list[str]:
     shown = base if hub_base else "PATH/TO/" + Path(base).name
     peftkit = ["```bash", "peftkit generate ADAPTER_DIR --prompt \"...\"    # also: peftkit chat, eval, merge", "```", ""]
     if peft_type in PEFTKIT_ONLY:
         return ["## Use", "", "This method has no peft equivalent: load it with peftkit.", "", *peftkit]
     auto = "AutoModelForSequenceClassification" if cfg.classification else "AutoModelForCausalLM"
-    labels = f", num_labels={cfg.model.num_labels}" if cfg.classification and cfg.model.num_labels else ""
+    labels = f", num_labels={num_labels}" if cfg.classification and num_labels else ""
     q = cfg.quantization
     quantized = [] if q is None else [
         f"It was trained over the base quantized by bitsandbytes ({q.method}"

@@ -79,3 +79,12 @@ def test_a_classifiers_card_has_its_labels_and_accuracy(tiny_llama, number_data,
     assert ModelCard(text).data.to_dict()["pipeline_tag"] == "text-classification"
     assert "num_labels=3" in text and "| accuracy | 0.3000 | 0.9000 |" in text
     assert "perplexity" not in text  # a class has none
+
+
+def test_a_classifier_whose_classes_came_from_its_data_is_loaded_with_their_count(tiny_llama, number_data, tmp_path):
+    """model.num_labels unset: the classes are read from data.train (3 string labels here), and the snippet must say
+    num_labels=3, else transformers makes a 2-class head and peft cannot load the adapter's 3-row one into it."""
+    cfg = _recipe(tmp_path, tiny_llama, number_data)
+    classifier = cfg.model_copy(update={"model": cfg.model.model_copy(update={"task": "sequence_classification"})})
+    text = model_card(classifier, "LORA", {}, num_labels=3)
+    assert "from_pretrained(\"PATH/TO/tiny-llama\", num_labels=3)" in text

@@ -107,6 +107,7 @@ def test_export_loads_in_peft_with_the_same_logits(tmp_path, base, sentiment, me
     assert not any(t.startswith(head_name) for t in config["target_modules"]), "the head is saved whole, not adapted"
     assert f"base_model.model.{head_name}.weight" in load_file(out / "adapter_model.safetensors")
     assert json.loads((out / "peftkit.json").read_text())["labels"] == ["negative", "positive"]
+    assert ", num_labels=2)" in (out / "README.md").read_text()  # the card's snippet: the classes the run found
 
     batch = batch_of(load_tokenizer(recipe.model), TEXTS)
     with torch.no_grad():
