@@ -273,6 +273,14 @@ def test_data_revision_stays_with_the_recipe_s_datasets(tiny_llama, tmp_path):
     assert eval_job(recipe, [], None, "acme/other", None, None, None, None, None).data_cfg.revision is None
     job = generate_job(recipe, [], None, None, [], "acme/other", None, False, None, Sampling(), 8)
     assert job.data_cfg.revision is None
+    # a hub dataset of data.train's list is one of the recipe's datasets: read at data.revision
+    (tmp_path / "local.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    mix = make_recipe(tmp_path / "mix", tiny_llama, {"train": DATASET, "eval": DATASET},
+                      data={"train": [str(tmp_path / "local.jsonl"), DATASET], "eval": str(tmp_path / "local.jsonl"),
+                            "revision": "c" * 40})
+    assert eval_job(mix, [], None, DATASET, None, None, None, None, None).data_cfg.revision == "c" * 40
+    job = generate_job(mix, [], None, None, [], DATASET, None, False, None, Sampling(), 8)
+    assert job.data_cfg.revision == "c" * 40
 
 
 def test_eval_and_generate_read_the_hub_split_and_revision_given_on_the_command_line(tiny_llama, tmp_path, monkeypatch):
