@@ -39,7 +39,7 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | Non
              f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.", ""]
     lines += _results(metrics, cfg.classification)
     lines += _usage(cfg, peft_type, base, hub_base, num_labels or cfg.model.num_labels)
-    sections = {"adapter": cfg.adapter.model_dump(mode="json", exclude_none=True),
+    sections = {"adapter": _named(cfg.adapter.model_dump(mode="json", exclude_none=True)),
                 "training": cfg.training.model_dump(mode="json", exclude_defaults=True)}
     lines += ["## Training settings", "", "The recipe's adapter keys, and its training keys that differ from peftkit's "
               "defaults:",
@@ -50,6 +50,17 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | Non
 def _shown(name: str, hub: bool) -> str:
     """A hub id as it is; a local directory by its name (its full path says nothing on the Hub)."""
     return name if hub else Path(name).name
+
+
+def _named(adapter: dict) -> dict:
+    """The adapter keys with the directories it started from (init_from, fuse, source_adapter) by their names: a
+    local path says nothing on the Hub (a hub id stays as it is)."""
+    def name(path: str) -> str:
+        return Path(path).name if Path(path).is_absolute() else path
+
+    return {key: ([name(v) for v in value] if key == "fuse" and isinstance(value, list) else
+                  name(value) if key in ("init_from", "source_adapter") and isinstance(value, str) else value)
+            for key, value in adapter.items()}
 
 
 def _data(cfg: Recipe) -> str:

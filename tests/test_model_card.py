@@ -88,3 +88,12 @@ def test_a_classifier_whose_classes_came_from_its_data_is_loaded_with_their_coun
     classifier = cfg.model_copy(update={"model": cfg.model.model_copy(update={"task": "sequence_classification"})})
     text = model_card(classifier, "LORA", {}, num_labels=3)
     assert "from_pretrained(\"PATH/TO/tiny-llama\", num_labels=3)" in text
+
+
+def test_the_adapters_a_run_started_from_are_named_not_given_by_their_paths(tiny_llama, number_data, tmp_path):
+    """adapter.init_from (and AdapterFusion's fuse, multitask prompt tuning's source_adapter) hold directories of this
+    machine: the card, made to be pushed, names them as it names the base, by their names."""
+    cfg = _recipe(tmp_path, tiny_llama, number_data)
+    started = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(tmp_path / "sft")})})
+    text = model_card(started, "LORA", {})
+    assert str(tmp_path) not in text and "init_from: sft" in text
