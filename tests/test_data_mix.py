@@ -94,6 +94,23 @@ def test_a_row_is_named_by_its_own_file_and_line_and_skipped_rows_are_counted_ov
     assert "skipped 3 bad rows (a.jsonl 1, b.jsonl 2; data.on_bad_rows: skip)" in describe_stats(stats, mix)[0]
 
 
+def test_skipped_rows_of_a_file_listed_twice_or_of_two_files_of_one_name_are_all_counted(two_files, tmp_path):
+    """A file listed twice (its two halves) counts both halves' bad rows; two files named alike in other directories
+    are told apart. The per-file counts add up to the total."""
+    a, _ = two_files
+    a.write_text("[]\n" + a.read_text() + "[]\n" + a.read_text())  # a bad line in each half
+    twice = DataConfig(train=[{"path": str(a), "split": "train[:50%]"}, {"path": str(a), "split": "train[50%:]"}],
+                       max_length=128, on_bad_rows="skip")
+    _, stats = load_examples(TOK, twice.train, twice.train_split, twice, cache=False)
+    assert "skipped 2 bad rows (a.jsonl 2; data.on_bad_rows: skip)" in describe_stats(stats, twice)[0]
+    other = tmp_path / "other" / "a.jsonl"
+    other.parent.mkdir()
+    shutil.copyfile(a, other)
+    alike = DataConfig(train=[str(a), str(other)], max_length=128, on_bad_rows="skip")
+    _, stats = load_examples(TOK, alike.train, alike.train_split, alike, cache=False)
+    assert f"skipped 4 bad rows ({a} 2, {other} 2; data.on_bad_rows: skip)" in describe_stats(stats, alike)[0]
+
+
 def test_the_cache_keys_the_whole_mix(two_files):
     a, b = two_files
     columns = {"instruction": "question", "output": "answer"}

@@ -50,14 +50,21 @@ def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> 
     from peftkit.data.examples import _problem
 
     found, start = {}, 0
+    names = {path: _short(path) for path, _, _ in where.parts}
+    alike = {name for name in names.values() if list(names.values()).count(name) > 1}  # two files of one name
     for path, count, skipped in where.parts:
         if bad := skipped + sum(_problem(row, cfg.format) is not None for row in rows[start:start + count]):
-            found[path.rsplit("/", 1)[-1] if path.startswith("/") else path] = bad
+            name = path if names[path] in alike else names[path]
+            found[name] = found.get(name, 0) + bad  # (a file listed twice: both its entries' rows)
         start += count
     return found
 
 
+def _short(path: str) -> str:
+    """A file by its name, a hub id as it is."""
+    return path.rsplit("/", 1)[-1] if path.startswith("/") else path
+
+
 def mix_name(cfg: DataConfig) -> str:
     """data.train's list in a message: `data.train (a.jsonl, org/dataset)`."""
-    return "data.train (" + ", ".join(entry.path.rsplit("/", 1)[-1] if entry.path.startswith("/") else entry.path
-                                      for entry in cfg.train_sources()) + ")"
+    return "data.train (" + ", ".join(_short(entry.path) for entry in cfg.train_sources()) + ")"
