@@ -79,7 +79,10 @@ def _results(metrics: dict, classifier: bool) -> list[str]:
     rows = [row for row in metrics_rows(metrics, classifier) if row[1] or row[2]]
     if not rows:
         return []
-    table = ["| | base model | fine-tuned |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if not any(base for _, base, _ in rows):  # eval.base_model: false: the fine-tuned model's only
+        table = ["| | fine-tuned |", "| --- | --- |"] + [f"| {a} | {c} |" for a, _, c in rows]
+    else:
+        table = ["| | base model | fine-tuned |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return ["## Evaluation", "", "On the recipe's `data.eval`:", "", *table, ""]
 
 

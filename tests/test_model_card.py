@@ -97,3 +97,9 @@ def test_the_adapters_a_run_started_from_are_named_not_given_by_their_paths(tiny
     started = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"init_from": str(tmp_path / "sft")})})
     text = model_card(started, "LORA", {})
     assert str(tmp_path) not in text and "init_from: sft" in text
+
+
+def test_without_the_base_model_s_evaluation_the_table_has_no_empty_column(tiny_llama, number_data, tmp_path):
+    """eval.base_model: false evaluates the fine-tuned model only: an empty base column read as results missing."""
+    text = model_card(_recipe(tmp_path, tiny_llama, number_data), "LORA", {"eval_loss": 0.5, "eval_perplexity": 1.6487})
+    assert "| | fine-tuned |\n| --- | --- |\n| eval loss | 0.5000 |\n| eval perplexity | 1.6487 |" in text
