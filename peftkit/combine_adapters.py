@@ -157,6 +157,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
 
     combination.check(len(adapter_dirs))
     sources = read_sources(adapter_dirs, trust_remote_code)
+    template = _common_template(adapter_dirs)
     name, revision = check_same_base(sources, base)
     check_combinable(combination, sources, into_base)
     protected = {"base model": name} | {f"adapter {i + 1}": d for i, d in enumerate(adapter_dirs)}
@@ -171,7 +172,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     if uses_full_updates(combination, sources, into_base):
         updates = combined_updates(combination, sources, model, base_state)
         merged = base_state | {f"{m}.weight": base_state[f"{m}.weight"].float() + d for m, d in updates.items()}
-        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite)
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite, template)
         return Path(output_dir)
     layers = combine_layers(combination, sources, model, base_state)
     rank = output_rank(combination, sources)
@@ -179,9 +180,9 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     if into_base:
         cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=list(layers))
         merged = merge_state_dict(base_state, state, cfg, plain_conv1d_modules(loaded), dtype=torch.float32)
-        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite)
+        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite, template)
     else:
-        _write_adapter(output_dir, state, config, sources[0], overwrite)
+        _write_adapter(output_dir, state, config, sources[0], overwrite, template)
     return Path(output_dir)
 
 
@@ -199,11 +200,30 @@ def _load_base(name: str, revision: str | None, quant, device: torch.device, tru
     return load_model(cfg, quant, device)
 
 
+def _common_template(adapter_dirs: list[str]) -> str | None:
+    """The chat template the adapters carry (chat_template.jinja: runs with data.chat_template), where they all carry
+    the same one; else None, warned about where only some have one or theirs differ."""
+    import warnings
+
+    from peftkit.data.chat_templates import ADAPTER_TEMPLATE, adapter_template
+    from peftkit.errors import PeftkitWarning
+
+    templates = {adapter_template(d) for d in adapter_dirs}
+    if len(templates) > 1:
+        warnings.warn(PeftkitWarning(f"the adapters' chat templates ({ADAPTER_TEMPLATE}, which a run with "
+                                     "data.chat_template trained with) are not all the same, so the output carries "
+                                     "none: the base tokenizer's own applies to it. Copy the one to use into it."),
+                      stacklevel=3)
+        return None
+    return templates.pop()
+
+
 def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict, first: Source,
-                   replace: bool) -> None:
+                   replace: bool, template: str | None = None) -> None:
     """The combined adapter, atomically as a directory (`replace`: an output there by then, as `save_merged`); its
-    peftkit.json keeps the inputs' quantization."""
-    from peftkit.fileio import atomic_directory
+    peftkit.json keeps the inputs' quantization; `template`, the adapters' chat template, in chat_template.jinja."""
+    from peftkit.data.chat_templates import ADAPTER_TEMPLATE
+    from peftkit.fileio import atomic_directory, atomic_write_bytes
     from peftkit.peft_format import quantized_on, read_meta, save_adapter
 
     if not all(torch.isfinite(t).all() for t in state.values()):
@@ -212,11 +232,15 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
         meta = read_meta(first.path)
         save_adapter(tmp, state, config, first.quant, quantized_on(first.path), meta.trust_remote_code,
                      rope_scaling=meta.rope_scaling, base_dtype=meta.base_dtype)
+        if template is not None:
+            atomic_write_bytes(tmp / ADAPTER_TEMPLATE, template.encode())
 
 
 def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,
-                  dtype: str | None, output_dir: str, trust_remote_code: bool, replace: bool) -> None:
-    """The merged fp32 state as a plain model (+ tokenizer) in `dtype`, with the single-adapter merge's code."""
+                  dtype: str | None, output_dir: str, trust_remote_code: bool, replace: bool,
+                  template: str | None = None) -> None:
+    """The merged fp32 state as a plain model (+ tokenizer, with the adapters' chat `template` where they have one)
+    in `dtype`, with the single-adapter merge's code."""
     from peftkit.merge import (base_provenance, checkpoint_dtype, non_persistent_buffers, plain_model_from_state,
                                save_merged)
     from peftkit.modeling import DTYPES, load_tokenizer
@@ -227,5 +251,6 @@ def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str,
         raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
     model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded),
                                    generation_config=getattr(loaded, "generation_config", None))
-    tok = load_tokenizer(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code))
+    tok = load_tokenizer(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code),
+                         template)
     save_merged(model, tok, output_dir, base_provenance(name, revision, trust_remote_code), replace)

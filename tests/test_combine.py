@@ -165,6 +165,29 @@ def test_into_base_equals_the_combined_adapter(c, llama_adapters, tiny_llama, tm
     assert _diff(_logits(_load(merged)), live) <= TOL
 
 
+def test_adapters_trained_with_one_chat_template_combine_into_an_output_that_has_it(llama_adapters, tmp_path):
+    """Adapters of runs with data.chat_template carry it (chat_template.jinja): the combined adapter, and the merged
+    model's tokenizer, must too, else `peftkit generate`/`chat` prompt them with the base tokenizer's (or none)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peftkit.data.chat_templates import CHATML
+
+    dirs = [str(shutil.copytree(d, tmp_path / Path(d).name)) for d in llama_adapters]
+    for d in dirs:
+        (Path(d) / "chat_template.jinja").write_text(CHATML)
+    c = Combination("linear", (0.7, 0.3))
+    adapter = combine_adapters(dirs, c, str(tmp_path / "combined"))
+    assert (adapter / "chat_template.jinja").read_text() == CHATML
+    merged = combine_adapters(dirs, c, str(tmp_path / "merged"), into_base=True)
+    assert AutoTokenizer.from_pretrained(merged).chat_template == CHATML
+    (Path(dirs[1]) / "chat_template.jinja").unlink()  # trained with another template: none is the output's
+    with pytest.warns(PeftkitWarning, match=r"chat_template.jinja.*not all the same"):
+        adapter = combine_adapters(dirs, c, str(tmp_path / "mixed"))
+    assert not (adapter / "chat_template.jinja").exists()
+
+
 def test_dare_draws_keep_density_and_rescale():
     """DARE keeps each value with probability `density` and divides it by `density`; the seed decides which."""
     task = torch.randn(200, 300)
