@@ -111,6 +111,17 @@ def test_skipped_rows_of_a_file_listed_twice_or_of_two_files_of_one_name_are_all
     assert f"skipped 4 bad rows ({a} 2, {other} 2; data.on_bad_rows: skip)" in describe_stats(stats, alike)[0]
 
 
+def test_a_warning_about_a_row_names_its_entry_s_columns(two_files):
+    """A special token's text in an answer is warned about in the data's words: for a row of an entry with its own
+    columns, that entry's column (data.train[1].columns.output), not data.columns' field the file has not."""
+    a, b = two_files
+    write_jsonl(b, [{"question": "1", "answer": "one </s>"}])
+    mix = DataConfig(train=[str(a), {"path": str(b), "columns": {"instruction": "question", "output": "answer"}}],
+                     max_length=128)
+    _, stats = load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    assert stats["special_text_first"] == f"{b}:1: column 'answer' (data.train[1].columns.output) holds '</s>'"
+
+
 def test_the_cache_keys_the_whole_mix(two_files):
     a, b = two_files
     columns = {"instruction": "question", "output": "answer"}

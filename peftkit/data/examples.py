@@ -14,7 +14,7 @@ from pathlib import Path
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
 from peftkit.data.formats import REQUIRED_FIELDS, SystemPrompt, _row_problem, message_name, sharegpt_words
 from peftkit.data.rows import HUB_ROWS, Locations, row_location
-from peftkit.data.sources import bad_rows_by_dataset, mix_name, read_rows
+from peftkit.data.sources import bad_rows_by_dataset, mix_name, read_rows, row_columns
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -411,10 +411,11 @@ def in_columns(problem: str, columns: dict[str, str], key: str = "data.columns")
     return problem
 
 
-def in_data_words(text: str, row: dict, cfg: DataConfig) -> str:
+def in_data_words(text: str, row: dict, columns: tuple[dict[str, str], str]) -> str:
     """`text` about a row (a warning's "field 'output' holds '</s>'") naming its fields and messages as the data
-    does, as a bad row's error does: a column data.columns reads a field from, a ShareGPT row's conversations."""
-    return in_columns(sharegpt_words(text, row), cfg.columns)
+    does, as a bad row's error does: a column its `columns` (and their key: `row_columns`) read a field from, a
+    ShareGPT row's conversations."""
+    return in_columns(sharegpt_words(text, row), *columns)
 
 
 def needed_fields(cfg: DataConfig) -> str:
@@ -465,11 +466,11 @@ def count_examples(
             if row is not None and (found := special_tokens_in(tok, row, cfg.format, _body(built, lead))):
                 stats["special_text_rows"] += 1
                 stats["special_text_first"] = stats["special_text_first"] or \
-                    f"{built.where}: {in_data_words(found, row, cfg)}"
+                    f"{built.where}: {in_data_words(found, row, row_columns(cfg, line_numbers, built.index))}"
             if row is not None and cfg.format == "chat" and (left := left_out(tok, row)):
                 stats["dropped_message_rows"] += 1
                 stats["dropped_message_first"] = stats["dropped_message_first"] or \
-                    f"{built.where}: {in_data_words(left, row, cfg)}"
+                    f"{built.where}: {in_data_words(left, row, row_columns(cfg, line_numbers, built.index))}"
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)

@@ -44,6 +44,20 @@ def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: li
             usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key)
 
 
+def row_columns(cfg: DataConfig, where: list | None, index: int) -> tuple[dict[str, str], str]:
+    """The columns row `index` had its fields read from, and their key: its list entry's own (data.train[1].columns)
+    for a row of a mix (`where`: `Locations`) whose entry gives them, else data.columns."""
+    if isinstance(where, Locations) and isinstance(cfg.train, list):
+        start = 0
+        for i, (_, count, _) in enumerate(where.parts):
+            if index < start + count:
+                if (own := getattr(cfg.train[i], "columns", None)) is not None:
+                    return own, f"data.train[{i}].columns"
+                break
+            start += count
+    return cfg.columns, "data.columns"
+
+
 def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> dict[str, int]:
     """{dataset: rows skipped under data.on_bad_rows: skip} of a mix's datasets that had any: its unreadable lines
     and its rows without data.format's fields."""
