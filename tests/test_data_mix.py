@@ -223,6 +223,21 @@ def test_an_empty_list_is_a_recipe_error(tiny_llama, number_data, tmp_path, monk
                                     "more.") in err
 
 
+def test_one_mapping_for_data_train_or_a_list_for_data_eval_is_one_clear_problem(tiny_llama, number_data, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """`data.train: {path: ...}` (an entry not in a list) said two problems, 'must be a valid string' and 'must be a
+    valid list'; `data.eval: [...]` 'must be a valid string'. Each is now one problem saying what the key takes."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"train": {"path": str(number_data["train"])}})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert "(1 problem)" in err and ("'data.train' = dict: must be a path or hub id, or a list of datasets (each a "
+                                     "path or hub id or {path: ..., split: ..., columns: {...}}); one dataset's {path: "
+                                     "...} is a list of one: put '- ' before it.") in err, err
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"eval": [str(number_data["eval"])]})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert ("'data.eval' = list: must be one path or hub id (data.eval is one dataset; a list of datasets is "
+            "data.train's).") in err, err
+
+
 def test_validate_warns_of_a_missing_file_of_the_list(tiny_llama, number_data, tmp_path, capsys):
     from typer.testing import CliRunner
 

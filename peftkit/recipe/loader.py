@@ -277,6 +277,9 @@ _UNION_HINTS = {
     ("adapter", "target_modules"): "must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}",
     ("training", "max_steps"): "must be a positive integer, or null to train for `epochs`",
     ("data", "train", "[i]"): "must be a path or hub id, or {path: ..., split: ..., columns: {...}}",
+    ("data", "train"): ("must be a path or hub id, or a list of datasets (each a path or hub id or {path: ..., split: "
+                        "..., columns: {...}}); one dataset's {path: ...} is a list of one: put '- ' before it"),
+    ("data", "eval"): "must be one path or hub id (data.eval is one dataset; a list of datasets is data.train's)",
 }
 
 # Names other tools use for our keys: a user coming from peft/axolotl/transformers gets pointed at ours.
@@ -429,6 +432,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     except ValidationError as e:
         errors = _drop_misspelled(_most_specific([(_data_loc(err["loc"], data), err) for err in e.errors()]), data)
         problems += [format_validation_error(err, data, path, lines, overridden) for _, err in errors]
+        problems = list(dict.fromkeys(problems))  # (the branches of a union given a hint say it once)
     if problems:  # in the file's order; --set and file-wide ones after
         at = re.compile(re.escape(str(path)) + r":(\d+)")
         raise _invalid(sorted(problems, key=lambda m: int(n[1]) if (n := at.match(m)) else math.inf)) from None
