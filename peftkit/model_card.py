@@ -93,12 +93,18 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: i
         return ["## Use", "", "This method has no peft equivalent: load it with peftkit.", "", *peftkit]
     auto = "AutoModelForSequenceClassification" if cfg.classification else "AutoModelForCausalLM"
     labels = f", num_labels={num_labels}" if cfg.classification and num_labels else ""
+    # A hub base at the commit the run loaded (the recipe's revision, resolved at export): main may have moved on.
+    revision = f", revision=\"{cfg.model.revision}\"" if hub_base and cfg.model.revision else ""
+    template = [] if cfg.data.chat_template is None else [
+        "It was trained with the chat template in `chat_template.jinja` beside it (`data.chat_template`), which the "
+        "base's tokenizer lacks or differs from: give it to the tokenizer (`tokenizer.chat_template = "
+        "open(\"chat_template.jinja\").read()`; vLLM: `--chat-template chat_template.jinja`).", ""]
     q = cfg.quantization
     quantized = [] if q is None else [
         f"It was trained over the base quantized by bitsandbytes ({q.method}"
         + (", double quantization" if q.double_quant and q.method != "int8" else "")
         + "); load the base so for the numbers above (`peftkit generate`, `eval` and `merge` do).", ""]
-    return ["## Use", "", *quantized, "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
-            f"base = {auto}.from_pretrained(\"{shown}\"{labels})",
+    return ["## Use", "", *quantized, *template, "```python", "from peft import PeftModel",
+            f"from transformers import {auto}", "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})",
             "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")  # this directory, or its hub id", "```", "",
             "or with peftkit:", "", *peftkit]

@@ -53,6 +53,8 @@ def test_a_hub_base_is_the_cards_base_model(tiny_llama, number_data, tmp_path):
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
     assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M" in meta["tags"]
     assert 'from_pretrained("HuggingFaceTB/SmolLM2-135M")' in text
+    pinned = hub.model_copy(update={"model": hub.model.model_copy(update={"revision": "a" * 40})})
+    assert f'from_pretrained("HuggingFaceTB/SmolLM2-135M", revision="{"a" * 40}")' in model_card(pinned, "LORA", {})
     assert "## Evaluation" not in text  # a run without data.eval has no table
 
 
@@ -103,3 +105,9 @@ def test_without_the_base_model_s_evaluation_the_table_has_no_empty_column(tiny_
     """eval.base_model: false evaluates the fine-tuned model only: an empty base column read as results missing."""
     text = model_card(_recipe(tmp_path, tiny_llama, number_data), "LORA", {"eval_loss": 0.5, "eval_perplexity": 1.6487})
     assert "| | fine-tuned |\n| --- | --- |\n| eval loss | 0.5000 |\n| eval perplexity | 1.6487 |" in text
+
+
+def test_a_card_of_a_run_with_a_chat_template_says_to_use_it(tiny_llama, number_data, tmp_path):
+    cfg = _recipe(tmp_path, tiny_llama, number_data, data={"format": "chat", "chat_template": "chatml"})
+    assert "trained with the chat template in `chat_template.jinja` beside it" in model_card(cfg, "LORA", {})
+    assert "chat_template.jinja" not in model_card(_recipe(tmp_path / "p", tiny_llama, number_data), "LORA", {})
