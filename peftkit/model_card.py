@@ -99,12 +99,17 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: i
         "It was trained with the chat template in `chat_template.jinja` beside it (`data.chat_template`), which the "
         "base's tokenizer lacks or differs from: give it to the tokenizer (`tokenizer.chat_template = "
         "open(\"chat_template.jinja\").read()`; vLLM: `--chat-template chat_template.jinja`).", ""]
+    rope = cfg.model.rope_scaling
+    scaled = [] if rope is None else [
+        f"It was trained with the base's RoPE scaled (`model.rope_scaling`: {rope.type}, factor {rope.factor:g}); "
+        "load the base so (in its config's `rope_parameters`) for its longer context and the numbers above "
+        "(`peftkit generate`, `eval` and `merge` do).", ""]
     q = cfg.quantization
     quantized = [] if q is None else [
         f"It was trained over the base quantized by bitsandbytes ({q.method}"
         + (", double quantization" if q.double_quant and q.method != "int8" else "")
         + "); load the base so for the numbers above (`peftkit generate`, `eval` and `merge` do).", ""]
-    return ["## Use", "", *quantized, *template, "```python", "from peft import PeftModel",
+    return ["## Use", "", *quantized, *scaled, *template, "```python", "from peft import PeftModel",
             f"from transformers import {auto}", "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})",
             "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")  # this directory, or its hub id", "```", "",
             "or with peftkit:", "", *peftkit]

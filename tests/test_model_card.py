@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from peftkit.model_card import model_card
-from peftkit.recipe import load_recipe
+from peftkit.recipe import RopeScalingConfig, load_recipe
 from peftkit.train import train
 from tests.conftest import make_recipe
 
@@ -111,3 +111,10 @@ def test_a_card_of_a_run_with_a_chat_template_says_to_use_it(tiny_llama, number_
     cfg = _recipe(tmp_path, tiny_llama, number_data, data={"format": "chat", "chat_template": "chatml"})
     assert "trained with the chat template in `chat_template.jinja` beside it" in model_card(cfg, "LORA", {})
     assert "chat_template.jinja" not in model_card(_recipe(tmp_path / "p", tiny_llama, number_data), "LORA", {})
+
+
+def test_a_card_of_a_run_with_rope_scaling_says_so(tiny_llama, number_data, tmp_path):
+    cfg = _recipe(tmp_path, tiny_llama, number_data)
+    rope = RopeScalingConfig(type="linear", factor=2)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"rope_scaling": rope})})
+    assert "the base's RoPE scaled (`model.rope_scaling`: linear, factor 2)" in model_card(cfg, "LORA", {})
