@@ -240,9 +240,9 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         if not data and Path(source).is_absolute() and not Path(source).exists():  # a moved project, a copied run
             raise PeftkitError(f"data.eval {source} of {recipe} is not there: moved or deleted since? Give the data "
                                "with --data FILE.")
-        # data.revision is the recipe's datasets' revision, not another dataset's given with --data
-        ours = [path for _, path, _ in cfg.data.sources()]  # (each dataset of data.train's list too)
-        own = cfg.data if data in (None, *ours) else cfg.data.model_copy(update={"revision": None})
+        # data.revision is the recipe's datasets' revision, not another dataset's given with --data; a dataset of
+        # data.train's list is read with its own columns
+        own = cfg.data if data is None else cfg.data.reading(data)
         job = EvalJob(data=source, data_cfg=own, split=cfg.data.eval_split if not data else "train",
                       source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size, untasked=0 if data in (None, cfg.data.eval) else None)

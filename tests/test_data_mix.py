@@ -316,3 +316,28 @@ def test_a_hub_dataset_in_a_mix_records_its_rows_and_commit(hub_dataset, tiny_ll
     (tmp_path / "run" / "manifest.json").unlink()
     with pytest.raises(PeftkitError, match=r"^--resume: data.train\[1\]: the rows read from the hub changed since"):
         train(load_recipe(recipe), resume=True, console=_quiet())
+
+
+def test_eval_and_generate_data_of_a_list_entry_read_it_with_its_own_columns(two_files, tiny_llama, tmp_path,
+                                                                              monkeypatch, capsys):
+    """`peftkit eval|generate RECIPE --data FILE` where FILE is a dataset of data.train's list with its own columns:
+    its rows are read through those (they were read with data.columns, which names none of its fields), the file
+    named however the command line writes it."""
+    from peftkit.cli import main
+
+    a, b = two_files
+    rows = [json.loads(line) for line in b.read_text().splitlines()]
+    b.write_text("".join(json.dumps({"instruction": "Write the number in words.", **r}) + "\n" for r in rows))
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": a}, data={
+        "train": [str(a), {"path": str(b), "columns": {"input": "question", "output": "answer"}}]})
+    monkeypatch.chdir(tmp_path)
+    for command in (["eval", str(recipe), "--model", str(tiny_llama), "--data", "b.jsonl", "--json", "-"],
+                    ["generate", str(recipe), "--model", str(tiny_llama), "--data", "./b.jsonl", "--limit", "2",
+                     "--max-new-tokens", "2"]):
+        monkeypatch.setattr("sys.argv", ["peftkit", *command])
+        main()
+        out = capsys.readouterr().out
+        assert out.strip(), command
+    cfg = load_recipe(recipe).data
+    assert cfg.reading("b.jsonl").columns == {"input": "question", "output": "answer"}
+    assert cfg.reading(str(a)).columns == {} and cfg.reading(str(a)).revision is None

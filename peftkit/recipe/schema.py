@@ -196,6 +196,18 @@ class DataConfig(Section):
                                               "columns": self.columns if entry.columns is None else entry.columns})
                 for entry in entries]
 
+    def reading(self, source: str) -> DataConfig:
+        """This section as a command reads `source` (`eval`/`generate --data`): data.revision is the recipe's
+        datasets', so another dataset is read without it; a dataset of data.train's list is read with its own
+        columns. A local path matches as the same file, however it is written."""
+        def same(path: str) -> bool:
+            return path == source or (not is_hub_dataset(path) and Path(path).resolve() == Path(source).resolve())
+
+        if not any(same(path) for _, path, _ in self.sources()):
+            return self.model_copy(update={"revision": None})
+        entry = next((e for e in self.train_sources() if same(e.path)), None)
+        return self.model_copy(update={"columns": entry.columns}) if entry is not None else self
+
     def sources(self) -> list[tuple[str, str, str]]:
         """(key, path or hub id, split) of each dataset the recipe reads: `train` (one path), or `train[0]`,
         `train[1]`, ... (a list), and `eval`. The keys name the datasets in a run's records (data_sha256)."""
