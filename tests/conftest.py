@@ -79,6 +79,13 @@ def number_data(tmp_path_factory) -> dict[str, Path]:
     return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
 
 
+def load_fp32(path: Path) -> torch.nn.Module:
+    """A causal LM from `path` in float32, in eval mode (no dropout): what the layer-by-layer comparisons load."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def make_recipe(tmp_path: Path, model: Path, files: dict[str, Path], **sections) -> Path:
     """Write a small, fast recipe to tmp_path/recipe.yaml; `sections` update its sections."""
     import yaml

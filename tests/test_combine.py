@@ -13,7 +13,6 @@ import torch
 from peft import PeftModel
 from peft.utils import merge_utils
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import adapter_state_dict, inject_adapters
 from peftkit.combine import combine_tensors
@@ -26,6 +25,7 @@ from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.peft_format import peft_config, save_adapter
 from tests.conftest import cli_user_error, random_adapters
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
 TOL = 1e-4  # max abs logit difference, fp32
@@ -33,10 +33,6 @@ LLAMA_TARGETS = ["embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_p
 # The non-DARE type that injects the same adapter as each DARE type: run first, it leaves torch's RNG where
 # peft's DARE draws start (peft's injection draws the new adapter's init from the same RNG).
 TWIN = {"dare_linear": "linear", "dare_ties": "ties", "dare_linear_svd": "svd", "dare_ties_svd": "ties_svd"}
-
-
-def _load(path: Path) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _logits(model: nn.Module) -> torch.Tensor:

@@ -16,21 +16,17 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.hra.layer import HRALinear
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.merge import merge_adapter
 from peftkit.methods.hra import Hra, HraConfig, householder_factors
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
                             make_recipe, peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def _load(path: Path) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _peft_adapter(base: Path, out: Path, **settings) -> Path:
