@@ -280,6 +280,28 @@ def test_a_classifier_s_classes_come_from_every_dataset_of_the_mix(tmp_path):
     assert len(examples) == 3 and sorted(labels.names) == ["meh", "neg", "pos"]
 
 
+def test_a_classifier_s_bad_row_names_its_entry_s_columns(tmp_path):
+    """A bad row of an entry with its own columns is told in that entry's columns (data.train[1].columns.text), as
+    the other formats' rows are, not in data.columns, which that entry's rows were not read through."""
+    from peftkit.data.classification import load_classification
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_jsonl(a, [{"body": "good", "label": "pos"}, {"body": "bad", "label": "neg"}])
+    write_jsonl(b, [{"sentence": "fine", "label": "pos"}, {"sentence": 5, "label": "neg"}])
+    mix = DataConfig(train=[str(a), {"path": str(b), "columns": {"text": "sentence"}}], columns={"text": "body"},
+                     format="classification")
+    with pytest.raises(PeftkitError) as bad:
+        load_classification(TOK, mix.train, mix.train_split, mix)
+    assert str(bad.value).startswith(f"{b}:2: column 'sentence' (data.train[1].columns.text) must be a string, got int "
+                                     "for data.format 'classification' (each row needs sentence (as text), label)")
+    write_jsonl(b, [{"sentence": "fine", "label": "pos"}, {"label": "neg"}])
+    with pytest.raises(PeftkitError, match=r":2: missing column 'sentence' \(data.train\[1\].columns.text\)"):
+        load_classification(TOK, mix.train, mix.train_split, mix)
+    write_jsonl(a, [{"body": "good", "label": "pos"}, {"label": "neg"}])  # the entry without its own: data.columns
+    with pytest.raises(PeftkitError, match=rf"^{a}:2: missing column 'body' \(data.columns.text\)"):
+        load_classification(TOK, mix.train, mix.train_split, mix)
+
+
 def test_a_mix_s_files_moved_is_the_same_run_and_an_entry_s_split_changed_is_not(tiny_llama, number_data, tmp_path):
     from peftkit.rundir import check_output_dir
 
