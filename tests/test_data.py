@@ -636,9 +636,16 @@ CALL_FORM = ('a function_call turn\'s value is JSON text of a call, {"name": ...
      "conversations[1].value is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
      "(char 1)); " + CALL_FORM),
     ({"system": "s", "conversations": [{"from": "human", "value": "hi"},
-                                       {"from": "function_call", "value": '[{"name": "add", "arguments": "{}"}]'}]},
-     "conversations[1].value holds a call whose 'arguments' is a string: an object of the arguments by name ({} for "
-     "none); " + CALL_FORM),
+                                       {"from": "function_call", "value": '[{"name": "add", "arguments": "a=1"}]'}]},
+     "conversations[1].value holds a call whose 'arguments' is a string that is not JSON text of an object: an object "
+     "of the arguments by name ({} for none), or JSON text of one; " + CALL_FORM),
+    ({"conversations": [{"from": "human", "value": "hi"},
+                        {"from": "function_call", "value": '{"name": "add", "arguments": "[1, 2]"}'}]},
+     "conversations[1].value holds a call whose 'arguments' is a string that is not JSON text of an object: an object "
+     "of the arguments by name ({} for none), or JSON text of one; " + CALL_FORM),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": '{"name": "add"}'}]},
+     "conversations[1].value holds a call without 'arguments': an object of the arguments by name ({} for none), or "
+     "JSON text of one; " + CALL_FORM),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": '{"arguments": {}}'}]},
      "conversations[1].value holds a call without a 'name' (a nonempty string); " + CALL_FORM),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[]"}]},
@@ -922,6 +929,28 @@ def test_sharegpt_function_calls_are_tool_calls(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"messages": messages[:3], "tools": TOOLS}])
     [expected] = load_prompts(tok, cfg.train, "train", cfg)
     assert (prompt.text, prompt.reference) == (expected.text, expected.reference) and "<tool_call>" in prompt.reference
+
+
+def test_sharegpt_call_arguments_as_json_text_are_read_as_the_object(tmp_path):
+    """A function_call whose `arguments` is JSON text of an object (OpenAI's form: "{\\"city\\": \\"Paris\\"}") was
+    refused; it is now read as that object, so the template writes the same tokens as for `arguments` given as one
+    (a string would be written quoted, its inner quotes escaped)."""
+    import copy
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = TOOLS_STYLE
+    weather = {"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat", max_length=2048)
+    examples = []
+    as_text = weather | {"arguments": json.dumps(weather["arguments"])}  # '{"city": "Paris", "days": [1, 2]}'
+    for calls in ([CALL["function"], weather], [CALL["function"], as_text]):
+        write_jsonl(tmp_path / "d.jsonl", [{"tools": json.dumps(TOOLS), "conversations": [
+            {"from": "human", "value": "Weather?"}, {"from": "function_call", "value": json.dumps(calls)},
+            {"from": "observation", "value": "sun"}, {"from": "gpt", "value": "Sunny."}]}])
+        examples.append(load_examples(tok, cfg.train, "train", cfg, cache=False)[0][0])
+    mapping, text = examples
+    assert text.input_ids == mapping.input_ids and text.labels == mapping.labels
+    assert '{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}' in tok.decode(text.input_ids)
 
 
 def test_an_empty_tool_calls_list_is_no_calls(tmp_path):

@@ -119,7 +119,9 @@ SHAREGPT = "_peftkit_sharegpt"
 
 def _function_calls(value: object) -> tuple[list[dict] | None, str | None]:
     """A ShareGPT `function_call` turn's value, as LLaMA-Factory writes it (JSON text of {"name", "arguments"}, or of
-    a list of such calls), as `tool_calls` in OpenAI's and transformers' form; or None and what is wrong with it."""
+    a list of such calls), as `tool_calls` in OpenAI's and transformers' form; or None and what is wrong with it.
+    `arguments` given as JSON text of an object (OpenAI's form) is read as that object: transformers' chat templates
+    write a mapping's items (Qwen 2.5's `tojson`), and a string would be written quoted, escapes and all."""
     form = ("a function_call turn's value is JSON text of a call, {\"name\": ..., \"arguments\": {...}}, or of a "
             "list of calls")
     if not isinstance(value, str):
@@ -131,16 +133,32 @@ def _function_calls(value: object) -> tuple[list[dict] | None, str | None]:
     calls = calls if isinstance(calls, list) else [calls]
     if not calls:
         return None, f"is an empty list of calls; {form}"
+    found = []
     for call in calls:
         if not isinstance(call, dict):
             return None, f"holds a call that is {_json_type(call)}, not an object; {form}"
         if not isinstance(call.get("name"), str) or not call["name"].strip():
             return None, f"holds a call without a 'name' (a nonempty string); {form}"
-        if not isinstance(call.get("arguments"), dict):
-            given = f"whose 'arguments' is {_json_type(call['arguments'])}" if "arguments" in call else \
-                "without 'arguments'"
-            return None, f"holds a call {given}: an object of the arguments by name ({{}} for none); {form}"
-    return [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls], None
+        arguments = call.get("arguments")
+        if isinstance(arguments, str):
+            arguments = _json_object(arguments)
+        if not isinstance(arguments, dict):
+            given = "without 'arguments'" if "arguments" not in call else "whose 'arguments' is " + (
+                "a string that is not JSON text of an object" if isinstance(call["arguments"], str)
+                else _json_type(call["arguments"]))
+            return None, (f"holds a call {given}: an object of the arguments by name ({{}} for none), or JSON text "
+                          f"of one; {form}")
+        found.append({"type": "function", "function": {"name": call["name"], "arguments": arguments}})
+    return found, None
+
+
+def _json_object(text: str) -> dict | None:
+    """The object JSON `text` holds (a call's arguments as OpenAI writes them: '{"city": "Paris"}'), else None."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _json_type(value: object) -> str:
