@@ -123,27 +123,35 @@ def test_a_run_without_a_terminal_logs_progress_and_evaluations(tiny_llama, numb
 
 def test_tokens_per_s_leaves_evaluations_out(tiny_llama, number_data, tmp_path, monkeypatch):
     """A step after an evaluation was charged with its time (a tenth of the throughput, in the log and the report's
-    plot). Each evaluation is made to take two seconds more: steps of ~0.02 s would show it 100 times over, far beyond
-    what a busy machine's slow step shows."""
-    import statistics
+    plot). The loop's clock is made one that moves only by what the test says: a second per step, a hundred per
+    evaluation. Each step's tokens_per_s is then exactly its own tokens per second, those after an evaluation too (a
+    hundred and one times less if the evaluation were counted), whatever the machine's load."""
     import time
+    from types import SimpleNamespace
 
     from peftkit import start
+    from peftkit import train as train_module
 
-    evaluate = start.Run.evaluate
+    clock = [float(int(time.time()))]  # whole seconds: every difference below is exact in floating point
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(time=lambda: clock[0]))
+    step, evaluate = train_module._step, start.Run.evaluate
 
-    def slow(run, step, *unlogged):
-        time.sleep(2.0)
-        return evaluate(run, step, *unlogged)
+    def timed(took: float, run_it):
+        def run(*args):
+            result = run_it(*args)
+            clock[0] += took
+            return result
+        return run
 
-    monkeypatch.setattr(start.Run, "evaluate", slow)
+    monkeypatch.setattr(train_module, "_step", timed(1.0, step))
+    monkeypatch.setattr(start.Run, "evaluate", timed(100.0, evaluate))
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 8, "eval_steps": 3},
                          eval={"base_model": False})
     train(load_recipe(recipe), console=Console(quiet=True))
-    rates = {r["step"]: r["tokens_per_s"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())
-             if "tokens_per_s" in r}
-    typical = statistics.median(rates.values())
-    assert rates[4] > typical / 10 and rates[7] > typical / 10, rates
+    records = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open()) if "tokens_per_s" in r]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    before = [0] + [r["tokens"] for r in records[:-1]]
+    assert [r["tokens_per_s"] for r in records] == [r["tokens"] - b for r, b in zip(records, before, strict=True)]
 
 
 def test_progress_lines_do_not_wait_for_logged_steps(tiny_llama, number_data, tmp_path):
