@@ -1,4 +1,4 @@
-"""The commands on models and adapters: merge (or combine), eval (or compare), generate, chat, inspect."""
+"""The commands on models and adapters: merge (or combine), eval (or compare), generate, chat, inspect, push."""
 
 from __future__ import annotations
 
@@ -419,3 +419,25 @@ def inspect_cmd(
         return
     for line in describe(info):
         console.print(Text(visible(line)), highlight=False)
+
+
+@app.command()
+def push(
+    path: Annotated[Path, typer.Argument(help="A run directory (its adapter/ is pushed), an adapter directory or a merged model's directory.")],
+    repo_id: Annotated[str, typer.Argument(help="The Hub model repository, user/name (created where absent).")],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="The branch to commit to, created from main where absent (default: main).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private (an existing public one is refused).")] = False,
+    merged: Annotated[bool, typer.Option("--merged", help="Push the run's merged/ instead of its adapter/.")] = False,
+    message: Annotated[Optional[str], typer.Option("--message", help="The commit message.")] = None,
+) -> None:
+    """Publish an adapter (or merged model) to a Hugging Face Hub model repository in one commit: a run's adapter/
+    with its model card, never its checkpoints or data. Needs a token with write access (`hf auth login`, or
+    HF_TOKEN); `--adapter user/name` and peft's PeftModel.from_pretrained read it back."""
+    from rich.text import Text
+
+    from peftkit.push import push as run_push
+
+    url, files = run_push(path.expanduser(), repo_id, revision, private, merged, message)
+    for name in files:
+        console.print(Text(visible(f"pushed {name}")), highlight=False)
+    console.print(Text(visible(f"commit {url}")), highlight=False)

@@ -1,0 +1,142 @@
+"""peftkit push: a run's adapter/ (or merged/), or an adapter or model directory, published to a Hugging Face Hub model
+repository in one commit through huggingface_hub's own API (`create_repo`, `create_branch`, `upload_folder`), as
+peft's `push_to_hub` does. Only that directory's own files go, listed before anything is sent: never a run's
+checkpoints, data or logs, nor a file a link inside it points to elsewhere. What `--adapter user/name` and peft's
+`PeftModel.from_pretrained("user/name")` read back is what was pushed."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from peftkit import __version__
+from peftkit.errors import PeftkitError
+
+
+def push_folder(path: Path, merged: bool) -> tuple[Path, str]:
+    """(the directory to upload, what it holds: 'adapter' or 'merged model') for PATH: a run directory (its adapter/,
+    with `merged` its merged/), an adapter directory, or a model directory."""
+    from peftkit.peft_format import CONFIG_NAME, check_adapter_dir
+    from peftkit.rundir import is_run
+
+    if not path.is_dir():
+        raise PeftkitError(f"{path}: no such directory. Give a run directory (its adapter/ is pushed; with --merged "
+                           "its merged/), an adapter directory or a merged model's directory.")
+    if is_run(path):
+        entry = "merged" if merged else "adapter"
+        if not (path / entry).is_dir():
+            if merged:
+                why = (f"export.merged: true exports one; `peftkit merge --adapter {path / 'adapter'} --output DIR` "
+                       "makes one")
+            else:
+                why = "export.adapter: false, or the run has not finished: `peftkit train RECIPE --resume` finishes it"
+                why += "; its merged/ is pushed with --merged" if (path / "merged").is_dir() else ""
+            raise PeftkitError(f"{path} is a run directory holding no {entry}/ to push ({why}).")
+        path = path / entry
+    if (path / CONFIG_NAME).is_file():
+        if merged:
+            raise PeftkitError(f"{path} is an adapter directory, and --merged pushes a run's merged/: drop --merged, "
+                               "or give the merged model's directory.")
+        check_adapter_dir(path)  # its safetensors weights there (a legacy .bin is refused, as loading refuses it)
+        return path, "adapter"
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return path, "merged model"
+    hint = (" It is a training checkpoint (optimizer state, not for the Hub): push the run's adapter/, once the run "
+            "has finished." if (path / "training_state.pt").is_file() else "")
+    raise PeftkitError(f"{path} is no run, adapter or model directory: it holds no recipe.yaml, {CONFIG_NAME}, nor "
+                       f"config.json with safetensors weights.{hint}")
+
+
+def folder_files(folder: Path) -> list[str]:
+    """The files pushed from `folder`, relative to it: all but hidden ones (an interrupted write's `.x.tmp`); a link
+    to a file outside it is refused (its target would be uploaded)."""
+    root, files = folder.resolve(), []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if not path.resolve().is_relative_to(root):
+            raise PeftkitError(f"{path} links to {path.resolve()}, outside {folder}: only the directory's own files "
+                               "are pushed. Copy the directory with its links' files in it (`cp -rL`), and push the "
+                               "copy.")
+        files.append(relative.as_posix())
+    return files
+
+
+def push(path: Path, repo_id: str, revision: str | None = None, private: bool = False, merged: bool = False,
+         message: str | None = None) -> tuple[str, list[str]]:
+    """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit; (the commit's URL,
+    the files pushed).
+
+    Args:
+        path: a run directory, an adapter directory or a model directory (`push_folder`).
+        repo_id: `user/name`, created where absent.
+        revision: the branch committed to, created from main where absent; None: main.
+        private: create the repository private; an existing public one is refused, never published into.
+        merged: a run's merged/ instead of its adapter/.
+        message: the commit message.
+    """
+    folder, kind = push_folder(path, merged)
+    files = folder_files(folder)
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:  # a bare name goes to whichever account the token is, where `--adapter` cannot tell
+        raise PeftkitError(f"{repo_id!r} is no Hub repository id: give user/name (or organization/name).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PeftkitError(f"{repo_id!r} is no Hub repository id ({e}).") from None
+    if constants.HF_HUB_OFFLINE:
+        raise PeftkitError(f"HF_HUB_OFFLINE is set, so nothing is sent to the Hub: unset it to push {folder} to "
+                           f"{repo_id}.")
+    if get_token() is None:
+        raise PeftkitError(f"Pushing to {repo_id} needs a Hugging Face token with write access, and none is set: log "
+                           "in with `hf auth login`, or set HF_TOKEN.")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private or None, exist_ok=True)  # None: the owner's default visibility
+        if private and not api.repo_info(repo_id).private:
+            raise PeftkitError(f"{repo_id} exists and is public, and --private was asked: nothing was pushed. Make it "
+                               "private in its settings on the Hub, or push without --private.")
+        if revision not in (None, constants.DEFAULT_REVISION):
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                   allow_patterns=[glob.escape(f) for f in files],
+                                   commit_message=message or f"Upload {kind} with peftkit {__version__}")
+    except HfHubHTTPError as e:
+        raise PeftkitError(f"Could not push {folder} to {repo_id}: {_refusal(e, repo_id)}") from None
+    except ValueError as e:  # the Hub refused README.md's metadata (`upload_folder` validates it first)
+        raise PeftkitError(f"Could not push {folder} to {repo_id}: {' '.join(str(e).split())}") from None
+    except _network_errors() as e:
+        raise PeftkitError(f"Could not push {folder} to {repo_id}: the Hub at {api.endpoint} could not be reached "
+                           f"({type(e).__name__}: {e}). Check the connection (HF_ENDPOINT names another server).") \
+            from None
+    return commit.commit_url, files
+
+
+def _refusal(e, repo_id: str) -> str:
+    """What the Hub's HTTP error `e` means to a push, and what to do."""
+    status = e.response.status_code if e.response is not None else None
+    said = f" (the Hub said: {' '.join(e.server_message.split())})" if getattr(e, "server_message", None) else ""
+    fix = "log in with `hf auth login`, or set HF_TOKEN to a token with write access"
+    if status == 401:
+        return f"the Hub refused the token (401: invalid or expired){said}; {fix}."
+    if status == 403:
+        return (f"the token may not write to {repo_id.split('/')[0]} (403){said}; {fix} there (a fine-grained token "
+                "needs write access to that user or organization).")
+    if status == 404:
+        return (f"the Hub found no repository {repo_id} that this token may write to (404){said}; check the id, and "
+                f"that the token (`hf auth login`, or HF_TOKEN) may write to {repo_id.split('/')[0]}.")
+    return f"the Hub answered {status}{said}: {' '.join(str(e).split())}"
+
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    """What the hub client raises where the Hub cannot be reached (a refused connection, a timeout): the transport
+    errors of the HTTP library it uses, imported by then (httpx2 in huggingface_hub 2.x, httpx in 1.x, requests
+    before). Not any OSError: a file of the folder that cannot be read is the CLI's permission error."""
+    import sys
+
+    names = (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "RequestException"))
+    return tuple(getattr(sys.modules[module], error) for module, error in names if module in sys.modules)

@@ -1,0 +1,318 @@
+"""peftkit push against a fake Hugging Face Hub: an HTTP server on 127.0.0.1 answering the endpoints huggingface_hub's
+own create_repo, repo_info, create_branch and upload_folder call (every file uploaded inline, `regular`, in the
+commit's NDJSON), holding what it was sent. No network; HfApi is not patched, only pointed at the server."""
+
+import base64
+import json
+import os
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import constants
+
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import cli_user_error, free_port, make_recipe
+from tests.test_hub import _publish_to
+
+TOKEN = "hf_fake_write_token"
+
+
+class FakeHub:
+    """Model repositories by id: `private`, and each branch's files ({path: bytes}); the commits made (repo, branch,
+    message, files); every request (method, path, Authorization). `refuse(status, ...)`: every request is answered
+    with that error from then on. A request it does not know is kept in `unexpected` (and answered 400)."""
+
+    def __init__(self) -> None:
+        self.repos: dict[str, dict] = {}
+        self.commits: list[dict] = []
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.unexpected: list[str] = []
+        self.refusal: tuple[int, dict[str, str]] | None = None
+        self.endpoint = ""
+
+    def refuse(self, status: int, code: str | None = None, message: str | None = None) -> None:
+        self.refusal = status, {k: v for k, v in (("X-Error-Code", code), ("X-Error-Message", message)) if v}
+
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict, dict[str, str]]:
+        """(status, JSON reply, headers) for one request."""
+        if self.refusal is not None:
+            return self.refusal[0], {"error": self.refusal[1].get("X-Error-Message", "refused")}, self.refusal[1]
+        parts = [unquote(p) for p in path.split("/")]  # /api/models/USER/NAME/ACTION/REVISION
+        if (method, path) == ("POST", "/api/repos/create"):
+            asked = json.loads(body)
+            repo_id = f"{asked['organization']}/{asked['name']}"
+            if repo_id in self.repos:
+                return 409, {"error": "You already created this model repo", "url": f"{self.endpoint}/{repo_id}"}, {}
+            self.repos[repo_id] = {"private": asked.get("visibility") == "private", "asked": asked,
+                                   "branches": {"main": {}}}
+            return 200, {"url": f"{self.endpoint}/{repo_id}"}, {}
+        if (method, path) == ("POST", "/api/validate-yaml"):
+            try:  # the card's front matter, as the Hub checks it before a commit
+                yaml.safe_load(json.loads(body)["content"].split("---")[1])
+            except yaml.YAMLError:
+                return 400, {"errors": [{"message": "Invalid YAML in the metadata"}]}, {}
+            return 200, {"errors": [], "warnings": []}, {}
+        if (method, path) == ("GET", "/api/agent-harnesses"):  # the client's telemetry (once a process); none here
+            return 404, {"error": "none"}, {}
+        if len(parts) < 5 or parts[:3] != ["", "api", "models"]:
+            return self._unexpected(method, path)
+        repo = self.repos.get(f"{parts[3]}/{parts[4]}")
+        if repo is None:
+            return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
+        action, revision = (parts[5], "/".join(parts[6:])) if len(parts) > 6 else (None, None)
+        if method == "GET" and action in (None, "revision"):
+            return 200, {"id": f"{parts[3]}/{parts[4]}", "private": repo["private"], "sha": "0" * 40}, {}
+        if method == "POST" and action == "branch":
+            if revision in repo["branches"]:
+                return 409, {"error": "Reference already exists"}, {}
+            repo["branches"][revision] = dict(repo["branches"][json.loads(body).get("startingPoint", "main")])
+            return 200, {}, {}
+        if revision not in repo["branches"]:
+            return 404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"}
+        if method == "POST" and action == "preupload":
+            return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                   for f in json.loads(body)["files"]]}, {}
+        if method == "POST" and action == "commit":
+            return self._commit(f"{parts[3]}/{parts[4]}", revision, body)
+        return self._unexpected(method, path)
+
+    def _commit(self, repo_id: str, revision: str, body: bytes) -> tuple[int, dict, dict[str, str]]:
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert lines[0]["key"] == "header" and {line["key"] for line in lines[1:]} == {"file"}, lines
+        files = {f["value"]["path"]: base64.b64decode(f["value"]["content"]) for f in lines[1:]}
+        assert all(f["value"]["encoding"] == "base64" for f in lines[1:])
+        self.repos[repo_id]["branches"][revision].update(files)
+        oid = f"{len(self.commits) + 1:040x}"
+        self.commits.append({"repo": repo_id, "branch": revision, "message": lines[0]["value"]["summary"],
+                             "files": files})
+        return 200, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid}, {}
+
+    def _unexpected(self, method: str, path: str) -> tuple[int, dict, dict[str, str]]:
+        self.unexpected.append(f"{method} {path}")
+        return 400, {"error": "not a fake hub endpoint"}, {}
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = urlparse(self.path).path
+                hub.requests.append((self.command, path, self.headers.get("Authorization")))
+                status, reply, headers = hub.answer(self.command, path, body)
+                data = json.dumps(reply).encode()
+                self.send_response(status)
+                for key, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _reply
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> FakeHub:
+    """A FakeHub serving on 127.0.0.1, huggingface_hub pointed at it (HfApi() reads constants.ENDPOINT when made),
+    online, with a token in HF_TOKEN (read at each request)."""
+    hub = FakeHub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), hub.handler())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hub.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    yield hub
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _run(tmp_path: Path, model: Path, data: dict, save_steps: int | None = None, **export) -> Path:
+    training = {"max_steps": 2} | ({"save_steps": save_steps} if save_steps else {})
+    train(load_recipe(make_recipe(tmp_path, model, data, training=training, export=export)))
+    return tmp_path / "run"
+
+
+def _said(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _offline_cache(monkeypatch, tmp_path: Path, repo_id: str, files: dict[str, bytes], commit: str) -> Path:
+    """What `repo_id` received, in an offline Hugging Face cache as `commit` of its main, as a download leaves it."""
+    received = tmp_path / f"received-{commit[:4]}"
+    received.mkdir()
+    for name, data in files.items():
+        (received / name).write_bytes(data)
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _publish_to(cache, repo_id, received, commit)
+    return cache
+
+
+def test_a_runs_adapter_is_pushed_whole_and_reads_back_as_the_local_one(fake_hub, tiny_llama, number_data, tmp_path,
+                                                                         monkeypatch):
+    """`peftkit push RUN user/name --private --revision dev --message M`: the repository is made private, branch dev
+    made from main, and one commit there holds adapter/'s files byte for byte (the model card among them) and nothing
+    of the run's checkpoints, data or logs; it says each file and the commit's URL. Read back from the Hub cache,
+    `--adapter user/name@dev` generates and evaluates as the run's adapter/ does, and peft loads it to the same
+    logits. A second push of the adapter directory itself goes to the existing repository's main."""
+    run = _run(tmp_path, tiny_llama, number_data)
+    adapter = run / "adapter"
+    said = _said("push", str(run), "acme/tiny-lora", "--private", "--revision", "dev", "--message", "first adapter")
+    expected = _files(adapter)
+    assert {"adapter_config.json", "adapter_model.safetensors", "peftkit.json", "README.md"} <= expected.keys()
+    assert said.splitlines() == [f"pushed {name}" for name in sorted(expected)] + [
+        f"commit {fake_hub.endpoint}/acme/tiny-lora/commit/{1:040x}"]
+    assert fake_hub.repos["acme/tiny-lora"]["private"] is True
+    [commit] = fake_hub.commits
+    assert (commit["repo"], commit["branch"], commit["message"]) == ("acme/tiny-lora", "dev", "first adapter")
+    assert commit["files"] == expected  # byte for byte, and nothing else
+    assert fake_hub.repos["acme/tiny-lora"]["branches"]["main"] == {}
+    assert ("POST", "/api/models/acme/tiny-lora/branch/dev", f"Bearer {TOKEN}") in fake_hub.requests
+    assert {auth for _, path, auth in fake_hub.requests if path != "/api/agent-harnesses"} == {f"Bearer {TOKEN}"}
+    assert fake_hub.unexpected == []
+
+    (adapter / ".adapter_model.safetensors.x1y2.tmp").write_bytes(b"an interrupted write")
+    said = _said("push", str(adapter), "acme/tiny-lora")
+    assert fake_hub.commits[1]["branch"] == "main" and fake_hub.commits[1]["files"] == expected
+    assert fake_hub.commits[1]["message"].startswith("Upload adapter with peftkit ")
+    assert "tmp" not in said and fake_hub.unexpected == []
+    assert fake_hub.repos["acme/tiny-lora"]["private"] is True  # (the existing repository: 409, kept)
+
+    cache = _offline_cache(monkeypatch, tmp_path, "acme/tiny-lora", commit["files"], "d" * 40)
+    (cache / "models--acme--tiny-lora" / "refs" / "dev").write_text("d" * 40)
+    prompt = ["generate", "--model", str(tiny_llama), "--prompt", "1 plus 2", "--max-new-tokens", "5"]
+    assert _said(*prompt, "--adapter", "acme/tiny-lora@dev") == _said(*prompt, "--adapter", str(adapter))
+    data = ["--model", str(tiny_llama), "--data", str(number_data["eval"])]
+    assert _said("eval", *data, "--adapter", "acme/tiny-lora@dev") == _said("eval", *data, "--adapter", str(adapter))
+
+    # peft imported offline: online, its import of bitsandbytes asks the Hub for a kernel
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapter_base import load_adapted_model
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        plain = base.eval()(input_ids=ids).logits
+        theirs = PeftModel.from_pretrained(base, "acme/tiny-lora", revision="dev").eval()(input_ids=ids).logits
+        ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()(input_ids=ids).logits
+    assert (theirs - ours).abs().max() <= 1e-5 and (ours - plain).abs().max() > 1e-4
+
+
+def test_merged_pushes_the_runs_merged_model(fake_hub, tiny_llama, number_data, tmp_path, monkeypatch):
+    """--merged: the run's merged/ byte for byte, to main of a repository made with the owner's default visibility
+    (no --private: none asked); read back, `--model user/name` generates as the local merged/ does."""
+    run = _run(tmp_path, tiny_llama, number_data, merged=True)
+    _said("push", str(run), "acme/tiny-merged", "--merged")
+    [commit] = fake_hub.commits
+    assert (commit["repo"], commit["branch"]) == ("acme/tiny-merged", "main")
+    assert commit["files"] == _files(run / "merged") and "model.safetensors" in commit["files"]
+    assert commit["message"].startswith("Upload merged model with peftkit ")
+    assert "visibility" not in fake_hub.repos["acme/tiny-merged"]["asked"]
+    assert not any("branch" in path for _, path, _ in fake_hub.requests) and fake_hub.unexpected == []
+
+    _offline_cache(monkeypatch, tmp_path, "acme/tiny-merged", commit["files"], "e" * 40)
+    prompt = ["generate", "--prompt", "1 plus 2", "--max-new-tokens", "5"]
+    assert _said(*prompt, "--model", "acme/tiny-merged") == _said(*prompt, "--model", str(run / "merged"))
+
+
+def test_what_cannot_be_pushed_is_said_before_anything_is_sent(fake_hub, tiny_llama, number_data, tmp_path,
+                                                               monkeypatch, capsys):
+    """A path that is no run, adapter or model directory (a checkpoint with a word on it), a run without the entry
+    asked for, --merged of an adapter, a link out of the directory, a repository id that is not user/name, offline,
+    no token: each an `error:` naming what to do, and no request reaches the Hub."""
+    run = _run(tmp_path / "merged-only", tiny_llama, number_data, adapter=False, merged=True)
+    adapter = _run(tmp_path / "adapter-only", tiny_llama, number_data, save_steps=2) / "adapter"
+    linked = Path(shutil.copytree(adapter, tmp_path / "linked"))
+    os.symlink(number_data["train"], linked / "train.jsonl")
+    (tmp_path / "empty").mkdir()
+
+    def error(*args: str) -> str:
+        return " ".join(cli_user_error(monkeypatch, capsys, "push", *args).split())
+
+    assert f"{tmp_path / 'nowhere'}: no such directory. Give a run directory" in error(str(tmp_path / "nowhere"), "a/b")
+    assert "is no run, adapter or model directory" in error(str(tmp_path / "empty"), "a/b")
+    checkpoint = adapter.parent / "checkpoints" / "step-00000002"
+    assert "It is a training checkpoint (optimizer state, not for the Hub)" in error(str(checkpoint), "a/b")
+    said = error(str(run), "acme/x")
+    assert f"{run} is a run directory holding no adapter/ to push (export.adapter: false" in said
+    assert "its merged/ is pushed with --merged" in said
+    assert (f"holding no merged/ to push (export.merged: true exports one; `peftkit merge --adapter {adapter} --output "
+            "DIR` makes one)") in error(str(adapter.parent), "acme/x", "--merged")
+    assert "is an adapter directory, and --merged pushes a run's merged/" in error(str(adapter), "acme/x", "--merged")
+    assert f"links to {number_data['train'].resolve()}, outside {linked}" in error(str(linked), "acme/x")
+    assert "'tiny-lora' is no Hub repository id: give user/name" in error(str(adapter), "tiny-lora")
+    assert "'acme/tiny--lora' is no Hub repository id (" in error(str(adapter), "acme/tiny--lora")
+    assert "'acme/a/b' is no Hub repository id: give user/name" in error(str(adapter), "acme/a/b")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set, so nothing is sent to the Hub: unset it" in error(str(adapter), "acme/x")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert ("Pushing to acme/x needs a Hugging Face token with write access, and none is set: log in with `hf auth "
+            "login`, or set HF_TOKEN.") in error(str(adapter), "acme/x")
+    assert fake_hub.requests == []
+
+
+def test_the_hubs_refusals_are_said_with_the_repository_and_the_fix(fake_hub, tiny_llama, number_data, tmp_path,
+                                                                    monkeypatch, capsys):
+    """The Hub answering 401 (a bad token), 403 (no write access to the owner), 404 (no such repository), a Hub that
+    cannot be reached, and --private into an existing public repository: an `error:` naming the repository and what
+    to do, no traceback, and nothing committed."""
+    adapter = _run(tmp_path, tiny_llama, number_data) / "adapter"
+
+    def error(*args: str) -> str:
+        return " ".join(cli_user_error(monkeypatch, capsys, "push", str(adapter), *args).split())
+
+    fake_hub.refuse(401, message="Invalid credentials in Authorization header")
+    said = error("acme/x")
+    assert said.startswith(f"error: Could not push {adapter} to acme/x: the Hub refused the token (401: invalid or "
+                           "expired) (the Hub said: Invalid credentials in Authorization header); log in with `hf auth "
+                           "login`, or set HF_TOKEN to a token with write access."), said
+    fake_hub.refuse(403, message="You don't have the rights to create a model under the namespace \"acme\"")
+    said = error("acme/x")
+    assert "to acme/x: the token may not write to acme (403) (the Hub said: You don't have the rights" in said
+    fake_hub.refuse(404, code="RepoNotFound")
+    assert "to acme/x: the Hub found no repository acme/x that this token may write to (404)" in error("acme/x")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    said = error("acme/x")
+    assert f"to acme/x: the Hub at {constants.ENDPOINT} could not be reached (ConnectError" in said, said
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
+
+    fake_hub.refusal = None
+    carded = Path(shutil.copytree(adapter, tmp_path / "carded"))
+    (carded / "README.md").write_text("---\ntags: [peftkit\n---\n# my edit\n")
+    said = " ".join(cli_user_error(monkeypatch, capsys, "push", str(carded), "acme/x").split())
+    assert f"Could not push {carded} to acme/x: Invalid metadata in README.md. - Invalid YAML in the metadata" in said
+    _said("push", str(adapter), "acme/public")
+    said = error("acme/public", "--private")
+    assert "acme/public exists and is public, and --private was asked: nothing was pushed." in said
+    assert len(fake_hub.commits) == 1 and fake_hub.unexpected == []
