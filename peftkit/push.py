@@ -7,10 +7,11 @@ checkpoints, data or logs, nor a file a link inside it points to elsewhere. What
 from __future__ import annotations
 
 import glob
+import warnings
 from pathlib import Path
 
 from peftkit import __version__
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 
 
 def push_folder(path: Path, merged: bool) -> tuple[Path, str]:
@@ -32,6 +33,10 @@ def push_folder(path: Path, merged: bool) -> tuple[Path, str]:
                 why = "export.adapter: false, or the run has not finished: `peftkit train RECIPE --resume` finishes it"
                 why += "; its merged/ is pushed with --merged" if (path / "merged").is_dir() else ""
             raise PeftkitError(f"{path} is a run directory holding no {entry}/ to push ({why}).")
+        if not (path / "manifest.json").is_file():  # as eval/generate of such a run say
+            warnings.warn(PeftkitWarning(f"{path} has no manifest.json: the run has not finished (or was stopped "
+                                         f"while it made its end again); this is the {entry}/ it exported last. "
+                                         "`peftkit train RECIPE --resume` finishes it."), stacklevel=2)
         path = path / entry
     if (path / CONFIG_NAME).is_file():
         if merged:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -241,6 +242,22 @@ def test_merged_pushes_the_runs_merged_model(fake_hub, tiny_llama, number_data, 
     _offline_cache(monkeypatch, tmp_path, "acme/tiny-merged", commit["files"], "e" * 40)
     prompt = ["generate", "--prompt", "1 plus 2", "--max-new-tokens", "5"]
     assert _said(*prompt, "--model", "acme/tiny-merged") == _said(*prompt, "--model", str(run / "merged"))
+
+
+def test_an_unfinished_runs_adapter_is_pushed_with_a_warning(tiny_llama, number_data, tmp_path):
+    """A run without manifest.json (unfinished, or stopped while it made its end again) holds the adapter/ it
+    exported last: push says so, as eval and generate of that run do (what is pushed is not the run's end)."""
+    from peftkit.errors import PeftkitWarning
+    from peftkit.push import push_folder
+
+    run = _run(tmp_path, tiny_llama, number_data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PeftkitWarning)
+        assert push_folder(run, merged=False) == (run / "adapter", "adapter")
+    (run / "manifest.json").unlink()
+    with pytest.warns(PeftkitWarning, match=r"has no manifest.json: the run has not finished .* the adapter/ it "
+                                            r"exported last\. `peftkit train RECIPE --resume` finishes it"):
+        assert push_folder(run, merged=False) == (run / "adapter", "adapter")
 
 
 def test_what_cannot_be_pushed_is_said_before_anything_is_sent(fake_hub, tiny_llama, number_data, tmp_path,
