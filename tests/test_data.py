@@ -953,6 +953,36 @@ def test_sharegpt_call_arguments_as_json_text_are_read_as_the_object(tmp_path):
     assert '{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}' in tok.decode(text.input_ids)
 
 
+def test_tool_call_arguments_as_json_text_are_read_as_the_object(tmp_path):
+    """A `messages` row's tool call whose `function.arguments` is JSON text of an object (what OpenAI's API returns,
+    and datasets exported from it hold) reached the template as a string, which it wrote quoted, inner quotes
+    escaped ("{\\"city\\": ...}"): the model trained on that text. It is now read as the object, as a ShareGPT
+    function_call's is, so the row trains the tokens of the same row with `arguments` as a mapping, and eval's
+    reference is the same."""
+    import copy
+
+    from peftkit.data.prompts import load_prompts
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = TOOLS_STYLE
+    weather = {"id": "call_1", "type": "function",
+               "function": {"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}}
+    as_text = weather | {"function": weather["function"] | {"arguments": json.dumps(weather["function"]["arguments"])}}
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat", max_length=2048)
+    examples, prompts = [], []
+    for calls in ([CALL, weather], [CALL, as_text]):
+        messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                    {"role": "tool", "content": "sun"}, {"role": "assistant", "content": "Sunny."}]
+        write_jsonl(tmp_path / "d.jsonl", [{"messages": messages, "tools": TOOLS}])
+        examples.append(load_examples(tok, cfg.train, "train", cfg, cache=False)[0][0])
+        write_jsonl(tmp_path / "d.jsonl", [{"messages": messages[:2], "tools": TOOLS}])
+        prompts.append(load_prompts(tok, cfg.train, "train", cfg)[0].reference)
+    (mapping, text), (reference, text_reference) = examples, prompts
+    assert text.input_ids == mapping.input_ids and text.labels == mapping.labels and text_reference == reference
+    assert '{"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}' in \
+        tok.decode([t for t in text.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+
+
 def test_an_empty_tool_calls_list_is_no_calls(tmp_path):
     """OpenAI's chat logs, and datasets exported from them, write `"tool_calls": []` in turns without calls (a user's
     too); such rows, which trained before tool calls were read, were refused as bad rows (an old run's data too)."""
@@ -1000,6 +1030,13 @@ def test_an_empty_tool_calls_list_reaches_no_template(tmp_path):
      "messages[1].tool_calls must be a nonempty list of objects, in an assistant message (or null)"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": [CALL]}, {"role": "assistant", "content": "x"}]},
      "messages[0].tool_calls must be a nonempty list of objects, in an assistant message (or null)"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        CALL, {"type": "function", "function": {"name": "add", "arguments": "a=1"}}]}]},
+     "messages[1].tool_calls[1].function.arguments is a string that is not JSON text of an object; give an object of "
+     "the arguments by name ({} for none), or JSON text of one"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": "[1, 2]"}}]}]},
+     "messages[1].tool_calls[0].function.arguments is a string that is not JSON text of an object"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "tools": "add"},
      "field 'tools' must be a list of objects, or JSON text of one (the tools' JSON schemas, as the chat template "
      "takes them)"),

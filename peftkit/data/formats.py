@@ -37,7 +37,7 @@ def format_rows(rows: list, cfg) -> list:
                 if isinstance(row, dict) else row for row in rows]
     if cfg.format != "chat":
         return rows
-    rows = [_without_empty_calls(row) for row in sharegpt_rows(rows)]
+    rows = [_with_call_arguments(_without_empty_calls(row)) for row in sharegpt_rows(rows)]
     return rows if cfg.system_prompt is None else [_with_system(row, cfg.system_prompt) for row in rows]
 
 
@@ -58,6 +58,28 @@ def _without_empty_calls(row):
         return row
     return row | {"messages": [{k: v for k, v in m.items() if k != "tool_calls"}
                                if isinstance(m, dict) and m.get("tool_calls") == [] else m for m in messages]}
+
+
+def _with_call_arguments(row):
+    """A chat row whose tool calls' `arguments` given as JSON text of an object (as OpenAI's API returns them:
+    "{\\"city\\": \\"Paris\\"}") hold that object, as `_function_calls` reads ShareGPT's: transformers' chat
+    templates write a mapping's items (Qwen 2.5's `tojson`), and a string would be written quoted, escapes and all.
+    Other text is left as it is, for `_messages_problem` to name."""
+    def parsed(call):
+        function = call.get("function") if isinstance(call, dict) else None
+        text = function.get("arguments") if isinstance(function, dict) else None
+        if not isinstance(text, str) or (arguments := _json_object(text)) is None:
+            return call
+        return call | {"function": function | {"arguments": arguments}}
+
+    def calls(m) -> bool:
+        return isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
+
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not any(calls(m) for m in messages):
+        return row
+    return row | {"messages": [m | {"tool_calls": [parsed(c) for c in m["tool_calls"]]} if calls(m) else m
+                               for m in messages]}
 
 
 def _with_system(row, system: str):
@@ -256,6 +278,10 @@ def _messages_problem(messages: object, target: bool = True) -> str | None:
                                       and all(isinstance(c, dict) for c in calls)):
             return (f"messages[{i}].tool_calls must be a nonempty list of objects, in an assistant message (or "
                     "null)")
+        for j, call in enumerate(calls or []):  # (JSON text of an object was read as it: `_with_call_arguments`)
+            if isinstance(call.get("function"), dict) and isinstance(call["function"].get("arguments"), str):
+                return (f"messages[{i}].tool_calls[{j}].function.arguments is a string that is not JSON text of an "
+                        "object; give an object of the arguments by name ({} for none), or JSON text of one")
         for key in ("role", "content"):
             if (key == "role" or m.get(key) is not None or not calls) and (
                     problem := _text_problem(f"messages[{i}].{key}", m.get(key))):
