@@ -363,3 +363,26 @@ def test_eval_and_generate_data_of_a_list_entry_read_it_with_its_own_columns(two
     cfg = load_recipe(recipe).data
     assert cfg.reading("b.jsonl").columns == {"input": "question", "output": "answer"}
     assert cfg.reading(str(a)).columns == {} and cfg.reading(str(a)).revision is None
+
+
+def test_eval_and_generate_name_a_list_entry_s_columns_in_a_bad_row(two_files, tiny_llama, tmp_path, monkeypatch,
+                                                                    capsys):
+    """`peftkit eval|generate RECIPE --data FILE` of a dataset of data.train's list with its own columns read it
+    through those, but a bad row was told in data.columns (`column 'answer' (data.columns.output)`), a key the recipe
+    does not set; it now names the entry's, as training does."""
+    a, b = two_files
+    rows = [json.loads(line) for line in b.read_text().splitlines()]
+    rows[1] |= {"question": 7, "answer": ""}
+    write_jsonl(b, [{"instruction": "Write the number in words.", **r} for r in rows])
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": a}, data={
+        "train": [str(a), {"path": str(b), "columns": {"input": "question", "output": "answer"}}]})
+    monkeypatch.chdir(tmp_path)
+    err = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--model", str(tiny_llama), "--data", "b.jsonl")
+    assert "b.jsonl:2: column 'answer' (data.train[1].columns.output) is empty for data.format 'alpaca'" in err
+    err = cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--model", str(tiny_llama), "--data", "b.jsonl")
+    assert "b.jsonl:2: column 'question' (data.train[1].columns.input) must be a string, got int" in err
+    rows[1] |= {"question": "7", "answer": "seven</s>"}  # a warning about a row's text names it too
+    write_jsonl(b, [{"instruction": "Write the number in words.", **r} for r in rows])
+    cfg = load_recipe(recipe).data.reading("b.jsonl")
+    _, stats = load_examples(TOK, "b.jsonl", "train", cfg, cache=False)
+    assert stats["special_text_first"] == "b.jsonl:2: column 'answer' (data.train[1].columns.output) holds '</s>'"

@@ -385,15 +385,16 @@ def _problem(row: object, fmt: str, target: bool = True) -> str | None:
     return _row_problem(row, fmt, target) if isinstance(row, dict) else "not an object"
 
 
-def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str = "data.columns") -> bool:
+def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None) -> bool:
     """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
-    data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns)."""
+    data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
+    default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it)."""
     problem = _problem(row, cfg.format, target)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":
         return False
-    problem = in_columns(problem, cfg.columns, columns_key)
+    problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
     raise PeftkitError(
         f"{where}: {problem} for data.format '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
         "the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "

@@ -46,7 +46,8 @@ def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: li
 
 def row_columns(cfg: DataConfig, where: list | None, index: int) -> tuple[dict[str, str], str]:
     """The columns row `index` had its fields read from, and their key: its list entry's own (data.train[1].columns)
-    for a row of a mix (`where`: `Locations`) whose entry gives them, else data.columns."""
+    for a row of a mix (`where`: `Locations`) whose entry gives them, else cfg.columns' own (data.columns, or a list
+    entry's as `DataConfig.reading` read it)."""
     if isinstance(where, Locations) and isinstance(cfg.train, list):
         start = 0
         for i, (_, count, _) in enumerate(where.parts):
@@ -55,7 +56,7 @@ def row_columns(cfg: DataConfig, where: list | None, index: int) -> tuple[dict[s
                     return own, f"data.train[{i}].columns"
                 break
             start += count
-    return cfg.columns, "data.columns"
+    return cfg.columns, cfg._columns_key
 
 
 def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> dict[str, int]:

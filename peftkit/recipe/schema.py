@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from peftkit.errors import did_you_mean
 from peftkit.methods import AdapterConfig, default_adapter, method_of
@@ -187,6 +187,9 @@ class DataConfig(Section):
     on_bad_rows: Literal["error", "skip"] = "error"
     """A row that is malformed or whose format fields are missing, not text, or not valid Unicode: stop with
     its line, or skip it and report the count."""
+    _columns_key: str = PrivateAttr("data.columns")
+    """The recipe key `columns` came from, as a bad row's error names it: data.train[1].columns where `reading` read
+    a dataset of the list through that entry's own."""
 
     def train_sources(self) -> list[DataSource]:
         """data.train as a list of datasets, each with its split and columns filled in (one for a single path)."""
@@ -205,8 +208,13 @@ class DataConfig(Section):
 
         if not any(same(path) for _, path, _ in self.sources()):
             return self.model_copy(update={"revision": None})
-        entry = next((e for e in self.train_sources() if same(e.path)), None)
-        return self.model_copy(update={"columns": entry.columns}) if entry is not None else self
+        i, entry = next(((i, e) for i, e in enumerate(self.train_sources()) if same(e.path)), (None, None))
+        if entry is None:
+            return self
+        read = self.model_copy(update={"columns": entry.columns})
+        if isinstance(self.train, list) and getattr(self.train[i], "columns", None) is not None:
+            read._columns_key = f"data.train[{i}].columns"
+        return read
 
     def sources(self) -> list[tuple[str, str, str]]:
         """(key, path or hub id, split) of each dataset the recipe reads: `train` (one path), or `train[0]`,
