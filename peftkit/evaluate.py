@@ -241,7 +241,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
             raise PeftkitError(f"data.eval {source} of {recipe} is not there: moved or deleted since? Give the data "
                                "with --data FILE.")
         # data.revision is the recipe's datasets' revision, not another dataset's given with --data; a dataset of
-        # data.train's list is read with its own columns
+        # data.train's list is read with its own columns and format
         own = cfg.data if data is None else cfg.data.reading(data)
         job = EvalJob(data=source, data_cfg=own, split=cfg.data.eval_split if not data else "train",
                       source=ModelSource.of_recipe(cfg, run_adapter),

@@ -370,7 +370,7 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
             job.data, job.split = cfg.data.eval, cfg.data.eval_split
     if data:
         job.data, job.split = data, "train"
-        if job.data_cfg is not None:  # the recipe's datasets' revision and a list entry's own columns
+        if job.data_cfg is not None:  # the recipe's datasets' revision and a list entry's own columns and format
             job.data_cfg = job.data_cfg.reading(data)
     if job.data:
         job.data_cfg = (job.data_cfg or DataConfig(train=job.data)).model_copy(update={"format": fmt} if fmt else {})

@@ -382,9 +382,12 @@ def read_manifest(run_dir: Path) -> Manifest:
 
 
 def _recorded_keys(today: object, recorded: object) -> object:
-    """`today` (a dump in schema order) without the keys `recorded` lacks, recursively."""
+    """`today` (a dump in schema order) without the keys `recorded` lacks, recursively: in lists too (data.train's
+    entries, which took a `format` after runs were recorded)."""
     if isinstance(today, dict) and isinstance(recorded, dict):
         return {k: _recorded_keys(v, recorded[k]) for k, v in today.items() if k in recorded}
+    if isinstance(today, list) and isinstance(recorded, list) and len(today) == len(recorded):
+        return [_recorded_keys(v, r) for v, r in zip(today, recorded, strict=True)]
     return today
 
 

@@ -69,8 +69,9 @@ def check_model(cfg: Recipe) -> str:
         if cfg.quantization is not None:
             check_prequantized(config, cfg.quantization, cfg.model.name_or_path)
         tok = load_tokenizer(cfg.model, cfg.data.chat_template)
-        if cfg.data.format == "chat":
-            check_chat_tokenizer(tok)
+        chat = [f"data.train[{i}].format" for i, entry in enumerate(cfg.data.train_sources()) if entry.format == "chat"]
+        if cfg.data.format == "chat" or chat:
+            check_chat_tokenizer(tok, "data.format" if cfg.data.format == "chat" else chat[0])
         if cfg.classification:  # the head's size: the classes, as train reads them
             from peftkit.modeling import classifier_kwargs
 

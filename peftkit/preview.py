@@ -148,7 +148,7 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
                          if b is not None), n))
     plain = is_plain(console)
     out = {"markup": False, "highlight": False, "soft_wrap": True}  # data is not rich markup; one line stays one line
-    listed = ", ".join(f"{e.path}" + (f" ({e.split})" if e.split != "train" else "") for e in cfg.train_sources())
+    listed = ", ".join(_entry(e, cfg) for e in cfg.train_sources())
     console.print(f"data.train {listed if isinstance(cfg.train, list) else cfg.train}: format {cfg.format}, "
                   f"data.max_length {cfg.max_length}, the first {len(shown)} of {len(rows)} rows", **out)
     console.print(legend(plain), **out)
@@ -172,6 +172,13 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     elif tasks and (stop := task_error(recipe, examples.task_ids, name)):
         console.print("training would stop: " + stop, **out)
     return shown
+
+
+def _entry(entry, cfg: DataConfig) -> str:
+    """A dataset of data.train's list in the header: `b.jsonl (train[:10], format chat)`."""
+    said = ([entry.split] if entry.split != "train" else []) + ([f"format {entry.format}"]
+                                                                 if entry.format != cfg.format else [])
+    return entry.path + (f" ({', '.join(said)})" if said else "")
 
 
 def task_error(recipe: Recipe, tasks: list[int | None], name: str) -> str | None:

@@ -201,12 +201,12 @@ def _recipe_text(tmp_path: Path, tiny_llama: Path, number_data: dict, train_yaml
 
 @pytest.mark.parametrize(("entries", "line", "message"), [
     ("  - a.jsonl\n  - path: b.jsonl\n    colums: {answer: output}\n", 5,
-     "unknown key 'colums' in data.train[1]. Did you mean 'columns'? Valid keys: path, split, columns."),
+     "unknown key 'colums' in data.train[1]. Did you mean 'columns'? Valid keys: path, split, columns, format."),
     ("  - a.jsonl\n  - path: b.jsonl\n    columns: {answr: output}\n", 5,
      "data.train[1].columns: 'answr' is not a field of data.format alpaca (instruction, output, input, task)"),
     ("  - a.jsonl\n  - split: train\n", 4, "missing required key 'data.train[1].path'."),
     ("  - a.jsonl\n  - 5\n", 4, ("'data.train[1]' = 5: must be a path or hub id, or {path: ..., split: ..., "
-                                 "columns: {...}}.")),
+                                 "columns: {...}, format: ...}.")),
     ("  - a.jsonl\n  - path: ''\n", 4, "'data.train[1]' is empty."),
 ])
 def test_a_bad_entry_is_a_recipe_error_at_its_line(tiny_llama, number_data, tmp_path, monkeypatch, capsys, entries,
@@ -230,7 +230,7 @@ def test_one_mapping_for_data_train_or_a_list_for_data_eval_is_one_clear_problem
     recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"train": {"path": str(number_data["train"])}})
     err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
     assert "(1 problem)" in err and ("'data.train' = dict: must be a path or hub id, or a list of datasets (each a "
-                                     "path or hub id or {path: ..., split: ..., columns: {...}}); one dataset's {path: "
+                                     "path or hub id or {path: ..., split: ..., columns: {...}, format: ...}); one dataset's {path: "
                                      "...} is a list of one: put '- ' before it.") in err, err
     recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"eval": [str(number_data["eval"])]})
     err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
@@ -386,3 +386,129 @@ def test_eval_and_generate_name_a_list_entry_s_columns_in_a_bad_row(two_files, t
     cfg = load_recipe(recipe).data.reading("b.jsonl")
     _, stats = load_examples(TOK, "b.jsonl", "train", cfg, cache=False)
     assert stats["special_text_first"] == "b.jsonl:2: column 'answer' (data.train[1].columns.output) holds '</s>'"
+
+
+def _chat_file(path: Path, n: int, seed: int) -> Path:
+    write_jsonl(path, [{"messages": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]}
+                       for r in number_rows(n, seed=seed)])
+    return path
+
+
+def test_each_entry_s_rows_are_tokenized_with_the_entry_s_own_format(two_files, tmp_path):
+    """A mix of alpaca and chat files (axolotl's per-dataset `type:`): each row's ids and labels are those of a run on
+    its file alone with its format; data.format is that of the entries without one."""
+    a, _ = two_files
+    chat = _chat_file(tmp_path / "c.jsonl", 3, seed=7)
+    text = tmp_path / "t.jsonl"
+    write_jsonl(text, [{"text": "one two"}, {"text": "three"}])
+    mix = DataConfig(train=[str(a), {"path": str(chat), "format": "chat"}, {"path": str(text), "format": "text"}],
+                     max_length=128)
+    examples, stats = load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    alone = [load_examples(TOK, str(path), "train", DataConfig(train=str(path), format=fmt, max_length=128),
+                           cache=False)[0] for path, fmt in ((a, "alpaca"), (chat, "chat"), (text, "text"))]
+    assert _pairs(examples) == _pairs(alone[0]) + _pairs(alone[1]) + _pairs(alone[2])
+    assert stats["examples"] == 5 + 3 + 2
+    assert mix.reading(str(chat)).format == "chat" and mix.reading(str(a)).format == "alpaca"  # eval/generate --data
+    chat_first = mix.model_copy(update={"format": "chat", "train": DataConfig(train=[
+        {"path": str(a), "format": "alpaca"}, str(chat), {"path": str(text), "format": "text"}]).train})
+    examples, _ = load_examples(TOK, chat_first.train, chat_first.train_split, chat_first, cache=False)
+    assert _pairs(examples) == _pairs(alone[0]) + _pairs(alone[1]) + _pairs(alone[2])
+
+
+def test_entries_giving_data_format_s_own_format_are_the_same_examples_and_cache_entry(two_files):
+    a, b = two_files
+    columns = {"instruction": "question", "output": "answer"}
+    plain = DataConfig(train=[str(a), {"path": str(b), "columns": columns}], max_length=128)
+    first, stats = load_examples(TOK, plain.train, plain.train_split, plain)
+    assert "cached" not in stats
+    said = DataConfig(train=[{"path": str(a), "format": "alpaca"}, {"path": str(b), "columns": columns,
+                                                                   "format": "alpaca"}], max_length=128)
+    again, stats = load_examples(TOK, said.train, said.train_split, said)
+    assert "cached" in stats and _pairs(again) == _pairs(first)
+    assert _pairs(load_examples(TOK, said.train, said.train_split, said, cache=False)[0]) == _pairs(first)
+
+
+def test_the_cache_keys_each_entry_s_format(two_files, tmp_path):
+    a, _ = two_files
+    text = tmp_path / "t.jsonl"
+    write_jsonl(text, [{"text": "one two", "prompt": "one", "completion": " two"}])
+    mix = DataConfig(train=[str(a), {"path": str(text), "format": "text"}], max_length=128)
+    first, _ = load_examples(TOK, mix.train, mix.train_split, mix)
+    other = DataConfig(train=[str(a), {"path": str(text), "format": "completion"}], max_length=128)
+    examples, stats = load_examples(TOK, other.train, other.train_split, other)
+    assert "cached" not in stats and _pairs(examples) != _pairs(first)
+
+
+def test_a_bad_row_of_a_chat_entry_is_named_by_its_file_and_line_and_counted_under_skip(two_files, tmp_path):
+    a, _ = two_files
+    chat = _chat_file(tmp_path / "c.jsonl", 2, seed=7)
+    chat.write_text(chat.read_text() + json.dumps({"messages": [{"role": "user", "content": "1"}]}) + "\n")
+    mix = DataConfig(train=[str(a), {"path": str(chat), "format": "chat"}], max_length=128)
+    with pytest.raises(PeftkitError, match=f"^{chat}:3: .*for data.format 'chat'"):
+        load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    skip = mix.model_copy(update={"on_bad_rows": "skip"})
+    examples, stats = load_examples(TOK, skip.train, skip.train_split, skip, cache=False)
+    assert len(examples) == 7
+    assert describe_stats(stats, skip)[0] == "7 training examples; skipped 1 bad rows (c.jsonl 1; data.on_bad_rows: skip)"
+
+
+@pytest.mark.parametrize(("entries", "line", "message"), [
+    ("  - a.jsonl\n  - path: b.jsonl\n    format: classification\n", 5,
+     "data.train[1].format: classification is data.format's alone"),
+    ("  - a.jsonl\n  - path: b.jsonl\n    format: chat\n    columns: {output: answer}\n", 6,
+     ("data.train[1].columns: 'output' is not a field of data.train[1].format chat (messages, tools, conversations, "
+      "system, task)")),
+])
+def test_an_entry_s_format_is_checked_and_its_columns_against_it(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                   capsys, entries, line, message):
+    recipe = _recipe_text(tmp_path, tiny_llama, number_data, entries)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert f"{recipe}:{line}: {message}" in err, err
+
+
+def test_an_entry_s_format_with_a_classifier_and_data_columns_of_another_format_are_refused():
+    with pytest.raises(ValueError, match=r"data.train\[1\].format: a classifier's datasets are all read as data.format "
+                                         "classification"):
+        DataConfig(train=["a.jsonl", {"path": "b.jsonl", "format": "text"}], format="classification")
+    with pytest.raises(ValueError, match=r"data.columns: 'output' is not a field of data.train\[1\].format chat .*"
+                                         r"give data.train\[1\] columns of its own"):
+        DataConfig(train=["a.jsonl", {"path": "b.jsonl", "format": "chat"}], columns={"output": "answer"})
+    assert DataConfig(train=["a.jsonl", {"path": "b.jsonl", "format": "chat", "columns": {}}],
+                      columns={"output": "answer"}).train_sources()[1].columns == {}
+
+
+def test_system_prompt_and_chat_template_serve_a_chat_entry(two_files, tmp_path):
+    a, _ = two_files
+    chat = _chat_file(tmp_path / "c.jsonl", 2, seed=7)
+    mix = DataConfig(train=[str(a), {"path": str(chat), "format": "chat"}], system_prompt="Be brief.",
+                     chat_template="chatml", max_length=256)
+    assert mix.train_sources()[1].format == "chat"
+    with pytest.raises(ValueError, match="data.system_prompt is the system message of chat conversations, and "
+                                         "data.format is alpaca, and no dataset of data.train is chat"):
+        DataConfig(train=[str(a), {"path": str(chat), "format": "text"}], system_prompt="Be brief.")
+    tok = build_char_tokenizer()
+    examples, _ = load_examples(tok, mix.train, mix.train_split, mix, cache=False)
+    assert "Be brief." in tok.decode(examples[5].input_ids) and "Be brief." not in tok.decode(examples[0].input_ids)
+
+
+def test_preview_shows_each_entry_in_its_format(tiny_llama, number_data, tmp_path, two_files):
+    from peftkit.preview import preview
+
+    a, _ = two_files
+    chat = _chat_file(tmp_path / "c.jsonl", 2, seed=7)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={
+        "train": [{"path": str(a), "split": "train[:1]"}, {"path": str(chat), "format": "chat"}]})
+    console = Console(file=io.StringIO(), width=1000, no_color=True)
+    shown = preview(load_recipe(recipe), 3, console)
+    assert [built.where for built in shown] == [f"{a}:1", f"{chat}:1", f"{chat}:2"]
+    out = console.file.getvalue()
+    assert f"data.train {a} (train[:1]), {chat} (format chat): format alpaca" in out
+    assert "### Instruction" in out and "<|user|>" in out and "3 training examples" in out
+
+
+def test_a_mix_of_formats_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    chat = _chat_file(tmp_path / "c.jsonl", 12, seed=4)
+    recipe = _mix_recipe(tmp_path, tiny_llama, number_data, [str(number_data["train"]),
+                                                               {"path": str(chat), "format": "chat"}],
+                         training={"max_steps": 6, "save_steps": 2, "save_total_limit": 10})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)

@@ -47,6 +47,7 @@ def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
 @pytest.mark.parametrize(("case", "expected"), [
     ("target", "adapter.target_modules entry 'qq_proj' (of ['qq_proj']) matches no module of this model."),
     ("no_template", "data.format is 'chat' but the tokenizer has no chat_template"),
+    ("no_template_entry", "data.train[1].format is 'chat' but the tokenizer has no chat_template"),
     ("llama_adapter", "adapter.adapter_layers: 5, but the model has 2 attention layers"),
     ("learned_positions", "data.max_length 600 is longer than the 512 positions"),
     ("mamba_prefix", "this mamba model's config has no num_attention_heads"),
@@ -57,8 +58,11 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
     validate says them in train's words, from a model whose weights cannot be read."""
     sections: dict = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["qq_proj"]}}
     base = tiny_llama
-    if case == "no_template":  # chat rows, and a tokenizer without a template
+    if case.startswith("no_template"):  # chat rows (all, or a list entry's), and a tokenizer without a template
         sections = {"data": {"format": "chat", "train": str(tmp_path / "chat.jsonl"), "eval": None}}
+        if case == "no_template_entry":
+            sections = {"data": {"train": [str(number_data["train"]), {"path": str(tmp_path / "chat.jsonl"),
+                                                                        "format": "chat"}], "eval": None}}
         (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, '
                                              '{"role": "assistant", "content": "ho"}]}\n')
     elif case == "llama_adapter":
@@ -68,16 +72,17 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
     elif case == "mamba_prefix":
         sections = {"adapter": {"method": "prefix_tuning", "num_virtual_tokens": 4}}
     model = _tiny_mamba(tmp_path / "mamba") if case == "mamba_prefix" else _garbage_weights(base, tmp_path / "model")
-    if case == "no_template":
+    if case.startswith("no_template"):
         (model / "chat_template.jinja").unlink()
     recipe = make_recipe(tmp_path / "r", model, number_data, **sections)
     if case in ("llama_adapter", "mamba_prefix"):  # the adapter section whole, not make_recipe's LoRA updated
         recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **sections}, sort_keys=False))
     validated, trained = _refusal(monkeypatch, capsys, recipe)
     assert expected in validated, validated
-    # train names the row it stopped at; the message is the same
-    assert trained == validated or (case == "no_template" and trained.endswith(validated.removeprefix("error: "))), \
-        (trained, validated)
+    # train names the row it stopped at; the message is the same (a list entry's row: the tokenizer's fault)
+    assert trained == validated or (case == "no_template" and trained.endswith(validated.removeprefix("error: "))) \
+        or (case == "no_template_entry" and f"{tmp_path / 'chat.jsonl'}:1: " in trained
+            and "the tokenizer has no chat_template" in trained), (trained, validated)
 
 
 def test_validate_gives_the_tokenizer_the_recipes_chat_template(tiny_llama, tmp_path, monkeypatch, capsys):

@@ -626,3 +626,26 @@ def test_a_checkpoint_saved_before_the_loss_scale_was_compares_without_it(tmp_pa
     assert _close("training_state.pt", tmp_path / "now.pt", tmp_path / "older.pt", 1e-4) == (
         "training_state.pt: its keys: ['scaler'] in one only")
 
+
+
+def test_a_run_whose_data_train_lists_entries_recorded_before_they_took_a_format_still_verifies(tiny_llama,
+                                                                                                 number_data, tmp_path):
+    """data.train's entries ({path: ...}) gained `format` (default null): a manifest written before lacks it in each
+    entry of the list, whose recorded recipe must still hash as written."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"train": [{"path": str(number_data["train"])}]},
+                         training={"max_steps": 2}, eval={"base_model": False})
+    train(load_recipe(recipe), console=_quiet())
+    run = tmp_path / "run"
+
+    def drop_entry_formats(manifest):
+        as_run = yaml.safe_load((run / "recipe.yaml").read_text())
+        for raw in (manifest["recipe"], as_run):
+            for entry in raw["data"]["train"]:
+                entry.pop("format")
+        old_yaml = yaml.safe_dump(as_run, sort_keys=False)
+        manifest["recipe_sha256"] = hashlib.sha256(old_yaml.encode()).hexdigest()
+        (run / "recipe.yaml").write_text(old_yaml)
+
+    _edit_manifest(run, drop_entry_formats)
+    report = verify(run, console=_quiet())
+    assert report.ok, report.differences

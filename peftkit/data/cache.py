@@ -2,7 +2,7 @@
 made them, so that the next `train`, `--resume` or `eval` of the same data reads them instead of tokenizing again.
 
 The key is a sha256 of: the data's content (a file's bytes; a hub dataset's rows, `rows.HUB_ROWS`; each dataset's,
-with its split and columns, in order, for a list in data.train), the tokenizer as
+with its split, columns and (where not data.format) format, in order, for a list in data.train), the tokenizer as
 `save_pretrained` writes it (vocabulary, special tokens, chat template, pad token), the data settings that shape an
 example (format, max_length, truncation, on_bad_rows, task ids), how the rows were read (a file's extension, and
 the reader each extension gets), the source of `peftkit.data` and the versions of transformers, tokenizers, jinja2
@@ -82,10 +82,10 @@ class ExampleCache:
     """The entry of one dataset's examples: `read` it (None on a miss), or `write` it after tokenizing."""
 
     def __init__(self, root: Path, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str) -> None:
-        """`digests`: (content digest, reader, split, columns) of each dataset read, in order (several: data.train's
-        list). The reader is how the rows were read (a file's extension; "hub"): the same bytes as .jsonl and as .txt
-        are other rows; the split which of them (a local file's slice, `train[95%:]`); the columns the dataset's own
-        (data.columns, or a list entry's)."""
+        """`digests`: (content digest, reader, split, columns[, format]) of each dataset read, in order (several:
+        data.train's list). The reader is how the rows were read (a file's extension; "hub"): the same bytes as .jsonl
+        and as .txt are other rows; the split which of them (a local file's slice, `train[95%:]`); the columns the
+        dataset's own (data.columns, or a list entry's); the format a list entry's own, where not data.format."""
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
                "data": digests, "readers": DATA_EXTENSIONS, "tasks": tasks,
                "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows", "train_on",

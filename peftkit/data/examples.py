@@ -14,7 +14,7 @@ from pathlib import Path
 from peftkit.data.checks import PROBE, injected_system_tokens, special_tokens_in
 from peftkit.data.formats import REQUIRED_FIELDS, SystemPrompt, _row_problem, message_name, sharegpt_words
 from peftkit.data.rows import HUB_ROWS, Locations, row_location
-from peftkit.data.sources import bad_rows_by_dataset, mix_name, read_rows, row_columns
+from peftkit.data.sources import bad_rows_by_dataset, format_spans, mix_name, read_rows, row_columns
 from peftkit.data.stored import Example, Examples
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -144,14 +144,15 @@ def _trailing_specials(tok) -> list[int]:
     return full[starts[0] + len(plain):] if plain and starts else []
 
 
-def check_chat_tokenizer(tok) -> None:
-    """What data.format chat needs of the tokenizer: a chat template, and offsets (a fast tokenizer)."""
+def check_chat_tokenizer(tok, key: str = "data.format") -> None:
+    """What data.format chat (`key`: or a data.train entry's format) needs of the tokenizer: a chat template, and
+    offsets (a fast tokenizer)."""
     if not getattr(tok, "chat_template", None):
-        raise PeftkitError("data.format is 'chat' but the tokenizer has no chat_template (a base model's has none); "
+        raise PeftkitError(f"{key} is 'chat' but the tokenizer has no chat_template (a base model's has none); "
                            "set data.chat_template (chatml, llama3, a .jinja file, or a tokenizer directory to copy it "
                            "from), use a tokenizer with a template, or use another format.")
     if not tok.is_fast:
-        raise PeftkitError("data.format 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
+        raise PeftkitError(f"{key} 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
 
 
 def _chat_example(tok, messages: list[dict], train_on: str = "answers",
@@ -333,7 +334,8 @@ ROWS_PER_CALL = 512
 def build_examples(
     tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None = None, *, tasks: bool = False
 ) -> Iterator[BuiltExample | None]:
-    """Each row tokenized, masked and cut to data.max_length, in order; None for a bad row skipped under
+    """Each row tokenized (in its format: data.format, or its list entry's own), masked and cut to data.max_length,
+    in order; None for a bad row skipped under
     data.on_bad_rows: skip (a bad row raises under `error`). Applies no data.truncation policy.
 
     Args:
@@ -341,15 +343,22 @@ def build_examples(
         tasks: read each row's `task` (the model's method reads task ids: `peftkit.task_ids`); another method
             ignores the column, whatever it holds.
     """
+    for own, span in format_spans(cfg, line_numbers, len(rows)):  # (a mix's entries of their own formats apart)
+        yield from _built_examples(tok, rows, own, source, line_numbers, span, tasks)
+
+
+def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_numbers: list[int] | None, span: range,
+                    tasks: bool) -> Iterator[BuiltExample | None]:
+    """`build_examples` of the rows in `span`, all of data.format `cfg.format`."""
     if cfg.format == "classification":  # one label per row, not target tokens: peftkit.data.classification
         raise PeftkitError(f"{source}: data.format 'classification' rows are read by peftkit train and peftkit eval only; "
                            "this command does not show them yet.")
     chat = cfg.format == "chat"
-    good = [_problem(row, cfg.format) is None for row in rows]  # a bad row raises (or is None) in its turn below
-    full = None if chat else _full_examples(tok, [row for row, ok in zip(rows, good, strict=True) if ok], cfg.format,
+    good = [_problem(rows[i], cfg.format) is None for i in span]  # a bad row raises (or is None) in its turn below
+    full = None if chat else _full_examples(tok, [rows[i] for i, ok in zip(span, good, strict=True) if ok], cfg.format,
                                             cfg.train_on)
-    for i, (row, ok) in enumerate(zip(rows, good, strict=True)):
-        where = row_location(source, i, line_numbers)
+    for i, ok in zip(span, good, strict=True):
+        row, where = rows[i], row_location(source, i, line_numbers)
         if not ok and not usable_row(row, cfg, where):
             yield None
             continue
@@ -447,35 +456,49 @@ def count_examples(
     caller decides whether to stop): `tokenize_rows` without its errors, so `peftkit preview` can report
     what training would do."""
     examples = Examples()
+    spans = format_spans(cfg, line_numbers, len(rows))  # one, but for a mix with entries of their own formats
+    chat = any(own.format == "chat" for own, _ in spans)
     stats = {"rows": len(rows), "bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
-             "special_text_first": None, "turn_ends_unmarked": cfg.format == "chat" and turn_end_token(tok) is None,
+             "special_text_first": None, "turn_ends_unmarked": chat and turn_end_token(tok) is None,
              "dropped_message_rows": 0, "dropped_message_first": None}
     if stats["turn_ends_unmarked"] and cfg.chat_template is not None:  # the recipe's template: name its marker
         stats["turn_end_text"] = turn_end_text(tok)
     cuts = _TargetCuts()
-    lead = len(encode_prompt(tok, "")) if cfg.format != "chat" else 0  # the special tokens put in front (BOS)
-    for i, row in enumerate(rows):  # every row's fields first: a bad row deep in a large file is an error in seconds,
-        if _problem(row, cfg.format):  # not after the tokenizing of all the rows before it
-            usable_row(row, cfg, row_location(source, i, line_numbers))
+    for own, span in spans:  # every row's fields first: a bad row deep in a large file is an error in seconds,
+        for i in span:  # not after the tokenizing of all the rows before it
+            if _problem(rows[i], own.format):
+                usable_row(rows[i], own, row_location(source, i, line_numbers))
     shown = source if source.startswith("data.train (") else source.rstrip("/").rsplit("/", 1)[-1]  # (a mix: whole)
     with work(f"tokenizing {shown}", len(rows), "rows") as advance:
-        for built in build_examples(tok, rows, cfg, source, line_numbers, tasks=tasks):
-            advance()
-            _count(built, rows, cfg, stats, cuts, examples)
-            row = rows[built.index] if built is not None else None
-            if row is not None and (found := special_tokens_in(tok, row, cfg.format, _body(built, lead))):
-                stats["special_text_rows"] += 1
-                stats["special_text_first"] = stats["special_text_first"] or \
-                    f"{built.where}: {in_data_words(found, row, row_columns(cfg, line_numbers, built.index))}"
-            if row is not None and cfg.format == "chat" and (left := left_out(tok, row)):
-                stats["dropped_message_rows"] += 1
-                stats["dropped_message_first"] = stats["dropped_message_first"] or \
-                    f"{built.where}: {in_data_words(left, row, row_columns(cfg, line_numbers, built.index))}"
+        for own, span in spans:
+            lead = len(encode_prompt(tok, "")) if own.format != "chat" else 0  # the special tokens put in front (BOS)
+            for built in _built_examples(tok, rows, own, source, line_numbers, span, tasks):
+                advance()
+                _count(built, rows, own, stats, cuts, examples)
+                if built is not None:
+                    _warnings(tok, built, rows, own.format, lead, stats, cfg, line_numbers)
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)
     return examples, stats, cuts
+
+
+def _warnings(tok, built: BuiltExample, rows: list[dict], fmt: str, lead: int, stats: dict, cfg: DataConfig,
+              line_numbers: list[int] | None) -> None:
+    """`count_examples`' counts of a row (of format `fmt`) with the text of a special token, and of a conversation
+    whose system message the template leaves out (`left_out`), each with the first such row in the data's words."""
+    row = rows[built.index]
+
+    def said(text: str) -> str:
+        return f"{built.where}: {in_data_words(text, row, row_columns(cfg, line_numbers, built.index))}"
+
+    if found := special_tokens_in(tok, row, fmt, _body(built, lead)):
+        stats["special_text_rows"] += 1
+        stats["special_text_first"] = stats["special_text_first"] or said(found)
+    if fmt == "chat" and (left := left_out(tok, row)):
+        stats["dropped_message_rows"] += 1
+        stats["dropped_message_first"] = stats["dropped_message_first"] or said(left)
 
 
 def left_out(tok, row: dict) -> str | None:
@@ -589,10 +612,12 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
     from peftkit.data.cache import cache_root
 
     root = cache_root() if cache else None
-    parts = [(source, split, cfg.columns)] if isinstance(source, str) else \
-        [(entry.path, entry.split, entry.columns) for entry in cfg.train_sources()]
+    # an entry's format keys it where it is its own (an entry of data.format's keys as it did before formats)
+    parts = [(source, split, cfg.columns, None)] if isinstance(source, str) else \
+        [(entry.path, entry.split, entry.columns, entry.format if entry.format != cfg.format else None)
+         for entry in cfg.train_sources()]
     # (a path that is no file fails in load_rows, in its words)
-    local = root is not None and all(not is_hub_dataset(path) and Path(path).is_file() for path, _, _ in parts)
+    local = root is not None and all(not is_hub_dataset(path) and Path(path).is_file() for path, *_ in parts)
     name = source if isinstance(source, str) else mix_name(cfg)
     entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, tasks, name) if local else None
     if entry is not None and (hit := entry.read()) is not None:
@@ -614,17 +639,19 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
     return examples, stats
 
 
-def _data_digests(parts: list[tuple[str, str | None, dict]], cfg: DataConfig) -> list[tuple] | None:
-    """(content digest, reader, split, columns) of each dataset: a file's sha256 and extension, a hub dataset's rows'
-    digest as read (`rows.HUB_ROWS`); None where a hub dataset's rows are not read yet."""
+def _data_digests(parts: list[tuple[str, str | None, dict, str | None]], cfg: DataConfig) -> list[tuple] | None:
+    """(content digest, reader, split, columns[, format]) of each dataset: a file's sha256 and extension, a hub
+    dataset's rows' digest as read (`rows.HUB_ROWS`), and a list entry's format where it is not data.format's; None
+    where a hub dataset's rows are not read yet."""
     found = []
-    for path, split, columns in parts:
+    for path, split, columns, fmt in parts:
         if is_hub_dataset(path):
             if (hub := HUB_ROWS.get((path, split, cfg.revision))) is None:
                 return None
-            found.append((hub["rows"], "hub", split, columns))
+            digest = (hub["rows"], "hub", split, columns)
         else:
-            found.append((sha256_file(path), Path(path).suffix.lower(), split, columns))
+            digest = (sha256_file(path), Path(path).suffix.lower(), split, columns)
+        found.append(digest + ((fmt,) if fmt is not None else ()))
     return found
 
 

@@ -1,6 +1,6 @@
 """data.train's datasets -> one list of rows: a file or hub dataset as `load_rows` reads it, or a list of them (a
 mix, as axolotl's `datasets:` and LLaMA-Factory's `dataset: a,b`) concatenated in the list's order, each read with
-its own split and columns and each row named by its own file and line."""
+its own split, columns and format and each row named by its own file and line."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def read_rows(source: str | list, split: str | None,
               cfg: DataConfig) -> tuple[list[dict], int, list[int] | None, str]:
     """(rows as data.format reads them, malformed lines skipped, each row's line number or location, a name for
     messages) of `source`: one path or hub id at `split`, or data.train's list (`cfg.train_sources`; `split`
-    unused), whose name is `mix_name`."""
+    unused; each entry's rows as its own format reads them), whose name is `mix_name`."""
     if isinstance(source, str):
         rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
         return format_rows(rows, cfg), bad, line_numbers, source
@@ -21,9 +21,10 @@ def read_rows(source: str | list, split: str | None,
     where.parts = []
     for i, entry in enumerate(cfg.train_sources()):
         read, skipped, line_numbers = load_rows(entry.path, entry.split, cfg.on_bad_rows, cfg.revision)
-        own = cfg.model_copy(update={"columns": entry.columns})
+        own = cfg.model_copy(update={"columns": entry.columns, "format": entry.format})
         read = format_rows(read, own)
-        if cfg.on_bad_rows == "error":  # a bad row said here, in its entry's columns (the mix's checks know only one)
+        if cfg.on_bad_rows == "error":  # a bad row said here, in its entry's columns and format (the mix's checks
+            # know data.columns only)
             _check_fields(read, own, entry.path, line_numbers, i)
         rows += read
         where += (row_location(entry.path, n, line_numbers) for n in range(len(read)))
@@ -33,7 +34,7 @@ def read_rows(source: str | list, split: str | None,
 
 
 def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: list[int] | None, index: int) -> None:
-    """The first row of data.train[index] without the fields data.format needs, as an error in that entry's columns
+    """The first row of data.train[index] without the fields its format needs, as an error in that entry's columns
     (its own, or data.columns). A classifier's rows too: `usable_rows` checks the whole mix with data.columns only."""
     from peftkit.data.examples import _problem, usable_row
 
@@ -61,18 +62,33 @@ def row_columns(cfg: DataConfig, where: list | None, index: int) -> tuple[dict[s
 
 def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> dict[str, int]:
     """{dataset: rows skipped under data.on_bad_rows: skip} of a mix's datasets that had any: its unreadable lines
-    and its rows without data.format's fields."""
+    and its rows without its format's fields."""
     from peftkit.data.examples import _problem
 
     found, start = {}, 0
     names = {path: _short(path) for path, _, _ in where.parts}
     alike = {name for name in names.values() if list(names.values()).count(name) > 1}  # two files of one name
-    for path, count, skipped in where.parts:
-        if bad := skipped + sum(_problem(row, cfg.format) is not None for row in rows[start:start + count]):
+    for entry, (path, count, skipped) in zip(cfg.train_sources(), where.parts, strict=True):
+        if bad := skipped + sum(_problem(row, entry.format) is not None for row in rows[start:start + count]):
             name = path if names[path] in alike else names[path]
             found[name] = found.get(name, 0) + bad  # (a file listed twice: both its entries' rows)
         start += count
     return found
+
+
+def format_spans(cfg: DataConfig, where: list | None, count: int) -> list[tuple[DataConfig, range]]:
+    """The rows (their indices) each format reads, with the config to read them by: all `count` rows by `cfg`; or,
+    for a mix (`where`: `Locations`) with an entry of another format than data.format, each entry's rows by `cfg` with
+    that entry's format and columns (so a recipe without entry formats tokenizes exactly as before they existed)."""
+    entries = cfg.train_sources() if isinstance(where, Locations) else []
+    if all(entry.format == cfg.format for entry in entries):
+        return [(cfg, range(count))]
+    spans, start = [], 0
+    for entry, (_, n, _) in zip(entries, where.parts, strict=True):
+        own = cfg.model_copy(update={"format": entry.format, "columns": entry.columns})
+        spans.append((own, range(start, start + n)))
+        start += n
+    return spans
 
 
 def _short(path: str) -> str:

@@ -276,9 +276,10 @@ def _takes(section: str, model: type[BaseModel], key: str, value: Any) -> bool:
 _UNION_HINTS = {
     ("adapter", "target_modules"): "must be 'all-linear', a list of module-name suffixes, or {regex: PATTERN}",
     ("training", "max_steps"): "must be a positive integer, or null to train for `epochs`",
-    ("data", "train", "[i]"): "must be a path or hub id, or {path: ..., split: ..., columns: {...}}",
+    ("data", "train", "[i]"): "must be a path or hub id, or {path: ..., split: ..., columns: {...}, format: ...}",
     ("data", "train"): ("must be a path or hub id, or a list of datasets (each a path or hub id or {path: ..., split: "
-                        "..., columns: {...}}); one dataset's {path: ...} is a list of one: put '- ' before it"),
+                        "..., columns: {...}, format: ...}); one dataset's {path: ...} is a list of one: put '- ' before "
+                        "it"),
     ("data", "eval"): "must be one path or hub id (data.eval is one dataset; a list of datasets is data.train's)",
 }
 

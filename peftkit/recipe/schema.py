@@ -98,7 +98,7 @@ class QuantizationConfig(Section):
 
 
 class DataSource(Section):
-    """One dataset of a list in data.train, read with its own split and columns."""
+    """One dataset of a list in data.train, read with its own split, columns and format."""
 
     path: str
     """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
@@ -107,6 +107,21 @@ class DataSource(Section):
     columns: dict[str, str] | None = None
     """Its columns for the format's fields (as data.columns, which it replaces for this dataset); default
     data.columns."""
+    format: Literal["alpaca", "chat", "completion", "text", "classification"] | None = None
+    """The format its rows are read and tokenized in (axolotl's per-dataset `type:`), to mix alpaca rows with
+    conversations; default data.format, which data.eval and generation's prompts are read in. Not `classification`
+    (a classifier's datasets are all data.format classification)."""
+
+
+def _check_columns(key: str, columns: dict[str, str], named: str, fmt: str, fix: str = "") -> None:
+    """Each key of `columns` a field of format `fmt`, `named` as its key (data.format, data.train[1].format)."""
+    from peftkit.data.formats import format_fields
+
+    fields = format_fields(fmt)
+    for field in columns:
+        if field not in fields:
+            raise ValueError(f"{key}: {field!r} is not a field of {named} {fmt} ({', '.join(fields)}); each key names "
+                             f"a field, its value the data's column.{did_you_mean(field, fields)}{fix}")
 
 
 class DataConfig(Section):
@@ -114,7 +129,7 @@ class DataConfig(Section):
 
     train: str | list[str | DataSource]
     """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id; or a list of them, each a path or hub id or
-    {path, split, columns}, whose rows are concatenated in the list's order and then shuffled together."""
+    {path, split, columns, format}, whose rows are concatenated in the list's order and then shuffled together."""
 
     @field_validator("train")
     @classmethod
@@ -142,11 +157,11 @@ class DataConfig(Section):
     earlier ones are context; the same as `answers` for the other formats, whose rows hold one answer); `all`, every
     token, prompts, system and user turns too (axolotl's `train_on_inputs: true`)."""
     system_prompt: str | None = None
-    """data.format chat: the system message of each conversation that opens without one (LLaMA-Factory's
-    default_system, axolotl's default_system_message)."""
+    """data.format chat (or a data.train entry's): the system message of each conversation that opens without one
+    (LLaMA-Factory's default_system, axolotl's default_system_message)."""
     chat_template: str | None = None
-    """data.format chat: the chat template to set on the tokenizer (a base model's has none; an instruct model's is
-    replaced): a built-in (`chatml`, `llama3`), a .jinja file, a local tokenizer or model directory whose template
+    """data.format chat (or a data.train entry's): the chat template to set on the tokenizer (a base model's has
+    none; an instruct model's is replaced): a built-in (`chatml`, `llama3`), a .jinja file, a local tokenizer or model directory whose template
     to copy, or the jinja text itself (`peftkit.data.chat_templates`); load_recipe reads a file or directory into its
     text, which the run's recipe.yaml keeps. null: the tokenizer's own."""
     columns: dict[str, str] = Field(default_factory=dict)
@@ -155,23 +170,32 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _columns_are_fields(self) -> DataConfig:
-        if self.system_prompt is not None and self.format != "chat":
-            raise ValueError(f"data.system_prompt is the system message of chat conversations, and data.format is "
-                             f"{self.format}; remove it, or use data.format: chat")
-        if self.chat_template is not None and self.format != "chat":
-            raise ValueError(f"data.chat_template is the template of chat conversations, and data.format is "
-                             f"{self.format}, whose rows no template renders; remove it, or use data.format: chat")
-        from peftkit.data.formats import format_fields
-
-        fields = format_fields(self.format)
-        listed = [(f"data.train[{i}].columns", entry.columns) for i, entry in enumerate(self.train)
-                  if isinstance(entry, DataSource) and entry.columns] if isinstance(self.train, list) else []
-        for key, columns in [("data.columns", self.columns), *listed]:
-            for field in columns:
-                if field not in fields:
-                    raise ValueError(f"{key}: {field!r} is not a field of data.format {self.format} "
-                                     f"({', '.join(fields)}); each key names a field, its value the data's column."
-                                     f"{did_you_mean(field, fields)}")
+        entries = [(i, e) for i, e in enumerate(self.train) if isinstance(e, DataSource)] \
+            if isinstance(self.train, list) else []
+        for i, entry in entries:
+            if entry.format == "classification":
+                raise ValueError(f"data.train[{i}].format: classification is data.format's alone: a classifier's "
+                                 "datasets are all read as data.format classification; remove it")
+            if entry.format is not None and self.format == "classification":
+                raise ValueError(f"data.train[{i}].format: a classifier's datasets are all read as data.format "
+                                 "classification (text, label, optional text_pair); remove it")
+        chat = self.format == "chat" or any(entry.format == "chat" for _, entry in entries)
+        said = f"data.format is {self.format}" + (", and no dataset of data.train is chat" if entries else "")
+        if self.system_prompt is not None and not chat:
+            raise ValueError(f"data.system_prompt is the system message of chat conversations, and {said}; remove "
+                             "it, or use data.format: chat")
+        if self.chat_template is not None and not chat:
+            raise ValueError(f"data.chat_template is the template of chat conversations, and {said}, whose rows no "
+                             "template renders; remove it, or use data.format: chat")
+        _check_columns("data.columns", self.columns, "data.format", self.format)
+        for i, entry in entries:
+            fmt = entry.format or self.format
+            named = "data.format" if fmt == self.format else f"data.train[{i}].format"
+            if entry.columns:
+                _check_columns(f"data.train[{i}].columns", entry.columns, named, fmt)
+            elif entry.columns is None and fmt != self.format:  # it reads data.columns, another format's
+                _check_columns("data.columns", self.columns, named, fmt,
+                               f" Or give data.train[{i}] columns of its own ({{}} for none).")
         return self
 
     train_split: str = "train"
@@ -192,17 +216,20 @@ class DataConfig(Section):
     a dataset of the list through that entry's own."""
 
     def train_sources(self) -> list[DataSource]:
-        """data.train as a list of datasets, each with its split and columns filled in (one for a single path)."""
+        """data.train as a list of datasets, each with its split, columns and format filled in (one for a single
+        path)."""
         entries = self.train if isinstance(self.train, list) else [self.train]
-        return [DataSource(path=entry, split=self.train_split, columns=self.columns) if isinstance(entry, str)
+        return [DataSource(path=entry, split=self.train_split, columns=self.columns, format=self.format)
+                if isinstance(entry, str)
                 else entry.model_copy(update={"split": entry.split or self.train_split,
-                                              "columns": self.columns if entry.columns is None else entry.columns})
+                                              "columns": self.columns if entry.columns is None else entry.columns,
+                                              "format": entry.format or self.format})
                 for entry in entries]
 
     def reading(self, source: str) -> DataConfig:
         """This section as a command reads `source` (`eval`/`generate --data`): data.revision is the recipe's
         datasets', so another dataset is read without it; a dataset of data.train's list is read with its own
-        columns. A local path matches as the same file, however it is written."""
+        columns and format. A local path matches as the same file, however it is written."""
         def same(path: str) -> bool:
             return path == source or (not is_hub_dataset(path) and Path(path).resolve() == Path(source).resolve())
 
@@ -211,7 +238,7 @@ class DataConfig(Section):
         i, entry = next(((i, e) for i, e in enumerate(self.train_sources()) if same(e.path)), (None, None))
         if entry is None:
             return self
-        read = self.model_copy(update={"columns": entry.columns})
+        read = self.model_copy(update={"columns": entry.columns, "format": entry.format})
         if isinstance(self.train, list) and getattr(self.train[i], "columns", None) is not None:
             read._columns_key = f"data.train[{i}].columns"
         return read
