@@ -444,7 +444,8 @@ def test_a_bad_row_of_a_chat_entry_is_named_by_its_file_and_line_and_counted_und
     chat = _chat_file(tmp_path / "c.jsonl", 2, seed=7)
     chat.write_text(chat.read_text() + json.dumps({"messages": [{"role": "user", "content": "1"}]}) + "\n")
     mix = DataConfig(train=[str(a), {"path": str(chat), "format": "chat"}], max_length=128)
-    with pytest.raises(PeftkitError, match=f"^{chat}:3: .*for data.format 'chat'"):
+    with pytest.raises(PeftkitError, match=fr"^{chat}:3: .*for data.train\[1\].format 'chat' .*set the right "
+                                           r"data.train\[1\].format,"):
         load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
     skip = mix.model_copy(update={"on_bad_rows": "skip"})
     examples, stats = load_examples(TOK, skip.train, skip.train_split, skip, cache=False)

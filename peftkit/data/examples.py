@@ -394,10 +394,12 @@ def _problem(row: object, fmt: str, target: bool = True) -> str | None:
     return _row_problem(row, fmt, target) if isinstance(row, dict) else "not an object"
 
 
-def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None) -> bool:
+def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None,
+               format_key: str = "data.format") -> bool:
     """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
     data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
-    default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it)."""
+    default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it; `format_key`: of
+    cfg.format, a list entry's own: data.train[1].format)."""
     problem = _problem(row, cfg.format, target)
     if not problem:
         return True
@@ -405,8 +407,8 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
         return False
     problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
     raise PeftkitError(
-        f"{where}: {problem} for data.format '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
-        "the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "
+        f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
+        f"the right {format_key}, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "
         "--on-bad-rows skip)."
     )
 

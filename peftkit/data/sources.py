@@ -35,14 +35,16 @@ def read_rows(source: str | list, split: str | None,
 
 def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: list[int] | None, index: int) -> None:
     """The first row of data.train[index] without the fields its format needs, as an error in that entry's columns
-    (its own, or data.columns). A classifier's rows too: `usable_rows` checks the whole mix with data.columns only."""
+    and format (its own, or data.columns and data.format). A classifier's rows too: `usable_rows` checks the whole mix
+    with data.columns only."""
     from peftkit.data.examples import _problem, usable_row
 
     entry = cfg.train[index] if isinstance(cfg.train, list) else None
     key = f"data.train[{index}].columns" if getattr(entry, "columns", None) is not None else "data.columns"
+    format_key = f"data.train[{index}].format" if getattr(entry, "format", None) is not None else "data.format"
     for n, row in enumerate(rows):
         if _problem(row, cfg.format):
-            usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key)
+            usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key, format_key=format_key)
 
 
 def row_columns(cfg: DataConfig, where: list | None, index: int) -> tuple[dict[str, str], str]:
