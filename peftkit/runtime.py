@@ -165,19 +165,29 @@ def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
 
 
 def lr_lambda(cfg: TrainingConfig, total_steps: int):
-    """Linear warmup over `warmup_steps`, then cosine/linear decay to `min_lr_ratio` at total_steps (or constant)."""
+    """Linear warmup over `warmup_steps`, then cosine/linear decay to `min_lr_ratio` at total_steps, constant, or
+    wsd: constant, then a `decay_type` decay to `min_lr_ratio` over the last `decay_ratio` of the steps."""
     warmup, floor = warmup_steps(cfg, total_steps), cfg.min_lr_ratio
+    # wsd's decay: rounded up as warmup_ratio is (10% of 25 steps: 3), and never into the warmup.
+    decay_steps = min(math.ceil(cfg.decay_ratio * total_steps), total_steps - warmup)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if cfg.scheduler == "constant":
             return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.scheduler == "linear":
-            decay = max(0.0, 1.0 - progress)
+        start, shape = warmup, cfg.scheduler
+        if cfg.scheduler == "wsd":
+            start, shape = total_steps - decay_steps, cfg.decay_type
+            if step < start:
+                return 1.0
+        progress = min((step - start) / max(1, total_steps - start), 1.0)
+        if shape == "linear":
+            decay = 1.0 - progress
+        elif shape == "1-sqrt":  # Hägele et al. 2024 (arXiv:2405.18392), transformers' wsd decay_type
+            decay = 1.0 - math.sqrt(progress)
         else:
-            decay = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
         return floor + (1.0 - floor) * decay  # exactly `decay` at floor 0
     return factor
 

@@ -318,6 +318,62 @@ def test_min_lr_ratio_ends_the_decay_above_zero_as_transformers_does():
     assert [plain(s) for s in range(21)] == [at_zero(s) for s in range(21)]
 
 
+def _transformers_factors(schedule, steps: int) -> list[float]:
+    """A transformers schedule's factor at steps 0..steps-1, stepped as its Trainer steps it."""
+    factors = []
+    for _ in range(steps):
+        factors.append(schedule.get_last_lr()[0])
+        schedule.optimizer.step()
+        schedule.step()
+    return factors
+
+
+@pytest.mark.parametrize(("training", "total", "decay_steps"), [
+    ({}, 20, 2),
+    ({"warmup_steps": 3, "decay_ratio": 0.3, "decay_type": "linear", "min_lr_ratio": 0.1}, 25, 8),  # 7.5 rounded up
+    ({"warmup_ratio": 0.1, "decay_ratio": 0.25, "decay_type": "1-sqrt", "min_lr_ratio": 0.05}, 37, 10),
+    ({"warmup_steps": 4, "decay_ratio": 1.0}, 10, 6),  # the decay stops at the warmup's end
+])
+def test_wsd_is_transformers_get_wsd_schedule_after_the_warmup(training, total, decay_steps):
+    """scheduler wsd: after the warmup, transformers' get_wsd_schedule with the same warmup, decay steps, decay_type
+    and min_lr_ratio, step by step to the run's end; the warmup is peftkit's own, (s + 1) / (warmup + 1)."""
+    from transformers.optimization import get_wsd_schedule
+
+    from peftkit.recipe import TrainingConfig
+    from peftkit.runtime import warmup_steps
+
+    cfg = TrainingConfig(scheduler="wsd", **training)
+    warmup = warmup_steps(cfg, total)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    reference = get_wsd_schedule(torch.optim.SGD([parameter], lr=1.0), warmup, decay_steps, total,
+                                 decay_type=cfg.decay_type, min_lr_ratio=cfg.min_lr_ratio)
+    expected = _transformers_factors(reference, total + 1)
+    wsd = lr_lambda(cfg, total)
+    assert [wsd(s) for s in range(warmup, total + 1)] == pytest.approx(expected[warmup:], abs=1e-12)
+    assert [wsd(s) for s in range(warmup)] == [(s + 1) / (warmup + 1) for s in range(warmup)]
+    assert [wsd(s) for s in range(warmup, total - decay_steps + 1)] == [1.0] * (total - decay_steps - warmup + 1)
+    assert wsd(total - 1) < 1.0 and wsd(total) == pytest.approx(cfg.min_lr_ratio)
+    whole = lr_lambda(TrainingConfig(scheduler="wsd", warmup_steps=4, decay_ratio=1.0), 10)
+    cosine = lr_lambda(TrainingConfig(warmup_steps=4), 10)
+    assert [whole(s) for s in range(11)] == [cosine(s) for s in range(11)]
+
+
+def test_a_wsd_run_applies_its_schedule_and_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    """A wsd run killed after step 2, before its decay, and resumed gives the unbroken run's adapter; each step
+    logged the rate of its schedule (a warmup step, two at lr, three decaying to min_lr_ratio)."""
+    from tests.conftest import check_resumes_to_the_same_bits
+
+    training = {"max_steps": 6, "save_steps": 2, "save_total_limit": 5, "lr": 1e-2, "scheduler": "wsd",
+                "warmup_steps": 1, "decay_ratio": 0.5, "min_lr_ratio": 0.1}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training=training)
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    schedule = lr_lambda(load_recipe(recipe).training, 6)
+    assert [r["lr"] for r in lines] == pytest.approx([1e-2 * schedule(s) for s in range(6)])
+    assert [r["lr"] for r in lines][:4] == pytest.approx([0.5e-2, 1e-2, 1e-2, 1e-2])
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_32bit"])
 def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
     """training.adam_betas / adam_epsilon: one step of each AdamW optimizer with betas (0.5, 0.9) and eps 1e-3 is
@@ -349,8 +405,14 @@ def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
     ({"optimizer": "sgd", "adam_betas": [0.9, 0.95]}, "adam_betas and adam_epsilon are the AdamW optimizers', and "
                                                       "optimizer is sgd"),
     ({"adam_betas": [0.9, 1.0]}, "adam_betas [0.9, 1.0]: each beta is in [0, 1)"),
-    ({"scheduler": "constant", "min_lr_ratio": 0.1}, "min_lr_ratio (0.1) is where cosine and linear decay end, and "
-                                                     "scheduler is constant; remove it or use cosine or linear"),
+    ({"scheduler": "constant", "min_lr_ratio": 0.1}, "min_lr_ratio (0.1) is where cosine, linear and wsd decay end, "
+                                                     "and scheduler is constant; remove it or use cosine, linear or wsd"),
+    ({"scheduler": "wsd", "decay_ratio": 0}, "'training.decay_ratio' = 0: must be greater than 0"),
+    ({"scheduler": "wsd", "decay_ratio": 1.5}, "'training.decay_ratio' = 1.5: must be less than or equal to 1"),
+    ({"decay_ratio": 0.2}, "decay_ratio (0.2) shapes the wsd scheduler, and scheduler is cosine; remove it or use "
+                           "scheduler: wsd"),
+    ({"scheduler": "linear", "decay_type": "1-sqrt"}, "decay_type (1-sqrt) shapes the wsd scheduler, and scheduler is "
+                                                      "linear; remove it or use scheduler: wsd"),
     ({"min_lr_ratio": 1.0}, "'training.min_lr_ratio' = 1.0: must be less than 1"),
     # one beta was "missing required key 'training.adam_betas'. Add 'adam_betas:' under 'training:'"
     ({"adam_betas": [0.9]}, "'training.adam_betas' = list: must be two numbers, [beta1, beta2] (default [0.9, 0.999])"),

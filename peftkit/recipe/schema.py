@@ -289,13 +289,20 @@ class TrainingConfig(Section):
             raise ValueError("must be two numbers, [beta1, beta2] (default [0.9, 0.999])")
         return value
     adam_epsilon: float = Field(1e-8, gt=0)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    scheduler: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """After the warmup: cosine or linear decay to min_lr_ratio, constant, or wsd (warmup-stable-decay, MiniCPM's,
+    arXiv:2404.06395): lr, then a decay to min_lr_ratio over the last decay_ratio of the steps."""
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Warm up over this share of the run's optimizer steps, rounded up (transformers' warmup_ratio); or give
     warmup_steps."""
     min_lr_ratio: float = Field(0.0, ge=0, lt=1)
-    """cosine and linear: decay to this share of lr, not to 0 (transformers' cosine_with_min_lr min_lr_rate)."""
+    """cosine, linear and wsd: decay to this share of lr, not to 0 (transformers' cosine_with_min_lr min_lr_rate)."""
+    decay_ratio: float = Field(0.1, gt=0, le=1)
+    """wsd only: decay over this last share of the run's optimizer steps, rounded up, never into the warmup
+    (transformers' get_wsd_schedule num_decay_steps as a share)."""
+    decay_type: Literal["cosine", "linear", "1-sqrt"] = "cosine"
+    """wsd only: the decay's shape (transformers' get_wsd_schedule decay_type, and its default)."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; null disables clipping."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -347,8 +354,13 @@ class TrainingConfig(Section):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}) both set the "
                              "warmup; keep one")
         if self.min_lr_ratio and self.scheduler == "constant":
-            raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) is where cosine and linear decay end, and scheduler "
-                             "is constant; remove it or use cosine or linear")
+            raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) is where cosine, linear and wsd decay end, and "
+                             f"scheduler is {self.scheduler}; remove it or use cosine, linear or wsd")
+        for key, scheduler in (("decay_ratio", "wsd"), ("decay_type", "wsd")):
+            value = getattr(self, key)
+            if self.scheduler != scheduler and value != type(self).model_fields[key].default:
+                raise ValueError(f"{key} ({value}) shapes the {scheduler} scheduler, and scheduler is "
+                                 f"{self.scheduler}; remove it or use scheduler: {scheduler}")
         if not all(0 <= beta < 1 for beta in self.adam_betas):
             raise ValueError(f"adam_betas {list(self.adam_betas)}: each beta is in [0, 1)")
         if self.optimizer == "sgd" and (self.adam_betas != (0.9, 0.999) or self.adam_epsilon != 1e-8):
