@@ -165,8 +165,9 @@ def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
 
 
 def lr_lambda(cfg: TrainingConfig, total_steps: int):
-    """Linear warmup over `warmup_steps`, then cosine/linear decay to `min_lr_ratio` at total_steps, constant, or
-    wsd: constant, then a `decay_type` decay to `min_lr_ratio` over the last `decay_ratio` of the steps."""
+    """Linear warmup over `warmup_steps`, then cosine/linear decay to `min_lr_ratio` at total_steps, constant,
+    wsd: constant, then a `decay_type` decay to `min_lr_ratio` over the last `decay_ratio` of the steps, or
+    cosine_with_restarts: `num_cycles` cosine decays to 0, each restarting at lr."""
     warmup, floor = warmup_steps(cfg, total_steps), cfg.min_lr_ratio
     # wsd's decay: rounded up as warmup_ratio is (10% of 25 steps: 3), and never into the warmup.
     decay_steps = min(math.ceil(cfg.decay_ratio * total_steps), total_steps - warmup)
@@ -182,6 +183,8 @@ def lr_lambda(cfg: TrainingConfig, total_steps: int):
             if step < start:
                 return 1.0
         progress = min((step - start) / max(1, total_steps - start), 1.0)
+        if shape == "cosine_with_restarts":  # transformers' get_cosine_with_hard_restarts_schedule_with_warmup
+            return 0.0 if progress == 1.0 else 0.5 * (1.0 + math.cos(math.pi * ((cfg.num_cycles * progress) % 1.0)))
         if shape == "linear":
             decay = 1.0 - progress
         elif shape == "1-sqrt":  # Hägele et al. 2024 (arXiv:2405.18392), transformers' wsd decay_type

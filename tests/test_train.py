@@ -374,6 +374,47 @@ def test_a_wsd_run_applies_its_schedule_and_resumes_to_the_same_bits(tiny_llama,
     assert [r["lr"] for r in lines][:4] == pytest.approx([0.5e-2, 1e-2, 1e-2, 1e-2])
 
 
+@pytest.mark.parametrize(("training", "total"), [
+    ({"num_cycles": 3}, 30), ({"num_cycles": 4, "warmup_steps": 5}, 27), ({"num_cycles": 2, "warmup_ratio": 0.1}, 13),
+])
+def test_cosine_with_restarts_is_transformers_hard_restarts_after_the_warmup(training, total):
+    """scheduler cosine_with_restarts: after the warmup, transformers' get_cosine_with_hard_restarts_schedule_with_
+    warmup with the same warmup and num_cycles, step by step to the run's end; the warmup is peftkit's own."""
+    from transformers.optimization import get_cosine_with_hard_restarts_schedule_with_warmup
+
+    from peftkit.recipe import TrainingConfig
+    from peftkit.runtime import warmup_steps
+
+    cfg = TrainingConfig(scheduler="cosine_with_restarts", **training)
+    warmup = warmup_steps(cfg, total)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    reference = get_cosine_with_hard_restarts_schedule_with_warmup(torch.optim.SGD([parameter], lr=1.0), warmup,
+                                                                   total, num_cycles=cfg.num_cycles)
+    expected = _transformers_factors(reference, total + 1)
+    restarts = lr_lambda(cfg, total)
+    assert [restarts(s) for s in range(warmup, total + 1)] == pytest.approx(expected[warmup:], abs=1e-12)
+    assert [restarts(s) for s in range(warmup)] == [(s + 1) / (warmup + 1) for s in range(warmup)]
+    rises = sum(restarts(s + 1) > restarts(s) for s in range(warmup, total))
+    assert rises == cfg.num_cycles - 1 and restarts(warmup) == 1.0  # each cycle after the first starts over
+    one = lr_lambda(TrainingConfig(scheduler="cosine_with_restarts", warmup_steps=3), 20)
+    cosine = lr_lambda(TrainingConfig(warmup_steps=3), 20)
+    assert [one(s) for s in range(21)] == pytest.approx([cosine(s) for s in range(21)], abs=1e-12)
+
+
+def test_a_cosine_with_restarts_run_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    """A cosine_with_restarts run (3 cycles of 2 steps) killed after step 2 and resumed gives the unbroken run's
+    adapter; each step logged the rate of its schedule, back at lr at steps 3 and 5."""
+    from tests.conftest import check_resumes_to_the_same_bits
+
+    training = {"max_steps": 6, "save_steps": 2, "save_total_limit": 5, "lr": 1e-2, "warmup_steps": 0,
+                "scheduler": "cosine_with_restarts", "num_cycles": 3}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training=training)
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert [r["lr"] for r in lines] == pytest.approx([1e-2, 0.5e-2] * 3)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_32bit"])
 def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
     """training.adam_betas / adam_epsilon: one step of each AdamW optimizer with betas (0.5, 0.9) and eps 1e-3 is
@@ -407,6 +448,12 @@ def test_adam_betas_and_epsilon_reach_the_optimizer(optimizer):
     ({"adam_betas": [0.9, 1.0]}, "adam_betas [0.9, 1.0]: each beta is in [0, 1)"),
     ({"scheduler": "constant", "min_lr_ratio": 0.1}, "min_lr_ratio (0.1) is where cosine, linear and wsd decay end, "
                                                      "and scheduler is constant; remove it or use cosine, linear or wsd"),
+    ({"scheduler": "cosine_with_restarts", "min_lr_ratio": 0.1}, "min_lr_ratio (0.1) is where cosine, linear and wsd "
+                                                                 "decay end, and scheduler is cosine_with_restarts"),
+    ({"scheduler": "cosine_with_restarts", "num_cycles": 0}, "'training.num_cycles' = 0: must be greater than or "
+                                                             "equal to 1"),
+    ({"num_cycles": 2}, "num_cycles (2) shapes the cosine_with_restarts scheduler, and scheduler is cosine; remove it "
+                        "or use scheduler: cosine_with_restarts"),
     ({"scheduler": "wsd", "decay_ratio": 0}, "'training.decay_ratio' = 0: must be greater than 0"),
     ({"scheduler": "wsd", "decay_ratio": 1.5}, "'training.decay_ratio' = 1.5: must be less than or equal to 1"),
     ({"decay_ratio": 0.2}, "decay_ratio (0.2) shapes the wsd scheduler, and scheduler is cosine; remove it or use "

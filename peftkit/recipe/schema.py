@@ -289,9 +289,10 @@ class TrainingConfig(Section):
             raise ValueError("must be two numbers, [beta1, beta2] (default [0.9, 0.999])")
         return value
     adam_epsilon: float = Field(1e-8, gt=0)
-    scheduler: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
-    """After the warmup: cosine or linear decay to min_lr_ratio, constant, or wsd (warmup-stable-decay, MiniCPM's,
-    arXiv:2404.06395): lr, then a decay to min_lr_ratio over the last decay_ratio of the steps."""
+    scheduler: Literal["cosine", "linear", "constant", "wsd", "cosine_with_restarts"] = "cosine"
+    """After the warmup: cosine or linear decay to min_lr_ratio, constant, wsd (warmup-stable-decay, MiniCPM's,
+    arXiv:2404.06395): lr, then a decay to min_lr_ratio over the last decay_ratio of the steps, or
+    cosine_with_restarts: num_cycles cosine decays to 0 (transformers' hard restarts)."""
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Warm up over this share of the run's optimizer steps, rounded up (transformers' warmup_ratio); or give
@@ -303,6 +304,8 @@ class TrainingConfig(Section):
     (transformers' get_wsd_schedule num_decay_steps as a share)."""
     decay_type: Literal["cosine", "linear", "1-sqrt"] = "cosine"
     """wsd only: the decay's shape (transformers' get_wsd_schedule decay_type, and its default)."""
+    num_cycles: int = Field(1, ge=1)
+    """cosine_with_restarts only: the cosine decays after the warmup, each over an equal share of the steps."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm; null disables clipping."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -353,10 +356,10 @@ class TrainingConfig(Section):
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}) both set the "
                              "warmup; keep one")
-        if self.min_lr_ratio and self.scheduler == "constant":
+        if self.min_lr_ratio and self.scheduler in ("constant", "cosine_with_restarts"):
             raise ValueError(f"min_lr_ratio ({self.min_lr_ratio}) is where cosine, linear and wsd decay end, and "
                              f"scheduler is {self.scheduler}; remove it or use cosine, linear or wsd")
-        for key, scheduler in (("decay_ratio", "wsd"), ("decay_type", "wsd")):
+        for key, scheduler in (("decay_ratio", "wsd"), ("decay_type", "wsd"), ("num_cycles", "cosine_with_restarts")):
             value = getattr(self, key)
             if self.scheduler != scheduler and value != type(self).model_fields[key].default:
                 raise ValueError(f"{key} ({value}) shapes the {scheduler} scheduler, and scheduler is "
