@@ -983,6 +983,31 @@ def test_tool_call_arguments_as_json_text_are_read_as_the_object(tmp_path):
         tok.decode([t for t in text.labels if t != IGNORE_INDEX], skip_special_tokens=False)
 
 
+def test_a_template_that_writes_arguments_as_text_is_given_their_json_text(tmp_path):
+    """A template that writes a call's arguments as text (DeepSeek V3's `'```json\\n' + arguments`) trained a
+    `messages` row whose arguments were JSON text; once such text was read as its object, the template got a mapping
+    and failed (str + dict: a TypeError traceback). Such a template is now given the arguments' JSON text, for
+    arguments given as text or as a mapping alike."""
+    import copy
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = TOOLS_STYLE.replace(
+        "{{ c.function | tojson }}", "{{ c.function.name + '\\n```json\\n' + c.function.arguments + '\\n```' }}")
+    weather = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris", "days": [1, 2]}}}
+    as_text = weather | {"function": weather["function"] | {"arguments": json.dumps(weather["function"]["arguments"])}}
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat", max_length=2048)
+    examples = []
+    for call in (as_text, weather):
+        write_jsonl(tmp_path / "d.jsonl", [{"messages": [
+            {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "sun"}, {"role": "assistant", "content": "Sunny."}]}])
+        examples.append(load_examples(tok, cfg.train, "train", cfg, cache=False)[0][0])
+    text, mapping = examples
+    assert text.input_ids == mapping.input_ids and text.labels == mapping.labels
+    assert '<tool_call>weather\n```json\n{"city": "Paris", "days": [1, 2]}\n```</tool_call>' in \
+        tok.decode([t for t in text.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+
+
 def test_an_empty_tool_calls_list_is_no_calls(tmp_path):
     """OpenAI's chat logs, and datasets exported from them, write `"tool_calls": []` in turns without calls (a user's
     too); such rows, which trained before tool calls were read, were refused as bad rows (an old run's data too)."""

@@ -30,8 +30,46 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = False, tools
     `CHAT_DATE` for today; `tools`: the JSON schemas of the tools the conversation may call (a row's `tools`).
     Raises what the template raises, and ValueError for a tokenizer without a template."""
     template = dated_template(tok.get_chat_template())
+    if _writes_arguments_as_text(tok, template):
+        messages = [_with_text_arguments(m) for m in messages]
     return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
                                    add_generation_prompt=add_generation_prompt, tools=tools)
+
+
+_ARGUMENTS_AS_TEXT: dict[str, bool] = {}
+_PROBE_ARGUMENTS = '{"peftkit_probe": 1}'
+
+
+def _writes_arguments_as_text(tok, template: str) -> bool:
+    """Whether `template` writes a tool call's `arguments` given as JSON text as that text (DeepSeek V3's
+    `'```json\\n' + arguments`, Qwen 3's `arguments is string`), rather than as a string value (`tojson`: quoted,
+    escaped), the mapping form transformers' templates want. Rows hold mappings (`formats._with_call_arguments`); a
+    template of the first kind is given their JSON text, which it would otherwise refuse (a str + dict TypeError) or
+    write as a Python dict. Asked once per template, of a probe call."""
+    if template not in _ARGUMENTS_AS_TEXT:
+        call = {"id": "call00001", "type": "function", "function": {"name": "probe", "arguments": _PROBE_ARGUMENTS}}
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        try:
+            text = tok.apply_chat_template(probe, chat_template=template, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template raises what it likes; one that refuses the probe gets mappings
+            text = ""
+        _ARGUMENTS_AS_TEXT[template] = _PROBE_ARGUMENTS in text
+    return _ARGUMENTS_AS_TEXT[template]
+
+
+def _with_text_arguments(message):
+    """`message` with each tool call's mapping `arguments` as its JSON text."""
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(calls, list):
+        return message
+
+    def as_text(call):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("arguments"), dict):
+            return call
+        return call | {"function": function | {"arguments": json.dumps(function["arguments"], ensure_ascii=False)}}
+
+    return message | {"tool_calls": [as_text(c) for c in calls]}
 
 
 @functools.lru_cache(maxsize=16)
