@@ -69,9 +69,11 @@ def folder_files(folder: Path) -> list[str]:
 
 
 def push(path: Path, repo_id: str, revision: str | None = None, private: bool = False, merged: bool = False,
-         message: str | None = None) -> tuple[str, list[str]]:
-    """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit; (the commit's URL,
-    the files pushed).
+         message: str | None = None) -> tuple[str, list[str], list[str]]:
+    """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit, which deletes the
+    branch's top-level files the directory lacks (an earlier push's chat_template.jinja would be read with the new
+    adapter; a subfolder's files, another adapter's, and .gitattributes stay); (the commit's URL, the files pushed,
+    the files deleted).
 
     Args:
         path: a run directory, an adapter directory or a model directory (`push_folder`).
@@ -107,8 +109,11 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
                                "private in its settings on the Hub, or push without --private.")
         if revision not in (None, constants.DEFAULT_REVISION):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        stale = [f for f in api.list_repo_files(repo_id, revision=revision)
+                 if "/" not in f and f not in files and f != ".gitattributes"]
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                    allow_patterns=[glob.escape(f) for f in files],
+                                   delete_patterns=[glob.escape(f) for f in stale] or None,
                                    commit_message=message or f"Upload {kind} with peftkit {__version__}")
     except HfHubHTTPError as e:
         raise PeftkitError(f"Could not push {folder} to {repo_id}: {_refusal(e, repo_id)}") from None
@@ -118,7 +123,7 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
         raise PeftkitError(f"Could not push {folder} to {repo_id}: the Hub at {api.endpoint} could not be reached "
                            f"({type(e).__name__}: {e}). Check the connection (HF_ENDPOINT names another server).") \
             from None
-    return commit.commit_url, files
+    return commit.commit_url, files, stale
 
 
 def _refusal(e, repo_id: str) -> str:

@@ -77,6 +77,9 @@ class FakeHub:
             return 200, {}, {}
         if revision not in repo["branches"]:
             return 404, {"error": "Revision not found"}, {"X-Error-Code": "RevisionNotFound"}
+        if method == "GET" and action == "tree":  # list_repo_files: every file, one page
+            return 200, [{"type": "file", "path": name, "size": len(data), "oid": "0" * 40}
+                         for name, data in repo["branches"][revision].items()], {}
         if method == "POST" and action == "preupload":
             return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                    for f in json.loads(body)["files"]]}, {}
@@ -86,13 +89,17 @@ class FakeHub:
 
     def _commit(self, repo_id: str, revision: str, body: bytes) -> tuple[int, dict, dict[str, str]]:
         lines = [json.loads(line) for line in body.splitlines()]
-        assert lines[0]["key"] == "header" and {line["key"] for line in lines[1:]} == {"file"}, lines
-        files = {f["value"]["path"]: base64.b64decode(f["value"]["content"]) for f in lines[1:]}
-        assert all(f["value"]["encoding"] == "base64" for f in lines[1:])
-        self.repos[repo_id]["branches"][revision].update(files)
+        assert lines[0]["key"] == "header" and {line["key"] for line in lines[1:]} <= {"file", "deletedFile"}, lines
+        deleted = [f["value"]["path"] for f in lines[1:] if f["key"] == "deletedFile"]
+        files = {f["value"]["path"]: base64.b64decode(f["value"]["content"]) for f in lines[1:] if f["key"] == "file"}
+        assert all(f["value"]["encoding"] == "base64" for f in lines[1:] if f["key"] == "file")
+        branch = self.repos[repo_id]["branches"][revision]
+        for name in deleted:
+            del branch[name]
+        branch.update(files)
         oid = f"{len(self.commits) + 1:040x}"
         self.commits.append({"repo": repo_id, "branch": revision, "message": lines[0]["value"]["summary"],
-                             "files": files})
+                             "files": files, "deleted": deleted})
         return 200, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid}, {}
 
     def _unexpected(self, method: str, path: str) -> tuple[int, dict, dict[str, str]]:
@@ -242,6 +249,25 @@ def test_merged_pushes_the_runs_merged_model(fake_hub, tiny_llama, number_data, 
     _offline_cache(monkeypatch, tmp_path, "acme/tiny-merged", commit["files"], "e" * 40)
     prompt = ["generate", "--prompt", "1 plus 2", "--max-new-tokens", "5"]
     assert _said(*prompt, "--model", "acme/tiny-merged") == _said(*prompt, "--model", str(run / "merged"))
+
+
+def test_a_push_leaves_no_file_of_an_earlier_push_the_directory_lacks(fake_hub, tiny_llama, number_data, tmp_path,
+                                                                       monkeypatch):
+    """A second push into a repository kept the files of the first that the new directory lacks: an adapter
+    trained with data.chat_template, then one without, left the old chat_template.jinja beside the new weights, and
+    `--adapter user/name` used it in place of the base's template. The top-level files the directory lacks are now
+    deleted in the same commit (and said); a subfolder's files (another adapter's) and .gitattributes stay."""
+    adapter = _run(tmp_path, tiny_llama, number_data) / "adapter"
+    first = Path(shutil.copytree(adapter, tmp_path / "first"))
+    (first / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    _said("push", str(first), "acme/tiny-lora")
+    main = fake_hub.repos["acme/tiny-lora"]["branches"]["main"]
+    main |= {".gitattributes": b"*.safetensors filter=lfs", "other/adapter_config.json": b"{}"}
+    said = _said("push", str(adapter), "acme/tiny-lora")
+    assert "deleted chat_template.jinja" in said.splitlines()
+    assert fake_hub.commits[1]["deleted"] == ["chat_template.jinja"]
+    assert main == _files(adapter) | {".gitattributes": b"*.safetensors filter=lfs", "other/adapter_config.json": b"{}"}
+    assert fake_hub.unexpected == []
 
 
 def test_an_unfinished_runs_adapter_is_pushed_with_a_warning(tiny_llama, number_data, tmp_path):

@@ -431,13 +431,16 @@ def push(
     message: Annotated[Optional[str], typer.Option("--message", help="The commit message.")] = None,
 ) -> None:
     """Publish an adapter (or merged model) to a Hugging Face Hub model repository in one commit: a run's adapter/
-    with its model card, never its checkpoints or data. Needs a token with write access (`hf auth login`, or
-    HF_TOKEN); `--adapter user/name` and peft's PeftModel.from_pretrained read it back."""
+    with its model card, never its checkpoints or data; the branch's top-level files it lacks (an earlier push's)
+    are deleted. Needs a token with write access (`hf auth login`, or HF_TOKEN); `--adapter user/name` and peft's
+    PeftModel.from_pretrained read it back."""
     from rich.text import Text
 
     from peftkit.push import push as run_push
 
-    url, files = run_push(path.expanduser(), repo_id, revision, private, merged, message)
+    url, files, deleted = run_push(path.expanduser(), repo_id, revision, private, merged, message)
     for name in files:
         console.print(Text(visible(f"pushed {name}")), highlight=False)
+    for name in deleted:
+        console.print(Text(visible(f"deleted {name}")), highlight=False)
     console.print(Text(visible(f"commit {url}")), highlight=False)
