@@ -513,3 +513,21 @@ def test_a_mix_of_formats_resumes_to_the_same_bits(tiny_llama, number_data, tmp_
                                                                {"path": str(chat), "format": "chat"}],
                          training={"max_steps": 6, "save_steps": 2, "save_total_limit": 10})
     check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)
+
+
+def test_a_cached_warning_names_the_columns_key_of_the_read_that_asks(two_files, tiny_llama, tmp_path):
+    """The tokenized-data cache keyed a dataset's examples by its columns but not by the key they came from, so a
+    file read through data.columns, then as data.train[1]'s (`eval --data FILE`, the same columns), was handed the
+    first read's counts: a warning about a row's text named data.columns.output, a key that recipe does not set."""
+    a, b = two_files
+    rows = [json.loads(line) for line in b.read_text().splitlines()]
+    rows[1] |= {"answer": "seven</s>"}
+    write_jsonl(b, [{"instruction": "Write the number in words.", **r} for r in rows])
+    columns = {"input": "question", "output": "answer"}
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": a}, data={
+        "train": [str(a), {"path": str(b), "columns": columns}]})
+    cfg = load_recipe(recipe).data
+    _, stats = load_examples(TOK, str(b), "train", cfg.model_copy(update={"train": str(b), "columns": columns}))
+    assert stats["special_text_first"] == f"{b}:2: column 'answer' (data.columns.output) holds '</s>'"
+    _, stats = load_examples(TOK, str(b), "train", cfg.reading(str(b)))
+    assert stats["special_text_first"] == f"{b}:2: column 'answer' (data.train[1].columns.output) holds '</s>'"

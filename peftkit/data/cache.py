@@ -4,9 +4,11 @@ made them, so that the next `train`, `--resume` or `eval` of the same data reads
 The key is a sha256 of: the data's content (a file's bytes; a hub dataset's rows, `rows.HUB_ROWS`; each dataset's,
 with its split, columns and (where not data.format) format, in order, for a list in data.train), the tokenizer as
 `save_pretrained` writes it (vocabulary, special tokens, chat template, pad token), the data settings that shape an
-example (format, max_length, truncation, on_bad_rows, task ids), how the rows were read (a file's extension, and
-the reader each extension gets), the source of `peftkit.data` and the versions of transformers, tokenizers, jinja2
-and the readers of other files than .jsonl (datasets, pyarrow, pandas). A change to any of them is another key; nothing is invalidated in place.
+example (format, max_length, truncation, on_bad_rows, task ids) and the key of the columns read (which a warning
+names: data.columns, or data.train[i].columns for `eval --data` of a list entry), how the rows were read (a file's
+extension, and the reader each extension gets), the source of `peftkit.data` and the versions of transformers,
+tokenizers, jinja2 and the readers of other files than .jsonl (datasets, pyarrow, pandas). A change to any of them is
+another key; nothing is invalidated in place.
 
 Each entry is one safetensors file, written atomically, holding the flat arrays of `Examples` and the counts, with
 a sha256 of both and its key: a damaged entry, or one under another key's name, is said and replaced, never read.
@@ -85,9 +87,11 @@ class ExampleCache:
         """`digests`: (content digest, reader, split, columns[, format]) of each dataset read, in order (several:
         data.train's list). The reader is how the rows were read (a file's extension; "hub"): the same bytes as .jsonl
         and as .txt are other rows; the split which of them (a local file's slice, `train[95%:]`); the columns the
-        dataset's own (data.columns, or a list entry's); the format a list entry's own, where not data.format."""
+        dataset's own (data.columns, or a list entry's), and the recipe key they came from, which the counts' warnings
+        name; the format a list entry's own, where not data.format."""
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
                "data": digests, "readers": DATA_EXTENSIONS, "tasks": tasks,
+               "columns_key": cfg._columns_key,  # the counts' warnings name it (data.train[1].columns.output)
                "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows", "train_on",
                                                    "columns", "system_prompt"})}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
