@@ -54,11 +54,18 @@ def push_folder(path: Path, merged: bool) -> tuple[Path, str]:
 
 def folder_files(folder: Path) -> list[str]:
     """The files pushed from `folder`, relative to it: all but hidden ones (an interrupted write's `.x.tmp`); a link
-    to a file outside it is refused (its target would be uploaded)."""
+    to a file outside it is refused (its target would be uploaded), and a link to a directory (neither this listing
+    nor huggingface_hub's follows it: its files would be left out unsaid)."""
     root, files = folder.resolve(), []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_symlink() and path.is_dir():
+            raise PeftkitError(f"{path} links to the directory {path.resolve()}, whose files would not be pushed "
+                               "(links to directories are not followed). Copy the directory with its links' files in "
+                               "it (`cp -rL`), and push the copy.")
+        if not path.is_file():
             continue
         if not path.resolve().is_relative_to(root):
             raise PeftkitError(f"{path} links to {path.resolve()}, outside {folder}: only the directory's own files "

@@ -311,6 +311,10 @@ def test_what_cannot_be_pushed_is_said_before_anything_is_sent(fake_hub, tiny_ll
             "DIR` makes one)") in error(str(adapter.parent), "acme/x", "--merged")
     assert "is an adapter directory, and --merged pushes a run's merged/" in error(str(adapter), "acme/x", "--merged")
     assert f"links to {number_data['train'].resolve()}, outside {linked}" in error(str(linked), "acme/x")
+    os.unlink(linked / "train.jsonl")
+    os.symlink(adapter.parent / "checkpoints", linked / "checkpoints")  # a directory's files: never listed
+    assert (f"{linked / 'checkpoints'} links to the directory {(adapter.parent / 'checkpoints').resolve()}, whose files "
+            "would not be pushed") in error(str(linked), "acme/x")
     assert "'tiny-lora' is no Hub repository id: give user/name" in error(str(adapter), "tiny-lora")
     assert "'acme/tiny--lora' is no Hub repository id (" in error(str(adapter), "acme/tiny--lora")
     assert "'acme/a/b' is no Hub repository id: give user/name" in error(str(adapter), "acme/a/b")
