@@ -7,6 +7,7 @@ checkpoints, data or logs, nor a file a link inside it points to elsewhere. What
 from __future__ import annotations
 
 import glob
+import re
 import warnings
 from pathlib import Path
 
@@ -102,6 +103,9 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise PeftkitError(f"{repo_id!r} is no Hub repository id ({e}).") from None
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):  # create_branch would name a branch so
+        raise PeftkitError(f"--revision {revision} is a commit id, and a push makes a commit on a branch: give the "
+                           "branch's name (created from main where absent).")
     if constants.HF_HUB_OFFLINE:
         raise PeftkitError(f"HF_HUB_OFFLINE is set, so nothing is sent to the Hub: unset it to push {folder} to "
                            f"{repo_id}.")

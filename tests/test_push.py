@@ -318,6 +318,8 @@ def test_what_cannot_be_pushed_is_said_before_anything_is_sent(fake_hub, tiny_ll
     assert "'tiny-lora' is no Hub repository id: give user/name" in error(str(adapter), "tiny-lora")
     assert "'acme/tiny--lora' is no Hub repository id (" in error(str(adapter), "acme/tiny--lora")
     assert "'acme/a/b' is no Hub repository id: give user/name" in error(str(adapter), "acme/a/b")
+    assert (f"--revision {'a1' * 20} is a commit id, and a push makes a commit on a branch: give the branch's name "
+            "(created from main where absent)") in error(str(adapter), "acme/x", "--revision", "a1" * 20)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert "HF_HUB_OFFLINE is set, so nothing is sent to the Hub: unset it" in error(str(adapter), "acme/x")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
