@@ -6,6 +6,7 @@ checkpoints, data or logs, nor a file a link inside it points to elsewhere. What
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import re
 import warnings
@@ -13,6 +14,12 @@ from pathlib import Path
 
 from peftkit import __version__
 from peftkit.errors import PeftkitError, PeftkitWarning
+
+
+LOADER_FILES = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.tiktoken", "merges.txt", "vocab.txt")
+"""What transformers, peft and peftkit read of a repository's top level (configs, weights and their index, tokenizer
+files, chat templates): a push deletes those its directory lacks, which would be read with what it pushed (an
+adapter_config.json left beside a merged model makes transformers load it as an adapter)."""
 
 
 def push_folder(path: Path, merged: bool) -> tuple[Path, str]:
@@ -79,9 +86,9 @@ def folder_files(folder: Path) -> list[str]:
 def push(path: Path, repo_id: str, revision: str | None = None, private: bool = False, merged: bool = False,
          message: str | None = None) -> tuple[str, list[str], list[str]]:
     """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit, which deletes the
-    branch's top-level files the directory lacks (an earlier push's chat_template.jinja would be read with the new
-    adapter; a subfolder's files, another adapter's, and .gitattributes stay); (the commit's URL, the files pushed,
-    the files deleted).
+    branch's top-level `LOADER_FILES` the directory lacks (an earlier push's chat_template.jinja would be read with
+    the new adapter; other files, a licence, images, and a subfolder's, another adapter's, stay); (the commit's URL,
+    the files pushed, the files deleted).
 
     Args:
         path: a run directory, an adapter directory or a model directory (`push_folder`).
@@ -121,7 +128,7 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
         if revision not in (None, constants.DEFAULT_REVISION):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         stale = [f for f in api.list_repo_files(repo_id, revision=revision)
-                 if "/" not in f and f not in files and f != ".gitattributes"]
+                 if "/" not in f and f not in files and any(fnmatch.fnmatch(f, p) for p in LOADER_FILES)]
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                    allow_patterns=[glob.escape(f) for f in files],
                                    delete_patterns=[glob.escape(f) for f in stale] or None,

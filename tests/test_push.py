@@ -255,18 +255,21 @@ def test_a_push_leaves_no_file_of_an_earlier_push_the_directory_lacks(fake_hub, 
                                                                        monkeypatch):
     """A second push into a repository kept the files of the first that the new directory lacks: an adapter
     trained with data.chat_template, then one without, left the old chat_template.jinja beside the new weights, and
-    `--adapter user/name` used it in place of the base's template. The top-level files the directory lacks are now
-    deleted in the same commit (and said); a subfolder's files (another adapter's) and .gitattributes stay."""
+    `--adapter user/name` used it in place of the base's template. The top-level files a loader reads that the
+    directory lacks are now deleted in the same commit (and said); the others (.gitattributes, a licence, an image)
+    and a subfolder's files (another adapter's) stay."""
     adapter = _run(tmp_path, tiny_llama, number_data) / "adapter"
     first = Path(shutil.copytree(adapter, tmp_path / "first"))
     (first / "chat_template.jinja").write_text("{{ messages[0].content }}")
     _said("push", str(first), "acme/tiny-lora")
     main = fake_hub.repos["acme/tiny-lora"]["branches"]["main"]
-    main |= {".gitattributes": b"*.safetensors filter=lfs", "other/adapter_config.json": b"{}"}
+    kept = {".gitattributes": b"*.safetensors filter=lfs", "other/adapter_config.json": b"{}", "LICENSE": b"MIT",
+            "plot.png": b"a picture"}
+    main |= kept
     said = _said("push", str(adapter), "acme/tiny-lora")
     assert "deleted chat_template.jinja" in said.splitlines()
     assert fake_hub.commits[1]["deleted"] == ["chat_template.jinja"]
-    assert main == _files(adapter) | {".gitattributes": b"*.safetensors filter=lfs", "other/adapter_config.json": b"{}"}
+    assert main == _files(adapter) | kept
     assert fake_hub.unexpected == []
 
 
