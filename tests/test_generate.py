@@ -198,6 +198,116 @@ def test_stop_strings_cut_the_answer_before_them(tiny_llama, tmp_path):
     assert stop_token_ids(model, tok, ("<unk>", "6V", "<unk>")) == [tok.eos_token_id, tok.unk_token_id]
 
 
+def _byte_level_tokenizer():
+    """A byte-level BPE (GPT-2's kind), trained here on text of 2-, 3- and 4-byte characters: tokens that split one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(STOP_TEXTS * 20, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|end|>", "<|sep|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", additional_special_tokens=["<|sep|>"])
+
+
+def _sentencepiece_tokenizer():
+    """Llama 2's kind: '▁' pieces, a leading space stripped from the decoded text, bytes for what the pieces lack."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["▁", "a", "b", "▁a", "▁ab", "ab", "é", "▁é", "n", "'", "t", ".", "▁n"]:
+        vocab[piece] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _cleaning_char_tokenizer():
+    """The tiny character tokenizer, told to clean up spaces before punctuation ("do n't ." decodes "don't.")."""
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.clean_up_tokenization_spaces = True
+    return tok
+
+
+STOP_TEXTS = ["héllo wörld, naïve café", "中文字符 and 日本語 text", "emoji 😀 🎉 here", "do n't it . ab ! a b"]
+
+
+def _first_stop(crit, ids: list[int]) -> int | None:
+    """The answer length at which the stop check `crit` first ends the row, fed one token a step behind a prompt
+    token (width 1); None: never."""
+    for n in range(1, len(ids) + 1):
+        if crit(torch.tensor([[0] + ids[:n]]), None)[0]:
+            return n
+    return None
+
+
+@pytest.mark.parametrize("make_tok", [_byte_level_tokenizer, _sentencepiece_tokenizer, _cleaning_char_tokenizer])
+def test_the_stop_check_ends_a_row_where_its_whole_text_first_holds_a_stop_string(make_tok):
+    """The stop check decodes the answer's last tokens, not all of them, and must find what decoding all of them
+    finds: the first answer length whose decoded text holds a stop string. Checked on random answers (text the
+    tokenizer encodes, special tokens, which decoding skips, in runs of up to 40 between, stray byte tokens) and
+    stop strings of their text, for tokenizers whose decoding of a window differs at its start from the whole's: a
+    byte-level BPE (a character split between tokens), a sentencepiece one (a leading space stripped) and one that
+    cleans up spaces before punctuation."""
+    import random
+
+    from peftkit.generate import _holds, _StopAtText
+
+    tok = make_tok()
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731  (generate's)
+    specials = [i for i in tok.all_special_ids if i != tok.eos_token_id]
+    rng = random.Random(0)
+    for trial in range(60):
+        ids: list[int] = []
+        while len(ids) < 80:
+            kind = rng.random()
+            if kind < 0.15:
+                ids += [rng.choice(specials)] * rng.choice([1, 1, 3, 40])
+            elif kind < 0.2:
+                ids.append(rng.randrange(len(tok)))
+            else:
+                text = rng.choice(STOP_TEXTS)
+                start = rng.randrange(len(text))
+                ids += tok(text[start:start + rng.randrange(1, 12)], add_special_tokens=False)["input_ids"]
+        whole = decode(ids)
+        starts = [rng.randrange(len(whole)) for _ in range(rng.choice([1, 2]))] if whole else []
+        stop = tuple(dict.fromkeys(whole[s:s + rng.randrange(1, 6)] for s in starts))
+        if not stop or any("\ufffd" in s for s in stop):  # (a byte of a split character: no one's stop string)
+            continue
+        expected = next((n for n in range(1, len(ids) + 1) if _holds(decode(ids[:n]), stop)), None)
+        assert _first_stop(_StopAtText(stop, 1, set(), decode), ids) == expected, (trial, stop, whole)
+    ab = tok("ab", add_special_tokens=False)["input_ids"]  # a stop string across 40 skipped special tokens
+    assert _first_stop(_StopAtText(("ab",), 1, set(), decode), ab[:-1] + specials[:1] * 40 + ab[-1:]) == len(ab) + 40
+
+
+def test_the_stop_check_decodes_a_bounded_window_a_step(tiny_llama):
+    """--stop decoded each row's whole answer at every step (and each of its beginnings once more after), so its
+    cost grew with the square of the answer's length: 120 new tokens in 3 rows decoded about 44,000 tokens. The
+    check now decodes a window of the last tokens a step, which holds 7 + 8 characters (the stop string's and 8 more)
+    before the newest token's: here 16 tokens, or 32 where skipped <unk> tokens decode to nothing."""
+    from peftkit.generate import generate_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    decoded = []
+
+    def decode(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return tok.decode(ids, skip_special_tokens=True)
+
+    rows = [tok(p)["input_ids"] for p in PROMPTS]
+    answers = generate_ids(model, tok, rows, Sampling(120, stop=("~never~",)), decode=decode)
+    assert min(map(len, answers)) > 100  # (no row ended early)
+    assert sum(decoded) < 120 * len(rows) * 40  # (the old check: 43,560)
+
+
 def test_data_batches_decode_as_each_prompt_alone(tiny_llama, number_data, tmp_path):
     """`peftkit generate --data` with a repetition penalty and a stop string: each row of the padded batches answers
     as transformers' generate() answers its prompt alone, cut before the stop string."""
