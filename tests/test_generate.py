@@ -187,7 +187,9 @@ def test_stop_strings_cut_the_answer_before_them(tiny_llama, tmp_path):
     for stop, cut in [(("6V",), ["`T`T`T`T`^mq`^mq", "qqqqqqqqqqqqqqqqqqqq", "P6666"]),
                       (("`^m", "qqq", "6"), ["`T`T`T`T", "", "P"]),  # '`^m': text that decoding made of '`<unk>^m'
                       (("9P", "zz"), greedy),  # '9P': the count's 9 and the answer's P; the answer holds no 9P
-                      (("<unk>",), ["`T`T`", *greedy[1:]])]:  # a special token, which decoding drops from the text
+                      (("<unk>",), ["`T`T`", *greedy[1:]]),  # a special token, which decoding drops from the text
+                      # '`T`T`T' straddles the first <unk>, where the answer ends: what follows is not the answer's
+                      (("<unk>", "`T`T`T"), ["`T`T`", *greedy[1:]])]:
         out = tmp_path / "gen.json"
         args = ["generate", "--model", str(tiny_llama), *(a for p in PROMPTS for a in ("--prompt", p)),
                 "--max-new-tokens", "20", "--json", str(out), *(a for s in stop for a in ("--stop", s))]
