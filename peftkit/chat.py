@@ -9,8 +9,8 @@ from collections.abc import Callable
 from torch import nn
 
 from peftkit.data.prompts import chat_prompt
+from peftkit.decoding import Sampling, TooLong, check_room, cut_at_stop, generate_ids, stop_token_ids
 from peftkit.errors import Terminated, visible
-from peftkit.generate import Sampling, TooLong, check_room, cut_at_stop, generate_ids, stop_token_ids
 
 HELP = ("Type a message and press Enter. Ctrl-C stops a reply; /reset starts a new conversation, /exit (or Ctrl-D) "
         "ends.")

@@ -17,10 +17,10 @@ from torch import nn
 from peftkit.data import Example, Examples, eval_loader
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.packing import VARLEN_KEYS
+from peftkit.decoding import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_write_text
-from peftkit.generate import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
 from peftkit.inference import (ModelSource, check_base_is_there, check_choices, check_no_overrides, hub_data_flags,
                                recipe_source)
 from peftkit.loss import labelled_count, next_token_loss_sum

@@ -104,7 +104,7 @@ def learned_positions(config) -> int | None:
 
 def check_answer_room(recipe: Recipe, config, prompts: list) -> None:
     """The run's own generations (eval.samples, eval.metrics: `prompts`) within a learned position table, counted as
-    `peftkit.generate.check_room` counts them: the longest prompt, the adapter's virtual tokens and
+    `peftkit.decoding.check_room` counts them: the longest prompt, the adapter's virtual tokens and
     eval.max_new_tokens. Checked before the model loads: the samples are generated after training, before the
     export, so a run past the table trained to its end and then stopped without its adapter."""
     covered = learned_positions(config)

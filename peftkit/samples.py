@@ -10,8 +10,8 @@ from rich.text import Text
 from torch import nn
 
 from peftkit.data.prompts import Prompt, load_prompts
+from peftkit.decoding import Sampling, generate_texts
 from peftkit.errors import visible
-from peftkit.generate import Sampling, generate_texts
 from peftkit.recipe import Recipe
 
 

@@ -30,7 +30,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.data.prompts import text_prompt
-    from peftkit.generate import Sampling, generate_texts
+    from peftkit.decoding import Sampling, generate_texts
     from peftkit.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

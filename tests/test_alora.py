@@ -17,8 +17,8 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.decoding import Sampling, generate_ids, stop_token_ids
 from peftkit.errors import PeftkitError
-from peftkit.generate import Sampling, generate_ids, stop_token_ids
 from peftkit.methods.alora import invocation_coverage, last_starts
 from peftkit.methods.lora import LoraConfig
 from peftkit.adapter_base import load_adapted_model

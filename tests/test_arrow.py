@@ -133,7 +133,7 @@ def test_generate_arrow_is_cache_free_greedy_through_peft_s_arrow_model(tiny_lla
 
     from peftkit.cli import main
     from peftkit.data.prompts import text_prompt
-    from peftkit.generate import stop_token_ids
+    from peftkit.decoding import stop_token_ids
     from peftkit.modeling import load_tokenizer
     from peftkit.recipe import ModelConfig
     from tests.test_generate import greedy_no_cache
@@ -215,7 +215,7 @@ def test_chat_arrow_replies_as_cache_free_greedy_through_peft_s_arrow_model(tiny
 
     from peftkit.cli import main
     from peftkit.data.prompts import chat_prompt
-    from peftkit.generate import stop_token_ids
+    from peftkit.decoding import stop_token_ids
     from peftkit.modeling import load_tokenizer
     from peftkit.recipe import ModelConfig
     from tests.conftest import cli_user_error

@@ -107,8 +107,8 @@ def test_eval_and_generate_cli_on_a_trained_run(models, number_data, tmp_path, m
 
     from peftkit.cli import main
     from peftkit.data.prompts import load_prompts
-    from peftkit.generate import Sampling, generate_texts
     from peftkit.adapter_base import load_adapted_model
+    from peftkit.decoding import Sampling, generate_texts
     from peftkit.recipe import DataConfig, load_recipe
     from peftkit.train import train
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.chat import chat_loop
 from peftkit.data.prompts import chat_prompt
-from peftkit.generate import Sampling, stop_token_ids
+from peftkit.decoding import Sampling, stop_token_ids
 from tests.test_generate import greedy_no_cache
 
 NEW = 6

@@ -181,7 +181,8 @@ def chatml_run(tmp_path_factory, base_model, chat_data) -> Path:
 
 def test_eval_generate_and_chat_with_a_run_directory_use_its_template(chatml_run, base_model):
     """`peftkit generate RUN_DIR --chat` renders with the run's template; --model alone keeps the tokenizer's own."""
-    from peftkit.generate import Sampling, generate_job
+    from peftkit.decoding import Sampling
+    from peftkit.generate import generate_job
 
     assert yaml.safe_load((chatml_run / "recipe.yaml").read_text())["data"]["chat_template"] == "chatml"
     job = generate_job(chatml_run, [], None, None, ["hi"], None, None, True, None, Sampling(), 8)
@@ -198,7 +199,8 @@ def test_the_adapter_and_the_merged_model_carry_the_template(chatml_run, base_mo
     recipe uses it."""
     from transformers import AutoTokenizer
 
-    from peftkit.generate import Sampling, generate_job
+    from peftkit.decoding import Sampling
+    from peftkit.generate import generate_job
     from peftkit.merge import merge_adapter
 
     assert (chatml_run / "adapter" / "chat_template.jinja").read_text(encoding="utf-8") == CHATML

@@ -432,8 +432,8 @@ def _number_prompts(tiny_llama, number_data):
 def test_each_process_generates_whole_single_process_batches(tiny_llama, number_data):
     """A process's share of the eval prompts, batched again as `generate_texts` batches, falls into exactly every
     N-th batch of the single process (same neighbours, same left padding), and the shares partition the prompts."""
+    from peftkit.decoding import length_batches
     from peftkit.evaluate import generation_share
-    from peftkit.generate import length_batches
 
     prompts = _number_prompts(tiny_llama, number_data)[1]
     whole = length_batches(prompts, 3)  # 6 batches, the last of 1
@@ -458,8 +458,8 @@ def test_shared_out_answers_are_the_single_process_answers(tiny_llama, number_da
     real gather across processes: the 2-process run's eval metrics above)."""
     from transformers import AutoModelForCausalLM
 
+    from peftkit.decoding import Sampling, generate_texts
     from peftkit.evaluate import generation_share, shared_answers
-    from peftkit.generate import Sampling, generate_texts
 
     tok, prompts = _number_prompts(tiny_llama, number_data)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
@@ -483,8 +483,8 @@ def test_under_fsdp_each_process_generates_every_answer(tiny_llama, number_data)
     from transformers import AutoModelForCausalLM
 
     from peftkit.data import load_examples
+    from peftkit.decoding import Sampling, generate_texts
     from peftkit.evaluate import RunEval
-    from peftkit.generate import Sampling, generate_texts
     from peftkit.recipe import DataConfig
 
     tok, prompts = _number_prompts(tiny_llama, number_data)

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peftkit.adapters import inject_adapters
 from peftkit.data import load_examples
 from peftkit.data.prompts import Prompt, load_prompts
+from peftkit.decoding import Sampling, generate_texts, stop_token_ids
 from peftkit.errors import PeftkitError
-from peftkit.generate import Sampling, generate_texts, stop_token_ids
 from peftkit.recipe import DataConfig
 from tests.conftest import cli_user_error, make_recipe, random_adapters
 from tests.test_methods import CASES, models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
@@ -150,7 +150,7 @@ def test_the_repetition_penalty_leaves_a_padded_row_s_pads_out(tiny_llama):
     """transformers' penalty finds a row's pads by the attention mask's first 1, which a prompt-family adapter's
     virtual tokens put in front: it penalized the pads as tokens of the prompt, and with the EOS as pad (a tokenizer
     without a pad token) a padded row's answer ran on past where it ends alone."""
-    from peftkit.generate import generate_ids
+    from peftkit.decoding import generate_ids
     from peftkit.methods.prompt_tuning import PromptTuningConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
@@ -178,7 +178,7 @@ def test_stop_strings_cut_the_answer_before_them(tiny_llama, tmp_path):
     from typer.testing import CliRunner
 
     from peftkit.cli import app
-    from peftkit.generate import generate_ids
+    from peftkit.decoding import generate_ids
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -260,7 +260,7 @@ def test_the_stop_check_ends_a_row_where_its_whole_text_first_holds_a_stop_strin
     cleans up spaces before punctuation."""
     import random
 
-    from peftkit.generate import _holds, _StopAtText
+    from peftkit.decoding import _holds, _StopAtText
 
     tok = make_tok()
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731  (generate's)
@@ -294,7 +294,7 @@ def test_the_stop_check_decodes_a_bounded_window_a_step(tiny_llama):
     cost grew with the square of the answer's length: 120 new tokens in 3 rows decoded about 44,000 tokens. The
     check now decodes a window of the last tokens a step, which holds 7 + 8 characters (the stop string's and 8 more)
     before the newest token's: here 16 tokens, or 32 where skipped <unk> tokens decode to nothing."""
-    from peftkit.generate import generate_ids
+    from peftkit.decoding import generate_ids
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -437,8 +437,8 @@ def test_sampling_flags_under_greedy_decoding_are_said_to_do_nothing(flags, said
     """--top-p and --seed were silently ignored without --temperature; sampling with them says nothing."""
     import warnings
 
+    from peftkit.decoding import Sampling
     from peftkit.errors import PeftkitWarning
-    from peftkit.generate import Sampling
 
     with pytest.warns(PeftkitWarning, match=said):
         Sampling(**flags).check()
@@ -541,7 +541,7 @@ def test_a_run_whose_samples_pass_a_learned_position_table_is_refused_before_tra
 
 
 def test_a_prompt_without_tokens_or_no_prompt_at_all_is_a_clear_error(tiny_llama, tmp_path, monkeypatch, capsys):
-    from peftkit.generate import generate_ids
+    from peftkit.decoding import generate_ids
     from peftkit.tiny import write_jsonl
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()

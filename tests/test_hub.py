@@ -265,8 +265,9 @@ def test_data_revision_of_local_files_or_of_two_hub_datasets_is_a_recipe_error(t
 
 def test_data_revision_stays_with_the_recipe_s_datasets(tiny_llama, tmp_path):
     """`peftkit eval RECIPE --data OTHER`: the recipe's data.revision is its own datasets', not OTHER's."""
+    from peftkit.decoding import Sampling
     from peftkit.evaluate import eval_job
-    from peftkit.generate import Sampling, generate_job
+    from peftkit.generate import generate_job
 
     recipe = make_recipe(tmp_path, tiny_llama, {"train": DATASET, "eval": DATASET}, data={"revision": "c" * 40})
     assert eval_job(recipe, [], None, None, None, None, None, None, None).data_cfg.revision == "c" * 40

@@ -12,8 +12,8 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from peftkit.data.prompts import load_prompts
+from peftkit.decoding import Sampling, generate_texts
 from peftkit.evaluate import eval_job, evaluate
-from peftkit.generate import Sampling, generate_texts
 from peftkit.metrics import exact_match, normalize, score, token_f1
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.tiny import write_jsonl

@@ -194,7 +194,7 @@ def test_another_method_ignores_the_task_column_whatever_it_holds(llama, tmp_pat
     trains exactly as on the same rows without the column (it was refused, or failed some steps in)."""
     from rich.console import Console
 
-    from peftkit.generate import Sampling
+    from peftkit.decoding import Sampling
     from peftkit.recipe import load_recipe
     from peftkit.train import train
 
@@ -307,7 +307,8 @@ def _peft_greedy(reference, ids: list[int], task: int, stops: list[int]) -> list
 
 
 def _job(adapter: Path, **kw):
-    from peftkit.generate import Sampling, generate_job
+    from peftkit.decoding import Sampling
+    from peftkit.generate import generate_job
 
     args = {"prompts": [], "data": None, "fmt": None, "chat": False, "limit": None, "task": None} | kw
     return generate_job(None, [], None, str(adapter), args["prompts"], args["data"], args["fmt"], args["chat"],
@@ -318,7 +319,8 @@ def _job(adapter: Path, **kw):
 def test_generate_with_each_row_s_task_is_cache_free_greedy_through_peft(arch, models, tmp_path):  # noqa: F811
     """`peftkit generate --data` (rows of three tasks, one left-padded batch) gives, token for token, cache-free
     greedy decoding through peft's forward with each row's task_ids; and --task N gives task N's for all."""
-    from peftkit.generate import run_generate, stop_token_ids
+    from peftkit.decoding import stop_token_ids
+    from peftkit.generate import run_generate
 
     adapter = _strong(models[arch], tmp_path / "adapter")
     write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "completion": "x", "task": t} for p, t in GEN_ROWS])
@@ -366,7 +368,8 @@ def test_eval_with_task_is_peft_s_loss(arch, models, number_data, tmp_path):  # 
 def test_task_flag_overrides_whatever_the_task_column_holds(llama, tmp_path):
     """--task N is every row's task: eval and generate give the figures of rows that all carry task N, whatever the
     column holds (eval refused rows of which only some had a task, both refused a task named in words)."""
-    from peftkit.generate import Sampling, run_generate
+    from peftkit.decoding import Sampling
+    from peftkit.generate import run_generate
 
     adapter = _strong(llama, tmp_path / "adapter")
     rows = number_rows(6, seed=3)
@@ -392,8 +395,8 @@ def test_task_flag_overrides_whatever_the_task_column_holds(llama, tmp_path):
 def test_chat_uses_the_task(llama, tmp_path):
     from peftkit.chat import chat_loop
     from peftkit.data.prompts import chat_prompt
-    from peftkit.generate import Sampling, stop_token_ids
     from peftkit.adapter_base import load_adapted_model
+    from peftkit.decoding import Sampling, stop_token_ids
 
     adapter = _strong(llama, tmp_path / "adapter")
     model, _, tok, *_ = load_adapted_model(str(llama), str(adapter))

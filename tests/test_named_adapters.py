@@ -15,8 +15,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from peftkit.adapters.named import AdapterHost, NamedAdapters, load_named_model, loads_alone
+from peftkit.decoding import Sampling, generate_ids, generate_texts
 from peftkit.errors import PeftkitError
-from peftkit.generate import Sampling, generate_ids, generate_job, generate_texts
+from peftkit.generate import generate_job
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora_layers import LoraLinear

@@ -344,8 +344,8 @@ def test_tokenizing_and_evaluating_show_a_bar_on_a_terminal(work_console, tiny_l
     from transformers import AutoTokenizer
 
     from peftkit.data import load_examples
+    from peftkit.decoding import Sampling
     from peftkit.evaluate import EvalJob, evaluate
-    from peftkit.generate import Sampling
     from peftkit.inference import ModelSource
     from peftkit.recipe import DataConfig, ModelConfig
 

@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peftkit.adapters import adapter_state_dict, inject_adapters, load_adapter_state_dict
 from peftkit.data import IGNORE_INDEX, eval_loader, load_examples
 from peftkit.data.prompts import Prompt
+from peftkit.decoding import Sampling, generate_texts, stop_token_ids
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, evaluate
-from peftkit.generate import Sampling, generate_texts, stop_token_ids
 from peftkit.inference import ModelSource
 from peftkit.inspect import inspect_adapter
 from peftkit.methods import METHODS, method_of

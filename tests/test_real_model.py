@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from peftkit.data import IGNORE_INDEX, Collator, load_examples
 from peftkit.data.prompts import Prompt, chat_prompt
-from peftkit.generate import Sampling, generate_texts, stop_token_ids
 from peftkit.adapter_base import load_adapted_model
+from peftkit.decoding import Sampling, generate_texts, stop_token_ids
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.tiny import number_words, save_smollm2, write_jsonl
 from peftkit.train import train

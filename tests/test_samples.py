@@ -12,8 +12,8 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftkit.data.prompts import load_prompts
-from peftkit.generate import Sampling, generate_texts
 from peftkit.adapter_base import load_adapted_model
+from peftkit.decoding import Sampling, generate_texts
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.report import write_report
 from peftkit.train import train

@@ -297,8 +297,9 @@ def generate(
     from rich.markup import escape
     from rich.text import Text
 
+    from peftkit.decoding import Sampling
     from peftkit.fileio import atomic_write_json
-    from peftkit.generate import Sampling, check_arrow, generate_job, run_generate
+    from peftkit.generate import check_arrow, generate_job, run_generate
 
     json_out = user_path(json_out)
     single, named = adapter_flags(adapter or [])
@@ -364,7 +365,8 @@ def chat(
     from peftkit.chat import chat_loop
     from peftkit.data.checks import guard_token_ids
     from peftkit.data.prompts import chat_prompt
-    from peftkit.generate import Sampling, check_arrow
+    from peftkit.decoding import Sampling
+    from peftkit.generate import check_arrow
     from peftkit.inference import model_source
     from peftkit.task_ids import resolve_tasks
 
