@@ -163,7 +163,8 @@ def _loop(run: Run, state: LoopState) -> None:
     collate = ClassificationCollator(run.tok.pad_token_id) if cfg.classification else None
     stream = step_windows(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.grad_accum, tcfg.seed,
                           cfg.data.shuffle, run.tok.pad_token_id, start=state.step, num_workers=cfg.data.num_workers,
-                          collate=collate, pin_memory=run.accelerator.device.type == "cuda")  # copies then run async
+                          collate=collate, pin_memory=run.accelerator.device.type == "cuda",  # copies then run async
+                          group_by_length=cfg.data.group_by_length)
     run.model.train()
     extra = also_at()  # a verify re-run's: the recorded run's checkpoint steps
     window_start, window_tokens = time.time(), 0

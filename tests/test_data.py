@@ -1,5 +1,6 @@
 """Tokenization and loss masks for each data format, checked token by token."""
 
+import itertools
 import json
 import os
 import re
@@ -287,6 +288,115 @@ def test_order_is_seeded_and_resumable():
     resumed = step_windows(examples, 3, 3, seed=0, shuffle=True, pad_id=0, start=3)
     for expected in stream[3:]:
         assert all(torch.equal(a["input_ids"], b) for a, b in zip(next(resumed), expected, strict=True))
+
+
+def _mixed_lengths(n: int = 103) -> list[Example]:
+    """`n` examples of 5 to 200 tokens, example i made of the token i + 1 (so a padded row names its example)."""
+    import random
+
+    rng = random.Random(0)
+    return [Example([i + 1] * k, [i + 1] * k) for i, k in enumerate(rng.randint(5, 200) for _ in range(n))]
+
+
+def _epoch_rows(stream, steps: int) -> list[list[int]]:
+    """The examples of each micro-batch of the next `steps` windows of `step_windows`, in order."""
+    return [[int(row[0]) - 1 for row in batch["input_ids"]] for _ in range(steps) for batch in next(stream)]
+
+
+def test_group_by_length_is_transformers_grouping_of_the_epochs_generator():
+    """data.group_by_length: each epoch's order is transformers' get_length_grouped_indices drawn from the generator
+    the plain shuffle draws from, seeded by (seed, epoch); every example comes once an epoch (103 rows, batch 4,
+    grad_accum 2: 26 micro-batches in 13 windows, the last epoch's batch of 3 and window of 1 included)."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    examples = _mixed_lengths()
+    lengths = [len(e.input_ids) for e in examples]
+    stream = step_windows(examples, 4, 2, seed=7, shuffle=True, pad_id=0, group_by_length=True)
+    for epoch in range(2):
+        order = get_length_grouped_indices(lengths, 4, generator=torch.Generator().manual_seed(7 * 1_000_003 + epoch))
+        rows = _epoch_rows(stream, steps_per_epoch(103, 4, 2))
+        assert rows == [order[i:i + 4] for i in range(0, 103, 4)]
+        assert sorted(i for batch in rows for i in batch) == list(range(103))
+    # The megabatch structure itself (an independent computation of transformers' steps): the plain shuffle's
+    # permutation in megabatches of 6 batches (103 // (4 x 4)), each sorted longest first, the longest one first.
+    perm = torch.randperm(103, generator=torch.Generator().manual_seed(7 * 1_000_003)).tolist()
+    mega = [sorted(perm[i:i + 24], key=lambda j: -lengths[j]) for i in range(0, 103, 24)]
+    top = max(range(len(mega)), key=lambda m: lengths[mega[m][0]])
+    mega[0][0], mega[top][0] = mega[top][0], mega[0][0]
+    assert [i for m in mega for i in m] == [i for b in epoch_batches(103, 4, 7, 0, True, lengths) for i in b]
+
+
+def test_group_by_length_pads_less_and_resumes_mid_epoch():
+    """On rows of 5 to 200 tokens the padding (sum over batches of rows x longest - tokens) falls to a quarter;
+    a stream started at step 5 (mid-epoch) gives the unbroken stream's batches from there."""
+    examples = _mixed_lengths()
+
+    def padding(group: bool) -> int:
+        stream = step_windows(examples, 4, 1, seed=0, shuffle=True, pad_id=0, group_by_length=group)
+        return sum(b["input_ids"].numel() - int(b["attention_mask"].sum()) for _ in range(26) for b in next(stream))
+
+    assert padding(True) < padding(False) / 3  # measured: 1,339 vs 5,720 pad tokens for 10,676 real ones
+    full = _epoch_rows(step_windows(examples, 4, 1, seed=0, shuffle=True, pad_id=0, group_by_length=True), 40)
+    resumed = step_windows(examples, 4, 1, seed=0, shuffle=True, pad_id=0, start=5, group_by_length=True)
+    assert _epoch_rows(resumed, 35) == full[5:]
+
+
+def test_group_by_length_gives_each_process_rows_of_similar_length_once_an_epoch():
+    """Under 2 processes the loop groups the global batch (batch 4 x 2 processes) and each process trains on its
+    consecutive half (`shard`): every example once an epoch over the two, and a process's rows as close in length
+    as a single process's batch of 4 (transformers' DistributedLengthGroupedSampler deals each its own batches)."""
+    from peftkit.distributed import shard
+
+    examples = _mixed_lengths(96)
+    stream = step_windows(examples, 8, 1, seed=0, shuffle=True, pad_id=0, group_by_length=True)
+    seen, spread = [], []
+    for (batch,) in (next(stream) for _ in range(12)):
+        for rank in (0, 1):
+            rows = shard(batch, rank, 2)
+            seen += [int(r[0]) - 1 for r in rows["input_ids"]]
+            widths = rows["attention_mask"].sum(1)
+            spread.append(int(widths.max() - widths.min()))
+    assert sorted(seen) == list(range(96))
+    ungrouped = step_windows(examples, 4, 1, seed=0, shuffle=True, pad_id=0)
+    plain = [int(w.max() - w.min()) for (b,) in (next(ungrouped) for _ in range(24)) for w in [b["attention_mask"].sum(1)]]
+    assert sum(spread) < sum(plain) / 3
+
+
+def test_group_by_length_is_refused_with_packing_or_without_shuffle(tmp_path, monkeypatch, capsys, tiny_llama,
+                                                                     number_data):
+    from tests.conftest import cli_user_error, make_recipe
+
+    for data, message in [
+        ({"packing": True}, "data.group_by_length and data.packing both cut padding: packing fills each row with "
+                            "several examples, so there is no padding left to group away; keep one of them"),
+        ({"shuffle": False}, "data.group_by_length draws a random order (megabatches sorted by length), and "
+                             "data.shuffle: false keeps the data's own order; keep one of them")]:
+        recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"group_by_length": True, **data})
+        err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+        assert message in err, err
+
+
+def test_a_grouped_run_trains_on_the_grouped_batches_and_resumes_mid_epoch_to_the_same_bits(tmp_path, tiny_llama,
+                                                                                            number_data):
+    """64 rows, batch 4: killed after step 2 of 6, in the first epoch of 16 steps. Each step's tokens (metrics.jsonl)
+    are those of the grouped batches of the run's examples, not of the plain shuffle's."""
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import load_recipe
+    from tests.conftest import check_resumes_to_the_same_bits, make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"group_by_length": True}, eval={"base_model": False},
+                         training={"save_steps": 2, "save_total_limit": 10})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)
+    cfg = load_recipe(recipe)
+    examples = load_examples(load_tokenizer(cfg.model), cfg.data.train, "train", cfg.data)[0]
+
+    def tokens(group: bool) -> list[int]:
+        stream = step_windows(examples, 4, 1, seed=0, shuffle=True, pad_id=0, group_by_length=group)
+        return list(itertools.accumulate(int(b["attention_mask"].sum()) for _ in range(6) for b in next(stream)))
+
+    logged = [json.loads(line)["tokens"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert logged == tokens(True) != tokens(False)
 
 
 def _worker_handlers(batch) -> tuple:

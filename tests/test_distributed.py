@@ -215,6 +215,23 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert "environment:" not in verified.stdout + verified.stderr, verified.stdout + verified.stderr
 
 
+def test_two_processes_train_one_process_s_grouped_batches(tiny_llama, number_data, tmp_path):
+    """data.group_by_length groups the global batch (2 processes x batch 2), each process training on its half: the
+    same examples a step as one process at batch 4 (the tokens logged), each once an epoch, and its adapter up to
+    float rounding. (~20 s: one 2-process run of 6 steps.)"""
+    sections = dict(data={"group_by_length": True}, adapter={"dropout": 0.0}, eval={"base_model": False})
+    train(load_recipe(make_recipe(tmp_path / "one", tiny_llama, number_data, training={"batch_size": 4}, **sections)))
+    two = make_recipe(tmp_path / "two", tiny_llama, number_data, training={"batch_size": 2}, **sections)
+    done = _peftkit("train", str(two), "--num-processes", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    one_lines, two_lines = _lines(tmp_path / "one" / "run"), _lines(tmp_path / "two" / "run")
+    assert [x["tokens"] for x in one_lines if "loss" in x] == [x["tokens"] for x in two_lines if "loss" in x]
+    for a, b in zip(one_lines, two_lines, strict=True):
+        assert abs(a.get("loss", a.get("eval_loss")) - b.get("loss", b.get("eval_loss"))) <= 1e-5
+    one, two = _adapter(tmp_path / "one" / "run"), _adapter(tmp_path / "two" / "run")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+
+
 def test_the_single_gpu_config_launches_the_plain_run(tiny_llama, number_data, tmp_path):
     """configs/accelerate/single_gpu.yaml (on a machine without one, the CPU) trains the in-process run's bits."""
     sections = _sections(4, steps=6)

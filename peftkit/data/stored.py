@@ -10,6 +10,7 @@ held by every process of a run. Here a token costs 8 bytes (12 with packed rows'
 from __future__ import annotations
 
 import hashlib
+import itertools
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,10 @@ class Examples(Sequence[Example]):
 
     def __iter__(self) -> Iterator[Example]:
         return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> list[int]:
+        """Each example's token count, from where each ends in the flat arrays."""
+        return [b - a for a, b in zip(itertools.chain((0,), self._ends), self._ends)]
 
     def arrays(self) -> tuple[array, array, array]:
         """The flat token ids and labels, and where each example ends in them (`from_arrays` makes them again)."""

@@ -206,6 +206,20 @@ class DataConfig(Section):
     """Pack several training examples into each row of up to `max_length` tokens, each with its own position ids
     from 0, so that no token attends across an example boundary (transformers' packed-sequence masks); fewer
     pad tokens are computed. Evaluation is never packed."""
+    group_by_length: bool = False
+    """Batch training examples of similar length (transformers' `group_by_length`, its get_length_grouped_indices):
+    less padding, the order of the batches still random by (seed, epoch). Not with `packing` (no padding to save)
+    nor with `shuffle: false` (the grouping is a random draw)."""
+
+    @model_validator(mode="after")
+    def _grouping_needs_padded_shuffled_rows(self) -> DataConfig:
+        if self.group_by_length and self.packing:
+            raise ValueError("data.group_by_length and data.packing both cut padding: packing fills each row with "
+                             "several examples, so there is no padding left to group away; keep one of them")
+        if self.group_by_length and not self.shuffle:
+            raise ValueError("data.group_by_length draws a random order (megabatches sorted by length), and "
+                             "data.shuffle: false keeps the data's own order; keep one of them")
+        return self
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes. Batches are formed in the main process, so the order is the same."""
     on_bad_rows: Literal["error", "skip"] = "error"
