@@ -7,6 +7,9 @@
     python scripts/bench_train.py --model /tmp/smollm2 --steps 12 --warmup 3 --floor   # the real SmolLM2-135M
     python scripts/bench_train.py --lora-fa                # peftkit LoRA vs peftkit LoRA-FA (adapter.lora_fa)
     python scripts/bench_train.py --compile inductor --warmup 5   # peftkit with training.compile (first steps compile)
+    # peftkit with data.group_by_length vs without, one epoch of rows of 1 to 14 numbers (~80-500 tokens), ~10 min:
+    python scripts/bench_train.py --group-by-length --words 14 --max-length 512 --steps 40 --warmup 1 --threads 1 \
+        --repeats 3
     python scripts/bench_train.py --ab 4 --steps 6 --floor    # forward + backward only, all sides in one process
     # a ~1.2B Llama shape in bf16 on one GPU, rows of ~400 tokens, with the frozen-base floor:
     python scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
@@ -28,6 +31,11 @@ no adapter, no optimizer) on the same batches at the same precision, the least a
 peftkit's s/step over it is its overhead. Peak memory: CUDA max_memory_allocated, or peak RSS of the subprocess on CPU
 (with the RSS after importing both libraries, so the growth can be compared too).
 
+--group-by-length compares two peftkit sides, with data.group_by_length and without, on rows of mixed length (each
+holds 1 to --words numbers, drawn uniformly): the --steps steps are one epoch, whose tokens / tokens/s is the time per
+epoch it prints (by the wall clock, and by the side's CPU time, which a shared machine's load moves less at
+--threads 1), with each side's padding (pad tokens / padded batch tokens over the timed steps).
+
 --lora-fa compares two peftkit sides, LoRA and LoRA-FA, instead of peftkit and peft; it also shows the
 activations one training forward keeps for backward at batch x max_length tokens, measured with
 `peftkit.memory.saved_activation_bytes` (exact, where peak RSS on CPU is blurred by the allocator).
@@ -45,8 +53,10 @@ when a core is taken): use `--repeats 3` (medians, alternating order) and `--thr
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -83,7 +93,7 @@ def common_args(description: str) -> argparse.ArgumentParser:
     # glibc's adaptive mmap threshold keeps freed activation buffers in the heap, which can move peak RSS by
     # tens of MiB either way; a fixed threshold returns them to the OS, so peak RSS tracks live memory.
     p.add_argument("--fixed-mmap-threshold", action="store_true", help="CPU: MALLOC_MMAP_THRESHOLD_=65536 in the sides")
-    p.add_argument("--side", choices=["peftkit", "peft", "lora", "lora-fa", "floor"], help=argparse.SUPPRESS)  # set by the parent process
+    p.add_argument("--side", choices=["peftkit", "peft", "lora", "lora-fa", "floor", "grouped"], help=argparse.SUPPRESS)  # set by the parent process
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     return p
 
@@ -102,7 +112,8 @@ def recipe_for(args, workdir: Path, **sections):
         adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
                      use_dora=getattr(args, "dora", False), **token_rows(args)) | expert_params(args)
         | sections.pop("adapter", {}),
-        data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length),
+        data=dict(train=str(workdir / "train.jsonl"), format="alpaca", max_length=args.max_length)
+        | sections.pop("data", {}),
         training=training,
         export=dict(output_dir=str(workdir / "peftkit-run"), adapter=False, merged=False),
         eval=dict(base_model=False),
@@ -135,23 +146,32 @@ def write_data(args, workdir: Path) -> None:
     from peftkit.tiny import number_rows, write_jsonl
 
     # One epoch holds every step's batch, so both sides walk the same sequence without wrapping.
-    rows = number_rows(args.steps * args.batch_size * args.words, seed=1)
+    counts = [args.words] * (args.steps * args.batch_size)
+    if getattr(args, "group_by_length", False):  # mixed lengths: each row 1 to --words numbers
+        draw = random.Random(2)
+        counts = [draw.randint(1, args.words) for _ in counts]
+    rows = number_rows(sum(counts), seed=1)
+    starts = itertools.accumulate(counts, initial=0)
     joined = [{"instruction": "Write the numbers in words.", "input": " ".join(r["input"] for r in group),
                "output": ", ".join(r["output"] for r in group)}
-              for group in (rows[i:i + args.words] for i in range(0, len(rows), args.words))]
-    write_jsonl(workdir / "train.jsonl", rows if args.words == 1 else joined)
+              for group in (rows[a:a + k] for a, k in zip(starts, counts))]
+    write_jsonl(workdir / "train.jsonl", rows if set(counts) == {1} else joined)
 
 
 def ordered_examples(recipe):
-    """The tokenized examples in the order peftkit's loop consumes them (seeded per-epoch permutations)."""
+    """The tokenized examples in the order peftkit's loop consumes them (seeded per-epoch permutations, grouped by
+    length with data.group_by_length)."""
     from peftkit.data import epoch_batches, load_examples
+    from peftkit.data.batches import example_lengths
     from peftkit.modeling import load_tokenizer
 
     tcfg = recipe.training
     tok = load_tokenizer(recipe.model)
     examples, _ = load_examples(tok, recipe.data.train, recipe.data.train_split, recipe.data)
     epochs = -(-tcfg.max_steps * tcfg.batch_size // len(examples)) + 1
-    batches = [b for e in range(epochs) for b in epoch_batches(len(examples), tcfg.batch_size, tcfg.seed, e, True)]
+    lengths = example_lengths(examples) if recipe.data.group_by_length else None
+    batches = [b for e in range(epochs) for b in epoch_batches(len(examples), tcfg.batch_size, tcfg.seed, e, True,
+                                                               lengths)]
     order = [i for b in batches for i in b]
     return tok, [examples[i] for i in order]
 
@@ -171,11 +191,13 @@ def run_peftkit(recipe, _workdir: Path | None = None) -> dict:
     from rich.console import Console
 
     ends: list[float] = []
+    cpu_ends: list[float] = []  # this process's CPU time: steadier than the wall clock on a shared CPU (--threads 1)
     original = ps.append_line  # Run.log's
 
     def timed_append_line(path, line, **kwargs):
         if '"loss"' in line:
             ends.append(_sync(recipe.model.device))
+            cpu_ends.append(time.process_time())
         original(path, line, **kwargs)
 
     ps.append_line = timed_append_line
@@ -185,7 +207,7 @@ def run_peftkit(recipe, _workdir: Path | None = None) -> dict:
         ps.append_line = original
     lines = (Path(recipe.export.output_dir) / "metrics.jsonl").read_text().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
-    return {"step_ends": ends, "losses": losses, "eval_loss": summary["eval_loss"],
+    return {"step_ends": ends, "cpu_ends": cpu_ends, "losses": losses, "eval_loss": summary["eval_loss"],
             "trainable": summary["trainable_params"]}
 
 
@@ -404,8 +426,9 @@ def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
     result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss
     result["base_mb"] = 0.0 if cuda else base_rss
     bs, (_, ordered) = recipe.training.batch_size, ordered_examples(recipe)
-    result["tokens_per_step"] = [sum(len(e.input_ids) for e in ordered[k * bs:(k + 1) * bs])
-                                 for k in range(recipe.training.max_steps)]
+    batches = [ordered[k * bs:(k + 1) * bs] for k in range(recipe.training.max_steps)]
+    result["tokens_per_step"] = [sum(len(e.input_ids) for e in batch) for batch in batches]
+    result["padded_per_step"] = [len(batch) * max(len(e.input_ids) for e in batch) for batch in batches]
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -469,7 +492,7 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
           f"{args.repeats} run(s) per side, median shown")
     for side, rs in runs.items() if args.repeats > 1 else ():
         print(f"  {side} s/step per run: " + ", ".join(f"{r['s_step']:.4f}" for r in rs))
-    names = {"peftkit": "peftkit", "peft": "peft+Trainer", "lora": "LoRA", "lora-fa": "LoRA-FA"}
+    names = {"peftkit": "peftkit", "peft": "peft+Trainer", "lora": "LoRA", "lora-fa": "LoRA-FA", "grouped": "grouped"}
     ratio = names[first] + "/" + names[second]
     width = max(16, len(ratio) + 2)  # `peftkit/peft+Trainer` is 20 characters
     print(f"{'':22}{names[first]:>12}{names[second]:>14}{ratio:>{width}}")
@@ -482,6 +505,20 @@ def report(results: dict[str, list[dict]], args, title: str, cuda: bool) -> None
         print(f"frozen-base floor (forward + backward, no adapter): {f:.4f} s/step, {s['floor']['tok_s']:,.0f} tokens/s; "
               f"over it: {names[first]} {100 * (s[first]['s_step'] / f - 1):+.1f} %, "
               f"{names[second]} {100 * (s[second]['s_step'] / f - 1):+.1f} %")
+
+
+def report_epoch(results: dict[str, list[dict]], warmup: int) -> None:
+    """--group-by-length: each side's time per epoch (the epoch's tokens / its median tokens/s over the timed steps),
+    by the wall clock and by the process's CPU time (which other processes' load on a shared machine moves less),
+    and its padding (pad tokens / padded batch tokens over the same steps)."""
+    timed = slice(max(warmup, 1), None)
+    for side, rs in results.items():
+        tokens, padded = rs[0]["tokens_per_step"], rs[0]["padded_per_step"]
+        wall = statistics.median(summarize(r, warmup)["tok_s"] for r in rs)
+        cpu = statistics.median(sum(tokens[timed]) / (r["cpu_ends"][-1] - r["cpu_ends"][timed.start - 1]) for r in rs)
+        pad = 1 - sum(tokens[timed]) / sum(padded[timed])
+        print(f"{side:10} {sum(tokens):,} tokens an epoch, {100 * pad:.0f} % padding: {sum(tokens) / wall:.1f} s "
+              f"({wall:,.0f} tokens/s); by CPU time {sum(tokens) / cpu:.1f} s ({cpu:,.0f} tokens/s)")
 
 
 def run_ab(args, recipe, peft_model) -> None:
@@ -536,6 +573,8 @@ def main() -> None:
     p.add_argument("--compile", choices=["inductor", "aot_eager"], help="peftkit side: training.compile")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) instead of plain LoRA, on both sides")
     p.add_argument("--lora-fa", action="store_true", help="peftkit LoRA-FA (adapter.lora_fa) vs peftkit LoRA")
+    p.add_argument("--group-by-length", action="store_true", help="peftkit with data.group_by_length vs without, on "
+                   "rows of 1 to --words numbers (mixed lengths); --steps is one epoch")
     p.add_argument("--moe", action="store_true", help="a tiny Mixtral (4 experts, 2 a token) of --hidden and --layers, "
                    "with LoRA on its fused experts too (target_parameters), on both sides")
     p.add_argument("--trainable-tokens", type=int, metavar="N", help="also train N rows of the embeddings "
@@ -548,9 +587,9 @@ def main() -> None:
     if args.side:
         workdir = Path(args.workdir)
         recipe = recipe_for(args, workdir, adapter={"lora_fa": args.side == "lora-fa"},
-                            training={"compile": args.compile or False})
+                            training={"compile": args.compile or False}, data={"group_by_length": args.side == "grouped"})
         run_side = {"peftkit": run_peftkit, "peft": run_peft_lora, "lora": run_peftkit_measured,
-                    "lora-fa": run_peftkit_measured, "floor": run_floor}[args.side]
+                    "lora-fa": run_peftkit_measured, "floor": run_floor, "grouped": run_peftkit}[args.side]
         child(recipe, run_side, workdir, args.threads)
         return
     from peftkit.modeling import quiet_transformers
@@ -565,23 +604,29 @@ def main() -> None:
             build_tiny_model(workdir / "model", arch="mixtral" if args.moe else "llama", hidden_size=args.hidden,
                              num_layers=args.layers, seed=0)
         write_data(args, workdir)
+        if args.group_by_length and (args.ab or args.lora_fa or args.floor):
+            sys.exit("--group-by-length compares peftkit with and without data.group_by_length: not with --ab, "
+                     "--lora-fa or --floor")
         if args.ab:
             if args.lora_fa or args.compile:
                 sys.exit("--ab times peftkit's LoRA against peft's and the floor: not with --lora-fa or --compile")
             return run_ab(args, recipe_for(args, workdir), peft_lora_model)
-        sides = ("lora", "lora-fa") if args.lora_fa else ("peftkit", "peft")
+        sides = ("lora", "lora-fa") if args.lora_fa else ("grouped", "peftkit") if args.group_by_length else ("peftkit", "peft")
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, sides + (("floor",) if args.floor else ()),
                               warm_first=args.device == "cuda")
     kind = ("LoRA vs LoRA-FA" if args.lora_fa else "DoRA" if args.dora else "LoRA") + \
+        (", data.group_by_length vs not, rows of mixed length" if args.group_by_length else "") + \
         (f" + {args.trainable_tokens} trainable tokens" if args.trainable_tokens else "") + \
         (" + the experts' fused weights (target_parameters)" if args.moe else "") + \
         (f" (peftkit: training.compile {args.compile})" if args.compile else "")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
     model = args.model or f"{'mixtral' if args.moe else 'llama'} hidden {args.hidden} x {args.layers} layers{shape}"
-    title = (f"{kind} training, {args.device}, weights {args.model_dtype}: {model}, batch {args.batch_size}, rows of {args.words} number(s), "
+    title = (f"{kind} training, {args.device}, weights {args.model_dtype}: {model}, batch {args.batch_size}, rows of {'1-' * args.group_by_length}{args.words} number(s), "
              f"max_length {args.max_length}, r {args.r}, {args.steps} steps, "
              f"torch threads {args.threads or torch.get_num_threads()}")
     report(results, args, title, args.device == "cuda")
+    if args.group_by_length:
+        report_epoch(results, args.warmup)
 
 
 if __name__ == "__main__":
