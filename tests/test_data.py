@@ -1118,6 +1118,29 @@ def test_a_template_that_writes_arguments_as_text_is_given_their_json_text(tmp_p
         tok.decode([t for t in text.labels if t != IGNORE_INDEX], skip_special_tokens=False)
 
 
+def test_a_tool_call_without_its_function_wrapper_is_wrapped(tmp_path):
+    """A tool call written as {"name": ..., "arguments": ...} (some datasets', and Qwen 2.5's template takes it) went
+    to the template as it was: one that reads `tool_call.function`, as transformers' docs write a call (Llama 3.1's),
+    wrote nothing for it, and the turn trained on no call. It is wrapped as {"type": "function", "function": {...}},
+    its other keys kept: the tokens are those of the wrapped row, `arguments` as JSON text too."""
+    import copy
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = TOOLS_STYLE
+    bare = {"id": "call_1", "name": "add", "arguments": json.dumps({"a": 1, "b": 2})}
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat", max_length=2048)
+    examples = []
+    for call in (CALL | {"id": "call_1"}, bare):
+        messages = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3."}]
+        write_jsonl(tmp_path / "d.jsonl", [{"messages": messages, "tools": TOOLS}])
+        examples.append(load_examples(tok, cfg.train, "train", cfg, cache=False)[0][0])
+    wrapped, ex = examples
+    assert ex.input_ids == wrapped.input_ids and ex.labels == wrapped.labels
+    assert '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>' in \
+        tok.decode([t for t in ex.labels if t != IGNORE_INDEX], skip_special_tokens=False)
+
+
 def test_an_empty_tool_calls_list_is_no_calls(tmp_path):
     """OpenAI's chat logs, and datasets exported from them, write `"tool_calls": []` in turns without calls (a user's
     too); such rows, which trained before tool calls were read, were refused as bad rows (an old run's data too)."""
@@ -1172,6 +1195,35 @@ def test_an_empty_tool_calls_list_reaches_no_template(tmp_path):
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": "[1, 2]"}}]}]},
      "messages[1].tool_calls[0].function.arguments is a string that is not JSON text of an object"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        CALL, {"type": "function", "function": {"name": "add", "arguments": [1, 2]}}]}]},
+     "messages[1].tool_calls[1].function.arguments is a list, not an object; give an object of the arguments by name "
+     "({} for none), or JSON text of one"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": 3}}]}]},
+     "messages[1].tool_calls[0].function.arguments is a number, not an object"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "add"}}]}]},
+     "messages[1].tool_calls[0].function.arguments is missing; give an object of the arguments by name ({} for none)"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}, {"role": "assistant",
+      "content": None, "tool_calls": [{"type": "function", "function": {"arguments": {}}}]}]},
+     "messages[2].tool_calls[0].function.name is missing; give the tool's name (a nonempty string)"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": " ", "arguments": {}}}]}]},
+     "messages[1].tool_calls[0].function.name is empty; give the tool's name (a nonempty string)"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": "add"}]}]},
+     'messages[1].tool_calls[0].function is a string, not an object; a tool call is {"type": "function", "function": '
+     '{"name": ..., "arguments": {...}}}, or {"name": ..., "arguments": {...}}'),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "id": "call_1"}]}]},
+     "messages[1].tool_calls[0] has no 'function' (nor 'name'); a tool call is"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"name": None, "arguments": {}}]}]},
+     "messages[1].tool_calls[0].name is null; give the tool's name"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"name": "add", "arguments": "[1, 2]"}]}]},
+     "messages[1].tool_calls[0].arguments is a string that is not JSON text of an object"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "tools": "add"},
      "field 'tools' must be a list of objects, or JSON text of one (the tools' JSON schemas, as the chat template "
      "takes them)"),

@@ -64,13 +64,16 @@ def _with_call_arguments(row):
     """A chat row whose tool calls' `arguments` given as JSON text of an object (as OpenAI's API returns them:
     "{\\"city\\": \\"Paris\\"}") hold that object, as `_function_calls` reads ShareGPT's: transformers' chat
     templates write a mapping's items (Qwen 2.5's `tojson`), and a string would be written quoted, escapes and all.
-    Other text is left as it is, for `_messages_problem` to name."""
+    A call written without its `function` wrapper ({"name": ..., "arguments": ...}, as some datasets do) is wrapped
+    (`BareCall`). Other text is left as it is, for `_messages_problem` to name."""
     def parsed(call):
+        if isinstance(call, dict) and "function" not in call and "name" in call:
+            call = _wrapped(call)
         function = call.get("function") if isinstance(call, dict) else None
         text = function.get("arguments") if isinstance(function, dict) else None
         if not isinstance(text, str) or (arguments := _json_object(text)) is None:
             return call
-        return call | {"function": function | {"arguments": arguments}}
+        return type(call)(call | {"function": function | {"arguments": arguments}})
 
     def calls(m) -> bool:
         return isinstance(m, dict) and isinstance(m.get("tool_calls"), list)
@@ -80,6 +83,19 @@ def _with_call_arguments(row):
         return row
     return row | {"messages": [m | {"tool_calls": [parsed(c) for c in m["tool_calls"]]} if calls(m) else m
                                for m in messages]}
+
+
+class BareCall(dict):
+    """A tool call the row wrote without its `function` wrapper, wrapped as transformers' docs write a call,
+    {"type": "function", "function": {"name": ..., "arguments": ...}}: Llama 3.1's template reads
+    `tool_call.function` alone (Qwen 2.5's takes either). A dict to the template; a problem names the row's own keys
+    (`tool_calls[0].name`)."""
+
+
+def _wrapped(call: dict) -> BareCall:
+    function = {k: call[k] for k in ("name", "arguments") if k in call}
+    return BareCall({"type": "function"} | {k: v for k, v in call.items() if k not in function}
+                    | {"function": function})
 
 
 def _with_system(row, system: str):
@@ -278,10 +294,9 @@ def _messages_problem(messages: object, target: bool = True) -> str | None:
                                       and all(isinstance(c, dict) for c in calls)):
             return (f"messages[{i}].tool_calls must be a nonempty list of objects, in an assistant message (or "
                     "null)")
-        for j, call in enumerate(calls or []):  # (JSON text of an object was read as it: `_with_call_arguments`)
-            if isinstance(call.get("function"), dict) and isinstance(call["function"].get("arguments"), str):
-                return (f"messages[{i}].tool_calls[{j}].function.arguments is a string that is not JSON text of an "
-                        "object; give an object of the arguments by name ({} for none), or JSON text of one")
+        for j, call in enumerate(calls or []):
+            if problem := _call_problem(call):
+                return f"messages[{i}].tool_calls[{j}]{problem}"
         for key in ("role", "content"):
             if (key == "role" or m.get(key) is not None or not calls) and (
                     problem := _text_problem(f"messages[{i}].{key}", m.get(key))):
@@ -294,6 +309,30 @@ def _messages_problem(messages: object, target: bool = True) -> str | None:
             return f"messages[{i}].content is empty (an assistant turn)"
     if not any(m["role"] == "assistant" for m in messages):
         return "no assistant message to learn from"
+    return None
+
+
+def _call_problem(call: dict) -> str | None:
+    """What is wrong with a `messages` row's tool call, said after its key path (`.function.name must be ...`), or
+    None. JSON text of an object in `arguments` was read as it, and a call without the `function` wrapper wrapped
+    (`_with_call_arguments`): such a call's problem names its own keys."""
+    form = ('a tool call is {"type": "function", "function": {"name": ..., "arguments": {...}}}, or {"name": ..., '
+            '"arguments": {...}}')
+    path = "" if isinstance(call, BareCall) else ".function"
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return (f" has no 'function' (nor 'name'); {form}" if function is None else
+                f".function is {_json_type(function)}, not an object; {form}")
+    if not isinstance(function.get("name"), str) or not function["name"].strip():
+        name = function.get("name")
+        given = ("is missing" if "name" not in function else "is empty" if isinstance(name, str)
+                 else f"is {_json_type(name)}")
+        return f"{path}.name {given}; give the tool's name (a nonempty string)"
+    arguments = function.get("arguments")
+    if not isinstance(arguments, dict):
+        given = ("is missing" if "arguments" not in function else "is a string that is not JSON text of an object"
+                 if isinstance(arguments, str) else f"is {_json_type(arguments)}, not an object")
+        return f"{path}.arguments {given}; give an object of the arguments by name ({{}} for none), or JSON text of one"
     return None
 
 
