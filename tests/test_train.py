@@ -474,6 +474,30 @@ def test_optimizer_settings_that_conflict_are_recipe_errors(training, message, t
     assert message in err and f"{recipe}:" in err
 
 
+@pytest.mark.parametrize(("scheduler", "message"), [
+    ("cosine_with_min_lr", "cosine_with_min_lr is transformers' lr_scheduler_type; write scheduler: cosine, with "
+                           "min_lr_ratio (transformers' min_lr_rate, or min_lr / lr)"),
+    ("warmup_stable_decay", "warmup_stable_decay is transformers' lr_scheduler_type; write scheduler: wsd"),
+    ("constant_with_warmup", "write scheduler: constant (peftkit's constant warms up first, over warmup_steps or "
+                             "warmup_ratio)"),
+    ("polynomial", "polynomial is transformers' lr_scheduler_type, and peftkit has no scheduler like it; use one of "
+                   "cosine, linear, constant, wsd, cosine_with_restarts"),
+    ("inverse_sqrt", "inverse_sqrt is transformers' lr_scheduler_type, and peftkit has no scheduler like it"),
+    ("reduce_lr_on_plateau", "peftkit has no scheduler like it"),
+    ("cosine_warmup_with_min_lr", "peftkit has no scheduler like it"),
+    ("cosin", "'training.scheduler' = 'cosin': must be one of 'cosine', 'linear'"),
+])
+def test_a_transformers_scheduler_name_says_what_to_write(scheduler, message, tiny_llama, number_data, tmp_path,
+                                                          monkeypatch, capsys):
+    """transformers' lr_scheduler_type values (a recipe carried over from the Trainer or axolotl) were refused with
+    the list of choices alone: the error now names peftkit's equivalent, or says there is none."""
+    from tests.conftest import cli_user_error
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"scheduler": scheduler})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert f"{recipe}:" in err and f"'training.scheduler' = '{scheduler}': " in err and message in err, err
+
+
 def test_16bit_weights_on_a_cpu_without_bf16_matmuls_get_a_note(monkeypatch):
     from peftkit.runtime import cpu_dtype_note
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, PrivateAttr, field_validator, model_validator
@@ -279,6 +279,17 @@ class EarlyStoppingConfig(Section):
     """An improvement smaller than this does not count."""
 
 
+# transformers' lr_scheduler_type values (TrainingArguments', axolotl's) that are not peftkit's: what to write
+# instead, or None where peftkit has no such schedule.
+TRANSFORMERS_SCHEDULERS = {
+    "cosine_with_min_lr": "cosine, with min_lr_ratio (transformers' min_lr_rate, or min_lr / lr)",
+    "warmup_stable_decay": "wsd (decay_ratio: num_decay_steps as a share of the run's steps; decay_type, "
+                           "min_lr_ratio)",
+    "constant_with_warmup": "constant (peftkit's constant warms up first, over warmup_steps or warmup_ratio)",
+    **dict.fromkeys(("polynomial", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_warmup_with_min_lr", "greedy")),
+}
+
+
 class TrainingConfig(Section):
     """The optimisation loop."""
 
@@ -307,6 +318,18 @@ class TrainingConfig(Section):
     """After the warmup: cosine or linear decay to min_lr_ratio, constant, wsd (warmup-stable-decay, MiniCPM's,
     arXiv:2404.06395): lr, then a decay to min_lr_ratio over the last decay_ratio of the steps, or
     cosine_with_restarts: num_cycles cosine decays to 0 (transformers' hard restarts)."""
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _transformers_scheduler(cls, value: Any) -> Any:
+        """A transformers lr_scheduler_type was refused with the list of choices alone: say which is the same."""
+        if not isinstance(value, str) or value not in TRANSFORMERS_SCHEDULERS:
+            return value
+        if instead := TRANSFORMERS_SCHEDULERS[value]:
+            raise ValueError(f"{value} is transformers' lr_scheduler_type; write scheduler: {instead}")
+        ours = ", ".join(get_args(cls.model_fields["scheduler"].annotation))
+        raise ValueError(f"{value} is transformers' lr_scheduler_type, and peftkit has no scheduler like it; use one "
+                         f"of {ours}")
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     """Warm up over this share of the run's optimizer steps, rounded up (transformers' warmup_ratio); or give
