@@ -394,6 +394,39 @@ def _chat_file(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def test_eval_and_generate_name_a_list_entry_s_format_in_a_bad_row(two_files, tiny_llama, tmp_path, monkeypatch,
+                                                                   capsys):
+    """`peftkit eval|generate RECIPE --data FILE` of a dataset of data.train's list with its own format read it in
+    that format, but a bad row was told as one of data.format (`for data.format 'chat'`), a key the recipe does not
+    set: it now names the entry's, as training does, and so do eval's other errors about the format (a tokenizer
+    without a chat template, every row skipped). --format over it is data.format's, as before."""
+    a, _ = two_files
+    rows = [json.loads(line) for line in _chat_file(tmp_path / "c.jsonl", 3, seed=7).read_text().splitlines()]
+    rows[1]["messages"][0]["role"] = "human"
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    recipe = make_recipe(tmp_path, model, {"train": a, "eval": a}, data={
+        "train": [str(a), {"path": str(tmp_path / "c.jsonl"), "format": "chat"}]})
+    monkeypatch.chdir(tmp_path)
+    for command in ("eval", "generate"):
+        err = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe), "--data", "c.jsonl").split())
+        assert ("c.jsonl:2: messages[0].role is 'human', not a chat role (system, user, assistant, tool, developer, "
+                "ipython, function); rename it 'user' for data.train[1].format 'chat' (each row needs messages, or "
+                "ShareGPT's conversations). Fix the row, set the right data.train[1].format,") in err, (command, err)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", "c.jsonl", "--on-bad-rows",
+                                  "skip", "--format", "text").split())
+    assert "missing the fields of data.format 'text' (text); check data.format," in err, err
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": "hi"}] * 2)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", "c.jsonl", "--on-bad-rows",
+                                  "skip").split())
+    assert "all 2 rows were skipped as malformed or missing the fields of data.train[1].format 'chat' (messages, or " \
+           "ShareGPT's conversations); check data.train[1].format," in err, err
+    _chat_file(tmp_path / "c.jsonl", 3, seed=7)
+    (model / "chat_template.jinja").unlink()
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", "c.jsonl").split())
+    assert "c.jsonl:1: data.train[1].format is 'chat' but the tokenizer has no chat_template" in err, err
+
+
 def test_each_entry_s_rows_are_tokenized_with_the_entry_s_own_format(two_files, tmp_path):
     """A mix of alpaca and chat files (axolotl's per-dataset `type:`): each row's ids and labels are those of a run on
     its file alone with its format; data.format is that of the entries without one."""

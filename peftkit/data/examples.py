@@ -155,11 +155,12 @@ def check_chat_tokenizer(tok, key: str = "data.format") -> None:
         raise PeftkitError(f"{key} 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
 
 
-def _chat_example(tok, messages: list[dict], train_on: str = "answers",
-                  tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+def _chat_example(tok, messages: list[dict], train_on: str = "answers", tools: list[dict] | None = None,
+                  format_key: str = "data.format") -> tuple[list[int], list[int]]:
     """A conversation's token ids and labels: its assistant turns trained (`train_on` answers), the last one only
-    (last_answer), or every token (all). `tools`: the row's tool schemas, which the template writes (not trained)."""
-    check_chat_tokenizer(tok)
+    (last_answer), or every token (all). `tools`: the row's tool schemas, which the template writes (not trained);
+    `format_key`: the key that made the rows chat, as a tokenizer without a template is told."""
+    check_chat_tokenizer(tok, format_key)
     text = render_chat(tok, messages, tools=tools)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -362,8 +363,8 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
         if not ok and not usable_row(row, cfg, where):
             yield None
             continue
-        ids, labels = (located(where, _chat_example, tok, row["messages"], cfg.train_on, row.get("tools")) if chat
-                       else next(full))
+        ids, labels = (located(where, _chat_example, tok, row["messages"], cfg.train_on, row.get("tools"),
+                               cfg._format_key) if chat else next(full))
         n = cfg.max_length
         lost = [label for label in labels[n:] if label != IGNORE_INDEX]
         if lost and not tok.decode(lost).strip():  # only whitespace after the end-of-turn marker: the end is kept
@@ -395,17 +396,18 @@ def _problem(row: object, fmt: str, target: bool = True) -> str | None:
 
 
 def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None,
-               format_key: str = "data.format") -> bool:
+               format_key: str | None = None) -> bool:
     """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
     data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
     default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it; `format_key`: of
-    cfg.format, a list entry's own: data.train[1].format)."""
+    cfg.format, by default the one it came from as well: data.format, or a list entry's, data.train[1].format)."""
     problem = _problem(row, cfg.format, target)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":
         return False
     problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
+    format_key = format_key or cfg._format_key
     raise PeftkitError(
         f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
         f"the right {format_key}, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "
@@ -583,8 +585,8 @@ def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 
         reason = (f"all {too_long} examples have their whole target beyond data.max_length={cfg.max_length} "
                   "tokens, so there is nothing left to learn; raise data.max_length")
     elif bad:
-        reason = (f"all {bad} rows were skipped as malformed or missing the fields of data.format "
-                  f"'{cfg.format}' ({needed_fields(cfg)}); check data.format, or set "
+        reason = (f"all {bad} rows were skipped as malformed or missing the fields of {cfg._format_key} "
+                  f"'{cfg.format}' ({needed_fields(cfg)}); check {cfg._format_key}, or set "
                   "data.on_bad_rows: error to see the first bad row")
     else:
         reason = "it has no rows; point data.train/data.eval at data with examples"

@@ -228,6 +228,9 @@ class DataConfig(Section):
     _columns_key: str = PrivateAttr("data.columns")
     """The recipe key `columns` came from, as a bad row's error names it: data.train[1].columns where `reading` read
     a dataset of the list through that entry's own."""
+    _format_key: str = PrivateAttr("data.format")
+    """The recipe key `format` came from, as `_columns_key` is for columns: data.train[1].format where `reading` read
+    a dataset of the list with that entry's own."""
 
     def train_sources(self) -> list[DataSource]:
         """data.train as a list of datasets, each with its split, columns and format filled in (one for a single
@@ -255,6 +258,8 @@ class DataConfig(Section):
         read = self.model_copy(update={"columns": entry.columns, "format": entry.format})
         if isinstance(self.train, list) and getattr(self.train[i], "columns", None) is not None:
             read._columns_key = f"data.train[{i}].columns"
+        if isinstance(self.train, list) and getattr(self.train[i], "format", None) is not None:
+            read._format_key = f"data.train[{i}].format"
         return read
 
     def sources(self) -> list[tuple[str, str, str]]:
