@@ -152,12 +152,14 @@ class RunEval:
     unless FSDP shards the parameters, the prompts (`shared_answers`)."""
 
     @classmethod
-    def of(cls, cfg: Recipe, tok, examples: Examples) -> RunEval:
+    def of(cls, cfg: Recipe, tok, examples: Examples, name: str = "eval") -> RunEval:
+        """The evaluation of data.eval's set `name` (`DataConfig.eval_sources`), whose `examples` are given."""
         from peftkit.data.prompts import load_prompts
         from peftkit.task_ids import recipe_reads_tasks
 
         metrics = cfg.eval.generation_metrics
-        prompts = load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data,
+        source = cfg.data.eval_sources()[name]
+        prompts = load_prompts(tok, source.path, source.split, cfg.data.for_eval(name),
                                tasks=recipe_reads_tasks(cfg)) if metrics else []
         return cls(examples, tok.pad_token_id, cfg.eval.batch_size, metrics, prompts, tok,
                    Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.normalize)
@@ -216,14 +218,16 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
              adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
              trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,
              normalize: str | None = None, predictions: Path | None = None, task: int | None = None, *,
-             comparing: bool = False, split: str | None = None, data_revision: str | None = None) -> EvalJob:
+             comparing: bool = False, split: str | None = None, data_revision: str | None = None,
+             eval_set: str | None = None) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --model and --data are needed and the rest take the
     recipe defaults, so figures are comparable with training's (a run's eval.metrics, eval.max_new_tokens and
     eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures). `comparing`: the candidates are
     named apart (--adapter NAME=DIR, --merged), and the recipe gives the base only. `split`, `data_revision`: what is
-    read of a hub dataset given as `data` (`hub_data_flags`)."""
+    read of a hub dataset given as `data` (`hub_data_flags`). `eval_set`: which set of the recipe's data.eval is
+    evaluated without `data` (default: the primary one)."""
     eval_cfg = EvalConfig()
     if recipe is None:
         if not model or not data:
@@ -234,18 +238,21 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter or comparing),
                                          trust_remote_code=trust_remote_code)
         eval_cfg = cfg.eval
-        source = data or cfg.data.eval
+        sets = cfg.data.eval_sources()
+        name = eval_set or next(iter(sets), None)  # data.eval's set to evaluate: the primary one by default
+        source = data or (sets[name].path if name else None)
         if not source:
             raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
         if not data and Path(source).is_absolute() and not Path(source).exists():  # a moved project, a copied run
             raise PeftkitError(f"data.eval {source} of {recipe} is not there: moved or deleted since? Give the data "
                                "with --data FILE.")
         # data.revision is the recipe's datasets' revision, not another dataset's given with --data; a dataset of
-        # data.train's list is read with its own columns and format
-        own = cfg.data if data is None else cfg.data.reading(data)
-        job = EvalJob(data=source, data_cfg=own, split=cfg.data.eval_split if not data else "train",
+        # data.train's list (or data.eval's mapping) is read with its own columns and format
+        own = cfg.data.for_eval(name) if data is None else cfg.data.reading(data)
+        ours = data is None or data in {entry.path for entry in sets.values()}
+        job = EvalJob(data=source, data_cfg=own, split=sets[name].split if not data else "train",
                       source=ModelSource.of_recipe(cfg, run_adapter),
-                      batch_size=cfg.eval.batch_size, untasked=0 if data in (None, cfg.data.eval) else None)
+                      batch_size=cfg.eval.batch_size, untasked=0 if ours else None)
     check_choices(fmt, on_bad_rows)
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}

@@ -73,6 +73,8 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
         "eval_loss": eval_result["loss"] if eval_result else None,
         "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
         **{f"eval_{m}": eval_result[m] if eval_result else None for m in task_metrics(run.cfg)},
+        **({k: v for k, v in run.record(eval_result).items() if k not in run.eval_ex.record(eval_result)}
+           if eval_result else {}),  # data.eval's other sets: eval_<name>_loss, ...
     }
     try:
         # A hub base's revision as the commit that loaded: the adapter names the base it was trained on.
@@ -167,6 +169,21 @@ def _check_finite(run: Run, model, eval_result: dict | None, state: LoopState, w
     return weights
 
 
+def _other_sets(s: dict) -> list[tuple[str, str]]:
+    """The summary's line of each other set of data.eval (`eval_<name>_loss`): its loss, base and fine-tuned, and its
+    eval.metrics."""
+    rows = []
+    for name in (k[5:-5] for k in s if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"):
+        figures = [f"{s[f'base_eval_{name}_loss']:.4f} base -> "] if s.get(f"base_eval_{name}_loss") is not None else []
+        figures.append(f"{s[f'eval_{name}_loss']:.4f}")
+        if s.get(f"eval_{name}_perplexity") is not None:
+            figures.append(f"  (ppl {s[f'eval_{name}_perplexity']:.2f})")
+        figures += [f", {m} {s[f'eval_{name}_{m}']:.4f}" for m in GENERATION_METRICS + CLASSIFICATION_METRICS
+                    if s.get(f"eval_{name}_{m}") is not None]
+        rows.append((f"eval loss, {name}", "".join(figures)))
+    return rows
+
+
 def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -> None:
     """The run's figures and files: a table in a terminal; in a log (not a terminal) one `name  value` line each, so
     that no path is folded across lines where a reader copies it from."""
@@ -185,6 +202,7 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
         for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
             if s.get(key) is not None:
                 rows.append((f"{metric}, {who}", f"{s[key]:.4f}"))
+    rows += _other_sets(s)
     rows.append(("steps", f"{s['steps']}" + (f" ({s['skipped_steps']} skipped)" if s["skipped_steps"] else "")
                  + (" (stopped early)" if s.get("stopped_early") else "")))
     if best := s.get("best"):

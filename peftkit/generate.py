@@ -90,7 +90,8 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
         if not prompts and not data:
             if not cfg.data.eval:
                 raise PeftkitError(f"{recipe} has no data.eval to take prompts from; pass --prompt TEXT or --data FILE.")
-            job.data, job.split = cfg.data.eval, cfg.data.eval_split
+            name, primary = next(iter(cfg.data.eval_sources().items()))  # data.eval's first (or only) set
+            job.data, job.split, job.data_cfg = primary.path, primary.split, cfg.data.for_eval(name)
     if data:
         job.data, job.split = data, "train"
         if job.data_cfg is not None:  # the recipe's datasets' revision and a list entry's own columns and format

@@ -220,7 +220,7 @@ def hub_commits(recipe: Recipe) -> dict[str, str]:
 
 def data_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:
     """sha256 of the recipe's data, by dataset ("train", or "train[0]", "train[1]", ... for a list; and "eval" when
-    the recipe has one): `source_hashes`."""
+    the recipe has one, or "eval[name]" for each set of a data.eval mapping): `source_hashes`."""
     data = recipe.data
     return {key: source_hashes(source, split, data.revision) for key, source, split in data.sources()}
 
@@ -257,6 +257,8 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "seed": recipe.training.seed,
         "recipe": recipe.model_dump(mode="json"),
         "recipe_sha256": recipe.sha256(),
+        # the JSON file sorts keys: a data.eval mapping's order, whose first set is the primary one, is kept apart
+        **({"eval_sets": list(recipe.data.eval)} if isinstance(recipe.data.eval, dict) else {}),
         "data_sha256": data,
         "data_commits": hub_commits(recipe),
         "examples_sha256": examples_sha256 or {},
@@ -303,6 +305,9 @@ class Manifest(BaseModel):
     """The commit each hub dataset was read at, by split (where `datasets` said); {} for local files."""
     examples_sha256: dict[str, Sha256] = {}
     """The digests of the examples data.train and data.eval became; {} in manifests from before it was recorded."""
+    eval_sets: list[str] = []
+    """The names of a data.eval mapping in the recipe's order (the first is the primary set), which the file's sorted
+    keys lose; [] for one data.eval path."""
     base_model_sha256: dict[str, Sha256]
     base_model_commit: str | None = None
     """The commit of a hub id's snapshot the run loaded (`hub_commit`); None for a local directory, and in records
@@ -368,6 +373,7 @@ def read_manifest(run_dir: Path) -> Manifest:
     if not isinstance(raw, dict):
         raise PeftkitError(f"{path} holds {_JSON_TYPES.get(type(raw), type(raw).__name__)}, not the JSON object "
                            f"`peftkit train` writes; {_RESTORE}")
+    _recipe_eval_order(raw)
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:
@@ -379,6 +385,16 @@ def read_manifest(run_dir: Path) -> Manifest:
     as_run = _recorded_keys(manifest.recipe.model_dump(mode="json"), raw["recipe"])
     manifest._recorded_recipe_sha256 = hashlib.sha256(yaml.safe_dump(as_run, sort_keys=False).encode()).hexdigest()
     return manifest
+
+
+def _recipe_eval_order(raw: dict) -> None:
+    """Put the recorded recipe's data.eval mapping back in the recipe's order (`eval_sets`), which the JSON file's
+    sorted keys lost; a manifest whose names do not fit is left as it is (its recipe then fails its hash)."""
+    order, recipe = raw.get("eval_sets"), raw.get("recipe")
+    data = recipe.get("data") if isinstance(recipe, dict) else None
+    sets = data.get("eval") if isinstance(data, dict) else None
+    if isinstance(order, list) and isinstance(sets, dict) and sorted(map(str, order)) == sorted(sets):
+        data["eval"] = {name: sets[name] for name in order}
 
 
 def _recorded_keys(today: object, recorded: object) -> object:

@@ -32,7 +32,7 @@ def _examples_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
     """Where the re-run made other examples of the same data files (their digests differ, the files' do not): the
     cause of every difference after it, said first. A manifest from before the digests were recorded says nothing."""
     out = []
-    for split in ("train", "eval"):
+    for split in dict.fromkeys(["train", "eval", *manifest.examples_sha256]):  # and eval[name], data.eval's sets
         recorded, now = manifest.examples_sha256.get(split), rerun.examples_sha256.get(split)
         same_rows = {k: v for k, v in manifest.data_sha256.items() if k.startswith(split)} == \
             {k: v for k, v in rerun.data_sha256.items() if k.startswith(split)}

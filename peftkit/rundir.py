@@ -116,10 +116,13 @@ PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir
 
 def _moved_path(key: str, old, new) -> bool:
     """Whether a change of recipe key `key` from `old` to `new` may be a moved file: a path key (an entry of a list of
-    them, data.train[1] or its .path) that holds a path before and after (one added or removed is another recipe)."""
+    them, data.train[1] or its .path; a set of data.eval's, data.eval.general or its .path) that holds a path before
+    and after (one added or removed is another recipe)."""
     import re
 
-    return re.sub(r"\[\d+\](\.path)?$", "", key) in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
+    listed = re.sub(r"\[\d+\](\.path)?$", "", key)
+    named = re.sub(r"^data\.eval\.[A-Za-z0-9_-]+(\.path)?$", "data.eval", listed)  # a set of data.eval's mapping
+    return named in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
 
 
 def _changed_keys(before: str | None, after: str) -> dict[str, tuple]:

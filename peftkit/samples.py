@@ -18,11 +18,14 @@ from peftkit.recipe import Recipe
 def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
     """The prompts of the first eval.samples rows of data.eval; none when off, without eval data, or for the
     `text` and `classification` formats (no prompt to answer: a classifier's eval reports accuracy instead)."""
-    if not (cfg.eval.samples and cfg.data.eval) or cfg.data.format in ("text", "classification"):
+    name = next(iter(cfg.data.eval_sources()), None)  # the primary set of data.eval
+    data = cfg.data.for_eval(name) if name else None
+    if not (cfg.eval.samples and data) or data.format in ("text", "classification"):
         return []
     from peftkit.task_ids import recipe_reads_tasks
 
-    return load_prompts(tok, cfg.data.eval, cfg.data.eval_split, cfg.data, limit=cfg.eval.samples, skip_empty=True,
+    source = cfg.data.eval_sources()[name]
+    return load_prompts(tok, source.path, source.split, data, limit=cfg.eval.samples, skip_empty=True,
                         tasks=recipe_reads_tasks(cfg))
 
 

@@ -62,7 +62,8 @@ class Run:
     accelerator: object
     train_ex: Sequence
     eval_ex: RunEval | ClassifyEval | None
-    """data.eval's loss examples and eval.metrics' prompts (a classifier's: its rows); None without data.eval."""
+    """data.eval's loss examples and eval.metrics' prompts (a classifier's: its rows); None without data.eval. Of
+    several sets, the first (primary) one's, whose figures are eval_loss, ..."""
     targets: list[str]
     inputs: dict
     total_steps: int
@@ -73,6 +74,9 @@ class Run:
     """training.early_stopping and export.best, fed every evaluation."""
     trackers: Trackers | None = None
     """training.report_to, started once the run directory is this run's."""
+    other_evals: dict = field(default_factory=dict)
+    """data.eval's other sets by name (a mapping's after the first), each a RunEval or ClassifyEval: its figures are
+    `eval_<name>_loss`, ..., kept in an evaluation's result under `sets`."""
     last_eval: tuple[int, dict] | None = None
     labels: LabelSet | None = None
     """A classifier's classes (model.task: sequence_classification), read from data.train."""
@@ -163,13 +167,29 @@ class Run:
         model = distributed.unwrap(self.accelerator, self.model)  # every process joins (loss batches, prompts shared out)
         with fresh_dynamic_rope(model):  # as `peftkit eval` of the exported adapter sees it
             result = self.eval_ex(model)
+            if self.other_evals:  # after the primary set: its figures are those of a run evaluating it alone
+                result["sets"] = {name: evaluation(model) for name, evaluation in self.other_evals.items()}
         if self.selection is not None:
             self.selection.observe(step, result, lambda: distributed.adapter_weights(model, self.saved_modules))
         if unlogged is not None and self.stopped_early:
             self.log(unlogged)
-        self.log({"step": step, **self.eval_ex.record(result)})
+        self.log({"step": step, **self.record(result)})
         self.last_eval = (step, result)
         return result
+
+    def record(self, result: dict, prefix: str = "eval_") -> dict[str, float]:
+        """An evaluation's figures under metrics.jsonl / summary names: the primary set's `eval_loss`, ..., then each
+        other set's `eval_<name>_loss`, ... (`prefix` `base_eval_`: the base model's)."""
+        sets = result.get("sets", {})
+        return self.eval_ex.record(result, prefix) | {
+            key: value for name, evaluation in self.other_evals.items()
+            for key, value in evaluation.record(sets[name], f"{prefix}{name}_").items()}
+
+    def describe(self, result: dict) -> str:
+        """The console's line of an evaluation: the primary set's, then `<name>: eval loss ...` of each other."""
+        sets = result.get("sets", {})
+        return "; ".join([self.eval_ex.describe(result), *(f"{name}: {evaluation.describe(sets[name])}"
+                                                            for name, evaluation in self.other_evals.items())])
 
 
 def _total_steps(tcfg, examples: int, processes: int) -> int:
@@ -274,15 +294,18 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     print_estimate(console, estimate)
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
-    train_ex, train_stats, eval_ex, labels = _load_data(cfg, tok, config, cache)
-    if eval_ex is not None and accelerator.num_processes > 1:
-        eval_ex.processes = accelerator  # the processes share out the eval batches
+    train_ex, train_stats, evals, labels = _load_data(cfg, tok, config, cache)
+    if accelerator.num_processes > 1:
+        for evaluation in evals.values():
+            evaluation.processes = accelerator  # the processes share out the eval batches
+    eval_ex, other_evals = next(iter(evals.values()), None), dict(list(evals.items())[1:])
     if ids := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation
 
         if warning := check_invocation(ids, train_ex, tok):
             console.print(warning, style="yellow", markup=False, highlight=False)
-    digests = {"train": examples_digest(train_ex)} | ({"eval": examples_digest(eval_ex.examples)} if eval_ex else {})
+    digests = {"train": examples_digest(train_ex)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
+                                                      for name, evaluation in evals.items()}
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
     _check_evaluations(cfg, total_steps)
@@ -309,7 +332,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
         # At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
         # holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():
-            summary |= _evaluate_base(cfg, model, tok, eval_ex, accelerator, console)
+            summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console)
 
     targets = _inject(cfg, model, adapter, accelerator, console, summary)
 
@@ -328,7 +351,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     distributed.autocast_only(accelerator, model)
     return Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
-                base_commit=base_commit, examples_sha256=digests)
+                base_commit=base_commit, examples_sha256=digests, other_evals=other_evals)
 
 
 def _inject(cfg: Recipe, model, adapter, accelerator, console: Console, summary: dict) -> list[str]:
@@ -382,13 +405,17 @@ def _check_biases_merge(model) -> None:
                            "(the adapter loads in peft with its biases), or lora_bias: false.")
 
 
-def _evaluate_base(cfg: Recipe, model, tok, eval_ex: RunEval | ClassifyEval, accelerator, console: Console) -> dict:
-    """eval.base_model: the base model's eval loss and metrics, and eval.samples' base answers, for the summary."""
-    n = len(eval_ex)
-    with phase(f"Evaluating the base model on {n} examples (eval.base_model: true)...", console):
-        base = eval_ex(model)
-    console.print(f"base model: {eval_ex.describe(base)} on {n} examples", highlight=False)
-    summary = {k: v for k, v in eval_ex.record(base, "base_eval_").items() if k != "base_eval_perplexity"}
+def _evaluate_base(cfg: Recipe, model, tok, evals: dict, accelerator, console: Console) -> dict:
+    """eval.base_model: the base model's eval loss and metrics on each set of data.eval (`base_eval_loss`, ...,
+    `base_eval_<name>_loss`, ...), and eval.samples' base answers, for the summary."""
+    summary = {}
+    for i, (name, evaluation) in enumerate(evals.items()):
+        n, prefix = len(evaluation), "base_eval_" if i == 0 else f"base_eval_{name}_"
+        shown = "" if i == 0 else f" of data.eval.{name}"
+        with phase(f"Evaluating the base model on {n} examples{shown} (eval.base_model: true)...", console):
+            base = evaluation(model)
+        console.print(f"base model: {evaluation.describe(base)} on {n} examples{shown}", highlight=False)
+        summary |= {k: v for k, v in evaluation.record(base, prefix).items() if k != f"{prefix}perplexity"}
     # The base's samples go into the main process's summary; the model is not sharded yet, so only it generates.
     if accelerator.is_main_process and (prompts := sample_prompts(cfg, tok)):
         with phase(f"Generating {len(prompts)} samples with the base model (eval.samples)...", console):
@@ -408,26 +435,27 @@ def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Consol
     return rows
 
 
-def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict, RunEval | ClassifyEval | None,
-                                                                  LabelSet | None]:
-    """(training examples, their counts, data.eval's evaluation or None, a classifier's classes or None), all read
+def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict, dict, LabelSet | None]:
+    """(training examples, their counts, data.eval's evaluations by name ({} without it), a classifier's classes or
+    None), all read
     before the model loads (whose `config` says how many positions the generations have), so that a data mistake
     shows in seconds."""
     data = cfg.data
+    evals = {}  # data.eval's sets by name, the primary first
     if cfg.classification:  # the classes come from data.train; data.eval's labels are mapped to them
         train_ex, stats, labels = load_classification(tok, data.train, data.train_split, data, None, cfg.model.num_labels)
-        eval_ex = None
-        if data.eval:
-            examples = load_classification(tok, data.eval, data.eval_split, data, labels)[0]
-            eval_ex = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
-        return train_ex, stats, eval_ex, labels
+        for name, source in data.eval_sources().items():
+            examples = load_classification(tok, source.path, source.split, data.for_eval(name), labels)[0]
+            evals[name] = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
+        return train_ex, stats, evals, labels
     tasks = recipe_reads_tasks(cfg)
     train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)
     check_training_tasks(cfg, "data.train", train_ex.task_ids)
-    eval_ex = None
-    if data.eval:  # the loss examples, and eval.metrics' prompts
-        eval_ex = RunEval.of(cfg, tok, load_examples(tok, data.eval, data.eval_split, data, tasks=tasks, cache=cache)[0])
-        prompts = [*eval_ex.prompts, *sample_prompts(cfg, tok)]
-        check_training_tasks(cfg, "data.eval", [*eval_ex.examples.task_ids, *(p.task_id for p in prompts)])
+    for i, (name, source) in enumerate(data.eval_sources().items()):  # the loss examples, and eval.metrics' prompts
+        examples = load_examples(tok, source.path, source.split, data.for_eval(name), tasks=tasks, cache=cache)[0]
+        evals[name] = RunEval.of(cfg, tok, examples, name)
+        prompts = [*evals[name].prompts, *(sample_prompts(cfg, tok) if i == 0 else [])]
+        key = "data.eval" if name == "eval" and not isinstance(data.eval, dict) else f"data.eval.{name}"
+        check_training_tasks(cfg, key, [*examples.task_ids, *(p.task_id for p in prompts)])
         check_answer_room(cfg, config, prompts)
-    return train_ex, stats, eval_ex, None
+    return train_ex, stats, evals, None

@@ -197,7 +197,7 @@ def _loop(run: Run, state: LoopState) -> None:
             paused = time.time()  # evaluations and checkpoints are not training: tokens_per_s leaves them out
             if run.eval_ex and tcfg.eval_steps and state.step % tcfg.eval_steps == 0 and state.step < run.total_steps:
                 result = run.evaluate(state.step, unlogged)
-                progress.note(f"step {state.step}: {run.eval_ex.describe(result)}")
+                progress.note(f"step {state.step}: {run.describe(result)}")
             if tcfg.save_steps and state.step % tcfg.save_steps == 0 or state.step in extra:
                 run.checkpoint(state)
             window_start += time.time() - paused

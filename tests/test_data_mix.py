@@ -1,6 +1,7 @@
 """data.train as a list of datasets (axolotl's `datasets:`, LLaMA-Factory's `dataset: a,b`): the rows of each, read with
 its own split and columns, concatenated in order; every message names the file and line of its row; each file is
-hashed for --resume and verify; the tokenized-data cache keys the whole mix."""
+hashed for --resume and verify; the tokenized-data cache keys the whole mix. And data.eval as several named sets
+(TRL's eval_dataset dict): each evaluated beside the first, the primary one, as `peftkit eval` evaluates its file."""
 
 import io
 import json
@@ -234,8 +235,8 @@ def test_one_mapping_for_data_train_or_a_list_for_data_eval_is_one_clear_problem
                                      "...} is a list of one: put '- ' before it.") in err, err
     recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"eval": [str(number_data["eval"])]})
     err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
-    assert ("'data.eval' = list: must be one path or hub id (data.eval is one dataset; a list of datasets is "
-            "data.train's).") in err, err
+    assert ("'data.eval' = list: must be a path or hub id, or a mapping of names to datasets (`{NAME: path, NAME2: "
+            "{path: ..., split: ..., columns: {...}, format: ...}}`); a list of datasets is data.train's.") in err, err
 
 
 def test_validate_warns_of_a_missing_file_of_the_list(tiny_llama, number_data, tmp_path, capsys):
@@ -564,3 +565,131 @@ def test_a_cached_warning_names_the_columns_key_of_the_read_that_asks(two_files,
     assert stats["special_text_first"] == f"{b}:2: column 'answer' (data.columns.output) holds '</s>'"
     _, stats = load_examples(TOK, str(b), "train", cfg.reading(str(b)))
     assert stats["special_text_first"] == f"{b}:2: column 'answer' (data.train[1].columns.output) holds '</s>'"
+
+
+# ------------------------------------------------------------------- data.eval: several named evaluation sets
+
+@pytest.fixture
+def eval_sets(tiny_llama, number_data, tmp_path) -> tuple[Path, Path, Path]:
+    """A recipe evaluating on two sets every 2 of 6 steps (a checkpoint every 2), numbers (number_data's eval file,
+    the primary one) and general (plain text of its own format), and its run directory and general's file."""
+    general = tmp_path / "general.jsonl"
+    write_jsonl(general, [{"text": f"The cat sat on mat number {k}."} for k in range(6)])
+    recipe = make_recipe(tmp_path, tiny_llama, number_data,
+                         data={"eval": {"numbers": str(number_data["eval"]),
+                                        "general": {"path": str(general), "format": "text"}}},
+                         training={"max_steps": 6, "eval_steps": 2, "save_steps": 2, "save_total_limit": 10},
+                         eval={"base_model": True})
+    return recipe, tmp_path / "run", general
+
+
+def _eval_flags(**flags) -> dict:
+    return dict(overrides=[], model=None, data=None, fmt=None, adapter=None, max_length=None, batch_size=None,
+                on_bad_rows=None) | flags
+
+
+def test_each_eval_set_s_loss_is_peftkit_eval_of_its_file(eval_sets, number_data):
+    from peftkit.evaluate import eval_job, evaluate
+
+    recipe, run, general = eval_sets
+    out = io.StringIO()
+    summary = train(load_recipe(recipe), console=Console(file=out, width=1000))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    assert list(lines[-1]) == ["step", "eval_loss", "eval_perplexity", "eval_general_loss", "eval_general_perplexity"]
+    # `peftkit eval RUN_DIR --data FILE` of the exported adapter, and `peftkit eval RECIPE --data FILE` of the base
+    for key, data in (("eval", number_data["eval"]), ("eval_general", general)):
+        assert lines[-1][f"{key}_loss"] == summary[f"{key}_loss"] == evaluate(eval_job(run, **_eval_flags(
+            data=str(data))))["loss"]
+        assert summary[f"base_{key}_loss"] == evaluate(eval_job(recipe, **_eval_flags(data=str(data))))["loss"]
+    assert summary["eval_general_loss"] != summary["eval_loss"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert {k: v for k, v in manifest["metrics"].items() if "general" in k} == {
+        k: summary[k] for k in ("eval_general_loss", "eval_general_perplexity", "base_eval_general_loss")}
+    assert manifest["eval_sets"] == ["numbers", "general"]  # the order, which the sorted keys of the file lose
+    assert set(manifest["data_sha256"]) == set(manifest["examples_sha256"]) == {"train", "eval[numbers]",
+                                                                                 "eval[general]"}
+    printed = " ".join(out.getvalue().split())
+    assert (f"eval loss, general {summary['base_eval_general_loss']:.4f} base -> {summary['eval_general_loss']:.4f} "
+            f"(ppl {summary['eval_general_perplexity']:.2f})") in printed
+    assert f"step 2: eval loss {lines[0]['eval_loss']:.4f}" in printed and "; general: eval loss " in printed
+
+
+def test_the_primary_set_s_figures_are_a_run_s_evaluating_it_alone(eval_sets, tiny_llama, number_data, tmp_path):
+    recipe, run, _ = eval_sets
+    train(load_recipe(recipe), console=_quiet())
+    alone = make_recipe(tmp_path / "alone", tiny_llama, number_data,
+                        training={"max_steps": 6, "eval_steps": 2}, eval={"base_model": True})
+    train(load_recipe(alone), console=_quiet())
+
+    def primary_figures(r: Path) -> tuple:
+        lines = [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+        metrics = json.loads((r / "manifest.json").read_text())["metrics"]
+        return ([{k: line[k] for k in ("step", "eval_loss", "eval_perplexity")} for line in lines],
+                {k: metrics[k] for k in ("eval_loss", "eval_perplexity", "base_eval_loss")}, (r / ADAPTER).read_bytes())
+
+    assert primary_figures(run) == primary_figures(tmp_path / "alone/run")
+    manifest = json.loads((tmp_path / "alone/run/manifest.json").read_text())
+    assert set(manifest["data_sha256"]) == {"train", "eval"} and "eval_sets" not in manifest
+
+
+def test_a_run_with_two_eval_sets_resumes_to_the_same_bits(eval_sets):
+    recipe, run, _ = eval_sets
+    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=6)
+
+
+def test_a_changed_second_eval_set_is_refused_by_resume_and_named_by_verify(eval_sets):
+    from peftkit.verify import verify
+
+    recipe, run, general = eval_sets
+    train(load_recipe(recipe), console=_quiet())
+    assert verify(run, console=_quiet()).ok
+    general.write_text(general.read_text() + json.dumps({"text": "A new line."}) + "\n")
+    report = verify(run, console=_quiet())
+    assert f"data.eval[general]: the content of {general} differs from the recorded one" in report.differences
+    shutil.rmtree(run / "checkpoints" / "step-00000006")
+    (run / "manifest.json").unlink()
+    with pytest.raises(PeftkitError, match=r"^--resume: data.eval\[general\] file general.jsonl changed since "
+                                           "checkpoint step-00000004 was written"):
+        train(load_recipe(recipe), resume=True, console=_quiet())
+
+
+@pytest.mark.parametrize(("eval_yaml", "message"), [
+    ("    numbers: a.jsonl\n    bad name: b.jsonl\n", "data.eval: 'bad name' is not a usable name of an evaluation "
+     "set: its figures are logged as eval_<name>_loss, so use letters, digits, `_` and `-` only."),
+    ("    general: [b.jsonl]\n", "'data.eval.general' = list: must be a path or hub id, or {path: ..., split: ..., "
+     "columns: {...}, format: ...}."),
+    ("    general: {path: b.jsonl, colums: {text: body}}\n", "unknown key 'colums' in data.eval.general"),
+    ("    general: {path: b.jsonl, format: classification}\n", "data.eval.general.format: classification is "
+     "data.format's alone"),
+    ("    general: {path: b.jsonl, columns: {txt: body}, format: text}\n", "data.eval.general.columns: 'txt' is "
+     "not a field of data.eval.general.format text (text, task)"),
+    ("    path: b.jsonl\n    format: text\n", "data.eval: a mapping of names to datasets, and this is one dataset's "
+     "{path, ...}; name it: `eval: {NAME: {path: ..., format: ...}}`, or give its path alone."),
+    ("    {}\n", "data.eval: an empty mapping; give a path or hub id, or one or more `name: dataset`."),
+])
+def test_a_bad_eval_set_is_a_recipe_error(tiny_llama, number_data, tmp_path, monkeypatch, capsys, eval_yaml, message):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    text = recipe.read_text()
+    start = text.index("  eval:")
+    recipe.write_text(text[:start] + "  eval:\n" + eval_yaml + text[text.index("\n", start) + 1:])
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert message in err, err
+
+
+def test_eval_sets_moved_are_the_same_run_and_a_set_s_split_changed_is_not(tiny_llama, number_data, tmp_path):
+    from peftkit.rundir import check_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    moved = Path(shutil.copytree(number_data["train"].parent, tmp_path / "moved"))
+
+    def recipe(where: str, folder: Path, **general) -> Path:
+        sets = {"numbers": str(folder / "eval.jsonl"), "general": {"path": str(folder / "train.jsonl"), **general}}
+        return make_recipe(tmp_path / where, tiny_llama, number_data, data={"eval": sets})
+
+    (out / "recipe.yaml").write_text(load_recipe(recipe("a", number_data["train"].parent)).to_yaml())
+    assert "taken as the same run" in check_output_dir(out, load_recipe(recipe("b", moved)).to_yaml(), False, False)[0]
+    other = load_recipe(recipe("c", number_data["train"].parent, split="train[:50%]")).to_yaml()
+    with pytest.raises(PeftkitError, match=r"differs in data.eval.general.split\)"):
+        check_output_dir(out, other, False, False)

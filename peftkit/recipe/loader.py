@@ -179,7 +179,8 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
         msg = msg.replace("Input should be", "must be one of")
     msg = re.sub(r" or instance of \w+", " (a section of keys)", msg.replace("Input should be", "must be"))
     if kind != "value_error":  # a validator's own message (`target_modules: []`) is more precise than the hint
-        msg = _UNION_HINTS.get(loc[:2] + ("[i]",) if loc[:2] == ("data", "train") and len(loc) == 3 else loc, msg)
+        entry = {("data", "train"): "[i]", ("data", "eval"): "[name]"}.get(loc[:2]) if len(loc) == 3 else None
+        msg = _UNION_HINTS.get(loc[:2] + (entry,) if entry else loc, msg)
     if given is None and kind in ("model_type", "dict_type"):
         field = Recipe.model_fields.get(str(loc[0])) if len(loc) == 1 else None
         msg = "the section is empty; indent its keys under it" + (
@@ -280,7 +281,9 @@ _UNION_HINTS = {
     ("data", "train"): ("must be a path or hub id, or a list of datasets (each a path or hub id or {path: ..., split: "
                         "..., columns: {...}, format: ...}); one dataset's {path: ...} is a list of one: put '- ' before "
                         "it"),
-    ("data", "eval"): "must be one path or hub id (data.eval is one dataset; a list of datasets is data.train's)",
+    ("data", "eval"): ("must be a path or hub id, or a mapping of names to datasets (`{NAME: path, NAME2: {path: ..., "
+                       "split: ..., columns: {...}, format: ...}}`); a list of datasets is data.train's"),
+    ("data", "eval", "[name]"): "must be a path or hub id, or {path: ..., split: ..., columns: {...}, format: ...}",
 }
 
 # Names other tools use for our keys: a user coming from peft/axolotl/transformers gets pointed at ours.
@@ -441,7 +444,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
 
     def usable(value: str, kind: str, loc: tuple) -> str:
         where = _where(loc, path, lines, overridden)
-        key = f"{loc[0]}.{loc[1]}" + (f"[{loc[2]}]" if len(loc) > 2 else "")  # adapter.fuse[1]
+        key = _dotted(loc[:3])  # adapter.fuse[1], data.eval.general
         if not value.strip():  # Path("") is ".": the recipe's own directory, silently
             raise PeftkitError(f"{where}: '{key}' is empty. Give a path (relative to the recipe's directory) or a "
                                "hub id.")
@@ -469,6 +472,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         recipe.data.train = [usable(entry, "data", ("data", "train", i)) if isinstance(entry, str) else
                              entry.model_copy(update={"path": usable(entry.path, "data", ("data", "train", i, "path"))})
                              for i, entry in enumerate(recipe.data.train)]
+    if isinstance(recipe.data.eval, dict):  # each set's path, where the recipe wrote it
+        recipe.data.eval = {name: usable(entry, "data", ("data", "eval", name)) if isinstance(entry, str) else
+                            entry.model_copy(update={"path": usable(entry.path, "data", ("data", "eval", name, "path"))})
+                            for name, entry in recipe.data.eval.items()}
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
                                ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
                                ("adapter", "source_adapter", "adapter")):  # the latter: multitask prompt tuning's

@@ -4,6 +4,7 @@ the rest of peftkit reads typed fields, never `dict.get(key, default)`)."""
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -137,8 +138,27 @@ class DataConfig(Section):
         if isinstance(value, list) and not value:
             raise ValueError("an empty list; give a path or hub id, or a list of one or more")
         return value
-    eval: str | None = None
-    """A file or hub dataset id, as one entry of `train` (one, not a list); omit to skip evaluation."""
+    eval: str | dict[str, str | DataSource] | None = None
+    """A file or hub dataset id, as one entry of `train` (one, not a list); or several evaluation sets by name, each
+    a path or hub id or {path, split, columns, format}: `{numbers: data/eval.jsonl, general: data/general.jsonl}`.
+    The first is the primary set, whose figures are `eval_loss`, `eval_perplexity`, ... (what early stopping,
+    export.best and the summary read); each other set's are `eval_<name>_loss`, ... Omit to skip evaluation."""
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_names(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if not value:
+            raise ValueError("an empty mapping; give a path or hub id, or one or more `name: dataset`")
+        if "path" in value and set(value) <= set(DataSource.model_fields):
+            raise ValueError("a mapping of names to datasets, and this is one dataset's {path, ...}; name it: "
+                             "`eval: {NAME: {path: ..., format: ...}}`, or give its path alone")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+                raise ValueError(f"{name!r} is not a usable name of an evaluation set: its figures are logged as "
+                                 "eval_<name>_loss, so use letters, digits, `_` and `-` only")
+        return value
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `train` and `eval` when they are hub datasets. A run records a digest
     of the rows it read, so `--resume` and `verify` tell when a branch has moved; pin a commit to read the same rows."""
@@ -170,14 +190,16 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _columns_are_fields(self) -> DataConfig:
-        entries = [(i, e) for i, e in enumerate(self.train) if isinstance(e, DataSource)] \
+        entries = [(f"data.train[{i}]", e) for i, e in enumerate(self.train) if isinstance(e, DataSource)] \
             if isinstance(self.train, list) else []
+        entries += [(f"data.eval.{name}", e) for name, e in self.eval.items() if isinstance(e, DataSource)] \
+            if isinstance(self.eval, dict) else []
         for i, entry in entries:
             if entry.format == "classification":
-                raise ValueError(f"data.train[{i}].format: classification is data.format's alone: a classifier's "
+                raise ValueError(f"{i}.format: classification is data.format's alone: a classifier's "
                                  "datasets are all read as data.format classification; remove it")
             if entry.format is not None and self.format == "classification":
-                raise ValueError(f"data.train[{i}].format: a classifier's datasets are all read as data.format "
+                raise ValueError(f"{i}.format: a classifier's datasets are all read as data.format "
                                  "classification (text, label, optional text_pair); remove it")
         chat = self.format == "chat" or any(entry.format == "chat" for _, entry in entries)
         said = f"data.format is {self.format}" + (", and no dataset of data.train is chat" if entries else "")
@@ -190,12 +212,12 @@ class DataConfig(Section):
         _check_columns("data.columns", self.columns, "data.format", self.format)
         for i, entry in entries:
             fmt = entry.format or self.format
-            named = "data.format" if fmt == self.format else f"data.train[{i}].format"
+            named = "data.format" if fmt == self.format else f"{i}.format"
             if entry.columns:
-                _check_columns(f"data.train[{i}].columns", entry.columns, named, fmt)
+                _check_columns(f"{i}.columns", entry.columns, named, fmt)
             elif entry.columns is None and fmt != self.format:  # it reads data.columns, another format's
                 _check_columns("data.columns", self.columns, named, fmt,
-                               f" Or give data.train[{i}] columns of its own ({{}} for none).")
+                               f" Or give {i} columns of its own ({{}} for none).")
         return self
 
     train_split: str = "train"
@@ -243,6 +265,36 @@ class DataConfig(Section):
                                               "format": entry.format or self.format})
                 for entry in entries]
 
+    def eval_sources(self) -> dict[str, DataSource]:
+        """data.eval by name, each with its split (default data.eval_split), columns and format filled in; the first
+        is the primary set. One path is the one set named `eval`; {} without data.eval."""
+        if self.eval is None:
+            return {}
+        entries = self.eval if isinstance(self.eval, dict) else {"eval": self.eval}
+        return {name: DataSource(path=entry, split=self.eval_split, columns=self.columns, format=self.format)
+                if isinstance(entry, str)
+                else entry.model_copy(update={"split": entry.split or self.eval_split,
+                                              "columns": self.columns if entry.columns is None else entry.columns,
+                                              "format": entry.format or self.format})
+                for name, entry in entries.items()}
+
+    @property
+    def primary_eval(self) -> DataSource | None:
+        """data.eval's first (or only) set, whose figures are eval_loss, ...; None without data.eval."""
+        return next(iter(self.eval_sources().values()), None)
+
+    def eval_key(self, name: str) -> str:
+        """The key of data.eval's set `name` in a run's records (data_sha256): `eval` for one path, `eval[name]`."""
+        return f"eval[{name}]" if isinstance(self.eval, dict) else "eval"
+
+    def for_eval(self, name: str) -> DataConfig:
+        """This section as data.eval's set `name` is read: with its own columns and format."""
+        entry = self.eval_sources()[name]
+        read = self.model_copy(update={"columns": entry.columns, "format": entry.format})
+        if isinstance(self.eval, dict) and getattr(self.eval[name], "columns", None) is not None:
+            read._columns_key = f"data.eval.{name}.columns"
+        return read
+
     def reading(self, source: str) -> DataConfig:
         """This section as a command reads `source` (`eval`/`generate --data`): data.revision is the recipe's
         datasets', so another dataset is read without it; a dataset of data.train's list is read with its own
@@ -253,8 +305,8 @@ class DataConfig(Section):
         if not any(same(path) for _, path, _ in self.sources()):
             return self.model_copy(update={"revision": None})
         i, entry = next(((i, e) for i, e in enumerate(self.train_sources()) if same(e.path)), (None, None))
-        if entry is None:
-            return self
+        if entry is None:  # a set of data.eval's, read with its own columns and format
+            return next((self.for_eval(name) for name, e in self.eval_sources().items() if same(e.path)), self)
         read = self.model_copy(update={"columns": entry.columns, "format": entry.format})
         if isinstance(self.train, list) and getattr(self.train[i], "columns", None) is not None:
             read._columns_key = f"data.train[{i}].columns"
@@ -264,11 +316,12 @@ class DataConfig(Section):
 
     def sources(self) -> list[tuple[str, str, str]]:
         """(key, path or hub id, split) of each dataset the recipe reads: `train` (one path), or `train[0]`,
-        `train[1]`, ... (a list), and `eval`. The keys name the datasets in a run's records (data_sha256)."""
+        `train[1]`, ... (a list), and `eval` (one path) or `eval[name]` (a mapping). The keys name the datasets in a
+        run's records (data_sha256)."""
         train = self.train_sources()
         keys = [f"train[{i}]" for i in range(len(train))] if isinstance(self.train, list) else ["train"]
         found = [(key, entry.path, entry.split) for key, entry in zip(keys, train, strict=True)]
-        return found + ([("eval", self.eval, self.eval_split)] if self.eval else [])
+        return found + [(self.eval_key(name), entry.path, entry.split) for name, entry in self.eval_sources().items()]
 
 
 class EarlyStoppingConfig(Section):
@@ -496,6 +549,13 @@ class Recipe(Section):
                 "modules trained in full (adapter.modules_to_save, a classifier's head) would have fp16 ones "
                 "(torch: 'Attempting to unscale FP16 gradients'); set model.dtype: float32 (the matmuls still run "
                 "in fp16 under autocast), or use mixed_precision: bf16 where the GPU has it"
+            )
+        if self.eval.generation_metrics and (text := [k for k, e in self.data.eval_sources().items()
+                                                      if e.format == "text"]) and self.data.format != "text":
+            raise ValueError(
+                f"eval.metrics: {', '.join(self.eval.generation_metrics)} score generated answers against each "
+                f"row's reference, and data.eval.{text[0]} is format text, which has no prompt or reference; remove "
+                "eval.metrics or give that set another format"
             )
         if self.eval.generation_metrics and self.data.format == "text":
             raise ValueError(
