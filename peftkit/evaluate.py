@@ -212,6 +212,9 @@ class EvalJob:
     given apart, which must say (or --task)."""
     name: str | None = None
     """A comparison's name for the model: its progress lines say which model they are about."""
+    eval_sets: list[str] = field(default_factory=list)
+    """The names of the recipe's data.eval sets where it has several and no --data was given (this job evaluates
+    the first): `peftkit eval` evaluates each."""
 
 
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
@@ -252,7 +255,8 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         ours = data is None or data in {entry.path for entry in sets.values()}
         job = EvalJob(data=source, data_cfg=own, split=sets[name].split if not data else "train",
                       source=ModelSource.of_recipe(cfg, run_adapter),
-                      batch_size=cfg.eval.batch_size, untasked=0 if ours else None)
+                      batch_size=cfg.eval.batch_size, untasked=0 if ours else None,
+                      eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [])
     check_choices(fmt, on_bad_rows)
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}

@@ -693,3 +693,23 @@ def test_eval_sets_moved_are_the_same_run_and_a_set_s_split_changed_is_not(tiny_
     other = load_recipe(recipe("c", number_data["train"].parent, split="train[:50%]")).to_yaml()
     with pytest.raises(PeftkitError, match=r"differs in data.eval.general.split\)"):
         check_output_dir(out, other, False, False)
+
+
+def test_peftkit_eval_of_a_run_evaluates_each_eval_set(eval_sets, tmp_path, monkeypatch, capsys):
+    from peftkit.cli import main
+
+    recipe, run, general = eval_sets
+    summary = train(load_recipe(recipe), console=_quiet(), show_summary=False)
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(run), "--json", str(tmp_path / "eval.json")])
+    main()
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert list(results) == ["general", "numbers"]  # (the JSON file sorts its keys)
+    for name, key in (("numbers", "eval"), ("general", "eval_general")):
+        assert results[name]["loss"] == summary[f"{key}_loss"]  # the run's final figures, set by set
+        assert f"{name}: loss {summary[f'{key}_loss']:.4f}  perplexity {summary[f'{key}_perplexity']:.3f}" in printed
+    assert printed.index("numbers:") < printed.index("general:")  # in the recipe's order, the primary first
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(run), "--metrics", "exact_match", "--predictions",
+                                  str(tmp_path / "p.jsonl")).split())
+    assert (f"--predictions writes one set's answers, and {run}'s data.eval has 2 sets (numbers, general); pass "
+            "--data FILE of one.") in err, err

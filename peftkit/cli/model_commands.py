@@ -181,18 +181,40 @@ def eval_cmd(
     if comparing:
         _compare(job, named, named_merged, predictions, json_out, settings, general or [], inputs)
         return
+    if len(job.eval_sets) > 1:  # the recipe's data.eval names several sets: each, by name
+        if predictions is not None:
+            raise PeftkitError(f"--predictions writes one set's answers, and {recipe}'s data.eval has "
+                               f"{len(job.eval_sets)} sets ({', '.join(job.eval_sets)}); pass --data FILE of one.")
+        jobs = {job.eval_sets[0]: job} | {
+            name: eval_job(recipe, overrides or [], local_path(model) if model else None, None, fmt, single,
+                           max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
+                           None, task, eval_set=name) for name in job.eval_sets[1:]}
+        if json_out is not None:  # nor may --json be (inside) another set's data
+            for each in list(jobs.values())[1:]:
+                check_json_out(json_out, "--json", inputs + job_inputs(each))
+        results = {name: evaluate(each) for name, each in jobs.items()}  # the model loads for each set
+        for name, result in results.items():
+            _said_beside(json_out).print(f"{name}: {_shown(result, job.metrics)}")
+        if json_out:
+            atomic_write_json(json_out, results)
+        return
     result = evaluate(job)
+    _said_beside(json_out, predictions).print(_shown(result, job.metrics))
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
+def _shown(result: dict, metrics: list[str]) -> str:
+    """One evaluation's figures as `peftkit eval` prints them: `loss 1.2345  perplexity 3.436  tokens 120  ...`."""
     shown = []
     if "perplexity" in result:
         shown.append(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['num_tokens']}")
     elif "loss" in result:  # a classifier: cross-entropy per row, accuracy and macro_f1 follow
         shown.append(f"loss {result['loss']:.4f}  rows {result['num_examples']}")
-    shown += [f"{name} {result[name]:.4f}" for name in job.metrics if name in result and name not in ("loss", "perplexity")]
+    shown += [f"{name} {result[name]:.4f}" for name in metrics if name in result and name not in ("loss", "perplexity")]
     if "num_rows" in result:
         shown.append(f"rows {result['num_rows']}")
-    _said_beside(json_out, predictions).print("  ".join(shown))
-    if json_out:
-        atomic_write_json(json_out, result)
+    return "  ".join(shown)
 
 
 def _compare(job, named: list[tuple[str, str]], merged: list[tuple[str, str]], predictions: Path | None,
