@@ -60,7 +60,8 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
         # traceback (no step), or a curve of strings drawn as categories.
         row = rows[-1]
         if not (isinstance(row, dict) and _number(row.get("step")) and all(
-                _number(row[key]) or row[key] is None and key in _CURVE_KEYS for key in _PLOTTED if key in row)):
+                _number(row[key]) or row[key] is None and key in _CURVE_KEYS for key in _PLOTTED if key in row)
+                and all(_number(row[key]) for key in _other_set_losses(row))):
             raise PeftkitError(f"{path}:{number} is not a peftkit metrics line (a JSON object with a numeric step and "
                                "numeric values); the file is damaged.")
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
@@ -79,6 +80,14 @@ _CURVE_KEYS = tuple(key for _, _, key, _ in CURVES)
 _PLOTTED = ("loss", "eval_loss", *_CURVE_KEYS, *(f"eval_{m}" for m in GENERATION_METRICS + CLASSIFICATION_METRICS))
 """The metrics.jsonl keys that `plot_curves` draws: each a number (a skipped step's loss NaN); a `CURVES` one may be
 null (not measured at that step)."""
+
+
+def _other_set_losses(row: dict) -> list[str]:
+    """The `eval_<name>_loss` keys of an evaluation's line or the run's metrics: data.eval's other sets, drawn and
+    shown beside the primary set's `eval_loss`."""
+    return [key for key in row if isinstance(key, str) and key.startswith("eval_") and key.endswith("_loss")
+            and key != "eval_loss"]
+
 
 FEW_POINTS = 20
 """A curve of at most this many points is drawn with a dot at each (a run of one step has one point: no line)."""
@@ -138,6 +147,10 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
     if evals:
         _curve(ax, [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss", linewidth=1.5,
                color="C1")
+    for i, key in enumerate(dict.fromkeys(key for r in evals for key in _other_set_losses(r))):  # data.eval's others
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        _curve(ax, *zip(*points, strict=True), "o--", label=f"eval loss, {key[5:-5]}", linewidth=1.2,
+               color=f"C{2 + i % 8}")  # (C0, C1: the train and primary eval losses)
     ax.set(xlabel="step", ylabel="loss", title="Loss", yscale="log" if log_scale else "linear")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -255,7 +268,12 @@ def render_html(run_dir: Path, plots: dict[str, bytes], manifest: dict | None, r
     # (a report is drawn of a run still training too: "did not finish" said it had stopped)
     status = "" if manifest else ("<p><b>No manifest.json: the run has not finished (it is still training, or it "
                                   "stopped); the curves show what it has logged.</b></p>")
-    rows = metrics_rows(metrics, classifier)
+    def fmt(value: object) -> str:  # as metrics_rows shows a figure (its table escapes the text)
+        return "" if value is None else f"{value:.4f}" if _number(value) else str(value)
+
+    rows = metrics_rows(metrics, classifier) + [  # data.eval's other sets
+        (f"eval loss, {key[5:-5]}", fmt(metrics.get(f"base_{key}")), fmt(metrics.get(key)))
+        for key in _other_set_losses(metrics)]
     # A table of empty cells read as results missing by mistake: say why there are none.
     evaluation = _table(rows) if any(base or tuned for _, base, tuned in rows) else (
         "<p>None recorded yet: the run has not finished (the evaluations it has logged, if any, are drawn with the "

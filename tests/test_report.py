@@ -303,3 +303,29 @@ def test_a_run_without_an_evaluation_says_why_there_is_none(tmp_path):
             "are drawn with the loss).</p>") in running
     tuned = render_html(tmp_path, {}, {"metrics": {"eval_loss": 1.0}}, "")  # fine-tuned only (no eval.base_model)
     assert "<tr><th>eval loss</th><td></td><td>1.0000</td></tr>" in tuned
+
+
+def test_the_other_eval_sets_losses_are_drawn_and_shown_beside_the_primary_s(monkeypatch, tmp_path):
+    """data.eval naming several sets: each other set's eval_<name>_loss is a curve of the loss plot, beside the
+    primary set's eval loss, and a row of the Evaluation table (base and fine-tuned); a line holding one that is no
+    number is a damaged file."""
+    from peftkit import report
+
+    drawn = []
+    monkeypatch.setattr(report, "_curve", lambda ax, steps, values, fmt="-", **style:
+                        drawn.append((style.get("label"), list(steps), list(values))))
+    train = [{"step": s, "loss": 5.0 - s} for s in (1, 2, 3, 4)]
+    evals = [{"step": 2, "eval_loss": 3.5, "eval_perplexity": 33.1, "eval_general_loss": 4.5,
+              "eval_general_perplexity": 90.0},
+             {"step": 4, "eval_loss": 2.5, "eval_perplexity": 12.2, "eval_general_loss": 4.7,
+              "eval_general_perplexity": 110.0}]
+    report.plot_curves(train, evals, False)
+    assert drawn[1:3] == [("eval loss", [2, 4], [3.5, 2.5]), ("eval loss, general", [2, 4], [4.5, 4.7])]
+    metrics = {"base_eval_loss": 4.0, "eval_loss": 2.5, "eval_perplexity": 12.2, "base_eval_general_loss": 4.6,
+               "eval_general_loss": 4.7, "eval_general_perplexity": 110.0}
+    page = report.render_html(tmp_path, {}, {"metrics": metrics}, "")
+    assert ("<tr><th>eval loss</th><td>4.0000</td><td>2.5000</td></tr>" in page
+            and "<tr><th>eval loss, general</th><td>4.6000</td><td>4.7000</td></tr>" in page)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "eval_loss": 3.5, "eval_general_loss": "x"}\n')
+    with pytest.raises(PeftkitError, match="metrics.jsonl:1 is not a peftkit metrics line"):
+        report.read_metrics(tmp_path)
