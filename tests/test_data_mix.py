@@ -713,3 +713,17 @@ def test_peftkit_eval_of_a_run_evaluates_each_eval_set(eval_sets, tmp_path, monk
                                   str(tmp_path / "p.jsonl")).split())
     assert (f"--predictions writes one set's answers, and {run}'s data.eval has 2 sets (numbers, general); pass "
             "--data FILE of one.") in err, err
+
+
+def test_train_and_preview_name_a_chat_entry_s_format_for_a_tokenizer_without_a_template(tiny_llama, number_data,
+                                                                                           tmp_path, monkeypatch,
+                                                                                           capsys):
+    """An entry's chat rows tokenized by train or preview with a tokenizer without a chat template were told
+    'data.format is chat' while data.format was alpaca: the error names the entry's format key."""
+    chat = _chat_file(tmp_path / "c.jsonl", 12, seed=4)
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    (model / "chat_template.jinja").unlink()
+    recipe = _mix_recipe(tmp_path, model, number_data, [str(number_data["train"]), {"path": str(chat), "format": "chat"}])
+    for command in ("train", "preview"):
+        err = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        assert "c.jsonl:1: data.train[1].format is 'chat' but the tokenizer has no chat_template" in err, (command, err)

@@ -86,8 +86,10 @@ def format_spans(cfg: DataConfig, where: list | None, count: int) -> list[tuple[
     if all(entry.format == cfg.format for entry in entries):
         return [(cfg, range(count))]
     spans, start = [], 0
-    for entry, (_, n, _) in zip(entries, where.parts, strict=True):
+    for i, (entry, (_, n, _)) in enumerate(zip(entries, where.parts, strict=True)):
         own = cfg.model_copy(update={"format": entry.format, "columns": entry.columns})
+        if entry.format != cfg.format:  # (the chat-template error names the key that made these rows chat)
+            own._format_key = f"data.train[{i}].format"
         spans.append((own, range(start, start + n)))
         start += n
     return spans
