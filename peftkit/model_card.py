@@ -64,9 +64,14 @@ def _named(adapter: dict) -> dict:
 
 
 def _data(cfg: Recipe) -> str:
-    """data.train's datasets: a hub id as it is, a file by its name."""
-    shown = [f"`{s.path}`" if is_hub_dataset(s.path) else f"`{Path(s.path).name}`" for s in cfg.data.train_sources()]
-    return f"{' + '.join(shown)} (`{cfg.data.format}` format, up to {cfg.data.max_length} tokens an example)"
+    """data.train's datasets: a hub id as it is, a file by its name; each with its format where they differ (a
+    data.train entry's own)."""
+    sources = cfg.data.train_sources()
+    mixed = any(s.format != cfg.data.format for s in sources)
+    shown = [(f"`{s.path}`" if is_hub_dataset(s.path) else f"`{Path(s.path).name}`")
+             + (f" (`{s.format}` format)" if mixed else "") for s in sources]
+    each = f"up to {cfg.data.max_length} tokens an example"
+    return f"{' + '.join(shown)} ({each})" if mixed else f"{' + '.join(shown)} (`{cfg.data.format}` format, {each})"
 
 
 def _length(cfg: Recipe) -> str:

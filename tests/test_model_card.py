@@ -62,6 +62,9 @@ def test_a_mix_of_datasets_is_named_dataset_by_dataset(tiny_llama, number_data, 
     mix = [str(number_data["train"]), {"path": "org/more-numbers", "split": "train[:100]"}]
     text = model_card(_recipe(tmp_path, tiny_llama, number_data, data={"train": mix}), "LORA", {})
     assert "on `train.jsonl` + `org/more-numbers` (`alpaca` format" in text
+    mixed = [str(number_data["train"]), {"path": "org/chats", "format": "chat"}]  # (it said `alpaca` format alone)
+    text = model_card(_recipe(tmp_path, tiny_llama, number_data, data={"train": mixed}), "LORA", {})
+    assert "on `train.jsonl` (`alpaca` format) + `org/chats` (`chat` format) (up to 128 tokens an example)" in text
 
 
 def test_the_card_says_how_a_base_was_quantized_and_a_peftkit_only_method_loads(tiny_llama, number_data, tmp_path):
