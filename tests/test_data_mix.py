@@ -727,3 +727,16 @@ def test_train_and_preview_name_a_chat_entry_s_format_for_a_tokenizer_without_a_
     for command in ("train", "preview"):
         err = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
         assert "c.jsonl:1: data.train[1].format is 'chat' but the tokenizer has no chat_template" in err, (command, err)
+
+
+def test_an_alpaca_entry_s_format_is_named_for_a_tokenizer_without_an_eos(two_files, tmp_path):
+    """alpaca rows end each target with the EOS: with data.format chat and an alpaca entry, a tokenizer without one
+    was told 'data.format 'alpaca' ...', the key that is chat; the entry's key is named."""
+    a, _ = two_files
+    chat = _chat_file(tmp_path / "c.jsonl", 2, seed=7)
+    mix = DataConfig(train=[{"path": str(a), "format": "alpaca"}, str(chat)], format="chat", max_length=256)
+    tok = build_char_tokenizer()
+    tok.eos_token = None
+    with pytest.raises(PeftkitError, match=r"^data.train\[0\].format 'alpaca' ends each target with the tokenizer's "
+                                           r"EOS token.* or use data.train\[0\].format: chat with a chat template"):
+        load_examples(tok, mix.train, mix.train_split, mix, cache=False)

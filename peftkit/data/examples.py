@@ -67,14 +67,15 @@ def prompt_and_target_text(row: dict, fmt: str) -> tuple[str, str | None]:
     return "", row["text"]
 
 
-def _prompts_and_targets(tok, rows: list[dict], fmt: str) -> list[tuple[list[int], list[int]]]:
+def _prompts_and_targets(tok, rows: list[dict], fmt: str,
+                         format_key: str = "data.format") -> list[tuple[list[int], list[int]]]:
     """Token ids of each row's part without loss (prompt) and part with loss (target, EOS appended). The texts go
     to the tokenizer in two calls for all rows, not two per row (20-25 % less CPU on 10k rows: transformers' own
-    work per call)."""
+    work per call). `format_key`: the key that set `fmt` (a data.train entry's own: data.train[1].format)."""
     if tok.eos_token_id is None:
-        raise PeftkitError(f"data.format '{fmt}' ends each target with the tokenizer's EOS token, so the model learns "
+        raise PeftkitError(f"{format_key} '{fmt}' ends each target with the tokenizer's EOS token, so the model learns "
                            "to stop, and this tokenizer has none. Give it one (tokenizer_config.json's eos_token), or "
-                           "use data.format: chat with a chat template that marks the end of each turn.")
+                           f"use {format_key}: chat with a chat template that marks the end of each turn.")
     texts = [prompt_and_target_text(row, fmt) for row in rows]
     prompts = encode_prompts(tok, [prompt for prompt, _ in texts])
     joined = encode_prompts(tok, [prompt + target for prompt, target in texts])
@@ -320,11 +321,12 @@ def _render(tok, messages: list[dict], add_generation_prompt: bool = False,
         return None
 
 
-def _full_examples(tok, rows: list[dict], fmt: str, train_on: str) -> Iterator[tuple[list[int], list[int]]]:
+def _full_examples(tok, rows: list[dict], fmt: str, train_on: str,
+                   format_key: str = "data.format") -> Iterator[tuple[list[int], list[int]]]:
     """Token ids and labels of valid alpaca/completion/text rows, before any cut, `ROWS_PER_CALL` rows at a time; the
     prompt is trained too with `train_on` all."""
     for start in range(0, len(rows), ROWS_PER_CALL):
-        for prompt, target in _prompts_and_targets(tok, rows[start:start + ROWS_PER_CALL], fmt):
+        for prompt, target in _prompts_and_targets(tok, rows[start:start + ROWS_PER_CALL], fmt, format_key):
             yield prompt + target, (prompt if train_on == "all" else [IGNORE_INDEX] * len(prompt)) + target
 
 
@@ -357,7 +359,7 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
     chat = cfg.format == "chat"
     good = [_problem(rows[i], cfg.format) is None for i in span]  # a bad row raises (or is None) in its turn below
     full = None if chat else _full_examples(tok, [rows[i] for i, ok in zip(span, good, strict=True) if ok], cfg.format,
-                                            cfg.train_on)
+                                            cfg.train_on, cfg._format_key)
     for i, ok in zip(span, good, strict=True):
         row, where = rows[i], row_location(source, i, line_numbers)
         if not ok and not usable_row(row, cfg, where):
