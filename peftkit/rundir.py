@@ -166,13 +166,28 @@ def _normalised(recipe_file: Path) -> str | None:
         return None
 
 
+def _written_before(recipe_file: Path, recipe_yaml: str) -> bool:
+    """Whether `recipe_file` is a run's recipe.yaml as an earlier peftkit wrote it, without the keys added since
+    (data.group_by_length, training.decay_ratio...): a plain YAML dump (nothing of a user's: no comments, no layout of
+    their own) of this same recipe once read through today's schema (`_normalised`)."""
+    import yaml
+
+    text = recipe_file.read_text(encoding="utf-8")
+    try:
+        plain = yaml.safe_dump(yaml.safe_load(text), sort_keys=False) == text
+    except yaml.YAMLError:
+        return False
+    return plain and _normalised(recipe_file) == recipe_yaml
+
+
 def check_recipe_file(recipe_file: Path, out: Path, recipe_yaml: str) -> None:
     """Refuse a recipe kept as recipe.yaml in its own export.output_dir: the run writes its resolved recipe there,
     over the user's (comments and all; with --overwrite the old run's entries, that file among them, are removed
     first). The run's own recipe.yaml, exactly as a run wrote it (`peftkit train RUN/recipe.yaml --resume`), is fine."""
     with contextlib.suppress(OSError):
         if (recipe_file.resolve() == (out / "recipe.yaml").resolve()
-                and recipe_file.read_text(encoding="utf-8") != recipe_yaml):
+                and recipe_file.read_text(encoding="utf-8") != recipe_yaml
+                and not _written_before(recipe_file, recipe_yaml)):
             raise PeftkitError(
                 f"{recipe_file}: this recipe is the recipe.yaml of its own export.output_dir ({out}), where the run "
                 "writes its resolved recipe over yours. Set export.output_dir to another directory (e.g. ./run, next "

@@ -81,6 +81,29 @@ def test_a_recipe_kept_in_its_own_output_dir_is_not_overwritten(tiny_llama, numb
     assert result.exit_code == 0, result.output
 
 
+def test_the_recipe_yaml_of_a_run_made_before_keys_were_added_still_resumes(tiny_llama, number_data, tmp_path):
+    """`peftkit train RUN/recipe.yaml --resume` of a run whose recipe.yaml an earlier peftkit wrote, without the keys
+    added since (data.group_by_length, training.decay_ratio, decay_type, num_cycles), was refused as a recipe kept in
+    its own export.output_dir: its text is not today's dump. The same recipe, as a plain dump, resumes; one with a
+    comment of the user's is still refused."""
+    import yaml
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2, "save_steps": 1},
+                         eval={"base_model": False})
+    train(load_recipe(recipe), console=_console()[0])
+    own = tmp_path / "run" / "recipe.yaml"
+    old = yaml.safe_load(own.read_text())
+    del old["data"]["group_by_length"]
+    for key in ("decay_ratio", "decay_type", "num_cycles"):
+        del old["training"][key]
+    own.write_text(yaml.safe_dump(old, sort_keys=False))
+    result = CliRunner().invoke(app, ["train", str(own), "--resume"])
+    assert result.exit_code == 0, result.output
+    own.write_text("# my notes\n" + yaml.safe_dump(old, sort_keys=False))
+    result = CliRunner().invoke(app, ["train", str(own), "--resume"])
+    assert "this recipe is the recipe.yaml of its own export.output_dir" in str(result.exception), result.output
+
+
 def test_the_recipe_of_a_copied_run_does_not_train_the_original(tiny_llama, number_data, tmp_path, monkeypatch,
                                                                  capsys):
     """A run copied elsewhere keeps a recipe.yaml whose export.output_dir names the original: `peftkit train
