@@ -740,3 +740,16 @@ def test_an_alpaca_entry_s_format_is_named_for_a_tokenizer_without_an_eos(two_fi
     with pytest.raises(PeftkitError, match=r"^data.train\[0\].format 'alpaca' ends each target with the tokenizer's "
                                            r"EOS token.* or use data.train\[0\].format: chat with a chat template"):
         load_examples(tok, mix.train, mix.train_split, mix, cache=False)
+
+
+def test_generate_names_a_text_entry_s_format_for_its_missing_prompts(two_files, tiny_llama, tmp_path, monkeypatch,
+                                                                     capsys):
+    """`peftkit generate RECIPE --data FILE` of an entry of format text (data.format alpaca) said "data.format 'text'
+    has no prompt", a key that is alpaca: it names the entry's format."""
+    a, _ = two_files
+    write_jsonl(tmp_path / "t.jsonl", [{"text": "one two"}] * 2)
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": a}, data={
+        "train": [str(a), {"path": str(tmp_path / "t.jsonl"), "format": "text"}]})
+    monkeypatch.chdir(tmp_path)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--data", "t.jsonl").split())
+    assert "data.train[1].format 'text' has no prompt to generate from in " in err, err

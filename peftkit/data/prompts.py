@@ -93,9 +93,9 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                            "predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the alpaca, "
                            "completion or chat format (with peftkit generate, --prompt also works).")
     if cfg.format == "text":
-        raise PeftkitError(f"data.format 'text' has no prompt to generate from in {source} (every token is target). "
-                           "Use data in the alpaca, completion or chat format (with peftkit generate, --prompt also works; "
-                           "with peftkit eval, so does leaving out the generation metrics).")
+        raise PeftkitError(f"{cfg._format_key} 'text' has no prompt to generate from in {source} (every token is "
+                           "target). Use data in the alpaca, completion or chat format (with peftkit generate, --prompt "
+                           "also works; with peftkit eval, so does leaving out the generation metrics).")
     rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     rows = format_rows(rows, cfg)
     prompts, checked = [], False
