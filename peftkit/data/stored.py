@@ -93,10 +93,6 @@ class Examples(Sequence[Example]):
         examples._ids, examples._labels, examples._ends, examples.task_ids = ids, labels, ends, list(task_ids)
         return examples
 
-    def lengths(self) -> list[int]:
-        """Each example's token count, without making the examples."""
-        return [b - a for a, b in zip([0, *self._ends[:-1]], self._ends, strict=True)]
-
 
 def examples_digest(examples: Sequence[Example]) -> str:
     """sha256 of the examples' token ids, labels, boundaries and task ids (a classifier's segment ids too): what the
