@@ -96,7 +96,7 @@ def stop_token_ids(model: nn.Module, tok, texts: tuple[str, ...] = ()) -> list[i
     EOS only (Llama 3's `<|end_of_text|>`), and a chat fine-tune of it learns to stop at the template's `<|eot_id|>`.
     Then the special tokens that stop strings (`texts`, --stop) name: decoding drops them, so `--stop '<|im_end|>'`
     would never be found in an answer's text."""
-    from peftkit.data.examples import turn_end_token
+    from peftkit.data.conversations import turn_end_token
 
     ids = [tok.eos_token_id]
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

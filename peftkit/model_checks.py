@@ -54,7 +54,7 @@ def check_model(cfg: Recipe) -> str:
     parameters counted as train counts them) and the kinds of modules it adapts. Call where `unavailable` is None."""
     from peftkit import long_context
     from peftkit.classify import with_head
-    from peftkit.data.examples import check_chat_tokenizer
+    from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.manifest import hub_commit
     from peftkit.memory import meta_model
     from peftkit.methods import method_of

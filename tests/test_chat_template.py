@@ -80,7 +80,7 @@ def test_chatml_on_a_base_tokenizer_trains_exactly_the_assistant_turns(tmp_path,
 
 
 def test_llama3_puts_the_bos_first_and_trains_trimmed_answers_with_their_eot(tmp_path, base_model, chat_data):
-    from peftkit.data.examples import _chat_example
+    from peftkit.data.conversations import _chat_example
 
     cfg = load_recipe(chat_recipe(tmp_path, base_model, chat_data, "llama3"))
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
@@ -149,7 +149,7 @@ def test_the_cache_key_changes_with_the_template(tmp_path, base_model, chat_data
 def test_an_end_marker_that_is_no_token_is_warned_and_a_special_one_stops_generation(tmp_path, base_model,
                                                                                      chat_data):
     from peftkit.data import describe_stats, load_examples
-    from peftkit.data.examples import turn_end_token
+    from peftkit.data.conversations import turn_end_token
 
     cfg = load_recipe(chat_recipe(tmp_path, base_model, chat_data, "chatml"))
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
@@ -232,7 +232,7 @@ def test_a_run_without_the_key_exports_no_template_file(tmp_path, tiny_llama, nu
 @pytest.mark.parametrize("template", [CHATML, LLAMA3])
 def test_the_built_ins_train_what_transformers_assistant_mask_marks(template):
     """Their `{% generation %}` blocks mark the tokens peftkit trains (TRL's assistant_only_loss reads them)."""
-    from peftkit.data.examples import _chat_example
+    from peftkit.data.conversations import _chat_example
     from peftkit.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()

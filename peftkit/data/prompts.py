@@ -12,8 +12,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from peftkit.data.examples import (encode_prompt, located, prompt_and_target_text, render_chat, row_location, row_task,
-                                   turn_end_token, usable_row)
+from peftkit.data.conversations import render_chat, turn_end_token
+from peftkit.data.examples import encode_prompt, located, prompt_and_target_text, row_location, row_task, usable_row
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning

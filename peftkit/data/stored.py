@@ -15,6 +15,8 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+IGNORE_INDEX = -100  # label value that cross-entropy skips
+
 
 @dataclass
 class Example:
