@@ -1,6 +1,6 @@
 """Recipes: the YAML file that describes a run, validated by pydantic.
 
-    schema.py  the models: every setting and its default
+    schema.py  the models: every setting and its default (data_section.py: the `data` section's)
     reader.py  YAML with line numbers, duplicate keys, size/depth/alias limits
     loader.py  `load_recipe`: --set overrides, validation, errors in our words, path resolution
 
