@@ -328,7 +328,7 @@ def test_a_rerun_that_makes_other_examples_of_the_same_rows_says_so_first(run, m
     assert set(recorded) == {"train", "eval"}
     original = examples._prompts_and_targets
     monkeypatch.setattr(examples, "_prompts_and_targets",  # each target one token longer
-                        lambda tok, rows, fmt: [(p, t + t[-1:]) for p, t in original(tok, rows, fmt)])
+                        lambda tok, rows, *args: [(p, t + t[-1:]) for p, t in original(tok, rows, *args)])
     differences = verify(run, console=_quiet()).differences
     assert differences[0].startswith("data.train: the re-run made other examples of the same rows (their tokens or "
                                      "labels differ): what turns rows into tokens changed")
