@@ -209,6 +209,11 @@ def _recipe_text(tmp_path: Path, tiny_llama: Path, number_data: dict, train_yaml
     ("  - a.jsonl\n  - 5\n", 4, ("'data.train[1]' = 5: must be a path or hub id, or {path: ..., split: ..., "
                                  "columns: {...}, format: ...}.")),
     ("  - a.jsonl\n  - path: ''\n", 4, "'data.train[1]' is empty."),
+    # axolotl's `datasets: [{path: ..., type: ...}]`: its `type` is our `format`, its sharegpt our chat
+    ("  - a.jsonl\n  - path: b.jsonl\n    type: alpaca\n", 5,
+     "unknown key 'type' in data.train[1]. Did you mean 'format'? Valid keys: path, split, columns, format."),
+    ("  - path: b.jsonl\n    type: sharegpt\n", 4, "unknown key 'type' in data.train[0]. Did you mean 'format'? "
+     "axolotl's `type: sharegpt` is `format: chat` here. Valid keys: path, split, columns, format."),
 ])
 def test_a_bad_entry_is_a_recipe_error_at_its_line(tiny_llama, number_data, tmp_path, monkeypatch, capsys, entries,
                                                     line, message):
@@ -659,7 +664,10 @@ def test_a_changed_second_eval_set_is_refused_by_resume_and_named_by_verify(eval
      "set: its figures are logged as eval_<name>_loss, so use letters, digits, `_` and `-` only."),
     ("    general: [b.jsonl]\n", "'data.eval.general' = list: must be a path or hub id, or {path: ..., split: ..., "
      "columns: {...}, format: ...}."),
-    ("    general: {path: b.jsonl, colums: {text: body}}\n", "unknown key 'colums' in data.eval.general"),
+    ("    general: {path: b.jsonl, colums: {text: body}}\n", "unknown key 'colums' in data.eval.general. Did you mean "
+     "'columns'? Valid keys: path, split, columns, format."),
+    ("    general: {path: b.jsonl, type: chat_template}\n", "unknown key 'type' in data.eval.general. Did you mean "
+     "'format'? axolotl's `type: chat_template` is `format: chat` here. Valid keys: path, split, columns, format."),
     ("    general: {path: b.jsonl, format: classification}\n", "data.eval.general.format: classification is "
      "data.format's alone"),
     ("    general: {path: b.jsonl, columns: {txt: body}, format: text}\n", "data.eval.general.columns: 'txt' is "

@@ -56,14 +56,21 @@ def _section_model(loc: tuple, data: Any = None) -> type[BaseModel] | None:
 def _section_model_of(loc: tuple, methods: tuple) -> type[BaseModel] | None:
     """`_section_model` of the keys `loc`, where `methods` holds the `method:` written at each of them (or None)."""
     model: Any = Recipe
+    named: type[BaseModel] | None = None  # the section of each entry of a mapping of names to sections (data.eval's)
     for key, method in zip(loc, methods, strict=True):
         if isinstance(key, int):  # an entry of a list of sections (data.train's): the entry's section
             continue
+        if named is not None:  # a name of such a mapping: its entry's section
+            model, named = named, None
+            continue
         if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
             return None
-        candidates = [a for a in _members(model.model_fields[key].annotation) if isinstance(a, type)]
+        members = _members(model.model_fields[key].annotation)
+        candidates = [a for a in members if isinstance(a, type)]
         models = [a for a in candidates if issubclass(a, BaseModel)]
         model = _chosen_method(models, method) if len(models) > 1 else next(iter(models), None)
+        named = next((m for a in members if typing.get_origin(a) is dict for m in _members(typing.get_args(a)[1])
+                      if isinstance(m, type) and issubclass(m, BaseModel)), None)
     return model
 
 
@@ -237,7 +244,10 @@ def _key_message(err: dict, loc: tuple, data: dict) -> str:
     if method := _method_without(_section_model(loc[:-1], data), str(loc[-1])):
         return (f"unknown key '{loc[-1]}' in {section}: {METHODS[method].title} (method: {method}) has no "
                 f"'{loc[-1]}'.{_suggest(str(loc[-1]), valid)} Valid keys for method {method}: {', '.join(valid)}.")
-    return f"unknown key '{loc[-1]}' in {section}.{_suggest(str(loc[-1]), valid)} Valid keys: {', '.join(valid)}."
+    hint = _suggest(str(loc[-1]), valid)
+    if loc[-1] == "type" and "format" in valid and (value := _value_at(data, loc)) in _AXOLOTL_TYPES:
+        hint += f" axolotl's `type: {value}` is `format: {_AXOLOTL_TYPES[value]}` here."
+    return f"unknown key '{loc[-1]}' in {section}.{hint} Valid keys: {', '.join(valid)}."
 
 
 def _not_a_name(key: Any, section: str, written: str | None = None) -> str:
@@ -294,8 +304,12 @@ _SYNONYMS = {
     "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "optim": "optimizer", "base_model": "name_or_path",
     "torch_dtype": "dtype", "sequence_len": "max_length", "max_seq_length": "max_length", "target": "target_modules",
     "bnb_4bit_quant_type": "method", "bnb_4bit_use_double_quant": "double_quant",
-    "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage", "type": "method",
+    "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage",
+    "type": ("method", "format"),  # peft's config's (an adapter's method), axolotl's dataset entry's (its format)
 }
+
+# axolotl's dataset `type:` values that are another format here (its alpaca and completion are ours by name).
+_AXOLOTL_TYPES = {"sharegpt": "chat", "chat_template": "chat"}
 
 
 # peft keys whose closest name here is another setting: what they are, not a pointer to that setting.
@@ -329,8 +343,9 @@ def _suggest(key: str, valid: list[str]) -> str:
     if note := next((n for (theirs, ours), n in _NOT_OURS.items() if normal == theirs and ours in valid), None):
         return note
     for name in (key, normal):
-        if _SYNONYMS.get(name) in valid:
-            return f" Did you mean '{_SYNONYMS[name]}'?"
+        ours = _SYNONYMS.get(name, ())
+        if meant := next((k for k in ((ours,) if isinstance(ours, str) else ours) if k in valid), None):
+            return f" Did you mean '{meant}'?"
     if normal != key and normal in valid:
         return f" Did you mean '{normal}'?"
     return did_you_mean(normal, valid)
@@ -372,8 +387,9 @@ def _drop_misspelled(errors: list[tuple[tuple, dict]], data: Any) -> list[tuple[
 
 
 def _value_at(data: Any, loc: tuple) -> Any:
-    for key in loc:
-        data = data.get(key) if isinstance(data, dict) else None
+    for key in loc:  # a list's entry by its index (data.train[0].type)
+        data = (data[key] if isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data)
+                else data.get(key) if isinstance(data, dict) else None)
     return data
 
 
