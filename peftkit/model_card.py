@@ -37,7 +37,7 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | Non
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {cfg.adapter.method} adapter for `{_shown(base, hub_base)}`", "",
              f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.", ""]
-    lines += _results(metrics, cfg.classification)
+    lines += _results(metrics, cfg.classification, list(cfg.data.eval) if isinstance(cfg.data.eval, dict) else [])
     lines += _usage(cfg, peft_type, base, hub_base, num_labels or cfg.model.num_labels)
     sections = {"adapter": _named(cfg.adapter.model_dump(mode="json", exclude_none=True)),
                 "training": cfg.training.model_dump(mode="json", exclude_defaults=True)}
@@ -80,15 +80,25 @@ def _length(cfg: Recipe) -> str:
     return f"{steps} of batch {t.batch_size} × {t.grad_accum}, lr {t.lr:g} ({t.scheduler})"
 
 
-def _results(metrics: dict, classifier: bool) -> list[str]:
-    rows = [row for row in metrics_rows(metrics, classifier) if row[1] or row[2]]
+def _results(metrics: dict, classifier: bool, sets: list[str]) -> list[str]:
+    """The evaluation table. `sets`: data.eval's names where it is a mapping; the first set's figures are the rows
+    without a name (eval_loss, ...), each other's loss a row named by it (eval_NAME_loss, base_eval_NAME_loss)."""
+    def fmt(key: str) -> str:
+        return "" if metrics.get(key) is None else f"{metrics[key]:.4f}"
+
+    others = [(f"eval loss, {name}", fmt(f"base_eval_{name}_loss"), fmt(f"eval_{name}_loss")) for name in sets[1:]]
+    rows = [row for row in metrics_rows(metrics, classifier) + others if row[1] or row[2]]
     if not rows:
         return []
     if not any(base for _, base, _ in rows):  # eval.base_model: false: the fine-tuned model's only
         table = ["| | fine-tuned |", "| --- | --- |"] + [f"| {a} | {c} |" for a, _, c in rows]
     else:
         table = ["| | base model | fine-tuned |", "| --- | --- | --- |"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return ["## Evaluation", "", "On the recipe's `data.eval`:", "", *table, ""]
+    where = "`data.eval`"  # one set's card is as it was: verify compares a run's card bytes
+    if len(sets) > 1:
+        named = [f"`{sets[0]}` (the first: the rows without a set's name)", *(f"`{name}`" for name in sets[1:])]
+        where = f"`data.eval` sets, {', '.join(named[:-1])} and {named[-1]}"
+    return ["## Evaluation", "", f"On the recipe's {where}:", "", *table, ""]
 
 
 def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: int | None) -> list[str]:

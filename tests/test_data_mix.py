@@ -638,6 +638,20 @@ def test_the_primary_set_s_figures_are_a_run_s_evaluating_it_alone(eval_sets, ti
     assert set(manifest["data_sha256"]) == {"train", "eval"} and "eval_sets" not in manifest
 
 
+def test_the_model_card_shows_each_eval_set_s_loss(eval_sets):
+    """adapter/README.md showed the primary set's figures alone, "On the recipe's `data.eval`", as if it were the only
+    one; each other set's loss now has a row of its own, base and fine-tuned, named by its set."""
+    recipe, run, _ = eval_sets
+    train(load_recipe(recipe), console=_quiet())
+    metrics = json.loads((run / "manifest.json").read_text())["metrics"]
+    card = (run / "adapter/README.md").read_text()
+    assert ("On the recipe's `data.eval` sets, `numbers` (the first: the rows without a set's name) and "
+            "`general`:") in card
+    assert f"| eval loss | {metrics['base_eval_loss']:.4f} | {metrics['eval_loss']:.4f} |" in card
+    assert (f"| eval loss, general | {metrics['base_eval_general_loss']:.4f} | {metrics['eval_general_loss']:.4f} "
+            "|\n\n") in card  # after the primary set's rows: the table's last
+
+
 def test_a_run_with_two_eval_sets_resumes_to_the_same_bits(eval_sets):
     recipe, run, _ = eval_sets
     check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=6)
