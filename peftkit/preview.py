@@ -168,7 +168,7 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     if cfg.truncation == "error" and cuts.first is not None:
         console.print("training would stop: " + truncation_error(cuts, cfg), **out)
     elif not examples:  # "0 training examples" alone, where train stops at once
-        console.print("training would stop: " + no_examples_error(stats, cfg, name), **out)
+        console.print("training would stop: " + no_examples_error(stats, cfg, name, where=line_numbers), **out)
     elif tasks and (stop := task_error(recipe, examples.task_ids, name)):
         console.print("training would stop: " + stop, **out)
     return shown

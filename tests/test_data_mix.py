@@ -492,6 +492,36 @@ def test_a_bad_row_of_a_chat_entry_is_named_by_its_file_and_line_and_counted_und
     assert describe_stats(stats, skip)[0] == "7 training examples; skipped 1 bad rows (c.jsonl 1; data.on_bad_rows: skip)"
 
 
+def test_a_mix_whose_rows_are_all_skipped_names_each_entry_s_format_and_fields(two_files, tiny_llama, number_data,
+                                                                               tmp_path):
+    """Every row of a mix of formats skipped: the message named data.format's fields alone, those of one entry's
+    format; it now names each entry's format key and its fields (the entries of one format together)."""
+    a, b = two_files
+    chat, text = tmp_path / "c.jsonl", tmp_path / "t.jsonl"
+    for path in (a, chat):  # completion rows: no entry's format reads them
+        write_jsonl(path, [{"prompt": "1", "completion": "one"}])
+    mix = DataConfig(train=[str(a), {"path": str(chat), "format": "chat", "columns": {}}, str(b),
+                            {"path": str(text), "format": "text", "columns": {"text": "body"}}],
+                     columns={"instruction": "question", "output": "answer"}, max_length=128, on_bad_rows="skip")
+    write_jsonl(b, [{"question": "1"}])  # without its answer
+    write_jsonl(text, [{"text": "one two"}])  # its text is in column body
+    message = ("No examples from data.train (a.jsonl, c.jsonl, b.jsonl, t.jsonl): all 4 rows were skipped as "
+               "malformed or missing the fields of their dataset's format: data.format 'alpaca' (question (as "
+               "instruction), answer (as output)) for data.train[0] and data.train[2]; data.train[1].format 'chat' "
+               "(messages, or ShareGPT's conversations) for data.train[1]; data.train[3].format 'text' (body (as "
+               "text)) for data.train[3]; check those keys, or set data.on_bad_rows: error to see the first bad row.")
+    with pytest.raises(PeftkitError) as caught:
+        load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
+    assert str(caught.value) == message  # what train stops with; preview says the same
+    from peftkit.preview import preview
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data,
+                         data=mix.model_dump(include={"train", "columns", "on_bad_rows"}, exclude_none=True))
+    console = Console(file=io.StringIO(), width=1000, no_color=True)
+    preview(load_recipe(recipe), 3, console)
+    assert f"training would stop: {message}" in console.file.getvalue()
+
+
 @pytest.mark.parametrize(("entries", "line", "message"), [
     ("  - a.jsonl\n  - path: b.jsonl\n    format: classification\n", 5,
      "data.train[1].format: classification is data.format's alone"),

@@ -390,13 +390,14 @@ def tokenize_rows(
     if cfg.truncation == "error" and cuts.first is not None:
         raise PeftkitError(truncation_error(cuts, cfg))
     if not examples:
-        raise PeftkitError(no_examples_error(stats, cfg, source, skipped))
+        raise PeftkitError(no_examples_error(stats, cfg, source, skipped, line_numbers))
     return examples, stats
 
 
-def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 0) -> str:
+def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 0, where: list | None = None) -> str:
     """Why `source` gave no examples (`tokenize_rows`' counts; `skipped`: malformed lines the reader dropped), and
-    the fix: the error training stops with, which `peftkit preview` shows too."""
+    the fix: the error training stops with, which `peftkit preview` shows too. `where`: the rows' line numbers, whose
+    `Locations` (a data.train list) say which entries read rows in a format of their own."""
     bad = stats["bad_rows"] + skipped
     too_long, dropped = stats["too_long"], stats["truncation_dropped"]
     if dropped:
@@ -407,6 +408,10 @@ def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 
     elif too_long:
         reason = (f"all {too_long} examples have their whole target beyond data.max_length={cfg.max_length} "
                   "tokens, so there is nothing left to learn; raise data.max_length")
+    elif bad and len(formats := _entry_formats(cfg, where)) > 1:  # a mix of formats: each entry's fields
+        reason = (f"all {bad} rows were skipped as malformed or missing the fields of their dataset's format: "
+                  + "; ".join(f"{fmt} for {' and '.join(names)}" for fmt, names in formats.items())
+                  + "; check those keys, or set data.on_bad_rows: error to see the first bad row")
     elif bad:
         reason = (f"all {bad} rows were skipped as malformed or missing the fields of {cfg._format_key} "
                   f"'{cfg.format}' ({needed_fields(cfg)}); check {cfg._format_key}, or set "
@@ -414,6 +419,16 @@ def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 
     else:
         reason = "it has no rows; point data.train/data.eval at data with examples"
     return f"No examples from {source}: {reason}."
+
+
+def _entry_formats(cfg: DataConfig, where: list | None) -> dict[str, list[str]]:
+    """{`data.format 'alpaca' (instruction, output)`: the data.train entries read so} of a mix whose entries have
+    formats of their own (`format_spans`); one item otherwise."""
+    formats: dict[str, list[str]] = {}
+    spans = format_spans(cfg, where, len(where or []))
+    for i, (own, _) in enumerate(spans):
+        formats.setdefault(f"{own._format_key} '{own.format}' ({needed_fields(own)})", []).append(f"data.train[{i}]")
+    return formats
 
 
 def truncation_error(cuts: _TargetCuts, cfg: DataConfig) -> str:
