@@ -53,10 +53,10 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, to
     FSDP's and DeepSpeed's collectives wait for, and adds nothing to the loss or the gradients.
 
     The global batch is right-padded to its longest row; a slice keeps only the columns up to its own longest row
-    (its attention mask's last 1), every per-token tensor (input_ids' shape) alike, per-row ones (task_ids, a
-    classifier's labels) whole. The columns cut are padding in every row of the slice (pad ids, mask 0, no label), so
-    nothing the model reads changes: not the last non-pad token a sequence classifier's head takes, nor a packed
-    row's position ids. Mixed lengths: slices of short rows no longer compute on the long rows' padding."""
+    (its attention mask's last 1), every per-token tensor (input_ids' shape) alike, per-row ones (task_ids, a classifier's
+    labels) whole. The columns cut are padding in every row of the slice (pad ids, mask 0, no label), so nothing
+    the model reads changes: not the last non-pad token a sequence classifier's head takes, nor a packed row's
+    position ids. Mixed lengths: slices of short rows no longer compute on the long rows' padding."""
     if world == 1:
         return batch
     rows = torch.tensor_split(torch.arange(len(batch["input_ids"])), world)[rank]
