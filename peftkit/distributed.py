@@ -50,25 +50,13 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, to
 
     A global batch with fewer rows than processes (an epoch's last, or packed rows) leaves some slices empty. Such
     a process gets the batch's first row with no label instead: it still runs the forward and backward that DDP's,
-    FSDP's and DeepSpeed's collectives wait for, and adds nothing to the loss or the gradients.
-
-    The global batch is right-padded to its longest row; a slice keeps only the columns up to its own longest row
-    (its attention mask's last 1), every per-token tensor (input_ids' shape) alike, per-row ones (task_ids, a classifier's
-    labels) whole. The columns cut are padding in every row of the slice (pad ids, mask 0, no label), so nothing
-    the model reads changes: not the last non-pad token a sequence classifier's head takes, nor a packed row's
-    position ids. Mixed lengths: slices of short rows no longer compute on the long rows' padding."""
+    FSDP's and DeepSpeed's collectives wait for, and adds nothing to the loss or the gradients."""
     if world == 1:
         return batch
     rows = torch.tensor_split(torch.arange(len(batch["input_ids"])), world)[rank]
     if not len(rows):
-        batch = {k: torch.full_like(v[:1], IGNORE_INDEX) if k == "labels" else v[:1] for k, v in batch.items()}
-        rows = torch.arange(1)
-    shape = batch["input_ids"].shape
-    width = shape[1]
-    if "attention_mask" in batch:  # (on the CPU, before the copy to the device: no sync)
-        columns = batch["attention_mask"][rows].any(0).nonzero()
-        width = int(columns[-1]) + 1 if len(columns) else width
-    return {k: v[rows, :width] if v.shape == shape else v[rows] for k, v in batch.items()}
+        return {k: torch.full_like(v[:1], IGNORE_INDEX) if k == "labels" else v[:1] for k, v in batch.items()}
+    return {k: v[rows] for k, v in batch.items()}
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -131,53 +131,6 @@ def test_shard_splits_rows_in_order():
     assert stand_in["input_ids"].tolist() == [[6, 7]] and stand_in["labels"].tolist() == [[-100, -100]]
 
 
-def _padded(lengths: list[int], pad: int = 0) -> dict[str, torch.Tensor]:
-    """A right-padded global batch of rows of `lengths` (ids 1.., each row its own), as `Collator` makes it, with
-    packed rows' position ids (two examples a row) and a task id per row."""
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad)
-    mask, labels, positions = torch.zeros_like(ids), torch.full_like(ids, -100), torch.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.arange(1, n + 1) + 10 * i
-        mask[i, :n], labels[i, 1:n] = 1, ids[i, 1:n]
-        positions[i, :n] = torch.cat([torch.arange(n // 2), torch.arange(n - n // 2)])
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
-            "task_ids": torch.arange(len(lengths))}
-
-
-def test_each_process_s_slice_is_padded_to_its_own_longest_row_not_the_global_batch_s():
-    """The global batch is padded to its longest row; each process's slice keeps only the columns up to its own
-    longest row (the rest is padding in every one of its rows), every per-token tensor alike, per-row ones whole."""
-    batch = _padded([3, 6, 2, 4, 1])
-    for world, widths in [(2, [6, 4]), (3, [6, 4, 1])]:
-        rows = torch.tensor_split(torch.arange(5), world)
-        for rank, (width, mine) in enumerate(zip(widths, rows, strict=True)):
-            part = shard(batch, rank, world)
-            assert part.keys() == batch.keys() and part["task_ids"].equal(batch["task_ids"][mine])
-            for k in ("input_ids", "attention_mask", "position_ids", "labels"):
-                assert part[k].equal(batch[k][mine, :width]), (world, rank, k)
-                assert not batch["attention_mask"][mine, width:].any()  # what was cut: padding only
-    assert shard(batch, 0, 1) is batch  # one process: the batch itself, untouched
-    stand_in = shard({k: v[3:4] for k, v in batch.items()}, 1, 2)  # a row of 4 tokens in a batch of width 6
-    assert stand_in["input_ids"].equal(batch["input_ids"][3:4, :4]) and (stand_in["labels"] == -100).all()
-    # A classifier's labels (one per row) stay whole; its head reads the same last non-pad token (transformers
-    # finds it through pad_token_id), so its logits are the untrimmed slice's.
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, pad_token_id=0, num_labels=3)).eval()
-    classify = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "labels": torch.tensor([0, 1, 2, 0, 1])}
-    part = shard(classify, 1, 2)
-    assert part["input_ids"].shape == (2, 4) and part["labels"].tolist() == [0, 1]
-    untrimmed = {k: v[3:] for k, v in classify.items() if k != "labels"}
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits,
-                                   model(**untrimmed).logits)
-
-
 def test_a_zero_checkpoint_of_other_processes_is_refused_by_its_count_not_passed_over_as_damaged(tmp_path):
     """A ZeRO checkpoint holds its optimizer state split by rank, which does not load into another number of
     processes: that failure passed every checkpoint over as damaged ("no intact checkpoint"), hiding the fix."""
