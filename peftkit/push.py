@@ -84,11 +84,12 @@ def folder_files(folder: Path) -> list[str]:
 
 
 def push(path: Path, repo_id: str, revision: str | None = None, private: bool = False, merged: bool = False,
-         message: str | None = None) -> tuple[str, list[str], list[str]]:
-    """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit, which deletes the
-    branch's top-level `LOADER_FILES` the directory lacks (an earlier push's chat_template.jinja would be read with
-    the new adapter; other files, a licence, images, and a subfolder's, another adapter's, stay); (the commit's URL,
-    the files pushed, the files deleted).
+         message: str | None = None, overwrite: bool = False) -> tuple[str, list[str], list[str]]:
+    """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit; where the branch
+    holds top-level `LOADER_FILES` the directory lacks (an earlier push's chat_template.jinja would be read with the
+    new adapter), the commit deletes them with `overwrite`, and without it nothing is committed (other files, a
+    licence, images, and a subfolder's, another adapter's, stay); (the commit's URL, the files pushed, the files
+    deleted).
 
     Args:
         path: a run directory, an adapter directory or a model directory (`push_folder`).
@@ -97,6 +98,7 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
         private: create the repository private; an existing public one is refused, never published into.
         merged: a run's merged/ instead of its adapter/.
         message: the commit message.
+        overwrite: delete the branch's loader files the directory lacks (they stay in the repository's history).
     """
     folder, kind = push_folder(path, merged)
     files = folder_files(folder)
@@ -129,6 +131,11 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         stale = [f for f in api.list_repo_files(repo_id, revision=revision)
                  if "/" not in f and f not in files and any(fnmatch.fnmatch(f, p) for p in LOADER_FILES)]
+        if stale and not overwrite:
+            raise PeftkitError(f"{repo_id} ({revision or 'main'}) holds {', '.join(stale)}, which {folder} lacks and "
+                               "which transformers, peft or peftkit would read with the pushed files (an earlier "
+                               "push's): nothing was committed. Push with --overwrite to delete them in the same "
+                               "commit (they stay in the repository's history), or push to another --revision.")
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                    allow_patterns=[glob.escape(f) for f in files],
                                    delete_patterns=[glob.escape(f) for f in stale] or None,

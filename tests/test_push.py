@@ -252,12 +252,12 @@ def test_merged_pushes_the_runs_merged_model(fake_hub, tiny_llama, number_data, 
 
 
 def test_a_push_leaves_no_file_of_an_earlier_push_the_directory_lacks(fake_hub, tiny_llama, number_data, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, capsys):
     """A second push into a repository kept the files of the first that the new directory lacks: an adapter
     trained with data.chat_template, then one without, left the old chat_template.jinja beside the new weights, and
-    `--adapter user/name` used it in place of the base's template. The top-level files a loader reads that the
-    directory lacks are now deleted in the same commit (and said); the others (.gitattributes, a licence, an image)
-    and a subfolder's files (another adapter's) stay."""
+    `--adapter user/name` used it in place of the base's template. Such top-level files a loader reads that the
+    directory lacks are refused (nothing committed), and deleted in the same commit (and said) with --overwrite;
+    the others (.gitattributes, a licence, an image) and a subfolder's files (another adapter's) stay."""
     adapter = _run(tmp_path, tiny_llama, number_data) / "adapter"
     first = Path(shutil.copytree(adapter, tmp_path / "first"))
     (first / "chat_template.jinja").write_text("{{ messages[0].content }}")
@@ -266,7 +266,11 @@ def test_a_push_leaves_no_file_of_an_earlier_push_the_directory_lacks(fake_hub, 
     kept = {".gitattributes": b"*.safetensors filter=lfs", "other/adapter_config.json": b"{}", "LICENSE": b"MIT",
             "plot.png": b"a picture"}
     main |= kept
-    said = _said("push", str(adapter), "acme/tiny-lora")
+    refused = " ".join(cli_user_error(monkeypatch, capsys, "push", str(adapter), "acme/tiny-lora").split())
+    assert ("acme/tiny-lora (main) holds chat_template.jinja, which " in refused and "nothing was committed. Push with "
+            "--overwrite to delete them in the same commit" in refused)
+    assert len(fake_hub.commits) == 1
+    said = _said("push", str(adapter), "acme/tiny-lora", "--overwrite")
     assert "deleted chat_template.jinja" in said.splitlines()
     assert fake_hub.commits[1]["deleted"] == ["chat_template.jinja"]
     assert main == _files(adapter) | kept

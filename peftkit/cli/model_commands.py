@@ -453,16 +453,17 @@ def push(
     private: Annotated[bool, typer.Option("--private", help="Create the repository private (an existing public one is refused).")] = False,
     merged: Annotated[bool, typer.Option("--merged", help="Push the run's merged/ instead of its adapter/.")] = False,
     message: Annotated[Optional[str], typer.Option("--message", help="The commit message.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the branch's configs, weights, tokenizer files and templates that PATH lacks (an earlier push's), which would be read with the new files.")] = False,
 ) -> None:
     """Publish an adapter (or merged model) to a Hugging Face Hub model repository in one commit: a run's adapter/
-    with its model card, never its checkpoints or data; the branch's top-level files it lacks (an earlier push's)
-    are deleted. Needs a token with write access (`hf auth login`, or HF_TOKEN); `--adapter user/name` and peft's
+    with its model card, never its checkpoints or data; the branch's top-level loader files it lacks (an earlier
+    push's) are refused, or deleted with --overwrite. Needs a token with write access (`hf auth login`, or HF_TOKEN); `--adapter user/name` and peft's
     PeftModel.from_pretrained read it back."""
     from rich.text import Text
 
     from peftkit.push import push as run_push
 
-    url, files, deleted = run_push(path.expanduser(), repo_id, revision, private, merged, message)
+    url, files, deleted = run_push(path.expanduser(), repo_id, revision, private, merged, message, overwrite)
     for name in files:
         console.print(Text(visible(f"pushed {name}")), highlight=False)
     for name in deleted:
