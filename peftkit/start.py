@@ -437,9 +437,8 @@ def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Consol
 
 def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict, dict, LabelSet | None]:
     """(training examples, their counts, data.eval's evaluations by name ({} without it), a classifier's classes or
-    None), all read
-    before the model loads (whose `config` says how many positions the generations have), so that a data mistake
-    shows in seconds."""
+    None), all read before the model loads (whose `config` says how many positions the generations have), so that a
+    data mistake shows in seconds."""
     data = cfg.data
     evals = {}  # data.eval's sets by name, the primary first
     if cfg.classification:  # the classes come from data.train; data.eval's labels are mapped to them

@@ -457,8 +457,8 @@ def push(
 ) -> None:
     """Publish an adapter (or merged model) to a Hugging Face Hub model repository in one commit: a run's adapter/
     with its model card, never its checkpoints or data; the branch's top-level loader files it lacks (an earlier
-    push's) are refused, or deleted with --overwrite. Needs a token with write access (`hf auth login`, or HF_TOKEN); `--adapter user/name` and peft's
-    PeftModel.from_pretrained read it back."""
+    push's) are refused, or deleted with --overwrite. Needs a token with write access (`hf auth login`, or
+    HF_TOKEN); `--adapter user/name` and peft's PeftModel.from_pretrained read it back."""
     from rich.text import Text
 
     from peftkit.push import push as run_push
