@@ -88,7 +88,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     dtype = settings.dtype if settings else "auto" if quant is None else meta.base_dtype or "float32"
     model_cfg = ModelConfig(name_or_path=name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                             attn_implementation=settings.attn_implementation if settings else None,
-                            rope_scaling=meta.rope_scaling,
+                            rope_scaling=meta.rope_scaling, add_tokens=meta.added_tokens,
                             task="sequence_classification" if classify else "causal_lm")
     labels = adapter_labels(adapter_dir, state) if classify else None
     changes = base_changes(adapter_dir, name, revision) if name == recorded else None

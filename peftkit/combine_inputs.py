@@ -100,11 +100,15 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
     from peftkit.methods import method_of
     from peftkit.methods.base import refuse_unmergeable
     from peftkit.adapter_base import check_remote_code
-    from peftkit.peft_format import load_adapter
+    from peftkit.peft_format import load_adapter, read_meta
 
     sources = []
     for path in adapter_dirs:
         cfg, state, peft, quant = load_adapter(path)
+        if added := read_meta(path).added_tokens:
+            raise PeftkitError(f"{path} adds tokens to its base's tokenizer and embeddings (model.add_tokens: "
+                               f"{', '.join(added)}), which the other adapters' base lacks. Merge it alone (`peftkit "
+                               "merge --adapter` once).")
         refuse_unmergeable(method_of(cfg), cfg)  # module adapters and the prompt family: no weight update to combine
         if cfg.method == "lora" and (cfg.rank_pattern or cfg.alpha_pattern):
             raise PeftkitError(f"{path} sets rank_pattern or alpha_pattern (per-module ranks or alphas); combining "

@@ -40,7 +40,10 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
                          trust_remote_code=cfg.model.trust_remote_code,
                          labels=list(labels.names) if labels is not None else None,
-                         rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype)
+                         rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype,
+                         added_tokens=cfg.model.add_tokens)
+            if cfg.model.add_tokens:  # the tokenizer with the new tokens, for peft's and vLLM's users (Trainer's way)
+                tok.save_pretrained(tmp)
             atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {},
                                                             len(labels.names) if labels is not None else None).encode())
             if cfg.data.chat_template is not None:  # the template it was trained with, which its base's tokenizer lacks

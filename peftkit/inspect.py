@@ -112,6 +112,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "quantization": meta.quantization.model_dump() if meta.quantization else None,
         "rope_scaling": meta.rope_scaling.model_dump() if meta.rope_scaling else None,
         "trust_remote_code": meta.trust_remote_code,
+        "added_tokens": meta.added_tokens,
         "variants": [name for key, name in _VARIANTS.items() if raw.get(key)],
         "virtual_tokens": None if method.layer_targets else raw.get("num_virtual_tokens"),
     }
@@ -478,6 +479,9 @@ def describe(info: dict) -> list[str]:
     if info["trainable_tokens"]:
         lines.append("token rows     " + ", ".join(f"{path} ({n} tokens)" for path, n in info["trainable_tokens"].items())
                      + ": trained embedding rows (trainable_token_indices)")
+    if info["added_tokens"]:
+        lines.append(f"added tokens   {', '.join(info['added_tokens'])} (model.add_tokens): the base's tokenizer and "
+                     "embeddings take them first (peftkit does; in peft, resize the base to the adapter's tokenizer)")
     trainable, saved = info["trainable_params"], info["saved_params"]
     where = "adapter layers" if info["virtual_tokens"] is None else "virtual tokens' table"
     tied = "; ".join(f"{copy}'s rows are {kept}'s" for copy, kept in info["tied_rows"].items())

@@ -88,7 +88,13 @@ def check_model(cfg: Recipe) -> str:
         if cfg.quantization is not None:
             _quantize(model, cfg)
         long_context.apply(model, cfg)
-        targets = adapt(cfg, model, with_head(cfg.adapter, model) if cfg.classification else cfg.adapter)
+        adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
+        if cfg.model.add_tokens:  # the new tokens' rows, as train adds and trains them
+            from peftkit.new_tokens import added_ids, resize, with_new_rows
+
+            rows = resize(model, len(tok))
+            adapter = with_new_rows(adapter, model, added_ids(cfg.model, tok, rows)[0])
+        targets = adapt(cfg, model, adapter)
         if cfg.training.max_steps:  # the run's steps, known without the data: what the method adds to the loop
             method_of(cfg.adapter).trainer(model, cfg.adapter, cfg.training.max_steps)
     kinds = sorted({name.rpartition(".")[2] for name in targets})

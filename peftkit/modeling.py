@@ -330,6 +330,10 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
         from peftkit.data.chat_templates import template_text
 
         tok.chat_template = template_text(chat_template)
+    if cfg.add_tokens:
+        from peftkit.new_tokens import add_to_tokenizer
+
+        add_to_tokenizer(tok, cfg.add_tokens)
     return tok
 
 
@@ -425,6 +429,10 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is not None:
         refuse_quantized_tied_head(model, quant)
+    if cfg.add_tokens:  # the embeddings hold the new tokens' rows (before any adapter wraps them)
+        from peftkit.new_tokens import resize
+
+        resize(model, len(load_tokenizer(cfg)))
     if quant is not None and quant.method != "int8" and saved is not None:
         # A checkpoint saved 4-bit loads with the compute dtype its config.json records: the recipe's is set here.
         from peftkit.methods.base import is_quantized

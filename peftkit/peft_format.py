@@ -83,6 +83,7 @@ def save_adapter(
     labels: list[str] | None = None,
     rope_scaling: RopeScalingConfig | None = None,
     base_dtype: str | None = None,
+    added_tokens: list[str] | None = None,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
     with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
@@ -98,6 +99,8 @@ def save_adapter(
         rope_scaling: the base's model.rope_scaling, so that eval, generate and merge load the base scaled alike.
         base_dtype: the model.dtype a quantized base loaded in before it was quantized (recorded with
             `quantization` only): quantizing from bfloat16 and from float32 weights gives different 4-bit codes.
+        added_tokens: model.add_tokens, the special tokens added to the base's tokenizer (and rows to its embeddings)
+            in training, which the adapter's users add again (`peftkit.new_tokens`).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,8 @@ def save_adapter(
         meta["labels"] = labels
     if rope_scaling is not None:
         meta["rope_scaling"] = rope_scaling.model_dump()
+    if added_tokens:
+        meta["added_tokens"] = list(added_tokens)
     atomic_write_json(path / META_NAME, meta)
 
 
@@ -135,6 +140,10 @@ class PeftkitMeta(BaseModel):
     base_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
     """A quantized base's model.dtype in training, the dtype its weights were quantized from: a merge, eval or generate
     without the recipe loads it so, to re-quantize the same 4-bit codes (None: float32, as before it was recorded)."""
+
+    added_tokens: list[str] = []
+    """model.add_tokens in training: added to the base's tokenizer, in this order, and the base's embeddings resized to
+    hold them, wherever the adapter is used (`peftkit.new_tokens`)."""
 
     @property
     def quantized_from(self) -> str:

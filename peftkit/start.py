@@ -327,6 +327,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
+    adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
     if eval_ex and cfg.eval.base_model:  # on --resume too: its figures are in the manifest, as an unbroken run's
         # At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
@@ -352,6 +353,19 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     return Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
                 inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
                 base_commit=base_commit, examples_sha256=digests, other_evals=other_evals)
+
+
+def _with_new_tokens(cfg: Recipe, model, tok, adapter, config, console: Console):
+    """model.add_tokens: the adapter settings with the new tokens' rows trained, and what was added said."""
+    if not cfg.model.add_tokens:
+        return adapter
+    from peftkit.new_tokens import added_ids, describe, with_new_rows
+
+    rows = (getattr(config.get_text_config(), "vocab_size", None) or 0, model.get_input_embeddings().weight.shape[0])
+    ids, present = added_ids(cfg.model, tok, rows[0])
+    for line in describe(cfg.model.add_tokens, ids, present, rows):
+        console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("note:") else None)
+    return with_new_rows(adapter, model, ids)
 
 
 def _inject(cfg: Recipe, model, adapter, accelerator, console: Console, summary: dict) -> list[str]:

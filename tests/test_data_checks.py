@@ -216,7 +216,8 @@ def test_a_token_added_to_the_tokenizer_but_not_the_model_is_a_clear_error(tiny_
     data = tmp_path / "d.jsonl"
     write_jsonl(data, [{"prompt": "<|im_start|>12", "completion": "twelve"}] * 4)
     said = (f"token '<|im_start|>' (id {rows}) has no embedding: the model has {rows} embedding rows and its "
-            f"tokenizer {rows + 1} tokens, some added after the model was saved. peftkit does not resize")
+            f"tokenizer {rows + 1} tokens, some added after the model was saved. Use the tokenizer the model was "
+            "saved with, list the new tokens in a recipe's model.add_tokens")
     recipe = make_recipe(tmp_path, base, {"train": data, "eval": data}, data={"format": "completion"})
     for args in (["train", str(recipe)], ["eval", "--model", str(base), "--data", str(data), "--format", "completion"],
                  ["generate", "--model", str(base), "--prompt", "<|im_start|>hi", "--max-new-tokens", "2"]):

@@ -429,6 +429,10 @@ class NamedAdapters:
         if raw.task_type == "SEQ_CLS":
             raise PeftkitError(f"Adapter {name!r} ({directory}) is for a sequence classifier (task_type SEQ_CLS), whose "
                                "head is the model's class; load it alone (peftkit eval --adapter DIR).")
+        if directory and (added := read_meta(directory).added_tokens):
+            raise PeftkitError(f"Adapter {name!r} ({directory}) adds tokens to its base's tokenizer and embeddings "
+                               f"(model.add_tokens: {', '.join(added)}), which the other adapters' base lacks; load "
+                               "it alone (--adapter DIR), or merge it (`peftkit merge`).")
         if self.base is None and self._recorded_base is not None:
             recorded = raw.base_model_name_or_path
             if recorded != self._recorded_base[1]:

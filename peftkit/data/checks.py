@@ -142,9 +142,9 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
         lines.append(
             f"warning: data.chat_template ends each assistant turn with {marker!r}, which is not a token of this "
             "tokenizer: the model is taught to write it as plain text, not to stop, and generation does not stop at "
-            "it (it runs on to its token limit). peftkit adds no tokens (the model would need new embedding rows). "
-            "Use a template whose turns end with the tokenizer's EOS ({{ eos_token }}), or a tokenizer that has "
-            f"{marker!r} as a special token."
+            "it (it runs on to its token limit). Add it as a token, with new embedding rows trained "
+            f"(model.add_tokens: [{marker!r}], and the template's other markers), or use a template whose turns end "
+            "with the tokenizer's EOS ({{ eos_token }})."
         )
     elif stats.get("turn_ends_unmarked"):
         lines.append(
@@ -181,9 +181,9 @@ def guard_token_ids(model, tok) -> None:
             return
         raise PeftkitError(f"token {tok.convert_ids_to_tokens(top)!r} (id {top}) has no embedding: the model has "
                            f"{rows} embedding rows and its tokenizer {len(tok)} tokens, some added after the model "
-                           "was saved. peftkit does not resize a model's embeddings: use the tokenizer the model was "
-                           "saved with, or give the model the rows first (model.resize_token_embeddings(len(tokenizer))"
-                           ", then save_pretrained both).")
+                           "was saved. Use the tokenizer the model was saved with, list the new tokens in a recipe's "
+                           "model.add_tokens (peftkit adds them and trains their rows), or give the model the rows "
+                           "first (model.resize_token_embeddings(len(tokenizer)), then save_pretrained both).")
 
     # First of the model's pre-hooks: the prompt family's own (registered when its adapter loads) embeds input_ids.
     model.register_forward_pre_hook(check, with_kwargs=True, prepend=True)

@@ -72,6 +72,19 @@ class ModelConfig(Section):
     rope_scaling: RopeScalingConfig | None = None
     """`{type: linear, factor: 2}`: RoPE scaling, to train (and run) past the model's max_position_embeddings; the
     adapter records it (peftkit.json), so `peftkit eval`/`generate` load the base scaled the same way."""
+    add_tokens: list[str] = Field(default_factory=list)
+    """New special tokens (`["<|im_start|>", "<|im_end|>"]`: ChatML's markers for a base model): added to the
+    tokenizer, the embeddings resized to hold them, their rows trained (`peftkit.new_tokens`). A token the tokenizer
+    has already is left as it is."""
+
+    @field_validator("add_tokens")
+    @classmethod
+    def _distinct_tokens(cls, tokens: list[str]) -> list[str]:
+        if blank := [t for t in tokens if not t.strip()]:
+            raise ValueError(f"{blank[0]!r} is empty or whitespace: a token needs text")
+        if len(set(tokens)) < len(tokens):
+            raise ValueError(f"{next(t for t in tokens if tokens.count(t) > 1)!r} is listed twice")
+        return tokens
 
 
 class QuantizationConfig(Section):

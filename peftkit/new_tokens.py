@@ -1,0 +1,144 @@
+"""`model.add_tokens`: new special tokens (ChatML's `<|im_start|>`/`<|im_end|>` for a base model, a tool-call
+marker) added to the tokenizer, the model's embeddings resized to hold them, and their rows trained.
+
+- The tokenizer: each token not yet in its vocabulary is added as a special token (never split, skipped when an
+  answer is decoded), in the order given, so that its id is the same wherever the list is added again: the
+  adapter records the list (peftkit.json `added_tokens`), and eval, generate, chat and merge add it to the base's
+  tokenizer as training did.
+- The model: where the tokenizer then has more tokens than the input embeddings have rows, the embeddings (and an
+  untied output head) are resized to the tokenizer's length, as transformers' `resize_token_embeddings` does: the new
+  rows drawn around the old rows' mean (its `mean_resizing`), from a fixed seed, so that they depend on the base only.
+- The adapter: the new rows train as LoRA's `trainable_token_indices` (peft's; the output head's too where it is
+  not tied to the embeddings), or the trainable tokens method's `token_indices`; a module listed in modules_to_save
+  trains whole, new rows included. The adapter then holds the new rows' values, so its base's own new rows never
+  matter. peft loads the adapter on a base resized to the tokenizer the adapter directory holds
+  (`base.resize_token_embeddings(len(tokenizer))`), as its docs for new tokens say.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftkit.errors import PeftkitError
+
+RESIZE_SEED = 0
+"""The seed the new rows are drawn from: a function of the base alone, in training and wherever the base is loaded
+again (where the adapter's trained rows replace them anyway)."""
+
+
+def add_to_tokenizer(tok, tokens: list[str]) -> list[int]:
+    """Add each of `tokens` that `tok` does not have as a special token, in order; the ids of those added."""
+    vocab = tok.get_vocab()
+    new = [token for token in tokens if token not in vocab]
+    if new:
+        tok.add_tokens(new, special_tokens=True)
+    return [tok.convert_tokens_to_ids(token) for token in new]
+
+
+def added_ids(model_cfg, tok, rows: int) -> tuple[list[int], list[str]]:
+    """(the ids of model_cfg.add_tokens whose rows train: those its base tokenizer lacked, and those past the `rows`
+    the base's embeddings had (a token added to the tokenizer after the model was saved); the other tokens, which
+    the base had already)."""
+    from peftkit.modeling import load_tokenizer
+
+    vocab = load_tokenizer(model_cfg.model_copy(update={"add_tokens": []})).get_vocab()
+    new = [t for t in model_cfg.add_tokens if t not in vocab or vocab[t] >= rows]
+    return [tok.convert_tokens_to_ids(t) for t in new], [t for t in model_cfg.add_tokens if t not in new]
+
+
+def describe(tokens: list[str], ids: list[int], present: list[str], rows: tuple[int, int]) -> list[str]:
+    """train's lines on model.add_tokens: what was added, the resize, the tokens left as they were."""
+    lines = []
+    if ids:
+        resized = f"; the embeddings resized from {rows[0]:,} to {rows[1]:,} rows" if rows[1] > rows[0] else ""
+        lines.append(f"model.add_tokens: {len(ids)} new special token{'s' * (len(ids) > 1)} "
+                     f"({', '.join(f'{t} = {i}' for t, i in zip([t for t in tokens if t not in present], ids))}), "
+                     f"their embedding rows trained{resized}")
+    if present:
+        lines.append(f"note: model.add_tokens: {', '.join(present)} already in the tokenizer: left as "
+                     f"{'they are' if len(present) > 1 else 'it is'}, {'their rows' if len(present) > 1 else 'its row'} "
+                     "the model's own")
+    return lines
+
+
+def resize(model: nn.Module, length: int) -> int:
+    """Give `model`'s embeddings (and an untied output head) `length` rows where they have fewer; the rows they had."""
+    embedding = model.get_input_embeddings()
+    rows = embedding.weight.shape[0]
+    if length <= rows:
+        return rows
+    head = model.get_output_embeddings()
+    if head is not None and type(head).__module__.startswith("bitsandbytes"):
+        raise PeftkitError("model.add_tokens: the output head is quantized (quantization.skip_modules leaves it out), "
+                           "and a quantized head cannot take new rows. Keep lm_head in quantization.skip_modules.")
+    meta = embedding.weight.device.type == "meta"
+    devices = [embedding.weight.device.index or 0] if embedding.weight.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(RESIZE_SEED)
+        model.resize_token_embeddings(length, mean_resizing=not meta)
+    return rows
+
+
+def with_new_rows(adapter, model: nn.Module, ids: list[int]):
+    """The adapter settings with the rows of the new token `ids` trained: added to LoRA's `trainable_token_indices`
+    (input embeddings, and an untied output head) or the trainable tokens method's `token_indices`, where
+    modules_to_save does not train the module whole. A method that can train neither is refused, saying what to do."""
+    from peftkit.methods.base import suffix_match
+
+    if not ids:
+        return adapter
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    paths = {id(m): name for name, m in model.named_modules()}
+    saved = list(getattr(adapter, "modules_to_save", None) or [])
+    wanted = [paths[id(m)] for m in (embedding, head)
+              if m is not None and (m is embedding or m.weight is not embedding.weight)
+              and not any(suffix_match(paths[id(m)], name) for name in saved)]
+    if not wanted:
+        return adapter
+    if adapter.method == "trainable_tokens":
+        return _with_token_indices(adapter, model, wanted, ids)
+    if "trainable_token_indices" not in type(adapter).model_fields:
+        raise PeftkitError(f"model.add_tokens: the new tokens' embedding rows must train, and adapter.method "
+                           f"'{adapter.method}' trains no rows of {' or '.join(wanted)}. Add "
+                           f"{', '.join(p.rpartition('.')[2] for p in wanted)} to adapter.modules_to_save (trained "
+                           "whole), or use method lora (trainable_token_indices) or trainable_tokens.")
+    return adapter.model_copy(update={"trainable_token_indices": _merged(adapter.trainable_token_indices, model,
+                                                                         wanted, ids)})
+
+
+def _merged(given, model: nn.Module, wanted: list[str], ids: list[int]):
+    """`trainable_token_indices` with `ids` added for each module path in `wanted`: the list form where only the input
+    embeddings need them (a tied head follows them), else {module: ids}."""
+    from peftkit.methods.token_rows import _wanted
+
+    named = _wanted(model, given) if given else {}
+    embedding = wanted[0]
+    if set(named) <= {embedding} and wanted == [embedding] and not isinstance(given, dict):
+        return sorted({*named.get(embedding, []), *ids})
+    out = {path: list(rows) for path, rows in named.items()}
+    for path in wanted:
+        out[path] = sorted({*out.get(path, []), *ids})
+    return out
+
+
+def _with_token_indices(adapter, model: nn.Module, wanted: list[str], ids: list[int]):
+    """The trainable tokens method with `ids` among its token_indices; an untied head it does not target is refused."""
+    import re
+
+    from peftkit.methods.base import suffix_match
+    from peftkit.section import TargetRegex
+
+    def targeted(path: str) -> bool:
+        given = adapter.target_modules
+        if given is None:  # the input embeddings
+            return path == wanted[0]
+        if isinstance(given, TargetRegex):
+            return re.fullmatch(given.regex, path) is not None
+        return any(suffix_match(path, entry) for entry in given)
+
+    if missing := [path for path in wanted if not targeted(path)]:
+        raise PeftkitError(f"model.add_tokens: the new tokens' rows of {missing[0]} must train too (the output head is "
+                           "not tied to the embeddings), and adapter.target_modules leaves it out. Name the "
+                           f"embeddings and {missing[0].rpartition('.')[2]} in adapter.target_modules.")
+    return adapter.model_copy(update={"token_indices": sorted({*adapter.token_indices, *ids})})

@@ -1,0 +1,226 @@
+"""`model.add_tokens`: ChatML's markers added to a base model's tokenizer, its embeddings resized, the new rows trained
+(LoRA's trainable_token_indices), and the adapter read back by eval, merge and peft with the same numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from peftkit.adapter_base import load_adapted_model
+from peftkit.tiny import build_tiny_model, write_jsonl
+from tests.conftest import check_resumes_to_the_same_bits, cli_user_error, load_fp32, make_recipe
+
+MARKERS = ["<|im_start|>", "<|im_end|>"]
+CONVERSATIONS = [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+# rows 102 and 103 are the new markers' (the character tokenizer has 102 tokens)
+IDS = torch.tensor([[1, 102, 40, 41, 103, 7, 102, 60], [2, 7, 103, 42, 9, 41, 3, 5]])
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    """Tiny base models without a chat template: a Llama (output head untied) and a Qwen2 (tied)."""
+    root = tmp_path_factory.mktemp("new-token-bases")
+    for arch in ("llama", "qwen2"):
+        build_tiny_model(root / arch, arch=arch, hidden_size=32, num_layers=2, seed=0)
+        for file in (root / arch).glob("chat_template.*"):
+            file.unlink()
+        config = json.loads((root / arch / "tokenizer_config.json").read_text())
+        config.pop("chat_template", None)
+        (root / arch / "tokenizer_config.json").write_text(json.dumps(config))
+    return {arch: root / arch for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("new-token-chats")
+    write_jsonl(root / "train.jsonl", [{"messages": CONVERSATIONS[i % 2]} for i in range(8)])
+    write_jsonl(root / "eval.jsonl", [{"messages": CONVERSATIONS[i % 2]} for i in range(4)])
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def _recipe(tmp_path: Path, base: Path, chats: dict[str, Path], tokens=MARKERS, adapter=None, **sections) -> Path:
+    """A chat recipe with ChatML on `base` and model.add_tokens `tokens`; `adapter` with a `method` replaces LoRA's."""
+    import yaml
+
+    lora = {"target_modules": ["q_proj", "v_proj"], **(adapter or {})}
+    recipe = make_recipe(tmp_path, base, chats, adapter=lora, **sections,
+                         data={"format": "chat", "chat_template": "chatml", "max_length": 128})
+    text = yaml.safe_load(recipe.read_text())
+    text["model"]["add_tokens"] = tokens
+    if adapter and adapter.get("method"):  # (the LoRA keys make_recipe writes are not another method's)
+        text["adapter"] = adapter
+    recipe.write_text(yaml.safe_dump(text, sort_keys=False))
+    return recipe
+
+
+def _train(recipe: Path, monkeypatch, capsys, *flags: str) -> str:
+    from peftkit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["peftkit", "train", str(recipe), *flags])
+    main()
+    return capsys.readouterr().out
+
+
+def _logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_run_adds_the_markers_trains_their_rows_and_peft_loads_it(arch, bases, chats, tmp_path, monkeypatch, capsys):
+    """The markers get ids 102 and 103 and rows of their own, trained (the head's too where it is not tied); the
+    adapter records them; peftkit's eval, its merged model and peft on a base resized to the adapter's tokenizer give
+    the same logits on text with the markers; no warning that the template's marker is no token."""
+    out = _train(_recipe(tmp_path, bases[arch], chats, export={"merged": True}), monkeypatch, capsys)
+    assert ("model.add_tokens: 2 new special tokens (<|im_start|> = 102, <|im_end|> = 103), their embedding rows "
+            "trained; the embeddings resized from 102 to 104 rows") in out
+    assert "not a token of this" not in out + capsys.readouterr().err
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    untied = {"lm_head": [102, 103], "model.embed_tokens": [102, 103]}
+    assert config["trainable_token_indices"] == (untied if arch == "llama" else [102, 103])
+    assert json.loads((adapter / "peftkit.json").read_text())["added_tokens"] == MARKERS
+    rows = load_file(adapter / "adapter_model.safetensors")
+    embedded = rows["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert embedded.shape == (2, 32) and ("base_model.model.lm_head.token_adapter.trainable_tokens_delta" in rows) == (
+        arch == "llama")
+
+    ours, _, tok, *_ = load_adapted_model(None, str(adapter), torch.device("cpu"))
+    assert len(tok) == 104 and tok.convert_tokens_to_ids(MARKERS) == [102, 103]
+    assert tok("x<|im_end|>")["input_ids"][-1] == 103 and tok.decode([95, 103], skip_special_tokens=True) == "x"
+    assert torch.equal(ours.get_input_embeddings().weight[[102, 103]], embedded)  # trained from the resized rows
+    from peft import PeftModel
+
+    peft_tok = AutoTokenizer.from_pretrained(adapter)  # the tokenizer the adapter directory holds
+    base = load_fp32(bases[arch])
+    base.resize_token_embeddings(len(peft_tok))
+    theirs = PeftModel.from_pretrained(base, adapter)
+    assert (_logits(ours) - _logits(theirs)).abs().max() <= 1e-5
+    merged = load_fp32(tmp_path / "run" / "merged")
+    assert merged.config.vocab_size == 104 and (_logits(ours) - _logits(merged)).abs().max() <= 1e-5
+    merged_tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "merged")
+    assert merged_tok("x<|im_end|>")["input_ids"] == tok("x<|im_end|>")["input_ids"]
+    from peftkit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["peftkit", "inspect", str(adapter)])
+    main()
+    assert "added tokens   <|im_start|>, <|im_end|> (model.add_tokens)" in capsys.readouterr().out
+
+
+def test_the_new_rows_train_from_the_resized_ones(bases, chats, tmp_path, monkeypatch, capsys):
+    """The rows start as transformers' mean resizing draws them (seeded: the same on every load of the base) and
+    move; the base's other rows stay its own."""
+    _train(_recipe(tmp_path, bases["llama"], chats), monkeypatch, capsys)
+    resized = load_fp32(bases["llama"])
+    torch.manual_seed(0)
+    resized.resize_token_embeddings(104)
+    trained = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    embedded = trained["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    head = trained["base_model.model.lm_head.token_adapter.trainable_tokens_delta"]
+    assert (embedded - resized.get_input_embeddings().weight[102:]).abs().max() > 1e-3
+    assert (head - resized.lm_head.weight[102:]).abs().max() > 1e-3
+    ours = load_adapted_model(None, str(tmp_path / "run" / "adapter"), torch.device("cpu"))[0]
+    base_rows = ours.get_input_embeddings().token_adapter.base_layer.weight
+    assert torch.equal(base_rows[:102], load_fp32(bases["llama"]).get_input_embeddings().weight)
+    assert torch.equal(base_rows[102:], resized.get_input_embeddings().weight[102:])  # drawn alike on every load
+
+
+def test_eval_of_the_run_gives_its_final_eval_loss(bases, chats, tmp_path, monkeypatch, capsys):
+    """`peftkit eval RUN_DIR` tokenizes with the added markers (split into characters, the loss would differ)."""
+    from peftkit.cli import main
+
+    _train(_recipe(tmp_path, bases["llama"], chats), monkeypatch, capsys)
+    final = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(tmp_path / "run")])
+    main()
+    assert f"loss {final:.4f}" in capsys.readouterr().out
+
+
+def test_a_killed_run_resumes_to_the_same_bits(bases, chats, tmp_path):
+    recipe = _recipe(tmp_path, bases["llama"], chats, training={"max_steps": 4, "save_steps": 2})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=4)
+
+
+def test_a_token_the_tokenizer_has_is_left_and_one_past_the_rows_trains(bases, chats, tmp_path, monkeypatch, capsys):
+    """`</s>` is the tokenizer's already: a note, no row. A marker added to the tokenizer after the model was saved
+    (which has no row: an error before) gets its row and trains."""
+    base = tmp_path / "base"
+    shutil.copytree(bases["llama"], base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.save_pretrained(base)
+    out = _train(_recipe(tmp_path, base, chats, tokens=["</s>", *MARKERS]), monkeypatch, capsys)
+    assert "model.add_tokens: 2 new special tokens (<|im_start|> = 102, <|im_end|> = 103)" in out
+    assert "note: model.add_tokens: </s> already in the tokenizer: left as it is, its row the model's own" in out
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"]["model.embed_tokens"] == [102, 103]
+
+
+def test_modules_to_save_trains_the_resized_embeddings_whole(bases, chats, tmp_path, monkeypatch, capsys):
+    """Embeddings and head in modules_to_save: no rows of their own; the saved matrices have the new rows and load."""
+    adapter = {"modules_to_save": ["embed_tokens", "lm_head"]}
+    _train(_recipe(tmp_path, bases["llama"], chats, adapter=adapter), monkeypatch, capsys)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert not config.get("trainable_token_indices")
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.weight"].shape == (104, 32)
+    ours = load_adapted_model(None, str(tmp_path / "run" / "adapter"), torch.device("cpu"))[0]
+    assert torch.equal(ours.get_input_embeddings().modules_to_save.weight
+                       if hasattr(ours.get_input_embeddings(), "modules_to_save")
+                       else ours.get_input_embeddings().weight, saved["base_model.model.model.embed_tokens.weight"])
+
+
+def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monkeypatch, capsys):
+    from peftkit.cli import main
+
+    recipe = _recipe(tmp_path, bases["llama"], chats)
+    line = next(ln for ln in _train(recipe, monkeypatch, capsys).splitlines() if "trainable of" in ln)
+    assert line.startswith("LoRA r=4 on 4 modules: 1,024 trainable of")  # 896 LoRA + 2 x 2 rows of 32
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+    main()
+    assert f"# model checks (no weight read): {line}; adapted: q_proj, v_proj\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("tokens", "adapter", "said"), [
+    (["<x>", "<x>"], {}, "'model.add_tokens' = list: '<x>' is listed twice"),
+    ([" "], {}, "'model.add_tokens' = list: ' ' is empty or whitespace"),
+    (MARKERS, {"method": "ia3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+     "model.add_tokens: the new tokens' embedding rows must train, and adapter.method 'ia3' trains no rows of "
+     "model.embed_tokens or lm_head. Add embed_tokens, lm_head to adapter.modules_to_save"),
+    (MARKERS, {"method": "trainable_tokens", "target_modules": None, "token_indices": [5]},
+     "model.add_tokens: the new tokens' rows of lm_head must train too"),
+])
+def test_what_cannot_apply_is_said(tokens, adapter, said, bases, chats, tmp_path, monkeypatch, capsys):
+    recipe = _recipe(tmp_path, bases["llama"], chats, tokens=tokens, adapter=adapter)
+    assert said in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+
+
+def test_combining_or_naming_it_beside_others_is_refused(bases, chats, tmp_path, monkeypatch, capsys):
+    """The other adapters' base has no rows for the new tokens: merging several, or named adapters, refuse it."""
+    _train(_recipe(tmp_path, bases["llama"], chats, adapter={"modules_to_save": ["embed_tokens", "lm_head"]}),
+           monkeypatch, capsys)
+    adapter = str(tmp_path / "run" / "adapter")
+    said = cli_user_error(monkeypatch, capsys, "merge", "--adapter", adapter, "--adapter", adapter, "--weights", "1,1",
+                          "--method", "linear", "--output", str(tmp_path / "out"))
+    assert "adds tokens to its base's tokenizer and embeddings (model.add_tokens: <|im_start|>, <|im_end|>)" in said
+    said = cli_user_error(monkeypatch, capsys, "generate", "--adapter", f"a={adapter}", "--prompt", "hi")
+    assert "Adapter 'a' (" in said and "load it alone (--adapter DIR)" in " ".join(said.split())
+
+
+def test_a_qlora_run_adds_them_beside_the_4bit_layers(bases, chats, tmp_path, monkeypatch, capsys):
+    """The 4-bit base (lm_head kept in full precision, as by default) takes the rows; its eval gives the run's loss."""
+    from peftkit.cli import main
+
+    recipe = _recipe(tmp_path, bases["llama"], chats, quantization={"method": "nf4", "compute_dtype": "float32"})
+    assert "2 new special tokens" in _train(recipe, monkeypatch, capsys)
+    final = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(tmp_path / "run")])
+    main()
+    assert f"loss {final:.4f}" in capsys.readouterr().out
