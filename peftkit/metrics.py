@@ -6,14 +6,18 @@ classifier's predicted labels (`accuracy`, `macro_f1`).
   repeats; 1 when both are empty).
 - `rouge_l`: ROUGE-L F-measure (longest common subsequence) from Google's `rouge-score` package, without stemming,
   on its tokenisation (lowercased, words of letters and digits) extended past ASCII (`rouge_tokens`): its own keeps
-  only a-z and 0-9, so an exact answer in Russian or Chinese had no tokens and scored 0. The normalisation does not
-  apply.
+  only a-z and 0-9, so an exact answer in Russian or Chinese had no tokens and scored 0. `--normalize` does not
+  apply: the text is always NFKC-normalised first (as under `squad`, below; ROUGE is as blind to case and
+  punctuation as `squad`), so a word written with a combining accent, in full-width letters or with a ligature is
+  the same word as its precomposed, ASCII or unligated form (rouge-score's own tokens differ: "cafe" and "caf").
 
 Normalisation before `exact_match` and `token_f1` (`--normalize`):
-- `squad` (default): lowercase, punctuation removed, the articles a / an / the removed, whitespace collapsed —
-  the SQuAD evaluation script's, so `"The answer."` matches `answer`;
-- `strip`: surrounding whitespace removed, nothing else (case and punctuation count);
-- `none`: the texts as they are.
+- `squad` (default): Unicode NFKC (canonical and compatibility equivalents: "e" + combining acute is "é", full-width
+  "１２" is "12", the ligature "ﬁ" is "fi"), then lowercase, punctuation removed, the articles a / an / the
+  removed, whitespace collapsed — the SQuAD evaluation script's, so `"The answer."` matches `answer`;
+- `strip`: Unicode NFC (canonical equivalents only: the two spellings of "é" match, "１２" and "12" do not), then
+  surrounding whitespace removed, nothing else (case and punctuation count);
+- `none`: the texts as they are, code point for code point.
 """
 
 from __future__ import annotations
@@ -36,10 +40,12 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize(text: str, how: str = "squad") -> str:
+    """`text` as `exact_match` and `token_f1` compare it under `how` (the module docstring says what each does)."""
     if how == "none":
         return text
-    if how == "strip":
-        return text.strip()
+    if how == "strip":  # canonical equivalence: "café" with a combining accent (e + U+0301) is "café" (U+00E9)
+        return unicodedata.normalize("NFC", text).strip()
+    text = unicodedata.normalize("NFKC", text)  # also compatibility forms: "１２" is "12", "ﬁ" is "fi"
     return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
 
 
@@ -90,10 +96,11 @@ def rouge_tokens(text: str) -> list[str]:
     """ROUGE's words in any script: rouge-score's tokenisation (lowercase; runs of letters and digits, everything else
     a separator) with the letters, combining marks and digits of every script, and each of those of a script
     written without spaces between words (Chinese, Japanese kana, Thai, Lao, Khmer, Myanmar) a word of its own; their
-    punctuation (the katakana middle dot, Myanmar's and Khmer's full stops) separates, as elsewhere. ASCII text gives
-    rouge-score's own tokens (tested)."""
+    punctuation (the katakana middle dot, Myanmar's and Khmer's full stops) separates, as elsewhere. Taken of the
+    text's NFKC form, so "e" + a combining acute and "é", or full-width "ＡＢ" and "ab", make the same word. ASCII text
+    gives rouge-score's own tokens (tested)."""
     words, word = [], []
-    for ch in text.lower():
+    for ch in unicodedata.normalize("NFKC", text).lower():
         letter = unicodedata.category(ch)[0] in "LMN"
         if letter and not _UNSPACED.match(ch):
             word.append(ch)

@@ -56,6 +56,23 @@ def test_rouge_l_counts_words_of_every_script():
     assert score(["你好"], ["你好世界"], ["rouge_l"])["rouge_l"] == pytest.approx(2 / 3)
 
 
+def test_unicode_equivalents_match_as_normalize_says():
+    """"café" written with a combining accent (e + U+0301) and with the precomposed é (U+00E9) look the same and
+    tokenizers produce either, but no metric matched them: exact_match 0 under every --normalize, rouge_l 0. `squad`
+    now folds NFKC (compatibility forms too: full-width digits, ligatures), `strip` NFC (canonical equivalents
+    only), `none` compares code points; ROUGE-L always takes the NFKC form."""
+    decomposed, precomposed = "cafe\u0301", "caf\u00e9"
+    for how in ("squad", "strip"):
+        assert exact_match(f" {decomposed} ", precomposed, how) == 1.0, how
+        assert token_f1(f"{decomposed} noir", f"{precomposed} noir", how) == 1.0, how
+    assert exact_match(decomposed, precomposed, "none") == 0.0
+    full_width, ligature = "\uff11\uff12", "\ufb01ne"  # "１２", "ﬁne"
+    assert exact_match(full_width, "12") == 1.0 and exact_match(ligature, "Fine.") == 1.0
+    assert exact_match(full_width, "12", "strip") == 0.0 and exact_match(ligature, "fine", "strip") == 0.0
+    got = score([decomposed, f"{full_width} {ligature}"], [precomposed, "12 fine"], ["rouge_l"], "none")
+    assert got == {"rouge_l": 1.0}
+
+
 def _rows(n: int) -> list[dict]:
     return [{"instruction": f"add {i} and {i + 1}", "output": str(2 * i + 1)} for i in range(n)]
 

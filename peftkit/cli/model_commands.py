@@ -127,9 +127,10 @@ def eval_cmd(
                                                    "targets).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Generation metrics: longest answer, in "
                                                           "tokens; default: eval.max_new_tokens (64).")] = None,
-    normalize: Annotated[Optional[str], typer.Option(help="Before exact_match / token_f1: squad (lowercase, no "
-                                                     "punctuation or articles), strip, or none; default: "
-                                                     "eval.normalize (squad).")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="Before exact_match / token_f1: squad (Unicode NFKC, "
+                                                     "lowercase, no punctuation or articles), strip (NFC, no "
+                                                     "surrounding space), or none; default: eval.normalize "
+                                                     "(squad).")] = None,
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
                                                         "(prompt, prediction, reference) here; in a comparison, a "
                                                         "directory (NAME.jsonl each).")] = None,
