@@ -34,7 +34,7 @@ def check_remote_code(adapter_dir: str, allowed: bool) -> None:
 
 
 def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
-                       trust_remote_code: bool = False):
+                       trust_remote_code: bool = False, warn_requantized: bool = True):
     """Base model (re-quantized as the adapter was trained, if it was) with a PEFT adapter injected.
 
     bitsandbytes quantization is deterministic, so re-quantizing the same base weights gives the exact
@@ -47,13 +47,16 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
             a name, in the checkpoint's own dtype (float32 under quantization, the recipe default).
         trust_remote_code: the user's own `--trust-remote-code`. An adapter whose peftkit.json records that
             its base runs its own code is refused without it: a file never decides to run code.
+        warn_requantized: warn where the base is quantized on another kind of device than the adapter's was
+            (`warn_if_requantized`); False where the caller said so already (`peftkit.merge.merge_device`).
 
     Returns:
         (model, adapter settings, tokenizer, base ModelConfig, quantization or None)
     """
     from peftkit.adapters import inject_adapters, load_adapter_state_dict
 
-    model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code)
+    model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code,
+                                                                       warn_requantized)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
     # weights then decide, and load_adapter_state_dict refuses any that do not land.
     inject_adapters(model, adapter_cfg, every_entry=False, state=state, saved_only=True)
@@ -63,7 +66,7 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
 
 
 def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
-                      trust_remote_code: bool = False):
+                      trust_remote_code: bool = False, warn_requantized: bool = True):
     """An adapter's files and the base model it applies to, not yet adapted (`load_adapted_model`'s first half,
     which `peftkit.adapters.named` shares: several adapters, one base).
 
@@ -95,6 +98,8 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     model = load_model(model_cfg, quant, device, labels)
     if changes is not None and (changed := changes()):
         warnings.warn(PeftkitWarning(changed_base_note(name, Path(adapter_dir).parent, changed)), stacklevel=3)
+    if quant is not None and warn_requantized:
+        warn_if_requantized(adapter_dir, model)
     check_weight_tying(adapter_dir, model)
     adapter_cfg, state = on_original_base(adapter_cfg, state, base_weight_of(model))  # peft's unconverted PiSSA/OLoRA
     adapter_cfg, state = on_fused_experts(adapter_cfg, state, model)  # transformers 4's per-expert LoRA
@@ -103,6 +108,18 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
 
         adapter_cfg = with_head(adapter_cfg, model)
     return model, adapter_cfg, state, raw, model_cfg, quant
+
+
+def warn_if_requantized(adapter_dir: str, model: torch.nn.Module) -> None:
+    """Warn where the adapter's quantized base was quantized on another kind of device (peftkit.json `quantized_on`)
+    than `model`'s is now: eval, generate and chat then run on slightly other base weights, as merge would merge
+    them (`peftkit.peft_format.requantized_note`)."""
+    from peftkit.peft_format import requantized_note
+
+    here = next(model.parameters()).device.type
+    if note := requantized_note(adapter_dir, here, "its outputs may differ slightly from the trained model's",
+                                "Run it on {where} for the exact base.", f"adapter {adapter_dir}"):
+        warnings.warn(PeftkitWarning(note), stacklevel=3)
 
 
 def base_revision(adapter_dir: str, name: str, recorded_name: str | None, recorded: str | None, asked: str | None,

@@ -332,17 +332,13 @@ def merge_device(adapter_dir: str) -> torch.device:
     kernels can round a few weights to neighbouring 4-bit codes, so quantizing on the training device is
     what gives back the exact weights the adapter was trained against.
     """
-    from peftkit.peft_format import quantized_on
+    from peftkit.peft_format import quantized_on, requantized_note
 
-    where = quantized_on(adapter_dir)
-    if where == "cuda" and torch.cuda.is_available():
+    if quantized_on(adapter_dir) == "cuda" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    if where == "cuda":
-        warnings.warn(
-            "this adapter was trained on a base quantized on CUDA, and no CUDA device is here: the base is "
-            "re-quantized on CPU, whose rounding can differ for a few weights, so the merged model may differ "
-            "slightly from the trained one (about 1e-3 in logits on a test model). Merge on a GPU machine for "
-            "an exact merge.", MergeWarning, stacklevel=3)
+    if note := requantized_note(adapter_dir, "cpu", "the merged model may differ slightly from the trained one",
+                                "Merge on a GPU machine for an exact merge."):
+        warnings.warn(note, MergeWarning, stacklevel=3)
     return torch.device("cpu")
 
 
@@ -432,7 +428,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
                            "is not there: moved or deleted since? Give it with --base DIR.")
     protected = {"base model": base or recorded, "adapter": adapter_dir}
     targets = [check_merge_output(out, protected, overwrite) for out in outputs]
-    model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code)
+    model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code,
+                                                  warn_requantized=False)  # merge_device said it
     if (template := adapter_template(adapter_dir)) is not None:  # the run's data.chat_template: the merged model's
         tok.chat_template = template
     merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])

@@ -549,6 +549,28 @@ def quantized_on(path: str | Path) -> str | None:
     return read_meta(path).quantized_on
 
 
+def requantized_note(path: str | Path, here: str, result: str, fix: str, subject: str = "this adapter") -> str | None:
+    """What to warn when the adapter at `path` was trained on a base quantized on another kind of device than `here`
+    ('cpu' or 'cuda'), where it is re-quantized now (None when they agree or nothing is recorded): bitsandbytes' CUDA
+    and CPU kernels round a few weights to other 4-bit codes, so the base is not quite the one it was trained on.
+    `peftkit merge` says it, and eval, generate and chat (`peftkit.adapter_base.load_adapter_base`).
+
+    Args:
+        result: what differs, e.g. "the merged model may differ slightly from the trained one".
+        fix: the sentence saying where to run instead; `{where}` in it is where the base was quantized.
+        subject: how the adapter is named.
+    """
+    where = quantized_on(path)
+    if where is None or where == here:
+        return None
+    names = {"cpu": "CPU", "cuda": "CUDA"}
+    here = names.get(here, here)
+    reason = "no CUDA device is here" if where == "cuda" and not torch.cuda.is_available() else f"this runs on {here}"
+    return (f"{subject} was trained on a base quantized on {names[where]}, and {reason}: the base is re-quantized on "
+            f"{here}, whose rounding can differ for a few weights, so {result} (about 1e-3 in logits on a test "
+            f"model). {fix.format(where=names[where])}")
+
+
 def recorded_base(adapter_dir: str | Path, field: str = "base_model_name_or_path") -> str | None:
     """The adapter's base_model_name_or_path (or another string `field`, e.g. `revision`), best effort and
     without reading its weights (a broken config is `load_adapter`'s to report)."""

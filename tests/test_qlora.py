@@ -528,6 +528,39 @@ def test_merge_of_a_cuda_quantized_adapter_without_cuda_warns(qlora_run, tmp_pat
     assert (tmp_path / "merged" / "model.safetensors").exists()
 
 
+def test_eval_and_generate_of_an_adapter_quantized_elsewhere_warn(qllama, number_data, tmp_path, monkeypatch, capsys):
+    """`peftkit merge` warned that a CUDA-quantized adapter's base is re-quantized on this CPU, a few weights to other
+    4-bit codes; eval, generate and chat ran on that base without a word. They now say it too (one adapter, or named
+    adapters: each one quantized elsewhere), in merge's words; an adapter quantized where it runs says nothing."""
+    from peftkit.cli import main
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"  # where the CLI loads (model.device: auto)
+    names = {"cpu": "CPU", "cuda": "CUDA"}
+    other = "cpu" if here == "cuda" else "cuda"
+    model = injected(qllama)
+    for name, where in (("elsewhere", other), ("here", here)):
+        adapter = _saved_qlora(model, qllama, tmp_path / name)
+        meta = json.loads((adapter / "peftkit.json").read_text())
+        (adapter / "peftkit.json").write_text(json.dumps({**meta, "quantized_on": where}))
+
+    def stderr(*args: str) -> str:
+        monkeypatch.setattr("sys.argv", ["peftkit", *args])
+        main()
+        return " ".join(capsys.readouterr().err.split())
+
+    elsewhere, data = tmp_path / "elsewhere", ["--model", str(qllama), "--data", str(number_data["eval"])]
+    reason = "no CUDA device is here" if other == "cuda" else f"this runs on {names[here]}"
+    said = (f"warning: adapter {elsewhere} was trained on a base quantized on {names[other]}, and {reason}: the base "
+            f"is re-quantized on {names[here]}, whose rounding can differ for a few weights, so its outputs may "
+            "differ slightly from the trained model's (about 1e-3 in logits on a test model). Run it on "
+            f"{names[other]} for the exact base.")
+    assert said in stderr("eval", "--adapter", str(elsewhere), *data)
+    assert said in stderr("generate", "--adapter", str(elsewhere), "--prompt", "1 + 1 =", "--max-new-tokens", "2")
+    compared = stderr("eval", "--adapter", f"a={tmp_path / 'here'}", "--adapter", f"b={elsewhere}", *data)
+    assert said in compared and compared.count("re-quantized") == 1
+    assert "re-quantized" not in stderr("eval", "--adapter", str(tmp_path / "here"), *data)
+
+
 def test_paged_optimizer_on_cpu_notes_it_once_and_only_on_cpu(qlora_run):
     note = "on CPU: bitsandbytes has no paged memory here"
     expected = 1 if qlora_run["optimizer"].startswith("paged") and not torch.cuda.is_available() else 0

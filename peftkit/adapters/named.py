@@ -583,7 +583,7 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfi
     Returns:
         (model, NamedAdapters, tokenizer)
     """
-    from peftkit.adapter_base import check_remote_code, load_adapter_base
+    from peftkit.adapter_base import check_remote_code, load_adapter_base, warn_if_requantized
     from peftkit.modeling import load_tokenizer
 
     if not adapters:
@@ -596,5 +596,7 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfi
     for name, directory in adapters[1:]:
         check_remote_code(directory, trust_remote_code)
         named.load(name, directory)
+        if quant is not None:  # the same quantization as the first's (`_check_fits`), maybe not on the same device
+            warn_if_requantized(directory, model)
     model.eval()
     return model, named, load_tokenizer(model_cfg)
