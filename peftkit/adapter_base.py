@@ -75,6 +75,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     """
     from peftkit.methods.expert_lists import on_fused_experts
     from peftkit.methods.lora_init import base_weight_of, on_original_base
+    from peftkit.new_tokens import adapter_tokens
     from peftkit.peft_format import check_weight_tying, load_adapter, read_meta
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
@@ -91,8 +92,9 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     dtype = settings.dtype if settings else "auto" if quant is None else meta.base_dtype or "float32"
     model_cfg = ModelConfig(name_or_path=name, dtype=dtype, revision=revision, trust_remote_code=trust_remote_code,
                             attn_implementation=settings.attn_implementation if settings else None,
-                            rope_scaling=meta.rope_scaling, add_tokens=meta.added_tokens,
+                            rope_scaling=meta.rope_scaling,
                             task="sequence_classification" if classify else "causal_lm")
+    model_cfg = model_cfg.model_copy(update={"add_tokens": adapter_tokens(adapter_dir, model_cfg)})  # model.add_tokens
     labels = adapter_labels(adapter_dir, state) if classify else None
     changes = base_changes(adapter_dir, name, revision) if name == recorded else None
     model = load_model(model_cfg, quant, device, labels)

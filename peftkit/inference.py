@@ -99,7 +99,8 @@ class ModelSource:
         from peftkit.adapter_base import base_revision, check_remote_code
         from peftkit.data.chat_templates import adapter_template
         from peftkit.modeling import load_tokenizer
-        from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_meta, read_peft_config, recorded_base
+        from peftkit.new_tokens import adapter_tokens
+        from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
 
         cfg = self.model
         if self.adapter:
@@ -115,7 +116,8 @@ class ModelSource:
             revision = base_revision(self.adapter, cfg.name_or_path, recorded_base(self.adapter),
                                      recorded_base(self.adapter, "revision"), cfg.revision, say=False)
             # the base's tokenizer with the tokens the adapter's training added (model.add_tokens), in its order
-            cfg = cfg.model_copy(update={"revision": revision, "add_tokens": read_meta(self.adapter).added_tokens})
+            cfg = cfg.model_copy(update={"revision": revision})
+            cfg = cfg.model_copy(update={"add_tokens": adapter_tokens(self.adapter, cfg)})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
         return load_tokenizer(cfg, self.chat_template or adapter_template(self.adapter))

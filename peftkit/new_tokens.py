@@ -142,3 +142,33 @@ def _with_token_indices(adapter, model: nn.Module, wanted: list[str], ids: list[
                            "not tied to the embeddings), and adapter.target_modules leaves it out. Name the "
                            f"embeddings and {missing[0].rpartition('.')[2]} in adapter.target_modules.")
     return adapter.model_copy(update={"token_indices": sorted({*adapter.token_indices, *ids})})
+
+
+def adapter_tokens(adapter_dir, base_cfg) -> list[str]:
+    """The tokens to add to the base's tokenizer, and rows to its embeddings, for the adapter at `adapter_dir`:
+    the list its peftkit.json records; for an adapter peft saved (with the tokenizer Trainer writes beside it, or
+    `tokenizer.save_pretrained` did), the tokens that tokenizer has past the base's, where it is the base's with
+    tokens added (TRL's `setup_chat_format`, a pad token added and the model resized)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from peftkit.modeling import load_tokenizer
+    from peftkit.peft_format import read_meta
+
+    meta = read_meta(adapter_dir)
+    directory = Path(adapter_dir)
+    if meta.peftkit_version is not None or not any((directory / name).is_file()
+                                                   for name in ("tokenizer.json", "tokenizer_config.json")):
+        return meta.added_tokens
+    try:
+        theirs = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)  # never the adapter's code
+    except Exception:  # noqa: BLE001 - a tokenizer that does not load alone is not one to take tokens from
+        return []
+    base = load_tokenizer(base_cfg.model_copy(update={"add_tokens": []}))
+    if len(theirs) <= len(base):
+        return []
+    vocab, their_vocab = base.get_vocab(), theirs.get_vocab()
+    if any(their_vocab.get(token) != i for token, i in vocab.items()):
+        return []  # another tokenizer, not the base's with tokens added
+    return [theirs.convert_ids_to_tokens(i) for i in range(len(base), len(theirs))]

@@ -224,3 +224,37 @@ def test_a_qlora_run_adds_them_beside_the_4bit_layers(bases, chats, tmp_path, mo
     monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(tmp_path / "run")])
     main()
     assert f"loss {final:.4f}" in capsys.readouterr().out
+
+
+def test_peft_s_adapter_with_new_tokens_loads_with_peft_s_numbers(bases, tmp_path, monkeypatch, capsys):
+    """peft's way (TRL's setup_chat_format): markers added to the tokenizer, the base resized, LoRA with the rows
+    trained, the tokenizer saved beside the adapter. peftkit adds the tokens it finds there and gives peft's logits,
+    merged too."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftkit.cli import main
+
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    base.resize_token_embeddings(len(tok))
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                        trainable_token_indices={"embed_tokens": [102, 103], "lm_head": [102, 103]})
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))  # far from the resized rows
+    adapter = tmp_path / "peft-adapter"
+    model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    ours, _, our_tok, *_ = load_adapted_model(str(bases["llama"]), str(adapter), torch.device("cpu"))
+    assert our_tok.convert_tokens_to_ids(MARKERS) == [102, 103]
+    theirs = model.eval()
+    assert (_logits(ours) - _logits(theirs)).abs().max() <= 1e-5
+    monkeypatch.setattr("sys.argv", ["peftkit", "merge", "--adapter", str(adapter), "--base", str(bases["llama"]),
+                                     "--output", str(tmp_path / "merged")])
+    main()
+    assert (_logits(load_fp32(tmp_path / "merged")) - _logits(theirs)).abs().max() <= 1e-5
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged")("<|im_end|>")["input_ids"][-1] == 103
