@@ -306,28 +306,18 @@ def _classification_job(job: EvalJob) -> None:
     job.metrics = ["loss", *CLASSIFICATION_METRICS]
 
 
-def evaluate_classifier(job: EvalJob) -> dict[str, float]:
+def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     """`peftkit eval` of a sequence classifier on data.format: classification rows: {'loss' (mean cross-entropy per
     row), 'accuracy', 'macro_f1', 'num_examples'}. The rows' labels map to the classes the model has: an adapter's
     (peftkit.json, else as many as its head has outputs), a model's config.json `id2label`. A model given without an
     adapter loads as a sequence classifier; a base without a head (`_named_classes`) gets the data's classes and a
-    random head, drawn from seed 0 so that the figures repeat."""
+    random head, drawn from seed 0 so that the figures repeat. `model`: the classifier already loaded
+    (`evaluate_sets`); default: `_load_classifier(job)`."""
     from peftkit.classify import evaluate_classification
     from peftkit.data.classification import LabelSet, load_classification
 
-    if job.task is not None:  # (multitask prompt tuning cannot train a classifier: none reads one)
-        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning adapter reads a task id, and a sequence "
-                           "classifier is never one; drop --task.")
-    source, labels = job.source, None
-    if source.model is not None:
-        source = replace(source, model=source.model.model_copy(update={"task": "sequence_classification"}))
-    tok = source.tokenizer()
-    if not source.adapter:
-        labels = _named_classes(source.model) or load_classification(tok, job.data, job.split, job.data_cfg, None,
-                                                                      source.model.num_labels)[2]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = source.load(labels=labels)
+    tok = _classifier_source(job).tokenizer()
+    model = _load_classifier(job, tok) if model is None else model
     if not type(model).__name__.endswith("ForSequenceClassification"):
         raise PeftkitError(f"{job.source.describe()} is not a sequence classifier (its adapter's task_type is not "
                            f"SEQ_CLS), so it cannot be scored on data.format 'classification' rows of {job.data}.")
@@ -338,6 +328,37 @@ def evaluate_classifier(job: EvalJob) -> dict[str, float]:
     result = evaluate_classification(model, examples, job.batch_size, tok.pad_token_id)
     _check_finite_loss(result["loss"], job.source, job.data)
     return result
+
+
+def _classifier_source(job: EvalJob) -> ModelSource:
+    """`job`'s source loaded as a sequence classifier."""
+    if job.task is not None:  # (multitask prompt tuning cannot train a classifier: none reads one)
+        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning adapter reads a task id, and a sequence "
+                           "classifier is never one; drop --task.")
+    source = job.source
+    if source.model is not None:
+        source = replace(source, model=source.model.model_copy(update={"task": "sequence_classification"}))
+    return source
+
+
+def _classes_of_model(job: EvalJob) -> bool:
+    """Whether `job`'s classifier has its classes whatever the rows: an adapter's, or a model's named ones."""
+    source = _classifier_source(job)
+    return bool(source.adapter) or _named_classes(source.model) is not None
+
+
+def _load_classifier(job: EvalJob, tok=None) -> nn.Module:
+    """`job`'s classifier loaded (`tok`: its tokenizer, read again if not given), a headless base's classes read
+    from `job`'s rows."""
+    from peftkit.data.classification import load_classification
+
+    source, labels = _classifier_source(job), None
+    if not source.adapter:
+        labels = _named_classes(source.model) or load_classification(tok or source.tokenizer(), job.data, job.split,
+                                                                      job.data_cfg, None, source.model.num_labels)[2]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return source.load(labels=labels)
 
 
 def _named_classes(model_cfg: ModelConfig):
@@ -364,26 +385,52 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     training built for each row (`peftkit.data.prompts`), batched with left padding, up to EOS.
 
     Args:
-        model: the model to evaluate, already loaded (one of several named adapters active: `peftkit.compare`);
-            default: `job.source` loaded.
+        model: the model to evaluate, already loaded (one of several named adapters active: `peftkit.compare`; the
+            model of every data.eval set: `evaluate_sets`); default: `job.source` loaded.
     """
+    if job.data_cfg.format == "classification":
+        return evaluate_classifier(job, model)
+    rows = _read_rows(job)
+    return _scored(job, job.source.load() if model is None else model, *rows)
+
+
+def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
+    """`peftkit eval` of a recipe's several data.eval sets: each set's figures by name, as `evaluate` gives them.
+    The jobs are one recipe's with the same flags (`eval_job(..., eval_set=NAME)`), so one model source: every
+    set's rows are read first, each with its own data config (columns, format, split), and the model loads once
+    for all of them. A classifier whose classes come from each set's rows (a base without a head) is the
+    exception: each set gets the head of its own classes, as `peftkit eval --data` of its file."""
+    first = next(iter(jobs.values()))
+    if first.data_cfg.format == "classification":
+        model = _load_classifier(first) if _classes_of_model(first) else None
+        return {name: evaluate_classifier(job, model) for name, job in jobs.items()}
+    rows = {name: _read_rows(job) for name, job in jobs.items()}
+    model = first.source.load()
+    return {name: _scored(job, model, *rows[name]) for name, job in jobs.items()}
+
+
+def _read_rows(job: EvalJob) -> tuple:
+    """(tokenizer, examples, prompts) of `job`'s data: examples for the loss metrics, prompts for the generation
+    ones (None where no metric needs them), with their task ids."""
     from peftkit.data import load_examples
     from peftkit.data.prompts import load_prompts
 
-    if job.data_cfg.format == "classification":
-        return evaluate_classifier(job)
     source = job.source
-    generated = [m for m in job.metrics if m in GENERATION_METRICS]
     tok = source.tokenizer()
     tasks = job.task is None and adapter_task_count(source) is not None  # --task: the column is not read at all
     examples = (load_examples(tok, job.data, job.split, job.data_cfg, tasks=tasks)[0]
                 if set(job.metrics) & set(LOSS_METRICS) else None)
-    prompts = load_prompts(tok, job.data, job.split, job.data_cfg, tasks=tasks) if generated else None
+    prompts = (load_prompts(tok, job.data, job.split, job.data_cfg, tasks=tasks)
+               if any(m in GENERATION_METRICS for m in job.metrics) else None)
     if examples is not None:
         examples = with_tasks(source, job.task, examples, job.data, job.untasked)
     if prompts is not None:
         prompts = with_tasks(source, job.task, prompts, job.data, job.untasked)
-    model = source.load() if model is None else model
+    return tok, examples, prompts
+
+
+def _scored(job: EvalJob, model: nn.Module, tok, examples: Examples | None, prompts: list | None) -> dict[str, float]:
+    """`evaluate`'s figures of the loaded `model` on `_read_rows`'s rows (and `job.predictions` written)."""
     guard_token_ids(model, tok)
     result: dict[str, float] = {}
     if examples:
@@ -392,8 +439,9 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     if examples is not None:
         with work(f"{job.name}: loss" if job.name else "loss", len(examples), "examples") as advance:
             result |= evaluate_loss(model, examples, job.batch_size, tok.pad_token_id, advance=advance)
-        _check_finite_loss(result["loss"], source, job.data)
+        _check_finite_loss(result["loss"], job.source, job.data)
     if prompts is not None:
+        generated = [m for m in job.metrics if m in GENERATION_METRICS]
         with work(f"{job.name}: answers" if job.name else "answers", len(prompts), "rows") as advance:
             scores, texts = generation_scores(model, tok, prompts, generated, job.sampling, job.batch_size,
                                               job.normalize, advance=advance)

@@ -767,6 +767,29 @@ def test_peftkit_eval_of_a_run_evaluates_each_eval_set(eval_sets, tmp_path, monk
             "--data FILE of one.") in err, err
 
 
+def test_peftkit_eval_loads_the_model_once_for_every_eval_set(eval_sets, number_data, tmp_path, monkeypatch, capsys):
+    """`peftkit eval RECIPE` of a data.eval of two sets loaded the model once per set; it loads once, and each set's
+    figures are still `peftkit eval RECIPE --data FILE`'s of its file, read with its own format."""
+    from peftkit.cli import main
+    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.inference import ModelSource
+
+    recipe, _, general = eval_sets
+    alone = {name: evaluate(eval_job(recipe, **_eval_flags(data=str(path))))
+             for name, path in (("numbers", number_data["eval"]), ("general", general))}
+    assert alone["numbers"]["loss"] != alone["general"]["loss"]
+    loads, load = [], ModelSource.load
+    monkeypatch.setattr(ModelSource, "load", lambda self, *args, **kwargs: loads.append(self) or load(self, *args,
+                                                                                                    **kwargs))
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(recipe), "--json", str(tmp_path / "eval.json")])
+    main()
+    printed = capsys.readouterr().out
+    assert len(loads) == 1
+    assert json.loads((tmp_path / "eval.json").read_text()) == alone
+    for name, result in alone.items():
+        assert f"{name}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}" in printed
+
+
 def test_train_and_preview_name_a_chat_entry_s_format_for_a_tokenizer_without_a_template(tiny_llama, number_data,
                                                                                            tmp_path, monkeypatch,
                                                                                            capsys):

@@ -527,3 +527,35 @@ def test_eval_of_a_classifier_with_placeholder_names_keeps_its_head(tmp_path, ti
         logits = torch.cat([model(**tok(t, return_tensors="pt")).logits for t, _ in rows])
     want = torch.nn.functional.cross_entropy(logits, torch.tensor([label for _, label in rows]))
     assert abs(got["loss"] - float(want)) < 1e-5
+
+
+def test_eval_of_a_classifier_s_eval_sets_loads_it_once_where_it_has_its_classes(tmp_path, tiny_bert, sentiment,
+                                                                                  monkeypatch, capsys):
+    """`peftkit eval RECIPE` of a classifier's two data.eval sets loaded it once per set. A classifier with classes of
+    its own (here a saved one's) now loads once; a base without a head still loads for each set, the head of the
+    set's classes. Either way each set's figures are `peftkit eval RECIPE --data FILE`'s of its file."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.cli import main
+    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.inference import ModelSource
+
+    shutil.copytree(tiny_bert, tmp_path / "cls")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_bert, id2label=dict(enumerate(LABELS.names)))
+    classifier.save_pretrained(tmp_path / "cls")
+    write_jsonl(tmp_path / "other.jsonl", sentiment_rows(8, seed=5))
+    sets = {"sentiment": sentiment["eval"], "other": tmp_path / "other.jsonl"}
+    loads, load = [], ModelSource.load
+    monkeypatch.setattr(ModelSource, "load", lambda self, *args, **kwargs: loads.append(self) or load(self, *args,
+                                                                                                    **kwargs))
+    for model, count in ((tmp_path / "cls", 1), (tiny_bert, 2)):
+        recipe = classification_recipe(tmp_path / model.name, model, sentiment,
+                                       data={"eval": {name: str(path) for name, path in sets.items()}})
+        alone = {name: evaluate(eval_job(recipe, [], None, str(path), None, None, None, None, None))
+                 for name, path in sets.items()}
+        loads.clear()
+        monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(recipe), "--json", str(tmp_path / "eval.json")])
+        main()
+        capsys.readouterr()
+        assert len(loads) == count, model
+        assert json.loads((tmp_path / "eval.json").read_text()) == alone

@@ -147,7 +147,7 @@ def eval_cmd(
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
     same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
     from peftkit.compare import ARROW, parse_named, split_named
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.evaluate import eval_job, evaluate, evaluate_sets
     from peftkit.fileio import atomic_write_json
     from peftkit.generate import check_arrow
 
@@ -193,7 +193,7 @@ def eval_cmd(
         if json_out is not None:  # nor may --json be (inside) another set's data
             for each in list(jobs.values())[1:]:
                 check_json_out(json_out, "--json", inputs + job_inputs(each))
-        results = {name: evaluate(each) for name, each in jobs.items()}  # the model loads for each set
+        results = evaluate_sets(jobs)  # the model loads once, for every set
         for name, result in results.items():
             _said_beside(json_out).print(f"{name}: {_shown(result, job.metrics)}")
         if json_out:
