@@ -261,8 +261,8 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
     job.data_cfg = job.data_cfg.model_copy(update=updates)
-    if fmt:  # (not a data.train entry's format any more, as `reading` read it)
-        job.data_cfg._format_key = "data.format"
+    if fmt:  # errors name the flag, not a recipe key (data.format, an entry's)
+        job.data_cfg._format_key = "--format"
     job.source = job.source.with_flags(model, adapter, trust_remote_code)
     check_base_is_there(job.source, recipe)
     job.batch_size = batch_size or job.batch_size

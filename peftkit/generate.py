@@ -98,8 +98,8 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
             job.data_cfg = job.data_cfg.reading(data)
     if job.data:
         job.data_cfg = (job.data_cfg or DataConfig(train=job.data)).model_copy(update={"format": fmt} if fmt else {})
-        if fmt:  # (not a data.train entry's format any more, as `reading` read it)
-            job.data_cfg._format_key = "data.format"
+        if fmt:  # errors name the flag, not a recipe key (data.format, an entry's)
+            job.data_cfg._format_key = "--format"
     elif not prompts:
         raise PeftkitError("Nothing to generate from: pass --prompt TEXT (repeatable) or --data FILE.")
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)

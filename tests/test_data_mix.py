@@ -405,7 +405,7 @@ def test_eval_and_generate_name_a_list_entry_s_format_in_a_bad_row(two_files, ti
     """`peftkit eval|generate RECIPE --data FILE` of a dataset of data.train's list with its own format read it in
     that format, but a bad row was told as one of data.format (`for data.format 'chat'`), a key the recipe does not
     set: it now names the entry's, as training does, and so do eval's other errors about the format (a tokenizer
-    without a chat template, every row skipped). --format over it is data.format's, as before."""
+    without a chat template, every row skipped). --format over it is named as the flag."""
     a, _ = two_files
     rows = [json.loads(line) for line in _chat_file(tmp_path / "c.jsonl", 3, seed=7).read_text().splitlines()]
     rows[1]["messages"][0]["role"] = "human"
@@ -421,7 +421,7 @@ def test_eval_and_generate_name_a_list_entry_s_format_in_a_bad_row(two_files, ti
                 "ShareGPT's conversations). Fix the row, set the right data.train[1].format,") in err, (command, err)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", "c.jsonl", "--on-bad-rows",
                                   "skip", "--format", "text").split())
-    assert "missing the fields of data.format 'text' (text); check data.format," in err, err
+    assert "missing the fields of --format 'text' (text); check --format," in err, err
     write_jsonl(tmp_path / "c.jsonl", [{"messages": "hi"}] * 2)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", "c.jsonl", "--on-bad-rows",
                                   "skip").split())
@@ -600,6 +600,48 @@ def test_a_cached_warning_names_the_columns_key_of_the_read_that_asks(two_files,
     assert stats["special_text_first"] == f"{b}:2: column 'answer' (data.columns.output) holds '</s>'"
     _, stats = load_examples(TOK, str(b), "train", cfg.reading(str(b)))
     assert stats["special_text_first"] == f"{b}:2: column 'answer' (data.train[1].columns.output) holds '</s>'"
+
+
+def test_eval_and_generate_name_the_format_flag_in_errors_its_value_causes(two_files, tiny_llama, tmp_path,
+                                                                          monkeypatch, capsys):
+    """`peftkit eval|generate --format F` whose F the rows or the tokenizer cannot use told the user of data.format,
+    a recipe key they had not set (there may be no recipe at all): each such error now names --format (a bad row,
+    every row skipped, text without prompts, a tokenizer without a chat template or without an EOS)."""
+    from transformers import AutoTokenizer
+
+    a, _ = two_files
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    recipe = make_recipe(tmp_path, model, {"train": a, "eval": a})
+    for command in ("eval", "generate"):
+        for source in (["--model", str(model)], [str(recipe)]):
+            err = " ".join(cli_user_error(monkeypatch, capsys, command, *source, "--data", str(a), "--format",
+                                          "chat").split())
+            assert ("a.jsonl:1: missing field 'messages' for --format 'chat' (each "
+                    "row needs messages, or ShareGPT's conversations). Fix the row, set the right --format,") in err, (
+                command, source, err)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", str(a), "--on-bad-rows", "skip",
+                                  "--format", "chat").split())
+    assert "all 5 rows were skipped as malformed or missing the fields of --format 'chat' (messages, or ShareGPT's " \
+           "conversations); check --format," in err, err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--data", str(a), "--format",
+                                  "text").split())
+    assert "--format 'text' has no prompt to generate from in " in err, err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", str(model), "--data", str(a), "--format",
+                                  "classification").split())
+    assert "--format 'classification' has no prompt to generate from in " in err, err
+    _chat_file(tmp_path / "c.jsonl", 2, seed=7)
+    (model / "chat_template.jinja").unlink()
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", str(model), "--data",
+                                  str(tmp_path / "c.jsonl"), "--format", "chat").split())
+    assert "--format is 'chat' but the tokenizer has no chat_template" in err, err
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.eos_token = None
+    tok.save_pretrained(model)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", str(model), "--data", str(a), "--format",
+                                  "alpaca").split())
+    assert ("--format 'alpaca' ends each target with the tokenizer's EOS token, so the model learns to stop, and this "
+            "tokenizer has none. Give it one (tokenizer_config.json's eos_token), or use --format chat with a chat "
+            "template") in err, err
 
 
 # ------------------------------------------------------------------- data.eval: several named evaluation sets

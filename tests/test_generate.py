@@ -472,7 +472,7 @@ def test_bad_input_is_a_clear_error(tiny_llama, number_data, tmp_path, monkeypat
     assert "Nothing to generate from" in cli_user_error(monkeypatch, capsys, "generate", "--model", model)
     assert "--limit takes the first N rows of --data" in cli_user_error(  # it was ignored
         monkeypatch, capsys, "generate", "--model", model, "--prompt", "x", "--limit", "2")
-    assert "data.format 'text' has no prompt to generate from" in cli_user_error(
+    assert "--format 'text' has no prompt to generate from" in cli_user_error(
         monkeypatch, capsys, "generate", "--model", model, "--data", str(number_data["eval"]), "--format", "text")
     plain = tmp_path / "no-template"
     shutil.copytree(tiny_llama, plain)
@@ -615,7 +615,7 @@ def test_data_of_prompts_alone_generates(fmt, rows, tiny_llama, tmp_path, monkey
                        for p, c in zip(prompts, generate_texts(model, tok, prompts, Sampling(max_new_tokens=4)),
                                        strict=True)]
     target = {"alpaca": "output", "completion": "completion"}[fmt]
-    assert f"prompts.jsonl:1: missing field '{target}' for data.format '{fmt}'" in " ".join(cli_user_error(
+    assert f"prompts.jsonl:1: missing field '{target}' for --format '{fmt}'" in " ".join(cli_user_error(
         monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(tmp_path / "prompts.jsonl"), "--format",
         fmt, "--metrics", "exact_match").split())
 

@@ -151,7 +151,7 @@ def test_bad_flags_are_clear_errors(tiny_llama, number_data, monkeypatch, capsys
         cli_user_error(monkeypatch, capsys, *base, "--predictions", "p.jsonl")
     assert "--normalize 'lower': use one of squad, strip, none" in \
         cli_user_error(monkeypatch, capsys, *base, "--metrics", "exact_match", "--normalize", "lower")
-    assert "data.format 'text' has no prompt to generate from" in \
+    assert "--format 'text' has no prompt to generate from" in \
         cli_user_error(monkeypatch, capsys, *base, "--metrics", "rouge_l", "--format", "text")
 
 

@@ -277,7 +277,7 @@ def test_eval_format_mismatch_is_reported_before_the_model_loads(finished, numbe
     (broken / "adapter_model.safetensors").write_bytes(b"not weights")  # would fail if it were loaded first
     result = CliRunner().invoke(app, ["eval", str(root / "recipe.yaml"), "--adapter", str(broken), "--format", "chat"])
     assert isinstance(result.exception, PeftkitError)
-    assert "missing field 'messages' for data.format 'chat'" in str(result.exception)
+    assert "missing field 'messages' for --format 'chat'" in str(result.exception)
 
 
 @pytest.mark.parametrize("args, message", [

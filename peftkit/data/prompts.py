@@ -89,9 +89,9 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
     no prompt). `tasks`: read the rows' `task` column (a model whose method reads task ids). `targets`: a row's
     answer, the reference, must not be empty (False: `peftkit generate --data`, where the rows may be prompts only)."""
     if cfg.format == "classification":
-        raise PeftkitError(f"data.format 'classification' has no prompt to generate from in {source}: a classifier "
-                           "predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the alpaca, "
-                           "completion or chat format (with peftkit generate, --prompt also works).")
+        raise PeftkitError(f"{cfg._format_key} 'classification' has no prompt to generate from in {source}: a "
+                           "classifier predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the "
+                           "alpaca, completion or chat format (with peftkit generate, --prompt also works).")
     if cfg.format == "text":
         raise PeftkitError(f"{cfg._format_key} 'text' has no prompt to generate from in {source} (every token is "
                            "target). Use data in the alpaca, completion or chat format (with peftkit generate, --prompt "
