@@ -124,7 +124,15 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: i
         f"It was trained over the base quantized by bitsandbytes ({q.method}"
         + (", double quantization" if q.double_quant and q.method != "int8" else "")
         + "); load the base so for the numbers above (`peftkit generate`, `eval` and `merge` do).", ""]
-    return ["## Use", "", *quantized, *scaled, *template, "```python", "from peft import PeftModel",
-            f"from transformers import {auto}", "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})",
+    added = cfg.model.add_tokens
+    tokens = [] if not added else [
+        f"It adds tokens to the base's tokenizer (`model.add_tokens`: {', '.join(f'`{t}`' for t in added)}), whose "
+        "rows it trained: take the tokenizer beside it, and resize the base's embeddings to it before loading.", ""]
+    resize = [] if not added else [
+        "tokenizer = AutoTokenizer.from_pretrained(\"ADAPTER_DIR\")  # the base's, with the new tokens",
+        "base.resize_token_embeddings(len(tokenizer))"]
+    imports = f"from transformers import {auto}" + (", AutoTokenizer" if added else "")
+    return ["## Use", "", *quantized, *scaled, *template, *tokens, "```python", "from peft import PeftModel",
+            imports, "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})", *resize,
             "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")  # this directory, or its hub id", "```", "",
             "or with peftkit:", "", *peftkit]

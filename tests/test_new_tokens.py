@@ -258,3 +258,19 @@ def test_peft_s_adapter_with_new_tokens_loads_with_peft_s_numbers(bases, tmp_pat
     main()
     assert (_logits(load_fp32(tmp_path / "merged")) - _logits(theirs)).abs().max() <= 1e-5
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("<|im_end|>")["input_ids"][-1] == 103
+
+
+def test_the_model_card_s_snippet_loads_it_with_the_run_s_logits(bases, chats, tmp_path, monkeypatch, capsys):
+    """adapter/README.md's peft snippet, run as written (its paths filled in), gives peftkit's logits."""
+    import re
+
+    _train(_recipe(tmp_path, bases["qwen2"], chats), monkeypatch, capsys)
+    adapter = tmp_path / "run" / "adapter"
+    card = (adapter / "README.md").read_text()
+    assert "It adds tokens to the base's tokenizer (`model.add_tokens`: `<|im_start|>`, `<|im_end|>`)" in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace("PATH/TO/qwen2", str(bases["qwen2"])).replace("ADAPTER_DIR", str(adapter))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the card's own snippet
+    ours = load_adapted_model(None, str(adapter), torch.device("cpu"))[0]
+    assert (_logits(scope["model"].float()) - _logits(ours)).abs().max() <= 1e-5
