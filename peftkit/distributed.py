@@ -45,18 +45,40 @@ from peftkit import zero
 from peftkit.data import IGNORE_INDEX
 
 
-def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int, trim: bool = False) -> dict[str, torch.Tensor]:
     """This process's rows of a global batch: the `rank`-th of `world` nearly equal slices, in order.
 
     A global batch with fewer rows than processes (an epoch's last, or packed rows) leaves some slices empty. Such
     a process gets the batch's first row with no label instead: it still runs the forward and backward that DDP's,
-    FSDP's and DeepSpeed's collectives wait for, and adds nothing to the loss or the gradients."""
+    FSDP's and DeepSpeed's collectives wait for, and adds nothing to the loss or the gradients.
+
+    With `trim` (`trims_padding`): the global batch is right-padded to its longest row; a slice keeps only the columns
+    up to its own longest row (its attention mask's last 1), every per-token tensor (input_ids' shape) alike, per-row
+    ones (task_ids, a classifier's labels) whole. The columns cut are padding in every row of the slice (pad ids,
+    mask 0, no label), so nothing the model reads changes: not the last non-pad token a sequence classifier's head
+    takes, nor a packed row's position ids. Mixed lengths: slices of short rows no longer compute on the long rows'
+    padding."""
     if world == 1:
         return batch
     rows = torch.tensor_split(torch.arange(len(batch["input_ids"])), world)[rank]
     if not len(rows):
-        return {k: torch.full_like(v[:1], IGNORE_INDEX) if k == "labels" else v[:1] for k, v in batch.items()}
-    return {k: v[rows] for k, v in batch.items()}
+        batch = {k: torch.full_like(v[:1], IGNORE_INDEX) if k == "labels" else v[:1] for k, v in batch.items()}
+        rows = torch.arange(1)
+    shape = batch["input_ids"].shape
+    width = shape[1]
+    if trim and "attention_mask" in batch:  # (on the CPU, before the copy to the device: no sync)
+        columns = batch["attention_mask"][rows].any(0).nonzero()
+        width = int(columns[-1]) + 1 if len(columns) else width
+    return {k: v[rows, :width] if v.shape == shape else v[rows] for k, v in batch.items()}
+
+
+def trims_padding(cfg) -> bool:
+    """Whether a process's slice of the global batch may drop the padding all its rows share (`shard`'s `trim`): not
+    where something reads the padded batch as a whole, whose result would then depend on how it was sliced: VeLoRA's
+    batch averages (over every padded position, pads included, as peft's), NEFTune's noise scale (the padded
+    length)."""
+    velora = getattr(cfg.adapter, "velora_config", None)
+    return not cfg.training.neftune_noise_alpha and (velora is None or velora.init_type == "random")
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:

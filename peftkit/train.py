@@ -231,8 +231,9 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
+    trim = distributed.trims_padding(run.cfg)
     for i, batch in enumerate(window):
-        batch = distributed.shard(batch, rank, world)
+        batch = distributed.shard(batch, rank, world, trim)
         batch = flatten(batch) if flat and "position_ids" in batch else batch
         labelled = None if run.cfg.classification else labelled_count(batch["labels"])  # on the CPU: no sync
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

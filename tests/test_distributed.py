@@ -131,6 +131,70 @@ def test_shard_splits_rows_in_order():
     assert stand_in["input_ids"].tolist() == [[6, 7]] and stand_in["labels"].tolist() == [[-100, -100]]
 
 
+def _padded(lengths: list[int], pad: int = 0) -> dict[str, torch.Tensor]:
+    """A right-padded global batch of rows of `lengths` (ids 1.., each row its own), as `Collator` makes it, with
+    packed rows' position ids (two examples a row) and a task id per row."""
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask, labels, positions = torch.zeros_like(ids), torch.full_like(ids, -100), torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(1, n + 1) + 10 * i
+        mask[i, :n], labels[i, 1:n] = 1, ids[i, 1:n]
+        positions[i, :n] = torch.cat([torch.arange(n // 2), torch.arange(n - n // 2)])
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
+            "task_ids": torch.arange(len(lengths))}
+
+
+def test_each_process_s_slice_is_padded_to_its_own_longest_row_not_the_global_batch_s():
+    """The global batch is padded to its longest row; each process's slice keeps only the columns up to its own
+    longest row (the rest is padding in every one of its rows), every per-token tensor alike, per-row ones whole."""
+    batch = _padded([3, 6, 2, 4, 1])
+    for world, widths in [(2, [6, 4]), (3, [6, 4, 1])]:
+        rows = torch.tensor_split(torch.arange(5), world)
+        for rank, (width, mine) in enumerate(zip(widths, rows, strict=True)):
+            part = shard(batch, rank, world, trim=True)
+            assert part.keys() == batch.keys() and part["task_ids"].equal(batch["task_ids"][mine])
+            for k in ("input_ids", "attention_mask", "position_ids", "labels"):
+                assert part[k].equal(batch[k][mine, :width]), (world, rank, k)
+                assert not batch["attention_mask"][mine, width:].any()  # what was cut: padding only
+    assert shard(batch, 0, 1, trim=True) is batch  # one process: the batch itself, untouched
+    assert shard(batch, 1, 2)["input_ids"].equal(batch["input_ids"][3:])  # without trim: the global width
+    stand_in = shard({k: v[3:4] for k, v in batch.items()}, 1, 2, trim=True)  # a row of 4 tokens in a batch of width 6
+    assert stand_in["input_ids"].equal(batch["input_ids"][3:4, :4]) and (stand_in["labels"] == -100).all()
+    # A classifier's labels (one per row) stay whole; its head reads the same last non-pad token (transformers
+    # finds it through pad_token_id), so its logits are the untrimmed slice's.
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=0, num_labels=3)).eval()
+    classify = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "labels": torch.tensor([0, 1, 2, 0, 1])}
+    part = shard(classify, 1, 2, trim=True)
+    assert part["input_ids"].shape == (2, 4) and part["labels"].tolist() == [0, 1]
+    untrimmed = {k: v[3:] for k, v in classify.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits,
+                                   model(**untrimmed).logits)
+
+
+def test_padding_is_trimmed_only_where_nothing_reads_the_padded_batch_whole(tiny_llama, number_data, tmp_path):
+    """VeLoRA's batch averages and NEFTune's noise scale read the whole padded batch: their slices keep its width."""
+    from peftkit.distributed import trims_padding
+    from peftkit.recipe import load_recipe
+    from tests.conftest import make_recipe
+
+    cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))
+    assert trims_padding(cfg)
+    assert not trims_padding(cfg.model_copy(update={"training": cfg.training.model_copy(
+        update={"neftune_noise_alpha": 5.0})}))
+    for init, trims in [("batch_average", False), ("batch_average_once", False), ("random", True)]:
+        velora = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, adapter={
+            "velora_config": {"num_groups": 4, "init_type": init}}))
+        assert trims_padding(velora) is trims, init
+
+
 def test_a_zero_checkpoint_of_other_processes_is_refused_by_its_count_not_passed_over_as_damaged(tmp_path):
     """A ZeRO checkpoint holds its optimizer state split by rank, which does not load into another number of
     processes: that failure passed every checkpoint over as damaged ("no intact checkpoint"), hiding the fix."""
