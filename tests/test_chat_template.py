@@ -52,15 +52,17 @@ def chat_recipe(tmp_path: Path, model: Path, data: dict[str, Path], template, **
                                                       **data_keys})
 
 
-def _chatml_labels(messages: list[dict]) -> tuple[str, list[bool]]:
+def _chatml_labels(messages: list[dict], turns: set[int] | None = None) -> tuple[str, list[bool]]:
     """ChatML's text of `messages`, and for each of its characters (one token each, the character tokenizer's)
-    whether it is trained: each answer and its <|im_end|>, not the newline after it."""
+    whether it is trained: each answer (those of indices `turns` where given) and its <|im_end|>, not the newline
+    after it."""
     text, trained = "", []
-    for m in messages:
+    for i, m in enumerate(messages):
         head = f"<|im_start|>{m['role']}\n"
         body = m["content"] + "<|im_end|>"
         text += head + body + "\n"
-        trained += [False] * len(head) + [m["role"] == "assistant"] * len(body) + [False]
+        answer = m["role"] == "assistant" if turns is None else i in turns
+        trained += [False] * len(head) + [answer] * len(body) + [False]
     return text, trained
 
 
@@ -77,6 +79,41 @@ def test_chatml_on_a_base_tokenizer_trains_exactly_the_assistant_turns(tmp_path,
         assert tok.decode(example.input_ids) == text and len(example.input_ids) == len(text)
         assert example.labels == [t if keep else IGNORE_INDEX for t, keep in zip(example.input_ids, trained,
                                                                                  strict=True)]
+
+
+def test_chatml_trains_the_turns_the_rows_mark(tmp_path, base_model, monkeypatch, capsys):
+    """`"train": false` on an assistant message (ShareGPT's `"weight": 0`) masks it, `true` (1) trains it under
+    data.train_on: last_answer too; the marks were ignored. A mark that is not true or false is a bad row."""
+    from peftkit.data import load_examples
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello", "train": True}, {"role": "user", "content": "so?"},
+                {"role": "assistant", "content": "so so", "train": False}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "ciao"}]
+    sharegpt = {"system": "Be brief.", "conversations": [
+        {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"],
+         "weight": {True: 1, False: 0}.get(m.get("train"))} for m in messages[1:]]}
+    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "train.jsonl"}
+    write_jsonl(data["train"], [{"messages": messages}, sharegpt])
+    for train_on, turns in (("answers", {2, 6}), ("last_answer", {2, 6}), ("all", None)):
+        cfg = load_recipe(chat_recipe(tmp_path, base_model, data, "chatml", train_on=train_on))
+        tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+        examples, _ = load_examples(tok, cfg.data.train, "train", cfg.data)
+        text, trained = _chatml_labels(messages, turns)
+        if turns is None:  # all: every token but those of the answer marked false
+            unmarked = _chatml_labels(messages, {4})[1]
+            trained = [not false for false in unmarked]
+        for example in examples:
+            assert tok.decode(example.input_ids) == text and len(example.input_ids) == len(text)
+            assert example.labels == [t if keep else IGNORE_INDEX for t, keep in zip(example.input_ids, trained,
+                                                                                     strict=True)]
+    turns = sharegpt["conversations"]
+    halfway = {"from": "gpt", "value": "so so", "weight": 0.5}
+    write_jsonl(data["train"], [{"messages": messages},
+                                sharegpt | {"conversations": [*turns[:3], halfway, *turns[4:]]}])
+    err = cli_user_error(monkeypatch, capsys, "preview", str(chat_recipe(tmp_path, base_model, data, "chatml")))
+    assert ("train.jsonl:2: conversations[3].weight is a number (0.5); give 0 (not trained) or 1 (trained), or null "
+            "or none for its role's default for data.format 'chat'") in " ".join(err.split())
 
 
 def test_llama3_puts_the_bos_first_and_trains_trimmed_answers_with_their_eot(tmp_path, base_model, chat_data):

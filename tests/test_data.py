@@ -76,6 +76,62 @@ def test_train_on_chooses_the_tokens_with_loss(tmp_path):
     assert ex.labels == ex.input_ids
 
 
+def _turn_mask(messages, trained):
+    """The tiny template's text of `messages` as token ids (a character each, `</s>` one) and whether each is trained:
+    the content and `</s>` of the turns whose indices are in `trained`, not the newline after."""
+    ids, keep = [], []
+    for i, m in enumerate(messages):
+        head, body, end = (TOK(text, add_special_tokens=False)["input_ids"]
+                           for text in (f"<|{m['role']}|>\n", m["content"] + "</s>", "\n"))
+        ids += head + body + end
+        keep += [False] * len(head) + [i in trained] * len(body) + [False]
+    return ids, [t if k else IGNORE_INDEX for t, k in zip(ids, keep, strict=True)]
+
+
+# A conversation whose turns say whether they are trained: `"train": false` masks one whatever data.train_on says,
+# `true` trains one that last_answer would not; ShareGPT's `weight` (0, 1; null: as its role has it) says the same.
+MARKED = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "train": False},
+          {"role": "user", "content": "a"}, {"role": "assistant", "content": "ok"},
+          {"role": "user", "content": "b"}, {"role": "assistant", "content": "yes", "train": True},
+          {"role": "user", "content": "c"}, {"role": "assistant", "content": "ciao", "train": False}]
+MARKED_SHAREGPT = {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"],
+                                      "weight": {True: 1, False: 0}.get(m.get("train"))} for m in MARKED]}
+
+
+@pytest.mark.parametrize("row", [{"messages": MARKED}, MARKED_SHAREGPT], ids=["messages", "sharegpt"])
+def test_a_turn_marked_not_to_be_trained_is_masked_and_one_marked_true_is_trained(tmp_path, row):
+    """axolotl's `message_field_training` and ShareGPT's `weight`: the keys were ignored, every answer trained."""
+    (answers,), _ = _load(tmp_path, [row], "chat")
+    assert (answers.input_ids, answers.labels) == _turn_mask(MARKED, {3, 5})
+    # last_answer: the last answer not marked false ("yo" and "ciao" are context as "ok" is), and "yes", marked true
+    (last,), _ = _load(tmp_path, [row], "chat", train_on="last_answer")
+    assert (last.input_ids, last.labels) == _turn_mask(MARKED, {5})
+    unmarked = [{k: v for k, v in m.items() if k != "train"} for m in MARKED]
+    (last,), _ = _load(tmp_path, [{"messages": MARKED[:6] + unmarked[6:]}], "chat", train_on="last_answer")
+    assert last.labels == _turn_mask(MARKED, {5, 7})[1]  # ("yes" is the one marked, "ciao" the last)
+    (everything,), _ = _load(tmp_path, [row], "chat", train_on="all")  # all: every token but the turns marked false
+    ids, marked_false = _turn_mask(MARKED, {1, 7})
+    assert (everything.input_ids, everything.labels) == (ids, [IGNORE_INDEX if m != IGNORE_INDEX else t
+                                                               for t, m in zip(ids, marked_false, strict=True)])
+
+
+def test_the_train_key_never_reaches_the_chat_template(tmp_path):
+    """A template that writes each message's other keys (as some write `name`) renders a marked conversation as the
+    same conversation without the keys: `train=False` was written into the text."""
+    import copy
+
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% for k, v in m | dictsort %}"
+                         "{% if k not in ('role', 'content') %} {{ k }}={{ v }}{% endif %}{% endfor %}{{ '\\n' }}"
+                         "{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": MARKED}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+    unmarked = [{k: v for k, v in m.items() if k != "train"} for m in MARKED]
+    assert (ex.input_ids, ex.labels) == _turn_mask(unmarked, {3, 5})
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(unmarked, tokenize=False)
+
+
 def test_train_on_is_part_of_the_cache_key(tmp_path, monkeypatch):
     """Examples tokenized for one data.train_on are not handed back for another."""
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
@@ -768,6 +824,47 @@ def test_bad_sharegpt_rows_are_named_in_their_own_words(tmp_path, row, message):
     needs = "(each row needs messages, or ShareGPT's conversations)"
     with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)} for data.format 'chat' {re.escape(needs)}"):
         _load(tmp_path, [row], "chat")
+
+
+def _marked(*marks, sharegpt=False, system=None):
+    """A row of user/assistant turns, `marks` the assistant turns' `train` (ShareGPT's `weight`) values."""
+    if sharegpt:
+        turns = [t for mark in marks
+                 for t in ({"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": mark})]
+        return {"conversations": turns} | ({"system": system} if system else {})
+    return {"messages": [m for mark in marks for m in ({"role": "user", "content": "q"},
+                                                       {"role": "assistant", "content": "a", "train": mark})]}
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    (_marked(True, "no"), 'messages[3].train is a string ("no"); give true or false (whether this assistant turn is '
+                          "trained), or leave it out"),
+    (_marked(1), "messages[1].train is a number (1); give true or false"),
+    ({"messages": [{"role": "user", "content": "q", "train": True}, {"role": "assistant", "content": "a"}]},
+     "messages[0].train is true on a user message: only assistant messages are trained (data.train_on: all trains "
+     "every message); give false, or leave it out"),
+    (_marked(False, False), "no assistant message to learn from: each is marked not to be trained (messages[1].train, "
+                            "messages[3].train); train one, or leave the row out"),
+    (_marked(0.5, sharegpt=True), "conversations[1].weight is a number (0.5); give 0 (not trained) or 1 (trained), or "
+                                  "null or none for its role's default"),
+    (_marked("0", sharegpt=True), 'conversations[1].weight is a string ("0"); give 0'),
+    (_marked(True, sharegpt=True), "conversations[1].weight is a boolean (true); give 0"),
+    ({"conversations": [{"from": "human", "value": "q", "weight": 1}, {"from": "gpt", "value": "a"}]},
+     "conversations[0].weight is 1 on a 'human' turn: only gpt (assistant) turns are trained (data.train_on: all "
+     "trains every turn); give 0, or leave it out"),
+    (_marked(0, 0.0, sharegpt=True, system="s"), "no assistant message to learn from: each is marked not to be "
+                                                 "trained (conversations[1].weight, conversations[3].weight)"),
+])
+def test_a_bad_train_key_or_weight_is_a_bad_row_naming_it(tmp_path, row, message):
+    """They were ignored: a string, a weight of 0.5 or a user turn's `train: true` trained as if unmarked, and a
+    conversation marked all untrained trained every answer. Such a row is skipped under data.on_bad_rows: skip."""
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)}.* for data.format 'chat'"):
+        _load(tmp_path, [row], "chat")
+    examples, stats = _load(tmp_path, [row, _marked(None)], "chat", on_bad_rows="skip")
+    assert len(examples) == 1 and stats["bad_rows"] == 1
+
 
 
 def test_data_columns_map_the_formats_fields(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import functools
 import os
 
 from peftkit.data.checks import PROBE
-from peftkit.data.formats import SystemPrompt
+from peftkit.data.formats import TRAIN, SystemPrompt
 from peftkit.data.stored import IGNORE_INDEX
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -29,26 +29,39 @@ def check_chat_tokenizer(tok, key: str = "data.format") -> None:
 def _chat_example(tok, messages: list[dict], train_on: str = "answers", tools: list[dict] | None = None,
                   format_key: str = "data.format") -> tuple[list[int], list[int]]:
     """A conversation's token ids and labels: its assistant turns trained (`train_on` answers), the last one only
-    (last_answer), or every token (all). `tools`: the row's tool schemas, which the template writes (not trained);
+    (last_answer), or every token (all); a turn marked `"train": false` is not trained whatever `train_on` says, and
+    one marked true is (`trained_turns`). `tools`: the row's tool schemas, which the template writes (not trained);
     `format_key`: the key that made the rows chat, as a tokenizer without a template is told."""
     check_chat_tokenizer(tok, format_key)
     text = render_chat(tok, messages, tools=tools)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
-    if train_on == "all":
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    masked = [i for i in answers if messages[i].get(TRAIN) is False]
+    if train_on == "all" and not masked:
         return ids, list(ids)
     spans: list[tuple[int, int]] = []
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":  # each turn after the one before it
-            spans.append(_assistant_span(tok, messages, i, text, spans[-1][1] if spans else 0, tools))
-    spans = spans[-1:] if train_on == "last_answer" else spans
+    for i in answers:  # each turn after the one before it
+        spans.append(_assistant_span(tok, messages, i, text, spans[-1][1] if spans else 0, tools))
+    chosen = set(masked if train_on == "all" else trained_turns(messages, answers, train_on))
+    spans = [span for i, span in zip(answers, spans, strict=True) if i in chosen]
     # A token is trained when its characters overlap a turn's: a whitespace token that a tokenizer gives no width
     # (ByteLevel's trim_offsets: `(p, p)`) counts from inside the turn, and a token that runs across the turn's start
     # (a generation prompt ending in a space that merges into the answer's first word) is trained whole, as the
-    # assistant mask of transformers' apply_chat_template takes it.
+    # assistant mask of transformers' apply_chat_template takes it. With `all`, the spans are the turns not trained.
     apart = all(e0 <= s1 for (_, e0), (s1, _) in zip(spans, spans[1:]))  # in turn order: always, but checked
-    return ids, [t if _in_a_span(a, b, spans, apart) else IGNORE_INDEX
+    return ids, [t if _in_a_span(a, b, spans, apart) != (train_on == "all") else IGNORE_INDEX
                  for t, (a, b) in zip(ids, enc["offset_mapping"], strict=True)]
+
+
+def trained_turns(messages: list[dict], answers: list[int], train_on: str) -> list[int]:
+    """Which of the assistant turns `answers` (indices into `messages`) are trained: under `answers` each but those
+    marked `"train": false`; under `last_answer` the last of those, the turns marked false being context as the earlier
+    ones are, and every turn marked true."""
+    unmasked = [i for i in answers if messages[i].get(TRAIN) is not False]
+    if train_on != "last_answer":
+        return unmasked
+    return [i for i in answers if messages[i].get(TRAIN) is True or i in unmasked[-1:]]
 
 
 def turn_end_token(tok) -> int | None:

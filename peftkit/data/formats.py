@@ -142,13 +142,36 @@ def sharegpt_rows(rows: list) -> list:
             return None
         # ("system": "" is no system message, as LLaMA-Factory reads it: data.system_prompt then opens it)
         system = [{"role": "system", "content": row["system"]}] if row.get("system") not in (None, "") else []
-        return system + [{"role": "assistant", "content": None, "tool_calls": _function_calls(t["value"])[0]}
-                         if t["from"] == "function_call" else
-                         {"role": SHAREGPT_ROLES.get(t["from"], t["from"]) if isinstance(t["from"], str) else t["from"],
-                          "content": t["value"]}
-                         for t in conversation]
+        return system + [_sharegpt_message(t) | _weight_as_train(t) for t in conversation]
     return [row | {"messages": messages, SHAREGPT: True} if (messages := turns(row)) is not None else row
             for row in rows]
+
+
+def _sharegpt_message(turn: dict) -> dict:
+    """A ShareGPT turn as a message: a `function_call` turn's calls as `tool_calls` (None where they are malformed:
+    `_sharegpt_problem` names them)."""
+    if turn["from"] == "function_call":
+        return {"role": "assistant", "content": None, "tool_calls": _function_calls(turn["value"])[0]}
+    speaker = turn["from"]
+    return {"role": SHAREGPT_ROLES.get(speaker, speaker) if isinstance(speaker, str) else speaker,
+            "content": turn["value"]}
+
+
+def _weight_as_train(turn: dict) -> dict:
+    """A ShareGPT turn's `weight` (OpenHermes' and axolotl's: 0, not trained; 1, trained; null, as its role has it)
+    as the message's `TRAIN` key; {} for none, or for a weight `_sharegpt_problem` refuses."""
+    weight = turn.get("weight")
+    return {TRAIN: weight == 1} if _valid_weight(weight) and weight is not None else {}
+
+
+def _valid_weight(weight: object) -> bool:
+    return weight is None or (not isinstance(weight, bool) and isinstance(weight, (int, float)) and weight in (0, 1))
+
+
+TRAIN = "train"
+"""The key of a `messages` entry that says whether an assistant turn is trained (`"train": false` masks it from the
+loss, `true` trains it where data.train_on: last_answer would not; axolotl's `message_field_training`); ShareGPT's
+`weight` is read as it. The chat template never sees it (`template.render`)."""
 
 
 SHAREGPT = "_peftkit_sharegpt"
@@ -255,6 +278,12 @@ def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
                     + (f"; rename it {meant}" if meant else ""))
         if turn["from"] == "function_call" and (problem := _function_calls(turn["value"])[1]):
             return f"conversations[{i}].value {problem}"
+        if not _valid_weight(weight := turn.get("weight")):
+            return (f"conversations[{i}].weight is {_json_type(weight)} ({json.dumps(weight, default=str)}); give 0 "
+                    "(not trained) or 1 (trained), or null or none for its role's default")
+        if weight == 1 and SHAREGPT_ROLES[turn["from"]] != "assistant":
+            return (f"conversations[{i}].weight is 1 on a '{turn['from']}' turn: only gpt (assistant) turns are "
+                    "trained (data.train_on: all trains every turn); give 0, or leave it out")
     problem = _row_problem({k: v for k, v in row.items() if k != SHAREGPT}, fmt, target)
     return None if problem is None else sharegpt_words(problem, row)
 
@@ -268,7 +297,8 @@ def sharegpt_words(text: str, row: dict) -> str:
     shift = len(own) - len(row["conversations"])  # a `system` field's turn in front
     text = re.sub(r"messages\[(\d+)\]", lambda m: f"conversations[{int(m.group(1)) - shift}]"
                   if int(m.group(1)) >= shift else "field 'system'", text)
-    return text.replace("].content", "].value").replace("field 'system'.content", "field 'system'")
+    return (text.replace("].content", "].value").replace(f"].{TRAIN}", "].weight")
+            .replace("field 'system'.content", "field 'system'"))
 
 
 def _label_problem(label: object) -> str | None:
@@ -307,8 +337,26 @@ def _messages_problem(messages: object, target: bool = True) -> str | None:
                     + (f"; rename it {meant!r}" if meant else ""))
         if target and m["role"] == "assistant" and not calls and not m["content"].strip():
             return f"messages[{i}].content is empty (an assistant turn)"
-    if not any(m["role"] == "assistant" for m in messages):
+        if problem := _train_problem(m, i):
+            return problem
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not answers:
         return "no assistant message to learn from"
+    if target and all(messages[i].get(TRAIN) is False for i in answers):
+        return (f"no assistant message to learn from: each is marked not to be trained "
+                f"({', '.join(f'messages[{i}].{TRAIN}' for i in answers)}); train one, or leave the row out")
+    return None
+
+
+def _train_problem(message: dict, i: int) -> str | None:
+    """What is wrong with a message's `TRAIN` key (true or false, on an assistant turn; false, or null, anywhere)."""
+    train = message.get(TRAIN)
+    if train is not None and not isinstance(train, bool):
+        return (f"messages[{i}].{TRAIN} is {_json_type(train)} ({json.dumps(train, default=str)}); give true or "
+                "false (whether this assistant turn is trained), or leave it out")
+    if train and message["role"] != "assistant":
+        return (f"messages[{i}].{TRAIN} is true on a {message['role']} message: only assistant messages are trained "
+                "(data.train_on: all trains every message); give false, or leave it out")
     return None
 
 
