@@ -92,50 +92,74 @@ def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None, arrow
     and one that does not share its base (`named.ALONE`: KaSA truncates it, layer_replication stacks it...).
     `arrow`, (ArrowSettings, task adapters, general adapters): a last row, ARROW, of the shared model routing each
     token among the task adapters (`NamedAdapters.arrow`)."""
-    from peftkit.inspect import inspect_adapter
+    return compare_sets({None: jobs}, predictions_dir, arrow)[None]
 
+
+def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Path | None = None,
+                 arrow=None) -> dict[str | None, dict[str, dict]]:
+    """`compare` on each of a recipe's data.eval sets (`comparison_jobs` of each set's job: the same rows, on its
+    data): each set's rows' figures, by set name. Every model loads once for all the sets: the shared one
+    evaluates each set with each adapter active, a merged model (or an adapter loaded alone) is evaluated on every
+    set by `evaluate_sets`. `predictions_dir`: for one set only (a key None: `compare`)."""
     from peftkit.adapters.named import loads_alone
+    from peftkit.evaluate import evaluate_sets
 
-    adapters = {name: job.source.adapter for name, job in jobs.items() if job.source.adapter}
+    rows = next(iter(sets.values()))  # every set has the same rows (models)
+    adapters = {name: job.source.adapter for name, job in rows.items() if job.source.adapter}
     alone = {name: key for name, path in adapters.items() if (key := loads_alone(path))}
     adapters = {name: path for name, path in adapters.items() if name not in alone}
-    if arrow is not None and jobs[BASE].data_cfg.format == "classification":
+    if arrow is not None and rows[BASE].data_cfg.format == "classification":
         raise PeftkitError("--arrow routes a causal LM's adapters; a classifier's load one at a time.")
     if arrow is not None and (odd := next((n for n in arrow[1] + arrow[2] if n in alone), None)):
         raise PeftkitError(f"--arrow routes plain LoRA adapters, and {odd!r} sets {alone[odd]}; compare it without "
                            "--arrow, or leave it out.")
     shared = None
-    if adapters and jobs[BASE].data_cfg.format != "classification":
-        shared = jobs[BASE].source.load_named(list(adapters.items()))
+    if adapters and rows[BASE].data_cfg.format != "classification":
+        shared = rows[BASE].source.load_named(list(adapters.items()))
         if arrow is not None:  # ranks, layers, methods: refused before any row is evaluated (or predictions written)
             shared[1].check_arrow(arrow[1], arrow[2], arrow[0])
-    results = {}
-    for name, job in jobs.items():
-        job = replace(job, name=name)
-        if predictions_dir is not None:
-            job = replace(job, predictions=predictions_dir / f"{name}.jsonl")
+    results = {each: {} for each in sets}
+    for name, job in rows.items():
+        on = {each: _row_job(jobs[name], name, each, predictions_dir) for each, jobs in sets.items()}
         if shared is not None and (name in adapters or name == BASE):
             shared[1].activate(name if name in adapters else None)
-            results[name] = evaluate(job, shared[0])
+            figures = {each: evaluate(row_job, shared[0]) for each, row_job in on.items()}
+        elif len(on) > 1:
+            figures = evaluate_sets(on)  # the model loads once, for every set
         else:
-            results[name] = evaluate(job)
-        if job.source.adapter:
-            info = inspect_adapter(Path(job.source.adapter))
-            results[name] |= {"trainable_params": info["trainable_params"], "adapter_bytes": info["size_on_disk"]}
+            figures = {each: evaluate(row_job) for each, row_job in on.items()}
+        info = _adapter_figures(job)
+        for each in sets:
+            results[each][name] = figures[each] | info
     if arrow is not None:
         settings, tasks, general = arrow
-        job = replace(jobs[BASE], name=ARROW)
-        if predictions_dir is not None:
-            job = replace(job, predictions=predictions_dir / f"{ARROW}.jsonl")
         with shared[1].arrow(tasks, general, settings):
-            results[ARROW] = evaluate(job, shared[0])
+            for each, jobs in sets.items():
+                results[each][ARROW] = evaluate(_row_job(jobs[BASE], ARROW, each, predictions_dir), shared[0])
     return results
 
 
-def comparison_table(results: dict[str, dict], metrics: list[str]) -> Table:
-    """Rows as given; per metric, its value and (but for the base) the difference from the base. Every column is as
-    wide as its widest cell: a table wider than the output (a pipe or a log is 80 columns) runs on rather than cut a
-    number to `-3.03…`."""
+def _row_job(job: EvalJob, name: str, eval_set: str | None, predictions_dir: Path | None) -> EvalJob:
+    """`job` as the comparison's row `name` on `eval_set` (None: the one data): progress lines name the row (and the
+    set), and its predictions go to `predictions_dir`/NAME.jsonl."""
+    job = replace(job, name=name if eval_set is None else f"{name} on {eval_set}")
+    return job if predictions_dir is None else replace(job, predictions=predictions_dir / f"{name}.jsonl")
+
+
+def _adapter_figures(job: EvalJob) -> dict:
+    """An adapter row's trainable parameters and size on disk (none for the base or a merged model)."""
+    from peftkit.inspect import inspect_adapter
+
+    if not job.source.adapter:
+        return {}
+    info = inspect_adapter(Path(job.source.adapter))
+    return {"trainable_params": info["trainable_params"], "adapter_bytes": info["size_on_disk"]}
+
+
+def comparison_table(results: dict[str, dict], metrics: list[str], eval_set: str | None = None) -> Table:
+    """Rows as given; per metric, its value and (but for the base) the difference from the base; `eval_set`: the
+    data.eval set the rows were evaluated on, named in the title. Every column is as wide as its widest cell: a
+    table wider than the output (a pipe or a log is 80 columns) runs on rather than cut a number to `-3.03…`."""
     shown = [m for m in metrics if m in results[BASE]]
     headers = ["model", *(h for metric in shown for h in (metric, "Δ")), "trainable", "adapter size"]
     rows = []
@@ -146,7 +170,8 @@ def comparison_table(results: dict[str, dict], metrics: list[str]) -> Table:
             cells += [f"{value:.4f}", "" if name == BASE else f"{delta:+.4f}"]
         rows.append(cells + [f"{row['trainable_params']:,}" if "trainable_params" in row else "",
                              f"{row['adapter_bytes'] / 2**20:.2f} MiB" if "adapter_bytes" in row else ""])
-    table = Table(title="peftkit eval: comparison (Δ = row - base)")
+    on = "" if eval_set is None else f" on {eval_set}"
+    table = Table(title=f"peftkit eval: comparison{on} (Δ = row - base)")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i == 0 else "right", no_wrap=True,
                          min_width=max(len(header), *(len(cells[i]) for cells in rows)))

@@ -832,6 +832,50 @@ def test_peftkit_eval_loads_the_model_once_for_every_eval_set(eval_sets, number_
         assert f"{name}: loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}" in printed
 
 
+def test_a_comparison_on_several_eval_sets_compares_on_each(eval_sets, tiny_llama, number_data, tmp_path, monkeypatch,
+                                                            capsys):
+    """`peftkit eval RECIPE --adapter a=DIR --adapter b=DIR --merged m=DIR` of a data.eval of two sets compared on
+    the primary set alone, in a table that did not say which: it prints one table per set, headed by its name, and
+    --json holds each set's rows by set name, each equal to the comparison with `--data FILE` of its file; the
+    named adapters' base loads once, and the merged model once, for both sets."""
+    from peftkit.cli import main
+    from peftkit.inference import ModelSource
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import save_random_adapter
+
+    recipe, _, general = eval_sets
+    flags = [f"{name}={save_random_adapter(tiny_llama, LoraConfig(r=2, target_modules=['q_proj']), tmp_path / name, seed)}"
+             for name, seed in (("a", 1), ("b", 2))]
+    flags = ["--adapter", flags[0], "--adapter", flags[1], "--merged", f"m={tiny_llama}"]
+
+    def compared(*extra: str) -> dict:
+        monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(recipe), *flags, *extra, "--json",
+                                         str(tmp_path / "cmp.json")])
+        main()
+        return json.loads((tmp_path / "cmp.json").read_text())
+
+    alone = {name: compared("--data", str(path)) for name, path in (("numbers", number_data["eval"]),
+                                                                     ("general", general))}
+    assert alone["numbers"]["a"]["loss"] != alone["general"]["a"]["loss"]
+    capsys.readouterr()
+    loads, load, named, load_named = [], ModelSource.load, [], ModelSource.load_named
+    monkeypatch.setattr(ModelSource, "load", lambda self, *a, **k: loads.append(self) or load(self, *a, **k))
+    monkeypatch.setattr(ModelSource, "load_named", lambda self, *a, **k: named.append(self) or load_named(self, *a,
+                                                                                                         **k))
+    assert compared() == alone
+    assert (len(loads), len(named)) == (1, 1)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "peftkit eval: comparison on numbers (Δ = row - base)" in printed
+    assert "peftkit eval: comparison on general (Δ = row - base)" in printed
+    assert printed.index("comparison on numbers") < printed.index("comparison on general")  # the recipe's order
+    a, base = alone["general"]["a"]["loss"], alone["general"]["base"]["loss"]
+    assert f"│ a │ {a:.4f} │ {a - base:+.4f} │" in printed[printed.index("comparison on general"):]
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), *flags, "--metrics", "exact_match",
+                                  "--predictions", str(tmp_path / "preds")).split())
+    assert (f"--predictions writes one set's answers, and {recipe}'s data.eval has 2 sets (numbers, general); pass "
+            "--data FILE of one.") in err, err
+
+
 def test_train_and_preview_name_a_chat_entry_s_format_for_a_tokenizer_without_a_template(tiny_llama, number_data,
                                                                                            tmp_path, monkeypatch,
                                                                                            capsys):

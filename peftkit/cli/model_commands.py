@@ -179,21 +179,23 @@ def eval_cmd(
     for path, flag in outputs:
         if path is not None:
             check_json_out(path, flag, inputs)
-    if comparing:
-        _compare(job, named, named_merged, predictions, json_out, settings, general or [], inputs)
-        return
+    sets = {}
     if len(job.eval_sets) > 1:  # the recipe's data.eval names several sets: each, by name
         if predictions is not None:
             raise PeftkitError(f"--predictions writes one set's answers, and {recipe}'s data.eval has "
                                f"{len(job.eval_sets)} sets ({', '.join(job.eval_sets)}); pass --data FILE of one.")
-        jobs = {job.eval_sets[0]: job} | {
+        sets = {job.eval_sets[0]: job} | {
             name: eval_job(recipe, overrides or [], local_path(model) if model else None, None, fmt, single,
                            max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                           None, task, eval_set=name) for name in job.eval_sets[1:]}
+                           None, task, comparing=comparing, eval_set=name) for name in job.eval_sets[1:]}
         if json_out is not None:  # nor may --json be (inside) another set's data
-            for each in list(jobs.values())[1:]:
+            for each in list(sets.values())[1:]:
                 check_json_out(json_out, "--json", inputs + job_inputs(each))
-        results = evaluate_sets(jobs)  # the model loads once, for every set
+    if comparing:
+        _compare(sets or {None: job}, named, named_merged, predictions, json_out, settings, general or [], inputs)
+        return
+    if sets:
+        results = evaluate_sets(sets)  # the model loads once, for every set
         for name, result in results.items():
             _said_beside(json_out).print(f"{name}: {_shown(result, job.metrics)}")
         if json_out:
@@ -218,12 +220,13 @@ def _shown(result: dict, metrics: list[str]) -> str:
     return "  ".join(shown)
 
 
-def _compare(job, named: list[tuple[str, str]], merged: list[tuple[str, str]], predictions: Path | None,
+def _compare(sets: dict, named: list[tuple[str, str]], merged: list[tuple[str, str]], predictions: Path | None,
              json_out: Path | None, arrow=None, general: list[str] = (), inputs: Inputs = ()) -> None:
-    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR), as parsed: one table against the base;
-    with `arrow` (ArrowSettings), a row of Arrow routing among them too (`general`: GenKnowSub's). `inputs`: what no
-    --predictions file may be (`check_not_input`)."""
-    from peftkit.compare import ARROW, BASE, compare, comparison_jobs, comparison_table
+    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR), as parsed: one table against the base
+    per data.eval set of `sets` ({set name: its job}; {None: the job} for one data); with `arrow` (ArrowSettings), a
+    row of Arrow routing among them too (`general`: GenKnowSub's). `inputs`: what no --predictions file may be
+    (`check_not_input`)."""
+    from peftkit.compare import ARROW, BASE, compare_sets, comparison_jobs, comparison_table
     from peftkit.fileio import atomic_write_json
     from peftkit.rundir import make_writable_dir
 
@@ -243,14 +246,17 @@ def _compare(job, named: list[tuple[str, str]], merged: list[tuple[str, str]], p
                          f"the --predictions file of {name}, {predictions / f'{name}.jsonl'},")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     try:
-        results = compare(comparison_jobs(job, named, named_merged), predictions, routing)
+        results = compare_sets({each: comparison_jobs(job, named, named_merged) for each, job in sets.items()},
+                               predictions, routing)
     except BaseException:  # an error or Ctrl-C before any model's predictions: no empty directory left behind
         if made and not any(predictions.iterdir()):
             predictions.rmdir()
         raise
-    _said_beside(json_out).print(comparison_table(results, job.metrics))
-    if json_out:
-        atomic_write_json(json_out, results)
+    metrics = next(iter(sets.values())).metrics
+    for each, rows in results.items():
+        _said_beside(json_out).print(comparison_table(rows, metrics, each))
+    if json_out:  # by set name, as `peftkit eval` of several sets writes its figures; one data's: by row name
+        atomic_write_json(json_out, results if None not in results else results[None])
 
 
 def _check_apart(json_out: Path | None, predictions: Path, which: str) -> None:
