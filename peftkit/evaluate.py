@@ -263,6 +263,8 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.data_cfg = job.data_cfg.model_copy(update=updates)
     if fmt:  # errors name the flag, not a recipe key (data.format, an entry's)
         job.data_cfg._format_key = "--format"
+    if on_bad_rows:
+        job.data_cfg._on_bad_rows_key = "--on-bad-rows"
     job.source = job.source.with_flags(model, adapter, trust_remote_code)
     check_base_is_there(job.source, recipe)
     job.batch_size = batch_size or job.batch_size

@@ -1028,6 +1028,37 @@ def test_a_bad_row_of_a_sliced_file_without_lines_is_named_by_its_row_in_the_fil
         load_examples(TOK, cfg.train, "train[80%:]", cfg, cache=False)
 
 
+def test_eval_s_on_bad_rows_flag_is_named_in_the_errors_its_value_causes(tmp_path, tiny_llama, number_data,
+                                                                          monkeypatch, capsys):
+    """`peftkit eval --on-bad-rows skip` of rows all bad told the user to `set data.on_bad_rows: error`, a recipe key
+    the flag overrides (and there may be no recipe); every such error now names the flag, as `--on-bad-rows error`'s
+    bad row names `--on-bad-rows skip`. The recipe's own key is still named where the flag is not given."""
+    from tests.conftest import cli_user_error, make_recipe
+
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [{"question": "1+1", "answer": "2"}] * 3)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"on_bad_rows": "skip"})
+
+    def err(*args: str) -> str:
+        return " ".join(cli_user_error(monkeypatch, capsys, "eval", *args, "--data", str(bad)).split())
+
+    for source in (["--model", str(tiny_llama)], [str(recipe)]):
+        said = err(*source, "--on-bad-rows", "skip")
+        assert ("all 3 rows were skipped as malformed or missing the fields of data.format 'alpaca' (instruction, "
+                "output); check data.format, or pass --on-bad-rows error to see the first bad row.") in said, said
+        said = err(*source, "--on-bad-rows", "skip", "--metrics", "exact_match")
+        assert (f"No usable rows in {bad} to take prompts from: all 3 rows were skipped as malformed or missing the "
+                "fields of data.format 'alpaca' (instruction, output); check data.format, or pass --on-bad-rows "
+                "error to see the first bad row.") in said, said
+        said = err(*source, "--on-bad-rows", "error")
+        assert "Fix the row, set the right data.format, or pass --on-bad-rows skip." in said, said
+        said = err(*source, "--on-bad-rows", "skip", "--format", "classification")
+        assert (f"{bad} has no usable rows for --format 'classification' (3 rows, 0 unreadable lines); each row needs "
+                "text and label; or pass --on-bad-rows error to see the first bad row.") in said, said
+    said = err(str(recipe))  # the recipe's data.on_bad_rows: skip, no flag
+    assert "check data.format, or set data.on_bad_rows: error to see the first bad row." in said, said
+
+
 def test_data_system_prompt_opens_conversations_without_one(tmp_path, monkeypatch):
     """data.system_prompt is the system message of a conversation that has none (a ShareGPT row's too), in training
     and in eval's prompts; a conversation's own stays. The cache keys on it."""

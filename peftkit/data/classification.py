@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peftkit.data.examples import Example, row_location, usable_row
+from peftkit.data.examples import Example, bad_rows_fix, row_location, usable_row
 from peftkit.data.sources import read_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
@@ -127,9 +127,10 @@ def classification_rows(source: str | list, split: str | None,
     a usable row."""
     rows, skipped, line_numbers, source = read_rows(source, split, cfg)
     usable = usable_rows(rows, cfg, source, line_numbers)
-    if not usable:
-        raise PeftkitError(f"{source} has no usable rows for data.format 'classification' ({len(rows)} rows, "
-                           f"{skipped} unreadable lines); each row needs text and label.")
+    if not usable:  # (under on_bad_rows: error, the first bad row raised)
+        fix = f"; or {bad_rows_fix(cfg, 'error')} to see the first bad row" if rows or skipped else ""
+        raise PeftkitError(f"{source} has no usable rows for {cfg._format_key} 'classification' ({len(rows)} rows, "
+                           f"{skipped} unreadable lines); each row needs text and label{fix}.")
     return usable, skipped, len(rows), source
 
 

@@ -232,11 +232,24 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
         return False
     problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
     format_key = format_key or cfg._format_key
-    raise PeftkitError(
-        f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). Fix the row, set "
-        f"the right {format_key}, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: "
-        "--on-bad-rows skip)."
-    )
+    skip = ("set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip)"
+            if cfg._on_bad_rows_key == "data.on_bad_rows" else bad_rows_fix(cfg, "skip"))
+    raise PeftkitError(f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
+                       f"Fix the row, set the right {format_key}, or {skip}.")
+
+
+def bad_rows_fix(cfg: DataConfig, value: str) -> str:
+    """How to set on_bad_rows to `value`, where `cfg`'s came from: `set data.on_bad_rows: error` in a recipe, `pass
+    --on-bad-rows error` where the flag gave it (and overrides the recipe's key)."""
+    key = cfg._on_bad_rows_key
+    return f"pass {key} {value}" if key.startswith("--") else f"set {key}: {value}"
+
+
+def all_skipped(bad: int, cfg: DataConfig) -> str:
+    """Why no row was left of `bad` rows under on_bad_rows: skip, and the fix: the fields `cfg`'s format needs."""
+    return (f"all {bad} rows were skipped as malformed or missing the fields of {cfg._format_key} '{cfg.format}' "
+            f"({needed_fields(cfg)}); check {cfg._format_key}, or {bad_rows_fix(cfg, 'error')} to see the first bad "
+            "row")
 
 
 def in_columns(problem: str, columns: dict[str, str], key: str = "data.columns") -> str:
@@ -412,11 +425,9 @@ def no_examples_error(stats: dict, cfg: DataConfig, source: str, skipped: int = 
     elif bad and len(formats := _entry_formats(cfg, where)) > 1:  # a mix of formats: each entry's fields
         reason = (f"all {bad} rows were skipped as malformed or missing the fields of their dataset's format: "
                   + "; ".join(f"{fmt} for {' and '.join(names)}" for fmt, names in formats.items())
-                  + "; check those keys, or set data.on_bad_rows: error to see the first bad row")
+                  + f"; check those keys, or {bad_rows_fix(cfg, 'error')} to see the first bad row")
     elif bad:
-        reason = (f"all {bad} rows were skipped as malformed or missing the fields of {cfg._format_key} "
-                  f"'{cfg.format}' ({needed_fields(cfg)}); check {cfg._format_key}, or set "
-                  "data.on_bad_rows: error to see the first bad row")
+        reason = all_skipped(bad, cfg)
     else:
         reason = "it has no rows; point data.train/data.eval at data with examples"
     return f"No examples from {source}: {reason}."

@@ -13,7 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from peftkit.data.conversations import render_chat, turn_end_token
-from peftkit.data.examples import encode_prompt, located, prompt_and_target_text, row_location, row_task, usable_row
+from peftkit.data.examples import (all_skipped, encode_prompt, located, prompt_and_target_text, row_location, row_task,
+                                   usable_row)
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -96,14 +97,16 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         raise PeftkitError(f"{cfg._format_key} 'text' has no prompt to generate from in {source} (every token is "
                            "target). Use data in the alpaca, completion or chat format (with peftkit generate, --prompt "
                            "also works; with peftkit eval, so does leaving out the generation metrics).")
-    rows, _, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
+    rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
     rows = format_rows(rows, cfg)
-    prompts, checked = [], False
+    prompts, checked, bad = [], False, skipped
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:
             break
         where = row_location(source, i, line_numbers)
-        if usable_row(row, cfg, where, targets):
+        usable = usable_row(row, cfg, where, targets)
+        bad += not usable  # a bad row skipped under on_bad_rows: skip (under error, it raised)
+        if usable:
             prompt = located(where, row_prompt, tok, row, cfg.format)
             if not prompt.ids and skip_empty:
                 continue
@@ -115,7 +118,8 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             if cfg.format == "chat" and len(prompts) <= CHAT_PROMPTS_CHECKED:
                 checked = checked or _warn_if_not_as_trained(tok, row, prompt, where)
     if not prompts and not skip_empty:
-        raise PeftkitError(f"No usable rows in {source} to take prompts from.")
+        raise PeftkitError(f"No usable rows in {source} to take prompts from{': ' + all_skipped(bad, cfg) if bad else ''}"
+                           ".")
     return prompts
 
 

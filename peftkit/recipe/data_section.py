@@ -178,6 +178,9 @@ class DataConfig(Section):
     _format_key: str = PrivateAttr("data.format")
     """The recipe key `format` came from, as `_columns_key` is for columns: data.train[1].format where `reading` read
     a dataset of the list with that entry's own."""
+    _on_bad_rows_key: str = PrivateAttr("data.on_bad_rows")
+    """Where `on_bad_rows` came from, as the errors its value causes name it: `--on-bad-rows` where `peftkit eval`'s
+    flag gave it (`set data.on_bad_rows: error` would change nothing)."""
 
     def train_sources(self) -> list[DataSource]:
         """data.train as a list of datasets, each with its split, columns and format filled in (one for a single
