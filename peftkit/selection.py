@@ -7,6 +7,9 @@ by more than `min_delta`; `patience` such evaluations stop the run. For `export.
 adapter at the best evaluation of its metric (ties keep the earlier one), which the export writes instead of
 the final weights. Both are part of a checkpoint (`selection.json`, `best_adapter.safetensors`), so a resumed
 run chooses as the uninterrupted one would.
+
+A metric is the primary evaluation set's (`loss`: eval_loss in metrics.jsonl) or, dotted, another set's of data.eval
+(`general.loss`: eval_general_loss).
 """
 
 from __future__ import annotations
@@ -25,8 +28,21 @@ WEIGHTS_FILE = "best_adapter.safetensors"
 
 
 def lower_is_better(metric: str, mode: str = "auto") -> bool:
-    """min for loss and perplexity, max for task metrics, unless `mode` says which."""
-    return metric in LOSS_METRICS if mode == "auto" else mode == "min"
+    """min for loss and perplexity (`general.loss` too), max for task metrics, unless `mode` says which."""
+    return metric.rpartition(".")[2] in LOSS_METRICS if mode == "auto" else mode == "min"
+
+
+def watched(cfg, metric: str) -> str:
+    """`metric` as a `Watch` follows it: a dotted one of the primary set (`numbers.loss`) is its plain name, whose
+    figure is eval_loss; the rest as written."""
+    name, _, figure = metric.rpartition(".")
+    return figure if name and name == next(iter(cfg.data.eval)) else metric
+
+
+def value_of(result: dict, metric: str) -> float:
+    """`metric`'s value in an evaluation's result: the primary set's at the top, another set's under `sets`."""
+    name, _, figure = metric.rpartition(".")
+    return result["sets"][name][figure] if name else result[figure]
 
 
 @dataclass
@@ -54,6 +70,11 @@ class Watch:
     def direction(self) -> str:
         return "lower" if self.lower else "higher"
 
+    @property
+    def logged(self) -> str:
+        """The metric's name in metrics.jsonl: `eval_loss`, `eval_general_loss` (of `general.loss`)."""
+        return f"eval_{self.metric.replace('.', '_')}"
+
 
 class Selection:
     """Early stopping and the best adapter of one run, fed every evaluation's result."""
@@ -69,8 +90,9 @@ class Selection:
         es, metric = cfg.training.early_stopping, cfg.best_metric
         if es is None and metric is None:
             return None
-        stopper = Watch(es.metric, lower_is_better(es.metric, es.mode), es.min_delta) if es else None
-        if metric is not None and es is not None and metric == es.metric:
+        stopper = Watch(watched(cfg, es.metric), lower_is_better(es.metric, es.mode), es.min_delta) if es else None
+        metric = watched(cfg, metric) if metric else None
+        if metric is not None and es is not None and metric == stopper.metric:
             best = Watch(metric, stopper.lower)
         else:
             best = Watch(metric, lower_is_better(metric)) if metric else None
@@ -79,8 +101,8 @@ class Selection:
     def observe(self, step: int, result: dict[str, float], weights) -> None:
         """Take one evaluation; `weights()` gives the adapter's state dict, copied only when it is the new best."""
         if self.stopper is not None:
-            self.stopper.see(step, result[self.stopper.metric])
-        if self.best is not None and self.best.see(step, result[self.best.metric]):
+            self.stopper.see(step, value_of(result, self.stopper.metric))
+        if self.best is not None and self.best.see(step, value_of(result, self.best.metric)):
             self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in weights().items()}
             self.best_result = dict(result)
 
@@ -102,7 +124,7 @@ class Selection:
         if self.stopper is not None:
             out["stopped_early"] = self.should_stop and not trained_all
         if self.best is not None and self.best.step is not None:
-            out["best"] = {"metric": f"eval_{self.best.metric}", "value": self.best.value, "step": self.best.step}
+            out["best"] = {"metric": self.best.logged, "value": self.best.value, "step": self.best.step}
         return out
 
     # ------------------------------------------------------------------ checkpoints

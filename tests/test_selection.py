@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +16,8 @@ from peftkit.recipe import load_recipe
 from peftkit.selection import Watch, lower_is_better
 from peftkit.train import train
 from tests.conftest import cli_user_error, make_recipe
+
+ADAPTER = "adapter/adapter_model.safetensors"
 
 
 def _lines(run):
@@ -554,3 +557,130 @@ def test_save_steps_longer_than_the_run_is_said(tiny_llama, number_data, tmp_pat
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
     assert said(10) == []
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000010"]
+
+
+# ------------------------------------------------------------------- a metric of another evaluation set
+
+def _two_sets(tmp_path, tiny_llama, number_data, early_stopping: dict, best) -> Path:
+    """12 steps evaluated on number_data's eval file (numbers, the primary set) and a text set (general) at each
+    step, a checkpoint at each. The tiny model's general loss is lowest at step 8 and then rises (it forgets), while
+    the numbers loss falls to the end: a metric mix-up picks another step."""
+    from peftkit.tiny import write_jsonl
+
+    general = tmp_path / "general.jsonl"
+    write_jsonl(general, [{"text": f"The cat sat on mat number {k}."} for k in range(6)])
+    return make_recipe(tmp_path, tiny_llama, number_data,
+                       data={"eval": {"numbers": str(number_data["eval"]),
+                                      "general": {"path": str(general), "format": "text"}}},
+                       training={"max_steps": 12, "eval_steps": 1, "save_steps": 1, "save_total_limit": 20,
+                                 "early_stopping": early_stopping},
+                       export={"best": best, "report": True}, eval={"base_model": False})
+
+
+def _stop_step(values: list[tuple[int, float]], patience: int) -> int | None:
+    """The step at which `patience` evaluations in a row have not lowered the loss below its best so far."""
+    best, stale = math.inf, 0
+    for step, value in values:
+        best, stale = (value, 0) if value < best else (best, stale + 1)
+        if stale == patience:
+            return step
+    return None
+
+
+def test_early_stopping_and_export_best_follow_a_named_eval_set(tiny_llama, number_data, tmp_path):
+    """early_stopping.metric general.loss (mode auto: lower is better) stops where eval_general_loss in metrics.jsonl
+    says, which the primary set's eval_loss would not (it falls to the end), and export.best: true exports the
+    adapter of that set's best step. Before, a dotted name was refused: not a metric computed."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    recipe = _two_sets(tmp_path, tiny_llama, number_data, {"metric": "general.loss", "patience": 2}, True)
+    out = StringIO()
+    summary = train(load_recipe(recipe), console=Console(file=out, width=1000))
+    run = tmp_path / "run"
+    evals = [x for x in _lines(run) if "eval_loss" in x]
+    general = [(x["step"], x["eval_general_loss"]) for x in evals]
+    stop = _stop_step(general, 2)
+    assert stop is not None and (summary["steps"], summary["stopped_early"]) == (stop, True)
+    assert [x["step"] for x in evals] == list(range(1, stop + 1))
+    assert _stop_step([(x["step"], x["eval_loss"]) for x in evals], 2) is None  # the primary set's would go on
+    best_step, best_value = min(general, key=lambda sv: sv[1])
+    assert summary["best"] == {"metric": "eval_general_loss", "value": best_value, "step": best_step}
+    assert best_step == stop - 2 and summary["eval_general_loss"] == best_value  # that evaluation's figures
+    assert _same(_weights(run / "adapter"), _weights(run / "checkpoints" / f"step-{best_step:08d}"))
+    assert "early stopping: eval general.loss has not improved by more than min_delta 0.0" in out.getvalue()
+    assert "exported adapter: the best eval_general_loss" in (run / "report" / "report.html").read_text()
+
+
+def test_export_best_by_a_named_eval_set_while_stopping_on_the_primary_one_survives_a_resume(tiny_llama, number_data,
+                                                                                              tmp_path):
+    """Stop on the in-domain loss (which never stalls here) and export the best adapter by the general set's loss:
+    the exported adapter is the checkpoint of the step with the lowest eval_general_loss, the manifest says so, the
+    checkpoint's selection state reads back with the dotted name, and a resume after that step exports the same
+    bytes."""
+    from peftkit.selection import Selection
+
+    recipe = _two_sets(tmp_path, tiny_llama, number_data, {"metric": "loss", "patience": 3}, "general.loss")
+    summary = train(load_recipe(recipe))
+    run = tmp_path / "run"
+    evals = [x for x in _lines(run) if "eval_loss" in x]
+    best_step, best_value = min(((x["step"], x["eval_general_loss"]) for x in evals), key=lambda sv: sv[1])
+    assert summary["steps"] == 12 and best_step not in (12, min(evals, key=lambda x: x["eval_loss"])["step"])
+    exported = (run / ADAPTER).read_bytes()
+    assert _same(_weights(run / "adapter"), _weights(run / "checkpoints" / f"step-{best_step:08d}"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["metrics"]["best"] == {"metric": "eval_general_loss", "value": best_value, "step": best_step}
+
+    later = run / "checkpoints" / f"step-{best_step + 1:08d}"
+    selection = Selection.of(load_recipe(recipe))
+    selection.load(later)
+    assert (selection.best.metric, selection.best.lower, selection.best.step, selection.best.value) == (
+        "general.loss", True, best_step, best_value)
+    assert _same(selection.best_weights, _weights(run / "checkpoints" / f"step-{best_step:08d}"))
+    for step in range(best_step + 2, 13):  # as if killed after the step past the best
+        shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
+    (run / "manifest.json").unlink()
+    assert train(load_recipe(recipe), resume=True)["best"] == summary["best"]
+    assert (run / ADAPTER).read_bytes() == exported
+
+
+@pytest.mark.parametrize(("eval_sets", "sections", "expected"), [
+    (True, dict(training={"eval_steps": 2, "early_stopping": {"metric": "generl.loss"}}),
+     "training.early_stopping.metric: 'generl.loss' is a metric of data.eval's set 'generl', and data.eval has "
+     "no set of that name. Did you mean 'general'? Its sets: numbers, general."),
+    (True, dict(training={"eval_steps": 2}, export={"best": "other.loss"}),
+     "export.best: 'other.loss' is a metric of data.eval's set 'other', and data.eval has no set of that name. "
+     "Its sets: numbers, general."),
+    (False, dict(training={"eval_steps": 2, "early_stopping": {"metric": "general.loss"}}),
+     "training.early_stopping.metric: 'general.loss' is a metric of data.eval's set 'general', and data.eval is "
+     "one dataset, whose figures are eval_loss, ...; write 'loss', or give data.eval several sets by name: "
+     "`eval: {NAME: path, ...}`."),
+    (True, dict(training={"eval_steps": 2}, export={"best": "general.exact_match"}),
+     "export.best: metric 'general.exact_match' is not computed during training (computed: general.loss, "
+     "general.perplexity); use one of those, or add 'exact_match' to eval.metrics."),
+])
+def test_a_bad_metric_of_a_named_eval_set_is_a_recipe_error(eval_sets, sections, expected, tiny_llama, number_data,
+                                                            tmp_path, monkeypatch, capsys):
+    if eval_sets:
+        sections["data"] = {"eval": {"numbers": str(number_data["eval"]), "general": str(number_data["eval"])}}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **sections)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    key = "metric:" if expected.startswith("training") else "best:"  # said at the line that names the metric
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip().startswith(key))
+    assert f"{recipe}:{line}: {expected}" in err, err
+
+
+def test_a_dotted_metric_of_the_primary_set_is_its_plain_one(tiny_llama, number_data, tmp_path):
+    """`numbers.loss`, numbers being data.eval's first set, is the figure eval_loss: what `loss` follows."""
+    from peftkit.selection import Selection
+
+    sets = {"numbers": str(number_data["eval"]), "general": str(number_data["eval"])}
+    cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, data={"eval": sets}, export={"best": "general.loss"},
+                                  training={"eval_steps": 2, "early_stopping": {"metric": "numbers.perplexity"}}))
+    selection = Selection.of(cfg)
+    assert (selection.stopper.metric, selection.stopper.lower, selection.best.metric) == (
+        "perplexity", True, "general.loss")
+    selection.observe(2, {"loss": 1.0, "perplexity": 2.7, "sets": {"general": {"loss": 3.0, "perplexity": 20.1}}}, dict)
+    assert (selection.stopper.value, selection.best.value, selection.summary(False)["best"]["metric"]) == (
+        2.7, 3.0, "eval_general_loss")

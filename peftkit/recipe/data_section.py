@@ -67,7 +67,8 @@ class DataConfig(Section):
     """A file or hub dataset id, as one entry of `train` (one, not a list); or several evaluation sets by name, each
     a path or hub id or {path, split, columns, format}: `{numbers: data/eval.jsonl, general: data/general.jsonl}`.
     The first is the primary set, whose figures are `eval_loss`, `eval_perplexity`, ... (what early stopping,
-    export.best and the summary read); each other set's are `eval_<name>_loss`, ... Omit to skip evaluation."""
+    export.best and the summary read, unless they name another set's: `general.loss`); each other set's are
+    `eval_<name>_loss`, ... Omit to skip evaluation."""
 
     @field_validator("eval")
     @classmethod

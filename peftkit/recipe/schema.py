@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from peftkit.errors import did_you_mean
 from peftkit.methods import AdapterConfig, default_adapter, method_of
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS
 from peftkit.recipe.data_section import (  # noqa: F401  (DataSource, is_hub_dataset: re-exported)
@@ -106,7 +107,8 @@ class EarlyStoppingConfig(Section):
     """Stop when the eval metric has not improved for `patience` evaluations in a row (every training.eval_steps)."""
 
     metric: str = "loss"
-    """`loss`, `perplexity`, or one of eval.metrics (`exact_match`, ...)."""
+    """`loss`, `perplexity`, or one of eval.metrics (`exact_match`, ...), of data.eval's primary set; `NAME.loss`,
+    ... of its set NAME, where data.eval names several (`general.loss`: eval_general_loss)."""
     mode: Literal["auto", "min", "max"] = "auto"
     """Whether lower (min) or higher (max) is better; auto: min for loss and perplexity, max for the rest."""
     patience: int = Field(3, gt=0)
@@ -263,8 +265,8 @@ class ExportConfig(Section):
     """Dtype of the merged weights; default: the base model's dtype."""
     best: bool | str = False
     """Export the adapter of the best evaluation instead of the last: true picks by training.early_stopping's
-    metric (eval loss without early stopping); a metric name (`loss`, `exact_match`, ...) picks by that one.
-    Needs data.eval and training.eval_steps."""
+    metric (eval loss without early stopping); a metric name (`loss`, `exact_match`, ...; another set's of
+    data.eval as `NAME.loss`) picks by that one. Needs data.eval and training.eval_steps."""
     report: bool = True
     """Write report/ (report.html and its plots, as `peftkit report` does) when the run ends."""
 
@@ -371,7 +373,8 @@ class Recipe(Section):
         return self
 
     def _check_selection(self) -> None:
-        """training.early_stopping and export.best need evaluations during training, of a metric computed."""
+        """training.early_stopping and export.best need evaluations during training, of a metric computed: the
+        primary set's (`loss`) or, dotted, another set's of data.eval (`general.loss`)."""
         for key, metric in (("training.early_stopping", getattr(self.training.early_stopping, "metric", None)),
                             ("export.best", self.best_metric)):
             if metric is None:
@@ -379,14 +382,28 @@ class Recipe(Section):
             if not self.data.eval or not self.training.eval_steps:
                 raise ValueError(f"{key} chooses among the evaluations during training, and this recipe has none; "
                                  "set data.eval and training.eval_steps")
+            name, _, figure = metric.rpartition(".")
+            if name:  # said at the line of the metric's name
+                key = key if key == "export.best" else f"{key}.metric"
+                self._check_eval_set(key, metric, name)
             # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
             computed = ("loss", *CLASSIFICATION_METRICS) if self.classification else (*LOSS_METRICS, *self.eval.metrics)
-            if metric not in computed:
+            if figure not in computed:
                 # eval.metrics can add a generation metric to a language model's evaluations, nothing else
-                addable = metric in GENERATION_METRICS and not self.classification
+                addable = figure in GENERATION_METRICS and not self.classification
                 raise ValueError(f"{key}: metric {metric!r} is not computed during training (computed: "
-                                 f"{', '.join(computed)}); use one of those"
-                                 + (f", or add {metric!r} to eval.metrics" if addable else ""))
+                                 f"{', '.join(f'{name}.{c}' if name else c for c in computed)}); use one of those"
+                                 + (f", or add {figure!r} to eval.metrics" if addable else ""))
+
+    def _check_eval_set(self, key: str, metric: str, name: str) -> None:
+        """`metric`, dotted (`general.loss`), names a set of data.eval, a mapping of sets by name."""
+        if not isinstance(self.data.eval, dict):
+            raise ValueError(f"{key}: {metric!r} is a metric of data.eval's set {name!r}, and data.eval is one "
+                             f"dataset, whose figures are eval_loss, ...; write {metric.rpartition('.')[2]!r}, or "
+                             "give data.eval several sets by name: `eval: {NAME: path, ...}`")
+        if name not in self.data.eval:
+            raise ValueError(f"{key}: {metric!r} is a metric of data.eval's set {name!r}, and data.eval has no set of "
+                             f"that name.{did_you_mean(name, self.data.eval)} Its sets: {', '.join(self.data.eval)}")
 
     @property
     def best_metric(self) -> str | None:
