@@ -644,6 +644,111 @@ def test_eval_and_generate_name_the_format_flag_in_errors_its_value_causes(two_f
             "template") in err, err
 
 
+def _unformatted_recipe(tmp_path: Path, tiny_llama: Path, number_data: dict, train_data, eval_data, **data) -> Path:
+    """make_recipe's recipe with data.train `train_data` and data.eval `eval_data`, data.format not set."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"train": train_data, "eval": eval_data, **data},
+                         training={"max_steps": 4, "save_steps": 2, "save_total_limit": 10}, eval={"base_model": False})
+    raw = yaml.safe_load(recipe.read_text())
+    if "format" not in data:
+        del raw["data"]["format"]
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return recipe
+
+
+C, A = {"path": "c.jsonl", "format": "chat"}, {"path": "a.jsonl", "format": "alpaca"}
+
+
+@pytest.mark.parametrize(("data", "read"), [
+    ({"train": [C, C | {"path": "d.jsonl"}], "eval": "e.jsonl"}, "chat"),  # every dataset chat: the eval set too
+    ({"train": [C], "eval": {"x": "e.jsonl", "y": {"path": "t.jsonl", "format": "text"}}}, "chat"),
+    ({"train": [C], "eval": "e.jsonl", "columns": {"messages": "dialog"}}, "chat"),
+    ({"train": [C], "eval": "e.jsonl", "format": "alpaca"}, "alpaca"),  # set: it wins
+    ({"train": [C, "a.jsonl"], "eval": "e.jsonl"}, "alpaca"),  # a mix (a.jsonl reads the default): the default
+    ({"train": [C, A], "eval": "e.jsonl"}, "alpaca"),
+    ({"train": [C | {"columns": {}}], "eval": "e.jsonl", "columns": {"output": "answer"}}, "alpaca"),  # alpaca's
+    ({"train": "c.jsonl", "eval": "e.jsonl"}, "alpaca"),
+])
+def test_an_eval_set_is_read_in_the_format_every_dataset_of_data_train_names(data, read):
+    """data.eval was read in data.format, whose default is alpaca, so a recipe training on chat datasets alone (each
+    entry's own format) evaluated its conversations as alpaca rows and failed. data.format, not set, is now that one
+    format where a set of data.eval has none of its own; not set over a mix of formats, a data.format set, or
+    data.columns of another format's fields, which were written for the default."""
+    cfg = DataConfig(**data)
+    assert cfg.for_eval(next(iter(cfg.eval_sources()))).format == read
+    assert cfg.format == read  # what the run's recipe.yaml writes
+    fixed = {k: v for k, v in data.items() if k != "columns"} | {"format": "alpaca"}
+    assert DataConfig(**fixed).for_eval(next(iter(cfg.eval_sources()))).format == "alpaca"
+    alone = DataConfig(train=[C], eval={"y": {"path": "t.jsonl", "format": "text"}})  # no set reads data.format
+    assert alone.format == DataConfig(train=[C]).format == "alpaca"  # (a run made before resumes: the same recipe)
+
+
+def test_a_run_on_chat_datasets_evaluates_its_eval_set_as_chat_and_peftkit_eval_of_it_agrees(tiny_llama, number_data,
+                                                                                              tmp_path):
+    """The run of a recipe whose datasets are all chat (no data.format) evaluates its chat eval set as chat (it
+    stopped on its first row, read as alpaca); its recipe.yaml writes data.format: chat, so `peftkit eval RUN_DIR`
+    gives the run's final eval loss; a run killed after step 2 resumes to the same bits."""
+    from peftkit.evaluate import eval_job, evaluate
+
+    chats = [str(_chat_file(tmp_path / f"{name}.jsonl", n, seed)) for name, n, seed in (("c", 12, 4), ("d", 8, 5),
+                                                                                          ("e", 6, 6))]
+    recipe = _unformatted_recipe(tmp_path, tiny_llama, number_data, [{"path": chats[0], "format": "chat"},
+                                                                      {"path": chats[1], "format": "chat"}], chats[2])
+    run = tmp_path / "run"
+    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=4)
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["data"]["format"] == "chat"
+    final = json.loads((run / "manifest.json").read_text())["metrics"]["eval_loss"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert lines[-1]["eval_loss"] == final == evaluate(eval_job(run, **_eval_flags()))["loss"]
+    assert final == evaluate(eval_job(run, **_eval_flags(data=chats[2], fmt="chat")))["loss"]
+
+
+def test_a_data_format_set_still_wins_and_a_run_of_it_resumes_only_with_it(tiny_llama, number_data, tmp_path):
+    """data.format: alpaca over chat datasets (what a run made before recorded) evaluates alpaca rows as alpaca, and
+    `peftkit eval RUN_DIR` agrees; the same recipe without it now reads its eval set as chat, another recipe, which
+    --resume refuses, naming data.format."""
+    from peftkit.evaluate import eval_job, evaluate
+
+    chat = str(_chat_file(tmp_path / "c.jsonl", 12, seed=4))
+    recipe = _unformatted_recipe(tmp_path, tiny_llama, number_data, [{"path": chat, "format": "chat"}],
+                                 str(number_data["eval"]), format="alpaca")
+    run = tmp_path / "run"
+    check_resumes_to_the_same_bits(recipe, run, kill_after=2, steps=4)
+    final = json.loads((run / "manifest.json").read_text())["metrics"]["eval_loss"]
+    assert final == evaluate(eval_job(run, **_eval_flags()))["loss"] == evaluate(eval_job(run, **_eval_flags(
+        data=str(number_data["eval"]), fmt="alpaca")))["loss"]
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    (run / "manifest.json").unlink()
+    raw = yaml.safe_load(recipe.read_text())
+    del raw["data"]["format"]
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(PeftkitError, match=r"holds a run of a different recipe \(its recipe.yaml differs in "
+                                           r"data.format\)"):
+        train(load_recipe(recipe), resume=True, console=_quiet())
+
+
+def test_an_eval_set_read_in_the_default_over_a_mix_of_formats_says_so(tiny_llama, number_data, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Over datasets of several formats data.format keeps its default, alpaca, for data.eval; a chat eval set read so
+    now says why, and what to set (training's error, and peftkit eval's, every row skipped too); a set of data.eval
+    given its own format is read in it."""
+    chat = str(_chat_file(tmp_path / "c.jsonl", 4, seed=4))
+    recipe = _unformatted_recipe(tmp_path, tiny_llama, number_data, [{"path": chat, "format": "chat"},
+                                                                      str(number_data["train"])], chat)
+    said = ("data.format is not set, so data.eval is read in its default, alpaca: data.train's datasets are of "
+            "several formats (data.train[0] chat, data.train[1] alpaca). Set data.format, or give the set a format of "
+            "its own (`eval: {NAME: {path: ..., format: ...}}`).")
+    with pytest.raises(PeftkitError) as error:
+        train(load_recipe(recipe), console=_quiet())
+    assert str(error.value).startswith(f"{chat}:1: missing field 'instruction' for data.format 'alpaca'")
+    assert str(error.value).endswith(f"skip). {said}"), str(error.value)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--set", "data.on_bad_rows=skip").split())
+    assert f"to see the first bad row. {said}" in err, err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--format", "completion").split())
+    assert "--format 'completion'" in err and "data.format is not set" not in err, err
+    own = load_recipe(recipe, ["data.eval={x: {path: " + chat + ", format: chat}}"]).data
+    assert own.for_eval("x").format == "chat" and own.format == "alpaca"
+
+
 # ------------------------------------------------------------------- data.eval: several named evaluation sets
 
 @pytest.fixture

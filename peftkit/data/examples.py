@@ -235,7 +235,15 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
     skip = ("set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip)"
             if cfg._on_bad_rows_key == "data.on_bad_rows" else bad_rows_fix(cfg, "skip"))
     raise PeftkitError(f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
-                       f"Fix the row, set the right {format_key}, or {skip}.")
+                       f"Fix the row, set the right {format_key}, or {skip}."
+                       + (f" {note}." if (note := format_note(cfg, format_key)) else ""))
+
+
+def format_note(cfg: DataConfig, format_key: str) -> str:
+    """Why rows are read in data.format where the recipe does not set it (`DataConfig._format_note`: a set of
+    data.eval's, read in the format of data.train's datasets or, theirs mixed, in the default), to end an error
+    about them; none where another key gave the format (--format, an entry's own)."""
+    return cfg._format_note if format_key == "data.format" else ""
 
 
 def bad_rows_fix(cfg: DataConfig, value: str) -> str:
@@ -249,7 +257,7 @@ def all_skipped(bad: int, cfg: DataConfig) -> str:
     """Why no row was left of `bad` rows under on_bad_rows: skip, and the fix: the fields `cfg`'s format needs."""
     return (f"all {bad} rows were skipped as malformed or missing the fields of {cfg._format_key} '{cfg.format}' "
             f"({needed_fields(cfg)}); check {cfg._format_key}, or {bad_rows_fix(cfg, 'error')} to see the first bad "
-            "row")
+            "row" + (f". {note}" if (note := format_note(cfg, cfg._format_key)) else ""))
 
 
 def in_columns(problem: str, columns: dict[str, str], key: str = "data.columns") -> str:

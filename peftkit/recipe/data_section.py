@@ -39,6 +39,11 @@ class DataSource(Section):
     (a classifier's datasets are all data.format classification)."""
 
 
+def _own_format(entry: str | DataSource | None) -> str | None:
+    """The format a dataset of data.train or data.eval names itself; None for a path (whose `format` is str's)."""
+    return entry.format if isinstance(entry, DataSource) else None
+
+
 def _check_columns(key: str, columns: dict[str, str], named: str, fmt: str, fix: str = "") -> None:
     """Each key of `columns` a field of format `fmt`, `named` as its key (data.format, data.train[1].format)."""
     from peftkit.data.formats import format_fields
@@ -90,7 +95,8 @@ class DataConfig(Section):
     of the rows it read, so `--resume` and `verify` tell when a branch has moved; pin a commit to read the same rows."""
     format: Literal["alpaca", "chat", "completion", "text", "classification"] = "alpaca"
     """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text;
-    classification: text, label and optional text_pair (model.task: sequence_classification)."""
+    classification: text, label and optional text_pair (model.task: sequence_classification). Not set, where every
+    dataset of a data.train list names one format and a set of data.eval none: that one (`_format_of_the_datasets`)."""
     max_length: int = Field(512, gt=0)
     """Examples are truncated to this many tokens; one with no target token left is dropped (and counted)."""
     truncation: Literal["keep", "drop", "error"] = "keep"
@@ -113,6 +119,33 @@ class DataConfig(Section):
     columns: dict[str, str] = Field(default_factory=dict)
     """The data's own column for a field the format reads, where it names it otherwise: `{instruction: question,
     output: answer}` reads alpaca rows from `question` and `answer` columns."""
+
+    @model_validator(mode="after")
+    def _format_of_the_datasets(self) -> DataConfig:
+        """data.format, where the recipe does not set it and a set of data.eval's has no format of its own (so is
+        read in data.format), is the format every dataset of data.train's list names: a recipe that trains on
+        conversations evaluates on conversations. The run's recipe.yaml writes it, so `peftkit eval RUN_DIR` reads
+        them so too. Not where data.columns names fields of another format (written for data.format's default);
+        without such a set it stays, so the recipe.yaml of a run made before (resumed) stays the same."""
+        from peftkit.data.formats import format_fields
+
+        sets = list(self.eval.values()) if isinstance(self.eval, dict) else [self.eval]
+        if ("format" in self.model_fields_set or not isinstance(self.train, list) or self.eval is None
+                or None not in map(_own_format, sets)):
+            return self
+        named = [_own_format(entry) for entry in self.train]
+        if len({fmt or self.format for fmt in named}) > 1:  # a mix: data.format's default, said where it errs
+            read = ", ".join(f"data.train[{i}] {fmt or self.format}" for i, fmt in enumerate(named))
+            self._eval_format_note = (
+                f"data.format is not set, so data.eval is read in its default, {self.format}: data.train's datasets "
+                f"are of several formats ({read}). Set data.format, or give the set a format of its own "
+                "(`eval: {NAME: {path: ..., format: ...}}`)")
+        elif (None not in named and named[0] not in (self.format, "classification")  # (refused at its entry)
+              and set(self.columns) <= set(format_fields(named[0]))):
+            self.format = named[0]  # (validate_assignment runs the validators again, with "format" set now)
+            self._eval_format_note = (f"data.format is not set, so data.eval is read as {self.format}, the format "
+                                      "of every dataset of data.train; set data.format to read it otherwise")
+        return self
 
     @model_validator(mode="after")
     def _columns_are_fields(self) -> DataConfig:
@@ -179,6 +212,12 @@ class DataConfig(Section):
     _format_key: str = PrivateAttr("data.format")
     """The recipe key `format` came from, as `_columns_key` is for columns: data.train[1].format where `reading` read
     a dataset of the list with that entry's own."""
+    _eval_format_note: str = PrivateAttr("")
+    """Why data.eval's sets are read in `format` where the recipe does not set it and data.train's datasets name
+    formats of their own (`_format_of_the_datasets`); `for_eval` hands it to a set without a format of its own."""
+    _format_note: str = PrivateAttr("")
+    """A sentence (no final stop) the errors of rows read in `format` (named data.format) end with:
+    `_eval_format_note`, in a read of a set of data.eval's."""
     _on_bad_rows_key: str = PrivateAttr("data.on_bad_rows")
     """Where `on_bad_rows` came from, as the errors its value causes name it: `--on-bad-rows` where `peftkit eval`'s
     flag gave it (`set data.on_bad_rows: error` would change nothing)."""
@@ -222,6 +261,8 @@ class DataConfig(Section):
         read = self.model_copy(update={"columns": entry.columns, "format": entry.format})
         if isinstance(self.eval, dict) and getattr(self.eval[name], "columns", None) is not None:
             read._columns_key = f"data.eval.{name}.columns"
+        if _own_format(self.eval[name] if isinstance(self.eval, dict) else None) is None:
+            read._format_note = self._eval_format_note
         return read
 
     def reading(self, source: str) -> DataConfig:

@@ -342,6 +342,7 @@ class Recipe(Section):
                 f"eval.metrics: {', '.join(self.eval.generation_metrics)} score generated answers against each "
                 "row's reference, and data.format 'text' has no prompt or reference (every token is target); "
                 "remove eval.metrics or use the alpaca, completion or chat format"
+                + (f". {self.data._eval_format_note}" if self.data._eval_format_note else "")
             )
         hub = {source for _, source, _ in self.data.sources() if is_hub_dataset(source)}
         if self.data.revision and not hub:
