@@ -433,6 +433,28 @@ def test_eval_and_generate_name_a_list_entry_s_format_in_a_bad_row(two_files, ti
     assert "c.jsonl:1: data.train[1].format is 'chat' but the tokenizer has no chat_template" in err, err
 
 
+def test_a_bad_row_of_a_plain_path_in_a_mix_of_formats_names_data_format(two_files, tiny_llama, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A path of data.train's list (no format of its own) beside an entry of another format had its bad row told as
+    one of `data.train[0].format 'alpaca'`, a key the recipe does not hold (a str's `format` is its method, which
+    passed for an entry's own format), in training and in `peftkit eval RECIPE --data FILE`: data.format, which it
+    reads."""
+    a, _ = two_files
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    del rows[1]["output"]
+    write_jsonl(a, rows)
+    chat = _chat_file(tmp_path / "c.jsonl", 2, seed=7)
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": chat}, data={
+        "train": [str(a), {"path": str(chat), "format": "chat"}], "eval": {"x": {"path": str(chat), "format": "chat"}}})
+    said = f"{a}:2: missing field 'output' for data.format 'alpaca' (each row needs instruction, output). Fix the " \
+           "row, set the right data.format,"
+    with pytest.raises(PeftkitError) as error:
+        train(load_recipe(recipe), console=_quiet())
+    assert str(error.value).startswith(said), str(error.value)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", str(a)).split())
+    assert said in err, err
+
+
 def test_each_entry_s_rows_are_tokenized_with_the_entry_s_own_format(two_files, tmp_path):
     """A mix of alpaca and chat files (axolotl's per-dataset `type:`): each row's ids and labels are those of a run on
     its file alone with its format; data.format is that of the entries without one."""

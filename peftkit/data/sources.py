@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import Locations, load_rows, row_location
-from peftkit.recipe import DataConfig
+from peftkit.recipe import DataConfig, DataSource
 
 
 def read_rows(source: str | list, split: str | None,
@@ -41,7 +41,8 @@ def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: li
 
     entry = cfg.train[index] if isinstance(cfg.train, list) else None
     key = f"data.train[{index}].columns" if getattr(entry, "columns", None) is not None else "data.columns"
-    format_key = f"data.train[{index}].format" if getattr(entry, "format", None) is not None else "data.format"
+    own = entry.format if isinstance(entry, DataSource) else None  # (a path's `format` is str's method)
+    format_key = f"data.train[{index}].format" if own is not None else "data.format"
     for n, row in enumerate(rows):
         if _problem(row, cfg.format):
             usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key, format_key=format_key)

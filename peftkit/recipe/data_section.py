@@ -280,7 +280,7 @@ class DataConfig(Section):
         read = self.model_copy(update={"columns": entry.columns, "format": entry.format})
         if isinstance(self.train, list) and getattr(self.train[i], "columns", None) is not None:
             read._columns_key = f"data.train[{i}].columns"
-        if isinstance(self.train, list) and getattr(self.train[i], "format", None) is not None:
+        if isinstance(self.train, list) and _own_format(self.train[i]) is not None:
             read._format_key = f"data.train[{i}].format"
         return read
 
