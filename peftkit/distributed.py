@@ -72,13 +72,25 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int, trim: bool = Fa
     return {k: v[rows, :width] if v.shape == shape else v[rows] for k, v in batch.items()}
 
 
-def trims_padding(cfg) -> bool:
+def trims_padding(cfg, config=None) -> bool:
     """Whether a process's slice of the global batch may drop the padding all its rows share (`shard`'s `trim`): not
     where something reads the padded batch as a whole, whose result would then depend on how it was sliced: VeLoRA's
     batch averages (over every padded position, pads included, as peft's), NEFTune's noise scale (the padded
-    length)."""
+    length), a RoPE that picks its frequencies by the batch's longest position, padding included (dynamic scaling,
+    the recipe's or the model's own; Phi-3's longrope): a slice of short rows trimmed below the model's context ran
+    on other frequencies than one process gives the same rows. `config`: the model's transformers config."""
     velora = getattr(cfg.adapter, "velora_config", None)
-    return not cfg.training.neftune_noise_alpha and (velora is None or velora.init_type == "random")
+    dynamic = cfg.model.rope_scaling is not None and cfg.model.rope_scaling.type == "dynamic"
+    return not (cfg.training.neftune_noise_alpha or dynamic or (config is not None and _rope_reads_width(config))) \
+        and (velora is None or velora.init_type == "random")
+
+
+def _rope_reads_width(config) -> bool:
+    """Whether the model's RoPE is scaled by the longest position of each forward (transformers' `dynamic` and
+    `longrope` types), which right padding makes the batch's width."""
+    params = getattr(config.get_text_config(), "rope_parameters", None) or {}
+    entries = params.values() if all(isinstance(v, dict) for v in params.values()) else [params]
+    return any(entry.get("rope_type") in ("dynamic", "longrope") for entry in entries)
 
 
 def unwrap(accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -231,7 +231,7 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
-    trim = distributed.trims_padding(run.cfg)
+    trim = world > 1 and distributed.trims_padding(run.cfg, distributed.unwrap(accelerator, run.model).config)
     for i, batch in enumerate(window):
         batch = distributed.shard(batch, rank, world, trim)
         batch = flatten(batch) if flat and "position_ids" in batch else batch

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from peftkit.distributed import shard
 from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
+from peftkit.tiny import build_tiny_model
 from peftkit.train import train
 from tests.conftest import make_recipe
 
@@ -182,7 +183,7 @@ def test_each_process_s_slice_is_padded_to_its_own_longest_row_not_the_global_ba
 def test_padding_is_trimmed_only_where_nothing_reads_the_padded_batch_whole(tiny_llama, number_data, tmp_path):
     """VeLoRA's batch averages and NEFTune's noise scale read the whole padded batch: their slices keep its width."""
     from peftkit.distributed import trims_padding
-    from peftkit.recipe import load_recipe
+    from peftkit.recipe import RopeScalingConfig, load_recipe
     from tests.conftest import make_recipe
 
     cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))
@@ -193,6 +194,35 @@ def test_padding_is_trimmed_only_where_nothing_reads_the_padded_batch_whole(tiny
         velora = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, adapter={
             "velora_config": {"num_groups": 4, "init_type": init}}))
         assert trims_padding(velora) is trims, init
+    for rope, trims in [("linear", True), ("yarn", True), ("dynamic", False)]:
+        scaled = cfg.model_copy(update={"model": cfg.model.model_copy(update={
+            "rope_scaling": RopeScalingConfig(type=rope, factor=2)})})
+        assert trims_padding(scaled) is trims, rope
+    from transformers import LlamaConfig  # a model's own scaling (its config.json's), which the recipe does not name
+
+    for rope, trims in [("default", True), ("linear", True), ("dynamic", False), ("longrope", False)]:
+        config = LlamaConfig()
+        config.rope_parameters = {"rope_type": rope, "factor": 2.0, "rope_theta": 10000.0}
+        assert trims_padding(cfg, config) is trims, rope
+
+
+def test_dynamic_rope_reads_the_batch_s_width_so_its_slices_keep_it(tmp_path):
+    """Dynamic RoPE scales by the longest position of the batch, padding included: a slice of short rows trimmed
+    below the model's context ran on other frequencies than the same rows in the whole batch (one process's)."""
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig
+
+    build_tiny_model(tmp_path / "m", arch="llama", hidden_size=32, num_layers=1, seed=0, max_position_embeddings=64)
+    model = load_model(ModelConfig(name_or_path=str(tmp_path / "m"), rope_scaling={"type": "dynamic", "factor": 3}),
+                       device=torch.device("cpu")).eval()
+    batch = {k: v for k, v in _padded([120, 100, 30, 40]).items() if k in ("input_ids", "attention_mask")}
+    batch["input_ids"] = batch["input_ids"] % 50  # within the tiny vocabulary
+    with torch.no_grad():
+        whole = model(**batch).logits[2:, :30]
+        kept = model(**shard(batch, 1, 2)).logits[:, :30]
+        trimmed = model(**shard(batch, 1, 2, trim=True)).logits[:, :30]
+    torch.testing.assert_close(kept, whole)
+    assert (trimmed - whole).abs().max() > 1e-2
 
 
 def test_a_zero_checkpoint_of_other_processes_is_refused_by_its_count_not_passed_over_as_damaged(tmp_path):
