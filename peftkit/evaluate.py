@@ -317,6 +317,7 @@ def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[st
     (`evaluate_sets`); default: `_load_classifier(job)`."""
     from peftkit.classify import evaluate_classification
     from peftkit.data.classification import LabelSet, load_classification
+    from peftkit.rope_scaling import fresh_dynamic_rope
 
     tok = _classifier_source(job).tokenizer()
     model = _load_classifier(job, tok) if model is None else model
@@ -327,7 +328,8 @@ def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[st
     if examples:  # BERT's learned positions end at 512: past them a traceback, not a number
         check_room(model, max(len(e.input_ids) for e in examples), f"longest row of {job.data}", 0,
                    "Lower --max-length (the rows are cut to it).")
-    result = evaluate_classification(model, examples, job.batch_size, tok.pad_token_id)
+    with fresh_dynamic_rope(model):  # (as `_scored`: a classifier shared by several sets)
+        result = evaluate_classification(model, examples, job.batch_size, tok.pad_token_id)
     _check_finite_loss(result["loss"], job.source, job.data)
     return result
 
@@ -432,7 +434,16 @@ def _read_rows(job: EvalJob) -> tuple:
 
 
 def _scored(job: EvalJob, model: nn.Module, tok, examples: Examples | None, prompts: list | None) -> dict[str, float]:
-    """`evaluate`'s figures of the loaded `model` on `_read_rows`'s rows (and `job.predictions` written)."""
+    """`evaluate`'s figures of the loaded `model` on `_read_rows`'s rows (and `job.predictions` written), with dynamic
+    RoPE as the model loaded: one evaluated before on other rows (another data.eval set, another row of a comparison)
+    kept the frequencies of the longest sequence it saw, so a set's figures depended on the set before it."""
+    from peftkit.rope_scaling import fresh_dynamic_rope
+
+    with fresh_dynamic_rope(model):
+        return _figures(job, model, tok, examples, prompts)
+
+
+def _figures(job: EvalJob, model: nn.Module, tok, examples: Examples | None, prompts: list | None) -> dict[str, float]:
     guard_token_ids(model, tok)
     result: dict[str, float] = {}
     if examples:

@@ -21,7 +21,7 @@ from peftkit.inference import ModelSource
 from peftkit.modeling import load_config, load_model
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
 from peftkit.tiny import build_tiny_model
-from tests.conftest import make_recipe
+from tests.conftest import make_recipe, save_random_adapter
 
 POSITIONS = 64  # the short model's max_position_embeddings; number_data's rows are 78 to 104 tokens
 
@@ -126,6 +126,29 @@ def test_dynamic_rope_evaluations_see_the_model_as_loaded(short_llama, number_da
     after = _eval_loss(ModelSource(adapter=str(tmp_path / "run" / "adapter")), str(tmp_path / "short.jsonl"))
     assert summary["eval_loss"] == pytest.approx(after, abs=1e-6)
     assert summary["eval_loss"] == pytest.approx(summary["base_eval_loss"], abs=1e-5)
+
+
+def test_each_eval_set_and_comparison_row_sees_dynamic_rope_as_loaded(short_llama, number_data, tmp_path):
+    """`peftkit eval RECIPE` of several data.eval sets scores them on one loaded model: the second set ran on the
+    frequencies of the first's longest rows (4.6722 where the set alone gave 4.6655), and so did a comparison's rows
+    on the model they share (a comparison on several sets: the same). Long rows first, then rows still past the 64
+    positions but shorter."""
+    from peftkit.compare import compare_sets, comparison_jobs
+    from peftkit.evaluate import eval_job, evaluate_sets
+    from peftkit.tiny import number_rows, write_jsonl
+
+    write_jsonl(tmp_path / "long.jsonl", [dict(r, input=r["input"] * 20) for r in number_rows(8, seed=7)])
+    data = {"train": number_data["train"], "eval": number_data["eval"]}
+    recipe = _recipe(tmp_path, short_llama, data, {"type": "dynamic", "factor": 4}, data={
+        "max_length": 200, "eval": {"long": str(tmp_path / "long.jsonl"), "short": str(number_data["eval"])}})
+    flags = dict(overrides=[], model=None, fmt=None, adapter=None, max_length=None, batch_size=None, on_bad_rows=None)
+    jobs = {name: eval_job(recipe, data=None, eval_set=name, **flags) for name in ("long", "short")}
+    alone = {name: evaluate(eval_job(recipe, data=str(path), **flags))
+             for name, path in (("long", tmp_path / "long.jsonl"), ("short", number_data["eval"]))}
+    assert evaluate_sets(jobs) == alone
+    adapter = save_random_adapter(short_llama, load_recipe(recipe).adapter, tmp_path / "a", seed=1)
+    rows = {each: comparison_jobs(job, [("a", str(adapter)), ("b", str(adapter))], []) for each, job in jobs.items()}
+    assert compare_sets(rows)["short"] == compare_sets({"short": rows["short"]})["short"]
 
 
 @pytest.mark.parametrize(("rope", "max_length", "message"), [
