@@ -867,6 +867,40 @@ def test_a_bad_train_key_or_weight_is_a_bad_row_naming_it(tmp_path, row, message
 
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ({"messages": [{"role": "user", "content": "q", "train": False}, {"role": "assistant", "content": "a"}]},
+     "messages[0].train is false on a user message, but data.train_on: all trains every message and masks only "
+     "assistant messages marked false; leave it out, or set data.train_on: answers"),
+    ({"conversations": [{"from": "human", "value": "q", "weight": 0}, {"from": "gpt", "value": "a"}]},
+     "conversations[0].weight is 0 on a 'human' turn, but data.train_on: all trains every turn and masks only gpt "
+     "(assistant) turns marked 0; leave it out, or set data.train_on: answers"),
+])
+def test_under_train_on_all_a_user_turn_marked_false_is_a_bad_row(tmp_path, row, message):
+    """It was accepted and ignored: the user turn trained as every token does. Under `answers` it says what happens."""
+    from peftkit.errors import PeftkitError
+
+    with pytest.raises(PeftkitError, match=f"d.jsonl:1: {re.escape(message)} for data.format 'chat'"):
+        _load(tmp_path, [row], "chat", train_on="all")
+    examples, stats = _load(tmp_path, [row, _marked(None)], "chat", train_on="all", on_bad_rows="skip")
+    assert len(examples) == 1 and stats["bad_rows"] == 1
+    (answers,), _ = _load(tmp_path, [row], "chat")
+    assert _decode_labels(answers) == "a</s>"
+
+
+@pytest.mark.parametrize("sharegpt", [False, True], ids=["messages", "sharegpt"])
+def test_under_train_on_all_a_conversation_of_answers_marked_false_trains_its_other_turns(tmp_path, sharegpt):
+    """It was refused as having nothing to learn, though `all` trains its user turns; `answers` still refuses it."""
+    from peftkit.errors import PeftkitError
+
+    row = _marked(*([0, 0] if sharegpt else [False, False]), sharegpt=sharegpt)
+    (ex,), _ = _load(tmp_path, [row], "chat", train_on="all")
+    ids, answers = _turn_mask(_marked(None, None)["messages"], {1, 3})
+    assert (ex.input_ids, ex.labels) == (ids, [IGNORE_INDEX if a != IGNORE_INDEX else t
+                                               for t, a in zip(ids, answers, strict=True)])
+    with pytest.raises(PeftkitError, match="no assistant message to learn from: each is marked not to be trained"):
+        _load(tmp_path, [row], "chat")
+
+
 def test_data_columns_map_the_formats_fields(tmp_path, monkeypatch):
     """data.columns reads a format's fields from columns named otherwise; the cache keys on it (these rows hold both
     names, with other text), and a missing column is named as the data names it."""

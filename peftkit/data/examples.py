@@ -179,7 +179,7 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
         raise PeftkitError(f"{source}: data.format 'classification' rows are read by peftkit train and peftkit eval only; "
                            "this command does not show them yet.")
     chat = cfg.format == "chat"
-    good = [_problem(rows[i], cfg.format) is None for i in span]  # a bad row raises (or is None) in its turn below
+    good = [_problem(rows[i], cfg.format, train_on=cfg.train_on) is None for i in span]  # a bad row raises (or is None) in its turn below
     full = None if chat else _full_examples(tok, [rows[i] for i, ok in zip(span, good, strict=True) if ok], cfg.format,
                                             cfg.train_on, cfg._format_key)
     for i, ok in zip(span, good, strict=True):
@@ -215,8 +215,8 @@ def located(where: str, make, *args):
         raise PeftkitError(f"{where}: {e}") from None
 
 
-def _problem(row: object, fmt: str, target: bool = True) -> str | None:
-    return _row_problem(row, fmt, target) if isinstance(row, dict) else "not an object"
+def _problem(row: object, fmt: str, target: bool = True, train_on: str = "answers") -> str | None:
+    return _row_problem(row, fmt, target, train_on) if isinstance(row, dict) else "not an object"
 
 
 def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None,
@@ -225,7 +225,7 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
     data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
     default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it; `format_key`: of
     cfg.format, by default the one it came from as well: data.format, or a list entry's, data.train[1].format)."""
-    problem = _problem(row, cfg.format, target)
+    problem = _problem(row, cfg.format, target, cfg.train_on)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":
@@ -316,7 +316,7 @@ def count_examples(
     cuts = _TargetCuts()
     for own, span in spans:  # every row's fields first: a bad row deep in a large file is an error in seconds,
         for i in span:  # not after the tokenizing of all the rows before it
-            if _problem(rows[i], own.format):
+            if _problem(rows[i], own.format, train_on=own.train_on):
                 usable_row(rows[i], own, row_location(source, i, line_numbers))
     shown = source if source.startswith("data.train (") else source.rstrip("/").rsplit("/", 1)[-1]  # (a mix: whole)
     with work(f"tokenizing {shown}", len(rows), "rows") as advance:

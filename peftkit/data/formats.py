@@ -238,14 +238,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 TARGET_FIELDS = {"alpaca": "output", "completion": "completion", "text": "text"}
 
 
-def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
+def _row_problem(row: dict, fmt: str, target: bool = True, train_on: str = "answers") -> str | None:
     """What makes a row unusable for `fmt`, or None. `target`: an empty or missing answer is a problem (not where the
     rows are only prompts to generate from, `peftkit generate --data`: `{"instruction": ...}` was refused for its
-    missing output)."""
+    missing output); `train_on`: data.train_on, which decides what a conversation's turn marks can say."""
     if fmt == "chat" and "messages" not in row and "conversations" in row:  # (a well-formed one is converted)
         return f"'conversations' must be a list of {{from, value}} objects (ShareGPT's turns: from {SHAREGPT_SPEAKERS})"
     if row.get(SHAREGPT):
-        return _sharegpt_problem(row, fmt, target)
+        return _sharegpt_problem(row, fmt, target, train_on)
     for field in REQUIRED_FIELDS[fmt]:
         optional = not target and fmt != "text" and field == TARGET_FIELDS.get(fmt)
         if (field not in row or row[field] is None) and not optional:
@@ -258,7 +258,7 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
         messages = row["messages"]
         if isinstance(messages, list) and messages and isinstance(messages[0], SystemPrompt):
             messages = messages[1:]  # (data.system_prompt's, not the row's: its messages are named as it numbers them)
-        return _messages_problem(messages, target)
+        return _messages_problem(messages, target, train_on)
     if fmt == "classification" and (problem := _label_problem(row["label"])):
         return problem
     field = TARGET_FIELDS.get(fmt)
@@ -268,7 +268,7 @@ def _row_problem(row: dict, fmt: str, target: bool = True) -> str | None:
     return next((p for f in present if (p := _text_problem(f"field '{f}'", row[f]))), None)
 
 
-def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
+def _sharegpt_problem(row: dict, fmt: str, target: bool, train_on: str) -> str | None:
     """`_row_problem` of a row `sharegpt_rows` converted, in the row's own words (`conversations[i].value`)."""
     for i, turn in enumerate(row["conversations"]):
         if not isinstance(turn["from"], str) or turn["from"] not in SHAREGPT_ROLES:  # (a list is no dict key)
@@ -284,7 +284,10 @@ def _sharegpt_problem(row: dict, fmt: str, target: bool) -> str | None:
         if weight == 1 and SHAREGPT_ROLES[turn["from"]] != "assistant":
             return (f"conversations[{i}].weight is 1 on a '{turn['from']}' turn: only gpt (assistant) turns are "
                     "trained (data.train_on: all trains every turn); give 0, or leave it out")
-    problem = _row_problem({k: v for k, v in row.items() if k != SHAREGPT}, fmt, target)
+        if target and weight == 0 and train_on == "all" and SHAREGPT_ROLES[turn["from"]] != "assistant":
+            return (f"conversations[{i}].weight is 0 on a '{turn['from']}' turn, but data.train_on: all trains every "
+                    "turn and masks only gpt (assistant) turns marked 0; leave it out, or set data.train_on: answers")
+    problem = _row_problem({k: v for k, v in row.items() if k != SHAREGPT}, fmt, target, train_on)
     return None if problem is None else sharegpt_words(problem, row)
 
 
@@ -312,7 +315,7 @@ def _label_problem(label: object) -> str | None:
     return None
 
 
-def _messages_problem(messages: object, target: bool = True) -> str | None:
+def _messages_problem(messages: object, target: bool = True, train_on: str = "answers") -> str | None:
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and ("content" in m or
                                                                                           m.get("tool_calls"))
                                                  for m in messages):
@@ -337,19 +340,21 @@ def _messages_problem(messages: object, target: bool = True) -> str | None:
                     + (f"; rename it {meant!r}" if meant else ""))
         if target and m["role"] == "assistant" and not calls and not m["content"].strip():
             return f"messages[{i}].content is empty (an assistant turn)"
-        if problem := _train_problem(m, i):
+        if problem := _train_problem(m, i, target and train_on == "all"):
             return problem
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answers:
         return "no assistant message to learn from"
-    if target and all(messages[i].get(TRAIN) is False for i in answers):
+    if target and train_on != "all" and all(messages[i].get(TRAIN) is False for i in answers):  # (all: others train)
         return (f"no assistant message to learn from: each is marked not to be trained "
                 f"({', '.join(f'messages[{i}].{TRAIN}' for i in answers)}); train one, or leave the row out")
     return None
 
 
-def _train_problem(message: dict, i: int) -> str | None:
-    """What is wrong with a message's `TRAIN` key (true or false, on an assistant turn; false, or null, anywhere)."""
+def _train_problem(message: dict, i: int, all_trained: bool = False) -> str | None:
+    """What is wrong with a message's `TRAIN` key (true or false, on an assistant turn; false, or null, anywhere but
+    where `all_trained`, data.train_on: all, trains every message: only an assistant turn's spans are found, so a
+    user or system message's false would be ignored and its tokens trained)."""
     train = message.get(TRAIN)
     if train is not None and not isinstance(train, bool):
         return (f"messages[{i}].{TRAIN} is {_json_type(train)} ({json.dumps(train, default=str)}); give true or "
@@ -357,6 +362,9 @@ def _train_problem(message: dict, i: int) -> str | None:
     if train and message["role"] != "assistant":
         return (f"messages[{i}].{TRAIN} is true on a {message['role']} message: only assistant messages are trained "
                 "(data.train_on: all trains every message); give false, or leave it out")
+    if train is False and all_trained and message["role"] != "assistant":
+        return (f"messages[{i}].{TRAIN} is false on a {message['role']} message, but data.train_on: all trains every "
+                "message and masks only assistant messages marked false; leave it out, or set data.train_on: answers")
     return None
 
 

@@ -44,7 +44,7 @@ def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: li
     own = entry.format if isinstance(entry, DataSource) else None  # (a path's `format` is str's method)
     format_key = f"data.train[{index}].format" if own is not None else "data.format"
     for n, row in enumerate(rows):
-        if _problem(row, cfg.format):
+        if _problem(row, cfg.format, train_on=cfg.train_on):
             usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key, format_key=format_key)
 
 
@@ -72,7 +72,7 @@ def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> 
     names = {path: _short(path) for path, _, _ in where.parts}
     alike = {name for name in names.values() if list(names.values()).count(name) > 1}  # two files of one name
     for entry, (path, count, skipped) in zip(cfg.train_sources(), where.parts, strict=True):
-        if bad := skipped + sum(_problem(row, entry.format) is not None for row in rows[start:start + count]):
+        if bad := skipped + sum(_problem(row, entry.format, train_on=cfg.train_on) is not None for row in rows[start:start + count]):
             name = path if names[path] in alike else names[path]
             found[name] = found.get(name, 0) + bad  # (a file listed twice: both its entries' rows)
         start += count
