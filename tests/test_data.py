@@ -132,6 +132,35 @@ def test_the_train_key_never_reaches_the_chat_template(tmp_path):
     assert tok.decode(ex.input_ids) == tok.apply_chat_template(unmarked, tokenize=False)
 
 
+def test_axolotls_older_training_key_marks_turns_as_train_does(tmp_path):
+    """axolotl's older `message_field_training` default, `training`, was ignored (every answer trained) and written
+    into the text by a template that writes a message's other keys; a message with both keys is a bad row, and an
+    error names the key the row used."""
+    import copy
+
+    from peftkit.errors import PeftkitError
+
+    old = [{("training" if k == "train" else k): v for k, v in m.items()} for m in MARKED]
+    for train_on, trained in (("answers", {3, 5}), ("last_answer", {5})):
+        (ex,), _ = _load(tmp_path, [{"messages": old}], "chat", train_on=train_on)
+        assert (ex.input_ids, ex.labels) == _turn_mask(MARKED, trained)
+    tok = copy.deepcopy(TOK)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% for k, v in m | dictsort %}"
+                         "{% if k not in ('role', 'content') %} {{ k }}={{ v }}{% endif %}{% endfor %}{{ '\\n' }}"
+                         "{{ m['content'] }}</s>\n{% endfor %}")
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": old}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
+    (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
+    assert "training" not in tok.decode(ex.input_ids)
+    both = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": True, "training": True}]
+    for messages, message in ((both, "messages[1] has both 'train' and 'training' (axolotl's older name of it); "
+                                     "keep one"),
+                              (old[:3] + [old[3] | {"training": "no"}], 'messages[3].training is a string ("no")'),
+                              (old[:2], "each is marked not to be trained (messages[1].training)")):
+        with pytest.raises(PeftkitError, match=f"d.jsonl:1: .*{re.escape(message)}"):
+            _load(tmp_path, [{"messages": messages}], "chat")
+
+
 def test_train_on_is_part_of_the_cache_key(tmp_path, monkeypatch):
     """Examples tokenized for one data.train_on are not handed back for another."""
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))

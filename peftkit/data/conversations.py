@@ -9,7 +9,7 @@ import functools
 import os
 
 from peftkit.data.checks import PROBE
-from peftkit.data.formats import TRAIN, SystemPrompt
+from peftkit.data.formats import SystemPrompt, train_mark
 from peftkit.data.stored import IGNORE_INDEX
 from peftkit.data.template import render
 from peftkit.errors import PeftkitError
@@ -37,7 +37,7 @@ def _chat_example(tok, messages: list[dict], train_on: str = "answers", tools: l
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    masked = [i for i in answers if messages[i].get(TRAIN) is False]
+    masked = [i for i in answers if train_mark(messages[i]) is False]
     if train_on == "all" and not masked:
         return ids, list(ids)
     spans: list[tuple[int, int]] = []
@@ -58,10 +58,10 @@ def trained_turns(messages: list[dict], answers: list[int], train_on: str) -> li
     """Which of the assistant turns `answers` (indices into `messages`) are trained: under `answers` each but those
     marked `"train": false`; under `last_answer` the last of those, the turns marked false being context as the earlier
     ones are, and every turn marked true."""
-    unmasked = [i for i in answers if messages[i].get(TRAIN) is not False]
+    unmasked = [i for i in answers if train_mark(messages[i]) is not False]
     if train_on != "last_answer":
         return unmasked
-    return [i for i in answers if messages[i].get(TRAIN) is True or i in unmasked[-1:]]
+    return [i for i in answers if train_mark(messages[i]) is True or i in unmasked[-1:]]
 
 
 def turn_end_token(tok) -> int | None:

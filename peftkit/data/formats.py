@@ -173,6 +173,20 @@ TRAIN = "train"
 loss, `true` trains it where data.train_on: last_answer would not; axolotl's `message_field_training`); ShareGPT's
 `weight` is read as it. The chat template never sees it (`template.render`)."""
 
+TRAIN_KEYS = (TRAIN, "training")
+"""`TRAIN` and its alias `training`, the default of axolotl's `message_field_training` in its older releases."""
+
+
+def train_key(message: dict) -> str:
+    """The key a message marks its turn with (`TRAIN`, or the alias `training` where it gives that one alone): the
+    one read, and the one an error names."""
+    return "training" if "training" in message and TRAIN not in message else TRAIN
+
+
+def train_mark(message: dict) -> object:
+    """A message's mark (true, false; None without one), under either of `TRAIN_KEYS`."""
+    return message.get(train_key(message))
+
 
 SHAREGPT = "_peftkit_sharegpt"
 """The key `sharegpt_rows` marks a row it converted with, so that a problem is named in the row's own terms."""
@@ -345,25 +359,28 @@ def _messages_problem(messages: object, target: bool = True, train_on: str = "an
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answers:
         return "no assistant message to learn from"
-    if target and train_on != "all" and all(messages[i].get(TRAIN) is False for i in answers):  # (all: others train)
+    if target and train_on != "all" and all(train_mark(messages[i]) is False for i in answers):  # (all: others train)
         return (f"no assistant message to learn from: each is marked not to be trained "
-                f"({', '.join(f'messages[{i}].{TRAIN}' for i in answers)}); train one, or leave the row out")
+                f"({', '.join(f'messages[{i}].{train_key(messages[i])}' for i in answers)}); train one, or leave the "
+                "row out")
     return None
 
 
 def _train_problem(message: dict, i: int, all_trained: bool = False) -> str | None:
-    """What is wrong with a message's `TRAIN` key (true or false, on an assistant turn; false, or null, anywhere but
+    """What is wrong with a message's `TRAIN` key or its alias (both; true or false, on an assistant turn; false, or null, anywhere but
     where `all_trained`, data.train_on: all, trains every message: only an assistant turn's spans are found, so a
     user or system message's false would be ignored and its tokens trained)."""
-    train = message.get(TRAIN)
+    if all(key in message for key in TRAIN_KEYS):
+        return (f"messages[{i}] has both '{TRAIN}' and 'training' (axolotl's older name of it); keep one")
+    key, train = train_key(message), train_mark(message)
     if train is not None and not isinstance(train, bool):
-        return (f"messages[{i}].{TRAIN} is {_json_type(train)} ({json.dumps(train, default=str)}); give true or "
+        return (f"messages[{i}].{key} is {_json_type(train)} ({json.dumps(train, default=str)}); give true or "
                 "false (whether this assistant turn is trained), or leave it out")
     if train and message["role"] != "assistant":
-        return (f"messages[{i}].{TRAIN} is true on a {message['role']} message: only assistant messages are trained "
+        return (f"messages[{i}].{key} is true on a {message['role']} message: only assistant messages are trained "
                 "(data.train_on: all trains every message); give false, or leave it out")
     if train is False and all_trained and message["role"] != "assistant":
-        return (f"messages[{i}].{TRAIN} is false on a {message['role']} message, but data.train_on: all trains every "
+        return (f"messages[{i}].{key} is false on a {message['role']} message, but data.train_on: all trains every "
                 "message and masks only assistant messages marked false; leave it out, or set data.train_on: answers")
     return None
 

@@ -16,7 +16,7 @@ import json
 import re
 import warnings
 
-from peftkit.data.formats import TRAIN
+from peftkit.data.formats import TRAIN_KEYS
 from peftkit.errors import PeftkitWarning
 
 CHAT_DATE = datetime.date(2024, 7, 26)
@@ -31,10 +31,10 @@ def render(tok, messages: list[dict], add_generation_prompt: bool = False, tools
     `CHAT_DATE` for today; `tools`: the JSON schemas of the tools the conversation may call (a row's `tools`).
     Raises what the template raises, and ValueError for a tokenizer without a template."""
     template = dated_template(tok.get_chat_template())
-    # A message's `train` key (whether its turn is trained: `formats.TRAIN`) is peftkit's, not the template's: one
-    # that writes each message's items or its JSON would write it into the text.
-    messages = [{k: v for k, v in m.items() if k != TRAIN} if isinstance(m, dict) and TRAIN in m else m
-                for m in messages]
+    # A message's `train` key, or its alias `training` (whether its turn is trained: `formats.TRAIN_KEYS`), is
+    # peftkit's, not the template's: one that writes each message's items or its JSON would write it into the text.
+    messages = [{k: v for k, v in m.items() if k not in TRAIN_KEYS}
+                if isinstance(m, dict) and not m.keys().isdisjoint(TRAIN_KEYS) else m for m in messages]
     if _writes_arguments_as_text(tok, template):
         messages = [_with_text_arguments(m) for m in messages]
     return tok.apply_chat_template(messages, chat_template=template, tokenize=False,
