@@ -655,7 +655,9 @@ def test_eval_and_generate_name_the_format_flag_in_errors_its_value_causes(two_f
     (model / "chat_template.jinja").unlink()
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", str(model), "--data",
                                   str(tmp_path / "c.jsonl"), "--format", "chat").split())
-    assert "--format is 'chat' but the tokenizer has no chat_template" in err, err
+    assert ("--format is 'chat' but the tokenizer has no chat_template (a base model's has none); use a model whose "
+            "tokenizer has a template (or a recipe that sets data.chat_template: chatml,") in err, err
+    assert "--format alpaca, completion or text)." in err and "; set data.chat_template" not in err, err  # (no recipe)
     tok = AutoTokenizer.from_pretrained(model)
     tok.eos_token = None
     tok.save_pretrained(model)

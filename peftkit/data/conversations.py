@@ -16,12 +16,14 @@ from peftkit.errors import PeftkitError
 
 
 def check_chat_tokenizer(tok, key: str = "data.format") -> None:
-    """What data.format chat (`key`: or a data.train entry's format) needs of the tokenizer: a chat template, and
-    offsets (a fast tokenizer)."""
+    """What data.format chat (`key`: or a data.train entry's format, or the flag `--format`) needs of the tokenizer:
+    a chat template, and offsets (a fast tokenizer)."""
     if not getattr(tok, "chat_template", None):
-        raise PeftkitError(f"{key} is 'chat' but the tokenizer has no chat_template (a base model's has none); "
-                           "set data.chat_template (chatml, llama3, a .jinja file, or a tokenizer directory to copy it "
-                           "from), use a tokenizer with a template, or use another format.")
+        kinds = "chatml, llama3, a .jinja file, or a tokenizer directory to copy it from"
+        fix = (f"use a model whose tokenizer has a template (or a recipe that sets data.chat_template: {kinds}), or "
+               "data in another format (--format alpaca, completion or text)" if key.startswith("--") else
+               f"set data.chat_template ({kinds}), use a tokenizer with a template, or use another format")
+        raise PeftkitError(f"{key} is 'chat' but the tokenizer has no chat_template (a base model's has none); {fix}.")
     if not tok.is_fast:
         raise PeftkitError(f"{key} 'chat' needs a fast tokenizer (character offsets to find assistant turns).")
 
