@@ -1114,7 +1114,8 @@ def test_eval_s_on_bad_rows_flag_is_named_in_the_errors_its_value_causes(tmp_pat
                 "fields of data.format 'alpaca' (instruction, output); check data.format, or pass --on-bad-rows "
                 "error to see the first bad row.") in said, said
         said = err(*source, "--on-bad-rows", "error")
-        assert "Fix the row, set the right data.format, or pass --on-bad-rows skip." in said, said
+        assert ("Fix the row, set the right data.format (or pass --format to peftkit eval or generate), or pass "
+                "--on-bad-rows skip.") in said, said
         said = err(*source, "--on-bad-rows", "skip", "--format", "classification")
         assert (f"{bad} has no usable rows for --format 'classification' (3 rows, 0 unreadable lines); each row needs "
                 "text and label; or pass --on-bad-rows error to see the first bad row.") in said, said

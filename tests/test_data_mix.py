@@ -418,7 +418,7 @@ def test_eval_and_generate_name_a_list_entry_s_format_in_a_bad_row(two_files, ti
         err = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe), "--data", "c.jsonl").split())
         assert ("c.jsonl:2: messages[0].role is 'human', not a chat role (system, user, assistant, tool, developer, "
                 "ipython, function); rename it 'user' for data.train[1].format 'chat' (each row needs messages, or "
-                "ShareGPT's conversations). Fix the row, set the right data.train[1].format,") in err, (command, err)
+                "ShareGPT's conversations). Fix the row, set the right data.train[1].format (or pass --format") in err, (command, err)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", "c.jsonl", "--on-bad-rows",
                                   "skip", "--format", "text").split())
     assert "missing the fields of --format 'text' (text); check --format," in err, err
@@ -447,7 +447,7 @@ def test_a_bad_row_of_a_plain_path_in_a_mix_of_formats_names_data_format(two_fil
     recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": chat}, data={
         "train": [str(a), {"path": str(chat), "format": "chat"}], "eval": {"x": {"path": str(chat), "format": "chat"}}})
     said = f"{a}:2: missing field 'output' for data.format 'alpaca' (each row needs instruction, output). Fix the " \
-           "row, set the right data.format,"
+           "row, set the right data.format (or pass --format to peftkit eval or generate),"
     with pytest.raises(PeftkitError) as error:
         train(load_recipe(recipe), console=_quiet())
     assert str(error.value).startswith(said), str(error.value)
@@ -506,7 +506,7 @@ def test_a_bad_row_of_a_chat_entry_is_named_by_its_file_and_line_and_counted_und
     chat.write_text(chat.read_text() + json.dumps({"messages": [{"role": "user", "content": "1"}]}) + "\n")
     mix = DataConfig(train=[str(a), {"path": str(chat), "format": "chat"}], max_length=128)
     with pytest.raises(PeftkitError, match=fr"^{chat}:3: .*for data.train\[1\].format 'chat' .*set the right "
-                                           r"data.train\[1\].format,"):
+                                           r"data.train\[1\].format \(or pass --format"):
         load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
     skip = mix.model_copy(update={"on_bad_rows": "skip"})
     examples, stats = load_examples(TOK, skip.train, skip.train_split, skip, cache=False)
@@ -638,8 +638,9 @@ def test_eval_and_generate_name_the_format_flag_in_errors_its_value_causes(two_f
         for source in (["--model", str(model)], [str(recipe)]):
             err = " ".join(cli_user_error(monkeypatch, capsys, command, *source, "--data", str(a), "--format",
                                           "chat").split())
-            assert ("a.jsonl:1: missing field 'messages' for --format 'chat' (each "
-                    "row needs messages, or ShareGPT's conversations). Fix the row, set the right --format,") in err, (
+            assert ("a.jsonl:1: missing field 'messages' for --format 'chat' (each row needs messages, or ShareGPT's "
+                    "conversations). Fix the row, pass the right --format, or set data.on_bad_rows: skip (or pass "
+                    "--on-bad-rows skip to peftkit eval).") in err, (
                 command, source, err)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", str(a), "--on-bad-rows", "skip",
                                   "--format", "chat").split())

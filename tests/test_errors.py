@@ -671,7 +671,8 @@ def test_row_missing_the_format_fields_names_its_line(tmp_path):
     path = _jsonl(tmp_path, [GOOD, "", "", '{"instruction": "Write the number in words.", "input": "8"}', GOOD])
     assert _data_error(path) == (
         f"{path}:4: missing field 'output' for data.format 'alpaca' (each row needs instruction, output). Fix the "
-        "row, set the right data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip).")
+        "row, set the right data.format (or pass --format to peftkit eval or generate), or set data.on_bad_rows: "
+        "skip (or pass --on-bad-rows skip to peftkit eval).")
 
 
 def test_rows_of_another_format(tmp_path):

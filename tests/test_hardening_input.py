@@ -295,7 +295,8 @@ def test_data_field_of_the_wrong_type_names_its_line(tmp_path, fmt, row, problem
     needs = "instruction, output" if fmt == "alpaca" else "messages, or ShareGPT's conversations"
     assert _data_error(path, fmt) == (
         f"{path}:3: {problem} for data.format '{fmt}' (each row needs {needs}). Fix the row, set the right "
-        "data.format, or set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip).")
+        "data.format (or pass --format to peftkit eval or generate), or set data.on_bad_rows: skip (or pass "
+        "--on-bad-rows skip to peftkit eval).")
 
 
 @pytest.mark.parametrize(("fmt", "row", "problem"), BAD_ROWS, ids=[p.split(" ")[0] + "-" + p.split()[-1]

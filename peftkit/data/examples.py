@@ -232,10 +232,13 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
         return False
     problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
     format_key = format_key or cfg._format_key
-    skip = ("set data.on_bad_rows: skip (peftkit eval, generate: --format; peftkit eval: --on-bad-rows skip)"
+    # a recipe key's way out, and the flag of the commands that have one; a flag's own (no recipe key would do)
+    fix_format = (f"pass the right {format_key}" if format_key.startswith("--") else
+                  f"set the right {format_key} (or pass --format to peftkit eval or generate)")
+    skip = ("set data.on_bad_rows: skip (or pass --on-bad-rows skip to peftkit eval)"
             if cfg._on_bad_rows_key == "data.on_bad_rows" else bad_rows_fix(cfg, "skip"))
     raise PeftkitError(f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
-                       f"Fix the row, set the right {format_key}, or {skip}."
+                       f"Fix the row, {fix_format}, or {skip}."
                        + (f" {note}." if (note := format_note(cfg, format_key)) else ""))
 
 
