@@ -656,6 +656,13 @@ def test_export_best_by_a_named_eval_set_while_stopping_on_the_primary_one_survi
      "training.early_stopping.metric: 'general.loss' is a metric of data.eval's set 'general', and data.eval is "
      "one dataset, whose figures are eval_loss, ...; write 'loss', or give data.eval several sets by name: "
      "`eval: {NAME: path, ...}`."),
+    (True, dict(training={"eval_steps": 2, "early_stopping": {"metric": ".loss"}}),
+     "training.early_stopping.metric: '.loss' has no set name before its dot; write NAME.METRIC for a set of "
+     "data.eval (general.loss), or the metric alone for the primary set's (loss)."),
+    (True, dict(training={"eval_steps": 2}, export={"best": ".loss"}),
+     "export.best: '.loss' has no set name before its dot;"),
+    (False, dict(training={"eval_steps": 2}, export={"best": "general."}),
+     "export.best: 'general.' has no metric after its dot; write NAME.METRIC"),
     (True, dict(training={"eval_steps": 2}, export={"best": "general.exact_match"}),
      "export.best: metric 'general.exact_match' is not computed during training (computed: general.loss, "
      "general.perplexity); use one of those, or add 'exact_match' to eval.metrics."),

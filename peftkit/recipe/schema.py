@@ -384,8 +384,13 @@ class Recipe(Section):
                 raise ValueError(f"{key} chooses among the evaluations during training, and this recipe has none; "
                                  "set data.eval and training.eval_steps")
             name, _, figure = metric.rpartition(".")
-            if name:  # said at the line of the metric's name
+            if "." in metric:  # said at the line of the metric's name
                 key = key if key == "export.best" else f"{key}.metric"
+            if "." in metric and not (name and figure):  # `.loss` read as `loss`, logged as eval__loss
+                raise ValueError(f"{key}: {metric!r} has no {'set name before' if not name else 'metric after'} its "
+                                 "dot; write NAME.METRIC for a set of data.eval (general.loss), or the metric "
+                                 "alone for the primary set's (loss)")
+            if name:
                 self._check_eval_set(key, metric, name)
             # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
             computed = ("loss", *CLASSIFICATION_METRICS) if self.classification else (*LOSS_METRICS, *self.eval.metrics)
