@@ -765,7 +765,7 @@ def test_an_eval_set_read_in_the_default_over_a_mix_of_formats_says_so(tiny_llam
     with pytest.raises(PeftkitError) as error:
         train(load_recipe(recipe), console=_quiet())
     assert str(error.value).startswith(f"{chat}:1: missing field 'instruction' for data.format 'alpaca'")
-    assert str(error.value).endswith(f"skip). {said}"), str(error.value)
+    assert str(error.value).endswith(f"skip to peftkit eval). {said}"), str(error.value)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--set", "data.on_bad_rows=skip").split())
     assert f"to see the first bad row. {said}" in err, err
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--format", "completion").split())
