@@ -455,6 +455,27 @@ def test_a_bad_row_of_a_plain_path_in_a_mix_of_formats_names_data_format(two_fil
     assert said in err, err
 
 
+def test_a_bad_row_of_an_eval_set_with_its_own_format_names_its_format_key(two_files, tiny_llama, tmp_path,
+                                                                          monkeypatch, capsys):
+    """data.eval's set with a format of its own (`eval: {x: {path, format: chat}}`) had its bad rows told as rows of
+    data.format ("set the right data.format"), which the recipe does not set for them: they name data.eval.x.format,
+    in training, `peftkit eval RECIPE` and `peftkit eval RECIPE --data FILE`."""
+    a, _ = two_files
+    chat = _chat_file(tmp_path / "c.jsonl", 2, seed=7)
+    with chat.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "1"}]}) + "\n")
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": chat}, data={
+        "eval": {"x": {"path": str(chat), "format": "chat"}}}, training={"max_steps": 2, "eval_steps": 2})
+    said = (f"{chat}:3: no assistant message to learn from for data.eval.x.format 'chat' (each row needs messages, "
+            "or ShareGPT's conversations). Fix the row, set the right data.eval.x.format (or pass --format")
+    with pytest.raises(PeftkitError) as error:
+        train(load_recipe(recipe), console=_quiet())
+    assert str(error.value).startswith(said), str(error.value)
+    for data in ([], ["--data", str(chat)]):
+        err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), *data).split())
+        assert said in err, (data, err)
+
+
 def test_each_entry_s_rows_are_tokenized_with_the_entry_s_own_format(two_files, tmp_path):
     """A mix of alpaca and chat files (axolotl's per-dataset `type:`): each row's ids and labels are those of a run on
     its file alone with its format; data.format is that of the entries without one."""

@@ -263,6 +263,8 @@ class DataConfig(Section):
             read._columns_key = f"data.eval.{name}.columns"
         if _own_format(self.eval[name] if isinstance(self.eval, dict) else None) is None:
             read._format_note = self._eval_format_note
+        else:  # (its rows' errors name the key that set their format, as `reading`'s of a train entry do)
+            read._format_key = f"data.eval.{name}.format"
         return read
 
     def reading(self, source: str) -> DataConfig:
