@@ -104,16 +104,16 @@ def with_new_rows(adapter, model: nn.Module, ids: list[int]):
                            f"{', '.join(p.rpartition('.')[2] for p in wanted)} to adapter.modules_to_save (trained "
                            "whole), or use method lora (trainable_token_indices) or trainable_tokens.")
     return adapter.model_copy(update={"trainable_token_indices": _merged(adapter.trainable_token_indices, model,
-                                                                         wanted, ids)})
+                                                                         wanted, ids, paths[id(embedding)])})
 
 
-def _merged(given, model: nn.Module, wanted: list[str], ids: list[int]):
+def _merged(given, model: nn.Module, wanted: list[str], ids: list[int], embedding: str):
     """`trainable_token_indices` with `ids` added for each module path in `wanted`: the list form where only the input
-    embeddings need them (a tied head follows them), else {module: ids}."""
+    embeddings (path `embedding`) need them (a tied head follows them), else {module: ids} (an untied head alone,
+    where modules_to_save trains the embeddings whole: the list form would name the embeddings)."""
     from peftkit.methods.token_rows import _wanted
 
     named = _wanted(model, given) if given else {}
-    embedding = wanted[0]
     if set(named) <= {embedding} and wanted == [embedding] and not isinstance(given, dict):
         return sorted({*named.get(embedding, []), *ids})
     out = {path: list(rows) for path, rows in named.items()}

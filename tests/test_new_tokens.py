@@ -177,6 +177,18 @@ def test_modules_to_save_trains_the_resized_embeddings_whole(bases, chats, tmp_p
                        else ours.get_input_embeddings().weight, saved["base_model.model.model.embed_tokens.weight"])
 
 
+def test_the_embeddings_in_modules_to_save_leave_the_untied_head_s_rows_to_train(bases, chats, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """modules_to_save: [embed_tokens] on an untied model: the embeddings train whole, the head's new rows as
+    trainable_token_indices {lm_head: ids} (the list form named the embeddings, refused as in modules_to_save too)."""
+    adapter = {"modules_to_save": ["embed_tokens"]}
+    _train(_recipe(tmp_path, bases["llama"], chats, adapter=adapter, training={"max_steps": 2}), monkeypatch, capsys)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"lm_head": [102, 103]}
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert saved["base_model.model.model.embed_tokens.weight"].shape == (104, 32)
+    assert saved["base_model.model.lm_head.token_adapter.trainable_tokens_delta"].shape == (2, 32)
+
 def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monkeypatch, capsys):
     from peftkit.cli import main
 
