@@ -75,7 +75,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     """
     from peftkit.methods.expert_lists import on_fused_experts
     from peftkit.methods.lora_init import base_weight_of, on_original_base
-    from peftkit.new_tokens import adapter_tokens
+    from peftkit.new_tokens import adapter_tokens, resize, saved_rows
     from peftkit.peft_format import check_weight_tying, load_adapter, read_meta
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
@@ -98,6 +98,8 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     labels = adapter_labels(adapter_dir, state) if classify else None
     changes = base_changes(adapter_dir, name, revision) if name == recorded else None
     model = load_model(model_cfg, quant, device, labels)
+    if model_cfg.add_tokens and (rows := saved_rows(model, state)):  # peft's base resized to a multiple of 64
+        resize(model, rows)
     if changes is not None and (changed := changes()):
         warnings.warn(PeftkitWarning(changed_base_note(name, Path(adapter_dir).parent, changed)), stacklevel=3)
     if quant is not None and warn_requantized:

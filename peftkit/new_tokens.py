@@ -80,6 +80,15 @@ def resize(model: nn.Module, length: int) -> int:
     return rows
 
 
+def saved_rows(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """The rows of the input embeddings' weight an adapter's PEFT-keyed `state` holds (peft saves the embeddings
+    whole where their vocabulary was resized, its save_embedding_layers), 0 where it holds none: more than the
+    tokenizer's length where the base was resized with pad_to_multiple_of (TRL's setup_chat_format: 64)."""
+    embedding = model.get_input_embeddings()
+    path = next(name for name, module in model.named_modules() if module is embedding)
+    keys = [f"base_model.model.{path}.{end}" for end in ("weight", "base_layer.weight", "token_adapter.base_layer.weight")]
+    return max((state[key].shape[0] for key in keys if key in state), default=0)
+
 def with_new_rows(adapter, model: nn.Module, ids: list[int]):
     """The adapter settings with the rows of the new token `ids` trained: added to LoRA's `trainable_token_indices`
     (input embeddings, and an untied output head) or the trainable tokens method's `token_indices`, where

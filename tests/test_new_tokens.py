@@ -272,6 +272,33 @@ def test_peft_s_adapter_with_new_tokens_loads_with_peft_s_numbers(bases, tmp_pat
     assert AutoTokenizer.from_pretrained(tmp_path / "merged")("<|im_end|>")["input_ids"][-1] == 103
 
 
+def test_peft_s_adapter_on_a_base_resized_to_a_multiple_of_64_loads(bases, tmp_path, monkeypatch, capsys):
+    """TRL's setup_chat_format resizes the base to a multiple of 64 (104 tokens, 128 rows), and peft saves the
+    embeddings whole (128 rows): peftkit resizes the base to those rows, not the tokenizer's 104, and gives peft's
+    logits, merged too."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftkit.cli import main
+
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    base.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                        trainable_token_indices={"embed_tokens": [102, 103], "lm_head": [102, 103]})
+    model = get_peft_model(base, config)
+    adapter = tmp_path / "peft-adapter"
+    model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    ours = load_adapted_model(str(bases["llama"]), str(adapter), torch.device("cpu"))[0]
+    theirs = _logits(model.eval())
+    assert theirs.shape[-1] == 128 and (_logits(ours) - theirs).abs().max() <= 1e-5
+    monkeypatch.setattr("sys.argv", ["peftkit", "merge", "--adapter", str(adapter), "--base", str(bases["llama"]),
+                                     "--output", str(tmp_path / "merged")])
+    main()
+    assert (_logits(load_fp32(tmp_path / "merged")) - theirs).abs().max() <= 1e-5
+
 def test_the_model_card_s_snippet_loads_it_with_the_run_s_logits(bases, chats, tmp_path, monkeypatch, capsys):
     """adapter/README.md's peft snippet, run as written (its paths filled in), gives peftkit's logits."""
     import re
