@@ -439,6 +439,13 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
                            "it holds a model's state_dict, not an adapter as peft's save_pretrained writes it. Load it "
                            "into the peft model it came from and save that with save_pretrained, or add the prefix to "
                            "every key.")
+    # peft's save_embedding_layers (the vocabulary resized: new tokens) adds a saved module's wrapper copies beside its
+    # weights (embed_tokens.modules_to_save.weight, .original_module.weight, with embed_tokens.weight): the plain key
+    # is the trained module, as peft loads it.
+    def unwrapped(key: str) -> str:
+        return key.replace(".modules_to_save.", ".").replace(".original_module.", ".")
+
+    state = {key: tensor for key, tensor in state.items() if unwrapped(key) == key or unwrapped(key) not in state}
     if copies := [key for key in state if ".modules_to_save." in key or ".original_module." in key]:  # (peft: KeyError)
         raise PeftkitError(f"{weights_file} holds peft's in-memory modules_to_save wrapper ({copies[0]}): it is a peft "
                            "model's state_dict, not an adapter as peft's save_pretrained writes it. Save that peft model "

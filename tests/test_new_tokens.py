@@ -299,6 +299,28 @@ def test_peft_s_adapter_on_a_base_resized_to_a_multiple_of_64_loads(bases, tmp_p
     main()
     assert (_logits(load_fp32(tmp_path / "merged")) - theirs).abs().max() <= 1e-5
 
+def test_peft_s_adapter_with_the_resized_modules_saved_whole_loads(bases, tmp_path):
+    """peft's docs' way: embed_tokens and lm_head in modules_to_save over a resized base. Its save_pretrained then
+    writes each module's wrapper copies (modules_to_save.weight, original_module.weight) beside its weight; peftkit
+    takes the module's weight, as peft does (it refused the file as a peft model's in-memory state_dict)."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    base.resize_token_embeddings(len(tok))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
+    adapter = tmp_path / "peft-adapter"
+    model.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    assert "base_model.model.lm_head.original_module.weight" in load_file(adapter / "adapter_model.safetensors")
+    ours = load_adapted_model(str(bases["llama"]), str(adapter), torch.device("cpu"))[0]
+    assert (_logits(ours) - _logits(model.eval())).abs().max() <= 1e-5
+
 def test_the_model_card_s_snippet_loads_it_with_the_run_s_logits(bases, chats, tmp_path, monkeypatch, capsys):
     """adapter/README.md's peft snippet, run as written (its paths filled in), gives peftkit's logits."""
     import re
