@@ -112,6 +112,12 @@ def with_new_rows(adapter, model: nn.Module, ids: list[int]):
                            f"'{adapter.method}' trains no rows of {' or '.join(wanted)}. Add "
                            f"{', '.join(p.rpartition('.')[2] for p in wanted)} to adapter.modules_to_save (trained "
                            "whole), or use method lora (trainable_token_indices) or trainable_tokens.")
+    given = adapter.target_modules
+    if given is not None and not isinstance(given, str) and (adapted := [p for p in wanted if _targeted(given, p)]):
+        raise PeftkitError(f"model.add_tokens: the new tokens' rows of {adapted[0]} train as trainable_token_indices, "
+                           f"and adapter.target_modules adapts {adapted[0]} too: a module takes one of the two. Leave "
+                           f"{adapted[0].rpartition('.')[2]} out of adapter.target_modules (its new rows train), or "
+                           "move it to adapter.modules_to_save (trained whole).")
     return adapter.model_copy(update={"trainable_token_indices": _merged(adapter.trainable_token_indices, model,
                                                                          wanted, ids, paths[id(embedding)])})
 
@@ -131,20 +137,24 @@ def _merged(given, model: nn.Module, wanted: list[str], ids: list[int], embeddin
     return out
 
 
-def _with_token_indices(adapter, model: nn.Module, wanted: list[str], ids: list[int]):
-    """The trainable tokens method with `ids` among its token_indices; an untied head it does not target is refused."""
+def _targeted(given, path: str) -> bool:
+    """Whether adapter.target_modules `given` (a list of names, or a regex) names the module at `path`."""
     import re
 
     from peftkit.methods.base import suffix_match
     from peftkit.section import TargetRegex
 
+    if isinstance(given, TargetRegex):
+        return re.fullmatch(given.regex, path) is not None
+    return any(suffix_match(path, entry) for entry in given)
+
+
+def _with_token_indices(adapter, model: nn.Module, wanted: list[str], ids: list[int]):
+    """The trainable tokens method with `ids` among its token_indices; an untied head it does not target is refused."""
+
     def targeted(path: str) -> bool:
         given = adapter.target_modules
-        if given is None:  # the input embeddings
-            return path == wanted[0]
-        if isinstance(given, TargetRegex):
-            return re.fullmatch(given.regex, path) is not None
-        return any(suffix_match(path, entry) for entry in given)
+        return path == wanted[0] if given is None else _targeted(given, path)  # None: the input embeddings
 
     if missing := [path for path in wanted if not targeted(path)]:
         raise PeftkitError(f"model.add_tokens: the new tokens' rows of {missing[0]} must train too (the output head is "

@@ -208,6 +208,10 @@ def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monk
      "model.embed_tokens or lm_head. Add embed_tokens, lm_head to adapter.modules_to_save"),
     (MARKERS, {"method": "trainable_tokens", "target_modules": None, "token_indices": [5]},
      "model.add_tokens: the new tokens' rows of lm_head must train too"),
+    (MARKERS, {"target_modules": ["q_proj", "lm_head"]},  # (it said adapter.trainable_token_indices, not set)
+     "model.add_tokens: the new tokens' rows of lm_head train as trainable_token_indices, and adapter.target_modules "
+     "adapts lm_head too: a module takes one of the two. Leave lm_head out of adapter.target_modules (its new rows "
+     "train), or move it to adapter.modules_to_save (trained whole)."),
 ])
 def test_what_cannot_apply_is_said(tokens, adapter, said, bases, chats, tmp_path, monkeypatch, capsys):
     recipe = _recipe(tmp_path, bases["llama"], chats, tokens=tokens, adapter=adapter)
