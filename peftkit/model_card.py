@@ -130,7 +130,8 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: i
         "rows it trained: take the tokenizer beside it, and resize the base's embeddings to it before loading.", ""]
     resize = [] if not added else [
         "tokenizer = AutoTokenizer.from_pretrained(\"ADAPTER_DIR\")  # the base's, with the new tokens",
-        "base.resize_token_embeddings(len(tokenizer))"]
+        "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # (a base with spare rows keeps them)",
+        "    base.resize_token_embeddings(len(tokenizer))"]
     imports = f"from transformers import {auto}" + (", AutoTokenizer" if added else "")
     return ["## Use", "", *quantized, *scaled, *template, *tokens, "```python", "from peft import PeftModel",
             imports, "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})", *resize,

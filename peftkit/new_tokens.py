@@ -12,7 +12,8 @@ marker) added to the tokenizer, the model's embeddings resized to hold them, and
   not tied to the embeddings), or the trainable tokens method's `token_indices`; a module listed in modules_to_save
   trains whole, new rows included. The adapter then holds the new rows' values, so its base's own new rows never
   matter. peft loads the adapter on a base resized to the tokenizer the adapter directory holds
-  (`base.resize_token_embeddings(len(tokenizer))`), as its docs for new tokens say.
+  (`base.resize_token_embeddings(len(tokenizer))`), as its docs for new tokens say, where the base has fewer rows
+  (one with spare rows keeps them: shrunk, its embeddings would not take modules_to_save's saved matrices).
 """
 
 from __future__ import annotations

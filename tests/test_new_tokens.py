@@ -327,15 +327,31 @@ def test_peft_s_adapter_with_the_resized_modules_saved_whole_loads(bases, tmp_pa
 
 def test_the_model_card_s_snippet_loads_it_with_the_run_s_logits(bases, chats, tmp_path, monkeypatch, capsys):
     """adapter/README.md's peft snippet, run as written (its paths filled in), gives peftkit's logits."""
-    import re
-
     _train(_recipe(tmp_path, bases["qwen2"], chats), monkeypatch, capsys)
     adapter = tmp_path / "run" / "adapter"
     card = (adapter / "README.md").read_text()
     assert "It adds tokens to the base's tokenizer (`model.add_tokens`: `<|im_start|>`, `<|im_end|>`)" in card
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    code = code.replace("PATH/TO/qwen2", str(bases["qwen2"])).replace("ADAPTER_DIR", str(adapter))
+    _check_card_snippet(adapter, bases["qwen2"])
+
+
+def _check_card_snippet(adapter: Path, base: Path) -> None:
+    """adapter/README.md's peft snippet, run with its paths filled in, gives peftkit's logits."""
+    import re
+
+    code = re.search(r"```python\n(.*?)```", (adapter / "README.md").read_text(), re.S).group(1)
+    code = code.replace(f"PATH/TO/{base.name}", str(base)).replace("ADAPTER_DIR", str(adapter))
     scope: dict = {}
     exec(code, scope)  # noqa: S102 - the card's own snippet
     ours = load_adapted_model(None, str(adapter), torch.device("cpu"))[0]
     assert (_logits(scope["model"].float()) - _logits(ours)).abs().max() <= 1e-5
+
+
+def test_the_card_s_snippet_keeps_a_base_s_spare_rows(chats, tmp_path, monkeypatch, capsys):
+    """A base with 110 rows for its 102 tokens: the markers take ids 102, 103 within its rows (no resize), and the
+    snippet leaves the 110 rows (resized to the tokenizer's 104, the base no longer took the embeddings and head that
+    modules_to_save saved with 110 rows: peft's size mismatch)."""
+    base = tmp_path / "padded"
+    build_tiny_model(base, arch="llama", hidden_size=32, num_layers=2, seed=0, vocab_size=110)
+    adapter = {"modules_to_save": ["embed_tokens", "lm_head"]}
+    _train(_recipe(tmp_path, base, chats, adapter=adapter, training={"max_steps": 2}), monkeypatch, capsys)
+    _check_card_snippet(tmp_path / "run" / "adapter", base)
