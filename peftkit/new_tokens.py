@@ -126,14 +126,18 @@ def with_new_rows(adapter, model: nn.Module, ids: list[int]):
 def _merged(given, model: nn.Module, wanted: list[str], ids: list[int], embedding: str):
     """`trainable_token_indices` with `ids` added for each module path in `wanted`: the list form where only the input
     embeddings (path `embedding`) need them (a tied head follows them), else {module: ids} (an untied head alone,
-    where modules_to_save trains the embeddings whole: the list form would name the embeddings)."""
+    where modules_to_save trains the embeddings whole: the list form would name the embeddings). A tied head that
+    `given` names with ids of its own trains its own rows (peft's), so it gets `ids` too."""
     from peftkit.methods.token_rows import _wanted
 
     named = _wanted(model, given) if given else {}
     if set(named) <= {embedding} and wanted == [embedding] and not isinstance(given, dict):
         return sorted({*named.get(embedding, []), *ids})
+    weight = model.get_input_embeddings().weight
+    tied = [path for path, module in model.named_modules()
+            if path in named and path != embedding and getattr(module, "weight", None) is weight]
     out = {path: list(rows) for path, rows in named.items()}
-    for path in wanted:
+    for path in dict.fromkeys([*wanted, *tied]):
         out[path] = sorted({*out.get(path, []), *ids})
     return out
 

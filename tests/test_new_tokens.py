@@ -189,6 +189,14 @@ def test_the_embeddings_in_modules_to_save_leave_the_untied_head_s_rows_to_train
     assert saved["base_model.model.model.embed_tokens.weight"].shape == (104, 32)
     assert saved["base_model.model.lm_head.token_adapter.trainable_tokens_delta"].shape == (2, 32)
 
+def test_a_tied_head_named_with_ids_of_its_own_trains_the_new_rows_too(bases, chats, tmp_path, monkeypatch, capsys):
+    """Qwen2's head is tied; trainable_token_indices {embed_tokens: [5], lm_head: [6]} gives it rows of its own
+    (peft's), and the new tokens' rows must be among them (left out, the markers' head rows stayed the resized ones)."""
+    adapter = {"trainable_token_indices": {"embed_tokens": [5], "lm_head": [6]}}
+    _train(_recipe(tmp_path, bases["qwen2"], chats, adapter=adapter, training={"max_steps": 2}), monkeypatch, capsys)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"lm_head": [6, 102, 103], "model.embed_tokens": [5, 102, 103]}
+
 def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monkeypatch, capsys):
     from peftkit.cli import main
 
