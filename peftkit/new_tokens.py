@@ -87,7 +87,8 @@ def saved_rows(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
     tokenizer's length where the base was resized with pad_to_multiple_of (TRL's setup_chat_format: 64)."""
     embedding = model.get_input_embeddings()
     path = next(name for name, module in model.named_modules() if module is embedding)
-    keys = [f"base_model.model.{path}.{end}" for end in ("weight", "base_layer.weight", "token_adapter.base_layer.weight")]
+    ends = ("weight", "base_layer.weight", "token_adapter.base_layer.weight")
+    keys = [f"base_model.model.{path}.{end}" for end in ends]
     return max((state[key].shape[0] for key in keys if key in state), default=0)
 
 def with_new_rows(adapter, model: nn.Module, ids: list[int]):

@@ -197,6 +197,18 @@ def test_a_tied_head_named_with_ids_of_its_own_trains_the_new_rows_too(bases, ch
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"lm_head": [6, 102, 103], "model.embed_tokens": [5, 102, 103]}
 
+def test_a_run_starts_from_an_adapter_that_added_them(bases, chats, tmp_path, monkeypatch, capsys):
+    """adapter.init_from a run that added the markers: its trainable_token_indices name ids 102, 103, past the base's
+    102 rows, which the memory estimate's model (built before train resized the embeddings) refused."""
+    first = tmp_path / "first"
+    _train(_recipe(first, bases["llama"], chats, training={"max_steps": 2}), monkeypatch, capsys)
+    adapter = {"method": "lora", "init_from": str(first / "run" / "adapter")}
+    recipe = _recipe(tmp_path, bases["llama"], chats, adapter=adapter, training={"max_steps": 2})
+    out = _train(recipe, monkeypatch, capsys)
+    assert "Memory estimate: weights 98.1 KiB + adapter 4.0 KiB" in out  # 896 LoRA + 2 x 2 rows of 32, fp32
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"lm_head": [102, 103], "model.embed_tokens": [102, 103]}
+
 def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monkeypatch, capsys):
     from peftkit.cli import main
 
@@ -321,7 +333,8 @@ def test_peft_s_adapter_with_the_resized_modules_saved_whole_loads(bases, tmp_pa
     tok.add_special_tokens({"additional_special_tokens": MARKERS})
     base = load_fp32(bases["llama"])
     base.resize_token_embeddings(len(tok))
-    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "modules_to_save" in name:
