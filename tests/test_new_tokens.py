@@ -209,6 +209,28 @@ def test_a_run_starts_from_an_adapter_that_added_them(bases, chats, tmp_path, mo
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"lm_head": [102, 103], "model.embed_tokens": [102, 103]}
 
+def test_init_from_needs_the_tokens_it_was_trained_with(bases, chats, tmp_path, monkeypatch, capsys):
+    """Its rows are by id: model.add_tokens left out (the ids past the rows: "Resize the embeddings first"), in
+    another order (the markers' rows swapped, silently) or added to an adapter without rows ("was it trained on
+    another base model?") is said at the recipe's line."""
+    first = tmp_path / "first"
+    _train(_recipe(first, bases["llama"], chats, training={"max_steps": 1}), monkeypatch, capsys)
+    trained = first / "run" / "adapter"
+    plain = tmp_path / "plain"
+    shutil.copytree(trained, plain)
+    meta = json.loads((plain / "peftkit.json").read_text())
+    (plain / "peftkit.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "added_tokens"}))
+    for tokens, adapter, said in [
+        ([], trained, f"recipe.yaml:4: adapter.init_from {trained} was trained with model.add_tokens: "
+                      "['<|im_start|>', '<|im_end|>'], whose rows it holds by id, and this recipe's model.add_tokens "
+                      "is empty. Set model.add_tokens: ['<|im_start|>', '<|im_end|>']."),
+        (MARKERS[::-1], trained, "and this recipe's model.add_tokens is ['<|im_end|>', '<|im_start|>']"),
+        (MARKERS, plain, f"adapter.init_from {plain} was trained without new tokens and holds no rows for them"),
+    ]:
+        recipe = _recipe(tmp_path, bases["llama"], chats, tokens=tokens, adapter={"method": "lora",
+                                                                                "init_from": str(adapter)})
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+
 def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monkeypatch, capsys):
     from peftkit.cli import main
 

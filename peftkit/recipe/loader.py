@@ -521,4 +521,25 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
             recipe.adapter = init_from_config(recipe.adapter)
         except PeftkitError as e:  # the adapter is the recipe's: say where the recipe names it
             raise PeftkitError(f"{_where(('adapter', 'init_from'), path, lines, overridden)}: {e}") from None
+        _check_init_from_tokens(recipe, _where(("model", "add_tokens"), path, lines, overridden))
     return recipe
+
+
+def _check_init_from_tokens(recipe: Recipe, where: str) -> None:
+    """The tokens adapter.init_from's training added (peftkit.json added_tokens; a peft adapter's, its tokenizer's
+    past the base's) must be model.add_tokens, in their order: its trained rows are those ids' (other tokens would
+    take them, silently, in another order), and it holds rows for those alone."""
+    from peftkit.new_tokens import adapter_tokens
+    from peftkit.peft_format import read_meta
+
+    path, tokens = recipe.adapter.init_from, recipe.model.add_tokens
+    if not tokens and not read_meta(path).added_tokens:
+        return
+    if (added := adapter_tokens(path, recipe.model)) == tokens:
+        return
+    if not added:
+        raise PeftkitError(f"{where}: model.add_tokens {tokens}: adapter.init_from {path} was trained without new "
+                           "tokens and holds no rows for them. Leave model.add_tokens out, or train a new adapter.")
+    raise PeftkitError(f"{where}: adapter.init_from {path} was trained with model.add_tokens: {added}, whose rows it "
+                       f"holds by id, and this recipe's model.add_tokens is {tokens or 'empty'}. Set "
+                       f"model.add_tokens: {added}.")
