@@ -34,6 +34,7 @@ def add_to_tokenizer(tok, tokens: list[str]) -> list[int]:
     new = [token for token in tokens if token not in vocab]
     if new:
         tok.add_tokens(new, special_tokens=True)
+    tok.peftkit_added_tokens = tuple(tokens)  # in the data by intent: not warned of there (`data.checks._specials`)
     return [tok.convert_tokens_to_ids(token) for token in new]
 
 

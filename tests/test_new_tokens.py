@@ -231,6 +231,22 @@ def test_init_from_needs_the_tokens_it_was_trained_with(bases, chats, tmp_path, 
                                                                                 "init_from": str(adapter)})
         assert said in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
 
+def test_a_new_token_in_the_data_is_meant_but_the_template_s_marker_is_said(bases, tmp_path, monkeypatch, capsys):
+    """A tool-call marker added to be written in the answers is not warned of as "the text of a special token" (every
+    such row was, telling the user to remove it); <|im_end|> in an answer still is (it ends the turn there)."""
+    from peftkit.cli import main
+
+    for name, answer, warned in [("tool", "<tool_call>x</tool_call>", False), ("end", "<tool_call>x<|im_end|>", True)]:
+        rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]}] * 2
+        write_jsonl(tmp_path / name / "rows.jsonl", rows)
+        files = {"train": tmp_path / name / "rows.jsonl", "eval": tmp_path / name / "rows.jsonl"}
+        recipe = _recipe(tmp_path / name, bases["llama"], files, tokens=[*MARKERS, "<tool_call>", "</tool_call>"])
+        monkeypatch.setattr("sys.argv", ["peftkit", "preview", str(recipe)])
+        main()
+        said = capsys.readouterr()
+        assert ("rows hold the text of a special token" in said.out + said.err) == warned
+        assert not warned or "'<|im_end|>'" in said.out + said.err
+
 def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monkeypatch, capsys):
     from peftkit.cli import main
 

@@ -15,8 +15,19 @@ from peftkit.recipe import DataConfig
 @functools.lru_cache(maxsize=8)  # once per tokenizer, not per row
 def _specials(tok) -> tuple[frozenset[int], re.Pattern | None]:
     """The ids of the tokens the tokenizer splits out of any text as special (BOS, EOS, a chat template's turn
-    markers: its added tokens marked special), and their text as one pattern, the longest first."""
-    added = {i: t.content for i, t in tok.added_tokens_decoder.items() if t.special and t.content.strip()}
+    markers: its added tokens marked special), and their text as one pattern, the longest first. The tokens
+    model.add_tokens added (`new_tokens.add_to_tokenizer`) are left out, the data's to use (a tool-call marker),
+    but for the EOS and the markers the chat template writes."""
+    meant = set(getattr(tok, "peftkit_added_tokens", ())) - {tok.eos_token, tok.bos_token}
+    if meant and tok.chat_template:
+        conversation = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        try:
+            written = render(tok, conversation)
+        except Exception:  # noqa: BLE001 - a template that cannot render this: every special token is said
+            written = "".join(meant)
+        meant = {token for token in meant if token not in written}
+    added = {i: t.content for i, t in tok.added_tokens_decoder.items()
+             if t.special and t.content.strip() and t.content not in meant}
     names = sorted(set(added.values()), key=len, reverse=True)
     return frozenset(added), re.compile("|".join(map(re.escape, names))) if names else None
 
