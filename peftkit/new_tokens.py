@@ -56,7 +56,7 @@ def describe(tokens: list[str], ids: list[int], present: list[str], rows: tuple[
         resized = f"; the embeddings resized from {rows[0]:,} to {rows[1]:,} rows" if rows[1] > rows[0] else ""
         lines.append(f"model.add_tokens: {len(ids)} new special token{'s' * (len(ids) > 1)} "
                      f"({', '.join(f'{t} = {i}' for t, i in zip([t for t in tokens if t not in present], ids))}), "
-                     f"their embedding rows trained{resized}")
+                     f"{'their embedding rows' if len(ids) > 1 else 'its embedding row'} trained{resized}")
     if present:
         lines.append(f"note: model.add_tokens: {', '.join(present)} already in the tokenizer: left as "
                      f"{'they are' if len(present) > 1 else 'it is'}, {'their rows' if len(present) > 1 else 'its row'} "

@@ -247,6 +247,13 @@ def test_a_new_token_in_the_data_is_meant_but_the_template_s_marker_is_said(base
         assert ("rows hold the text of a special token" in said.out + said.err) == warned
         assert not warned or "'<|im_end|>'" in said.out + said.err
 
+def test_one_new_token_is_said_in_the_singular():
+    from peftkit.new_tokens import describe
+
+    assert describe(["<x>"], [102], [], (102, 103)) == [
+        "model.add_tokens: 1 new special token (<x> = 102), its embedding row trained; the embeddings resized from 102 "
+        "to 103 rows"]
+
 def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monkeypatch, capsys):
     from peftkit.cli import main
 
