@@ -198,3 +198,22 @@ def adapter_tokens(adapter_dir, base_cfg) -> list[str]:
     if any(their_vocab.get(token) != i for token, i in vocab.items()):
         return []  # another tokenizer, not the base's with tokens added
     return [theirs.convert_ids_to_tokens(i) for i in range(len(base), len(theirs))]
+
+
+def held_tokenizer_length(adapter_dir) -> int | None:
+    """The length of the tokenizer an adapter peft saved holds beside it (Trainer writes it there), None where it holds
+    none, or is peftkit's (whose peftkit.json lists the tokens its training added)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from peftkit.peft_format import read_meta
+
+    directory = Path(adapter_dir)
+    if read_meta(directory).peftkit_version is not None or not any(
+            (directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        return len(AutoTokenizer.from_pretrained(directory, trust_remote_code=False))  # never the adapter's code
+    except Exception:  # noqa: BLE001 - a tokenizer that does not load alone says nothing of the adapter
+        return None

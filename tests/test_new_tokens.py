@@ -391,6 +391,28 @@ def test_peft_s_adapter_with_the_resized_modules_saved_whole_loads(bases, tmp_pa
     ours = load_adapted_model(str(bases["llama"]), str(adapter), torch.device("cpu"))[0]
     assert (_logits(ours) - _logits(model.eval())).abs().max() <= 1e-5
 
+def test_peft_s_adapter_with_new_tokens_beside_others_is_refused(bases, tmp_path):
+    """Named after a plain adapter, whose base has no rows for its tokens, peft's adapter with new tokens (its
+    tokenizer beside it) is said so, as peftkit's are (it was "trained on a different base model")."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftkit.adapters.named import load_named_model
+    from peftkit.errors import PeftkitError
+
+    get_peft_model(load_fp32(bases["llama"]), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "plain")
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    base.resize_token_embeddings(len(tok))
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+                   ).save_pretrained(tmp_path / "added")
+    tok.save_pretrained(tmp_path / "added")
+    with pytest.raises(PeftkitError) as said:
+        load_named_model([("a", str(tmp_path / "plain")), ("b", str(tmp_path / "added"))], str(bases["llama"]))
+    assert f"Adapter 'b' ({tmp_path / 'added'}) holds a tokenizer of 104 tokens, past the 102 rows of the base's " \
+           "embeddings: it was trained with tokens added" in str(said.value)
+
 def test_the_model_card_s_snippet_loads_it_with_the_run_s_logits(bases, chats, tmp_path, monkeypatch, capsys):
     """adapter/README.md's peft snippet, run as written (its paths filled in), gives peftkit's logits."""
     _train(_recipe(tmp_path, bases["qwen2"], chats), monkeypatch, capsys)

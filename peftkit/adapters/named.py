@@ -60,6 +60,7 @@ from peftkit.methods import method_of
 from peftkit.methods.base import Method
 from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear, plus_update
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
+from peftkit.new_tokens import held_tokenizer_length
 from peftkit.peft_format import check_weight_tying, describe_rope, read_meta, trained_base_biases
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
@@ -433,6 +434,12 @@ class NamedAdapters:
             raise PeftkitError(f"Adapter {name!r} ({directory}) adds tokens to its base's tokenizer and embeddings "
                                f"(model.add_tokens: {', '.join(added)}), which the other adapters' base lacks; load "
                                "it alone (--adapter DIR), or merge it (`peftkit merge`).")
+        rows = self.model.get_input_embeddings().weight.shape[0]
+        if directory and (length := held_tokenizer_length(directory)) and length > rows:  # peft's, with new tokens
+            raise PeftkitError(f"Adapter {name!r} ({directory}) holds a tokenizer of {length:,} tokens, past the "
+                               f"{rows:,} rows of the base's embeddings: it was trained with tokens added, which the "
+                               "other adapters' base lacks; load it alone (--adapter DIR), or merge it (`peftkit "
+                               "merge`).")
         if self.base is None and self._recorded_base is not None:
             recorded = raw.base_model_name_or_path
             if recorded != self._recorded_base[1]:
