@@ -250,6 +250,8 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
         then: called with the written temporary directory before it becomes `output_dir` (`--requantize`: a failure
             there leaves the earlier outputs as they were, a pair, not a new merge beside an old re-quantized one).
     """
+    if tokenizer is not None:
+        stop_at_turn_end(model, tokenizer)
     with atomic_directory(output_dir, replace) as tmp:
         model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
         if tokenizer is not None:
@@ -260,6 +262,22 @@ def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance:
             (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
         if then is not None:
             then(Path(tmp))
+
+
+def stop_at_turn_end(model: nn.Module, tokenizer) -> None:
+    """Add the chat template's end-of-turn token (`<|im_end|>` of ChatML given to a base model, by data.chat_template
+    or model.add_tokens) to the merged model's generation_config.json `eos_token_id` where it is not there, so that
+    transformers' `generate` and vLLM stop at the end of an answer, as peftkit's generate does (and as a chat model's
+    own config has it: Qwen2's lists `<|im_end|>` beside `<|endoftext|>`)."""
+    from peftkit.data.conversations import turn_end_token
+
+    config = getattr(model, "generation_config", None)
+    if config is None or (turn_end := turn_end_token(tokenizer)) is None:
+        return
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if turn_end not in eos:
+        config.eos_token_id = [*eos, turn_end] if eos else turn_end
 
 
 def save_tokenizer(tokenizer, out: Path, name_or_path: str, revision: str | None = None) -> None:

@@ -104,6 +104,8 @@ def test_a_run_adds_the_markers_trains_their_rows_and_peft_loads_it(arch, bases,
     theirs = PeftModel.from_pretrained(base, adapter)
     assert (_logits(ours) - _logits(theirs)).abs().max() <= 1e-5
     merged = load_fp32(tmp_path / "run" / "merged")
+    # transformers' and vLLM's generate stop at the end of a turn, as peftkit's does
+    assert json.loads((tmp_path / "run" / "merged" / "generation_config.json").read_text())["eos_token_id"] == [2, 103]
     assert merged.config.vocab_size == 104 and (_logits(ours) - _logits(merged)).abs().max() <= 1e-5
     merged_tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "merged")
     assert merged_tok("x<|im_end|>")["input_ids"] == tok("x<|im_end|>")["input_ids"]
