@@ -7,6 +7,7 @@ rather than a KeyError halfway through a re-run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -42,13 +43,25 @@ PACKAGES = ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "
 
 
 def versions() -> dict[str, str]:
-    out = {"peftkit": __version__, "python": platform.python_version()}
+    out = {"peftkit": __version__, "peftkit source": source_digest(), "python": platform.python_version()}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 (its first 16 hex digits) of peftkit's own code, every .py file of the package by its path: the version
+    number stays while the code changes (a newer checkout, an edit), and `peftkit verify` names this where a re-run's
+    differs from the run's, a cause of other bits (a run recorded before it was kept records none)."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def environment(device: torch.device) -> dict:

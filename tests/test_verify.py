@@ -649,3 +649,16 @@ def test_a_run_whose_data_train_lists_entries_recorded_before_they_took_a_format
     _edit_manifest(run, drop_entry_formats)
     report = verify(run, console=_quiet())
     assert report.ok, report.differences
+
+
+def test_a_re_run_by_other_peftkit_code_is_said_with_the_same_version_number(run, monkeypatch):
+    """The version number stays while peftkit's code changes (a newer checkout): the environment records a digest of
+    the package's source, and verify names it where the re-run's differs."""
+    import peftkit.manifest
+    from peftkit.manifest import read_manifest
+
+    recorded = read_manifest(run).environment.versions["peftkit source"]
+    assert recorded == peftkit.manifest.source_digest() and len(recorded) == 16
+    monkeypatch.setattr(peftkit.manifest, "source_digest", lambda: "0" * 16)
+    report = verify(run, console=_quiet())
+    assert f"environment: peftkit source {recorded} recorded, {'0' * 16} now" in report.notes, report.notes
