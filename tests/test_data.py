@@ -115,15 +115,22 @@ def test_a_turn_marked_not_to_be_trained_is_masked_and_one_marked_true_is_traine
                                                                for t, m in zip(ids, marked_false, strict=True)])
 
 
-def test_the_train_key_never_reaches_the_chat_template(tmp_path):
-    """A template that writes each message's other keys (as some write `name`) renders a marked conversation as the
-    same conversation without the keys: `train=False` was written into the text."""
+def _writing_other_keys():
+    """The character tokenizer with a template that writes each message's keys but role and content (as some write
+    `name`)."""
     import copy
 
     tok = copy.deepcopy(TOK)
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% for k, v in m | dictsort %}"
                          "{% if k not in ('role', 'content') %} {{ k }}={{ v }}{% endif %}{% endfor %}{{ '\\n' }}"
                          "{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    return tok
+
+
+def test_the_train_key_never_reaches_the_chat_template(tmp_path):
+    """A template that writes each message's other keys (as some write `name`) renders a marked conversation as the
+    same conversation without the keys: `train=False` was written into the text."""
+    tok = _writing_other_keys()
     write_jsonl(tmp_path / "d.jsonl", [{"messages": MARKED}])
     cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
     (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
@@ -136,7 +143,6 @@ def test_axolotls_older_training_key_marks_turns_as_train_does(tmp_path):
     """axolotl's older `message_field_training` default, `training`, was ignored (every answer trained) and written
     into the text by a template that writes a message's other keys; a message with both keys is a bad row, and an
     error names the key the row used."""
-    import copy
 
     from peftkit.errors import PeftkitError
 
@@ -144,10 +150,7 @@ def test_axolotls_older_training_key_marks_turns_as_train_does(tmp_path):
     for train_on, trained in (("answers", {3, 5}), ("last_answer", {5})):
         (ex,), _ = _load(tmp_path, [{"messages": old}], "chat", train_on=train_on)
         assert (ex.input_ids, ex.labels) == _turn_mask(MARKED, trained)
-    tok = copy.deepcopy(TOK)
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% for k, v in m | dictsort %}"
-                         "{% if k not in ('role', 'content') %} {{ k }}={{ v }}{% endif %}{% endfor %}{{ '\\n' }}"
-                         "{{ m['content'] }}</s>\n{% endfor %}")
+    tok = _writing_other_keys()
     write_jsonl(tmp_path / "d.jsonl", [{"messages": old}])
     cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="chat")
     (ex,), _ = load_examples(tok, cfg.train, "train", cfg)
