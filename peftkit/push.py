@@ -151,6 +151,34 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
     return commit.commit_url, files, stale
 
 
+def check_recipe_push(repo_id: str, output_dir: str) -> None:
+    """Before a run with export.push_to_hub trains: refuse it where nothing could be pushed at its end (offline, no
+    token), rather than after the run."""
+    from huggingface_hub import constants, get_token
+
+    later = (f"or remove export.push_to_hub and push the finished run with `peftkit push {output_dir} {repo_id}` "
+             "where the Hub can be reached")
+    if constants.HF_HUB_OFFLINE:
+        raise PeftkitError(f"export.push_to_hub: HF_HUB_OFFLINE is set, so the run's adapter could not be pushed to "
+                           f"{repo_id} at its end; nothing was trained. Unset it, {later}.")
+    if get_token() is None:
+        raise PeftkitError(f"export.push_to_hub: pushing to {repo_id} needs a Hugging Face token with write access, "
+                           "and none is set; nothing was trained. Log in with `hf auth login`, or set HF_TOKEN; "
+                           f"{later}.")
+
+
+def push_run(out: Path, repo_id: str, console) -> None:
+    """export.push_to_hub at a finished run's end (main process): `out`'s adapter/ pushed as `peftkit push` does. A
+    push that fails keeps the run (its files are written): the error says so and how to push it again."""
+    try:
+        commit_url, files, _ = push(out, repo_id)
+    except PeftkitError as e:
+        raise PeftkitError(f"The run finished and its files are in {out}, but export.push_to_hub failed: {e} Push it "
+                           f"again with `peftkit push {out} {repo_id}`.") from None
+    console.print(f"export.push_to_hub: pushed {len(files)} files of {out / 'adapter'} to {repo_id}: {commit_url}",
+                  highlight=False, soft_wrap=True)
+
+
 def _refusal(e, repo_id: str) -> str:
     """What the Hub's HTTP error `e` means to a push, and what to do."""
     status = e.response.status_code if e.response is not None else None

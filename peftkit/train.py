@@ -48,6 +48,7 @@ from peftkit.loss import labelled_count
 from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import atomic_write_text, unlink_durably
 from peftkit.progress import TrainProgress
+from peftkit.push import check_recipe_push, push_run
 from peftkit.recipe import Recipe
 from peftkit.rundir import clear_run, metrics_records, open_run_dir, truncate_metrics
 from peftkit.runtime import nondeterministic_op_error, peak_memory_mb, pin_cublas_workspace, scheduled_lr
@@ -102,6 +103,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         cache: read and keep the tokenized data in the cache (`peftkit.data.cache`); False tokenizes it anew.
     """
     out = Path(recipe.export.output_dir)
+    if recipe.export.push_to_hub:  # before anything trains: a run whose end could push nothing is refused now
+        check_recipe_push(recipe.export.push_to_hub, recipe.export.output_dir)
     cublas_note = pin_cublas_workspace(recipe.training.deterministic, recipe.model.device)  # before CUDA starts
     accelerator = make_accelerator(recipe, out)
     console = (console or Console()) if accelerator.is_main_process else Console(quiet=True)
@@ -153,6 +156,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
             raise
         if run.trackers is not None:
             run.trackers.close()
+        if run.main and recipe.export.push_to_hub:  # the run's files are written: a failed push loses none of them
+            push_run(out, recipe.export.push_to_hub, console)
         return summary
 
 

@@ -372,3 +372,78 @@ def test_the_hubs_refusals_are_said_with_the_repository_and_the_fix(fake_hub, ti
     said = error("acme/public", "--private")
     assert "acme/public exists and is public, and --private was asked: nothing was pushed." in said
     assert len(fake_hub.commits) == 1 and fake_hub.unexpected == []
+
+
+def _push_recipe(tmp_path: Path, model: Path, data: dict, repo_id: str = "acme/tiny-lora") -> Path:
+    return make_recipe(tmp_path, model, data, training={"max_steps": 2}, export={"push_to_hub": repo_id})
+
+
+def test_export_push_to_hub_pushes_the_adapter_at_the_end_and_verify_does_not(fake_hub, tiny_llama, number_data,
+                                                                              tmp_path, capsys):
+    """export.push_to_hub: user/name pushes the finished run's adapter/ byte for byte in one commit to main, and says
+    the commit; `peftkit verify` of that run re-runs it without pushing (the Hub sees no second commit), and passes."""
+    from rich.console import Console
+
+    from peftkit.verify import verify
+
+    train(load_recipe(_push_recipe(tmp_path, tiny_llama, number_data)))
+    run = tmp_path / "run"
+    [commit] = fake_hub.commits
+    assert (commit["repo"], commit["branch"]) == ("acme/tiny-lora", "main")
+    assert commit["files"] == _files(run / "adapter") and "adapter_model.safetensors" in commit["files"]
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"export.push_to_hub: pushed {len(commit['files'])} files of {run / 'adapter'} to acme/tiny-lora: " in said
+    assert fake_hub.unexpected == []
+    requests = len(fake_hub.requests)
+    assert verify(run, console=Console(quiet=True)).ok
+    assert len(fake_hub.commits) == 1 and len(fake_hub.requests) == requests
+
+
+def test_a_recipe_that_could_push_nothing_is_refused_before_training(fake_hub, tiny_llama, number_data, tmp_path,
+                                                                     monkeypatch, capsys):
+    """export.push_to_hub that is no user/name (a recipe error at its line) or without export.adapter, offline, or
+    without a token: `error:`
+    before anything trains (no run directory) or reaches the Hub."""
+    def error(repo_id: str = "acme/tiny-lora") -> str:
+        recipe = _push_recipe(tmp_path, tiny_llama, number_data, repo_id)
+        return " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+
+    recipe_file = tmp_path / "recipe.yaml"
+    said = error("tiny-lora")
+    assert (f"{recipe_file}:" in said and "'export.push_to_hub' = 'tiny-lora': 'tiny-lora' is no Hub repository id: "
+            "give user/name") in said, said
+    assert "'acme/tiny--lora' is no Hub repository id (Cannot have -- or .. in repo_id" in error("acme/tiny--lora")
+    no_adapter = make_recipe(tmp_path, tiny_llama, number_data, export={"push_to_hub": "acme/x", "adapter": False})
+    assert ("export.push_to_hub pushes the run's adapter/, and export.adapter is false: set it true (merged/ is pushed "
+            "by `peftkit push RUN_DIR acme/x --merged`)") in " ".join(
+                cli_user_error(monkeypatch, capsys, "train", str(no_adapter)).split())
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    said = error()
+    assert ("export.push_to_hub: HF_HUB_OFFLINE is set, so the run's adapter could not be pushed to acme/tiny-lora at "
+            "its end; nothing was trained. Unset it, or remove export.push_to_hub and push the finished run with "
+            f"`peftkit push {tmp_path / 'run'} acme/tiny-lora`") in said, said
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    assert ("export.push_to_hub: pushing to acme/tiny-lora needs a Hugging Face token with write access, and none is "
+            "set; nothing was trained. Log in with `hf auth login`, or set HF_TOKEN") in error()
+    assert not (tmp_path / "run").exists() and fake_hub.requests == []
+
+
+def test_a_push_that_fails_at_the_end_keeps_the_run_and_says_how_to_push_again(fake_hub, tiny_llama, number_data,
+                                                                               tmp_path, monkeypatch, capsys):
+    """The Hub refusing the push at the run's end (403): the run's adapter/ and manifest.json stay, and the error
+    (exit 2) names the run directory, the Hub's refusal and the `peftkit push` command that pushes it again."""
+    recipe = _push_recipe(tmp_path, tiny_llama, number_data)
+    fake_hub.refuse(403, message="You don't have the rights to create a model under the namespace \"acme\"")
+    said = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    run = tmp_path / "run"
+    assert (f"The run finished and its files are in {run}, but export.push_to_hub failed: Could not push "
+            f"{run / 'adapter'} to acme/tiny-lora: the token may not write to acme (403)") in said, said
+    assert f"Push it again with `peftkit push {run} acme/tiny-lora`." in said
+    assert (run / "manifest.json").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert fake_hub.commits == []
+    fake_hub.refusal = None
+    _said("push", str(run), "acme/tiny-lora")  # as the error says
+    assert fake_hub.commits[0]["files"] == _files(run / "adapter")

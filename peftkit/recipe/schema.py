@@ -269,6 +269,34 @@ class ExportConfig(Section):
     data.eval as `NAME.loss`) picks by that one. Needs data.eval and training.eval_steps."""
     report: bool = True
     """Write report/ (report.html and its plots, as `peftkit report` does) when the run ends."""
+    push_to_hub: str | None = None
+    """Hugging Face Hub repository (`user/name`) that adapter/ is pushed to when the run has finished and exported,
+    as `peftkit push RUN_DIR user/name` does (to main, created where absent with the owner's default visibility;
+    refused where main holds an earlier push's files adapter/ lacks). merged/ is not pushed: `peftkit push RUN_DIR
+    user/other --merged` does. Offline (HF_HUB_OFFLINE) or without a token the run is refused before it starts."""
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, repo_id: str | None) -> str | None:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        if repo_id is None:
+            return None
+        if repo_id.count("/") != 1:  # a bare name goes to whichever account the token is (as `peftkit push` says)
+            raise ValueError(f"{repo_id!r} is no Hub repository id: give user/name (or organization/name)")
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as e:
+            raise ValueError(f"{repo_id!r} is no Hub repository id ({str(e).rstrip('.')})") from None
+        return repo_id
+
+    @model_validator(mode="after")
+    def _push_needs_adapter(self) -> ExportConfig:
+        if self.push_to_hub and not self.adapter:
+            raise ValueError("export.push_to_hub pushes the run's adapter/, and export.adapter is false: set it true "
+                             f"(merged/ is pushed by `peftkit push RUN_DIR {self.push_to_hub} --merged`)")
+        return self
 
 
 class EvalConfig(Section):
