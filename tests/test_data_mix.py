@@ -1065,3 +1065,19 @@ def test_generate_names_a_text_entry_s_format_for_its_missing_prompts(two_files,
     monkeypatch.chdir(tmp_path)
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--data", "t.jsonl").split())
     assert "data.train[1].format 'text' has no prompt to generate from in " in err, err
+
+
+def test_eval_and_generate_data_of_another_file_say_why_it_is_read_in_the_format_of_the_datasets(
+        tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """`peftkit eval|generate RECIPE --data FILE` of a file the recipe does not name reads it in data.format, which
+    a recipe without it takes from its chat datasets (_format_of_the_datasets): a bad row was told as one "for
+    data.format 'chat'", a key the recipe does not set, without why; it now ends saying so."""
+    chat = str(_chat_file(tmp_path / "c.jsonl", 6, seed=4))
+    recipe = _unformatted_recipe(tmp_path, tiny_llama, number_data, [{"path": chat, "format": "chat"}],
+                                 str(_chat_file(tmp_path / "e.jsonl", 4, seed=5)))
+    for command in ("eval", "generate"):
+        err = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe), "--data",
+                                      str(number_data["eval"])).split())
+        assert "missing field 'messages' for data.format 'chat'" in err, err
+        assert err.endswith("data.format is not set, so --data is read as chat, the format of every dataset of "
+                            "data.train; set data.format, or pass --format, to read it otherwise."), err

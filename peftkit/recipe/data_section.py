@@ -217,7 +217,7 @@ class DataConfig(Section):
     formats of their own (`_format_of_the_datasets`); `for_eval` hands it to a set without a format of its own."""
     _format_note: str = PrivateAttr("")
     """A sentence (no final stop) the errors of rows read in `format` (named data.format) end with:
-    `_eval_format_note`, in a read of a set of data.eval's."""
+    `_eval_format_note`, in a read of a set of data.eval's; the format it took, in a read of another file (--data)."""
     _on_bad_rows_key: str = PrivateAttr("data.on_bad_rows")
     """Where `on_bad_rows` came from, as the errors its value causes name it: `--on-bad-rows` where `peftkit eval`'s
     flag gave it (`set data.on_bad_rows: error` would change nothing)."""
@@ -275,7 +275,12 @@ class DataConfig(Section):
             return path == source or (not is_hub_dataset(path) and Path(path).resolve() == Path(source).resolve())
 
         if not any(same(path) for _, path, _ in self.sources()):
-            return self.model_copy(update={"revision": None})
+            read = self.model_copy(update={"revision": None})
+            if "format" in self.model_fields_set and self._eval_format_note:  # set by _format_of_the_datasets
+                read._format_note = (f"data.format is not set, so --data is read as {self.format}, the format of "
+                                     "every dataset of data.train; set data.format, or pass --format, to read it "
+                                     "otherwise")
+            return read
         i, entry = next(((i, e) for i, e in enumerate(self.train_sources()) if same(e.path)), (None, None))
         if entry is None:  # a set of data.eval's, read with its own columns and format
             return next((self.for_eval(name) for name, e in self.eval_sources().items() if same(e.path)), self)
