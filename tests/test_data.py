@@ -164,6 +164,20 @@ def test_axolotls_older_training_key_marks_turns_as_train_does(tmp_path):
             _load(tmp_path, [{"messages": messages}], "chat")
 
 
+def test_a_parquet_file_of_rows_marked_with_train_and_rows_marked_with_training_reads_each_mark(tmp_path):
+    """A parquet file (or hub dataset) gives each message every key a message of it has, null where it had none:
+    rows marked with `train` beside rows marked with `training` were all bad rows ("messages[0] has both 'train'
+    and 'training'"), and a `training` mark beside a null `train` would have been ignored. A null is no mark."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    old = [{("training" if k == "train" else k): v for k, v in m.items()} for m in MARKED]
+    pq.write_table(pa.Table.from_pylist([{"messages": MARKED}, {"messages": old}]), tmp_path / "d.parquet")
+    cfg = DataConfig(train=str(tmp_path / "d.parquet"), format="chat")
+    examples, _ = load_examples(TOK, cfg.train, "train", cfg, cache=False)
+    assert [(ex.input_ids, ex.labels) for ex in examples] == [_turn_mask(MARKED, {3, 5})] * 2
+
+
 def test_train_on_is_part_of_the_cache_key(tmp_path, monkeypatch):
     """Examples tokenized for one data.train_on are not handed back for another."""
     monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))

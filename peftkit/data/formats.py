@@ -179,8 +179,10 @@ TRAIN_KEYS = (TRAIN, "training")
 
 def train_key(message: dict) -> str:
     """The key a message marks its turn with (`TRAIN`, or the alias `training` where it gives that one alone): the
-    one read, and the one an error names."""
-    return "training" if "training" in message and TRAIN not in message else TRAIN
+    one read, and the one an error names. A null is no mark: a parquet file or hub dataset gives every message each
+    key any message of it has (null where it had none), so rows marked with `train` beside rows marked with
+    `training` have both."""
+    return "training" if message.get("training") is not None and message.get(TRAIN) is None else TRAIN
 
 
 def train_mark(message: dict) -> object:
@@ -370,7 +372,7 @@ def _train_problem(message: dict, i: int, all_trained: bool = False) -> str | No
     """What is wrong with a message's `TRAIN` key or its alias (both; true or false, on an assistant turn; false, or null, anywhere but
     where `all_trained`, data.train_on: all, trains every message: only an assistant turn's spans are found, so a
     user or system message's false would be ignored and its tokens trained)."""
-    if all(key in message for key in TRAIN_KEYS):
+    if all(message.get(key) is not None for key in TRAIN_KEYS):  # (a null is none: `train_key`)
         return (f"messages[{i}] has both '{TRAIN}' and 'training' (axolotl's older name of it); keep one")
     key, train = train_key(message), train_mark(message)
     if train is not None and not isinstance(train, bool):
