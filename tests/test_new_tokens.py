@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from peftkit.adapter_base import load_adapted_model
 from peftkit.tiny import build_tiny_model, write_jsonl
-from tests.conftest import check_resumes_to_the_same_bits, cli_user_error, load_fp32, make_recipe
+from tests.conftest import check_resumes_to_the_same_bits, cli_user_error, load_fp32, make_recipe, save_peft_lora
 
 MARKERS = ["<|im_start|>", "<|im_end|>"]
 CONVERSATIONS = [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
@@ -232,6 +232,37 @@ def test_init_from_needs_the_tokens_it_was_trained_with(bases, chats, tmp_path, 
         recipe = _recipe(tmp_path, bases["llama"], chats, tokens=tokens, adapter={"method": "lora",
                                                                                 "init_from": str(adapter)})
         assert said in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+
+def test_init_from_peft_s_adapter_with_new_tokens_needs_them_too(bases, chats, tmp_path, monkeypatch, capsys):
+    """adapter.init_from an adapter peft trained with new tokens (the tokenizer beside it, the base resized) with
+    model.add_tokens left out stopped at the memory estimate with "adapter.trainable_token_indices: token id 102 is
+    past the 102 rows", a key the recipe does not set: only peftkit's adapters (peftkit.json) were checked. A peft
+    adapter whose tokenizer adds a token within the base's spare rows (a pad token, no resize) trains as before."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    base.resize_token_embeddings(len(tok))
+    config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [102, 103]})
+    adapter = tmp_path / "peft-adapter"
+    get_peft_model(base, config).save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    recipe = _recipe(tmp_path, bases["llama"], chats, tokens=[], adapter={"method": "lora", "init_from": str(adapter)})
+    assert (f"adapter.init_from {adapter} was trained with model.add_tokens: ['<|im_start|>', '<|im_end|>'], whose "
+            "rows it holds by id, and this recipe's model.add_tokens is empty") in " ".join(
+        cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    padded = tmp_path / "padded"
+    build_tiny_model(padded, arch="llama", hidden_size=32, num_layers=2, seed=0, vocab_size=110)
+    adapter = save_peft_lora(padded, tmp_path / "pad-adapter", LoraConfig(r=4, target_modules=["q_proj"]))
+    tok = AutoTokenizer.from_pretrained(padded)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(adapter)
+    recipe = _recipe(tmp_path, padded, chats, tokens=[], adapter={"method": "lora", "init_from": str(adapter)},
+                     training={"max_steps": 1})
+    _train(recipe, monkeypatch, capsys)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
 
 def test_a_new_token_in_the_data_is_meant_but_the_template_s_marker_is_said(bases, tmp_path, monkeypatch, capsys):
     """A tool-call marker added to be written in the answers is not warned of as "the text of a special token" (every

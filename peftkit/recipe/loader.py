@@ -529,11 +529,16 @@ def _check_init_from_tokens(recipe: Recipe, where: str) -> None:
     """The tokens adapter.init_from's training added (peftkit.json added_tokens; a peft adapter's, its tokenizer's
     past the base's) must be model.add_tokens, in their order: its trained rows are those ids' (other tokens would
     take them, silently, in another order), and it holds rows for those alone."""
-    from peftkit.new_tokens import adapter_tokens
+    from peftkit.modeling import load_config
+    from peftkit.new_tokens import adapter_tokens, held_tokenizer_length
     from peftkit.peft_format import read_meta
 
     path, tokens = recipe.adapter.init_from, recipe.model.add_tokens
-    if not tokens and not read_meta(path).added_tokens:
+    # peft's adapter (TRL's setup_chat_format) tells its added tokens by the tokenizer beside it: one past the base's
+    # rows was trained on a resized base (a pad token added within a base's spare rows was not: it trains as before).
+    held = held_tokenizer_length(path)
+    if not tokens and not read_meta(path).added_tokens and (
+            held is None or held <= load_config(recipe.model).get_text_config().vocab_size):
         return
     if (added := adapter_tokens(path, recipe.model)) == tokens:
         return
