@@ -280,6 +280,27 @@ def test_a_new_token_in_the_data_is_meant_but_the_template_s_marker_is_said(base
         assert ("rows hold the text of a special token" in said.out + said.err) == warned
         assert not warned or "'<|im_end|>'" in said.out + said.err
 
+def test_a_cached_read_of_the_data_is_not_served_to_a_recipe_that_means_another_token(bases, tmp_path):
+    """A token the base's tokenizer has already (a special <tool_call>) listed in model.add_tokens is the data's to
+    write, and not warned of; left out, it is. The tokenizer is the same file for file either way, and the
+    tokenized-data cache keyed on its files: the second recipe was served the first's counts, warning or none."""
+    from peftkit.data import load_examples
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import DataConfig, ModelConfig
+
+    base = shutil.copytree(bases["llama"], tmp_path / "base")
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.add_tokens(["<tool_call>"], special_tokens=True)
+    tok.save_pretrained(base)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<tool_call>x"}]}] * 2
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "rows.jsonl"), format="chat", chat_template="chatml")
+    for tokens, warned in [([*MARKERS, "<tool_call>"], False), (MARKERS, True), ([*MARKERS, "<tool_call>"], False)]:
+        tok = load_tokenizer(ModelConfig(name_or_path=str(base), add_tokens=tokens), cfg.chat_template)
+        _, stats = load_examples(tok, cfg.train, "train", cfg)
+        assert bool(stats.get("special_text_first")) == warned, (tokens, stats)
+
+
 def test_one_new_token_is_said_in_the_singular():
     from peftkit.new_tokens import describe
 

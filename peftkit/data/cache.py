@@ -92,6 +92,9 @@ class ExampleCache:
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
                "data": digests, "readers": DATA_EXTENSIONS, "tasks": tasks,
                "columns_key": cfg._columns_key,  # the counts' warnings name it (data.train[1].columns.output)
+               # model.add_tokens' tokens, the data's to write (not warned of): a token the tokenizer had already
+               # leaves its files as they were, so the tokenizer's digest does not tell
+               "added_tokens": list(getattr(tok, "peftkit_added_tokens", ())),
                "settings": cfg.model_dump(include={"format", "max_length", "truncation", "on_bad_rows", "train_on",
                                                    "columns", "system_prompt"})}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
