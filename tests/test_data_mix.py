@@ -712,6 +712,7 @@ C, A = {"path": "c.jsonl", "format": "chat"}, {"path": "a.jsonl", "format": "alp
     ({"train": [C, "a.jsonl"], "eval": "e.jsonl"}, "alpaca"),  # a mix (a.jsonl reads the default): the default
     ({"train": [C, A], "eval": "e.jsonl"}, "alpaca"),
     ({"train": [C | {"columns": {}}], "eval": "e.jsonl", "columns": {"output": "answer"}}, "alpaca"),  # alpaca's
+    ({"train": [C], "eval": {"x": {"path": "e.jsonl", "columns": {"output": "answer"}}}}, "alpaca"),  # the set's
     ({"train": "c.jsonl", "eval": "e.jsonl"}, "alpaca"),
 ])
 def test_an_eval_set_is_read_in_the_format_every_dataset_of_data_train_names(data, read):

@@ -125,8 +125,9 @@ class DataConfig(Section):
         """data.format, where the recipe does not set it and a set of data.eval's has no format of its own (so is
         read in data.format), is the format every dataset of data.train's list names: a recipe that trains on
         conversations evaluates on conversations. The run's recipe.yaml writes it, so `peftkit eval RUN_DIR` reads
-        them so too. Not where data.columns names fields of another format (written for data.format's default);
-        without such a set it stays, so the recipe.yaml of a run made before (resumed) stays the same."""
+        them so too. Not where data.columns, or such a set's own columns, name fields of another format (written for
+        data.format's default); without such a set it stays, so the recipe.yaml of a run made before (resumed) stays
+        the same."""
         from peftkit.data.formats import format_fields
 
         sets = list(self.eval.values()) if isinstance(self.eval, dict) else [self.eval]
@@ -134,6 +135,10 @@ class DataConfig(Section):
                 or None not in map(_own_format, sets)):
             return self
         named = [_own_format(entry) for entry in self.train]
+        # columns for data.format's fields, data.columns or a set's own (`eval: {x: {path, columns: {output: a}}}`):
+        # written for the default, which that set is read in
+        written = set(self.columns).union(*(entry.columns or {} for entry in sets if isinstance(entry, DataSource)
+                                            and entry.format is None))
         if len({fmt or self.format for fmt in named}) > 1:  # a mix: data.format's default, said where it errs
             read = ", ".join(f"data.train[{i}] {fmt or self.format}" for i, fmt in enumerate(named))
             self._eval_format_note = (
@@ -141,7 +146,7 @@ class DataConfig(Section):
                 f"are of several formats ({read}). Set data.format, or give the set a format of its own "
                 "(`eval: {NAME: {path: ..., format: ...}}`)")
         elif (None not in named and named[0] not in (self.format, "classification")  # (refused at its entry)
-              and set(self.columns) <= set(format_fields(named[0]))):
+              and written <= set(format_fields(named[0]))):
             self.format = named[0]  # (validate_assignment runs the validators again, with "format" set now)
             self._eval_format_note = (f"data.format is not set, so data.eval is read as {self.format}, the format "
                                       "of every dataset of data.train; set data.format to read it otherwise")
