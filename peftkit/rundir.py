@@ -87,7 +87,7 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
             keys = f" in {', '.join(other[:5])}" if changed else ""  # (not in the paths: those may have moved)
             raise PeftkitError(
                 f"{out} holds a run of a different recipe (its recipe.yaml differs{keys}). Choose another "
-                "export.output_dir, or pass --overwrite to replace that run."
+                "export.output_dir, or pass --overwrite to replace that run." + _derived_format_hint(changed)
             )
         # The same recipe, its files at other paths (a moved project, a copied run): the same run. A resume checks
         # the files' contents against what its checkpoint recorded.
@@ -123,6 +123,18 @@ def _moved_path(key: str, old, new) -> bool:
     listed = re.sub(r"\[\d+\](\.path)?$", "", key)
     named = re.sub(r"^data\.eval\.[A-Za-z0-9_-]+(\.path)?$", "data.eval", listed)  # a set of data.eval's mapping
     return named in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
+
+
+def _derived_format_hint(changed: dict) -> str:
+    """Where data.format differs from a run's `alpaca`: a recipe that sets none reads its data.eval, since 5 December
+    2026, in the one format its data.train datasets name (`DataConfig._format_of_the_datasets`), which a run made
+    before read as alpaca."""
+    old, new = changed.get("data.format", (None, None))
+    if old != "alpaca" or new in (None, "alpaca"):
+        return ""
+    return (f" If this recipe sets no data.format: it now reads data.eval as {new}, the format every dataset of "
+            "data.train names (since 5 December 2026), where that run read it as alpaca; set data.format: alpaca to "
+            "go on with that run.")
 
 
 def _changed_keys(before: str | None, after: str) -> dict[str, tuple]:

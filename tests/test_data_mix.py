@@ -769,7 +769,8 @@ def test_a_data_format_set_still_wins_and_a_run_of_it_resumes_only_with_it(tiny_
     del raw["data"]["format"]
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(PeftkitError, match=r"holds a run of a different recipe \(its recipe.yaml differs in "
-                                           r"data.format\)"):
+                                           r"data.format\).* If this recipe sets no data.format: it now reads "
+                                           r"data.eval as chat, .* set data.format: alpaca to go on with that run."):
         train(load_recipe(recipe), resume=True, console=_quiet())
 
 
