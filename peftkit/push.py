@@ -102,7 +102,7 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
     """
     folder, kind = push_folder(path, merged)
     files = folder_files(folder)
-    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -115,10 +115,10 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
     if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):  # create_branch would name a branch so
         raise PeftkitError(f"--revision {revision} is a commit id, and a push makes a commit on a branch: give the "
                            "branch's name (created from main where absent).")
-    if constants.HF_HUB_OFFLINE:
+    if (blocked := _cannot_push()) == "offline":
         raise PeftkitError(f"HF_HUB_OFFLINE is set, so nothing is sent to the Hub: unset it to push {folder} to "
                            f"{repo_id}.")
-    if get_token() is None:
+    if blocked == "no token":
         raise PeftkitError(f"Pushing to {repo_id} needs a Hugging Face token with write access, and none is set: log "
                            "in with `hf auth login`, or set HF_TOKEN.")
     api = HfApi()
@@ -154,17 +154,23 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
 def check_recipe_push(repo_id: str, output_dir: str) -> None:
     """Before a run with export.push_to_hub trains: refuse it where nothing could be pushed at its end (offline, no
     token), rather than after the run."""
-    from huggingface_hub import constants, get_token
-
     later = (f"or remove export.push_to_hub and push the finished run with `peftkit push {output_dir} {repo_id}` "
              "where the Hub can be reached")
-    if constants.HF_HUB_OFFLINE:
+    if (blocked := _cannot_push()) == "offline":
         raise PeftkitError(f"export.push_to_hub: HF_HUB_OFFLINE is set, so the run's adapter could not be pushed to "
                            f"{repo_id} at its end; nothing was trained. Unset it, {later}.")
-    if get_token() is None:
+    if blocked == "no token":
         raise PeftkitError(f"export.push_to_hub: pushing to {repo_id} needs a Hugging Face token with write access, "
                            "and none is set; nothing was trained. Log in with `hf auth login`, or set HF_TOKEN; "
                            f"{later}.")
+
+
+def _cannot_push() -> str | None:
+    """Why nothing could be pushed from here, before anything is sent: "offline" (HF_HUB_OFFLINE), "no token", or
+    None."""
+    from huggingface_hub import constants, get_token
+
+    return "offline" if constants.HF_HUB_OFFLINE else "no token" if get_token() is None else None
 
 
 def push_run(out: Path, repo_id: str, console) -> None:
