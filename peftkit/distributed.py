@@ -45,7 +45,8 @@ from peftkit import zero
 from peftkit.data import IGNORE_INDEX
 
 
-def shard(batch: dict[str, torch.Tensor], rank: int, world: int, trim: bool = False) -> dict[str, torch.Tensor]:
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int, trim: bool = False,
+          group: int = 1) -> dict[str, torch.Tensor]:
     """This process's rows of a global batch: the `rank`-th of `world` nearly equal slices, in order.
 
     A global batch with fewer rows than processes (an epoch's last, or packed rows) leaves some slices empty. Such
@@ -57,13 +58,17 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int, trim: bool = Fa
     ones (task_ids, a classifier's labels) whole. The columns cut are padding in every row of the slice (pad ids,
     mask 0, no label), so nothing the model reads changes: not the last non-pad token a sequence classifier's head
     takes, nor a packed row's position ids. Mixed lengths: slices of short rows no longer compute on the long rows'
-    padding."""
+    padding.
+
+    `group`: rows come in groups that stay together (a DPO batch's pairs, 2), slices are of whole groups, and the
+    stand-in is a whole group."""
     if world == 1:
         return batch
-    rows = torch.tensor_split(torch.arange(len(batch["input_ids"])), world)[rank]
+    groups = torch.tensor_split(torch.arange(len(batch["input_ids"]) // group), world)[rank]
+    rows = (groups[:, None] * group + torch.arange(group)).flatten()
     if not len(rows):
-        batch = {k: torch.full_like(v[:1], IGNORE_INDEX) if k == "labels" else v[:1] for k, v in batch.items()}
-        rows = torch.arange(1)
+        batch = {k: torch.full_like(v[:group], IGNORE_INDEX) if k == "labels" else v[:group] for k, v in batch.items()}
+        rows = torch.arange(group)
     shape = batch["input_ids"].shape
     width = shape[1]
     if trim and "attention_mask" in batch:  # (on the CPU, before the copy to the device: no sync)

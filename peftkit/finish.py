@@ -18,7 +18,7 @@ from peftkit.checkpoint import LoopState
 from peftkit.errors import PeftkitError
 from peftkit.export import export
 from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
-from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, PREFERENCE_METRICS, REWARDS
 from peftkit.modeling import dtype_name
 from peftkit.progress import phase
 from peftkit.rope_scaling import fresh_dynamic_rope
@@ -42,8 +42,10 @@ class TrainingFailed(PeftkitError):
 
 
 def task_metrics(cfg: Recipe) -> list[str]:
-    """The metrics an evaluation reports beside the loss: a classifier's accuracy and macro-F1, else eval.metrics'
-    generation metrics."""
+    """The metrics an evaluation reports beside the loss: a classifier's accuracy and macro-F1, a DPO run's reward
+    accuracy, margin and mean rewards, else eval.metrics' generation metrics."""
+    if cfg.training.objective == "dpo":
+        return [*PREFERENCE_METRICS, *REWARDS]
     return list(CLASSIFICATION_METRICS) if cfg.classification else cfg.eval.generation_metrics
 
 
@@ -198,7 +200,8 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
     if s["eval_loss"] is not None:
         ppl = "" if classifier else f"  (ppl {s['eval_perplexity']:.2f})"
         rows.append(("eval loss, fine-tuned", f"{s['eval_loss']:.4f}{ppl}"))
-    for metric in (m for m in GENERATION_METRICS + CLASSIFICATION_METRICS if f"eval_{m}" in s):  # eval.metrics
+    for metric in (m for m in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS)
+                   if f"eval_{m}" in s):  # eval.metrics, a classifier's, a DPO run's
         for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
             if s.get(key) is not None:
                 rows.append((f"{metric}, {who}", f"{s[key]:.4f}"))

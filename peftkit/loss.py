@@ -61,3 +61,34 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
         total = total + (checkpoint(_chunk_sum, chunk, target, use_reentrant=False) if recompute
                          else _chunk_sum(chunk, target))
     return total, keep.sum()
+
+
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def row_logps(logits: torch.Tensor, labels: torch.Tensor, labelled: int | None = None) -> torch.Tensor:
+    """Each row's summed next-token log-probability of its labelled tokens, (rows,) in fp32: a sequence's
+    log-likelihood, which DPO compares (`peftkit.preference`). Picked and chunked as `next_token_loss_sum` picks them,
+    so no fp32 copy of every position's logits is made; `labelled` as there."""
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits of {tuple(logits.shape[:2])} positions for labels of {tuple(labels.shape)}")
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if torch.compiler.is_compiling():  # one graph: every position, the unlabelled ones zeroed
+        per_token = _chunk_logps(logits[:, :-1].flatten(0, 1), targets.clamp(min=0).flatten()).view(targets.shape)
+        return (per_token * keep).sum(1)
+    labelled = int(keep.sum()) if labelled is None else labelled
+    where = torch.nonzero_static(keep, size=labelled) if keep.numel() else keep.new_zeros((0, 2), dtype=torch.long)
+    row, time = where.unbind(1)
+    picked, wanted = logits[row, time], targets[row, time]
+    if not labelled:  # a zero whose backward reaches every parameter (a stand-in pair: `peftkit.distributed.shard`)
+        return torch.zeros(len(labels), dtype=torch.float32, device=logits.device) + picked.float().sum()
+    rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    recompute = torch.is_grad_enabled() and picked.requires_grad
+    parts = [checkpoint(_chunk_logps, picked[s:s + rows], wanted[s:s + rows], use_reentrant=False) if recompute
+             else _chunk_logps(picked[s:s + rows], wanted[s:s + rows]) for s in range(0, len(wanted), rows)]
+    # Put back in place and summed along each row (not a scatter-add, whose CUDA kernel adds in no fixed order).
+    dense = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+    dense = dense.index_put((row, time), torch.cat(parts))
+    return dense.sum(1)

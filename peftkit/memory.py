@@ -336,13 +336,15 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     # (the adapters compute in fp32: their values count as that many of the activations' dtype)
     width = per_token * 4 // (BYTES[dtype] * max(shape.layers, 1))
     attention = recipe.model.attn_implementation
-    logits, layers = activation_memory(shape, tcfg.batch_size, seq, BYTES[dtype], tcfg.gradient_checkpointing,
+    rows = tcfg.batch_size * (2 if tcfg.objective == "dpo" else 1)  # a DPO micro-batch: each pair's two answers
+    logits, layers = activation_memory(shape, rows, seq, BYTES[dtype], tcfg.gradient_checkpointing,
                                        width, attention == "eager", frees_a_inputs(recipe.adapter),
                                        packed_sdpa=recipe.data.packing and attention in (None, "sdpa"),
                                        prefix=recipe.adapter.num_virtual_tokens if recipe.adapter.method == "prefix_tuning"
                                        else 0)
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
-    evaluation = logits_bytes(recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) if recipe.data.eval else 0
+    evaluation = logits_bytes(rows // tcfg.batch_size * recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) \
+        if recipe.data.eval else 0
     return max(logits + layers, evaluation)
 
 

@@ -32,6 +32,10 @@ from peftkit.errors import PeftkitError
 GENERATION_METRICS = ("exact_match", "token_f1", "rouge_l")
 LOSS_METRICS = ("loss", "perplexity")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin")
+"""What a DPO run's evaluations report beside the loss (`peftkit.preference.PreferenceEval`): higher is better."""
+REWARDS = ("chosen_reward", "rejected_reward")
+"""A DPO evaluation's mean rewards of the chosen and of the rejected answers, reported too."""
 METRICS = GENERATION_METRICS + LOSS_METRICS + CLASSIFICATION_METRICS
 NORMALIZATIONS = ("squad", "strip", "none")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory, locked_directory
 from peftkit.manifest import read_manifest
-from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, PREFERENCE_METRICS, REWARDS
 
 REPORT_DIR = "report"
 # (file stem, title, metrics.jsonl key of the training lines, y label)
@@ -197,11 +197,13 @@ def metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]:
     def fmt(value: float | None) -> str:  # a manifest from elsewhere may hold anything: shown as its text
         return "" if value is None else f"{value:.4f}" if _number(value) else str(value)
 
-    perplexity = [] if classifier else [("eval perplexity", fmt(math.exp(min(base, 700.0)) if _number(base) else base),
-                                         fmt(metrics.get("eval_perplexity")))]
+    pairs = f"eval_{PREFERENCE_METRICS[0]}" in metrics  # a DPO run's: its loss is no token's, so no perplexity
+    base_ppl = fmt(math.exp(min(base, 700.0)) if _number(base) else base)
+    perplexity = [] if classifier or pairs else [("eval perplexity", base_ppl, fmt(metrics.get("eval_perplexity")))]
     return [("eval loss", fmt(base), fmt(tuned)), *perplexity] + [
         (metric.replace("_", " "), fmt(metrics.get(f"base_eval_{metric}")), fmt(metrics.get(f"eval_{metric}")))
-        for metric in GENERATION_METRICS + CLASSIFICATION_METRICS if f"eval_{metric}" in metrics]
+        for metric in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS, *REWARDS)
+        if f"eval_{metric}" in metrics]
 
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;color:#222}"

@@ -20,7 +20,7 @@ def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
     `text` and `classification` formats (no prompt to answer: a classifier's eval reports accuracy instead)."""
     name = next(iter(cfg.data.eval_sources()), None)  # the primary set of data.eval
     data = cfg.data.for_eval(name) if name else None
-    if not (cfg.eval.samples and data) or data.format in ("text", "classification"):
+    if not (cfg.eval.samples and data) or data.format in ("text", "classification", "preference"):
         return []
     from peftkit.task_ids import recipe_reads_tasks
 

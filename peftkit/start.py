@@ -23,6 +23,7 @@ from peftkit.data import describe_stats, load_examples, steps_per_epoch
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.classification import LabelSet, load_classification
 from peftkit.data.packing import check_isolated, describe_packing, pack_examples
+from peftkit.data.preference import Pairs, load_pairs
 from peftkit.data.stored import examples_digest
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.evaluate import RunEval
@@ -304,7 +305,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
 
         if warning := check_invocation(ids, train_ex, tok):
             console.print(warning, style="yellow", markup=False, highlight=False)
-    digests = {"train": examples_digest(train_ex)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
+    digests = {"train": examples_digest(train_ex.examples if isinstance(train_ex, Pairs) else train_ex)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
                                                       for name, evaluation in evals.items()}
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
@@ -329,7 +330,10 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
-    if eval_ex and cfg.eval.base_model:  # on --resume too: its figures are in the manifest, as an unbroken run's
+    if cfg.training.objective == "dpo":  # the reference: the model as it is now, without the adapter
+        with accelerator.autocast():
+            _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
+    elif eval_ex and cfg.eval.base_model:  # on --resume too: its figures are in the manifest, as an unbroken run's
         # At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
         # holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():
@@ -419,6 +423,20 @@ def _check_biases_merge(model) -> None:
                            "(the adapter loads in peft with its biases), or lora_bias: false.")
 
 
+def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, accelerator, console: Console) -> None:
+    """training.objective: dpo: the base model's log-probabilities of the answers of data.train's pairs and of each
+    set of data.eval's, set on them (`peftkit.preference`). (A DPO run has no base evaluation: the base is the
+    reference, its loss log 2 and its rewards 0 by definition.)"""
+    from peftkit.preference import reference_logps
+
+    sets = [train_ex, *(evaluation.pairs for evaluation in evals.values())]
+    processes = accelerator if accelerator.num_processes > 1 else None
+    with phase(f"Computing the reference (base) model's log-probabilities of {sum(map(len, sets))} answer pairs "
+               "(training.objective: dpo)...", console):
+        for pairs in sets:
+            pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)
+
+
 def _evaluate_base(cfg: Recipe, model, tok, evals: dict, accelerator, console: Console) -> dict:
     """eval.base_model: the base model's eval loss and metrics on each set of data.eval (`base_eval_loss`, ...,
     `base_eval_<name>_loss`, ...), and eval.samples' base answers, for the summary."""
@@ -461,6 +479,8 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict
             examples = load_classification(tok, source.path, source.split, data.for_eval(name), labels)[0]
             evals[name] = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
         return train_ex, stats, evals, labels
+    if cfg.training.objective == "dpo":  # pairs of answers: peftkit.data.preference
+        return _load_pairs(cfg, tok)
     tasks = recipe_reads_tasks(cfg)
     train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)
     check_training_tasks(cfg, "data.train", train_ex.task_ids)
@@ -471,4 +491,15 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict
         key = "data.eval" if name == "eval" and not isinstance(data.eval, dict) else f"data.eval.{name}"
         check_training_tasks(cfg, key, [*examples.task_ids, *(p.task_id for p in prompts)])
         check_answer_room(cfg, config, prompts)
+    return train_ex, stats, evals, None
+
+
+def _load_pairs(cfg: Recipe, tok) -> tuple[Pairs, dict, dict, None]:
+    """`_load_data` of a DPO recipe: data.train's pairs, and each set of data.eval's as its `PreferenceEval`."""
+    from peftkit.preference import PreferenceEval, PreferenceLoss
+
+    train_ex, stats = load_pairs(tok, cfg.data.train, cfg.data.train_split, cfg.data)
+    evals = {name: PreferenceEval(load_pairs(tok, source.path, source.split, cfg.data.for_eval(name))[0],
+                                  tok.pad_token_id, cfg.eval.batch_size, PreferenceLoss.of(cfg.training))
+             for name, source in cfg.data.eval_sources().items()}
     return train_ex, stats, evals, None

@@ -42,9 +42,11 @@ from peftkit.classify import example_loss_sum
 from peftkit.data import step_windows
 from peftkit.data.classification import ClassificationCollator
 from peftkit.data.packing import flatten
+from peftkit.data.preference import PairCollator
 from peftkit.errors import PeftkitError, Stopped
 from peftkit.evaluate import token_loss_sum
 from peftkit.loss import labelled_count
+from peftkit.preference import PreferenceLoss
 from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import atomic_write_text, unlink_durably
 from peftkit.progress import TrainProgress
@@ -165,7 +167,8 @@ def _loop(run: Run, state: LoopState) -> None:
     """Optimizer steps from `state.step` to the end: accumulate, clip, step, log, evaluate, checkpoint."""
     cfg, tcfg = run.cfg, run.cfg.training
     # Global micro-batches: every process draws the same rows and trains on its slice (`_step`).
-    collate = ClassificationCollator(run.tok.pad_token_id) if cfg.classification else None
+    collate = (ClassificationCollator(run.tok.pad_token_id) if cfg.classification else
+               PairCollator(run.tok.pad_token_id) if cfg.training.objective == "dpo" else None)
     stream = step_windows(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.grad_accum, tcfg.seed,
                           cfg.data.shuffle, run.tok.pad_token_id, start=state.step, num_workers=cfg.data.num_workers,
                           collate=collate, pin_memory=run.accelerator.device.type == "cuda",  # copies then run async
@@ -228,9 +231,13 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
     or (None, None, None) when a non-finite loss was skipped (training.nan_policy: skip_step)."""
     tcfg, accelerator = run.cfg.training, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
-    # The loss is a mean over the global window's labelled tokens (a classifier's: its rows, one label each).
+    # The loss is a mean over the global window's labelled tokens (a classifier's: its rows, one label each; DPO's:
+    # its pairs, two rows each).
+    pairs = tcfg.objective == "dpo"
     if run.cfg.classification:
         n_label, loss_fn = sum(len(b["labels"]) for b in window), example_loss_sum
+    elif pairs:
+        n_label, loss_fn = sum(len(b["labels"]) // 2 for b in window), PreferenceLoss.of(tcfg)
     else:
         n_label, loss_fn = sum(labelled_count(b["labels"]) for b in window), token_loss_sum
     loss_fn = run.loss_function(loss_fn)
@@ -238,7 +245,7 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
     trim = world > 1 and distributed.trims_padding(run.cfg, distributed.unwrap(accelerator, run.model).config)
     for i, batch in enumerate(window):
-        batch = distributed.shard(batch, rank, world, trim)
+        batch = distributed.shard(batch, rank, world, trim, group=2 if pairs else 1)
         batch = flatten(batch) if flat and "position_ids" in batch else batch
         labelled = None if run.cfg.classification else labelled_count(batch["labels"])  # on the CPU: no sync
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftkit.data.examples import IGNORE_INDEX
-from peftkit.data.stored import Example, Examples
+from peftkit.data.stored import Example
 from peftkit.errors import PeftkitError
 
 
@@ -113,8 +113,9 @@ def step_windows(
 
 
 def example_lengths(examples: Sequence[Example]) -> list[int]:
-    """Each example's token count (`Examples` reads them from its offsets without building the examples)."""
-    return examples.lengths() if isinstance(examples, Examples) else [len(e.input_ids) for e in examples]
+    """Each example's token count (`Examples` reads them from its offsets without building the examples, `Pairs` a
+    pair's longer answer's)."""
+    return examples.lengths() if hasattr(examples, "lengths") else [len(e.input_ids) for e in examples]
 
 
 def _windows(n: int, batch_size: int, grad_accum: int, seed: int, shuffle: bool, start: int,

@@ -8,8 +8,8 @@ import json
 import re
 
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
-                   "text": ("text",), "classification": ("text", "label")}
-OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",)}  # may be absent or null; a string when given
+                   "text": ("text",), "classification": ("text", "label"), "preference": ("chosen", "rejected")}
+OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",), "preference": ("prompt",)}  # may be absent or null; a string when given
 
 
 # The roles chat templates render: an assistant turn is the one trained; `tool` (and Llama 3.1's `ipython`, OpenAI's
@@ -258,6 +258,10 @@ def _row_problem(row: dict, fmt: str, target: bool = True, train_on: str = "answ
     """What makes a row unusable for `fmt`, or None. `target`: an empty or missing answer is a problem (not where the
     rows are only prompts to generate from, `peftkit generate --data`: `{"instruction": ...}` was refused for its
     missing output); `train_on`: data.train_on, which decides what a conversation's turn marks can say."""
+    if fmt == "preference":  # a prompt and two answers, each read as a completion or a conversation
+        from peftkit.data.preference import pair_problem
+
+        return pair_problem(row)
     if fmt == "chat" and "messages" not in row and "conversations" in row:  # (a well-formed one is converted)
         return f"'conversations' must be a list of {{from, value}} objects (ShareGPT's turns: from {SHAREGPT_SPEAKERS})"
     if row.get(SHAREGPT):

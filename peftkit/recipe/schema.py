@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from peftkit.errors import did_you_mean
 from peftkit.methods import AdapterConfig, default_adapter, method_of
-from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS, PREFERENCE_METRICS
 from peftkit.recipe.data_section import (  # noqa: F401  (DataSource, is_hub_dataset: re-exported)
     DATA_EXTENSIONS, DataConfig, DataSource, is_hub_dataset)
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
@@ -219,6 +219,17 @@ class TrainingConfig(Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
     """LoRA+ only: the learning rate of an embedding's LoRA (lora_embedding_A/B), peft's `loraplus_lr_embedding`
     and its default."""
+    objective: Literal["sft", "dpo"] = "sft"
+    """sft: the next-token loss on the answers (supervised fine-tuning). dpo: Direct Preference Optimization
+    (Rafailov et al. 2023) on data.format preference (a prompt, a chosen and a rejected answer): the adapter learns
+    to raise the chosen answer's likelihood over the rejected's, relative to the base model's, which is the frozen
+    reference (the model without the adapter, as TRL's DPOTrainer takes it for a PEFT model: no second copy)."""
+    dpo_beta: float = Field(0.1, gt=0)
+    """dpo: how far the adapter may move from the reference (TRL's `beta`, its default): the rewards are beta x the
+    log-likelihood ratios; smaller lets it go further."""
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """dpo: sigmoid, the paper's -log sigmoid(beta x margin); ipo (Azar et al. 2023), (margin per answer token -
+    1 / (2 beta))^2; hinge (SLiC), max(0, 1 - beta x margin). As TRL's `loss_type` of the same names."""
     early_stopping: EarlyStoppingConfig | None = None
     """Stop early when the eval metric stops improving (needs data.eval and training.eval_steps). null: off."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
@@ -381,6 +392,7 @@ class Recipe(Section):
                              "have commits of their own; remove data.revision, or use one dataset's two splits "
                              "(data.train_split, data.eval_split)")
         _check_task(self)
+        _check_objective(self)
         _check_long_context(self)
         self._check_selection()
         method = method_of(self.adapter)
@@ -421,7 +433,9 @@ class Recipe(Section):
             if name:
                 self._check_eval_set(key, metric, name)
             # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
-            computed = ("loss", *CLASSIFICATION_METRICS) if self.classification else (*LOSS_METRICS, *self.eval.metrics)
+            computed = (("loss", *CLASSIFICATION_METRICS) if self.classification else
+                        ("loss", *PREFERENCE_METRICS) if self.training.objective == "dpo" else
+                        (*LOSS_METRICS, *self.eval.metrics))
             if figure not in computed:
                 # eval.metrics can add a generation metric to a language model's evaluations, nothing else
                 addable = figure in GENERATION_METRICS and not self.classification
@@ -479,6 +493,41 @@ def _check_long_context(recipe: Recipe) -> None:
                          f"= {size:g} tokens per group; it must be a whole number of at least 2 (data.max_length a "
                          f"multiple of 1/group_size_ratio), e.g. group_size_ratio: 0.25 with data.max_length: "
                          f"{max(8, -(-max_length // 4) * 4)}")
+
+
+def _check_objective(recipe: Recipe) -> None:
+    """training.objective: dpo and data.format: preference go together, with what a pair's loss allows."""
+    dpo, data, tcfg = recipe.training.objective == "dpo", recipe.data, recipe.training
+    if dpo != (data.format == "preference"):
+        raise ValueError(
+            f"training.objective is {tcfg.objective} and data.format is {data.format}: DPO trains on pairs of answers "
+            "(data.format: preference: prompt, chosen, rejected) and that format is for DPO; set "
+            "training.objective: dpo with data.format: preference, or neither")
+    if not dpo:
+        for key in ("dpo_beta", "dpo_loss"):  # (by value: a run's recipe.yaml writes every key)
+            if getattr(tcfg, key) != type(tcfg).model_fields[key].default:
+                raise ValueError(f"training.{key} is a setting of training.objective: dpo, and the objective is "
+                                 f"{tcfg.objective}; remove it, or set training.objective: dpo")
+        return
+    if recipe.classification:
+        raise ValueError("training.objective: dpo trains a language model's answers; model.task is "
+                         "sequence_classification, so use model.task: causal_lm")
+    if data.packing:
+        raise ValueError("data.packing: a DPO batch holds each pair's two answers side by side, one a row; set "
+                         "data.packing: false")
+    if data.train_on != "answers":
+        raise ValueError(f"data.train_on: {data.train_on}: DPO compares the likelihoods of the two answers alone "
+                         "(a prompt's tokens are the same in both); remove data.train_on")
+    if recipe.eval.generation_metrics:
+        raise ValueError(f"eval.metrics: {', '.join(recipe.eval.generation_metrics)} score generated answers "
+                         "against a reference, which preference data does not have (it has two); remove them: a DPO "
+                         "run's evaluations report the loss, reward_accuracy and reward_margin")
+    if isinstance(data.train, list):
+        raise ValueError("data.train: a list of datasets is not read as preference pairs yet; give one dataset")
+    if isinstance(data.eval, dict) and (own := next((n for n, s in data.eval.items() if getattr(s, "format", None)),
+                                                    None)):
+        raise ValueError(f"data.eval.{own}.format: a DPO run evaluates pairs, every set read as data.format "
+                         "preference; remove it")
 
 
 def _check_task(recipe: Recipe) -> None:

@@ -1,0 +1,207 @@
+"""`data.format: preference` (training.objective: dpo): rows of a prompt and two answers to it, the `chosen` and the
+`rejected`, as TRL's preference datasets hold them -> a pair of examples per row -> padded batches of pairs.
+
+A row is one of (TRL's standard and conversational forms):
+- text: `prompt`, `chosen`, `rejected` strings. Each answer is tokenized as data.format completion tokenizes
+  `{prompt, completion}`: the prompt, then the answer and EOS, the loss on the answer.
+- a conversation: `prompt` a list of messages, `chosen` and `rejected` lists of messages (or strings: one assistant
+  message each). Each answer is the prompt's conversation continued, rendered by the chat template as data.format
+  chat renders it; the loss is on the answer's assistant turns only (the prompt's own assistant turns are context).
+- a conversation without `prompt` (TRL's implicit prompt, Anthropic HH's form): `chosen` and `rejected` whole
+  conversations; the messages they open with alike are the prompt.
+
+The two examples of a pair are stored one after the other (chosen at 2i, rejected at 2i + 1) in one `Examples`,
+whose digest and cache work as for any data; `Pairs` reads them as pairs. A pair is kept or dropped whole: a row
+with no target left of either answer after data.max_length, or (data.truncation: drop) either answer cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from peftkit.data.batches import Collator
+from peftkit.data.examples import _built_examples, _TargetCuts, no_examples_error, truncation_error, usable_row
+from peftkit.data.formats import (TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls,
+                                  format_rows)
+from peftkit.data.rows import Locations, row_location
+from peftkit.data.sources import read_rows
+from peftkit.data.stored import Example, Examples
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig
+
+ANSWERS = ("chosen", "rejected")
+
+
+def split_pair(row: dict) -> tuple[str, list[dict]] | str:
+    """(the format each answer is read in, `completion` or `chat`, [the chosen answer's row, the rejected's]) of a
+    preference row, or what makes it unusable (in the row's own words: `chosen[1].content`)."""
+    prompt, answers = row.get("prompt"), [row.get(k) for k in ANSWERS]
+    for key, value in zip(ANSWERS, answers, strict=True):
+        if value is None:
+            return f"missing field '{key}'"
+    if not (isinstance(prompt, list) or any(isinstance(a, list) for a in answers)):  # text
+        if prompt is None:
+            return ("missing field 'prompt' (a pair of text answers needs the prompt they answer; a conversation "
+                    "may leave it out, its opening messages alike being the prompt)")
+        for key, value in (("prompt", prompt), *zip(ANSWERS, answers, strict=True)):
+            if not isinstance(value, str):
+                return f"field '{key}' must be a string, got {type(value).__name__}"
+        if answers[0] == answers[1]:
+            return "'chosen' and 'rejected' are the same answer, which teaches nothing"
+        rows = [{"prompt": prompt, "completion": a} for a in answers]
+        for key, r in zip(ANSWERS, rows, strict=True):
+            if problem := _row_problem(r, "completion"):
+                return problem.replace("'completion'", f"'{key}'")
+        return "completion", rows
+    return _conversation_pair(row, prompt, answers)
+
+
+def _conversation_pair(row: dict, prompt: object, answers: list) -> tuple[str, list[dict]] | str:
+    """`split_pair` of a row whose prompt or answers are messages."""
+    answers = [[{"role": "assistant", "content": a}] if isinstance(a, str) else a for a in answers]
+    for key, value in (("prompt", prompt), *zip(ANSWERS, answers, strict=True)):
+        if value is not None and not (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
+            return f"field '{key}' must be a list of {{role, content}} messages (or, for an answer, a string)"
+    if prompt is None:  # the implicit prompt: the messages both open with
+        shared = next((i for i, (a, b) in enumerate(zip(*answers)) if a != b), min(map(len, answers)))
+        if not shared:
+            return ("'chosen' and 'rejected' share no opening message to be the prompt; give the prompt in field "
+                    "'prompt', or open both conversations with it")
+        prompt, answers = answers[0][:shared], [a[shared:] for a in answers]
+    if answers[0] == answers[1]:
+        return "'chosen' and 'rejected' are the same answer, which teaches nothing"
+    for key, answer in zip(ANSWERS, answers, strict=True):
+        if not any(m.get("role") == "assistant" for m in answer):
+            return f"'{key}' has no assistant message after the prompt: nothing of it to learn"
+    context = [{k: v for k, v in m.items() if k not in TRAIN_KEYS} | ({TRAIN: False} if m.get("role") == "assistant"
+                                                                        else {}) for m in prompt]
+    extra = {k: row[k] for k in ("tools",) if row.get(k) is not None}
+    rows = [_with_call_arguments(_without_empty_calls({"messages": context + answer} | extra)) for answer in answers]
+    for key, r in zip(ANSWERS, rows, strict=True):
+        if problem := _row_problem(r, "chat"):
+            return _in_row_words(problem, len(context), key, row)
+    return "chat", rows
+
+
+def _in_row_words(problem: str, opening: int, key: str, row: dict) -> str:
+    """A chat problem of a pair's answer row (`messages[3].content`) in the preference row's words
+    (`chosen[1].content`, `prompt[0].role`)."""
+    import re
+
+    explicit = row.get("prompt") is not None
+
+    def name(match: re.Match) -> str:
+        i = int(match.group(1))
+        if i < opening:
+            return f"prompt[{i}]" if explicit else f"{key}[{i}]"
+        return f"{key}[{i - opening if explicit else i}]"
+    return re.sub(r"messages\[(\d+)\]", name, problem).replace("'messages'", f"'{key}'")
+
+
+def pair_problem(row: dict) -> str | None:
+    """What makes a preference row unusable (`peftkit.data.formats._row_problem`'s, for data.format preference)."""
+    split = split_pair(row)
+    return split if isinstance(split, str) else None
+
+
+class Pairs(Sequence):
+    """A preference dataset's examples as pairs: item i is (chosen, rejected, their reference log-probabilities or
+    None), from `examples` 2i and 2i + 1. `reference` ((pairs, 2) float32: the base model's summed log-probabilities
+    of each answer, `peftkit.preference.reference_logps`) is set before training starts."""
+
+    def __init__(self, examples: Examples) -> None:
+        self.examples = examples
+        self.reference: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples) // 2
+
+    def __getitem__(self, i: int) -> tuple[Example, Example, torch.Tensor | None]:  # type: ignore[override]
+        i = range(len(self))[i]
+        return (self.examples[2 * i], self.examples[2 * i + 1],
+                None if self.reference is None else self.reference[i])
+
+    def lengths(self) -> list[int]:
+        """Each pair's longer answer's token count (data.group_by_length groups pairs by it)."""
+        lengths = self.examples.lengths()
+        return [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)]
+
+    @property
+    def task_ids(self) -> list[None]:
+        return [None] * len(self)
+
+
+class PairCollator:
+    """Right-pads a list of pairs to their longest answer: rows chosen, rejected, chosen, rejected, ... (a pair's two
+    rows together, so that a process's slice of the batch holds whole pairs), and each row's reference
+    log-probability (`reference_logps`) where the pairs have one."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.rows = Collator(pad_id)
+
+    def __call__(self, pairs: list[tuple[Example, Example, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+        batch = self.rows([e for chosen, rejected, _ in pairs for e in (chosen, rejected)])
+        if pairs and pairs[0][2] is not None:
+            batch["reference_logps"] = torch.stack([ref for *_, ref in pairs]).flatten()
+        return batch
+
+
+def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig) -> tuple[Pairs, dict]:
+    """The pairs of `source` (read as `peftkit.data.examples.load_examples` reads rows) and their counts, the keys
+    `describe_stats` prints (an example is a pair)."""
+    rows, skipped, line_numbers, name = read_rows(source, split, cfg)
+    stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,
+             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
+             "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
+             "dropped_message_first": None}
+    where = [row_location(name, i, line_numbers) for i in range(len(rows))]
+    split_rows, fmt = [], None
+    for row, at in zip(rows, where, strict=True):
+        if not usable_row(row, cfg, at):  # (a bad row under data.on_bad_rows: error raises, naming it)
+            stats["bad_rows"] += 1
+            continue
+        kind, pair = split_pair(row)
+        if fmt is not None and kind != fmt:
+            raise PeftkitError(f"{at}: a pair of {'conversations' if kind == 'chat' else 'text answers'} in a dataset "
+                               f"whose first pair is of {'conversations' if fmt == 'chat' else 'text answers'}; give "
+                               "every row of a dataset the same form")
+        fmt = kind
+        split_rows.append((at, pair))
+    if not split_rows:
+        raise PeftkitError(no_examples_error(stats | {"examples": 0}, cfg, name, 0, line_numbers))
+    own = cfg.model_copy(update={"format": fmt, "columns": {}})
+    answers = format_rows([r for _, pair in split_rows for r in pair], own)
+    doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)
+    doubled.parts = []
+    built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), False))
+    examples, cuts = Examples(), _TargetCuts()
+    for chosen, rejected in zip(built[::2], built[1::2], strict=True):
+        if _keep(chosen, rejected, cfg, stats, cuts):
+            examples.append(chosen.example)
+            examples.append(rejected.example)
+    if cfg.truncation == "error" and cuts.first is not None:
+        raise PeftkitError(truncation_error(cuts, cfg))
+    stats["examples"] = len(examples) // 2
+    if not examples:
+        raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
+    return Pairs(examples), stats
+
+
+def _keep(chosen, rejected, cfg: DataConfig, stats: dict, cuts: _TargetCuts) -> bool:
+    """Whether a pair's two answers (`BuiltExample`s) are trained, counted in `stats` as one example."""
+    stats["truncated"] += chosen.truncated or rejected.truncated
+    if chosen.no_target or rejected.no_target:
+        stats["too_long"] += 1
+        return False
+    if lost := next((b for b in (chosen, rejected) if b.target_lost), None):
+        stats["target_cut"] += 1
+        cuts.add(lost)
+        if cfg.truncation == "drop":
+            stats["truncation_dropped"] += 1
+            return False
+    return True
+
+
+__all__ = ["ANSWERS", "PairCollator", "Pairs", "load_pairs", "pair_problem", "split_pair"]

@@ -1,0 +1,174 @@
+"""DPO (training.objective: dpo): the loss of a batch of answer pairs, the reference model's log-probabilities of
+them, and what a run's evaluations report of preference data.
+
+Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290) trains the policy (the adapted model) to
+raise the chosen answer's log-likelihood ratio to the reference over the rejected's: with the log-ratios
+r_c = log pi(chosen) - log ref(chosen) and r_r alike, each a sum over the answer's tokens, a pair's loss is
+-log sigmoid(beta (r_c - r_r)) (`sigmoid`); `ipo` and `hinge` as TRL's DPOTrainer computes them. The rewards it
+logs are beta r_c and beta r_r; reward accuracy is the share of pairs whose chosen reward is the larger.
+
+The reference is the base model, the model without the adapter, as TRL's DPOTrainer takes it for a PEFT model.
+Its log-probabilities do not change, so they are computed once, before the adapter is injected (`reference_logps`:
+the base in eval mode, under the run's precision), for data.train and every set of data.eval, and each batch
+carries its pairs' (`peftkit.data.preference.PairCollator`): training runs one forward a micro-batch, not two,
+and needs no second model nor any way of switching the adapter off, whatever the method (a prompt-tuning or PiSSA
+adapter's too). A resumed run computes them again, on the same model and batches: the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from peftkit.data import IGNORE_INDEX, eval_loader
+from peftkit.data.preference import PairCollator, Pairs
+from peftkit.loss import labelled_count, row_logps
+from peftkit.methods.virtual import task_inputs
+from peftkit.metrics import PREFERENCE_METRICS, REWARDS
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], labelled: int | None = None) -> torch.Tensor:
+    """Each row's summed log-probability of its labelled tokens under `model`, (rows,) fp32 (`row_logps`)."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]} | task_inputs(model, batch)
+    return row_logps(model(**inputs, use_cache=False).logits, batch["labels"], labelled)
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A pair's DPO loss (training.dpo_loss) at training.dpo_beta; called on a batch as the training step calls a
+    loss: (the sum over its pairs, their number), the mean taken over the whole accumulation window's pairs."""
+
+    beta: float
+    kind: str = "sigmoid"
+
+    @classmethod
+    def of(cls, training) -> PreferenceLoss:
+        return cls(training.dpo_beta, training.dpo_loss)
+
+    def pairs(self, policy: torch.Tensor, reference: torch.Tensor,
+              tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each pair's loss, chosen reward, rejected reward) from the rows' (chosen, rejected, chosen, ...) summed
+        log-probabilities under the policy and the reference, and their labelled token counts."""
+        chosen, rejected = policy[0::2] - reference[0::2], policy[1::2] - reference[1::2]  # the log-ratios
+        margin = chosen - rejected
+        if self.kind == "sigmoid":
+            loss = -F.logsigmoid(self.beta * margin)
+        elif self.kind == "hinge":
+            loss = torch.relu(1 - self.beta * margin)
+        else:  # ipo: the log-ratios per answer token (TRL's, as the IPO paper's authors confirmed to it)
+            per_token = chosen / tokens[0::2].clamp(min=1) - rejected / tokens[1::2].clamp(min=1)
+            loss = (per_token - 1 / (2 * self.beta)) ** 2
+        return loss, self.beta * chosen.detach(), self.beta * rejected.detach()
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the batch's pair losses, number of pairs). A pair without labelled tokens (a process's stand-in
+        rows: `peftkit.distributed.shard`) adds nothing, its backward still reaching every parameter."""
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+        loss, _, _ = self.pairs(sequence_logps(model, batch, labelled), batch["reference_logps"], tokens)
+        real = (tokens[0::2] > 0) & (tokens[1::2] > 0)
+        return torch.where(real, loss, loss * 0).sum(), real.sum()
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int, processes=None,
+                    advance: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(pairs, 2) fp32 on the CPU: `model`'s summed log-probability of each pair's chosen and rejected answer, in
+    eval mode (the model's mode is restored). `processes` (several): each computes every num_processes-th batch, and
+    the shares are added up (each row computed by one process, zeros elsewhere: the sum is exact)."""
+    rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = torch.zeros(2 * len(pairs), dtype=torch.float32, device=device)
+    try:
+        for i, batch in enumerate(eval_loader(pairs, batch_size, pad_id, PairCollator(pad_id))):
+            if i % world == rank:
+                start = 2 * i * batch_size
+                labelled = labelled_count(batch["labels"])
+                rows[start:start + len(batch["input_ids"])] = sequence_logps(
+                    model, {k: v.to(device) for k, v in batch.items()}, labelled)
+            if advance is not None:
+                advance(len(batch["input_ids"]) // 2)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        from peftkit.distributed import total
+
+        rows = total(processes, rows)
+    return rows.view(-1, 2).cpu()
+
+
+FIGURES = ("loss", *PREFERENCE_METRICS, *REWARDS)
+"""What a DPO evaluation reports, each a mean over the pairs (metrics.jsonl: eval_loss, eval_reward_accuracy, ...)."""
+
+
+@dataclass
+class PreferenceEval:
+    """What a DPO run evaluates on a set of data.eval (every training.eval_steps, the end): `RunEval`'s counterpart,
+    with the DPO loss, the reward accuracy (the share of pairs whose chosen answer has the larger reward), the mean
+    reward margin, and the mean rewards of the chosen and of the rejected answers. The pairs' reference
+    log-probabilities are set before training (`reference_logps`)."""
+
+    pairs: Pairs
+    pad_id: int
+    batch_size: int
+    loss: PreferenceLoss
+    processes: object = None
+    """The run's Accelerator when it has several processes: they share out the batches."""
+    metrics: tuple[str, ...] = PREFERENCE_METRICS
+
+    @property
+    def examples(self):
+        """The answers as examples (chosen, rejected, ...): what the run's digest of data.eval covers."""
+        return self.pairs.examples
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, generator: nn.Module | None = None) -> dict[str, float]:
+        """The figures of `model` on the pairs, in eval mode (restored afterwards). Every process runs as many
+        forwards (one short of batches repeats its first, uncounted), which keeps FSDP's collectives in step."""
+        rank, world = (self.processes.process_index, self.processes.num_processes) if self.processes else (0, 1)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, right, margin, chosen, rejected, pairs
+        batches = eval_loader(self.pairs, self.batch_size, self.pad_id, PairCollator(self.pad_id))
+        rounds, first, done = -(-len(batches) // world), None, 0
+        try:
+            for i, batch in enumerate(batches):
+                first = batch if first is None else first
+                if i % world == rank:
+                    sums += self._sums(model, {k: v.to(device) for k, v in batch.items()})
+                    done += 1
+            for _ in range(rounds - done):
+                self._sums(model, {k: v.to(device) for k, v in first.items()})
+        finally:
+            model.train(was_training)
+        if world > 1:
+            from peftkit.distributed import total
+
+            sums = total(self.processes, sums)
+        n = max(float(sums[5]), 1.0)
+        return dict(zip(FIGURES, (float(s) / n for s in sums[:5]), strict=True)) | {"num_pairs": int(sums[5])}
+
+    def _sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+        loss, chosen, rejected = self.loss.pairs(sequence_logps(model, batch), batch["reference_logps"], tokens)
+        return torch.stack([loss.sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), chosen.sum(),
+                            rejected.sum(), torch.tensor(len(loss), device=loss.device)]).double()
+
+    def record(self, result: dict[str, float], prefix: str = "eval_") -> dict[str, float]:
+        """The result under metrics.jsonl / summary names: `eval_loss`, `eval_reward_accuracy`, ..."""
+        return {f"{prefix}{k}": result[k] for k in FIGURES}
+
+    def describe(self, result: dict[str, float]) -> str:
+        """`eval loss 0.6931, reward accuracy 0.5000, margin 0.0000` for the console."""
+        return (f"eval loss {result['loss']:.4f}, reward accuracy {result['reward_accuracy']:.4f}, margin "
+                f"{result['reward_margin']:.4f}")

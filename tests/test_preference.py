@@ -1,0 +1,221 @@
+"""training.objective: dpo on data.format: preference: the pairs as tokenized, the DPO loss against a dense
+computation of its formula, a run's evaluations against the exported adapter in peft, resume, and the recipe's and
+the data's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.nn import functional as F
+
+from conftest import cli_user_error, load_fp32, make_recipe, random_adapters
+from peftkit.data import IGNORE_INDEX, load_examples
+from peftkit.data.preference import PairCollator, load_pairs
+from peftkit.modeling import load_tokenizer
+from peftkit.preference import PreferenceLoss
+from peftkit.recipe import DataConfig, ModelConfig, load_recipe
+from peftkit.tiny import write_jsonl
+from peftkit.train import train
+
+
+def _sums(a: int, b: int, wrong: int) -> dict:
+    return {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + wrong)}
+
+
+@pytest.fixture(scope="module")
+def pairs_data(tmp_path_factory) -> dict[str, Path]:
+    """Sums, the chosen answer right and the rejected one its negative (a preference the tiny model can learn)."""
+    import random
+
+    root, rng = tmp_path_factory.mktemp("pairs"), random.Random(0)
+    for name, n in (("train", 48), ("eval", 12)):
+        sums = [(rng.randint(1, 50), rng.randint(1, 50)) for _ in range(n)]
+        write_jsonl(root / f"{name}.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)}
+                                             for a, b in sums])
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def _dpo_recipe(tmp_path: Path, model: Path, data: dict, **training) -> Path:
+    return make_recipe(tmp_path, model, data, data={"format": "preference", "max_length": 64},
+                       adapter={"dropout": 0.0}, training={"objective": "dpo", "lr": 2e-2, **training})
+
+
+def _tok(model: Path):
+    return load_tokenizer(ModelConfig(name_or_path=str(model)))
+
+
+def test_text_pairs_are_the_two_completions_of_the_prompt(tiny_llama, tmp_path):
+    """A text pair is two examples, each as data.format completion tokenizes {prompt, completion}: chosen at 2i,
+    rejected at 2i + 1."""
+    rows = [_sums(3, 4, 2), _sums(10, 20, 5)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    write_jsonl(tmp_path / "completions.jsonl", [{"prompt": r["prompt"], "completion": r[k]}
+                                                 for r in rows for k in ("chosen", "rejected")])
+    tok = _tok(tiny_llama)
+    pairs, stats = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
+    completions, _ = load_examples(tok, str(tmp_path / "completions.jsonl"), None,
+                                   DataConfig(train="x", format="completion"), cache=False)
+    assert len(pairs) == 2 and stats["examples"] == 2
+    assert list(pairs.examples) == list(completions)
+    chosen, rejected, reference = pairs[1]
+    assert tok.decode([t for t in chosen.labels if t != IGNORE_INDEX]) == "30</s>"
+    assert tok.decode([t for t in rejected.labels if t != IGNORE_INDEX]) == "35</s>"
+    assert reference is None
+
+
+def test_a_conversation_pair_trains_its_answer_alone_and_its_implicit_prompt_is_the_shared_opening(tiny_llama,
+                                                                                                tmp_path):
+    """A conversation's answer is labelled, the prompt's own assistant turn is not; without `prompt` the messages
+    both conversations open with are the prompt (TRL's implicit prompt); a string answer is one assistant message."""
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "2+2?"}]
+    rows = [{"prompt": prompt, "chosen": "4", "rejected": [{"role": "assistant", "content": "5"}]},
+            {"chosen": [*prompt, {"role": "assistant", "content": "4"}],
+             "rejected": [*prompt, {"role": "assistant", "content": "5"}]}]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    tok = _tok(tiny_llama)
+    pairs, _ = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
+    assert list(pairs.examples)[:2] == list(pairs.examples)[2:]  # the explicit and the implicit prompt alike
+    for example, answer in zip(pairs.examples, "4545", strict=True):
+        trained = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
+        assert trained.startswith(answer) and "hello" not in trained and len(trained) < 12, trained
+        assert "hello" in tok.decode(example.input_ids)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge"])
+def test_the_loss_is_dpo_s_formula_on_dense_log_probabilities(tiny_llama, tmp_path, kind):
+    """The loss and its gradients equal the formula (TRL's) computed from a full log-softmax of the adapted model's
+    and the base model's logits, pair by pair."""
+    from peftkit.adapters import inject_adapters, trainable_parameters
+    from peftkit.methods.lora import LoraConfig
+
+    rows = [_sums(3, 4, 2), _sums(10, 20, 5), _sums(1, 1, 9)]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    tok = _tok(tiny_llama)
+    pairs, _ = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
+    base, model = load_fp32(tiny_llama), load_fp32(tiny_llama)
+    inject_adapters(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    random_adapters(model, seed=3, std=0.3)
+    batch = PairCollator(tok.pad_token_id)(list(pairs))
+
+    def dense(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = F.log_softmax(logits[:, :-1], -1)
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        return (logps.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(1), mask.sum(1)
+
+    with torch.no_grad():
+        reference, _ = dense(base)
+    batch["reference_logps"] = reference
+    beta = 0.3
+    policy, tokens = dense(model)
+    chosen, rejected = policy[0::2] - reference[0::2], policy[1::2] - reference[1::2]
+    if kind == "sigmoid":
+        expected = -F.logsigmoid(beta * (chosen - rejected))
+    elif kind == "hinge":
+        expected = torch.relu(1 - beta * (chosen - rejected))
+    else:
+        expected = (chosen / tokens[0::2] - rejected / tokens[1::2] - 1 / (2 * beta)) ** 2
+    params = trainable_parameters(model)
+    wanted = torch.autograd.grad(expected.sum(), params)
+    loss, count = PreferenceLoss(beta, kind)(model, batch)
+    got = torch.autograd.grad(loss, params)
+    assert int(count) == 3 and (expected - expected.mean()).abs().max() > 1e-3  # pairs far from each other
+    assert abs(loss.item() - expected.sum().item()) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(got, wanted, strict=True)) <= 1e-5
+
+
+def test_a_run_learns_the_preferences_and_its_figures_are_the_adapter_s_in_peft(tiny_llama, pairs_data, tmp_path):
+    """DPO on sums: the eval loss falls below log 2 and the reward accuracy rises above a half; the run's last
+    evaluation is what the exported adapter, loaded in peft over the base (the reference), gives by the formula."""
+    from peft import PeftModel
+
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=24, eval_steps=12, dpo_beta=0.5)
+    summary = train(load_recipe(recipe))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval_loss" in x]
+    assert [x["step"] for x in evals] == [12, 24]
+    last = evals[-1]
+    assert last["eval_loss"] < math.log(2) - 0.05 and last["eval_reward_accuracy"] > 0.6, last
+    assert summary["eval_reward_accuracy"] == last["eval_reward_accuracy"]
+
+    tok = _tok(tiny_llama)
+    pairs, _ = load_pairs(tok, str(pairs_data["eval"]), None, DataConfig(train="x", format="preference"))
+    batch = PairCollator(tok.pad_token_id)(list(pairs))
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+
+    def logps(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        return (F.log_softmax(out, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask).sum(1)
+
+    reference = logps(load_fp32(tiny_llama))
+    policy = logps(PeftModel.from_pretrained(load_fp32(tiny_llama), tmp_path / "run" / "adapter").eval())
+    chosen, rejected = 0.5 * (policy[0::2] - reference[0::2]), 0.5 * (policy[1::2] - reference[1::2])
+    assert abs(-F.logsigmoid(chosen - rejected).mean().item() - last["eval_loss"]) <= 1e-5
+    assert (chosen > rejected).float().mean().item() == last["eval_reward_accuracy"]
+    assert abs((chosen - rejected).mean().item() - last["eval_reward_margin"]) <= 1e-5
+
+
+def test_a_killed_dpo_run_resumes_to_the_same_bits_and_verifies(tiny_llama, pairs_data, tmp_path):
+    """The reference is computed again at the resume, to the same numbers; export.best follows the reward accuracy
+    (higher is better) through the resume; `verify` re-runs the whole to the same bits."""
+    from rich.console import Console
+
+    from conftest import check_resumes_to_the_same_bits
+    from peftkit.verify import verify
+
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=6, save_steps=2, save_total_limit=5,
+                         eval_steps=2)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["export"]["best"] = "reward_accuracy"
+    recipe.write_text(yaml.safe_dump(raw))
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=6)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    best = max(evals, key=lambda x: (x["eval_reward_accuracy"], -x["step"]))  # the first of the highest
+    assert manifest["metrics"]["best"]["step"] == best["step"]
+    assert verify(tmp_path / "run", console=Console(quiet=True)).ok
+
+
+@pytest.mark.parametrize(("sections", "said"), [
+    ({"training": {"objective": "dpo"}}, "training.objective is dpo and data.format is alpaca"),
+    ({"data": {"format": "preference"}}, "training.objective is sft and data.format is preference"),
+    ({"training": {"dpo_beta": 0.2}}, "training.dpo_beta is a setting of training.objective: dpo"),
+    ({"training": {"objective": "dpo"}, "data": {"format": "preference", "packing": True}}, "data.packing"),
+    ({"training": {"objective": "dpo"}, "data": {"format": "preference"}, "eval": {"metrics": ["rouge_l"]}},
+     "eval.metrics: rouge_l score generated answers"),
+])
+def test_recipe_mistakes_about_dpo_are_said_at_their_key(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys,
+                                                          sections, said):
+    recipe = make_recipe(tmp_path, tiny_llama, pairs_data, **sections)
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert said in err and "recipe.yaml" in err
+
+
+@pytest.mark.parametrize(("row", "said"), [
+    ({"prompt": "1+1=", "chosen": "2"}, "missing field 'rejected'"),
+    ({"prompt": "1+1=", "chosen": "2", "rejected": "2"}, "'chosen' and 'rejected' are the same answer"),
+    ({"chosen": "2", "rejected": "3"}, "missing field 'prompt'"),
+    ({"prompt": "1+1=", "chosen": "2", "rejected": 3}, "field 'rejected' must be a string"),
+    ({"prompt": [{"role": "user", "content": "1+1?"}], "chosen": "2",
+      "rejected": [{"role": "user", "content": "3"}]}, "'rejected' has no assistant message after the prompt"),
+    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+      "rejected": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
+     "share no opening message"),
+    ({"prompt": [{"role": "usr", "content": "1+1?"}], "chosen": "2", "rejected": "3"},
+     "prompt[0].role is 'usr'"),
+])
+def test_a_bad_pair_is_named_by_its_line_and_field(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys, row, said):
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [_sums(1, 2, 3), row])
+    recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": bad, "eval": pairs_data["eval"]})
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert f"{bad}:2" in err and said in err, err
