@@ -1,6 +1,7 @@
 """Adapters on the Hugging Face hub: an `--adapter` that names no local path but a hub repository (`user/name`, or
 `user/name@REVISION` for a branch, tag or commit; `user/name/SUBFOLDER` for one of several in a repository) is
-fetched into the Hugging Face cache, its adapter files only, and read from there, as peft's
+fetched into the Hugging Face cache, its adapter files only (and the tokenizer's saved beside them), and read from
+there, as peft's
 `PeftModel.from_pretrained("user/name", subfolder=...)` does. Offline (`HF_HUB_OFFLINE=1`) the cache is
 read and nothing is downloaded; a repository or revision it lacks is said with what it holds."""
 
@@ -15,6 +16,11 @@ ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_mo
                  "chat_template.jinja"]
 """What a hub adapter is read from (a legacy .bin is fetched to be named in the error that refuses it; the chat
 template it was trained with, where it has one: a peftkit run's with data.chat_template, TRL's)."""
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model"]
+"""The tokenizer files saved beside a peft adapter (TRL's setup_chat_format, Trainer), which tell the tokens its base
+was trained with added (`peftkit.new_tokens.adapter_tokens`). snapshot_download lists the repository's files and
+fetches those of these it holds: one it lacks is neither asked for nor said."""
 _HUB_ID = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)(?:/([\w.-]+(?:/[\w.-]+)*))?")
 """user/name, then the subfolder the adapter lies in, if any (a repository of several adapters or checkpoints)."""
 
@@ -44,7 +50,8 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
     local = f"no such local directory ({tried})" if tried and tried != value else "no such local directory"
     try:
         snapshot = snapshot_download(repo_id, revision=revision or None,
-                                     allow_patterns=[f"{subfolder}/{f}" if subfolder else f for f in ADAPTER_FILES])
+                                     allow_patterns=[f"{subfolder}/{f}" if subfolder else f
+                                                     for f in ADAPTER_FILES + TOKENIZER_FILES])
     except LocalEntryNotFoundError:  # offline (or the hub unreachable), and not in the cache
         raise PeftkitError(f"Adapter {value}: {local}, and of hub adapter {repo_id}{at}, "
                            f"{cache_miss(repo_id, revision or None)}") from None

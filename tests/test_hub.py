@@ -601,6 +601,68 @@ def test_a_hub_adapter_brings_the_chat_template_it_was_trained_with(hub, tiny_ll
     assert source.tokenizer().chat_template == CHATML
 
 
+def _fetch_as_online(monkeypatch, hub: Path, into: Path) -> None:
+    """huggingface_hub's snapshot_download as it fetches online: the files of the repository's snapshot in the cache
+    `hub` that `allow_patterns` match, those alone, copied to a fresh directory under `into` (offline, the whole
+    cached snapshot comes back, whatever was asked)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    def fetch(repo_id, revision=None, allow_patterns=None):
+        repo = hub / f"models--{repo_id.replace('/', '--')}"
+        snapshot = repo / "snapshots" / (revision or (repo / "refs" / "main").read_text())
+        files = [f.relative_to(snapshot).as_posix() for f in snapshot.rglob("*") if f.is_file()]
+        target = into / str(len(list(into.glob("*")))) if into.is_dir() else into / "0"
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(snapshot / name, target / name)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
+
+
+def test_a_hub_adapter_of_peft_with_new_tokens_brings_its_tokenizer(hub, tiny_llama, number_data, tmp_path,
+                                                                   monkeypatch):
+    """peft's adapter for a base with new tokens (TRL's setup_chat_format: the tokenizer saved beside it) tells them by
+    that tokenizer: fetched from the hub, the tokenizer's files come with the adapter's (the adapter's alone came: the
+    tokens were missing, and the adapter did not load), and eval gives what the local directory gives."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.hub import hub_adapter
+    from peftkit.inference import ModelSource
+    from peftkit.recipe import ModelConfig
+    from tests.conftest import load_fp32
+
+    markers = ["<|im_start|>", "<|im_end|>"]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    base = load_fp32(tiny_llama)
+    base.resize_token_embeddings(len(tok))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                        trainable_token_indices={"embed_tokens": [102, 103], "lm_head": [102, 103]})
+    local = tmp_path / "peft-adapter"
+    get_peft_model(base, config).save_pretrained(local)
+    tok.save_pretrained(local)
+    (local / "README.md").write_text("a model card")
+    _publish_to(hub, "acme/chatml-peft", local, "d" * 40)
+    _fetch_as_online(monkeypatch, hub, tmp_path / "fetched")
+
+    fetched = Path(hub_adapter("acme/chatml-peft"))
+    assert {"tokenizer.json", "tokenizer_config.json", "adapter_config.json"} <= {f.name for f in fetched.iterdir()}
+    assert not (fetched / "README.md").exists()  # what the adapter is not read from stays on the hub
+    tokenizer = ModelSource(ModelConfig(name_or_path=str(tiny_llama)), adapter=str(fetched)).tokenizer()
+    assert tokenizer.convert_tokens_to_ids(markers) == [102, 103]
+    runner = CliRunner()
+    data = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--adapter"]
+    local_eval, hub_eval = (runner.invoke(app, [*data, adapter], catch_exceptions=False)
+                            for adapter in (str(local), "acme/chatml-peft"))
+    assert local_eval.exit_code == 0 and hub_eval.exit_code == 0, local_eval.output + hub_eval.output
+    assert hub_eval.stdout == local_eval.stdout
+
+
 def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_data, tmp_path):
     """adapter.init_from: user/name, no local path, continues from the hub adapter (read from the cache offline);
     a misspelled one names the recipe's line, the local path looked for and the adapters the cache holds."""
