@@ -84,12 +84,12 @@ def folder_files(folder: Path) -> list[str]:
 
 
 def push(path: Path, repo_id: str, revision: str | None = None, private: bool = False, merged: bool = False,
-         message: str | None = None, overwrite: bool = False) -> tuple[str, list[str], list[str]]:
+         message: str | None = None, overwrite: bool = False) -> tuple[str, list[str], list[str], str | None]:
     """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit; where the branch
     holds top-level `LOADER_FILES` the directory lacks (an earlier push's chat_template.jinja would be read with the
     new adapter), the commit deletes them with `overwrite`, and without it nothing is committed (other files, a
     licence, images, and a subfolder's, another adapter's, stay); (the commit's URL, the files pushed, the files
-    deleted).
+    deleted, the commit's id where the Hub gave it).
 
     Args:
         path: a run directory, an adapter directory or a model directory (`push_folder`).
@@ -148,14 +148,15 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
         raise PeftkitError(f"Could not push {folder} to {repo_id}: the Hub at {api.endpoint} could not be reached "
                            f"({type(e).__name__}: {e}). Check the connection (HF_ENDPOINT names another server).") \
             from None
-    return commit.commit_url, files, stale
+    return commit.commit_url, files, stale, commit.oid
 
 
-def check_recipe_push(repo_id: str, output_dir: str) -> None:
-    """Before a run with export.push_to_hub trains: refuse it where nothing could be pushed at its end (offline, no
-    token), rather than after the run."""
-    later = (f"or remove export.push_to_hub and push the finished run with `peftkit push {output_dir} {repo_id}` "
-             "where the Hub can be reached")
+def check_recipe_push(export) -> None:
+    """Before a run with export.push_to_hub trains (`export`: the recipe's ExportConfig): refuse it where nothing
+    could be pushed at its end (offline, no token), rather than after the run."""
+    repo_id = export.push_to_hub
+    later = (f"or remove export.push_to_hub and push the finished run with `{_push_command(export)}` where the Hub "
+             "can be reached")
     if (blocked := _cannot_push()) == "offline":
         raise PeftkitError(f"export.push_to_hub: HF_HUB_OFFLINE is set, so the run's adapter could not be pushed to "
                            f"{repo_id} at its end; nothing was trained. Unset it, {later}.")
@@ -173,16 +174,35 @@ def _cannot_push() -> str | None:
     return "offline" if constants.HF_HUB_OFFLINE else "no token" if get_token() is None else None
 
 
-def push_run(out: Path, repo_id: str, console) -> None:
-    """export.push_to_hub at a finished run's end (main process): `out`'s adapter/ pushed as `peftkit push` does. A
-    push that fails keeps the run (its files are written): the error says so and how to push it again."""
+def push_run(out: Path, export, console) -> None:
+    """export.push_to_hub at a finished run's end (main process): `out`'s adapter/ pushed as `peftkit push` does,
+    with export.push_revision and export.push_private (`export`: the recipe's ExportConfig), and the push recorded in
+    its manifest.json (`pushed_to_hub`: repository, branch, commit id and URL). A push that fails keeps the run (its
+    files are written): the error says so and how to push it again."""
+    import json
+
+    from peftkit.fileio import atomic_write_json
+
+    repo_id, revision = export.push_to_hub, export.push_revision
     try:
-        commit_url, files, _ = push(out, repo_id)
+        commit_url, files, _, commit = push(out, repo_id, revision, export.push_private)
     except PeftkitError as e:
         raise PeftkitError(f"The run finished and its files are in {out}, but export.push_to_hub failed: {e} Push it "
-                           f"again with `peftkit push {out} {repo_id}`.") from None
-    console.print(f"export.push_to_hub: pushed {len(files)} files of {out / 'adapter'} to {repo_id}: {commit_url}",
+                           f"again with `{_push_command(export, out)}`.") from None
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest["pushed_to_hub"] = {"repo": repo_id, "revision": revision or "main", "commit": commit, "url": commit_url}
+    atomic_write_json(out / "manifest.json", manifest)
+    at = f" ({revision})" if revision else ""
+    console.print(f"export.push_to_hub: pushed {len(files)} files of {out / 'adapter'} to {repo_id}{at}: {commit_url}",
                   highlight=False, soft_wrap=True)
+
+
+def _push_command(export, out: Path | None = None) -> str:
+    """The `peftkit push` command that pushes the run of ExportConfig `export` (in `out`: its output_dir) as
+    export.push_to_hub would."""
+    flags = f" --revision {export.push_revision}" if export.push_revision else ""
+    flags += " --private" if export.push_private else ""
+    return f"peftkit push {out or export.output_dir} {export.push_to_hub}{flags}"
 
 
 def _refusal(e, repo_id: str) -> str:

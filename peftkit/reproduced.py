@@ -106,6 +106,9 @@ CHECKED_APART = {"command", "environment", "recipe", "recipe_sha256", "losses", 
                  "outputs_sha256"}
 """manifest.json's fields that verify checks on their own (the command line, which names verify's own re-run, and
 the environment are notes); every other field must equal the re-run's."""
+PUBLISHED = {"pushed_to_hub"}
+"""manifest.json's record of what the run's end published (export.push_to_hub's commit), which a re-run never does:
+not compared."""
 
 
 def _result_differences(manifest: Manifest, rerun: Manifest, tolerance: float) -> list[str]:
@@ -115,7 +118,7 @@ def _result_differences(manifest: Manifest, rerun: Manifest, tolerance: float) -
     out = []
     if recorded.get("loss_digest") != loss_digest(manifest.losses):
         out.append(f"{MANIFEST}: its loss_digest does not match its losses; the manifest was edited after the run")
-    for key in sorted((recorded.keys() | now.keys()) - CHECKED_APART):
+    for key in sorted((recorded.keys() | now.keys()) - CHECKED_APART - PUBLISHED):
         if key == "dtype" and recorded.get(key) == "auto" == manifest.recipe.model.dtype:  # (before December 2026
             # the setting, not what it resolved to)
             continue

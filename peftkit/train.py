@@ -106,7 +106,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     """
     out = Path(recipe.export.output_dir)
     if recipe.export.push_to_hub:  # before anything trains: a run whose end could push nothing is refused now
-        check_recipe_push(recipe.export.push_to_hub, recipe.export.output_dir)
+        check_recipe_push(recipe.export)
     cublas_note = pin_cublas_workspace(recipe.training.deterministic, recipe.model.device)  # before CUDA starts
     accelerator = make_accelerator(recipe, out)
     console = (console or Console()) if accelerator.is_main_process else Console(quiet=True)
@@ -159,7 +159,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         if run.trackers is not None:
             run.trackers.close()
         if run.main and recipe.export.push_to_hub:  # the run's files are written: a failed push loses none of them
-            push_run(out, recipe.export.push_to_hub, console)
+            push_run(out, recipe.export, console)
         return summary
 
 

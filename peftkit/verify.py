@@ -198,6 +198,7 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
         # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there.
         recipe.export.output_dir = tmp
+        recipe.export.push_revision, recipe.export.push_private = None, False  # (set without push_to_hub: refused)
         recipe.export.push_to_hub = None  # a re-run checks the run's bits: it never publishes them
         console.print(f"Re-running the recipe recorded in {run_dir} in a temporary directory (deleted afterwards) ...",
                       markup=False,

@@ -17,6 +17,7 @@ import torch
 import yaml
 from huggingface_hub import constants
 
+from peftkit.errors import PeftkitError
 from peftkit.recipe import load_recipe
 from peftkit.train import train
 from tests.conftest import cli_user_error, free_port, make_recipe
@@ -394,9 +395,42 @@ def test_export_push_to_hub_pushes_the_adapter_at_the_end_and_verify_does_not(fa
     said = " ".join(capsys.readouterr().out.split())
     assert f"export.push_to_hub: pushed {len(commit['files'])} files of {run / 'adapter'} to acme/tiny-lora: " in said
     assert fake_hub.unexpected == []
+    assert json.loads((run / "manifest.json").read_text())["pushed_to_hub"] == {
+        "repo": "acme/tiny-lora", "revision": "main", "commit": f"{1:040x}",
+        "url": f"{fake_hub.endpoint}/acme/tiny-lora/commit/{1:040x}"}
     requests = len(fake_hub.requests)
     assert verify(run, console=Console(quiet=True)).ok
     assert len(fake_hub.commits) == 1 and len(fake_hub.requests) == requests
+
+
+def test_export_push_private_and_push_revision_push_as_peftkit_push_s_flags(fake_hub, tiny_llama, number_data,
+                                                                            tmp_path, monkeypatch, capsys):
+    """export.push_private and export.push_revision are `peftkit push`'s --private and --revision: the repository is
+    created private, the commit made on that branch (created from main), and manifest.json records the push; verify
+    re-runs without pushing. A push that fails says the `peftkit push` command with those flags."""
+    from rich.console import Console
+
+    from peftkit.push import push_run
+    from peftkit.verify import verify
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2},
+                         export={"push_to_hub": "acme/tiny-lora", "push_private": True, "push_revision": "v1"})
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    [commit] = fake_hub.commits
+    assert (commit["repo"], commit["branch"]) == ("acme/tiny-lora", "v1") and fake_hub.repos["acme/tiny-lora"]["private"]
+    assert commit["files"] == _files(run / "adapter")
+    assert json.loads((run / "manifest.json").read_text())["pushed_to_hub"] == {
+        "repo": "acme/tiny-lora", "revision": "v1", "commit": f"{1:040x}",
+        "url": f"{fake_hub.endpoint}/acme/tiny-lora/commit/{1:040x}"}
+    requests = len(fake_hub.requests)
+    assert verify(run, console=Console(quiet=True)).ok
+    assert len(fake_hub.commits) == 1 and len(fake_hub.requests) == requests and fake_hub.unexpected == []
+    fake_hub.refuse(403)
+    with pytest.raises(PeftkitError) as e:
+        push_run(run, load_recipe(recipe).export, Console(quiet=True))
+    assert f"Push it again with `peftkit push {run} acme/tiny-lora --revision v1 --private`." in str(e.value)
+    assert json.loads((run / "manifest.json").read_text())["pushed_to_hub"]["commit"] == f"{1:040x}"
 
 
 def test_a_recipe_that_could_push_nothing_is_refused_before_training(fake_hub, tiny_llama, number_data, tmp_path,
@@ -417,6 +451,14 @@ def test_a_recipe_that_could_push_nothing_is_refused_before_training(fake_hub, t
     assert ("export.push_to_hub pushes the run's adapter/, and export.adapter is false: set it true (merged/ is pushed "
             "by `peftkit push RUN_DIR acme/x --merged`)") in " ".join(
                 cli_user_error(monkeypatch, capsys, "train", str(no_adapter)).split())
+    for export, key in (({"push_revision": "v1"}, "export.push_revision 'v1'"),
+                        ({"push_private": True}, "export.push_private: true")):
+        unpushed = make_recipe(tmp_path, tiny_llama, number_data, export=export)
+        assert (f"{key} is how export.push_to_hub pushes, and export.push_to_hub is not set: set it (user/name), "
+                "or remove") in " ".join(cli_user_error(monkeypatch, capsys, "train", str(unpushed)).split())
+    commit = make_recipe(tmp_path, tiny_llama, number_data, export={"push_to_hub": "acme/x", "push_revision": "a" * 40})
+    assert (f"export.push_revision {'a' * 40} is a commit id, and a push makes a commit on a branch: give the branch's "
+            "name") in " ".join(cli_user_error(monkeypatch, capsys, "train", str(commit)).split())
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     said = error()
     assert ("export.push_to_hub: HF_HUB_OFFLINE is set, so the run's adapter could not be pushed to acme/tiny-lora at "

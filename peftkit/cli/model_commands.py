@@ -470,7 +470,7 @@ def push(
 
     from peftkit.push import push as run_push
 
-    url, files, deleted = run_push(path.expanduser(), repo_id, revision, private, merged, message, overwrite)
+    url, files, deleted, _ = run_push(path.expanduser(), repo_id, revision, private, merged, message, overwrite)
     for name in files:
         console.print(Text(visible(f"pushed {name}")), highlight=False)
     for name in deleted:

@@ -4,6 +4,7 @@ the rest of peftkit reads typed fields, never `dict.get(key, default)`)."""
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any, Literal, get_args
 
 import yaml
@@ -282,9 +283,15 @@ class ExportConfig(Section):
     """Write report/ (report.html and its plots, as `peftkit report` does) when the run ends."""
     push_to_hub: str | None = None
     """Hugging Face Hub repository (`user/name`) that adapter/ is pushed to when the run has finished and exported,
-    as `peftkit push RUN_DIR user/name` does (to main, created where absent with the owner's default visibility;
-    refused where main holds an earlier push's files adapter/ lacks). merged/ is not pushed: `peftkit push RUN_DIR
+    as `peftkit push RUN_DIR user/name` does (to main or push_revision, created where absent with the owner's default
+    visibility or private with push_private; refused where the branch holds an earlier push's files adapter/ lacks;
+    recorded in manifest.json's `pushed_to_hub`). merged/ is not pushed: `peftkit push RUN_DIR
     user/other --merged` does. Offline (HF_HUB_OFFLINE) or without a token the run is refused before it starts."""
+    push_private: bool = False
+    """push_to_hub's repository is created private (`peftkit push --private`); an existing public one is refused,
+    nothing pushed."""
+    push_revision: str | None = None
+    """The branch push_to_hub commits to, created from main where absent (`peftkit push --revision`); null: main."""
 
     @field_validator("push_to_hub")
     @classmethod
@@ -302,8 +309,23 @@ class ExportConfig(Section):
             raise ValueError(f"{repo_id!r} is no Hub repository id ({str(e).rstrip('.')})") from None
         return repo_id
 
+    @field_validator("push_revision")
+    @classmethod
+    def _branch(cls, revision: str | None) -> str | None:
+        if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):  # create_branch would name a branch so
+            raise ValueError(f"export.push_revision {revision} is a commit id, and a push makes a commit on a branch: "
+                             "give the branch's name (created from main where absent)")
+        if revision is not None and not revision.strip():
+            raise ValueError("export.push_revision is empty: give a branch's name, or null for main")
+        return revision
+
     @model_validator(mode="after")
     def _push_needs_adapter(self) -> ExportConfig:
+        how = (f"export.push_revision {self.push_revision!r}" if self.push_revision is not None
+               else "export.push_private: true" if self.push_private else None)
+        if how and not self.push_to_hub:
+            raise ValueError(f"{how} is how export.push_to_hub pushes, and export.push_to_hub is not set: set it "
+                             f"(user/name), or remove {how.split()[0].rstrip(':')}")
         if self.push_to_hub and not self.adapter:
             raise ValueError("export.push_to_hub pushes the run's adapter/, and export.adapter is false: set it true "
                              f"(merged/ is pushed by `peftkit push RUN_DIR {self.push_to_hub} --merged`)")
