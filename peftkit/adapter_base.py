@@ -34,7 +34,7 @@ def check_remote_code(adapter_dir: str, allowed: bool) -> None:
 
 
 def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
-                       trust_remote_code: bool = False, warn_requantized: bool = True):
+                       trust_remote_code: bool = False, warn_requantized: bool = True, tokens_of=None):
     """Base model (re-quantized as the adapter was trained, if it was) with a PEFT adapter injected.
 
     bitsandbytes quantization is deterministic, so re-quantizing the same base weights gives the exact
@@ -49,6 +49,8 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
             its base runs its own code is refused without it: a file never decides to run code.
         warn_requantized: warn where the base is quantized on another kind of device than the adapter's was
             (`warn_if_requantized`); False where the caller said so already (`peftkit.merge.merge_device`).
+        tokens_of: `peftkit.new_tokens.adapter_tokens`, or a caller's function that remembers its answers (a peft
+            adapter's tokenizer is read to find them: `ModelSource.added_tokens` reads it once per command).
 
     Returns:
         (model, adapter settings, tokenizer, base ModelConfig, quantization or None)
@@ -56,7 +58,7 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
     from peftkit.adapters import inject_adapters, load_adapter_state_dict
 
     model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code,
-                                                                       warn_requantized)
+                                                                       warn_requantized, tokens_of)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
     # weights then decide, and load_adapter_state_dict refuses any that do not land.
     inject_adapters(model, adapter_cfg, every_entry=False, state=state, saved_only=True)
@@ -66,7 +68,7 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
 
 
 def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
-                      trust_remote_code: bool = False, warn_requantized: bool = True):
+                      trust_remote_code: bool = False, warn_requantized: bool = True, tokens_of=None):
     """An adapter's files and the base model it applies to, not yet adapted (`load_adapted_model`'s first half,
     which `peftkit.adapters.named` shares: several adapters, one base).
 
@@ -94,7 +96,8 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
                             attn_implementation=settings.attn_implementation if settings else None,
                             rope_scaling=meta.rope_scaling,
                             task="sequence_classification" if classify else "causal_lm")
-    model_cfg = model_cfg.model_copy(update={"add_tokens": adapter_tokens(adapter_dir, model_cfg)})  # model.add_tokens
+    tokens = (tokens_of or adapter_tokens)(adapter_dir, model_cfg)  # model.add_tokens
+    model_cfg = model_cfg.model_copy(update={"add_tokens": tokens})
     labels = adapter_labels(adapter_dir, state) if classify else None
     changes = base_changes(adapter_dir, name, revision) if name == recorded else None
     model = load_model(model_cfg, quant, device, labels)

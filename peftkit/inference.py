@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import get_args
 
@@ -42,6 +42,9 @@ class ModelSource:
     chat_template: str | None = None
     """The recipe's data.chat_template, which the tokenizer gets in place of its own (kept under --model: the
     recipe's data and its run's adapter were rendered with it); None without a recipe (`tokenizer`)."""
+    added: dict = field(default_factory=dict, repr=False, compare=False)
+    """`added_tokens`' answers for this command, by the base tokenizer they were found against (shared by the
+    copies `here` makes): the tokenizer and the model each need them."""
 
     @classmethod
     def of_recipe(cls, cfg: Recipe, run_adapter: str | None) -> ModelSource:
@@ -99,7 +102,6 @@ class ModelSource:
         from peftkit.adapter_base import base_revision, check_remote_code
         from peftkit.data.chat_templates import adapter_template
         from peftkit.modeling import load_tokenizer
-        from peftkit.new_tokens import adapter_tokens
         from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
 
         cfg = self.model
@@ -117,10 +119,21 @@ class ModelSource:
                                      recorded_base(self.adapter, "revision"), cfg.revision, say=False)
             # the base's tokenizer with the tokens the adapter's training added (model.add_tokens), in its order
             cfg = cfg.model_copy(update={"revision": revision})
-            cfg = cfg.model_copy(update={"add_tokens": adapter_tokens(self.adapter, cfg)})
+            cfg = cfg.model_copy(update={"add_tokens": self.added_tokens(self.adapter, cfg)})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
         return load_tokenizer(cfg, self.chat_template or adapter_template(self.adapter))
+
+    def added_tokens(self, adapter_dir: str, cfg: ModelConfig) -> list[str]:
+        """`peftkit.new_tokens.adapter_tokens`, found once per adapter and base tokenizer (name, revision,
+        trust_remote_code: all it reads of `cfg`) while this source lives: a peft adapter's tokenizer is read to find
+        them, once where the tokenizer and the model both ask."""
+        from peftkit.new_tokens import adapter_tokens
+
+        key = (adapter_dir, cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
+        if key not in self.added:
+            self.added[key] = adapter_tokens(adapter_dir, cfg)
+        return list(self.added[key])
 
     def load(self, device: torch.device | None = None, labels=None) -> nn.Module:
         """The model in eval mode on `device` (default: the model's `device` setting), with the adapter applied.
@@ -134,7 +147,8 @@ class ModelSource:
         source = self.here(device)
         with phase(f"Loading {source.describe()}..."):
             if source.adapter:
-                model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code)[0]
+                model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code,
+                                           tokens_of=source.added_tokens)[0]
             else:
                 model = load_model(source.model, source.quantization, device, labels).eval()
         return under_autocast(model, inference_autocast(source.mixed_precision, device), device)

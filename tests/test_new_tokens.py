@@ -445,6 +445,32 @@ def test_peft_s_adapter_with_the_resized_modules_saved_whole_loads(bases, tmp_pa
     ours = load_adapted_model(str(bases["llama"]), str(adapter), torch.device("cpu"))[0]
     assert (_logits(ours) - _logits(model.eval())).abs().max() <= 1e-5
 
+def test_eval_of_peft_s_adapter_reads_its_tokenizer_once(bases, tmp_path, monkeypatch):
+    """`peftkit eval --adapter DIR` of peft's adapter with new tokens reads the tokenizer beside it once, for both the
+    tokenizer and the model (the tokens it adds were found twice: each a tokenizer load), and evaluates as before."""
+    from peft import LoraConfig, get_peft_model
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.tiny import number_rows
+
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    base.resize_token_embeddings(len(tok))
+    adapter = tmp_path / "peft-adapter"
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [102, 103]})
+                   ).save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    write_jsonl(tmp_path / "eval.jsonl", number_rows(4, seed=2))
+    loads, load = [], AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
+    result = CliRunner().invoke(app, ["eval", "--model", str(bases["llama"]), "--data", str(tmp_path / "eval.jsonl"),
+                                      "--adapter", str(adapter)], catch_exceptions=False)
+    assert result.exit_code == 0 and result.stdout.startswith("loss "), result.output
+    assert loads.count(str(adapter)) == 1, loads
+
 def test_peft_s_adapter_with_new_tokens_beside_others_is_refused(bases, tmp_path):
     """Named after a plain adapter, whose base has no rows for its tokens, peft's adapter with new tokens (its
     tokenizer beside it) is said so, as peftkit's are (it was "trained on a different base model")."""
