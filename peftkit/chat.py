@@ -25,14 +25,24 @@ def reply_text(tok, ids: list[int]) -> str:
 
 
 class _Streamer:
-    """Prints the reply's text as its tokens arrive (decoded whole each time, so multi-byte characters and
-    merged word pieces print right), skipping the prompt that `generate` pushes first. Text that may be the start of
-    a stop string (`texts`, --stop) waits for the tokens that tell; a stop string and what follows never print."""
+    """Prints the reply's text as its tokens arrive, skipping the prompt that `generate` pushes first. Text that may
+    be the start of a stop string (`texts`, --stop) waits for the tokens that tell; a stop string and what follows
+    never print.
+
+    Each token decodes a short window, not the whole reply (which cost time growing with the square of the reply's
+    length: a 2,000-token reply decoded 2,003,000 tokens), as transformers' TextStreamer and vLLM do: the tokens of
+    the text added last (`ids[prefix:read]`), whose text is then the start of the window's. What the window adds
+    beyond it is the new text, once it is whole: a window ending in part of a UTF-8 character, or adding nothing
+    (special tokens, which decoding skips), waits for the next token and grows by it. The window's start decodes
+    as the whole reply's there (a leading space stripped or a character split there fall in its known text), so
+    merged word pieces print right. `end` decodes the whole reply once, so the text shown is `reply_text`'s."""
 
     def __init__(self, tok, write: Callable[[str], None], stops: list[int], texts: tuple[str, ...] = ()) -> None:
         self.tok, self.write, self.stops, self.texts = tok, write, set(stops), texts
         self.ids: list[int] = []
-        self.shown = ""
+        self.prefix = self.read = 0  # ids[:read] are decoded, into `shown` + `unshown`; ids[prefix:read] added last
+        self.shown = 0  # characters printed
+        self.unshown = ""  # the decoded text past them: held back (it may begin a stop string) or after a stop string
         self.prompt_seen = False
         self.stopped = False  # a stop token arrived: it and what follows are not the reply's (nor shown)
 
@@ -44,19 +54,29 @@ class _Streamer:
             self.stopped = self.stopped or token in self.stops
             if not self.stopped:
                 self.ids.append(token)
-        self._show(reply_text(self.tok, self.ids), done=False)
+        known = reply_text(self.tok, self.ids[self.prefix:self.read])
+        window = reply_text(self.tok, self.ids[self.prefix:])
+        if len(window) > len(known) and not window.endswith("\ufffd"):  # (else an incomplete UTF-8 character)
+            self.unshown += window[len(known):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self._show(done=False)
 
-    def _show(self, text: str, done: bool) -> None:
-        cut = cut_at_stop(text, self.texts)
-        if not done and len(cut) == len(text):  # the end of the text may begin a stop string: hold it back
+    def _show(self, done: bool) -> None:
+        """Print `unshown` up to a stop string, but (unless `done`) an end of it that may begin one."""
+        cut = cut_at_stop(self.unshown, self.texts)  # (what was printed holds no stop string, nor begins one)
+        if not done and len(cut) == len(self.unshown):  # the end of the text may begin a stop string: hold it back
             cut = cut[:len(cut) - max((n for s in self.texts for n in range(1, len(s)) if cut.endswith(s[:n])),
                                       default=0)]
-        if not cut.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
-            self.write(visible(cut[len(self.shown):]).replace("\r", ""))  # print() obeys a lone CR
-            self.shown = cut
+        if cut:
+            self.write(visible(cut).replace("\r", ""))  # print() obeys a lone CR
+            self.shown += len(cut)
+        self.unshown = self.unshown[len(cut):]
 
     def end(self) -> None:
-        self._show(reply_text(self.tok, self.ids), done=True)  # what was held back, the reply's end
+        """Print what was held back and the reply's end, from the whole reply's text (a reply cut in the middle of
+        a UTF-8 character ends in U+FFFD, as the conversation keeps it)."""
+        self.unshown = reply_text(self.tok, self.ids)[self.shown:]
+        self._show(done=True)
         self.write("\n")
 
 

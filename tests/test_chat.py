@@ -253,3 +253,85 @@ def test_a_recipe_s_data_system_prompt_opens_chat_and_generate_chat(tiny_llama, 
         monkeypatch.setattr(sys, "argv", ["peftkit", "chat", str(recipe), "--set", "export.output_dir=x", *flags])
         main()
     assert seen == ["Be brief.", "Mine.", ""]
+
+
+def _stream(tok, ids: list[int], texts: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """What the streamer printed of `ids` (after a prompt): after each token, and at the end."""
+    from peftkit.chat import _Streamer
+
+    shown: list[str] = []
+    streamer = _Streamer(tok, shown.append, stops=[], texts=texts)
+    streamer.put(torch.tensor([[1, 2]]))
+    after_each = []
+    for token in ids:
+        streamer.put(torch.tensor([token]))
+        after_each.append("".join(shown))
+    streamer.end()
+    return after_each, shown
+
+
+def test_a_reply_streams_in_time_that_grows_with_its_length():
+    """The streamer decoded the whole reply at every token: 2,003,000 tokens for a reply of 2,000. It now decodes a
+    window of the last few tokens a token, and the whole reply once at the end; the text is the same."""
+    from peftkit.chat import reply_text
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    text = "Hello, world! Each token is one character here.\n" * 42
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    decoded = []
+    decode = tok.decode
+    tok.decode = lambda ids, **kwargs: decoded.append(len(ids)) or decode(ids, **kwargs)
+    _, shown = _stream(tok, ids, texts=("STOP",))
+    assert "".join(shown) == reply_text(tok, ids) + "\n" == text + "\n" and len(ids) == 2016
+    assert sum(decoded) <= 5 * len(ids)  # (4 a token, the window twice, and the whole reply at the end)
+
+
+@pytest.mark.parametrize("make_tok", ["_byte_level_tokenizer", "_sentencepiece_tokenizer", "_cleaning_char_tokenizer"])
+def test_the_streamed_text_is_the_reply_s_text(make_tok):
+    """Decoding a window of the reply's last tokens, not all of them, prints what decoding all of them gives: checked
+    on random replies (text of 2-, 3- and 4-byte characters split between tokens, special tokens, which decoding
+    skips, stray byte tokens) with stop strings of their text, for a byte-level BPE, a sentencepiece tokenizer (a
+    leading space stripped) and one that cleans up spaces. After each token the screen shows a beginning of the
+    reply's text up to its first stop string, and at the end all of it (a reply ending in part of a character: its
+    U+FFFD, as the conversation keeps it). Left out: replies whose text a later token rewrites (sentencepiece's byte
+    fallback decodes the bytes of "here" then a stray byte as five U+FFFD), which no streamer can print."""
+    import random
+
+    import tests.test_generate
+    from peftkit.chat import reply_text
+    from peftkit.decoding import cut_at_stop
+    from peftkit.errors import visible
+
+    tok = getattr(tests.test_generate, make_tok)()
+    specials = [i for i in tok.all_special_ids if i != tok.eos_token_id]
+    rng = random.Random(0)
+    checked = split = cut = 0  # replies checked, with a character split between tokens, cut at a stop string
+    for trial in range(60):
+        ids: list[int] = []
+        while len(ids) < 60:
+            kind = rng.random()
+            if kind < 0.1:
+                ids += [rng.choice(specials)] * rng.choice([1, 3])
+            elif kind < 0.15:
+                ids.append(rng.randrange(len(tok)))
+            else:
+                text = rng.choice(tests.test_generate.STOP_TEXTS)
+                start = rng.randrange(len(text))
+                ids += tok(text[start:start + rng.randrange(1, 12)], add_special_tokens=False)["input_ids"]
+        whole = reply_text(tok, ids)
+        if not all(whole.startswith(reply_text(tok, ids[:n]).rstrip("\ufffd")) for n in range(len(ids))):
+            continue
+        texts = tuple(whole[s:s + rng.randrange(1, 6)] for s in [rng.randrange(len(whole))] if trial % 2)
+        texts = tuple(t for t in texts if "\ufffd" not in t)
+        final = visible(cut_at_stop(whole, texts)).replace("\r", "")  # (as the screen shows it)
+        after_each, shown = _stream(tok, ids, texts)
+        assert all(final.startswith(text) for text in after_each), (trial, texts, whole)
+        assert "".join(shown) == final + "\n", (trial, texts, whole)
+        checked += 1
+        split += any("\ufffd" in tok.decode(ids[i:i + 1]) for i in range(len(ids)))
+        cut += any(t in whole for t in texts)
+    if make_tok == "_byte_level_tokenizer":  # a reply cut after the first byte of 😀 (the old streamer left it out)
+        ids = tok("ok", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("ð")]  # (byte F0)
+        assert "".join(_stream(tok, ids)[1]) == reply_text(tok, ids) + "\n" == "ok\ufffd\n"
+    assert checked >= 50 and cut >= 25 and split >= (0 if make_tok == "_cleaning_char_tokenizer" else 50)
