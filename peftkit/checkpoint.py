@@ -47,17 +47,28 @@ class LoopState:
     tokens: int = 0
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
+    trimmed_slices: bool = False
+    """Each process's slice of the global batch dropped the padding its rows share (`peftkit.distributed.shard`'s
+    `trim`): a resume goes on as the run began, and a checkpoint without it (one process, or a run from before the
+    trim) goes on untrimmed."""
+
+    def to_json(self) -> str:
+        """trainer_state.json's text; `trimmed_slices` only where true, so a run that does not trim writes the bytes
+        it wrote before the field existed (`peftkit verify` compares them)."""
+        return json.dumps({k: v for k, v in self.__dict__.items() if k != "trimmed_slices" or v})
 
     @classmethod
     def from_json(cls, text: str) -> LoopState:
         raw = json.loads(text)
         ints = ("step", "tokens", "skipped_steps")
-        if not isinstance(raw, dict) or set(raw) != {*ints, "losses"}:
-            raise ValueError(f"expected the keys {', '.join(sorted((*ints, 'losses')))}")
+        if not isinstance(raw, dict) or not {*ints, "losses"} <= set(raw) <= {*ints, "losses", "trimmed_slices"}:
+            raise ValueError(f"expected the keys {', '.join(sorted((*ints, 'losses')))} (and trimmed_slices)")
         if not all(type(raw[k]) is int and raw[k] >= 0 for k in ints):
             raise ValueError("step, tokens and skipped_steps must be non-negative integers")
         if not isinstance(raw["losses"], list) or not all(type(x) is float for x in raw["losses"]):
             raise ValueError("losses must be a list of numbers")
+        if type(raw.get("trimmed_slices", False)) is not bool:
+            raise ValueError("trimmed_slices must be true or false")
         return cls(**raw)
 
 
@@ -102,7 +113,7 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
         if (scaler := getattr(optimizer, "scaler", None)) is not None:  # fp16's loss scaler, which accelerate gave it
             blob["scaler"] = scaler.state_dict()  # its scale: a resume from the first scale skipped other steps
         _save_state(blob, tmp / STATE_FILE)
-        (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__), encoding="utf-8")
+        (tmp / TRAINER_STATE).write_text(state.to_json(), encoding="utf-8")
         if selection is not None:
             selection.save(tmp)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}

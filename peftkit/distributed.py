@@ -77,6 +77,22 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int, trim: bool = Fa
     return {k: v[rows, :width] if v.shape == shape else v[rows] for k, v in batch.items()}
 
 
+TRIMMED = "PEFTKIT_TRIMMED_SLICES"
+"""Set by `peftkit verify` for its re-run of a run of several processes (launched processes inherit it): "1" where the
+recorded run trimmed its slices (manifest.json's `distributed.trimmed_slices`), "0" where it did not (a manifest
+without the field: a run from before the trim, or one `trims_padding` refused)."""
+
+
+def trims_slices(cfg, config, world: int) -> bool:
+    """Whether a run that starts now trims each process's slice (`shard`'s `trim`, recorded in its checkpoints'
+    `LoopState.trimmed_slices` and its manifest): under several processes, `trims_padding`'s answer, or in verify's
+    re-run what the recorded run did (`TRIMMED`). `config`: the model's transformers config."""
+    if world == 1:
+        return False
+    recorded = os.environ.get(TRIMMED)
+    return recorded == "1" if recorded is not None else trims_padding(cfg, config)
+
+
 def trims_padding(cfg, config=None) -> bool:
     """Whether a process's slice of the global batch may drop the padding all its rows share (`shard`'s `trim`): not
     where something reads the padded batch as a whole, whose result would then depend on how it was sliced: VeLoRA's

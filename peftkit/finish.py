@@ -106,7 +106,8 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
                                            base_model_sha256=run.inputs["model.name_or_path"],
                                            init_from_sha256=run.inputs.get("adapter.init_from", {}),
-                                           distributed=distributed.describe(run.accelerator),
+                                           distributed=distributed.describe(run.accelerator)
+                                           | ({"trimmed_slices": True} if state.trimmed_slices else {}),
                                            base_model_commit=run.base_commit,
                                            dtype=dtype_name(model.get_input_embeddings().weight.dtype),
                                            examples_sha256=run.examples_sha256)

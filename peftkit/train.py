@@ -126,7 +126,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         if run.main:
             atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
         accelerator.wait_for_everyone()
-        state = LoopState()
+        state = LoopState(trimmed_slices=distributed.trims_slices(
+            run.cfg, distributed.unwrap(accelerator, run.model).config, accelerator.num_processes))
         if resume:
             ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler, run.inputs, console,
                                             run.method_trainer, run.selection, accelerator.process_index,
@@ -243,9 +244,9 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
-    trim = world > 1 and distributed.trims_padding(run.cfg, distributed.unwrap(accelerator, run.model).config)
     for i, batch in enumerate(window):
-        batch = distributed.shard(batch, rank, world, trim, group=2 if pairs else 1)
+        batch = distributed.shard(batch, rank, world, state.trimmed_slices,  # (a resumed run: as it began)
+                                  group=2 if pairs else 1)
         batch = flatten(batch) if flat and "position_ids" in batch else batch
         labelled = None if run.cfg.classification else labelled_count(batch["labels"])  # on the CPU: no sync
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

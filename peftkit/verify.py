@@ -222,15 +222,22 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
 def _checkpoints_where(run_dir: Path) -> Iterator[None]:
     """The re-run inside also checkpoints (and keeps a checkpoint) at each step RUN_DIR has one (`ALSO_AT`): a
     stopped run's checkpoint at its stop is compared bit for bit as the scheduled ones are."""
-    previous = os.environ.get(ALSO_AT)
-    os.environ[ALSO_AT] = ",".join(path.name[5:] for path in checkpoint_dirs(run_dir))
+    with _environ(ALSO_AT, ",".join(path.name[5:] for path in checkpoint_dirs(run_dir))):
+        yield
+
+
+@contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """The environment variable `name` set to `value` inside (for the re-run's processes too), as it was after."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            del os.environ[ALSO_AT]
+            del os.environ[name]
         else:
-            os.environ[ALSO_AT] = previous
+            os.environ[name] = previous
 
 
 def _pin_unchanged_base(recipe: Recipe, manifest: Manifest) -> str | None:
@@ -273,8 +280,10 @@ def _hub_data_differences(manifest: Manifest, rerun: Manifest, recipe: Recipe) -
 def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
     """Train `recipe` as the recorded run did (`distributed`: its manifest's): in this process, or in as many
     processes as it had (launched), sharded if it was (FSDP, DeepSpeed at its ZeRO stage; even in one process:
-    sharding changes the arithmetic's order). A DeepSpeed config's other settings are not recorded: DeepSpeed's
-    defaults stand in for them."""
+    sharding changes the arithmetic's order), each process's slice trimmed if the run's was (`trimmed_slices`; a
+    manifest without it: untrimmed, as runs were before the trim). A DeepSpeed config's other settings are not
+    recorded: DeepSpeed's defaults stand in for them."""
+    from peftkit.distributed import TRIMMED
     from peftkit.train import train
 
     processes, kind, stage = distributed.get("processes", 1), distributed.get("type"), distributed.get("zero_stage", 2)
@@ -288,7 +297,9 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
     with tempfile.TemporaryDirectory(prefix="peftkit-verify-recipe-") as recipe_dir:
         recipe_file = Path(recipe_dir) / "recipe.yaml"
         recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
-        if code := launch(processes, ["train", str(recipe_file), "--no-cache"], kind or "MULTI_GPU", stage):
+        with _environ(TRIMMED, "1" if distributed.get("trimmed_slices") else "0"):
+            code = launch(processes, ["train", str(recipe_file), "--no-cache"], kind or "MULTI_GPU", stage)
+        if code:
             raise PeftkitError(f"the {processes}-process re-run failed (exit status {code}; its output is above)")
 
 

@@ -99,7 +99,8 @@ def test_zero2_trains_the_adapter_of_one_process(single, tiny_llama, number_data
     assert _samples(run) == _samples(single) and all(_samples(run))
     manifest = json.loads((run / "manifest.json").read_text())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    assert manifest["distributed"] == {"processes": PROCESSES, "backend": backend, "type": "DEEPSPEED", "zero_stage": 2}
+    expected = {"processes": PROCESSES, "backend": backend, "type": "DEEPSPEED", "zero_stage": 2}
+    assert manifest["distributed"] == expected | ({"trimmed_slices": True} if PROCESSES > 1 else {})
     # Resuming under ZeRO-2: test_zero2_in_bf16_checkpoints_and_exports_the_fp32_masters (the fp32 masters too).
 
 

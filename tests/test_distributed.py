@@ -206,6 +206,29 @@ def test_padding_is_trimmed_only_where_nothing_reads_the_padded_batch_whole(tiny
         assert trims_padding(cfg, config) is trims, rope
 
 
+def test_whether_slices_are_trimmed_is_the_run_s_own_record(tiny_llama, number_data, tmp_path, monkeypatch):
+    """A run's checkpoints record whether it trimmed (LoopState.trimmed_slices, in trainer_state.json only where true,
+    so an untrimmed run writes the bytes it wrote before the field); a state without it was untrimmed. A run starts
+    trimmed where `trims_padding` allows it under several processes, or in verify's re-run as its manifest says."""
+    from peftkit.checkpoint import LoopState
+    from peftkit.distributed import TRIMMED, trims_slices
+
+    before = '{"step": 2, "tokens": 5, "losses": [1.5], "skipped_steps": 0}'  # a checkpoint from before the trim
+    assert LoopState.from_json(before) == LoopState(2, 5, [1.5], 0, trimmed_slices=False)
+    assert LoopState(2, 5, [1.5], 0).to_json() == before
+    assert LoopState.from_json(LoopState(2, 5, [1.5], 0, trimmed_slices=True).to_json()).trimmed_slices is True
+    with pytest.raises(ValueError, match="trimmed_slices must be true or false"):
+        LoopState.from_json(before[:-1] + ', "trimmed_slices": 1}')
+    cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data))
+    neftune = cfg.model_copy(update={"training": cfg.training.model_copy(update={"neftune_noise_alpha": 5.0})})
+    assert [trims_slices(cfg, None, 1), trims_slices(cfg, None, 2), trims_slices(neftune, None, 2)] == [False, True,
+                                                                                                        False]
+    monkeypatch.setenv(TRIMMED, "0")  # verify's re-run of a run that did not trim
+    assert not trims_slices(cfg, None, 2)
+    monkeypatch.setenv(TRIMMED, "1")
+    assert trims_slices(cfg, None, 2) and not trims_slices(cfg, None, 1)
+
+
 def test_dynamic_rope_reads_the_batch_s_width_so_its_slices_keep_it(tmp_path):
     """Dynamic RoPE scales by the longest position of the batch, padding included: a slice of short rows trimmed
     below the model's context ran on other frequencies than the same rows in the whole batch (one process's)."""
@@ -298,7 +321,7 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
         assert abs(a.get("loss", a.get("eval_loss")) - b.get("loss", b.get("eval_loss"))) <= 1e-5
         assert all(a[f"eval_{m}"] == b[f"eval_{m}"] for m in METRICS if "eval_loss" in a), (a, b)  # same answers
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "MULTI_CPU"}
+    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "MULTI_CPU", "trimmed_slices": True}
     alone = json.loads((tmp_path / "one" / "run" / "manifest.json").read_text())["metrics"]
     assert [manifest["metrics"][f"eval_{m}"] for m in METRICS] == [alone[f"eval_{m}"] for m in METRICS]
     assert alone["eval_token_f1"] > 0.1  # not all zero: answers set against the wrong references would score apart
@@ -307,6 +330,45 @@ def test_two_processes_train_the_adapter_of_one_with_twice_the_batch_and_resume_
     assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
     # compared with the launched re-run's environment, not verify's own process (cpu:0 and 1 thread each there)
     assert "environment:" not in verified.stdout + verified.stderr, verified.stdout + verified.stderr
+
+
+def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(tiny_llama, number_data, tmp_path):
+    """A 2-process run from before the padding trim checkpointed untrimmed slices, and its checkpoints and manifest
+    say nothing of it: resumed by today's code it went on trimmed, so it no longer ended with the bits of its
+    uninterrupted run, and `peftkit verify` re-ran it trimmed. Such a run (made here untrimmed, as verify's re-run of
+    one is) now resumes untrimmed to the uninterrupted run's bits and verifies; a run today trims, says so in its
+    checkpoints and manifest, and ends with other bits, so the test tells the two apart. (~80 s: four 2-process
+    runs of 4 steps.)"""
+    import shutil
+
+    from peftkit.distributed import TRIMMED
+
+    sections = _sections(2, steps=4)
+    sections["training"] |= {"save_steps": 2}
+    old = make_recipe(tmp_path / "old", tiny_llama, number_data, **sections)
+    run = tmp_path / "old" / "run"
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(old), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=600, env=os.environ | {TRIMMED: "0"}, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    state = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert set(state) == {"step", "tokens", "losses", "skipped_steps"}  # the layout from before the trim
+    assert "trimmed_slices" not in json.loads((run / "manifest.json").read_text())["distributed"]
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    (run / "manifest.json").unlink()  # (killed after step 2)
+    resumed = _peftkit("train", str(old), "--num-processes", "2", "--resume")
+    assert resumed.returncode == 0 and "Resumed from step-00000002" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
+    verified = _peftkit("verify", str(run))  # its manifest says nothing of a trim: re-run untrimmed
+    assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
+
+    new = make_recipe(tmp_path / "new", tiny_llama, number_data, **sections)
+    done = _peftkit("train", str(new), "--num-processes", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = tmp_path / "new" / "run"
+    assert json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())["trimmed_slices"]
+    assert json.loads((run / "manifest.json").read_text())["distributed"]["trimmed_slices"] is True
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() != unbroken
 
 
 def test_two_processes_train_one_process_s_grouped_batches(tiny_llama, number_data, tmp_path):

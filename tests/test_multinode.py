@@ -80,7 +80,8 @@ def test_two_machines_of_one_process_train_the_adapter_of_one_process_with_twice
     for a, b in zip(_lines(tmp_path / "one" / "run"), lines, strict=True):
         assert abs(a.get("loss", a.get("eval_loss")) - b.get("loss", b.get("eval_loss"))) <= 1e-5
     manifest = json.loads((tmp_path / "two" / "run" / "manifest.json").read_text())
-    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "MULTI_CPU", "machines": 2}
+    assert manifest["distributed"] == {"processes": 2, "backend": "gloo", "type": "MULTI_CPU", "machines": 2,
+                                       "trimmed_slices": True}
 
 
 def test_a_process_that_does_not_see_the_checkpoints_says_the_run_directory_must_be_shared(tmp_path):
