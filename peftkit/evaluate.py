@@ -261,9 +261,10 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
     job.data_cfg = job.data_cfg.model_copy(update=updates)
-    if fmt:  # errors name the flag, not a recipe key (data.format, an entry's)
+    job.data_cfg._flags = ("--format", "--on-bad-rows")  # errors name them beside a recipe key
+    if fmt or recipe is None:  # errors name the flag, not a recipe key (data.format, an entry's), or no recipe's
         job.data_cfg._format_key = "--format"
-    if on_bad_rows:
+    if on_bad_rows or recipe is None:
         job.data_cfg._on_bad_rows_key = "--on-bad-rows"
     job.source = job.source.with_flags(model, adapter, trust_remote_code)
     check_base_is_there(job.source, recipe)

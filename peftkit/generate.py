@@ -98,8 +98,11 @@ def generate_job(recipe: Path | None, overrides: list[str], model: str | None, a
             job.data_cfg = job.data_cfg.reading(data)
     if job.data:
         job.data_cfg = (job.data_cfg or DataConfig(train=job.data)).model_copy(update={"format": fmt} if fmt else {})
-        if fmt:  # errors name the flag, not a recipe key (data.format, an entry's)
+        job.data_cfg._flags = ("--format",)  # errors name it beside data.format (generate has no --on-bad-rows)
+        if fmt or cfg is None:  # errors name the flag, not a recipe key (data.format, an entry's), or no recipe's
             job.data_cfg._format_key = "--format"
+        if cfg is None:  # nothing skips a bad row: no data.on_bad_rows to set
+            job.data_cfg._on_bad_rows_key = ""
     elif not prompts:
         raise PeftkitError("Nothing to generate from: pass --prompt TEXT (repeatable) or --data FILE.")
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)

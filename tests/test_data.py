@@ -1112,7 +1112,8 @@ def test_eval_s_on_bad_rows_flag_is_named_in_the_errors_its_value_causes(tmp_pat
                                                                           monkeypatch, capsys):
     """`peftkit eval --on-bad-rows skip` of rows all bad told the user to `set data.on_bad_rows: error`, a recipe key
     the flag overrides (and there may be no recipe); every such error now names the flag, as `--on-bad-rows error`'s
-    bad row names `--on-bad-rows skip`. The recipe's own key is still named where the flag is not given."""
+    bad row names `--on-bad-rows skip`. The recipe's own key is still named where the flag is not given (with the
+    flag beside it); without a recipe, the flags are named (not data.format or data.on_bad_rows, keys of no recipe)."""
     from tests.conftest import cli_user_error, make_recipe
 
     bad = tmp_path / "bad.jsonl"
@@ -1123,21 +1124,27 @@ def test_eval_s_on_bad_rows_flag_is_named_in_the_errors_its_value_causes(tmp_pat
         return " ".join(cli_user_error(monkeypatch, capsys, "eval", *args, "--data", str(bad)).split())
 
     for source in (["--model", str(tiny_llama)], [str(recipe)]):
+        key = "--format" if source[0] == "--model" else "data.format"  # without a recipe, the flag sets it
         said = err(*source, "--on-bad-rows", "skip")
-        assert ("all 3 rows were skipped as malformed or missing the fields of data.format 'alpaca' (instruction, "
-                "output); check data.format, or pass --on-bad-rows error to see the first bad row.") in said, said
+        assert (f"all 3 rows were skipped as malformed or missing the fields of {key} 'alpaca' (instruction, "
+                f"output); check {key}, or pass --on-bad-rows error to see the first bad row.") in said, said
         said = err(*source, "--on-bad-rows", "skip", "--metrics", "exact_match")
         assert (f"No usable rows in {bad} to take prompts from: all 3 rows were skipped as malformed or missing the "
-                "fields of data.format 'alpaca' (instruction, output); check data.format, or pass --on-bad-rows "
+                f"fields of {key} 'alpaca' (instruction, output); check {key}, or pass --on-bad-rows "
                 "error to see the first bad row.") in said, said
         said = err(*source, "--on-bad-rows", "error")
-        assert ("Fix the row, set the right data.format (or pass --format to peftkit eval or generate), or pass "
-                "--on-bad-rows skip.") in said, said
+        assert ("Fix the row, pass the right --format, or pass --on-bad-rows skip." if source[0] == "--model" else
+                "Fix the row, set the right data.format (or pass --format), or pass --on-bad-rows skip.") in said, said
         said = err(*source, "--on-bad-rows", "skip", "--format", "classification")
         assert (f"{bad} has no usable rows for --format 'classification' (3 rows, 0 unreadable lines); each row needs "
                 "text and label; or pass --on-bad-rows error to see the first bad row.") in said, said
+    bad.write_text("{oops\n")  # a malformed line, without a recipe: the flag is the way
+    said = err("--model", str(tiny_llama))
+    assert said.endswith("Fix the line, or pass --on-bad-rows skip to drop such rows."), said
+    write_jsonl(bad, [{"question": "1+1", "answer": "2"}] * 3)
     said = err(str(recipe))  # the recipe's data.on_bad_rows: skip, no flag
-    assert "check data.format, or set data.on_bad_rows: error to see the first bad row." in said, said
+    assert ("check data.format, or set data.on_bad_rows: error (or pass --on-bad-rows error) to see the first bad "
+            "row.") in said, said
 
 
 def test_data_system_prompt_opens_conversations_without_one(tmp_path, monkeypatch):

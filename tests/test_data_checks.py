@@ -188,7 +188,7 @@ def test_a_line_that_is_not_utf8_is_named_and_can_be_skipped(tmp_path):
         load_rows(str(path), "train")
     assert str(error.value) == (
         f"{path}:3: not UTF-8 text (byte 0xe9 at character 16; a file saved as Latin-1 or Windows-1252?). Save the "
-        "file as UTF-8, or set data.on_bad_rows: skip (peftkit eval: --on-bad-rows skip) to drop such rows.")
+        "file as UTF-8, or set data.on_bad_rows: skip to drop such rows.")
     assert load_rows(str(path), "train", "skip") == ([{"prompt": "a", "completion": "b"}], 1, [1])
     txt = tmp_path / "d.txt"
     txt.write_bytes(b"ab\ncaf\xe9\n")

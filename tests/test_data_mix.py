@@ -447,12 +447,12 @@ def test_a_bad_row_of_a_plain_path_in_a_mix_of_formats_names_data_format(two_fil
     recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": chat}, data={
         "train": [str(a), {"path": str(chat), "format": "chat"}], "eval": {"x": {"path": str(chat), "format": "chat"}}})
     said = f"{a}:2: missing field 'output' for data.format 'alpaca' (each row needs instruction, output). Fix the " \
-           "row, set the right data.format (or pass --format to peftkit eval or generate),"
+           "row, set the right data.format"
     with pytest.raises(PeftkitError) as error:
         train(load_recipe(recipe), console=_quiet())
-    assert str(error.value).startswith(said), str(error.value)
+    assert str(error.value).startswith(said + ", or set data.on_bad_rows: skip."), str(error.value)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", str(a)).split())
-    assert said in err, err
+    assert said + " (or pass --format), or set data.on_bad_rows: skip (or pass --on-bad-rows skip)." in err, err
 
 
 def test_a_bad_row_of_an_eval_set_with_its_own_format_names_its_format_key(two_files, tiny_llama, tmp_path,
@@ -467,13 +467,14 @@ def test_a_bad_row_of_an_eval_set_with_its_own_format_names_its_format_key(two_f
     recipe = make_recipe(tmp_path, tiny_llama, {"train": a, "eval": chat}, data={
         "eval": {"x": {"path": str(chat), "format": "chat"}}}, training={"max_steps": 2, "eval_steps": 2})
     said = (f"{chat}:3: no assistant message to learn from for data.eval.x.format 'chat' (each row needs messages, "
-            "or ShareGPT's conversations). Fix the row, set the right data.eval.x.format (or pass --format")
-    with pytest.raises(PeftkitError) as error:
+            "or ShareGPT's conversations). Fix the row, set the right data.eval.x.format")
+    with pytest.raises(PeftkitError) as error:  # (training has neither of eval's flags to name)
         train(load_recipe(recipe), console=_quiet())
-    assert str(error.value).startswith(said), str(error.value)
+    assert str(error.value) == said + ", or set data.on_bad_rows: skip.", str(error.value)
     for data in ([], ["--data", str(chat)]):
         err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), *data).split())
-        assert said in err, (data, err)
+        assert said + " (or pass --format), or set data.on_bad_rows: skip (or pass --on-bad-rows skip)." in err, (
+            data, err)
 
 
 def test_each_entry_s_rows_are_tokenized_with_the_entry_s_own_format(two_files, tmp_path):
@@ -527,7 +528,7 @@ def test_a_bad_row_of_a_chat_entry_is_named_by_its_file_and_line_and_counted_und
     chat.write_text(chat.read_text() + json.dumps({"messages": [{"role": "user", "content": "1"}]}) + "\n")
     mix = DataConfig(train=[str(a), {"path": str(chat), "format": "chat"}], max_length=128)
     with pytest.raises(PeftkitError, match=fr"^{chat}:3: .*for data.train\[1\].format 'chat' .*set the right "
-                                           r"data.train\[1\].format \(or pass --format"):
+                                           r"data.train\[1\].format, or set data.on_bad_rows: skip\.$"):
         load_examples(TOK, mix.train, mix.train_split, mix, cache=False)
     skip = mix.model_copy(update={"on_bad_rows": "skip"})
     examples, stats = load_examples(TOK, skip.train, skip.train_split, skip, cache=False)
@@ -655,14 +656,17 @@ def test_eval_and_generate_name_the_format_flag_in_errors_its_value_causes(two_f
     a, _ = two_files
     model = shutil.copytree(tiny_llama, tmp_path / "model")
     recipe = make_recipe(tmp_path, model, {"train": a, "eval": a})
+    fixes = {("eval", True): "Fix the row, pass the right --format, or pass --on-bad-rows skip.",  # no recipe
+             ("eval", False): "Fix the row, pass the right --format, or set data.on_bad_rows: skip (or pass "
+                              "--on-bad-rows skip).",
+             ("generate", True): "Fix the row or pass the right --format.",  # (it has no --on-bad-rows)
+             ("generate", False): "Fix the row, pass the right --format, or set data.on_bad_rows: skip."}
     for command in ("eval", "generate"):
         for source in (["--model", str(model)], [str(recipe)]):
             err = " ".join(cli_user_error(monkeypatch, capsys, command, *source, "--data", str(a), "--format",
                                           "chat").split())
             assert ("a.jsonl:1: missing field 'messages' for --format 'chat' (each row needs messages, or ShareGPT's "
-                    "conversations). Fix the row, pass the right --format, or set data.on_bad_rows: skip (or pass "
-                    "--on-bad-rows skip to peftkit eval).") in err, (
-                command, source, err)
+                    f"conversations). {fixes[command, source[0] == '--model']}") in err, (command, source, err)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", str(a), "--on-bad-rows", "skip",
                                   "--format", "chat").split())
     assert "all 5 rows were skipped as malformed or missing the fields of --format 'chat' (messages, or ShareGPT's " \
@@ -788,7 +792,7 @@ def test_an_eval_set_read_in_the_default_over_a_mix_of_formats_says_so(tiny_llam
     with pytest.raises(PeftkitError) as error:
         train(load_recipe(recipe), console=_quiet())
     assert str(error.value).startswith(f"{chat}:1: missing field 'instruction' for data.format 'alpaca'")
-    assert str(error.value).endswith(f"skip to peftkit eval). {said}"), str(error.value)
+    assert str(error.value).endswith(f"set data.on_bad_rows: skip. {said}"), str(error.value)
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--set", "data.on_bad_rows=skip").split())
     assert f"to see the first bad row. {said}" in err, err
     err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--format", "completion").split())

@@ -658,7 +658,7 @@ def test_malformed_jsonl_line_is_reported_by_number(tmp_path):
     path = _jsonl(tmp_path, [GOOD, "", '{"instruction": "x", "output": "y"', GOOD])
     message = _data_error(path)
     assert message.startswith(f"{path}:3: not a valid JSON object (")
-    assert message.endswith("Fix the line, or set data.on_bad_rows: skip (peftkit eval: --on-bad-rows skip) to drop such rows.")
+    assert message.endswith("Fix the line, or set data.on_bad_rows: skip to drop such rows.")
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
@@ -671,8 +671,7 @@ def test_row_missing_the_format_fields_names_its_line(tmp_path):
     path = _jsonl(tmp_path, [GOOD, "", "", '{"instruction": "Write the number in words.", "input": "8"}', GOOD])
     assert _data_error(path) == (
         f"{path}:4: missing field 'output' for data.format 'alpaca' (each row needs instruction, output). Fix the "
-        "row, set the right data.format (or pass --format to peftkit eval or generate), or set data.on_bad_rows: "
-        "skip (or pass --on-bad-rows skip to peftkit eval).")
+        "row, set the right data.format, or set data.on_bad_rows: skip.")
 
 
 def test_rows_of_another_format(tmp_path):

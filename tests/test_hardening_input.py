@@ -295,8 +295,7 @@ def test_data_field_of_the_wrong_type_names_its_line(tmp_path, fmt, row, problem
     needs = "instruction, output" if fmt == "alpaca" else "messages, or ShareGPT's conversations"
     assert _data_error(path, fmt) == (
         f"{path}:3: {problem} for data.format '{fmt}' (each row needs {needs}). Fix the row, set the right "
-        "data.format (or pass --format to peftkit eval or generate), or set data.on_bad_rows: skip (or pass "
-        "--on-bad-rows skip to peftkit eval).")
+        "data.format, or set data.on_bad_rows: skip.")
 
 
 @pytest.mark.parametrize(("fmt", "row", "problem"), BAD_ROWS, ids=[p.split(" ")[0] + "-" + p.split()[-1]
@@ -341,7 +340,7 @@ def test_jsonl_line_nested_too_deeply(tmp_path):
     # The json module recursed into a RecursionError.
     path = _jsonl(tmp_path, [GOOD["alpaca"], "[" * 100_000 + "]" * 100_000])
     assert _data_error(path) == (f"{path}:2: not a valid JSON object (nested too deeply). Fix the line, or set "
-                                 "data.on_bad_rows: skip (peftkit eval: --on-bad-rows skip) to drop such rows.")
+                                 "data.on_bad_rows: skip to drop such rows.")
 
 
 @pytest.mark.parametrize(("name", "content"), [

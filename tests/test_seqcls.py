@@ -325,8 +325,7 @@ def test_missing_label_column_names_the_line(tmp_path, tiny_bert, sentiment):
         train(load_recipe(recipe))
     assert str(err.value) == (
         f"{tmp_path / 'bad.jsonl'}:2: missing field 'label' for data.format 'classification' (each row needs text, "
-        "label). Fix the row, set the right data.format (or pass --format to peftkit eval or generate), or set "
-        "data.on_bad_rows: skip (or pass --on-bad-rows skip to peftkit eval).")
+        "label). Fix the row, set the right data.format, or set data.on_bad_rows: skip.")
     assert not (tmp_path / "run" / "adapter").exists()
 
 

@@ -236,13 +236,12 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
         return False
     problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
     format_key = format_key or cfg._format_key
-    # a recipe key's way out, and the flag of the commands that have one; a flag's own (no recipe key would do)
+    # a recipe key's way out, and the command's flag over it where it has one; a flag's own (no recipe key would do)
     fix_format = (f"pass the right {format_key}" if format_key.startswith("--") else
-                  f"set the right {format_key} (or pass --format to peftkit eval or generate)")
-    skip = ("set data.on_bad_rows: skip (or pass --on-bad-rows skip to peftkit eval)"
-            if cfg._on_bad_rows_key == "data.on_bad_rows" else bad_rows_fix(cfg, "skip"))
+                  f"set the right {format_key}" + (" (or pass --format)" if "--format" in cfg._flags else ""))
+    skip = bad_rows_fix(cfg, "skip")
     raise PeftkitError(f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
-                       f"Fix the row, {fix_format}, or {skip}."
+                       + (f"Fix the row, {fix_format}, or {skip}." if skip else f"Fix the row or {fix_format}.")
                        + (f" {note}." if (note := format_note(cfg, format_key)) else ""))
 
 
@@ -254,10 +253,13 @@ def format_note(cfg: DataConfig, format_key: str) -> str:
 
 
 def bad_rows_fix(cfg: DataConfig, value: str) -> str:
-    """How to set on_bad_rows to `value`, where `cfg`'s came from: `set data.on_bad_rows: error` in a recipe, `pass
-    --on-bad-rows error` where the flag gave it (and overrides the recipe's key)."""
+    """How to set on_bad_rows to `value` in the command reading `cfg`: `set data.on_bad_rows: error` in a recipe
+    (with `(or pass --on-bad-rows error)` where the command has the flag: peftkit eval), `pass --on-bad-rows error`
+    where the flag gave it (and overrides the recipe's key) or there is no recipe; "" where nothing sets it."""
     key = cfg._on_bad_rows_key
-    return f"pass {key} {value}" if key.startswith("--") else f"set {key}: {value}"
+    if not key or key.startswith("--"):
+        return key and f"pass {key} {value}"
+    return f"set {key}: {value}" + (f" (or pass --on-bad-rows {value})" if "--on-bad-rows" in cfg._flags else "")
 
 
 def all_skipped(bad: int, cfg: DataConfig) -> str:

@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from peftkit.data.conversations import render_chat, turn_end_token
-from peftkit.data.examples import (all_skipped, encode_prompt, located, prompt_and_target_text, row_location, row_task,
-                                   usable_row)
+from peftkit.data.examples import (all_skipped, bad_rows_fix, encode_prompt, located, prompt_and_target_text,
+                                   row_location, row_task, usable_row)
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -97,7 +97,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         raise PeftkitError(f"{cfg._format_key} 'text' has no prompt to generate from in {source} (every token is "
                            "target). Use data in the alpaca, completion or chat format (with peftkit generate, --prompt "
                            "also works; with peftkit eval, so does leaving out the generation metrics).")
-    rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
+    rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision, bad_rows_fix(cfg, "skip"))
     rows = format_rows(rows, cfg)
     prompts, checked, bad = [], False, skipped
     for i, row in enumerate(rows):

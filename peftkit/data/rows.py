@@ -18,9 +18,10 @@ from peftkit.recipe import DATA_EXTENSIONS, is_hub_dataset
 _NO_ROWS = "corresponds to no data"
 
 
-def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], list[int], list[int]]:
+def _read_jsonl(path: Path, on_bad_rows: str, skip: str) -> tuple[list[dict], list[int], list[int]]:
     """(rows, the line number of each malformed line skipped, the line number of each row): blank and skipped lines
-    make row numbers and line numbers differ, and messages about a row must name its line."""
+    make row numbers and line numbers differ, and messages about a row must name its line. `skip`: how the command
+    sets on_bad_rows to skip, as a malformed line's error says it ("" where nothing does: `bad_rows_fix`)."""
     rows, bad, line_numbers = [], [], []
     # -sig: a byte order mark (Windows editors write one) is not a row's; surrogateescape: a byte that is not UTF-8
     # (a line saved as Latin-1) is that line's problem, found below, not an error at some offset of the whole file.
@@ -35,10 +36,8 @@ def _read_jsonl(path: Path, on_bad_rows: str) -> tuple[list[dict], list[int], li
                     bad.append(lineno)
                     continue
                 fix = ("Save the file as UTF-8" if isinstance(e, _NotUtf8) else "Fix the line")
-                raise PeftkitError(
-                    f"{path}:{lineno}: {e}. {fix}, or set data.on_bad_rows: skip "
-                    "(peftkit eval: --on-bad-rows skip) to drop such rows."
-                ) from None
+                raise PeftkitError(f"{path}:{lineno}: {e}. " + (f"{fix}, or {skip} to drop such rows."
+                                                                 if skip else f"{fix}.")) from None
             rows.append(row)
             line_numbers.append(lineno)
     return rows, bad, line_numbers
@@ -130,17 +129,18 @@ def _content(value) -> str:
     return type(value).__name__ if " at 0x" in text else text
 
 
-def load_rows(source: str, split: str, on_bad_rows: str = "error",
-              revision: str | None = None) -> tuple[list[dict], int, list[int] | None]:
+def load_rows(source: str, split: str, on_bad_rows: str = "error", revision: str | None = None,
+              skip: str = "set data.on_bad_rows: skip") -> tuple[list[dict], int, list[int] | None]:
     """Rows of a local file or hub dataset (at `revision`); returns (rows, bad_rows_skipped, line number of each row
-    or None).
+    or None). `skip`: how the command reading them sets on_bad_rows to skip (`bad_rows_fix`), as a malformed line's
+    error says it.
 
     A .jsonl file is parsed here line by line so a malformed line is reported by number; other formats go
     through `datasets.load_dataset` (imported only for them: it takes 0.7 s of a process's start). A local file is
     one split, `train`, which `split` may slice as a hub dataset's (`local_split`).
     """
     if not is_hub_dataset(source):
-        rows, bad, line_numbers = _local_rows(source, on_bad_rows)
+        rows, bad, line_numbers = _local_rows(source, on_bad_rows, skip)
         picked, numbers = local_split(rows, line_numbers, split, source)
         return picked, _skipped_in(bad, line_numbers, numbers), numbers
     return _hub_rows(source, split, revision)
@@ -157,7 +157,7 @@ def _skipped_in(bad: list[int], line_numbers: list[int] | None, picked: list[int
     return sum(line_numbers[min(bisect.bisect(line_numbers, line), len(line_numbers) - 1)] in picked for line in bad)
 
 
-def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], list[int], list[int] | None]:
+def _local_rows(source: str, on_bad_rows: str, skip: str) -> tuple[list[dict], list[int], list[int] | None]:
     path = Path(source)
     if not path.exists():
         raise PeftkitError(f"Data file not found: {source}. Check the path: a relative one is resolved against the "
@@ -171,7 +171,7 @@ def _local_rows(source: str, on_bad_rows: str) -> tuple[list[dict], list[int], l
                            f"{', '.join(DATA_EXTENSIONS)}.")
     try:
         if path.suffix.lower() == ".jsonl":
-            return _read_jsonl(path, on_bad_rows)
+            return _read_jsonl(path, on_bad_rows, skip)
         if kind == "text":
             return _read_text(path)
         if _is_blank(path):  # `datasets` fails on these with StopIteration or a message about its own internals

@@ -14,13 +14,16 @@ def read_rows(source: str | list, split: str | None,
     """(rows as data.format reads them, malformed lines skipped, each row's line number or location, a name for
     messages) of `source`: one path or hub id at `split`, or data.train's list (`cfg.train_sources`; `split`
     unused; each entry's rows as its own format reads them), whose name is `mix_name`."""
+    from peftkit.data.examples import bad_rows_fix  # (it imports this module)
+
     if isinstance(source, str):
-        rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision)
+        rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision, bad_rows_fix(cfg, "skip"))
         return format_rows(rows, cfg), bad, line_numbers, source
     rows, bad, where = [], 0, Locations()
     where.parts = []
     for i, entry in enumerate(cfg.train_sources()):
-        read, skipped, line_numbers = load_rows(entry.path, entry.split, cfg.on_bad_rows, cfg.revision)
+        read, skipped, line_numbers = load_rows(entry.path, entry.split, cfg.on_bad_rows, cfg.revision,
+                                                bad_rows_fix(cfg, "skip"))
         own = cfg.model_copy(update={"columns": entry.columns, "format": entry.format})
         read = format_rows(read, own)
         if cfg.on_bad_rows == "error":  # a bad row said here, in its entry's columns and format (the mix's checks

@@ -227,7 +227,11 @@ class DataConfig(Section):
     `_eval_format_note`, in a read of a set of data.eval's; the format it took, in a read of another file (--data)."""
     _on_bad_rows_key: str = PrivateAttr("data.on_bad_rows")
     """Where `on_bad_rows` came from, as the errors its value causes name it: `--on-bad-rows` where `peftkit eval`'s
-    flag gave it (`set data.on_bad_rows: error` would change nothing)."""
+    flag gave it (`set data.on_bad_rows: error` would change nothing) or there is no recipe; "" where nothing the
+    command takes sets it (`peftkit generate --model M --data F`: a bad row is an error)."""
+    _flags: tuple[str, ...] = PrivateAttr(())
+    """The flags of the command reading the data that override `format` and `on_bad_rows` (`peftkit eval`: --format,
+    --on-bad-rows; generate: --format), which errors name beside the recipe's keys; none in training."""
 
     def train_sources(self) -> list[DataSource]:
         """data.train as a list of datasets, each with its split, columns and format filled in (one for a single
