@@ -115,6 +115,38 @@ def test_a_turn_marked_not_to_be_trained_is_masked_and_one_marked_true_is_traine
                                                                for t, m in zip(ids, marked_false, strict=True)])
 
 
+@pytest.mark.parametrize("train_on", ["answers", "last_answer", "all"])
+@pytest.mark.parametrize("row", [{"messages": MARKED}, MARKED_SHAREGPT], ids=["messages", "sharegpt"])
+def test_a_chat_row_is_asked_for_its_last_trained_answer_not_one_marked_as_context(tmp_path, row, train_on):
+    """eval.samples and `peftkit eval --metrics` asked a marked conversation for its last assistant turn and scored
+    against it, "ciao", though it is marked `"train": false` (context, never trained): they ask the conversation
+    before the last trained turn, "yes", and score against it, whatever data.train_on. A conversation with no trained
+    answer (every one marked false, which data.train_on: all trains on its other turns) gives no prompt, in both."""
+    from peftkit.data.prompts import load_prompts
+    from peftkit.errors import PeftkitError
+
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [row])
+    cfg = DataConfig(train=str(path), format="chat", train_on=train_on)
+    for skip_empty in (True, False):  # eval.samples', and eval's and eval.metrics' prompts
+        [prompt] = load_prompts(TOK, str(path), "train", cfg, skip_empty=skip_empty)
+        assert prompt.reference == "yes"
+        assert prompt.text == TOK.apply_chat_template(MARKED[:5], tokenize=False, add_generation_prompt=True)
+    context = [dict(m, train=False) if m["role"] == "assistant" else m for m in MARKED]
+    write_jsonl(path, [{"messages": context}, row])
+    everything = cfg.model_copy(update={"train_on": "all"})  # (under the others, such a row is a bad row)
+    assert [p.reference for p in load_prompts(TOK, str(path), "train", everything, skip_empty=True)] == ["yes"]
+    assert [p.reference for p in load_prompts(TOK, str(path), "train", everything)] == ["yes"]
+    write_jsonl(path, [{"messages": context}])
+    assert load_prompts(TOK, str(path), "train", everything, skip_empty=True) == []
+    with pytest.raises(PeftkitError, match=re.escape(f"No usable rows in {path} to take prompts from: every assistant "
+                                                     "turn of 1 conversation is marked not to be trained, so there is "
+                                                     "no answer to ask for.")):
+        load_prompts(TOK, str(path), "train", everything)
+    # generate --data (the rows are prompts): the last trained answer's too, and the last answer where none is
+    assert load_prompts(TOK, str(path), "train", everything, targets=False)[0].reference == "ciao"
+
+
 def _writing_other_keys():
     """The character tokenizer with a template that writes each message's keys but role and content (as some write
     `name`)."""

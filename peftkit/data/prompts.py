@@ -2,8 +2,9 @@
 reference answer (its target), so that what a model generates can be set beside what it was taught.
 
 - `alpaca` / `completion`: the prompt part of the row, tokenized as training tokenizes it (BOS and all).
-- `chat`: the conversation up to its last assistant turn, rendered by the chat template with the generation
-  prompt (`<|im_start|>assistant\\n`); the reference is that last assistant turn.
+- `chat`: the conversation up to its last trained assistant turn (one not marked `"train": false`, as the loss
+  has it), rendered by the chat template with the generation prompt (`<|im_start|>assistant\\n`); the reference is
+  that turn. A row with no trained turn (every answer marked false, under data.train_on: all) has no prompt.
 - `text` has no prompt: every token is target.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from peftkit.data.conversations import render_chat, turn_end_token
+from peftkit.data.conversations import render_chat, trained_turns, turn_end_token
 from peftkit.data.examples import (all_skipped, bad_rows_fix, encode_prompt, located, prompt_and_target_text,
                                    row_location, row_task, usable_row)
 from peftkit.data.formats import format_rows
@@ -53,11 +54,14 @@ def text_prompt(tok, text: str) -> Prompt:
     return Prompt(encode_prompt(tok, text), text)
 
 
-def row_prompt(tok, row: dict, fmt: str) -> Prompt:
-    """The prompt and reference of one valid row of format `fmt`."""
+def row_prompt(tok, row: dict, fmt: str, train_on: str = "answers", targets: bool = True) -> Prompt | None:
+    """The prompt and reference of one valid row of format `fmt`; for a chat row, of its last assistant turn that
+    `train_on` and the turns' marks train (`answer_turn`), None where none is."""
     if fmt == "chat":
         messages, tools = row["messages"], row.get("tools")
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = answer_turn(messages, train_on, targets)
+        if last is None:
+            return None
         prompt = chat_prompt(tok, messages[:last], "use a model whose tokenizer has a template, or data in another "
                              "format (--format alpaca, completion or text)", tools)
         prompt.reference = (_tool_calls_text(tok, messages[:last + 1], prompt.text, tools)
@@ -67,6 +71,16 @@ def row_prompt(tok, row: dict, fmt: str) -> Prompt:
     prompt = text_prompt(tok, text)
     prompt.reference = target
     return prompt
+
+
+def answer_turn(messages: list[dict], train_on: str, targets: bool = True) -> int | None:
+    """The assistant turn a chat row is asked up to and answers: the last one the loss trains (`trained_turns`: the
+    last not marked `"train": false` / `weight: 0`, whatever `train_on`), not a turn given as context; None where
+    none is trained (every answer marked false: a bad row, but under data.train_on: all, whose other turns train).
+    Without `targets` (`peftkit generate --data`: rows as prompts), the last assistant turn where none is trained."""
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = trained_turns(messages, answers, train_on) or ([] if targets else answers)
+    return trained[-1] if trained else None
 
 
 def _tool_calls_text(tok, messages: list[dict], prompt: str, tools: list[dict] | None) -> str:
@@ -99,7 +113,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                            "also works; with peftkit eval, so does leaving out the generation metrics).")
     rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision, bad_rows_fix(cfg, "skip"))
     rows = format_rows(rows, cfg)
-    prompts, checked, bad = [], False, skipped
+    prompts, checked, bad, untrained = [], False, skipped, 0
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:
             break
@@ -107,7 +121,10 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         usable = usable_row(row, cfg, where, targets)
         bad += not usable  # a bad row skipped under on_bad_rows: skip (under error, it raised)
         if usable:
-            prompt = located(where, row_prompt, tok, row, cfg.format)
+            prompt = located(where, row_prompt, tok, row, cfg.format, cfg.train_on, targets)
+            if prompt is None:  # no trained answer to ask for, nor to score against (its loss has none either)
+                untrained += 1
+                continue
             if not prompt.ids and skip_empty:
                 continue
             if not prompt.ids:
@@ -118,8 +135,11 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             if cfg.format == "chat" and len(prompts) <= CHAT_PROMPTS_CHECKED:
                 checked = checked or _warn_if_not_as_trained(tok, row, prompt, where)
     if not prompts and not skip_empty:
+        none_trained = (f"{'; ' if bad else ': '}every assistant turn of {untrained} conversation"
+                        f"{'s' * (untrained > 1)} is marked not to be trained, so there is no answer to ask for"
+                        if untrained else "")
         raise PeftkitError(f"No usable rows in {source} to take prompts from{': ' + all_skipped(bad, cfg) if bad else ''}"
-                           ".")
+                           f"{none_trained}.")
     return prompts
 
 
