@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from peftkit.errors import PeftkitError, visible
-from peftkit.evaluate import EvalJob, evaluate
+from peftkit.evaluate import EvalJob, evaluate, set_predictions
 from peftkit.recipe import ModelConfig
 
 BASE = "base"
@@ -100,7 +100,7 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
     """`compare` on each of a recipe's data.eval sets (`comparison_jobs` of each set's job: the same rows, on its
     data): each set's rows' figures, by set name. Every model loads once for all the sets: the shared one
     evaluates each set with each adapter active, a merged model (or an adapter loaded alone) is evaluated on every
-    set by `evaluate_sets`. `predictions_dir`: for one set only (a key None: `compare`)."""
+    set by `evaluate_sets`. `predictions_dir`: each row's answers on each set, in `prediction_file`."""
     from peftkit.adapters.named import loads_alone
     from peftkit.evaluate import evaluate_sets
 
@@ -141,9 +141,17 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
 
 def _row_job(job: EvalJob, name: str, eval_set: str | None, predictions_dir: Path | None) -> EvalJob:
     """`job` as the comparison's row `name` on `eval_set` (None: the one data): progress lines name the row (and the
-    set), and its predictions go to `predictions_dir`/NAME.jsonl."""
+    set), and its predictions go to `prediction_file`."""
     job = replace(job, name=name if eval_set is None else f"{name} on {eval_set}")
-    return job if predictions_dir is None else replace(job, predictions=predictions_dir / f"{name}.jsonl")
+    return job if predictions_dir is None else replace(job, predictions=prediction_file(predictions_dir, name,
+                                                                                        eval_set))
+
+
+def prediction_file(predictions_dir: Path, name: str, eval_set: str | None) -> Path:
+    """Where a comparison writes row `name`'s answers: DIR/NAME.jsonl; on data.eval's set `eval_set` of several,
+    DIR/NAME.SET.jsonl (`set_predictions`)."""
+    path = predictions_dir / f"{name}.jsonl"
+    return path if eval_set is None else set_predictions(path, eval_set)
 
 
 def _adapter_figures(job: EvalJob) -> dict:

@@ -217,6 +217,13 @@ class EvalJob:
     the first): `peftkit eval` evaluates each."""
 
 
+def set_predictions(path: Path, eval_set: str) -> Path:
+    """The --predictions file of data.eval's set `eval_set` where `peftkit eval` evaluates several: the set's name
+    before the suffix (preds.jsonl: preds.general.jsonl; a comparison's DIR/base.jsonl: DIR/base.general.jsonl),
+    each set's answers in a file of their own, as one set's are."""
+    return path.with_name(f"{path.stem}.{eval_set}{path.suffix}")
+
+
 def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
              adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
              trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,

@@ -960,10 +960,6 @@ def test_peftkit_eval_of_a_run_evaluates_each_eval_set(eval_sets, tmp_path, monk
         assert results[name]["loss"] == summary[f"{key}_loss"]  # the run's final figures, set by set
         assert f"{name}: loss {summary[f'{key}_loss']:.4f}  perplexity {summary[f'{key}_perplexity']:.3f}" in printed
     assert printed.index("numbers:") < printed.index("general:")  # in the recipe's order, the primary first
-    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(run), "--metrics", "exact_match", "--predictions",
-                                  str(tmp_path / "p.jsonl")).split())
-    assert (f"--predictions writes one set's answers, and {run}'s data.eval has 2 sets (numbers, general); pass "
-            "--data FILE of one.") in err, err
 
 
 def test_peftkit_eval_loads_the_model_once_for_every_eval_set(eval_sets, number_data, tmp_path, monkeypatch, capsys):
@@ -1027,10 +1023,48 @@ def test_a_comparison_on_several_eval_sets_compares_on_each(eval_sets, tiny_llam
     assert printed.index("comparison on numbers") < printed.index("comparison on general")  # the recipe's order
     a, base = alone["general"]["a"]["loss"], alone["general"]["base"]["loss"]
     assert f"│ a │ {a:.4f} │ {a - base:+.4f} │" in printed[printed.index("comparison on general"):]
-    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), *flags, "--metrics", "exact_match",
-                                  "--predictions", str(tmp_path / "preds")).split())
-    assert (f"--predictions writes one set's answers, and {recipe}'s data.eval has 2 sets (numbers, general); pass "
-            "--data FILE of one.") in err, err
+
+
+def test_eval_of_several_eval_sets_writes_each_set_s_predictions(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    """`peftkit eval RECIPE --predictions FILE` of a data.eval of several sets, compared or not, was refused ("pass
+    --data FILE of one"): each set's answers now go to a file of their own, the set's name before the suffix
+    (p.jsonl: p.numbers.jsonl; a comparison's DIR/NAME.jsonl: DIR/NAME.numbers.jsonl), each what `--data FILE` of
+    the set's file writes. A stream is refused: the sets' lines would run together."""
+    from peftkit.cli import main
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import save_random_adapter
+
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"instruction": f"Add one to {k}.", "output": str(k + 1)} for k in range(3)])
+    files = {"numbers": number_data["eval"], "other": other}
+    recipe = make_recipe(tmp_path / "r", tiny_llama, number_data, data={"eval": {k: str(v) for k, v in files.items()}},
+                         eval={"max_new_tokens": 3})
+    adapter = save_random_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "a", 1)
+
+    def written(*args: str) -> None:
+        monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(recipe), "--metrics", "exact_match", *args])
+        main()
+
+    def lines(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    written("--predictions", str(tmp_path / "p.jsonl"))
+    written("--adapter", f"a={adapter}", "--predictions", str(tmp_path / "preds"))
+    assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == [
+        "a.numbers.jsonl", "a.other.jsonl", "base.numbers.jsonl", "base.other.jsonl"]
+    for name, path in files.items():
+        written("--data", str(path), "--predictions", str(tmp_path / f"alone.{name}.jsonl"))
+        written("--data", str(path), "--adapter", f"a={adapter}", "--predictions", str(tmp_path / f"alone-{name}"))
+        alone = lines(tmp_path / f"alone.{name}.jsonl")
+        assert len(alone) == len(path.read_text().splitlines())
+        assert lines(tmp_path / f"p.{name}.jsonl") == alone == lines(tmp_path / "preds" / f"base.{name}.jsonl")
+        assert lines(tmp_path / "preds" / f"a.{name}.jsonl") == lines(tmp_path / f"alone-{name}" / "a.jsonl")
+    capsys.readouterr()
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--metrics", "exact_match",
+                                  "--predictions", "/dev/stdout").split())
+    assert (f"--predictions /dev/stdout: {recipe}'s data.eval has 2 sets (numbers, other), whose answers go to a file "
+            "each (FILE.NAME.jsonl); give a file name, or --data FILE of one set.") in err, err
 
 
 def test_train_and_preview_name_a_chat_entry_s_format_for_a_tokenizer_without_a_template(tiny_llama, number_data,

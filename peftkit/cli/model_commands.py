@@ -133,7 +133,9 @@ def eval_cmd(
                                                      "(squad).")] = None,
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
                                                         "(prompt, prediction, reference) here; in a comparison, a "
-                                                        "directory (NAME.jsonl each).")] = None,
+                                                        "directory (NAME.jsonl each); of several data.eval sets, a "
+                                                        "file each, the set's name before the suffix "
+                                                        "(p.SET.jsonl, NAME.SET.jsonl).")] = None,
     arrow: Arrow = False,
     arrow_top_k: ArrowTopK = None,
     arrow_temperature: ArrowTemperature = None,
@@ -181,16 +183,20 @@ def eval_cmd(
             check_json_out(path, flag, inputs)
     sets = {}
     if len(job.eval_sets) > 1:  # the recipe's data.eval names several sets: each, by name
-        if predictions is not None:
-            raise PeftkitError(f"--predictions writes one set's answers, and {recipe}'s data.eval has "
-                               f"{len(job.eval_sets)} sets ({', '.join(job.eval_sets)}); pass --data FILE of one.")
+        own = _set_predictions(None if comparing else predictions, job.eval_sets, recipe)  # (a comparison's: _compare)
+        job.predictions = own[job.eval_sets[0]]
         sets = {job.eval_sets[0]: job} | {
             name: eval_job(recipe, overrides or [], local_path(model) if model else None, None, fmt, single,
                            max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                           None, task, comparing=comparing, eval_set=name) for name in job.eval_sets[1:]}
-        if json_out is not None:  # nor may --json be (inside) another set's data
-            for each in list(sets.values())[1:]:
-                check_json_out(json_out, "--json", inputs + job_inputs(each))
+                           own[name], task, comparing=comparing, eval_set=name) for name in job.eval_sets[1:]}
+        for each in list(sets.values())[1:]:  # nor may an output be (inside) another set's data
+            inputs += job_inputs(each)
+        for path, flag in ((json_out, "--json"), *((own[name], "--predictions") for name in job.eval_sets)):
+            if path is not None:
+                check_json_out(path, flag, inputs)
+        for name, path in own.items():
+            if path is not None:
+                _check_apart(json_out, path, f"the --predictions file of {name}, {path},")
     if comparing:
         _compare(sets or {None: job}, named, named_merged, predictions, json_out, settings, general or [], inputs)
         return
@@ -205,6 +211,20 @@ def eval_cmd(
     _said_beside(json_out, predictions).print(_shown(result, job.metrics))
     if json_out:
         atomic_write_json(json_out, result)
+
+
+def _set_predictions(predictions: Path | None, names: list[str], recipe: Path) -> dict[str, Path | None]:
+    """--predictions of data.eval's sets `names` (several): a file each, the set's name before the suffix (preds.jsonl:
+    preds.NAME.jsonl, `set_predictions`), by set name; None each without it. A stream (/dev/stdout) is refused: the
+    sets' lines would run together, none saying its set."""
+    from peftkit.evaluate import set_predictions
+    from peftkit.fileio import special_file
+
+    if predictions is not None and special_file(predictions):
+        raise PeftkitError(f"--predictions {predictions}: {recipe}'s data.eval has {len(names)} sets "
+                           f"({', '.join(names)}), whose answers go to a file each (FILE.NAME.jsonl); give a file "
+                           "name, or --data FILE of one set.")
+    return {name: None if predictions is None else set_predictions(predictions, name) for name in names}
 
 
 def _shown(result: dict, metrics: list[str]) -> str:
@@ -226,7 +246,7 @@ def _compare(sets: dict, named: list[tuple[str, str]], merged: list[tuple[str, s
     per data.eval set of `sets` ({set name: its job}; {None: the job} for one data); with `arrow` (ArrowSettings), a
     row of Arrow routing among them too (`general`: GenKnowSub's). `inputs`: what no --predictions file may be
     (`check_not_input`)."""
-    from peftkit.compare import ARROW, BASE, compare_sets, comparison_jobs, comparison_table
+    from peftkit.compare import ARROW, BASE, compare_sets, comparison_jobs, comparison_table, prediction_file
     from peftkit.fileio import atomic_write_json
     from peftkit.rundir import make_writable_dir
 
@@ -240,10 +260,10 @@ def _compare(sets: dict, named: list[tuple[str, str]], merged: list[tuple[str, s
                                f"directory; give a directory (e.g. --predictions {predictions.with_suffix('')}).")
         check_not_input(predictions, "--predictions", inputs)
         for name in [BASE, *(n for n, _ in named + named_merged), *([ARROW] if arrow is not None else [])]:
-            check_not_input(predictions / f"{name}.jsonl", "--predictions", inputs,
-                            f"{predictions}: the comparison's {name}.jsonl")
-            _check_apart(json_out, predictions / f"{name}.jsonl",
-                         f"the --predictions file of {name}, {predictions / f'{name}.jsonl'},")
+            for each in sets:  # (None: the one data; else each data.eval set's file)
+                path = prediction_file(predictions, name, each)
+                check_not_input(path, "--predictions", inputs, f"{predictions}: the comparison's {path.name}")
+                _check_apart(json_out, path, f"the --predictions file of {name}, {path},")
         make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
     try:
         results = compare_sets({each: comparison_jobs(job, named, named_merged) for each, job in sets.items()},
