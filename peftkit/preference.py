@@ -7,12 +7,14 @@ r_c = log pi(chosen) - log ref(chosen) and r_r alike, each a sum over the answer
 -log sigmoid(beta (r_c - r_r)) (`sigmoid`); `ipo` and `hinge` as TRL's DPOTrainer computes them. The rewards it
 logs are beta r_c and beta r_r; reward accuracy is the share of pairs whose chosen reward is the larger.
 
-The reference is the base model, the model without the adapter, as TRL's DPOTrainer takes it for a PEFT model.
-Its log-probabilities do not change, so they are computed once, before the adapter is injected (`reference_logps`:
-the base in eval mode, under the run's precision), for data.train and every set of data.eval, and each batch
-carries its pairs' (`peftkit.data.preference.PairCollator`): training runs one forward a micro-batch, not two,
-and needs no second model nor any way of switching the adapter off, whatever the method (a prompt-tuning or PiSSA
-adapter's too). A resumed run computes them again, on the same model and batches: the same numbers.
+The reference is the model training starts from, as TRL's DPOTrainer takes it for a PEFT model: the base model,
+the model without the adapter; with adapter.init_from (DPO after SFT, on the SFT adapter), the base with that
+adapter as it starts (TRL's frozen copy of a PeftModel's pretrained adapter, "ref"). Its log-probabilities do not
+change, so they are computed once, before training (`reference_logps`: in eval mode, under the run's precision;
+the base before the adapter is injected), for data.train and every set of data.eval, and each batch carries its
+pairs' (`peftkit.data.preference.PairCollator`): training runs one forward a micro-batch, not two, and needs no
+second model nor any way of switching the adapter off, whatever the method (a prompt-tuning or PiSSA adapter's
+too). A resumed run computes them again, on the same model and batches: the same numbers.
 """
 
 from __future__ import annotations

@@ -330,16 +330,20 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
-    if cfg.training.objective == "dpo":  # the reference: the model as it is now, without the adapter
+    dpo = cfg.training.objective == "dpo"
+    if dpo and not cfg.adapter.init_from:  # the reference: the base, as it is now, without the adapter
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
-    elif eval_ex and cfg.eval.base_model:  # on --resume too: its figures are in the manifest, as an unbroken run's
-        # At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
+    elif eval_ex and cfg.eval.base_model and not dpo:  # on --resume too: its figures are in the manifest, as an
+        # unbroken run's. At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
         # holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():
             summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console)
 
     targets = _inject(cfg, model, adapter, accelerator, console, summary)
+    if dpo and cfg.adapter.init_from:  # the reference: the adapter training starts from, over the base
+        with accelerator.autocast():
+            _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
 
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console, model)
@@ -424,14 +428,16 @@ def _check_biases_merge(model) -> None:
 
 
 def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, accelerator, console: Console) -> None:
-    """training.objective: dpo: the base model's log-probabilities of the answers of data.train's pairs and of each
-    set of data.eval's, set on them (`peftkit.preference`). (A DPO run has no base evaluation: the base is the
-    reference, its loss log 2 and its rewards 0 by definition.)"""
+    """training.objective: dpo: the reference model's log-probabilities of the answers of data.train's pairs and of
+    each set of data.eval's, set on them (`peftkit.preference`): `model` as training starts from it, the base (before
+    the adapter is injected) or, with adapter.init_from, the base with that adapter (after). (A DPO run has no base
+    evaluation: its reference's loss is log 2 and its rewards 0 by definition.)"""
     from peftkit.preference import reference_logps
 
     sets = [train_ex, *(evaluation.pairs for evaluation in evals.values())]
     processes = accelerator if accelerator.num_processes > 1 else None
-    with phase(f"Computing the reference (base) model's log-probabilities of {sum(map(len, sets))} answer pairs "
+    what = "adapter.init_from's adapter" if cfg.adapter.init_from else "the base model"
+    with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets))} answer pairs "
                "(training.objective: dpo)...", console):
         for pairs in sets:
             pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)

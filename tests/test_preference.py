@@ -219,3 +219,80 @@ def test_a_bad_pair_is_named_by_its_line_and_field(tiny_llama, pairs_data, tmp_p
     recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": bad, "eval": pairs_data["eval"]})
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert f"{bad}:2" in err and said in err, err
+
+
+def test_two_processes_train_the_adapter_of_one_with_twice_the_batch(tiny_llama, pairs_data, tmp_path):
+    """2 processes x 2 pairs a micro-batch (each process's slice whole pairs, the reference log-probabilities
+    shared out) give the losses, evaluations and adapter of 1 process x 4 pairs, up to float rounding; 45 pairs, so
+    the epoch's last micro-batch holds one pair and the second process trains a stand-in that adds nothing. (~20 s)"""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("".join(pairs_data["train"].read_text().splitlines(keepends=True)[:45]))
+    data = {"train": odd, "eval": pairs_data["eval"]}
+    sections = dict(max_steps=6, eval_steps=3, grad_accum=2)
+    one = _dpo_recipe(tmp_path / "one", tiny_llama, data, batch_size=4, **sections)
+    two = _dpo_recipe(tmp_path / "two", tiny_llama, data, batch_size=2, **sections)
+    train(load_recipe(one))
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(two), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def lines(run: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    for a, b in zip(lines("one"), lines("two"), strict=True):
+        assert a.keys() == b.keys()
+        for key in ("loss", "eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
+            assert abs(a.get(key, 0.0) - b.get(key, 0.0)) <= 1e-5, (key, a, b)
+    ours = load_file(tmp_path / "one" / "run" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "two" / "run" / "adapter" / "adapter_model.safetensors")
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+
+
+def test_dpo_from_an_sft_adapter_trains_as_trl_s_dpo_trainer(tiny_llama, tmp_path):
+    """DPO on adapter.init_from (an SFT adapter, far from identity) against TRL's DPOTrainer on a PeftModel of the same
+    adapter (whose reference is a frozen copy of it, as peftkit's is that adapter as training starts): three SGD
+    steps over the whole batch give TRL's losses (the first log 2: the policy is its reference) and its adapter."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from conftest import save_random_adapter
+    from peftkit.methods.lora import LoraConfig
+
+    sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                              tmp_path / "sft", seed=2, std=0.3)
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)} for a, b in [(3, 4), (10, 20), (1, 1),
+                                                                                                  (7, 8)]]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    steps, lr, beta = 3, 0.5, 0.3
+    recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
+                         max_steps=steps, batch_size=4, optimizer="sgd", lr=lr, scheduler="constant", warmup_steps=0,
+                         dpo_beta=beta)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(sft)}  # (its settings are the adapter's)
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    ours = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in x]
+
+    model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps,
+                         learning_rate=lr, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, beta=beta,
+                         report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, bf16=False)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_llama))
+    trainer.train()
+    theirs = [x["loss"] for x in trainer.state.log_history if "loss" in x]
+    assert abs(theirs[0] - math.log(2)) <= 1e-6 and theirs[-1] < theirs[0] - 1e-3  # a reference copy; it trained
+    assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) <= 1e-5, (ours, theirs)
+    ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
+    assert set(ours_final) == set(trained)
+    assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5

@@ -223,8 +223,9 @@ class TrainingConfig(Section):
     objective: Literal["sft", "dpo"] = "sft"
     """sft: the next-token loss on the answers (supervised fine-tuning). dpo: Direct Preference Optimization
     (Rafailov et al. 2023) on data.format preference (a prompt, a chosen and a rejected answer): the adapter learns
-    to raise the chosen answer's likelihood over the rejected's, relative to the base model's, which is the frozen
-    reference (the model without the adapter, as TRL's DPOTrainer takes it for a PEFT model: no second copy)."""
+    to raise the chosen answer's likelihood over the rejected's, relative to the frozen reference's: the model
+    training starts from, the base without the adapter or, with adapter.init_from, with that adapter as it starts
+    (as TRL's DPOTrainer takes them for a PEFT model; no second copy is held)."""
     dpo_beta: float = Field(0.1, gt=0)
     """dpo: how far the adapter may move from the reference (TRL's `beta`, its default): the rewards are beta x the
     log-likelihood ratios; smaller lets it go further."""
