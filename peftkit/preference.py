@@ -66,14 +66,34 @@ class PreferenceLoss:
             loss = (per_token - 1 / (2 * self.beta)) ** 2
         return loss, self.beta * chosen.detach(), self.beta * rejected.detach()
 
+    def sums(self, model: nn.Module, batch: dict[str, torch.Tensor], labelled: int | None = None) -> torch.Tensor:
+        """(6,) fp32, sums over the batch's pairs (`SUMS`): the loss (with its gradient), the pairs, those whose chosen
+        reward is the larger, the reward margins, the chosen and the rejected rewards. A pair without labelled tokens
+        (a process's stand-in rows: `peftkit.distributed.shard`) adds nothing, its backward still reaching every
+        parameter."""
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+        loss, chosen, rejected = self.pairs(sequence_logps(model, batch, labelled), batch["reference_logps"], tokens)
+        real = ((tokens[0::2] > 0) & (tokens[1::2] > 0)).float()
+        return torch.stack([torch.where(real > 0, loss, loss * 0).sum(), real.sum(), ((chosen > rejected) * real).sum(),
+                            ((chosen - rejected) * real).sum(), (chosen * real).sum(), (rejected * real).sum()])
+
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor],
                  labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of the batch's pair losses, number of pairs). A pair without labelled tokens (a process's stand-in
-        rows: `peftkit.distributed.shard`) adds nothing, its backward still reaching every parameter."""
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
-        loss, _, _ = self.pairs(sequence_logps(model, batch, labelled), batch["reference_logps"], tokens)
-        real = (tokens[0::2] > 0) & (tokens[1::2] > 0)
-        return torch.where(real, loss, loss * 0).sum(), real.sum()
+        """(sum of the batch's pair losses, the other `sums`: the number of pairs first), as the training step calls
+        a loss."""
+        sums = self.sums(model, batch, labelled)
+        return sums[0], sums[1:]
+
+
+SUMS = ("loss", "pairs", "right", "margin", "chosen", "rejected")
+"""What `PreferenceLoss.sums` adds up, in order."""
+
+
+def figures(sums: torch.Tensor) -> dict[str, float]:
+    """The mean loss, reward accuracy, margin and rewards (`FIGURES`) of `PreferenceLoss.sums` added up."""
+    loss, pairs, right, margin, chosen, rejected = (float(s) for s in sums)
+    n = max(pairs, 1.0)
+    return dict(zip(FIGURES, (loss / n, right / n, margin / n, chosen / n, rejected / n), strict=True))
 
 
 @torch.no_grad()
@@ -140,31 +160,24 @@ class PreferenceEval:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        sums = torch.zeros(6, dtype=torch.float64, device=device)  # loss, right, margin, chosen, rejected, pairs
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
         batches = eval_loader(self.pairs, self.batch_size, self.pad_id, PairCollator(self.pad_id))
         rounds, first, done = -(-len(batches) // world), None, 0
         try:
             for i, batch in enumerate(batches):
                 first = batch if first is None else first
                 if i % world == rank:
-                    sums += self._sums(model, {k: v.to(device) for k, v in batch.items()})
+                    sums += self.loss.sums(model, {k: v.to(device) for k, v in batch.items()}).double()
                     done += 1
             for _ in range(rounds - done):
-                self._sums(model, {k: v.to(device) for k, v in first.items()})
+                self.loss.sums(model, {k: v.to(device) for k, v in first.items()})
         finally:
             model.train(was_training)
         if world > 1:
             from peftkit.distributed import total
 
             sums = total(self.processes, sums)
-        n = max(float(sums[5]), 1.0)
-        return dict(zip(FIGURES, (float(s) / n for s in sums[:5]), strict=True)) | {"num_pairs": int(sums[5])}
-
-    def _sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
-        loss, chosen, rejected = self.loss.pairs(sequence_logps(model, batch), batch["reference_logps"], tokens)
-        return torch.stack([loss.sum(), (chosen > rejected).sum(), (chosen - rejected).sum(), chosen.sum(),
-                            rejected.sum(), torch.tensor(len(loss), device=loss.device)]).double()
+        return figures(sums) | {"num_pairs": int(sums[1])}
 
     def record(self, result: dict[str, float], prefix: str = "eval_") -> dict[str, float]:
         """The result under metrics.jsonl / summary names: `eval_loss`, `eval_reward_accuracy`, ..."""

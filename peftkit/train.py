@@ -46,7 +46,7 @@ from peftkit.data.preference import PairCollator
 from peftkit.errors import PeftkitError, Stopped
 from peftkit.evaluate import token_loss_sum
 from peftkit.loss import labelled_count
-from peftkit.preference import PreferenceLoss
+from peftkit.preference import SUMS, PreferenceLoss, figures
 from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import atomic_write_text, unlink_durably
 from peftkit.progress import TrainProgress
@@ -187,7 +187,7 @@ def _loop(run: Run, state: LoopState) -> None:
             lr = scheduled_lr(tcfg, run.scheduler)  # the rate this step applies (the scheduler steps after it)
             tokens = sum(int(b["attention_mask"].sum()) for b in window)  # counted on CPU: no device sync
             window_tokens += tokens
-            loss_value, grad_norm, regularizer = _step(run, window, tokens, state)
+            loss_value, grad_norm, regularizer, trained = _step(run, window, tokens, state)
             tps = window_tokens / max(time.time() - window_start, 1e-9)
             unlogged = None  # this step's line where log_steps leaves it out: an early stop here logs it still
             if loss_value is not None:  # a skipped step (nan_policy: skip_step) has no loss to show or log
@@ -196,6 +196,7 @@ def _loop(run: Run, state: LoopState) -> None:
                           "tokens": state.tokens, "tokens_per_s": tps, "peak_mem_mb": peak_memory_mb(run.device)}
                 if regularizer is not None:
                     record["regularizer"] = regularizer
+                record |= trained
                 if state.step % tcfg.log_steps == 0 or state.step == run.total_steps:
                     run.log(record)
                     window_start, window_tokens = time.time(), 0
@@ -227,9 +228,11 @@ def _stop_if_asked(run: Run, state: LoopState, stop: StopRequest) -> None:
         )
 
 
-def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[float | None, float | None, float | None]:
-    """One optimizer step over the micro-batches of `window`; (loss, grad norm, the method's regulariser or None),
-    or (None, None, None) when a non-finite loss was skipped (training.nan_policy: skip_step)."""
+def _step(run: Run, window: list[dict], tokens: int,
+          state: LoopState) -> tuple[float | None, float | None, float | None, dict]:
+    """One optimizer step over the micro-batches of `window`; (loss, grad norm, the method's regulariser or None,
+    a DPO step's reward figures or {}), or (None, None, None, {}) when a non-finite loss was skipped
+    (training.nan_policy: skip_step)."""
     tcfg, accelerator = run.cfg.training, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     # The loss is a mean over the global window's labelled tokens (a classifier's: its rows, one label each; DPO's:
@@ -243,6 +246,7 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
         n_label, loss_fn = sum(labelled_count(b["labels"]) for b in window), token_loss_sum
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
+    pair_sums = torch.zeros(len(SUMS) - 1, device=accelerator.device) if pairs else None  # the rewards' sums
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
     for i, batch in enumerate(window):
         batch = distributed.shard(batch, rank, world, state.trimmed_slices,  # (a resumed run: as it began)
@@ -252,10 +256,16 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         last = i == len(window) - 1
         with distributed.no_sync(accelerator, run.model, last):
-            loss, _ = loss_fn(run.model, batch, labelled)
+            loss, counted = loss_fn(run.model, batch, labelled)
             distributed.backward(accelerator, run.model, loss * world / n_label, last)  # x world: DDP averages
         loss_sum += loss.detach()
-    loss_value = float(distributed.total(accelerator, loss_sum)) / n_label  # one sync per optimizer step
+        if pairs:
+            pair_sums += counted.detach()
+    trained = {}  # a DPO step's mean rewards, reward accuracy and margin, as TRL logs them
+    if pairs:  # (summed across the processes with the loss: still one sync)
+        loss_sum, *rest = distributed.total(accelerator, torch.cat([loss_sum[None], pair_sums])).unbind()
+        trained = {k: v for k, v in figures(torch.stack([loss_sum, *rest])).items() if k != "loss"}
+    loss_value = float(distributed.total(accelerator, loss_sum) if not pairs else loss_sum) / n_label  # one sync
     reg_value = _regularize(run)
     if not math.isfinite(loss_value + (reg_value or 0.0)):
         return _not_finite(run, state, f"Loss became {loss_value}", f"loss {loss_value}")
@@ -278,10 +288,10 @@ def _step(run: Run, window: list[dict], tokens: int, state: LoopState) -> tuple[
     state.step += 1
     state.tokens += tokens
     state.losses.append(loss_value)
-    return loss_value, grad_norm, reg_value
+    return loss_value, grad_norm, reg_value, trained
 
 
-def _not_finite(run: Run, state: LoopState, became: str, what: str) -> tuple[None, None, None]:
+def _not_finite(run: Run, state: LoopState, became: str, what: str) -> tuple[None, None, None, dict]:
     """A step whose loss or gradients are not finite: training.nan_policy stops the run, or skips the step."""
     run.optimizer.zero_grad(set_to_none=True)
     if run.cfg.training.nan_policy == "stop":
@@ -294,10 +304,10 @@ def _not_finite(run: Run, state: LoopState, became: str, what: str) -> tuple[Non
     state.skipped_steps += 1
     run.console.print(f"[yellow]step {state.step + 1}: {what}, step skipped[/]")
     state.step += 1  # the data moves on; the schedule waits for the next update, as after `_scaler_skipped`
-    return None, None, None
+    return None, None, None, {}
 
 
-def _scaler_skipped(run: Run, state: LoopState) -> tuple[None, None, None]:
+def _scaler_skipped(run: Run, state: LoopState) -> tuple[None, None, None, dict]:
     """A step fp16's loss scaler skipped (inf/nan in the scaled gradients; it lowered its scale), often one of the
     first while it finds its scale: counted as skipped (no loss line, no update), whatever training.nan_policy says.
     The schedule stays, as accelerate's AcceleratedScheduler, transformers' Trainer and DeepSpeed leave it."""
@@ -307,7 +317,7 @@ def _scaler_skipped(run: Run, state: LoopState) -> tuple[None, None, None]:
     run.console.print(f"[yellow]step {state.step + 1}: fp16's loss scaler found inf/nan gradients, step skipped"
                       + (f" (loss scale now {scaler.get_scale():g})" if scaler is not None else "") + "[/]")
     state.step += 1
-    return None, None, None
+    return None, None, None, {}
 
 
 def _regularize(run: Run) -> float | None:
