@@ -194,6 +194,19 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def preference_rows(n: int, seed: int) -> list[dict]:
+    """data.format preference rows (training.objective: dpo) of the quickstart's task, a style preference: the
+    number in lowercase words chosen, the same words in capitals rejected. A tiny model learns it within a few dozen
+    steps, as a chat model learns a preferred tone."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        k = rng.randrange(1000)
+        words = number_words(k)
+        rows.append({"prompt": f"Write the number in words.\n{k}\n", "chosen": words, "rejected": words.upper()})
+    return rows
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -208,6 +221,17 @@ def build_quickstart_assets(root: str | Path) -> dict[str, Path]:
     write_jsonl(train, number_rows(512, seed=1))
     write_jsonl(eval_, number_rows(64, seed=2))
     return {"model": model_dir, "train": train, "eval": eval_}
+
+
+def build_preference_assets(root: str | Path) -> dict[str, Path]:
+    """recipes/dpo.yaml's answer pairs under `root`, beside the quickstart's model, which it builds where absent."""
+    root = Path(root)
+    if not (root / "tiny-llama" / "config.json").exists():
+        build_tiny_model(root / "tiny-llama", arch="llama", hidden_size=64, num_layers=2, seed=0)
+    train, eval_ = root / "data" / "pairs-train.jsonl", root / "data" / "pairs-eval.jsonl"
+    write_jsonl(train, preference_rows(256, seed=5))
+    write_jsonl(eval_, preference_rows(64, seed=6))
+    return {"pairs_train": train, "pairs_eval": eval_}
 
 
 def build_long_context_assets(root: str | Path) -> dict[str, Path]:

@@ -1,6 +1,7 @@
 """Build the quickstart's tiny Llama-architecture model, character tokenizer and data, and the classification
 recipe's tiny BERT encoder and sentiment data, multitask prompt tuning's source-task data, and the long-context
-recipe's 64-position copy of the tiny Llama, and a tiny Mixtral (recipes/methods/lora_moe.yaml), offline.
+recipe's 64-position copy of the tiny Llama, a tiny Mixtral (recipes/methods/lora_moe.yaml), and recipes/dpo.yaml's answer
+pairs, offline.
 
     python scripts/make_tiny_assets.py [ROOT]     # default ROOT: artifacts/
 
@@ -15,11 +16,12 @@ from peftkit.tiny import (
     build_long_context_assets,
     build_moe_assets,
     build_multitask_assets,
+    build_preference_assets,
     build_quickstart_assets,
 )
 
 if __name__ == "__main__":
     root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "artifacts"
     for name, path in (build_quickstart_assets(root) | build_classification_assets(root) | build_multitask_assets(root)
-                       | build_long_context_assets(root) | build_moe_assets(root)).items():
+                       | build_long_context_assets(root) | build_moe_assets(root) | build_preference_assets(root)).items():
         print(f"{name}: {path}")
