@@ -36,7 +36,7 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | Non
         meta = {"base_model": base} | meta
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
              f"# {cfg.adapter.method} adapter for `{_shown(base, hub_base)}`", "",
-             f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.", ""]
+             f"Trained with peftkit {__version__} on {_data(cfg)}, {_length(cfg)}.{_objective(cfg)}", ""]
     lines += _results(metrics, cfg.classification, list(cfg.data.eval) if isinstance(cfg.data.eval, dict) else [])
     lines += _usage(cfg, peft_type, base, hub_base, num_labels or cfg.model.num_labels)
     sections = {"adapter": _named(cfg.adapter.model_dump(mode="json", exclude_none=True)),
@@ -61,6 +61,17 @@ def _named(adapter: dict) -> dict:
     return {key: ([name(v) for v in value] if key == "fuse" and isinstance(value, list) else
                   name(value) if key in ("init_from", "source_adapter") and isinstance(value, str) else value)
             for key, value in adapter.items()}
+
+
+def _objective(cfg: Recipe) -> str:
+    """What a DPO run trained for, said after the data (nothing for the next-token loss)."""
+    t = cfg.training
+    if t.objective != "dpo":
+        return ""
+    reference = "the adapter training started from (adapter.init_from)" if cfg.adapter.init_from else "the base model"
+    return (f" Objective: DPO (`{t.dpo_loss}` loss, beta {t.dpo_beta:g}) on pairs of a chosen and a rejected answer, "
+            f"the reference {reference}; the evaluation's loss is the DPO loss and its rewards beta × the "
+            "log-likelihood ratios to the reference.")
 
 
 def _data(cfg: Recipe) -> str:

@@ -144,6 +144,9 @@ def test_a_run_learns_the_preferences_and_its_figures_are_the_adapter_s_in_peft(
     last = evals[-1]
     assert last["eval_loss"] < math.log(2) - 0.05 and last["eval_reward_accuracy"] > 0.6, last
     assert summary["eval_reward_accuracy"] == last["eval_reward_accuracy"]
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "Objective: DPO (`sigmoid` loss, beta 0.5)" in card and "the reference the base model" in card
+    assert f"| reward accuracy | {last['eval_reward_accuracy']:.4f} |" in card
 
     tok = _tok(tiny_llama)
     pairs, _ = load_pairs(tok, str(pairs_data["eval"]), None, DataConfig(train="x", format="preference"))

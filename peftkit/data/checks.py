@@ -113,7 +113,7 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
     """
     limit = f"data.max_length={cfg.max_length}"
     total = stats["examples"] + stats["too_long"] + stats["truncation_dropped"]
-    line = f"{stats['examples']} training examples"
+    line = f"{stats['examples']} training {'pairs' if cfg.format == 'preference' else 'examples'}"
     if stats.get("cached"):
         line += f", read from the tokenized-data cache ({stats['cached']})"
     if stats["bad_rows"]:
