@@ -486,7 +486,7 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict
             evals[name] = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
         return train_ex, stats, evals, labels
     if cfg.training.objective == "dpo":  # pairs of answers: peftkit.data.preference
-        return _load_pairs(cfg, tok)
+        return _load_pairs(cfg, tok, cache)
     tasks = recipe_reads_tasks(cfg)
     train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)
     check_training_tasks(cfg, "data.train", train_ex.task_ids)
@@ -500,12 +500,12 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict
     return train_ex, stats, evals, None
 
 
-def _load_pairs(cfg: Recipe, tok) -> tuple[Pairs, dict, dict, None]:
+def _load_pairs(cfg: Recipe, tok, cache: bool) -> tuple[Pairs, dict, dict, None]:
     """`_load_data` of a DPO recipe: data.train's pairs, and each set of data.eval's as its `PreferenceEval`."""
     from peftkit.preference import PreferenceEval, PreferenceLoss
 
-    train_ex, stats = load_pairs(tok, cfg.data.train, cfg.data.train_split, cfg.data)
-    evals = {name: PreferenceEval(load_pairs(tok, source.path, source.split, cfg.data.for_eval(name))[0],
+    train_ex, stats = load_pairs(tok, cfg.data.train, cfg.data.train_split, cfg.data, cache)
+    evals = {name: PreferenceEval(load_pairs(tok, source.path, source.split, cfg.data.for_eval(name), cache)[0],
                                   tok.pad_token_id, cfg.eval.batch_size, PreferenceLoss.of(cfg.training))
              for name, source in cfg.data.eval_sources().items()}
     return train_ex, stats, evals, None

@@ -302,3 +302,20 @@ def test_dpo_from_an_sft_adapter_trains_as_trl_s_dpo_trainer(tiny_llama, tmp_pat
     trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
     assert set(ours_final) == set(trained)
     assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
+
+
+def test_pairs_are_kept_in_the_tokenized_data_cache_under_a_key_of_their_own(tiny_llama, pairs_data, tmp_path):
+    """A second load reads the pairs and counts the first kept (the same examples, the entry named); a run from the
+    cache trains the same bits."""
+    tok = _tok(tiny_llama)
+    cfg = DataConfig(train="x", format="preference", max_length=64)
+    first, stats = load_pairs(tok, str(pairs_data["train"]), None, cfg)
+    again, cached = load_pairs(tok, str(pairs_data["train"]), None, cfg)
+    assert "cached" not in stats and "cached" in cached
+    assert list(again.examples) == list(first.examples) and len(again) == len(first) == 48
+    assert {k: v for k, v in cached.items() if k != "cached"} == stats
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=3)
+    train(load_recipe(recipe))
+    unbroken = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    train(load_recipe(recipe), overwrite=True)  # data.train and data.eval from the cache now
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken

@@ -18,6 +18,7 @@ with no target left of either answer after data.max_length, or (data.truncation:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import read_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.errors import PeftkitError
-from peftkit.recipe import DataConfig
+from peftkit.recipe import DataConfig, is_hub_dataset
 
 ANSWERS = ("chosen", "rejected")
 
@@ -148,9 +149,27 @@ class PairCollator:
         return batch
 
 
-def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig) -> tuple[Pairs, dict]:
+def load_pairs(tok, source: str, split: str | None, cfg: DataConfig, cache: bool = True) -> tuple[Pairs, dict]:
     """The pairs of `source` (read as `peftkit.data.examples.load_examples` reads rows) and their counts, the keys
-    `describe_stats` prints (an example is a pair)."""
+    `describe_stats` prints (an example is a pair). With `cache`, a local file's are read from the tokenized-data
+    cache where they are there (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not."""
+    from peftkit.data.cache import cache_root
+    from peftkit.data.examples import _cache_entry, _data_digests
+
+    parts = [(source, split, cfg.columns, None)]
+    root = cache_root() if cache and not is_hub_dataset(source) and Path(source).is_file() else None
+    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, False, source) if root is not None else None
+    # (the cache counts the examples it holds, two a pair)
+    if entry is not None and (hit := entry.read()) is not None:
+        return Pairs(hit[0]), hit[1] | {"examples": len(hit[0]) // 2}
+    pairs, stats = _tokenized_pairs(tok, source, split, cfg)
+    if entry is not None and _data_digests(parts, cfg) == entry.digests:  # no file changed meanwhile
+        entry.write(pairs.examples, stats | {"examples": len(pairs.examples)})
+    return pairs, stats
+
+
+def _tokenized_pairs(tok, source: str, split: str | None, cfg: DataConfig) -> tuple[Pairs, dict]:
+    """`load_pairs` of the rows themselves."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
