@@ -319,3 +319,40 @@ def test_pairs_are_kept_in_the_tokenized_data_cache_under_a_key_of_their_own(tin
     unbroken = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
     train(load_recipe(recipe), overwrite=True)  # data.train and data.eval from the cache now
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
+
+
+def test_a_list_of_datasets_is_read_as_its_pairs_in_order(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys):
+    """data.train as a list of two files gives the pairs of the two as one file, in order, from the cache too; a bad
+    row of the second is named by its own file and line."""
+    lines = pairs_data["train"].read_text().splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:20]))
+    (tmp_path / "b.jsonl").write_text("".join(lines[20:]))
+    tok = _tok(tiny_llama)
+    whole, _ = load_pairs(tok, str(pairs_data["train"]), None, DataConfig(train="x", format="preference"))
+    mix = DataConfig(train=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], format="preference")
+    for _ in range(2):  # tokenized, then from the cache
+        parts, stats = load_pairs(tok, mix.train, None, mix)
+        assert list(parts.examples) == list(whole.examples) and stats["examples"] == 48
+    (tmp_path / "b.jsonl").write_text("".join(lines[20:22]) + '{"prompt": "1+1=", "chosen": "2"}\n')
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["train"] = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    recipe.write_text(yaml.safe_dump(raw))
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert f"{tmp_path / 'b.jsonl'}:3" in err and "missing field 'rejected'" in err, err
+
+
+def test_named_eval_sets_are_each_evaluated_and_an_own_format_is_refused(tiny_llama, pairs_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    """data.eval as named sets: each set's figures logged (eval_loss, eval_other_loss, ...); a set or a dataset of
+    data.train with a format of its own is a recipe error at its key."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=2)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["eval"] = {"main": str(pairs_data["eval"]), "other": str(pairs_data["train"])}
+    recipe.write_text(yaml.safe_dump(raw))
+    summary = train(load_recipe(recipe))
+    assert summary["eval_other_reward_accuracy"] is not None and summary["eval_reward_accuracy"] is not None
+    raw["data"]["eval"]["other"] = {"path": str(pairs_data["train"]), "format": "chat"}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe), "--overwrite")
+    assert "data.eval.other.format: a DPO run evaluates pairs" in err, err

@@ -27,7 +27,7 @@ from peftkit.data.examples import _built_examples, _TargetCuts, no_examples_erro
 from peftkit.data.formats import (TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls,
                                   format_rows)
 from peftkit.data.rows import Locations, row_location
-from peftkit.data.sources import read_rows
+from peftkit.data.sources import mix_name, read_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig, is_hub_dataset
@@ -149,16 +149,21 @@ class PairCollator:
         return batch
 
 
-def load_pairs(tok, source: str, split: str | None, cfg: DataConfig, cache: bool = True) -> tuple[Pairs, dict]:
-    """The pairs of `source` (read as `peftkit.data.examples.load_examples` reads rows) and their counts, the keys
-    `describe_stats` prints (an example is a pair). With `cache`, a local file's are read from the tokenized-data
-    cache where they are there (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not."""
+def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
+               cache: bool = True) -> tuple[Pairs, dict]:
+    """The pairs of `source` (one path or hub id at `split`, or data.train's list, read as
+    `peftkit.data.examples.load_examples` reads rows) and their counts, the keys `describe_stats` prints (an example
+    is a pair). With `cache`, local files' are read from the tokenized-data cache where they are there
+    (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not."""
     from peftkit.data.cache import cache_root
     from peftkit.data.examples import _cache_entry, _data_digests
 
-    parts = [(source, split, cfg.columns, None)]
-    root = cache_root() if cache and not is_hub_dataset(source) and Path(source).is_file() else None
-    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, False, source) if root is not None else None
+    parts = [(source, split, cfg.columns, None)] if isinstance(source, str) else \
+        [(entry.path, entry.split, entry.columns, None) for entry in cfg.train_sources()]
+    local = all(not is_hub_dataset(path) and Path(path).is_file() for path, *_ in parts)
+    root = cache_root() if cache and local else None
+    name = source if isinstance(source, str) else mix_name(cfg)
+    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, False, name) if root is not None else None
     # (the cache counts the examples it holds, two a pair)
     if entry is not None and (hit := entry.read()) is not None:
         return Pairs(hit[0]), hit[1] | {"examples": len(hit[0]) // 2}
@@ -168,7 +173,7 @@ def load_pairs(tok, source: str, split: str | None, cfg: DataConfig, cache: bool
     return pairs, stats
 
 
-def _tokenized_pairs(tok, source: str, split: str | None, cfg: DataConfig) -> tuple[Pairs, dict]:
+def _tokenized_pairs(tok, source: str | list, split: str | None, cfg: DataConfig) -> tuple[Pairs, dict]:
     """`load_pairs` of the rows themselves."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,

@@ -545,10 +545,12 @@ def _check_objective(recipe: Recipe) -> None:
         raise ValueError(f"eval.metrics: {', '.join(recipe.eval.generation_metrics)} score generated answers "
                          "against a reference, which preference data does not have (it has two); remove them: a DPO "
                          "run's evaluations report the loss, reward_accuracy and reward_margin")
-    if isinstance(data.train, list):
-        raise ValueError("data.train: a list of datasets is not read as preference pairs yet; give one dataset")
-    if isinstance(data.eval, dict) and (own := next((n for n, s in data.eval.items() if getattr(s, "format", None)),
-                                                    None)):
+    if isinstance(data.train, list) and (own := next((i for i, s in enumerate(data.train)
+                                                      if not isinstance(s, str) and s.format), None)) is not None:
+        raise ValueError(f"data.train[{own}].format: a DPO run trains on pairs, every dataset read as data.format "
+                         "preference; remove it")
+    if isinstance(data.eval, dict) and (own := next((n for n, s in data.eval.items()
+                                                     if not isinstance(s, str) and s.format), None)):
         raise ValueError(f"data.eval.{own}.format: a DPO run evaluates pairs, every set read as data.format "
                          "preference; remove it")
 
