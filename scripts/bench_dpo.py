@@ -1,0 +1,161 @@
+"""Benchmark: peftkit DPO (training.objective: dpo) vs. TRL's DPOTrainer on a peft LoRA, on the same pairs.
+
+    python scripts/bench_dpo.py --threads 1 --repeats 3          # CPU: hidden 256 x 4 layers, batch 8 pairs
+    python scripts/bench_dpo.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --words 8 --steps 40
+
+Builds a random-init Llama-architecture model and preference pairs (a number in lowercase words chosen, the same
+words in capitals rejected; --words numbers a row) in a temp dir, nothing downloaded, and trains LoRA by DPO twice
+with the same settings: r, alpha, all-linear targets, lr, cosine schedule without warmup, grad clip 1.0, beta 0.1,
+seed. TRL gets the pairs in the order peftkit's loop takes them (sequential sampling), so both sides see the same
+batches, and tokenizes them as peftkit does (the prompt, then the answer and EOS). Each side runs in a fresh
+subprocess (`bench_train.spawn_sides`).
+
+The sides differ in where the reference's log-probabilities come from: TRL runs the reference (the model with its
+adapter disabled) forward on every batch; peftkit computes them once, before training, for every pair (one
+forward a pair, batched by eval.batch_size), and each step runs the policy alone. So the steps' times, timed as
+bench_train.py times them (the end of each optimizer step; the first --warmup steps left out), leave peftkit's
+reference pass out: `end to end` is each side's whole training call (data, model, reference, steps; not the
+imports), which puts it back in. Over one epoch the reference pass costs one forward a pair, as TRL's per-step
+reference forwards do; over several it is paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import RESULT_TAG, _sync, common_args, peft_lora_model, recipe_for, report, run_peftkit, spawn_sides  # noqa: E402
+
+
+def write_pairs(args, workdir: Path) -> None:
+    """--steps x --batch-size pairs (one epoch: both sides walk it without wrapping), --words numbers each."""
+    from peftkit.tiny import preference_rows, write_jsonl
+
+    rows = preference_rows(args.steps * args.batch_size * args.words, seed=1)
+    joined = [{"prompt": "Write the numbers in words.\n" + " ".join(r["prompt"].split("\n")[1] for r in group) + "\n",
+               "chosen": ", ".join(r["chosen"] for r in group), "rejected": ", ".join(r["rejected"] for r in group)}
+              for group in (rows[i:i + args.words] for i in range(0, len(rows), args.words))]
+    write_jsonl(workdir / "train.jsonl", joined)
+
+
+def dpo_recipe(args, workdir: Path):
+    return recipe_for(args, workdir, data={"format": "preference"}, training={"objective": "dpo", "dpo_beta": 0.1})
+
+
+def ordered_pairs(recipe) -> tuple[object, list[dict], list[int]]:
+    """(tokenizer, the rows in the order peftkit's loop takes their pairs, each pair's token count)."""
+    from peftkit.data import epoch_batches
+    from peftkit.data.preference import load_pairs
+    from peftkit.data.rows import load_rows
+    from peftkit.modeling import load_tokenizer
+
+    tok = load_tokenizer(recipe.model)
+    pairs, _ = load_pairs(tok, recipe.data.train, None, recipe.data, cache=False)
+    rows = load_rows(recipe.data.train, None, "error")[0]
+    order = [i for b in epoch_batches(len(pairs), recipe.training.batch_size, recipe.training.seed, 0, True) for i in b]
+    return tok, [rows[i] for i in order], [len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in order]
+
+
+def run_peftkit_dpo(recipe, workdir: Path) -> dict:
+    started = _sync(recipe.model.device)
+    result = run_peftkit(recipe, workdir)
+    return result | {"total_s": _sync(recipe.model.device) - started}
+
+
+def run_trl(recipe, workdir: Path) -> dict:
+    """TRL's DPOTrainer on peft's LoRA of the recipe (bench_train.peft_lora_model), fed the pairs sequentially."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    t, cuda = recipe.training, recipe.model.device == "cuda"
+    ends: list[float] = []
+    losses: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            ends.append(_sync(recipe.model.device))
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    started = _sync(recipe.model.device)
+    tok, rows, _ = ordered_pairs(recipe)
+    args = DPOConfig(
+        output_dir=str(workdir / "trl-run"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=t.max_grad_norm, seed=t.seed,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, train_sampling_strategy="sequential",
+        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), beta=t.dpo_beta, max_length=None,
+        optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_pin_memory=cuda,
+        # (TRL turns activation checkpointing on by default: off, as peftkit's training.gradient_checkpointing)
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
+    )
+    trainer = DPOTrainer(model=peft_lora_model(recipe), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=[Timer()])
+    trainer.train()
+    return {"step_ends": ends, "losses": losses, "total_s": _sync(recipe.model.device) - started}
+
+
+def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
+    """One side in this fresh process: its result as one tagged JSON line (bench_train.child's, for pairs)."""
+    import resource
+
+    import torch
+
+    import peft, peftkit.train, trl  # noqa: E401, F401  (both sides' imports: the same RSS baseline)
+
+    cuda = recipe.model.device == "cuda"
+    if threads:
+        torch.set_num_threads(threads)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with open("/proc/self/statm") as f:
+        base_rss = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    result = run_side(recipe, workdir)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss
+    result["base_mb"] = 0.0 if cuda else base_rss
+    bs, counts = recipe.training.batch_size, ordered_pairs(recipe)[2]
+    result["tokens_per_step"] = [sum(counts[k * bs:(k + 1) * bs]) for k in range(recipe.training.max_steps)]
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    p = common_args(__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    args = p.parse_args()
+    import torch
+
+    if args.side:
+        recipe = dpo_recipe(args, Path(args.workdir))
+        child(recipe, {"peftkit": run_peftkit_dpo, "peft": run_trl}[args.side], Path(args.workdir), args.threads)
+        return
+    from peftkit.modeling import quiet_transformers
+    from peftkit.tiny import build_tiny_model
+
+    quiet_transformers()
+    with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
+        workdir = Path(tmp)
+        if not args.model:
+            build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
+        write_pairs(args, workdir)
+        results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, warm_first=args.device == "cuda")
+    model = args.model or f"llama hidden {args.hidden} x {args.layers} layers"
+    title = (f"LoRA DPO training, {args.device}: {model}, batch {args.batch_size} pairs of {args.words} number(s), "
+             f"r {args.r}, {args.steps} steps, torch threads {args.threads or torch.get_num_threads()} "
+             "(peft+Trainer: TRL's DPOTrainer on peft's LoRA)")
+    report(results, args, title, args.device == "cuda")
+    total = {side: sorted(r["total_s"] for r in rs)[len(rs) // 2] for side, rs in results.items()}
+    print(f"end to end (the whole training call, reference pass included; median): peftkit {total['peftkit']:.2f} s, "
+          f"TRL {total['peft']:.2f} s, ratio {total['peftkit'] / total['peft']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
