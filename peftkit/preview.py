@@ -142,6 +142,8 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
 
     cfg = recipe.data
     tok = load_tokenizer(recipe.model, cfg.chat_template)
+    if cfg.format == "preference":
+        return preview_pairs(tok, cfg, n, console, show_ids=show_ids)
     rows, bad, line_numbers, name = read_rows(cfg.train, cfg.train_split, cfg)
     tasks = recipe_reads_tasks(recipe)
     shown = list(islice((b for b in build_examples(tok, rows, cfg, name, line_numbers, tasks=tasks)
@@ -172,6 +174,38 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     elif tasks and (stop := task_error(recipe, examples.task_ids, name)):
         console.print("training would stop: " + stop, **out)
     return shown
+
+
+def preview_pairs(tok, cfg: DataConfig, n: int, console: Console, *, show_ids: bool = False) -> list[BuiltExample]:
+    """`preview` of data.format: preference (training.objective: dpo): each of the first `n` pairs' chosen and
+    rejected answer as the model sees them, then the counts training prints (an example is a pair). Returns the
+    answers shown, chosen and rejected in turn."""
+    from peftkit.data.preference import build_pairs, kept_pairs
+
+    built, stats, name, line_numbers = build_pairs(tok, cfg.train, cfg.train_split, cfg)
+    plain = is_plain(console)
+    out = {"markup": False, "highlight": False, "soft_wrap": True}
+    console.print(f"data.train {cfg.train}: format preference, data.max_length {cfg.max_length}, the first "
+                  f"{min(n, len(built))} of {stats['rows']} rows (pairs)", **out)
+    console.print(legend(plain), **out)
+    for i, pair in enumerate(built[:n], 1):
+        for answer, one in zip(("chosen", "rejected"), pair, strict=True):
+            console.print()
+            console.print(f"pair {i} {answer}  {describe_example(one, cfg)}", **out)
+            console.print(render_tokens(tok, one.example, plain=plain, show_ids=show_ids, cut=one.truncated), **out)
+        out_of = [one.no_target or (one.target_lost and cfg.truncation == "drop") for one in pair]
+        if any(out_of) and not all(out_of):  # the other answer's line alone would say it trains
+            console.print(f"pair {i}: left out whole with its {'chosen' if out_of[0] else 'rejected'} answer (a pair "
+                          "is kept or dropped whole)", **out)
+    pairs, cuts = kept_pairs(built, cfg, stats)
+    console.print()
+    for line in describe_stats(stats, cfg):
+        console.print(line, **out)
+    if cfg.truncation == "error" and cuts.first is not None:
+        console.print("training would stop: " + truncation_error(cuts, cfg), **out)
+    elif not pairs:
+        console.print("training would stop: " + no_examples_error(stats, cfg, name, 0, line_numbers), **out)
+    return [one for pair in built[:n] for one in pair]
 
 
 def _entry(entry, cfg: DataConfig) -> str:

@@ -287,3 +287,53 @@ def test_preview_shows_each_row_s_task_and_what_training_would_stop_on(tmp_path)
         "ids must lie in 0 .. 1. Fix the rows, or set adapter.num_tasks: 3.\n")
     assert _preview(recipe([{"prompt": "a", "completion": "b", "task": 1}, {"prompt": "c", "completion": "d"}])).endswith(
         f"training would stop: {data}: some rows have a 'task' field and some do not; give every row its task id.\n")
+
+
+def _pairs_recipe(tmp_path, rows, **data):
+    """A DPO recipe (training.objective: dpo) on preference rows."""
+    path = _recipe(tmp_path, rows, **{"format": "preference", "max_length": 64} | data)
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"training": {"objective": "dpo"}}))
+    return path
+
+
+def test_preview_of_preference_pairs_shows_each_pair_s_chosen_and_rejected_answer(tmp_path):
+    """A DPO recipe's pairs (previously refused: 'this command does not read them yet'): each answer as the model
+    sees it, the prompt masked and the answer trained, labelled chosen or rejected; the counts count pairs."""
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": "2+2=", "chosen": "4", "rejected": "5"}, {"prompt": "1+1=", "chosen": "2", "rejected": "3"}]
+    assert _preview(_pairs_recipe(tmp_path, rows), n=1) == (
+        f"data.train {data}: format preference, data.max_length 64, the first 1 of 2 rows (pairs)\n"
+        "legend: [masked: no loss (label -100)] «trained: loss»  ↵ newline  ✂ cut at data.max_length\n"
+        "\n"
+        f"pair 1 chosen  {data}:1: 7 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n"
+        "[<s>2+2=]«4</s>»\n"
+        "\n"
+        f"pair 1 rejected  {data}:1: 7 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n"
+        "[<s>2+2=]«5</s>»\n"
+        "\n"
+        "2 training examples\n")
+    # a conversation: the prompt's own assistant turn is context, masked; the answer's turn is trained
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+              {"role": "user", "content": "2+2?"}]
+    out = _preview(_pairs_recipe(tmp_path, [{"prompt": prompt, "chosen": "4", "rejected": "five"}], max_length=128))
+    opening = "[<|user|>↵\nhi</s>↵\n<|assistant|>↵\nyo</s>↵\n<|user|>↵\n2+2?</s>↵\n<|assistant|>↵\n]"
+    assert f"pair 1 chosen  {data}:1: " in out and f"pair 1 rejected  {data}:1: " in out
+    assert f"{opening}«4</s>»[↵\n]\n" in out and f"{opening}«five</s>»[↵\n]\n" in out
+    assert out.endswith("\n1 training examples\n")
+
+
+def test_preview_of_pairs_says_a_pair_is_dropped_whole_and_names_a_bad_row(tmp_path, monkeypatch, capsys):
+    """An answer cut under data.truncation: drop drops its pair, said beside the other answer's line; a bad row is
+    the FILE:LINE error training gives, not a traceback."""
+    from conftest import cli_user_error
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "x" * 9, "chosen": "y", "rejected": "z" * 9}]
+    out = _preview(_pairs_recipe(tmp_path, rows, max_length=12, truncation="drop"))
+    assert f"pair 2 chosen  {data}:2: 12 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n" in out
+    assert "; left out (data.truncation: drop)\n[<s>xxxxxxxxx]«zz» ✂\npair 2: left out whole with its rejected answer" in out
+    assert out.endswith("1 training examples; 1 of 2 cut at data.max_length=12 tokens; dropped 1 whose target lost "
+                        "its end (data.truncation: drop)\n")
+    recipe = _pairs_recipe(tmp_path, [rows[0], {"prompt": "1+1=", "chosen": "2"}])
+    err = cli_user_error(monkeypatch, capsys, "preview", str(recipe))
+    assert f"{data}:2: missing field 'rejected'" in err, err

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from peftkit.data.batches import Collator
-from peftkit.data.examples import _built_examples, _TargetCuts, no_examples_error, truncation_error, usable_row
+from peftkit.data.examples import (BuiltExample, _built_examples, _TargetCuts, no_examples_error, truncation_error,
+                                   usable_row)
 from peftkit.data.formats import (TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls,
                                   format_rows)
 from peftkit.data.rows import Locations, row_location
@@ -175,11 +176,25 @@ def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
 
 def _tokenized_pairs(tok, source: str | list, split: str | None, cfg: DataConfig) -> tuple[Pairs, dict]:
     """`load_pairs` of the rows themselves."""
+    built, stats, name, line_numbers = build_pairs(tok, source, split, cfg)
+    pairs, cuts = kept_pairs(built, cfg, stats)
+    if cfg.truncation == "error" and cuts.first is not None:
+        raise PeftkitError(truncation_error(cuts, cfg))
+    if not pairs:
+        raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
+    return pairs, stats
+
+
+def build_pairs(tok, source: str | list, split: str | None,
+                cfg: DataConfig) -> tuple[list[tuple[BuiltExample, BuiltExample]], dict, str, object]:
+    """(each usable row's chosen and rejected answer tokenized and cut, as `BuiltExample`s, before data.truncation
+    decides; the counts so far; the data's name and line numbers, for `no_examples_error`). A bad row raises under
+    data.on_bad_rows: error, naming its FILE:LINE (`peftkit preview` shows the pairs `load_pairs` trains)."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
              "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
-             "dropped_message_first": None}
+             "dropped_message_first": None, "examples": 0}
     where = [row_location(name, i, line_numbers) for i in range(len(rows))]
     split_rows, fmt = [], None
     for row, at in zip(rows, where, strict=True):
@@ -194,23 +209,26 @@ def _tokenized_pairs(tok, source: str | list, split: str | None, cfg: DataConfig
         fmt = kind
         split_rows.append((at, pair))
     if not split_rows:
-        raise PeftkitError(no_examples_error(stats | {"examples": 0}, cfg, name, 0, line_numbers))
+        return [], stats, name, line_numbers
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     answers = format_rows([r for _, pair in split_rows for r in pair], own)
     doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)
     doubled.parts = []
     built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), False))
+    return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
+
+
+def kept_pairs(built: list[tuple[BuiltExample, BuiltExample]], cfg: DataConfig,
+               stats: dict) -> tuple[Pairs, _TargetCuts]:
+    """The pairs of `build_pairs` that train (data.max_length, data.truncation), counted in `stats`, and the
+    answers that lost their target's end."""
     examples, cuts = Examples(), _TargetCuts()
-    for chosen, rejected in zip(built[::2], built[1::2], strict=True):
+    for chosen, rejected in built:
         if _keep(chosen, rejected, cfg, stats, cuts):
             examples.append(chosen.example)
             examples.append(rejected.example)
-    if cfg.truncation == "error" and cuts.first is not None:
-        raise PeftkitError(truncation_error(cuts, cfg))
     stats["examples"] = len(examples) // 2
-    if not examples:
-        raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
-    return Pairs(examples), stats
+    return Pairs(examples), cuts
 
 
 def _keep(chosen, rejected, cfg: DataConfig, stats: dict, cuts: _TargetCuts) -> bool:
@@ -228,4 +246,5 @@ def _keep(chosen, rejected, cfg: DataConfig, stats: dict, cuts: _TargetCuts) -> 
     return True
 
 
-__all__ = ["ANSWERS", "PairCollator", "Pairs", "load_pairs", "pair_problem", "split_pair"]
+__all__ = ["ANSWERS", "PairCollator", "Pairs", "build_pairs", "kept_pairs", "load_pairs", "pair_problem",
+           "split_pair"]
