@@ -27,7 +27,7 @@ from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
 from peftkit.progress import work
-from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe
+from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, TrainingConfig
 from peftkit.task_ids import adapter_task_count, with_tasks
 
 
@@ -215,6 +215,12 @@ class EvalJob:
     eval_sets: list[str] = field(default_factory=list)
     """The names of the recipe's data.eval sets where it has several and no --data was given (this job evaluates
     the first): `peftkit eval` evaluates each."""
+    dpo: tuple[float, str] = (TrainingConfig().dpo_beta, TrainingConfig().dpo_loss)
+    """Preference pairs (data.format 'preference'): the DPO beta and loss the figures are computed with, the
+    recipe's training.dpo_beta and training.dpo_loss (their defaults without a recipe)."""
+    init_from: str | None = None
+    """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
+    DPO run's was (`evaluate_preference`)."""
 
 
 def set_predictions(path: Path, eval_set: str) -> Path:
@@ -232,7 +238,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
              eval_set: str | None = None) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
-    defaults and flags override them; without one, --model and --data are needed and the rest take the
+    defaults and flags override them; without one, --data and --model (or --adapter) are needed and the rest take the
     recipe defaults, so figures are comparable with training's (a run's eval.metrics, eval.max_new_tokens and
     eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures). `comparing`: the candidates are
     named apart (--adapter NAME=DIR, --merged), and the recipe gives the base only. `split`, `data_revision`: what is
@@ -240,8 +246,9 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     evaluated without `data` (default: the primary one)."""
     eval_cfg = EvalConfig()
     if recipe is None:
-        if not model or not data:
-            raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data.")
+        if not (model or adapter) or not data:  # (an adapter alone: over its recorded base)
+            raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data (or "
+                               "--adapter DIR and --data: the adapter over its recorded base).")
         check_no_overrides(overrides, "eval")
         job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
@@ -263,7 +270,8 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         job = EvalJob(data=source, data_cfg=own, split=sets[name].split if not data else "train",
                       source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size, untasked=0 if ours else None,
-                      eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [])
+                      eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [],
+                      dpo=(cfg.training.dpo_beta, cfg.training.dpo_loss), init_from=cfg.adapter.init_from)
     check_choices(fmt, on_bad_rows)
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
@@ -283,6 +291,10 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.sampling.check()
     if normalize not in NORMALIZATIONS:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
+    if job.data_cfg.format == "preference":
+        _preference_job(job, comparing, {"--metrics": metrics, "--predictions": predictions,
+                                         "--max-new-tokens": max_new_tokens, "--normalize": normalize_flag})
+        return job
     if job.data_cfg.format == "classification":
         _classification_job(job)
     elif labelled := [m for m in job.metrics if m in CLASSIFICATION_METRICS]:
@@ -314,6 +326,25 @@ def _classification_job(job: EvalJob) -> None:
         raise PeftkitError("--predictions writes generated answers, and a classifier (data.format 'classification') "
                            "generates none: drop --predictions.")
     job.metrics = ["loss", *CLASSIFICATION_METRICS]
+
+
+def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
+    """A job on data.format: preference pairs reports the DPO figures of an adapter against its reference (the model
+    its DPO training started from): there is no adapter to compare without one, nothing is generated, and a
+    comparison is not supported yet."""
+    from peftkit.preference import FIGURES
+
+    if comparing:
+        raise PeftkitError("A comparison (--adapter NAME=DIR, --merged) of preference pairs (data.format 'preference') "
+                           "is not supported yet: evaluate each adapter on its own, with --adapter DIR.")
+    if given := [flag for flag, value in flags.items() if value is not None]:
+        raise PeftkitError(f"{', '.join(given)}: preference pairs (data.format 'preference') are scored by the DPO "
+                           f"figures ({', '.join(FIGURES)}), and nothing is generated; drop {' and '.join(given)}.")
+    if not job.source.adapter:
+        raise PeftkitError(f"A preference evaluation compares an adapter with its base (the reference, as DPO training "
+                           f"does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a DPO run's "
+                           "directory.")
+    job.metrics = list(FIGURES)
 
 
 def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
@@ -402,6 +433,8 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     """
     if job.data_cfg.format == "classification":
         return evaluate_classifier(job, model)
+    if job.data_cfg.format == "preference":
+        return evaluate_preference({None: job})[None]
     rows = _read_rows(job)
     return _scored(job, job.source.load() if model is None else model, *rows)
 
@@ -416,9 +449,77 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
     if first.data_cfg.format == "classification":
         model = _load_classifier(first) if _classes_of_model(first) else None
         return {name: evaluate_classifier(job, model) for name, job in jobs.items()}
+    if first.data_cfg.format == "preference":
+        return evaluate_preference(jobs)
     rows = {name: _read_rows(job) for name, job in jobs.items()}
     model = first.source.load()
     return {name: _scored(job, model, *rows[name]) for name, job in jobs.items()}
+
+
+def evaluate_preference(jobs: dict) -> dict:
+    """`peftkit eval` of preference pairs (data.format: preference): each set's DPO figures (`PreferenceEval`: loss,
+    reward accuracy and margin, chosen and rejected rewards, at the job's DPO beta and loss) of the adapter against
+    its reference, the model its DPO training started from: the base without the adapter, or where the recipe has
+    adapter.init_from, the base with that adapter. Every set's pairs are read first ({set name: job}, as
+    `evaluate_sets`); the base loads once, the reference's log-probabilities are computed on it, then the adapter's
+    weights go in."""
+    from peftkit.data.preference import load_pairs
+    from peftkit.preference import PreferenceEval, PreferenceLoss, reference_logps
+    from peftkit.rope_scaling import fresh_dynamic_rope
+
+    first = next(iter(jobs.values()))
+    tok = first.source.tokenizer()
+    sets = {name: load_pairs(tok, job.data, job.split, job.data_cfg)[0] for name, job in jobs.items()}
+    model, adapt = _reference_model(first.source, first.init_from)
+    guard_token_ids(model, tok)
+    for name, job in jobs.items():
+        check_room(model, max(sets[name].lengths()), f"longest answer of {job.data}", 0,
+                   "Lower --max-length (the answers are cut to it).")
+        with fresh_dynamic_rope(model), work("reference", len(sets[name]), "pairs") as advance:
+            sets[name].reference = reference_logps(model, sets[name], job.batch_size, tok.pad_token_id,
+                                                   advance=advance)
+    adapt()
+    results = {}
+    for name, job in jobs.items():
+        with fresh_dynamic_rope(model):
+            results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, PreferenceLoss(*job.dpo))(model)
+        _check_finite_loss(results[name]["loss"], job.source, job.data)
+    return results
+
+
+def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Module, Callable[[], None]]:
+    """(the reference of a preference evaluation, loaded as `ModelSource.load` loads an adapter's base: the base, or
+    with `init_from` (a recipe's adapter.init_from) that adapter over it; a function that then makes it `source`'s
+    adapted model). `init_from`'s weights go in the layers of `source`'s adapter, which its DPO run trained from
+    them."""
+    from peftkit.adapter_base import load_adapter_base
+    from peftkit.adapters import inject_adapters, load_adapter_state_dict
+    from peftkit.modeling import resolve_device
+    from peftkit.peft_format import load_adapter
+    from peftkit.progress import phase
+    from peftkit.runtime import inference_autocast, under_autocast
+
+    device = resolve_device(source.model.device if source.model else "auto")
+    source = source.here(device)
+    with phase(f"Loading {source.describe()}..."):
+        model, adapter_cfg, state, *_ = load_adapter_base(source.adapter_base, source.adapter, device,
+                                                          source.trust_remote_code, tokens_of=source.added_tokens)
+    model = under_autocast(model.eval(), inference_autocast(source.mixed_precision, device), device)
+
+    def inject() -> None:
+        inject_adapters(model, adapter_cfg, every_entry=False, state=state, saved_only=True)
+
+    if init_from:
+        inject()
+        load_adapter_state_dict(model, load_adapter(init_from)[1])
+        model.eval()
+
+    def adapt() -> None:
+        if not init_from:
+            inject()
+        load_adapter_state_dict(model, state)
+        model.eval()
+    return model, adapt
 
 
 def _read_rows(job: EvalJob) -> tuple:

@@ -356,3 +356,87 @@ def test_named_eval_sets_are_each_evaluated_and_an_own_format_is_refused(tiny_ll
     recipe.write_text(yaml.safe_dump(raw))
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe), "--overwrite")
     assert "data.eval.other.format: a DPO run evaluates pairs" in err, err
+
+
+def _eval_json(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """`peftkit eval ARGS --json FILE`: the figures written, and what it printed."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    out = tmp_path / "figures.json"
+    result = CliRunner().invoke(app, ["eval", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(out.read_text()), result.output
+
+
+def _last_eval(run: Path) -> dict:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+
+
+FIGURES = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+
+
+def test_eval_of_a_dpo_run_gives_its_last_evaluation(tiny_llama, pairs_data, tmp_path):
+    """`peftkit eval RUN_DIR` of a DPO run (refused before: 'this command does not read them yet') reports the DPO
+    figures of its adapter against the base, at the recipe's dpo_beta: the run's last evaluation. The adapter alone
+    (`--adapter DIR --data FILE --format preference`, over its recorded base) gives them at the default beta 0.1:
+    the same reward accuracy, and rewards a fifth of beta 0.5's."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=6, eval_steps=3, dpo_beta=0.5)
+    train(load_recipe(recipe))
+    last, run = _last_eval(tmp_path / "run"), tmp_path / "run"
+    figures, printed = _eval_json(tmp_path, str(run))
+    for name in FIGURES:
+        assert abs(figures[name] - last[f"eval_{name}"]) <= 1e-5, (name, figures, last)
+    assert figures["num_pairs"] == 12 and last["eval_loss"] < math.log(2) - 1e-3
+    assert printed.startswith(f"loss {figures['loss']:.4f}  pairs 12  reward_accuracy "
+                              f"{figures['reward_accuracy']:.4f}  reward_margin {figures['reward_margin']:.4f}  ")
+    alone, _ = _eval_json(tmp_path, "--adapter", str(run / "adapter"), "--data", str(pairs_data["eval"]),
+                          "--format", "preference")
+    assert alone["reward_accuracy"] == figures["reward_accuracy"]
+    for name in ("chosen_reward", "rejected_reward", "reward_margin"):
+        assert abs(5 * alone[name] - figures[name]) <= 1e-5, name
+
+
+def test_eval_of_a_dpo_run_from_init_from_takes_that_adapter_as_the_reference(tiny_llama, pairs_data, tmp_path):
+    """With adapter.init_from the reference is that adapter over the base, as in training: `peftkit eval RUN_DIR`
+    gives the run's last evaluation, where the base as the reference (the adapter given alone) gives others."""
+    from conftest import save_random_adapter
+    from peftkit.methods.lora import LoraConfig
+
+    sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                              tmp_path / "sft", seed=2, std=0.3)
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=4, eval_steps=2)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(sft)}
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    last, run = _last_eval(tmp_path / "run"), tmp_path / "run"
+    figures, _ = _eval_json(tmp_path, str(run))
+    for name in FIGURES:
+        assert abs(figures[name] - last[f"eval_{name}"]) <= 1e-5, (name, figures, last)
+    on_base, _ = _eval_json(tmp_path, "--adapter", str(run / "adapter"), "--data", str(pairs_data["eval"]),
+                            "--format", "preference")
+    assert abs(on_base["loss"] - figures["loss"]) > 1e-3
+
+
+def test_eval_of_preference_pairs_refuses_what_it_cannot_compute(tiny_llama, pairs_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """A model without an adapter is its own reference; a comparison, --metrics and --predictions are not for
+    pairs: each said, no traceback."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
+    err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(pairs_data["eval"]),
+                         "--format", "preference")
+    assert "A preference evaluation compares an adapter with its base" in err and "pass --adapter DIR" in err
+    assert "pass --adapter DIR" in cli_user_error(monkeypatch, capsys, "eval", str(recipe))
+    adapter = tmp_path / "adapter"
+    from conftest import save_random_adapter
+    from peftkit.methods.lora import LoraConfig
+
+    save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules="all-linear"), adapter, seed=1)
+    err = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", f"a={adapter}", "--adapter",
+                         f"b={adapter}")
+    assert "A comparison (--adapter NAME=DIR, --merged) of preference pairs" in err
+    err = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", str(adapter), "--metrics",
+                         "exact_match")
+    assert "--metrics: preference pairs (data.format 'preference') are scored by the DPO figures" in err

@@ -280,10 +280,15 @@ def test_eval_format_mismatch_is_reported_before_the_model_loads(finished, numbe
     assert "missing field 'messages' for --format 'chat'" in str(result.exception)
 
 
+NEEDS = ("peftkit eval needs a RECIPE (or a run directory), or both --model and --data (or --adapter DIR and --data: "
+         "the adapter over its recorded base).")
+
+
 @pytest.mark.parametrize("args, message", [
-    ([], "peftkit eval needs a RECIPE (or a run directory), or both --model and --data."),
-    (["--model", "m"], "peftkit eval needs a RECIPE (or a run directory), or both --model and --data."),
-    (["--model", "m", "--data", "d.jsonl", "--format", "xml"], "--format 'xml': use alpaca, chat, completion, text or classification."),
+    ([], NEEDS),
+    (["--model", "m"], NEEDS),
+    (["--model", "m", "--data", "d.jsonl", "--format", "xml"],
+     "--format 'xml': use alpaca, chat, completion, text, classification or preference."),
     (["--model", "m", "--data", "d.jsonl", "--on-bad-rows", "drop"], "--on-bad-rows 'drop': use error or skip."),
 ])
 def test_eval_bad_arguments(args, message):

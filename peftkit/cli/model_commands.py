@@ -110,8 +110,8 @@ def eval_cmd(
                                                      "is the default --adapter). Flags override its settings.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification; "
-                                               "default: the recipe's, else alpaca.")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification | "
+                                               "preference; default: the recipe's, else alpaca.")] = None,
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory (or hub id user/name[@REV]) to apply. Repeat "
                                                          "as NAME=DIR to compare several with the base.")] = None,
     merged: Annotated[Optional[list[str]], typer.Option("--merged", metavar="NAME=DIR", help="NAME=DIR: a merged model to add to the "
@@ -232,6 +232,8 @@ def _shown(result: dict, metrics: list[str]) -> str:
     shown = []
     if "perplexity" in result:
         shown.append(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['num_tokens']}")
+    elif "num_pairs" in result:  # preference pairs: the DPO loss, the rewards follow
+        shown.append(f"loss {result['loss']:.4f}  pairs {result['num_pairs']}")
     elif "loss" in result:  # a classifier: cross-entropy per row, accuracy and macro_f1 follow
         shown.append(f"loss {result['loss']:.4f}  rows {result['num_examples']}")
     shown += [f"{name} {result[name]:.4f}" for name in metrics if name in result and name not in ("loss", "perplexity")]
