@@ -440,3 +440,25 @@ def test_eval_of_preference_pairs_refuses_what_it_cannot_compute(tiny_llama, pai
     err = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", str(adapter), "--metrics",
                          "exact_match")
     assert "--metrics: preference pairs (data.format 'preference') are scored by the DPO figures" in err
+
+
+def test_a_dpo_run_evaluates_sets_named_by_path_and_eval_gives_each_set_s_figures(tiny_llama, pairs_data, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """data.eval by name, each set a path, was refused ('data.eval.a.format: ... remove it': a path's `format`
+    read as str.format); a set's own format is still refused. `peftkit eval RUN_DIR` gives each set's last
+    figures (eval_loss, eval_held_loss, ...), one line each."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=4, eval_steps=2)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["eval"] = {"main": str(pairs_data["eval"]), "held": str(pairs_data["train"])}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))  # (main first: the primary set)
+    train(load_recipe(recipe))
+    last, run = _last_eval(tmp_path / "run"), tmp_path / "run"
+    figures, printed = _eval_json(tmp_path, str(run))
+    for name in FIGURES:
+        assert abs(figures["main"][name] - last[f"eval_{name}"]) <= 1e-5, (name, figures, last)
+        assert abs(figures["held"][name] - last[f"eval_held_{name}"]) <= 1e-5, (name, figures, last)
+    assert figures["held"]["num_pairs"] == 48 and printed.startswith("main: loss ") and "\nheld: loss " in printed
+    raw["data"]["eval"]["held"] = {"path": str(pairs_data["train"]), "format": "completion"}
+    recipe.write_text(yaml.safe_dump(raw))
+    assert "data.eval.held.format: a DPO run evaluates pairs" in cli_user_error(monkeypatch, capsys, "train",
+                                                                                str(recipe))

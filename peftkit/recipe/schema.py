@@ -14,7 +14,7 @@ from peftkit.errors import did_you_mean
 from peftkit.methods import AdapterConfig, default_adapter, method_of
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS, PREFERENCE_METRICS
 from peftkit.recipe.data_section import (  # noqa: F401  (DataSource, is_hub_dataset: re-exported)
-    DATA_EXTENSIONS, DataConfig, DataSource, is_hub_dataset)
+    DATA_EXTENSIONS, DataConfig, DataSource, _own_format, is_hub_dataset)
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
 
 DType = Literal["float32", "bfloat16", "float16"]
