@@ -462,3 +462,21 @@ def test_a_dpo_run_evaluates_sets_named_by_path_and_eval_gives_each_set_s_figure
     recipe.write_text(yaml.safe_dump(raw))
     assert "data.eval.held.format: a DPO run evaluates pairs" in cli_user_error(monkeypatch, capsys, "train",
                                                                                 str(recipe))
+
+
+def test_a_pair_whose_prompt_fills_max_length_stops_training_under_truncation_error(tiny_llama, pairs_data, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """data.truncation: error stops on a pair none of whose answer tokens is left (its prompt fills
+    data.max_length), naming its line, as it does for any example (a pair was dropped unsaid); keep drops it."""
+    long = tmp_path / "long.jsonl"
+    write_jsonl(long, [_sums(1, 2, 3), {"prompt": "9" * 30 + "=", "chosen": "1", "rejected": "2"}, _sums(4, 5, 6)])
+    tok = _tok(tiny_llama)
+    pairs, stats = load_pairs(tok, str(long), None, DataConfig(train="x", format="preference", max_length=16))
+    assert len(pairs) == 2 and stats["too_long"] == 1
+    recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": long, "eval": pairs_data["eval"]})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"] |= {"max_length": 16, "truncation": "error"}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert (f"{long}:2: this example has 34 tokens but data.max_length is 16, so none of its 2 target tokens is left: "
+            "the prompt fills data.max_length (data.truncation: error)") in err, err

@@ -234,10 +234,13 @@ def kept_pairs(built: list[tuple[BuiltExample, BuiltExample]], cfg: DataConfig,
 def _keep(chosen, rejected, cfg: DataConfig, stats: dict, cuts: _TargetCuts) -> bool:
     """Whether a pair's two answers (`BuiltExample`s) are trained, counted in `stats` as one example."""
     stats["truncated"] += chosen.truncated or rejected.truncated
-    if chosen.no_target or rejected.no_target:
+    lost = next((b for b in (chosen, rejected) if b.target_lost), None)
+    if chosen.no_target or rejected.no_target:  # dropped under every setting; `error` names it too, as any example
         stats["too_long"] += 1
+        if lost is not None:
+            cuts.add(lost)
         return False
-    if lost := next((b for b in (chosen, rejected) if b.target_lost), None):
+    if lost is not None:
         stats["target_cut"] += 1
         cuts.add(lost)
         if cfg.truncation == "drop":
