@@ -480,3 +480,23 @@ def test_a_pair_whose_prompt_fills_max_length_stops_training_under_truncation_er
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert (f"{long}:2: this example has 34 tokens but data.max_length is 16, so none of its 2 target tokens is left: "
             "the prompt fills data.max_length (data.truncation: error)") in err, err
+
+
+def test_generate_of_a_dpo_run_s_pairs_says_what_it_reads(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys):
+    """`peftkit generate RUN_DIR` reads data.eval's prompts, which a DPO run's pairs are not read as yet: said, where
+    it was a KeyError traceback; --prompt still generates."""
+    from conftest import save_random_adapter
+    from peftkit.methods.lora import LoraConfig
+
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
+    save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules="all-linear"), tmp_path / "adapter", seed=1)
+    err = cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--adapter", str(tmp_path / "adapter"))
+    assert (f"data.format 'preference' has no prompt to generate from in {pairs_data['eval']}: its rows are pairs of "
+            "answers") in err, err
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    done = CliRunner().invoke(app, ["generate", str(recipe), "--adapter", str(tmp_path / "adapter"), "--prompt", "1+2=",
+                                    "--max-new-tokens", "2"])
+    assert done.exit_code == 0 and "1+2=" in done.output, done.output

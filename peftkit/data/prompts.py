@@ -111,6 +111,10 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         raise PeftkitError(f"{cfg._format_key} 'text' has no prompt to generate from in {source} (every token is "
                            "target). Use data in the alpaca, completion or chat format (with peftkit generate, --prompt "
                            "also works; with peftkit eval, so does leaving out the generation metrics).")
+    if cfg.format == "preference":
+        raise PeftkitError(f"{cfg._format_key} 'preference' has no prompt to generate from in {source}: its rows are "
+                           "pairs of answers, which are not read as prompts yet (peftkit eval reports a DPO adapter's "
+                           "figures on them). Use --prompt, or data in the alpaca, completion or chat format.")
     rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision, bad_rows_fix(cfg, "skip"))
     rows = format_rows(rows, cfg)
     prompts, checked, bad, untrained = [], False, skipped, 0
