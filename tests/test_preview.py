@@ -311,7 +311,7 @@ def test_preview_of_preference_pairs_shows_each_pair_s_chosen_and_rejected_answe
         f"pair 1 rejected  {data}:1: 7 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n"
         "[<s>2+2=]«5</s>»\n"
         "\n"
-        "2 training examples\n")
+        "2 training pairs\n")
     # a conversation: the prompt's own assistant turn is context, masked; the answer's turn is trained
     prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
               {"role": "user", "content": "2+2?"}]
@@ -319,7 +319,7 @@ def test_preview_of_preference_pairs_shows_each_pair_s_chosen_and_rejected_answe
     opening = "[<|user|>↵\nhi</s>↵\n<|assistant|>↵\nyo</s>↵\n<|user|>↵\n2+2?</s>↵\n<|assistant|>↵\n]"
     assert f"pair 1 chosen  {data}:1: " in out and f"pair 1 rejected  {data}:1: " in out
     assert f"{opening}«4</s>»[↵\n]\n" in out and f"{opening}«five</s>»[↵\n]\n" in out
-    assert out.endswith("\n1 training examples\n")
+    assert out.endswith("\n1 training pairs\n")
 
 
 def test_preview_of_pairs_says_a_pair_is_dropped_whole_and_names_a_bad_row(tmp_path, monkeypatch, capsys):
@@ -332,7 +332,7 @@ def test_preview_of_pairs_says_a_pair_is_dropped_whole_and_names_a_bad_row(tmp_p
     out = _preview(_pairs_recipe(tmp_path, rows, max_length=12, truncation="drop"))
     assert f"pair 2 chosen  {data}:2: 12 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n" in out
     assert "; left out (data.truncation: drop)\n[<s>xxxxxxxxx]«zz» ✂\npair 2: left out whole with its rejected answer" in out
-    assert out.endswith("1 training examples; 1 of 2 cut at data.max_length=12 tokens; dropped 1 whose target lost "
+    assert out.endswith("1 training pairs; 1 of 2 cut at data.max_length=12 tokens; dropped 1 whose target lost "
                         "its end (data.truncation: drop)\n")
     recipe = _pairs_recipe(tmp_path, [rows[0], {"prompt": "1+1=", "chosen": "2"}])
     err = cli_user_error(monkeypatch, capsys, "preview", str(recipe))
