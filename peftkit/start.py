@@ -305,8 +305,9 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
 
         if warning := check_invocation(ids, train_ex, tok):
             console.print(warning, style="yellow", markup=False, highlight=False)
-    digests = {"train": examples_digest(train_ex.examples if isinstance(train_ex, Pairs) else train_ex)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
-                                                      for name, evaluation in evals.items()}
+    trained = train_ex.examples if isinstance(train_ex, Pairs) else train_ex  # (a DPO run's: the pairs' answers)
+    digests = {"train": examples_digest(trained)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
+                                                     for name, evaluation in evals.items()}
     train_ex = _training_rows(cfg, train_ex, train_stats, console)
     total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
     _check_evaluations(cfg, total_steps)
@@ -335,8 +336,8 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
     elif eval_ex and cfg.eval.base_model and not dpo:  # on --resume too: its figures are in the manifest, as an
-        # unbroken run's. At the precision of the run's later evaluations (its forward's, after prepare); under DeepSpeed, which
-        # holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
+        # unbroken run's. At the precision of the run's later evaluations (its forward's, after prepare); under
+        # DeepSpeed, which holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():
             summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console)
 
