@@ -500,3 +500,18 @@ def test_generate_of_a_dpo_run_s_pairs_says_what_it_reads(tiny_llama, pairs_data
     done = CliRunner().invoke(app, ["generate", str(recipe), "--adapter", str(tmp_path / "adapter"), "--prompt", "1+2=",
                                     "--max-new-tokens", "2"])
     assert done.exit_code == 0 and "1+2=" in done.output, done.output
+
+
+def test_dpo_over_a_4_bit_base_evaluates_again_as_its_run_did(tiny_llama, pairs_data, tmp_path):
+    """QLoRA + DPO (NF4 + double quantization, paged 8-bit AdamW, on CPU): the reference is the 4-bit base, and
+    `peftkit eval RUN_DIR`, which quantizes the base again (deterministic), gives the run's last evaluation."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=4, optimizer="paged_adamw_8bit")
+    raw = yaml.safe_load(recipe.read_text())
+    raw["quantization"] = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    last = _last_eval(tmp_path / "run")
+    figures, _ = _eval_json(tmp_path, str(tmp_path / "run"))
+    assert last["eval_loss"] != math.log(2)  # (it trained)
+    for name in FIGURES:
+        assert abs(figures[name] - last[f"eval_{name}"]) <= 1e-5, (name, figures, last)
