@@ -1,7 +1,8 @@
 """Benchmark: peftkit DPO (training.objective: dpo) vs. TRL's DPOTrainer on a peft LoRA, on the same pairs.
 
     python scripts/bench_dpo.py --threads 1 --repeats 3          # CPU: hidden 256 x 4 layers, batch 8 pairs
-    python scripts/bench_dpo.py --device cuda --hidden 1024 --layers 8 --batch-size 8 --words 8 --steps 40
+    python scripts/bench_dpo.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 --intermediate 5632 \
+        --vocab 32000 --words 8 --max-length 512 --batch-size 8 --steps 30     # a ~1.2B Llama shape
 
 Builds a random-init Llama-architecture model and preference pairs (a number in lowercase words chosen, the same
 words in capitals rejected; --words numbers a row) in a temp dir, nothing downloaded, and trains LoRA by DPO twice
@@ -28,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import RESULT_TAG, _sync, common_args, peft_lora_model, recipe_for, report, run_peftkit, spawn_sides  # noqa: E402
+from bench_train import (RESULT_TAG, _sync, build_llama, common_args, peft_lora_model, recipe_for,  # noqa: E402
+                         report, run_peftkit, spawn_sides)
 
 
 def write_pairs(args, workdir: Path) -> None:
@@ -130,9 +132,15 @@ def main() -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--intermediate", type=int, help="MLP width: with it (and --vocab) a Llama of real proportions "
+                   "(bench_train.build_llama); without, peftkit's tiny Llama")
+    p.add_argument("--vocab", type=int, default=32000, help="with --intermediate: embedding/lm_head rows")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32")
     args = p.parse_args()
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
     if args.side:
         recipe = dpo_recipe(args, Path(args.workdir))
         child(recipe, {"peftkit": run_peftkit_dpo, "peft": run_trl}[args.side], Path(args.workdir), args.threads)
@@ -143,11 +151,14 @@ def main() -> None:
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         workdir = Path(tmp)
-        if not args.model:
+        if args.intermediate and not args.model:
+            build_llama(args, workdir / "model", args.model_dtype)
+        elif not args.model:
             build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
         write_pairs(args, workdir)
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, warm_first=args.device == "cuda")
-    model = args.model or f"llama hidden {args.hidden} x {args.layers} layers"
+    shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
+    model = args.model or f"llama hidden {args.hidden} x {args.layers} layers{shape}"
     title = (f"LoRA DPO training, {args.device}: {model}, batch {args.batch_size} pairs of {args.words} number(s), "
              f"r {args.r}, {args.steps} steps, torch threads {args.threads or torch.get_num_threads()} "
              "(peft+Trainer: TRL's DPOTrainer on peft's LoRA)")

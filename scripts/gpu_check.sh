@@ -12,7 +12,8 @@
 #      processes loading the model);
 #   4. bench_train.py --compile inductor at the ~1.2B shape (training.compile: the step is one graph);
 #   5. bench_qlora.py at the same shape (NF4 + DQ, paged 8-bit AdamW, gradient checkpointing);
-#   6. bench_train.py at an 8B Llama layer shape (hidden 4096, MLP 14336, vocab 128256; 4 layers).
+#   6. bench_dpo.py at the ~1.2B shape (DPO: peftkit against TRL's DPOTrainer; needs trl's wheel in .whl/);
+#   7. bench_train.py at an 8B Llama layer shape (hidden 4096, MLP 14336, vocab 128256; 4 layers).
 # A session's 15 minutes of device time hold one call of about 480 s plus the machine's start (about 35 s on an H200).
 # A preflight first (a tiny model trains two steps on the GPU, seconds) stops the call when every load would fail.
 # Carried wheels (.whl/) that do not import beside the machine's packages are dropped for the machine's own versions.
@@ -102,7 +103,7 @@ step() {  # step NAME LIMIT COMMAND...: run it unless the budget is spent; log t
 # The tests in two groups, each under its own limit (on the H200 the whole list took over 240 s with 12 workers).
 pytest=(python3 -m pytest -q -n 12 -p no:cacheprovider -p no:benchmark --tb=short -rfE --durations=10 --timeout=150)
 step tests 200 "${pytest[@]}" tests/test_sharded.py tests/test_deepspeed.py tests/test_qlora.py tests/test_train.py \
-  tests/test_crash_safety.py tests/test_verify.py tests/test_loss.py \
+  tests/test_crash_safety.py tests/test_verify.py tests/test_loss.py tests/test_preference.py \
   "tests/test_methods.py::test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model"
 step tests_methods 160 "${pytest[@]}" tests/test_cuda.py tests/test_generate.py tests/test_prompt_methods.py \
   tests/test_adalora.py tests/test_kasa.py tests/test_alora.py tests/test_target_parameters.py tests/test_trainable_tokens.py \
@@ -118,11 +119,14 @@ step bench_compile 150 python3 scripts/bench_train.py --device cuda --model-dtyp
 step bench_qlora 90 python3 scripts/bench_qlora.py --device cuda --hidden 2048 --layers 16 --intermediate 5632 \
   --vocab 32000 --words 12 --max-length 512 --batch-size 8 --steps 25 --gradient-checkpointing \
   --json "$work/bench_qlora.json"
+step bench_dpo 90 python3 scripts/bench_dpo.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 \
+  --intermediate 5632 --vocab 32000 --words 8 --max-length 512 --batch-size 8 --steps 20 --warmup 4 \
+  --json "$work/bench_dpo.json"
 step bench_8b 90 python3 scripts/bench_train.py --device cuda --model-dtype bfloat16 --hidden 4096 --layers 4 \
   --intermediate 14336 --vocab 128256 --words 12 --max-length 512 --batch-size 4 --steps 20 --floor \
   --json "$work/bench_8b.json"
 
-for f in tests tests_methods lora_layer bench_train bench_compile bench_qlora bench_8b; do
+for f in tests tests_methods lora_layer bench_train bench_compile bench_qlora bench_dpo bench_8b; do
   [ -f "$work/$f.log" ] && { echo "---- $f"; tail -n "$([[ $f = tests* ]] && echo 40 || echo 22)" "$work/$f.log"; }
 done
 cat "$out/summary.log"

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: the scripts would run on it")
-@pytest.mark.parametrize("script", ["bench_lora_layer.py", "bench_mixed.py", "bench_train.py"])
+@pytest.mark.parametrize("script", ["bench_lora_layer.py", "bench_mixed.py", "bench_train.py", "bench_dpo.py"])
 def test_device_cuda_without_cuda_is_one_line_not_a_traceback(script):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--device", "cuda"], capture_output=True,
