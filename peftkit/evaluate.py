@@ -215,9 +215,9 @@ class EvalJob:
     eval_sets: list[str] = field(default_factory=list)
     """The names of the recipe's data.eval sets where it has several and no --data was given (this job evaluates
     the first): `peftkit eval` evaluates each."""
-    dpo: tuple[float, str] = (TrainingConfig().dpo_beta, TrainingConfig().dpo_loss)
-    """Preference pairs (data.format 'preference'): the DPO beta and loss the figures are computed with, the
-    recipe's training.dpo_beta and training.dpo_loss (their defaults without a recipe)."""
+    preference: tuple[float, str, float] = (TrainingConfig().dpo_beta, TrainingConfig().dpo_loss, 0.0)
+    """Preference pairs (data.format 'preference'): the `PreferenceLoss` (beta, kind, gamma) the figures are computed
+    with, the recipe's objective's (DPO's defaults without a recipe)."""
     init_from: str | None = None
     """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
     DPO run's was (`evaluate_preference`)."""
@@ -271,7 +271,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
                       source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size, untasked=0 if ours else None,
                       eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [],
-                      dpo=(cfg.training.dpo_beta, cfg.training.dpo_loss), init_from=cfg.adapter.init_from)
+                      preference=_preference_loss(cfg), init_from=cfg.adapter.init_from)
     check_choices(fmt, on_bad_rows)
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
@@ -328,6 +328,15 @@ def _classification_job(job: EvalJob) -> None:
     job.metrics = ["loss", *CLASSIFICATION_METRICS]
 
 
+def _preference_loss(cfg: Recipe) -> tuple[float, str, float]:
+    """The (beta, kind, gamma) of a recipe's preference objective (`PreferenceLoss.of`); DPO's for an sft recipe."""
+    from dataclasses import astuple
+
+    from peftkit.preference import PreferenceLoss
+
+    return astuple(PreferenceLoss.of(cfg.training))
+
+
 def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
     """A job on data.format: preference pairs reports the DPO figures of an adapter against its reference (the model
     its DPO training started from): there is no adapter to compare without one, nothing is generated, and a
@@ -340,7 +349,7 @@ def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
     if given := [flag for flag, value in flags.items() if value is not None]:
         raise PeftkitError(f"{', '.join(given)}: preference pairs (data.format 'preference') are scored by the DPO "
                            f"figures ({', '.join(FIGURES)}), and nothing is generated; drop {' and '.join(given)}.")
-    if not job.source.adapter:
+    if not job.source.adapter and job.preference[1] not in ("orpo", "simpo"):  # (theirs have no reference)
         raise PeftkitError(f"A preference evaluation compares an adapter with its base (the reference, as DPO training "
                            f"does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a DPO run's "
                            "directory.")
@@ -457,10 +466,10 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
 
 
 def evaluate_preference(jobs: dict) -> dict:
-    """`peftkit eval` of preference pairs (data.format: preference): each set's DPO figures (`PreferenceEval`: loss,
-    reward accuracy and margin, chosen and rejected rewards, at the job's DPO beta and loss) of the adapter against
-    its reference, the model its DPO training started from: the base without the adapter, or where the recipe has
-    adapter.init_from, the base with that adapter. Every set's pairs are read first ({set name: job}, as
+    """`peftkit eval` of preference pairs (data.format: preference): each set's figures (`PreferenceEval`: loss,
+    reward accuracy and margin, chosen and rejected rewards, by the job's `PreferenceLoss`) of the adapter against
+    its DPO reference, the model its DPO training started from: the base without the adapter, or where the recipe
+    has adapter.init_from, the base with that adapter (ORPO and SimPO: the model alone, adapted or not). Every set's pairs are read first ({set name: job}, as
     `evaluate_sets`); the base loads once, the reference's log-probabilities are computed on it, then the adapter's
     weights go in."""
     from peftkit.data.preference import load_pairs
@@ -468,13 +477,18 @@ def evaluate_preference(jobs: dict) -> dict:
     from peftkit.rope_scaling import fresh_dynamic_rope
 
     first = next(iter(jobs.values()))
+    loss = PreferenceLoss(*first.preference)
     tok = first.source.tokenizer()
     sets = {name: load_pairs(tok, job.data, job.split, job.data_cfg)[0] for name, job in jobs.items()}
-    model, adapt = _reference_model(first.source, first.init_from)
+    # ORPO and SimPO have no reference: the model as it is scores the pairs
+    model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (first.source.load(),
+                                                                                                   lambda: None)
     guard_token_ids(model, tok)
     for name, job in jobs.items():
         check_room(model, max(sets[name].lengths()), f"longest answer of {job.data}", 0,
                    "Lower --max-length (the answers are cut to it).")
+        if not loss.needs_reference:
+            continue
         with fresh_dynamic_rope(model), work("reference", len(sets[name]), "pairs") as advance:
             sets[name].reference = reference_logps(model, sets[name], job.batch_size, tok.pad_token_id,
                                                    advance=advance)
@@ -482,7 +496,7 @@ def evaluate_preference(jobs: dict) -> dict:
     results = {}
     for name, job in jobs.items():
         with fresh_dynamic_rope(model):
-            results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, PreferenceLoss(*job.dpo))(model)
+            results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, loss)(model)
         _check_finite_loss(results[name]["loss"], job.source, job.data)
     return results
 

@@ -44,7 +44,7 @@ class TrainingFailed(PeftkitError):
 def task_metrics(cfg: Recipe) -> list[str]:
     """The metrics an evaluation reports beside the loss: a classifier's accuracy and macro-F1, a DPO run's reward
     accuracy, margin and mean rewards, else eval.metrics' generation metrics."""
-    if cfg.training.objective == "dpo":
+    if cfg.training.pairs:
         return [*PREFERENCE_METRICS, *REWARDS]
     return list(CLASSIFICATION_METRICS) if cfg.classification else cfg.eval.generation_metrics
 

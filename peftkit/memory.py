@@ -336,7 +336,7 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     # (the adapters compute in fp32: their values count as that many of the activations' dtype)
     width = per_token * 4 // (BYTES[dtype] * max(shape.layers, 1))
     attention = recipe.model.attn_implementation
-    rows = tcfg.batch_size * (2 if tcfg.objective == "dpo" else 1)  # a DPO micro-batch: each pair's two answers
+    rows = tcfg.batch_size * (2 if tcfg.pairs else 1)  # a DPO micro-batch: each pair's two answers
     logits, layers = activation_memory(shape, rows, seq, BYTES[dtype], tcfg.gradient_checkpointing,
                                        width, attention == "eager", frees_a_inputs(recipe.adapter),
                                        packed_sdpa=recipe.data.packing and attention in (None, "sdpa"),

@@ -66,8 +66,13 @@ def _named(adapter: dict) -> dict:
 def _objective(cfg: Recipe) -> str:
     """What a DPO run trained for, said after the data (nothing for the next-token loss)."""
     t = cfg.training
-    if t.objective != "dpo":
+    if not t.pairs:
         return ""
+    if t.objective != "dpo":  # no reference
+        weight = f"lambda {t.orpo_lambda:g}" if t.objective == "orpo" else f"beta {t.simpo_beta:g}, gamma {t.simpo_gamma:g}"
+        return (f" Objective: {t.objective.upper()} ({weight}) on pairs of a chosen and a rejected answer, without a "
+                "reference model; the evaluation's loss is its loss and its rewards the scaled mean log-probability "
+                "per answer token.")
     reference = "the adapter training started from (adapter.init_from)" if cfg.adapter.init_from else "the base model"
     return (f" Objective: DPO (`{t.dpo_loss}` loss, beta {t.dpo_beta:g}) on pairs of a chosen and a rejected answer, "
             f"the reference {reference}; the evaluation's loss is the DPO loss and its rewards beta × the "

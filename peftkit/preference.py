@@ -39,22 +39,49 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], labelled: i
     return row_logps(model(**inputs, use_cache=False).logits, batch["labels"], labelled)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (TRL's ORPO's, Maechler 2012)."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 @dataclass(frozen=True)
 class PreferenceLoss:
-    """A pair's DPO loss (training.dpo_loss) at training.dpo_beta; called on a batch as the training step calls a
-    loss: (the sum over its pairs, their number), the mean taken over the whole accumulation window's pairs."""
+    """A pair's loss: DPO's (`kind` sigmoid, ipo or hinge: training.dpo_loss, at training.dpo_beta), ORPO's or
+    SimPO's; called on a batch as the training step calls a loss: (the sum over its pairs, the other `sums`), the
+    mean taken over the whole accumulation window's pairs.
+
+    ORPO and SimPO need no reference: they score each answer by its mean log-probability per token, `avg`. ORPO
+    (Hong et al. 2024): -avg(chosen) - lambda log sigmoid(log odds(chosen) - log odds(rejected)), the odds of p being
+    p / (1 - p) at p = exp(avg), as LLaMA-Factory computes it per pair (TRL's ORPOTrainer takes the negative
+    log-likelihood as a mean over all of a batch's chosen tokens instead). SimPO (Meng et al. 2024): -log
+    sigmoid(beta (avg(chosen) - avg(rejected)) - gamma), as TRL's CPOTrainer (loss_type simpo, cpo_alpha 0) and
+    LLaMA-Factory. Their rewards are beta (lambda) x avg, as both log them."""
 
     beta: float
     kind: str = "sigmoid"
+    gamma: float = 0.0
+    """SimPO's target reward margin."""
 
     @classmethod
     def of(cls, training) -> PreferenceLoss:
+        if training.objective == "orpo":
+            return cls(training.orpo_lambda, "orpo")
+        if training.objective == "simpo":
+            return cls(training.simpo_beta, "simpo", training.simpo_gamma)
         return cls(training.dpo_beta, training.dpo_loss)
 
-    def pairs(self, policy: torch.Tensor, reference: torch.Tensor,
+    @property
+    def needs_reference(self) -> bool:
+        """DPO's losses compare with a reference model's log-probabilities; ORPO's and SimPO's do not."""
+        return self.kind not in ("orpo", "simpo")
+
+    def pairs(self, policy: torch.Tensor, reference: torch.Tensor | None,
               tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(each pair's loss, chosen reward, rejected reward) from the rows' (chosen, rejected, chosen, ...) summed
-        log-probabilities under the policy and the reference, and their labelled token counts."""
+        log-probabilities under the policy and the reference (None for ORPO and SimPO), and their labelled token
+        counts."""
+        if not self.needs_reference:
+            return self._without_reference(policy / tokens.clamp(min=1))
         chosen, rejected = policy[0::2] - reference[0::2], policy[1::2] - reference[1::2]  # the log-ratios
         margin = chosen - rejected
         if self.kind == "sigmoid":
@@ -66,13 +93,24 @@ class PreferenceLoss:
             loss = (per_token - 1 / (2 * self.beta)) ** 2
         return loss, self.beta * chosen.detach(), self.beta * rejected.detach()
 
+    def _without_reference(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`pairs` of ORPO and SimPO, from each row's mean log-probability per token."""
+        chosen, rejected = mean[0::2], mean[1::2]
+        if self.kind == "simpo":
+            loss = -F.logsigmoid(self.beta * (chosen - rejected) - self.gamma)
+        else:  # orpo
+            log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+            loss = -chosen - self.beta * F.logsigmoid(log_odds)
+        return loss, self.beta * chosen.detach(), self.beta * rejected.detach()
+
     def sums(self, model: nn.Module, batch: dict[str, torch.Tensor], labelled: int | None = None) -> torch.Tensor:
         """(6,) fp32, sums over the batch's pairs (`SUMS`): the loss (with its gradient), the pairs, those whose chosen
         reward is the larger, the reward margins, the chosen and the rejected rewards. A pair without labelled tokens
         (a process's stand-in rows: `peftkit.distributed.shard`) adds nothing, its backward still reaching every
         parameter."""
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
-        loss, chosen, rejected = self.pairs(sequence_logps(model, batch, labelled), batch["reference_logps"], tokens)
+        loss, chosen, rejected = self.pairs(sequence_logps(model, batch, labelled), batch.get("reference_logps"),
+                                            tokens)
         real = ((tokens[0::2] > 0) & (tokens[1::2] > 0)).float()
         return torch.stack([torch.where(real > 0, loss, loss * 0).sum(), real.sum(), ((chosen > rejected) * real).sum(),
                             ((chosen - rejected) * real).sum(), (chosen * real).sum(), (rejected * real).sum()])

@@ -331,7 +331,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
-    dpo = cfg.training.objective == "dpo"
+    dpo = cfg.training.objective == "dpo"  # (ORPO and SimPO have no reference; their base evaluation is a figure)
     if dpo and not cfg.adapter.init_from:  # the reference: the base, as it is now, without the adapter
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
@@ -486,7 +486,7 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict
             examples = load_classification(tok, source.path, source.split, data.for_eval(name), labels)[0]
             evals[name] = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
         return train_ex, stats, evals, labels
-    if cfg.training.objective == "dpo":  # pairs of answers: peftkit.data.preference
+    if cfg.training.pairs:  # pairs of answers: peftkit.data.preference
         return _load_pairs(cfg, tok, cache)
     tasks = recipe_reads_tasks(cfg)
     train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)

@@ -169,7 +169,7 @@ def _loop(run: Run, state: LoopState) -> None:
     cfg, tcfg = run.cfg, run.cfg.training
     # Global micro-batches: every process draws the same rows and trains on its slice (`_step`).
     collate = (ClassificationCollator(run.tok.pad_token_id) if cfg.classification else
-               PairCollator(run.tok.pad_token_id) if cfg.training.objective == "dpo" else None)
+               PairCollator(run.tok.pad_token_id) if cfg.training.pairs else None)
     stream = step_windows(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.grad_accum, tcfg.seed,
                           cfg.data.shuffle, run.tok.pad_token_id, start=state.step, num_workers=cfg.data.num_workers,
                           collate=collate, pin_memory=run.accelerator.device.type == "cuda",  # copies then run async
@@ -237,7 +237,7 @@ def _step(run: Run, window: list[dict], tokens: int,
     world, rank = accelerator.num_processes, accelerator.process_index
     # The loss is a mean over the global window's labelled tokens (a classifier's: its rows, one label each; DPO's:
     # its pairs, two rows each).
-    pairs = tcfg.objective == "dpo"
+    pairs = tcfg.pairs
     if run.cfg.classification:
         n_label, loss_fn = sum(len(b["labels"]) for b in window), example_loss_sum
     elif pairs:

@@ -87,10 +87,11 @@ def test_a_conversation_pair_trains_its_answer_alone_and_its_implicit_prompt_is_
         assert "hello" in tok.decode(example.input_ids)
 
 
-@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge", "orpo", "simpo"])
 def test_the_loss_is_dpo_s_formula_on_dense_log_probabilities(tiny_llama, tmp_path, kind):
-    """The loss and its gradients equal the formula (TRL's) computed from a full log-softmax of the adapted model's
-    and the base model's logits, pair by pair."""
+    """The loss and its gradients equal the formula (TRL's; ORPO's as LLaMA-Factory's, per pair) computed from a full
+    log-softmax of the adapted model's and the base model's logits, pair by pair; ORPO and SimPO on the answers' mean
+    log-probabilities per token, without the reference."""
     from peftkit.adapters import inject_adapters, trainable_parameters
     from peftkit.methods.lora import LoraConfig
 
@@ -116,15 +117,23 @@ def test_the_loss_is_dpo_s_formula_on_dense_log_probabilities(tiny_llama, tmp_pa
     beta = 0.3
     policy, tokens = dense(model)
     chosen, rejected = policy[0::2] - reference[0::2], policy[1::2] - reference[1::2]
+    mean_c, mean_r = policy[0::2] / tokens[0::2], policy[1::2] / tokens[1::2]
     if kind == "sigmoid":
         expected = -F.logsigmoid(beta * (chosen - rejected))
     elif kind == "hinge":
         expected = torch.relu(1 - beta * (chosen - rejected))
-    else:
+    elif kind == "ipo":
         expected = (chosen / tokens[0::2] - rejected / tokens[1::2] - 1 / (2 * beta)) ** 2
+    elif kind == "simpo":  # the paper's eq. 6, gamma 0.7
+        expected = -F.logsigmoid(beta * (mean_c - mean_r) - 0.7)
+    else:  # ORPO's eq. 6-7: odds p / (1 - p) of p = exp(mean log-probability)
+        odds_c, odds_r = mean_c.exp() / (1 - mean_c.exp()), mean_r.exp() / (1 - mean_r.exp())
+        expected = -mean_c - beta * F.logsigmoid(torch.log(odds_c / odds_r))
     params = trainable_parameters(model)
     wanted = torch.autograd.grad(expected.sum(), params)
-    loss, counted = PreferenceLoss(beta, kind)(model, batch)
+    if kind in ("orpo", "simpo"):
+        del batch["reference_logps"]  # (not needed: a batch of theirs has none)
+    loss, counted = PreferenceLoss(beta, kind, 0.7 if kind == "simpo" else 0.0)(model, batch)
     got = torch.autograd.grad(loss, params)
     assert int(counted[0]) == 3 and (expected - expected.mean()).abs().max() > 1e-3  # pairs far from each other
     assert abs(loss.item() - expected.sum().item()) <= 1e-5
@@ -355,7 +364,7 @@ def test_named_eval_sets_are_each_evaluated_and_an_own_format_is_refused(tiny_ll
     raw["data"]["eval"]["other"] = {"path": str(pairs_data["train"]), "format": "chat"}
     recipe.write_text(yaml.safe_dump(raw))
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe), "--overwrite")
-    assert "data.eval.other.format: a DPO run evaluates pairs" in err, err
+    assert "data.eval.other.format: a dpo run evaluates pairs" in err, err
 
 
 def _eval_json(tmp_path: Path, *args: str) -> tuple[dict, str]:
@@ -460,7 +469,7 @@ def test_a_dpo_run_evaluates_sets_named_by_path_and_eval_gives_each_set_s_figure
     assert figures["held"]["num_pairs"] == 48 and printed.startswith("main: loss ") and "\nheld: loss " in printed
     raw["data"]["eval"]["held"] = {"path": str(pairs_data["train"]), "format": "completion"}
     recipe.write_text(yaml.safe_dump(raw))
-    assert "data.eval.held.format: a DPO run evaluates pairs" in cli_user_error(monkeypatch, capsys, "train",
+    assert "data.eval.held.format: a dpo run evaluates pairs" in cli_user_error(monkeypatch, capsys, "train",
                                                                                 str(recipe))
 
 
@@ -515,3 +524,37 @@ def test_dpo_over_a_4_bit_base_evaluates_again_as_its_run_did(tiny_llama, pairs_
     assert last["eval_loss"] != math.log(2)  # (it trained)
     for name in FIGURES:
         assert abs(figures[name] - last[f"eval_{name}"]) <= 1e-5, (name, figures, last)
+
+
+@pytest.mark.parametrize(("objective", "weights"), [("orpo", {"orpo_lambda": 0.5}), ("simpo", {"simpo_gamma": 0.5})])
+def test_orpo_and_simpo_learn_without_a_reference_and_evaluate_again_as_their_run(tiny_llama, pairs_data, tmp_path,
+                                                                                  objective, weights):
+    """ORPO and SimPO runs: no reference pass, the base model evaluated before training (a figure, as for SFT), the
+    eval loss falls and the reward accuracy rises; `peftkit eval RUN_DIR` gives the last evaluation; the model card
+    says the objective."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=12, eval_steps=6, objective=objective, **weights)
+    summary = train(load_recipe(recipe))
+    last = _last_eval(tmp_path / "run")
+    assert summary["base_eval_loss"] is not None and last["eval_loss"] < summary["base_eval_loss"]
+    assert last["eval_reward_accuracy"] > summary["base_eval_reward_accuracy"]
+    figures, _ = _eval_json(tmp_path, str(tmp_path / "run"))
+    for name in FIGURES:
+        assert abs(figures[name] - last[f"eval_{name}"]) <= 1e-5, (name, figures, last)
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert f"Objective: {objective.upper()}" in card and "without a reference model" in card
+    base, _ = _eval_json(tmp_path, str(recipe))  # the recipe's base alone, no adapter: its own figures
+    for name in FIGURES:
+        assert abs(base[name] - summary[f"base_eval_{name}"]) <= 1e-5, (name, base, summary)
+
+
+@pytest.mark.parametrize(("training", "said"), [
+    ({"objective": "dpo", "orpo_lambda": 0.2}, "training.orpo_lambda is a setting of training.objective: orpo, and the "
+     "objective is dpo"),
+    ({"objective": "orpo", "simpo_gamma": 0.2}, "training.simpo_gamma is a setting of training.objective: simpo"),
+    ({"objective": "simpo", "dpo_loss": "ipo"}, "training.dpo_loss is a setting of training.objective: dpo"),
+])
+def test_a_setting_of_another_preference_objective_is_refused(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys,
+                                                               training, said):
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, **training)
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert said in err and "recipe.yaml" in err, err

@@ -220,18 +220,31 @@ class TrainingConfig(Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
     """LoRA+ only: the learning rate of an embedding's LoRA (lora_embedding_A/B), peft's `loraplus_lr_embedding`
     and its default."""
-    objective: Literal["sft", "dpo"] = "sft"
-    """sft: the next-token loss on the answers (supervised fine-tuning). dpo: Direct Preference Optimization
-    (Rafailov et al. 2023) on data.format preference (a prompt, a chosen and a rejected answer): the adapter learns
-    to raise the chosen answer's likelihood over the rejected's, relative to the frozen reference's: the model
+    objective: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    """sft: the next-token loss on the answers (supervised fine-tuning). The others train on data.format preference
+    (a prompt, a chosen and a rejected answer) to raise the chosen answer's likelihood over the rejected's. dpo:
+    Direct Preference Optimization (Rafailov et al. 2023), relative to a frozen reference's likelihoods: the model
     training starts from, the base without the adapter or, with adapter.init_from, with that adapter as it starts
-    (as TRL's DPOTrainer takes them for a PEFT model; no second copy is held)."""
+    (as TRL's DPOTrainer takes them for a PEFT model; no second copy is held). orpo (Hong et al. 2024) and simpo
+    (Meng et al. 2024): no reference, on the answers' mean log-probability per token."""
     dpo_beta: float = Field(0.1, gt=0)
     """dpo: how far the adapter may move from the reference (TRL's `beta`, its default): the rewards are beta x the
     log-likelihood ratios; smaller lets it go further."""
     dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     """dpo: sigmoid, the paper's -log sigmoid(beta x margin); ipo (Azar et al. 2023), (margin per answer token -
     1 / (2 beta))^2; hinge (SLiC), max(0, 1 - beta x margin). As TRL's `loss_type` of the same names."""
+    orpo_lambda: float = Field(0.1, gt=0)
+    """orpo: the weight of the odds-ratio term beside the chosen answer's negative log-likelihood (the paper's lambda;
+    TRL's and LLaMA-Factory's `beta`, and their default)."""
+    simpo_beta: float = Field(2.0, gt=0)
+    """simpo: the reward scale (the paper's beta; 2.0 to 2.5 in its settings)."""
+    simpo_gamma: float = Field(1.0, ge=0)
+    """simpo: the target reward margin (the paper's gamma: 1.0 with beta 2.0 for Llama-3-Base)."""
+
+    @property
+    def pairs(self) -> bool:
+        """The objective trains on pairs of answers (data.format preference): dpo, orpo, simpo."""
+        return self.objective != "sft"
     early_stopping: EarlyStoppingConfig | None = None
     """Stop early when the eval metric stops improving (needs data.eval and training.eval_steps). null: off."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
@@ -457,7 +470,7 @@ class Recipe(Section):
                 self._check_eval_set(key, metric, name)
             # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
             computed = (("loss", *CLASSIFICATION_METRICS) if self.classification else
-                        ("loss", *PREFERENCE_METRICS) if self.training.objective == "dpo" else
+                        ("loss", *PREFERENCE_METRICS) if self.training.pairs else
                         (*LOSS_METRICS, *self.eval.metrics))
             if figure not in computed:
                 # eval.metrics can add a generation metric to a language model's evaluations, nothing else
@@ -518,41 +531,48 @@ def _check_long_context(recipe: Recipe) -> None:
                          f"{max(8, -(-max_length // 4) * 4)}")
 
 
+_OBJECTIVE_KEYS = {"dpo_beta": "dpo", "dpo_loss": "dpo", "orpo_lambda": "orpo", "simpo_beta": "simpo",
+                   "simpo_gamma": "simpo"}
+"""training's keys of one preference objective."""
+
+
 def _check_objective(recipe: Recipe) -> None:
-    """training.objective: dpo and data.format: preference go together, with what a pair's loss allows."""
-    dpo, data, tcfg = recipe.training.objective == "dpo", recipe.data, recipe.training
-    if dpo != (data.format == "preference"):
+    """training.objective dpo, orpo or simpo and data.format: preference go together, with what a pair's loss
+    allows."""
+    data, tcfg = recipe.data, recipe.training
+    if tcfg.pairs != (data.format == "preference"):
         raise ValueError(
-            f"training.objective is {tcfg.objective} and data.format is {data.format}: DPO trains on pairs of answers "
-            "(data.format: preference: prompt, chosen, rejected) and that format is for DPO; set "
-            "training.objective: dpo with data.format: preference, or neither")
-    if not dpo:
-        for key in ("dpo_beta", "dpo_loss"):  # (by value: a run's recipe.yaml writes every key)
-            if getattr(tcfg, key) != type(tcfg).model_fields[key].default:
-                raise ValueError(f"training.{key} is a setting of training.objective: dpo, and the objective is "
-                                 f"{tcfg.objective}; remove it, or set training.objective: dpo")
+            f"training.objective is {tcfg.objective} and data.format is {data.format}: DPO, ORPO and SimPO train on "
+            "pairs of answers (data.format: preference: prompt, chosen, rejected) and that format is for them; set "
+            "training.objective: dpo (orpo, simpo) with data.format: preference, or neither")
+    for key, objective in _OBJECTIVE_KEYS.items():  # (by value: a run's recipe.yaml writes every key)
+        if objective != tcfg.objective and getattr(tcfg, key) != type(tcfg).model_fields[key].default:
+            raise ValueError(f"training.{key} is a setting of training.objective: {objective}, and the objective is "
+                             f"{tcfg.objective}; remove it, or set training.objective: {objective}")
+    if not tcfg.pairs:
         return
     if recipe.classification:
-        raise ValueError("training.objective: dpo trains a language model's answers; model.task is "
+        raise ValueError(f"training.objective: {tcfg.objective} trains a language model's answers; model.task is "
                          "sequence_classification, so use model.task: causal_lm")
     if data.packing:
-        raise ValueError("data.packing: a DPO batch holds each pair's two answers side by side, one a row; set "
-                         "data.packing: false")
+        raise ValueError(f"data.packing: a {tcfg.objective} batch holds each pair's two answers side by side, one a "
+                         "row; set data.packing: false")
     if data.train_on != "answers":
-        raise ValueError(f"data.train_on: {data.train_on}: DPO compares the likelihoods of the two answers alone "
+        raise ValueError(f"data.train_on: {data.train_on}: {tcfg.objective} compares the likelihoods of the two "
+                         "answers alone "
                          "(a prompt's tokens are the same in both); remove data.train_on")
     if recipe.eval.generation_metrics:
         raise ValueError(f"eval.metrics: {', '.join(recipe.eval.generation_metrics)} score generated answers "
-                         "against a reference, which preference data does not have (it has two); remove them: a DPO "
-                         "run's evaluations report the loss, reward_accuracy and reward_margin")
+                         "against a reference, which preference data does not have (it has two); remove them: a "
+                         f"{tcfg.objective} run's evaluations report the loss, reward_accuracy and reward_margin")
     if isinstance(data.train, list) and (own := next((i for i, s in enumerate(data.train)
                                                       if not isinstance(s, str) and s.format), None)) is not None:
-        raise ValueError(f"data.train[{own}].format: a DPO run trains on pairs, every dataset read as data.format "
-                         "preference; remove it")
+        raise ValueError(f"data.train[{own}].format: a {tcfg.objective} run trains on pairs, every dataset read as "
+                         "data.format preference; remove it")
     if isinstance(data.eval, dict) and (own := next((n for n, s in data.eval.items()
                                                      if not isinstance(s, str) and s.format), None)):
-        raise ValueError(f"data.eval.{own}.format: a DPO run evaluates pairs, every set read as data.format "
-                         "preference; remove it")
+        raise ValueError(f"data.eval.{own}.format: a {tcfg.objective} run evaluates pairs, every set read as "
+                         "data.format preference; remove it")
 
 
 def _check_task(recipe: Recipe) -> None:
