@@ -558,3 +558,50 @@ def test_a_setting_of_another_preference_objective_is_refused(tiny_llama, pairs_
     recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, **training)
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert said in err and "recipe.yaml" in err, err
+
+
+def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_path):
+    """SimPO against TRL's CPOTrainer (loss_type simpo, cpo_alpha 0: SimPO as its docs set it) on a PeftModel of an
+    adapter far from identity: three SGD steps over the whole batch give TRL's losses, rewards and adapter."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    from conftest import save_random_adapter
+    from peftkit.methods.lora import LoraConfig
+
+    sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                              tmp_path / "sft", seed=2, std=0.3)
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)}
+            for a, b in [(3, 4), (10, 20), (1, 1), (7, 8)]]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    steps, lr = 3, 0.2
+    recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
+                         objective="simpo", simpo_beta=2.0, simpo_gamma=1.0, max_steps=steps, batch_size=4,
+                         optimizer="sgd", lr=lr, scheduler="constant", warmup_steps=0)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(sft)}
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
+    args = CPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps, learning_rate=lr,
+                     optim="sgd", lr_scheduler_type="constant", warmup_steps=0, loss_type="simpo", cpo_alpha=0.0,
+                     beta=2.0, simpo_gamma=1.0, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+                     bf16=False)
+    trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_llama))
+    trainer.train()
+    theirs = [x for x in trainer.state.log_history if "loss" in x]
+    assert theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # it trained
+    names = {"loss": "loss", "reward_accuracy": "rewards/accuracies", "reward_margin": "rewards/margins",
+             "chosen_reward": "rewards/chosen", "rejected_reward": "rewards/rejected"}
+    for a, b in zip(ours, theirs, strict=True):
+        assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in names.items()), (a, b)
+    ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
+    assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
