@@ -22,14 +22,13 @@ reference forwards do; over several it is paid once.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import (RESULT_TAG, _sync, build_llama, common_args, peft_lora_model, recipe_for,  # noqa: E402
+from bench_train import (_sync, build_llama, child, common_args, peft_lora_model, recipe_for,  # noqa: E402
                          report, run_peftkit, spawn_sides)
 
 
@@ -104,30 +103,6 @@ def run_trl(recipe, workdir: Path) -> dict:
     return {"step_ends": ends, "losses": losses, "total_s": _sync(recipe.model.device) - started}
 
 
-def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
-    """One side in this fresh process: its result as one tagged JSON line (bench_train.child's, for pairs)."""
-    import resource
-
-    import torch
-
-    import peft, peftkit.train, trl  # noqa: E401, F401  (both sides' imports: the same RSS baseline)
-
-    cuda = recipe.model.device == "cuda"
-    if threads:
-        torch.set_num_threads(threads)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with open("/proc/self/statm") as f:
-        base_rss = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    result = run_side(recipe, workdir)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss
-    result["base_mb"] = 0.0 if cuda else base_rss
-    bs, counts = recipe.training.batch_size, ordered_pairs(recipe)[2]
-    result["tokens_per_step"] = [sum(counts[k * bs:(k + 1) * bs]) for k in range(recipe.training.max_steps)]
-    print(RESULT_TAG + json.dumps(result), flush=True)
-
-
 def main() -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -143,7 +118,8 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here")
     if args.side:
         recipe = dpo_recipe(args, Path(args.workdir))
-        child(recipe, {"peftkit": run_peftkit_dpo, "peft": run_trl}[args.side], Path(args.workdir), args.threads)
+        child(recipe, {"peftkit": run_peftkit_dpo, "peft": run_trl}[args.side], Path(args.workdir), args.threads,
+              lengths=lambda r: ordered_pairs(r)[2], imports=("trl",))
         return
     from peftkit.modeling import quiet_transformers
     from peftkit.tiny import build_tiny_model

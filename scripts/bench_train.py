@@ -408,11 +408,17 @@ def run_peft_lora(recipe, workdir: Path) -> dict:
                        optim="adamw_torch_fused" if recipe.model.device == "cuda" else "adamw_torch")
 
 
-def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
-    """Run one side in this (fresh) process and print its result as one tagged JSON line."""
+def child(recipe, run_side, workdir: Path, threads: int | None, lengths=None, imports: tuple[str, ...] = ()) -> None:
+    """Run one side in this (fresh) process and print its result as one tagged JSON line. `lengths(recipe)`: the
+    token count of each example in the order the sides take them (default: `ordered_examples`'); `imports`: more
+    modules both sides import first (the same RSS baseline)."""
+    import importlib
+
     import torch
 
     import peft, peftkit.train, transformers.trainer  # noqa: E401, F401  (both sides' imports: same RSS baseline)
+    for name in imports:
+        importlib.import_module(name)
 
     cuda = recipe.model.device == "cuda"
     if threads:
@@ -425,10 +431,11 @@ def child(recipe, run_side, workdir: Path, threads: int | None) -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     result["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss
     result["base_mb"] = 0.0 if cuda else base_rss
-    bs, (_, ordered) = recipe.training.batch_size, ordered_examples(recipe)
-    batches = [ordered[k * bs:(k + 1) * bs] for k in range(recipe.training.max_steps)]
-    result["tokens_per_step"] = [sum(len(e.input_ids) for e in batch) for batch in batches]
-    result["padded_per_step"] = [len(batch) * max(len(e.input_ids) for e in batch) for batch in batches]
+    bs = recipe.training.batch_size
+    counts = lengths(recipe) if lengths else [len(e.input_ids) for e in ordered_examples(recipe)[1]]
+    batches = [counts[k * bs:(k + 1) * bs] for k in range(recipe.training.max_steps)]
+    result["tokens_per_step"] = [sum(batch) for batch in batches]
+    result["padded_per_step"] = [len(batch) * max(batch) for batch in batches]
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
