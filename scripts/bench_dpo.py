@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import (_sync, build_llama, child, common_args, peft_lora_model, recipe_for,  # noqa: E402
-                         report, run_peftkit, spawn_sides)
+                         report, run_peftkit, spawn_sides, step_timer)
 
 
 def write_pairs(args, workdir: Path) -> None:
@@ -71,20 +71,10 @@ def run_trl(recipe, workdir: Path) -> dict:
     """TRL's DPOTrainer on peft's LoRA of the recipe (bench_train.peft_lora_model), fed the pairs sequentially."""
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     t, cuda = recipe.training, recipe.model.device == "cuda"
-    ends: list[float] = []
-    losses: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, *_, **__):
-            ends.append(_sync(recipe.model.device))
-
-        def on_log(self, _args, _state, _control, logs=None, **__):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+    timer, ends, losses = step_timer(recipe.model.device)
 
     started = _sync(recipe.model.device)
     tok, rows, _ = ordered_pairs(recipe)
@@ -98,7 +88,7 @@ def run_trl(recipe, workdir: Path) -> dict:
         activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
     )
     trainer = DPOTrainer(model=peft_lora_model(recipe), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[Timer()])
+                         processing_class=tok, callbacks=[timer])
     trainer.train()
     return {"step_ends": ends, "losses": losses, "total_s": _sync(recipe.model.device) - started}
 

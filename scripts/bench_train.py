@@ -346,23 +346,33 @@ def run_floor(recipe, _workdir: Path | None = None) -> dict:
     return {"step_ends": ends, "losses": [float("nan")]}
 
 
-def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extra_args) -> dict:
-    """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially; `callbacks` are
-    added to the step timer."""
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+def step_timer(device: str):
+    """(a transformers TrainerCallback that notes each optimizer step's end and each logged loss, the step ends'
+    list, the losses' list)."""
+    from transformers import TrainerCallback
 
-    t, cuda = recipe.training, recipe.model.device == "cuda"
     ends: list[float] = []
     losses: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, *_, **__):
-            ends.append(_sync(recipe.model.device))
+            ends.append(_sync(device))
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
+
+    return Timer(), ends, losses
+
+
+def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extra_args) -> dict:
+    """transformers Trainer on an already adapted (peft) model, fed `ordered` sequentially; `callbacks` are
+    added to the step timer."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    t, cuda = recipe.training, recipe.model.device == "cuda"
+    timer, ends, losses = step_timer(recipe.model.device)
 
     args = TrainingArguments(
         output_dir=str(workdir / "trainer-run"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
@@ -374,7 +384,7 @@ def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extr
         **extra_args,
     )
     data = [{"input_ids": e.input_ids, "labels": e.labels} for e in ordered]
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer(), *callbacks],
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer, *callbacks],
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
     return {"step_ends": ends, "losses": losses}
