@@ -505,8 +505,13 @@ def _load_pairs(cfg: Recipe, tok, cache: bool) -> tuple[Pairs, dict, dict, None]
     """`_load_data` of a DPO recipe: data.train's pairs, and each set of data.eval's as its `PreferenceEval`."""
     from peftkit.preference import PreferenceEval, PreferenceLoss
 
-    train_ex, stats = load_pairs(tok, cfg.data.train, cfg.data.train_split, cfg.data, cache)
-    evals = {name: PreferenceEval(load_pairs(tok, source.path, source.split, cfg.data.for_eval(name), cache)[0],
-                                  tok.pad_token_id, cfg.eval.batch_size, PreferenceLoss.of(cfg.training))
-             for name, source in cfg.data.eval_sources().items()}
+    tasks = recipe_reads_tasks(cfg)  # (multitask prompt tuning: a pair's `task`)
+    train_ex, stats = load_pairs(tok, cfg.data.train, cfg.data.train_split, cfg.data, cache, tasks)
+    check_training_tasks(cfg, "data.train", train_ex.task_ids)
+    evals = {}
+    for name, source in cfg.data.eval_sources().items():
+        pairs = load_pairs(tok, source.path, source.split, cfg.data.for_eval(name), cache, tasks)[0]
+        check_training_tasks(cfg, "data.eval" if name == "eval" and not isinstance(cfg.data.eval, dict)
+                             else f"data.eval.{name}", pairs.task_ids)
+        evals[name] = PreferenceEval(pairs, tok.pad_token_id, cfg.eval.batch_size, PreferenceLoss.of(cfg.training))
     return train_ex, stats, evals, None

@@ -605,3 +605,24 @@ def test_simpo_from_an_sft_adapter_trains_as_trl_s_cpo_trainer(tiny_llama, tmp_p
     ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
     assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
+
+
+    assert "data.eval.other.format: a DPO run evaluates pairs" in err, err
+
+
+def test_multitask_prompt_tuning_reads_each_pair_s_task(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys):
+    """adapter.method multitask_prompt_tuning: a pair's `task` is both answers' task id (each batch carries it), and
+    one past adapter.num_tasks is refused as the data loads, as for SFT rows."""
+    rows = [_sums(1, 2, 3) | {"task": 1}, _sums(4, 5, 6) | {"task": 0}]
+    write_jsonl(tmp_path / "tasks.jsonl", rows)
+    pairs, _ = load_pairs(_tok(tiny_llama), str(tmp_path / "tasks.jsonl"), None,
+                          DataConfig(train="x", format="preference"), cache=False, tasks=True)
+    assert [e.task_id for e in pairs.examples] == [1, 1, 0, 0] and pairs.task_ids == [1, 0]
+    assert PairCollator(0)(list(pairs))["task_ids"].tolist() == [1, 1, 0, 0]
+    write_jsonl(tmp_path / "tasks.jsonl", [*rows, _sums(7, 8, 9) | {"task": 2}])
+    recipe = _dpo_recipe(tmp_path, tiny_llama, {"train": tmp_path / "tasks.jsonl", "eval": pairs_data["eval"]})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "multitask_prompt_tuning", "num_virtual_tokens": 4, "num_tasks": 2}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert "a row's 'task' is 2, but adapter.num_tasks is 2" in err, err

@@ -131,8 +131,9 @@ class Pairs(Sequence):
         return [max(lengths[i], lengths[i + 1]) for i in range(0, len(lengths), 2)]
 
     @property
-    def task_ids(self) -> list[None]:
-        return [None] * len(self)
+    def task_ids(self) -> list[int | None]:
+        """Each pair's task id (its answers'; None without one): multitask prompt tuning's."""
+        return [self.examples[2 * i].task_id for i in range(len(self))]
 
 
 class PairCollator:
@@ -151,11 +152,12 @@ class PairCollator:
 
 
 def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
-               cache: bool = True) -> tuple[Pairs, dict]:
+               cache: bool = True, tasks: bool = False) -> tuple[Pairs, dict]:
     """The pairs of `source` (one path or hub id at `split`, or data.train's list, read as
     `peftkit.data.examples.load_examples` reads rows) and their counts, the keys `describe_stats` prints (an example
     is a pair). With `cache`, local files' are read from the tokenized-data cache where they are there
-    (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not."""
+    (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not. `tasks`: read each row's
+    `task` as both its answers' (`peftkit.data.examples.build_examples`' `tasks`)."""
     from peftkit.data.cache import cache_root
     from peftkit.data.examples import _cache_entry, _data_digests
 
@@ -164,19 +166,20 @@ def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     local = all(not is_hub_dataset(path) and Path(path).is_file() for path, *_ in parts)
     root = cache_root() if cache and local else None
     name = source if isinstance(source, str) else mix_name(cfg)
-    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, False, name) if root is not None else None
+    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, tasks, name) if root is not None else None
     # (the cache counts the examples it holds, two a pair)
     if entry is not None and (hit := entry.read()) is not None:
         return Pairs(hit[0]), hit[1] | {"examples": len(hit[0]) // 2}
-    pairs, stats = _tokenized_pairs(tok, source, split, cfg)
+    pairs, stats = _tokenized_pairs(tok, source, split, cfg, tasks)
     if entry is not None and _data_digests(parts, cfg) == entry.digests:  # no file changed meanwhile
         entry.write(pairs.examples, stats | {"examples": len(pairs.examples)})
     return pairs, stats
 
 
-def _tokenized_pairs(tok, source: str | list, split: str | None, cfg: DataConfig) -> tuple[Pairs, dict]:
+def _tokenized_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
+                     tasks: bool) -> tuple[Pairs, dict]:
     """`load_pairs` of the rows themselves."""
-    built, stats, name, line_numbers = build_pairs(tok, source, split, cfg)
+    built, stats, name, line_numbers = build_pairs(tok, source, split, cfg, tasks)
     pairs, cuts = kept_pairs(built, cfg, stats)
     if cfg.truncation == "error" and cuts.first is not None:
         raise PeftkitError(truncation_error(cuts, cfg))
@@ -185,11 +188,12 @@ def _tokenized_pairs(tok, source: str | list, split: str | None, cfg: DataConfig
     return pairs, stats
 
 
-def build_pairs(tok, source: str | list, split: str | None,
-                cfg: DataConfig) -> tuple[list[tuple[BuiltExample, BuiltExample]], dict, str, object]:
+def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
+                tasks: bool = False) -> tuple[list[tuple[BuiltExample, BuiltExample]], dict, str, object]:
     """(each usable row's chosen and rejected answer tokenized and cut, as `BuiltExample`s, before data.truncation
     decides; the counts so far; the data's name and line numbers, for `no_examples_error`). A bad row raises under
-    data.on_bad_rows: error, naming its FILE:LINE (`peftkit preview` shows the pairs `load_pairs` trains)."""
+    data.on_bad_rows: error, naming its FILE:LINE (`peftkit preview` shows the pairs `load_pairs` trains). `tasks`:
+    each row's `task` is both its answers' (multitask prompt tuning)."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
@@ -207,14 +211,15 @@ def build_pairs(tok, source: str | list, split: str | None,
                                f"whose first pair is of {'conversations' if fmt == 'chat' else 'text answers'}; give "
                                "every row of a dataset the same form")
         fmt = kind
-        split_rows.append((at, pair))
+        task = {"task": row["task"]} if tasks and "task" in row else {}  # (row_task checks it as the answers build)
+        split_rows.append((at, [answer | task for answer in pair]))
     if not split_rows:
         return [], stats, name, line_numbers
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     answers = format_rows([r for _, pair in split_rows for r in pair], own)
     doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)
     doubled.parts = []
-    built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), False))
+    built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), tasks))
     return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
 
 
