@@ -321,8 +321,8 @@ def frees_a_inputs(adapter) -> bool:
 
 
 def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str) -> float:
-    """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad:
-    the logits and the loss's copies, as in training). `per_token`: the fp32 values all the
+    """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad: the logits and
+    the loss's copies, as in training; a DPO run's reference batches too). `per_token`: the fp32 values all the
     adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens (with gradient
     checkpointing, one decoder layer's share at a time)."""
     shape = model_shape(config)
@@ -343,8 +343,9 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
                                        prefix=recipe.adapter.num_virtual_tokens if recipe.adapter.method == "prefix_tuning"
                                        else 0)
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
+    # (DPO's reference log-probabilities of data.train's pairs are such batches too, with or without data.eval)
     evaluation = logits_bytes(rows // tcfg.batch_size * recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) \
-        if recipe.data.eval else 0
+        if recipe.data.eval or tcfg.objective == "dpo" else 0
     return max(logits + layers, evaluation)
 
 

@@ -145,6 +145,14 @@ def test_evaluation_logits_count_when_larger(tiny_llama, number_data, tmp_path):
     assert estimate_memory(recipe).activations == 5 * 64 * 128 * 102 * 4  # the eval batch's logits and chunks
 
 
+def test_a_dpo_run_s_reference_logits_count_without_data_eval(tiny_llama, number_data, tmp_path):
+    """training.objective: dpo computes the reference's log-probabilities of data.train's pairs before training, in
+    batches of eval.batch_size pairs (two rows each), whether or not the recipe has data.eval."""
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"batch_size": 1, "objective": "dpo"},
+                                     data={"format": "preference", "eval": None}, eval={"batch_size": 64}))
+    assert estimate_memory(recipe).activations == 5 * 2 * 64 * 128 * 102 * 4  # the reference batch's logits and chunks
+
+
 def test_check_fits_refuses_on_model_state_only():
     # activations are an upper bound (examples shorter than max_length use less): never a refusal
     check_fits(MemoryEstimate(base_weights=1, adapter=1, gradients=1, optimizer=0, activations=2.0**60),
