@@ -77,7 +77,10 @@ def _read_text(path: Path) -> str:
 
 
 _CURVE_KEYS = tuple(key for _, _, key, _ in CURVES)
-_PLOTTED = ("loss", "eval_loss", *_CURVE_KEYS, *(f"eval_{m}" for m in GENERATION_METRICS + CLASSIFICATION_METRICS))
+EVAL_CURVES = (*GENERATION_METRICS, *CLASSIFICATION_METRICS, PREFERENCE_METRICS[0])
+"""The evaluations' metrics the eval metrics plot draws, each a share or score of 0 to 1 (a DPO run's reward
+accuracy; its margin and rewards have scales of their own: the report's table shows them)."""
+_PLOTTED = ("loss", "eval_loss", *_CURVE_KEYS, *(f"eval_{m}" for m in EVAL_CURVES))
 """The metrics.jsonl keys that `plot_curves` draws: each a number (a skipped step's loss NaN); a `CURVES` one may be
 null (not measured at that step)."""
 
@@ -156,16 +159,17 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
     ax.legend()
     plots["loss"] = _png(fig)
     plt.close(fig)
-    metric_curves = {m: [(r["step"], r[f"eval_{m}"]) for r in evals if f"eval_{m}" in r]
-                     for m in GENERATION_METRICS + CLASSIFICATION_METRICS}
+    metric_curves = {m: [(r["step"], r[f"eval_{m}"]) for r in evals if f"eval_{m}" in r] for m in EVAL_CURVES}
     if any(metric_curves.values()):
         fig, ax = plt.subplots(figsize=(7, 3.0))
         for metric, points in metric_curves.items():
             if points:
                 _curve(ax, *zip(*points, strict=True), "o-", label=metric, linewidth=1.5)
         generated = any(metric_curves[m] for m in GENERATION_METRICS)
-        ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval rows",
-               title="Eval metrics (greedy answers)" if generated else "Eval metrics (classes)")
+        pairs = bool(metric_curves[PREFERENCE_METRICS[0]])
+        ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval pairs" if pairs else
+               "over eval rows", title="Eval metrics (greedy answers)" if generated else
+               "Eval metrics (answer pairs)" if pairs else "Eval metrics (classes)")
         ax.grid(alpha=0.3)
         ax.legend()
         plots["eval_metrics"] = _png(fig)

@@ -329,3 +329,22 @@ def test_the_other_eval_sets_losses_are_drawn_and_shown_beside_the_primary_s(mon
     (tmp_path / "metrics.jsonl").write_text('{"step": 2, "eval_loss": 3.5, "eval_general_loss": "x"}\n')
     with pytest.raises(PeftkitError, match="metrics.jsonl:1 is not a peftkit metrics line"):
         report.read_metrics(tmp_path)
+
+
+def test_a_dpo_run_s_reward_accuracy_is_drawn(monkeypatch, tmp_path):
+    """A DPO run's evaluations (eval_reward_accuracy: the share of pairs whose chosen answer has the larger reward)
+    are a curve of the eval metrics plot, as a classifier's accuracy is; a line whose reward accuracy is no number is
+    a damaged file."""
+    from peftkit import report
+
+    drawn = []
+    monkeypatch.setattr(report, "_curve", lambda ax, steps, values, fmt="-", **style:
+                        drawn.append((style.get("label"), list(steps), list(values))))
+    train = [{"step": s, "loss": 0.7 - s / 10, "reward_accuracy": 0.5} for s in (1, 2, 3, 4)]
+    evals = [{"step": s, "eval_loss": 0.6, "eval_reward_accuracy": a, "eval_reward_margin": 0.1,
+              "eval_chosen_reward": 0.0, "eval_rejected_reward": -0.1} for s, a in ((2, 0.75), (4, 1.0))]
+    plots = report.plot_curves(train, evals, False)
+    assert "eval_metrics" in plots and ("reward_accuracy", [2, 4], [0.75, 1.0]) in drawn, drawn
+    (tmp_path / "metrics.jsonl").write_text('{"step": 2, "eval_loss": 0.6, "eval_reward_accuracy": "x"}\n')
+    with pytest.raises(PeftkitError, match="metrics.jsonl:1 is not a peftkit metrics line"):
+        report.read_metrics(tmp_path)
