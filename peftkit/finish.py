@@ -174,14 +174,15 @@ def _check_finite(run: Run, model, eval_result: dict | None, state: LoopState, w
 
 def _other_sets(s: dict) -> list[tuple[str, str]]:
     """The summary's line of each other set of data.eval (`eval_<name>_loss`): its loss, base and fine-tuned, and its
-    eval.metrics."""
+    eval.metrics (a classifier's accuracy and macro-F1, a DPO run's reward accuracy and margin)."""
     rows = []
     for name in (k[5:-5] for k in s if k.startswith("eval_") and k.endswith("_loss") and k != "eval_loss"):
         figures = [f"{s[f'base_eval_{name}_loss']:.4f} base -> "] if s.get(f"base_eval_{name}_loss") is not None else []
         figures.append(f"{s[f'eval_{name}_loss']:.4f}")
         if s.get(f"eval_{name}_perplexity") is not None:
             figures.append(f"  (ppl {s[f'eval_{name}_perplexity']:.2f})")
-        figures += [f", {m} {s[f'eval_{name}_{m}']:.4f}" for m in GENERATION_METRICS + CLASSIFICATION_METRICS
+        figures += [f", {m} {s[f'eval_{name}_{m}']:.4f}" for m in (*GENERATION_METRICS, *CLASSIFICATION_METRICS,
+                                                                    *PREFERENCE_METRICS)
                     if s.get(f"eval_{name}_{m}") is not None]
         rows.append((f"eval loss, {name}", "".join(figures)))
     return rows

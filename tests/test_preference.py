@@ -361,6 +361,10 @@ def test_named_eval_sets_are_each_evaluated_and_an_own_format_is_refused(tiny_ll
     recipe.write_text(yaml.safe_dump(raw))
     summary = train(load_recipe(recipe))
     assert summary["eval_other_reward_accuracy"] is not None and summary["eval_reward_accuracy"] is not None
+    other = (f"{summary['eval_other_loss']:.4f}, reward_accuracy {summary['eval_other_reward_accuracy']:.4f}, "
+             f"reward_margin {summary['eval_other_reward_margin']:.4f}")
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    assert f"eval loss, other {other}" in lines, lines  # the summary's line of the other set
     raw["data"]["eval"]["other"] = {"path": str(pairs_data["train"]), "format": "chat"}
     recipe.write_text(yaml.safe_dump(raw))
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe), "--overwrite")
