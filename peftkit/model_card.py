@@ -73,7 +73,9 @@ def _objective(cfg: Recipe) -> str:
         return (f" Objective: {t.objective.upper()} ({weight}) on pairs of a chosen and a rejected answer, without a "
                 "reference model; the evaluation's loss is its loss and its rewards the scaled mean log-probability "
                 "per answer token.")
-    reference = "the adapter training started from (adapter.init_from)" if cfg.adapter.init_from else "the base model"
+    reference = ("the adapter training started from (adapter.init_from)" if cfg.adapter.init_from else
+                 "the base model, its layers stacked (adapter.layer_replication)"
+                 if getattr(cfg.adapter, "layer_replication", None) else "the base model")
     return (f" Objective: DPO (`{t.dpo_loss}` loss, beta {t.dpo_beta:g}) on pairs of a chosen and a rejected answer, "
             f"the reference {reference}; the evaluation's loss is the DPO loss and its rewards beta × the "
             "log-likelihood ratios to the reference.")

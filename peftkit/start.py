@@ -332,7 +332,11 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
     dpo = cfg.training.objective == "dpo"  # (ORPO and SimPO have no reference; their base evaluation is a figure)
-    if dpo and not cfg.adapter.init_from:  # the reference: the base, as it is now, without the adapter
+    # The reference is the model training starts from: the base, as it is now, without the adapter; or, after the
+    # injection, adapter.init_from's adapter over it, or the base stacked by LoRA's layer_replication (the deeper
+    # model its zero-initialized LoRAs start as, which peft's base is once stacked; the base now is another model).
+    reference_after = bool(cfg.adapter.init_from or getattr(cfg.adapter, "layer_replication", None))
+    if dpo and not reference_after:
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
     elif eval_ex and cfg.eval.base_model and not dpo:  # on --resume too: its figures are in the manifest, as an
@@ -342,7 +346,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
             summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console)
 
     targets = _inject(cfg, model, adapter, accelerator, console, summary)
-    if dpo and cfg.adapter.init_from:  # the reference: the adapter training starts from, over the base
+    if dpo and reference_after:
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
 
@@ -431,13 +435,15 @@ def _check_biases_merge(model) -> None:
 def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, accelerator, console: Console) -> None:
     """training.objective: dpo: the reference model's log-probabilities of the answers of data.train's pairs and of
     each set of data.eval's, set on them (`peftkit.preference`): `model` as training starts from it, the base (before
-    the adapter is injected) or, with adapter.init_from, the base with that adapter (after). (A DPO run has no base
+    the adapter is injected) or, with adapter.init_from, the base with that adapter (after; with
+    adapter.layer_replication, the stacked base with its LoRAs, zero at the start). (A DPO run has no base
     evaluation: its reference's loss is log 2 and its rewards 0 by definition.)"""
     from peftkit.preference import reference_logps
 
     sets = [train_ex, *(evaluation.pairs for evaluation in evals.values())]
     processes = accelerator if accelerator.num_processes > 1 else None
-    what = "adapter.init_from's adapter" if cfg.adapter.init_from else "the base model"
+    what = ("adapter.init_from's adapter" if cfg.adapter.init_from else "the base model, its layers stacked"
+            if getattr(cfg.adapter, "layer_replication", None) else "the base model")
     with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets))} answer pairs "
                "(training.objective: dpo)...", console):
         for pairs in sets:

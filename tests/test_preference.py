@@ -630,3 +630,18 @@ def test_multitask_prompt_tuning_reads_each_pair_s_task(tiny_llama, pairs_data, 
     recipe.write_text(yaml.safe_dump(raw))
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert "a row's 'task' is 2, but adapter.num_tasks is 2" in err, err
+
+
+def test_the_reference_of_a_run_stacking_layers_is_the_stacked_base(tiny_llama, pairs_data, tmp_path):
+    """adapter.layer_replication: training starts from the base with its layers stacked again (LoRA's B zero), so the
+    reference is that model: the first step's pairs have rewards 0 and the DPO loss log 2, as without stacking."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=1)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"]["layer_replication"] = [[0, 2], [0, 2]]
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6), first
+    assert abs(first["chosen_reward"]) < 1e-6 and abs(first["rejected_reward"]) < 1e-6, first
+    card = (tmp_path / "run" / "adapter" / "README.md").read_text()
+    assert "the reference the base model, its layers stacked (adapter.layer_replication)" in card
