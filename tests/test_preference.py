@@ -204,12 +204,18 @@ def test_a_killed_dpo_run_resumes_to_the_same_bits_and_verifies(tiny_llama, pair
     ({"training": {"objective": "dpo"}, "data": {"format": "preference", "packing": True}}, "data.packing"),
     ({"training": {"objective": "dpo"}, "data": {"format": "preference"}, "eval": {"metrics": ["rouge_l"]}},
      "eval.metrics: rouge_l score generated answers"),
+    ({"training": {"objective": "dpo"}, "data": {"format": "preference", "max_length": 64},
+      "model": {"long_context": {"s2_attention": True}}}, "model.long_context.s2_attention: DPO compares"),
 ])
 def test_recipe_mistakes_about_dpo_are_said_at_their_key(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys,
                                                           sections, said):
-    recipe = make_recipe(tmp_path, tiny_llama, pairs_data, **sections)
+    recipe = make_recipe(tmp_path, tiny_llama, pairs_data, **{k: v for k, v in sections.items() if k != "model"})
+    if "model" in sections:  # (make_recipe's `model` is the model's path)
+        raw = yaml.safe_load(recipe.read_text())
+        raw["model"] |= sections["model"]
+        recipe.write_text(yaml.safe_dump(raw))
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
-    assert said in err and "recipe.yaml" in err
+    assert said in err and "recipe.yaml:" in err, err  # at the key's line
 
 
 @pytest.mark.parametrize(("row", "said"), [

@@ -197,7 +197,7 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
         # A check across several keys of one section (or of the whole recipe): the message names the keys. One
         # that starts with a key's full name (`training.mixed_precision: fp16 with a 4-bit base ...`) is placed there.
         named = (tuple(int(part) if part.isdigit() else part for part in re.findall(r"\w+", m[1]))
-                 if (m := re.match(r"([a-z_]+(?:\.[a-z_]+|\[\d+\])*)[: ]", msg)) else ())  # data.train[1].columns
+                 if (m := re.match(r"([a-z_]+(?:\.[a-z_][a-z_0-9]*|\[\d+\])*)[: ]", msg)) else ())  # data.train[1].columns
         if named[:1] and named[0] in Recipe.model_fields and named[:len(loc)] == loc:
             where = _where(named, path, lines, overridden)
         # The other keys it names may have been given by --set (`data.format=classification` against the file's

@@ -557,6 +557,11 @@ def _check_objective(recipe: Recipe) -> None:
     if data.packing:
         raise ValueError(f"data.packing: a {tcfg.objective} batch holds each pair's two answers side by side, one a "
                          "row; set data.packing: false")
+    if tcfg.objective == "dpo" and recipe.model.long_context is not None and recipe.model.long_context.s2_attention:
+        raise ValueError("model.long_context.s2_attention: DPO compares the adapted model's log-probabilities with "
+                         "the reference's, computed with full attention as the evaluations are, and S²-Attn would "
+                         "compute the adapted model's in training with another attention: the rewards would measure "
+                         "the difference; remove model.long_context (or set s2_attention: false)")
     if data.train_on != "answers":
         raise ValueError(f"data.train_on: {data.train_on}: {tcfg.objective} compares the likelihoods of the two "
                          "answers alone "
