@@ -102,6 +102,7 @@ def check_training_tasks(cfg, split: str, tasks: Iterable[int | None]) -> None:
     count = cfg.adapter.num_tasks
     top = max((task for task in tasks if task is not None), default=None)
     if top is not None and top >= count:
-        path = getattr(cfg.data, split.removeprefix("data."))
+        key = split.removeprefix("data.")  # data.train, data.eval, or a named set's data.eval.NAME
+        path = cfg.data.eval_sources()[key[5:]].path if key.startswith("eval.") else getattr(cfg.data, key)
         raise PeftkitError(f"{split} ({path}): a row's 'task' is {top}, but adapter.num_tasks is {count}: the rows' "
                            f"task ids must lie in 0 .. {count - 1}. Fix the rows, or set adapter.num_tasks: {top + 1}.")

@@ -174,6 +174,19 @@ def test_a_task_id_out_of_range_is_a_clear_error_before_training(llama, task_dat
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_task_id_out_of_range_in_a_named_eval_set_names_the_set(llama, task_data, tmp_path, monkeypatch, capsys):
+    """data.eval as named sets: a set's task id past adapter.num_tasks is said at the set's key and file (the check
+    read the path as an attribute `eval.NAME` of data and failed with an AttributeError's traceback)."""
+    recipe = _recipe(tmp_path, llama, task_data, {"num_tasks": TASKS})
+    raw = yaml.safe_load(recipe.read_text())
+    write_jsonl(tmp_path / "other.jsonl", [{"instruction": "a", "output": "b", "task": TASKS}])
+    raw["data"]["eval"] = {"main": str(task_data["eval"]), "other": str(tmp_path / "other.jsonl")}
+    recipe.write_text(yaml.safe_dump(raw))
+    message = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert (f"data.eval.other ({tmp_path / 'other.jsonl'}): a row's 'task' is {TASKS}, but adapter.num_tasks is "
+            f"{TASKS}" in message), message
+
+
 def test_bad_task_field_names_the_row(llama, tmp_path):
     write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b", "task": "one"}])
     tok = AutoTokenizer.from_pretrained(llama)
