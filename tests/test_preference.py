@@ -651,3 +651,15 @@ def test_the_reference_of_a_run_stacking_layers_is_the_stacked_base(tiny_llama, 
     assert abs(first["chosen_reward"]) < 1e-6 and abs(first["rejected_reward"]) < 1e-6, first
     card = (tmp_path / "run" / "adapter" / "README.md").read_text()
     assert "the reference the base model, its layers stacked (adapter.layer_replication)" in card
+
+
+@pytest.mark.parametrize("key", ["system_prompt", "chat_template"])
+def test_a_chat_setting_on_text_pairs_is_refused(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys, key):
+    """data.system_prompt and data.chat_template render conversations; text pairs have none, and were trained without
+    them, silently."""
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"][key] = "You add numbers." if key == "system_prompt" else "{{ messages }}"
+    recipe.write_text(yaml.safe_dump(raw))
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert f"data.{key}: {pairs_data['train']} holds text pairs" in err, err

@@ -215,6 +215,10 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
         split_rows.append((at, [answer | task for answer in pair]))
     if not split_rows:
         return [], stats, name, line_numbers
+    if fmt == "completion" and (key := next((k for k in ("system_prompt", "chat_template") if getattr(cfg, k)), None)):
+        raise PeftkitError(f"data.{key}: {name} holds text pairs (prompt, chosen and rejected strings), which no chat "
+                           f"template renders, so data.{key} would be ignored; remove it, or give the pairs as "
+                           "conversations (prompt, chosen and rejected as lists of messages)")
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     answers = format_rows([r for _, pair in split_rows for r in pair], own)
     doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)
