@@ -303,7 +303,8 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     if ids := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation
 
-        if warning := check_invocation(ids, train_ex, tok):
+        # (a DPO run's: its pairs' answers, two examples a pair)
+        if warning := check_invocation(ids, train_ex.examples if isinstance(train_ex, Pairs) else train_ex, tok):
             console.print(warning, style="yellow", markup=False, highlight=False)
     trained = train_ex.examples if isinstance(train_ex, Pairs) else train_ex  # (a DPO run's: the pairs' answers)
     digests = {"train": examples_digest(trained)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)

@@ -663,3 +663,15 @@ def test_a_chat_setting_on_text_pairs_is_refused(tiny_llama, pairs_data, tmp_pat
     recipe.write_text(yaml.safe_dump(raw))
     err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
     assert f"data.{key}: {pairs_data['train']} holds text pairs" in err, err
+
+
+def test_an_alora_adapter_trains_on_pairs_whose_answers_follow_its_invocation(tiny_llama, pairs_data, tmp_path):
+    """adapter.alora_invocation_tokens: the check that the invocation occurs before the trained tokens reads the
+    pairs' answers (it failed on the pairs with an AttributeError's traceback), and the run trains."""
+    tok = _tok(tiny_llama)
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=2)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"]["alora_invocation_tokens"] = tok("=", add_special_tokens=False)["input_ids"]  # "1+2=" ends each prompt
+    recipe.write_text(yaml.safe_dump(raw))
+    summary = train(load_recipe(recipe))
+    assert summary["eval_reward_accuracy"] is not None and math.isfinite(summary["train_loss"])
