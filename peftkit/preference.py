@@ -163,6 +163,16 @@ def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int
     return rows.view(-1, 2).cpu()
 
 
+def without_dropout(model: nn.Module) -> None:
+    """The base model's dropout off (every nn.Dropout's p 0; an adapter's own, adapter.dropout, comes after and is as
+    set), as TRL's preference trainers do by default (`disable_dropout`): the reference's log-probabilities are taken
+    in eval mode, and a policy trained with dropout would be compared with them through noise (GPT-2's 0.1 put the
+    first step's rewards off 0 before any update)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 FIGURES = ("loss", *PREFERENCE_METRICS, *REWARDS)
 """What a DPO evaluation reports, each a mean over the pairs (metrics.jsonl: eval_loss, eval_reward_accuracy, ...)."""
 

@@ -318,6 +318,10 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)
     guard_token_ids(model, tok)
+    if tcfg.pairs:
+        from peftkit.preference import without_dropout
+
+        without_dropout(model)
     inputs = run_inputs(cfg)  # after loading: a hub id's files are then in the local cache
     base_commit = hub_commit(cfg.model.name_or_path, cfg.model.revision)
     if cfg.adapter.method == "fusion":  # its adapters were trained on a commit of the base: this one

@@ -672,3 +672,13 @@ def test_an_alora_adapter_trains_on_pairs_whose_answers_follow_its_invocation(ti
     recipe.write_text(yaml.safe_dump(raw))
     summary = train(load_recipe(recipe))
     assert summary["eval_reward_accuracy"] is not None and math.isfinite(summary["train_loss"])
+
+
+def test_the_base_model_s_dropout_is_off_so_the_first_step_is_the_reference_s(tiny_gpt2, pairs_data, tmp_path):
+    """On GPT-2 (dropout 0.1 in its embeddings, attention and residuals), as TRL's disable_dropout: the first step's
+    policy is the reference (loss log 2, rewards 0); with the base's dropout on, it was not."""
+    recipe = _dpo_recipe(tmp_path, tiny_gpt2, pairs_data, max_steps=1)
+    train(load_recipe(recipe))
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - math.log(2)) <= 1e-6  # (rewards 0 to float rounding: other batch shapes)
+    assert abs(first["chosen_reward"]) <= 1e-6 and abs(first["rejected_reward"]) <= 1e-6
