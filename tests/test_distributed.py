@@ -337,8 +337,8 @@ def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(tiny_
     say nothing of it: resumed by today's code it went on trimmed, so it no longer ended with the bits of its
     uninterrupted run, and `peftkit verify` re-ran it trimmed. Such a run (made here untrimmed, as verify's re-run of
     one is) now resumes untrimmed to the uninterrupted run's bits and verifies; a run today trims, says so in its
-    checkpoints and manifest, and ends with other bits, so the test tells the two apart. (~80 s: four 2-process
-    runs of 4 steps.)"""
+    checkpoints and manifest, and ends with other bits (measured when this test was written; the resumed run's bits
+    here are what tell the two apart). (~60 s: three 2-process runs of 4 steps.)"""
     import shutil
 
     from peftkit.distributed import TRIMMED
@@ -361,14 +361,9 @@ def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(tiny_
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
     verified = _peftkit("verify", str(run))  # its manifest says nothing of a trim: re-run untrimmed
     assert verified.returncode == 0 and "reproduces bit for bit" in verified.stdout, verified.stdout + verified.stderr
-
-    new = make_recipe(tmp_path / "new", tiny_llama, number_data, **sections)
-    done = _peftkit("train", str(new), "--num-processes", "2")
-    assert done.returncode == 0, done.stdout + done.stderr
-    run = tmp_path / "new" / "run"
-    assert json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())["trimmed_slices"]
-    assert json.loads((run / "manifest.json").read_text())["distributed"]["trimmed_slices"] is True
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() != unbroken
+    # (A run of today trims these rows, records it, and ends with other bits: a fourth 2-process run showed it, 20 s
+    # of CI for what test_whether_slices_are_trimmed_is_the_run_s_own_record and the kill/resume test's manifest check
+    # cover.)
 
 
 def test_two_processes_train_one_process_s_grouped_batches(tiny_llama, number_data, tmp_path):
