@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import (_sync, build_llama, child, common_args, peft_lora_model, recipe_for,  # noqa: E402
+from bench_train import (_sync, build_model, child, common_args, peft_lora_model, recipe_for,  # noqa: E402
                          report, run_peftkit, spawn_sides, step_timer)
 
 
@@ -112,15 +112,11 @@ def main() -> None:
               lengths=lambda r: ordered_pairs(r)[2], imports=("trl",))
         return
     from peftkit.modeling import quiet_transformers
-    from peftkit.tiny import build_tiny_model
 
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         workdir = Path(tmp)
-        if args.intermediate and not args.model:
-            build_llama(args, workdir / "model", args.model_dtype)
-        elif not args.model:
-            build_tiny_model(workdir / "model", arch="llama", hidden_size=args.hidden, num_layers=args.layers, seed=0)
+        build_model(args, workdir)
         write_pairs(args, workdir)
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, warm_first=args.device == "cuda")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""

@@ -578,6 +578,17 @@ def build_llama(args, path: Path, dtype: str) -> None:
     model.to(getattr(torch, dtype)).save_pretrained(path)
 
 
+def build_model(args, workdir: Path, arch: str = "llama") -> None:
+    """The model a benchmark trains, built in its work directory: a Llama of real proportions with --intermediate
+    (`build_llama`), else peftkit's tiny `arch` of --hidden and --layers; none with --model."""
+    from peftkit.tiny import build_tiny_model
+
+    if args.intermediate and not args.model:
+        build_llama(args, workdir / "model", args.model_dtype)
+    elif not args.model:
+        build_tiny_model(workdir / "model", arch=arch, hidden_size=args.hidden, num_layers=args.layers, seed=0)
+
+
 def main() -> None:
     p = common_args(__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=256)
@@ -610,16 +621,11 @@ def main() -> None:
         child(recipe, run_side, workdir, args.threads)
         return
     from peftkit.modeling import quiet_transformers
-    from peftkit.tiny import build_tiny_model
 
     quiet_transformers()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
-        if args.intermediate and not args.model:
-            build_llama(args, workdir / "model", args.model_dtype)
-        elif not args.model:
-            build_tiny_model(workdir / "model", arch="mixtral" if args.moe else "llama", hidden_size=args.hidden,
-                             num_layers=args.layers, seed=0)
+        build_model(args, workdir, "mixtral" if args.moe else "llama")
         write_data(args, workdir)
         if args.group_by_length and (args.ab or args.lora_fa or args.floor):
             sys.exit("--group-by-length compares peftkit with and without data.group_by_length: not with --ab, "
