@@ -341,9 +341,12 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     # injection, adapter.init_from's adapter over it, or the base stacked by LoRA's layer_replication (the deeper
     # model its zero-initialized LoRAs start as, which peft's base is once stacked; the base now is another model).
     reference_after = bool(cfg.adapter.init_from or getattr(cfg.adapter, "layer_replication", None))
-    if dpo and not reference_after:
+    if dpo:
         with accelerator.autocast():
-            _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
+            if not reference_after:
+                _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
+            if cfg.eval.base_model:  # (no base evaluation, but the base's answers beside the fine-tuned ones)
+                summary |= _base_samples(cfg, model, tok, accelerator, console)
     elif eval_ex and cfg.eval.base_model and not dpo:  # on --resume too: its figures are in the manifest, as an
         # unbroken run's. At the precision of the run's later evaluations (its forward's, after prepare); under
         # DeepSpeed, which holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
@@ -466,12 +469,17 @@ def _evaluate_base(cfg: Recipe, model, tok, evals: dict, accelerator, console: C
             base = evaluation(model)
         console.print(f"base model: {evaluation.describe(base)} on {n} examples{shown}", highlight=False)
         summary |= {k: v for k, v in evaluation.record(base, prefix).items() if k != f"{prefix}perplexity"}
-    # The base's samples go into the main process's summary; the model is not sharded yet, so only it generates.
-    if accelerator.is_main_process and (prompts := sample_prompts(cfg, tok)):
-        with phase(f"Generating {len(prompts)} samples with the base model (eval.samples)...", console):
-            summary["samples"] = [{"prompt": p.text, "reference": p.reference, "base": text}
-                                  for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]
-    return summary
+    return summary | _base_samples(cfg, model, tok, accelerator, console)
+
+
+def _base_samples(cfg: Recipe, model, tok, accelerator, console: Console) -> dict:
+    """{'samples': eval.samples' prompts, references and base answers} for the summary, or {}. The base's samples go
+    into the main process's summary; the model is not sharded yet, so only it generates."""
+    if not accelerator.is_main_process or not (prompts := sample_prompts(cfg, tok)):
+        return {}
+    with phase(f"Generating {len(prompts)} samples with the base model (eval.samples)...", console):
+        return {"samples": [{"prompt": p.text, "reference": p.reference, "base": text}
+                            for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]}
 
 
 def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Console) -> Sequence:

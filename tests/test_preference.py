@@ -501,24 +501,41 @@ def test_a_pair_whose_prompt_fills_max_length_stops_training_under_truncation_er
             "the prompt fills data.max_length (data.truncation: error)") in err, err
 
 
-def test_generate_of_a_dpo_run_s_pairs_says_what_it_reads(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys):
-    """`peftkit generate RUN_DIR` reads data.eval's prompts, which a DPO run's pairs are not read as yet: said, where
-    it was a KeyError traceback; --prompt still generates."""
-    from conftest import save_random_adapter
-    from peftkit.methods.lora import LoraConfig
-
-    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
-    save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules="all-linear"), tmp_path / "adapter", seed=1)
-    err = cli_user_error(monkeypatch, capsys, "generate", str(recipe), "--adapter", str(tmp_path / "adapter"))
-    assert (f"data.format 'preference' has no prompt to generate from in {pairs_data['eval']}: its rows are pairs of "
-            "answers") in err, err
+def test_a_pair_s_prompt_is_asked_as_its_chosen_answer_is_built_and_samples_show_it(tiny_llama, pairs_data, tmp_path):
+    """A pair's prompt, for eval.samples and `peftkit generate`: a text pair's is the completion format's prompt of
+    {prompt, chosen}, a conversation's the chat template's generation prompt of the conversation before the chosen
+    answer; the chosen answer is the reference. A DPO run's samples hold the base's and the fine-tuned model's
+    answers, which `peftkit generate RUN_DIR` (greedy, as the samples) answers again (where it was a KeyError
+    traceback, then a refusal)."""
     from typer.testing import CliRunner
 
     from peftkit.cli import app
+    from peftkit.data.prompts import load_prompts, row_prompt
 
-    done = CliRunner().invoke(app, ["generate", str(recipe), "--adapter", str(tmp_path / "adapter"), "--prompt", "1+2=",
-                                    "--max-new-tokens", "2"])
-    assert done.exit_code == 0 and "1+2=" in done.output, done.output
+    tok = _tok(tiny_llama)
+    text = {"prompt": "3+4=", "chosen": "7", "rejected": "-7"}
+    chat = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                       {"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}
+    write_jsonl(tmp_path / "rows.jsonl", [text, chat])
+    prompts = load_prompts(tok, str(tmp_path / "rows.jsonl"), None, DataConfig(train="x", format="preference"))
+    completion = row_prompt(tok, {"prompt": "3+4=", "completion": "7"}, "completion")
+    conversation = row_prompt(tok, {"messages": [*chat["prompt"], {"role": "assistant", "content": "4"}]}, "chat")
+    assert (prompts[0].ids, prompts[0].reference) == (completion.ids, "7")
+    assert (prompts[1].ids, prompts[1].reference) == (conversation.ids, "4") and prompts[1].text.endswith(
+        tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False, add_generation_prompt=True)[-12:])
+
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data, max_steps=4)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["eval"] |= {"samples": 2, "max_new_tokens": 4}
+    recipe.write_text(yaml.safe_dump(raw))
+    summary = train(load_recipe(recipe))
+    samples = summary["samples"]
+    eval_rows = [json.loads(x) for x in pairs_data["eval"].read_text().splitlines()[:2]]
+    assert [s["reference"] for s in samples] == [r["chosen"] for r in eval_rows]
+    assert all(s["prompt"] == r["prompt"] and "base" in s for s, r in zip(samples, eval_rows, strict=True))
+    done = CliRunner().invoke(app, ["generate", str(tmp_path / "run"), "--max-new-tokens", "4", "--limit", "2"])
+    assert done.exit_code == 0, done.output
+    assert all(s["fine_tuned"] and s["fine_tuned"] in done.output for s in samples), (samples, done.output)
 
 
 def test_dpo_over_a_4_bit_base_evaluates_again_as_its_run_did(tiny_llama, pairs_data, tmp_path):

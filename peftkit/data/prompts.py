@@ -73,6 +73,18 @@ def row_prompt(tok, row: dict, fmt: str, train_on: str = "answers", targets: boo
     return prompt
 
 
+def _prompt_of(tok, row: dict, cfg: DataConfig, targets: bool) -> Prompt | None:
+    """`row_prompt` of a valid row of `cfg`'s format; a preference pair's is its prompt, asked as its chosen answer's
+    example is built (a completion's prompt, or the conversation before the answer), the chosen answer the reference."""
+    if cfg.format != "preference":
+        return row_prompt(tok, row, cfg.format, cfg.train_on, targets)
+    from peftkit.data.preference import split_pair
+
+    kind, (chosen, _) = split_pair(row)
+    chosen = format_rows([chosen], cfg.model_copy(update={"format": kind, "columns": {}}))[0]  # (data.system_prompt)
+    return row_prompt(tok, chosen, kind, cfg.train_on, targets)
+
+
 def answer_turn(messages: list[dict], train_on: str, targets: bool = True) -> int | None:
     """The assistant turn a chat row is asked up to and answers: the last one the loss trains (`trained_turns`: the
     last not marked `"train": false` / `weight: 0`, whatever `train_on`), not a turn given as context; None where
@@ -111,10 +123,6 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         raise PeftkitError(f"{cfg._format_key} 'text' has no prompt to generate from in {source} (every token is "
                            "target). Use data in the alpaca, completion or chat format (with peftkit generate, --prompt "
                            "also works; with peftkit eval, so does leaving out the generation metrics).")
-    if cfg.format == "preference":
-        raise PeftkitError(f"{cfg._format_key} 'preference' has no prompt to generate from in {source}: its rows are "
-                           "pairs of answers, which are not read as prompts yet (peftkit eval reports a DPO adapter's "
-                           "figures on them). Use --prompt, or data in the alpaca, completion or chat format.")
     rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision, bad_rows_fix(cfg, "skip"))
     rows = format_rows(rows, cfg)
     prompts, checked, bad, untrained = [], False, skipped, 0
@@ -125,7 +133,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         usable = usable_row(row, cfg, where, targets)
         bad += not usable  # a bad row skipped under on_bad_rows: skip (under error, it raised)
         if usable:
-            prompt = located(where, row_prompt, tok, row, cfg.format, cfg.train_on, targets)
+            prompt = located(where, _prompt_of, tok, row, cfg, targets)
             if prompt is None:  # no trained answer to ask for, nor to score against (its loss has none either)
                 untrained += 1
                 continue
