@@ -448,14 +448,24 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
     evaluation: its reference's loss is log 2 and its rewards 0 by definition.)"""
     from peftkit.preference import reference_logps
 
-    sets = [train_ex, *(evaluation.pairs for evaluation in evals.values())]
+    named = isinstance(cfg.data.eval, dict)
+    sets = {"data.train": train_ex} | {f"data.eval.{name}" if named else "data.eval": evaluation.pairs
+                                       for name, evaluation in evals.items()}
     processes = accelerator if accelerator.num_processes > 1 else None
     what = ("adapter.init_from's adapter" if cfg.adapter.init_from else "the base model, its layers stacked"
             if getattr(cfg.adapter, "layer_replication", None) else "the base model")
-    with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets))} answer pairs "
+    with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets.values()))} answer pairs "
                "(training.objective: dpo)...", console):
-        for pairs in sets:
+        for key, pairs in sets.items():
             pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)
+            if not (finite := torch.isfinite(pairs.reference).all(1)).all():
+                first = int((~finite).nonzero()[0])
+                raise PeftkitError(
+                    f"The reference ({what}) gives {int((~finite).sum())} of the {len(pairs)} pairs of {key} a "
+                    f"log-probability that is not finite (the first: pair {first + 1} as kept): the model overflows "
+                    f"at model.dtype {cfg.model.dtype}, or its weights hold inf or nan. DPO would stop at its first "
+                    "step ('Loss became nan'). Load it in float32 or bfloat16 rather than float16, and check the "
+                    "model's weights.")
 
 
 def _evaluate_base(cfg: Recipe, model, tok, evals: dict, accelerator, console: Console) -> dict:

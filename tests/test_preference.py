@@ -699,3 +699,25 @@ def test_the_base_model_s_dropout_is_off_so_the_first_step_is_the_reference_s(ti
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["loss"] - math.log(2)) <= 1e-6  # (rewards 0 to float rounding: other batch shapes)
     assert abs(first["chosen_reward"]) <= 1e-6 and abs(first["rejected_reward"]) <= 1e-6
+
+
+def test_a_reference_that_is_not_finite_is_said_before_training(tiny_llama, pairs_data, tmp_path, monkeypatch, capsys):
+    """A base whose head holds an inf gives the reference non-finite log-probabilities: said before the first step,
+    naming the set and what to do, where training stopped at step 1 with 'Loss became nan'. chosen_reward is a metric
+    export.best may follow."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("inf")
+    model.save_pretrained(tmp_path / "broken")
+    _tok(tiny_llama).save_pretrained(tmp_path / "broken")
+    recipe = _dpo_recipe(tmp_path, tmp_path / "broken", pairs_data)
+    err = cli_user_error(monkeypatch, capsys, "train", str(recipe))
+    assert "gives 48 of the 48 pairs of data.train a log-probability that is not finite (the first: pair 1" in err, err
+    assert "Load it in float32 or bfloat16 rather than float16" in err
+    assert load_recipe(_dpo_recipe(tmp_path, tiny_llama, pairs_data, eval_steps=3)).best_metric is None
+    raw = yaml.safe_load(recipe.read_text())
+    raw["export"]["best"], raw["training"]["eval_steps"] = "chosen_reward", 3
+    recipe.write_text(yaml.safe_dump(raw))
+    assert load_recipe(recipe).best_metric == "chosen_reward"

@@ -12,7 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from peftkit.errors import did_you_mean
 from peftkit.methods import AdapterConfig, default_adapter, method_of
-from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS, PREFERENCE_METRICS
+from peftkit.metrics import (CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS, PREFERENCE_METRICS,
+                             REWARDS)
 from peftkit.recipe.data_section import (  # noqa: F401  (DataSource, is_hub_dataset: re-exported)
     DATA_EXTENSIONS, DataConfig, DataSource, _own_format, is_hub_dataset)
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
@@ -470,7 +471,7 @@ class Recipe(Section):
                 self._check_eval_set(key, metric, name)
             # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
             computed = (("loss", *CLASSIFICATION_METRICS) if self.classification else
-                        ("loss", *PREFERENCE_METRICS) if self.training.pairs else
+                        ("loss", *PREFERENCE_METRICS, *REWARDS) if self.training.pairs else
                         (*LOSS_METRICS, *self.eval.metrics))
             if figure not in computed:
                 # eval.metrics can add a generation metric to a language model's evaluations, nothing else
