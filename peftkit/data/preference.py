@@ -17,6 +17,7 @@ with no target left of either answer after data.max_length, or (data.truncation:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,8 +91,6 @@ def _conversation_pair(row: dict, prompt: object, answers: list) -> tuple[str, l
 def _in_row_words(problem: str, opening: int, key: str, row: dict) -> str:
     """A chat problem of a pair's answer row (`messages[3].content`) in the preference row's words
     (`chosen[1].content`, `prompt[0].role`)."""
-    import re
-
     explicit = row.get("prompt") is not None
 
     def name(match: re.Match) -> str:
@@ -202,10 +201,12 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     where = [row_location(name, i, line_numbers) for i in range(len(rows))]
     split_rows, fmt = [], None
     for row, at in zip(rows, where, strict=True):
-        if not usable_row(row, cfg, at):  # (a bad row under data.on_bad_rows: error raises, naming it)
+        split = split_pair(row) if isinstance(row, dict) else None  # (a good row's split once, not checked first)
+        if not isinstance(split, tuple):
+            usable_row(row, cfg, at)  # a bad row: said under data.on_bad_rows: error (naming it), else skipped
             stats["bad_rows"] += 1
             continue
-        kind, pair = split_pair(row)
+        kind, pair = split
         if fmt is not None and kind != fmt:
             raise PeftkitError(f"{at}: a pair of {'conversations' if kind == 'chat' else 'text answers'} in a dataset "
                                f"whose first pair is of {'conversations' if fmt == 'chat' else 'text answers'}; give "
