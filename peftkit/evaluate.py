@@ -215,9 +215,10 @@ class EvalJob:
     eval_sets: list[str] = field(default_factory=list)
     """The names of the recipe's data.eval sets where it has several and no --data was given (this job evaluates
     the first): `peftkit eval` evaluates each."""
-    preference: tuple[float, str, float] = (TrainingConfig().dpo_beta, TrainingConfig().dpo_loss, 0.0)
-    """Preference pairs (data.format 'preference'): the `PreferenceLoss` (beta, kind, gamma) the figures are computed
-    with, the recipe's objective's (DPO's defaults without a recipe)."""
+    preference: tuple = (TrainingConfig().dpo_beta, TrainingConfig().dpo_loss, 0.0, 0.0)
+    """Preference pairs (data.format 'preference'): the `PreferenceLoss` (beta, kind, gamma, center) the figures are
+    computed with, the recipe's objective's (DPO's defaults without a recipe; a reward model's loss for a
+    classifier of one output)."""
     init_from: str | None = None
     """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
     DPO run's was (`evaluate_preference`)."""
@@ -328,8 +329,8 @@ def _classification_job(job: EvalJob) -> None:
     job.metrics = ["loss", *CLASSIFICATION_METRICS]
 
 
-def _preference_loss(cfg: Recipe) -> tuple[float, str, float]:
-    """The (beta, kind, gamma) of a recipe's preference objective (`PreferenceLoss.of`); DPO's for an sft recipe."""
+def _preference_loss(cfg: Recipe) -> tuple:
+    """The (beta, kind, gamma, center) of a recipe's preference objective (`PreferenceLoss.of`); DPO's for an sft recipe."""
     from dataclasses import astuple
 
     from peftkit.preference import PreferenceLoss
@@ -347,9 +348,19 @@ def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
         raise PeftkitError("A comparison (--adapter NAME=DIR, --merged) of preference pairs (data.format 'preference') "
                            "is not supported yet: evaluate each adapter on its own, with --adapter DIR.")
     if given := [flag for flag, value in flags.items() if value is not None]:
-        raise PeftkitError(f"{', '.join(given)}: preference pairs (data.format 'preference') are scored by the DPO "
-                           f"figures ({', '.join(FIGURES)}), and nothing is generated; drop {' and '.join(given)}.")
-    if not job.source.adapter and job.preference[1] not in ("orpo", "simpo"):  # (theirs have no reference)
+        raise PeftkitError(f"{', '.join(given)}: preference pairs (data.format 'preference') are scored by the "
+                           f"preference figures ({', '.join(FIGURES)}), and nothing is generated; drop "
+                           f"{' and '.join(given)}.")
+    if job.source.classifier():  # a reward model's pairs are scored by its Bradley-Terry loss
+        if not job.source.reward_model():
+            raise PeftkitError(f"{job.source.describe()} is a classifier of classes, not a reward model (a classifier "
+                               "of one output, training.objective: reward), so it scores no preference pairs; evaluate "
+                               "it on data.format classification rows.")
+        job.preference = (1.0, "reward", 0.0, job.preference[3] if job.preference[1] == "reward" else 0.0)
+        if job.source.model is not None:  # (--model DIR: a merged reward model loads as the classifier it is)
+            job.source = replace(job.source, model=job.source.model.model_copy(
+                update={"task": "sequence_classification"}))
+    if not job.source.adapter and job.preference[1] not in ("orpo", "simpo", "reward"):  # (theirs have no reference)
         raise PeftkitError(f"A preference evaluation compares an adapter with its base (the reference, as DPO training "
                            f"does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a DPO run's "
                            "directory.")

@@ -96,6 +96,28 @@ class ModelSource:
                 return True
         return False
 
+    def reward_model(self) -> bool:
+        """Whether this is a reward model, a classifier of one output, from its files alone: a recipe's model.num_labels
+        (training.objective reward sets 1), an adapter's saved head of one row, or a model's config.json of one label."""
+        if not self.classifier():
+            return False
+        if self.model is not None and self.model.num_labels is not None:
+            return self.model.num_labels == 1
+        try:
+            if self.adapter:
+                from safetensors import safe_open
+
+                from peftkit.adapters import PEFT_PREFIX
+                from peftkit.classify import HEAD_NAMES
+
+                with safe_open(Path(self.adapter) / "adapter_model.safetensors", "pt") as f:
+                    heads = [key for key in f.keys() if key in {f"{PEFT_PREFIX}{h}.weight" for h in HEAD_NAMES}]
+                    return bool(heads) and f.get_slice(heads[0]).get_shape()[0] == 1
+            config = json.loads((Path(self.model.name_or_path) / "config.json").read_text(encoding="utf-8"))
+            return len(config.get("id2label") or {0: 0, 1: 1}) == 1
+        except (OSError, ValueError, AttributeError):  # not there or not readable: loading says so in its own words
+            return False
+
     def tokenizer(self):
         """The tokenizer of the model (or of the adapter's base), with the recipe's data.chat_template, else the one
         the adapter carries (a run's adapter/ trained with data.chat_template), else its own."""
@@ -201,6 +223,10 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
         source, cfg = ModelSource().with_flags(model, adapter, trust_remote_code), None
     check_base_is_there(source, recipe)
     if command in ("generate", "chat") and source.classifier():
+        if source.reward_model():
+            raise PeftkitError(f"{source.describe()} is a reward model: it scores a prompt with an answer and "
+                               f"generates no text, so there is nothing for peftkit {command} to do. Score preference "
+                               "pairs with `peftkit eval` (loss, reward_accuracy, reward_margin).")
         raise PeftkitError(f"{source.describe()} is a sequence classifier: it predicts a label and generates no text, "
                            f"so there is nothing for peftkit {command} to do. Score it with `peftkit eval` (loss, "
                            "accuracy, macro_f1).")

@@ -182,16 +182,20 @@ def activation_memory(shape: ModelShape, batch: int, seq: int, act_bytes: int, g
     return float(logits), float(layers * act_bytes)
 
 
-def _with_new_tokens(recipe: Recipe, model: torch.nn.Module):
-    """recipe.adapter with model.add_tokens' rows trained and `model` resized to hold them, as train does: an
-    adapter.init_from trained with them names ids past the base's rows."""
+def _as_trained(recipe: Recipe, model: torch.nn.Module):
+    """recipe.adapter as train injects it: a classifier's head trained in full (`with_head`: a head name peft writes
+    and the model lacks, `classifier` beside `score`, dropped), and model.add_tokens' rows trained with `model`
+    resized to hold them (an adapter.init_from trained with them names ids past the base's rows)."""
+    from peftkit.classify import with_head
+
+    adapter = with_head(recipe.adapter, model) if recipe.classifier else recipe.adapter
     if not recipe.model.add_tokens:
-        return recipe.adapter
+        return adapter
     from peftkit.modeling import load_tokenizer
     from peftkit.new_tokens import added_ids, resize, with_new_rows
 
     tok = load_tokenizer(recipe.model)
-    return with_new_rows(recipe.adapter, model, added_ids(recipe.model, tok, resize(model, len(tok)))[0])
+    return with_new_rows(adapter, model, added_ids(recipe.model, tok, resize(model, len(tok)))[0])
 
 def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> MemoryEstimate | None:
     """Bytes of base weights, adapter weights, their gradients, optimizer state, activations and (on CPU)
@@ -229,7 +233,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
     check_start(recipe.adapter, model)
-    inject_adapters(model, _with_new_tokens(recipe, model), every_entry=not recipe.adapter.init_from)  # (as train)
+    inject_adapters(model, _as_trained(recipe, model), every_entry=not recipe.adapter.init_from)  # (as train)
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     trainable = trainable_parameters(model)
     # The adapters' own tensors are fp32; what trains in full (modules_to_save, a classifier's head) is the base's
@@ -266,7 +270,7 @@ def meta_model(recipe: Recipe, config) -> torch.nn.Module | None:
 
     try:
         with torch.device("meta"):
-            auto = AutoModelForSequenceClassification if recipe.classification else AutoModelForCausalLM
+            auto = AutoModelForSequenceClassification if recipe.classifier else AutoModelForCausalLM
             return auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
                                     dtype=getattr(torch, load_dtype(recipe.model.dtype, config)))
     except (OSError, ValueError):

@@ -29,7 +29,7 @@ def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | Non
     the run found them (model.num_labels, or read from data.train)."""
     base = cfg.model.name_or_path
     hub_base = not Path(base).is_dir()
-    task = "text-classification" if cfg.classification else "text-generation"
+    task = "text-classification" if cfg.classifier else "text-generation"
     meta = {"library_name": "peft", "pipeline_tag": task,
             "tags": ["peftkit", cfg.adapter.method] + ([f"base_model:adapter:{base}"] if hub_base else [])}
     if hub_base:
@@ -68,6 +68,11 @@ def _objective(cfg: Recipe) -> str:
     t = cfg.training
     if not t.pairs:
         return ""
+    if t.objective == "reward":
+        center = f", centred with weight {t.reward_center:g}" if t.reward_center else ""
+        return (" Objective: a reward model (Bradley-Terry loss, -log sigmoid(score(chosen) - score(rejected))"
+                f"{center}) on pairs of a chosen and a rejected answer; the rewards are its scores of the prompt with "
+                "each answer, and the reward accuracy the share of pairs whose chosen answer scores higher.")
     if t.objective != "dpo":  # no reference
         weight = f"lambda {t.orpo_lambda:g}" if t.objective == "orpo" else f"beta {t.simpo_beta:g}, gamma {t.simpo_gamma:g}"
         return (f" Objective: {t.objective.upper()} ({weight}) on pairs of a chosen and a rejected answer, without a "
@@ -122,10 +127,14 @@ def _results(metrics: dict, classifier: bool, sets: list[str]) -> list[str]:
 def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: int | None) -> list[str]:
     shown = base if hub_base else "PATH/TO/" + Path(base).name
     peftkit = ["```bash", "peftkit generate ADAPTER_DIR --prompt \"...\"    # also: peftkit chat, eval, merge", "```", ""]
+    if cfg.classifier:  # a classifier (a reward model) generates nothing: it is scored
+        fmt = "classification" if cfg.classification else "preference"
+        peftkit = ["```bash", f"peftkit eval --adapter ADAPTER_DIR --data FILE --format {fmt}    # also: peftkit merge",
+                   "```", ""]
     if peft_type in PEFTKIT_ONLY:
         return ["## Use", "", "This method has no peft equivalent: load it with peftkit.", "", *peftkit]
-    auto = "AutoModelForSequenceClassification" if cfg.classification else "AutoModelForCausalLM"
-    labels = f", num_labels={num_labels}" if cfg.classification and num_labels else ""
+    auto = "AutoModelForSequenceClassification" if cfg.classifier else "AutoModelForCausalLM"
+    labels = f", num_labels={num_labels}" if cfg.classifier and num_labels else ""
     # A hub base at the commit the run loaded (the recipe's revision, resolved at export): main may have moved on.
     revision = f", revision=\"{cfg.model.revision}\"" if hub_base and cfg.model.revision else ""
     template = [] if cfg.data.chat_template is None else [

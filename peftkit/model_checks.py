@@ -72,10 +72,10 @@ def check_model(cfg: Recipe) -> str:
         chat = [f"data.train[{i}].format" for i, entry in enumerate(cfg.data.train_sources()) if entry.format == "chat"]
         if cfg.data.format == "chat" or chat:
             check_chat_tokenizer(tok, "data.format" if cfg.data.format == "chat" else chat[0])
-        if cfg.classification:  # the head's size: the classes, as train reads them
+        if cfg.classifier:  # the head's size: the classes, as train reads them (a reward model's one score)
             from peftkit.modeling import classifier_kwargs
 
-            config.update(classifier_kwargs(cfg.model, _classes(cfg)))
+            config.update(classifier_kwargs(cfg.model, _classes(cfg) if cfg.classification else None))
         model = meta_model(cfg, config)
         if model is None:
             return "config.json and the tokenizer only: transformers builds no model of this task from this config"
@@ -88,7 +88,7 @@ def check_model(cfg: Recipe) -> str:
         if cfg.quantization is not None:
             _quantize(model, cfg)
         long_context.apply(model, cfg)
-        adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
+        adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
         if cfg.model.add_tokens:  # the new tokens' rows, as train adds and trains them
             from peftkit.new_tokens import added_ids, resize, with_new_rows
 

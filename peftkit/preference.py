@@ -1,4 +1,4 @@
-"""DPO (training.objective: dpo): the loss of a batch of answer pairs, the reference model's log-probabilities of
+"""DPO (training.objective: dpo; orpo, simpo, and a reward model's, reward): the loss of a batch of answer pairs, the reference model's log-probabilities of
 them, and what a run's evaluations report of preference data.
 
 Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290) trains the policy (the adapted model) to
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from peftkit.classify import classification_logits
 from peftkit.data import IGNORE_INDEX, eval_loader
 from peftkit.data.preference import PairCollator, Pairs
 from peftkit.loss import labelled_count, row_logps
@@ -37,6 +38,12 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], labelled: i
     """Each row's summed log-probability of its labelled tokens under `model`, (rows,) fp32 (`row_logps`)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]} | task_inputs(model, batch)
     return row_logps(model(**inputs, use_cache=False).logits, batch["labels"], labelled)
+
+
+def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's score under a reward model (a sequence classifier of one output, training.objective: reward),
+    (rows,) fp32: its head on the last token that is not padding, as transformers' classifiers read a decoder's."""
+    return classification_logits(model, batch).squeeze(-1).float()
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -55,15 +62,21 @@ class PreferenceLoss:
     p / (1 - p) at p = exp(avg), as LLaMA-Factory computes it per pair (TRL's ORPOTrainer takes the negative
     log-likelihood as a mean over all of a batch's chosen tokens instead). SimPO (Meng et al. 2024): -log
     sigmoid(beta (avg(chosen) - avg(rejected)) - gamma), as TRL's CPOTrainer (loss_type simpo, cpo_alpha 0) and
-    LLaMA-Factory. Their rewards are beta (lambda) x avg, as both log them."""
+    LLaMA-Factory. Their rewards are beta (lambda) x avg, as both log them. A reward model's (`reward`, training.objective
+    reward): -log sigmoid(s(chosen) - s(rejected)) + center (s(chosen) + s(rejected))^2 of its scores s (`reward_scores`),
+    as TRL's RewardTrainer computes it; its rewards are the scores."""
 
     beta: float
     kind: str = "sigmoid"
     gamma: float = 0.0
     """SimPO's target reward margin."""
+    center: float = 0.0
+    """A reward model's centering weight (training.reward_center)."""
 
     @classmethod
     def of(cls, training) -> PreferenceLoss:
+        if training.objective == "reward":
+            return cls(1.0, "reward", center=training.reward_center)
         if training.objective == "orpo":
             return cls(training.orpo_lambda, "orpo")
         if training.objective == "simpo":
@@ -72,14 +85,19 @@ class PreferenceLoss:
 
     @property
     def needs_reference(self) -> bool:
-        """DPO's losses compare with a reference model's log-probabilities; ORPO's and SimPO's do not."""
-        return self.kind not in ("orpo", "simpo")
+        """DPO's losses compare with a reference model's log-probabilities; ORPO's, SimPO's and a reward model's do
+        not."""
+        return self.kind not in ("orpo", "simpo", "reward")
 
     def pairs(self, policy: torch.Tensor, reference: torch.Tensor | None,
               tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(each pair's loss, chosen reward, rejected reward) from the rows' (chosen, rejected, chosen, ...) summed
         log-probabilities under the policy and the reference (None for ORPO and SimPO), and their labelled token
         counts."""
+        if self.kind == "reward":  # the scores are the rewards (policy: a reward model's scores, `scores`)
+            chosen, rejected = policy[0::2], policy[1::2]
+            loss = -F.logsigmoid(chosen - rejected) + self.center * (chosen + rejected) ** 2
+            return loss, chosen.detach(), rejected.detach()
         if not self.needs_reference:
             return self._without_reference(policy / tokens.clamp(min=1))
         chosen, rejected = policy[0::2] - reference[0::2], policy[1::2] - reference[1::2]  # the log-ratios
@@ -109,8 +127,8 @@ class PreferenceLoss:
         (a process's stand-in rows: `peftkit.distributed.shard`) adds nothing, its backward still reaching every
         parameter."""
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
-        loss, chosen, rejected = self.pairs(sequence_logps(model, batch, labelled), batch.get("reference_logps"),
-                                            tokens)
+        scores = reward_scores(model, batch) if self.kind == "reward" else sequence_logps(model, batch, labelled)
+        loss, chosen, rejected = self.pairs(scores, batch.get("reference_logps"), tokens)
         real = ((tokens[0::2] > 0) & (tokens[1::2] > 0)).float()
         return torch.stack([torch.where(real > 0, loss, loss * 0).sum(), real.sum(), ((chosen > rejected) * real).sum(),
                             ((chosen - rejected) * real).sum(), (chosen * real).sum(), (rejected * real).sum()])

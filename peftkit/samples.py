@@ -17,11 +17,11 @@ from peftkit.recipe import Recipe
 
 def sample_prompts(cfg: Recipe, tok) -> list[Prompt]:
     """The prompts of the first eval.samples rows of data.eval (a preference pair's prompt, its chosen answer the
-    reference); none when off, without eval data, or for the `text` and `classification` formats (no prompt to
-    answer: a classifier's eval reports accuracy instead)."""
+    reference); none when off, without eval data, for the `text` and `classification` formats (no prompt to
+    answer: a classifier's eval reports accuracy instead), or for a reward model (it scores answers, writes none)."""
     name = next(iter(cfg.data.eval_sources()), None)  # the primary set of data.eval
     data = cfg.data.for_eval(name) if name else None
-    if not (cfg.eval.samples and data) or data.format in ("text", "classification"):
+    if not (cfg.eval.samples and data) or data.format in ("text", "classification") or cfg.classifier:
         return []
     from peftkit.task_ids import recipe_reads_tasks
 

@@ -333,7 +333,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
         check_isolated(model)
     long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
-    adapter = with_head(cfg.adapter, model) if cfg.classification else cfg.adapter
+    adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
     dpo = cfg.training.objective == "dpo"  # (ORPO and SimPO have no reference; their base evaluation is a figure)

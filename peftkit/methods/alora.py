@@ -163,7 +163,7 @@ def alora_conflict(recipe: Any) -> str | None:
     if recipe.data.packing:
         return ("adapter.alora_invocation_tokens (aLoRA) with data.packing: the adapter acts from the invocation's "
                 "last occurrence in a row, and a packed row holds several examples; set data.packing: false")
-    if recipe.classification:
+    if recipe.classifier:
         return ("adapter.alora_invocation_tokens (aLoRA) is for causal language models (peft's too), not a classifier "
                 "(model.num_labels); remove alora_invocation_tokens")
     return None

@@ -339,7 +339,7 @@ class Fusion(Method):
 
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
-        if recipe.classification:
+        if recipe.classifier:
             return ("adapter.method fusion: model.task sequence_classification would need its new head trained beside "
                     "the fusion, which peftkit's AdapterFusion does not do yet; fuse adapters of a causal LM")
         if recipe.adapter.init_from:

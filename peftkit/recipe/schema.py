@@ -67,9 +67,10 @@ class ModelConfig(Section):
     """causal_lm: next-token prediction (AutoModelForCausalLM). sequence_classification: one label per row
     (AutoModelForSequenceClassification, data.format: classification), its new head (`classifier` or `score`)
     trained in full and saved with the adapter."""
-    num_labels: int | None = Field(None, ge=2)
+    num_labels: int | None = Field(None, ge=1)
     """sequence_classification: the number of classes, for integer labels 0..num_labels-1. Default: read from
-    data.train (the largest integer label + 1, or the sorted set of string labels)."""
+    data.train (the largest integer label + 1, or the sorted set of string labels). 1 is a reward model's one score
+    (training.objective: reward), and its default there."""
     long_context: LongContextConfig | None = None
     """LongLoRA's shifted sparse attention during training (`s2_attention: true`); omit for plain attention."""
     rope_scaling: RopeScalingConfig | None = None
@@ -221,13 +222,15 @@ class TrainingConfig(Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
     """LoRA+ only: the learning rate of an embedding's LoRA (lora_embedding_A/B), peft's `loraplus_lr_embedding`
     and its default."""
-    objective: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    objective: Literal["sft", "dpo", "orpo", "simpo", "reward"] = "sft"
     """sft: the next-token loss on the answers (supervised fine-tuning). The others train on data.format preference
     (a prompt, a chosen and a rejected answer) to raise the chosen answer's likelihood over the rejected's. dpo:
     Direct Preference Optimization (Rafailov et al. 2023), relative to a frozen reference's likelihoods: the model
     training starts from, the base without the adapter or, with adapter.init_from, with that adapter as it starts
     (as TRL's DPOTrainer takes them for a PEFT model; no second copy is held). orpo (Hong et al. 2024) and simpo
-    (Meng et al. 2024): no reference, on the answers' mean log-probability per token."""
+    (Meng et al. 2024): no reference, on the answers' mean log-probability per token. reward: a reward model (the
+    Bradley-Terry loss of InstructGPT, Ouyang et al. 2022; TRL's RewardTrainer), model.task sequence_classification
+    with one output, the score of the prompt and an answer: -log sigmoid(score(chosen) - score(rejected))."""
     dpo_beta: float = Field(0.1, gt=0)
     """dpo: how far the adapter may move from the reference (TRL's `beta`, its default): the rewards are beta x the
     log-likelihood ratios; smaller lets it go further."""
@@ -241,10 +244,13 @@ class TrainingConfig(Section):
     """simpo: the reward scale (the paper's beta; 2.0 to 2.5 in its settings)."""
     simpo_gamma: float = Field(1.0, ge=0)
     """simpo: the target reward margin (the paper's gamma: 1.0 with beta 2.0 for Llama-3-Base)."""
+    reward_center: float = Field(0.0, ge=0)
+    """reward: the weight of a penalty on the mean of a pair's two scores, squared, keeping them near 0 (Eisenstein
+    et al. 2023; TRL's `center_rewards_coefficient`, which suggests 0.01). 0: off."""
 
     @property
     def pairs(self) -> bool:
-        """The objective trains on pairs of answers (data.format preference): dpo, orpo, simpo."""
+        """The objective trains on pairs of answers (data.format preference): dpo, orpo, simpo, reward."""
         return self.objective != "sft"
     early_stopping: EarlyStoppingConfig | None = None
     """Stop early when the eval metric stops improving (needs data.eval and training.eval_steps). null: off."""
@@ -399,7 +405,7 @@ class Recipe(Section):
                 "training.mixed_precision: fp16 with a 4-bit base overflows easily; use bf16 or auto"
             )
         if self.training.mixed_precision == "fp16" and self.model.dtype == "float16" and (
-                getattr(self.adapter, "modules_to_save", None) or self.classification):
+                getattr(self.adapter, "modules_to_save", None) or self.classifier):
             raise ValueError(
                 "training.mixed_precision: fp16 unscales fp32 gradients only, and with model.dtype: float16 the "
                 "modules trained in full (adapter.modules_to_save, a classifier's head) would have fp16 ones "
@@ -430,6 +436,8 @@ class Recipe(Section):
                              "(data.train_split, data.eval_split)")
         _check_task(self)
         _check_objective(self)
+        if self.training.objective == "reward" and self.model.num_labels is None:
+            self.model.num_labels = 1  # (a reward model's head: one score, whatever the checkpoint's config says)
         _check_long_context(self)
         self._check_selection()
         method = method_of(self.adapter)
@@ -501,9 +509,15 @@ class Recipe(Section):
         return best
 
     @property
-    def classification(self) -> bool:
-        """model.task is sequence_classification."""
+    def classifier(self) -> bool:
+        """model.task is sequence_classification: the model is a classifier, one of classes (`classification`) or a
+        reward model (training.objective: reward)."""
         return self.model.task == "sequence_classification"
+
+    @property
+    def classification(self) -> bool:
+        """A classifier of classes, on data.format: classification (not a reward model, which scores pairs)."""
+        return self.classifier and self.training.objective != "reward"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -517,7 +531,7 @@ def _check_long_context(recipe: Recipe) -> None:
     lc = recipe.model.long_context
     if lc is None or not lc.s2_attention:
         return
-    if recipe.classification:
+    if recipe.classifier:
         raise ValueError("model.long_context.s2_attention: shifted sparse attention is for causal LMs; "
                          "model.task is sequence_classification, so remove model.long_context")
     if recipe.data.packing:
@@ -533,28 +547,32 @@ def _check_long_context(recipe: Recipe) -> None:
 
 
 _OBJECTIVE_KEYS = {"dpo_beta": "dpo", "dpo_loss": "dpo", "orpo_lambda": "orpo", "simpo_beta": "simpo",
-                   "simpo_gamma": "simpo"}
+                   "simpo_gamma": "simpo", "reward_center": "reward"}
 """training's keys of one preference objective."""
 
 
 def _check_objective(recipe: Recipe) -> None:
-    """training.objective dpo, orpo or simpo and data.format: preference go together, with what a pair's loss
-    allows."""
+    """training.objective dpo, orpo, simpo or reward and data.format: preference go together, with what a pair's loss
+    allows; reward with a classifier of one output."""
     data, tcfg = recipe.data, recipe.training
     if tcfg.pairs != (data.format == "preference"):
         raise ValueError(
-            f"training.objective is {tcfg.objective} and data.format is {data.format}: DPO, ORPO and SimPO train on "
-            "pairs of answers (data.format: preference: prompt, chosen, rejected) and that format is for them; set "
-            "training.objective: dpo (orpo, simpo) with data.format: preference, or neither")
+            f"training.objective is {tcfg.objective} and data.format is {data.format}: DPO, ORPO, SimPO and reward "
+            "models train on pairs of answers (data.format: preference: prompt, chosen, rejected) and that format is "
+            "for them; set training.objective: dpo (orpo, simpo, reward) with data.format: preference, or neither")
     for key, objective in _OBJECTIVE_KEYS.items():  # (by value: a run's recipe.yaml writes every key)
         if objective != tcfg.objective and getattr(tcfg, key) != type(tcfg).model_fields[key].default:
             raise ValueError(f"training.{key} is a setting of training.objective: {objective}, and the objective is "
                              f"{tcfg.objective}; remove it, or set training.objective: {objective}")
     if not tcfg.pairs:
         return
-    if recipe.classification:
+    if tcfg.objective == "reward" and not recipe.classifier:
+        raise ValueError("training.objective: reward trains a reward model, a sequence classifier with one output (the "
+                         "score of a prompt and its answer); set model.task: sequence_classification")
+    if tcfg.objective != "reward" and recipe.classifier:
         raise ValueError(f"training.objective: {tcfg.objective} trains a language model's answers; model.task is "
-                         "sequence_classification, so use model.task: causal_lm")
+                         "sequence_classification, so use model.task: causal_lm (or training.objective: reward, "
+                         "a reward model)")
     if data.packing:
         raise ValueError(f"data.packing: a {tcfg.objective} batch holds each pair's two answers side by side, one a "
                          "row; set data.packing: false")
@@ -583,8 +601,17 @@ def _check_objective(recipe: Recipe) -> None:
 
 def _check_task(recipe: Recipe) -> None:
     """model.task and the settings that only make sense for one task."""
-    classify, data = recipe.model.task == "sequence_classification", recipe.data
-    if classify != (data.format == "classification"):
+    classify, data = recipe.classifier, recipe.data
+    reward = recipe.training.objective == "reward"
+    if recipe.model.num_labels == 1 and not reward and classify:
+        raise ValueError("model.num_labels: 1 is a reward model's one score (training.objective: reward); a classifier "
+                         "of classes has at least 2: set model.num_labels to their number, or remove it (data.train's "
+                         "labels say)")
+    if reward and recipe.model.num_labels not in (None, 1):
+        raise ValueError(f"model.num_labels: {recipe.model.num_labels}: a reward model (training.objective: reward) "
+                         "has one output, the score; remove model.num_labels")
+    # (a classifier on pairs is a reward model: _check_objective says what else it needs)
+    if classify != (data.format == "classification") and not (classify and data.format == "preference"):
         raise ValueError(
             f"model.task is {recipe.model.task!r} and data.format is {data.format!r}: a sequence_classification model "
             "trains on data.format: classification (text, label, optional text_pair) and that format needs it; set "

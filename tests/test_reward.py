@@ -1,0 +1,189 @@
+"""training.objective: reward (a reward model: a sequence classifier of one output trained on preference pairs):
+against TRL's RewardTrainer, the exported adapter's scores in peft, evaluation, and the recipe's errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.nn import functional as F
+
+from conftest import cli_user_error, make_recipe
+from peftkit.data.preference import load_pairs
+from peftkit.modeling import load_tokenizer
+from peftkit.recipe import DataConfig, ModelConfig, load_recipe
+from peftkit.tiny import write_jsonl
+from peftkit.train import train
+
+
+@pytest.fixture(scope="module")
+def reward_data(tmp_path_factory) -> dict[str, Path]:
+    """Sums, the chosen answer right and the rejected one its negative."""
+    import random
+
+    root, rng = tmp_path_factory.mktemp("reward"), random.Random(0)
+    for name, n in (("train", 32), ("eval", 8)):
+        sums = [(rng.randint(1, 50), rng.randint(1, 50)) for _ in range(n)]
+        write_jsonl(root / f"{name}.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)}
+                                             for a, b in sums])
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def _reward_recipe(tmp_path: Path, model: Path, data: dict, model_keys: dict | None = None, **training) -> Path:
+    recipe = make_recipe(tmp_path, model, data, data={"format": "preference", "max_length": 64},
+                         adapter={"dropout": 0.0}, training={"objective": "reward", "lr": 2e-2, **training})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"] |= {"task": "sequence_classification"} | (model_keys or {})
+    recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+def _classifier(path: Path, tok) -> torch.nn.Module:
+    """The base as a one-output sequence classifier (its head as the adapter saves it), fp32, eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    return model.eval()
+
+
+def test_a_reward_model_from_an_adapter_trains_as_trl_s_reward_trainer(tiny_llama, tmp_path):
+    """A reward model on adapter.init_from (a SEQ_CLS LoRA peft made, far from identity, its score head with it)
+    against TRL's RewardTrainer on a PeftModel of the same adapter, fed peftkit's token ids: three SGD steps give
+    TRL's losses, accuracies and margins, and its adapter and head, with the centring term on."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    torch.manual_seed(3)
+    start = get_peft_model(_classifier(tiny_llama, tok), LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", init_lora_weights=False))
+    start.save_pretrained(tmp_path / "start")
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)}
+            for a, b in [(3, 4), (10, 20), (1, 1), (7, 8)]]
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    steps, lr, center = 3, 0.05, 0.01
+    recipe = _reward_recipe(tmp_path, tiny_llama, {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"},
+                            max_steps=steps, batch_size=4, optimizer="sgd", lr=lr, scheduler="constant",
+                            warmup_steps=0, reward_center=center)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(tmp_path / "start")}
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    pairs, _ = load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
+    ids = [{"chosen_ids": c.input_ids, "rejected_ids": r.input_ids} for c, r, _ in pairs]
+    model = PeftModel.from_pretrained(_classifier(tiny_llama, tok).train(), tmp_path / "start", is_trainable=True)
+    args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps,
+                            learning_rate=lr, optim="sgd", lr_scheduler_type="constant", warmup_steps=0,
+                            center_rewards_coefficient=center, report_to=[], save_strategy="no", use_cpu=True,
+                            logging_steps=1, bf16=False)
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ids), processing_class=tok)
+    trainer.train()
+    theirs = [x for x in trainer.state.log_history if "loss" in x]
+    assert theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # it trained
+    for a, b in zip(ours, theirs, strict=True):  # each step's figures, as TRL logs them
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 and abs(a["reward_margin"] - b["margin"]) <= 1e-5, (a, b)
+        assert a["reward_accuracy"] == b["accuracy"]
+    ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    trained = {k.replace(".default", "").replace(".modules_to_save", ""): v for k, v in model.state_dict().items()
+               if ".default." in k}
+    assert set(ours_final) == set(trained) and "base_model.model.score.weight" in ours_final
+    assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
+
+
+def test_a_run_learns_to_score_the_chosen_answer_higher_and_peft_gives_its_figures(tiny_llama, reward_data, tmp_path):
+    """The exported adapter is peft's SEQ_CLS LoRA with the score head: peft's scores of the eval pairs give the run's
+    final evaluation (loss, accuracy, margin, mean rewards), computed here from the scores alone."""
+    from peft import PeftModel
+
+    train(load_recipe(_reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=16, eval_steps=8)))
+    run = tmp_path / "run"
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", ["score"])
+    card = (run / "adapter" / "README.md").read_text()
+    assert "Objective: a reward model" in card and "num_labels=1)" in card and "--format preference" in card
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    assert last["eval_reward_accuracy"] == 1.0
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    model = PeftModel.from_pretrained(_classifier(tiny_llama, tok), run / "adapter").eval()
+    pairs, _ = load_pairs(tok, str(reward_data["eval"]), None, DataConfig(train="x", format="preference"))
+    with torch.no_grad():  # one row at a time: no padding involved
+        scores = torch.tensor([[model(input_ids=torch.tensor([e.input_ids])).logits.item() for e in pair[:2]]
+                               for pair in pairs])
+    margin = scores[:, 0] - scores[:, 1]
+    expected = {"eval_loss": float(-F.logsigmoid(margin).mean()), "eval_reward_margin": float(margin.mean()),
+                "eval_chosen_reward": float(scores[:, 0].mean()), "eval_rejected_reward": float(scores[:, 1].mean())}
+    assert all(abs(last[k] - v) <= 1e-4 * max(1.0, abs(v)) for k, v in expected.items()), (last, expected)
+    _eval_and_merge(run, reward_data["eval"], last, tmp_path)
+
+
+def _eval_and_merge(run: Path, data: Path, last: dict, tmp_path: Path) -> None:
+    """`peftkit eval RUN_DIR`, of the adapter alone (a SEQ_CLS adapter of one output is scored as a reward model
+    without a recipe saying so) and of the merged model give the run's last evaluation; generate refuses."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    def figures(*args: str) -> dict:
+        result = CliRunner().invoke(app, ["eval", *args, "--json", str(tmp_path / "figures.json")])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return json.loads((tmp_path / "figures.json").read_text())
+
+    assert CliRunner().invoke(app, ["merge", "--adapter", str(run / "adapter"), "--output",
+                                    str(tmp_path / "merged")]).exit_code == 0
+    for args in ([str(run)], ["--adapter", str(run / "adapter"), "--data", str(data), "--format", "preference"],
+                 ["--model", str(tmp_path / "merged"), "--data", str(data), "--format", "preference"]):
+        got = figures(*args)
+        assert got["num_pairs"] == 8 and all(abs(got[k] - last[f"eval_{k}"]) <= 1e-5 for k in (
+            "loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")), (args, got, last)
+    result = CliRunner().invoke(app, ["generate", str(run), "--prompt", "1+1="])
+    assert "is a reward model: it scores a prompt with an answer" in str(result.exception)
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"model": {"task": "causal_lm"}}, "training.objective: reward trains a reward model, a sequence classifier with "
+                                       "one output"),
+    ({"model": {"num_labels": 2}}, "model.num_labels: 2: a reward model (training.objective: reward) has one output"),
+    ({"training": {"objective": "dpo"}}, "training.objective: dpo trains a language model's answers; model.task is "
+                                         "sequence_classification"),
+    ({"data": {"format": "classification"}}, "DPO, ORPO, SimPO and reward models train on pairs of answers"),
+    ({"training": {"objective": "dpo", "reward_center": 0.1}, "model": {"task": "causal_lm"}},
+     "training.reward_center is a setting of training.objective: reward"),
+])
+def test_recipe_mistakes_about_a_reward_model_are_said_at_their_key(tiny_llama, reward_data, tmp_path, monkeypatch,
+                                                                    capsys, change, said):
+    recipe = _reward_recipe(tmp_path, tiny_llama, reward_data)
+    raw = yaml.safe_load(recipe.read_text())
+    for section, keys in change.items():
+        raw[section] |= keys
+    recipe.write_text(yaml.safe_dump(raw))
+    assert said in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+
+
+def test_a_classifier_of_classes_scores_no_pairs(tiny_llama, reward_data, tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=2).save_pretrained(tmp_path / "c2")
+    load_tokenizer(ModelConfig(name_or_path=str(tiny_llama))).save_pretrained(tmp_path / "c2")
+    said = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tmp_path / "c2"), "--data",
+                          str(reward_data["eval"]), "--format", "preference")
+    assert "is a classifier of classes, not a reward model" in " ".join(said.split())
+
+
+def test_num_labels_1_is_a_reward_model_s_alone(tiny_llama, tmp_path, monkeypatch, capsys):
+    write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": tmp_path / "c.jsonl", "eval": tmp_path / "c.jsonl"},
+                         data={"format": "classification"})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"] |= {"task": "sequence_classification", "num_labels": 1}
+    recipe.write_text(yaml.safe_dump(raw))
+    assert "model.num_labels: 1 is a reward model's one score" in " ".join(
+        cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
