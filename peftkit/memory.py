@@ -208,7 +208,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     """
     from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
     from peftkit.methods.expert_lists import check_start
-    from peftkit.modeling import load_config, resolve_device
+    from peftkit.modeling import kept_modules, load_config, resolve_device
 
     config = load_config(recipe.model)
     dtype = load_dtype(recipe.model.dtype, config)
@@ -223,7 +223,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         module = modules[module_name]
         # bitsandbytes quantizes a Linear's weight only: its bias stays in the load dtype (Qwen2's q/k/v biases)
         quantized = q is not None and _quantizable(module) and p is module.weight \
-            and not _skipped(module_name, q.skip_modules)
+            and not _skipped(module_name, kept_modules(q, recipe.model.task))
         if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) an output row
             base += p.numel() + 4 * (p.shape[0] if type(module) is torch.nn.Linear else p.shape[1])  # Conv1D: (in, out)
         elif quantized:

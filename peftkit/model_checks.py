@@ -110,7 +110,7 @@ def _quantize(model, cfg: Recipe) -> None:
 
     from peftkit.modeling import bnb_config, refuse_quantized_tied_head
 
-    quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.quantization))
+    quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.quantization, cfg.model.task))
     with torch.device("meta"):
         quantizer.preprocess_model(model, dtype=next(model.parameters()).dtype, device_map={"": "cpu"})
     model.tie_weights()  # as from_pretrained ties them once loaded (a swapped output head holds its own weight till then)

@@ -222,13 +222,23 @@ def import_bitsandbytes():
     return bitsandbytes
 
 
-def bnb_config(q: QuantizationConfig):
+def kept_modules(q: QuantizationConfig, task: str = "causal_lm") -> list[str]:
+    """The modules bitsandbytes leaves in full precision: quantization.skip_modules, and a classifier's head (trained in
+    full beside the adapter; transformers keeps the last module out of quantization only where no skip list is given,
+    and a 4-bit head can neither train nor take a one-row output: bitsandbytes asserts on it)."""
+    from peftkit.classify import HEAD_NAMES
+
+    heads = [h for h in HEAD_NAMES if h not in q.skip_modules] if task == "sequence_classification" else []
+    return [*q.skip_modules, *heads]
+
+
+def bnb_config(q: QuantizationConfig, task: str = "causal_lm"):
     from transformers import BitsAndBytesConfig
 
     import_bitsandbytes()  # before transformers imports it
 
     if q.method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=q.skip_modules)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=kept_modules(q, task))
     # Spelled out, not left to defaults: bitsandbytes' Linear4bit alone means FP4, blocksize 64.
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -236,7 +246,7 @@ def bnb_config(q: QuantizationConfig):
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
         bnb_4bit_quant_storage={"uint8": torch.uint8, **DTYPES}[q.quant_storage],
-        llm_int8_skip_modules=q.skip_modules,
+        llm_int8_skip_modules=kept_modules(q, task),
     )
 
 
@@ -415,7 +425,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         kwargs |= classifier_kwargs(cfg, labels)
     if quant is not None:
         check_prequantized(config, quant, cfg.name_or_path)
-        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["quantization_config"] = bnb_config(quant, cfg.task)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     elif quant is not None or saved is not None:

@@ -340,3 +340,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def peft_over_4_bit(base_dir: Path, adapter_dir: Path, num_labels: int, pad_id: int):
+    """peft's model of a SEQ_CLS adapter over the base loaded 4-bit as a peft user loads it: NF4 + double quant,
+    transformers' default skip list (the head, the last module, stays in full precision)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels, quantization_config=q,
+                                                              dtype=torch.float32, device_map={"": "cpu"})
+    base.config.pad_token_id = pad_id
+    for module in base.modules():  # (the README's note: the path the adapter trained on, on any CPU)
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+

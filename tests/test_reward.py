@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from conftest import cli_user_error, make_recipe
+from conftest import cli_user_error, make_recipe, peft_over_4_bit
 from peftkit.data.preference import load_pairs
 from peftkit.modeling import load_tokenizer
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
@@ -146,6 +146,32 @@ def _eval_and_merge(run: Path, data: Path, last: dict, tmp_path: Path) -> None:
             "loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")), (args, got, last)
     result = CliRunner().invoke(app, ["generate", str(run), "--prompt", "1+1="])
     assert "is a reward model: it scores a prompt with an answer" in str(result.exception)
+
+
+def test_a_reward_model_over_a_4_bit_base_is_peft_s(tiny_llama, reward_data, tmp_path):
+    """QLoRA reward model: NF4 + double quant, paged 8-bit AdamW, the head in full precision; peft over the base
+    loaded 4-bit as a peft user loads it gives the run's last evaluation, and so does `peftkit eval` of the run."""
+    recipe = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=8, eval_steps=8, optimizer="paged_adamw_8bit")
+    raw = yaml.safe_load(recipe.read_text())
+    raw["quantization"] = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    run, tok = tmp_path / "run", load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    model = peft_over_4_bit(tiny_llama, run / "adapter", 1, tok.pad_token_id)
+    pairs, _ = load_pairs(tok, str(reward_data["eval"]), None, DataConfig(train="x", format="preference"))
+    with torch.no_grad():
+        scores = torch.tensor([[model(input_ids=torch.tensor([e.input_ids])).logits.item() for e in pair[:2]]
+                               for pair in pairs])
+    margin = scores[:, 0] - scores[:, 1]
+    assert abs(last["eval_loss"] - float(-F.logsigmoid(margin).mean())) <= 1e-5
+    assert abs(last["eval_reward_margin"] - float(margin.mean())) <= 1e-4 and last["eval_reward_accuracy"] > 0.5
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    assert CliRunner().invoke(app, ["eval", str(run), "--json", str(tmp_path / "f.json")]).exit_code == 0
+    assert abs(json.loads((tmp_path / "f.json").read_text())["loss"] - last["eval_loss"]) <= 1e-6
 
 
 @pytest.mark.parametrize("change, said", [

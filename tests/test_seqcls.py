@@ -21,7 +21,7 @@ from peftkit.recipe import DataConfig, ModelConfig, load_recipe
 from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
 from peftkit.export import export
 from peftkit.train import train
-from tests.conftest import cli_user_error, make_recipe, random_adapters
+from tests.conftest import cli_user_error, make_recipe, peft_over_4_bit, random_adapters
 
 LABELS = LabelSet(("negative", "positive"))
 TEXTS = ["good nice fine", "bad sad awful grim dull", "x", "happy lovely bright superb great good"]
@@ -559,3 +559,25 @@ def test_eval_of_a_classifier_s_eval_sets_loads_it_once_where_it_has_its_classes
         capsys.readouterr()
         assert len(loads) == count, model
         assert json.loads((tmp_path / "eval.json").read_text()) == alone
+
+
+def test_a_classifier_trains_over_a_4_bit_base_and_peft_gives_its_logits(tmp_path, tiny_llama, sentiment):
+    """QLoRA for a classifier (refused before): the base NF4, the head kept in full precision and trained beside
+    the adapter (bitsandbytes' 4-bit head failed its first forward: transformers keeps the last module out of
+    quantization only without a skip list, and quantization.skip_modules is one); peft over the 4-bit base gives
+    peftkit's logits, and the merged model (dequantized weights) its predictions."""
+    from transformers import AutoModelForSequenceClassification
+
+    quant = {"method": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    recipe = classification_recipe(tmp_path, tiny_llama, sentiment, quantization=quant, export={"merged": True},
+                                   training={"max_steps": 4, "batch_size": 8, "optimizer": "paged_adamw_8bit"})
+    train(load_recipe(recipe))
+    adapter, tok = tmp_path / "run" / "adapter", load_tokenizer(ModelConfig(name_or_path=str(tiny_llama)))
+    batch = batch_of(tok, TEXTS)
+    ours = load_adapted_model(None, str(adapter))[0]
+    assert type(ours.score).__name__ == "Linear" and ours.score.weight.dtype == torch.float32
+    with torch.no_grad():
+        logits = ours(**batch).logits
+        assert (logits - peft_over_4_bit(tiny_llama, adapter, 2, tok.pad_token_id)(**batch).logits).abs().max() <= 1e-5
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "merged").eval()
+        assert (merged(**batch).logits - logits).abs().max() <= 1e-4

@@ -643,6 +643,3 @@ def _check_task(recipe: Recipe) -> None:
             "adapter, which the prompt family, Llama-Adapter and AdapterFusion do not do here; use a weight method "
             "(lora, ia3, loha, lokr, vera, fourierft, adalora, oft, hra, boft, ln_tuning) or bottleneck"
         )
-    if recipe.quantization is not None:
-        raise ValueError("quantization: 4/8-bit bases are not supported for model.task: sequence_classification yet; "
-                         "remove the quantization section")
