@@ -218,7 +218,8 @@ class EvalJob:
     preference: tuple = (TrainingConfig().dpo_beta, TrainingConfig().dpo_loss, 0.0, 0.0)
     """Preference pairs (data.format 'preference'): the `PreferenceLoss` (beta, kind, gamma, center) the figures are
     computed with, the recipe's objective's (DPO's defaults without a recipe; a reward model's loss for a
-    classifier of one output)."""
+    classifier of one output); unpaired answers (data.format 'unpaired'): ("kto", beta, desirable weight,
+    undesirable weight), a `KTOLoss`'s (`objective_of`)."""
     init_from: str | None = None
     """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
     DPO run's was (`evaluate_preference`)."""
@@ -292,7 +293,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.sampling.check()
     if normalize not in NORMALIZATIONS:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
-    if job.data_cfg.format == "preference":
+    if job.data_cfg.format in ("preference", "unpaired"):
         _preference_job(job, comparing, {"--metrics": metrics, "--predictions": predictions,
                                          "--max-new-tokens": max_new_tokens, "--normalize": normalize_flag})
         return job
@@ -329,8 +330,24 @@ def _classification_job(job: EvalJob) -> None:
     job.metrics = ["loss", *CLASSIFICATION_METRICS]
 
 
+def objective_of(job: EvalJob):
+    """The loss `job`'s pairs (or unpaired answers) are scored by: its recipe's objective's where it fits the data
+    (KTO's for unpaired answers, the others' for pairs), else that data's default (DPO's, KTO's)."""
+    from peftkit.kto import KTOLoss
+    from peftkit.preference import PreferenceLoss
+
+    kto, unpaired = job.preference[0] == "kto", job.data_cfg.format == "unpaired"
+    if unpaired:
+        return KTOLoss(*job.preference[1:]) if kto else KTOLoss(TrainingConfig().kto_beta)
+    return PreferenceLoss(*EvalJob.preference) if kto else PreferenceLoss(*job.preference)
+
+
 def _preference_loss(cfg: Recipe) -> tuple:
-    """The (beta, kind, gamma, center) of a recipe's preference objective (`PreferenceLoss.of`); DPO's for an sft recipe."""
+    """The (beta, kind, gamma, center) of a recipe's preference objective (`PreferenceLoss.of`); DPO's for an sft
+    recipe; a KTO recipe's ("kto", beta, desirable weight, undesirable weight)."""
+    if cfg.training.objective == "kto":
+        t = cfg.training
+        return ("kto", t.kto_beta, t.kto_desirable_weight, t.kto_undesirable_weight)
     from dataclasses import astuple
 
     from peftkit.preference import PreferenceLoss
@@ -364,7 +381,7 @@ def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
         raise PeftkitError(f"A preference evaluation compares an adapter with its base (the reference, as DPO training "
                            f"does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a DPO run's "
                            "directory.")
-    job.metrics = list(FIGURES)
+    job.metrics = list(objective_of(job).FIGURES if job.data_cfg.format == "unpaired" else FIGURES)
 
 
 def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
@@ -453,7 +470,7 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     """
     if job.data_cfg.format == "classification":
         return evaluate_classifier(job, model)
-    if job.data_cfg.format == "preference":
+    if job.data_cfg.format in ("preference", "unpaired"):
         return evaluate_preference({None: job})[None]
     rows = _read_rows(job)
     return _scored(job, job.source.load() if model is None else model, *rows)
@@ -469,7 +486,7 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
     if first.data_cfg.format == "classification":
         model = _load_classifier(first) if _classes_of_model(first) else None
         return {name: evaluate_classifier(job, model) for name, job in jobs.items()}
-    if first.data_cfg.format == "preference":
+    if first.data_cfg.format in ("preference", "unpaired"):
         return evaluate_preference(jobs)
     rows = {name: _read_rows(job) for name, job in jobs.items()}
     model = first.source.load()
@@ -484,13 +501,16 @@ def evaluate_preference(jobs: dict) -> dict:
     `evaluate_sets`); the base loads once, the reference's log-probabilities are computed on it, then the adapter's
     weights go in."""
     from peftkit.data.preference import load_pairs
-    from peftkit.preference import PreferenceEval, PreferenceLoss, reference_logps
+    from peftkit.data.unpaired import load_unpaired
+    from peftkit.preference import PreferenceEval, reference_logps
     from peftkit.rope_scaling import fresh_dynamic_rope
 
     first = next(iter(jobs.values()))
-    loss = PreferenceLoss(*first.preference)
+    loss = objective_of(first)
     tok = first.source.tokenizer()
-    sets = {name: load_pairs(tok, job.data, job.split, job.data_cfg)[0] for name, job in jobs.items()}
+    sets = {name: load_unpaired(tok, job.data, job.split, job.data_cfg, job.batch_size)[0]
+            if job.data_cfg.format == "unpaired" else load_pairs(tok, job.data, job.split, job.data_cfg)[0]
+            for name, job in jobs.items()}
     # ORPO and SimPO have no reference: the model as it is scores the pairs
     model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (first.source.load(),
                                                                                                    lambda: None)

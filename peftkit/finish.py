@@ -18,7 +18,7 @@ from peftkit.checkpoint import LoopState
 from peftkit.errors import PeftkitError
 from peftkit.export import export
 from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
-from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, PREFERENCE_METRICS, REWARDS
+from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, KTO_METRICS, PREFERENCE_METRICS, REWARDS
 from peftkit.modeling import dtype_name
 from peftkit.progress import phase
 from peftkit.rope_scaling import fresh_dynamic_rope
@@ -44,6 +44,8 @@ class TrainingFailed(PeftkitError):
 def task_metrics(cfg: Recipe) -> list[str]:
     """The metrics an evaluation reports beside the loss: a classifier's accuracy and macro-F1, a DPO run's reward
     accuracy, margin and mean rewards, else eval.metrics' generation metrics."""
+    if cfg.training.objective == "kto":
+        return [*KTO_METRICS[:1], *REWARDS, *KTO_METRICS[1:]]
     if cfg.training.pairs:
         return [*PREFERENCE_METRICS, *REWARDS]
     return list(CLASSIFICATION_METRICS) if cfg.classification else cfg.eval.generation_metrics
@@ -182,7 +184,7 @@ def _other_sets(s: dict) -> list[tuple[str, str]]:
         if s.get(f"eval_{name}_perplexity") is not None:
             figures.append(f"  (ppl {s[f'eval_{name}_perplexity']:.2f})")
         figures += [f", {m} {s[f'eval_{name}_{m}']:.4f}" for m in (*GENERATION_METRICS, *CLASSIFICATION_METRICS,
-                                                                    *PREFERENCE_METRICS)
+                                                                    *PREFERENCE_METRICS, "kl")
                     if s.get(f"eval_{name}_{m}") is not None]
         rows.append((f"eval loss, {name}", "".join(figures)))
     return rows
@@ -202,8 +204,8 @@ def _print_summary(console: Console, s: dict, out: Path, exported: list[Path]) -
     if s["eval_loss"] is not None:
         ppl = "" if classifier else f"  (ppl {s['eval_perplexity']:.2f})"
         rows.append(("eval loss, fine-tuned", f"{s['eval_loss']:.4f}{ppl}"))
-    for metric in (m for m in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS)
-                   if f"eval_{m}" in s):  # eval.metrics, a classifier's, a DPO run's
+    for metric in (m for m in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS, "kl")
+                   if f"eval_{m}" in s):  # eval.metrics, a classifier's, a DPO run's, a KTO run's
         for who, key in (("base model", f"base_eval_{metric}"), ("fine-tuned", f"eval_{metric}")):
             if s.get(key) is not None:
                 rows.append((f"{metric}, {who}", f"{s[key]:.4f}"))

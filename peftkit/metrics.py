@@ -36,6 +36,9 @@ PREFERENCE_METRICS = ("reward_accuracy", "reward_margin")
 """What a DPO run's evaluations report beside the loss (`peftkit.preference.PreferenceEval`): higher is better."""
 REWARDS = ("chosen_reward", "rejected_reward")
 """A DPO evaluation's mean rewards of the chosen and of the rejected answers, reported too."""
+KTO_METRICS = ("reward_margin", "kl")
+"""What a KTO run's evaluations report beside the loss and REWARDS (`peftkit.kto`): the desirable answers' mean reward
+less the undesirable ones', and the KL estimate."""
 METRICS = GENERATION_METRICS + LOSS_METRICS + CLASSIFICATION_METRICS
 NORMALIZATIONS = ("squad", "strip", "none")
 

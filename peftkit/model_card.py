@@ -73,7 +73,7 @@ def _objective(cfg: Recipe) -> str:
         return (" Objective: a reward model (Bradley-Terry loss, -log sigmoid(score(chosen) - score(rejected))"
                 f"{center}) on pairs of a chosen and a rejected answer; the rewards are its scores of the prompt with "
                 "each answer, and the reward accuracy the share of pairs whose chosen answer scores higher.")
-    if t.objective != "dpo":  # no reference
+    if t.objective not in ("dpo", "kto"):  # no reference
         weight = f"lambda {t.orpo_lambda:g}" if t.objective == "orpo" else f"beta {t.simpo_beta:g}, gamma {t.simpo_gamma:g}"
         return (f" Objective: {t.objective.upper()} ({weight}) on pairs of a chosen and a rejected answer, without a "
                 "reference model; the evaluation's loss is its loss and its rewards the scaled mean log-probability "
@@ -81,6 +81,12 @@ def _objective(cfg: Recipe) -> str:
     reference = ("the adapter training started from (adapter.init_from)" if cfg.adapter.init_from else
                  "the base model, its layers stacked (adapter.layer_replication)"
                  if getattr(cfg.adapter, "layer_replication", None) else "the base model")
+    if t.objective == "kto":
+        weights = (f", desirable weight {t.kto_desirable_weight:g}, undesirable {t.kto_undesirable_weight:g}"
+                   if (t.kto_desirable_weight, t.kto_undesirable_weight) != (1.0, 1.0) else "")
+        return (f" Objective: KTO (beta {t.kto_beta:g}{weights}) on answers labelled desirable or undesirable, the "
+                f"reference {reference}; the evaluation's loss is the KTO loss, its rewards beta × the log-likelihood "
+                "ratios to the reference, and `kl` the KL estimate on mismatched prompts and answers.")
     return (f" Objective: DPO (`{t.dpo_loss}` loss, beta {t.dpo_beta:g}) on pairs of a chosen and a rejected answer, "
             f"the reference {reference}; the evaluation's loss is the DPO loss and its rewards beta × the "
             "log-likelihood ratios to the reference.")

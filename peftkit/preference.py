@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from torch.nn import functional as F
 
 from peftkit.classify import classification_logits
 from peftkit.data import IGNORE_INDEX, eval_loader
-from peftkit.data.preference import PairCollator, Pairs
+from peftkit.data.preference import Pairs
 from peftkit.loss import labelled_count, row_logps
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import PREFERENCE_METRICS, REWARDS
@@ -72,6 +73,8 @@ class PreferenceLoss:
     """SimPO's target reward margin."""
     center: float = 0.0
     """A reward model's centering weight (training.reward_center)."""
+    SUMS: ClassVar[tuple[str, ...]] = ("loss", "pairs", "right", "margin", "chosen", "rejected")
+    FIGURES: ClassVar[tuple[str, ...]] = ("loss", *PREFERENCE_METRICS, *REWARDS)
 
     @classmethod
     def of(cls, training) -> PreferenceLoss:
@@ -141,15 +144,32 @@ class PreferenceLoss:
         return sums[0], sums[1:]
 
 
-SUMS = ("loss", "pairs", "right", "margin", "chosen", "rejected")
+    @staticmethod
+    def figures(sums: torch.Tensor) -> dict[str, float]:
+        """The mean loss, reward accuracy, margin and rewards (`FIGURES`) of `sums` added up."""
+        loss, pairs, right, margin, chosen, rejected = (float(s) for s in sums)
+        n = max(pairs, 1.0)
+        return dict(zip(FIGURES, (loss / n, right / n, margin / n, chosen / n, rejected / n), strict=True))
+
+    @staticmethod
+    def count(sums: torch.Tensor) -> int:
+        """The pairs `sums` counts."""
+        return int(sums[1])
+
+
+SUMS = PreferenceLoss.SUMS
 """What `PreferenceLoss.sums` adds up, in order."""
+figures = PreferenceLoss.figures
 
 
-def figures(sums: torch.Tensor) -> dict[str, float]:
-    """The mean loss, reward accuracy, margin and rewards (`FIGURES`) of `PreferenceLoss.sums` added up."""
-    loss, pairs, right, margin, chosen, rejected = (float(s) for s in sums)
-    n = max(pairs, 1.0)
-    return dict(zip(FIGURES, (loss / n, right / n, margin / n, chosen / n, rejected / n), strict=True))
+def objective_loss(training, processes=None):
+    """The loss of training.objective's pairs: `PreferenceLoss` (dpo, orpo, simpo, reward) or `KTOLoss` (kto, whose
+    KL estimate is over each whole batch: `processes`, the run's Accelerator, where processes share a batch)."""
+    if training.objective == "kto":
+        from peftkit.kto import KTOLoss
+
+        return KTOLoss.of(training, processes)
+    return PreferenceLoss.of(training)
 
 
 @torch.no_grad()
@@ -164,7 +184,7 @@ def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int
     device = next(model.parameters()).device
     rows = torch.zeros(2 * len(pairs), dtype=torch.float32, device=device)
     try:
-        for i, batch in enumerate(eval_loader(pairs, batch_size, pad_id, PairCollator(pad_id))):
+        for i, batch in enumerate(eval_loader(pairs, batch_size, pad_id, pairs.collator(pad_id))):
             if i % world == rank:
                 start = 2 * i * batch_size
                 labelled = labelled_count(batch["labels"])
@@ -191,7 +211,7 @@ def without_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-FIGURES = ("loss", *PREFERENCE_METRICS, *REWARDS)
+FIGURES = PreferenceLoss.FIGURES
 """What a DPO evaluation reports, each a mean over the pairs (metrics.jsonl: eval_loss, eval_reward_accuracy, ...)."""
 
 
@@ -206,6 +226,7 @@ class PreferenceEval:
     pad_id: int
     batch_size: int
     loss: PreferenceLoss
+    """Or a `peftkit.kto.KTOLoss` (`objective_loss`), on unpaired answers (`peftkit.data.unpaired.Unpaired`)."""
     processes: object = None
     """The run's Accelerator when it has several processes: they share out the batches."""
     metrics: tuple[str, ...] = PREFERENCE_METRICS
@@ -226,8 +247,8 @@ class PreferenceEval:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=device)
-        batches = eval_loader(self.pairs, self.batch_size, self.pad_id, PairCollator(self.pad_id))
+        sums = torch.zeros(len(self.loss.SUMS), dtype=torch.float64, device=device)
+        batches = eval_loader(self.pairs, self.batch_size, self.pad_id, self.pairs.collator(self.pad_id))
         rounds, first, done = -(-len(batches) // world), None, 0
         try:
             for i, batch in enumerate(batches):
@@ -243,13 +264,16 @@ class PreferenceEval:
             from peftkit.distributed import total
 
             sums = total(self.processes, sums)
-        return figures(sums) | {"num_pairs": int(sums[1])}
+        counted = "num_examples" if self.loss.kind == "kto" else "num_pairs"
+        return self.loss.figures(sums) | {counted: self.loss.count(sums)}
 
     def record(self, result: dict[str, float], prefix: str = "eval_") -> dict[str, float]:
         """The result under metrics.jsonl / summary names: `eval_loss`, `eval_reward_accuracy`, ..."""
-        return {f"{prefix}{k}": result[k] for k in FIGURES}
+        return {f"{prefix}{k}": result[k] for k in self.loss.FIGURES}
 
     def describe(self, result: dict[str, float]) -> str:
-        """`eval loss 0.6931, reward accuracy 0.5000, margin 0.0000` for the console."""
+        """`eval loss 0.6931, reward accuracy 0.5000, margin 0.0000` for the console (KTO's: margin and KL)."""
+        if self.loss.kind == "kto":
+            return f"eval loss {result['loss']:.4f}, margin {result['reward_margin']:.4f}, kl {result['kl']:.4f}"
         return (f"eval loss {result['loss']:.4f}, reward accuracy {result['reward_accuracy']:.4f}, margin "
                 f"{result['reward_margin']:.4f}")

@@ -77,7 +77,7 @@ def _read_text(path: Path) -> str:
 
 
 _CURVE_KEYS = tuple(key for _, _, key, _ in CURVES)
-EVAL_CURVES = (*GENERATION_METRICS, *CLASSIFICATION_METRICS, PREFERENCE_METRICS[0])
+EVAL_CURVES = (*GENERATION_METRICS, *CLASSIFICATION_METRICS, PREFERENCE_METRICS[0], "kl")
 """The evaluations' metrics the eval metrics plot draws, each a share or score of 0 to 1 (a DPO run's reward
 accuracy; its margin and rewards have scales of their own: the report's table shows them)."""
 _PLOTTED = ("loss", "eval_loss", *_CURVE_KEYS, *(f"eval_{m}" for m in EVAL_CURVES))
@@ -166,8 +166,8 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
             if points:
                 _curve(ax, *zip(*points, strict=True), "o-", label=metric, linewidth=1.5)
         generated = any(metric_curves[m] for m in GENERATION_METRICS)
-        pairs = bool(metric_curves[PREFERENCE_METRICS[0]])
-        ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval pairs" if pairs else
+        pairs = bool(metric_curves[PREFERENCE_METRICS[0]] or metric_curves["kl"])
+        ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval pairs (answers)" if pairs else
                "over eval rows", title="Eval metrics (greedy answers)" if generated else
                "Eval metrics (answer pairs)" if pairs else "Eval metrics (classes)")
         ax.grid(alpha=0.3)
@@ -201,12 +201,12 @@ def metrics_rows(metrics: dict, classifier: bool) -> list[tuple[str, str, str]]:
     def fmt(value: float | None) -> str:  # a manifest from elsewhere may hold anything: shown as its text
         return "" if value is None else f"{value:.4f}" if _number(value) else str(value)
 
-    pairs = f"eval_{PREFERENCE_METRICS[0]}" in metrics  # a DPO run's: its loss is no token's, so no perplexity
+    pairs = f"eval_{PREFERENCE_METRICS[0]}" in metrics or "eval_kl" in metrics  # DPO's, KTO's: no token's loss
     base_ppl = fmt(math.exp(min(base, 700.0)) if _number(base) else base)
     perplexity = [] if classifier or pairs else [("eval perplexity", base_ppl, fmt(metrics.get("eval_perplexity")))]
     return [("eval loss", fmt(base), fmt(tuned)), *perplexity] + [
         (metric.replace("_", " "), fmt(metrics.get(f"base_eval_{metric}")), fmt(metrics.get(f"eval_{metric}")))
-        for metric in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS, *REWARDS)
+        for metric in (*GENERATION_METRICS, *CLASSIFICATION_METRICS, *PREFERENCE_METRICS, *REWARDS, "kl")
         if f"eval_{metric}" in metrics]
 
 

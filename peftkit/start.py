@@ -295,7 +295,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     print_estimate(console, estimate)
     check_fits(estimate, device)
     tok = load_tokenizer(cfg.model, cfg.data.chat_template)
-    train_ex, train_stats, evals, labels = _load_data(cfg, tok, config, cache)
+    train_ex, train_stats, evals, labels = _load_data(cfg, tok, config, cache, accelerator.num_processes)
     if accelerator.num_processes > 1:
         for evaluation in evals.values():
             evaluation.processes = accelerator  # the processes share out the eval batches
@@ -336,7 +336,8 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
-    dpo = cfg.training.objective == "dpo"  # (ORPO and SimPO have no reference; their base evaluation is a figure)
+    # (ORPO, SimPO and reward models have no reference; their base evaluation is a figure)
+    dpo = cfg.training.objective in ("dpo", "kto")
     # The reference is the model training starts from: the base, as it is now, without the adapter; or, after the
     # injection, adapter.init_from's adapter over it, or the base stacked by LoRA's layer_replication (the deeper
     # model its zero-initialized LoRAs start as, which peft's base is once stacked; the base now is another model).
@@ -454,8 +455,9 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
     processes = accelerator if accelerator.num_processes > 1 else None
     what = ("adapter.init_from's adapter" if cfg.adapter.init_from else "the base model, its layers stacked"
             if getattr(cfg.adapter, "layer_replication", None) else "the base model")
-    with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets.values()))} answer pairs "
-               "(training.objective: dpo)...", console):
+    items = "answers and their mismatched examples" if cfg.training.objective == "kto" else "answer pairs"
+    with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets.values()))} {items} "
+               f"(training.objective: {cfg.training.objective})...", console):
         for key, pairs in sets.items():
             pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)
             if not (finite := torch.isfinite(pairs.reference).all(1)).all():
@@ -463,7 +465,8 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
                 raise PeftkitError(
                     f"The reference ({what}) gives {int((~finite).sum())} of the {len(pairs)} pairs of {key} a "
                     f"log-probability that is not finite (the first: pair {first + 1} as kept): the model overflows "
-                    f"at model.dtype {cfg.model.dtype}, or its weights hold inf or nan. DPO would stop at its first "
+                    f"at model.dtype {cfg.model.dtype}, or its weights hold inf or nan. "
+                    f"{cfg.training.objective.upper()} would stop at its first "
                     "step ('Loss became nan'). Load it in float32 or bfloat16 rather than float16, and check the "
                     "model's weights.")
 
@@ -503,7 +506,8 @@ def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Consol
     return rows
 
 
-def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict, dict, LabelSet | None]:
+def _load_data(cfg: Recipe, tok, config, cache: bool = True,
+               processes: int = 1) -> tuple[list, dict, dict, LabelSet | None]:
     """(training examples, their counts, data.eval's evaluations by name ({} without it), a classifier's classes or
     None), all read before the model loads (whose `config` says how many positions the generations have), so that a
     data mistake shows in seconds."""
@@ -516,7 +520,7 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict
             evals[name] = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
         return train_ex, stats, evals, labels
     if cfg.training.pairs:  # pairs of answers: peftkit.data.preference
-        return _load_pairs(cfg, tok, cache)
+        return _load_pairs(cfg, tok, cache, processes)
     tasks = recipe_reads_tasks(cfg)
     train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)
     check_training_tasks(cfg, "data.train", train_ex.task_ids)
@@ -530,17 +534,25 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True) -> tuple[list, dict
     return train_ex, stats, evals, None
 
 
-def _load_pairs(cfg: Recipe, tok, cache: bool) -> tuple[Pairs, dict, dict, None]:
+def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pairs, dict, dict, None]:
     """`_load_data` of a DPO recipe: data.train's pairs, and each set of data.eval's as its `PreferenceEval`."""
-    from peftkit.preference import PreferenceEval, PreferenceLoss
+    from peftkit.data.unpaired import load_unpaired
+    from peftkit.preference import PreferenceEval, objective_loss
+
+    def read(source: str | list, split: str | None, data, chunk: int):
+        # KTO: each answer with its mismatched one, within runs of a global micro-batch's rows (batch_size on each of
+        # the processes: N processes x batch b train as 1 x N b) or of an evaluation batch's
+        if cfg.training.objective == "kto":
+            return load_unpaired(tok, source, split, data, chunk, tasks)
+        return load_pairs(tok, source, split, data, cache, tasks)
 
     tasks = recipe_reads_tasks(cfg)  # (multitask prompt tuning: a pair's `task`)
-    train_ex, stats = load_pairs(tok, cfg.data.train, cfg.data.train_split, cfg.data, cache, tasks)
+    train_ex, stats = read(cfg.data.train, cfg.data.train_split, cfg.data, cfg.training.batch_size * processes)
     check_training_tasks(cfg, "data.train", train_ex.task_ids)
     evals = {}
     for name, source in cfg.data.eval_sources().items():
-        pairs = load_pairs(tok, source.path, source.split, cfg.data.for_eval(name), cache, tasks)[0]
+        pairs = read(source.path, source.split, cfg.data.for_eval(name), cfg.eval.batch_size)[0]
         check_training_tasks(cfg, "data.eval" if name == "eval" and not isinstance(cfg.data.eval, dict)
                              else f"data.eval.{name}", pairs.task_ids)
-        evals[name] = PreferenceEval(pairs, tok.pad_token_id, cfg.eval.batch_size, PreferenceLoss.of(cfg.training))
+        evals[name] = PreferenceEval(pairs, tok.pad_token_id, cfg.eval.batch_size, objective_loss(cfg.training))
     return train_ex, stats, evals, None

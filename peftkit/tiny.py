@@ -207,6 +207,14 @@ def preference_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def unpaired_rows(n: int, seed: int) -> list[dict]:
+    """recipes/kto.yaml's rows: `preference_rows`' prompts each with one answer, the lowercase words (desirable) or
+    the capitals (undesirable) at random, as thumbs-up and thumbs-down logs hold them."""
+    rng = random.Random(seed)
+    return [{"prompt": row["prompt"], "completion": row["chosen"] if good else row["rejected"], "label": good}
+            for row in preference_rows(n, seed) for good in (rng.random() < 0.5,)]
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -224,14 +232,19 @@ def build_quickstart_assets(root: str | Path) -> dict[str, Path]:
 
 
 def build_preference_assets(root: str | Path) -> dict[str, Path]:
-    """recipes/dpo.yaml's answer pairs under `root`, beside the quickstart's model, which it builds where absent."""
+    """recipes/dpo.yaml's answer pairs (and recipes/kto.yaml's unpaired answers) under `root`, beside the quickstart's
+    model, which it builds where absent."""
     root = Path(root)
     if not (root / "tiny-llama" / "config.json").exists():
         build_tiny_model(root / "tiny-llama", arch="llama", hidden_size=64, num_layers=2, seed=0)
     train, eval_ = root / "data" / "pairs-train.jsonl", root / "data" / "pairs-eval.jsonl"
     write_jsonl(train, preference_rows(256, seed=5))
     write_jsonl(eval_, preference_rows(64, seed=6))
-    return {"pairs_train": train, "pairs_eval": eval_}
+    unpaired_train, unpaired_eval = root / "data" / "unpaired-train.jsonl", root / "data" / "unpaired-eval.jsonl"
+    write_jsonl(unpaired_train, unpaired_rows(256, seed=7))
+    write_jsonl(unpaired_eval, unpaired_rows(64, seed=8))
+    return {"pairs_train": train, "pairs_eval": eval_, "unpaired_train": unpaired_train,
+            "unpaired_eval": unpaired_eval}
 
 
 def build_long_context_assets(root: str | Path) -> dict[str, Path]:

@@ -42,11 +42,10 @@ from peftkit.classify import example_loss_sum
 from peftkit.data import step_windows
 from peftkit.data.classification import ClassificationCollator
 from peftkit.data.packing import flatten
-from peftkit.data.preference import PairCollator
 from peftkit.errors import PeftkitError, Stopped
 from peftkit.evaluate import token_loss_sum
 from peftkit.loss import labelled_count
-from peftkit.preference import SUMS, PreferenceLoss, figures
+from peftkit.preference import objective_loss
 from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import atomic_write_text, unlink_durably
 from peftkit.progress import TrainProgress
@@ -169,7 +168,7 @@ def _loop(run: Run, state: LoopState) -> None:
     cfg, tcfg = run.cfg, run.cfg.training
     # Global micro-batches: every process draws the same rows and trains on its slice (`_step`).
     collate = (ClassificationCollator(run.tok.pad_token_id) if cfg.classification else
-               PairCollator(run.tok.pad_token_id) if cfg.training.pairs else None)
+               run.train_ex.collator(run.tok.pad_token_id) if cfg.training.pairs else None)
     stream = step_windows(run.train_ex, tcfg.batch_size * run.accelerator.num_processes, tcfg.grad_accum, tcfg.seed,
                           cfg.data.shuffle, run.tok.pad_token_id, start=state.step, num_workers=cfg.data.num_workers,
                           collate=collate, pin_memory=run.accelerator.device.type == "cuda",  # copies then run async
@@ -240,13 +239,14 @@ def _step(run: Run, window: list[dict], tokens: int,
     pairs = tcfg.pairs
     if run.cfg.classification:
         n_label, loss_fn = sum(len(b["labels"]) for b in window), example_loss_sum
-    elif pairs:
-        n_label, loss_fn = sum(len(b["labels"]) // 2 for b in window), PreferenceLoss.of(tcfg)
+    elif pairs:  # (KTO's: its examples, each with its mismatched one)
+        objective = objective_loss(tcfg, accelerator)
+        n_label, loss_fn = sum(len(b["labels"]) // 2 for b in window), objective
     else:
         n_label, loss_fn = sum(labelled_count(b["labels"]) for b in window), token_loss_sum
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
-    pair_sums = torch.zeros(len(SUMS) - 1, device=accelerator.device) if pairs else None  # the rewards' sums
+    pair_sums = torch.zeros(len(objective.SUMS) - 1, device=accelerator.device) if pairs else None  # the rewards' sums
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
     for i, batch in enumerate(window):
         batch = distributed.shard(batch, rank, world, state.trimmed_slices,  # (a resumed run: as it began)
@@ -264,7 +264,7 @@ def _step(run: Run, window: list[dict], tokens: int,
     trained = {}  # a DPO step's mean rewards, reward accuracy and margin, as TRL logs them
     if pairs:  # (summed across the processes with the loss: still one sync)
         loss_sum, *rest = distributed.total(accelerator, torch.cat([loss_sum[None], pair_sums])).unbind()
-        trained = {k: v for k, v in figures(torch.stack([loss_sum, *rest])).items() if k != "loss"}
+        trained = {k: v for k, v in objective.figures(torch.stack([loss_sum, *rest])).items() if k != "loss"}
     loss_value = float(distributed.total(accelerator, loss_sum) if not pairs else loss_sum) / n_label  # one sync
     reg_value = _regularize(run)
     if not math.isfinite(loss_value + (reg_value or 0.0)):

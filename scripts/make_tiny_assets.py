@@ -1,7 +1,7 @@
 """Build the quickstart's tiny Llama-architecture model, character tokenizer and data, and the classification
 recipe's tiny BERT encoder and sentiment data, multitask prompt tuning's source-task data, and the long-context
-recipe's 64-position copy of the tiny Llama, a tiny Mixtral (recipes/methods/lora_moe.yaml), and recipes/dpo.yaml's answer
-pairs, offline.
+recipe's 64-position copy of the tiny Llama, a tiny Mixtral (recipes/methods/lora_moe.yaml), recipes/dpo.yaml's answer
+pairs and recipes/kto.yaml's unpaired answers, offline.
 
     python scripts/make_tiny_assets.py [ROOT]     # default ROOT: artifacts/
 

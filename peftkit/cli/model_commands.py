@@ -111,7 +111,7 @@ def eval_cmd(
     model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification | "
-                                               "preference; default: the recipe's, else alpaca.")] = None,
+                                               "preference | unpaired; default: the recipe's, else alpaca.")] = None,
     adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory (or hub id user/name[@REV]) to apply. Repeat "
                                                          "as NAME=DIR to compare several with the base.")] = None,
     merged: Annotated[Optional[list[str]], typer.Option("--merged", metavar="NAME=DIR", help="NAME=DIR: a merged model to add to the "

@@ -8,7 +8,8 @@ import json
 import re
 
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
-                   "text": ("text",), "classification": ("text", "label"), "preference": ("chosen", "rejected")}
+                   "text": ("text",), "classification": ("text", "label"), "preference": ("chosen", "rejected"),
+                   "unpaired": ("prompt", "completion", "label")}
 OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",), "preference": ("prompt",)}  # may be absent or null; a string when given
 
 
@@ -262,6 +263,10 @@ def _row_problem(row: dict, fmt: str, target: bool = True, train_on: str = "answ
         from peftkit.data.preference import pair_problem
 
         return pair_problem(row)
+    if fmt == "unpaired":  # a prompt, an answer and its label, the answer read as a completion or a conversation
+        from peftkit.data.unpaired import unpaired_problem
+
+        return unpaired_problem(row)
     if fmt == "chat" and "messages" not in row and "conversations" in row:  # (a well-formed one is converted)
         return f"'conversations' must be a list of {{from, value}} objects (ShareGPT's turns: from {SHAREGPT_SPEAKERS})"
     if row.get(SHAREGPT):

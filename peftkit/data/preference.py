@@ -134,6 +134,10 @@ class Pairs(Sequence):
         """Each pair's task id (its answers'; None without one): multitask prompt tuning's."""
         return [self.examples[2 * i].task_id for i in range(len(self))]
 
+    def collator(self, pad_id: int) -> PairCollator:
+        """What makes batches of these pairs."""
+        return PairCollator(pad_id)
+
 
 class PairCollator:
     """Right-pads a list of pairs to their longest answer: rows chosen, rejected, chosen, rejected, ... (a pair's two
@@ -144,9 +148,9 @@ class PairCollator:
         self.rows = Collator(pad_id)
 
     def __call__(self, pairs: list[tuple[Example, Example, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
-        batch = self.rows([e for chosen, rejected, _ in pairs for e in (chosen, rejected)])
+        batch = self.rows([e for chosen, rejected, *_ in pairs for e in (chosen, rejected)])
         if pairs and pairs[0][2] is not None:
-            batch["reference_logps"] = torch.stack([ref for *_, ref in pairs]).flatten()
+            batch["reference_logps"] = torch.stack([ref for _, _, ref, *_ in pairs]).flatten()
         return batch
 
 

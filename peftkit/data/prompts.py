@@ -76,6 +76,12 @@ def row_prompt(tok, row: dict, fmt: str, train_on: str = "answers", targets: boo
 def _prompt_of(tok, row: dict, cfg: DataConfig, targets: bool) -> Prompt | None:
     """`row_prompt` of a valid row of `cfg`'s format; a preference pair's is its prompt, asked as its chosen answer's
     example is built (a completion's prompt, or the conversation before the answer), the chosen answer the reference."""
+    if cfg.format == "unpaired":  # its prompt, its answer the reference (desirable or not: as the row says)
+        from peftkit.data.unpaired import compose, split_unpaired
+
+        kind, parts, _ = split_unpaired(row)
+        answer = format_rows([compose(kind, parts)], cfg.model_copy(update={"format": kind, "columns": {}}))[0]
+        return row_prompt(tok, answer, kind, cfg.train_on, targets)
     if cfg.format != "preference":
         return row_prompt(tok, row, cfg.format, cfg.train_on, targets)
     from peftkit.data.preference import split_pair

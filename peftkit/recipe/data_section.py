@@ -33,7 +33,7 @@ class DataSource(Section):
     columns: dict[str, str] | None = None
     """Its columns for the format's fields (as data.columns, which it replaces for this dataset); default
     data.columns."""
-    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference"] | None = None
+    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference", "unpaired"] | None = None
     """The format its rows are read and tokenized in (axolotl's per-dataset `type:`), to mix alpaca rows with
     conversations; default data.format, which data.eval and generation's prompts are read in. Not `classification`
     nor `preference` (a classifier's datasets are all data.format classification, a DPO run's all preference)."""
@@ -93,10 +93,11 @@ class DataConfig(Section):
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `train` and `eval` when they are hub datasets. A run records a digest
     of the rows it read, so `--resume` and `verify` tell when a branch has moved; pin a commit to read the same rows."""
-    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference"] = "alpaca"
+    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference", "unpaired"] = "alpaca"
     """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text;
     classification: text, label and optional text_pair (model.task: sequence_classification); preference: prompt,
-    chosen, rejected (training.objective: dpo; `peftkit.data.preference`). Not set, where every
+    chosen, rejected (training.objective: dpo; `peftkit.data.preference`); unpaired: prompt, completion and a true/false
+    label (training.objective: kto; `peftkit.data.unpaired`). Not set, where every
     dataset of a data.train list names one format and a set of data.eval none: that one (`_format_of_the_datasets`)."""
     max_length: int = Field(512, gt=0)
     """Examples are truncated to this many tokens; one with no target token left is dropped (and counted)."""
@@ -160,14 +161,14 @@ class DataConfig(Section):
         entries += [(f"data.eval.{name}", e) for name, e in self.eval.items() if isinstance(e, DataSource)] \
             if isinstance(self.eval, dict) else []
         for i, entry in entries:
-            if entry.format in ("classification", "preference"):
+            if entry.format in ("classification", "preference", "unpaired"):
                 raise ValueError(f"{i}.format: {entry.format} is data.format's alone: a "
-                                 f"{'classifier' if entry.format == 'classification' else 'DPO run'}'s datasets are "
+                                 f"{ {'classification': 'classifier', 'preference': 'DPO run'}.get(entry.format, 'KTO run')}'s datasets are "
                                  f"all read as data.format {entry.format}; remove it")
             if entry.format is not None and self.format == "classification":
                 raise ValueError(f"{i}.format: a classifier's datasets are all read as data.format "
                                  "classification (text, label, optional text_pair); remove it")
-        chat = self.format in ("chat", "preference") or any(entry.format == "chat" for _, entry in entries)
+        chat = self.format in ("chat", "preference", "unpaired") or any(entry.format == "chat" for _, entry in entries)
         said = f"data.format is {self.format}" + (", and no dataset of data.train is chat" if entries else "")
         if self.system_prompt is not None and not chat:
             raise ValueError(f"data.system_prompt is the system message of chat conversations, and {said}; remove "

@@ -12,8 +12,8 @@ from pydantic import Field, field_validator, model_validator
 
 from peftkit.errors import did_you_mean
 from peftkit.methods import AdapterConfig, default_adapter, method_of
-from peftkit.metrics import (CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, METRICS, PREFERENCE_METRICS,
-                             REWARDS)
+from peftkit.metrics import (CLASSIFICATION_METRICS, GENERATION_METRICS, KTO_METRICS, LOSS_METRICS, METRICS,
+                             PREFERENCE_METRICS, REWARDS)
 from peftkit.recipe.data_section import (  # noqa: F401  (DataSource, is_hub_dataset: re-exported)
     DATA_EXTENSIONS, DataConfig, DataSource, _own_format, is_hub_dataset)
 from peftkit.section import Section, TargetRegex  # noqa: F401  (re-exported by peftkit.recipe)
@@ -222,7 +222,7 @@ class TrainingConfig(Section):
     loraplus_lr_embedding: float = Field(1e-6, gt=0)
     """LoRA+ only: the learning rate of an embedding's LoRA (lora_embedding_A/B), peft's `loraplus_lr_embedding`
     and its default."""
-    objective: Literal["sft", "dpo", "orpo", "simpo", "reward"] = "sft"
+    objective: Literal["sft", "dpo", "orpo", "simpo", "reward", "kto"] = "sft"
     """sft: the next-token loss on the answers (supervised fine-tuning). The others train on data.format preference
     (a prompt, a chosen and a rejected answer) to raise the chosen answer's likelihood over the rejected's. dpo:
     Direct Preference Optimization (Rafailov et al. 2023), relative to a frozen reference's likelihoods: the model
@@ -230,7 +230,9 @@ class TrainingConfig(Section):
     (as TRL's DPOTrainer takes them for a PEFT model; no second copy is held). orpo (Hong et al. 2024) and simpo
     (Meng et al. 2024): no reference, on the answers' mean log-probability per token. reward: a reward model (the
     Bradley-Terry loss of InstructGPT, Ouyang et al. 2022; TRL's RewardTrainer), model.task sequence_classification
-    with one output, the score of the prompt and an answer: -log sigmoid(score(chosen) - score(rejected))."""
+    with one output, the score of the prompt and an answer: -log sigmoid(score(chosen) - score(rejected)). kto:
+    Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on data.format unpaired (a prompt, one answer and whether
+    it is desirable), relative to a reference as dpo's, as TRL's KTOTrainer computes it."""
     dpo_beta: float = Field(0.1, gt=0)
     """dpo: how far the adapter may move from the reference (TRL's `beta`, its default): the rewards are beta x the
     log-likelihood ratios; smaller lets it go further."""
@@ -248,9 +250,18 @@ class TrainingConfig(Section):
     """reward: the weight of a penalty on the mean of a pair's two scores, squared, keeping them near 0 (Eisenstein
     et al. 2023; TRL's `center_rewards_coefficient`, which suggests 0.01). 0: off."""
 
+    kto_beta: float = Field(0.1, gt=0)
+    """kto: the rewards are beta x the log-likelihood ratios to the reference (TRL's `beta`, its default)."""
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    """kto: the weight of a desirable answer's loss (TRL's `desirable_weight`); with more desirable than undesirable
+    answers, the paper suggests weights that make desirable x count over undesirable x count between 1 and 4/3."""
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+    """kto: the weight of an undesirable answer's loss (TRL's `undesirable_weight`)."""
+
     @property
     def pairs(self) -> bool:
-        """The objective trains on pairs of answers (data.format preference): dpo, orpo, simpo, reward."""
+        """The objective trains on pairs of rows (data.format preference: dpo, orpo, simpo, reward; kto: data.format
+        unpaired, each answer with its mismatched one for the KL estimate, `peftkit.data.unpaired`)."""
         return self.objective != "sft"
     early_stopping: EarlyStoppingConfig | None = None
     """Stop early when the eval metric stops improving (needs data.eval and training.eval_steps). null: off."""
@@ -479,6 +490,7 @@ class Recipe(Section):
                 self._check_eval_set(key, metric, name)
             # a classifier computes its loss, accuracy and macro_f1 (no perplexity), whatever eval.metrics lists
             computed = (("loss", *CLASSIFICATION_METRICS) if self.classification else
+                        ("loss", *KTO_METRICS, *REWARDS) if self.training.objective == "kto" else
                         ("loss", *PREFERENCE_METRICS, *REWARDS) if self.training.pairs else
                         (*LOSS_METRICS, *self.eval.metrics))
             if figure not in computed:
@@ -547,15 +559,21 @@ def _check_long_context(recipe: Recipe) -> None:
 
 
 _OBJECTIVE_KEYS = {"dpo_beta": "dpo", "dpo_loss": "dpo", "orpo_lambda": "orpo", "simpo_beta": "simpo",
-                   "simpo_gamma": "simpo", "reward_center": "reward"}
+                   "simpo_gamma": "simpo", "reward_center": "reward", "kto_beta": "kto", "kto_desirable_weight": "kto",
+                   "kto_undesirable_weight": "kto"}
 """training's keys of one preference objective."""
 
 
 def _check_objective(recipe: Recipe) -> None:
-    """training.objective dpo, orpo, simpo or reward and data.format: preference go together, with what a pair's loss
-    allows; reward with a classifier of one output."""
+    """training.objective dpo, orpo, simpo or reward and data.format: preference go together, kto and unpaired, with
+    what their loss allows; reward with a classifier of one output."""
     data, tcfg = recipe.data, recipe.training
-    if tcfg.pairs != (data.format == "preference"):
+    if (tcfg.objective == "kto") != (data.format == "unpaired"):
+        raise ValueError(
+            f"training.objective is {tcfg.objective} and data.format is {data.format}: KTO trains on unpaired answers "
+            "(data.format: unpaired: prompt, completion and a true/false label) and that format is for it; set "
+            "training.objective: kto with data.format: unpaired, or neither")
+    if (tcfg.pairs and tcfg.objective != "kto") != (data.format == "preference"):
         raise ValueError(
             f"training.objective is {tcfg.objective} and data.format is {data.format}: DPO, ORPO, SimPO and reward "
             "models train on pairs of answers (data.format: preference: prompt, chosen, rejected) and that format is "
@@ -576,9 +594,14 @@ def _check_objective(recipe: Recipe) -> None:
     if data.packing:
         raise ValueError(f"data.packing: a {tcfg.objective} batch holds each pair's two answers side by side, one a "
                          "row; set data.packing: false")
-    if tcfg.objective == "dpo" and recipe.model.long_context is not None and recipe.model.long_context.s2_attention:
-        raise ValueError("model.long_context.s2_attention: DPO compares the adapted model's log-probabilities with "
-                         "the reference's, computed with full attention as the evaluations are, and S²-Attn would "
+    if tcfg.objective == "kto" and tcfg.batch_size < 2:
+        raise ValueError("training.batch_size: 1: KTO estimates the KL term from each answer's prompt with another row's "
+                         "answer of the same batch, and a batch of one has none (the estimate would be the answer's own "
+                         "reward, as TRL says); use a batch_size of at least 2")
+    if tcfg.objective in ("dpo", "kto") and recipe.model.long_context is not None and \
+            recipe.model.long_context.s2_attention:
+        raise ValueError(f"model.long_context.s2_attention: {tcfg.objective.upper()} compares the adapted model's "
+                         "log-probabilities with the reference's, computed with full attention as the evaluations are, and S²-Attn would "
                          "compute the adapted model's in training with another attention: the rewards would measure "
                          "the difference; remove model.long_context (or set s2_attention: false)")
     if data.train_on != "answers":

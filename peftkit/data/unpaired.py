@@ -1,0 +1,176 @@
+"""`data.format: unpaired` (training.objective: kto): rows of a prompt, one answer and a `label` saying whether the
+answer is desirable (true: a thumbs-up) or not (false), TRL's unpaired preference datasets -> examples, each with
+the mismatched example KTO's KL estimate scores beside it -> padded batches.
+
+A row is one of (TRL's standard and conversational forms):
+- text: `prompt`, `completion` strings; the answer is tokenized as data.format completion tokenizes the row (the
+  prompt, then the answer and EOS, the loss on the answer).
+- a conversation: `prompt` a list of messages, `completion` a list of messages (or a string: one assistant message);
+  rendered by the chat template as data.format chat renders it, the loss on the answer's assistant turns.
+
+KTO (Ethayarajh et al. 2024) compares each answer's log-likelihood ratio to the reference with a batch's estimate of
+the KL divergence between the policy and the reference, taken on mismatched (prompt, answer) pairs: as TRL's
+KTOTrainer builds them, within each run of `chunk` rows (a global micro-batch's, training.batch_size x processes, for data.train; eval.batch_size for an
+evaluation set) in the data's order, row i's prompt with the answer of the row before it (the first with the last's).
+Each example is stored with its mismatched example after it (example at 2i, mismatched at 2i + 1) in one `Examples`,
+so that the reference's log-probabilities of both are computed once, before training, as DPO's pairs' are
+(`peftkit.preference.reference_logps`), and a batch (or a process's share of it) holds an example with its own. An
+example is kept or dropped by its own length (data.max_length, data.truncation); its mismatched one is cut to
+data.max_length, as TRL cuts it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from peftkit.data.examples import _built_examples, no_examples_error, truncation_error, usable_row
+from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
+from peftkit.data.preference import PairCollator, Pairs, _in_row_words, _keep
+from peftkit.data.rows import Locations, row_location
+from peftkit.data.sources import read_rows
+from peftkit.data.stored import Examples
+from peftkit.data.examples import _TargetCuts
+from peftkit.errors import PeftkitError
+from peftkit.recipe import DataConfig
+
+
+def split_unpaired(row: dict) -> tuple[str, tuple, bool] | str:
+    """(the format the answer is read in, `completion` or `chat`; its parts, (prompt, answer, extra fields), which
+    `compose` makes the row of; whether it is desirable) of an unpaired row, or what makes it unusable (in the row's
+    own words: `completion[0].content`)."""
+    prompt, answer, label = row.get("prompt"), row.get("completion"), row.get("label")
+    for key, value in (("prompt", prompt), ("completion", answer), ("label", label)):
+        if value is None:
+            return f"missing field '{key}'"
+    if not isinstance(label, bool):
+        return f"field 'label' must be true (a desirable answer) or false (an undesirable one), got {label!r}"
+    if isinstance(prompt, str) and isinstance(answer, str):  # text
+        parts = (prompt, answer, {})
+        return problem if (problem := _row_problem(compose("completion", parts), "completion")) else \
+            ("completion", parts, label)
+    answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+    for key, value in (("prompt", prompt), ("completion", answer)):
+        if not (isinstance(value, list) and all(isinstance(m, dict) for m in value)):
+            return f"field '{key}' must be a list of {{role, content}} messages (or, for the completion, a string)"
+    if not any(m.get("role") == "assistant" for m in answer):
+        return "'completion' has no assistant message: nothing of it to learn"
+    context = [{k: v for k, v in m.items() if k not in TRAIN_KEYS} | ({TRAIN: False} if m.get("role") == "assistant"
+                                                                        else {}) for m in prompt]
+    parts = (context, answer, {k: row[k] for k in ("tools",) if row.get(k) is not None})
+    if problem := _row_problem(compose("chat", parts), "chat"):
+        return _in_row_words(problem, len(context), "completion", {"prompt": prompt})
+    return "chat", parts, label
+
+
+def compose(kind: str, parts: tuple) -> dict:
+    """The row of data.format `kind` (completion or chat) of a prompt, an answer and a conversation's extra fields."""
+    prompt, answer, extra = parts
+    if kind == "completion":
+        return {"prompt": prompt, "completion": answer}
+    return _with_call_arguments(_without_empty_calls({"messages": prompt + answer} | extra))
+
+
+def unpaired_problem(row: dict) -> str | None:
+    """What makes an unpaired row unusable (`peftkit.data.formats._row_problem`'s, for data.format unpaired)."""
+    split = split_unpaired(row)
+    return split if isinstance(split, str) else None
+
+
+def mismatched(parts: list[tuple], chunk: int) -> list[tuple]:
+    """Each row's mismatched parts (KTO's KL estimate): within each run of `chunk` rows, row i's prompt with the
+    answer of the row before it, the first's with the last's (TRL's KTOTrainer's `KL_completion_ids`)."""
+    out = []
+    for start in range(0, len(parts), chunk):
+        run = parts[start:start + chunk]
+        out += [(prompt, run[i - 1][1], extra) for i, (prompt, _, extra) in enumerate(run)]
+    return out
+
+
+class Unpaired(Pairs):
+    """An unpaired dataset's examples: item i is (example, its mismatched example, their reference log-probabilities
+    or None, whether the answer is desirable), from `examples` 2i and 2i + 1 (`Pairs`' layout, so that batches and
+    the reference's computation treat them as DPO's pairs)."""
+
+    def __init__(self, examples: Examples, desirable: list[bool]) -> None:
+        super().__init__(examples)
+        self.desirable = desirable
+
+    def __getitem__(self, i: int):  # type: ignore[override]
+        i = range(len(self))[i]
+        return (*super().__getitem__(i), self.desirable[i])
+
+    def collator(self, pad_id: int) -> UnpairedCollator:
+        return UnpairedCollator(pad_id)
+
+
+class UnpairedCollator(PairCollator):  # (defined after Unpaired, which names it: annotations are lazy)
+    """`PairCollator`'s batch (rows example, mismatched, example, ...) and each row's example's label, `desirable`
+    (a row's: a process's share of a batch is cut by rows, `peftkit.distributed.shard`)."""
+
+    def __call__(self, items: list) -> dict[str, torch.Tensor]:
+        batch = super().__call__([item[:3] for item in items])
+        batch["desirable"] = torch.tensor([item[3] for item in items for _ in range(2)], dtype=torch.bool)
+        return batch
+
+
+def load_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, chunk: int,
+                  tasks: bool = False) -> tuple[Unpaired, dict]:
+    """The examples of `source` (one path or hub id at `split`, or data.train's list), each with its mismatched
+    example (within runs of `chunk` rows), and their counts, the keys `describe_stats` prints. Not cached: the
+    mismatched examples depend on `chunk`."""
+    built, desirable, stats, name, line_numbers = build_unpaired(tok, source, split, cfg, chunk, tasks)
+    examples, kept, cuts = Examples(), [], _TargetCuts()
+    for (example, other), label in zip(built, desirable, strict=True):
+        if _keep(example, example, cfg, stats, cuts):
+            examples.append(example.example)
+            examples.append(other.example)
+            kept.append(label)
+    stats["examples"] = len(kept)
+    if cfg.truncation == "error" and cuts.first is not None:
+        raise PeftkitError(truncation_error(cuts, cfg))
+    if not kept:
+        raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
+    return Unpaired(examples, kept), stats
+
+
+def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, chunk: int, tasks: bool = False):
+    """(each usable row's example and mismatched example as `BuiltExample`s, its label, the counts so far, the
+    data's name and line numbers). A bad row raises under data.on_bad_rows: error, naming its FILE:LINE."""
+    rows, skipped, line_numbers, name = read_rows(source, split, cfg)
+    stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,
+             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
+             "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
+             "dropped_message_first": None, "examples": 0}
+    kept, fmt = [], None
+    for i, row in enumerate(rows):
+        at = row_location(name, i, line_numbers)
+        parsed = split_unpaired(row) if isinstance(row, dict) else None
+        if not isinstance(parsed, tuple):
+            usable_row(row, cfg, at)  # a bad row: said under data.on_bad_rows: error (naming it), else skipped
+            stats["bad_rows"] += 1
+            continue
+        kind, answer, label = parsed  # (answer: its parts)
+        if fmt is not None and kind != fmt:
+            raise PeftkitError(f"{at}: a {'conversation' if kind == 'chat' else 'text answer'} in a dataset whose first "
+                               f"row is a {'conversation' if fmt == 'chat' else 'text answer'}; give every row of a "
+                               "dataset the same form")
+        fmt = kind
+        kept.append((at, answer, label, {"task": row["task"]} if tasks and "task" in row else {}))
+    if not kept:
+        return [], [], stats, name, line_numbers
+    if fmt == "completion" and (key := next((k for k in ("system_prompt", "chat_template") if getattr(cfg, k)), None)):
+        raise PeftkitError(f"data.{key}: {name} holds text answers (prompt and completion strings), which no chat "
+                           f"template renders, so data.{key} would be ignored; remove it, or give the rows as "
+                           "conversations (prompt and completion as lists of messages)")
+    own = cfg.model_copy(update={"format": fmt, "columns": {}})
+    parts = [p for _, p, _, _ in kept]
+    both = format_rows([r for part, other, (*_, task) in zip(parts, mismatched(parts, chunk), kept, strict=True)
+                        for r in (compose(fmt, part) | task, compose(fmt, other) | task)], own)
+    doubled = Locations(at for at, *_ in kept for _ in range(2))
+    doubled.parts = []
+    built = list(_built_examples(tok, both, own, name, doubled, range(len(both)), tasks))
+    return list(zip(built[::2], built[1::2], strict=True)), [label for _, _, label, _ in kept], stats, name, line_numbers
+
+
+__all__ = ["Unpaired", "UnpairedCollator", "build_unpaired", "load_unpaired", "mismatched", "split_unpaired",
+           "unpaired_problem"]

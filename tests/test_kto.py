@@ -1,0 +1,186 @@
+"""training.objective: kto on data.format: unpaired: the rows and their mismatched examples as tokenized, the loss
+against its formula and against TRL's KTOTrainer, a run's evaluation again through `peftkit eval`, and the recipe's
+and the data's errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import cli_user_error, load_fp32, make_recipe, save_random_adapter
+from peftkit.data import IGNORE_INDEX
+from peftkit.data.unpaired import load_unpaired, mismatched
+from peftkit.kto import KTOLoss
+from peftkit.modeling import load_tokenizer
+from peftkit.recipe import DataConfig, ModelConfig, load_recipe
+from peftkit.tiny import write_jsonl
+from peftkit.train import train
+
+
+def _row(a: int, b: int, good: bool) -> dict:
+    return {"prompt": f"{a}+{b}=", "completion": str(a + b) if good else str(-a - b), "label": good}
+
+
+@pytest.fixture(scope="module")
+def unpaired_data(tmp_path_factory) -> dict[str, Path]:
+    """Sums, the right answer desirable and its negative not, in a random order."""
+    import random
+
+    root, rng = tmp_path_factory.mktemp("unpaired"), random.Random(0)
+    for name, n in (("train", 32), ("eval", 8)):
+        write_jsonl(root / f"{name}.jsonl", [_row(rng.randint(1, 50), rng.randint(1, 50), rng.random() < 0.5)
+                                             for _ in range(n)])
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def _kto_recipe(tmp_path: Path, model: Path, data: dict, **training) -> Path:
+    return make_recipe(tmp_path, model, data, data={"format": "unpaired", "max_length": 64},
+                       adapter={"dropout": 0.0}, training={"objective": "kto", "lr": 2e-2, **training})
+
+
+def _tok(model: Path):
+    return load_tokenizer(ModelConfig(name_or_path=str(model)))
+
+
+def test_each_answer_s_mismatched_example_is_its_prompt_with_the_answer_before_it_in_its_batch(tiny_llama, tmp_path):
+    """Within each run of `chunk` rows (a batch's, as TRL's KTOTrainer pairs them): row i's prompt with the answer of
+    row i - 1, the run's first with its last's; a conversation's prompt keeps its own assistant turn as context."""
+    parts = [(f"p{i}", f"a{i}", {}) for i in range(7)]
+    assert [(p, a) for p, a, _ in mismatched(parts, 3)] == [("p0", "a2"), ("p1", "a0"), ("p2", "a1"), ("p3", "a5"),
+                                                            ("p4", "a3"), ("p5", "a4"), ("p6", "a6")]
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": "2+2?"}]
+    rows = [{"prompt": prompt, "completion": "4", "label": True},
+            {"prompt": [{"role": "user", "content": "3+3?"}], "completion": [{"role": "assistant", "content": "7"}],
+             "label": False}]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    tok = _tok(tiny_llama)
+    data, _ = load_unpaired(tok, str(tmp_path / "rows.jsonl"), None, DataConfig(train="x", format="unpaired"), 2)
+    assert data.desirable == [True, False] and len(data) == 2
+    texts = [tok.decode(e.input_ids) for e in data.examples]
+    trained = [tok.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in data.examples]
+    assert [t[:1] for t in trained] == ["4", "7", "7", "4"]  # example 0, its mismatched (row 1's answer), ...
+    assert "hello" in texts[0] and "hello" in texts[1] and "hello" not in trained[0] + trained[1]
+    assert "3+3?" in texts[2] and "3+3?" in texts[3] and "2+2?" not in texts[3]
+
+
+def test_the_loss_is_kto_s_formula_with_the_kl_estimate_clamped_and_constant():
+    """Hand-computed: the KL estimate is the mean of the mismatched examples' log-ratios (those that count), at least
+    0, and carries no gradient; a desirable answer's loss w_d (1 - sigmoid(beta (r - z))), an undesirable one's
+    w_u (1 - sigmoid(beta (z - r)))."""
+    loss = KTOLoss(beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    logps = torch.tensor([-3.0, -2.0, -4.0, -5.0, -1.0, -9.0], requires_grad=True)  # (example, mismatched) x 3
+    reference = torch.tensor([-3.5, -3.0, -3.0, -5.5, -2.0, -9.0])
+    desirable, real = torch.tensor([True, False, True]), torch.tensor([1.0, 1.0, 0.0])
+    out, reward, kl = loss.examples(logps, reference, desirable, real)
+    z = (1.0 + 0.5) / 2  # the two real mismatched log-ratios
+    r = torch.tensor([0.5, -1.0, 1.0])
+    expected = torch.stack([1 - torch.sigmoid(0.5 * (r[0] - z)), 2.0 * (1 - torch.sigmoid(0.5 * (z - r[1]))),
+                            1 - torch.sigmoid(0.5 * (r[2] - z))])
+    assert torch.allclose(out, expected) and torch.allclose(reward, 0.5 * r) and abs(float(kl) - z) < 1e-7
+    out.sum().backward()
+    assert (logps.grad[1::2] == 0).all() and (logps.grad[0::2] != 0).all()  # z is a constant
+    assert float(loss.examples(logps, reference + 5.0, desirable, real)[2]) == 0.0  # clamped at 0
+
+
+def test_kto_from_an_sft_adapter_trains_as_trl_s_kto_trainer(tiny_llama, tmp_path):
+    """KTO on adapter.init_from (an SFT adapter far from identity) against TRL's KTOTrainer on a PeftModel of it
+    (its reference a frozen copy, as peftkit's is that adapter as training starts), with an undesirable weight of
+    1.5: four SGD steps over the whole batch give TRL's losses, rewards, margins and KL estimates (positive from the
+    second step) at every step, and its adapter."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from peftkit.methods.lora import LoraConfig
+
+    sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                              tmp_path / "sft", seed=2, std=0.3)
+    rows = [_row(3, 4, True), _row(10, 20, True), _row(1, 1, True), _row(7, 8, False)]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    steps, lr, beta = 4, 1.0, 0.3
+    recipe = _kto_recipe(tmp_path, tiny_llama, {"train": tmp_path / "rows.jsonl", "eval": tmp_path / "rows.jsonl"},
+                         max_steps=steps, batch_size=4, optimizer="sgd", lr=lr, scheduler="constant", warmup_steps=0,
+                         kto_beta=beta, kto_undesirable_weight=1.5)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(sft)}
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
+    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps,
+                         learning_rate=lr, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, beta=beta,
+                         undesirable_weight=1.5, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+                         bf16=False)
+    trainer = trl.KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=AutoTokenizer.from_pretrained(tiny_llama))
+    trainer.train()
+    theirs = [x for x in trainer.state.log_history if "loss" in x]
+    assert theirs[-1]["kl"] > 0.1 and theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # the KL term is exercised
+    names = {"loss": "loss", "reward_margin": "rewards/margins", "chosen_reward": "rewards/chosen",
+             "rejected_reward": "rewards/rejected", "kl": "kl"}
+    for a, b in zip(ours, theirs, strict=True):
+        assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in names.items()), (a, b)
+    ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
+    assert set(ours_final) == set(trained)
+    assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
+
+
+def test_a_run_learns_and_eval_gives_its_last_evaluation(tiny_llama, unpaired_data, tmp_path):
+    """A KTO run raises the desirable answers' rewards over the undesirable ones'; `peftkit eval RUN_DIR` and the
+    adapter alone (`--adapter DIR --data FILE --format unpaired`, KTO's defaults: the recipe's beta 0.1 too) give its
+    last evaluation."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    train(load_recipe(_kto_recipe(tmp_path, tiny_llama, unpaired_data, max_steps=12, eval_steps=6)))
+    run = tmp_path / "run"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    assert last["eval_reward_margin"] > 0.1 and last["eval_loss"] < 0.5  # 0.5: every reward 0, the start
+    for args in ([str(run)], ["--adapter", str(run / "adapter"), "--data", str(unpaired_data["eval"]),
+                              "--format", "unpaired"]):
+        result = CliRunner().invoke(app, ["eval", *args, "--json", str(tmp_path / "f.json")])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        got = json.loads((tmp_path / "f.json").read_text())
+        assert got["num_examples"] == 8 and all(abs(got[k] - last[f"eval_{k}"]) <= 1e-5 for k in KTOLoss.FIGURES)
+    assert "Objective: KTO (beta 0.1)" in (run / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"data": {"format": "preference"}}, "KTO trains on unpaired answers (data.format: unpaired"),
+    ({"training": {"objective": "dpo"}}, "training.objective is dpo and data.format is unpaired: KTO trains on"),
+    ({"training": {"batch_size": 1}}, "training.batch_size: 1: KTO estimates the KL term"),
+    ({"training": {"kto_beta": 0.2, "objective": "sft"}, "data": {"format": "alpaca"}},
+     "training.kto_beta is a setting of training.objective: kto"),
+])
+def test_recipe_mistakes_about_kto_are_said_at_their_key(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys,
+                                                         change, said):
+    recipe = _kto_recipe(tmp_path, tiny_llama, unpaired_data)
+    raw = yaml.safe_load(recipe.read_text())
+    for section, keys in change.items():
+        raw[section] |= keys
+    recipe.write_text(yaml.safe_dump(raw))
+    assert said in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+
+
+@pytest.mark.parametrize("row, said", [
+    ({"prompt": "1+1=", "completion": "2"}, "missing field 'label'"),
+    ({"prompt": "1+1=", "completion": "2", "label": "yes"}, "field 'label' must be true (a desirable answer) or false"),
+    ({"prompt": [{"role": "user", "content": "1+1?"}], "completion": [{"role": "user", "content": "2"}],
+      "label": True}, "'completion' has no assistant message"),
+])
+def test_a_bad_row_is_named_by_its_line_and_field(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys, row, said):
+    bad = tmp_path / "bad.jsonl"
+    write_jsonl(bad, [_row(1, 2, True), row])
+    recipe = _kto_recipe(tmp_path, tiny_llama, {"train": bad, "eval": unpaired_data["eval"]})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert f"{bad}:2" in err and said in err, err
