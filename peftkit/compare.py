@@ -105,6 +105,10 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
     from peftkit.evaluate import evaluate_sets
 
     rows = next(iter(sets.values()))  # every set has the same rows (models)
+    if rows[BASE].data_cfg.format == "preference":  # scored against one reference: the base's
+        from peftkit.compare_preference import compare_preference
+
+        return compare_preference(sets, arrow)
     adapters = {name: job.source.adapter for name, job in rows.items() if job.source.adapter}
     alone = {name: key for name, path in adapters.items() if (key := loads_alone(path))}
     adapters = {name: path for name, path in adapters.items() if name not in alone}

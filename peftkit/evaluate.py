@@ -357,13 +357,16 @@ def _preference_loss(cfg: Recipe) -> tuple:
 
 def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
     """A job on data.format: preference pairs reports the DPO figures of an adapter against its reference (the model
-    its DPO training started from): there is no adapter to compare without one, nothing is generated, and a
-    comparison is not supported yet."""
+    its DPO training started from): there is no adapter to compare without one, and nothing is generated. In a
+    comparison (`peftkit.compare_preference`) the reference is the base row, the recipe's model: adapter.init_from,
+    which the recipe's own adapter trained from, is not the candidates' base."""
     from peftkit.preference import FIGURES
 
-    if comparing:
-        raise PeftkitError("A comparison (--adapter NAME=DIR, --merged) of preference pairs (data.format 'preference') "
+    if comparing and job.data_cfg.format == "unpaired":
+        raise PeftkitError("A comparison (--adapter NAME=DIR, --merged) of unpaired answers (data.format 'unpaired') "
                            "is not supported yet: evaluate each adapter on its own, with --adapter DIR.")
+    if comparing:
+        job.init_from = None
     if given := [flag for flag, value in flags.items() if value is not None]:
         raise PeftkitError(f"{', '.join(given)}: preference pairs (data.format 'preference') are scored by the "
                            f"preference figures ({', '.join(FIGURES)}), and nothing is generated; drop "
@@ -377,7 +380,8 @@ def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
         if job.source.model is not None:  # (--model DIR: a merged reward model loads as the classifier it is)
             job.source = replace(job.source, model=job.source.model.model_copy(
                 update={"task": "sequence_classification"}))
-    if not job.source.adapter and job.preference[1] not in ("orpo", "simpo", "reward"):  # (theirs have no reference)
+    # (ORPO's, SimPO's and a reward model's have no reference; a comparison's is its base row)
+    if not comparing and not job.source.adapter and job.preference[1] not in ("orpo", "simpo", "reward"):
         raise PeftkitError(f"A preference evaluation compares an adapter with its base (the reference, as DPO training "
                            f"does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a DPO run's "
                            "directory.")
@@ -512,7 +516,7 @@ def evaluate_preference(jobs: dict) -> dict:
             if job.data_cfg.format == "unpaired" else load_pairs(tok, job.data, job.split, job.data_cfg)[0]
             for name, job in jobs.items()}
     # ORPO and SimPO have no reference: the model as it is scores the pairs
-    model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (first.source.load(),
+    model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (_scorer(first.source),
                                                                                                    lambda: None)
     guard_token_ids(model, tok)
     for name, job in jobs.items():
@@ -530,6 +534,15 @@ def evaluate_preference(jobs: dict) -> dict:
             results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, loss)(model)
         _check_finite_loss(results[name]["loss"], job.source, job.data)
     return results
+
+
+def _scorer(source: ModelSource) -> nn.Module:
+    """The model of an evaluation without a reference (ORPO, SimPO, a reward model): a reward model without an
+    adapter whose head is new (a base's) gets it drawn from seed 0, as a headless classifier's (`_load_classifier`),
+    so that its figures repeat."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return source.load()
 
 
 def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Module, Callable[[], None]]:

@@ -441,8 +441,8 @@ def test_eval_of_a_dpo_run_from_init_from_takes_that_adapter_as_the_reference(ti
 
 def test_eval_of_preference_pairs_refuses_what_it_cannot_compute(tiny_llama, pairs_data, tmp_path, monkeypatch,
                                                                    capsys):
-    """A model without an adapter is its own reference; a comparison, --metrics and --predictions are not for
-    pairs: each said, no traceback."""
+    """A model without an adapter is its own reference; --metrics and --predictions are not for pairs, nor --arrow
+    yet in a comparison (which compares pairs now: tests/test_preference_compare.py): each said, no traceback."""
     recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
     err = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", str(pairs_data["eval"]),
                          "--format", "preference")
@@ -454,8 +454,8 @@ def test_eval_of_preference_pairs_refuses_what_it_cannot_compute(tiny_llama, pai
 
     save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules="all-linear"), adapter, seed=1)
     err = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", f"a={adapter}", "--adapter",
-                         f"b={adapter}")
-    assert "A comparison (--adapter NAME=DIR, --merged) of preference pairs" in err
+                         f"b={adapter}", "--arrow")
+    assert "--arrow on preference pairs (data.format 'preference') is not supported yet" in " ".join(err.split())
     err = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", str(adapter), "--metrics",
                          "exact_match")
     said = " ".join(err.split())

@@ -1,0 +1,198 @@
+"""`peftkit eval --adapter a=DIR --adapter b=DIR [--merged c=DIR]` on preference pairs (data.format: preference): the
+base and each candidate scored on the same pairs by the recipe's preference loss (`PreferenceEval`), in the table
+of `peftkit.compare`.
+
+DPO's losses (sigmoid, ipo, hinge) need a reference: in a comparison it is the base, the comparison's base row (a
+recipe's adapter.init_from is not used: a comparison takes the base only from the recipe). Its log-probabilities
+of the pairs are computed once, on the base that the adapters then share (`ModelSource.load_named`, none active),
+and each adapter, and each merged model, is scored against them; the base row is the base scored against itself,
+as the formula gives it: loss log 2 (sigmoid), rewards and margins 0. ORPO, SimPO and reward models need none:
+each row, the base's included, is scored alone. A reward model's rows each load on their own (a classifier's head
+is its model's), the base as a classifier of one output with a new head drawn from seed 0."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from peftkit.compare import BASE, _adapter_figures
+from peftkit.errors import PeftkitError
+from peftkit.evaluate import EvalJob, _check_finite_loss, evaluate_preference
+
+
+def compare_preference(sets: dict[str | None, dict[str, EvalJob]], arrow=None) -> dict[str | None, dict[str, dict]]:
+    """`compare_sets` on preference pairs: each set's rows' figures (loss, reward_accuracy, reward_margin,
+    chosen_reward, rejected_reward, num_pairs, and an adapter's trainable parameters and size), by set name."""
+    if arrow is not None:
+        raise PeftkitError("--arrow on preference pairs (data.format 'preference') is not supported yet: compare the "
+                           "adapters without --arrow.")
+    rows = next(iter(sets.values()))
+    if _reward_models(rows):
+        results = _each_alone({each: _as_reward_models(jobs) for each, jobs in sets.items()})
+    else:
+        results = _on_the_base(sets)
+    for name, job in rows.items():
+        info = _adapter_figures(job)
+        for each in sets:
+            results[each][name] |= info
+    return results
+
+
+def _reward_models(rows: dict[str, EvalJob]) -> bool:
+    """Whether the rows are reward models (classifiers of one output): the base's recipe says so, or a candidate is
+    one; then every candidate must be one, as a policy's figures and a reward model's scores are not comparable."""
+    candidates = {name: job.source for name, job in rows.items() if name != BASE}
+    scorers = [name for name, source in candidates.items() if source.reward_model()]
+    if classes := next((name for name, source in candidates.items() if source.classifier() and name not in scorers),
+                       None):  # (as `peftkit eval` of it alone says)
+        raise PeftkitError(f"{classes!r} is a classifier of classes, not a reward model (a classifier of one output, "
+                           "training.objective: reward), so it scores no preference pairs; compare it on "
+                           "data.format classification rows.")
+    if not scorers and not rows[BASE].source.classifier():
+        return False
+    if others := [name for name in candidates if name not in scorers]:
+        raise PeftkitError(f"{others[0]!r} is not a reward model (a classifier of one output, training.objective: "
+                           f"reward), and {'the base' if not scorers else repr(scorers[0])} is: a comparison scores "
+                           "reward models, or language models, not both.")
+    return True
+
+
+def _as_reward_models(jobs: dict[str, EvalJob]) -> dict[str, EvalJob]:
+    """Each row's job scoring pairs as a reward model: the Bradley-Terry loss (with the recipe's reward_center), every
+    model loaded as a sequence classifier; a base that is none (a causal LM's --model) with one output, a new head."""
+    first = jobs[BASE]
+    center = first.preference[3] if first.preference[1] == "reward" else 0.0
+    out = {}
+    for name, job in jobs.items():
+        source, model = job.source, job.source.model
+        if model is not None and (name == BASE or not source.adapter):  # the base, a merged model
+            update = {"task": "sequence_classification"}
+            if name == BASE and not source.reward_model():
+                update["num_labels"] = 1
+            source = replace(source, model=model.model_copy(update=update))
+        out[name] = replace(job, source=source, preference=(1.0, "reward", 0.0, center), init_from=None)
+    return out
+
+
+def _each_alone(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None, dict[str, dict]]:
+    """Every row scored on its own model as `peftkit eval` scores it alone (`evaluate_preference`: the model loads once
+    for all the sets)."""
+    rows = next(iter(sets.values()))
+    results = {each: {} for each in sets}
+    for name in rows:
+        figures = evaluate_preference({each: replace(jobs[name], name=_row(name, each)) for each, jobs in sets.items()})
+        for each in sets:
+            results[each][name] = figures[each]
+    return results
+
+
+def _row(name: str, eval_set: str | None) -> str:
+    return name if eval_set is None else f"{name} on {eval_set}"
+
+
+def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None, dict[str, dict]]:
+    """A policy comparison (DPO, ORPO, SimPO): every row's pairs read with its tokenizer, then the base loaded once
+    with the adapters that share it and, for DPO, each set's reference log-probabilities computed on it (no adapter
+    active); then each row scored. An adapter that loads on a model of its own (`loads_alone`: layer_replication
+    stacks the base's layers...), or whose tokenizer reads the pairs otherwise (a chat template of its own), is
+    scored as `peftkit eval --adapter DIR` scores it, against the base it loads over on its own tokens (for
+    layer_replication the stacked base, its DPO run's reference); a merged model loads on its own and is scored
+    against the base's reference."""
+    from peftkit.adapters.named import loads_alone
+    from peftkit.preference import PreferenceLoss
+
+    rows = next(iter(sets.values()))
+    base, loss = rows[BASE], PreferenceLoss(*rows[BASE].preference)
+    tok = base.source.tokenizer()
+    pairs = {each: _pairs(tok, jobs[BASE]) for each, jobs in sets.items()}  # (the data's mistakes first)
+    own = {name: _own_pairs(sets, name, pairs) for name in rows if name != BASE}
+    shared = [(name, job.source.adapter) for name, job in rows.items() if job.source.adapter
+              and not loads_alone(job.source.adapter) and (own[name] is None or not loss.needs_reference)]
+    if loss.needs_reference and (odd := next((n for n, j in rows.items() if own.get(n) and not j.source.adapter),
+                                             None)):
+        raise PeftkitError(f"--merged {odd}: its tokenizer reads the pairs into other tokens than the base's (added "
+                           "tokens, another chat template), so the base's log-probabilities, DPO's reference, are not "
+                           "of its answers; compare it with --model of a base with its tokenizer.")
+    model, named = base.source.load_named(shared) if shared else (base.source.load(), None)
+    _check_fits(model, tok, pairs, {each: jobs[BASE] for each, jobs in sets.items()})
+    if loss.needs_reference:
+        for each, jobs in sets.items():
+            pairs[each].reference = _reference(model, tok, pairs[each], jobs[BASE])
+    results = {each: {} for each in sets}
+    for name, job in rows.items():
+        on = own.get(name) or pairs
+        if name == BASE or name in dict(shared):
+            if named is not None:
+                named.activate(None if name == BASE else name)
+            figures = {each: _score(model, tok.pad_token_id, on[each], jobs[name], loss) for each, jobs in sets.items()}
+        elif job.source.adapter:
+            figures = _each_alone({each: {name: jobs[name]} for each, jobs in sets.items()})
+            figures = {each: figures[each][name] for each in sets}
+        else:
+            figures = _merged(sets, name, on, loss)
+        for each in sets:
+            results[each][name] = figures[each]
+    return results
+
+
+def _own_pairs(sets: dict, name: str, pairs: dict) -> dict | None:
+    """Row `name`'s pairs read with its own tokenizer, by set; None where they are the base's, token for token."""
+    tok = next(iter(sets.values()))[name].source.tokenizer()
+    own = {each: _pairs(tok, jobs[name]) for each, jobs in sets.items()}
+    return None if all(_same_tokens(own[each], pairs[each]) for each in sets) else own
+
+
+def _pairs(tok, job: EvalJob):
+    from peftkit.data.preference import load_pairs
+
+    return load_pairs(tok, job.data, job.split, job.data_cfg)[0]
+
+
+def _check_fits(model: nn.Module, tok, pairs: dict, jobs: dict[str | None, EvalJob]) -> None:
+    """The tokenizer's ids are the model's, and every set's longest answer fits its positions."""
+    from peftkit.data.checks import guard_token_ids
+    from peftkit.decoding import check_room
+
+    guard_token_ids(model, tok)
+    for each, job in jobs.items():
+        check_room(model, max(pairs[each].lengths()), f"longest answer of {job.data}", 0,
+                   "Lower --max-length (the answers are cut to it).")
+
+
+def _reference(model: nn.Module, tok, pairs, job: EvalJob) -> torch.Tensor:
+    """The base's summed log-probabilities of each pair's answers (`reference_logps`), once for every row."""
+    from peftkit.preference import reference_logps
+    from peftkit.progress import work
+    from peftkit.rope_scaling import fresh_dynamic_rope
+
+    with fresh_dynamic_rope(model), work("reference (the base)", len(pairs), "pairs") as advance:
+        return reference_logps(model, pairs, job.batch_size, tok.pad_token_id, advance=advance)
+
+
+def _score(model: nn.Module, pad_id: int, pairs, job: EvalJob, loss) -> dict[str, float]:
+    """`PreferenceEval`'s figures of `model` (as it is now: one adapter active) on `pairs`."""
+    from peftkit.preference import PreferenceEval
+    from peftkit.rope_scaling import fresh_dynamic_rope
+
+    with fresh_dynamic_rope(model):
+        figures = PreferenceEval(pairs, pad_id, job.batch_size, loss)(model)
+    _check_finite_loss(figures["loss"], job.source, job.data)
+    return figures
+
+
+def _merged(sets: dict, name: str, pairs: dict, loss) -> dict:
+    """A merged model's figures on each set's `pairs` (the base's, with DPO's reference), loaded once."""
+    source = next(iter(sets.values()))[name].source
+    model = source.load()
+    tok = source.tokenizer()
+    _check_fits(model, tok, pairs, {each: jobs[name] for each, jobs in sets.items()})
+    return {each: _score(model, tok.pad_token_id, pairs[each], jobs[name], loss) for each, jobs in sets.items()}
+
+
+def _same_tokens(a, b) -> bool:
+    """Whether two readings of the pairs hold the same answers, token for token, label for label."""
+    return len(a.examples) == len(b.examples) and all(
+        (x.input_ids, x.labels, x.task_id) == (y.input_ids, y.labels, y.task_id)
+        for x, y in zip(a.examples, b.examples, strict=True))

@@ -1,0 +1,184 @@
+"""`peftkit eval RECIPE --adapter a=DIR --adapter b=DIR [--merged m=DIR]` on preference pairs: each row's figures
+are those of `peftkit eval` of that model alone (DPO: against the base, computed once; ORPO and reward models: each
+row alone, the base included), and what cannot be compared is said."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.nn import functional as F
+from typer.testing import CliRunner
+
+from conftest import cli_user_error, make_recipe, save_random_adapter
+from peftkit.cli import app
+from peftkit.tiny import write_jsonl
+
+FIGURES = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, Path]:
+    """Sums, the chosen answer right and the rejected one its negative; two eval sets."""
+    import random
+
+    root, rng = tmp_path_factory.mktemp("cmp_pairs"), random.Random(0)
+    for name, n in (("train", 8), ("eval", 6), ("held", 5)):
+        sums = [(rng.randint(1, 50), rng.randint(1, 50)) for _ in range(n)]
+        write_jsonl(root / f"{name}.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)}
+                                             for a, b in sums])
+    return {"train": root / "train.jsonl", "eval": root / "eval.jsonl", "held": root / "held.jsonl"}
+
+
+def _recipe(tmp_path: Path, model: Path, data: dict, eval_sets: dict | None = None, adapter: dict | None = None,
+            model_keys: dict | None = None, **training) -> Path:
+    recipe = make_recipe(tmp_path, model, data, data={"format": "preference", "max_length": 64},
+                         adapter={"dropout": 0.0}, training=training)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = adapter or raw["adapter"]  # (adapter.init_from: the settings are that adapter's)
+    raw["data"]["eval"] = eval_sets or raw["data"]["eval"]
+    raw["model"] |= model_keys or {}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return recipe
+
+
+def _eval(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    out = tmp_path / "figures.json"
+    result = CliRunner().invoke(app, ["eval", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(out.read_text()), result.output
+
+
+def _close(got: dict, want: dict, tol: float = 1e-5) -> bool:
+    return all(abs(got[k] - want[k]) <= tol for k in FIGURES) and got["num_pairs"] == want["num_pairs"]
+
+
+def _lora(model: Path, out: Path, seed: int) -> Path:
+    from peftkit.methods.lora import LoraConfig
+
+    return save_random_adapter(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), out,
+                               seed=seed, std=0.3)
+
+
+def test_a_dpo_comparison_scores_each_row_against_the_base_as_eval_alone_does(tiny_llama, pairs, tmp_path):
+    """Two adapters and one merged, on a recipe with two eval sets and adapter.init_from (which a comparison does not
+    take: its reference is the base): each adapter's figures on each set are `peftkit eval RECIPE --adapter DIR`'s
+    without init_from, its reference computed apart; the merged model's those of its adapter; the base row is the
+    base against itself, loss log 2 and rewards 0; one table per set, with the differences from the base."""
+    a, b = _lora(tiny_llama, tmp_path / "a", 1), _lora(tiny_llama, tmp_path / "b", 2)
+    assert CliRunner().invoke(app, ["merge", "--adapter", str(a), "--output", str(tmp_path / "m")]).exit_code == 0
+    sets = {"main": str(pairs["eval"]), "held": str(pairs["held"])}
+    plain = _recipe(tmp_path / "plain", tiny_llama, pairs, sets, objective="dpo", dpo_beta=0.5)
+    with_init = _recipe(tmp_path / "init", tiny_llama, pairs, sets, {"init_from": str(b)}, objective="dpo",
+                        dpo_beta=0.5)
+    rows, printed = _eval(tmp_path, str(with_init), "--adapter", f"a={a}", "--adapter", f"b={b}", "--merged",
+                          f"m={tmp_path / 'm'}")
+    assert list(rows) == ["held", "main"] and sorted(rows["main"]) == ["a", "b", "base", "m"]
+    for name, adapter in (("a", a), ("b", b)):
+        alone, _ = _eval(tmp_path, str(plain), "--adapter", str(adapter))
+        for each in ("main", "held"):
+            assert _close(rows[each][name], alone[each]), (name, each, rows[each][name], alone[each])
+            assert abs(rows[each]["m"]["loss"] - rows[each]["a"]["loss"]) <= 1e-4
+    for each, n in (("main", 6), ("held", 5)):
+        base = rows[each]["base"]
+        assert abs(base["loss"] - math.log(2)) <= 1e-6 and base["num_pairs"] == n
+        assert base["reward_accuracy"] == base["reward_margin"] == base["chosen_reward"] == 0.0
+    assert "comparison on main" in printed and "comparison on held" in printed
+    assert f"{rows['main']['a']['loss'] - math.log(2):+.4f}" in printed  # the Δ column
+    assert rows["main"]["a"]["trainable_params"] > 0 and "trainable_params" not in rows["main"]["m"]
+
+
+def test_a_merged_model_whose_tokens_are_not_the_base_s_is_refused_under_dpo(tiny_llama, pairs, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The base's reference log-probabilities are of the base's tokens: a merged model whose tokenizer reads the
+    pairs otherwise (an added token) cannot be scored against them, and is refused before any model loads."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_llama, tmp_path / "m")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    tok.add_tokens([f"+{d}" for d in range(1, 10)])  # (each row "a+b=" then reads "+b" as one token)
+    tok.save_pretrained(tmp_path / "m")
+    recipe = _recipe(tmp_path, tiny_llama, pairs, objective="dpo")
+    said = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--merged", f"m={tmp_path / 'm'}")
+    assert ("--merged m: its tokenizer reads the pairs into other tokens than the base's (added tokens, another chat "
+            "template), so the base's log-probabilities, DPO's reference, are not of its answers"
+            ) in " ".join(said.split())
+
+
+def test_an_orpo_comparison_scores_each_row_alone_the_base_included(tiny_llama, pairs, tmp_path):
+    """ORPO has no reference: the base row is `peftkit eval RECIPE` (the base alone), an adapter's its eval alone."""
+    a = _lora(tiny_llama, tmp_path / "a", 3)
+    recipe = _recipe(tmp_path, tiny_llama, pairs, objective="orpo", orpo_lambda=0.5)
+    rows, _ = _eval(tmp_path, str(recipe), "--adapter", f"a={a}")
+    base, _ = _eval(tmp_path, str(recipe))
+    alone, _ = _eval(tmp_path, str(recipe), "--adapter", str(a))
+    assert _close(rows["base"], base) and _close(rows["a"], alone), (rows, base, alone)
+    assert abs(rows["a"]["loss"] - base["loss"]) > 1e-3
+
+
+def _reward_adapter(model: Path, out: Path, seed: int, outputs: int = 1) -> Path:
+    """A SEQ_CLS LoRA of one output (a reward model; `outputs` classes: a classifier) made by peft, far from
+    identity, its head with it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=outputs, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear",
+                                    init_lora_weights=False)).save_pretrained(out)
+    return out
+
+
+def _peft_figures(model: Path, adapter: Path, data: Path) -> dict:
+    """The Bradley-Terry figures of peft's scores, one answer at a time (no padding)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.data.preference import load_pairs
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import DataConfig, ModelConfig
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(model)))
+    base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
+    scorer = PeftModel.from_pretrained(base, adapter).eval()
+    read, _ = load_pairs(tok, str(data), None, DataConfig(train="x", format="preference"))
+    with torch.no_grad():
+        scores = torch.tensor([[scorer(input_ids=torch.tensor([e.input_ids])).logits.item() for e in pair[:2]]
+                               for pair in read])
+    margin = scores[:, 0] - scores[:, 1]
+    return {"loss": float(-F.logsigmoid(margin).mean()), "reward_accuracy": float((margin > 0).float().mean()),
+            "reward_margin": float(margin.mean()), "chosen_reward": float(scores[:, 0].mean()),
+            "rejected_reward": float(scores[:, 1].mean()), "num_pairs": len(read)}
+
+
+def test_a_reward_model_comparison_scores_each_model_alone(tiny_llama, pairs, tmp_path, monkeypatch, capsys):
+    """Two reward adapters compared on --model (a causal LM) without a recipe: each row's figures are `peftkit eval
+    --adapter DIR`'s and peft's scores' (the formula on them); the base row is the base as a classifier of one output,
+    its new head drawn from seed 0: a reward recipe's `peftkit eval RECIPE`. A language model's adapter beside a
+    reward model, and a classifier of classes, are refused, saying why."""
+    r1, r2 = _reward_adapter(tiny_llama, tmp_path / "r1", 1), _reward_adapter(tiny_llama, tmp_path / "r2", 2)
+    data = str(pairs["eval"])
+    rows, _ = _eval(tmp_path, "--model", str(tiny_llama), "--data", data, "--format", "preference",
+                    "--adapter", f"r1={r1}", "--adapter", f"r2={r2}")
+    for name, adapter in (("r1", r1), ("r2", r2)):
+        alone, _ = _eval(tmp_path, "--adapter", str(adapter), "--data", data, "--format", "preference")
+        assert _close(rows[name], alone), (name, rows[name], alone)
+        assert _close(rows[name], _peft_figures(tiny_llama, adapter, pairs["eval"]), 1e-4)
+    recipe = _recipe(tmp_path, tiny_llama, pairs, model_keys={"task": "sequence_classification"}, objective="reward")
+    base, _ = _eval(tmp_path, str(recipe))
+    assert _close(rows["base"], base), (rows["base"], base)
+    lm = _lora(tiny_llama, tmp_path / "lm", 1)
+    said = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", data, "--format",
+                          "preference", "--adapter", f"r1={r1}", "--adapter", f"lm={lm}")
+    assert "'lm' is not a reward model (a classifier of one output, training.objective: reward), and 'r1' is: a " \
+           "comparison scores reward models, or language models, not both." in " ".join(said.split())
+    classes = _reward_adapter(tiny_llama, tmp_path / "c2", 3, outputs=2)
+    said = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", data, "--format",
+                          "preference", "--adapter", f"r1={r1}", "--adapter", f"c2={classes}")
+    assert "'c2' is a classifier of classes, not a reward model" in " ".join(said.split())
