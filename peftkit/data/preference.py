@@ -198,10 +198,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     data.on_bad_rows: error, naming its FILE:LINE (`peftkit preview` shows the pairs `load_pairs` trains). `tasks`:
     each row's `task` is both its answers' (multitask prompt tuning)."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
-    stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,
-             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
-             "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
-             "dropped_message_first": None, "examples": 0}
+    stats = new_stats(len(rows), skipped)
     where = [row_location(name, i, line_numbers) for i in range(len(rows))]
     split_rows, fmt = [], None
     for row, at in zip(rows, where, strict=True):
@@ -230,6 +227,14 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     doubled.parts = []
     built = list(_built_examples(tok, answers, own, name, doubled, range(len(answers)), tasks))
     return list(zip(built[::2], built[1::2], strict=True)), stats, name, line_numbers
+
+
+def new_stats(rows: int, bad_rows: int) -> dict:
+    """The counts `describe_stats` prints, before any row is built (of preference pairs, of unpaired answers)."""
+    return {"rows": rows, "bad_rows": bad_rows, "too_long": 0, "truncated": 0, "target_cut": 0,
+            "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
+            "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
+            "dropped_message_first": None, "examples": 0}
 
 
 def kept_pairs(built: list[tuple[BuiltExample, BuiltExample]], cfg: DataConfig,

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from peftkit.data.examples import _built_examples, no_examples_error, truncation_error, usable_row
+from peftkit.data.examples import _built_examples, _TargetCuts, no_examples_error, truncation_error, usable_row
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
-from peftkit.data.preference import PairCollator, Pairs, _in_row_words, _keep
+from peftkit.data.preference import PairCollator, Pairs, _in_row_words, _keep, new_stats
 from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import read_rows
 from peftkit.data.stored import Examples
-from peftkit.data.examples import _TargetCuts
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
 
@@ -137,10 +136,7 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     """(each usable row's example and mismatched example as `BuiltExample`s, its label, the counts so far, the
     data's name and line numbers). A bad row raises under data.on_bad_rows: error, naming its FILE:LINE."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
-    stats = {"rows": len(rows), "bad_rows": skipped, "too_long": 0, "truncated": 0, "target_cut": 0,
-             "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
-             "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
-             "dropped_message_first": None, "examples": 0}
+    stats = new_stats(len(rows), skipped)
     kept, fmt = [], None
     for i, row in enumerate(rows):
         at = row_location(name, i, line_numbers)
