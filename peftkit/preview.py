@@ -144,6 +144,8 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     tok = load_tokenizer(recipe.model, cfg.chat_template)
     if cfg.format == "preference":
         return preview_pairs(tok, cfg, n, console, show_ids=show_ids)
+    if cfg.format == "unpaired":
+        return preview_unpaired(tok, cfg, recipe.training.batch_size, n, console, show_ids=show_ids)
     rows, bad, line_numbers, name = read_rows(cfg.train, cfg.train_split, cfg)
     tasks = recipe_reads_tasks(recipe)
     shown = list(islice((b for b in build_examples(tok, rows, cfg, name, line_numbers, tasks=tasks)
@@ -204,6 +206,37 @@ def preview_pairs(tok, cfg: DataConfig, n: int, console: Console, *, show_ids: b
     if cfg.truncation == "error" and cuts.first is not None:
         console.print("training would stop: " + truncation_error(cuts, cfg), **out)
     elif not pairs:
+        console.print("training would stop: " + no_examples_error(stats, cfg, name, 0, line_numbers), **out)
+    return [one for pair in built[:n] for one in pair]
+
+
+def preview_unpaired(tok, cfg: DataConfig, chunk: int, n: int, console: Console, *,
+                     show_ids: bool = False) -> list[BuiltExample]:
+    """`preview` of data.format: unpaired (training.objective: kto): each of the first `n` answers, its label, and
+    the mismatched example its KL estimate scores (its prompt with another row's answer, within runs of `chunk`
+    rows: training.batch_size, one process's), then the counts training prints. Returns the examples shown, each
+    answer and its mismatched one in turn."""
+    from peftkit.data.unpaired import build_unpaired, kept_unpaired
+
+    built, desirable, stats, name, line_numbers = build_unpaired(tok, cfg.train, cfg.train_split, cfg, chunk)
+    plain = is_plain(console)
+    out = {"markup": False, "highlight": False, "soft_wrap": True}
+    console.print(f"data.train {cfg.train}: format unpaired, data.max_length {cfg.max_length}, the first "
+                  f"{min(n, len(built))} of {stats['rows']} rows (answers)", **out)
+    console.print(legend(plain), **out)
+    for i, (pair, good) in enumerate(zip(built[:n], desirable, strict=False), 1):
+        for what, one in zip((f"({'desirable' if good else 'undesirable'})", "mismatched (KL estimate)"), pair,
+                             strict=True):
+            console.print()
+            console.print(f"example {i} {what}  {describe_example(one, cfg)}", **out)
+            console.print(render_tokens(tok, one.example, plain=plain, show_ids=show_ids, cut=one.truncated), **out)
+    kept, cuts = kept_unpaired(built, desirable, cfg, stats)
+    console.print()
+    for line in describe_stats(stats, cfg):
+        console.print(line, **out)
+    if cfg.truncation == "error" and cuts.first is not None:
+        console.print("training would stop: " + truncation_error(cuts, cfg), **out)
+    elif not kept:
         console.print("training would stop: " + no_examples_error(stats, cfg, name, 0, line_numbers), **out)
     return [one for pair in built[:n] for one in pair]
 

@@ -337,3 +337,22 @@ def test_preview_of_pairs_says_a_pair_is_dropped_whole_and_names_a_bad_row(tmp_p
     recipe = _pairs_recipe(tmp_path, [rows[0], {"prompt": "1+1=", "chosen": "2"}])
     err = cli_user_error(monkeypatch, capsys, "preview", str(recipe))
     assert f"{data}:2: missing field 'rejected'" in err, err
+
+
+def test_preview_of_unpaired_answers_shows_each_label_and_its_mismatched_example(tmp_path):
+    """A KTO recipe's rows (previously refused: 'this command does not read them yet'): each answer with its label,
+    then its mismatched example (its prompt with the answer of the row before it in its batch: the KL estimate's)."""
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": "2+2=", "completion": "4", "label": True}, {"prompt": "1+1=", "completion": "3", "label": False}]
+    path = _recipe(tmp_path, rows, format="unpaired", max_length=64)
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"training": {"objective": "kto", "batch_size": 2}}))
+    assert _preview(path, n=2) == (
+        f"data.train {data}: format unpaired, data.max_length 64, the first 2 of 2 rows (answers)\n"
+        "legend: [masked: no loss (label -100)] «trained: loss»  ↵ newline  ✂ cut at data.max_length\n"
+        + "".join(f"\nexample {i} {what}  {data}:{i}: 7 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n"
+                  f"[<s>{prompt}]«{answer}</s>»\n"
+                  for i, what, prompt, answer in ((1, "(desirable)", "2+2=", "4"),
+                                                  (1, "mismatched (KL estimate)", "2+2=", "3"),
+                                                  (2, "(undesirable)", "1+1=", "3"),
+                                                  (2, "mismatched (KL estimate)", "1+1=", "4")))
+        + "\n2 training examples\n")

@@ -184,8 +184,8 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
                            "not read them yet.")
     if cfg.format == "unpaired":  # answers with labels: peftkit.data.unpaired, for training.objective: kto
         raise PeftkitError(f"{source}: data.format 'unpaired' rows (a prompt, an answer and its label) are read by "
-                           "peftkit train (training.objective: kto) and eval only; this command does not read them "
-                           "yet.")
+                           "peftkit train (training.objective: kto), preview and eval only; this command does not read "
+                           "them yet.")
     chat = cfg.format == "chat"
     good = [_problem(rows[i], cfg.format, train_on=cfg.train_on) is None for i in span]  # a bad row raises (or is None) in its turn below
     full = None if chat else _full_examples(tok, [rows[i] for i, ok in zip(span, good, strict=True) if ok], cfg.format,

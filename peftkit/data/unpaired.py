@@ -118,6 +118,17 @@ def load_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, c
     example (within runs of `chunk` rows), and their counts, the keys `describe_stats` prints. Not cached: the
     mismatched examples depend on `chunk`."""
     built, desirable, stats, name, line_numbers = build_unpaired(tok, source, split, cfg, chunk, tasks)
+    data, cuts = kept_unpaired(built, desirable, cfg, stats)
+    if cfg.truncation == "error" and cuts.first is not None:
+        raise PeftkitError(truncation_error(cuts, cfg))
+    if not data:
+        raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
+    return data, stats
+
+
+def kept_unpaired(built: list, desirable: list[bool], cfg: DataConfig, stats: dict) -> tuple[Unpaired, _TargetCuts]:
+    """The examples of `build_unpaired` that train (by their own length: data.max_length, data.truncation), each with
+    its mismatched example, counted in `stats`, and the examples that lost their target's end."""
     examples, kept, cuts = Examples(), [], _TargetCuts()
     for (example, other), label in zip(built, desirable, strict=True):
         if _keep(example, example, cfg, stats, cuts):
@@ -125,11 +136,7 @@ def load_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, c
             examples.append(other.example)
             kept.append(label)
     stats["examples"] = len(kept)
-    if cfg.truncation == "error" and cuts.first is not None:
-        raise PeftkitError(truncation_error(cuts, cfg))
-    if not kept:
-        raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
-    return Unpaired(examples, kept), stats
+    return Unpaired(examples, kept), cuts
 
 
 def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, chunk: int, tasks: bool = False):
@@ -168,5 +175,5 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     return list(zip(built[::2], built[1::2], strict=True)), [label for _, _, label, _ in kept], stats, name, line_numbers
 
 
-__all__ = ["Unpaired", "UnpairedCollator", "build_unpaired", "load_unpaired", "mismatched", "split_unpaired",
-           "unpaired_problem"]
+__all__ = ["Unpaired", "UnpairedCollator", "build_unpaired", "kept_unpaired", "load_unpaired", "mismatched",
+           "split_unpaired", "unpaired_problem"]
