@@ -34,11 +34,27 @@ def requested() -> bool:
 def accelerator_kwargs(device: torch.device) -> dict:
     """Accelerator arguments for a DeepSpeed run on `device`: on the CPU (launched as several processes), a gloo
     process group."""
+    if device.type == "cpu":
+        _without_shared_memory_op()
     if device.type != "cpu" or int(os.environ.get("LOCAL_RANK", -1)) == -1:
         return {}
     from accelerate.utils import InitProcessGroupKwargs
 
     return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
+def _without_shared_memory_op() -> None:
+    """DeepSpeed on the CPU builds its shared-memory collective (the C++ op `deepspeed_shm_comm`) as its process group
+    starts, compiling it the first time on a machine: 52 s measured, in every fresh CI machine's first DeepSpeed run.
+    It serves DeepSpeed inference's all-reduce (`inference_all_reduce`), never training's collectives, which go through
+    torch.distributed. Marked unavailable in DeepSpeed's table of compatible ops (which keeps edits to it), as an op
+    it cannot build is, it is not built."""
+    import deepspeed.ops
+
+    try:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (AttributeError, TypeError):  # another DeepSpeed's layout: it builds the op as it would
+        pass
 
 
 def active(accelerator) -> bool:
