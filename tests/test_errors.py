@@ -281,7 +281,8 @@ BAD_VALUES = [
     ("  max_length: 128", "  max_length: 0", "'data.max_length' = 0: must be greater than 0"),
     # Literal choices.
     ("  format: alpaca", "  format: sharegpt",
-     "'data.format' = 'sharegpt': must be one of 'alpaca', 'chat', 'completion', 'text', 'classification' or 'preference'"),
+     "'data.format' = 'sharegpt': must be one of 'alpaca', 'chat', 'completion', 'text', 'classification', "
+     "'preference' or 'unpaired'"),
     ("  optimizer: adamw", "  optimizer: adam",
      "'training.optimizer' = 'adam': must be one of 'adamw', 'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit' "
      "or 'sgd'"),
