@@ -347,9 +347,10 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
                                        prefix=recipe.adapter.num_virtual_tokens if recipe.adapter.method == "prefix_tuning"
                                        else 0)
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
-    # (DPO's reference log-probabilities of data.train's pairs are such batches too, with or without data.eval)
+    # (the reference log-probabilities of data.train's pairs, DPO's, or of KTO's answers and their mismatched
+    # examples, are such batches too, with or without data.eval)
     evaluation = logits_bytes(rows // tcfg.batch_size * recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) \
-        if recipe.data.eval or tcfg.objective == "dpo" else 0
+        if recipe.data.eval or tcfg.objective in ("dpo", "kto") else 0
     return max(logits + layers, evaluation)
 
 

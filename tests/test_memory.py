@@ -145,11 +145,15 @@ def test_evaluation_logits_count_when_larger(tiny_llama, number_data, tmp_path):
     assert estimate_memory(recipe).activations == 5 * 64 * 128 * 102 * 4  # the eval batch's logits and chunks
 
 
-def test_a_dpo_run_s_reference_logits_count_without_data_eval(tiny_llama, number_data, tmp_path):
+@pytest.mark.parametrize("objective, fmt, batch_size", [("dpo", "preference", 1), ("kto", "unpaired", 2)])
+def test_a_dpo_run_s_reference_logits_count_without_data_eval(tiny_llama, number_data, tmp_path, objective, fmt,
+                                                             batch_size):
     """training.objective: dpo computes the reference's log-probabilities of data.train's pairs before training, in
-    batches of eval.batch_size pairs (two rows each), whether or not the recipe has data.eval."""
-    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"batch_size": 1, "objective": "dpo"},
-                                     data={"format": "preference", "eval": None}, eval={"batch_size": 64}))
+    batches of eval.batch_size pairs (two rows each), whether or not the recipe has data.eval; kto too, of each answer
+    and its mismatched example (the KTO estimate left them out: its activations were the training batch's alone)."""
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, number_data,
+                                     training={"batch_size": batch_size, "objective": objective},
+                                     data={"format": fmt, "eval": None}, eval={"batch_size": 64}))
     assert estimate_memory(recipe).activations == 5 * 2 * 64 * 128 * 102 * 4  # the reference batch's logits and chunks
 
 
