@@ -39,6 +39,9 @@ REWARDS = ("chosen_reward", "rejected_reward")
 KTO_METRICS = ("reward_margin", "kl")
 """What a KTO run's evaluations report beside the loss and REWARDS (`peftkit.kto`): the desirable answers' mean reward
 less the undesirable ones', and the KL estimate."""
+LOWER_IS_BETTER = (*LOSS_METRICS, "rejected_reward", "kl")
+"""The figures early stopping and export.best minimize under `mode: auto` (the rest they maximize): the losses, the
+rejected (undesirable) answers' mean reward, and KTO's KL estimate, the policy's drift from the reference."""
 METRICS = GENERATION_METRICS + LOSS_METRICS + CLASSIFICATION_METRICS
 NORMALIZATIONS = ("squad", "strip", "none")
 

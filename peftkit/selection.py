@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from peftkit.metrics import LOSS_METRICS
+from peftkit.metrics import LOWER_IS_BETTER
 
 STATE_FILE = "selection.json"
 WEIGHTS_FILE = "best_adapter.safetensors"
 
 
 def lower_is_better(metric: str, mode: str = "auto") -> bool:
-    """min for loss and perplexity (`general.loss` too), max for task metrics, unless `mode` says which."""
-    return metric.rpartition(".")[2] in LOSS_METRICS if mode == "auto" else mode == "min"
+    """min for loss and perplexity (`general.loss` too), a preference run's rejected_reward and KTO's kl, max for task
+    metrics, unless `mode` says which."""
+    return metric.rpartition(".")[2] in LOWER_IS_BETTER if mode == "auto" else mode == "min"
 
 
 def watched(cfg, metric: str) -> str:

@@ -195,3 +195,22 @@ def test_a_bad_row_is_named_by_its_line_and_field(tiny_llama, unpaired_data, tmp
     recipe = _kto_recipe(tmp_path, tiny_llama, {"train": bad, "eval": unpaired_data["eval"]})
     err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
     assert f"{bad}:2" in err and said in err, err
+
+
+def test_export_best_on_kl_keeps_the_adapter_nearest_the_reference(tiny_llama, unpaired_data, tmp_path):
+    """`kl` (the KL estimate, the policy's drift from the reference) and `rejected_reward` are better lower under
+    mode auto: export.best: kl exports the evaluation of the smallest eval_kl (the earliest of ties). It took the
+    largest, the adapter furthest from the reference."""
+    from peftkit.selection import lower_is_better
+
+    recipe = _kto_recipe(tmp_path, tiny_llama, unpaired_data, max_steps=6, eval_steps=2)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["export"]["best"] = "kl"
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert len({e["eval_kl"] for e in evals}) > 1, evals  # (else any choice passes)
+    best = min(evals, key=lambda e: (e["eval_kl"], e["step"]))
+    assert json.loads((run / "manifest.json").read_text())["metrics"]["best"]["step"] == best["step"]
+    assert lower_is_better("general.rejected_reward") and not lower_is_better("reward_margin")

@@ -113,7 +113,8 @@ class EarlyStoppingConfig(Section):
     """`loss`, `perplexity`, or one of eval.metrics (`exact_match`, ...), of data.eval's primary set; `NAME.loss`,
     ... of its set NAME, where data.eval names several (`general.loss`: eval_general_loss)."""
     mode: Literal["auto", "min", "max"] = "auto"
-    """Whether lower (min) or higher (max) is better; auto: min for loss and perplexity, max for the rest."""
+    """Whether lower (min) or higher (max) is better; auto: min for loss, perplexity, rejected_reward and kl, max for
+    the rest."""
     patience: int = Field(3, gt=0)
     """Evaluations without improvement before the run stops."""
     min_delta: float = Field(0.0, ge=0)
