@@ -372,6 +372,11 @@ def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
                            f"preference figures ({', '.join(FIGURES)}), and nothing is generated; drop "
                            f"{' and '.join(given)}.")
     if job.source.classifier():  # a reward model's pairs are scored by its Bradley-Terry loss
+        if job.data_cfg.format == "unpaired":  # (KTO's figures are a language model's answer log-probabilities)
+            raise PeftkitError(f"{job.source.describe()} is a sequence classifier, which scores an answer and gives "
+                               "it no log-probability, and unpaired answers (data.format 'unpaired') are scored by "
+                               "KTO's figures, a language model's log-probabilities of them against its reference; "
+                               "evaluate a reward model on data.format preference pairs (prompt, chosen, rejected).")
         if not job.source.reward_model():
             raise PeftkitError(f"{job.source.describe()} is a classifier of classes, not a reward model (a classifier "
                                "of one output, training.objective: reward), so it scores no preference pairs; evaluate "

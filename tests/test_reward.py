@@ -204,6 +204,22 @@ def test_a_classifier_of_classes_scores_no_pairs(tiny_llama, reward_data, tmp_pa
     assert "is a classifier of classes, not a reward model" in " ".join(said.split())
 
 
+def test_a_reward_model_on_unpaired_answers_is_refused_saying_why(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A merged reward model (a classifier of one output) on data.format unpaired rows: KTO's figures are a language
+    model's log-probabilities, which a classifier has none of. It stopped with a traceback (row_logps: 'logits of (16,
+    1) positions for labels of ...')."""
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).save_pretrained(tmp_path / "r")
+    load_tokenizer(ModelConfig(name_or_path=str(tiny_llama))).save_pretrained(tmp_path / "r")
+    write_jsonl(tmp_path / "u.jsonl", [{"prompt": "1+1=", "completion": "2", "label": True},
+                                       {"prompt": "2+2=", "completion": "5", "label": False}])
+    said = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tmp_path / "r"), "--data",
+                          str(tmp_path / "u.jsonl"), "--format", "unpaired")
+    assert f"{tmp_path / 'r'} is a sequence classifier, which scores an answer and gives it no log-probability, and " \
+           "unpaired answers (data.format 'unpaired') are scored by KTO's figures" in " ".join(said.split()), said
+
+
 def test_num_labels_1_is_a_reward_model_s_alone(tiny_llama, tmp_path, monkeypatch, capsys):
     write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     recipe = make_recipe(tmp_path, tiny_llama, {"train": tmp_path / "c.jsonl", "eval": tmp_path / "c.jsonl"},
