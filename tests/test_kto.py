@@ -172,6 +172,15 @@ def test_a_comparison_of_unpaired_answers_is_refused_for_now(tiny_llama, unpaire
     ({"training": {"batch_size": 1}}, "training.batch_size: 1: KTO estimates the KL term"),
     ({"training": {"kto_beta": 0.2, "objective": "sft"}, "data": {"format": "alpaca"}},
      "training.kto_beta is a setting of training.objective: kto"),
+    # (said in pairs' terms, "preference data ... (it has two) ... reward_accuracy", "every dataset read as data.format
+    # preference", before)
+    ({"eval": {"metrics": ["exact_match"]}}, "eval.metrics: exact_match score generated answers against a reference, "
+     "which unpaired answers do not have (each is labelled desirable or not); remove them: a kto run's evaluations "
+     "report loss, reward_margin, kl, chosen_reward, rejected_reward"),
+    ({"data": {"train_on": "all"}}, "data.train_on: all: kto compares each answer's likelihood with the reference's"),
+    ({"data": {"packing": True}}, "data.packing: a kto batch holds each answer and its mismatched example side by side"),
+    ({"data": {"eval": {"a": "EVAL", "b": {"path": "EVAL", "format": "alpaca"}}}},
+     "data.eval.b.format: a kto run evaluates unpaired answers, every set read as data.format unpaired; remove it"),
 ])
 def test_recipe_mistakes_about_kto_are_said_at_their_key(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys,
                                                          change, said):
@@ -179,7 +188,7 @@ def test_recipe_mistakes_about_kto_are_said_at_their_key(tiny_llama, unpaired_da
     raw = yaml.safe_load(recipe.read_text())
     for section, keys in change.items():
         raw[section] |= keys
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe.write_text(yaml.safe_dump(raw).replace("EVAL", str(unpaired_data["eval"])))
     assert said in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
 
 

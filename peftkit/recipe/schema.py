@@ -593,8 +593,9 @@ def _check_objective(recipe: Recipe) -> None:
                          "sequence_classification, so use model.task: causal_lm (or training.objective: reward, "
                          "a reward model)")
     if data.packing:
-        raise ValueError(f"data.packing: a {tcfg.objective} batch holds each pair's two answers side by side, one a "
-                         "row; set data.packing: false")
+        held = "each answer and its mismatched example" if tcfg.objective == "kto" else "each pair's two answers"
+        raise ValueError(f"data.packing: a {tcfg.objective} batch holds {held} side by side, one a row; set "
+                         "data.packing: false")
     if tcfg.objective == "kto" and tcfg.batch_size < 2:
         raise ValueError("training.batch_size: 1: KTO estimates the KL term from each answer's prompt with another row's "
                          "answer of the same batch, and a batch of one has none (the estimate would be the answer's own "
@@ -605,22 +606,35 @@ def _check_objective(recipe: Recipe) -> None:
                          "log-probabilities with the reference's, computed with full attention as the evaluations are, and S²-Attn would "
                          "compute the adapted model's in training with another attention: the rewards would measure "
                          "the difference; remove model.long_context (or set s2_attention: false)")
+    _check_pair_data(recipe)
+
+
+def _check_pair_data(recipe: Recipe) -> None:
+    """What a preference (or KTO) run's data may not ask for, said in its objective's terms: KTO's rows are unpaired
+    answers, one each, the others' pairs of a chosen and a rejected answer."""
+    data, tcfg = recipe.data, recipe.training
+    kto = tcfg.objective == "kto"
+    rows, fmt = ("unpaired answers", "unpaired") if kto else ("pairs", "preference")
     if data.train_on != "answers":
-        raise ValueError(f"data.train_on: {data.train_on}: {tcfg.objective} compares the likelihoods of the two "
-                         "answers alone "
-                         "(a prompt's tokens are the same in both); remove data.train_on")
+        compared = ("compares each answer's likelihood with the reference's (the prompt's tokens are not its)" if kto
+                    else "compares the likelihoods of the two answers alone (a prompt's tokens are the same in both)")
+        raise ValueError(f"data.train_on: {data.train_on}: {tcfg.objective} {compared}; remove data.train_on")
     if recipe.eval.generation_metrics:
+        has, figures = (("which unpaired answers do not have (each is labelled desirable or not)",
+                         ", ".join(("loss", *KTO_METRICS, *REWARDS))) if kto else
+                        ("which preference data does not have (it has two)", "the loss, reward_accuracy and "
+                                                                              "reward_margin"))
         raise ValueError(f"eval.metrics: {', '.join(recipe.eval.generation_metrics)} score generated answers "
-                         "against a reference, which preference data does not have (it has two); remove them: a "
-                         f"{tcfg.objective} run's evaluations report the loss, reward_accuracy and reward_margin")
+                         f"against a reference, {has}; remove them: a {tcfg.objective} run's evaluations report "
+                         f"{figures}")
     if isinstance(data.train, list) and (own := next((i for i, s in enumerate(data.train)
                                                       if not isinstance(s, str) and s.format), None)) is not None:
-        raise ValueError(f"data.train[{own}].format: a {tcfg.objective} run trains on pairs, every dataset read as "
-                         "data.format preference; remove it")
+        raise ValueError(f"data.train[{own}].format: a {tcfg.objective} run trains on {rows}, every dataset read as "
+                         f"data.format {fmt}; remove it")
     if isinstance(data.eval, dict) and (own := next((n for n, s in data.eval.items()
                                                      if not isinstance(s, str) and s.format), None)):
-        raise ValueError(f"data.eval.{own}.format: a {tcfg.objective} run evaluates pairs, every set read as "
-                         "data.format preference; remove it")
+        raise ValueError(f"data.eval.{own}.format: a {tcfg.objective} run evaluates {rows}, every set read as "
+                         f"data.format {fmt}; remove it")
 
 
 def _check_task(recipe: Recipe) -> None:
