@@ -110,8 +110,11 @@ class ModelSource:
                 from peftkit.adapters import PEFT_PREFIX
                 from peftkit.classify import HEAD_NAMES
 
+                # (the head's output layer, as `adapter_labels` reads it: BERT's and a decoder's head is one Linear,
+                # RoBERTa's ends in out_proj)
+                outputs = {f"{PEFT_PREFIX}{h}{part}.weight" for h in HEAD_NAMES for part in ("", ".out_proj")}
                 with safe_open(Path(self.adapter) / "adapter_model.safetensors", "pt") as f:
-                    heads = [key for key in f.keys() if key in {f"{PEFT_PREFIX}{h}.weight" for h in HEAD_NAMES}]
+                    heads = [key for key in f.keys() if key in outputs]
                     return bool(heads) and f.get_slice(heads[0]).get_shape()[0] == 1
             config = json.loads((Path(self.model.name_or_path) / "config.json").read_text(encoding="utf-8"))
             return len(config.get("id2label") or {0: 0, 1: 1}) == 1

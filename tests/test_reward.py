@@ -220,6 +220,43 @@ def test_a_reward_model_on_unpaired_answers_is_refused_saying_why(tiny_llama, tm
            "unpaired answers (data.format 'unpaired') are scored by KTO's figures" in " ".join(said.split()), said
 
 
+def test_a_roberta_reward_adapter_is_scored_as_a_reward_model(reward_data, tmp_path):
+    """RoBERTa's head is a dense layer and out_proj (classifier.out_proj.weight, one row): `peftkit eval --adapter DIR`
+    took its one-output adapter for a classifier of classes ('scores no preference pairs') as it found no
+    classifier.weight. Now its figures are the Bradley-Terry formula on peft's scores of the pairs."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification, RobertaConfig, RobertaModel
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.tiny import build_encoder_tokenizer
+
+    tok = build_encoder_tokenizer()
+    tok.eos_token = tok.sep_token  # (data.format preference's answers end with EOS)
+    torch.manual_seed(0)
+    RobertaModel(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=140, pad_token_id=tok.pad_token_id)
+                 ).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    head = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=1)
+    get_peft_model(head, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"],
+                                    init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(app, ["eval", "--adapter", str(tmp_path / "adapter"), "--data",
+                                      str(reward_data["eval"]), "--format", "preference", "--json",
+                                      str(tmp_path / "f.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    got = json.loads((tmp_path / "f.json").read_text())
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "base", num_labels=1, dtype=torch.float32), tmp_path / "adapter").eval()
+    pairs, _ = load_pairs(tok, str(reward_data["eval"]), None, DataConfig(train="x", format="preference"))
+    with torch.no_grad():  # one row at a time: no padding involved
+        scores = torch.tensor([[model(input_ids=torch.tensor([e.input_ids])).logits.item() for e in pair[:2]]
+                               for pair in pairs])
+    margin = scores[:, 0] - scores[:, 1]
+    assert got["num_pairs"] == 8 and abs(got["loss"] - float(-F.logsigmoid(margin).mean())) <= 1e-5
+    assert abs(got["reward_margin"] - float(margin.mean())) <= 1e-5, (got, margin)
+
+
 def test_num_labels_1_is_a_reward_model_s_alone(tiny_llama, tmp_path, monkeypatch, capsys):
     write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     recipe = make_recipe(tmp_path, tiny_llama, {"train": tmp_path / "c.jsonl", "eval": tmp_path / "c.jsonl"},
