@@ -365,6 +365,11 @@ def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
     if comparing and job.data_cfg.format == "unpaired":
         raise PeftkitError("A comparison (--adapter NAME=DIR, --merged) of unpaired answers (data.format 'unpaired') "
                            "is not supported yet: evaluate each adapter on its own, with --adapter DIR.")
+    if job.data_cfg.format == "unpaired" and job.batch_size < 2:
+        raise PeftkitError(f"--batch-size {job.batch_size}: KTO's figures estimate the KL term from each answer's "
+                           "prompt with another answer of its batch, and a batch of one has none (the estimate would "
+                           "be the answer's own reward); use a batch size of at least 2 (a KTO run's: its "
+                           "eval.batch_size, the default)")
     if comparing:
         job.init_from = None
     if given := [flag for flag, value in flags.items() if value is not None]:

@@ -166,6 +166,19 @@ def test_a_comparison_of_unpaired_answers_is_refused_for_now(tiny_llama, unpaire
     assert "A comparison (--adapter NAME=DIR, --merged) of unpaired answers" in " ".join(err.split())
 
 
+def test_an_evaluation_batch_of_one_is_refused(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys):
+    """A batch of one answer is its own mismatched example: the KL estimate would be its reward (the figures were
+    given as if it were one)."""
+    from peftkit.methods.lora import LoraConfig
+
+    adapter = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules="all-linear"), tmp_path / "a",
+                                  seed=1)
+    err = cli_user_error(monkeypatch, capsys, "eval", "--adapter", str(adapter), "--data", str(unpaired_data["eval"]),
+                         "--format", "unpaired", "--batch-size", "1")
+    assert "--batch-size 1: KTO's figures estimate the KL term from each answer's prompt with another answer of its " \
+           "batch, and a batch of one has none" in " ".join(err.split()), err
+
+
 @pytest.mark.parametrize("change, said", [
     ({"data": {"format": "preference"}}, "KTO trains on unpaired answers (data.format: unpaired"),
     ({"training": {"objective": "dpo"}}, "training.objective is dpo and data.format is unpaired: KTO trains on"),
@@ -177,6 +190,8 @@ def test_a_comparison_of_unpaired_answers_is_refused_for_now(tiny_llama, unpaire
     ({"eval": {"metrics": ["exact_match"]}}, "eval.metrics: exact_match score generated answers against a reference, "
      "which unpaired answers do not have (each is labelled desirable or not); remove them: a kto run's evaluations "
      "report loss, reward_margin, kl, chosen_reward, rejected_reward"),
+    ({"eval": {"batch_size": 1}}, "eval.batch_size: 1: KTO's evaluation estimates the KL term from each answer's "
+     "prompt with another answer of its evaluation batch, and a batch of one has none"),
     ({"data": {"train_on": "all"}}, "data.train_on: all: kto compares each answer's likelihood with the reference's"),
     ({"data": {"packing": True}}, "data.packing: a kto batch holds each answer and its mismatched example side by side"),
     ({"data": {"eval": {"a": "EVAL", "b": {"path": "EVAL", "format": "alpaca"}}}},

@@ -600,6 +600,10 @@ def _check_objective(recipe: Recipe) -> None:
         raise ValueError("training.batch_size: 1: KTO estimates the KL term from each answer's prompt with another row's "
                          "answer of the same batch, and a batch of one has none (the estimate would be the answer's own "
                          "reward, as TRL says); use a batch_size of at least 2")
+    if tcfg.objective == "kto" and data.eval and recipe.eval.batch_size < 2:
+        raise ValueError("eval.batch_size: 1: KTO's evaluation estimates the KL term from each answer's prompt with "
+                         "another answer of its evaluation batch, and a batch of one has none (the estimate would be "
+                         "the answer's own reward); use an eval.batch_size of at least 2")
     if tcfg.objective in ("dpo", "kto") and recipe.model.long_context is not None and \
             recipe.model.long_context.s2_attention:
         raise ValueError(f"model.long_context.s2_attention: {tcfg.objective.upper()} compares the adapted model's "
