@@ -481,9 +481,14 @@ def checkpoint_dtype(name_or_path: str, revision: str | None = None) -> str:
 def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str, replace: bool = True) -> None:
     """Load a merged model quantized (nf4, double quant) and save it 4-bit. Rounding the merged weights to
     4 bits again moves them away from what was trained: expect small logit differences."""
-    from peftkit.modeling import load_model, load_tokenizer
+    from peftkit.modeling import load_config, load_model, load_tokenizer
     from peftkit.recipe import ModelConfig, QuantizationConfig
 
     cfg = ModelConfig(name_or_path=str(merged_dir), dtype="auto")
+    # A merged classifier (a reward model) loads as the classifier it is, its head kept in full precision
+    # (`kept_modules`): as a causal LM it was refused, its score head where lm_head was expected.
+    classes = getattr(load_config(cfg), "architectures", None) or []
+    if classes and all(str(c).endswith("ForSequenceClassification") for c in classes):
+        cfg = cfg.model_copy(update={"task": "sequence_classification"})
     model = load_model(cfg, QuantizationConfig(method=method, compute_dtype="float32"), torch.device("cpu"))
     save_merged(model, load_tokenizer(cfg), output_dir, replace=replace)

@@ -257,6 +257,40 @@ def test_a_roberta_reward_adapter_is_scored_as_a_reward_model(reward_data, tmp_p
     assert abs(got["reward_margin"] - float(margin.mean())) <= 1e-5, (got, margin)
 
 
+def test_a_merged_reward_model_requantizes_as_a_classifier(tiny_llama, tmp_path):
+    """`peftkit merge --requantize nf4` of a reward adapter: the merged classifier was loaded again as a causal LM and
+    refused (score.weight where lm_head was expected). Now OUTPUT-nf4 is the one-output classifier, its head in full
+    precision, whose scores are the merged model's loaded 4-bit by transformers with the head skipped."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    pytest.importorskip("bitsandbytes")
+    head = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
+    get_peft_model(head, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"],
+                                    init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(tmp_path / "adapter"), "--output",
+                                      str(tmp_path / "merged"), "--requantize", "nf4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    def scores(path: Path, **kwargs) -> torch.Tensor:
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, device_map={"": "cpu"},
+                                                                   **kwargs).eval()
+        assert model.config.num_labels == 1 and type(model.score) is torch.nn.Linear
+        for module in model.modules():  # (as conftest's peft_over_4_bit: the same kernel on any CPU)
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([[5, 9, 14, 20, 7], [3, 8, 11, 6, 2]])).logits
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head", "score"])
+    expected = scores(tmp_path / "merged", quantization_config=q)
+    assert (scores(tmp_path / "merged-nf4") - expected).abs().max() <= 1e-5
+
+
 def test_num_labels_1_is_a_reward_model_s_alone(tiny_llama, tmp_path, monkeypatch, capsys):
     write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     recipe = make_recipe(tmp_path, tiny_llama, {"train": tmp_path / "c.jsonl", "eval": tmp_path / "c.jsonl"},
