@@ -373,9 +373,11 @@ def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
     if comparing:
         job.init_from = None
     if given := [flag for flag, value in flags.items() if value is not None]:
-        raise PeftkitError(f"{', '.join(given)}: preference pairs (data.format 'preference') are scored by the "
-                           f"preference figures ({', '.join(FIGURES)}), and nothing is generated; drop "
-                           f"{' and '.join(given)}.")
+        scored = ("unpaired answers (data.format 'unpaired') are scored by KTO's figures "
+                  f"({', '.join(objective_of(job).FIGURES)})" if job.data_cfg.format == "unpaired" else
+                  f"preference pairs (data.format 'preference') are scored by the preference figures "
+                  f"({', '.join(FIGURES)})")
+        raise PeftkitError(f"{', '.join(given)}: {scored}, and nothing is generated; drop {' and '.join(given)}.")
     if job.source.classifier():  # a reward model's pairs are scored by its Bradley-Terry loss
         if job.data_cfg.format == "unpaired":  # (KTO's figures are a language model's answer log-probabilities)
             raise PeftkitError(f"{job.source.describe()} is a sequence classifier, which scores an answer and gives "

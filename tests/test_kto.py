@@ -166,17 +166,24 @@ def test_a_comparison_of_unpaired_answers_is_refused_for_now(tiny_llama, unpaire
     assert "A comparison (--adapter NAME=DIR, --merged) of unpaired answers" in " ".join(err.split())
 
 
-def test_an_evaluation_batch_of_one_is_refused(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys):
-    """A batch of one answer is its own mismatched example: the KL estimate would be its reward (the figures were
-    given as if it were one)."""
+@pytest.mark.parametrize("flags, said", [
+    # a batch of one answer is its own mismatched example: the KL estimate would be its reward (the figures were given
+    # as if it were one)
+    (["--batch-size", "1"], "--batch-size 1: KTO's figures estimate the KL term from each answer's prompt with another "
+                            "answer of its batch, and a batch of one has none"),
+    # (said 'preference pairs ... scored by the preference figures (loss, reward_accuracy, ...)')
+    (["--metrics", "exact_match"], "--metrics: unpaired answers (data.format 'unpaired') are scored by KTO's figures "
+                                   "(loss, reward_margin, chosen_reward, rejected_reward, kl), and nothing is generated"),
+])
+def test_eval_flags_that_do_not_fit_unpaired_answers_are_refused(tiny_llama, unpaired_data, tmp_path, monkeypatch,
+                                                                 capsys, flags, said):
     from peftkit.methods.lora import LoraConfig
 
     adapter = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules="all-linear"), tmp_path / "a",
                                   seed=1)
     err = cli_user_error(monkeypatch, capsys, "eval", "--adapter", str(adapter), "--data", str(unpaired_data["eval"]),
-                         "--format", "unpaired", "--batch-size", "1")
-    assert "--batch-size 1: KTO's figures estimate the KL term from each answer's prompt with another answer of its " \
-           "batch, and a batch of one has none" in " ".join(err.split()), err
+                         "--format", "unpaired", *flags)
+    assert said in " ".join(err.split()), err
 
 
 @pytest.mark.parametrize("change, said", [
