@@ -245,3 +245,19 @@ def test_export_best_on_kl_keeps_the_adapter_nearest_the_reference(tiny_llama, u
     best = min(evals, key=lambda e: (e["eval_kl"], e["step"]))
     assert json.loads((run / "manifest.json").read_text())["metrics"]["best"]["step"] == best["step"]
     assert lower_is_better("general.rejected_reward") and not lower_is_better("reward_margin")
+
+
+def test_rows_of_two_forms_across_data_train_s_datasets_are_named_both(tiny_llama, tmp_path):
+    """data.train lists a dataset of text answers and one of conversations: the error names the row and the first
+    row it differs from (it said 'in a dataset whose first row is a text answer' of the conversations' own file)."""
+    from peftkit.errors import PeftkitError
+
+    write_jsonl(tmp_path / "text.jsonl", [_row(1, 2, True), _row(2, 3, False)])
+    write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1?"}], "completion": "2",
+                                           "label": True}])
+    files = [str(tmp_path / "text.jsonl"), str(tmp_path / "chat.jsonl")]
+    with pytest.raises(PeftkitError) as error:
+        load_unpaired(_tok(tiny_llama), files, None, DataConfig(train=files, format="unpaired"), 2)
+    assert str(error.value) == (f"{tmp_path / 'chat.jsonl'}:1: a conversation, and the first row "
+                                f"({tmp_path / 'text.jsonl'}:1) is a text answer; give every row the same form "
+                                "(every dataset's, where data.train lists several)")

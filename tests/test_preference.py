@@ -722,3 +722,20 @@ def test_a_reference_that_is_not_finite_is_said_before_training(tiny_llama, pair
     raw["export"]["best"], raw["training"]["eval_steps"] = "chosen_reward", 3
     recipe.write_text(yaml.safe_dump(raw))
     assert load_recipe(recipe).best_metric == "chosen_reward"
+
+
+def test_pairs_of_two_forms_across_data_train_s_datasets_are_named_both(tiny_llama, tmp_path):
+    """As unpaired rows (tests/test_kto.py): the error names the pair and the first pair it differs from, in another
+    of data.train's datasets."""
+    from peftkit.errors import PeftkitError
+
+    write_jsonl(tmp_path / "text.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": "1+1?"}], "chosen": "2",
+                                           "rejected": "3"}])
+    files = [str(tmp_path / "text.jsonl"), str(tmp_path / "chat.jsonl")]
+    with pytest.raises(PeftkitError) as error:
+        load_pairs(load_tokenizer(ModelConfig(name_or_path=str(tiny_llama))), files, None,
+                   DataConfig(train=files, format="preference"))
+    assert str(error.value) == (f"{tmp_path / 'chat.jsonl'}:1: a pair of conversations, and the first pair "
+                                f"({tmp_path / 'text.jsonl'}:1) is of text answers; give every row the same form "
+                                "(every dataset's, where data.train lists several)")

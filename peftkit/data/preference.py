@@ -200,7 +200,7 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = new_stats(len(rows), skipped)
     where = [row_location(name, i, line_numbers) for i in range(len(rows))]
-    split_rows, fmt = [], None
+    split_rows, fmt, first = [], None, None
     for row, at in zip(rows, where, strict=True):
         split = split_pair(row) if isinstance(row, dict) else None  # (a good row's split once, not checked first)
         if not isinstance(split, tuple):
@@ -208,11 +208,11 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
             stats["bad_rows"] += 1
             continue
         kind, pair = split
-        if fmt is not None and kind != fmt:
-            raise PeftkitError(f"{at}: a pair of {'conversations' if kind == 'chat' else 'text answers'} in a dataset "
-                               f"whose first pair is of {'conversations' if fmt == 'chat' else 'text answers'}; give "
-                               "every row of a dataset the same form")
-        fmt = kind
+        if fmt is not None and kind != fmt:  # (data.train's list: the first pair may be another dataset's)
+            raise PeftkitError(f"{at}: a pair of {'conversations' if kind == 'chat' else 'text answers'}, and the "
+                               f"first pair ({first}) is of {'conversations' if fmt == 'chat' else 'text answers'}; "
+                               "give every row the same form (every dataset's, where data.train lists several)")
+        fmt, first = kind, first or at
         task = {"task": row["task"]} if tasks and "task" in row else {}  # (row_task checks it as the answers build)
         split_rows.append((at, [answer | task for answer in pair]))
     if not split_rows:

@@ -144,7 +144,7 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
     data's name and line numbers). A bad row raises under data.on_bad_rows: error, naming its FILE:LINE."""
     rows, skipped, line_numbers, name = read_rows(source, split, cfg)
     stats = new_stats(len(rows), skipped)
-    kept, fmt = [], None
+    kept, fmt, first = [], None, None
     for i, row in enumerate(rows):
         at = row_location(name, i, line_numbers)
         parsed = split_unpaired(row) if isinstance(row, dict) else None
@@ -153,11 +153,11 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
             stats["bad_rows"] += 1
             continue
         kind, answer, label = parsed  # (answer: its parts)
-        if fmt is not None and kind != fmt:
-            raise PeftkitError(f"{at}: a {'conversation' if kind == 'chat' else 'text answer'} in a dataset whose first "
-                               f"row is a {'conversation' if fmt == 'chat' else 'text answer'}; give every row of a "
-                               "dataset the same form")
-        fmt = kind
+        if fmt is not None and kind != fmt:  # (data.train's list: the first row may be another dataset's)
+            raise PeftkitError(f"{at}: a {'conversation' if kind == 'chat' else 'text answer'}, and the first row "
+                               f"({first}) is a {'conversation' if fmt == 'chat' else 'text answer'}; give every row "
+                               "the same form (every dataset's, where data.train lists several)")
+        fmt, first = kind, first or at
         kept.append((at, answer, label, {"task": row["task"]} if tasks and "task" in row else {}))
     if not kept:
         return [], [], stats, name, line_numbers
