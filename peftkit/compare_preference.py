@@ -8,7 +8,8 @@ of the pairs are computed once, on the base that the adapters then share (`Model
 and each adapter, and each merged model, is scored against them; the base row is the base scored against itself,
 as the formula gives it: loss log 2 (sigmoid), rewards and margins 0. ORPO, SimPO and reward models need none:
 each row, the base's included, is scored alone. A reward model's rows each load on their own (a classifier's head
-is its model's), the base as a classifier of one output with a new head drawn from seed 0."""
+is its model's), the base as a classifier of one output with a new head drawn from the recipe's training.seed
+(`EvalJob.seed`: 0 without a recipe)."""
 
 from __future__ import annotations
 

@@ -223,6 +223,9 @@ class EvalJob:
     init_from: str | None = None
     """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
     DPO run's was (`evaluate_preference`)."""
+    seed: int = 0
+    """What a base's new classification head (a headless base scored as a classifier or a reward model) is drawn
+    from: the recipe's training.seed, as its run drew the head its base evaluation scored; 0 without a recipe."""
 
 
 def set_predictions(path: Path, eval_set: str) -> Path:
@@ -273,7 +276,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
                       source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size, untasked=0 if ours else None,
                       eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [],
-                      preference=_preference_loss(cfg), init_from=cfg.adapter.init_from)
+                      preference=_preference_loss(cfg), init_from=cfg.adapter.init_from, seed=cfg.training.seed)
     check_choices(fmt, on_bad_rows)
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
@@ -405,8 +408,8 @@ def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[st
     row), 'accuracy', 'macro_f1', 'num_examples'}. The rows' labels map to the classes the model has: an adapter's
     (peftkit.json, else as many as its head has outputs), a model's config.json `id2label`. A model given without an
     adapter loads as a sequence classifier; a base without a head (`_named_classes`) gets the data's classes and a
-    random head, drawn from seed 0 so that the figures repeat. `model`: the classifier already loaded
-    (`evaluate_sets`); default: `_load_classifier(job)`."""
+    random head, drawn from the recipe's training.seed (0 without one) so that the figures repeat, its run's base
+    evaluation's. `model`: the classifier already loaded (`evaluate_sets`); default: `_load_classifier(job)`."""
     from peftkit.classify import evaluate_classification
     from peftkit.data.classification import LabelSet, load_classification
     from peftkit.rope_scaling import fresh_dynamic_rope
@@ -453,7 +456,7 @@ def _load_classifier(job: EvalJob, tok=None) -> nn.Module:
         labels = _named_classes(source.model) or load_classification(tok or source.tokenizer(), job.data, job.split,
                                                                       job.data_cfg, None, source.model.num_labels)[2]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(job.seed)
         return source.load(labels=labels)
 
 
@@ -528,7 +531,7 @@ def evaluate_preference(jobs: dict) -> dict:
             if job.data_cfg.format == "unpaired" else load_pairs(tok, job.data, job.split, job.data_cfg)[0]
             for name, job in jobs.items()}
     # ORPO and SimPO have no reference: the model as it is scores the pairs
-    model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (_scorer(first.source),
+    model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (_scorer(first.source, first.seed),
                                                                                                    lambda: None)
     guard_token_ids(model, tok)
     for name, job in jobs.items():
@@ -548,12 +551,12 @@ def evaluate_preference(jobs: dict) -> dict:
     return results
 
 
-def _scorer(source: ModelSource) -> nn.Module:
+def _scorer(source: ModelSource, seed: int = 0) -> nn.Module:
     """The model of an evaluation without a reference (ORPO, SimPO, a reward model): a reward model without an
-    adapter whose head is new (a base's) gets it drawn from seed 0, as a headless classifier's (`_load_classifier`),
-    so that its figures repeat."""
+    adapter whose head is new (a base's) gets it drawn from `seed` (`EvalJob.seed`), as a headless classifier's
+    (`_load_classifier`), so that its figures repeat, those of its run's base evaluation."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return source.load()
 
 
