@@ -403,7 +403,7 @@ def check_fits(estimate: MemoryEstimate | None, device: torch.device) -> None:
                "larger reduction_factor for bottleneck adapters), or target fewer modules.")
     else:
         fix = ("Most of it is the base model's weights: load them 4-bit (a quantization section with method: nf4; "
-               "causal language models), or use a smaller model.")
+               "classifiers and reward models too), or use a smaller model.")
     raise PeftkitError(
         f"This run needs an estimated {_size(estimate.model_state)} before activations ({_parts(estimate)}), more "
         f"than the {_size(available)} {where}. {fix}"
