@@ -15,7 +15,7 @@ Not counted: the merged export (`export.merged` builds a full fp32 copy of the m
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
@@ -332,6 +332,8 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     shape = model_shape(config)
     if shape is None:
         return 0.0
+    if recipe.classifier:  # its head scores a few classes (a reward model: one), never the vocabulary: no such logits
+        shape = replace(shape, vocab=0)
     q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length + _virtual_tokens(recipe.adapter)
     # Activations have the load dtype: a 4-bit layer computes in its compute_dtype but returns its input's dtype,
     # and the norms, the residual stream and the unquantized head (the logits) run in the load dtype; the wider

@@ -476,3 +476,21 @@ def test_estimate_of_a_quantized_gpt2_counts_its_conv1d_weights_quantized(number
     held += sum(s.numel() * s.element_size() for s in scales if s is not None)
     assert sum(s is not None for s in scales) == 8  # the premise: every Conv1D of the 2 blocks is quantized
     assert estimate_memory(recipe).base_weights == (held if method == "int8" else _held_bytes(model))
+
+
+def test_a_classifier_s_activations_have_no_vocabulary_logits(tiny_llama, tmp_path):
+    """A reward model (a classifier of one output) computes no logits over the vocabulary: its activations are those
+    of the same recipe as an ORPO language model (the same rows: a pair's two answers) less the vocabulary logits
+    of its batch (2 x 4 rows of 128 tokens, vocab 102, fp32). They were counted as if it had them."""
+    from peftkit.memory import logits_bytes
+
+    files = {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"}
+    recipes = {}
+    for objective, task in (("reward", "sequence_classification"), ("orpo", "causal_lm")):
+        raw = yaml.safe_load(make_recipe(tmp_path, tiny_llama, files, data={"format": "preference", "eval": None},
+                                         training={"objective": objective}).read_text())
+        raw["model"]["task"] = task
+        (tmp_path / f"{objective}.yaml").write_text(yaml.safe_dump(raw))
+        recipes[objective] = estimate_memory(load_recipe(tmp_path / f"{objective}.yaml"))
+    assert recipes["reward"].activations == recipes["orpo"].activations - logits_bytes(2 * 4 * 128, 102, 4)
+    assert recipes["reward"].activations > 0  # (its layers')
