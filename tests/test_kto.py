@@ -152,6 +152,8 @@ def test_a_run_learns_and_eval_gives_its_last_evaluation(tiny_llama, unpaired_da
         assert result.exit_code == 0, result.output + repr(result.exception)
         got = json.loads((tmp_path / "f.json").read_text())
         assert got["num_examples"] == 8 and all(abs(got[k] - last[f"eval_{k}"]) <= 1e-5 for k in KTOLoss.FIGURES)
+        # (the count was shown as a classifier's 'rows 8')
+        assert f"loss {got['loss']:.4f}  answers 8  reward_margin {got['reward_margin']:.4f}" in result.output
     assert "Objective: KTO (beta 0.1)" in (run / "adapter" / "README.md").read_text()
 
 

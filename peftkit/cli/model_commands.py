@@ -234,6 +234,8 @@ def _shown(result: dict, metrics: list[str]) -> str:
         shown.append(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['num_tokens']}")
     elif "num_pairs" in result:  # preference pairs: the DPO loss, the rewards follow
         shown.append(f"loss {result['loss']:.4f}  pairs {result['num_pairs']}")
+    elif "kl" in result:  # unpaired answers: the KTO loss, the rewards and the KL estimate follow
+        shown.append(f"loss {result['loss']:.4f}  answers {result['num_examples']}")
     elif "loss" in result:  # a classifier: cross-entropy per row, accuracy and macro_f1 follow
         shown.append(f"loss {result['loss']:.4f}  rows {result['num_examples']}")
     shown += [f"{name} {result[name]:.4f}" for name in metrics if name in result and name not in ("loss", "perplexity")]
