@@ -66,7 +66,8 @@ def inspect_adapter(path: str | Path) -> dict:
     methods), dtypes, size_on_disk, quantization, rope_scaling ({type, factor} recorded in peftkit.json, or null),
     trust_remote_code, variants (LoRA's: "DoRA", "rsLoRA scaling"), virtual_tokens (the prompt family's count; null
     for other methods), vllm ({accepts, reasons, caveats}), llama_cpp (the same, for llama.cpp's
-    convert_lora_to_gguf.py).
+    convert_lora_to_gguf.py), classifier (a SEQ_CLS adapter's head: {outputs, labels}, one output a reward model's;
+    null for a language model's).
     """
     path = Path(path)
     weights_file = check_adapter_dir(path)
@@ -116,6 +117,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "variants": [name for key, name in _VARIANTS.items() if raw.get(key)],
         "virtual_tokens": None if method.layer_targets else raw.get("num_virtual_tokens"),
     }
+    info["classifier"] = _classifier(raw, shapes, meta)
     info["layer_replication"] = raw.get("layer_replication")
     info["alora_invocation_tokens"] = raw.get("alora_invocation_tokens")
     info["target_parameters"] = raw.get("target_parameters")
@@ -438,6 +440,32 @@ def _shared_lines(shared: dict | None) -> list[str]:
     return lines
 
 
+def _classifier(raw: dict, shapes: dict, meta) -> dict | None:
+    """A SEQ_CLS adapter's head: {outputs (its saved output layer's rows, None without it), labels (peftkit.json's
+    class names, or None)}; None for another task. One output is a reward model's score (training.objective:
+    reward)."""
+    from peftkit.adapters import PEFT_PREFIX
+    from peftkit.classify import HEAD_NAMES
+
+    if raw.get("task_type") != "SEQ_CLS":
+        return None
+    # (the output layer as `adapter_labels` reads it: BERT's and a decoder's head is one Linear, RoBERTa's ends in
+    # out_proj)
+    head = next((shapes[k] for k in (f"{PEFT_PREFIX}{h}{part}.weight" for h in HEAD_NAMES for part in ("", ".out_proj"))
+                 if k in shapes), None)
+    return {"outputs": head[0] if head else None, "labels": list(meta.labels) if meta.labels else None}
+
+
+def _task_line(head: dict) -> str:
+    """`task` for a SEQ_CLS adapter: a reward model (one output), or a classifier of its classes."""
+    if head["outputs"] == 1:
+        return ("task           sequence classification, one output: a reward model (it scores a prompt and an "
+                "answer; peftkit eval --format preference)")
+    classes = f": {', '.join(head['labels'])}" if head["labels"] else ""
+    count = f"{head['outputs']} classes" if head["outputs"] else "its head not saved"
+    return f"task           sequence classification, {count}{classes}"
+
+
 def describe(info: dict) -> list[str]:
     """`inspect_adapter`'s facts as lines for a terminal."""
     base = info["base_model"] or "(not recorded)"
@@ -451,6 +479,7 @@ def describe(info: dict) -> list[str]:
         f"adapter        {info['path']}",
         f"method         {info['method']}{variants} (peft_type {info['peft_type']})",
         f"base model     {base}",
+        *([_task_line(info["classifier"])] if info.get("classifier") else []),
         targets,
     ]
     ranks = info["ranks"]

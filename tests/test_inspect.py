@@ -315,3 +315,24 @@ def test_a_lora_tensor_without_its_rank_dimension_is_said_not_a_traceback(tiny_l
     err = " ".join(cli_user_error(monkeypatch, capsys, "inspect", str(made)).split())
     assert f"{weights}: model.layers.0.self_attn.q_proj.lora_A.weight has shape (), with no dimension 0 (its rank): " \
            "the file is damaged" in err
+
+
+@pytest.mark.parametrize("labels, said", [
+    (1, "task           sequence classification, one output: a reward model (it scores a prompt and an answer; "
+        "peftkit eval --format preference)"),
+    (3, "task           sequence classification, 3 classes"),
+])
+def test_a_classifier_s_adapter_says_its_task(tiny_llama, tmp_path, labels, said):
+    """A SEQ_CLS adapter (a reward model's, a classifier's) said nothing of its task: only `saved whole score`. Its
+    head's output rows say which (the JSON's `classifier`); a language model's adapter has none."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=labels)
+    get_peft_model(model, PeftLora(task_type="SEQ_CLS", r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    info = inspect_adapter(tmp_path)
+    assert info["classifier"] == {"outputs": labels, "labels": None}
+    assert describe(info)[3] == said
+    causal = inspect_adapter(_peft(tiny_llama, tmp_path / "lm", r=2, target_modules=["q_proj"]))
+    assert causal["classifier"] is None and not any(line.startswith("task ") for line in describe(causal))
