@@ -20,7 +20,8 @@ from torch import nn
 
 from peftkit.compare import BASE, _adapter_figures
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import EvalJob, _check_finite_loss, evaluate_preference
+from peftkit.evaluate import EvalJob, _check_finite_loss
+from peftkit.evaluate_pairs import evaluate_preference
 
 
 def compare_preference(sets: dict[str | None, dict[str, EvalJob]], arrow=None) -> dict[str | None, dict[str, dict]]:

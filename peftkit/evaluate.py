@@ -219,10 +219,10 @@ class EvalJob:
     """Preference pairs (data.format 'preference'): the `PreferenceLoss` (beta, kind, gamma, center) the figures are
     computed with, the recipe's objective's (DPO's defaults without a recipe; a reward model's loss for a
     classifier of one output); unpaired answers (data.format 'unpaired'): ("kto", beta, desirable weight,
-    undesirable weight), a `KTOLoss`'s (`objective_of`)."""
+    undesirable weight), a `KTOLoss`'s (`peftkit.evaluate_pairs.objective_of`)."""
     init_from: str | None = None
     """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
-    DPO run's was (`evaluate_preference`)."""
+    DPO run's was (`peftkit.evaluate_pairs.evaluate_preference`)."""
     seed: int = 0
     """What a base's new classification head (a headless base scored as a classifier or a reward model) is drawn
     from: the recipe's training.seed, as its run drew the head its base evaluation scored; 0 without a recipe."""
@@ -257,6 +257,8 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         check_no_overrides(overrides, "eval")
         job = EvalJob(data=data, data_cfg=DataConfig(train=data))
     else:
+        from peftkit.evaluate_pairs import recipe_objective
+
         cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter or comparing),
                                          trust_remote_code=trust_remote_code)
         eval_cfg = cfg.eval
@@ -276,7 +278,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
                       source=ModelSource.of_recipe(cfg, run_adapter),
                       batch_size=cfg.eval.batch_size, untasked=0 if ours else None,
                       eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [],
-                      preference=_preference_loss(cfg), init_from=cfg.adapter.init_from, seed=cfg.training.seed)
+                      preference=recipe_objective(cfg), init_from=cfg.adapter.init_from, seed=cfg.training.seed)
     check_choices(fmt, on_bad_rows)
     job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
     updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
@@ -296,8 +298,10 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     job.sampling.check()
     if normalize not in NORMALIZATIONS:
         raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
-    if job.data_cfg.format in ("preference", "unpaired"):
-        _preference_job(job, comparing, {"--metrics": metrics, "--predictions": predictions,
+    if job.data_cfg.format in ("preference", "unpaired"):  # (pairs, unpaired answers: peftkit.evaluate_pairs)
+        from peftkit.evaluate_pairs import preference_job
+
+        preference_job(job, comparing, {"--metrics": metrics, "--predictions": predictions,
                                          "--max-new-tokens": max_new_tokens, "--normalize": normalize_flag})
         return job
     if job.data_cfg.format == "classification":
@@ -331,76 +335,6 @@ def _classification_job(job: EvalJob) -> None:
         raise PeftkitError("--predictions writes generated answers, and a classifier (data.format 'classification') "
                            "generates none: drop --predictions.")
     job.metrics = ["loss", *CLASSIFICATION_METRICS]
-
-
-def objective_of(job: EvalJob):
-    """The loss `job`'s pairs (or unpaired answers) are scored by: its recipe's objective's where it fits the data
-    (KTO's for unpaired answers, the others' for pairs), else that data's default (DPO's, KTO's)."""
-    from peftkit.kto import KTOLoss
-    from peftkit.preference import PreferenceLoss
-
-    kto, unpaired = job.preference[0] == "kto", job.data_cfg.format == "unpaired"
-    if unpaired:
-        return KTOLoss(*job.preference[1:]) if kto else KTOLoss(TrainingConfig().kto_beta)
-    return PreferenceLoss(*EvalJob.preference) if kto else PreferenceLoss(*job.preference)
-
-
-def _preference_loss(cfg: Recipe) -> tuple:
-    """The (beta, kind, gamma, center) of a recipe's preference objective (`PreferenceLoss.of`); DPO's for an sft
-    recipe; a KTO recipe's ("kto", beta, desirable weight, undesirable weight)."""
-    if cfg.training.objective == "kto":
-        t = cfg.training
-        return ("kto", t.kto_beta, t.kto_desirable_weight, t.kto_undesirable_weight)
-    from dataclasses import astuple
-
-    from peftkit.preference import PreferenceLoss
-
-    return astuple(PreferenceLoss.of(cfg.training))
-
-
-def _preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
-    """A job on data.format: preference pairs reports the DPO figures of an adapter against its reference (the model
-    its DPO training started from): there is no adapter to compare without one, and nothing is generated. In a
-    comparison (`peftkit.compare_preference`) the reference is the base row, the recipe's model: adapter.init_from,
-    which the recipe's own adapter trained from, is not the candidates' base."""
-    from peftkit.preference import FIGURES
-
-    if comparing and job.data_cfg.format == "unpaired":
-        raise PeftkitError("A comparison (--adapter NAME=DIR, --merged) of unpaired answers (data.format 'unpaired') "
-                           "is not supported yet: evaluate each adapter on its own, with --adapter DIR.")
-    if job.data_cfg.format == "unpaired" and job.batch_size < 2:
-        raise PeftkitError(f"--batch-size {job.batch_size}: KTO's figures estimate the KL term from each answer's "
-                           "prompt with another answer of its batch, and a batch of one has none (the estimate would "
-                           "be the answer's own reward); use a batch size of at least 2 (a KTO run's: its "
-                           "eval.batch_size, the default)")
-    if comparing:
-        job.init_from = None
-    if given := [flag for flag, value in flags.items() if value is not None]:
-        scored = ("unpaired answers (data.format 'unpaired') are scored by KTO's figures "
-                  f"({', '.join(objective_of(job).FIGURES)})" if job.data_cfg.format == "unpaired" else
-                  f"preference pairs (data.format 'preference') are scored by the preference figures "
-                  f"({', '.join(FIGURES)})")
-        raise PeftkitError(f"{', '.join(given)}: {scored}, and nothing is generated; drop {' and '.join(given)}.")
-    if job.source.classifier():  # a reward model's pairs are scored by its Bradley-Terry loss
-        if job.data_cfg.format == "unpaired":  # (KTO's figures are a language model's answer log-probabilities)
-            raise PeftkitError(f"{job.source.describe()} is a sequence classifier, which scores an answer and gives "
-                               "it no log-probability, and unpaired answers (data.format 'unpaired') are scored by "
-                               "KTO's figures, a language model's log-probabilities of them against its reference; "
-                               "evaluate a reward model on data.format preference pairs (prompt, chosen, rejected).")
-        if not job.source.reward_model():
-            raise PeftkitError(f"{job.source.describe()} is a classifier of classes, not a reward model (a classifier "
-                               "of one output, training.objective: reward), so it scores no preference pairs; evaluate "
-                               "it on data.format classification rows.")
-        job.preference = (1.0, "reward", 0.0, job.preference[3] if job.preference[1] == "reward" else 0.0)
-        if job.source.model is not None:  # (--model DIR: a merged reward model loads as the classifier it is)
-            job.source = replace(job.source, model=job.source.model.model_copy(
-                update={"task": "sequence_classification"}))
-    # (ORPO's, SimPO's and a reward model's have no reference; a comparison's is its base row)
-    if not comparing and not job.source.adapter and job.preference[1] not in ("orpo", "simpo", "reward"):
-        raise PeftkitError(f"A preference evaluation compares an adapter with its base (the reference, as DPO training "
-                           f"does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a DPO run's "
-                           "directory.")
-    job.metrics = list(objective_of(job).FIGURES if job.data_cfg.format == "unpaired" else FIGURES)
 
 
 def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
@@ -490,6 +424,8 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     if job.data_cfg.format == "classification":
         return evaluate_classifier(job, model)
     if job.data_cfg.format in ("preference", "unpaired"):
+        from peftkit.evaluate_pairs import evaluate_preference
+
         return evaluate_preference({None: job})[None]
     rows = _read_rows(job)
     return _scored(job, job.source.load() if model is None else model, *rows)
@@ -506,93 +442,12 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
         model = _load_classifier(first) if _classes_of_model(first) else None
         return {name: evaluate_classifier(job, model) for name, job in jobs.items()}
     if first.data_cfg.format in ("preference", "unpaired"):
+        from peftkit.evaluate_pairs import evaluate_preference
+
         return evaluate_preference(jobs)
     rows = {name: _read_rows(job) for name, job in jobs.items()}
     model = first.source.load()
     return {name: _scored(job, model, *rows[name]) for name, job in jobs.items()}
-
-
-def evaluate_preference(jobs: dict) -> dict:
-    """`peftkit eval` of preference pairs (data.format: preference): each set's figures (`PreferenceEval`: loss,
-    reward accuracy and margin, chosen and rejected rewards, by the job's `PreferenceLoss`) of the adapter against
-    its DPO reference, the model its DPO training started from: the base without the adapter, or where the recipe
-    has adapter.init_from, the base with that adapter (ORPO and SimPO: the model alone, adapted or not). Every set's pairs are read first ({set name: job}, as
-    `evaluate_sets`); the base loads once, the reference's log-probabilities are computed on it, then the adapter's
-    weights go in."""
-    from peftkit.data.preference import load_pairs
-    from peftkit.data.unpaired import load_unpaired
-    from peftkit.preference import PreferenceEval, reference_logps
-    from peftkit.rope_scaling import fresh_dynamic_rope
-
-    first = next(iter(jobs.values()))
-    loss = objective_of(first)
-    tok = first.source.tokenizer()
-    sets = {name: load_unpaired(tok, job.data, job.split, job.data_cfg, job.batch_size)[0]
-            if job.data_cfg.format == "unpaired" else load_pairs(tok, job.data, job.split, job.data_cfg)[0]
-            for name, job in jobs.items()}
-    # ORPO and SimPO have no reference: the model as it is scores the pairs
-    model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (_scorer(first.source, first.seed),
-                                                                                                   lambda: None)
-    guard_token_ids(model, tok)
-    for name, job in jobs.items():
-        check_room(model, max(sets[name].lengths()), f"longest answer of {job.data}", 0,
-                   "Lower --max-length (the answers are cut to it).")
-        if not loss.needs_reference:
-            continue
-        with fresh_dynamic_rope(model), work("reference", len(sets[name]), "pairs") as advance:
-            sets[name].reference = reference_logps(model, sets[name], job.batch_size, tok.pad_token_id,
-                                                   advance=advance)
-    adapt()
-    results = {}
-    for name, job in jobs.items():
-        with fresh_dynamic_rope(model):
-            results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, loss)(model)
-        _check_finite_loss(results[name]["loss"], job.source, job.data)
-    return results
-
-
-def _scorer(source: ModelSource, seed: int = 0) -> nn.Module:
-    """The model of an evaluation without a reference (ORPO, SimPO, a reward model): a reward model without an
-    adapter whose head is new (a base's) gets it drawn from `seed` (`EvalJob.seed`), as a headless classifier's
-    (`_load_classifier`), so that its figures repeat, those of its run's base evaluation."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return source.load()
-
-
-def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Module, Callable[[], None]]:
-    """(the reference of a preference evaluation, loaded as `ModelSource.load` loads an adapter's base: the base, or
-    with `init_from` (a recipe's adapter.init_from) that adapter over it; a function that then makes it `source`'s
-    adapted model). `init_from`'s weights go in the layers of `source`'s adapter, which its DPO run trained from
-    them."""
-    from peftkit.adapter_base import load_adapter_base
-    from peftkit.adapters import inject_adapters, load_adapter_state_dict
-    from peftkit.modeling import resolve_device
-    from peftkit.peft_format import load_adapter
-    from peftkit.progress import phase
-    from peftkit.runtime import inference_autocast, under_autocast
-
-    device = resolve_device(source.model.device if source.model else "auto")
-    source = source.here(device)
-    with phase(f"Loading {source.describe()}..."):
-        model, adapter_cfg, state, *_ = load_adapter_base(source.adapter_base, source.adapter, device,
-                                                          source.trust_remote_code, tokens_of=source.added_tokens)
-    model = under_autocast(model.eval(), inference_autocast(source.mixed_precision, device), device)
-
-    def inject() -> None:
-        inject_adapters(model, adapter_cfg, every_entry=False, state=state, saved_only=True)
-
-    if init_from:
-        inject()
-        load_adapter_state_dict(model, load_adapter(init_from)[1])
-        model.eval()
-
-    def adapt() -> None:
-        if not init_from:
-            inject()
-        load_adapter_state_dict(model, state)
-        model.eval()
-    return model, adapt
 
 
 def _read_rows(job: EvalJob) -> tuple:
