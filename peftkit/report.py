@@ -166,10 +166,11 @@ def plot_curves(train: list[dict], evals: list[dict], log_scale: bool) -> dict[s
             if points:
                 _curve(ax, *zip(*points, strict=True), "o-", label=metric, linewidth=1.5)
         generated = any(metric_curves[m] for m in GENERATION_METRICS)
-        pairs = bool(metric_curves[PREFERENCE_METRICS[0]] or metric_curves["kl"])
-        ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval pairs (answers)" if pairs else
-               "over eval rows", title="Eval metrics (greedy answers)" if generated else
-               "Eval metrics (answer pairs)" if pairs else "Eval metrics (classes)")
+        pairs, kto = bool(metric_curves[PREFERENCE_METRICS[0]]), bool(metric_curves["kl"])
+        ax.set(xlabel="step", ylabel="mean over eval rows" if generated else "over eval pairs" if pairs else
+               "over eval answers" if kto else "over eval rows", title="Eval metrics (greedy answers)" if generated
+               else "Eval metrics (answer pairs)" if pairs else "Eval metrics (KTO's KL estimate)" if kto else
+               "Eval metrics (classes)")
         ax.grid(alpha=0.3)
         ax.legend()
         plots["eval_metrics"] = _png(fig)

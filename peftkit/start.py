@@ -461,10 +461,10 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
         for key, pairs in sets.items():
             pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)
             if not (finite := torch.isfinite(pairs.reference).all(1)).all():
-                first = int((~finite).nonzero()[0])
+                first, pair = int((~finite).nonzero()[0]), "answer" if cfg.training.objective == "kto" else "pair"
                 raise PeftkitError(
-                    f"The reference ({what}) gives {int((~finite).sum())} of the {len(pairs)} pairs of {key} a "
-                    f"log-probability that is not finite (the first: pair {first + 1} as kept): the model overflows "
+                    f"The reference ({what}) gives {int((~finite).sum())} of the {len(pairs)} {pair}s of {key} a "
+                    f"log-probability that is not finite (the first: {pair} {first + 1} as kept): the model overflows "
                     f"at model.dtype {cfg.model.dtype}, or its weights hold inf or nan. "
                     f"{cfg.training.objective.upper()} would stop at its first "
                     "step ('Loss became nan'). Load it in float32 or bfloat16 rather than float16, and check the "

@@ -263,3 +263,18 @@ def test_rows_of_two_forms_across_data_train_s_datasets_are_named_both(tiny_llam
     assert str(error.value) == (f"{tmp_path / 'chat.jsonl'}:1: a conversation, and the first row "
                                 f"({tmp_path / 'text.jsonl'}:1) is a text answer; give every row the same form "
                                 "(every dataset's, where data.train lists several)")
+
+
+def test_a_reference_that_is_not_finite_is_said_in_answers(tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys):
+    """As DPO's (tests/test_preference.py), in KTO's words: answers, not pairs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("inf")
+    model.save_pretrained(tmp_path / "broken")
+    _tok(tiny_llama).save_pretrained(tmp_path / "broken")
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train",
+                                  str(_kto_recipe(tmp_path, tmp_path / "broken", unpaired_data))).split())
+    assert "gives 32 of the 32 answers of data.train a log-probability that is not finite (the first: answer 1" in err
+    assert "KTO would stop at its first step" in err
