@@ -1,6 +1,8 @@
-"""Benchmark: peftkit DPO (training.objective: dpo) vs. TRL's DPOTrainer on a peft LoRA, on the same pairs.
+"""Benchmark: peftkit DPO (training.objective: dpo) vs. TRL's DPOTrainer on a peft LoRA, on the same pairs; or KTO
+(--objective kto) vs. TRL's KTOTrainer, on the pairs' answers unpaired.
 
     python scripts/bench_dpo.py --threads 1 --repeats 3          # CPU: hidden 256 x 4 layers, batch 8 pairs
+    python scripts/bench_dpo.py --objective kto --threads 1 --repeats 3    # batch 8 answers, each with its mismatched
     python scripts/bench_dpo.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 --intermediate 5632 \
         --vocab 32000 --words 8 --max-length 512 --batch-size 8 --steps 30     # a ~1.2B Llama shape
 
@@ -18,6 +20,12 @@ bench_train.py times them (the end of each optimizer step; the first --warmup st
 reference pass out: `end to end` is each side's whole training call (data, model, reference, steps; not the
 imports), which puts it back in. Over one epoch the reference pass costs one forward a pair, as TRL's per-step
 reference forwards do; over several it is paid once.
+
+KTO (--objective kto): each pair gives two rows, its chosen answer desirable and its rejected one not, a batch
+--batch-size of them; each row comes with its mismatched example (KTO's KL estimate), so a batch holds as many
+sequences as DPO's. TRL's KTOTrainer (its default sequential sampling, its reference log-probabilities computed per
+batch, not precomputed) runs the policy and the reference on the rows and on the mismatched examples each step;
+peftkit runs the policy's forward of both, the reference's computed once before training.
 """
 
 from __future__ import annotations
@@ -33,29 +41,40 @@ from bench_train import (_sync, build_model, child, common_args, peft_lora_model
 
 
 def write_pairs(args, workdir: Path) -> None:
-    """--steps x --batch-size pairs (one epoch: both sides walk it without wrapping), --words numbers each."""
+    """--steps x --batch-size pairs (one epoch: both sides walk it without wrapping), --words numbers each; for KTO,
+    their answers as rows, the chosen desirable (--steps x --batch-size of them)."""
     from peftkit.tiny import preference_rows, write_jsonl
 
     rows = preference_rows(args.steps * args.batch_size * args.words, seed=1)
     joined = [{"prompt": "Write the numbers in words.\n" + " ".join(r["prompt"].split("\n")[1] for r in group) + "\n",
                "chosen": ", ".join(r["chosen"] for r in group), "rejected": ", ".join(r["rejected"] for r in group)}
               for group in (rows[i:i + args.words] for i in range(0, len(rows), args.words))]
+    if args.objective == "kto":
+        joined = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"}
+                  for r in joined for k in ("chosen", "rejected")][:args.steps * args.batch_size]
     write_jsonl(workdir / "train.jsonl", joined)
 
 
-def dpo_recipe(args, workdir: Path):
+def objective_recipe(args, workdir: Path):
+    if args.objective == "kto":
+        return recipe_for(args, workdir, data={"format": "unpaired"}, training={"objective": "kto", "kto_beta": 0.1})
     return recipe_for(args, workdir, data={"format": "preference"}, training={"objective": "dpo", "dpo_beta": 0.1})
 
 
 def ordered_pairs(recipe) -> tuple[object, list[dict], list[int]]:
-    """(tokenizer, the rows in the order peftkit's loop takes their pairs, each pair's token count)."""
+    """(tokenizer, the rows in the order peftkit's loop takes their pairs (KTO: answers), each pair's token count
+    (KTO: an answer's and its mismatched example's))."""
     from peftkit.data import epoch_batches
     from peftkit.data.preference import load_pairs
     from peftkit.data.rows import load_rows
+    from peftkit.data.unpaired import load_unpaired
     from peftkit.modeling import load_tokenizer
 
     tok = load_tokenizer(recipe.model)
-    pairs, _ = load_pairs(tok, recipe.data.train, None, recipe.data, cache=False)
+    if recipe.training.objective == "kto":
+        pairs, _ = load_unpaired(tok, recipe.data.train, None, recipe.data, recipe.training.batch_size)
+    else:
+        pairs, _ = load_pairs(tok, recipe.data.train, None, recipe.data, cache=False)
     rows = load_rows(recipe.data.train, None, "error")[0]
     order = [i for b in epoch_batches(len(pairs), recipe.training.batch_size, recipe.training.seed, 0, True) for i in b]
     return tok, [rows[i] for i in order], [len(pairs[i][0].input_ids) + len(pairs[i][1].input_ids) for i in order]
@@ -68,27 +87,32 @@ def run_peftkit_dpo(recipe, workdir: Path) -> dict:
 
 
 def run_trl(recipe, workdir: Path) -> dict:
-    """TRL's DPOTrainer on peft's LoRA of the recipe (bench_train.peft_lora_model), fed the pairs sequentially."""
+    """TRL's DPOTrainer (KTO: KTOTrainer) on peft's LoRA of the recipe (bench_train.peft_lora_model), fed the pairs
+    (answers) sequentially."""
     import torch
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    t_kto = recipe.training.objective == "kto"
+    Config, Trainer = (KTOConfig, KTOTrainer) if t_kto else (DPOConfig, DPOTrainer)
 
     t, cuda = recipe.training, recipe.model.device == "cuda"
     timer, ends, losses = step_timer(recipe.model.device)
 
     started = _sync(recipe.model.device)
     tok, rows, _ = ordered_pairs(recipe)
-    args = DPOConfig(
+    args = Config(
         output_dir=str(workdir / "trl-run"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
         learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=t.max_grad_norm, seed=t.seed,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, train_sampling_strategy="sequential",
-        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), beta=t.dpo_beta, max_length=None,
+        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), beta=t.kto_beta if t_kto else t.dpo_beta,
+        max_length=None,
         optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_pin_memory=cuda,
         # (TRL turns activation checkpointing on by default: off, as peftkit's training.gradient_checkpointing)
         activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
     )
-    trainer = DPOTrainer(model=peft_lora_model(recipe), args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[timer])
+    trainer = Trainer(model=peft_lora_model(recipe), args=args, train_dataset=Dataset.from_list(rows),
+                      processing_class=tok, callbacks=[timer])
     trainer.train()
     return {"step_ends": ends, "losses": losses, "total_s": _sync(recipe.model.device) - started}
 
@@ -101,13 +125,14 @@ def main() -> None:
                    "(bench_train.build_llama); without, peftkit's tiny Llama")
     p.add_argument("--vocab", type=int, default=32000, help="with --intermediate: embedding/lm_head rows")
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--objective", choices=["dpo", "kto"], default="dpo", help="kto: KTO on the answers unpaired")
     args = p.parse_args()
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     if args.side:
-        recipe = dpo_recipe(args, Path(args.workdir))
+        recipe = objective_recipe(args, Path(args.workdir))
         child(recipe, {"peftkit": run_peftkit_dpo, "peft": run_trl}[args.side], Path(args.workdir), args.threads,
               lengths=lambda r: ordered_pairs(r)[2], imports=("trl",))
         return
@@ -121,9 +146,11 @@ def main() -> None:
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, warm_first=args.device == "cuda")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
     model = args.model or f"llama hidden {args.hidden} x {args.layers} layers{shape}"
-    title = (f"LoRA DPO training, {args.device}: {model}, batch {args.batch_size} pairs of {args.words} number(s), "
+    name, what, trainer = (("KTO", "answers", "KTOTrainer") if args.objective == "kto" else
+                           ("DPO", "pairs", "DPOTrainer"))
+    title = (f"LoRA {name} training, {args.device}: {model}, batch {args.batch_size} {what} of {args.words} number(s), "
              f"r {args.r}, {args.steps} steps, torch threads {args.threads or torch.get_num_threads()} "
-             "(peft+Trainer: TRL's DPOTrainer on peft's LoRA)")
+             f"(peft+Trainer: TRL's {trainer} on peft's LoRA)")
     report(results, args, title, args.device == "cuda")
     total = {side: sorted(r["total_s"] for r in rs)[len(rs) // 2] for side, rs in results.items()}
     print(f"end to end (the whole training call, reference pass included; median): peftkit {total['peftkit']:.2f} s, "
