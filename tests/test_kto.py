@@ -278,3 +278,46 @@ def test_a_reference_that_is_not_finite_is_said_in_answers(tiny_llama, unpaired_
                                   str(_kto_recipe(tmp_path, tmp_path / "broken", unpaired_data))).split())
     assert "gives 32 of the 32 answers of data.train a log-probability that is not finite (the first: answer 1" in err
     assert "KTO would stop at its first step" in err
+
+
+def test_two_processes_share_the_kl_estimate_and_train_the_adapter_of_one(tiny_llama, tmp_path):
+    """2 processes x 2 answers a micro-batch give the losses, KL estimates (positive from the second step: each
+    process's share alone would differ) and adapter of 1 process x 4: the mismatched examples are built in runs of
+    the global micro-batch, and the KL estimate is summed across the processes. (~10 s)"""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from peftkit.methods.lora import LoraConfig
+
+    sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                              tmp_path / "sft", seed=2, std=0.3)
+    write_jsonl(tmp_path / "rows.jsonl", [_row(3, 4, True), _row(10, 20, True), _row(1, 1, True), _row(7, 8, False),
+                                          _row(2, 5, True), _row(9, 9, False), _row(4, 4, True), _row(6, 1, True)])
+    data = {"train": tmp_path / "rows.jsonl", "eval": tmp_path / "rows.jsonl"}
+    sections = dict(max_steps=4, optimizer="sgd", lr=1.0, scheduler="constant", warmup_steps=0, kto_beta=0.3,
+                    eval_steps=4)
+    recipes = {}
+    for name, batch in (("one", 4), ("two", 2)):
+        recipes[name] = _kto_recipe(tmp_path / name, tiny_llama, data, batch_size=batch, **sections)
+        raw = yaml.safe_load(recipes[name].read_text())
+        raw["adapter"] = {"init_from": str(sft)}
+        raw["eval"]["batch_size"] = 4
+        recipes[name].write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipes["one"]))
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipes["two"]), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def lines(run: str) -> list[dict]:
+        return [json.loads(x) for x in (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    assert max(x.get("kl", 0.0) for x in lines("one")) > 0.05
+    for a, b in zip(lines("one"), lines("two"), strict=True):
+        assert a.keys() == b.keys()
+        for key in ("loss", "kl", "reward_margin", "eval_loss", "eval_kl"):
+            assert abs(a.get(key, 0.0) - b.get(key, 0.0)) <= 1e-5, (key, a, b)
+    ours = load_file(tmp_path / "one" / "run" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "two" / "run" / "adapter" / "adapter_model.safetensors")
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
