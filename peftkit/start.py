@@ -35,6 +35,7 @@ from peftkit.methods.expert_lists import check_start
 from peftkit.modeling import (check_quantization_section, load_config, load_model, load_tokenizer, prepare_for_training,
                               resolve_device)
 from peftkit.peft_format import load_adapter
+from peftkit.preference import objective_loss
 from peftkit.progress import phase
 from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_answer_room, check_context_length, fresh_dynamic_rope
@@ -336,26 +337,27 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
-    # (ORPO, SimPO and reward models have no reference; their base evaluation is a figure)
-    dpo = cfg.training.objective in ("dpo", "kto")
+    # DPO's and KTO's losses compare with a reference; ORPO, SimPO and reward models have none: their base
+    # evaluation is a figure
+    referenced = cfg.training.pairs and objective_loss(cfg.training).needs_reference
     # The reference is the model training starts from: the base, as it is now, without the adapter; or, after the
     # injection, adapter.init_from's adapter over it, or the base stacked by LoRA's layer_replication (the deeper
     # model its zero-initialized LoRAs start as, which peft's base is once stacked; the base now is another model).
     reference_after = bool(cfg.adapter.init_from or getattr(cfg.adapter, "layer_replication", None))
-    if dpo:
+    if referenced:
         with accelerator.autocast():
             if not reference_after:
                 _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
             if cfg.eval.base_model:  # (no base evaluation, but the base's answers beside the fine-tuned ones)
                 summary |= _base_samples(cfg, model, tok, accelerator, console)
-    elif eval_ex and cfg.eval.base_model and not dpo:  # on --resume too: its figures are in the manifest, as an
+    elif eval_ex and cfg.eval.base_model and not referenced:  # on --resume too: its figures are in the manifest, as an
         # unbroken run's. At the precision of the run's later evaluations (its forward's, after prepare); under
         # DeepSpeed, which holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():
             summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console)
 
     targets = _inject(cfg, model, adapter, accelerator, console, summary)
-    if dpo and reference_after:
+    if referenced and reference_after:
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
 
@@ -442,7 +444,7 @@ def _check_biases_merge(model) -> None:
 
 
 def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, accelerator, console: Console) -> None:
-    """training.objective: dpo: the reference model's log-probabilities of the answers of data.train's pairs and of
+    """training.objective: dpo (kto): the reference model's log-probabilities of the answers of data.train's pairs and of
     each set of data.eval's, set on them (`peftkit.preference`): `model` as training starts from it, the base (before
     the adapter is injected) or, with adapter.init_from, the base with that adapter (after; with
     adapter.layer_replication, the stacked base with its LoRAs, zero at the start). (A DPO run has no base
@@ -537,7 +539,7 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True,
 def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pairs, dict, dict, None]:
     """`_load_data` of a DPO recipe: data.train's pairs, and each set of data.eval's as its `PreferenceEval`."""
     from peftkit.data.unpaired import load_unpaired
-    from peftkit.preference import PreferenceEval, objective_loss
+    from peftkit.preference import PreferenceEval
 
     def read(source: str | list, split: str | None, data, chunk: int):
         # KTO: each answer with its mismatched one, within runs of a global micro-batch's rows (batch_size on each of
