@@ -200,13 +200,7 @@ def preview_pairs(tok, cfg: DataConfig, n: int, console: Console, *, show_ids: b
             console.print(f"pair {i}: left out whole with its {'chosen' if out_of[0] else 'rejected'} answer (a pair "
                           "is kept or dropped whole)", **out)
     pairs, cuts = kept_pairs(built, cfg, stats)
-    console.print()
-    for line in describe_stats(stats, cfg):
-        console.print(line, **out)
-    if cfg.truncation == "error" and cuts.first is not None:
-        console.print("training would stop: " + truncation_error(cuts, cfg), **out)
-    elif not pairs:
-        console.print("training would stop: " + no_examples_error(stats, cfg, name, 0, line_numbers), **out)
+    _print_counts(console, stats, cfg, cuts, bool(pairs), name, line_numbers)
     return [one for pair in built[:n] for one in pair]
 
 
@@ -231,14 +225,21 @@ def preview_unpaired(tok, cfg: DataConfig, chunk: int, n: int, console: Console,
             console.print(f"example {i} {what}  {describe_example(one, cfg)}", **out)
             console.print(render_tokens(tok, one.example, plain=plain, show_ids=show_ids, cut=one.truncated), **out)
     kept, cuts = kept_unpaired(built, desirable, cfg, stats)
+    _print_counts(console, stats, cfg, cuts, bool(kept), name, line_numbers)
+    return [one for pair in built[:n] for one in pair]
+
+
+def _print_counts(console: Console, stats: dict, cfg: DataConfig, cuts, any_kept: bool, name: str,
+                  line_numbers) -> None:
+    """The counts training prints of pairs (unpaired answers), then what it would stop on, if anything."""
+    out = {"markup": False, "highlight": False, "soft_wrap": True}
     console.print()
     for line in describe_stats(stats, cfg):
         console.print(line, **out)
     if cfg.truncation == "error" and cuts.first is not None:
         console.print("training would stop: " + truncation_error(cuts, cfg), **out)
-    elif not kept:
+    elif not any_kept:
         console.print("training would stop: " + no_examples_error(stats, cfg, name, 0, line_numbers), **out)
-    return [one for pair in built[:n] for one in pair]
 
 
 def _entry(entry, cfg: DataConfig) -> str:
