@@ -351,8 +351,11 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
     # (the reference log-probabilities of data.train's pairs, DPO's, or of KTO's answers and their mismatched
     # examples, are such batches too, with or without data.eval)
+    from peftkit.preference import objective_loss
+
+    referenced = tcfg.pairs and objective_loss(tcfg).needs_reference
     evaluation = logits_bytes(rows // tcfg.batch_size * recipe.eval.batch_size * seq, shape.vocab, BYTES[dtype]) \
-        if recipe.data.eval or tcfg.objective in ("dpo", "kto") else 0
+        if recipe.data.eval or referenced else 0
     return max(logits + layers, evaluation)
 
 

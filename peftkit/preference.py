@@ -1,5 +1,5 @@
-"""DPO (training.objective: dpo; orpo, simpo, and a reward model's, reward): the loss of a batch of answer pairs, the reference model's log-probabilities of
-them, and what a run's evaluations report of preference data.
+"""DPO (training.objective: dpo; orpo, simpo, and a reward model's, reward): the loss of a batch of answer pairs,
+the reference model's log-probabilities of them, and what a run's evaluations report of preference data.
 
 Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290) trains the policy (the adapted model) to
 raise the chosen answer's log-likelihood ratio to the reference over the rejected's: with the log-ratios
