@@ -401,11 +401,12 @@ FSDP2_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "
 def launch_command(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_stage: int = 2) -> list[str]:
     """accelerate's launcher running `peftkit <argv>` in `num_processes` processes, as data parallel or, for `kind`
     (a manifest's `distributed.type`) FSDP, as configs/accelerate/fsdp2.yaml shards, or DEEPSPEED, as
-    configs/accelerate/zero<zero_stage>.yaml."""
+    configs/accelerate/zero<zero_stage>.yaml. Each launch meets on a port free at its start (port 0: accelerate
+    picks one), so two runs started at once on one machine do not both take torch's default 29500."""
     engine = {"FSDP": FSDP2_FLAGS, "DEEPSPEED": [*ZERO_FLAGS, "--zero_stage", str(zero_stage)]}.get(kind, ["--multi_gpu"])
     return [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_machines", "1",
-            "--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "peftkit", *argv]
+            "--num_processes", str(num_processes), "--main_process_port", "0", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "peftkit", *argv]
 
 
 ZERO_FLAGS = ["--use_deepspeed", "--offload_optimizer_device", "none", "--offload_param_device", "none",

@@ -151,3 +151,6 @@ def test_verify_relaunches_fsdp_runs_as_the_shipped_config():
             assert flags[f"--{key}"].lower() == str(value).lower(), key
     assert "--use_fsdp" in command and "--multi_gpu" not in command
     assert "--multi_gpu" in launch_command(2, ["train", "r.yaml"]) and "--use_fsdp" not in launch_command(2, ["x"])
+    for kind in ("MULTI_GPU", "FSDP", "DEEPSPEED"):  # a free port each, not torch's 29500 (two runs at once collided)
+        command = launch_command(2, ["train", "r.yaml"], kind)
+        assert command[command.index("--main_process_port") + 1] == "0"
