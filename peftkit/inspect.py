@@ -5,12 +5,7 @@ dtypes in adapter_model.safetensors (read from its header, never the data), and 
 one. An adapter with a feature peftkit cannot apply yet (a peft feature it does not implement) is still
 described, with the reason peftkit would refuse to load it.
 
-What vLLM accepts is stated conservatively, from vLLM's LoRA loader (vllm/lora/peft_helper.py and
-models.py, 0.6-0.10): it serves `peft_type: LORA` only, and refuses `modules_to_save`, `use_dora` and
-`bias` other than "none" (without --enable-lora-bias), and target modules the model class does not list as
-LoRA-capable. The rank must be <= --max-lora-rank (default 16). What depends on the vLLM version or the
-model class is a caveat, not a verdict. What llama.cpp's convert_lora_to_gguf.py does is read from it
-(`_llama_cpp_verdict`).
+Whether vLLM and llama.cpp take it is `peftkit.serving`'s verdict.
 """
 
 from __future__ import annotations
@@ -34,6 +29,7 @@ from peftkit.peft_format import (
     unreadable_safetensors,
     without_adapter_name,
 )
+from peftkit.serving import llama_cpp_verdict, vllm_verdict
 
 # Tensors of an adapter layer beside its low-rank pair (DoRA's magnitudes): counted with their layer, not taken
 # for modules_to_save.
@@ -44,9 +40,6 @@ _VARIANTS = {"use_dora": "DoRA", "use_rslora": "rsLoRA scaling", "use_bdlora": "
              "kasa_config": "KaSA (trained singular values, truncated base)",
              "monteclora_config": "MonteCLoRA (plain LoRA outside training)"}
 """adapter_config.json's flags that make a LoRA one of its variants, and the variant's name."""
-
-VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
-
 
 def inspect_adapter(path: str | Path) -> dict:
     """The facts of an adapter directory, as a JSON-ready dict.
@@ -134,8 +127,8 @@ def inspect_adapter(path: str | Path) -> dict:
     info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
                                 for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
     info["tied_rows"] = {_module(copy): _module(kept) for copy, kept in tied_rows.items()}
-    info["vllm"] = _vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
-    info["llama_cpp"] = _llama_cpp_verdict(method.peft_type, raw, saved, targets)
+    info["vllm"] = vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
+    info["llama_cpp"] = llama_cpp_verdict(method.peft_type, raw, saved, targets)
     from peftkit.adapters import PEFT_PREFIX
 
     named = next((key for key, new in renamed.items() if key != new), None)
@@ -275,149 +268,6 @@ def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]],
                 ranks[path] = shape[dim]
                 break
     return ranks
-
-
-STACKED = ("layer_replication: {who} does not stack the base's layers again, so the stacked layers' tensors have no "
-           "layer to go to; merge it (peftkit merge) and serve the merged model")
-
-
-def _vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
-                  targets: dict[str, dict[str, tuple[int, ...]]], saved: dict[str, int], base_copies: list[str]) -> dict:
-    reasons, caveats = [], []
-    if peft_type != "LORA":
-        reasons.append(f"vLLM serves LoRA adapters only; this is {peft_type}")
-        return {"accepts": False, "reasons": reasons, "caveats": caveats}
-    whole = [n for n in saved if not n.endswith("." + TOKEN_ROWS)]
-    if raw.get("modules_to_save") or whole:
-        named = raw.get("modules_to_save") or sorted(whole)
-        reasons.append(f"modules_to_save ({', '.join(named)}): vLLM's loader requires it to be null")
-    if raw.get("trainable_token_indices"):
-        reasons.append("trainable_token_indices: vLLM's loader reads LoRA's tensors, not trained embedding rows")
-    if raw.get("layer_replication"):
-        reasons.append(STACKED.format(who="vLLM"))
-    if raw.get("use_dora"):
-        reasons.append("use_dora: vLLM does not support DoRA")
-    if raw.get("bias", "none") != "none":
-        reasons.append(f"bias={raw['bias']!r}: vLLM refuses adapter biases unless started with --enable-lora-bias")
-    if raw.get("lora_bias"):
-        caveats.append("lora_bias: vLLM reads lora_B's bias only in versions with --enable-lora-bias, started with it "
-                       "(not verified)")
-    if base_copies:
-        caveats.append(f"the file holds base weights ({', '.join(base_copies)}), which peft saves beside an adapted "
-                       "embedding (save_embedding_layers): not verified against vLLM")
-    if any("lora_embedding_A" in parts for parts in targets.values()):
-        caveats.append("LoRA on an embedding: only some vLLM versions and models serve it (recent ones dropped it)")
-    heads = sorted({p for p in targets if p.rsplit(".", 1)[-1] == "lm_head"})
-    if heads:
-        caveats.append("LoRA on lm_head: only some vLLM versions and models serve it")
-    if ranks:
-        top = max(ranks.values())
-        if top > VLLM_DEFAULT_MAX_LORA_RANK:
-            caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
-        # vLLM scales every layer by the config's lora_alpha / r (vllm/lora/peft_helper.py, lora_weights.py), read
-        # from neither rank_pattern nor alpha_pattern: a layer of another rank is scaled r_layer / r times off.
-        if other := sorted({rank for rank in ranks.values() if rank != raw.get("r", rank)}):
-            reasons.append(f"per-layer ranks (rank_pattern: {', '.join(map(str, other))} beside r={raw['r']}): vLLM "
-                           "scales every layer by lora_alpha / r, so those layers would be scaled wrong (silently)")
-    if raw.get("alpha_pattern"):
-        reasons.append("alpha_pattern: not read by vLLM, which scales every layer by lora_alpha (silently wrong)")
-    if raw.get("layers_to_transform") not in (None, []):
-        caveats.append("layers_to_transform: not verified against vLLM")
-    if raw.get("alora_invocation_tokens"):
-        caveats.append(ACTIVATED.format(who="vLLM"))
-    if raw.get("monteclora_config"):
-        caveats.append("monteclora_config (MonteCLoRA): plain LoRA outside training, but the file also holds its "
-                       "sampler's tensors (lora_monteclora_sampler.*), which a loader may refuse as unknown; not "
-                       "verified against vLLM")
-    if raw.get("velora_config"):
-        caveats.append("velora_config (VeLoRA): plain LoRA outside training, but the file also holds lora_velora_embed "
-                       "tensors, which a loader may refuse as unknown; not verified against vLLM")
-    if raw.get("kasa_config"):
-        reasons.append("kasa_config (KaSA): its lora_diag tensors scale the rank, and the base must lose its r smallest "
-                       "singular components first; a plain LoRA loader does neither (silently wrong): merge it")
-    if raw.get("use_bdlora"):
-        reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
-                       "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "
-                       "supports BD-LoRA (not verified here), or merge it")
-    if raw.get("target_parameters"):
-        caveats.append("target_parameters (LoRA on fused expert weights): only vLLM versions with LoRA for fused "
-                       "mixture-of-experts layers load it; not verified against vLLM")
-    if experts := _per_expert(targets):
-        caveats.append(f"{PER_EXPERT.format(example=experts[0])}; whether vLLM serves LoRA on a mixture's experts "
-                       "depends on its version: not verified against vLLM")
-    caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
-                   "module must be one the class lists as LoRA-capable")
-    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
-
-
-def _llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets: dict) -> dict:
-    """What llama.cpp's convert_lora_to_gguf.py makes of the adapter: it reads `lora_alpha` and the lora_A/lora_B
-    tensors alone (exiting on any other tensor but peft's base copies), and llama.cpp scales each layer by alpha / its
-    rank; a config field it does not read but the numbers depend on makes a GGUF that is silently wrong."""
-    reasons = []
-    if peft_type != "LORA":
-        return {"accepts": False, "reasons": [f"convert_lora_to_gguf.py converts LoRA adapters only; this is {peft_type}"],
-                "caveats": []}
-    # It carries norm weights whole (mergekit's adapters hold them); any other tensor but lora_A/lora_B stops it: saved
-    # modules, and the biases of bias: all / lora_only.
-    if stopping := sorted(n for n in saved if "_layernorm" not in n and ".norm" not in n):
-        reasons.append(f"tensors other than lora_A/lora_B ({', '.join(stopping[:3])}{' ...' * (len(stopping) > 3)}: "
-                       "saved modules or biases) stop convert_lora_to_gguf.py, which carries norm weights only")
-    if raw.get("use_dora"):
-        reasons.append("use_dora: its magnitude vectors stop convert_lora_to_gguf.py")
-    if raw.get("layer_replication"):
-        reasons.append(STACKED.format(who="llama.cpp"))
-    if raw.get("lora_bias"):
-        reasons.append("lora_bias: convert_lora_to_gguf.py reads lora_A/lora_B weights alone and stops at lora_B's "
-                       "bias tensors (llama.cpp applies no LoRA bias)")
-    if raw.get("use_rslora"):
-        reasons.append("use_rslora: not read, so each layer would be scaled by alpha/r, not alpha/sqrt(r) (sqrt(r) "
-                       "times too small, silently)")
-    if raw.get("alpha_pattern"):
-        reasons.append("alpha_pattern: not read, so those layers would be scaled by lora_alpha (silently wrong)")
-    caveats = ["LoRA on lm_head: refused for a base whose output head is its embeddings (tied)"] if any(
-        p.rsplit(".", 1)[-1] == "lm_head" for p in targets) else []
-    if raw.get("alora_invocation_tokens"):
-        caveats.append(ACTIVATED.format(who="llama.cpp (its converter and server)"))
-    if raw.get("monteclora_config"):
-        reasons.append("monteclora_config: its sampler's tensors (lora_monteclora_sampler.*) stop "
-                       "convert_lora_to_gguf.py; outside training it is plain LoRA: merge it")
-    if raw.get("velora_config"):
-        reasons.append("velora_config: its lora_velora_embed tensors (training's projections) stop "
-                       "convert_lora_to_gguf.py; outside training it is plain LoRA: merge it")
-    if raw.get("kasa_config"):
-        reasons.append("kasa_config (KaSA): convert_lora_to_gguf.py reads neither its lora_diag tensors nor the "
-                       "truncation of the base it applies to: merge it")
-    if raw.get("use_bdlora"):
-        reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked, which "
-                       "convert_lora_to_gguf.py would read as plain LoRA factors of the wrong shape")
-    if raw.get("target_parameters"):
-        reasons.append("target_parameters: convert_lora_to_gguf.py converts LoRA on linear layers, not an update of "
-                       "fused expert parameters (not verified)")
-    if experts := _per_expert(targets):
-        caveats.append(f"{PER_EXPERT.format(example=experts[0])}; not verified against convert_lora_to_gguf.py")
-    if reasons and not raw.get("alora_invocation_tokens"):
-        caveats.append("merge it (peftkit merge) and convert the merged model with convert_hf_to_gguf.py instead")
-    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
-
-
-PER_EXPERT = ("it adapts a mixture of experts' experts one by one (transformers 4's layout, e.g. '{example}'), which "
-              "transformers 5 fuses: peftkit converts it to LoRA on the fused experts when it loads it")
-
-
-def _per_expert(targets: dict) -> list[str]:
-    from peftkit.adapters import MOE_V4
-
-    return sorted(p for p in targets if MOE_V4.search(f".{p}.") and ".experts." in f".{p}.")
-
-
-ACTIVATED = ("alora_invocation_tokens (aLoRA): only a {who} with activated-LoRA support honours it; one without applies "
-             "the adapter to every token, the prompt before the invocation too (different outputs, without an error)")
-
-
-def _vllm_rank(r: int) -> int:
-    """The smallest of vLLM's allowed --max-lora-rank values that holds r."""
-    return next((v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r), r)
 
 
 def _size(n: int) -> str:
