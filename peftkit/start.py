@@ -545,7 +545,7 @@ def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pair
         # KTO: each answer with its mismatched one, within runs of a global micro-batch's rows (batch_size on each of
         # the processes: N processes x batch b train as 1 x N b) or of an evaluation batch's
         if cfg.training.objective == "kto":
-            return load_unpaired(tok, source, split, data, chunk, tasks)
+            return load_unpaired(tok, source, split, data, chunk, tasks, cache)
         return load_pairs(tok, source, split, data, cache, tasks)
 
     tasks = recipe_reads_tasks(cfg)  # (multitask prompt tuning: a pair's `task`)

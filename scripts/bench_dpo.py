@@ -72,7 +72,8 @@ def ordered_pairs(recipe) -> tuple[object, list[dict], list[int]]:
 
     tok = load_tokenizer(recipe.model)
     if recipe.training.objective == "kto":
-        pairs, _ = load_unpaired(tok, recipe.data.train, None, recipe.data, recipe.training.batch_size)
+        pairs, _ = load_unpaired(tok, recipe.data.train, None, recipe.data, recipe.training.batch_size,
+                                 cache=False)
     else:
         pairs, _ = load_pairs(tok, recipe.data.train, None, recipe.data, cache=False)
     rows = load_rows(recipe.data.train, None, "error")[0]

@@ -4,7 +4,8 @@ made them, so that the next `train`, `--resume` or `eval` of the same data reads
 The key is a sha256 of: the data's content (a file's bytes; a hub dataset's rows, `rows.HUB_ROWS`; each dataset's,
 with its split, columns and (where not data.format) format, in order, for a list in data.train), the tokenizer as
 `save_pretrained` writes it (vocabulary, special tokens, chat template, pad token), the data settings that shape an
-example (format, max_length, truncation, on_bad_rows, task ids) and the key of the columns read (which a warning
+example (format, max_length, truncation, on_bad_rows, task ids; for unpaired rows the `chunk` their mismatched
+examples are made within, `peftkit.data.unpaired`) and the key of the columns read (which a warning
 names: data.columns, or data.train[i].columns for `eval --data` of a list entry), how the rows were read (a file's
 extension, and the reader each extension gets), the source of `peftkit.data` and the versions of transformers,
 tokenizers, jinja2 and the readers of other files than .jsonl (datasets, pyarrow, pandas). A change to any of them is
@@ -83,14 +84,16 @@ def _versions() -> dict[str, str]:
 class ExampleCache:
     """The entry of one dataset's examples: `read` it (None on a miss), or `write` it after tokenizing."""
 
-    def __init__(self, root: Path, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str) -> None:
+    def __init__(self, root: Path, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str,
+                 chunk: int | None = None) -> None:
         """`digests`: (content digest, reader, split, columns[, format]) of each dataset read, in order (several:
         data.train's list). The reader is how the rows were read (a file's extension; "hub"): the same bytes as .jsonl
         and as .txt are other rows; the split which of them (a local file's slice, `train[95%:]`); the columns the
         dataset's own (data.columns, or a list entry's), and the recipe key they came from, which the counts' warnings
-        name; the format a list entry's own, where not data.format."""
+        name; the format a list entry's own, where not data.format. `chunk`: unpaired rows' (KTO's), whose
+        mismatched examples pair the rows within each run of `chunk` (another batch size is other examples)."""
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
-               "data": digests, "readers": DATA_EXTENSIONS, "tasks": tasks,
+               "data": digests, "readers": DATA_EXTENSIONS, "tasks": tasks, "chunk": chunk,
                "columns_key": cfg._columns_key,  # the counts' warnings name it (data.train[1].columns.output)
                # model.add_tokens' tokens, the data's to write (not warned of): a token the tokenizer had already
                # leaves its files as they were, so the tokenizer's digest does not tell

@@ -530,9 +530,11 @@ def _data_digests(parts: list[tuple[str, str | None, dict, str | None]], cfg: Da
     return found
 
 
-def _cache_entry(root, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str):
-    """The cache entry of these rows; None, said, where it cannot be keyed: its key hashes the tokenizer as
-    save_pretrained writes it, into a temporary directory, and a full TMPDIR failed the run (a 17 MB tokenizer.json)."""
+def _cache_entry(root, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str,
+                 chunk: int | None = None):
+    """The cache entry of these rows (`chunk`: unpaired rows', `ExampleCache`); None, said, where it cannot be keyed:
+    its key hashes the tokenizer as save_pretrained writes it, into a temporary directory, and a full TMPDIR failed the
+    run (a 17 MB tokenizer.json)."""
     import tempfile
     import warnings
 
@@ -540,7 +542,7 @@ def _cache_entry(root, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, 
     from peftkit.errors import PeftkitWarning
 
     try:
-        return ExampleCache(root, tok, digests, cfg, tasks, source)
+        return ExampleCache(root, tok, digests, cfg, tasks, source, chunk)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a full disk
         space = "space" in str(e) or getattr(e, "errno", None) == 28
         fix = "Free space there (or set TMPDIR to another directory), or" if space else "To skip it,"

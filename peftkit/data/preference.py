@@ -161,6 +161,20 @@ def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
     is a pair). With `cache`, local files' are read from the tokenized-data cache where they are there
     (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not. `tasks`: read each row's
     `task` as both its answers' (`peftkit.data.examples.build_examples`' `tasks`)."""
+    entry, parts = local_entry(tok, source, split, cfg, cache, tasks)
+    # (the cache counts the examples it holds, two a pair)
+    if entry is not None and (hit := entry.read()) is not None:
+        return Pairs(hit[0]), hit[1] | {"examples": len(hit[0]) // 2}
+    pairs, stats = _tokenized_pairs(tok, source, split, cfg, tasks)
+    keep_entry(entry, parts, cfg, pairs.examples, stats | {"examples": len(pairs.examples)})
+    return pairs, stats
+
+
+def local_entry(tok, source: str | list, split: str | None, cfg: DataConfig, cache: bool, tasks: bool,
+                chunk: int | None = None) -> tuple[object | None, list[tuple]]:
+    """(the tokenized-data cache's entry (`peftkit.data.cache.ExampleCache`) of pairs, or of unpaired answers made
+    within runs of `chunk` rows, read from local files: None for a hub dataset, without `cache`, or with the cache
+    off; the datasets it is of, for `keep_entry` to check that their files did not change while they were read)."""
     from peftkit.data.cache import cache_root
     from peftkit.data.examples import _cache_entry, _data_digests
 
@@ -168,15 +182,19 @@ def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
         [(entry.path, entry.split, entry.columns, None) for entry in cfg.train_sources()]
     local = all(not is_hub_dataset(path) and Path(path).is_file() for path, *_ in parts)
     root = cache_root() if cache and local else None
+    if root is None:
+        return None, parts
     name = source if isinstance(source, str) else mix_name(cfg)
-    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, tasks, name) if root is not None else None
-    # (the cache counts the examples it holds, two a pair)
-    if entry is not None and (hit := entry.read()) is not None:
-        return Pairs(hit[0]), hit[1] | {"examples": len(hit[0]) // 2}
-    pairs, stats = _tokenized_pairs(tok, source, split, cfg, tasks)
-    if entry is not None and _data_digests(parts, cfg) == entry.digests:  # no file changed meanwhile
-        entry.write(pairs.examples, stats | {"examples": len(pairs.examples)})
-    return pairs, stats
+    return _cache_entry(root, tok, _data_digests(parts, cfg), cfg, tasks, name, chunk), parts
+
+
+def keep_entry(entry, parts: list[tuple], cfg: DataConfig, examples: Examples, stats: dict) -> None:
+    """Keep `examples` and `stats` in `local_entry`'s `entry` (None: nothing) unless a file of `parts` changed
+    since the entry was keyed (then the examples may be of neither content)."""
+    from peftkit.data.examples import _data_digests
+
+    if entry is not None and _data_digests(parts, cfg) == entry.digests:
+        entry.write(examples, stats)
 
 
 def _tokenized_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,

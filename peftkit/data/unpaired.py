@@ -16,7 +16,8 @@ Each example is stored with its mismatched example after it (example at 2i, mism
 so that the reference's log-probabilities of both are computed once, before training, as DPO's pairs' are
 (`peftkit.preference.reference_logps`), and a batch (or a process's share of it) holds an example with its own. An
 example is kept or dropped by its own length (data.max_length, data.truncation); its mismatched one is cut to
-data.max_length, as TRL cuts it.
+data.max_length, as TRL cuts it. The examples and labels of local files are kept in the tokenized-data cache as
+pairs are (`load_unpaired`), under a key of `chunk` too.
 """
 
 from __future__ import annotations
@@ -113,16 +114,27 @@ class UnpairedCollator(PairCollator):  # (defined after Unpaired, which names it
 
 
 def load_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, chunk: int,
-                  tasks: bool = False) -> tuple[Unpaired, dict]:
+                  tasks: bool = False, cache: bool = True) -> tuple[Unpaired, dict]:
     """The examples of `source` (one path or hub id at `split`, or data.train's list), each with its mismatched
-    example (within runs of `chunk` rows), and their counts, the keys `describe_stats` prints. Not cached: the
-    mismatched examples depend on `chunk`."""
+    example (within runs of `chunk` rows), and their counts, the keys `describe_stats` prints. With `cache`, local
+    files' are read from the tokenized-data cache where they are there, and kept there when not, as pairs are
+    (`peftkit.data.preference.load_pairs`), under a key of `chunk` too: the mismatched examples depend on it."""
+    from peftkit.data.preference import keep_entry, local_entry
+
+    entry, parts = local_entry(tok, source, split, cfg, cache, tasks, chunk)
+    if entry is not None and (hit := entry.read()) is not None:
+        examples, stats = hit
+        labels = stats.pop("desirable")  # (the cache counts the examples it holds, two an answer)
+        return Unpaired(examples, [label == "1" for label in labels]), stats | {"examples": len(examples) // 2}
     built, desirable, stats, name, line_numbers = build_unpaired(tok, source, split, cfg, chunk, tasks)
     data, cuts = kept_unpaired(built, desirable, cfg, stats)
     if cfg.truncation == "error" and cuts.first is not None:
         raise PeftkitError(truncation_error(cuts, cfg))
     if not data:
         raise PeftkitError(no_examples_error(stats, cfg, name, 0, line_numbers))
+    # (the labels with the counts, one character an answer: the cache's arrays are those of any examples)
+    keep_entry(entry, parts, cfg, data.examples, stats | {"examples": len(data.examples),
+                                                          "desirable": "".join("01"[d] for d in data.desirable)})
     return data, stats
 
 
