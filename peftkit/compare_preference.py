@@ -21,7 +21,7 @@ from torch import nn
 from peftkit.compare import BASE, _adapter_figures
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, _check_finite_loss
-from peftkit.evaluate_pairs import evaluate_preference
+from peftkit.evaluate_pairs import evaluate_preference, objective_of
 
 
 def compare_preference(sets: dict[str | None, dict[str, EvalJob]], arrow=None) -> dict[str | None, dict[str, dict]]:
@@ -103,10 +103,10 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
     layer_replication the stacked base, its DPO run's reference); a merged model loads on its own and is scored
     against the base's reference."""
     from peftkit.adapters.named import loads_alone
-    from peftkit.preference import PreferenceLoss
 
     rows = next(iter(sets.values()))
-    base, loss = rows[BASE], PreferenceLoss(*rows[BASE].preference)
+    base = rows[BASE]
+    loss = objective_of(base)  # (a KTO recipe's pairs: DPO's defaults, as `peftkit eval` of one adapter scores them)
     tok = base.source.tokenizer()
     pairs = {each: _pairs(tok, jobs[BASE]) for each, jobs in sets.items()}  # (the data's mistakes first)
     own = {name: _own_pairs(sets, name, pairs) for name in rows if name != BASE}

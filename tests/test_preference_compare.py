@@ -182,3 +182,55 @@ def test_a_reward_model_comparison_scores_each_model_alone(tiny_llama, pairs, tm
     said = cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data", data, "--format",
                           "preference", "--adapter", f"r1={r1}", "--adapter", f"c2={classes}")
     assert "'c2' is a classifier of classes, not a reward model" in " ".join(said.split())
+
+
+def _dpo_figures(model: Path, adapter: Path, data: Path, beta: float) -> dict:
+    """DPO's sigmoid figures of `adapter` against its base, from log-probabilities of a plain forward of each answer
+    (peft's model for the adapter, one answer at a time: no padding)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.data.preference import load_pairs
+    from peftkit.modeling import load_tokenizer
+    from peftkit.recipe import DataConfig, ModelConfig
+
+    tok = load_tokenizer(ModelConfig(name_or_path=str(model)))
+    read, _ = load_pairs(tok, str(data), None, DataConfig(train="x", format="preference"))
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter).eval()
+
+    def logp(net, example) -> float:
+        ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels[1:])
+        logps = F.log_softmax(net(input_ids=ids).logits[0, :-1].float(), -1)
+        keep = labels != -100
+        return float(logps[keep].gather(-1, labels[keep, None]).sum())
+
+    with torch.no_grad():
+        ratios = torch.tensor([[logp(policy, e) for e in pair[:2]] for pair in read])
+        with policy.disable_adapter():
+            ratios -= torch.tensor([[logp(policy, e) for e in pair[:2]] for pair in read])
+    chosen, rejected = beta * ratios[:, 0], beta * ratios[:, 1]
+    return {"loss": float(-F.logsigmoid(chosen - rejected).mean()),
+            "reward_accuracy": float((chosen > rejected).float().mean()),
+            "reward_margin": float((chosen - rejected).mean()), "chosen_reward": float(chosen.mean()),
+            "rejected_reward": float(rejected.mean()), "num_pairs": len(read)}
+
+
+def test_a_kto_recipe_s_comparison_on_pairs_scores_them_by_dpo_s_defaults(tiny_llama, pairs, tmp_path):
+    """A KTO recipe (data.format unpaired) compared on --data PAIRS --format preference: KTO scores no pairs, so each
+    row is DPO's by its defaults (sigmoid, beta 0.1), as `peftkit eval` of the adapter alone scores it, and as the
+    formula gives it on plain forwards. (The recipe's ("kto", beta, weights) was read as DPO's (beta, kind, ...): a
+    TypeError.)"""
+    a, b = _lora(tiny_llama, tmp_path / "a", 1), _lora(tiny_llama, tmp_path / "b", 2)
+    unpaired = tmp_path / "unpaired.jsonl"
+    write_jsonl(unpaired, [{"prompt": "1+2=", "completion": str(3 - 6 * (i % 2)), "label": i % 2 == 0}
+                           for i in range(4)])
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": unpaired, "eval": unpaired},
+                         data={"format": "unpaired", "max_length": 64}, adapter={"dropout": 0.0},
+                         training={"objective": "kto", "kto_beta": 0.7})
+    on_pairs = ("--data", str(pairs["eval"]), "--format", "preference")
+    rows, _ = _eval(tmp_path, str(recipe), *on_pairs, "--adapter", f"a={a}", "--adapter", f"b={b}")
+    assert abs(rows["base"]["loss"] - math.log(2)) <= 1e-6
+    for name, adapter in (("a", a), ("b", b)):
+        alone, _ = _eval(tmp_path, str(recipe), *on_pairs, "--adapter", str(adapter))
+        assert _close(rows[name], alone), (name, rows[name], alone)
+        assert _close(rows[name], _dpo_figures(tiny_llama, adapter, pairs["eval"], 0.1), 1e-4), (name, rows[name])
