@@ -82,11 +82,13 @@ def preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
         if job.source.model is not None:  # (--model DIR: a merged reward model loads as the classifier it is)
             job.source = replace(job.source, model=job.source.model.model_copy(
                 update={"task": "sequence_classification"}))
-    # (ORPO's, SimPO's and a reward model's have no reference; a comparison's is its base row)
-    if not comparing and not job.source.adapter and job.preference[1] not in ("orpo", "simpo", "reward"):
-        raise PeftkitError(f"A preference evaluation compares an adapter with its base (the reference, as DPO training "
-                           f"does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a DPO run's "
-                           "directory.")
+    # (ORPO's, SimPO's and a reward model's have no reference; a comparison's is its base row. The loss is the data's
+    # (`objective_of`): an ORPO recipe's unpaired answers are scored by KTO's, which has one)
+    if not comparing and not job.source.adapter and objective_of(job).needs_reference:
+        what, run = ("KTO's figures", "KTO") if job.data_cfg.format == "unpaired" else ("A preference evaluation", "DPO")
+        raise PeftkitError(f"{what} compare{'s' * (run == 'DPO')} an adapter with its base (the reference, as {run} "
+                           f"training does), and {job.source.describe()} has no adapter: pass --adapter DIR, or a "
+                           f"{run} run's directory.")
     job.metrics = list(objective_of(job).FIGURES if job.data_cfg.format == "unpaired" else FIGURES)
 
 

@@ -304,3 +304,20 @@ def test_the_kl_estimate_is_summed_across_the_processes_sharing_a_batch():
     assert float(alone) == 1.0
     shared = KTOLoss(0.5, processes=Twin(torch.tensor([5.0, 2.0]))).examples(logps, reference, desirable, real)[2]
     assert float(shared) == (2.0 + 5.0) / 4  # the other share's log-ratios sum to 5 over 2 answers
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_unpaired_answers_without_an_adapter_are_refused_whatever_the_recipe_s_objective(tiny_llama, unpaired_data,
+                                                                                        tmp_path, monkeypatch, capsys,
+                                                                                        objective):
+    """KTO's figures, by which unpaired answers are scored, need an adapter over its reference: an ORPO or SimPO
+    recipe (whose own figures need none) on --format unpaired without --adapter is a user error, said in a line.
+    (The recipe's objective was asked, not KTO's: the reference loaded an adapter of None, a TypeError.)"""
+    pairs = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs, [{"prompt": "1+2=", "chosen": "3", "rejected": "-3"}] * 2)
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": pairs, "eval": pairs},
+                         data={"format": "preference", "max_length": 64}, training={"objective": objective})
+    err = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--data", str(unpaired_data["eval"]), "--format",
+                         "unpaired")
+    assert ("KTO's figures compare an adapter with its base (the reference, as KTO training does), and "
+            f"{tiny_llama} has no adapter: pass --adapter DIR, or a KTO run's directory.") in " ".join(err.split())
