@@ -21,7 +21,7 @@ from torch import nn
 from peftkit.compare import BASE, _adapter_figures
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, _check_finite_loss
-from peftkit.evaluate_pairs import evaluate_preference, objective_of
+from peftkit.evaluate_pairs import evaluate_preference, objective_of, read_answers
 
 
 def compare_preference(sets: dict[str | None, dict[str, EvalJob]], arrow=None) -> dict[str | None, dict[str, dict]]:
@@ -147,9 +147,8 @@ def _own_pairs(sets: dict, name: str, pairs: dict) -> dict | None:
 
 
 def _pairs(tok, job: EvalJob):
-    from peftkit.data.preference import load_pairs
-
-    return load_pairs(tok, job.data, job.split, job.data_cfg)[0]
+    """`job`'s pairs, each with its task where the row's adapter reads one (`read_answers`)."""
+    return read_answers(tok, job)
 
 
 def _check_fits(model: nn.Module, tok, pairs: dict, jobs: dict[str | None, EvalJob]) -> None:

@@ -99,17 +99,13 @@ def evaluate_preference(jobs: dict) -> dict:
     has adapter.init_from, the base with that adapter (ORPO and SimPO: the model alone, adapted or not). Every set's pairs are read first ({set name: job}, as
     `evaluate_sets`); the base loads once, the reference's log-probabilities are computed on it, then the adapter's
     weights go in."""
-    from peftkit.data.preference import load_pairs
-    from peftkit.data.unpaired import load_unpaired
     from peftkit.preference import PreferenceEval, reference_logps
     from peftkit.rope_scaling import fresh_dynamic_rope
 
     first = next(iter(jobs.values()))
     loss = objective_of(first)
     tok = first.source.tokenizer()
-    sets = {name: load_unpaired(tok, job.data, job.split, job.data_cfg, job.batch_size)[0]
-            if job.data_cfg.format == "unpaired" else load_pairs(tok, job.data, job.split, job.data_cfg)[0]
-            for name, job in jobs.items()}
+    sets = {name: read_answers(tok, job) for name, job in jobs.items()}
     # ORPO and SimPO have no reference: the model as it is scores the pairs
     model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (_scorer(first.source, first.seed),
                                                                                                    lambda: None)
@@ -129,6 +125,21 @@ def evaluate_preference(jobs: dict) -> dict:
             results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, loss)(model)
         _check_finite_loss(results[name]["loss"], job.source, job.data)
     return results
+
+
+def read_answers(tok, job: EvalJob):
+    """`job`'s pairs (or unpaired answers) as its training's evaluation read them: where its adapter reads task ids
+    (multitask prompt tuning), each answer with its row's `task` (a recipe's own rows without one: task 0), or --task's
+    for all; --task on a model that reads none is refused (`peftkit.task_ids.with_tasks`), as on other rows."""
+    from peftkit.data.preference import load_pairs
+    from peftkit.data.unpaired import load_unpaired
+    from peftkit.task_ids import adapter_task_count, with_tasks
+
+    tasks = job.task is None and adapter_task_count(job.source) is not None  # --task: the column is not read at all
+    read = (load_unpaired(tok, job.data, job.split, job.data_cfg, job.batch_size, tasks)[0]
+            if job.data_cfg.format == "unpaired" else load_pairs(tok, job.data, job.split, job.data_cfg, tasks=tasks)[0])
+    with_tasks(job.source, job.task, read.examples, job.data, job.untasked)
+    return read
 
 
 def _scorer(source: ModelSource, seed: int = 0) -> nn.Module:

@@ -234,3 +234,37 @@ def test_a_kto_recipe_s_comparison_on_pairs_scores_them_by_dpo_s_defaults(tiny_l
         alone, _ = _eval(tmp_path, str(recipe), *on_pairs, "--adapter", str(adapter))
         assert _close(rows[name], alone), (name, rows[name], alone)
         assert _close(rows[name], _dpo_figures(tiny_llama, adapter, pairs["eval"], 0.1), 1e-4), (name, rows[name])
+
+
+def test_multitask_prompt_tuning_pairs_are_scored_with_their_task_as_its_run_scored_them(tiny_llama, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A DPO run of multitask prompt tuning evaluates each pair with its `task`: `peftkit eval RUN_DIR`, and the
+    adapter's row in a comparison, give its last evaluation; --task N scores every pair as task N, as its data with
+    every `task` N does; --task on an adapter that reads none is refused, as on other rows. (The pairs were read
+    without their task, and --task was ignored.)"""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    rows = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b), "task": i % 2}
+            for i, (a, b) in enumerate([(3, 4), (10, 20), (7, 1), (25, 13), (2, 40), (31, 9), (8, 8), (17, 6)])]
+    write_jsonl(tmp_path / "tasks.jsonl", rows)
+    write_jsonl(tmp_path / "task1.jsonl", [row | {"task": 1} for row in rows])
+    data = {"train": tmp_path / "tasks.jsonl", "eval": tmp_path / "tasks.jsonl"}
+    recipe = _recipe(tmp_path, tiny_llama, data, adapter={"method": "multitask_prompt_tuning", "num_virtual_tokens": 4,
+                                                          "num_tasks": 2},
+                     objective="dpo", lr=0.3, max_steps=6, eval_steps=6)
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    last = {k: last[f"eval_{k}"] for k in FIGURES} | {"num_pairs": len(rows)}
+    lora = _lora(tiny_llama, tmp_path / "lora", 1)
+    alone, _ = _eval(tmp_path, str(run))
+    compared, _ = _eval(tmp_path, str(recipe), "--adapter", f"m={run / 'adapter'}", "--adapter", f"l={lora}")
+    assert _close(alone, last) and _close(compared["m"], last), (alone, compared["m"], last)
+    given = ("--adapter", str(run / "adapter"), "--format", "preference")
+    as_one, _ = _eval(tmp_path, *given, "--data", str(tmp_path / "tasks.jsonl"), "--task", "1")
+    as_zero, _ = _eval(tmp_path, *given, "--data", str(tmp_path / "tasks.jsonl"), "--task", "0")
+    ones, _ = _eval(tmp_path, *given, "--data", str(tmp_path / "task1.jsonl"))
+    assert _close(as_one, ones) and abs(as_one["loss"] - as_zero["loss"]) > 1e-4, (as_one, as_zero, ones)
+    said = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", str(lora), "--task", "1")
+    assert "--task 1: only a multitask prompt tuning adapter reads a task id" in " ".join(said.split())
