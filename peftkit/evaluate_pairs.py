@@ -175,7 +175,13 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
 
     if init_from:
         inject()
-        load_adapter_state_dict(model, load_adapter(init_from)[1])
+        try:
+            load_adapter_state_dict(model, load_adapter(init_from)[1])
+        except PeftkitError as error:  # (it blamed the evaluated adapter's files, or its base)
+            raise PeftkitError(f"The recipe's adapter.init_from {init_from}, the reference (the adapter the recipe's "
+                               f"runs train from), does not fit {source.adapter}, so it was not trained from it "
+                               "(another method, rank or layers). Evaluate it with the recipe it was trained by, or "
+                               "evaluate it against the base with --set adapter.init_from=null.") from error
         model.eval()
 
     def adapt() -> None:

@@ -739,3 +739,25 @@ def test_pairs_of_two_forms_across_data_train_s_datasets_are_named_both(tiny_lla
     assert str(error.value) == (f"{tmp_path / 'chat.jsonl'}:1: a pair of conversations, and the first pair "
                                 f"({tmp_path / 'text.jsonl'}:1) is of text answers; give every row the same form "
                                 "(every dataset's, where data.train lists several)")
+
+
+def test_eval_of_an_adapter_not_trained_from_the_recipe_s_init_from_says_so(tiny_llama, pairs_data, tmp_path,
+                                                                             monkeypatch, capsys):
+    """The reference of a recipe with adapter.init_from is that adapter's weights in the evaluated adapter's layers: an
+    adapter they do not fit (another rank) was not trained from it, which is said with the way out (the base as the
+    reference), not as an adapter 'trained on a different base model'."""
+    from conftest import save_random_adapter
+    from peftkit.methods.lora import LoraConfig
+
+    sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
+                              tmp_path / "sft", seed=2)
+    other = save_random_adapter(tiny_llama, LoraConfig(r=8, alpha=8, dropout=0.0, target_modules="all-linear"),
+                                tmp_path / "other", seed=3)
+    recipe = _dpo_recipe(tmp_path, tiny_llama, pairs_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(sft)}
+    recipe.write_text(yaml.safe_dump(raw))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", str(other)).split())
+    assert (f"The recipe's adapter.init_from {sft}, the reference (the adapter the recipe's runs train from), "
+            f"does not fit {other}, so it was not trained from it") in err, err
+    assert "evaluate it against the base with --set adapter.init_from=null" in err, err
