@@ -21,7 +21,7 @@ from torch import nn
 from peftkit.compare import BASE, _adapter_figures
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, _check_finite_loss
-from peftkit.evaluate_pairs import evaluate_preference, objective_of, read_answers
+from peftkit.evaluate_pairs import check_answers_fit, evaluate_preference, objective_of, read_answers
 
 
 def compare_preference(sets: dict[str | None, dict[str, EvalJob]], arrow=None) -> dict[str | None, dict[str, dict]]:
@@ -119,6 +119,11 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
                            "of its answers; compare it with --model of a base with its tokenizer.")
     model, named = base.source.load_named(shared) if shared else (base.source.load(), None)
     _check_fits(model, tok, pairs, {each: jobs[BASE] for each, jobs in sets.items()})
+    for name, _ in shared:  # each adapter active: its virtual tokens (prompt tuning) go in front of the answers
+        named.activate(name)
+        check_answers_fit(model, own.get(name) or pairs, {each: jobs[name] for each, jobs in sets.items()})
+    if named is not None:
+        named.activate(None)
     if loss.needs_reference:
         for each, jobs in sets.items():
             pairs[each].reference = _reference(model, tok, pairs[each], jobs[BASE])

@@ -110,21 +110,30 @@ def evaluate_preference(jobs: dict) -> dict:
     model, adapt = _reference_model(first.source, first.init_from) if loss.needs_reference else (_scorer(first.source, first.seed),
                                                                                                    lambda: None)
     guard_token_ids(model, tok)
+    check_answers_fit(model, sets, jobs)
     for name, job in jobs.items():
-        check_room(model, max(sets[name].lengths()), f"longest answer of {job.data}", 0,
-                   "Lower --max-length (the answers are cut to it).")
         if not loss.needs_reference:
             continue
         with fresh_dynamic_rope(model), work("reference", len(sets[name]), "pairs") as advance:
             sets[name].reference = reference_logps(model, sets[name], job.batch_size, tok.pad_token_id,
                                                    advance=advance)
     adapt()
+    if loss.needs_reference:  # the adapter's virtual tokens (prompt tuning) go in front of every answer now
+        check_answers_fit(model, sets, jobs)
     results = {}
     for name, job in jobs.items():
         with fresh_dynamic_rope(model):
             results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, loss)(model)
         _check_finite_loss(results[name]["loss"], job.source, job.data)
     return results
+
+
+def check_answers_fit(model: nn.Module, sets: dict, jobs: dict[str | None, EvalJob]) -> None:
+    """Every set's longest answer, behind the virtual tokens of `model`'s adapter as it is now (a prompt-tuning one's),
+    fits the positions of a model with learned ones (`check_room`): past them GPT-2's lookup fails (an IndexError)."""
+    for name, job in jobs.items():
+        check_room(model, max(sets[name].lengths()), f"longest answer of {job.data}", 0,
+                   "Lower --max-length (the answers are cut to it).")
 
 
 def read_answers(tok, job: EvalJob):

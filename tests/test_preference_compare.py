@@ -268,3 +268,22 @@ def test_multitask_prompt_tuning_pairs_are_scored_with_their_task_as_its_run_sco
     assert _close(as_one, ones) and abs(as_one["loss"] - as_zero["loss"]) > 1e-4, (as_one, as_zero, ones)
     said = cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--adapter", str(lora), "--task", "1")
     assert "--task 1: only a multitask prompt tuning adapter reads a task id" in " ".join(said.split())
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_answers_that_fit_the_positions_only_without_the_virtual_tokens_are_refused(tiny_gpt2, tmp_path, monkeypatch,
+                                                                                   capsys, objective):
+    """GPT-2's learned positions (512) hold a 511-token answer, not with a prompt-tuning adapter's 4 virtual tokens in
+    front: eval of the adapter alone and a comparison say so, as of ORPO's alone, before scoring. (DPO's alone, and
+    every comparison, checked the model without the adapter's tokens: an IndexError's traceback.)"""
+    from peftkit.methods.prompt_tuning import PromptTuningConfig
+
+    prompt = save_random_adapter(tiny_gpt2, PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4),
+                                 tmp_path / "pt", seed=1)
+    write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1+2=", "chosen": "3" * 505, "rejected": "4" * 505}] * 2)
+    recipe = make_recipe(tmp_path, tiny_gpt2, {"train": tmp_path / "long.jsonl", "eval": tmp_path / "long.jsonl"},
+                         data={"format": "preference", "max_length": 512}, training={"objective": objective})
+    for adapters in ([str(prompt)], [f"p={prompt}", f"q={prompt}"]):
+        said = cli_user_error(monkeypatch, capsys, "eval", str(recipe), *(f for a in adapters for f in ("--adapter", a)))
+        assert (f"The longest answer of {tmp_path / 'long.jsonl'} needs 511 tokens + the adapter's 4 virtual tokens = "
+                "515, more than the 512 positions this gpt2 model has") in " ".join(said.split()), (adapters, said)
