@@ -117,6 +117,8 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
         raise PeftkitError(f"--merged {odd}: its tokenizer reads the pairs into other tokens than the base's (added "
                            "tokens, another chat template), so the base's log-probabilities, DPO's reference, are not "
                            "of its answers; compare it with --model of a base with its tokenizer.")
+    if loss.needs_reference:
+        _check_merged_bases(rows)
     model, named = base.source.load_named(shared) if shared else (base.source.load(), None)
     _check_fits(model, tok, pairs, {each: jobs[BASE] for each, jobs in sets.items()})
     for name, _ in shared:  # each adapter active: its virtual tokens (prompt tuning) go in front of the answers
@@ -142,6 +144,23 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
         for each in sets:
             results[each][name] = figures[each]
     return results
+
+
+def _check_merged_bases(rows: dict[str, EvalJob]) -> None:
+    """A merged model whose peftkit.json records another base than the comparison's is refused under DPO: its figures
+    against that base's log-probabilities, the reference, are not its DPO run's (a tiny GPT-2's merge in a Llama
+    comparison was scored silently). A model without the record (not merged by peftkit) is taken as given."""
+    from peftkit.merge import merged_from, same_base
+
+    base = rows[BASE].source.base
+    for name, job in rows.items():
+        if name == BASE or job.source.adapter or not (made := merged_from(job.source.model.name_or_path)):
+            continue
+        if base and not same_base(made, base):
+            raise PeftkitError(f"--merged {name}: {job.source.model.name_or_path} was merged from {made} (its "
+                               f"peftkit.json merged_from), and the comparison's base, DPO's reference, is {base}, so "
+                               "its figures against that reference would not be its DPO run's. Compare it with a "
+                               f"recipe or --model of {made}.")
 
 
 def _own_pairs(sets: dict, name: str, pairs: dict) -> dict | None:

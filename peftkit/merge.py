@@ -239,6 +239,27 @@ def base_provenance(name_or_path: str, revision: str | None, trust_remote_code: 
                             "trust_remote_code": trust_remote_code}}
 
 
+def merged_from(model_dir: str | Path) -> str | None:
+    """The base a merged model was made from (its peftkit.json `merged_from`, `base_provenance`'s record); None for a
+    model without one (not merged by peftkit) or whose record cannot be read."""
+    try:
+        record = json.loads((Path(model_dir) / MERGED_FROM_NAME).read_text(encoding="utf-8"))
+        return str(record["merged_from"]["base_model_name_or_path"]) or None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether two names of a base model name one model: the same name, or the same local directory (a hub id by its
+    snapshot in the local cache, `peftkit.manifest.model_directory`)."""
+    from peftkit.manifest import model_directory
+
+    if a == b:
+        return True
+    where = [model_directory(n) for n in (a, b)]
+    return None not in where and where[0].resolve() == where[1].resolve()
+
+
 def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance: dict | None = None,
                 replace: bool = True, then: Callable[[Path], None] | None = None) -> None:
     """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory.

@@ -287,3 +287,24 @@ def test_answers_that_fit_the_positions_only_without_the_virtual_tokens_are_refu
         said = cli_user_error(monkeypatch, capsys, "eval", str(recipe), *(f for a in adapters for f in ("--adapter", a)))
         assert (f"The longest answer of {tmp_path / 'long.jsonl'} needs 511 tokens + the adapter's 4 virtual tokens = "
                 "515, more than the 512 positions this gpt2 model has") in " ".join(said.split()), (adapters, said)
+
+
+def test_a_merged_model_of_another_base_is_refused_under_dpo(tiny_llama, tiny_gpt2, pairs, tmp_path, monkeypatch,
+                                                            capsys):
+    """DPO scores a merged model against the comparison's base, its reference: one merged from another base (its
+    peftkit.json merged_from; a GPT-2 with the tiny Llama's character tokenizer, so its tokens are the base's) is
+    refused, naming both bases, before any model loads; one merged from the base, named by another path, is not."""
+    g = _lora(tiny_gpt2, tmp_path / "g", 1)
+    assert CliRunner().invoke(app, ["merge", "--adapter", str(g), "--output", str(tmp_path / "gm")]).exit_code == 0
+    recipe = _recipe(tmp_path, tiny_llama, pairs, objective="dpo")
+    said = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--merged", f"m={tmp_path / 'gm'}")
+                    .split())
+    assert (f"--merged m: {tmp_path / 'gm'} was merged from {tiny_gpt2} (its peftkit.json merged_from), and the "
+            f"comparison's base, DPO's reference, is {tiny_llama}, so its figures against that reference would not be "
+            f"its DPO run's. Compare it with a recipe or --model of {tiny_gpt2}.") in said
+    a = _lora(tiny_llama, tmp_path / "a", 1)
+    assert CliRunner().invoke(app, ["merge", "--adapter", str(a), "--output", str(tmp_path / "am")]).exit_code == 0
+    spelled = _recipe(tmp_path / "spelled", Path(f"{tiny_llama.parent}/../{tiny_llama.parent.name}/{tiny_llama.name}"),
+                      pairs, objective="dpo")
+    rows, _ = _eval(tmp_path, str(spelled), "--adapter", f"a={a}", "--merged", f"m={tmp_path / 'am'}")
+    assert abs(rows["m"]["loss"] - rows["a"]["loss"]) <= 1e-4
