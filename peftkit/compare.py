@@ -70,6 +70,7 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
     reading = False
     for name, path in adapters:
         source = replace(base, adapter=path)
+        source.check_adapter_task()
         reads = adapter_task_count(source) is not None
         reading |= reads
         jobs[name] = replace(job, source=source, task=job.task if reads else None)

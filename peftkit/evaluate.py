@@ -290,6 +290,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
         job.data_cfg._on_bad_rows_key = "--on-bad-rows"
     job.source = job.source.with_flags(model, adapter, trust_remote_code)
     check_base_is_there(job.source, recipe)
+    job.source.check_adapter_task()
     job.batch_size = batch_size or job.batch_size
     job.metrics = parse_metrics(metrics) if metrics else list(dict.fromkeys([*job.metrics, *eval_cfg.metrics]))
     normalize_flag, normalize = normalize, normalize or eval_cfg.normalize

@@ -79,22 +79,37 @@ class ModelSource:
     def classifier(self) -> bool:
         """Whether this is a sequence classifier, from its files alone: a recipe's model.task, an adapter saved as
         SEQ_CLS, or a model directory whose config.json names a ...ForSequenceClassification class."""
-        if self.model is not None and self.model.task == "sequence_classification":
+        return self.model_classifier() or self.adapter_task() == "SEQ_CLS"
+
+    def model_classifier(self) -> bool:
+        """Whether the model itself, whatever the adapter, is a sequence classifier: a recipe's model.task, or a model
+        directory whose config.json names only ...ForSequenceClassification classes (none of which generates)."""
+        if self.model is None:
+            return False
+        if self.model.task == "sequence_classification":
             return True
-        files = [Path(self.adapter) / "adapter_config.json"] if self.adapter else []
-        files += [Path(self.model.name_or_path) / "config.json"] if self.model is not None else []
-        for file in files:
-            if not file.is_file():  # missing, or a FIFO whose read would block: loading says what it is
-                continue
-            try:
-                config = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):  # not there, or not JSON: loading says so in its own words
-                continue
-            classes = (config.get("architectures") or []) if isinstance(config, dict) else []
-            if isinstance(config, dict) and (config.get("task_type") == "SEQ_CLS" or classes and all(
-                    str(a).endswith("ForSequenceClassification") for a in classes)):  # none of them generates
-                return True
-        return False
+        classes = _json(Path(self.model.name_or_path) / "config.json").get("architectures") or []
+        return bool(classes) and all(str(a).endswith("ForSequenceClassification") for a in classes)
+
+    def adapter_task(self) -> str | None:
+        """The adapter's PEFT task_type (`CAUSAL_LM`, `SEQ_CLS`), None without an adapter or where it says none."""
+        return _json(Path(self.adapter) / "adapter_config.json").get("task_type") if self.adapter else None
+
+    def check_adapter_task(self) -> None:
+        """A language model's adapter (task_type CAUSAL_LM) over a sequence classifier, as a reward model's directory
+        given with --model, was not trained on it: said so, where it was taken for a classifier of classes
+        (`reward_model` read the adapter's head, which it has none of)."""
+        if self.adapter_task() != "CAUSAL_LM" or not self.model_classifier():
+            return
+        from peftkit.peft_format import recorded_base
+
+        name = self.model.name_or_path
+        outputs = self.model.num_labels or len(_json(Path(name) / "config.json").get("id2label") or {0: 0, 1: 1})
+        what = "a reward model (a sequence classifier of one output)" if outputs == 1 else "a sequence classifier"
+        raise PeftkitError(f"{self.adapter} is a language model's adapter (task_type CAUSAL_LM in its "
+                           f"adapter_config.json), and {name} is {what}: the adapter was not trained on it. Give "
+                           f"--model its language model ({recorded_base(self.adapter) or 'the base it was trained on'}), "
+                           f"or evaluate {name} alone or with a SEQ_CLS adapter trained on it.")
 
     def reward_model(self) -> bool:
         """Whether this is a reward model, a classifier of one output, from its files alone: a recipe's model.num_labels
@@ -211,6 +226,18 @@ class ModelSource:
         return replace(self, model=model)
 
 
+def _json(file: Path) -> dict:
+    """A settings file's object; {} where it is missing, a FIFO whose read would block, or not a JSON object (loading
+    then says what it is, in its own words)."""
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def model_source(recipe: Path | None, overrides: list[str], model: str | None, adapter: str | None,
                  trust_remote_code: bool, command: str) -> tuple[ModelSource, Recipe | None]:
     """What `peftkit COMMAND` runs: a recipe's model (a run directory's with its adapter/) with --model and
@@ -225,6 +252,7 @@ def model_source(recipe: Path | None, overrides: list[str], model: str | None, a
         check_no_overrides(overrides, command)
         source, cfg = ModelSource().with_flags(model, adapter, trust_remote_code), None
     check_base_is_there(source, recipe)
+    source.check_adapter_task()
     if command in ("generate", "chat") and source.classifier():
         if source.reward_model():
             raise PeftkitError(f"{source.describe()} is a reward model: it scores a prompt with an answer and "

@@ -308,3 +308,29 @@ def test_a_merged_model_of_another_base_is_refused_under_dpo(tiny_llama, tiny_gp
                       pairs, objective="dpo")
     rows, _ = _eval(tmp_path, str(spelled), "--adapter", f"a={a}", "--merged", f"m={tmp_path / 'am'}")
     assert abs(rows["m"]["loss"] - rows["a"]["loss"]) <= 1e-4
+
+
+def test_a_language_model_s_adapter_on_a_reward_model_is_refused_as_such(tiny_llama, pairs, tmp_path, monkeypatch,
+                                                                         capsys):
+    """A causal LM's LoRA over a reward model's directory (--model, a classifier of one output) was taken for a
+    classifier of classes, from the adapter's head it has none of: it is said to be a language model's adapter and
+    the model a reward model, with its own base to give, alone, in a comparison and to generate."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification
+
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).save_pretrained(rm)
+    for file in tiny_llama.iterdir():
+        if "token" in file.name or file.suffix in (".jinja", ".txt"):
+            shutil.copyfile(file, rm / file.name)
+    lm = _lora(tiny_llama, tmp_path / "lm", 1)
+    want = (f"{lm} is a language model's adapter (task_type CAUSAL_LM in its adapter_config.json), and {rm} is a "
+            f"reward model (a sequence classifier of one output): the adapter was not trained on it. Give --model its "
+            f"language model ({tiny_llama}), or evaluate {rm} alone or with a SEQ_CLS adapter trained on it.")
+    data = ["--data", str(pairs["eval"]), "--format", "preference"]
+    for args in (["eval", "--model", str(rm), "--adapter", str(lm), *data],
+                 ["eval", "--model", str(rm), "--adapter", f"lm={lm}", "--adapter", f"r={lm}", *data],
+                 ["generate", "--model", str(rm), "--adapter", str(lm), "--prompt", "1+2="]):
+        said = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
+        assert want in said and "classifier of classes" not in said, (args, said)
