@@ -54,6 +54,10 @@ def _reward_models(rows: dict[str, EvalJob]) -> bool:
                            "data.format classification rows.")
     if not scorers and not rows[BASE].source.classifier():
         return False
+    if not scorers and not rows[BASE].source.reward_model():  # a recipe's classifier of classes, with no reward model
+        raise PeftkitError(f"{rows[BASE].source.describe()} is a classifier of classes, not a reward model (a "
+                           "classifier of one output, training.objective: reward), so it scores no preference pairs; "
+                           "evaluate it on data.format classification rows.")
     if others := [name for name in candidates if name not in scorers]:
         raise PeftkitError(f"{others[0]!r} is not a reward model (a classifier of one output, training.objective: "
                            f"reward), and {'the base' if not scorers else repr(scorers[0])} is: a comparison scores "

@@ -74,7 +74,7 @@ def preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
                                "it no log-probability, and unpaired answers (data.format 'unpaired') are scored by "
                                "KTO's figures, a language model's log-probabilities of them against its reference; "
                                "evaluate a reward model on data.format preference pairs (prompt, chosen, rejected).")
-        if not job.source.reward_model():
+        if not job.source.reward_model() and not comparing:  # (a comparison's base: `_reward_models` says)
             raise PeftkitError(f"{job.source.describe()} is a classifier of classes, not a reward model (a classifier "
                                "of one output, training.objective: reward), so it scores no preference pairs; evaluate "
                                "it on data.format classification rows.")

@@ -112,29 +112,36 @@ class ModelSource:
                            f"or evaluate {name} alone or with a SEQ_CLS adapter trained on it.")
 
     def reward_model(self) -> bool:
-        """Whether this is a reward model, a classifier of one output, from its files alone: a recipe's model.num_labels
-        (training.objective reward sets 1), an adapter's saved head of one row, or a model's config.json of one label."""
+        """Whether this is a reward model, a classifier of one output, from its files alone: an adapter's saved head of
+        one row (the head it loads with, `adapter_labels`, whatever a recipe's model.num_labels says), else a recipe's
+        model.num_labels (training.objective reward sets 1), else a model's config.json of one label."""
         if not self.classifier():
             return False
+        if self.adapter and (outputs := self.head_outputs()) is not None:
+            return outputs == 1
         if self.model is not None and self.model.num_labels is not None:
             return self.model.num_labels == 1
-        try:
-            if self.adapter:
-                from safetensors import safe_open
-
-                from peftkit.adapters import PEFT_PREFIX
-                from peftkit.classify import HEAD_NAMES
-
-                # (the head's output layer, as `adapter_labels` reads it: BERT's and a decoder's head is one Linear,
-                # RoBERTa's ends in out_proj)
-                outputs = {f"{PEFT_PREFIX}{h}{part}.weight" for h in HEAD_NAMES for part in ("", ".out_proj")}
-                with safe_open(Path(self.adapter) / "adapter_model.safetensors", "pt") as f:
-                    heads = [key for key in f.keys() if key in outputs]
-                    return bool(heads) and f.get_slice(heads[0]).get_shape()[0] == 1
-            config = json.loads((Path(self.model.name_or_path) / "config.json").read_text(encoding="utf-8"))
-            return len(config.get("id2label") or {0: 0, 1: 1}) == 1
-        except (OSError, ValueError, AttributeError):  # not there or not readable: loading says so in its own words
+        if self.adapter:
             return False
+        return len(_json(Path(self.model.name_or_path) / "config.json").get("id2label") or {0: 0, 1: 1}) == 1
+
+    def head_outputs(self) -> int | None:
+        """The rows of the adapter's saved classification head; None without one, or where it cannot be read
+        (loading says so in its own words)."""
+        from safetensors import safe_open
+
+        from peftkit.adapters import PEFT_PREFIX
+        from peftkit.classify import HEAD_NAMES
+
+        # (the head's output layer, as `adapter_labels` reads it: BERT's and a decoder's head is one Linear, RoBERTa's
+        # ends in out_proj)
+        outputs = {f"{PEFT_PREFIX}{h}{part}.weight" for h in HEAD_NAMES for part in ("", ".out_proj")}
+        try:
+            with safe_open(Path(self.adapter) / "adapter_model.safetensors", "pt") as f:
+                heads = [key for key in f.keys() if key in outputs]
+                return f.get_slice(heads[0]).get_shape()[0] if heads else None
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def tokenizer(self):
         """The tokenizer of the model (or of the adapter's base), with the recipe's data.chat_template, else the one

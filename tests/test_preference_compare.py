@@ -334,3 +334,31 @@ def test_a_language_model_s_adapter_on_a_reward_model_is_refused_as_such(tiny_ll
                  ["generate", "--model", str(rm), "--adapter", str(lm), "--prompt", "1+2="]):
         said = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
         assert want in said and "classifier of classes" not in said, (args, said)
+
+
+def test_a_reward_adapter_s_head_decides_over_the_recipe_s_num_labels(tiny_llama, pairs, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A one-output reward adapter evaluated on pairs with a classifier recipe of model.num_labels 3 loads with its own
+    head (`adapter_labels`), and is scored as the reward model it is, alone and compared: peft's figures. It was
+    refused as a classifier of classes, the recipe's number taken over the head's; the other way round, a reward
+    recipe (num_labels 1) with a two-class adapter is that classifier of classes."""
+    r1, r2 = _reward_adapter(tiny_llama, tmp_path / "r1", 1), _reward_adapter(tiny_llama, tmp_path / "r2", 2)
+    write_jsonl(tmp_path / "c.jsonl", [{"text": "a", "label": i % 3} for i in range(6)])
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": tmp_path / "c.jsonl", "eval": tmp_path / "c.jsonl"},
+                         data={"format": "classification"})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"] |= {"task": "sequence_classification", "num_labels": 3}
+    recipe.write_text(yaml.safe_dump(raw))
+    data = ["--data", str(pairs["eval"]), "--format", "preference"]
+    alone, _ = _eval(tmp_path, str(recipe), "--adapter", str(r1), *data)
+    assert _close(alone, _peft_figures(tiny_llama, r1, pairs["eval"]), 1e-4), alone
+    rows, _ = _eval(tmp_path, str(recipe), "--adapter", f"r1={r1}", "--adapter", f"r2={r2}", *data)
+    for name, adapter in (("r1", r1), ("r2", r2)):
+        assert _close(rows[name], _peft_figures(tiny_llama, adapter, pairs["eval"]), 1e-4), (name, rows[name])
+    reward = _recipe(tmp_path / "reward", tiny_llama, pairs, model_keys={"task": "sequence_classification"},
+                     objective="reward")
+    base, _ = _eval(tmp_path, str(reward))  # (the base row: a one-output classifier, its new head from seed 0)
+    assert _close(rows["base"], base), (rows["base"], base)
+    classes = _reward_adapter(tiny_llama, tmp_path / "c2", 3, outputs=2)
+    said = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(reward), "--adapter", str(classes)).split())
+    assert "is a classifier of classes, not a reward model" in said
