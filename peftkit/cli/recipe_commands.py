@@ -43,8 +43,10 @@ def train(
 
     try:
         run_train(cfg, resume=resume, overwrite=overwrite, console=console, cache=not no_cache)
-    finally:
-        close()
+    except BaseException:
+        close(finished=False)  # the others may be in a collective this process left: no waiting for them
+        raise
+    close()
 
 
 @app.command()
