@@ -3,7 +3,6 @@ less to do waits there for the main process, and neither waits for a process tha
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -50,9 +49,8 @@ def test_a_process_does_not_end_its_part_before_the_main_process_has_finished_it
 def test_close_does_not_wait_for_a_process_that_is_gone(tmp_path, gone):
     """The other process crashed: close() passes over the broken barrier and ends this one's part at once, far
     sooner than its timeout (CLOSE_TIMEOUT, a minute) or the group's (60 s here), and without an error."""
-    started = time.time()
     ends = _two_processes(tmp_path, f"{gone} gone")
     entered, returned = ends[1 - gone]
     assert ends[gone] is None
-    assert returned - entered < 10, returned - entered
-    assert time.time() - started < 60
+    # (it took under 10 s on a busy machine; either timeout would be 60 s, and the margin is for slower machines)
+    assert returned - entered < 30, returned - entered
