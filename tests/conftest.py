@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models, tokenizers and data built locally and deterministically (no downloads)."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,28 @@ def pytest_addoption(parser) -> None:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "real_model: slow, opt-in (pytest --real-model): the real SmolLM2-135M")
+    if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+        _share_cores(int(workers))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`pytest -n auto` (the Quickstart's test command): a worker a core, at most 4, as PYTEST_XDIST_AUTO_NUM_WORKERS
+    says where set. More would not pay: many tests start processes of their own (2-process launches, DeepSpeed)."""
+    if (wanted := os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "")).isdigit():
+        return int(wanted)
+    return max(1, min(4, _cores()))
+
+
+def _share_cores(workers: int) -> None:
+    """A worker of `pytest -n N` takes its share of the cores for torch, here and (OMP_NUM_THREADS) in the processes
+    its tests start, rather than N workers' threads each asking for every core. Where OMP_NUM_THREADS is set already,
+    it is kept."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items) -> None:
