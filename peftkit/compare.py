@@ -106,7 +106,7 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
     from peftkit.evaluate import evaluate_sets
 
     rows = next(iter(sets.values()))  # every set has the same rows (models)
-    if rows[BASE].data_cfg.format == "preference":  # scored against one reference: the base's
+    if rows[BASE].data_cfg.format in ("preference", "unpaired"):  # scored against one reference: the base's
         from peftkit.compare_preference import compare_preference
 
         return compare_preference(sets, arrow)

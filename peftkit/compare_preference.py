@@ -1,12 +1,14 @@
 """`peftkit eval --adapter a=DIR --adapter b=DIR [--merged c=DIR]` on preference pairs (data.format: preference): the
 base and each candidate scored on the same pairs by the recipe's preference loss (`PreferenceEval`), in the table
-of `peftkit.compare`.
+of `peftkit.compare`; unpaired answers (data.format: unpaired) by KTO's figures (`peftkit.kto.KTOLoss`).
 
-DPO's losses (sigmoid, ipo, hinge) need a reference: in a comparison it is the base, the comparison's base row (a
-recipe's adapter.init_from is not used: a comparison takes the base only from the recipe). Its log-probabilities
+DPO's losses (sigmoid, ipo, hinge) and KTO's need a reference: in a comparison it is the base, the comparison's base
+row (a recipe's adapter.init_from is not used: a comparison takes the base only from the recipe). Its log-probabilities
 of the pairs are computed once, on the base that the adapters then share (`ModelSource.load_named`, none active),
 and each adapter, and each merged model, is scored against them; the base row is the base scored against itself,
-as the formula gives it: loss log 2 (sigmoid), rewards and margins 0. ORPO, SimPO and reward models need none:
+as the formula gives it: loss log 2 (sigmoid), rewards and margins 0; KTO's the same, each unpaired answer with its
+mismatched example (within runs of the eval batch, as `peftkit eval --adapter DIR` of one adapter reads them), its
+rewards and KL estimate 0 and its loss w/2 (each answer's weight). ORPO, SimPO and reward models need none:
 each row, the base's included, is scored alone. A reward model's rows each load on their own (a classifier's head
 is its model's), the base as a classifier of one output with a new head drawn from the recipe's training.seed
 (`EvalJob.seed`: 0 without a recipe)."""
@@ -31,6 +33,8 @@ def compare_preference(sets: dict[str | None, dict[str, EvalJob]], arrow=None) -
         raise PeftkitError("--arrow on preference pairs (data.format 'preference') is not supported yet: compare the "
                            "adapters without --arrow.")
     rows = next(iter(sets.values()))
+    if rows[BASE].data_cfg.format == "unpaired":
+        _check_language_models(rows)
     if _reward_models(rows):
         results = _each_alone({each: _as_reward_models(jobs) for each, jobs in sets.items()})
     else:
@@ -63,6 +67,16 @@ def _reward_models(rows: dict[str, EvalJob]) -> bool:
                            f"reward), and {'the base' if not scorers else repr(scorers[0])} is: a comparison scores "
                            "reward models, or language models, not both.")
     return True
+
+
+def _check_language_models(rows: dict[str, EvalJob]) -> None:
+    """Unpaired answers are scored by KTO's figures, a language model's log-probabilities of them: a candidate that
+    is a sequence classifier (a reward model's or classifier's SEQ_CLS adapter) is refused, as alone."""
+    if odd := next((name for name, job in rows.items() if name != BASE and job.source.classifier()), None):
+        raise PeftkitError(f"{odd!r} is a sequence classifier, which scores an answer and gives it no log-probability, "
+                           "and unpaired answers (data.format 'unpaired') are scored by KTO's figures, a language "
+                           "model's log-probabilities of them against the base; compare reward models on "
+                           "data.format preference pairs (prompt, chosen, rejected).")
 
 
 def _as_reward_models(jobs: dict[str, EvalJob]) -> dict[str, EvalJob]:
@@ -99,13 +113,13 @@ def _row(name: str, eval_set: str | None) -> str:
 
 
 def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None, dict[str, dict]]:
-    """A policy comparison (DPO, ORPO, SimPO): every row's pairs read with its tokenizer, then the base loaded once
-    with the adapters that share it and, for DPO, each set's reference log-probabilities computed on it (no adapter
-    active); then each row scored. An adapter that loads on a model of its own (`loads_alone`: layer_replication
-    stacks the base's layers...), or whose tokenizer reads the pairs otherwise (a chat template of its own), is
-    scored as `peftkit eval --adapter DIR` scores it, against the base it loads over on its own tokens (for
-    layer_replication the stacked base, its DPO run's reference); a merged model loads on its own and is scored
-    against the base's reference."""
+    """A policy comparison (DPO, ORPO, SimPO; KTO's on unpaired answers): every row's pairs read with its tokenizer,
+    then the base loaded once with the adapters that share it and, for DPO and KTO, each set's reference
+    log-probabilities computed on it (no adapter active); then each row scored. An adapter that loads on a model of
+    its own (`loads_alone`: layer_replication stacks the base's layers...), or whose tokenizer reads the pairs
+    otherwise (a chat template of its own), is scored as `peftkit eval --adapter DIR` scores it, against the base it
+    loads over on its own tokens (for layer_replication the stacked base, its DPO run's reference); a merged model
+    loads on its own and is scored against the base's reference."""
     from peftkit.adapters.named import loads_alone
 
     rows = next(iter(sets.values()))
@@ -116,13 +130,8 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
     own = {name: _own_pairs(sets, name, pairs) for name in rows if name != BASE}
     shared = [(name, job.source.adapter) for name, job in rows.items() if job.source.adapter
               and not loads_alone(job.source.adapter) and (own[name] is None or not loss.needs_reference)]
-    if loss.needs_reference and (odd := next((n for n, j in rows.items() if own.get(n) and not j.source.adapter),
-                                             None)):
-        raise PeftkitError(f"--merged {odd}: its tokenizer reads the pairs into other tokens than the base's (added "
-                           "tokens, another chat template), so the base's log-probabilities, DPO's reference, are not "
-                           "of its answers; compare it with --model of a base with its tokenizer.")
     if loss.needs_reference:
-        _check_merged_bases(rows)
+        _check_merged(rows, own, "KTO" if loss.kind == "kto" else "DPO")
     model, named = base.source.load_named(shared) if shared else (base.source.load(), None)
     _check_fits(model, tok, pairs, {each: jobs[BASE] for each, jobs in sets.items()})
     for name, _ in shared:  # each adapter active: its virtual tokens (prompt tuning) go in front of the answers
@@ -150,10 +159,21 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
     return results
 
 
-def _check_merged_bases(rows: dict[str, EvalJob]) -> None:
-    """A merged model whose peftkit.json records another base than the comparison's is refused under DPO: its figures
-    against that base's log-probabilities, the reference, are not its DPO run's (a tiny GPT-2's merge in a Llama
-    comparison was scored silently). A model without the record (not merged by peftkit) is taken as given."""
+def _check_merged(rows: dict[str, EvalJob], own: dict, run: str) -> None:
+    """Under `run` (DPO, KTO: scored against the base's log-probabilities), a merged model whose tokenizer reads the
+    answers into other tokens than the base's (`own`: its readings) is refused: they are not of its answers."""
+    if odd := next((n for n, j in rows.items() if own.get(n) and not j.source.adapter), None):
+        what = "unpaired answers" if run == "KTO" else "pairs"
+        raise PeftkitError(f"--merged {odd}: its tokenizer reads the {what} into other tokens than the base's (added "
+                           f"tokens, another chat template), so the base's log-probabilities, {run}'s reference, are "
+                           "not of its answers; compare it with --model of a base with its tokenizer.")
+    _check_merged_bases(rows, run)
+
+
+def _check_merged_bases(rows: dict[str, EvalJob], run: str) -> None:
+    """A merged model whose peftkit.json records another base than the comparison's is refused under DPO (and KTO):
+    its figures against that base's log-probabilities, the reference, are not its DPO run's (a tiny GPT-2's merge in a
+    Llama comparison was scored silently). A model without the record (not merged by peftkit) is taken as given."""
     from peftkit.merge import merged_from, same_base
 
     base = rows[BASE].source.base
@@ -162,8 +182,8 @@ def _check_merged_bases(rows: dict[str, EvalJob]) -> None:
             continue
         if base and not same_base(made, base):
             raise PeftkitError(f"--merged {name}: {job.source.model.name_or_path} was merged from {made} (its "
-                               f"peftkit.json merged_from), and the comparison's base, DPO's reference, is {base}, so "
-                               "its figures against that reference would not be its DPO run's. Compare it with a "
+                               f"peftkit.json merged_from), and the comparison's base, {run}'s reference, is {base}, "
+                               f"so its figures against that reference would not be its {run} run's. Compare it with a "
                                f"recipe or --model of {made}.")
 
 
@@ -212,7 +232,7 @@ def _score(model: nn.Module, pad_id: int, pairs, job: EvalJob, loss) -> dict[str
 
 
 def _merged(sets: dict, name: str, pairs: dict, loss) -> dict:
-    """A merged model's figures on each set's `pairs` (the base's, with DPO's reference), loaded once."""
+    """A merged model's figures on each set's `pairs` (the base's, with DPO's or KTO's reference), loaded once."""
     source = next(iter(sets.values()))[name].source
     model = source.load()
     tok = source.tokenizer()

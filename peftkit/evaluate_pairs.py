@@ -48,13 +48,10 @@ def recipe_objective(cfg: Recipe) -> tuple:
 def preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
     """A job on data.format: preference pairs reports the DPO figures of an adapter against its reference (the model
     its DPO training started from): there is no adapter to compare without one, and nothing is generated. In a
-    comparison (`peftkit.compare_preference`) the reference is the base row, the recipe's model: adapter.init_from,
-    which the recipe's own adapter trained from, is not the candidates' base."""
+    comparison (`peftkit.compare_preference`, of pairs or of unpaired answers) the reference is the base row, the
+    recipe's model: adapter.init_from, which the recipe's own adapter trained from, is not the candidates' base."""
     from peftkit.preference import FIGURES
 
-    if comparing and job.data_cfg.format == "unpaired":
-        raise PeftkitError("A comparison (--adapter NAME=DIR, --merged) of unpaired answers (data.format 'unpaired') "
-                           "is not supported yet: evaluate each adapter on its own, with --adapter DIR.")
     if job.data_cfg.format == "unpaired" and job.batch_size < 2:
         raise PeftkitError(f"--batch-size {job.batch_size}: KTO's figures estimate the KL term from each answer's "
                            "prompt with another answer of its batch, and a batch of one has none (the estimate would "

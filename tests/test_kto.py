@@ -157,17 +157,6 @@ def test_a_run_learns_and_eval_gives_its_last_evaluation(tiny_llama, unpaired_da
     assert "Objective: KTO (beta 0.1)" in (run / "adapter" / "README.md").read_text()
 
 
-def test_a_comparison_of_unpaired_answers_is_refused_for_now(tiny_llama, unpaired_data, tmp_path, monkeypatch,
-                                                              capsys):
-    from peftkit.methods.lora import LoraConfig
-
-    adapter = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules="all-linear"), tmp_path / "a",
-                                  seed=1)
-    err = cli_user_error(monkeypatch, capsys, "eval", str(_kto_recipe(tmp_path, tiny_llama, unpaired_data)),
-                         "--adapter", f"a={adapter}", "--adapter", f"b={adapter}")
-    assert "A comparison (--adapter NAME=DIR, --merged) of unpaired answers" in " ".join(err.split())
-
-
 @pytest.mark.parametrize("flags, said", [
     # a batch of one answer is its own mismatched example: the KL estimate would be its reward (the figures were given
     # as if it were one)
