@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def check_remote_code(adapter_dir: str, allowed: bool) -> None:
     """Refuse an adapter whose peftkit.json records a base that runs its own modelling code, unless the user
     passed --trust-remote-code (`allowed`): a file never decides to run code."""
-    from peftkit.peft_format import read_meta
+    from peftkit.adapter_meta import read_meta
 
     if read_meta(adapter_dir).trust_remote_code and not allowed:
         raise PeftkitError(
@@ -75,10 +75,12 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     Returns:
         (base model, adapter settings, PEFT-keyed tensors, PEFT config, base ModelConfig, quantization or None)
     """
+    from peftkit.adapter_meta import read_meta
     from peftkit.methods.expert_lists import on_fused_experts
     from peftkit.methods.lora_init import base_weight_of, on_original_base
     from peftkit.new_tokens import adapter_tokens, resize, saved_rows
-    from peftkit.peft_format import check_weight_tying, load_adapter, read_meta
+    from peftkit.peft_fields import check_weight_tying
+    from peftkit.peft_format import load_adapter
 
     adapter_cfg, state, raw, quant = load_adapter(adapter_dir)
     check_remote_code(adapter_dir, trust_remote_code)
@@ -120,8 +122,8 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
 def warn_if_requantized(adapter_dir: str, model: torch.nn.Module) -> None:
     """Warn where the adapter's quantized base was quantized on another kind of device (peftkit.json `quantized_on`)
     than `model`'s is now: eval, generate and chat then run on slightly other base weights, as merge would merge
-    them (`peftkit.peft_format.requantized_note`)."""
-    from peftkit.peft_format import requantized_note
+    them (`peftkit.adapter_meta.requantized_note`)."""
+    from peftkit.adapter_meta import requantized_note
 
     here = next(model.parameters()).device.type
     if note := requantized_note(adapter_dir, here, "its outputs may differ slightly from the trained model's",
@@ -186,10 +188,10 @@ def changed_base_note(base: str, run_dir: Path, changed: list[tuple[str, str]]) 
 def adapter_labels(adapter_dir: str, state: dict[str, torch.Tensor]) -> LabelSet:
     """The classes of a SEQ_CLS adapter: peftkit.json's `labels`, or (an adapter peft made) as many as its saved
     head has outputs, named by their ids."""
+    from peftkit.adapter_meta import read_meta
     from peftkit.adapters import PEFT_PREFIX
     from peftkit.classify import HEAD_NAMES
     from peftkit.data.classification import LabelSet
-    from peftkit.peft_format import read_meta
 
     if names := read_meta(adapter_dir).labels:
         return LabelSet(tuple(names))

@@ -150,10 +150,10 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
         overwrite: replace an existing output (never the base, an adapter or the current directory).
         trust_remote_code: the user's `--trust-remote-code`.
     """
+    from peftkit.adapter_meta import read_meta
     from peftkit.adapters import merge_state_dict
     from peftkit.merge import (base_state_dict, check_merge_output, conv1d_modules, merge_device,
                                plain_conv1d_modules)
-    from peftkit.peft_format import read_meta
 
     combination.check(len(adapter_dirs))
     sources = read_sources(adapter_dirs, trust_remote_code)
@@ -222,9 +222,10 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
                    replace: bool, template: str | None = None) -> None:
     """The combined adapter, atomically as a directory (`replace`: an output there by then, as `save_merged`); its
     peftkit.json keeps the inputs' quantization; `template`, the adapters' chat template, in chat_template.jinja."""
+    from peftkit.adapter_meta import quantized_on, read_meta
     from peftkit.data.chat_templates import ADAPTER_TEMPLATE
     from peftkit.fileio import atomic_directory, atomic_write_bytes
-    from peftkit.peft_format import quantized_on, read_meta, save_adapter
+    from peftkit.peft_format import save_adapter
 
     if not all(torch.isfinite(t).all() for t in state.values()):
         raise PeftkitError("The combined adapter has NaN/inf values; nothing was written.")

@@ -100,7 +100,8 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
     from peftkit.methods import method_of
     from peftkit.methods.base import refuse_unmergeable
     from peftkit.adapter_base import check_remote_code
-    from peftkit.peft_format import load_adapter, read_meta
+    from peftkit.adapter_meta import read_meta
+    from peftkit.peft_format import load_adapter
 
     sources = []
     for path in adapter_dirs:
@@ -205,7 +206,7 @@ def _saved_quantized(name: str, revision: str | None) -> bool:
 def check_same_base(sources: list[Source], base: str | None) -> tuple[str, str | None]:
     """(base name, revision) the adapters share; a PeftkitError for adapters of different bases (name, revision,
     quantization, RoPE scaling)."""
-    from peftkit.peft_format import describe_rope, read_meta
+    from peftkit.adapter_meta import describe_rope, read_meta
 
     first = sources[0]
     name = base or first.base

@@ -371,7 +371,7 @@ def merge_device(adapter_dir: str) -> torch.device:
     kernels can round a few weights to neighbouring 4-bit codes, so quantizing on the training device is
     what gives back the exact weights the adapter was trained against.
     """
-    from peftkit.peft_format import quantized_on, requantized_note
+    from peftkit.adapter_meta import quantized_on, requantized_note
 
     if quantized_on(adapter_dir) == "cuda" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

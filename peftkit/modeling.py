@@ -78,7 +78,7 @@ def _check_config_json(file: Path, trust_remote_code: bool) -> None:
     from transformers import __version__ as transformers_version
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from peftkit.peft_format import read_json_object
+    from peftkit.settings_json import read_json_object
 
     raw = read_json_object(file, "Restore it from where the model came from.")
     model_type = raw.get("model_type")

@@ -179,8 +179,8 @@ def adapter_tokens(adapter_dir, base_cfg) -> list[str]:
 
     from transformers import AutoTokenizer
 
+    from peftkit.adapter_meta import read_meta
     from peftkit.modeling import load_tokenizer
-    from peftkit.peft_format import read_meta
 
     meta = read_meta(adapter_dir)
     directory = Path(adapter_dir)
@@ -207,7 +207,7 @@ def held_tokenizer_length(adapter_dir) -> int | None:
 
     from transformers import AutoTokenizer
 
-    from peftkit.peft_format import read_meta
+    from peftkit.adapter_meta import read_meta
 
     directory = Path(adapter_dir)
     if read_meta(directory).peftkit_version is not None or not any(

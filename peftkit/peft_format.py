@@ -5,33 +5,36 @@ A directory holds `adapter_model.safetensors` (keys `base_model.model.<path>.lor
 picking the method on reading), so `peft.PeftModel.from_pretrained(base, dir)` and vLLM load it unchanged. peftkit
 adds `peftkit.json` with what the PEFT format has no field for (the quantization the adapter was trained
 against, so that a merge dequantizes the same 4-bit weights; the base's RoPE scaling); PEFT tools ignore that file.
+
+What is not the adapter directory itself lives beside this module: peftkit.json's fields in `peftkit.adapter_meta`,
+which of peft's config fields peftkit implements in `peftkit.peft_fields`, the JSON settings-file reading in
+`peftkit.settings_json`, and a recipe's `adapter.init_from` in `peftkit.init_from`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from peftkit import __version__
-from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.adapter_meta import META_NAME, read_meta
+from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_bytes, atomic_write_json
 from peftkit.methods import Method, method_for_peft_type, method_of
-from peftkit.methods.base import REEXPORT, PeftConfigBase, is_set
+from peftkit.methods.base import REEXPORT, PeftConfigBase
 from peftkit.methods.monteclora import without_sampler
+from peftkit.peft_fields import check_peft_fields
 from peftkit.recipe import AdapterConfig, QuantizationConfig, RopeScalingConfig
+from peftkit.settings_json import read_json_object, show_value, validated
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-META_NAME = "peftkit.json"
 TASK_TYPES = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS"}
 """model.task -> PEFT's task_type."""
 
@@ -121,132 +124,6 @@ def save_adapter(
     atomic_write_json(path / META_NAME, meta)
 
 
-class PeftkitMeta(BaseModel):
-    """peftkit.json: what the PEFT format has no field for."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    peftkit_version: str | None = None
-    quantization: QuantizationConfig | None = None
-    """The bitsandbytes settings of the base the adapter was trained against, if any."""
-    quantized_on: Literal["cpu", "cuda"] | None = None
-    """Where that base was quantized: a merge re-quantizes there."""
-    trust_remote_code: bool = False
-    """The base needed its own modelling code. Never acted on: merge and eval ask for --trust-remote-code."""
-    labels: list[str] | None = None
-    """A classifier's class names by id (SEQ_CLS adapters peftkit trained)."""
-    rope_scaling: RopeScalingConfig | None = None
-    """The base's RoPE scaling in training (model.rope_scaling): the base loads with it wherever the adapter is used."""
-    base_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
-    """A quantized base's model.dtype in training, the dtype its weights were quantized from: a merge, eval or generate
-    without the recipe loads it so, to re-quantize the same 4-bit codes (None: float32, as before it was recorded)."""
-
-    added_tokens: list[str] = []
-    """model.add_tokens in training: added to the base's tokenizer, in this order, and the base's embeddings resized to
-    hold them, wherever the adapter is used (`peftkit.new_tokens`)."""
-
-    @property
-    def quantized_from(self) -> str:
-        """`base_dtype`, float32 where none is recorded: what adapters sharing a 4-bit base must agree on."""
-        return self.base_dtype or "float32"
-
-
-def describe_rope(rope_scaling: RopeScalingConfig | None) -> str:
-    """A recorded RoPE scaling in words, for the errors refusing adapters of bases scaled two ways."""
-    return "none" if rope_scaling is None else f"{rope_scaling.type} x{rope_scaling.factor}"
-
-
-# What a list-or-string field should be, in words: pydantic reports one error per member of the union,
-# or per list element, where one phrase about the whole field reads better.
-_WHOLE_FIELDS = {
-    "target_modules": "a list of module names, or a regular expression string",
-    "modules_to_save": "a list of module names, or null",
-    "layers_to_transform": "a list of layer numbers, a layer number, or null",
-}
-
-
-def _expected(err: dict) -> str:
-    """What a pydantic error says the value should have been, in the words of a JSON file."""
-    kind, ctx = err["type"], err.get("ctx", {})
-    if kind == "literal_error":
-        return f"one of {ctx['expected']}"
-    for prefix, words in (("int", "a whole number"), ("float", "a number"), ("finite", "a finite number"),
-                          ("bool", "true or false"), ("string", "a string"), ("list", "a list"), ("dict", "an object"),
-                          ("model", "an object")):
-        if kind.startswith(prefix):
-            return words
-    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
-              "less_than_equal": "<= {le}"}
-    if kind in bounds:
-        return "a number " + bounds[kind].format(**ctx)
-    return err["msg"].lower()
-
-
-def _field_problems(err: ValidationError, data: dict) -> list[str]:
-    """One phrase per wrong field ('"r" is "eight"; it should be a whole number'), instead of pydantic's text."""
-    problems: dict[str, str] = {}
-    for e in err.errors():
-        loc = [str(part) for part in e["loc"]]
-        whole = bool(loc) and loc[0] in _WHOLE_FIELDS
-        field = loc[0] if whole else ".".join(loc)
-        if field in problems:
-            continue
-        if e["type"] == "missing":
-            problems[field] = f'"{field}" is missing'
-        elif e["type"] == "extra_forbidden":
-            problems[field] = f'"{field}" is not a setting peftkit knows'
-        elif e["type"] == "value_error":  # a validator's own words
-            problems[field] = f'"{field}" is {_show(e["input"])}: {e["msg"].removeprefix("Value error, ")}'
-        else:
-            value, expected = (data[field], _WHOLE_FIELDS[field]) if whole else (e["input"], _expected(e))
-            problems[field] = f'"{field}" is {_show(value)}; it should be {expected}'
-    return list(problems.values())
-
-
-def _show(value: object) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-MAX_JSON_BYTES = 64 * 2**20
-"""The largest settings file read (adapter_config.json, peftkit.json, a model's config.json): real ones are kilobytes."""
-
-
-def read_json_object(file: Path, what: str) -> dict:
-    """A JSON file that must hold an object; anything else is a PeftkitError naming the file. Only a regular file of
-    at most MAX_JSON_BYTES is read: a FIFO in its place would block for ever (deaf to Ctrl-C), /dev/zero fill memory."""
-    try:
-        if file.exists() and not file.is_file():
-            raise PeftkitError(f"{file} is not a regular file (a device, a FIFO or a directory). {what}")
-        with open(file, "rb") as handle:
-            data = handle.read(MAX_JSON_BYTES + 1)
-        if len(data) > MAX_JSON_BYTES:
-            raise PeftkitError(f"{file} is larger than {MAX_JSON_BYTES // 2**20} MiB: not a settings file. {what}")
-        raw = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftkitError(f"{file}: not valid JSON ({e}). {what}") from None
-    except RecursionError:  # the json module recurses once per bracket
-        raise PeftkitError(f"{file}: not a settings file (JSON nested thousands of levels deep). {what}") from None
-    if not isinstance(raw, dict):
-        raise PeftkitError(f"{file} must hold a JSON object of settings, but holds {json_kind(raw)}. {what}")
-    return raw
-
-
-def json_kind(value: object) -> str:
-    """'a list', 'a string', 'null': a JSON value's type in the words of the file it came from."""
-    if value is None:
-        return "null"
-    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
-    return kinds.get(type(value), type(value).__name__)
-
-
-def _validated(model: type[BaseModel], file: Path, raw: dict, what: str):
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        raise PeftkitError(f"{file}: {'; '.join(_field_problems(e, raw))}. {what}") from None
-
-
 _REEXPORT = REEXPORT
 
 
@@ -255,7 +132,7 @@ def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
     config_file = path / CONFIG_NAME
     raw = read_json_object(config_file, _REEXPORT)
     method = method_for_peft_type(raw.get("peft_type"), config_file)
-    peft = _validated(method.peft_config, config_file, raw, _REEXPORT)
+    peft = validated(method.peft_config, config_file, raw, _REEXPORT)
     check_peft_fields(method, raw, config_file)
     if method.layer_targets and peft.target_modules is None and (found := _targets_in_weights(path, method)):
         if parameters := getattr(peft, "target_parameters", None):  # (their modules' wrappers are not targets)
@@ -263,7 +140,7 @@ def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
             found = [name for name in found if name not in holders]
         peft.target_modules = found  # peft takes the architecture's default targets; the weights say which
     if method.layer_targets and not peft.target_modules and not getattr(peft, "target_parameters", None):
-        raise PeftkitError(f'{config_file}: "target_modules" is {_show(peft.target_modules)}; it should name the '
+        raise PeftkitError(f'{config_file}: "target_modules" is {show_value(peft.target_modules)}; it should name the '
                            f"adapted modules (a list of names, or a regular expression string). {_REEXPORT}")
     return method, peft
 
@@ -284,76 +161,6 @@ def _targets_in_weights(path: Path, method: type[Method]) -> list[str]:
     return sorted({module.rsplit(".", 1)[-1] for module in modules_adapted_by(dict.fromkeys(keys), method)})
 
 
-UNSUPPORTED_FEATURES = {
-    "alora_invocation_tokens": "activated LoRA (aLoRA), which adapts only the tokens from its invocation on",
-    "use_qalora": "QA-LoRA, which pools the input groupwise",
-    "use_bdlora": "block-diagonal LoRA",
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "megatron_config": "Megatron's parallel linear layers",
-    "velora_config": "VeLoRA",
-    "kasa_config": "KaSA",
-    "monteclora_config": "MonteCLoRA",
-    "arrow_config": "Arrow routing's router (peftkit routes adapters with `peftkit generate --arrow` instead)",
-}
-"""peft features that change an adapter's outputs and that peftkit does not implement: one that is set is refused,
-for any method whose config does not read it, so that an adapter never loads as something else (QA-LoRA saves plain
-LoRA tensor names)."""
-
-PEFT_BOOKKEEPING = {
-    "ensure_weight_tying",  # checked against the model: `check_weight_tying`
-    "auto_mapping", "peft_version", "inference_mode", "fan_in_fan_out", "layers_pattern", "megatron_core",
-    "qalora_group_size", "runtime_config", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "init_lora_weights", "init_weights", "init_ia3_weights", "r", "target_r", "init_r", "tinit", "tfinal", "deltaT",
-    "beta1", "beta2", "orth_reg_weight", "total_step", "token_dim", "num_transformer_submodules",
-    "num_attention_heads", "num_layers", "tokenizer_name_or_path", "tokenizer_kwargs", "prompt_tuning_init",
-    "prompt_tuning_init_text", "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task",
-    "use_effective_conv2d",  # LoHa/LoKr: convolution layers only, which peftkit does not adapt
-}
-"""Fields of peft's configs that do not change a saved adapter's outputs (settings of its training, its first values,
-or the wrapper's) or that peftkit derives from the model (`fan_in_fan_out`); a method reads what it needs of them
-(AdaLoRA's `r` is one: its ranks are the saved tensors')."""
-
-
-def check_peft_fields(method: type[Method], raw: dict, config_file: Path) -> None:
-    """Refuse a set `UNSUPPORTED_FEATURES` field of adapter_config.json; warn of a set field that peftkit does not know
-    (a newer peft's), which is ignored: if it changes the outputs, they differ from peft's."""
-    for key, what in UNSUPPORTED_FEATURES.items():
-        if is_set(raw.get(key)) and key not in method.peft_config.model_fields:  # (LoRA reads aLoRA's)
-            raise PeftkitError(f"{config_file}: '{key}' is {json.dumps(raw[key])}: {what}; peftkit does not implement "
-                               "it, and loading the adapter without it would give outputs other than peft's.")
-    unknown = sorted(k for k, v in raw.items() if is_set(v) and k not in method.peft_config.model_fields
-                     and k not in PEFT_BOOKKEEPING)
-    if unknown:
-        warnings.warn(f"{config_file} sets {', '.join(repr(k) for k in unknown)}, which peftkit does not know and "
-                      "ignores; if a field changes the adapter's outputs, they differ from peft's.", PeftkitWarning,
-                      stacklevel=2)
-
-
-def check_weight_tying(adapter_dir: str | Path, model: torch.nn.Module) -> None:
-    """Refuse an adapter saved with peft's `ensure_weight_tying` on embeddings when `model` ties its input and output
-    embeddings: peft then gives the output embeddings the same adapter, which peftkit does not implement (on an
-    untied model the flag does nothing, in peft too)."""
-    config_file = Path(adapter_dir) / CONFIG_NAME
-    raw = json.loads(config_file.read_text(encoding="utf-8"))
-    if raw.get("ensure_weight_tying") is not True or not (embeddings := _embeddings_adapted(raw)):
-        return
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if inputs is not None and outputs is not None and inputs.weight is outputs.weight:
-        raise PeftkitError(f"{config_file}: 'ensure_weight_tying' is true and the adapter covers {embeddings} of a model "
-                           "whose input and output embeddings are tied: peft then gives the output embeddings the same "
-                           "adapter; peftkit does not implement that tying, and loading the adapter without it would "
-                           "give outputs other than peft's.")
-
-
-def _embeddings_adapted(raw: dict) -> str:
-    """The embedding layers (peft's names for those it ties) that an adapter's targets or modules_to_save name."""
-    targets, saved = raw.get("target_modules"), raw.get("modules_to_save") or []
-    names = [*(targets if isinstance(targets, list) else []), *saved]
-    hits = [e for e in ("embed_tokens", "lm_head") if any(n.rsplit(".", 1)[-1] == e for n in names)
-            or isinstance(targets, str) and re.fullmatch(targets, e)]
-    return " and ".join(hits)
-
-
 def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitError:
     """The error for a safetensors file that cannot be read: truncated by an interrupted copy, or overwritten; or
     one this user may not read (safetensors says "No such file or directory" of it too)."""
@@ -367,15 +174,6 @@ def unreadable_safetensors(file: Path, error: Exception, fix: str) -> PeftkitErr
         return PeftkitError(f"{file} is missing (a link to a file that is gone?). {fix}.")
     size = file.stat().st_size
     return PeftkitError(f"{file} is truncated or corrupt ({size:,} bytes; safetensors says: {error}). {fix}.")
-
-
-def read_meta(path: str | Path) -> PeftkitMeta:
-    """peftkit.json of an adapter directory; all defaults (no quantization) when there is none."""
-    meta = Path(path) / META_NAME
-    if not meta.exists():
-        return PeftkitMeta()
-    what = "Fix it, delete it (for an adapter trained without quantization), or export the adapter again."
-    return _validated(PeftkitMeta, meta, read_json_object(meta, what), what)
 
 
 def check_adapter_dir(path: Path) -> Path:
@@ -551,33 +349,6 @@ def without_adapter_name(keys: Iterable[str], method: type[Method], file: Path) 
     return renamed
 
 
-def quantized_on(path: str | Path) -> str | None:
-    """'cpu' or 'cuda': where the 4-bit/8-bit base of a peftkit adapter was quantized (None if unknown)."""
-    return read_meta(path).quantized_on
-
-
-def requantized_note(path: str | Path, here: str, result: str, fix: str, subject: str = "this adapter") -> str | None:
-    """What to warn when the adapter at `path` was trained on a base quantized on another kind of device than `here`
-    ('cpu' or 'cuda'), where it is re-quantized now (None when they agree or nothing is recorded): bitsandbytes' CUDA
-    and CPU kernels round a few weights to other 4-bit codes, so the base is not quite the one it was trained on.
-    `peftkit merge` says it, and eval, generate and chat (`peftkit.adapter_base.load_adapter_base`).
-
-    Args:
-        result: what differs, e.g. "the merged model may differ slightly from the trained one".
-        fix: the sentence saying where to run instead; `{where}` in it is where the base was quantized.
-        subject: how the adapter is named.
-    """
-    where = quantized_on(path)
-    if where is None or where == here:
-        return None
-    names = {"cpu": "CPU", "cuda": "CUDA"}
-    here = names.get(here, here)
-    reason = "no CUDA device is here" if where == "cuda" and not torch.cuda.is_available() else f"this runs on {here}"
-    return (f"{subject} was trained on a base quantized on {names[where]}, and {reason}: the base is re-quantized on "
-            f"{here}, whose rounding can differ for a few weights, so {result} (about 1e-3 in logits on a test "
-            f"model). {fix.format(where=names[where])}")
-
-
 def recorded_base(adapter_dir: str | Path, field: str = "base_model_name_or_path") -> str | None:
     """The adapter's base_model_name_or_path (or another string `field`, e.g. `revision`), best effort and
     without reading its weights (a broken config is `load_adapter`'s to report)."""
@@ -591,62 +362,6 @@ def recorded_base(adapter_dir: str | Path, field: str = "base_model_name_or_path
     return base if isinstance(base, str) else None
 
 
-def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
-    """The `adapter` section of a recipe with `init_from: DIR`: the method and settings of the adapter in DIR
-    (any method peftkit reads, peftkit's or peft's), keeping `init_from`. A method key the recipe sets too must
-    say the same as the adapter: two sources for one setting would leave a reader guessing which one trained.
-    """
-    from peftkit.methods.lora_init import residual_refusal
-
-    path = cfg.init_from
-    loaded, state, peft, _ = load_adapter(path)
-    # peft's `bias: all` / `lora_only` trains the base's own biases and saves their values: the run would load them
-    # and train with them, and its export (bias: none, as every peftkit adapter) would leave them out.
-    if getattr(peft, "bias", "none") not in (None, "none") and (biases := trained_base_biases(loaded, state)):
-        raise PeftkitError(f"adapter.init_from: {path} also trained the base's biases (bias: {peft.bias} in its "
-                           f"adapter_config.json; {len(biases)} saved, e.g. {biases[0]}), which peftkit does not "
-                           "train or export: the run's adapter would leave them out of the model it trained. Merge it "
-                           f"into its base (`peftkit merge --adapter {path} --output MERGED`) and train a new adapter "
-                           "on MERGED, or train on in peft.")
-    if getattr(loaded, "_residual_init", None):
-        raise residual_refusal("adapter.init_from", path, "training on from it here would train that init's "
-                               "directions too, as part of a plain LoRA on the original base")
-    if trained_as := getattr(loaded, "_trained_as", None):
-        raise PeftkitError(f"adapter.init_from: {path} is a {trained_as} adapter, which peftkit reads (it is plain LoRA "
-                           "outside training) but does not train: training on from it would not be "
-                           f"{trained_as}. Train on in peft, or merge it into its base (`peftkit merge --adapter "
-                           f"{path} --output MERGED`) and train a new adapter on MERGED.")
-    if loaded.method == "adalora" and loaded.rank_pattern:  # every AdaLoRA export: its run's allocation pruned it
-        raise PeftkitError(
-            f"adapter.init_from: {path} is an AdaLoRA adapter pruned by its run's rank allocation (rank_pattern in "
-            "its adapter_config.json), and peftkit does not continue AdaLoRA's allocation from a pruned adapter. "
-            "Resume that run from its checkpoints if it did not finish (`peftkit train RECIPE --resume`); else merge "
-            "the adapter into its base (`peftkit merge`) and train a new adapter on the merged model."
-        )
-    given = cfg.model_fields_set - {"init_from"}
-    if "method" in given and cfg.method != loaded.method:
-        raise PeftkitError(
-            f"adapter.init_from: {path} holds a {loaded.method} adapter, but adapter.method is {cfg.method!r}. "
-            "init_from takes the method and its settings from the adapter: remove adapter.method (or set it to "
-            f"{loaded.method!r})."
-        )
-    conflicts = [f"{key}: {getattr(cfg, key)!r} in the recipe, {getattr(loaded, key)!r} in the adapter"
-                 for key in sorted(given - {"method"}) if key in type(loaded).model_fields
-                 and _plain(getattr(cfg, key), key) != _plain(getattr(loaded, key), key)]
-    if cfg.method == loaded.method and conflicts:
-        raise PeftkitError(
-            f"adapter.init_from: {path} sets the adapter's settings, and the recipe says otherwise ("
-            f"{'; '.join(conflicts)}). Remove those keys from the recipe's adapter section (init_from takes them "
-            "from the adapter), or make them match."
-        )
-    if cfg.method != loaded.method and given - {"method"}:
-        raise PeftkitError(
-            f"adapter.init_from: {path} holds a {loaded.method} adapter; the recipe's adapter section also sets "
-            f"{', '.join(sorted(given))}, which are {cfg.method} settings. Leave only init_from."
-        )
-    return loaded.model_copy(update={"init_from": path})
-
-
 def trained_base_biases(cfg, state: dict[str, torch.Tensor]) -> list[str]:
     """The base's biases an adapter's file holds (peft's `bias: all` / `lora_only`), not its method's own tensors
     (lora_B.bias of `lora_bias`), as module paths."""
@@ -656,11 +371,3 @@ def trained_base_biases(cfg, state: dict[str, torch.Tensor]) -> list[str]:
     own = method_of(cfg).param_names
     return sorted(key.removeprefix(PEFT_PREFIX).removesuffix(".bias").replace(".base_layer", "") for key in state
                   if key.endswith(".bias") and not any(key.endswith("." + n) for n in own))
-
-
-def _plain(value: object, key: str) -> object:
-    """A setting in comparable form: a TargetRegex as its dict, a list sorted (module order means nothing), but
-    layer_replication's (its ranges stack in their order)."""
-    if isinstance(value, BaseModel):
-        return value.model_dump()
-    return sorted(value) if isinstance(value, list) and key != "layer_replication" else value

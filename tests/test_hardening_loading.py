@@ -393,7 +393,7 @@ def test_adapter_config_without_r(adapter, tmp_path):
     ('{"quantized_on": "tpu"}', "\"quantized_on\" is \"tpu\"; it should be one of 'cpu' or 'cuda'"),
 ])
 def test_bad_peftkit_json(adapter, tmp_path, text, expected):
-    from peftkit.peft_format import quantized_on
+    from peftkit.adapter_meta import quantized_on
 
     broken = _copy(adapter, tmp_path / "adapter")
     (broken / "peftkit.json").write_text(text)

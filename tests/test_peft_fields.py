@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods import method_for_peft_type
 from peftkit.adapter_base import load_adapted_model
-from peftkit.peft_format import UNSUPPORTED_FEATURES, check_peft_fields, load_adapter
+from peftkit.peft_fields import UNSUPPORTED_FEATURES, check_peft_fields
+from peftkit.peft_format import load_adapter
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62]])
 PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs beyond its defaults

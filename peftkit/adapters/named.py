@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftkit.adapter_meta import describe_rope, read_meta
 from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_to_save, saved_base_modules
 from peftkit.adapters.arrow import ArrowLayer, ArrowSettings
 from peftkit.errors import PeftkitError, did_you_mean
@@ -61,7 +62,8 @@ from peftkit.methods.base import Method
 from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear, plus_update
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.new_tokens import held_tokenizer_length
-from peftkit.peft_format import check_weight_tying, describe_rope, read_meta, trained_base_biases
+from peftkit.peft_fields import check_weight_tying
+from peftkit.peft_format import trained_base_biases
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
 
 ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters", "bias", "trainable_token_indices",

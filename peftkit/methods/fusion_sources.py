@@ -29,7 +29,8 @@ def fused_adapters(cfg: FusionConfig) -> list[Fused]:
 
 def _read_dir(path: str, where: str) -> Fused:
     from peftkit.methods import method_of
-    from peftkit.peft_format import CONFIG_NAME, load_adapter, read_json_object
+    from peftkit.peft_format import CONFIG_NAME, load_adapter
+    from peftkit.settings_json import read_json_object
 
     if not Path(path).is_dir():
         raise PeftkitError(f"{where}: {path} is not a directory. List the adapter directories to fuse, as `peftkit "
@@ -51,13 +52,13 @@ def read_entry(config: dict, source: str | None, where: str) -> Fused:
     """A fused adapter as a fusion export records it: its whole adapter_config.json (its weights are in the
     export's own file)."""
     from peftkit.methods import method_for_peft_type
-    from peftkit.peft_format import _field_problems
+    from peftkit.settings_json import field_problems
 
     method = method_for_peft_type(config.get("peft_type"), where)
     try:
         peft = method.peft_config.model_validate(config)
     except ValidationError as e:
-        raise PeftkitError(f"{where}: {'; '.join(_field_problems(e, config))}. {REEXPORT}") from None
+        raise PeftkitError(f"{where}: {'; '.join(field_problems(e, config))}. {REEXPORT}") from None
     return Fused(source or "", method, method.from_peft(peft, Path(where)), config)
 
 
@@ -117,7 +118,7 @@ def check_fusable(fused: list[Fused], where: str) -> None:
 
 
 def _check_same_base(fused: list[Fused]) -> None:
-    from peftkit.peft_format import describe_rope, read_meta
+    from peftkit.adapter_meta import describe_rope, read_meta
 
     first = fused[0]
     for i, other in enumerate(fused[1:], start=1):
@@ -175,7 +176,7 @@ def check_commit(fused: list[Fused], name: str, revision: str | None, commit: st
 def check_rope(fused: list[Fused], rope_scaling) -> None:
     """Adapters read for training were trained on the base scaled as the recipe's model.rope_scaling scales it: each
     fused adapter's update meets the base it was trained against (they all record one: `_check_same_base`)."""
-    from peftkit.peft_format import describe_rope, read_meta
+    from peftkit.adapter_meta import describe_rope, read_meta
 
     if fused[0].state is None:
         return

@@ -515,7 +515,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
             raise PeftkitError(f"{_where(('data', 'chat_template'), path, lines, overridden)}: data.chat_template: "
                                f"{e}") from None
     if recipe.adapter.init_from:
-        from peftkit.peft_format import init_from_config
+        from peftkit.init_from import init_from_config
 
         try:
             recipe.adapter = init_from_config(recipe.adapter)
@@ -529,9 +529,9 @@ def _check_init_from_tokens(recipe: Recipe, where: str) -> None:
     """The tokens adapter.init_from's training added (peftkit.json added_tokens; a peft adapter's, its tokenizer's
     past the base's) must be model.add_tokens, in their order: its trained rows are those ids' (other tokens would
     take them, silently, in another order), and it holds rows for those alone."""
+    from peftkit.adapter_meta import read_meta
     from peftkit.modeling import load_config
     from peftkit.new_tokens import adapter_tokens, held_tokenizer_length
-    from peftkit.peft_format import read_meta
 
     path, tokens = recipe.adapter.init_from, recipe.model.add_tokens
     # peft's adapter (TRL's setup_chat_format) tells its added tokens by the tokenizer beside it: one past the base's
