@@ -208,7 +208,8 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     """
     from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
     from peftkit.methods.expert_lists import check_start
-    from peftkit.modeling import kept_modules, load_config, resolve_device
+    from peftkit.modeling import load_config, resolve_device
+    from peftkit.quantization import kept_modules
 
     config = load_config(recipe.model)
     dtype = load_dtype(recipe.model.dtype, config)

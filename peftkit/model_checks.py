@@ -58,7 +58,8 @@ def check_model(cfg: Recipe) -> str:
     from peftkit.manifest import hub_commit
     from peftkit.memory import meta_model
     from peftkit.methods import method_of
-    from peftkit.modeling import check_prequantized, check_quantization_section, load_config, load_tokenizer
+    from peftkit.modeling import load_config, load_tokenizer
+    from peftkit.quantization import check_prequantized, check_quantization_section
     from peftkit.rope_scaling import check_context_length
     from peftkit.start import adapt, adapter_line
 
@@ -108,7 +109,7 @@ def _quantize(model, cfg: Recipe) -> None:
     import torch
     from transformers.quantizers import AutoHfQuantizer
 
-    from peftkit.modeling import bnb_config, refuse_quantized_tied_head
+    from peftkit.quantization import bnb_config, refuse_quantized_tied_head
 
     quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.quantization, cfg.model.task))
     with torch.device("meta"):

@@ -1,8 +1,11 @@
-"""Loading the base model and tokenizer (optionally quantized by bitsandbytes), and k-bit preparation."""
+"""Loading the base model and tokenizer (optionally quantized by bitsandbytes), and k-bit preparation.
+
+The checks of the model's source before transformers reads it are in `peftkit.model_source`; the bitsandbytes
+settings and their refusals in `peftkit.quantization`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -12,8 +15,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.errors import PeftkitError
 from peftkit.manifest import TOKENIZER_FILES, model_directory
+from peftkit.model_source import (
+    check_config_json,
+    check_source,
+    check_weight_files,
+    not_loadable,
+)
+from peftkit.quantization import (
+    bnb_config,
+    check_prequantized,
+    quantized_shape_mismatches,
+    refuse_quantized_tied_head,
+    saved_quantization,
+)
 from peftkit.recipe import ModelConfig, QuantizationConfig
 from peftkit.rope_scaling import scale_rope
 
@@ -57,44 +73,6 @@ def _not_the_cpu_fallback_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
-def _check_source(cfg: ModelConfig) -> None:
-    """A path that should be a model directory but is not gets a clear message before transformers' own."""
-    name_or_path = cfg.name_or_path
-    path = Path(name_or_path)
-    if path.is_absolute() or name_or_path.startswith((".", "~")) or path.is_dir():
-        if not path.exists():
-            raise PeftkitError(
-                f"Model directory not found: {name_or_path}. Give a local directory containing config.json, or a "
-                "hub id such as 'meta-llama/Llama-3.2-1B'."
-            )
-        if not (path / "config.json").exists():
-            raise PeftkitError(f"{name_or_path} has no config.json; it is not a transformers model directory.")
-        _check_config_json(path / "config.json", cfg.trust_remote_code)
-
-
-def _check_config_json(file: Path, trust_remote_code: bool) -> None:
-    """The mistakes transformers reports without naming the file or the fix: not JSON, not an object, no
-    or an unknown `model_type` (transformers says only 'Unrecognized model' or blames its own version)."""
-    from transformers import __version__ as transformers_version
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from peftkit.settings_json import read_json_object
-
-    raw = read_json_object(file, "Restore it from where the model came from.")
-    model_type = raw.get("model_type")
-    if not isinstance(model_type, str) or not model_type:
-        raise PeftkitError(f"{file} has no 'model_type' (the architecture, e.g. \"llama\"), so transformers cannot "
-                           "tell which model it is. Restore config.json from where the model came from, or add the key.")
-    # Models that ship their own code (auto_map) may use a type transformers does not know.
-    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in raw):
-        raise PeftkitError(
-            f"{file}: model_type {model_type!r} is not an architecture transformers {transformers_version} knows."
-            f"{did_you_mean(model_type, CONFIG_MAPPING.keys())} If the model is newer than this transformers, upgrade "
-            "it (pip install -U transformers); if it ships its own modelling code, set model.trust_remote_code: true "
-            "(peftkit eval, generate, chat: --trust-remote-code)."
-        )
-
-
 def load_config(cfg: ModelConfig):
     """The model's transformers config, checked before any weight is read.
 
@@ -104,212 +82,21 @@ def load_config(cfg: ModelConfig):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
-    _check_source(cfg)
+    check_source(cfg)
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
-        raise _not_loadable(cfg.name_or_path, e, cfg.revision) from None
+        raise not_loadable(cfg.name_or_path, e, cfg.revision) from None
     except (ValueError, TypeError, StrictDataclassError) as e:
         snapshot = None if Path(cfg.name_or_path).is_dir() else model_directory(cfg.name_or_path, cfg.revision)
         if snapshot is not None and (snapshot / "config.json").is_file():  # a hub id's: said as a local one's is
-            _check_config_json(snapshot / "config.json", cfg.trust_remote_code)
+            check_config_json(snapshot / "config.json", cfg.trust_remote_code)
         where = Path(cfg.name_or_path) / "config.json" if Path(cfg.name_or_path).is_dir() else cfg.name_or_path
         raise PeftkitError(f"{where}: transformers cannot use this model config: {' '.join(str(e).split())} Fix "
                            "config.json, or restore it from where the model came from.") from None
     if cfg.rope_scaling is not None:  # model.rope_scaling: on the config the model is built from
         scale_rope(config, cfg.rope_scaling, cfg.name_or_path)
     return config
-
-
-def _not_loadable(name_or_path: str, error: Exception, revision: str | None = None) -> PeftkitError:
-    """A model transformers cannot find or read (a hub id offline, a missing weights file). A name that is not on
-    disk but whose first part is a local directory is most likely a mistyped path: said first; then what the local
-    Hugging Face cache tells of a hub id (`_hub_problem`), or of a directory without weights."""
-    path = Path(name_or_path)
-    if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():
-        near = sorted(p.name for p in path.parent.iterdir())[:10] if path.parent.is_dir() else []
-        return PeftkitError(f"Could not load model {name_or_path}: there is no such local directory (its start, "
-                            f"{path.parts[0]}, is one here" + (f"; {path.parent} holds {', '.join(near)}" if near else "")
-                            + f"), and as a hub id it could not be loaded either ({str(error).splitlines()[0]}).")
-    problem = _no_weights(path) if path.is_dir() else _hub_problem(name_or_path, revision)
-    if problem:
-        return PeftkitError(f"Could not load model {name_or_path}: {problem}")
-    return PeftkitError(f"Could not load model {name_or_path}: {error}\nFor a hub id this needs network access (or a "
-                        "cached copy); only safetensors weights are accepted.")
-
-
-def _no_weights(directory: Path) -> str | None:
-    """What a model directory without safetensors weights holds instead, said; None where it has some."""
-    if any(directory.glob("*.safetensors")):
-        return None
-    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
-    return (f"{directory} holds no .safetensors weights" + (f" (only {', '.join(others)})" if others else "")
-            + "; peftkit reads safetensors weights only (loading never unpickles). Use a copy of the model in "
-            "safetensors, or save one with transformers' save_pretrained.")
-
-
-def _hub_problem(name_or_path: str, revision: str | None) -> str | None:
-    """Why a hub id could not be loaded, as the local Hugging Face cache tells: a snapshot without safetensors
-    weights; offline, a repository or revision the cache does not hold. None where it cannot tell (online, the
-    hub's own error says)."""
-    from huggingface_hub import constants
-
-    snapshot = model_directory(name_or_path, revision)
-    if snapshot is not None:
-        return _no_weights(snapshot)
-    if not constants.HF_HUB_OFFLINE:
-        return None
-    from peftkit.hub import cache_miss
-
-    return cache_miss(name_or_path, revision)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a local model directory: the shards its index names, or model.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if not index.exists():
-        return [path / "model.safetensors"] if (path / "model.safetensors").exists() else []
-    try:
-        shards = sorted(set(json.loads(index.read_bytes())["weight_map"].values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise PeftkitError(f"{index} is not a valid weights index ({type(e).__name__}: {e}). Restore it from where "
-                           "the model came from.") from None
-    return [path / shard for shard in shards if (path / shard).exists()]  # a missing shard: transformers says so
-
-
-def _check_weight_files(cfg: ModelConfig) -> None:
-    """Read the header of every local weights file, so a truncated or overwritten one is named (the error
-    safetensors raises mid-load names no file)."""
-    from safetensors import SafetensorError, safe_open
-
-    from peftkit.peft_format import unreadable_safetensors
-
-    path = Path(cfg.name_or_path)
-    if not path.is_dir():
-        return
-    for file in _weight_files(path):
-        try:
-            with safe_open(file, "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise unreadable_safetensors(file, e, "Copy or download the model again") from None
-
-
-def import_bitsandbytes():
-    """bitsandbytes, imported without its hub kernel. On a CPU with AVX512-BF16, bitsandbytes 0.50's import asks the
-    hub for `kernels-community/quantization-bitsandbytes` (through the `kernels` package, which transformers 5.25
-    requires): seconds of waiting on every start where the hub cannot be reached (4.5 s measured here), and where it
-    can, code nobody asked for, run by an eval-time layout peftkit turns off anyway (`load_model`). Refused its
-    import, bitsandbytes falls back to its own kernels, as without `kernels` installed."""
-    import sys
-
-    if "bitsandbytes" in sys.modules:
-        return sys.modules["bitsandbytes"]
-    missing = object()
-    kernels = sys.modules.get("kernels", missing)
-    sys.modules["kernels"] = None  # `from kernels import get_kernel` raises ImportError, which bitsandbytes catches
-    quiet = logging.getLogger("bitsandbytes")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # (its note that the kernel did not load)
-    try:
-        import bitsandbytes
-    finally:
-        quiet.setLevel(level)
-        if kernels is missing:
-            del sys.modules["kernels"]
-        else:
-            sys.modules["kernels"] = kernels
-    return bitsandbytes
-
-
-def kept_modules(q: QuantizationConfig, task: str = "causal_lm") -> list[str]:
-    """The modules bitsandbytes leaves in full precision: quantization.skip_modules, and a classifier's head (trained in
-    full beside the adapter; transformers keeps the last module out of quantization only where no skip list is given,
-    and a 4-bit head can neither train nor take a one-row output: bitsandbytes asserts on it)."""
-    from peftkit.classify import HEAD_NAMES
-
-    heads = [h for h in HEAD_NAMES if h not in q.skip_modules] if task == "sequence_classification" else []
-    return [*q.skip_modules, *heads]
-
-
-def bnb_config(q: QuantizationConfig, task: str = "causal_lm"):
-    from transformers import BitsAndBytesConfig
-
-    import_bitsandbytes()  # before transformers imports it
-
-    if q.method == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=kept_modules(q, task))
-    # Spelled out, not left to defaults: bitsandbytes' Linear4bit alone means FP4, blocksize 64.
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=q.method,
-        bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
-        bnb_4bit_quant_storage={"uint8": torch.uint8, **DTYPES}[q.quant_storage],
-        llm_int8_skip_modules=kept_modules(q, task),
-    )
-
-
-def check_prequantized(config, quant: QuantizationConfig, name_or_path: str) -> None:
-    """A checkpoint saved quantized (its config.json has a quantization_config: `peftkit merge --requantize`'s
-    OUTPUT-nf4, a hub "-bnb-4bit" model) loads with its own settings: transformers ignores every setting of the
-    quantization section (it only warns, in a log peftkit silences), so a recipe asking int8 or fp4 trained on nf4
-    and recorded int8 in the adapter. A section that says otherwise of the stored weights (method, double_quant,
-    quant_storage) is refused, naming the key; its compute_dtype, a setting of the layers, `load_model` applies."""
-    saved = saved_quantization(config)
-    if saved is None:
-        return
-    if saved.get("quant_method") != "bitsandbytes":
-        raise PeftkitError(f"{name_or_path} is already quantized ({saved.get('quant_method')}, in its config.json's "
-                           "quantization_config), and the quantization section quantizes through bitsandbytes: remove "
-                           "the quantization section.")
-    checkpoint = _stored_settings(saved, quant.method == "int8")
-    differ = [f"quantization.{key}: {value}" for key, value in checkpoint.items() if getattr(quant, key) != value]
-    if differ:
-        raise PeftkitError(f"{name_or_path} is already quantized by bitsandbytes (its config.json's "
-                           f"quantization_config): its weights load as they were stored, whatever the quantization section "
-                           f"says. Set {', '.join(differ)} as the checkpoint has it, or quantize the unquantized model "
-                           "instead.")
-
-
-def saved_quantization(config) -> dict | None:
-    """The quantization_config of a checkpoint saved quantized (its config.json's), as a dict; None for one that is
-    not."""
-    saved = getattr(config, "quantization_config", None)
-    return None if saved is None else saved if isinstance(saved, dict) else saved.to_dict()
-
-
-def _stored_settings(saved: dict, int8: bool) -> dict:
-    """The quantization section's settings a bitsandbytes checkpoint's `saved` quantization_config stores (`int8`: the
-    section asks int8, whose weights have no double_quant or quant_storage)."""
-    four_bit = not saved.get("load_in_8bit")
-    settings = {"method": saved.get("bnb_4bit_quant_type", "fp4") if four_bit else "int8"}
-    if four_bit and not int8:
-        settings |= {"double_quant": bool(saved.get("bnb_4bit_use_double_quant")),
-                     "quant_storage": str(saved.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")}
-    return settings
-
-
-def check_quantization_section(config, cfg: ModelConfig, quant: QuantizationConfig | None,
-                               resume: bool = False) -> None:
-    """A run over a checkpoint saved by bitsandbytes needs the quantization section that says so: without it the
-    weights loaded 4-bit all the same, and the adapter recorded an unquantized base, which a merge then loaded.
-    `resume`: a run started so (before this was refused) cannot go on, since the section makes it another recipe."""
-    saved = saved_quantization(config)
-    if quant is not None or saved is None or saved.get("quant_method") != "bitsandbytes":
-        return
-    settings = ", ".join(f"{key}: {value}".replace("True", "true").replace("False", "false")
-                         for key, value in _stored_settings(saved, False).items())
-    said = (f"{cfg.name_or_path} is already quantized by bitsandbytes (its config.json's quantization_config), and "
-            "the recipe has no quantization section.")
-    if resume:
-        raise PeftkitError(f"{said} This run was started without one, so it cannot be resumed: adding the section "
-                           f"makes it another recipe. Train it again with the one the checkpoint has (quantization: "
-                           f"{{{settings}}}), with --overwrite or in another export.output_dir, so that the adapter "
-                           "records the quantized base it is trained against.")
-    raise PeftkitError(f"{said} Add the one the checkpoint has (quantization: {{{settings}}}), so that the adapter "
-                       "records the quantized base it is trained against, and merges and evaluations load it as "
-                       "trained.")
 
 
 def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
@@ -400,7 +187,7 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     """
     config = load_config(cfg)
     saved = saved_quantization(config)  # a checkpoint saved quantized: its config.json's quantization_config
-    _check_weight_files(cfg)
+    check_weight_files(cfg)
     device = device or resolve_device(cfg.device)
     check_attention(cfg, device)
     kwargs: dict = dict(
@@ -475,7 +262,7 @@ def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device, task
     try:
         return auto.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as e:
-        raise _not_loadable(name_or_path, e, kwargs.get("revision")) from None
+        raise not_loadable(name_or_path, e, kwargs.get("revision")) from None
     except SafetensorError as e:  # local files were checked before; this is a hub download or cache
         raise PeftkitError(f"The weights of model {name_or_path} are truncated or corrupt ({e}); delete its copy in "
                            "the Hugging Face cache and download it again.") from None
@@ -521,7 +308,7 @@ def _check_weights_fit(model: nn.Module, loading_info: dict, source: str) -> Non
     the files, non-persistent buffers (rotary inv_freq), keys the model class declares ignorable.
     """
     mismatched = [(key, tuple(saved), tuple(expected)) for key, saved, expected in loading_info["mismatched_keys"]]
-    mismatched = sorted(mismatched + _quantized_shape_mismatches(model))
+    mismatched = sorted(mismatched + quantized_shape_mismatches(model))
     missing, unexpected = sorted(loading_info["missing_keys"]), sorted(loading_info["unexpected_keys"])
     if not (mismatched or missing or unexpected):
         return
@@ -545,40 +332,6 @@ def _check_weights_fit(model: nn.Module, loading_info: dict, source: str) -> Non
         "with random values. Was config.json edited, or copied from another model? Put back the config.json "
         "saved with these weights."
     )
-
-
-def refuse_quantized_tied_head(model: nn.Module, quant: QuantizationConfig) -> None:
-    """An output head that shares its weight with the embeddings (Qwen2's small models, Gemma, GPT-2) cannot be
-    quantized: transformers swaps in a bitsandbytes layer that still holds the embeddings' float matrix, and its
-    first forward fails inside bitsandbytes (a bare AssertionError for 4-bit, an AttributeError for int8)."""
-    from peftkit.methods.base import is_quantized
-
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is None or embedding is None or not is_quantized(head) or head.weight is not embedding.weight:
-        return
-    name = next(n for n, m in model.named_modules() if m is head)
-    raise PeftkitError(f"quantization.skip_modules {quant.skip_modules} leaves out {name}, the output head, and this "
-                       f"model ties it to its input embeddings, which bitsandbytes cannot quantize. Add {name!r} to "
-                       "quantization.skip_modules (its default, [lm_head], keeps it).")
-
-
-def _quantized_shape_mismatches(model: nn.Module) -> list[tuple[str, tuple, tuple]]:
-    """bitsandbytes layers whose quantized weight has another shape than the layer's config.
-
-    transformers skips its shape check for weights it quantizes: a 64x32 checkpoint weight loads into a
-    layer configured as 100x32 and only fails (or worse, not) at the first matmul.
-    """
-    from peftkit.methods.base import is_quantized
-
-    found = []
-    for name, module in model.named_modules():
-        if is_quantized(module) and hasattr(module, "in_features"):
-            quant_state = getattr(module.weight, "quant_state", None)
-            saved = tuple(quant_state.shape) if quant_state is not None else tuple(module.weight.shape)
-            expected = (module.out_features, module.in_features)
-            if saved != expected:
-                found.append((f"{name}.weight", saved, expected))
-    return found
 
 
 def prepare_for_training(model: nn.Module, gradient_checkpointing: bool) -> None:

@@ -140,7 +140,7 @@ def build_optimizer(cfg: TrainingConfig, params: list, device: torch.device, con
                                  weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    from peftkit.modeling import import_bitsandbytes
+    from peftkit.quantization import import_bitsandbytes
 
     bnb = import_bitsandbytes()
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,

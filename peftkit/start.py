@@ -32,11 +32,11 @@ from peftkit.finish import task_metrics
 from peftkit.manifest import hub_commit
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.methods.expert_lists import check_start
-from peftkit.modeling import (check_quantization_section, load_config, load_model, load_tokenizer, prepare_for_training,
-                              resolve_device)
+from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
 from peftkit.preference import objective_loss
 from peftkit.progress import phase
+from peftkit.quantization import check_quantization_section
 from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_answer_room, check_context_length, fresh_dynamic_rope
 from peftkit.runtime import (build_optimizer, check_device_support, check_fp16_gradients, cpu_dtype_note,
