@@ -1,8 +1,10 @@
 """Benchmark: peftkit DPO (training.objective: dpo) vs. TRL's DPOTrainer on a peft LoRA, on the same pairs; or KTO
-(--objective kto) vs. TRL's KTOTrainer, on the pairs' answers unpaired.
+(--objective kto) vs. TRL's KTOTrainer, on the pairs' answers unpaired; or a reward model (--objective reward) vs.
+TRL's RewardTrainer, on the same pairs.
 
     python scripts/bench_dpo.py --threads 1 --repeats 3          # CPU: hidden 256 x 4 layers, batch 8 pairs
     python scripts/bench_dpo.py --objective kto --threads 1 --repeats 3    # batch 8 answers, each with its mismatched
+    python scripts/bench_dpo.py --objective reward --threads 1 --repeats 3  # batch 8 pairs, a one-output classifier
     python scripts/bench_dpo.py --device cuda --model-dtype bfloat16 --hidden 2048 --layers 16 --intermediate 5632 \
         --vocab 32000 --words 8 --max-length 512 --batch-size 8 --steps 30     # a ~1.2B Llama shape
 
@@ -26,6 +28,13 @@ KTO (--objective kto): each pair gives two rows, its chosen answer desirable and
 sequences as DPO's. TRL's KTOTrainer (its default sequential sampling, its reference log-probabilities computed per
 batch, not precomputed) runs the policy and the reference on the rows and on the mismatched examples each step;
 peftkit runs the policy's forward of both, the reference's computed once before training.
+
+Reward model (--objective reward): the same model as a sequence classifier of one output (its new `score` head drawn
+from the same seed on both sides, the pad token set), peft's SEQ_CLS LoRA (the head in modules_to_save, trained in
+full) on TRL's RewardTrainer against peftkit's model.task sequence_classification, training.objective reward, on the
+same pairs in the same order, with the centring term on (reward_center 0.01, TRL's center_rewards_coefficient). There
+is no reference model: each step is one forward of the batch's chosen and rejected rows on both sides, so `end to
+end` differs from the steps by loading and tokenizing only.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import (_sync, build_model, child, common_args, peft_lora_model, recipe_for,  # noqa: E402
                          report, run_peftkit, spawn_sides, step_timer)
+
+REWARD_CENTER = 0.01  # --objective reward: the centring term's weight (recipes/reward.yaml's), on both sides
 
 
 def write_pairs(args, workdir: Path) -> None:
@@ -58,6 +69,9 @@ def write_pairs(args, workdir: Path) -> None:
 def objective_recipe(args, workdir: Path):
     if args.objective == "kto":
         return recipe_for(args, workdir, data={"format": "unpaired"}, training={"objective": "kto", "kto_beta": 0.1})
+    if args.objective == "reward":
+        return recipe_for(args, workdir, model={"task": "sequence_classification"}, data={"format": "preference"},
+                          training={"objective": "reward", "reward_center": REWARD_CENTER})
     return recipe_for(args, workdir, data={"format": "preference"}, training={"objective": "dpo", "dpo_beta": 0.1})
 
 
@@ -87,15 +101,24 @@ def run_peftkit_dpo(recipe, workdir: Path) -> dict:
     return result | {"total_s": _sync(recipe.model.device) - started}
 
 
+def trl_trainer(objective: str, t) -> tuple[type, type, dict]:
+    """(TRL's config class, its trainer, the config's objective settings) for `objective`; t: recipe.training."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
+
+    if objective == "kto":
+        return KTOConfig, KTOTrainer, {"beta": t.kto_beta}
+    if objective == "reward":
+        return RewardConfig, RewardTrainer, {"center_rewards_coefficient": t.reward_center or None}
+    return DPOConfig, DPOTrainer, {"beta": t.dpo_beta}
+
+
 def run_trl(recipe, workdir: Path) -> dict:
-    """TRL's DPOTrainer (KTO: KTOTrainer) on peft's LoRA of the recipe (bench_train.peft_lora_model), fed the pairs
-    (answers) sequentially."""
+    """TRL's DPOTrainer (KTO: KTOTrainer; reward: RewardTrainer) on peft's LoRA of the recipe
+    (bench_train.peft_lora_model), fed the pairs (answers) sequentially."""
     import torch
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
-    t_kto = recipe.training.objective == "kto"
-    Config, Trainer = (KTOConfig, KTOTrainer) if t_kto else (DPOConfig, DPOTrainer)
+    Config, Trainer, objective_args = trl_trainer(recipe.training.objective, recipe.training)
 
     t, cuda = recipe.training, recipe.model.device == "cuda"
     timer, ends, losses = step_timer(recipe.model.device)
@@ -106,8 +129,7 @@ def run_trl(recipe, workdir: Path) -> dict:
         output_dir=str(workdir / "trl-run"), max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
         learning_rate=t.lr, lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=t.max_grad_norm, seed=t.seed,
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, train_sampling_strategy="sequential",
-        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), beta=t.kto_beta if t_kto else t.dpo_beta,
-        max_length=None,
+        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), max_length=None, **objective_args,
         optim="adamw_torch_fused" if cuda else "adamw_torch", dataloader_pin_memory=cuda,
         # (TRL turns activation checkpointing on by default: off, as peftkit's training.gradient_checkpointing)
         activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
@@ -126,7 +148,8 @@ def main() -> None:
                    "(bench_train.build_llama); without, peftkit's tiny Llama")
     p.add_argument("--vocab", type=int, default=32000, help="with --intermediate: embedding/lm_head rows")
     p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--objective", choices=["dpo", "kto"], default="dpo", help="kto: KTO on the answers unpaired")
+    p.add_argument("--objective", choices=["dpo", "kto", "reward"], default="dpo",
+                   help="kto: KTO on the answers unpaired; reward: a reward model on the pairs")
     args = p.parse_args()
     import torch
 
@@ -147,14 +170,16 @@ def main() -> None:
         results = spawn_sides(workdir, args.repeats, args.fixed_mmap_threshold, warm_first=args.device == "cuda")
     shape = f", intermediate {args.intermediate}, vocab {args.vocab}" if args.intermediate else ""
     model = args.model or f"llama hidden {args.hidden} x {args.layers} layers{shape}"
-    name, what, trainer = (("KTO", "answers", "KTOTrainer") if args.objective == "kto" else
-                           ("DPO", "pairs", "DPOTrainer"))
+    name, what, trainer = {"kto": ("KTO", "answers", "KTOTrainer"), "dpo": ("DPO", "pairs", "DPOTrainer"),
+                           "reward": (f"reward-model (reward_center {REWARD_CENTER})", "pairs", "RewardTrainer")
+                           }[args.objective]
     title = (f"LoRA {name} training, {args.device}: {model}, batch {args.batch_size} {what} of {args.words} number(s), "
              f"r {args.r}, {args.steps} steps, torch threads {args.threads or torch.get_num_threads()} "
              f"(peft+Trainer: TRL's {trainer} on peft's LoRA)")
     report(results, args, title, args.device == "cuda")
     total = {side: sorted(r["total_s"] for r in rs)[len(rs) // 2] for side, rs in results.items()}
-    print(f"end to end (the whole training call, reference pass included; median): peftkit {total['peftkit']:.2f} s, "
+    call = "the whole training call" + (", reference pass included" if args.objective != "reward" else "")
+    print(f"end to end ({call}; median): peftkit {total['peftkit']:.2f} s, "
           f"TRL {total['peft']:.2f} s, ratio {total['peftkit'] / total['peft']:.3f}")
 
 

@@ -107,7 +107,7 @@ def recipe_for(args, workdir: Path, **sections):
     training.update(sections.pop("training", {}))
     return Recipe.model_validate(dict(
         model=dict(name_or_path=str(model_dir(args, workdir)), dtype=sections.pop("dtype", getattr(args, "model_dtype", None) or "float32"),
-                   device=args.device),
+                   device=args.device) | sections.pop("model", {}),
         # bench_qlora.py has no --dora flag: LoRA there.
         adapter=dict(r=args.r, alpha=args.alpha, dropout=0.0, target_modules="all-linear",
                      use_dora=getattr(args, "dora", False), **token_rows(args)) | expert_params(args)
@@ -391,21 +391,29 @@ def run_trainer(model, tok, ordered, recipe, workdir: Path, callbacks=(), **extr
 
 
 def peft_lora_model(recipe):
-    """The recipe's LoRA (or DoRA) on its base, by peft."""
+    """The recipe's LoRA (or DoRA) on its base, by peft; model.task sequence_classification: on the base as a
+    classifier of model.num_labels outputs (a reward model's one), its new `score` head trained in full (SEQ_CLS)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from peftkit.modeling import load_tokenizer
     from peftkit.runtime import seed_everything
 
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype),
-                                                 use_kernels=False)  # as peftkit: the model's own code
+    classify = recipe.model.task == "sequence_classification"
+    seed_everything(recipe.training.seed, deterministic_cuda=False)  # as peftkit: the same draw of a new head
+    auto, labels = (AutoModelForSequenceClassification, {"num_labels": recipe.model.num_labels}) if classify else \
+        (AutoModelForCausalLM, {})
+    model = auto.from_pretrained(recipe.model.name_or_path, dtype=getattr(torch, recipe.model.dtype),
+                                 use_kernels=False, **labels)  # as peftkit: the model's own code
+    if classify:  # (a classifier scores a row at its last token before the padding)
+        model.config.pad_token_id = load_tokenizer(recipe.model).pad_token_id
     model.to(recipe.model.device)
     model.config.use_cache = False
     a = recipe.adapter
     # As peftkit: same seed right before injection (so the same lora_A init), deterministic CPU kernels.
     seed_everything(recipe.training.seed, deterministic_cuda=False)
-    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+    config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, task_type="SEQ_CLS" if classify else "CAUSAL_LM",
                         target_modules=a.target_modules if isinstance(a.target_modules, list) else "all-linear",
                         use_dora=a.use_dora, trainable_token_indices=a.trainable_token_indices,
                         target_parameters=a.target_parameters)
