@@ -23,7 +23,8 @@ from torch import nn
 from peftkit.compare import BASE, _adapter_figures
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, _check_finite_loss
-from peftkit.evaluate_pairs import check_answers_fit, evaluate_preference, objective_of, read_answers
+from peftkit.evaluate_pairs import (check_answers_fit, check_reference, evaluate_preference, objective_of,
+                                   read_answers)
 
 
 def compare_preference(sets: dict[str | None, dict[str, EvalJob]], arrow=None) -> dict[str | None, dict[str, dict]]:
@@ -217,7 +218,9 @@ def _reference(model: nn.Module, tok, pairs, job: EvalJob) -> torch.Tensor:
     from peftkit.rope_scaling import fresh_dynamic_rope
 
     with fresh_dynamic_rope(model), work("reference (the base)", len(pairs), "pairs") as advance:
-        return reference_logps(model, pairs, job.batch_size, tok.pad_token_id, advance=advance)
+        reference = reference_logps(model, pairs, job.batch_size, tok.pad_token_id, advance=advance)
+    check_reference(reference, job, f"the comparison's base, {job.source.base}")
+    return reference
 
 
 def _score(model: nn.Module, pad_id: int, pairs, job: EvalJob, loss) -> dict[str, float]:

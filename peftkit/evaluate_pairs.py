@@ -114,6 +114,7 @@ def evaluate_preference(jobs: dict) -> dict:
         with fresh_dynamic_rope(model), work("reference", len(sets[name]), "pairs") as advance:
             sets[name].reference = reference_logps(model, sets[name], job.batch_size, tok.pad_token_id,
                                                    advance=advance)
+        check_reference(sets[name].reference, job, reference_name(first.source, first.init_from))
     adapt()
     if loss.needs_reference:  # the adapter's virtual tokens (prompt tuning) go in front of every answer now
         check_answers_fit(model, sets, jobs)
@@ -123,6 +124,29 @@ def evaluate_preference(jobs: dict) -> dict:
             results[name] = PreferenceEval(sets[name], tok.pad_token_id, job.batch_size, loss)(model)
         _check_finite_loss(results[name]["loss"], job.source, job.data)
     return results
+
+
+def reference_name(source: ModelSource, init_from: str | None) -> str:
+    """The reference of `peftkit eval` of one adapter, as its messages name it: the base, or adapter.init_from's."""
+    if init_from:
+        return f"the recipe's adapter.init_from {init_from} over the base model {source.base}"
+    return f"the base model {source.base}"
+
+
+def check_reference(reference: torch.Tensor, job: EvalJob, what: str) -> None:
+    """The reference's log-probabilities of `job`'s answers (`reference_logps`) are all finite: else every figure
+    against them is nan, and the evaluated adapter would be blamed for them (`_check_finite_loss`) as training is
+    not (`peftkit.start._reference_logps` says the same)."""
+    if (finite := torch.isfinite(reference).all(1)).all():
+        return
+    first, pair = int((~finite).nonzero()[0]), "answer" if job.data_cfg.format == "unpaired" else "pair"
+    way_out = ("; or evaluate against the base with --set adapter.init_from=null"
+               if "adapter.init_from" in what else "")
+    raise PeftkitError(
+        f"The reference ({what}) gives {int((~finite).sum())} of the {len(reference)} {pair}s of {job.data} a "
+        f"log-probability that is not finite (the first: {pair} {first + 1} as kept), so no figure against it is "
+        "either, whatever the adapters: its weights hold inf or nan, or its activations overflow in 16-bit. Check "
+        f"the reference's weights, or evaluate a float32 copy of the model{way_out}.")
 
 
 def check_answers_fit(model: nn.Module, sets: dict, jobs: dict[str | None, EvalJob]) -> None:
