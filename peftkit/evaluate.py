@@ -251,6 +251,10 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     evaluated without `data` (default: the primary one)."""
     eval_cfg = EvalConfig()
     if recipe is None:
+        if comparing and not model:  # (its candidates' base is the base row: no one adapter's recorded base)
+            raise PeftkitError("peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the base the "
+                               f"candidates are compared on, its base row: --model M{' and --data FILE' * (not data)}, "
+                               "or a RECIPE (or a run directory) whose model it is.")
         if not (model or adapter) or not data:  # (an adapter alone: over its recorded base)
             raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data (or "
                                "--adapter DIR and --data: the adapter over its recorded base).")

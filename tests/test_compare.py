@@ -190,9 +190,14 @@ def test_a_comparison_that_fails_leaves_no_empty_predictions_directory(tiny_llam
 
 
 def test_a_comparison_needs_the_base(number_data, candidates, monkeypatch, capsys):
-    assert "peftkit eval needs a RECIPE (or a run directory), or both --model and --data" in cli_user_error(
-        monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), "--adapter", f"a={candidates / 'peft'}",
-        "--adapter", f"b={candidates / 'peft'}")
+    """Named adapters are compared on a base row, which only --model or a recipe gives: the message says so, and not
+    '(or --adapter DIR and --data ...)', which the user gave (that is one adapter over its recorded base)."""
+    adapters = ("--adapter", f"a={candidates / 'peft'}", "--adapter", f"b={candidates / 'peft'}")
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), *adapters).split())
+    assert err == ("error: peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the base the candidates "
+                   "are compared on, its base row: --model M, or a RECIPE (or a run directory) whose model it is."), err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", *adapters).split())
+    assert "its base row: --model M and --data FILE, or a RECIPE" in err, err
 
 
 def test_an_adapter_path_holding_an_equals_sign_is_a_path(tiny_llama, number_data, candidates, tmp_path, monkeypatch,
