@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import cli_user_error, save_random_adapter
 from safetensors.torch import load_file, save_file
+from test_kto import _kto_recipe, unpaired_data  # noqa: F401 (a fixture)
 from test_preference import _dpo_recipe, pairs_data  # noqa: F401 (a fixture)
 
 from peftkit.methods.lora import LoraConfig
@@ -77,3 +78,15 @@ def test_an_overflowing_init_from_is_named_as_the_reference(tiny_llama, pairs_da
             f"12 pairs of {pairs_data['eval']} a log-probability that is not finite") in said, said
     assert "or evaluate against the base with --set adapter.init_from=null." in said, said
     assert "produces a non-finite loss" not in said, said
+
+
+def test_a_nan_base_is_named_as_the_reference_of_unpaired_answers(nan_llama, unpaired_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """KTO's figures against a nan base: the reference is named, in answers, alone and in a comparison."""
+    recipe = _kto_recipe(tmp_path, nan_llama, unpaired_data)
+    a, b = _lora(nan_llama, tmp_path / "a", 1), _lora(nan_llama, tmp_path / "b", 2)
+    for args, what in (([str(a)], "the base model"), ([f"a={a}", "--adapter", f"b={b}"], "the comparison's base,")):
+        said = _said(monkeypatch, capsys, str(recipe), "--adapter", *args)
+        assert (f"The reference ({what} {nan_llama}) gives 8 of the 8 answers of {unpaired_data['eval']} a "
+                "log-probability that is not finite (the first: answer 1 as kept)") in said, said
+        assert "produces a non-finite loss" not in said, said
