@@ -55,7 +55,8 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
     Returns:
         (model, adapter settings, tokenizer, base ModelConfig, quantization or None)
     """
-    from peftkit.adapters import inject_adapters, load_adapter_state_dict
+    from peftkit.adapters import inject_adapters
+    from peftkit.adapters.state_dicts import load_adapter_state_dict
 
     model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code,
                                                                        warn_requantized, tokens_of)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftkit import zero
-from peftkit.adapters import adapter_state_dict, load_adapter_state_dict
+from peftkit.adapters.state_dicts import adapter_state_dict, load_adapter_state_dict
 from peftkit.distributed import load_optimizer_state
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directory, fsync_path, sha256_file

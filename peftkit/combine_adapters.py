@@ -35,7 +35,7 @@ def full_deltas(source: Source, base: dict[str, torch.Tensor], conv1d: set[str])
     """{module path: merge_weight(W) - W}, fp32, in the base weight's layout, for an adapter of any method.
 
     An update that also changes a bias (IA3 on a biased layer) is refused: a LoRA cannot carry it."""
-    from peftkit.adapters import merge_state_dict
+    from peftkit.adapters.state_dicts import merge_state_dict
 
     modules = adapted_modules(source)
     subset = {k: v for k, v in base.items() if k.rsplit(".", 1)[0] in modules}
@@ -151,7 +151,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
         trust_remote_code: the user's `--trust-remote-code`.
     """
     from peftkit.adapter_meta import read_meta
-    from peftkit.adapters import merge_state_dict
+    from peftkit.adapters.state_dicts import merge_state_dict
     from peftkit.merge import (base_state_dict, check_merge_output, conv1d_modules, merge_device,
                                plain_conv1d_modules)
 

@@ -275,7 +275,7 @@ def gathered_state(accelerator, model, saved_modules: list[str], optimizer) -> t
 
 def adapter_weights(model, saved_modules: list[str]) -> dict[str, torch.Tensor]:
     """The adapter's state dict, whole (gathered from FSDP or ZeRO-3 shards: every process calls this)."""
-    from peftkit.adapters import adapter_state_dict
+    from peftkit.adapters.state_dicts import adapter_state_dict
 
     with zero.gathered(model), zero.masters(model):  # under DeepSpeed's 16-bit modes, the fp32 masters
         weights = adapter_state_dict(model, saved_modules)

@@ -187,7 +187,8 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
     adapted model). `init_from`'s weights go in the layers of `source`'s adapter, which its DPO run trained from
     them."""
     from peftkit.adapter_base import load_adapter_base
-    from peftkit.adapters import inject_adapters, load_adapter_state_dict
+    from peftkit.adapters import inject_adapters
+    from peftkit.adapters.state_dicts import load_adapter_state_dict
     from peftkit.modeling import resolve_device
     from peftkit.peft_format import load_adapter
     from peftkit.progress import phase

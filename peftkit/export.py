@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from peftkit.adapters import adapter_layers, adapter_state_dict
+from peftkit.adapters import adapter_layers
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.data.chat_templates import ADAPTER_TEMPLATE
 from peftkit.data.classification import LabelSet
 from peftkit.fileio import atomic_directory, atomic_write_bytes

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftkit import distributed, zero
-from peftkit.adapters import load_adapter_state_dict, nonfinite_tensors
+from peftkit.adapters.state_dicts import load_adapter_state_dict, nonfinite_tensors
 from peftkit.checkpoint import LoopState
 from peftkit.errors import PeftkitError
 from peftkit.export import export

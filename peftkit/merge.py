@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftkit.adapters import SHARED_PREFIX, adapter_layers, adapter_state_dict, merge_state_dict, shared_holders
+from peftkit.adapters import SHARED_PREFIX, adapter_layers, shared_holders
+from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.fileio import atomic_directory
 from peftkit.methods import method_of

@@ -219,7 +219,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
     Raises a PeftkitError naming the file and the field for anything malformed, and for weights holding
     NaN or inf (an adapter saved after training diverged).
     """
-    from peftkit.adapters import nonfinite_tensors
+    from peftkit.adapters.state_dicts import nonfinite_tensors
 
     path = Path(path)
     weights_file = check_adapter_dir(path)

@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from peftkit import distributed, long_context, neftune, zero
-from peftkit.adapters import adapter_layers, check_copies, count_parameters, inject_adapters, load_adapter_state_dict
+from peftkit.adapters import adapter_layers, check_copies, count_parameters, inject_adapters
+from peftkit.adapters.state_dicts import load_adapter_state_dict
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.classify import ClassifyEval, with_head
 from peftkit.data import describe_stats, load_examples, steps_per_epoch

@@ -61,7 +61,8 @@ def build(args, workdir: Path) -> list[tuple[str, str]]:
     """The base model and N saved LoRA adapters with random (nonzero) B, on it."""
     from transformers import AutoModelForCausalLM
 
-    from peftkit.adapters import adapter_state_dict, inject_adapters
+    from peftkit.adapters import inject_adapters
+    from peftkit.adapters.state_dicts import adapter_state_dict
     from peftkit.methods.lora import LoraConfig
     from peftkit.peft_format import peft_config, save_adapter
     from peftkit.tiny import build_tiny_model

@@ -146,7 +146,8 @@ def save_random_adapter(base: Path, cfg, out: Path, seed: int, std: float = 0.3)
     too), saved as `peftkit train` exports it."""
     from transformers import AutoModelForCausalLM
 
-    from peftkit.adapters import adapter_state_dict, inject_adapters
+    from peftkit.adapters import inject_adapters
+    from peftkit.adapters.state_dicts import adapter_state_dict
     from peftkit.merge import conv1d_modules
     from peftkit.peft_format import peft_config, save_adapter
 

@@ -13,12 +13,8 @@ from peft import AdaLoraConfig as PeftAdaLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peftkit.adapters import (
-    adapter_layers,
-    adapter_state_dict,
-    inject_adapters,
-    trainable_parameters,
-)
+from peftkit.adapters import adapter_layers, inject_adapters, trainable_parameters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.inspect import inspect_adapter
 from peftkit.merge import merge_adapter

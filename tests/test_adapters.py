@@ -8,7 +8,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import adapter_state_dict, count_parameters, find_targets, inject_adapters
+from peftkit.adapters import count_parameters, find_targets, inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.merge import conv1d_modules, merged_model
 from peftkit.adapter_base import load_adapted_model

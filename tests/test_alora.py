@@ -242,7 +242,7 @@ def test_inspect_says_what_an_alora_is(models, tmp_path):
 def test_a_4bit_base_takes_peft_s_alora_with_peft_s_logits(tmp_path):
     """QLoRA: peft's aLoRA on an NF4 base (its bitsandbytes layers' aLoRA path): peftkit's logits are peft's, and
     the positions before the invocation are the quantized base's."""
-    from peftkit.adapters import load_adapter_state_dict
+    from peftkit.adapters.state_dicts import load_adapter_state_dict
     from peftkit.peft_format import load_adapter
     from peftkit.tiny import build_tiny_model
     from tests.test_qlora import load_quantized
@@ -328,7 +328,7 @@ def test_a_cache_cropped_back_before_the_invocation_runs_the_base(models, tmp_pa
 def test_a_bf16_base_rounds_as_peft_s_and_keeps_the_base_before_the_invocation(models, tmp_path):
     """bf16: the update is added in fp32 and the sum rounded once, as peft's in-place add: peft's logits bit for bit
     (rounding the update to bf16 first moved them by 0.03), and the base's before the invocation."""
-    from peftkit.adapters import load_adapter_state_dict
+    from peftkit.adapters.state_dicts import load_adapter_state_dict
     from peftkit.peft_format import load_adapter
 
     path = models["llama"]

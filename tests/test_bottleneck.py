@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, count_parameters, inject_adapters
+from peftkit.adapters import adapter_layers, count_parameters, inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.merge import merge_adapter
 from peftkit.methods.bottleneck import BottleneckConfig

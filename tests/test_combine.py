@@ -14,7 +14,8 @@ from peft import PeftModel
 from peft.utils import merge_utils
 from torch import nn
 
-from peftkit.adapters import adapter_state_dict, inject_adapters
+from peftkit.adapters import inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.combine import combine_tensors
 from peftkit.combine_adapters import adapter_files, combine_adapters, combine_layers
 from peftkit.combine_inputs import Combination, output_rank, read_sources, skeleton

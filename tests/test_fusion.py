@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import PEFT_PREFIX, adapter_layers, adapter_state_dict, inject_adapters, trainable_parameters
+from peftkit.adapters import PEFT_PREFIX, adapter_layers, inject_adapters, trainable_parameters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.fusion import FusionConfig, FusionLayer

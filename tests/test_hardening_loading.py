@@ -33,7 +33,8 @@ def base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapter(base) -> Path:
     """A LoRA (r=4 on q_proj, v_proj; lm_head saved whole) for `base`, saved as a real PEFT directory."""
-    from peftkit.adapters import adapter_state_dict, inject_adapters
+    from peftkit.adapters import inject_adapters
+    from peftkit.adapters.state_dicts import adapter_state_dict
     from peftkit.modeling import load_model
     from peftkit.peft_format import peft_config, save_adapter
     from peftkit.methods.lora import LoraConfig
@@ -717,7 +718,7 @@ def test_modules_to_save_typo_suggests_the_closest():
 
 
 def test_nonfinite_tensors_names_them():
-    from peftkit.adapters import nonfinite_tensors
+    from peftkit.adapters.state_dicts import nonfinite_tensors
 
     state = {"a": torch.zeros(2), "b": torch.tensor([1.0, float("nan")]), "c": torch.tensor([float("-inf")]),
              "ids": torch.tensor([1, 2])}

@@ -31,7 +31,7 @@ def _step0(recipe_path, tmp_path):
 
 
 def test_step0_weights_are_the_adapters(tiny_llama, number_data, tmp_path):
-    from peftkit.adapters import adapter_state_dict
+    from peftkit.adapters.state_dicts import adapter_state_dict
     from peftkit.peft_format import load_adapter
 
     first = make_recipe(tmp_path / "a", tiny_llama, number_data, training={"max_steps": 2})
@@ -50,7 +50,8 @@ def test_a_peft_adapter_s_modules_to_save_train_on_and_are_saved_again(tiny_llam
     loaded those into the base, froze them and left them out of its adapter (the base's values again on loading)."""
     from peft import LoraConfig, get_peft_model
 
-    from peftkit.adapters import adapter_state_dict, trainable_parameters
+    from peftkit.adapters import trainable_parameters
+    from peftkit.adapters.state_dicts import adapter_state_dict
     from peftkit.peft_format import load_adapter
 
     config = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], modules_to_save=["norm"])

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import adapter_state_dict, inject_adapters
+from peftkit.adapters import inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.inspect import describe, inspect_adapter
 from peftkit.methods import IA3Config, LohaConfig, LokrConfig, LoraConfig, VeraConfig
 from peftkit.peft_format import peft_config, save_adapter

@@ -11,7 +11,8 @@ import torch
 from peft import AdaptionPromptConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, count_parameters, inject_adapters
+from peftkit.adapters import adapter_layers, count_parameters, inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.merge import merge_adapter, merged_model
 from peftkit.methods.llama_adapter import LlamaAdapterConfig

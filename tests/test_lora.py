@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.adapters import merge_state_dict
+from peftkit.adapters.state_dicts import merge_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear

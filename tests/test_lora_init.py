@@ -118,7 +118,7 @@ def test_conversion_matches_peft(rslora, tiny_llama, tmp_path):
     moved away from its init, and ours of the same A, B: the same rank-2r update per layer and the same r,
     lora_alpha and init_lora_weights in adapter_config.json."""
 
-    from peftkit.adapters import adapter_state_dict
+    from peftkit.adapters.state_dicts import adapter_state_dict
 
     peft_cfg = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights="pissa",
                               use_rslora=rslora)

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, Trainer
 
 import peftkit.start
 import peftkit.train
-from peftkit.adapters import adapter_state_dict
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.recipe import load_recipe
 from tests.conftest import make_recipe
 

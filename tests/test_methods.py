@@ -43,7 +43,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict, share_tensors
+from peftkit.adapters import adapter_layers, inject_adapters, share_tensors
+from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.data import IGNORE_INDEX
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import token_loss_sum
@@ -1029,7 +1030,7 @@ def test_dora_on_an_embedding_loads_merges_and_exports_as_peft_s(arch, models, t
     monkeypatch.setattr(lora_module, "NORM_ROWS", 7)
     from peft import LoraConfig as PeftLoraConfig
 
-    from peftkit.adapters import load_adapter_state_dict
+    from peftkit.adapters.state_dicts import load_adapter_state_dict
     from peftkit.peft_format import load_adapter
     from tests.conftest import save_random_adapter
 
@@ -1326,7 +1327,8 @@ def test_vera_reload_restores_the_projections(save_projection, models):
     """A reload (eval, merge, a checkpoint's resume) computes with the pair the adapter was trained with: the
     file's, into the one module every layer shares; or, left out, the same draw from the key whatever the global
     RNG state."""
-    from peftkit.adapters import load_adapter_state_dict, shared_holders
+    from peftkit.adapters import shared_holders
+    from peftkit.adapters.state_dicts import load_adapter_state_dict
 
     cfg = VeraConfig(method="vera", r=4, save_projection=save_projection)
     model, _ = _adapted(models["llama"], cfg)

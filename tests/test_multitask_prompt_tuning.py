@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftkit.adapters import adapter_state_dict, inject_adapters
+from peftkit.adapters import inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.data import IGNORE_INDEX, eval_loader, load_examples
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import EvalJob, evaluate, token_loss_sum

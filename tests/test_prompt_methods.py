@@ -22,7 +22,8 @@ from peft import PeftConfig, PeftModel, PromptEncoderConfig, PromptEncoderRepara
 from torch.nn import functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftkit.adapters import adapter_state_dict, inject_adapters, load_adapter_state_dict
+from peftkit.adapters import inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict, load_adapter_state_dict
 from peftkit.data import IGNORE_INDEX, eval_loader, load_examples
 from peftkit.data.prompts import Prompt
 from peftkit.decoding import Sampling, generate_texts, stop_token_ids

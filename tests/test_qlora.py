@@ -27,7 +27,8 @@ from torch import nn
 from typer.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters import adapter_layers, adapter_state_dict, inject_adapters, merge_state_dict
+from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.merge import MergeWarning, merge_adapter, merge_device, merged_model

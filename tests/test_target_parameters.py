@@ -170,7 +170,7 @@ def test_peft_files_load_as_peft_loads_them(mixtral, tmp_path):
     `target_modules: null` with a dot-less entry takes the attention modules from the weights, not the experts' module
     whose wrapper's keys look alike; a bf16 base computes W + s B A as peft's, rounded once (bit for bit); inspect
     leaves out the ranks a rank_pattern on parameters makes unreadable from the shapes."""
-    from peftkit.adapters import load_adapter_state_dict
+    from peftkit.adapters.state_dicts import load_adapter_state_dict
     from peftkit.inspect import inspect_adapter
     from peftkit.peft_format import load_adapter
 

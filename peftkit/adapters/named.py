@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from peftkit.adapter_meta import describe_rope, read_meta
-from peftkit.adapters import inject_adapters, load_adapter_state_dict, modules_to_save, saved_base_modules
+from peftkit.adapters import inject_adapters, modules_to_save, saved_base_modules
+from peftkit.adapters.state_dicts import load_adapter_state_dict
 from peftkit.adapters.arrow import ArrowLayer, ArrowSettings
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of

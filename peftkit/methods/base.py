@@ -4,7 +4,7 @@ and the base-layer helpers (Linear, transformers' Conv1D, bitsandbytes layers).
 A method is a class with class-level hooks (no instances): its recipe config, its PEFT config, the layer it
 wraps a base layer in, and its **one** merge math, `merge_weight(weight, parts, facts)`. That function is the
 only place a method's update meets a weight: the in-place `AdapterLayer.merge`, the pure
-`peftkit.adapters.merge_state_dict` and `peftkit merge` all call it, with the layer's tensors (`parts`, by
+`peftkit.adapters.state_dicts.merge_state_dict` and `peftkit merge` all call it, with the layer's tensors (`parts`, by
 their PEFT names) and its per-layer facts (`facts`: scaling inputs, layout), never a global scaling.
 
 A method may also have model-level tensors that every adapted layer uses (VeRA's frozen random projections):
