@@ -14,7 +14,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftkit.adapters.named import AdapterHost, NamedAdapters, load_named_model, loads_alone
+from peftkit.adapters.host import AdapterHost
+from peftkit.adapters.named import NamedAdapters, load_named_model, loads_alone
 from peftkit.decoding import Sampling, generate_ids, generate_texts
 from peftkit.errors import PeftkitError
 from peftkit.generate import generate_job

@@ -12,8 +12,9 @@ delete; and mixed batches, where each row of one forward goes through its own ad
 Design. The single-adapter path (training, export, `load_adapted_model`) is not touched: it keeps one method
 layer per target, wrapping the base layer. Here each adapter is loaded exactly as that path loads one (the same
 `inject_adapters` and `load_adapter_state_dict`, on the model with every other adapter taken out), so each is its
-own set of method layers, all wrapping the *same* frozen base layer objects; an `AdapterHost` then takes the
-target's place in the model and holds the base layer and {name: that adapter's layer}. Its forward runs the
+own set of method layers, all wrapping the *same* frozen base layer objects; an `AdapterHost`
+(`peftkit.adapters.host`) then takes the target's place in the model and holds the base layer and {name: that
+adapter's layer}. Its forward runs the
 active adapter's layer, or the base layer when none is active or the active adapter does not adapt this layer
 (adapters may target different layers). A `modules_to_save` module is held the same way: a copy per adapter
 with that adapter's weights, the base's own left as it was. Nothing is merged, so switching costs nothing.
@@ -55,12 +56,13 @@ from torch import nn
 
 from peftkit.adapter_meta import describe_rope, read_meta
 from peftkit.adapters import inject_adapters, modules_to_save, saved_base_modules
-from peftkit.adapters.state_dicts import load_adapter_state_dict
 from peftkit.adapters.arrow import ArrowLayer, ArrowSettings
+from peftkit.adapters.host import AdapterHost, stackable
+from peftkit.adapters.state_dicts import load_adapter_state_dict
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of
 from peftkit.methods.base import Method
-from peftkit.methods.lora_layers import LoraEmbedding, LoraLinear, plus_update
+from peftkit.methods.lora_layers import LoraLinear
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
 from peftkit.new_tokens import held_tokenizer_length
 from peftkit.peft_fields import check_weight_tying
@@ -75,111 +77,6 @@ BASE_NAMES = ("", "base")
 """What a route names for a row that runs the base model (as does None)."""
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 """What `--adapter NAME=DIR` takes (`peftkit.compare.split_named`): letters, digits, '_', '.' and '-'."""
-
-
-class _ByName(nn.ModuleDict):
-    """{adapter name: module}. torch refuses a module key with a '.' (`v1.2`) or one that is an attribute of the
-    dict (`train`, `keys`, `to`): each name is kept under '@' + the name with ':' for '.', which no name holds."""
-
-    @staticmethod
-    def _key(name: str) -> str:
-        return "@" + name.replace(".", ":")
-
-    def __getitem__(self, name: str) -> nn.Module:
-        return super().__getitem__(self._key(name))
-
-    def __setitem__(self, name: str, module: nn.Module) -> None:
-        super().__setitem__(self._key(name), module)
-
-    def __delitem__(self, name: str) -> None:
-        super().__delitem__(self._key(name))
-
-    def __contains__(self, name: str | None) -> bool:
-        return name is not None and super().__contains__(self._key(name))
-
-
-class AdapterHost(nn.Module):
-    """A module of a model with named adapters: the frozen base module and, by adapter name, the module that
-    replaces it for that adapter (a method layer wrapping the same base, or a `modules_to_save` copy)."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = _ByName()
-        self.active: str | None = None
-        self.routes: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
-        """In a mixed batch: (rows in the batch, [(adapter name, its row indices)]) for the adapters held here."""
-        self._stacked: tuple[torch.Tensor, ...] | None = None
-        self.arrow: ArrowLayer | None = None
-        """Under `NamedAdapters.arrow`: the task adapters this layer routes each token among."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # As AdapterLayer: transformers' dtype/device probes read `module.weight`.
-        return self.base_layer.weight
-
-    def route(self, batch: int, groups: list[tuple[str, torch.Tensor]] | None) -> None:
-        """Start (or with None, end) a mixed batch of `batch` rows, `groups` giving each adapter's rows."""
-        self.routes = None if groups is None else (batch, [(n, rows) for n, rows in groups if n in self.adapters])
-        lora = [(n, rows) for n, rows in (self.routes or (0, []))[1] if _stackable(self.adapters[n])]
-        self._stacked = _stack_lora([self.adapters[n] for n, _ in lora], [rows for _, rows in lora], batch) if lora else None
-
-    def forward(self, *args, **kwargs):
-        if self.arrow is not None:
-            return self._arrow(*args, **kwargs)
-        if self.routes is not None and self.routes[1]:
-            return self._mixed(*args, **kwargs)
-        module = self.adapters[self.active] if self.active in self.adapters else self.base_layer
-        return module(*args, **kwargs)
-
-    def _mixed(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row through its own adapter's module (or the base), the base computed once for all rows."""
-        batch, groups = self.routes
-        if x.shape[0] != batch:
-            raise PeftkitError(f"A mixed batch routes {batch} rows, but this forward has {x.shape[0]} (beam search or "
-                               "several samples per prompt multiply the rows; route each copy of a row).")
-        result = self.base_layer(x)
-        if self._stacked is not None:  # every LoRA linear adapter at once: two batched matmuls, whatever their number
-            a, b, scale, slot = self._stacked
-            h = torch.bmm(x.reshape(batch, -1, a.shape[-1]).to(a.dtype), a[slot].transpose(1, 2))
-            update = (torch.bmm(h, b[slot].transpose(1, 2)) * scale[slot][:, None, None]).reshape(result.shape)
-            # rounded as each row's adapter alone rounds it (`LoraLinear.forward`): a zero update leaves a row's bits
-            result = plus_update(self.base_layer, result, update)
-        for name, rows in groups:
-            layer, rows = self.adapters[name], rows.to(x.device)
-            if _stackable(layer):
-                continue
-            if type(layer) is LoraEmbedding:
-                result = result.index_copy(0, rows, (result[rows] + layer.update(x[rows])).to(result.dtype))
-            else:  # a layer that does more than add (DoRA, IA3, lora_bias...) or a modules_to_save copy: rows whole
-                result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
-        return result
-
-    def _arrow(self, x: torch.Tensor) -> torch.Tensor:
-        """The base's output plus each token's Arrow-weighed adapter updates, rounded as one LoRA's update is."""
-        return plus_update(self.base_layer, self.base_layer(x), self.arrow.update(x))
-
-
-def _stackable(layer: nn.Module) -> bool:
-    """A plain LoRA linear layer, whose update `_stack_lora` batches (not one with lora_bias)."""
-    return type(layer) is LoraLinear and layer.lora_B.bias is None
-
-
-def _stack_lora(layers: list[LoraLinear], rows: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
-    """(A (k+1, r, in), B (k+1, out, r), scaling (k+1,), each row's slot (batch,)) for k LoRA layers of one base:
-    slot 0 is all zeros (the rows of the base or of another method), a lower rank is padded with zeros (exact)."""
-    first = layers[0].lora_A.weight
-    r = max(layer.lora_A.weight.shape[0] for layer in layers)
-    a = first.new_zeros(len(layers) + 1, r, first.shape[1])
-    b = first.new_zeros(len(layers) + 1, layers[0].lora_B.weight.shape[0], r)
-    scale = first.new_zeros(len(layers) + 1)
-    slot = torch.zeros(batch, dtype=torch.long, device=first.device)
-    with torch.no_grad():
-        for k, (layer, row) in enumerate(zip(layers, rows, strict=True), start=1):
-            rank = layer.lora_A.weight.shape[0]
-            a[k, :rank], b[k, :, :rank], scale[k] = layer.lora_A.weight, layer.lora_B.weight, layer.scaling
-            slot[row.to(first.device)] = k
-    return a, b, scale, slot
 
 
 @dataclass
@@ -395,7 +292,7 @@ class NamedAdapters:
             if not paths[name] or self._adapters[name].virtual is not None:
                 raise PeftkitError(f"Adapter {name!r} is a {self._adapters[name].method.title} adapter, not a LoRA on "
                                    "linear layers: Arrow routes those only (as peft's). Leave it out of the routing.")
-            odd = next((p for p in paths[name] if not _stackable(self._hosts[p].adapters[name])), None)
+            odd = next((p for p in paths[name] if not stackable(self._hosts[p].adapters[name])), None)
             if odd is not None:
                 raise PeftkitError(f"Adapter {name!r} is not a plain LoRA on linear layers at '{odd}' "
                                    f"({type(self._hosts[odd].adapters[name]).__name__}): Arrow routes those only (as "
