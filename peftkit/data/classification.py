@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from peftkit.data.examples import Example, bad_rows_fix, row_location, usable_row
+from peftkit.data.bad_rows import bad_rows_fix, usable_row
+from peftkit.data.examples import Example, row_location
 from peftkit.data.sources import read_rows
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig

@@ -1,16 +1,17 @@
 """Rows -> token ids with loss masks: the formats' prompts and targets, the chat template, the cut at
-data.max_length and what it did (counts, `describe_stats`), and the default-system-prompt check."""
+data.max_length and what it did (counts, `describe_stats`), and the default-system-prompt check. Whether a row
+has the fields its format needs, and the error for one that has not, are in `peftkit.data.bad_rows`."""
 
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from peftkit.data.bad_rows import all_skipped, bad_rows_fix, in_data_words, needed_fields, row_problem, usable_row
 from peftkit.data.checks import injected_system_tokens, special_tokens_in
-from peftkit.data.formats import REQUIRED_FIELDS, _row_problem, message_name, sharegpt_words
+from peftkit.data.formats import message_name
 from peftkit.data.rows import HUB_ROWS, Locations, row_location
 from peftkit.data.sources import bad_rows_by_dataset, format_spans, mix_name, read_rows, row_columns
 from peftkit.data.conversations import _chat_example, render_chat, turn_end_text, turn_end_token
@@ -187,7 +188,7 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
                            "peftkit train (training.objective: kto), preview and eval only; this command does not read "
                            "them yet.")
     chat = cfg.format == "chat"
-    good = [_problem(rows[i], cfg.format, train_on=cfg.train_on) is None for i in span]  # a bad row raises (or is None) in its turn below
+    good = [row_problem(rows[i], cfg.format, train_on=cfg.train_on) is None for i in span]  # a bad row raises (or is None) in its turn below
     full = None if chat else _full_examples(tok, [rows[i] for i, ok in zip(span, good, strict=True) if ok], cfg.format,
                                             cfg.train_on, cfg._format_key)
     for i, ok in zip(span, good, strict=True):
@@ -223,80 +224,6 @@ def located(where: str, make, *args):
         raise PeftkitError(f"{where}: {e}") from None
 
 
-def _problem(row: object, fmt: str, target: bool = True, train_on: str = "answers") -> str | None:
-    return _row_problem(row, fmt, target, train_on) if isinstance(row, dict) else "not an object"
-
-
-def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None,
-               format_key: str | None = None) -> bool:
-    """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
-    data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
-    default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it; `format_key`: of
-    cfg.format, by default the one it came from as well: data.format, or a list entry's, data.train[1].format)."""
-    problem = _problem(row, cfg.format, target, cfg.train_on)
-    if not problem:
-        return True
-    if cfg.on_bad_rows == "skip":
-        return False
-    problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
-    format_key = format_key or cfg._format_key
-    # a recipe key's way out, and the command's flag over it where it has one; a flag's own (no recipe key would do)
-    fix_format = (f"pass the right {format_key}" if format_key.startswith("--") else
-                  f"set the right {format_key}" + (" (or pass --format)" if "--format" in cfg._flags else ""))
-    skip = bad_rows_fix(cfg, "skip")
-    raise PeftkitError(f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
-                       + (f"Fix the row, {fix_format}, or {skip}." if skip else f"Fix the row or {fix_format}.")
-                       + (f" {note}." if (note := format_note(cfg, format_key)) else ""))
-
-
-def format_note(cfg: DataConfig, format_key: str) -> str:
-    """Why rows are read in data.format where the recipe does not set it (`DataConfig._format_note`: a set of
-    data.eval's, read in the format of data.train's datasets or, theirs mixed, in the default), to end an error
-    about them; none where another key gave the format (--format, an entry's own)."""
-    return cfg._format_note if format_key == "data.format" else ""
-
-
-def bad_rows_fix(cfg: DataConfig, value: str) -> str:
-    """How to set on_bad_rows to `value` in the command reading `cfg`: `set data.on_bad_rows: error` in a recipe
-    (with `(or pass --on-bad-rows error)` where the command has the flag: peftkit eval), `pass --on-bad-rows error`
-    where the flag gave it (and overrides the recipe's key) or there is no recipe; "" where nothing sets it."""
-    key = cfg._on_bad_rows_key
-    if not key or key.startswith("--"):
-        return key and f"pass {key} {value}"
-    return f"set {key}: {value}" + (f" (or pass --on-bad-rows {value})" if "--on-bad-rows" in cfg._flags else "")
-
-
-def all_skipped(bad: int, cfg: DataConfig) -> str:
-    """Why no row was left of `bad` rows under on_bad_rows: skip, and the fix: the fields `cfg`'s format needs."""
-    return (f"all {bad} rows were skipped as malformed or missing the fields of {cfg._format_key} '{cfg.format}' "
-            f"({needed_fields(cfg)}); check {cfg._format_key}, or {bad_rows_fix(cfg, 'error')} to see the first bad "
-            "row" + (f". {note}" if (note := format_note(cfg, cfg._format_key)) else ""))
-
-
-def in_columns(problem: str, columns: dict[str, str], key: str = "data.columns") -> str:
-    """A row's `problem` in the data's own words: a field data.columns reads from another column named by it
-    (`missing field 'output'`: `missing column 'answer' (data.columns.output)`; `messages[1]`: `dialog[1]`)."""
-    for field, column in columns.items():
-        named = f"column '{column}' ({key}.{field})"
-        problem = problem.replace(f"missing field '{field}'", f"missing {named}").replace(f"field '{field}'", named)
-        problem = re.sub(rf"(?<![\w.'])('?){re.escape(field)}(?=\[|\1 must)", lambda m: m.group(1) + column, problem)
-    return problem
-
-
-def in_data_words(text: str, row: dict, columns: tuple[dict[str, str], str]) -> str:
-    """`text` about a row (a warning's "field 'output' holds '</s>'") naming its fields and messages as the data
-    does, as a bad row's error does: a column its `columns` (and their key: `row_columns`) read a field from, a
-    ShareGPT row's conversations."""
-    return in_columns(sharegpt_words(text, row), *columns)
-
-
-def needed_fields(cfg: DataConfig) -> str:
-    """The fields each row of data.format needs, by the column names data.columns gives them (a chat row's messages
-    may be ShareGPT's conversations)."""
-    fields = ", ".join(f"{cfg.columns[f]} (as {f})" if f in cfg.columns else f for f in REQUIRED_FIELDS[cfg.format])
-    return fields + (", or ShareGPT's conversations" if cfg.format == "chat" else "")
-
-
 @dataclass
 class _TargetCuts:
     """The examples whose target lost its end, for the data.truncation: error message."""
@@ -329,7 +256,7 @@ def count_examples(
     cuts = _TargetCuts()
     for own, span in spans:  # every row's fields first: a bad row deep in a large file is an error in seconds,
         for i in span:  # not after the tokenizing of all the rows before it
-            if _problem(rows[i], own.format, train_on=own.train_on):
+            if row_problem(rows[i], own.format, train_on=own.train_on):
                 usable_row(rows[i], own, row_location(source, i, line_numbers))
     shown = source if source.startswith("data.train (") else source.rstrip("/").rsplit("/", 1)[-1]  # (a mix: whole)
     with work(f"tokenizing {shown}", len(rows), "rows") as advance:

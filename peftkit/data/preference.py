@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from peftkit.data.batches import Collator
-from peftkit.data.examples import (BuiltExample, _built_examples, _TargetCuts, no_examples_error, truncation_error,
-                                   usable_row)
+from peftkit.data.bad_rows import usable_row
+from peftkit.data.examples import BuiltExample, _built_examples, _TargetCuts, no_examples_error, truncation_error
 from peftkit.data.formats import (TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls,
                                   format_rows)
 from peftkit.data.rows import Locations, row_location

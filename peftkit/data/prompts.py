@@ -14,8 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from peftkit.data.conversations import render_chat, trained_turns, turn_end_token
-from peftkit.data.examples import (all_skipped, bad_rows_fix, encode_prompt, located, prompt_and_target_text,
-                                   row_location, row_task, usable_row)
+from peftkit.data.bad_rows import all_skipped, bad_rows_fix, usable_row
+from peftkit.data.examples import encode_prompt, located, prompt_and_target_text, row_location, row_task
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning

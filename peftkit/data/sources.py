@@ -4,6 +4,7 @@ its own split, columns and format and each row named by its own file and line.""
 
 from __future__ import annotations
 
+from peftkit.data.bad_rows import bad_rows_fix, row_problem, usable_row
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import Locations, load_rows, row_location
 from peftkit.recipe import DataConfig, DataSource
@@ -14,8 +15,6 @@ def read_rows(source: str | list, split: str | None,
     """(rows as data.format reads them, malformed lines skipped, each row's line number or location, a name for
     messages) of `source`: one path or hub id at `split`, or data.train's list (`cfg.train_sources`; `split`
     unused; each entry's rows as its own format reads them), whose name is `mix_name`."""
-    from peftkit.data.examples import bad_rows_fix  # (it imports this module)
-
     if isinstance(source, str):
         rows, bad, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision, bad_rows_fix(cfg, "skip"))
         return format_rows(rows, cfg), bad, line_numbers, source
@@ -40,14 +39,12 @@ def _check_fields(rows: list[dict], cfg: DataConfig, path: str, line_numbers: li
     """The first row of data.train[index] without the fields its format needs, as an error in that entry's columns
     and format (its own, or data.columns and data.format). A classifier's rows too: `usable_rows` checks the whole mix
     with data.columns only."""
-    from peftkit.data.examples import _problem, usable_row
-
     entry = cfg.train[index] if isinstance(cfg.train, list) else None
     key = f"data.train[{index}].columns" if getattr(entry, "columns", None) is not None else "data.columns"
     own = entry.format if isinstance(entry, DataSource) else None  # (a path's `format` is str's method)
     format_key = f"data.train[{index}].format" if own is not None else "data.format"
     for n, row in enumerate(rows):
-        if _problem(row, cfg.format, train_on=cfg.train_on):
+        if row_problem(row, cfg.format, train_on=cfg.train_on):
             usable_row(row, cfg, row_location(path, n, line_numbers), columns_key=key, format_key=format_key)
 
 
@@ -69,13 +66,11 @@ def row_columns(cfg: DataConfig, where: list | None, index: int) -> tuple[dict[s
 def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> dict[str, int]:
     """{dataset: rows skipped under data.on_bad_rows: skip} of a mix's datasets that had any: its unreadable lines
     and its rows without its format's fields."""
-    from peftkit.data.examples import _problem
-
     found, start = {}, 0
     names = {path: _short(path) for path, _, _ in where.parts}
     alike = {name for name in names.values() if list(names.values()).count(name) > 1}  # two files of one name
     for entry, (path, count, skipped) in zip(cfg.train_sources(), where.parts, strict=True):
-        if bad := skipped + sum(_problem(row, entry.format, train_on=cfg.train_on) is not None for row in rows[start:start + count]):
+        if bad := skipped + sum(row_problem(row, entry.format, train_on=cfg.train_on) is not None for row in rows[start:start + count]):
             name = path if names[path] in alike else names[path]
             found[name] = found.get(name, 0) + bad  # (a file listed twice: both its entries' rows)
         start += count

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from peftkit.data.examples import _built_examples, _TargetCuts, no_examples_error, truncation_error, usable_row
+from peftkit.data.bad_rows import usable_row
+from peftkit.data.examples import _built_examples, _TargetCuts, no_examples_error, truncation_error
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
 from peftkit.data.preference import PairCollator, Pairs, _in_row_words, _keep, new_stats
 from peftkit.data.rows import Locations, row_location
