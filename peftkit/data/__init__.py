@@ -22,12 +22,12 @@ from peftkit.data.examples import (
     BuiltExample,
     build_examples,
     count_examples,
-    load_examples,
     no_examples_error,
     tokenize_rows,
     truncation_error,
 )
 from peftkit.data.formats import REQUIRED_FIELDS, format_rows
+from peftkit.data.loading import load_examples
 from peftkit.data.rows import load_rows
 from peftkit.data.stored import Example, Examples
 

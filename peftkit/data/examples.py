@@ -7,19 +7,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from peftkit.data.bad_rows import all_skipped, bad_rows_fix, in_data_words, needed_fields, row_problem, usable_row
 from peftkit.data.checks import injected_system_tokens, special_tokens_in
 from peftkit.data.formats import message_name
-from peftkit.data.rows import HUB_ROWS, Locations, row_location
-from peftkit.data.sources import bad_rows_by_dataset, format_spans, mix_name, read_rows, row_columns
+from peftkit.data.rows import row_location
+from peftkit.data.sources import format_spans, row_columns
 from peftkit.data.conversations import _chat_example, render_chat, turn_end_text, turn_end_token
 from peftkit.data.stored import IGNORE_INDEX, Example, Examples
 from peftkit.errors import PeftkitError
-from peftkit.fileio import sha256_file
 from peftkit.progress import work
-from peftkit.recipe import DataConfig, is_hub_dataset
+from peftkit.recipe import DataConfig
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -404,79 +402,6 @@ def truncation_error(cuts: _TargetCuts, cfg: DataConfig) -> str:
     return (f"{first.where}: this example has {first.length} tokens but data.max_length is {cfg.max_length}, so "
             f"{cut} (data.truncation: error).{more} Raise data.max_length to {longest}, or set data.truncation: drop "
             "to leave such examples out (keep trains on them as cut).")
-
-
-def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *, tasks: bool = False,
-                  cache: bool = True) -> tuple[Examples, dict]:
-    """The examples of `source` (one path or hub id at `split`, or data.train's list of datasets: `read_rows`) and
-    their counts (`tokenize_rows`); `tasks`: read the rows' `task` column. With `cache`, read from the
-    tokenized-data cache where they are there (`peftkit.data.cache`), and kept there when not."""
-    from peftkit.data.cache import cache_root
-
-    root = cache_root() if cache else None
-    # an entry's format keys it where it is its own (an entry of data.format's keys as it did before formats)
-    parts = [(source, split, cfg.columns, None)] if isinstance(source, str) else \
-        [(entry.path, entry.split, entry.columns, entry.format if entry.format != cfg.format else None)
-         for entry in cfg.train_sources()]
-    # (a path that is no file fails in load_rows, in its words)
-    local = root is not None and all(not is_hub_dataset(path) and Path(path).is_file() for path, *_ in parts)
-    name = source if isinstance(source, str) else mix_name(cfg)
-    entry = _cache_entry(root, tok, _data_digests(parts, cfg), cfg, tasks, name) if local else None
-    if entry is not None and (hit := entry.read()) is not None:
-        return hit
-    rows, bad, line_numbers, name = read_rows(source, split, cfg)  # (the same name)
-    if root is not None and not local and (digests := _data_digests(parts, cfg)):  # a hub dataset: its rows' digest
-        entry = _cache_entry(root, tok, digests, cfg, tasks, name)
-        if entry is not None and (hit := entry.read()) is not None:
-            return hit
-    examples, stats = tokenize_rows(tok, rows, cfg, name, line_numbers, skipped=bad, tasks=tasks)
-    if tasks and (mixed := mixed_tasks_error(name, examples.task_ids)):  # a batch would fail mid-training
-        raise PeftkitError(mixed)
-    stats["bad_rows"] += bad
-    stats["examples"] = len(examples)
-    if stats["bad_rows"] and isinstance(line_numbers, Locations):  # a mix: which datasets they came from
-        stats["bad_rows_by_dataset"] = bad_rows_by_dataset(rows, line_numbers, cfg)
-    if entry is not None and (not local or _data_digests(parts, cfg) == entry.digests):  # no file changed meanwhile
-        entry.write(examples, stats)
-    return examples, stats
-
-
-def _data_digests(parts: list[tuple[str, str | None, dict, str | None]], cfg: DataConfig) -> list[tuple] | None:
-    """(content digest, reader, split, columns[, format]) of each dataset: a file's sha256 and extension, a hub
-    dataset's rows' digest as read (`rows.HUB_ROWS`), and a list entry's format where it is not data.format's; None
-    where a hub dataset's rows are not read yet."""
-    found = []
-    for path, split, columns, fmt in parts:
-        if is_hub_dataset(path):
-            if (hub := HUB_ROWS.get((path, split, cfg.revision))) is None:
-                return None
-            digest = (hub["rows"], "hub", split, columns)
-        else:
-            digest = (sha256_file(path), Path(path).suffix.lower(), split, columns)
-        found.append(digest + ((fmt,) if fmt is not None else ()))
-    return found
-
-
-def _cache_entry(root, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str,
-                 chunk: int | None = None):
-    """The cache entry of these rows (`chunk`: unpaired rows', `ExampleCache`); None, said, where it cannot be keyed:
-    its key hashes the tokenizer as save_pretrained writes it, into a temporary directory, and a full TMPDIR failed the
-    run (a 17 MB tokenizer.json)."""
-    import tempfile
-    import warnings
-
-    from peftkit.data.cache import CACHE_ENV, ExampleCache
-    from peftkit.errors import PeftkitWarning
-
-    try:
-        return ExampleCache(root, tok, digests, cfg, tasks, source, chunk)
-    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a full disk
-        space = "space" in str(e) or getattr(e, "errno", None) == 28
-        fix = "Free space there (or set TMPDIR to another directory), or" if space else "To skip it,"
-        warnings.warn(PeftkitWarning(f"the tokenized-data cache is not used: saving the tokenizer to "
-                                     f"{tempfile.gettempdir()} to key it failed ({e}). {fix} set {CACHE_ENV}=off."),
-                      stacklevel=3)
-        return None
 
 
 def mixed_tasks_error(source: str, tasks: list[int | None]) -> str | None:

@@ -157,7 +157,7 @@ class PairCollator:
 def load_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
                cache: bool = True, tasks: bool = False) -> tuple[Pairs, dict]:
     """The pairs of `source` (one path or hub id at `split`, or data.train's list, read as
-    `peftkit.data.examples.load_examples` reads rows) and their counts, the keys `describe_stats` prints (an example
+    `peftkit.data.loading.load_examples` reads rows) and their counts, the keys `describe_stats` prints (an example
     is a pair). With `cache`, local files' are read from the tokenized-data cache where they are there
     (`peftkit.data.cache`: keyed by data.format preference too), and kept there when not. `tasks`: read each row's
     `task` as both its answers' (`peftkit.data.examples.build_examples`' `tasks`)."""
@@ -176,7 +176,7 @@ def local_entry(tok, source: str | list, split: str | None, cfg: DataConfig, cac
     within runs of `chunk` rows, read from local files: None for a hub dataset, without `cache`, or with the cache
     off; the datasets it is of, for `keep_entry` to check that their files did not change while they were read)."""
     from peftkit.data.cache import cache_root
-    from peftkit.data.examples import _cache_entry, _data_digests
+    from peftkit.data.loading import cache_entry, data_digests
 
     parts = [(source, split, cfg.columns, None)] if isinstance(source, str) else \
         [(entry.path, entry.split, entry.columns, None) for entry in cfg.train_sources()]
@@ -185,15 +185,15 @@ def local_entry(tok, source: str | list, split: str | None, cfg: DataConfig, cac
     if root is None:
         return None, parts
     name = source if isinstance(source, str) else mix_name(cfg)
-    return _cache_entry(root, tok, _data_digests(parts, cfg), cfg, tasks, name, chunk), parts
+    return cache_entry(root, tok, data_digests(parts, cfg), cfg, tasks, name, chunk), parts
 
 
 def keep_entry(entry, parts: list[tuple], cfg: DataConfig, examples: Examples, stats: dict) -> None:
     """Keep `examples` and `stats` in `local_entry`'s `entry` (None: nothing) unless a file of `parts` changed
     since the entry was keyed (then the examples may be of neither content)."""
-    from peftkit.data.examples import _data_digests
+    from peftkit.data.loading import data_digests
 
-    if entry is not None and _data_digests(parts, cfg) == entry.digests:
+    if entry is not None and data_digests(parts, cfg) == entry.digests:
         entry.write(examples, stats)
 
 
