@@ -137,13 +137,15 @@ def check_reference(reference: torch.Tensor, job: EvalJob, what: str) -> None:
     """The reference's log-probabilities of `job`'s answers (`reference_logps`) are all finite: else every figure
     against them is nan, and the evaluated adapter would be blamed for them (`_check_finite_loss`) as training is
     not (`peftkit.start._reference_logps` says the same)."""
-    if (finite := torch.isfinite(reference).all(1)).all():
+    from peftkit.preference import nonfinite_references
+
+    if (bad := nonfinite_references(reference)) is None:
         return
-    first, pair = int((~finite).nonzero()[0]), "answer" if job.data_cfg.format == "unpaired" else "pair"
+    (count, first), pair = bad, "answer" if job.data_cfg.format == "unpaired" else "pair"
     way_out = ("; or evaluate against the base with --set adapter.init_from=null"
                if "adapter.init_from" in what else "")
     raise PeftkitError(
-        f"The reference ({what}) gives {int((~finite).sum())} of the {len(reference)} {pair}s of {job.data} a "
+        f"The reference ({what}) gives {count} of the {len(reference)} {pair}s of {job.data} a "
         f"log-probability that is not finite (the first: {pair} {first + 1} as kept), so no figure against it is "
         "either, whatever the adapters: its weights hold inf or nan, or its activations overflow in 16-bit. Check "
         f"the reference's weights, or evaluate a float32 copy of the model{way_out}.")

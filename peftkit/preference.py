@@ -172,6 +172,15 @@ def objective_loss(training, processes=None):
     return PreferenceLoss.of(training)
 
 
+def nonfinite_references(reference: torch.Tensor) -> tuple[int, int] | None:
+    """(how many rows of `reference_logps`' log-probabilities are not finite, the index of the first), or None where
+    all are: a reference that overflows, or holds inf or nan, makes every figure against it nan, and training and
+    eval say so, naming the reference rather than the adapter."""
+    if (finite := torch.isfinite(reference).all(1)).all():
+        return None
+    return int((~finite).sum()), int((~finite).nonzero()[0])
+
+
 @torch.no_grad()
 def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int, processes=None,
                     advance: Callable[[int], None] | None = None) -> torch.Tensor:

@@ -35,7 +35,7 @@ from peftkit.methods import MethodTrainer, method_of
 from peftkit.methods.expert_lists import check_start
 from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
-from peftkit.preference import objective_loss
+from peftkit.preference import nonfinite_references, objective_loss
 from peftkit.progress import phase
 from peftkit.quantization import check_quantization_section
 from peftkit.recipe import Recipe
@@ -463,10 +463,10 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
                f"(training.objective: {cfg.training.objective})...", console):
         for key, pairs in sets.items():
             pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)
-            if not (finite := torch.isfinite(pairs.reference).all(1)).all():
-                first, pair = int((~finite).nonzero()[0]), "answer" if cfg.training.objective == "kto" else "pair"
+            if (bad := nonfinite_references(pairs.reference)) is not None:
+                (count, first), pair = bad, "answer" if cfg.training.objective == "kto" else "pair"
                 raise PeftkitError(
-                    f"The reference ({what}) gives {int((~finite).sum())} of the {len(pairs)} {pair}s of {key} a "
+                    f"The reference ({what}) gives {count} of the {len(pairs)} {pair}s of {key} a "
                     f"log-probability that is not finite (the first: {pair} {first + 1} as kept): the model overflows "
                     f"at model.dtype {cfg.model.dtype}, or its weights hold inf or nan. "
                     f"{cfg.training.objective.upper()} would stop at its first "
