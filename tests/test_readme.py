@@ -1,0 +1,377 @@
+"""README.md agrees with the code it documents, mechanically: the "Recipe reference" tables (`| key | default |
+meaning |`) against the pydantic recipe models, the methods table against the method registry, and every
+`peftkit COMMAND --flag` the README spells against the typer app. Nothing here trains or loads a model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal, get_args
+
+import pytest
+import typer
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from peftkit.cli import app
+from peftkit.methods import METHODS
+from peftkit.recipe.schema import Recipe
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SPAN = re.compile(r"`([^`]+)`")
+
+# A table's intro that names no `method: X`: the methods whose keys it lists.
+TABLE_METHODS = {
+    "LoRA's keys": ("lora",),
+    "The prompt family": ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning"),
+    "Every method but `fusion`": tuple(m for m in METHODS if m != "fusion"),
+}
+ALSO_TAKES = {"lokr": "loha"}  # "LoKr's keys (`method: lokr`): LoHa's, and"
+# Fields a user cannot usefully set, so the README leaves them out: they exist only to be refused with a message.
+REFUSED = {
+    ("trainable_tokens", "modules_to_save"): "empty or an error: peft's method has none",
+    **{(m, "modules_to_save"): "empty or an error: the prompt family changes no weight"
+       for m in TABLE_METHODS["The prompt family"]},
+    ("fusion", "init_from"): "an error: a fusion starts from the adapters it fuses",
+}
+
+# Defaults the README says in words ("the model's"), not as a value: "section.key" -> why. None so far.
+PROSE_DEFAULTS: dict[str, str] = {}
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+def _blocks(lines: list[str]) -> list[tuple[str, int, list[str]]]:
+    """The README as ("heading" | "text" | "table" | "code", first line number, lines), fenced code kept apart
+    (a `# comment` there is no heading, a `|` no table)."""
+    blocks, fenced = [], False
+    for number, line in enumerate(lines, 1):
+        if line.startswith("```"):
+            fenced = not fenced
+            kind = "code"
+        else:
+            kind = ("code" if fenced else "heading" if re.match(r"#+ ", line) else "table" if line.startswith("|")
+                    else "blank" if not line.strip() else "text")
+        if blocks and kind == blocks[-1][0] and kind in ("text", "table", "code"):
+            blocks[-1][2].append(line)
+        else:
+            blocks.append((kind, number, [line]))
+    return [b for b in blocks if b[0] != "blank"]
+
+
+BLOCKS = _blocks(README.read_text(encoding="utf-8").splitlines())
+
+
+def cells(row: str) -> list[str]:
+    """A table row's cells: split at `|` but not at an escaped `\\|`."""
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+
+
+def chapter(title: str) -> list[tuple[str, int, list[str]]]:
+    """The blocks under the `## title` heading, up to the next `## ` heading."""
+    start = next(i for i, (kind, _, text) in enumerate(BLOCKS) if kind == "heading" and text[0] == f"## {title}")
+    end = next((i for i in range(start + 1, len(BLOCKS))
+                if BLOCKS[i][0] == "heading" and BLOCKS[i][2][0].startswith("## ")), len(BLOCKS))
+    return BLOCKS[start + 1:end]
+
+
+def key_tables() -> list[tuple[str | None, str, int, list[list[str]]]]:
+    """The Recipe reference's `| key | default | meaning |` tables: (recipe section of the `### `section``
+    heading they are under, or None; the paragraph before the table; its line; its rows)."""
+    tables, section, intro = [], None, ""
+    for kind, line, text in chapter("Recipe reference"):
+        if kind == "heading" and text[0].startswith("### "):
+            spans = SPAN.findall(text[0])
+            section = spans[0] if spans and text[0].startswith("### `") else None
+            intro = ""
+        elif kind == "text":
+            intro = " ".join(text)
+        elif kind == "table" and cells(text[0])[:2] == ["key", "default"]:
+            tables.append((section, intro, line, [cells(row) for row in text[2:]]))
+    return tables
+
+
+def documented(rows: list[list[str]], line: int) -> list[tuple[str, str | None, tuple[str, ...], str]]:
+    """(key, default as written: a code span's text, "required", or None for prose; the methods a parenthesised
+    qualifier restricts it to; its row's text) for each key of the rows. `a` / `b` | `1` / `2` pairs keys and
+    defaults; `a`, `b` | `1` gives both the one default."""
+    out = []
+    for offset, row in enumerate(rows):
+        key_cell, default_cell = row[:2]
+        keys_text, _, qualifier = key_cell.partition(" (")
+        keys, only = SPAN.findall(keys_text), tuple(SPAN.findall(qualifier))
+        defaults = SPAN.findall(default_cell)
+        if "required" in default_cell and not defaults:
+            defaults = ["required"]
+        if len(keys) > 1 and len(defaults) == 1:  # `a`, `b` | `null`: one default for both
+            defaults *= len(keys)
+        elif len(keys) == 1:  # `32` (`0` when `r` is set): the first value is the default
+            defaults = defaults[:1]
+        assert len(defaults) in (0, len(keys)), f"README.md:{line + 2 + offset}: keys {keys}, defaults {defaults}"
+        out += [(key, defaults[i] if defaults else None, only, " ".join(row)) for i, key in enumerate(keys)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ comparing
+
+def as_yaml(written: str) -> Any:
+    """A default as the README writes it, read as YAML."""
+    return as_number(yaml.safe_load(written))
+
+
+def as_number(value: Any) -> Any:
+    """`2e-4`, which PyYAML (wanting a dot) reads as a string, as the number it is."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", value):
+        return float(value)
+    return value
+
+
+def same(doc: Any, code: Any) -> bool:
+    """`doc` (read from YAML) is the field's default `code`: numbers by value, a bool only as a bool, a tuple as
+    a list."""
+    if isinstance(code, tuple):
+        code = list(code)
+    if isinstance(doc, bool) or isinstance(code, bool):
+        return type(doc) is type(code) and doc == code
+    if isinstance(doc, (int, float)) and isinstance(code, (int, float)):
+        return float(doc) == float(code)
+    if isinstance(doc, list) and isinstance(code, list):
+        return len(doc) == len(code) and all(map(same, doc, code))
+    return doc == code
+
+
+def default_of(model: type[BaseModel], key: str) -> Any:
+    field = model.model_fields[key]
+    return "required" if field.is_required() else field.get_default(call_default_factory=True)
+
+
+def sub_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The recipe section a field holds (a `{...}` of its own, in a list or mapping too), or None."""
+    todo, seen = [model.model_fields[key].annotation], []
+    while todo:
+        kind = todo.pop()
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            seen.append(kind)
+        todo += get_args(kind)
+    return seen[0] if seen else None
+
+
+def default_problems(model: type[BaseModel], where: str, docs) -> list[str]:
+    """Each documented key that `model` lacks, and each default the README gives otherwise than the code."""
+    problems = []
+    for key, written, *_ in docs:
+        if key not in model.model_fields:
+            problems.append(f"{where}.{key}: documented, and {model.__name__} has no such field")
+        elif written is None and f"{where}.{key}" not in PROSE_DEFAULTS:
+            problems.append(f"{where}.{key}: the default column holds no value in backticks")
+        elif written is not None and not same(written if written == "required" else as_yaml(written),
+                                              default_of(model, key)):
+            problems.append(f"{where}.{key}: README's default {written}, the code's {default_of(model, key)!r}")
+    return problems
+
+
+def choices(annotation: Any) -> list[str]:
+    """The strings a field's Literal (in a union too) allows."""
+    if getattr(annotation, "__origin__", None) is Literal:
+        return [v for v in get_args(annotation) if isinstance(v, str)]
+    return [v for member in get_args(annotation) for v in choices(member)]
+
+
+def choice_problems(model: type[BaseModel], where: str, docs) -> list[str]:
+    """Each value a documented field allows (a Literal's strings) that its row does not show in backticks."""
+    return [f"{where}.{key}: {value!r} is allowed and its row does not say `{value}`"
+            for key, _, _, row in docs if key in model.model_fields and key != "method"
+            for value in choices(model.model_fields[key].annotation) if value not in SPAN.findall(row)]
+
+
+def missing(model: type[BaseModel], where: str, keys: set[str], skip=()) -> list[str]:
+    return [f"{where}.{key}: a field of {model.__name__} the README does not document"
+            for key in model.model_fields if key not in keys and key not in skip]
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+SECTIONS = {name: sub_model(Recipe, name) for name in Recipe.model_fields if name != "adapter"}
+
+
+def test_every_recipe_section_has_its_table():
+    tables = key_tables()
+    assert {t[0] for t in tables} == set(Recipe.model_fields), [t[:1] + t[2:3] for t in tables]
+
+
+@pytest.mark.parametrize("name", sorted(SECTIONS))
+def test_section_table_matches_schema(name):
+    model = SECTIONS[name]
+    docs = [d for section, _, line, rows in key_tables() if section == name for d in documented(rows, line)]
+    problems = default_problems(model, name, docs) + choice_problems(model, name, docs)
+    problems += missing(model, name, {key for key, *_ in docs})
+    assert not problems, "\n".join(problems)
+
+
+def nested_rows() -> list[tuple[str, str, type[BaseModel], str]]:
+    """(section, key, the section the field holds, its meaning cell) for each documented field holding one."""
+    return [(section, row_cells[0].strip("`"), nested, row_cells[2])
+            for section, _, _, rows in key_tables() if section in SECTIONS for row_cells in rows
+            if row_cells[0].strip("`") in SECTIONS[section].model_fields
+            and (nested := sub_model(SECTIONS[section], row_cells[0].strip("`")))]
+
+
+@pytest.mark.parametrize("section,key,nested,meaning", nested_rows(),
+                         ids=[f"{section}.{key}" for section, key, *_ in nested_rows()])
+def test_nested_section_is_spelled_out(section, key, nested, meaning):
+    """A field holding a section of its own (`training.early_stopping`, `data.train`'s `{path, ...}`) shows its keys
+    as a flow mapping in its meaning, each default (a value other than a placeholder such as `...` or `F`) the
+    code's."""
+    mappings = [m for span in SPAN.findall(meaning) if span.startswith("{")
+                and isinstance(m := yaml.safe_load(span), dict) and set(m) == set(nested.model_fields)]
+    assert mappings, (f"{section}.{key}: no `{{...}}` in its meaning names exactly {sorted(nested.model_fields)}: "
+                      f"{[s for s in SPAN.findall(meaning) if s.startswith('{')]}")
+    problems = [f"{section}.{key}.{k}: README's default {v!r}, the code's {default_of(nested, k)!r}"
+                for k, v in mappings[0].items() if not placeholder(v) and not nested.model_fields[k].is_required()
+                and not same(as_number(v), default_of(nested, k))]
+    assert not problems, "\n".join(problems)
+
+
+def placeholder(value: Any) -> bool:
+    """A value that stands for any: `...`, `{...}`, a capital letter (`F`), alternatives (`linear | yarn`), or
+    none at all (`{path, split}`)."""
+    return value is None or value == {"...": None} or (
+        isinstance(value, str) and bool(re.fullmatch(r"\.\.\.|[A-Z]|.* \| .*", value)))
+
+
+def method_docs() -> dict[str, list[tuple[str, str | None, tuple[str, ...], str]]]:
+    """Each method's documented keys, from the `adapter` tables whose intro names it."""
+    per_method: dict[str, list] = {name: [] for name in METHODS}
+    for section, intro, line, rows in key_tables():
+        if section != "adapter":
+            continue
+        named = re.findall(r"`method: (\w+)`", intro)[:1] or next(
+            (list(methods) for start, methods in TABLE_METHODS.items() if intro.startswith(start)), None)
+        assert named, f"README.md:{line}: say which method's keys this table lists (`method: X` in its intro)"
+        for key, written, only, row in documented(rows, line):
+            assert set(only) <= set(named), f"README.md:{line}: {key} ({', '.join(only)}) for methods {named}"
+            for method in only or named:
+                per_method[method].append((key, written, only, row))
+    for method, other in ALSO_TAKES.items():
+        per_method[method] += per_method[other]
+    return per_method
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_keys_match_its_config(method):
+    config, docs = METHODS[method].config, method_docs()[method]
+    skip = {key for m, key in REFUSED if m == method} | ({"method"} if method != "lora" else set())
+    where = f"adapter ({method})"
+    problems = default_problems(config, where, docs) + choice_problems(config, where, docs)
+    problems += missing(config, where, {key for key, *_ in docs}, skip)
+    problems += [f"adapter ({method}).{key}: listed as refused ({REFUSED[method, key]}), and documented"
+                 for key, *_ in docs if (method, key) in REFUSED]
+    assert not problems, "\n".join(problems)
+
+
+def test_refused_fields_are_refused():
+    """REFUSED holds fields that are there and say no: a modules_to_save the section refuses, fusion's init_from the
+    recipe."""
+    for method, key in REFUSED:
+        config = METHODS[method].config
+        assert key in config.model_fields, (method, key)
+        if key == "modules_to_save":
+            required = {"token_indices": [0]} if method == "trainable_tokens" else {}
+            with pytest.raises(ValidationError, match="modules_to_save"):
+                config(method=method, modules_to_save=["lm_head"], **required)
+    recipe = SimpleNamespace(classifier=False, adapter=SimpleNamespace(init_from="adapters/x"))
+    assert "remove init_from" in METHODS["fusion"].recipe_conflict(recipe)
+
+
+def test_every_table_row_has_the_headers_cells():
+    """A `|` in a cell (`<|im_end|>` in a code span too) ends the cell unless written `\\|`: GitHub shows such a
+    row cut short."""
+    cut = [f"README.md:{line + i}: {len(cells(row))} cells, the header {len(cells(text[0]))}"
+           for kind, line, text in BLOCKS if kind == "table" for i, row in enumerate(text)
+           if i != 1 and len(cells(row)) != len(cells(text[0]))]
+    assert not cut, "\n".join(cut)
+
+
+def test_methods_table_is_the_registry():
+    _, _, rows = next(b for b in chapter("Recipe reference")
+                      if b[0] == "table" and cells(b[2][0])[:2] == ["method", "what it is"])
+    assert {SPAN.findall(cells(row)[0])[0] for row in rows[2:]} == set(METHODS)
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+def app_flags() -> dict[str, set[str]]:
+    """Each command of the typer app and its options' spellings (with click's `--help`)."""
+    group = typer.main.get_command(app)
+    return {name: {opt for p in cmd.params for opt in p.opts + p.secondary_opts if opt.startswith("-")} | {"--help"}
+            for name, cmd in group.commands.items()}
+
+
+def command_lines() -> list[tuple[int, str]]:
+    """(line, text) of each code span and each command of a code block (`\\` continuations joined)."""
+    out = []
+    for kind, line, text in BLOCKS:
+        if kind == "code":
+            joined = "\n".join(text).replace("\\\n", " ")
+            out += [(line, part) for part in joined.splitlines()]
+        else:
+            joined = "\n".join(text)
+            out += [(line + joined.count("\n", 0, hit.start()), hit[1].replace("\n", " "))
+                    for hit in SPAN.finditer(joined)]
+    return out
+
+
+def spelled_flags() -> list[tuple[int, str, str]]:
+    """(line, command, flag) for each `--flag` after `peftkit COMMAND` (or `peftkit eval/generate`) in a span or
+    a command line, up to the next `peftkit COMMAND`."""
+    out = []
+    for line, text in command_lines():
+        for hit in re.finditer(r"\bpeftkit ([a-z]+(?:/[a-z]+)*)(.*?)(?=\bpeftkit [a-z]|$)", text):
+            for command in hit[1].split("/"):
+                out += [(line, command, flag) for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", hit[2])]
+    return out
+
+
+def test_every_flag_the_readme_spells_exists():
+    flags = app_flags()
+    wrong = [f"README.md:{line}: peftkit {command} {flag}" for line, command, flag in spelled_flags()
+             if command in flags and flag not in flags[command]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_cli_reference_lists_every_command_and_flag():
+    """Every command has a row of the CLI reference table, and each of its flags is spelled somewhere in the
+    CLI reference (its row, or a `peftkit COMMAND ... --flag` example)."""
+    blocks = chapter("CLI reference")
+    rows = [cells(row) for kind, _, text in blocks if kind == "table" and cells(text[0]) == ["command", "what it does"]
+            for row in text[2:]]
+    listed = {re.match(r"peftkit (\w+)", SPAN.findall(row[0])[0])[1]: " ".join(row) for row in rows}
+    assert set(listed) == set(app_flags())
+    first, last = blocks[0][1], blocks[-1][1] + len(blocks[-1][2])
+    said = {(command, flag) for line, command, flag in spelled_flags() if first <= line < last}
+    unsaid = [f"peftkit {command} {flag}" for command, flags in app_flags().items() for flag in sorted(flags)
+              if flag != "--help" and (command, flag) not in said and f"`{flag}" not in listed[command]]
+    assert not unsaid, "\n".join(unsaid)
+
+
+def test_numbers_in_the_synopses_are_the_defaults():
+    """`[--max-new-tokens 128]`, `[--n 3]` in a command's synopsis (the CLI reference's first column) is its default."""
+    group = typer.main.get_command(app)
+    rows = [cells(row)[0] for kind, _, text in chapter("CLI reference")
+            if kind == "table" and cells(text[0]) == ["command", "what it does"] for row in text[2:]]
+    wrong = []
+    for synopsis in map(lambda cell: SPAN.findall(cell)[0], rows):
+        command = group.commands[synopsis.split()[1]]
+        defaults = {opt: p.default for p in command.params for opt in p.opts}
+        wrong += [f"{synopsis.split()[1]} {flag} {number}: default {defaults[flag]}"
+                  for flag, number in re.findall(r"(--[a-z-]+) (\d+(?:\.\d+)?)\b", synopsis)
+                  if float(number) != defaults[flag]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_merge_method_table_is_the_combinations():
+    """The `peftkit merge --method` table (a row may name a type and its `_svd` twin) lists peftkit.combine's."""
+    from peftkit.combine import COMBINATIONS
+
+    _, _, rows = next(b for b in chapter("CLI reference") if b[0] == "table" and cells(b[2][0])[0] == "`--method`")
+    assert sorted(name for row in rows[2:] for name in SPAN.findall(cells(row)[0])) == sorted(COMBINATIONS)
