@@ -16,6 +16,14 @@ def test_recipes_are_found():
     assert {"quickstart.yaml", "ci/repro.yaml"} <= names, names
 
 
+def test_every_method_has_a_recipe():
+    """README's adapter section: "Recipes for each: `recipes/methods/`"."""
+    from peftkit.methods import METHODS
+
+    used = {load_recipe(path).adapter.method for path in RECIPES if path.parent.name == "methods"}
+    assert set(METHODS) - used == set()
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     recipe = load_recipe(path)
