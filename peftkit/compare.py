@@ -60,9 +60,10 @@ def parse_named(values: list[str], flag: str, taken: list[str] = ()) -> list[tup
 
 def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[tuple[str, str]]) -> dict[str, EvalJob]:
     """One job per row: the base model, each adapter on it, each merged model; all on `job`'s data and metrics.
-    (`eval_job` has made sure of a base: a recipe's model, or --model.) --task goes to the adapters that read task
-    ids only (multitask prompt tuning): the base, merged models and other methods' adapters are compared on the same
-    rows without one; a --task that no adapter reads is an error."""
+    (`eval_job` has made sure of a base: a recipe's model, --model, or the one the candidates record,
+    `peftkit.compare_base`.) --task goes to the adapters that read task ids only (multitask prompt tuning): the base,
+    merged models and other methods' adapters are compared on the same rows without one; a --task that no adapter
+    reads is an error."""
     from peftkit.task_ids import adapter_task_count
 
     base = replace(job.source, adapter=None)

@@ -240,7 +240,7 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
              trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,
              normalize: str | None = None, predictions: Path | None = None, task: int | None = None, *,
              comparing: bool = False, split: str | None = None, data_revision: str | None = None,
-             eval_set: str | None = None) -> EvalJob:
+             eval_set: str | None = None, base: ModelSource | None = None) -> EvalJob:
     """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
     whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
     defaults and flags override them; without one, --data and --model (or --adapter) are needed and the rest take the
@@ -248,18 +248,22 @@ def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data:
     eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures). `comparing`: the candidates are
     named apart (--adapter NAME=DIR, --merged), and the recipe gives the base only. `split`, `data_revision`: what is
     read of a hub dataset given as `data` (`hub_data_flags`). `eval_set`: which set of the recipe's data.eval is
-    evaluated without `data` (default: the primary one)."""
+    evaluated without `data` (default: the primary one). `base`: a comparison's base row without a recipe or --model,
+    as its candidates record it (`peftkit.compare_base.comparison_base`)."""
     eval_cfg = EvalConfig()
     if recipe is None:
-        if comparing and not model:  # (its candidates' base is the base row: no one adapter's recorded base)
+        if comparing and not data:
+            raise PeftkitError("peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the data to compare "
+                               "the candidates on: --data FILE, or a RECIPE (or a run directory) whose data.eval it is.")
+        if comparing and not (model or base):  # (the CLI gives `base`: what the candidates record)
             raise PeftkitError("peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the base the "
-                               f"candidates are compared on, its base row: --model M{' and --data FILE' * (not data)}, "
-                               "or a RECIPE (or a run directory) whose model it is.")
-        if not (model or adapter) or not data:  # (an adapter alone: over its recorded base)
+                               "candidates are compared on, its base row: --model M, or a RECIPE (or a run directory) "
+                               "whose model it is.")
+        if not (model or adapter or base) or not data:  # (an adapter alone: over its recorded base)
             raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data (or "
                                "--adapter DIR and --data: the adapter over its recorded base).")
         check_no_overrides(overrides, "eval")
-        job = EvalJob(data=data, data_cfg=DataConfig(train=data))
+        job = EvalJob(data=data, data_cfg=DataConfig(train=data), source=base or ModelSource())
     else:
         from peftkit.evaluate_pairs import recipe_objective
 

@@ -284,8 +284,13 @@ def check_base_is_there(source: ModelSource, recipe: Path | None) -> None:
         where = f"model.name_or_path of {recipe / 'recipe.yaml' if recipe.is_dir() else recipe}"
     else:
         where = f"base_model_name_or_path of {Path(source.adapter) / 'adapter_config.json'}"
-    raise PeftkitError(f"The base model {base} ({where}{relative_to_cwd(base)}) is not there: moved or deleted since? "
-                       "Give it with --model DIR.")
+    raise base_gone(base, where)
+
+
+def base_gone(base: str, where: str) -> PeftkitError:
+    """The error of a recorded local base `base` that is not there; `where`: the file (and key) that records it."""
+    return PeftkitError(f"The base model {base} ({where}{relative_to_cwd(base)}) is not there: moved or deleted since? "
+                        "Give it with --model DIR.")
 
 
 def local_path(name: str) -> bool:

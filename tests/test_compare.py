@@ -189,15 +189,100 @@ def test_a_comparison_that_fails_leaves_no_empty_predictions_directory(tiny_llam
     assert "adapter_config.json" in err and not (tmp_path / "preds").exists()
 
 
-def test_a_comparison_needs_the_base(number_data, candidates, monkeypatch, capsys):
-    """Named adapters are compared on a base row, which only --model or a recipe gives: the message says so, and not
-    '(or --adapter DIR and --data ...)', which the user gave (that is one adapter over its recorded base)."""
-    adapters = ("--adapter", f"a={candidates / 'peft'}", "--adapter", f"b={candidates / 'peft'}")
-    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), *adapters).split())
+def test_a_comparison_needs_data_and_a_recorded_base(tiny_llama, number_data, candidates, tmp_path, monkeypatch,
+                                                    capsys):
+    """Without a recipe, a comparison needs --data; without --model, a base its candidates record: one that records
+    none, or whose recorded base is gone, is said (a comparison was refused without --model whatever it recorded)."""
+    peft, data = candidates / "peft", ("--data", str(number_data["eval"]))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--adapter", f"a={peft}", "--adapter", f"b={peft}").split())
+    assert err == ("error: peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the data to compare the "
+                   "candidates on: --data FILE, or a RECIPE (or a run directory) whose data.eval it is."), err
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", *data, "--merged", f"m={tiny_llama}").split())
     assert err == ("error: peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the base the candidates "
-                   "are compared on, its base row: --model M, or a RECIPE (or a run directory) whose model it is."), err
-    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", *adapters).split())
-    assert "its base row: --model M and --data FILE, or a RECIPE" in err, err
+                   "are compared on, its base row, and none of them records one (a merged model records it in its "
+                   "peftkit.json merged_from, which `peftkit merge` writes): give --model M, or a RECIPE (or a run "
+                   "directory) whose model it is."), err
+    unnamed = _copy(peft, tmp_path / "unnamed", {"base_model_name_or_path": None})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", f"u={unnamed}").split())
+    assert err == (f"error: Adapter 'u': {unnamed / 'adapter_config.json'} records no base model "
+                   "(base_model_name_or_path), so the comparison's base row is unknown: name it with --model M."), err
+    gone = _copy(peft, tmp_path / "gone", {"base_model_name_or_path": str(tmp_path / "moved")})
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", f"g={gone}").split())
+    assert err == (f"error: The base model {tmp_path / 'moved'} (base_model_name_or_path of "
+                   f"{gone / 'adapter_config.json'}) is not there: moved or deleted since? Give it with --model DIR."), err
+
+
+def test_a_comparison_without_model_takes_the_base_its_candidates_record(tiny_llama, number_data, candidates,
+                                                                         tmp_path):
+    """Without --model or a recipe, the base row is the base the adapters (and the merged model's peftkit.json
+    merged_from) record, as `peftkit eval --adapter DIR` of one takes it: every row is the one of the same comparison
+    with --model of that base (it was refused: "needs the base")."""
+    run, data = candidates / "run", str(number_data["eval"])
+    rows = ["--data", data, "--adapter", f"ours={run / 'adapter'}", "--adapter", f"theirs={candidates / 'peft'}",
+            "--merged", f"merged={run / 'merged'}", "--metrics", "loss,exact_match", "--max-new-tokens", "4"]
+    for args in (rows, rows[:4]):  # (one named adapter: a comparison too)
+        recorded, given = (_figures(tmp_path, *args, *model) for model in ((), ("--model", str(tiny_llama))))
+        assert recorded == given and len(recorded) == (4 if args is rows else 2), (recorded, given)
+
+
+def _figures(tmp_path, *args: str) -> dict:
+    out = tmp_path / "cmp.json"
+    result = CliRunner().invoke(app, ["eval", *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(out.read_text())
+
+
+def _copy(adapter, to, config: dict | None = None, meta: dict | None = None):
+    """A copy of `adapter` with adapter_config.json keys `config` and peftkit.json `meta` set."""
+    import shutil
+
+    shutil.copytree(adapter, to)
+    raw = json.loads((to / "adapter_config.json").read_text())
+    (to / "adapter_config.json").write_text(json.dumps(raw | (config or {})))
+    if meta is not None:
+        (to / "peftkit.json").write_text(json.dumps(meta))
+    return to
+
+
+def test_candidates_that_record_different_bases_are_refused_without_model(tiny_llama, number_data, candidates,
+                                                                          tmp_path, monkeypatch, capsys):
+    """Without --model, candidates whose records disagree (another base, another revision, another quantization, a
+    merged model of another base) have no one base row: refused before anything loads, each named with its base."""
+    peft, merged = candidates / "peft", candidates / "run" / "merged"
+    other = _copy(peft, tmp_path / "other", {"base_model_name_or_path": "other/base"})
+    at_a = _copy(peft, tmp_path / "at_a", {"revision": "a" * 40})
+    at_b = _copy(peft, tmp_path / "at_b", {"revision": "b" * 40})
+    nf4 = _copy(peft, tmp_path / "nf4", meta={"quantization": {"method": "nf4"}, "base_dtype": "bfloat16"})
+    made = tmp_path / "made"
+    import shutil
+
+    shutil.copytree(merged, made)
+    (made / "peftkit.json").write_text(json.dumps({"merged_from": {"base_model_name_or_path": "other/base"}}))
+    start = ("error: The compared candidates record different bases, and a comparison has one base row (taken from "
+             "them without --model): ")
+    end = (". If they were trained on one model under two names, name it with --model M; else compare the candidates "
+           "of each base apart.")
+    for args, said in [
+        (["--adapter", f"p={peft}", "--adapter", f"o={other}"],
+         f"adapter 'p' ({peft}): {tiny_llama}; adapter 'o' ({other}): other/base"),
+        (["--adapter", f"a={at_a}", "--adapter", f"p={peft}", "--adapter", f"b={at_b}"],
+         f"adapter 'a' ({at_a}): {tiny_llama} at revision {'a' * 40}; adapter 'p' ({peft}): {tiny_llama}; "
+         f"adapter 'b' ({at_b}): {tiny_llama} at revision {'b' * 40}"),
+        (["--adapter", f"p={peft}", "--adapter", f"q={nf4}"],
+         f"adapter 'p' ({peft}): {tiny_llama}; adapter 'q' ({nf4}): {tiny_llama}, nf4 (bitsandbytes) quantized "
+         "from bfloat16"),
+        (["--adapter", f"p={peft}", "--merged", f"m={made}"],
+         f"adapter 'p' ({peft}): {tiny_llama}; --merged m ({made}): other/base"),
+    ]:
+        err = cli_user_error(monkeypatch, capsys, "eval", "--data", str(number_data["eval"]), *args)
+        assert " ".join(err.split()) == start + said + end, err
+    from peftkit.compare_base import comparison_base
+
+    # (a revision recorded by one adapter and not by another agrees, as named adapters take it: the base loads at it)
+    source = comparison_base([("p", str(peft)), ("a", str(at_a))], [("m", str(merged))])
+    assert (source.model.name_or_path, source.model.revision, source.quantization) == (str(tiny_llama), "a" * 40, None)
+    source = comparison_base([("q", str(nf4))], [])
+    assert (source.model.dtype, source.quantization.method) == ("bfloat16", "nf4")
 
 
 def test_an_adapter_path_holding_an_equals_sign_is_a_path(tiny_llama, number_data, candidates, tmp_path, monkeypatch,

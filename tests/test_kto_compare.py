@@ -86,6 +86,10 @@ def test_a_kto_comparison_scores_each_row_against_the_base_as_eval_alone_does(ti
     alone = _eval(tmp_path, "--adapter", str(a), *data)
     assert _close(two["a"], alone, 1e-5) and abs(two["a"]["kl"] - rows["a"]["kl"]) > 1e-4, (two["a"], alone)
     assert abs(two["base"]["loss"] - 0.5) <= 1e-6  # (both weights 1)
+    # without --model: the base a and b (and m's peftkit.json merged_from) record, the same rows
+    args = ["--adapter", f"a={a}", "--adapter", f"b={b}", "--merged", f"m={tmp_path / 'm'}", *data]
+    recorded, given = _eval(tmp_path, *args), _eval(tmp_path, "--model", str(tiny_llama), *args)
+    assert recorded == given and sorted(recorded) == ["a", "b", "base", "m"], (recorded, given)
 
 
 def test_a_sequence_classifier_in_a_kto_comparison_is_refused(tiny_llama, unpaired, tmp_path, monkeypatch, capsys):

@@ -90,6 +90,11 @@ def test_a_dpo_comparison_scores_each_row_against_the_base_as_eval_alone_does(ti
     assert "comparison on main" in printed and "comparison on held" in printed
     assert f"{rows['main']['a']['loss'] - math.log(2):+.4f}" in printed  # the Δ column
     assert rows["main"]["a"]["trainable_params"] > 0 and "trainable_params" not in rows["main"]["m"]
+    # without a recipe or --model: the base a and b (and m's peftkit.json merged_from) record, the same rows
+    args = ["--adapter", f"a={a}", "--adapter", f"b={b}", "--merged", f"m={tmp_path / 'm'}", "--data",
+            str(pairs["eval"]), "--format", "preference"]
+    recorded, given = _eval(tmp_path, *args)[0], _eval(tmp_path, "--model", str(tiny_llama), *args)[0]
+    assert recorded == given and sorted(recorded) == ["a", "b", "base", "m"], (recorded, given)
 
 
 def test_a_merged_model_whose_tokens_are_not_the_base_s_is_refused_under_dpo(tiny_llama, pairs, tmp_path,

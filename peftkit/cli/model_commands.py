@@ -174,9 +174,15 @@ def eval_cmd(
     if predictions is not None and not comparing:
         _check_apart(json_out, predictions, "the --predictions file")
     single = adapter_path(adapters[0]) if adapters and not comparing else None
+    base = None
+    if comparing and recipe is None and not model and data:  # the base row its candidates record
+        from peftkit.compare_base import comparison_base
+
+        named = [(n, adapter_path(p)) for n, p in named]
+        base = comparison_base(named, [(n, local_path(p)) for n, p in named_merged], trust_remote_code)
     job = eval_job(recipe, overrides or [], local_path(model) if model else None, local_path(data) if data else None, fmt,
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                   predictions, task, comparing=comparing, split=split, data_revision=data_revision)
+                   predictions, task, comparing=comparing, split=split, data_revision=data_revision, base=base)
     inputs += job_inputs(job)  # a recipe's data.eval and model, a run's adapter/
     for path, flag in outputs:
         if path is not None:
