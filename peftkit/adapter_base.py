@@ -79,7 +79,7 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     from peftkit.adapter_meta import read_meta
     from peftkit.methods.expert_lists import on_fused_experts
     from peftkit.methods.lora_init import base_weight_of, on_original_base
-    from peftkit.new_tokens import adapter_tokens, resize, saved_rows
+    from peftkit.new_tokens import adapter_tokens, check_rows_known, resize, saved_rows
     from peftkit.peft_fields import check_weight_tying
     from peftkit.peft_format import load_adapter
 
@@ -106,6 +106,8 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     model = load_model(model_cfg, quant, device, labels)
     if model_cfg.add_tokens and (rows := saved_rows(model, state)):  # peft's base resized to a multiple of 64
         resize(model, rows)
+    elif not model_cfg.add_tokens:  # (rows past the base's, and no tokenizer beside the adapter to say why)
+        check_rows_known(adapter_dir, adapter_cfg, state, model, name)
     if changes is not None and (changed := changes()):
         warnings.warn(PeftkitWarning(changed_base_note(name, Path(adapter_dir).parent, changed)), stacklevel=3)
     if quant is not None and warn_requantized:

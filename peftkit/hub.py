@@ -94,3 +94,38 @@ def cache_miss(repo_id: str, revision: str | None) -> str:
     fix = "unset HF_HUB_OFFLINE to download this one" if offline else "download it where the hub can be reached"
     return (f"revision '{revision or 'main'}' is not in the local Hugging Face cache ({repo}), which holds {held}, "
             f"and {why}. Ask for a revision it holds, or {fix}.")
+
+
+def cached_adapter(path: str | Path) -> tuple[str, str, str | None] | None:
+    """(repository, commit, subfolder or None) of the hub adapter whose snapshot in the local Hugging Face cache is
+    `path` (as `hub_adapter` gives it); None for a directory elsewhere."""
+    from huggingface_hub import constants
+
+    try:
+        parts = Path(path).resolve().relative_to(Path(constants.HF_HUB_CACHE).resolve()).parts
+    except (OSError, ValueError):
+        return None
+    if len(parts) < 3 or not parts[0].startswith("models--") or parts[1] != "snapshots":
+        return None
+    return parts[0].removeprefix("models--").replace("--", "/"), parts[2], "/".join(parts[3:]) or None
+
+
+def tokenizer_fetch(path: str | Path) -> str | None:
+    """What to do about a hub adapter's snapshot at `path` that holds no tokenizer files (one cached before
+    `hub_adapter` fetched them with the adapter's): fetch them once, by this command without HF_HUB_OFFLINE or by
+    `hf download` of those files; None where `path` is no cached hub adapter."""
+    from huggingface_hub import constants
+
+    if (cached := cached_adapter(path)) is None:
+        return None
+    repo_id, commit, subfolder = cached
+    inside = f"{subfolder}/" if subfolder else ""
+    patterns = dict.fromkeys(f"'{inside}tokenizer*'" if name.startswith("tokenizer") else f"{inside}{name}"
+                             for name in TOKENIZER_FILES)
+    command = f"hf download {repo_id} --revision {commit} " + " ".join(f"--include {p}" for p in patterns)
+    why = ("HF_HUB_OFFLINE is set, so nothing is fetched now" if constants.HF_HUB_OFFLINE else
+           "the hub repository holds none beside the adapter, or could not be reached")
+    return (f"It is hub adapter {repo_id}'s snapshot {commit} in the local Hugging Face cache, which holds only the "
+            f"files fetched when it was cached (before peftkit fetched the tokenizer's with an adapter's), and {why}. "
+            f"Fetch them once: run this command again with HF_HUB_OFFLINE=0 (peftkit fetches them beside the adapter), "
+            f"or `{command}`.")

@@ -217,3 +217,36 @@ def held_tokenizer_length(adapter_dir) -> int | None:
         return len(AutoTokenizer.from_pretrained(directory, trust_remote_code=False))  # never the adapter's code
     except Exception:  # noqa: BLE001 - a tokenizer that does not load alone says nothing of the adapter
         return None
+
+
+def check_rows_known(adapter_dir, adapter_cfg, state: dict[str, torch.Tensor], model: nn.Module, base: str) -> None:
+    """An adapter peft saved for a base with tokens added (TRL's setup_chat_format) trains rows past `model`'s
+    embeddings, and no tokenizer lies beside it to tell `adapter_tokens` those tokens: said with what is missing and
+    how to get it, where it failed as "token id 102 is past the 102 rows" (a hub adapter cached before peftkit fetched
+    the tokenizer files with it: `peftkit.hub.tokenizer_fetch`)."""
+    from pathlib import Path
+
+    from peftkit.adapter_meta import read_meta
+    from peftkit.hub import TOKENIZER_FILES, tokenizer_fetch
+
+    if read_meta(adapter_dir).peftkit_version is not None or any((Path(adapter_dir) / name).is_file()
+                                                                 for name in TOKENIZER_FILES):
+        return  # (peftkit.json lists the tokens its run added; a tokenizer beside the adapter tells them)
+    try:
+        rows, saved = model.get_input_embeddings().weight.shape[0], saved_rows(model, state)
+    except (AttributeError, NotImplementedError, StopIteration):  # a model without plain input embeddings
+        return
+    given = getattr(adapter_cfg, "trainable_token_indices", None) or []
+    ids = [*(given if isinstance(given, list) else (i for each in given.values() for i in each)),
+           *(getattr(adapter_cfg, "token_indices", None) or [])]
+    if max([saved - 1, *ids], default=-1) < rows:
+        return
+    what = (f"its trainable token ids reach {max(ids)}" if ids and max(ids) >= rows
+            else f"its saved embeddings have {saved} rows")
+    fix = tokenizer_fetch(adapter_dir) or ("Copy the tokenizer saved with the adapter into it (tokenizer.json, "
+                                           "tokenizer_config.json, special_tokens_map.json), or give --model the base "
+                                           "with those tokens added and its embeddings resized to hold them.")
+    raise PeftkitError(f"Adapter {adapter_dir}: {what}, past the {rows} embedding rows of its base {base}: it was made "
+                       "for the base with tokens added (as TRL's setup_chat_format adds them), which peftkit learns "
+                       "from the tokenizer saved beside the adapter, and the adapter's directory holds none of its "
+                       f"files ({', '.join(TOKENIZER_FILES[:3])}, ...). {fix}")

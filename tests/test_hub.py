@@ -621,31 +621,42 @@ def _fetch_as_online(monkeypatch, hub: Path, into: Path) -> None:
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fetch)
 
 
+MARKERS = ["<|im_start|>", "<|im_end|>"]
+
+
+def _new_token_adapter(tiny_llama, local: Path) -> Path:
+    """peft's adapter for tiny_llama with MARKERS added (ids 102 and 103; TRL's setup_chat_format), its tokenizer
+    saved beside it, as Trainer saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from tests.conftest import load_fp32
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(tiny_llama)
+    base.resize_token_embeddings(len(tok))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                        trainable_token_indices={"embed_tokens": [102, 103], "lm_head": [102, 103]})
+    get_peft_model(base, config).save_pretrained(local)
+    tok.save_pretrained(local)
+    return local
+
+
 def test_a_hub_adapter_of_peft_with_new_tokens_brings_its_tokenizer(hub, tiny_llama, number_data, tmp_path,
                                                                    monkeypatch):
     """peft's adapter for a base with new tokens (TRL's setup_chat_format: the tokenizer saved beside it) tells them by
     that tokenizer: fetched from the hub, the tokenizer's files come with the adapter's (the adapter's alone came: the
     tokens were missing, and the adapter did not load), and eval gives what the local directory gives."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer
     from typer.testing import CliRunner
 
     from peftkit.cli import app
     from peftkit.hub import hub_adapter
     from peftkit.inference import ModelSource
     from peftkit.recipe import ModelConfig
-    from tests.conftest import load_fp32
 
-    markers = ["<|im_start|>", "<|im_end|>"]
-    tok = AutoTokenizer.from_pretrained(tiny_llama)
-    tok.add_special_tokens({"additional_special_tokens": markers})
-    base = load_fp32(tiny_llama)
-    base.resize_token_embeddings(len(tok))
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
-                        trainable_token_indices={"embed_tokens": [102, 103], "lm_head": [102, 103]})
-    local = tmp_path / "peft-adapter"
-    get_peft_model(base, config).save_pretrained(local)
-    tok.save_pretrained(local)
+    markers = MARKERS
+    local = _new_token_adapter(tiny_llama, tmp_path / "peft-adapter")
     (local / "README.md").write_text("a model card")
     _publish_to(hub, "acme/chatml-peft", local, "d" * 40)
     _fetch_as_online(monkeypatch, hub, tmp_path / "fetched")
@@ -661,6 +672,50 @@ def test_a_hub_adapter_of_peft_with_new_tokens_brings_its_tokenizer(hub, tiny_ll
                             for adapter in (str(local), "acme/chatml-peft"))
     assert local_eval.exit_code == 0 and hub_eval.exit_code == 0, local_eval.output + hub_eval.output
     assert hub_eval.stdout == local_eval.stdout
+
+
+def test_a_new_token_adapter_cached_without_its_tokenizer_says_what_is_missing(hub, tiny_llama, number_data, tmp_path,
+                                                                              monkeypatch, capsys):
+    """An offline cache filled before peftkit fetched the tokenizer files beside a hub adapter holds the new-token
+    adapter's files alone: loading it failed with "token id 102 is past the 102 rows", not saying why; it says the
+    tokenizer files are missing and how to fetch them, and with them fetched into the snapshot (what that does) eval
+    gives what the local directory gives. A local directory without them is told to get them back."""
+    from tests.conftest import cli_user_error
+
+    local = _new_token_adapter(tiny_llama, tmp_path / "peft-adapter")
+    adapter_only = tmp_path / "adapter-only"
+    adapter_only.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(local / name, adapter_only / name)
+    _publish_to(hub, "acme/chatml-peft", adapter_only, "d" * 40)
+    snapshot = hub / "models--acme--chatml-peft" / "snapshots" / ("d" * 40)
+    data = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--adapter"]
+    start = ("its trainable token ids reach 103, past the 102 embedding rows of its base {base}: it was made for the "
+             "base with tokens added (as TRL's setup_chat_format adds them), which peftkit learns from the tokenizer "
+             "saved beside the adapter, and the adapter's directory holds none of its files (tokenizer.json, "
+             "tokenizer_config.json, special_tokens_map.json, ...).").format(base=tiny_llama)
+    err = " ".join(cli_user_error(monkeypatch, capsys, *data, "acme/chatml-peft").split())
+    assert err == (f"error: Adapter {snapshot}: {start} It is hub adapter acme/chatml-peft's snapshot {'d' * 40} in "
+                   "the local Hugging Face cache, which holds only the files fetched when it was cached (before "
+                   "peftkit fetched the tokenizer's with an adapter's), and HF_HUB_OFFLINE is set, so nothing is "
+                   "fetched now. Fetch them once: run this command again with HF_HUB_OFFLINE=0 (peftkit fetches them "
+                   f"beside the adapter), or `hf download acme/chatml-peft --revision {'d' * 40} --include "
+                   "'tokenizer*' --include special_tokens_map.json --include added_tokens.json --include vocab.json "
+                   "--include merges.txt --include vocab.txt --include spiece.model`."), err
+    err = " ".join(cli_user_error(monkeypatch, capsys, *data, str(adapter_only)).split())
+    assert err == (f"error: Adapter {adapter_only}: {start} Copy the tokenizer saved with the adapter into it "
+                   "(tokenizer.json, tokenizer_config.json, special_tokens_map.json), or give --model the base with "
+                   "those tokens added and its embeddings resized to hold them."), err
+
+    for file in local.iterdir():  # the tokenizer's files fetched into the snapshot, as `hf download` puts them
+        if not (snapshot / file.name).exists():
+            shutil.copyfile(file, snapshot / file.name)
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    fetched, alone = (CliRunner().invoke(app, [*data, adapter]) for adapter in ("acme/chatml-peft", str(local)))
+    assert fetched.exit_code == 0 and fetched.stdout == alone.stdout, fetched.output
 
 
 def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_data, tmp_path):
