@@ -176,25 +176,46 @@ def _cannot_push() -> str | None:
 
 def push_run(out: Path, export, console) -> None:
     """export.push_to_hub at a finished run's end (main process): `out`'s adapter/ pushed as `peftkit push` does,
-    with export.push_revision and export.push_private (`export`: the recipe's ExportConfig), and the push recorded in
-    its manifest.json (`pushed_to_hub`: repository, branch, commit id and URL). A push that fails keeps the run (its
-    files are written): the error says so and how to push it again."""
-    import json
-
-    from peftkit.fileio import atomic_write_json
-
+    with export.push_revision and export.push_private (`export`: the recipe's ExportConfig), said, and then recorded
+    in its manifest.json (`_record_push`). A push that fails keeps the run (its files are written): the error says so
+    and how to push it again."""
     repo_id, revision = export.push_to_hub, export.push_revision
     try:
         commit_url, files, _, commit = push(out, repo_id, revision, export.push_private)
     except PeftkitError as e:
         raise PeftkitError(f"The run finished and its files are in {out}, but export.push_to_hub failed: {e} Push it "
                            f"again with `{_push_command(export, out)}`.") from None
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    manifest["pushed_to_hub"] = {"repo": repo_id, "revision": revision or "main", "commit": commit, "url": commit_url}
-    atomic_write_json(out / "manifest.json", manifest)
     at = f" ({revision})" if revision else ""
     console.print(f"export.push_to_hub: pushed {len(files)} files of {out / 'adapter'} to {repo_id}{at}: {commit_url}",
-                  highlight=False, soft_wrap=True)
+                  highlight=False, soft_wrap=True)  # said before manifest.json is touched: said even if that fails
+    _record_push(out, {"repo": repo_id, "revision": revision or "main", "commit": commit, "url": commit_url})
+
+
+def _record_push(out: Path, record: dict) -> None:
+    """`record` (the push: repository, branch, commit id and URL) as manifest.json's `pushed_to_hub`. Where
+    manifest.json cannot be read or rewritten (a full disk, a read-only or removed file, an edited one), the push has
+    happened all the same: the error says so first, then why the file could not take it, and holds the record in
+    full, to be kept from there (the console said the commit already). manifest.json is left as it was (its write is
+    atomic) and so is every other file of the run: pushing again is not needed. The record is not written to another
+    file instead: the disk that refused manifest.json would most likely refuse it too, and a file that is no run
+    entry would outlive the run (a new run in the directory clears only its own entries)."""
+    import json
+
+    from peftkit.fileio import atomic_write_json
+
+    path = out / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest["pushed_to_hub"] = record
+        atomic_write_json(path, manifest)
+    except (OSError, ValueError, PeftkitError) as e:  # ValueError: no JSON (or no UTF-8) where manifest.json was
+        why = str(e) if isinstance(e, PeftkitError) else f"{type(e).__name__}: {e}"
+        why += "" if why.endswith(".") else "."
+        raise PeftkitError(
+            f"export.push_to_hub pushed the run's adapter/ to {record['repo']} ({record['revision']}): commit "
+            f"{record['commit']}, {record['url']}. But {path} could not record the push: {why} It is unchanged, and "
+            f"nothing of the run in {out} is lost; the push need not be made again. The record manifest.json lacks "
+            f"(keep it, or add it there as its key): \"pushed_to_hub\": {json.dumps(record)}") from None
 
 
 def _push_command(export, out: Path | None = None) -> str:

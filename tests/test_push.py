@@ -489,3 +489,55 @@ def test_a_push_that_fails_at_the_end_keeps_the_run_and_says_how_to_push_again(f
     fake_hub.refusal = None
     _said("push", str(run), "acme/tiny-lora")  # as the error says
     assert fake_hub.commits[0]["files"] == _files(run / "adapter")
+
+
+@pytest.mark.parametrize("failure", ["read-only", "disk full"])
+def test_a_push_manifest_json_cannot_record_says_it_was_pushed_with_the_record(fake_hub, tiny_llama, number_data,
+                                                                               tmp_path, failure):
+    """The push at the run's end succeeds and manifest.json cannot be rewritten (a read-only file system: the OSError
+    itself; a full disk: fileio's DiskFullError): the commit is said on the console first, and the error says the push
+    was made (repository, branch, commit, URL), why manifest.json could not take it, that nothing is lost, and holds
+    the record exactly as manifest.json would have; manifest.json stays byte for byte as the run wrote it."""
+    import errno
+
+    from rich.console import Console
+
+    import peftkit.fileio
+    from peftkit.fileio import DiskFullError
+    from peftkit.push import push_run
+
+    export = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2},
+                                     export={"push_to_hub": "acme/tiny-lora", "push_revision": "v1"})).export
+    train(load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2})))  # (not pushed)
+    run = tmp_path / "run"
+    before = (run / "manifest.json").read_bytes()
+
+    def refuse(path, obj) -> None:
+        if failure == "read-only":
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        raise DiskFullError(f"No space left on the device while writing {path}. The previous version of it, if any, "
+                            "is intact; free some disk space, or write somewhere else.")
+
+    console = Console(record=True, width=400)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(peftkit.fileio, "atomic_write_json", refuse)
+        with pytest.raises(PeftkitError) as e:
+            push_run(run, export, console)
+    [commit] = fake_hub.commits
+    assert commit["files"] == _files(run / "adapter") and commit["branch"] == "v1"
+    url = f"{fake_hub.endpoint}/acme/tiny-lora/commit/{1:040x}"
+    assert f"pushed {len(commit['files'])} files of {run / 'adapter'} to acme/tiny-lora (v1): {url}" in \
+        console.export_text()
+    why = ("OSError: [Errno 30] Read-only file system: " + repr(str(run / "manifest.json")) + "." if failure ==
+           "read-only" else f"No space left on the device while writing {run / 'manifest.json'}.")
+    said = str(e.value)
+    assert said.startswith(f"export.push_to_hub pushed the run's adapter/ to acme/tiny-lora (v1): commit {1:040x}, "
+                           f"{url}. But {run / 'manifest.json'} could not record the push: {why}"), said
+    assert (f"It is unchanged, and nothing of the run in {run} is lost; the push need not be made again. The record "
+            "manifest.json lacks (keep it, or add it there as its key): \"pushed_to_hub\": ") in said
+    record = json.loads(said.split('"pushed_to_hub": ', 1)[1])
+    assert record == {"repo": "acme/tiny-lora", "revision": "v1", "commit": f"{1:040x}", "url": url}
+    assert (run / "manifest.json").read_bytes() == before
+    push_run(run, export, Console(quiet=True))  # writable again: the record is what it would be
+    assert json.loads((run / "manifest.json").read_text())["pushed_to_hub"] == record | {"commit": f"{2:040x}",
+                                                                                         "url": url[:-40] + f"{2:040x}"}
