@@ -175,3 +175,39 @@ def test_json_and_predictions_on_one_file_is_refused(tiny_llama, number_data, tm
     assert f"--json {tmp_path / '.' / 'out.json'} is the --predictions file too: the metrics would replace the " \
            "predictions. Give --json another path." in err
     assert not out.exists()
+
+
+def test_json_and_predictions_on_one_name_of_several_eval_sets_writes_both(tiny_llama, number_data, tmp_path,
+                                                                           monkeypatch, capsys):
+    """Of a data.eval of several sets, `--json p.jsonl --predictions p.jsonl` was refused as one file, though the
+    answers go to p.SET.jsonl each and p.jsonl holds the metrics alone: now p.jsonl holds each set's figures and
+    p.SET.jsonl its answers, both what `--data FILE` of that set's file alone writes. --json naming a set's
+    predictions file (p.numbers.jsonl) is still refused, before anything is written."""
+    from peftkit.cli import main
+
+    other = tmp_path / "other.jsonl"
+    write_jsonl(other, [{"instruction": f"Add one to {k}.", "output": str(k + 1)} for k in range(3)])
+    files = {"numbers": number_data["eval"], "other": other}
+    recipe = make_recipe(tmp_path / "r", tiny_llama, number_data, data={"eval": {k: str(v) for k, v in files.items()}},
+                         eval={"max_new_tokens": 3})
+
+    def written(*args: str) -> None:
+        monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(recipe), "--metrics", "exact_match", *args])
+        main()
+
+    p = tmp_path / "p.jsonl"
+    written("--json", str(p), "--predictions", str(p))
+    figures = json.loads(p.read_text())
+    assert sorted(figures) == ["numbers", "other"]
+    for name, path in files.items():
+        alone = tmp_path / f"alone-{name}"
+        written("--data", str(path), "--json", f"{alone}.json", "--predictions", f"{alone}.jsonl")
+        assert figures[name] == json.loads((tmp_path / f"alone-{name}.json").read_text())
+        assert (tmp_path / f"p.{name}.jsonl").read_bytes() == (tmp_path / f"alone-{name}.jsonl").read_bytes()
+        assert len((tmp_path / f"p.{name}.jsonl").read_text().splitlines()) == len(path.read_text().splitlines())
+    clash = tmp_path / "q.numbers.jsonl"
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--metrics", "exact_match", "--json",
+                                  str(clash), "--predictions", str(tmp_path / "q.jsonl")).split())
+    assert (f"--json {clash} is the --predictions file of numbers, {clash}, too: the metrics would replace the "
+            "predictions. Give --json another path.") in err, err
+    assert not list(tmp_path.glob("q*"))

@@ -171,8 +171,6 @@ def eval_cmd(
     for path, flag in outputs:
         if path is not None:
             check_json_out(path, flag, inputs)
-    if predictions is not None and not comparing:
-        _check_apart(json_out, predictions, "the --predictions file")
     single = adapter_path(adapters[0]) if adapters and not comparing else None
     base = None
     if comparing and recipe is None and not model and data:  # the base row its candidates record
@@ -184,6 +182,8 @@ def eval_cmd(
                    single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
                    predictions, task, comparing=comparing, split=split, data_revision=data_revision, base=base)
     inputs += job_inputs(job)  # a recipe's data.eval and model, a run's adapter/
+    if predictions is not None and not comparing and len(job.eval_sets) <= 1:  # (several: each set's file, below)
+        _check_apart(json_out, predictions, "the --predictions file")
     for path, flag in outputs:
         if path is not None:
             check_json_out(path, flag, inputs)
