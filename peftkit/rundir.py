@@ -126,15 +126,15 @@ def _moved_path(key: str, old, new) -> bool:
 
 
 def _derived_format_hint(changed: dict) -> str:
-    """Where data.format differs from a run's `alpaca`: a recipe that sets none reads its data.eval, since 5 December
-    2026, in the one format its data.train datasets name (`DataConfig._format_of_the_datasets`), which a run made
-    before read as alpaca."""
+    """Where data.format differs from a run's `alpaca`: a recipe that sets none reads its data.eval (and a file
+    `eval`/`generate --data` name), since 5 December 2026, in the one format its data.train datasets name
+    (`DataConfig._format_of_the_datasets`), which a run made before read as alpaca."""
     old, new = changed.get("data.format", (None, None))
     if old != "alpaca" or new in (None, "alpaca"):
         return ""
-    return (f" If this recipe sets no data.format: it now reads data.eval as {new}, the format every dataset of "
-            "data.train names (since 5 December 2026), where that run read it as alpaca; set data.format: alpaca to "
-            "go on with that run.")
+    return (f" If this recipe sets no data.format: it now reads data.eval and --data files as {new}, the format "
+            "every dataset of data.train names (since 5 December 2026), where that run read them as alpaca; set "
+            "data.format: alpaca to go on with that run.")
 
 
 def _changed_keys(before: str | None, after: str) -> dict[str, tuple]:

@@ -723,14 +723,13 @@ def test_an_eval_set_is_read_in_the_format_every_dataset_of_data_train_names(dat
     """data.eval was read in data.format, whose default is alpaca, so a recipe training on chat datasets alone (each
     entry's own format) evaluated its conversations as alpaca rows and failed. data.format, not set, is now that one
     format where a set of data.eval has none of its own; not set over a mix of formats, a data.format set, or
-    data.columns of another format's fields, which were written for the default."""
+    data.columns of another format's fields, which were written for the default. (Without a set that reads it too:
+    tests/test_data_format_of_the_datasets.py.)"""
     cfg = DataConfig(**data)
     assert cfg.for_eval(next(iter(cfg.eval_sources()))).format == read
     assert cfg.format == read  # what the run's recipe.yaml writes
     fixed = {k: v for k, v in data.items() if k != "columns"} | {"format": "alpaca"}
     assert DataConfig(**fixed).for_eval(next(iter(cfg.eval_sources()))).format == "alpaca"
-    alone = DataConfig(train=[C], eval={"y": {"path": "t.jsonl", "format": "text"}})  # no set reads data.format
-    assert alone.format == DataConfig(train=[C]).format == "alpaca"  # (a run made before resumes: the same recipe)
 
 
 def test_a_run_on_chat_datasets_evaluates_its_eval_set_as_chat_and_peftkit_eval_of_it_agrees(tiny_llama, number_data,
@@ -774,7 +773,8 @@ def test_a_data_format_set_still_wins_and_a_run_of_it_resumes_only_with_it(tiny_
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(PeftkitError, match=r"holds a run of a different recipe \(its recipe.yaml differs in "
                                            r"data.format\).* If this recipe sets no data.format: it now reads "
-                                           r"data.eval as chat, .* set data.format: alpaca to go on with that run."):
+                                           r"data.eval and --data files as chat, .* set data.format: alpaca to go "
+                                           r"on with that run."):
         train(load_recipe(recipe), resume=True, console=_quiet())
 
 

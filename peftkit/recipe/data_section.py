@@ -98,7 +98,7 @@ class DataConfig(Section):
     classification: text, label and optional text_pair (model.task: sequence_classification); preference: prompt,
     chosen, rejected (training.objective: dpo; `peftkit.data.preference`); unpaired: prompt, completion and a true/false
     label (training.objective: kto; `peftkit.data.unpaired`). Not set, where every
-    dataset of a data.train list names one format and a set of data.eval none: that one (`_format_of_the_datasets`)."""
+    dataset of a data.train list names one format: that one (`_format_of_the_datasets`)."""
     max_length: int = Field(512, gt=0)
     """Examples are truncated to this many tokens; one with no target token left is dropped (and counted)."""
     truncation: Literal["keep", "drop", "error"] = "keep"
@@ -124,29 +124,31 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _format_of_the_datasets(self) -> DataConfig:
-        """data.format, where the recipe does not set it and a set of data.eval's has no format of its own (so is
-        read in data.format), is the format every dataset of data.train's list names: a recipe that trains on
-        conversations evaluates on conversations. The run's recipe.yaml writes it, so `peftkit eval RUN_DIR` reads
-        them so too. Not where data.columns, or such a set's own columns, name fields of another format (written for
-        data.format's default); without such a set it stays, so the recipe.yaml of a run made before (resumed) stays
-        the same."""
+        """data.format, where the recipe does not set it, is the format every dataset of data.train's list names: a
+        recipe that trains on conversations evaluates on conversations, its data.eval's sets without a format of their
+        own and a file `eval`/`generate --data` name alike. The run's recipe.yaml writes it, so `peftkit eval RUN_DIR`
+        reads them so too. Not where data.columns, or a set of data.eval's own columns read in data.format, name
+        fields of another format (written for data.format's default). Taken whether or not data.eval is there or reads
+        data.format (it was only where a set of it did, so `--data FILE` of a recipe without one was read as alpaca):
+        a run made before of a recipe without data.eval resumes with data.format set as its recipe.yaml has it
+        (`rundir._derived_format_hint` says so)."""
         from peftkit.data.formats import format_fields
 
         sets = list(self.eval.values()) if isinstance(self.eval, dict) else [self.eval]
-        if ("format" in self.model_fields_set or not isinstance(self.train, list) or self.eval is None
-                or None not in map(_own_format, sets)):
+        if "format" in self.model_fields_set or not isinstance(self.train, list):
             return self
         named = [_own_format(entry) for entry in self.train]
         # columns for data.format's fields, data.columns or a set's own (`eval: {x: {path, columns: {output: a}}}`):
         # written for the default, which that set is read in
         written = set(self.columns).union(*(entry.columns or {} for entry in sets if isinstance(entry, DataSource)
                                             and entry.format is None))
-        if len({fmt or self.format for fmt in named}) > 1:  # a mix: data.format's default, said where it errs
+        if len({fmt or self.format for fmt in named}) > 1:  # a mix: data.format's default, said where a set errs
             read = ", ".join(f"data.train[{i}] {fmt or self.format}" for i, fmt in enumerate(named))
-            self._eval_format_note = (
-                f"data.format is not set, so data.eval is read in its default, {self.format}: data.train's datasets "
-                f"are of several formats ({read}). Set data.format, or give the set a format of its own "
-                "(`eval: {NAME: {path: ..., format: ...}}`)")
+            if self.eval is not None and None in map(_own_format, sets):  # (a set read in data.format)
+                self._eval_format_note = (
+                    f"data.format is not set, so data.eval is read in its default, {self.format}: data.train's "
+                    f"datasets are of several formats ({read}). Set data.format, or give the set a format of its own "
+                    "(`eval: {NAME: {path: ..., format: ...}}`)")
         elif (None not in named and named[0] not in (self.format, "classification")  # (refused at its entry)
               and written <= set(format_fields(named[0]))):
             self.format = named[0]  # (validate_assignment runs the validators again, with "format" set now)
