@@ -180,8 +180,9 @@ def comparison_table(results: dict[str, dict], metrics: list[str], eval_set: str
     for name, row in results.items():
         cells = [visible(name)]  # (measured as shown: a control character is shown as `\x1b`)
         for metric in shown:
-            value, delta = row[metric], row[metric] - results[BASE][metric]
-            cells += [f"{value:.4f}", "" if name == BASE else f"{delta:+.4f}"]
+            value, base = row[metric], results[BASE][metric]  # None: a KTO margin of no undesirable answers
+            cells += ["n/a" if value is None else f"{value:.4f}",
+                      "" if name == BASE or value is None or base is None else f"{value - base:+.4f}"]
         rows.append(cells + [f"{row['trainable_params']:,}" if "trainable_params" in row else "",
                              f"{row['adapter_bytes'] / 2**20:.2f} MiB" if "adapter_bytes" in row else ""])
     on = "" if eval_set is None else f" on {eval_set}"

@@ -24,8 +24,10 @@ sums, and the KL estimate weighted by its batch's examples."""
 
 FIGURES = ("loss", "reward_margin", "chosen_reward", "rejected_reward", "kl")
 """What a KTO step logs and an evaluation reports: the mean loss, the mean desirable answer's reward less the mean
-undesirable one's (TRL's `rewards/margins`), those means (`rewards/chosen`, `rewards/rejected`; 0 where there is
-none), and the KL estimate (`kl`), averaged over the examples."""
+undesirable one's (TRL's `rewards/margins`), those means (`rewards/chosen`, `rewards/rejected`), and the KL estimate
+(`kl`), averaged over the examples. A mean of no answers is None, and so is the margin without both: a batch of
+desirable answers alone has no undesirable mean to subtract (the margin was the chosen mean less 0), and TRL's
+KTOTrainer logs neither `rewards/rejected` nor `rewards/margins` for it."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,14 @@ class KTOLoss:
         return sums[0], sums[1:]
 
     @staticmethod
-    def figures(sums: torch.Tensor) -> dict[str, float]:
-        """The mean loss, reward margin, rewards and KL estimate (`FIGURES`) of `sums` added up."""
+    def figures(sums: torch.Tensor) -> dict[str, float | None]:
+        """The mean loss, reward margin, rewards and KL estimate (`FIGURES`) of `sums` added up; a reward's mean None
+        where no answer of its kind counted, and the margin None unless both did (`FIGURES`)."""
         loss, examples, good, bad, chosen, rejected, kl = (float(s) for s in sums)
-        chosen, rejected = chosen / good if good else 0.0, rejected / bad if bad else 0.0
+        chosen, rejected = chosen / good if good else None, rejected / bad if bad else None
         n = max(examples, 1.0)
-        return {"loss": loss / n, "reward_margin": chosen - rejected, "chosen_reward": chosen,
-                "rejected_reward": rejected, "kl": kl / n}
+        return {"loss": loss / n, "reward_margin": chosen - rejected if good and bad else None,
+                "chosen_reward": chosen, "rejected_reward": rejected, "kl": kl / n}
 
     @staticmethod
     def count(sums: torch.Tensor) -> int:

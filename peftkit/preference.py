@@ -283,6 +283,7 @@ class PreferenceEval:
     def describe(self, result: dict[str, float]) -> str:
         """`eval loss 0.6931, reward accuracy 0.5000, margin 0.0000` for the console (KTO's: margin and KL)."""
         if self.loss.kind == "kto":
-            return f"eval loss {result['loss']:.4f}, margin {result['reward_margin']:.4f}, kl {result['kl']:.4f}"
+            margin = "n/a" if result["reward_margin"] is None else f"{result['reward_margin']:.4f}"  # (kto.FIGURES)
+            return f"eval loss {result['loss']:.4f}, margin {margin}, kl {result['kl']:.4f}"
         return (f"eval loss {result['loss']:.4f}, reward accuracy {result['reward_accuracy']:.4f}, margin "
                 f"{result['reward_margin']:.4f}")

@@ -58,8 +58,9 @@ class Watch:
     stale: int = 0
 
     def see(self, step: int, value: float) -> bool:
-        """Record one evaluation's value; True when it is the new best. A NaN or inf value never is."""
-        better = math.isfinite(value) and (self.value is None or (
+        """Record one evaluation's value; True when it is the new best. A NaN or inf value never is, nor None (a KTO
+        margin of an evaluation without desirable or undesirable answers: `peftkit.kto.FIGURES`)."""
+        better = value is not None and math.isfinite(value) and (self.value is None or (
             value < self.value - self.min_delta if self.lower else value > self.value + self.min_delta))
         if better:
             self.value, self.step, self.stale = value, step, 0

@@ -264,7 +264,9 @@ def _step(run: Run, window: list[dict], tokens: int,
     trained = {}  # a DPO step's mean rewards, reward accuracy and margin, as TRL logs them
     if pairs:  # (summed across the processes with the loss: still one sync)
         loss_sum, *rest = distributed.total(accelerator, torch.cat([loss_sum[None], pair_sums])).unbind()
-        trained = {k: v for k, v in objective.figures(torch.stack([loss_sum, *rest])).items() if k != "loss"}
+        # (a figure of None, KTO's margin of a batch without an undesirable answer, is left out, as TRL leaves it)
+        trained = {k: v for k, v in objective.figures(torch.stack([loss_sum, *rest])).items()
+                   if k != "loss" and v is not None}
     loss_value = float(distributed.total(accelerator, loss_sum) if not pairs else loss_sum) / n_label  # one sync
     reg_value = _regularize(run)
     if not math.isfinite(loss_value + (reg_value or 0.0)):

@@ -87,27 +87,24 @@ def test_the_loss_is_kto_s_formula_with_the_kl_estimate_clamped_and_constant():
     assert float(loss.examples(logps, reference + 5.0, desirable, real)[2]) == 0.0  # clamped at 0
 
 
-def test_kto_from_an_sft_adapter_trains_as_trl_s_kto_trainer(tiny_llama, tmp_path):
-    """KTO on adapter.init_from (an SFT adapter far from identity) against TRL's KTOTrainer on a PeftModel of it
-    (its reference a frozen copy, as peftkit's is that adapter as training starts), with an undesirable weight of
-    1.5: four SGD steps over the whole batch give TRL's losses, rewards, margins and KL estimates (positive from the
-    second step) at every step, and its adapter."""
+def _ours_and_trl_s(tiny_llama: Path, tmp_path: Path, rows: list[dict], steps: int):
+    """KTO on adapter.init_from (an SFT adapter far from identity) in peftkit and in TRL's KTOTrainer on a PeftModel
+    of it (its reference a frozen copy, as peftkit's is that adapter as training starts), SGD over the whole batch of
+    `rows` (data.eval too) with an undesirable weight of 1.5: (peftkit's training lines, TRL's, TRL's model)."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from peftkit.methods.lora import LoraConfig
 
     sft = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"),
                               tmp_path / "sft", seed=2, std=0.3)
-    rows = [_row(3, 4, True), _row(10, 20, True), _row(1, 1, True), _row(7, 8, False)]
     write_jsonl(tmp_path / "rows.jsonl", rows)
-    steps, lr, beta = 4, 1.0, 0.3
+    lr, beta = 1.0, 0.3
     recipe = _kto_recipe(tmp_path, tiny_llama, {"train": tmp_path / "rows.jsonl", "eval": tmp_path / "rows.jsonl"},
-                         max_steps=steps, batch_size=4, optimizer="sgd", lr=lr, scheduler="constant", warmup_steps=0,
-                         kto_beta=beta, kto_undesirable_weight=1.5)
+                         max_steps=steps, batch_size=len(rows), optimizer="sgd", lr=lr, scheduler="constant",
+                         warmup_steps=0, kto_beta=beta, kto_undesirable_weight=1.5)
     raw = yaml.safe_load(recipe.read_text())
     raw["adapter"] = {"init_from": str(sft)}
     recipe.write_text(yaml.safe_dump(raw))
@@ -115,23 +112,85 @@ def test_kto_from_an_sft_adapter_trains_as_trl_s_kto_trainer(tiny_llama, tmp_pat
     ours = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     model = PeftModel.from_pretrained(load_fp32(tiny_llama).train(), sft, is_trainable=True)
-    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=steps,
+    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), max_steps=steps,
                          learning_rate=lr, optim="sgd", lr_scheduler_type="constant", warmup_steps=0, beta=beta,
                          undesirable_weight=1.5, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
                          bf16=False)
     trainer = trl.KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=AutoTokenizer.from_pretrained(tiny_llama))
     trainer.train()
-    theirs = [x for x in trainer.state.log_history if "loss" in x]
-    assert theirs[-1]["kl"] > 0.1 and theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # the KL term is exercised
-    names = {"loss": "loss", "reward_margin": "rewards/margins", "chosen_reward": "rewards/chosen",
+    return ours, [x for x in trainer.state.log_history if "loss" in x], model
+
+
+TRL_NAMES = {"loss": "loss", "reward_margin": "rewards/margins", "chosen_reward": "rewards/chosen",
              "rejected_reward": "rewards/rejected", "kl": "kl"}
+"""peftkit's training figures by the names TRL's KTOTrainer logs them under."""
+
+
+def test_kto_from_an_sft_adapter_trains_as_trl_s_kto_trainer(tiny_llama, tmp_path):
+    """KTO against TRL's KTOTrainer (`_ours_and_trl_s`): four SGD steps over a batch of 3 desirable answers and 1
+    undesirable give TRL's losses, rewards, margins and KL estimates (positive from the second step) at every step,
+    and its adapter."""
+    from safetensors.torch import load_file
+
+    rows = [_row(3, 4, True), _row(10, 20, True), _row(1, 1, True), _row(7, 8, False)]
+    ours, theirs, model = _ours_and_trl_s(tiny_llama, tmp_path, rows, steps=4)
+    assert theirs[-1]["kl"] > 0.1 and theirs[-1]["loss"] < theirs[0]["loss"] - 1e-3  # the KL term is exercised
     for a, b in zip(ours, theirs, strict=True):
-        assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in names.items()), (a, b)
+        assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in TRL_NAMES.items()), (a, b)
     ours_final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     trained = {k.replace(".default", ""): v for k, v in model.state_dict().items() if ".default." in k}
     assert set(ours_final) == set(trained)
     assert max((ours_final[k] - trained[k]).abs().max().item() for k in ours_final) <= 1e-5
+
+
+def test_a_batch_without_undesirable_answers_has_no_margin_as_in_trl(tiny_llama, tmp_path, monkeypatch, capsys):
+    """A batch of desirable answers alone logged a reward_margin of the chosen mean less 0 and a rejected_reward of
+    0. TRL's KTOTrainer logs neither rewards/rejected nor rewards/margins for it: peftkit's training lines leave out
+    the same keys and give TRL's other figures (<= 1e-5); an evaluation of such answers records both as null
+    (metrics.jsonl, `peftkit eval --json`), printed `n/a`; a batch of undesirable answers alone has no chosen_reward
+    nor margin. KTOLoss.figures by hand."""
+    from peftkit.cli import main
+
+    rows = [_row(3, 4, True), _row(10, 20, True), _row(1, 1, True)]
+    ours, theirs, _ = _ours_and_trl_s(tiny_llama, tmp_path, rows, steps=2)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs, strict=True):
+        assert set(TRL_NAMES.values()) - b.keys() == {"rewards/rejected", "rewards/margins"}, b
+        assert set(TRL_NAMES) - a.keys() == {"rejected_reward", "reward_margin"}, a
+        assert all(abs(a[k] - b[v]) <= 1e-5 for k, v in TRL_NAMES.items() if v in b), (a, b)
+    evaluation = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                  if "eval_loss" in x][-1]
+    assert evaluation["eval_reward_margin"] is None and evaluation["eval_rejected_reward"] is None
+    assert evaluation["eval_chosen_reward"] > 0 or evaluation["eval_chosen_reward"] <= 0  # (a number)
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", str(tmp_path / "run"), "--json", str(tmp_path / "e.json")])
+    main()
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert got["reward_margin"] is None and got["rejected_reward"] is None
+    assert abs(got["chosen_reward"] - evaluation["eval_chosen_reward"]) <= 1e-5
+    assert f"reward_margin n/a  chosen_reward {got['chosen_reward']:.4f}  rejected_reward n/a" in capsys.readouterr().out
+
+    # sums: loss, examples, desirable, undesirable, their rewards' sums, KL x examples
+    assert KTOLoss.figures(torch.tensor([1.2, 3.0, 3.0, 0.0, 0.6, 0.0, 0.3])) == pytest.approx(
+        {"loss": 0.4, "reward_margin": None, "chosen_reward": 0.2, "rejected_reward": None, "kl": 0.1})
+    assert KTOLoss.figures(torch.tensor([1.2, 2.0, 0.0, 2.0, 0.0, -0.6, 0.2])) == pytest.approx(
+        {"loss": 0.6, "reward_margin": None, "chosen_reward": None, "rejected_reward": -0.3, "kl": 0.1})
+    assert KTOLoss.figures(torch.tensor([1.2, 3.0, 1.0, 2.0, 0.5, -0.6, 0.3])) == pytest.approx(
+        {"loss": 0.4, "reward_margin": 0.8, "chosen_reward": 0.5, "rejected_reward": -0.3, "kl": 0.1})
+    # None is never the best value of export.best / early stopping, and a comparison's cell `n/a`, without a Δ
+    from rich.console import Console
+
+    from peftkit.compare import BASE, comparison_table
+    from peftkit.selection import Watch
+
+    watch = Watch("reward_margin", lower=False)
+    assert watch.see(1, None) is False and watch.see(2, 0.5) is True and (watch.value, watch.step) == (0.5, 2)
+    console = Console(record=True, width=200)
+    console.print(comparison_table({BASE: {"reward_margin": None}, "a": {"reward_margin": 0.25},
+                                    "b": {"reward_margin": None}}, ["reward_margin"]))
+    table = console.export_text()
+    assert [[cell.strip() for cell in line.split("│")[1:4]] for line in table.splitlines()
+            if line.startswith("│")] == [["base", "n/a", ""], ["a", "0.2500", ""], ["b", "n/a", ""]], table
 
 
 def test_a_run_learns_and_eval_gives_its_last_evaluation(tiny_llama, unpaired_data, tmp_path):

@@ -244,7 +244,8 @@ def _shown(result: dict, metrics: list[str]) -> str:
         shown.append(f"loss {result['loss']:.4f}  answers {result['num_examples']}")
     elif "loss" in result:  # a classifier: cross-entropy per row, accuracy and macro_f1 follow
         shown.append(f"loss {result['loss']:.4f}  rows {result['num_examples']}")
-    shown += [f"{name} {result[name]:.4f}" for name in metrics if name in result and name not in ("loss", "perplexity")]
+    shown += [f"{name} {'n/a' if result[name] is None else format(result[name], '.4f')}" for name in metrics
+              if name in result and name not in ("loss", "perplexity")]  # None: a KTO margin without both kinds
     if "num_rows" in result:
         shown.append(f"rows {result['num_rows']}")
     return "  ".join(shown)
