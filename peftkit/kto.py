@@ -98,3 +98,31 @@ class KTOLoss:
     def count(sums: torch.Tensor) -> int:
         """The examples `sums` counts."""
         return int(sums[1])
+
+
+NEEDS = {"reward_margin": (True, False), "chosen_reward": (True,), "rejected_reward": (False,)}
+"""The figures a KTO evaluation defines only on answers of these kinds (desirable: True), as `KTOLoss.figures`."""
+
+
+def check_watched_figures(cfg, evals: dict) -> None:
+    """A KTO run whose early stopping or export.best follows a reward figure that its eval set can never define (a
+    set of desirable answers alone has no undesirable mean, hence no margin: `FIGURES`) is refused before training,
+    where the run would train to its end unable to choose. `evals`: data.eval's `PreferenceEval`s by name, the
+    primary first."""
+    from peftkit.errors import PeftkitError
+
+    es = cfg.training.early_stopping
+    for key, metric in (("training.early_stopping.metric", es and es.metric), ("export.best", cfg.best_metric)):
+        name, _, figure = (metric or "").rpartition(".")
+        if figure not in NEEDS or not evals:
+            continue
+        name = name or next(iter(evals))
+        desirable = evals[name].pairs.desirable
+        missing = [kind for kind in NEEDS[figure] if kind not in desirable]
+        if missing:
+            where = "data.eval" if name == "eval" and not isinstance(cfg.data.eval, dict) else f"data.eval.{name}"
+            lacks = " or ".join(f"{'a desirable' if kind else 'an undesirable'} one (`label: {str(kind).lower()}`)"
+                                for kind in missing)
+            raise PeftkitError(f"{key} follows {metric}, which {where} never defines: none of its {len(desirable)} "
+                               f"answers is {lacks}, and KTO's {figure} is a mean over those. Follow loss or kl, "
+                               f"or add such answers to {where}.")

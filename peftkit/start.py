@@ -540,6 +540,7 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True,
 def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pairs, dict, dict, None]:
     """`_load_data` of a DPO recipe: data.train's pairs, and each set of data.eval's as its `PreferenceEval`."""
     from peftkit.data.unpaired import load_unpaired
+    from peftkit.kto import check_watched_figures
     from peftkit.preference import PreferenceEval
 
     def read(source: str | list, split: str | None, data, chunk: int):
@@ -558,4 +559,6 @@ def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pair
         check_training_tasks(cfg, "data.eval" if name == "eval" and not isinstance(cfg.data.eval, dict)
                              else f"data.eval.{name}", pairs.task_ids)
         evals[name] = PreferenceEval(pairs, tok.pad_token_id, cfg.eval.batch_size, objective_loss(cfg.training))
+    if cfg.training.objective == "kto":
+        check_watched_figures(cfg, evals)
     return train_ex, stats, evals, None

@@ -297,6 +297,29 @@ def test_export_best_on_kl_keeps_the_adapter_nearest_the_reference(tiny_llama, u
     assert lower_is_better("general.rejected_reward") and not lower_is_better("reward_margin")
 
 
+@pytest.mark.parametrize("watch, rows, said", [
+    ({"export": {"best": "reward_margin"}, "training": {"eval_steps": 2}}, [True, True],
+     "export.best follows reward_margin, which data.eval never defines: none of its 2 answers is an undesirable one "
+     "(`label: false`)"),
+    ({"training": {"early_stopping": {"metric": "chosen_reward"}, "eval_steps": 2}}, [False, False],
+     "training.early_stopping.metric follows chosen_reward, which data.eval never defines: none of its 2 answers is a "
+     "desirable one (`label: true`)"),
+])
+def test_following_a_reward_the_eval_set_never_defines_is_refused_before_training(
+        tiny_llama, unpaired_data, tmp_path, monkeypatch, capsys, watch, rows, said):
+    """A KTO eval set of one kind of answer has no margin (`KTOLoss.figures`: None), and no mean reward of the other
+    kind: early stopping or export.best following one trained the whole run unable to choose."""
+    one_kind = tmp_path / "one_kind.jsonl"
+    write_jsonl(one_kind, [_row(i, 2, good) for i, good in enumerate(rows, 1)])
+    recipe = _kto_recipe(tmp_path, tiny_llama, {"train": unpaired_data["train"], "eval": one_kind}, max_steps=4)
+    raw = yaml.safe_load(recipe.read_text())
+    for section, keys in watch.items():
+        raw[section] |= keys
+    recipe.write_text(yaml.safe_dump(raw))
+    assert said in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_rows_of_two_forms_across_data_train_s_datasets_are_named_both(tiny_llama, tmp_path):
     """data.train lists a dataset of text answers and one of conversations: the error names the row and the first
     row it differs from (it said 'in a dataset whose first row is a text answer' of the conversations' own file)."""
