@@ -192,6 +192,7 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
     from peftkit.adapters import inject_adapters
     from peftkit.adapters.state_dicts import load_adapter_state_dict
     from peftkit.modeling import resolve_device
+    from peftkit.new_tokens import start_state
     from peftkit.peft_format import load_adapter
     from peftkit.progress import phase
     from peftkit.runtime import inference_autocast, under_autocast
@@ -199,8 +200,8 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
     device = resolve_device(source.model.device if source.model else "auto")
     source = source.here(device)
     with phase(f"Loading {source.describe()}..."):
-        model, adapter_cfg, state, *_ = load_adapter_base(source.adapter_base, source.adapter, device,
-                                                          source.trust_remote_code, tokens_of=source.added_tokens)
+        model, adapter_cfg, state, _, model_cfg, _ = load_adapter_base(
+            source.adapter_base, source.adapter, device, source.trust_remote_code, tokens_of=source.added_tokens)
     model = under_autocast(model.eval(), inference_autocast(source.mixed_precision, device), device)
 
     def inject() -> None:
@@ -209,7 +210,10 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
     if init_from:
         inject()
         try:
-            load_adapter_state_dict(model, load_adapter(init_from)[1])
+            trained, start = load_adapter(init_from)[:2]
+            if model_cfg.add_tokens:  # (tokens the run added after init_from's: their rows as training started them)
+                start = start_state(model, start, trained)
+            load_adapter_state_dict(model, start)
         except PeftkitError as error:  # (it blamed the evaluated adapter's files, or its base)
             raise PeftkitError(f"The recipe's adapter.init_from {init_from}, the reference (the adapter the recipe's "
                                f"runs train from), does not fit {source.adapter}, so it was not trained from it "

@@ -225,8 +225,10 @@ def test_init_from_needs_the_tokens_it_was_trained_with(bases, chats, tmp_path, 
     for tokens, adapter, said in [
         ([], trained, f"recipe.yaml:4: adapter.init_from {trained} was trained with model.add_tokens: "
                       "['<|im_start|>', '<|im_end|>'], whose rows it holds by id, and this recipe's model.add_tokens "
-                      "is empty. Set model.add_tokens: ['<|im_start|>', '<|im_end|>']."),
-        (MARKERS[::-1], trained, "and this recipe's model.add_tokens is ['<|im_end|>', '<|im_start|>']"),
+                      "is empty, which leaves out <|im_start|>, <|im_end|>, whose rows the adapter trained. Set "
+                      "model.add_tokens: ['<|im_start|>', '<|im_end|>'] (the adapter's tokens first, in its order"),
+        (MARKERS[::-1], trained, "and this recipe's model.add_tokens is ['<|im_end|>', '<|im_start|>'], which lists "
+                                 "them in another order. Set model.add_tokens: ['<|im_start|>', '<|im_end|>']"),
         (MARKERS, plain, f"adapter.init_from {plain} was trained without new tokens and holds no rows for them"),
     ]:
         recipe = _recipe(tmp_path, bases["llama"], chats, tokens=tokens, adapter={"method": "lora",

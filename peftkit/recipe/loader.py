@@ -527,8 +527,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
 
 def _check_init_from_tokens(recipe: Recipe, where: str) -> None:
     """The tokens adapter.init_from's training added (peftkit.json added_tokens; a peft adapter's, its tokenizer's
-    past the base's) must be model.add_tokens, in their order: its trained rows are those ids' (other tokens would
-    take them, silently, in another order), and it holds rows for those alone."""
+    past the base's) must begin model.add_tokens, in their order: its trained rows are those ids' (other tokens would
+    take them, silently, in another order). Tokens listed after them are new to this run: their rows start as a
+    fresh run's (`new_tokens.start_state`). An adapter trained without new tokens holds no rows for them."""
     from peftkit.adapter_meta import read_meta
     from peftkit.modeling import load_config
     from peftkit.new_tokens import adapter_tokens, held_tokenizer_length
@@ -540,11 +541,16 @@ def _check_init_from_tokens(recipe: Recipe, where: str) -> None:
     if not tokens and not read_meta(path).added_tokens and (
             held is None or held <= load_config(recipe.model).get_text_config().vocab_size):
         return
-    if (added := adapter_tokens(path, recipe.model)) == tokens:
+    added = adapter_tokens(path, recipe.model)
+    if tokens[:len(added)] == added and (added or not tokens):  # (none added, none asked: nothing to check)
         return
     if not added:
         raise PeftkitError(f"{where}: model.add_tokens {tokens}: adapter.init_from {path} was trained without new "
                            "tokens and holds no rows for them. Leave model.add_tokens out, or train a new adapter.")
+    dropped = [token for token in added if token not in tokens]
+    why = (f"which leaves out {', '.join(dropped)}, whose row{'s' * (len(dropped) > 1)} the adapter trained"
+           if dropped else "which lists them in another order")
     raise PeftkitError(f"{where}: adapter.init_from {path} was trained with model.add_tokens: {added}, whose rows it "
-                       f"holds by id, and this recipe's model.add_tokens is {tokens or 'empty'}. Set "
-                       f"model.add_tokens: {added}.")
+                       f"holds by id, and this recipe's model.add_tokens is {tokens or 'empty'}, {why}. Set "
+                       f"model.add_tokens: {added + [t for t in tokens if t not in added]} (the adapter's tokens "
+                       "first, in its order; tokens after them are new, their rows trained from the start).")

@@ -1,0 +1,145 @@
+"""`adapter.init_from` an adapter trained with `model.add_tokens` [A, B] under a recipe that lists more tokens after
+them ([A, B, C]: a run continued with a new token): A's and B's rows start as the adapter's, C's as a fresh run's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from peftkit.adapter_base import load_adapted_model
+from tests import test_new_tokens
+from tests.conftest import cli_user_error, load_fp32
+from tests.test_new_tokens import MARKERS, _logits, _recipe, _train
+
+bases, chats = test_new_tokens.bases, test_new_tokens.chats  # its fixtures: the tiny bases, the conversations
+
+MORE = [*MARKERS, "<tool_call>"]  # <tool_call> gets id 104
+IDS = torch.tensor([[1, 102, 40, 104, 103, 7, 104, 60], [2, 7, 103, 42, 104, 41, 3, 5]])
+ROWS = {  # the keys of the rows each case trains: the embeddings', and an untied head's
+    "rows": ["model.embed_tokens.token_adapter.trainable_tokens_delta", "lm_head.token_adapter.trainable_tokens_delta"],
+    "tied": ["model.embed_tokens.token_adapter.trainable_tokens_delta"],
+    "whole": ["model.embed_tokens.weight", "lm_head.weight"],
+    "method": ["model.embed_tokens.trainable_tokens_delta", "lm_head.trainable_tokens_delta"],  # rows of 5 too
+}
+ADAPTERS = {"rows": None, "tied": None, "whole": {"modules_to_save": ["embed_tokens", "lm_head"]},
+            "method": {"method": "trainable_tokens", "target_modules": ["embed_tokens", "lm_head"],
+                       "token_indices": [5]}}
+
+
+def _step0_state(recipe) -> dict[str, torch.Tensor]:
+    """The adapter tensors `peftkit train` would start its first step from, by their keys after base_model.model."""
+    from peftkit.adapters.state_dicts import adapter_state_dict
+    from peftkit.recipe import load_recipe
+    from peftkit.start import make_accelerator, setup
+
+    cfg = load_recipe(recipe)
+    out = recipe.parent / "run"
+    run = setup(cfg, out, False, Console(quiet=True), make_accelerator(cfg, out))
+    state = adapter_state_dict(run.model, cfg.adapter.modules_to_save or [])
+    return {k.removeprefix("base_model.model."): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+def test_a_run_from_an_adapter_adds_tokens_after_its_own(case, bases, chats, tmp_path, monkeypatch, capsys):
+    """trainable_token_indices on Llama (embeddings and head) and Qwen2 (tied), modules_to_save (the matrices whole)
+    and the trainable tokens method (with row 5): at step 0 the rows of 102, 103 (5) are the adapter's and 104's those
+    of a run without init_from, which are transformers' mean resizing to 105 rows from seed 0; the run trains, its
+    memory estimate counts the new rows, its adapter loads in peft with peftkit's logits, and inspect lists the three
+    tokens."""
+    import yaml
+    from peft import PeftModel
+
+    from peftkit.cli import main
+
+    base = bases["qwen2" if case == "tied" else "llama"]
+    lora = ADAPTERS[case]
+    _train(_recipe(tmp_path / "first", base, chats, adapter=lora, training={"max_steps": 2}), monkeypatch, capsys)
+    trained = tmp_path / "first" / "run" / "adapter"
+    saved = {k.removeprefix("base_model.model."): v
+             for k, v in load_file(trained / "adapter_model.safetensors").items()}
+    fresh = _step0_state(_recipe(tmp_path / "fresh", base, chats, tokens=MORE, adapter=lora))
+    recipe = _recipe(tmp_path, base, chats, tokens=MORE, training={"max_steps": 2})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(trained)}  # (the method and its settings are the adapter's)
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    start = _step0_state(recipe)
+    resized = load_fp32(base)
+    torch.manual_seed(0)
+    resized.resize_token_embeddings(105)
+    for key in ROWS[case]:
+        old = saved[key].shape[0]  # 2 rows (102, 103), 3 (5 too), or 104 (the whole matrix)
+        assert start[key].shape[0] == old + 1 and torch.equal(start[key][:old], saved[key])
+        assert torch.equal(start[key][old], fresh[key][old])
+        module = resized.get_input_embeddings() if key.startswith("model.embed_tokens") else resized.lm_head
+        assert torch.equal(start[key][old], module.weight[104])
+
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+    main()  # (its model checks load the adapter's rows into a meta model)
+    assert "model checks (no weight read)" in capsys.readouterr().out
+    out = _train(recipe, monkeypatch, capsys)
+    trainable = {"whole": 896 + 2 * 105 * 32, "method": 2 * 4 * 32}.get(case, 896 + len(ROWS[case]) * 3 * 32)
+    assert f"adapter {trainable * 4 / 1024:.1f} KiB + gradients" in out and f"{trainable:,} trainable of" in out
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "peftkit.json").read_text())["added_tokens"] == MORE
+    ours, _, tok, *_ = load_adapted_model(None, str(adapter), torch.device("cpu"))
+    assert tok.convert_tokens_to_ids(MORE) == [102, 103, 104]
+    peft_base = load_fp32(base)
+    peft_base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(adapter)))
+    theirs = PeftModel.from_pretrained(peft_base, adapter)
+    assert (_logits(ours, IDS) - _logits(theirs, IDS)).abs().max() <= 1e-5
+    monkeypatch.setattr("sys.argv", ["peftkit", "inspect", str(adapter)])
+    main()
+    assert "added tokens   <|im_start|>, <|im_end|>, <tool_call> (model.add_tokens)" in capsys.readouterr().out
+
+
+def test_a_list_that_leaves_out_a_trained_token_is_refused(bases, chats, tmp_path, monkeypatch, capsys):
+    """The adapter's tokens must begin model.add_tokens: one left out (its trained row would go to another token, or
+    nowhere) is named, with the list to set."""
+    _train(_recipe(tmp_path / "first", bases["llama"], chats, training={"max_steps": 1}), monkeypatch, capsys)
+    trained = tmp_path / "first" / "run" / "adapter"
+    recipe = _recipe(tmp_path, bases["llama"], chats, tokens=[MARKERS[0], "<tool_call>"],
+                     adapter={"method": "lora", "init_from": str(trained)})
+    assert (f"recipe.yaml:4: adapter.init_from {trained} was trained with model.add_tokens: ['<|im_start|>', "
+            "'<|im_end|>'], whose rows it holds by id, and this recipe's model.add_tokens is ['<|im_start|>', "
+            "'<tool_call>'], which leaves out <|im_end|>, whose row the adapter trained. Set model.add_tokens: "
+            "['<|im_start|>', '<|im_end|>', '<tool_call>'] (the adapter's tokens first, in its order; tokens after "
+            "them are new, their rows trained from the start).") in " ".join(
+        cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+
+
+def test_eval_of_a_dpo_run_from_it_gives_its_last_evaluation(bases, chats, tmp_path):
+    """DPO from the adapter with a token added: `peftkit eval RUN_DIR` takes init_from's adapter in the run's layers as
+    the reference, the new token's rows as training started them, and gives the run's last evaluation (it said the
+    adapter was not trained from init_from: the rows' shapes differed)."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.recipe import load_recipe
+    from peftkit.tiny import write_jsonl
+    from peftkit.train import train
+    from tests.conftest import make_recipe
+
+    train(load_recipe(_recipe(tmp_path / "first", bases["llama"], chats, training={"max_steps": 2})))
+    pairs = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(-2 * a)} for a in range(1, 13)]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    data = {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"}
+    recipe = make_recipe(tmp_path, bases["llama"], data, data={"format": "preference", "max_length": 64},
+                         training={"objective": "dpo", "lr": 2e-2, "max_steps": 2, "eval_steps": 2})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(tmp_path / "first" / "run" / "adapter")}
+    raw["model"]["add_tokens"] = MORE
+    recipe.write_text(yaml.safe_dump(raw))
+    train(load_recipe(recipe), console=Console(quiet=True))
+    run = tmp_path / "run"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    result = CliRunner().invoke(app, ["eval", str(run), "--json", str(tmp_path / "figures.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    assert abs(figures["loss"] - last["eval_loss"]) <= 1e-5 and abs(last["eval_loss"] - 0.6931) > 1e-3, (figures, last)
+    assert abs(figures["reward_margin"] - last["eval_reward_margin"]) <= 1e-5
