@@ -170,27 +170,21 @@ def _with_token_indices(adapter, model: nn.Module, wanted: list[str], ids: list[
     return adapter.model_copy(update={"token_indices": sorted({*adapter.token_indices, *ids})})
 
 
-def adapter_tokens(adapter_dir, base_cfg) -> list[str]:
+def adapter_tokens(adapter_dir, base_cfg, theirs=None) -> list[str]:
     """The tokens to add to the base's tokenizer, and rows to its embeddings, for the adapter at `adapter_dir`:
     the list its peftkit.json records; for an adapter peft saved (with the tokenizer Trainer writes beside it, or
     `tokenizer.save_pretrained` did), the tokens that tokenizer has past the base's, where it is the base's with
-    tokens added (TRL's `setup_chat_format`, a pad token added and the model resized)."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
+    tokens added (TRL's `setup_chat_format`, a pad token added and the model resized). `theirs`: that tokenizer,
+    where the caller has read it already (`held_tokenizer`: a load of a large tokenizer takes a fifth of a second)."""
     from peftkit.adapter_meta import read_meta
     from peftkit.modeling import load_tokenizer
 
     meta = read_meta(adapter_dir)
-    directory = Path(adapter_dir)
-    if meta.peftkit_version is not None or not any((directory / name).is_file()
-                                                   for name in ("tokenizer.json", "tokenizer_config.json")):
+    if meta.peftkit_version is not None or not _holds_tokenizer(adapter_dir):
         return meta.added_tokens
-    try:
-        theirs = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)  # never the adapter's code
-    except Exception:  # noqa: BLE001 - a tokenizer that does not load alone is not one to take tokens from
-        return []
+    theirs = held_tokenizer(adapter_dir) if theirs is None else theirs
+    if theirs is None:
+        return []  # a tokenizer that does not load alone is not one to take tokens from
     base = load_tokenizer(base_cfg.model_copy(update={"add_tokens": []}))
     if len(theirs) <= len(base):
         return []
@@ -200,21 +194,17 @@ def adapter_tokens(adapter_dir, base_cfg) -> list[str]:
     return [theirs.convert_ids_to_tokens(i) for i in range(len(base), len(theirs))]
 
 
-def held_tokenizer_length(adapter_dir) -> int | None:
-    """The length of the tokenizer an adapter peft saved holds beside it (Trainer writes it there), None where it holds
-    none, or is peftkit's (whose peftkit.json lists the tokens its training added)."""
-    from pathlib import Path
-
+def held_tokenizer(adapter_dir):
+    """The tokenizer an adapter peft saved holds beside it (Trainer writes it there), None where it holds none, is
+    peftkit's (whose peftkit.json lists the tokens its training added), or does not load alone."""
     from transformers import AutoTokenizer
 
     from peftkit.adapter_meta import read_meta
 
-    directory = Path(adapter_dir)
-    if read_meta(directory).peftkit_version is not None or not any(
-            (directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+    if read_meta(adapter_dir).peftkit_version is not None or not _holds_tokenizer(adapter_dir):
         return None
     try:
-        return len(AutoTokenizer.from_pretrained(directory, trust_remote_code=False))  # never the adapter's code
+        return AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=False)  # never the adapter's code
     except Exception:  # noqa: BLE001 - a tokenizer that does not load alone says nothing of the adapter
         return None
 
@@ -250,6 +240,18 @@ def check_rows_known(adapter_dir, adapter_cfg, state: dict[str, torch.Tensor], m
                        "for the base with tokens added (as TRL's setup_chat_format adds them), which peftkit learns "
                        "from the tokenizer saved beside the adapter, and the adapter's directory holds none of its "
                        f"files ({', '.join(TOKENIZER_FILES[:3])}, ...). {fix}")
+
+
+def held_tokenizer_length(adapter_dir) -> int | None:
+    """The length of `held_tokenizer`'s tokenizer, None where there is none."""
+    return len(tok) if (tok := held_tokenizer(adapter_dir)) is not None else None
+
+
+def _holds_tokenizer(adapter_dir) -> bool:
+    """Whether a tokenizer's files are in the adapter's directory (Trainer's, or `tokenizer.save_pretrained`'s)."""
+    from pathlib import Path
+
+    return any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def start_state(model: nn.Module, state: dict[str, torch.Tensor], trained) -> dict[str, torch.Tensor]:

@@ -143,3 +143,27 @@ def test_eval_of_a_dpo_run_from_it_gives_its_last_evaluation(bases, chats, tmp_p
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert abs(figures["loss"] - last["eval_loss"]) <= 1e-5 and abs(last["eval_loss"] - 0.6931) > 1e-3, (figures, last)
     assert abs(figures["reward_margin"] - last["eval_reward_margin"]) <= 1e-5
+
+
+def test_the_check_reads_peft_s_adapter_tokenizer_once(bases, chats, tmp_path, monkeypatch):
+    """The recipe's check of init_from's tokens (a peft adapter: those of the tokenizer beside it) read that tokenizer
+    twice, once for its length and once for its tokens (194 ms a load for SmolLM2's); now once, with the same answer:
+    the run lists the adapter's tokens and one more."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftkit.recipe import load_recipe
+
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    base.resize_token_embeddings(len(tok))
+    adapter = tmp_path / "peft-adapter"
+    config = LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [102, 103]})
+    get_peft_model(base, config).save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    recipe = _recipe(tmp_path, bases["llama"], chats, tokens=MORE, adapter={"method": "lora", "init_from": str(adapter)})
+    loads, load = [], AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
+    assert load_recipe(recipe).model.add_tokens == MORE
+    assert loads.count(str(adapter)) == 1, loads

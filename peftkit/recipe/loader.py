@@ -532,16 +532,16 @@ def _check_init_from_tokens(recipe: Recipe, where: str) -> None:
     fresh run's (`new_tokens.start_state`). An adapter trained without new tokens holds no rows for them."""
     from peftkit.adapter_meta import read_meta
     from peftkit.modeling import load_config
-    from peftkit.new_tokens import adapter_tokens, held_tokenizer_length
+    from peftkit.new_tokens import adapter_tokens, held_tokenizer
 
     path, tokens = recipe.adapter.init_from, recipe.model.add_tokens
     # peft's adapter (TRL's setup_chat_format) tells its added tokens by the tokenizer beside it: one past the base's
     # rows was trained on a resized base (a pad token added within a base's spare rows was not: it trains as before).
-    held = held_tokenizer_length(path)
+    theirs = held_tokenizer(path)  # (read once: a large tokenizer takes a fifth of a second)
     if not tokens and not read_meta(path).added_tokens and (
-            held is None or held <= load_config(recipe.model).get_text_config().vocab_size):
+            theirs is None or len(theirs) <= load_config(recipe.model).get_text_config().vocab_size):
         return
-    added = adapter_tokens(path, recipe.model)
+    added = adapter_tokens(path, recipe.model, theirs)
     if tokens[:len(added)] == added and (added or not tokens):  # (none added, none asked: nothing to check)
         return
     if not added:
