@@ -77,6 +77,32 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int, trim: bool = Fa
     return {k: v[rows, :width] if v.shape == shape else v[rows] for k, v in batch.items()}
 
 
+def stands_in(batch: dict[str, torch.Tensor], rank: int, world: int, group: int = 1) -> bool:
+    """Whether `shard` gives this process a stand-in for `batch`: its slice is empty (fewer groups than processes)."""
+    return world > 1 and rank >= len(batch["input_ids"]) // group
+
+
+_standing_in = False
+
+
+@contextlib.contextmanager
+def standing_in(active: bool):
+    """Mark the forward and backward of a stand-in (`stands_in`) while they run: a statistic that a layer adds up
+    over the processes' slices of the global batch (VeLoRA's batch mean, `in_batch_statistics`) must leave it out,
+    or the batch's first row counts twice there (3 processes, an epoch's last batch of 2 rows)."""
+    global _standing_in
+    previous, _standing_in = _standing_in, active
+    try:
+        yield
+    finally:
+        _standing_in = previous
+
+
+def in_batch_statistics() -> bool:
+    """Whether this process's rows count in a sum over the global batch (False while it runs a stand-in)."""
+    return not _standing_in
+
+
 TRIMMED = "PEFTKIT_TRIMMED_SLICES"
 """Set by `peftkit verify` for its re-run of a run of several processes (launched processes inherit it): "1" where the
 recorded run trimmed its slices (manifest.json's `distributed.trimmed_slices`), "0" where it did not (a manifest

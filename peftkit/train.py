@@ -249,13 +249,14 @@ def _step(run: Run, window: list[dict], tokens: int,
     pair_sums = torch.zeros(len(objective.SUMS) - 1, device=accelerator.device) if pairs else None  # the rewards' sums
     flat = run.cfg.model.attn_implementation == "flash_attention_2"  # packed rows go in as one, padding-free
     for i, batch in enumerate(window):
+        stand_in = distributed.stands_in(batch, rank, world, group=2 if pairs else 1)
         batch = distributed.shard(batch, rank, world, state.trimmed_slices,  # (a resumed run: as it began)
                                   group=2 if pairs else 1)
         batch = flatten(batch) if flat and "position_ids" in batch else batch
         labelled = None if run.cfg.classification else labelled_count(batch["labels"])  # on the CPU: no sync
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         last = i == len(window) - 1
-        with distributed.no_sync(accelerator, run.model, last):
+        with distributed.no_sync(accelerator, run.model, last), distributed.standing_in(stand_in):
             loss, counted = loss_fn(run.model, batch, labelled)
             distributed.backward(accelerator, run.model, loss * world / n_label, last)  # x world: DDP averages
         loss_sum += loss.detach()

@@ -71,12 +71,17 @@ def _batch_mean(groups: torch.Tensor) -> torch.Tensor:
     over them (a collective: every process's training forwards run alike): each process projected on its own
     slice's mean, which made N processes train another adapter than one process with the whole batch, and keep
     different projections, of which a checkpoint holds the main process's (a resumed batch_average_once run
-    differed from the unbroken one)."""
+    differed from the unbroken one). A process running a stand-in for an empty slice (`peftkit.distributed.shard`:
+    the batch's first row again) adds zeros: its row counted twice in the mean (3 processes, a batch of 2 rows)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1):
         return groups.mean(dim=(0, 1))
+    from peftkit.distributed import in_batch_statistics
+
     sums = torch.cat([groups.float().sum(dim=(0, 1)), groups.new_tensor([groups.shape[0] * groups.shape[1]],
                                                                         dtype=torch.float32)])
+    if not in_batch_statistics():
+        sums = torch.zeros_like(sums)
     torch.distributed.all_reduce(sums)
     return (sums[:-1] / sums[-1]).to(groups.dtype)
 
