@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -12,6 +13,20 @@ from safetensors.torch import load_file
 from peftkit.recipe import load_recipe
 from peftkit.train import train
 from tests.conftest import make_recipe
+
+METHODS = {
+    # The rank allocator (importance averages of |p * grad|, a budget pruned every step from step 2 on) and the
+    # orthogonality regulariser, added after the gradients' all-reduce, on each process alike.
+    "adalora": ({"method": "adalora", "init_r": 6, "target_r": 3, "tinit": 1, "tfinal": 1, "deltaT": 1,
+                 "orth_reg_weight": 0.5, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}, 6),
+    # Virtual tokens before each process's rows (and its slice trimmed after them).
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 8, "init": "random"}, 4),
+    # Frozen random projections shared by every layer, drawn from projection_prng_key.
+    "vera": ({"method": "vera", "r": 16, "target_modules": "all-linear", "dropout": 0.0}, 4),
+    # Rows of the embedding, trained as a delta that only the rows' tokens reach.
+    "trainable_tokens": ({"method": "trainable_tokens", "token_indices": [76, 85, 86]}, 4),
+}
+
 
 def _recipe(tmp_path, tiny_llama, number_data, adapter: dict, batch_size: int, steps: int):
     """The tests' small recipe with `adapter` as its whole adapter section (make_recipe's LoRA keys, r and alpha, are
@@ -29,6 +44,27 @@ def _recipe(tmp_path, tiny_llama, number_data, adapter: dict, batch_size: int, s
 def _exported(run) -> tuple[dict, dict]:
     adapter = run / "adapter"
     return load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_train_each_method_s_adapter_of_one_with_twice_the_batch(method, tiny_llama, number_data,
+                                                                                  tmp_path):
+    """Each method's adapter after a few steps (AdaLoRA: 6, its ranks pruned from step 2 on) is the 1-process one
+    up to float rounding, and so is its exported config (AdaLoRA's rank pattern, decided on each process from the
+    all-reduced gradients). (~20 s each: one 2-process run.)"""
+    adapter, steps = METHODS[method]
+    train(load_recipe(_recipe(tmp_path / "one", tiny_llama, number_data, adapter, 4, steps)))
+    two = _recipe(tmp_path / "two", tiny_llama, number_data, adapter, 2, steps)
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(two), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (a, config_a), (b, config_b) = _exported(tmp_path / "one" / "run"), _exported(tmp_path / "two" / "run")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].numel()) <= 1e-5
+    assert config_a == config_b
+    if method == "adalora":  # the allocator pruned (rank 6 down to an average of 3), alike
+        kept = [sum(keep) for keep in config_a["rank_pattern"].values()]
+        assert sum(kept) == 3 * len(kept) and set(kept) != {3}, kept
 
 
 def test_a_stand_in_row_is_left_out_of_velora_s_batch_mean(tiny_llama, tmp_path):
