@@ -29,14 +29,15 @@ METHODS = {
 
 
 def _recipe(tmp_path, tiny_llama, number_data, adapter: dict, batch_size: int, steps: int):
-    """The tests' small recipe with `adapter` as its whole adapter section (make_recipe's LoRA keys, r and alpha, are
-    not every method's). No dropout anywhere: its masks are drawn per process. grad_accum 2: `no_sync` on the first
+    """The tests' small recipe, without eval data, with `adapter` as its whole adapter section (make_recipe's LoRA keys,
+    r and alpha, are not every method's). No dropout anywhere: its masks are drawn per process. grad_accum 2: `no_sync` on the first
     micro-batch of each step."""
     path = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
                        training={"max_steps": steps, "batch_size": batch_size, "grad_accum": 2, "lr": 2e-2,
                                  "save_steps": steps})
     recipe = yaml.safe_load(path.read_text())
     recipe["adapter"] = adapter
+    del recipe["data"]["eval"]  # (the adapters are compared; an eval would only cost time)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
