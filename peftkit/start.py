@@ -264,7 +264,9 @@ def make_accelerator(cfg: Recipe, out: Path):
 
     check_trackers(cfg.training.report_to)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker of `accelerate launch` / torchrun: stop with the launcher
-        distributed.die_with_parent()
+        from peftkit.launch import die_with_parent
+
+        die_with_parent()
     # A process that trains twice (a notebook, verify, tests) may change mixed precision, which accelerate's
     # process-wide state refuses once set; the process group (PartialState) stays.
     AcceleratorState._reset_state()

@@ -290,7 +290,7 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
     if processes == 1 and kind not in ("FSDP", "DEEPSPEED"):
         train(recipe, console=console, show_summary=False, cache=False)  # the data tokenized anew: no cache vouches
         return
-    from peftkit.distributed import launch
+    from peftkit.launch import launch
 
     how = {"FSDP": "FSDP2-sharded ", "DEEPSPEED": f"DeepSpeed ZeRO-{stage} "}.get(kind, "")
     console.print(f"The recorded run trained in {processes} {how}process{'es' if processes > 1 else ''}; so does the re-run.")

@@ -226,7 +226,7 @@ def test_verify_relaunches_deepspeed_runs_as_the_shipped_configs(stage):
     """`peftkit verify` re-runs a DeepSpeed run through launcher flags: they say what zero<stage>.yaml says."""
     import yaml
 
-    from peftkit.distributed import launch_command
+    from peftkit.launch import launch_command
 
     command = launch_command(2, ["train", "r.yaml"], "DEEPSPEED", stage)
     flags = dict(zip(command[command.index("--use_deepspeed") + 1::2], command[command.index("--use_deepspeed") + 2::2]))

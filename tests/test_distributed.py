@@ -438,7 +438,7 @@ def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_o
     """A run directory in use: the main process stops with its error, and the other one's barrier breaks, with a
     `[rank1]:` traceback that was printed after the error (torch's prefix escaped the filter). Alone (a crash of
     its own) such a traceback is shown."""
-    from peftkit.distributed import _relay
+    from peftkit.launch import _relay
 
     error = "error: export.output_dir /r is in use by another peftkit run (process 7 on vm). Wait for it ...\n"
     trace = ["[rank1]: Traceback (most recent call last):\n", '[rank1]:   File "train.py", line 228, in train\n',
@@ -452,7 +452,7 @@ def test_a_traceback_of_a_collective_that_another_processs_error_broke_is_left_o
 def test_a_warning_of_every_process_is_said_once(capsys):
     """Every process warns of the same recipe and data (a warmup as long as the run): said once, as an error is,
     not once per process."""
-    from peftkit.distributed import _relay
+    from peftkit.launch import _relay
 
     warning = "warning: training.warmup_steps (3) is the whole run: ...; lower warmup_steps.\n"
     other = "warning: data.eval: 2 rows were skipped.\n"
@@ -464,7 +464,7 @@ def test_a_process_killed_by_a_signal_is_named_not_left_to_the_broken_collective
     """A process the out-of-memory killer ends (SIGKILL) says nothing: the run ended with exit status 1 and the other
     process's `[rank0]:` traceback (`Connection closed by peer`), the launcher's failure summary that names the
     killed process dropped with its traceback. (The launcher's stderr as it was, shortened.)"""
-    from peftkit.distributed import _relay
+    from peftkit.launch import _relay
 
     trace = ["[rank0]: Traceback (most recent call last):\n",
              "[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:16306.\n"]

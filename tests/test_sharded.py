@@ -141,7 +141,7 @@ def test_verify_relaunches_fsdp_runs_as_the_shipped_config():
     """`peftkit verify` re-runs an FSDP run through launcher flags (the package ships no configs folder): they say
     what configs/accelerate/fsdp2.yaml says; a data-parallel run goes back to --multi_gpu."""
 
-    from peftkit.distributed import launch_command
+    from peftkit.launch import launch_command
 
     command = launch_command(1, ["train", "r.yaml"], "FSDP")
     flags = dict(zip(command[command.index("--fsdp_version")::2], command[command.index("--fsdp_version") + 1::2]))

@@ -34,7 +34,7 @@ def train(
 
     check_recipe_file(recipe, Path(cfg.export.output_dir), cfg.to_yaml())
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        from peftkit.distributed import launch
+        from peftkit.launch import launch
 
         argv = ["train", str(recipe), *(f"--set={o}" for o in overrides or []), *(["--resume"] if resume else []),
                 *(["--overwrite"] if overwrite else []), *(["--no-cache"] if no_cache else [])]
