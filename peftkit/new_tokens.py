@@ -255,34 +255,29 @@ def _holds_tokenizer(adapter_dir) -> bool:
 
 
 def start_state(model: nn.Module, state: dict[str, torch.Tensor], trained) -> dict[str, torch.Tensor]:
-    """adapter.init_from's `state` fitted to `model`, injected with the run's adapter, where the run's model.add_tokens
-    lists new tokens after the adapter's (`trained`: the adapter's own settings): each tensor of trained rows is built
-    again by token id for the ids its layer now trains, an id the adapter trained taking its saved row, a new one the
-    row the layer starts from (the base's resized row, as in a run without init_from); the embeddings or head that
-    modules_to_save saved whole take the model's rows past their own. Rows held by id, never by position: the ids the
-    adapter's config lists need not be in the run's order. Where nothing was added, `state` as it is."""
+    """adapter.init_from's `state` fitted to `model`, injected with the run's adapter, where the run adds tokens
+    (`trained`: the adapter's own settings). The embeddings and head the adapter saved whole (peft's, for a resized
+    base) as `peftkit.saved_embeddings.fitted` fits them, a tied head's copy of the embeddings' rows (peft's) left
+    out; where model.add_tokens lists new tokens after the adapter's, each tensor of trained rows is built again by
+    token id for the ids its layer now trains, an id the adapter trained taking its saved row, a new one the row the
+    layer starts from (the base's resized row, as in a run without init_from). Rows held by id, never by position: the
+    ids the adapter's config lists need not be in the run's order."""
     from peftkit.adapters import PEFT_PREFIX
+    from peftkit.methods.token_rows import without_tied_copies
     from peftkit.methods.trainable_tokens import ROWS_PARAM, ReplacedRows
+    from peftkit.saved_embeddings import fitted
 
-    out = dict(state)
+    out = fitted(model, without_tied_copies(model, state))
     ids = _trained_ids(model, trained)
     for name, module in model.named_modules():
         key = f"{PEFT_PREFIX}{name}.{ROWS_PARAM}"
         old = ids.get(name.removesuffix(".token_adapter"))
-        if not isinstance(module, ReplacedRows) or key not in state or old is None or old == module.ids:
+        if not isinstance(module, ReplacedRows) or key not in out or old is None or old == module.ids:
             continue
         rows = module.trainable_tokens_delta.detach()
-        saved = state[key].to(rows.device)
+        saved = out[key].to(rows.device)
         out[key] = torch.stack([saved[old.index(i)] if i in old else rows[j].to(saved.dtype)
                                 for j, i in enumerate(module.ids)])
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        path = next((name for name, m in model.named_modules() if m is module), None)
-        key, weight = f"{PEFT_PREFIX}{path}.weight", getattr(module, "weight", None)
-        if path is None or key not in state or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        saved = state[key]
-        if saved.dim() == 2 and saved.shape[1] == weight.shape[1] and saved.shape[0] < weight.shape[0]:
-            out[key] = torch.cat([saved.to(weight.device), weight.detach()[saved.shape[0]:].to(saved.dtype)])
     return out
 
 

@@ -31,17 +31,32 @@ ADAPTERS = {"rows": None, "tied": None, "whole": {"modules_to_save": ["embed_tok
                        "token_indices": [5]}}
 
 
-def _step0_state(recipe) -> dict[str, torch.Tensor]:
-    """The adapter tensors `peftkit train` would start its first step from, by their keys after base_model.model."""
-    from peftkit.adapters.state_dicts import adapter_state_dict
+def _step0_model(recipe):
+    """The model `peftkit train` would start its first step from, and the recipe."""
     from peftkit.recipe import load_recipe
     from peftkit.start import make_accelerator, setup
 
     cfg = load_recipe(recipe)
     out = recipe.parent / "run"
-    run = setup(cfg, out, False, Console(quiet=True), make_accelerator(cfg, out))
-    state = adapter_state_dict(run.model, cfg.adapter.modules_to_save or [])
+    return setup(cfg, out, False, Console(quiet=True), make_accelerator(cfg, out)).model, cfg
+
+
+def _step0_state(recipe) -> dict[str, torch.Tensor]:
+    """The adapter tensors `peftkit train` would start its first step from, by their keys after base_model.model."""
+    from peftkit.adapters.state_dicts import adapter_state_dict
+
+    model, cfg = _step0_model(recipe)
+    state = adapter_state_dict(model, cfg.adapter.modules_to_save or [])
     return {k.removeprefix("base_model.model."): v for k, v in state.items()}
+
+
+def _from(recipe, adapter) -> None:
+    """`recipe`'s adapter section made `init_from: adapter` alone (the method and its settings are the adapter's)."""
+    import yaml
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(adapter)}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 @pytest.mark.parametrize("case", list(ROWS))
@@ -51,7 +66,6 @@ def test_a_run_from_an_adapter_adds_tokens_after_its_own(case, bases, chats, tmp
     of a run without init_from, which are transformers' mean resizing to 105 rows from seed 0; the run trains, its
     memory estimate counts the new rows, its adapter loads in peft with peftkit's logits, and inspect lists the three
     tokens."""
-    import yaml
     from peft import PeftModel
 
     from peftkit.cli import main
@@ -64,9 +78,7 @@ def test_a_run_from_an_adapter_adds_tokens_after_its_own(case, bases, chats, tmp
              for k, v in load_file(trained / "adapter_model.safetensors").items()}
     fresh = _step0_state(_recipe(tmp_path / "fresh", base, chats, tokens=MORE, adapter=lora))
     recipe = _recipe(tmp_path, base, chats, tokens=MORE, training={"max_steps": 2})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(trained)}  # (the method and its settings are the adapter's)
-    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _from(recipe, trained)
     start = _step0_state(recipe)
     resized = load_fp32(base)
     torch.manual_seed(0)
@@ -167,3 +179,76 @@ def test_the_check_reads_peft_s_adapter_tokenizer_once(bases, chats, tmp_path, m
                         classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
     assert load_recipe(recipe).model.add_tokens == MORE
     assert loads.count(str(adapter)) == 1, loads
+
+
+PEFT = {  # peft's adapters over the base resized to 104 rows: (base, its config, the run's add_tokens, what peft 0.21.2
+    # saves beside the LoRA tensors, after base_model.model.: the resized embeddings and head, save_embedding_layers)
+    "rows": ("llama", {"trainable_token_indices": {"embed_tokens": [102, 103]}}, MARKERS,
+             ["lm_head.weight", "model.embed_tokens.token_adapter.base_layer.weight",  # (the head whole, untrained)
+              "model.embed_tokens.token_adapter.trainable_tokens_delta"]),
+    "tied": ("qwen2", {"trainable_token_indices": {"embed_tokens": [102, 103]}}, MORE,
+             ["lm_head.token_adapter.base_layer.weight", "lm_head.token_adapter.trainable_tokens_delta",  # (a copy)
+              "model.embed_tokens.token_adapter.base_layer.weight",
+              "model.embed_tokens.token_adapter.trainable_tokens_delta"]),
+    "method": ("llama", {"target_modules": ["embed_tokens", "lm_head"], "token_indices": [102, 103]}, MORE,
+               ["lm_head.base_layer.weight", "lm_head.trainable_tokens_delta", "model.embed_tokens.base_layer.weight",
+                "model.embed_tokens.trainable_tokens_delta"]),
+}
+
+
+def _peft_adapter(base_dir, settings: dict, out):
+    """peft's adapter with new tokens, as its docs make one: MARKERS added to the tokenizer, the base resized (a draw
+    of its own: seed 7, where peftkit's is 0), LoRA on q_proj with the rows trained (`settings`: the rows; with
+    token_indices the trainable tokens method), moved off the resized ones; saved with the tokenizer beside it.
+    (the adapter's directory, peft's model)."""
+    from peft import LoraConfig, TrainableTokensConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(base_dir)
+    torch.manual_seed(7)
+    base.resize_token_embeddings(len(tok))
+    torch.manual_seed(1)
+    config = (TrainableTokensConfig(**settings) if "token_indices" in settings else
+              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False, **settings))
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model.eval()
+
+
+@pytest.mark.parametrize("case", list(PEFT))
+def test_a_run_from_peft_s_adapter_starts_as_it_and_peft_loads_its_export(case, bases, chats, tmp_path, monkeypatch,
+                                                                          capsys):
+    """adapter.init_from peft's adapter with new tokens: LoRA's rows of the embeddings alone on the untied Llama, with
+    model.add_tokens its tokens (peft saves the resized head whole, which the run's head rows did not take: "1 adapter
+    weights missing (...lm_head.token_adapter.trainable_tokens_delta)"); on the tied Qwen2 (peft saves the head's
+    copy of the rows: "weights for modules this model lacks", in eval too) and the trainable tokens method, with a
+    token added after the adapter's (its 104-row bases did not fit 105). peftkit's model at step 0 gives peft's
+    logits, the new rows of the resized base (peft's draw) included, as eval's load does; the run trains, and peft
+    loads its adapter with peftkit's logits."""
+    from peft import PeftModel
+
+    arch, settings, tokens, saved = PEFT[case]
+    adapter, theirs = _peft_adapter(bases[arch], settings, tmp_path / "peft-adapter")
+    assert sorted(k for k in load_file(adapter / "adapter_model.safetensors") if "lora_" not in k) == [
+        f"base_model.model.{key}" for key in saved]
+    recipe = _recipe(tmp_path, bases[arch], chats, tokens=tokens, training={"max_steps": 2})
+    _from(recipe, adapter)
+    ids = IDS.clamp(max=103)  # (peft's model has 104 rows)
+    loaded = load_adapted_model(str(bases[arch]), str(adapter), torch.device("cpu"))[0]  # (eval's load)
+    assert (_logits(loaded, ids) - _logits(theirs, ids)).abs().max() <= 1e-5
+    start = _logits(_step0_model(recipe)[0], ids)[..., :104]
+    assert (start - _logits(theirs, ids)).abs().max() <= 1e-5
+    _train(recipe, monkeypatch, capsys)
+    export = tmp_path / "run" / "adapter"
+    ours = load_adapted_model(None, str(export), torch.device("cpu"))[0]
+    assert (_logits(ours, ids)[..., :104] - start).abs().max() > 1e-3  # (trained)
+    peft_base = load_fp32(bases[arch])
+    peft_base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(export)))
+    every = IDS.clamp(max=101 + len(tokens))  # (104 where the run added it)
+    assert (_logits(ours, every) - _logits(PeftModel.from_pretrained(peft_base, export), every)).abs().max() <= 1e-5

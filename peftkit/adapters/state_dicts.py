@@ -28,7 +28,7 @@ from peftkit.methods.base import (
     check_in_range,
     refuse_unmergeable,
 )
-from peftkit.methods.token_rows import token_wrappers
+from peftkit.methods.token_rows import token_wrappers, without_tied_copies
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.recipe import AdapterConfig
 
@@ -65,6 +65,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
     if (virtual := virtual_tokens(model)) is not None:
         virtual.load_peft_state(state, encoder_restored)
         return
+    state = without_tied_copies(model, state)  # (peft's copy of the embeddings' rows for a tied head)
     targets: dict[str, torch.Tensor] = {}
     rank_dims: dict[str, int] = {}
     param_names: set[str] = set()  # the methods' tensor names (`lora_A.weight`)

@@ -117,6 +117,25 @@ def token_wrappers(model: nn.Module) -> dict[str, TokenRows]:
     return {n: m for n, m in model.named_modules() if isinstance(m, TokenRows)}
 
 
+def without_tied_copies(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the rows peft saves for a head tied to the embeddings (`lm_head.token_adapter.
+    trainable_tokens_delta`: its tied layer holds the embeddings' rows as an attribute of its own, so they are saved
+    twice), where they equal the embeddings' saved rows: here a tied head holds none (`TokenRows.tied`), and the copy
+    was refused as a weight "for modules this model lacks". A copy that differs is left, to be refused so."""
+    from peftkit.adapters import PEFT_PREFIX  # (peftkit.adapters imports this module)
+
+    paths = {id(module): name for name, module in model.named_modules()}
+    out = dict(state)
+    for path, wrapper in token_wrappers(model).items():
+        if not wrapper.tied:
+            continue
+        key = f"{PEFT_PREFIX}{path}.{TOKEN_ROWS}"
+        source = f"{PEFT_PREFIX}{paths[id(wrapper.token_adapter._source[0])]}.trainable_tokens_delta"
+        if key in out and source in out and torch.equal(out[key], out[source]):
+            del out[key]
+    return out
+
+
 def plain_name(name: str) -> str:
     """A module or tensor path of an injected model as the base model has it (wrappers taken out)."""
     return name.replace(".token_adapter.base_layer", "").replace(".base_layer", "")
