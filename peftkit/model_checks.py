@@ -99,7 +99,7 @@ def check_model(cfg: Recipe) -> str:
         if cfg.training.max_steps:  # the run's steps, known without the data: what the method adds to the loop
             method_of(cfg.adapter).trainer(model, cfg.adapter, cfg.training.max_steps)
     kinds = sorted({name.rpartition(".")[2] for name in targets})
-    return adapter_line(cfg, model, targets) + (f"; adapted: {', '.join(kinds)}" if kinds else "")
+    return adapter_line(adapter, model, targets) + (f"; adapted: {', '.join(kinds)}" if kinds else "")
 
 
 def _quantize(model, cfg: Recipe) -> None:

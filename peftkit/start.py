@@ -404,7 +404,7 @@ def _inject(cfg: Recipe, model, adapter, accelerator, console: Console, summary:
     if not zero.active(accelerator):  # (DeepSpeed scales fp16 losses with fp32 master weights of its own)
         check_fp16_gradients(model, accelerator.mixed_precision)
     summary["trainable_params"], summary["total_params"] = count_parameters(model)
-    console.print(adapter_line(cfg, model, targets))
+    console.print(adapter_line(adapter, model, targets))
     return targets
 
 
@@ -432,11 +432,13 @@ def adapt(cfg: Recipe, model, adapter) -> list[str]:
     return targets
 
 
-def adapter_line(cfg: Recipe, model, targets: list[str]) -> str:
-    """The line train prints of the adapter: the method, how many modules it adapts, its trainable parameters."""
+def adapter_line(adapter, model, targets: list[str]) -> str:
+    """The line train prints of the adapter: the method, how many modules it adapts, its trainable parameters.
+    `adapter`: the settings injected, the recipe's with what the run adds (model.add_tokens' ids: the run's rows, not
+    adapter.init_from's alone)."""
     trainable, total = count_parameters(model)
     where = f" on {len(targets)} modules" if targets else ""  # the prompt family adapts the model as a whole
-    return (f"{method_of(cfg.adapter).describe(cfg.adapter)}{where}: {trainable:,} trainable of {total:,} parameters "
+    return (f"{method_of(adapter).describe(adapter)}{where}: {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / total:.3f}%)")
 
 

@@ -315,7 +315,8 @@ def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monk
 
     recipe = _recipe(tmp_path, bases["llama"], chats)
     line = next(ln for ln in _train(recipe, monkeypatch, capsys).splitlines() if "trainable of" in ln)
-    assert line.startswith("LoRA r=4 on 4 modules: 1,024 trainable of")  # 896 LoRA + 2 x 2 rows of 32
+    assert line.startswith("LoRA r=4 with trainable tokens {'model.embed_tokens': [102, 103], 'lm_head': [102, 103]} "
+                           "on 4 modules: 1,024 trainable of")  # 896 LoRA + 2 x 2 rows of 32
     monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
     main()
     assert f"# model checks (no weight read): {line}; adapted: q_proj, v_proj\n" in capsys.readouterr().out

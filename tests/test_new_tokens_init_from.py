@@ -94,6 +94,10 @@ def test_a_run_from_an_adapter_adds_tokens_after_its_own(case, bases, chats, tmp
     main()  # (its model checks load the adapter's rows into a meta model)
     assert "model checks (no weight read)" in capsys.readouterr().out
     out = _train(recipe, monkeypatch, capsys)
+    said = {"rows": "LoRA r=4 with trainable tokens {'lm_head': [102, 103, 104], 'model.embed_tokens': [102, 103, 104]} "
+                    "on 4 modules", "tied": "LoRA r=4 with trainable tokens [102, 103, 104] on 4 modules",
+            "whole": "LoRA r=4 on 4 modules", "method": "Trainable tokens (4 rows) on 2 modules"}[case]
+    assert f"\n{said}: " in out, out  # (the run's ids: it said the adapter's [102, 103], 3 rows)
     trainable = {"whole": 896 + 2 * 105 * 32, "method": 2 * 4 * 32}.get(case, 896 + len(ROWS[case]) * 3 * 32)
     assert f"adapter {trainable * 4 / 1024:.1f} KiB + gradients" in out and f"{trainable:,} trainable of" in out
     adapter = tmp_path / "run" / "adapter"
