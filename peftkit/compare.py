@@ -12,7 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from peftkit.errors import PeftkitError, visible
-from peftkit.evaluate import EvalJob, evaluate, set_predictions
+from peftkit.eval_job import EvalJob, set_predictions
+from peftkit.evaluate import evaluate
 from peftkit.recipe import ModelConfig
 
 BASE = "base"

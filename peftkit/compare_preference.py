@@ -22,7 +22,8 @@ from torch import nn
 
 from peftkit.compare import BASE, _adapter_figures
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import EvalJob, _check_finite_loss
+from peftkit.eval_job import EvalJob
+from peftkit.evaluate import _check_finite_loss
 from peftkit.evaluate_pairs import (check_answers_fit, check_reference, evaluate_preference, objective_of,
                                    read_answers)
 

@@ -1,15 +1,15 @@
 """Loss and perplexity of a model on a dataset (mean next-token cross-entropy over the labelled tokens), and task
 metrics of its greedy answers to the rows' prompts: for `peftkit eval` and for the evaluations of a training run
-(`RunEval`), which share `generation_scores` so that a run's final metrics are what `peftkit eval` gives."""
+(`RunEval`), which share `generation_scores` so that a run's final metrics are what `peftkit eval` gives.
+`peftkit eval`'s job is resolved from its arguments in `peftkit.eval_job`; a classifier's is evaluated in
+`peftkit.evaluate_classifier`, preference pairs' and unpaired answers' in `peftkit.evaluate_pairs`."""
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -19,15 +19,15 @@ from peftkit.data.checks import guard_token_ids
 from peftkit.data.packing import VARLEN_KEYS
 from peftkit.decoding import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
 from peftkit.distributed import sharded
-from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.errors import PeftkitError
+from peftkit.eval_job import EvalJob
 from peftkit.fileio import atomic_write_text
-from peftkit.inference import (ModelSource, check_base_is_there, check_choices, check_no_overrides, hub_data_flags,
-                               recipe_source)
+from peftkit.inference import ModelSource
 from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
-from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, LOSS_METRICS, NORMALIZATIONS, parse_metrics, score
+from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, score
 from peftkit.progress import work
-from peftkit.recipe import DataConfig, EvalConfig, ModelConfig, Recipe, TrainingConfig
+from peftkit.recipe import Recipe
 from peftkit.task_ids import adapter_task_count, with_tasks
 
 
@@ -189,234 +189,6 @@ class RunEval:
             f", {m} {result[m]:.4f}" for m in self.metrics)
 
 
-@dataclass
-class EvalJob:
-    """What `peftkit eval` evaluates: a model (or base + adapter) on one data source, as training reads it."""
-
-    data: str
-    data_cfg: DataConfig
-    split: str = "train"
-    source: ModelSource = field(default_factory=ModelSource)
-    batch_size: int = 8
-    metrics: list[str] = field(default_factory=lambda: list(LOSS_METRICS))
-    """Loss metrics (`loss`, `perplexity`) and generation metrics (`exact_match`, ...: `peftkit.metrics`)."""
-    sampling: Sampling = field(default_factory=Sampling)
-    """How generation metrics generate: greedy, up to max_new_tokens."""
-    normalize: str = "squad"
-    predictions: Path | None = None
-    """Write one JSON line per row here: prompt, prediction, reference."""
-    task: int | None = None
-    """--task: every row's task id (multitask prompt tuning); without it, the rows' own `task` (`peftkit.task_ids`)."""
-    untasked: int | None = None
-    """The task of data without a `task` column: 0 for a recipe's own data, which training read so; None for data
-    given apart, which must say (or --task)."""
-    name: str | None = None
-    """A comparison's name for the model: its progress lines say which model they are about."""
-    eval_sets: list[str] = field(default_factory=list)
-    """The names of the recipe's data.eval sets where it has several and no --data was given (this job evaluates
-    the first): `peftkit eval` evaluates each."""
-    preference: tuple = (TrainingConfig().dpo_beta, TrainingConfig().dpo_loss, 0.0, 0.0)
-    """Preference pairs (data.format 'preference'): the `PreferenceLoss` (beta, kind, gamma, center) the figures are
-    computed with, the recipe's objective's (DPO's defaults without a recipe; a reward model's loss for a
-    classifier of one output); unpaired answers (data.format 'unpaired'): ("kto", beta, desirable weight,
-    undesirable weight), a `KTOLoss`'s (`peftkit.evaluate_pairs.objective_of`)."""
-    init_from: str | None = None
-    """The recipe's adapter.init_from: a preference evaluation's reference is that adapter over the base, as the
-    DPO run's was (`peftkit.evaluate_pairs.evaluate_preference`)."""
-    seed: int = 0
-    """What a base's new classification head (a headless base scored as a classifier or a reward model) is drawn
-    from: the recipe's training.seed, as its run drew the head its base evaluation scored; 0 without a recipe."""
-
-
-def set_predictions(path: Path, eval_set: str) -> Path:
-    """The --predictions file of data.eval's set `eval_set` where `peftkit eval` evaluates several: the set's name
-    before the suffix (preds.jsonl: preds.general.jsonl; a comparison's DIR/base.jsonl: DIR/base.general.jsonl),
-    each set's answers in a file of their own, as one set's are."""
-    return path.with_name(f"{path.stem}.{eval_set}{path.suffix}")
-
-
-def eval_job(recipe: Path | None, overrides: list[str], model: str | None, data: str | None, fmt: str | None,
-             adapter: str | None, max_length: int | None, batch_size: int | None, on_bad_rows: str | None,
-             trust_remote_code: bool = False, metrics: str | None = None, max_new_tokens: int | None = None,
-             normalize: str | None = None, predictions: Path | None = None, task: int | None = None, *,
-             comparing: bool = False, split: str | None = None, data_revision: str | None = None,
-             eval_set: str | None = None, base: ModelSource | None = None) -> EvalJob:
-    """The `peftkit eval` arguments as one job. With a recipe (or a run directory, read through its recipe.yaml,
-    whose adapter/ is then the default --adapter) its model, data.eval, format and eval settings are the
-    defaults and flags override them; without one, --data and --model (or --adapter) are needed and the rest take the
-    recipe defaults, so figures are comparable with training's (a run's eval.metrics, eval.max_new_tokens and
-    eval.normalize too: `peftkit eval RUN_DIR` gives the run's final figures). `comparing`: the candidates are
-    named apart (--adapter NAME=DIR, --merged), and the recipe gives the base only. `split`, `data_revision`: what is
-    read of a hub dataset given as `data` (`hub_data_flags`). `eval_set`: which set of the recipe's data.eval is
-    evaluated without `data` (default: the primary one). `base`: a comparison's base row without a recipe or --model,
-    as its candidates record it (`peftkit.compare_base.comparison_base`)."""
-    eval_cfg = EvalConfig()
-    if recipe is None:
-        if comparing and not data:
-            raise PeftkitError("peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the data to compare "
-                               "the candidates on: --data FILE, or a RECIPE (or a run directory) whose data.eval it is.")
-        if comparing and not (model or base):  # (the CLI gives `base`: what the candidates record)
-            raise PeftkitError("peftkit eval of a comparison (--adapter NAME=DIR, --merged) needs the base the "
-                               "candidates are compared on, its base row: --model M, or a RECIPE (or a run directory) "
-                               "whose model it is.")
-        if not (model or adapter or base) or not data:  # (an adapter alone: over its recorded base)
-            raise PeftkitError("peftkit eval needs a RECIPE (or a run directory), or both --model and --data (or "
-                               "--adapter DIR and --data: the adapter over its recorded base).")
-        check_no_overrides(overrides, "eval")
-        job = EvalJob(data=data, data_cfg=DataConfig(train=data), source=base or ModelSource())
-    else:
-        from peftkit.evaluate_pairs import recipe_objective
-
-        cfg, run_adapter = recipe_source(recipe, overrides, named=bool(model or adapter or comparing),
-                                         trust_remote_code=trust_remote_code)
-        eval_cfg = cfg.eval
-        sets = cfg.data.eval_sources()
-        name = eval_set or next(iter(sets), None)  # data.eval's set to evaluate: the primary one by default
-        source = data or (sets[name].path if name else None)
-        if not source:
-            raise PeftkitError(f"{recipe} has no data.eval to evaluate on; pass --data FILE (or set data.eval).")
-        if not data and Path(source).is_absolute() and not Path(source).exists():  # a moved project, a copied run
-            raise PeftkitError(f"data.eval {source} of {recipe} is not there: moved or deleted since? Give the data "
-                               "with --data FILE.")
-        # data.revision is the recipe's datasets' revision, not another dataset's given with --data; a dataset of
-        # data.train's list (or data.eval's mapping) is read with its own columns and format
-        own = cfg.data.for_eval(name) if data is None else cfg.data.reading(data)
-        ours = data is None or data in {entry.path for entry in sets.values()}
-        job = EvalJob(data=source, data_cfg=own, split=sets[name].split if not data else "train",
-                      source=ModelSource.of_recipe(cfg, run_adapter),
-                      batch_size=cfg.eval.batch_size, untasked=0 if ours else None,
-                      eval_sets=list(sets) if isinstance(cfg.data.eval, dict) and not data and not eval_set else [],
-                      preference=recipe_objective(cfg), init_from=cfg.adapter.init_from, seed=cfg.training.seed)
-    check_choices(fmt, on_bad_rows)
-    job.split, job.data_cfg = hub_data_flags(data, split, data_revision, job.data_cfg, job.split)
-    updates = {k: v for k, v in (("format", fmt), ("max_length", max_length), ("on_bad_rows", on_bad_rows)) if v}
-    job.data_cfg = job.data_cfg.model_copy(update=updates)
-    job.data_cfg._flags = ("--format", "--on-bad-rows")  # errors name them beside a recipe key
-    if fmt or recipe is None:  # errors name the flag, not a recipe key (data.format, an entry's), or no recipe's
-        job.data_cfg._format_key = "--format"
-    if on_bad_rows or recipe is None:
-        job.data_cfg._on_bad_rows_key = "--on-bad-rows"
-    job.source = job.source.with_flags(model, adapter, trust_remote_code)
-    check_base_is_there(job.source, recipe)
-    job.source.check_adapter_task()
-    job.batch_size = batch_size or job.batch_size
-    job.metrics = parse_metrics(metrics) if metrics else list(dict.fromkeys([*job.metrics, *eval_cfg.metrics]))
-    normalize_flag, normalize = normalize, normalize or eval_cfg.normalize
-    job.sampling = Sampling(max_new_tokens=max_new_tokens or eval_cfg.max_new_tokens)
-    job.normalize, job.predictions, job.task = normalize, predictions, task
-    job.sampling.check()
-    if normalize not in NORMALIZATIONS:
-        raise PeftkitError(f"--normalize {normalize!r}: use one of {', '.join(NORMALIZATIONS)}.")
-    if job.data_cfg.format in ("preference", "unpaired"):  # (pairs, unpaired answers: peftkit.evaluate_pairs)
-        from peftkit.evaluate_pairs import preference_job
-
-        preference_job(job, comparing, {"--metrics": metrics, "--predictions": predictions,
-                                         "--max-new-tokens": max_new_tokens, "--normalize": normalize_flag})
-        return job
-    if job.data_cfg.format == "classification":
-        _classification_job(job)
-    elif labelled := [m for m in job.metrics if m in CLASSIFICATION_METRICS]:
-        raise PeftkitError(f"--metrics {','.join(labelled)}: {' and '.join(labelled)} score{'s' * (len(labelled) == 1)} a classifier's predicted "
-                           f"labels, on data.format 'classification' rows; these rows are '{job.data_cfg.format}'. "
-                           f"Use {', '.join((*LOSS_METRICS, *GENERATION_METRICS))} (or --format "
-                           "classification for rows with text and label).")
-    if normalize_flag is not None and not {"exact_match", "token_f1"} & set(job.metrics):
-        warnings.warn(f"--normalize {normalize_flag}: only exact_match and token_f1 are normalized, and neither is "
-                      f"among the metrics ({', '.join(job.metrics)}); add --metrics exact_match to use it.",
-                      PeftkitWarning, stacklevel=2)
-    if max_new_tokens is not None and not any(m in GENERATION_METRICS for m in job.metrics):
-        warnings.warn(f"--max-new-tokens {max_new_tokens}: only the generation metrics ({', '.join(GENERATION_METRICS)}) "
-                      f"generate, and none is among the metrics ({', '.join(job.metrics)}); add --metrics exact_match "
-                      "to use it.", PeftkitWarning, stacklevel=2)
-    if predictions is not None and not any(m in GENERATION_METRICS for m in job.metrics):
-        raise PeftkitError(f"--predictions: nothing is generated without a generation metric; add --metrics "
-                           f"{GENERATION_METRICS[0]} (or {', '.join(GENERATION_METRICS[1:])}).")
-    return job
-
-
-def _classification_job(job: EvalJob) -> None:
-    """A job on data.format: classification scores predicted classes: loss, accuracy, macro_f1, never generated text."""
-    if generated := [m for m in job.metrics if m in GENERATION_METRICS]:
-        raise PeftkitError(f"--metrics {','.join(generated)}: data.format 'classification' is scored by predicted "
-                           f"class, not generated text; a classifier's eval reports loss, "
-                           f"{', '.join(CLASSIFICATION_METRICS)} (drop --metrics, or pass --metrics accuracy).")
-    if job.predictions is not None:  # (not the generation metrics' advice below: they are refused here)
-        raise PeftkitError("--predictions writes generated answers, and a classifier (data.format 'classification') "
-                           "generates none: drop --predictions.")
-    job.metrics = ["loss", *CLASSIFICATION_METRICS]
-
-
-def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
-    """`peftkit eval` of a sequence classifier on data.format: classification rows: {'loss' (mean cross-entropy per
-    row), 'accuracy', 'macro_f1', 'num_examples'}. The rows' labels map to the classes the model has: an adapter's
-    (peftkit.json, else as many as its head has outputs), a model's config.json `id2label`. A model given without an
-    adapter loads as a sequence classifier; a base without a head (`_named_classes`) gets the data's classes and a
-    random head, drawn from the recipe's training.seed (0 without one) so that the figures repeat, its run's base
-    evaluation's. `model`: the classifier already loaded (`evaluate_sets`); default: `_load_classifier(job)`."""
-    from peftkit.classify import evaluate_classification
-    from peftkit.data.classification import LabelSet, load_classification
-    from peftkit.rope_scaling import fresh_dynamic_rope
-
-    tok = _classifier_source(job).tokenizer()
-    model = _load_classifier(job, tok) if model is None else model
-    if not type(model).__name__.endswith("ForSequenceClassification"):
-        raise PeftkitError(f"{job.source.describe()} is not a sequence classifier (its adapter's task_type is not "
-                           f"SEQ_CLS), so it cannot be scored on data.format 'classification' rows of {job.data}.")
-    examples = load_classification(tok, job.data, job.split, job.data_cfg, LabelSet.from_config(model.config))[0]
-    if examples:  # BERT's learned positions end at 512: past them a traceback, not a number
-        check_room(model, max(len(e.input_ids) for e in examples), f"longest row of {job.data}", 0,
-                   "Lower --max-length (the rows are cut to it).")
-    with fresh_dynamic_rope(model):  # (as `_scored`: a classifier shared by several sets)
-        result = evaluate_classification(model, examples, job.batch_size, tok.pad_token_id)
-    _check_finite_loss(result["loss"], job.source, job.data)
-    return result
-
-
-def _classifier_source(job: EvalJob) -> ModelSource:
-    """`job`'s source loaded as a sequence classifier."""
-    if job.task is not None:  # (multitask prompt tuning cannot train a classifier: none reads one)
-        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning adapter reads a task id, and a sequence "
-                           "classifier is never one; drop --task.")
-    source = job.source
-    if source.model is not None:
-        source = replace(source, model=source.model.model_copy(update={"task": "sequence_classification"}))
-    return source
-
-
-def _classes_of_model(job: EvalJob) -> bool:
-    """Whether `job`'s classifier has its classes whatever the rows: an adapter's, or a model's named ones."""
-    source = _classifier_source(job)
-    return bool(source.adapter) or _named_classes(source.model) is not None
-
-
-def _load_classifier(job: EvalJob, tok=None) -> nn.Module:
-    """`job`'s classifier loaded (`tok`: its tokenizer, read again if not given), a headless base's classes read
-    from `job`'s rows."""
-    from peftkit.data.classification import load_classification
-
-    source, labels = _classifier_source(job), None
-    if not source.adapter:
-        labels = _named_classes(source.model) or load_classification(tok or source.tokenizer(), job.data, job.split,
-                                                                      job.data_cfg, None, source.model.num_labels)[2]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(job.seed)
-        return source.load(labels=labels)
-
-
-def _named_classes(model_cfg: ModelConfig):
-    """The classes of a model's config.json (a fine-tuned or merged classifier: its head's outputs), or None for a
-    base without a head: one with only transformers' placeholders (`LABEL_0`, ...) whose architecture is no
-    sequence classifier. A classifier saved with placeholder names (peft's or transformers' own training) keeps its
-    head: the eval data's classes would give a head of their own count, drawn at random."""
-    from peftkit.data.classification import LabelSet
-    from peftkit.modeling import load_config
-
-    config = load_config(model_cfg)
-    named = any(name != f"LABEL_{i}" for i, name in config.id2label.items())
-    classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
-    return LabelSet.from_config(config) if named or classifier else None
-
-
 def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
     """`peftkit eval`: loss, perplexity and token count, and/or task metrics of generated answers, of a base,
     adapted or merged model on a dataset.
@@ -431,6 +203,8 @@ def evaluate(job: EvalJob, model: nn.Module | None = None) -> dict[str, float]:
             model of every data.eval set: `evaluate_sets`); default: `job.source` loaded.
     """
     if job.data_cfg.format == "classification":
+        from peftkit.evaluate_classifier import evaluate_classifier
+
         return evaluate_classifier(job, model)
     if job.data_cfg.format in ("preference", "unpaired"):
         from peftkit.evaluate_pairs import evaluate_preference
@@ -448,6 +222,8 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
     exception: each set gets the head of its own classes, as `peftkit eval --data` of its file."""
     first = next(iter(jobs.values()))
     if first.data_cfg.format == "classification":
+        from peftkit.evaluate_classifier import _classes_of_model, _load_classifier, evaluate_classifier
+
         model = _load_classifier(first) if _classes_of_model(first) else None
         return {name: evaluate_classifier(job, model) for name, job in jobs.items()}
     if first.data_cfg.format in ("preference", "unpaired"):

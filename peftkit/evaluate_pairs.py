@@ -14,7 +14,8 @@ from torch import nn
 from peftkit.data.checks import guard_token_ids
 from peftkit.decoding import check_room
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import EvalJob, _check_finite_loss
+from peftkit.eval_job import EvalJob
+from peftkit.evaluate import _check_finite_loss
 from peftkit.inference import ModelSource
 from peftkit.progress import work
 from peftkit.recipe import Recipe, TrainingConfig
@@ -177,7 +178,7 @@ def read_answers(tok, job: EvalJob):
 def _scorer(source: ModelSource, seed: int = 0) -> nn.Module:
     """The model of an evaluation without a reference (ORPO, SimPO, a reward model): a reward model without an
     adapter whose head is new (a base's) gets it drawn from `seed` (`EvalJob.seed`), as a headless classifier's
-    (`_load_classifier`), so that its figures repeat, those of its run's base evaluation."""
+    (`peftkit.evaluate_classifier._load_classifier`), so that its figures repeat, those of its run's base evaluation."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return source.load()

@@ -252,7 +252,8 @@ def test_eval_arrow_adds_a_row_with_peft_s_arrow_model_s_figures(tiny_llama, num
     import sys
 
     from peftkit.cli import main
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     tasks = _adapters(tiny_llama, tmp_path, 3, 0)
     out = tmp_path / "out.json"

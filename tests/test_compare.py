@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from peftkit.cli import app
-from peftkit.evaluate import eval_job, evaluate
+from peftkit.eval_job import eval_job
+from peftkit.evaluate import evaluate
 from peftkit.recipe import load_recipe
 from peftkit.train import train
 from tests.conftest import cli_user_error, make_recipe

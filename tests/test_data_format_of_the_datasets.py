@@ -9,7 +9,9 @@ import sys
 import pytest
 import yaml
 
-from peftkit.evaluate import eval_job, evaluate
+from peftkit.eval_job import eval_job
+
+from peftkit.evaluate import evaluate
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.train import train
 from tests.test_data_mix import _chat_file, _eval_flags, _quiet, _unformatted_recipe

@@ -737,7 +737,8 @@ def test_a_run_on_chat_datasets_evaluates_its_eval_set_as_chat_and_peftkit_eval_
     """The run of a recipe whose datasets are all chat (no data.format) evaluates its chat eval set as chat (it
     stopped on its first row, read as alpaca); its recipe.yaml writes data.format: chat, so `peftkit eval RUN_DIR`
     gives the run's final eval loss; a run killed after step 2 resumes to the same bits."""
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     chats = [str(_chat_file(tmp_path / f"{name}.jsonl", n, seed)) for name, n, seed in (("c", 12, 4), ("d", 8, 5),
                                                                                           ("e", 6, 6))]
@@ -756,7 +757,8 @@ def test_a_data_format_set_still_wins_and_a_run_of_it_resumes_only_with_it(tiny_
     """data.format: alpaca over chat datasets (what a run made before recorded) evaluates alpaca rows as alpaca, and
     `peftkit eval RUN_DIR` agrees; the same recipe without it now reads its eval set as chat, another recipe, which
     --resume refuses, naming data.format."""
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     chat = str(_chat_file(tmp_path / "c.jsonl", 12, seed=4))
     recipe = _unformatted_recipe(tmp_path, tiny_llama, number_data, [{"path": chat, "format": "chat"}],
@@ -823,7 +825,8 @@ def _eval_flags(**flags) -> dict:
 
 
 def test_each_eval_set_s_loss_is_peftkit_eval_of_its_file(eval_sets, number_data):
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     recipe, run, general = eval_sets
     out = io.StringIO()
@@ -966,7 +969,8 @@ def test_peftkit_eval_loads_the_model_once_for_every_eval_set(eval_sets, number_
     """`peftkit eval RECIPE` of a data.eval of two sets loaded the model once per set; it loads once, and each set's
     figures are still `peftkit eval RECIPE --data FILE`'s of its file, read with its own format."""
     from peftkit.cli import main
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
     from peftkit.inference import ModelSource
 
     recipe, _, general = eval_sets

@@ -13,7 +13,8 @@ import pytest
 from rich.console import Console
 
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import eval_job, evaluate
+from peftkit.eval_job import eval_job
+from peftkit.evaluate import evaluate
 from peftkit.metrics import GENERATION_METRICS
 from peftkit.recipe import load_recipe
 from peftkit.report import write_report

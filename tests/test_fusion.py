@@ -187,7 +187,8 @@ def test_training_changes_the_fusion_parameters_and_nothing_else(sources, tiny_l
     fused adapter tensor is bit-identical to its file, every trained fusion tensor moved from its initial value,
     and the export's copies of the fused adapters are their files' tensors."""
     import peftkit.finish
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
     from peftkit.recipe import load_recipe
     from peftkit.train import train
 

@@ -748,7 +748,8 @@ def test_cli_eval_of_a_nan_adapter(adapter, base, number_data, tmp_path, monkeyp
 
 
 def test_eval_of_a_model_with_a_nonfinite_loss(base, number_data, tmp_path):
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     broken = _copy(base, tmp_path / "model")
     state = load_file(broken / WEIGHTS)

@@ -266,7 +266,7 @@ def test_data_revision_of_local_files_or_of_two_hub_datasets_is_a_recipe_error(t
 def test_data_revision_stays_with_the_recipe_s_datasets(tiny_llama, tmp_path):
     """`peftkit eval RECIPE --data OTHER`: the recipe's data.revision is its own datasets', not OTHER's."""
     from peftkit.decoding import Sampling
-    from peftkit.evaluate import eval_job
+    from peftkit.eval_job import eval_job
     from peftkit.generate import generate_job
 
     recipe = make_recipe(tmp_path, tiny_llama, {"train": DATASET, "eval": DATASET}, data={"revision": "c" * 40})
@@ -291,7 +291,7 @@ def test_eval_and_generate_read_the_hub_split_and_revision_given_on_the_command_
     from typer.testing import CliRunner
 
     from peftkit.cli import app
-    from peftkit.evaluate import eval_job
+    from peftkit.eval_job import eval_job
 
     cache = tmp_path / "datasets"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)

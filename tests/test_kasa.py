@@ -190,7 +190,8 @@ def test_eval_compares_it_beside_other_adapters_on_a_model_of_its_own(tiny_llama
     import sys
 
     from peftkit.cli import main
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
     from tests.conftest import save_peft_lora
 
     kasa = _peft_adapter(tiny_llama, tmp_path / "kasa")

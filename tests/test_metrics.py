@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.data.prompts import load_prompts
 from peftkit.decoding import Sampling, generate_texts
-from peftkit.evaluate import eval_job, evaluate
+from peftkit.eval_job import eval_job
+from peftkit.evaluate import evaluate
 from peftkit.metrics import exact_match, normalize, score, token_f1
 from peftkit.recipe import DataConfig, load_recipe
 from peftkit.tiny import write_jsonl

@@ -22,7 +22,8 @@ from peftkit.adapters import inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.data import IGNORE_INDEX, eval_loader, load_examples
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import EvalJob, evaluate, token_loss_sum
+from peftkit.eval_job import EvalJob
+from peftkit.evaluate import evaluate, token_loss_sum
 from peftkit.inference import ModelSource
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
@@ -238,7 +239,7 @@ def test_eval_of_a_run_on_its_own_data_without_tasks_is_task_0_as_training(llama
 
     from rich.console import Console
 
-    from peftkit.evaluate import eval_job
+    from peftkit.eval_job import eval_job
     from peftkit.recipe import load_recipe
     from peftkit.train import train
 

@@ -350,7 +350,8 @@ def test_tokenizing_and_evaluating_show_a_bar_on_a_terminal(work_console, tiny_l
 
     from peftkit.data import load_examples
     from peftkit.decoding import Sampling
-    from peftkit.evaluate import EvalJob, evaluate
+    from peftkit.eval_job import EvalJob
+    from peftkit.evaluate import evaluate
     from peftkit.inference import ModelSource
     from peftkit.recipe import DataConfig, ModelConfig
 

@@ -28,7 +28,8 @@ from peftkit.data import IGNORE_INDEX, eval_loader, load_examples
 from peftkit.data.prompts import Prompt
 from peftkit.decoding import Sampling, generate_texts, stop_token_ids
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import EvalJob, evaluate
+from peftkit.eval_job import EvalJob
+from peftkit.evaluate import evaluate
 from peftkit.inference import ModelSource
 from peftkit.inspect import inspect_adapter
 from peftkit.methods import METHODS, method_of

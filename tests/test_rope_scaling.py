@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 
 from peftkit.data import load_examples
 from peftkit.errors import PeftkitError
-from peftkit.evaluate import EvalJob, evaluate
+from peftkit.eval_job import EvalJob
+from peftkit.evaluate import evaluate
 from peftkit.inference import ModelSource
 from peftkit.modeling import load_config, load_model
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
@@ -134,7 +135,8 @@ def test_each_eval_set_and_comparison_row_sees_dynamic_rope_as_loaded(short_llam
     on the model they share (a comparison on several sets: the same). Long rows first, then rows still past the 64
     positions but shorter."""
     from peftkit.compare import compare_sets, comparison_jobs
-    from peftkit.evaluate import eval_job, evaluate_sets
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate_sets
     from peftkit.tiny import number_rows, write_jsonl
 
     write_jsonl(tmp_path / "long.jsonl", [dict(r, input=r["input"] * 20) for r in number_rows(8, seed=7)])

@@ -168,7 +168,7 @@ def test_eval_and_generate_models_run_under_the_recipe_s_autocast(tiny_llama, nu
     """`peftkit eval`/`generate`/`chat` load the model of a recipe (or run directory) with the recipe's
     training.mixed_precision, and run its forward under that autocast, as the run's own evaluations did: here
     bf16 autocast on the CPU stands in for the GPU's; the wrapped forward gives an autocast forward's logits."""
-    from peftkit.evaluate import eval_job
+    from peftkit.eval_job import eval_job
     from peftkit.inference import model_source
 
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"mixed_precision": "fp16"})

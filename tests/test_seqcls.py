@@ -178,7 +178,8 @@ def test_evaluate_classification_matches_the_logits(tiny_bert, sentiment):
 
 
 def test_training_from_a_recipe_improves_accuracy(tmp_path, tiny_bert, sentiment):
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     recipe = classification_recipe(tmp_path, tiny_bert, sentiment,
                                    training={"max_steps": 40, "batch_size": 16, "lr": 5e-3, "warmup_steps": 2})
@@ -250,7 +251,8 @@ def test_resume_mid_run_is_bit_identical(tmp_path, tiny_bert, sentiment):
 def test_a_decoder_pads_with_the_tokenizer_s_pad_id_whatever_the_checkpoint_says(tmp_path, tiny_llama, sentiment):
     """config.json's pad_token_id 3 and the tokenizer's 0: the head read padding, and the figures changed with the
     batch size (0.1348 at batch 8, 0.3215 one row at a time on the hunt's model)."""
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     model = shutil.copytree(tiny_llama, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())
@@ -262,7 +264,8 @@ def test_a_decoder_pads_with_the_tokenizer_s_pad_id_whatever_the_checkpoint_says
 
 def test_eval_of_rows_past_an_encoder_s_positions_is_a_clear_error(tmp_path, tiny_bert):
     """It was a RuntimeError from BERT's position embeddings (a GPT-2 language model's eval said it clearly)."""
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     positions = json.loads((tiny_bert / "config.json").read_text())["max_position_embeddings"]
     write_jsonl(tmp_path / "long.jsonl", [{"text": "ab" * positions, "label": "positive"},  # cut to max_length
@@ -275,7 +278,8 @@ def test_eval_of_rows_past_an_encoder_s_positions_is_a_clear_error(tmp_path, tin
 
 def test_eval_of_a_base_without_head_repeats(tiny_bert, sentiment):
     """`peftkit eval --model BASE --format classification`: the data's classes and a head drawn from seed 0."""
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     def run():
         return evaluate(eval_job(None, [], str(tiny_bert), str(sentiment["eval"]), "classification", None, None, None,
@@ -423,7 +427,8 @@ def test_classification_assets_are_deterministic(tmp_path):
 def test_export_best_keeps_the_head_of_that_step(tmp_path, tiny_bert, sentiment):
     """export.best by the highest eval loss is step 1's adapter, the classifier head included: `peftkit eval` of the
     exported adapter gives step 1's loss (with the final head it would not)."""
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
 
     recipe = classification_recipe(tmp_path, tiny_bert, sentiment, eval={"base_model": False}, export={"best": True},
                                    training={"max_steps": 4, "eval_steps": 1, "lr": 5e-3,
@@ -512,7 +517,9 @@ def test_eval_of_a_classifier_with_placeholder_names_keeps_its_head(tmp_path, ti
     base without a head, and the data's 2 classes got a new random one."""
     from transformers import AutoModelForSequenceClassification
 
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+
+    from peftkit.evaluate import evaluate
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3).eval()
     torch.nn.init.normal_(model.classifier.weight, std=2.0, generator=torch.Generator().manual_seed(1))
@@ -537,7 +544,8 @@ def test_eval_of_a_classifier_s_eval_sets_loads_it_once_where_it_has_its_classes
     from transformers import AutoModelForSequenceClassification
 
     from peftkit.cli import main
-    from peftkit.evaluate import eval_job, evaluate
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
     from peftkit.inference import ModelSource
 
     shutil.copytree(tiny_bert, tmp_path / "cls")

@@ -149,7 +149,8 @@ def eval_cmd(
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
     same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
     from peftkit.compare import ARROW, parse_named, split_named
-    from peftkit.evaluate import eval_job, evaluate, evaluate_sets
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate, evaluate_sets
     from peftkit.fileio import atomic_write_json
     from peftkit.generate import check_arrow
 
@@ -223,7 +224,7 @@ def _set_predictions(predictions: Path | None, names: list[str], recipe: Path) -
     """--predictions of data.eval's sets `names` (several): a file each, the set's name before the suffix (preds.jsonl:
     preds.NAME.jsonl, `set_predictions`), by set name; None each without it. A stream (/dev/stdout) is refused: the
     sets' lines would run together, none saying its set."""
-    from peftkit.evaluate import set_predictions
+    from peftkit.eval_job import set_predictions
     from peftkit.fileio import special_file
 
     if predictions is not None and special_file(predictions):
