@@ -83,7 +83,7 @@ def combine_layers(c: Combination, sources: list[Source], model: nn.Module,
         base: the base's plain fp32 state dict; needed only for adapters other than plain LoRA.
         generator: DARE's draws; default one seeded with `c.seed`.
     """
-    from peftkit.merge import conv1d_modules
+    from peftkit.merge_weights import conv1d_modules
 
     generator = generator or torch.Generator().manual_seed(c.seed)
     conv1d = conv1d_modules(model)
@@ -104,7 +104,7 @@ def combined_updates(c: Combination, sources: list[Source], model: nn.Module, ba
     """{module path: the combined full update}, fp32, in the base weight's layout, untruncated: `--into-base`
     with a factor type and an input without LoRA factors (`uses_full_updates`). linear and cat become the exact
     weighted sum; the pruning types prune and elect on the full updates."""
-    from peftkit.merge import conv1d_modules
+    from peftkit.merge_weights import conv1d_modules
 
     generator = generator or torch.Generator().manual_seed(c.seed)
     conv1d = conv1d_modules(model)
@@ -152,8 +152,8 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     """
     from peftkit.adapter_meta import read_meta
     from peftkit.adapters.state_dicts import merge_state_dict
-    from peftkit.merge import (base_state_dict, check_merge_output, conv1d_modules, merge_device,
-                               plain_conv1d_modules)
+    from peftkit.merge import check_merge_output, merge_device
+    from peftkit.merge_weights import base_state_dict, conv1d_modules, plain_conv1d_modules
 
     combination.check(len(adapter_dirs))
     sources = read_sources(adapter_dirs, trust_remote_code)
@@ -242,8 +242,8 @@ def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str,
                   template: str | None = None) -> None:
     """The merged fp32 state as a plain model (+ tokenizer, with the adapters' chat `template` where they have one)
     in `dtype`, with the single-adapter merge's code."""
-    from peftkit.merge import (base_provenance, checkpoint_dtype, non_persistent_buffers, plain_model_from_state,
-                               save_merged)
+    from peftkit.merge import base_provenance, checkpoint_dtype, save_merged
+    from peftkit.merge_weights import non_persistent_buffers, plain_model_from_state
     from peftkit.modeling import DTYPES, load_tokenizer
     from peftkit.recipe import ModelConfig
 

@@ -364,7 +364,7 @@ def check_fits(sources: list[Source], model: nn.Module, combination: Combination
     """Every adapted module exists in the base, each LoRA's update has the shape of its weight, and --svd-rank is a
     rank some adapted layer can hold (a larger one would only be padded with zeros)."""
     from peftkit.adapters import MOE_V4
-    from peftkit.merge import conv1d_modules
+    from peftkit.merge_weights import conv1d_modules
 
     modules, conv1d = dict(model.named_modules()), conv1d_modules(model)
     for s in sources:

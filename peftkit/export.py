@@ -13,7 +13,8 @@ from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.data.chat_templates import ADAPTER_TEMPLATE
 from peftkit.data.classification import LabelSet
 from peftkit.fileio import atomic_directory, atomic_write_bytes
-from peftkit.merge import base_provenance, checkpoint_dtype, conv1d_modules, merged_model, save_merged
+from peftkit.merge import base_provenance, checkpoint_dtype, save_merged
+from peftkit.merge_weights import conv1d_modules, merged_model
 from peftkit.methods import MethodTrainer, method_of
 from peftkit.model_card import CARD_NAME, model_card
 from peftkit.modeling import DTYPES

@@ -148,7 +148,7 @@ def save_random_adapter(base: Path, cfg, out: Path, seed: int, std: float = 0.3)
 
     from peftkit.adapters import inject_adapters
     from peftkit.adapters.state_dicts import adapter_state_dict
-    from peftkit.merge import conv1d_modules
+    from peftkit.merge_weights import conv1d_modules
     from peftkit.peft_format import peft_config, save_adapter
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -242,7 +242,8 @@ def check_loads_and_merges_as_peft(base: Path, adapter: Path, ids: torch.Tensor,
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import adapter_layers
-    from peftkit.merge import merge_adapter, merged_model
+    from peftkit.merge import merge_adapter
+    from peftkit.merge_weights import merged_model
     from peftkit.adapter_base import load_adapted_model
 
     def logits(model: torch.nn.Module) -> torch.Tensor:

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters import count_parameters, find_targets, inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
-from peftkit.merge import conv1d_modules, merged_model
+from peftkit.merge_weights import conv1d_modules, merged_model
 from peftkit.adapter_base import load_adapted_model
 from peftkit.methods.lora import LoraConfig
 from peftkit.peft_format import peft_config, save_adapter

@@ -20,7 +20,7 @@ from peftkit.combine import combine_tensors
 from peftkit.combine_adapters import adapter_files, combine_adapters, combine_layers
 from peftkit.combine_inputs import Combination, output_rank, read_sources, skeleton
 from peftkit.errors import PeftkitError, PeftkitWarning
-from peftkit.merge import conv1d_modules
+from peftkit.merge_weights import conv1d_modules
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig

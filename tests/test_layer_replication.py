@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import cli_user_error, make_recipe
 from peftkit.errors import PeftkitError
-from peftkit.merge import merged_model
+from peftkit.merge_weights import merged_model
 from peftkit.adapter_base import load_adapted_model
 from peftkit.recipe import load_recipe
 from peftkit.tiny import build_tiny_model

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 from peftkit.adapters import adapter_layers, count_parameters, inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
-from peftkit.merge import merge_adapter, merged_model
+from peftkit.merge import merge_adapter
+from peftkit.merge_weights import merged_model
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter

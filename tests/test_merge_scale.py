@@ -25,7 +25,7 @@ def test_a_bf16_merge_peaks_near_the_model_s_size():
         import re
         import torch
         from peftkit.adapters import inject_adapters
-        from peftkit.merge import merged_model
+        from peftkit.merge_weights import merged_model
         from peftkit.methods.lora import LoraConfig
         from peftkit.tiny import build_tiny_model
 

@@ -49,7 +49,8 @@ from peftkit.data import IGNORE_INDEX
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import token_loss_sum
 from peftkit.loss import labelled_count
-from peftkit.merge import MergeWarning, conv1d_modules, merge_adapter, merged_model
+from peftkit.merge import merge_adapter
+from peftkit.merge_weights import MergeWarning, conv1d_modules, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.boft import BoftConfig
@@ -977,7 +978,7 @@ def test_dora_norm_is_taken_a_block_of_rows_at_a_time(layout, monkeypatch):
     import bitsandbytes as bnb
 
     import peftkit.methods.lora_layers as lora_module
-    from peftkit.merge import dequantize_weight
+    from peftkit.merge_weights import dequantize_weight
 
     cfg = LoraConfig(r=4, alpha=8, use_dora=True)
     if layout == "nf4":

@@ -31,7 +31,8 @@ from peftkit.adapters import adapter_layers, inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
-from peftkit.merge import MergeWarning, merge_adapter, merge_device, merged_model
+from peftkit.merge import merge_adapter, merge_device
+from peftkit.merge_weights import MergeWarning, merged_model
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
