@@ -67,14 +67,7 @@ def inspect_adapter(path: str | Path) -> dict:
     method, peft = read_peft_config(path)
     meta = read_meta(path)
     raw = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    trained, residual = None, None
-    try:
-        cfg = method.from_peft(peft, path / CONFIG_NAME)
-        trained, residual = method.trained_params(cfg, raw), getattr(cfg, "_residual_init", None)
-        reads = {"ok": True, "reason": None if residual is None else RESIDUAL.format(init=residual)}
-    except PeftkitError as e:
-        reads = {"ok": False, "reason": str(e)}
-
+    trained, residual, reads = _how_peftkit_reads(method, peft, path, raw)
     shapes, dtypes = _tensor_header(weights_file)
     renamed = without_adapter_name(shapes, method, weights_file)
     shapes = without_sampler({new: shapes[key] for key, new in renamed.items()}, peft)  # (MonteCLoRA's training state)
@@ -115,29 +108,51 @@ def inspect_adapter(path: str | Path) -> dict:
     info["alora_invocation_tokens"] = raw.get("alora_invocation_tokens")
     info["target_parameters"] = raw.get("target_parameters")
     if info["target_parameters"] and ranks:
-        # A parameter's lora_A has r x experts rows: its rank is the config's r (left out under a rank_pattern, which
-        # the file's shapes cannot resolve without the expert count).
-        modules = {m.rsplit(".", 1)[-1] for m in raw.get("target_modules") or [] if isinstance(m, str)}
-
-        def on_parameter(path: str) -> bool:
-            return ".base_layer" in path or _label(path) not in modules
-
-        ranks = info["ranks"] = {path: raw["r"] if on_parameter(path) else rank for path, rank in ranks.items()
-                                 if not (on_parameter(path) and raw.get("rank_pattern"))}
+        ranks = info["ranks"] = _parameter_ranks(raw, ranks)
     info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
                                 for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
     info["tied_rows"] = {_module(copy): _module(kept) for copy, kept in tied_rows.items()}
     info["vllm"] = vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
     info["llama_cpp"] = llama_cpp_verdict(method.peft_type, raw, saved, targets)
-    from peftkit.adapters import PEFT_PREFIX
-
-    named = next((key for key, new in renamed.items() if key != new), None)
-    for reason in ([RESIDUAL_ELSEWHERE.format(init=residual)] if residual else []) + \
-            ([NAMED_KEYS.format(key=named.removeprefix(PEFT_PREFIX))] if named else []):
+    for reason in _unservable_as_saved(renamed, residual):
         for verdict in (info["vllm"], info["llama_cpp"]):
             verdict["accepts"] = False
             verdict["reasons"].append(reason)
     return info
+
+
+def _how_peftkit_reads(method: type[Method], peft, path: Path, raw: dict) -> tuple[int | None, str | None, dict]:
+    """(trained parameters as the method counts them, or None; the residual init peft saved it unconverted for, or
+    None; `peftkit_reads`: {ok, reason}) of an adapter's config: whether peftkit loads it, and why not or how."""
+    try:
+        cfg = method.from_peft(peft, path / CONFIG_NAME)
+        trained, residual = method.trained_params(cfg, raw), getattr(cfg, "_residual_init", None)
+    except PeftkitError as e:
+        return None, None, {"ok": False, "reason": str(e)}
+    return trained, residual, {"ok": True, "reason": None if residual is None else RESIDUAL.format(init=residual)}
+
+
+def _parameter_ranks(raw: dict, ranks: dict[str, int]) -> dict[str, int]:
+    """`ranks` of an adapter with LoRA on parameters (target_parameters): a parameter's lora_A has r x experts rows,
+    so its rank is the config's r (left out under a rank_pattern, which the file's shapes cannot resolve without the
+    expert count)."""
+    modules = {m.rsplit(".", 1)[-1] for m in raw.get("target_modules") or [] if isinstance(m, str)}
+
+    def on_parameter(path: str) -> bool:
+        return ".base_layer" in path or _label(path) not in modules
+
+    return {path: raw["r"] if on_parameter(path) else rank for path, rank in ranks.items()
+            if not (on_parameter(path) and raw.get("rank_pattern"))}
+
+
+def _unservable_as_saved(renamed: dict[str, str], residual: str | None) -> list[str]:
+    """Why neither vLLM nor llama.cpp can use the files as saved, whatever their verdicts on the method: weights
+    saved for a residual base (PiSSA, OLoRA, ... unconverted), keys carrying peft's in-memory adapter name."""
+    from peftkit.adapters import PEFT_PREFIX
+
+    named = next((key for key, new in renamed.items() if key != new), None)
+    return (([RESIDUAL_ELSEWHERE.format(init=residual)] if residual else []) +
+            ([NAMED_KEYS.format(key=named.removeprefix(PEFT_PREFIX))] if named else []))
 
 
 RESIDUAL = ("peft saved it unconverted, for the residual base its {init} init leaves; peftkit converts it on loading "
@@ -270,26 +285,6 @@ def _ranks(method: type[Method], targets: dict[str, dict[str, tuple[int, ...]]],
     return ranks
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _shared_lines(shared: dict | None) -> list[str]:
-    """What the file holds of the frozen tensors every adapted layer uses (VeRA's random projections)."""
-    if shared is None:
-        return []
-    saved = ", ".join(f"{name} {tuple(shape)}" for name, shape in shared["saved"].items())
-    lines = [f"shared         {saved}: frozen, used by every adapted layer, not trained"] if saved else []
-    if shared["regenerated"]:
-        lines.append(f"shared         {', '.join(shared['regenerated'])} not saved: drawn again on loading from "
-                     "adapter_config.json's settings (its PRNG key)")
-    return lines
-
-
 def _classifier(raw: dict, shapes: dict, meta) -> dict | None:
     """A SEQ_CLS adapter's head: {outputs (its saved output layer's rows, None without it), labels (peftkit.json's
     class names, or None)}; None for another task. One output is a reward model's score (training.objective:
@@ -304,95 +299,3 @@ def _classifier(raw: dict, shapes: dict, meta) -> dict | None:
     head = next((shapes[k] for k in (f"{PEFT_PREFIX}{h}{part}.weight" for h in HEAD_NAMES for part in ("", ".out_proj"))
                  if k in shapes), None)
     return {"outputs": head[0] if head else None, "labels": list(meta.labels) if meta.labels else None}
-
-
-def _task_line(head: dict) -> str:
-    """`task` for a SEQ_CLS adapter: a reward model (one output), or a classifier of its classes."""
-    if head["outputs"] == 1:
-        return ("task           sequence classification, one output: a reward model (it scores a prompt and an "
-                "answer; peftkit eval --format preference)")
-    classes = f": {', '.join(head['labels'])}" if head["labels"] else ""
-    count = f"{head['outputs']} classes" if head["outputs"] else "its head not saved"
-    return f"task           sequence classification, {count}{classes}"
-
-
-def describe(info: dict) -> list[str]:
-    """`inspect_adapter`'s facts as lines for a terminal."""
-    base = info["base_model"] or "(not recorded)"
-    if info["revision"]:
-        base += f" @ {info['revision']}"
-    modules = ", ".join(f"{name} x{n}" for name, n in info["targets"]["modules"].items())
-    variants = "".join(f", {v}" for v in info["variants"])
-    targets = (f"targets        {info['targets']['count']} modules: {modules}" if info["virtual_tokens"] is None
-               else f"targets        the whole model: {info['virtual_tokens']} virtual tokens")
-    lines = [
-        f"adapter        {info['path']}",
-        f"method         {info['method']}{variants} (peft_type {info['peft_type']})",
-        f"base model     {base}",
-        *([_task_line(info["classifier"])] if info.get("classifier") else []),
-        targets,
-    ]
-    ranks = info["ranks"]
-    if ranks is not None:
-        distinct = sorted(set(ranks.values()))
-        full = info["targets"]["count"] - len(ranks)  # LoKr layers whose Kronecker factors are full matrices
-        if not ranks:
-            lines.append("rank           none: every target's factors are full matrices")
-        elif len(distinct) == 1:
-            where = "every target" if not full else f"{len(ranks)} targets ({full} have full-matrix factors only)"
-            lines.append(f"rank           r={distinct[0]} on {where}")
-        else:
-            lines.append("ranks          per layer:")
-            lines += [f"                 {path}: r={r}" for path, r in ranks.items()]
-    if info["modules_to_save"]:
-        lines.append(f"saved whole    {', '.join(info['modules_to_save'])}")
-    if raw_stack := info["layer_replication"]:
-        lines.append(f"stacked layers {raw_stack}: the base's layers stacked again (layer_replication), "
-                     "sharing their weights")
-    if info["alora_invocation_tokens"]:
-        lines.append(f"activated      from the invocation {info['alora_invocation_tokens']} on (aLoRA): the tokens "
-                     "before it keep the base's outputs; not mergeable")
-    if info["target_parameters"]:
-        lines.append(f"on parameters  {', '.join(info['target_parameters'])} (target_parameters): LoRA on the "
-                     "parameters themselves, one update per expert of a 3-D expert stack")
-    if info["trainable_tokens"]:
-        lines.append("token rows     " + ", ".join(f"{path} ({n} tokens)" for path, n in info["trainable_tokens"].items())
-                     + ": trained embedding rows (trainable_token_indices)")
-    if info["added_tokens"]:
-        lines.append(f"added tokens   {', '.join(info['added_tokens'])} (model.add_tokens): the base's tokenizer and "
-                     "embeddings take them first (peftkit does; in peft, resize the base to the adapter's tokenizer)")
-    trainable, saved = info["trainable_params"], info["saved_params"]
-    where = "adapter layers" if info["virtual_tokens"] is None else "virtual tokens' table"
-    tied = "; ".join(f"{copy}'s rows are {kept}'s" for copy, kept in info["tied_rows"].items())
-    lines += [
-        f"parameters     {trainable:,} trainable ({info['adapter_params']:,} in the {where})" if trainable == saved
-        else f"parameters     {trainable:,} trainable; {saved:,} saved ({tied}: a head tied to the embeddings shares "
-             "their trained rows, saved under both names as peft saves them)" if tied
-        else f"parameters     {trainable:,} trainable; {saved:,} saved (the prompt encoder's output: training's encoder "
-             "is not saved)",
-        *([f"base copies    {', '.join(info['base_copies'])}: frozen base weights saved beside the adapter, not "
-           "trained"] if info["base_copies"] else []),
-        *_shared_lines(info["shared"]),
-        f"dtype          {', '.join(info['dtypes'])}",
-        f"size on disk   {_size(info['size_on_disk'])}",
-    ]
-    q = info["quantization"]
-    lines.append(f"quantization   {q['method']} (double_quant {q['double_quant']}, compute {q['compute_dtype']})" if q
-                 else "quantization   none recorded (trained on an unquantized base, or not by peftkit)")
-    if rope := info["rope_scaling"]:
-        lines.append(f"rope scaling   {rope['type']}, factor {rope['factor']:g}: peftkit loads the base so wherever the "
-                     "adapter is used (peftkit.json); peft does not read it, so scale the base's RoPE there too")
-    if info["trust_remote_code"]:
-        lines.append("remote code    the base runs its own modelling code: merge/eval need --trust-remote-code")
-    reads = info["peftkit_reads"]
-    if not reads["ok"] or reads["reason"]:
-        lines.append(f"peftkit        {'loads it' if reads['ok'] else 'cannot load it'}: {reads['reason']}")
-    vllm = info["vllm"]
-    lines.append("vLLM           " + ("would accept it" if vllm["accepts"] else "cannot serve it as saved: " +
-                                      "; ".join(vllm["reasons"])))
-    lines += [f"               note: {c}" for c in vllm["caveats"]]
-    gguf = info["llama_cpp"]
-    lines.append("llama.cpp      " + ("convert_lora_to_gguf.py would convert it" if gguf["accepts"] else
-                                      "do not convert it with convert_lora_to_gguf.py: " + "; ".join(gguf["reasons"])))
-    lines += [f"               note: {c}" for c in gguf["caveats"]]
-    return lines

@@ -230,7 +230,8 @@ def test_an_embedding_target_and_a_merge_are_refused(models, tmp_path, monkeypat
 
 
 def test_inspect_says_what_an_alora_is(models, tmp_path):
-    from peftkit.inspect import describe, inspect_adapter
+    from peftkit.inspect import inspect_adapter
+    from peftkit.inspect_text import describe
 
     info = inspect_adapter(_peft_alora(models["llama"], tmp_path / "peft"))
     assert info["alora_invocation_tokens"] == INVOCATION and info["peftkit_reads"]["ok"]

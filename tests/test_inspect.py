@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
-from peftkit.inspect import describe, inspect_adapter
+from peftkit.inspect import inspect_adapter
+from peftkit.inspect_text import describe
 from peftkit.methods import IA3Config, LohaConfig, LokrConfig, LoraConfig, VeraConfig
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import QuantizationConfig

@@ -347,7 +347,8 @@ def test_unconverted_adapters_are_refused_where_they_cannot_be_converted(tiny_ll
 
 
 def test_inspect_says_peftkit_converts_it_and_vllm_and_llama_cpp_would_not(tiny_llama, tmp_path):
-    from peftkit.inspect import describe, inspect_adapter
+    from peftkit.inspect import inspect_adapter
+    from peftkit.inspect_text import describe
 
     info = inspect_adapter(_peft_saved(tiny_llama, tmp_path / "olora", "olora", targets=("q_proj",)))
     assert info["peftkit_reads"]["ok"] and "peftkit converts it on loading" in info["peftkit_reads"]["reason"]

@@ -139,7 +139,8 @@ def test_recipe_mistakes_are_refused(adapter, message, mixtral, number_data, tmp
 
 def test_what_cannot_carry_it_refuses_it(mixtral, tmp_path):
     from peftkit.adapters.named import NamedAdapters
-    from peftkit.inspect import describe, inspect_adapter
+    from peftkit.inspect import inspect_adapter
+    from peftkit.inspect_text import describe
     from peftkit.peft_format import load_adapter
 
     adapter = _peft_adapter(mixtral, tmp_path / "peft", target_modules=["q_proj"], target_parameters=EXPERTS)

@@ -474,7 +474,8 @@ def inspect_cmd(
 
     from rich.text import Text
 
-    from peftkit.inspect import describe, inspect_adapter
+    from peftkit.inspect import inspect_adapter
+    from peftkit.inspect_text import describe
 
     info = inspect_adapter(Path(adapter_path(adapter_dir)))  # (a str: typer's Path drops the `./` of `./x`)
     if as_json:
