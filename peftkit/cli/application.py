@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -50,3 +53,15 @@ def _warning_printer(show_other):
         else:
             show_other(message, category, *where)
     return show
+
+
+def said_beside(*outputs: Path | None):
+    """The console for what a command says besides its output files: stderr where one of them is this process's
+    stdout (`--json /dev/stdout | jq .` reads the JSON alone), else stdout."""
+    for path in outputs:
+        try:
+            if path is not None and os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno())):
+                return err_console
+        except (OSError, ValueError):  # not there yet; a stdout without a file descriptor
+            continue
+    return console

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from peftkit.cli.application import app, console, err_console
-from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, General, Inputs, MinP,
-                                 Overrides, RepetitionPenalty, Stop, Task, TopK, TrustRemoteCode, adapter_flags,
-                                 adapter_path, arrow_settings, check_json_out, check_merged, check_not_input,
+from peftkit.cli.application import app, console, err_console, said_beside
+from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, EvalAdapters,
+                                 EvalBatchSize, EvalData, EvalFormat, EvalJson, EvalMaxLength, EvalMaxNewTokens,
+                                 EvalMerged, EvalMetrics, EvalModel, EvalNormalize, EvalOnBadRows, EvalPredictions,
+                                 EvalRecipe, General, MinP, Overrides, RepetitionPenalty, Stop, Task, TopK,
+                                 TrustRemoteCode, adapter_flags, adapter_path, arrow_settings, check_json_out,
                                  command_inputs, fetched, job_inputs, local_path, typed, user_path)
 from peftkit.errors import PeftkitError, visible
 
@@ -106,36 +106,20 @@ def _combine(adapters: list[str], output: str, base: str | None, dtype: str | No
 
 @app.command("eval")
 def eval_cmd(
-    recipe: Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its recipe.yaml; its adapter/ "
-                                                     "is the default --adapter). Flags override its settings.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification | "
-                                               "preference | unpaired; default: the recipe's, else alpaca.")] = None,
-    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory (or hub id user/name[@REV]) to apply. Repeat "
-                                                         "as NAME=DIR to compare several with the base.")] = None,
-    merged: Annotated[Optional[list[str]], typer.Option("--merged", metavar="NAME=DIR", help="NAME=DIR: a merged model to add to the "
-                                                        "comparison (repeatable).")] = None,
-    max_length: Annotated[Optional[int], typer.Option(min=1, help="Truncate examples to this many tokens; default: "
-                                                      "data.max_length (512).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Examples per batch; default: eval.batch_size (8).")] = None,
-    on_bad_rows: Annotated[Optional[str], typer.Option("--on-bad-rows", help="error | skip; default: the recipe's, "
-                                                       "else error.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")] = None,
-    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: loss, perplexity (default), "
-                                                   "exact_match, token_f1, rouge_l (generated answers vs the data's "
-                                                   "targets).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Generation metrics: longest answer, in "
-                                                          "tokens; default: eval.max_new_tokens (64).")] = None,
-    normalize: Annotated[Optional[str], typer.Option(help="Before exact_match / token_f1: squad (Unicode NFKC, "
-                                                     "lowercase, no punctuation or articles), strip (NFC, no "
-                                                     "surrounding space), or none; default: eval.normalize "
-                                                     "(squad).")] = None,
-    predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
-                                                        "(prompt, prediction, reference) here; in a comparison, a "
-                                                        "directory (NAME.jsonl each); of several data.eval sets, a "
-                                                        "file each, the set's name before the suffix "
-                                                        "(p.SET.jsonl, NAME.SET.jsonl).")] = None,
+    recipe: EvalRecipe = None,
+    model: EvalModel = None,
+    data: EvalData = None,
+    fmt: EvalFormat = None,
+    adapter: EvalAdapters = None,
+    merged: EvalMerged = None,
+    max_length: EvalMaxLength = None,
+    batch_size: EvalBatchSize = None,
+    on_bad_rows: EvalOnBadRows = None,
+    json_out: EvalJson = None,
+    metrics: EvalMetrics = None,
+    max_new_tokens: EvalMaxNewTokens = None,
+    normalize: EvalNormalize = None,
+    predictions: EvalPredictions = None,
     arrow: Arrow = False,
     arrow_top_k: ArrowTopK = None,
     arrow_temperature: ArrowTemperature = None,
@@ -148,30 +132,20 @@ def eval_cmd(
 ) -> None:
     """Loss, perplexity and token count of a base model, a base + adapter, or a merged model, counted on the
     same target tokens as in training; with --metrics, task metrics of its greedy answers too."""
-    from peftkit.compare import ARROW, parse_named, split_named
+    from peftkit.cli.evaluation import (check_apart, check_outputs, compare, comparison_flags, evaluate_and_print,
+                                        several_sets)
+    from peftkit.compare import split_named
     from peftkit.eval_job import eval_job
-    from peftkit.evaluate import evaluate, evaluate_sets
-    from peftkit.fileio import atomic_write_json
-    from peftkit.generate import check_arrow
 
     adapters, merged = adapter or [], merged or []
     json_out, predictions = user_path(json_out), user_path(predictions)
     comparing = len(adapters) > 1 or bool(merged) or any(split_named(a) for a in adapters)
     settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters), task)
-    if settings is not None and not (comparing and adapters):
-        raise PeftkitError("--arrow routes among named adapters: pass them as --adapter NAME=DIR.")
-    named = parse_named(adapters, "--adapter") if comparing else []
-    named_merged = parse_named(merged, "--merged", [n for n, _ in named])
-    check_merged(named_merged)
-    check_arrow(named, settings, general or [], None)  # (a hub adapter is fetched once the flags are right)
-    if settings is not None and ARROW in [n for n, _ in named + named_merged]:
-        raise PeftkitError(f"--arrow adds a row named {ARROW!r} to the comparison: name that adapter otherwise.")
+    named, named_merged = comparison_flags(adapters, merged, comparing, settings, general or [])
     inputs = command_inputs(recipe, local_path(model) if model else None, local_path(data) if data else None,
                             [local_path(p) for _, p in named] or adapters, [local_path(p) for _, p in named_merged])
     outputs = ((json_out, "--json"), (None if comparing else predictions, "--predictions"))
-    for path, flag in outputs:
-        if path is not None:
-            check_json_out(path, flag, inputs)
+    check_outputs(outputs, inputs)
     single = adapter_path(adapters[0]) if adapters and not comparing else None
     base = None
     if comparing and recipe is None and not model and data:  # the base row its candidates record
@@ -179,139 +153,25 @@ def eval_cmd(
 
         named = [(n, adapter_path(p)) for n, p in named]
         base = comparison_base(named, [(n, local_path(p)) for n, p in named_merged], trust_remote_code)
-    job = eval_job(recipe, overrides or [], local_path(model) if model else None, local_path(data) if data else None, fmt,
-                   single, max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                   predictions, task, comparing=comparing, split=split, data_revision=data_revision, base=base)
+
+    def job_of(data_source: str | None, predictions_file: Path | None, **where):
+        """The job of these flags on `data_source` (None: the recipe's data.eval set `where['eval_set']`, or its first)."""
+        return eval_job(recipe, overrides or [], local_path(model) if model else None, data_source, fmt, single, max_length,
+                        batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize, predictions_file,
+                        task, comparing=comparing, **where)
+
+    job = job_of(local_path(data) if data else None, predictions, split=split, data_revision=data_revision, base=base)
     inputs += job_inputs(job)  # a recipe's data.eval and model, a run's adapter/
     if predictions is not None and not comparing and len(job.eval_sets) <= 1:  # (several: each set's file, below)
-        _check_apart(json_out, predictions, "the --predictions file")
-    for path, flag in outputs:
-        if path is not None:
-            check_json_out(path, flag, inputs)
+        check_apart(json_out, predictions, "the --predictions file")
+    check_outputs(outputs, inputs)
     sets = {}
     if len(job.eval_sets) > 1:  # the recipe's data.eval names several sets: each, by name
-        own = _set_predictions(None if comparing else predictions, job.eval_sets, recipe)  # (a comparison's: _compare)
-        job.predictions = own[job.eval_sets[0]]
-        sets = {job.eval_sets[0]: job} | {
-            name: eval_job(recipe, overrides or [], local_path(model) if model else None, None, fmt, single,
-                           max_length, batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize,
-                           own[name], task, comparing=comparing, eval_set=name) for name in job.eval_sets[1:]}
-        for each in list(sets.values())[1:]:  # nor may an output be (inside) another set's data
-            inputs += job_inputs(each)
-        for path, flag in ((json_out, "--json"), *((own[name], "--predictions") for name in job.eval_sets)):
-            if path is not None:
-                check_json_out(path, flag, inputs)
-        for name, path in own.items():
-            if path is not None:
-                _check_apart(json_out, path, f"the --predictions file of {name}, {path},")
+        sets = several_sets(job, job_of, None if comparing else predictions, recipe, json_out, inputs)
     if comparing:
-        _compare(sets or {None: job}, named, named_merged, predictions, json_out, settings, general or [], inputs)
+        compare(sets or {None: job}, named, named_merged, predictions, json_out, settings, general or [], inputs)
         return
-    if sets:
-        results = evaluate_sets(sets)  # the model loads once, for every set
-        for name, result in results.items():
-            _said_beside(json_out).print(f"{name}: {_shown(result, job.metrics)}")
-        if json_out:
-            atomic_write_json(json_out, results)
-        return
-    result = evaluate(job)
-    _said_beside(json_out, predictions).print(_shown(result, job.metrics))
-    if json_out:
-        atomic_write_json(json_out, result)
-
-
-def _set_predictions(predictions: Path | None, names: list[str], recipe: Path) -> dict[str, Path | None]:
-    """--predictions of data.eval's sets `names` (several): a file each, the set's name before the suffix (preds.jsonl:
-    preds.NAME.jsonl, `set_predictions`), by set name; None each without it. A stream (/dev/stdout) is refused: the
-    sets' lines would run together, none saying its set."""
-    from peftkit.eval_job import set_predictions
-    from peftkit.fileio import special_file
-
-    if predictions is not None and special_file(predictions):
-        raise PeftkitError(f"--predictions {predictions}: {recipe}'s data.eval has {len(names)} sets "
-                           f"({', '.join(names)}), whose answers go to a file each (FILE.NAME.jsonl); give a file "
-                           "name, or --data FILE of one set.")
-    return {name: None if predictions is None else set_predictions(predictions, name) for name in names}
-
-
-def _shown(result: dict, metrics: list[str]) -> str:
-    """One evaluation's figures as `peftkit eval` prints them: `loss 1.2345  perplexity 3.436  tokens 120  ...`."""
-    shown = []
-    if "perplexity" in result:
-        shown.append(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  tokens {result['num_tokens']}")
-    elif "num_pairs" in result:  # preference pairs: the DPO loss, the rewards follow
-        shown.append(f"loss {result['loss']:.4f}  pairs {result['num_pairs']}")
-    elif "kl" in result:  # unpaired answers: the KTO loss, the rewards and the KL estimate follow
-        shown.append(f"loss {result['loss']:.4f}  answers {result['num_examples']}")
-    elif "loss" in result:  # a classifier: cross-entropy per row, accuracy and macro_f1 follow
-        shown.append(f"loss {result['loss']:.4f}  rows {result['num_examples']}")
-    shown += [f"{name} {'n/a' if result[name] is None else format(result[name], '.4f')}" for name in metrics
-              if name in result and name not in ("loss", "perplexity")]  # None: a KTO margin without both kinds
-    if "num_rows" in result:
-        shown.append(f"rows {result['num_rows']}")
-    return "  ".join(shown)
-
-
-def _compare(sets: dict, named: list[tuple[str, str]], merged: list[tuple[str, str]], predictions: Path | None,
-             json_out: Path | None, arrow=None, general: list[str] = (), inputs: Inputs = ()) -> None:
-    """`peftkit eval` with several --adapter NAME=DIR (and --merged NAME=DIR), as parsed: one table against the base
-    per data.eval set of `sets` ({set name: its job}; {None: the job} for one data); with `arrow` (ArrowSettings), a
-    row of Arrow routing among them too (`general`: GenKnowSub's). `inputs`: what no --predictions file may be
-    (`check_not_input`)."""
-    from peftkit.compare import ARROW, BASE, compare_sets, comparison_jobs, comparison_table, prediction_file
-    from peftkit.fileio import atomic_write_json
-    from peftkit.rundir import make_writable_dir
-
-    named = [(n, adapter_path(p)) for n, p in named]
-    named_merged = [(n, local_path(p)) for n, p in merged]
-    routing = (arrow, [n for n, _ in named if n not in general], list(general)) if arrow is not None else None
-    made = predictions is not None and not predictions.exists()
-    if predictions is not None:
-        if predictions.suffix.lower() in (".jsonl", ".json") and not predictions.is_dir():
-            raise PeftkitError(f"--predictions {predictions}: a comparison writes one NAME.jsonl per model, into a "
-                               f"directory; give a directory (e.g. --predictions {predictions.with_suffix('')}).")
-        check_not_input(predictions, "--predictions", inputs)
-        for name in [BASE, *(n for n, _ in named + named_merged), *([ARROW] if arrow is not None else [])]:
-            for each in sets:  # (None: the one data; else each data.eval set's file)
-                path = prediction_file(predictions, name, each)
-                check_not_input(path, "--predictions", inputs, f"{predictions}: the comparison's {path.name}")
-                _check_apart(json_out, path, f"the --predictions file of {name}, {path},")
-        make_writable_dir(predictions, "--predictions (in a comparison, a directory)")
-    try:
-        results = compare_sets({each: comparison_jobs(job, named, named_merged) for each, job in sets.items()},
-                               predictions, routing)
-    except BaseException:  # an error or Ctrl-C before any model's predictions: no empty directory left behind
-        if made and not any(predictions.iterdir()):
-            predictions.rmdir()
-        raise
-    metrics = next(iter(sets.values())).metrics
-    for each, rows in results.items():
-        _said_beside(json_out).print(comparison_table(rows, metrics, each))
-    if json_out:  # by set name, as `peftkit eval` of several sets writes its figures; one data's: by row name
-        atomic_write_json(json_out, results if None not in results else results[None])
-
-
-def _check_apart(json_out: Path | None, predictions: Path, which: str) -> None:
-    """--json must not name a file --predictions writes: the JSON, written last, replaced the predictions unsaid."""
-    from peftkit.fileio import special_file
-
-    if json_out is None or special_file(json_out):  # /dev/stdout: both are written into the stream
-        return
-    if json_out.expanduser().resolve() == predictions.expanduser().resolve():
-        raise PeftkitError(f"--json {json_out} is {which} too: the metrics would replace the predictions. Give --json "
-                           "another path.")
-
-
-def _said_beside(*outputs: Path | None):
-    """The console for what a command says besides its output files: stderr where one of them is this process's
-    stdout (`--json /dev/stdout | jq .` reads the JSON alone), else stdout."""
-    for path in outputs:
-        try:
-            if path is not None and os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno())):
-                return err_console
-        except (OSError, ValueError):  # not there yet; a stdout without a file descriptor
-            continue
-    return console
+    evaluate_and_print(job, sets, json_out, predictions)
 
 
 @app.command()
@@ -389,7 +249,7 @@ def generate(
     if json_out:
         atomic_write_json(json_out, results)
         n = len(results)
-        _said_beside(json_out).print(f"{n} completion{'s' * (n != 1)} written to {escape(str(json_out))}")
+        said_beside(json_out).print(f"{n} completion{'s' * (n != 1)} written to {escape(str(json_out))}")
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The options several commands share, and how a command reads its path and text arguments."""
+"""The options several commands share (and `peftkit eval`'s many), and how a command reads its path and text
+arguments."""
 
 from __future__ import annotations
 
@@ -39,6 +40,38 @@ RepetitionPenalty = Annotated[float, typer.Option("--repetition-penalty", metava
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT", help="End each answer before the first "
                                                   "TEXT it holds, left out of it (repeatable).")]
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a recipe key: --set training.lr=2e-4 (repeatable).")]
+
+# peftkit eval's own (model_commands.eval_cmd): its flags and help, apart from its body
+EvalRecipe = Annotated[Optional[Path], typer.Argument(help="A recipe, or a run directory (its recipe.yaml; its adapter/ "
+                                                      "is the default --adapter). Flags override its settings.")]
+EvalModel = Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")]
+EvalData = Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")]
+EvalFormat = Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification | "
+                                                   "preference | unpaired; default: the recipe's, else alpaca.")]
+EvalAdapters = Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory (or hub id user/name[@REV]) to apply. Repeat "
+                                                           "as NAME=DIR to compare several with the base.")]
+EvalMerged = Annotated[Optional[list[str]], typer.Option("--merged", metavar="NAME=DIR", help="NAME=DIR: a merged model to add to the "
+                                                         "comparison (repeatable).")]
+EvalMaxLength = Annotated[Optional[int], typer.Option("--max-length", min=1, help="Truncate examples to this many tokens; default: "
+                                                      "data.max_length (512).")]
+EvalBatchSize = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Examples per batch; default: eval.batch_size (8).")]
+EvalOnBadRows = Annotated[Optional[str], typer.Option("--on-bad-rows", help="error | skip; default: the recipe's, "
+                                                      "else error.")]
+EvalJson = Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics as JSON here.")]
+EvalMetrics = Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated: loss, perplexity (default), "
+                                                    "exact_match, token_f1, rouge_l (generated answers vs the data's "
+                                                    "targets).")]
+EvalMaxNewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Generation metrics: longest answer, in "
+                                                         "tokens; default: eval.max_new_tokens (64).")]
+EvalNormalize = Annotated[Optional[str], typer.Option("--normalize", help="Before exact_match / token_f1: squad (Unicode NFKC, "
+                                                      "lowercase, no punctuation or articles), strip (NFC, no "
+                                                      "surrounding space), or none; default: eval.normalize "
+                                                      "(squad).")]
+EvalPredictions = Annotated[Optional[Path], typer.Option("--predictions", help="Write one JSON line per row "
+                                                         "(prompt, prediction, reference) here; in a comparison, a "
+                                                         "directory (NAME.jsonl each); of several data.eval sets, a "
+                                                         "file each, the set's name before the suffix "
+                                                         "(p.SET.jsonl, NAME.SET.jsonl).")]
 
 
 def local_path(path: str) -> str:
