@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from peftkit.checkpoint import ALSO_AT, checkpoint_dirs
+from peftkit.checkpoint import ALSO_AT, CHECKPOINTS, checkpoint_dirs
 from peftkit.errors import PeftkitError
 from peftkit.fileio import DiskFullError, resolved, sha256_file
 from peftkit.manifest import (
@@ -45,7 +45,7 @@ from peftkit.manifest import (
     read_manifest,
 )
 from peftkit.recipe import Recipe, is_hub_dataset
-from peftkit.reproduced import differences
+from peftkit.reproduced import METRICS_LOG, differences
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _check_remote_code(recipe: Recipe, allowed: bool, manifest_path: Path) -> No
 
 def _changed_files(run_dir: Path, manifest: Manifest, on_disk: dict[str, str]) -> list[str]:
     """What in RUN_DIR no longer matches the manifest: recipe.yaml, and each file of the exported dirs."""
-    out = []
+    out = _symlinks(run_dir, manifest)
     if manifest.recorded_recipe_sha256 != manifest.recipe_sha256:
         out.append(f"{MANIFEST}: its recipe does not hash to its recipe_sha256; the manifest was edited after the run")
     recipe_file = run_dir / RECIPE_FILE
@@ -130,6 +130,22 @@ def _changed_files(run_dir: Path, manifest: Manifest, on_disk: dict[str, str]) -
         else:
             out.append(_changed(name, run_dir, on_disk[name], recorded[name]))
     return out
+
+
+def _symlinks(run_dir: Path, manifest: Manifest) -> list[str]:
+    """The symbolic links among the files verify checks: a run writes files, never links, so a link there replaced
+    what the run wrote, and its bytes are another file's, which can change without RUN_DIR changing (a link to a
+    copy hashes the same). The run's top files, the exported directories' entries and the checkpoints' files."""
+    top = [MANIFEST, RECIPE_FILE, METRICS_LOG, CHECKPOINTS, *sorted({"adapter", "merged", *manifest.exported_dirs})]
+    links = [run_dir / name for name in top if (run_dir / name).is_symlink()]
+    for directory in (run_dir / name for name in top[3:]):
+        if directory.is_dir() and not directory.is_symlink():
+            for root, dirs, files in os.walk(directory):  # (os.walk follows no link to a directory)
+                if Path(root) != run_dir / CHECKPOINTS:  # (a link among the checkpoints: `leftovers` says it)
+                    links += [Path(root, name) for name in dirs + files if Path(root, name).is_symlink()]
+    return [f"{link.relative_to(run_dir).as_posix()} in {run_dir} is a symbolic link (to {os.readlink(link)}); the run "
+            "wrote no link: it was replaced after the run, and what it holds can change without the run changing"
+            for link in sorted(links)]
 
 
 def _changed(name: str, run_dir: Path, now: str, recorded: str) -> str:

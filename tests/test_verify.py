@@ -336,6 +336,27 @@ def test_a_rerun_that_makes_other_examples_of_the_same_rows_says_so_first(run, m
     assert any(d.startswith("loss diverges first at step 1") for d in differences[2:])
 
 
+def test_files_replaced_by_symbolic_links_are_reported_though_their_bytes_match(run, tmp_path):
+    """A run writes files, never links: one in place of a file it wrote (to a copy with the same bytes, so every hash
+    matches) holds bytes outside the run, which can change without the run changing. verify vouched for such a run."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    names = [ADAPTER, "manifest.json", "recipe.yaml", "metrics.jsonl", "checkpoints/step-00000002/training_state.pt"]
+    for i, name in enumerate(names):
+        copy = Path(shutil.copy(run / name, outside / str(i)))
+        (run / name).unlink()
+        (run / name).symlink_to(copy)
+    (run / "adapter" / "extra").symlink_to(outside, target_is_directory=True)  # hashing walks no linked directory
+
+    report = verify(run, tolerance=1e-3, console=_quiet())
+    said = [f"{name} in {run} is a symbolic link (to {outside / str(i)}); the run wrote no link: it was replaced "
+            "after the run, and what it holds can change without the run changing" for i, name in enumerate(names)]
+    said.append(f"adapter/extra in {run} is a symbolic link (to {outside}); the run wrote no link: it was replaced "
+                "after the run, and what it holds can change without the run changing")
+    assert sorted(report.differences) == sorted(said), report.differences
+    assert not report.ok
+
+
 def test_a_missing_exported_directory_is_reported(run):
     shutil.rmtree(run / "adapter")
     report = verify(run, tolerance=1e-3, console=_quiet())
