@@ -37,6 +37,7 @@ from peftkit.recipe import Recipe, format_validation_error, is_hub_dataset
 
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
+METRICS_LOG = "metrics.jsonl"
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 PACKAGES = ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "safetensors", "pydantic")
@@ -261,6 +262,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
     `examples_sha256`: the digests of the examples the data became (`peftkit.data.stored.examples_digest`)."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
+    log = out / METRICS_LOG
     return {
         "peftkit_manifest": 1,
         "command": " ".join(sys.argv),
@@ -284,6 +286,8 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "loss_digest": loss_digest(losses),
         "metrics": summary,
         "outputs_sha256": outputs,
+        # complete: the run's last line (its final eval) is written; nothing appends to it after the manifest
+        "log_sha256": sha256_file(log) if log.is_file() else None,
     }
 
 
@@ -329,6 +333,10 @@ class Manifest(BaseModel):
     """The files of the adapter the run started from (`adapter.init_from`); {} without one."""
     environment: RecordedEnvironment
     outputs_sha256: dict[str, Sha256]
+    log_sha256: Sha256 | None = None
+    """sha256 of metrics.jsonl as the run ended, which `peftkit verify` checks the file against before comparing it with
+    the re-run's (a tolerance, or the timings no re-run repeats, hid an edit there); None in manifests from before
+    5 December 2026, whose metrics.jsonl is compared with the re-run's only."""
     distributed: dict = {}
     """The processes that trained (`processes`, `backend`); {} for manifests from before it was recorded: one."""
     # sha256 of the recipe as recorded, before today's schema added its new defaults: what recipe_sha256 hashed.

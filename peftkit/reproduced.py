@@ -12,7 +12,14 @@ from pathlib import Path
 
 from peftkit.checkpoint import CHECKSUMS
 from peftkit.errors import PeftkitError
-from peftkit.manifest import MANIFEST, Manifest, changed_model_files, loss_digest, unhashed
+from peftkit.manifest import (
+    MANIFEST,
+    METRICS_LOG,
+    Manifest,
+    changed_model_files,
+    loss_digest,
+    unhashed,
+)
 from peftkit.model_card import CARD_NAME
 from peftkit.recipe import Recipe
 
@@ -95,17 +102,16 @@ def _same_settings(recorded: Path, rerun: Path) -> bool:
     return a == b
 
 
-METRICS_LOG = "metrics.jsonl"
-
 VARYING = ("elapsed_s", "peak_mem_mb", "tokens_per_s", "resumed_at_step")
 """What a run records that no re-run repeats: wall-clock time, speed and peak memory, and where a resumed run's
 process started (its time and memory are that process's)."""
 
 CHECKED_APART = {"command", "environment", "recipe", "recipe_sha256", "losses", "loss_digest", "data_sha256",
                  "examples_sha256", "data_commits", "base_model_sha256", "base_model_commit", "init_from_sha256",
-                 "outputs_sha256"}
+                 "outputs_sha256", "log_sha256"}
 """manifest.json's fields that verify checks on their own (the command line, which names verify's own re-run, and
-the environment are notes); every other field must equal the re-run's."""
+the environment are notes; log_sha256 hashes the timings too, which no re-run repeats); every other field must equal
+the re-run's."""
 PUBLISHED = {"pushed_to_hub"}
 """manifest.json's record of what the run's end published (export.push_to_hub's commit), which a re-run never does:
 not compared."""

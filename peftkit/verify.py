@@ -32,6 +32,7 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import DiskFullError, resolved, sha256_file
 from peftkit.manifest import (
     MANIFEST,
+    METRICS_LOG,
     RECIPE_FILE,
     Manifest,
     RecordedEnvironment,
@@ -45,7 +46,7 @@ from peftkit.manifest import (
     read_manifest,
 )
 from peftkit.recipe import Recipe, is_hub_dataset
-from peftkit.reproduced import METRICS_LOG, differences
+from peftkit.reproduced import differences
 
 
 @dataclass
@@ -111,6 +112,9 @@ def _changed_files(run_dir: Path, manifest: Manifest, on_disk: dict[str, str]) -
         out.append(f"{RECIPE_FILE} is missing from {run_dir}")
     elif (now := _sha256(recipe_file)) != manifest.recipe_sha256:
         out.append(_changed(RECIPE_FILE, run_dir, now, manifest.recipe_sha256))
+    log = run_dir / METRICS_LOG  # (a missing one: said with the re-run's, which also compares a log without a hash)
+    if manifest.log_sha256 and log.is_file() and (now := _sha256(log)) != manifest.log_sha256:
+        out.append(_changed(METRICS_LOG, run_dir, now, manifest.log_sha256))
     recorded = manifest.outputs_sha256
     for directory in sorted({"adapter", "merged"} - set(manifest.exported_dirs)):  # eval/generate would load it
         if (run_dir / directory).exists():

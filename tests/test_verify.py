@@ -150,6 +150,7 @@ def test_results_logs_and_checkpoints_edited_after_the_run_are_reported(run):
                 "manifest.json: added is 1 recorded, None now",
                 "manifest.json: metrics.eval_loss is 0.01 recorded, ",
                 "manifest.json: seed is 7 recorded, 0 now",
+                f"metrics.jsonl in {run} was changed after the run: sha256 ",  # (its log_sha256)
                 "metrics.jsonl line 2: loss is 0.5 recorded, ",
                 f"checkpoints/step-00000002 in {run}: adapter_model.safetensors does not match its checksum (truncated "
                 "or modified); it was changed after the run"]
@@ -355,6 +356,23 @@ def test_files_replaced_by_symbolic_links_are_reported_though_their_bytes_match(
                 "after the run, and what it holds can change without the run changing")
     assert sorted(report.differences) == sorted(said), report.differences
     assert not report.ok
+
+
+def test_metrics_jsonl_edited_within_a_tolerance_or_in_its_timings_is_reported(run):
+    """metrics.jsonl was compared with the re-run's only: a loss nudged within --tolerance, or a speed or time (which
+    no re-run repeats), passed. The manifest records its sha256; a manifest from before that compares it as before."""
+    log = run / "metrics.jsonl"
+    assert json.loads((run / "manifest.json").read_text())["log_sha256"] == hashlib.sha256(log.read_bytes()).hexdigest()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    rows[0]["loss"] += 1e-6
+    rows[0]["tokens_per_s"] *= 10
+    log.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    report = verify(run, tolerance=1e-3, console=_quiet())
+    assert len(report.differences) == 1, report.differences
+    assert report.differences[0].startswith(f"metrics.jsonl in {run} was changed after the run: sha256 ")
+    _edit_manifest(run, lambda manifest: manifest.pop("log_sha256") and None)
+    assert verify(run, tolerance=1e-3, console=_quiet()).ok
 
 
 def test_a_missing_exported_directory_is_reported(run):
