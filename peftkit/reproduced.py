@@ -377,5 +377,16 @@ def _weights_close(name: str, recorded: Path, rerun: Path, tolerance: float) -> 
         return f"output {name}: different tensors (names or shapes) recorded and now"
     if not x:
         return None
-    worst = max(((x[k].float() - y[k].float()).abs().max().item(), k) for k in x)
+    worst = max((_max_difference(x[k], y[k]), k) for k in x)
     return None if worst[0] <= tolerance else f"output {name}: max abs diff {worst[0]:.3g} at {worst[1]} > {tolerance}"
+
+
+def _max_difference(a, b) -> float:
+    """The largest |a - b| of two tensors of one shape; a NaN where the other holds a number (or another infinity) is an
+    infinite difference. (A NaN difference passed: max() of (NaN, name) pairs keeps whichever came first, so a NaN in
+    any tensor but the first was within every tolerance.)"""
+    a, b = a.double(), b.double()
+    if not a.numel():
+        return 0.0
+    same = (a == b) | (a.isnan() & b.isnan())
+    return (a - b).abs().nan_to_num(nan=math.inf).masked_fill(same, 0.0).max().item()

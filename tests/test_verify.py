@@ -296,6 +296,20 @@ def test_a_tolerance_does_not_hide_a_changed_adapter(run):
     assert [d for d in report.differences if d.startswith(f"{ADAPTER} in {run} was changed after the run")]
 
 
+def test_a_tolerance_does_not_pass_a_nan_weight(run):
+    """A NaN is within no tolerance: the largest difference over the tensors was taken by max() of (NaN, name) pairs,
+    which keeps the first pair, so a NaN in any tensor but the first passed (here with its hash made anew)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(run / ADAPTER)
+    last = list(weights)[-1]
+    weights[last][0, 0] = float("nan")
+    save_file(weights, run / ADAPTER)
+    _edit_manifest(run, lambda m: m["outputs_sha256"].__setitem__(ADAPTER, sha256_file(run / ADAPTER)))
+    report = verify(run, tolerance=1e-3, console=_quiet())
+    assert report.differences == [f"output {ADAPTER}: max abs diff inf at {last} > 0.001"], report.differences
+
+
 def test_a_tolerance_leaves_the_model_cards_rounded_figures_to_the_metrics(run):
     """adapter/README.md shows the eval loss to 4 decimals: a run made elsewhere, whose loss is within the tolerance,
     may round to another card. The metrics themselves are compared within it; bit for bit the card must match."""
