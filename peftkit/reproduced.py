@@ -375,6 +375,8 @@ def _weights_close(name: str, recorded: Path, rerun: Path, tolerance: float) -> 
     x, y = load_file(recorded), load_file(rerun)
     if x.keys() != y.keys() or any(x[k].shape != y[k].shape for k in x):
         return f"output {name}: different tensors (names or shapes) recorded and now"
+    if retyped := next((k for k in x if x[k].dtype != y[k].dtype), None):  # (the values, as floats, may agree)
+        return f"output {name}: {retyped} is {x[retyped].dtype} recorded, {y[retyped].dtype} now"
     if not x:
         return None
     worst = max((_max_difference(x[k], y[k]), k) for k in x)

@@ -310,6 +310,21 @@ def test_a_tolerance_does_not_pass_a_nan_weight(run):
     assert report.differences == [f"output {ADAPTER}: max abs diff inf at {last} > 0.001"], report.differences
 
 
+def test_a_tolerance_does_not_pass_a_weight_of_another_dtype(run):
+    """A tensor saved in another dtype is another file, whatever its values: compared as floats, a float64 copy of the
+    adapter's last tensor (the same values) passed --tolerance with its hash made anew."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(run / ADAPTER)
+    last = list(weights)[-1]
+    weights[last] = weights[last].double()
+    save_file(weights, run / ADAPTER)
+    _edit_manifest(run, lambda m: m["outputs_sha256"].__setitem__(ADAPTER, sha256_file(run / ADAPTER)))
+    report = verify(run, tolerance=1e-3, console=_quiet())
+    assert report.differences == [f"output {ADAPTER}: {last} is torch.float64 recorded, torch.float32 now"], \
+        report.differences
+
+
 def test_a_tolerance_leaves_the_model_cards_rounded_figures_to_the_metrics(run):
     """adapter/README.md shows the eval loss to 4 decimals: a run made elsewhere, whose loss is within the tolerance,
     may round to another card. The metrics themselves are compared within it; bit for bit the card must match."""
