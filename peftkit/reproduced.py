@@ -161,16 +161,19 @@ def _record_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
 
 
 def _differ(where: str, recorded, now, tolerance: float) -> list[str]:
-    """Where `recorded` and `now` (JSON values) differ, numbers within `tolerance`; VARYING keys are skipped, and
-    with a tolerance so are generated texts (`samples`: another machine may decode another token)."""
+    """Where `recorded` and `now` (JSON values) differ, numbers within `tolerance` (a boolean is no number); VARYING keys
+    are skipped, and with a tolerance so are generated texts (`samples`: another machine may decode another token)."""
     if isinstance(recorded, dict) and isinstance(now, dict):
         skip = set(VARYING) | ({"samples"} if tolerance > 0 else set())
         return [problem for key in sorted((recorded.keys() | now.keys()) - skip)
                 for problem in _differ(f"{where}.{key}" if where else key, recorded.get(key), now.get(key), tolerance)]
-    if isinstance(recorded, list) and isinstance(now, list) and len(recorded) == len(now) and tolerance > 0 and \
-            not any(_differ(where, a, b, tolerance) for a, b in zip(recorded, now)):
-        return []  # (a list of numbers, each within the tolerance)
+    if isinstance(recorded, list) and isinstance(now, list) and len(recorded) == len(now):
+        # item by item: each number within the tolerance, and no boolean for a number
+        same = not any(_differ(where, a, b, tolerance) for a, b in zip(recorded, now))
+        return [] if same else [f"{where} is {recorded!r} recorded, {now!r} now"]
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (recorded, now))
+    if isinstance(recorded, bool) != isinstance(now, bool):  # Python's False == 0: a seed edited to false passed
+        return [f"{where} is {recorded!r} recorded, {now!r} now"]
     if recorded == now or (numbers and tolerance > 0 and math.isclose(recorded, now, rel_tol=0, abs_tol=tolerance)):
         return []
     return [f"{where} is {recorded!r} recorded, {now!r} now"]

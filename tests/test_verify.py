@@ -161,6 +161,21 @@ def test_results_logs_and_checkpoints_edited_after_the_run_are_reported(run):
         assert len(report.differences) == len(expected), report.differences
 
 
+def test_a_boolean_edited_in_for_a_number_is_a_difference(run):
+    """JSON's false is not 0, though Python's False == 0: a manifest whose seed 0 and skipped_steps 0 became false
+    verified; so did a list of numbers with a false among them."""
+    from peftkit.reproduced import _differ
+
+    def edit(manifest):
+        manifest["seed"] = False
+        manifest["metrics"]["skipped_steps"] = False
+    _edit_manifest(run, edit)
+    report = verify(run, console=_quiet())
+    assert report.differences == ["manifest.json: metrics.skipped_steps is False recorded, 0 now",
+                                  "manifest.json: seed is False recorded, 0 now"], report.differences
+    assert _differ("x", [1, False], [1, 0], 0.0) == ["x is [1, False] recorded, [1, 0] now"]
+
+
 def _rewrite_with_its_checksums(checkpoint: Path) -> None:
     """A bit of the checkpoint's weights changed, and checksums.json made to agree: whole, but not the run's."""
     _flip_a_bit(checkpoint / "adapter_model.safetensors")
