@@ -69,8 +69,9 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
                 out.append(f"output {name}: written by the re-run, but not recorded")
         elif tolerance == 0:
             out.append(f"output {name}: sha256 {recorded[name][:12]}… recorded, {now[name][:12]}… now")
-        elif name.endswith(f"/{CARD_NAME}"):
-            continue  # the model card: figures rounded from the metrics and losses, which are compared on their own
+        elif name.endswith(f"/{CARD_NAME}"):  # its figures: rounded from the metrics, which are compared on their own
+            if name in intact and _card_words(run_dir / name) != _card_words(tmp / name):
+                out.append(f"output {name}: its text differs from the re-run's (beyond the figures in it)")
         # RUN_DIR's copy is compared only when intact: a changed one is already reported, and may not even parse.
         elif not name.endswith(".safetensors"):  # settings and tokenizer files: the same, but for the versions
             if name in intact and not _same_settings(run_dir / name, tmp / name):
@@ -80,6 +81,12 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
                 (problem := _weights_close(name, run_dir / name, tmp / name, tolerance)):
             out.append(problem)
     return out
+
+
+def _card_words(path: Path) -> str:
+    """A model card's text with each number in it as `#`: what a run made elsewhere, whose figures round otherwise,
+    must still match (its base, data, settings and how to load it; the whole card was left out under a tolerance)."""
+    return re.sub(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", "#", _text(path))
 
 
 _ENVIRONMENT_FIELDS = ("peftkit_version", "transformers_version", "quantized_on")

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,12 +343,20 @@ def test_a_tolerance_does_not_pass_a_weight_of_another_dtype(run):
 
 def test_a_tolerance_leaves_the_model_cards_rounded_figures_to_the_metrics(run):
     """adapter/README.md shows the eval loss to 4 decimals: a run made elsewhere, whose loss is within the tolerance,
-    may round to another card. The metrics themselves are compared within it; bit for bit the card must match."""
+    may round to another card. The metrics themselves are compared within it; bit for bit the card must match. Its
+    words must match under a tolerance too: the whole card was left out, so an edited way to load it passed."""
     card = run / "adapter" / "README.md"
-    card.write_text(card.read_text().replace("| eval loss |", "| eval loss (as another machine rounded it) |"))
+    text = card.read_text()
+    loss = re.search(r"\| eval loss \| ([0-9.]+) \|", text).group(1)
+    card.write_text(text.replace(f"| eval loss | {loss} |", f"| eval loss | {float(loss) + 1e-4:.4f} |"))
     _edit_manifest(run, lambda m: m["outputs_sha256"].update({"adapter/README.md": sha256_file(card)}))
     assert verify(run, tolerance=1e-3, console=_quiet()).differences == []
     assert [d for d in verify(run, console=_quiet()).differences if d.startswith("output adapter/README.md: sha256")]
+
+    card.write_text(text.replace("| eval loss |", "| eval loss (as another machine rounded it) |"))
+    _edit_manifest(run, lambda m: m["outputs_sha256"].update({"adapter/README.md": sha256_file(card)}))
+    assert verify(run, tolerance=1e-3, console=_quiet()).differences == [
+        "output adapter/README.md: its text differs from the re-run's (beyond the figures in it)"]
 
 
 def test_a_run_recorded_before_the_model_card_still_verifies(run):
