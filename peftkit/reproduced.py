@@ -168,8 +168,9 @@ def _record_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
 
 
 def _differ(where: str, recorded, now, tolerance: float) -> list[str]:
-    """Where `recorded` and `now` (JSON values) differ, numbers within `tolerance` (a boolean is no number); VARYING keys
-    are skipped, and with a tolerance so are generated texts (`samples`: another machine may decode another token)."""
+    """Where `recorded` and `now` (JSON values) differ, numbers within `tolerance` (a boolean is no number); VARYING
+    keys are skipped, and with a tolerance so are generated texts (`samples`: another machine may decode another
+    token)."""
     if isinstance(recorded, dict) and isinstance(now, dict):
         skip = set(VARYING) | ({"samples"} if tolerance > 0 else set())
         return [problem for key in sorted((recorded.keys() | now.keys()) - skip)
