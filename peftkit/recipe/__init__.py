@@ -2,7 +2,9 @@
 
     schema.py  the models: every setting and its default (data_section.py: the `data` section's)
     reader.py  YAML with line numbers, duplicate keys, size/depth/alias limits
-    loader.py  `load_recipe`: --set overrides, validation, errors in our words, path resolution
+    loader.py  `load_recipe`: --set overrides, validation, errors in our words, path resolution; its parts:
+               overrides.py (--set), keys.py (a key path's section, suggestions for a wrong key), messages.py
+               (pydantic's errors at file:line), resolution.py (paths, adapter.init_from, after validation)
 
 These models are the single source of truth for every setting and its default; the rest of peftkit
 reads typed fields, never `dict.get(key, default)`. `peftkit validate RECIPE` prints the fully resolved

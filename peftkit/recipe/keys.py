@@ -1,0 +1,168 @@
+"""A recipe's sections and keys, as its error messages name them: which pydantic model holds the keys at a key
+path (the adapter method's config that `method:` picks), its keys in the order an error lists them, the other
+sections a misplaced key belongs to, and the suggestion for a misspelt or foreign key (peft's, axolotl's,
+transformers' names for ours)."""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, PydanticSchemaGenerationError, TypeAdapter, ValidationError
+
+from peftkit.errors import did_you_mean
+from peftkit.methods import DEFAULT_METHOD, METHODS
+from peftkit.methods.alora import Activation
+from peftkit.methods.bdlora import BlockDiagonalLora
+from peftkit.methods.kasa import Kasa
+from peftkit.methods.velora import Velora
+from peftkit.methods.param_lora import TargetParameters
+from peftkit.methods.target_filters import ExcludedTargets, LayerTargets
+from peftkit.methods.replication import LayerReplication
+from peftkit.methods.token_rows import TrainableTokenIndices
+from peftkit.recipe.schema import Recipe
+from peftkit.section import AdapterSection
+
+def _members(annotation: Any) -> list[Any]:
+    """The types a field accepts: the members of a union, without `Annotated` wrappers (discriminator tags)."""
+    if typing.get_origin(annotation) is Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _members(a)]
+    if typing.get_origin(annotation) is list and (item := typing.get_args(annotation)):  # a list of sections: theirs
+        return [annotation, *(m for m in _members(item[0]) if isinstance(m, type) and issubclass(m, BaseModel))]
+    return [annotation]
+
+
+def _section_model(loc: tuple, data: Any = None) -> type[BaseModel] | None:
+    """The pydantic model whose fields live at `loc` (a path of keys), or None. Where the section is a union of
+    adapter methods' configs, the one that `data` (the recipe) picks with its `method:` key."""
+    node, methods = data, []
+    for key in loc:
+        node = node.get(key) if isinstance(node, dict) else None
+        name = node.get("method") if isinstance(node, dict) else None
+        methods.append(name if isinstance(name, str) else None)
+    return _section_model_of(tuple(loc), tuple(methods))
+
+
+@functools.lru_cache(maxsize=1024)  # a recipe of thousands of unknown keys asks for the same few sections each time
+def _section_model_of(loc: tuple, methods: tuple) -> type[BaseModel] | None:
+    """`_section_model` of the keys `loc`, where `methods` holds the `method:` written at each of them (or None)."""
+    model: Any = Recipe
+    named: type[BaseModel] | None = None  # the section of each entry of a mapping of names to sections (data.eval's)
+    for key, method in zip(loc, methods, strict=True):
+        if isinstance(key, int):  # an entry of a list of sections (data.train's): the entry's section
+            continue
+        if named is not None:  # a name of such a mapping: its entry's section
+            model, named = named, None
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or key not in model.model_fields:
+            return None
+        members = _members(model.model_fields[key].annotation)
+        candidates = [a for a in members if isinstance(a, type)]
+        models = [a for a in candidates if issubclass(a, BaseModel)]
+        model = _chosen_method(models, method) if len(models) > 1 else next(iter(models), None)
+        named = next((m for a in members if typing.get_origin(a) is dict for m in _members(typing.get_args(a)[1])
+                      if isinstance(m, type) and issubclass(m, BaseModel)), None)
+    return model
+
+
+def _chosen_method(models: list[type[BaseModel]], name: str | None) -> type[BaseModel] | None:
+    """The config of the method `name` (the default method for None, or an unknown one)."""
+    config = METHODS[name].config if name in METHODS else METHODS[DEFAULT_METHOD].config
+    return config if config in models else models[0]
+
+def _home_sections(key: str, section: tuple, data: Any, value: Any = None) -> list[str]:
+    """The other top-level sections that have the key `key` (`max_length` written under training: data); of
+    several, those that would take `value` (`method: lora` is adapter's, not quantization's)."""
+    models = {name: _section_model((name,), data) for name in Recipe.model_fields if (name,) != tuple(section)}
+    homes = {name: model for name, model in models.items() if model is not None and key in model.model_fields}
+    return [name for name, model in homes.items() if _takes(name, model, key, value)] or list(homes)
+
+
+def _plain_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _takes(section: str, model: type[BaseModel], key: str, value: Any) -> bool:
+    if (section, key) == ("adapter", "method"):  # each method's config takes only its own name
+        return isinstance(value, str) and value in METHODS
+    try:
+        TypeAdapter(model.model_fields[key].annotation).validate_python(value)
+    except (ValidationError, PydanticSchemaGenerationError):
+        return False
+    return True
+
+# Names other tools use for our keys: a user coming from peft/axolotl/transformers gets pointed at ours.
+_SYNONYMS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "learning_rate": "lr", "gradient_accumulation_steps": "grad_accum", "num_epochs": "epochs",
+    "num_train_epochs": "epochs", "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "lr_scheduler": "scheduler", "lr_scheduler_type": "scheduler", "optim": "optimizer", "base_model": "name_or_path",
+    "torch_dtype": "dtype", "sequence_len": "max_length", "max_seq_length": "max_length", "target": "target_modules",
+    "bnb_4bit_quant_type": "method", "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_compute_dtype": "compute_dtype", "bnb_4bit_quant_storage": "quant_storage",
+    "type": ("method", "format"),  # peft's config's (an adapter's method), axolotl's dataset entry's (its format)
+}
+
+# peft keys whose closest name here is another setting: what they are, not a pointer to that setting.
+_NOT_OURS = {
+    ("bias", "lora_bias"): " peft's `bias` (all / lora_only: train the base's own biases) has no peftkit key; "
+                           "'lora_bias' is another setting (a trained bias of the update, in lora_B).",
+}
+
+
+def _method_without(model: type[BaseModel] | None, key: str) -> str | None:
+    """The method of an adapter config that lacks `key`, when saying so helps: the recipe chose a method other
+    than the default, or `key` belongs to another method (`r` in an IA3 section). None otherwise."""
+    method = next((m.name for m in METHODS.values() if m.config is model), None)
+    if method is None:  # not an adapter section (quantization has a `method` too)
+        return None
+    elsewhere = any(key in m.config.model_fields for m in METHODS.values() if m.name != method)
+    return method if method != DEFAULT_METHOD or elsewhere else None
+
+
+def _all_fields(model: type[BaseModel]) -> set[str]:
+    names = set(model.model_fields)
+    for field in model.model_fields.values():
+        for member in _members(field.annotation):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                names |= _all_fields(member)
+    return names
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    normal = key.lower().replace("-", "_")  # `Batch-Size` is `batch_size` written another way
+    if note := next((n for (theirs, ours), n in _NOT_OURS.items() if normal == theirs and ours in valid), None):
+        return note
+    for name in (key, normal):
+        ours = _SYNONYMS.get(name, ())
+        if meant := next((k for k in ((ours,) if isinstance(ours, str) else ours) if k in valid), None):
+            return f" Did you mean '{meant}'?"
+    if normal != key and normal in valid:
+        return f" Did you mean '{normal}'?"
+    return did_you_mean(normal, valid)
+
+
+def _valid_keys(loc: tuple, data: Any = None) -> list[str]:
+    model = _section_model(loc, data)
+    return _field_order(model) if model else []
+
+
+def _field_order(model: type[BaseModel]) -> list[str]:
+    """A section's keys as an error lists them."""
+    # Fields of a shared base (every adapter method's `init_from`, the layer methods' `layers_to_transform`, LoRA's
+    # `trainable_token_indices`) come first in pydantic's order; a method's own keys, `method` first, read better
+    # ahead of them, init_from last.
+    shared = sorted((name for name in model.model_fields
+                     if any(name in base.model_fields
+                            for base in (LayerTargets, ExcludedTargets, TrainableTokenIndices, LayerReplication,
+                                         Activation, TargetParameters, BlockDiagonalLora, Velora, Kasa))),
+                    key=lambda name: name in AdapterSection.model_fields)
+    return [name for name in model.model_fields if name not in shared] + shared

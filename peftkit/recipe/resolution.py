@@ -1,0 +1,159 @@
+"""What `load_recipe` does once a recipe validates: the paths it names resolved against the recipe's directory (an
+adapter directory that is not here fetched from the hub), AdapterFusion's adapters checked distinct,
+data.chat_template's file read in, and adapter.init_from's settings and added tokens taken from that adapter. Each
+error names the key, with its file and line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+from peftkit.recipe.messages import _dotted, _where
+from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
+
+
+@dataclass
+class _Written:
+    """Where a validated recipe came from: its file, the line of each key, the keys --set gave (for the messages),
+    the directory its relative paths are under, and the list that collects missing adapters (or None)."""
+
+    path: Path
+    lines: dict[tuple, int]
+    overridden: set[tuple]
+    base: Path
+    missing_adapters: list[str] | None
+
+    def where(self, loc: tuple) -> str:
+        return _where(loc, self.path, self.lines, self.overridden)
+
+
+def resolve_recipe(recipe: Recipe, path: Path, lines: dict[tuple, int], overridden: set[tuple],
+                   missing_adapters: list[str] | None) -> Recipe:
+    """`recipe` (validated from the file `path`) with its paths resolved and what it names read in; see
+    `load_recipe` for `missing_adapters`."""
+    written = _Written(path, lines, overridden, path.resolve().parent, missing_adapters)
+    _resolve_paths(recipe, written)
+    _resolve_fuse(recipe, written)
+    if recipe.data.chat_template is not None:  # a file's or directory's template read in: the run keeps its text
+        from peftkit.data.chat_templates import resolved_template
+
+        try:
+            recipe.data.chat_template = resolved_template(recipe.data.chat_template, written.base)
+        except PeftkitError as e:
+            raise PeftkitError(f"{written.where(('data', 'chat_template'))}: data.chat_template: {e}") from None
+    if recipe.adapter.init_from:
+        from peftkit.init_from import init_from_config
+
+        try:
+            recipe.adapter = init_from_config(recipe.adapter)
+        except PeftkitError as e:  # the adapter is the recipe's: say where the recipe names it
+            raise PeftkitError(f"{written.where(('adapter', 'init_from'))}: {e}") from None
+        _check_init_from_tokens(recipe, written.where(("model", "add_tokens")))
+    return recipe
+
+
+def _usable(value: str, kind: str, loc: tuple, written: _Written) -> str:
+    """`value`, the path or hub id at `loc`, resolved (`kind`: model, data, output or adapter); an adapter that is
+    neither here nor on the hub is an error, or said in `written.missing_adapters` where that is given."""
+    where = written.where(loc)
+    key = _dotted(loc[:3])  # adapter.fuse[1], data.eval.general
+    if not value.strip():  # Path("") is ".": the recipe's own directory, silently
+        raise PeftkitError(f"{where}: '{key}' is empty. Give a path (relative to the recipe's directory) or a "
+                           "hub id.")
+    try:
+        resolved = _resolve(value, written.base, kind)
+    except (OSError, RuntimeError, ValueError) as e:  # `~nosuchuser/x`, a name over 255 bytes, a NUL byte
+        reason = getattr(e, "strerror", None) or str(e).rstrip(".")
+        shown = value if len(value) <= 80 else f"{value[:77]}..."
+        fix = ("a directory path that can be created" if kind == "output" else
+               "an existing path (relative to the recipe's directory) or a hub id")
+        raise PeftkitError(f"{where}: '{key}' = {shown!r} is not a usable path ({reason}). Give {fix}.") from None
+    if kind == "adapter" and not Path(resolved).exists():  # a hub adapter (`peftkit.hub`), or the missing path
+        from peftkit.hub import hub_adapter
+
+        try:
+            return hub_adapter(value, tried=resolved) or resolved
+        except PeftkitError as e:
+            if written.missing_adapters is None or loc[1] == "init_from":
+                raise PeftkitError(f"{where}: {key}: {e}") from None
+            written.missing_adapters.append(f"{where}: {key}: {e}")
+            return resolved
+    return resolved
+
+
+def _resolve_paths(recipe: Recipe, written: _Written) -> None:
+    """The base model's, the datasets', the run directory's and the starting adapters' paths, resolved in place."""
+    if isinstance(recipe.data.train, list):  # each dataset's path, where the recipe wrote it
+        recipe.data.train = [
+            _usable(entry, "data", ("data", "train", i), written) if isinstance(entry, str) else
+            entry.model_copy(update={"path": _usable(entry.path, "data", ("data", "train", i, "path"), written)})
+            for i, entry in enumerate(recipe.data.train)]
+    if isinstance(recipe.data.eval, dict):  # each set's path, where the recipe wrote it
+        recipe.data.eval = {
+            name: _usable(entry, "data", ("data", "eval", name), written) if isinstance(entry, str) else
+            entry.model_copy(update={"path": _usable(entry.path, "data", ("data", "eval", name, "path"), written)})
+            for name, entry in recipe.data.eval.items()}
+    for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
+                               ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
+                               ("adapter", "source_adapter", "adapter")):  # the latter: multitask prompt tuning's
+        value = getattr(getattr(recipe, section), key, None)
+        if isinstance(value, str):  # (data.train's list: above)
+            setattr(getattr(recipe, section), key, _usable(value, kind, (section, key), written))
+
+
+def _resolve_fuse(recipe: Recipe, written: _Written) -> None:
+    """AdapterFusion's adapter directories resolved, each listed once."""
+    if not isinstance(fuse := getattr(recipe.adapter, "fuse", None), list):
+        return
+    recipe.adapter.fuse = [_usable(value, "adapter", ("adapter", "fuse", i), written) for i, value in enumerate(fuse)]
+    real = [os.path.realpath(value) for value in recipe.adapter.fuse]
+    for j, value in enumerate(real):
+        if (i := real.index(value)) < j:  # one adapter twice: its outputs weighed against themselves, silently
+            raise PeftkitError(f"{written.where(('adapter', 'fuse', j))}: adapter.fuse[{j}] is "
+                               f"adapter.fuse[{i}] again ({value}); AdapterFusion weighs different adapters "
+                               "against each other. List each adapter directory once.")
+
+
+def _resolve(value: str, base: Path, kind: str) -> str:
+    """Resolve a recipe path against the recipe's directory; leave hub ids alone."""
+    expanded = Path(value).expanduser()
+    candidate = expanded if expanded.is_absolute() else base / expanded
+    looks_like_path = value.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
+    if kind == "data" and Path(value).suffix.lower() in DATA_EXTENSIONS:
+        looks_like_path = True
+    if candidate.exists() or looks_like_path or kind in ("output", "adapter"):
+        return str(candidate.resolve())
+    return value  # a hub id
+
+
+def _check_init_from_tokens(recipe: Recipe, where: str) -> None:
+    """The tokens adapter.init_from's training added (peftkit.json added_tokens; a peft adapter's, its tokenizer's
+    past the base's) must begin model.add_tokens, in their order: its trained rows are those ids' (other tokens would
+    take them, silently, in another order). Tokens listed after them are new to this run: their rows start as a
+    fresh run's (`new_tokens.start_state`). An adapter trained without new tokens holds no rows for them."""
+    from peftkit.adapter_meta import read_meta
+    from peftkit.modeling import load_config
+    from peftkit.new_tokens import adapter_tokens, held_tokenizer
+
+    path, tokens = recipe.adapter.init_from, recipe.model.add_tokens
+    # peft's adapter (TRL's setup_chat_format) tells its added tokens by the tokenizer beside it: one past the base's
+    # rows was trained on a resized base (a pad token added within a base's spare rows was not: it trains as before).
+    theirs = held_tokenizer(path)  # (read once: a large tokenizer takes a fifth of a second)
+    if not tokens and not read_meta(path).added_tokens and (
+            theirs is None or len(theirs) <= load_config(recipe.model).get_text_config().vocab_size):
+        return
+    added = adapter_tokens(path, recipe.model, theirs)
+    if tokens[:len(added)] == added and (added or not tokens):  # (none added, none asked: nothing to check)
+        return
+    if not added:
+        raise PeftkitError(f"{where}: model.add_tokens {tokens}: adapter.init_from {path} was trained without new "
+                           "tokens and holds no rows for them. Leave model.add_tokens out, or train a new adapter.")
+    dropped = [token for token in added if token not in tokens]
+    why = (f"which leaves out {', '.join(dropped)}, whose row{'s' * (len(dropped) > 1)} the adapter trained"
+           if dropped else "which lists them in another order")
+    raise PeftkitError(f"{where}: adapter.init_from {path} was trained with model.add_tokens: {added}, whose rows it "
+                       f"holds by id, and this recipe's model.add_tokens is {tokens or 'empty'}, {why}. Set "
+                       f"model.add_tokens: {added + [t for t in tokens if t not in added]} (the adapter's tokens "
+                       "first, in its order; tokens after them are new, their rows trained from the start).")
