@@ -1,6 +1,7 @@
 """Recipes: the YAML file that describes a run, validated by pydantic.
 
-    schema.py  the models: every setting and its default (data_section.py: the `data` section's)
+    schema.py  the models: every setting and its default; `Recipe` there, each section in its own file
+               (model_section.py, data_section.py, training_section.py, export_section.py, eval_section.py)
     reader.py  YAML with line numbers, duplicate keys, size/depth/alias limits
     loader.py  `load_recipe`: --set overrides, validation, errors in our words, path resolution; its parts:
                overrides.py (--set), keys.py (a key path's section, suggestions for a wrong key), messages.py
