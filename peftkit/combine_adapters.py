@@ -40,7 +40,7 @@ def full_deltas(source: Source, base: dict[str, torch.Tensor], conv1d: set[str])
     modules = adapted_modules(source)
     subset = {k: v for k, v in base.items() if k.rsplit(".", 1)[0] in modules}
     try:
-        merged = merge_state_dict(subset, source.state, source.cfg, conv1d, dtype=torch.float32)
+        merged = merge_state_dict(subset, _without_base_copies(source, subset), source.cfg, conv1d, dtype=torch.float32)
     except PeftkitError as e:  # "The adapter does not fit...": say which of the inputs
         raise PeftkitError(f"{source.path}: {e}") from None
     for m in modules:
@@ -49,6 +49,26 @@ def full_deltas(source: Source, base: dict[str, torch.Tensor], conv1d: set[str])
             raise PeftkitError(f"{source.describe} also changes the bias of '{m}', which a combination (a LoRA "
                                "update of the weights) cannot carry. Leave this adapter out.")
     return {m: merged[f"{m}.weight"] - subset[f"{m}.weight"].float() for m in modules}
+
+
+def _without_base_copies(source: Source, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors without the copies of adapted layers' base weights that peft saves beside the factors
+    (`embed_tokens.base_layer.weight`: save_embedding_layers, on by default with an embedding target); they were read
+    as saved modules the base lacks. A copy that differs from the base's weight is refused: the adapter was saved on
+    other weights, and its update is to those."""
+    from peftkit.adapters import PEFT_PREFIX
+
+    state = {}
+    for key, tensor in source.state.items():
+        module = key[len(PEFT_PREFIX):].removesuffix(".base_layer.weight")
+        if not key.endswith(".base_layer.weight") or f"{module}.weight" not in base:
+            state[key] = tensor
+        elif not torch.equal(tensor.float(), base[f"{module}.weight"].float()):
+            raise PeftkitError(f"{source.path} saves a copy of '{module}''s weight ({key}, peft's "
+                               "save_embedding_layers) that differs from the base's: it was saved on other weights "
+                               "(a resized or trained embedding), and its update is to those. Merge it alone "
+                               "(`peftkit merge --adapter` once).")
+    return state
 
 
 def _lora_delta(a: torch.Tensor, b: torch.Tensor, embedding: bool, cfg, fan_in_fan_out: bool) -> torch.Tensor:

@@ -307,6 +307,50 @@ def test_dora_combination_keeps_the_magnitudes(tiny_llama, tmp_path):
     assert _diff(_logits(reference), expected) > 1e-2
 
 
+def _peft_dora_on_the_embeddings(base: Path, out: Path) -> Path:
+    """peft's DoRA adapter on embed_tokens and q_proj, every trained tensor moved off its init, saved by peft: its file
+    holds `embed_tokens.base_layer.weight` too (save_embedding_layers, on by default with an embedding target)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_load(base), PeftLoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                       target_modules=["embed_tokens", "q_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    model.save_pretrained(out)
+    return out
+
+
+def test_a_peft_dora_adapter_on_the_embeddings_combines_through_its_full_update(tiny_llama, tmp_path):
+    """peft saves an adapted embedding's weight beside its factors (`embed_tokens.base_layer.weight`). A DoRA
+    adapter's full update read that copy as a saved module the base lacks, so `--method svd` and `--into-base` refused
+    it ("has no counterpart in the base model"). A copy equal to the base's weight is the base; one that differs (the
+    adapter was saved on other embeddings) is refused, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    dora = _peft_dora_on_the_embeddings(tiny_llama, tmp_path / "dora")
+    copy = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert copy in load_file(dora / "adapter_model.safetensors")
+    lora = make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 2, tmp_path / "lora")
+    weights = (0.6, -0.4)
+    expected = _logits(_dense_expectation(tiny_llama, _add(_merged_deltas(tiny_llama, str(dora), weights[0]),
+                                                            _merged_deltas(tiny_llama, lora, weights[1]))))
+    assert _diff(expected, _logits(_load(tiny_llama))) > 1e-2
+    out = combine_adapters([str(dora), lora], Combination("svd", weights, svd_rank=32), str(tmp_path / "svd"))
+    assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_llama), out)), expected) <= TOL
+    merged = combine_adapters([str(dora), lora], Combination("cat", weights), str(tmp_path / "cat"), into_base=True)
+    assert _diff(_logits(_load(merged)), expected) <= TOL
+    state = load_file(dora / "adapter_model.safetensors")
+    state[copy] = state[copy] + 0.1
+    save_file(state, dora / "adapter_model.safetensors")
+    with pytest.raises(PeftkitError, match=r"copy of 'model.embed_tokens'.*differs from the base's"):
+        combine_adapters([str(dora), lora], Combination("svd", weights, svd_rank=32), str(tmp_path / "other"))
+
+
 def _scale_magnitudes(adapter: Path, factor: float) -> None:
     from safetensors.torch import load_file, save_file
 
