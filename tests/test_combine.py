@@ -13,6 +13,7 @@ import torch
 from peft import PeftModel
 from peft.utils import merge_utils
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import inject_adapters
 from peftkit.adapters.state_dicts import adapter_state_dict
@@ -378,6 +379,30 @@ def test_ia3_combines_through_its_full_update(tiny_llama, tmp_path):
     pruned = combine_adapters([lora, ia3], Combination("ties", weights, density=0.5), str(tmp_path / "ties"),
                               into_base=True)
     assert 1e-3 < _diff(_logits(_load(pruned)), expected) and torch.isfinite(_logits(_load(pruned))).all()
+
+
+def test_into_base_refuses_a_float16_output_its_weights_overflow(llama_adapters, tmp_path):
+    """`--into-base --dtype float16` of weights past float16's 65504 wrote them as inf without a word (the combined
+    update was checked finite in fp32, before the cast); as the single-adapter merge, it is an error naming the layer,
+    and nothing is written. bfloat16 holds them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(llama_adapters[0], big)
+    state = load_file(big / "adapter_model.safetensors")
+    save_file({k: v * 2e6 if k.endswith("lora_B.weight") else v for k, v in state.items()},
+              big / "adapter_model.safetensors")
+    dirs = [str(big), llama_adapters[1]]
+    with pytest.raises(PeftkitError, match=r"Merging 'model\.layers\.0\.self_attn\.q_proj' gives weights beyond what "
+                                           r"float16 holds .*--dtype"):
+        combine_adapters(dirs, Combination("cat", (1.0, 0.5)), str(tmp_path / "fp16"), into_base=True, dtype="float16")
+    assert not (tmp_path / "fp16").exists()
+    merged = combine_adapters(dirs, Combination("cat", (1.0, 0.5)), str(tmp_path / "bf16"), into_base=True,
+                              dtype="bfloat16")
+    weights = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.bfloat16).state_dict().values()
+    assert all(torch.isfinite(w).all() for w in weights) and max(float(w.abs().max()) for w in weights) > 65504
 
 
 def test_subtracting_an_adapter_from_itself_gives_the_base(llama_adapters, tiny_llama, tmp_path):
