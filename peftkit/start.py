@@ -20,11 +20,11 @@ from peftkit.adapters import adapter_layers, check_copies, count_parameters, inj
 from peftkit.adapters.state_dicts import load_adapter_state_dict
 from peftkit.checkpoint import LoopState, checkpoint_dirs, run_inputs, save_checkpoint
 from peftkit.classify import ClassifyEval, with_head
-from peftkit.data import describe_stats, load_examples, steps_per_epoch
+from peftkit.data import steps_per_epoch
 from peftkit.data.checks import guard_token_ids
-from peftkit.data.classification import LabelSet, load_classification
-from peftkit.data.packing import check_isolated, describe_packing, pack_examples
-from peftkit.data.preference import Pairs, load_pairs
+from peftkit.data.classification import LabelSet
+from peftkit.data.packing import check_isolated
+from peftkit.data.preference import Pairs
 from peftkit.data.stored import examples_digest
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.evaluate import RunEval
@@ -39,13 +39,13 @@ from peftkit.preference import nonfinite_references, objective_loss
 from peftkit.progress import phase
 from peftkit.quantization import check_quantization_section
 from peftkit.recipe import Recipe
-from peftkit.rope_scaling import check_answer_room, check_context_length, fresh_dynamic_rope
+from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.runtime import (build_optimizer, check_device_support, check_fp16_gradients, cpu_dtype_note,
                              emulated_bf16_note, lr_lambda, mixed_precision, optimizer_groups, seed_everything,
                              warmup_steps)
 from peftkit.samples import answers, sample_prompts
 from peftkit.selection import Selection
-from peftkit.task_ids import check_training_tasks, recipe_reads_tasks
+from peftkit.start_data import _load_data, _training_rows
 from peftkit.trackers import DIRECTORY as TRACKERS_DIR
 from peftkit.trackers import Trackers, check_trackers
 
@@ -504,69 +504,3 @@ def _base_samples(cfg: Recipe, model, tok, accelerator, console: Console) -> dic
     with phase(f"Generating {len(prompts)} samples with the base model (eval.samples)...", console):
         return {"samples": [{"prompt": p.text, "reference": p.reference, "base": text}
                             for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]}
-
-
-def _training_rows(cfg: Recipe, examples: Sequence, stats: dict, console: Console) -> Sequence:
-    """The rows training draws from: the examples, packed into rows for data.packing; their counts printed."""
-    for line in describe_stats(stats, cfg.data):
-        console.print(line, markup=False, highlight=False, style="yellow" if line.startswith("warning:") else None)
-    if not cfg.data.packing:
-        return examples
-    rows = pack_examples(examples, cfg.data.max_length)
-    console.print(describe_packing(examples, rows, cfg.data.max_length), highlight=False)
-    return rows
-
-
-def _load_data(cfg: Recipe, tok, config, cache: bool = True,
-               processes: int = 1) -> tuple[list, dict, dict, LabelSet | None]:
-    """(training examples, their counts, data.eval's evaluations by name ({} without it), a classifier's classes or
-    None), all read before the model loads (whose `config` says how many positions the generations have), so that a
-    data mistake shows in seconds."""
-    data = cfg.data
-    evals = {}  # data.eval's sets by name, the primary first
-    if cfg.classification:  # the classes come from data.train; data.eval's labels are mapped to them
-        train_ex, stats, labels = load_classification(tok, data.train, data.train_split, data, None, cfg.model.num_labels)
-        for name, source in data.eval_sources().items():
-            examples = load_classification(tok, source.path, source.split, data.for_eval(name), labels)[0]
-            evals[name] = ClassifyEval(examples, tok.pad_token_id, cfg.eval.batch_size)
-        return train_ex, stats, evals, labels
-    if cfg.training.pairs:  # pairs of answers: peftkit.data.preference
-        return _load_pairs(cfg, tok, cache, processes)
-    tasks = recipe_reads_tasks(cfg)
-    train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)
-    check_training_tasks(cfg, "data.train", train_ex.task_ids)
-    for i, (name, source) in enumerate(data.eval_sources().items()):  # the loss examples, and eval.metrics' prompts
-        examples = load_examples(tok, source.path, source.split, data.for_eval(name), tasks=tasks, cache=cache)[0]
-        evals[name] = RunEval.of(cfg, tok, examples, name)
-        prompts = [*evals[name].prompts, *(sample_prompts(cfg, tok) if i == 0 else [])]
-        key = "data.eval" if name == "eval" and not isinstance(data.eval, dict) else f"data.eval.{name}"
-        check_training_tasks(cfg, key, [*examples.task_ids, *(p.task_id for p in prompts)])
-        check_answer_room(cfg, config, prompts)
-    return train_ex, stats, evals, None
-
-
-def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pairs, dict, dict, None]:
-    """`_load_data` of a DPO recipe: data.train's pairs, and each set of data.eval's as its `PreferenceEval`."""
-    from peftkit.data.unpaired import load_unpaired
-    from peftkit.kto import check_watched_figures
-    from peftkit.preference import PreferenceEval
-
-    def read(source: str | list, split: str | None, data, chunk: int):
-        # KTO: each answer with its mismatched one, within runs of a global micro-batch's rows (batch_size on each of
-        # the processes: N processes x batch b train as 1 x N b) or of an evaluation batch's
-        if cfg.training.objective == "kto":
-            return load_unpaired(tok, source, split, data, chunk, tasks, cache)
-        return load_pairs(tok, source, split, data, cache, tasks)
-
-    tasks = recipe_reads_tasks(cfg)  # (multitask prompt tuning: a pair's `task`)
-    train_ex, stats = read(cfg.data.train, cfg.data.train_split, cfg.data, cfg.training.batch_size * processes)
-    check_training_tasks(cfg, "data.train", train_ex.task_ids)
-    evals = {}
-    for name, source in cfg.data.eval_sources().items():
-        pairs = read(source.path, source.split, cfg.data.for_eval(name), cfg.eval.batch_size)[0]
-        check_training_tasks(cfg, "data.eval" if name == "eval" and not isinstance(cfg.data.eval, dict)
-                             else f"data.eval.{name}", pairs.task_ids)
-        evals[name] = PreferenceEval(pairs, tok.pad_token_id, cfg.eval.batch_size, objective_loss(cfg.training))
-    if cfg.training.objective == "kto":
-        check_watched_figures(cfg, evals)
-    return train_ex, stats, evals, None
