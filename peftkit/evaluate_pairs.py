@@ -137,7 +137,7 @@ def reference_name(source: ModelSource, init_from: str | None) -> str:
 def check_reference(reference: torch.Tensor, job: EvalJob, what: str) -> None:
     """The reference's log-probabilities of `job`'s answers (`reference_logps`) are all finite: else every figure
     against them is nan, and the evaluated adapter would be blamed for them (`_check_finite_loss`) as training is
-    not (`peftkit.start._reference_logps` says the same)."""
+    not (`peftkit.start_base._reference_logps` says the same)."""
     from peftkit.preference import nonfinite_references
 
     if (bad := nonfinite_references(reference)) is None:

@@ -35,7 +35,7 @@ from peftkit.methods import MethodTrainer, method_of
 from peftkit.methods.expert_lists import check_start
 from peftkit.modeling import load_config, load_model, load_tokenizer, prepare_for_training, resolve_device
 from peftkit.peft_format import load_adapter
-from peftkit.preference import nonfinite_references, objective_loss
+from peftkit.preference import objective_loss
 from peftkit.progress import phase
 from peftkit.quantization import check_quantization_section
 from peftkit.recipe import Recipe
@@ -43,8 +43,8 @@ from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.runtime import (build_optimizer, check_device_support, check_fp16_gradients, cpu_dtype_note,
                              emulated_bf16_note, lr_lambda, mixed_precision, optimizer_groups, seed_everything,
                              warmup_steps)
-from peftkit.samples import answers, sample_prompts
 from peftkit.selection import Selection
+from peftkit.start_base import _base_samples, _evaluate_base, _reference_logps
 from peftkit.start_data import _load_data, _training_rows
 from peftkit.trackers import DIRECTORY as TRACKERS_DIR
 from peftkit.trackers import Trackers, check_trackers
@@ -450,57 +450,3 @@ def _check_biases_merge(model) -> None:
         raise PeftkitError(f"adapter.lora_bias: '{bare[0]}' (and {len(bare) - 1} more) has no bias, so export.merged "
                            "cannot fold lora_B's bias into the model (peft cannot either). Set export.merged: false "
                            "(the adapter loads in peft with its biases), or lora_bias: false.")
-
-
-def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, accelerator, console: Console) -> None:
-    """training.objective: dpo (kto): the reference model's log-probabilities of the answers of data.train's pairs and of
-    each set of data.eval's, set on them (`peftkit.preference`): `model` as training starts from it, the base (before
-    the adapter is injected) or, with adapter.init_from, the base with that adapter (after; with
-    adapter.layer_replication, the stacked base with its LoRAs, zero at the start). (A DPO run has no base
-    evaluation: its reference's loss is log 2 and its rewards 0 by definition.)"""
-    from peftkit.preference import reference_logps
-
-    named = isinstance(cfg.data.eval, dict)
-    sets = {"data.train": train_ex} | {f"data.eval.{name}" if named else "data.eval": evaluation.pairs
-                                       for name, evaluation in evals.items()}
-    processes = accelerator if accelerator.num_processes > 1 else None
-    what = ("adapter.init_from's adapter" if cfg.adapter.init_from else "the base model, its layers stacked"
-            if getattr(cfg.adapter, "layer_replication", None) else "the base model")
-    items = "answers and their mismatched examples" if cfg.training.objective == "kto" else "answer pairs"
-    with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets.values()))} {items} "
-               f"(training.objective: {cfg.training.objective})...", console):
-        for key, pairs in sets.items():
-            pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)
-            if (bad := nonfinite_references(pairs.reference)) is not None:
-                (count, first), pair = bad, "answer" if cfg.training.objective == "kto" else "pair"
-                raise PeftkitError(
-                    f"The reference ({what}) gives {count} of the {len(pairs)} {pair}s of {key} a "
-                    f"log-probability that is not finite (the first: {pair} {first + 1} as kept): the model overflows "
-                    f"at model.dtype {cfg.model.dtype}, or its weights hold inf or nan. "
-                    f"{cfg.training.objective.upper()} would stop at its first "
-                    "step ('Loss became nan'). Load it in float32 or bfloat16 rather than float16, and check the "
-                    "model's weights.")
-
-
-def _evaluate_base(cfg: Recipe, model, tok, evals: dict, accelerator, console: Console) -> dict:
-    """eval.base_model: the base model's eval loss and metrics on each set of data.eval (`base_eval_loss`, ...,
-    `base_eval_<name>_loss`, ...), and eval.samples' base answers, for the summary."""
-    summary = {}
-    for i, (name, evaluation) in enumerate(evals.items()):
-        n, prefix = len(evaluation), "base_eval_" if i == 0 else f"base_eval_{name}_"
-        shown = "" if i == 0 else f" of data.eval.{name}"
-        with phase(f"Evaluating the base model on {n} examples{shown} (eval.base_model: true)...", console):
-            base = evaluation(model)
-        console.print(f"base model: {evaluation.describe(base)} on {n} examples{shown}", highlight=False)
-        summary |= {k: v for k, v in evaluation.record(base, prefix).items() if k != f"{prefix}perplexity"}
-    return summary | _base_samples(cfg, model, tok, accelerator, console)
-
-
-def _base_samples(cfg: Recipe, model, tok, accelerator, console: Console) -> dict:
-    """{'samples': eval.samples' prompts, references and base answers} for the summary, or {}. The base's samples go
-    into the main process's summary; the model is not sharded yet, so only it generates."""
-    if not accelerator.is_main_process or not (prompts := sample_prompts(cfg, tok)):
-        return {}
-    with phase(f"Generating {len(prompts)} samples with the base model (eval.samples)...", console):
-        return {"samples": [{"prompt": p.text, "reference": p.reference, "base": text}
-                            for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]}

@@ -1,6 +1,6 @@
 """`peftkit eval` of preference pairs whose reference (the base, or a recipe's adapter.init_from over it) gives
 log-probabilities that are not finite: the reference is named, not the evaluated adapter, alone and in a comparison
-(as training's `peftkit.start._reference_logps` says it)."""
+(as training's `peftkit.start_base._reference_logps` says it)."""
 
 from __future__ import annotations
 
