@@ -61,7 +61,7 @@ def check_model(cfg: Recipe) -> str:
     from peftkit.modeling import load_config, load_tokenizer
     from peftkit.quantization import check_prequantized, check_quantization_section
     from peftkit.rope_scaling import check_context_length
-    from peftkit.start import adapt, adapter_line
+    from peftkit.start_adapter import adapt, adapter_line
 
     with _offline():
         config = load_config(cfg.model)
