@@ -387,7 +387,7 @@ def test_a_loraplus_embedding_rate_without_loraplus(tmp_path):
     trained at training.lr. It is a warning when training starts, not a recipe error: a run made before that was said
     has it in its recipe.yaml, which `peftkit eval RUN_DIR`, --resume and verify must still load."""
     from peftkit.errors import PeftkitWarning
-    from peftkit.start import _check_loraplus
+    from peftkit.start_checks import _check_loraplus
 
     text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  loraplus_lr_embedding: 1.0e-5")
     recipe = load_recipe(_write(tmp_path, text))

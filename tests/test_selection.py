@@ -486,7 +486,7 @@ def test_the_stop_reason_names_the_last_improvement_by_min_delta():
 def test_eval_steps_without_data_eval_is_said(tiny_llama, number_data, tmp_path):
     """training.eval_steps without data.eval evaluates nothing: it was accepted without a word."""
     from peftkit.errors import PeftkitWarning
-    from peftkit.start import _check_evaluations
+    from peftkit.start_checks import _check_evaluations
 
     cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"eval_steps": 2}, data={"eval": None}))
     with pytest.warns(PeftkitWarning, match=r"^training.eval_steps is 2, but this recipe has no data.eval to evaluate "
@@ -518,7 +518,7 @@ def test_too_few_evaluations_for_early_stopping_or_export_best_are_said(tiny_lla
     import warnings
 
     from peftkit.errors import PeftkitWarning
-    from peftkit.start import _check_evaluations
+    from peftkit.start_checks import _check_evaluations
 
     def said(training, export=None):
         cfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 10} | training,

@@ -217,7 +217,7 @@ def test_a_warmup_longer_than_an_epochs_run_is_refused_before_loading(tiny_llama
 def test_a_warmup_as_long_as_the_run_is_said(tiny_llama, number_data, tmp_path):
     """warmup_steps == max_steps was accepted without a word: the learning rate never reaches training.lr."""
     from peftkit.errors import PeftkitWarning
-    from peftkit.start import _total_steps
+    from peftkit.start_checks import _total_steps
 
     tcfg = load_recipe(make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 4, "warmup_steps": 4}))
     with pytest.warns(PeftkitWarning, match=r"training.warmup_steps \(4\) is the whole run: .* ends at 4/5 of "
