@@ -215,12 +215,35 @@ def make_accelerator(cfg: Recipe, out: Path):
 def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, cache: bool = True) -> Run:
     """Seed, check the device and memory, load data and model, evaluate the base, inject the adapter and
     build the optimizer: everything that can fail before the run directory is touched."""
-    from peftkit.memory import check_fits, estimate_memory, print_estimate
-
-    tcfg = cfg.training
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
-    seed_everything(tcfg.seed, tcfg.deterministic, device)
+    config = _check_device_and_config(cfg, device, accelerator, resume, console)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    train_ex, evals, labels, digests = _data(cfg, tok, config, cache, accelerator, console)
+    total_steps = _checked_steps(cfg, len(train_ex), accelerator.num_processes)
+    model, inputs, base_commit = _base_model(cfg, device, labels, tok, console)
+    # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
+    adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
+    adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
+    summary = _base_passes(cfg, model, tok, train_ex, evals, accelerator, console)
+    targets = _inject(cfg, model, adapter, accelerator, console, summary)
+    if _referenced(cfg) and _reference_after(cfg):
+        with accelerator.autocast():
+            _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
+    method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
+    model, optimizer, scheduler = _prepared(cfg, model, adapter, device, accelerator, total_steps, console)
+    eval_ex, other_evals = next(iter(evals.values()), None), dict(list(evals.items())[1:])
+    return Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
+               inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
+               base_commit=base_commit, examples_sha256=digests, other_evals=other_evals)
+
+
+def _check_device_and_config(cfg: Recipe, device: torch.device, accelerator, resume: bool, console: Console):
+    """Seed, and the checks that need no data: the device and engine, the model's config (data.max_length within its
+    positions, the quantization section), the precision's notes and the memory estimate; the config."""
+    from peftkit.memory import check_fits, estimate_memory, print_estimate
+
+    seed_everything(cfg.training.seed, cfg.training.deterministic, device)
     check_device_support(cfg, device)
     distributed.check_engine(cfg, accelerator)
     config = load_config(cfg.model)
@@ -231,12 +254,17 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     estimate = estimate_memory(cfg, device)
     print_estimate(console, estimate)
     check_fits(estimate, device)
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    return config
+
+
+def _data(cfg: Recipe, tok, config, cache: bool, accelerator,
+          console: Console) -> tuple[Sequence, dict, LabelSet | None, dict]:
+    """(the rows training draws from, data.eval's evaluations by name, a classifier's classes or None, the examples'
+    digests by `Run.examples_sha256`'s keys), read before the model loads; aLoRA's invocation tokens looked for."""
     train_ex, train_stats, evals, labels = _load_data(cfg, tok, config, cache, accelerator.num_processes)
     if accelerator.num_processes > 1:
         for evaluation in evals.values():
             evaluation.processes = accelerator  # the processes share out the eval batches
-    eval_ex, other_evals = next(iter(evals.values()), None), dict(list(evals.items())[1:])
     if ids := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation
 
@@ -246,16 +274,26 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     trained = train_ex.examples if isinstance(train_ex, Pairs) else train_ex  # (a DPO run's: the pairs' answers)
     digests = {"train": examples_digest(trained)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
                                                      for name, evaluation in evals.items()}
-    train_ex = _training_rows(cfg, train_ex, train_stats, console)
-    total_steps = _total_steps(tcfg, len(train_ex), accelerator.num_processes)
-    _check_evaluations(cfg, total_steps)
-    _check_checkpoints(tcfg, total_steps)
-    _check_loraplus(tcfg)
+    return _training_rows(cfg, train_ex, train_stats, console), evals, labels, digests
 
+
+def _checked_steps(cfg: Recipe, rows: int, processes: int) -> int:
+    """The run's optimizer steps over its `rows` training rows, with the checks that need them
+    (`peftkit.start_checks`)."""
+    total_steps = _total_steps(cfg.training, rows, processes)
+    _check_evaluations(cfg, total_steps)
+    _check_checkpoints(cfg.training, total_steps)
+    _check_loraplus(cfg.training)
+    return total_steps
+
+
+def _base_model(cfg: Recipe, device: torch.device, labels: LabelSet | None, tok,
+                console: Console) -> tuple[torch.nn.Module, dict, str | None]:
+    """(the base model loaded and checked, the run's inputs for its record, the commit of a hub base's snapshot)."""
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)
     guard_token_ids(model, tok)
-    if tcfg.pairs:
+    if cfg.training.pairs:
         from peftkit.preference import without_dropout
 
         without_dropout(model)
@@ -269,20 +307,31 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     if cfg.data.packing:
         check_isolated(model)
     long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only
-    # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
-    adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
-    adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
+    return model, inputs, base_commit
+
+
+def _referenced(cfg: Recipe) -> bool:
+    """DPO's and KTO's losses compare with a reference; ORPO, SimPO and reward models have none: their base
+    evaluation is a figure."""
+    return cfg.training.pairs and objective_loss(cfg.training).needs_reference
+
+
+def _reference_after(cfg: Recipe) -> bool:
+    """Whether the reference is taken after the adapter's injection. The reference is the model training starts from:
+    the base without the adapter (before the injection); or, after the injection, adapter.init_from's adapter over
+    it, or the base stacked by LoRA's layer_replication (the deeper model its zero-initialized LoRAs start as, which
+    peft's base is once stacked; the base before the injection is another model)."""
+    return bool(cfg.adapter.init_from or getattr(cfg.adapter, "layer_replication", None))
+
+
+def _base_passes(cfg: Recipe, model, tok, train_ex, evals: dict, accelerator, console: Console) -> dict:
+    """The summary's base figures (None where not evaluated), from the base before the adapter is injected: the
+    reference's log-probabilities where it is the base, eval.base_model's evaluation or samples."""
     summary = {"base_eval_loss": None} | {f"base_eval_{m}": None for m in task_metrics(cfg)}
-    # DPO's and KTO's losses compare with a reference; ORPO, SimPO and reward models have none: their base
-    # evaluation is a figure
-    referenced = cfg.training.pairs and objective_loss(cfg.training).needs_reference
-    # The reference is the model training starts from: the base, as it is now, without the adapter; or, after the
-    # injection, adapter.init_from's adapter over it, or the base stacked by LoRA's layer_replication (the deeper
-    # model its zero-initialized LoRAs start as, which peft's base is once stacked; the base now is another model).
-    reference_after = bool(cfg.adapter.init_from or getattr(cfg.adapter, "layer_replication", None))
+    eval_ex, referenced = next(iter(evals.values()), None), _referenced(cfg)
     if referenced:
         with accelerator.autocast():
-            if not reference_after:
+            if not _reference_after(cfg):
                 _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
             if cfg.eval.base_model:  # (no base evaluation, but the base's answers beside the fine-tuned ones)
                 summary |= _base_samples(cfg, model, tok, accelerator, console)
@@ -291,13 +340,13 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
         # DeepSpeed, which holds 16-bit weights from prepare on and runs no autocast, at the recipe's model.dtype.
         with accelerator.autocast():
             summary |= _evaluate_base(cfg, model, tok, evals, accelerator, console)
+    return summary
 
-    targets = _inject(cfg, model, adapter, accelerator, console, summary)
-    if referenced and reference_after:
-        with accelerator.autocast():
-            _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
 
-    method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
+def _prepared(cfg: Recipe, model, adapter, device: torch.device, accelerator, total_steps: int, console: Console):
+    """(model, optimizer, scheduler) through accelerate's prepare (DeepSpeed's ZeRO configured first), each process
+    then seeded apart, the adapter's copies and autocast checked."""
+    tcfg = cfg.training
     optimizer = build_optimizer(tcfg, optimizer_groups(tcfg, model), device, console, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tcfg, total_steps))
     if zero.active(accelerator):
@@ -310,6 +359,4 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
         torch.manual_seed(tcfg.seed + accelerator.process_index)
     check_copies(accelerator.unwrap_model(model), adapter)
     distributed.autocast_only(accelerator, model)
-    return Run(cfg, out, console, device, model, tok, optimizer, scheduler, accelerator, train_ex, eval_ex, targets,
-                inputs, total_steps, summary, method_trainer, Selection.of(cfg), labels=labels, adapter=adapter,
-                base_commit=base_commit, examples_sha256=digests, other_evals=other_evals)
+    return model, optimizer, scheduler
