@@ -263,18 +263,14 @@ def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str,
     """The merged fp32 state as a plain model (+ tokenizer, with the adapters' chat `template` where they have one)
     in `dtype`, with the single-adapter merge's code."""
     from peftkit.merge import base_provenance, checkpoint_dtype, save_merged
-    from peftkit.merge_weights import non_persistent_buffers, plain_model_from_state
+    from peftkit.merge_weights import check_state_in_range, non_persistent_buffers, plain_model_from_state
     from peftkit.modeling import DTYPES, load_tokenizer
     from peftkit.recipe import ModelConfig
-
-    from peftkit.methods.base import check_in_range
 
     dtype = dtype or checkpoint_dtype(name, revision)
     if not all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()):
         raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
-    for key, tensor in merged.items():  # finite in fp32, past the output dtype's range (float16's 65504): not as inf
-        if tensor.is_floating_point():
-            check_in_range(tensor.to(DTYPES[dtype]), tensor, key.rsplit(".", 1)[0])
+    check_state_in_range(merged, DTYPES[dtype])  # finite in fp32, past float16's 65504: refused, not written as inf
     model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded),
                                    generation_config=getattr(loaded, "generation_config", None))
     tok = load_tokenizer(ModelConfig(name_or_path=name, revision=revision, trust_remote_code=trust_remote_code),

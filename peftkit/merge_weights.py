@@ -209,6 +209,18 @@ def merge_parameters(model: nn.Module, base: dict[str, torch.Tensor], adapter: d
     return base, adapter
 
 
+def check_state_in_range(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Refuse a state whose cast to the output dtype overflows, naming the layer (`check_in_range`): not only the
+    weights an adapter changed, also a base weight no adapter touched (above 65504, written to float16 as inf).
+    Only a cast to a narrower range is made (fp32 or bf16 to float16, fp32 to bf16), one tensor at a time, so the
+    check holds one copy at most and a merge into float32 copies nothing."""
+    from peftkit.methods.base import check_in_range
+
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
+            check_in_range(tensor.to(dtype), tensor, key.rsplit(".", 1)[0])
+
+
 def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtype) -> nn.Module:
     """A plain model equal to base + adapter, from an injected (possibly quantized) model in memory."""
     refuse_unmergeable(method_of(adapter_cfg), adapter_cfg)
@@ -220,6 +232,7 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     # Each layer is merged in fp32 and cast to `dtype` as it is done: held whole in fp32, the merged layers took
     # twice a bf16 model's size, and the cast to `dtype` a copy more (a merge peaked at 3x the model, now ~1x).
     state = merge_state_dict(base, adapter, adapter_cfg, plain_conv1d_modules(model), dtype=dtype)
+    check_state_in_range(state, dtype)  # the merged layers are checked as merged; the rest are cast only on writing
     if getattr(adapter_cfg, "layer_replication", None):  # the stacked copies shared the base's weights: now their own
         seen: set[int] = set()
         state = {k: v.clone() if v.data_ptr() in seen else seen.add(v.data_ptr()) or v for k, v in state.items()}

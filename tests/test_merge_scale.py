@@ -65,3 +65,32 @@ def test_a_merged_model_is_written_in_shards(tiny_llama, tmp_path, monkeypatch):
     ids = torch.tensor([[1, 5, 9, 13]])
     logits = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(ids).logits for d in (whole, sharded)]
     assert torch.equal(*logits)
+
+
+def test_a_float16_merge_refuses_a_base_weight_no_adapter_changed_past_its_range(tiny_llama, tmp_path):
+    """Only the weights an adapter changed were checked against float16's range (65504): a base weight no adapter
+    touched at 1e5 was written as inf without a word. Every floating tensor is checked now, the layer named."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from peftkit import merge
+    from peftkit.errors import PeftkitError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(base / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    weights[key][0, 0] = 1e5
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    adapter = save_random_adapter(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                                  tmp_path / "adapter", seed=1)
+    assert not any("down_proj" in k for k in load_file(adapter / "adapter_model.safetensors"))
+    with pytest.raises(PeftkitError, match=r"^Merging 'model\.layers\.1\.mlp\.down_proj' gives weights beyond what "
+                                           r"float16 holds \(largest magnitude 100000\): merge into bfloat16 or "
+                                           r"float32 \(peftkit merge --dtype\)\.$"):
+        merge.merge_adapter(str(adapter), str(tmp_path / "out"), dtype="float16")
+    assert not (tmp_path / "out").exists()
+    wide = merge.merge_adapter(str(adapter), str(tmp_path / "wide"), dtype="bfloat16")
+    written = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16).state_dict()[key]
+    assert written[0, 0].item() == pytest.approx(1e5, rel=1e-2)  # bfloat16 holds it (8 bits of mantissa)
