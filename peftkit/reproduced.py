@@ -106,7 +106,18 @@ def _same_settings(recorded: Path, rerun: Path) -> bool:
         return False
     if isinstance(a, dict) and isinstance(b, dict):
         a, b = ({k: v for k, v in d.items() if k not in _ENVIRONMENT_FIELDS} for d in (a, b))
-    return a == b
+    return _same_json(a, b)
+
+
+def _same_json(a, b) -> bool:
+    """Two JSON values equal, a boolean no number (Python's True == 1: an adapter_config.json with use_rslora false
+    edited to 0 passed), as `_differ` has it for the manifest's records; an int and a float of one value load the same
+    and are equal. Unlike `_differ`, no key is skipped and no tolerance applies: settings match exactly."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
 
 
 VARYING = ("elapsed_s", "peak_mem_mb", "tokens_per_s", "resumed_at_step")

@@ -484,6 +484,36 @@ def test_a_tampered_run_whose_manifest_was_rehashed_is_not_vouched_for(run, tmp_
         train(recipe, resume=True, console=_quiet())
 
 
+@pytest.mark.parametrize("recorded, edited", [('"use_rslora": false', '"use_rslora": 0'),
+                                               ('"inference_mode": true', '"inference_mode": 1')])
+def test_under_a_tolerance_a_boolean_edited_to_a_number_in_a_settings_file_is_a_difference(run, recorded, edited):
+    """Exported JSON settings files were compared as values with Python's ==, for which False == 0 and True == 1: an
+    adapter_config.json with use_rslora false edited to 0 (its hash made anew) verified under --tolerance. A boolean
+    is no number now, as in the manifest's records (an int for a float of the same value still loads the same)."""
+    config = run / "adapter" / "adapter_config.json"
+    text = config.read_text()
+    assert recorded in text
+    config.write_text(text.replace(recorded, edited))
+    _edit_manifest(run, lambda m: m["outputs_sha256"].__setitem__("adapter/adapter_config.json", sha256_file(config)))
+    report = verify(run, tolerance=1e-4, console=_quiet())
+    assert report.differences == ["output adapter/adapter_config.json: its content differs from the re-run's (beyond "
+                                  "the library versions it records)"], report.differences
+
+
+def test_settings_files_compare_booleans_apart_from_numbers(tmp_path):
+    from peftkit.reproduced import _same_settings
+
+    def same(a, b) -> bool:
+        (tmp_path / "a.json").write_text(json.dumps(a))
+        (tmp_path / "b.json").write_text(json.dumps(b))
+        return _same_settings(tmp_path / "a.json", tmp_path / "b.json")
+
+    assert not same({"x": [1, {"y": False}]}, {"x": [1, {"y": 0}]})
+    assert not same([True], [1]) and not same({"x": 1}, {"x": True}) and not same(False, 0.0)
+    assert same({"x": [1, {"y": False}], "peftkit_version": "1"}, {"x": [1.0, {"y": False}], "peftkit_version": "2"})
+    assert not same({"x": [1, 2]}, {"x": [1]}) and not same({"x": 1}, {"x": 1, "y": 1})
+
+
 def test_under_a_tolerance_the_versions_an_export_records_are_no_difference(run, monkeypatch):
     """An honest re-run under a newer peftkit (or transformers) writes its version into adapter/peftkit.json: bit for
     bit that differs, and a re-run made elsewhere (--tolerance) is said through the environment notes instead."""
