@@ -163,11 +163,26 @@ def _with_token_indices(adapter, model: nn.Module, wanted: list[str], ids: list[
         given = adapter.target_modules
         return path == wanted[0] if given is None else _targeted(given, path)  # None: the input embeddings
 
-    if missing := [path for path in wanted if not targeted(path)]:
+    if (missing := [path for path in wanted if not targeted(path)]) and getattr(adapter, "init_from", None):
+        _refuse_untrained_head(adapter, missing[0])
+    if missing:
         raise PeftkitError(f"model.add_tokens: the new tokens' rows of {missing[0]} must train too (the output head is "
                            "not tied to the embeddings), and adapter.target_modules leaves it out. Name the "
                            f"embeddings and {missing[0].rpartition('.')[2]} in adapter.target_modules.")
     return adapter.model_copy(update={"token_indices": sorted({*adapter.token_indices, *ids})})
+
+
+def _refuse_untrained_head(adapter, head: str) -> None:
+    """adapter.init_from an adapter of the trainable tokens method that trains no rows of the untied output head
+    (peft's, on the embeddings alone): naming the head in adapter.target_modules cannot be followed, since init_from
+    takes the method's settings from the adapter, so the message says what the adapter is and what can be done."""
+    name = head.rpartition(".")[2]
+    raise PeftkitError(f"model.add_tokens: adapter.init_from {adapter.init_from} is a trainable tokens adapter that "
+                       f"trains rows of the embeddings alone, none of the output head {head} (not tied to the "
+                       "embeddings; peft's adapter on embed_tokens only), so the new tokens' output rows would "
+                       "stay untrained; its settings come from the adapter, so they cannot name the head. Train a new "
+                       "adapter without adapter.init_from instead: with model.add_tokens, method lora trains the new "
+                       f"tokens' rows of the embeddings and of {name} (trainable_token_indices).")
 
 
 def adapter_tokens(adapter_dir, base_cfg, theirs=None) -> list[str]:

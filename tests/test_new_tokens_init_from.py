@@ -256,3 +256,23 @@ def test_a_run_from_peft_s_adapter_starts_as_it_and_peft_loads_its_export(case, 
     peft_base.resize_token_embeddings(len(AutoTokenizer.from_pretrained(export)))
     every = IDS.clamp(max=101 + len(tokens))  # (104 where the run added it)
     assert (_logits(ours, every) - _logits(PeftModel.from_pretrained(peft_base, export), every)).abs().max() <= 1e-5
+
+
+def test_peft_s_trainable_tokens_of_the_embeddings_alone_over_an_untied_head_is_refused_with_what_to_do(
+        bases, chats, tmp_path, monkeypatch, capsys):
+    """peft's trainable tokens method on embed_tokens alone, over the untied Llama's head: the new tokens' head rows
+    would not train. The refusal told the user to name lm_head in adapter.target_modules, which init_from takes from
+    the adapter, so no recipe could follow it; it says what the adapter is and what to do instead now."""
+    adapter = _peft_adapter(bases["llama"], {"target_modules": ["embed_tokens"], "token_indices": [102, 103]},
+                            tmp_path / "peft-adapter")[0]
+    recipe = _recipe(tmp_path, bases["llama"], chats, training={"max_steps": 1})
+    _from(recipe, adapter)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert err.endswith(
+        f"error: model.add_tokens: adapter.init_from {adapter} is a trainable tokens adapter that trains rows of the "
+        "embeddings alone, none of the output head lm_head (not tied to the embeddings; peft's adapter on embed_tokens "
+        "only), so the new tokens' output rows would stay untrained; its settings come from the adapter, so they "
+        "cannot name the head. Train a new adapter without adapter.init_from instead: with model.add_tokens, method "
+        "lora trains the new tokens' rows of the embeddings and of lm_head (trainable_token_indices)."), err
+    followed = _recipe(tmp_path / "followed", bases["llama"], chats, adapter={"method": "lora"})  # what it says to do
+    assert sorted(k for k in _step0_state(followed) if "trainable_tokens" in k) == sorted(ROWS["rows"])
