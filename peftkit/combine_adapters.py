@@ -63,12 +63,61 @@ def _without_base_copies(source: Source, base: dict[str, torch.Tensor]) -> dict[
         module = key[len(PEFT_PREFIX):].removesuffix(".base_layer.weight")
         if not key.endswith(".base_layer.weight") or f"{module}.weight" not in base:
             state[key] = tensor
-        elif not torch.equal(tensor.float(), base[f"{module}.weight"].float()):
-            raise PeftkitError(f"{source.path} saves a copy of '{module}''s weight ({key}, peft's "
-                               "save_embedding_layers) that differs from the base's: it was saved on other weights "
-                               "(a resized or trained embedding), and its update is to those. Merge it alone "
-                               "(`peftkit merge --adapter` once).")
+        elif not _same(tensor, base[f"{module}.weight"]):
+            raise _differing_copy(source, module, key)
     return state
+
+
+def check_lora_base_copies(sources: list[Source], base_weight) -> None:
+    """A plain LoRA's copies of adapted layers' base weights (peft's save_embedding_layers) equal the base's: its
+    factors combine without them, so one that differs (the adapter was saved on other weights, and its update is to
+    those) was ignored silently. `base_weight(key)`: the base's tensor of that state-dict key, None where it has
+    none. Other methods' copies are checked by `full_deltas`."""
+    from peftkit.adapters import PEFT_PREFIX
+
+    for source in (s for s in sources if s.plain_lora):
+        for key, tensor in source.state.items():
+            if key.startswith(PEFT_PREFIX) and key.endswith(".base_layer.weight"):
+                module = key[len(PEFT_PREFIX):].removesuffix(".base_layer.weight")
+                weight = base_weight(f"{module}.weight")
+                if weight is None or not _same(tensor, weight):
+                    raise _differing_copy(source, module, key)
+
+
+def _same(copy: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The copy is the base's weight, in the dtype it was saved in (a float32 checkpoint loaded in bfloat16 to train
+    on is the same base)."""
+    return copy.shape == weight.shape and torch.equal(copy, weight.to(copy.dtype))
+
+
+def _differing_copy(source: Source, module: str, key: str) -> PeftkitError:
+    return PeftkitError(f"{source.path} saves a copy of '{module}''s weight ({key}, peft's save_embedding_layers) "
+                        "that differs from the base's: it was saved on other weights (a resized or trained "
+                        "embedding), and its update is to those. Merge it alone (`peftkit merge --adapter` once).")
+
+
+def _base_weight_reader(name: str, revision: str | None, load):
+    """key -> the base's tensor, read alone from its safetensors (safe_open: the one tensor, not the model); the
+    whole base is loaded (`load()`: its plain state dict) only where no local file holds the key by that name (a
+    hub id not in the cache, a checkpoint of another layout)."""
+    from safetensors import safe_open
+
+    from peftkit.manifest import model_directory
+    from peftkit.model_source import _weight_files
+
+    directory = model_directory(name, revision)
+    files = _weight_files(directory) if directory is not None else []
+    loaded: list[dict[str, torch.Tensor]] = []
+
+    def read(key: str) -> torch.Tensor:
+        for file in files:
+            with safe_open(file, "pt") as f:
+                if key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    return f.get_tensor(key)
+        if not loaded:
+            loaded.append(load())
+        return loaded[0].get(key)
+    return read
 
 
 def _lora_delta(a: torch.Tensor, b: torch.Tensor, embedding: bool, cfg, fan_in_fan_out: bool) -> torch.Tensor:
@@ -184,11 +233,15 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     output_dir = str(check_merge_output(Path(output_dir), protected, overwrite))  # (a symbolic link: its target)
     model = skeleton(name, revision, trust_remote_code)
     check_fits(sources, model, combination)
-    loaded = None
-    if into_base or not all(s.plain_lora for s in sources):
-        loaded = _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code,
-                            read_meta(adapter_dirs[0]))
+
+    def load() -> nn.Module:
+        return _load_base(name, revision, sources[0].quant, merge_device(adapter_dirs[0]), trust_remote_code,
+                          read_meta(adapter_dirs[0]))
+
+    loaded = load() if into_base or not all(s.plain_lora for s in sources) else None
     base_state = base_state_dict(loaded) if loaded is not None else None
+    check_lora_base_copies(sources, base_state.get if base_state is not None
+                           else _base_weight_reader(name, revision, lambda: base_state_dict(load())))
     if uses_full_updates(combination, sources, into_base):
         updates = combined_updates(combination, sources, model, base_state)
         merged = base_state | {f"{m}.weight": base_state[f"{m}.weight"].float() + d for m, d in updates.items()}

@@ -308,14 +308,15 @@ def test_dora_combination_keeps_the_magnitudes(tiny_llama, tmp_path):
     assert _diff(_logits(reference), expected) > 1e-2
 
 
-def _peft_dora_on_the_embeddings(base: Path, out: Path) -> Path:
-    """peft's DoRA adapter on embed_tokens and q_proj, every trained tensor moved off its init, saved by peft: its file
-    holds `embed_tokens.base_layer.weight` too (save_embedding_layers, on by default with an embedding target)."""
+def _peft_dora_on_the_embeddings(base: Path, out: Path, use_dora: bool = True) -> Path:
+    """peft's DoRA adapter (a LoRA with `use_dora` False) on embed_tokens and q_proj, every trained tensor moved off
+    its init, saved by peft: its file holds `embed_tokens.base_layer.weight` too (save_embedding_layers, on by default
+    with an embedding target)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(_load(base), PeftLoraConfig(r=4, lora_alpha=8, use_dora=True,
+    model = get_peft_model(_load(base), PeftLoraConfig(r=4, lora_alpha=8, use_dora=use_dora,
                                                        target_modules=["embed_tokens", "q_proj"]))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -350,6 +351,39 @@ def test_a_peft_dora_adapter_on_the_embeddings_combines_through_its_full_update(
     save_file(state, dora / "adapter_model.safetensors")
     with pytest.raises(PeftkitError, match=r"copy of 'model.embed_tokens'.*differs from the base's"):
         combine_adapters([str(dora), lora], Combination("svd", weights, svd_rank=32), str(tmp_path / "other"))
+
+
+def test_a_peft_lora_whose_embedding_copy_differs_from_the_base_is_refused(tiny_llama, tmp_path, monkeypatch):
+    """A plain LoRA combines through its factors, so the copy of the embeddings' weight peft saves beside them
+    (`embed_tokens.base_layer.weight`) was never read: one that differs from the base's (the adapter was saved on
+    other embeddings, and its update is to those) combined silently into an adapter for another base. It is compared
+    with the base's weight, read alone from its safetensors (the base is not loaded for a combined adapter): an
+    equal copy combines, a differing one is refused, naming the adapter and the tensor."""
+    import peftkit.combine_adapters
+    from safetensors.torch import load_file, save_file
+
+    lora = _peft_dora_on_the_embeddings(tiny_llama, tmp_path / "peft_lora", use_dora=False)
+    copy = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert copy in load_file(lora / "adapter_model.safetensors")
+    other = make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 2, tmp_path / "o")
+    weights = (0.6, -0.4)
+    expected = _logits(_dense_expectation(tiny_llama, _add(_merged_deltas(tiny_llama, str(lora), weights[0]),
+                                                            _merged_deltas(tiny_llama, other, weights[1]))))
+    assert _diff(expected, _logits(_load(tiny_llama))) > 1e-2
+    load_base = peftkit.combine_adapters._load_base
+    monkeypatch.setattr(peftkit.combine_adapters, "_load_base", lambda *a: pytest.fail("the base was loaded"))
+    out = combine_adapters([str(lora), other], Combination("cat", weights), str(tmp_path / "cat"))
+    assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_llama), out)), expected) <= TOL
+    state = load_file(lora / "adapter_model.safetensors")
+    state[copy] = state[copy] + 0.1
+    save_file(state, lora / "adapter_model.safetensors")
+    refused = rf"{lora} saves a copy of 'model.embed_tokens''s weight \({copy}, .*differs from the base's"
+    for method in ("cat", "svd"):
+        with pytest.raises(PeftkitError, match=refused):
+            combine_adapters([str(lora), other], Combination(method, weights), str(tmp_path / method / "other"))
+    monkeypatch.setattr(peftkit.combine_adapters, "_load_base", load_base)
+    with pytest.raises(PeftkitError, match=refused):  # the loaded base's weight, where --into-base loads it
+        combine_adapters([str(lora), other], Combination("cat", weights), str(tmp_path / "merged"), into_base=True)
 
 
 def _scale_magnitudes(adapter: Path, factor: float) -> None:
