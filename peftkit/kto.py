@@ -120,7 +120,7 @@ def check_watched_figures(cfg, evals: dict) -> None:
         desirable = evals[name].pairs.desirable
         missing = [kind for kind in NEEDS[figure] if kind not in desirable]
         if missing:
-            where = "data.eval" if name == "eval" and not isinstance(cfg.data.eval, dict) else f"data.eval.{name}"
+            where = cfg.data.eval_setting(name)
             lacks = " or ".join(f"{'a desirable' if kind else 'an undesirable'} one (`label: {str(kind).lower()}`)"
                                 for kind in missing)
             raise PeftkitError(f"{key} follows {metric}, which {where} never defines: none of its {len(desirable)} "

@@ -21,8 +21,7 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
     evaluation: its reference's loss is log 2 and its rewards 0 by definition.)"""
     from peftkit.preference import reference_logps
 
-    named = isinstance(cfg.data.eval, dict)
-    sets = {"data.train": train_ex} | {f"data.eval.{name}" if named else "data.eval": evaluation.pairs
+    sets = {"data.train": train_ex} | {cfg.data.eval_setting(name): evaluation.pairs
                                        for name, evaluation in evals.items()}
     processes = accelerator if accelerator.num_processes > 1 else None
     what = ("adapter.init_from's adapter" if cfg.adapter.init_from else "the base model, its layers stacked"

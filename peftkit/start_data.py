@@ -54,7 +54,7 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True,
         examples = load_examples(tok, source.path, source.split, data.for_eval(name), tasks=tasks, cache=cache)[0]
         evals[name] = RunEval.of(cfg, tok, examples, name)
         prompts = [*evals[name].prompts, *(sample_prompts(cfg, tok) if i == 0 else [])]
-        key = "data.eval" if name == "eval" and not isinstance(data.eval, dict) else f"data.eval.{name}"
+        key = data.eval_setting(name)
         check_training_tasks(cfg, key, [*examples.task_ids, *(p.task_id for p in prompts)])
         check_answer_room(cfg, config, prompts)
     return train_ex, stats, evals, None
@@ -79,8 +79,7 @@ def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pair
     evals = {}
     for name, source in cfg.data.eval_sources().items():
         pairs = read(source.path, source.split, cfg.data.for_eval(name), cfg.eval.batch_size)[0]
-        check_training_tasks(cfg, "data.eval" if name == "eval" and not isinstance(cfg.data.eval, dict)
-                             else f"data.eval.{name}", pairs.task_ids)
+        check_training_tasks(cfg, cfg.data.eval_setting(name), pairs.task_ids)
         evals[name] = PreferenceEval(pairs, tok.pad_token_id, cfg.eval.batch_size, objective_loss(cfg.training))
     if cfg.training.objective == "kto":
         check_watched_figures(cfg, evals)

@@ -269,6 +269,10 @@ class DataConfig(Section):
         """The key of data.eval's set `name` in a run's records (data_sha256): `eval` for one path, `eval[name]`."""
         return f"eval[{name}]" if isinstance(self.eval, dict) else "eval"
 
+    def eval_setting(self, name: str) -> str:
+        """data.eval's set `name` as the recipe spells it, for messages: `data.eval` for one path, `data.eval.NAME`."""
+        return f"data.eval.{name}" if isinstance(self.eval, dict) else "data.eval"
+
     def for_eval(self, name: str) -> DataConfig:
         """This section as data.eval's set `name` is read: with its own columns and format."""
         entry = self.eval_sources()[name]
