@@ -92,7 +92,7 @@ def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None, arrow
     The base and the adapters are evaluated in one loaded model, each adapter activated in turn
     (`peftkit.adapters.named`): the base loads once, as the adapters were trained on it (re-quantized as they
     were). A merged model loads on its own; so does each adapter of a classifier (its head is the model's class),
-    and one that does not share its base (`named.ALONE`: KaSA truncates it, layer_replication stacks it...).
+    and one that does not share its base (`sharing.ALONE`: KaSA truncates it, layer_replication stacks it...).
     `arrow`, (ArrowSettings, task adapters, general adapters): a last row, ARROW, of the shared model routing each
     token among the task adapters (`NamedAdapters.arrow`)."""
     return compare_sets({None: jobs}, predictions_dir, arrow)[None]
@@ -104,7 +104,7 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
     data): each set's rows' figures, by set name. Every model loads once for all the sets: the shared one
     evaluates each set with each adapter active, a merged model (or an adapter loaded alone) is evaluated on every
     set by `evaluate_sets`. `predictions_dir`: each row's answers on each set, in `prediction_file`."""
-    from peftkit.adapters.named import loads_alone
+    from peftkit.adapters.sharing import loads_alone
     from peftkit.evaluate import evaluate_sets
 
     rows = next(iter(sets.values()))  # every set has the same rows (models)

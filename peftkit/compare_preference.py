@@ -122,7 +122,7 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
     otherwise (a chat template of its own), is scored as `peftkit eval --adapter DIR` scores it, against the base it
     loads over on its own tokens (for layer_replication the stacked base, its DPO run's reference); a merged model
     loads on its own and is scored against the base's reference."""
-    from peftkit.adapters.named import loads_alone
+    from peftkit.adapters.sharing import loads_alone
 
     rows = next(iter(sets.values()))
     base = rows[BASE]

@@ -15,7 +15,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from peftkit.adapters.host import AdapterHost
-from peftkit.adapters.named import NamedAdapters, load_named_model, loads_alone
+from peftkit.adapters.named import NamedAdapters, load_named_model
+from peftkit.adapters.sharing import loads_alone
 from peftkit.decoding import Sampling, generate_ids, generate_texts
 from peftkit.errors import PeftkitError
 from peftkit.generate import generate_job

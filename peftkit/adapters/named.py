@@ -38,7 +38,7 @@ model (`peftkit.methods.virtual.install`) while active and taken off otherwise.
 
 Adapters must share the base: same recorded base_model_name_or_path (unless the caller names the base itself, as
 `--model` does), at the same revision where both record one, and the same quantization; one trained for a sequence classifier is refused (its head is the
-model's class).
+model's class). `peftkit.adapters.sharing` holds these checks.
 """
 
 from __future__ import annotations
@@ -54,24 +54,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftkit.adapter_meta import describe_rope, read_meta
 from peftkit.adapters import inject_adapters, modules_to_save, saved_base_modules
 from peftkit.adapters.arrow import ArrowLayer, ArrowSettings
 from peftkit.adapters.host import AdapterHost, stackable
+from peftkit.adapters.sharing import FirstAdapter, check_fits, refuse_alone
 from peftkit.adapters.state_dicts import load_adapter_state_dict
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods import method_of
 from peftkit.methods.base import Method
 from peftkit.methods.lora_layers import LoraLinear
 from peftkit.methods.virtual import VirtualTokens, install, uninstall
-from peftkit.new_tokens import held_tokenizer_length
 from peftkit.peft_fields import check_weight_tying
 from peftkit.peft_format import trained_base_biases
 from peftkit.recipe import AdapterConfig, ModelConfig, QuantizationConfig
-
-ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters", "bias", "trainable_token_indices",
-         "alora_invocation_tokens")
-"""adapter_config.json fields of the adapters that do not share a base with others (each refused below, saying why)."""
 
 BASE_NAMES = ("", "base")
 """What a route names for a row that runs the base model (as does None)."""
@@ -108,10 +103,7 @@ class NamedAdapters:
         self.active: str | None = None
         self._adapters: dict[str, _Adapter] = {}
         self._hosts: dict[str, AdapterHost] = {}
-        # (first adapter's name, its recorded base, the base's recorded revision)
-        self._recorded_base: tuple[str, str | None, str | None] | None = None
-        self._rope_scaling = None  # the first adapter's model.rope_scaling (peftkit.json), which the base loaded with
-        self._base_dtype = None  # the first's quantized base's dtype before quantization (peftkit.json), loaded so
+        self._first: FirstAdapter | None = None  # what the first adapter loaded says of the base
 
     @property
     def names(self) -> list[str]:
@@ -131,7 +123,7 @@ class NamedAdapters:
         from peftkit.methods.expert_lists import on_fused_experts
         from peftkit.methods.lora_init import base_weight_of, on_original_base
 
-        self._check_fits(name, directory, raw, quant)
+        check_fits(self.model, name, directory, raw, quant, self._first, self.base, self.quantization)
         # peft's `bias: all` / `lora_only` saves the base's own biases, trained: loaded into the shared base layers,
         # they ran under the base's rows and every other adapter's too.
         if getattr(raw, "bias", "none") not in (None, "none") and (biases := trained_base_biases(cfg, state)):
@@ -144,10 +136,8 @@ class NamedAdapters:
         cfg, state = on_original_base(cfg, state, base_weight_of(self.model))  # peft's unconverted PiSSA/OLoRA
         cfg, state = on_fused_experts(cfg, state, self.model)  # transformers 4's per-expert LoRA
         self.add(name, cfg, state, directory)
-        if self._recorded_base is None:
-            self._recorded_base = (name, raw.base_model_name_or_path, raw.revision)
-            self._rope_scaling = read_meta(directory).rope_scaling if directory else None
-            self._base_dtype = read_meta(directory).quantized_from if directory else "float32"
+        if self._first is None:
+            self._first = FirstAdapter.of(name, directory, raw)
 
     def add(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor], directory: str = "") -> None:
         """Put an adapter given as settings and PEFT-keyed tensors (what `load_adapter` reads) under `name` (inactive)."""
@@ -324,52 +314,6 @@ class NamedAdapters:
             raise PeftkitError(f"An adapter named {name!r} is already loaded (from {self._adapters[name].directory or 'memory'}); "
                                "give this one another name, or delete that one first.")
 
-    def _check_fits(self, name: str, directory: str, raw, quant: QuantizationConfig | None) -> None:
-        """The adapter was trained on this model's base: its recorded base (unless the caller named the base), its
-        quantization, a causal LM."""
-        if raw.task_type == "SEQ_CLS":
-            raise PeftkitError(f"Adapter {name!r} ({directory}) is for a sequence classifier (task_type SEQ_CLS), whose "
-                               "head is the model's class; load it alone (peftkit eval --adapter DIR).")
-        if directory and (added := read_meta(directory).added_tokens):
-            raise PeftkitError(f"Adapter {name!r} ({directory}) adds tokens to its base's tokenizer and embeddings "
-                               f"(model.add_tokens: {', '.join(added)}), which the other adapters' base lacks; load "
-                               "it alone (--adapter DIR), or merge it (`peftkit merge`).")
-        rows = self.model.get_input_embeddings().weight.shape[0]
-        if directory and (length := held_tokenizer_length(directory)) and length > rows:  # peft's, with new tokens
-            raise PeftkitError(f"Adapter {name!r} ({directory}) holds a tokenizer of {length:,} tokens, past the "
-                               f"{rows:,} rows of the base's embeddings: it was trained with tokens added, which the "
-                               "other adapters' base lacks; load it alone (--adapter DIR), or merge it (`peftkit "
-                               "merge`).")
-        if self.base is None and self._recorded_base is not None:
-            recorded = raw.base_model_name_or_path
-            if recorded != self._recorded_base[1]:
-                first, base, _ = self._recorded_base
-                raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {recorded}, adapter {first!r} on "
-                                   f"{base}: adapters in one model share one base. Load adapters of one base, or "
-                                   "name the base yourself (--model) if both bases are the same model.")
-        if self._recorded_base is not None and raw.base_model_name_or_path == self._recorded_base[1]:
-            # The base loads at the first adapter's commit (`adapter_base.base_revision`); one that records none was
-            # saved before peftkit recorded it (or by another tool), and is taken as trained on that one.
-            first, base, revision = self._recorded_base
-            if None not in (raw.revision, revision) and raw.revision != revision:
-                raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {base} at revision {raw.revision}, "
-                                   f"adapter {first!r} at revision {revision}: adapters in one model share one base, "
-                                   "at one commit. Load adapters trained on one revision.")
-        if self._recorded_base is not None and (scaling := read_meta(directory).rope_scaling) != self._rope_scaling:
-            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained with RoPE scaling "
-                               f"{describe_rope(scaling)}, adapter {self._recorded_base[0]!r} with {describe_rope(self._rope_scaling)}: "
-                               "adapters in one model share one base, scaled one way.")
-        if quant != self.quantization:
-            def what(q): return f"a {q.method} (bitsandbytes) base" if q else "an unquantized base"
-            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on {what(quant)}, but the model here is "
-                               f"{what(self.quantization)[3:]}: adapters in one model share one base, loaded one way.")
-        if quant is not None and self._recorded_base is not None and \
-                (dtype := read_meta(directory).quantized_from) != self._base_dtype:
-            # The 4-bit codes are rounded from the weights in that dtype (none recorded: float32, as loading reads it).
-            raise PeftkitError(f"Adapter {name!r} ({directory}) was trained on a base quantized from {dtype}, adapter "
-                               f"{self._recorded_base[0]!r} on one quantized from {self._base_dtype} "
-                               "(their peftkit.json base_dtype): adapters in one model share one base, loaded one way.")
-
     def _check_mixable(self, name: str) -> None:
         method = self._adapters[self._known(name)].method
         if not method.mergeable:
@@ -383,29 +327,7 @@ class NamedAdapters:
     def _attach_layers(self, name: str, cfg: AdapterConfig, state: dict[str, torch.Tensor]) -> list[str]:
         """Inject the adapter into the bare model (its modules_to_save as copies), load its tensors, then move each
         new module into the host at its path and put the base module back in the tree."""
-        if getattr(cfg, "layer_replication", None):
-            raise PeftkitError(f"Adapter {name!r} stacks the base's layers again (layer_replication): its model is not "
-                               "the others' base; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
-        if getattr(cfg, "use_bdlora", None):
-            raise PeftkitError(f"Adapter {name!r} has block-diagonal factors (use_bdlora), which mixed batches do not "
-                               "stack; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
-        if getattr(cfg, "kasa_config", None):
-            raise PeftkitError(f"Adapter {name!r} is a KaSA adapter (kasa_config), which truncates the base weights "
-                               "the other adapters and the base's rows share; load it alone (--adapter DIR), or merge "
-                               "it (`peftkit merge`).")
-        if getattr(cfg, "target_parameters", None):
-            raise PeftkitError(f"Adapter {name!r} adapts parameters (target_parameters), which named adapters do not "
-                               "route per row; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
-        if getattr(cfg, "alora_invocation_tokens", None):
-            raise PeftkitError(f"Adapter {name!r} is an activated LoRA (alora_invocation_tokens), which acts from its "
-                               "invocation in each row on: named adapters do not route it; load it alone (--adapter "
-                               "DIR).")
-        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
-        if getattr(cfg, "trainable_token_indices", None) or (cfg.method == "trainable_tokens" and tied):
-            why = " (trainable_token_indices)" if cfg.method == "lora" else ", whose weight the output head shares"
-            raise PeftkitError(f"Adapter {name!r} trains rows of the embeddings{why}: one model cannot hold those per "
-                               "adapter; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
+        refuse_alone(self.model, name, cfg)
         originals = modules_to_save(self.model, cfg.modules_to_save)
         for path, module in saved_base_modules(self.model, state).items():  # peft's file may hold more
             if not any(path == p or path.startswith(f"{p}.") for p in originals):
@@ -460,18 +382,6 @@ def _said_of(name: str, directory: str) -> Iterator[None]:
         raise PeftkitError(f"Adapter {name!r}{f' ({directory})' if directory else ''}: {e}") from None
 
 
-def loads_alone(adapter_dir: str) -> str | None:
-    """The `ALONE` field set in `adapter_dir`'s adapter_config.json, or None: a comparison evaluates such an adapter on
-    a model of its own."""
-    import json
-
-    from peftkit.methods.base import is_set
-
-    config = Path(adapter_dir) / "adapter_config.json"
-    raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-    return next((key for key in ALONE if is_set(raw.get(key))), None)
-
-
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -503,7 +413,7 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfi
     for name, directory in adapters[1:]:
         check_remote_code(directory, trust_remote_code)
         named.load(name, directory)
-        if quant is not None:  # the same quantization as the first's (`_check_fits`), maybe not on the same device
+        if quant is not None:  # the same quantization as the first's (`sharing.check_fits`), maybe not on the same device
             warn_if_requantized(directory, model)
     model.eval()
     return model, named, load_tokenizer(model_cfg)
