@@ -211,7 +211,8 @@ def merge_parameters(model: nn.Module, base: dict[str, torch.Tensor], adapter: d
 
 def check_state_in_range(state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Refuse a state whose cast to the output dtype overflows, naming the layer (`check_in_range`): not only the
-    weights an adapter changed, also a base weight no adapter touched (above 65504, written to float16 as inf).
+    weights an adapter changed, also a base weight no adapter touched (above 65504, written to float16 as inf); an
+    infinity the base holds itself (a -inf mask in a buffer) is no overflow and is written as it is.
     Only a cast to a narrower range is made (fp32 or bf16 to float16, fp32 to bf16), one tensor at a time, so the
     check holds one copy at most and a merge into float32 copies nothing."""
     from peftkit.methods.base import check_in_range

@@ -94,3 +94,42 @@ def test_a_float16_merge_refuses_a_base_weight_no_adapter_changed_past_its_range
     wide = merge.merge_adapter(str(adapter), str(tmp_path / "wide"), dtype="bfloat16")
     written = AutoModelForCausalLM.from_pretrained(wide, dtype=torch.bfloat16).state_dict()[key]
     assert written[0, 0].item() == pytest.approx(1e5, rel=1e-2)  # bfloat16 holds it (8 bits of mantissa)
+
+
+def test_a_float16_merge_keeps_what_the_base_holds_as_infinite(tiny_llama, tmp_path):
+    """An infinity the base holds itself (a -inf mask or +-inf clamp bound in a persistent buffer: Gemma 4's audio
+    tower registers four) is no overflow: a float16 merge writes it as it is, as a float32 merge does. The check of
+    the tensors no adapter touched refused such a base ('largest magnitude inf') in float16 only; a finite value past
+    65504 in the same tensor is still refused, its magnitude named."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from peftkit import merge
+    from peftkit.errors import PeftkitError
+    from peftkit.merge_weights import check_state_in_range
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(base / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    weights[key][0, 0], weights[key][0, 1] = -float("inf"), float("inf")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    adapter = save_random_adapter(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                                  tmp_path / "adapter", seed=1)
+    written = {}
+    for dtype in ("float16", "float32"):
+        out = merge.merge_adapter(str(adapter), str(tmp_path / dtype), dtype=dtype)
+        written[dtype] = load_file(Path(out) / "model.safetensors")
+    assert written["float16"][key].dtype == torch.float16
+    for state in written.values():  # the base's own values, each in its place; every other one of them finite
+        assert state[key][0, 0].item() == -float("inf") and state[key][0, 1].item() == float("inf")
+        assert torch.isfinite(state[key].flatten()[2:]).all()
+    assert torch.equal(written["float16"][key], weights[key].to(torch.float16))
+
+    mask = torch.tensor([0.0, -float("inf"), 7e4])  # an overflow beside an infinity: the overflow is named
+    with pytest.raises(PeftkitError, match=r"^Merging 'model\.rotary' gives weights beyond what float16 holds \(largest "
+                                           r"magnitude 70000\)"):
+        check_state_in_range({"model.rotary.mask": mask}, torch.float16)
+    check_state_in_range({"model.rotary.mask": mask[:2], "model.rotary.steps": torch.tensor([70000]),
+                          "model.rotary.near": torch.tensor([65280.0, -65280.0], dtype=torch.bfloat16)}, torch.float16)

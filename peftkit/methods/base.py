@@ -141,14 +141,19 @@ class AdapterLayer(nn.Module):
 
 
 def check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str | None) -> None:
-    """Refuse a merged tensor whose cast to the output dtype overflowed (a float16 output holds at most 65504): the
-    fp32 sum was checked finite, its cast would have been written as inf without a word. `module` None: an in-place
-    merge of one layer, which leaves its weight as it was."""
-    if not torch.isfinite(cast).all():
+    """Refuse a merged tensor whose cast to the output dtype overflowed (a float16 output holds at most 65504): a
+    finite value of `exact` that the cast would have written as inf without a word. A value `exact` holds as inf or
+    NaN already (a base's -inf mask or +-inf clamp bound, in a buffer no adapter touches) is no overflow: the cast
+    keeps it as it is, as a float32 output would. `module` None: an in-place merge of one layer, which leaves its
+    weight as it was."""
+    if torch.isfinite(cast).all():
+        return
+    overflowed = torch.isfinite(exact) & ~torch.isfinite(cast)
+    if overflowed.any():
         where, fix = (f"'{module}'", "merge into bfloat16 or float32 (peftkit merge --dtype)") if module else (
             "this layer", "the layer was left unmerged; convert it to bfloat16 or float32 first")
         raise PeftkitError(f"Merging {where} gives weights beyond what {str(cast.dtype).removeprefix('torch.')} "
-                           f"holds (largest magnitude {exact.abs().max().item():.6g}): {fix}.")
+                           f"holds (largest magnitude {exact[overflowed].abs().max().item():.6g}): {fix}.")
 
 
 def check_bias_to_merge(parts: dict[str, torch.Tensor], module: str) -> None:
