@@ -193,7 +193,7 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
     from peftkit.adapters import inject_adapters
     from peftkit.adapters.state_dicts import load_adapter_state_dict
     from peftkit.modeling import resolve_device
-    from peftkit.new_tokens import start_state
+    from peftkit.new_tokens import held_tokenizer_length, start_state
     from peftkit.peft_format import load_adapter
     from peftkit.progress import phase
     from peftkit.runtime import inference_autocast, under_autocast
@@ -213,7 +213,7 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
         try:
             trained, start = load_adapter(init_from)[:2]
             if model_cfg.add_tokens:  # (tokens the run added after init_from's: their rows as training started them)
-                start = start_state(model, start, trained)
+                start = start_state(model, start, trained, held_tokenizer_length(init_from))
             load_adapter_state_dict(model, start)
         except PeftkitError as error:  # (it blamed the evaluated adapter's files, or its base)
             raise PeftkitError(f"The recipe's adapter.init_from {init_from}, the reference (the adapter the recipe's "

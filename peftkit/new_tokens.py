@@ -269,20 +269,22 @@ def _holds_tokenizer(adapter_dir) -> bool:
     return any((Path(adapter_dir) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def start_state(model: nn.Module, state: dict[str, torch.Tensor], trained) -> dict[str, torch.Tensor]:
+def start_state(model: nn.Module, state: dict[str, torch.Tensor], trained,
+                vocabulary: int | None = None) -> dict[str, torch.Tensor]:
     """adapter.init_from's `state` fitted to `model`, injected with the run's adapter, where the run adds tokens
     (`trained`: the adapter's own settings). The embeddings and head the adapter saved whole (peft's, for a resized
     base) as `peftkit.saved_embeddings.fitted` fits them, a tied head's copy of the embeddings' rows (peft's) left
     out; where model.add_tokens lists new tokens after the adapter's, each tensor of trained rows is built again by
     token id for the ids its layer now trains, an id the adapter trained taking its saved row, a new one the row the
     layer starts from (the base's resized row, as in a run without init_from). Rows held by id, never by position: the
-    ids the adapter's config lists need not be in the run's order."""
+    ids the adapter's config lists need not be in the run's order. `vocabulary`: the length of the tokenizer beside a
+    peft adapter (`held_tokenizer_length`), past which its saved matrices hold padding (`saved_embeddings._trim`)."""
     from peftkit.adapters import PEFT_PREFIX
     from peftkit.methods.token_rows import without_tied_copies
     from peftkit.methods.trainable_tokens import ROWS_PARAM, ReplacedRows
     from peftkit.saved_embeddings import fitted
 
-    out = fitted(model, without_tied_copies(model, state))
+    out = fitted(model, without_tied_copies(model, state), vocabulary)
     ids = _trained_ids(model, trained)
     for name, module in model.named_modules():
         key = f"{PEFT_PREFIX}{name}.{ROWS_PARAM}"

@@ -56,9 +56,9 @@ def adapt(cfg: Recipe, model, adapter) -> list[str]:
     start = load_adapter(cfg.adapter.init_from)[1] if cfg.adapter.init_from else None
     targets = inject_adapters(model, adapter, every_entry=start is None, state=start)
     if start is not None and cfg.model.add_tokens:  # (tokens listed after the adapter's: their rows start fresh)
-        from peftkit.new_tokens import start_state
+        from peftkit.new_tokens import held_tokenizer_length, start_state
 
-        start = start_state(model, start, cfg.adapter)
+        start = start_state(model, start, cfg.adapter, held_tokenizer_length(cfg.adapter.init_from))
     if start is not None:
         load_adapter_state_dict(model, start)
     if cfg.export.merged:

@@ -276,3 +276,57 @@ def test_peft_s_trainable_tokens_of_the_embeddings_alone_over_an_untied_head_is_
         "lora trains the new tokens' rows of the embeddings and of lm_head (trainable_token_indices)."), err
     followed = _recipe(tmp_path / "followed", bases["llama"], chats, adapter={"method": "lora"})  # what it says to do
     assert sorted(k for k in _step0_state(followed) if "trainable_tokens" in k) == sorted(ROWS["rows"])
+
+
+@pytest.mark.parametrize("tokens", [MARKERS, MORE], ids=["its-tokens", "one-more"])
+@pytest.mark.parametrize("head", [True, False], ids=["head-rows", "head-whole"])
+def test_a_run_from_peft_s_adapter_on_a_base_padded_to_a_multiple_of_64_starts_as_it(head, tokens, bases, chats,
+                                                                                    tmp_path, monkeypatch, capsys):
+    """TRL's setup_chat_format pads the resized base to a multiple of 64 (104 tokens, 128 rows), and peft saves the
+    resized embeddings and head whole as the frozen bases of the trained rows (`head`: the head's rows trained too;
+    else the head itself, lm_head.weight): eval loads such an adapter (on 128 rows), but a run from it
+    (adapter.init_from) refused to start, with its own tokens or one more: "module 'lm_head.token_adapter' expects
+    base_layer of shape (104, 32) but the adapter has (128, 32)". The run's model has
+    its tokenizer's rows, as its exported adapter is loaded again; the 24 rows no token has are left out. At step 0
+    its logits of the adapter's 104 tokens are peft's model's, 102's and 103's rows peft's trained ones, <tool_call>'s
+    (104) that of transformers' mean resizing to 105 rows from seed 0 (a fresh run's); the run trains."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(bases["llama"])
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(bases["llama"])
+    torch.manual_seed(7)
+    base.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    torch.manual_seed(1)
+    indices = {"embed_tokens": [102, 103]} | ({"lm_head": [102, 103]} if head else {})
+    theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                             trainable_token_indices=indices))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    adapter = tmp_path / "peft-adapter"
+    theirs.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    saved = {k.removeprefix("base_model.model."): v for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    assert saved["lm_head.token_adapter.base_layer.weight" if head else "lm_head.weight"].shape == (128, 32)
+
+    recipe = _recipe(tmp_path, bases["llama"], chats, tokens=tokens, training={"max_steps": 2})
+    _from(recipe, adapter)
+    ids = IDS.clamp(max=103)  # (the tokens peft's model has)
+    model = _step0_model(recipe)[0]
+    rows = 102 + len(tokens)
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == rows
+    assert (_logits(model, ids)[..., :104] - _logits(theirs.eval(), ids)[..., :104]).abs().max() <= 1e-5
+    start = _step0_state(recipe)
+    fresh = load_fp32(bases["llama"])
+    torch.manual_seed(0)
+    fresh.resize_token_embeddings(105)
+    for module, resized in (("model.embed_tokens", fresh.get_input_embeddings()), ("lm_head", fresh.lm_head)):
+        trained = start[f"{module}.token_adapter.trainable_tokens_delta"]  # (a head saved whole: its rows 102, 103)
+        rows_of = saved.get(f"{module}.token_adapter.trainable_tokens_delta", saved.get(f"{module}.weight"))
+        assert torch.equal(trained[:2], rows_of[:2] if head or module != "lm_head" else rows_of[102:104])
+        if len(tokens) == 3:
+            assert trained.shape[0] == 3 and torch.equal(trained[2], resized.weight[104])
+    _train(recipe, monkeypatch, capsys)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
