@@ -245,7 +245,8 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     if uses_full_updates(combination, sources, into_base):
         updates = combined_updates(combination, sources, model, base_state)
         merged = base_state | {f"{m}.weight": base_state[f"{m}.weight"].float() + d for m, d in updates.items()}
-        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite, template)
+        _write_merged(loaded, merged, base_state, name, revision, dtype, output_dir, trust_remote_code, overwrite,
+                      template)
         return Path(output_dir)
     layers = combine_layers(combination, sources, model, base_state)
     rank = output_rank(combination, sources)
@@ -253,7 +254,8 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     if into_base:
         cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=list(layers))
         merged = merge_state_dict(base_state, state, cfg, plain_conv1d_modules(loaded), dtype=torch.float32)
-        _write_merged(loaded, merged, name, revision, dtype, output_dir, trust_remote_code, overwrite, template)
+        _write_merged(loaded, merged, base_state, name, revision, dtype, output_dir, trust_remote_code, overwrite,
+                      template)
     else:
         _write_adapter(output_dir, state, config, sources[0], overwrite, template)
     return Path(output_dir)
@@ -310,18 +312,32 @@ def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict
             atomic_write_bytes(tmp / ADAPTER_TEMPLATE, template.encode())
 
 
-def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], name: str, revision: str | None,
-                  dtype: str | None, output_dir: str, trust_remote_code: bool, replace: bool,
+def _made_non_finite(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> bool:
+    """Whether the combination made a value NaN or inf that the base holds finite. An infinity the base holds itself
+    (a -inf mask or +-inf clamp bound in a persistent buffer, which no adapter touches) is the base's, written as it
+    is, as `peftkit merge` of one adapter writes it; it was refused as "the combined update has NaN/inf values"."""
+    for key, tensor in merged.items():
+        if tensor.is_floating_point():
+            made = ~torch.isfinite(tensor)
+            if key in base and base[key].shape == tensor.shape:
+                made &= torch.isfinite(base[key]).to(made.device)
+            if made.any():
+                return True
+    return False
+
+
+def _write_merged(loaded: nn.Module, merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], name: str,
+                  revision: str | None, dtype: str | None, output_dir: str, trust_remote_code: bool, replace: bool,
                   template: str | None = None) -> None:
     """The merged fp32 state as a plain model (+ tokenizer, with the adapters' chat `template` where they have one)
-    in `dtype`, with the single-adapter merge's code."""
+    in `dtype`, with the single-adapter merge's code. `base`: the base's state, whose own infinities are kept."""
     from peftkit.merge import base_provenance, checkpoint_dtype, save_merged
     from peftkit.merge_weights import check_state_in_range, non_persistent_buffers, plain_model_from_state
     from peftkit.modeling import DTYPES, load_tokenizer
     from peftkit.recipe import ModelConfig
 
     dtype = dtype or checkpoint_dtype(name, revision)
-    if not all(torch.isfinite(t).all() for t in merged.values() if t.is_floating_point()):
+    if _made_non_finite(merged, base):
         raise PeftkitError("The combined update has NaN/inf values; nothing was written.")
     check_state_in_range(merged, DTYPES[dtype])  # finite in fp32, past float16's 65504: refused, not written as inf
     model = plain_model_from_state(loaded.config, merged, DTYPES[dtype], non_persistent_buffers(loaded),

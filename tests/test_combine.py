@@ -820,3 +820,34 @@ def test_overwrite_never_deletes_a_directory_of_the_users_own_files(llama_adapte
     combine_adapters(llama_adapters, Combination("cat", (0.5, 0.5)), str(tmp_path / "combined"))
     combine_adapters(llama_adapters, Combination("cat", (1.0, 0.5)), str(tmp_path / "combined"), overwrite=True)
     assert json.loads((tmp_path / "combined" / "adapter_config.json").read_text())["r"] == 8  # an adapter: replaced
+
+
+def test_into_base_keeps_what_the_base_holds_as_infinite(tiny_llama, tmp_path):
+    """An infinity the base holds itself (a -inf mask or +-inf clamp bound in a persistent buffer, which no adapter
+    touches) was refused as "The combined update has NaN/inf values": every merged tensor was checked finite, the
+    base's included. It is written as it is, in float16 as in float32, as `peftkit merge` of one adapter writes it;
+    the combined layers equal base + 1.0 update_0 + 0.5 update_1 (each adapter's own merge less the base)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from peftkit.merge import merge_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(base / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    weights[key][0, 0], weights[key][0, 1] = -float("inf"), float("inf")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    dirs = [make_adapter(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed, tmp_path / f"a{seed}")
+            for seed in (1, 2)]
+    alone = [load_file(Path(merge_adapter(d, str(tmp_path / f"alone{i}"), dtype="float32")) / "model.safetensors")
+             for i, d in enumerate(dirs)]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    for dtype in ("float32", "float16"):
+        out = combine_adapters(dirs, Combination("cat", (1.0, 0.5)), str(tmp_path / dtype), into_base=True, dtype=dtype)
+        state = load_file(Path(out) / "model.safetensors")
+        assert state[key][0, 0].item() == -float("inf") and state[key][0, 1].item() == float("inf")
+        assert torch.equal(state[key], weights[key].to(state[key].dtype))
+        expected = weights[q] + 1.0 * (alone[0][q] - weights[q]) + 0.5 * (alone[1][q] - weights[q])
+        assert (state[q].float() - expected).abs().max() <= (1e-5 if dtype == "float32" else 2e-3)
