@@ -381,7 +381,7 @@ def test_a_bad_merged_directory_is_said_before_evaluating(tiny_llama, number_dat
     def compare(*args, **kwargs):
         raise AssertionError("evaluated before --merged was checked")
 
-    monkeypatch.setattr(peftkit.compare, "compare", compare)
+    monkeypatch.setattr(peftkit.compare, "compare_sets", compare)  # what `peftkit eval` evaluates a comparison with
     args = ["eval", "--model", str(tiny_llama), "--data", str(number_data["eval"]), "--adapter",
             f"a={candidates / 'peft'}"]
     peft, missing = candidates / "peft", tmp_path / "nope"
