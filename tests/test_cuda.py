@@ -79,3 +79,31 @@ def test_a_method_trains_on_cuda_as_on_the_cpu(name, tiny_llama, number_data, tm
     moved = max((cpu[k] - cuda[k]).abs().max().item() for k in cpu)
     assert moved <= 1e-4, moved
     assert cuda_loss == pytest.approx(cpu_loss, rel=1e-5)
+
+
+def test_a_boft_layer_trains_without_a_host_sync():
+    """A BOFT layer's training forward and backward (block dropout on) queue their work without waiting for the GPU:
+    `torch.linalg.solve` read its singularity check on the host, and the dropout's indices were drawn on the CPU and
+    copied over, each a sync per layer per micro-batch. Its outputs are the CPU layer's (eval mode: no dropout)."""
+    from torch import nn
+
+    from peftkit.methods.boft import Boft, BoftConfig
+
+    torch.manual_seed(0)
+    cfg = BoftConfig(method="boft", boft_block_size=4, boft_n_butterfly_factor=2, boft_dropout=0.5)
+    cpu = Boft.wrap(nn.Linear(16, 8), cfg, "layer")
+    Boft.randomize(cpu, torch.Generator().manual_seed(0), 0.3)
+    layer = Boft.wrap(nn.Linear(16, 8), cfg, "layer").cuda()
+    layer.load_state_dict(cpu.state_dict())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert (layer.eval()(x.cuda()).cpu() - cpu.eval()(x)).abs().max() <= 1e-5
+    layer.train()
+    inputs = x.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(inputs).square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.boft_R.grad is not None and torch.isfinite(layer.boft_R.grad).all()

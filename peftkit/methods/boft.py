@@ -107,11 +107,15 @@ def permutations(m: int, blocks: int, b: int, device: torch.device) -> list[tupl
 
 
 def cayley(boft_r: torch.Tensor) -> torch.Tensor:
-    """(m, blocks, b, b) rotations (I - S)(I + S)^-1 of S = (R - R^T) / 2, fp32 (peft's `cayley_batch`)."""
+    """(m, blocks, b, b) rotations (I - S)(I + S)^-1 of S = (R - R^T) / 2, fp32 (peft's `cayley_batch`).
+
+    `solve_ex`, not `solve`: I + S is never singular (a skew-symmetric S has imaginary eigenvalues), and `solve`'s
+    check for a singular matrix reads its result on the host, which on a GPU stopped every training forward of
+    every BOFT layer until all the work queued before it had run."""
     r = boft_r.float()
     skew = 0.5 * (r - r.transpose(-2, -1))
     eye = torch.eye(r.shape[-1], device=r.device, dtype=r.dtype).expand_as(r)
-    return torch.linalg.solve(eye + skew, eye - skew, left=False)
+    return torch.linalg.solve_ex(eye + skew, eye - skew, left=False)[0]
 
 
 def rotate(x: torch.Tensor, rotations: torch.Tensor, perms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -125,10 +129,13 @@ def rotate(x: torch.Tensor, rotations: torch.Tensor, perms: list[tuple[torch.Ten
 
 
 def block_dropout(rotations: torch.Tensor, p: float) -> torch.Tensor:
-    """int(p * blocks) random blocks of one random factor made the identity (peft's MultiplicativeDropoutLayer)."""
+    """int(p * blocks) random blocks of one random factor made the identity (peft's MultiplicativeDropoutLayer).
+    Drawn where the rotations are (the draws a CPU run made before): indices drawn on the CPU (and `.item()`) made a
+    GPU run copy them to the device in every training forward, a copy that waits for all the work queued before it."""
     m, blocks, b, _ = rotations.shape
-    mask = torch.zeros(m, blocks, 1, 1, device=rotations.device, dtype=rotations.dtype)
-    mask[torch.randint(0, m, (1,)).item(), torch.randperm(blocks)[: int(p * blocks)]] = 1
+    device = rotations.device
+    mask = torch.zeros(m, blocks, 1, 1, device=device, dtype=rotations.dtype)
+    mask[torch.randint(0, m, (1,), device=device), torch.randperm(blocks, device=device)[: int(p * blocks)]] = 1
     return (1 - mask) * rotations + mask * torch.eye(b, device=rotations.device, dtype=rotations.dtype)
 
 
