@@ -81,6 +81,21 @@ def test_a_method_trains_on_cuda_as_on_the_cpu(name, tiny_llama, number_data, tm
     assert cuda_loss == pytest.approx(cpu_loss, rel=1e-5)
 
 
+
+def _trains_without_a_host_sync(layer, x: torch.Tensor) -> None:
+    """`layer`'s training forward and backward on `x` under torch's sync check (after a first forward, which may
+    make its device tables), its gradients finite."""
+    layer.train()(x).sum().backward()
+    layer.zero_grad()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.requires_grad)
+
+
 def test_a_boft_layer_trains_without_a_host_sync():
     """A BOFT layer's training forward and backward (block dropout on) queue their work without waiting for the GPU:
     `torch.linalg.solve` read its singularity check on the host, and the dropout's indices were drawn on the CPU and
@@ -98,12 +113,23 @@ def test_a_boft_layer_trains_without_a_host_sync():
     x = torch.randn(4, 16)
     with torch.no_grad():
         assert (layer.eval()(x.cuda()).cpu() - cpu.eval()(x)).abs().max() <= 1e-5
-    layer.train()
-    inputs = x.cuda()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        layer(inputs).square().sum().backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert layer.boft_R.grad is not None and torch.isfinite(layer.boft_R.grad).all()
+    _trains_without_a_host_sync(layer, x.cuda())
+
+
+def test_an_oft_layer_of_the_exact_cayley_transform_trains_without_a_host_sync():
+    """OFT with use_cayley_neumann: false solves (I + Q) R = I - Q in every forward: `torch.linalg.solve` read its
+    singularity check on the host, a sync per layer per micro-batch. Its outputs are the CPU layer's."""
+    from torch import nn
+
+    from peftkit.methods.oft import Oft, OftConfig
+
+    torch.manual_seed(0)
+    cfg = OftConfig(method="oft", r=4, use_cayley_neumann=False)
+    cpu = Oft.wrap(nn.Linear(16, 8), cfg, "layer")
+    Oft.randomize(cpu, torch.Generator().manual_seed(0), 0.3)
+    layer = Oft.wrap(nn.Linear(16, 8), cfg, "layer").cuda()
+    layer.load_state_dict(cpu.state_dict())
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert (layer.eval()(x.cuda()).cpu() - cpu.eval()(x)).abs().max() <= 1e-5
+    _trains_without_a_host_sync(layer, x.cuda())

@@ -161,7 +161,9 @@ def rotation_blocks(vec: torch.Tensor, facts: OftFacts) -> torch.Tensor:
     q = skew(vec, b)
     eye = torch.eye(b, device=vec.device, dtype=vec.dtype).expand_as(q)
     if not facts.use_cayley_neumann:
-        return torch.linalg.solve(eye + q, eye - q, left=False)  # (I - Q)(I + Q)^-1, as peft
+        # (I - Q)(I + Q)^-1, as peft; solve_ex: I + Q of a skew-symmetric Q is never singular, and `solve`'s check
+        # for it reads a result on the host: on a GPU, a sync in every training forward of every OFT layer.
+        return torch.linalg.solve_ex(eye + q, eye - q, left=False)[0]
     rotation, power = eye.clone(), None
     for c in neumann_coefficients(facts.num_cayley_neumann_terms)[1:]:
         power = q if power is None else power @ q
