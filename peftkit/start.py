@@ -225,6 +225,8 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     # A classifier's new head trains in full and is saved with the adapter, as peft's SEQ_CLS does.
     adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
     adapter = _with_new_tokens(cfg, model, tok, adapter, config, console)
+    if _referenced(cfg):  # the reference at the precision DeepSpeed's engine trains in (its forward's)
+        zero.cast_as_the_engine(accelerator, model)
     summary = _base_passes(cfg, model, tok, train_ex, evals, accelerator, console)
     targets = _inject(cfg, model, adapter, accelerator, console, summary)
     if _referenced(cfg) and _reference_after(cfg):

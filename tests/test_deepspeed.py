@@ -165,6 +165,38 @@ def _resume_from_the_middle(launcher: Path, recipe: Path, run: Path) -> None:
     assert all((uninterrupted[k] == again[k]).all() for k in uninterrupted)
 
 
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_zero2_in_bf16_takes_the_reference_at_the_engine_s_precision(objective, tiny_llama, tmp_path):
+    """DPO and KTO under DeepSpeed's bf16 mode, model.dtype float32: the engine trains the model in bf16, so the
+    reference log-probabilities (computed before `prepare`) are taken in bf16 too. The first step's policy is the
+    reference (LoRA's B is 0, no dropout): every reward 0 and the loss that of a zero margin, log 2 for DPO and
+    1 - sigmoid(0) = 0.5 for KTO (with float32 references: DPO's loss 0.69345, rewards off 0 by bf16's rounding)."""
+    import math
+    import random
+
+    from peftkit.tiny import write_jsonl
+
+    rng, rows = random.Random(0), []
+    for _ in range(16):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)} if objective == "dpo" else
+                    {"prompt": f"{a}+{b}=", "completion": str(a + b), "label": rng.random() < 0.5})
+    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
+    write_jsonl(data["train"], rows)
+    write_jsonl(data["eval"], rows[:4])
+    launcher = _launcher(tmp_path / "zero2-bf16", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    sections = _sections(4 // PROCESSES, generate=False, objective=objective, max_steps=1, log_steps=1,
+                         eval_steps=None, save_steps=None)
+    recipe = make_recipe(tmp_path, tiny_llama, data, data={"format": "preference" if objective == "dpo" else "unpaired",
+                                                           "max_length": 64}, **sections)
+    done = _launch(launcher, recipe)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    first = next(line for line in _lines(tmp_path / "run") if line.get("step") == 1 and "loss" in line)
+    assert first["loss"] == pytest.approx(math.log(2) if objective == "dpo" else 0.5, abs=1e-6)
+    rewards = [first[k] for k in ("chosen_reward", "rejected_reward", "reward_margin") if first.get(k) is not None]
+    assert rewards and all(value == 0.0 for value in rewards), first
+
+
 def test_zero2_trains_qlora_as_one_process(tiny_llama, number_data, tmp_path):
     """QLoRA (NF4 + double quant) under ZeRO-2: the 4-bit base stays whole and unpartitioned in each process (ZeRO-2
     partitions only what trains), and 2 processes give one process's adapter (dequantized fp32 compute)."""
