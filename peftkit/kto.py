@@ -88,7 +88,7 @@ class KTOLoss:
     def figures(sums: torch.Tensor) -> dict[str, float | None]:
         """The mean loss, reward margin, rewards and KL estimate (`FIGURES`) of `sums` added up; a reward's mean None
         where no answer of its kind counted, and the margin None unless both did (`FIGURES`)."""
-        loss, examples, good, bad, chosen, rejected, kl = (float(s) for s in sums)
+        loss, examples, good, bad, chosen, rejected, kl = sums.tolist()  # one read from the device, not seven
         chosen, rejected = chosen / good if good else None, rejected / bad if bad else None
         n = max(examples, 1.0)
         return {"loss": loss / n, "reward_margin": chosen - rejected if good and bad else None,

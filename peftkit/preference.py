@@ -147,7 +147,7 @@ class PreferenceLoss:
     @staticmethod
     def figures(sums: torch.Tensor) -> dict[str, float]:
         """The mean loss, reward accuracy, margin and rewards (`FIGURES`) of `sums` added up."""
-        loss, pairs, right, margin, chosen, rejected = (float(s) for s in sums)
+        loss, pairs, right, margin, chosen, rejected = sums.tolist()  # one read from the device, not six
         n = max(pairs, 1.0)
         return dict(zip(FIGURES, (loss / n, right / n, margin / n, chosen / n, rejected / n), strict=True))
 
