@@ -128,7 +128,7 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
     results = {each: {} for each in sets}
     for name, job in rows.items():
         on = {each: _row_job(jobs[name], name, each, predictions_dir) for each, jobs in sets.items()}
-        if shared is not None and (name in adapters or name == BASE):
+        if shared is not None and (name in adapters or (name == BASE and not _base_adds_tokens(job))):
             shared[1].activate(name if name in adapters else None)
             figures = {each: evaluate(row_job, shared[0]) for each, row_job in on.items()}
         elif len(on) > 1:
@@ -144,6 +144,15 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
             for each, jobs in sets.items():
                 results[each][ARROW] = evaluate(_row_job(jobs[BASE], ARROW, each, predictions_dir), shared[0])
     return results
+
+
+def _base_adds_tokens(job: EvalJob) -> bool:
+    """Whether the base row's model is the recipe's with model.add_tokens: its tokenizer and embeddings have the
+    new tokens (the run's base evaluation), which the base the adapters share lacks (an adapter that added them loads
+    alone, and one that did not is evaluated with its base's tokenizer), so the base row loads on its own. On the
+    shared base, the recipe's tokenizer gave token ids past its embeddings (an error, where the data used them)."""
+    model = job.source.model
+    return bool(model is not None and model.add_tokens)
 
 
 def _row_job(job: EvalJob, name: str, eval_set: str | None, predictions_dir: Path | None) -> EvalJob:
