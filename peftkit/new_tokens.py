@@ -111,10 +111,12 @@ def with_new_rows(adapter, model: nn.Module, ids: list[int]):
     if adapter.method == "trainable_tokens":
         return _with_token_indices(adapter, model, wanted, ids)
     if "trainable_token_indices" not in type(adapter).model_fields:
+        names = ", ".join(p.rpartition(".")[2] for p in wanted)
+        save = (f"Add {names} to adapter.modules_to_save (trained whole), or use" if _takes_saved_modules(adapter)
+                else f"It takes no adapter.modules_to_save either: use")
         raise PeftkitError(f"model.add_tokens: the new tokens' embedding rows must train, and adapter.method "
-                           f"'{adapter.method}' trains no rows of {' or '.join(wanted)}. Add "
-                           f"{', '.join(p.rpartition('.')[2] for p in wanted)} to adapter.modules_to_save (trained "
-                           "whole), or use method lora (trainable_token_indices) or trainable_tokens.")
+                           f"'{adapter.method}' trains no rows of {' or '.join(wanted)}. {save} method lora "
+                           "(trainable_token_indices) or trainable_tokens.")
     given = adapter.target_modules
     if given is not None and not isinstance(given, str) and (adapted := [p for p in wanted if _targeted(given, p)]):
         raise PeftkitError(f"model.add_tokens: the new tokens' rows of {adapted[0]} train as trainable_token_indices, "
@@ -123,6 +125,18 @@ def with_new_rows(adapter, model: nn.Module, ids: list[int]):
                            "move it to adapter.modules_to_save (trained whole).")
     return adapter.model_copy(update={"trainable_token_indices": _merged(adapter.trainable_token_indices, model,
                                                                          wanted, ids, paths[id(embedding)])})
+
+
+def _takes_saved_modules(adapter) -> bool:
+    """Whether the adapter's method takes adapter.modules_to_save (the prompt family and Llama-Adapter do not: their
+    refusal was the advice of the error above, a recipe no one could write)."""
+    if "modules_to_save" not in type(adapter).model_fields:
+        return False
+    try:
+        type(adapter).model_validate(adapter.model_dump() | {"modules_to_save": ["embed_tokens"]})
+    except ValueError:
+        return False
+    return True
 
 
 def _merged(given, model: nn.Module, wanted: list[str], ids: list[int], embedding: str):

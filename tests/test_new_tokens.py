@@ -328,6 +328,9 @@ def test_validate_counts_the_new_rows_as_train_does(bases, chats, tmp_path, monk
     (MARKERS, {"method": "ia3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
      "model.add_tokens: the new tokens' embedding rows must train, and adapter.method 'ia3' trains no rows of "
      "model.embed_tokens or lm_head. Add embed_tokens, lm_head to adapter.modules_to_save"),
+    (MARKERS, {"method": "prompt_tuning", "num_virtual_tokens": 4},  # (it said to add what the method refuses)
+     "adapter.method 'prompt_tuning' trains no rows of model.embed_tokens or lm_head. It takes no "
+     "adapter.modules_to_save either: use method lora (trainable_token_indices) or trainable_tokens."),
     (MARKERS, {"method": "trainable_tokens", "target_modules": None, "token_indices": [5]},
      "model.add_tokens: the new tokens' rows of lm_head must train too"),
     (MARKERS, {"target_modules": ["q_proj", "lm_head"]},  # (it said adapter.trainable_token_indices, not set)
