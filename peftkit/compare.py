@@ -68,7 +68,7 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
     from peftkit.task_ids import adapter_task_count
 
     base = replace(job.source, adapter=None)
-    jobs = {BASE: replace(job, source=base, task=None)}
+    jobs = {BASE: replace(job, source=_with_their_template(base, [path for _, path in adapters]), task=None)}
     reading = False
     for name, path in adapters:
         source = replace(base, adapter=path)
@@ -83,6 +83,19 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
         jobs[name] = replace(job, task=None, source=replace(base, model=ModelConfig(name_or_path=path, dtype="auto"),
                                                             quantization=None, model_from_recipe=False))
     return jobs
+
+
+def _with_their_template(base, adapters: list[str]):
+    """The base row's source: where neither a recipe nor the base's tokenizer gives a chat template and every adapter
+    carries the one it was trained with (a run's adapter/chat_template.jinja, data.chat_template), with that template,
+    as `peftkit eval --adapter DIR` evaluates each of them. The base row of a base model's comparison on conversations
+    was refused for the template it lacked, which no flag could give it."""
+    from peftkit.data.chat_templates import adapter_template
+
+    templates = {adapter_template(path) for path in adapters}
+    if base.chat_template is not None or len(templates) != 1 or None in templates:
+        return base
+    return base if base.tokenizer().chat_template else replace(base, chat_template=templates.pop())
 
 
 def compare(jobs: dict[str, EvalJob], predictions_dir: Path | None = None, arrow=None) -> dict[str, dict]:
