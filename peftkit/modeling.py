@@ -219,6 +219,10 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         # Spelled out: without a device_map, transformers puts a bitsandbytes model (a checkpoint saved quantized
         # too) on the GPU whenever one is present, whatever model.device says.
         kwargs["device_map"] = {"": "cpu"}
+    if saved is not None and saved.get("quant_method") == "bitsandbytes":
+        from peftkit.quantization import import_bitsandbytes
+
+        import_bitsandbytes()  # before transformers imports it for the stored codes (`eval --model MERGED-nf4`)
     quiet_transformers()
     model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device, cfg.task)
     if cfg.task == "sequence_classification":

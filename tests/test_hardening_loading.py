@@ -101,14 +101,26 @@ def test_the_model_s_own_code_runs_not_hub_kernels(base):
     assert getattr(model, "_use_kernels", False) is False
 
 
-def test_bitsandbytes_loads_without_asking_the_hub_for_a_kernel(base):
+@pytest.mark.parametrize("saved", [False, True])
+def test_bitsandbytes_loads_without_asking_the_hub_for_a_kernel(saved, base, tmp_path):
     """On a CPU with AVX512-BF16 (this machine's, and many servers'), bitsandbytes 0.50's import calls
     `kernels.get_kernel("kernels-community/quantization-bitsandbytes")`: with the hub unreachable, 4.5 s of waiting in
     every QLoRA process; reachable, code nobody asked for. A QLoRA load and the 8-bit optimizers never call it now,
-    and the `kernels` module is left as it was. (In a fresh process: bitsandbytes is imported once per process.)"""
+    and the `kernels` module is left as it was. (In a fresh process: bitsandbytes is imported once per process.)
+    `saved`: a checkpoint saved 4-bit (`peftkit merge --requantize`'s), loaded without a quantization section
+    (`peftkit eval --model OUTPUT-nf4`), where transformers imported bitsandbytes first and the kernel was asked for."""
     import subprocess
     import sys
 
+    model, quant = str(base), 'QuantizationConfig(method="nf4", double_quant=True)'
+    if saved:
+        from peftkit.modeling import load_model
+        from peftkit.recipe import QuantizationConfig
+
+        quantized = load_model(ModelConfig(name_or_path=str(base)), QuantizationConfig(method="nf4"))
+        quantized.save_pretrained(tmp_path / "nf4")
+        assert "quantization_config" in (tmp_path / "nf4" / "config.json").read_text()
+        model, quant = str(tmp_path / "nf4"), "None"
     script = f"""
 import os, sys
 os.environ.pop("HF_HUB_OFFLINE", None)  # (offline, the kernel is only looked for in the cache)
@@ -117,7 +129,7 @@ calls = []
 kernels.get_kernel = lambda *args, **kwargs: calls.append(args)
 from peftkit.modeling import load_model
 from peftkit.recipe import ModelConfig, QuantizationConfig
-model = load_model(ModelConfig(name_or_path={str(base)!r}), QuantizationConfig(method="nf4", double_quant=True))
+model = load_model(ModelConfig(name_or_path={model!r}), {quant})
 from peftkit.runtime import build_optimizer
 assert "bitsandbytes" in sys.modules and sys.modules["kernels"] is kernels
 print("calls", len(calls))
