@@ -116,6 +116,10 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
                                f"files ({', '.join(TOKENIZER_FILES)}). Copy the tokenizer files from where the model "
                                "came from.") from None
         raise PeftkitError(f"Could not load a tokenizer from {cfg.name_or_path}: {e}") from None
+    # transformers 5 keeps how the files were fetched, true under HF_HUB_OFFLINE=1, and save_pretrained writes it into
+    # tokenizer_config.json: an export's tokenizer (adapter/ with model.add_tokens, merged/), the tokenized-data cache's
+    # key and verify's comparison of them then depended on the environment. Its default, as an online load has it.
+    tok.init_kwargs["local_files_only"] = False
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing another token is safe.
         spare = next((t for t in (tok.eos_token, tok.unk_token, tok.bos_token) if t is not None), None)
