@@ -69,3 +69,33 @@ def test_the_base_row_is_the_recipe_s_base_with_the_new_tokens(data, bases, tmp_
     assert rows["plain"]["num_tokens"] == alone["num_tokens"]
     final = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
     assert rows["tok"]["loss"] == pytest.approx(final, abs=1e-6)
+
+
+@pytest.mark.parametrize(("objective", "chat"), [("orpo", True), ("simpo", False)])
+def test_a_preference_comparison_s_base_row_has_the_new_tokens_too(objective, chat, bases, tmp_path, monkeypatch,
+                                                                    capsys):
+    """ORPO and SimPO score the base row on the model the adapters share: with model.add_tokens it lacked the new
+    rows, an error on pairs with the markers, another loss than the run's base evaluation on pairs without them."""
+    if chat:
+        ask = [{"role": "user", "content": "2+2?"}]
+        rows = [{"prompt": ask, "chosen": [{"role": "assistant", "content": "4"}],
+                 "rejected": [{"role": "assistant", "content": "five"}]}] * 8
+    else:
+        rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "no"} for i in range(8)]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    files = {"train": tmp_path / "p.jsonl", "eval": tmp_path / "p.jsonl"}
+    recipe = make_recipe(tmp_path, bases["llama"], files, training={"max_steps": 2, "objective": objective},
+                         data={"format": "preference", "chat_template": "chatml" if chat else None})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["add_tokens"] = MARKERS
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _train(recipe, monkeypatch, capsys)
+    metrics = json.loads((tmp_path / "run" / "manifest.json").read_text())["metrics"]
+    plain = save_random_adapter(bases["llama"], LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                                tmp_path / "plain", seed=1)
+    alone = _eval_json(monkeypatch, tmp_path / "alone.json", str(recipe), "--adapter", str(plain))
+    rows = _eval_json(monkeypatch, tmp_path / "rows.json", str(recipe), "--adapter", f"plain={plain}",
+                      "--adapter", f"tok={tmp_path / 'run' / 'adapter'}")
+    assert rows["base"]["loss"] == pytest.approx(metrics["base_eval_loss"], abs=1e-6)
+    assert rows["plain"]["loss"] == pytest.approx(alone["loss"], abs=1e-6)
+    assert rows["tok"]["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
