@@ -155,7 +155,9 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
         settings, tasks, general = arrow
         with shared[1].arrow(tasks, general, settings):
             for each, jobs in sets.items():
-                results[each][ARROW] = evaluate(_row_job(jobs[BASE], ARROW, each, predictions_dir), shared[0])
+                # the adapters' tokens, not a recipe's model.add_tokens (the shared base has no rows for them)
+                job = jobs[tasks[0]] if _base_adds_tokens(jobs[BASE]) else jobs[BASE]
+                results[each][ARROW] = evaluate(_row_job(job, ARROW, each, predictions_dir), shared[0])
     return results
 
 

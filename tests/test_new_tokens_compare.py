@@ -99,3 +99,23 @@ def test_a_preference_comparison_s_base_row_has_the_new_tokens_too(objective, ch
     assert rows["base"]["loss"] == pytest.approx(metrics["base_eval_loss"], abs=1e-6)
     assert rows["plain"]["loss"] == pytest.approx(alone["loss"], abs=1e-6)
     assert rows["tok"]["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)
+
+
+def test_the_arrow_row_reads_the_adapters_tokens(bases, tmp_path, monkeypatch, capsys):
+    """--arrow routes plain LoRAs on the base they share: its row was evaluated with the recipe's tokenizer, whose new
+    tokens that base has no rows for (an error on conversations with the markers). It is the row a recipe without
+    model.add_tokens gives, the markers being text to these adapters."""
+    rows = [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]] * 4
+    write_jsonl(tmp_path / "d.jsonl", [{"messages": r} for r in rows])
+    files = {"train": tmp_path / "d.jsonl", "eval": tmp_path / "d.jsonl"}
+    plain = make_recipe(tmp_path / "plain", bases["llama"], files, data={"format": "chat", "chat_template": "chatml"})
+    tokens = _recipe(tmp_path / "tokens", bases["llama"], files)
+    named = []
+    for seed in (1, 2):
+        out = save_random_adapter(bases["llama"], LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                                  tmp_path / f"a{seed}", seed=seed)
+        named += ["--adapter", f"a{seed}={out}"]
+    with_tokens = _eval_json(monkeypatch, tmp_path / "t.json", str(tokens), *named, "--arrow")
+    without = _eval_json(monkeypatch, tmp_path / "p.json", str(plain), *named, "--arrow")
+    assert with_tokens["arrow"]["loss"] == pytest.approx(without["arrow"]["loss"], abs=1e-6)
+    assert with_tokens["arrow"]["num_tokens"] == without["arrow"]["num_tokens"]
