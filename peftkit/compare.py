@@ -141,7 +141,7 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
     results = {each: {} for each in sets}
     for name, job in rows.items():
         on = {each: _row_job(jobs[name], name, each, predictions_dir) for each, jobs in sets.items()}
-        if shared is not None and (name in adapters or (name == BASE and not _base_adds_tokens(job))):
+        if shared is not None and (name in adapters or (name == BASE and not base_adds_tokens(job))):
             shared[1].activate(name if name in adapters else None)
             figures = {each: evaluate(row_job, shared[0]) for each, row_job in on.items()}
         elif len(on) > 1:
@@ -156,12 +156,12 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
         with shared[1].arrow(tasks, general, settings):
             for each, jobs in sets.items():
                 # the adapters' tokens, not a recipe's model.add_tokens (the shared base has no rows for them)
-                job = jobs[tasks[0]] if _base_adds_tokens(jobs[BASE]) else jobs[BASE]
+                job = jobs[tasks[0]] if base_adds_tokens(jobs[BASE]) else jobs[BASE]
                 results[each][ARROW] = evaluate(_row_job(job, ARROW, each, predictions_dir), shared[0])
     return results
 
 
-def _base_adds_tokens(job: EvalJob) -> bool:
+def base_adds_tokens(job: EvalJob) -> bool:
     """Whether the base row's model is the recipe's with model.add_tokens: its tokenizer and embeddings have the
     new tokens (the run's base evaluation), which the base the adapters share lacks (an adapter that added them loads
     alone, and one that did not is evaluated with its base's tokenizer), so the base row loads on its own. On the

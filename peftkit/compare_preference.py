@@ -123,7 +123,7 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
     loads over on its own tokens (for layer_replication the stacked base, its DPO run's reference); a merged model
     loads on its own and is scored against the base's reference."""
     from peftkit.adapters.sharing import loads_alone
-    from peftkit.compare import _base_adds_tokens
+    from peftkit.compare import base_adds_tokens
 
     rows = next(iter(sets.values()))
     base = rows[BASE]
@@ -132,7 +132,7 @@ def _on_the_base(sets: dict[str | None, dict[str, EvalJob]]) -> dict[str | None,
     pairs = {each: _pairs(tok, jobs[BASE]) for each, jobs in sets.items()}  # (the data's mistakes first)
     own = {name: _own_pairs(sets, name, pairs) for name in rows if name != BASE}
     # (a recipe's model.add_tokens: the base has the new tokens' rows, which no adapter that shares it was trained on)
-    shared = [] if _base_adds_tokens(base) else [
+    shared = [] if base_adds_tokens(base) else [
         (name, job.source.adapter) for name, job in rows.items() if job.source.adapter
         and not loads_alone(job.source.adapter) and (own[name] is None or not loss.needs_reference)]
     if loss.needs_reference:
