@@ -6,6 +6,8 @@ peftkit cannot train on from (one that trained the base's biases, a residual ini
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pydantic import BaseModel
 
 from peftkit.errors import PeftkitError
@@ -52,14 +54,17 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
             "init_from takes the method and its settings from the adapter: remove adapter.method (or set it to "
             f"{loaded.method!r})."
         )
-    conflicts = [f"{key}: {getattr(cfg, key)!r} in the recipe, {getattr(loaded, key)!r} in the adapter"
-                 for key in sorted(given - {"method"}) if key in type(loaded).model_fields
+    differing = [key for key in sorted(given - {"method"}) if key in type(loaded).model_fields
                  and _plain(getattr(cfg, key), key) != _plain(getattr(loaded, key), key)]
-    if cfg.method == loaded.method and conflicts:
+    if cfg.method == loaded.method and differing:
+        conflicts = [f"{key}: {_shown(getattr(cfg, key))} in the recipe, {_shown(getattr(loaded, key))} in the adapter"
+                     for key in differing]
+        paths = (" The adapter records the module paths its run adapted, never 'all-linear' or short names, so a "
+                 "recipe copied from that run's says otherwise here.") if "target_modules" in differing else ""
         raise PeftkitError(
             f"adapter.init_from: {path} sets the adapter's settings, and the recipe says otherwise ("
             f"{'; '.join(conflicts)}). Remove those keys from the recipe's adapter section (init_from takes them "
-            "from the adapter), or make them match."
+            f"from the adapter), or make them match.{paths}"
         )
     if cfg.method != loaded.method and given - {"method"}:
         raise PeftkitError(
@@ -67,6 +72,16 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
             f"{', '.join(sorted(given))}, which are {cfg.method} settings. Leave only init_from."
         )
     return loaded.model_copy(update={"init_from": path})
+
+
+def _shown(value: object) -> str:
+    """A setting as the error shows it: a long list (the module paths an adapter records, 210 on SmolLM2's
+    `all-linear`) as its count and its names' last parts, which a reader can compare; the message held every
+    path, 10 kB of text, before."""
+    if not isinstance(value, list) or len(value) <= 8:
+        return repr(value)
+    kinds = Counter(str(entry).rsplit(".", 1)[-1] for entry in value)
+    return f"{len(value)} modules ({', '.join(f'{kind} x{n}' for kind, n in sorted(kinds.items()))})"
 
 
 def _plain(value: object, key: str) -> object:

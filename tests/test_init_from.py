@@ -154,3 +154,32 @@ def test_the_starting_adapter_is_an_input_of_the_run(tiny_llama, number_data, tm
     report = verify(tmp_path / "b" / "run", console=Console(quiet=True))
     assert not report.ok
     assert f"adapter.init_from: the files of {start} differ from the recorded ones" in report.differences
+
+
+def test_a_recipe_copied_from_the_run_is_told_its_target_modules_in_short(tiny_llama, number_data, tmp_path):
+    """A recipe that keeps the SFT run's `target_modules: all-linear` beside `init_from` differs from the module
+    paths the adapter records: the error names them by count and kind, where it printed every path (210 of them,
+    10 kB, on SmolLM2), and says why a recipe copied from that run differs."""
+    from collections import Counter
+
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    paths = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=paths)
+                   ).save_pretrained(tmp_path / "p")
+    recipe = _init_recipe(tmp_path / "r", tiny_llama, number_data,
+                          {"init_from": str(tmp_path / "p"), "r": 4, "target_modules": "all-linear"})
+    kinds = ", ".join(f"{kind} x{n}" for kind, n in sorted(Counter(p.rsplit(".", 1)[-1] for p in paths).items()))
+    with pytest.raises(PeftkitError) as caught:
+        load_recipe(recipe)
+    message = str(caught.value)
+    assert f"(target_modules: 'all-linear' in the recipe, {len(paths)} modules ({kinds}) in the adapter)" in message
+    assert paths[0] not in message
+    assert message.endswith("The adapter records the module paths its run adapted, never 'all-linear' or short "
+                            "names, so a recipe copied from that run's says otherwise here.")
+    # A short list is still shown whole.
+    short = _init_recipe(tmp_path / "s", tiny_llama, number_data,
+                         {"init_from": str(tmp_path / "p"), "target_modules": ["q_proj"]})
+    with pytest.raises(PeftkitError, match=r"target_modules: \['q_proj'\] in the recipe, 14 modules \("):
+        load_recipe(short)
