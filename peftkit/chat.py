@@ -24,6 +24,20 @@ def reply_text(tok, ids: list[int]) -> str:
     return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
+def kept_reply(tok, ids: list[int], stop: tuple[str, ...]) -> str:
+    """A reply as the conversation keeps it: as the model wrote it, its special tokens too (`model.add_tokens`'
+    markers, `<calc>8+3</calc> eleven`), which the screen leaves out as every decoded answer does. Kept as shown, the
+    next turn's prompt held an answer the model never gave and never trained on (`8+3 eleven`; a reply of markers
+    alone, an empty turn). The tokenizer's own tokens (BOS, EOS, unknown, padding) are left out, as shown: no
+    answer is made of them. A reply cut at a --stop string is kept as shown: where the string lies among the markers
+    is not known."""
+    shown = reply_text(tok, ids)
+    if (cut := cut_at_stop(shown, stop)) != shown:
+        return cut
+    own = {getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad", "sep", "cls", "mask")}
+    return tok.decode([t for t in ids if t not in own], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 class _Streamer:
     """Prints the reply's text as its tokens arrive, skipping the prompt that `generate` pushes first. Text that may
     be the start of a stop string (`texts`, --stop) waits for the tokens that tell; a stop string and what follows
@@ -128,4 +142,4 @@ def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], s
             messages.pop()
             write(f"\n{STOPPED}\n")
             continue
-        messages.append({"role": "assistant", "content": cut_at_stop(reply_text(tok, ids), sampling.stop)})
+        messages.append({"role": "assistant", "content": kept_reply(tok, ids, sampling.stop)})

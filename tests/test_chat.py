@@ -335,3 +335,33 @@ def test_the_streamed_text_is_the_reply_s_text(make_tok):
         ids = tok("ok", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("ð")]  # (byte F0)
         assert "".join(_stream(tok, ids)[1]) == reply_text(tok, ids) + "\n" == "ok\ufffd\n"
     assert checked >= 50 and cut >= 25 and split >= (0 if make_tok == "_cleaning_char_tokenizer" else 50)
+
+
+def test_a_reply_s_special_tokens_stay_in_the_conversation_and_off_the_screen(tiny_llama):
+    """A model trained with `model.add_tokens` writes its markers (`<calc>`) in replies. The screen leaves them out,
+    as every decoded answer does; the conversation keeps them, so the next turn's prompt holds the tokens the model
+    gave. It kept the text shown: the next prompt lacked them (here a turn of markers alone was kept empty)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_tokens(["<calc>"], special_tokens=True)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    marker = tok.convert_tokens_to_ids("<calc>")
+    last = {}
+    model.register_forward_pre_hook(lambda m, args, kwargs: last.update(ids=kwargs.get("input_ids", *args[:1])[:, -1]),
+                                    with_kwargs=True)
+
+    def every_other_token_a_marker(module, args, logits):  # <calc> after any other token: "<calc>a<calc>b..."
+        logits[:, -1, marker] += torch.where(last["ids"] == marker, -100.0, 100.0)
+        return logits
+
+    model.lm_head.register_forward_hook(every_other_token_a_marker)
+    lines = iter(["hi", "/exit"])
+    shown: list[str] = []
+    messages = chat_loop(model, tok, Sampling(max_new_tokens=NEW), read=lambda _: next(lines), write=shown.append)
+    prompt = chat_prompt(tok, messages[:1]).ids
+    ids = greedy_no_cache(model, prompt, stop_token_ids(model, tok), NEW)
+    assert ids.count(marker) == NEW // 2 and ids[0] == marker
+    assert chat_prompt(tok, messages).ids[len(prompt):len(prompt) + len(ids)] == ids  # the next turn sees them
+    assert messages[1]["content"] == tok.decode([t for t in ids if t != tok.unk_token_id], skip_special_tokens=False)
+    assert f"model> {tok.decode(ids, skip_special_tokens=True)}\n" in "".join(shown)
+    assert "<calc>" not in "".join(shown)
