@@ -39,6 +39,9 @@ class PeftkitMeta(BaseModel):
     """A quantized base's model.dtype in training, the dtype its weights were quantized from: a merge, eval or generate
     without the recipe loads it so, to re-quantize the same 4-bit codes (None: float32, as before it was recorded)."""
 
+    reward_center: float | None = None
+    """A reward model's training.reward_center: its loss's centring weight, which eval without the recipe adds too."""
+
     added_tokens: list[str] = []
     """model.add_tokens in training: added to the base's tokenizer, in this order, and the base's embeddings resized to
     hold them, wherever the adapter is used (`peftkit.new_tokens`)."""

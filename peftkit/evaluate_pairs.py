@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +32,15 @@ def objective_of(job: EvalJob):
     if unpaired:
         return KTOLoss(*job.preference[1:]) if kto else KTOLoss(TrainingConfig().kto_beta)
     return PreferenceLoss(*EvalJob.preference) if kto else PreferenceLoss(*job.preference)
+
+
+def _recorded_center(source: ModelSource) -> float:
+    """A reward model's centring weight without a reward recipe: the one its adapter's (else its merged model's)
+    peftkit.json records, so its loss is the run's; 0 scored a run of reward_center 0.01 0.0013 where it had 0.0053."""
+    from peftkit.merge import recorded_reward_center
+
+    where = source.adapter or (source.model.name_or_path if source.model is not None else None)
+    return recorded_reward_center(where) if where and Path(where).is_dir() else 0.0
 
 
 def recipe_objective(cfg: Recipe) -> tuple:
@@ -76,7 +86,8 @@ def preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
             raise PeftkitError(f"{job.source.describe()} is a classifier of classes, not a reward model (a classifier "
                                "of one output, training.objective: reward), so it scores no preference pairs; evaluate "
                                "it on data.format classification rows.")
-        job.preference = (1.0, "reward", 0.0, job.preference[3] if job.preference[1] == "reward" else 0.0)
+        job.preference = (1.0, "reward", 0.0, job.preference[3] if job.preference[1] == "reward" else
+                          _recorded_center(job.source))
         if job.source.model is not None:  # (--model DIR: a merged reward model loads as the classifier it is)
             job.source = replace(job.source, model=job.source.model.model_copy(
                 update={"task": "sequence_classification"}))

@@ -43,7 +43,7 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
                          trust_remote_code=cfg.model.trust_remote_code,
                          labels=list(labels.names) if labels is not None else None,
                          rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype,
-                         added_tokens=cfg.model.add_tokens)
+                         added_tokens=cfg.model.add_tokens, reward_center=_reward_center(cfg))
             if cfg.model.add_tokens:  # the tokenizer with the new tokens, for peft's and vLLM's users (Trainer's way)
                 tok.save_pretrained(tmp)
             atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {},
@@ -55,9 +55,16 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
         # As `peftkit merge`: the base checkpoint's own dtype (a bf16 base trained in float32 merges to bf16).
         dtype = DTYPES[cfg.export.merged_dtype or checkpoint_dtype(cfg.model.name_or_path, cfg.model.revision)]
         save_merged(merged_model(model, cfg.adapter, dtype), tok, out / "merged",
-                    base_provenance(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code))
+                    base_provenance(cfg.model.name_or_path, cfg.model.revision, cfg.model.trust_remote_code,
+                                    _reward_center(cfg)))
         exported.append(out / "merged")
     return exported
+
+
+def _reward_center(cfg: Recipe) -> float | None:
+    """A reward model's centring weight, recorded beside its adapter and merged model (None: none, or no reward
+    model)."""
+    return cfg.training.reward_center if cfg.training.objective == "reward" else None
 
 
 def _device_of(model) -> torch.device:

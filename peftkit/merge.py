@@ -25,11 +25,24 @@ SHARD_SIZE = "5GB"
 checkpoints, S3's single uploads and most tools expect shards of at most 5 GB (transformers 4's default)."""
 
 
-def base_provenance(name_or_path: str, revision: str | None, trust_remote_code: bool) -> dict:
+def base_provenance(name_or_path: str, revision: str | None, trust_remote_code: bool,
+                    reward_center: float | None = None) -> dict:
     """What a merged model was made from: saved beside it, since config.json has no field for a base's hub
-    revision (a merged model is a local directory, so nothing reloads at a revision; this is the record)."""
-    return {"merged_from": {"base_model_name_or_path": name_or_path, "revision": revision,
+    revision (a merged model is a local directory, so nothing reloads at a revision; this is the record). With a
+    reward model's centring weight (training.reward_center), which `peftkit eval --model DIR` scores its loss with."""
+    made = {"merged_from": {"base_model_name_or_path": name_or_path, "revision": revision,
                             "trust_remote_code": trust_remote_code}}
+    return made | ({"reward_center": reward_center} if reward_center else {})
+
+
+def recorded_reward_center(path: str | Path) -> float:
+    """The centring weight an adapter's or a merged model's peftkit.json records (0: none recorded)."""
+    try:
+        record = json.loads((Path(path) / MERGED_FROM_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0.0
+    center = record.get("reward_center") if isinstance(record, dict) else None
+    return float(center) if isinstance(center, (int, float)) and not isinstance(center, bool) else 0.0
 
 
 def merged_from(model_dir: str | Path) -> str | None:
@@ -273,7 +286,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     def requantized(written: Path) -> None:
         requantize_model(written, targets[1], requantize, replace=overwrite)
 
-    save_merged(merged, tok, targets[0], base_provenance(base.name_or_path, base.revision, base.trust_remote_code),
+    save_merged(merged, tok, targets[0], base_provenance(base.name_or_path, base.revision, base.trust_remote_code,
+                                                         recorded_reward_center(adapter_dir)),
                 replace=overwrite, then=requantized if requantize else None)
     return Path(output_dir)
 

@@ -87,6 +87,7 @@ def save_adapter(
     rope_scaling: RopeScalingConfig | None = None,
     base_dtype: str | None = None,
     added_tokens: list[str] | None = None,
+    reward_center: float | None = None,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
     with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
@@ -104,6 +105,8 @@ def save_adapter(
             `quantization` only): quantizing from bfloat16 and from float32 weights gives different 4-bit codes.
         added_tokens: model.add_tokens, the special tokens added to the base's tokenizer (and rows to its embeddings)
             in training, which the adapter's users add again (`peftkit.new_tokens`).
+        reward_center: a reward model's training.reward_center, where not 0: `peftkit eval` of the adapter without
+            its recipe scores its loss with the same centring term, as the run did.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -121,6 +124,8 @@ def save_adapter(
         meta["rope_scaling"] = rope_scaling.model_dump()
     if added_tokens:
         meta["added_tokens"] = list(added_tokens)
+    if reward_center:
+        meta["reward_center"] = reward_center
     atomic_write_json(path / META_NAME, meta)
 
 

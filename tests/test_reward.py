@@ -125,6 +125,31 @@ def test_a_run_learns_to_score_the_chosen_answer_higher_and_peft_gives_its_figur
     _eval_and_merge(run, reward_data["eval"], last, tmp_path)
 
 
+def test_a_centred_reward_model_is_scored_with_its_centring_term_without_its_recipe(tiny_llama, reward_data, tmp_path):
+    """training.reward_center adds center (s(chosen) + s(rejected))^2 to the loss. The adapter and the merged models
+    (the run's merged/ and `peftkit merge`'s) record it, so `peftkit eval` of them without the recipe gives the run's
+    loss: it scored them with no centring (0.0013 where the run had 0.0053, on SmolLM2 at 0.01) beside its rewards."""
+    path = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=4, eval_steps=4, reward_center=0.5)
+    raw = yaml.safe_load(path.read_text())
+    raw["export"] |= {"merged": True}
+    path.write_text(yaml.safe_dump(raw))
+    train(load_recipe(path))
+    run = tmp_path / "run"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    centring = 0.5 * (last["eval_chosen_reward"] + last["eval_rejected_reward"]) ** 2  # a lower bound of its mean
+    assert centring > 0.01  # the term is there to be left out
+    _eval_and_merge(run, reward_data["eval"], last, tmp_path)
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    out = tmp_path / "merged-run.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(run / "merged"), "--data", str(reward_data["eval"]),
+                                      "--format", "preference", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert abs(json.loads(out.read_text())["loss"] - last["eval_loss"]) <= 1e-5
+
+
 def _eval_and_merge(run: Path, data: Path, last: dict, tmp_path: Path) -> None:
     """`peftkit eval RUN_DIR`, of the adapter alone (a SEQ_CLS adapter of one output is scored as a reward model
     without a recipe saying so) and of the merged model give the run's last evaluation; generate refuses."""
