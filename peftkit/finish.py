@@ -20,7 +20,7 @@ from peftkit.export import export
 from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, KTO_METRICS, PREFERENCE_METRICS, REWARDS
 from peftkit.modeling import dtype_name
-from peftkit.progress import phase
+from peftkit.progress import counted, phase
 from peftkit.rope_scaling import fresh_dynamic_rope
 from peftkit.runtime import peak_memory_mb
 from peftkit.samples import answers, print_samples, sample_prompts
@@ -67,7 +67,7 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
     generates = run.main or distributed.sharded(run.accelerator)
     texts = []
     if prompts and generates:
-        with fresh_dynamic_rope(model), phase(f"Generating {len(prompts)} samples with the fine-tuned model "
+        with fresh_dynamic_rope(model), phase(f"Generating {counted(len(prompts), 'sample')} with the fine-tuned model "
                                               "(eval.samples)...", run.console):
             texts = answers(model, run.tok, prompts, cfg)  # as `peftkit generate` of the exported adapter answers
     if not run.main:  # the main process exports, samples and writes the manifest

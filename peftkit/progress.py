@@ -183,6 +183,11 @@ PHASE_INTERVAL_S = 30.0
 """The longest a log goes without a line during a `phase`."""
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` things in words a label can hold: "1 sample", "2 samples" (`eval.samples: 1` printed "1 samples")."""
+    return f"{n:,} {noun}{'s' * (n != 1)}"
+
+
 @contextlib.contextmanager
 def phase(label: str, console: Console | None = None) -> Iterator[None]:
     """A stretch of work with nothing to count (loading a model, generating samples, a merge): on a terminal, a

@@ -8,7 +8,7 @@ from rich.console import Console
 from peftkit.data.preference import Pairs
 from peftkit.errors import PeftkitError
 from peftkit.preference import nonfinite_references
-from peftkit.progress import phase
+from peftkit.progress import counted, phase
 from peftkit.recipe import Recipe
 from peftkit.samples import answers, sample_prompts
 
@@ -61,6 +61,6 @@ def _base_samples(cfg: Recipe, model, tok, accelerator, console: Console) -> dic
     into the main process's summary; the model is not sharded yet, so only it generates."""
     if not accelerator.is_main_process or not (prompts := sample_prompts(cfg, tok)):
         return {}
-    with phase(f"Generating {len(prompts)} samples with the base model (eval.samples)...", console):
+    with phase(f"Generating {counted(len(prompts), 'sample')} with the base model (eval.samples)...", console):
         return {"samples": [{"prompt": p.text, "reference": p.reference, "base": text}
                             for p, text in zip(prompts, answers(model, tok, prompts, cfg), strict=True)]}

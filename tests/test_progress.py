@@ -400,3 +400,17 @@ def test_the_live_bar_moves_on_past_a_skipped_step():
         progress.bar.refresh()
     shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).split("\r")[-1]
     assert "20/20" in shown, shown
+
+
+def test_one_sample_is_said_in_the_singular(tiny_llama, number_data, tmp_path, monkeypatch):
+    """`eval.samples: 1` logged "Generating 1 samples with the base model" (a SmolLM2 run's log)."""
+    from peftkit import progress
+
+    monkeypatch.setattr(progress, "PHASE_INTERVAL_S", 0.001)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1}, eval={"samples": 1})
+    done = CliRunner().invoke(app, ["train", str(recipe)])
+    assert done.exit_code == 0, done.output
+    for label in ("Generating 1 sample with the base model (eval.samples)...",
+                  "Generating 1 sample with the fine-tuned model (eval.samples)..."):
+        assert re.search(f"^{re.escape(label)} \\(still running, 0:00:0\\d\\)$", done.output, re.MULTILINE), label
+    assert "1 samples" not in done.output
