@@ -14,6 +14,7 @@ from rich.text import Text
 from peftkit.errors import PeftkitError, visible
 from peftkit.eval_job import EvalJob, set_predictions
 from peftkit.evaluate import evaluate
+from peftkit.inspect_text import size_text
 from peftkit.recipe import ModelConfig
 
 BASE = "base"
@@ -209,7 +210,7 @@ def comparison_table(results: dict[str, dict], metrics: list[str], eval_set: str
             cells += ["n/a" if value is None else f"{value:.4f}",
                       "" if name == BASE or value is None or base is None else f"{value - base:+.4f}"]
         rows.append(cells + [f"{row['trainable_params']:,}" if "trainable_params" in row else "",
-                             f"{row['adapter_bytes'] / 2**20:.2f} MiB" if "adapter_bytes" in row else ""])
+                             size_text(row["adapter_bytes"]) if "adapter_bytes" in row else ""])
     on = "" if eval_set is None else f" on {eval_set}"
     table = Table(title=f"peftkit eval: comparison{on} (Δ = row - base)")
     for i, header in enumerate(headers):

@@ -85,7 +85,7 @@ def _holding_lines(info: dict) -> list[str]:
            "trained"] if info["base_copies"] else []),
         *_shared_lines(info["shared"]),
         f"dtype          {', '.join(info['dtypes'])}",
-        f"size on disk   {_size(info['size_on_disk'])}",
+        f"size on disk   {size_text(info['size_on_disk'])}",
     ]
 
 
@@ -131,7 +131,8 @@ def _task_line(head: dict) -> str:
     return f"task           sequence classification, {count}{classes}"
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A size on disk in the unit that keeps it readable (`4.0 KiB`, not `0.00 MiB`): `inspect`'s and a comparison's."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"

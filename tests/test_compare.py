@@ -104,8 +104,25 @@ def test_a_wide_comparison_is_printed_whole_in_a_log():
     Console(file=out, soft_wrap=True).print(comparison_table(results, metrics))
     shown = out.getvalue()
     assert "…" not in shown and Console(file=io.StringIO()).width == 80
-    for cell in ("a-long-adapter-name", "-3.0365", "1.4635", "2,442,240", "9.00 MiB", "exact_match", "perplexity"):
+    for cell in ("a-long-adapter-name", "-3.0365", "1.4635", "2,442,240", "9.0 MiB", "exact_match", "perplexity"):
         assert cell in shown, cell
+
+
+def test_a_small_adapter_s_size_is_shown_in_kib_not_as_zero_mib():
+    """The quickstart's IA3 adapter (4,137 bytes) showed as `0.00 MiB` beside LoRA's `0.07 MiB`; the size cell now
+    picks its unit as `peftkit inspect`'s `size on disk` does (4,137 / 1024 = 4.04 KiB, 71,670 / 1024 = 70.0 KiB)."""
+    import io
+
+    from rich.console import Console
+
+    from peftkit.compare import comparison_table
+
+    results = {"base": {"loss": 4.9}, "ia3": {"loss": 2.6, "trainable_params": 384, "adapter_bytes": 4137},
+               "lora": {"loss": 0.6, "trainable_params": 16384, "adapter_bytes": 71670}}
+    out = io.StringIO()
+    Console(file=out, soft_wrap=True).print(comparison_table(results, ["loss"]))
+    shown = out.getvalue()
+    assert "4.0 KiB" in shown and "70.0 KiB" in shown and "MiB" not in shown, shown
 
 
 def test_a_row_named_after_its_directory_shows_its_name_as_written():
