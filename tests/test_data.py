@@ -1537,3 +1537,18 @@ def test_a_template_reading_the_clock_some_other_way_is_said(tmp_path, monkeypat
     tok.chat_template = "{% set f = '%Y' %}{{ strftime_now(f) }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.warns(PeftkitWarning, match="reads today's date in a way peftkit cannot fix to one day"):
         assert render(tok, [{"role": "user", "content": "hi"}]).endswith("hi")
+
+
+def test_reading_a_csv_prints_no_progress_bar_of_the_datasets_library(tmp_path, capfd):
+    """`peftkit preview` (and train, eval) of a .csv printed datasets' `Generating train split: 2 examples [00:00, ...]`
+    bar among its own lines, in a log too: peftkit's own bars say what it reads. The bar is off for that read only."""
+    import datasets
+
+    from peftkit.data.rows import load_rows
+
+    datasets.enable_progress_bars()
+    (tmp_path / "d.csv").write_text("instruction,input,output\nWrite it.,12,twelve\nWrite it.,4,four\n")
+    rows = load_rows(str(tmp_path / "d.csv"), "train")[0]
+    assert [r["output"] for r in rows] == ["twelve", "four"]
+    assert "Generating" not in capfd.readouterr().err
+    assert not datasets.utils.are_progress_bars_disabled()  # the user's own setting is left as it was

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import os
@@ -157,6 +158,19 @@ def _skipped_in(bad: list[int], line_numbers: list[int] | None, picked: list[int
     return sum(line_numbers[min(bisect.bisect(line_numbers, line), len(line_numbers) - 1)] in picked for line in bad)
 
 
+@contextlib.contextmanager
+def _no_progress_bars(datasets):
+    """datasets' own bar off while it converts a local file (`Generating train split: 2 examples [00:00, ...]`, printed
+    among peftkit's lines and in logs), and back as the user had it after."""
+    was_off = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+
+
 def _local_rows(source: str, on_bad_rows: str, skip: str) -> tuple[list[dict], list[int], list[int] | None]:
     path = Path(source)
     if not path.exists():
@@ -182,8 +196,9 @@ def _local_rows(source: str, on_bad_rows: str, skip: str) -> tuple[list[dict], l
 
         # (`datasets` keys its own cache of a file by path and modification time: a file rewritten with its time
         # kept, as `cp -p`, `rsync -t` or a checkout can, was read as the old rows. Read the bytes there are.)
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", download_mode="force_redownload",
-                                   **_read_options(path, kind))
+        with _no_progress_bars(datasets):
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", download_mode="force_redownload",
+                                       **_read_options(path, kind))
     except PermissionError:
         raise PeftkitError(f"Data file {source} is not readable (permission denied).") from None
     except (ValueError, OSError, _generation_error()) as e:  # (an except clause's types are read when it is tried)
