@@ -1552,3 +1552,37 @@ def test_reading_a_csv_prints_no_progress_bar_of_the_datasets_library(tmp_path, 
     assert [r["output"] for r in rows] == ["twelve", "four"]
     assert "Generating" not in capfd.readouterr().err
     assert not datasets.utils.are_progress_bars_disabled()  # the user's own setting is left as it was
+
+
+def test_a_row_missing_a_field_its_data_names_otherwise_is_told_of_data_columns(tmp_path):
+    """A file of `question`/`answer` rows read as alpaca said `missing field 'instruction'` and offered data.format
+    and on_bad_rows, neither of which reads it; data.columns does, and the error now says so where the row has
+    columns the format does not read."""
+    from peftkit.errors import PeftkitError
+
+    path = tmp_path / "qa.jsonl"
+    write_jsonl(path, [{"question": "Write 5 in words.", "answer": "five"}])
+    with pytest.raises(PeftkitError) as err:
+        load_examples(TOK, str(path), "train", DataConfig(train="x"))
+    said = " ".join(str(err.value).split())
+    assert said.startswith(f"{path}:1: missing field 'instruction' for data.format 'alpaca'"), said
+    assert said.endswith("If one of its columns (question, answer) is the instruction, a recipe's data.columns reads "
+                         "it: {instruction: COLUMN}."), said
+    mapped = DataConfig(train="x", columns={"instruction": "question"})  # mapped: the missing field is output
+    with pytest.raises(PeftkitError) as err:
+        load_examples(TOK, str(path), "train", mapped)
+    said = " ".join(str(err.value).split())
+    assert said.endswith("If one of its columns (answer) is the output, a recipe's data.columns reads it: "
+                         "{output: COLUMN}."), said
+    write_jsonl(path, [{"instruction": "Write 5 in words.", "input": "5"}])  # no other column to read it from
+    with pytest.raises(PeftkitError) as err:
+        load_examples(TOK, str(path), "train", DataConfig(train="x"))
+    assert "missing field 'output'" in str(err.value) and "data.columns" not in str(err.value), str(err.value)
+    write_jsonl(path, [{"messages": [{"role": "user", "content": "5?"}]}])  # another format's field: data.format's
+    with pytest.raises(PeftkitError) as err:
+        load_examples(TOK, str(path), "train", DataConfig(train="x"))
+    assert "data.columns" not in str(err.value), str(err.value)
+    write_jsonl(path, [{"instruction": "Write 5 in words.", "output": 5}])  # present, of the wrong type: no hint
+    with pytest.raises(PeftkitError) as err:
+        load_examples(TOK, str(path), "train", DataConfig(train="x"))
+    assert "data.columns" not in str(err.value), str(err.value)

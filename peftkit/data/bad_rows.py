@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import re
 
-from peftkit.data.formats import REQUIRED_FIELDS, _row_problem, sharegpt_words
+from peftkit.data.formats import OPTIONAL_FIELDS, REQUIRED_FIELDS, _row_problem, sharegpt_words
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
+
+# Keys a row may hold beside its format's fields, read by some formats (a task id, ShareGPT's turns, a chat's extras).
+ROW_EXTRAS = ("task", "conversations", "system", "tools")
 
 
 def row_problem(row: object, fmt: str, target: bool = True, train_on: str = "answers") -> str | None:
@@ -29,6 +32,7 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
         return True
     if cfg.on_bad_rows == "skip":
         return False
+    hint = columns_hint(problem, row, cfg, columns_key or cfg._columns_key)
     problem = in_columns(problem, cfg.columns, columns_key or cfg._columns_key)
     format_key = format_key or cfg._format_key
     # a recipe key's way out, and the command's flag over it where it has one; a flag's own (no recipe key would do)
@@ -37,7 +41,20 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
     skip = bad_rows_fix(cfg, "skip")
     raise PeftkitError(f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
                        + (f"Fix the row, {fix_format}, or {skip}." if skip else f"Fix the row or {fix_format}.")
-                       + (f" {note}." if (note := format_note(cfg, format_key)) else ""))
+                       + (f" {note}." if (note := format_note(cfg, format_key)) else "") + hint)
+
+
+def columns_hint(problem: str, row: object, cfg: DataConfig, key: str) -> str:
+    """For a field the row lacks, where the row has columns no format reads (`question` beside a missing alpaca
+    instruction), the key that reads the field from one of them: data.format and on_bad_rows, which the error
+    offers, cannot. Columns of another format's fields (`messages`) are the format's problem, which it names."""
+    missing = re.match(r"missing field '(\w+)'", problem)
+    known = {*ROW_EXTRAS, *cfg.columns.values()}.union(*REQUIRED_FIELDS.values(), *OPTIONAL_FIELDS.values())
+    others = [column for column in row if column not in known] if isinstance(row, dict) else []
+    if not missing or missing[1] in cfg.columns or not others:
+        return ""
+    return (f" If one of its columns ({', '.join(others)}) is the {missing[1]}, a recipe's {key} reads it: "
+            f"{{{missing[1]}: COLUMN}}.")
 
 
 def format_note(cfg: DataConfig, format_key: str) -> str:
