@@ -1071,7 +1071,7 @@ def test_each_slice_of_a_file_counts_its_own_skipped_lines(tmp_path):
     head, head_stats = load_examples(TOK, cfg.train, "train[:50%]", cfg, cache=False)
     tail, tail_stats = load_examples(TOK, cfg.train, "train[50%:]", cfg, cache=False)
     assert (len(head), head_stats["bad_rows"], len(tail), tail_stats["bad_rows"]) == (4, 1, 3, 3)
-    assert describe_stats(head_stats, cfg)[0] == "4 training examples; skipped 1 bad rows (data.on_bad_rows: skip)"
+    assert describe_stats(head_stats, cfg)[0] == "4 training examples; skipped 1 bad row (data.on_bad_rows: skip)"
     assert tail_stats["special_text_first"].startswith(f"{cfg.train}:8: field 'completion' ends with '</s>'")
     assert load_examples(TOK, cfg.train, "train", cfg, cache=False)[1]["bad_rows"] == 4  # the whole file's
 

@@ -44,7 +44,7 @@ def test_the_text_of_a_special_token_in_a_row_is_said_with_its_place(tmp_path):
     chat = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ok"}]},
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a<pad>"}]}]
     assert _load(tmp_path, chat, "chat")[1]["special_text_first"] == f"{path}:2: messages[1].content holds '<pad>'"
-    assert _load(tmp_path, rows[:1], "alpaca")[2] == ["1 training examples"]
+    assert _load(tmp_path, rows[:1], "alpaca")[2] == ["1 training example"]
 
 
 def test_the_warnings_name_a_row_s_place_as_the_data_names_it(tmp_path):
@@ -116,7 +116,7 @@ def test_a_chat_template_that_closes_turns_with_plain_text_is_said(tmp_path):
         "warning: the chat template ends an assistant turn with no special token (no EOS or end-of-turn marker after "
         "the answer), so training never teaches the model to stop: generation runs on to its token limit. Use a "
         "tokenizer whose chat template closes each turn with one (its EOS or an end-of-turn token)."]
-    assert _load(tmp_path, rows, "chat")[2] == ["1 training examples"]  # the tiny template closes turns with </s>
+    assert _load(tmp_path, rows, "chat")[2] == ["1 training example"]  # the tiny template closes turns with </s>
 
 
 def test_a_byte_order_mark_is_no_text_in_csv_and_txt_files(tmp_path):

@@ -269,7 +269,7 @@ def test_preview_shows_the_mix(tiny_llama, number_data, tmp_path, two_files):
     assert f"data.train {a}, {b}: format alpaca" in out and "9 training examples" in out
     b.write_text(b.read_text() + "{not json\n")
     preview(load_recipe(recipe, ["data.on_bad_rows=skip"]), 1, console)
-    assert "9 training examples; skipped 1 bad rows (b.jsonl 1; data.on_bad_rows: skip)" in console.file.getvalue()
+    assert "9 training examples; skipped 1 bad row (b.jsonl 1; data.on_bad_rows: skip)" in console.file.getvalue()
 
 
 def test_a_classifier_s_classes_come_from_every_dataset_of_the_mix(tmp_path):
@@ -533,7 +533,7 @@ def test_a_bad_row_of_a_chat_entry_is_named_by_its_file_and_line_and_counted_und
     skip = mix.model_copy(update={"on_bad_rows": "skip"})
     examples, stats = load_examples(TOK, skip.train, skip.train_split, skip, cache=False)
     assert len(examples) == 7
-    assert describe_stats(stats, skip)[0] == "7 training examples; skipped 1 bad rows (c.jsonl 1; data.on_bad_rows: skip)"
+    assert describe_stats(stats, skip)[0] == "7 training examples; skipped 1 bad row (c.jsonl 1; data.on_bad_rows: skip)"
 
 
 def test_a_mix_whose_rows_are_all_skipped_names_each_entry_s_format_and_fields(two_files, tiny_llama, number_data,

@@ -165,7 +165,7 @@ def test_chat_preview_shows_the_injected_system_prompt_and_warns(tmp_path):
                            max_length=100))
     assert ("[<|im_start|>system↵\nYou are a helpful assistant.<|im_end|>↵\n<|im_start|>user↵\n2+2?<|im_end|>↵\n"
             "<|im_start|>assistant↵\n]«4<|im_end|>»[↵\n]\n") in out
-    assert out.endswith("1 training examples\nwarning: the chat template adds a default system prompt of 27 tokens (27% "
+    assert out.endswith("1 training example\nwarning: the chat template adds a default system prompt of 27 tokens (27% "
                         "of data.max_length=100) to each of the 1 conversations without a system message; it is masked "
                         "from the loss but takes room the answers need. Add a short explicit system message to those "
                         "conversations, or raise data.max_length.\n")
@@ -262,7 +262,7 @@ def test_preview_of_data_that_gives_no_examples_says_training_would_stop(tmp_pat
         "examples.\n")
     recipe = _recipe(tmp_path, [{"prompt": "x"}], on_bad_rows="skip")
     assert _preview(recipe).endswith(
-        "0 training examples; skipped 1 bad rows (data.on_bad_rows: skip)\n"
+        "0 training examples; skipped 1 bad row (data.on_bad_rows: skip)\n"
         f"training would stop: No examples from {data}: all 1 rows were skipped as malformed or missing the fields of "
         "data.format 'completion' (prompt, completion); check data.format, or set data.on_bad_rows: error to see the "
         "first bad row.\n")
@@ -319,7 +319,7 @@ def test_preview_of_preference_pairs_shows_each_pair_s_chosen_and_rejected_answe
     opening = "[<|user|>↵\nhi</s>↵\n<|assistant|>↵\nyo</s>↵\n<|user|>↵\n2+2?</s>↵\n<|assistant|>↵\n]"
     assert f"pair 1 chosen  {data}:1: " in out and f"pair 1 rejected  {data}:1: " in out
     assert f"{opening}«4</s>»[↵\n]\n" in out and f"{opening}«five</s>»[↵\n]\n" in out
-    assert out.endswith("\n1 training pairs\n")
+    assert out.endswith("\n1 training pair\n")
 
 
 def test_preview_of_pairs_says_a_pair_is_dropped_whole_and_names_a_bad_row(tmp_path, monkeypatch, capsys):
@@ -332,7 +332,7 @@ def test_preview_of_pairs_says_a_pair_is_dropped_whole_and_names_a_bad_row(tmp_p
     out = _preview(_pairs_recipe(tmp_path, rows, max_length=12, truncation="drop"))
     assert f"pair 2 chosen  {data}:2: 12 tokens, 2 trained; end of target (EOS / end-of-turn): trained\n" in out
     assert "; left out (data.truncation: drop)\n[<s>xxxxxxxxx]«zz» ✂\npair 2: left out whole with its rejected answer" in out
-    assert out.endswith("1 training pairs; 1 of 2 cut at data.max_length=12 tokens; dropped 1 whose target lost "
+    assert out.endswith("1 training pair; 1 of 2 cut at data.max_length=12 tokens; dropped 1 whose target lost "
                         "its end (data.truncation: drop)\n")
     recipe = _pairs_recipe(tmp_path, [rows[0], {"prompt": "1+1=", "chosen": "2"}])
     err = cli_user_error(monkeypatch, capsys, "preview", str(recipe))

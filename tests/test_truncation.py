@@ -201,6 +201,6 @@ def test_warning_when_the_default_system_prompt_takes_a_large_share(tmp_path):
 
 def test_no_warning_below_the_threshold_or_with_system_messages(tmp_path):
     stats, cfg = _chat_stats(tmp_path, _qwen_tok(), [NO_SYSTEM], max_length=108)  # 27 tokens = 25 %: not more
-    assert describe_stats(stats, cfg) == ["1 training examples"]
+    assert describe_stats(stats, cfg) == ["1 training example"]
     stats, cfg = _chat_stats(tmp_path, _qwen_tok(), [WITH_SYSTEM], max_length=64)
-    assert stats["system_prompt_rows"] == 0 and describe_stats(stats, cfg) == ["1 training examples"]
+    assert stats["system_prompt_rows"] == 0 and describe_stats(stats, cfg) == ["1 training example"]

@@ -103,6 +103,11 @@ def injected_system_tokens(tok) -> int:
     return max(0, without - with_short)
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 training example`, `0 training examples`: the count lines said `1 training examples` of a one-row file."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
     """The lines to print about the training data that `load_examples` returned `stats` for.
 
@@ -113,12 +118,12 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
     """
     limit = f"data.max_length={cfg.max_length}"
     total = stats["examples"] + stats["too_long"] + stats["truncation_dropped"]
-    line = f"{stats['examples']} training {'pairs' if cfg.format == 'preference' else 'examples'}"
+    line = counted(stats["examples"], "training pair" if cfg.format == "preference" else "training example")
     if stats.get("cached"):
         line += f", read from the tokenized-data cache ({stats['cached']})"
     if stats["bad_rows"]:
         by = ", ".join(f"{name} {n}" for name, n in stats.get("bad_rows_by_dataset", {}).items())
-        line += f"; skipped {stats['bad_rows']} bad rows ({by + '; ' if by else ''}data.on_bad_rows: skip)"
+        line += f"; skipped {counted(stats['bad_rows'], 'bad row')} ({by + '; ' if by else ''}data.on_bad_rows: skip)"
     if stats["truncated"]:
         line += f"; {stats['truncated']} of {total} cut at {limit} tokens"
     if stats["too_long"]:
