@@ -9,6 +9,7 @@ import re
 
 from peftkit.data.formats import OPTIONAL_FIELDS, REQUIRED_FIELDS, message_name
 from peftkit.data.template import render
+from peftkit.progress import counted
 from peftkit.recipe import DataConfig
 
 
@@ -101,11 +102,6 @@ def injected_system_tokens(tok) -> int:
     except Exception:  # noqa: BLE001 - a template may refuse a system role (Gemma's raises): it injects none either
         return 0
     return max(0, without - with_short)
-
-
-def counted(n: int, noun: str) -> str:
-    """`1 training example`, `0 training examples`: the count lines said `1 training examples` of a one-row file."""
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
