@@ -292,6 +292,24 @@ def test_a_file_given_as_the_adapter_is_said_to_be_a_file(tmp_path, monkeypatch,
             "adapter_config.json and adapter_model.safetensors. Give that directory.") in err
 
 
+def test_a_run_directory_is_inspected_through_its_adapter(tiny_llama, tmp_path, capsys, monkeypatch):
+    """`peftkit inspect RUN_DIR` was refused ("its adapter is RUN_DIR/adapter") where eval, generate, merge and push
+    take the run directory: it now describes the run's adapter/, as `inspect RUN_DIR/adapter` does."""
+    import sys
+
+    from peftkit.cli import main
+
+    run = tmp_path / "run"
+    _peft(tiny_llama, run / "adapter", r=4, target_modules=["q_proj", "v_proj"])
+    (run / "manifest.json").write_text("{}")
+    said = {}
+    for which, path in [("run", run), ("adapter", run / "adapter")]:
+        monkeypatch.setattr(sys, "argv", ["peftkit", "inspect", str(path), "--json"])
+        main()
+        said[which] = json.loads(capsys.readouterr().out)
+    assert said["run"] == said["adapter"] and said["run"]["targets"]["count"] == 4
+
+
 def test_a_run_that_has_exported_no_adapter_yet_is_said_to_be_one(tmp_path, monkeypatch, capsys):
     """`peftkit inspect RUN_DIR` of a run still training (recipe.yaml, metrics.jsonl, no adapter/ yet) said only
     "it has no adapter_config.json", as for any directory."""

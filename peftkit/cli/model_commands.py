@@ -325,7 +325,7 @@ def chat(
 
 @app.command("inspect")
 def inspect_cmd(
-    adapter_dir: Annotated[str, typer.Argument(help="A PEFT-format adapter directory (peftkit's or peft's), or a hub id user/name[@REV].")],
+    adapter_dir: Annotated[str, typer.Argument(help="A PEFT-format adapter directory (peftkit's or peft's), a run directory (its adapter/), or a hub id user/name[@REV].")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as one JSON object.")] = False,
 ) -> None:
     """Describe an adapter from its files: method, base model, targets, ranks, parameters, dtype, size,
@@ -336,8 +336,12 @@ def inspect_cmd(
 
     from peftkit.inspect import inspect_adapter
     from peftkit.inspect_text import describe
+    from peftkit.peft_format import CONFIG_NAME
 
-    info = inspect_adapter(Path(adapter_path(adapter_dir)))  # (a str: typer's Path drops the `./` of `./x`)
+    path = Path(adapter_path(adapter_dir))  # (a str: typer's Path drops the `./` of `./x`)
+    if not (path / CONFIG_NAME).exists() and (path / "adapter" / CONFIG_NAME).is_file():
+        path = path / "adapter"  # a run directory, as eval, generate, merge and push take one: its adapter
+    info = inspect_adapter(path)
     if as_json:
         print(json.dumps(info, indent=2))
         return
