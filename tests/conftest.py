@@ -141,6 +141,24 @@ def random_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> 
         layer.method.randomize(layer, gen, std)
 
 
+INFINITE_KEY = "model.layers.1.mlp.down_proj.weight"
+"""The weight `base_with_infinities` puts -inf and +inf in (its [0, 0] and [0, 1])."""
+
+
+def base_with_infinities(base: Path, out: Path) -> Path:
+    """A copy of the model at `base` at `out` whose INFINITE_KEY holds -inf and +inf (as a base's -inf mask or +-inf
+    clamp bound in a persistent buffer does), which no adapter on q/v touches: merges must write them as they are."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    weights = load_file(out / "model.safetensors")
+    weights[INFINITE_KEY][0, 0], weights[INFINITE_KEY][0, 1] = -float("inf"), float("inf")
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 def save_random_adapter(base: Path, cfg, out: Path, seed: int, std: float = 0.3) -> Path:
     """A PEFT-format adapter of method `cfg` on `base`, far from identity (`random_adapters`; saved modules moved
     too), saved as `peftkit train` exports it."""

@@ -26,7 +26,7 @@ from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoraConfig
 from peftkit.peft_format import peft_config, save_adapter
-from tests.conftest import cli_user_error, random_adapters
+from tests.conftest import INFINITE_KEY, base_with_infinities, cli_user_error, random_adapters
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
@@ -827,18 +827,12 @@ def test_into_base_keeps_what_the_base_holds_as_infinite(tiny_llama, tmp_path):
     touches) was refused as "The combined update has NaN/inf values": every merged tensor was checked finite, the
     base's included. It is written as it is, in float16 as in float32, as `peftkit merge` of one adapter writes it;
     the combined layers equal base + 1.0 update_0 + 0.5 update_1 (each adapter's own merge less the base)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from peftkit.merge import merge_adapter
 
-    base = tmp_path / "base"
-    shutil.copytree(tiny_llama, base)
+    base, key = base_with_infinities(tiny_llama, tmp_path / "base"), INFINITE_KEY
     weights = load_file(base / "model.safetensors")
-    key = "model.layers.1.mlp.down_proj.weight"
-    weights[key][0, 0], weights[key][0, 1] = -float("inf"), float("inf")
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     dirs = [make_adapter(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), seed, tmp_path / f"a{seed}")
             for seed in (1, 2)]
     alone = [load_file(Path(merge_adapter(d, str(tmp_path / f"alone{i}"), dtype="float32")) / "model.safetensors")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peftkit.methods.lora import LoraConfig
-from tests.conftest import save_random_adapter
+from tests.conftest import INFINITE_KEY, base_with_infinities, save_random_adapter
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS is reset through Linux's /proc")
@@ -101,20 +101,12 @@ def test_a_float16_merge_keeps_what_the_base_holds_as_infinite(tiny_llama, tmp_p
     tower registers four) is no overflow: a float16 merge writes it as it is, as a float32 merge does. The check of
     the tensors no adapter touched refused such a base ('largest magnitude inf') in float16 only; a finite value past
     65504 in the same tensor is still refused, its magnitude named."""
-    import shutil
-
-    from safetensors.torch import save_file
-
     from peftkit import merge
     from peftkit.errors import PeftkitError
     from peftkit.merge_weights import check_state_in_range
 
-    base = tmp_path / "base"
-    shutil.copytree(tiny_llama, base)
+    base, key = base_with_infinities(tiny_llama, tmp_path / "base"), INFINITE_KEY
     weights = load_file(base / "model.safetensors")
-    key = "model.layers.1.mlp.down_proj.weight"
-    weights[key][0, 0], weights[key][0, 1] = -float("inf"), float("inf")
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     adapter = save_random_adapter(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
                                   tmp_path / "adapter", seed=1)
     written = {}
