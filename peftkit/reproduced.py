@@ -392,25 +392,37 @@ def _state_difference(a, b, tolerance: float, where: str = "") -> str | None:
 
 
 def _weights_close(name: str, recorded: Path, rerun: Path, tolerance: float) -> str | None:
-    from safetensors.torch import load_file
+    """Whether two safetensors files hold the same tensors within `tolerance`, read one tensor at a time (a merged
+    model's 5 GB shard was read whole, twice, before the first comparison)."""
+    from safetensors import safe_open
 
-    x, y = load_file(recorded), load_file(rerun)
-    if x.keys() != y.keys() or any(x[k].shape != y[k].shape for k in x):
-        return f"output {name}: different tensors (names or shapes) recorded and now"
-    if retyped := next((k for k in x if x[k].dtype != y[k].dtype), None):  # (the values, as floats, may agree)
-        return f"output {name}: {retyped} is {x[retyped].dtype} recorded, {y[retyped].dtype} now"
-    if not x:
-        return None
-    worst = max((_max_difference(x[k], y[k]), k) for k in x)
+    with safe_open(recorded, "pt") as x, safe_open(rerun, "pt") as y:
+        keys = list(x.keys())
+        shapes = {k: (x.get_slice(k).get_shape(), y.get_slice(k).get_shape()) for k in keys if k in set(y.keys())}
+        if set(keys) != set(y.keys()) or any(a != b for a, b in shapes.values()):
+            return f"output {name}: different tensors (names or shapes) recorded and now"
+        if retyped := next((k for k in keys if x.get_slice(k).get_dtype() != y.get_slice(k).get_dtype()), None):
+            return (f"output {name}: {retyped} is {x.get_tensor(retyped).dtype} recorded, "  # (the values, as floats,
+                    f"{y.get_tensor(retyped).dtype} now")  # may agree)
+        if not keys:
+            return None
+        worst = max((_max_difference(x.get_tensor(k), y.get_tensor(k)), k) for k in keys)
     return None if worst[0] <= tolerance else f"output {name}: max abs diff {worst[0]:.3g} at {worst[1]} > {tolerance}"
+
+
+DIFFERENCE_CHUNK = 1 << 22
+"""Elements compared at a time in float64 (`_max_difference`): about 200 MB of temporaries, where a whole 128k x 4096
+embedding took some 25 GB."""
 
 
 def _max_difference(a, b) -> float:
     """The largest |a - b| of two tensors of one shape; a NaN where the other holds a number (or another infinity) is an
     infinite difference. (A NaN difference passed: max() of (NaN, name) pairs keeps whichever came first, so a NaN in
-    any tensor but the first was within every tolerance.)"""
-    a, b = a.double(), b.double()
-    if not a.numel():
-        return 0.0
-    same = (a == b) | (a.isnan() & b.isnan())
-    return (a - b).abs().nan_to_num(nan=math.inf).masked_fill(same, 0.0).max().item()
+    any tensor but the first was within every tolerance.) In float64, DIFFERENCE_CHUNK elements at a time."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    worst = 0.0
+    for start in range(0, a.numel(), DIFFERENCE_CHUNK):
+        x, y = a[start:start + DIFFERENCE_CHUNK].double(), b[start:start + DIFFERENCE_CHUNK].double()
+        same = (x == y) | (x.isnan() & y.isnan())
+        worst = max(worst, (x - y).abs().nan_to_num(nan=math.inf).masked_fill(same, 0.0).max().item())
+    return worst

@@ -784,3 +784,26 @@ def test_a_re_run_by_other_peftkit_code_is_said_with_the_same_version_number(run
     monkeypatch.setattr(peftkit.manifest, "source_digest", lambda: "0" * 16)
     report = verify(run, console=_quiet())
     assert f"environment: peftkit source {recorded} recorded, {'0' * 16} now" in report.notes, report.notes
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 1 << 22])
+def test_the_largest_difference_is_found_in_any_chunk(chunk, monkeypatch):
+    """verify --tolerance compares tensors in float64 chunks (a whole large embedding took some 25 GB of temporaries):
+    the largest difference, a NaN against a number (infinite) and NaNs or infinities on both sides (none) are found
+    in whichever chunk they lie, as one comparison of the whole tensors finds them."""
+    import torch
+
+    from peftkit import reproduced
+
+    monkeypatch.setattr(reproduced, "DIFFERENCE_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, generator=gen)
+    b = a + 1e-4 * torch.randn(5, 4, generator=gen)
+    b[4, 2] = a[4, 2] + 0.25  # the largest, in the last chunk
+    a[1, 1] = b[1, 1] = float("nan")
+    a[2, 0] = b[2, 0] = -float("inf")
+    assert reproduced._max_difference(a, b) == pytest.approx(0.25, rel=1e-6)
+    assert reproduced._max_difference(a, b) == (a.double() - b.double()).abs().nan_to_num(nan=0.0).max().item()
+    b[4, 3] = float("nan")
+    assert reproduced._max_difference(a, b) == float("inf")
+    assert reproduced._max_difference(torch.zeros(0), torch.zeros(0)) == 0.0
