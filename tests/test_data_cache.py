@@ -203,6 +203,20 @@ def test_examples_from_arrays_refuse_arrays_that_do_not_fit():
     assert [e.input_ids for e in examples] == [[1], [2, 3]] and examples.task_ids == [None, 1]
 
 
+def test_the_examples_digest_is_the_sha256_of_their_arrays_bytes_and_task_ids():
+    """examples_digest hashes the arrays' buffers as they are (no copy of the token ids): the digest is still the
+    sha256 of their bytes in order (ids, labels, ends) and then of the task ids' repr, as manifests recorded it."""
+    import hashlib
+    from array import array
+
+    from peftkit.data.stored import examples_digest
+
+    ids, labels = array("i", [5, -7, 2**31 - 1, 0, 3]), array("i", [-100, -7, 2**31 - 1, -100, 3])
+    ends, tasks = array("q", [2, 5]), [None, 1]
+    expected = hashlib.sha256(ids.tobytes() + labels.tobytes() + ends.tobytes() + repr(tasks).encode()).hexdigest()
+    assert examples_digest(Examples.from_arrays(ids, labels, ends, tasks)) == expected
+
+
 def test_a_hub_dataset_is_kept_under_its_rows_digest(hub_dataset, tiny_llama, tmp_path, monkeypatch):
     """A hub dataset has no file to hash: its entry is keyed by the rows read, so rows that changed on the hub are
     another entry, never the old examples."""

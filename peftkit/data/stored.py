@@ -104,7 +104,7 @@ def examples_digest(examples: Sequence[Example]) -> str:
     digest = hashlib.sha256()
     if isinstance(examples, Examples) and examples._positions is None:
         for part in examples.arrays():
-            digest.update(part.tobytes())
+            digest.update(part)  # (the array's buffer itself: tobytes() copied the token ids whole, 4 bytes a token)
     else:  # a classifier's list of examples
         for example in examples:
             for part in (example.input_ids, example.labels, example.token_type_ids or ()):
