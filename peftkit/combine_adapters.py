@@ -178,15 +178,28 @@ def combined_updates(c: Combination, sources: list[Source], model: nn.Module, ba
     generator = generator or torch.Generator().manual_seed(c.seed)
     conv1d = conv1d_modules(model)
     kind = "svd" if c.method in ("linear", "cat") else c.method  # combine_tensors: "svd" is the weighted sum
-    updates = [{name: _lora_delta(a, b, emb, s.cfg, name in conv1d) for name, (a, b, emb) in lora_layers(s.state).items()}
-               if s.plain_lora else full_deltas(s, base, conv1d) for s in sources]
+    # A LoRA's update is made from its factors as its layer is combined (all of them made first took another fp32
+    # copy of the adapted layers per LoRA input); another method's come whole from `full_deltas`.
+    updates = [lora_layers(s.state) if s.plain_lora else full_deltas(s, base, conv1d) for s in sources]
     combined = {}
     for name, _ in model.named_modules():
         present = [(i, u[name]) for i, u in enumerate(updates) if name in u]
         if present:
-            combined[name] = combine_tensors(kind, [d for _, d in present], [c.weights[i] for i, _ in present],
+            deltas = [d if isinstance(d, torch.Tensor) else _lora_delta(*d, sources[i].cfg, name in conv1d)
+                      for i, d in present]
+            combined[name] = combine_tensors(kind, deltas, [c.weights[i] for i, _ in present],
                                              c.density, c.majority_sign, generator)
     return combined
+
+
+def added_to_base(base: dict[str, torch.Tensor], updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base's state with each full update added to its module's weight, in fp32. Each update's own tensor takes
+    the sum (update + W is W + update bit for bit) and leaves `updates` as it is added: the sums made beside the
+    updates held two fp32 copies of the adapted layers at once."""
+    merged = dict(base)
+    for m in list(updates):
+        merged[f"{m}.weight"] = updates.pop(m).add_(base[f"{m}.weight"])
+    return merged
 
 
 def adapter_files(layers: Layers, rank: int, base: str, revision: str | None,
@@ -244,7 +257,7 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
                            else _base_weight_reader(name, revision, lambda: base_state_dict(load())))
     if uses_full_updates(combination, sources, into_base):
         updates = combined_updates(combination, sources, model, base_state)
-        merged = base_state | {f"{m}.weight": base_state[f"{m}.weight"].float() + d for m, d in updates.items()}
+        merged = added_to_base(base_state, updates)
         _write_merged(loaded, merged, base_state, name, revision, dtype, output_dir, trust_remote_code, overwrite,
                       template)
         return Path(output_dir)

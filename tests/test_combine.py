@@ -845,3 +845,44 @@ def test_into_base_keeps_what_the_base_holds_as_infinite(tiny_llama, tmp_path):
         assert torch.equal(state[key], weights[key].to(state[key].dtype))
         expected = weights[q] + 1.0 * (alone[0][q] - weights[q]) + 0.5 * (alone[1][q] - weights[q])
         assert (state[q].float() - expected).abs().max() <= (1e-5 if dtype == "float32" else 2e-3)
+
+
+def test_full_updates_into_the_base_are_each_update_plus_its_weight_bit_for_bit():
+    """`added_to_base` sums each update into its own tensor (no second fp32 copy of the adapted layers): the sums are
+    W.float() + update bit for bit, for a bf16 base as for an fp32 one, and the updates are let go as they are added."""
+    from peftkit.combine_adapters import added_to_base
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(64, 48, generator=gen).bfloat16(), "b.weight": torch.randn(32, 64, generator=gen),
+            "b.bias": torch.randn(32, generator=gen)}
+    updates = {"a": torch.randn(64, 48, generator=gen) * 1e-3, "b": torch.randn(32, 64, generator=gen)}
+    expected = {f"{m}.weight": base[f"{m}.weight"].float() + d for m, d in updates.items()}
+    merged = added_to_base(base, updates)
+    assert updates == {} and merged["b.bias"] is base["b.bias"] and merged.keys() == base.keys()
+    for key, value in expected.items():
+        assert value.dtype == merged[key].dtype == torch.float32 and torch.equal(merged[key], value)
+
+
+def test_combined_full_updates_are_the_weighted_sum_of_each_adapter_s_update(tiny_llama, tmp_path):
+    """`combined_updates` (a LoRA's update made from its factors as its layer is combined): linear's update is
+    w1 * s B A of the LoRA plus w2 * the IA3's full update, layer by layer, against a dense computation."""
+    from peftkit.combine_adapters import combined_updates, full_deltas
+    from peftkit.merge_weights import base_state_dict
+
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["k_proj", "down_proj"])
+    lora = make_adapter(tiny_llama, cfg, 1, tmp_path / "lora")
+    ia3 = make_adapter(tiny_llama, IA3Config(method="ia3"), 2, tmp_path / "ia3")
+    sources, model = read_sources([lora, ia3], False), _load(tiny_llama)
+    base = base_state_dict(model)
+    got = combined_updates(Combination("linear", (0.5, -0.25)), sources, model, base)
+    factors = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]: v for k, v in sources[0].state.items()}
+    ia3_updates = full_deltas(sources[1], base, conv1d_modules(model))
+    assert got.keys() == ia3_updates.keys() | factors.keys() and len(got) > 2
+    for m, update in got.items():
+        expected = torch.zeros_like(update)
+        if m in ia3_updates:
+            expected -= 0.25 * ia3_updates[m]
+        a = sources[0].state.get(f"base_model.model.{m}.lora_A.weight")
+        if a is not None:
+            expected += 0.5 * (8 / 4) * (sources[0].state[f"base_model.model.{m}.lora_B.weight"].float() @ a.float())
+        torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-6)
