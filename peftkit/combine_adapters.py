@@ -234,8 +234,9 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     """
     from peftkit.adapter_meta import read_meta
     from peftkit.adapters.state_dicts import merge_state_dict
-    from peftkit.merge import check_merge_output, merge_device
+    from peftkit.merge import check_merge_output, checkpoint_dtype, merge_device
     from peftkit.merge_weights import base_state_dict, conv1d_modules, plain_conv1d_modules
+    from peftkit.modeling import DTYPES
 
     combination.check(len(adapter_dirs))
     sources = read_sources(adapter_dirs, trust_remote_code)
@@ -265,8 +266,12 @@ def combine_adapters(adapter_dirs: list[str], combination: Combination, output_d
     rank = output_rank(combination, sources)
     state, config = adapter_files(layers, rank, name, revision, conv1d_modules(model))
     if into_base:
+        # Each layer merged in fp32 and cast to the output dtype as it is done (the checks of NaN and of overflow
+        # made on it as merged: merge_state_dict), as `merged_model` does: merged whole in fp32 and cast after, the
+        # merged layers took twice a bf16 model's size and the cast a copy more.
+        dtype = dtype or checkpoint_dtype(name, revision)
         cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=list(layers))
-        merged = merge_state_dict(base_state, state, cfg, plain_conv1d_modules(loaded), dtype=torch.float32)
+        merged = merge_state_dict(base_state, state, cfg, plain_conv1d_modules(loaded), dtype=DTYPES[dtype])
         _write_merged(loaded, merged, base_state, name, revision, dtype, output_dir, trust_remote_code, overwrite,
                       template)
     else:

@@ -886,3 +886,19 @@ def test_combined_full_updates_are_the_weighted_sum_of_each_adapter_s_update(tin
         if a is not None:
             expected += 0.5 * (8 / 4) * (sources[0].state[f"base_model.model.{m}.lora_B.weight"].float() @ a.float())
         torch.testing.assert_close(update, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_into_base_in_a_narrower_dtype_is_the_float32_merge_cast_once(llama_adapters, tmp_path, dtype):
+    """A LoRA combination merged into the base in bf16 or fp16 (each layer cast to it as it is merged, not the whole
+    merged model held in fp32 and cast after) is the float32 merge's weights cast once, bit for bit."""
+    from safetensors.torch import load_file
+
+    c = Combination("cat", (0.7, -0.4))
+    wide = load_file(combine_adapters(llama_adapters, c, str(tmp_path / "f32"), into_base=True, dtype="float32")
+                     / "model.safetensors")
+    narrow = load_file(combine_adapters(llama_adapters, c, str(tmp_path / dtype), into_base=True, dtype=dtype)
+                       / "model.safetensors")
+    assert narrow.keys() == wide.keys()
+    for key, tensor in wide.items():
+        assert narrow[key].dtype == getattr(torch, dtype) and torch.equal(narrow[key], tensor.to(narrow[key].dtype)), key
