@@ -1266,3 +1266,13 @@ def test_json_out_to_a_link_a_pipe_or_stdout(tmp_path, capsys):
     assert capsys.readouterr().out == 'first line\n{\n  "b": 2\n}\n'  # in order, through Python's stdout
     assert (os.readlink("/dev/stdout") if os.path.islink("/dev/stdout") else None) == before
     assert not fileio.special_file(Path("/dev/shm/out.json"))  # a file there is a file: replaced whole
+
+
+@pytest.mark.parametrize(("value", "shown"), [("[serial, parallel]", "list"), ("{x: 1}", "dict")])
+def test_bottleneck_placement_of_the_wrong_type_is_a_message(tmp_path, value, shown):
+    # A list or mapping given as placement was looked up in the default scalings and raised TypeError (unhashable).
+    text = RECIPE.replace("  r: 4\n", "  method: bottleneck\n").replace("  alpha: 8\n", f"  placement: {value}\n")
+    text = text.replace("  dropout: 0.0\n  target_modules: all-linear\n", "")
+    message = _error(_write(tmp_path, text))
+    assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, '  placement')}: "
+                       f"'adapter.placement' = {shown}: must be one of 'serial' or 'parallel'.")

@@ -58,9 +58,12 @@ class BottleneckConfig(AdapterSection):
     @model_validator(mode="before")
     @classmethod
     def _default_scaling(cls, data: Any) -> Any:
+        """scaling: null takes the placement's default; a placement that is no name (a list, a mapping) gets 1.0
+        here, so that its own error, which names the key and the choices, is the one reported (it was a TypeError)."""
         if isinstance(data, dict) and data.get("scaling") is None:
             placement = data.get("placement", "serial")
-            return data | {"scaling": DEFAULT_SCALING.get(placement, 1.0)}
+            default = DEFAULT_SCALING.get(placement, 1.0) if isinstance(placement, str) else 1.0
+            return data | {"scaling": default}
         return data
 
 
