@@ -358,7 +358,7 @@ def test_warmup_longer_than_the_run(tmp_path):
     text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 10")
     message = _error(_write(tmp_path, text))
     assert message == ("Invalid recipe (1 problem):\n  "
-                       f"{tmp_path / 'my-recipe.yaml'}:{_line(text, 'training:')}: training: warmup_steps (10) is larger "
+                       f"{tmp_path / 'my-recipe.yaml'}:{_line(text, '  warmup_steps')}: training: warmup_steps (10) is larger "
                        "than max_steps (6); lower warmup_steps.")
 
 
@@ -1276,3 +1276,27 @@ def test_bottleneck_placement_of_the_wrong_type_is_a_message(tmp_path, value, sh
     message = _error(_write(tmp_path, text))
     assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, '  placement')}: "
                        f"'adapter.placement' = {shown}: must be one of 'serial' or 'parallel'.")
+
+
+@pytest.mark.parametrize(("old", "new", "key", "expected"), [
+    # A section's check of one key's value: said at the section's line (`training:`), not the key's.
+    ("  warmup_steps: 1", "  warmup_steps: 1\n  adam_betas: [0.9, 1.0]", "  adam_betas",
+     "training: adam_betas [0.9, 1.0]: each beta is in [0, 1)"),
+    # across keys: at the first key it names
+    ("  warmup_steps: 1", "  warmup_steps: 1\n  warmup_ratio: 0.1", "  warmup_steps",
+     "training: warmup_steps (1) and warmup_ratio (0.1) both set the warmup; keep one"),
+    ("  warmup_steps: 1", "  warmup_steps: 1\n  eval_steps: 2\n  early_stopping:\n    metric: acuracy", "    metric",
+     "training.early_stopping.metric: metric 'acuracy' is not computed during training (computed: loss, perplexity); "
+     "use one of those"),
+])
+def test_a_section_check_is_said_at_the_line_of_the_key_it_names(tmp_path, old, new, key, expected):
+    text = RECIPE.replace(old, new, 1).replace("  format: alpaca", "  eval: ./data/eval.jsonl\n  format: alpaca")
+    message = _error(_write(tmp_path, text))
+    assert message == f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, key)}: {expected}."
+
+
+def test_a_section_check_stays_at_the_section_when_a_set_gave_one_of_its_keys(tmp_path):
+    text = RECIPE.replace("  warmup_steps: 1", "  warmup_steps: 1\n  adam_betas: [0.9, 1.0]")
+    message = _error(_write(tmp_path, text), ["training.lr=0.001"])
+    assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, 'training:')} "
+                       "(with --set training.lr): training: adam_betas [0.9, 1.0]: each beta is in [0, 1).")

@@ -79,6 +79,8 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
                  if (m := re.match(r"([a-z_]+(?:\.[a-z_][a-z_0-9]*|\[\d+\])*)[: ]", msg)) else ())  # data.train[1].columns
         if named[:1] and named[0] in Recipe.model_fields and named[:len(loc)] == loc:
             where = _where(named, path, lines, overridden)
+        elif _own_key_first(named, loc, given, lines, overridden):  # `adam_betas [0.9, 1.0]: ...` under training
+            where = _where(loc + named[:1], path, lines, overridden)
         # The other keys it names may have been given by --set (`data.format=classification` against the file's
         # model.task): say so, as a check inside one section does, or the file's line is blamed alone.
         mentioned = {tuple(k.split(".")) for k in re.findall(r"\b[a-z_]+(?:\.[a-z_0-9]+)+", msg)}
@@ -89,6 +91,14 @@ def format_validation_error(err: dict, data: dict, path: str | Path, lines: dict
         named_first = msg.startswith((f"{dotted}.", f"{dotted}["))  # `data.train[1].columns: ...` under data
         return f"{where}: {dotted + ': ' if loc and not named_first else ''}{msg.rstrip('.')}."
     return f"{where}: '{dotted}' = {shown}: {msg.rstrip('.')}."
+
+
+def _own_key_first(named: tuple, loc: tuple, section: dict, lines: dict[tuple, int], overridden: set[tuple]) -> bool:
+    """A section's check whose message starts with one of the section's own keys, written in the file
+    (`adam_betas [0.9, 1.0]: each beta is in [0, 1)`, `warmup_steps (5) and warmup_ratio ...`): said at that key's
+    line, not the section's. Where a --set gave a key of the section, the section's line stays, naming the --sets."""
+    return (len(named) == 1 and bool(loc) and named[0] in section and (*loc, named[0]) in lines
+            and not any(key[:len(loc)] == loc for key in overridden))
 
 
 def _dotted(loc: tuple) -> str:

@@ -113,8 +113,7 @@ class Recipe(Section):
                 raise ValueError(f"{key} chooses among the evaluations during training, and this recipe has none; "
                                  "set data.eval and training.eval_steps")
             name, _, figure = metric.rpartition(".")
-            if "." in metric:  # said at the line of the metric's name
-                key = key if key == "export.best" else f"{key}.metric"
+            key = key if key == "export.best" else f"{key}.metric"  # said at the line of the metric's name
             if "." in metric and not (name and figure):  # `.loss` read as `loss`, logged as eval__loss
                 raise ValueError(f"{key}: {metric!r} has no {'set name before' if not name else 'metric after'} its "
                                  "dot; write NAME.METRIC for a set of data.eval (general.loss), or the metric "
