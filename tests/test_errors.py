@@ -1300,3 +1300,21 @@ def test_a_section_check_stays_at_the_section_when_a_set_gave_one_of_its_keys(tm
     message = _error(_write(tmp_path, text), ["training.lr=0.001"])
     assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, 'training:')} "
                        "(with --set training.lr): training: adam_betas [0.9, 1.0]: each beta is in [0, 1).")
+
+
+@pytest.mark.parametrize(("method", "key", "expected"), [
+    # each leaves every gradient of the adapter at zero: the run trained nothing, without a word
+    ("fourierft", "scaling", "0 scales the update and its gradients to nothing, so the adapter would never train; use "
+                             "the default 150 (the paper: 100-150 on RoBERTa, 300 on LLaMA)"),
+    ("vera", "d_initial", "0 leaves d and b (which starts at 0) with no gradient, so the adapter would never train; "
+                          "use the default 0.1 (values up to 0.1 are recommended)"),
+    ("bottleneck", "scaling", "0 multiplies the adapter's output and its gradients by zero, so it would never train; "
+                              "leave it out (null: 1 for serial, 4 for parallel)"),
+])
+def test_a_zero_scale_that_would_train_nothing_is_refused(tmp_path, method, key, expected):
+    text = RECIPE.replace("  r: 4\n  alpha: 8\n  dropout: 0.0\n", f"  method: {method}\n  {key}: 0\n")
+    if method == "bottleneck":  # (placed by after:, no target_modules)
+        text = text.replace("  target_modules: all-linear\n", "")
+    message = _error(_write(tmp_path, text))
+    assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, f'  {key}')}: "
+                       f"'adapter.{key}' = 0: {expected}.")

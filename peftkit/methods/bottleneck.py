@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.func import functional_call
 
@@ -65,6 +65,16 @@ class BottleneckConfig(AdapterSection):
             default = DEFAULT_SCALING.get(placement, 1.0) if isinstance(placement, str) else 1.0
             return data | {"scaling": default}
         return data
+
+    @field_validator("scaling")
+    @classmethod
+    def _scaling_not_zero(cls, value: float | None) -> float | None:
+        """0 multiplies the adapter's output, and with it every gradient of its zero-initialised up-projection, by
+        zero: the run would train nothing and say nothing of it."""
+        if value == 0:
+            raise ValueError("0 multiplies the adapter's output and its gradients by zero, so it would never train; "
+                             "leave it out (null: 1 for serial, 4 for parallel)")
+        return value
 
 
 class BottleneckLayer(AdapterLayer):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -43,6 +43,16 @@ class FourierFtConfig(LayerTargets, ExcludedTargets):
     uses 1000 on RoBERTa (about LoRA r=8's quality at 1/16 of its parameters)."""
     scaling: float = 150.0
     """Scale of the update, as LoRA's alpha (peft's default; the paper: 100-150 on RoBERTa, 300 on LLaMA)."""
+
+    @field_validator("scaling")
+    @classmethod
+    def _scaling_not_zero(cls, value: float) -> float:
+        """0 scales the update, and with it every coefficient's gradient, to nothing: the run would train nothing
+        and say nothing of it."""
+        if value == 0:
+            raise ValueError("0 scales the update and its gradients to nothing, so the adapter would never train; "
+                             "use the default 150 (the paper: 100-150 on RoBERTa, 300 on LLaMA)")
+        return value
     random_loc_seed: int = Field(777, **SEED_RANGE)
     """Seed of the generator drawing the frequencies (the same entries for every layer of one shape)."""
     n_frequency_pattern: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)

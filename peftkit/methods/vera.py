@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -46,6 +46,16 @@ class VeraConfig(LayerTargets):
     """Seed of the generator that draws the shared projections A and B."""
     d_initial: float = 0.1
     """Initial value of every d entry; small values (<= 0.1) are recommended (paper, Table 6c)."""
+
+    @field_validator("d_initial")
+    @classmethod
+    def _d_initial_not_zero(cls, value: float) -> float:
+        """b starts at 0 and d at d_initial; each one's gradient is a multiple of the other, so with both at 0
+        neither ever moves: the run would train nothing and say nothing of it."""
+        if value == 0:
+            raise ValueError("0 leaves d and b (which starts at 0) with no gradient, so the adapter would never "
+                             "train; use the default 0.1 (values up to 0.1 are recommended)")
+        return value
     save_projection: bool = True
     """Save A and B in the adapter (+ 2 x r x max(in, out) numbers); false: drawn again from the key on loading,
     which relies on torch's generator giving the same numbers on every machine."""
