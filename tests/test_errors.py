@@ -1318,3 +1318,25 @@ def test_a_zero_scale_that_would_train_nothing_is_refused(tmp_path, method, key,
     message = _error(_write(tmp_path, text))
     assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, f'  {key}')}: "
                        f"'adapter.{key}' = 0: {expected}.")
+
+
+ALORA_UNMERGEABLE = ("An aLoRA adapter (alora_invocation_tokens) cannot be merged: it changes only the tokens from its "
+                     "invocation on, which no weight can do. Keep it separate (export.merged: false; skip `peftkit "
+                     "merge`) and use it with --adapter DIR, or peft's PeftModel.from_pretrained")
+PROMPT_UNMERGEABLE = ("A prompt_tuning adapter cannot be merged: it adds virtual tokens in front of the input, not a change "
+                      "to any weight. Keep the adapter separate (set export.merged: false; skip `peftkit merge`) and use "
+                      "it: `peftkit generate` / `peftkit eval` with --adapter DIR (or the run directory), or peft's "
+                      "PeftModel.from_pretrained")
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("adapter.alora_invocation_tokens=[1, 2]", f"{ALORA_UNMERGEABLE} (adapter.alora_invocation_tokens: [1, 2])."),
+    ("adapter.method=prompt_tuning", f"{PROMPT_UNMERGEABLE} (adapter.method: prompt_tuning)."),
+])
+def test_an_unmergeable_adapter_by_a_set_names_that_set(tmp_path, override, expected):
+    # export.merged: true in the file, the adapter made unmergeable by a --set: the error named the file's line alone.
+    text = RECIPE.replace("  r: 4\n  alpha: 8\n  dropout: 0.0\n  target_modules: all-linear\n", "  method: lora\n")
+    text = text.replace("  output_dir: ./run\n", "  output_dir: ./run\n  merged: true\n")
+    message = _error(_write(tmp_path, text), [override])
+    assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, '  merged')} "
+                       f"(with --set {override.partition('=')[0]}): export.merged: {expected}")

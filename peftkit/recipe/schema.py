@@ -99,8 +99,18 @@ class Recipe(Section):
                 "adapter.method: lora"
             )
         if self.export.merged and (refusal := method.merge_refusal(self.adapter)):
-            raise ValueError(f"export.merged: {refusal}")
+            key = self._unmergeable_key(method)
+            raise ValueError(f"export.merged: {refusal.rstrip('.')} (adapter.{key}: {getattr(self.adapter, key)}).")
         return self
+
+    def _unmergeable_key(self, method) -> str:
+        """The adapter key that makes it unmergeable (`alora_invocation_tokens`), else `method`: named in the
+        error, so that a --set that gave it is named too (a refusal naming neither was put on export.merged alone)."""
+        for key in sorted(self.adapter.model_fields_set - {"method"}):
+            default = type(self.adapter).model_fields[key].get_default(call_default_factory=True)
+            if method.merge_refusal(self.adapter.model_copy(update={key: default})) is None:
+                return key
+        return "method"
 
     def _check_selection(self) -> None:
         """training.early_stopping and export.best need evaluations during training, of a metric computed: the
