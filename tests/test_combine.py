@@ -327,6 +327,25 @@ def _peft_dora_on_the_embeddings(base: Path, out: Path, use_dora: bool = True) -
     return out
 
 
+EMBEDDING_COPY = "base_model.model.model.embed_tokens.base_layer.weight"
+"""The copy of the embeddings' weight peft saves beside an adapted embedding's factors."""
+
+
+def _beside_a_lora(base: Path, adapter: Path, out: Path) -> tuple[str, tuple[float, float], torch.Tensor]:
+    """(a LoRA on q/v at `out`, the weights (0.6, -0.4), the dense expectation's logits of `adapter` and that LoRA so
+    weighed): what a combination of peft's adapter on the embeddings (which holds EMBEDDING_COPY) with another
+    adapter must give, far from the base's."""
+    from safetensors.torch import load_file
+
+    assert EMBEDDING_COPY in load_file(adapter / "adapter_model.safetensors")
+    lora = make_adapter(base, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 2, out)
+    weights = (0.6, -0.4)
+    expected = _logits(_dense_expectation(base, _add(_merged_deltas(base, str(adapter), weights[0]),
+                                                      _merged_deltas(base, lora, weights[1]))))
+    assert _diff(expected, _logits(_load(base))) > 1e-2
+    return lora, weights, expected
+
+
 def test_a_peft_dora_adapter_on_the_embeddings_combines_through_its_full_update(tiny_llama, tmp_path):
     """peft saves an adapted embedding's weight beside its factors (`embed_tokens.base_layer.weight`). A DoRA
     adapter's full update read that copy as a saved module the base lacks, so `--method svd` and `--into-base` refused
@@ -335,19 +354,13 @@ def test_a_peft_dora_adapter_on_the_embeddings_combines_through_its_full_update(
     from safetensors.torch import load_file, save_file
 
     dora = _peft_dora_on_the_embeddings(tiny_llama, tmp_path / "dora")
-    copy = "base_model.model.model.embed_tokens.base_layer.weight"
-    assert copy in load_file(dora / "adapter_model.safetensors")
-    lora = make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 2, tmp_path / "lora")
-    weights = (0.6, -0.4)
-    expected = _logits(_dense_expectation(tiny_llama, _add(_merged_deltas(tiny_llama, str(dora), weights[0]),
-                                                            _merged_deltas(tiny_llama, lora, weights[1]))))
-    assert _diff(expected, _logits(_load(tiny_llama))) > 1e-2
+    lora, weights, expected = _beside_a_lora(tiny_llama, dora, tmp_path / "lora")
     out = combine_adapters([str(dora), lora], Combination("svd", weights, svd_rank=32), str(tmp_path / "svd"))
     assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_llama), out)), expected) <= TOL
     merged = combine_adapters([str(dora), lora], Combination("cat", weights), str(tmp_path / "cat"), into_base=True)
     assert _diff(_logits(_load(merged)), expected) <= TOL
     state = load_file(dora / "adapter_model.safetensors")
-    state[copy] = state[copy] + 0.1
+    state[EMBEDDING_COPY] = state[EMBEDDING_COPY] + 0.1
     save_file(state, dora / "adapter_model.safetensors")
     with pytest.raises(PeftkitError, match=r"copy of 'model.embed_tokens'.*differs from the base's"):
         combine_adapters([str(dora), lora], Combination("svd", weights, svd_rank=32), str(tmp_path / "other"))
@@ -363,21 +376,15 @@ def test_a_peft_lora_whose_embedding_copy_differs_from_the_base_is_refused(tiny_
     from safetensors.torch import load_file, save_file
 
     lora = _peft_dora_on_the_embeddings(tiny_llama, tmp_path / "peft_lora", use_dora=False)
-    copy = "base_model.model.model.embed_tokens.base_layer.weight"
-    assert copy in load_file(lora / "adapter_model.safetensors")
-    other = make_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]), 2, tmp_path / "o")
-    weights = (0.6, -0.4)
-    expected = _logits(_dense_expectation(tiny_llama, _add(_merged_deltas(tiny_llama, str(lora), weights[0]),
-                                                            _merged_deltas(tiny_llama, other, weights[1]))))
-    assert _diff(expected, _logits(_load(tiny_llama))) > 1e-2
+    other, weights, expected = _beside_a_lora(tiny_llama, lora, tmp_path / "o")
     load_base = peftkit.combine_adapters._load_base
     monkeypatch.setattr(peftkit.combine_adapters, "_load_base", lambda *a: pytest.fail("the base was loaded"))
     out = combine_adapters([str(lora), other], Combination("cat", weights), str(tmp_path / "cat"))
     assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_llama), out)), expected) <= TOL
     state = load_file(lora / "adapter_model.safetensors")
-    state[copy] = state[copy] + 0.1
+    state[EMBEDDING_COPY] = state[EMBEDDING_COPY] + 0.1
     save_file(state, lora / "adapter_model.safetensors")
-    refused = rf"{lora} saves a copy of 'model.embed_tokens''s weight \({copy}, .*differs from the base's"
+    refused = rf"{lora} saves a copy of 'model.embed_tokens''s weight \({EMBEDDING_COPY}, .*differs from the base's"
     for method in ("cat", "svd"):
         with pytest.raises(PeftkitError, match=refused):
             combine_adapters([str(lora), other], Combination(method, weights), str(tmp_path / method / "other"))
