@@ -82,6 +82,8 @@ def test_a_run_trains_it(tiny_llama, number_data, tmp_path):
 @pytest.mark.parametrize(("adapter", "message"), [
     ({"velora_config": {"num_groups": 0}}, "'adapter.velora_config.num_groups' = 0"),
     ({"velora_config": {}, "use_dora": True}, "adapter.velora_config with use_dora is not supported"),
+    ({"velora_config": {"scale": 0}}, "'adapter.velora_config.scale' = 0: 0 leaves A with no gradient"),
+    ({"velora_config": {"scale": -1.0}}, "'adapter.velora_config.scale' = -1.0: a negative scale turns A's gradient"),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     recipe = make_recipe(tmp_path, tiny_llama, number_data)

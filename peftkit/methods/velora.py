@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -30,6 +30,19 @@ class VeloraSettings(Section):
     """Groups the input's features are cut into; each token keeps one value per group for backward."""
     scale: float = 1.0
     """Scale of the input rebuilt in backward."""
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_positive(cls, value: float) -> float:
+        """A's gradient is taken against the input rebuilt times `scale`: 0 leaves A at its initial values, and a
+        negative scale turns A's gradient around, so A would climb the loss; neither says so in the run."""
+        if value == 0:
+            raise ValueError("0 leaves A with no gradient, so A would never train; use the default 1.0")
+        if value < 0:
+            raise ValueError("a negative scale turns A's gradient around, so A would be trained to raise the loss; "
+                             "use the default 1.0")
+        return value
+
     init_type: Literal["batch_average", "batch_average_once", "random"] = "batch_average"
     """The projection: the normalised batch mean of the groups at each training forward, at the first only, or random."""
 
