@@ -85,8 +85,10 @@ def _compare(manifest: Manifest, rerun: Manifest, run_dir: Path, tmp: Path, inta
 
 def _card_words(path: Path) -> str:
     """A model card's text with each number in it as `#`: what a run made elsewhere, whose figures round otherwise,
-    must still match (its base, data, settings and how to load it; the whole card was left out under a tolerance)."""
-    return re.sub(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", "#", _text(path))
+    must still match (its base, data, settings and how to load it; the whole card was left out under a tolerance).
+    The peftkit version it was trained with is an environment note, whatever its shape (`0.2.0.dev3+g1a2b`)."""
+    text = re.sub(r"(Trained with peftkit )\S+( on )", r"\1#\2", _text(path))
+    return re.sub(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?", "#", text)
 
 
 _ENVIRONMENT_FIELDS = ("peftkit_version", "transformers_version", "quantized_on")

@@ -24,6 +24,7 @@ from conftest import make_recipe
 from rich.console import Console
 from typer.testing import CliRunner
 
+from peftkit import __version__
 from peftkit.cli import app
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_json, sha256_file
@@ -357,6 +358,17 @@ def test_a_tolerance_leaves_the_model_cards_rounded_figures_to_the_metrics(run):
     _edit_manifest(run, lambda m: m["outputs_sha256"].update({"adapter/README.md": sha256_file(card)}))
     assert verify(run, tolerance=1e-3, console=_quiet()).differences == [
         "output adapter/README.md: its text differs from the re-run's (beyond the figures in it)"]
+
+
+def test_a_tolerance_leaves_the_cards_peftkit_version_to_the_environment_notes(run):
+    """A run made with a development build of peftkit: its card's version has another shape than a release's, which
+    masking its digits alone left as a text difference; the manifest's version is reported as an environment note."""
+    card = run / "adapter" / "README.md"
+    text = card.read_text()
+    assert f"Trained with peftkit {__version__} on " in text
+    card.write_text(text.replace(f"Trained with peftkit {__version__} on ", "Trained with peftkit 0.2.0.dev3+g1a2b on "))
+    _edit_manifest(run, lambda m: m["outputs_sha256"].update({"adapter/README.md": sha256_file(card)}))
+    assert verify(run, tolerance=1e-3, console=_quiet()).differences == []
 
 
 def test_a_run_recorded_before_the_model_card_still_verifies(run):
