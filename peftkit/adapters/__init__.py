@@ -164,6 +164,28 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             p.requires_grad_(False)
         method.install(model, cfg)
         return []
+    names = _targets(model, method, cfg, every_entry, state, saved_only)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped: dict[str, AdapterLayer] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped[name] = method.wrap(getattr(parent, child), cfg, name)
+        setattr(parent, child, wrapped[name])
+    method.wrap_parameters(model, cfg, set(wrapped), every_entry)
+    method.link_layers(model, cfg, wrapped)
+    share_tensors(method, cfg, list(wrapped.values()))
+    _train_saved_modules(model, cfg, state)
+    saved = list(modules_to_save(model, cfg.modules_to_save)) if cfg.modules_to_save else []
+    inject_token_rows(model, getattr(cfg, "trainable_token_indices", None), saved)
+    return names
+
+
+def _targets(model: nn.Module, method: type[Method], cfg: AdapterConfig, every_entry: bool,
+             state: dict[str, torch.Tensor] | None, saved_only: bool) -> list[str]:
+    """The paths of the layers to wrap: the method's selection, outside `modules_to_save`, and with `saved_only`
+    those `state` adapts alone (see `inject_adapters`)."""
     adapted = modules_adapted_by(state, method) if state is not None else set()
     _check_expert_layout(model, adapted)
     try:
@@ -184,24 +206,20 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     if saved_only and adapted & set(names) and (bare := [n for n in names if n not in adapted]):
         warnings.warn(PeftkitWarning(
             f"adapter_config.json's target_modules match {len(bare)} modules its weights do not adapt (e.g. "
-            f"'{bare[0]}'): they are left as they are, as in peft (which gives them an update of zero)."), stacklevel=2)
+            f"'{bare[0]}'): they are left as they are, as in peft (which gives them an update of zero)."),
+            stacklevel=3)
         names = [n for n in names if n in adapted]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    wrapped: dict[str, AdapterLayer] = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped[name] = method.wrap(getattr(parent, child), cfg, name)
-        setattr(parent, child, wrapped[name])
-    method.wrap_parameters(model, cfg, set(wrapped), every_entry)
-    method.link_layers(model, cfg, wrapped)
-    share_tensors(method, cfg, list(wrapped.values()))
+    return names
+
+
+def _train_saved_modules(model: nn.Module, cfg: AdapterConfig, state: dict[str, torch.Tensor] | None) -> None:
+    """Unfreeze `modules_to_save` (each untied from a head or embedding it shares weights with); a quantized one
+    cannot be trained in full, and one a saved adapter lists without weights keeps the base's, with a warning."""
     for name, module in modules_to_save(model, cfg.modules_to_save).items():
         if state is not None and not any(k.startswith(f"{PEFT_PREFIX}{name}.") for k in state):
             warnings.warn(PeftkitWarning(f"adapter_config.json lists '{name}' in modules_to_save, and the adapter's "
                                          "file holds no weights for it: it keeps the base's (peft fails to load it)."),
-                          stacklevel=2)
+                          stacklevel=3)
         _untie(model, name, module)
         if frozen := [n for n, p in module.named_parameters() if not p.dtype.is_floating_point]:
             raise PeftkitError(
@@ -211,9 +229,6 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
             )
         for p in module.parameters():
             p.requires_grad_(True)
-    saved = list(modules_to_save(model, cfg.modules_to_save)) if cfg.modules_to_save else []
-    inject_token_rows(model, getattr(cfg, "trainable_token_indices", None), saved)
-    return names
 
 
 MOE_V4 = re.compile(r"\.block_sparse_moe\.|\.experts\.\d+\.")
