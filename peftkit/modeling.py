@@ -194,13 +194,41 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     check_weight_files(cfg)
     device = device or resolve_device(cfg.device)
     check_attention(cfg, device)
+    kwargs = _loading_kwargs(cfg, config, saved, quant, device, labels)
+    if saved is not None and saved.get("quant_method") == "bitsandbytes":
+        from peftkit.quantization import import_bitsandbytes
+
+        import_bitsandbytes()  # before transformers imports it for the stored codes (`eval --model MERGED-nf4`)
+    quiet_transformers()
+    model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device, cfg.task)
+    if cfg.task == "sequence_classification":
+        loading_info = _expected_for_new_head(model, loading_info, cfg)
+    _check_weights_fit(model, loading_info, cfg.name_or_path)
+    if quant is not None:
+        refuse_quantized_tied_head(model, quant)
+    if cfg.add_tokens:  # the embeddings hold the new tokens' rows (before any adapter wraps them)
+        from peftkit.new_tokens import resize
+
+        resize(model, len(load_tokenizer(cfg)))
+    if quant is None and device.type != "cuda" and "device_map" not in kwargs:
+        model.to(device)
+    _as_trained(model, quant, saved)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    model.peftkit_revision = cfg.revision  # what else reads the base's files (a tokenizer) reads them at
+    return model
+
+
+def _loading_kwargs(cfg: ModelConfig, config, saved: dict | None, quant: QuantizationConfig | None,
+                    device: torch.device, labels: LabelSet | None) -> dict:
+    """`from_pretrained`'s arguments for the recipe's model: safetensors only, no hub kernels, the recipe's dtype,
+    attention, RoPE scaling, classifier head and quantization, and where the weights go."""
     kwargs: dict = dict(
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
         dtype="auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype],
-        # Weights whose shape differs from the config are then listed in the loading info (and refused
-        # below, in our words) instead of raising an error whose details went to a log we silence.
+        # Weights whose shape differs from the config are then listed in the loading info (and refused by
+        # load_model, in our words) instead of raising an error whose details went to a log we silence.
         ignore_mismatched_sizes=True,
         output_loading_info=True,
         # transformers 5 swaps layers for hub kernels by default once the `kernels` package is installed (transformers
@@ -223,21 +251,12 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         # Spelled out: without a device_map, transformers puts a bitsandbytes model (a checkpoint saved quantized
         # too) on the GPU whenever one is present, whatever model.device says.
         kwargs["device_map"] = {"": "cpu"}
-    if saved is not None and saved.get("quant_method") == "bitsandbytes":
-        from peftkit.quantization import import_bitsandbytes
+    return kwargs
 
-        import_bitsandbytes()  # before transformers imports it for the stored codes (`eval --model MERGED-nf4`)
-    quiet_transformers()
-    model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device, cfg.task)
-    if cfg.task == "sequence_classification":
-        loading_info = _expected_for_new_head(model, loading_info, cfg)
-    _check_weights_fit(model, loading_info, cfg.name_or_path)
-    if quant is not None:
-        refuse_quantized_tied_head(model, quant)
-    if cfg.add_tokens:  # the embeddings hold the new tokens' rows (before any adapter wraps them)
-        from peftkit.new_tokens import resize
 
-        resize(model, len(load_tokenizer(cfg)))
+def _as_trained(model: nn.Module, quant: QuantizationConfig | None, saved: dict | None) -> None:
+    """A 4-bit model's layers computing as the recipe says: the recipe's compute dtype over a checkpoint saved
+    quantized, and bitsandbytes' CPU bf16 repacking off."""
     if quant is not None and quant.method != "int8" and saved is not None:
         # A checkpoint saved 4-bit loads with the compute dtype its config.json records: the recipe's is set here.
         from peftkit.methods.base import is_quantized
@@ -245,8 +264,6 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
         for module in model.modules():
             if is_quantized(module) and hasattr(module, "compute_dtype"):
                 module.compute_dtype, module.compute_type_is_set = DTYPES[quant.compute_dtype], True
-    if quant is None and device.type != "cuda" and "device_map" not in kwargs:
-        model.to(device)
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             # On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight in place on its
@@ -255,9 +272,6 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
             # 112%, eval loss after 30 steps 3.46 instead of 1.97, absmax rounded to bf16 (so merges drift),
             # and a crash for layers narrower than 64. We keep the weights as quantized, on every CPU.
             module.support_avx512bf16_for_cpu = False
-    model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    model.peftkit_revision = cfg.revision  # what else reads the base's files (a tokenizer) reads them at
-    return model
 
 
 def _from_pretrained(name_or_path: str, kwargs: dict, device: torch.device, task: str = "causal_lm") -> tuple[nn.Module, dict]:
