@@ -26,6 +26,8 @@ from peftkit.runtime import peak_memory_mb
 from peftkit.samples import answers, print_samples, sample_prompts
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from peftkit.recipe import Recipe
     from peftkit.start import Run
 
@@ -53,8 +55,6 @@ def task_metrics(cfg: Recipe) -> list[str]:
 
 def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> dict:
     """Final evaluation, the checks that the result is usable, export, manifest and summary."""
-    from peftkit import manifest as manifest_mod
-
     cfg, out = run.cfg, run.out
     model = distributed.unwrap(run.accelerator, run.model)
     eval_result = run.evaluate(state.step) if run.eval_ex else None
@@ -73,13 +73,7 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
     if not run.main:  # the main process exports, samples and writes the manifest
         run.accelerator.wait_for_everyone()
         return {}
-    evaluated = {
-        "eval_loss": eval_result["loss"] if eval_result else None,
-        "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
-        **{f"eval_{m}": eval_result[m] if eval_result else None for m in task_metrics(run.cfg)},
-        **({k: v for k, v in run.record(eval_result).items() if k not in run.eval_ex.record(eval_result)}
-           if eval_result else {}),  # data.eval's other sets: eval_<name>_loss, ...
-    }
+    evaluated = _evaluated(run, eval_result)
     try:
         # A hub base's revision as the commit that loaded: the adapter names the base it was trained on.
         model_cfg = cfg.model.model_copy(update={"revision": run.base_commit or cfg.model.revision})
@@ -104,6 +98,30 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
         "elapsed_s": time.time() - started,
         "peak_mem_mb": peak_memory_mb(run.device),
     }
+    _write_manifest(run, model, state, summary, exported)
+    report = _write_report(run) if cfg.export.report else None
+    if show_summary:
+        _print_summary(run.console, summary, out, exported + ([report] if report else []))
+    run.accelerator.wait_for_everyone()
+    return summary
+
+
+def _evaluated(run: Run, eval_result: dict | None) -> dict:
+    """The final evaluation's figures as the summary names them (None where the run had no eval set)."""
+    return {
+        "eval_loss": eval_result["loss"] if eval_result else None,
+        "eval_perplexity": eval_result["perplexity"] if eval_result and "perplexity" in eval_result else None,
+        **{f"eval_{m}": eval_result[m] if eval_result else None for m in task_metrics(run.cfg)},
+        **({k: v for k, v in run.record(eval_result).items() if k not in run.eval_ex.record(eval_result)}
+           if eval_result else {}),  # data.eval's other sets: eval_<name>_loss, ...
+    }
+
+
+def _write_manifest(run: Run, model: nn.Module, state: LoopState, summary: dict, exported: list[Path]) -> None:
+    """manifest.json (atomically): what the run read and wrote, with their hashes, its summary and where it ran."""
+    from peftkit import manifest as manifest_mod
+
+    cfg, out = run.cfg, run.out
     data = {split.removeprefix("data."): hashes for split, hashes in run.inputs.items() if split.startswith("data.")}
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
                                            base_model_sha256=run.inputs["model.name_or_path"],
@@ -117,11 +135,6 @@ def finish(run: Run, state: LoopState, started: float, show_summary: bool) -> di
         atomic_write_json(out / "manifest.json", manifest)
     except DiskFullError as e:
         raise DiskFullError(f"{e} Training itself finished. {run.resume_hint()}") from None
-    report = _write_report(run) if cfg.export.report else None
-    if show_summary:
-        _print_summary(run.console, summary, out, exported + ([report] if report else []))
-    run.accelerator.wait_for_everyone()
-    return summary
 
 
 def _take_best(run: Run, model, state: LoopState, eval_result: dict | None) -> tuple[dict | None, dict | None]:
