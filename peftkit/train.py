@@ -128,23 +128,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         state = LoopState(trimmed_slices=distributed.trims_slices(
             run.cfg, distributed.unwrap(accelerator, run.model).config, accelerator.num_processes))
         if resume:
-            ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler, run.inputs, console,
-                                            run.method_trainer, run.selection, accelerator.process_index,
-                                            accelerator.num_processes, hub_model=None if run.base_commit is None
-                                            else recipe.model.name_or_path)
-            if state.step > run.total_steps:  # the recipe and data are the run's (checked): not a checkpoint of it
-                raise PeftkitError(f"{ckpt} is at step {state.step}, past this run's {run.total_steps} steps: no run of "
-                                   "this recipe made it (it was added to the run directory). Remove it to resume "
-                                   "from the checkpoint before it.")
-            if run.main:
-                # A finished run is unfinished again until `finish` writes its manifest: killed from here on, it no
-                # longer looks finished (with metrics.jsonl cut back to the checkpoint, it no longer verified).
-                unlink_durably(out / "manifest.json")
-                truncate_metrics(run.metrics_path, state.step, state.step if run.stopped_early else run.total_steps)
-            run.summary["resumed_at_step"] = state.step  # elapsed_s and peak_mem_mb are this process's
-            console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
-                          + (" The run had finished: its final evaluation and exports are made again."
-                             if state.step >= run.total_steps or run.stopped_early else ""))
+            state = _resumed(run, out, console)
         if recipe.training.report_to and run.main:
             run.trackers = Trackers(run.accelerator, recipe, out, (state.step, metrics_records(run.metrics_path))
                                     if resume else None)
@@ -161,6 +145,30 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         if run.main and recipe.export.push_to_hub:  # the run's files are written: a failed push loses none of them
             push_run(out, recipe.export, console)
         return summary
+
+
+def _resumed(run: Run, out: Path, console: Console) -> LoopState:
+    """The loop's state from the newest intact checkpoint, loaded into the model, optimizer and scheduler; the run
+    directory made unfinished again (no manifest, metrics.jsonl cut back to the checkpoint)."""
+    accelerator = run.accelerator
+    ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler,
+                                    run.inputs, console, run.method_trainer, run.selection, accelerator.process_index,
+                                    accelerator.num_processes, hub_model=None if run.base_commit is None
+                                    else run.cfg.model.name_or_path)
+    if state.step > run.total_steps:  # the recipe and data are the run's (checked): not a checkpoint of it
+        raise PeftkitError(f"{ckpt} is at step {state.step}, past this run's {run.total_steps} steps: no run of "
+                           "this recipe made it (it was added to the run directory). Remove it to resume "
+                           "from the checkpoint before it.")
+    if run.main:
+        # A finished run is unfinished again until `finish` writes its manifest: killed from here on, it no
+        # longer looks finished (with metrics.jsonl cut back to the checkpoint, it no longer verified).
+        unlink_durably(out / "manifest.json")
+        truncate_metrics(run.metrics_path, state.step, state.step if run.stopped_early else run.total_steps)
+    run.summary["resumed_at_step"] = state.step  # elapsed_s and peak_mem_mb are this process's
+    console.print(f"Resumed from {ckpt.name} (step {state.step} of {run.total_steps})."
+                  + (" The run had finished: its final evaluation and exports are made again."
+                     if state.step >= run.total_steps or run.stopped_early else ""))
+    return state
 
 
 def _loop(run: Run, state: LoopState) -> None:
