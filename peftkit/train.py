@@ -235,11 +235,9 @@ def _stop_if_asked(run: Run, state: LoopState, stop: StopRequest) -> None:
         )
 
 
-def _step(run: Run, window: list[dict], tokens: int,
-          state: LoopState) -> tuple[float | None, float | None, float | None, dict]:
-    """One optimizer step over the micro-batches of `window`; (loss, grad norm, the method's regulariser or None,
-    a DPO step's reward figures or {}), or (None, None, None, {}) when a non-finite loss was skipped
-    (training.nan_policy: skip_step)."""
+def _forward_backward(run: Run, window: list[dict], state: LoopState) -> tuple[float, dict]:
+    """Forward and backward of each micro-batch of `window` (this process's slice), gradients synchronised at the
+    last; (the loss's mean over the global window, a DPO/KTO step's reward figures or {}), with one host sync."""
     tcfg, accelerator = run.cfg.training, run.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     # The loss is a mean over the global window's labelled tokens (a classifier's: its rows, one label each; DPO's:
@@ -277,6 +275,16 @@ def _step(run: Run, window: list[dict], tokens: int,
         trained = {k: v for k, v in objective.figures(torch.stack([loss_sum, *rest])).items()
                    if k != "loss" and v is not None}
     loss_value = float(distributed.total(accelerator, loss_sum) if not pairs else loss_sum) / n_label  # one sync
+    return loss_value, trained
+
+
+def _step(run: Run, window: list[dict], tokens: int,
+          state: LoopState) -> tuple[float | None, float | None, float | None, dict]:
+    """One optimizer step over the micro-batches of `window`; (loss, grad norm, the method's regulariser or None,
+    a DPO step's reward figures or {}), or (None, None, None, {}) when a non-finite loss was skipped
+    (training.nan_policy: skip_step)."""
+    loss_value, trained = _forward_backward(run, window, state)
+    tcfg, accelerator = run.cfg.training, run.accelerator
     reg_value = _regularize(run)
     if not math.isfinite(loss_value + (reg_value or 0.0)):
         return _not_finite(run, state, f"Loss became {loss_value}", f"loss {loss_value}")
