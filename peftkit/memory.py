@@ -209,28 +209,13 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
     from peftkit.methods.expert_lists import check_start
     from peftkit.modeling import load_config, resolve_device
-    from peftkit.quantization import kept_modules
 
     config = load_config(recipe.model)
     dtype = load_dtype(recipe.model.dtype, config)
     model = meta_model(recipe, config)
     if model is None:
         return None
-    modules = dict(model.named_modules())
-    q = recipe.quantization
-    base = 0.0
-    for name, p in _unique_parameters(model):
-        module_name, _, _ = name.rpartition(".")
-        module = modules[module_name]
-        # bitsandbytes quantizes a Linear's weight only: its bias stays in the load dtype (Qwen2's q/k/v biases)
-        quantized = q is not None and _quantizable(module) and p is module.weight \
-            and not _skipped(module_name, kept_modules(q, recipe.model.task))
-        if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) an output row
-            base += p.numel() + 4 * (p.shape[0] if type(module) is torch.nn.Linear else p.shape[1])  # Conv1D: (in, out)
-        elif quantized:
-            base += four_bit_bytes(p.numel(), q.double_quant)
-        else:
-            base += p.numel() * BYTES[dtype]
+    base = _base_bytes(recipe, model, dtype)
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
     check_start(recipe.adapter, model)
@@ -261,6 +246,28 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
         optimizer = 2.0 * sum(p.numel() * width[id(p)] for p in trainable)
     return MemoryEstimate(base, trained + 4.0 * frozen, trained, optimizer, activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
+
+
+def _base_bytes(recipe: Recipe, model: torch.nn.Module, dtype: str) -> float:
+    """Bytes of the base's weights as loaded: in the load dtype, or quantized (a Linear's weight; never its bias)."""
+    from peftkit.quantization import kept_modules
+
+    modules = dict(model.named_modules())
+    q = recipe.quantization
+    base = 0.0
+    for name, p in _unique_parameters(model):
+        module_name, _, _ = name.rpartition(".")
+        module = modules[module_name]
+        # bitsandbytes quantizes a Linear's weight only: its bias stays in the load dtype (Qwen2's q/k/v biases)
+        quantized = q is not None and _quantizable(module) and p is module.weight \
+            and not _skipped(module_name, kept_modules(q, recipe.model.task))
+        if quantized and q.method == "int8":  # LLM.int8(): one byte a weight and one fp32 absmax (SCB) an output row
+            base += p.numel() + 4 * (p.shape[0] if type(module) is torch.nn.Linear else p.shape[1])  # Conv1D: (in, out)
+        elif quantized:
+            base += four_bit_bytes(p.numel(), q.double_quant)
+        else:
+            base += p.numel() * BYTES[dtype]
+    return base
 
 
 def meta_model(recipe: Recipe, config) -> torch.nn.Module | None:
