@@ -103,24 +103,9 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
     folder, kind = push_folder(path, merged)
     files = folder_files(folder)
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import HfHubHTTPError
 
-    if repo_id.count("/") != 1:  # a bare name goes to whichever account the token is, where `--adapter` cannot tell
-        raise PeftkitError(f"{repo_id!r} is no Hub repository id: give user/name (or organization/name).")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise PeftkitError(f"{repo_id!r} is no Hub repository id ({e}).") from None
-    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):  # create_branch would name a branch so
-        raise PeftkitError(f"--revision {revision} is a commit id, and a push makes a commit on a branch: give the "
-                           "branch's name (created from main where absent).")
-    if (blocked := _cannot_push()) == "offline":
-        raise PeftkitError(f"HF_HUB_OFFLINE is set, so nothing is sent to the Hub: unset it to push {folder} to "
-                           f"{repo_id}.")
-    if blocked == "no token":
-        raise PeftkitError(f"Pushing to {repo_id} needs a Hugging Face token with write access, and none is set: log "
-                           "in with `hf auth login`, or set HF_TOKEN.")
+    _check_pushable(folder, repo_id, revision)
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private or None, exist_ok=True)  # None: the owner's default visibility
@@ -149,6 +134,29 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
                            f"({type(e).__name__}: {e}). Check the connection (HF_ENDPOINT names another server).") \
             from None
     return commit.commit_url, files, stale, commit.oid
+
+
+def _check_pushable(folder: Path, repo_id: str, revision: str | None) -> None:
+    """Refuse, before anything is sent, a repository id or branch the push cannot use, and a push that cannot reach
+    the Hub (offline, no token)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:  # a bare name goes to whichever account the token is, where `--adapter` cannot tell
+        raise PeftkitError(f"{repo_id!r} is no Hub repository id: give user/name (or organization/name).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PeftkitError(f"{repo_id!r} is no Hub repository id ({e}).") from None
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):  # create_branch would name a branch so
+        raise PeftkitError(f"--revision {revision} is a commit id, and a push makes a commit on a branch: give the "
+                           "branch's name (created from main where absent).")
+    if (blocked := _cannot_push()) == "offline":
+        raise PeftkitError(f"HF_HUB_OFFLINE is set, so nothing is sent to the Hub: unset it to push {folder} to "
+                           f"{repo_id}.")
+    if blocked == "no token":
+        raise PeftkitError(f"Pushing to {repo_id} needs a Hugging Face token with write access, and none is set: log "
+                           "in with `hf auth login`, or set HF_TOKEN.")
 
 
 def check_recipe_push(export) -> None:
