@@ -38,8 +38,11 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if raw.get("bias", "none") != "none":
         reasons.append(f"bias={raw['bias']!r}: vLLM refuses adapter biases unless started with --enable-lora-bias")
     if raw.get("lora_bias"):
-        caveats.append("lora_bias: vLLM reads lora_B's bias only in versions with --enable-lora-bias, started with it "
-                       "(not verified)")
+        # vllm/lora/utils.py parse_fine_tuned_lora_name takes `.lora_A.weight`, `.lora_B.weight` and
+        # `lora_embedding_A/B` alone, so `<module>.lora_B.bias` ends the load ("... is unsupported LoRA weight");
+        # only 0.6-0.10, started with --enable-lora-bias, read it (their LoRA bias was removed in late 2025).
+        reasons.append("lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'); only "
+                       "vLLM 0.6-0.10 started with --enable-lora-bias read them")
     if base_copies:
         caveats.append(f"the file holds base weights ({', '.join(base_copies)}), which peft saves beside an adapted "
                        "embedding (save_embedding_layers): not verified against vLLM")

@@ -356,3 +356,13 @@ def test_a_classifier_s_adapter_says_its_task(tiny_llama, tmp_path, labels, said
     assert describe(info)[3] == said
     causal = inspect_adapter(_peft(tiny_llama, tmp_path / "lm", r=2, target_modules=["q_proj"]))
     assert causal["classifier"] is None and not any(line.startswith("task ") for line in describe(causal))
+
+
+def test_vllm_stops_at_lora_b_s_bias(tiny_llama, tmp_path):
+    """vLLM's parse_fine_tuned_lora_name (vllm/lora/utils.py) takes lora_A/lora_B weights and lora_embedding_A/B
+    alone: `q_proj.lora_B.bias` ends the load. inspect said it accepts the adapter, with a caveat."""
+    info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), tmp_path / "b"))
+    assert not info["vllm"]["accepts"]
+    assert info["vllm"]["reasons"] == ["lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA "
+                                       "weight'); only vLLM 0.6-0.10 started with --enable-lora-bias read them"]
+    assert not any("lora_bias" in c for c in info["vllm"]["caveats"])
