@@ -43,9 +43,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         # only 0.6-0.10, started with --enable-lora-bias, read it (their LoRA bias was removed in late 2025).
         reasons.append("lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'); only "
                        "vLLM 0.6-0.10 started with --enable-lora-bias read them")
-    if base_copies:
-        caveats.append(f"the file holds base weights ({', '.join(base_copies)}), which peft saves beside an adapted "
-                       "embedding (save_embedding_layers): not verified against vLLM")
+    reasons.extend(_base_copies(base_copies, caveats))
     if any("lora_embedding_A" in parts for parts in targets.values()):
         caveats.append("LoRA on an embedding: only some vLLM versions and models serve it (recent ones dropped it)")
     heads = sorted({p for p in targets if p.rsplit(".", 1)[-1] == "lm_head"})
@@ -89,6 +87,24 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+# vllm/lora/utils.py is_base_embedding_weights: the loader skips peft's copies of these two alone (from_lora_tensors,
+# vllm/lora/lora_model.py); any other `base_layer.weight` reaches parse_fine_tuned_lora_name, which refuses it.
+SKIPPED_COPIES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
+
+
+def _base_copies(base_copies: list[str], caveats: list[str]) -> list[str]:
+    """vLLM's reasons for the base weights peft saves beside an adapted embedding (save_embedding_layers); the
+    copies it skips are a caveat (appended to `caveats`), since the base vLLM serves must hold the same rows."""
+    skipped = [n for n in base_copies if n.endswith(SKIPPED_COPIES)]
+    if skipped:
+        caveats.append(f"the file holds base weights ({', '.join(skipped)}), which peft saves beside an adapted "
+                       "embedding: vLLM skips them and uses the served base's own (older versions stop at them)")
+    if stopping := [n for n in base_copies if n not in skipped]:
+        return [f"the file holds base weights ({', '.join(stopping)}) that vLLM stops at ('... is unsupported LoRA "
+                "weight'): it skips peft's copies of embed_tokens and lm_head alone"]
+    return []
 
 
 def llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets: dict) -> dict:

@@ -366,3 +366,25 @@ def test_vllm_stops_at_lora_b_s_bias(tiny_llama, tmp_path):
     assert info["vllm"]["reasons"] == ["lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA "
                                        "weight'); only vLLM 0.6-0.10 started with --enable-lora-bias read them"]
     assert not any("lora_bias" in c for c in info["vllm"]["caveats"])
+
+
+def test_vllm_skips_peft_s_copies_of_embed_tokens_and_lm_head_alone(tiny_llama, tiny_gpt2, tmp_path):
+    """vLLM's loader skips `*.embed_tokens.base_layer.weight` and `*.lm_head.base_layer.weight`
+    (is_base_embedding_weights, vllm/lora/utils.py); GPT-2's `transformer.wte.base_layer.weight` reaches
+    parse_fine_tuned_lora_name, which refuses it. inspect said 'accepts' with a 'not verified' caveat for both."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    def saved(base, targets, out):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), PeftLora(r=2, target_modules=targets))
+        model.save_pretrained(out, save_embedding_layers=True)
+        return inspect_adapter(out)
+
+    gpt2 = saved(tiny_gpt2, ["wte", "c_attn"], tmp_path / "g")
+    assert gpt2["base_copies"] == ["transformer.wte.base_layer.weight"] and not gpt2["vllm"]["accepts"]
+    # (peft also saves the tied head's weight whole, `lm_head.weight`, which vLLM refuses as well: a reason of its own)
+    assert gpt2["vllm"]["reasons"][1:] == ["the file holds base weights (transformer.wte.base_layer.weight) that vLLM stops "
+                                       "at ('... is unsupported LoRA weight'): it skips peft's copies of embed_tokens "
+                                       "and lm_head alone"]
+    llama = saved(tiny_llama, ["embed_tokens", "q_proj"], tmp_path / "l")
+    assert llama["vllm"]["accepts"] and "vLLM skips them and uses the served base's own" in llama["vllm"]["caveats"][0]
