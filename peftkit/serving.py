@@ -64,13 +64,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append("layers_to_transform: not verified against vLLM")
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
-    if raw.get("monteclora_config"):
-        caveats.append("monteclora_config (MonteCLoRA): plain LoRA outside training, but the file also holds its "
-                       "sampler's tensors (lora_monteclora_sampler.*), which a loader may refuse as unknown; not "
-                       "verified against vLLM")
-    if raw.get("velora_config"):
-        caveats.append("velora_config (VeLoRA): plain LoRA outside training, but the file also holds lora_velora_embed "
-                       "tensors, which a loader may refuse as unknown; not verified against vLLM")
+    reasons.extend(_training_tensors(raw))
     if raw.get("kasa_config"):
         reasons.append("kasa_config (KaSA): its lora_diag tensors scale the rank, and the base must lose its r smallest "
                        "singular components first; a plain LoRA loader does neither (silently wrong): merge it")
@@ -87,6 +81,16 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+def _training_tensors(raw: dict) -> list[str]:
+    """vLLM's reasons for the tensors of a variant that is plain LoRA outside training but saves training state beside
+    it: parse_fine_tuned_lora_name (vllm/lora/utils.py) refuses any tensor but lora_A/lora_B weights and
+    lora_embedding_A/B, so the load stops at them (merge it, or serve it with an engine that drops them)."""
+    said = {"monteclora_config": "monteclora_config (MonteCLoRA): its sampler's tensors (lora_monteclora_sampler.*)",
+            "velora_config": "velora_config (VeLoRA): its lora_velora_embed tensors"}
+    return [f"{what} stop vLLM's loader ('... is unsupported LoRA weight'); outside training it is plain LoRA: merge it"
+            for key, what in said.items() if raw.get(key)]
 
 
 # vllm/lora/utils.py is_base_embedding_weights: the loader skips peft's copies of these two alone (from_lora_tensors,

@@ -388,3 +388,22 @@ def test_vllm_skips_peft_s_copies_of_embed_tokens_and_lm_head_alone(tiny_llama, 
                                        "and lm_head alone"]
     llama = saved(tiny_llama, ["embed_tokens", "q_proj"], tmp_path / "l")
     assert llama["vllm"]["accepts"] and "vLLM skips them and uses the served base's own" in llama["vllm"]["caveats"][0]
+
+
+def test_vllm_stops_at_the_training_tensors_of_velora_and_monteclora(tiny_llama, tmp_path):
+    """VeLoRA's lora_velora_embed and MonteCLoRA's lora_monteclora_sampler.* tensors are neither lora_A/lora_B weights
+    nor lora_embedding_A/B, which parse_fine_tuned_lora_name (vllm/lora/utils.py) refuses. inspect said vLLM accepts
+    them, with a 'not verified' caveat."""
+    from peft import LoraConfig as PeftLora
+
+    from tests.conftest import save_peft_lora
+
+    velora = inspect_adapter(_ours(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"], velora_config={
+        "num_groups": 4}), tmp_path / "v"))
+    assert velora["vllm"]["reasons"] == ["velora_config (VeLoRA): its lora_velora_embed tensors stop vLLM's loader "
+                                         "('... is unsupported LoRA weight'); outside training it is plain LoRA: merge it"]
+    monte = inspect_adapter(save_peft_lora(tiny_llama, tmp_path / "m", PeftLora(
+        r=4, target_modules=["q_proj"], monteclora_config={"num_samples": 4, "buffer_size": 3})))
+    assert not monte["vllm"]["accepts"] and monte["vllm"]["reasons"][0].startswith(
+        "monteclora_config (MonteCLoRA): its sampler's tensors (lora_monteclora_sampler.*) stop vLLM's loader")
+    assert not any("velora" in c or "monteclora" in c for c in velora["vllm"]["caveats"] + monte["vllm"]["caveats"])
