@@ -13,6 +13,9 @@ from __future__ import annotations
 from peftkit.methods.token_rows import TOKEN_ROWS
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16  # vLLM's `--max-lora-rank` default; larger ranks need the flag
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's --max-lora-rank takes (MaxLoRARanks, vllm/config/lora.py); PEFTHelper.validate_legal
+(vllm/lora/peft_helper.py) refuses an adapter whose r is larger than the one it was started with."""
 
 
 STACKED = ("layer_replication: {who} does not stack the base's layers again, so the stacked layers' tensors have no "
@@ -51,7 +54,9 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append("LoRA on lm_head: only some vLLM versions and models serve it")
     if ranks:
         top = max(ranks.values())
-        if top > VLLM_DEFAULT_MAX_LORA_RANK:
+        if top > VLLM_MAX_LORA_RANKS[-1]:
+            reasons.append(f"rank {top} > {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM takes")
+        elif top > VLLM_DEFAULT_MAX_LORA_RANK:
             caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
         # vLLM scales every layer by the config's lora_alpha / r (vllm/lora/peft_helper.py, lora_weights.py), read
         # from neither rank_pattern nor alpha_pattern: a layer of another rank is scaled r_layer / r times off.
@@ -177,5 +182,5 @@ ACTIVATED = ("alora_invocation_tokens (aLoRA): only a {who} with activated-LoRA 
 
 
 def _vllm_rank(r: int) -> int:
-    """The smallest of vLLM's allowed --max-lora-rank values that holds r."""
-    return next((v for v in (8, 16, 32, 64, 128, 256, 320, 512) if v >= r), r)
+    """The smallest of vLLM's allowed --max-lora-rank values that holds r (r <= 512)."""
+    return next(v for v in VLLM_MAX_LORA_RANKS if v >= r)

@@ -407,3 +407,13 @@ def test_vllm_stops_at_the_training_tensors_of_velora_and_monteclora(tiny_llama,
     assert not monte["vllm"]["accepts"] and monte["vllm"]["reasons"][0].startswith(
         "monteclora_config (MonteCLoRA): its sampler's tensors (lora_monteclora_sampler.*) stop vLLM's loader")
     assert not any("velora" in c or "monteclora" in c for c in velora["vllm"]["caveats"] + monte["vllm"]["caveats"])
+
+
+def test_a_rank_above_vllm_s_largest_max_lora_rank_is_a_reason(tiny_llama, tmp_path):
+    """vLLM's --max-lora-rank takes 1, 8, ..., 320, 512 (MaxLoRARanks, vllm/config/lora.py): a rank-520 adapter cannot
+    be served. inspect advised '--max-lora-rank 520', a value vLLM refuses."""
+    info = inspect_adapter(_peft(tiny_llama, tmp_path / "p", r=520, target_modules=["q_proj"]))
+    assert info["vllm"]["reasons"] == ["rank 520 > 512, the largest --max-lora-rank vLLM takes"]
+    assert not any("--max-lora-rank" in c for c in info["vllm"]["caveats"])
+    fits = inspect_adapter(_peft(tiny_llama, tmp_path / "f", r=300, target_modules=["q_proj"]))
+    assert fits["vllm"]["accepts"] and "rank 300 > 16: start vLLM with --max-lora-rank 320" in fits["vllm"]["caveats"]
