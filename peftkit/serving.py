@@ -39,7 +39,11 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if raw.get("use_dora"):
         reasons.append("use_dora: vLLM does not support DoRA")
     if raw.get("bias", "none") != "none":
-        reasons.append(f"bias={raw['bias']!r}: vLLM refuses adapter biases unless started with --enable-lora-bias")
+        # PEFTHelper.validate_legal (vllm/lora/peft_helper.py): "Adapter bias is not supported." in current vLLM; 0.6-0.10
+        # took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias this field
+        # trains) to the module's parent, which is no LoRA target, so the load stopped there too.
+        reasons.append(f"bias={raw['bias']!r}: vLLM refuses the base's trained biases ('Adapter bias is not "
+                       "supported.'; --enable-lora-bias of older versions read lora_B's bias, not these)")
     if raw.get("lora_bias"):
         # vllm/lora/utils.py parse_fine_tuned_lora_name takes `.lora_A.weight`, `.lora_B.weight` and
         # `lora_embedding_A/B` alone, so `<module>.lora_B.bias` ends the load ("... is unsupported LoRA weight");

@@ -417,3 +417,12 @@ def test_a_rank_above_vllm_s_largest_max_lora_rank_is_a_reason(tiny_llama, tmp_p
     assert not any("--max-lora-rank" in c for c in info["vllm"]["caveats"])
     fits = inspect_adapter(_peft(tiny_llama, tmp_path / "f", r=300, target_modules=["q_proj"]))
     assert fits["vllm"]["accepts"] and "rank 300 > 16: start vLLM with --max-lora-rank 320" in fits["vllm"]["caveats"]
+
+
+def test_vllm_refuses_peft_s_bias_whatever_its_flags(tiny_llama, tmp_path):
+    """peft's `bias: all` saves the base's own biases; vLLM's PEFTHelper.validate_legal refuses any bias but "none"
+    ('Adapter bias is not supported.'). inspect said --enable-lora-bias would serve it."""
+    info = inspect_adapter(_peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj"], bias="all"))
+    assert info["vllm"]["reasons"] == ["bias='all': vLLM refuses the base's trained biases ('Adapter bias is not "
+                                       "supported.'; --enable-lora-bias of older versions read lora_B's bias, not "
+                                       "these)"]
