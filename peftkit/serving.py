@@ -39,8 +39,8 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if raw.get("use_dora"):
         reasons.append("use_dora: vLLM does not support DoRA")
     if raw.get("bias", "none") != "none":
-        # PEFTHelper.validate_legal (vllm/lora/peft_helper.py): "Adapter bias is not supported." in current vLLM; 0.6-0.10
-        # took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias this field
+        # PEFTHelper.validate_legal (vllm/lora/peft_helper.py): "Adapter bias is not supported." in current vLLM;
+        # 0.6-0.10 took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias this field
         # trains) to the module's parent, which is no LoRA target, so the load stopped there too.
         reasons.append(f"bias={raw['bias']!r}: vLLM refuses the base's trained biases ('Adapter bias is not "
                        "supported.'; --enable-lora-bias of older versions read lora_B's bias, not these)")
@@ -51,11 +51,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append("lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'); only "
                        "vLLM 0.6-0.10 started with --enable-lora-bias read them")
     reasons.extend(_base_copies(base_copies, caveats))
-    if any("lora_embedding_A" in parts for parts in targets.values()):
-        caveats.append("LoRA on an embedding: only some vLLM versions and models serve it (recent ones dropped it)")
-    heads = sorted({p for p in targets if p.rsplit(".", 1)[-1] == "lm_head"})
-    if heads:
-        caveats.append("LoRA on lm_head: only some vLLM versions and models serve it")
+    caveats.extend(_embedding_caveats(targets))
     if ranks:
         top = max(ranks.values())
         if top > VLLM_MAX_LORA_RANKS[-1]:
@@ -90,6 +86,23 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+def _embedding_caveats(targets: dict) -> list[str]:
+    """LoRA on the embeddings and the output head: vLLM serves them where the model class lists them in its
+    embedding_modules (get_supported_lora_modules, vllm/lora/utils.py; Llama's and Mistral's do, Qwen2's and Gemma2's
+    list none, so there such a tensor is an 'expected target modules' error), and LoRAModel.from_lora_tensors
+    (vllm/lora/lora_model.py) refuses an embedding LoRA whose vocabulary (lora_embedding_A's columns) is not the
+    served model's."""
+    vocab = sorted({parts["lora_embedding_A"][1] for parts in targets.values() if "lora_embedding_A" in parts})
+    tokens = " or ".join(map(str, vocab))
+    said = [f"LoRA on an embedding: vLLM serves it only for model classes that list the embedding as LoRA-capable "
+            f"(Llama, Mistral; not Qwen2, Gemma), on a served model of {tokens} tokens (the adapter's vocabulary; "
+            "another is refused)"] if vocab else []
+    if any(p.rsplit(".", 1)[-1] == "lm_head" for p in targets):
+        said.append("LoRA on lm_head: vLLM serves it only for model classes that list lm_head as LoRA-capable (Llama, "
+                    "Mistral; not Qwen2, Gemma)")
+    return said
 
 
 def _training_tensors(raw: dict) -> list[str]:
