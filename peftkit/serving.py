@@ -83,6 +83,11 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     if experts := _per_expert(targets):
         caveats.append(f"{PER_EXPERT.format(example=experts[0])}; whether vLLM serves LoRA on a mixture's experts "
                        "depends on its version: not verified against vLLM")
+        if raw.get("use_rslora"):
+            # LoRAModelManager._create_merged_loras_inplace packs per-expert LoRAs with PackedLoRALayerWeights.pack_moe
+            # (vllm/lora/lora_weights.py), which scales them by lora_alpha / rank, not PEFTHelper's rsLoRA factor.
+            reasons.append("use_rslora on a mixture's experts one by one: vLLM packs them scaled by lora_alpha / r, "
+                           "not lora_alpha / sqrt(r) (sqrt(r) times too small, silently): merge it")
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}

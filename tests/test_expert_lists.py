@@ -205,3 +205,18 @@ def test_combining_says_it_does_not_convert(bases, tmp_path):
     with pytest.raises(PeftkitError, match="a mixture-of-experts layer of transformers 4's layout, which this "
                                            "transformers fuses: loading one adapter converts it, combining does not"):
         combine_adapters([str(adapter)] * 2, Combination("linear", (0.5, 0.5)), str(tmp_path / "combined"))
+
+
+def test_inspect_says_vllm_drops_rslora_s_scale_on_the_experts(bases, tmp_path):
+    """vLLM packs transformers 4's per-expert LoRAs with PackedLoRALayerWeights.pack_moe, which scales them by
+    lora_alpha / r whatever use_rslora says (vllm/lora/lora_weights.py): the experts' updates would be sqrt(r) times too
+    small. inspect said vLLM accepts it (with a 'not verified' caveat)."""
+    from peftkit.inspect import inspect_adapter
+
+    adapter, _ = v4_adapter(bases["mixtral"], tmp_path / "v4", "mixtral", ALL["mixtral"], use_rslora=True)
+    info = inspect_adapter(adapter)
+    assert not info["vllm"]["accepts"] and info["vllm"]["reasons"] == [
+        "use_rslora on a mixture's experts one by one: vLLM packs them scaled by lora_alpha / r, not lora_alpha / "
+        "sqrt(r) (sqrt(r) times too small, silently): merge it"]
+    plain, _ = v4_adapter(bases["mixtral"], tmp_path / "plain", "mixtral", ALL["mixtral"])
+    assert inspect_adapter(plain)["vllm"]["accepts"]
