@@ -71,8 +71,10 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append(ACTIVATED.format(who="vLLM"))
     reasons.extend(_training_tensors(raw))
     if raw.get("kasa_config"):
-        reasons.append("kasa_config (KaSA): its lora_diag tensors scale the rank, and the base must lose its r smallest "
-                       "singular components first; a plain LoRA loader does neither (silently wrong): merge it")
+        # lora_diag is no name parse_fine_tuned_lora_name (vllm/lora/utils.py) takes: the load stops there
+        reasons.append("kasa_config (KaSA): its lora_diag tensors stop vLLM's loader ('... is unsupported LoRA weight'); "
+                       "vLLM would neither scale the rank by them nor take the base's r smallest singular components "
+                       "out first: merge it")
     if raw.get("use_bdlora"):
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
                        "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "

@@ -440,3 +440,12 @@ def test_embedding_lora_s_vllm_caveat_names_the_vocabulary_it_needs(tiny_llama, 
         f"Mistral; not Qwen2, Gemma), on a served model of {vocab} tokens (the adapter's vocabulary; another is refused)",
         "LoRA on lm_head: vLLM serves it only for model classes that list lm_head as LoRA-capable (Llama, Mistral; not "
         "Qwen2, Gemma)"]
+
+
+def test_vllm_stops_at_kasa_s_singular_values(tiny_llama, tmp_path):
+    """KaSA's lora_diag is no tensor name vLLM's parse_fine_tuned_lora_name takes: the load stops with an error. The
+    reason said a plain LoRA loader would serve it silently wrong."""
+    info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"], kasa_config={}), tmp_path / "k"))
+    assert info["vllm"]["reasons"] == [
+        "kasa_config (KaSA): its lora_diag tensors stop vLLM's loader ('... is unsupported LoRA weight'); vLLM would "
+        "neither scale the rank by them nor take the base's r smallest singular components out first: merge it"]
