@@ -163,6 +163,13 @@ def llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets:
     if raw.get("use_rslora"):
         reasons.append("use_rslora: not read, so each layer would be scaled by alpha/r, not alpha/sqrt(r) (sqrt(r) "
                        "times too small, silently)")
+    if raw.get("fan_in_fan_out"):
+        # convert_hf_to_gguf.py's GPT2Model.modify_tensors transposes c_attn/c_proj/c_fc, stored (in, out) by Conv1D;
+        # the converter's LoraModel inherits it and transposes B A too, which peft saves as Linear's (out, in). Its
+        # lora_a then has `out` columns: llama-adapter.cpp refuses it ("has incorrect shape") unless in == out.
+        reasons.append("fan_in_fan_out (GPT-2's Conv1D layers): convert_lora_to_gguf.py transposes the update as it "
+                       "transposes GPT-2's weights, but peft saves it untransposed: llama.cpp refuses the layers whose "
+                       "input and output sizes differ ('has incorrect shape') and applies the square ones transposed")
     if raw.get("alpha_pattern"):
         reasons.append("alpha_pattern: not read, so those layers would be scaled by lora_alpha (silently wrong)")
     caveats = ["LoRA on lm_head: refused for a base whose output head is its embeddings (tied)"] if any(

@@ -449,3 +449,14 @@ def test_vllm_stops_at_kasa_s_singular_values(tiny_llama, tmp_path):
     assert info["vllm"]["reasons"] == [
         "kasa_config (KaSA): its lora_diag tensors stop vLLM's loader ('... is unsupported LoRA weight'); vLLM would "
         "neither scale the rank by them nor take the base's r smallest singular components out first: merge it"]
+
+
+def test_llama_cpp_transposes_a_conv1d_update(tiny_gpt2, tmp_path):
+    """convert_lora_to_gguf.py's GPT-2 transposes c_attn/c_proj/c_fc as it does the base's Conv1D weights, which are
+    (in, out); peft saves the LoRA factors in Linear's layout, so the converted lora_a has `out` columns: llama.cpp
+    refuses c_attn's (96 outputs, 32 inputs) and applies attn.c_proj's (32 x 32) transposed. It said 'would convert'."""
+    info = inspect_adapter(_peft(tiny_gpt2, tmp_path / "g", r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    assert not info["llama_cpp"]["accepts"] and info["llama_cpp"]["reasons"] == [
+        "fan_in_fan_out (GPT-2's Conv1D layers): convert_lora_to_gguf.py transposes the update as it transposes "
+        "GPT-2's weights, but peft saves it untransposed: llama.cpp refuses the layers whose input and output sizes "
+        "differ ('has incorrect shape') and applies the square ones transposed"]
