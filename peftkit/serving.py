@@ -1,11 +1,13 @@
 """What serving engines make of a PEFT-format adapter, read from its config and tensor names (`peftkit inspect`).
 
-What vLLM accepts is stated conservatively, from vLLM's LoRA loader (vllm/lora/peft_helper.py and
-models.py, 0.6-0.10): it serves `peft_type: LORA` only, and refuses `modules_to_save`, `use_dora` and
-`bias` other than "none" (without --enable-lora-bias), and target modules the model class does not list as
-LoRA-capable. The rank must be <= --max-lora-rank (default 16). What depends on the vLLM version or the
-model class is a caveat, not a verdict. What llama.cpp's convert_lora_to_gguf.py does is read from it
-(`llama_cpp_verdict`).
+What vLLM accepts is read from its LoRA loader's source (vLLM is not run here): PEFTHelper (vllm/lora/peft_helper.py)
+reads r, lora_alpha, target_modules, use_rslora (alpha / sqrt(r)), use_dora, bias and modules_to_save from
+adapter_config.json, ignores every other field (peft_type, rank_pattern, alpha_pattern, ...) and refuses
+`modules_to_save`, `use_dora`, `bias` other than "none" and r above --max-lora-rank (default 16); LoRAModel
+(vllm/lora/lora_model.py) reads the tensors, whose names parse_fine_tuned_lora_name (vllm/lora/utils.py) must end in
+`.lora_A.weight`, `.lora_B.weight`, `lora_embedding_A` or `lora_embedding_B` (peft's copies of embed_tokens' and
+lm_head's base weights skipped), and gives every layer the same scale. What depends on the vLLM version or the model
+class is a caveat, not a verdict. What llama.cpp's convert_lora_to_gguf.py does is read from it (`llama_cpp_verdict`).
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
                            "scales every layer by lora_alpha / r, so those layers would be scaled wrong (silently)")
     if raw.get("alpha_pattern"):
         reasons.append("alpha_pattern: not read by vLLM, which scales every layer by lora_alpha (silently wrong)")
-    if raw.get("layers_to_transform") not in (None, []):
-        caveats.append("layers_to_transform: not verified against vLLM")
+    # layers_to_transform only leaves layers out of the file: vLLM adapts the layers the file's tensors name
+    # (LoRAModel.from_local_checkpoint, vllm/lora/lora_model.py), so it needs no word.
     if raw.get("alora_invocation_tokens"):
         caveats.append(ACTIVATED.format(who="vLLM"))
     reasons.extend(_training_tensors(raw))

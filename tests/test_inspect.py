@@ -460,3 +460,11 @@ def test_llama_cpp_transposes_a_conv1d_update(tiny_gpt2, tmp_path):
         "fan_in_fan_out (GPT-2's Conv1D layers): convert_lora_to_gguf.py transposes the update as it transposes "
         "GPT-2's weights, but peft saves it untransposed: llama.cpp refuses the layers whose input and output sizes "
         "differ ('has incorrect shape') and applies the square ones transposed"]
+
+
+def test_layers_to_transform_needs_no_vllm_caveat(tiny_llama, tmp_path):
+    """vLLM adapts the layers the file's tensors name (LoRAModel.from_local_checkpoint reads the safetensors keys), so
+    an adapter of some layers only is served as it is; inspect added 'layers_to_transform: not verified'."""
+    info = inspect_adapter(_peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj"], layers_to_transform=[0]))
+    assert [p.split(".")[2] for p in info["ranks"]] == ["0"]
+    assert info["vllm"]["accepts"] and not any("layers_to_transform" in c for c in info["vllm"]["caveats"])
