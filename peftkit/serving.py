@@ -42,8 +42,8 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append("use_dora: vLLM does not support DoRA")
     if raw.get("bias", "none") != "none":
         # PEFTHelper.validate_legal (vllm/lora/peft_helper.py): "Adapter bias is not supported." in current vLLM;
-        # 0.6-0.10 took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias this field
-        # trains) to the module's parent, which is no LoRA target, so the load stopped there too.
+        # 0.6-0.10 took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias,
+        # which this field trains) to the module's parent, no LoRA target, so the load stopped there too.
         reasons.append(f"bias={raw['bias']!r}: vLLM refuses the base's trained biases ('Adapter bias is not "
                        "supported.'; --enable-lora-bias of older versions read lora_B's bias, not these)")
     if raw.get("lora_bias"):
@@ -54,17 +54,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
                        "vLLM 0.6-0.10 started with --enable-lora-bias read them")
     reasons.extend(_base_copies(base_copies, caveats))
     caveats.extend(_embedding_caveats(targets))
-    if ranks:
-        top = max(ranks.values())
-        if top > VLLM_MAX_LORA_RANKS[-1]:
-            reasons.append(f"rank {top} > {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM takes")
-        elif top > VLLM_DEFAULT_MAX_LORA_RANK:
-            caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
-        # vLLM scales every layer by the config's lora_alpha / r (vllm/lora/peft_helper.py, lora_weights.py), read
-        # from neither rank_pattern nor alpha_pattern: a layer of another rank is scaled r_layer / r times off.
-        if other := sorted({rank for rank in ranks.values() if rank != raw.get("r", rank)}):
-            reasons.append(f"per-layer ranks (rank_pattern: {', '.join(map(str, other))} beside r={raw['r']}): vLLM "
-                           "scales every layer by lora_alpha / r, so those layers would be scaled wrong (silently)")
+    _ranks(raw, ranks, reasons, caveats)
     if raw.get("alpha_pattern"):
         reasons.append("alpha_pattern: not read by vLLM, which scales every layer by lora_alpha (silently wrong)")
     # layers_to_transform only leaves layers out of the file: vLLM adapts the layers the file's tensors name
@@ -74,13 +64,37 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     reasons.extend(_training_tensors(raw))
     if raw.get("kasa_config"):
         # lora_diag is no name parse_fine_tuned_lora_name (vllm/lora/utils.py) takes: the load stops there
-        reasons.append("kasa_config (KaSA): its lora_diag tensors stop vLLM's loader ('... is unsupported LoRA weight'); "
-                       "vLLM would neither scale the rank by them nor take the base's r smallest singular components "
-                       "out first: merge it")
+        reasons.append("kasa_config (KaSA): its lora_diag tensors stop vLLM's loader ('... is unsupported LoRA "
+                       "weight'); vLLM would neither scale the rank by them nor take the base's r smallest singular "
+                       "components out first: merge it")
     if raw.get("use_bdlora"):
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
                        "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "
                        "supports BD-LoRA (not verified here), or merge it")
+    _experts(raw, targets, reasons, caveats)
+    caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
+                   "module must be one the class lists as LoRA-capable")
+    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+def _ranks(raw: dict, ranks: dict[str, int] | None, reasons: list[str], caveats: list[str]) -> None:
+    """vLLM's word on the ranks, read from the tensors: --max-lora-rank, and per-layer ranks it would scale wrong."""
+    if not ranks:
+        return
+    top = max(ranks.values())
+    if top > VLLM_MAX_LORA_RANKS[-1]:
+        reasons.append(f"rank {top} > {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM takes")
+    elif top > VLLM_DEFAULT_MAX_LORA_RANK:
+        caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
+    # vLLM scales every layer by the config's lora_alpha / r (vllm/lora/peft_helper.py, lora_weights.py), read
+    # from neither rank_pattern nor alpha_pattern: a layer of another rank is scaled r_layer / r times off.
+    if other := sorted({rank for rank in ranks.values() if rank != raw.get("r", rank)}):
+        reasons.append(f"per-layer ranks (rank_pattern: {', '.join(map(str, other))} beside r={raw['r']}): vLLM "
+                       "scales every layer by lora_alpha / r, so those layers would be scaled wrong (silently)")
+
+
+def _experts(raw: dict, targets: dict, reasons: list[str], caveats: list[str]) -> None:
+    """vLLM's word on LoRA on a mixture's experts: fused (target_parameters) or one by one (transformers 4's)."""
     if raw.get("target_parameters"):
         caveats.append("target_parameters (LoRA on fused expert weights): only vLLM versions with LoRA for fused "
                        "mixture-of-experts layers load it; not verified against vLLM")
@@ -92,9 +106,6 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
             # (vllm/lora/lora_weights.py), which scales them by lora_alpha / rank, not PEFTHelper's rsLoRA factor.
             reasons.append("use_rslora on a mixture's experts one by one: vLLM packs them scaled by lora_alpha / r, "
                            "not lora_alpha / sqrt(r) (sqrt(r) times too small, silently): merge it")
-    caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
-                   "module must be one the class lists as LoRA-capable")
-    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
 
 
 def _embedding_caveats(targets: dict) -> list[str]:
