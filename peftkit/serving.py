@@ -40,6 +40,12 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append(STACKED.format(who="vLLM"))
     if raw.get("use_dora"):
         reasons.append("use_dora: vLLM does not support DoRA")
+    if raw.get("fan_in_fan_out"):
+        # peft sets it for Conv1D layers: GPT-2's. vLLM's GPT2LMHeadModel implements no SupportsLoRA
+        # (vllm/model_executor/models/gpt2.py), and the LoRA model runner refuses such a class
+        # (vllm/v1/worker/lora_model_runner_mixin.py: "... does not support LoRA yet.").
+        reasons.append("fan_in_fan_out (GPT-2's Conv1D layers): vLLM serves no LoRA on GPT-2 ('GPT2LMHeadModel does "
+                       "not support LoRA yet.')")
     if raw.get("bias", "none") != "none":
         # PEFTHelper.validate_legal (vllm/lora/peft_helper.py): "Adapter bias is not supported." in current vLLM;
         # 0.6-0.10 took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias,

@@ -382,10 +382,10 @@ def test_vllm_skips_peft_s_copies_of_embed_tokens_and_lm_head_alone(tiny_llama, 
 
     gpt2 = saved(tiny_gpt2, ["wte", "c_attn"], tmp_path / "g")
     assert gpt2["base_copies"] == ["transformer.wte.base_layer.weight"] and not gpt2["vllm"]["accepts"]
-    # (peft also saves the tied head's weight whole, `lm_head.weight`, which vLLM refuses as well: a reason of its own)
-    assert gpt2["vllm"]["reasons"][1:] == ["the file holds base weights (transformer.wte.base_layer.weight) that vLLM stops "
-                                       "at ('... is unsupported LoRA weight'): it skips peft's copies of embed_tokens "
-                                       "and lm_head alone"]
+    # (peft also saves the tied head's weight whole, `lm_head.weight`, and GPT-2 takes no LoRA in vLLM: reasons of
+    # their own)
+    assert ("the file holds base weights (transformer.wte.base_layer.weight) that vLLM stops at ('... is unsupported "
+            "LoRA weight'): it skips peft's copies of embed_tokens and lm_head alone") in gpt2["vllm"]["reasons"]
     llama = saved(tiny_llama, ["embed_tokens", "q_proj"], tmp_path / "l")
     assert llama["vllm"]["accepts"] and "vLLM skips them and uses the served base's own" in llama["vllm"]["caveats"][0]
 
@@ -468,3 +468,11 @@ def test_layers_to_transform_needs_no_vllm_caveat(tiny_llama, tmp_path):
     info = inspect_adapter(_peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj"], layers_to_transform=[0]))
     assert [p.split(".")[2] for p in info["ranks"]] == ["0"]
     assert info["vllm"]["accepts"] and not any("layers_to_transform" in c for c in info["vllm"]["caveats"])
+
+
+def test_vllm_serves_no_lora_on_gpt2(tiny_gpt2, tmp_path):
+    """peft's fan_in_fan_out marks Conv1D layers, GPT-2's; vLLM's GPT2LMHeadModel implements no SupportsLoRA, so vLLM
+    refuses LoRA on it ('GPT2LMHeadModel does not support LoRA yet.'). inspect said vLLM would serve it."""
+    info = inspect_adapter(_peft(tiny_gpt2, tmp_path / "g", r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert info["vllm"]["reasons"] == ["fan_in_fan_out (GPT-2's Conv1D layers): vLLM serves no LoRA on GPT-2 "
+                                       "('GPT2LMHeadModel does not support LoRA yet.')"]
