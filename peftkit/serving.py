@@ -31,9 +31,11 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append(f"vLLM serves LoRA adapters only; this is {peft_type}")
         return {"accepts": False, "reasons": reasons, "caveats": caveats}
     whole = [n for n in saved if not n.endswith("." + TOKEN_ROWS)]
-    if raw.get("modules_to_save") or whole:
-        named = raw.get("modules_to_save") or sorted(whole)
-        reasons.append(f"modules_to_save ({', '.join(named)}): vLLM's loader requires it to be null")
+    if raw.get("modules_to_save"):  # PEFTHelper (vllm/lora/peft_helper.py) refuses the field
+        reasons.append(f"modules_to_save ({', '.join(raw['modules_to_save'])}): vLLM's loader requires it to be null")
+    elif whole:  # tensors saved whole with no modules_to_save: parse_fine_tuned_lora_name (vllm/lora/utils.py) refuses
+        reasons.append(f"tensors saved whole ({', '.join(sorted(whole))}) stop vLLM's loader ('... is unsupported LoRA "
+                       "weight')")
     if raw.get("trainable_token_indices"):
         reasons.append("trainable_token_indices: vLLM's loader reads LoRA's tensors, not trained embedding rows")
     if raw.get("layer_replication"):

@@ -382,8 +382,10 @@ def test_vllm_skips_peft_s_copies_of_embed_tokens_and_lm_head_alone(tiny_llama, 
 
     gpt2 = saved(tiny_gpt2, ["wte", "c_attn"], tmp_path / "g")
     assert gpt2["base_copies"] == ["transformer.wte.base_layer.weight"] and not gpt2["vllm"]["accepts"]
-    # (peft also saves the tied head's weight whole, `lm_head.weight`, and GPT-2 takes no LoRA in vLLM: reasons of
-    # their own)
+    # peft also saves the tied head's weight whole, `lm_head.weight`, with no modules_to_save: the loader stops at it
+    # as at any tensor it does not parse (it was said to be modules_to_save, which vLLM 'requires to be null')
+    assert "tensors saved whole (lm_head.weight) stop vLLM's loader ('... is unsupported LoRA weight')" in gpt2["vllm"][
+        "reasons"] and not any(r.startswith("modules_to_save") for r in gpt2["vllm"]["reasons"])
     assert ("the file holds base weights (transformer.wte.base_layer.weight) that vLLM stops at ('... is unsupported "
             "LoRA weight'): it skips peft's copies of embed_tokens and lm_head alone") in gpt2["vllm"]["reasons"]
     llama = saved(tiny_llama, ["embed_tokens", "q_proj"], tmp_path / "l")
