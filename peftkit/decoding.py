@@ -23,7 +23,7 @@ from torch import nn
 from peftkit.data.prompts import Prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
-from peftkit.rope_scaling import learned_positions
+from peftkit.rope_scaling import fresh_dynamic_rope, learned_positions
 
 
 MIN_TEMPERATURE = 1e-5
@@ -155,7 +155,10 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     inputs = {"input_ids": ids, "attention_mask": mask} | generation_inputs(model, mask, task_ids)
     decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
     ends = [_StopAtText(sampling.stop, width, set(stops), decode)] if sampling.stop else None
-    with torch.no_grad(), _without_model_defaults(model):
+    # Dynamic RoPE starts from the model's own frequencies, as a fresh model's generate does: transformers keeps those
+    # of the longest sequence seen until a forward shorter than the original context comes, so a prompt past it was
+    # answered with the frequencies of the batch before (or of the loss batches `peftkit eval` runs first).
+    with torch.no_grad(), _without_model_defaults(model), fresh_dynamic_rope(model):
         out = model.generate(**inputs, generation_config=config, streamer=streamer,
                              logits_processor=_penalty_past_pads(model, sampling, prompts, width),
                              stopping_criteria=ends)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peftkit.adapters import inject_adapters
 from peftkit.data import load_examples
 from peftkit.data.prompts import Prompt, load_prompts
-from peftkit.decoding import Sampling, generate_texts, stop_token_ids
+from peftkit.decoding import Sampling, generate_ids, generate_texts, stop_token_ids
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
 from tests.conftest import cli_user_error, make_recipe, random_adapters
@@ -329,6 +329,35 @@ def test_data_batches_decode_as_each_prompt_alone(tiny_llama, number_data, tmp_p
             "--json", str(out)]
     assert CliRunner().invoke(app, args).exit_code == 0
     assert [r["completion"] for r in json.loads(out.read_text())] == [a.split(stop)[0] for a in alone]
+
+
+def test_under_dynamic_rope_a_prompt_answers_as_on_a_fresh_model_whatever_came_before(tmp_path):
+    """transformers' dynamic RoPE keeps the frequencies of the longest sequence it has seen until a forward shorter
+    than the original context comes: a prompt past that context was answered with the frequencies of the prompt
+    before it (or of `peftkit eval`'s loss batches). Each generation starts from the model's own frequencies, as the
+    same prompt on a freshly loaded model does (transformers' generate of it: the same tokens)."""
+    from transformers import AutoConfig
+
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path, arch="llama", hidden_size=32, num_layers=2, seed=0, max_position_embeddings=24)
+    config = AutoConfig.from_pretrained(tmp_path)
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": config.rope_parameters["rope_theta"]}
+
+    def fresh():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, config=config, dtype=torch.float32).eval()
+
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    longer, later = (tok(t)["input_ids"] for t in ("count: 1 2 3 4 5 6 7 8 9 10 11 12", "say: one two three four five"))
+    assert 24 < len(later) < len(longer)  # past the original context from the prompt on
+    sampling = Sampling(max_new_tokens=40)
+    alone = generate_ids(fresh(), tok, [later], sampling)[0]
+    assert tok.decode(alone) == transformers_answer(fresh(), tok, later, new=40)
+    model = fresh()
+    generate_ids(model, tok, [longer], sampling)  # 74 positions: frequencies for more than `later`'s 69
+    assert generate_ids(model, tok, [later], sampling)[0] == alone  # (before: [35, 80, 89, ...], alone [59, 89, 59, ...])
+    prompts = [Prompt(longer, "longer"), Prompt(later, "later")]
+    assert generate_texts(fresh(), tok, prompts, sampling, batch_size=1)[1] == tok.decode(alone)
 
 
 DEFAULTS = ["--temperature", "0", "--top-p", "1", "--top-k", "0", "--min-p", "0", "--repetition-penalty", "1",
