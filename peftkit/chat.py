@@ -97,10 +97,11 @@ class _Streamer:
 def chat_loop(model: nn.Module, tok, sampling: Sampling, read: Callable[[str], str] = input,
               write: Callable[[str], None] | None = None, system: str | None = None,
               task: int | None = None) -> list[dict]:
-    """Run the conversation until /exit or end of input; returns its messages. `task`: the task id of a multitask
-    prompt tuning model (`peftkit.task_ids`)."""
+    """Run the conversation until /exit or end of input; returns its messages. `system`: the system message opening
+    it (an empty one too, as a recipe's `data.system_prompt: ''` opened its training conversations); None: none.
+    `task`: the task id of a multitask prompt tuning model (`peftkit.task_ids`)."""
     write = write or (lambda text: print(text, end="", flush=True))
-    start = [{"role": "system", "content": system}] if system else []
+    start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)
     write(HELP + "\n")
     while True:

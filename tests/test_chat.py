@@ -252,7 +252,47 @@ def test_a_recipe_s_data_system_prompt_opens_chat_and_generate_chat(tiny_llama, 
     for flags, system in (([], "Be brief."), (["--system", "Mine."], "Mine."), (["--system", ""], "")):
         monkeypatch.setattr(sys, "argv", ["peftkit", "chat", str(recipe), "--set", "export.output_dir=x", *flags])
         main()
-    assert seen == ["Be brief.", "Mine.", ""]
+    assert seen == ["Be brief.", "Mine.", None]
+
+
+def test_a_recipe_s_empty_data_system_prompt_opens_chat_as_it_opened_training(tiny_llama, number_data, tmp_path,
+                                                                             monkeypatch):
+    """data.system_prompt: '' (a way to keep a template's default system message out: Qwen2.5's says "You are
+    Qwen...") opened every training conversation with an empty system message, and `generate --chat` asks so;
+    `peftkit chat RECIPE` left it out, asking in a form the model never saw. It opens the chat too; `--system ''`
+    still means none."""
+    import peftkit.chat
+    from peftkit.cli import main
+    from peftkit.data.formats import format_rows
+    from peftkit.data.prompts import row_prompt
+    from peftkit.recipe import DataConfig
+    from tests.conftest import make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"format": "chat", "system_prompt": ""})
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    trained = format_rows([row], DataConfig(train="x", format="chat", system_prompt=""))[0]
+    asked = row_prompt(tok, trained, "chat").text  # the prompt training put before the answer
+    assert asked.startswith("<|system|>\n</s>")
+    real, conversations = peftkit.chat.chat_loop, []
+
+    def one_turn(*args, **kwargs):
+        lines = iter(["hi"])
+
+        def read(_):
+            line = next(lines, None)
+            if line is None:  # (Ctrl-D)
+                raise EOFError
+            return line
+        conversations.append(real(*args, **kwargs | {"read": read, "write": lambda _: None}))
+
+    monkeypatch.setattr(peftkit.chat, "chat_loop", one_turn)
+    for flags in ([], ["--system", ""]):
+        monkeypatch.setattr(sys, "argv", ["peftkit", "chat", str(recipe), "--set", "export.output_dir=x",
+                                          "--max-new-tokens", "2", *flags])
+        main()
+    with_empty, without = (chat_prompt(tok, messages[:-1]).text for messages in conversations)
+    assert with_empty == asked and without == chat_prompt(tok, [{"role": "user", "content": "hi"}]).text
 
 
 def _stream(tok, ids: list[int], texts: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:

@@ -304,9 +304,10 @@ def chat(
     source, cfg = model_source(recipe, overrides or [], local_path(model) if model else None,
                                single or (named[0][1] if named else None), trust_remote_code, "chat")
     tok = source.tokenizer()
-    # A recipe's data.system_prompt opened each conversation it trained on: the default of --system ('' for none).
-    system = typed(system) if system is not None else cfg.data.system_prompt if cfg is not None else None
-    opening = [{"role": "system", "content": system}] if system else []
+    # A recipe's data.system_prompt opened each conversation it trained on, an empty one too: the default of --system
+    # ('' for none).
+    system = (typed(system) or None) if system is not None else cfg.data.system_prompt if cfg is not None else None
+    opening = [{"role": "system", "content": system}] if system is not None else []
     # No template, or one that refuses a system message: said before the model loads.
     chat_prompt(tok, [*opening, {"role": "user", "content": "probe"}],
                 "peftkit chat needs one. Use a model whose tokenizer has a template, or `peftkit generate --prompt "
