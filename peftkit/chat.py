@@ -9,7 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from peftkit.data.prompts import chat_prompt
-from peftkit.decoding import Sampling, TooLong, check_room, cut_at_stop, generate_ids, stop_token_ids
+from peftkit.decoding import Sampling, TooLong, check_room, cut_at_stop, generate_ids, marked_text, stop_token_ids
 from peftkit.errors import Terminated, visible
 
 HELP = ("Type a message and press Enter. Ctrl-C stops a reply; /reset starts a new conversation, /exit (or Ctrl-D) "
@@ -34,8 +34,7 @@ def kept_reply(tok, ids: list[int], stop: tuple[str, ...]) -> str:
     shown = reply_text(tok, ids)
     if (cut := cut_at_stop(shown, stop)) != shown:
         return cut
-    own = {getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad", "sep", "cls", "mask")}
-    return tok.decode([t for t in ids if t not in own], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return marked_text(tok, ids, clean_up_tokenization_spaces=False)
 
 
 class _Streamer:

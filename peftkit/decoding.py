@@ -108,6 +108,18 @@ def stop_token_ids(model: nn.Module, tok, texts: tuple[str, ...] = ()) -> list[i
     return stops + [special[t] for t in dict.fromkeys(texts) if t in special and special[t] not in stops]
 
 
+OWN_TOKENS = ("bos", "eos", "unk", "pad", "sep", "cls", "mask")
+"""The tokenizer's own special tokens (`tok.bos_token_id`, ...), which no answer is made of (`marked_text`)."""
+
+
+def marked_text(tok, ids: list[int], **decoding) -> str:
+    """`ids` as text with the special tokens a model writes as part of its answer, `model.add_tokens`' markers
+    (`<calc>8+3</calc> eleven`), which `skip_special_tokens` drops, and without the tokenizer's own (BOS, EOS,
+    unknown, padding...). `decoding`: more `tok.decode` arguments."""
+    own = {getattr(tok, f"{name}_token_id", None) for name in OWN_TOKENS}
+    return tok.decode([t for t in ids if t not in own], skip_special_tokens=False, **decoding)
+
+
 class TooLong(PeftkitError):
     """A sequence longer than the positions the model covers (`check_room`)."""
 
@@ -281,15 +293,17 @@ def padding_hides_virtual_tokens(model: nn.Module, prompts: list[Prompt], max_ne
 def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampling, batch_size: int = 8,
                    on_batch: Callable[[list[Prompt], list[str]], None] | None = None,
                    route: Callable[[list[int]], AbstractContextManager] | None = None,
-                   unpadded: bool | None = None) -> list[str]:
+                   unpadded: bool | None = None, decode: Callable[[list[int]], str] | None = None) -> list[str]:
     """The completion of each prompt, in order, generated `batch_size` at a time (`length_batches`). `on_batch`
     sees each batch's prompts and completions; `route`, given the indices of a batch's prompts, the context its
     generation runs in (a mixed-adapter batch: `NamedAdapters.routed`); `unpadded`: batches without padding
-    (default: where `padding_hides_virtual_tokens`).
+    (default: where `padding_hides_virtual_tokens`); `decode`: a completion's ids as text (default: without special
+    tokens; `marked_text` keeps `model.add_tokens`' markers).
 
     The model is left in the train/eval mode it was in, and torch's global RNG as it was (sampling seeds a fork
     of it): generating in the middle of a training run must not change the dropout masks that follow."""
     sampling.check()
+    decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
     if prompts:  # all of them before the first batch: the longest comes last
         check_room(model, max(len(p.ids) for p in prompts), "longest prompt", sampling.max_new_tokens,
                    "Shorten the prompt, or lower max_new_tokens.")
@@ -305,9 +319,9 @@ def generate_texts(model: nn.Module, tok, prompts: list[Prompt], sampling: Sampl
             for batch in length_batches(prompts, batch_size, unpadded):
                 with route(batch) if route else nullcontext():
                     new = generate_ids(model, tok, [prompts[i].ids for i in batch], sampling,
-                                       tasks=[prompts[i].task_id for i in batch])
+                                       tasks=[prompts[i].task_id for i in batch], decode=decode)
                 for i, ids in zip(batch, new, strict=True):
-                    texts[i] = cut_at_stop(tok.decode(ids, skip_special_tokens=True), sampling.stop)
+                    texts[i] = cut_at_stop(decode(ids), sampling.stop)
                 if on_batch:
                     on_batch([prompts[i] for i in batch], [texts[i] for i in batch])
         finally:

@@ -17,7 +17,8 @@ from torch import nn
 from peftkit.data import Example, Examples, eval_loader
 from peftkit.data.checks import guard_token_ids
 from peftkit.data.packing import VARLEN_KEYS
-from peftkit.decoding import Sampling, check_room, generate_texts, length_batches, padding_hides_virtual_tokens
+from peftkit.decoding import (Sampling, check_room, generate_texts, length_batches, marked_text,
+                              padding_hides_virtual_tokens)
 from peftkit.distributed import sharded
 from peftkit.errors import PeftkitError
 from peftkit.eval_job import EvalJob
@@ -99,8 +100,15 @@ def generation_scores(model: nn.Module, tok, prompts: list, metrics: list[str], 
     `processes` (an accelerate Accelerator, several processes): they share out the prompts (`shared_answers`)."""
     shown = (lambda batch, _: advance(len(batch))) if advance is not None else None
     texts = (shared_answers(model, tok, prompts, sampling, batch_size, processes) if processes is not None
-             else generate_texts(model, tok, prompts, sampling, batch_size, on_batch=shown))
+             else generate_texts(model, tok, prompts, sampling, batch_size, on_batch=shown, decode=answer_text(tok)))
     return score(texts, [p.reference for p in prompts], metrics, normalize), texts
+
+
+def answer_text(tok) -> Callable[[list[int]], str]:
+    """An answer's ids as the text scored against its reference (and written to --predictions): with
+    `model.add_tokens`' markers, which the data's references write (`<calc>8+3</calc> eleven`), so that an answer
+    that is the reference token for token scores 1; decoded without them it scored 0 (`marked_text`)."""
+    return lambda ids: marked_text(tok, ids)
 
 
 def generation_share(prompts: list, batch_size: int, rank: int, world: int, unpadded: bool = False) -> list[int]:
@@ -125,7 +133,8 @@ def shared_answers(model: nn.Module, tok, prompts: list, sampling: Sampling, bat
 
     unpadded = padding_hides_virtual_tokens(model, prompts, sampling.max_new_tokens)  # decided for all prompts
     mine = generation_share(prompts, batch_size, processes.process_index, processes.num_processes, unpadded)
-    texts = generate_texts(model, tok, [prompts[i] for i in mine], sampling, batch_size, unpadded=unpadded)
+    texts = generate_texts(model, tok, [prompts[i] for i in mine], sampling, batch_size, unpadded=unpadded,
+                           decode=answer_text(tok))
     answers = [""] * len(prompts)
     for i, text in gather_object(list(zip(mine, texts, strict=True))):  # every process's (index, answer) pairs
         answers[i] = text

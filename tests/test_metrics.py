@@ -212,3 +212,32 @@ def test_json_and_predictions_on_one_name_of_several_eval_sets_writes_both(tiny_
     assert (f"--json {clash} is the --predictions file of numbers, {clash}, too: the metrics would replace the "
             "predictions. Give --json another path.") in err, err
     assert not list(tmp_path.glob("q*"))
+
+
+def test_an_answer_that_is_its_reference_with_model_add_tokens_markers_scores_1(tiny_llama):
+    """A reference that writes a new special token (`model.add_tokens`' `<calc>`) is matched by an answer of the same
+    tokens: the answer was decoded without its special tokens ('\\r' against '<calc><calc>...\\r'), so exact match,
+    token F1 and ROUGE-L scored 0 for the model writing its reference token for token. The tokenizer's own tokens
+    (EOS, padding) stay out of the text."""
+    from transformers import AutoTokenizer
+
+    from peftkit.data.prompts import Prompt
+    from peftkit.decoding import stop_token_ids
+    from peftkit.evaluate import generation_scores
+    from tests.test_generate import greedy_no_cache
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.add_special_tokens({"additional_special_tokens": ["<calc>"]})
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    marker, prompt = tok.convert_tokens_to_ids("<calc>"), tok("count: 1 2 3")["input_ids"]
+    first = greedy_no_cache(model, prompt, stop_token_ids(model, tok), 1)[0]
+    with torch.no_grad():  # the marker is written where `first` was: part of the answer, not all of it
+        model.lm_head.weight[marker] = 1.001 * model.lm_head.weight[first]
+    answer = greedy_no_cache(model, prompt, stop_token_ids(model, tok), 8)
+    reference = tok.decode(answer)  # the answer as a data row writes it
+    assert marker in answer and len(set(answer)) > 1 and "<calc>" in reference
+    scores, texts = generation_scores(model, tok, [Prompt(prompt, "count: 1 2 3", reference)],
+                                      ["exact_match", "token_f1", "rouge_l"], Sampling(max_new_tokens=8), 1, "squad")
+    assert texts == [reference] and scores == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
