@@ -82,10 +82,13 @@ def _check_language_models(rows: dict[str, EvalJob]) -> None:
 
 
 def _as_reward_models(jobs: dict[str, EvalJob]) -> dict[str, EvalJob]:
-    """Each row's job scoring pairs as a reward model: the Bradley-Terry loss (with the recipe's reward_center), every
+    """Each row's job scoring pairs as a reward model: the Bradley-Terry loss (with the reward recipe's reward_center,
+    else the one each row's peftkit.json records, as `peftkit eval` of it alone scores it: the rows took 0), every
     model loaded as a sequence classifier; a base that is none (a causal LM's --model) with one output, a new head."""
+    from peftkit.evaluate_pairs import recorded_center
+
     first = jobs[BASE]
-    center = first.preference[3] if first.preference[1] == "reward" else 0.0
+    given = first.preference[3] if first.preference[1] == "reward" else None
     out = {}
     for name, job in jobs.items():
         source, model = job.source, job.source.model
@@ -94,6 +97,7 @@ def _as_reward_models(jobs: dict[str, EvalJob]) -> dict[str, EvalJob]:
             if name == BASE and not source.reward_model():
                 update["num_labels"] = 1
             source = replace(source, model=model.model_copy(update=update))
+        center = given if given is not None else recorded_center(job.source)
         out[name] = replace(job, source=source, preference=(1.0, "reward", 0.0, center), init_from=None)
     return out
 

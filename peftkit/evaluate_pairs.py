@@ -34,9 +34,10 @@ def objective_of(job: EvalJob):
     return PreferenceLoss(*EvalJob.preference) if kto else PreferenceLoss(*job.preference)
 
 
-def _recorded_center(source: ModelSource) -> float:
+def recorded_center(source: ModelSource) -> float:
     """A reward model's centring weight without a reward recipe: the one its adapter's (else its merged model's)
-    peftkit.json records, so its loss is the run's; 0 scored a run of reward_center 0.01 0.0013 where it had 0.0053."""
+    peftkit.json records, so its loss is the run's; 0 scored a run of reward_center 0.01 0.0013 where it had 0.0053.
+    Each row of a comparison takes its own (`compare_preference._as_reward_models`)."""
     from peftkit.merge import recorded_reward_center
 
     where = source.adapter or (source.model.name_or_path if source.model is not None else None)
@@ -86,8 +87,9 @@ def preference_job(job: EvalJob, comparing: bool, flags: dict) -> None:
             raise PeftkitError(f"{job.source.describe()} is a classifier of classes, not a reward model (a classifier "
                                "of one output, training.objective: reward), so it scores no preference pairs; evaluate "
                                "it on data.format classification rows.")
-        job.preference = (1.0, "reward", 0.0, job.preference[3] if job.preference[1] == "reward" else
-                          _recorded_center(job.source))
+        if job.preference[1] == "reward" or not comparing:  # (a comparison's rows: each its own, `_as_reward_models`)
+            job.preference = (1.0, "reward", 0.0, job.preference[3] if job.preference[1] == "reward" else
+                              recorded_center(job.source))
         if job.source.model is not None:  # (--model DIR: a merged reward model loads as the classifier it is)
             job.source = replace(job.source, model=job.source.model.model_copy(
                 update={"task": "sequence_classification"}))

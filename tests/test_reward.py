@@ -150,6 +150,31 @@ def test_a_centred_reward_model_is_scored_with_its_centring_term_without_its_rec
     assert abs(json.loads(out.read_text())["loss"] - last["eval_loss"]) <= 1e-5
 
 
+def test_a_comparison_of_centred_reward_models_scores_each_with_its_own_centring_term(tiny_llama, reward_data,
+                                                                                      tmp_path):
+    """Without a reward recipe, a comparison's rows (--adapter NAME=DIR, --merged NAME=DIR) are each scored with the
+    training.reward_center its peftkit.json records, as `peftkit eval` of each alone scores it: they took 0, the
+    run's adapter 0.364 where its run (and its evaluation alone) had 1.233 at reward_center 0.5."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    path = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=4, eval_steps=4, reward_center=0.5)
+    raw = yaml.safe_load(path.read_text())
+    raw["export"] |= {"merged": True}
+    path.write_text(yaml.safe_dump(raw))
+    train(load_recipe(path))
+    run = tmp_path / "run"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_llama), "--adapter", f"rm={run / 'adapter'}",
+                                      "--merged", f"m={run / 'merged'}", "--data", str(reward_data["eval"]),
+                                      "--format", "preference", "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = json.loads(out.read_text())
+    assert abs(rows["rm"]["loss"] - last["eval_loss"]) <= 1e-5 and abs(rows["m"]["loss"] - last["eval_loss"]) <= 1e-5
+
+
 def _eval_and_merge(run: Path, data: Path, last: dict, tmp_path: Path) -> None:
     """`peftkit eval RUN_DIR`, of the adapter alone (a SEQ_CLS adapter of one output is scored as a reward model
     without a recipe saying so) and of the merged model give the run's last evaluation; generate refuses."""
