@@ -59,8 +59,9 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
     if cfg.method == loaded.method and differing:
         conflicts = [f"{key}: {_shown(getattr(cfg, key))} in the recipe, {_shown(getattr(loaded, key))} in the adapter"
                      for key in differing]
+        noted = "target_modules" in differing and _paths_for_names(cfg.target_modules, loaded.target_modules)
         paths = (" The adapter records the module paths its run adapted, never 'all-linear' or short names, so a "
-                 "recipe copied from that run's says otherwise here.") if "target_modules" in differing else ""
+                 "recipe copied from that run's says otherwise here.") if noted else ""
         raise PeftkitError(
             f"adapter.init_from: {path} sets the adapter's settings, and the recipe says otherwise ("
             f"{'; '.join(conflicts)}). Remove those keys from the recipe's adapter section (init_from takes them "
@@ -72,6 +73,16 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
             f"{', '.join(sorted(given))}, which are {cfg.method} settings. Leave only init_from."
         )
     return loaded.model_copy(update={"init_from": path})
+
+
+def _paths_for_names(given: object, recorded: object) -> bool:
+    """Whether the adapter records module paths (`model.layers.0.self_attn.q_proj`) where the recipe gives
+    'all-linear' or short names: the note that explains it. peft records what its user wrote (['q_proj', 'v_proj'])
+    where that was short names, and the note then said 'never short names' beside the adapter's short names."""
+    def dotted(value: object) -> bool:
+        return isinstance(value, list) and bool(value) and all("." in str(entry) for entry in value)
+
+    return dotted(recorded) and not dotted(given)
 
 
 def _shown(value: object) -> str:

@@ -1,5 +1,7 @@
 """`adapter.init_from: DIR`: training starts from an existing PEFT-format adapter (peftkit's or peft's)."""
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -183,3 +185,23 @@ def test_a_recipe_copied_from_the_run_is_told_its_target_modules_in_short(tiny_l
                          {"init_from": str(tmp_path / "p"), "target_modules": ["q_proj"]})
     with pytest.raises(PeftkitError, match=r"target_modules: \['q_proj'\] in the recipe, 14 modules \("):
         load_recipe(short)
+
+
+def test_an_adapter_of_short_names_is_not_said_to_record_paths(tiny_llama, number_data, tmp_path):
+    """peft records target_modules as its user wrote them: short names (['v_proj', 'q_proj']) stay short names. The
+    note that the adapter records module paths, never short names, was added to every target_modules conflict, here
+    beside the adapter's own short names; it is said where the adapter records paths and the recipe does not."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+                   ).save_pretrained(tmp_path / "p")
+    recipe = _init_recipe(tmp_path / "r", tiny_llama, number_data,
+                          {"init_from": str(tmp_path / "p"), "target_modules": ["q_proj"]})
+    with pytest.raises(PeftkitError) as caught:
+        load_recipe(recipe)
+    message = str(caught.value)
+    assert re.search(r"\(target_modules: \['q_proj'\] in the recipe, \['(q|v)_proj', '(q|v)_proj'\] in the adapter\)",
+                     message), message
+    assert message.endswith("Remove those keys from the recipe's adapter section (init_from takes them from the "
+                            "adapter), or make them match.")
