@@ -210,6 +210,7 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
     from peftkit.peft_format import load_adapter
     from peftkit.progress import phase
     from peftkit.runtime import inference_autocast, under_autocast
+    from peftkit.saved_embeddings import oversized
 
     device = resolve_device(source.model.device if source.model else "auto")
     source = source.here(device)
@@ -225,7 +226,8 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
         inject()
         try:
             trained, start = load_adapter(init_from)[:2]
-            if model_cfg.add_tokens:  # (tokens the run added after init_from's: their rows as training started them)
+            # (tokens the run added after init_from's: their rows as training started them; a padded base's cut)
+            if model_cfg.add_tokens or oversized(model, start):
                 start = start_state(model, start, trained, held_tokenizer_length(init_from))
             load_adapter_state_dict(model, start)
         except PeftkitError as error:  # (it blamed the evaluated adapter's files, or its base)

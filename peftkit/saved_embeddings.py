@@ -54,6 +54,14 @@ def _whole_as_bases(model: nn.Module, out: dict[str, torch.Tensor]) -> dict[str,
     return taken
 
 
+def oversized(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether `state` saves an embeddings or head matrix with more rows than `model`'s: a base peft resized past its
+    tokenizer (TRL's setup_chat_format pads to a multiple of 64), whose tokens fit the rows the base has to spare, so
+    that no model.add_tokens is asked for. It must be fitted (`fitted`) there too: it was refused as "trained on a
+    different base model"."""
+    return any(saved.shape[0] > weight.shape[0] for _, saved, weight in _matrices(model, state))
+
+
 def _trim(model: nn.Module, out: dict[str, torch.Tensor], vocabulary: int | None) -> None:
     """Cut each matrix of `out` with more rows than `model`'s weight (a base peft resized to a multiple of 64) to the
     rows of the adapter's `vocabulary` the model has (all the model's where it is unknown): the rows past the adapter's

@@ -15,6 +15,7 @@ from peftkit.methods import method_of
 from peftkit.methods.expert_lists import check_start
 from peftkit.modeling import prepare_for_training
 from peftkit.peft_format import load_adapter
+from peftkit.saved_embeddings import oversized
 from peftkit.recipe import Recipe
 from peftkit.runtime import check_fp16_gradients
 
@@ -55,7 +56,8 @@ def adapt(cfg: Recipe, model, adapter) -> list[str]:
     check_start(adapter, model)
     start = load_adapter(cfg.adapter.init_from)[1] if cfg.adapter.init_from else None
     targets = inject_adapters(model, adapter, every_entry=start is None, state=start)
-    if start is not None and cfg.model.add_tokens:  # (tokens listed after the adapter's: their rows start fresh)
+    # (tokens listed after the adapter's: their rows start fresh; a padded base's rows past the model's left out)
+    if start is not None and (cfg.model.add_tokens or oversized(model, start)):
         from peftkit.new_tokens import held_tokenizer_length, start_state
 
         start = start_state(model, start, cfg.adapter, held_tokenizer_length(cfg.adapter.init_from))

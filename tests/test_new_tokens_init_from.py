@@ -330,3 +330,46 @@ def test_a_run_from_peft_s_adapter_on_a_base_padded_to_a_multiple_of_64_starts_a
             assert trained.shape[0] == 3 and torch.equal(trained[2], resized.weight[104])
     _train(recipe, monkeypatch, capsys)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_from_peft_s_padded_adapter_whose_tokens_fit_the_base_s_spare_rows_starts_as_it(bases, chats, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """A base with rows to spare (110 rows, 102 tokens, as Qwen's) takes setup_chat_format's two markers within them,
+    so no model.add_tokens is asked for, but TRL still pads it to 128 rows, which peft saves as the frozen bases of the
+    trained rows: a run from that adapter without model.add_tokens was refused as "trained on a different base model
+    (another size or vocabulary)" (the padded rows were cut only under model.add_tokens). It starts as peft's model:
+    its logits over the base's 110 rows are peft's (<= 1e-5), and it trains."""
+    from peft import LoraConfig, get_peft_model
+
+    spare = tmp_path / "spare"
+    resized = load_fp32(bases["llama"])
+    resized.resize_token_embeddings(110, mean_resizing=False)
+    resized.save_pretrained(spare)
+    AutoTokenizer.from_pretrained(bases["llama"]).save_pretrained(spare)
+    tok = AutoTokenizer.from_pretrained(spare)
+    tok.add_special_tokens({"additional_special_tokens": MARKERS})
+    base = load_fp32(spare)
+    torch.manual_seed(7)
+    base.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    torch.manual_seed(1)
+    indices = {"embed_tokens": [102, 103], "lm_head": [102, 103]}
+    theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                             trainable_token_indices=indices))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
+    adapter = tmp_path / "peft-adapter"
+    theirs.save_pretrained(adapter)
+    tok.save_pretrained(adapter)
+    assert load_file(adapter / "adapter_model.safetensors")[
+        "base_model.model.lm_head.token_adapter.base_layer.weight"].shape == (128, 32)
+
+    recipe = _recipe(tmp_path, spare, chats, tokens=[], training={"max_steps": 2})
+    _from(recipe, adapter)
+    model = _step0_model(recipe)[0]
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 110
+    ids = IDS.clamp(max=103)
+    assert (_logits(model, ids) - _logits(theirs.eval(), ids)[..., :110]).abs().max() <= 1e-5
+    _train(recipe, monkeypatch, capsys)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
