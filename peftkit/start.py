@@ -230,6 +230,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     summary = _base_passes(cfg, model, tok, train_ex, evals, accelerator, console)
     targets = _inject(cfg, model, adapter, accelerator, console, summary)
     if _referenced(cfg) and _reference_after(cfg):
+        zero.cast_as_the_engine(accelerator, model)  # the adapter's weights too (init_from's: the reference's)
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)

@@ -266,3 +266,40 @@ def test_verify_relaunches_deepspeed_runs_as_the_shipped_configs(stage):
     assert {key: str(value).lower() for key, value in shipped.items()} == {
         key.removeprefix("--"): value for key, value in flags.items() if key.startswith("--") and "process" not in key
         and key not in ("--num_machines", "--mixed_precision", "--dynamo_backend", "-m")}
+
+
+def test_zero2_in_bf16_takes_the_reference_from_init_from_at_the_engine_s_precision(tiny_llama, tmp_path):
+    """DPO from adapter.init_from under DeepSpeed's bf16 mode: the reference is the init_from adapter over the base,
+    taken after the injection, whose adapter weights the engine also trains in bf16. The first step's policy is that
+    reference (no dropout): every reward 0 and the loss log 2."""
+    import math
+    import random
+
+    import yaml
+
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.tiny import write_jsonl
+    from tests.conftest import save_random_adapter
+
+    rng, rows = random.Random(0), []
+    for _ in range(16):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(-a - b)})
+    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
+    write_jsonl(data["train"], rows)
+    write_jsonl(data["eval"], rows[:4])
+    start = save_random_adapter(tiny_llama, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], dropout=0.0),
+                                tmp_path / "start", seed=3)
+    launcher = _launcher(tmp_path / "zero2-bf16", {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}})
+    sections = _sections(4 // PROCESSES, generate=False, objective="dpo", max_steps=1, log_steps=1,
+                         eval_steps=None, save_steps=None)
+    recipe = make_recipe(tmp_path, tiny_llama, data, data={"format": "preference", "max_length": 64}, **sections)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(start)}  # (its settings are the adapter's)
+    recipe.write_text(yaml.safe_dump(raw))
+    done = _launch(launcher, recipe)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    first = next(line for line in _lines(tmp_path / "run") if line.get("step") == 1 and "loss" in line)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6), first
+    rewards = [first[k] for k in ("chosen_reward", "rejected_reward", "reward_margin") if first.get(k) is not None]
+    assert rewards and all(value == 0.0 for value in rewards), first
