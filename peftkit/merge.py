@@ -309,8 +309,11 @@ def checkpoint_dtype(name_or_path: str, revision: str | None = None) -> str:
 
 
 def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str, replace: bool = True) -> None:
-    """Load a merged model quantized (nf4, double quant) and save it 4-bit. Rounding the merged weights to
-    4 bits again moves them away from what was trained: expect small logit differences."""
+    """Load a merged model quantized (nf4, double quant) and save it 4-bit, with the merged model's peftkit.json (what
+    it was merged from, a reward model's centring weight, which `peftkit eval --model OUTPUT-nf4` scores with: it
+    was left behind, and the loss scored without it). Rounding the merged weights to 4 bits again moves them away
+    from what was trained: expect small logit differences."""
+    import shutil
     from peftkit.modeling import load_config, load_model, load_tokenizer
     from peftkit.recipe import ModelConfig, QuantizationConfig
 
@@ -321,4 +324,10 @@ def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str
     if classes and all(str(c).endswith("ForSequenceClassification") for c in classes):
         cfg = cfg.model_copy(update={"task": "sequence_classification"})
     model = load_model(cfg, QuantizationConfig(method=method, compute_dtype="float32"), torch.device("cpu"))
-    save_merged(model, load_tokenizer(cfg), output_dir, replace=replace)
+    record = Path(merged_dir) / MERGED_FROM_NAME
+
+    def with_record(tmp: Path) -> None:
+        if record.is_file():
+            shutil.copyfile(record, tmp / MERGED_FROM_NAME)
+
+    save_merged(model, load_tokenizer(cfg), output_dir, replace=replace, then=with_record)

@@ -175,6 +175,32 @@ def test_a_comparison_of_centred_reward_models_scores_each_with_its_own_centring
     assert abs(rows["rm"]["loss"] - last["eval_loss"]) <= 1e-5 and abs(rows["m"]["loss"] - last["eval_loss"]) <= 1e-5
 
 
+def test_a_requantized_centred_reward_model_keeps_its_centring_term(tiny_llama, reward_data, tmp_path):
+    """`peftkit merge --requantize nf4` of a centred reward model: OUTPUT-nf4 carries the merged model's peftkit.json,
+    so `peftkit eval --model OUTPUT-nf4` without the recipe scores the loss the reward recipe gives it (it had no
+    peftkit.json: 0.390 where the recipe's eval of the same model gives 1.182, at reward_center 0.5)."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    path = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=4, eval_steps=4, reward_center=0.5)
+    train(load_recipe(path))
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output", str(out),
+                                      "--requantize", "nf4"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    nf4 = tmp_path / "merged-nf4"
+    assert (nf4 / "peftkit.json").read_bytes() == (out / "peftkit.json").read_bytes()
+
+    def loss(*args: str) -> float:
+        result = CliRunner().invoke(app, ["eval", *args, "--model", str(nf4), "--json", str(tmp_path / "f.json")])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return json.loads((tmp_path / "f.json").read_text())["loss"]
+
+    alone = loss("--data", str(reward_data["eval"]), "--format", "preference")
+    assert abs(alone - loss(str(path))) <= 1e-6
+
+
 def _eval_and_merge(run: Path, data: Path, last: dict, tmp_path: Path) -> None:
     """`peftkit eval RUN_DIR`, of the adapter alone (a SEQ_CLS adapter of one output is scored as a reward model
     without a recipe saying so) and of the merged model give the run's last evaluation; generate refuses."""
