@@ -909,3 +909,22 @@ def test_into_base_in_a_narrower_dtype_is_the_float32_merge_cast_once(llama_adap
     assert narrow.keys() == wide.keys()
     for key, tensor in wide.items():
         assert narrow[key].dtype == getattr(torch, dtype) and torch.equal(narrow[key], tensor.to(narrow[key].dtype)), key
+
+
+def test_the_made_non_finite_check_reads_the_base_only_beside_a_tensor_that_is_not_finite():
+    """`_made_non_finite` compares with the base only where the merged tensor holds a NaN or inf: read beside every
+    tensor, the check of a 512 MiB float32 state took 4 to 6.7 s where one isfinite pass takes 2. The base's own
+    infinities pass, one the combination made is found."""
+    from peftkit.combine_adapters import _made_non_finite
+
+    class Unread(dict):
+        def __getitem__(self, key):
+            raise AssertionError(f"the base's {key} was read")
+
+    finite = {"a.weight": torch.ones(3, 2), "b.weight": torch.arange(4.0)}
+    assert not _made_non_finite(finite, Unread(finite))
+    base = {"a.weight": torch.tensor([[1.0, -float("inf")], [2.0, 3.0]])}
+    assert not _made_non_finite({"a.weight": base["a.weight"] * 2}, base)
+    made = base["a.weight"].clone()
+    made[1, 0] = float("nan")
+    assert _made_non_finite({"a.weight": made}, base)
