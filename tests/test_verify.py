@@ -819,3 +819,24 @@ def test_the_largest_difference_is_found_in_any_chunk(chunk, monkeypatch):
     b[4, 3] = float("nan")
     assert reproduced._max_difference(a, b) == float("inf")
     assert reproduced._max_difference(torch.zeros(0), torch.zeros(0)) == 0.0
+
+
+def test_a_checkpoint_s_state_is_compared_as_the_weights_are(monkeypatch):
+    """The optimizer's and scheduler's states (`_state_difference`) are compared with the weights' comparison
+    (`_max_difference`): in float64 chunks, not a whole float64 copy of each tensor and its difference (an optimizer
+    moment of a saved 128k x 4096 embedding: some 16 GB), and a NaN or an infinity on both sides at one place is no
+    difference (it was 'max abs diff nan', a difference, between two identical states)."""
+    import torch
+
+    from peftkit import reproduced
+
+    monkeypatch.setattr(reproduced, "DIFFERENCE_CHUNK", 3)
+    a = torch.arange(20, dtype=torch.float32).reshape(4, 5)
+    a[0, 1], a[2, 2] = float("nan"), float("inf")
+    state = {"state": {0: {"exp_avg": a, "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]}
+    again = {"state": {0: {"exp_avg": a.clone(), "step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]}
+    assert reproduced._state_difference(state, again, 1e-6) is None
+    again["state"][0]["exp_avg"][3, 4] += 0.5  # in the last chunk
+    assert reproduced._state_difference(state, again, 1e-6) == "state.0.exp_avg: max abs diff 0.5 > 1e-06"
+    again["state"][0]["exp_avg"][0, 1] = 1.0  # a number where the recorded state has NaN
+    assert reproduced._state_difference(state, again, 1e-6) == "state.0.exp_avg: max abs diff inf > 1e-06"
