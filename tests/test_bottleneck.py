@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -99,6 +100,39 @@ def test_saved_layout_and_trained_norms(models, tmp_path):  # noqa: F811
     model(input_ids=IDS, labels=IDS).loss.backward()
     norm = adapter_layers(model)["transformer.h.0.ln_1"]
     assert norm.norm_weight.grad.abs().sum() > 0 and norm.base_layer.weight.grad is None
+
+
+@pytest.mark.parametrize(("arch", "after"), [("gemma3", "both"), ("qwen3_moe", "attention")])
+def test_norms_inside_the_attention_train_and_load(arch, after, tmp_path):
+    """Gemma 3's and Qwen3's attention holds norms of its own (q_norm, k_norm): with train_norms they are trained too, saved under the attention's base_layer, and load back to the same logits (injecting crashed:
+    'BottleneckLayer' object has no attribute 'q_norm')."""
+    from peftkit.adapter_base import load_adapted_model
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "base", arch=arch, hidden_size=32, num_layers=2, seed=0)
+    model, cfg = _load(tmp_path / "base"), _cfg(after=after, train_norms=True)
+    with torch.no_grad():
+        base = model(IDS).logits
+    torch.manual_seed(0)
+    targets = inject_adapters(model, cfg)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base)
+    random_adapters(model, seed=1, std=0.5)
+    state = adapter_state_dict(model, [])
+    q_norm = "base_model.model.model.layers.0.self_attn.base_layer.q_norm.norm_weight"
+    assert q_norm in state and "base_model.model.model.layers.0.self_attn.adapter_down.weight" in state
+    assert ("base_model.model.model.layers.0.mlp.adapter_down.weight" in state) == (after == "both")
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert adapter_layers(model)["model.layers.0.self_attn.base_layer.q_norm"].norm_weight.grad.abs().sum() > 0
+    model.eval()
+    save_adapter(tmp_path / "a", state, peft_config(cfg, targets, str(tmp_path / "base"), False, arch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the saved q_norm was taken for a target its weights do not adapt)
+        loaded = load_adapted_model(str(tmp_path / "base"), str(tmp_path / "a"), torch.device("cpu"))[0]
+    with torch.no_grad():
+        trained = model(IDS).logits
+        assert torch.equal(loaded(IDS).logits, trained) and not torch.equal(trained, base)
 
 
 def test_eval_and_generate_cli_on_a_trained_run(models, number_data, tmp_path, monkeypatch):  # noqa: F811

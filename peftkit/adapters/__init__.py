@@ -281,14 +281,16 @@ def _outside_saved(names: list[str], cfg: AdapterConfig, every_entry: bool, adap
 
 
 def modules_adapted_by(state: dict[str, torch.Tensor], method) -> set[str]:
-    """The module paths a saved adapter's PEFT-keyed tensors adapt (keys `<path>.<one of the method's tensors>`)."""
+    """The module paths a saved adapter's PEFT-keyed tensors adapt (keys `<path>.<one of the method's tensors>`), as
+    the base model names them: a module inside one an adapter layer wraps (a bottleneck's trained q_norm, inside the
+    attention, saved as `self_attn.base_layer.q_norm`) by its own path, `self_attn.q_norm`."""
     found = set()
     for key in state:
         name = key.removeprefix(PEFT_PREFIX)
         for param in method.param_names:
             head, sep, _ = name.partition(f".{param.split('.')[0]}")
             if sep:
-                found.add(head)
+                found.add(head.replace(".base_layer.", "."))
     return found
 
 

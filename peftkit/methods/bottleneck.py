@@ -159,9 +159,13 @@ class Bottleneck(Method):
         """Each decoder block's attention and/or MLP (by `after`), and with `train_norms` every norm layer."""
         blocks = decoder_blocks(model, cls.name)
         names = [b.attention for b in blocks if cfg.after != "ffn"] + [b.mlp for b in blocks if cfg.after != "attention"]
-        names += norm_layers(model) if cfg.train_norms else []
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-        return sorted(names, key=order.__getitem__)
+        # The norms first: one inside a wrapped block (Gemma 3's and Qwen3's q_norm and k_norm, in the attention) is
+        # then wrapped while its path still reaches it (after, `inject_adapters` found no `q_norm` on the block's
+        # wrapper), and saved under the block's `base_layer`. A norm draws no random number, so the blocks' initial
+        # weights are those of the model order.
+        norms = norm_layers(model) if cfg.train_norms else []
+        return sorted(norms, key=order.__getitem__) + sorted(names, key=order.__getitem__)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: BottleneckConfig, path: str) -> AdapterLayer:
