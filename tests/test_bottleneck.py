@@ -135,6 +135,18 @@ def test_norms_inside_the_attention_train_and_load(arch, after, tmp_path):
         assert torch.equal(loaded(IDS).logits, trained) and not torch.equal(trained, base)
 
 
+def test_a_mixture_s_fused_experts_are_refused_with_the_way_out(tmp_path):
+    """Qwen3-MoE's MLP is a block of fused expert parameters, without a Linear to read the hidden size from: the error
+    says so and names the setting that trains (the attention alone)."""
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "base", arch="qwen3_moe", hidden_size=32, num_layers=2, seed=0)
+    with pytest.raises(PeftkitError, match=r"cannot tell the hidden size of 'model.layers.0.mlp' "
+                                           r"\(Qwen3MoeSparseMoeBlock\) \(its experts are fused parameters, no Linear "
+                                           r"layer\); adapt the attention alone: adapter.after: attention\.$"):
+        inject_adapters(_load(tmp_path / "base"), _cfg(after="both"))
+
+
 def test_eval_and_generate_cli_on_a_trained_run(models, number_data, tmp_path, monkeypatch):  # noqa: F811
     """`peftkit train` a parallel bottleneck, then `peftkit eval RUN_DIR` gives the run's final eval loss and
     `peftkit generate --adapter` the completions of the reloaded adapter."""

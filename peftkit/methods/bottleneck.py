@@ -221,7 +221,10 @@ def _hidden_size(base: nn.Module, path: str) -> int:
     for module in base.modules():
         if isinstance(module, nn.Linear) or is_conv1d(module):
             return linear_shape(module)[0]
-    raise PeftkitError(f"adapter.method bottleneck: cannot tell the hidden size of '{path}' ({type(base).__name__}).")
+    fused = " (its experts are fused parameters, no Linear layer); adapt the attention alone: adapter.after: attention" \
+        if "moe" in type(base).__name__.lower() else ""
+    raise PeftkitError(f"adapter.method bottleneck: cannot tell the hidden size of '{path}' ({type(base).__name__})"
+                       f"{fused}.")
 
 
 for _layer in (BottleneckLayer, TrainedNorm):
