@@ -51,6 +51,8 @@ def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
     ("llama_adapter", "adapter.adapter_layers: 5, but the model has 2 attention layers"),
     ("learned_positions", "data.max_length 600 is longer than the 512 positions"),
     ("mamba_prefix", "this mamba model's config has no num_attention_heads"),
+    ("pissa_rank", "adapter.init: pissa takes r directions of 'model.layers.0.self_attn.q_proj''s (32, 32) weight; "
+                   "adapter.r (40) is larger than 32. Lower adapter.r or use init: default."),
 ])
 def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_llama, tiny_gpt2, number_data,
                                                           tmp_path, monkeypatch, capsys):
@@ -71,6 +73,8 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
         sections, base = {"data": {"max_length": 600}}, tiny_gpt2
     elif case == "mamba_prefix":
         sections = {"adapter": {"method": "prefix_tuning", "num_virtual_tokens": 4}}
+    elif case == "pissa_rank":  # a rank past the weight's: said from its shape, before the SVD needs the values
+        sections = {"adapter": {"r": 40, "alpha": 80, "target_modules": "all-linear", "init": "pissa"}}
     model = _tiny_mamba(tmp_path / "mamba") if case == "mamba_prefix" else _garbage_weights(base, tmp_path / "model")
     if case.startswith("no_template"):
         (model / "chat_template.jinja").unlink()

@@ -69,13 +69,14 @@ def initialize(layer: AdapterLayer, init: str, pissa_niter: int | None, path: st
             "quantization section."
         )
     weight = layer.base_layer.weight
+    shape = tuple(weight.shape[::-1] if layer.facts.fan_in_fan_out else weight.shape)  # (out, in)
+    if layer.r > min(shape):  # (on the meta model too: validate's and the memory estimate's say it before loading)
+        raise PeftkitError(f"adapter.init: {init} takes r directions of '{path}''s {shape} weight; adapter.r "
+                           f"({layer.r}) is larger than {min(shape)}. Lower adapter.r or use init: default.")
     if weight.device.type == "meta":  # the memory estimate's model: shapes only
         return
     w = weight.detach().float()
     w = w.T if layer.facts.fan_in_fan_out else w  # (out, in)
-    if layer.r > min(w.shape):
-        raise PeftkitError(f"adapter.init: {init} takes r directions of '{path}''s {tuple(w.shape)} weight; adapter.r "
-                           f"({layer.r}) is larger than {min(w.shape)}. Lower adapter.r or use init: default.")
     a, b = (_pissa if init == "pissa" else _olora)(w, layer.r, layer.scaling, pissa_niter)
     residual = w - layer.scaling * b @ a
     with torch.no_grad():
