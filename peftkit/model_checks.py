@@ -73,6 +73,10 @@ def check_model(cfg: Recipe) -> str:
         chat = [f"data.train[{i}].format" for i, entry in enumerate(cfg.data.train_sources()) if entry.format == "chat"]
         if cfg.data.format == "chat" or chat:
             check_chat_tokenizer(tok, "data.format" if cfg.data.format == "chat" else chat[0])
+        if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
+            from peftkit.methods.alora import check_invocation_ids
+
+            check_invocation_ids(invocation, tok)
         if cfg.classifier:  # the head's size: the classes, as train reads them (a reward model's one score)
             from peftkit.modeling import classifier_kwargs
 

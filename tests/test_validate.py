@@ -53,6 +53,8 @@ def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
     ("mamba_prefix", "this mamba model's config has no num_attention_heads"),
     ("pissa_rank", "adapter.init: pissa takes r directions of 'model.layers.0.self_attn.q_proj''s (32, 32) weight; "
                    "adapter.r (40) is larger than 32. Lower adapter.r or use init: default."),
+    ("alora_vocab", "adapter.alora_invocation_tokens [5, 102]: token id 102 is past the tokenizer's 102 tokens (ids 0 "
+                    "to 101), so no text holds the invocation and the adapter would never act."),
 ])
 def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_llama, tiny_gpt2, number_data,
                                                           tmp_path, monkeypatch, capsys):
@@ -73,6 +75,8 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
         sections, base = {"data": {"max_length": 600}}, tiny_gpt2
     elif case == "mamba_prefix":
         sections = {"adapter": {"method": "prefix_tuning", "num_virtual_tokens": 4}}
+    elif case == "alora_vocab":  # an id no text encodes to (it was said as one the data lacked, by train only)
+        sections = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"], "alora_invocation_tokens": [5, 102]}}
     elif case == "pissa_rank":  # a rank past the weight's: said from its shape, before the SVD needs the values
         sections = {"adapter": {"r": 40, "alpha": 80, "target_modules": "all-linear", "init": "pissa"}}
     model = _tiny_mamba(tmp_path / "mamba") if case == "mamba_prefix" else _garbage_weights(base, tmp_path / "model")

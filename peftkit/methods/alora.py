@@ -231,9 +231,20 @@ def invocation_coverage(examples: Any, invocation: list[int]) -> tuple[int, int]
     return int(holding.sum()), int((holding & (last_label > last)).sum())
 
 
+def check_invocation_ids(invocation: list[int], tok: Any) -> None:
+    """Refuse an invocation id past the tokenizer's vocabulary: no text encodes to it, so the adapter would never act
+    (said before the data is read, by validate too; it was said as an invocation the data lacks)."""
+    if past := [i for i in invocation if i >= len(tok)]:
+        raise PeftkitError(
+            f"adapter.alora_invocation_tokens {invocation}: token id {past[0]} is past the tokenizer's {len(tok)} "
+            f"tokens (ids 0 to {len(tok) - 1}), so no text holds the invocation and the adapter would never act. Give "
+            "the ids as the tokenizer encodes the invocation inside a text (tok(example_text).input_ids shows them).")
+
+
 def check_invocation(invocation: list[int], examples: Any, tok: Any) -> str | None:
     """Refuse training data in which the invocation never occurs before a labelled token (the adapter would train
     nothing: most often ids encoded out of context); a warning (returned) where some examples lack it."""
+    check_invocation_ids(invocation, tok)
     holding, training = invocation_coverage(examples, invocation)
     total = len(examples)
     shown = f"adapter.alora_invocation_tokens {invocation} ({tok.decode(invocation)!r})"
