@@ -365,6 +365,41 @@ def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, n
         load_recipe(bad)
 
 
+@pytest.mark.parametrize(("adapter", "said"), [
+    ({"rank_pattern": {"q_proj": 2, "q_prj": 6}},
+     "adapter.rank_pattern: 'q_prj' matches none of the 4 adapted modules, so it would change nothing (every module "
+     "keeps adapter.r). A key matches the end of a module's path after a dot (q_proj, v_proj), or a regex over it. "
+     "Did you mean 'q_proj'?"),
+    ({"alpha_pattern": {r"layers\.5\..*": 3}}, r"adapter.alpha_pattern: 'layers\\.5\\..*' matches none of the 4 "
+                                              "adapted modules, so it would change nothing (every module keeps "
+                                              "adapter.alpha)."),
+    ({"method": "fourierft", "n_frequency": 8, "n_frequency_pattern": {"v_prj": 4}, "r": None, "alpha": None},
+     "adapter.n_frequency_pattern: 'v_prj' matches none of the 4 adapted modules, so it would change nothing (every "
+     "module keeps adapter.n_frequency)."),
+])
+def test_a_recipe_s_pattern_key_that_matches_no_target_is_refused(adapter, said, tiny_llama, number_data, tmp_path,
+                                                                  monkeypatch, capsys):
+    """A recipe's rank_pattern / alpha_pattern / n_frequency_pattern key matching none of the adapted modules (a typo)
+    was accepted by validate and train, which trained every module at adapter.r (alpha, n_frequency) without a word
+    (peft passes over it too). Refused, by validate as by train; a saved adapter's such key still loads (peft's does)."""
+    import yaml
+
+    from peftkit.adapters import adapter_layers, inject_adapters
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import cli_user_error, make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"target_modules": ["q_proj", "v_proj"]})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {k: v for k, v in {**raw["adapter"], **adapter}.items() if v is not None}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for command in ("validate", "train"):
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+    saved = LoraConfig(r=4, alpha=8, target_modules=["q_proj"], rank_pattern={"q_prj": 2})
+    model = _load(tiny_llama)
+    inject_adapters(model, saved, every_entry=False)
+    assert {layer.r for layer in adapter_layers(model).values()} == {4}
+
+
 @pytest.mark.parametrize("layers", [{"layers_to_transform": [1]}, {"layers_to_transform": 0, "layers_pattern": "layers"}])
 def test_layers_to_transform_adapts_the_layers_peft_adapts(layers, tiny_llama, number_data, tmp_path):
     """peft's layers_to_transform (with layers_pattern; an integer is one layer, 0 included): peft's adapter loads

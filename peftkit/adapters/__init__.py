@@ -19,7 +19,7 @@ from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape, suffix_match
 from peftkit.methods.replication import replicate_layers
-from peftkit.methods.target_filters import check_excluded
+from peftkit.methods.target_filters import check_excluded, check_patterns
 from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows
 from peftkit.recipe import AdapterConfig, TargetRegex
 
@@ -173,7 +173,9 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped[name] = method.wrap(getattr(parent, child), cfg, name)
         setattr(parent, child, wrapped[name])
-    method.wrap_parameters(model, cfg, set(wrapped), every_entry)
+    parameters = method.wrap_parameters(model, cfg, set(wrapped), every_entry)
+    if every_entry:
+        check_patterns(cfg, names + parameters)
     method.link_layers(model, cfg, wrapped)
     share_tensors(method, cfg, list(wrapped.values()))
     _train_saved_modules(model, cfg, state)

@@ -3,7 +3,9 @@ and `exclude_modules`, one rule each for every method whose peft config has the 
 `check_target_module_exists`).
 
 `LayerTargets` and `ExcludedTargets` are the recipe side (a method's config subclasses those it has), the `Peft...`
-classes the adapter_config.json side, and `narrow` the rules themselves, applied by `Method.select_targets`.
+classes the adapter_config.json side, and `narrow` the rules themselves, applied by `Method.select_targets`. A
+recipe's per-module settings (`rank_pattern`, `alpha_pattern`, `n_frequency_pattern`) must each match an adapted
+module (`check_patterns`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,29 @@ def check_excluded(modules: list[str], cfg: Any) -> None:
             kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in modules if n))
             raise PeftkitError(f"adapter.exclude_modules entry {entry!r} names no module of this model; fix it or "
                                f"remove it.{did_you_mean(entry, kinds)}")
+
+
+_UNSET = object()
+PATTERNS = (("rank_pattern", "r", lambda cfg, path: cfg.rank_and_alpha(path)[0]),
+            ("alpha_pattern", "alpha", lambda cfg, path: cfg.rank_and_alpha(path)[1]),
+            ("n_frequency_pattern", "n_frequency", lambda cfg, path: cfg.frequencies(path)))
+"""The per-module settings a recipe may give (LoRA's, FourierFT's): the key, the setting the others keep, and how
+the method reads the value of the module at a path (`cfg` with that key alone in the pattern)."""
+
+
+def check_patterns(cfg: Any, paths: list[str]) -> None:
+    """A recipe's rank_pattern, alpha_pattern or n_frequency_pattern key that matches none of the adapted `paths` is a
+    typo, refused: those modules would keep r (alpha, n_frequency) without a word, as peft passes over it. Read by the
+    method's own matching (`cfg` with only that key, its value a marker)."""
+    for key, setting, value in PATTERNS:
+        for entry in getattr(cfg, key, None) or {}:
+            probe = cfg.model_copy(update={key: {entry: _UNSET}})
+            if not any(value(probe, path) is _UNSET for path in paths):
+                kinds = list(dict.fromkeys(path.rsplit(".", 1)[-1] for path in paths))
+                raise PeftkitError(
+                    f"adapter.{key}: {entry!r} matches none of the {len(paths)} adapted modules, so it would change "
+                    f"nothing (every module keeps adapter.{setting}). A key matches the end of a module's path after "
+                    f"a dot ({', '.join(kinds[:8])}), or a regex over it.{did_you_mean(entry, kinds)}")
 
 
 def _drop_excluded(names: list[str], cfg: Any) -> list[str]:
