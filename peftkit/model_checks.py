@@ -113,8 +113,9 @@ def _quantize(model, cfg: Recipe) -> None:
     import torch
     from transformers.quantizers import AutoHfQuantizer
 
-    from peftkit.quantization import bnb_config, refuse_quantized_tied_head
+    from peftkit.quantization import bnb_config, check_skip_modules, refuse_quantized_tied_head
 
+    check_skip_modules(model, cfg.quantization)
     quantizer = AutoHfQuantizer.from_config(bnb_config(cfg.quantization, cfg.model.task))
     with torch.device("meta"):
         quantizer.preprocess_model(model, dtype=next(model.parameters()).dtype, device_map={"": "cpu"})

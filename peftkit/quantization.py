@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.recipe import ModelConfig, QuantizationConfig
 
 
@@ -133,6 +133,26 @@ def check_quantization_section(config, cfg: ModelConfig, quant: QuantizationConf
     raise PeftkitError(f"{said} Add the one the checkpoint has (quantization: {{{settings}}}), so that the adapter "
                        "records the quantized base it is trained against, and merges and evaluations load it as "
                        "trained.")
+
+
+def check_skip_modules(model: nn.Module, quant: QuantizationConfig) -> None:
+    """A quantization.skip_modules entry the recipe wrote that matches no module of the model (a typo: `lm_hed`)
+    keeps nothing in full precision, and transformers passes over it without a word, so what it meant to keep (the
+    output head) was quantized. Refused, matched as transformers matches the entries (a path prefix, a regex, a name
+    at the end). The default `lm_head` on a model without an output head (a classifier) is no mistake."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    if "skip_modules" not in quant.model_fields_set:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    headless = model.get_output_embeddings() is None
+    for entry in quant.skip_modules:
+        if all(should_convert_module(name, [entry]) for name in names) and not (entry == "lm_head" and headless):
+            kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+            raise PeftkitError(f"quantization.skip_modules entry {entry!r} matches no module of this model, so it "
+                               "keeps nothing in full precision (transformers passes over it, and quantizes what it "
+                               "meant to keep). Name a module or a path prefix (lm_head, model.layers.0), or remove "
+                               f"it.{did_you_mean(entry, kinds)}")
 
 
 def refuse_quantized_tied_head(model: nn.Module, quant: QuantizationConfig) -> None:

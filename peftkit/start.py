@@ -31,7 +31,7 @@ from peftkit.methods import MethodTrainer, method_of
 from peftkit.modeling import load_config, load_model, load_tokenizer, resolve_device
 from peftkit.preference import objective_loss
 from peftkit.progress import phase
-from peftkit.quantization import check_quantization_section
+from peftkit.quantization import check_quantization_section, check_skip_modules
 from peftkit.recipe import Recipe
 from peftkit.rope_scaling import check_context_length, fresh_dynamic_rope
 from peftkit.runtime import (build_optimizer, check_device_support, cpu_dtype_note, emulated_bf16_note, lr_lambda,
@@ -295,6 +295,8 @@ def _base_model(cfg: Recipe, device: torch.device, labels: LabelSet | None, tok,
     """(the base model loaded and checked, the run's inputs for its record, the commit of a hub base's snapshot)."""
     with phase("Loading model...", console):
         model = load_model(cfg.model, cfg.quantization, device, labels)
+    if cfg.quantization is not None:  # (a recipe's typo; a saved run's section loads as it trained, in eval)
+        check_skip_modules(model, cfg.quantization)
     guard_token_ids(model, tok)
     if cfg.training.pairs:
         from peftkit.preference import without_dropout

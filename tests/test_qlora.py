@@ -234,6 +234,25 @@ def test_a_quantized_output_head_tied_to_the_embeddings_is_a_clear_error(tmp_pat
         assert torch.isfinite(fp32_logits(untied)).all()
 
 
+def test_a_skip_modules_entry_that_matches_no_module_is_refused(qllama, number_data, tmp_path, monkeypatch, capsys):
+    """quantization.skip_modules: [lm_hed] (a typo for lm_head) was accepted by validate and train, which quantized the
+    output head the entry meant to keep in full precision (transformers passes over an entry that matches nothing).
+    Refused by both, in the same words; an entry that matches (a name, a path prefix) still trains."""
+    from tests.conftest import cli_user_error, make_recipe
+
+    said = ("quantization.skip_modules entry 'lm_hed' matches no module of this model, so it keeps nothing in full "
+            "precision (transformers passes over it, and quantizes what it meant to keep). Name a module or a path "
+            "prefix (lm_head, model.layers.0), or remove it. Did you mean 'lm_head'?")
+    quant = {"method": "nf4", "compute_dtype": "float32", "skip_modules": ["lm_hed"]}
+    recipe = make_recipe(tmp_path, qllama, number_data, quantization=quant, training={"max_steps": 1})
+    for command in ("validate", "train"):
+        assert said in " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), command
+    recipe = make_recipe(tmp_path / "kept", qllama, number_data, training={"max_steps": 1},
+                         quantization={**quant, "skip_modules": ["lm_head", "model.layers.1"]})
+    train(load_recipe(recipe), show_summary=False)
+    assert (tmp_path / "kept" / "run" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_a_quantization_section_that_differs_from_a_prequantized_checkpoint_is_refused(qllama, tmp_path):
     """A checkpoint saved 4-bit (merge --requantize's OUTPUT-nf4) loads with its own settings: a section asking int8
     or fp4 trained on nf4 without a word (transformers' warning goes to a silenced log), and the adapter recorded the
