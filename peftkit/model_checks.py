@@ -54,7 +54,6 @@ def check_model(cfg: Recipe) -> str:
     parameters counted as train counts them) and the kinds of modules it adapts. Call where `unavailable` is None."""
     from peftkit import long_context
     from peftkit.classify import with_head
-    from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.manifest import hub_commit
     from peftkit.memory import meta_model
     from peftkit.methods import method_of
@@ -70,13 +69,7 @@ def check_model(cfg: Recipe) -> str:
         if cfg.quantization is not None:
             check_prequantized(config, cfg.quantization, cfg.model.name_or_path)
         tok = load_tokenizer(cfg.model, cfg.data.chat_template)
-        chat = [f"data.train[{i}].format" for i, entry in enumerate(cfg.data.train_sources()) if entry.format == "chat"]
-        if cfg.data.format == "chat" or chat:
-            check_chat_tokenizer(tok, "data.format" if cfg.data.format == "chat" else chat[0])
-        if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
-            from peftkit.methods.alora import check_invocation_ids
-
-            check_invocation_ids(invocation, tok)
+        _check_tokenizer(cfg, tok)
         if cfg.classifier:  # the head's size: the classes, as train reads them (a reward model's one score)
             from peftkit.modeling import classifier_kwargs
 
@@ -104,6 +97,27 @@ def check_model(cfg: Recipe) -> str:
             method_of(cfg.adapter).trainer(model, cfg.adapter, cfg.training.max_steps)
     kinds = sorted({name.rpartition(".")[2] for name in targets})
     return adapter_line(adapter, model, targets) + (f"; adapted: {', '.join(kinds)}" if kinds else "")
+
+
+def _check_tokenizer(cfg: Recipe, tok) -> None:
+    """Train's refusals that the tokenizer decides: a chat template for chat rows, an EOS token for the formats whose
+    targets end with it, aLoRA's invocation ids within its vocabulary."""
+    from peftkit.data.conversations import check_chat_tokenizer
+    from peftkit.data.examples import EOS_FORMATS, check_eos
+
+    sources = cfg.data.train_sources()
+    chat = [f"data.train[{i}].format" for i, entry in enumerate(sources) if entry.format == "chat"]
+    if cfg.data.format == "chat" or chat:
+        check_chat_tokenizer(tok, "data.format" if cfg.data.format == "chat" else chat[0])
+    if not cfg.classifier:  # (a classifier's rows have no target text)
+        for i, entry in enumerate(sources):
+            if entry.format in EOS_FORMATS:
+                check_eos(tok, entry.format, "data.format" if entry.format == cfg.data.format else
+                          f"data.train[{i}].format")
+    if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
+        from peftkit.methods.alora import check_invocation_ids
+
+        check_invocation_ids(invocation, tok)
 
 
 def _quantize(model, cfg: Recipe) -> None:

@@ -55,6 +55,8 @@ def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
                    "adapter.r (40) is larger than 32. Lower adapter.r or use init: default."),
     ("alora_vocab", "adapter.alora_invocation_tokens [5, 102]: token id 102 is past the tokenizer's 102 tokens (ids 0 "
                     "to 101), so no text holds the invocation and the adapter would never act."),
+    ("no_eos", "data.format 'alpaca' ends each target with the tokenizer's EOS token, so the model learns to stop, and "
+               "this tokenizer has none."),
 ])
 def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_llama, tiny_gpt2, number_data,
                                                           tmp_path, monkeypatch, capsys):
@@ -77,11 +79,19 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
         sections = {"adapter": {"method": "prefix_tuning", "num_virtual_tokens": 4}}
     elif case == "alora_vocab":  # an id no text encodes to (it was said as one the data lacked, by train only)
         sections = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"], "alora_invocation_tokens": [5, 102]}}
+    elif case == "no_eos":
+        sections = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}}
     elif case == "pissa_rank":  # a rank past the weight's: said from its shape, before the SVD needs the values
         sections = {"adapter": {"r": 40, "alpha": 80, "target_modules": "all-linear", "init": "pissa"}}
     model = _tiny_mamba(tmp_path / "mamba") if case == "mamba_prefix" else _garbage_weights(base, tmp_path / "model")
     if case.startswith("no_template"):
         (model / "chat_template.jinja").unlink()
+    if case == "no_eos":  # a BERT-style tokenizer ([CLS] ... [SEP]): alpaca rows' targets cannot end with EOS
+        from peftkit.tiny import build_encoder_tokenizer
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            (model / name).unlink(missing_ok=True)
+        build_encoder_tokenizer(model)
     recipe = make_recipe(tmp_path / "r", model, number_data, **sections)
     if case in ("llama_adapter", "mamba_prefix"):  # the adapter section whole, not make_recipe's LoRA updated
         recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **sections}, sort_keys=False))
