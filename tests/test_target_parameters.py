@@ -193,3 +193,19 @@ def test_peft_files_load_as_peft_loads_them(mixtral, tmp_path):
     load_adapter_state_dict(ours, state)
     peft_bf16 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(mixtral, dtype=torch.bfloat16), extra)
     assert torch.equal(_logits(ours), _logits(peft_bf16.eval()))
+
+
+def test_a_parameter_of_a_layer_target_modules_adapts_is_said_so(mixtral):
+    """target_parameters naming the weight of a layer target_modules wraps ([q_proj.weight] beside q_proj) was said to
+    name no parameter, suggesting another one ("Did you mean 'lm_head.weight'?"): the wrapped weight's path is
+    q_proj.base_layer.weight. It is refused as what it is: the layer is adapted twice (peft refuses both)."""
+    cfg = LoraConfig(r=2, target_modules=["q_proj", "k_proj"], target_parameters=["experts.down_proj", "q_proj.weight"])
+    with pytest.raises(PeftkitError) as refused:
+        inject_adapters(_load(mixtral), cfg)
+    assert str(refused.value) == (
+        "adapter.target_parameters: 'q_proj.weight' names 'model.layers.0.self_attn.q_proj.weight', a parameter of "
+        "'model.layers.0.self_attn.q_proj', which adapter.target_modules adapts already (peft refuses both); leave it "
+        "out of one of them.")
+    typo = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["q_prj.weight"])
+    with pytest.raises(PeftkitError, match="'q_prj.weight' names no parameter of this model"):
+        inject_adapters(_load(mixtral), typo)

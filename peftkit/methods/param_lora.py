@@ -162,6 +162,18 @@ def _matches(key: str, names: list[str]) -> bool:
     return any(key == name or key.endswith("." + name) for name in names)
 
 
+def _refuse_wrapped(model: nn.Module, unmatched: list[str]) -> None:
+    """An entry that names a parameter of a layer target_modules wrapped already (`q_proj.weight` beside all-linear:
+    its path is now `q_proj.base_layer.weight`) is said as such (peft refuses both), not as a typo with another
+    parameter suggested (it was 'names no parameter ... Did you mean lm_head.weight?')."""
+    for key, _ in model.named_parameters():
+        plain = key.replace(".base_layer.", ".")
+        if plain != key and (name := next((n for n in unmatched if _matches(plain, [n])), None)):
+            module = plain.rpartition(".")[0]
+            raise PeftkitError(f"adapter.target_parameters: '{name}' names '{plain}', a parameter of '{module}', which "
+                               "adapter.target_modules adapts already (peft refuses both); leave it out of one of them.")
+
+
 def wrap_parameters(model: nn.Module, cfg: Any, wrapped: set[str], every_entry: bool = True) -> list[str]:
     """Wrap the parameters `cfg.target_parameters` names (each module's in the order it registers them); the paths
     of the adapted parameters. With `every_entry` (a recipe's) every entry must name a parameter (a typo is refused,
@@ -177,6 +189,7 @@ def wrap_parameters(model: nn.Module, cfg: Any, wrapped: set[str], every_entry: 
                 found.append((module_name, param_name))
     unmatched = [name for name in names if not any(_matches(f"{m}.{p}", [name]) for m, p in found)]
     if unmatched and every_entry:
+        _refuse_wrapped(model, unmatched)
         candidates = [n for n, p in model.named_parameters() if p.dim() in (2, 3)]
         raise PeftkitError(f"adapter.target_parameters: '{unmatched[0]}' names no parameter of this model."
                            f"{did_you_mean(unmatched[0], candidates)} Entries match a parameter's path or its end after "
