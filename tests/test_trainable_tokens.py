@@ -362,3 +362,29 @@ def test_named_adapters_refuse_the_method_on_a_tied_model(models, tmp_path):
     adapter = save_random_adapter(models["qwen2"], TrainableTokensConfig(token_indices=TOKENS), tmp_path / "a", 1)
     with pytest.raises(PeftkitError, match="whose weight the output head shares: one model cannot hold those"):
         load_named_model([("a", str(adapter))], str(models["qwen2"]))
+
+
+@pytest.mark.parametrize(("adapter", "key"), [
+    ({"method": "trainable_tokens", "token_indices": [5], "target_modules": ["embed_positions"]},
+     "adapter.target_modules"),
+    ({"r": 4, "alpha": 8, "target_modules": ["embed_positions"]}, "adapter.target_modules"),
+    ({"r": 4, "alpha": 8, "target_modules": ["q_proj"], "trainable_token_indices": {"embed_positions": [5]}},
+     "adapter.trainable_token_indices"),
+])
+def test_an_embedding_of_positions_is_refused_by_validate(adapter, key, number_data, tmp_path, monkeypatch, capsys):
+    """OPT's learned positions (an nn.Embedding whose forward takes the attention mask and positions) as a target of
+    trainable tokens or LoRA, or in trainable_token_indices, were accepted by validate, and train's first forward
+    failed with a traceback ("TokenLayer.forward() got an unexpected keyword argument 'position_ids'"). Refused by
+    validate, naming the key and the module."""
+    import yaml
+
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "opt", arch="opt", hidden_size=32, num_layers=1, seed=0)
+    recipe = make_recipe(tmp_path / "r", tmp_path / "opt", number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**raw, "adapter": adapter}, sort_keys=False))
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert f"error: {key}: 'model.decoder.embed_positions' is a OPTLearnedPositionalEmbedding, whose forward takes " \
+           "(attention_mask, cache_length, position_ids), not token ids to look up (learned positions), so no adapter " \
+           "can wrap it" in said, said

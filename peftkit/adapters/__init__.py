@@ -17,7 +17,8 @@ from torch import nn
 
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
-from peftkit.methods.base import Method, SharedTensors, is_conv1d, is_quantized, linear_shape, suffix_match
+from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_non_lookup,
+                                  suffix_match)
 from peftkit.methods.replication import replicate_layers
 from peftkit.methods.target_filters import check_excluded, check_patterns
 from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows
@@ -211,6 +212,8 @@ def _targets(model: nn.Module, method: type[Method], cfg: AdapterConfig, every_e
             f"'{bare[0]}'): they are left as they are, as in peft (which gives them an update of zero)."),
             stacklevel=3)
         names = [n for n in names if n in adapted]
+    for name in names:
+        refuse_non_lookup(model.get_submodule(name), name, "adapter.target_modules")
     return names
 
 

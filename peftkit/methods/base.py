@@ -46,6 +46,22 @@ def is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")
 
 
+def refuse_non_lookup(module: nn.Module, path: str, key: str) -> None:
+    """Refuse an embedding whose forward takes more than the ids it looks up (OPT's learned positions: the attention
+    mask, the cache's length, position ids): an adapter's embedding layer calls it with the ids alone, and the model's
+    first forward failed with a TypeError. A subclass that only scales its lookup (Gemma's) takes ids alone."""
+    import inspect
+
+    forward = type(module).forward
+    if not isinstance(module, nn.Embedding) or forward is nn.Embedding.forward:
+        return
+    inputs = list(inspect.signature(forward).parameters)[1:]
+    if len(inputs) > 1:
+        raise PeftkitError(f"{key}: '{path}' is a {type(module).__name__}, whose forward takes ({', '.join(inputs)}), "
+                           "not token ids to look up (learned positions), so no adapter can wrap it; leave it out, "
+                           "or train it whole in adapter.modules_to_save.")
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, Conv1D or bitsandbytes linear layer."""
     if is_conv1d(layer):

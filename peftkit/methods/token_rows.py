@@ -27,7 +27,7 @@ from pydantic import field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import PeftConfigBase, suffix_match
+from peftkit.methods.base import PeftConfigBase, refuse_non_lookup, suffix_match
 from peftkit.methods.trainable_tokens import (ReplacedRows, TokenIndices, check_indices, initial_rows,
                                               replace_module)
 from peftkit.section import AdapterSection
@@ -197,6 +197,7 @@ def _wrappable(model: nn.Module, path: str, saved: list[str], ids: list[int]) ->
         raise PeftkitError(f"adapter.trainable_token_indices: '{path}' is a {type(module).__name__}, not an "
                            "embedding or a plain linear output head (an adapter layer already wraps it, or it "
                            "is quantized); name the embeddings, or leave the module out of target_modules.")
+    refuse_non_lookup(module, path, "adapter.trainable_token_indices")
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
         raise PeftkitError(f"adapter.trainable_token_indices: '{path}' renormalises its rows or scales their "
                            "gradients by frequency, which trained rows do not do; train it whole (modules_to_save).")
