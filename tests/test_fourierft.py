@@ -92,8 +92,10 @@ def test_a_run_exports_what_peft_loads_and_resumes_to_the_same_bits(tiny_llama, 
     ({"r": 8}, "has no 'r'. Valid keys for method fourierft: method, n_frequency, scaling, random_loc_seed"),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """By validate as by train (n_frequency past a layer's entries was said by train only, after loading weights)."""
     recipe = _recipe(tmp_path, tiny_llama, number_data, **adapter)
-    assert message in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    for command in ("validate", "train"):
+        assert message in " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), command
 
 
 def test_peft_s_settings_it_cannot_apply_are_refused(tiny_llama, tmp_path):

@@ -71,13 +71,19 @@ class FourierFtConfig(LayerTargets, ExcludedTargets):
         return self.n_frequency_pattern.get(key, self.n_frequency)
 
 
+def check_fits(out_features: int, in_features: int, n: int) -> None:
+    """Refuse more coefficients than an (out x in) layer has entries; checked as a layer is built, so validate's and
+    the memory estimate's meta-device layers say it too (it was said by train only, once the weights had loaded)."""
+    if n > out_features * in_features:
+        raise PeftkitError(f"adapter.n_frequency: {n} coefficients do not fit a layer of {out_features} x "
+                           f"{in_features} = {out_features * in_features} entries (peft refuses it too); use fewer.")
+
+
 @lru_cache(maxsize=64)
 def locations(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
     """(2, n) int64 CPU: the rows and columns of the n spectral entries of an (out x in) layer, as peft draws them
     (cached: every layer of one shape has the same, and a permutation of 4096 x 11008 takes a while)."""
-    if n > out_features * in_features:
-        raise PeftkitError(f"adapter.n_frequency: {n} coefficients do not fit a layer of {out_features} x "
-                           f"{in_features} = {out_features * in_features} entries (peft refuses it too); use fewer.")
+    check_fits(out_features, in_features, n)
     order = torch.randperm(out_features * in_features, generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([order // in_features, order % in_features])
 
@@ -103,6 +109,7 @@ class FourierFtLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, n: int, cfg: FourierFtConfig) -> None:
         super().__init__(base_layer)
         in_features, out_features = linear_shape(base_layer)
+        check_fits(out_features, in_features, n)
         self.shape = (out_features, in_features)
         self.facts = FourierFacts(cfg.scaling, cfg.random_loc_seed, is_conv1d(base_layer))
         device = base_layer.weight.device
