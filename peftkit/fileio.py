@@ -8,6 +8,7 @@ version or the new one, never half of one.
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -233,26 +234,129 @@ def atomic_directory(path: str | os.PathLike, replace: bool = True) -> Iterator[
             _as_created(tmp, directory=True)
             with _disk_errors(path), _named_as(tmp, path):
                 yield tmp
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        _as_created(f)  # what a library wrote inside with a private mode too
-                        with open(f, "rb") as fh:
-                            os.fsync(fh.fileno())
-                    elif f.is_dir():
-                        _as_created(f, directory=True)
+                _settle(tmp)
                 if path.exists() and replace:
                     # Two renames: the old directory stays whole until the new one is complete.
-                    old = path.with_name(f".{_short(path.name)}.old")
+                    old = _set_aside_name(path)
                     _remove(old)
                     os.replace(path, old)
                     os.replace(tmp, path)
-                    _remove(old)
+                    _delete(old, of=path)  # (renamed first: a `.NAME.old` is always whole, for `roll_back_interrupted`)
                 else:
                     _rename_into_place(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _settle(tmp: Path) -> None:
+    """Give what was written inside `tmp` the modes an ordinary write would (a library writes some privately too) and
+    sync it to disk, before it is renamed into place."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _as_created(f)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif f.is_dir():
+            _as_created(f, directory=True)
+
+
+def _set_aside_name(path: Path) -> Path:
+    return path.with_name(f".{_short(path.name)}.old")
+
+
+def _delete(path: Path, of: Path | None = None) -> None:
+    """Remove `path` in one step as far as its name goes: renamed first to a temp name of `of` (default `path`), the
+    directory it is a copy of, so that a kill midway leaves no half of it under a name a tidy would put back
+    (`.NAME.old`), only a `.NAME.XXXXXXXX.tmp` that the next tidy of NAME removes."""
+    if path.exists() or path.is_symlink():
+        doomed = path.with_name(f".{_short((of or path).name)}.{os.urandom(4).hex()}.tmp")
+        os.replace(path, doomed)
+        _remove(doomed)
+
+
+@contextlib.contextmanager
+def atomic_directories(paths: list[Path], replace: bool = True) -> Iterator[list[Path]]:
+    """`atomic_directory` for directories that belong together (a merged model and its re-quantized copy): one
+    temporary sibling each, and on success every path is replaced, so that their names never show a new one beside an
+    old one, however the write ends (a failure, Ctrl-C, or a kill, after which `roll_back_interrupted` of the same
+    paths puts the old ones back). replace=False: each path must be free (not there, or an empty directory)."""
+    paths = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    try:
+        with contextlib.ExitStack() as locks:
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with _disk_errors(path):
+                    tmps.append(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp")))
+                locks.enter_context(locked_directory(tmps[-1]))
+                _as_created(tmps[-1], directory=True)
+            with _disk_errors(paths[0]), contextlib.ExitStack() as named:
+                for tmp, path in zip(tmps, paths, strict=True):
+                    named.enter_context(_named_as(tmp, path))
+                yield tmps
+                for tmp in tmps:
+                    _settle(tmp)
+                _put_in_place(tmps, paths, replace)
+        for parent in dict.fromkeys(path.parent for path in paths):
+            _fsync_dir(parent)
+    except BaseException:
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
+    """Rename each of `tmps` over its path. The earlier directories are set aside first (`.NAME.old`), the first path's
+    last: while its `.NAME.old` is there the replace is under way, and rolling back (here on an error, or
+    `roll_back_interrupted` after a kill) restores every old one and removes every new one. Deleting that `.NAME.old`
+    (in one rename) is the moment the new set is kept."""
+    if not replace:
+        for tmp, path in zip(tmps, paths, strict=True):
+            _rename_into_place(tmp, path)
+        return
+    anchor = paths[0]
+    try:
+        for path in reversed(paths):
+            if path.exists() or path.is_symlink():
+                if path == anchor or anchor.exists():
+                    _remove(_set_aside_name(path))
+                    os.replace(path, _set_aside_name(path))
+                else:  # no first directory to pair it with: an old one is no use to put back
+                    _delete(path)
+        for tmp, path in zip(tmps, paths, strict=True):
+            _rename_into_place(tmp, path)  # (one another process made meanwhile is kept, and said)
+    except BaseException:
+        _roll_back(paths)
+        raise
+    _delete(_set_aside_name(anchor), of=anchor)
+    for path in paths[1:]:
+        _remove(_set_aside_name(path))
+
+
+def roll_back_interrupted(paths: list[Path]) -> bool:
+    """Undo an `atomic_directories(paths)` that stopped while replacing its directories (a kill: its first path's
+    `.NAME.old` is still there): the old directories are put back and the new ones removed, so the set is the earlier
+    one again, never a mix. Returns whether anything was rolled back; nothing is while a live process writes them."""
+    paths = [Path(p) for p in paths]
+    if not _set_aside_name(paths[0]).is_dir() or any(being_written(entry) for path in paths
+                                                      for entry in (path, *path.parent.glob(f".{glob.escape(_short(path.name))}.*.tmp"))):
+        return False  # (a live write holds its temporary directories, and each once it is in place)
+    _roll_back(paths)
+    return True
+
+
+def _roll_back(paths: list[Path]) -> None:
+    """Put back each directory `_put_in_place` set aside, removing the new one in its place. Once the first path is
+    set aside, every other one is (they go first): one there without a `.NAME.old` is new, and goes too."""
+    underway = _set_aside_name(paths[0]).exists()
+    for path in paths:
+        if _set_aside_name(path).exists():
+            _delete(path)
+            os.replace(_set_aside_name(path), path)
+        elif underway and path != paths[0]:
+            _delete(path)
 
 
 @contextlib.contextmanager

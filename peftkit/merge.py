@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.fileio import atomic_directory
+from peftkit.fileio import atomic_directories
 from peftkit.merge_weights import MergeWarning, merged_model
 from peftkit.merge_weights import dequantize_weight as dequantize_weight  # re-exported: peftkit.methods.lora_layers
 from peftkit.methods.base import refuse_unmergeable
@@ -73,28 +72,35 @@ def same_base(a: str, b: str) -> bool:
 
 
 def save_merged(model: nn.Module, tokenizer, output_dir: str | Path, provenance: dict | None = None,
-                replace: bool = True, then: Callable[[Path], None] | None = None) -> None:
+                replace: bool = True, requantized: tuple[Path, str] | None = None) -> None:
     """save_pretrained of the model and tokenizer into `output_dir`, atomically as a directory.
 
     Args:
         provenance: `base_provenance(...)`, written to peftkit.json beside the model.
         replace: replace an `output_dir` that is there by then (`peftkit merge --overwrite`); else one that another
             process wrote meanwhile is an error.
-        then: called with the written temporary directory before it becomes `output_dir` (`--requantize`: a failure
-            there leaves the earlier outputs as they were, a pair, not a new merge beside an old re-quantized one).
+        requantized: (directory, method) of `--requantize`: the merged model re-quantized there, the two written as a
+            pair (`atomic_directories`): a failure, Ctrl-C or kill at any moment leaves the earlier pair, never a new
+            `output_dir` beside an old re-quantized one, or the other way round.
     """
     if tokenizer is not None:
         stop_at_turn_end(model, tokenizer)
-    with atomic_directory(output_dir, replace) as tmp:
-        model.save_pretrained(tmp, max_shard_size=SHARD_SIZE)
-        if tokenizer is not None:
-            base = (provenance or {}).get("merged_from", {})
-            save_tokenizer(tokenizer, Path(tmp), base.get("base_model_name_or_path") or tokenizer.name_or_path,
-                           base.get("revision"))
-        if provenance is not None:  # a plain write: atomic_directory syncs every file before the rename
-            (Path(tmp) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
-        if then is not None:
-            then(Path(tmp))
+    paths = [Path(output_dir), *([requantized[0]] if requantized else [])]
+    with atomic_directories(paths, replace) as tmps:
+        write_model(model, tokenizer, tmps[0], provenance)
+        if requantized is not None:
+            requantize_into(tmps[0], tmps[1], requantized[1])
+
+
+def write_model(model: nn.Module, tokenizer, directory: Path, provenance: dict | None = None) -> None:
+    """The files of a saved model in `directory` (a temporary one, put in place by the caller)."""
+    model.save_pretrained(directory, max_shard_size=SHARD_SIZE)
+    if tokenizer is not None:
+        base = (provenance or {}).get("merged_from", {})
+        save_tokenizer(tokenizer, Path(directory), base.get("base_model_name_or_path") or tokenizer.name_or_path,
+                       base.get("revision"))
+    if provenance is not None:  # a plain write: atomic_directories syncs every file before the rename
+        (Path(directory) / MERGED_FROM_NAME).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
 
 
 def stop_at_turn_end(model: nn.Module, tokenizer) -> None:
@@ -189,7 +195,8 @@ def merge_device(adapter_dir: str) -> torch.device:
     return torch.device("cpu")
 
 
-def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool) -> Path:
+def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool,
+                       together: tuple[Path, ...] = ()) -> Path:
     """Refuse an --output whose replacement would delete something peftkit did not write; the output resolved (a
     symbolic link's target: what is checked is what is written).
 
@@ -199,8 +206,10 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
 
     Args:
         protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
+        together: the outputs written as a pair with it (`--requantize`'s OUTPUT-nf4), first checked for a pair a kill
+            interrupted while it was put in place, which is rolled back to the earlier one.
     """
-    from peftkit.fileio import being_written, resolved
+    from peftkit.fileio import being_written, resolved, roll_back_interrupted
     from peftkit.rundir import is_temp_name, make_writable_dir, tidy_leftovers
 
     output = resolved(output, "--output")
@@ -227,6 +236,8 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     if live := next((e.name for e in output.parent.iterdir() if is_temp_name(e.name, ours) and being_written(e)), None):
         raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
                            "it to finish, or choose another --output.")
+    if together:  # a pair a kill stopped while it was put in place: the earlier pair back
+        roll_back_interrupted([output, *(resolved(p, "--output") for p in together)])
     tidy_leftovers(output.parent, ours)  # what a killed earlier merge into it left
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return output
@@ -274,21 +285,19 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         raise PeftkitError(f"The base model {recorded} (base_model_name_or_path of {config}{relative_to_cwd(recorded)}) "
                            "is not there: moved or deleted since? Give it with --base DIR.")
     protected = {"base model": base or recorded, "adapter": adapter_dir}
-    targets = [check_merge_output(out, protected, overwrite) for out in outputs]
+    targets = [check_merge_output(out, protected, overwrite, tuple(outputs[1:]) if out == outputs[0] else ())
+               for out in outputs]
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code,
                                                   warn_requantized=False)  # merge_device said it
     if (template := adapter_template(adapter_dir)) is not None:  # the run's data.chat_template: the merged model's
         tok.chat_template = template
     merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
-    # The re-quantized model is made from the merged one's temporary directory and put in place first: with
-    # --overwrite, a failure (or Ctrl-C) in it had left the new OUTPUT beside the old OUTPUT-nf4, both complete-looking
-    # and of different merges. Now a failure leaves both as they were.
-    def requantized(written: Path) -> None:
-        requantize_model(written, targets[1], requantize, replace=overwrite)
-
+    # The re-quantized model is made from the merged one's temporary directory, and the two are put in place as a
+    # pair: with --overwrite, a failure, Ctrl-C or a kill had left the new OUTPUT beside the old OUTPUT-nf4 (or the
+    # new OUTPUT-nf4 beside the old OUTPUT), both complete-looking and of different merges.
     save_merged(merged, tok, targets[0], base_provenance(base.name_or_path, base.revision, base.trust_remote_code,
                                                          recorded_reward_center(adapter_dir)),
-                replace=overwrite, then=requantized if requantize else None)
+                replace=overwrite, requantized=(targets[1], requantize) if requantize else None)
     return Path(output_dir)
 
 
@@ -309,10 +318,16 @@ def checkpoint_dtype(name_or_path: str, revision: str | None = None) -> str:
 
 
 def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str, replace: bool = True) -> None:
-    """Load a merged model quantized (nf4, double quant) and save it 4-bit, with the merged model's peftkit.json (what
-    it was merged from, a reward model's centring weight, which `peftkit eval --model OUTPUT-nf4` scores with: it
-    was left behind, and the loss scored without it). Rounding the merged weights to 4 bits again moves them away
-    from what was trained: expect small logit differences."""
+    """Load a merged model quantized (nf4, double quant) and save it 4-bit, atomically as a directory, with the merged
+    model's peftkit.json (what it was merged from, a reward model's centring weight, which `peftkit eval --model
+    OUTPUT-nf4` scores with: it was left behind, and the loss scored without it). Rounding the merged weights to
+    4 bits again moves them away from what was trained: expect small logit differences."""
+    with atomic_directories([Path(output_dir)], replace) as (tmp,):
+        requantize_into(merged_dir, tmp, method)
+
+
+def requantize_into(merged_dir: str | Path, directory: Path, method: str) -> None:
+    """The files of `requantize_model` in `directory` (a temporary one, put in place by the caller)."""
     import shutil
     from peftkit.modeling import load_config, load_model, load_tokenizer
     from peftkit.recipe import ModelConfig, QuantizationConfig
@@ -324,10 +339,8 @@ def requantize_model(merged_dir: str | Path, output_dir: str | Path, method: str
     if classes and all(str(c).endswith("ForSequenceClassification") for c in classes):
         cfg = cfg.model_copy(update={"task": "sequence_classification"})
     model = load_model(cfg, QuantizationConfig(method=method, compute_dtype="float32"), torch.device("cpu"))
-    record = Path(merged_dir) / MERGED_FROM_NAME
-
-    def with_record(tmp: Path) -> None:
-        if record.is_file():
-            shutil.copyfile(record, tmp / MERGED_FROM_NAME)
-
-    save_merged(model, load_tokenizer(cfg), output_dir, replace=replace, then=with_record)
+    tokenizer = load_tokenizer(cfg)
+    stop_at_turn_end(model, tokenizer)
+    write_model(model, tokenizer, directory)
+    if (record := Path(merged_dir) / MERGED_FROM_NAME).is_file():
+        shutil.copyfile(record, directory / MERGED_FROM_NAME)

@@ -1,0 +1,146 @@
+"""Processes killed (SIGKILL) at chosen moments of their writes: what is left under the final names is whole and
+consistent, and the next command puts it right. Found by killing real `peftkit` processes at random moments."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftkit.fileio import atomic_directories
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import make_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+KILL_AT_REPLACE = """
+import os, signal, sys
+from pathlib import Path
+
+def kill_when(src, dst):
+    return {condition}
+
+real = os.replace
+def replace(src, dst):
+    if kill_when(Path(src), Path(dst)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(src, dst)
+
+os.replace = replace
+{body}
+"""
+
+
+def _killed(condition: str, body: str, cwd: Path) -> int:
+    """Run `body` in a fresh Python whose os.replace SIGKILLs the process at the first call where `condition` (of `src`
+    and `dst`, the Paths of the rename) holds; its exit status."""
+    code = KILL_AT_REPLACE.format(condition=condition, body=body)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True).returncode
+
+
+def _files(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ merge --requantize: a pair
+
+
+def _state(root: Path) -> tuple:
+    return tuple((root / name / "w").read_text() if (root / name / "w").exists() else None for name in ("m", "m-nf4"))
+
+
+@pytest.mark.parametrize("before", [("old", "old"), ("old", None), (None, "old"), (None, None)])
+def test_a_pair_of_directories_killed_at_any_rename_is_never_a_new_one_beside_an_old_one(tmp_path, before):
+    """`atomic_directories([m, m-nf4])` killed at each of its renames in turn: the names never show a new directory
+    beside an old one, and rolling back the interrupted write (as the next merge does) leaves the earlier pair or the
+    new one, whole."""
+    renames = 0
+    while True:
+        renames += 1
+        root = tmp_path / str(renames)
+        root.mkdir()
+        for name, text in zip(("m", "m-nf4"), before, strict=True):
+            if text:
+                _model(root / name, text)
+        body = ("from peftkit.fileio import atomic_directories\n"
+                f"with atomic_directories([Path({str(root / 'm')!r}), Path({str(root / 'm-nf4')!r})]) as (a, b):\n"
+                "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+        status = _killed(f"(calls.append(1) or len(calls)) == {renames}",
+                         "calls = []\n" + body, root)
+        assert set(_state(root)) - {None} in ({"old"}, {"new"}, set()), (renames, _state(root))
+        _next_merge_checks(root)
+        assert set(_state(root)) - {None} in ({"old"}, {"new"}, set()), (renames, _state(root))
+        if before[0]:  # an earlier model (and its pair) is there again, or the new pair
+            assert _state(root) in (before, ("new", "new")), (renames, _state(root))
+        assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+        if status == 0:  # every rename passed: the write completed
+            assert _state(root) == ("new", "new")
+            break
+    assert renames > 2
+
+
+def _model(path: Path, text: str) -> None:
+    path.mkdir()
+    (path / "w").write_text(text)
+    (path / "config.json").write_text("{}")
+
+
+def _next_merge_checks(root: Path) -> None:
+    """What `merge --requantize nf4 --output m` checks of its outputs first (and tidies)."""
+    from peftkit.merge import check_merge_output
+
+    check_merge_output(root / "m", {}, True, (root / "m-nf4",))
+    check_merge_output(root / "m-nf4", {}, True)
+
+
+def test_a_pair_killed_after_it_was_kept_stays_the_new_pair(tmp_path):
+    """Killed while the set-aside old copies were being deleted, after the new pair was kept: the next merge's checks
+    remove what is left of them and keep the new pair (the re-quantized one's check once put its old copy back)."""
+    _model(tmp_path / "m", "new")
+    _model(tmp_path / "m-nf4", "new")
+    _model(tmp_path / ".m-nf4.old", "old")
+    _model(tmp_path / ".m.0123abcd.tmp", "old")  # .m.old, renamed on its way out
+    _next_merge_checks(tmp_path)
+    assert _state(tmp_path) == ("new", "new") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+
+
+def test_a_pair_written_without_a_kill_replaces_both(tmp_path):
+    for name in ("m", "m-nf4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w").write_text("old")
+    with atomic_directories([tmp_path / "m", tmp_path / "m-nf4"]) as (a, b):
+        (a / "w").write_text("new")
+        (b / "w").write_text("new")
+    assert _state(tmp_path) == ("new", "new") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_llama, number_data, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adapter-run")
+    train(load_recipe(make_recipe(root, tiny_llama, number_data, training={"max_steps": 1}, eval={"base_model": False})))
+    return root / "run"
+
+
+def test_a_requantized_merge_killed_between_its_two_outputs_leaves_the_earlier_pair(adapter_run, tmp_path):
+    """`peftkit merge --overwrite --requantize nf4` put OUTPUT-nf4 in place, then OUTPUT: killed between the two
+    (SIGKILL, or Ctrl-C while OUTPUT's files were synced), the new OUTPUT-nf4 stood beside the old OUTPUT, both
+    complete-looking and of different merges. Now both are set aside before either new one goes in, and the next merge
+    puts the earlier pair back."""
+    from peftkit.merge import check_merge_output, merge_adapter
+
+    merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "m"), dtype="float32", requantize="nf4")
+    before = _files(tmp_path)
+    body = ("from peftkit.merge import merge_adapter\n"
+            f"merge_adapter({str(adapter_run / 'adapter')!r}, 'm', dtype='bfloat16', requantize='nf4', overwrite=True)\n")
+    assert _killed("src.name == 'm' and dst.name == '.m.old'", body, tmp_path) == -9
+    left = {name: data for name, data in _files(tmp_path).items() if not name.startswith(".")}
+    # Under their names: the earlier pair's files, or none (set aside), never the new merge's.
+    assert all(before.get(name) == data for name, data in left.items()), sorted(set(left) - set(before))
+    check_merge_output(tmp_path / "m", {}, True, (tmp_path / "m-nf4",))  # the next merge's check of its outputs
+    check_merge_output(tmp_path / "m-nf4", {}, True)
+    assert _files(tmp_path) == before
