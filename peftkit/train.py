@@ -222,7 +222,10 @@ def _loop(run: Run, state: LoopState) -> None:
                 progress.stopped()
                 progress.note(f"step {state.step}: {run.selection.stop_reason()}")
                 break
-        _stop_if_asked(run, state, stop)  # one during the last step stops too, before the final evaluation and export
+    # One during the last step stops too, before the final evaluation and export; asked once the handler is gone, so
+    # that a signal while the progress bar closed (after a last look inside) was not taken and forgotten: the run went
+    # on to its end and exited 0, its Ctrl-C ignored.
+    _stop_if_asked(run, state, stop)
 
 
 def _stop_if_asked(run: Run, state: LoopState, stop: StopRequest) -> None:

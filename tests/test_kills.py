@@ -144,3 +144,29 @@ def test_a_requantized_merge_killed_between_its_two_outputs_leaves_the_earlier_p
     check_merge_output(tmp_path / "m", {}, True, (tmp_path / "m-nf4",))  # the next merge's check of its outputs
     check_merge_output(tmp_path / "m-nf4", {}, True)
     assert _files(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------ train: Ctrl-C at the loop's end
+
+
+def test_ctrl_c_while_the_progress_bar_closes_stops_the_run(tiny_llama, number_data, tmp_path, monkeypatch):
+    """Ctrl-C after the loop's last look at the stop request, while its progress bar closed (the handler still
+    installed): the request was taken and never acted on, and the run went on to its final evaluation and export and
+    exited 0, its Ctrl-C ignored. Now it checkpoints and stops, as one during the last step does."""
+    import signal
+
+    from peftkit import train as train_module
+    from peftkit.errors import Stopped
+
+    closing = train_module.TrainProgress.__exit__
+
+    def close_then_ctrl_c(self, *exc):
+        signal.raise_signal(signal.SIGINT)
+        return closing(self, *exc)
+
+    monkeypatch.setattr(train_module.TrainProgress, "__exit__", close_then_ctrl_c)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}, eval={"base_model": False})
+    with pytest.raises(Stopped, match=r"^Interrupted at step 2; checkpoint saved to .*step-00000002\. Continue"):
+        train(load_recipe(recipe))
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "manifest.json").exists()
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
