@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,8 +39,10 @@ def recorded_center(source: ModelSource) -> float:
     Each row of a comparison takes its own (`compare_preference._as_reward_models`)."""
     from peftkit.merge import recorded_reward_center
 
-    where = source.adapter or (source.model.name_or_path if source.model is not None else None)
-    return recorded_reward_center(where) if where and Path(where).is_dir() else 0.0
+    if source.adapter:
+        return recorded_reward_center(source.adapter)
+    # (a merged model on the hub: its peftkit.json, which transformers does not fetch, at the revision it loads)
+    return recorded_reward_center(source.model.name_or_path, source.model.revision) if source.model else 0.0
 
 
 def recipe_objective(cfg: Recipe) -> tuple:

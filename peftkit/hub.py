@@ -129,3 +129,19 @@ def tokenizer_fetch(path: str | Path) -> str | None:
             f"files fetched when it was cached (before peftkit fetched the tokenizer's with an adapter's), and {why}. "
             f"Fetch them once: run this command again with HF_HUB_OFFLINE=0 (peftkit fetches them beside the adapter), "
             f"or `{command}`.")
+
+
+def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path | None:
+    """One file of hub model repository `repo_id` at `revision` (the cache offline), or None where the repository
+    holds none, cannot be reached, or `repo_id` is no hub id: an optional record beside a model (its peftkit.json)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    from peftkit.push import network_errors
+
+    if not _HUB_ID.fullmatch(repo_id) or repo_id.count("/") != 1:
+        return None
+    try:  # (not there, offline and not cached, no such repository or revision: OSErrors, as the hub's HTTP errors)
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except (EntryNotFoundError, HFValidationError, OSError, ValueError, *network_errors()):
+        return None

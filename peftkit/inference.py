@@ -88,8 +88,20 @@ class ModelSource:
             return False
         if self.model.task == "sequence_classification":
             return True
-        classes = _json(Path(self.model.name_or_path) / "config.json").get("architectures") or []
+        classes = self.model_config().get("architectures") or []
         return bool(classes) and all(str(a).endswith("ForSequenceClassification") for a in classes)
+
+    def model_config(self) -> dict:
+        """The model's config.json as read from its directory, or for a hub id from the hub (its cache offline), at
+        the revision it loads: a merged classifier or reward model published there is told from its files too (it was
+        taken for a language model); {} where there is none."""
+        if self.model is None:
+            return {}
+        if (local := Path(self.model.name_or_path)).is_dir():
+            return _json(local / "config.json")
+        from peftkit.hub import hub_file
+
+        return _json(file) if (file := hub_file(self.model.name_or_path, "config.json", self.model.revision)) else {}
 
     def adapter_task(self) -> str | None:
         """The adapter's PEFT task_type (`CAUSAL_LM`, `SEQ_CLS`), None without an adapter or where it says none."""
@@ -104,7 +116,7 @@ class ModelSource:
         from peftkit.peft_format import recorded_base
 
         name = self.model.name_or_path
-        outputs = self.model.num_labels or len(_json(Path(name) / "config.json").get("id2label") or {0: 0, 1: 1})
+        outputs = self.model.num_labels or len(self.model_config().get("id2label") or {0: 0, 1: 1})
         what = "a reward model (a sequence classifier of one output)" if outputs == 1 else "a sequence classifier"
         raise PeftkitError(f"{self.adapter} is a language model's adapter (task_type CAUSAL_LM in its "
                            f"adapter_config.json), and {name} is {what}: the adapter was not trained on it. Give "
@@ -123,7 +135,7 @@ class ModelSource:
             return self.model.num_labels == 1
         if self.adapter:
             return False
-        return len(_json(Path(self.model.name_or_path) / "config.json").get("id2label") or {0: 0, 1: 1}) == 1
+        return len(self.model_config().get("id2label") or {0: 0, 1: 1}) == 1
 
     def head_outputs(self) -> int | None:
         """The rows of the adapter's saved classification head; None without one, or where it cannot be read

@@ -34,13 +34,30 @@ def base_provenance(name_or_path: str, revision: str | None, trust_remote_code: 
     return made | ({"reward_center": reward_center} if reward_center else {})
 
 
-def recorded_reward_center(path: str | Path) -> float:
-    """The centring weight an adapter's or a merged model's peftkit.json records (0: none recorded)."""
+def model_record(name_or_path: str | Path, revision: str | None = None) -> dict | None:
+    """The peftkit.json beside a merged model (or an adapter), read from its directory or, for a hub id, from the hub
+    (or its cache offline: `peftkit push --merged` publishes it with the model, and transformers never fetches it);
+    None where there is none or it cannot be read."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        from peftkit.hub import hub_file
+
+        path = hub_file(str(name_or_path), MERGED_FROM_NAME, revision)
+        if path is None:
+            return None
+        path = path.parent
     try:
-        record = json.loads((Path(path) / MERGED_FROM_NAME).read_text(encoding="utf-8"))
+        record = json.loads((path / MERGED_FROM_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return 0.0
-    center = record.get("reward_center") if isinstance(record, dict) else None
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def recorded_reward_center(path: str | Path, revision: str | None = None) -> float:
+    """The centring weight an adapter's or a merged model's peftkit.json records (0: none recorded); a hub model's at
+    `revision` (`model_record`)."""
+    record = model_record(path, revision) or {}
+    center = record.get("reward_center")
     return float(center) if isinstance(center, (int, float)) and not isinstance(center, bool) else 0.0
 
 

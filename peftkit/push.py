@@ -129,7 +129,7 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
         raise PeftkitError(f"Could not push {folder} to {repo_id}: {_refusal(e, repo_id)}") from None
     except ValueError as e:  # the Hub refused README.md's metadata (`upload_folder` validates it first)
         raise PeftkitError(f"Could not push {folder} to {repo_id}: {' '.join(str(e).split())}") from None
-    except _network_errors() as e:
+    except network_errors() as e:
         raise PeftkitError(f"Could not push {folder} to {repo_id}: the Hub at {api.endpoint} could not be reached "
                            f"({type(e).__name__}: {e}). Check the connection (HF_ENDPOINT names another server).") \
             from None
@@ -250,7 +250,7 @@ def _refusal(e, repo_id: str) -> str:
     return f"the Hub answered {status}{said}: {' '.join(str(e).split())}"
 
 
-def _network_errors() -> tuple[type[Exception], ...]:
+def network_errors() -> tuple[type[Exception], ...]:
     """What the hub client raises where the Hub cannot be reached (a refused connection, a timeout): the transport
     errors of the HTTP library it uses, imported by then (httpx2 in huggingface_hub 2.x, httpx in 1.x, requests
     before). Not any OSError: a file of the folder that cannot be read is the CLI's permission error."""

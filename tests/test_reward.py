@@ -175,6 +175,33 @@ def test_a_comparison_of_centred_reward_models_scores_each_with_its_own_centring
     assert abs(rows["rm"]["loss"] - last["eval_loss"]) <= 1e-5 and abs(rows["m"]["loss"] - last["eval_loss"]) <= 1e-5
 
 
+def test_a_centred_reward_model_on_the_hub_is_scored_with_its_centring_term(tiny_llama, reward_data, tmp_path,
+                                                                             monkeypatch):
+    """`peftkit eval --model user/rm` of a merged reward model published with its peftkit.json (`peftkit push
+    --merged`): the record is read from the hub (here an offline cache), which transformers never fetches, so the loss
+    is the run's; it was scored with no centring."""
+    from huggingface_hub import constants
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from tests.test_hub import _publish_to
+
+    path = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=4, eval_steps=4, reward_center=0.5)
+    raw = yaml.safe_load(path.read_text())
+    raw["export"] |= {"merged": True}
+    path.write_text(yaml.safe_dump(raw))
+    train(load_recipe(path))
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _publish_to(tmp_path / "hub", "acme/rm", tmp_path / "run" / "merged", "a" * 40)
+    out = tmp_path / "hub-rm.json"
+    result = CliRunner().invoke(app, ["eval", "--model", "acme/rm", "--data", str(reward_data["eval"]),
+                                      "--format", "preference", "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert abs(json.loads(out.read_text())["loss"] - last["eval_loss"]) <= 1e-5
+
+
 def test_a_requantized_centred_reward_model_keeps_its_centring_term(tiny_llama, reward_data, tmp_path):
     """`peftkit merge --requantize nf4` of a centred reward model: OUTPUT-nf4 carries the merged model's peftkit.json,
     so `peftkit eval --model OUTPUT-nf4` without the recipe scores the loss the reward recipe gives it (it had no
