@@ -152,6 +152,23 @@ def test_a_pruned_adapter_as_init_from_is_a_recipe_error(lockstep, number_data, 
     assert f"adapter.init_from: {tmp_path / 'peft'} is an AdaLoRA adapter pruned by its run's rank allocation" in message
 
 
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_recipe_s_rank_pattern_is_refused_in_adalora_s_words(command, tiny_llama, number_data, tmp_path,
+                                                               monkeypatch, capsys):
+    """AdaLoRA's rank_pattern is a pruned adapter's masks, not per-module ranks: check_patterns (304ef4e) read it
+    with LoRA's rank_and_alpha, which AdaLoRA's config lacks, and validate and train ended in an AttributeError
+    traceback before the trainer's refusal."""
+    from tests.conftest import cli_user_error
+
+    masks = {f"model.layers.{i}.self_attn.q_proj.lora_E": [True, True, False, False] for i in range(2)}
+    recipe = _recipe(tmp_path, tiny_llama, number_data, {"method": "adalora", "init_r": 4, "target_r": 2, "tinit": 1,
+                                                         "tfinal": 1, "target_modules": ["q_proj"],
+                                                         "rank_pattern": masks})
+    said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+    assert "adapter.rank_pattern is set (the adapter was pruned by an earlier AdaLoRA run, e.g. through init_from): " \
+        "peftkit does not continue AdaLoRA's rank allocation from a pruned adapter." in said
+
+
 def test_our_adapter_with_rank_pattern_loads_in_peft(lockstep, tmp_path):
     ours, base, trainer = lockstep["ours"], lockstep["base"], lockstep["trainer"]
     cfg, state = trainer.export(lockstep["cfg"], adapter_state_dict(ours, []))

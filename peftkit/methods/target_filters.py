@@ -141,18 +141,22 @@ def check_excluded(modules: list[str], cfg: Any) -> None:
 
 
 _UNSET = object()
-PATTERNS = (("rank_pattern", "r", lambda cfg, path: cfg.rank_and_alpha(path)[0]),
-            ("alpha_pattern", "alpha", lambda cfg, path: cfg.rank_and_alpha(path)[1]),
-            ("n_frequency_pattern", "n_frequency", lambda cfg, path: cfg.frequencies(path)))
-"""The per-module settings a recipe may give (LoRA's, FourierFT's): the key, the setting the others keep, and how
-the method reads the value of the module at a path (`cfg` with that key alone in the pattern)."""
+PATTERNS = (("rank_pattern", "r", "rank_and_alpha", lambda cfg, path: cfg.rank_and_alpha(path)[0]),
+            ("alpha_pattern", "alpha", "rank_and_alpha", lambda cfg, path: cfg.rank_and_alpha(path)[1]),
+            ("n_frequency_pattern", "n_frequency", "frequencies", lambda cfg, path: cfg.frequencies(path)))
+"""The per-module settings a recipe may give (LoRA's, FourierFT's): the key, the setting the others keep, the
+config's method that reads them, and how it reads the value of the module at a path (`cfg` with that key alone in
+the pattern). A config without that method has no such setting under the key (AdaLoRA's rank_pattern is the saved
+pruning masks, refused by its trainer in its own words)."""
 
 
 def check_patterns(cfg: Any, paths: list[str]) -> None:
     """A recipe's rank_pattern, alpha_pattern or n_frequency_pattern key that matches none of the adapted `paths` is a
     typo, refused: those modules would keep r (alpha, n_frequency) without a word, as peft passes over it. Read by the
     method's own matching (`cfg` with only that key, its value a marker)."""
-    for key, setting, value in PATTERNS:
+    for key, setting, reader, value in PATTERNS:
+        if not hasattr(type(cfg), reader):
+            continue
         for entry in getattr(cfg, key, None) or {}:
             probe = cfg.model_copy(update={key: {entry: _UNSET}})
             if not any(value(probe, path) is _UNSET for path in paths):
