@@ -139,15 +139,16 @@ def check_skip_modules(model: nn.Module, quant: QuantizationConfig) -> None:
     """A quantization.skip_modules entry the recipe wrote that matches no module of the model (a typo: `lm_hed`)
     keeps nothing in full precision, and transformers passes over it without a word, so what it meant to keep (the
     output head) was quantized. Refused, matched as transformers matches the entries (a path prefix, a regex, a name
-    at the end). The default `lm_head` on a model without an output head (a classifier) is no mistake."""
+    at the end). The default `lm_head` is no typo whatever the model: every run's recipe.yaml writes it (so `verify`
+    and a re-run read it as written), also for a model without one (a classifier's `score`, BioGPT's
+    `output_projection`)."""
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     if "skip_modules" not in quant.model_fields_set:
         return
     names = [name for name, _ in model.named_modules() if name]
-    headless = model.get_output_embeddings() is None
     for entry in quant.skip_modules:
-        if all(should_convert_module(name, [entry]) for name in names) and not (entry == "lm_head" and headless):
+        if entry != "lm_head" and all(should_convert_module(name, [entry]) for name in names):
             kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
             raise PeftkitError(f"quantization.skip_modules entry {entry!r} matches no module of this model, so it "
                                "keeps nothing in full precision (transformers passes over it, and quantizes what it "

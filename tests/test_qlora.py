@@ -253,6 +253,32 @@ def test_a_skip_modules_entry_that_matches_no_module_is_refused(qllama, number_d
     assert (tmp_path / "kept" / "run" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_a_run_s_recorded_skip_modules_retrain_on_a_model_whose_head_is_not_lm_head(qllama, number_data, tmp_path):
+    """Every run's recipe.yaml writes skip_modules: [lm_head]; on BioGPT (head: output_projection) cca515e's check
+    refused it, so a run trained with the default could not be re-run from its recipe.yaml (verify: 'could not
+    re-run the recipe ... entry 'lm_head' matches no module'). The recorded recipe trains again, to the same loss."""
+    from transformers import AutoTokenizer, BioGptConfig, BioGptForCausalLM
+
+    from tests.conftest import make_recipe
+
+    tok = AutoTokenizer.from_pretrained(qllama)  # (its character tokenizer)
+    torch.manual_seed(0)
+    base = tmp_path / "biogpt"
+    BioGptForCausalLM(BioGptConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, tie_word_embeddings=False)).save_pretrained(base)
+    tok.save_pretrained(base)
+    quant = {"method": "nf4", "compute_dtype": "float32"}
+    first = train(load_recipe(make_recipe(tmp_path / "a", base, number_data, quantization=quant,
+                                          adapter={"target_modules": ["q_proj"]}, training={"max_steps": 1})),
+                  show_summary=False)
+    recorded = load_recipe(tmp_path / "a" / "run" / "recipe.yaml")
+    assert recorded.quantization.skip_modules == ["lm_head"]
+    again = train(recorded.model_copy(update={"export": recorded.export.model_copy(
+        update={"output_dir": str(tmp_path / "b")})}), show_summary=False)
+    assert again["train_loss"] == first["train_loss"]
+
+
 def test_a_quantization_section_that_differs_from_a_prequantized_checkpoint_is_refused(qllama, tmp_path):
     """A checkpoint saved 4-bit (merge --requantize's OUTPUT-nf4) loads with its own settings: a section asking int8
     or fp4 trained on nf4 without a word (transformers' warning goes to a silenced log), and the adapter recorded the
