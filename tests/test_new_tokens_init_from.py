@@ -4,6 +4,7 @@ them ([A, B, C]: a run continued with a new token): A's and B's rows start as th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,24 +291,8 @@ def test_a_run_from_peft_s_adapter_on_a_base_padded_to_a_multiple_of_64_starts_a
     its tokenizer's rows, as its exported adapter is loaded again; the 24 rows no token has are left out. At step 0
     its logits of the adapter's 104 tokens are peft's model's, 102's and 103's rows peft's trained ones, <tool_call>'s
     (104) that of transformers' mean resizing to 105 rows from seed 0 (a fresh run's); the run trains."""
-    from peft import LoraConfig, get_peft_model
-
-    tok = AutoTokenizer.from_pretrained(bases["llama"])
-    tok.add_special_tokens({"additional_special_tokens": MARKERS})
-    base = load_fp32(bases["llama"])
-    torch.manual_seed(7)
-    base.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
-    torch.manual_seed(1)
     indices = {"embed_tokens": [102, 103]} | ({"lm_head": [102, 103]} if head else {})
-    theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
-                                             trainable_token_indices=indices))
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "trainable_tokens_delta" in name:
-                p.add_(torch.randn_like(p))
-    adapter = tmp_path / "peft-adapter"
-    theirs.save_pretrained(adapter)
-    tok.save_pretrained(adapter)
+    theirs, adapter = _padded_peft_adapter(bases["llama"], indices, tmp_path)
     saved = {k.removeprefix("base_model.model."): v for k, v in load_file(adapter / "adapter_model.safetensors").items()}
     assert saved["lm_head.token_adapter.base_layer.weight" if head else "lm_head.weight"].shape == (128, 32)
 
@@ -332,27 +317,18 @@ def test_a_run_from_peft_s_adapter_on_a_base_padded_to_a_multiple_of_64_starts_a
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_run_from_peft_s_padded_adapter_whose_tokens_fit_the_base_s_spare_rows_starts_as_it(bases, chats, tmp_path,
-                                                                                            monkeypatch, capsys):
-    """A base with rows to spare (110 rows, 102 tokens, as Qwen's) takes setup_chat_format's two markers within them,
-    so no model.add_tokens is asked for, but TRL still pads it to 128 rows, which peft saves as the frozen bases of the
-    trained rows: a run from that adapter without model.add_tokens was refused as "trained on a different base model
-    (another size or vocabulary)" (the padded rows were cut only under model.add_tokens). It starts as peft's model:
-    its logits over the base's 110 rows are peft's (<= 1e-5), and it trains."""
+def _padded_peft_adapter(base_dir: Path, indices: dict, tmp_path: Path):
+    """(peft's model, its saved adapter): TRL's setup_chat_format on `base_dir` (the two MARKERS added, the base
+    resized to a multiple of 64), a LoRA on q_proj with trainable token rows `indices`, every tensor away from its
+    start; the adapter saved with its tokenizer, as TRL's runs save it."""
     from peft import LoraConfig, get_peft_model
 
-    spare = tmp_path / "spare"
-    resized = load_fp32(bases["llama"])
-    resized.resize_token_embeddings(110, mean_resizing=False)
-    resized.save_pretrained(spare)
-    AutoTokenizer.from_pretrained(bases["llama"]).save_pretrained(spare)
-    tok = AutoTokenizer.from_pretrained(spare)
+    tok = AutoTokenizer.from_pretrained(base_dir)
     tok.add_special_tokens({"additional_special_tokens": MARKERS})
-    base = load_fp32(spare)
+    base = load_fp32(base_dir)
     torch.manual_seed(7)
     base.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
     torch.manual_seed(1)
-    indices = {"embed_tokens": [102, 103], "lm_head": [102, 103]}
     theirs = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
                                              trainable_token_indices=indices))
     with torch.no_grad():
@@ -362,6 +338,22 @@ def test_a_run_from_peft_s_padded_adapter_whose_tokens_fit_the_base_s_spare_rows
     adapter = tmp_path / "peft-adapter"
     theirs.save_pretrained(adapter)
     tok.save_pretrained(adapter)
+    return theirs, adapter
+
+
+def test_a_run_from_peft_s_padded_adapter_whose_tokens_fit_the_base_s_spare_rows_starts_as_it(bases, chats, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """A base with rows to spare (110 rows, 102 tokens, as Qwen's) takes setup_chat_format's two markers within them,
+    so no model.add_tokens is asked for, but TRL still pads it to 128 rows, which peft saves as the frozen bases of the
+    trained rows: a run from that adapter without model.add_tokens was refused as "trained on a different base model
+    (another size or vocabulary)" (the padded rows were cut only under model.add_tokens). It starts as peft's model:
+    its logits over the base's 110 rows are peft's (<= 1e-5), and it trains."""
+    spare = tmp_path / "spare"
+    resized = load_fp32(bases["llama"])
+    resized.resize_token_embeddings(110, mean_resizing=False)
+    resized.save_pretrained(spare)
+    AutoTokenizer.from_pretrained(bases["llama"]).save_pretrained(spare)
+    theirs, adapter = _padded_peft_adapter(spare, {"embed_tokens": [102, 103], "lm_head": [102, 103]}, tmp_path)
     assert load_file(adapter / "adapter_model.safetensors")[
         "base_model.model.lm_head.token_adapter.base_layer.weight"].shape == (128, 32)
 

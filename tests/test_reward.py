@@ -125,15 +125,20 @@ def test_a_run_learns_to_score_the_chosen_answer_higher_and_peft_gives_its_figur
     _eval_and_merge(run, reward_data["eval"], last, tmp_path)
 
 
-def test_a_centred_reward_model_is_scored_with_its_centring_term_without_its_recipe(tiny_llama, reward_data, tmp_path):
-    """training.reward_center adds center (s(chosen) + s(rejected))^2 to the loss. The adapter and the merged models
-    (the run's merged/ and `peftkit merge`'s) record it, so `peftkit eval` of them without the recipe gives the run's
-    loss: it scored them with no centring (0.0013 where the run had 0.0053, on SmolLM2 at 0.01) beside its rewards."""
+def _centred_run(tmp_path: Path, tiny_llama: Path, reward_data: dict) -> None:
+    """A reward model trained at training.reward_center 0.5 into tmp_path/run, with its merged export."""
     path = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=4, eval_steps=4, reward_center=0.5)
     raw = yaml.safe_load(path.read_text())
     raw["export"] |= {"merged": True}
     path.write_text(yaml.safe_dump(raw))
     train(load_recipe(path))
+
+
+def test_a_centred_reward_model_is_scored_with_its_centring_term_without_its_recipe(tiny_llama, reward_data, tmp_path):
+    """training.reward_center adds center (s(chosen) + s(rejected))^2 to the loss. The adapter and the merged models
+    (the run's merged/ and `peftkit merge`'s) record it, so `peftkit eval` of them without the recipe gives the run's
+    loss: it scored them with no centring (0.0013 where the run had 0.0053, on SmolLM2 at 0.01) beside its rewards."""
+    _centred_run(tmp_path, tiny_llama, reward_data)
     run = tmp_path / "run"
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
     centring = 0.5 * (last["eval_chosen_reward"] + last["eval_rejected_reward"]) ** 2  # a lower bound of its mean
@@ -159,11 +164,7 @@ def test_a_comparison_of_centred_reward_models_scores_each_with_its_own_centring
 
     from peftkit.cli import app
 
-    path = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=4, eval_steps=4, reward_center=0.5)
-    raw = yaml.safe_load(path.read_text())
-    raw["export"] |= {"merged": True}
-    path.write_text(yaml.safe_dump(raw))
-    train(load_recipe(path))
+    _centred_run(tmp_path, tiny_llama, reward_data)
     run = tmp_path / "run"
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
     out = tmp_path / "rows.json"
@@ -186,11 +187,7 @@ def test_a_centred_reward_model_on_the_hub_is_scored_with_its_centring_term(tiny
     from peftkit.cli import app
     from tests.test_hub import _publish_to
 
-    path = _reward_recipe(tmp_path, tiny_llama, reward_data, max_steps=4, eval_steps=4, reward_center=0.5)
-    raw = yaml.safe_load(path.read_text())
-    raw["export"] |= {"merged": True}
-    path.write_text(yaml.safe_dump(raw))
-    train(load_recipe(path))
+    _centred_run(tmp_path, tiny_llama, reward_data)
     last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
