@@ -126,3 +126,33 @@ def test_modules_to_save_are_written_as_full_paths_so_peft_loads_them(tiny_llama
     torch.testing.assert_close(reference(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
     ours, *_ = load_adapted_model(str(tiny_llama), str(tmp_path))
     torch.testing.assert_close(ours(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", [
+    {"r": 4, "alpha": 8, "target_modules": ["q_proj"], "modules_to_save": ["rotary_emb"]},
+    {"method": "ia3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"],
+     "modules_to_save": ["norm", "act_fn"]},
+])
+def test_modules_to_save_without_parameters_is_refused(adapter, tiny_llama, number_data, tmp_path, monkeypatch,
+                                                       capsys):
+    """A modules_to_save entry naming a module with no parameters (the rotary embedding's buffers, an activation)
+    trained nothing extra, without a word, in every method: validate and train refuse it, naming the module and those
+    with parameters."""
+    import yaml
+
+    from tests.conftest import cli_user_error, make_recipe
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "adapter": adapter}, sort_keys=False))
+    wanted = adapter["modules_to_save"][-1]
+    held = {"rotary_emb": ("model.rotary_emb, a LlamaRotaryEmbedding", " (only buffers, which are not trained: "
+                                                                        "inv_freq, original_inv_freq)"),
+            "act_fn": ("model.layers.0.mlp.act_fn, a SiLUActivation", "")}[wanted]
+    expected = (f"adapter.modules_to_save: '{wanted}' ({held[0]}) has no parameters{held[1]}: training it whole would "
+                "train nothing. Name a module with parameters (this model's: embed_tokens, q_proj, k_proj, v_proj, "
+                "o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm, norm, lm_head), or "
+                "remove it.")
+    for command in ("validate", "train"):
+        said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        assert said == f"error: {expected}", said
+    assert not (tmp_path / "run" / "adapter").exists()

@@ -154,6 +154,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     method = method_of(cfg)
     if every_entry:  # (before the line below: whatever target_modules, a recipe's exclude_modules names modules)
         check_excluded([n for n, _ in model.named_modules()], cfg)
+        refuse_without_parameters(model, getattr(cfg, "modules_to_save", None) or [])
     # An architecture's default list (IA3, AdaLoRA) may name what this transformers version no longer has as a layer
     # (Mixtral's experts' w2, now fused parameters): as in peft, its entries need not all match; one must.
     every_entry = every_entry and getattr(cfg, "target_modules", "given") is not None
@@ -367,6 +368,24 @@ def modules_to_save(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
             )
         found.update(hits)
     return found
+
+
+def refuse_without_parameters(model: nn.Module, names: list[str]) -> None:
+    """Refuse a recipe's modules_to_save entry whose modules hold no parameter (a rotary embedding's buffers, an
+    activation, a dropout): training it whole would train nothing, without a word (peft wraps it all the same)."""
+    for wanted in names:
+        hits = modules_to_save(model, [wanted])
+        if any(True for module in hits.values() for _ in module.parameters()):
+            continue
+        path, module = next(iter(hits.items()))
+        buffers = [n for n, _ in module.named_buffers()]
+        held = f" (only buffers, which are not trained: {', '.join(buffers)})" if buffers else ""
+        with_parameters = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                             if n and next(m.parameters(recurse=False), None) is not None))
+        raise PeftkitError(
+            f"adapter.modules_to_save: '{wanted}' ({path}, a {type(module).__name__}) has no parameters"
+            f"{held}: training it whole would train nothing. Name a module with parameters (this model's: "
+            f"{', '.join(with_parameters)}), or remove it.{did_you_mean(wanted, with_parameters)}")
 
 
 def saved_base_modules(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
