@@ -7,7 +7,8 @@ Not checked here, since they need more than that: the weights' fit to config.jso
 (its rows, their lengths and the steps they make: warmup, evaluation and checkpoint intervals, and with
 training.epochs the method's own checks of the run, AdaLoRA's schedule; eval.max_new_tokens within a learned position
 table), data.packing's test of the model's attention (it compares logits), what depends on the device (flash
-attention, bfloat16 support, fp16 gradients, whether the estimate fits).
+attention's CUDA and package, though its refusal of float32 weights is made here; bfloat16 support, fp16 gradients,
+whether the estimate fits).
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ def check_model(cfg: Recipe) -> str:
     from peftkit.manifest import hub_commit
     from peftkit.memory import meta_model
     from peftkit.methods import method_of
-    from peftkit.modeling import load_config, load_tokenizer
+    from peftkit.modeling import check_attention_dtype, load_config, load_tokenizer
     from peftkit.quantization import check_prequantized, check_quantization_section
     from peftkit.rope_scaling import check_context_length
     from peftkit.start_adapter import adapt, adapter_line
 
     with _offline():
         config = load_config(cfg.model)
+        check_attention_dtype(cfg.model)
         check_context_length(cfg, config)
         check_quantization_section(config, cfg.model, cfg.quantization)
         if cfg.quantization is not None:

@@ -145,14 +145,22 @@ def check_attention(cfg: ModelConfig, device: torch.device) -> None:
     then refuses."""
     if cfg.attn_implementation != "flash_attention_2":
         return
+    check_attention_dtype(cfg)
+    if need := flash_attention_missing(device):
+        raise PeftkitError(f"model.attn_implementation: flash_attention_2 needs {need}; use sdpa (or leave the key "
+                           "out) here.")
+
+
+def check_attention_dtype(cfg: ModelConfig) -> None:
+    """flash_attention_2's refusal of float32 weights (see `check_attention`): the recipe and config.json decide it,
+    no device, so `peftkit validate` says it too."""
+    if cfg.attn_implementation != "flash_attention_2":
+        return
     if cfg.dtype == "float32" or (cfg.dtype == "auto" and _checkpoint_dtype(cfg) == "float32"):
         said = "float32" if cfg.dtype == "float32" else "auto, the checkpoint's float32"
         raise PeftkitError("model.attn_implementation: flash_attention_2 computes in float16 or bfloat16 only, and "
                            f"model.dtype is {said}. Set model.dtype: bfloat16 (the adapter still trains in float32), "
                            "or use sdpa.")
-    if need := flash_attention_missing(device):
-        raise PeftkitError(f"model.attn_implementation: flash_attention_2 needs {need}; use sdpa (or leave the key "
-                           "out) here.")
 
 
 def _checkpoint_dtype(cfg: ModelConfig) -> str | None:

@@ -55,6 +55,10 @@ def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
                    "adapter.r (40) is larger than 32. Lower adapter.r or use init: default."),
     ("alora_vocab", "adapter.alora_invocation_tokens [5, 102]: token id 102 is past the tokenizer's 102 tokens (ids 0 "
                     "to 101), so no text holds the invocation and the adapter would never act."),
+    ("flash_fp32", "model.attn_implementation: flash_attention_2 computes in float16 or bfloat16 only, and "
+                   "model.dtype is float32. Set model.dtype: bfloat16"),
+    ("flash_auto_fp32", "flash_attention_2 computes in float16 or bfloat16 only, and model.dtype is auto, the "
+                        "checkpoint's float32."),
     ("no_eos", "data.format 'alpaca' ends each target with the tokenizer's EOS token, so the model learns to stop, and "
                "this tokenizer has none."),
 ])
@@ -81,6 +85,9 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
         sections = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"], "alora_invocation_tokens": [5, 102]}}
     elif case == "no_eos":
         sections = {"adapter": {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}}
+    elif case.startswith("flash"):  # refused from the recipe and config.json alone, before any device is asked
+        sections = {"model": {"attn_implementation": "flash_attention_2",
+                              "dtype": "auto" if "auto" in case else "float32"}}
     elif case == "pissa_rank":  # a rank past the weight's: said from its shape, before the SVD needs the values
         sections = {"adapter": {"r": 40, "alpha": 80, "target_modules": "all-linear", "init": "pissa"}}
     model = _tiny_mamba(tmp_path / "mamba") if case == "mamba_prefix" else _garbage_weights(base, tmp_path / "model")
@@ -92,7 +99,11 @@ def test_validate_refuses_as_train_without_reading_weights(case, expected, tiny_
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             (model / name).unlink(missing_ok=True)
         build_encoder_tokenizer(model)
+    model_keys = sections.pop("model", {})  # (make_recipe's `model` is the path)
     recipe = make_recipe(tmp_path / "r", model, number_data, **sections)
+    if model_keys:
+        raw = yaml.safe_load(recipe.read_text())
+        recipe.write_text(yaml.safe_dump({**raw, "model": raw["model"] | model_keys}, sort_keys=False))
     if case in ("llama_adapter", "mamba_prefix"):  # the adapter section whole, not make_recipe's LoRA updated
         recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), **sections}, sort_keys=False))
     validated, trained = _refusal(monkeypatch, capsys, recipe)
