@@ -103,7 +103,7 @@ def check_model(cfg: Recipe) -> str:
 
 def _check_tokenizer(cfg: Recipe, tok) -> None:
     """Train's refusals that the tokenizer decides: a chat template for chat rows, an EOS token for the formats whose
-    targets end with it, aLoRA's invocation ids within its vocabulary."""
+    targets end with it (preference and unpaired rows of text too), aLoRA's invocation ids within its vocabulary."""
     from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.data.examples import EOS_FORMATS, check_eos
 
@@ -116,10 +116,37 @@ def _check_tokenizer(cfg: Recipe, tok) -> None:
             if entry.format in EOS_FORMATS:
                 check_eos(tok, entry.format, "data.format" if entry.format == cfg.data.format else
                           f"data.train[{i}].format")
+    _check_answers_eos(cfg, tok)
     if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation_ids
 
         check_invocation_ids(invocation, tok)
+
+
+def _check_answers_eos(cfg: Recipe, tok) -> None:
+    """Train's refusal of data.format preference's text pairs (DPO, ORPO, SimPO, reward) or unpaired's text rows (KTO)
+    on a tokenizer without an EOS token: their answers end with it, as completion's targets do (conversations end with
+    the template's end of turn). Their form is data.train's first usable row's, read (not tokenized) where its files
+    are local; unreadable rows are left to train to say."""
+    from peftkit.data.examples import check_eos
+    from peftkit.data.preference import TEXT_FIELDS as PAIR_FIELDS, split_pair
+    from peftkit.data.sources import read_rows
+    from peftkit.data.unpaired import TEXT_FIELDS, split_unpaired
+    from peftkit.errors import PeftkitError
+
+    data = cfg.data
+    if tok.eos_token_id is not None or data.format not in ("preference", "unpaired"):
+        return
+    if not all(Path(source.path).is_file() for source in data.train_sources()):
+        return
+    split, fields = (split_pair, PAIR_FIELDS) if data.format == "preference" else (split_unpaired, TEXT_FIELDS)
+    try:
+        rows = read_rows(data.train, data.train_split, data)[0]
+    except PeftkitError:
+        return
+    forms = (split(row) for row in rows if isinstance(row, dict))
+    if next((form[0] for form in forms if isinstance(form, tuple)), None) == "completion":
+        check_eos(tok, data.format, data._format_key, fields)
 
 
 def _quantize(model, cfg: Recipe) -> None:

@@ -242,3 +242,53 @@ def test_validate_refuses_a_quantized_tied_head_as_train(number_data, tmp_path, 
     validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
     assert validated == trained, (validated, trained)
     assert "quantization.skip_modules [] leaves out lm_head, the output head, and this model ties it" in validated
+
+
+def _encoder_tokenized(model: Path, out: Path) -> Path:
+    """`_garbage_weights` of `model` with a BERT-style tokenizer ([CLS] ... [SEP]): no EOS token."""
+    from peftkit.tiny import build_encoder_tokenizer
+
+    out = _garbage_weights(model, out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (out / name).unlink(missing_ok=True)
+    build_encoder_tokenizer(out)
+    return out
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "reward", "kto"])
+def test_validate_refuses_text_answers_without_eos_as_train(objective, tiny_llama, number_data, tmp_path, monkeypatch,
+                                                            capsys):
+    """Preference pairs (DPO, ORPO, SimPO, a reward model) and KTO's unpaired rows of text end each answer with EOS:
+    on a tokenizer without one, train refused them as it read the data, naming data.format 'completion' (which the
+    recipe did not set) and advising data.format: chat; validate said nothing. Both now say it, in the same words;
+    conversations (which end with the template's end of turn) are not refused for it."""
+    model = _encoder_tokenized(tiny_llama, tmp_path / "model")
+    unpaired = objective == "kto"
+    if unpaired:
+        rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(8)]
+    else:
+        rows = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)]
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    turns = tmp_path / "turns.jsonl"  # the same rows as conversations: the prompt a user message
+    turns.write_text("".join(json.dumps(row | {"prompt": [{"role": "user", "content": row["prompt"]}]}) + "\n"
+                             for row in rows))
+    recipe = make_recipe(tmp_path / "r", model, {"train": text, "eval": text},
+                         data={"format": "unpaired" if unpaired else "preference"}, training={"objective": objective})
+    if objective == "reward":  # a reward model: a sequence classifier of one output
+        raw = yaml.safe_load(recipe.read_text())
+        recipe.write_text(yaml.safe_dump({**raw, "model": raw["model"] | {"task": "sequence_classification"}}))
+    validated, trained = _refusal(monkeypatch, capsys, recipe)
+    fields = "prompt and completion" if unpaired else "prompt, chosen and rejected"
+    assert validated == trained, (validated, trained)
+    assert validated == (f"error: data.format '{'unpaired' if unpaired else 'preference'}' rows of text ({fields} "
+                         "strings) end each answer with the tokenizer's EOS token, so the model learns to stop, and "
+                         "this tokenizer has none. Give it one (tokenizer_config.json's eos_token), or give the rows as "
+                         f"conversations ({fields} as lists of messages) with a chat template that marks the end of "
+                         "each turn."), validated
+    recipe.write_text(recipe.read_text().replace(str(text), str(turns)))
+    from peftkit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+    main()
+    assert "# model checks (no weight read): " in capsys.readouterr().out

@@ -67,9 +67,16 @@ EOS_FORMATS = ("alpaca", "completion", "text")
 """The formats whose targets end with the tokenizer's EOS token (`_prompts_and_targets`)."""
 
 
-def check_eos(tok, fmt: str, format_key: str = "data.format") -> None:
+def check_eos(tok, fmt: str, format_key: str = "data.format", text_fields: str | None = None) -> None:
     """Refuse format `fmt` (one of EOS_FORMATS) with a tokenizer that has no EOS token (a BERT-style one): the model
-    could not learn to stop. `format_key`: the key (or flag) that set `fmt`."""
+    could not learn to stop. `format_key`: the key (or flag) that set `fmt`. `text_fields`: for data.format preference
+    or unpaired, the fields of its text rows ("prompt and completion"), whose answers end with EOS as completion's
+    targets do (its conversations' need a chat template instead)."""
+    if tok.eos_token_id is None and text_fields:
+        raise PeftkitError(f"{format_key} '{fmt}' rows of text ({text_fields} strings) end each answer with the "
+                           "tokenizer's EOS token, so the model learns to stop, and this tokenizer has none. Give it "
+                           f"one (tokenizer_config.json's eos_token), or give the rows as conversations ({text_fields} "
+                           "as lists of messages) with a chat template that marks the end of each turn.")
     if tok.eos_token_id is None:
         chat = f"{format_key} chat" if format_key.startswith("--") else f"{format_key}: chat"  # a flag, a recipe key
         raise PeftkitError(f"{format_key} '{fmt}' ends each target with the tokenizer's EOS token, so the model learns "

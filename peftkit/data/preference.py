@@ -25,7 +25,8 @@ import torch
 
 from peftkit.data.batches import Collator
 from peftkit.data.bad_rows import usable_row
-from peftkit.data.examples import BuiltExample, _built_examples, _TargetCuts, no_examples_error, truncation_error
+from peftkit.data.examples import (BuiltExample, _built_examples, _TargetCuts, check_eos, no_examples_error,
+                                   truncation_error)
 from peftkit.data.formats import (TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls,
                                   format_rows)
 from peftkit.data.rows import Locations, row_location
@@ -35,6 +36,8 @@ from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig, is_hub_dataset
 
 ANSWERS = ("chosen", "rejected")
+TEXT_FIELDS = "prompt, chosen and rejected"
+"""The fields of a text pair, whose answers end with EOS (a conversation's end with its template's end of turn)."""
 
 
 def split_pair(row: dict) -> tuple[str, list[dict]] | str:
@@ -239,6 +242,8 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
         raise PeftkitError(f"data.{key}: {name} holds text pairs (prompt, chosen and rejected strings), which no chat "
                            f"template renders, so data.{key} would be ignored; remove it, or give the pairs as "
                            "conversations (prompt, chosen and rejected as lists of messages)")
+    if fmt == "completion":
+        check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     answers = format_rows([r for _, pair in split_rows for r in pair], own)
     doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from peftkit.data.bad_rows import usable_row
-from peftkit.data.examples import _built_examples, _TargetCuts, no_examples_error, truncation_error
+from peftkit.data.examples import _built_examples, _TargetCuts, check_eos, no_examples_error, truncation_error
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
 from peftkit.data.preference import PairCollator, Pairs, _in_row_words, _keep, new_stats
 from peftkit.data.rows import Locations, row_location
@@ -33,6 +33,9 @@ from peftkit.data.sources import read_rows
 from peftkit.data.stored import Examples
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
+
+TEXT_FIELDS = "prompt and completion"
+"""The fields of a text row, whose answer ends with EOS (a conversation's ends with its template's end of turn)."""
 
 
 def split_unpaired(row: dict) -> tuple[str, tuple, bool] | str:
@@ -178,6 +181,8 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
         raise PeftkitError(f"data.{key}: {name} holds text answers (prompt and completion strings), which no chat "
                            f"template renders, so data.{key} would be ignored; remove it, or give the rows as "
                            "conversations (prompt and completion as lists of messages)")
+    if fmt == "completion":
+        check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     parts = [p for _, p, _, _ in kept]
     both = format_rows([r for part, other, (*_, task) in zip(parts, mismatched(parts, chunk), kept, strict=True)
