@@ -589,3 +589,33 @@ def test_a_classifier_trains_over_a_4_bit_base_and_peft_gives_its_logits(tmp_pat
         assert (logits - peft_over_4_bit(tiny_llama, adapter, 2, tok.pad_token_id)(**batch).logits).abs().max() <= 1e-5
         merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "merged").eval()
         assert (merged(**batch).logits - logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(("adapter", "expected"), [
+    ({"method": "adalora", "init_r": 4, "target_r": 2},
+     "adapter.target_modules: AdaLoRA has no default for model type 'bert' (it has for llama, qwen2, qwen3, gemma, "
+     "gemma2, gemma3_text, gpt2, bloom, opt, gpt_neox); name the modules: this model's linear layers are named query, "
+     "key, value, dense."),
+    ({"method": "ia3", "target_modules": ["query", "value", "dense"]},
+     "adapter.feedforward_modules: IA3 has no default for model type 'bert' (it has for llama, mistral, mixtral, "
+     "qwen2, qwen3, gemma, gemma2, gemma3_text, bloom, phi, gpt2, opt, falcon, gpt_neox); name the modules "
+     "(target_modules, and in "
+     "feedforward_modules those of them that are feed-forward layers): this model's linear layers are named query, "
+     "key, value, dense."),
+    ({"method": "ln_tuning"},
+     "adapter.target_modules: LN tuning has no default for model type 'bert' (it has for llama, mistral, gemma, "
+     "gemma2, gemma3_text, qwen2, qwen3, bloom"),
+])
+def test_a_method_without_a_default_for_the_model_names_its_own_layers(adapter, expected, tiny_bert, sentiment,
+                                                                       tmp_path, monkeypatch, capsys):
+    """AdaLoRA, IA3 and LN tuning leave target_modules to the architecture; on one they have no default for (BERT) the
+    error suggested a Llama's names (target_modules: [q_proj, v_proj]), which BERT lacks: validate and train name
+    the model's own linear (or normalisation) layers, the classifier head left out."""
+    recipe = classification_recipe(tmp_path, tiny_bert, sentiment, adapter)
+    said = [" ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+            for command in ("validate", "train")]
+    assert said[0] == said[1], said
+    assert said[0].startswith(f"error: {expected}"), said[0]
+    if adapter["method"] == "ln_tuning":
+        assert said[0].endswith("); name the normalisation layers: this model's normalisation layers are named "
+                                "LayerNorm."), said[0]

@@ -20,7 +20,7 @@ from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_non_lookup,
                                   suffix_match)
 from peftkit.methods.replication import replicate_layers
-from peftkit.methods.target_filters import check_excluded, check_patterns
+from peftkit.methods.target_filters import NoDefault, check_excluded, check_patterns
 from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows
 from peftkit.recipe import AdapterConfig, TargetRegex
 
@@ -158,7 +158,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     # An architecture's default list (IA3, AdaLoRA) may name what this transformers version no longer has as a layer
     # (Mixtral's experts' w2, now fused parameters): as in peft, its entries need not all match; one must.
     every_entry = every_entry and getattr(cfg, "target_modules", "given") is not None
-    cfg = method.resolve(cfg, getattr(getattr(model, "config", None), "model_type", None))
+    cfg = _resolved(method, cfg, model)
     if getattr(cfg, "layer_replication", None):  # (before the targets: they are the stacked model's)
         replicate_layers(model, cfg.layer_replication)
     if not method.layer_targets:  # the prompt family: one module on the whole model, no layer wrapped
@@ -184,6 +184,22 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     saved = list(modules_to_save(model, cfg.modules_to_save)) if cfg.modules_to_save else []
     inject_token_rows(model, getattr(cfg, "trainable_token_indices", None), saved)
     return names
+
+
+def _resolved(method: type[Method], cfg: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """`cfg` with what it leaves to the architecture filled in (`Method.resolve`); where the method has no default
+    for it, the error names this model's own layers (not a Llama's)."""
+    try:
+        return method.resolve(cfg, getattr(getattr(model, "config", None), "model_type", None))
+    except NoDefault as e:
+        if e.layers == "normalisation":
+            from peftkit.methods.ln_tuning import is_norm
+
+            names = [n for n, m in model.named_modules() if n and is_norm(m)]
+        else:
+            heads = _output_head_names(model)
+            names = [n for n, m in model.named_modules() if n and is_linear(m) and n not in heads]
+        raise e.for_model(list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in names))) from None
 
 
 def _targets(model: nn.Module, method: type[Method], cfg: AdapterConfig, every_entry: bool,

@@ -28,8 +28,8 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import (AdapterLayer, Method, REEXPORT, draw_device, is_conv1d, is_quantized,
                                   linear_shape, refuse_unsupported, targets_from_peft)
-from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
-                                             filters_from_peft)
+from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, NoDefault, PeftExcludedTargets,
+                                             PeftLayerTargets, filters_from_peft)
 from peftkit.section import TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, peft 0.21) for the
@@ -206,8 +206,8 @@ class AdaLora(Method):
         if cfg.target_modules is not None:
             return cfg
         if model_type not in DEFAULTS:
-            raise PeftkitError(f"adapter.target_modules: AdaLoRA has no default for model type {model_type!r} (it has "
-                               f"for {', '.join(DEFAULTS)}); name the modules, e.g. target_modules: [q_proj, v_proj].")
+            raise NoDefault("target_modules", "AdaLoRA", model_type, DEFAULTS, "name the modules",
+                            "target_modules: [q_proj, v_proj]")
         return cfg.model_copy(update={"target_modules": DEFAULTS[model_type]})
 
     @classmethod

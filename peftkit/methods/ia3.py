@@ -22,7 +22,8 @@ from torch import nn
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
                                   suffix_match, targets_from_peft)
-from peftkit.methods.target_filters import ExcludedTargets, PeftExcludedTargets, filters_from_peft, narrow
+from peftkit.methods.target_filters import (ExcludedTargets, NoDefault, PeftExcludedTargets, filters_from_peft,
+                                             narrow)
 from peftkit.section import TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_{TARGET,FEEDFORWARD}_MODULES_MAPPING, peft 0.21)
@@ -136,11 +137,9 @@ class IA3(Method):
             return cfg
         if model_type not in DEFAULTS:
             missing = "target_modules" if cfg.target_modules is None else "feedforward_modules"
-            raise PeftkitError(
-                f"adapter.{missing}: IA3 has no default for model type {model_type!r} (it has for "
-                f"{', '.join(DEFAULTS)}); name the modules, e.g. target_modules: [k_proj, v_proj, down_proj] and "
-                "feedforward_modules: [down_proj] for a Llama-like model."
-            )
+            raise NoDefault(missing, "IA3", model_type, DEFAULTS, "name the modules (target_modules, and in "
+                            "feedforward_modules those of them that are feed-forward layers)", "target_modules: "
+                            "[k_proj, v_proj, down_proj] and feedforward_modules: [down_proj] for a Llama-like model")
         targets, feedforward = DEFAULTS[model_type]
         resolved = cfg.model_copy(update={"target_modules": cfg.target_modules if cfg.target_modules is not None
                                           else targets,

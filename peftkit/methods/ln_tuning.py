@@ -22,7 +22,8 @@ from torch.func import functional_call
 
 from peftkit.errors import PeftkitError, did_you_mean
 from peftkit.methods.base import AdapterLayer, Method, refuse_unsupported, suffix_match, targets_from_peft
-from peftkit.methods.target_filters import ExcludedTargets, PeftExcludedTargets, filters_from_peft, narrow
+from peftkit.methods.target_filters import (ExcludedTargets, NoDefault, PeftExcludedTargets, filters_from_peft,
+                                             narrow)
 from peftkit.section import TargetRegex
 
 # peft's per-architecture defaults (TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING, peft 0.21) for the
@@ -134,10 +135,9 @@ class LnTuning(Method):
         if cfg.target_modules is not None:
             return cfg
         if model_type not in DEFAULTS:
-            raise PeftkitError(
-                f"adapter.target_modules: LN tuning has no default for model type {model_type!r} (it has for "
-                f"{', '.join(DEFAULTS)}); name the normalisation layers, e.g. target_modules: [input_layernorm, "
-                "post_attention_layernorm, norm] for a Llama-like model.")
+            raise NoDefault("target_modules", "LN tuning", model_type, DEFAULTS, "name the normalisation layers",
+                            "target_modules: [input_layernorm, post_attention_layernorm, norm] for a Llama-like model",
+                            "normalisation")
         return cfg.model_copy(update={"target_modules": DEFAULTS[model_type]})
 
     @classmethod

@@ -24,6 +24,23 @@ from peftkit.section import AdapterSection, TargetRegex
 LayerIndices = list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None
 
 
+class NoDefault(PeftkitError):
+    """A method's setting left to the architecture (`Method.resolve`: AdaLoRA's, IA3's, LN tuning's target_modules) on
+    a model type it has no default for. Its example is a Llama's names; `inject_adapters`, which has the model, says
+    the model's own layers instead (`for_model`): a Llama's q_proj was suggested to a BERT."""
+
+    def __init__(self, key: str, title: str, model_type: str | None, defaults, ask: str, example: str,
+                 layers: str = "linear") -> None:
+        self.head = (f"adapter.{key}: {title} has no default for model type {model_type!r} (it has for "
+                     f"{', '.join(defaults)}); {ask}")
+        self.layers = layers  # which of the model's layers to name: "linear" or "normalisation"
+        super().__init__(f"{self.head}, e.g. {example}.")
+
+    def for_model(self, names: list[str]) -> PeftkitError:
+        """This error with the model's own layer names (of `self.layers`) in place of the example."""
+        return PeftkitError(f"{self.head}: this model's {self.layers} layers are named {', '.join(names) or '(none)'}.")
+
+
 def regex_keys(pattern: dict | list | str | None) -> dict | list | str | None:
     """A rank_pattern's or alpha_pattern's keys, and layers_pattern's names, must be regular expressions."""
     for key in [pattern] if isinstance(pattern, str) else pattern or ():
