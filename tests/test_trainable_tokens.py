@@ -388,3 +388,39 @@ def test_an_embedding_of_positions_is_refused_by_validate(adapter, key, number_d
     assert f"error: {key}: 'model.decoder.embed_positions' is a OPTLearnedPositionalEmbedding, whose forward takes " \
            "(attention_mask, cache_length, position_ids), not token ids to look up (learned positions), so no adapter " \
            "can wrap it" in said, said
+
+
+@pytest.mark.parametrize("adapter", [
+    {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "trainable_token_indices": {"token_type_embeddings": [1, 5]}},
+    {"method": "trainable_tokens", "target_modules": ["token_type_embeddings"], "token_indices": [1, 5]},
+])
+def test_ids_past_another_embedding_s_rows_are_not_told_to_resize(adapter, tmp_path, monkeypatch, capsys):
+    """BERT's token_type_embeddings have 2 rows, which are no token's: an id past them was told "Resize the embeddings
+    first", which model.add_tokens does to the word embeddings (and an output head) only. validate and train say so,
+    in the same words; the word embeddings' rows keep the advice."""
+    import yaml
+
+    from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
+
+    build_tiny_encoder(tmp_path / "bert", hidden_size=32, num_layers=1, seed=0)
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(16, seed=3))
+    capsys.readouterr()
+    recipe = make_recipe(tmp_path / "r", tmp_path / "bert", {"train": tmp_path / "train.jsonl", "eval": None},
+                         data={"format": "classification", "max_length": 64})
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump(raw | {"model": raw["model"] | {"task": "sequence_classification"},
+                                            "adapter": adapter}, sort_keys=False))
+    key = "adapter.token_indices" if "token_indices" in adapter else "adapter.trainable_token_indices"
+    expected = (f"error: {key}: token id 5 is past the 2 rows of 'bert.embeddings.token_type_embeddings'. model.add_tokens "
+                "resizes the input embeddings and the output head only: this embedding's rows are not the tokenizer's "
+                "ids, and stay 2. Give ids below 2, or name the input embeddings.")
+    for command in ("validate", "train"):
+        said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        assert said == expected, said
+    words = ({"target_modules": None, "token_indices": [1, 500]} if "token_indices" in adapter else
+             {"trainable_token_indices": [1, 500]})  # the word embeddings
+    recipe.write_text(yaml.safe_dump(raw | {"model": raw["model"] | {"task": "sequence_classification"},
+                                            "adapter": adapter | words}, sort_keys=False))
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert said.endswith("rows of 'bert.embeddings.word_embeddings'. Resize the embeddings first (the tokenizer's new tokens "
+                         "need rows)."), said

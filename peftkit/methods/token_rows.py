@@ -29,7 +29,7 @@ from torch import nn
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import PeftConfigBase, refuse_non_lookup, suffix_match
 from peftkit.methods.trainable_tokens import (ReplacedRows, TokenIndices, check_indices, initial_rows,
-                                              replace_module)
+                                              refuse_past_rows, replace_module)
 from peftkit.section import AdapterSection
 
 TOKEN_ROWS = "token_adapter.trainable_tokens_delta"
@@ -201,9 +201,8 @@ def _wrappable(model: nn.Module, path: str, saved: list[str], ids: list[int]) ->
     if isinstance(module, nn.Embedding) and (module.max_norm is not None or module.scale_grad_by_freq):
         raise PeftkitError(f"adapter.trainable_token_indices: '{path}' renormalises its rows or scales their "
                            "gradients by frequency, which trained rows do not do; train it whole (modules_to_save).")
-    if past := [i for i in ids if i >= module.weight.shape[0]]:
-        raise PeftkitError(f"adapter.trainable_token_indices: token id {past[0]} is past the {module.weight.shape[0]} "
-                           f"rows of '{path}'. Resize the embeddings first (the tokenizer's new tokens need rows).")
+    resized = module is model.get_input_embeddings() or module is model.get_output_embeddings()
+    refuse_past_rows(module, ids, "adapter.trainable_token_indices", path, resized)
     return module
 
 

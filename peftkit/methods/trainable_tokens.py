@@ -176,6 +176,19 @@ class TokenLayer(ReplacedRows, AdapterLayer):
         self.merged = False
 
 
+def refuse_past_rows(module: nn.Module, ids: list[int], key: str, path: str, resized: bool) -> None:
+    """Refuse an id of `key` past the rows of `module` (at `path`). `resized`: whether it is the input embeddings or
+    the output head, whose rows are the tokenizer's and which model.add_tokens resizes; another embedding's rows (BERT's
+    two token types, learned positions) are no token's, and no resize adds to them."""
+    rows = module.weight.shape[0]
+    if not (past := [i for i in ids if i >= rows]):
+        return
+    fix = ("Resize the embeddings first (the tokenizer's new tokens need rows)." if resized else
+           "model.add_tokens resizes the input embeddings and the output head only: this embedding's rows are not "
+           f"the tokenizer's ids, and stay {rows}. Give ids below {rows}, or name the input embeddings.")
+    raise PeftkitError(f"{key}: token id {past[0]} is past the {rows} rows of '{path}'. {fix}")
+
+
 class TrainableTokens(Method):
     name = "trainable_tokens"
     title = "Trainable tokens"
@@ -188,17 +201,20 @@ class TrainableTokens(Method):
     def select_targets(cls, model: nn.Module, cfg: TrainableTokensConfig, every_entry: bool) -> list[str]:
         from peftkit.adapters import find_targets  # (peftkit.adapters imports this module)
 
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
         if cfg.target_modules is None:
-            embedding = model.get_input_embeddings()
-            return [next(path for path, module in model.named_modules() if module is embedding)]
-        names = find_targets(model, cfg.target_modules, every_entry)
-        head = model.get_output_embeddings()
+            names = [next(path for path, module in model.named_modules() if module is embedding)]
+        else:
+            names = find_targets(model, cfg.target_modules, every_entry)
         for path in names:
             module = model.get_submodule(path)
             if not isinstance(module, nn.Embedding) and module is not head:
                 raise PeftkitError(f"adapter.target_modules: '{path}' is a {type(module).__name__}; trainable tokens "
                                    "take rows of an embedding (or of the output head): name the embeddings, or leave "
                                    "target_modules null for the input embeddings.")
+            if type(module) is nn.Linear or isinstance(module, nn.Embedding):  # (a quantized head: `wrap` refuses it)
+                resized = module is embedding or module is head
+                refuse_past_rows(module, cfg.token_indices, "adapter.token_indices", path, resized)
         return names
 
     @classmethod
@@ -206,9 +222,6 @@ class TrainableTokens(Method):
         if type(base) is not nn.Linear and not isinstance(base, nn.Embedding):  # (a quantized head: no rows)
             raise PeftkitError(f"adapter.target_modules: '{path}' is a {type(base).__name__}; trainable tokens take "
                                "rows of an embedding (or of a plain linear output head).")
-        if past := [i for i in cfg.token_indices if i >= base.weight.shape[0]]:
-            raise PeftkitError(f"adapter.token_indices: token id {past[0]} is past the {base.weight.shape[0]} rows of "
-                               f"'{path}'. Resize the embeddings first (the tokenizer's new tokens need rows).")
         return TokenLayer(base, cfg.token_indices)
 
     @classmethod
