@@ -162,6 +162,37 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
         merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
 
 
+@pytest.mark.parametrize("r", [32, 40])
+def test_gram_schmidt_past_a_layer_s_inputs_is_refused(r, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """apply_GS makes r orthonormal vectors of a layer's inputs (32 for the tiny Llama's q_proj): at r = 32 they span
+    them all, so H = -I whatever they are and their gradients vanish; past it H is no longer orthogonal (peft computes
+    both without a word, and peftkit trained them). Checked here from the vectors themselves, then validate and train
+    refuse it, naming the layer, in the same words."""
+    from peftkit.methods.hra import HraFacts
+
+    u = torch.randn(32, r, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    vectors, t = householder_factors(u, HraFacts(apply_GS=True))
+    h = torch.eye(32) - vectors @ t @ vectors.T
+    singular = torch.linalg.svdvals(h.detach())
+    if r == 32:
+        assert torch.allclose(h, -torch.eye(32), atol=1e-5)
+        (h * torch.randn(32, 32)).sum().backward()
+        assert u.grad.abs().max() < 1e-4
+    else:
+        assert singular.max() > 1.5  # a reflection's singular values are all 1
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "hra", "r": r, "apply_GS": True, "target_modules": ["q_proj"]}
+    recipe.write_text(yaml.safe_dump(raw))
+    what = ("they would span all of them, so H is -I whatever they are and nothing trains" if r == 32 else
+            "past 32, Gram-Schmidt leaves rounding noise to scale to unit length, and H is no longer orthogonal")
+    expected = (f"error: adapter.r: {r} with apply_GS makes {r} orthonormal vectors of the 32 inputs of "
+                f"'model.layers.0.self_attn.q_proj': {what}. Set r below 32 (or leave this layer out of "
+                "target_modules), or set apply_GS: false (a chain of reflections takes any r).")
+    for command in ("validate", "train"):
+        assert " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()) == expected
+
+
 def test_combining_adds_the_full_updates(tiny_llama, tmp_path):
     """`peftkit merge` of two HRA adapters (a multiplicative update, so through its full per-layer update, as OFT's):
     weights 0.5 and 0.5 into the base give W + (W H_1 - W) / 2 + (W H_2 - W) / 2, from peft's merges of each."""

@@ -91,6 +91,21 @@ def reflect_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: 
     return weight - (weight @ vectors) @ (t.T if inverse else t) @ vectors.T
 
 
+def check_orthonormal_room(cfg: HraConfig, path: str, in_features: int) -> None:
+    """apply_GS makes the r vectors orthonormal in the layer's input space: with r equal to its size they span all of
+    it, so H = I - 2 Q Q^T is -I whatever they are (their gradients are zero: nothing trains); past it, the vectors
+    Gram-Schmidt leaves nothing of are rounding noise scaled to unit length, and H is no reflection (peft computes both
+    without a word). Refused, naming the layer."""
+    if cfg.apply_GS and cfg.r >= in_features:
+        what = ("they would span all of them, so H is -I whatever they are and nothing trains" if cfg.r == in_features
+                else f"past {in_features}, Gram-Schmidt leaves rounding noise to scale to unit length, and H is no "
+                     "longer orthogonal")
+        raise PeftkitError(
+            f"adapter.r: {cfg.r} with apply_GS makes {cfg.r} orthonormal vectors of the {in_features} inputs of "
+            f"'{path}': {what}. Set r below {in_features} (or leave this layer out of target_modules), or set "
+            "apply_GS: false (a chain of reflections takes any r).")
+
+
 def unsupported(path: str, kind: str) -> PeftkitError:
     return PeftkitError(
         f"adapter.target_modules: '{path}' is {kind}; HRA reflects the input of nn.Linear (and 4-bit/8-bit) layers "
@@ -156,6 +171,7 @@ class Hra(Method):
     def wrap(cls, base: nn.Module, cfg: HraConfig, path: str) -> HraLinear:
         if is_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
             raise unsupported(path, "GPT-2's Conv1D" if is_conv1d(base) else f"an {type(base).__name__}")
+        check_orthonormal_room(cfg, path, linear_shape(base)[0])
         return HraLinear(base, cfg)
 
     @classmethod
