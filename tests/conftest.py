@@ -401,3 +401,11 @@ def peft_over_4_bit(base_dir: Path, adapter_dir: Path, num_labels: int, pad_id: 
             module.support_avx512bf16_for_cpu = False
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
+
+
+def unplaced(said: str, recipe: Path) -> str:
+    """`peftkit validate`'s error of a model check as train says it: without the `RECIPE:N: ` (or `RECIPE (--set K): `)
+    that places the key it names in the recipe (`peftkit.recipe.loader.located`)."""
+    import re
+
+    return re.sub(rf"error: {re.escape(str(recipe))}(:\d+| \(--set [^)]*\)): ", "error: ", said)

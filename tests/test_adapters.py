@@ -140,7 +140,7 @@ def test_modules_to_save_without_parameters_is_refused(adapter, tiny_llama, numb
     with parameters."""
     import yaml
 
-    from tests.conftest import cli_user_error, make_recipe
+    from tests.conftest import cli_user_error, make_recipe, unplaced
 
     recipe = make_recipe(tmp_path, tiny_llama, number_data)
     recipe.write_text(yaml.safe_dump({**yaml.safe_load(recipe.read_text()), "adapter": adapter}, sort_keys=False))
@@ -153,6 +153,6 @@ def test_modules_to_save_without_parameters_is_refused(adapter, tiny_llama, numb
                 "o_proj, gate_proj, up_proj, down_proj, input_layernorm, post_attention_layernorm, norm, lm_head), or "
                 "remove it.")
     for command in ("validate", "train"):
-        said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        said = unplaced(" ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), recipe)
         assert said == f"error: {expected}", said
     assert not (tmp_path / "run" / "adapter").exists()

@@ -23,7 +23,7 @@ from peftkit.merge import merge_adapter
 from peftkit.methods.hra import Hra, HraConfig, householder_factors
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            make_recipe, peft_and_our_gradients)
+                            make_recipe, peft_and_our_gradients, unplaced)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -190,7 +190,7 @@ def test_gram_schmidt_past_a_layer_s_inputs_is_refused(r, tiny_llama, number_dat
                 f"'model.layers.0.self_attn.q_proj': {what}. Set r below 32 (or leave this layer out of "
                 "target_modules), or set apply_GS: false (a chain of reflections takes any r).")
     for command in ("validate", "train"):
-        assert " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()) == expected
+        assert unplaced(" ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), recipe) == expected
 
 
 def test_combining_adds_the_full_updates(tiny_llama, tmp_path):

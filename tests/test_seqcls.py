@@ -21,7 +21,7 @@ from peftkit.recipe import DataConfig, ModelConfig, load_recipe
 from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
 from peftkit.export import export
 from peftkit.train import train
-from tests.conftest import cli_user_error, make_recipe, peft_over_4_bit, random_adapters
+from tests.conftest import cli_user_error, make_recipe, peft_over_4_bit, random_adapters, unplaced
 
 LABELS = LabelSet(("negative", "positive"))
 TEXTS = ["good nice fine", "bad sad awful grim dull", "x", "happy lovely bright superb great good"]
@@ -612,7 +612,7 @@ def test_a_method_without_a_default_for_the_model_names_its_own_layers(adapter, 
     error suggested a Llama's names (target_modules: [q_proj, v_proj]), which BERT lacks: validate and train name
     the model's own linear (or normalisation) layers, the classifier head left out."""
     recipe = classification_recipe(tmp_path, tiny_bert, sentiment, adapter)
-    said = [" ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+    said = [unplaced(" ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), recipe)
             for command in ("validate", "train")]
     assert said[0] == said[1], said
     assert said[0].startswith(f"error: {expected}"), said[0]

@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import cli_user_error, make_recipe
+from conftest import cli_user_error, make_recipe, unplaced
 from peftkit.errors import PeftkitError
 from peftkit.merge_weights import merged_model
 from peftkit.adapter_base import load_adapted_model
@@ -384,7 +384,7 @@ def test_an_embedding_of_positions_is_refused_by_validate(adapter, key, number_d
     recipe = make_recipe(tmp_path / "r", tmp_path / "opt", number_data)
     raw = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump({**raw, "adapter": adapter}, sort_keys=False))
-    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    said = unplaced(" ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split()), recipe)
     assert f"error: {key}: 'model.decoder.embed_positions' is a OPTLearnedPositionalEmbedding, whose forward takes " \
            "(attention_mask, cache_length, position_ids), not token ids to look up (learned positions), so no adapter " \
            "can wrap it" in said, said
@@ -415,7 +415,7 @@ def test_ids_past_another_embedding_s_rows_are_not_told_to_resize(adapter, tmp_p
                 "resizes the input embeddings and the output head only: this embedding's rows are not the tokenizer's "
                 "ids, and stay 2. Give ids below 2, or name the input embeddings.")
     for command in ("validate", "train"):
-        said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        said = unplaced(" ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), recipe)
         assert said == expected, said
     words = ({"target_modules": None, "token_indices": [1, 500]} if "token_indices" in adapter else
              {"trainable_token_indices": [1, 500]})  # the word embeddings

@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import constants
 
 from peftkit.tiny import build_char_tokenizer
-from tests.conftest import cli_user_error, make_recipe
+from tests.conftest import cli_user_error, make_recipe, unplaced
 from tests.test_hub import _publish
 
 
@@ -39,7 +39,7 @@ def _said(text: str) -> str:
 
 def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
     """(validate's error, train's error) for `recipe`: each exits 2 with a message and no traceback."""
-    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    validated = unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe)
     trained = _said(cli_user_error(monkeypatch, capsys, "train", str(recipe)))
     return validated, trained
 
@@ -199,7 +199,7 @@ def test_validate_meets_the_4bit_layers_train_meets(tiny_llama, number_data, tmp
     trained = _said(cli_user_error(monkeypatch, capsys, "train", str(make_recipe(tmp_path, tiny_llama, number_data,
                                                                                   **sections))))
     recipe = make_recipe(tmp_path, _garbage_weights(tiny_llama, tmp_path / "model"), number_data, **sections)
-    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    validated = unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe)
     assert validated == trained, (validated, trained)
     assert "adapter.kasa_config: 'model.layers.0.self_attn.q_proj' is a 4-bit/8-bit layer" in validated
 
@@ -222,7 +222,7 @@ def test_validate_makes_the_method_s_checks_of_the_run(sections, expected, tiny_
     recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
     trained = _said(cli_user_error(monkeypatch, capsys, "train", str(recipe)))
     recipe.write_text(recipe.read_text().replace(str(tiny_llama), str(_garbage_weights(tiny_llama, tmp_path / "m"))))
-    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    validated = unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe)
     assert validated == trained, (validated, trained)
     assert expected in validated
 
@@ -239,7 +239,7 @@ def test_validate_refuses_a_quantized_tied_head_as_train(number_data, tmp_path, 
     trained = _said(cli_user_error(monkeypatch, capsys, "train",
                                    str(make_recipe(tmp_path / "r", tmp_path / "qwen2", number_data, **sections))))
     recipe = make_recipe(tmp_path, _garbage_weights(tmp_path / "qwen2", tmp_path / "model"), number_data, **sections)
-    validated = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    validated = unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe)
     assert validated == trained, (validated, trained)
     assert "quantization.skip_modules [] leaves out lm_head, the output head, and this model ties it" in validated
 
@@ -292,3 +292,24 @@ def test_validate_refuses_text_answers_without_eos_as_train(objective, tiny_llam
     monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
     main()
     assert "# model checks (no weight read): " in capsys.readouterr().out
+
+
+def test_a_model_check_s_error_says_where_the_recipe_gives_its_key(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                   capsys):
+    """validate's model checks named the key but not where, unlike the recipe's own errors: they say `recipe.yaml:N:`
+    of the key they start with (its line in the file, counted here), or the --set that gave it; a message that starts
+    with no key the recipe writes is left as train says it (train's own messages never change)."""
+    recipe = make_recipe(tmp_path, _garbage_weights(tiny_llama, tmp_path / "model"), number_data,
+                         adapter={"target_modules": ["qq_proj"]})
+    line = recipe.read_text().splitlines().index("  target_modules:") + 1
+    said = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    assert said.startswith(f"error: {recipe}:{line}: adapter.target_modules entry 'qq_proj' (of ['qq_proj']) matches "
+                           "no module of this model."), said
+    said = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe), "--set", "adapter.target_modules=[qk]"))
+    assert said.startswith(f"error: {recipe} (--set adapter.target_modules): adapter.target_modules entry 'qk'"), said
+    said = _said(cli_user_error(monkeypatch, capsys, "train", str(recipe)))
+    assert said.startswith("error: adapter.target_modules entry 'qq_proj'"), said
+    from peftkit.recipe.loader import located
+
+    assert located(recipe, [], "The tokenizer has no pad token.") == "The tokenizer has no pad token."
+    assert located(recipe, [], "adapter.dropout: x") == "adapter.dropout: x"  # a default's key: not in the file

@@ -56,8 +56,10 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
     tokenizer and an empty model decide, reading no weight."""
     from rich.markup import escape
 
+    from peftkit.errors import PeftkitError
     from peftkit.model_checks import check_model, unavailable
     from peftkit.recipe import load_recipe
+    from peftkit.recipe.loader import located
 
     missing: list[str] = []
     resolved = load_recipe(recipe, overrides or [], missing_adapters=missing)
@@ -65,7 +67,12 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
     # The adapters a recipe starts from (fused ones, a source) are read by the checks: missing, they are skipped.
     skipped = next((f"{key} is not here" for key, _ in absent if key.startswith("adapter.")), None) \
         or unavailable(resolved)
-    checked = check_model(resolved) if skipped is None else None
+    try:
+        checked = check_model(resolved) if skipped is None else None
+    except PeftkitError as e:  # train's words, at the line (or --set) of the key they name, as the recipe's errors
+        placed = PeftkitError(located(recipe, overrides or [], str(e)))
+        placed.exit_code = e.exit_code  # (a subclass's own status)
+        raise placed from None
     console.print(f"# {recipe}: valid", style="green", markup=False)
     if checked:  # a YAML comment, as the line above: what is printed stays the recipe
         console.print(f"# model checks (no weight read): {checked}", markup=False, highlight=False, soft_wrap=True)

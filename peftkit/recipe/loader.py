@@ -17,13 +17,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from peftkit.recipe.messages import (_data_loc, _drop_misspelled, _empty_section_message, _most_specific,
-                                     _optional_section, _value_at, format_validation_error)
+                                     _optional_section, _value_at, _where, format_validation_error)
 from peftkit.recipe.overrides import _apply_override
 from peftkit.recipe.reader import _invalid, _read_yaml
 from peftkit.recipe.resolution import resolve_recipe
 from peftkit.recipe.schema import Recipe
 
-__all__ = ["format_validation_error", "load_recipe"]
+__all__ = ["format_validation_error", "load_recipe", "located"]
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
@@ -40,12 +40,37 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     """
     path = Path(path)
     data, lines, empty = _read_yaml(path)
-    overridden = set()
+    overridden = _overridden(overrides)
     for assignment in overrides:
         _apply_override(data, assignment)
-        overridden.add(tuple(assignment.partition("=")[0].strip().split(".")))
     recipe = _validated(data, path, lines, empty, overridden)
     return resolve_recipe(recipe, path, lines, overridden, missing_adapters)
+
+
+def _overridden(overrides: list[str] | tuple[str, ...]) -> set[tuple]:
+    """The key paths the --sets `overrides` give."""
+    return {tuple(assignment.partition("=")[0].strip().split(".")) for assignment in overrides}
+
+
+_KEY_FIRST = re.compile(r"([a-z_]+(?:\.[a-z_][a-z_0-9]*|\[\d+\])+)")
+"""A recipe key a message starts with: `adapter.r`, `data.train[1].format`."""
+
+
+def located(path: str | Path, overrides: list[str] | tuple[str, ...], message: str) -> str:
+    """`message` (an error of train's checks of the recipe `path`, `peftkit validate`'s model checks) with where the
+    key it starts with was given in front, as the recipe's own errors have it: `recipe.yaml:7: ` (or `recipe.yaml
+    (--set adapter.r): `); unchanged where it starts with no key the file or a --set writes (a default's)."""
+    key = _KEY_FIRST.match(message)
+    if key is None:
+        return message
+    loc = tuple(int(part[1:-1]) if part.startswith("[") else part
+                for part in re.findall(r"[a-z_][a-z_0-9]*|\[\d+\]", key[1]))
+    path = Path(path)
+    lines, overridden = _read_yaml(path)[1], _overridden(overrides)
+    if loc[0] not in Recipe.model_fields or not any(loc[:depth] in overridden or (depth > 1 and loc[:depth] in lines)
+                                                    for depth in range(len(loc), 0, -1)):
+        return message
+    return f"{_where(loc, path, lines, overridden)}: {message}"
 
 
 def _validated(data: dict, path: Path, lines: dict[tuple, int], empty: set[tuple], overridden: set[tuple]) -> Recipe:
