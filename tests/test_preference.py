@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from conftest import cli_user_error, load_fp32, make_recipe, random_adapters
 from peftkit.data import IGNORE_INDEX, load_examples
 from peftkit.data.preference import PairCollator, load_pairs
+from peftkit.errors import PeftkitError
 from peftkit.modeling import load_tokenizer
 from peftkit.preference import PreferenceLoss
 from peftkit.recipe import DataConfig, ModelConfig, load_recipe
@@ -85,6 +86,30 @@ def test_a_conversation_pair_trains_its_answer_alone_and_its_implicit_prompt_is_
         trained = tok.decode([t for t in example.labels if t != IGNORE_INDEX])
         assert trained.startswith(answer) and "hello" not in trained and len(trained) < 12, trained
         assert "hello" in tok.decode(example.input_ids)
+
+
+def test_conversation_rows_on_a_tokenizer_without_a_template_are_said_as_their_format_s(tiny_llama, tmp_path):
+    """Preference pairs (and KTO's unpaired rows) given as conversations need a chat template: without one they were
+    said as data.format 'chat' ("data.format is 'chat' but ... use another format"), a format the recipe never named.
+    The error names the recipe's format and the text form that needs none."""
+    from peftkit.data.unpaired import load_unpaired
+
+    tok = _tok(tiny_llama)
+    tok.chat_template = None
+    prompt = [{"role": "user", "content": "2+2?"}]
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": prompt, "chosen": "4", "rejected": "5"}])
+    write_jsonl(tmp_path / "rows.jsonl", [{"prompt": prompt, "completion": "4", "label": True},
+                                          {"prompt": prompt, "completion": "5", "label": False}])
+    with pytest.raises(PeftkitError) as pairs:
+        load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, DataConfig(train="x", format="preference"))
+    with pytest.raises(PeftkitError) as rows:
+        load_unpaired(tok, str(tmp_path / "rows.jsonl"), None, DataConfig(train="x", format="unpaired"), 2)
+    for error, fmt, fields in ((pairs, "preference", "prompt, chosen and rejected"),
+                               (rows, "unpaired", "prompt and completion")):
+        assert str(error.value) == (
+            f"data.format '{fmt}' rows given as conversations need the tokenizer's chat_template, and it has none (a "
+            "base model's has none); set data.chat_template (chatml, llama3, a .jinja file, or a tokenizer directory "
+            f"to copy it from), use a tokenizer with a template, or give the rows as text ({fields} strings).")
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge", "orpo", "simpo"])

@@ -15,11 +15,16 @@ from peftkit.data.template import render
 from peftkit.errors import PeftkitError
 
 
-def check_chat_tokenizer(tok, key: str = "data.format") -> None:
+def check_chat_tokenizer(tok, key: str = "data.format", rows: tuple[str, str] | None = None) -> None:
     """What data.format chat (`key`: or a data.train entry's format, or the flag `--format`) needs of the tokenizer:
-    a chat template, and offsets (a fast tokenizer)."""
+    a chat template, and offsets (a fast tokenizer). `rows`: (the format, the fields of its text form) of preference
+    or unpaired rows given as conversations, which need the template too (they were said to be format 'chat')."""
     if not getattr(tok, "chat_template", None):
         kinds = "chatml, llama3, a .jinja file, or a tokenizer directory to copy it from"
+        if rows is not None:
+            raise PeftkitError(f"{key} '{rows[0]}' rows given as conversations need the tokenizer's chat_template, and "
+                               f"it has none (a base model's has none); set data.chat_template ({kinds}), use a "
+                               f"tokenizer with a template, or give the rows as text ({rows[1]} strings).")
         fix = (f"use a model whose tokenizer has a template (or a recipe that sets data.chat_template: {kinds}), or "
                "data in another format (--format alpaca, completion or text)" if key.startswith("--") else
                f"set data.chat_template ({kinds}), use a tokenizer with a template, or use another format")

@@ -25,6 +25,7 @@ import torch
 
 from peftkit.data.batches import Collator
 from peftkit.data.bad_rows import usable_row
+from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import (BuiltExample, _built_examples, _TargetCuts, check_eos, no_examples_error,
                                    truncation_error)
 from peftkit.data.formats import (TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls,
@@ -244,6 +245,8 @@ def build_pairs(tok, source: str | list, split: str | None, cfg: DataConfig,
                            "conversations (prompt, chosen and rejected as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
+    elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
+        check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     answers = format_rows([r for _, pair in split_rows for r in pair], own)
     doubled = Locations(at for at, _ in split_rows for _ in ANSWERS)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from peftkit.data.bad_rows import usable_row
+from peftkit.data.conversations import check_chat_tokenizer
 from peftkit.data.examples import _built_examples, _TargetCuts, check_eos, no_examples_error, truncation_error
 from peftkit.data.formats import TRAIN, TRAIN_KEYS, _row_problem, _with_call_arguments, _without_empty_calls, format_rows
 from peftkit.data.preference import PairCollator, Pairs, _in_row_words, _keep, new_stats
@@ -183,6 +184,8 @@ def build_unpaired(tok, source: str | list, split: str | None, cfg: DataConfig, 
                            "conversations (prompt and completion as lists of messages)")
     if fmt == "completion":
         check_eos(tok, cfg.format, cfg._format_key, TEXT_FIELDS)
+    elif fmt == "chat":  # (conversations: said as this format's, not as data.format chat's)
+        check_chat_tokenizer(tok, cfg._format_key, (cfg.format, TEXT_FIELDS))
     own = cfg.model_copy(update={"format": fmt, "columns": {}})
     parts = [p for _, p, _, _ in kept]
     both = format_rows([r for part, other, (*_, task) in zip(parts, mismatched(parts, chunk), kept, strict=True)
