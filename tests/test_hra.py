@@ -193,6 +193,15 @@ def test_gram_schmidt_past_a_layer_s_inputs_is_refused(r, tiny_llama, number_dat
         assert unplaced(" ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), recipe) == expected
 
 
+def test_a_peft_adapter_with_r_at_a_layer_s_inputs_loads_as_peft_s(tiny_llama, tmp_path):
+    """The refusal above is a recipe's: peft's own adapter with apply_GS and r = 32 on the 32-input q_proj (H = -I) is
+    what peft loads and computes, and peftkit loads and merges it with peft's logits."""
+    torch.manual_seed(0)
+    config = peft.HRAConfig(r=32, apply_GS=True, init_weights=False, target_modules=["q_proj"])
+    get_peft_model(_load(tiny_llama), config).save_pretrained(tmp_path / "peft")
+    check_loads_and_merges_as_peft(tiny_llama, tmp_path / "peft", IDS, tmp_path / "merged")
+
+
 def test_combining_adds_the_full_updates(tiny_llama, tmp_path):
     """`peftkit merge` of two HRA adapters (a multiplicative update, so through its full per-layer update, as OFT's):
     weights 0.5 and 0.5 into the base give W + (W H_1 - W) / 2 + (W H_2 - W) / 2, from peft's merges of each."""

@@ -95,7 +95,7 @@ def check_orthonormal_room(cfg: HraConfig, path: str, in_features: int) -> None:
     """apply_GS makes the r vectors orthonormal in the layer's input space: with r equal to its size they span all of
     it, so H = I - 2 Q Q^T is -I whatever they are (their gradients are zero: nothing trains); past it, the vectors
     Gram-Schmidt leaves nothing of are rounding noise scaled to unit length, and H is no reflection (peft computes both
-    without a word). Refused, naming the layer."""
+    without a word). Refused for a recipe, naming the layer (`Hra.select_targets`)."""
     if cfg.apply_GS and cfg.r >= in_features:
         what = ("they would span all of them, so H is -I whatever they are and nothing trains" if cfg.r == in_features
                 else f"past {in_features}, Gram-Schmidt leaves rounding noise to scale to unit length, and H is no "
@@ -168,10 +168,20 @@ class Hra(Method):
         return None
 
     @classmethod
+    def select_targets(cls, model: nn.Module, cfg: HraConfig, every_entry: bool) -> list[str]:
+        """The default selection; a recipe's (`every_entry`) r is checked against each layer's inputs here, not in
+        `wrap`: a saved adapter with r at or past them is what peft loads and computes, and is loaded as it is."""
+        names = super().select_targets(model, cfg, every_entry)
+        for path in names if every_entry else []:
+            module = model.get_submodule(path)
+            if isinstance(module, nn.Linear) and not is_conv1d(module):  # (`wrap` refuses the others)
+                check_orthonormal_room(cfg, path, linear_shape(module)[0])
+        return names
+
+    @classmethod
     def wrap(cls, base: nn.Module, cfg: HraConfig, path: str) -> HraLinear:
         if is_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
             raise unsupported(path, "GPT-2's Conv1D" if is_conv1d(base) else f"an {type(base).__name__}")
-        check_orthonormal_room(cfg, path, linear_shape(base)[0])
         return HraLinear(base, cfg)
 
     @classmethod
