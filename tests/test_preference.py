@@ -112,6 +112,24 @@ def test_conversation_rows_on_a_tokenizer_without_a_template_are_said_as_their_f
             f"to copy it from), use a tokenizer with a template, or give the rows as text ({fields} strings).")
 
 
+def test_conversation_rows_given_by_the_format_flag_are_not_told_a_recipe_key(tiny_llama, tmp_path):
+    """The same error where --format gave the format (`peftkit eval --format preference` without a recipe): there is no
+    data.chat_template to set, so it says what the flag's own chat error says (a model with a template, or a recipe)."""
+    tok = _tok(tiny_llama)
+    tok.chat_template = None
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": [{"role": "user", "content": "2+2?"}], "chosen": "4",
+                                            "rejected": "5"}])
+    cfg = DataConfig(train="x", format="preference")
+    cfg._format_key = "--format"
+    with pytest.raises(PeftkitError) as error:
+        load_pairs(tok, str(tmp_path / "pairs.jsonl"), None, cfg)
+    assert str(error.value) == (
+        "--format 'preference' rows given as conversations need the tokenizer's chat_template, and it has none (a base "
+        "model's has none); use a model whose tokenizer has a template (or a recipe that sets data.chat_template: "
+        "chatml, llama3, a .jinja file, or a tokenizer directory to copy it from), or give the rows as text (prompt, "
+        "chosen and rejected strings).")
+
+
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge", "orpo", "simpo"])
 def test_the_loss_is_dpo_s_formula_on_dense_log_probabilities(tiny_llama, tmp_path, kind):
     """The loss and its gradients equal the formula (TRL's; ORPO's as LLaMA-Factory's, per pair) computed from a full

@@ -21,10 +21,13 @@ def check_chat_tokenizer(tok, key: str = "data.format", rows: tuple[str, str] | 
     or unpaired rows given as conversations, which need the template too (they were said to be format 'chat')."""
     if not getattr(tok, "chat_template", None):
         kinds = "chatml, llama3, a .jinja file, or a tokenizer directory to copy it from"
-        if rows is not None:
+        if rows is not None:  # (the flag's user may have no recipe: data.chat_template is a recipe's key)
+            template = (f"use a model whose tokenizer has a template (or a recipe that sets data.chat_template: "
+                        f"{kinds})" if key.startswith("--") else
+                        f"set data.chat_template ({kinds}), use a tokenizer with a template")
             raise PeftkitError(f"{key} '{rows[0]}' rows given as conversations need the tokenizer's chat_template, and "
-                               f"it has none (a base model's has none); set data.chat_template ({kinds}), use a "
-                               f"tokenizer with a template, or give the rows as text ({rows[1]} strings).")
+                               f"it has none (a base model's has none); {template}, or give the rows as text "
+                               f"({rows[1]} strings).")
         fix = (f"use a model whose tokenizer has a template (or a recipe that sets data.chat_template: {kinds}), or "
                "data in another format (--format alpaca, completion or text)" if key.startswith("--") else
                f"set data.chat_template ({kinds}), use a tokenizer with a template, or use another format")
