@@ -270,10 +270,25 @@ def _delete(path: Path, of: Path | None = None) -> None:
     """Remove `path` in one step as far as its name goes: renamed first to a temp name of `of` (default `path`), the
     directory it is a copy of, so that a kill midway leaves no half of it under a name a tidy would put back
     (`.NAME.old`), only a `.NAME.XXXXXXXX.tmp` that the next tidy of NAME removes."""
-    if path.exists() or path.is_symlink():
-        doomed = path.with_name(f".{_short((of or path).name)}.{os.urandom(4).hex()}.tmp")
-        os.replace(path, doomed)
+    if (doomed := _renamed_away(path, of)) is not None:
         _remove(doomed)
+
+
+def _renamed_away(path: Path, of: Path | None = None) -> Path | None:
+    """`_delete`'s rename: `path` under a temp name of `of` (default `path`), returned; None where it is not there."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    doomed = path.with_name(f".{_short((of or path).name)}.{os.urandom(4).hex()}.tmp")
+    os.replace(path, doomed)
+    return doomed
+
+
+def _pair_record(anchor: Path) -> Path:
+    """`.NAME.pair` beside the first of directories `_put_in_place` replaces together, naming them all while the
+    replace is under way: a kill of that write is rolled back as one (`roll_back_interrupted`), and a `.NAME.old` a
+    single directory's write left is not (a later `merge --requantize` into it took one for a pair's, and deleted the
+    user's OUTPUT-nf4 and put the older OUTPUT back)."""
+    return anchor.with_name(f".{_short(anchor.name)}.pair")
 
 
 @contextlib.contextmanager
@@ -316,7 +331,11 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
         for tmp, path in zip(tmps, paths, strict=True):
             _rename_into_place(tmp, path)
         return
-    anchor = paths[0]
+    anchor, record = paths[0], _pair_record(paths[0])
+    record.unlink(missing_ok=True)  # (a stale one, of a pair write whose end was cut short: not this write's)
+    if len(paths) > 1:
+        record.write_text(json.dumps([path.name for path in paths]))
+        _fsync_dir(anchor.parent)
     try:
         for path in reversed(paths):
             if path.exists() or path.is_symlink():
@@ -330,19 +349,33 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
     except BaseException:
         _roll_back(paths)
         raise
-    _delete(_set_aside_name(anchor), of=anchor)
+    doomed = _renamed_away(_set_aside_name(anchor), of=anchor)  # the moment the new set is kept
+    record.unlink(missing_ok=True)
+    if doomed is not None:
+        _remove(doomed)
     for path in paths[1:]:
         _remove(_set_aside_name(path))
 
 
 def roll_back_interrupted(paths: list[Path]) -> bool:
-    """Undo an `atomic_directories(paths)` that stopped while replacing its directories (a kill: its first path's
-    `.NAME.old` is still there): the old directories are put back and the new ones removed, so the set is the earlier
-    one again, never a mix. Returns whether anything was rolled back; nothing is while a live process writes them."""
+    """Undo an `atomic_directories(paths)` that stopped while replacing its directories (a kill: its record of these
+    paths, `_pair_record`, and its first path's `.NAME.old` are still there): the old directories are put back and the
+    new ones removed, so the set is the earlier one again, never a mix. Returns whether anything was rolled back;
+    nothing is while a live process writes them, nor for a `.NAME.old` of another write (a single directory's)."""
     paths = [Path(p) for p in paths]
-    if not _set_aside_name(paths[0]).is_dir() or any(being_written(entry) for path in paths
-                                                      for entry in (path, *path.parent.glob(f".{glob.escape(_short(path.name))}.*.tmp"))):
+    if any(being_written(entry) for path in paths
+           for entry in (path, *path.parent.glob(f".{glob.escape(_short(path.name))}.*.tmp"))):
         return False  # (a live write holds its temporary directories, and each once it is in place)
+    record = _pair_record(paths[0])
+    try:
+        ours = json.loads(record.read_text()) == [path.name for path in paths]
+    except (OSError, ValueError):
+        return False
+    if not ours:
+        return False
+    if not _set_aside_name(paths[0]).is_dir():  # stopped before the first was set aside: the rest is a tidy's
+        record.unlink(missing_ok=True)
+        return False
     _roll_back(paths)
     return True
 
@@ -357,6 +390,7 @@ def _roll_back(paths: list[Path]) -> None:
             os.replace(_set_aside_name(path), path)
         elif underway and path != paths[0]:
             _delete(path)
+    _pair_record(paths[0]).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

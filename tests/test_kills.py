@@ -119,6 +119,21 @@ def test_a_pair_written_without_a_kill_replaces_both(tmp_path):
     assert _state(tmp_path) == ("new", "new") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
 
 
+def test_a_single_merge_s_leftover_is_not_rolled_back_as_a_pair(tmp_path):
+    """A plain `merge --overwrite` into m killed between its two renames leaves m (new) and .m.old (old). The checks of
+    a later `merge --requantize nf4 --output m` took that for an interrupted pair: they deleted the user's m-nf4 and
+    put the older m back, before refusing for want of --overwrite. Only a pair write's own record is rolled back."""
+    from peftkit.errors import PeftkitError
+    from peftkit.merge import check_merge_output
+
+    _model(tmp_path / "m", "new")
+    _model(tmp_path / ".m.old", "old")
+    _model(tmp_path / "m-nf4", "mine")
+    with pytest.raises(PeftkitError, match="--overwrite"):
+        check_merge_output(tmp_path / "m", {}, False, (tmp_path / "m-nf4",))
+    assert _state(tmp_path) == ("new", "mine")
+
+
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, number_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("adapter-run")
