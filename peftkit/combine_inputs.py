@@ -98,7 +98,7 @@ class Source:
 def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Source]:
     """The adapters, read and checked one by one (PEFT format, no NaN, remote code allowed)."""
     from peftkit.methods import method_of
-    from peftkit.methods.base import refuse_unmergeable
+    from peftkit.methods.layer import refuse_unmergeable
     from peftkit.adapter_base import check_remote_code
     from peftkit.adapter_meta import read_meta
     from peftkit.peft_format import load_adapter
@@ -176,7 +176,7 @@ def _untargeted(cfg, state: dict[str, torch.Tensor]) -> list[str]:
     merged them without a word, where loading the adapter alone refuses them."""
     from peftkit.adapters import modules_adapted_by, regex_targets
     from peftkit.methods import method_of
-    from peftkit.methods.base import suffix_match
+    from peftkit.methods.layer import suffix_match
     from peftkit.recipe import TargetRegex
 
     targets = getattr(cfg, "target_modules", None)

@@ -15,7 +15,7 @@ from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_directories
 from peftkit.merge_weights import MergeWarning, merged_model
 from peftkit.merge_weights import dequantize_weight as dequantize_weight  # re-exported: peftkit.methods.lora_layers
-from peftkit.methods.base import refuse_unmergeable
+from peftkit.methods.layer import refuse_unmergeable
 
 
 MERGED_FROM_NAME = "peftkit.json"

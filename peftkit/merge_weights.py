@@ -18,7 +18,7 @@ from peftkit.adapters import SHARED_PREFIX, adapter_layers, shared_holders
 from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods import method_of
-from peftkit.methods.base import is_conv1d, is_quantized, refuse_unmergeable
+from peftkit.methods.layer import is_conv1d, is_quantized, refuse_unmergeable
 from peftkit.methods.token_rows import TOKEN_ROWS, TokenAdapter, merge_rows, plain_name
 from peftkit.recipe import AdapterConfig
 
@@ -215,7 +215,7 @@ def check_state_in_range(state: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     infinity the base holds itself (a -inf mask in a buffer) is no overflow and is written as it is.
     Only a cast to a narrower range is made (fp32 or bf16 to float16, fp32 to bf16), one tensor at a time, so the
     check holds one copy at most and a merge into float32 copies nothing."""
-    from peftkit.methods.base import check_in_range
+    from peftkit.methods.layer import check_in_range
 
     for key, tensor in state.items():
         if tensor.is_floating_point() and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:

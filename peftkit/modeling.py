@@ -267,7 +267,7 @@ def _as_trained(model: nn.Module, quant: QuantizationConfig | None, saved: dict 
     quantized, and bitsandbytes' CPU bf16 repacking off."""
     if quant is not None and quant.method != "int8" and saved is not None:
         # A checkpoint saved 4-bit loads with the compute dtype its config.json records: the recipe's is set here.
-        from peftkit.methods.base import is_quantized
+        from peftkit.methods.layer import is_quantized
 
         for module in model.modules():
             if is_quantized(module) and hasattr(module, "compute_dtype"):

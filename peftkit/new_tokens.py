@@ -96,7 +96,7 @@ def with_new_rows(adapter, model: nn.Module, ids: list[int]):
     """The adapter settings with the rows of the new token `ids` trained: added to LoRA's `trainable_token_indices`
     (input embeddings, and an untied output head) or the trainable tokens method's `token_indices`, where
     modules_to_save does not train the module whole. A method that can train neither is refused, saying what to do."""
-    from peftkit.methods.base import suffix_match
+    from peftkit.methods.layer import suffix_match
 
     if not ids:
         return adapter
@@ -162,7 +162,7 @@ def _targeted(given, path: str) -> bool:
     """Whether adapter.target_modules `given` (a list of names, or a regex) names the module at `path`."""
     import re
 
-    from peftkit.methods.base import suffix_match
+    from peftkit.methods.layer import suffix_match
     from peftkit.section import TargetRegex
 
     if isinstance(given, TargetRegex):

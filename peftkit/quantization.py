@@ -160,7 +160,7 @@ def refuse_quantized_tied_head(model: nn.Module, quant: QuantizationConfig) -> N
     """An output head that shares its weight with the embeddings (Qwen2's small models, Gemma, GPT-2) cannot be
     quantized: transformers swaps in a bitsandbytes layer that still holds the embeddings' float matrix, and its
     first forward fails inside bitsandbytes (a bare AssertionError for 4-bit, an AttributeError for int8)."""
-    from peftkit.methods.base import is_quantized
+    from peftkit.methods.layer import is_quantized
 
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embedding is None or not is_quantized(head) or head.weight is not embedding.weight:
@@ -177,7 +177,7 @@ def quantized_shape_mismatches(model: nn.Module) -> list[tuple[str, tuple, tuple
     transformers skips its shape check for weights it quantizes: a 64x32 checkpoint weight loads into a
     layer configured as 100x32 and only fails (or worse, not) at the first matmul.
     """
-    from peftkit.methods.base import is_quantized
+    from peftkit.methods.layer import is_quantized
 
     found = []
     for name, module in model.named_modules():

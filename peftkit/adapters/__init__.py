@@ -17,8 +17,8 @@ from torch import nn
 
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
-from peftkit.methods.base import (Method, SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_non_lookup,
-                                  suffix_match)
+from peftkit.methods.base import Method
+from peftkit.methods.layer import SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_non_lookup, suffix_match
 from peftkit.methods.replication import replicate_layers
 from peftkit.methods.target_filters import NoDefault, check_excluded, check_patterns
 from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows

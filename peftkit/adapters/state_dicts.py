@@ -22,12 +22,8 @@ from peftkit.adapters import (
 from peftkit.distributed import full, place_like
 from peftkit.errors import PeftkitError
 from peftkit.methods import method_of
-from peftkit.methods.base import (
-    Method,
-    check_bias_to_merge,
-    check_in_range,
-    refuse_unmergeable,
-)
+from peftkit.methods.base import Method
+from peftkit.methods.layer import check_bias_to_merge, check_in_range, refuse_unmergeable
 from peftkit.methods.token_rows import token_wrappers, without_tied_copies
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.recipe import AdapterConfig

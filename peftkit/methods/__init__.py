@@ -14,7 +14,8 @@ from pydantic import Discriminator, Tag
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.adalora import AdaLora, AdaLoraConfig
-from peftkit.methods.base import AdapterLayer, Method, MethodTrainer
+from peftkit.methods.base import Method, MethodTrainer
+from peftkit.methods.layer import AdapterLayer
 from peftkit.methods.boft import Boft, BoftConfig
 from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
 from peftkit.methods.fourierft import FourierFt, FourierFtConfig

@@ -26,8 +26,8 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, REEXPORT, draw_device, is_conv1d, is_quantized,
-                                  linear_shape, refuse_unsupported, targets_from_peft)
+from peftkit.methods.base import REEXPORT, Method, draw_device, refuse_unsupported, targets_from_peft
+from peftkit.methods.layer import AdapterLayer, is_conv1d, is_quantized, linear_shape
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, NoDefault, PeftExcludedTargets,
                                              PeftLayerTargets, filters_from_peft)
 from peftkit.section import TargetRegex

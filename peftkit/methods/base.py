@@ -1,5 +1,6 @@
-"""What every weight-update method shares: the host wrapper around a frozen base layer, the method protocol,
-and the base-layer helpers (Linear, transformers' Conv1D, bitsandbytes layers).
+"""What every weight-update method shares: the method protocol (`Method`), its PEFT config's common fields, and
+what it adds to the training loop (`MethodTrainer`). The layer it wraps a base layer in is
+`peftkit.methods.layer.AdapterLayer`.
 
 A method is a class with class-level hooks (no instances): its recipe config, its PEFT config, the layer it
 wraps a base layer in, and its **one** merge math, `merge_weight(weight, parts, facts)`. That function is the
@@ -8,12 +9,12 @@ only place a method's update meets a weight: the in-place `AdapterLayer.merge`, 
 their PEFT names) and its per-layer facts (`facts`: scaling inputs, layout), never a global scaling.
 
 A method may also have model-level tensors that every adapted layer uses (VeRA's frozen random projections):
-`Method.shared_tensors` builds them from the targets' shapes, one `SharedTensors` module holds them for all the
-layers, and `parts` hands them to `merge_weight` beside the layer's own tensors.
+`Method.shared_tensors` builds them from the targets' shapes, one `SharedTensors` module (`peftkit.methods.layer`)
+holds them for all the layers, and `parts` hands them to `merge_weight` beside the layer's own tensors.
 
 A module adapter (Llama-Adapter, bottleneck) wraps whole blocks (attention, MLP) that `select_targets` picks,
 computes something of its own beside them and folds into no weight: `mergeable = False`, and every merge path
-refuses it through `refuse_unmergeable`.
+refuses it through `peftkit.methods.layer.refuse_unmergeable`.
 """
 
 from __future__ import annotations
@@ -26,159 +27,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from peftkit.errors import PeftkitError
+from peftkit.methods.layer import AdapterLayer
 from peftkit.section import Section, TargetRegex
 
 REEXPORT = "Fix the file, or export the adapter again."
-
-
-def is_quantized(layer: nn.Module) -> bool:
-    """A bitsandbytes 4-bit or 8-bit linear layer."""
-    return type(layer).__module__.startswith("bitsandbytes")
-
-
-def suffix_match(name: str, entry: str) -> bool:
-    """`q_proj` names `model.layers.0.self_attn.q_proj`, as in PEFT: whole path components only."""
-    return name == entry or name.endswith("." + entry)
-
-
-def is_conv1d(layer: nn.Module) -> bool:
-    """transformers' GPT-2 style Conv1D: a linear layer whose weight is stored (in, out)."""
-    return type(layer).__name__ == "Conv1D" and type(layer).__module__.startswith("transformers")
-
-
-def refuse_non_lookup(module: nn.Module, path: str, key: str) -> None:
-    """Refuse an embedding whose forward takes more than the ids it looks up (OPT's learned positions: the attention
-    mask, the cache's length, position ids): an adapter's embedding layer calls it with the ids alone, and the model's
-    first forward failed with a TypeError. A subclass that only scales its lookup (Gemma's) takes ids alone."""
-    import inspect
-
-    forward = type(module).forward
-    if not isinstance(module, nn.Embedding) or forward is nn.Embedding.forward:
-        return
-    inputs = list(inspect.signature(forward).parameters)[1:]
-    if len(inputs) > 1:
-        raise PeftkitError(f"{key}: '{path}' is a {type(module).__name__}, whose forward takes ({', '.join(inputs)}), "
-                           "not token ids to look up (learned positions), so no adapter can wrap it; leave it out, "
-                           "or train it whole in adapter.modules_to_save.")
-
-
-def linear_shape(layer: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear, Conv1D or bitsandbytes linear layer."""
-    if is_conv1d(layer):
-        return layer.weight.shape[0], layer.weight.shape[1]
-    return layer.in_features, layer.out_features
-
-
-class SharedTensors(nn.Module):
-    """Frozen model-level tensors every adapter layer of a model uses (VeRA's projections), by PEFT name.
-
-    One module, registered under each layer as `shared`: `.to()` moves it once and the layers keep sharing it.
-    Non-persistent buffers: never trained, in no layer's `adapter_params()` nor the model's state dict; the
-    adapter file carries them under `base_model.<name>` when `saved` (else they are regenerated from settings).
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], saved: bool) -> None:
-        super().__init__()
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor, persistent=False)
-        self.saved = saved
-
-
-class AdapterLayer(nn.Module):
-    """Host wrapper: holds the frozen base layer (`self.base_layer`) and the method's own parameters.
-
-    Subclasses set `method`, `facts` (what `method.merge_weight` needs beyond the tensors) and define
-    `forward`; merging, unmerging and the adapter-parameter protocol are written here once.
-    """
-
-    method: ClassVar[type[Method]]
-    base_layer: nn.Module
-    facts: Any
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.merged = False
-        self.shared: SharedTensors | None = None
-
-    @property
-    def weight(self) -> torch.Tensor:
-        # Code that inspects `module.weight` (transformers' dtype/device probes) sees the base weight.
-        return self.base_layer.weight
-
-    def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The trainable parameters, by their name relative to this module (= their PEFT key suffix)."""
-        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
-
-    def parts(self) -> dict[str, torch.Tensor]:
-        """The adapter's tensors by PEFT key suffix, and the shared ones by name, as `merge_weight` takes them
-        from a state dict too."""
-        shared = {} if self.shared is None else dict(self.shared.named_buffers())
-        return {n: p.detach() for n, p in self.adapter_params().items()} | shared
-
-    def merge(self) -> None:
-        """Fold the update into the base weight. Idempotent; refuses a quantized base or a non-finite result."""
-        if self.merged:
-            return
-        refuse_unmergeable(self.method)
-        if is_quantized(self.base_layer):
-            raise PeftkitError(
-                "Cannot merge in place into a quantized (bitsandbytes) layer: the sum would be re-quantized and "
-                "drift from what was trained. Use `peftkit merge`, which dequantizes the base to fp32 first."
-            )
-        weight, bias, parts = self.base_layer.weight, getattr(self.base_layer, "bias", None), self.parts()
-        if not isinstance(weight, nn.Parameter):  # (a head with trained token rows: its weight is computed)
-            raise PeftkitError("Cannot merge in place into a layer whose weight is computed (trained token rows); "
-                               "use `peftkit merge`.")
-        if bias is None:
-            check_bias_to_merge(parts, "this layer")
-        merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
-        merged_bias = None if bias is None else self.method.merge_bias(bias.data.float(), parts, self.facts)
-        if not (torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())):
-            raise PeftkitError("Merging produced NaN/inf weights; the adapter is broken and was not merged.")
-        cast, cast_bias = merged.to(weight.dtype), None if merged_bias is None else merged_bias.to(bias.dtype)
-        check_in_range(cast, merged, None)
-        if cast_bias is not None:
-            check_in_range(cast_bias, merged_bias, None)
-        weight.data.copy_(cast)
-        if cast_bias is not None:
-            bias.data.copy_(cast_bias)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Take the update out again. Idempotent. Exact up to the rounding of the base dtype."""
-        if not self.merged:
-            return
-        weight, bias, parts = self.base_layer.weight, getattr(self.base_layer, "bias", None), self.parts()
-        weight.data.copy_(self.method.unmerge_weight(weight.data.float(), parts, self.facts).to(weight.dtype))
-        if bias is not None and (restored := self.method.unmerge_bias(bias.data.float(), parts, self.facts)) is not None:
-            bias.data.copy_(restored.to(bias.dtype))
-        self.merged = False
-
-
-def check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str | None) -> None:
-    """Refuse a merged tensor whose cast to the output dtype overflowed (a float16 output holds at most 65504): a
-    finite value of `exact` that the cast would have written as inf without a word. A value `exact` holds as inf or
-    NaN already (a base's -inf mask or +-inf clamp bound, in a buffer no adapter touches) is no overflow: the cast
-    keeps it as it is, as a float32 output would. `module` None: an in-place merge of one layer, which leaves its
-    weight as it was."""
-    if torch.isfinite(cast).all():
-        return
-    overflowed = torch.isfinite(exact) & ~torch.isfinite(cast)
-    if overflowed.any():
-        where, fix = (f"'{module}'", "merge into bfloat16 or float32 (peftkit merge --dtype)") if module else (
-            "this layer", "the layer was left unmerged; convert it to bfloat16 or float32 first")
-        raise PeftkitError(f"Merging {where} gives weights beyond what {str(cast.dtype).removeprefix('torch.')} "
-                           f"holds (largest magnitude {exact[overflowed].abs().max().item():.6g}): {fix}.")
-
-
-def check_bias_to_merge(parts: dict[str, torch.Tensor], module: str) -> None:
-    """Refuse to merge a layer whose adapter has a bias (LoRA's lora_bias) into a base layer without one: the sum
-    has nowhere to go (peft refuses it too)."""
-    if biases := [name for name in parts if name.endswith(".bias")]:
-        raise PeftkitError(f"The adapter has a bias ({biases[0]}, lora_bias) on {module}, whose base layer has none, "
-                           "so it cannot be merged (peft cannot either): use the adapter unmerged, or train it with "
-                           "lora_bias: false.")
 
 
 class PeftConfigBase(BaseModel):
@@ -253,11 +105,6 @@ def refuse_unsupported(peft: BaseModel, config_file: Path, keys: tuple[str, ...]
         raise PeftkitError(f"{config_file}: bias={peft.bias!r}; peftkit supports bias='none' only.")
 
 
-def refuse_unmergeable(method: type[Method], cfg: Any = None) -> None:
-    """A PeftkitError for a method whose adapter (of settings `cfg`, where given) cannot be folded into the base
-    (`Method.merge_refusal`)."""
-    if refusal := method.merge_refusal(cfg):
-        raise PeftkitError(refusal)
 
 
 def draw_device(device: torch.device) -> torch.device:

@@ -29,7 +29,8 @@ from torch import nn
 from torch.func import functional_call
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import REEXPORT, AdapterLayer, Method, PeftConfigBase, draw_device
+from peftkit.methods.base import REEXPORT, Method, PeftConfigBase, draw_device
+from peftkit.methods.layer import AdapterLayer
 from peftkit.methods.blocks import CallArguments, decoder_blocks, first_output, norm_layers, with_first_output
 from peftkit.section import AdapterSection
 
@@ -216,7 +217,7 @@ class Bottleneck(Method):
 
 def _hidden_size(base: nn.Module, path: str) -> int:
     """The hidden size a sub-layer without a `config` reads and writes: its first Linear/Conv1D's input size."""
-    from peftkit.methods.base import is_conv1d, linear_shape
+    from peftkit.methods.layer import is_conv1d, linear_shape
 
     for module in base.modules():
         if isinstance(module, nn.Linear) or is_conv1d(module):

@@ -26,8 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, draw_device, is_conv1d, linear_shape, refuse_unsupported,
-                                  targets_from_peft)
+from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.methods.vera import SEED_RANGE

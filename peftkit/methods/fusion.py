@@ -57,7 +57,8 @@ from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import REEXPORT, AdapterLayer, Method, MethodTrainer, PeftConfigBase, draw_device, linear_shape
+from peftkit.methods.base import REEXPORT, Method, MethodTrainer, PeftConfigBase, draw_device
+from peftkit.methods.layer import AdapterLayer, linear_shape
 from peftkit.methods.blocks import first_output, with_first_output
 from peftkit.section import AdapterSection
 

@@ -11,7 +11,8 @@ import torch
 from pydantic import ValidationError
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import REEXPORT, AdapterLayer, is_quantized
+from peftkit.methods.base import REEXPORT
+from peftkit.methods.layer import AdapterLayer, is_quantized
 from peftkit.methods.fusion import WEIGHT_UPDATE, Fused
 
 if TYPE_CHECKING:

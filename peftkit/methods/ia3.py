@@ -20,8 +20,8 @@ from pydantic import Field, PrivateAttr
 from torch import nn
 
 from peftkit.errors import PeftkitError, did_you_mean
-from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
-                                  suffix_match, targets_from_peft)
+from peftkit.methods.base import Method, refuse_unsupported, targets_from_peft
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape, suffix_match
 from peftkit.methods.target_filters import (ExcludedTargets, NoDefault, PeftExcludedTargets, filters_from_peft,
                                              narrow)
 from peftkit.section import TargetRegex

@@ -30,7 +30,8 @@ from pydantic import Field
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import REEXPORT, AdapterLayer, Method, PeftConfigBase, draw_device
+from peftkit.methods.base import REEXPORT, Method, PeftConfigBase, draw_device
+from peftkit.methods.layer import AdapterLayer
 from peftkit.methods.blocks import CallArguments, first_output, with_first_output
 from peftkit.section import AdapterSection
 

@@ -21,7 +21,8 @@ from torch import nn
 from torch.func import functional_call
 
 from peftkit.errors import PeftkitError, did_you_mean
-from peftkit.methods.base import AdapterLayer, Method, refuse_unsupported, suffix_match, targets_from_peft
+from peftkit.methods.base import Method, refuse_unsupported, targets_from_peft
+from peftkit.methods.layer import AdapterLayer, suffix_match
 from peftkit.methods.target_filters import (ExcludedTargets, NoDefault, PeftExcludedTargets, filters_from_peft,
                                              narrow)
 from peftkit.section import TargetRegex

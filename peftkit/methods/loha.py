@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from peftkit.methods.base import linear_shape
+from peftkit.methods.layer import linear_shape
 from peftkit.methods.lycoris import (
     LycorisConfig,
     LycorisFacts,

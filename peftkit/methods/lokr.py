@@ -21,7 +21,7 @@ import torch
 from pydantic import AfterValidator
 from torch import nn
 
-from peftkit.methods.base import linear_shape
+from peftkit.methods.layer import linear_shape
 from peftkit.methods.lycoris import (
     LycorisConfig,
     LycorisFacts,

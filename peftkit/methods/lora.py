@@ -17,8 +17,8 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.alora import (UNMERGEABLE, Activation, PeftActivation, alora_conflict,
                                    install_invocation)
 from peftkit.methods.bdlora import (BlockDiagonalLora, PeftBlockDiagonal, bdlora_conflict, block_side)
-from peftkit.methods.base import (REEXPORT, AdapterLayer, Method, is_conv1d,
-                                  is_quantized, linear_shape, targets_from_peft)
+from peftkit.methods.base import REEXPORT, Method, targets_from_peft
+from peftkit.methods.layer import AdapterLayer, is_conv1d, is_quantized, linear_shape
 from peftkit.methods.dora import dora_merge
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft, regex_keys)

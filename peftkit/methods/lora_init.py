@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, draw_device, is_conv1d, is_quantized
+from peftkit.methods.base import draw_device
+from peftkit.methods.layer import AdapterLayer, is_conv1d, is_quantized
 
 MOVES_BASE = ("pissa", "olora")
 """Inits that move part of the base weight into the adapter (and convert at export)."""

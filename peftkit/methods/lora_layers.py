@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.methods.alora import Activated
-from peftkit.methods.base import AdapterLayer, draw_device, is_conv1d, is_quantized, linear_shape
+from peftkit.methods.base import draw_device
+from peftkit.methods.layer import AdapterLayer, is_conv1d, is_quantized, linear_shape
 from peftkit.methods.bdlora import BlockDiagonal, full_factor
 from peftkit.methods.kasa import Diagonal
 from peftkit.methods.dora import dora_unmerge, weight_norm

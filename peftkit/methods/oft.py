@@ -28,8 +28,8 @@ from pydantic import Field, PrivateAttr, model_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
-                                  targets_from_peft)
+from peftkit.methods.base import Method, refuse_unsupported, targets_from_peft
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.section import TargetRegex

@@ -32,7 +32,8 @@ from torch import nn
 from torch.func import functional_call
 
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
-from peftkit.methods.base import AdapterLayer, PeftConfigBase
+from peftkit.methods.base import PeftConfigBase
+from peftkit.methods.layer import AdapterLayer
 from peftkit.section import AdapterSection
 
 ParameterNames = list[str] | None

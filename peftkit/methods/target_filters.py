@@ -18,7 +18,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
-from peftkit.methods.base import PeftConfigBase, suffix_match, targets_from_peft
+from peftkit.methods.base import PeftConfigBase, targets_from_peft
+from peftkit.methods.layer import suffix_match
 from peftkit.section import AdapterSection, TargetRegex
 
 LayerIndices = list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None

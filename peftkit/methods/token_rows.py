@@ -27,7 +27,8 @@ from pydantic import field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import PeftConfigBase, refuse_non_lookup, suffix_match
+from peftkit.methods.base import PeftConfigBase
+from peftkit.methods.layer import refuse_non_lookup, suffix_match
 from peftkit.methods.trainable_tokens import (ReplacedRows, TokenIndices, check_indices, initial_rows,
                                               refuse_past_rows, replace_module)
 from peftkit.section import AdapterSection

@@ -27,7 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, PeftConfigBase, targets_from_peft
+from peftkit.methods.base import Method, PeftConfigBase, targets_from_peft
+from peftkit.methods.layer import AdapterLayer
 from peftkit.section import AdapterSection, TargetRegex, none_saved
 
 TokenIds = list[Annotated[int, Field(ge=0)]]

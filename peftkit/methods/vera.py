@@ -25,8 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import (AdapterLayer, Method, is_conv1d, linear_shape, refuse_unsupported,
-                                  targets_from_peft)
+from peftkit.methods.base import Method, refuse_unsupported, targets_from_peft
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
 from peftkit.methods.target_filters import LayerTargets, PeftLayerTargets, filters_from_peft
 from peftkit.section import TargetRegex
 

@@ -30,7 +30,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import AdapterLayer, Method, MethodTrainer, PeftConfigBase
+from peftkit.methods.base import Method, MethodTrainer, PeftConfigBase
+from peftkit.methods.layer import AdapterLayer
 from peftkit.section import AdapterSection, none_saved
 
 ATTR = "peftkit_virtual"
