@@ -216,7 +216,7 @@ def run_peftkit_measured(recipe, workdir: Path) -> dict:
     import torch
 
     from peftkit.adapters import inject_adapters
-    from peftkit.memory import saved_activation_bytes
+    from peftkit.activations import saved_activation_bytes
     from peftkit.modeling import load_model
 
     result = run_peftkit(recipe, workdir)

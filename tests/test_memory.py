@@ -7,8 +7,9 @@ import yaml
 import torch
 from rich.console import Console
 
-from peftkit.memory import (CPU_RUNTIME_BYTES, MemoryEstimate, ModelShape, activation_memory, check_fits, frees_a_inputs,
-                            estimate_memory, four_bit_bytes, print_estimate)
+from peftkit.activations import ModelShape, activation_memory
+from peftkit.memory import (CPU_RUNTIME_BYTES, MemoryEstimate, check_fits, estimate_memory, four_bit_bytes,
+                            frees_a_inputs, print_estimate)
 from peftkit.recipe import load_recipe
 from tests.conftest import make_recipe
 
@@ -199,7 +200,7 @@ def test_lora_fa_activation_saving_is_what_autograd_keeps(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import inject_adapters
-    from peftkit.memory import model_shape, saved_activation_bytes
+    from peftkit.activations import model_shape, saved_activation_bytes
     from peftkit.methods.lora import LoraConfig
 
     batch = {"input_ids": torch.randint(3, 100, (2, 16))}
@@ -231,7 +232,7 @@ def test_packed_rows_activation_term_is_what_autograd_keeps(tiny_llama, number_d
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import inject_adapters
-    from peftkit.memory import model_shape, saved_activation_bytes
+    from peftkit.activations import model_shape, saved_activation_bytes
     from peftkit.methods.lora import LoraConfig
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation="sdpa")
@@ -272,7 +273,7 @@ def saved_and_estimated(model_path, cfg) -> tuple[int, float]:
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import adapter_layers, inject_adapters
-    from peftkit.memory import model_shape, saved_activation_bytes
+    from peftkit.activations import model_shape, saved_activation_bytes
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
     inject_adapters(model, cfg)
@@ -396,7 +397,7 @@ def _virtual_tokens_saved(tiny_llama, number_data, where, method: str, n: int):
     """(the recipe of `method` with `n` virtual tokens, the bytes autograd saves in one forward of its training
     micro-batch)."""
     from peftkit.adapters import inject_adapters
-    from peftkit.memory import saved_activation_bytes
+    from peftkit.activations import saved_activation_bytes
     from peftkit.modeling import load_model
 
     path = make_recipe(where, tiny_llama, number_data)
@@ -482,7 +483,7 @@ def test_a_classifier_s_activations_have_no_vocabulary_logits(tiny_llama, tmp_pa
     """A reward model (a classifier of one output) computes no logits over the vocabulary: its activations are those
     of the same recipe as an ORPO language model (the same rows: a pair's two answers) less the vocabulary logits
     of its batch (2 x 4 rows of 128 tokens, vocab 102, fp32). They were counted as if it had them."""
-    from peftkit.memory import logits_bytes
+    from peftkit.activations import logits_bytes
 
     files = {"train": tmp_path / "pairs.jsonl", "eval": tmp_path / "pairs.jsonl"}
     recipes = {}

@@ -356,7 +356,8 @@ def test_a_16bit_compute_dtype_does_not_shrink_the_activation_estimate_of_a_floa
     """compute_dtype bfloat16 (the default) on a float32 base: the estimate sized every activation in bf16 (half the
     fp32 figure), but a 4-bit layer returns its input's dtype and the rest runs in fp32: autograd keeps the same
     bytes either way, and so does the estimate now."""
-    from peftkit.memory import estimate_memory, saved_activation_bytes
+    from peftkit.memory import estimate_memory
+    from peftkit.activations import saved_activation_bytes
 
     estimated, kept = [], []
     for compute in ("bfloat16", "float32"):
