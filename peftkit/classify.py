@@ -20,6 +20,7 @@ from peftkit.data import Example, eval_loader
 from peftkit.data.classification import ClassificationCollator
 from peftkit.errors import PeftkitError
 from peftkit.metrics import CLASSIFICATION_METRICS, accuracy, macro_f1
+from peftkit.rope_scaling import fresh_dynamic_rope
 
 HEAD_NAMES = ("classifier", "score")
 """transformers' names for a sequence-classification head, as peft's `SEQ_CLS_HEAD_NAMES`."""
@@ -79,10 +80,12 @@ def predict(model: nn.Module, examples: list[Example], batch_size: int, pad_id: 
         for i, batch in enumerate(eval_loader(examples, batch_size, pad_id, ClassificationCollator(pad_id))):
             first = batch if first is None else first
             if i % world == rank:
-                logits = classification_logits(model, {k: v.to(device) for k, v in batch.items()})
+                with fresh_dynamic_rope(model):  # each batch as on a freshly loaded model (`evaluate_loss`)
+                    logits = classification_logits(model, {k: v.to(device) for k, v in batch.items()})
                 shares.append((i, logits.float().cpu(), batch["labels"].tolist()))
         for _ in range(-(-batches // world) - len(shares)):
-            classification_logits(model, {k: v.to(device) for k, v in first.items()})
+            with fresh_dynamic_rope(model):
+                classification_logits(model, {k: v.to(device) for k, v in first.items()})
     finally:
         model.train(was_training)
     if world > 1:

@@ -28,6 +28,7 @@ from peftkit.loss import labelled_count, next_token_loss_sum
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, score
 from peftkit.progress import work
+from peftkit.rope_scaling import fresh_dynamic_rope
 from peftkit.recipe import Recipe
 from peftkit.task_ids import adapter_task_count, with_tasks
 
@@ -59,7 +60,11 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
     `processes` (an accelerate Accelerator, several processes): each evaluates every num_processes-th batch and the
     sums are added across processes, so N processes evaluate N times faster. Every process runs as many forwards
     (one short of batches repeats its first, uncounted), which keeps FSDP's collectives in step. `advance(n)`:
-    told of each batch's n examples (a progress bar)."""
+    told of each batch's n examples (a progress bar).
+
+    Each batch runs with dynamic RoPE as the model loaded (`fresh_dynamic_rope`): transformers keeps the frequencies
+    of the longest sequence it has seen, so a batch's loss depended on the batches before it (their order, the
+    training before the evaluation). Training itself keeps transformers' behaviour."""
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     was_training = model.training
     model.eval()
@@ -72,15 +77,17 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
         for i, batch in enumerate(eval_loader(examples, batch_size, pad_id)):
             first = batch if first is None else first
             if i % world == rank:  # this process's share, collated one batch at a time
-                loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()},
-                                         labelled_count(batch["labels"]))
+                with fresh_dynamic_rope(model):  # each batch as on a freshly loaded model
+                    loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()},
+                                             labelled_count(batch["labels"]))
                 total += loss.double()
                 tokens += n
                 done += 1
             if advance is not None:
                 advance(len(batch["input_ids"]))
         for _ in range(rounds - done):  # one short: the same number of forwards as the others, uncounted
-            token_loss_sum(model, {k: v.to(device) for k, v in first.items()})
+            with fresh_dynamic_rope(model):
+                token_loss_sum(model, {k: v.to(device) for k, v in first.items()})
     finally:
         model.train(was_training)
     if world > 1:
@@ -268,8 +275,6 @@ def _scored(job: EvalJob, model: nn.Module, tok, examples: Examples | None, prom
     """`evaluate`'s figures of the loaded `model` on `_read_rows`'s rows (and `job.predictions` written), with dynamic
     RoPE as the model loaded: one evaluated before on other rows (another data.eval set, another row of a comparison)
     kept the frequencies of the longest sequence it saw, so a set's figures depended on the set before it."""
-    from peftkit.rope_scaling import fresh_dynamic_rope
-
     with fresh_dynamic_rope(model):
         return _figures(job, model, tok, examples, prompts)
 

@@ -33,6 +33,7 @@ from peftkit.data.preference import Pairs
 from peftkit.loss import labelled_count, row_logps
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import PREFERENCE_METRICS, REWARDS
+from peftkit.rope_scaling import fresh_dynamic_rope
 
 
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], labelled: int | None = None) -> torch.Tensor:
@@ -263,10 +264,12 @@ class PreferenceEval:
             for i, batch in enumerate(batches):
                 first = batch if first is None else first
                 if i % world == rank:
-                    sums += self.loss.sums(model, {k: v.to(device) for k, v in batch.items()}).double()
+                    with fresh_dynamic_rope(model):  # each batch as on a freshly loaded model (`evaluate_loss`)
+                        sums += self.loss.sums(model, {k: v.to(device) for k, v in batch.items()}).double()
                     done += 1
             for _ in range(rounds - done):
-                self.loss.sums(model, {k: v.to(device) for k, v in first.items()})
+                with fresh_dynamic_rope(model):
+                    self.loss.sums(model, {k: v.to(device) for k, v in first.items()})
         finally:
             model.train(was_training)
         if world > 1:

@@ -153,6 +153,51 @@ def test_each_eval_set_and_comparison_row_sees_dynamic_rope_as_loaded(short_llam
     assert compare_sets(rows)["short"] == compare_sets({"short": rows["short"]})["short"]
 
 
+def test_each_eval_batch_s_loss_is_that_batch_s_on_a_fresh_model_whatever_ran_before(short_llama, tmp_path,
+                                                                                      monkeypatch):
+    """Within one evaluation, a batch's loss depended on the batches before it: dynamic RoPE kept the frequencies of
+    the longest batch, so short rows (still past the 64 positions) after long ones scored otherwise than alone. The
+    same rows in two batch orders give each batch's loss exactly, each equal to that batch on a freshly loaded model
+    (and the model is left as it was: training's frequencies are its own)."""
+    import peftkit.evaluate as evaluation
+    from peftkit.evaluate import evaluate_loss
+    from peftkit.tiny import number_rows, write_jsonl
+
+    rope, tok = {"type": "dynamic", "factor": 4}, AutoTokenizer.from_pretrained(short_llama)
+    batches = {"long": [dict(r, input=r["input"] * 30) for r in number_rows(2, seed=7)], "short": number_rows(2, seed=5)}
+    for name, rows in [*batches.items(), ("long_first", batches["long"] + batches["short"]),
+                       ("short_first", batches["short"] + batches["long"])]:
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+
+    def examples(name: str):
+        return load_examples(tok, str(tmp_path / f"{name}.jsonl"), None, DataConfig(train="x", max_length=256),
+                             cache=False)[0]
+
+    assert min(examples("short").lengths()) > POSITIONS and max(examples("long").lengths()) > 2 * POSITIONS
+    seen: list[tuple[tuple, float, int]] = []  # (the batch's first row, its loss sum, its token count), in order
+    real = evaluation.token_loss_sum
+
+    def recorded(model, batch, labelled=None):
+        loss, n = real(model, batch, labelled)
+        seen.append((tuple(batch["input_ids"][0].tolist()), float(loss), int(n)))
+        return loss, n
+
+    monkeypatch.setattr(evaluation, "token_loss_sum", recorded)
+    fresh = {}
+    for name in batches:  # each batch alone, on a model just loaded
+        evaluate_loss(_scaled(short_llama, rope), examples(name), 2, tok.pad_token_id)
+        fresh[seen[-1][0]] = seen[-1][1:]
+    model = _scaled(short_llama, rope)
+    rotary = model.model.rotary_emb
+    model(torch.randint(4, 90, (1, 250)))  # a training-like forward past every eval row: frequencies for 250
+    before = rotary.inv_freq.clone()
+    for order in ("long_first", "short_first"):
+        del seen[:]
+        evaluate_loss(model, examples(order), 2, tok.pad_token_id)
+        assert len(seen) == 2 and {first: rest for first, *rest in seen} == {k: list(v) for k, v in fresh.items()}
+    assert torch.equal(rotary.inv_freq, before)
+
+
 @pytest.mark.parametrize(("rope", "max_length", "message"), [
     (None, 128, "data.max_length 128 is longer than {model}'s max_position_embeddings (64). Lower data.max_length "
                 "to 64, or scale its RoPE to cover it: model.rope_scaling: {{type: linear, factor: 2}}."),
