@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from peftkit.manifest import (
 )
 from peftkit.recipe import Recipe, is_hub_dataset
 from peftkit.reproduced import differences
+from peftkit.scratch import remove_stale_directories, scratch_directory
 
 
 @dataclass
@@ -215,7 +215,8 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
     recipe = manifest.recipe.model_copy(deep=True)
     if note := _pin_unchanged_base(recipe, manifest):
         report.notes.append(note)
-    with tempfile.TemporaryDirectory(prefix="peftkit-verify-") as tmp:
+    _remove_stale_reruns(console)
+    with scratch_directory() as tmp:
         # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there.
         recipe.export.output_dir = tmp
         recipe.export.push_revision, recipe.export.push_private = None, False  # (set without push_to_hub: refused)
@@ -236,6 +237,17 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
             out = _base_model_difference(manifest.base_model_sha256, rerun.base_model_sha256, recipe,
                                          manifest.base_model_commit) + out
         return _hub_data_differences(manifest, rerun, recipe) + out
+
+
+def _remove_stale_reruns(console: Console) -> None:
+    """Delete the re-run directories that verify processes killed before they could (`peftkit.scratch`), saying so."""
+    from peftkit.inspect_text import size_text
+
+    if removed := remove_stale_directories():
+        listed = ", ".join(f"{path.name} ({size_text(size)})" for path, size in removed)
+        console.print(f"note: removed {len(removed)} re-run director{'ies' if len(removed) > 1 else 'y'} of verify "
+                      f"processes that ended without deleting {'them' if len(removed) > 1 else 'it'} (killed), in "
+                      f"{removed[0][0].parent}: {listed}", markup=False, soft_wrap=True)
 
 
 @contextmanager
@@ -314,7 +326,7 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
 
     how = {"FSDP": "FSDP2-sharded ", "DEEPSPEED": f"DeepSpeed ZeRO-{stage} "}.get(kind, "")
     console.print(f"The recorded run trained in {processes} {how}process{'es' if processes > 1 else ''}; so does the re-run.")
-    with tempfile.TemporaryDirectory(prefix="peftkit-verify-recipe-") as recipe_dir:
+    with scratch_directory("recipe") as recipe_dir:
         recipe_file = Path(recipe_dir) / "recipe.yaml"
         recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
         with _environ(TRIMMED, "1" if distributed.get("trimmed_slices") else "0"):

@@ -161,6 +161,51 @@ def test_a_requantized_merge_killed_between_its_two_outputs_leaves_the_earlier_p
     assert _files(tmp_path) == before
 
 
+# ------------------------------------------------------------------------------ verify: its re-run's directory
+
+
+def test_a_killed_verify_s_re_run_directory_is_removed_by_the_next_verify(adapter_run, tmp_path, monkeypatch):
+    """A SIGKILLed `peftkit verify` left its re-run's temporary directory (checkpoints, an adapter, a merged model)
+    behind, one more each time. The next verify removes it, and says so; it keeps a live verify's (its process alive,
+    or its lock held: a process of another PID namespace), and one without a PID in its name (an older peftkit's)."""
+    import io
+    import tempfile
+
+    from rich.console import Console
+
+    from peftkit.fileio import _flocked, fcntl
+    from peftkit.verify import verify
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    body = (f"import tempfile\ntempfile.tempdir = {str(scratch)!r}\n"
+            "from peftkit.verify import verify\n"
+            f"verify({str(adapter_run)!r})\n")
+    assert _killed("'peftkit-verify-' in str(dst) and dst.name == 'adapter'", body, tmp_path) == -9
+    left = list(scratch.iterdir())
+    assert len(left) == 1 and (left[0] / "recipe.yaml").is_file()  # killed as it put its adapter in place
+    assert [p.name for p in left[0].glob(".adapter.*.tmp/adapter_model.safetensors")] == ["adapter_model.safetensors"]
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    live = scratch / f"peftkit-verify-{os.getpid()}-live"  # this process's: alive
+    locked = scratch / f"peftkit-verify-{ended.pid}-locked"  # a PID gone here, its lock held
+    older = scratch / "peftkit-verify-k2j4x8qz"  # an older peftkit's name
+    for path in (live, locked, older):
+        path.mkdir()
+        (path / "w").write_text("x")
+    fd = _flocked(locked, fcntl.LOCK_EX)
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = io.StringIO()
+    try:
+        assert verify(adapter_run, console=Console(file=out, width=1000)).ok
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in scratch.iterdir()) == sorted(p.name for p in (live, locked, older))
+    said = " ".join(out.getvalue().split())
+    assert (f"note: removed 1 re-run directory of verify processes that ended without deleting it (killed), in "
+            f"{scratch}: {left[0].name} (") in said
+
+
 # ------------------------------------------------------------------------------ train: Ctrl-C at the loop's end
 
 
