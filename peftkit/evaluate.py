@@ -166,6 +166,8 @@ class RunEval:
     processes: object = None
     """The run's Accelerator when it has several processes: they share out the loss batches (`evaluate_loss`) and,
     unless FSDP shards the parameters, the prompts (`shared_answers`)."""
+    left_out: int = 0
+    """Usable rows of the set that the metrics leave out, as the loss does (`peftkit.data.prompts.LossRows`)."""
 
     @classmethod
     def of(cls, cfg: Recipe, tok, examples: Examples, name: str = "eval") -> RunEval:
@@ -176,9 +178,10 @@ class RunEval:
         metrics = cfg.eval.generation_metrics
         source = cfg.data.eval_sources()[name]
         prompts = load_prompts(tok, source.path, source.split, cfg.data.for_eval(name),
-                               tasks=recipe_reads_tasks(cfg)) if metrics else []
+                               tasks=recipe_reads_tasks(cfg), as_loss=True) if metrics else []
         return cls(examples, tok.pad_token_id, cfg.eval.batch_size, metrics, prompts, tok,
-                   Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.normalize)
+                   Sampling(max_new_tokens=cfg.eval.max_new_tokens), cfg.eval.normalize,
+                   left_out=getattr(prompts, "left_out", 0))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -253,21 +256,22 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
 
 def _read_rows(job: EvalJob) -> tuple:
     """(tokenizer, examples, prompts) of `job`'s data: examples for the loss metrics, prompts for the generation
-    ones (None where no metric needs them), with their task ids."""
+    ones (None where no metric needs them), with their task ids. The prompts are those of the rows the loss scores
+    (`load_prompts(as_loss=True)`), as the run's evaluation (`RunEval`) reads them."""
     from peftkit.data import load_examples
-    from peftkit.data.prompts import load_prompts
+    from peftkit.data.prompts import Prompts, load_prompts
 
     source = job.source
     tok = source.tokenizer()
     tasks = job.task is None and adapter_task_count(source) is not None  # --task: the column is not read at all
     examples = (load_examples(tok, job.data, job.split, job.data_cfg, tasks=tasks)[0]
                 if set(job.metrics) & set(LOSS_METRICS) else None)
-    prompts = (load_prompts(tok, job.data, job.split, job.data_cfg, tasks=tasks)
+    prompts = (load_prompts(tok, job.data, job.split, job.data_cfg, tasks=tasks, as_loss=True)
                if any(m in GENERATION_METRICS for m in job.metrics) else None)
     if examples is not None:
         examples = with_tasks(source, job.task, examples, job.data, job.untasked)
     if prompts is not None:
-        prompts = with_tasks(source, job.task, prompts, job.data, job.untasked)
+        prompts = Prompts(with_tasks(source, job.task, prompts, job.data, job.untasked), prompts.left_out)
     return tok, examples, prompts
 
 
@@ -296,6 +300,7 @@ def _figures(job: EvalJob, model: nn.Module, tok, examples: Examples | None, pro
                                               job.normalize, advance=advance)
         result |= scores
         result["num_rows"] = len(prompts)
+        result["rows_left_out"] = prompts.left_out  # as the loss leaves them out (`LossRows`)
         if job.predictions:
             lines = [_jsonl_line({"prompt": p.text, "prediction": t, "reference": p.reference})
                      for p, t in zip(prompts, texts, strict=True)]

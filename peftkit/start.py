@@ -265,6 +265,7 @@ def _data(cfg: Recipe, tok, config, cache: bool, accelerator,
     """(the rows training draws from, data.eval's evaluations by name, a classifier's classes or None, the examples'
     digests by `Run.examples_sha256`'s keys), read before the model loads; aLoRA's invocation tokens looked for."""
     train_ex, train_stats, evals, labels = _load_data(cfg, tok, config, cache, accelerator.num_processes)
+    _note_rows_left_out(cfg, evals, console)
     if accelerator.num_processes > 1:
         for evaluation in evals.values():
             evaluation.processes = accelerator  # the processes share out the eval batches
@@ -278,6 +279,16 @@ def _data(cfg: Recipe, tok, config, cache: bool, accelerator,
     digests = {"train": examples_digest(trained)} | {cfg.data.eval_key(name): examples_digest(evaluation.examples)
                                                      for name, evaluation in evals.items()}
     return _training_rows(cfg, train_ex, train_stats, console), evals, labels, digests
+
+
+def _note_rows_left_out(cfg: Recipe, evals: dict, console: Console) -> None:
+    """Say how many rows of each data.eval set eval.metrics leave out, as the loss does (`RunEval.left_out`)."""
+    from peftkit.data.prompts import left_out_text
+
+    for name, evaluation in evals.items():
+        if left := getattr(evaluation, "left_out", 0):
+            console.print(f"note: eval.metrics answer {len(evaluation.prompts)} rows of {cfg.data.eval_setting(name)}; "
+                          f"{left_out_text(left, cfg.data.max_length)}.", markup=False, highlight=False)
 
 
 def _checked_steps(cfg: Recipe, rows: int, processes: int) -> int:

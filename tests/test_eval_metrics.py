@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -214,3 +215,107 @@ def test_max_new_tokens_without_a_generation_metric_is_said(tiny_llama, number_d
         warnings.simplefilter("error")
         eval_job(None, **flags, metrics="loss,exact_match", max_new_tokens=5)
         eval_job(None, **flags, metrics="loss", max_new_tokens=None)
+
+
+LENGTH = 64  # data.max_length of the rows below: "Is N a number?" rows fit it whole
+
+
+@pytest.fixture(scope="module")
+def long_rows(tmp_path_factory, tiny_llama) -> dict:
+    """Eval rows that fit data.max_length (`fit`), and the same with rows the loss leaves out between them (`all`): two
+    whose prompt alone fills it, and one whose answer it cuts (which data.truncation: keep trains as cut, and drop
+    leaves out)."""
+    from transformers import AutoTokenizer
+
+    from peftkit.data.examples import ALPACA_PROMPT
+    from peftkit.tiny import write_jsonl
+
+    root = tmp_path_factory.mktemp("long")
+    fit = [{"instruction": f"Is {k} a number?", "input": "", "output": "Yes."} for k in range(100, 106)]
+    past = [{"instruction": f"Is {k} a number? " + "Think about it. " * 3, "input": "", "output": "Yes."} for k in (7, 8)]
+    cut = {"instruction": "Is 9 a number, now?", "input": "", "output": "Yes, nine is a number."}
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+
+    def length(row):
+        return len(tok(ALPACA_PROMPT.format(**row))["input_ids"])
+
+    assert max(length(r) + len(tok(r["output"], add_special_tokens=False)["input_ids"]) + 1 for r in fit) <= LENGTH
+    assert all(length(r) >= LENGTH for r in past) and length(cut) < LENGTH < length(cut) + len(cut["output"])
+    for name, rows in (("fit", fit), ("all", fit[:2] + past[:1] + fit[2:4] + [cut] + past[1:] + fit[4:]),
+                       ("fit_and_cut", fit + [cut])):
+        write_jsonl(root / f"{name}.jsonl", rows)
+    return {name: root / f"{name}.jsonl" for name in ("fit", "all", "fit_and_cut")}
+
+
+def test_generation_metrics_answer_the_rows_the_loss_scores(tiny_llama, long_rows, tmp_path, monkeypatch, capsys):
+    """The loss leaves out a row whose answer lies past data.max_length (and, under data.truncation: drop, one whose
+    answer it cuts), while the generation metrics answered it: the two were computed over different rows. Now the
+    metrics answer the rows the loss scores, and `peftkit eval` says how many it left out: every figure equals that
+    of the rows that fit alone (their own file), predictions included."""
+    from peftkit.cli import main
+
+    def cli(data: Path, name: str, *extra: str) -> tuple[dict, str, list]:
+        out, preds = tmp_path / f"{name}.json", tmp_path / f"{name}.preds.jsonl"
+        monkeypatch.setattr("sys.argv", ["peftkit", "eval", "--model", str(tiny_llama), "--data", str(data),
+                                         "--max-length", str(LENGTH), "--metrics", "loss,perplexity," + ",".join(METRICS),
+                                         "--max-new-tokens", "5", "--json", str(out), "--predictions", str(preds),
+                                         *extra])
+        main()
+        return (json.loads(out.read_text()), " ".join(capsys.readouterr().out.split()),
+                [json.loads(line) for line in preds.read_text().splitlines()])
+
+    alone, _, alone_preds = cli(long_rows["fit"], "fit")
+    kept, said, kept_preds = cli(long_rows["all"], "all")  # data.truncation: keep (no recipe): the cut row answers
+    assert [p["prompt"] for p in kept_preds if "nine" not in p["reference"]] == [p["prompt"] for p in alone_preds]
+    both, _, both_preds = cli(long_rows["fit_and_cut"], "fit_and_cut")  # the same 7 rows, without those left out
+    assert sorted(map(json.dumps, kept_preds)) == sorted(map(json.dumps, both_preds))
+    assert {k: v for k, v in kept.items() if k != "rows_left_out"} == {k: v for k, v in both.items()
+                                                                       if k != "rows_left_out"}
+    assert alone["rows_left_out"] == 0 and kept["rows_left_out"] == 2 and kept["num_rows"] == 7
+    assert "rows 7 (2 left out, as the loss leaves them out: the answer past max_length, or cut under truncation: " \
+           "drop)" in said
+
+
+def test_a_run_s_metrics_leave_out_the_rows_its_loss_does(tiny_llama, long_rows, yes_data, tmp_path):
+    """Under data.truncation: drop the run's eval.metrics leave out the rows past data.max_length and the one whose
+    answer it cuts, as its eval loss does, and say so; `peftkit eval RUN_DIR` gives the same figures, each that of the
+    rows that fit alone; under error, generation metrics alone stop at the cut row as the loss does."""
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": yes_data["train"], "eval": long_rows["all"]},
+                         data={"max_length": LENGTH, "truncation": "drop"}, training={"max_steps": 2},
+                         eval=EVAL | {"base_model": False})
+    out = io.StringIO()
+    summary = train(load_recipe(recipe), console=Console(file=out, width=300))
+    flags = dict(overrides=[], model=None, fmt=None, adapter=None, max_length=None, batch_size=None, on_bad_rows=None,
+                 metrics=None, max_new_tokens=None, normalize=None)
+    run = tmp_path / "run"
+    again, fit = evaluate(eval_job(run, data=None, **flags)), evaluate(eval_job(run, data=str(long_rows["fit"]), **flags))
+    assert again["num_rows"] == fit["num_rows"] == 6
+    for key in ("loss", *METRICS):
+        assert summary[f"eval_{key}"] == again[key] == fit[key]
+    assert again["rows_left_out"] == 3 and fit["rows_left_out"] == 0
+    assert (f"note: eval.metrics answer 6 rows of data.eval; 3 rows left out, as the loss leaves them out: the answer "
+            f"asked for lies past max_length {LENGTH}, or (truncation: drop) is cut short of its end.") in out.getvalue()
+    said = {}
+    for metrics in ("loss", "exact_match"):  # the loss alone, the generation metrics alone: one error
+        with pytest.raises(PeftkitError) as e:
+            evaluate(eval_job(run, data=None, **flags | {"overrides": ["data.truncation=error"], "metrics": metrics}))
+        said[metrics] = str(e.value)
+    assert said["loss"] == said["exact_match"]
+    assert said["loss"].startswith(f"{long_rows['all']}:3: this example has 102 tokens but data.max_length is {LENGTH}")
+
+
+def test_a_prompt_past_max_length_is_left_out_though_train_on_all_keeps_its_example(tiny_llama, long_rows):
+    """Under data.train_on: all the loss keeps an example whose prompt fills data.max_length (its prompt tokens are
+    trained), but none of the answer the metrics ask for is in it: that row is not answered."""
+    from transformers import AutoTokenizer
+
+    from peftkit.data import load_examples
+    from peftkit.data.prompts import load_prompts
+    from peftkit.recipe import DataConfig
+
+    tok, path = AutoTokenizer.from_pretrained(tiny_llama), str(long_rows["all"])
+    cfg = DataConfig(train=path, max_length=LENGTH, train_on="all")
+    assert len(load_examples(tok, path, None, cfg, cache=False)[0]) == 9  # every row: its prompt tokens trained
+    prompts = load_prompts(tok, path, "train", cfg, as_loss=True)
+    assert len(prompts) == 7 and prompts.left_out == 2 and all(len(p.ids) < LENGTH for p in prompts)
+    assert len(load_prompts(tok, path, "train", cfg)) == 9  # (eval.samples, generate --data: every row)

@@ -99,7 +99,9 @@ def _shown(result: dict, metrics: list[str]) -> str:
     shown += [f"{name} {'n/a' if result[name] is None else format(result[name], '.4f')}" for name in metrics
               if name in result and name not in ("loss", "perplexity")]  # None: a KTO margin without both kinds
     if "num_rows" in result:
-        shown.append(f"rows {result['num_rows']}")
+        left = result.get("rows_left_out", 0)
+        shown.append(f"rows {result['num_rows']}" + (f" ({left} left out, as the loss leaves them out: the answer "
+                                                      "past max_length, or cut under truncation: drop)" if left else ""))
     return "  ".join(shown)
 
 

@@ -332,20 +332,26 @@ def _count(built: BuiltExample | None, rows: list[dict], cfg: DataConfig, stats:
         stats["bad_rows"] += 1
         return
     stats["truncated"] += built.truncated
+    if built.target_lost:
+        cuts.add(built)
     if built.no_target:  # dropped under every setting: nothing of it is learned; `error` names it too
         stats["too_long"] += 1
-        if built.target_lost:
-            cuts.add(built)
         return
     if built.target_lost:
         stats["target_cut"] += 1
-        cuts.add(built)
-        if cfg.truncation == "drop":
-            stats["truncation_dropped"] += 1
-            return
+    if not loss_keeps(built, cfg):
+        stats["truncation_dropped"] += 1
+        return
     if cfg.format == "chat" and rows[built.index]["messages"][0]["role"] != "system":
         stats["system_prompt_rows"] += 1
     examples.append(built.example)
+
+
+def loss_keeps(built: BuiltExample, cfg: DataConfig) -> bool:
+    """Whether the loss (training's, an evaluation's) keeps this example: one with a target token left, and under
+    data.truncation: drop, one whose target kept its end (under `error`, a cut target stops the whole: `tokenize_rows`).
+    Generation metrics answer the same rows (`peftkit.data.prompts.LossRows`)."""
+    return not built.no_target and not (built.target_lost and cfg.truncation == "drop")
 
 
 def tokenize_rows(

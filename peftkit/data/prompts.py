@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from peftkit.data.conversations import render_chat, trained_turns, turn_end_token
 from peftkit.data.bad_rows import all_skipped, bad_rows_fix, usable_row
-from peftkit.data.examples import encode_prompt, located, prompt_and_target_text, row_location, row_task
+from peftkit.data.examples import (BuiltExample, _TargetCuts, build_examples, encode_prompt, located, loss_keeps,
+                                   prompt_and_target_text, row_location, row_task, truncation_error)
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -34,6 +35,47 @@ class Prompt:
     """The row's `task` (multitask prompt tuning's task id), or `--task`'s: `peftkit.task_ids`."""
     row: dict | None = field(default=None, repr=False)
     """The data row it came from (`peftkit generate --route` reads a column of it)."""
+
+
+class Prompts(list):
+    """`load_prompts`' prompts, with `left_out`: the usable rows left out as the loss leaves them out (`as_loss`)."""
+
+    def __init__(self, items=(), left_out: int = 0):
+        super().__init__(items)
+        self.left_out = left_out
+
+
+@dataclass
+class LossRows:
+    """Which rows generation metrics answer (`load_prompts(as_loss=True)`): those the loss scores, so that the metrics
+    and the loss cover the same examples. A row is answered where the loss keeps its example (`loss_keeps`: some
+    target token within data.max_length, and under data.truncation: drop, the target's end too) and the answer asked
+    for begins within data.max_length (a conversation's earlier answers can keep an example whose last answer, the one
+    asked for, lies past it). Under data.truncation: error, a cut target stops it as it stops the loss."""
+
+    cfg: DataConfig
+    cuts: _TargetCuts = field(default_factory=_TargetCuts)
+    left_out: int = 0
+
+    def answers(self, prompt: Prompt, built: BuiltExample) -> bool:
+        if built.target_lost:
+            self.cuts.add(built)
+        if loss_keeps(built, self.cfg) and len(prompt.ids) < self.cfg.max_length:
+            return True
+        self.left_out += 1
+        return False
+
+    def check(self) -> None:
+        """The loss's data.truncation: error, where a row's target was cut."""
+        if self.cfg.truncation == "error" and self.cuts.first is not None:
+            raise PeftkitError(truncation_error(self.cuts, self.cfg))
+
+
+def left_out_text(left_out: int, max_length: int) -> str:
+    """`N rows left out ...`: what `load_prompts(as_loss=True)`'s `left_out` means, for a message."""
+    return (f"{left_out} row{'s' * (left_out != 1)} left out, as the loss leaves {'them' if left_out != 1 else 'it'} "
+            f"out: the answer asked for lies past max_length {max_length}, or (truncation: drop) is cut short of its "
+            "end")
 
 
 NO_TEMPLATE_FIX = "drop --chat (the prompt is then used as it is), or use a model whose tokenizer has a template"
@@ -116,11 +158,13 @@ def _tool_calls_text(tok, messages: list[dict], prompt: str, tools: list[dict] |
 
 
 def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | None = None,
-                 skip_empty: bool = False, *, tasks: bool = False, targets: bool = True) -> list[Prompt]:
+                 skip_empty: bool = False, *, tasks: bool = False, targets: bool = True,
+                 as_loss: bool = False) -> Prompts:
     """The prompts of the rows of `source` (the first `limit`), bad rows handled as data.on_bad_rows says. A row
     whose prompt has no tokens is an error, or left out with `skip_empty` (eval.samples: a training row may have
     no prompt). `tasks`: read the rows' `task` column (a model whose method reads task ids). `targets`: a row's
-    answer, the reference, must not be empty (False: `peftkit generate --data`, where the rows may be prompts only)."""
+    answer, the reference, must not be empty (False: `peftkit generate --data`, where the rows may be prompts only).
+    `as_loss` (generation metrics): only the rows the loss scores (`LossRows`), the others counted in `left_out`."""
     if cfg.format == "classification":
         raise PeftkitError(f"{cfg._format_key} 'classification' has no prompt to generate from in {source}: a "
                            "classifier predicts a label (peftkit eval reports accuracy and macro_f1). Use data in the "
@@ -131,17 +175,22 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                            "also works; with peftkit eval, so does leaving out the generation metrics).")
     rows, skipped, line_numbers = load_rows(source, split, cfg.on_bad_rows, cfg.revision, bad_rows_fix(cfg, "skip"))
     rows = format_rows(rows, cfg)
-    prompts, checked, bad, untrained = [], False, skipped, 0
+    prompts, checked, bad, untrained = Prompts(), False, skipped, 0
+    built = build_examples(tok, rows, cfg, source, line_numbers) if as_loss else None  # the loss's examples
+    scored = LossRows(cfg)
     for i, row in enumerate(rows):
         if limit is not None and len(prompts) >= limit:
             break
         where = row_location(source, i, line_numbers)
         usable = usable_row(row, cfg, where, targets)
         bad += not usable  # a bad row skipped under on_bad_rows: skip (under error, it raised)
+        example = next(built) if built is not None else None  # (every row's, None for a bad one: in step)
         if usable:
             prompt = located(where, _prompt_of, tok, row, cfg, targets)
             if prompt is None:  # no trained answer to ask for, nor to score against (its loss has none either)
                 untrained += 1
+                continue
+            if example is not None and not scored.answers(prompt, example):
                 continue
             if not prompt.ids and skip_empty:
                 continue
@@ -152,12 +201,16 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             prompts.append(prompt)
             if cfg.format == "chat" and len(prompts) <= CHAT_PROMPTS_CHECKED:
                 checked = checked or _warn_if_not_as_trained(tok, row, prompt, where)
+    scored.check()
+    prompts.left_out = scored.left_out
     if not prompts and not skip_empty:
-        none_trained = (f"{'; ' if bad else ': '}every assistant turn of {untrained} conversation"
-                        f"{'s' * (untrained > 1)} is marked not to be trained, so there is no answer to ask for"
-                        if untrained else "")
-        raise PeftkitError(f"No usable rows in {source} to take prompts from{': ' + all_skipped(bad, cfg) if bad else ''}"
-                           f"{none_trained}.")
+        why = [all_skipped(bad, cfg)] if bad else []
+        if untrained:
+            why.append(f"every assistant turn of {untrained} conversation{'s' * (untrained > 1)} is marked not to be "
+                       "trained, so there is no answer to ask for")
+        if scored.left_out:
+            why.append(f"{left_out_text(scored.left_out, cfg.max_length)}; raise data.max_length (--max-length)")
+        raise PeftkitError(f"No usable rows in {source} to take prompts from{': ' + '; '.join(why) if why else ''}.")
     return prompts
 
 
