@@ -102,8 +102,9 @@ def check_model(cfg: Recipe) -> str:
 
 
 def _check_tokenizer(cfg: Recipe, tok) -> None:
-    """Train's refusals that the tokenizer decides: a chat template for chat rows, an EOS token for the formats whose
-    targets end with it (preference and unpaired rows of text too), aLoRA's invocation ids within its vocabulary."""
+    """Train's refusals that the tokenizer decides: a chat template for chat rows (preference and unpaired
+    conversations too), an EOS token for the formats whose targets end with it (preference and unpaired rows of text
+    too), aLoRA's invocation ids within its vocabulary."""
     from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.data.examples import EOS_FORMATS, check_eos
 
@@ -116,18 +117,20 @@ def _check_tokenizer(cfg: Recipe, tok) -> None:
             if entry.format in EOS_FORMATS:
                 check_eos(tok, entry.format, "data.format" if entry.format == cfg.data.format else
                           f"data.train[{i}].format")
-    _check_answers_eos(cfg, tok)
+    _check_answer_rows(cfg, tok)
     if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation_ids
 
         check_invocation_ids(invocation, tok)
 
 
-def _check_answers_eos(cfg: Recipe, tok) -> None:
-    """Train's refusal of data.format preference's text pairs (DPO, ORPO, SimPO, reward) or unpaired's text rows (KTO)
-    on a tokenizer without an EOS token: their answers end with it, as completion's targets do (conversations end with
-    the template's end of turn). Their form is data.train's first usable row's, read (not tokenized) where its files
-    are local; unreadable rows are left to train to say."""
+def _check_answer_rows(cfg: Recipe, tok) -> None:
+    """Train's refusals of data.format preference's pairs (DPO, ORPO, SimPO, reward) or unpaired's rows (KTO) that
+    their form decides: rows of text on a tokenizer without an EOS token (their answers end with it, as completion's
+    targets do), conversations on one without a chat template (or offsets: a slow tokenizer). Their form is
+    data.train's first usable row's, read (not tokenized) where its files are local and the tokenizer lacks one of
+    those; unreadable rows are left to train to say."""
+    from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.data.examples import check_eos
     from peftkit.data.preference import TEXT_FIELDS as PAIR_FIELDS, split_pair
     from peftkit.data.sources import read_rows
@@ -135,7 +138,9 @@ def _check_answers_eos(cfg: Recipe, tok) -> None:
     from peftkit.errors import PeftkitError
 
     data = cfg.data
-    if tok.eos_token_id is not None or data.format not in ("preference", "unpaired"):
+    if data.format not in ("preference", "unpaired"):
+        return
+    if tok.eos_token_id is not None and getattr(tok, "chat_template", None) and tok.is_fast:
         return
     if not all(Path(source.path).is_file() for source in data.train_sources()):
         return
@@ -145,8 +150,11 @@ def _check_answers_eos(cfg: Recipe, tok) -> None:
     except PeftkitError:
         return
     forms = (split(row) for row in rows if isinstance(row, dict))
-    if next((form[0] for form in forms if isinstance(form, tuple)), None) == "completion":
+    form = next((form[0] for form in forms if isinstance(form, tuple)), None)
+    if form == "completion":
         check_eos(tok, data.format, data._format_key, fields)
+    elif form == "chat":  # (said as train's build_pairs / build_unpaired say it: as this format's rows)
+        check_chat_tokenizer(tok, data._format_key, (data.format, fields))
 
 
 def _quantize(model, cfg: Recipe) -> None:

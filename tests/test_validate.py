@@ -261,7 +261,7 @@ def test_validate_refuses_text_answers_without_eos_as_train(objective, tiny_llam
     """Preference pairs (DPO, ORPO, SimPO, a reward model) and KTO's unpaired rows of text end each answer with EOS:
     on a tokenizer without one, train refused them as it read the data, naming data.format 'completion' (which the
     recipe did not set) and advising data.format: chat; validate said nothing. Both now say it, in the same words;
-    conversations (which end with the template's end of turn) are not refused for it."""
+    conversations (which end with the template's end of turn) are not refused for it, given a template."""
     model = _encoder_tokenized(tiny_llama, tmp_path / "model")
     unpaired = objective == "kto"
     if unpaired:
@@ -286,7 +286,8 @@ def test_validate_refuses_text_answers_without_eos_as_train(objective, tiny_llam
                          "this tokenizer has none. Give it one (tokenizer_config.json's eos_token), or give the rows as "
                          f"conversations ({fields} as lists of messages) with a chat template that marks the end of "
                          "each turn."), validated
-    recipe.write_text(recipe.read_text().replace(str(text), str(turns)))
+    raw = yaml.safe_load(recipe.read_text().replace(str(text), str(turns)))  # (conversations need a template)
+    recipe.write_text(yaml.safe_dump({**raw, "data": raw["data"] | {"chat_template": "chatml"}}))
     from peftkit.cli import main
 
     monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
@@ -313,3 +314,45 @@ def test_a_model_check_s_error_says_where_the_recipe_gives_its_key(tiny_llama, n
 
     assert located(recipe, [], "The tokenizer has no pad token.") == "The tokenizer has no pad token."
     assert located(recipe, [], "adapter.dropout: x") == "adapter.dropout: x"  # a default's key: not in the file
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "reward", "kto"])
+def test_validate_refuses_conversations_without_a_template_as_train(objective, tiny_llama, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Preference pairs (DPO, ORPO, SimPO, a reward model) and KTO's unpaired rows given as conversations are rendered
+    by the chat template: on a tokenizer without one (the tiny Llama's, its template removed), train refused them as it read the data and
+    validate said nothing. Both now say it, in the same words, validate with the recipe's line of data.format; with
+    data.chat_template set, validate passes."""
+    model = _garbage_weights(tiny_llama, tmp_path / "model")
+    (model / "chat_template.jinja").unlink()
+    unpaired = objective == "kto"
+    user = [{"role": "user", "content": "q"}]
+    if unpaired:
+        rows = [{"prompt": user, "completion": f"a{i}", "label": i % 2 == 0} for i in range(8)]
+    else:
+        rows = [{"prompt": user, "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)]
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    fmt = "unpaired" if unpaired else "preference"
+    recipe = make_recipe(tmp_path / "r", model, {"train": turns, "eval": turns}, data={"format": fmt},
+                         training={"objective": objective})
+    if objective == "reward":  # a reward model: a sequence classifier of one output
+        raw = yaml.safe_load(recipe.read_text())
+        recipe.write_text(yaml.safe_dump({**raw, "model": raw["model"] | {"task": "sequence_classification"}}))
+    said = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip() == f"format: {fmt}")
+    assert said.startswith(f"error: {recipe}:{line}: data.format "), said
+    validated, trained = _refusal(monkeypatch, capsys, recipe)
+    fields = "prompt and completion" if unpaired else "prompt, chosen and rejected"
+    assert validated == trained, (validated, trained)
+    assert validated == (f"error: data.format '{fmt}' rows given as conversations need the tokenizer's chat_template, "
+                         "and it has none (a base model's has none); set data.chat_template (chatml, llama3, a .jinja "
+                         "file, or a tokenizer directory to copy it from), use a tokenizer with a template, or give "
+                         f"the rows as text ({fields} strings)."), validated
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**raw, "data": raw["data"] | {"chat_template": "chatml"}}))
+    from peftkit.cli import main
+
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+    main()
+    assert "# model checks (no weight read): " in capsys.readouterr().out
