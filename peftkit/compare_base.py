@@ -93,12 +93,14 @@ def adapter_record(path: str, name: str) -> Record:
 
 
 def merged_record(path: str) -> Record | None:
-    """What a merged model's peftkit.json records of its base; None without the record (not merged by peftkit)."""
+    """What a merged model's peftkit.json records of its base (a hub model's read from the hub, or its cache
+    offline); None without the record (not merged by peftkit)."""
     from peftkit.merge import MERGED_FROM_NAME, merged_base
 
     if (made := merged_base(path)) is None:
         return None
-    return Record(made[0], f"merged_from of {Path(path) / MERGED_FROM_NAME}", made[1], adapter=False)
+    where = Path(path) / MERGED_FROM_NAME if Path(path).is_dir() else f"{MERGED_FROM_NAME} of hub model {path}"
+    return Record(made[0], f"merged_from of {where}", made[1], adapter=False)
 
 
 def _check_there(base: Record) -> None:

@@ -62,17 +62,19 @@ def recorded_reward_center(path: str | Path, revision: str | None = None) -> flo
 
 
 def merged_from(model_dir: str | Path) -> str | None:
-    """The base a merged model was made from (its peftkit.json `merged_from`, `base_provenance`'s record); None for a
-    model without one (not merged by peftkit) or whose record cannot be read."""
+    """The base a merged model was made from (its peftkit.json `merged_from`, `base_provenance`'s record; a hub
+    model's read from the hub, `model_record`); None for a model without one (not merged by peftkit) or whose record
+    cannot be read."""
     return (merged_base(model_dir) or (None, None))[0]
 
 
-def merged_base(model_dir: str | Path) -> tuple[str, str | None] | None:
-    """(base, its revision) a merged model was made from, as `merged_from` reads them; None as there."""
+def merged_base(model_dir: str | Path, revision: str | None = None) -> tuple[str, str | None] | None:
+    """(base, its revision) a merged model (a directory, or a hub id at `revision`: `model_record`) was made from, as
+    `merged_from` reads them; None as there."""
     try:
-        record = json.loads((Path(model_dir) / MERGED_FROM_NAME).read_text(encoding="utf-8"))["merged_from"]
+        record = (model_record(model_dir, revision) or {})["merged_from"]
         name, revision = str(record["base_model_name_or_path"] or ""), record.get("revision")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return None
     return (name, revision if isinstance(revision, str) else None) if name else None
 

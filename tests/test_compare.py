@@ -303,6 +303,45 @@ def test_candidates_that_record_different_bases_are_refused_without_model(tiny_l
     assert (source.model.dtype, source.quantization.method) == ("bfloat16", "nf4")
 
 
+def test_a_merged_model_on_the_hub_records_its_base_as_a_local_one(tiny_llama, number_data, candidates, tmp_path,
+                                                                    monkeypatch, capsys):
+    """`--merged m=user/name` of a merged model published with its peftkit.json (`peftkit push --merged`; here an
+    offline hub cache): its merged_from is read from the hub as a directory's, so without --model the base row is the
+    base it records (it was refused: "none of them records one"), the figures those of the same comparison with
+    --model of that base and the merged directory; a recorded base that disagrees, or is gone, is said with the hub
+    model's record."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from tests.test_hub import _publish_to
+
+    run, data = candidates / "run", ("--data", str(number_data["eval"]), "--metrics", "loss")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _publish_to(tmp_path / "hub", "acme/merged", run / "merged", "a" * 40)
+    hub = _figures(tmp_path, *data, "--merged", "m=acme/merged")
+    local = _figures(tmp_path, *data, "--model", str(tiny_llama), "--merged", f"m={run / 'merged'}")
+    assert hub == local and sorted(hub) == ["base", "m"], (hub, local)
+    with_adapter = ("--adapter", f"ours={run / 'adapter'}", "--merged", "m=acme/merged")
+    assert _figures(tmp_path, *data, *with_adapter) == _figures(tmp_path, *data, "--model", str(tiny_llama),
+                                                                  *with_adapter)
+    made = tmp_path / "made"
+    shutil.copytree(run / "merged", made)
+    (made / "peftkit.json").write_text(json.dumps({"merged_from": {"base_model_name_or_path": "other/base"}}))
+    _publish_to(tmp_path / "hub", "acme/other-merged", made, "b" * 40)
+    err = cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", f"ours={run / 'adapter'}", "--merged",
+                         "m=acme/other-merged")
+    assert (f"adapter 'ours' ({run / 'adapter'}): {tiny_llama}; --merged m (acme/other-merged): other/base. "
+            in " ".join(err.split())), err
+    (made / "peftkit.json").write_text(json.dumps({"merged_from": {"base_model_name_or_path": str(tmp_path / "moved")}}))
+    _publish_to(tmp_path / "hub", "acme/gone-merged", made, "c" * 40)
+    err = cli_user_error(monkeypatch, capsys, "eval", *data, "--merged", "m=acme/gone-merged")
+    assert " ".join(err.split()) == (f"error: The base model {tmp_path / 'moved'} (merged_from of peftkit.json of hub "
+                                     "model acme/gone-merged) is not there: moved or deleted since? Give it with "
+                                     "--model DIR."), err
+
+
 def test_an_adapter_path_holding_an_equals_sign_is_a_path(tiny_llama, number_data, candidates, tmp_path, monkeypatch,
                                                          capsys):
     """A sweep's directory (`lr=5e-2/adapter`) is one adapter, evaluated alone, not an adapter named `lr` at

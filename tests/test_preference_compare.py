@@ -298,7 +298,8 @@ def test_a_merged_model_of_another_base_is_refused_under_dpo(tiny_llama, tiny_gp
                                                             capsys):
     """DPO scores a merged model against the comparison's base, its reference: one merged from another base (its
     peftkit.json merged_from; a GPT-2 with the tiny Llama's character tokenizer, so its tokens are the base's) is
-    refused, naming both bases, before any model loads; one merged from the base, named by another path, is not."""
+    refused, naming both bases, before any model loads (a hub model's record read from the hub, here an offline
+    cache); one merged from the base, named by another path, is not."""
     g = _lora(tiny_gpt2, tmp_path / "g", 1)
     assert CliRunner().invoke(app, ["merge", "--adapter", str(g), "--output", str(tmp_path / "gm")]).exit_code == 0
     recipe = _recipe(tmp_path, tiny_llama, pairs, objective="dpo")
@@ -307,6 +308,16 @@ def test_a_merged_model_of_another_base_is_refused_under_dpo(tiny_llama, tiny_gp
     assert (f"--merged m: {tmp_path / 'gm'} was merged from {tiny_gpt2} (its peftkit.json merged_from), and the "
             f"comparison's base, DPO's reference, is {tiny_llama}, so its figures against that reference would not be "
             f"its DPO run's. Compare it with a recipe or --model of {tiny_gpt2}.") in said
+    from huggingface_hub import constants
+
+    from tests.test_hub import _publish_to
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # (published with its peftkit.json)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _publish_to(tmp_path / "hub", "acme/gm", tmp_path / "gm", "a" * 40)
+    said = " ".join(cli_user_error(monkeypatch, capsys, "eval", str(recipe), "--merged", "m=acme/gm").split())
+    assert (f"--merged m: acme/gm was merged from {tiny_gpt2} (its peftkit.json merged_from), and the comparison's "
+            f"base, DPO's reference, is {tiny_llama}") in said, said
     a = _lora(tiny_llama, tmp_path / "a", 1)
     assert CliRunner().invoke(app, ["merge", "--adapter", str(a), "--output", str(tmp_path / "am")]).exit_code == 0
     spelled = _recipe(tmp_path / "spelled", Path(f"{tiny_llama.parent}/../{tiny_llama.parent.name}/{tiny_llama.name}"),
