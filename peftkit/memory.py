@@ -85,10 +85,11 @@ class MemoryEstimate:
         return self.model_state + self.activations + self.runtime
 
 
-def _as_trained(recipe: Recipe, model: torch.nn.Module):
+def _as_trained(recipe: Recipe, model: torch.nn.Module, tok=None):
     """recipe.adapter as train injects it: a classifier's head trained in full (`with_head`: a head name peft writes
     and the model lacks, `classifier` beside `score`, dropped), and model.add_tokens' rows trained with `model`
-    resized to hold them (an adapter.init_from trained with them names ids past the base's rows)."""
+    resized to hold them (an adapter.init_from trained with them names ids past the base's rows); `tok`: the
+    recipe's tokenizer where the caller has it (else loaded)."""
     from peftkit.classify import with_head
 
     adapter = with_head(recipe.adapter, model) if recipe.classifier else recipe.adapter
@@ -97,10 +98,10 @@ def _as_trained(recipe: Recipe, model: torch.nn.Module):
     from peftkit.modeling import load_tokenizer
     from peftkit.new_tokens import added_ids, resize, with_new_rows
 
-    tok = load_tokenizer(recipe.model)
+    tok = tok if tok is not None else load_tokenizer(recipe.model)
     return with_new_rows(adapter, model, added_ids(recipe.model, tok, resize(model, len(tok)))[0])
 
-def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> MemoryEstimate | None:
+def estimate_memory(recipe: Recipe, device: torch.device | None = None, tok=None) -> MemoryEstimate | None:
     """Bytes of base weights, adapter weights, their gradients, optimizer state, activations and (on CPU)
     the runtime constant; None if no model can be built from the config (the loader will then say why).
     A broken config.json raises a PeftkitError.
@@ -108,6 +109,8 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     Args:
         recipe: the run's recipe.
         device: where it runs (decides the runtime constant); by default the one recipe.model.device picks.
+        tok: the recipe's tokenizer (`load_tokenizer`) where the caller has it: model.add_tokens' rows are counted
+            from it, else it is read again.
     """
     from peftkit.adapters import adapter_layers, inject_adapters, shared_holders, trainable_parameters
     from peftkit.methods.expert_lists import check_start
@@ -122,7 +125,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None) -> Memor
     # The method's own layers, built on the meta device (nothing is allocated), say what it trains, for every
     # method alike (LoRA's A and B, IA3's vectors, modules_to_save). A bad target fails here, before loading.
     check_start(recipe.adapter, model)
-    inject_adapters(model, _as_trained(recipe, model), every_entry=not recipe.adapter.init_from)  # (as train)
+    inject_adapters(model, _as_trained(recipe, model, tok), every_entry=not recipe.adapter.init_from)  # (as train)
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     trainable = trainable_parameters(model)
     # The adapters' own tensors are fp32; what trains in full (modules_to_save, a classifier's head) is the base's

@@ -186,7 +186,7 @@ def flash_attention_missing(device: torch.device) -> str | None:
 
 
 def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device: torch.device | None = None,
-               labels: LabelSet | None = None) -> nn.Module:
+               labels: LabelSet | None = None, tok=None) -> nn.Module:
     """AutoModelForCausalLM (model.task: sequence_classification: AutoModelForSequenceClassification) from a local
     directory or hub id, in the recipe dtype, on `device`.
 
@@ -196,6 +196,9 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     Args:
         labels: a classifier's classes (its head's size, and the config's id2label/label2id); default
             model.num_labels classes named by their ids, else those of the checkpoint's config.json.
+        tok: `cfg`'s tokenizer as `load_tokenizer` gives it, where the caller has it (train's): its length sizes
+            model.add_tokens' rows and its pad token a classifier's; else it is loaded (another read of its files:
+            1 to 2 s for a 151k-token vocabulary).
     """
     config = load_config(cfg)
     saved = saved_quantization(config)  # a checkpoint saved quantized: its config.json's quantization_config
@@ -210,14 +213,14 @@ def load_model(cfg: ModelConfig, quant: QuantizationConfig | None = None, device
     quiet_transformers()
     model, loading_info = _from_pretrained(cfg.name_or_path, kwargs, device, cfg.task)
     if cfg.task == "sequence_classification":
-        loading_info = _expected_for_new_head(model, loading_info, cfg)
+        loading_info = _expected_for_new_head(model, loading_info, tok if tok is not None else load_tokenizer(cfg))
     _check_weights_fit(model, loading_info, cfg.name_or_path)
     if quant is not None:
         refuse_quantized_tied_head(model, quant)
     if cfg.add_tokens:  # the embeddings hold the new tokens' rows (before any adapter wraps them)
         from peftkit.new_tokens import resize
 
-        resize(model, len(load_tokenizer(cfg)))
+        resize(model, len(tok if tok is not None else load_tokenizer(cfg)))
     if quant is None and device.type != "cuda" and "device_map" not in kwargs:
         model.to(device)
     _as_trained(model, quant, saved)
@@ -314,7 +317,7 @@ def classifier_kwargs(cfg: ModelConfig, labels: LabelSet | None) -> dict:
     return {"num_labels": len(labels.names), "id2label": labels.id2label, "label2id": labels.label2id}
 
 
-def _expected_for_new_head(model: nn.Module, loading_info: dict, cfg: ModelConfig) -> dict:
+def _expected_for_new_head(model: nn.Module, loading_info: dict, tok) -> dict:
     """The loading info without what a classifier is expected to lack: its new head (missing, or of another
     size when the base was a classifier with other classes) and the base's own output head (lm_head, BERT's
     `cls`), which the classifier does not use (unexpected). The decoder's pad token is set here too: the head
@@ -324,7 +327,7 @@ def _expected_for_new_head(model: nn.Module, loading_info: dict, cfg: ModelConfi
     from peftkit.classify import head_names
 
     heads = tuple(f"{name}." for name in head_names(model))
-    model.config.pad_token_id = load_tokenizer(cfg).pad_token_id
+    model.config.pad_token_id = tok.pad_token_id
     return {"missing_keys": [k for k in loading_info["missing_keys"] if not k.startswith(heads)],
             "mismatched_keys": [m for m in loading_info["mismatched_keys"] if not m[0].startswith(heads)],
             "unexpected_keys": []}

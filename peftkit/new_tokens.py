@@ -29,23 +29,30 @@ again (where the adapter's trained rows replace them anyway)."""
 
 
 def add_to_tokenizer(tok, tokens: list[str]) -> list[int]:
-    """Add each of `tokens` that `tok` does not have as a special token, in order; the ids of those added."""
+    """Add each of `tokens` that `tok` does not have as a special token, in order; the ids of those added. The tokens
+    its loaded vocabulary lacked are kept on it (`peftkit_new_tokens`), for `added_ids`."""
     vocab = tok.get_vocab()
     new = [token for token in tokens if token not in vocab]
     if new:
         tok.add_tokens(new, special_tokens=True)
     tok.peftkit_added_tokens = tuple(tokens)  # in the data by intent: not warned of there (`data.checks._specials`)
+    tok.peftkit_new_tokens = getattr(tok, "peftkit_new_tokens", ()) + tuple(new)
     return [tok.convert_tokens_to_ids(token) for token in new]
 
 
 def added_ids(model_cfg, tok, rows: int) -> tuple[list[int], list[str]]:
     """(the ids of model_cfg.add_tokens whose rows train: those its base tokenizer lacked, and those past the `rows`
     the base's embeddings had (a token added to the tokenizer after the model was saved); the other tokens, which
-    the base had already)."""
-    from peftkit.modeling import load_tokenizer
+    the base had already). The base's vocabulary is `tok`'s before `add_to_tokenizer` (where `load_tokenizer` added
+    them: a token the base had keeps its id), else the base tokenizer read again."""
+    if (fresh := getattr(tok, "peftkit_new_tokens", None)) is not None and set(model_cfg.add_tokens) <= set(
+            tok.peftkit_added_tokens):
+        new = [t for t in model_cfg.add_tokens if t in fresh or tok.convert_tokens_to_ids(t) >= rows]
+    else:
+        from peftkit.modeling import load_tokenizer
 
-    vocab = load_tokenizer(model_cfg.model_copy(update={"add_tokens": []})).get_vocab()
-    new = [t for t in model_cfg.add_tokens if t not in vocab or vocab[t] >= rows]
+        vocab = load_tokenizer(model_cfg.model_copy(update={"add_tokens": []})).get_vocab()
+        new = [t for t in model_cfg.add_tokens if t not in vocab or vocab[t] >= rows]
     return [tok.convert_tokens_to_ids(t) for t in new], [t for t in model_cfg.add_tokens if t not in new]
 
 

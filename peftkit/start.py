@@ -217,8 +217,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
     build the optimizer: everything that can fail before the run directory is touched."""
     # With several processes each has its own device (cuda:<local rank>, or the CPU).
     device = accelerator.device if accelerator.num_processes > 1 else resolve_device(cfg.model.device)
-    config = _check_device_and_config(cfg, device, accelerator, resume, console)
-    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    config, tok = _check_device_and_config(cfg, device, accelerator, resume, console)
     train_ex, evals, labels, digests = _data(cfg, tok, config, cache, accelerator, console)
     total_steps = _checked_steps(cfg, len(train_ex), accelerator.num_processes)
     model, inputs, base_commit = _base_model(cfg, device, labels, tok, console)
@@ -243,7 +242,9 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
 
 def _check_device_and_config(cfg: Recipe, device: torch.device, accelerator, resume: bool, console: Console):
     """Seed, and the checks that need no data: the device and engine, the model's config (data.max_length within its
-    positions, the quantization section), the precision's notes and the memory estimate; the config."""
+    positions, the quantization section), the precision's notes and the memory estimate; (the config, the tokenizer).
+    The tokenizer is read once, here, and passed on: the estimate, the model's loading and the new tokens' rows use
+    it (each read it again: 5 reads of a 151k-token tokenizer, 1 to 2 s each, in a run with model.add_tokens)."""
     from peftkit.memory import check_fits, estimate_memory, print_estimate
 
     seed_everything(cfg.training.seed, cfg.training.deterministic, device)
@@ -254,10 +255,11 @@ def _check_device_and_config(cfg: Recipe, device: torch.device, accelerator, res
     check_quantization_section(config, cfg.model, cfg.quantization, resume)
     if note := cpu_dtype_note(cfg.model.dtype, device) or emulated_bf16_note(cfg, device):
         console.print(f"[yellow]note:[/] {escape(note)}")
-    estimate = estimate_memory(cfg, device)
+    tok = load_tokenizer(cfg.model, cfg.data.chat_template)
+    estimate = estimate_memory(cfg, device, tok)
     print_estimate(console, estimate)
     check_fits(estimate, device)
-    return config
+    return config, tok
 
 
 def _data(cfg: Recipe, tok, config, cache: bool, accelerator,
@@ -305,7 +307,7 @@ def _base_model(cfg: Recipe, device: torch.device, labels: LabelSet | None, tok,
                 console: Console) -> tuple[torch.nn.Module, dict, str | None]:
     """(the base model loaded and checked, the run's inputs for its record, the commit of a hub base's snapshot)."""
     with phase("Loading model...", console):
-        model = load_model(cfg.model, cfg.quantization, device, labels)
+        model = load_model(cfg.model, cfg.quantization, device, labels, tok)
     if cfg.quantization is not None:  # (a recipe's typo; a saved run's section loads as it trained, in eval)
         check_skip_modules(model, cfg.quantization)
     guard_token_ids(model, tok)

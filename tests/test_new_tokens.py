@@ -529,3 +529,22 @@ def test_the_card_s_snippet_keeps_a_base_s_spare_rows(chats, tmp_path, monkeypat
     adapter = {"modules_to_save": ["embed_tokens", "lm_head"]}
     _train(_recipe(tmp_path, base, chats, adapter=adapter, training={"max_steps": 2}), monkeypatch, capsys)
     _check_card_snippet(tmp_path / "run" / "adapter", base)
+
+
+def test_a_run_reads_the_base_tokenizer_once(bases, chats, tmp_path, monkeypatch, capsys):
+    """train read the base's tokenizer five times with model.add_tokens (the memory estimate, the base vocabulary
+    twice, the data, the model's resize: 1 to 2 s each for a 151k-token vocabulary); it reads it once and passes it
+    on, and the new rows are still the ones the base lacks (102 and 103, past the character tokenizer's 102 tokens;
+    `</s>`, which it has, left as it is)."""
+    from peftkit.tiny import build_char_tokenizer
+
+    loads, load = [], AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
+    out = _train(_recipe(tmp_path, bases["llama"], chats, tokens=["</s>", *MARKERS]), monkeypatch, capsys)
+    assert loads.count(str(bases["llama"])) == 1, loads
+    first = len(build_char_tokenizer())
+    assert f"model.add_tokens: 2 new special tokens (<|im_start|> = {first}, <|im_end|> = {first + 1})" in out
+    assert "note: model.add_tokens: </s> already in the tokenizer: left as it is, its row the model's own" in out
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"lm_head": [first, first + 1], "model.embed_tokens": [first, first + 1]}

@@ -262,6 +262,32 @@ def test_a_decoder_pads_with_the_tokenizer_s_pad_id_whatever_the_checkpoint_says
     assert figures[0] == pytest.approx(figures[1], abs=1e-5)
 
 
+def test_a_decoder_classifier_run_reads_the_tokenizer_once_and_pads_with_its_id(tmp_path, tiny_llama, sentiment,
+                                                                               monkeypatch):
+    """train read a classifier's tokenizer twice (the data's, then loading the model for its pad id); it reads it once
+    and passes it on. The head still reads the tokenizer's pad id, not the checkpoint's 3: the run's last eval loss
+    (batches of 8) is `peftkit eval RUN --batch-size 1`'s."""
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    model = shutil.copytree(tiny_llama, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"pad_token_id": 3}))
+    loads, load = [], AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
+    recipe = classification_recipe(tmp_path, model, sentiment, training={"max_steps": 4, "eval_steps": 4})
+    train(load_recipe(recipe))
+    assert loads.count(str(model)) == 1, loads
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--batch-size", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert abs(json.loads(out.read_text())["loss"] - last["eval_loss"]) <= 1e-5
+
+
 def test_eval_of_rows_past_an_encoder_s_positions_is_a_clear_error(tmp_path, tiny_bert):
     """It was a RuntimeError from BERT's position embeddings (a GPT-2 language model's eval said it clearly)."""
     from peftkit.eval_job import eval_job
