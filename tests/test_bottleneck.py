@@ -102,7 +102,8 @@ def test_saved_layout_and_trained_norms(models, tmp_path):  # noqa: F811
     assert norm.norm_weight.grad.abs().sum() > 0 and norm.base_layer.weight.grad is None
 
 
-@pytest.mark.parametrize(("arch", "after"), [("gemma3", "both"), ("qwen3_moe", "attention")])
+@pytest.mark.parametrize(("arch", "after"), [("gemma3", "both"), ("qwen3_moe", "attention"),
+                                             ("qwen3_moe", "both")])
 def test_norms_inside_the_attention_train_and_load(arch, after, tmp_path):
     """Gemma 3's and Qwen3's attention holds norms of its own (q_norm, k_norm): with train_norms they are trained too, saved under the attention's base_layer, and load back to the same logits (injecting crashed:
     'BottleneckLayer' object has no attribute 'q_norm')."""
@@ -135,16 +136,74 @@ def test_norms_inside_the_attention_train_and_load(arch, after, tmp_path):
         assert torch.equal(loaded(IDS).logits, trained) and not torch.equal(trained, base)
 
 
-def test_a_mixture_s_fused_experts_are_refused_with_the_way_out(tmp_path):
-    """Qwen3-MoE's MLP is a block of fused expert parameters, without a Linear to read the hidden size from: the error
-    says so and names the setting that trains (the attention alone)."""
+def _moe_by_hand(block, config, x: torch.Tensor) -> torch.Tensor:
+    """A fused-expert MoE block's output written out from its parameters: the router's softmax over the experts, the
+    top k renormalised (Mixtral always, Qwen3-MoE where norm_topk_prob), each chosen expert's SwiGLU
+    down(silu(gate x) * up x) weighted by its probability and summed, token by token."""
+    flat = x.reshape(-1, x.shape[-1])
+    probs = torch.softmax(flat @ block.gate.weight.T, dim=-1)
+    top, chosen = probs.topk(config.num_experts_per_tok, dim=-1)
+    if config.model_type == "mixtral" or config.norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for weight, e in zip(top[t], chosen[t], strict=True):
+            gate, up = (block.experts.gate_up_proj[e] @ flat[t]).chunk(2)
+            out[t] += weight * (block.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("placement", ["serial", "parallel"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_a_mixture_s_fused_experts_take_the_adapter_after_the_block(arch, placement, tmp_path):
+    """Mixtral's and Qwen3-MoE's MLP is a block of fused expert parameters, without a Linear to read the hidden size
+    from (adapter.after: ffn and both were refused): the size is the model config's, which transformers copies into
+    the router and experts (hidden_dim). The adapter sits on the block's output (serial) or input (parallel), the
+    block and the bottleneck computed by hand; step 0 is the base model exactly."""
     from peftkit.tiny import build_tiny_model
 
-    build_tiny_model(tmp_path / "base", arch="qwen3_moe", hidden_size=32, num_layers=2, seed=0)
-    with pytest.raises(PeftkitError, match=r"cannot tell the hidden size of 'model.layers.0.mlp' "
-                                           r"\(Qwen3MoeSparseMoeBlock\) \(its experts are fused parameters, no Linear "
-                                           r"layer\); adapt the attention alone: adapter.after: attention\.$"):
-        inject_adapters(_load(tmp_path / "base"), _cfg(after="both"))
+    build_tiny_model(tmp_path / "base", arch=arch, hidden_size=32, num_layers=2, seed=0)
+    model = _load(tmp_path / "base")
+    with torch.no_grad():
+        base = model(IDS).logits
+    inject_adapters(model, _cfg(placement=placement, after="both", non_linearity="gelu", scaling=2.0,
+                                reduction_factor=4))
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, base)
+    random_adapters(model, seed=1, std=0.5)
+    layer = adapter_layers(model)["model.layers.0.mlp"]
+    p = {n: t.detach() for n, t in layer.adapter_params().items()}
+    assert p["adapter_down.weight"].shape == (8, 32)  # the model's hidden size 32 / reduction_factor 4
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, y = layer(x), _moe_by_hand(layer.base_layer, model.config, x)
+    source = y if placement == "serial" else x
+    hidden = torch.nn.functional.gelu(source @ p["adapter_down.weight"].T + p["adapter_down.bias"])
+    expected = y + 2.0 * (hidden @ p["adapter_up.weight"].T + p["adapter_up.bias"])
+    assert float((got - expected).abs().max()) <= 1e-5 and float((got - y).abs().max()) > 1e-2
+
+
+def test_a_sub_layer_without_a_hidden_size_is_refused_with_the_way_out():
+    """A block's MLP with neither a Linear layer nor transformers' hidden_dim (a bare parameter here): the error says
+    so and names the setting that leaves it out."""
+    class ScaleMLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * self.scale
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn, self.mlp = torch.nn.Linear(8, 8), ScaleMLP()
+
+    with pytest.raises(PeftkitError) as error:
+        inject_adapters(torch.nn.Sequential(Block()), _cfg(after="ffn"))
+    assert str(error.value) == ("adapter.method bottleneck: cannot tell the hidden size of '0.mlp' (ScaleMLP): it "
+                                "holds no Linear layer, nor a hidden_dim (transformers' copy of the model's hidden_size "
+                                "in fused experts); leave that sub-layer out with adapter.after (attention or ffn).")
 
 
 def test_eval_and_generate_cli_on_a_trained_run(models, number_data, tmp_path, monkeypatch):  # noqa: F811

@@ -216,16 +216,20 @@ class Bottleneck(Method):
 
 
 def _hidden_size(base: nn.Module, path: str) -> int:
-    """The hidden size a sub-layer without a `config` reads and writes: its first Linear/Conv1D's input size."""
+    """The hidden size a sub-layer without a `config` reads and writes: its first Linear/Conv1D's input size, else
+    the model config's hidden_size that transformers' fused-expert MoE blocks (Mixtral's, Qwen3-MoE's) copy into
+    their router and experts (`hidden_dim`), which hold no Linear layer."""
     from peftkit.methods.layer import is_conv1d, linear_shape
 
     for module in base.modules():
         if isinstance(module, nn.Linear) or is_conv1d(module):
             return linear_shape(module)[0]
-    fused = " (its experts are fused parameters, no Linear layer); adapt the attention alone: adapter.after: attention" \
-        if "moe" in type(base).__name__.lower() else ""
-    raise PeftkitError(f"adapter.method bottleneck: cannot tell the hidden size of '{path}' ({type(base).__name__})"
-                       f"{fused}.")
+    copied = {dim for module in base.modules() if isinstance(dim := getattr(module, "hidden_dim", None), int)}
+    if len(copied) == 1:
+        return copied.pop()
+    raise PeftkitError(f"adapter.method bottleneck: cannot tell the hidden size of '{path}' ({type(base).__name__}): "
+                       "it holds no Linear layer, nor a hidden_dim (transformers' copy of the model's hidden_size in "
+                       "fused experts); leave that sub-layer out with adapter.after (attention or ffn).")
 
 
 for _layer in (BottleneckLayer, TrainedNorm):
