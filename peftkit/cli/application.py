@@ -25,8 +25,28 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)  # a warning in a log is one line, as an error is
 
 
+def _print_version(asked: bool) -> None:
+    """`peftkit --version`: peftkit's version and the digest of its code (a checkout's edits change the digest, not the
+    number), then the versions of what a run depends on and the accelerator, as a run's manifest records them: what
+    a bug report needs."""
+    if not asked:
+        return
+    import torch
+
+    from peftkit.manifest import versions
+
+    found = versions()
+    console.print(f"peftkit {found.pop('peftkit')} (source {found.pop('peftkit source')})", highlight=False)
+    console.print(", ".join(f"{name} {version}" for name, version in found.items()), highlight=False)
+    gpu = f"cuda {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU (cpu)"
+    console.print(f"device: {gpu}", highlight=False)
+    raise typer.Exit()
+
+
 @app.callback()
-def _every_command(ctx: typer.Context) -> None:
+def _every_command(ctx: typer.Context, version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version,
+        help="Print peftkit's version, its dependencies' and the device, then exit.")) -> None:
     # A PeftkitWarning prints as one `warning:` line on stderr when it happens; Python's own settings are back
     # when the command ends (tests run commands in their own process).
     from peftkit.progress import show_work_on
