@@ -357,6 +357,19 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
         _remove(_set_aside_name(path))
 
 
+def recorded_pair(anchor: Path) -> list[Path]:
+    """The directories written together with `anchor` by a pair write whose record (`_pair_record`) is still there
+    (siblings of it, by name), or none. A write into `anchor` alone (a plain merge) rolls back such a pair first: its
+    tidy of `.NAME.old` alone had kept the new first directory and left the old second one to be put back beside it."""
+    try:
+        names = json.loads(_pair_record(anchor).read_text())
+    except (OSError, ValueError):
+        return []
+    if not (isinstance(names, list) and names and names[0] == anchor.name):
+        return []
+    return [anchor.with_name(name) for name in names[1:] if isinstance(name, str)]
+
+
 def roll_back_interrupted(paths: list[Path]) -> bool:
     """Undo an `atomic_directories(paths)` that stopped while replacing its directories (a kill: its record of these
     paths, `_pair_record`, and its first path's `.NAME.old` are still there): the old directories are put back and the

@@ -228,7 +228,7 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
         together: the outputs written as a pair with it (`--requantize`'s OUTPUT-nf4), first checked for a pair a kill
             interrupted while it was put in place, which is rolled back to the earlier one.
     """
-    from peftkit.fileio import being_written, resolved, roll_back_interrupted
+    from peftkit.fileio import being_written, recorded_pair, resolved, roll_back_interrupted
     from peftkit.rundir import is_temp_name, make_writable_dir, tidy_leftovers
 
     output = resolved(output, "--output")
@@ -255,7 +255,8 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     if live := next((e.name for e in output.parent.iterdir() if is_temp_name(e.name, ours) and being_written(e)), None):
         raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
                            "it to finish, or choose another --output.")
-    if together:  # a pair a kill stopped while it was put in place: the earlier pair back
+    # A pair a kill stopped while it was put in place: the earlier pair back, also before a merge into OUTPUT alone.
+    if together := together or tuple(recorded_pair(output)):
         roll_back_interrupted([output, *(resolved(p, "--output") for p in together)])
     tidy_leftovers(output.parent, ours)  # what a killed earlier merge into it left
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):

@@ -134,6 +134,28 @@ def test_a_single_merge_s_leftover_is_not_rolled_back_as_a_pair(tmp_path):
     assert _state(tmp_path) == ("new", "mine")
 
 
+def test_a_pair_killed_midway_is_rolled_back_by_a_plain_merge_s_checks_too(tmp_path):
+    """Killed once the new m was in place, before the new m-nf4: a plain `merge --output m` (refused for want of
+    --overwrite) tidied .m.old as a single write's leftover, keeping the new m; the next `merge --requantize`'s checks
+    then put the old m-nf4 back beside it, a new m beside an old m-nf4 (left so where that merge stopped or failed).
+    Every merge into m rolls back a pair its record names."""
+    from peftkit.errors import PeftkitError
+    from peftkit.merge import check_merge_output
+
+    _model(tmp_path / "m", "old")
+    _model(tmp_path / "m-nf4", "old")
+    body = ("from peftkit.fileio import atomic_directories\n"
+            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
+            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    assert _killed("dst.name == 'm-nf4' and src.name.endswith('.tmp')", body, tmp_path) == -9
+    assert _state(tmp_path) == ("new", None)
+    with pytest.raises(PeftkitError, match="pass --overwrite"):
+        check_merge_output(tmp_path / "m", {}, False)  # a plain merge
+    assert _state(tmp_path) == ("old", "old")
+    _next_merge_checks(tmp_path)
+    assert _state(tmp_path) == ("old", "old") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+
+
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, number_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("adapter-run")
