@@ -238,7 +238,7 @@ def atomic_directory(path: str | os.PathLike, replace: bool = True) -> Iterator[
                 if path.exists() and replace:
                     # Two renames: the old directory stays whole until the new one is complete.
                     old = _set_aside_name(path)
-                    _remove(old)
+                    _delete(old, of=path)  # (a stale one: renamed first, so that a kill leaves no half of it)
                     os.replace(path, old)
                     os.replace(tmp, path)
                     _delete(old, of=path)  # (renamed first: a `.NAME.old` is always whole, for `roll_back_interrupted`)
@@ -340,7 +340,7 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
         for path in reversed(paths):
             if path.exists() or path.is_symlink():
                 if path == anchor or anchor.exists():
-                    _remove(_set_aside_name(path))
+                    _delete(_set_aside_name(path), of=path)
                     os.replace(path, _set_aside_name(path))
                 else:  # no first directory to pair it with: an old one is no use to put back
                     _delete(path)
@@ -353,8 +353,8 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
     record.unlink(missing_ok=True)
     if doomed is not None:
         _remove(doomed)
-    for path in paths[1:]:
-        _remove(_set_aside_name(path))
+    for path in paths[1:]:  # (renamed first: a kill midway left half of one, which a tidy put back once NAME was gone)
+        _delete(_set_aside_name(path), of=path)
 
 
 def recorded_pair(anchor: Path) -> list[Path]:

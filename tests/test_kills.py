@@ -4,6 +4,7 @@ consistent, and the next command puts it right. Found by killing real `peftkit` 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,32 @@ def test_a_pair_killed_midway_is_rolled_back_by_a_plain_merge_s_checks_too(tmp_p
     assert _state(tmp_path) == ("old", "old")
     _next_merge_checks(tmp_path)
     assert _state(tmp_path) == ("old", "old") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+
+
+def test_a_pair_killed_deleting_an_old_copy_leaves_no_half_of_it_to_put_back(tmp_path):
+    """Killed while the old m-nf4 was being deleted, after the new pair was kept: half of it was left as .m-nf4.old,
+    which the next merge's tidy put back as m-nf4 once the user had removed the new one: a broken old model beside the
+    new m. A set-aside copy is renamed away before it is deleted, so no half of one keeps that name."""
+    for name in ("m", "m-nf4"):
+        _model(tmp_path / name, "old")
+        (tmp_path / name / "model.safetensors").write_text("weights")
+    body = ("import shutil\n"
+            "real_rmtree = shutil.rmtree\n"
+            "def rmtree(path, *args, **kwargs):\n"
+            "    path = Path(path)\n"
+            "    if path.name.startswith('.m-nf4.') and (path / 'w').is_file() and (path / 'w').read_text() == 'old':\n"
+            "        (path / 'model.safetensors').unlink()\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real_rmtree(path, *args, **kwargs)\n"
+            "shutil.rmtree = rmtree\n"
+            "from peftkit.fileio import atomic_directories\n"
+            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
+            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    assert _killed("False", body, tmp_path) == -9
+    assert _state(tmp_path) == ("new", "new")
+    shutil.rmtree(tmp_path / "m-nf4")  # the user removes the re-quantized copy
+    _next_merge_checks(tmp_path)
+    assert _state(tmp_path) == ("new", None) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 @pytest.fixture(scope="module")
