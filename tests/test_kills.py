@@ -157,6 +157,31 @@ def test_a_pair_killed_midway_is_rolled_back_by_a_plain_merge_s_checks_too(tmp_p
     assert _state(tmp_path) == ("old", "old") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
 
 
+def test_a_pair_write_killed_before_it_set_anything_aside_leaves_no_record_for_a_plain_merge_s_leftover(tmp_path):
+    """A pair write killed after it wrote its record, before it set anything aside, left the record; a plain merge
+    --overwrite into m then killed after its new m went in (.m.old the old one) left what looked like that pair's
+    interrupted write, and a later merge --requantize's checks deleted the user's m-nf4 and put the older m back. The
+    plain merge's own checks now finish with the record first."""
+    from peftkit.errors import PeftkitError
+    from peftkit.merge import check_merge_output
+
+    _model(tmp_path / "m", "old")
+    _model(tmp_path / "m-nf4", "mine")
+    pair = ("from peftkit.fileio import atomic_directories\n"
+            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
+            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    assert _killed("src.name == 'm-nf4' and dst.name == '.m-nf4.old'", pair, tmp_path) == -9
+    assert (tmp_path / ".m.pair").exists() and _state(tmp_path) == ("old", "mine")
+    check_merge_output(tmp_path / "m", {}, True)  # a plain merge --overwrite's checks, then its write, killed
+    plain = ("from peftkit.fileio import atomic_directory\n"
+             f"with atomic_directory(Path({str(tmp_path / 'm')!r})) as a:\n"
+             "    (a / 'w').write_text('plain'); (a / 'config.json').write_text('{}')\n")
+    assert _killed("src.name == '.m.old'", plain, tmp_path) == -9
+    with pytest.raises(PeftkitError, match="--overwrite"):  # merge --requantize nf4 without --overwrite
+        check_merge_output(tmp_path / "m", {}, False, (tmp_path / "m-nf4",))
+    assert _state(tmp_path) == ("plain", "mine")
+
+
 def test_a_pair_killed_deleting_an_old_copy_leaves_no_half_of_it_to_put_back(tmp_path):
     """Killed while the old m-nf4 was being deleted, after the new pair was kept: half of it was left as .m-nf4.old,
     which the next merge's tidy put back as m-nf4 once the user had removed the new one: a broken old model beside the
