@@ -202,6 +202,28 @@ def test_a_peft_adapter_with_r_at_a_layer_s_inputs_loads_as_peft_s(tiny_llama, t
     check_loads_and_merges_as_peft(tiny_llama, tmp_path / "peft", IDS, tmp_path / "merged")
 
 
+def test_a_run_from_a_peft_adapter_with_r_at_a_layer_s_inputs_is_refused(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The recipe's refusal above, for a run that trains on from peft's r 32 apply_GS adapter (adapter.init_from, whose
+    settings are the adapter's): H is -I whatever the vectors, so the run trained 6 steps and changed nothing, without
+    a word. validate and train refuse it, naming the adapter and the layer."""
+    torch.manual_seed(0)
+    config = peft.HRAConfig(r=32, apply_GS=True, init_weights=False, target_modules=["q_proj"])
+    get_peft_model(_load(tiny_llama), config).save_pretrained(tmp_path / "peft")
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(tmp_path / "peft")}
+    recipe.write_text(yaml.safe_dump(raw))
+    expected = (f"error: adapter.init_from: {tmp_path / 'peft'} is an HRA adapter of r 32 with apply_GS, which makes 32 "
+                "orthonormal vectors of the 32 inputs of 'model.layers.0.self_attn.q_proj': they would span all of "
+                "them, so H is -I whatever they are and nothing trains, so a run cannot train on from it (peftkit eval "
+                "and merge take it as peft computes it). Start from an adapter with r below 32 or apply_GS false, or "
+                "train a fresh adapter.")
+    for command in ("validate", "train"):  # (train says it once the weights have loaded, after their progress bar)
+        said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        assert unplaced(said[said.index("error: "):], recipe) == expected
+
+
 def test_combining_adds_the_full_updates(tiny_llama, tmp_path):
     """`peftkit merge` of two HRA adapters (a multiplicative update, so through its full per-layer update, as OFT's):
     weights 0.5 and 0.5 into the base give W + (W H_1 - W) / 2 + (W H_2 - W) / 2, from peft's merges of each."""

@@ -95,11 +95,18 @@ def check_orthonormal_room(cfg: HraConfig, path: str, in_features: int) -> None:
     """apply_GS makes the r vectors orthonormal in the layer's input space: with r equal to its size they span all of
     it, so H = I - 2 Q Q^T is -I whatever they are (their gradients are zero: nothing trains); past it, the vectors
     Gram-Schmidt leaves nothing of are rounding noise scaled to unit length, and H is no reflection (peft computes both
-    without a word). Refused for a recipe, naming the layer (`Hra.select_targets`)."""
+    without a word). Refused for a recipe, naming the layer (`Hra.select_targets`), and for a run that trains on from
+    such an adapter (`Hra.trainer`), whose settings are the adapter's."""
     if cfg.apply_GS and cfg.r >= in_features:
         what = ("they would span all of them, so H is -I whatever they are and nothing trains" if cfg.r == in_features
                 else f"past {in_features}, Gram-Schmidt leaves rounding noise to scale to unit length, and H is no "
                      "longer orthogonal")
+        if cfg.init_from:
+            raise PeftkitError(
+                f"adapter.init_from: {cfg.init_from} is an HRA adapter of r {cfg.r} with apply_GS, which makes "
+                f"{cfg.r} orthonormal vectors of the {in_features} inputs of '{path}': {what}, so a run cannot train "
+                "on from it (peftkit eval and merge take it as peft computes it). Start from an adapter with r below "
+                f"{in_features} or apply_GS false, or train a fresh adapter.")
         raise PeftkitError(
             f"adapter.r: {cfg.r} with apply_GS makes {cfg.r} orthonormal vectors of the {in_features} inputs of "
             f"'{path}': {what}. Set r below {in_features} (or leave this layer out of target_modules), or set "
@@ -177,6 +184,17 @@ class Hra(Method):
             if isinstance(module, nn.Linear) and not is_conv1d(module):  # (`wrap` refuses the others)
                 check_orthonormal_room(cfg, path, linear_shape(module)[0])
         return names
+
+    @classmethod
+    def trainer(cls, model: nn.Module, cfg: HraConfig, total_steps: int) -> None:
+        """A run from adapter.init_from (whose targets `select_targets` leaves unchecked, as any saved adapter's) is
+        refused where the adapter's r and apply_GS leave nothing to train: it trained on without a word."""
+        from peftkit.adapters import adapter_layers  # (peftkit.adapters imports the methods)
+
+        for path, layer in adapter_layers(model).items():
+            if isinstance(layer, HraLinear):
+                check_orthonormal_room(cfg, path, linear_shape(layer.base_layer)[0])
+        return super().trainer(model, cfg, total_steps)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: HraConfig, path: str) -> HraLinear:
