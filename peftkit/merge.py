@@ -214,19 +214,18 @@ def merge_device(adapter_dir: str) -> torch.device:
     return torch.device("cpu")
 
 
-def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool,
-                       together: tuple[Path, ...] = ()) -> Path:
+def check_merge_output(output: Path, protected: dict[str, str | None], overwrite: bool) -> Path:
     """Refuse an --output whose replacement would delete something peftkit did not write; the output resolved (a
     symbolic link's target: what is checked is what is written).
 
     `output` is replaced as a whole, so it must not be (or contain) the current directory, the base model or
     the adapter, even with --overwrite; an existing file, model or adapter directory needs --overwrite; any other
-    non-empty directory (a run, the user's own files) is refused even with it.
+    non-empty directory (a run, the user's own files) is refused even with it. A pair write into `output` (`merge
+    --requantize`) that a kill stopped while it was put in place, whose record is still there, is first rolled back to
+    the earlier pair (`fileio.recorded_pair`).
 
     Args:
         protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
-        together: the outputs written as a pair with it (`--requantize`'s OUTPUT-nf4), first checked for a pair a kill
-            interrupted while it was put in place, which is rolled back to the earlier one.
     """
     from peftkit.fileio import being_written, recorded_pair, resolved, roll_back_interrupted
     from peftkit.rundir import is_temp_name, make_writable_dir, tidy_leftovers
@@ -255,9 +254,10 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     if live := next((e.name for e in output.parent.iterdir() if is_temp_name(e.name, ours) and being_written(e)), None):
         raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
                            "it to finish, or choose another --output.")
-    # A pair a kill stopped while it was put in place: the earlier pair back, also before a merge into OUTPUT alone.
-    if together := together or tuple(recorded_pair(output)):
-        roll_back_interrupted([output, *(resolved(p, "--output") for p in together)])
+    # A pair a kill stopped while it was put in place (the pair its record names, whatever this merge writes beside
+    # OUTPUT: nothing, OUTPUT-fp4 after a killed --requantize nf4): the earlier pair back.
+    if pair := recorded_pair(output):
+        roll_back_interrupted([output, *pair])
     tidy_leftovers(output.parent, ours)  # what a killed earlier merge into it left
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return output
@@ -305,8 +305,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         raise PeftkitError(f"The base model {recorded} (base_model_name_or_path of {config}{relative_to_cwd(recorded)}) "
                            "is not there: moved or deleted since? Give it with --base DIR.")
     protected = {"base model": base or recorded, "adapter": adapter_dir}
-    targets = [check_merge_output(out, protected, overwrite, tuple(outputs[1:]) if out == outputs[0] else ())
-               for out in outputs]
+    targets = [check_merge_output(out, protected, overwrite) for out in outputs]  # (OUTPUT's rolls back a pair first)
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code,
                                                   warn_requantized=False)  # merge_device said it
     if (template := adapter_template(adapter_dir)) is not None:  # the run's data.chat_template: the merged model's

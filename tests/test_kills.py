@@ -95,7 +95,7 @@ def _next_merge_checks(root: Path) -> None:
     """What `merge --requantize nf4 --output m` checks of its outputs first (and tidies)."""
     from peftkit.merge import check_merge_output
 
-    check_merge_output(root / "m", {}, True, (root / "m-nf4",))
+    check_merge_output(root / "m", {}, True)
     check_merge_output(root / "m-nf4", {}, True)
 
 
@@ -131,7 +131,7 @@ def test_a_single_merge_s_leftover_is_not_rolled_back_as_a_pair(tmp_path):
     _model(tmp_path / ".m.old", "old")
     _model(tmp_path / "m-nf4", "mine")
     with pytest.raises(PeftkitError, match="--overwrite"):
-        check_merge_output(tmp_path / "m", {}, False, (tmp_path / "m-nf4",))
+        check_merge_output(tmp_path / "m", {}, False)
     assert _state(tmp_path) == ("new", "mine")
 
 
@@ -178,7 +178,7 @@ def test_a_pair_write_killed_before_it_set_anything_aside_leaves_no_record_for_a
              "    (a / 'w').write_text('plain'); (a / 'config.json').write_text('{}')\n")
     assert _killed("src.name == '.m.old'", plain, tmp_path) == -9
     with pytest.raises(PeftkitError, match="--overwrite"):  # merge --requantize nf4 without --overwrite
-        check_merge_output(tmp_path / "m", {}, False, (tmp_path / "m-nf4",))
+        check_merge_output(tmp_path / "m", {}, False)
     assert _state(tmp_path) == ("plain", "mine")
 
 
@@ -230,9 +230,27 @@ def test_a_requantized_merge_killed_between_its_two_outputs_leaves_the_earlier_p
     left = {name: data for name, data in _files(tmp_path).items() if not name.startswith(".")}
     # Under their names: the earlier pair's files, or none (set aside), never the new merge's.
     assert all(before.get(name) == data for name, data in left.items()), sorted(set(left) - set(before))
-    check_merge_output(tmp_path / "m", {}, True, (tmp_path / "m-nf4",))  # the next merge's check of its outputs
+    check_merge_output(tmp_path / "m", {}, True)  # the next merge's check of its outputs
     check_merge_output(tmp_path / "m-nf4", {}, True)
     assert _files(tmp_path) == before
+
+
+def test_a_requantized_merge_killed_midway_is_rolled_back_by_one_that_requantizes_otherwise(adapter_run, tmp_path):
+    """Killed once the new OUTPUT was in place, before the new OUTPUT-nf4: a merge --requantize fp4 into OUTPUT took
+    only OUTPUT-fp4 for its pair, so its checks passed over the record and tidied .OUTPUT.old as a single write's
+    leftover, keeping the new OUTPUT (with .OUTPUT-nf4.old, later put back beside it). Every merge into OUTPUT rolls
+    back the pair the record names."""
+    from peftkit.errors import PeftkitError
+    from peftkit.merge import merge_adapter
+
+    merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "m"), dtype="float32", requantize="nf4")
+    before = _files(tmp_path)
+    body = ("from peftkit.merge import merge_adapter\n"
+            f"merge_adapter({str(adapter_run / 'adapter')!r}, 'm', dtype='bfloat16', requantize='nf4', overwrite=True)\n")
+    assert _killed("dst.name == 'm-nf4' and src.name.endswith('.tmp')", body, tmp_path) == -9
+    with pytest.raises(PeftkitError, match="pass --overwrite"):
+        merge_adapter(str(adapter_run / "adapter"), str(tmp_path / "m"), dtype="float32", requantize="fp4")
+    assert {name: data for name, data in _files(tmp_path).items() if not name.startswith(".")} == before
 
 
 # ------------------------------------------------------------------------------ verify: its re-run's directory
