@@ -126,9 +126,11 @@ def _as_created(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, temp_of: str | None = None) -> None:
     """Write `data` to `path` whole or not at all (a temporary file renamed over it). A symbolic link keeps pointing
-    at its file, which is the one replaced; a pipe or device (`--json /dev/stdout`) is written as it is."""
+    at its file, which is the one replaced; a pipe or device (`--json /dev/stdout`) is written as it is. `temp_of`:
+    the entry whose name the temporary file takes (`.ENTRY.XXXXXXXX.tmp`), so that the tidy of that entry's leftovers
+    removes it (by default `path`'s own)."""
     path = Path(path)
     with _disk_errors(path):  # (a name over 255 bytes fails its first look, here)
         if special_file(path):
@@ -138,7 +140,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     with _disk_errors(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{_short(temp_of or path.name)}.", suffix=".tmp")
         try:
             _as_created(Path(tmp))
             with os.fdopen(fd, "wb") as f:
@@ -184,8 +186,8 @@ def special_file(path: Path) -> bool:
     return path.exists() and not (path.is_file() or path.is_dir())
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | os.PathLike, text: str, temp_of: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), temp_of)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
@@ -333,9 +335,9 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
         return
     anchor, record = paths[0], _pair_record(paths[0])
     record.unlink(missing_ok=True)  # (a stale one, of a pair write whose end was cut short: not this write's)
-    if len(paths) > 1:
-        record.write_text(json.dumps([path.name for path in paths]))
-        _fsync_dir(anchor.parent)
+    if len(paths) > 1:  # (whole and synced before anything moves: a power cut must not leave an empty record; a
+        # kill as it is renamed into place leaves a `.NAME.XXXXXXXX.tmp` of the first directory's, which its tidy removes)
+        atomic_write_text(record, json.dumps([path.name for path in paths]), temp_of=anchor.name)
     try:
         for path in reversed(paths):
             if path.exists() or path.is_symlink():

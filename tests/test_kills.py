@@ -120,6 +120,34 @@ def test_a_pair_written_without_a_kill_replaces_both(tmp_path):
     assert _state(tmp_path) == ("new", "new") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
 
 
+def test_a_pair_s_record_is_on_disk_whole_before_anything_moves(tmp_path, monkeypatch):
+    """The record that makes a killed pair write roll back as one was written in place and not synced: a power cut
+    (not a kill: the page cache survives those) could leave it empty while the directories had moved, and the next
+    merge then tidied the mix the single-write way. It is now written whole (renamed into place) and synced, its
+    content, before the first directory is set aside."""
+    from peftkit import fileio
+
+    for name in ("m", "m-nf4"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w").write_text("old")
+    synced, moved = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(fileio.os, "replace", lambda src, dst: moved.append((str(src), str(dst), list(synced)))
+                        or real_replace(src, dst))
+    with atomic_directories([tmp_path / "m", tmp_path / "m-nf4"]) as (a, b):
+        (a / "w").write_text("new")
+        (b / "w").write_text("new")
+    record = str(tmp_path / ".m.pair")
+    first_move = next(i for i, (src, _, _) in enumerate(moved) if src == str(tmp_path / "m-nf4"))
+    into_record = [i for i, (_, dst, _) in enumerate(moved) if dst == record]
+    assert into_record and into_record[0] < first_move  # renamed into place whole, before the directories move
+    content_synced = moved[into_record[0]][2]
+    assert any(path.startswith(str(tmp_path / ".m.")) and path.endswith(".tmp") for path in content_synced)  # its content synced first
+    assert str(tmp_path) in moved[first_move][2]  # and the directory's entry for it
+    assert _state(tmp_path) == ("new", "new")
+
+
 def test_a_single_merge_s_leftover_is_not_rolled_back_as_a_pair(tmp_path):
     """A plain `merge --overwrite` into m killed between its two renames leaves m (new) and .m.old (old). The checks of
     a later `merge --requantize nf4 --output m` took that for an interrupted pair: they deleted the user's m-nf4 and
