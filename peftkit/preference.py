@@ -19,6 +19,7 @@ too). A resumed run computes them again, on the same model and batches: the same
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -184,10 +185,15 @@ def nonfinite_references(reference: torch.Tensor) -> tuple[int, int] | None:
 
 @torch.no_grad()
 def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int, processes=None,
-                    advance: Callable[[int], None] | None = None) -> torch.Tensor:
+                    advance: Callable[[int], None] | None = None, *, fresh_rope: bool = True) -> torch.Tensor:
     """(pairs, 2) fp32 on the CPU: `model`'s summed log-probability of each pair's chosen and rejected answer, in
     eval mode (the model's mode is restored). `processes` (several): each computes every num_processes-th batch, and
-    the shares are added up (each row computed by one process, zeros elsewhere: the sum is exact)."""
+    the shares are added up (each row computed by one process, zeros elsewhere: the sum is exact).
+
+    `fresh_rope`: each batch with dynamic RoPE as the model loaded (`fresh_dynamic_rope`), as `PreferenceEval`
+    scores the policy's batches (the same batches): else a batch after a longer one kept that one's frequencies,
+    and a model scored against itself had rewards off 0. False for data.train's references, which training's
+    forwards (transformers' own behaviour) are set against."""
     rank, world = (processes.process_index, processes.num_processes) if processes is not None else (0, 1)
     was_training = model.training
     model.eval()
@@ -198,8 +204,9 @@ def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int
             if i % world == rank:
                 start = 2 * i * batch_size
                 labelled = labelled_count(batch["labels"])
-                rows[start:start + len(batch["input_ids"])] = sequence_logps(
-                    model, {k: v.to(device) for k, v in batch.items()}, labelled)
+                with fresh_dynamic_rope(model) if fresh_rope else contextlib.nullcontext():
+                    rows[start:start + len(batch["input_ids"])] = sequence_logps(
+                        model, {k: v.to(device) for k, v in batch.items()}, labelled)
             if advance is not None:
                 advance(len(batch["input_ids"]) // 2)
     finally:

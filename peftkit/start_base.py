@@ -30,7 +30,8 @@ def _reference_logps(cfg: Recipe, model, tok, train_ex: Pairs, evals: dict, acce
     with phase(f"Computing the reference ({what}) log-probabilities of {sum(map(len, sets.values()))} {items} "
                f"(training.objective: {cfg.training.objective})...", console):
         for key, pairs in sets.items():
-            pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes)
+            pairs.reference = reference_logps(model, pairs, cfg.eval.batch_size, tok.pad_token_id, processes,
+                                              fresh_rope=key != "data.train")  # (eval: as `PreferenceEval`)
             if (bad := nonfinite_references(pairs.reference)) is not None:
                 (count, first), pair = bad, "answer" if cfg.training.objective == "kto" else "pair"
                 raise PeftkitError(

@@ -198,6 +198,43 @@ def test_each_eval_batch_s_loss_is_that_batch_s_on_a_fresh_model_whatever_ran_be
     assert torch.equal(rotary.inv_freq, before)
 
 
+def test_a_dpo_reference_is_scored_batch_by_batch_as_the_policy_is(short_llama, tmp_path):
+    """`PreferenceEval` scores each batch with dynamic RoPE as loaded, and the reference's log-probabilities of the
+    same batches were taken one after the other: a batch after a longer one on that one's frequencies. A model set
+    against itself then had rewards off 0 (the comparison's base row: loss 0.6908, margin 0.0048 on these pairs).
+    Long pairs, then pairs still past the 64 positions but shorter, in batches of 2: a DPO run that cannot move its
+    adapter ends at log 2 with rewards 0, and `peftkit eval` of it (a comparison, its base row the base against
+    itself) says the same."""
+    import math
+
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.tiny import preference_rows, write_jsonl
+    from peftkit.train import train
+
+    pairs = preference_rows(4, seed=3)
+    write_jsonl(tmp_path / "eval.jsonl", [dict(r, prompt=r["prompt"] * (8 if i < 2 else 3))
+                                          for i, r in enumerate(pairs)])
+    write_jsonl(tmp_path / "train.jsonl", [dict(r, prompt=r["prompt"] * 8) for r in preference_rows(4, seed=4)])
+    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
+    recipe = _recipe(tmp_path, short_llama, data, {"type": "dynamic", "factor": 8},
+                     data={"format": "preference", "max_length": 512}, adapter={"dropout": 0.0},
+                     training={"objective": "dpo", "max_steps": 1, "batch_size": 2, "lr": 1e-12},
+                     eval={"batch_size": 2})
+    summary = train(load_recipe(recipe), show_summary=False)
+    assert summary["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(summary["eval_reward_margin"]) <= 1e-6 and summary["eval_reward_accuracy"] == 0.0
+    out = tmp_path / "figures.json"
+    result = CliRunner().invoke(app, ["eval", str(recipe), "--adapter", f"a={tmp_path / 'run' / 'adapter'}", "--json",
+                                      str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = json.loads(out.read_text())
+    assert rows["base"]["loss"] == pytest.approx(math.log(2), abs=1e-7), rows
+    assert rows["base"]["reward_margin"] == rows["base"]["chosen_reward"] == rows["base"]["rejected_reward"] == 0.0
+    assert rows["a"]["loss"] == pytest.approx(summary["eval_loss"], abs=1e-7)
+
+
 @pytest.mark.parametrize(("rope", "max_length", "message"), [
     (None, 128, "data.max_length 128 is longer than {model}'s max_position_embeddings (64). Lower data.max_length "
                 "to 64, or scale its RoPE to cover it: model.rope_scaling: {{type: linear, factor: 2}}."),
