@@ -38,7 +38,7 @@ epoch it prints (by the wall clock, and by the side's CPU time, which a shared m
 
 --lora-fa compares two peftkit sides, LoRA and LoRA-FA, instead of peftkit and peft; it also shows the
 activations one training forward keeps for backward at batch x max_length tokens, measured with
-`peftkit.memory.saved_activation_bytes` (exact, where peak RSS on CPU is blurred by the allocator).
+`peftkit.activations.saved_activation_bytes` (exact, where peak RSS on CPU is blurred by the allocator).
 
 `--ab ROUNDS` builds every side's model in one process instead and times only the forward and backward pass
 (`ab_pairs`): each of `--steps` batches runs on all the models back to back, in rotating order, ROUNDS times over,
