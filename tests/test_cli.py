@@ -21,5 +21,22 @@ def test_version_names_peftkit_its_code_and_what_a_run_depends_on():
     assert first == f"peftkit {peftkit.__version__} (source {source_digest()})"
     for name in ("torch", "transformers", "datasets", "accelerate", "bitsandbytes", "safetensors", "pydantic"):
         assert f"{name} {metadata.version(name)}" in libraries.split(", ")
-    assert device == (f"device: cuda {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
-                      else "device: no GPU (cpu)")
+    if torch.cuda.is_available():
+        backend = f"rocm {torch.version.hip}" if torch.version.hip else f"cuda {torch.version.cuda}"
+        assert device == f"device: {backend}, {torch.cuda.get_device_name(0)}"
+    else:
+        assert device == ("device: mps (Apple GPU)" if torch.backends.mps.is_available() else "device: no GPU (cpu)")
+
+
+def test_version_names_a_rocm_gpu_as_rocm_and_apple_s_as_mps(monkeypatch):
+    """ROCm's torch answers to torch.cuda with torch.version.cuda None (the line said `cuda None`), and a Mac's GPU is
+    torch.backends.mps (it said `no GPU`). (The two devices, which CI lacks, are stood in for by torch's own probes.)"""
+    from peftkit.cli.application import device_line
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "AMD Instinct MI300X")
+    monkeypatch.setattr(torch.version, "hip", "6.4.43482")
+    assert device_line() == "rocm 6.4.43482, AMD Instinct MI300X"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert device_line() == "mps (Apple GPU)"

@@ -31,16 +31,26 @@ def _print_version(asked: bool) -> None:
     a bug report needs."""
     if not asked:
         return
-    import torch
-
     from peftkit.manifest import versions
 
     found = versions()
     console.print(f"peftkit {found.pop('peftkit')} (source {found.pop('peftkit source')})", highlight=False)
     console.print(", ".join(f"{name} {version}" for name, version in found.items()), highlight=False)
-    gpu = f"cuda {torch.version.cuda}, {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU (cpu)"
-    console.print(f"device: {gpu}", highlight=False)
+    console.print(f"device: {device_line()}", highlight=False)
     raise typer.Exit()
+
+
+def device_line() -> str:
+    """The accelerator torch sees: a CUDA or ROCm GPU (ROCm's torch answers to torch.cuda, its version in
+    torch.version.hip), Apple's MPS, or none."""
+    import torch
+
+    if torch.cuda.is_available():
+        backend = f"rocm {torch.version.hip}" if torch.version.hip else f"cuda {torch.version.cuda}"
+        return f"{backend}, {torch.cuda.get_device_name(0)}"
+    if torch.backends.mps.is_available():
+        return "mps (Apple GPU)"
+    return "no GPU (cpu)"
 
 
 @app.callback()
