@@ -209,3 +209,16 @@ def test_a_parameter_of_a_layer_target_modules_adapts_is_said_so(mixtral):
     typo = LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["q_prj.weight"])
     with pytest.raises(PeftkitError, match="'q_prj.weight' names no parameter of this model"):
         inject_adapters(_load(mixtral), typo)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_peft_s_plain_lora_on_a_moe_model_loads(arch, tmp_path):
+    """peft 0.21 saves `"target_parameters": []` for a LoRA on attention layers alone of Mixtral and Qwen3-MoE (its
+    expert conversion's default); it loads it as none. peftkit refused the file ('is empty; name the parameters')."""
+    base = tmp_path / arch
+    build_tiny_model(base, arch=arch, hidden_size=32, num_layers=2, seed=0)
+    adapter = _peft_adapter(base, tmp_path / "peft", target_modules=["q_proj", "v_proj"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"] == []
+    theirs = _logits(PeftModel.from_pretrained(_load(base), adapter).eval())
+    assert (theirs - _logits(_load(base))).abs().max() > 1e-3
+    assert (_logits(load_adapted_model(str(base), str(adapter), torch.device("cpu"))[0]) - theirs).abs().max() <= 1e-5

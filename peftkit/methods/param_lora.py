@@ -57,10 +57,11 @@ class TargetParameters(AdapterSection):
 
 
 class PeftTargetParameters(PeftConfigBase):
-    """adapter_config.json's target_parameters."""
+    """adapter_config.json's target_parameters. An empty list is none: peft 0.21 writes `[]` for every LoRA without
+    target_parameters on the model types whose experts it converts (Mixtral, Qwen3-MoE), and loads it as none."""
 
     target_parameters: ParameterNames = None
-    _names = field_validator("target_parameters")(lambda value: _check_names(value))
+    _names = field_validator("target_parameters")(lambda value: _check_names(value or None))
 
     def parameter_settings(self) -> dict[str, Any]:
         return {"target_parameters": self.target_parameters} if self.target_parameters else {}
