@@ -424,3 +424,23 @@ def test_ids_past_another_embedding_s_rows_are_not_told_to_resize(adapter, tmp_p
     said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
     assert said.endswith("rows of 'bert.embeddings.word_embeddings'. Resize the embeddings first (the tokenizer's new tokens "
                          "need rows)."), said
+
+
+def test_a_tied_head_trained_whole_beside_rows_of_the_embeddings_is_refused(models):
+    """Rows of Qwen2's embeddings trained with its tied lm_head in modules_to_save: peft 0.21's own model of it fails in
+    forward and could not load peftkit's export (a KeyError), so a recipe is refused, saying what to do. Untied (Llama)
+    the two train together, as in peft."""
+    from peftkit.adapters import inject_adapters
+
+    settings = {"trainable_token_indices": [7], "modules_to_save": ["lm_head"]}
+    with pytest.raises(PeftkitError) as refused:
+        inject_adapters(_load(models["qwen2"]), _cfg(**settings))
+    assert str(refused.value) == (
+        "adapter.trainable_token_indices trains rows of the input embeddings, and adapter.modules_to_save trains "
+        "'lm_head', the output head tied to them, whole: peft 0.21 can neither run nor load that adapter (its trained "
+        "rows wrap the head's copy). Leave 'lm_head' out of modules_to_save (the tied head then uses the trained rows, "
+        "as in peft), or train the embeddings whole too (modules_to_save) without trainable_token_indices.")
+    theirs = get_peft_model(_load(models["qwen2"]), PeftLora(r=4, target_modules=["q_proj"], **settings))
+    with pytest.raises(ValueError, match="TrainableTokensLayer wraps an unknown layer type"):
+        theirs(IDS)
+    assert inject_adapters(_load(models["llama"]), _cfg(**settings))

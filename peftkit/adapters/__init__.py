@@ -21,7 +21,7 @@ from peftkit.methods.base import Method
 from peftkit.methods.layer import SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_non_lookup, suffix_match
 from peftkit.methods.replication import replicate_layers
 from peftkit.methods.target_filters import NoDefault, check_excluded, check_patterns
-from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows
+from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows, refuse_saved_tied_head
 from peftkit.recipe import AdapterConfig, TargetRegex
 
 PEFT_PREFIX = "base_model.model."
@@ -155,6 +155,9 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     if every_entry:  # (before the line below: whatever target_modules, a recipe's exclude_modules names modules)
         check_excluded([n for n, _ in model.named_modules()], cfg)
         refuse_without_parameters(model, getattr(cfg, "modules_to_save", None) or [])
+        if getattr(cfg, "modules_to_save", None):  # (before _train_saved_modules unties the head)
+            refuse_saved_tied_head(model, getattr(cfg, "trainable_token_indices", None),
+                                   list(modules_to_save(model, cfg.modules_to_save)))
     # An architecture's default list (IA3, AdaLoRA) may name what this transformers version no longer has as a layer
     # (Mixtral's experts' w2, now fused parameters): as in peft, its entries need not all match; one must.
     every_entry = every_entry and getattr(cfg, "target_modules", "given") is not None

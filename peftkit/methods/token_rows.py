@@ -188,6 +188,28 @@ def inject_token_rows(model: nn.Module, indices: TokenIndices, saved: list[str])
     return list(wrapped)
 
 
+def refuse_saved_tied_head(model: nn.Module, indices: TokenIndices, saved: list[str]) -> None:
+    """A recipe that trains rows of the input embeddings and, in modules_to_save, a head tied to them (Gemma's, Qwen2's
+    small models'): peft 0.21 wraps that head's saved copy in the embeddings' trained rows, then its forward fails
+    ('TrainableTokensLayer wraps an unknown layer type') and it cannot load such an adapter (a KeyError on
+    `lm_head.token_adapter.base_layer.weight`), so no peft reads what the run would export. Refused before training;
+    a saved adapter of peftkit's with the two still loads here."""
+    if not indices or not saved:
+        return
+    embedding = model.get_input_embeddings()
+    if not any(module is embedding for path, module in model.named_modules() if path in _wanted(model, indices)):
+        return
+    for path in saved:
+        head = model.get_submodule(path)
+        if head is not embedding and getattr(head, "weight", None) is embedding.weight:
+            raise PeftkitError(
+                f"adapter.trainable_token_indices trains rows of the input embeddings, and adapter.modules_to_save "
+                f"trains '{path}', the output head tied to them, whole: peft 0.21 can neither run nor load that "
+                f"adapter (its trained rows wrap the head's copy). Leave '{path}' out of modules_to_save (the tied "
+                "head then uses the trained rows, as in peft), or train the embeddings whole too (modules_to_save) "
+                "without trainable_token_indices.")
+
+
 def _wrappable(model: nn.Module, path: str, saved: list[str], ids: list[int]) -> nn.Module:
     """The module at `path`, checked to take trained rows `ids`."""
     module = model.get_submodule(path)
