@@ -168,6 +168,38 @@ def test_prefix_tuning_on_multi_query_falcon_has_one_key_value_head(tmp_path):
             <= TOL < float(moved.abs().max())
 
 
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_opt_350m_s_narrower_embeddings_give_a_prompt_peft_loads(name, tmp_path):
+    """OPT-350m's layout: word embeddings 16 wide, projected into a hidden size of 32. The prompt is as wide as the
+    embeddings, and adapter_config.json said token_dim 32 (peft's rule: the hidden size), so peft could not load it
+    (a size mismatch); it now says 16, and peft loads ours with our logits and decodes it as peftkit does."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from peftkit.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=16, do_layer_norm_before=False, init_std=0.1, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    tok.save_pretrained(tmp_path / "opt")
+    adapter = _ours(name, tmp_path / "opt", tmp_path / "adapter")
+    wide = {"prefix_tuning": 32}.get(name, 16)  # (a prefix is as wide as the keys and values)
+    assert json.loads((adapter / "adapter_config.json").read_text())["token_dim"] == wide
+    model, _, tok, *_ = load_adapted_model(str(tmp_path / "opt"), str(adapter))
+    reference = _peft(tmp_path / "opt", adapter)
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        theirs = reference(input_ids=ids).logits[:, -ids.shape[1]:]
+        moved = theirs - reference.get_base_model()(input_ids=ids).logits
+        assert float((model(input_ids=ids).logits - theirs).abs().max()) <= TOL < float(moved.abs().max())
+    prompts = [Prompt(tok(p)["input_ids"], p) for p in PROMPTS]
+    texts = generate_texts(model, tok, prompts, Sampling(max_new_tokens=NEW), batch_size=len(prompts))
+    stops = stop_token_ids(model, tok)
+    assert texts == [tok.decode(greedy_no_cache(reference, p.ids, stops), skip_special_tokens=True) for p in prompts]
+
+
 @pytest.mark.parametrize("arch", ["lfm2", "gemma3n"])
 def test_prefix_tuning_refuses_layers_whose_cache_is_not_keys_and_values(arch, number_data, tmp_path, monkeypatch,
                                                                           capsys):

@@ -296,7 +296,12 @@ class VirtualMethod(Method):
 
     @classmethod
     def model_facts(cls, cfg: Any, model_config) -> dict:
-        return model_dims(model_config)
+        """peft's facts, but `token_dim` the width of the input embeddings the prompt joins where the config says it
+        differs from the hidden size (OPT-350m's `word_embed_proj_dim`, 512 beside 1024): peft's own rule takes the
+        hidden size, whose prompt fails beside the embeddings in peft's forward, and a file saying it could not be
+        loaded by peft (the saved prompt is as wide as the embeddings); given `token_dim`, peft builds that prompt."""
+        width = getattr(text_config(model_config), "word_embed_proj_dim", None)
+        return model_dims(model_config) | ({"token_dim": width} if width else {})
 
     @classmethod
     def check_peft(cls, peft: VirtualPeftConfig, config_file: Path) -> None:
