@@ -140,3 +140,27 @@ def test_inspect_says_servers_do_not_stack_the_layers(tiny_llama, tmp_path):
     assert info["layer_replication"] == STACK
     for verdict in (info["vllm"], info["llama_cpp"]):
         assert not verdict["accepts"] and any("does not stack the base's layers" in r for r in verdict["reasons"])
+
+
+def test_an_in_place_merge_into_weights_copies_share_is_refused(tiny_llama, tmp_path):
+    """Layers 1 and 2 of the stack share layer 1's weights: merging each one's LoRA in place added both updates into
+    them (peft's own merge_and_unload does: its logits 0.22 off its unmerged model's here). It is refused, naming what to use; a
+    layer of its own (0) still merges, and merged_model writes each layer's weight apart, with peft's logits."""
+    from peftkit.adapters import adapter_layers
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_load(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
+                                                           init_lora_weights=False, layer_replication=STACK)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = _logits(peft_model)
+    assert (_logits(peft_model.merge_and_unload()) - expected).abs().max() > 0.1  # peft's in-place merge
+    model, cfg, *_ = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))
+    assert (_logits(merged_model(model, cfg, torch.float32)) - expected).abs().max() <= 1e-5
+    layers = adapter_layers(model)
+    layers["model.layers.0.self_attn.q_proj"].merge()
+    with pytest.raises(PeftkitError) as refused:
+        layers["model.layers.1.self_attn.q_proj"].merge()
+    assert str(refused.value) == (
+        "Cannot merge in place into a layer whose weight 2 stacked layers share (layer_replication): each copy's "
+        "update would change them all. Use `peftkit merge` or merged_model, which write each layer's weight on its own.")
+    assert (_logits(model) - expected).abs().max() <= 1e-5

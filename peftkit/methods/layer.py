@@ -116,6 +116,10 @@ class AdapterLayer(nn.Module):
         if not isinstance(weight, nn.Parameter):  # (a head with trained token rows: its weight is computed)
             raise PeftkitError("Cannot merge in place into a layer whose weight is computed (trained token rows); "
                                "use `peftkit merge`.")
+        if getattr(weight, "stacked_copies", 0) > 1:  # (peft's merge_and_unload adds them all up there)
+            raise PeftkitError(f"Cannot merge in place into a layer whose weight {weight.stacked_copies} stacked "
+                               "layers share (layer_replication): each copy's update would change them all. Use "
+                               "`peftkit merge` or merged_model, which write each layer's weight on its own.")
         if bias is None:
             check_bias_to_merge(parts, "this layer")
         merged = self.method.merge_weight(weight.data.float(), parts, self.facts)

@@ -81,6 +81,9 @@ def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> None:
                            f"layers (numbered 0 to {len(layers) - 1}; a range is [start, end), end at most "
                            f"{len(layers)}).")
     originals = [i for start, end in layer_map for i in range(start, end)]
+    for i in {i for i in originals if originals.count(i) > 1}:
+        for p in layers[i].parameters():
+            p.stacked_copies = originals.count(i)  # (AdapterLayer.merge refuses to fold into a shared weight)
     stacked = []
     for new_index, i in enumerate(originals):
         stacked.append(_shared_copy(layers[i]))
