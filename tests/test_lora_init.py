@@ -281,6 +281,22 @@ def test_an_unconverted_pissa_adapter_with_per_module_ranks_converts_each_at_its
     assert (cfg.rank_pattern, cfg.alpha_pattern) == ({"down_proj": 6}, {r"layers\.1\..*q_proj": 10})
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_adapter_on_a_layer_narrower_than_r_loads_as_peft_s(init, tiny_llama, tmp_path):
+    """peft's PiSSA and OLoRA take at most min(out, in) directions of a layer, here k_proj's 16 of r 20 (all-linear
+    on Qwen2-MoE: its shared_expert_gate, (1, hidden), gets one), where the config says r: the converted pair had
+    2 x 16 rows for the config's 2 x 20, and loading refused it as weights of another run. Padded with zeros: peft's
+    logits, merged too."""
+    adapter = _peft_saved(tiny_llama, tmp_path / "a", init, targets=("q_proj", "k_proj"), rank_pattern={"k_proj": 20})
+    assert load_file(adapter / "adapter_model.safetensors")[
+        "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"].shape == (16, 32)
+    theirs = _logits(PeftModel.from_pretrained(_load(tiny_llama), adapter).eval())
+    ours, cfg = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[:2]
+    assert _diff(_logits(ours.eval()), theirs) <= 1e-5 and cfg.rank_pattern == {"k_proj": 40}
+    merged = merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+    assert _diff(_logits(_load(merged)), theirs) <= 1e-5
+
+
 def test_an_unconverted_pissa_adapter_shares_its_base_with_other_named_adapters(tiny_llama, tmp_path):
     """Several adapters on one base (`peftkit chat --adapter a=DIR --adapter b=DIR`): the PiSSA one, converted,
     leaves the base as it is, so the plain LoRA beside it and the bare base give what they give alone."""

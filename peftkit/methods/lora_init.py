@@ -131,6 +131,16 @@ def _converted_config(config: dict) -> dict:
             "alpha_pattern": {k: a * factor for k, a in (config.get("alpha_pattern") or {}).items()}}
 
 
+def _to_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (k, in) and B (out, k) padded with zero rows / columns to `rank` (the converted config's 2r): peft's PiSSA
+    and OLoRA take at most min(out, in) directions of a layer (Qwen2-MoE's shared_expert_gate, (1, hidden): one),
+    where its config records r for every layer. Zeros change no product; the scaling stays peft's alpha / r."""
+    missing = rank - a.shape[0]
+    if missing > 0:
+        a, b = torch.cat([a, a.new_zeros(missing, a.shape[1])]), torch.cat([b, b.new_zeros(b.shape[0], missing)], dim=1)
+    return a.contiguous(), b.contiguous()
+
+
 def residual_refusal(where: str, path: str | Path, what: str) -> PeftkitError:
     """The error for an unconverted PiSSA/OLoRA adapter from peft (`cfg._residual_init`) where `where` cannot
     convert it (`what`: why not)."""
@@ -212,8 +222,8 @@ def on_original_base(cfg, state: dict[str, torch.Tensor],
             a0, b0 = _olora(w, r, scaling, None)
             a0, b0 = (b0.T, a0.T) if conv1d else (a0, b0)  # (B0 A0)^T as a LoRA pair on the (out, in) weight
         a0, b0 = a0.cpu(), b0.cpu()
-        state[key] = torch.cat([a, a0.to(a.dtype)], dim=0).contiguous()
-        state[b_key] = torch.cat([b, -b0.to(b.dtype)], dim=1).contiguous()
+        state[key], state[b_key] = _to_rank(torch.cat([a, a0.to(a.dtype)], dim=0),
+                                            torch.cat([b, -b0.to(b.dtype)], dim=1), 2 * r)
     for key in [k for k in state if k.startswith(PEFT_PREFIX) and k.endswith(".lora_embedding_A")]:
         b_key = key.replace(".lora_embedding_A", ".lora_embedding_B")
         a, b = state[key], state[b_key]
