@@ -52,7 +52,8 @@ def _refusal(monkeypatch, capsys, recipe: Path) -> tuple[str, str]:
     ("learned_positions", "data.max_length 600 is longer than the 512 positions"),
     ("mamba_prefix", "this mamba model's config has no num_attention_heads"),
     ("pissa_rank", "adapter.init: pissa takes r directions of 'model.layers.0.self_attn.q_proj''s (32, 32) weight; "
-                   "adapter.r (40) is larger than 32. Lower adapter.r or use init: default."),
+                   "adapter.r (40) is larger than 32. Lower adapter.r, give 'q_proj' a rank of at most 32 in "
+                   "adapter.rank_pattern or leave it out (adapter.exclude_modules), or use init: default."),
     ("alora_vocab", "adapter.alora_invocation_tokens [5, 102]: token id 102 is past the tokenizer's 102 tokens (ids 0 "
                     "to 101), so no text holds the invocation and the adapter would never act."),
     ("flash_fp32", "model.attn_implementation: flash_attention_2 computes in float16 or bfloat16 only, and "

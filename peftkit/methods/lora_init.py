@@ -73,7 +73,9 @@ def initialize(layer: AdapterLayer, init: str, pissa_niter: int | None, path: st
     shape = tuple(weight.shape[::-1] if layer.facts.fan_in_fan_out else weight.shape)  # (out, in)
     if layer.r > min(shape):  # (on the meta model too: validate's and the memory estimate's say it before loading)
         raise PeftkitError(f"adapter.init: {init} takes r directions of '{path}''s {shape} weight; adapter.r "
-                           f"({layer.r}) is larger than {min(shape)}. Lower adapter.r or use init: default.")
+                           f"({layer.r}) is larger than {min(shape)}. Lower adapter.r, give "
+                           f"'{path.rpartition('.')[2]}' a rank of at most {min(shape)} in adapter.rank_pattern or "
+                           "leave it out (adapter.exclude_modules), or use init: default.")
     if weight.device.type == "meta":  # the memory estimate's model: shapes only
         return
     w = weight.detach().float()
