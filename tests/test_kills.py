@@ -68,9 +68,7 @@ def test_a_pair_of_directories_killed_at_any_rename_is_never_a_new_one_beside_an
         for name, text in zip(("m", "m-nf4"), before, strict=True):
             if text:
                 _model(root / name, text)
-        body = ("from peftkit.fileio import atomic_directories\n"
-                f"with atomic_directories([Path({str(root / 'm')!r}), Path({str(root / 'm-nf4')!r})]) as (a, b):\n"
-                "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+        body = _pair_write(root)
         status = _killed(f"(calls.append(1) or len(calls)) == {renames}",
                          "calls = []\n" + body, root)
         assert set(_state(root)) - {None} in ({"old"}, {"new"}, set()), (renames, _state(root))
@@ -83,6 +81,13 @@ def test_a_pair_of_directories_killed_at_any_rename_is_never_a_new_one_beside_an
             assert _state(root) == ("new", "new")
             break
     assert renames > 2
+
+
+def _pair_write(root: Path) -> str:
+    """The body of a process that writes a new pair (m, m-nf4) into `root` with `atomic_directories`, for `_killed`."""
+    return ("from peftkit.fileio import atomic_directories\n"
+            f"with atomic_directories([Path({str(root / 'm')!r}), Path({str(root / 'm-nf4')!r})]) as (a, b):\n"
+            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
 
 
 def _model(path: Path, text: str) -> None:
@@ -173,9 +178,7 @@ def test_a_pair_killed_midway_is_rolled_back_by_a_plain_merge_s_checks_too(tmp_p
 
     _model(tmp_path / "m", "old")
     _model(tmp_path / "m-nf4", "old")
-    body = ("from peftkit.fileio import atomic_directories\n"
-            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
-            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    body = _pair_write(tmp_path)
     assert _killed("dst.name == 'm-nf4' and src.name.endswith('.tmp')", body, tmp_path) == -9
     assert _state(tmp_path) == ("new", None)
     with pytest.raises(PeftkitError, match="pass --overwrite"):
@@ -195,9 +198,7 @@ def test_a_pair_write_killed_before_it_set_anything_aside_leaves_no_record_for_a
 
     _model(tmp_path / "m", "old")
     _model(tmp_path / "m-nf4", "mine")
-    pair = ("from peftkit.fileio import atomic_directories\n"
-            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
-            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    pair = _pair_write(tmp_path)
     assert _killed("src.name == 'm-nf4' and dst.name == '.m-nf4.old'", pair, tmp_path) == -9
     assert (tmp_path / ".m.pair").exists() and _state(tmp_path) == ("old", "mine")
     check_merge_output(tmp_path / "m", {}, True)  # a plain merge --overwrite's checks, then its write, killed
@@ -225,10 +226,7 @@ def test_a_pair_killed_deleting_an_old_copy_leaves_no_half_of_it_to_put_back(tmp
             "        (path / 'model.safetensors').unlink()\n"
             "        os.kill(os.getpid(), signal.SIGKILL)\n"
             "    return real_rmtree(path, *args, **kwargs)\n"
-            "shutil.rmtree = rmtree\n"
-            "from peftkit.fileio import atomic_directories\n"
-            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
-            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+            "shutil.rmtree = rmtree\n") + _pair_write(tmp_path)
     assert _killed("False", body, tmp_path) == -9
     assert _state(tmp_path) == ("new", "new")
     shutil.rmtree(tmp_path / "m-nf4")  # the user removes the re-quantized copy
