@@ -6,6 +6,7 @@ eval), and a too-long data.max_length is a recipe error naming the keys."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -327,3 +328,70 @@ def test_gemma3_has_its_full_attention_rope_scaled(number_data, tmp_path):
     with pytest.raises(PeftkitError, match="dynamic scaling of g's RoPE per attention type is not supported; use "
                                            "type: linear or yarn"):
         scale_rope(AutoConfig.from_pretrained(base), RopeScalingConfig(type="dynamic", factor=2), "g")
+
+
+def _answers(n: int, seed: int, repeat: int, objective: str) -> list[dict]:
+    """`n` sums, each prompt `repeat` times as long (past the 64 positions): DPO's pairs or KTO's unpaired answers."""
+    import random
+
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        prompt = f"{a}+{b}=" * repeat
+        rows.append({"prompt": prompt, "chosen": str(a + b), "rejected": str(a - b)} if objective == "dpo" else
+                    {"prompt": prompt, "completion": str(a + b if i % 2 else a - b), "label": bool(i % 2)})
+    return rows
+
+
+def _preference_recipe(tmp_path: Path, base: Path, objective: str, max_steps: int) -> Path:
+    """A DPO or KTO recipe on tmp_path's train.jsonl and eval.jsonl, dynamic RoPE x4 over the 64 positions."""
+    return _recipe(tmp_path, base, {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"},
+                   {"type": "dynamic", "factor": 4}, data={"format": "preference" if objective == "dpo" else
+                                                           "unpaired", "max_length": 256},
+                   adapter={"dropout": 0.0}, eval={"batch_size": 2, "samples": 0},
+                   training={"objective": objective, "max_steps": max_steps, "batch_size": 4, "lr": 1e-2})
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_preference_run_s_last_evaluation_is_eval_s_under_dynamic_rope(short_llama, tmp_path, objective):
+    """The eval rows' reference log-probabilities were computed with the frequencies the training rows' reference
+    left (dynamic RoPE keeps the longest sequence's), where `peftkit eval RUN_DIR` computed them from the model's own:
+    the run's last figures differed from eval's. Long training rows, eval rows past the 64 positions in mixed lengths
+    (long batches, then shorter ones): each eval batch's reference is now that batch's on a freshly loaded model, in
+    the run as in eval, and the two give the same figures."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.tiny import write_jsonl
+    from peftkit.train import train
+
+    write_jsonl(tmp_path / "train.jsonl", _answers(8, 1, 32, objective))  # ~190 tokens a row
+    write_jsonl(tmp_path / "eval.jsonl", _answers(4, 2, 28, objective) + _answers(4, 3, 12, objective))
+    train(load_recipe(_preference_recipe(tmp_path, short_llama, objective, 2)), show_summary=False)
+    run = tmp_path / "run"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    result = CliRunner().invoke(app, ["eval", str(run), "--json", str(tmp_path / "figures.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    names = [k for k in figures if k not in ("num_pairs", "num_examples")]
+    assert {name: figures[name] for name in names} == {name: last[f"eval_{name}"] for name in names}
+
+
+def test_a_dpo_run_s_training_does_not_depend_on_its_eval_rows_under_dynamic_rope(short_llama, tmp_path):
+    """The eval rows' reference, computed after the training rows' and before training, left the frequencies of the
+    longest eval row to the first training step: eval rows longer than the training rows changed training (its first
+    loss 0.6947 where the adapter, zero at step 0, scores log 2 against the reference). Each eval batch now puts the
+    model's state back: the training losses are those of the same run with short eval rows, the first log 2."""
+    from peftkit.tiny import write_jsonl
+    from peftkit.train import train
+
+    losses = {}
+    for repeat in (28, 6):  # eval rows of ~165 tokens, then of ~36 (within the 64 positions)
+        run = tmp_path / str(repeat)
+        write_jsonl(run / "train.jsonl", _answers(8, 1, 12, "dpo"))  # ~75 tokens a row
+        write_jsonl(run / "eval.jsonl", _answers(4, 2, repeat, "dpo"))
+        train(load_recipe(_preference_recipe(run, short_llama, "dpo", 3)), show_summary=False)
+        losses[repeat] = [json.loads(x)["loss"] for x in (run / "run" / "metrics.jsonl").read_text().splitlines()
+                          if '"loss"' in x and "eval_loss" not in x]
+    assert len(losses[6]) == 3 and losses[28] == losses[6]
+    assert losses[6][0] == pytest.approx(math.log(2), abs=1e-7)
