@@ -117,6 +117,7 @@ def _check_tokenizer(cfg: Recipe, tok) -> None:
             if entry.format in EOS_FORMATS:
                 check_eos(tok, entry.format, "data.format" if entry.format == cfg.data.format else
                           f"data.train[{i}].format")
+    _check_eval_formats(cfg, tok)
     _check_answer_rows(cfg, tok)
     if invocation := getattr(cfg.adapter, "alora_invocation_tokens", None):
         from peftkit.methods.alora import check_invocation_ids
@@ -124,12 +125,45 @@ def _check_tokenizer(cfg: Recipe, tok) -> None:
         check_invocation_ids(invocation, tok)
 
 
+def _check_eval_formats(cfg: Recipe, tok) -> None:
+    """`_check_tokenizer`'s refusals of the formats of data.eval's sets that set one of their own (data.eval.NAME:
+    {path, format}), which train's read of the set refuses at that key: chat on a tokenizer without a template, a
+    format whose targets end with EOS on one without an EOS token. (A set in data.format is data.train's check.)"""
+    from peftkit.data.conversations import check_chat_tokenizer
+    from peftkit.data.examples import EOS_FORMATS, check_eos
+
+    for name, entry in cfg.data.eval_sources().items():
+        key = cfg.data.for_eval(name)._format_key
+        if key == "data.format":
+            continue
+        if entry.format == "chat":
+            check_chat_tokenizer(tok, key)
+        elif entry.format in EOS_FORMATS and not cfg.classifier:
+            check_eos(tok, entry.format, key)
+
+
 def _check_answer_rows(cfg: Recipe, tok) -> None:
     """Train's refusals of data.format preference's pairs (DPO, ORPO, SimPO, reward) or unpaired's rows (KTO) that
     their form decides: rows of text on a tokenizer without an EOS token (their answers end with it, as completion's
-    targets do), conversations on one without a chat template (or offsets: a slow tokenizer). Their form is
-    data.train's first usable row's, read (not tokenized) where its files are local and the tokenizer lacks one of
-    those; unreadable rows are left to train to say."""
+    targets do), conversations on one without a chat template (or offsets: a slow tokenizer). Their form is each
+    dataset's first usable row's (data.train's, then each set of data.eval's: train refuses either as it reads it),
+    read (not tokenized) where its files are local and the tokenizer lacks one of those; unreadable rows are left to
+    train to say."""
+    data = cfg.data
+    if data.format not in ("preference", "unpaired"):
+        return
+    if tok.eos_token_id is not None and getattr(tok, "chat_template", None) and tok.is_fast:
+        return
+    if all(Path(source.path).is_file() for source in data.train_sources()):
+        _check_first_row(tok, data, data.train, data.train_split)
+    for name, source in data.eval_sources().items():
+        if Path(source.path).is_file():
+            _check_first_row(tok, data.for_eval(name), source.path, source.split)
+
+
+def _check_first_row(tok, data, path, split: str | None) -> None:
+    """`_check_answer_rows` of one dataset (`path`, read as the section `data` reads it): train's check_eos for its
+    first usable row given as text, check_chat_tokenizer for one given as a conversation, at data's format key."""
     from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.data.examples import check_eos
     from peftkit.data.preference import TEXT_FIELDS as PAIR_FIELDS, split_pair
@@ -137,19 +171,12 @@ def _check_answer_rows(cfg: Recipe, tok) -> None:
     from peftkit.data.unpaired import TEXT_FIELDS, split_unpaired
     from peftkit.errors import PeftkitError
 
-    data = cfg.data
-    if data.format not in ("preference", "unpaired"):
-        return
-    if tok.eos_token_id is not None and getattr(tok, "chat_template", None) and tok.is_fast:
-        return
-    if not all(Path(source.path).is_file() for source in data.train_sources()):
-        return
-    split, fields = (split_pair, PAIR_FIELDS) if data.format == "preference" else (split_unpaired, TEXT_FIELDS)
+    parts, fields = (split_pair, PAIR_FIELDS) if data.format == "preference" else (split_unpaired, TEXT_FIELDS)
     try:
-        rows = read_rows(data.train, data.train_split, data)[0]
+        rows = read_rows(path, split, data)[0]
     except PeftkitError:
         return
-    forms = (split(row) for row in rows if isinstance(row, dict))
+    forms = (parts(row) for row in rows if isinstance(row, dict))
     form = next((form[0] for form in forms if isinstance(form, tuple)), None)
     if form == "completion":
         check_eos(tok, data.format, data._format_key, fields)

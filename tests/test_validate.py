@@ -11,7 +11,7 @@ import pytest
 import yaml
 from huggingface_hub import constants
 
-from peftkit.tiny import build_char_tokenizer
+from peftkit.tiny import build_char_tokenizer, write_jsonl
 from tests.conftest import cli_user_error, make_recipe, unplaced
 from tests.test_hub import _publish
 
@@ -357,3 +357,59 @@ def test_validate_refuses_conversations_without_a_template_as_train(objective, t
     monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
     main()
     assert "# model checks (no weight read): " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["dpo", "dpo_named", "kto", "sft_chat", "sft_own_chat", "sft_own_completion"])
+def test_validate_refuses_each_eval_set_s_rows_as_train(case, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """data.eval's sets were not checked: conversations in data.eval (one set, or one of several by name) beside
+    data.train's rows of text, on a tokenizer without a chat template, and an SFT set whose own format needs a
+    template (chat) or an EOS token (completion) the tokenizer lacks, were refused by train as it read the set, while
+    validate passed. validate now says train's words, at the recipe's line of the set's format key; data.format: chat
+    (every set read as chat) was, and still is, refused from data.train's check."""
+    user = [{"role": "user", "content": "q"}]
+    rows = {"pairs": [{"prompt": "q", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(4)],
+            "turn_pairs": [{"prompt": user, "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(4)],
+            "unpaired": [{"prompt": "q", "completion": f"a{i}", "label": i % 2 == 0} for i in range(4)],
+            "turn_unpaired": [{"prompt": user, "completion": f"a{i}", "label": i % 2 == 0} for i in range(4)],
+            "chat": [{"messages": user + [{"role": "assistant", "content": f"a{i}"}]} for i in range(4)]}
+    for name, written in rows.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", written)
+    path = {name: str(tmp_path / f"{name}.jsonl") for name in rows}
+    data, training, key = {"format": "alpaca"}, {}, "format: alpaca"
+    if case == "dpo":
+        data, training, key = {"format": "preference", "train": path["pairs"], "eval": path["turn_pairs"]}, \
+            {"objective": "dpo"}, "format: preference"
+    elif case == "dpo_named":
+        data, training, key = {"format": "preference", "train": path["pairs"],
+                               "eval": {"text": path["pairs"], "turns": path["turn_pairs"]}}, {"objective": "dpo"}, \
+            "format: preference"
+    elif case == "kto":
+        data, training, key = {"format": "unpaired", "train": path["unpaired"], "eval": path["turn_unpaired"]}, \
+            {"objective": "kto"}, "format: unpaired"
+    elif case == "sft_chat":
+        data, key = {"format": "chat", "train": path["chat"], "eval": {"turns": path["chat"]}}, "format: chat"
+    elif case == "sft_own_chat":
+        data, key = {"eval": {"plain": str(number_data["eval"]), "turns": {"path": path["chat"], "format": "chat"}}}, \
+            "format: chat"
+    else:  # an EOS-less tokenizer given a template: chat rows train, a completion set cannot end its targets
+        data, key = {"format": "chat", "train": path["chat"], "chat_template": "chatml",
+                     "eval": {"turns": path["chat"], "text": {"path": str(number_data["eval"]),
+                                                              "format": "completion", "columns": {
+                                                                  "prompt": "instruction", "completion": "output"}}}},\
+            "format: completion"
+    model = _encoder_tokenized(tiny_llama, tmp_path / "model") if case == "sft_own_completion" else \
+        _garbage_weights(tiny_llama, tmp_path / "model")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    recipe = make_recipe(tmp_path / "r", model, number_data, data=data, training=training)
+    said = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip() == key)
+    assert said.startswith(f"error: {recipe}:{line}: "), said
+    validated, trained = _refusal(monkeypatch, capsys, recipe)
+    set_key = {"sft_chat": "data.format", "sft_own_chat": "data.eval.turns.format",
+               "sft_own_completion": "data.eval.text.format"}.get(case)
+    if set_key is None:  # the rows' words: data.format's, as train says them
+        assert validated == trained, (validated, trained)
+        assert validated.startswith("error: data.format "), validated
+    else:  # train names the row it stopped at
+        assert trained.endswith(validated.removeprefix("error: ")) and validated.startswith(f"error: {set_key} "), \
+            (validated, trained)
