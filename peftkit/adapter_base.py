@@ -34,7 +34,8 @@ def check_remote_code(adapter_dir: str, allowed: bool) -> None:
 
 
 def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
-                       trust_remote_code: bool = False, warn_requantized: bool = True, tokens_of=None):
+                       trust_remote_code: bool = False, warn_requantized: bool = True, tokens_of=None,
+                       tokenizer_of=None):
     """Base model (re-quantized as the adapter was trained, if it was) with a PEFT adapter injected.
 
     bitsandbytes quantization is deterministic, so re-quantizing the same base weights gives the exact
@@ -51,6 +52,9 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
             (`warn_if_requantized`); False where the caller said so already (`peftkit.merge.merge_device`).
         tokens_of: `peftkit.new_tokens.adapter_tokens`, or a caller's function that remembers its answers (a peft
             adapter's tokenizer is read to find them: `ModelSource.added_tokens` reads it once per command).
+        tokenizer_of: the base's tokenizer for its ModelConfig (`tokenizer_read_once`'s, the default, or a caller's
+            that has read it already: `ModelSource.read_tokenizer`), so that loading the model (model.add_tokens'
+            rows, a classifier's pad id) and the tokenizer returned read its files once.
 
     Returns:
         (model, adapter settings, tokenizer, base ModelConfig, quantization or None)
@@ -58,20 +62,38 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
     from peftkit.adapters import inject_adapters
     from peftkit.adapters.state_dicts import load_adapter_state_dict
 
+    tokenizer_of = tokenizer_of or tokenizer_read_once()
     model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code,
-                                                                       warn_requantized, tokens_of)
+                                                                       warn_requantized, tokens_of, tokenizer_of)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
     # weights then decide, and load_adapter_state_dict refuses any that do not land.
     inject_adapters(model, adapter_cfg, every_entry=False, state=state, saved_only=True)
     load_adapter_state_dict(model, state)
     model.eval()
-    return model, adapter_cfg, load_tokenizer(model_cfg), model_cfg, quant
+    return model, adapter_cfg, tokenizer_of(model_cfg), model_cfg, quant
+
+
+def tokenizer_read_once():
+    """A function giving `load_tokenizer(cfg)`, read from disk once per tokenizer (`tokenizer_key`: what it reads of
+    `cfg`) however often it is asked: 1 to 2 s a read for a 151k-token vocabulary."""
+    from peftkit.inference import tokenizer_key
+
+    read = {}
+
+    def tokenizer_of(cfg: ModelConfig):
+        if (key := tokenizer_key(cfg)) not in read:
+            read[key] = load_tokenizer(cfg)
+        return read[key]
+
+    return tokenizer_of
 
 
 def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,
-                      trust_remote_code: bool = False, warn_requantized: bool = True, tokens_of=None):
+                      trust_remote_code: bool = False, warn_requantized: bool = True, tokens_of=None,
+                      tokenizer_of=None):
     """An adapter's files and the base model it applies to, not yet adapted (`load_adapted_model`'s first half,
-    which `peftkit.adapters.named` shares: several adapters, one base).
+    which `peftkit.adapters.named` shares: several adapters, one base). `tokenizer_of`: as `load_adapted_model`'s,
+    for what loading the model reads of the tokenizer (else `load_model` reads it where it needs it).
 
     Returns:
         (base model, adapter settings, PEFT-keyed tensors, PEFT config, base ModelConfig, quantization or None)
@@ -103,7 +125,8 @@ def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: 
     model_cfg = model_cfg.model_copy(update={"add_tokens": tokens})
     labels = adapter_labels(adapter_dir, state) if classify else None
     changes = base_changes(adapter_dir, name, revision) if name == recorded else None
-    model = load_model(model_cfg, quant, device, labels)
+    tok = tokenizer_of(model_cfg) if tokenizer_of and (model_cfg.add_tokens or classify) else None  # (load_model's)
+    model = load_model(model_cfg, quant, device, labels, tok=tok)
     if model_cfg.add_tokens and (rows := saved_rows(model, state)):  # peft's base resized to a multiple of 64
         resize(model, rows)
     elif not model_cfg.add_tokens:  # (rows past the base's, and no tokenizer beside the adapter to say why)

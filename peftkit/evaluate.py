@@ -249,20 +249,22 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
         from peftkit.evaluate_pairs import evaluate_preference
 
         return evaluate_preference(jobs)
-    rows = {name: _read_rows(job) for name, job in jobs.items()}
+    tok = first.source.tokenizer()  # (one source: one tokenizer, read once for every set and the model's loading)
+    rows = {name: _read_rows(job, tok) for name, job in jobs.items()}
     model = first.source.load()
     return {name: _scored(job, model, *rows[name]) for name, job in jobs.items()}
 
 
-def _read_rows(job: EvalJob) -> tuple:
+def _read_rows(job: EvalJob, tok=None) -> tuple:
     """(tokenizer, examples, prompts) of `job`'s data: examples for the loss metrics, prompts for the generation
     ones (None where no metric needs them), with their task ids. The prompts are those of the rows the loss scores
-    (`load_prompts(as_loss=True)`), as the run's evaluation (`RunEval`) reads them."""
+    (`load_prompts(as_loss=True)`), as the run's evaluation (`RunEval`) reads them. `tok`: the source's tokenizer,
+    where the caller has read it (`evaluate_sets`); else read here."""
     from peftkit.data import load_examples
     from peftkit.data.prompts import Prompts, load_prompts
 
     source = job.source
-    tok = source.tokenizer()
+    tok = tok if tok is not None else source.tokenizer()
     tasks = job.task is None and adapter_task_count(source) is not None  # --task: the column is not read at all
     examples = (load_examples(tok, job.data, job.split, job.data_cfg, tasks=tasks)[0]
                 if set(job.metrics) & set(LOSS_METRICS) else None)

@@ -45,6 +45,9 @@ class ModelSource:
     added: dict = field(default_factory=dict, repr=False, compare=False)
     """`added_tokens`' answers for this command, by the base tokenizer they were found against (shared by the
     copies `here` makes): the tokenizer and the model each need them."""
+    tokenizers: dict = field(default_factory=dict, repr=False, compare=False)
+    """The tokenizers `tokenizer` read, by what it read of their ModelConfig (`tokenizer_key`; shared by the copies
+    `here` makes): loading the adapted model takes its base's from here (`read_tokenizer`) rather than again."""
 
     @classmethod
     def of_recipe(cls, cfg: Recipe, run_adapter: str | None) -> ModelSource:
@@ -181,7 +184,17 @@ class ModelSource:
             cfg = cfg.model_copy(update={"add_tokens": self.added_tokens(self.adapter, cfg)})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
-        return load_tokenizer(cfg, self.chat_template or adapter_template(self.adapter))
+        tok = load_tokenizer(cfg, self.chat_template or adapter_template(self.adapter))
+        self.tokenizers[tokenizer_key(cfg)] = tok
+        return tok
+
+    def read_tokenizer(self, cfg: ModelConfig):
+        """The tokenizer of `cfg` (an adapter's base) as `tokenizer` read it for this command, else read now: what
+        loading the model reads of it (model.add_tokens' rows, a classifier's pad id) is not its chat template."""
+        from peftkit.modeling import load_tokenizer
+
+        read = self.tokenizers.get(tokenizer_key(cfg))
+        return read if read is not None else load_tokenizer(cfg)
 
     def added_tokens(self, adapter_dir: str, cfg: ModelConfig) -> list[str]:
         """`peftkit.new_tokens.adapter_tokens`, found once per adapter and base tokenizer (name, revision,
@@ -207,7 +220,7 @@ class ModelSource:
         with phase(f"Loading {source.describe()}..."):
             if source.adapter:
                 model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code,
-                                           tokens_of=source.added_tokens)[0]
+                                           tokens_of=source.added_tokens, tokenizer_of=source.read_tokenizer)[0]
             else:
                 model = load_model(source.model, source.quantization, device, labels).eval()
         return under_autocast(model, inference_autocast(source.mixed_precision, device), device)
@@ -243,6 +256,12 @@ class ModelSource:
         if note := cpu_dtype_note(model.dtype, device):
             warnings.warn(f"{note} Here: --set model.dtype=float32.", PeftkitWarning, stacklevel=3)
         return replace(self, model=model)
+
+
+def tokenizer_key(cfg: ModelConfig) -> tuple:
+    """What `peftkit.modeling.load_tokenizer` reads of a ModelConfig: its name, revision, remote code and added
+    tokens."""
+    return cfg.name_or_path, cfg.revision, cfg.trust_remote_code, tuple(cfg.add_tokens)
 
 
 def _json(file: Path) -> dict:

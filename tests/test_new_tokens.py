@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -548,3 +549,36 @@ def test_a_run_reads_the_base_tokenizer_once(bases, chats, tmp_path, monkeypatch
     assert "note: model.add_tokens: </s> already in the tokenizer: left as it is, its row the model's own" in out
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["trainable_token_indices"] == {"lm_head": [first, first + 1], "model.embed_tokens": [first, first + 1]}
+
+
+def test_eval_of_two_sets_and_merge_read_the_base_tokenizer_once(bases, chats, tmp_path, monkeypatch, capsys):
+    """`peftkit eval RUN_DIR` read the base's tokenizer once per data.eval set, then twice more loading the adapted
+    model (the resize to model.add_tokens' rows, the tokenizer it returned); `peftkit merge` twice (the resize, the
+    tokenizer it saves). Each reads it once now (merge then reads back what it wrote, a check of the written files),
+    and the figures are the run's: each set's eval loss its last eval_loss, the merged tokenizer holding the new
+    tokens at 102 and 103."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    recipe = _recipe(tmp_path, bases["llama"], chats, training={"max_steps": 2})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["eval"] = {"a": str(chats["eval"]), "b": str(chats["train"])}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    _train(recipe, monkeypatch, capsys)
+    run, base = tmp_path / "run", str(bases["llama"])
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    loads, load = [], AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
+    result = CliRunner().invoke(app, ["eval", str(run), "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    figures = json.loads((tmp_path / "eval.json").read_text())
+    assert loads == [base], loads
+    assert abs(figures["a"]["loss"] - last["eval_loss"]) <= 1e-6 and abs(figures["b"]["loss"] - last["eval_b_loss"]) <= 1e-6
+    del loads[:]
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(run / "adapter"), "--output", str(merged)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert loads.count(base) == 1 and all(Path(path).parent == tmp_path for path in loads if path != base), loads
+    assert [load(AutoTokenizer, merged).convert_tokens_to_ids(t) for t in MARKERS] == [102, 103]

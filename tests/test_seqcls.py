@@ -266,7 +266,9 @@ def test_a_decoder_classifier_run_reads_the_tokenizer_once_and_pads_with_its_id(
                                                                                monkeypatch):
     """train read a classifier's tokenizer twice (the data's, then loading the model for its pad id); it reads it once
     and passes it on. The head still reads the tokenizer's pad id, not the checkpoint's 3: the run's last eval loss
-    (batches of 8) is `peftkit eval RUN --batch-size 1`'s."""
+    (batches of 8) is `peftkit eval RUN --batch-size 1`'s. `peftkit eval RUN` read it three times (the rows', the
+    model's pad id, the tokenizer the adapted model's loading returned) and `peftkit merge` twice: once each now
+    (merge's read-back of the files it wrote aside)."""
     from transformers import AutoTokenizer
     from typer.testing import CliRunner
 
@@ -283,9 +285,16 @@ def test_a_decoder_classifier_run_reads_the_tokenizer_once_and_pads_with_its_id(
     assert loads.count(str(model)) == 1, loads
     last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
     out = tmp_path / "eval.json"
+    del loads[:]
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--batch-size", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert abs(json.loads(out.read_text())["loss"] - last["eval_loss"]) <= 1e-5
+    assert loads == [str(model)], loads
+    del loads[:]
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(tmp_path / "run" / "adapter"), "--output",
+                                      str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert loads.count(str(model)) == 1, loads
 
 
 def test_eval_of_rows_past_an_encoder_s_positions_is_a_clear_error(tmp_path, tiny_bert):
