@@ -256,6 +256,17 @@ def _encoder_tokenized(model: Path, out: Path) -> Path:
     return out
 
 
+def _objective_recipe(root: Path, model: Path, rows: Path, fmt: str, objective: str) -> Path:
+    """A recipe training `objective` on `rows` (train and eval) of data.format `fmt`; a reward model is a sequence
+    classifier of one output."""
+    recipe = make_recipe(root, model, {"train": rows, "eval": rows}, data={"format": fmt},
+                         training={"objective": objective})
+    if objective == "reward":
+        raw = yaml.safe_load(recipe.read_text())
+        recipe.write_text(yaml.safe_dump({**raw, "model": raw["model"] | {"task": "sequence_classification"}}))
+    return recipe
+
+
 @pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo", "reward", "kto"])
 def test_validate_refuses_text_answers_without_eos_as_train(objective, tiny_llama, number_data, tmp_path, monkeypatch,
                                                             capsys):
@@ -274,11 +285,7 @@ def test_validate_refuses_text_answers_without_eos_as_train(objective, tiny_llam
     turns = tmp_path / "turns.jsonl"  # the same rows as conversations: the prompt a user message
     turns.write_text("".join(json.dumps(row | {"prompt": [{"role": "user", "content": row["prompt"]}]}) + "\n"
                              for row in rows))
-    recipe = make_recipe(tmp_path / "r", model, {"train": text, "eval": text},
-                         data={"format": "unpaired" if unpaired else "preference"}, training={"objective": objective})
-    if objective == "reward":  # a reward model: a sequence classifier of one output
-        raw = yaml.safe_load(recipe.read_text())
-        recipe.write_text(yaml.safe_dump({**raw, "model": raw["model"] | {"task": "sequence_classification"}}))
+    recipe = _objective_recipe(tmp_path / "r", model, text, "unpaired" if unpaired else "preference", objective)
     validated, trained = _refusal(monkeypatch, capsys, recipe)
     fields = "prompt and completion" if unpaired else "prompt, chosen and rejected"
     assert validated == trained, (validated, trained)
@@ -335,11 +342,7 @@ def test_validate_refuses_conversations_without_a_template_as_train(objective, t
     turns = tmp_path / "turns.jsonl"
     turns.write_text("".join(json.dumps(row) + "\n" for row in rows))
     fmt = "unpaired" if unpaired else "preference"
-    recipe = make_recipe(tmp_path / "r", model, {"train": turns, "eval": turns}, data={"format": fmt},
-                         training={"objective": objective})
-    if objective == "reward":  # a reward model: a sequence classifier of one output
-        raw = yaml.safe_load(recipe.read_text())
-        recipe.write_text(yaml.safe_dump({**raw, "model": raw["model"] | {"task": "sequence_classification"}}))
+    recipe = _objective_recipe(tmp_path / "r", model, turns, fmt, objective)
     said = _said(cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
     line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if text.strip() == f"format: {fmt}")
     assert said.startswith(f"error: {recipe}:{line}: data.format "), said
