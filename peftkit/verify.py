@@ -216,8 +216,11 @@ def _rerun(run_dir: Path, manifest: Manifest, intact: set[str], tolerance: float
     if note := _pin_unchanged_base(recipe, manifest):
         report.notes.append(note)
     _remove_stale_reruns(console)
-    with scratch_directory() as tmp:
-        # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there.
+    with scratch_directory() as scratch:
+        # The recorded output_dir is usually RUN_DIR itself: the re-run must never write there. Its run directory is one
+        # inside the scratch directory, whose lock this process holds while it lives (`peftkit.scratch`): the lock the
+        # re-run takes of its own directory (its report's, `locked_directory`) would have waited on that one for ever.
+        tmp = str(Path(scratch) / "run")
         recipe.export.output_dir = tmp
         recipe.export.push_revision, recipe.export.push_private = None, False  # (set without push_to_hub: refused)
         recipe.export.push_to_hub = None  # a re-run checks the run's bits: it never publishes them
@@ -339,7 +342,7 @@ def _rerun_failed(error: PeftkitError, tmp: str, run_dir: Path, report: VerifyRe
     """The re-run's own error, its temporary paths (deleted by now) named as such, plus what was found before."""
     message = str(error).replace(tmp, "<verify's temporary directory>")
     if isinstance(error, DiskFullError):  # the re-run's own advice (free space, --resume) is about a directory gone by now
-        message = (f"{message.split('. ')[0]}. verify re-runs in {Path(tmp).parent} (the system's temporary directory, "
+        message = (f"{message.split('. ')[0]}. verify re-runs in {Path(tmp).parent.parent} (the system's temporary directory, "
                    "TMPDIR): free space there, or point TMPDIR at a directory with room for the run.")
     found = "".join(f"\n  {difference}" for difference in report.differences)
     return PeftkitError(f"verify could not re-run the recipe recorded in {run_dir / MANIFEST}: {message}"

@@ -301,8 +301,8 @@ def test_a_killed_verify_s_re_run_directory_is_removed_by_the_next_verify(adapte
             f"verify({str(adapter_run)!r})\n")
     assert _killed("'peftkit-verify-' in str(dst) and dst.name == 'adapter'", body, tmp_path) == -9
     left = list(scratch.iterdir())
-    assert len(left) == 1 and (left[0] / "recipe.yaml").is_file()  # killed as it put its adapter in place
-    assert [p.name for p in left[0].glob(".adapter.*.tmp/adapter_model.safetensors")] == ["adapter_model.safetensors"]
+    assert len(left) == 1 and (left[0] / "run" / "recipe.yaml").is_file()  # killed as it put its adapter in place
+    assert [p.name for p in left[0].glob("run/.adapter.*.tmp/adapter_model.safetensors")] == ["adapter_model.safetensors"]
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     live = scratch / f"peftkit-verify-{os.getpid()}-live"  # this process's: alive

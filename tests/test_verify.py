@@ -90,6 +90,20 @@ def test_an_intact_run_verifies_and_nothing_is_written_into_it(run, recorded_run
     assert _snapshot(run) == before and _snapshot(recorded_run) == recorded_before
 
 
+def test_a_run_with_its_report_verifies(tiny_llama, number_data, tmp_path):
+    """export.report (true by default; the tests' recipes turn it off): verify's re-run waited for ever as it put its
+    report in place, for the lock of its run directory, which verify itself held (fd80e76: the scratch directory's
+    lock, so that a later verify can tell a live one's directory from a killed one's). The re-run's run directory is
+    now one inside the scratch directory. (A process with a time limit: a regression hangs, it does not fail.)"""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}, eval={"base_model": False},
+                         export={"report": True})
+    train(load_recipe(recipe), console=_quiet())
+    assert (tmp_path / "run" / "report" / "report.html").is_file()
+    result = _cli("verify", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"verified: {tmp_path / 'run'} reproduces bit for bit." in result.stdout
+
+
 def test_the_manifest_records_the_dtype_auto_resolved_to_and_an_older_auto_still_verifies(tiny_llama, number_data,
                                                                                            tmp_path):
     """model.dtype: auto loads the checkpoint's dtype: the manifest says which (it said "auto"); a manifest written
@@ -730,7 +744,7 @@ def test_a_re_run_that_fills_the_temporary_directory_says_where_to_make_room(tmp
     from peftkit.fileio import DiskFullError
     from peftkit.verify import VerifyReport, _rerun_failed
 
-    tmp = str(tmp_path / "peftkit-verify-x")
+    tmp = str(tmp_path / "peftkit-verify-x" / "run")  # (the re-run's directory, inside verify's scratch directory)
     error = DiskFullError(f"No space left on the device while writing {tmp}/checkpoints/step-00000020. The previous "
                           "version of it, if any, is intact; free some disk space, or write somewhere else. The newest "
                           "whole checkpoint is step-00000010: continue with `peftkit train RECIPE --resume`.")
