@@ -426,3 +426,33 @@ def test_a_mixed_batch_on_a_bf16_base_gives_each_row_the_bits_of_its_adapter_alo
         for i, name in enumerate(["a", "b", "a", None]):
             alone = host.adapters[name](x) if name else base(x)
             assert mixed.dtype == torch.bfloat16 and torch.equal(mixed[i], alone[i]), name
+
+
+def test_a_mixed_batch_through_layers_given_the_tokens_flattened_routes_them_by_row(tmp_path):
+    """OPT's feed-forward (and Qwen2-MoE's shared expert) takes the batch's tokens flattened to (rows x tokens,
+    features): each row's tokens go through its adapter there too, as peft runs that row alone with it (LoRA rows
+    stacked, DoRA rows whole, base rows). The mixed batch was refused as if beam search had multiplied its rows."""
+    from peftkit.tiny import build_tiny_model
+
+    build_tiny_model(tmp_path / "opt", arch="opt", hidden_size=32, num_layers=2, seed=0)
+    dirs = {"a": _make(tmp_path / "opt", LoraConfig(r=4, alpha=8), tmp_path / "a", 1),
+            "c": _make(tmp_path / "opt", LoraConfig(r=2, alpha=4, use_dora=True, target_modules=["fc1", "v_proj"]),
+                       tmp_path / "c", 2)}
+    model, named, tok = load_named_model(list(dirs.items()))
+    routes, rows = ["a", None, "c", "a"], ROWS[:4]
+    ids, mask = _batch(rows)
+    with torch.no_grad(), named.routed(routes):
+        mixed = model(input_ids=ids, attention_mask=mask).logits
+    with named.routed(routes):
+        tokens = generate_ids(model, tok, rows, Sampling(max_new_tokens=5))
+    for i, route in enumerate(routes):
+        alone = PeftModel.from_pretrained(_base(tmp_path / "opt"), dirs[route]).eval() if route \
+            else _base(tmp_path / "opt")
+        with torch.no_grad():
+            theirs = alone(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits
+        torch.testing.assert_close(mixed[i:i + 1], theirs, rtol=0, atol=1e-5)
+        named.activate(route)
+        assert tokens[i] == generate_ids(model, tok, [rows[i]], Sampling(max_new_tokens=5))[0]
+    with torch.no_grad():
+        base = _base(tmp_path / "opt")(input_ids=ids, attention_mask=mask).logits
+    assert all((mixed[i] - base[i]).abs().max() > 1e-2 for i in (0, 2, 3))  # (the adapters change the output)

@@ -47,6 +47,9 @@ class AdapterHost(nn.Module):
         self.routes: tuple[int, list[tuple[str, torch.Tensor]]] | None = None
         """In a mixed batch: (rows in the batch, [(adapter name, its row indices)]) for the adapters held here."""
         self._stacked: tuple[torch.Tensor, ...] | None = None
+        self.tokens: int | None = None
+        """In a mixed batch: the tokens of each row in the model's current forward (`NamedAdapters.routed` sets it),
+        so that a layer given the batch's tokens flattened to (rows x tokens, features) routes them by row."""
         self.arrow: ArrowLayer | None = None
         """Under `NamedAdapters.arrow`: the task adapters this layer routes each token among."""
 
@@ -70,11 +73,11 @@ class AdapterHost(nn.Module):
         return module(*args, **kwargs)
 
     def _mixed(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row through its own adapter's module (or the base), the base computed once for all rows."""
+        """Each row through its own adapter's module (or the base), the base computed once for all rows. A layer
+        given the tokens flattened, (rows x tokens, features), as OPT's feed-forward and Qwen2-MoE's shared expert
+        are, routes each row's tokens (consecutive there) as that row."""
         batch, groups = self.routes
-        if x.shape[0] != batch:
-            raise PeftkitError(f"A mixed batch routes {batch} rows, but this forward has {x.shape[0]} (beam search or "
-                               "several samples per prompt multiply the rows; route each copy of a row).")
+        per = self._tokens_per_row(x, batch)
         result = self.base_layer(x)
         if self._stacked is not None:  # every LoRA linear adapter at once: two batched matmuls, whatever their number
             a, b, scale, slot = self._stacked
@@ -86,11 +89,22 @@ class AdapterHost(nn.Module):
             layer, rows = self.adapters[name], rows.to(x.device)
             if stackable(layer):
                 continue
+            if per > 1:  # the row's tokens, flattened
+                rows = (rows[:, None] * per + torch.arange(per, device=x.device)).flatten()
             if type(layer) is LoraEmbedding:
                 result = result.index_copy(0, rows, (result[rows] + layer.update(x[rows])).to(result.dtype))
             else:  # a layer that does more than add (DoRA, IA3, lora_bias...) or a modules_to_save copy: rows whole
                 result = result.index_copy(0, rows, layer(x[rows]).to(result.dtype))
         return result
+
+    def _tokens_per_row(self, x: torch.Tensor, batch: int) -> int:
+        """1 for an input of `batch` rows; the tokens of each row for the batch's tokens flattened; else an error."""
+        if x.shape[0] == batch:
+            return 1
+        if x.dim() == 2 and self.tokens and x.shape[0] == batch * self.tokens:
+            return self.tokens
+        raise PeftkitError(f"A mixed batch routes {batch} rows, but this forward has {x.shape[0]} (beam search or "
+                           "several samples per prompt multiply the rows; route each copy of a row).")
 
     def _arrow(self, x: torch.Tensor) -> torch.Tensor:
         """The base's output plus each token's Arrow-weighed adapter updates, rounded as one LoRA's update is."""

@@ -225,12 +225,23 @@ class NamedAdapters:
         self._activate(None)
         for host in self._hosts.values():
             host.route(len(names), groups)
+        hook = self.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         try:
             yield
         finally:
+            hook.remove()
             for host in self._hosts.values():
                 host.route(len(names), None)
+                host.tokens = None
             self._activate(previous)
+
+    def _count_tokens(self, _model, args, kwargs) -> None:
+        """Before each forward of a mixed batch: tell the hosts how many tokens a row has in it (`AdapterHost.tokens`)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if ids is not None else kwargs.get("inputs_embeds")
+        tokens = ids.shape[1] if ids is not None and ids.dim() >= 2 else None
+        for host in self._hosts.values():
+            host.tokens = tokens
 
     @contextmanager
     def arrow(self, tasks: Sequence[str], general: Sequence[str] = (), settings: ArrowSettings | None = None
