@@ -120,24 +120,30 @@ def _base_weight_reader(name: str, revision: str | None, load):
     return read
 
 
-def _lora_delta(a: torch.Tensor, b: torch.Tensor, embedding: bool, cfg, fan_in_fan_out: bool) -> torch.Tensor:
-    """s B A in the base weight's layout, as peft's get_delta_weight."""
+def _lora_delta(a: torch.Tensor, b: torch.Tensor, embedding: bool, cfg, path: str, fan_in_fan_out: bool) -> torch.Tensor:
+    """s B A of the layer at `path` in the base weight's layout, as peft's get_delta_weight."""
     parts = {"lora_embedding_A": a, "lora_embedding_B": b} if embedding else {"lora_A.weight": a, "lora_B.weight": b}
-    return lora_delta(parts, LoraFacts(cfg.alpha, cfg.use_rslora, fan_in_fan_out))
+    return lora_delta(parts, LoraFacts(_alpha(cfg, path), cfg.use_rslora, fan_in_fan_out))
 
 
-def _combine_layer(c: Combination, terms: list[tuple[int, object]], sources: list[Source],
+def _alpha(cfg, path: str) -> float:
+    """The alpha of a LoRA's layer at `path`: its alpha_pattern's, else its alpha (the rank comes from A's shape)."""
+    return cfg.rank_and_alpha(path)[1]
+
+
+def _combine_layer(c: Combination, path: str, terms: list[tuple[int, object]], sources: list[Source],
                    rank: int, transposed: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of one layer from the adapters that adapt it: `terms` [(adapter index, its (A, B, embedding)
-    factors or its full delta)]. `transposed`: the base weight is stored (in, out) (Conv1D, embedding)."""
+    """(A, B) of the layer at `path` from the adapters that adapt it: `terms` [(adapter index, its (A, B,
+    embedding) factors or its full delta)]. `transposed`: the base weight is stored (in, out) (Conv1D, embedding)."""
     weights = [c.weights[i] for i, _ in terms]
     if c.method in (*FACTOR_WISE, "cat"):
         a, b = [t[0] for _, t in terms], [t[1] for _, t in terms]
-        scalings = [lora_scaling(sources[i].cfg.alpha, t[0].shape[0], sources[i].cfg.use_rslora) for i, t in terms]
+        scalings = [lora_scaling(_alpha(sources[i].cfg, path), t[0].shape[0], sources[i].cfg.use_rslora)
+                    for i, t in terms]
         if c.method == "cat":
             return concatenate(a, b, weights, scalings, rank)
         return combine_factors(c.method, a, b, weights, scalings, c.density, c.majority_sign, generator)
-    deltas = [t if isinstance(t, torch.Tensor) else _lora_delta(*t, sources[i].cfg, transposed and not t[2])
+    deltas = [t if isinstance(t, torch.Tensor) else _lora_delta(*t, sources[i].cfg, path, transposed and not t[2])
               for i, t in terms]
     delta = combine_tensors(c.method, deltas, weights, c.density, c.majority_sign, generator)
     return low_rank(delta.T if transposed else delta, rank, c.svd_clamp)
@@ -163,7 +169,7 @@ def combine_layers(c: Combination, sources: list[Source], model: nn.Module,
         present = [(i, t[name]) for i, t in enumerate(terms) if name in t]
         if present:
             embedding = isinstance(module, nn.Embedding)
-            a, b = _combine_layer(c, present, sources, rank, embedding or name in conv1d, generator)
+            a, b = _combine_layer(c, name, present, sources, rank, embedding or name in conv1d, generator)
             layers[name] = (a.contiguous(), b.contiguous(), embedding)
     return layers
 
@@ -185,7 +191,7 @@ def combined_updates(c: Combination, sources: list[Source], model: nn.Module, ba
     for name, _ in model.named_modules():
         present = [(i, u[name]) for i, u in enumerate(updates) if name in u]
         if present:
-            deltas = [d if isinstance(d, torch.Tensor) else _lora_delta(*d, sources[i].cfg, name in conv1d)
+            deltas = [d if isinstance(d, torch.Tensor) else _lora_delta(*d, sources[i].cfg, name, name in conv1d)
                       for i, d in present]
             combined[name] = combine_tensors(kind, deltas, [c.weights[i] for i, _ in present],
                                              c.density, c.majority_sign, generator)

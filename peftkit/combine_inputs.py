@@ -111,9 +111,6 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
                                f"{', '.join(added)}), which the other adapters' base lacks. Merge it alone (`peftkit "
                                "merge --adapter` once).")
         refuse_unmergeable(method_of(cfg), cfg)  # module adapters and the prompt family: no weight update to combine
-        if cfg.method == "lora" and (cfg.rank_pattern or cfg.alpha_pattern):
-            raise PeftkitError(f"{path} sets rank_pattern or alpha_pattern (per-module ranks or alphas); combining "
-                               "takes one rank and alpha per adapter. Merge it alone (`peftkit merge --adapter` once).")
         if getattr(cfg, "_residual_init", None):
             from peftkit.methods.lora_init import residual_refusal
 
@@ -157,9 +154,9 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
                                "values, not updates to weigh and combine. Combine adapters without them, or merge "
                                "this one alone (`peftkit merge`).")
         # (loading it alone refuses such a pair, as peft does; combining scaled the update by alpha / the config's r)
-        if cfg.method == "lora" and (off := next((k for k, t in state.items() if t.dim() == 2 and t.shape[0] != cfg.r
-                                                  and k.endswith((".lora_A.weight", ".lora_embedding_A"))), None)):
-            raise PeftkitError(f"{path}: its adapter_config.json says r: {cfg.r}, and {off} has rank "
+        if cfg.method == "lora" and (off := _off_rank(cfg, state)):
+            raise PeftkitError(f"{path}: its adapter_config.json says r: {_rank_of(cfg, off)}"
+                               f"{' (rank_pattern)' if _rank_of(cfg, off) != cfg.r else ''}, and {off} has rank "
                                f"{state[off].shape[0]}: the two files come from different runs. Put back the "
                                "adapter_config.json saved with these weights, or export the adapter again.")
         if untargeted := _untargeted(cfg, state):
@@ -169,6 +166,24 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
                                "to its target_modules, or put back the adapter_config.json saved with these weights.")
         sources.append(Source(path, cfg, state, peft.base_model_name_or_path, peft.revision, quant))
     return sources
+
+
+def _off_rank(cfg, state: dict[str, torch.Tensor]) -> str | None:
+    """A LoRA's first lora_A whose rank is not the one its config gives that layer (r, or rank_pattern's)."""
+    return next((k for k, t in state.items() if k.endswith((".lora_A.weight", ".lora_embedding_A")) and t.dim() == 2
+                 and t.shape[0] != _rank_of(cfg, k)), None)
+
+
+def _rank_of(cfg, key: str) -> int:
+    """The rank a LoRA's config gives the layer of tensor `key` (PEFT-keyed)."""
+    from peftkit.adapters import PEFT_PREFIX
+
+    return cfg.rank_and_alpha(key[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0])[0]
+
+
+def largest_rank(cfg) -> int:
+    """A LoRA's largest layer rank: r, or a larger one of its rank_pattern."""
+    return max([cfg.r, *cfg.rank_pattern.values()])
 
 
 def _untargeted(cfg, state: dict[str, torch.Tensor]) -> list[str]:
@@ -318,6 +333,12 @@ def check_combinable(combination: Combination, sources: list[Source], into_base:
                     + ". Use an SVD method (--method svd, ties_svd, ...), or --into-base, which combine each "
                     "adapter's full update.")
     if combination.method in FACTOR_WISE:
+        if patterned := next((s for s in sources if s.cfg.method == "lora" and (s.cfg.rank_pattern or
+                                                                                s.cfg.alpha_pattern)), None):
+            raise PeftkitError(
+                f"--method {combination.method} combines factors of one rank and scaling per adapter, and "
+                f"{patterned.path} sets rank_pattern or alpha_pattern (per-module ranks or alphas). Use --method cat "
+                "(exact) or an SVD method (--method svd, ties_svd, ...), which take each layer's own.")
         ranks = {s.path: s.cfg.r for s in sources}
         if len(set(ranks.values())) > 1:
             raise PeftkitError(
@@ -340,7 +361,7 @@ def check_combinable(combination: Combination, sources: list[Source], into_base:
 
 def output_rank(combination: Combination, sources: list[Source]) -> int:
     """The combined adapter's rank: the common rank, the sum (`cat`), or --svd-rank (default the largest)."""
-    ranks = [s.cfg.r for s in sources if s.cfg.method == "lora"]
+    ranks = [largest_rank(s.cfg) for s in sources if s.cfg.method == "lora"]
     if combination.method == "cat":
         return sum(ranks)
     if combination.method in SVD:

@@ -928,3 +928,29 @@ def test_the_made_non_finite_check_reads_the_base_only_beside_a_tensor_that_is_n
     made = base["a.weight"].clone()
     made[1, 0] = float("nan")
     assert _made_non_finite({"a.weight": made}, base)
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_per_module_ranks_and_alphas_combine_as_in_peft(method, tiny_gpt2, tmp_path):
+    """peft's adapters with rank_pattern and alpha_pattern (each layer its own rank and scaling): cat and the SVD
+    types combine each layer with its own, as peft's add_weighted_adapter does (both exact here: the SVD keeps
+    every rank), on GPT-2's Conv1D layers; the types that need one rank and scaling per adapter refuse them. All
+    of them were refused, though peft combines them."""
+    from peft import LoraConfig as PeftLora
+
+    from tests.conftest import save_peft_lora
+
+    settings = dict(r=4, target_modules=["c_attn", "c_fc", "c_proj"], rank_pattern={"c_proj": 2},
+                    alpha_pattern={"c_fc": 16})
+    dirs = [str(save_peft_lora(tiny_gpt2, tmp_path / f"p{i}", PeftLora(lora_alpha=4 * i, **settings), seed=i))
+            for i in (1, 2)]
+    c = Combination(method, (0.7, -0.3), svd_rank=32 if method == "svd" else None)
+    reference, _ = peft_combination(tiny_gpt2, dirs, list(c.weights), method, **_peft_options(c))
+    out = combine_adapters(dirs, c, str(tmp_path / "combined"))
+    theirs = _logits(reference)
+    assert _diff(theirs, _logits(_load(tiny_gpt2))) > 1e-2
+    assert _diff(_logits(PeftModel.from_pretrained(_load(tiny_gpt2), out)), theirs) <= TOL
+    merged = combine_adapters(dirs, c, str(tmp_path / "merged"), into_base=True)
+    assert _diff(_logits(_load(merged)), theirs) <= TOL
+    with pytest.raises(PeftkitError, match="--method ties combines factors of one rank and scaling per adapter"):
+        combine_adapters(dirs, Combination("ties", (0.7, 0.3), density=0.5), str(tmp_path / "ties"))

@@ -357,9 +357,10 @@ def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, n
     from peftkit.combine_adapters import combine_adapters
     from peftkit.combine_inputs import Combination
 
-    with pytest.raises(PeftkitError, match="sets rank_pattern or alpha_pattern .*combining takes one rank and alpha"):
-        combine_adapters([str(adapter), str(adapter)], Combination(method="cat", weights=(1.0, 1.0)),
-                         str(tmp_path / "combined"))
+    with pytest.raises(PeftkitError, match="--method linear combines factors of one rank and scaling per adapter, "
+                                           "and .* sets rank_pattern or alpha_pattern .*Use --method cat"):
+        combine_adapters([str(adapter), str(adapter)], Combination(method="linear", weights=(1.0, 1.0)),
+                         str(tmp_path / "linear"))
     bad = make_recipe(tmp_path / "bad", tiny_llama, number_data, adapter={"rank_pattern": {"(q_proj": 2}})
     with pytest.raises(PeftkitError, match=r"adapter.rank_pattern.*'\(q_proj' is not a regular expression"):
         load_recipe(bad)
