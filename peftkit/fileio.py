@@ -359,17 +359,20 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
         _delete(_set_aside_name(path), of=path)
 
 
-def recorded_pair(anchor: Path) -> list[Path]:
-    """The directories written together with `anchor` by a pair write whose record (`_pair_record`) is still there
-    (siblings of it, by name), or none. A write into `anchor` alone (a plain merge) rolls back such a pair first: its
-    tidy of `.NAME.old` alone had kept the new first directory and left the old second one to be put back beside it."""
-    try:
-        names = json.loads(_pair_record(anchor).read_text())
-    except (OSError, ValueError):
-        return []
-    if not (isinstance(names, list) and names and names[0] == anchor.name):
-        return []
-    return [anchor.with_name(name) for name in names[1:] if isinstance(name, str)]
+def recorded_pair(path: Path) -> list[Path]:
+    """The directories of a pair write whose record (`_pair_record`) is still there and names `path`, first or not
+    (siblings of it, by name, its first directory first), or none. A merge into any of them (a plain one into OUTPUT,
+    or into OUTPUT-nf4 itself) rolls such a pair back first: the tidy of `.NAME.old` alone kept a new OUTPUT and put
+    the old OUTPUT-nf4 back beside it, and a later roll-back deleted what was written there meanwhile."""
+    for record in sorted(path.parent.glob(".*.pair")):
+        try:
+            names = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if (isinstance(names, list) and names and all(isinstance(name, str) for name in names)
+                and path.name in names and _pair_record(path.with_name(names[0])) == record):
+            return [path.with_name(name) for name in names]
+    return []
 
 
 def roll_back_interrupted(paths: list[Path]) -> bool:

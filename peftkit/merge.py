@@ -221,8 +221,8 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     `output` is replaced as a whole, so it must not be (or contain) the current directory, the base model or
     the adapter, even with --overwrite; an existing file, model or adapter directory needs --overwrite; any other
     non-empty directory (a run, the user's own files) is refused even with it. A pair write into `output` (`merge
-    --requantize`) that a kill stopped while it was put in place, whose record is still there, is first rolled back to
-    the earlier pair (`fileio.recorded_pair`).
+    --requantize`) that a kill stopped while it was put in place, whose record is still there and names `output` (as
+    its OUTPUT or its OUTPUT-nf4), is first rolled back to the earlier pair (`fileio.recorded_pair`).
 
     Args:
         protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
@@ -254,10 +254,11 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     if live := next((e.name for e in output.parent.iterdir() if is_temp_name(e.name, ours) and being_written(e)), None):
         raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
                            "it to finish, or choose another --output.")
-    # A pair a kill stopped while it was put in place (the pair its record names, whatever this merge writes beside
-    # OUTPUT: nothing, OUTPUT-fp4 after a killed --requantize nf4): the earlier pair back.
+    # A pair a kill stopped while it was put in place (the pair a record naming OUTPUT names, whatever this merge writes
+    # beside OUTPUT: nothing, OUTPUT-fp4 after a killed --requantize nf4; or OUTPUT is that pair's OUTPUT-nf4): the
+    # earlier pair back.
     if pair := recorded_pair(output):
-        roll_back_interrupted([output, *pair])
+        roll_back_interrupted(pair)
     tidy_leftovers(output.parent, ours)  # what a killed earlier merge into it left
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return output

@@ -188,6 +188,33 @@ def test_a_pair_killed_midway_is_rolled_back_by_a_plain_merge_s_checks_too(tmp_p
     assert _state(tmp_path) == ("old", "old") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
 
 
+def test_a_pair_killed_midway_is_rolled_back_by_a_merge_into_its_second_directory(tmp_path):
+    """Killed once the new m was in place, before the new m-nf4: a plain `merge --output m-nf4` (the second directory
+    as its own output) passed over the record, which names m first, and its tidy put the old m-nf4 back beside the new
+    m; written with --overwrite, its merge then went in beside them, and the next merge into m rolled the pair back,
+    deleting it. A merge into either directory a record names rolls that pair back first."""
+    from peftkit.errors import PeftkitError
+    from peftkit.fileio import atomic_directory
+    from peftkit.merge import check_merge_output
+
+    _model(tmp_path / "m", "old")
+    _model(tmp_path / "m-nf4", "old")
+    body = ("from peftkit.fileio import atomic_directories\n"
+            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
+            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    assert _killed("dst.name == 'm-nf4' and src.name.endswith('.tmp')", body, tmp_path) == -9
+    assert _state(tmp_path) == ("new", None)
+    with pytest.raises(PeftkitError, match="pass --overwrite"):
+        check_merge_output(tmp_path / "m-nf4", {}, False)  # a plain merge --output m-nf4
+    assert _state(tmp_path) == ("old", "old") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+    check_merge_output(tmp_path / "m-nf4", {}, True)  # with --overwrite: its merge goes in
+    with atomic_directory(tmp_path / "m-nf4") as written:
+        (written / "w").write_text("plain")
+        (written / "config.json").write_text("{}")
+    _next_merge_checks(tmp_path)
+    assert _state(tmp_path) == ("old", "plain") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+
+
 def test_a_pair_write_killed_before_it_set_anything_aside_leaves_no_record_for_a_plain_merge_s_leftover(tmp_path):
     """A pair write killed after it wrote its record, before it set anything aside, left the record; a plain merge
     --overwrite into m then killed after its new m went in (.m.old the old one) left what looked like that pair's
