@@ -164,3 +164,33 @@ def test_an_in_place_merge_into_weights_copies_share_is_refused(tiny_llama, tmp_
         "Cannot merge in place into a layer whose weight 2 stacked layers share (layer_replication): each copy's "
         "update would change them all. Use `peftkit merge` or merged_model, which write each layer's weight on its own.")
     assert (_logits(model) - expected).abs().max() <= 1e-5
+
+
+def test_an_in_place_merge_into_experts_copies_share_is_refused_too(tmp_path):
+    """target_parameters' LoRA on the experts' 3-D weights (Mixtral's) folded its update in place without the check
+    above: merging every layer of peft's replicated adapter added layer 1's two copies' updates into the one weight
+    they share (logits ~1.9 off the unmerged model's). It is refused as a Linear's is; layer 0's experts still merge,
+    and merged_model writes each layer apart, with peft's logits."""
+    from peftkit.adapters import adapter_layers
+
+    build_tiny_model(tmp_path / "mixtral", arch="mixtral", hidden_size=32, num_layers=2, seed=0)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_load(tmp_path / "mixtral"), PeftLora(
+        task_type="CAUSAL_LM", r=2, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        init_lora_weights=False, layer_replication=STACK)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = _logits(peft_model)
+    model, cfg, *_ = load_adapted_model(str(tmp_path / "mixtral"), str(tmp_path / "peft"), torch.device("cpu"))
+    assert (_logits(model) - expected).abs().max() <= 1e-5
+    assert (_logits(merged_model(model, cfg, torch.float32)) - expected).abs().max() <= 1e-5
+    layers = adapter_layers(model)
+    for path in ("model.layers.0.mlp.experts", "model.layers.0.mlp.experts.base_layer"):
+        layers[path].merge()
+    for path in ("model.layers.1.mlp.experts", "model.layers.2.mlp.experts.base_layer"):
+        with pytest.raises(PeftkitError) as refused:
+            layers[path].merge()
+        assert str(refused.value) == (
+            "Cannot merge in place into a layer whose weight 2 stacked layers share (layer_replication): each copy's "
+            "update would change them all. Use `peftkit merge` or merged_model, which write each layer's weight on "
+            "its own.")
+    assert (_logits(model) - expected).abs().max() <= 1e-5

@@ -116,10 +116,7 @@ class AdapterLayer(nn.Module):
         if not isinstance(weight, nn.Parameter):  # (a head with trained token rows: its weight is computed)
             raise PeftkitError("Cannot merge in place into a layer whose weight is computed (trained token rows); "
                                "use `peftkit merge`.")
-        if getattr(weight, "stacked_copies", 0) > 1:  # (peft's merge_and_unload adds them all up there)
-            raise PeftkitError(f"Cannot merge in place into a layer whose weight {weight.stacked_copies} stacked "
-                               "layers share (layer_replication): each copy's update would change them all. Use "
-                               "`peftkit merge` or merged_model, which write each layer's weight on its own.")
+        refuse_stacked(weight)
         if bias is None:
             check_bias_to_merge(parts, "this layer")
         merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
@@ -144,6 +141,16 @@ class AdapterLayer(nn.Module):
         if bias is not None and (restored := self.method.unmerge_bias(bias.data.float(), parts, self.facts)) is not None:
             bias.data.copy_(restored.to(bias.dtype))
         self.merged = False
+
+
+def refuse_stacked(weight: torch.Tensor) -> None:
+    """Refuse an in-place merge into a weight several stacked layers share (layer_replication marks them:
+    `stacked_copies`): each copy's update would be folded into it (peft's merge_and_unload adds them all up there). A
+    Linear's weight and a 3-D experts' parameter (target_parameters) alike."""
+    if getattr(weight, "stacked_copies", 0) > 1:
+        raise PeftkitError(f"Cannot merge in place into a layer whose weight {weight.stacked_copies} stacked "
+                           "layers share (layer_replication): each copy's update would change them all. Use "
+                           "`peftkit merge` or merged_model, which write each layer's weight on its own.")
 
 
 def check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str | None) -> None:

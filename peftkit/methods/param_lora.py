@@ -33,7 +33,7 @@ from torch.func import functional_call
 
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods.base import PeftConfigBase
-from peftkit.methods.layer import AdapterLayer
+from peftkit.methods.layer import AdapterLayer, refuse_stacked
 from peftkit.section import AdapterSection
 
 ParameterNames = list[str] | None
@@ -146,6 +146,7 @@ class ParamLora(AdapterLayer):
         if self.merged:
             return
         weight = self.param()
+        refuse_stacked(weight)
         with torch.no_grad():
             weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
         self.merged = True
