@@ -293,6 +293,20 @@ def _pair_record(anchor: Path) -> Path:
     return anchor.with_name(f".{_short(anchor.name)}.pair")
 
 
+def _read_record(record: Path) -> tuple[list[str], bool] | None:
+    """(the directory names a pair record holds, whether the pair was kept: `{"kept": names}`, written once every new
+    directory is in place), or None where it is not there or not one."""
+    try:
+        names = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    kept = isinstance(names, dict)
+    names = names.get("kept") if kept else names
+    if not (isinstance(names, list) and names and all(isinstance(name, str) for name in names)):
+        return None
+    return names, kept
+
+
 @contextlib.contextmanager
 def atomic_directories(paths: list[Path], replace: bool = True) -> Iterator[list[Path]]:
     """`atomic_directory` for directories that belong together (a merged model and its re-quantized copy): one
@@ -327,8 +341,9 @@ def atomic_directories(paths: list[Path], replace: bool = True) -> Iterator[list
 def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
     """Rename each of `tmps` over its path. The earlier directories are set aside first (`.NAME.old`), the first path's
     last: while its `.NAME.old` is there the replace is under way, and rolling back (here on an error, or
-    `roll_back_interrupted` after a kill) restores every old one and removes every new one. Deleting that `.NAME.old`
-    (in one rename) is the moment the new set is kept."""
+    `roll_back_interrupted` after a kill) restores every old one and removes every new one. Rewriting the record as
+    kept, once every new one is in place, is the moment the new set is kept: the old ones are then deleted, by the
+    next merge's `roll_back_interrupted` where a kill stops that."""
     if not replace:
         for tmp, path in zip(tmps, paths, strict=True):
             _rename_into_place(tmp, path)
@@ -348,15 +363,15 @@ def _put_in_place(tmps: list[Path], paths: list[Path], replace: bool) -> None:
                     _delete(path)
         for tmp, path in zip(tmps, paths, strict=True):
             _rename_into_place(tmp, path)  # (one another process made meanwhile is kept, and said)
+        if len(paths) > 1:  # the moment the new set is kept: the record says so until every old copy is gone (a
+            # whole `.NAME-nf4.old` left without it was put back by a tidy once the user had removed NAME-nf4)
+            atomic_write_text(record, json.dumps({"kept": [path.name for path in paths]}), temp_of=anchor.name)
     except BaseException:
         _roll_back(paths)
         raise
-    doomed = _renamed_away(_set_aside_name(anchor), of=anchor)  # the moment the new set is kept
-    record.unlink(missing_ok=True)
-    if doomed is not None:
-        _remove(doomed)
-    for path in paths[1:]:  # (renamed first: a kill midway left half of one, which a tidy put back once NAME was gone)
+    for path in paths:  # (renamed first: a kill midway left half of one, which a tidy put back once NAME was gone)
         _delete(_set_aside_name(path), of=path)
+    record.unlink(missing_ok=True)
 
 
 def recorded_pair(path: Path) -> list[Path]:
@@ -365,12 +380,8 @@ def recorded_pair(path: Path) -> list[Path]:
     or into OUTPUT-nf4 itself) rolls such a pair back first: the tidy of `.NAME.old` alone kept a new OUTPUT and put
     the old OUTPUT-nf4 back beside it, and a later roll-back deleted what was written there meanwhile."""
     for record in sorted(path.parent.glob(".*.pair")):
-        try:
-            names = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
-        if (isinstance(names, list) and names and all(isinstance(name, str) for name in names)
-                and path.name in names and _pair_record(path.with_name(names[0])) == record):
+        names = (_read_record(record) or ([], False))[0]
+        if path.name in names and _pair_record(path.with_name(names[0])) == record:
             return [path.with_name(name) for name in names]
     return []
 
@@ -378,18 +389,21 @@ def recorded_pair(path: Path) -> list[Path]:
 def roll_back_interrupted(paths: list[Path]) -> bool:
     """Undo an `atomic_directories(paths)` that stopped while replacing its directories (a kill: its record of these
     paths, `_pair_record`, and its first path's `.NAME.old` are still there): the old directories are put back and the
-    new ones removed, so the set is the earlier one again, never a mix. Returns whether anything was rolled back;
-    nothing is while a live process writes them, nor for a `.NAME.old` of another write (a single directory's)."""
+    new ones removed, so the set is the earlier one again, never a mix; one that stopped after its record said the new
+    set was kept has its old copies deleted. Returns whether anything was rolled back; nothing is while a live process
+    writes them, nor for a `.NAME.old` of another write (a single directory's)."""
     paths = [Path(p) for p in paths]
     if any(being_written(entry) for path in paths
            for entry in (path, *path.parent.glob(f".{glob.escape(_short(path.name))}.*.tmp"))):
         return False  # (a live write holds its temporary directories, and each once it is in place)
     record = _pair_record(paths[0])
-    try:
-        ours = json.loads(record.read_text()) == [path.name for path in paths]
-    except (OSError, ValueError):
+    names, kept = _read_record(record) or ([], False)
+    if names != [path.name for path in paths]:
         return False
-    if not ours:
+    if kept:  # stopped once the new set was kept: the old copies go
+        for path in paths:
+            _delete(_set_aside_name(path), of=path)
+        record.unlink(missing_ok=True)
         return False
     if not _set_aside_name(paths[0]).is_dir():  # stopped before the first was set aside: the rest is a tidy's
         record.unlink(missing_ok=True)

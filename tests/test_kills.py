@@ -261,6 +261,23 @@ def test_a_pair_killed_deleting_an_old_copy_leaves_no_half_of_it_to_put_back(tmp
     assert _state(tmp_path) == ("new", None) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_a_pair_killed_before_it_deleted_an_old_copy_leaves_none_to_put_back(tmp_path):
+    """Killed as the old m-nf4 was renamed away for deletion, after the new pair was kept (its record already gone):
+    the whole .m-nf4.old, without a record, was a single write's leftover to the next merge's tidy, which put it back
+    as m-nf4 once the user had removed the new one: the old m-nf4 beside the new m. The record now says the pair was
+    kept until every old copy is gone, and the next merge's checks delete them."""
+    for name in ("m", "m-nf4"):
+        _model(tmp_path / name, "old")
+    body = ("from peftkit.fileio import atomic_directories\n"
+            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
+            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    assert _killed("src.name == '.m-nf4.old'", body, tmp_path) == -9
+    assert _state(tmp_path) == ("new", "new")
+    shutil.rmtree(tmp_path / "m-nf4")  # the user removes the re-quantized copy
+    _next_merge_checks(tmp_path)
+    assert _state(tmp_path) == ("new", None) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, number_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("adapter-run")
