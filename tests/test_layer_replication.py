@@ -194,3 +194,28 @@ def test_an_in_place_merge_into_experts_copies_share_is_refused_too(tmp_path):
             "update would change them all. Use `peftkit merge` or merged_model, which write each layer's weight on "
             "its own.")
     assert (_logits(model) - expected).abs().max() <= 1e-5
+
+
+def test_a_deep_copy_of_the_stacked_model_still_refuses_the_in_place_merge(tiny_llama, tmp_path):
+    """copy.deepcopy of the stacked model keeps the copies' weights shared but dropped the Parameters' mark
+    (`stacked_copies`: torch's Parameter.__deepcopy__ keeps no attribute), so merging each layer of the copy folded
+    both copies' updates into layer 1's weight (0.22 off peft's unmerged logits). The modules holding them carry the
+    mark too, which deepcopy keeps."""
+    import copy
+
+    from peftkit.adapters import adapter_layers
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(_load(tiny_llama), PeftLora(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"],
+                                                           init_lora_weights=False, layer_replication=STACK)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    expected = _logits(peft_model)
+    model, *_ = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))
+    copied = copy.deepcopy(model)
+    layers = adapter_layers(copied)
+    assert layers["model.layers.1.self_attn.q_proj"].weight is layers["model.layers.2.self_attn.q_proj"].weight
+    layers["model.layers.0.self_attn.q_proj"].merge()
+    for path in ("model.layers.1.self_attn.q_proj", "model.layers.2.self_attn.q_proj"):
+        with pytest.raises(PeftkitError, match="^Cannot merge in place into a layer whose weight 2 stacked layers"):
+            layers[path].merge()
+    assert (_logits(copied) - expected).abs().max() <= 1e-5

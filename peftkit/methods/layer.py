@@ -116,7 +116,7 @@ class AdapterLayer(nn.Module):
         if not isinstance(weight, nn.Parameter):  # (a head with trained token rows: its weight is computed)
             raise PeftkitError("Cannot merge in place into a layer whose weight is computed (trained token rows); "
                                "use `peftkit merge`.")
-        refuse_stacked(weight)
+        refuse_stacked(weight, self.base_layer)
         if bias is None:
             check_bias_to_merge(parts, "this layer")
         merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
@@ -143,12 +143,14 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
 
-def refuse_stacked(weight: torch.Tensor) -> None:
-    """Refuse an in-place merge into a weight several stacked layers share (layer_replication marks them:
-    `stacked_copies`): each copy's update would be folded into it (peft's merge_and_unload adds them all up there). A
-    Linear's weight and a 3-D experts' parameter (target_parameters) alike."""
-    if getattr(weight, "stacked_copies", 0) > 1:
-        raise PeftkitError(f"Cannot merge in place into a layer whose weight {weight.stacked_copies} stacked "
+def refuse_stacked(weight: torch.Tensor, owner: nn.Module) -> None:
+    """Refuse an in-place merge into a weight several stacked layers share (layer_replication marks them and the
+    module `owner` that holds them: `stacked_copies`; a deepcopy of the model keeps the module's mark and the sharing,
+    not the Parameter's mark): each copy's update would be folded into it (peft's merge_and_unload adds them all up
+    there). A Linear's weight and a 3-D experts' parameter (target_parameters) alike."""
+    copies = max(getattr(weight, "stacked_copies", 0), getattr(owner, "stacked_copies", 0))
+    if copies > 1:
+        raise PeftkitError(f"Cannot merge in place into a layer whose weight {copies} stacked "
                            "layers share (layer_replication): each copy's update would change them all. Use "
                            "`peftkit merge` or merged_model, which write each layer's weight on its own.")
 

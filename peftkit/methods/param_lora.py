@@ -146,7 +146,7 @@ class ParamLora(AdapterLayer):
         if self.merged:
             return
         weight = self.param()
-        refuse_stacked(weight)
+        refuse_stacked(weight, _innermost(self.base_layer))
         with torch.no_grad():
             weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
         self.merged = True

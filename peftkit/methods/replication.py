@@ -81,9 +81,12 @@ def replicate_layers(model: nn.Module, layer_map: list[list[int]]) -> None:
                            f"layers (numbered 0 to {len(layers) - 1}; a range is [start, end), end at most "
                            f"{len(layers)}).")
     originals = [i for start, end in layer_map for i in range(start, end)]
-    for i in {i for i in originals if originals.count(i) > 1}:
+    for i in {i for i in originals if originals.count(i) > 1}:  # (AdapterLayer.merge refuses to fold into them)
         for p in layers[i].parameters():
-            p.stacked_copies = originals.count(i)  # (AdapterLayer.merge refuses to fold into a shared weight)
+            p.stacked_copies = originals.count(i)
+        for module in layers[i].modules():  # and on their modules, which copy.deepcopy keeps it on (a Parameter's
+            if module._parameters:  # deepcopy drops it, the sharing kept: an in-place merge then folded every copy's)
+                module.stacked_copies = originals.count(i)
     stacked = []
     for new_index, i in enumerate(originals):
         stacked.append(_shared_copy(layers[i]))
