@@ -414,14 +414,18 @@ def roll_back_interrupted(paths: list[Path]) -> bool:
 
 def _roll_back(paths: list[Path]) -> None:
     """Put back each directory `_put_in_place` set aside, removing the new one in its place. Once the first path is
-    set aside, every other one is (they go first): one there without a `.NAME.old` is new, and goes too."""
+    set aside, every other one is (they go first): one there without a `.NAME.old` is new, and goes too. Every new one
+    goes before any old one comes back, the first path's first: a kill midway then leaves either the replace under
+    way (its `.NAME.old`: rolled back again) or the first one back and the others' `.NAME.old` where nothing is, which
+    a tidy puts back (put back one by one, a kill after the first left its new OUTPUT-nf4 beside the old OUTPUT, and
+    the next check, the first's `.NAME.old` gone, tidied the rest away as a single write's leftovers)."""
     underway = _set_aside_name(paths[0]).exists()
     for path in paths:
+        if _set_aside_name(path).exists() or (underway and path != paths[0]):
+            _delete(path)
+    for path in paths:
         if _set_aside_name(path).exists():
-            _delete(path)
             os.replace(_set_aside_name(path), path)
-        elif underway and path != paths[0]:
-            _delete(path)
     _pair_record(paths[0]).unlink(missing_ok=True)
 
 

@@ -278,6 +278,29 @@ def test_a_pair_killed_before_it_deleted_an_old_copy_leaves_none_to_put_back(tmp
     assert _state(tmp_path) == ("new", None) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_a_roll_back_killed_midway_still_leaves_the_earlier_pair(tmp_path):
+    """A pair write killed once both new directories were in place, then the next merge's roll-back killed as it
+    removed the new m-nf4: it had put the old m back first, so the new m-nf4 stood beside it and, the record's `.m.old`
+    gone, the checks after tidied .m-nf4.old away as a single write's leftover: the old m beside the new m-nf4. Every
+    new directory now goes before any old one comes back."""
+    from peftkit.fileio import recorded_pair
+
+    for name in ("m", "m-nf4"):
+        _model(tmp_path / name, "old")
+    write = ("from peftkit.fileio import atomic_directories\n"
+             f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
+             "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    assert _killed("src.name.endswith('.tmp') and dst.name == '.m.pair' and len(calls.append(1) or calls) == 2",
+                   "calls = []\n" + write, tmp_path) == -9  # at the rename of the record saying the pair was kept
+    assert _state(tmp_path) == ("new", "new") and recorded_pair(tmp_path / "m")
+    checks = ("from peftkit.merge import check_merge_output\n"
+              f"check_merge_output(Path({str(tmp_path / 'm')!r}), {{}}, True)\n")
+    assert _killed("src.name == 'm-nf4' and dst.name.endswith('.tmp')", checks, tmp_path) == -9
+    assert set(_state(tmp_path)) - {None} in ({"old"}, {"new"}, set())
+    _next_merge_checks(tmp_path)
+    assert _state(tmp_path) == ("old", "old") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
+
+
 @pytest.fixture(scope="module")
 def adapter_run(tiny_llama, number_data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("adapter-run")
