@@ -90,6 +90,23 @@ def _pair_write(root: Path) -> str:
             "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
 
 
+def _the_user_removes_m_nf4_and_merges(root: Path) -> None:
+    """After a pair write killed once its new pair was kept: the user removes the new m-nf4, and the next merge's
+    checks must leave the new m alone, with no old m-nf4 put back beside it."""
+    assert _state(root) == ("new", "new")
+    shutil.rmtree(root / "m-nf4")
+    _next_merge_checks(root)
+    assert _state(root) == ("new", None) and sorted(p.name for p in root.iterdir()) == ["m"]
+
+
+def _killed_between_the_two(root: Path) -> None:
+    """An old pair (m, m-nf4), then a pair write killed once its new m was in place, before its new m-nf4."""
+    _model(root / "m", "old")
+    _model(root / "m-nf4", "old")
+    assert _killed("dst.name == 'm-nf4' and src.name.endswith('.tmp')", _pair_write(root), root) == -9
+    assert _state(root) == ("new", None)
+
+
 def _model(path: Path, text: str) -> None:
     path.mkdir()
     (path / "w").write_text(text)
@@ -176,11 +193,7 @@ def test_a_pair_killed_midway_is_rolled_back_by_a_plain_merge_s_checks_too(tmp_p
     from peftkit.errors import PeftkitError
     from peftkit.merge import check_merge_output
 
-    _model(tmp_path / "m", "old")
-    _model(tmp_path / "m-nf4", "old")
-    body = _pair_write(tmp_path)
-    assert _killed("dst.name == 'm-nf4' and src.name.endswith('.tmp')", body, tmp_path) == -9
-    assert _state(tmp_path) == ("new", None)
+    _killed_between_the_two(tmp_path)
     with pytest.raises(PeftkitError, match="pass --overwrite"):
         check_merge_output(tmp_path / "m", {}, False)  # a plain merge
     assert _state(tmp_path) == ("old", "old")
@@ -197,13 +210,7 @@ def test_a_pair_killed_midway_is_rolled_back_by_a_merge_into_its_second_director
     from peftkit.fileio import atomic_directory
     from peftkit.merge import check_merge_output
 
-    _model(tmp_path / "m", "old")
-    _model(tmp_path / "m-nf4", "old")
-    body = ("from peftkit.fileio import atomic_directories\n"
-            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
-            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
-    assert _killed("dst.name == 'm-nf4' and src.name.endswith('.tmp')", body, tmp_path) == -9
-    assert _state(tmp_path) == ("new", None)
+    _killed_between_the_two(tmp_path)
     with pytest.raises(PeftkitError, match="pass --overwrite"):
         check_merge_output(tmp_path / "m-nf4", {}, False)  # a plain merge --output m-nf4
     assert _state(tmp_path) == ("old", "old") and sorted(p.name for p in tmp_path.iterdir()) == ["m", "m-nf4"]
@@ -255,10 +262,7 @@ def test_a_pair_killed_deleting_an_old_copy_leaves_no_half_of_it_to_put_back(tmp
             "    return real_rmtree(path, *args, **kwargs)\n"
             "shutil.rmtree = rmtree\n") + _pair_write(tmp_path)
     assert _killed("False", body, tmp_path) == -9
-    assert _state(tmp_path) == ("new", "new")
-    shutil.rmtree(tmp_path / "m-nf4")  # the user removes the re-quantized copy
-    _next_merge_checks(tmp_path)
-    assert _state(tmp_path) == ("new", None) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    _the_user_removes_m_nf4_and_merges(tmp_path)
 
 
 def test_a_pair_killed_before_it_deleted_an_old_copy_leaves_none_to_put_back(tmp_path):
@@ -268,14 +272,9 @@ def test_a_pair_killed_before_it_deleted_an_old_copy_leaves_none_to_put_back(tmp
     kept until every old copy is gone, and the next merge's checks delete them."""
     for name in ("m", "m-nf4"):
         _model(tmp_path / name, "old")
-    body = ("from peftkit.fileio import atomic_directories\n"
-            f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
-            "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    body = _pair_write(tmp_path)
     assert _killed("src.name == '.m-nf4.old'", body, tmp_path) == -9
-    assert _state(tmp_path) == ("new", "new")
-    shutil.rmtree(tmp_path / "m-nf4")  # the user removes the re-quantized copy
-    _next_merge_checks(tmp_path)
-    assert _state(tmp_path) == ("new", None) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    _the_user_removes_m_nf4_and_merges(tmp_path)
 
 
 def test_a_roll_back_killed_midway_still_leaves_the_earlier_pair(tmp_path):
@@ -287,9 +286,7 @@ def test_a_roll_back_killed_midway_still_leaves_the_earlier_pair(tmp_path):
 
     for name in ("m", "m-nf4"):
         _model(tmp_path / name, "old")
-    write = ("from peftkit.fileio import atomic_directories\n"
-             f"with atomic_directories([Path({str(tmp_path / 'm')!r}), Path({str(tmp_path / 'm-nf4')!r})]) as (a, b):\n"
-             "    for d in (a, b): (d / 'w').write_text('new'); (d / 'config.json').write_text('{}')\n")
+    write = _pair_write(tmp_path)
     assert _killed("src.name.endswith('.tmp') and dst.name == '.m.pair' and len(calls.append(1) or calls) == 2",
                    "calls = []\n" + write, tmp_path) == -9  # at the rename of the record saying the pair was kept
     assert _state(tmp_path) == ("new", "new") and recorded_pair(tmp_path / "m")
