@@ -312,8 +312,11 @@ def atomic_directories(paths: list[Path], replace: bool = True) -> Iterator[list
     """`atomic_directory` for directories that belong together (a merged model and its re-quantized copy): one
     temporary sibling each, and on success every path is replaced, so that their names never show a new one beside an
     old one, however the write ends (a failure, Ctrl-C, or a kill, after which `roll_back_interrupted` of the same
-    paths puts the old ones back). replace=False: each path must be free (not there, or an empty directory)."""
+    paths puts the old ones back). The paths are siblings: their record names them beside the first.
+    replace=False: each path must be free (not there, or an empty directory)."""
     paths = [Path(p) for p in paths]
+    if len({path.parent for path in paths}) > 1:  # (the record names them by name, beside the first)
+        raise ValueError(f"atomic_directories writes directories side by side, not {[str(p) for p in paths]}")
     tmps: list[Path] = []
     try:
         with contextlib.ExitStack() as locks:

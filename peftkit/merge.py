@@ -305,6 +305,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         config = Path(adapter_dir) / "adapter_config.json"
         raise PeftkitError(f"The base model {recorded} (base_model_name_or_path of {config}{relative_to_cwd(recorded)}) "
                            "is not there: moved or deleted since? Give it with --base DIR.")
+    if requantize:
+        check_side_by_side(outputs, requantize)
     protected = {"base model": base or recorded, "adapter": adapter_dir}
     targets = [check_merge_output(out, protected, overwrite) for out in outputs]  # (OUTPUT's rolls back a pair first)
     model, cfg, tok, base, _ = load_adapted_model(base, adapter_dir, merge_device(adapter_dir), trust_remote_code,
@@ -319,6 +321,23 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
                                                          recorded_reward_center(adapter_dir)),
                 replace=overwrite, requantized=(targets[1], requantize) if requantize else None)
     return Path(output_dir)
+
+
+def check_side_by_side(outputs: list[Path], method: str) -> None:
+    """Refuse --requantize's pair (OUTPUT, OUTPUT-nf4) where, symbolic links resolved, the two lie in different
+    directories (OUTPUT a link to a directory elsewhere): the pair's record and the roll-back after a kill name them
+    side by side, so a kill there left the old OUTPUT restored beside the new OUTPUT-nf4, and the roll-back deleted
+    the OUTPUT-nf4 that lies beside the link's target (an earlier merge's)."""
+    from peftkit.fileio import resolved
+
+    targets = [resolved(out, "--output") for out in outputs]
+    if len({target.parent for target in targets}) > 1:
+        links = ", ".join(f"{out} -> {target}" for out, target in zip(outputs, targets, strict=True) if out.is_symlink())
+        raise PeftkitError(f"--requantize writes {outputs[0]} and {outputs[1]} as a pair, side by side in one directory "
+                           f"(a kill is rolled back as one there), and a symbolic link ({links}) puts them in "
+                           f"{targets[0].parent} and {targets[1].parent}. Give --output {targets[0]} (its re-quantized "
+                           f"copy then goes to {requantized_dir(targets[0], method)}), or "
+                           "merge without --requantize.")
 
 
 def requantized_dir(output_dir: str | Path, method: str) -> Path:

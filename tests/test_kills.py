@@ -343,6 +343,33 @@ def test_a_requantized_merge_killed_midway_is_rolled_back_by_one_that_requantize
     assert {name: data for name, data in _files(tmp_path).items() if not name.startswith(".")} == before
 
 
+def test_a_requantized_merge_into_a_linked_output_elsewhere_is_refused(adapter_run, tmp_path):
+    """--output a symbolic link to a directory elsewhere put the pair in two directories: the link's target and
+    OUTPUT-nf4 beside the link. Its record, read beside the first, named the second there too, so a pair write killed
+    once both new ones were in (before the record said kept) was rolled back by the next merge into the old target
+    beside the new OUTPUT-nf4, deleting the target's own sibling m-nf4 (an earlier merge's). Refused now, before
+    anything is written; the pair write itself takes siblings only."""
+    from peftkit.errors import PeftkitError
+    from peftkit.merge import merge_adapter
+
+    real, out = tmp_path / "real", tmp_path / "out"
+    real.mkdir(), out.mkdir()
+    _model(real / "m", "old"), _model(real / "m-nf4", "old"), _model(out / "m-nf4", "old")
+    (out / "m").symlink_to(real / "m")
+    before = _files(tmp_path)
+    with pytest.raises(PeftkitError) as refused:
+        merge_adapter(str(adapter_run / "adapter"), str(out / "m"), dtype="float32", requantize="nf4", overwrite=True)
+    assert str(refused.value) == (
+        f"--requantize writes {out / 'm'} and {out / 'm-nf4'} as a pair, side by side in one directory (a kill is "
+        f"rolled back as one there), and a symbolic link ({out / 'm'} -> {real / 'm'}) puts them in {real} and {out}. "
+        f"Give --output {real / 'm'} (its re-quantized copy then goes to {real / 'm-nf4'}), or merge without "
+        "--requantize.")
+    assert _files(tmp_path) == before and sorted(p.name for p in real.iterdir()) == ["m", "m-nf4"]
+    with pytest.raises(ValueError, match="side by side"), atomic_directories([real / "m", out / "m-nf4"]):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["m", "m-nf4"]
+
+
 # ------------------------------------------------------------------------------ verify: its re-run's directory
 
 
