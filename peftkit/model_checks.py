@@ -126,16 +126,15 @@ def _check_tokenizer(cfg: Recipe, tok) -> None:
 
 
 def _check_eval_formats(cfg: Recipe, tok) -> None:
-    """`_check_tokenizer`'s refusals of the formats of data.eval's sets that set one of their own (data.eval.NAME:
-    {path, format}), which train's read of the set refuses at that key: chat on a tokenizer without a template, a
-    format whose targets end with EOS on one without an EOS token. (A set in data.format is data.train's check.)"""
+    """`_check_tokenizer`'s refusals of the formats data.eval's sets are read in, which train's read of a set refuses
+    at its format key (data.eval.NAME.format of a set that sets its own, else data.format): chat on a tokenizer
+    without a template, a format whose targets end with EOS on one without an EOS token. A set read in data.format is
+    checked too: where every data.train entry sets a format of its own, data.train's check never reads data.format."""
     from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.data.examples import EOS_FORMATS, check_eos
 
     for name, entry in cfg.data.eval_sources().items():
         key = cfg.data.for_eval(name)._format_key
-        if key == "data.format":
-            continue
         if entry.format == "chat":
             check_chat_tokenizer(tok, key)
         elif entry.format in EOS_FORMATS and not cfg.classifier:

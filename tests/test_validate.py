@@ -362,7 +362,8 @@ def test_validate_refuses_conversations_without_a_template_as_train(objective, t
     assert "# model checks (no weight read): " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("case", ["dpo", "dpo_named", "kto", "sft_chat", "sft_own_chat", "sft_own_completion"])
+@pytest.mark.parametrize("case", ["dpo", "dpo_named", "kto", "sft_chat", "sft_own_chat", "sft_own_completion",
+                                  "sft_eval_alone_in_data_format"])
 def test_validate_refuses_each_eval_set_s_rows_as_train(case, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """data.eval's sets were not checked: conversations in data.eval (one set, or one of several by name) beside
     data.train's rows of text, on a tokenizer without a chat template, and an SFT set whose own format needs a
@@ -394,13 +395,19 @@ def test_validate_refuses_each_eval_set_s_rows_as_train(case, tiny_llama, number
     elif case == "sft_own_chat":
         data, key = {"eval": {"plain": str(number_data["eval"]), "turns": {"path": path["chat"], "format": "chat"}}}, \
             "format: chat"
+    elif case == "sft_eval_alone_in_data_format":  # every data.train entry sets its own format: data.format (an
+        # EOS one) is data.eval's alone, which data.train's check never reads
+        data, key = {"format": "completion", "chat_template": "chatml", "columns": {
+            "prompt": "instruction", "completion": "output"}, "train": [{"path": path["chat"], "format": "chat", "columns": {}}]}, \
+            "format: completion"
     else:  # an EOS-less tokenizer given a template: chat rows train, a completion set cannot end its targets
         data, key = {"format": "chat", "train": path["chat"], "chat_template": "chatml",
                      "eval": {"turns": path["chat"], "text": {"path": str(number_data["eval"]),
                                                               "format": "completion", "columns": {
                                                                   "prompt": "instruction", "completion": "output"}}}},\
             "format: completion"
-    model = _encoder_tokenized(tiny_llama, tmp_path / "model") if case == "sft_own_completion" else \
+    model = _encoder_tokenized(tiny_llama, tmp_path / "model") if case.startswith("sft_e") or case.endswith(
+        "completion") else \
         _garbage_weights(tiny_llama, tmp_path / "model")
     (model / "chat_template.jinja").unlink(missing_ok=True)
     recipe = make_recipe(tmp_path / "r", model, number_data, data=data, training=training)
@@ -409,7 +416,7 @@ def test_validate_refuses_each_eval_set_s_rows_as_train(case, tiny_llama, number
     assert said.startswith(f"error: {recipe}:{line}: "), said
     validated, trained = _refusal(monkeypatch, capsys, recipe)
     set_key = {"sft_chat": "data.format", "sft_own_chat": "data.eval.turns.format",
-               "sft_own_completion": "data.eval.text.format"}.get(case)
+               "sft_own_completion": "data.eval.text.format", "sft_eval_alone_in_data_format": "data.format"}.get(case)
     if set_key is None:  # the rows' words: data.format's, as train says them
         assert validated == trained, (validated, trained)
         assert validated.startswith("error: data.format "), validated
