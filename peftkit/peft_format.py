@@ -26,7 +26,7 @@ from peftkit import __version__
 from peftkit.adapter_meta import META_NAME, read_meta
 from peftkit.errors import PeftkitError
 from peftkit.fileio import atomic_write_bytes, atomic_write_json
-from peftkit.methods import Method, method_for_peft_type, method_of
+from peftkit.methods import METHODS, Method, method_for_peft_type, method_of
 from peftkit.methods.base import REEXPORT, PeftConfigBase
 from peftkit.methods.monteclora import without_sampler
 from peftkit.peft_fields import check_peft_fields
@@ -113,6 +113,7 @@ def save_adapter(
     if config.get("modules_to_save"):
         config = config | {"modules_to_save": saved_module_paths(config["modules_to_save"], state)}
     atomic_write_json(path / CONFIG_NAME, config)
+    state = with_shared_copies(state, config.get("peft_type"))
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,
             "quantized_on": quantized_on if quantization else None, "trust_remote_code": trust_remote_code}
@@ -130,6 +131,42 @@ def save_adapter(
 
 
 _REEXPORT = REEXPORT
+
+
+def with_shared_copies(state: dict[str, torch.Tensor], peft_type: str | None) -> dict[str, torch.Tensor]:
+    """`state` with each saved shared tensor (`base_model.<name>`) also under every adapted layer, where peft's file
+    of `peft_type` repeats it there (`Method.shared_copies_per_layer`: peft loads a file without them, but warns of
+    missing keys)."""
+    method = next((m for m in METHODS.values() if m.peft_type == peft_type and m.shared_copies_per_layer), None)
+    if method is None:
+        return state
+    from peftkit.adapters import PEFT_PREFIX, SHARED_PREFIX, modules_adapted_by
+
+    shared = {n: state[f"{SHARED_PREFIX}{n}"] for n in method.shared_names if f"{SHARED_PREFIX}{n}" in state}
+    copies = {f"{PEFT_PREFIX}{m}.{n}": t.clone() for m in sorted(modules_adapted_by(state, method))
+              for n, t in shared.items()}
+    return state | copies
+
+
+def without_shared_copies(method: type[Method], state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    """`state` without peft's per-layer copies of the shared tensors (`with_shared_copies`), each checked equal to
+    the shared one: a file whose copies differ holds two adapters' bases, of which peft would use one at random."""
+    if not method.shared_copies_per_layer:
+        return state
+    from peftkit.adapters import SHARED_PREFIX
+
+    kept = dict(state)
+    for name in method.shared_names:
+        copies = [k for k in state if k.endswith(f".{name}") and not k.startswith(SHARED_PREFIX + name)]
+        shared = state.get(f"{SHARED_PREFIX}{name}", state[copies[0]] if copies else None)
+        for key in copies:
+            if not torch.equal(state[key], shared):
+                raise PeftkitError(f"{file}: {key} differs from {SHARED_PREFIX}{name}, the tensor every layer shares: "
+                                   "the file is damaged or mixes two adapters. Export the adapter again.")
+            del kept[key]
+        if shared is not None:
+            kept[f"{SHARED_PREFIX}{name}"] = shared
+    return kept
 
 
 def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
@@ -255,6 +292,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
                            "with save_pretrained.")
     state = {new: state[key] for key, new in without_adapter_name(state, method, weights_file).items()}
     state = without_sampler(state, peft)  # (MonteCLoRA's training state)
+    state = without_shared_copies(method, state, weights_file)
     check_weights_are_of(method, state, weights_file)
     check_adapter_tensors(method, state, weights_file)
     if getattr(cfg, "modules_to_save", None) and "modules_to_save" in type(cfg).model_fields:

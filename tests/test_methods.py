@@ -64,6 +64,7 @@ from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.ln_tuning import LnTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
+from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.oft import OftConfig
 from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
@@ -188,6 +189,13 @@ CASES: dict[str, list[Case]] = {
         Case("fourierft-pattern", FourierFtConfig(method="fourierft", n_frequency=24, scaling=300.0, random_loc_seed=5,
                                                   init_weights=True, n_frequency_pattern={"down_proj": 40},
                                                   target_modules=["q_proj", "v_proj", "down_proj"]), ("llama",), ()),
+    ],
+    # all-linear: layers of in < out (gate/up), in > out (down, the dense 12 -> 7) and square, one pair of bases sized
+    # for the largest; peft's alpha 640 over r 4 would swamp the tiny models, hence 8. (Sparse bases, bases left out
+    # of the file, an r that does not divide the layers: tests/test_randlora.py.)
+    "randlora": [
+        Case("randlora", RandLoraConfig(method="randlora", r=4, randlora_alpha=8), ("llama", "qwen2", "gpt2"),
+             ("linear", "conv1d")),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -393,6 +401,25 @@ def fourierft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], 
     return (dense.T if layout == "conv1d" else dense), bias
 
 
+def randlora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: RandLoraConfig, layout: str):
+    """(W + alpha / r sum_i B[:, i // r, i % r] (lambda[i // n, i % n] A[i // n, 0, :] * gamma[i % n, :]), b) in
+    float64, the sum over the n r rank-one products of peft's pairing (i < n r, n = ceil(min(out, in) / r) bases):
+    A' acts on the smaller side, so for out < in the same sum is the transpose's. W (out, in), or (in, out) for
+    Conv1D."""
+    w = weight.T if layout == "conv1d" else weight
+    out, inp = w.shape
+    small, large = min(out, inp), max(out, inp)
+    lam, gamma = parts["randlora_lambda"].double(), parts["randlora_gamma"].double()
+    a, b = parts["randlora_A"].double(), parts["randlora_B"].double()
+    n = lam.shape[1]
+    delta = torch.zeros(large, small, dtype=torch.float64)
+    for i in range(n * cfg.r):
+        delta += torch.outer(b[:large, i // cfg.r, i % cfg.r], lam[i // n, i % n] * a[i // n, 0, :small] * gamma[i % n])
+    delta = cfg.randlora_alpha / cfg.r * (delta if inp == small else delta.T)
+    dense = w + delta.to(w.dtype)
+    return (dense.T if layout == "conv1d" else dense), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -400,7 +427,8 @@ def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], 
 
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
-         "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense}
+         "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
+         "randlora": randlora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -409,6 +437,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "BOFT": {"init_weights": False},  # R ~ N(0, 0.1^2), s ~ N(1, 0.1^2)
                    "TRAINABLE_TOKENS": {"init_weights": False},  # random rows
                    "FOURIERFT": {"init_weights": False},  # N(0, 1), peft's default
+                   "RANDLORA": {"init_weights": False},  # lambda ~ N(0, 1) (its default: 0, the base model)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.

@@ -28,6 +28,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "VeraConfig": {}, "AdaLoraConfig": {"total_step": 10}, "PromptTuningConfig": {}, "PrefixTuningConfig": {},
     "PromptEncoderConfig": {}, "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 1},
     "MultitaskPromptTuningConfig": {}, "HRAConfig": {}, "BOFTConfig": {},
+    "RandLoraConfig": {},
 }
 
 
@@ -445,6 +446,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
     "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
+    "randlora": ("RandLoraConfig", {"r": 4, "randlora_alpha": 8}, {"r": 4, "randlora_alpha": 8}),
 }
 
 

@@ -34,6 +34,7 @@ from peftkit.methods.p_tuning import PTuning, PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokens
+from peftkit.methods.randlora import RandLora, RandLoraConfig
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -65,6 +66,7 @@ register(MultitaskPromptTuning)
 register(Fusion)
 register(LnTuning)
 register(FourierFt)
+register(RandLora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -108,5 +110,5 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig",
            "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
-           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig", "default_adapter",
+           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

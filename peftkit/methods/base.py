@@ -135,6 +135,9 @@ class Method:
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
     shared_names: ClassVar[tuple[str, ...]] = ()
     """Names of the model-level tensors `shared_tensors` builds (`vera_A`, `vera_B`), saved as `base_model.<name>`."""
+    shared_copies_per_layer: ClassVar[bool] = False
+    """peft's file also repeats each saved shared tensor under every layer (`<path>.<name>`: RandLoRA's, whose layers
+    hold the shared buffers): written so on export, checked equal and dropped on reading (`peftkit.peft_format`)."""
     loraplus_roles: ClassVar[dict[str, str]] = {}
     """For LoRA+ (`training.loraplus_lr_ratio`): the tensors (by PEFT key suffix) that train at `lr` ("A"), at
     ratio x `lr` ("B") or at `loraplus_lr_embedding` ("embedding"). A method without a "B" cannot use LoRA+."""
