@@ -71,9 +71,14 @@ def inspect_adapter(path: str | Path) -> dict:
     shapes, dtypes = _tensor_header(weights_file)
     renamed = without_adapter_name(shapes, method, weights_file)
     shapes = without_sampler({new: shapes[key] for key, new in renamed.items()}, peft)  # (MonteCLoRA's training state)
+    if getattr(peft, "save_only_topk_weights", False):  # VB-LoRA's top-k file: the logits it was saved from
+        shapes = {k.removesuffix("_topk_indices"): (*s[:-1], peft.num_vectors) if k.endswith("_topk_indices") else s
+                  for k, s in shapes.items() if not k.endswith("_topk_weights")}
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
     adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
-    saved_params = adapter_params + sum(saved.values())
+    # (a shared tensor that trains, VB-LoRA's bank, once for all the layers)
+    saved_params = adapter_params + sum(saved.values()) + sum(_numel(shared[n]) for n in method.shared_trained
+                                                              if n in shared)
     tied_rows = _tied_row_copies(weights_file, renamed, raw)
     if trained is None:
         trained = saved_params - sum(_numel(shapes[key]) for key in tied_rows) if tied_rows else None
@@ -93,7 +98,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "saved_params": saved_params,
         "base_copies": base_copies,
         "shared": {"saved": shared, "regenerated": [n for n in method.shared_names if n not in shared]}
-        if method.shared_names else None,
+        | ({"trained": list(method.shared_trained)} if method.shared_trained else {}) if method.shared_names else None,
         "dtypes": sorted(dtypes),
         "size_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "quantization": meta.quantization.model_dump() if meta.quantization else None,

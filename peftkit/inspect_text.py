@@ -144,8 +144,10 @@ def _shared_lines(shared: dict | None) -> list[str]:
     """What the file holds of the frozen tensors every adapted layer uses (VeRA's random projections)."""
     if shared is None:
         return []
-    saved = ", ".join(f"{name} {tuple(shape)}" for name, shape in shared["saved"].items())
+    trained = ", ".join(f"{n} {tuple(s)}" for n, s in shared["saved"].items() if n in shared.get("trained", ()))
+    saved = ", ".join(f"{n} {tuple(s)}" for n, s in shared["saved"].items() if n not in shared.get("trained", ()))
     lines = [f"shared         {saved}: frozen, used by every adapted layer, not trained"] if saved else []
+    lines += [f"shared         {trained}: used by every adapted layer, trained once for all of them"] if trained else []
     if shared["regenerated"]:
         lines.append(f"shared         {', '.join(shared['regenerated'])} not saved: drawn again on loading from "
                      "adapter_config.json's settings (its PRNG key)")

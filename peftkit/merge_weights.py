@@ -229,7 +229,7 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     adapter = {k: v for k, v in adapter_state_dict(model, adapter_cfg.modules_to_save).items() if not k.endswith(TOKEN_ROWS)}
     base, adapter = merge_parameters(model, base, adapter)
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
-    adapter |= {f"{SHARED_PREFIX}{n}": t.cpu() for holder in shared_holders(model) for n, t in holder.named_buffers()}
+    adapter |= {f"{SHARED_PREFIX}{n}": t.detach().cpu() for holder in shared_holders(model) for n, t in holder.tensors().items()}
     # Each layer is merged in fp32 and cast to `dtype` as it is done: held whole in fp32, the merged layers took
     # twice a bf16 model's size, and the cast to `dtype` a copy more (a merge peaked at 3x the model, now ~1x).
     state = merge_state_dict(base, adapter, adapter_cfg, plain_conv1d_modules(model), dtype=dtype)

@@ -114,6 +114,8 @@ def save_adapter(
         config = config | {"modules_to_save": saved_module_paths(config["modules_to_save"], state)}
     atomic_write_json(path / CONFIG_NAME, config)
     state = with_shared_copies(state, config.get("peft_type"))
+    if method := next((m for m in METHODS.values() if m.peft_type == config.get("peft_type")), None):
+        state = method.to_peft_file(state, config)
     atomic_write_bytes(path / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
     meta = {"peftkit_version": __version__, "quantization": quantization.model_dump() if quantization else None,
             "quantized_on": quantized_on if quantization else None, "trust_remote_code": trust_remote_code}
@@ -303,6 +305,7 @@ def load_adapter(path: str | Path) -> tuple[AdapterConfig, dict[str, torch.Tenso
             "diverged before this adapter was saved. Train again with a lower training.lr (or a training.max_grad_norm), "
             "or use an earlier checkpoint."
         )
+    state = method.from_peft_file(state, peft, weights_file)  # (after the checks: VB-LoRA's top-k logits are -inf)
     # A rank past every width in the file is refused before r x width is allocated per layer (r: 10**9 was a 128 GB
     # allocation); a plausible one that does not match is said, layer by layer, when the weights are loaded.
     ranks = {t.shape[0] for k, t in state.items() if ".lora_A." in k and t.dim() == 2}

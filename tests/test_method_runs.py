@@ -81,6 +81,7 @@ CASES = {
     "loha": {"adapter": {"method": "loha", "r": 4, "alpha": 8}},
     "lokr": {"adapter": {"method": "lokr", "r": 2, "alpha": 4}},
     "vera": {"adapter": {"method": "vera", "r": 4}},
+    "vblora": {"adapter": {"method": "vblora", "num_vectors": 12, "vector_length": 8}},
     "oft": {"adapter": {"method": "oft", "oft_block_size": 4}},
     "prompt-tuning": {"adapter": {"method": "prompt_tuning", "num_virtual_tokens": 4}},
     "p-tuning": {"adapter": {"method": "p_tuning", "num_virtual_tokens": 4}, "encoder": True},

@@ -65,6 +65,7 @@ from peftkit.methods.ln_tuning import LnTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
+from peftkit.methods.vblora import VbLoraConfig
 from peftkit.methods.oft import OftConfig
 from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
@@ -197,6 +198,10 @@ CASES: dict[str, list[Case]] = {
         Case("randlora", RandLoraConfig(method="randlora", r=4, randlora_alpha=8), ("llama", "qwen2", "gpt2"),
              ("linear", "conv1d")),
     ],
+    # Vectors of 8 tile every layer of the tiny models (16 to 128 wide); not the dense 12 -> 7 (its dense check on
+    # layers of 16 -> 8: tests/test_vblora.py). peft starts the logits and the bank at random: not the base model.
+    "vblora": [Case("vblora", VbLoraConfig(method="vblora", r=4, num_vectors=16, vector_length=8, topk=2),
+                    ("llama", "qwen2", "gpt2"), (), identity_at_init=False)],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -420,6 +425,25 @@ def randlora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], c
     return (dense.T if layout == "conv1d" else dense), bias
 
 
+def vblora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: VbLoraConfig, layout: str):
+    """(W + B A, b) in float64: each row's weights a softmax over its top-k logits and 0 elsewhere (a dense (..., N)
+    mixture matrix), times the bank (N, L); A's rows laid out (r, in / L blocks of L), B's (out / L blocks of L, r).
+    W (out, in), or (in, out) for Conv1D."""
+    bank = parts["vblora_vector_bank"].double()
+
+    def mixed(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.double()
+        kept = logits >= logits.topk(cfg.topk, dim=-1).values[..., -1:]
+        weights = torch.where(kept, (logits - logits.max(-1, keepdim=True).values).exp(), 0.0)
+        return (weights / weights.sum(-1, keepdim=True)) @ bank
+
+    a = mixed(parts["vblora_logits_A"]).flatten(start_dim=1)  # (r, in / L, L) -> (r, in)
+    b = mixed(parts["vblora_logits_B"]).permute(0, 2, 1).flatten(end_dim=1)  # (out / L, r, L) -> (out, r)
+    w = weight.T if layout == "conv1d" else weight
+    dense = w + (b @ a).to(w.dtype)
+    return (dense.T if layout == "conv1d" else dense), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -428,7 +452,8 @@ def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], 
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
          "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
-         "randlora": randlora_dense}
+         "randlora": randlora_dense,
+         "vblora": vblora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -438,6 +463,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "TRAINABLE_TOKENS": {"init_weights": False},  # random rows
                    "FOURIERFT": {"init_weights": False},  # N(0, 1), peft's default
                    "RANDLORA": {"init_weights": False},  # lambda ~ N(0, 1) (its default: 0, the base model)
+                   "VBLORA": {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0},  # random, but far from the base
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.

@@ -29,6 +29,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "PromptEncoderConfig": {}, "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 1},
     "MultitaskPromptTuningConfig": {}, "HRAConfig": {}, "BOFTConfig": {},
     "RandLoraConfig": {},
+    "VBLoRAConfig": {},
 }
 
 
@@ -447,6 +448,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
     "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
     "randlora": ("RandLoraConfig", {"r": 4, "randlora_alpha": 8}, {"r": 4, "randlora_alpha": 8}),
+    "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
 }
 
 
@@ -541,6 +543,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "hra": ("HRAConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
     "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
+    "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
 }
 
 

@@ -325,7 +325,8 @@ def share_tensors(method: type[Method], cfg: AdapterConfig, layers: list[Adapter
     if not method.shared_names or not layers:
         return
     tensors = method.shared_tensors(cfg, [linear_shape(layer.base_layer) for layer in layers])
-    holder = SharedTensors(tensors, method.saves_shared(cfg)).to(layers[0].base_layer.weight.device)
+    tensors |= method.shared_from_layers(cfg, layers)
+    holder = SharedTensors(tensors, method.saves_shared(cfg), method.shared_trained).to(layers[0].base_layer.weight.device)
     for layer in layers:
         layer.shared = holder
 

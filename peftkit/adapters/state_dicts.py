@@ -50,7 +50,7 @@ def adapter_state_dict(model: nn.Module, saved_modules: list[str]) -> dict[str, 
             state[f"{PEFT_PREFIX}{name}.{pname}"] = full(p.detach()).cpu().contiguous()
     for holder in shared_holders(model):
         if holder.saved:
-            state.update({f"{SHARED_PREFIX}{n}": t.detach().cpu().contiguous() for n, t in holder.named_buffers()})
+            state.update({f"{SHARED_PREFIX}{n}": full(t.detach()).cpu().contiguous() for n, t in holder.tensors().items()})
     return state
 
 
@@ -74,7 +74,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
         targets.update({f"{PEFT_PREFIX}{name}.{pname}": p for pname, p in wrapper.adapter_params().items()})
     optional: set[str] = set()  # shared tensors the adapter need not carry: regenerated at injection
     for holder in shared_holders(model):
-        keys = {f"{SHARED_PREFIX}{n}": t for n, t in holder.named_buffers()}
+        keys = {f"{SHARED_PREFIX}{n}": t for n, t in holder.tensors().items()}
         targets.update(keys)
         optional |= set() if holder.saved else set(keys)
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight under each of its names

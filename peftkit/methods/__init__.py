@@ -35,6 +35,7 @@ from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.randlora import RandLora, RandLoraConfig
+from peftkit.methods.vblora import VbLora, VbLoraConfig
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -67,6 +68,7 @@ register(Fusion)
 register(LnTuning)
 register(FourierFt)
 register(RandLora)
+register(VbLora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -110,5 +112,5 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig",
            "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
-           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VeraConfig", "default_adapter",
+           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VbLoraConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

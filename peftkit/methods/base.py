@@ -135,6 +135,8 @@ class Method:
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
     shared_names: ClassVar[tuple[str, ...]] = ()
     """Names of the model-level tensors `shared_tensors` builds (`vera_A`, `vera_B`), saved as `base_model.<name>`."""
+    shared_trained: ClassVar[tuple[str, ...]] = ()
+    """Those of `shared_names` that train (VB-LoRA's vector bank), once for all the layers; the others are frozen."""
     shared_copies_per_layer: ClassVar[bool] = False
     """peft's file also repeats each saved shared tensor under every layer (`<path>.<name>`: RandLoRA's, whose layers
     hold the shared buffers): written so on export, checked equal and dropped on reading (`peftkit.peft_format`)."""
@@ -235,9 +237,26 @@ class Method:
         return {}
 
     @classmethod
+    def shared_from_layers(cls, cfg: Any, layers: list[AdapterLayer]) -> dict[str, torch.Tensor]:
+        """Shared tensors the layers drew as they were built (VB-LoRA's bank, drawn by peft between the layers'
+        own draws), over `shared_tensors`' of the same name; called at injection only. Default: none."""
+        return {}
+
+    @classmethod
     def saves_shared(cls, cfg: Any) -> bool:
         """Whether the adapter file carries the shared tensors (else they are regenerated on loading)."""
         return True
+
+    @classmethod
+    def to_peft_file(cls, state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """The PEFT-keyed tensors as adapter_model.safetensors holds them for adapter_config.json `config`, where
+        peft's file differs from the model's tensors (VB-LoRA's `save_only_topk_weights`). Default: as they are."""
+        return state
+
+    @classmethod
+    def from_peft_file(cls, state: dict[str, torch.Tensor], peft: Any, file: Path) -> dict[str, torch.Tensor]:
+        """The inverse of `to_peft_file`, for a file read (and checked) with adapter_config.json `peft`."""
+        return state
 
     @classmethod
     def layer_facts(cls, cfg: Any, path: str, fan_in_fan_out: bool) -> Any:

@@ -56,18 +56,27 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
 
 
 class SharedTensors(nn.Module):
-    """Frozen model-level tensors every adapter layer of a model uses (VeRA's projections), by PEFT name.
+    """Model-level tensors every adapter layer of a model uses (VeRA's frozen projections, VB-LoRA's trained vector
+    bank), by PEFT name.
 
     One module, registered under each layer as `shared`: `.to()` moves it once and the layers keep sharing it.
-    Non-persistent buffers: never trained, in no layer's `adapter_params()` nor the model's state dict; the
-    adapter file carries them under `base_model.<name>` when `saved` (else they are regenerated from settings).
+    Non-persistent buffers, except those named in `trained` (parameters, trained once for all the layers); in no
+    layer's `adapter_params()`; the adapter file carries them under `base_model.<name>` when `saved` (else they are
+    regenerated from settings).
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], saved: bool) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], saved: bool, trained: tuple[str, ...] = ()) -> None:
         super().__init__()
         for name, tensor in tensors.items():
-            self.register_buffer(name, tensor, persistent=False)
+            if name in trained:
+                self.register_parameter(name, nn.Parameter(tensor))
+            else:
+                self.register_buffer(name, tensor, persistent=False)
         self.saved = saved
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every shared tensor by name, frozen and trained."""
+        return dict(self.named_buffers()) | dict(self.named_parameters())
 
 
 class AdapterLayer(nn.Module):
@@ -93,14 +102,15 @@ class AdapterLayer(nn.Module):
         return self.base_layer.weight
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The trainable parameters, by their name relative to this module (= their PEFT key suffix)."""
-        return {n: p for n, p in self.named_parameters() if not n.startswith("base_layer.")}
+        """The trainable parameters, by their name relative to this module (= their PEFT key suffix); not the shared
+        ones (`SharedTensors`), saved once as `base_model.<name>`."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith(("base_layer.", "shared."))}
 
     def parts(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors by PEFT key suffix, and the shared ones by name, as `merge_weight` takes them
         from a state dict too."""
-        shared = {} if self.shared is None else dict(self.shared.named_buffers())
-        return {n: p.detach() for n, p in self.adapter_params().items()} | shared
+        shared = {} if self.shared is None else self.shared.tensors()
+        return {n: p.detach() for n, p in self.adapter_params().items()} | {n: t.detach() for n, t in shared.items()}
 
     def merge(self) -> None:
         """Fold the update into the base weight. Idempotent; refuses a quantized base or a non-finite result."""
