@@ -71,6 +71,9 @@ def inspect_adapter(path: str | Path) -> dict:
     shapes, dtypes = _tensor_header(weights_file)
     renamed = without_adapter_name(shapes, method, weights_file)
     shapes = without_sampler({new: shapes[key] for key, new in renamed.items()}, peft)  # (MonteCLoRA's training state)
+    if method.shared_copies_per_layer:  # RandLoRA: peft's copies of the shared bases under each layer, not trained
+        copies = tuple(f".{n}" for n in method.shared_names)
+        shapes = {k: s for k, s in shapes.items() if not (k.startswith("base_model.model.") and k.endswith(copies))}
     if getattr(peft, "save_only_topk_weights", False):  # VB-LoRA's top-k file: the logits it was saved from
         shapes = {k.removesuffix("_topk_indices"): (*s[:-1], peft.num_vectors) if k.endswith("_topk_indices") else s
                   for k, s in shapes.items() if not k.endswith("_topk_weights")}

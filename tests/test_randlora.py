@@ -94,6 +94,19 @@ def test_peft_s_adapters_load_and_merge_as_peft_s_merge_and_unload(arch, setting
     check_loads_and_merges_as_peft(base, adapter, IDS, tmp_path / "merged", unloaded=True)
 
 
+def test_inspect_counts_what_trains_not_peft_s_copies_of_the_bases(tiny_llama, tmp_path):
+    """peft's file repeats the shared bases under every layer: inspect counted each copy as trained (66,304 of a
+    1,792-parameter adapter; here 2,880 of 576)."""
+    from peftkit.inspect import inspect_adapter
+
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft", ["q_proj"])
+    model = PeftModel.from_pretrained(_load(tiny_llama), adapter, is_trainable=True)
+    info = inspect_adapter(adapter)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert info["trainable_params"] == trained == 2 * (4 * 8 + 8 * 32)  # lambda (4, 8), gamma (8, 32) on 2 layers
+    assert info["shared"] == {"saved": {"randlora_A": (4, 1, 32), "randlora_B": (32, 8, 4)}, "regenerated": []}
+
+
 def test_the_shipped_recipe_trains_and_peft_loads_its_adapter(tiny_llama, number_data, tmp_path):
     from peftkit.recipe import load_recipe
     from peftkit.train import train
