@@ -47,6 +47,12 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
             "Resume that run from its checkpoints if it did not finish (`peftkit train RECIPE --resume`); else merge "
             "the adapter into its base (`peftkit merge`) and train a new adapter on the merged model."
         )
+    if getattr(peft, "save_only_topk_weights", False):  # VB-LoRA's top-k file: peft refuses to train on from it too
+        raise PeftkitError(
+            f"adapter.init_from: {path} is a VB-LoRA adapter saved with save_only_topk_weights: its file keeps each "
+            "row's top-k logits only (the others are gone), enough to evaluate and merge it, not to train on from it "
+            "(peft refuses it too). Train on from an adapter exported with save_only_topk_weights: false, or resume "
+            "its run from its checkpoints (`peftkit train RECIPE --resume`).")
     given = cfg.model_fields_set - {"init_from"}
     if "method" in given and cfg.method != loaded.method:
         raise PeftkitError(

@@ -172,6 +172,18 @@ def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, 
         assert message in " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split()), command
 
 
+def test_training_on_from_a_top_k_file_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """Its logits outside the top-k are gone (-inf once read): peft refuses to train on from such a file too."""
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft", TARGETS["llama"], save_only_topk_weights=True)
+    recipe = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"init_from": str(adapter)}
+    recipe.write_text(yaml.safe_dump(raw))
+    said = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
+    assert (f"adapter.init_from: {adapter} is a VB-LoRA adapter saved with save_only_topk_weights: its file keeps "
+            "each row's top-k logits only") in said
+
+
 def test_peft_s_settings_it_cannot_apply_are_refused(tiny_llama, tmp_path):
     from peftkit.adapter_base import load_adapted_model
 
