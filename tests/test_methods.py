@@ -63,6 +63,7 @@ from peftkit.methods.lokr import LokrConfig
 from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.ln_tuning import LnTuningConfig
 from peftkit.methods.lora import LoraConfig
+from peftkit.methods.miss import MissConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -202,6 +203,15 @@ CASES: dict[str, list[Case]] = {
     # layers of 16 -> 8: tests/test_vblora.py). peft starts the logits and the bank at random: not the base model.
     "vblora": [Case("vblora", VbLoraConfig(method="vblora", r=4, num_vectors=16, vector_length=8, topk=2),
                     ("llama", "qwen2", "gpt2"), (), identity_at_init=False)],
+    # peft's MiSS adapts nn.Linear layers only (GPT-2's Conv1D is refused: tests/test_miss.py). r 5 leaves 2 of 12 (32,
+    # 64) inputs past the last whole shard (peft pads them); bat's 2 x 2 blocks (on Qwen2's biased q/k/v: bat computes
+    # the layer itself) and mini's (r, 8) block on the tiny models only (no 12 x 7 tiling: tests/test_miss.py checks
+    # them against peft's layer). Every variant starts at zeros: the base model.
+    "miss": [
+        Case("miss", MissConfig(method="miss", r=5), ("llama",), ("linear",)),
+        Case("miss-bat", MissConfig(method="miss", r=2, init_weights="bat"), ("qwen2",), ()),
+        Case("miss-mini", MissConfig(method="miss", r=4, init_weights="mini", mini_r=8), ("llama",), ()),
+    ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -444,6 +454,22 @@ def vblora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg
     return (dense.T if layout == "conv1d" else dense), bias
 
 
+def miss_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: MissConfig, layout: str):
+    """(W', b): balance and mini add D[j mod r, o mod c] to W[o, j] (D the (r, c) block: every r-wide input shard of a
+    row shares it); bat replaces each r x r block W_ij (row shard i, column shard j) by W_ij + W_ij D_i + D_i."""
+    assert layout == "linear"
+    d = parts["miss_block"].float()
+    if cfg.init_weights == "bat":
+        r, dense = d.shape[-1], weight.clone()
+        for i in range(weight.shape[0] // r):
+            for j in range(weight.shape[1] // r):
+                block = weight[i * r:(i + 1) * r, j * r:(j + 1) * r]
+                dense[i * r:(i + 1) * r, j * r:(j + 1) * r] = block + block @ d[i] + d[i]
+        return dense, bias
+    rows, columns = torch.arange(weight.shape[1]) % d.shape[0], torch.arange(weight.shape[0]) % d.shape[1]
+    return weight + d[rows][:, columns].T, bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -453,7 +479,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
          "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
          "randlora": randlora_dense,
-         "vblora": vblora_dense}
+         "vblora": vblora_dense,
+         "miss": miss_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -464,6 +491,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "FOURIERFT": {"init_weights": False},  # N(0, 1), peft's default
                    "RANDLORA": {"init_weights": False},  # lambda ~ N(0, 1) (its default: 0, the base model)
                    "VBLORA": {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0},  # random, but far from the base
+                   "MISS": {},  # zeros in every variant (False is balance's random start): moved by hand below
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -786,6 +814,8 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
                 p.copy_(0.5 + torch.rand(p.shape))
             if "ln_tuning_layers" in name:  # peft's copies of the norms start as the base's
                 p.add_(0.3 * torch.randn(p.shape))
+            if "miss_block" in name:  # peft's MiSS starts at zeros (bat and mini too)
+                p.add_(0.1 * torch.randn(p.shape))
     reference.save_pretrained(tmp_path / "peft")
     theirs = _logits(reference.eval())[:, -IDS.shape[1]:]  # the prompt family's: after the virtual tokens'
     assert _diff(theirs, _logits(_load(models[arch]))) > 1e-3  # peft's weights really change the output
@@ -830,11 +860,13 @@ def test_bf16_base_with_fp32_adapter(case, models):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for _, c in ALL
-                                  if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora")])
+                                  if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora",
+                                              "miss", "miss-bat")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients
-    up to 33 %. Now the same bf16 logits, for peft's own loading of our adapter (4-bit bases: tests/test_qlora.py)."""
+    up to 33 %. Now the same bf16 logits, for peft's own loading of our adapter (4-bit bases: tests/test_qlora.py).
+    MiSS's bat computes the whole layer in fp32 from the bf16 weight, as peft's."""
     model, targets = _adapted(models["llama"], case.cfg, torch.bfloat16)
     saved = _save(model, case.cfg, targets, models["llama"], tmp_path / "adapter")
     reference = PeftModel.from_pretrained(_load(models["llama"], torch.bfloat16), saved).eval()

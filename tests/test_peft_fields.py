@@ -30,6 +30,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "MultitaskPromptTuningConfig": {}, "HRAConfig": {}, "BOFTConfig": {},
     "RandLoraConfig": {},
     "VBLoRAConfig": {},
+    "MissConfig": {},
 }
 
 
@@ -449,6 +450,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
     "randlora": ("RandLoraConfig", {"r": 4, "randlora_alpha": 8}, {"r": 4, "randlora_alpha": 8}),
     "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
+    "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 
@@ -544,6 +546,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "boft": ("BOFTConfig", {"boft_block_size": 4}, {"boft_block_size": 4}),
     "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
     "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
+    "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 

@@ -27,6 +27,7 @@ from peftkit.methods.llama_adapter import LlamaAdapter, LlamaAdapterConfig
 from peftkit.methods.ln_tuning import LnTuning, LnTuningConfig
 from peftkit.methods.lokr import Lokr, LokrConfig
 from peftkit.methods.lora import Lora, LoraConfig
+from peftkit.methods.miss import Miss, MissConfig
 from peftkit.methods.vera import Vera, VeraConfig
 from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuning, MultitaskPromptTuningConfig
 from peftkit.methods.oft import Oft
@@ -69,6 +70,7 @@ register(LnTuning)
 register(FourierFt)
 register(RandLora)
 register(VbLora)
+register(Miss)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -111,6 +113,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig",
-           "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MethodTrainer", "MultitaskPromptTuningConfig",
+           "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MissConfig", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VbLoraConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]
