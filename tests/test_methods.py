@@ -64,6 +64,7 @@ from peftkit.methods.llama_adapter import LlamaAdapterConfig
 from peftkit.methods.ln_tuning import LnTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.miss import MissConfig
+from peftkit.methods.delora import DeloraConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -211,6 +212,14 @@ CASES: dict[str, list[Case]] = {
         Case("miss", MissConfig(method="miss", r=5), ("llama",), ("linear",)),
         Case("miss-bat", MissConfig(method="miss", r=2, init_weights="bat"), ("qwen2",), ()),
         Case("miss-mini", MissConfig(method="miss", r=4, init_weights="mini", mini_r=8), ("llama",), ()),
+    ],
+    # peft's DeLoRA adapts nn.Linear layers only (GPT-2's Conv1D is refused: tests/test_delora.py); B starts at zero,
+    # the base model. Then per-module ranks and lambdas (rank_pattern, lambda_pattern) on Qwen2's biased layers.
+    "delora": [
+        Case("delora", DeloraConfig(method="delora", r=4, delora_lambda=2.0), ("llama",), ("linear",)),
+        Case("delora-patterns", DeloraConfig(method="delora", r=2, rank_pattern={"down_proj": 4},
+                                             lambda_pattern={"v_proj": 3.0},
+                                             target_modules=["q_proj", "v_proj", "down_proj"]), ("qwen2",), ()),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -470,6 +479,17 @@ def miss_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return weight + d[rows][:, columns].T, bias
 
 
+def delora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: DeloraConfig, layout: str):
+    """(W + sum_i (lambda / r) b_i a_i^T / (|a_i| |b_i|) diag(n), b): r rank-one terms (a_i A's row i, b_i B's column
+    i, each norm at least 1e-4), each normalised, scaled by lambda / r, columns by the base's saved column norms n."""
+    assert layout == "linear"
+    a, b = parts["delora_A"].double(), parts["delora_B"].double()
+    lam, norms = float(parts["delora_lambda"]), parts["delora_w_norm"].double()
+    terms = [torch.outer(b[:, i], a[i]) / (max(float(a[i].norm()), 1e-4) * max(float(b[:, i].norm()), 1e-4))
+             for i in range(a.shape[0])]
+    return (weight.double() + lam / a.shape[0] * sum(terms) * norms).float(), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -480,7 +500,7 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
          "randlora": randlora_dense,
          "vblora": vblora_dense,
-         "miss": miss_dense}
+         "miss": miss_dense, "delora": delora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -492,6 +512,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "RANDLORA": {"init_weights": False},  # lambda ~ N(0, 1) (its default: 0, the base model)
                    "VBLORA": {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0},  # random, but far from the base
                    "MISS": {},  # zeros in every variant (False is balance's random start): moved by hand below
+                   "DELORA": {"init_weights": False},  # B drawn too (its default starts B at zero)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -861,12 +882,13 @@ def test_bf16_base_with_fp32_adapter(case, models):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for _, c in ALL
                                   if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora",
-                                              "miss", "miss-bat")])
+                                              "miss", "miss-bat", "delora")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients
     up to 33 %. Now the same bf16 logits, for peft's own loading of our adapter (4-bit bases: tests/test_qlora.py).
-    MiSS's bat computes the whole layer in fp32 from the bf16 weight, as peft's."""
+    MiSS's bat computes the whole layer in fp32 from the bf16 weight, as peft's; DeLoRA's peft rounds its update to
+    bf16 before the sum (its in-place add into a bf16 zeros_like), and so does peftkit's."""
     model, targets = _adapted(models["llama"], case.cfg, torch.bfloat16)
     saved = _save(model, case.cfg, targets, models["llama"], tmp_path / "adapter")
     reference = PeftModel.from_pretrained(_load(models["llama"], torch.bfloat16), saved).eval()

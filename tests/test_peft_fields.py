@@ -31,6 +31,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "RandLoraConfig": {},
     "VBLoRAConfig": {},
     "MissConfig": {},
+    "DeloraConfig": {},
 }
 
 
@@ -451,6 +452,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "randlora": ("RandLoraConfig", {"r": 4, "randlora_alpha": 8}, {"r": 4, "randlora_alpha": 8}),
     "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
     "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 
@@ -547,6 +549,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "fourierft": ("FourierFTConfig", {"n_frequency": 16}, {"n_frequency": 16}),
     "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
     "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 

@@ -18,6 +18,7 @@ from peftkit.methods.base import Method, MethodTrainer
 from peftkit.methods.layer import AdapterLayer
 from peftkit.methods.boft import Boft, BoftConfig
 from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
+from peftkit.methods.delora import Delora, DeloraConfig
 from peftkit.methods.fourierft import FourierFt, FourierFtConfig
 from peftkit.methods.fusion import Fusion, FusionConfig
 from peftkit.methods.hra import Hra, HraConfig
@@ -71,6 +72,7 @@ register(FourierFt)
 register(RandLora)
 register(VbLora)
 register(Miss)
+register(Delora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -112,7 +114,7 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig",
+__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig", "DeloraConfig",
            "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MissConfig", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VbLoraConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

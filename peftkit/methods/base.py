@@ -133,6 +133,9 @@ class Method:
     into (module path, tensor) without the live model."""
     rank_dims: ClassVar[dict[str, int]] = {}
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
+    frozen_names: ClassVar[tuple[str, ...]] = ()
+    """PEFT key suffixes of a layer's tensors saved with the adapter that do not train (DeLoRA's column norms): not
+    counted as trainable by `peftkit inspect`."""
     shared_names: ClassVar[tuple[str, ...]] = ()
     """Names of the model-level tensors `shared_tensors` builds (`vera_A`, `vera_B`), saved as `base_model.<name>`."""
     shared_trained: ClassVar[tuple[str, ...]] = ()

@@ -161,8 +161,10 @@ def check_excluded(modules: list[str], cfg: Any) -> None:
 _UNSET = object()
 PATTERNS = (("rank_pattern", "r", "rank_and_alpha", lambda cfg, path: cfg.rank_and_alpha(path)[0]),
             ("alpha_pattern", "alpha", "rank_and_alpha", lambda cfg, path: cfg.rank_and_alpha(path)[1]),
-            ("n_frequency_pattern", "n_frequency", "frequencies", lambda cfg, path: cfg.frequencies(path)))
-"""The per-module settings a recipe may give (LoRA's, FourierFT's): the key, the setting the others keep, the
+            ("n_frequency_pattern", "n_frequency", "frequencies", lambda cfg, path: cfg.frequencies(path)),
+            ("rank_pattern", "r", "rank_and_lambda", lambda cfg, path: cfg.rank_and_lambda(path)[0]),
+            ("lambda_pattern", "delora_lambda", "rank_and_lambda", lambda cfg, path: cfg.rank_and_lambda(path)[1]))
+"""The per-module settings a recipe may give (LoRA's, FourierFT's, DeLoRA's): the key, the setting the others keep, the
 config's method that reads them, and how it reads the value of the module at a path (`cfg` with that key alone in
 the pattern). A config without that method has no such setting under the key (AdaLoRA's rank_pattern is the saved
 pruning masks, refused by its trainer in its own words)."""
