@@ -113,6 +113,7 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
     blocks that do not tile a weight, a mini_r that does not divide the outputs), GPT-2's Conv1D (peft's MiSS refuses
     it too), AdapterFusion, and a peft file whose bias is trained."""
     from peftkit.methods.fusion import FusionConfig
+    from peftkit.recipe import load_recipe
     from peftkit.methods.fusion_sources import check_fusable, fused_adapters
 
     recipe = make_recipe(tmp_path, tiny_llama, number_data)
@@ -131,6 +132,12 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
         raw["adapter"] = {"method": "miss", **adapter}
         recipe.write_text(yaml.safe_dump(raw))
         assert message in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    raw["adapter"] = {"method": "miss", "init_weights": "bta"}  # (pydantic's union said it twice, once per member)
+    recipe.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PeftkitError) as refused:
+        load_recipe(recipe)
+    assert str(refused.value).split(": ", 1)[1] == ("'adapter.init_weights' = 'bta': must be true (balance), false "
+                                                    "(balance from a random start), bat or mini: peft's MiSS variants.")
     with pytest.raises(PeftkitError, match=r"'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; MiSS adapts nn.Linear"):
         inject_adapters(_load(tiny_gpt2), MissConfig(method="miss", r=4))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -55,6 +55,15 @@ class MissConfig(LayerTargets, ExcludedTargets):
     """As LoRA's: `all-linear`, module-name suffixes, or {regex: ...}. nn.Linear and 4-bit/8-bit layers only."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
+
+    @field_validator("init_weights", mode="before")
+    @classmethod
+    def _one_of_the_variants(cls, value: object) -> object:
+        """One message for a value that is none of them (pydantic's union said it twice, once per member)."""
+        if isinstance(value, bool) or value in ("bat", "mini"):
+            return value
+        raise ValueError("must be true (balance), false (balance from a random start), bat or mini: peft's MiSS "
+                         "variants")
 
     @property
     def variant(self) -> Variant:
