@@ -149,3 +149,29 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
     config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "MiSS_only"}))
     with pytest.raises(PeftkitError, match="bias='MiSS_only'; peftkit supports bias='none' only"):
         merge_adapter(str(tmp_path / "p"), str(tmp_path / "merged"), base=str(tiny_llama))
+
+
+def test_named_adapters_of_two_variants_serve_each_its_rows_as_peft(tiny_llama, tmp_path):
+    """A mixed batch over a bat adapter (the layer computed from its updated weight) and a balance one (an update
+    added to the base output): each row gets its own adapter's peft logits."""
+    from peft import PeftModel
+
+    from peftkit.adapters.named import load_named_model
+
+    expected = []
+    for name, variant in (("a", "bat"), ("b", True)):
+        torch.manual_seed(0)
+        made = get_peft_model(_load(tiny_llama), peft.MissConfig(r=4, init_weights=variant,
+                                                                 target_modules=["q_proj", "down_proj"]))
+        with torch.no_grad():
+            for p in made.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn(p.shape))
+        made.save_pretrained(tmp_path / name)
+        with torch.no_grad():
+            expected.append(PeftModel.from_pretrained(_load(tiny_llama), tmp_path / name)(input_ids=IDS).logits)
+    model, adapters = load_named_model([("a", str(tmp_path / "a")), ("b", str(tmp_path / "b"))], str(tiny_llama))[:2]
+    with torch.no_grad(), adapters.routed(["b", "a"]):
+        mixed = model.eval()(input_ids=IDS).logits
+    assert (mixed[0] - expected[1][0]).abs().max() <= 1e-5 and (mixed[1] - expected[0][1]).abs().max() <= 1e-5
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
