@@ -90,12 +90,27 @@ def test_peft_s_adapter_with_patterns_loads_merges_and_trains_as_peft_s(tiny_lla
     assert max(float((grads[n] - expected[n]).abs().max() / expected[n].abs().max()) for n in grads) <= 1e-5
 
 
-def test_a_4_bit_base_takes_the_norms_of_its_dequantized_weights(tiny_llama, tmp_path):
-    """peft 0.21's DeLoRA takes the norm of a 4-bit layer's packed bytes and fails; peftkit's norms are the
-    dequantized weight's, and the layer's output is the base's plus the dense update of those norms."""
+def test_the_norms_are_peft_s_on_bf16_and_the_dequantized_weight_s_on_4_bit(tiny_llama, tmp_path):
+    """On a bf16 base peft takes the column norms in bf16 (rounded: up to 0.002 from the fp32 norms of the same
+    weights here), and so does peftkit: a run starts from peft's numbers. peft 0.21's DeLoRA takes the norm of a 4-bit
+    layer's packed bytes and fails; peftkit's norms are the dequantized weight's, and the layer's output is the base's
+    plus the dense update of those norms."""
+    from transformers import AutoModelForCausalLM
+
     from peftkit.merge import dequantize_weight
     from peftkit.modeling import load_model
     from peftkit.recipe import ModelConfig, QuantizationConfig
+
+    def bf16() -> nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+
+    path = "model.layers.0.self_attn.q_proj"
+    theirs = get_peft_model(bf16(), peft.DeloraConfig(r=2, target_modules=["q_proj"])).base_model.model
+    ours = bf16()
+    inject_adapters(ours, DeloraConfig(method="delora", r=2, target_modules=["q_proj"]))
+    norms = adapter_layers(ours)[path].delora_w_norm
+    assert torch.equal(norms, theirs.get_submodule(path).delora_w_norm["default"])
+    assert (norms - ours.get_submodule(path).base_layer.weight.float().norm(dim=0)).abs().max() > 1e-4
 
     def quantized() -> nn.Module:
         quant = QuantizationConfig(method="nf4", compute_dtype="float32")

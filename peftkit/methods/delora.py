@@ -84,8 +84,9 @@ def delora_delta(parts: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def column_norms(base: nn.Module) -> torch.Tensor:
-    """|W_:,j| of the weight the base layer computes with, fp32 (dequantized for a bitsandbytes layer, whose packed
-    bytes peft 0.21's DeLoRA takes the norm of, and fails); ones on the meta device, as peft."""
+    """|W_:,j| of the weight the base layer computes with, as fp32 (dequantized for a bitsandbytes layer, whose packed
+    bytes peft 0.21's DeLoRA takes the norm of, and fails); ones on the meta device, as peft. Taken in the weight's own
+    dtype, as peft: a bf16 base's norms are rounded to bf16, so a run starts from peft's numbers."""
     weight = base.weight
     if weight.device.type == "meta":
         return torch.ones(linear_shape(base)[0], device=weight.device)
@@ -93,7 +94,7 @@ def column_norms(base: nn.Module) -> torch.Tensor:
         from peftkit.merge import dequantize_weight  # peftkit.merge imports the method registry
 
         return dequantize_weight(base).norm(dim=0)
-    return weight.detach().float().norm(dim=0)
+    return torch.norm(weight.detach(), dim=0).float()
 
 
 def unsupported(path: str, kind: str) -> PeftkitError:
