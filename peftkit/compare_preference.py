@@ -182,12 +182,14 @@ def _check_merged(rows: dict[str, EvalJob], own: dict, run: str) -> None:
 def _check_merged_bases(rows: dict[str, EvalJob], run: str) -> None:
     """A merged model whose peftkit.json records another base than the comparison's is refused under DPO (and KTO):
     its figures against that base's log-probabilities, the reference, are not its DPO run's (a tiny GPT-2's merge in a
-    Llama comparison was scored silently). A model without the record (not merged by peftkit) is taken as given."""
+    Llama comparison was scored silently). A model without the record (not merged by peftkit) is taken as given; a hub
+    model's record is read at the revision its weights load at (it was read at main whatever the revision)."""
     from peftkit.merge import merged_from, same_base
 
     base = rows[BASE].source.base
     for name, job in rows.items():
-        if name == BASE or job.source.adapter or not (made := merged_from(job.source.model.name_or_path)):
+        model = job.source.model
+        if name == BASE or job.source.adapter or not (made := merged_from(model.name_or_path, model.revision)):
             continue
         if base and not same_base(made, base):
             raise PeftkitError(f"--merged {name}: {job.source.model.name_or_path} was merged from {made} (its "

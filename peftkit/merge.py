@@ -61,11 +61,11 @@ def recorded_reward_center(path: str | Path, revision: str | None = None) -> flo
     return float(center) if isinstance(center, (int, float)) and not isinstance(center, bool) else 0.0
 
 
-def merged_from(model_dir: str | Path) -> str | None:
+def merged_from(model_dir: str | Path, revision: str | None = None) -> str | None:
     """The base a merged model was made from (its peftkit.json `merged_from`, `base_provenance`'s record; a hub
-    model's read from the hub, `model_record`); None for a model without one (not merged by peftkit) or whose record
-    cannot be read."""
-    return (merged_base(model_dir) or (None, None))[0]
+    model's read from the hub at `revision`, the one its weights load at, `model_record`); None for a model without
+    one (not merged by peftkit) or whose record cannot be read."""
+    return (merged_base(model_dir, revision) or (None, None))[0]
 
 
 def merged_base(model_dir: str | Path, revision: str | None = None) -> tuple[str, str | None] | None:

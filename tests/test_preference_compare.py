@@ -326,6 +326,44 @@ def test_a_merged_model_of_another_base_is_refused_under_dpo(tiny_llama, tiny_gp
     assert abs(rows["m"]["loss"] - rows["a"]["loss"]) <= 1e-4
 
 
+def test_a_hub_merged_model_s_base_is_read_at_its_revision(tiny_llama, tiny_gpt2, pairs, tmp_path, monkeypatch):
+    """A hub merged model's peftkit.json is read at the revision the row's model loads at, as its weights are (and as
+    evaluate_pairs reads its reward_center): commit a of acme/gm merged from GPT-2, commit b (main) from the base. It
+    was read at main whatever the revision, so the row at commit a passed the DPO check against the wrong base."""
+    from dataclasses import replace
+
+    from huggingface_hub import constants
+
+    from peftkit.compare import comparison_jobs
+    from peftkit.compare_preference import _check_merged_bases
+    from peftkit.errors import PeftkitError
+    from peftkit.eval_job import eval_job
+    from tests.test_hub import _publish_to
+
+    for model, out in ((tiny_gpt2, "gm"), (tiny_llama, "lm")):
+        adapter = _lora(model, tmp_path / f"{out}-adapter", 1)
+        assert CliRunner().invoke(app, ["merge", "--adapter", str(adapter), "--output", str(tmp_path / out)]
+                                  ).exit_code == 0
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _publish_to(tmp_path / "hub", "acme/gm", tmp_path / "gm", "a" * 40)
+    _publish_to(tmp_path / "hub", "acme/gm", tmp_path / "lm", "b" * 40)  # main is now b
+    job = eval_job(_recipe(tmp_path, tiny_llama, pairs, objective="dpo"), [], None, None, None, None, None, None,
+                   None, comparing=True)
+    rows = comparison_jobs(job, [], [("m", "acme/gm")])
+    _check_merged_bases(rows, "DPO")  # at main: merged from the base
+    def at(revision: str) -> dict:
+        model = rows["m"].source.model.model_copy(update={"revision": revision})
+        return rows | {"m": replace(rows["m"], source=replace(rows["m"].source, model=model))}
+
+    for revision in ("b" * 40, "main"):
+        _check_merged_bases(at(revision), "DPO")
+    with pytest.raises(PeftkitError) as said:
+        _check_merged_bases(at("a" * 40), "DPO")
+    assert (f"--merged m: acme/gm was merged from {tiny_gpt2} (its peftkit.json merged_from), and the comparison's "
+            f"base, DPO's reference, is {tiny_llama}") in " ".join(str(said.value).split())
+
+
 def test_a_language_model_s_adapter_on_a_reward_model_is_refused_as_such(tiny_llama, pairs, tmp_path, monkeypatch,
                                                                          capsys):
     """A causal LM's LoRA over a reward model's directory (--model, a classifier of one output) was taken for a
