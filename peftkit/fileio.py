@@ -320,19 +320,22 @@ def atomic_directories(paths: list[Path], replace: bool = True) -> Iterator[list
     tmps: list[Path] = []
     try:
         with contextlib.ExitStack() as locks:
-            for path in paths:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with _disk_errors(path):
-                    tmps.append(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{_short(path.name)}.", suffix=".tmp")))
-                locks.enter_context(locked_directory(tmps[-1]))
-                _as_created(tmps[-1], directory=True)
+            paths[0].parent.mkdir(parents=True, exist_ok=True)
+            with names_locked(paths[0].parent):  # (made and locked before another's tidy may look at them)
+                for path in paths:
+                    with _disk_errors(path):
+                        tmps.append(Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{_short(path.name)}.",
+                                                          suffix=".tmp")))
+                    locks.enter_context(locked_directory(tmps[-1]))
+                    _as_created(tmps[-1], directory=True)
             with _disk_errors(paths[0]), contextlib.ExitStack() as named:
                 for tmp, path in zip(tmps, paths, strict=True):
                     named.enter_context(_named_as(tmp, path))
                 yield tmps
                 for tmp in tmps:
                     _settle(tmp)
-                _put_in_place(tmps, paths, replace)
+                with names_locked(paths[0].parent):
+                    _put_in_place(tmps, paths, replace)
         for parent in dict.fromkeys(path.parent for path in paths):
             _fsync_dir(parent)
     except BaseException:
@@ -430,6 +433,17 @@ def _roll_back(paths: list[Path]) -> None:
         if _set_aside_name(path).exists():
             os.replace(_set_aside_name(path), path)
     _pair_record(paths[0]).unlink(missing_ok=True)
+
+
+def names_locked(parent: Path) -> contextlib.AbstractContextManager:
+    """The lock of the names of merge outputs in directory `parent` (its flock, `locked_directory`): held by
+    `atomic_directories` while it makes and locks its temporary directories and while it puts them in place (the
+    set-aside `.NAME.old`, the pair record `.NAME.pair`, the roll-back of an error), and by a merge's checks and tidy
+    of an --output there (`peftkit.merge.check_merge_output`). A second merge's checks, in the milliseconds of a first
+    one's swap, passed its unlocked `.NAME.old` for a leftover and deleted it (or put it back over the name the swap
+    was about to fill), so that a failure of that swap left a new OUTPUT beside the old OUTPUT-nf4. Each holder holds
+    it for renames and deletions only, never while a model is written."""
+    return locked_directory(parent)
 
 
 @contextlib.contextmanager

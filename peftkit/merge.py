@@ -227,8 +227,8 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     Args:
         protected: {'base model': path, 'adapter': path}; values that are not local paths are ignored.
     """
-    from peftkit.fileio import being_written, recorded_pair, resolved, roll_back_interrupted
-    from peftkit.rundir import is_temp_name, make_writable_dir, tidy_leftovers
+    from peftkit.fileio import names_locked, resolved
+    from peftkit.rundir import make_writable_dir
 
     output = resolved(output, "--output")
     cwd = Path.cwd().resolve()
@@ -250,16 +250,8 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
                            "(verify would find the merged model added after the run). Choose an --output outside it, "
                            "e.g. beside it.")
     make_writable_dir(output.parent, "--output's parent")
-    ours = lambda entry: entry == output.name  # noqa: E731
-    if live := next((e.name for e in output.parent.iterdir() if is_temp_name(e.name, ours) and being_written(e)), None):
-        raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
-                           "it to finish, or choose another --output.")
-    # A pair a kill stopped while it was put in place (the pair a record naming OUTPUT names, whatever this merge writes
-    # beside OUTPUT: nothing, OUTPUT-fp4 after a killed --requantize nf4; or OUTPUT is that pair's OUTPUT-nf4): the
-    # earlier pair back.
-    if pair := recorded_pair(output):
-        roll_back_interrupted(pair)
-    tidy_leftovers(output.parent, ours)  # what a killed earlier merge into it left
+    with names_locked(output.parent):  # (not in the midst of another merge's swap: its `.OUTPUT.old` is no leftover)
+        _tidy_output(output)
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return output
     kind = ("a file" if not output.is_dir() else "a peftkit run directory" if (output / "recipe.yaml").exists()
@@ -276,6 +268,24 @@ def check_merge_output(output: Path, protected: dict[str, str | None], overwrite
     if not overwrite:
         raise PeftkitError(f"--output {output} is {kind}. Choose a new directory, or pass --overwrite to replace it.")
     return output
+
+
+def _tidy_output(output: Path) -> None:
+    """`check_merge_output`'s refusal of an --output another merge is writing now, and its tidy of what a killed earlier
+    merge into it left; under the lock of the names there (`fileio.names_locked`), which a merge's swap holds too."""
+    from peftkit.fileio import being_written, recorded_pair, roll_back_interrupted
+    from peftkit.rundir import is_temp_name, tidy_leftovers
+
+    ours = lambda entry: entry == output.name  # noqa: E731
+    if live := next((e.name for e in output.parent.iterdir() if is_temp_name(e.name, ours) and being_written(e)), None):
+        raise PeftkitError(f"--output {output} is being written by another process now ({live} beside it). Wait for "
+                           "it to finish, or choose another --output.")
+    # A pair a kill stopped while it was put in place (the pair a record naming OUTPUT names, whatever this merge writes
+    # beside OUTPUT: nothing, OUTPUT-fp4 after a killed --requantize nf4; or OUTPUT is that pair's OUTPUT-nf4): the
+    # earlier pair back.
+    if pair := recorded_pair(output):
+        roll_back_interrupted(pair)
+    tidy_leftovers(output.parent, ours)
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None,

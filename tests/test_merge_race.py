@@ -1,0 +1,90 @@
+"""Two merges into one --output at once, as two real processes: the second one's checks and tidy, in the midst of
+the first one's swap of its pair into place, wait for it (`fileio.names_locked`) instead of taking its set-aside
+`.m.old` for a killed merge's leftover."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.test_kills import ROOT, _model, _state
+
+WRITER = """
+import errno, os, sys, time
+from pathlib import Path
+
+root, signals = Path(sys.argv[1]), Path(sys.argv[2])
+real = os.replace
+
+def replace(src, dst):  # the new m is in place, both old ones set aside: pause, then fail (a disk error)
+    if Path(dst).name == "m-nf4" and Path(src).name.endswith(".tmp"):
+        (signals / "paused").write_text("")
+        while not (signals / "go").exists():
+            time.sleep(0.01)
+        raise OSError(errno.EIO, "Input/output error (the test's)")
+    return real(src, dst)
+
+os.replace = replace
+from peftkit.fileio import atomic_directories
+with atomic_directories([root / "m", root / "m-nf4"]) as tmps:
+    for d in tmps:
+        (d / "w").write_text("new")
+        (d / "config.json").write_text("{}")
+"""
+
+CHECKER = """
+import sys
+from pathlib import Path
+from peftkit.merge import check_merge_output
+
+root, signals = Path(sys.argv[1]), Path(sys.argv[2])
+(signals / "checking").write_text("")
+check_merge_output(root / "m", {}, True)
+"""
+
+
+def _start(code: str, root: Path, signals: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code, str(root), str(signals)], env=dict(
+        os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path.name} never came"
+        time.sleep(0.01)
+
+
+def test_a_merge_s_checks_wait_for_another_merge_s_swap_and_its_roll_back(tmp_path):
+    """A pair write (merge --requantize) paused with its new m in place and both old ones set aside, then failing (a
+    disk error as the new m-nf4 goes in): a second merge's checks of m, run meanwhile, wait for the swap to end, and
+    the failure leaves the earlier pair, whole. The checks used to run at once, delete the first one's `.m.old` as a
+    leftover (m was there, new), and its roll-back then put back the old m-nf4 beside the new m: ('new', 'old')."""
+    root, signals = tmp_path / "out", tmp_path / "signals"
+    root.mkdir()
+    signals.mkdir()
+    _model(root / "m", "old")
+    _model(root / "m-nf4", "old")
+    writer = _start(WRITER, root, signals)
+    _wait_for(signals / "paused", writer)
+    assert sorted(p.name for p in root.iterdir() if not p.name.endswith(".tmp")) == [
+        ".m-nf4.old", ".m.old", ".m.pair", "m"]
+    checker = _start(CHECKER, root, signals)
+    _wait_for(signals / "checking", checker)
+    try:
+        checker.wait(timeout=3)  # (the checks take milliseconds where nothing holds them back)
+    except subprocess.TimeoutExpired:
+        pass
+    checked_during_the_swap = checker.returncode is not None
+    (signals / "go").write_text("")
+    _, writer_err = writer.communicate(timeout=120)
+    _, checker_err = checker.communicate(timeout=120)
+    assert writer.returncode == 1 and "Input/output error (the test's)" in writer_err, writer_err
+    assert checker.returncode == 0, checker_err
+    assert _state(root) == ("old", "old")
+    assert sorted(p.name for p in root.iterdir()) == ["m", "m-nf4"]
+    assert not checked_during_the_swap
