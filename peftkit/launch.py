@@ -47,18 +47,21 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_stage: int = 2) -> int:
+def launch(num_processes: int, argv: list[str], kind: str = "MULTI_GPU", zero_stage: int = 2,
+           inherit: list[int] = ()) -> int:
     """Run `launch_command` (data parallel, or FSDP2 for `kind` FSDP); the exit status (2 when the processes
     stopped on a user error, as `peftkit` itself). Their stderr is passed on without the launcher's own noise
     (torch elastic's log lines and its traceback of the failed child) and without an error line that another
     process already printed. The launcher runs in a session of its own and dies with this process; Ctrl-C or
     SIGTERM here is passed to it once (it passes it to the processes, which checkpoint and stop) and this process
-    relays their last words."""
+    relays their last words. `inherit`: descriptors the launcher keeps open (a verify's scratch locks,
+    `peftkit.scratch.held_locks`), so that what they lock stays locked until it exits, after its processes."""
     linux = sys.platform.startswith("linux")
     # The processes write their stderr in the encoding this one's has (the same environment): read it back in it.
     proc = subprocess.Popen(launch_command(num_processes, argv, kind, zero_stage), stderr=subprocess.PIPE,
                             encoding=sys.stderr.encoding or "utf-8", errors="replace", bufsize=1,
-                            start_new_session=linux, preexec_fn=die_with_parent if linux else None)
+                            start_new_session=linux, preexec_fn=die_with_parent if linux else None,
+                            pass_fds=tuple(inherit))
     forward = {sig: signal.signal(sig, lambda number, _: proc.send_signal(number))
                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

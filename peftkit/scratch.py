@@ -27,12 +27,27 @@ def scratch_directory(kind: str = "") -> Iterator[str]:
     (as `tempfile.TemporaryDirectory`), which a later `stale_directories` sweep removes if this process is killed."""
     path = tempfile.mkdtemp(prefix=f"{PREFIX}{kind + '-' if kind else ''}{os.getpid()}-")
     fd = _flocked(Path(path), fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl is not None else None
+    if fd is not None:
+        _HELD[path] = fd
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+        _HELD.pop(path, None)
         if fd is not None:
             os.close(fd)
+
+
+_HELD: dict[str, int] = {}
+"""The lock descriptors of this process's live scratch directories, by path (`held_locks`)."""
+
+
+def held_locks() -> list[int]:
+    """The descriptors holding this process's scratch directories' locks, for a launched re-run's launcher to inherit
+    (`peftkit.launch.launch`): the lock is the open file's, so it stays held while the launcher lives, which waits for
+    its processes. A verify SIGKILLed during a re-run in several processes freed its lock at once, and the next
+    verify's sweep deleted the directory under the processes still stopping in it (a step, then a checkpoint)."""
+    return list(_HELD.values())
 
 
 def remove_stale_directories(root: str | None = None) -> list[tuple[Path, int]]:

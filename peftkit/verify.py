@@ -46,7 +46,7 @@ from peftkit.manifest import (
 )
 from peftkit.recipe import Recipe, is_hub_dataset
 from peftkit.reproduced import differences
-from peftkit.scratch import remove_stale_directories, scratch_directory
+from peftkit.scratch import held_locks, remove_stale_directories, scratch_directory
 
 
 @dataclass
@@ -333,7 +333,9 @@ def _train_again(recipe: Recipe, distributed: dict, console: Console) -> None:
         recipe_file = Path(recipe_dir) / "recipe.yaml"
         recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
         with _environ(TRIMMED, "1" if distributed.get("trimmed_slices") else "0"):
-            code = launch(processes, ["train", str(recipe_file), "--no-cache"], kind or "MULTI_GPU", stage)
+            # (the launcher holds this process's scratch locks too: killed, its re-run's folders stay while it lives)
+            code = launch(processes, ["train", str(recipe_file), "--no-cache"], kind or "MULTI_GPU", stage,
+                          inherit=held_locks())
         if code:
             raise PeftkitError(f"the {processes}-process re-run failed (exit status {code}; its output is above)")
 
