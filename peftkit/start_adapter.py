@@ -63,7 +63,6 @@ def adapt(cfg: Recipe, model, adapter) -> list[str]:
         start = start_state(model, start, cfg.adapter, held_tokenizer_length(cfg.adapter.init_from))
     if start is not None:
         load_adapter_state_dict(model, start)
-    method_of(adapter).check_training_start(model, adapter)  # (whatever the steps: validate's too)
     if cfg.export.merged:
         _check_biases_merge(model)
     prepare_for_training(model, cfg.training.gradient_checkpointing)

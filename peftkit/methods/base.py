@@ -342,12 +342,6 @@ class Method:
         return cls.title
 
     @classmethod
-    def check_training_start(cls, model: nn.Module, cfg: Any) -> None:
-        """Refuse a run whose injected adapter (drawn, or adapter.init_from's loaded) leaves nothing to train.
-        `peftkit.start_adapter.adapt` calls it for train and validate alike, whatever the run's steps (`trainer`,
-        which needs them, is validate's only where training.max_steps gives them)."""
-
-    @classmethod
     def trainer(cls, model: nn.Module, cfg: Any, total_steps: int) -> MethodTrainer | None:
         """What the method adds to a training run of `total_steps` optimizer steps over the injected `model`, or
         None (most methods: their layers' forward is all). Raises a PeftkitError for settings the run contradicts."""

@@ -96,7 +96,7 @@ def check_orthonormal_room(cfg: HraConfig, path: str, in_features: int) -> None:
     it, so H = I - 2 Q Q^T is -I whatever they are (their gradients are zero: nothing trains); past it, the vectors
     Gram-Schmidt leaves nothing of are rounding noise scaled to unit length, and H is no reflection (peft computes both
     without a word). Refused for a recipe, naming the layer (`Hra.select_targets`), and for a run that trains on from
-    such an adapter (`Hra.check_training_start`), whose settings are the adapter's."""
+    such an adapter (`Hra.trainer`), whose settings are the adapter's."""
     if cfg.apply_GS and cfg.r >= in_features:
         what = ("they would span all of them, so H is -I whatever they are and nothing trains" if cfg.r == in_features
                 else f"past {in_features}, Gram-Schmidt leaves rounding noise to scale to unit length, and H is no "
@@ -186,15 +186,15 @@ class Hra(Method):
         return names
 
     @classmethod
-    def check_training_start(cls, model: nn.Module, cfg: HraConfig) -> None:
+    def trainer(cls, model: nn.Module, cfg: HraConfig, total_steps: int) -> None:
         """A run from adapter.init_from (whose targets `select_targets` leaves unchecked, as any saved adapter's) is
-        refused where the adapter's r and apply_GS leave nothing to train: it trained on without a word. (In
-        `trainer`, validate said it only for a recipe with training.max_steps: not for one of epochs.)"""
+        refused where the adapter's r and apply_GS leave nothing to train: it trained on without a word."""
         from peftkit.adapters import adapter_layers  # (peftkit.adapters imports the methods)
 
         for path, layer in adapter_layers(model).items():
             if isinstance(layer, HraLinear):
                 check_orthonormal_room(cfg, path, linear_shape(layer.base_layer)[0])
+        return super().trainer(model, cfg, total_steps)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: HraConfig, path: str) -> HraLinear:
