@@ -13,7 +13,7 @@ import torch
 
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.manifest import base_changes
-from peftkit.modeling import load_model, load_tokenizer
+from peftkit.modeling import Tokenizers, load_model
 from peftkit.recipe import ModelConfig
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
             (`warn_if_requantized`); False where the caller said so already (`peftkit.merge.merge_device`).
         tokens_of: `peftkit.new_tokens.adapter_tokens`, or a caller's function that remembers its answers (a peft
             adapter's tokenizer is read to find them: `ModelSource.added_tokens` reads it once per command).
-        tokenizer_of: the base's tokenizer for its ModelConfig (`tokenizer_read_once`'s, the default, or a caller's
-            that has read it already: `ModelSource.read_tokenizer`), so that loading the model (model.add_tokens'
+        tokenizer_of: the base's tokenizer for its ModelConfig (a `peftkit.modeling.Tokenizers`: a new one, the
+            default, or a caller's that has read it already: `ModelSource.tokenizers`), so that loading the model (model.add_tokens'
             rows, a classifier's pad id) and the tokenizer returned read its files once.
 
     Returns:
@@ -62,7 +62,7 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
     from peftkit.adapters import inject_adapters
     from peftkit.adapters.state_dicts import load_adapter_state_dict
 
-    tokenizer_of = tokenizer_of or tokenizer_read_once()
+    tokenizer_of = tokenizer_of or Tokenizers()
     model, adapter_cfg, state, _, model_cfg, quant = load_adapter_base(base, adapter_dir, device, trust_remote_code,
                                                                        warn_requantized, tokens_of, tokenizer_of)
     # PEFT itself accepts a target list with entries for other architectures (its generic defaults); the
@@ -71,21 +71,6 @@ def load_adapted_model(base: str | ModelConfig | None, adapter_dir: str, device:
     load_adapter_state_dict(model, state)
     model.eval()
     return model, adapter_cfg, tokenizer_of(model_cfg), model_cfg, quant
-
-
-def tokenizer_read_once():
-    """A function giving `load_tokenizer(cfg)`, read from disk once per tokenizer (`tokenizer_key`: what it reads of
-    `cfg`) however often it is asked: 1 to 2 s a read for a 151k-token vocabulary."""
-    from peftkit.inference import tokenizer_key
-
-    read = {}
-
-    def tokenizer_of(cfg: ModelConfig):
-        if (key := tokenizer_key(cfg)) not in read:
-            read[key] = load_tokenizer(cfg)
-        return read[key]
-
-    return tokenizer_of
 
 
 def load_adapter_base(base: str | ModelConfig | None, adapter_dir: str, device: torch.device | None = None,

@@ -218,7 +218,7 @@ def _reference_model(source: ModelSource, init_from: str | None) -> tuple[nn.Mod
     with phase(f"Loading {source.describe()}..."):
         model, adapter_cfg, state, _, model_cfg, _ = load_adapter_base(
             source.adapter_base, source.adapter, device, source.trust_remote_code, tokens_of=source.added_tokens,
-            tokenizer_of=source.read_tokenizer)
+            tokenizer_of=source.tokenizers)
     model = under_autocast(model.eval(), inference_autocast(source.mixed_precision, device), device)
 
     def inject() -> None:

@@ -12,7 +12,7 @@ import json
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import torch
 from torch import nn
@@ -20,7 +20,16 @@ from torch import nn
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig, ModelConfig, QuantizationConfig, Recipe
 
+if TYPE_CHECKING:
+    from peftkit.modeling import Tokenizers
+
 FORMATS = get_args(DataConfig.model_fields["format"].annotation)
+
+
+def _tokenizers() -> Tokenizers:
+    from peftkit.modeling import Tokenizers  # (modeling's imports wait for a command that loads a model)
+
+    return Tokenizers()
 
 
 @dataclass
@@ -45,9 +54,9 @@ class ModelSource:
     added: dict = field(default_factory=dict, repr=False, compare=False)
     """`added_tokens`' answers for this command, by the base tokenizer they were found against (shared by the
     copies `here` makes): the tokenizer and the model each need them."""
-    tokenizers: dict = field(default_factory=dict, repr=False, compare=False)
-    """The tokenizers `tokenizer` read, by what it read of their ModelConfig (`tokenizer_key`; shared by the copies
-    `here` makes): loading the adapted model takes its base's from here (`read_tokenizer`) rather than again."""
+    tokenizers: Tokenizers = field(default_factory=_tokenizers, repr=False, compare=False)
+    """The tokenizers this command read (`tokenizer`'s, with its chat template; shared by the copies `here` makes):
+    loading the adapted model takes its base's from here rather than again."""
 
     @classmethod
     def of_recipe(cls, cfg: Recipe, run_adapter: str | None) -> ModelSource:
@@ -163,7 +172,6 @@ class ModelSource:
         the adapter carries (a run's adapter/ trained with data.chat_template), else its own."""
         from peftkit.adapter_base import base_revision, check_remote_code
         from peftkit.data.chat_templates import adapter_template
-        from peftkit.modeling import load_tokenizer
         from peftkit.peft_format import CONFIG_NAME, check_adapter_dir, read_peft_config, recorded_base
 
         cfg = self.model
@@ -184,17 +192,7 @@ class ModelSource:
             cfg = cfg.model_copy(update={"add_tokens": self.added_tokens(self.adapter, cfg)})
         if cfg is None:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
-        tok = load_tokenizer(cfg, self.chat_template or adapter_template(self.adapter))
-        self.tokenizers[tokenizer_key(cfg)] = tok
-        return tok
-
-    def read_tokenizer(self, cfg: ModelConfig):
-        """The tokenizer of `cfg` (an adapter's base) as `tokenizer` read it for this command, else read now: what
-        loading the model reads of it (model.add_tokens' rows, a classifier's pad id) is not its chat template."""
-        from peftkit.modeling import load_tokenizer
-
-        read = self.tokenizers.get(tokenizer_key(cfg))
-        return read if read is not None else load_tokenizer(cfg)
+        return self.tokenizers.read(cfg, self.chat_template or adapter_template(self.adapter))
 
     def added_tokens(self, adapter_dir: str, cfg: ModelConfig) -> list[str]:
         """`peftkit.new_tokens.adapter_tokens`, found once per adapter and base tokenizer (name, revision,
@@ -220,7 +218,7 @@ class ModelSource:
         with phase(f"Loading {source.describe()}..."):
             if source.adapter:
                 model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code,
-                                           tokens_of=source.added_tokens, tokenizer_of=source.read_tokenizer)[0]
+                                           tokens_of=source.added_tokens, tokenizer_of=source.tokenizers)[0]
             else:
                 model = load_model(source.model, source.quantization, device, labels).eval()
         return under_autocast(model, inference_autocast(source.mixed_precision, device), device)
@@ -256,12 +254,6 @@ class ModelSource:
         if note := cpu_dtype_note(model.dtype, device):
             warnings.warn(f"{note} Here: --set model.dtype=float32.", PeftkitWarning, stacklevel=3)
         return replace(self, model=model)
-
-
-def tokenizer_key(cfg: ModelConfig) -> tuple:
-    """What `peftkit.modeling.load_tokenizer` reads of a ModelConfig: its name, revision, remote code and added
-    tokens."""
-    return cfg.name_or_path, cfg.revision, cfg.trust_remote_code, tuple(cfg.add_tokens)
 
 
 def _json(file: Path) -> dict:

@@ -138,6 +138,32 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
     return tok
 
 
+class Tokenizers:
+    """The tokenizers one command reads, each from disk once (1 to 2 s a read for a 151k-token vocabulary) however
+    often it is asked: the rows', loading the model's (model.add_tokens' rows, a classifier's pad id), the one an
+    adapted model's loading returns. Kept by `tokenizer_key` (what `load_tokenizer` reads of a ModelConfig)."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple, object] = {}
+
+    def __call__(self, cfg: ModelConfig):
+        """`cfg`'s tokenizer as read for this command (with the chat template it was read with, which loading the
+        model does not use), else `load_tokenizer(cfg)` read now."""
+        if (key := tokenizer_key(cfg)) not in self._read:
+            self._read[key] = load_tokenizer(cfg)
+        return self._read[key]
+
+    def read(self, cfg: ModelConfig, chat_template: str | None):
+        """`load_tokenizer(cfg, chat_template)`, kept for what asks for `cfg`'s tokenizer after."""
+        self._read[tokenizer_key(cfg)] = tok = load_tokenizer(cfg, chat_template)
+        return tok
+
+
+def tokenizer_key(cfg: ModelConfig) -> tuple:
+    """What `load_tokenizer` reads of a ModelConfig: its name, revision, remote code and added tokens."""
+    return cfg.name_or_path, cfg.revision, cfg.trust_remote_code, tuple(cfg.add_tokens)
+
+
 def check_attention(cfg: ModelConfig, device: torch.device) -> None:
     """model.attn_implementation: flash_attention_2 runs on CUDA devices, with the flash-attn package, on 16-bit
     weights: flash-attn computes in fp16/bf16 only, and transformers casts fp32 queries to the weights' dtype
