@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -239,11 +239,14 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
     set's rows are read first, each with its own data config (columns, format, split), and the model loads once
     for all of them. A classifier whose classes come from each set's rows (a base without a head) is the
     exception: each set gets the head of its own classes, as `peftkit eval --data` of its file."""
+    jobs = _sharing_tokenizers(jobs)
     first = next(iter(jobs.values()))
     if first.data_cfg.format == "classification":
-        from peftkit.evaluate_classifier import _classes_of_model, _load_classifier, evaluate_classifier
+        from peftkit.evaluate_classifier import (_classes_of_model, _classifier_source, _load_classifier,
+                                                 evaluate_classifier)
 
-        model = _load_classifier(first) if _classes_of_model(first) else None
+        tok = _classifier_source(first).tokenizer()  # (kept by the source: each set's rows, the model's pad id)
+        model = _load_classifier(first, tok) if _classes_of_model(first) else None
         return {name: evaluate_classifier(job, model) for name, job in jobs.items()}
     if first.data_cfg.format in ("preference", "unpaired"):
         from peftkit.evaluate_pairs import evaluate_preference
@@ -253,6 +256,14 @@ def evaluate_sets(jobs: dict[str, EvalJob]) -> dict[str, dict[str, float]]:
     rows = {name: _read_rows(job, tok) for name, job in jobs.items()}
     model = first.source.load()
     return {name: _scored(job, model, *rows[name]) for name, job in jobs.items()}
+
+
+def _sharing_tokenizers(jobs: dict[str, EvalJob]) -> dict[str, EvalJob]:
+    """`jobs` whose sources keep the tokenizers they read in the first's (`ModelSource.tokenizers`): `eval_job` made
+    each set's source apart, so each read the base's tokenizer again (a classifier's each set's rows, a headless
+    base's each set's model)."""
+    tokenizers = next(iter(jobs.values())).source.tokenizers
+    return {name: replace(job, source=replace(job.source, tokenizers=tokenizers)) for name, job in jobs.items()}
 
 
 def _read_rows(job: EvalJob, tok=None) -> tuple:

@@ -55,8 +55,9 @@ class ModelSource:
     """`added_tokens`' answers for this command, by the base tokenizer they were found against (shared by the
     copies `here` makes): the tokenizer and the model each need them."""
     tokenizers: Tokenizers = field(default_factory=_tokenizers, repr=False, compare=False)
-    """The tokenizers this command read (`tokenizer`'s, with its chat template; shared by the copies `here` makes):
-    loading the adapted model takes its base's from here rather than again."""
+    """The tokenizers this command read (`tokenizer`'s, with its chat template; shared by the copies `here`,
+    a comparison's rows and each data.eval set's job make): `tokenizer` and loading the model take them from here
+    rather than read them again."""
 
     @classmethod
     def of_recipe(cls, cfg: Recipe, run_adapter: str | None) -> ModelSource:
@@ -194,6 +195,12 @@ class ModelSource:
             raise PeftkitError("No model to load: pass --model, or --adapter with a recorded base model.")
         return self.tokenizers.read(cfg, self.chat_template or adapter_template(self.adapter))
 
+    def loading_tokenizer(self):
+        """What loading the model (without adapter) reads of its tokenizer, from `tokenizers`: model.add_tokens' rows,
+        a classifier's pad id; None where it reads none (`peftkit.adapter_base.load_adapter_base`'s rule)."""
+        needed = self.model.add_tokens or self.model.task == "sequence_classification"
+        return self.tokenizers(self.model) if needed else None
+
     def added_tokens(self, adapter_dir: str, cfg: ModelConfig) -> list[str]:
         """`peftkit.new_tokens.adapter_tokens`, found once per adapter and base tokenizer (name, revision,
         trust_remote_code: all it reads of `cfg`) while this source lives: a peft adapter's tokenizer is read to find
@@ -220,7 +227,8 @@ class ModelSource:
                 model = load_adapted_model(source.adapter_base, source.adapter, device, source.trust_remote_code,
                                            tokens_of=source.added_tokens, tokenizer_of=source.tokenizers)[0]
             else:
-                model = load_model(source.model, source.quantization, device, labels).eval()
+                model = load_model(source.model, source.quantization, device, labels, tok=source.loading_tokenizer())
+                model = model.eval()
         return under_autocast(model, inference_autocast(source.mixed_precision, device), device)
 
     def load_named(self, adapters: list[tuple[str, str]], device: torch.device | None = None):
@@ -233,7 +241,7 @@ class ModelSource:
         device = device or resolve_device(self.model.device if self.model else "auto")
         source = self.here(device)
         model, named, _ = load_named_model(adapters, source.adapter_base if source.model else None, device,
-                                           source.trust_remote_code)
+                                           source.trust_remote_code, source.tokenizers)
         return under_autocast(model, inference_autocast(source.mixed_precision, device), device), named
 
     def here(self, device: torch.device) -> ModelSource:

@@ -140,23 +140,25 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None):
 
 class Tokenizers:
     """The tokenizers one command reads, each from disk once (1 to 2 s a read for a 151k-token vocabulary) however
-    often it is asked: the rows', loading the model's (model.add_tokens' rows, a classifier's pad id), the one an
-    adapted model's loading returns. Kept by `tokenizer_key` (what `load_tokenizer` reads of a ModelConfig)."""
+    often it is asked: each set's or comparison row's rows, loading the model's (model.add_tokens' rows, a
+    classifier's pad id), the one an adapted model's loading returns. Kept by `tokenizer_key` (what `load_tokenizer`
+    reads of a ModelConfig) and chat template."""
 
     def __init__(self) -> None:
-        self._read: dict[tuple, object] = {}
+        self._read: dict[tuple, dict] = {}  # tokenizer_key: {chat template: tokenizer}, the last read last
 
     def __call__(self, cfg: ModelConfig):
-        """`cfg`'s tokenizer as read for this command (with the chat template it was read with, which loading the
-        model does not use), else `load_tokenizer(cfg)` read now."""
-        if (key := tokenizer_key(cfg)) not in self._read:
-            self._read[key] = load_tokenizer(cfg)
-        return self._read[key]
+        """`cfg`'s tokenizer as read for this command (with the chat template it was last read with, which loading
+        the model does not use), else `load_tokenizer(cfg)` read now."""
+        read = self._read.get(tokenizer_key(cfg))
+        return next(reversed(read.values())) if read else self.read(cfg, None)
 
     def read(self, cfg: ModelConfig, chat_template: str | None):
-        """`load_tokenizer(cfg, chat_template)`, kept for what asks for `cfg`'s tokenizer after."""
-        self._read[tokenizer_key(cfg)] = tok = load_tokenizer(cfg, chat_template)
-        return tok
+        """`load_tokenizer(cfg, chat_template)`, read once for this command."""
+        read = self._read.setdefault(tokenizer_key(cfg), {})
+        if chat_template not in read:
+            read[chat_template] = load_tokenizer(cfg, chat_template)
+        return read[chat_template]
 
 
 def tokenizer_key(cfg: ModelConfig) -> tuple:

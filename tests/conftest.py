@@ -409,3 +409,14 @@ def unplaced(said: str, recipe: Path) -> str:
     import re
 
     return re.sub(rf"error: {re.escape(str(recipe))}(:\d+| \(--set [^)]*\)): ", "error: ", said)
+
+
+def tokenizer_reads(monkeypatch) -> list[str]:
+    """The paths AutoTokenizer.from_pretrained reads from here on, in order (a read is 1 to 2 s for a 151k-token
+    vocabulary)."""
+    from transformers import AutoTokenizer
+
+    loads, load = [], AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
+    return loads

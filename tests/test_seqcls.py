@@ -21,7 +21,7 @@ from peftkit.recipe import DataConfig, ModelConfig, load_recipe
 from peftkit.tiny import build_tiny_encoder, sentiment_rows, write_jsonl
 from peftkit.export import export
 from peftkit.train import train
-from tests.conftest import cli_user_error, make_recipe, peft_over_4_bit, random_adapters, unplaced
+from tests.conftest import cli_user_error, make_recipe, peft_over_4_bit, random_adapters, tokenizer_reads, unplaced
 
 LABELS = LabelSet(("negative", "positive"))
 TEXTS = ["good nice fine", "bad sad awful grim dull", "x", "happy lovely bright superb great good"]
@@ -295,6 +295,40 @@ def test_a_decoder_classifier_run_reads_the_tokenizer_once_and_pads_with_its_id(
                                       str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert loads.count(str(model)) == 1, loads
+
+
+def test_a_classifier_s_eval_of_two_sets_reads_the_tokenizer_once(tmp_path, tiny_llama, sentiment, monkeypatch):
+    """`peftkit eval RUN` of a classifier with two data.eval sets read the base's tokenizer three times (loading the
+    model, then each set's rows: each set had a source of its own), and its comparison with two adapters on those sets
+    eight (a headless base row loads once per set, for the pad id). Once each now; each set's loss is the run's last
+    (batches of 8) to 1e-5, and an adapter row's is `peftkit eval RUN --data FILE` of that set."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    recipe = classification_recipe(tmp_path, tiny_llama, sentiment, training={"max_steps": 4, "eval_steps": 4})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["eval"] = {"a": str(sentiment["eval"]), "b": str(sentiment["train"])}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    train(load_recipe(recipe))
+    run = tmp_path / "run"
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x][-1]
+    reads = tokenizer_reads(monkeypatch)
+    result = CliRunner().invoke(app, ["eval", str(run), "--batch-size", "1", "--json", str(tmp_path / "sets.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert reads == [str(tiny_llama)]
+    figures = json.loads((tmp_path / "sets.json").read_text())
+    assert abs(figures["a"]["loss"] - last["eval_loss"]) <= 1e-5 and abs(figures["b"]["loss"] - last["eval_b_loss"]) <= 1e-5
+    del reads[:]
+    adapters = ["--adapter", f"x={run / 'adapter'}", "--adapter", f"y={run / 'adapter'}"]
+    result = CliRunner().invoke(app, ["eval", str(run), *adapters, "--json", str(tmp_path / "cmp.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert reads == [str(tiny_llama)]
+    rows = json.loads((tmp_path / "cmp.json").read_text())
+    result = CliRunner().invoke(app, ["eval", str(run), "--data", str(sentiment["train"]), "--json",
+                                      str(tmp_path / "y.json")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert rows["b"]["y"]["loss"] == json.loads((tmp_path / "y.json").read_text())["loss"]
 
 
 def test_eval_of_rows_past_an_encoder_s_positions_is_a_clear_error(tmp_path, tiny_bert):

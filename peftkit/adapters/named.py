@@ -399,7 +399,7 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfig | None = None,
-                     device: torch.device | None = None, trust_remote_code: bool = False):
+                     device: torch.device | None = None, trust_remote_code: bool = False, tokenizer_of=None):
     """The base loaded once (as `load_adapted_model` loads it for the first adapter: re-quantized as it was trained)
     with every adapter on it by name, in eval mode, none active.
 
@@ -407,17 +407,21 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfi
         adapters: (name, adapter directory) pairs.
         base: the base model (a name, or a recipe's `model`: `peftkit.adapter_base.load_adapter_base`); default the
             adapters' recorded base_model_name_or_path (which must then agree).
+        tokenizer_of: the base's tokenizers read so far (`peftkit.modeling.Tokenizers`: `ModelSource.tokenizers`),
+            default a new one: as `load_adapted_model`'s.
 
     Returns:
         (model, NamedAdapters, tokenizer)
     """
     from peftkit.adapter_base import check_remote_code, load_adapter_base, warn_if_requantized
-    from peftkit.modeling import load_tokenizer
+    from peftkit.modeling import Tokenizers
 
     if not adapters:
         raise PeftkitError("No adapters to load: give at least one (name, directory).")
     first_name, first_dir = adapters[0]
-    model, cfg, state, raw, model_cfg, quant = load_adapter_base(base, first_dir, device, trust_remote_code)
+    tokenizer_of = tokenizer_of or Tokenizers()
+    model, cfg, state, raw, model_cfg, quant = load_adapter_base(base, first_dir, device, trust_remote_code,
+                                                                 tokenizer_of=tokenizer_of)
     named = NamedAdapters(model, model_cfg.name_or_path if base else None, quant)
     named._check_new_name(first_name)
     named._add_read(first_name, first_dir, cfg, state, raw, quant)
@@ -427,4 +431,4 @@ def load_named_model(adapters: Sequence[tuple[str, str]], base: str | ModelConfi
         if quant is not None:  # the same quantization as the first's (`sharing.check_fits`), maybe not on the same device
             warn_if_requantized(directory, model)
     model.eval()
-    return model, named, load_tokenizer(model_cfg)
+    return model, named, tokenizer_of(model_cfg)
