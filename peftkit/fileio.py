@@ -451,7 +451,7 @@ def locked_directory(path: Path) -> Iterator[None]:
     """An exclusive flock of directory `path` while the block runs, waiting for another holder. Where the system or
     its file system cannot lock a directory (Windows; some network and FUSE file systems) the block runs unlocked,
     as before there were locks: a lock only guards against other processes, never a condition to write."""
-    fd = _flocked(path, fcntl.LOCK_EX) if fcntl is not None else None
+    fd = flocked(path, fcntl.LOCK_EX) if fcntl is not None else None
     try:
         yield
     finally:
@@ -459,9 +459,10 @@ def locked_directory(path: Path) -> Iterator[None]:
             os.close(fd)
 
 
-def _flocked(path: Path, flags: int) -> int | None:
+def flocked(path: Path, flags: int) -> int | None:
     """A descriptor of `path` holding `flock(flags)`, or None where `path` cannot be locked here. With LOCK_NB, a lock
-    another holds raises BlockingIOError."""
+    another holds raises BlockingIOError. (The locks of the writes here, and of `peftkit.scratch`'s verify
+    directories.)"""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -493,7 +494,7 @@ def being_written(entry: Path) -> bool:
     if fcntl is None or entry.is_symlink() or not entry.is_dir():
         return False
     try:
-        fd = _flocked(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = flocked(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     if fd is not None:

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from peftkit.fileio import fcntl, _flocked
+from peftkit.fileio import fcntl, flocked
 
 PREFIX = "peftkit-verify-"
 
@@ -26,7 +26,7 @@ def scratch_directory(kind: str = "") -> Iterator[str]:
     """A new temporary directory `peftkit-verify-[KIND-]PID-XXXX`, locked while the block runs and deleted after it
     (as `tempfile.TemporaryDirectory`), which a later `stale_directories` sweep removes if this process is killed."""
     path = tempfile.mkdtemp(prefix=f"{PREFIX}{kind + '-' if kind else ''}{os.getpid()}-")
-    fd = _flocked(Path(path), fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl is not None else None
+    fd = flocked(Path(path), fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl is not None else None
     if fd is not None:
         _HELD[path] = fd
     try:
@@ -74,7 +74,7 @@ def _stale(path: Path) -> bool:
     try:
         if path.stat().st_uid != os.getuid() or _alive(int(match.group(1))):
             return False
-        fd = _flocked(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = flocked(path, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except (BlockingIOError, OSError):  # locked: a live verify's (of another PID namespace)
         return False
     if fd is None:  # cannot be locked here: cannot be told

@@ -382,7 +382,7 @@ def test_a_killed_verify_s_re_run_directory_is_removed_by_the_next_verify(adapte
 
     from rich.console import Console
 
-    from peftkit.fileio import _flocked, fcntl
+    from peftkit.fileio import flocked, fcntl
     from peftkit.verify import verify
 
     scratch = tmp_path / "tmp"
@@ -402,7 +402,7 @@ def test_a_killed_verify_s_re_run_directory_is_removed_by_the_next_verify(adapte
     for path in (live, locked, older):
         path.mkdir()
         (path / "w").write_text("x")
-    fd = _flocked(locked, fcntl.LOCK_EX)
+    fd = flocked(locked, fcntl.LOCK_EX)
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = io.StringIO()
     try:
