@@ -95,6 +95,7 @@ def check_model(cfg: Recipe) -> str:
             rows = resize(model, len(tok))
             adapter = with_new_rows(adapter, model, added_ids(cfg.model, tok, rows)[0])
         targets = adapt(cfg, model, adapter)
+        method_of(cfg.adapter).check_run(model, cfg.adapter)
         if cfg.training.max_steps:  # the run's steps, known without the data: what the method adds to the loop
             method_of(cfg.adapter).trainer(model, cfg.adapter, cfg.training.max_steps)
     kinds = sorted({name.rpartition(".")[2] for name in targets})

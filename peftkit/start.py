@@ -232,6 +232,7 @@ def setup(cfg: Recipe, out: Path, resume: bool, console: Console, accelerator, c
         zero.cast_as_the_engine(accelerator, model)  # the adapter's weights too (init_from's: the reference's)
         with accelerator.autocast():
             _reference_logps(cfg, model, tok, train_ex, evals, accelerator, console)
+    method_of(cfg.adapter).check_run(model, cfg.adapter)
     method_trainer = method_of(cfg.adapter).trainer(model, cfg.adapter, total_steps)
     model, optimizer, scheduler = _prepared(cfg, model, adapter, device, accelerator, total_steps, console)
     eval_ex, other_evals = next(iter(evals.values()), None), dict(list(evals.items())[1:])

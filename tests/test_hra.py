@@ -206,7 +206,7 @@ def test_a_run_from_a_peft_adapter_with_r_at_a_layer_s_inputs_is_refused(tiny_ll
                                                                         capsys):
     """The recipe's refusal above, for a run that trains on from peft's r 32 apply_GS adapter (adapter.init_from, whose
     settings are the adapter's): H is -I whatever the vectors, so the run trained 6 steps and changed nothing, without
-    a word. validate and train refuse it, naming the adapter and the layer."""
+    a word. validate (training.max_steps set or not) and train refuse it, naming the adapter and the layer."""
     torch.manual_seed(0)
     config = peft.HRAConfig(r=32, apply_GS=True, init_weights=False, target_modules=["q_proj"])
     get_peft_model(_load(tiny_llama), config).save_pretrained(tmp_path / "peft")
@@ -222,6 +222,10 @@ def test_a_run_from_a_peft_adapter_with_r_at_a_layer_s_inputs_is_refused(tiny_ll
     for command in ("validate", "train"):  # (train says it once the weights have loaded, after their progress bar)
         said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
         assert unplaced(said[said.index("error: "):], recipe) == expected
+    del raw["training"]["max_steps"]  # (validate said it only where the run's steps were known, which do not decide it)
+    recipe.write_text(yaml.safe_dump(raw))
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert unplaced(said[said.index("error: "):], recipe) == expected
 
 
 def test_combining_adds_the_full_updates(tiny_llama, tmp_path):

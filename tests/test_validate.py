@@ -215,7 +215,7 @@ def test_validate_makes_the_method_s_checks_of_the_run(sections, expected, tiny_
                                                        monkeypatch, capsys):
     """What the method adds to the training loop checks the run (AdaLoRA's schedule against its steps, prefix tuning
     against gradient checkpointing): train said it after loading the model; validate says it where training.max_steps
-    gives the run's steps without the data."""
+    gives the run's steps without the data, and prefix tuning's, which no step count decides, without it too."""
     recipe = make_recipe(tmp_path, tiny_llama, number_data)
     raw = yaml.safe_load(recipe.read_text())
     for section, values in sections.items():  # the adapter section whole, not make_recipe's LoRA updated
@@ -226,6 +226,11 @@ def test_validate_makes_the_method_s_checks_of_the_run(sections, expected, tiny_
     validated = unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe)
     assert validated == trained, (validated, trained)
     assert expected in validated
+    if "tinit" not in expected:  # a check the steps do not decide: said without training.max_steps too
+        raw = yaml.safe_load(recipe.read_text())
+        del raw["training"]["max_steps"]
+        recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert unplaced(_said(cli_user_error(monkeypatch, capsys, "validate", str(recipe))), recipe) == trained
 
 
 def test_validate_refuses_a_quantized_tied_head_as_train(number_data, tmp_path, monkeypatch, capsys):

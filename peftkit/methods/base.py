@@ -344,8 +344,13 @@ class Method:
     @classmethod
     def trainer(cls, model: nn.Module, cfg: Any, total_steps: int) -> MethodTrainer | None:
         """What the method adds to a training run of `total_steps` optimizer steps over the injected `model`, or
-        None (most methods: their layers' forward is all). Raises a PeftkitError for settings the run contradicts."""
+        None (most methods: their layers' forward is all). Raises a PeftkitError for settings the steps contradict."""
         return None
+
+    @classmethod
+    def check_run(cls, model: nn.Module, cfg: Any) -> None:
+        """Raise a PeftkitError for settings a training run of the injected `model` cannot train with, whatever its
+        steps (train runs it before `trainer`; validate runs it without training.max_steps, which `trainer` needs)."""
 
     @classmethod
     def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:

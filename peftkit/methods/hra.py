@@ -186,7 +186,7 @@ class Hra(Method):
         return names
 
     @classmethod
-    def trainer(cls, model: nn.Module, cfg: HraConfig, total_steps: int) -> None:
+    def check_run(cls, model: nn.Module, cfg: HraConfig) -> None:
         """A run from adapter.init_from (whose targets `select_targets` leaves unchecked, as any saved adapter's) is
         refused where the adapter's r and apply_GS leave nothing to train: it trained on without a word."""
         from peftkit.adapters import adapter_layers  # (peftkit.adapters imports the methods)
@@ -194,7 +194,6 @@ class Hra(Method):
         for path, layer in adapter_layers(model).items():
             if isinstance(layer, HraLinear):
                 check_orthonormal_room(cfg, path, linear_shape(layer.base_layer)[0])
-        return super().trainer(model, cfg, total_steps)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: HraConfig, path: str) -> HraLinear:

@@ -20,7 +20,6 @@ from pydantic import Field
 from torch import nn
 
 from peftkit.errors import PeftkitError
-from peftkit.methods.base import MethodTrainer
 from peftkit.methods.virtual import (VirtualConfig, VirtualMethod, VirtualPeftConfig, VirtualTokens, install, model_dims,
                                      text_config)
 
@@ -126,7 +125,7 @@ class PrefixTuning(VirtualMethod):
         kwargs["cache"] = cls.prefilled_cache(virtual, model, batch, given)
 
     @classmethod
-    def trainer(cls, model: nn.Module, cfg: Any, total_steps: int) -> MethodTrainer | None:
+    def check_run(cls, model: nn.Module, cfg: Any) -> None:
         checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.2x's name
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -134,7 +133,6 @@ class PrefixTuning(VirtualMethod):
             raise PeftkitError("training.gradient_checkpointing: prefix tuning's key/value prefixes sit in the "
                                "attention cache, which recomputing a layer in the backward pass would append to "
                                "twice (peft refuses it too). Set training.gradient_checkpointing: false.")
-        return super().trainer(model, cfg, total_steps)
 
     @classmethod
     def model_facts(cls, cfg: PrefixTuningConfig, model_config) -> dict:
