@@ -166,22 +166,40 @@ def _check_first_row(tok, data, path, split: str | None) -> None:
     first usable row given as text, check_chat_tokenizer for one given as a conversation, at data's format key."""
     from peftkit.data.conversations import check_chat_tokenizer
     from peftkit.data.examples import check_eos
-    from peftkit.data.preference import TEXT_FIELDS as PAIR_FIELDS, split_pair
-    from peftkit.data.sources import read_rows
-    from peftkit.data.unpaired import TEXT_FIELDS, split_unpaired
+    from peftkit.data.preference import TEXT_FIELDS as PAIR_FIELDS
+    from peftkit.data.unpaired import TEXT_FIELDS
     from peftkit.errors import PeftkitError
 
-    parts, fields = (split_pair, PAIR_FIELDS) if data.format == "preference" else (split_unpaired, TEXT_FIELDS)
     try:
-        rows = read_rows(path, split, data)[0]
+        form = _first_form(data, path, split)
     except PeftkitError:
         return
-    forms = (parts(row) for row in rows if isinstance(row, dict))
-    form = next((form[0] for form in forms if isinstance(form, tuple)), None)
     if form == "completion":
-        check_eos(tok, data.format, data._format_key, fields)
+        check_eos(tok, data.format, data._format_key, PAIR_FIELDS if data.format == "preference" else TEXT_FIELDS)
     elif form == "chat":  # (said as train's build_pairs / build_unpaired say it: as this format's rows)
-        check_chat_tokenizer(tok, data._format_key, (data.format, fields))
+        check_chat_tokenizer(tok, data._format_key, (data.format, PAIR_FIELDS if data.format == "preference"
+                                                     else TEXT_FIELDS))
+
+
+def _first_form(data, path, split: str | None) -> str | None:
+    """The form (`completion`, `chat`) of the first usable row of `path` (data.train's list: of its entries in order,
+    each as its own columns and format read it), reading no row past it (`rows_in_order`: a 300k-row file was read
+    whole); None where no row is usable."""
+    from peftkit.data.formats import format_rows
+    from peftkit.data.preference import split_pair
+    from peftkit.data.rows import rows_in_order
+    from peftkit.data.unpaired import split_unpaired
+
+    parts = split_pair if data.format == "preference" else split_unpaired
+    entries = [(path, split, data)] if isinstance(path, str) else [
+        (entry.path, entry.split, data.model_copy(update={"columns": entry.columns, "format": entry.format}))
+        for entry in data.train_sources()]
+    for source, entry_split, cfg in entries:
+        for row in rows_in_order(source, entry_split, cfg.on_bad_rows):
+            row = format_rows([row], cfg)[0]
+            if isinstance(row, dict) and isinstance(form := parts(row), tuple):
+                return form[0]
+    return None
 
 
 def _quantize(model, cfg: Recipe) -> None:

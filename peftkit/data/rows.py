@@ -10,6 +10,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from peftkit.errors import PeftkitError, PeftkitWarning
@@ -145,6 +146,27 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error", revision: str
         picked, numbers = local_split(rows, line_numbers, split, source)
         return picked, _skipped_in(bad, line_numbers, numbers), numbers
     return _hub_rows(source, split, revision)
+
+
+def rows_in_order(source: str, split: str | None, on_bad_rows: str = "error") -> Iterator[dict]:
+    """`load_rows`' rows of `source`, one at a time: a whole local .jsonl file's (split train, or none) read only as
+    far as they are taken (validate wants a 300k-row file's first usable row, not every row); any other source, or a
+    slice, is read whole first. A malformed line is an error, or skipped (`on_bad_rows`), as `load_rows` has it."""
+    path = Path(source)
+    if split not in ("train", None) or path.suffix.lower() != ".jsonl" or not path.is_file():
+        yield from load_rows(source, split, on_bad_rows)[0]
+        return
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # (as `_read_jsonl` reads it)
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = _json_object(line)
+            except ValueError as e:
+                if on_bad_rows == "skip":
+                    continue
+                raise PeftkitError(f"{path}:{lineno}: {e}.") from None
+            yield row
 
 
 def _skipped_in(bad: list[int], line_numbers: list[int] | None, picked: list[int] | None) -> int:
