@@ -73,6 +73,7 @@ from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
+from peftkit.methods.road import RoadConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.adapter_base import load_adapted_model
@@ -220,6 +221,13 @@ CASES: dict[str, list[Case]] = {
         Case("delora-patterns", DeloraConfig(method="delora", r=2, rank_pattern={"down_proj": 4},
                                              lambda_pattern={"v_proj": 3.0},
                                              target_modules=["q_proj", "v_proj", "down_proj"]), ("qwen2",), ()),
+    ],
+    # peft's RoAd adapts nn.Linear layers only; its groups must divide each output size: the dense layer's 8 (linear-even),
+    # the tiny models' 16 (k/v under GQA), 32 and 64. The merge rotates the bias too: the dense layer's (a Qwen2 with
+    # biases, road_4, against peft's adapters: tests/test_road.py).
+    "road": [
+        Case("road", RoadConfig(method="road", group_size=8), ("llama",), ("linear-even",)),
+        Case("road-4", RoadConfig(method="road", variant="road_4", group_size=4), (), ("linear-even",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -495,12 +503,39 @@ def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], 
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
 
 
+def road_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: RoadConfig, layout: str):
+    """(R W, R b), R written out entry by entry from the paper's eq. 4 in peft's layout: in each group of g outputs,
+    p = i and q = i + g / 2 (i < g / 2) are a pair, R[p, p] = a_p cos t_p, R[p, q] = -a_p sin t_p, R[q, q] = a_q cos
+    t_q, R[q, p] = a_q sin t_q; road_1 has one (t, a) per pair (numbered group by group), road_2 one per output,
+    road_4 per group g numbers for the cosine terms and then g for the sine terms."""
+    assert layout in ("linear", "linear-even")
+    theta, alpha, g = parts["road_theta"].double(), parts["road_alpha"].double(), cfg.group_size
+    out = weight.shape[0]
+    r = torch.zeros(out, out, dtype=torch.float64)
+    for p in range(out):
+        group, k = divmod(p, g)
+        i = k % (g // 2)
+        partner = p + g // 2 if k < g // 2 else p - g // 2
+        if cfg.variant == "road_1":
+            a, t = alpha[group * g // 2 + i], theta[group * g // 2 + i]
+            cos, sin = a * torch.cos(t), a * torch.sin(t)
+        elif cfg.variant == "road_2":
+            cos, sin = alpha[p] * torch.cos(theta[p]), alpha[p] * torch.sin(theta[p])
+        else:
+            cos = alpha[2 * g * group + k] * torch.cos(theta[2 * g * group + k])
+            sin = alpha[2 * g * group + g + k] * torch.sin(theta[2 * g * group + g + k])
+        r[p, p] = cos
+        r[p, partner] = -sin if k < g // 2 else sin
+    return (r @ weight.double()).float(), None if bias is None else (r @ bias.double()).float()
+
+
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
          "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
          "randlora": randlora_dense,
          "vblora": vblora_dense,
-         "miss": miss_dense, "delora": delora_dense}
+         "miss": miss_dense, "delora": delora_dense,
+         "road": road_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -513,6 +548,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "VBLORA": {"init_vector_bank_bound": 0.5, "init_logits_std": 1.0},  # random, but far from the base
                    "MISS": {},  # zeros in every variant (False is balance's random start): moved by hand below
                    "DELORA": {"init_weights": False},  # B drawn too (its default starts B at zero)
+                   "ROAD": {"init_weights": False},  # angles N(0, 0.5^2), scales N(1, 0.5^2)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -605,7 +641,7 @@ def _save(model: nn.Module, cfg, targets: list[str], base: Path, out: Path) -> P
 def _base_layer(layout: str) -> nn.Module:
     torch.manual_seed(0)
     kind = layout.removesuffix("-ff")
-    layer = {"linear": lambda: nn.Linear(12, 7), "conv1d": lambda: Conv1D(7, 12), "embedding": lambda: nn.Embedding(20, 7),
+    layer = {"linear": lambda: nn.Linear(12, 7), "linear-even": lambda: nn.Linear(12, 8), "conv1d": lambda: Conv1D(7, 12), "embedding": lambda: nn.Embedding(20, 7),
              "layernorm": lambda: nn.LayerNorm(12)}[kind]()
     nn.init.normal_(layer.weight)
     return layer

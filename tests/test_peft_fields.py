@@ -32,6 +32,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "VBLoRAConfig": {},
     "MissConfig": {},
     "DeloraConfig": {},
+    "RoadConfig": {},
 }
 
 

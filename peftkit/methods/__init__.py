@@ -35,6 +35,7 @@ from peftkit.methods.oft import Oft
 from peftkit.methods.p_tuning import PTuning, PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig
+from peftkit.methods.road import Road, RoadConfig
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.randlora import RandLora, RandLoraConfig
 from peftkit.methods.vblora import VbLora, VbLoraConfig
@@ -73,6 +74,7 @@ register(RandLora)
 register(VbLora)
 register(Miss)
 register(Delora)
+register(Road)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -116,5 +118,5 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig", "DeloraConfig",
            "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MissConfig", "MethodTrainer", "MultitaskPromptTuningConfig",
-           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VbLoraConfig", "VeraConfig", "default_adapter",
+           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VbLoraConfig", "RoadConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]
