@@ -56,6 +56,7 @@ from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.boft import BoftConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.fourierft import FourierFtConfig
+from peftkit.methods.hira import HiraConfig
 from peftkit.methods.hra import HraConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.loha import LohaConfig
@@ -228,6 +229,13 @@ CASES: dict[str, list[Case]] = {
     "road": [
         Case("road", RoadConfig(method="road", group_size=8), ("llama",), ("linear-even",)),
         Case("road-4", RoadConfig(method="road", variant="road_4", group_size=4), (), ("linear-even",)),
+    ],
+    # peft's HiRA: Linear, GPT-2's Conv1D and embeddings (B starts at 0: the base model). Gemma's scaled embedding, where
+    # peft's forward differs from its own merge, is tested in tests/test_hira.py. "gaussian" init.
+    "hira": [
+        Case("hira", HiraConfig(method="hira", r=4), ("llama", "gpt2"), ("linear", "conv1d")),
+        Case("hira-embedding", HiraConfig(method="hira", r=2, init_weights="gaussian",
+                                          target_modules=["embed_tokens", "o_proj"]), ("llama",), ("embedding",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -529,13 +537,24 @@ def road_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return (r @ weight.double()).float(), None if bias is None else (r @ bias.double()).float()
 
 
+def hira_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: HiraConfig, layout: str):
+    """(W + W * D, b), the Hadamard product of W with D[o, i] = sum_k B[o, k] A[k, i] (the paper's eq. 3), D laid out
+    as W: (out, in), its transpose for Conv1D's (in, out) and an embedding's (num, dim) tables."""
+    embedding = "embedding_" if layout == "embedding" else ""
+    a, b = parts[f"hira_{embedding}A"].double(), parts[f"hira_{embedding}B"].double()
+    d = torch.einsum("ok,ki->oi", b, a)
+    d = d if layout == "linear" else d.T
+    return (weight.double() + weight.double() * d).float(), bias
+
+
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
          "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
          "randlora": randlora_dense,
          "vblora": vblora_dense,
          "miss": miss_dense, "delora": delora_dense,
-         "road": road_dense}
+         "road": road_dense,
+         "hira": hira_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -549,6 +568,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "MISS": {},  # zeros in every variant (False is balance's random start): moved by hand below
                    "DELORA": {"init_weights": False},  # B drawn too (its default starts B at zero)
                    "ROAD": {"init_weights": False},  # angles N(0, 0.5^2), scales N(1, 0.5^2)
+                   "HIRA": {"init_weights": False},  # A and B ~ N(0, 1)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.

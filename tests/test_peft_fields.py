@@ -33,6 +33,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "MissConfig": {},
     "DeloraConfig": {},
     "RoadConfig": {},
+    "HiraConfig": {},
 }
 
 
@@ -454,6 +455,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
     "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 
@@ -551,6 +553,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "vblora": ("VBLoRAConfig", {"vector_length": 8, "num_vectors": 12}, {"vector_length": 8, "num_vectors": 12}),
     "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 

@@ -21,6 +21,7 @@ from peftkit.methods.bottleneck import Bottleneck, BottleneckConfig
 from peftkit.methods.delora import Delora, DeloraConfig
 from peftkit.methods.fourierft import FourierFt, FourierFtConfig
 from peftkit.methods.fusion import Fusion, FusionConfig
+from peftkit.methods.hira import Hira, HiraConfig
 from peftkit.methods.hra import Hra, HraConfig
 from peftkit.methods.ia3 import IA3, IA3Config
 from peftkit.methods.loha import Loha, LohaConfig
@@ -75,6 +76,7 @@ register(VbLora)
 register(Miss)
 register(Delora)
 register(Road)
+register(Hira)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
@@ -117,6 +119,6 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
 
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig", "DeloraConfig",
-           "FourierFtConfig", "FusionConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MissConfig", "MethodTrainer", "MultitaskPromptTuningConfig",
+           "FourierFtConfig", "FusionConfig", "HiraConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MissConfig", "MethodTrainer", "MultitaskPromptTuningConfig",
            "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VbLoraConfig", "RoadConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]
