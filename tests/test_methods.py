@@ -938,7 +938,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for _, c in ALL
                                   if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora",
-                                              "miss", "miss-bat", "delora")])
+                                              "miss", "miss-bat", "delora", "road", "hira")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients
