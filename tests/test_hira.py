@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftkit.errors import PeftkitError
 from peftkit.methods.hira import Hira, HiraConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
@@ -182,3 +183,12 @@ def test_peft_s_rank_pattern_is_not_applied_by_peft_and_loads_as_peft_s(tiny_lla
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(IDS).logits
         assert (ours(IDS).logits - theirs).abs().max() <= 1e-5
+
+
+def test_adapter_fusion_over_hira_is_refused(tiny_llama, tmp_path):
+    from peftkit.methods.fusion import FusionConfig
+    from peftkit.methods.fusion_sources import check_fusable, fused_adapters
+
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
+    with pytest.raises(PeftkitError, match=r"is a HiRA adapter; AdapterFusion fuses bottleneck adapters, or"):
+        check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[str(adapter), str(adapter)])), "adapter.fuse")
