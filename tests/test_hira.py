@@ -118,8 +118,11 @@ def test_gemma_s_scaled_embedding_takes_the_update_as_its_merge(tmp_path):
 
 
 def test_a_run_with_dropout_resumes_to_the_same_bits_and_saves_peft_s_file(tiny_llama, number_data, tmp_path):
-    """A recipe run (dropout: random per step) killed after step 2 and resumed gives the unbroken run's adapter, bit
-    for bit, and saves peft's keys, shapes and settings."""
+    """A recipe run (dropout: random per step; an embedding target too) killed after step 2 and resumed gives the
+    unbroken run's adapter, bit for bit, and saves peft's keys, shapes and settings; peft loads it with peftkit's
+    logits."""
+    from peftkit.adapter_base import load_adapted_model
+
     recipe = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
                          training={"max_steps": 6, "save_steps": 2, "save_total_limit": 10})
     raw = yaml.safe_load(recipe.read_text())
@@ -136,6 +139,10 @@ def test_a_run_with_dropout_resumes_to_the_same_bits_and_saves_peft_s_file(tiny_
     assert shapes["base_model.model.model.embed_tokens.hira_embedding_B"] == (32, 4)  # (dim, r)
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["hira_dropout"], config["init_weights"]) == ("HIRA", 4, 0.25, True)
+    with torch.no_grad():
+        ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()(IDS).logits
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()(IDS).logits
+    assert (ours - theirs).abs().max() <= 1e-5 and (theirs - _load(tiny_llama)(IDS).logits).abs().max() > 1e-3
 
 
 def test_the_shipped_recipe_trains(tiny_llama, number_data, tmp_path):

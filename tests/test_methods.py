@@ -231,11 +231,12 @@ CASES: dict[str, list[Case]] = {
         Case("road-4", RoadConfig(method="road", variant="road_4", group_size=4), (), ("linear-even",)),
     ],
     # peft's HiRA: Linear, GPT-2's Conv1D and embeddings (B starts at 0: the base model). Gemma's scaled embedding, where
-    # peft's forward differs from its own merge, is tested in tests/test_hira.py. "gaussian" init.
+    # peft's forward differs from its own merge, is tested in tests/test_hira.py; so are an embedding adapter's file and
+    # logits against peft's, beside its layer bit for bit (here: its dense math, "gaussian" init).
     "hira": [
         Case("hira", HiraConfig(method="hira", r=4), ("llama", "gpt2"), ("linear", "conv1d")),
         Case("hira-embedding", HiraConfig(method="hira", r=2, init_weights="gaussian",
-                                          target_modules=["embed_tokens", "o_proj"]), ("llama",), ("embedding",)),
+                                          target_modules=["embed_tokens", "o_proj"]), (), ("embedding",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
