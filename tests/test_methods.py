@@ -55,6 +55,7 @@ from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.boft import BoftConfig
 from peftkit.methods.bottleneck import BottleneckConfig
+from peftkit.methods.c3a import C3aConfig
 from peftkit.methods.fourierft import FourierFtConfig
 from peftkit.methods.hira import HiraConfig
 from peftkit.methods.hra import HraConfig
@@ -237,6 +238,15 @@ CASES: dict[str, list[Case]] = {
         Case("hira", HiraConfig(method="hira", r=4), ("llama", "gpt2"), ("linear", "conv1d")),
         Case("hira-embedding", HiraConfig(method="hira", r=2, init_weights="gaussian",
                                           target_modules=["embed_tokens", "o_proj"]), (), ("embedding",)),
+    ],
+    # peft's C3A adapts nn.Linear only. Its default start (xavier-uniform kernels) is not the base model. Blocks of 8
+    # tile every layer of the tiny models (k/v 32 -> 16, MLP 64); the dense 12 -> 7 layer takes blocks of 1 only
+    # (tests/test_c3a.py checks blocks of 4 against the same dense computation, block_size_pattern and the identity
+    # start of init_weights: true). Llama only (added test time): the update leaves the bias alone, as the biased
+    # layers of the dense checks show.
+    "c3a": [
+        Case("c3a", C3aConfig(method="c3a", block_size=8), ("llama",), (), identity_at_init=False),
+        Case("c3a-dense", C3aConfig(method="c3a", block_size=1), (), ("linear",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -507,6 +517,17 @@ def delora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg
     return (weight.double() + lam / a.shape[0] * sum(terms) * norms).float(), bias
 
 
+def c3a_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
+    """(W + C / in, b) in float64, block (i, j) of C the circulant of k_ij: sum_u k_ij[u] S^u, S the cyclic shift
+    (S x)_s = x_(s + 1), so that (C_ij x)_s = sum_u k_ij[u] x_(s + u) (the paper's circular cross-correlation)."""
+    k = parts["c3a_kernel"].double()
+    b = k.shape[-1]
+    shifts = torch.stack([torch.roll(torch.eye(b, dtype=torch.float64), u, dims=1) for u in range(b)])
+    blocks = torch.einsum("mnu,ust->mnst", k, shifts)
+    delta = torch.cat([torch.cat(list(row), dim=1) for row in blocks], dim=0) / weight.shape[1]
+    return weight + delta.to(weight.dtype), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -555,7 +576,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "vblora": vblora_dense,
          "miss": miss_dense, "delora": delora_dense,
          "road": road_dense,
-         "hira": hira_dense}
+         "hira": hira_dense,
+         "c3a": c3a_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -570,6 +592,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "DELORA": {"init_weights": False},  # B drawn too (its default starts B at zero)
                    "ROAD": {"init_weights": False},  # angles N(0, 0.5^2), scales N(1, 0.5^2)
                    "HIRA": {"init_weights": False},  # A and B ~ N(0, 1)
+                   "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.

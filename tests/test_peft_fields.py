@@ -34,6 +34,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "DeloraConfig": {},
     "RoadConfig": {},
     "HiraConfig": {},
+    "C3AConfig": {},
 }
 
 
@@ -383,6 +384,9 @@ def test_a_recipe_s_rank_and_alpha_patterns_train_and_load_in_peft(tiny_llama, n
     ({"method": "fourierft", "n_frequency": 8, "n_frequency_pattern": {"v_prj": 4}, "r": None, "alpha": None},
      "adapter.n_frequency_pattern: 'v_prj' matches none of the 4 adapted modules, so it would change nothing (every "
      "module keeps adapter.n_frequency)."),
+    ({"method": "c3a", "block_size": 8, "block_size_pattern": {"v_prj": 4}, "r": None, "alpha": None},
+     "adapter.block_size_pattern: 'v_prj' matches none of the 4 adapted modules, so it would change nothing (every "
+     "module keeps adapter.block_size)."),
 ])
 def test_a_recipe_s_pattern_key_that_matches_no_target_is_refused(adapter, said, tiny_llama, number_data, tmp_path,
                                                                   monkeypatch, capsys):
@@ -456,6 +460,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "c3a": ("C3AConfig", {"block_size": 16}, {"block_size": 16}),
 }
 
 

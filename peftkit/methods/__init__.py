@@ -40,6 +40,7 @@ from peftkit.methods.road import Road, RoadConfig
 from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.randlora import RandLora, RandLoraConfig
 from peftkit.methods.vblora import VbLora, VbLoraConfig
+from peftkit.methods.c3a import C3a
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -77,6 +78,7 @@ register(Miss)
 register(Delora)
 register(Road)
 register(Hira)
+register(C3a)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

@@ -162,6 +162,7 @@ _UNSET = object()
 PATTERNS = (("rank_pattern", "r", "rank_and_alpha", lambda cfg, path: cfg.rank_and_alpha(path)[0]),
             ("alpha_pattern", "alpha", "rank_and_alpha", lambda cfg, path: cfg.rank_and_alpha(path)[1]),
             ("n_frequency_pattern", "n_frequency", "frequencies", lambda cfg, path: cfg.frequencies(path)),
+            ("block_size_pattern", "block_size", "block_sizes", lambda cfg, path: cfg.block_sizes(path)),
             ("rank_pattern", "r", "rank_and_lambda", lambda cfg, path: cfg.rank_and_lambda(path)[0]),
             ("lambda_pattern", "delora_lambda", "rank_and_lambda", lambda cfg, path: cfg.rank_and_lambda(path)[1]))
 """The per-module settings a recipe may give (LoRA's, FourierFT's, DeLoRA's): the key, the setting the others keep, the
