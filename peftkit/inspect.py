@@ -78,7 +78,8 @@ def inspect_adapter(path: str | Path) -> dict:
         shapes = {k.removesuffix("_topk_indices"): (*s[:-1], peft.num_vectors) if k.endswith("_topk_indices") else s
                   for k, s in shapes.items() if not k.endswith("_topk_weights")}
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
-    adapter_params = sum(_numel(s) for parts in targets.values() for s in parts.values())
+    adapter_params = sum(_numel(s) for parts in targets.values() for n, s in parts.items()
+                         if n not in method.untrained_names)
     # (a shared tensor that trains, VB-LoRA's bank, once for all the layers)
     saved_params = adapter_params + sum(saved.values()) + sum(_numel(shared[n]) for n in method.shared_trained
                                                               if n in shared)

@@ -338,7 +338,7 @@ def check_adapter_tensors(method: type[Method], state: dict[str, torch.Tensor], 
     its sums without a word, and indexed past a 0-d lora_A's shape)."""
     for key, tensor in state.items():
         kind = next((p for p in method.param_names if key.endswith(f".{p}")), None)
-        if kind is None:
+        if kind is None or kind in method.untrained_names:  # (SHiRA's indices: int32, float32 from peft on Windows)
             continue
         if not tensor.is_floating_point():
             raise PeftkitError(f"{weights_file}: {key} is {str(tensor.dtype).removeprefix('torch.')}, where adapter "

@@ -200,7 +200,7 @@ def peft_and_our_gradients(base: Path, adapter: Path, ids: torch.Tensor) -> tupl
     model = load_adapted_model(str(base), str(adapter), torch.device("cpu"))[0].train()
     for layer in adapter_layers(model).values():
         for p in layer.adapter_params().values():
-            p.requires_grad_(True)
+            p.requires_grad_(p.is_floating_point())  # (not SHiRA's saved indices)
     ours = model(input_ids=ids, labels=ids).loss
     ours.backward()
     return float((ours - loss).abs()), expected, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -76,6 +76,7 @@ from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.road import RoadConfig
+from peftkit.methods.shira import ShiraConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.adapter_base import load_adapted_model
@@ -248,6 +249,10 @@ CASES: dict[str, list[Case]] = {
         Case("c3a", C3aConfig(method="c3a", block_size=8), ("llama",), (), identity_at_init=False),
         Case("c3a-dense", C3aConfig(method="c3a", block_size=1), (), ("linear",)),
     ],
+    # peft's SHiRA adapts nn.Linear only; its values start at 0 (the base model) on peft's random mask, saved beside
+    # them. r 2: 2 (out + in) entries per layer, 38 of the dense 12 -> 7 layer's 84, 96 of a 32 -> 16 one's 512.
+    # Llama only (added test time): the update leaves the bias alone, as the dense check's biased layer shows.
+    "shira": [Case("shira", ShiraConfig(method="shira", r=2), ("llama",), ("linear",), identity_tol=0.0)],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -528,6 +533,14 @@ def c3a_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, l
     return weight + delta.to(weight.dtype), bias
 
 
+def shira_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
+    """(W + S, b): entry k of shira_weight added at (shira_indices[0, k], shira_indices[1, k]), one at a time."""
+    dense = weight.double().clone()
+    for (row, col), value in zip(parts["shira_indices"].long().T.tolist(), parts["shira_weight"].double()):
+        dense[row, col] += value
+    return dense.to(weight.dtype), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -577,7 +590,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "miss": miss_dense, "delora": delora_dense,
          "road": road_dense,
          "hira": hira_dense,
-         "c3a": c3a_dense}
+         "c3a": c3a_dense,
+         "shira": shira_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -593,6 +607,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "ROAD": {"init_weights": False},  # angles N(0, 0.5^2), scales N(1, 0.5^2)
                    "HIRA": {"init_weights": False},  # A and B ~ N(0, 1)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
+                   "SHIRA": {"init_weights": False},  # N(0, 1)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -981,7 +996,8 @@ def _adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The adapter's own tensors: its layers', or the prompt family's table and encoder."""
     if (virtual := virtual_tokens(model)) is not None:
         return list(virtual.parameters())
-    return [p for layer in adapter_layers(model).values() for p in layer.adapter_params().values()]
+    return [p for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
+            if p.is_floating_point()]  # (not SHiRA's saved indices)
 
 
 def _rounded_once(merged: torch.Tensor, dense: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "RoadConfig": {},
     "HiraConfig": {},
     "C3AConfig": {},
+    "ShiraConfig": {},
 }
 
 

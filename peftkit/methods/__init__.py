@@ -41,6 +41,7 @@ from peftkit.methods.trainable_tokens import TrainableTokens
 from peftkit.methods.randlora import RandLora, RandLoraConfig
 from peftkit.methods.vblora import VbLora, VbLoraConfig
 from peftkit.methods.c3a import C3a
+from peftkit.methods.shira import Shira
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -79,6 +80,7 @@ register(Delora)
 register(Road)
 register(Hira)
 register(C3a)
+register(Shira)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

@@ -131,6 +131,9 @@ class Method:
     param_names: ClassVar[tuple[str, ...]]
     """PEFT key suffixes of one layer's tensors (`lora_A.weight`, ...): how a state dict's keys are split
     into (module path, tensor) without the live model."""
+    untrained_names: ClassVar[tuple[str, ...]] = ()
+    """Those of `param_names` the file saves beside the trained tensors and training never changes (SHiRA's
+    `shira_indices`): no trainable parameters to count (`peftkit inspect`)."""
     rank_dims: ClassVar[dict[str, int]] = {}
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
     frozen_names: ClassVar[tuple[str, ...]] = ()
