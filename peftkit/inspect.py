@@ -86,9 +86,6 @@ def inspect_adapter(path: str | Path) -> dict:
     tied_rows = _tied_row_copies(weights_file, renamed, raw)
     if trained is None:
         trained = saved_params - sum(_numel(shapes[key]) for key in tied_rows) if tied_rows else None
-    if trained is None and method.frozen_names:
-        trained = saved_params - sum(_numel(s) for parts in targets.values() for n, s in parts.items()
-                                     if n in method.frozen_names)
     ranks = _ranks(method, targets, weights_file)
     info = {
         "path": str(path),

@@ -338,9 +338,9 @@ def check_adapter_tensors(method: type[Method], state: dict[str, torch.Tensor], 
     its sums without a word, and indexed past a 0-d lora_A's shape)."""
     for key, tensor in state.items():
         kind = next((p for p in method.param_names if key.endswith(f".{p}")), None)
-        if kind is None or kind in method.untrained_names:  # (SHiRA's indices: int32, float32 from peft on Windows)
+        if kind is None:
             continue
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() and kind not in method.untrained_names:  # (SHiRA's indices: int32)
             raise PeftkitError(f"{weights_file}: {key} is {str(tensor.dtype).removeprefix('torch.')}, where adapter "
                                "weights are floating-point: cast, it would give other numbers than were saved. The file "
                                "is damaged, or not a PEFT adapter's; export the adapter again.")

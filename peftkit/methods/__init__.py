@@ -122,7 +122,9 @@ def method_for_peft_type(peft_type: object, config_file: object) -> type[Method]
     raise PeftkitError(f"{config_file}: peft_type is {peft_type!r}; peftkit reads {supported} adapters.")
 
 
-__all__ = ["DEFAULT_METHOD", "METHODS", "AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig", "DeloraConfig",
-           "FourierFtConfig", "FusionConfig", "HiraConfig", "HraConfig", "IA3Config", "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "Method", "MissConfig", "MethodTrainer", "MultitaskPromptTuningConfig",
-           "PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig", "RandLoraConfig", "VbLoraConfig", "RoadConfig", "VeraConfig", "default_adapter",
+__all__ = ["AdaLoraConfig", "AdapterConfig", "AdapterLayer", "BoftConfig", "BottleneckConfig", "DEFAULT_METHOD",
+           "DeloraConfig", "FourierFtConfig", "FusionConfig", "HiraConfig", "HraConfig", "IA3Config",
+           "LlamaAdapterConfig", "LnTuningConfig", "LohaConfig", "LokrConfig", "LoraConfig", "METHODS", "Method",
+           "MethodTrainer", "MissConfig", "MultitaskPromptTuningConfig", "PTuningConfig", "PrefixTuningConfig",
+           "PromptTuningConfig", "RandLoraConfig", "RoadConfig", "VbLoraConfig", "VeraConfig", "default_adapter",
            "method_for_peft_type", "method_of", "register"]

@@ -133,12 +133,9 @@ class Method:
     into (module path, tensor) without the live model."""
     untrained_names: ClassVar[tuple[str, ...]] = ()
     """Those of `param_names` the file saves beside the trained tensors and training never changes (SHiRA's
-    `shira_indices`): no trainable parameters to count (`peftkit inspect`)."""
+    `shira_indices`, DeLoRA's column norms `delora_w_norm`): not counted as trainable by `peftkit inspect`."""
     rank_dims: ClassVar[dict[str, int]] = {}
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
-    frozen_names: ClassVar[tuple[str, ...]] = ()
-    """PEFT key suffixes of a layer's tensors saved with the adapter that do not train (DeLoRA's column norms): not
-    counted as trainable by `peftkit inspect`."""
     shared_names: ClassVar[tuple[str, ...]] = ()
     """Names of the model-level tensors `shared_tensors` builds (`vera_A`, `vera_B`), saved as `base_model.<name>`."""
     shared_trained: ClassVar[tuple[str, ...]] = ()

@@ -166,7 +166,7 @@ class Delora(Method):
     peft_config = PeftDeloraConfig
     param_names = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
     rank_dims = {"delora_A": 0, "delora_B": 1}
-    frozen_names = ("delora_w_norm",)
+    untrained_names = ("delora_w_norm",)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: DeloraConfig, path: str) -> DeloraLinear:
