@@ -70,22 +70,10 @@ def inspect_adapter(path: str | Path) -> dict:
     trained, residual, reads = _how_peftkit_reads(method, peft, path, raw)
     shapes, dtypes = _tensor_header(weights_file)
     renamed = without_adapter_name(shapes, method, weights_file)
-    shapes = without_sampler({new: shapes[key] for key, new in renamed.items()}, peft)  # (MonteCLoRA's training state)
-    if method.shared_copies_per_layer:  # RandLoRA: peft's copies of the shared bases under each layer, not trained
-        copies = tuple(f".{n}" for n in method.shared_names)
-        shapes = {k: s for k, s in shapes.items() if not (k.startswith("base_model.model.") and k.endswith(copies))}
-    if getattr(peft, "save_only_topk_weights", False):  # VB-LoRA's top-k file: the logits it was saved from
-        shapes = {k.removesuffix("_topk_indices"): (*s[:-1], peft.num_vectors) if k.endswith("_topk_indices") else s
-                  for k, s in shapes.items() if not k.endswith("_topk_weights")}
+    shapes = _shapes_as_loaded(method, peft, {new: shapes[key] for key, new in renamed.items()})
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
-    adapter_params = sum(_numel(s) for parts in targets.values() for n, s in parts.items()
-                         if n not in method.untrained_names)
-    # (a shared tensor that trains, VB-LoRA's bank, once for all the layers)
-    saved_params = adapter_params + sum(saved.values()) + sum(_numel(shared[n]) for n in method.shared_trained
-                                                              if n in shared)
     tied_rows = _tied_row_copies(weights_file, renamed, raw)
-    if trained is None:
-        trained = saved_params - sum(_numel(shapes[key]) for key in tied_rows) if tied_rows else None
+    trained, adapter_params, saved_params = _param_counts(method, targets, saved, shared, shapes, tied_rows, trained)
     ranks = _ranks(method, targets, weights_file)
     info = {
         "path": str(path),
@@ -97,7 +85,7 @@ def inspect_adapter(path: str | Path) -> dict:
         "targets": {"count": len(targets), "modules": dict(sorted(Counter(_label(p) for p in targets).items()))},
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
-        "trainable_params": trained if trained is not None else saved_params,
+        "trainable_params": trained,
         "adapter_params": adapter_params,
         "saved_params": saved_params,
         "base_copies": base_copies,
@@ -121,13 +109,51 @@ def inspect_adapter(path: str | Path) -> dict:
     info["trainable_tokens"] = {name.removeprefix("base_model.model.").removesuffix("." + TOKEN_ROWS): shape[0]
                                 for name, shape in shapes.items() if name.endswith("." + TOKEN_ROWS)}
     info["tied_rows"] = {_module(copy): _module(kept) for copy, kept in tied_rows.items()}
-    info["vllm"] = vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies)
-    info["llama_cpp"] = llama_cpp_verdict(method.peft_type, raw, saved, targets)
-    for reason in _unservable_as_saved(renamed, residual):
-        for verdict in (info["vllm"], info["llama_cpp"]):
+    info["vllm"], info["llama_cpp"] = _serving_verdicts(method, raw, ranks, targets, saved, base_copies,
+                                                        _unservable_as_saved(renamed, residual))
+    return info
+
+
+def _param_counts(method: type[Method], targets: dict, saved: dict, shared: dict, shapes: dict, tied_rows: dict,
+                  trained: int | None) -> tuple[int, int, int]:
+    """(trainable, adapter, saved) parameter counts of the file's tensors: the adapter's layers' (not the tensors
+    that never train, `Method.untrained_names`); with what else the file saves (modules_to_save, a shared tensor that
+    trains once for all the layers: VB-LoRA's bank); trainable as the method counts it (`trained`, where it says),
+    else the saved ones less the tied head's copies of trained rows."""
+    adapter_params = sum(_numel(s) for parts in targets.values() for n, s in parts.items()
+                         if n not in method.untrained_names)
+    saved_params = adapter_params + sum(saved.values()) + sum(_numel(shared[n]) for n in method.shared_trained
+                                                              if n in shared)
+    if trained is None:
+        trained = saved_params - sum(_numel(shapes[key]) for key in tied_rows)
+    return trained, adapter_params, saved_params
+
+
+def _serving_verdicts(method: type[Method], raw: dict, ranks, targets: dict, saved: dict, base_copies,
+                      unservable: list[str]) -> tuple[dict, dict]:
+    """vLLM's and llama.cpp's verdicts on the adapter, each refusing too for what the file holds as saved that
+    they would read wrong (`unservable`)."""
+    verdicts = (vllm_verdict(method.peft_type, raw, ranks, targets, saved, base_copies),
+                llama_cpp_verdict(method.peft_type, raw, saved, targets))
+    for reason in unservable:
+        for verdict in verdicts:
             verdict["accepts"] = False
             verdict["reasons"].append(reason)
-    return info
+    return verdicts
+
+
+def _shapes_as_loaded(method: type[Method], peft, shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """The file's tensor shapes (by PEFT key, the adapter name taken out) as loading makes them: without MonteCLoRA's
+    training state, without RandLoRA's copies of the shared bases under each layer (peft's file repeats them; not
+    trained), and VB-LoRA's top-k file as the logits it was saved from."""
+    shapes = without_sampler(shapes, peft)
+    if method.shared_copies_per_layer:
+        copies = tuple(f".{n}" for n in method.shared_names)
+        shapes = {k: s for k, s in shapes.items() if not (k.startswith("base_model.model.") and k.endswith(copies))}
+    if getattr(peft, "save_only_topk_weights", False):
+        shapes = {k.removesuffix("_topk_indices"): (*s[:-1], peft.num_vectors) if k.endswith("_topk_indices") else s
+                  for k, s in shapes.items() if not k.endswith("_topk_weights")}
+    return shapes
 
 
 def _how_peftkit_reads(method: type[Method], peft, path: Path, raw: dict) -> tuple[int | None, str | None, dict]:
