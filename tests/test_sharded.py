@@ -59,6 +59,21 @@ def test_fsdp_refuses_layers_that_skip_their_update_at_random(tiny_llama, number
     assert "configs/accelerate/ddp.yaml" in str(e.value)
 
 
+def test_fsdp_refuses_a_bank_every_layer_trains(tiny_llama, number_data, tmp_path):
+    """VB-LoRA's vector bank is one parameter under every layer: FSDP2 shards it with the first decoder layer, and
+    fully_shard of the second failed (torch's 'Invariant encountered' TypeError) once the model had loaded."""
+    path = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(path.read_text())
+    raw["adapter"] = {"method": "vblora", "r": 4, "num_vectors": 12, "vector_length": 8}  # (make_recipe's are LoRA's)
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    with pytest.raises(PeftkitError) as e:
+        check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))
+    assert str(e.value) == (
+        "adapter.method: vblora trains one tensor (vblora_vector_bank) that every adapted layer shares, which FSDP "
+        "cannot shard once per decoder layer; train it under DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO "
+        "(configs/accelerate/zero2.yaml, zero3.yaml).")
+
 @gpu
 def test_fsdp2_trains_the_adapter_of_a_plain_run_and_resumes_bit_identically(tiny_llama, number_data, tmp_path):
     """The FSDP2 run's adapter equals the plain run's (fp32, deterministic kernels); its checkpoints hold whole
