@@ -340,7 +340,7 @@ def check_adapter_tensors(method: type[Method], state: dict[str, torch.Tensor], 
         kind = next((p for p in method.param_names if key.endswith(f".{p}")), None)
         if kind is None:
             continue
-        if not tensor.is_floating_point() and kind not in method.untrained_names:  # (SHiRA's indices: int32)
+        if not tensor.is_floating_point() and kind not in method.integer_names:  # (SHiRA's indices: int32)
             raise PeftkitError(f"{weights_file}: {key} is {str(tensor.dtype).removeprefix('torch.')}, where adapter "
                                "weights are floating-point: cast, it would give other numbers than were saved. The file "
                                "is damaged, or not a PEFT adapter's; export the adapter again.")

@@ -182,3 +182,23 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
     config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "delora_only"}))
     with pytest.raises(PeftkitError, match="bias='delora_only'; peftkit supports bias='none' only"):
         merge_adapter(str(tmp_path / "p"), str(tmp_path / "merged"), base=str(tiny_llama))
+
+
+def test_norms_of_an_integer_dtype_are_refused_not_cast(tiny_llama, tmp_path):
+    """The saved column norms never train, but they are weights the update is computed with: an int32 delora_w_norm
+    (a damaged file) passed the adapter-tensor check once every untrained tensor was exempt from it, as SHiRA's
+    integer indices are."""
+    from safetensors.torch import save_file
+
+    from peftkit.peft_format import load_adapter
+
+    get_peft_model(_load(tiny_llama), peft.DeloraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    key = "base_model.model.model.layers.0.self_attn.q_proj.delora_w_norm"
+    state = load_file(weights)
+    save_file(state | {key: state[key].to(torch.int32)}, weights)
+    with pytest.raises(PeftkitError) as info:
+        load_adapter(tmp_path)
+    assert str(info.value) == (f"{weights}: {key} is int32, where adapter weights are floating-point: cast, it would "
+                               "give other numbers than were saved. The file is damaged, or not a PEFT adapter's; export "
+                               "the adapter again.")

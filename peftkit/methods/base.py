@@ -134,6 +134,10 @@ class Method:
     untrained_names: ClassVar[tuple[str, ...]] = ()
     """Those of `param_names` the file saves beside the trained tensors and training never changes (SHiRA's
     `shira_indices`, DeLoRA's column norms `delora_w_norm`): not counted as trainable by `peftkit inspect`."""
+    integer_names: ClassVar[tuple[str, ...]] = ()
+    """Those of `param_names` the file holds as integers (SHiRA's `shira_indices`), which the adapter-tensor check
+    (`peftkit.peft_format.check_adapter_tensors`) lets through; every other tensor must be floating-point, untrained
+    ones too (DeLoRA's norms)."""
     rank_dims: ClassVar[dict[str, int]] = {}
     """For a shape-mismatch message: which dimension of a tensor (by its key's last part) is the rank."""
     shared_names: ClassVar[tuple[str, ...]] = ()

@@ -134,6 +134,7 @@ class Shira(Method):
     peft_config = PeftShiraConfig
     param_names = ("shira_weight", "shira_indices")
     untrained_names = ("shira_indices",)
+    integer_names = ("shira_indices",)
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: ShiraConfig, path: str) -> ShiraLinear:
