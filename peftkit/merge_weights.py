@@ -18,7 +18,7 @@ from peftkit.adapters import SHARED_PREFIX, adapter_layers, shared_holders
 from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods import method_of
-from peftkit.methods.layer import is_conv1d, is_quantized, refuse_unmergeable
+from peftkit.methods.layer import from_conv1d, is_conv1d, is_quantized, refuse_unmergeable
 from peftkit.methods.token_rows import TOKEN_ROWS, TokenAdapter, merge_rows, plain_name
 from peftkit.recipe import AdapterConfig
 
@@ -122,9 +122,8 @@ def conv1d_modules(model: nn.Module) -> set[str]:
 
 def _quantized_conv1d(module: nn.Module) -> bool:
     """A bitsandbytes layer that transformers made from a GPT-2 style Conv1D: it quantized the transposed weight,
-    (out, in), and kept the class it replaced in `source_cls`. The plain model it merges into has the Conv1D."""
-    source = getattr(module, "source_cls", None)
-    return is_quantized(module) and isinstance(source, type) and source.__name__ == "Conv1D"
+    (out, in). The plain model it merges into has the Conv1D."""
+    return is_quantized(module) and from_conv1d(module)
 
 
 def plain_conv1d_modules(model: nn.Module) -> set[str]:

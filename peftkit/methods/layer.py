@@ -48,6 +48,22 @@ def refuse_non_lookup(module: nn.Module, path: str, key: str) -> None:
                            "or train it whole in adapter.modules_to_save.")
 
 
+def from_conv1d(layer: nn.Module) -> bool:
+    """GPT-2's Conv1D, or a bitsandbytes layer transformers made from one (it quantizes the transposed weight, (out,
+    in), and keeps the class it replaced in `source_cls`): the plain model a merge writes, and peft's model of the
+    unquantized base, still hold a Conv1D there. The methods that refuse Conv1D refuse both, or a run over a 4-bit
+    GPT-2 trained to the end and then could not merge its adapter."""
+    if is_conv1d(layer):
+        return True
+    source = getattr(layer, "source_cls", None)
+    return is_quantized(layer) and isinstance(source, type) and source.__name__ == "Conv1D"
+
+
+def conv1d_kind(layer: nn.Module) -> str:
+    """How a refusal names a `from_conv1d` layer."""
+    return "GPT-2's Conv1D" if is_conv1d(layer) else "GPT-2's Conv1D, quantized (a merge writes it back as a Conv1D)"
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, Conv1D or bitsandbytes linear layer."""
     if is_conv1d(layer):
