@@ -29,7 +29,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, conv1d_kind, from_conv1d, linear_shape
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.section import TargetRegex
@@ -268,8 +268,8 @@ class Oft(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: OftConfig, path: str) -> OftLinear:
-        if is_conv1d(base) or isinstance(base, nn.Embedding):
-            raise unsupported(path, "GPT-2's Conv1D" if is_conv1d(base) else "an Embedding")
+        if from_conv1d(base) or isinstance(base, nn.Embedding):
+            raise unsupported(path, conv1d_kind(base) if from_conv1d(base) else "an Embedding")
         return OftLinear(base, cfg, path)
 
     @classmethod
