@@ -286,15 +286,18 @@ def saved_and_estimated(model_path, cfg) -> tuple[int, float]:
 
 @pytest.mark.parametrize("method", ["loha", "lokr", "oft", "hra", "boft", "vera", "llama_adapter", "bottleneck",
                                     "ln_tuning", "fourierft", "randlora", "vblora", "miss", "delora", "road", "hira",
-                                    "c3a", "shira"])
+                                    "c3a", "shira", "vblora_dropout"])
 def test_method_activations_are_an_upper_bound(method, tiny_llama):
     """Independent: what autograd saves in one forward (saved_tensors_hooks) for the method, beyond LoRA r=4's,
-    is at most what the estimate adds for it (an upper bound: shared inputs are counted once by autograd)."""
+    is at most what the estimate adds for it (an upper bound: shared inputs are counted once by autograd).
+    vblora_dropout: VB-LoRA's dropout keeps the dropped input and its mask, which the estimate left out (145,920
+    bytes saved for 114,688 estimated, measured on the old code)."""
     from tests.test_methods import CASES
 
+    dropout = {"vblora_dropout": {"vblora_dropout": 0.1}}.get(method, {})
+    cfg = CASES[method.removesuffix("_dropout")][0].cfg.model_copy(update=dropout)
     (lora_saved, lora_estimate), (saved, estimate) = (
-        saved_and_estimated(tiny_llama, cfg) for cfg in (CASES["lora"][0].cfg.model_copy(update={"r": 4}),
-                                                          CASES[method][0].cfg))
+        saved_and_estimated(tiny_llama, c) for c in (CASES["lora"][0].cfg.model_copy(update={"r": 4}), cfg))
     assert saved - lora_saved <= estimate - lora_estimate
 
 

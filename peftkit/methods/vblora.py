@@ -262,10 +262,12 @@ class VbLora(Method):
 
     @classmethod
     def kept_for_backward(cls, cfg: VbLoraConfig, layer: AdapterLayer) -> tuple[int, int]:
-        # Per token the rank-r intermediate and the layer's input (its fp32 copy); per layer A and B, and the
-        # gathered top-k bank vectors of each (k x their size) for the mixtures' backward.
+        # Per token the rank-r intermediate and the layer's input (its fp32 copy; with vblora_dropout, the dropped
+        # copy and dropout's mask, counted as `in` values); per layer A and B, and the gathered top-k bank vectors
+        # of each (k x their size) for the mixtures' backward.
         in_features, out_features = linear_shape(layer.base_layer)
-        return cfg.r + in_features, (cfg.topk + 1) * cfg.r * (in_features + out_features)
+        mask = in_features if cfg.vblora_dropout else 0
+        return cfg.r + in_features + mask, (cfg.topk + 1) * cfg.r * (in_features + out_features)
 
     @classmethod
     def describe(cls, cfg: VbLoraConfig) -> str:
