@@ -131,6 +131,33 @@ def make_recipe(tmp_path: Path, model: Path, files: dict[str, Path], **sections)
     return path
 
 
+def method_recipe(tmp_path: Path, model: Path, files: dict[str, Path], adapter: dict, **sections) -> Path:
+    """`make_recipe`'s recipe with `adapter` as its whole adapter section (`make_recipe` updates LoRA's: r, alpha,
+    target_modules), for another method's keys."""
+    import yaml
+
+    recipe = make_recipe(tmp_path, model, files, **sections)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = adapter
+    recipe.write_text(yaml.safe_dump(raw))
+    return recipe
+
+
+def train_shipped_recipe(method: str, model: Path, files: dict[str, Path], run: Path, steps: int = 4,
+                         batch_size: int = 4, sets: tuple[str, ...] = ()) -> dict:
+    """Train the shipped recipes/methods/METHOD.yaml for `steps` steps (evaluated at the last, no samples, no report)
+    on `model` and `files`, into `run`, with the `--set` overrides `sets`: the summary `train` returns."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / f"{method}.yaml"
+    return train(load_recipe(recipe, [f"model.name_or_path={model}", f"data.train={files['train']}",
+                                      f"data.eval={files['eval']}", f"export.output_dir={run}", *sets,
+                                      f"training.max_steps={steps}", "training.warmup_steps=1",
+                                      f"training.eval_steps={steps}", f"training.batch_size={batch_size}",
+                                      "eval.samples=0", "export.report=false"]), show_summary=False)
+
+
 def random_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
     """Move every adapter layer far from identity (its method's `randomize`: for LoRA a nonzero B, and
     embedding A) so that merge tests cannot pass trivially."""

@@ -22,7 +22,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.boft import Boft, BoftConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            make_recipe, peft_and_our_gradients)
+                            make_recipe, method_recipe, peft_and_our_gradients, train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -125,15 +125,7 @@ def test_a_run_exports_peft_s_keys_and_resumes_to_the_same_bits(tiny_llama, numb
 
 
 def test_the_shipped_recipe_trains(tiny_llama, number_data, tmp_path):
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / "boft.yaml"
-    summary = train(load_recipe(recipe, [f"model.name_or_path={tiny_llama}", f"data.train={number_data['train']}",
-                                         f"data.eval={number_data['eval']}", f"export.output_dir={tmp_path / 'run'}",
-                                         "training.max_steps=4", "training.warmup_steps=1", "training.eval_steps=4",
-                                         "training.batch_size=4", "eval.samples=0"]),
-                    show_summary=False)
+    summary = train_shipped_recipe("boft", tiny_llama, number_data, tmp_path / "run")
     assert summary["eval_loss"] < summary["base_eval_loss"]
     assert (tmp_path / "run" / "merged").is_dir()
 
@@ -147,10 +139,7 @@ def test_the_shipped_recipe_trains(tiny_llama, number_data, tmp_path):
                                                             "block size and a block count divisible by 4"),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "boft", **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "boft", **adapter})
     assert message in cli_user_error(monkeypatch, capsys, "train", str(recipe))
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import C3AConfig, PeftModel, get_peft_model
 from peft.tuners.c3a.layer import C3ALinear
 from torch import nn
@@ -19,7 +18,8 @@ from peftkit.adapters.state_dicts import merge_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.c3a import C3a, C3aConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, method_recipe, peft_and_our_gradients,
+                            train_shipped_recipe)
 from tests.test_methods import c3a_dense
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
@@ -120,15 +120,7 @@ def test_peft_s_adapter_loads_merges_and_trains_as_peft_s(tiny_llama, tmp_path, 
 
 
 def test_the_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_data, tmp_path):
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / "c3a.yaml"
-    summary = train(load_recipe(recipe, [f"model.name_or_path={tiny_llama}", f"data.train={number_data['train']}",
-                                         f"data.eval={number_data['eval']}", f"export.output_dir={tmp_path / 'run'}",
-                                         "training.max_steps=3", "training.warmup_steps=1", "training.eval_steps=3",
-                                         "training.batch_size=2", "eval.samples=0"]),
-                    show_summary=False)
+    summary = train_shipped_recipe("c3a", tiny_llama, number_data, tmp_path / "run", steps=3, batch_size=2)
     assert summary["eval_loss"] < summary["base_eval_loss"]
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["block_size"], config["init_weights"]) == ("C3A", 16, "xavier_uniform")
@@ -151,10 +143,7 @@ def test_the_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_
     ({"r": 8}, "has no 'r'. Valid keys for method c3a: method, block_size, block_size_pattern, init_weights"),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "c3a", "block_size": 8, **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "c3a", "block_size": 8, **adapter})
     assert message in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
 
 

@@ -24,7 +24,7 @@ from peftkit.merge import merge_adapter
 from peftkit.methods.delora import Delora, DeloraConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            make_recipe, peft_and_our_gradients, unplaced)
+                            method_recipe, peft_and_our_gradients, unplaced)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 PATTERNS = {"r": 2, "rank_pattern": {"down_proj": 4}, "lambda_pattern": {"v_proj": 3}}
@@ -166,10 +166,9 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
 
     with pytest.raises(PeftkitError, match=r"'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; DeLoRA adapts nn.Linear"):
         inject_adapters(_load(tiny_gpt2), DeloraConfig(method="delora", r=2))
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "delora", "r": 2, "target_modules": ["q_proj", "v_proj"], "lambda_pattern": {"v_prj": 3}}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data,
+                           {"method": "delora", "r": 2, "target_modules": ["q_proj", "v_proj"],
+                            "lambda_pattern": {"v_prj": 3}})
     said = unplaced(" ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split()), recipe)
     assert said.startswith("error: adapter.lambda_pattern: 'v_prj' matches none of the 4 adapted modules, so it would "
                            "change nothing (every module keeps adapter.delora_lambda).")

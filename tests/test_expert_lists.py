@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from peftkit.errors import PeftkitError
 from peftkit.adapter_base import load_adapted_model
 from peftkit.tiny import build_tiny_model
-from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe
+from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, method_recipe
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 8, 4, 6, 10], [4, 4, 2, 9, 1, 3, 3, 7, 5, 8]])
 BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}  # transformers 4's name of the experts' block
@@ -175,13 +175,9 @@ def test_dora_on_the_experts_is_refused(bases, tmp_path):
 
 
 def test_training_on_from_it_is_refused_saying_what_to_do(bases, number_data, tmp_path, monkeypatch, capsys):
-    import yaml
 
     adapter, _ = v4_adapter(bases["mixtral"], tmp_path / "v4", "mixtral", ALL["mixtral"])
-    recipe = make_recipe(tmp_path, bases["mixtral"], number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(adapter)}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, bases["mixtral"], number_data, {"init_from": str(adapter)})
     err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
     assert (f"adapter.init_from: {adapter} adapts transformers 4's per-expert mixture-of-experts layers (e.g. "
             "'model.layers.0.block_sparse_moe.experts.0.w1')") in err and "not to train on from it" in err

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import FourierFTConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +17,7 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.fourierft import FourierFtConfig
 from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error,
-                            gpt2_without_dropout, make_recipe, peft_and_our_gradients)
+                            gpt2_without_dropout, method_recipe, peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = {"llama": ["q_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}  # Linear; Conv1D
@@ -42,10 +41,9 @@ def _peft_adapter(base: Path, out: Path, targets: list[str], **settings) -> Path
 
 
 def _recipe(tmp_path: Path, model: Path, data: dict, **adapter) -> Path:
-    recipe = make_recipe(tmp_path, model, data, eval={"base_model": False})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "fourierft", "n_frequency": 64, "scaling": 100.0, **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, model, data,
+                           {"method": "fourierft", "n_frequency": 64, "scaling": 100.0, **adapter},
+                           eval={"base_model": False})
     return recipe
 
 

@@ -23,7 +23,8 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.hira import Hira, HiraConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            gpt2_without_dropout, make_recipe, peft_and_our_gradients)
+                            gpt2_without_dropout, make_recipe, method_recipe, peft_and_our_gradients,
+                            train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -146,15 +147,7 @@ def test_a_run_with_dropout_resumes_to_the_same_bits_and_saves_peft_s_file(tiny_
 
 
 def test_the_shipped_recipe_trains(tiny_llama, number_data, tmp_path):
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / "hira.yaml"
-    summary = train(load_recipe(recipe, [f"model.name_or_path={tiny_llama}", f"data.train={number_data['train']}",
-                                         f"data.eval={number_data['eval']}", f"export.output_dir={tmp_path / 'run'}",
-                                         "training.max_steps=4", "training.warmup_steps=1", "training.eval_steps=4",
-                                         "training.batch_size=4", "eval.samples=0"]),
-                    show_summary=False)
+    summary = train_shipped_recipe("hira", tiny_llama, number_data, tmp_path / "run")
     assert summary["eval_loss"] < summary["base_eval_loss"]
     assert (tmp_path / "run" / "merged").is_dir()
 
@@ -167,10 +160,7 @@ def test_the_shipped_recipe_trains(tiny_llama, number_data, tmp_path):
     ({"hira_dropout": 1.0}, "'adapter.hira_dropout' = 1.0"),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "hira", **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "hira", **adapter})
     assert message in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
 
 

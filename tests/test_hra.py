@@ -23,7 +23,7 @@ from peftkit.merge import merge_adapter
 from peftkit.methods.hra import Hra, HraConfig, householder_factors
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            make_recipe, peft_and_our_gradients, unplaced)
+                            make_recipe, method_recipe, peft_and_our_gradients, train_shipped_recipe, unplaced)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -122,15 +122,7 @@ def test_a_run_exports_peft_s_keys_and_resumes_to_the_same_bits(tiny_llama, numb
 
 
 def test_the_shipped_recipe_trains(tiny_llama, number_data, tmp_path):
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / "hra.yaml"
-    summary = train(load_recipe(recipe, [f"model.name_or_path={tiny_llama}", f"data.train={number_data['train']}",
-                                         f"data.eval={number_data['eval']}", f"export.output_dir={tmp_path / 'run'}",
-                                         "training.max_steps=4", "training.warmup_steps=1", "training.eval_steps=4",
-                                         "training.batch_size=4", "eval.samples=0"]),
-                    show_summary=False)
+    summary = train_shipped_recipe("hra", tiny_llama, number_data, tmp_path / "run")
     assert summary["eval_loss"] < summary["base_eval_loss"]
     assert (tmp_path / "run" / "merged").is_dir()
 
@@ -142,10 +134,7 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
     from peftkit.methods.fusion_sources import check_fusable, fused_adapters
     from peftkit.peft_format import load_adapter
 
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "hra", "r": 5}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "hra", "r": 5})
     assert "adapter.r: 5 is odd; HRA starts at the base model by pairing equal reflections" in cli_user_error(
         monkeypatch, capsys, "train", str(recipe))
     with pytest.raises(PeftkitError, match=r"'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; HRA reflects the input"):
@@ -180,10 +169,8 @@ def test_gram_schmidt_past_a_layer_s_inputs_is_refused(r, tiny_llama, number_dat
         assert u.grad.abs().max() < 1e-4
     else:
         assert singular.max() > 1.5  # a reflection's singular values are all 1
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "hra", "r": r, "apply_GS": True, "target_modules": ["q_proj"]}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data,
+                           {"method": "hra", "r": r, "apply_GS": True, "target_modules": ["q_proj"]})
     what = ("they would span all of them, so H is -I whatever they are and nothing trains" if r == 32 else
             "past 32, Gram-Schmidt leaves rounding noise to scale to unit length, and H is no longer orthogonal")
     expected = (f"error: adapter.r: {r} with apply_GS makes {r} orthonormal vectors of the 32 inputs of "
@@ -210,10 +197,7 @@ def test_a_run_from_a_peft_adapter_with_r_at_a_layer_s_inputs_is_refused(tiny_ll
     torch.manual_seed(0)
     config = peft.HRAConfig(r=32, apply_GS=True, init_weights=False, target_modules=["q_proj"])
     get_peft_model(_load(tiny_llama), config).save_pretrained(tmp_path / "peft")
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(tmp_path / "peft")}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(tmp_path / "peft")})
     expected = (f"error: adapter.init_from: {tmp_path / 'peft'} is an HRA adapter of r 32 with apply_GS, which makes 32 "
                 "orthonormal vectors of the 32 inputs of 'model.layers.0.self_attn.q_proj': they would span all of "
                 "them, so H is -I whatever they are and nothing trains, so a run cannot train on from it (peftkit eval "
@@ -222,6 +206,7 @@ def test_a_run_from_a_peft_adapter_with_r_at_a_layer_s_inputs_is_refused(tiny_ll
     for command in ("validate", "train"):  # (train says it once the weights have loaded, after their progress bar)
         said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
         assert unplaced(said[said.index("error: "):], recipe) == expected
+    raw = yaml.safe_load(recipe.read_text())
     del raw["training"]["max_steps"]  # (validate said it only where the run's steps were known, which do not decide it)
     recipe.write_text(yaml.safe_dump(raw))
     said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import LNTuningConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -16,7 +15,7 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.ln_tuning import LnTuningConfig
 from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error,
-                            gpt2_without_dropout, make_recipe, peft_and_our_gradients)
+                            gpt2_without_dropout, method_recipe, peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 
@@ -38,10 +37,7 @@ def _peft_adapter(base: Path, out: Path, seed: int = 0) -> Path:
 
 
 def _recipe(tmp_path: Path, model: Path, data: dict, **adapter) -> Path:
-    recipe = make_recipe(tmp_path, model, data, eval={"base_model": False})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "ln_tuning", **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, model, data, {"method": "ln_tuning", **adapter}, eval={"base_model": False})
     return recipe
 
 

@@ -5,7 +5,6 @@ and merged with peft's numbers, the shipped recipe, and what it refuses."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import peft
 import pytest
@@ -20,7 +19,8 @@ from peftkit.errors import PeftkitError
 from peftkit.merge import merge_adapter
 from peftkit.methods.miss import Miss, MissConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients,
+                            train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 
@@ -93,15 +93,8 @@ def test_peft_s_bat_adapter_loads_merges_and_trains_as_peft_s(tiny_llama, tmp_pa
 
 
 def test_the_shipped_recipe_trains(tiny_llama, number_data, tmp_path):
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / "miss.yaml"
-    summary = train(load_recipe(recipe, [f"model.name_or_path={tiny_llama}", f"data.train={number_data['train']}",
-                                         f"data.eval={number_data['eval']}", f"export.output_dir={tmp_path / 'run'}",
-                                         "training.max_steps=3", "training.warmup_steps=1", "training.eval_steps=3",
-                                         "training.batch_size=4", "training.lr=1e-2", "eval.samples=0"]),
-                    show_summary=False)
+    summary = train_shipped_recipe("miss", tiny_llama, number_data, tmp_path / "run",
+                                   steps=3, sets=("training.lr=1e-2",))
     assert summary["eval_loss"] < summary["base_eval_loss"]
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["init_weights"], config["mini_r"]) == ("MISS", 16, True, 1)

@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from peft import LoraConfig as PeftLora
 from safetensors.torch import load_file
 
-from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe, save_peft_lora
+from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, method_recipe, save_peft_lora
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 
@@ -29,10 +28,7 @@ def test_peft_s_adapter_loads_and_merges_as_peft_evaluates_it(tiny_llama, tmp_pa
 
 def test_training_on_from_it_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(adapter)}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(adapter)})
     err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
     assert f"adapter.init_from: {adapter} is a MonteCLoRA adapter, which peftkit reads (it is plain LoRA outside " \
            "training) but does not train" in err

@@ -40,7 +40,7 @@ from peftkit.methods.virtual import EncoderTrainer, virtual_tokens
 from peftkit.adapter_base import load_adapted_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import DataConfig, ModelConfig
-from tests.conftest import cli_user_error, make_recipe
+from tests.conftest import cli_user_error, make_recipe, method_recipe
 from tests.test_generate import NEW, PROMPTS, greedy_no_cache
 from tests.test_methods import models  # noqa: F401  (the fixture: tiny llama, qwen2 and gpt2)
 
@@ -225,10 +225,8 @@ def test_prefix_tuning_refuses_layers_whose_cache_is_not_keys_and_values(arch, n
             altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4, **ids))
         layers = "layers 2, 3 of this gemma3n_text model holds other than keys and values alone (DummyLayer"
     model.save_pretrained(tmp_path / arch)
-    recipe = make_recipe(tmp_path, tmp_path / arch, number_data, training={"max_steps": 1})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "prefix_tuning", "num_virtual_tokens": 4}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tmp_path / arch, number_data,
+                           {"method": "prefix_tuning", "num_virtual_tokens": 4}, training={"max_steps": 1})
     err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
     assert "adapter.method prefix_tuning: prefix tuning puts key/value prefixes in every layer's attention cache" in err
     assert layers in err and "Use prompt_tuning or p_tuning" in err
@@ -252,10 +250,8 @@ def test_an_attention_free_model_is_refused_before_training(method, number_data,
     MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, state_size=4,
                                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                  eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "mamba")
-    recipe = make_recipe(tmp_path, tmp_path / "mamba", number_data, training={"max_steps": 1})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": method, "num_virtual_tokens": 4}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tmp_path / "mamba", number_data,
+                           {"method": method, "num_virtual_tokens": 4}, training={"max_steps": 1})
     err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
     assert ("records the model's num_attention_heads in adapter_config.json, as peft, and this mamba model's config "
             "has no num_attention_heads/n_head/num_heads/encoder_attention_heads") in err and "Use lora" in err

@@ -43,7 +43,7 @@ from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig, load_recipe
 from peftkit.tiny import build_tiny_model
 from peftkit.train import train
-from tests.conftest import cli_user_error, make_recipe, random_adapters
+from tests.conftest import cli_user_error, method_recipe, random_adapters
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA_RECIPE = ROOT / "recipes" / "qlora.yaml"
@@ -800,16 +800,12 @@ def test_a_quantized_gpt2_s_conv1d_is_refused_by_the_methods_that_refuse_conv1d(
     """RoAd, MiSS, DeLoRA, HRA, BOFT, OFT, C3A and SHiRA refuse GPT-2's Conv1D (as peft's): transformers quantizes it into a bitsandbytes Linear,
     which they took, so `peftkit validate` (on a quantized meta model) passed a recipe train refuses, and the Python
     API trained an adapter no merge could write into the plain model's Conv1D. Refused when the adapter is made."""
-    import yaml
-
     gpt2 = tmp_path / "gpt2"
     build_tiny_model(gpt2, arch="gpt2", hidden_size=32, num_layers=1, seed=0)
     said = (r"adapter.target_modules: 'transformer.h.0.attn.c_attn' is GPT-2's Conv1D, quantized \(a merge writes it "
             r"back as a Conv1D\); ")
-    recipe = make_recipe(tmp_path, gpt2, number_data, quantization={"method": "nf4"})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = adapter | {"target_modules": ["c_attn"]}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, gpt2, number_data, adapter | {"target_modules": ["c_attn"]},
+                           quantization={"method": "nf4"})
     assert re.search(said, cli_user_error(monkeypatch, capsys, "validate", str(recipe)))
     with pytest.raises(PeftkitError, match="^" + said):
         inject_adapters(load_quantized(gpt2), load_recipe(recipe).adapter)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import PeftModel, RandLoraConfig as PeftRandLora, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -19,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from peftkit.adapters import adapter_layers, inject_adapters, shared_holders
 from peftkit.errors import PeftkitError
 from peftkit.methods.randlora import RandLoraConfig
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, gpt2_without_dropout, make_recipe,
-                            peft_and_our_gradients, save_random_adapter)
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, gpt2_without_dropout, method_recipe,
+                            peft_and_our_gradients, save_random_adapter, train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 # Linear layers of in = out, in < out and in > out; GPT-2's Conv1D c_attn (32 -> 96) and mlp.c_proj (128 -> 32)
@@ -108,15 +107,7 @@ def test_inspect_counts_what_trains_not_peft_s_copies_of_the_bases(tiny_llama, t
 
 
 def test_the_shipped_recipe_trains_and_peft_loads_its_adapter(tiny_llama, number_data, tmp_path):
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / "randlora.yaml"
-    summary = train(load_recipe(recipe, [f"model.name_or_path={tiny_llama}", f"data.train={number_data['train']}",
-                                         f"data.eval={number_data['eval']}", f"export.output_dir={tmp_path / 'run'}",
-                                         "training.max_steps=4", "training.warmup_steps=1", "training.eval_steps=4",
-                                         "training.batch_size=4", "eval.samples=0", "export.report=false"]),
-                    show_summary=False)
+    summary = train_shipped_recipe("randlora", tiny_llama, number_data, tmp_path / "run")
     assert summary["eval_loss"] < summary["base_eval_loss"]
     with torch.no_grad():
         merged = _load(tmp_path / "run" / "merged")(input_ids=IDS).logits
@@ -126,10 +117,7 @@ def test_the_shipped_recipe_trains_and_peft_loads_its_adapter(tiny_llama, number
 
 
 def _recipe(tmp_path: Path, model: Path, data: dict, **adapter) -> Path:
-    recipe = make_recipe(tmp_path, model, data, eval={"base_model": False})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "randlora", "r": 4, **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, model, data, {"method": "randlora", "r": 4, **adapter}, eval={"base_model": False})
     return recipe
 
 

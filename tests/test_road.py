@@ -11,7 +11,6 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import yaml
 from peft import PeftModel, get_peft_model
 from peft.tuners.road.layer import Linear as PeftRoadLinear
 from safetensors.torch import load_file
@@ -21,7 +20,8 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.road import Road, RoadConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import check_loads_and_merges_as_peft, cli_user_error, make_recipe, peft_and_our_gradients
+from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, method_recipe, peft_and_our_gradients,
+                            train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -70,16 +70,8 @@ def test_the_layer_is_peft_s(variant):
 def test_the_shipped_recipe_trains_and_saves_peft_s_file(tiny_llama, number_data, tmp_path):
     """recipes/methods/road.yaml trains (the loss falls, the merged model is written) and saves the keys, shapes and
     settings of peft's own file for the same targets."""
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-
-    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / "road.yaml"
-    summary = train(load_recipe(recipe, [f"model.name_or_path={tiny_llama}", f"data.train={number_data['train']}",
-                                         f"data.eval={number_data['eval']}", f"export.output_dir={tmp_path / 'run'}",
-                                         "adapter.group_size=16", "adapter.variant=road_4",
-                                         "training.max_steps=4", "training.warmup_steps=1", "training.eval_steps=4",
-                                         "training.batch_size=4", "eval.samples=0"]),
-                    show_summary=False)
+    summary = train_shipped_recipe("road", tiny_llama, number_data, tmp_path / "run",
+                                   sets=("adapter.group_size=16", "adapter.variant=road_4",))
     assert summary["eval_loss"] < summary["base_eval_loss"]
     assert (tmp_path / "run" / "merged").is_dir()
     adapter = tmp_path / "run" / "adapter"
@@ -104,10 +96,7 @@ def test_the_shipped_recipe_trains_and_saves_peft_s_file(tiny_llama, number_data
     ({"variant": "road_3"}, "'adapter.variant' = 'road_3': must be one of 'road_1', 'road_2' or 'road_4'."),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "road", "group_size": 8, **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "road", "group_size": 8, **adapter})
     assert message in " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
 
 

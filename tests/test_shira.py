@@ -22,7 +22,7 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.shira import Shira, ShiraConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            make_recipe, peft_and_our_gradients)
+                            method_recipe, peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -147,10 +147,7 @@ def test_the_shipped_recipe_resumes_to_the_same_bits_and_peft_loads_its_export(t
     ({"alpha": 8}, "has no 'alpha'. Valid keys for method shira: method, r, mask_type, random_seed, init_weights"),
 ])
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "shira", "r": 2, **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "shira", "r": 2, **adapter})
     assert message in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
 
 

@@ -23,7 +23,7 @@ from peftkit.adapters.state_dicts import merge_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.vblora import VbLora, VbLoraConfig
 from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error,
-                            gpt2_without_dropout, make_recipe, peft_and_our_gradients, save_random_adapter)
+                            gpt2_without_dropout, method_recipe, peft_and_our_gradients, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = {"llama": ["q_proj", "k_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}  # Linear; Conv1D
@@ -152,10 +152,8 @@ def test_the_shipped_recipe_resumes_to_the_same_bits_and_peft_loads_its_top_k_fi
 
 
 def _recipe(tmp_path: Path, model: Path, data: dict, **adapter) -> Path:
-    recipe = make_recipe(tmp_path, model, data, eval={"base_model": False})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"method": "vblora", **SETTINGS, **adapter}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, model, data,
+                           {"method": "vblora", **SETTINGS, **adapter}, eval={"base_model": False})
     return recipe
 
 
@@ -175,10 +173,7 @@ def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, 
 def test_training_on_from_a_top_k_file_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """Its logits outside the top-k are gone (-inf once read): peft refuses to train on from such a file too."""
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft", TARGETS["llama"], save_only_topk_weights=True)
-    recipe = make_recipe(tmp_path, tiny_llama, number_data)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["adapter"] = {"init_from": str(adapter)}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(adapter)})
     said = " ".join(cli_user_error(monkeypatch, capsys, "train", str(recipe)).split())
     assert (f"adapter.init_from: {adapter} is a VB-LoRA adapter saved with save_only_topk_weights: its file keeps "
             "each row's top-k logits only") in said
