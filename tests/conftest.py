@@ -143,6 +143,42 @@ def method_recipe(tmp_path: Path, model: Path, files: dict[str, Path], adapter: 
     return recipe
 
 
+def check_routed_as_peft(base: Path, adapters: list[Path], ids: torch.Tensor, apart: float = 1e-3) -> None:
+    """Two named adapters (`a`, `b`) in one mixed batch, row 0 routed to `b` and row 1 to `a`: each row gives peft's
+    logits of its adapter alone (1e-5); the two adapters' logits are at least `apart` apart, so the routing counts."""
+    from peft import PeftModel
+
+    from peftkit.adapters.named import load_named_model
+
+    with torch.no_grad():
+        expected = [PeftModel.from_pretrained(load_fp32(base), path)(input_ids=ids).logits for path in adapters]
+    model, named = load_named_model([("a", str(adapters[0])), ("b", str(adapters[1]))], str(base))[:2]
+    with torch.no_grad(), named.routed(["b", "a"]):
+        mixed = model.eval()(input_ids=ids).logits
+    assert (mixed[0] - expected[1][0]).abs().max() <= 1e-5 and (mixed[1] - expected[0][1]).abs().max() <= 1e-5
+    assert (expected[0] - expected[1]).abs().max() > apart
+
+
+def check_halves_into_base_and_refuses_fusion(base: Path, adapter: str, title: str, out: Path,
+                                              ids: torch.Tensor) -> None:
+    """`adapter` combined with itself at weights 0.5 and 0.5 into the base (`peftkit merge --into-base`) gives peft's
+    logits of the adapter alone (1e-5); AdapterFusion over it is refused, naming the method (`title`)."""
+    from peft import PeftModel
+
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+    from peftkit.errors import PeftkitError
+    from peftkit.methods.fusion import FusionConfig
+    from peftkit.methods.fusion_sources import check_fusable, fused_adapters
+
+    merged = combine_adapters([adapter, adapter], Combination("linear", (0.5, 0.5)), str(out), into_base=True)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(load_fp32(base), adapter)(input_ids=ids).logits
+        assert (load_fp32(merged)(input_ids=ids).logits - expected).abs().max() <= 1e-5
+    with pytest.raises(PeftkitError, match=rf"is a {title} adapter; AdapterFusion fuses bottleneck adapters"):
+        check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[adapter, adapter])), "adapter.fuse")
+
+
 def train_shipped_recipe(method: str, model: Path, files: dict[str, Path], run: Path, steps: int = 4,
                          batch_size: int = 4, sets: tuple[str, ...] = ()) -> dict:
     """Train the shipped recipes/methods/METHOD.yaml for `steps` steps (evaluated at the last, no samples, no report)

@@ -18,8 +18,8 @@ from peftkit.adapters.state_dicts import merge_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.c3a import C3a, C3aConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, method_recipe, peft_and_our_gradients,
-                            train_shipped_recipe)
+from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft, cli_user_error,
+                            method_recipe, peft_and_our_gradients, train_shipped_recipe)
 from tests.test_methods import c3a_dense
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
@@ -161,18 +161,8 @@ def test_gpt2_s_conv1d_and_a_trained_bias_are_refused(tiny_llama, tiny_gpt2, tmp
 
 
 def test_combined_into_the_base_it_adds_the_updates_and_fusion_refuses_it(tiny_llama, tmp_path):
-    from peftkit.combine_adapters import combine_adapters
-    from peftkit.combine_inputs import Combination
-    from peftkit.methods.fusion import FusionConfig
-    from peftkit.methods.fusion_sources import check_fusable, fused_adapters
-
     a = str(_peft_adapter(tiny_llama, tmp_path / "a"))
-    merged = combine_adapters([a, a], Combination("linear", (0.5, 0.5)), str(tmp_path / "half"), into_base=True)
-    with torch.no_grad():
-        expected = PeftModel.from_pretrained(_load(tiny_llama), a)(input_ids=IDS).logits
-        assert (_load(merged)(input_ids=IDS).logits - expected).abs().max() <= 1e-5
-    with pytest.raises(PeftkitError, match=r"is a C3A adapter; AdapterFusion fuses bottleneck adapters"):
-        check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[a, a])), "adapter.fuse")
+    check_halves_into_base_and_refuses_fusion(tiny_llama, a, "C3A", tmp_path / "half", IDS)
 
 
 def test_two_named_adapters_serve_each_its_rows_as_peft(tiny_llama, tmp_path):

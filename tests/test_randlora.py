@@ -13,21 +13,18 @@ import pytest
 import torch
 from peft import PeftModel, RandLoraConfig as PeftRandLora, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from peftkit.adapters import adapter_layers, inject_adapters, shared_holders
 from peftkit.errors import PeftkitError
 from peftkit.methods.randlora import RandLoraConfig
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, gpt2_without_dropout, method_recipe,
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
+from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft,
+                            check_routed_as_peft, cli_user_error, gpt2_without_dropout, method_recipe,
                             peft_and_our_gradients, save_random_adapter, train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 # Linear layers of in = out, in < out and in > out; GPT-2's Conv1D c_attn (32 -> 96) and mlp.c_proj (128 -> 32)
 TARGETS = {"llama": ["q_proj", "up_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _peft_adapter(base: Path, out: Path, targets: list[str], **settings) -> Path:
@@ -154,31 +151,12 @@ def test_peft_files_it_cannot_apply_faithfully_are_refused(tiny_llama, tmp_path)
 
 
 def test_combined_into_the_base_it_adds_the_updates_and_fusion_refuses_it(tiny_llama, tmp_path):
-    from peftkit.combine_adapters import combine_adapters
-    from peftkit.combine_inputs import Combination
-    from peftkit.methods.fusion import FusionConfig
-    from peftkit.methods.fusion_sources import check_fusable, fused_adapters
-
     a = str(save_random_adapter(tiny_llama, RandLoraConfig(method="randlora", r=4, randlora_alpha=8,
                                                            target_modules=TARGETS["llama"]), tmp_path / "a", seed=1))
-    merged = combine_adapters([a, a], Combination("linear", (0.5, 0.5)), str(tmp_path / "half"), into_base=True)
-    with torch.no_grad():
-        expected = PeftModel.from_pretrained(_load(tiny_llama), a)(input_ids=IDS).logits
-        assert (_load(merged)(input_ids=IDS).logits - expected).abs().max() <= 1e-5
-    with pytest.raises(PeftkitError, match=r"is a RandLoRA adapter; AdapterFusion fuses bottleneck adapters"):
-        check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[a, a])), "adapter.fuse")
+    check_halves_into_base_and_refuses_fusion(tiny_llama, a, "RandLoRA", tmp_path / "half", IDS)
 
 
 def test_two_named_adapters_of_other_bases_serve_each_its_rows_as_peft(tiny_llama, tmp_path):
-    from peftkit.adapters.named import load_named_model
-
-    expected = []
     for name, key in (("a", 0), ("b", 3)):  # other shared bases too
         _peft_adapter(tiny_llama, tmp_path / name, TARGETS["llama"], projection_prng_key=key)
-        with torch.no_grad():
-            expected.append(PeftModel.from_pretrained(_load(tiny_llama), tmp_path / name)(input_ids=IDS).logits)
-    model, adapters = load_named_model([("a", str(tmp_path / "a")), ("b", str(tmp_path / "b"))], str(tiny_llama))[:2]
-    with torch.no_grad(), adapters.routed(["b", "a"]):
-        mixed = model.eval()(input_ids=IDS).logits
-    assert (mixed[0] - expected[1][0]).abs().max() <= 1e-5 and (mixed[1] - expected[0][1]).abs().max() <= 1e-5
-    assert (expected[0] - expected[1]).abs().max() > 1e-3
+    check_routed_as_peft(tiny_llama, [tmp_path / "a", tmp_path / "b"], IDS)

@@ -15,23 +15,20 @@ import yaml
 from peft import PeftModel, VBLoRAConfig, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import adapter_layers, inject_adapters, share_tensors
 from peftkit.adapters.state_dicts import merge_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.vblora import VbLora, VbLoraConfig
-from tests.conftest import (check_loads_and_merges_as_peft, check_run_for_peft_resumes, cli_user_error,
-                            gpt2_without_dropout, method_recipe, peft_and_our_gradients, save_random_adapter)
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
+from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft,
+                            check_routed_as_peft, check_run_for_peft_resumes, cli_user_error, gpt2_without_dropout,
+                            method_recipe, peft_and_our_gradients, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = {"llama": ["q_proj", "k_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"]}  # Linear; Conv1D
 SETTINGS = {"r": 4, "num_vectors": 12, "vector_length": 8}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _peft_adapter(base: Path, out: Path, targets: list[str], **settings) -> Path:
@@ -190,31 +187,12 @@ def test_peft_s_settings_it_cannot_apply_are_refused(tiny_llama, tmp_path):
 
 
 def test_combined_into_the_base_it_adds_the_updates_and_fusion_refuses_it(tiny_llama, tmp_path):
-    from peftkit.combine_adapters import combine_adapters
-    from peftkit.combine_inputs import Combination
-    from peftkit.methods.fusion import FusionConfig
-    from peftkit.methods.fusion_sources import check_fusable, fused_adapters
-
     a = str(save_random_adapter(tiny_llama, VbLoraConfig(method="vblora", **SETTINGS, target_modules=TARGETS["llama"]),
                                 tmp_path / "a", seed=1))
-    merged = combine_adapters([a, a], Combination("linear", (0.5, 0.5)), str(tmp_path / "half"), into_base=True)
-    with torch.no_grad():
-        expected = PeftModel.from_pretrained(_load(tiny_llama), a)(input_ids=IDS).logits
-        assert (_load(merged)(input_ids=IDS).logits - expected).abs().max() <= 1e-5
-    with pytest.raises(PeftkitError, match=r"is a VB-LoRA adapter; AdapterFusion fuses bottleneck adapters"):
-        check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[a, a])), "adapter.fuse")
+    check_halves_into_base_and_refuses_fusion(tiny_llama, a, "VB-LoRA", tmp_path / "half", IDS)
 
 
 def test_two_named_adapters_each_with_its_bank_serve_each_its_rows_as_peft(tiny_llama, tmp_path):
-    from peftkit.adapters.named import load_named_model
-
-    expected = []
     for name, topk in (("a", 2), ("b", 3)):
         _peft_adapter(tiny_llama, tmp_path / name, TARGETS["llama"], topk=topk)
-        with torch.no_grad():
-            expected.append(PeftModel.from_pretrained(_load(tiny_llama), tmp_path / name)(input_ids=IDS).logits)
-    model, adapters = load_named_model([("a", str(tmp_path / "a")), ("b", str(tmp_path / "b"))], str(tiny_llama))[:2]
-    with torch.no_grad(), adapters.routed(["b", "a"]):
-        mixed = model.eval()(input_ids=IDS).logits
-    assert (mixed[0] - expected[1][0]).abs().max() <= 1e-5 and (mixed[1] - expected[0][1]).abs().max() <= 1e-5
-    assert (expected[0] - expected[1]).abs().max() > 1e-3
+    check_routed_as_peft(tiny_llama, [tmp_path / "a", tmp_path / "b"], IDS)
