@@ -25,7 +25,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, conv1d_kind, from_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, linear_shape, not_a_linear
 from peftkit.methods.target_filters import LayerTargets, PeftLayerTargets, filters_from_peft
 from peftkit.section import TargetRegex
 
@@ -151,8 +151,8 @@ class C3a(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: C3aConfig, path: str) -> C3aLinear:
-        if from_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
-            raise unsupported(path, conv1d_kind(base) if from_conv1d(base) else f"an {type(base).__name__}")
+        if kind := not_a_linear(base):
+            raise unsupported(path, kind)
         return C3aLinear(base, cfg.block_sizes(path), cfg, path)
 
     @classmethod

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import REEXPORT, Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, conv1d_kind, from_conv1d, is_quantized, linear_shape
+from peftkit.methods.layer import AdapterLayer, is_quantized, linear_shape, not_a_linear
 from peftkit.methods.lora import _pattern_value
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft, regex_keys)
@@ -170,8 +170,8 @@ class Delora(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: DeloraConfig, path: str) -> DeloraLinear:
-        if from_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
-            raise unsupported(path, conv1d_kind(base) if from_conv1d(base) else f"an {type(base).__name__}")
+        if kind := not_a_linear(base):
+            raise unsupported(path, kind)
         return DeloraLinear(base, *cfg.rank_and_lambda(path), cfg)
 
     @classmethod

@@ -26,7 +26,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, conv1d_kind, from_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, linear_shape, not_a_linear
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.section import TargetRegex
@@ -181,7 +181,7 @@ class Hra(Method):
         names = super().select_targets(model, cfg, every_entry)
         for path in names if every_entry else []:
             module = model.get_submodule(path)
-            if isinstance(module, nn.Linear) and not from_conv1d(module):  # (`wrap` refuses the others)
+            if not_a_linear(module) is None:  # (`wrap` refuses the others)
                 check_orthonormal_room(cfg, path, linear_shape(module)[0])
         return names
 
@@ -197,8 +197,8 @@ class Hra(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: HraConfig, path: str) -> HraLinear:
-        if from_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
-            raise unsupported(path, conv1d_kind(base) if from_conv1d(base) else f"an {type(base).__name__}")
+        if kind := not_a_linear(base):
+            raise unsupported(path, kind)
         return HraLinear(base, cfg)
 
     @classmethod

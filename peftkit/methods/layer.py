@@ -64,6 +64,15 @@ def conv1d_kind(layer: nn.Module) -> str:
     return "GPT-2's Conv1D" if is_conv1d(layer) else "GPT-2's Conv1D, quantized (a merge writes it back as a Conv1D)"
 
 
+def not_a_linear(layer: nn.Module) -> str | None:
+    """How a method that adapts nn.Linear (and bitsandbytes') layers only names a layer it must refuse: GPT-2's Conv1D,
+    quantized or not (`from_conv1d`: bitsandbytes' layers are nn.Linear too, and one made from a Conv1D passed six
+    methods' own checks), or another class; None for a layer it takes."""
+    if from_conv1d(layer):
+        return conv1d_kind(layer)
+    return None if isinstance(layer, nn.Linear) else f"an {type(layer).__name__}"
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, Conv1D or bitsandbytes linear layer."""
     if is_conv1d(layer):

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, conv1d_kind, from_conv1d, is_quantized, linear_shape
+from peftkit.methods.layer import AdapterLayer, is_quantized, linear_shape, not_a_linear
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.section import TargetRegex
@@ -198,8 +198,8 @@ class Miss(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: MissConfig, path: str) -> MissLinear:
-        if from_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
-            raise unsupported(path, conv1d_kind(base) if from_conv1d(base) else f"an {type(base).__name__}")
+        if kind := not_a_linear(base):
+            raise unsupported(path, kind)
         check_layer(cfg, path, *linear_shape(base))
         return MissLinear(base, cfg)
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, PeftConfigBase, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, conv1d_kind, from_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, linear_shape, not_a_linear
 from peftkit.section import AdapterSection, TargetRegex
 
 Variant = Literal["road_1", "road_2", "road_4"]
@@ -110,8 +110,7 @@ def rotate(y: torch.Tensor, parts: dict[str, torch.Tensor], facts: RoadFacts, in
 def refuse_layer(path: str, base: nn.Module, group_size: int) -> None:
     """What RoAd cannot adapt: a layer other than nn.Linear (peft's RoAd has none), or one whose outputs the groups do
     not divide (peft refuses it too)."""
-    if from_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
-        kind = conv1d_kind(base) if from_conv1d(base) else f"an {type(base).__name__}"
+    if kind := not_a_linear(base):
         raise PeftkitError(f"adapter.target_modules: '{path}' is {kind}; RoAd rotates the outputs of nn.Linear (and "
                            "4-bit/8-bit) layers only, as peft 0.21's RoAd, which could not load the adapter otherwise. "
                            "Target Linear layers, or use LoRA for this model.")

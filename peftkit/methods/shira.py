@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import PeftConfigBase, Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, conv1d_kind, from_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, linear_shape, not_a_linear
 from peftkit.section import AdapterSection, TargetRegex
 
 
@@ -138,8 +138,8 @@ class Shira(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: ShiraConfig, path: str) -> ShiraLinear:
-        if from_conv1d(base) or not isinstance(base, nn.Linear):  # bitsandbytes' layers are nn.Linear too
-            raise unsupported(path, conv1d_kind(base) if from_conv1d(base) else f"an {type(base).__name__}")
+        if kind := not_a_linear(base):
+            raise unsupported(path, kind)
         return ShiraLinear(base, cfg)
 
     @classmethod
