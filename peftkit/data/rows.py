@@ -24,7 +24,14 @@ def _read_jsonl(path: Path, on_bad_rows: str, skip: str) -> tuple[list[dict], li
     """(rows, the line number of each malformed line skipped, the line number of each row): blank and skipped lines
     make row numbers and line numbers differ, and messages about a row must name its line. `skip`: how the command
     sets on_bad_rows to skip, as a malformed line's error says it ("" where nothing does: `bad_rows_fix`)."""
-    rows, bad, line_numbers = [], [], []
+    bad: list[int] = []
+    numbered = list(_jsonl_rows(path, on_bad_rows, skip, bad))
+    return [row for _, row in numbered], bad, [lineno for lineno, _ in numbered]
+
+
+def _jsonl_rows(path: Path, on_bad_rows: str, skip: str, bad: list[int]) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of each row of a .jsonl file, read one line at a time (as far as they are taken); a
+    malformed line is an error naming it, or skipped (`on_bad_rows`), its number appended to `bad`."""
     # -sig: a byte order mark (Windows editors write one) is not a row's; surrogateescape: a byte that is not UTF-8
     # (a line saved as Latin-1) is that line's problem, found below, not an error at some offset of the whole file.
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -40,9 +47,7 @@ def _read_jsonl(path: Path, on_bad_rows: str, skip: str) -> tuple[list[dict], li
                 fix = ("Save the file as UTF-8" if isinstance(e, _NotUtf8) else "Fix the line")
                 raise PeftkitError(f"{path}:{lineno}: {e}. " + (f"{fix}, or {skip} to drop such rows."
                                                                  if skip else f"{fix}.")) from None
-            rows.append(row)
-            line_numbers.append(lineno)
-    return rows, bad, line_numbers
+            yield lineno, row
 
 
 class _NotUtf8(ValueError):
@@ -156,17 +161,7 @@ def rows_in_order(source: str, split: str | None, on_bad_rows: str = "error") ->
     if split not in ("train", None) or path.suffix.lower() != ".jsonl" or not path.is_file():
         yield from load_rows(source, split, on_bad_rows)[0]
         return
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # (as `_read_jsonl` reads it)
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = _json_object(line)
-            except ValueError as e:
-                if on_bad_rows == "skip":
-                    continue
-                raise PeftkitError(f"{path}:{lineno}: {e}.") from None
-            yield row
+    yield from (row for _, row in _jsonl_rows(path, on_bad_rows, "set data.on_bad_rows: skip", []))
 
 
 def _skipped_in(bad: list[int], line_numbers: list[int] | None, picked: list[int] | None) -> int:
