@@ -159,6 +159,23 @@ def check_routed_as_peft(base: Path, adapters: list[Path], ids: torch.Tensor, ap
     assert (expected[0] - expected[1]).abs().max() > apart
 
 
+def check_combined_into_base_as_peft_merges(base: Path, adapters: list[Path], out: Path) -> None:
+    """Two adapters combined at weights 0.5 and 0.5 into the base (`peftkit merge --into-base`) give the mean of
+    peft's `merge_and_unload` of each, weight by weight (1e-6), and move the base (more than 1e-2)."""
+    from peft import PeftModel
+
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    merged = [PeftModel.from_pretrained(load_fp32(base), d).merge_and_unload().state_dict() for d in adapters]
+    combined = combine_adapters([str(d) for d in adapters], Combination("linear", (0.5, 0.5)), str(out),
+                                into_base=True)
+    plain, ours = load_fp32(base).state_dict(), load_fp32(combined).state_dict()
+    expected = {k: (merged[0][k] + merged[1][k]) / 2 for k in plain}
+    assert max(float((ours[k] - expected[k]).abs().max()) for k in plain) <= 1e-6
+    assert max(float((ours[k] - plain[k]).abs().max()) for k in plain) > 1e-2
+
+
 def check_halves_into_base_and_refuses_fusion(base: Path, adapter: str, title: str, out: Path,
                                               ids: torch.Tensor) -> None:
     """`adapter` combined with itself at weights 0.5 and 0.5 into the base (`peftkit merge --into-base`) gives peft's

@@ -22,8 +22,9 @@ from peftkit.errors import PeftkitError
 from peftkit.merge import merge_adapter
 from peftkit.methods.hra import Hra, HraConfig, householder_factors
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            make_recipe, method_recipe, peft_and_our_gradients, train_shipped_recipe, unplaced)
+from tests.conftest import (check_combined_into_base_as_peft_merges, check_loads_and_merges_as_peft,
+                            check_resumes_to_the_same_bits, cli_user_error, make_recipe, method_recipe,
+                            peft_and_our_gradients, train_shipped_recipe, unplaced)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -216,17 +217,8 @@ def test_a_run_from_a_peft_adapter_with_r_at_a_layer_s_inputs_is_refused(tiny_ll
 def test_combining_adds_the_full_updates(tiny_llama, tmp_path):
     """`peftkit merge` of two HRA adapters (a multiplicative update, so through its full per-layer update, as OFT's):
     weights 0.5 and 0.5 into the base give W + (W H_1 - W) / 2 + (W H_2 - W) / 2, from peft's merges of each."""
-    from peftkit.combine_adapters import combine_adapters
-    from peftkit.combine_inputs import Combination
-
     first = _peft_adapter(tiny_llama, tmp_path / "a")
     torch.manual_seed(1)
     made = get_peft_model(_load(tiny_llama), peft.HRAConfig(r=2, init_weights=False, target_modules=TARGETS))
     made.save_pretrained(tmp_path / "b")
-    merged = [PeftModel.from_pretrained(_load(tiny_llama), tmp_path / d).merge_and_unload().state_dict() for d in "ab"]
-    out = combine_adapters([str(first), str(tmp_path / "b")], Combination("linear", (0.5, 0.5)), str(tmp_path / "c"),
-                           into_base=True)
-    base, ours = _load(tiny_llama).state_dict(), _load(out).state_dict()
-    expected = {k: (merged[0][k] + merged[1][k]) / 2 for k in base}
-    assert max(float((ours[k] - expected[k]).abs().max()) for k in base) <= 1e-6
-    assert max(float((ours[k] - base[k]).abs().max()) for k in base) > 1e-2
+    check_combined_into_base_as_peft_merges(tiny_llama, [first, tmp_path / "b"], tmp_path / "c")

@@ -20,8 +20,8 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.road import Road, RoadConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error, method_recipe, peft_and_our_gradients,
-                            train_shipped_recipe)
+from tests.conftest import (check_combined_into_base_as_peft_merges, check_loads_and_merges_as_peft, cli_user_error,
+                            method_recipe, peft_and_our_gradients, train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -117,21 +117,12 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, tmp_path):
 def test_combining_adds_the_full_updates(tiny_llama, tmp_path):
     """`peftkit merge` of two RoAd adapters (a multiplicative update, so through its full per-layer update, as HRA's):
     weights 0.5 and 0.5 into the base give W + (R_1 W - W) / 2 + (R_2 W - W) / 2, from peft's merges of each."""
-    from peftkit.combine_adapters import combine_adapters
-    from peftkit.combine_inputs import Combination
-
     first = _peft_adapter(tiny_llama, tmp_path / "a", group_size=8)
     torch.manual_seed(1)
     made = get_peft_model(_load(tiny_llama), peft.RoadConfig(variant="road_2", group_size=4, init_weights=False,
                                                              target_modules=TARGETS))
     made.save_pretrained(tmp_path / "b")
-    merged = [PeftModel.from_pretrained(_load(tiny_llama), tmp_path / d).merge_and_unload().state_dict() for d in "ab"]
-    out = combine_adapters([str(first), str(tmp_path / "b")], Combination("linear", (0.5, 0.5)), str(tmp_path / "c"),
-                           into_base=True)
-    base, ours = _load(tiny_llama).state_dict(), _load(out).state_dict()
-    expected = {k: (merged[0][k] + merged[1][k]) / 2 for k in base}
-    assert max(float((ours[k] - expected[k]).abs().max()) for k in base) <= 1e-6
-    assert max(float((ours[k] - base[k]).abs().max()) for k in base) > 1e-2
+    check_combined_into_base_as_peft_merges(tiny_llama, [first, tmp_path / "b"], tmp_path / "c")
 
 
 def test_peft_s_adapter_loads_merges_and_trains_as_peft_s(tmp_path):
