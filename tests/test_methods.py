@@ -773,8 +773,16 @@ def test_merged_equals_unmerged(case, arch, models):
         return
     assert _diff(_logits(merged_model(model, case.cfg, torch.float32).eval()), adapted) <= TOL
     embedding = model.get_input_embeddings()
-    if hasattr(embedding, "base_layer") and embedding.base_layer.weight is model.get_output_embeddings().weight:
-        return  # merged in place, a head tied to the embeddings would take their update too (merged_model unties)
+    if hasattr(embedding, "base_layer") and embedding.base_layer.weight is model.get_output_embeddings().weight \
+            and not embedding.method.merges_tied:
+        # Merged in place, the head tied to the embeddings would take their update too (merged_model unties): refused
+        # (it was done, the logits off the unmerged model's).
+        weight = embedding.base_layer.weight.detach().clone()
+        with pytest.raises(PeftkitError, match=r"^Cannot merge in place into a layer whose weight 'lm_head' holds too "
+                                               r"\(tied weights: tie_word_embeddings\).* Use `peftkit merge` or "):
+            embedding.merge()
+        assert torch.equal(embedding.base_layer.weight, weight) and not embedding.merged
+        return
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for layer in adapter_layers(model).values():
         layer.merge()

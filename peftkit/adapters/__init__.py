@@ -18,7 +18,15 @@ from torch import nn
 from peftkit.errors import PeftkitError, PeftkitWarning, did_you_mean
 from peftkit.methods import AdapterLayer, method_of
 from peftkit.methods.base import Method
-from peftkit.methods.layer import SharedTensors, is_conv1d, is_quantized, linear_shape, refuse_non_lookup, suffix_match
+from peftkit.methods.layer import (
+    SharedTensors,
+    is_conv1d,
+    is_quantized,
+    linear_shape,
+    mark_tied,
+    refuse_non_lookup,
+    suffix_match,
+)
 from peftkit.methods.replication import replicate_layers
 from peftkit.methods.target_filters import NoDefault, check_excluded, check_patterns
 from peftkit.methods.token_rows import TOKEN_ROWS, inject_token_rows, refuse_saved_tied_head
@@ -186,6 +194,7 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig, every_entry: bool = Tr
     _train_saved_modules(model, cfg, state)
     saved = list(modules_to_save(model, cfg.modules_to_save)) if cfg.modules_to_save else []
     inject_token_rows(model, getattr(cfg, "trainable_token_indices", None), saved)
+    mark_tied(model, wrapped)  # (last: modules_to_save and token rows untie or wrap what they take)
     return names
 
 

@@ -157,6 +157,10 @@ class Method:
     """Whether the update folds into the base weights (`merge_weight`). A module adapter (bottleneck,
     Llama-Adapter) or the prompt family computes something of its own beside the base: there is no merged
     model, and every merge path refuses it (`merge_refusal`, `refuse_unmergeable`)."""
+    merges_tied: ClassVar[bool] = False
+    """Its layers over one weight that two modules hold (an output head tied to the input embeddings) merge in place
+    into it as one: trainable tokens, whose tied head is wrapped too and holds the embeddings' own rows. Any other
+    method's in-place merge there is refused (`refuse_tied`)."""
 
     reads_task_ids: ClassVar[bool] = False
     """The forward takes per-row `task_ids` (the data's `task` column, `--task`): multitask prompt tuning."""

@@ -120,6 +120,7 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.merged = False
         self.shared: SharedTensors | None = None
+        self.tied_to: str | None = None  # (another module holding the base weight: `mark_tied`)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -152,6 +153,7 @@ class AdapterLayer(nn.Module):
             raise PeftkitError("Cannot merge in place into a layer whose weight is computed (trained token rows); "
                                "use `peftkit merge`.")
         refuse_stacked(weight, self.base_layer)
+        refuse_tied(self)
         if bias is None:
             check_bias_to_merge(parts, "this layer")
         merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
@@ -188,6 +190,27 @@ def refuse_stacked(weight: torch.Tensor, owner: nn.Module) -> None:
         raise PeftkitError(f"Cannot merge in place into a layer whose weight {copies} stacked "
                            "layers share (layer_replication): each copy's update would change them all. Use "
                            "`peftkit merge` or merged_model, which write each layer's weight on its own.")
+
+
+def mark_tied(model: nn.Module, layers: dict[str, AdapterLayer]) -> None:
+    """Set each layer's `tied_to`: the path of another module of `model` whose weight is its base weight (an output
+    head tied to the input embeddings, tie_word_embeddings), or None."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name.rpartition(".")[0].removesuffix(".base_layer"))
+    for path, layer in layers.items():
+        others = [o for o in owners.get(id(getattr(layer.base_layer, "weight", None)), []) if o != path]
+        layer.tied_to = others[0] if others else None
+
+
+def refuse_tied(layer: AdapterLayer) -> None:
+    """Refuse an in-place merge into a weight another module holds too (`mark_tied`): the input embeddings' update
+    folded into the weight the output head is tied to changes every logit too (LoRA's logits 143 off on a tiny Qwen2;
+    peft's merge_and_unload does the same). Not for a method whose tied layers merge as one (`merges_tied`)."""
+    if getattr(layer, "tied_to", None) and not layer.method.merges_tied:
+        raise PeftkitError(f"Cannot merge in place into a layer whose weight '{layer.tied_to}' holds too (tied "
+                           "weights: tie_word_embeddings): it would change with it, unlike the unmerged model. Use "
+                           "`peftkit merge` or merged_model, which untie them.")
 
 
 def check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str | None) -> None:

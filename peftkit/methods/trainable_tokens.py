@@ -197,6 +197,7 @@ class TrainableTokens(Method):
     config = TrainableTokensConfig
     peft_config = PeftTrainableTokensConfig
     param_names = (ROWS_PARAM,)
+    merges_tied = True
 
     @classmethod
     def select_targets(cls, model: nn.Module, cfg: TrainableTokensConfig, every_entry: bool) -> list[str]:
