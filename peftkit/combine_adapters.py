@@ -320,15 +320,18 @@ def _common_template(adapter_dirs: list[str]) -> str | None:
 def _write_adapter(output_dir: str, state: dict[str, torch.Tensor], config: dict, first: Source,
                    replace: bool, template: str | None = None) -> None:
     """The combined adapter, atomically as a directory (`replace`: an output there by then, as `save_merged`); its
-    peftkit.json keeps the inputs' quantization; `template`, the adapters' chat template, in chat_template.jinja."""
+    peftkit.json keeps the inputs' quantization; `template`, the adapters' chat template, in chat_template.jinja.
+    Put in place under the lock of the names beside it (`atomic_directories`), as a merged model is: another merge's
+    checks of the same --output, in the milliseconds of the swap, took its set-aside `.OUTPUT.old` for a killed
+    write's leftover and put it back, and the swap failed."""
     from peftkit.adapter_meta import quantized_on, read_meta
     from peftkit.data.chat_templates import ADAPTER_TEMPLATE
-    from peftkit.fileio import atomic_directory, atomic_write_bytes
+    from peftkit.fileio import atomic_directories, atomic_write_bytes
     from peftkit.peft_format import save_adapter
 
     if not all(torch.isfinite(t).all() for t in state.values()):
         raise PeftkitError("The combined adapter has NaN/inf values; nothing was written.")
-    with atomic_directory(output_dir, replace) as tmp:
+    with atomic_directories([Path(output_dir)], replace) as (tmp,):
         meta = read_meta(first.path)
         save_adapter(tmp, state, config, first.quant, quantized_on(first.path), meta.trust_remote_code,
                      rope_scaling=meta.rope_scaling, base_dtype=meta.base_dtype)

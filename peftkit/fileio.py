@@ -335,7 +335,12 @@ def atomic_directories(paths: list[Path], replace: bool = True) -> Iterator[list
                 for tmp in tmps:
                     _settle(tmp)
                 with names_locked(paths[0].parent):
-                    _put_in_place(tmps, paths, replace)
+                    try:
+                        _put_in_place(tmps, paths, replace)
+                    except BaseException:  # (removed before the lock goes: another merge's checks, waiting for it,
+                        for tmp in tmps:  # took them, locked, for a write under way and refused the --output)
+                            shutil.rmtree(tmp, ignore_errors=True)
+                        raise
         for parent in dict.fromkeys(path.parent for path in paths):
             _fsync_dir(parent)
     except BaseException:
