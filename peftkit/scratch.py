@@ -63,12 +63,14 @@ def remove_stale_directories(root: str | None = None) -> list[tuple[Path, int]]:
     return removed
 
 
-_NAMED = re.compile(rf"{PREFIX}(?:[a-z]+-)?(\d+)-")
+_NAMED = re.compile(rf"{PREFIX}(?:[a-z]+-)?(\d+)-[a-z0-9_]{{8}}")
+"""The whole name `scratch_directory` gives (mkdtemp's 8 characters last): a folder of the user's own named like it,
+`peftkit-verify-123-notes`, was swept too once process 123 was gone."""
 
 
 def _stale(path: Path) -> bool:
     """Whether `path` is a verify directory of this user whose process is gone (see the module's docstring)."""
-    match = _NAMED.match(path.name)
+    match = _NAMED.fullmatch(path.name)
     if match is None or path.is_symlink() or not path.is_dir() or fcntl is None:
         return False
     try:

@@ -396,10 +396,11 @@ def test_a_killed_verify_s_re_run_directory_is_removed_by_the_next_verify(adapte
     assert [p.name for p in left[0].glob("run/.adapter.*.tmp/adapter_model.safetensors")] == ["adapter_model.safetensors"]
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    live = scratch / f"peftkit-verify-{os.getpid()}-live"  # this process's: alive
-    locked = scratch / f"peftkit-verify-{ended.pid}-locked"  # a PID gone here, its lock held
+    live = scratch / f"peftkit-verify-{os.getpid()}-live_123"  # this process's: alive
+    locked = scratch / f"peftkit-verify-{ended.pid}-locked12"  # a PID gone here, its lock held
     older = scratch / "peftkit-verify-k2j4x8qz"  # an older peftkit's name
-    for path in (live, locked, older):
+    own = scratch / f"peftkit-verify-{ended.pid}-notes"  # the user's own (not mkdtemp's 8 characters), PID gone
+    for path in (live, locked, older, own):
         path.mkdir()
         (path / "w").write_text("x")
     fd = flocked(locked, fcntl.LOCK_EX)
@@ -409,7 +410,7 @@ def test_a_killed_verify_s_re_run_directory_is_removed_by_the_next_verify(adapte
         assert verify(adapter_run, console=Console(file=out, width=1000)).ok
     finally:
         os.close(fd)
-    assert sorted(p.name for p in scratch.iterdir()) == sorted(p.name for p in (live, locked, older))
+    assert sorted(p.name for p in scratch.iterdir()) == sorted(p.name for p in (live, locked, older, own))
     said = " ".join(out.getvalue().split())
     assert (f"note: removed 1 re-run directory of verify processes that ended without deleting it (killed), in "
             f"{scratch}: {left[0].name} (") in said
