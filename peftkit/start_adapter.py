@@ -82,8 +82,17 @@ def adapter_line(adapter, model, targets: list[str]) -> str:
 
 
 def _check_biases_merge(model) -> None:
-    """export.merged with lora_bias on a layer without a bias: refused before training, not after it."""
-    if bare := [name for name, layer in adapter_layers(model).items()
+    """export.merged with lora_bias, or a method whose update is a bias (BEFT), on a layer without a bias: refused
+    before training, not after it."""
+    layers = adapter_layers(model)
+    if bare := [name for name, layer in layers.items()
+                if layer.method.needs_bias and getattr(layer.base_layer, "bias", None) is None]:
+        layer = layers[bare[0]]
+        raise PeftkitError(f"adapter.target_modules: '{bare[0]}' (and {len(bare) - 1} more) has no bias, so "
+                           f"export.merged cannot fold {layer.method.title}'s trained bias into the model (peft cannot "
+                           "either). Set export.merged: false (the adapter loads in peft), or target layers that have "
+                           "a bias (Qwen2's q_proj, k_proj, v_proj).")
+    if bare := [name for name, layer in layers.items()
                 if getattr(getattr(layer, "lora_B", None), "bias", None) is not None
                 and getattr(layer.base_layer, "bias", None) is None]:
         raise PeftkitError(f"adapter.lora_bias: '{bare[0]}' (and {len(bare) - 1} more) has no bias, so export.merged "

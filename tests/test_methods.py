@@ -53,6 +53,7 @@ from peftkit.merge import merge_adapter
 from peftkit.merge_weights import MergeWarning, conv1d_modules, merged_model
 from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
+from peftkit.methods.beft import BeftConfig
 from peftkit.methods.boft import BoftConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.c3a import C3aConfig
@@ -253,6 +254,10 @@ CASES: dict[str, list[Case]] = {
     # them. r 2: 2 (out + in) entries per layer, 38 of the dense 12 -> 7 layer's 84, 96 of a 32 -> 16 one's 512.
     # Llama only (added test time): the update leaves the bias alone, as the dense check's biased layer shows.
     "shira": [Case("shira", ShiraConfig(method="shira", r=2), ("llama",), ("linear",), identity_tol=0.0)],
+    # BEFT: a trained bias on nn.Linear layers; its merge needs the base's bias: Qwen2's q/k/v (the defaults: v_proj)
+    # and the dense layer's. A layer without one (Llama's) is refused: tests/test_beft.py.
+    "beft": [Case("beft", BeftConfig(method="beft", target_modules=["q_proj", "v_proj"]), ("qwen2",), ("linear",),
+                  identity_tol=0.0)],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -533,6 +538,13 @@ def c3a_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, l
     return weight + delta.to(weight.dtype), bias
 
 
+def beft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
+    """(W, b + d): the weight as it is, the trained vector added to the bias (the checks of weights alone pass
+    no bias)."""
+    assert layout == "linear"
+    return weight, None if bias is None else bias + parts["beft_bias"].reshape(-1)
+
+
 def shira_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """(W + S, b): entry k of shira_weight added at (shira_indices[0, k], shira_indices[1, k]), one at a time."""
     dense = weight.double().clone()
@@ -591,7 +603,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "road": road_dense,
          "hira": hira_dense,
          "c3a": c3a_dense,
-         "shira": shira_dense}
+         "shira": shira_dense,
+         "beft": beft_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -608,6 +621,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "HIRA": {"init_weights": False},  # A and B ~ N(0, 1)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
+                   "BEFT": {"init_weights": False},  # N(0, 1)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -727,7 +741,8 @@ def test_dense_math(case):
         method.randomize(layer, torch.Generator().manual_seed(2), 0.3)
         parts = {n: p.detach().clone() for n, p in layer.parts().items()}
         dense, dense_bias = DENSE[method.name](weight, bias, parts, case.cfg, layout)
-        assert _diff(dense, weight) > 1e-2, layout  # not trivially the base
+        # not trivially the base (BEFT changes the bias alone)
+        assert _diff(dense, weight) > 1e-2 or (bias is not None and _diff(dense_bias, bias) > 1e-2), layout
         x = torch.randint(0, 20, (3, 5)) if layout == "embedding" else torch.randn(3, 5, 12)
         expected = _dense_forward(base, dense, x, layout) + (0 if dense_bias is None else dense_bias)
         assert _diff(layer(x), expected) <= 1e-5, layout
@@ -1082,9 +1097,10 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     from tests.conftest import make_recipe
 
     case = CASES[name][0]
+    arch = "llama" if "llama" in case.archs or not case.archs else case.archs[0]  # (BEFT: a biased model)
     adapter = case.cfg.model_dump(mode="json", exclude_none=True)
     mergeable = METHODS[name].merge_refusal() is None
-    recipe = make_recipe(tmp_path, models["llama"], number_data, adapter=adapter,
+    recipe = make_recipe(tmp_path, models[arch], number_data, adapter=adapter,
                          training={"max_steps": 4, "lr": 5e-2}, export={"merged": mergeable})
     data = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump(data | {"adapter": adapter}, sort_keys=False))  # only the method's own keys
@@ -1094,9 +1110,9 @@ def test_trains_from_a_recipe_and_exports(name, models, number_data, tmp_path):
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == METHODS[name].peft_type
     ours = _load(run / "merged") if mergeable else load_adapted_model(None, str(run / "adapter"))[0]
     if name in NO_PEFT:
-        assert _diff(_logits(ours), _logits(_load(models["llama"]))) > 1e-4
+        assert _diff(_logits(ours), _logits(_load(models[arch]))) > 1e-4
         return
-    reference = PeftModel.from_pretrained(_load(models["llama"]), run / "adapter").eval()
+    reference = PeftModel.from_pretrained(_load(models[arch]), run / "adapter").eval()
     assert _diff(_logits(ours), _logits(reference)[:, -IDS.shape[1]:]) <= TOL
 
 

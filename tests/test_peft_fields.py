@@ -36,6 +36,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "HiraConfig": {},
     "C3AConfig": {},
     "ShiraConfig": {},
+    "BeftConfig": {},
 }
 
 

@@ -42,6 +42,7 @@ from peftkit.methods.randlora import RandLora, RandLoraConfig
 from peftkit.methods.vblora import VbLora, VbLoraConfig
 from peftkit.methods.c3a import C3a
 from peftkit.methods.shira import Shira
+from peftkit.methods.beft import Beft
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -81,6 +82,7 @@ register(Road)
 register(Hira)
 register(C3a)
 register(Shira)
+register(Beft)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

@@ -157,6 +157,9 @@ class Method:
     """Whether the update folds into the base weights (`merge_weight`). A module adapter (bottleneck,
     Llama-Adapter) or the prompt family computes something of its own beside the base: there is no merged
     model, and every merge path refuses it (`merge_refusal`, `refuse_unmergeable`)."""
+    needs_bias: ClassVar[bool] = False
+    """Its update is the base layer's bias (BEFT's): merged into a layer without one, it has nowhere to go, and the
+    merge is refused (`check_bias_to_merge`; before training with export.merged)."""
     merges_tied: ClassVar[bool] = False
     """Its layers over one weight that two modules hold (an output head tied to the input embeddings) merge in place
     into it as one: trainable tokens, whose tied head is wrapped too and holds the embeddings' own rows. Any other

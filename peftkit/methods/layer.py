@@ -155,7 +155,7 @@ class AdapterLayer(nn.Module):
         refuse_stacked(weight, self.base_layer)
         refuse_tied(self)
         if bias is None:
-            check_bias_to_merge(parts, "this layer")
+            check_bias_to_merge(parts, "this layer", self.method)
         merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
         merged_bias = None if bias is None else self.method.merge_bias(bias.data.float(), parts, self.facts)
         if not (torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())):
@@ -229,9 +229,13 @@ def check_in_range(cast: torch.Tensor, exact: torch.Tensor, module: str | None) 
                            f"holds (largest magnitude {exact[overflowed].abs().max().item():.6g}): {fix}.")
 
 
-def check_bias_to_merge(parts: dict[str, torch.Tensor], module: str) -> None:
-    """Refuse to merge a layer whose adapter has a bias (LoRA's lora_bias) into a base layer without one: the sum
-    has nowhere to go (peft refuses it too)."""
+def check_bias_to_merge(parts: dict[str, torch.Tensor], module: str, method: type[Method]) -> None:
+    """Refuse to merge a layer whose adapter has a bias (LoRA's lora_bias; BEFT's, `Method.needs_bias`) into a base
+    layer without one: the sum has nowhere to go (peft refuses it too)."""
+    if method.needs_bias:
+        raise PeftkitError(f"{module} has no bias, so its {method.title} adapter, a trained bias, cannot be merged into "
+                           f"it (peft cannot either): use the adapter unmerged, or adapt layers that have a bias "
+                           "(Qwen2's q/k/v_proj).")
     if biases := [name for name in parts if name.endswith(".bias")]:
         raise PeftkitError(f"The adapter has a bias ({biases[0]}, lora_bias) on {module}, whose base layer has none, "
                            "so it cannot be merged (peft cannot either): use the adapter unmerged, or train it with "
