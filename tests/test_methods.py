@@ -78,6 +78,7 @@ from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.road import RoadConfig
 from peftkit.methods.shira import ShiraConfig
+from peftkit.methods.supertuning import SupertuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.adapter_base import load_adapted_model
@@ -102,6 +103,11 @@ class Case:
     identity_at_init: bool = True
     identity_tol: float = 1e-6
     """Max abs logit difference from the base model at init."""
+    quantized: bool = True
+    """Whether it adapts a 4-bit base (Super-Tuning composes the weight with its entries: refused)."""
+    support_from_fp32: bool = True
+    """Whether a bf16 base's adapter is placed as the fp32 base's (Super-Tuning's support is the topk of the weight in
+    its own dtype, whose ties in bf16 pick other entries)."""
 
 
 CASES: dict[str, list[Case]] = {
@@ -258,6 +264,14 @@ CASES: dict[str, list[Case]] = {
     # and the dense layer's. A layer without one (Llama's) is refused: tests/test_beft.py.
     "beft": [Case("beft", BeftConfig(method="beft", target_modules=["q_proj", "v_proj"]), ("qwen2",), ("linear",),
                   identity_tol=0.0)],
+    # Super-Tuning: a support of the largest entries (Supra: with a LoRA beside it); nn.Linear of unquantized bases
+    # only (tests/test_supertuning.py: the smallest entries, indices picked again on loading, the refusals).
+    "supertuning": [
+        Case("supertuning", SupertuningConfig(method="supertuning", sparsity=0.9, target_modules="all-linear"),
+             ("llama",), ("linear",), identity_tol=0.0, quantized=False, support_from_fp32=False),
+        Case("supertuning-supra", SupertuningConfig(method="supertuning", sparsity=0.95, r=2, lora_alpha=3.0),
+             (), ("linear",)),
+    ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -545,6 +559,19 @@ def beft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, 
     return weight, None if bias is None else bias + parts["beft_bias"].reshape(-1)
 
 
+def supertuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
+    """(W + S + (alpha / r) B A, b): S's entries written one by one at their flat positions (row e // in, column
+    e % in), the LoRA's product where it has one."""
+    assert layout == "linear"
+    dense = weight.clone()
+    columns = weight.shape[1]
+    for e, v in zip(parts["supertuning_indices"].tolist(), parts["supertuning_values"].tolist(), strict=True):
+        dense[e // columns, e % columns] += v
+    if cfg.r:
+        dense += cfg.scaling() * parts["supertuning_lora_B.weight"] @ parts["supertuning_lora_A.weight"]
+    return dense, bias
+
+
 def shira_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """(W + S, b): entry k of shira_weight added at (shira_indices[0, k], shira_indices[1, k]), one at a time."""
     dense = weight.double().clone()
@@ -604,7 +631,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "hira": hira_dense,
          "c3a": c3a_dense,
          "shira": shira_dense,
-         "beft": beft_dense}
+         "beft": beft_dense,
+         "supertuning": supertuning_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -622,6 +650,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
+                   "SUPERTUNING": {"init_weights": False},  # values N(0, 1) (and a LoRA's B drawn)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -975,6 +1004,8 @@ def test_we_read_peft_adapter(case, arch, models, tmp_path):
 
 @pytest.mark.parametrize("case", BY_CASE)
 def test_bf16_base_with_fp32_adapter(case, models):
+    if not case.support_from_fp32:
+        pytest.skip(f"{case.id}: a bf16 base's adapter sits elsewhere than the fp32 one's (its own test: peft's bf16)")
     path = models[case.archs[0]]
     model, _ = _adapted(path, case.cfg, torch.bfloat16)
     reference, _ = _adapted(path, case.cfg, torch.float32)
@@ -1053,6 +1084,10 @@ def test_nf4_base_trains_and_merges_exactly(case, models):
     arch = "llama" if "llama" in case.archs or not case.archs else case.archs[0]  # (lora-bias: a biased model)
     model = load_model(ModelConfig(name_or_path=str(models[arch]), dtype="float32"), quant, torch.device("cpu"))
     torch.manual_seed(0)
+    if not case.quantized:
+        with pytest.raises(PeftkitError, match="is a 4-bit/8-bit .bitsandbytes. layer"):
+            inject_adapters(model, case.cfg)
+        return
     inject_adapters(model, case.cfg)
     random_adapters(model, seed=1, std=0.1)
     packed = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

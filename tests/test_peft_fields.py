@@ -37,6 +37,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "C3AConfig": {},
     "ShiraConfig": {},
     "BeftConfig": {},
+    "SupertuningConfig": {},
 }
 
 

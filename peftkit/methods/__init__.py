@@ -43,6 +43,7 @@ from peftkit.methods.vblora import VbLora, VbLoraConfig
 from peftkit.methods.c3a import C3a
 from peftkit.methods.shira import Shira
 from peftkit.methods.beft import Beft
+from peftkit.methods.supertuning import Supertuning
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -83,6 +84,7 @@ register(Hira)
 register(C3a)
 register(Shira)
 register(Beft)
+register(Supertuning)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
