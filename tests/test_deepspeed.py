@@ -165,12 +165,14 @@ def _resume_from_the_middle(launcher: Path, recipe: Path, run: Path) -> None:
     assert all((uninterrupted[k] == again[k]).all() for k in uninterrupted)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "kto"])
+@pytest.mark.parametrize("objective", ["dpo"])
 def test_zero2_in_bf16_takes_the_reference_at_the_engine_s_precision(objective, tiny_llama, tmp_path):
-    """DPO and KTO under DeepSpeed's bf16 mode, model.dtype float32: the engine trains the model in bf16, so the
-    reference log-probabilities (computed before `prepare`) are taken in bf16 too. The first step's policy is the
-    reference (LoRA's B is 0, no dropout): every reward 0 and the loss that of a zero margin, log 2 for DPO and
-    1 - sigmoid(0) = 0.5 for KTO (with float32 references: DPO's loss 0.69345, rewards off 0 by bf16's rounding)."""
+    """DPO under DeepSpeed's bf16 mode, model.dtype float32: the engine trains the model in bf16, so the reference
+    log-probabilities (computed before `prepare`) are taken in bf16 too. The first step's policy is the reference
+    (LoRA's B is 0, no dropout): every reward 0 and the loss that of a zero margin, log 2 for DPO and 1 - sigmoid(0) =
+    0.5 for KTO (with float32 references: DPO's loss 0.69345, rewards off 0 by bf16's rounding). KTO's references are
+    taken by the same code after the same cast (`start_base._reference_logps`, `zero.cast_as_the_engine`): its run,
+    14 s of CI for no other line, passes as `objective` kto."""
     import math
     import random
 
