@@ -58,6 +58,7 @@ from peftkit.methods.boft import BoftConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.c3a import C3aConfig
 from peftkit.methods.fourierft import FourierFtConfig
+from peftkit.methods.gralora import GraloraConfig
 from peftkit.methods.hira import HiraConfig
 from peftkit.methods.hra import HraConfig
 from peftkit.methods.ia3 import IA3Config
@@ -271,6 +272,14 @@ CASES: dict[str, list[Case]] = {
              ("llama",), ("linear",), identity_tol=0.0, quantized=False, support_from_fp32=False),
         Case("supertuning-supra", SupertuningConfig(method="supertuning", sparsity=0.95, r=2, lora_alpha=3.0),
              (), ("linear",)),
+    ],
+    # peft's GraLoRA: Linear and GPT-2's Conv1D (B starts at 0: the base model); k 2 on r 4, and the hybrid LoRA
+    # beside k 4 blocks of rank 1 (the dense 12 -> 8 layer: parts of 3 inputs and 2 outputs). Llama only (added test
+    # time): Conv1D's transposed update is checked here on the dense layer and against peft's layer in test_gralora.py.
+    "gralora": [
+        Case("gralora", GraloraConfig(method="gralora", r=4, alpha=6), ("llama",), ("linear-even", "conv1d-even")),
+        Case("gralora-hybrid-k4", GraloraConfig(method="gralora", r=4, gralora_k=4, hybrid_r=2, alpha=6), (),
+             ("linear-even",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -580,6 +589,24 @@ def shira_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg,
     return dense.to(weight.dtype), bias
 
 
+def gralora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: GraloraConfig, layout: str):
+    """(W + s D, b), s = alpha / (r + hybrid_r): D's block (m, n) (output part m, input part n of k each) is the product
+    of output part m's B_m rows n r/k .. (n + 1) r/k and input part n's A_n columns m r/k .. (m + 1) r/k (the paper's
+    eq. 5, one block at a time), plus the hybrid LoRA's B A; D transposed for Conv1D's (in, out) weight."""
+    a, b = parts["gralora_A"].double(), parts["gralora_B"].double()  # (k, in / k, r), (k, r, out / k)
+    k, part_in, r = a.shape
+    part_out, t = b.shape[2], r // k
+    d = torch.zeros(k * part_out, k * part_in, dtype=torch.float64)
+    for m in range(k):
+        for n in range(k):
+            d[m * part_out:(m + 1) * part_out, n * part_in:(n + 1) * part_in] = (
+                b[m, n * t:(n + 1) * t, :].T @ a[n, :, m * t:(m + 1) * t].T)
+    if "gralora_A_general.weight" in parts:
+        d += parts["gralora_B_general.weight"].double() @ parts["gralora_A_general.weight"].double()
+    d = d * cfg.alpha / (cfg.r + cfg.hybrid_r)
+    return (weight.double() + (d.T if layout.startswith("conv1d") else d)).float(), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -632,7 +659,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "c3a": c3a_dense,
          "shira": shira_dense,
          "beft": beft_dense,
-         "supertuning": supertuning_dense}
+         "supertuning": supertuning_dense,
+         "gralora": gralora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -647,6 +675,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "DELORA": {"init_weights": False},  # B drawn too (its default starts B at zero)
                    "ROAD": {"init_weights": False},  # angles N(0, 0.5^2), scales N(1, 0.5^2)
                    "HIRA": {"init_weights": False},  # A and B ~ N(0, 1)
+                   "GRALORA": {"init_weights": False},  # B kaiming-uniform too
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -743,7 +772,8 @@ def _save(model: nn.Module, cfg, targets: list[str], base: Path, out: Path) -> P
 def _base_layer(layout: str) -> nn.Module:
     torch.manual_seed(0)
     kind = layout.removesuffix("-ff")
-    layer = {"linear": lambda: nn.Linear(12, 7), "linear-even": lambda: nn.Linear(12, 8), "conv1d": lambda: Conv1D(7, 12), "embedding": lambda: nn.Embedding(20, 7),
+    layer = {"linear": lambda: nn.Linear(12, 7), "linear-even": lambda: nn.Linear(12, 8), "conv1d": lambda: Conv1D(7, 12),
+             "conv1d-even": lambda: Conv1D(8, 12), "embedding": lambda: nn.Embedding(20, 7),
              "layernorm": lambda: nn.LayerNorm(12)}[kind]()
     nn.init.normal_(layer.weight)
     return layer
@@ -1031,7 +1061,8 @@ def test_bf16_base_with_fp32_adapter(case, models):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for _, c in ALL
                                   if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora",
-                                              "miss", "miss-bat", "delora", "road", "hira")])
+                                              "miss", "miss-bat", "delora", "road", "hira",
+                                              "gralora")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

@@ -38,6 +38,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "ShiraConfig": {},
     "BeftConfig": {},
     "SupertuningConfig": {},
+    "GraloraConfig": {},
 }
 
 
@@ -464,6 +465,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "c3a": ("C3AConfig", {"block_size": 16}, {"block_size": 16}),
+    "gralora": ("GraloraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 

@@ -44,6 +44,7 @@ from peftkit.methods.c3a import C3a
 from peftkit.methods.shira import Shira
 from peftkit.methods.beft import Beft
 from peftkit.methods.supertuning import Supertuning
+from peftkit.methods.gralora import Gralora
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -85,6 +86,7 @@ register(C3a)
 register(Shira)
 register(Beft)
 register(Supertuning)
+register(Gralora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
