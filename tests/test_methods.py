@@ -69,6 +69,7 @@ from peftkit.methods.ln_tuning import LnTuningConfig
 from peftkit.methods.lora import LoraConfig
 from peftkit.methods.miss import MissConfig
 from peftkit.methods.delora import DeloraConfig
+from peftkit.methods.deft import DeftConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -280,6 +281,14 @@ CASES: dict[str, list[Case]] = {
         Case("gralora", GraloraConfig(method="gralora", r=4, alpha=6), ("llama",), ("linear-even", "conv1d-even")),
         Case("gralora-hybrid-k4", GraloraConfig(method="gralora", r=4, gralora_k=4, hybrid_r=2, alpha=6), (),
              ("linear-even",)),
+    ],
+    # peft's DeFT: Linear and GPT-2's Conv1D; R starts at relu(P)^T W (the base model, to fp32 rounding). qr with alpha
+    # and r 8 capped at the dense layer's 7 outputs; PaRa (no R: never the base model).
+    "deft": [
+        Case("deft", DeftConfig(method="deft", r=4), ("llama", "gpt2"), ("linear", "conv1d"), identity_tol=1e-5),
+        Case("deft-qr-alpha", DeftConfig(method="deft", r=8, decomposition_method="qr", alpha=16), (),
+             ("linear", "conv1d")),
+        Case("deft-para", DeftConfig(method="deft", r=4, para=True), (), ("linear",), identity_at_init=False),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -607,6 +616,20 @@ def gralora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cf
     return (weight.double() + (d.T if layout.startswith("conv1d") else d)).float(), bias
 
 
+def deft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: DeftConfig, layout: str):
+    """((I - P_proj) W + s Q R, b) with the (out, out) projector built whole: P relu(P)^T (Q = P) or, for qr, Q Q^T with
+    Q P's orthonormal basis; s = alpha / r (the layer's r: P's columns), 1 without alpha; PaRa: no Q R term. W as
+    (out, in): Conv1D's transposed."""
+    w = weight.double().T if layout.startswith("conv1d") else weight.double()
+    p = parts["deft_P"].double()
+    q = torch.linalg.qr(p)[0] if cfg.decomposition_method == "qr" else p
+    projector = q @ q.T if cfg.decomposition_method == "qr" else p @ p.clamp(min=0).T
+    adapted = (torch.eye(w.shape[0], dtype=torch.float64) - projector) @ w
+    if "deft_R" in parts:
+        adapted = adapted + (cfg.alpha / p.shape[1] if cfg.alpha else 1.0) * q @ parts["deft_R"].double()
+    return (adapted.T if layout.startswith("conv1d") else adapted).float(), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -660,7 +683,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "shira": shira_dense,
          "beft": beft_dense,
          "supertuning": supertuning_dense,
-         "gralora": gralora_dense}
+         "gralora": gralora_dense,
+         "deft": deft_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -676,6 +700,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "ROAD": {"init_weights": False},  # angles N(0, 0.5^2), scales N(1, 0.5^2)
                    "HIRA": {"init_weights": False},  # A and B ~ N(0, 1)
                    "GRALORA": {"init_weights": False},  # B kaiming-uniform too
+                   "DEFT": {"init_weights": False, "init_scale": 25.0},  # R ~ N(0, 0.5^2)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1062,7 +1087,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for _, c in ALL
                                   if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora",
                                               "miss", "miss-bat", "delora", "road", "hira",
-                                              "gralora")])
+                                              "gralora", "deft")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

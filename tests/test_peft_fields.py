@@ -39,6 +39,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "BeftConfig": {},
     "SupertuningConfig": {},
     "GraloraConfig": {},
+    "DeftConfig": {},
 }
 
 
@@ -466,6 +467,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "c3a": ("C3AConfig", {"block_size": 16}, {"block_size": 16}),
     "gralora": ("GraloraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 
@@ -564,6 +566,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "miss": ("MissConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 

@@ -45,6 +45,7 @@ from peftkit.methods.shira import Shira
 from peftkit.methods.beft import Beft
 from peftkit.methods.supertuning import Supertuning
 from peftkit.methods.gralora import Gralora
+from peftkit.methods.deft import Deft
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -87,6 +88,7 @@ register(Shira)
 register(Beft)
 register(Supertuning)
 register(Gralora)
+register(Deft)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
