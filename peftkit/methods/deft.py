@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, from_conv1d, is_conv1d, is_quantized, linear_shape
+from peftkit.methods.layer import AdapterLayer, dense_weight, from_conv1d, is_conv1d, is_quantized, linear_shape
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.section import TargetRegex
@@ -103,16 +103,6 @@ def deft_delta(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: Deft
     return delta.T if facts.fan_in_fan_out else delta
 
 
-def _logical_weight(base_layer: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
-    """The base weight as (out, in), fp32 (a 4-bit/8-bit base's dequantized)."""
-    if is_quantized(base_layer):
-        from peftkit.merge_weights import dequantize_weight  # (peftkit.merge_weights imports the methods)
-
-        return dequantize_weight(base_layer).float()
-    weight = base_layer.weight.detach().float()
-    return weight.T if fan_in_fan_out else weight
-
-
 class DeftLinear(AdapterLayer):
     """DeFT around nn.Linear, transformers' Conv1D or a bitsandbytes linear layer."""
 
@@ -134,7 +124,7 @@ class DeftLinear(AdapterLayer):
             r_init = torch.empty(r, in_features, device=device)
         else:  # right^T W / s on the weight's device, as peft: the update starts at 0
             right = project(self.deft_P.detach(), cfg.decomposition_method)[1]
-            r_init = right.T @ _logical_weight(base_layer, self.facts.fan_in_fan_out)
+            r_init = right.T @ dense_weight(base_layer, self.facts.fan_in_fan_out)
             r_init = r_init / scaling({"deft_P": p}, self.facts)
         self.deft_R = nn.Parameter(r_init.to(device))
 
@@ -158,7 +148,7 @@ class DeftLinear(AdapterLayer):
         if self.merged or is_quantized(self.base_layer):
             super().merge()  # (refuses a quantized base)
             return
-        factor = project(self.deft_P.detach(), self.facts.decomposition)[1].T @ _logical_weight(
+        factor = project(self.deft_P.detach(), self.facts.decomposition)[1].T @ dense_weight(
             self.base_layer, self.facts.fan_in_fan_out)
         super().merge()
         self._factor = factor

@@ -73,6 +73,17 @@ def not_a_linear(layer: nn.Module) -> str | None:
     return None if isinstance(layer, nn.Linear) else f"an {type(layer).__name__}"
 
 
+def dense_weight(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The base weight as (out, in), fp32 (a 4-bit/8-bit base's dequantized): for methods whose update is computed
+    from the weight itself (DeFT, PEANuT)."""
+    if is_quantized(base_layer):
+        from peftkit.merge_weights import dequantize_weight  # (peftkit.merge_weights imports the methods)
+
+        return dequantize_weight(base_layer).float()
+    weight = base_layer.weight.detach().float()
+    return weight.T if fan_in_fan_out else weight
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, Conv1D or bitsandbytes linear layer."""
     if is_conv1d(layer):

@@ -27,18 +27,11 @@ from torch.nn import functional as F
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, PeftConfigBase, draw_device, refuse_unsupported, targets_from_peft
 from peftkit.methods.layer import AdapterLayer, is_quantized, linear_shape, not_a_linear
-from peftkit.methods.target_filters import NoDefault
+from peftkit.methods.target_filters import LORA_TARGETS, NoDefault
 from peftkit.section import AdapterSection, TargetRegex
 
-DEFAULTS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "bloom": ["query_key_value"], "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-}
-"""peft 0.21's defaults (TRANSFORMERS_MODELS_TO_SUPERTUNING_TARGET_MODULES_MAPPING, LoRA's) for the architectures
-peftkit is tested on and their close relatives."""
+DEFAULTS = LORA_TARGETS
+"""peft 0.21's defaults (TRANSFORMERS_MODELS_TO_SUPERTUNING_TARGET_MODULES_MAPPING: LoRA's)."""
 
 
 class SupertuningConfig(AdapterSection):

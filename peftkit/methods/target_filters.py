@@ -25,6 +25,17 @@ from peftkit.section import AdapterSection, TargetRegex
 LayerIndices = list[Annotated[int, Field(ge=0)]] | Annotated[int, Field(ge=0)] | None
 
 
+LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"], "bloom": ["query_key_value"], "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+}
+"""peft 0.21's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, which its newer methods copy as their defaults
+(Super-Tuning's, PEANuT's), for the architectures peftkit is tested on and their close relatives."""
+
+
 class NoDefault(PeftkitError):
     """A method's setting left to the architecture (`Method.resolve`: AdaLoRA's, IA3's, LN tuning's target_modules) on
     a model type it has no default for. Its example is a Llama's names; `inject_adapters`, which has the model, says
