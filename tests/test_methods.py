@@ -79,6 +79,7 @@ from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
 from peftkit.methods.road import RoadConfig
+from peftkit.methods.peanut import PeanutConfig
 from peftkit.methods.shira import ShiraConfig
 from peftkit.methods.supertuning import SupertuningConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
@@ -289,6 +290,12 @@ CASES: dict[str, list[Case]] = {
         Case("deft-qr-alpha", DeftConfig(method="deft", r=8, decomposition_method="qr", alpha=16), (),
              ("linear", "conv1d")),
         Case("deft-para", DeftConfig(method="deft", r=4, para=True), (), ("linear",), identity_at_init=False),
+    ],
+    # PEANuT: nn.Linear (and 4-bit) layers; its update is a network of the weight itself, written out in float64
+    # below (depth 0, then 2 encoder/decoder layers with residuals and GELU).
+    "peanut": [
+        Case("peanut", PeanutConfig(method="peanut", r=4, target_modules="all-linear"), ("llama",), ("linear",)),
+        Case("peanut-deep", PeanutConfig(method="peanut", r=4, depth=2, act_fn="gelu", scaling=0.5), (), ("linear",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -616,6 +623,27 @@ def gralora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cf
     return (weight.double() + (d.T if layout.startswith("conv1d") else d)).float(), bias
 
 
+def peanut_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
+    """(W + scaling U^T, b), U computed row by row of W^T in float64: u = act(A w); each encoder e: keep the input,
+    u = act(E u); each decoder d (in order), u = act(D u) + the input kept by the encoder it mirrors; U's row B u."""
+    from transformers.activations import ACT2FN
+
+    assert layout == "linear"
+    act = ACT2FN[cfg.act_fn]
+    get = lambda name: parts[name].double()  # noqa: E731
+    rows = []
+    for w in weight.double().T:  # one row per input feature: the weights from it to every output
+        u = act(get("peanut_A.weight") @ w)
+        kept = []
+        for i in range(cfg.depth):
+            kept.append(u)
+            u = act(get(f"peanut_encoders.{i}.weight") @ u)
+        for i in range(cfg.depth):
+            u = act(get(f"peanut_decoders.{i}.weight") @ u) + kept[cfg.depth - 1 - i]
+        rows.append(get("peanut_B.weight") @ u)
+    return (weight.double() + cfg.scaling * torch.stack(rows).T).float(), bias
+
+
 def deft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: DeftConfig, layout: str):
     """((I - P_proj) W + s Q R, b) with the (out, out) projector built whole: P relu(P)^T (Q = P) or, for qr, Q Q^T with
     Q P's orthonormal basis; s = alpha / r (the layer's r: P's columns), 1 without alpha; PaRa: no Q R term. W as
@@ -684,7 +712,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "beft": beft_dense,
          "supertuning": supertuning_dense,
          "gralora": gralora_dense,
-         "deft": deft_dense}
+         "deft": deft_dense,
+         "peanut": peanut_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -701,6 +730,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "HIRA": {"init_weights": False},  # A and B ~ N(0, 1)
                    "GRALORA": {"init_weights": False},  # B kaiming-uniform too
                    "DEFT": {"init_weights": False, "init_scale": 25.0},  # R ~ N(0, 0.5^2)
+                   "PEANUT": {"init_weights": False},  # B Kaiming-uniform, as A
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)

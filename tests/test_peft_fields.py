@@ -40,6 +40,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "SupertuningConfig": {},
     "GraloraConfig": {},
     "DeftConfig": {},
+    "PeanutConfig": {},
 }
 
 
@@ -468,6 +469,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "c3a": ("C3AConfig", {"block_size": 16}, {"block_size": 16}),
     "gralora": ("GraloraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 
@@ -567,6 +569,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "delora": ("DeloraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 

@@ -44,6 +44,7 @@ from peftkit.methods.c3a import C3a
 from peftkit.methods.shira import Shira
 from peftkit.methods.beft import Beft
 from peftkit.methods.supertuning import Supertuning
+from peftkit.methods.peanut import Peanut
 from peftkit.methods.gralora import Gralora
 from peftkit.methods.deft import Deft
 
@@ -89,6 +90,7 @@ register(Beft)
 register(Supertuning)
 register(Gralora)
 register(Deft)
+register(Peanut)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
