@@ -41,6 +41,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "GraloraConfig": {},
     "DeftConfig": {},
     "PeanutConfig": {},
+    "PveraConfig": {},
 }
 
 
@@ -470,6 +471,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "gralora": ("GraloraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "pvera": ("PveraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
 }
 
 

@@ -47,6 +47,7 @@ from peftkit.methods.supertuning import Supertuning
 from peftkit.methods.peanut import Peanut
 from peftkit.methods.gralora import Gralora
 from peftkit.methods.deft import Deft
+from peftkit.methods.pvera import Pvera
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -91,6 +92,7 @@ register(Supertuning)
 register(Gralora)
 register(Deft)
 register(Peanut)
+register(Pvera)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

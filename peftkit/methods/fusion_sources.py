@@ -75,7 +75,7 @@ def check_fusable(fused: list[Fused], where: str) -> None:
         name = f.method.name
         if name != "bottleneck" and name not in WEIGHT_UPDATE:
             why = (" (its random projections are shared model-wide under one name, so two cannot sit in one model)"
-                   if name == "vera" else "")
+                   if name in ("vera", "pvera") else "")
             raise PeftkitError(f"{where}[{i}]: {f.source} is {_article(f.method.title)} {f.method.title} adapter{why}; AdapterFusion fuses "
                                f"bottleneck adapters, or weight-update adapters ({', '.join(WEIGHT_UPDATE)}).")
         if f.cfg.modules_to_save:
