@@ -153,6 +153,11 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
             raise PeftkitError(f"{path} also trains rows of the embeddings (trainable tokens): those are "
                                "values, not updates to weigh and combine. Combine adapters without them, or merge "
                                "this one alone (`peftkit merge`).")
+        if cfg.method == "tinylora":
+            raise PeftkitError(f"{path} is a TinyLoRA adapter, whose trained v each group of consecutive target layers "
+                               "shares (base_model.tinylora_v.<group>): which layers a group holds follows from the "
+                               "model's order of its layers, which combining (weights only) does not read. Merge it "
+                               "alone (`peftkit merge --adapter` once).")
         # (loading it alone refuses such a pair, as peft does; combining scaled the update by alpha / the config's r)
         if cfg.method == "lora" and (off := _off_rank(cfg, state)):
             raise PeftkitError(f"{path}: its adapter_config.json says r: {_rank_of(cfg, off)}"

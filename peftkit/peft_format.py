@@ -380,7 +380,9 @@ def without_adapter_name(keys: Iterable[str], method: type[Method], file: Path) 
     renamed, names = {}, set()
     for key in keys:
         match = pattern.match(key)
-        if match is None or any(key.endswith(f".{p}") for p in method.param_names):
+        # (a model-level key, `base_model.<name>...`, carries no adapter name: TinyLoRA's `base_model.tinylora_v.0`)
+        if match is None or any(key.endswith(f".{p}") for p in method.param_names) or \
+                not key.startswith("base_model.model."):
             renamed[key] = key
             continue
         head, param, name, weight = match.groups()

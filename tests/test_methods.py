@@ -83,6 +83,7 @@ from peftkit.methods.peanut import PeanutConfig
 from peftkit.methods.shira import ShiraConfig
 from peftkit.methods.supertuning import SupertuningConfig
 from peftkit.methods.pvera import PveraConfig
+from peftkit.methods.tinylora import TinyLoraConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.adapter_base import load_adapted_model
@@ -308,6 +309,14 @@ CASES: dict[str, list[Case]] = {
         Case("pvera-unsaved-projections", PveraConfig(method="pvera", r=8, target_modules=["k_proj", "up_proj", "down_proj"],
                                                       projection_prng_key=7, d_initial=0.5, save_projection=False,
                                                       generator_seed=3), ("llama",), (), samples_in_training=True),
+    ],
+    # TinyLoRA: each layer's SVD factors around v's R (v starts at 0: the base model); Linear, GPT-2's Conv1D and
+    # embeddings, as peft's. Groups of tied v, an embedding, projections left out of the file in the second.
+    "tinylora": [
+        Case("tinylora", TinyLoraConfig(method="tinylora", r=2, u=4), ("llama", "gpt2"), ("linear", "conv1d", "embedding")),
+        Case("tinylora-tied-embedding", TinyLoraConfig(method="tinylora", r=3, u=3, weight_tying=0.5, save_projection=False,
+                                                       target_modules=["embed_tokens", "q_proj", "down_proj"]),
+             ("llama",), ()),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -713,6 +722,15 @@ def pvera_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg:
     return merged.T if layout == "conv1d" else merged, bias
 
 
+def tinylora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: TinyLoraConfig, layout: str):
+    """(W + B R A, b), R = sum_i v_i P_i summed in float64 one i at a time (the paper's eq.), B R A laid out as W:
+    (out, in), its transpose for Conv1D's (in, out), as it is for an embedding's (num, dim) table."""
+    a, b, p, v = (parts[f"tinylora_{n}"].double() for n in "ABPv")
+    r = sum(v[i] * p[i] for i in range(len(v)))
+    delta = b @ r @ a
+    return (weight.double() + (delta.T if layout == "conv1d" else delta)).float(), bias
+
+
 def hira_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: HiraConfig, layout: str):
     """(W + W * D, b), the Hadamard product of W with D[o, i] = sum_k B[o, k] A[k, i] (the paper's eq. 3), D laid out
     as W: (out, in), its transpose for Conv1D's (in, out) and an embedding's (num, dim) tables."""
@@ -738,7 +756,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "gralora": gralora_dense,
          "deft": deft_dense,
          "peanut": peanut_dense,
-         "pvera": pvera_dense}
+         "pvera": pvera_dense,
+         "tinylora": tinylora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -761,6 +780,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "BEFT": {"init_weights": False},  # N(0, 1)
                    "SUPERTUNING": {"init_weights": False},  # values N(0, 1) (and a LoRA's B drawn)
                    "PVERA": {"init_weights": False},  # b = 1, d ~ N(0, 1)
+                   "TINYLORA": {"init_weights": "uniform", "init_v_bound": 1.0},  # v ~ U(-1, 1) (its default: 0)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -1145,7 +1165,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                   if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora",
                                               "miss", "miss-bat", "delora", "road", "hira",
                                               "gralora", "deft",
-                                              "pvera")])
+                                              "pvera", "tinylora")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

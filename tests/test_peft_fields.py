@@ -42,6 +42,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "DeftConfig": {},
     "PeanutConfig": {},
     "PveraConfig": {},
+    "TinyLoraConfig": {},
 }
 
 
@@ -472,6 +473,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "pvera": ("PveraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "tinylora": ("TinyLoraConfig", {"u": 4, "init_weights": "uniform"}, {"u": 4}),
 }
 
 

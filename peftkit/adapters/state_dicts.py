@@ -62,6 +62,8 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
         virtual.load_peft_state(state, encoder_restored)
         return
     state = without_tied_copies(model, state)  # (peft's copy of the embeddings' rows for a tied head)
+    if layers := adapter_layers(model):
+        state = next(iter(layers.values())).method.layer_state(layers, state)
     targets: dict[str, torch.Tensor] = {}
     rank_dims: dict[str, int] = {}
     param_names: set[str] = set()  # the methods' tensor names (`lora_A.weight`)

@@ -48,6 +48,7 @@ from peftkit.methods.peanut import Peanut
 from peftkit.methods.gralora import Gralora
 from peftkit.methods.deft import Deft
 from peftkit.methods.pvera import Pvera
+from peftkit.methods.tinylora import TinyLora
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -93,6 +94,7 @@ register(Gralora)
 register(Deft)
 register(Peanut)
 register(Pvera)
+register(TinyLora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

@@ -273,6 +273,13 @@ class Method:
         return state
 
     @classmethod
+    def layer_state(cls, layers: dict[str, AdapterLayer], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The PEFT-keyed `state` (a file's or a checkpoint's) as the injected model's `layers` (by path, in the model's
+        order) hold it, where peft's file keys a tensor by what only that order gives (TinyLoRA's v of each group of
+        consecutive layers, `base_model.tinylora_v.<group>`). Default: as it is."""
+        return state
+
+    @classmethod
     def layer_facts(cls, cfg: Any, path: str, fan_in_fan_out: bool) -> Any:
         """What `merge_weight` needs for the layer at `path` besides its tensors. `fan_in_fan_out`: the base
         weight is stored (in, out) (transformers' Conv1D)."""
