@@ -200,3 +200,10 @@ def test_adapter_fusion_over_pvera_is_refused(tiny_llama, tmp_path):
     with pytest.raises(PeftkitError, match=r"is a PVeRA adapter \(its random projections are shared model-wide under "
                                            r"one name, so two cannot sit in one model\); AdapterFusion fuses"):
         check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[str(adapter), str(adapter)])), "adapter.fuse")
+
+
+def test_two_adapters_combined_into_the_base_are_the_mean_of_peft_s_merges(tiny_llama, tmp_path):
+    from tests.conftest import check_combined_into_base_as_peft_merges
+
+    adapters = [_peft_adapter(tiny_llama, tmp_path / "a"), _peft_adapter(tiny_llama, tmp_path / "b", projection_prng_key=3)]
+    check_combined_into_base_as_peft_merges(tiny_llama, adapters, tmp_path / "combined")
