@@ -188,3 +188,20 @@ def test_peft_s_bias_and_fusion_are_refused(tiny_llama, tmp_path):
     config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "all"}))
     with pytest.raises(PeftkitError, match=r"adapter_config.json: bias='all'; peftkit supports bias='none' only.$"):
         load_adapter(adapter)
+
+
+def test_a_file_without_target_modules_takes_them_from_its_layers_tensors(tiny_llama, tmp_path):
+    """peft's config with target_modules null: the targets are read from the weights' keys, and the groups' v
+    (`base_model.tinylora_v.0`, a model-level key) name no module (they were taken for a module 'base_model')."""
+    from peftkit.adapter_base import load_adapted_model
+    from peftkit.peft_format import read_peft_config
+
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft", weight_tying=0.5)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()(IDS).logits  # (its config as saved)
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"target_modules": None}))
+    assert sorted(read_peft_config(adapter)[1].target_modules) == ["down_proj", "embed_tokens", "q_proj", "v_proj"]
+    with torch.no_grad():
+        ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()(IDS).logits
+    assert (ours - theirs).abs().max() <= 1e-5

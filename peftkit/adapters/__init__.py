@@ -320,6 +320,8 @@ def modules_adapted_by(state: dict[str, torch.Tensor], method) -> set[str]:
     attention, saved as `self_attn.base_layer.q_norm`) by its own path, `self_attn.q_norm`."""
     found = set()
     for key in state:
+        if key.startswith(SHARED_PREFIX) and not key.startswith(PEFT_PREFIX):
+            continue  # a model-level tensor (`base_model.vera_A`, TinyLoRA's `base_model.tinylora_v.0`): no module's
         name = key.removeprefix(PEFT_PREFIX)
         for param in method.param_names:
             head, sep, _ = name.partition(f".{param.split('.')[0]}")
