@@ -205,3 +205,24 @@ def test_a_file_without_target_modules_takes_them_from_its_layers_tensors(tiny_l
     with torch.no_grad():
         ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()(IDS).logits
     assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_a_4_bit_base_takes_the_factors_of_its_dequantized_weight_where_peft_fails(tiny_llama):
+    """peft 0.21's TinyLoRA takes the SVD of a 4-bit layer's packed uint8 weight and fails (RuntimeError: its factors
+    are not floating-point); peftkit's factors are the SVD of the weight the layer computes with (dequantized)."""
+    from peftkit.merge_weights import dequantize_weight
+    from peftkit.methods.tinylora import svd_factors
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig, QuantizationConfig
+
+    def quantized():
+        return load_model(ModelConfig(name_or_path=str(tiny_llama), dtype="float32"),
+                          QuantizationConfig(method="nf4", compute_dtype="float32"), torch.device("cpu"))
+
+    with pytest.raises(RuntimeError, match="Only Tensors of floating point and complex dtype can require gradients"):
+        get_peft_model(quantized(), peft.TinyLoraConfig(r=2, u=4, target_modules=["q_proj"]))
+    model = quantized()
+    inject_adapters(model, TinyLoraConfig(method="tinylora", u=4, target_modules=["q_proj"]))
+    layer = model.model.layers[0].self_attn.q_proj
+    a, b = svd_factors(dequantize_weight(layer.base_layer), 2)
+    assert torch.equal(layer.tinylora_A, a) and torch.equal(layer.tinylora_B, b) and a.shape == (2, 32)
