@@ -290,7 +290,8 @@ def saved_and_estimated(model_path, cfg) -> tuple[int, float]:
                                     "gralora",
                                     "deft", "peanut",
                                     "pvera", "pvera_dropout",
-                                    "tinylora", "tinylora_dropout"])
+                                    "tinylora", "tinylora_dropout",
+                                    "psoft", "psoft_dropout"])
 def test_method_activations_are_an_upper_bound(method, tiny_llama):
     """Independent: what autograd saves in one forward (saved_tensors_hooks) for the method, beyond LoRA r=4's,
     is at most what the estimate adds for it (an upper bound: shared inputs are counted once by autograd).
@@ -300,7 +301,7 @@ def test_method_activations_are_an_upper_bound(method, tiny_llama):
 
     dropout = {"vblora_dropout": {"vblora_dropout": 0.1},
                "pvera_dropout": {"pvera_dropout": 0.1},
-               "tinylora_dropout": {"tinylora_dropout": 0.1}}.get(method, {})
+               "tinylora_dropout": {"tinylora_dropout": 0.1}, "psoft_dropout": {"psoft_dropout": 0.1}}.get(method, {})
     cfg = CASES[method.removesuffix("_dropout")][0].cfg.model_copy(update=dropout)
     (lora_saved, lora_estimate), (saved, estimate) = (
         saved_and_estimated(tiny_llama, c) for c in (CASES["lora"][0].cfg.model_copy(update={"r": 4}), cfg))

@@ -84,6 +84,7 @@ from peftkit.methods.shira import ShiraConfig
 from peftkit.methods.supertuning import SupertuningConfig
 from peftkit.methods.pvera import PveraConfig
 from peftkit.methods.tinylora import TinyLoraConfig
+from peftkit.methods.psoft import PsoftConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.adapter_base import load_adapted_model
@@ -317,6 +318,16 @@ CASES: dict[str, list[Case]] = {
         Case("tinylora-tied-embedding", TinyLoraConfig(method="tinylora", r=3, u=3, weight_tying=0.5, save_projection=False,
                                                        target_modules=["embed_tokens", "q_proj", "down_proj"]),
              ("llama",), ()),
+    ],
+    # peft's PSOFT adapts nn.Linear only (GPT-2's Conv1D and 4-bit/8-bit layers are refused: tests/test_psoft.py); R
+    # starts at I, exactly the base model. A and B are the SVD of each weight, computed again on loading (not saved).
+    # The dense layer: a free R with pissa_init, and the Neumann series with eps on Q, beside the defaults.
+    "psoft": [
+        Case("psoft", PsoftConfig(method="psoft", r=4), ("llama",), ("linear",), identity_tol=0.0),
+        Case("psoft-free-pissa", PsoftConfig(method="psoft", r=3, psoft_orth=False, ab_svd_init="pissa_init",
+                                             psoft_alpha=6), (), ("linear",)),
+        Case("psoft-neumann", PsoftConfig(method="psoft", r=5, use_cayley_neumann=True, num_cayley_neumann_terms=7,
+                                          cayley_neumann_eps=0.8, psoft_mag_a=False), (), ("linear",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -741,6 +752,33 @@ def hira_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return (weight.double() + weight.double() * d).float(), bias
 
 
+def psoft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: PsoftConfig, layout: str):
+    """(W + U_r S_r (R - I) Vh_r, b) (pissa_init: U_r S_r^1/2 (R - I) S_r^1/2 Vh_r; s cancels either way), the SVD's
+    factors those of torch.linalg.svd of the fp32 weight (the paper's, and their signs what the adapter was trained
+    with); R = diag(b) (I + Q) (I - Q)^-1 diag(a) by an inverse in float64 (the Neumann series: its sum written out),
+    Q skew-symmetric from the upper triangle, row-major."""
+    u, s, vh = (t.double() for t in torch.linalg.svd(weight.float(), full_matrices=False))
+    r = cfg.r
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    core = parts["psoft_R.weight"].double()
+    if cfg.psoft_orth:
+        q = torch.zeros(r, r, dtype=torch.float64)
+        q[tuple(torch.triu_indices(r, r, 1))] = core
+        q = q - q.T
+        if cfg.use_cayley_neumann:
+            if cfg.cayley_neumann_eps is not None and q.norm() > cfg.cayley_neumann_eps:
+                q = q * cfg.cayley_neumann_eps / q.norm()
+            powers = [torch.linalg.matrix_power(q, k) for k in range(cfg.num_cayley_neumann_terms)]
+            core = powers[0] + 2 * sum(powers[1:-1]) + powers[-1]
+        else:
+            core = (torch.eye(r, dtype=torch.float64) + q) @ torch.linalg.inv(torch.eye(r, dtype=torch.float64) - q)
+    rotation = parts.get("psoft_R.vector_b", torch.ones(r)).double()[:, None] * core * parts.get(
+        "psoft_R.vector_a", torch.ones(r)).double()[None, :]
+    left, right = (s, torch.ones(r)) if cfg.ab_svd_init == "psoft_init" else (s.sqrt(), s.sqrt())
+    delta = u @ torch.diag(left) @ (rotation - torch.eye(r, dtype=torch.float64)) @ torch.diag(right.double()) @ vh
+    return (weight.double() + delta).float(), bias
+
+
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
          "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
@@ -757,7 +795,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "deft": deft_dense,
          "peanut": peanut_dense,
          "pvera": pvera_dense,
-         "tinylora": tinylora_dense}
+         "tinylora": tinylora_dense,
+         "psoft": psoft_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -781,6 +820,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "SUPERTUNING": {"init_weights": False},  # values N(0, 1) (and a LoRA's B drawn)
                    "PVERA": {"init_weights": False},  # b = 1, d ~ N(0, 1)
                    "TINYLORA": {"init_weights": "uniform", "init_v_bound": 1.0},  # v ~ U(-1, 1) (its default: 0)
+                   "PSOFT": {"init_weights": False},  # Q ~ N(0, 0.1^2)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
@@ -789,6 +829,8 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
 NO_PEFT = {"bottleneck", "fusion"}  # methods peft has no equivalent of: saved in peftkit's own layout
 # Methods built from other adapters' directories, which no fixed Case can name: each has its own test file.
 BUILT_FROM_ADAPTERS = {"fusion": "tests/test_fusion.py"}
+# Methods that refuse a 4-bit/8-bit base (peft's refuse it too), where their own test file checks the refusal.
+NO_QUANTIZED = {"psoft": "tests/test_psoft.py"}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]
@@ -1165,7 +1207,8 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                   if c.id in ("dora", "vera", "loha", "lokr", "adalora", "randlora", "vblora",
                                               "miss", "miss-bat", "delora", "road", "hira",
                                               "gralora", "deft",
-                                              "pvera", "tinylora")])
+                                              "pvera", "tinylora",
+                                              "psoft")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients
@@ -1214,6 +1257,8 @@ def _layout(layer) -> str:
 
 @pytest.mark.parametrize("case", BY_CASE)
 def test_nf4_base_trains_and_merges_exactly(case, models):
+    if case.cfg.method in NO_QUANTIZED:
+        pytest.skip(f"{case.id} refuses a quantized base ({NO_QUANTIZED[case.cfg.method]})")
     quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
     arch = "llama" if "llama" in case.archs or not case.archs else case.archs[0]  # (lora-bias: a biased model)
     model = load_model(ModelConfig(name_or_path=str(models[arch]), dtype="float32"), quant, torch.device("cpu"))

@@ -43,6 +43,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "PeanutConfig": {},
     "PveraConfig": {},
     "TinyLoraConfig": {},
+    "PsoftConfig": {},
 }
 
 
@@ -474,6 +475,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "pvera": ("PveraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "tinylora": ("TinyLoraConfig", {"u": 4, "init_weights": "uniform"}, {"u": 4}),
+    "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 
@@ -574,6 +576,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "hira": ("HiraConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
+    "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 

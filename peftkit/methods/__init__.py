@@ -49,6 +49,7 @@ from peftkit.methods.gralora import Gralora
 from peftkit.methods.deft import Deft
 from peftkit.methods.pvera import Pvera
 from peftkit.methods.tinylora import TinyLora
+from peftkit.methods.psoft import Psoft
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -95,6 +96,7 @@ register(Deft)
 register(Peanut)
 register(Pvera)
 register(TinyLora)
+register(Psoft)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
