@@ -85,6 +85,7 @@ from peftkit.methods.supertuning import SupertuningConfig
 from peftkit.methods.pvera import PveraConfig
 from peftkit.methods.tinylora import TinyLoraConfig
 from peftkit.methods.psoft import PsoftConfig
+from peftkit.methods.glora import GloraConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.adapter_base import load_adapted_model
@@ -328,6 +329,16 @@ CASES: dict[str, list[Case]] = {
                                              psoft_alpha=6), (), ("linear",)),
         Case("psoft-neumann", PsoftConfig(method="psoft", r=5, use_cayley_neumann=True, num_cayley_neumann_terms=7,
                                           cayley_neumann_eps=0.8, psoft_mag_a=False), (), ("linear",)),
+    ],
+    # peft's GLoRA adapts nn.Linear only (GPT-2's Conv1D is refused: tests/test_glora.py); its defaults (lora A, B, C,
+    # constant D, E) start at the base model. Qwen2's biased q/k/v take C, D and E, its other layers and Llama's zeros;
+    # the dense (biased) layer: the defaults, then vectors everywhere (C's (in, 1)) and constants with no C, D, E.
+    "glora": [
+        Case("glora", GloraConfig(method="glora", r=4), ("llama", "qwen2"), ("linear",), identity_tol=0.0),
+        Case("glora-vectors", GloraConfig(method="glora", config_A_B="vector", config_C="vector",
+                                          config_D_E="vector"), (), ("linear",)),
+        Case("glora-constants", GloraConfig(method="glora", config_A_B="constant", config_C="none",
+                                            config_D_E="none"), (), ("linear",)),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -779,6 +790,23 @@ def psoft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg:
     return (weight.double() + delta).float(), bias
 
 
+def glora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: GloraConfig, layout: str):
+    """(W + W * A + B, b + b * D + E + W C) in float64 (the paper's eq. 1 and 2), each term summed out entry by entry
+    from its path: a lora path's X[i, j] = sum_k Xd[i, k] Xu[k, j], a vector broadcast along its row, a constant."""
+    def term(path: str) -> torch.Tensor | float:
+        if f"{path}.Xd" in parts:
+            return torch.einsum("ik,kj->ij", parts[f"{path}.Xd"].double(), parts[f"{path}.Xu"].double())
+        return parts.get(f"{path}.X", parts.get(f"{path}.zeros", torch.zeros(1))).double()
+    w = weight.double()
+    merged = w + w * term("glora_A") + term("glora_B")
+    if bias is None:
+        return merged.float(), None
+    c = term("glora_C")
+    coupled = (w * c[:, 0][None, :]).sum(1) if torch.is_tensor(c) and c.dim() == 2 else torch.zeros(len(w))
+    b = bias.double()
+    return merged.float(), (b + b * term("glora_D") + term("glora_E") + coupled.double()).float()
+
+
 DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_dense, "vera": vera_dense,
          "adalora": adalora_dense, "oft": oft_dense, "hra": hra_dense, "boft": boft_dense,
          "trainable_tokens": trainable_tokens_dense, "ln_tuning": ln_tuning_dense, "fourierft": fourierft_dense,
@@ -796,7 +824,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "peanut": peanut_dense,
          "pvera": pvera_dense,
          "tinylora": tinylora_dense,
-         "psoft": psoft_dense}
+         "psoft": psoft_dense,
+         "glora": glora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -821,6 +850,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "PVERA": {"init_weights": False},  # b = 1, d ~ N(0, 1)
                    "TINYLORA": {"init_weights": "uniform", "init_v_bound": 1.0},  # v ~ U(-1, 1) (its default: 0)
                    "PSOFT": {"init_weights": False},  # Q ~ N(0, 0.1^2)
+                   "GLORA": {"init_weights": False},  # Xd kaiming-uniform, constants N(0, 0.02^2)
                    "LN_TUNING": {},  # its copies start at the base's values: moved by hand below
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.

@@ -44,6 +44,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "PveraConfig": {},
     "TinyLoraConfig": {},
     "PsoftConfig": {},
+    "GloraConfig": {},
 }
 
 

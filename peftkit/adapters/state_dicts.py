@@ -210,7 +210,7 @@ def merge_state_dict(
         bias = base.get(f"{module}.bias")
         if bias is None:
             check_bias_to_merge(parts, f"'{module}'", method)
-        new_bias = None if bias is None else method.merge_bias(bias.float(), parts, facts)
+        new_bias = None if bias is None else method.merge_bias_of(bias.float(), weight.float(), parts, facts)
         if not (torch.isfinite(new).all() and (new_bias is None or torch.isfinite(new_bias).all())):
             raise PeftkitError(f"Merging '{module}' produced NaN/inf weights; the adapter is broken.")
         merged[key] = new.to(dtype or weight.dtype)

@@ -50,6 +50,7 @@ from peftkit.methods.deft import Deft
 from peftkit.methods.pvera import Pvera
 from peftkit.methods.tinylora import TinyLora
 from peftkit.methods.psoft import Psoft
+from peftkit.methods.glora import Glora
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -97,6 +98,7 @@ register(Peanut)
 register(Pvera)
 register(TinyLora)
 register(Psoft)
+register(Glora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

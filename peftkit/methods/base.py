@@ -300,6 +300,13 @@ class Method:
         """The fp32 bias with the update folded in, or None when the update leaves the bias alone (LoRA)."""
         return None
 
+    @classmethod
+    def merge_bias_of(cls, bias: torch.Tensor, weight: torch.Tensor, parts: dict[str, torch.Tensor],
+                      facts: Any) -> torch.Tensor | None:
+        """What every merge calls: `merge_bias`, for a method whose bias update reads the weight before the merge too
+        (GLoRA's b + b D + E + W C) given that fp32 `weight`. Default: `merge_bias`, which does not read it."""
+        return cls.merge_bias(bias, parts, facts)
+
     @staticmethod
     def unmerge_bias(bias: torch.Tensor, parts: dict[str, torch.Tensor], facts: Any) -> torch.Tensor | None:
         """The inverse of `merge_bias`."""

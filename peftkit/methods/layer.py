@@ -168,7 +168,8 @@ class AdapterLayer(nn.Module):
         if bias is None:
             check_bias_to_merge(parts, "this layer", self.method)
         merged = self.method.merge_weight(weight.data.float(), parts, self.facts)
-        merged_bias = None if bias is None else self.method.merge_bias(bias.data.float(), parts, self.facts)
+        merged_bias = None if bias is None else self.method.merge_bias_of(bias.data.float(), weight.data.float(), parts,
+                                                                          self.facts)
         if not (torch.isfinite(merged).all() and (merged_bias is None or torch.isfinite(merged_bias).all())):
             raise PeftkitError("Merging produced NaN/inf weights; the adapter is broken and was not merged.")
         cast, cast_bias = merged.to(weight.dtype), None if merged_bias is None else merged_bias.to(bias.dtype)
