@@ -160,3 +160,15 @@ def test_gpt2_s_conv1d_and_a_quantized_base_are_refused(tiny_llama, tiny_gpt2, n
                            QuantizationConfig(method="nf4", compute_dtype="float32"), torch.device("cpu"))
     with pytest.raises(PeftkitError, match="^" + said.replace("(", r"\(").replace(")", r"\)")):
         inject_adapters(quantized, PsoftConfig(method="psoft", r=2, target_modules=["q_proj"]))
+
+
+def test_peftkit_merge_into_a_smaller_base_says_the_adapter_does_not_fit():
+    """`peftkit merge` computes A and B from the weight it merges into: a weight narrower than r is another base's,
+    refused by text (it failed in a matrix product)."""
+    from peftkit.adapters.state_dicts import merge_state_dict
+
+    adapter = {f"base_model.model.layer.psoft_R.{n}": t for n, t in
+               (("weight", torch.zeros(6)), ("vector_b", torch.ones(4)), ("vector_a", torch.ones(4)))}
+    with pytest.raises(PeftkitError, match=r"^The adapter does not fit this model: its PSOFT r 4 is past the size of a "
+                                           r"weight of \(3, 12\), whose top-r singular subspace it turns"):
+        merge_state_dict({"layer.weight": torch.randn(3, 12)}, adapter, PsoftConfig(method="psoft", r=4))

@@ -107,6 +107,10 @@ def principal_factors(weight: torch.Tensor, facts: PsoftFacts) -> tuple[torch.Te
     """(A (r, in), B (out, r)), fp32, from the (out, in) weight as peft's _build_psoft_ab_cache_buffers computes them."""
     w = weight.detach().to(torch.float32)
     r = facts.r
+    if r > min(w.shape):
+        raise PeftkitError(f"The adapter does not fit this model: its PSOFT r {r} is past the size of a weight of "
+                           f"{tuple(w.shape)}, whose top-r singular subspace it turns. It was trained on a different "
+                           "base model.")
     if facts.psoft_svd == "full":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
     else:  # torch.svd_lowrank draws a random projection: under a fork of the generator seeded with random_seed
