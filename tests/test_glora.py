@@ -123,6 +123,8 @@ def test_peft_s_adapter_loads_merges_trains_and_is_written_again_as_peft_s(tmp_p
 def test_the_shipped_recipe_trains_and_saves_peft_s_file(tiny_llama, number_data, tmp_path):
     """recipes/methods/glora.yaml: the loss falls, the file holds peft's keys and shapes (a Llama has no biases: C, D
     and E are zeros there, saved as peft saves them) and peft loads it with the merged model's logits."""
+    from peftkit.inspect import inspect_adapter
+
     summary = train_shipped_recipe("glora", tiny_llama, number_data, tmp_path / "run", steps=2)
     assert summary["eval_loss"] < summary["base_eval_loss"]
     adapter = tmp_path / "run" / "adapter"
@@ -133,6 +135,8 @@ def test_the_shipped_recipe_trains_and_saves_peft_s_file(tiny_llama, number_data
     shapes = [{k: tuple(v.shape) for k, v in load_file(d / "adapter_model.safetensors").items()}
               for d in (adapter, tmp_path / "peft")]
     assert shapes[0] == shapes[1] and shapes[0]["base_model.model.model.layers.0.mlp.down_proj.glora_D.zeros"] == (32,)
+    info = inspect_adapter(adapter)  # A's and B's Xd, Xu: 2 x 8 x (in + out) a layer; not the zeros
+    assert info["trainable_params"] == 2 * 2 * 8 * (64 + 48 + 48 + 64 + 3 * 96) and set(info["ranks"].values()) == {8}
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(IDS).logits
         assert (_load(tmp_path / "run" / "merged")(IDS).logits - theirs).abs().max() <= 1e-5

@@ -194,7 +194,8 @@ class Glora(Method):
     peft_config = PeftGloraConfig
     param_names = tuple(f"{p}.{k}" for p in PATHS for k in KINDS)
     untrained_names = tuple(f"{p}.zeros" for p in PATHS)
-    rank_dims = {"Xd": 1, "Xu": 0}
+    # (inspect reads a tensor's whole name, the shape-mismatch message its last part)
+    rank_dims = {"glora_A.Xd": 1, "glora_B.Xd": 1, "glora_C.Xd": 1, "Xd": 1, "Xu": 0}
 
     @classmethod
     def check_run(cls, model: nn.Module, cfg: GloraConfig) -> None:

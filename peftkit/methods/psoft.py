@@ -285,7 +285,8 @@ class Psoft(Method):
     config = PsoftConfig
     peft_config = PeftPsoftConfig
     param_names = ("psoft_R.weight", "psoft_R.vector_b", "psoft_R.vector_a")
-    rank_dims = {"vector_b": 0, "vector_a": 0}
+    # (inspect reads a tensor's whole name, the shape-mismatch message its last part)
+    rank_dims = {"psoft_R.vector_b": 0, "psoft_R.vector_a": 0, "vector_b": 0, "vector_a": 0}
 
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
