@@ -795,11 +795,13 @@ def test_a_paged_optimizer_s_state_is_paged_again_after_loading(optimizer):
                                      {"method": "boft", "boft_block_size": 4},
                                      {"method": "oft", "r": 0, "oft_block_size": 4}, {"method": "c3a", "block_size": 8},
                                      {"method": "shira", "r": 2},
+                                     {"method": "psoft", "r": 2},
+                                     {"method": "glora", "r": 2},
                                      {"method": "tinylora", "u": 4}],  # (its SVD: the plain Conv1D only)
                          ids=lambda a: a["method"])
 def test_a_quantized_gpt2_s_conv1d_is_refused_by_the_methods_that_refuse_conv1d(adapter, number_data, tmp_path,
                                                                                  monkeypatch, capsys):
-    """RoAd, MiSS, DeLoRA, HRA, BOFT, OFT, C3A and SHiRA refuse GPT-2's Conv1D (as peft's): transformers quantizes it into a bitsandbytes Linear,
+    """RoAd, MiSS, DeLoRA, HRA, BOFT, OFT, C3A, SHiRA, PSOFT and GLoRA refuse GPT-2's Conv1D (as peft's): transformers quantizes it into a bitsandbytes Linear,
     which they took, so `peftkit validate` (on a quantized meta model) passed a recipe train refuses, and the Python
     API trained an adapter no merge could write into the plain model's Conv1D. Refused when the adapter is made."""
     gpt2 = tmp_path / "gpt2"
