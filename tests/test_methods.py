@@ -111,7 +111,8 @@ class Case:
     identity_tol: float = 1e-6
     """Max abs logit difference from the base model at init."""
     quantized: bool = True
-    """Whether it adapts a 4-bit base (Super-Tuning composes the weight with its entries: refused)."""
+    """Whether it adapts a 4-bit base (refused, and the refusal checked: Super-Tuning composes the weight with its
+    entries; PSOFT takes its factors from the unquantized weight's SVD, as peft computes them on loading)."""
     support_from_fp32: bool = True
     """Whether a bf16 base's adapter is placed as the fp32 base's (Super-Tuning's support is the topk of the weight in
     its own dtype, whose ties in bf16 pick other entries)."""
@@ -324,7 +325,7 @@ CASES: dict[str, list[Case]] = {
     # starts at I, exactly the base model. A and B are the SVD of each weight, computed again on loading (not saved).
     # The dense layer: a free R with pissa_init, and the Neumann series with eps on Q, beside the defaults.
     "psoft": [
-        Case("psoft", PsoftConfig(method="psoft", r=4), ("llama",), ("linear",), identity_tol=0.0),
+        Case("psoft", PsoftConfig(method="psoft", r=4), ("llama",), ("linear",), identity_tol=0.0, quantized=False),
         Case("psoft-free-pissa", PsoftConfig(method="psoft", r=3, psoft_orth=False, ab_svd_init="pissa_init",
                                              psoft_alpha=6), (), ("linear",)),
         Case("psoft-neumann", PsoftConfig(method="psoft", r=5, use_cayley_neumann=True, num_cayley_neumann_terms=7,
@@ -859,8 +860,6 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
 NO_PEFT = {"bottleneck", "fusion"}  # methods peft has no equivalent of: saved in peftkit's own layout
 # Methods built from other adapters' directories, which no fixed Case can name: each has its own test file.
 BUILT_FROM_ADAPTERS = {"fusion": "tests/test_fusion.py"}
-# Methods that refuse a 4-bit/8-bit base (peft's refuse it too), where their own test file checks the refusal.
-NO_QUANTIZED = {"psoft": "tests/test_psoft.py"}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]
@@ -1287,8 +1286,6 @@ def _layout(layer) -> str:
 
 @pytest.mark.parametrize("case", BY_CASE)
 def test_nf4_base_trains_and_merges_exactly(case, models):
-    if case.cfg.method in NO_QUANTIZED:
-        pytest.skip(f"{case.id} refuses a quantized base ({NO_QUANTIZED[case.cfg.method]})")
     quant = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
     arch = "llama" if "llama" in case.archs or not case.archs else case.archs[0]  # (lora-bias: a biased model)
     model = load_model(ModelConfig(name_or_path=str(models[arch]), dtype="float32"), quant, torch.device("cpu"))
