@@ -116,48 +116,7 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
 
             raise residual_refusal("peftkit merge", path, "combining adapters reads them before their base's weights")
         check_remote_code(path, trust_remote_code)
-        if cfg.modules_to_save:
-            raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "
-                               "update to weight and combine. Combine adapters without modules_to_save.")
-        # peft's `bias: all` / `lora_only` saves the trained biases of the base itself (values, not updates):
-        # combining reads lora_A/lora_B only, so they were dropped without a word.
-        if getattr(peft, "bias", "none") not in (None, "none") and (biases := trained_base_biases(cfg, state)):
-            raise PeftkitError(f"{path} also trains the base's biases (bias: {peft.bias} in adapter_config.json; "
-                               f"{len(biases)} saved, e.g. {biases[0]}): those are values, not updates to weigh and "
-                               "combine. Merge it alone (`peftkit merge --adapter` once), or combine adapters trained "
-                               "with bias: none.")
-        if getattr(cfg, "velora_config", None):
-            raise PeftkitError(f"{path} is a VeLoRA (velora_config), whose projections combining does not carry; merge "
-                               "it alone (`peftkit merge --adapter` once), or combine it as the plain LoRA it saves.")
-        if getattr(cfg, "kasa_config", None):
-            raise PeftkitError(f"{path} is a KaSA adapter (kasa_config), which applies to its base without the r "
-                               "smallest singular components of each target; combining adds updates to the base as "
-                               "saved. Merge it alone (`peftkit merge --adapter` once).")
-        if getattr(cfg, "use_bdlora", None):
-            raise PeftkitError(f"{path} has block-diagonal factors (use_bdlora), which combining does not carry; merge "
-                               "it alone (`peftkit merge --adapter` once).")
-        if getattr(cfg, "target_parameters", None):
-            raise PeftkitError(f"{path} adapts parameters (target_parameters), which combining does not carry; merge "
-                               "it alone (`peftkit merge --adapter` once).")
-        if getattr(cfg, "layer_replication", None):
-            raise PeftkitError(f"{path} stacks the base's layers again (layer_replication): its layers are not the "
-                               "others'. Merge it alone (`peftkit merge --adapter` once).")
-        if getattr(cfg, "lora_bias", False):
-            raise PeftkitError(f"{path} has a bias in lora_B (lora_bias), which combining does not carry; merge it "
-                               "alone (`peftkit merge --adapter` once).")
-        if cfg.method == "ln_tuning":
-            raise PeftkitError(f"{path} is an LN tuning adapter, whose trained copies replace the norms' weights: "
-                               "those are values, not updates to weigh and combine. Merge it alone (`peftkit merge "
-                               "--adapter` once).")
-        if getattr(cfg, "trainable_token_indices", None) or cfg.method == "trainable_tokens":
-            raise PeftkitError(f"{path} also trains rows of the embeddings (trainable tokens): those are "
-                               "values, not updates to weigh and combine. Combine adapters without them, or merge "
-                               "this one alone (`peftkit merge`).")
-        if cfg.method == "tinylora":
-            raise PeftkitError(f"{path} is a TinyLoRA adapter, whose trained v each group of consecutive target layers "
-                               "shares (base_model.tinylora_v.<group>): which layers a group holds follows from the "
-                               "model's order of its layers, which combining (weights only) does not read. Merge it "
-                               "alone (`peftkit merge --adapter` once).")
+        _refuse_uncombinable(path, cfg, peft, state)
         # (loading it alone refuses such a pair, as peft does; combining scaled the update by alpha / the config's r)
         if cfg.method == "lora" and (off := _off_rank(cfg, state)):
             raise PeftkitError(f"{path}: its adapter_config.json says r: {_rank_of(cfg, off)}"
@@ -171,6 +130,54 @@ def read_sources(adapter_dirs: list[str], trust_remote_code: bool) -> list[Sourc
                                "to its target_modules, or put back the adapter_config.json saved with these weights.")
         sources.append(Source(path, cfg, state, peft.base_model_name_or_path, peft.revision, quant))
     return sources
+
+
+def _refuse_uncombinable(path: str, cfg, peft, state: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter that holds what a combination (weighted updates, as LoRA factors or full updates)
+    cannot carry: whole modules, trained base biases or embedding rows (values, not updates), a LoRA variant's
+    extra structure, or updates that follow from the layers' order or their base's spectrum."""
+    if cfg.modules_to_save:
+        raise PeftkitError(f"{path} also saves whole modules ({', '.join(cfg.modules_to_save)}): those have no "
+                           "update to weight and combine. Combine adapters without modules_to_save.")
+    # peft's `bias: all` / `lora_only` saves the trained biases of the base itself (values, not updates):
+    # combining reads lora_A/lora_B only, so they were dropped without a word.
+    if getattr(peft, "bias", "none") not in (None, "none") and (biases := trained_base_biases(cfg, state)):
+        raise PeftkitError(f"{path} also trains the base's biases (bias: {peft.bias} in adapter_config.json; "
+                           f"{len(biases)} saved, e.g. {biases[0]}): those are values, not updates to weigh and "
+                           "combine. Merge it alone (`peftkit merge --adapter` once), or combine adapters trained "
+                           "with bias: none.")
+    if getattr(cfg, "velora_config", None):
+        raise PeftkitError(f"{path} is a VeLoRA (velora_config), whose projections combining does not carry; merge "
+                           "it alone (`peftkit merge --adapter` once), or combine it as the plain LoRA it saves.")
+    if getattr(cfg, "kasa_config", None):
+        raise PeftkitError(f"{path} is a KaSA adapter (kasa_config), which applies to its base without the r "
+                           "smallest singular components of each target; combining adds updates to the base as "
+                           "saved. Merge it alone (`peftkit merge --adapter` once).")
+    if getattr(cfg, "use_bdlora", None):
+        raise PeftkitError(f"{path} has block-diagonal factors (use_bdlora), which combining does not carry; merge "
+                           "it alone (`peftkit merge --adapter` once).")
+    if getattr(cfg, "target_parameters", None):
+        raise PeftkitError(f"{path} adapts parameters (target_parameters), which combining does not carry; merge "
+                           "it alone (`peftkit merge --adapter` once).")
+    if getattr(cfg, "layer_replication", None):
+        raise PeftkitError(f"{path} stacks the base's layers again (layer_replication): its layers are not the "
+                           "others'. Merge it alone (`peftkit merge --adapter` once).")
+    if getattr(cfg, "lora_bias", False):
+        raise PeftkitError(f"{path} has a bias in lora_B (lora_bias), which combining does not carry; merge it "
+                           "alone (`peftkit merge --adapter` once).")
+    if cfg.method == "ln_tuning":
+        raise PeftkitError(f"{path} is an LN tuning adapter, whose trained copies replace the norms' weights: "
+                           "those are values, not updates to weigh and combine. Merge it alone (`peftkit merge "
+                           "--adapter` once).")
+    if getattr(cfg, "trainable_token_indices", None) or cfg.method == "trainable_tokens":
+        raise PeftkitError(f"{path} also trains rows of the embeddings (trainable tokens): those are "
+                           "values, not updates to weigh and combine. Combine adapters without them, or merge "
+                           "this one alone (`peftkit merge`).")
+    if cfg.method == "tinylora":
+        raise PeftkitError(f"{path} is a TinyLoRA adapter, whose trained v each group of consecutive target layers "
+                           "shares (base_model.tinylora_v.<group>): which layers a group holds follows from the "
+                           "model's order of its layers, which combining (weights only) does not read. Merge it "
+                           "alone (`peftkit merge --adapter` once).")
 
 
 def _off_rank(cfg, state: dict[str, torch.Tensor]) -> str | None:

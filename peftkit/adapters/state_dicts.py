@@ -61,9 +61,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
     if (virtual := virtual_tokens(model)) is not None:
         virtual.load_peft_state(state, encoder_restored)
         return
-    state = without_tied_copies(model, state)  # (peft's copy of the embeddings' rows for a tied head)
-    if layers := adapter_layers(model):
-        state = next(iter(layers.values())).method.layer_state(layers, state)
+    state = _as_layers_hold(model, state)
     targets: dict[str, torch.Tensor] = {}
     rank_dims: dict[str, int] = {}
     param_names: set[str] = set()  # the methods' tensor names (`lora_A.weight`)
@@ -116,6 +114,15 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], en
                                "file is damaged, or not a PEFT adapter's; export the adapter again.")
         with torch.no_grad():
             target.copy_(place_like(tensor, target).to(target.dtype))
+
+
+def _as_layers_hold(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's PEFT-keyed `state` as the injected model's layers hold it: without peft's copy of the embeddings'
+    rows for a tied head, and keyed per layer where peft keys a tensor by the layers' order (`Method.layer_state`)."""
+    state = without_tied_copies(model, state)
+    if layers := adapter_layers(model):
+        state = next(iter(layers.values())).method.layer_state(layers, state)
+    return state
 
 
 def _untargeted_modules(model: nn.Module, keys: list[str], param_names: set[str]) -> list[str]:
