@@ -424,6 +424,20 @@ def check_run_for_peft_resumes(recipe: Path, base: Path, ids: torch.Tensor, tole
     assert (merged - logits(base)).abs().max() > 1e-3
 
 
+def check_trained_bias_refused(adapter: Path, bias: str) -> None:
+    """peft's `bias` other than none (it trains the base's own biases, which peftkit does not) written into the
+    adapter_config.json of `adapter`: loading it is refused by name, never read without them."""
+    import json
+
+    from peftkit.errors import PeftkitError
+    from peftkit.peft_format import load_adapter
+
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": bias}))
+    with pytest.raises(PeftkitError, match=f"adapter_config.json: bias='{bias}'; peftkit supports bias='none' only"):
+        load_adapter(adapter)
+
+
 def cli_user_error(monkeypatch, capsys, *args: str) -> str:
     """Run the `peftkit` CLI in this process on a user mistake: assert exit 2 and no traceback; return stderr."""
     import sys

@@ -21,8 +21,8 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.boft import Boft, BoftConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, cli_user_error,
-                            make_recipe, method_recipe, peft_and_our_gradients, train_shipped_recipe)
+from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, check_trained_bias_refused,
+                            cli_user_error, make_recipe, method_recipe, peft_and_our_gradients, train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -147,17 +147,13 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, tmp_path):
     """GPT-2's Conv1D (peft's BOFT refuses it too), a peft file whose bias is trained, and AdapterFusion."""
     from peftkit.methods.fusion import FusionConfig
     from peftkit.methods.fusion_sources import check_fusable, fused_adapters
-    from peftkit.peft_format import load_adapter
 
     with pytest.raises(PeftkitError, match=r"'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; BOFT rotates the input"):
         inject_adapters(_load(tiny_gpt2), BoftConfig(method="boft"))
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
     with pytest.raises(PeftkitError, match=r"BOFT adapter; AdapterFusion fuses bottleneck adapters, or"):
         check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[str(adapter), str(adapter)])), "adapter.fuse")
-    config = adapter / "adapter_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "boft_only"}))
-    with pytest.raises(PeftkitError, match="bias='boft_only'; peftkit supports bias='none' only"):
-        load_adapter(adapter)
+    check_trained_bias_refused(adapter, "boft_only")
 
 
 def test_peft_s_file_of_one_factor_under_a_setting_of_more_loads_as_peft_loads_it(tiny_llama, tmp_path):

@@ -18,8 +18,9 @@ from peftkit.adapters.state_dicts import merge_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.c3a import C3a, C3aConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft, cli_user_error,
-                            method_recipe, peft_and_our_gradients, train_shipped_recipe)
+from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft,
+                            check_trained_bias_refused, cli_user_error, method_recipe, peft_and_our_gradients,
+                            train_shipped_recipe)
 from tests.test_methods import c3a_dense
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
@@ -149,15 +150,11 @@ def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, 
 
 def test_gpt2_s_conv1d_and_a_trained_bias_are_refused(tiny_llama, tiny_gpt2, tmp_path):
     """peft's C3A refuses Conv1D (TypeError) and peftkit does not train a bias: refused, naming what to do."""
-    from peftkit.peft_format import load_adapter
 
     with pytest.raises(PeftkitError, match=r"'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; C3A adapts nn.Linear"):
         inject_adapters(_load(tiny_gpt2), C3aConfig(method="c3a", block_size=8, target_modules=["c_attn"]))
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
-    config = adapter / "adapter_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "c3a_only"}))
-    with pytest.raises(PeftkitError, match="bias='c3a_only'; peftkit supports bias='none' only"):
-        load_adapter(adapter)
+    check_trained_bias_refused(adapter, "c3a_only")
 
 
 def test_combined_into_the_base_it_adds_the_updates_and_fusion_refuses_it(tiny_llama, tmp_path):

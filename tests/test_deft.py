@@ -20,8 +20,9 @@ from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.methods.deft import Deft, DeftConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft, cli_user_error,
-                            method_recipe, peft_and_our_gradients, train_shipped_recipe)
+from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft,
+                            check_trained_bias_refused, cli_user_error, method_recipe, peft_and_our_gradients,
+                            train_shipped_recipe)
 from tests.test_methods import deft_dense
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
@@ -137,15 +138,11 @@ def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, 
 
 def test_a_trained_bias_and_embeddings_are_refused(tiny_llama, tmp_path):
     """peftkit does not train a bias (peft's bias 'deft_only'), and peft's DeFT has no embedding layer."""
-    from peftkit.peft_format import load_adapter
 
     with pytest.raises(PeftkitError, match=r"'model.embed_tokens' is an Embedding; DeFT adapts nn.Linear"):
         inject_adapters(_load(tiny_llama), DeftConfig(method="deft", r=4, target_modules=["embed_tokens"]))
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
-    config = adapter / "adapter_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "deft_only"}))
-    with pytest.raises(PeftkitError, match="bias='deft_only'; peftkit supports bias='none' only"):
-        load_adapter(adapter)
+    check_trained_bias_refused(adapter, "deft_only")
 
 
 def test_combined_into_the_base_each_update_reads_the_base_and_fusion_refuses_it(tiny_llama, tmp_path):

@@ -23,8 +23,8 @@ from peftkit.merge import merge_adapter
 from peftkit.methods.hra import Hra, HraConfig, householder_factors
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_combined_into_base_as_peft_merges, check_loads_and_merges_as_peft,
-                            check_resumes_to_the_same_bits, cli_user_error, make_recipe, method_recipe,
-                            peft_and_our_gradients, train_shipped_recipe, unplaced)
+                            check_resumes_to_the_same_bits, check_trained_bias_refused, cli_user_error, make_recipe,
+                            method_recipe, peft_and_our_gradients, train_shipped_recipe, unplaced)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -133,7 +133,6 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
     (peft's HRA refuses it too), a peft file whose bias is trained, and AdapterFusion."""
     from peftkit.methods.fusion import FusionConfig
     from peftkit.methods.fusion_sources import check_fusable, fused_adapters
-    from peftkit.peft_format import load_adapter
 
     recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "hra", "r": 5})
     assert "adapter.r: 5 is odd; HRA starts at the base model by pairing equal reflections" in cli_user_error(
@@ -144,10 +143,7 @@ def test_what_it_cannot_do_is_refused(tiny_llama, tiny_gpt2, number_data, tmp_pa
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
     with pytest.raises(PeftkitError, match=r"HRA adapter; AdapterFusion fuses bottleneck adapters, or"):
         check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[str(adapter), str(adapter)])), "adapter.fuse")
-    config = adapter / "adapter_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "hra_only"}))
-    with pytest.raises(PeftkitError, match="bias='hra_only'; peftkit supports bias='none' only"):
-        load_adapter(adapter)
+    check_trained_bias_refused(adapter, "hra_only")
     with pytest.raises(PeftkitError, match="bias='hra_only'"):
         merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
 

@@ -25,7 +25,8 @@ from peftkit.errors import PeftkitError
 from peftkit.methods.pvera import Pvera, PveraConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_loads_and_merges_as_peft, check_resumes_to_the_same_bits, check_routed_as_peft,
-                            cli_user_error, gpt2_without_dropout, method_recipe, peft_and_our_gradients)
+                            check_trained_bias_refused, cli_user_error, gpt2_without_dropout, method_recipe,
+                            peft_and_our_gradients)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -182,13 +183,9 @@ def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, 
 
 
 def test_peft_s_bias_is_refused_by_name(tiny_llama, tmp_path):
-    from peftkit.peft_format import load_adapter
 
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
-    config = adapter / "adapter_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "all"}))
-    with pytest.raises(PeftkitError, match=r"adapter_config.json: bias='all'; peftkit supports bias='none' only.$"):
-        load_adapter(adapter)
+    check_trained_bias_refused(adapter, "all")
 
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from peftkit.adapters import adapter_layers, inject_adapters
 from peftkit.methods.tinylora import TinyLora, TinyLoraConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_loads_and_merges_as_peft, cli_user_error,
+from tests.conftest import (check_loads_and_merges_as_peft, check_trained_bias_refused, cli_user_error,
                             gpt2_without_dropout, method_recipe, peft_and_our_gradients, train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
@@ -179,15 +179,11 @@ def test_peft_s_bias_and_fusion_are_refused(tiny_llama, tmp_path):
     from peftkit.errors import PeftkitError
     from peftkit.methods.fusion import FusionConfig
     from peftkit.methods.fusion_sources import check_fusable, fused_adapters
-    from peftkit.peft_format import load_adapter
 
     adapter = _peft_adapter(tiny_llama, tmp_path / "peft")
     with pytest.raises(PeftkitError, match=r"is a TinyLoRA adapter; AdapterFusion fuses bottleneck adapters, or"):
         check_fusable(fused_adapters(FusionConfig(method="fusion", fuse=[str(adapter), str(adapter)])), "adapter.fuse")
-    config = adapter / "adapter_config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"bias": "all"}))
-    with pytest.raises(PeftkitError, match=r"adapter_config.json: bias='all'; peftkit supports bias='none' only.$"):
-        load_adapter(adapter)
+    check_trained_bias_refused(adapter, "all")
 
 
 def test_a_file_without_target_modules_takes_them_from_its_layers_tensors(tiny_llama, tmp_path):
