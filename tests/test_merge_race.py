@@ -14,15 +14,15 @@ from peftkit.methods.lora import LoraConfig
 from tests.test_combine import LLAMA_TARGETS, make_adapter
 from tests.test_kills import ROOT, _model, _state
 
-WRITER = """
+PAUSED_SWAP = """
 import errno, os, sys, time
 from pathlib import Path
 
 root, signals = Path(sys.argv[1]), Path(sys.argv[2])
 real = os.replace
 
-def replace(src, dst):  # the new m is in place, both old ones set aside: pause, then fail (a disk error)
-    if Path(dst).name == "m-nf4" and Path(src).name.endswith(".tmp"):
+def replace(src, dst):  # a new directory about to go in as NAME, the old set aside: pause, then fail (a disk error)
+    if Path(dst).name == "{name}" and Path(src).name.endswith(".tmp"):
         (signals / "paused").write_text("")
         while not (signals / "go").exists():
             time.sleep(0.01)
@@ -30,8 +30,12 @@ def replace(src, dst):  # the new m is in place, both old ones set aside: pause,
     return real(src, dst)
 
 os.replace = replace
+"""
+"""A process's prelude: its swap of a new directory NAME into place pauses, then fails."""
+
+WRITER = PAUSED_SWAP.format(name="m-nf4") + """
 from peftkit.fileio import atomic_directories
-with atomic_directories([root / "m", root / "m-nf4"]) as tmps:
+with atomic_directories([root / "m", root / "m-nf4"]) as tmps:  # (the new m is in place when m-nf4's swap pauses)
     for d in tmps:
         (d / "w").write_text("new")
         (d / "config.json").write_text("{}")
@@ -47,27 +51,11 @@ root, signals = Path(sys.argv[1]), Path(sys.argv[2])
 check_merge_output(root / sys.argv[3], {}, True)
 """
 
-COMBINER = """
-import errno, os, sys, time
-from pathlib import Path
-
-root, signals = Path(sys.argv[1]), Path(sys.argv[2])
-real = os.replace
-
-def replace(src, dst):  # the old c set aside, the new one about to go in: pause, then fail (a disk error)
-    if Path(dst).name == "c" and Path(src).name.endswith(".tmp"):
-        (signals / "paused").write_text("")
-        while not (signals / "go").exists():
-            time.sleep(0.01)
-        raise OSError(errno.EIO, "Input/output error (the test's)")
-    return real(src, dst)
-
-os.replace = replace
+COMBINER = PAUSED_SWAP.format(name="c") + """
 from peftkit.combine_inputs import Combination
 from peftkit.combine_adapters import combine_adapters
 combine_adapters(sys.argv[3:], Combination("cat", (0.5, 0.5)), str(root / "c"), overwrite=True)
 """
-
 
 def _start(code: str, root: Path, signals: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, str(root), str(signals), *args], env=dict(
