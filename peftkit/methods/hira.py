@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, is_conv1d, is_quantized, linear_shape
+from peftkit.methods.layer import AdapterLayer, KeptWeightLayer, is_conv1d, is_quantized, linear_shape
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.section import TargetRegex
@@ -95,23 +95,9 @@ def _draw(rows: int, columns: int, device: torch.device) -> torch.Tensor:
     return torch.randn(rows, columns, device=draw_device(device))
 
 
-class HiraLayer(AdapterLayer):
+class HiraLayer(KeptWeightLayer):
     """What HiRA's Linear and embedding layers share: the in-place merge keeps the weight before it, and the unmerge
     puts it back (peft's way: W (1 + B A) divided back is not exact, nor defined where 1 + B A is 0)."""
-
-    def merge(self) -> None:
-        if self.merged:
-            return
-        kept = self.base_layer.weight.detach().clone().cpu()  # (on the CPU, as peft keeps it)
-        super().merge()
-        self._before_merge = kept
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base_layer.weight.data.copy_(self._before_merge)
-        self._before_merge = None
-        self.merged = False
 
 
 class HiraLinear(HiraLayer):

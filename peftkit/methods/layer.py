@@ -192,6 +192,26 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
 
+class KeptWeightLayer(AdapterLayer):
+    """An adapter layer whose in-place merge keeps the weight before it (on the CPU, as peft keeps it) and whose
+    unmerge puts it back: for an update that cannot be taken out of the merged weight exactly (HiRA's W (1 + B A),
+    which peft divides back, inexact and undefined where 1 + B A is 0; PEANuT's, a nonlinear function of W)."""
+
+    def merge(self) -> None:
+        if self.merged:
+            return
+        kept = self.base_layer.weight.detach().clone().cpu()
+        super().merge()
+        self._before_merge = kept
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer.weight.data.copy_(self._before_merge)
+        self._before_merge = None
+        self.merged = False
+
+
 def refuse_stacked(weight: torch.Tensor, owner: nn.Module) -> None:
     """Refuse an in-place merge into a weight several stacked layers share (layer_replication marks them and the
     module `owner` that holds them: `stacked_copies`; a deepcopy of the model keeps the module's mark and the sharing,

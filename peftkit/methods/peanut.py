@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, dense_weight, is_quantized, linear_shape, not_a_linear
+from peftkit.methods.layer import AdapterLayer, KeptWeightLayer, dense_weight, linear_shape, not_a_linear
 from peftkit.methods.target_filters import (LORA_TARGETS, ExcludedTargets, LayerTargets, NoDefault,
                                              PeftExcludedTargets, PeftLayerTargets, filters_from_peft)
 from peftkit.section import TargetRegex
@@ -93,8 +93,10 @@ def peanut_delta(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: Pe
     return (F.linear(h, tensor("peanut_B.weight")) * facts.scaling).T
 
 
-class PeanutLinear(AdapterLayer):
-    """PEANuT around nn.Linear or a bitsandbytes linear layer: base output + x times the update of the weight."""
+class PeanutLinear(KeptWeightLayer):
+    """PEANuT around nn.Linear or a bitsandbytes linear layer: base output + x times the update of the weight. The
+    in-place merge keeps the weight before it for the unmerge (the update is a nonlinear function of it: peft keeps it
+    too)."""
 
     def __init__(self, base_layer: nn.Module, cfg: PeanutConfig) -> None:
         super().__init__(base_layer)
@@ -115,7 +117,6 @@ class PeanutLinear(AdapterLayer):
             nn.init.kaiming_uniform_(self.peanut_B.weight, a=math.sqrt(5))
         for module in (self.peanut_A, self.peanut_encoders, self.peanut_decoders, self.peanut_B):
             module.to(device)
-        self._before_merge: torch.Tensor | None = None
 
     def delta(self) -> torch.Tensor:
         """The update of the base weight as it is now (dequantized, for a 4-bit/8-bit base), with its graph."""
@@ -128,23 +129,6 @@ class PeanutLinear(AdapterLayer):
             return result
         delta = self.delta()
         return result + F.linear(x.to(delta.dtype), delta).to(result.dtype)
-
-    def merge(self) -> None:
-        """Merge through the shared path, keeping the weight before it for the unmerge (the update is a nonlinear
-        function of that weight: peft keeps it too)."""
-        if self.merged or is_quantized(self.base_layer):
-            super().merge()  # (refuses a quantized base)
-            return
-        kept = self.base_layer.weight.detach().clone()
-        super().merge()
-        self._before_merge = kept
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base_layer.weight.data.copy_(self._before_merge)
-        self._before_merge = None
-        self.merged = False
 
 
 class PeftPeanutConfig(PeftLayerTargets, PeftExcludedTargets):
