@@ -165,6 +165,10 @@ def _refuse_uncombinable(path: str, cfg, peft, state: dict[str, torch.Tensor]) -
     if getattr(cfg, "lora_bias", False):
         raise PeftkitError(f"{path} has a bias in lora_B (lora_bias), which combining does not carry; merge it "
                            "alone (`peftkit merge --adapter` once).")
+    if cfg.method == "unilora" and not cfg.save_indices:
+        raise PeftkitError(f"{path} is a Uni-LoRA adapter saved without its layers' indices (save_indices: false): "
+                           "its file names no layer for combining to read. Merge it alone (`peftkit merge "
+                           "--adapter` once), or export it with adapter.save_indices: true.")
     if cfg.method == "ln_tuning":
         raise PeftkitError(f"{path} is an LN tuning adapter, whose trained copies replace the norms' weights: "
                            "those are values, not updates to weigh and combine. Merge it alone (`peftkit merge "

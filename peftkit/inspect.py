@@ -82,7 +82,10 @@ def inspect_adapter(path: str | Path) -> dict:
         "peftkit_reads": reads,
         "base_model": peft.base_model_name_or_path,
         "revision": peft.revision,
-        "targets": {"count": len(targets), "modules": dict(sorted(Counter(_label(p) for p in targets).items()))},
+        "targets": {"count": len(targets), "modules": dict(sorted(Counter(_label(p) for p in targets).items()))}
+        # a file with no per-layer tensor (Uni-LoRA's without save_indices): the layers its config names
+        | ({"named": raw["target_modules"]} if not targets and method.layer_targets and raw.get("target_modules")
+           else {}),
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
         "trainable_params": trained,

@@ -19,6 +19,10 @@ def _identity_lines(info: dict) -> list[str]:
     variants = "".join(f", {v}" for v in info["variants"])
     targets = (f"targets        {info['targets']['count']} modules: {modules}" if info["virtual_tokens"] is None
                else f"targets        the whole model: {info['virtual_tokens']} virtual tokens")
+    if named := info["targets"].get("named"):  # (Uni-LoRA without save_indices: no tensor names a layer)
+        names = named if isinstance(named, str) else ", ".join(sorted(named))
+        targets = (f"targets        those adapter_config.json's target_modules name on the base ({names}): the file "
+                   "holds no per-layer tensor")
     return [
         f"adapter        {info['path']}",
         f"method         {info['method']}{variants} (peft_type {info['peft_type']})",
@@ -32,7 +36,7 @@ def _rank_lines(info: dict) -> list[str]:
     """The rank of every target, or each layer's where they differ; none for a method without a rank (IA3)."""
     lines: list[str] = []
     ranks = info["ranks"]
-    if ranks is not None:
+    if ranks is not None and not info["targets"].get("named"):
         distinct = sorted(set(ranks.values()))
         full = info["targets"]["count"] - len(ranks)  # LoKr layers whose Kronecker factors are full matrices
         if not ranks:

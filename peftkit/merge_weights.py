@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from peftkit.adapters import SHARED_PREFIX, adapter_layers, shared_holders
+from peftkit.adapters import PEFT_PREFIX, SHARED_PREFIX, adapter_layers, shared_holders
 from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods import method_of
@@ -229,6 +229,10 @@ def merged_model(model: nn.Module, adapter_cfg: AdapterConfig, dtype: torch.dtyp
     base, adapter = merge_parameters(model, base, adapter)
     # The shared tensors the layers compute with, saved or not (VeRA with save_projection: false).
     adapter |= {f"{SHARED_PREFIX}{n}": t.detach().cpu() for holder in shared_holders(model) for n, t in holder.tensors().items()}
+    # And each layer's tensors its file leaves out (Uni-LoRA's indices and scales without save_indices): its merge
+    # reads them, and without them the merge found no layer to merge.
+    adapter |= {key: t.detach().cpu() for path, layer in adapter_layers(model).items() for n, t in layer.parts().items()
+                if n in layer.method.untrained_names and (key := f"{PEFT_PREFIX}{path}.{n}") not in adapter}
     # Each layer is merged in fp32 and cast to `dtype` as it is done: held whole in fp32, the merged layers took
     # twice a bf16 model's size, and the cast to `dtype` a copy more (a merge peaked at 3x the model, now ~1x).
     state = merge_state_dict(base, adapter, adapter_cfg, plain_conv1d_modules(model), dtype=dtype)

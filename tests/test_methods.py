@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from peftkit.adapters import adapter_layers, inject_adapters, share_tensors
+from peftkit.adapters import adapter_layers, inject_adapters, share_tensors, shared_holders
 from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.data import IGNORE_INDEX
 from peftkit.errors import PeftkitError
@@ -70,6 +70,7 @@ from peftkit.methods.lora import LoraConfig
 from peftkit.methods.miss import MissConfig
 from peftkit.methods.delora import DeloraConfig
 from peftkit.methods.deft import DeftConfig
+from peftkit.methods.unilora import UniLoraConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -340,6 +341,14 @@ CASES: dict[str, list[Case]] = {
                                           config_D_E="vector"), (), ("linear",)),
         Case("glora-constants", GloraConfig(method="glora", config_A_B="constant", config_C="none",
                                             config_D_E="none"), (), ("linear",)),
+    ],
+    # peft's Uni-LoRA: Linear and GPT-2's Conv1D, one theta_d for all the layers (U(+-0.02) at init: not the base
+    # model); peft's defaults (q_proj, v_proj) on Llama, save_indices on the dense layers. Llama only (added test time):
+    # GPT-2's Conv1D is checked here on the dense layer and against peft's model in tests/test_unilora.py.
+    "unilora": [
+        Case("unilora", UniLoraConfig(method="unilora", theta_d_length=64), ("llama",), (), identity_at_init=False),
+        Case("unilora-dense", UniLoraConfig(method="unilora", r=3, theta_d_length=40, save_indices=True), (),
+             ("linear", "conv1d"), identity_at_init=False),
     ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
@@ -702,6 +711,23 @@ def deft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return (adapted.T if layout.startswith("conv1d") else adapted).float(), bias
 
 
+def unilora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: UniLoraConfig, layout: str):
+    """(W + B A, b) in float64, entry by entry: A[k, j] = theta[idx_A[k, j]] s_A[k, j], B likewise (the scales, 1 /
+    sqrt of how often an entry is taken over all the layers, against peft's in tests/test_unilora.py). W (out, in), or
+    (in, out) for Conv1D."""
+    theta = parts["unilora_theta_d"].double().tolist()
+
+    def factor(indices: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[theta[i] * s for i, s in zip(row, srow)]
+                             for row, srow in zip(indices.long().tolist(), scales.double().tolist())], dtype=torch.float64)
+
+    a = factor(parts["unilora_indices_A"], parts["unilora_scales_A"])
+    b = factor(parts["unilora_indices_B"], parts["unilora_scales_B"])
+    w = weight.T if layout == "conv1d" else weight
+    dense = w + (b @ a).to(w.dtype)
+    return (dense.T if layout == "conv1d" else dense), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -826,7 +852,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "pvera": pvera_dense,
          "tinylora": tinylora_dense,
          "psoft": psoft_dense,
-         "glora": glora_dense}
+         "glora": glora_dense,
+         "unilora": unilora_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -844,6 +871,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "GRALORA": {"init_weights": False},  # B kaiming-uniform too
                    "DEFT": {"init_weights": False, "init_scale": 25.0},  # R ~ N(0, 0.5^2)
                    "PEANUT": {"init_weights": False},  # B Kaiming-uniform, as A
+                   "UNILORA": {"init_weights": False},  # theta_d ~ N(0, 1)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1237,7 +1265,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                               "miss", "miss-bat", "delora", "road", "hira",
                                               "gralora", "deft",
                                               "pvera", "tinylora",
-                                              "psoft")])
+                                              "psoft", "unilora")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients
@@ -1257,7 +1285,8 @@ def _adapter_tensors(model: nn.Module) -> list[torch.Tensor]:
     if (virtual := virtual_tokens(model)) is not None:
         return list(virtual.parameters())
     return [p for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
-            if p.is_floating_point()]  # (not SHiRA's saved indices)
+            if p.is_floating_point()] + [  # (not SHiRA's saved indices)
+        p for holder in shared_holders(model) for p in holder.parameters()]  # (Uni-LoRA's theta_d, VB-LoRA's bank)
 
 
 def _rounded_once(merged: torch.Tensor, dense: torch.Tensor) -> bool:

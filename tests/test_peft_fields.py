@@ -45,6 +45,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "TinyLoraConfig": {},
     "PsoftConfig": {},
     "GloraConfig": {},
+    "UniLoraConfig": {},
 }
 
 
@@ -477,6 +478,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "pvera": ("PveraConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "tinylora": ("TinyLoraConfig", {"u": 4, "init_weights": "uniform"}, {"u": 4}),
     "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "unilora": ("UniLoraConfig", {"r": 2, "theta_d_length": 32, "init_weights": False}, {"r": 2, "theta_d_length": 32}),
 }
 
 

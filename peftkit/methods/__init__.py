@@ -51,6 +51,7 @@ from peftkit.methods.pvera import Pvera
 from peftkit.methods.tinylora import TinyLora
 from peftkit.methods.psoft import Psoft
 from peftkit.methods.glora import Glora
+from peftkit.methods.unilora import UniLora
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -99,6 +100,7 @@ register(Pvera)
 register(TinyLora)
 register(Psoft)
 register(Glora)
+register(UniLora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

@@ -64,9 +64,10 @@ def read_entry(config: dict, source: str | None, where: str) -> Fused:
 
 
 def _article(title: str) -> str:
-    """'a' or 'an' before a method's title: an IA3, an LN tuning (an initialism read letter by letter), a LoRA."""
+    """'a' or 'an' before a method's title: an IA3, an LN tuning (an initialism read letter by letter), a LoRA, a
+    Uni-LoRA (said "you")."""
     spelled = title.split()[0].isupper()
-    return "an" if title[0] in ("AEFHILMNORSX" if spelled else "AEIOU") else "a"
+    return "an" if title[0] in ("AEFHILMNORSX" if spelled else "AEIOU") and not title.startswith("Uni") else "a"
 
 
 def check_fusable(fused: list[Fused], where: str) -> None:
