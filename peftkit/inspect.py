@@ -74,6 +74,7 @@ def inspect_adapter(path: str | Path) -> dict:
     targets, saved, shared, base_copies = _sort_tensors(method, shapes)
     tied_rows = _tied_row_copies(weights_file, renamed, raw)
     trained, adapter_params, saved_params = _param_counts(method, targets, saved, shared, shapes, tied_rows, trained)
+    trained -= method.repeated_in_file(peft, targets)  # (Lily's shared A and B, saved under each of their layers)
     ranks = _ranks(method, targets, weights_file)
     info = {
         "path": str(path),

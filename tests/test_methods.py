@@ -71,6 +71,7 @@ from peftkit.methods.miss import MissConfig
 from peftkit.methods.delora import DeloraConfig
 from peftkit.methods.deft import DeftConfig
 from peftkit.methods.unilora import UniLoraConfig
+from peftkit.methods.lily import LilyConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -350,6 +351,9 @@ CASES: dict[str, list[Case]] = {
         Case("unilora-dense", UniLoraConfig(method="unilora", r=3, theta_d_length=40, save_indices=True), (),
              ("linear", "conv1d"), identity_at_init=False),
     ],
+    # peft's Lily: nn.Linear only; B starts at 0 (the base model). Not mergeable (the router averages over the batch):
+    # no dense check. Both layers of the tiny Llama share A (stride 2) and all share 3 B experts per kind.
+    "lily": [Case("lily", LilyConfig(method="lily", r=4, stride_A=2, num_B=3, scaling=2.0), ("llama",), ())],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -872,6 +876,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "DEFT": {"init_weights": False, "init_scale": 25.0},  # R ~ N(0, 0.5^2)
                    "PEANUT": {"init_weights": False},  # B Kaiming-uniform, as A
                    "UNILORA": {"init_weights": False},  # theta_d ~ N(0, 1)
+                   "LILY": {"init_weights": False},  # B kaiming-uniform too
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1265,7 +1270,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                               "miss", "miss-bat", "delora", "road", "hira",
                                               "gralora", "deft",
                                               "pvera", "tinylora",
-                                              "psoft", "unilora")])
+                                              "psoft", "unilora", "lily")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

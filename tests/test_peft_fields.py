@@ -46,6 +46,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "PsoftConfig": {},
     "GloraConfig": {},
     "UniLoraConfig": {},
+    "LilyConfig": {},
 }
 
 
@@ -479,6 +480,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "tinylora": ("TinyLoraConfig", {"u": 4, "init_weights": "uniform"}, {"u": 4}),
     "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "unilora": ("UniLoraConfig", {"r": 2, "theta_d_length": 32, "init_weights": False}, {"r": 2, "theta_d_length": 32}),
+    "lily": ("LilyConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 
@@ -580,6 +582,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "deft": ("DeftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "lily": ("LilyConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 

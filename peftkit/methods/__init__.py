@@ -52,6 +52,7 @@ from peftkit.methods.tinylora import TinyLora
 from peftkit.methods.psoft import Psoft
 from peftkit.methods.glora import Glora
 from peftkit.methods.unilora import UniLora
+from peftkit.methods.lily import Lily
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -101,6 +102,7 @@ register(TinyLora)
 register(Psoft)
 register(Glora)
 register(UniLora)
+register(Lily)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

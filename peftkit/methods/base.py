@@ -190,6 +190,13 @@ class Method:
         return None
 
     @classmethod
+    def repeated_in_file(cls, peft: Any, targets: dict[str, dict[str, tuple[int, ...]]]) -> int:
+        """Numbers the file of adapter_config.json `peft` holds more than once: copies, under other layers, of a tensor
+        several layers share (Lily's A and B), from the layers' tensor shapes (`targets`: {path: {suffix: shape}}).
+        `peftkit inspect` counts them once. Default: none."""
+        return 0
+
+    @classmethod
     def merge_refusal(cls, cfg: Any = None) -> str | None:
         """Why this method's adapters (of settings `cfg`, a recipe's or adapter_config.json's, where given) cannot be
         merged into the base weights (and what to do instead), or None."""
