@@ -55,6 +55,9 @@ def test_batched_generation_is_cache_free_greedy(name, arch, models):  # noqa: F
     case = CASES[name][0]
     if arch not in case.archs:
         pytest.skip(f"{case.id} does not run on {arch}")
+    if name == "lily":  # (README: in peft as here; tests/test_lily.py checks that a row depends on the others)
+        pytest.skip("Lily's router averages over the batch's tokens, in generation over each step's: a row's answer "
+                    "depends on the other rows and on the cache, unlike cache-free greedy decoding of it alone")
     model = AutoModelForCausalLM.from_pretrained(models[arch], dtype=torch.float32).eval()
     torch.manual_seed(0)
     inject_adapters(model, case.cfg)
