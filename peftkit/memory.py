@@ -260,8 +260,8 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     logits, layers = activation_memory(shape, rows, seq, BYTES[dtype], tcfg.gradient_checkpointing,
                                        width, attention == "eager", frees_a_inputs(recipe.adapter),
                                        packed_sdpa=recipe.data.packing and attention in (None, "sdpa"),
-                                       prefix=recipe.adapter.num_virtual_tokens if recipe.adapter.method == "prefix_tuning"
-                                       else 0)
+                                       prefix=recipe.adapter.num_virtual_tokens if recipe.adapter.method in (
+                                           "prefix_tuning", "cartridge") else 0)
     layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
     # (the reference log-probabilities of data.train's pairs, DPO's, or of KTO's answers and their mismatched
     # examples, are such batches too, with or without data.eval)

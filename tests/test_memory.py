@@ -438,13 +438,15 @@ def test_prompt_tuning_activations_count_the_virtual_tokens(tiny_llama, number_d
     assert estimate_memory(recipe).activations >= saved > estimate_memory(fewer).activations
 
 
-def test_prefix_tuning_activations_count_the_virtual_keys_and_values(tiny_llama, number_data, tmp_path):
+@pytest.mark.parametrize("method", ["prefix_tuning", "cartridge"])
+def test_prefix_tuning_activations_count_the_virtual_keys_and_values(method, tiny_llama, number_data, tmp_path):
     """Prefix tuning's num_virtual_tokens keys and values are attended to by every layer, which keeps more for each
     of them: the estimate ignored them, and 512 virtual tokens at max_length 128 saved 5.5 MB against its 3.3 MB
-    "upper bound". Independent: what autograd saves in one forward, the growth from 8 to 512 tokens exactly."""
+    "upper bound". Independent: what autograd saves in one forward, the growth from 8 to 512 tokens exactly. Cartridge's
+    prefix is the same (its frozen first row too)."""
     measured, estimated = [], []
     for n in (8, 512):
-        recipe, saved = _virtual_tokens_saved(tiny_llama, number_data, tmp_path / str(n), "prefix_tuning", n)
+        recipe, saved = _virtual_tokens_saved(tiny_llama, number_data, tmp_path / str(n), method, n)
         measured.append(saved)
         estimated.append(estimate_memory(recipe).activations)
     assert estimated[1] - estimated[0] == measured[1] - measured[0] > 0

@@ -55,6 +55,7 @@ from peftkit.methods import METHODS, method_of
 from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.beft import BeftConfig
 from peftkit.methods.boft import BoftConfig
+from peftkit.methods.cartridge import CartridgeConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.c3a import C3aConfig
 from peftkit.methods.fourierft import FourierFtConfig
@@ -390,6 +391,11 @@ CASES: dict[str, list[Case]] = {
              (), identity_at_init=False),
         Case("prefix-tuning-projection", PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=3, projection=True,
                                                             encoder_hidden_size=8), ("llama", "gpt2"), (),
+             identity_at_init=False),
+    ],
+    # Cartridge: prefix tuning's table, its first row frozen; grouped-query attention on llama, none on gpt2.
+    "cartridge": [
+        Case("cartridge", CartridgeConfig(method="cartridge", num_virtual_tokens=4), ("llama", "gpt2"), (),
              identity_at_init=False),
     ],
     # Rows without task ids are task 0 (tests/test_multitask_prompt_tuning.py checks per-row tasks against peft).
@@ -889,7 +895,8 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "ADAPTION_PROMPT": {},  # its gate starts at 0 whatever the config: set by hand below
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
                    "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
-                   "PREFIX_TUNING": {"inference_mode": False}, "MULTITASK_PROMPT_TUNING": {"inference_mode": False}}
+                   "PREFIX_TUNING": {"inference_mode": False}, "MULTITASK_PROMPT_TUNING": {"inference_mode": False},
+                   "CARTRIDGE": {"inference_mode": False}}
 NO_PEFT = {"bottleneck", "fusion"}  # methods peft has no equivalent of: saved in peftkit's own layout
 # Methods built from other adapters' directories, which no fixed Case can name: each has its own test file.
 BUILT_FROM_ADAPTERS = {"fusion": "tests/test_fusion.py"}

@@ -47,6 +47,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "GloraConfig": {},
     "UniLoraConfig": {},
     "LilyConfig": {},
+    "CartridgeConfig": {},
 }
 
 

@@ -35,6 +35,7 @@ from peftkit.methods.multitask_prompt_tuning import MultitaskPromptTuning, Multi
 from peftkit.methods.oft import Oft
 from peftkit.methods.p_tuning import PTuning, PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuning, PrefixTuningConfig
+from peftkit.methods.cartridge import Cartridge
 from peftkit.methods.prompt_tuning import PromptTuning, PromptTuningConfig
 from peftkit.methods.road import Road, RoadConfig
 from peftkit.methods.trainable_tokens import TrainableTokens
@@ -103,6 +104,7 @@ register(Psoft)
 register(Glora)
 register(UniLora)
 register(Lily)
+register(Cartridge)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

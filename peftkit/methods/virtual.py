@@ -67,22 +67,26 @@ class VirtualPeftConfig(PeftConfigBase):
 class VirtualTokens(nn.Module):
     """The model-level adapter: a trainable table (n, width), an optional encoder over it, and the hooks."""
 
-    def __init__(self, method: type[VirtualMethod], table: torch.Tensor, encoder: nn.Module | None = None) -> None:
+    def __init__(self, method: type[VirtualMethod], table: torch.Tensor, encoder: nn.Module | None = None,
+                 frozen: torch.Tensor | None = None) -> None:
         super().__init__()
         self.method = method
         self.table = nn.Parameter(table)
         self.encoder = encoder
+        # Rows in front of the prompt that never train (Cartridge's attention sinks), saved with it.
+        self.register_buffer("frozen", frozen, persistent=False)
         self.bypass = False
         self.task_ids: torch.Tensor | None = None  # this forward's per-row task ids, if it was given them
         self.strip = 0  # logits to cut off the front of this forward's output
 
     @property
     def num_virtual_tokens(self) -> int:
-        return self.table.shape[0]
+        return self.table.shape[0] + (0 if self.frozen is None else self.frozen.shape[0])
 
     def prompt(self) -> torch.Tensor:
-        """(n, width): the table, or the encoder's output for it."""
-        return self.table if self.encoder is None else self.encoder(self.table)
+        """(n, width): the table, or the encoder's output for it, after the frozen rows where there are some."""
+        prompt = self.table if self.encoder is None else self.encoder(self.table)
+        return prompt if self.frozen is None else torch.cat([self.frozen.to(prompt.dtype), prompt])
 
     def row_prompts(self, batch: int, task_ids: torch.Tensor | None) -> torch.Tensor:
         """(batch, n, width): each row's prompt. One for all rows here; multitask prompt tuning's depends on the
@@ -115,8 +119,11 @@ class VirtualTokens(nn.Module):
             self.encoder = None
             self.table = nn.Parameter(saved.clone(), requires_grad=self.table.requires_grad)
             return
+        frozen = 0 if self.frozen is None else self.frozen.shape[0]
         with torch.no_grad():
-            self.table.copy_(saved)
+            if frozen:
+                self.frozen.copy_(saved[:frozen])
+            self.table.copy_(saved[frozen:])
 
     @contextmanager
     def bypassed(self):
