@@ -89,6 +89,7 @@ from peftkit.methods.pvera import PveraConfig
 from peftkit.methods.tinylora import TinyLoraConfig
 from peftkit.methods.psoft import PsoftConfig
 from peftkit.methods.glora import GloraConfig
+from peftkit.methods.osf import OsfConfig
 from peftkit.methods.trainable_tokens import TrainableTokensConfig
 from peftkit.methods.virtual import virtual_tokens
 from peftkit.adapter_base import load_adapted_model
@@ -355,6 +356,14 @@ CASES: dict[str, list[Case]] = {
     # peft's Lily: nn.Linear only; B starts at 0 (the base model). Not mergeable (the router averages over the batch):
     # no dense check. Both layers of the tiny Llama share A (stride 2) and all share 3 B experts per kind.
     "lily": [Case("lily", LilyConfig(method="lily", r=4, stride_A=2, num_B=3, scaling=2.0), ("llama",), ())],
+    # peft's OSF: nn.Linear only (GPT-2's Conv1D and 4-bit layers refused: tests/test_osf.py); the trained factors
+    # start at the SVD's low part, exactly the base model. The frozen split is computed again on loading (not saved).
+    # Llama with peft's default targets (all seven projections); the dense layer with a fraction and a rank_pattern.
+    "osf": [
+        Case("osf", OsfConfig(method="osf", effective_rank=12), ("llama",), (), identity_tol=1e-5,
+             quantized=False),
+        Case("osf-fraction", OsfConfig(method="osf", effective_rank=0.5, rank_pattern={"layer": 2}), (), ("linear",)),
+    ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -721,6 +730,18 @@ def deft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return (adapted.T if layout.startswith("conv1d") else adapted).float(), bias
 
 
+def osf_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: OsfConfig, layout: str):
+    """(W + U diag(S) V - U0 diag(S0) V0, b) in float64, (U0, S0, V0) the singular triples of W past its top k (k the
+    layer's effective_rank: the trained factors' rank t says it, k = min(out, in) - t), from torch.linalg.svd of the
+    fp32 weight, each triple's outer product summed."""
+    u, s, vh = (t.double() for t in torch.linalg.svd(weight.float(), full_matrices=False))
+    k = min(weight.shape) - len(parts["osf_svd_params.S_low"])
+    low = sum(s[i] * torch.outer(u[:, i], vh[i]) for i in range(k, len(s)))
+    trained = parts["osf_svd_params.U_low"].double() @ torch.diag(parts["osf_svd_params.S_low"].double()) @ parts[
+        "osf_svd_params.V_low"].double()
+    return (weight.double() + trained - low).float(), bias
+
+
 def unilora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: UniLoraConfig, layout: str):
     """(W + B A, b) in float64, entry by entry: A[k, j] = theta[idx_A[k, j]] s_A[k, j], B likewise (the scales, 1 /
     sqrt of how often an entry is taken over all the layers, against peft's in tests/test_unilora.py). W (out, in), or
@@ -863,7 +884,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "tinylora": tinylora_dense,
          "psoft": psoft_dense,
          "glora": glora_dense,
-         "unilora": unilora_dense}
+         "unilora": unilora_dense,
+         "osf": osf_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -883,6 +905,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "PEANUT": {"init_weights": False},  # B Kaiming-uniform, as A
                    "UNILORA": {"init_weights": False},  # theta_d ~ N(0, 1)
                    "LILY": {"init_weights": False},  # B kaiming-uniform too
+                   "OSF": {"init_weights": False},  # U_low, S_low, V_low ~ N(0, 1)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)

@@ -48,6 +48,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "UniLoraConfig": {},
     "LilyConfig": {},
     "CartridgeConfig": {},
+    "OSFConfig": {},
 }
 
 

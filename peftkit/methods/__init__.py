@@ -54,6 +54,7 @@ from peftkit.methods.psoft import Psoft
 from peftkit.methods.glora import Glora
 from peftkit.methods.unilora import UniLora
 from peftkit.methods.lily import Lily
+from peftkit.methods.osf import Osf
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -105,6 +106,7 @@ register(Glora)
 register(UniLora)
 register(Lily)
 register(Cartridge)
+register(Osf)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
