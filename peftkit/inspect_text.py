@@ -83,8 +83,7 @@ def _holding_lines(info: dict) -> list[str]:
         f"parameters     {trainable:,} trainable ({info['adapter_params']:,} in the {where})" if trainable == saved
         else f"parameters     {trainable:,} trainable; {saved:,} saved ({tied}: a head tied to the embeddings shares "
              "their trained rows, saved under both names as peft saves them)" if tied
-        else f"parameters     {trainable:,} trainable; {saved:,} saved (the prompt encoder's output: training's encoder "
-             "is not saved)",
+        else f"parameters     {trainable:,} trainable; {saved:,} saved ({_saved_beyond_trained(info['method'])})",
         *([f"base copies    {', '.join(info['base_copies'])}: frozen base weights saved beside the adapter, not "
            "trained"] if info["base_copies"] else []),
         *_shared_lines(info["shared"]),
@@ -156,3 +155,10 @@ def _shared_lines(shared: dict | None) -> list[str]:
         lines.append(f"shared         {', '.join(shared['regenerated'])} not saved: drawn again on loading from "
                      "adapter_config.json's settings (its PRNG key)")
     return lines
+
+
+def _saved_beyond_trained(method: str) -> str:
+    """Why a prompt-family file holds more numbers than trained: P-tuning's encoder output, Cartridge's frozen rows."""
+    from peftkit.methods import METHODS
+
+    return getattr(METHODS[method], "saved_beyond_trained", "not all of them train")

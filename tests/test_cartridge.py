@@ -60,6 +60,11 @@ def test_frozen_rows_never_train_and_a_resumed_run_is_the_unbroken_one(tiny_llam
     assert torch.equal(saved[:2], initial[:2]) and (saved[2:] - initial[2:]).abs().min() > 0
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["peft_type"], config["num_frozen_tokens"], config["token_dim"]) == ("CARTRIDGE", 2, 16)
+    from peftkit.inspect import inspect_adapter
+    from peftkit.inspect_text import describe
+
+    assert ("parameters     128 trainable; 256 saved (its first num_frozen_tokens rows, frozen, are saved with the "
+            "trained ones)") in describe(inspect_adapter(adapter))  # (it said: the prompt encoder's output)
     from peftkit.adapter_base import load_adapted_model
 
     with torch.no_grad():

@@ -48,6 +48,7 @@ class Cartridge(PrefixTuning):
     peft_type: ClassVar[str] = "CARTRIDGE"
     config: ClassVar[type] = CartridgeConfig
     peft_config: ClassVar[type] = CartridgePeftConfig
+    saved_beyond_trained: ClassVar[str] = "its first num_frozen_tokens rows, frozen, are saved with the trained ones"
 
     @classmethod
     def install(cls, model: nn.Module, cfg: CartridgeConfig) -> VirtualTokens:

@@ -264,6 +264,8 @@ class VirtualMethod(Method):
     layer_targets: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
     param_names: ClassVar[tuple[str, ...]] = ()
+    saved_beyond_trained: ClassVar[str] = "the prompt encoder's output: training's encoder is not saved"
+    """Why the file holds other numbers than trained (`trained_params`), for `peftkit inspect`."""
 
     @classmethod
     def install(cls, model: nn.Module, cfg: Any) -> VirtualTokens:
