@@ -117,9 +117,11 @@ def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
+        # (a sparse COO tensor, FRoD's S, has no storage of its own: its indices' and values')
+        for part in (t._indices(), t._values()) if t.is_sparse else (t,):
+            storage = part.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -219,6 +219,8 @@ def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dic
     for key, shape in shapes.items():
         if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):] in shared:
             continue  # frozen, not trained
+        if not key.startswith(PEFT_PREFIX) and key[len(SHARED_PREFIX):].split(".")[0] in method.untrained_names:
+            continue  # frozen, kept once per kind of layer (FRoD's `base_model.frod_V.<category>`)
         name = key.removeprefix(PEFT_PREFIX)
         if ".fused." in name:
             continue  # AdapterFusion's frozen copies of the adapters it fuses, not trained

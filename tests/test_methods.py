@@ -73,6 +73,7 @@ from peftkit.methods.delora import DeloraConfig
 from peftkit.methods.deft import DeftConfig
 from peftkit.methods.unilora import UniLoraConfig
 from peftkit.methods.lily import LilyConfig
+from peftkit.methods.frod import FrodConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -364,6 +365,10 @@ CASES: dict[str, list[Case]] = {
              quantized=False),
         Case("osf-fraction", OsfConfig(method="osf", effective_rank=0.5, rank_pattern={"layer": 2}), (), ("linear",)),
     ],
+    # peft's FRoD: Linear and GPT-2's Conv1D, W replaced by U (S + diag(lambda_l)) V^T (the base at init, to the
+    # rounding of W V^-T's fp64 split); unquantized bases only (the refusal checked).
+    "frod": [Case("frod", FrodConfig(method="frod", sparse_rate=0.05), ("llama", "gpt2"), ("linear", "conv1d"),
+                  identity_tol=1e-5, quantized=False, support_from_fp32=False)],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -759,6 +764,20 @@ def unilora_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cf
     return (dense.T if layout == "conv1d" else dense), bias
 
 
+def frod_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: FrodConfig, layout: str):
+    """(U (S + diag(lambda_l)) V^T, b) in float64: U the unit columns of W V^-T (V's inverse by float64 inversion), S
+    filled entry by entry from its indices. W (out, in), or (in, out) for Conv1D."""
+    w = (weight.T if layout == "conv1d" else weight).double()
+    v = parts["frod_V"].double()
+    bi = w @ torch.linalg.inv(v).T
+    u = bi / bi.norm(dim=0).clamp_min(1e-300)
+    s = torch.diag(parts["frod_lambda_l"].double())
+    for (i, j), value in zip(parts["frod_s_indices"].long().T.tolist(), parts["frod_lambda_s_values"].double().tolist()):
+        s[i, j] += value
+    dense = (u @ s @ v.T).float()
+    return (dense.T if layout == "conv1d" else dense), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -885,7 +904,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "psoft": psoft_dense,
          "glora": glora_dense,
          "unilora": unilora_dense,
-         "osf": osf_dense}
+         "osf": osf_dense,
+         "frod": frod_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -906,6 +926,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "UNILORA": {"init_weights": False},  # theta_d ~ N(0, 1)
                    "LILY": {"init_weights": False},  # B kaiming-uniform too
                    "OSF": {"init_weights": False},  # U_low, S_low, V_low ~ N(0, 1)
+                   "FROD": {"init_weights": False},  # S's values N(0, 0.1^2), lambda_l moved by N(0, 0.1^2)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1300,7 +1321,8 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                               "miss", "miss-bat", "delora", "road", "hira",
                                               "gralora", "deft",
                                               "pvera", "tinylora",
-                                              "psoft", "unilora", "lily")])
+                                              "psoft", "unilora", "lily",
+                                              "frod")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

@@ -49,6 +49,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "LilyConfig": {},
     "CartridgeConfig": {},
     "OSFConfig": {},
+    "FrodConfig": {},
 }
 
 
@@ -483,6 +484,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "unilora": ("UniLoraConfig", {"r": 2, "theta_d_length": 32, "init_weights": False}, {"r": 2, "theta_d_length": 32}),
     "lily": ("LilyConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "frod": ("FrodConfig", {"init_weights": False, "progressbar": False}, {}),
 }
 
 

@@ -55,6 +55,7 @@ from peftkit.methods.glora import Glora
 from peftkit.methods.unilora import UniLora
 from peftkit.methods.lily import Lily
 from peftkit.methods.osf import Osf
+from peftkit.methods.frod import Frod
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -107,6 +108,7 @@ register(UniLora)
 register(Lily)
 register(Cartridge)
 register(Osf)
+register(Frod)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
