@@ -177,6 +177,11 @@ def _refuse_uncombinable(path: str, cfg, peft, state: dict[str, torch.Tensor]) -
         raise PeftkitError(f"{path} also trains rows of the embeddings (trainable tokens): those are "
                            "values, not updates to weigh and combine. Combine adapters without them, or merge "
                            "this one alone (`peftkit merge`).")
+    if cfg.method == "frod" and not cfg.save_projection:
+        raise PeftkitError(f"{path} is a FRoD adapter saved without its projections (save_projection: false): each "
+                           "kind of layer's basis V is computed from all its layers' weights, which combining (an "
+                           "adapter's tensors alone) does not do. Merge it alone (`peftkit merge --adapter` once), or "
+                           "export it again with save_projection: true.")
     if cfg.method == "tinylora":
         raise PeftkitError(f"{path} is a TinyLoRA adapter, whose trained v each group of consecutive target layers "
                            "shares (base_model.tinylora_v.<group>): which layers a group holds follows from the "

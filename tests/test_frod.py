@@ -1,6 +1,6 @@
 """FRoD (peftkit.methods.frod) beyond the conformance battery of tests/test_methods.py: its bases, sparse entries, U
 and lambda_l against peft 0.21's from one seed, peft's adapter without saved projections loaded and merged with peft's numbers, our export loaded by peft with our logits and gradients, the
-shipped recipe, and what it refuses."""
+shipped recipe, combining two adapters into the base, and what it refuses."""
 
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ from peftkit.errors import PeftkitError
 from peftkit.inspect import inspect_adapter
 from peftkit.methods.frod import FrodConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import (check_loads_and_merges_as_peft, check_trained_bias_refused, save_random_adapter,
-                            train_shipped_recipe)
+from tests.conftest import (check_combined_into_base_as_peft_merges, check_loads_and_merges_as_peft,
+                            check_trained_bias_refused, save_random_adapter, train_shipped_recipe)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-def _peft_adapter(base: Path, out: Path, **settings) -> Path:
+def _peft_adapter(base: Path, out: Path, seed: int = 0, **settings) -> Path:
     """peft's FRoD with init_weights false (S's values and lambda_l moved: not the base), saved by peft."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = {"target_modules": TARGETS, "init_weights": False, "sparse_rate": 0.05, "progressbar": False} | settings
     model = get_peft_model(_load(base), peft.FrodConfig(**config))
     model.save_pretrained(out)
@@ -114,6 +114,22 @@ def test_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_data
         merged = _load(tmp_path / "run" / "merged")(IDS).logits
         theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS).logits
     assert (merged - theirs).abs().max() <= 1e-5
+
+
+def test_combining_two_adapters_into_the_base_is_peft_s_merges_mean(tiny_llama, tmp_path):
+    """Two peft adapters (seeds 0, 1) combined at 0.5 each into the base give the mean of peft's merge_and_unload
+    weights (the kinds' saved V under each layer: it failed, the file's base_model.frod_V.<kind> not a layer's key);
+    one saved without its projections is refused by text."""
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    adapters = [_peft_adapter(tiny_llama, tmp_path / f"a{seed}", seed, target_modules=["q_proj", "v_proj"])
+                for seed in (0, 1)]
+    check_combined_into_base_as_peft_merges(tiny_llama, adapters, tmp_path / "combined")
+    bare = _peft_adapter(tiny_llama, tmp_path / "bare", save_projection=False)
+    with pytest.raises(PeftkitError, match="saved without its projections .save_projection: false.: each kind"):
+        combine_adapters([str(adapters[0]), str(bare)], Combination("linear", (0.5, 0.5)), str(tmp_path / "c2"),
+                         into_base=True)
 
 
 def test_refusals(tiny_llama, tmp_path):

@@ -307,6 +307,20 @@ class Frod(Method):
         return out
 
     @classmethod
+    def from_peft_file(cls, state: dict[str, torch.Tensor], peft: PeftFrodConfig, file: Path
+                       ) -> dict[str, torch.Tensor]:
+        """Each kind's saved V, entries and size under each of its layers as well, so that a merge of the file's
+        tensors alone (combining adapters) finds every layer's."""
+        paths = [k[: -len(".frod_lambda_l")] for k in state if k.endswith(".frod_lambda_l")]
+        out = dict(state)
+        for path in paths:
+            for name in PROJECTIONS:
+                key = f"{SHARED_PREFIX}{name}.{category_of(path.removeprefix(PEFT_PREFIX))}"
+                if key in state:
+                    out.setdefault(f"{path}.{name}", state[key])
+        return {k: t for k, t in out.items() if not k.startswith(tuple(f"{SHARED_PREFIX}{n}." for n in PROJECTIONS))}
+
+    @classmethod
     def layer_state(cls, layers: dict[str, AdapterLayer], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """peft's file as the layers hold it: each layer's category's V, entries and size under the layer (those
         computed at injection where the file leaves them out: save_projection false)."""
