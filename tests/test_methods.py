@@ -119,8 +119,9 @@ class Case:
     """Whether it adapts a 4-bit base (refused, and the refusal checked: Super-Tuning composes the weight with its
     entries; PSOFT takes its factors from the unquantized weight's SVD, as peft computes them on loading)."""
     support_from_fp32: bool = True
-    """Whether a bf16 base's adapter is placed as the fp32 base's (Super-Tuning's support is the topk of the weight in
-    its own dtype, whose ties in bf16 pick other entries)."""
+    """Whether a bf16 base's adapter is built as the fp32 base's, for the bf16-vs-fp32 check (not where it is read from
+    the weight in its own dtype, as peft's: Super-Tuning's support, the topk whose ties in bf16 pick other entries;
+    FRoD's basis, from the bf16 weight; their bf16 logits are checked against peft's instead)."""
     samples_in_training: bool = False
     """The training forward draws noise (PVeRA): the bf16 and NF4 checks compare the evaluation forward's logits."""
 
