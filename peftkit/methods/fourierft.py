@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape, refuse_embedding
 from peftkit.methods.target_filters import (ExcludedTargets, LayerTargets, PeftExcludedTargets, PeftLayerTargets,
                                              filters_from_peft)
 from peftkit.methods.vera import SEED_RANGE
@@ -154,11 +154,7 @@ class FourierFt(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: FourierFtConfig, path: str) -> FourierFtLinear:
-        if isinstance(base, nn.Embedding):
-            raise PeftkitError(
-                f"adapter.target_modules: '{path}' is an embedding; FourierFT (as peft's) adapts Linear and Conv1D "
-                "layers only. Leave embeddings out of adapter.target_modules (all-linear does), or use adapter.method: "
-                "lora.")
+        refuse_embedding(base, path, "FourierFT")
         return FourierFtLinear(base, cfg.frequencies(path), cfg)
 
     @classmethod

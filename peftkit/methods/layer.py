@@ -84,6 +84,14 @@ def dense_weight(base_layer: nn.Module, fan_in_fan_out: bool = False) -> torch.T
     return weight.T if fan_in_fan_out else weight
 
 
+def refuse_embedding(base: nn.Module, path: str, title: str) -> None:
+    """Refuse an embedding target for a method whose peft layer adapts Linear and Conv1D layers only."""
+    if isinstance(base, nn.Embedding):
+        raise PeftkitError(f"adapter.target_modules: '{path}' is an embedding; {title} (as peft's) adapts Linear and "
+                           "Conv1D layers only. Leave embeddings out of adapter.target_modules (all-linear does), or use "
+                           "adapter.method: lora.")
+
+
 def linear_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, Conv1D or bitsandbytes linear layer."""
     if is_conv1d(layer):

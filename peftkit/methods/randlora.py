@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape, refuse_embedding
 from peftkit.methods.target_filters import LayerTargets, PeftLayerTargets, filters_from_peft
 from peftkit.methods.vera import SEED_RANGE
 from peftkit.section import TargetRegex
@@ -217,11 +217,7 @@ class RandLora(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: RandLoraConfig, path: str) -> RandLoraLinear:
-        if isinstance(base, nn.Embedding):
-            raise PeftkitError(
-                f"adapter.target_modules: '{path}' is an embedding; RandLoRA (as peft's) adapts Linear and Conv1D "
-                "layers only. Leave embeddings out of adapter.target_modules (all-linear does), or use adapter.method: "
-                "lora.")
+        refuse_embedding(base, path, "RandLoRA")
         return RandLoraLinear(base, cfg)
 
     @classmethod

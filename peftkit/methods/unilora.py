@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import REEXPORT, Method, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape, refuse_embedding
 from peftkit.methods.supertuning import DEFAULTS as LORA_DEFAULTS
 from peftkit.methods.target_filters import LayerTargets, NoDefault, PeftLayerTargets, filters_from_peft
 from peftkit.section import TargetRegex
@@ -173,11 +173,7 @@ class UniLora(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: UniLoraConfig, path: str) -> UniLoraLinear:
-        if isinstance(base, nn.Embedding):
-            raise PeftkitError(
-                f"adapter.target_modules: '{path}' is an embedding; Uni-LoRA (as peft's) adapts Linear and Conv1D "
-                "layers only. Leave embeddings out of adapter.target_modules (all-linear does), or use adapter.method: "
-                "lora.")
+        refuse_embedding(base, path, "Uni-LoRA")
         return UniLoraLinear(base, cfg)
 
     @classmethod

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import Method, refuse_unsupported, targets_from_peft
-from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape
+from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape, refuse_embedding
 from peftkit.methods.target_filters import LayerTargets, PeftLayerTargets, filters_from_peft
 from peftkit.section import TargetRegex
 
@@ -145,11 +145,7 @@ class Vera(Method):
 
     @classmethod
     def wrap(cls, base: nn.Module, cfg: VeraConfig, path: str) -> VeraLinear:
-        if isinstance(base, nn.Embedding):
-            raise PeftkitError(
-                f"adapter.target_modules: '{path}' is an embedding; VeRA (as peft's) adapts Linear and Conv1D layers "
-                "only. Leave embeddings out of adapter.target_modules (all-linear does), or use adapter.method: lora."
-            )
+        refuse_embedding(base, path, "VeRA")
         return VeraLinear(base, cfg.r, cfg.d_initial, cfg.dropout)
 
     @classmethod
