@@ -90,7 +90,8 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
 
     Args:
         inputs: hashes of the data and base model (`run_inputs`), recorded to refuse a resume on others.
-        method_trainer: the method's `MethodTrainer`, if it has one: its state is kept beside the optimizer's.
+        method_trainer: the method's `MethodTrainer`, if it has one: its state is kept beside the optimizer's; or,
+            for one whose state differs by process (`per_process`), every process's `state_dict()`, by rank.
         selection: the run's `peftkit.selection.Selection` (early stopping, export.best), if it has one.
         rng: every process's RNG states, by rank (`peftkit.distributed.rng_states`); default this process's.
         gathered: (adapter weights, optimizer state) already gathered by every process (FSDP); default read here.
@@ -108,7 +109,11 @@ def save_checkpoint(out: Path, model, modules_to_save: list[str], optimizer, sch
         blob = {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng[0]}
         if len(rng) > 1:
             blob["rng_ranks"] = rng
-        if method_trainer is not None:
+        if isinstance(method_trainer, list):
+            blob["method_trainer"] = method_trainer[0]
+            if len(method_trainer) > 1:
+                blob["method_trainer_ranks"] = method_trainer
+        elif method_trainer is not None:
             blob["method_trainer"] = method_trainer.state_dict()
         if (scaler := getattr(optimizer, "scaler", None)) is not None:  # fp16's loss scaler, which accelerate gave it
             blob["scaler"] = scaler.state_dict()  # its scale: a resume from the first scale skipped other steps
@@ -191,7 +196,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, method_trainer=None
         if world is not None and len(ranks) != world:
             return state, recorded["inputs"], len(ranks)
         if method_trainer is not None:  # first: P-tuning's encoder must be back before its output is loaded
-            method_trainer.load_state_dict(blob["method_trainer"])
+            trainers = blob.get("method_trainer_ranks", [])  # (a per-process state: this process's)
+            method_trainer.load_state_dict(trainers[rank] if rank < len(trainers) else blob["method_trainer"])
         with zero.gathered(model, modify=True):  # ZeRO-3: whole while written, then partitioned again
             load_adapter_state_dict(model, weights, encoder_restored=method_trainer is not None)
         load_optimizer_state(model, optimizer, blob["optimizer"])

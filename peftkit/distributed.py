@@ -215,11 +215,16 @@ def rng_states(accelerator) -> list[dict]:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return by_rank(accelerator, state)
+
+
+def by_rank(accelerator, value) -> list:
+    """Each process's `value` (picklable), by rank (every process calls this; all get the list)."""
     if accelerator.num_processes == 1:
-        return [state]
+        return [value]
     from accelerate.utils import gather_object
 
-    return gather_object([state])
+    return gather_object([value])
 
 
 def describe(accelerator) -> dict:

@@ -120,13 +120,16 @@ class Run:
     def checkpoint(self, state: LoopState) -> Path:
         """checkpoints/step-N, written by the main process with every process's RNG state (all must call this)."""
         rng = distributed.rng_states(self.accelerator)
+        trainer = self.method_trainer
+        if trainer is not None and trainer.per_process:  # (each process's, gathered by all, as the RNG's)
+            trainer = distributed.by_rank(self.accelerator, trainer.state_dict())
         path = self.out / "checkpoints" / f"step-{state.step:08d}"
         model = distributed.unwrap(self.accelerator, self.model)
         gathered = distributed.gathered_state(self.accelerator, model, self.saved_modules, self.optimizer)
         if self.main:
             try:
                 path = save_checkpoint(self.out, model, self.saved_modules, self.optimizer, self.scheduler, state,
-                                       self.inputs, self.cfg.training.save_total_limit, self.method_trainer,
+                                       self.inputs, self.cfg.training.save_total_limit, trainer,
                                        self.selection, rng, gathered)
             except DiskFullError as e:
                 raise DiskFullError(f"{e} {self.resume_hint()}") from None

@@ -98,3 +98,33 @@ def test_a_stand_in_row_is_left_out_of_velora_s_batch_mean(tiny_llama, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     (a, _), (b, _) = _exported(tmp_path / "one" / "run"), _exported(tmp_path / "three" / "run")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_pvera_s_seeded_noise_resumes_in_two_processes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    """PVeRA with generator_seed: each layer of each process draws its noise from its own seeded generator, as many
+    numbers as its batch holds, and the two processes' batches are padded to other lengths. A checkpoint kept the
+    main process's generator states only, which a resume gave to both: the second process's noise after it was
+    another than the unbroken run's, and so was the adapter (measured on that code: its bytes differ). Now every
+    process's states are kept and each gets its own back. (~25 s: a 2-process run and a resumed half of one.)"""
+    adapter = {"method": "pvera", "r": 8, "generator_seed": 3, "target_modules": ["q_proj", "v_proj"]}
+    recipe = _recipe(tmp_path, tiny_llama, number_data, adapter, 2, 4)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["training"] |= {"save_steps": 2, "save_total_limit": 4}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = tmp_path / "run"
+
+    def two(*extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "--num-processes", "2", *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    two()
+    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    state = torch.load(run / "checkpoints" / "step-00000002" / "training_state.pt", weights_only=True)
+    mine, other = state["method_trainer_ranks"]
+    assert any(not torch.equal(mine["generators"][k], other["generators"][k]) for k in mine["generators"])
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    (run / "manifest.json").unlink()
+    two("--resume")
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken

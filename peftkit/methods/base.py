@@ -67,6 +67,10 @@ class MethodTrainer:
     work after each optimizer step, state that a checkpoint must keep, and settings only the run knows at export.
     Every hook does nothing by default. (AdaLoRA: the orthogonality regulariser and the rank allocator.)"""
 
+    per_process = False
+    """Whether the state differs between processes (a generator each draws from for batches of its own shapes): a
+    checkpoint then keeps every process's, and a resume gives each its own. False: every process's is the main's."""
+
     def regularizer(self) -> torch.Tensor | None:
         """A term added to the loss of each optimizer step (once per step, not per micro-batch: its gradient
         does not depend on how the step is split into micro-batches), or None."""

@@ -130,7 +130,10 @@ class PveraLinear(AdapterLayer):
 
 
 class PveraTrainer(MethodTrainer):
-    """With generator_seed: each layer's noise generator state, kept in a checkpoint so a resumed run draws on."""
+    """With generator_seed: each layer's noise generator state, kept in a checkpoint so a resumed run draws on. Per
+    process: each draws as many numbers as its own batches hold, which may differ (their padded lengths)."""
+
+    per_process = True
 
     def __init__(self, layers: dict[str, PveraLinear]) -> None:
         self.layers = layers
