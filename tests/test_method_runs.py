@@ -18,6 +18,7 @@ magnitudes and the 1-D parameters of modules_to_save train at `lr` (peft's `crea
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -35,6 +36,8 @@ from transformers import AutoModelForCausalLM, Trainer
 import peftkit.start
 import peftkit.train
 from peftkit.adapters.state_dicts import adapter_state_dict
+from peftkit.methods import method_of
+from peftkit.peft_format import with_shared_copies
 from peftkit.recipe import load_recipe
 from tests.conftest import make_recipe
 
@@ -90,6 +93,34 @@ CASES = {
     "multitask-prompt-tuning": {"adapter": {"method": "multitask_prompt_tuning", "num_virtual_tokens": 4,
                                             "num_tasks": 2, "num_ranks": 2}, "task_ids": True},
     "llama-adapter": {"adapter": {"method": "llama_adapter", "adapter_len": 4}},
+    "fourierft": {"adapter": {"method": "fourierft", "n_frequency": 50, "scaling": 10.0}},
+    # RandLoRA's gamma has no gradient until lambda moves (zero at init), then one summed over tokens and ranks
+    # whose terms nearly cancel: Adam's first steps on it turn float rounding into differences that grow ~10x a step
+    # (1.8e-7 after step 1, 3e-4 after step 2, 7e-3 after step 3, measured per step against the run's checkpoints).
+    "randlora": {"adapter": {"method": "randlora", "r": 4}, "training": {"max_steps": 2}, "rtol": 1e-3},
+    "hra": {"adapter": {"method": "hra", "r": 4}},
+    "boft": {"adapter": {"method": "boft", "boft_block_size": 4}},
+    "ln-tuning": {"adapter": {"method": "ln_tuning"}},
+    "miss": {"adapter": {"method": "miss", "r": 4}},
+    "delora": {"adapter": {"method": "delora", "r": 4}},
+    "road": {"adapter": {"method": "road", "group_size": 8}},
+    "hira": {"adapter": {"method": "hira", "r": 4}},
+    "shira": {"adapter": {"method": "shira", "r": 4}},
+    # (C3A is not here: peft's hand-written backward gives each layer's input a wrong gradient, so its kernels below
+    # the top layer train otherwise than autograd's: tests/test_c3a.py.)
+    "beft": {"adapter": {"method": "beft"}},
+    "supertuning": {"adapter": {"method": "supertuning"}},
+    "gralora": {"adapter": {"method": "gralora", "r": 4, "gralora_k": 2}},
+    "deft": {"adapter": {"method": "deft", "r": 4}},
+    "peanut": {"adapter": {"method": "peanut", "r": 4}},
+    "tinylora": {"adapter": {"method": "tinylora"}},
+    "psoft": {"adapter": {"method": "psoft", "r": 4}},
+    "glora": {"adapter": {"method": "glora", "r": 4}},
+    "unilora": {"adapter": {"method": "unilora", "r": 4}},
+    "lily": {"adapter": {"method": "lily", "r": 4}},
+    "cartridge": {"adapter": {"method": "cartridge", "num_virtual_tokens": 4}},
+    "osf": {"adapter": {"method": "osf"}},
+    "frod": {"adapter": {"method": "frod", "sparse_rate": 0.05}},
 }
 
 
@@ -118,6 +149,9 @@ def _train(monkeypatch, tmp_path, base, data, adapter: dict, training: dict) -> 
     recipe.write_text(yaml.safe_dump(settings | {"adapter": adapter}, sort_keys=False))  # only the method's own keys
     peftkit.train.train(load_recipe(recipe), show_summary=False)
     seen["final"] = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    seen["init"] = method_of(load_recipe(recipe).adapter).to_peft_file(  # as the export writes it
+        with_shared_copies(seen["init"], config["peft_type"]), config)
     return seen
 
 
@@ -209,7 +243,7 @@ def test_a_run_trains_the_adapter_peft_s_hand_loop_trains(name, tiny_llama, numb
     _start_peft(model, seen, case)
     _hand_loop(model, seen["windows"], training, case)
     theirs = get_peft_model_state_dict(model)
-    assert _differences(seen["final"], theirs, RTOL) == []
+    assert _differences(seen["final"], theirs, case.get("rtol", RTOL)) == []
     moved = [k for k, t in theirs.items() if k in seen["init"] and t.shape == seen["init"][k].shape
              and not torch.equal(t, seen["init"][k])]
     assert moved  # (not a run that trained nothing)
