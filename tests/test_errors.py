@@ -239,7 +239,7 @@ def test_unknown_method(tmp_path):
                                               "'fusion', 'ln_tuning', 'fourierft', 'randlora', 'vblora', 'miss', 'delora', "
                                               "'road', 'hira', 'c3a', 'shira', 'beft', 'supertuning', "
                                               "'gralora', 'deft', 'peanut', "
-                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod'.")
+                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod', 'waveft'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):
@@ -311,7 +311,8 @@ def test_bad_value_names_key_line_and_what_is_allowed(tmp_path, old, new, expect
                                     "unilora",
                                     "lily",
                                     "osf",
-                                    "frod"])
+                                    "frod",
+                                    "waveft"])
 def test_all_linear_in_a_list_is_refused_by_every_method_with_target_modules(tmp_path, method):
     """`[all-linear]` passed validate, and train said after loading the model that entry 'all-linear' matched no
     module; trainable_tokens has no all-linear at all."""
@@ -1324,6 +1325,8 @@ def test_a_section_check_stays_at_the_section_when_a_set_gave_one_of_its_keys(tm
                           "use the default 0.1 (values up to 0.1 are recommended)"),
     ("bottleneck", "scaling", "0 multiplies the adapter's output and its gradients by zero, so it would never train; "
                               "leave it out (null: 1 for serial, 4 for parallel)"),
+    ("waveft", "scaling", "0 scales the update and its gradients to nothing, so the adapter would never train; use the "
+                          "default 25"),
 ])
 def test_a_zero_scale_that_would_train_nothing_is_refused(tmp_path, method, key, expected):
     text = RECIPE.replace("  r: 4\n  alpha: 8\n  dropout: 0.0\n", f"  method: {method}\n  {key}: 0\n")

@@ -74,6 +74,7 @@ from peftkit.methods.deft import DeftConfig
 from peftkit.methods.unilora import UniLoraConfig
 from peftkit.methods.lily import LilyConfig
 from peftkit.methods.frod import FrodConfig
+from peftkit.methods.waveft import WaveFtConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -370,6 +371,21 @@ CASES: dict[str, list[Case]] = {
     # rounding of W V^-T's fp64 split); unquantized bases only (the refusal checked).
     "frod": [Case("frod", FrodConfig(method="frod", sparse_rate=0.05), ("llama", "gpt2"), ("linear", "conv1d"),
                   identity_tol=1e-5, quantized=False, support_from_fp32=False)],
+    # peft's WaveFT: Linear and GPT-2's Conv1D (and a 4-bit base, as FourierFT), the update scaling x one level of the
+    # inverse 2-D DWT of 16 coefficients at random entries (0 at init: the base model). Haar (db1) on every tiny
+    # model; db4 (8 taps, the coefficients padded by 6) with a per-module count; the sparse matrix itself without
+    # the transform, the counts shared in proportion to the layers' sizes.
+    "waveft": [
+        Case("waveft", WaveFtConfig(method="waveft", n_frequency=16, scaling=2.0), ("llama", "qwen2", "gpt2"),
+             ("linear", "conv1d")),
+        Case("waveft-db4-pattern", WaveFtConfig(method="waveft", n_frequency=24, scaling=3.0, wavelet_family="db4",
+                                                random_loc_seed=5, n_frequency_pattern={"down_proj": 40},
+                                                target_modules=["q_proj", "v_proj", "down_proj"]), ("llama",),
+             ("linear", "conv1d")),
+        Case("waveft-sparse-proportional", WaveFtConfig(method="waveft", n_frequency=16, scaling=2.0, use_idwt=False,
+                                                        proportional_parameters=True, target_modules="all-linear"),
+             ("llama",), ("linear",)),
+    ],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -779,6 +795,34 @@ def frod_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: 
     return (dense.T if layout == "conv1d" else dense), bias
 
 
+def waveft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: WaveFtConfig, layout: str):
+    """(W + scaling dW, b) in float64: the coefficients placed at their entries (the k-th of randperm(out in) seeded
+    with random_loc_seed: row e // in, column e % in) in the middle of a zero matrix L - 2 rows and columns larger (made
+    even), PyWavelets' own inverse DWT of its four quadrants (pywt.idwt2, cA cH / cV cD), its middle (out x in);
+    without use_idwt, the sparse matrix itself. W is (out, in), or (in, out) for Conv1D."""
+    import numpy as np
+    import pywt
+
+    w = weight.T if layout == "conv1d" else weight
+    out, inp = w.shape
+    c = parts["waveft_spectrum"].double().numpy()
+    entries = torch.randperm(out * inp, generator=torch.Generator().manual_seed(cfg.random_loc_seed))[:len(c)]
+    grow = pywt.Wavelet(cfg.wavelet_family).rec_len - 2 if cfg.use_idwt else 0
+    rows, cols = out + grow + (out + grow) % 2, inp + grow + (inp + grow) % 2
+    if not cfg.use_idwt:
+        rows, cols = out, inp
+    spectrum = np.zeros((rows, cols))
+    spectrum[(entries // inp).numpy() + (rows - out) // 2, (entries % inp).numpy() + (cols - inp) // 2] = c
+    if cfg.use_idwt:
+        h, v = rows // 2, cols // 2
+        bands = (spectrum[:h, :v], (spectrum[:h, v:], spectrum[h:, :v], spectrum[h:, v:]))
+        spectrum = pywt.idwt2(bands, cfg.wavelet_family, mode="zero")
+    top, left = (spectrum.shape[0] - out) // 2, (spectrum.shape[1] - inp) // 2
+    delta = torch.from_numpy(spectrum[top:top + out, left:left + inp]) * cfg.scaling
+    dense = w + delta.to(w.dtype)
+    return (dense.T if layout == "conv1d" else dense), bias
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -906,7 +950,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "glora": glora_dense,
          "unilora": unilora_dense,
          "osf": osf_dense,
-         "frod": frod_dense}
+         "frod": frod_dense,
+         "waveft": waveft_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -928,6 +973,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "LILY": {"init_weights": False},  # B kaiming-uniform too
                    "OSF": {"init_weights": False},  # U_low, S_low, V_low ~ N(0, 1)
                    "FROD": {"init_weights": False},  # S's values N(0, 0.1^2), lambda_l moved by N(0, 0.1^2)
+                   "WAVEFT": {"init_weights": False},  # N(0, 0.01^2)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1323,7 +1369,8 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                               "gralora", "deft",
                                               "pvera", "tinylora",
                                               "psoft", "unilora", "lily",
-                                              "frod")])
+                                              "frod",
+                                              "waveft", "waveft-db4-pattern")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

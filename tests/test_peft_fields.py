@@ -50,6 +50,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "CartridgeConfig": {},
     "OSFConfig": {},
     "FrodConfig": {},
+    "WaveFTConfig": {},
 }
 
 
@@ -485,6 +486,8 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "unilora": ("UniLoraConfig", {"r": 2, "theta_d_length": 32, "init_weights": False}, {"r": 2, "theta_d_length": 32}),
     "lily": ("LilyConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "frod": ("FrodConfig", {"init_weights": False, "progressbar": False}, {}),
+    "waveft": ("WaveFTConfig", {"n_frequency": 16, "wavelet_family": "sym2", "init_weights": False},
+               {"n_frequency": 16, "wavelet_family": "sym2"}),
 }
 
 
@@ -587,6 +590,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "peanut": ("PeanutConfig", {"r": 4, "init_weights": False}, {"r": 4}),
     "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "lily": ("LilyConfig", {"r": 2, "init_weights": False}, {"r": 2}),
+    "waveft": ("WaveFTConfig", {"n_frequency": 16, "init_weights": False}, {"n_frequency": 16}),
 }
 
 

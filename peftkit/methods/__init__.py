@@ -56,6 +56,7 @@ from peftkit.methods.unilora import UniLora
 from peftkit.methods.lily import Lily
 from peftkit.methods.osf import Osf
 from peftkit.methods.frod import Frod
+from peftkit.methods.waveft import WaveFt
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -109,6 +110,7 @@ register(Lily)
 register(Cartridge)
 register(Osf)
 register(Frod)
+register(WaveFt)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 
