@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftkit.adapters import inject_adapters
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.inspect import inspect_adapter
-from peftkit.methods.waveft import FAMILIES, WaveFtConfig, WaveFtLinear, reconstruction_filters, wave_delta
+from peftkit.methods.waveft import (FAMILIES, PEFT_COMPUTES, WaveFtConfig, WaveFtLinear, reconstruction_filters,
+                                    wave_delta)
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_halves_into_base_and_refuses_fusion, check_loads_and_merges_as_peft,
                             check_routed_as_peft, check_trained_bias_refused, cli_user_error, gpt2_without_dropout,
@@ -101,13 +103,22 @@ def test_pywavelets_filters_are_peft_s_except_its_coif4_and_coif5():
         assert abs(lo @ lo - 1) < 1e-12 and max(map(abs, shifts)) < 1e-12 and abs(lo.sum() - 2 ** 0.5) < 1e-12
         assert abs(theirs @ theirs - 1) > 5e-3
     assert len(PeftWavelet("coif5").rec_lo) == 48 and len(reconstruction_filters("coif5")[0]) == 30
+    assert set(PEFT_COMPUTES) == set(peft_wavelist()) - {"haar", "coif4", "coif5"}
     base = nn.Linear(16, 32)
     with pytest.raises(RuntimeError):
         WaveFTLinear(base, "default", WaveFTConfig(wavelet_family="coif5", init_weights=False), n_frequency=8)(
             torch.randn(2, 16))
     for family in ("coif5", "db38", "sym20", "coif17"):
-        layer = WaveFtLinear(base, 8, WaveFtConfig(method="waveft", wavelet_family=family), init_weights=False)
-        assert layer(torch.randn(2, 16)).shape == (2, 32)
+        with pytest.warns(PeftkitWarning, match=f"adapter.wavelet_family '{family}': peftkit computes it with "
+                          "PyWavelets' filters, but peft 0.21.2 cannot compute it: its forward fails"):
+            cfg = WaveFtConfig(method="waveft", wavelet_family=family)
+        assert WaveFtLinear(base, 8, cfg, init_weights=False)(torch.randn(2, 16)).shape == (2, 32)
+    with pytest.warns(PeftkitWarning, match="peft 0.21.2 computes another update from the same coefficients: its "
+                      "coif4 filter is not PyWavelets'"):
+        WaveFtConfig(method="waveft", wavelet_family="coif4")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        WaveFtConfig(method="waveft", wavelet_family="sym10")
 
 
 def test_the_same_seeds_give_peft_s_entries_coefficients_and_generator(tiny_gpt2):

@@ -22,6 +22,7 @@ before one cast, as peft does.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +33,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.base import Method, draw_device, refuse_unsupported, targets_from_peft
 from peftkit.methods.fourierft import check_fits, locations
 from peftkit.methods.layer import AdapterLayer, is_conv1d, linear_shape, refuse_embedding
@@ -44,6 +45,9 @@ from peftkit.section import TargetRegex
 FAMILIES = (tuple(f"db{i}" for i in range(1, 39)) + tuple(f"sym{i}" for i in range(2, 21))
             + tuple(f"coif{i}" for i in range(1, 18)))
 """peft 0.21.2's wavelet families (its WAVELET_REDUCTIONS): Daubechies, symlets, coiflets (db1 is Haar's)."""
+PEFT_COMPUTES = (tuple(f"db{i}" for i in range(1, 11)) + tuple(f"sym{i}" for i in range(2, 11))
+                 + ("coif1", "coif2", "coif3"))
+"""The families whose filters peft 0.21.2's own table holds as PyWavelets' (the others: `peft_differs`)."""
 DEFAULTS = LORA_TARGETS | {"gpt2": ["mlp.c_proj"]}
 """peft 0.21's TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING for the architectures peftkit is tested on."""
 
@@ -85,6 +89,8 @@ class WaveFtConfig(LayerTargets, ExcludedTargets):
         if value not in FAMILIES:
             raise ValueError(f"{value!r} is not one of peft's wavelet families: db1 to db38 (db1 is the Haar wavelet), "
                              "sym2 to sym20, coif1 to coif17")
+        if value not in PEFT_COMPUTES:
+            warnings.warn(PeftkitWarning(peft_differs(value)), stacklevel=2)
         return value
 
     @field_validator("scaling")
@@ -100,6 +106,18 @@ class WaveFtConfig(LayerTargets, ExcludedTargets):
         """n_frequency of the layer at module path `path`, as peft reads n_frequency_pattern."""
         key = next((k for k in self.n_frequency_pattern if re.match(rf"(.*\.)?({k})$", path)), path)
         return self.n_frequency_pattern.get(key, self.n_frequency)
+
+
+def peft_differs(family: str) -> str:
+    """What peft 0.21.2 makes of a WaveFT adapter of `family`, one it computes otherwise than PyWavelets' filters."""
+    if family == "coif4":
+        what = ("computes another update from the same coefficients: its coif4 filter is not PyWavelets' (nor "
+                "orthonormal), so an adapter moved between peft and peftkit changes its numbers")
+    else:
+        what = ("cannot compute it: its forward fails on such an adapter (its table stops at db10, sym10 and coif5, "
+                "and its coif5 has 48 taps for 30)")
+    return (f"adapter.wavelet_family {family!r}: peftkit computes it with PyWavelets' filters, but peft 0.21.2 {what}. "
+            "For an adapter peft uses as peftkit does, choose db1-db10, sym2-sym10 or coif1-coif3.")
 
 
 @lru_cache(maxsize=None)
