@@ -145,11 +145,14 @@ def test_the_same_seeds_give_peft_s_entries_coefficients_and_generator(tiny_gpt2
 
 @pytest.mark.parametrize(("arch", "family"), [("llama", "sym2"), ("gpt2", "db1")])
 def test_peft_s_adapters_load_and_merge_as_peft_s_merge_and_unload(arch, family, tiny_llama, tiny_gpt2, tmp_path):
+    """n_frequency_pattern read as peft's WaveFT reads it (get_pattern_key: a key may be a regex over the whole path,
+    which FourierFT's `.*\.key$` would not match)."""
     base = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]
-    adapter = _peft_adapter(base, tmp_path / "peft", TARGETS[arch], wavelet_family=family,
-                            n_frequency_pattern={"q_proj": 30, "c_attn": 70})
+    pattern = {"q_proj": 30, "c_attn": 70, r"model\.layers\.1\.mlp\.down_proj": 50,
+               r"transformer\.h\.1\.mlp\.c_proj": 60}
+    adapter = _peft_adapter(base, tmp_path / "peft", TARGETS[arch], wavelet_family=family, n_frequency_pattern=pattern)
     check_loads_and_merges_as_peft(base, adapter, IDS, tmp_path / "merged", unloaded=True)
-    assert inspect_adapter(adapter)["trainable_params"] == (2 * (30 + 40) if arch == "llama" else 2 * (70 + 40))
+    assert inspect_adapter(adapter)["trainable_params"] == (2 * 30 + 40 + 50 if arch == "llama" else 2 * 70 + 40 + 60)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
