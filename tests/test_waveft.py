@@ -121,10 +121,11 @@ def test_pywavelets_filters_are_peft_s_except_its_coif4_and_coif5():
         WaveFtConfig(method="waveft", wavelet_family="sym10")
 
 
-def test_the_same_seeds_give_peft_s_entries_coefficients_and_generator(tiny_gpt2):
-    """peft's defaults for GPT-2 (mlp.c_proj, Conv1D), the counts in proportion to the layers, coefficients drawn."""
-    settings = {"n_frequency": 40, "random_loc_seed": 11, "init_weights": False, "proportional_parameters": True,
-                "target_modules": ["c_attn", "mlp.c_proj"]}
+@pytest.mark.parametrize("proportional", [True, False])
+def test_the_same_seeds_give_peft_s_entries_coefficients_and_generator(proportional, tiny_gpt2):
+    """GPT-2's Conv1D layers, the counts in proportion to the layers or not, the coefficients drawn."""
+    settings = {"n_frequency": 40, "random_loc_seed": 11, "init_weights": False,
+                "proportional_parameters": proportional, "target_modules": ["c_attn", "mlp.c_proj"]}
     torch.manual_seed(4)
     theirs = get_peft_model(_load(tiny_gpt2), WaveFTConfig(task_type="CAUSAL_LM", **settings))
     after_peft = torch.rand(1)
@@ -140,7 +141,17 @@ def test_the_same_seeds_give_peft_s_entries_coefficients_and_generator(tiny_gpt2
         sizes.add(len(layer.waveft_spectrum))
     # 40 x 4 layers shared by 2 c_attn (32 x 96) and 2 mlp.c_proj (128 x 32): 160 x 3072 / 14336 = 34.3, 160 x 4096 /
     # 14336 = 45.7
-    assert sizes == {34, 46}
+    assert sizes == ({34, 46} if proportional else {40})
+
+
+def test_target_modules_null_adapts_what_peft_s_default_adapts(tiny_llama, tiny_gpt2):
+    """peft's TRANSFORMERS_MODELS_TO_WAVEFT_TARGET_MODULES_MAPPING: q_proj, v_proj on a Llama, mlp.c_proj on GPT-2."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for base in (tiny_llama, tiny_gpt2):
+        theirs = get_peft_model(_load(base), WaveFTConfig(task_type="CAUSAL_LM", n_frequency=16)).base_model.model
+        expected = {n for n, m in theirs.named_modules() if isinstance(m, BaseTunerLayer)}
+        assert set(inject_adapters(_load(base), WaveFtConfig(method="waveft", n_frequency=16))) == expected
 
 
 @pytest.mark.parametrize(("arch", "family"), [("llama", "sym2"), ("gpt2", "db1")])
