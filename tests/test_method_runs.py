@@ -121,6 +121,7 @@ CASES = {
     "cartridge": {"adapter": {"method": "cartridge", "num_virtual_tokens": 4}},
     "osf": {"adapter": {"method": "osf"}},
     "frod": {"adapter": {"method": "frod", "sparse_rate": 0.05}},
+    "waveft": {"adapter": {"method": "waveft", "n_frequency": 64, "wavelet_family": "sym2"}},
 }
 
 
