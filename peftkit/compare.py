@@ -78,7 +78,7 @@ def comparison_jobs(job: EvalJob, adapters: list[tuple[str, str]], merged: list[
         reading |= reads
         jobs[name] = replace(job, source=source, task=job.task if reads else None)
     if job.task is not None and not reading:
-        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning adapter reads a task id, and none of "
+        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning or Poly adapter reads a task id, and none of "
                            "the compared adapters is one; drop --task.")
     for name, path in merged:
         jobs[name] = replace(job, task=None, source=replace(base, model=ModelConfig(name_or_path=path, dtype="auto"),

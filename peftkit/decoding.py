@@ -22,6 +22,7 @@ from torch import nn
 
 from peftkit.data.prompts import Prompt
 from peftkit.errors import PeftkitError, PeftkitWarning
+from peftkit.methods.task_routing import generation_tasks
 from peftkit.methods.virtual import generation_inputs, text_config, virtual_tokens
 from peftkit.rope_scaling import fresh_dynamic_rope, learned_positions
 
@@ -143,7 +144,7 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
                  tasks: list[int | None] | None = None,
                  decode: Callable[[list[int]], str] | None = None) -> list[list[int]]:
     """New token ids for each prompt of one batch (left-padded), each cut before its first stop token. `tasks`:
-    each prompt's task id, for a multitask prompt tuning model (`peftkit.task_ids`; none: task 0). With stop
+    each prompt's task id, for a multitask prompt tuning or Poly model (`peftkit.task_ids`; none: task 0). With stop
     strings (`sampling.stop`), a row ends at the token that completes one in its text as `decode` gives it (default:
     `generate_texts`'), which the caller cuts there (`cut_at_stop`)."""
     from transformers import GenerationConfig
@@ -170,7 +171,8 @@ def generate_ids(model: nn.Module, tok, prompts: list[list[int]], sampling: Samp
     # Dynamic RoPE starts from the model's own frequencies, as a fresh model's generate does: transformers keeps those
     # of the longest sequence seen until a forward shorter than the original context comes, so a prompt past it was
     # answered with the frequencies of the batch before (or of the loss batches `peftkit eval` runs first).
-    with torch.no_grad(), _without_model_defaults(model), fresh_dynamic_rope(model):
+    # Layers that read task ids (Poly) get each row's for every step (`generation_tasks`).
+    with torch.no_grad(), _without_model_defaults(model), fresh_dynamic_rope(model), generation_tasks(model, task_ids):
         out = model.generate(**inputs, generation_config=config, streamer=streamer,
                              logits_processor=_penalty_past_pads(model, sampling, prompts, width),
                              stopping_criteria=ends)

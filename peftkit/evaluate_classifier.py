@@ -46,7 +46,7 @@ def evaluate_classifier(job: EvalJob, model: nn.Module | None = None) -> dict[st
 def _classifier_source(job: EvalJob) -> ModelSource:
     """`job`'s source loaded as a sequence classifier."""
     if job.task is not None:  # (multitask prompt tuning cannot train a classifier: none reads one)
-        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning adapter reads a task id, and a sequence "
+        raise PeftkitError(f"--task {job.task}: only a multitask prompt tuning or Poly adapter reads a task id, and a sequence "
                            "classifier is never one; drop --task.")
     source = job.source
     if source.model is not None:

@@ -138,10 +138,12 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None, tok=None
                  if not p.requires_grad)
     frozen += sum(b.numel() for holder in shared_holders(model) for b in holder.buffers())
     trained = float(sum(p.numel() * width[id(p)] for p in trainable))
-    # What each method's layers keep for backward: per token (LoRA's rank-r intermediate) and per layer (LoHa's
-    # and LoKr's full (out, in) update, built every forward), fp32.
+    # What each method's layers keep for backward: per token (LoRA's rank-r intermediate), per layer (LoHa's
+    # and LoKr's full (out, in) update, built every forward) and per row (Poly's mixed factors), fp32.
     kept = [layer.method.kept_for_backward(recipe.adapter, layer) for layer in adapter_layers(model).values()]
-    activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept), dtype)
+    per_row = sum(layer.method.kept_per_row(recipe.adapter, layer) for layer in adapter_layers(model).values())
+    activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept), dtype,
+                               4.0 * per_row)
     # and what one layer allocates for a moment in its forward (DoRA's norm), on top: the largest layer's
     activations += 4.0 * max((layer.method.forward_scratch(recipe.adapter, layer)
                               for layer in adapter_layers(model).values()), default=0)
@@ -238,11 +240,12 @@ def frees_a_inputs(adapter) -> bool:
     return bool(getattr(adapter, "lora_fa", False) or getattr(adapter, "velora_config", None))
 
 
-def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str) -> float:
+def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str,
+                 per_row_bytes: float = 0.0) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad: the logits and
     the loss's copies, as in training; a DPO run's reference batches too). `per_token`: the fp32 values all the
-    adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens (with gradient
-    checkpointing, one decoder layer's share at a time)."""
+    adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens, `per_row_bytes`: per
+    row of the micro-batch whatever its length (with gradient checkpointing, one decoder layer's share at a time)."""
     shape = model_shape(config)
     if shape is None:
         return 0.0
@@ -262,7 +265,8 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
                                        packed_sdpa=recipe.data.packing and attention in (None, "sdpa"),
                                        prefix=recipe.adapter.num_virtual_tokens if recipe.adapter.method in (
                                            "prefix_tuning", "cartridge") else 0)
-    layers += per_layer_bytes / max(shape.layers, 1) if tcfg.gradient_checkpointing else per_layer_bytes
+    adapters = per_layer_bytes + per_row_bytes * rows
+    layers += adapters / max(shape.layers, 1) if tcfg.gradient_checkpointing else adapters
     # (the reference log-probabilities of data.train's pairs, DPO's, or of KTO's answers and their mismatched
     # examples, are such batches too, with or without data.eval)
     from peftkit.preference import objective_loss

@@ -193,7 +193,7 @@ def test_wrong_arrow_flags_are_said_before_a_hub_adapter_is_fetched(command, tin
         ([*hub, "--arrow", "--arrow-top-k", "3"], "--arrow-top-k 3: takes 1 to 2"),
         ([*hub, "--arrow", "--general", "c"], "--general c names none of them"),
         (["--adapter", "acme/a", "--arrow"], "--arrow routes among named adapters"),
-        ([*hub, "--arrow", "--task", "0"], "--task 0 picks the task of a multitask prompt tuning adapter"),
+        ([*hub, "--arrow", "--task", "0"], "--task 0 picks the task of a multitask prompt tuning or Poly adapter"),
         ([*hub, "--arrow", "--general", "a", "--general", "b"],  # no task adapter: was found after loading, or never
          "--general names 2 of the 2 --adapter NAME=DIR adapters: Arrow routes each token among the task adapters, "
          "those not --general, so leave at least one out of --general."),

@@ -279,9 +279,10 @@ def saved_and_estimated(model_path, cfg) -> tuple[int, float]:
     inject_adapters(model, cfg)
     saved = saved_activation_bytes(model, {"input_ids": torch.randint(3, 100, (2, 16))})
     kept = [layer.method.kept_for_backward(cfg, layer) for layer in adapter_layers(model).values()]
+    per_row = sum(layer.method.kept_per_row(cfg, layer) for layer in adapter_layers(model).values())
     shape = model_shape(model.config)
     return saved, activation_memory(shape, 2, 16, 4, False, sum(k[0] for k in kept) // shape.layers,
-                                    frozen_a=frees_a_inputs(cfg))[1] + 4 * sum(k[1] for k in kept)
+                                    frozen_a=frees_a_inputs(cfg))[1] + 4 * sum(k[1] for k in kept) + 4 * 2 * per_row
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr", "oft", "hra", "boft", "vera", "llama_adapter", "bottleneck",
@@ -297,7 +298,8 @@ def saved_and_estimated(model_path, cfg) -> tuple[int, float]:
                                     "lily",
                                     "osf",
                                     "frod",
-                                    "waveft"])
+                                    "waveft",
+                                    "poly"])
 def test_method_activations_are_an_upper_bound(method, tiny_llama):
     """Independent: what autograd saves in one forward (saved_tensors_hooks) for the method, beyond LoRA r=4's,
     is at most what the estimate adds for it (an upper bound: shared inputs are counted once by autograd).

@@ -75,6 +75,7 @@ from peftkit.methods.unilora import UniLoraConfig
 from peftkit.methods.lily import LilyConfig
 from peftkit.methods.frod import FrodConfig
 from peftkit.methods.waveft import WaveFtConfig
+from peftkit.methods.poly import PolyConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -386,6 +387,11 @@ CASES: dict[str, list[Case]] = {
                                                         proportional_parameters=True, target_modules="all-linear"),
              ("llama",), ("linear",)),
     ],
+    # peft's Poly: nn.Linear only (Qwen2's biased q, v too); B starts at 0 (the base model). Two heads (MHR) of three
+    # skills, two tasks: rows without task ids are task 0 (tests/test_poly.py checks per-row tasks against peft). Not
+    # mergeable (the update depends on the row's task); its router samples its mix in training.
+    "poly": [Case("poly", PolyConfig(method="poly", r=4, n_tasks=2, n_skills=3, n_splits=2), ("llama", "qwen2"), (),
+                  samples_in_training=True)],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -974,6 +980,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "OSF": {"init_weights": False},  # U_low, S_low, V_low ~ N(0, 1)
                    "FROD": {"init_weights": False},  # S's values N(0, 0.1^2), lambda_l moved by N(0, 0.1^2)
                    "WAVEFT": {"init_weights": False},  # N(0, 0.01^2)
+                   "POLY": {"init_weights": False},  # B kaiming-uniform too
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1038,15 +1045,16 @@ def _load(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 
 def _logits(model: nn.Module) -> torch.Tensor:
-    # peft's multitask prompt tuning needs task ids (peftkit's takes task 0 without them): task 0 for every row.
-    tasks = {"task_ids": torch.zeros(len(IDS), dtype=torch.long)} if _peft_multitask(model) else {}
     with torch.no_grad():
-        return model(IDS, **tasks).logits.float()
+        return model(IDS, **_peft_tasks(model)).logits.float()
 
 
-def _peft_multitask(model: nn.Module) -> bool:
+def _peft_tasks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """peft's multitask prompt tuning and Poly need task ids (peftkit's take task 0 without them): task 0 for every
+    row."""
     config = getattr(model, "peft_config", None)
-    return isinstance(model, PeftModel) and config["default"].peft_type == "MULTITASK_PROMPT_TUNING"  # a str enum
+    reads = isinstance(model, PeftModel) and config["default"].peft_type in ("MULTITASK_PROMPT_TUNING", "POLY")
+    return {"task_ids": torch.zeros(len(IDS), dtype=torch.long)} if reads else {}
 
 
 def _adapted(path: Path, cfg, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str]]:
@@ -1370,7 +1378,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                               "pvera", "tinylora",
                                               "psoft", "unilora", "lily",
                                               "frod",
-                                              "waveft", "waveft-db4-pattern")])
+                                              "waveft", "waveft-db4-pattern", "poly")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients
@@ -1381,7 +1389,7 @@ def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     saved = _save(model, case.cfg, targets, models["llama"], tmp_path / "adapter")
     reference = PeftModel.from_pretrained(_load(models["llama"], torch.bfloat16), saved).eval()
     with torch.no_grad():
-        ours, theirs = model(IDS).logits, reference(IDS).logits
+        ours, theirs = model(IDS).logits, reference(IDS, **_peft_tasks(reference)).logits
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
 
 
@@ -1545,7 +1553,8 @@ def test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model(case, m
     model = _load(path)
     torch.manual_seed(0)
     inject_adapters(model, case.cfg)
-    tasks = {"task_ids": torch.tensor([case.cfg.num_tasks - 1, 0])} if method_of(case.cfg).reads_task_ids else {}
+    method = method_of(case.cfg)
+    tasks = {"task_ids": torch.tensor([getattr(case.cfg, method.tasks_key) - 1, 0])} if method.reads_task_ids else {}
     reads = _step_host_reads(model.to(device), batch | tasks)
     assert all(reads.get(op, 0) <= n for op, n in base.items()) and set(reads) <= set(base), (reads, base)
 

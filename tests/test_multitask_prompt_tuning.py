@@ -452,14 +452,14 @@ def test_missing_or_wrong_tasks_are_clear_errors(llama, tmp_path, monkeypatch, c
         monkeypatch, capsys, *gen, "--data", str(tmp_path / "high.jsonl"), "--format", "completion")
     assert "Some rows of" in cli_user_error(
         monkeypatch, capsys, *gen, "--data", str(tmp_path / "mixed.jsonl"), "--format", "completion")
-    assert "only a multitask prompt tuning adapter reads a task id" in cli_user_error(
+    assert "only a multitask prompt tuning or Poly adapter reads a task id" in cli_user_error(
         monkeypatch, capsys, "generate", "--adapter", str(lora), "--prompt", "x", "--task", "1")
     assert "pass --task N (0 .. 2)" in cli_user_error(
         monkeypatch, capsys, "eval", "--model", str(llama), "--adapter", adapter, "--data", str(plain), "--format",
         "completion")
     assert "pass --task N (0 .. 2)." in cli_user_error(monkeypatch, capsys, "chat", "--adapter", adapter)
     write_jsonl(tmp_path / "classes.jsonl", [{"text": "a b", "label": "x"}, {"text": "c", "label": "y"}])
-    assert "--task 1: only a multitask prompt tuning adapter reads a task id, and a sequence classifier" in cli_user_error(
+    assert "--task 1: only a multitask prompt tuning or Poly adapter reads a task id, and a sequence classifier" in cli_user_error(
         monkeypatch, capsys, "eval", "--model", str(llama), "--data", str(tmp_path / "classes.jsonl"), "--format",
         "classification", "--task", "1")  # (it was ignored)
 
@@ -481,6 +481,6 @@ def test_a_comparison_gives_the_task_to_the_adapters_that_read_one(llama, number
              for name, path, task in (("mpt", mpt, 1), ("lora", lora, None))}
     assert rows["mpt"]["loss"] == alone["mpt"] and rows["lora"]["loss"] == alone["lora"]
     assert rows["mpt"]["loss"] != evaluate(replace(job, task=0, source=replace(job.source, adapter=str(mpt))))["loss"]
-    with pytest.raises(PeftkitError, match="--task 1: only a multitask prompt tuning adapter reads a task id, and none "
+    with pytest.raises(PeftkitError, match="--task 1: only a multitask prompt tuning or Poly adapter reads a task id, and none "
                                            "of the compared adapters is one; drop --task"):
         comparison_jobs(job, [("lora", str(lora))], [])

@@ -51,6 +51,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "OSFConfig": {},
     "FrodConfig": {},
     "WaveFTConfig": {},
+    "PolyConfig": {},
 }
 
 
@@ -59,8 +60,11 @@ def _load(path: Path) -> torch.nn.Module:
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
+    # peft's Poly needs task ids (peftkit's takes task 0 without them): task 0
+    poly = isinstance(model, peft.PeftModel) and model.peft_config["default"].peft_type == "POLY"
+    tasks = {"task_ids": torch.zeros(len(IDS), dtype=torch.long)} if poly else {}
     with torch.no_grad():
-        return model.eval()(IDS).logits
+        return model.eval()(IDS, **tasks).logits
 
 
 def _peft_lora(base: Path, out: Path, **config) -> Path:
@@ -591,6 +595,7 @@ EXCLUDE_METHODS = {  # peft's config class, its settings, and peftkit's adapter 
     "psoft": ("PsoftConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "lily": ("LilyConfig", {"r": 2, "init_weights": False}, {"r": 2}),
     "waveft": ("WaveFTConfig", {"n_frequency": 16, "init_weights": False}, {"n_frequency": 16}),
+    "poly": ("PolyConfig", {"r": 2, "init_weights": False}, {"r": 2}),
 }
 
 

@@ -18,7 +18,7 @@ from peftkit.new_tokens import held_tokenizer_length
 from peftkit.recipe import AdapterConfig, QuantizationConfig
 
 ALONE = ("layer_replication", "use_bdlora", "kasa_config", "target_parameters", "bias", "trainable_token_indices",
-         "alora_invocation_tokens")
+         "alora_invocation_tokens", "poly_type")
 """adapter_config.json fields of the adapters that do not share a base with others (each refused below, saying why)."""
 
 
@@ -111,6 +111,9 @@ def refuse_alone(model: nn.Module, name: str, cfg: AdapterConfig) -> None:
         raise PeftkitError(f"Adapter {name!r} is an activated LoRA (alora_invocation_tokens), which acts from its "
                            "invocation in each row on: named adapters do not route it; load it alone (--adapter "
                            "DIR).")
+    if getattr(cfg, "poly_type", None):
+        raise PeftkitError(f"Adapter {name!r} is a Poly adapter, whose layers mix their skills by each row's task id, "
+                           "which named adapters do not hand them; load it alone (--adapter DIR, with --task N).")
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
     if getattr(cfg, "trainable_token_indices", None) or (cfg.method == "trainable_tokens" and tied):

@@ -23,8 +23,8 @@ ArrowTemperature = Annotated[Optional[float], typer.Option("--arrow-temperature"
 General = Annotated[Optional[list[str]], typer.Option("--general", metavar="NAME", help="--arrow: a NAME=DIR adapter of "
                                                       "general knowledge, subtracted from the others (GenKnowSub; "
                                                       "repeatable).")]
-Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning: the task id of every "
-                                            "prompt and row (default: the data's 'task' column).")]
+Task = Annotated[Optional[int], typer.Option("--task", min=0, help="Multitask prompt tuning, Poly: the task id "
+                                            "of every prompt and row (default: the data's 'task' column).")]
 DataSplit = Annotated[Optional[str], typer.Option("--split", metavar="NAME", help="With --data naming a hub dataset: the split to "
                                                  "read (default: train); a local file's slice, as 'train[95%:]'.")]
 DataRevision = Annotated[Optional[str], typer.Option("--data-revision", metavar="REV", help="With --data naming a hub "
@@ -108,7 +108,7 @@ def typed(text: str) -> str:
 def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, general: list[str] | None,
                    adapters: int, task: int | None = None):
     """--arrow's settings (None without it), its flags checked: the top_k default is 3, or the task adapters' count.
-    `task`: --task, which picks a multitask prompt tuning adapter's task; Arrow routes LoRA adapters only."""
+    `task`: --task, which picks a multitask prompt tuning or Poly adapter's task; Arrow routes LoRA adapters only."""
     from peftkit.adapters.arrow import ArrowSettings
 
     if not arrow and (top_k is not None or temperature is not None):
@@ -119,7 +119,7 @@ def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, ge
     if not arrow:
         return None
     if task is not None:
-        raise PeftkitError(f"--task {task} picks the task of a multitask prompt tuning adapter, and --arrow routes LoRA "
+        raise PeftkitError(f"--task {task} picks the task of a multitask prompt tuning or Poly adapter, and --arrow routes LoRA "
                            "adapters, which read no task ids: drop --task.")
     tasks = adapters - len(general or [])
     if general and tasks < 1:

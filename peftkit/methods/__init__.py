@@ -57,6 +57,7 @@ from peftkit.methods.lily import Lily
 from peftkit.methods.osf import Osf
 from peftkit.methods.frod import Frod
 from peftkit.methods.waveft import WaveFt
+from peftkit.methods.poly import Poly
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -111,6 +112,7 @@ register(Cartridge)
 register(Osf)
 register(Frod)
 register(WaveFt)
+register(Poly)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

@@ -170,7 +170,11 @@ class Method:
     method's in-place merge there is refused (`refuse_tied`)."""
 
     reads_task_ids: ClassVar[bool] = False
-    """The forward takes per-row `task_ids` (the data's `task` column, `--task`): multitask prompt tuning."""
+    """The forward takes per-row `task_ids` (the data's `task` column, `--task`): multitask prompt tuning, Poly (whose
+    layers read them through `peftkit.methods.task_routing`)."""
+    tasks_key: ClassVar[str] = "num_tasks"
+    """For a method that reads task ids: its config's key for how many tasks there are (Poly's, as peft's:
+    `n_tasks`)."""
     layer_targets: ClassVar[bool] = True
     """The method wraps the layers `target_modules` names. False: it adapts the model as a whole (the prompt family,
     `peftkit.methods.virtual`: `install` puts one module on the model) and its adapter_config.json names no targets."""
@@ -365,6 +369,12 @@ class Method:
         base model's own activations: the method's share of the memory estimate (`peftkit.memory`), an upper
         bound. Default: a low-rank method's rank-r intermediate per token (`cfg.r`), nothing per layer."""
         return getattr(cfg, "r", 0), 0
+
+    @classmethod
+    def kept_per_row(cls, cfg: Any, layer: AdapterLayer) -> int:
+        """fp32 values the adapter of `layer` keeps for backward per row of a micro-batch, whatever the row's length
+        (Poly's factors mixed for each row's task): the memory estimate multiplies them by the rows. Default: none."""
+        return 0
 
     @classmethod
     def forward_scratch(cls, cfg: Any, layer: AdapterLayer) -> int:

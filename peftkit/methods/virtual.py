@@ -191,11 +191,14 @@ def virtual_tokens(model: nn.Module) -> VirtualTokens | None:
 
 def task_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{'task_ids': ...} from a batch whose data has a `task` column, for a model whose method reads task ids
-    (`VirtualMethod.reads_task_ids`); {} otherwise (another method ignores the column)."""
-    virtual = virtual_tokens(getattr(model, "module", model))  # DDP wraps the model in `.module`
-    if "task_ids" not in batch or virtual is None or not virtual.method.reads_task_ids:
-        return {}
-    return {"task_ids": batch["task_ids"]}
+    (`VirtualMethod.reads_task_ids`, or layers that do: `peftkit.methods.task_routing`); {} otherwise (another method
+    ignores the column)."""
+    from peftkit.methods.task_routing import reads_layer_task_ids
+
+    model = getattr(model, "module", model)  # DDP wraps the model in `.module`
+    virtual = virtual_tokens(model)
+    reads = reads_layer_task_ids(model) or (virtual is not None and virtual.method.reads_task_ids)
+    return {"task_ids": batch["task_ids"]} if "task_ids" in batch and reads else {}
 
 
 def install(model: nn.Module, module: VirtualTokens) -> VirtualTokens:

@@ -1,0 +1,196 @@
+"""Poly / MHR (method: poly) against HF peft 0.21.2's Poly: from one seed peft's A, B and routing logits and the
+generator where peft's ends; outputs with per-row tasks, a training forward's relaxed-Bernoulli sample and every
+gradient bit for bit; peft's adapter evaluated, scored and generated with per-row tasks as peft does, and peft loading
+our export; the shipped recipe on rows with a `task` column; the refusals by text. The conformance battery
+(tests/test_methods.py) checks the rest."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import AutoTokenizer
+
+from peftkit.adapter_base import load_adapted_model
+from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.methods.poly import PolyConfig
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
+from tests.conftest import cli_user_error, method_recipe, train_shipped_recipe
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+TASKS = torch.tensor([2, 0])
+SETTINGS = {"r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2, "init_weights": False,
+            "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def _peft_named(model) -> dict[str, torch.Tensor]:
+    return {n.replace("base_model.model.", "").replace(".default", ""): p for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def _both(tiny_llama, **settings) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """peft's model and ours from seed 0 (the generator ends where peft's does: checked)."""
+    torch.manual_seed(0)
+    theirs = get_peft_model(_load(tiny_llama), peft.PolyConfig(task_type="CAUSAL_LM", **SETTINGS | settings))
+    after_peft = torch.get_rng_state()
+    torch.manual_seed(0)
+    ours = _load(tiny_llama)
+    inject_adapters(ours, PolyConfig(method="poly", **SETTINGS | settings))
+    assert torch.equal(torch.get_rng_state(), after_peft)
+    return theirs.eval(), ours.eval()  # (peft's PeftModel trains after get_peft_model: its routing samples)
+
+
+def test_draws_outputs_samples_and_gradients_are_peft_s(tiny_llama):
+    """One seed: peft's A, B (kaiming-uniform with init_weights false) and logits bit for bit; the eval forward with
+    each row's task, and a training forward (a relaxed-Bernoulli sample per layer, in peft's draw order) with every
+    gradient, bit for bit. Row 0's task changes its logits, not row 1's; no task ids is task 0 for every row."""
+    theirs, model = _both(tiny_llama)
+    ours, peft_s = {n: p for n, p in model.named_parameters() if p.requires_grad}, _peft_named(theirs)
+    assert ours.keys() == peft_s.keys() and len(ours) == 3 * 3 * 2  # A, B and logits of 3 targets x 2 layers
+    assert all(torch.equal(ours[n], peft_s[n]) for n in ours)
+    with torch.no_grad():
+        mine = model(input_ids=IDS, task_ids=TASKS).logits
+        assert torch.equal(mine, theirs(input_ids=IDS, task_ids=TASKS).logits)
+        other = model(input_ids=IDS, task_ids=torch.tensor([1, 0])).logits
+        assert (other[0] - mine[0]).abs().max() > 1e-4 and torch.equal(other[1], mine[1])
+        zeros = torch.zeros(2, dtype=torch.long)
+        assert torch.equal(model(input_ids=IDS).logits, theirs(input_ids=IDS, task_ids=zeros).logits)
+    model.train(), theirs.train()
+    torch.manual_seed(5)
+    mine = model(input_ids=IDS, task_ids=TASKS).logits
+    torch.manual_seed(5)
+    expected = theirs(input_ids=IDS, task_ids=TASKS).logits
+    assert torch.equal(mine, expected)
+    mine.square().mean().backward()
+    expected.square().mean().backward()
+    assert all(torch.equal(ours[n].grad, peft_s[n].grad) for n in ours)
+    assert ours["model.layers.0.self_attn.q_proj.poly_router.module_logits"].grad[1].abs().max() == 0  # no row's task
+
+
+def test_peft_s_adapter_evaluates_generates_and_peft_loads_ours(tiny_llama, tmp_path):
+    """peft's adapter of 3 tasks: peft's logits for each row's task, the loss summed over a batch with a `task` column
+    (`token_loss_sum`, as training and `peftkit eval` score it), greedy generation with each row's task at every step
+    (peft's generate with task_ids); inspect's trained count; merging refused by text. peft loads our export of it with
+    our logits."""
+    from peftkit.adapters.state_dicts import adapter_state_dict
+    from peftkit.decoding import Sampling, generate_ids
+    from peftkit.evaluate import token_loss_sum
+    from peftkit.inspect import inspect_adapter
+    from peftkit.merge import merge_adapter
+    from peftkit.peft_format import peft_config, save_adapter
+
+    theirs, _ = _both(tiny_llama)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape))
+    theirs.save_pretrained(tmp_path / "peft")
+    theirs.eval()
+    model, cfg = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))[:2]
+    model.eval()
+    mask = torch.ones_like(IDS)
+    with torch.no_grad():
+        expected = theirs(input_ids=IDS, task_ids=TASKS).logits
+        assert torch.equal(model(input_ids=IDS, task_ids=TASKS).logits, expected)
+        batch = {"input_ids": IDS, "attention_mask": mask, "labels": IDS, "task_ids": TASKS}
+        loss, count = token_loss_sum(model, batch)
+        reference = torch.nn.functional.cross_entropy(expected[:, :-1].flatten(0, 1), IDS[:, 1:].flatten(),
+                                                      reduction="sum")
+        assert abs(float(loss) - float(reference)) <= 1e-4 and int(count) == 14
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert inspect_adapter(tmp_path / "peft")["trainable_params"] == trained == sum(
+        p.numel() for p in theirs.parameters() if p.requires_grad)
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [tok("12 3")["input_ids"], tok("7")["input_ids"]]
+    ours = generate_ids(model, tok, prompts, Sampling(max_new_tokens=6), tasks=[2, 1])
+    for prompt, task, answer in zip(prompts, (2, 1), ours, strict=True):
+        out = theirs.generate(input_ids=torch.tensor([prompt]), task_ids=torch.tensor([task]), max_new_tokens=6,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False)
+        assert answer == out[0, len(prompt):].tolist()[:len(answer)] and len(answer) > 0
+    assert generate_ids(model, tok, prompts, Sampling(max_new_tokens=6), tasks=[0, 0]) != ours  # the tasks matter
+
+    with pytest.raises(PeftkitError, match=r"Poly adapters \(method: poly\) cannot be merged into a plain model: each "
+                                           r"row's update mixes the skills by that row's task"):
+        merge_adapter(str(tmp_path / "peft"), str(tmp_path / "merged"), base=str(tiny_llama))
+    with pytest.raises(PeftkitError, match="cannot be merged"):
+        next(iter(adapter_layers(model).values())).merge()
+
+    save_adapter(tmp_path / "ours", adapter_state_dict(model, []), peft_config(
+        cfg, list(adapter_layers(model)), str(tiny_llama), False, "llama", model_config=model.config))
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "r", "n_tasks", "n_skills", "n_splits", "poly_type")} == {
+        "peft_type": "POLY", "r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2, "poly_type": "poly"}
+    again = PeftModel.from_pretrained(_load(tiny_llama), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=IDS, task_ids=TASKS).logits, expected)
+
+
+@pytest.fixture(scope="module")
+def task_data(tmp_path_factory):
+    from tests.conftest import number_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("poly-data")
+    write_jsonl(root / "train.jsonl", [r | {"task": i % 3} for i, r in enumerate(number_rows(12, seed=3))])
+    return {"train": root / "train.jsonl", "eval": root / "train.jsonl"}
+
+
+def test_the_shipped_recipe_trains_on_tasks_and_peft_loads_its_export(tiny_llama, task_data, tmp_path):
+    summary = train_shipped_recipe("poly", tiny_llama, task_data, tmp_path / "run", steps=2, batch_size=2)
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["n_tasks"], config["n_skills"], config["n_splits"]) == ("POLY", 3, 4, 2)
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS, task_ids=TASKS).logits
+        assert (ours(input_ids=IDS, task_ids=TASKS).logits - theirs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({"n_splits": 3}, "adapter.n_splits: 3 does not divide the features of 'model.layers.0.self_attn.q_proj' (32 in, "
+                      "32 out): each skill is cut into n_splits equal heads of both."),
+    ({"n_skills": 0}, "'adapter.n_skills' = 0"),
+    ({"poly_type": "mhr"}, "'adapter.poly_type' = 'mhr'"),
+    ({"target_modules": ["embed_tokens"]}, "adapter.target_modules: 'model.embed_tokens' is an Embedding; Poly adapts "
+                                           "nn.Linear (and 4-bit/8-bit) layers only"),
+])
+def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "poly", **adapter})
+    assert message in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+
+
+def test_what_poly_cannot_do_is_refused(tiny_gpt2, tiny_llama, number_data, task_data, tmp_path, monkeypatch, capsys):
+    """GPT-2's Conv1D (peft's Poly takes nn.Linear only), a merged export, packing with several tasks (packed rows lose
+    their task ids), a row's task past n_tasks, a Poly adapter among named adapters, a poly_type peft does not have."""
+    from peftkit.adapters.named import load_named_model
+    from tests.conftest import save_random_adapter
+
+    with pytest.raises(PeftkitError, match="'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; Poly adapts nn.Linear"):
+        inject_adapters(_load(tiny_gpt2), PolyConfig(method="poly", target_modules=["c_attn"]))
+    said = lambda recipe: " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())  # noqa: E731
+    assert "export.merged: Poly adapters (method: poly) cannot be merged" in said(
+        method_recipe(tmp_path, tiny_llama, number_data, {"method": "poly"}, export={"merged": True}))
+    assert "data.packing: a packed row holds several examples, and Poly routes each row by one task id" in said(
+        method_recipe(tmp_path, tiny_llama, number_data, {"method": "poly", "n_tasks": 2}, data={"packing": True}))
+    assert (f"data.train ({task_data['train']}): a row's 'task' is 2, but adapter.n_tasks is 2: the rows' task ids "
+            "must lie in 0 .. 1. Fix the rows, or set adapter.n_tasks: 3.") in " ".join(cli_user_error(
+                monkeypatch, capsys, "train", str(method_recipe(tmp_path, tiny_llama, task_data,
+                                                                {"method": "poly", "n_tasks": 2}))).split())
+    adapter = save_random_adapter(tiny_llama, PolyConfig(method="poly", n_tasks=3), tmp_path / "poly", seed=1)
+    with pytest.raises(PeftkitError, match="Adapter 'p' is a Poly adapter, whose layers mix their skills by each row's "
+                                           r"task id, which named adapters do not hand them; load it alone"):
+        load_named_model([("p", str(adapter))], str(tiny_llama))
+    gen = ("generate", "--adapter", str(adapter), "--model", str(tiny_llama), "--max-new-tokens", "2", "--prompt", "x")
+    assert "is a Poly adapter of 3 tasks, and nothing says which task to use: pass --task N (0 .. 2)." in \
+        cli_user_error(monkeypatch, capsys, *gen)
+    assert f"--task 3: {adapter} has 3 task(s); give a task id in 0 .. 2." in cli_user_error(
+        monkeypatch, capsys, *gen, "--task", "3")
+    config = adapter / "adapter_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"poly_type": "mhr"}))
+    with pytest.raises(PeftkitError, match="poly_type is 'mhr'; peft 0.21 .and peftkit. has the 'poly' router only"):
+        load_adapted_model(str(tiny_llama), str(adapter))
