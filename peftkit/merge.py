@@ -289,7 +289,8 @@ def _tidy_output(output: Path) -> None:
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dtype: str | None = None,
-                  requantize: str | None = None, overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+                  requantize: str | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+                  task: int | None = None) -> Path:
     """`peftkit merge`: fold an adapter into its base and save a plain model (+ tokenizer).
 
     Args:
@@ -300,6 +301,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
         requantize: 'nf4' to also write `<output_dir>-nf4`, the merged model re-quantized (lossy).
         overwrite: replace an existing --output (never the base, the adapter or the current directory).
         trust_remote_code: the user's `--trust-remote-code`; needed for an adapter whose base runs its own code.
+        task: `--task`: the task whose update a Poly adapter folds in (`merge_task`); its other tasks are dropped.
     """
     from peftkit.adapter_base import load_adapted_model
     from peftkit.data.chat_templates import adapter_template
@@ -308,7 +310,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
     from peftkit.peft_format import check_adapter_dir, read_peft_config, recorded_base
 
     check_adapter_dir(Path(adapter_dir))
-    refuse_unmergeable(*read_peft_config(Path(adapter_dir)))  # before minutes of loading the base
+    method, peft = read_peft_config(Path(adapter_dir))
+    settings = peft if task is None else _for_task(method, peft, Path(adapter_dir), task)
+    refuse_unmergeable(method, settings)  # before minutes of loading the base
     outputs = [Path(output_dir)] + ([requantized_dir(output_dir, requantize)] if requantize else [])
     recorded = recorded_base(adapter_dir)
     if base is None and recorded and local_path(recorded) and not Path(recorded).exists():
@@ -323,7 +327,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
                                                   warn_requantized=False)  # merge_device said it
     if (template := adapter_template(adapter_dir)) is not None:  # the run's data.chat_template: the merged model's
         tok.chat_template = template
-    merged = merged_model(model, cfg, DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
+    merged = merged_model(model, cfg if task is None else cfg.model_copy(update={"merge_task": task}),
+                          DTYPES[dtype or checkpoint_dtype(base.name_or_path, base.revision)])
     # The re-quantized model is made from the merged one's temporary directory, and the two are put in place as a
     # pair: with --overwrite, a failure, Ctrl-C or a kill had left the new OUTPUT beside the old OUTPUT-nf4 (or the
     # new OUTPUT-nf4 beside the old OUTPUT), both complete-looking and of different merges.
@@ -331,6 +336,18 @@ def merge_adapter(adapter_dir: str, output_dir: str, base: str | None = None, dt
                                                          recorded_reward_center(adapter_dir)),
                 replace=overwrite, requantized=(targets[1], requantize) if requantize else None)
     return Path(output_dir)
+
+
+def _for_task(method, peft, adapter_dir: Path, task: int):
+    """The adapter's settings merging task `task` (`merge_task`: Poly's); a PeftkitError for an adapter whose merge
+    takes no task, or a task it does not have."""
+    if "merge_task" not in method.config.model_fields:
+        raise PeftkitError(f"--task {task}: only a Poly adapter is merged for one task, and {adapter_dir} is "
+                           f"{method.title}; drop --task.")
+    cfg = method.from_peft(peft, adapter_dir / "adapter_config.json")
+    if task >= (count := getattr(cfg, method.tasks_key)):
+        raise PeftkitError(f"--task {task}: {adapter_dir} has {count} task(s); give a task id in 0 .. {count - 1}.")
+    return cfg.model_copy(update={"merge_task": task})
 
 
 def check_side_by_side(outputs: list[Path], method: str) -> None:

@@ -140,15 +140,65 @@ def task_data(tmp_path_factory):
 
 
 def test_the_shipped_recipe_trains_on_tasks_and_peft_loads_its_export(tiny_llama, task_data, tmp_path):
-    summary = train_shipped_recipe("poly", tiny_llama, task_data, tmp_path / "run", steps=2, batch_size=2)
+    """Its adapter in peft gives our logits per row's task; with adapter.merge_task 1 and export.merged, merged/ is
+    task 1's model: peft's logits with task 1 for every row (peftkit's own key: not in adapter_config.json)."""
+    summary = train_shipped_recipe("poly", tiny_llama, task_data, tmp_path / "run", steps=2, batch_size=2,
+                                   sets=("adapter.merge_task=1", "export.merged=true"))
     assert summary["eval_loss"] < summary["base_eval_loss"]
     adapter = tmp_path / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["peft_type"], config["n_tasks"], config["n_skills"], config["n_splits"]) == ("POLY", 3, 4, 2)
+    assert "merge_task" not in config
     ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()
+    theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()
     with torch.no_grad():
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS, task_ids=TASKS).logits
-        assert (ours(input_ids=IDS, task_ids=TASKS).logits - theirs).abs().max() <= 1e-5
+        expected = theirs(input_ids=IDS, task_ids=TASKS).logits
+        assert (ours(input_ids=IDS, task_ids=TASKS).logits - expected).abs().max() <= 1e-5
+        ones = torch.ones(2, dtype=torch.long)
+        merged = _load(tmp_path / "run" / "merged")(input_ids=IDS).logits
+        assert (merged - theirs(input_ids=IDS, task_ids=ones).logits).abs().max() <= 1e-5
+
+
+def test_one_task_merges_into_the_base_as_peft_computes_it(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`peftkit merge --task N` folds task N's evaluation update, (A_t B_t)^T / r, into the weights (peft cannot merge
+    Poly at all): the merged model gives peft's logits with task N for every row, another task another model; the same
+    through merged_model. A task it does not have, and --task on another method's adapter, are refused by text."""
+    from peftkit.merge import merge_adapter
+    from peftkit.merge_weights import merged_model
+    from tests.conftest import save_random_adapter
+
+    theirs, _ = _both(tiny_llama)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape))
+    theirs.save_pretrained(tmp_path / "peft")
+    merged = {}
+    for task in (0, 2):
+        out = merge_adapter(str(tmp_path / "peft"), str(tmp_path / f"merged-{task}"), base=str(tiny_llama), task=task)
+        with torch.no_grad():
+            merged[task] = _load(out)(input_ids=IDS).logits
+            expected = theirs.eval()(input_ids=IDS, task_ids=torch.full((2,), task)).logits
+        assert (merged[task] - expected).abs().max() <= 1e-5
+    assert (merged[0] - merged[2]).abs().max() > 1e-2
+    model, cfg = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))[:2]
+    with torch.no_grad():
+        alone = merged_model(model, cfg.model_copy(update={"merge_task": 2}), torch.float32).eval()
+        alone = alone(input_ids=IDS).logits
+        assert (alone - merged[2]).abs().max() <= 1e-5
+
+    merge = ("merge", "--adapter", str(tmp_path / "peft"), "--base", str(tiny_llama), "--output", str(tmp_path / "m"))
+    assert f"--task 3: {tmp_path / 'peft'} has 3 task(s); give a task id in 0 .. 2." in " ".join(
+        cli_user_error(monkeypatch, capsys, *merge, "--task", "3").split())
+    assert "Name the one task to fold in, `peftkit merge --task N`" in " ".join(
+        cli_user_error(monkeypatch, capsys, *merge).split())
+    from peftkit.methods.lora import LoraConfig
+
+    lora = save_random_adapter(tiny_llama, LoraConfig(r=2, alpha=4, target_modules=["q_proj"]), tmp_path / "lora",
+                               seed=1)
+    assert "--task 1: only a Poly adapter is merged for one task" in " ".join(cli_user_error(
+        monkeypatch, capsys, "merge", "--adapter", str(lora), "--output", str(tmp_path / "m"), "--task", "1").split())
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize(("adapter", "message"), [
@@ -156,6 +206,7 @@ def test_the_shipped_recipe_trains_on_tasks_and_peft_loads_its_export(tiny_llama
                       "32 out): each skill is cut into n_splits equal heads of both."),
     ({"n_skills": 0}, "'adapter.n_skills' = 0"),
     ({"poly_type": "mhr"}, "'adapter.poly_type' = 'mhr'"),
+    ({"n_tasks": 2, "merge_task": 2}, "merge_task 2 is past the adapter's tasks (0 .. 1); name one of them"),
     ({"target_modules": ["embed_tokens"]}, "adapter.target_modules: 'model.embed_tokens' is an Embedding; Poly adapts "
                                            "nn.Linear (and 4-bit/8-bit) layers only"),
 ])

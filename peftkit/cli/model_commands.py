@@ -40,6 +40,8 @@ def merge(
     seed: Annotated[int, typer.Option("--seed", help="DARE methods: seed of the random pruning.")] = 0,
     into_base: Annotated[bool, typer.Option("--into-base", help="Combining: fold the result into the base and save "
                                             "a plain model, instead of a LoRA adapter.")] = False,
+    task: Annotated[Optional[int], typer.Option("--task", min=0, help="Poly: the task whose update is folded in "
+                                                "(the others are dropped).")] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model; or combine
@@ -54,6 +56,9 @@ def merge(
     if requantize is not None and requantize not in ("nf4", "fp4"):
         raise PeftkitError(f"--requantize {requantize!r}: use nf4 (or fp4).")
     if len(adapter) > 1 or weights is not None or method is not None:
+        if task is not None:
+            raise PeftkitError(f"--task {task} picks the task of one Poly adapter merged into its base; combining "
+                               "adapters takes none. Drop --task.")
         _combine(adapter, output, base, dtype, requantize, overwrite, weights, method, density, svd_rank, svd_clamp,
                  majority_sign, seed, into_base, trust_remote_code)
         return
@@ -67,7 +72,7 @@ def merge(
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
     with phase(f"Merging {adapter[0]} into its base..."):
         out = merge_adapter(adapter_path(adapter[0]), output, local_path(base) if base else None, dtype, requantize,
-                            overwrite, trust_remote_code)
+                            overwrite, trust_remote_code, task)
     console.print(f"Merged model written to {out}", markup=False, highlight=False)
     if requantize:
         console.print(f"Re-quantized ({requantize}) model written to {requantized_dir(out, requantize)}", markup=False,

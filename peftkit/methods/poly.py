@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
@@ -67,6 +67,16 @@ class PolyConfig(ExcludedTargets):
     Llama). nn.Linear and 4-bit/8-bit layers only (peft's Poly takes no GPT-2 Conv1D)."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
+    merge_task: int | None = Field(None, ge=0)
+    """peftkit's (peft has no merge): the task whose update `export.merged` folds into the weights (its evaluation
+    routing); null: not mergeable. `peftkit merge --task N` sets it for a saved adapter. Not written to the adapter."""
+
+    @model_validator(mode="after")
+    def _merge_task_is_a_task(self) -> PolyConfig:
+        if self.merge_task is not None and self.merge_task >= self.n_tasks:
+            raise ValueError(f"merge_task {self.merge_task} is past the adapter's tasks (0 .. {self.n_tasks - 1}); "
+                             "name one of them")
+        return self
 
 
 class PeftPolyConfig(PeftExcludedTargets):
@@ -85,6 +95,18 @@ class PolyFacts:
     r: int
     n_splits: int
     n_skills: int
+    task: int | None = None  # the task a merge folds in (`merge_task`)
+
+
+def task_update(parts: dict[str, torch.Tensor], facts: PolyFacts) -> torch.Tensor:
+    """(out, in) fp32: task `facts.task`'s update as the evaluation forward applies it, (A_t B_t)^T / r, A_t and B_t
+    the skills mixed head by head by the sigmoid of its logits, normalised (peft's PolyRouter in eval mode)."""
+    a, b = parts["poly_lora_A"].float(), parts["poly_lora_B"].float()
+    z = torch.sigmoid(parts["poly_router.module_logits"].float()[facts.task]).view(facts.n_splits, facts.n_skills)
+    w = z / (z.sum(dim=-1, keepdim=True) + EPS)
+    a_t = torch.einsum("qs,qsdr->qdr", w, a).reshape(-1, facts.r)  # (in, r): head q holds inputs q * in / n_splits ..
+    b_t = torch.einsum("qs,qsrd->qrd", w, b).transpose(0, 1).reshape(facts.r, -1)  # (r, out), likewise the outputs
+    return (a_t @ b_t).T / facts.r
 
 
 def _kaiming_blocks(n_splits: int, n_skills: int, rows: int, cols: int) -> torch.Tensor:
@@ -163,11 +185,14 @@ class Poly(Method):
     tasks_key = "n_tasks"
 
     @classmethod
-    def merge_refusal(cls, cfg=None) -> str:
+    def merge_refusal(cls, cfg=None) -> str | None:
+        if getattr(cfg, "merge_task", None) is not None:
+            return None
         return ("Poly adapters (method: poly) cannot be merged into a plain model: each row's update mixes the skills "
                 "by that row's task (n_tasks routings), so no single weight holds it (peft's Poly cannot merge "
-                "either). Keep the adapter separate: set export.merged: false (or skip `peftkit merge`) and use it "
-                "with `peftkit eval/generate --adapter DIR --task N`.")
+                "either). Name the one task to fold in, `peftkit merge --task N` (adapter.merge_task: N for "
+                "export.merged), or keep the adapter separate: set export.merged: false (or skip `peftkit merge`) and "
+                "use it with `peftkit eval/generate --adapter DIR --task N`.")
 
     @classmethod
     def recipe_conflict(cls, recipe) -> str | None:
@@ -213,7 +238,20 @@ class Poly(Method):
 
     @classmethod
     def layer_facts(cls, cfg: PolyConfig, path: str, fan_in_fan_out: bool) -> PolyFacts:
-        return PolyFacts(cfg.r, cfg.n_splits, cfg.n_skills)
+        return PolyFacts(cfg.r, cfg.n_splits, cfg.n_skills, getattr(cfg, "merge_task", None))
+
+    @staticmethod
+    def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: PolyFacts) -> torch.Tensor:
+        return weight + task_update(parts, facts)
+
+    @staticmethod
+    def unmerge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: PolyFacts) -> torch.Tensor:
+        return weight - task_update(parts, facts)
+
+    @staticmethod
+    def update_shape(parts: dict[str, torch.Tensor], facts: PolyFacts) -> tuple[int | None, ...]:
+        a, b = parts["poly_lora_A"], parts["poly_lora_B"]
+        return b.shape[0] * b.shape[3], a.shape[0] * a.shape[2]
 
     @classmethod
     def to_peft(cls, cfg: PolyConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
