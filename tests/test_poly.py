@@ -7,6 +7,7 @@ our export; the shipped recipe on rows with a `task` column; the refusals by tex
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import peft
 import pytest
@@ -245,3 +246,26 @@ def test_what_poly_cannot_do_is_refused(tiny_gpt2, tiny_llama, number_data, task
     config.write_text(json.dumps(json.loads(config.read_text()) | {"poly_type": "mhr"}))
     with pytest.raises(PeftkitError, match="poly_type is 'mhr'; peft 0.21 .and peftkit. has the 'poly' router only"):
         load_adapted_model(str(tiny_llama), str(adapter))
+
+
+def test_a_comparison_evaluates_it_alone_with_its_task(tiny_llama, number_data, tmp_path):
+    """`peftkit eval --adapter poly=DIR --adapter lora=DIR --task 1`: the Poly adapter loads on a model of its own
+    (named adapters do not route task ids) and its row is its loss with task 1, LoRA's its loss alone."""
+    from peftkit.compare import compare, comparison_jobs
+    from peftkit.eval_job import EvalJob
+    from peftkit.evaluate import evaluate
+    from peftkit.inference import ModelSource
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.recipe import DataConfig, ModelConfig
+    from tests.conftest import save_random_adapter
+
+    poly = save_random_adapter(tiny_llama, PolyConfig(method="poly", n_tasks=2), tmp_path / "poly", seed=1, std=0.5)
+    lora = save_random_adapter(tiny_llama, LoraConfig(r=2, alpha=4, target_modules=["q_proj"]), tmp_path / "lora",
+                               seed=1)
+    data = str(number_data["eval"])
+    job = EvalJob(data=data, data_cfg=DataConfig(train=data, max_length=128), batch_size=4, task=1,
+                  source=ModelSource(ModelConfig(name_or_path=str(tiny_llama), dtype="float32")))
+    rows = compare(comparison_jobs(job, [("poly", str(poly)), ("lora", str(lora))], []))
+    alone = {task: evaluate(replace(job, task=task, source=replace(job.source, adapter=str(poly))))["loss"]
+             for task in (0, 1)}
+    assert rows["poly"]["loss"] == alone[1] != alone[0]
