@@ -60,6 +60,8 @@ def test_draws_outputs_samples_and_gradients_are_peft_s(tiny_llama):
         assert (other[0] - mine[0]).abs().max() > 1e-4 and torch.equal(other[1], mine[1])
         zeros = torch.zeros(2, dtype=torch.long)
         assert torch.equal(model(input_ids=IDS).logits, theirs(input_ids=IDS, task_ids=zeros).logits)
+        with pytest.raises(PeftkitError, match="1 task ids for a batch of 2 rows: give each row one"):
+            model(input_ids=IDS, task_ids=torch.tensor([1]))
     model.train(), theirs.train()
     torch.manual_seed(5)
     mine = model(input_ids=IDS, task_ids=TASKS).logits

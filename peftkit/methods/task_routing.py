@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from peftkit.errors import PeftkitError
+
 ATTR = "peftkit_task_ids"
 
 
@@ -41,9 +43,7 @@ class TaskIds:
             return torch.zeros(batch, dtype=torch.long, device=device)  # made there: no copy
         ids = self.current.reshape(-1)
         if len(ids) != batch:
-            from peftkit.errors import PeftkitError
-
-            raise PeftkitError(f"{len(ids)} task ids for a batch of {batch} rows.")
+            raise PeftkitError(f"{len(ids)} task ids for a batch of {batch} rows: give each row one.")
         # Not range-checked here, where on a GPU reading them would stop the host every forward: training
         # (`check_training_tasks`) and inference (`resolve_tasks`) check the data's ids as it loads.
         return ids.to(device, torch.long)
