@@ -376,10 +376,16 @@ def _first_llama_cases():
 def test_every_method_beside_lora(case, tiny_llama, adapters, tmp_path):
     """Each method's first conformance case, loaded beside a LoRA adapter: activated, it is that adapter alone; in a
     mixed batch, a weight-update method's rows are those rows alone, and any other method is refused by name (while
-    a mixed batch of the other adapters runs past its modules)."""
+    a mixed batch of the other adapters runs past its modules). A Poly adapter, whose layers read each row's task id, is
+    refused by name: it loads alone (sharing.refuse_alone)."""
     from peftkit.methods import method_of
 
     other = _make(tiny_llama, case.cfg, tmp_path / "m", 11)
+    if getattr(case.cfg, "poly_type", None):
+        with pytest.raises(PeftkitError, match="Adapter 'm' is a Poly adapter, whose layers mix their skills by each "
+                                               "row's task id, which named adapters do not hand them; load it alone"):
+            load_named_model([("a", adapters["llama"]["a"]), ("m", other)])
+        return
     model, named, _ = load_named_model([("a", adapters["llama"]["a"]), ("m", other)])
     ids, mask = _batch(ROWS[:3])
     with torch.no_grad():
