@@ -92,6 +92,9 @@ CASES = {
                                   "encoder_hidden_size": 8}, "encoder": True},
     "multitask-prompt-tuning": {"adapter": {"method": "multitask_prompt_tuning", "num_virtual_tokens": 4,
                                             "num_tasks": 2, "num_ranks": 2}, "task_ids": True},
+    # Poly samples its routing in training (a relaxed Bernoulli): the hand loop draws from the run's generator.
+    "poly": {"adapter": {"method": "poly", "r": 4, "n_tasks": 2, "n_skills": 3, "n_splits": 2,
+                         "target_modules": ["q_proj", "v_proj", "down_proj"]}, "task_ids": True, "samples": True},
     "llama-adapter": {"adapter": {"method": "llama_adapter", "adapter_len": 4}},
     "fourierft": {"adapter": {"method": "fourierft", "n_frequency": 50, "scaling": 10.0}},
     # RandLoRA's gamma has no gradient until lambda moves (zero at init), then one summed over tokens and ranks
@@ -137,9 +140,10 @@ def _train(monkeypatch, tmp_path, base, data, adapter: dict, training: dict) -> 
         return build(tcfg, groups, device, console, model)
 
     def recording(*args, **kwargs):
-        seen["windows"] = []
+        seen["windows"], seen["rng"] = [], []
         for window in windows(*args, **kwargs):
             seen["windows"].append(copy.deepcopy(window))
+            seen["rng"].append(torch.get_rng_state())  # (what a method that samples in training draws from)
             yield window
 
     monkeypatch.setattr(peftkit.start, "build_optimizer", building)
@@ -187,6 +191,8 @@ def _hand_loop(model, windows: list, cfg: dict, case: dict) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for step, window in enumerate(windows, start=1):
+        if case.get("samples"):  # the run's generator at this step: the method's draws are the run's
+            torch.set_rng_state(case["rng"][step - 1])
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         for batch in window:
             tasks = {"task_ids": torch.zeros(len(batch["input_ids"]), dtype=torch.long)} if case.get("task_ids") else {}
@@ -242,7 +248,7 @@ def test_a_run_trains_the_adapter_peft_s_hand_loop_trains(name, tiny_llama, numb
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32), config)
     _start_peft(model, seen, case)
-    _hand_loop(model, seen["windows"], training, case)
+    _hand_loop(model, seen["windows"], training, case | {"rng": seen["rng"]})
     theirs = get_peft_model_state_dict(model)
     assert _differences(seen["final"], theirs, case.get("rtol", RTOL)) == []
     moved = [k for k, t in theirs.items() if k in seen["init"] and t.shape == seen["init"][k].shape
