@@ -17,7 +17,8 @@ whose `.all()` stopped the host every step): one seed gives peft's training outp
 
 peft's file: `<path>.poly_lora_A` (n_splits, n_skills, in / n_splits, r), `<path>.poly_lora_B` (n_splits, n_skills, r,
 out / n_splits), `<path>.poly_router.module_logits` (n_tasks, n_splits n_skills). The update depends on each row's task,
-so it folds into no single weight: not mergeable (peft's Poly has no merge either).
+so the adapter folds into no single weight (peft's Poly has no merge at all); one task's evaluation update,
+(A_t B_t)^T / r, does: `merge_task` (`peftkit merge --task N`) names it, and the other tasks are dropped.
 """
 
 from __future__ import annotations
