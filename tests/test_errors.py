@@ -239,7 +239,7 @@ def test_unknown_method(tmp_path):
                                               "'fusion', 'ln_tuning', 'fourierft', 'randlora', 'vblora', 'miss', 'delora', "
                                               "'road', 'hira', 'c3a', 'shira', 'beft', 'supertuning', "
                                               "'gralora', 'deft', 'peanut', "
-                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod', 'waveft', 'poly'.")
+                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod', 'waveft', 'poly', 'adamss'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):
@@ -313,7 +313,8 @@ def test_bad_value_names_key_line_and_what_is_allowed(tmp_path, old, new, expect
                                     "osf",
                                     "frod",
                                     "waveft",
-                                    "poly"])
+                                    "poly",
+                                    "adamss"])
 def test_all_linear_in_a_list_is_refused_by_every_method_with_target_modules(tmp_path, method):
     """`[all-linear]` passed validate, and train said after loading the model that entry 'all-linear' matched no
     module; trainable_tokens has no all-linear at all."""

@@ -76,6 +76,7 @@ from peftkit.methods.lily import LilyConfig
 from peftkit.methods.frod import FrodConfig
 from peftkit.methods.waveft import WaveFtConfig
 from peftkit.methods.poly import PolyConfig
+from peftkit.methods.adamss import AdamssConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -392,6 +393,11 @@ CASES: dict[str, list[Case]] = {
     # mergeable (the update depends on the row's task); its router samples its mix in training.
     "poly": [Case("poly", PolyConfig(method="poly", r=4, n_tasks=2, n_skills=3, n_splits=2), ("llama", "qwen2"), (),
                   samples_in_training=True)],
+    # peft's AdaMSS: nn.Linear only (Qwen2's biased q/v: the bias is one more column of the decomposed weight, and the
+    # update moves it); the rows' clustering is the bf16 weight's for a bf16 base (peft's bf16 logits checked instead);
+    # unquantized bases only (the refusal checked).
+    "adamss": [Case("adamss", AdamssConfig(method="adamss", r=8, num_subspaces=3, subspace_rank=2), ("llama", "qwen2"),
+                    ("linear",), quantized=False, support_from_fp32=False)],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -829,6 +835,26 @@ def waveft_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg
     return (dense.T if layout == "conv1d" else dense), bias
 
 
+def adamss_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg: AdamssConfig, layout: str):
+    """(W + D[:, :in], b + D[:, in]) with D = B_k A_k V^T in float64 on each subspace's rows: the rows of U of
+    torch.svd_lowrank([W b], r) (its projection drawn after torch.manual_seed(random_seed)) clustered here by
+    scikit-learn's KMeans with peft's settings (init random, one run of 10 iterations, random_state 123456789)."""
+    from sklearn.cluster import KMeans
+
+    full = weight.float() if bias is None else torch.cat([weight.float(), bias.float()[:, None]], dim=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.random_seed)
+        u = torch.svd_lowrank(full, q=min(cfg.r, *full.shape), niter=2)[0]
+    labels = KMeans(n_clusters=min(cfg.num_subspaces, len(u)), init="random", n_init=1, max_iter=10,
+                    random_state=123456789).fit_predict(u.numpy())
+    d = torch.zeros(full.shape, dtype=torch.float64)
+    for k in range(labels.max() + 1):
+        rows = torch.tensor((labels == k).nonzero()[0])
+        d[rows] = parts[f"adamss_B.{k}"].double() @ parts[f"adamss_A.{k}"].double() @ parts["adamss_newB"].double()
+    dense = (weight.double() + d[:, : weight.shape[1]]).float()
+    return dense, None if bias is None else (bias.double() + d[:, -1]).float()
+
+
 def ln_tuning_dense(weight: torch.Tensor, bias, parts: dict[str, torch.Tensor], cfg, layout: str):
     """The trained copy's (w', b') in place of the norm's (w, b)."""
     return parts["ln_tuning_layers.weight"], parts.get("ln_tuning_layers.bias", bias)
@@ -957,7 +983,8 @@ DENSE = {"lora": lora_dense, "ia3": ia3_dense, "loha": loha_dense, "lokr": lokr_
          "unilora": unilora_dense,
          "osf": osf_dense,
          "frod": frod_dense,
-         "waveft": waveft_dense}
+         "waveft": waveft_dense,
+         "adamss": adamss_dense}
 # peft's switch for non-trivially initialised weights, by peft_type (the prompt family starts at random already).
 PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weights": False},
                    "LOHA": {"init_weights": False}, "LOKR": {"init_weights": False}, "VERA": {"init_weights": False},
@@ -981,6 +1008,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "FROD": {"init_weights": False},  # S's values N(0, 0.1^2), lambda_l moved by N(0, 0.1^2)
                    "WAVEFT": {"init_weights": False},  # N(0, 0.01^2)
                    "POLY": {"init_weights": False},  # B kaiming-uniform too
+                   "ADAMSS": {"init_weights": None},  # B ~ N(0, 0.01^2)
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1378,7 +1406,7 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                               "pvera", "tinylora",
                                               "psoft", "unilora", "lily",
                                               "frod",
-                                              "waveft", "waveft-db4-pattern", "poly")])
+                                              "waveft", "waveft-db4-pattern", "poly", "adamss")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

@@ -52,6 +52,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "FrodConfig": {},
     "WaveFTConfig": {},
     "PolyConfig": {},
+    "AdamssConfig": {},
 }
 
 
@@ -492,6 +493,7 @@ LAYER_METHODS = {  # peft's config class, its settings, and peftkit's adapter se
     "frod": ("FrodConfig", {"init_weights": False, "progressbar": False}, {}),
     "waveft": ("WaveFTConfig", {"n_frequency": 16, "wavelet_family": "sym2", "init_weights": False},
                {"n_frequency": 16, "wavelet_family": "sym2"}),
+    "adamss": ("AdamssConfig", {"r": 8, "num_subspaces": 3, "init_weights": None}, {"r": 8, "num_subspaces": 3}),
 }
 
 

@@ -213,8 +213,9 @@ def merge_state_dict(
                 f"adapter's update is {tuple(shape)}. It was trained on a different base model."
             )
         parts = {name: t.to(weight.device) for name, t in (parts | shared).items()}
-        new = method.merge_weight(weight.float(), parts, facts)
         bias = base.get(f"{module}.bias")
+        facts = method.base_facts(facts, parts, weight.float(), None if bias is None else bias.float(), module)
+        new = method.merge_weight(weight.float(), parts, facts)
         if bias is None:
             check_bias_to_merge(parts, f"'{module}'", method)
         new_bias = None if bias is None else method.merge_bias_of(bias.float(), weight.float(), parts, facts)

@@ -58,6 +58,7 @@ from peftkit.methods.osf import Osf
 from peftkit.methods.frod import Frod
 from peftkit.methods.waveft import WaveFt
 from peftkit.methods.poly import Poly
+from peftkit.methods.adamss import Adamss
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -113,6 +114,7 @@ register(Osf)
 register(Frod)
 register(WaveFt)
 register(Poly)
+register(Adamss)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

@@ -300,6 +300,15 @@ class Method:
         weight is stored (in, out) (transformers' Conv1D)."""
         raise NotImplementedError
 
+    @classmethod
+    def base_facts(cls, facts: Any, parts: dict[str, torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+                   path: str) -> Any:
+        """`facts` (`layer_facts`') completed from the base layer's own fp32 `weight` (as stored) and `bias` (or None),
+        for a merge of a file's tensors `parts` into the module at `path`, where the layout follows from the weight
+        and the file does not hold it (AdaMSS's clustering of the weight's rows; a live layer holds it already).
+        Default: `facts` as they are."""
+        return facts
+
     @staticmethod
     def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], facts: Any) -> torch.Tensor:
         """The fp32 weight with the update folded in; `weight` (fp32) is not modified. The one merge math."""

@@ -1,0 +1,178 @@
+"""AdaMSS (peftkit.methods.adamss) beyond the conformance battery of tests/test_methods.py: its decomposition,
+clustering and start against peft 0.21's from one seed, peft's adapter loaded and merged with peft's numbers, our
+export loaded by peft with our logits and gradients, the shipped recipe, combining two adapters into the base, and what
+it refuses (a file whose subspaces are not this base's clustering, which peft loads with rows misplaced)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import yaml
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.inspect import inspect_adapter
+from peftkit.methods.adamss import AdamssConfig
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
+from peftkit.methods.fusion import FusionConfig
+from peftkit.methods.fusion_sources import fused_adapters
+from tests.conftest import (check_combined_into_base_as_peft_merges, check_loads_and_merges_as_peft,
+                            check_routed_as_peft, save_random_adapter, train_shipped_recipe)
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+SMALL = {"r": 8, "num_subspaces": 3, "subspace_rank": 2}
+
+
+def _peft_adapter(base: Path, out: Path, seed: int = 0, **settings) -> Path:
+    """peft's AdaMSS with B moved (N(0, 0.1^2): trained), saved by peft."""
+    torch.manual_seed(seed)
+    model = get_peft_model(_load(base), peft.AdamssConfig(**({"target_modules": TARGETS} | SMALL | settings)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adamss_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("settings", [SMALL | {"init_weights": None},
+                                      SMALL | {"subspace_rank": 3, "use_dynamic_rank": True, "init_weights": None},
+                                      {}], ids=["fixed", "dynamic", "defaults"])
+def test_start_is_peft_s(settings, tiny_llama):
+    """From one seed, peftkit's layers hold peft's A, B, V^T and row placement bit for bit (r 8 of 32 and 64 inputs,
+    three subspaces; peft's default r 100, capped at 32), give peft's logits bit for bit and leave torch's generator
+    where peft's does; at the default init the base model's logits."""
+    settings = {"target_modules": TARGETS} | settings
+    torch.manual_seed(0)
+    theirs = get_peft_model(_load(tiny_llama), peft.AdamssConfig(**settings))
+    after_theirs = torch.rand(1)
+    ours = _load(tiny_llama)
+    torch.manual_seed(0)
+    inject_adapters(ours, AdamssConfig(method="adamss", **settings))
+    assert torch.equal(torch.rand(1), after_theirs)
+    for path, layer in adapter_layers(ours).items():
+        reference = theirs.base_model.model.get_submodule(path)
+        assert len(layer.adamss_A) == len(reference.adamss_A["default"]) == settings.get("num_subspaces", 5)
+        for k, (a, b) in enumerate(zip(reference.adamss_A["default"], reference.adamss_B["default"])):
+            assert torch.equal(layer.adamss_A[k], a) and torch.equal(layer.adamss_B[k], b), (path, k)
+        assert torch.equal(layer.adamss_newB, reference.adamss_newB["default"]), path
+        assert torch.equal(layer.adamss_order.argsort(), reference.scatter_index["default"]), path
+    with torch.no_grad():
+        logits = ours(IDS).logits
+        assert torch.equal(logits, theirs(IDS).logits)
+        if "init_weights" not in settings:
+            assert (logits - _load(tiny_llama)(IDS).logits).abs().max() <= 1e-6
+
+
+def test_peft_adapter_loads_and_merges_as_peft(tiny_llama, tmp_path):
+    """peft's file (clustering computed again from the base, as peft does) gives peft's logits in peftkit and in every
+    merge (in place and back, merged_model), peftkit merge as merge_and_unload; inspect counts A and B as trained."""
+    adapter = _peft_adapter(tiny_llama, tmp_path / "adapter")
+    keys = load_file(adapter / "adapter_model.safetensors")
+    trained = sum(t.numel() for k, t in keys.items() if ".adamss_A." in k or ".adamss_B." in k)
+    # per layer 3 A of 2 x 8 and B of (rows, 2), the rows adding up to the outputs: q, down 48 + 64, v (16) 48 + 32
+    assert inspect_adapter(adapter)["trainable_params"] == trained == 2 * (2 * 112 + 80)
+    check_loads_and_merges_as_peft(tiny_llama, adapter, IDS, tmp_path / "merged", unloaded=True)
+
+
+def test_export_loads_in_peft_with_our_logits_and_gradients(tiny_llama, tmp_path):
+    """Our export (peft's names and shapes, V^T saved) loads in peft with our logits, and a step's gradients of A and B
+    are peft's."""
+    from peftkit.adapter_base import load_adapted_model
+
+    cfg = AdamssConfig(method="adamss", target_modules=TARGETS, **SMALL)
+    adapter = save_random_adapter(tiny_llama, cfg, tmp_path / "ours", seed=3, std=0.1)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert saved["base_model.model.model.layers.0.mlp.down_proj.adamss_newB"].shape == (8, 64)
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "ADAMSS"
+    ours = load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))[0].eval()
+    theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter, is_trainable=True)
+    theirs_logits, ours_logits = theirs(input_ids=IDS).logits, ours(input_ids=IDS).logits
+    assert (ours_logits - _load(tiny_llama)(IDS).logits).abs().max() > 1e-2
+    assert (ours_logits - theirs_logits).abs().max() <= 1e-5
+    theirs_logits.square().mean().backward()
+    ours_logits.square().mean().backward()
+    for path, layer in adapter_layers(ours).items():
+        reference = theirs.base_model.model.get_submodule(path)
+        for name in ("adamss_A", "adamss_B"):
+            for k, p in enumerate(getattr(layer, name)):
+                ref = getattr(reference, name)["default"][k].grad
+                assert torch.allclose(p.grad, ref, rtol=1e-4, atol=1e-7), (path, name, k)
+        assert layer.adamss_newB.grad is None
+
+
+def test_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_data, tmp_path):
+    """recipes/methods/adamss.yaml trains (eval loss down); its adapter has peft's names and shapes for the recipe's
+    settings and loads in peft with the merged export's logits."""
+    summary = train_shipped_recipe("adamss", tiny_llama, number_data, tmp_path / "run")
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    adapter = tmp_path / "run" / "adapter"
+    shapes = {k: tuple(v.shape) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "methods" / "adamss.yaml").read_text())
+    settings = {k: v for k, v in raw["adapter"].items() if k not in ("method", "modules_to_save")}
+    get_peft_model(_load(tiny_llama), peft.AdamssConfig(**settings)).save_pretrained(tmp_path / "p")
+    assert shapes == {k: tuple(v.shape) for k, v in load_file(tmp_path / "p" / "adapter_model.safetensors").items()}
+    with torch.no_grad():
+        merged = _load(tmp_path / "run" / "merged")(IDS).logits
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS).logits
+    assert (merged - theirs).abs().max() <= 1e-5
+
+
+def test_combining_and_routing_two_adapters_is_peft_s(tiny_llama, tmp_path):
+    """Two peft adapters (seeds 0, 1) combined at 0.5 each into the base give the mean of peft's merge_and_unload
+    weights (each file's rows placed by the clustering of the base weight: Method.base_facts), the two in one mixed
+    batch each row peft's logits of its adapter; AdapterFusion over them is refused by text."""
+    adapters = [_peft_adapter(tiny_llama, tmp_path / f"a{seed}", seed) for seed in (0, 1)]
+    check_combined_into_base_as_peft_merges(tiny_llama, adapters, tmp_path / "combined")
+    check_routed_as_peft(tiny_llama, adapters, IDS)
+    with pytest.raises(PeftkitError, match="is an AdaMSS adapter; AdapterFusion fuses bottleneck adapters"):
+        fused_adapters(FusionConfig(method="fusion", fuse=[str(adapters[0]), str(adapters[1])]))
+
+
+def test_another_clustering_is_refused_where_peft_misplaces_rows(tiny_llama, tmp_path):
+    """An adapter trained on the bf16 base (peft's defaults: r 100, five subspaces) loaded on the fp32 base: the
+    clustering of the fp32 weight gives other subspaces (row counts [10, 11, 7, 1, 3] for layer 0's q_proj, the bf16
+    weight's [12, 3, 7, 1, 9]). peft loads it without a word, its B tensors reshaped to the file's and its rows placed
+    by its own clustering; peftkit refuses it by text, in loading and in peftkit merge. On the bf16 base, peft's
+    logits."""
+    from peftkit.adapter_base import load_adapted_model
+    from peftkit.merge import merge_adapter
+
+    torch.manual_seed(0)
+    model = get_peft_model(_load(tiny_llama).to(torch.bfloat16), peft.AdamssConfig(target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(_load(tiny_llama), tmp_path / "adapter")  # (no error, no warning)
+    q = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert [len(rows) for rows in q.seg_result["default"].values()] == [10, 11, 7, 1, 3]
+    assert [len(b) for b in q.adamss_B["default"]] == [12, 3, 7, 1, 9]
+    said = r"The AdaMSS adapter does not fit 'model.layers.0.self_attn.q_proj': its subspaces have \[12, 3, 7, 1, 9\] rows"
+    with pytest.raises(PeftkitError, match=said):
+        load_adapted_model(str(tiny_llama), str(tmp_path / "adapter"), torch.device("cpu"))
+    with pytest.raises(PeftkitError, match=said):
+        merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "merged"), base=str(tiny_llama))
+
+
+def test_refusals(tiny_llama, tiny_gpt2, number_data, tmp_path, monkeypatch):
+    """GPT-2's Conv1D, an embedding, training with use_asa and scikit-learn missing are refused by text."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import method_recipe
+
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "adamss", "r": 8, "use_asa": True})
+    with pytest.raises(PeftkitError, match="adapter.use_asa: true .AdaMSS's adaptive subspace allocation. is not"):
+        train(load_recipe(recipe), show_summary=False)
+    with pytest.raises(PeftkitError, match="'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; AdaMSS decomposes"):
+        inject_adapters(_load(tiny_gpt2), AdamssConfig(method="adamss", target_modules=["c_attn"]))
+    with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding; AdaMSS decomposes"):
+        inject_adapters(_load(tiny_llama), AdamssConfig(method="adamss", target_modules=["embed_tokens"]))
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
+    with pytest.raises(PeftkitError, match=r'scikit-learn\'s KMeans, which is not installed: pip install "peftkit\[adamss\]"'):
+        inject_adapters(_load(tiny_llama), AdamssConfig(method="adamss"))
