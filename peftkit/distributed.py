@@ -358,6 +358,11 @@ def check_engine(cfg, accelerator) -> None:
         raise PeftkitError(
             "adapter.target_parameters adds its update to whole parameters each forward, which FSDP and ZeRO-3 hold "
             "sharded (not run here); train it under DDP (configs/accelerate/ddp.yaml) or ZeRO-2.")
+    if (zero.active(accelerator) or sharded(accelerator)) and getattr(cfg.adapter, "use_asa", False):
+        raise PeftkitError(
+            "adapter.use_asa: AdaMSS's subspace allocation freezes subspaces while training (their requires_grad off), "
+            "which DeepSpeed and FSDP cannot follow once they have wrapped the model; train it under DDP "
+            "(configs/accelerate/ddp.yaml) or on one process, or set use_asa: false.")
     if zero.active(accelerator):
         zero.check(cfg, accelerator)
     elif sharded(accelerator) and (trained := method_of(cfg.adapter).shared_trained):

@@ -160,15 +160,74 @@ def test_another_clustering_is_refused_where_peft_misplaces_rows(tiny_llama, tmp
         merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "merged"), base=str(tiny_llama))
 
 
-def test_refusals(tiny_llama, tiny_gpt2, number_data, tmp_path, monkeypatch):
-    """GPT-2's Conv1D, an embedding, training with use_asa and scikit-learn missing are refused by text."""
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-    from tests.conftest import method_recipe
+ASA = {"use_asa": True, "asa_target_subspaces": 6, "init_warmup": 1, "final_warmup": 7, "mask_interval": 2}
 
-    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "adamss", "r": 8, "use_asa": True})
-    with pytest.raises(PeftkitError, match="adapter.use_asa: true .AdaMSS's adaptive subspace allocation. is not"):
-        train(load_recipe(recipe), show_summary=False)
+
+def test_asa_freezes_what_peft_s_callback_freezes_and_one_subspace_less(tiny_llama):
+    """ASA against peft's AdamssAsaCallback on the same parameters and gradients, step after step (18 subspaces, kept
+    12, 7 and 6 after steps 3, 5 and 7: peft's global_step 2, 4, 6), each round from the same training subspaces:
+    peftkit keeps the schedule's number, peft one fewer (its kth-largest threshold freezes the kth too), the subspaces
+    peft keeps among peftkit's."""
+    from types import SimpleNamespace
+
+    from peft.tuners.adamss.asa_callback import AdamssAsaCallback
+
+    from peftkit.methods.adamss import Adamss
+
+    settings = {"target_modules": TARGETS, **SMALL, **ASA}
+    theirs = get_peft_model(_load(tiny_llama), peft.AdamssConfig(**settings))
+    cfg = AdamssConfig(method="adamss", **settings)
+    ours = _load(tiny_llama)
+    inject_adapters(ours, cfg)
+    allocator = Adamss.trainer(ours, cfg, 10)
+    pairs = [(getattr(layer, n)[k], getattr(theirs.base_model.model.get_submodule(path), n)["default"][k])
+             for path, layer in adapter_layers(ours).items() for k in range(3) for n in ("adamss_A", "adamss_B")]
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p, q in pairs:
+            p.copy_(torch.randn(p.shape, generator=gen))
+            q.copy_(p)
+    kept = {3: 12, 5: 7, 7: 6}
+    for step in range(1, 10):
+        for p, q in pairs:
+            grad = torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = (grad.clone() if t.requires_grad else None for t in (p, q))
+        allocator.after_step(step)
+        AdamssAsaCallback().on_optimizer_step(None, SimpleNamespace(global_step=step - 1), None, model=theirs)
+        ours_on = {i for i, (p, _) in enumerate(pairs[::2]) if p.requires_grad}
+        theirs_on = {i for i, (_, q) in enumerate(pairs[::2]) if q.requires_grad}
+        assert all(p.requires_grad == pairs[2 * i][0].requires_grad for i, (p, _) in enumerate(pairs[1::2]))
+        expected = kept.get(step, len(ours_on))
+        assert len(ours_on) == expected and theirs_on <= ours_on, step
+        assert len(theirs_on) == expected - (step in kept), step  # (one fewer at each freeze)
+        for p, q in pairs:  # the next round from the same subspaces (the averages start again on both sides)
+            q.requires_grad_(p.requires_grad)
+    assert len(ours_on) == 6 and all(p.grad is None for p, _ in pairs if not p.requires_grad)
+
+
+def test_asa_run_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    """A run with ASA (12 subspaces, 7 kept after step 3, 5 after step 5 of 6) killed after step 4 and resumed gives the
+    unbroken run's file, byte for byte: the checkpoint keeps the frozen subspaces (it fails without them) and step 4's
+    averages. ZeRO and FSDP are refused by text."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from peftkit.distributed import check_engine
+    from peftkit.recipe import load_recipe
+    from tests.conftest import check_resumes_to_the_same_bits, method_recipe
+
+    adapter = {"method": "adamss", "target_modules": ["q_proj", "v_proj"], **SMALL, **ASA, "init_warmup": 1,
+               "final_warmup": 5, "asa_target_subspaces": 5}
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, adapter,
+                           training={"max_steps": 6, "save_steps": 2, "save_total_limit": 10})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=4, steps=6)
+    with pytest.raises(PeftkitError, match="adapter.use_asa: AdaMSS's subspace allocation freezes subspaces while"):
+        check_engine(load_recipe(recipe), SimpleNamespace(distributed_type=DistributedType.FSDP))
+
+
+def test_refusals(tiny_llama, tiny_gpt2, monkeypatch):
+    """GPT-2's Conv1D, an embedding and scikit-learn missing are refused by text."""
     with pytest.raises(PeftkitError, match="'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; AdaMSS decomposes"):
         inject_adapters(_load(tiny_gpt2), AdamssConfig(method="adamss", target_modules=["c_attn"]))
     with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding; AdaMSS decomposes"):

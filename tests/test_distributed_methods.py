@@ -25,6 +25,11 @@ METHODS = {
     "vera": ({"method": "vera", "r": 16, "target_modules": "all-linear", "dropout": 0.0}, 4),
     # Rows of the embedding, trained as a delta that only the rows' tokens reach.
     "trainable_tokens": ({"method": "trainable_tokens", "token_indices": [76, 85, 86]}, 4),
+    # AdaMSS's subspace allocation: importance averages of |p * grad| after the all-reduce, subspaces frozen after steps
+    # 3 to 5 (down to 6 of 18) alike on each process; DDP finds the frozen ones unused (find_unused_parameters).
+    "adamss-asa": ({"method": "adamss", "r": 8, "num_subspaces": 3, "subspace_rank": 2,
+                    "target_modules": ["q_proj", "v_proj", "o_proj"], "use_asa": True, "asa_target_subspaces": 6,
+                    "init_warmup": 2, "final_warmup": 4, "mask_interval": 1}, 5),
 }
 
 

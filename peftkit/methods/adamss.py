@@ -18,7 +18,7 @@ global generator, subspace after subspace; init_weights null draws B from N(0, 0
 the generator where peft's does. peft computes in the base weight's dtype; so does the forward here.
 
 ASA (use_asa: adaptive subspace allocation) freezes the least important subspaces while training:
-`peftkit.methods.adamss_trainer`.
+`peftkit.methods.adamss_trainer`, the method's `trainer`.
 """
 
 from __future__ import annotations
@@ -374,11 +374,17 @@ class Adamss(Method):
             modules_to_save=peft.modules_to_save or [], **asa, **filters_from_peft(peft, config_file))
 
     @classmethod
-    def check_run(cls, model: nn.Module, cfg: AdamssConfig) -> None:
-        if cfg.use_asa:
-            raise PeftkitError("adapter.use_asa: true (AdaMSS's adaptive subspace allocation) is not implemented in "
-                               "peftkit's training loop yet; set use_asa: false to train every subspace (an adapter "
-                               "peft trained with it loads, merges and evaluates as any other).")
+    def trainer(cls, model: nn.Module, cfg: AdamssConfig, total_steps: int):
+        """ASA's allocator, with use_asa (`peftkit.methods.adamss_trainer`)."""
+        if not cfg.use_asa:
+            return None
+        from peftkit.methods.adamss_trainer import AsaTrainer
+
+        return AsaTrainer(model, cfg)
+
+    @classmethod
+    def skips_parameters(cls, cfg: AdamssConfig) -> bool:
+        return cfg.use_asa  # (the subspaces ASA freezes leave the graph: DDP must look for them)
 
     @classmethod
     def kept_for_backward(cls, cfg: AdamssConfig, layer: AdapterLayer) -> tuple[int, int]:
