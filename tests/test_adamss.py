@@ -17,6 +17,8 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peftkit.adapters import adapter_layers, inject_adapters
+from peftkit.combine_adapters import combine_adapters
+from peftkit.combine_inputs import Combination
 from peftkit.errors import PeftkitError
 from peftkit.inspect import inspect_adapter
 from peftkit.methods.adamss import AdamssConfig
@@ -129,10 +131,15 @@ def test_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_data
 def test_combining_and_routing_two_adapters_is_peft_s(tiny_llama, tmp_path):
     """Two peft adapters (seeds 0, 1) combined at 0.5 each into the base give the mean of peft's merge_and_unload
     weights (each file's rows placed by the clustering of the base weight: Method.base_facts), the two in one mixed
-    batch each row peft's logits of its adapter; AdapterFusion over them is refused by text."""
+    batch each row peft's logits of its adapter, their SVD combination at full rank a LoRA of the combined base's logits
+    (peft loads it); AdapterFusion over them is refused by text."""
     adapters = [_peft_adapter(tiny_llama, tmp_path / f"a{seed}", seed) for seed in (0, 1)]
     check_combined_into_base_as_peft_merges(tiny_llama, adapters, tmp_path / "combined")
     check_routed_as_peft(tiny_llama, adapters, IDS)
+    lora = combine_adapters([str(a) for a in adapters], Combination("svd", (0.5, 0.5), svd_rank=32), str(tmp_path / "svd"))
+    with torch.no_grad():  # (full rank: the LoRA of the mean update, loaded by peft, is the combined base)
+        expected = _load(tmp_path / "combined")(IDS).logits
+        assert (PeftModel.from_pretrained(_load(tiny_llama), lora)(input_ids=IDS).logits - expected).abs().max() <= 1e-5
     with pytest.raises(PeftkitError, match="is an AdaMSS adapter; AdapterFusion fuses bottleneck adapters"):
         fused_adapters(FusionConfig(method="fusion", fuse=[str(adapters[0]), str(adapters[1])]))
 
