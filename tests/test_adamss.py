@@ -76,12 +76,15 @@ def test_start_is_peft_s(settings, tiny_llama):
 
 def test_peft_adapter_loads_and_merges_as_peft(tiny_llama, tmp_path):
     """peft's file (clustering computed again from the base, as peft does) gives peft's logits in peftkit and in every
-    merge (in place and back, merged_model), peftkit merge as merge_and_unload; inspect counts A and B as trained."""
+    merge (in place and back, merged_model), peftkit merge as merge_and_unload; inspect counts A and B as trained and
+    gives the SVD's r as the rank."""
     adapter = _peft_adapter(tiny_llama, tmp_path / "adapter")
     keys = load_file(adapter / "adapter_model.safetensors")
     trained = sum(t.numel() for k, t in keys.items() if ".adamss_A." in k or ".adamss_B." in k)
     # per layer 3 A of 2 x 8 and B of (rows, 2), the rows adding up to the outputs: q, down 48 + 64, v (16) 48 + 32
-    assert inspect_adapter(adapter)["trainable_params"] == trained == 2 * (2 * 112 + 80)
+    info = inspect_adapter(adapter)
+    assert info["trainable_params"] == trained == 2 * (2 * 112 + 80)
+    assert set(info["ranks"].values()) == {8}  # (the SVD's r, not the subspaces' rank 2)
     check_loads_and_merges_as_peft(tiny_llama, adapter, IDS, tmp_path / "merged", unloaded=True)
 
 

@@ -278,8 +278,7 @@ class Adamss(Method):
     peft_config = PeftAdamssConfig
     param_names = tuple(f"adamss_{n}.{k}" for n in "AB" for k in range(MAX_SUBSPACES)) + ("adamss_newB",)
     untrained_names = ("adamss_newB",)
-    rank_dims = {"adamss_newB": 0} | {f"adamss_A.{k}": 0 for k in range(MAX_SUBSPACES)} | {
-        f"adamss_B.{k}": 1 for k in range(MAX_SUBSPACES)}
+    rank_dims = {"adamss_newB": 0} | {f"adamss_A.{k}": 1 for k in range(MAX_SUBSPACES)}  # (r: the SVD's rank)
 
     @classmethod
     def resolve(cls, cfg: AdamssConfig, model_type: str | None) -> AdamssConfig:
@@ -306,7 +305,7 @@ class Adamss(Method):
         from peftkit.adapters import PEFT_PREFIX
 
         for path, layer in layers.items():
-            saved = [tuple(state[k].shape)[0] for n in range(len(layer.adamss_B))
+            saved = [state[k].shape[0] for n in range(len(layer.adamss_B))
                      if (k := f"{PEFT_PREFIX}{path}.adamss_B.{n}") in state]
             check_rows(path, saved, [len(b) for b in layer.adamss_B])
         return state
