@@ -236,6 +236,27 @@ def test_asa_run_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
         check_engine(load_recipe(recipe), SimpleNamespace(distributed_type=DistributedType.FSDP))
 
 
+def test_a_projection_decomposed_elsewhere_is_a_warning(tiny_llama, tmp_path):
+    """peft's file whose V^T of one layer is not this base's decomposition (an entry moved by 0.01, as another device's
+    projection would be) but whose row counts agree loads with a warning naming the layer, in loading and in peftkit
+    merge; peft's own file (its V^T this base's, bit for bit) loads without one (the other tests: none)."""
+    from safetensors.torch import save_file
+
+    from peftkit.adapter_base import load_adapted_model
+    from peftkit.errors import PeftkitWarning
+    from peftkit.merge import merge_adapter
+
+    adapter = _peft_adapter(tiny_llama, tmp_path / "adapter")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.1.self_attn.v_proj.adamss_newB"][0, 0] += 0.01
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    said = r"projection \(adamss_newB\) of 'model.layers.1.self_attn.v_proj' is 0.01 from the decomposition of this"
+    with pytest.warns(PeftkitWarning, match=said):
+        load_adapted_model(str(tiny_llama), str(adapter), torch.device("cpu"))
+    with pytest.warns(PeftkitWarning, match=said):
+        merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+
+
 def test_refusals(tiny_llama, tiny_gpt2, monkeypatch):
     """GPT-2's Conv1D, an embedding and scikit-learn missing are refused by text."""
     with pytest.raises(PeftkitError, match="'transformer.h.0.attn.c_attn' is GPT-2's Conv1D; AdaMSS decomposes"):

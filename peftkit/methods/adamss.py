@@ -23,6 +23,7 @@ ASA (use_asa: adaptive subspace allocation) freezes the least important subspace
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,7 +33,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from peftkit.errors import PeftkitError
+from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.methods.base import Method, refuse_unsupported, targets_from_peft
 from peftkit.methods.layer import AdapterLayer, is_quantized, linear_shape, not_a_linear
 from peftkit.methods.supertuning import DEFAULTS
@@ -308,6 +309,8 @@ class Adamss(Method):
             saved = [state[k].shape[0] for n in range(len(layer.adamss_B))
                      if (k := f"{PEFT_PREFIX}{path}.adamss_B.{n}") in state]
             check_rows(path, saved, [len(b) for b in layer.adamss_B])
+            if (newb := state.get(f"{PEFT_PREFIX}{path}.adamss_newB")) is not None:
+                check_projection(path, newb, layer.adamss_newB)
         return state
 
     @classmethod
@@ -320,8 +323,10 @@ class Adamss(Method):
                 f"The adapter does not fit this model: its AdaMSS projection of '{path}' has {newb.shape[1]} columns "
                 f"for a weight of {tuple(weight.shape)} {'with' if bias is not None else 'without'} a bias. It was "
                 "trained on a different base model.")
-        rows = segments(decompose(with_bias(weight, bias), facts.r, facts.random_seed)[1], facts.num_subspaces)
+        vt, u = decompose(with_bias(weight, bias), facts.r, facts.random_seed)
+        rows = segments(u, facts.num_subspaces)
         check_rows(path, [len(t) for t in b], [len(g) for g in rows])
+        check_projection(path, newb, vt)
         return AdamssFacts(placement(rows), facts.r, facts.num_subspaces, facts.random_seed)
 
     @classmethod
@@ -416,6 +421,25 @@ def check_rows(path: str, saved: list[int], clustered: list[int]) -> None:
             "on the base it was trained on, in the dtype it was trained in, with the settings of its adapter_config.json "
             "(r, num_subspaces, random_seed); a scikit-learn whose KMeans clusters otherwise gives this too. (peft "
             "would load it with rows in the wrong places.)")
+
+
+def check_projection(path: str, saved: torch.Tensor, computed: torch.Tensor) -> None:
+    """Warn where the file's V^T is not the decomposition computed here (each row up to its sign, within two units of
+    the file dtype's last place): the adapter was decomposed from other weights or on another device (a GPU's
+    svd_lowrank draws another projection), so this base's clustering, whose row counts agree, may not be the one it
+    was trained with."""
+    if saved.shape != computed.shape:
+        return  # (the shapes' own check says so)
+    saved, computed = saved.detach().float().cpu(), computed.detach().cpu().to(saved.dtype).float()
+    signs = torch.where((saved * computed).sum(dim=1, keepdim=True) < 0, -1.0, 1.0)
+    off = float((saved - signs * computed).abs().max())
+    if off > max(2 * torch.finfo(saved.dtype).eps, 1e-5):
+        warnings.warn(PeftkitWarning(
+            f"The AdaMSS adapter's projection (adamss_newB) of '{path}' is {off:.3g} from the decomposition of this "
+            "base weight: it was decomposed from other weights (another base or dtype) or on another device (a GPU's "
+            "svd_lowrank draws another projection). Its rows are placed by this base's clustering, whose row counts "
+            "agree, but which may not be the one it was trained with: load it on the base (and dtype) it was trained "
+            "on."), stacklevel=3)
 
 
 AdamssLinear.method = Adamss
