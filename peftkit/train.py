@@ -267,7 +267,9 @@ def _forward_backward(run: Run, window: list[dict], state: LoopState) -> tuple[f
         last = i == len(window) - 1
         with distributed.no_sync(accelerator, run.model, last), distributed.standing_in(stand_in):
             loss, counted = loss_fn(run.model, batch, labelled)
-            distributed.backward(accelerator, run.model, loss * world / n_label, last)  # x world: DDP averages
+            extra = _batch_loss(run, batch, labelled)
+            distributed.backward(accelerator, run.model, (loss if extra is None else loss + extra) * world / n_label,
+                                 last)  # x world: DDP averages
         loss_sum += loss.detach()
         if pairs:
             pair_sums += counted.detach()
@@ -340,6 +342,15 @@ def _scaler_skipped(run: Run, state: LoopState) -> tuple[None, None, None, dict]
                       + (f" (loss scale now {scaler.get_scale():g})" if scaler is not None else "") + "[/]")
     state.step += 1
     return None, None, None, {}
+
+
+def _batch_loss(run: Run, batch: dict, labelled: int | None) -> torch.Tensor | None:
+    """The method's term for this micro-batch (`MethodTrainer.batch_loss`: ShadowPEFT's auxiliary loss), in the loss
+    sum's units, or None. A classifier's and a preference objective's steps take none (peft adds it to a causal LM's
+    loss only)."""
+    if run.method_trainer is None or run.cfg.classification or run.cfg.training.pairs:
+        return None
+    return run.method_trainer.batch_loss(batch, labelled)
 
 
 def _regularize(run: Run) -> float | None:

@@ -239,7 +239,7 @@ def test_unknown_method(tmp_path):
                                               "'fusion', 'ln_tuning', 'fourierft', 'randlora', 'vblora', 'miss', 'delora', "
                                               "'road', 'hira', 'c3a', 'shira', 'beft', 'supertuning', "
                                               "'gralora', 'deft', 'peanut', "
-                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod', 'waveft', 'poly', 'adamss'.")
+                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod', 'waveft', 'poly', 'adamss', 'shadow'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):
@@ -314,16 +314,17 @@ def test_bad_value_names_key_line_and_what_is_allowed(tmp_path, old, new, expect
                                     "frod",
                                     "waveft",
                                     "poly",
-                                    "adamss"])
+                                    "adamss",
+                                    "shadow"])
 def test_all_linear_in_a_list_is_refused_by_every_method_with_target_modules(tmp_path, method):
     """`[all-linear]` passed validate, and train said after loading the model that entry 'all-linear' matched no
-    module; trainable_tokens has no all-linear at all."""
+    module; trainable_tokens and shadow (whose targets are decoder blocks) have no all-linear at all."""
     text = RECIPE.replace("  r: 4\n  alpha: 8\n  dropout: 0.0\n", "").replace(
         "  target_modules: all-linear", f"  method: {method}\n  token_indices: [0]\n  target_modules: [all-linear]")
     if method != "trainable_tokens":
         text = text.replace("  token_indices: [0]\n", "")
     fix = ("which is no module name (and this method has no all-linear); list the modules by name" if
-           method == "trainable_tokens" else
+           method in ("trainable_tokens", "shadow") else
            "which is a value of its own, not a module name; write `target_modules: all-linear` (not in a list)")
     assert _error(_write(tmp_path, text)) == (
         f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, '  target_modules')}: "

@@ -300,7 +300,8 @@ def saved_and_estimated(model_path, cfg) -> tuple[int, float]:
                                     "frod",
                                     "waveft",
                                     "poly",
-                                    "adamss"])
+                                    "adamss",
+                                    "shadow"])
 def test_method_activations_are_an_upper_bound(method, tiny_llama):
     """Independent: what autograd saves in one forward (saved_tensors_hooks) for the method, beyond LoRA r=4's,
     is at most what the estimate adds for it (an upper bound: shared inputs are counted once by autograd).

@@ -77,6 +77,7 @@ from peftkit.methods.frod import FrodConfig
 from peftkit.methods.waveft import WaveFtConfig
 from peftkit.methods.poly import PolyConfig
 from peftkit.methods.adamss import AdamssConfig
+from peftkit.methods.shadow import ShadowConfig
 from peftkit.methods.vera import VeraConfig
 from peftkit.methods.randlora import RandLoraConfig
 from peftkit.methods.vblora import VbLoraConfig
@@ -398,6 +399,10 @@ CASES: dict[str, list[Case]] = {
     # unquantized bases only (the refusal checked).
     "adamss": [Case("adamss", AdamssConfig(method="adamss", r=8, num_subspaces=3, subspace_rank=2), ("llama", "qwen2"),
                     ("linear",), quantized=False, support_from_fp32=False)],
+    # peft's ShadowPEFT: whole decoder blocks (the Llama family), a 1-layer mirror backbone on the base's embeddings; W_up
+    # starts at 0, the base model. Not mergeable (no layouts). The backbone takes the base's dtype, as peft's (bf16 on a
+    # bf16 base; the blocks' parts fp32): its bf16 logits are checked against peft's.
+    "shadow": [Case("shadow", ShadowConfig(method="shadow", r=4), ("llama", "qwen2"), (), support_from_fp32=False)],
     # Module adapters: no dense weight (layouts empty). Llama-Adapter on the architectures peft's ADAPTION_PROMPT
     # supports (the tiny Llama has 2 key/value heads for 4 query heads: GQA); every layer, then the top one only.
     "llama_adapter": [
@@ -1009,6 +1014,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "WAVEFT": {"init_weights": False},  # N(0, 0.01^2)
                    "POLY": {"init_weights": False},  # B kaiming-uniform too
                    "ADAMSS": {"init_weights": None},  # B ~ N(0, 0.01^2)
+                   "SHADOW": {"init_weights": False},  # W_up kaiming-uniform
                    "C3A": {"init_weights": "gaussian"},  # N(0, 1) (its default, xavier-uniform, is a draw too)
                    "SHIRA": {"init_weights": False},  # N(0, 1)
                    "BEFT": {"init_weights": False},  # N(0, 1)
@@ -1406,7 +1412,8 @@ def test_bf16_base_with_fp32_adapter(case, models):
                                               "pvera", "tinylora",
                                               "psoft", "unilora", "lily",
                                               "frod",
-                                              "waveft", "waveft-db4-pattern", "poly", "adamss")])
+                                              "waveft", "waveft-db4-pattern", "poly", "adamss",
+                                              "shadow")])
 def test_bf16_base_gives_peft_s_bf16_logits(case, models, tmp_path):
     """peft adds these methods' fp32 update to a bf16 base output in fp32 and rounds the sum once; LoHa, LoKr and
     AdaLoRA rounded the update to bf16 first (and DoRA and VeRA did): logits up to 0.18 from peft's, a step's gradients

@@ -6,6 +6,7 @@ mistakes a user can make."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -377,13 +378,19 @@ def test_every_method_beside_lora(case, tiny_llama, adapters, tmp_path):
     """Each method's first conformance case, loaded beside a LoRA adapter: activated, it is that adapter alone; in a
     mixed batch, a weight-update method's rows are those rows alone, and any other method is refused by name (while
     a mixed batch of the other adapters runs past its modules). A Poly adapter, whose layers read each row's task id, is
-    refused by name: it loads alone (sharing.refuse_alone)."""
+    refused by name: it loads alone (sharing.refuse_alone). A method that loads alone (`Method.alone`: ShadowPEFT)
+    is refused by name."""
     from peftkit.methods import method_of
 
     other = _make(tiny_llama, case.cfg, tmp_path / "m", 11)
     if getattr(case.cfg, "poly_type", None):
         with pytest.raises(PeftkitError, match="Adapter 'm' is a Poly adapter, whose layers mix their skills by each "
                                                "row's task id, which named adapters do not hand them; load it alone"):
+            load_named_model([("a", adapters["llama"]["a"]), ("m", other)])
+        return
+    if why := method_of(case.cfg).alone:
+        with pytest.raises(PeftkitError, match=rf"Adapter 'm' is {method_of(case.cfg).title} .*, which loads alone: "
+                                               f"{re.escape(why)}"):
             load_named_model([("a", adapters["llama"]["a"]), ("m", other)])
         return
     model, named, _ = load_named_model([("a", adapters["llama"]["a"]), ("m", other)])

@@ -53,6 +53,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "WaveFTConfig": {},
     "PolyConfig": {},
     "AdamssConfig": {},
+    "ShadowConfig": {},
 }
 
 

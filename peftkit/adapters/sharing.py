@@ -14,6 +14,7 @@ from torch import nn
 
 from peftkit.adapter_meta import describe_rope, read_meta
 from peftkit.errors import PeftkitError
+from peftkit.methods import method_of
 from peftkit.new_tokens import held_tokenizer_length
 from peftkit.recipe import AdapterConfig, QuantizationConfig
 
@@ -114,6 +115,9 @@ def refuse_alone(model: nn.Module, name: str, cfg: AdapterConfig) -> None:
     if getattr(cfg, "poly_type", None):
         raise PeftkitError(f"Adapter {name!r} is a Poly adapter, whose layers mix their skills by each row's task id, "
                            "which named adapters do not hand them; load it alone (--adapter DIR, with --task N).")
+    if why := method_of(cfg).alone:
+        raise PeftkitError(f"Adapter {name!r} is {method_of(cfg).title} (method: {cfg.method}), which loads alone: "
+                           f"{why}; load it alone (--adapter DIR).")
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
     if getattr(cfg, "trainable_token_indices", None) or (cfg.method == "trainable_tokens" and tied):

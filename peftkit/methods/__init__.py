@@ -59,6 +59,7 @@ from peftkit.methods.frod import Frod
 from peftkit.methods.waveft import WaveFt
 from peftkit.methods.poly import Poly
 from peftkit.methods.adamss import Adamss
+from peftkit.methods.shadow import Shadow
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -115,6 +116,7 @@ register(Frod)
 register(WaveFt)
 register(Poly)
 register(Adamss)
+register(Shadow)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

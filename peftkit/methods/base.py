@@ -76,6 +76,12 @@ class MethodTrainer:
         does not depend on how the step is split into micro-batches), or None."""
         return None
 
+    def batch_loss(self, batch: dict, labelled: int | None) -> torch.Tensor | None:
+        """A term added to a micro-batch's summed next-token loss right after its forward (ShadowPEFT's auxiliary
+        loss, which reads that forward's shadow state), in the loss sum's units (a sum over the `labelled` positions
+        of `batch["labels"]`), or None. Trained on, not logged: `loss` stays the cross-entropy."""
+        return None
+
     def after_step(self, step: int) -> None:
         """Called after optimizer step number `step` (1 for the first), before the gradients are zeroed."""
 
@@ -168,6 +174,10 @@ class Method:
     """Its layers over one weight that two modules hold (an output head tied to the input embeddings) merge in place
     into it as one: trainable tokens, whose tied head is wrapped too and holds the embeddings' own rows. Any other
     method's in-place merge there is refused (`refuse_tied`)."""
+
+    alone: ClassVar[str | None] = None
+    """Why an adapter of this method cannot sit beside other adapters on one base (named adapters, mixed batches), as
+    the end of a sentence; None: it can. `peftkit.adapters.sharing.refuse_alone` says it."""
 
     reads_task_ids: ClassVar[bool] = False
     """The forward takes per-row `task_ids` (the data's `task` column, `--task`): multitask prompt tuning, Poly (whose
