@@ -21,7 +21,7 @@ from peftkit.adapters.state_dicts import adapter_state_dict
 from peftkit.errors import PeftkitError
 from peftkit.methods.shadow import ShadowConfig, ShadowTrainer
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
-from tests.conftest import cli_user_error, method_recipe, train_shipped_recipe
+from tests.conftest import check_resumes_to_the_same_bits, cli_user_error, method_recipe, train_shipped_recipe
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 MASK = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])  # the first row left-padded
@@ -185,6 +185,14 @@ def test_the_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_
         assert torch.equal(ours(input_ids=IDS).logits, theirs)
 
 
+def test_a_resumed_run_is_the_unbroken_one(tiny_llama, number_data, tmp_path):
+    """A run (dropout on, the auxiliary loss, W_up moving from 0) killed after a checkpoint and resumed saves the
+    unbroken run's file byte for byte: the backbone's tensors come back into the trunk with the optimizer's state."""
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "shadow", "r": 4},
+                           training={"max_steps": 2, "save_steps": 1, "lr": 5e-2, "batch_size": 2})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=1, steps=2)
+
+
 @pytest.mark.parametrize(("adapter", "message"), [
     ({"target_modules": ["q_proj"]}, "adapter.target_modules: 'model.layers.0.self_attn.q_proj' is no decoder block; "
                                      "ShadowPEFT wraps whole blocks"),
@@ -245,3 +253,30 @@ def test_named_adapters_combining_fusion_and_peft_s_classifier_are_refused(tiny_
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"task_type": "SEQ_CLS"}))
     with pytest.raises(PeftkitError, match="task_type 'SEQ_CLS'; peftkit reads causal-LM ShadowPEFT adapters only"):
         load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))
+
+
+def test_a_comparison_evaluates_it_alone(tiny_llama, number_data, tmp_path, monkeypatch):
+    """`peftkit eval --adapter NAME=DIR ...` with peft's ShadowPEFT adapter beside a LoRA: named adapters refuse it,
+    so it is evaluated on a model of its own (`loads_alone`: it failed, exit 2), with the loss of evaluating it alone."""
+    from peft import LoraConfig
+
+    from peftkit.adapters.sharing import loads_alone
+    from peftkit.cli import main
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
+
+    torch.manual_seed(0)
+    get_peft_model(_load(tiny_llama), peft.ShadowConfig(task_type="CAUSAL_LM", init_weights=False)).save_pretrained(
+        tmp_path / "shadow")
+    get_peft_model(_load(tiny_llama), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"],
+                                                 init_lora_weights=False)).save_pretrained(tmp_path / "lora")
+    assert (loads_alone(str(tmp_path / "shadow")), loads_alone(str(tmp_path / "lora"))) == ("peft_type SHADOW", None)
+    data, out = str(number_data["eval"]), tmp_path / "cmp.json"
+    monkeypatch.setattr("sys.argv", ["peftkit", "eval", "--model", str(tiny_llama), "--data", data, "--adapter",
+                                     f"shadow={tmp_path / 'shadow'}", "--adapter", f"lora={tmp_path / 'lora'}",
+                                     "--json", str(out)])
+    main()
+    results = json.loads(out.read_text())
+    alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, str(tmp_path / "shadow"), None, None, None,
+                              metrics="loss"))
+    assert results["shadow"]["loss"] == alone["loss"] != results["base"]["loss"]

@@ -127,10 +127,13 @@ def refuse_alone(model: nn.Module, name: str, cfg: AdapterConfig) -> None:
 
 
 def loads_alone(adapter_dir: str) -> str | None:
-    """The `ALONE` field set in `adapter_dir`'s adapter_config.json, or None: a comparison evaluates such an adapter on
-    a model of its own."""
+    """The `ALONE` field set in `adapter_dir`'s adapter_config.json (or `peft_type X` for a method that loads alone,
+    `Method.alone`), or None: a comparison evaluates such an adapter on a model of its own."""
+    from peftkit.methods import METHODS
     from peftkit.methods.base import is_set
 
     config = Path(adapter_dir) / "adapter_config.json"
     raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    if any(m.alone and m.peft_type == raw.get("peft_type") for m in METHODS.values()):
+        return f"peft_type {raw['peft_type']}"
     return next((key for key in ALONE if is_set(raw.get(key))), None)
