@@ -363,6 +363,9 @@ def check_engine(cfg, accelerator) -> None:
             "adapter.use_asa: AdaMSS's subspace allocation freezes subspaces while training (their requires_grad off), "
             "which DeepSpeed and FSDP cannot follow once they have wrapped the model; train it under DDP "
             "(configs/accelerate/ddp.yaml) or on one process, or set use_asa: false.")
+    if sharded(accelerator) and (why := method_of(cfg.adapter).fsdp_refusal):
+        raise PeftkitError(f"adapter.method: {cfg.adapter.method} cannot train under FSDP: {why}; train it under DDP "
+                           "(configs/accelerate/ddp.yaml).")
     if zero.active(accelerator):
         zero.check(cfg, accelerator)
     elif sharded(accelerator) and (trained := method_of(cfg.adapter).shared_trained):

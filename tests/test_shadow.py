@@ -280,3 +280,22 @@ def test_a_comparison_evaluates_it_alone(tiny_llama, number_data, tmp_path, monk
     alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, str(tmp_path / "shadow"), None, None, None,
                               metrics="loss"))
     assert results["shadow"]["loss"] == alone["loss"] != results["base"]["loss"]
+
+
+def test_ddp_looks_for_the_unused_last_update_and_fsdp_is_refused(tiny_llama, number_data, tmp_path):
+    """The last targeted block's update MLPs feed nothing (peft's neither): DDP is told to look for unused parameters
+    (without it the second forward failed; tests/test_distributed.py trains on 2 processes). FSDP cannot shard the one
+    backbone every block reaches: refused by text before the model loads."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+    from peftkit.distributed import accelerator_handlers, check_engine
+    from peftkit.recipe import load_recipe
+
+    recipe = load_recipe(method_recipe(tmp_path, tiny_llama, number_data, {"method": "shadow"}))
+    _, ddp = accelerator_handlers(recipe, [])
+    assert isinstance(ddp, DistributedDataParallelKwargs) and ddp.find_unused_parameters
+    with pytest.raises(PeftkitError, match="adapter.method: shadow cannot train under FSDP: its backbone is one module "
+                                           "every targeted block reaches"):
+        check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))

@@ -175,6 +175,9 @@ class Method:
     into it as one: trainable tokens, whose tied head is wrapped too and holds the embeddings' own rows. Any other
     method's in-place merge there is refused (`refuse_tied`)."""
 
+    fsdp_refusal: ClassVar[str | None] = None
+    """Why FSDP cannot train this method's adapter (as the end of a sentence), or None: `peftkit.distributed.check_engine`
+    refuses it before the model loads."""
     alone: ClassVar[str | None] = None
     """Why an adapter of this method cannot sit beside other adapters on one base (named adapters, mixed batches), as
     the end of a sentence; None: it can. `peftkit.adapters.sharing.refuse_alone` says it."""

@@ -319,6 +319,14 @@ class Shadow(Method):
     mergeable = False
     alone = ("its shadow network runs beside the whole decoder (one per model), not beside a layer that named adapters "
              "route")
+    fsdp_refusal = ("its backbone is one module every targeted block reaches (the trunk), which FSDP cannot shard once "
+                    "per decoder layer (not run here)")
+
+    @classmethod
+    def skips_parameters(cls, cfg: ShadowConfig) -> bool:
+        """True: the last targeted block's update MLPs feed nothing (the state ends there; peft's are unused too), so
+        torch DDP must look for unused parameters (else its second forward fails, measured on 2 processes)."""
+        return True
 
     @classmethod
     def merge_refusal(cls, cfg=None) -> str:
