@@ -6,7 +6,9 @@
 Loss is the sum of token cross-entropies over a whole accumulation window divided by the window's
 label-token count, so batch_size x grad_accum = 8 x 1 and 4 x 2 give the same gradient. A method's
 regulariser (`MethodTrainer.regularizer`, e.g. AdaLoRA's orthogonality term) is added once per optimizer
-step, so it keeps that property; metrics.jsonl logs it apart (`regularizer`), `loss` is the cross-entropy.
+step, so it keeps that property; metrics.jsonl logs it apart (`regularizer`), `loss` is the cross-entropy. A
+method's term of a micro-batch (`MethodTrainer.batch_loss`, ShadowPEFT's auxiliary loss on its forward's shadow state)
+is a sum over the labelled tokens added to that micro-batch's before the division: trained on, not logged.
 
 Each evaluation (the base before training, every eval_steps, the end) is `peftkit.evaluate.RunEval`: the loss,
 and eval.metrics of greedy answers. Generating leaves torch's RNG as it was, so the dropout masks, and the
