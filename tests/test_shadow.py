@@ -107,15 +107,22 @@ def test_peft_s_adapter_loads_ours_loads_in_peft_and_merging_is_refused(tiny_lla
         assert torch.equal(again(input_ids=IDS).logits, model(input_ids=IDS).logits)
 
 
-def test_the_auxiliary_loss_is_peft_s(tiny_llama):
+@pytest.mark.parametrize("head", [[], ["lm_head"]], ids=["base-head", "trained-head"])
+def test_the_auxiliary_loss_is_peft_s(head, tiny_llama):
     """peft adds auxiliary_loss_weight x the cross-entropy of the base's head on s0 to the loss when given labels; the
     training step's term (ShadowTrainer.batch_loss, summed over the labelled positions, as the loss) gives peft's loss
-    over one micro-batch (1e-6) and peft's gradients (1e-6 relative)."""
+    over one micro-batch (1e-6) and peft's gradients (1e-6 relative). With lm_head in modules_to_save (moved), the
+    term reads the trained copy, as peft's."""
     from peftkit.evaluate import token_loss_sum
     from peftkit.data import IGNORE_INDEX
     from peftkit.loss import labelled_count
 
-    theirs, ours, _ = _pair(tiny_llama, init_weights=False, shadow_dropout=0.0, auxiliary_loss_weight=0.5)
+    theirs, ours, _ = _pair(tiny_llama, init_weights=False, shadow_dropout=0.0, auxiliary_loss_weight=0.5,
+                            modules_to_save=head)
+    with torch.no_grad():
+        for p in [p for n, p in theirs.named_parameters() if p.requires_grad and "lm_head" in n] + [
+                p for n, p in ours.named_parameters() if p.requires_grad and "lm_head" in n]:
+            p.mul_(1.5)
     labels = IDS.clone()
     labels[:, :3] = IGNORE_INDEX
     batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": labels}
@@ -127,7 +134,10 @@ def test_the_auxiliary_loss_is_peft_s(tiny_llama):
     assert abs(float((total - expected).detach())) <= 1e-6 and float(extra.detach()) > 0.1 * float(loss.detach())
     total.backward()
     expected.backward()
-    grads, peft_grads = _grads(ours), {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    grads = _grads(ours)
+    peft_grads = {n.replace(".modules_to_save.default.", "."): p.grad for n, p in theirs.named_parameters()
+                  if p.requires_grad}
+    assert grads.keys() == peft_grads.keys() and ("base_model.model.lm_head.weight" in grads) == bool(head)
     assert all((g is None) == (peft_grads[n] is None) for n, g in grads.items())
     assert max(float((g - peft_grads[n]).abs().max() / peft_grads[n].abs().max()) for n, g in grads.items()
                if g is not None) <= 1e-6
