@@ -178,6 +178,8 @@ def read_peft_config(path: Path) -> tuple[type[Method], PeftConfigBase]:
     method = method_for_peft_type(raw.get("peft_type"), config_file)
     peft = validated(method.peft_config, config_file, raw, _REEXPORT)
     check_peft_fields(method, raw, config_file)
+    if not method.targets_in_config:
+        return method, peft
     if method.layer_targets and peft.target_modules is None and (found := _targets_in_weights(path, method)):
         if parameters := getattr(peft, "target_parameters", None):  # (their modules' wrappers are not targets)
             holders = {"base_layer"} | {p.rpartition(".")[0].rsplit(".", 1)[-1] for p in parameters if "." in p}

@@ -1028,10 +1028,11 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    # The training form: P-tuning's and a projected prefix's encoder, whose output peft saves.
                    "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
                    "PREFIX_TUNING": {"inference_mode": False}, "MULTITASK_PROMPT_TUNING": {"inference_mode": False},
-                   "CARTRIDGE": {"inference_mode": False}}
+                   "CARTRIDGE": {"inference_mode": False},
+                   "XLORA": {}}  # (its experts' directories: tests/test_xlora.py)
 NO_PEFT = {"bottleneck", "fusion"}  # methods peft has no equivalent of: saved in peftkit's own layout
 # Methods built from other adapters' directories, which no fixed Case can name: each has its own test file.
-BUILT_FROM_ADAPTERS = {"fusion": "tests/test_fusion.py"}
+BUILT_FROM_ADAPTERS = {"fusion": "tests/test_fusion.py", "xlora": "tests/test_xlora.py"}
 
 ALL = [(name, case) for name, cases in CASES.items() for case in cases]
 BY_ARCH = [pytest.param(case, arch, id=f"{case.id}-{arch}") for _, case in ALL for arch in case.archs]

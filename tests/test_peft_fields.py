@@ -54,6 +54,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "PolyConfig": {},
     "AdamssConfig": {},
     "ShadowConfig": {},
+    "XLoraConfig": {},
 }
 
 

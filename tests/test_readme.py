@@ -25,7 +25,7 @@ SPAN = re.compile(r"`([^`]+)`")
 TABLE_METHODS = {
     "LoRA's keys": ("lora",),
     "The prompt family": ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning", "cartridge"),
-    "Every method but `fusion`": tuple(m for m in METHODS if m != "fusion"),
+    "Every method but `fusion` and `xlora`": tuple(m for m in METHODS if m not in ("fusion", "xlora")),
 }
 ALSO_TAKES = {"lokr": "loha"}  # "LoKr's keys (`method: lokr`): LoHa's, and"
 # Fields a user cannot usefully set, so the README leaves them out: they exist only to be refused with a message.
@@ -34,6 +34,7 @@ REFUSED = {
     **{(m, "modules_to_save"): "empty or an error: the prompt family changes no weight"
        for m in TABLE_METHODS["The prompt family"]},
     ("fusion", "init_from"): "an error: a fusion starts from the adapters it fuses",
+    ("xlora", "init_from"): "an error: an X-LoRA starts from its experts and a new classifier",
 }
 
 # Defaults the README says in words ("the model's"), not as a value: "section.key" -> why. None so far.

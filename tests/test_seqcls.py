@@ -435,7 +435,10 @@ def test_unknown_label_in_eval_names_file_and_row(tmp_path, tiny_bert, sentiment
     # AdapterFusion was refused with a reason naming the prompt family and Llama-Adapter only
     ({"adapter": {"method": "fusion", "fuse": ["a", "b"]}},
      "adapter.method: fusion cannot train a classifier: the new head must train in full beside the adapter, which "
-     "the prompt family, Llama-Adapter and AdapterFusion do not do here"),
+     "the prompt family, Llama-Adapter, AdapterFusion and X-LoRA do not do here"),
+    ({"adapter": {"method": "xlora", "adapters": {"0": "a", "1": "b"}}},
+     "adapter.method: xlora cannot train a classifier: the new head must train in full beside the adapter, which "
+     "the prompt family, Llama-Adapter, AdapterFusion and X-LoRA do not do here"),
 ])
 def test_recipe_errors(tmp_path, tiny_bert, sentiment, sections, message):
     recipe = classification_recipe(tmp_path, tiny_bert, sentiment, **sections)

@@ -60,6 +60,7 @@ from peftkit.methods.waveft import WaveFt
 from peftkit.methods.poly import Poly
 from peftkit.methods.adamss import Adamss
 from peftkit.methods.shadow import Shadow
+from peftkit.methods.xlora import XLora
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -117,6 +118,7 @@ register(WaveFt)
 register(Poly)
 register(Adamss)
 register(Shadow)
+register(XLora)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

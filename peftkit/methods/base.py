@@ -192,6 +192,10 @@ class Method:
     """The method wraps the layers `target_modules` names. False: it adapts the model as a whole (the prompt family,
     `peftkit.methods.virtual`: `install` puts one module on the model) and its adapter_config.json names no targets."""
 
+    targets_in_config: ClassVar[bool] = True
+    """adapter_config.json names the layers adapted (`target_modules`). False: other files do (X-LoRA's experts, each
+    in its own directory with its own adapter_config.json)."""
+
     @classmethod
     def install(cls, model: nn.Module, cfg: Any) -> nn.Module:
         """Adapt `model` as a whole (a method without `layer_targets`); returns the module it added."""

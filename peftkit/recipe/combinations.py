@@ -156,6 +156,6 @@ def check_task(recipe: Recipe) -> None:
     if not method.layer_targets or "modules_to_save" not in type(recipe.adapter).model_fields:
         raise ValueError(
             f"adapter.method: {method.name} cannot train a classifier: the new head must train in full beside the "
-            "adapter, which the prompt family, Llama-Adapter and AdapterFusion do not do here; use a weight method "
+            "adapter, which the prompt family, Llama-Adapter, AdapterFusion and X-LoRA do not do here; use a weight method "
             "(lora, ia3, loha, lokr, vera, fourierft, randlora, vblora, adalora, oft, hra, boft, ln_tuning, miss, delora, road, hira, c3a, shira, beft, supertuning, gralora, deft, peanut, pvera, tinylora, psoft, glora, unilora, lily, osf, frod, waveft, poly, adamss) or bottleneck"
         )

@@ -36,6 +36,7 @@ def resolve_recipe(recipe: Recipe, path: Path, lines: dict[tuple, int], overridd
     written = _Written(path, lines, overridden, path.resolve().parent, missing_adapters)
     _resolve_paths(recipe, written)
     _resolve_fuse(recipe, written)
+    _resolve_experts(recipe, written)
     if recipe.data.chat_template is not None:  # a file's or directory's template read in: the run keeps its text
         from peftkit.data.chat_templates import resolved_template
 
@@ -114,6 +115,20 @@ def _resolve_fuse(recipe: Recipe, written: _Written) -> None:
             raise PeftkitError(f"{written.where(('adapter', 'fuse', j))}: adapter.fuse[{j}] is "
                                f"adapter.fuse[{i}] again ({value}); AdapterFusion weighs different adapters "
                                "against each other. List each adapter directory once.")
+
+
+def _resolve_experts(recipe: Recipe, written: _Written) -> None:
+    """X-LoRA's expert directories resolved, each listed once."""
+    if recipe.adapter.method != "xlora":
+        return
+    adapters = {n: _usable(v, "adapter", ("adapter", "adapters", n), written) for n, v in recipe.adapter.adapters.items()}
+    real = [os.path.realpath(value) for value in adapters.values()]
+    for j, value in enumerate(real):
+        if (i := real.index(value)) < j:  # one expert twice: two classes of the classifier for one adapter
+            raise PeftkitError(f"{written.where(('adapter', 'adapters', str(j)))}: adapter.adapters['{j}'] is "
+                               f"adapter.adapters['{i}'] again ({value}); X-LoRA weighs different experts. List each "
+                               "adapter directory once.")
+    recipe.adapter.adapters = adapters
 
 
 def _resolve(value: str, base: Path, kind: str) -> str:

@@ -1,0 +1,208 @@
+"""X-LoRA (peftkit.methods.xlora), built from LoRA experts' directories (no fixed Case of the battery can name them):
+the classifier peft draws for a seed and its two-pass forward, loss and gradients bit for bit, peft's adapter loaded
+with peft's logits, our export loaded by peft with ours, generation as cache-free greedy decoding (and peft's), the
+shipped recipe, peft 0.21.2's save_pretrained that loses the classifier, and what is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+
+from peftkit.adapter_base import load_adapted_model
+from peftkit.adapters import inject_adapters
+from peftkit.errors import PeftkitError
+from peftkit.inspect import inspect_adapter
+from peftkit.methods.xlora import XLoraConfig
+from tests.conftest import load_fp32, save_peft_lora, train_shipped_recipe
+
+IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
+# Every option away from peft's default: a 3-deep classifier with dropout, per-layer scalings, the top expert of each
+# token softmaxed alone, a scalings pass at 0.5 (the experts in it too), the experts' outputs doubled, temperature 0.5.
+ALL_OPTIONS = {"xlora_depth": 3, "xlora_size": 16, "layerwise_scalings": True, "top_k_lora": 1,
+               "enable_softmax_topk": True, "scaling_pass_value": 0.5, "global_scaling_weight": 2.0,
+               "softmax_temperature": 0.5}
+
+
+def _base(path: Path) -> torch.nn.Module:
+    model = load_fp32(path)
+    model.config.use_cache = False  # (peft's XLoraModel refuses a model that caches)
+    return model
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_llama, tmp_path_factory) -> dict[str, str]:
+    """Two LoRA experts saved by peft, far from identity: q, v at r 4 and v, down at r 2 with rsLoRA and dropout."""
+    root = tmp_path_factory.mktemp("experts")
+    first = save_peft_lora(tiny_llama, root / "0", PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    second = save_peft_lora(tiny_llama, root / "1", PeftLoraConfig(r=2, lora_alpha=4, use_rslora=True, lora_dropout=0.1,
+                                                                   target_modules=["v_proj", "down_proj"]), seed=1)
+    return {"0": str(first), "1": str(second)}
+
+
+def _peft_xlora(base: Path, experts: dict[str, str], seed: int = 0, **settings):
+    torch.manual_seed(seed)
+    return get_peft_model(_base(base), peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters=experts,
+                                                        **settings))
+
+
+def _classifier(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The classifier's parameters by peft's name (`internal_xlora_classifier.layers.0.weight`), of peft's or ours."""
+    return {"internal_xlora_classifier." + n.partition(".internal_xlora_classifier.")[2]: p
+            for n, p in model.named_parameters() if "internal_xlora_classifier." in n}
+
+
+@pytest.mark.parametrize("settings", [{}, ALL_OPTIONS], ids=["defaults", "all-options"])
+def test_start_forward_and_gradients_are_peft_s(settings, tiny_llama, experts):
+    """From one seed, peftkit's classifier is peft's bit for bit and the generator ends where peft's does (the experts'
+    layers are built first, expert after expert, as peft builds them); a training step (the classifier's dropout and
+    the experts' drawn alike) gives peft's logits, loss and gradients bit for bit, and so does evaluation; the
+    classifier alone trains."""
+    theirs = _peft_xlora(tiny_llama, experts, **settings)
+    after_theirs = torch.rand(1)
+    ours = _base(tiny_llama)
+    torch.manual_seed(0)
+    inject_adapters(ours, XLoraConfig(method="xlora", adapters=experts, **settings))
+    assert torch.equal(torch.rand(1), after_theirs)
+    reference = _classifier(theirs)
+    assert all(torch.equal(p, reference[n]) for n, p in _classifier(ours).items()) and len(reference) == len(_classifier(ours))
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
+        n for n, _ in ours.named_parameters() if "internal_xlora_classifier." in n]
+    outputs = []
+    for model in (theirs.train(), ours.train()):
+        torch.manual_seed(1)
+        out = model(input_ids=IDS, labels=IDS)
+        out.loss.backward()
+        outputs.append(out)
+    assert torch.equal(outputs[0].logits, outputs[1].logits) and torch.equal(outputs[0].loss, outputs[1].loss)
+    assert all(torch.equal(p.grad, reference[n].grad) for n, p in _classifier(ours).items())
+    with torch.no_grad():
+        assert torch.equal(theirs.eval()(input_ids=IDS).logits, ours.eval()(input_ids=IDS).logits)
+        assert (ours(input_ids=IDS).logits - _base(tiny_llama)(input_ids=IDS).logits).abs().max() > 1e-2
+
+
+def _save_as_peft_loads_it(model, out: Path) -> Path:
+    """peft's adapter as its loader reads it: its config, and its classifier under its state_dict's keys (peft's own
+    save_pretrained loses it: test_peft_save_pretrained_loses_the_classifier)."""
+    model.peft_config["default"].save_pretrained(out)
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items() if "internal_xlora_classifier" in k},
+              out / "adapter_model.safetensors")
+    return out
+
+
+def test_peft_adapter_loads_with_peft_logits(tiny_llama, experts, tmp_path):
+    """peft's X-LoRA (classifier moved) gives peft's logits in peftkit bit for bit; inspect counts the classifier."""
+    theirs = _peft_xlora(tiny_llama, experts, xlora_depth=2, xlora_size=8)
+    with torch.no_grad():
+        for p in _classifier(theirs).values():
+            p.add_(torch.randn(p.shape))
+    adapter = _save_as_peft_loads_it(theirs, tmp_path / "xlora")
+    ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, theirs.eval()(input_ids=IDS).logits)
+    assert inspect_adapter(adapter)["trainable_params"] == (32 * 8 + 8) + (8 * 2 + 2)
+
+
+def test_peft_save_pretrained_loses_the_classifier(tiny_llama, experts, tmp_path):
+    """peft 0.21.2's save_pretrained of an X-LoRA writes no classifier to its adapter_model.safetensors (its filter of
+    other adapters' keys drops `layers.0.`, taking it for the expert named "0", which peft requires): peftkit refuses
+    the file, saying why, rather than loading a classifier it would have to make up."""
+    _peft_xlora(tiny_llama, experts).save_pretrained(tmp_path / "saved")
+    assert load_file(tmp_path / "saved" / "adapter_model.safetensors") == {}
+    with pytest.raises(PeftkitError, match=r"holds no X-LoRA classifier .* has lost its classifier"):
+        load_adapted_model(str(tiny_llama), str(tmp_path / "saved"))
+
+
+def test_shipped_recipe_trains_and_peft_loads_ours(tiny_llama, number_data, experts, tmp_path):
+    """recipes/methods/xlora.yaml trains the classifier (eval loss down); the export holds it alone under peft's names,
+    peft loads it with our logits, and so does peftkit."""
+    summary = train_shipped_recipe("xlora", tiny_llama, number_data, tmp_path / "run", steps=4, sets=(
+        f"adapter.adapters={json.dumps(experts)}", "training.lr=5e-2"))
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "XLORA" and config["adapters"] == experts and config["hidden_size"] == 32
+    assert sorted(load_file(adapter / "adapter_model.safetensors")) == [
+        "base_model.internal_xlora_classifier.layers.0.bias", "base_model.internal_xlora_classifier.layers.0.weight"]
+    theirs = PeftModel.from_pretrained(_base(tiny_llama), adapter, adapters=config["adapters"]).eval()
+    ours = load_adapted_model(None, str(adapter))[0].eval()
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits)
+
+
+def test_generate_is_cache_free_greedy_decoding(tiny_llama, experts, tmp_path):
+    """peftkit's batched generation (left-padded, through transformers' generate) gives each row's greedy decoding by
+    one full forward per token, and peft's generate (which runs without the cache too) gives the same tokens."""
+    from transformers import AutoTokenizer
+
+    from peftkit.decoding import Sampling, generate_ids
+
+    theirs = _peft_xlora(tiny_llama, experts)
+    with torch.no_grad():
+        for p in _classifier(theirs).values():
+            p.mul_(20)  # sharp scalings: the experts' mix changes from token to token
+    adapter = _save_as_peft_loads_it(theirs, tmp_path / "xlora")
+    ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
+    prompts = [[3, 4, 5, 9], [40, 41, 42, 43, 44, 45]]
+
+    def greedy(prompt: list[int]) -> list[int]:
+        ids = torch.tensor([prompt])
+        for _ in range(5):
+            with torch.no_grad():
+                ids = torch.cat([ids, ours(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+        return ids[0, len(prompt):].tolist()
+
+    expected = [greedy(p) for p in prompts]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    assert generate_ids(ours, tok, prompts, Sampling(max_new_tokens=5, temperature=0)) == expected
+    with torch.no_grad():
+        out = theirs.eval().generate(input_ids=torch.tensor([prompts[1]]), max_new_tokens=5, do_sample=False)
+    assert out[0, len(prompts[1]):].tolist() == expected[1]
+
+
+def test_refusals(tiny_llama, experts, tmp_path):
+    """What X-LoRA cannot do is refused, naming the fix."""
+    from peftkit.merge import merge_adapter
+
+    with pytest.raises(ValidationError, match="named by position, '0' to '1' in order"):
+        XLoraConfig(method="xlora", adapters={"math": experts["0"], "code": experts["1"]})
+    with pytest.raises(ValidationError, match="top_k_lora is 3, and adapter.adapters lists 2 experts"):
+        XLoraConfig(method="xlora", adapters=experts, top_k_lora=3)
+    dora = save_peft_lora(tiny_llama, tmp_path / "dora", PeftLoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
+    with pytest.raises(PeftkitError, match=r"has DoRA \(peft's X-LoRA refuses it too\).*plain LoRA experts"):
+        inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters={"0": experts["0"], "1": str(dora)}))
+    with pytest.raises(PeftkitError, match="hidden_size is 64, and this model's hidden size is 32"):
+        inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters=experts, hidden_size=64))
+    adapter = _save_as_peft_loads_it(_peft_xlora(tiny_llama, experts), tmp_path / "xlora")
+    with pytest.raises(PeftkitError, match="weigh their LoRA experts per token .* cannot be merged into a plain model"):
+        merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+    model = load_adapted_model(str(tiny_llama), str(adapter))[0]
+    with torch.no_grad():
+        cache = model(input_ids=IDS[:, :4], use_cache=True).past_key_values  # (a decoding loop of one's own)
+    with torch.no_grad(), pytest.raises(PeftkitError, match="forward with a KV cache: .* use_cache=False"):
+        model(input_ids=IDS[:, 4:], past_key_values=cache)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"use_trainable_adapters": True}))
+    with pytest.raises(PeftkitError, match="use_trainable_adapters is true: .* peftkit's X-LoRA keeps the experts frozen"):
+        load_adapted_model(str(tiny_llama), str(adapter))
+
+
+@pytest.mark.parametrize("settings", [{}, ALL_OPTIONS], ids=["defaults", "all-options"])
+def test_memory_estimate_is_an_upper_bound(settings, tiny_llama, experts):
+    """What autograd saves in one forward beyond LoRA r=4's is at most what the estimate adds (tests/test_memory.py's
+    measure): the experts' inputs and scalings, the expert with dropout's masks, and the classifier's activations.
+    With the default estimate (nothing counted), X-LoRA at its defaults saved 14,848 bytes more than LoRA where 4,096
+    fewer were estimated."""
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_memory import saved_and_estimated
+
+    lora_saved, lora_estimate = saved_and_estimated(tiny_llama, LoraConfig(r=4, alpha=8))
+    saved, estimate = saved_and_estimated(tiny_llama, XLoraConfig(method="xlora", adapters=experts, **settings))
+    assert saved - lora_saved <= estimate - lora_estimate
