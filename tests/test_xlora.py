@@ -206,3 +206,78 @@ def test_memory_estimate_is_an_upper_bound(settings, tiny_llama, experts):
     lora_saved, lora_estimate = saved_and_estimated(tiny_llama, LoraConfig(r=4, alpha=8))
     saved, estimate = saved_and_estimated(tiny_llama, XLoraConfig(method="xlora", adapters=experts, **settings))
     assert saved - lora_saved <= estimate - lora_estimate
+
+
+def _dense_logits(model: torch.nn.Module, experts: dict[str, str], classifier: dict[str, torch.Tensor]) -> torch.Tensor:
+    """X-LoRA at its defaults computed independently, on `model` (a plain base): the base's last hidden state, the
+    scalings softmax(W h + b) (one set for every layer), then each adapted module's output plus sum_i s_i x (s_i B_i
+    A_i)^T, from the experts' files (LoRA's update s B A is linear in the input: scaling the input is scaling it)."""
+    with torch.no_grad():
+        hidden = model(input_ids=IDS, output_hidden_states=True).hidden_states[-1]
+        s = torch.softmax(hidden @ classifier["weight"].T + classifier["bias"], dim=-1)
+    updates: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    for i, path in enumerate(experts.values()):
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config["use_rslora"] else config["r"])
+        tensors = load_file(Path(path) / "adapter_model.safetensors")
+        for key, a in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                b = tensors[key.replace("lora_A", "lora_B")]
+                updates.setdefault(module, []).append((i, scaling * b.double() @ a.double()))
+    handles = [model.get_submodule(module).register_forward_hook(
+        lambda _, args, out, parts=parts: out + sum(s[..., i:i + 1] * (args[0].double() @ d.T) for i, d in parts).to(out.dtype))
+        for module, parts in updates.items()]
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    for handle in handles:
+        handle.remove()
+    return logits
+
+
+def test_conv1d_and_nf4_bases_against_a_dense_computation(tiny_llama, tiny_gpt2, experts, tmp_path):
+    """GPT-2's Conv1D layers and a 4-bit NF4 Llama give the independent computation's logits (1e-5). peft 0.21.2's
+    X-LoRA fails on both: it cannot load GPT-2's experts (its key rewrite wants a module named 'model.': 'Got
+    unexpected keys!'), and on the 4-bit base its pre-forward hook hands `scalings` to its 4-bit LoRA layers, which
+    are no lora.Linear and were never swapped for X-LoRA's: "Linear4bit.forward() got an unexpected keyword argument
+    'scalings'"."""
+    from peftkit.modeling import load_model
+    from peftkit.recipe import ModelConfig, QuantizationConfig
+
+    gpt2 = {str(i): str(save_peft_lora(tiny_gpt2, tmp_path / str(i), PeftLoraConfig(
+        r=2 + 2 * i, lora_alpha=8, target_modules=targets, fan_in_fan_out=True), seed=i))
+        for i, targets in enumerate([["c_attn"], ["c_attn", "c_fc"]])}
+    nf4 = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
+    for base, adapters, quant in ((tiny_gpt2, gpt2, None), (tiny_llama, experts, nf4)):
+        def plain() -> torch.nn.Module:
+            return load_model(ModelConfig(name_or_path=str(base), dtype="float32"), quant, torch.device("cpu")).eval()
+
+        ours = plain()
+        inject_adapters(ours, XLoraConfig(method="xlora", adapters=adapters))
+        ours.eval()  # (the new layers: the second Llama expert's dropout off)
+        classifier = {n.rpartition(".")[2]: p for n, p in _classifier(ours).items()}
+        with torch.no_grad():
+            for p in classifier.values():
+                p.copy_(torch.randn(p.shape) * 3)  # sharp: the experts' mix differs from token to token
+            logits = ours(input_ids=IDS).logits
+        assert (logits - _dense_logits(plain(), adapters, classifier)).abs().max() <= 1e-5
+        assert (logits - plain()(input_ids=IDS).logits).abs().max() > 1e-2
+
+
+def test_named_adapters_and_combining_refuse_it(tiny_llama, experts, tmp_path):
+    """Beside other named adapters (a mixed batch, `--adapter a=DIR --adapter b=DIR`), an X-LoRA's pass over the whole
+    model would run for the others too: refused, saying to load it alone; a comparison loads it alone. Combining it
+    into the base with others is refused as its merge is."""
+    from peftkit.adapters.named import load_named_model
+    from peftkit.adapters.sharing import loads_alone
+    from peftkit.combine_adapters import combine_adapters
+    from peftkit.combine_inputs import Combination
+
+    adapter = _save_as_peft_loads_it(_peft_xlora(tiny_llama, experts), tmp_path / "xlora")
+    with pytest.raises(PeftkitError, match="Adapter 'x' is X-LoRA .method: xlora., which runs a scalings pass over the "
+                                           "whole model .*: named adapters cannot switch it .*; load it alone"):
+        load_named_model([("lora", experts["0"]), ("x", str(adapter))], base=str(tiny_llama))
+    assert loads_alone(str(adapter)) == "peft_type" and loads_alone(experts["0"]) is None
+    with pytest.raises(PeftkitError, match="cannot be merged into a plain model"):
+        combine_adapters([experts["0"], str(adapter)], Combination("linear", (0.5, 0.5)), str(tmp_path / "combined"),
+                         into_base=True, base=str(tiny_llama))

@@ -15,6 +15,7 @@ from torch import nn
 from peftkit.adapter_meta import describe_rope, read_meta
 from peftkit.errors import PeftkitError
 from peftkit.methods import method_of
+from peftkit.methods import METHODS, method_of
 from peftkit.new_tokens import held_tokenizer_length
 from peftkit.recipe import AdapterConfig, QuantizationConfig
 
@@ -124,6 +125,9 @@ def refuse_alone(model: nn.Module, name: str, cfg: AdapterConfig) -> None:
         why = " (trainable_token_indices)" if cfg.method == "lora" else ", whose weight the output head shares"
         raise PeftkitError(f"Adapter {name!r} trains rows of the embeddings{why}: one model cannot hold those per "
                            "adapter; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
+    if reason := method_of(cfg).alone:
+        raise PeftkitError(f"Adapter {name!r} is {method_of(cfg).title} (method: {cfg.method}), which {reason}: named "
+                           "adapters cannot switch it or route rows to it; load it alone (--adapter DIR).")
 
 
 def loads_alone(adapter_dir: str) -> str | None:
@@ -136,4 +140,6 @@ def loads_alone(adapter_dir: str) -> str | None:
     raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     if any(m.alone and m.peft_type == raw.get("peft_type") for m in METHODS.values()):
         return f"peft_type {raw['peft_type']}"
+    if any(m.alone for m in METHODS.values() if m.peft_type == raw.get("peft_type")):
+        return "peft_type"
     return next((key for key in ALONE if is_set(raw.get(key))), None)

@@ -282,6 +282,7 @@ class XLora(Method):
     param_names = ("experts", CLASSIFIER)
     mergeable = False
     targets_in_config = False
+    alone = "runs a scalings pass over the whole model before each forward and weighs its experts per token"
 
     @classmethod
     def merge_refusal(cls, cfg: Any = None) -> str | None:
