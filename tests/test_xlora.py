@@ -281,3 +281,22 @@ def test_named_adapters_and_combining_refuse_it(tiny_llama, experts, tmp_path):
     with pytest.raises(PeftkitError, match="cannot be merged into a plain model"):
         combine_adapters([experts["0"], str(adapter)], Combination("linear", (0.5, 0.5)), str(tmp_path / "combined"),
                          into_base=True, base=str(tiny_llama))
+
+
+def test_run_resumes_to_the_same_bits_and_checkpointing_changes_nothing(tiny_llama, number_data, experts, tmp_path):
+    """A run killed after step 2 of 4 and resumed writes the unbroken run's classifier byte for byte (its checkpoint
+    holds the classifier, the frozen experts come from their directories again); with gradient checkpointing (whose
+    recomputation in backward reads the forward's scalings) the same run gives the same file to float rounding."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import check_resumes_to_the_same_bits, method_recipe
+
+    adapter = {"method": "xlora", "adapters": experts, "xlora_depth": 2, "xlora_size": 8}
+    recipe = method_recipe(tmp_path / "a", tiny_llama, number_data, adapter,
+                           training={"max_steps": 4, "save_steps": 2, "save_total_limit": 10, "lr": 5e-2})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "a" / "run", kill_after=2, steps=4)
+    checkpointed = method_recipe(tmp_path / "b", tiny_llama, number_data, adapter,
+                                 training={"max_steps": 4, "lr": 5e-2, "gradient_checkpointing": True})
+    train(load_recipe(checkpointed), show_summary=False)
+    ours, plain = (load_file(tmp_path / run / "run" / "adapter" / "adapter_model.safetensors") for run in ("b", "a"))
+    assert ours.keys() == plain.keys() and all((ours[k] - plain[k]).abs().max() <= 1e-6 for k in plain)

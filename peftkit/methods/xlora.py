@@ -352,6 +352,14 @@ class XLora(Method):
                 "adapters": {n: str(Path(p).resolve()) for n, p in cfg.adapters.items()}} | settings
 
     @classmethod
+    def model_facts(cls, cfg: XLoraConfig, model_config: Any) -> dict:
+        """hidden_size, the width the classifier reads (peft's config holds it): the model's."""
+        from peftkit.methods.virtual import text_config
+
+        config = text_config(model_config)
+        return {"hidden_size": cfg.hidden_size or getattr(config, "hidden_size", None) or config.n_embd}
+
+    @classmethod
     def from_peft(cls, peft: PeftXLoraConfig, config_file: Path) -> XLoraConfig:
         if peft.use_trainable_adapters:
             raise PeftkitError(f"{config_file}: use_trainable_adapters is true: the experts were trained with the "
@@ -422,7 +430,8 @@ class XLora(Method):
                         for e in layer.experts.values())
         if layer.number == 0:
             hidden = cfg.xlora_size + (cfg.xlora_size // 4 + 1 if cfg.xlora_dropout_p else 0)
-            per_token += cfg.hidden_size + (cfg.xlora_depth - 1) * hidden + 3 * len(cfg.adapters) * layer.scalings.classifier.n_layers
+            classifier = layer.scalings.classifier
+            per_token += classifier.layers[0].in_features + (cfg.xlora_depth - 1) * hidden + 3 * len(cfg.adapters) * classifier.n_layers
         return per_token, 0
 
     @classmethod
@@ -446,9 +455,7 @@ def _hidden_size(model: nn.Module, cfg: XLoraConfig) -> int:
     if cfg.hidden_size is not None and hidden is not None and cfg.hidden_size != hidden:
         raise PeftkitError(f"adapter.hidden_size is {cfg.hidden_size}, and this model's hidden size is {hidden}: the "
                            "classifier reads its hidden states. Set hidden_size to it (or leave it out).")
-    if cfg.hidden_size is None:
-        cfg.hidden_size = hidden
-    return cfg.hidden_size
+    return cfg.hidden_size or hidden
 
 
 def _generate_without_cache(model: nn.Module) -> None:
