@@ -300,3 +300,33 @@ def test_run_resumes_to_the_same_bits_and_checkpointing_changes_nothing(tiny_lla
     train(load_recipe(checkpointed), show_summary=False)
     ours, plain = (load_file(tmp_path / run / "run" / "adapter" / "adapter_model.safetensors") for run in ("b", "a"))
     assert ours.keys() == plain.keys() and all((ours[k] - plain[k]).abs().max() <= 1e-6 for k in plain)
+
+
+def test_bf16_base_keeps_the_experts_file_values_where_peft_rounds_them(tiny_llama, experts):
+    """On a bf16 base the classifier is bf16 (peft's, from one seed) and the experts keep their files' fp32 values, as
+    peftkit's and peft's own LoRA loading keep them. peft 0.21.2's X-LoRA loads the experts' weights into layers still
+    in the base's dtype and casts them to fp32 after: they are the files' values rounded to bf16. That rounding is
+    the only difference: with the experts rounded so, peftkit's bf16 logits are peft's bit for bit."""
+    def bf16() -> torch.nn.Module:
+        model = load_fp32(tiny_llama).to(torch.bfloat16)
+        model.config.use_cache = False
+        return model
+
+    torch.manual_seed(0)
+    theirs = get_peft_model(bf16(), peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=32, adapters=experts)).eval()
+    ours = bf16()
+    torch.manual_seed(0)
+    inject_adapters(ours, XLoraConfig(method="xlora", adapters=experts))
+    ours.eval()
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, _classifier(theirs)[n]) for n, p in _classifier(ours).items())
+    saved = load_file(Path(experts["0"]) / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    peft_a = theirs.base_model.lora_model.model.model.layers[0].self_attn.q_proj.lora_A["0"].weight
+    our_a = ours.model.layers[0].self_attn.q_proj.experts["0"].lora_A.weight
+    assert torch.equal(our_a, saved) and not torch.equal(peft_a, saved) and torch.equal(peft_a, saved.bfloat16().float())
+    with torch.no_grad():
+        reference = theirs(input_ids=IDS).logits
+        assert not torch.equal(ours(input_ids=IDS).logits, reference)
+        for name, p in ours.named_parameters():
+            if ".experts." in name:
+                p.copy_(p.bfloat16().float())
+        assert torch.equal(ours(input_ids=IDS).logits, reference)
