@@ -86,7 +86,9 @@ def inspect_adapter(path: str | Path) -> dict:
         "targets": {"count": len(targets), "modules": dict(sorted(Counter(_label(p) for p in targets).items()))}
         # a file with no per-layer tensor (Uni-LoRA's without save_indices): the layers its config names
         | ({"named": raw["target_modules"]} if not targets and method.layer_targets and raw.get("target_modules")
-           else {}),
+           else {})
+        # those of other adapters, by directory (X-LoRA's experts: its file holds its classifier alone)
+        | ({"experts": raw.get("adapters") or {}} if not method.targets_in_config else {}),
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
         "trainable_params": trained,

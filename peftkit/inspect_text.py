@@ -23,6 +23,9 @@ def _identity_lines(info: dict) -> list[str]:
         names = named if isinstance(named, str) else ", ".join(sorted(named))
         targets = (f"targets        those adapter_config.json's target_modules name on the base ({names}): the file "
                    "holds no per-layer tensor")
+    if (experts := info["targets"].get("experts")) is not None:
+        listed = ", ".join(f"{name} {directory}" for name, directory in experts.items())
+        targets = f"targets        the layers its {len(experts)} LoRA experts adapt, each in its own directory: {listed}"
     return [
         f"adapter        {info['path']}",
         f"method         {info['method']}{variants} (peft_type {info['peft_type']})",

@@ -20,6 +20,7 @@ from peftkit.adapter_base import load_adapted_model
 from peftkit.adapters import inject_adapters
 from peftkit.errors import PeftkitError
 from peftkit.inspect import inspect_adapter
+from peftkit.inspect_text import describe
 from peftkit.methods.xlora import XLoraConfig
 from tests.conftest import load_fp32, save_peft_lora, train_shipped_recipe
 
@@ -107,7 +108,10 @@ def test_peft_adapter_loads_with_peft_logits(tiny_llama, experts, tmp_path):
     ours = load_adapted_model(str(tiny_llama), str(adapter))[0].eval()
     with torch.no_grad():
         assert torch.equal(ours(input_ids=IDS).logits, theirs.eval()(input_ids=IDS).logits)
-    assert inspect_adapter(adapter)["trainable_params"] == (32 * 8 + 8) + (8 * 2 + 2)
+    info = inspect_adapter(adapter)
+    assert info["trainable_params"] == (32 * 8 + 8) + (8 * 2 + 2)
+    assert (f"targets        the layers its 2 LoRA experts adapt, each in its own directory: 0 {experts['0']}, 1 "
+            f"{experts['1']}") in describe(info)  # (was: '0 modules: ')
 
 
 def test_peft_save_pretrained_loses_the_classifier(tiny_llama, experts, tmp_path):
