@@ -42,7 +42,8 @@ def _base(path: Path) -> torch.nn.Module:
 def experts(tiny_llama, tmp_path_factory) -> dict[str, str]:
     """Two LoRA experts saved by peft, far from identity: q, v at r 4 and v, down at r 2 with rsLoRA and dropout."""
     root = tmp_path_factory.mktemp("experts")
-    first = save_peft_lora(tiny_llama, root / "0", PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    first = save_peft_lora(tiny_llama, root / "0",
+                           PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     second = save_peft_lora(tiny_llama, root / "1", PeftLoraConfig(r=2, lora_alpha=4, use_rslora=True, lora_dropout=0.1,
                                                                    target_modules=["v_proj", "down_proj"]), seed=1)
     return {"0": str(first), "1": str(second)}
@@ -73,7 +74,8 @@ def test_start_forward_and_gradients_are_peft_s(settings, tiny_llama, experts):
     inject_adapters(ours, XLoraConfig(method="xlora", adapters=experts, **settings))
     assert torch.equal(torch.rand(1), after_theirs)
     reference = _classifier(theirs)
-    assert all(torch.equal(p, reference[n]) for n, p in _classifier(ours).items()) and len(reference) == len(_classifier(ours))
+    assert _classifier(ours).keys() == reference.keys()
+    assert all(torch.equal(p, reference[n]) for n, p in _classifier(ours).items())
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
         n for n, _ in ours.named_parameters() if "internal_xlora_classifier." in n]
     outputs = []
@@ -177,6 +179,10 @@ def test_refusals(tiny_llama, experts, tmp_path):
 
     with pytest.raises(ValidationError, match="named by position, '0' to '1' in order"):
         XLoraConfig(method="xlora", adapters={"math": experts["0"], "code": experts["1"]})
+    with pytest.raises(PeftkitError, match=r"adapter.adapters\['1'\]: .*/nowhere is not a directory. List the adapter "
+                                           "directories of the LoRA experts, as `peftkit train` exports them"):
+        inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters={"0": experts["0"],
+                                                                                 "1": str(tmp_path / "nowhere")}))
     with pytest.raises(ValidationError, match="top_k_lora is 3, and adapter.adapters lists 2 experts"):
         XLoraConfig(method="xlora", adapters=experts, top_k_lora=3)
     dora = save_peft_lora(tiny_llama, tmp_path / "dora", PeftLoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
@@ -194,7 +200,8 @@ def test_refusals(tiny_llama, experts, tmp_path):
         model(input_ids=IDS[:, 4:], past_key_values=cache)
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps(config | {"use_trainable_adapters": True}))
-    with pytest.raises(PeftkitError, match="use_trainable_adapters is true: .* peftkit's X-LoRA keeps the experts frozen"):
+    with pytest.raises(PeftkitError,
+                       match="use_trainable_adapters is true: .* peftkit's X-LoRA keeps the experts frozen"):
         load_adapted_model(str(tiny_llama), str(adapter))
 
 
@@ -229,9 +236,11 @@ def _dense_logits(model: torch.nn.Module, experts: dict[str, str], classifier: d
                 module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                 b = tensors[key.replace("lora_A", "lora_B")]
                 updates.setdefault(module, []).append((i, scaling * b.double() @ a.double()))
-    handles = [model.get_submodule(module).register_forward_hook(
-        lambda _, args, out, parts=parts: out + sum(s[..., i:i + 1] * (args[0].double() @ d.T) for i, d in parts).to(out.dtype))
-        for module, parts in updates.items()]
+    def adds(parts: list[tuple[int, torch.Tensor]]):
+        return lambda _, args, out: out + sum(s[..., i:i + 1] * (args[0].double() @ d.T)
+                                              for i, d in parts).to(out.dtype)
+
+    handles = [model.get_submodule(module).register_forward_hook(adds(parts)) for module, parts in updates.items()]
     with torch.no_grad():
         logits = model(input_ids=IDS).logits
     for handle in handles:
@@ -253,7 +262,7 @@ def test_conv1d_and_nf4_bases_against_a_dense_computation(tiny_llama, tiny_gpt2,
         for i, targets in enumerate([["c_attn"], ["c_attn", "c_fc"]])}
     nf4 = QuantizationConfig(method="nf4", double_quant=True, compute_dtype="float32")
     for base, adapters, quant in ((tiny_gpt2, gpt2, None), (tiny_llama, experts, nf4)):
-        def plain() -> torch.nn.Module:
+        def plain(base=base, quant=quant) -> torch.nn.Module:
             return load_model(ModelConfig(name_or_path=str(base), dtype="float32"), quant, torch.device("cpu")).eval()
 
         ours = plain()
@@ -322,11 +331,14 @@ def test_bf16_base_keeps_the_experts_file_values_where_peft_rounds_them(tiny_lla
     torch.manual_seed(0)
     inject_adapters(ours, XLoraConfig(method="xlora", adapters=experts))
     ours.eval()
-    assert all(p.dtype == torch.bfloat16 and torch.equal(p, _classifier(theirs)[n]) for n, p in _classifier(ours).items())
-    saved = load_file(Path(experts["0"]) / "adapter_model.safetensors")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    reference = _classifier(theirs)
+    assert all(p.dtype == torch.bfloat16 and torch.equal(p, reference[n]) for n, p in _classifier(ours).items())
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    saved = load_file(Path(experts["0"]) / "adapter_model.safetensors")[key]
     peft_a = theirs.base_model.lora_model.model.model.layers[0].self_attn.q_proj.lora_A["0"].weight
     our_a = ours.model.layers[0].self_attn.q_proj.experts["0"].lora_A.weight
-    assert torch.equal(our_a, saved) and not torch.equal(peft_a, saved) and torch.equal(peft_a, saved.bfloat16().float())
+    assert torch.equal(our_a, saved) and not torch.equal(peft_a, saved)
+    assert torch.equal(peft_a, saved.bfloat16().float())
     with torch.no_grad():
         reference = theirs(input_ids=IDS).logits
         assert not torch.equal(ours(input_ids=IDS).logits, reference)

@@ -28,13 +28,16 @@ def fused_adapters(cfg: FusionConfig) -> list[Fused]:
     return cfg._fused
 
 
-def _read_dir(path: str, where: str) -> Fused:
+def _read_dir(path: str, where: str, purpose: str = "to fuse",
+              keeps: str = "fusion keeps its sources as saved") -> Fused:
+    """The adapter at `path` (named `where` in errors), read whole, for a method built from others (`purpose`: what it
+    does with them; `keeps`: why it cannot convert peft's PiSSA/OLoRA adapter)."""
     from peftkit.methods import method_of
     from peftkit.peft_format import CONFIG_NAME, load_adapter
     from peftkit.settings_json import read_json_object
 
     if not Path(path).is_dir():
-        raise PeftkitError(f"{where}: {path} is not a directory. List the adapter directories to fuse, as `peftkit "
+        raise PeftkitError(f"{where}: {path} is not a directory. List the adapter directories {purpose}, as `peftkit "
                            "train` exports them (runs/NAME/adapter, with adapter_config.json and "
                            "adapter_model.safetensors); train those adapters first.")
     try:
@@ -44,7 +47,7 @@ def _read_dir(path: str, where: str) -> Fused:
     if getattr(cfg, "_residual_init", None):
         from peftkit.methods.lora_init import residual_refusal
 
-        raise residual_refusal(where, path, "fusion keeps its sources as saved")
+        raise residual_refusal(where, path, keeps)
     config = read_json_object(Path(path) / CONFIG_NAME, REEXPORT)
     return Fused(path, method_of(cfg), cfg, config, state, (peft.base_model_name_or_path, peft.revision), quant)
 

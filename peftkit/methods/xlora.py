@@ -249,7 +249,8 @@ def _experts(cfg: XLoraConfig) -> list:
     if cfg._experts is None:
         from peftkit.methods.fusion_sources import _read_dir
 
-        cfg._experts = [_read_dir(path, f"adapter.adapters['{name}']") for name, path in cfg.adapters.items()]
+        cfg._experts = [_read_dir(path, f"adapter.adapters['{name}']", "of the LoRA experts",
+                                  "X-LoRA reads its experts as saved") for name, path in cfg.adapters.items()]
         for name, expert in zip(cfg.adapters, cfg._experts):
             _check_expert(expert, f"adapter.adapters['{name}']")
     return cfg._experts
@@ -262,7 +263,8 @@ def _check_expert(expert, where: str) -> None:
         raise PeftkitError(f"{where}: {expert.source} is a {expert.method.title} adapter; X-LoRA's experts are LoRA "
                            "adapters (method: lora). Train LoRA experts first.")
     refused = {"use_dora": "DoRA (peft's X-LoRA refuses it too)", "lora_bias": "a trained bias (lora_bias)",
-               "modules_to_save": "whole modules (modules_to_save)", "target_parameters": "parameters (target_parameters)",
+               "modules_to_save": "whole modules (modules_to_save)",
+               "target_parameters": "parameters (target_parameters)",
                "trainable_token_indices": "embedding rows (trainable_token_indices)",
                "alora_invocation_tokens": "aLoRA's invocation", "velora_config": "VeLoRA",
                "kasa_config": "KaSA", "use_bdlora": "block-diagonal factors (use_bdlora)",
@@ -386,7 +388,8 @@ class XLora(Method):
                 f"{file} holds no X-LoRA classifier (base_model.{CLASSIFIER}.layers.*). peft 0.21.2's save_pretrained "
                 "writes it there only when no expert is named '0' (its adapter-name filter drops `layers.0.`), and "
                 "peft's experts must be named '0', '1', ...: an adapter peft saved has lost its classifier. Save the "
-                f"classifier's tensors under those keys (peft's model.state_dict() holds them), or train it with peftkit.")
+                "classifier's tensors under those keys (peft's model.state_dict() holds them), or train it with "
+                "peftkit.")
         return state
 
     @classmethod
@@ -410,8 +413,8 @@ class XLora(Method):
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
         if recipe.adapter.init_from:  # (a classifier task: refused before, by recipe.combinations.check_task)
-            return ("adapter.init_from: an X-LoRA starts from the experts adapter.adapters lists (and a new classifier); "
-                    "remove init_from")
+            return ("adapter.init_from: an X-LoRA starts from the experts adapter.adapters lists (and a new "
+                    "classifier); remove init_from")
         return None
 
     @classmethod
@@ -431,7 +434,8 @@ class XLora(Method):
         if layer.number == 0:
             hidden = cfg.xlora_size + (cfg.xlora_size // 4 + 1 if cfg.xlora_dropout_p else 0)
             classifier = layer.scalings.classifier
-            per_token += classifier.layers[0].in_features + (cfg.xlora_depth - 1) * hidden + 3 * len(cfg.adapters) * classifier.n_layers
+            per_token += (classifier.layers[0].in_features + (cfg.xlora_depth - 1) * hidden
+                          + 3 * len(cfg.adapters) * classifier.n_layers)
         return per_token, 0
 
     @classmethod
