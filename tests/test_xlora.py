@@ -6,6 +6,7 @@ shipped recipe, peft 0.21.2's save_pretrained that loses the classifier, and wha
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import peft
@@ -183,6 +184,13 @@ def test_refusals(tiny_llama, experts, tmp_path):
                                            "directories of the LoRA experts, as `peftkit train` exports them"):
         inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters={"0": experts["0"],
                                                                                  "1": str(tmp_path / "nowhere")}))
+    other = tmp_path / "other"
+    shutil.copytree(experts["1"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "another/model"}))
+    with pytest.raises(PeftkitError, match=r"adapter.adapters\['1'\]: .* was trained on another/model \(revision "
+                                           r"None\), adapter.adapters\['0'\] .* X-LoRA weighs experts of one base"):
+        inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters={"0": experts["0"], "1": str(other)}))
     with pytest.raises(ValidationError, match="top_k_lora is 3, and adapter.adapters lists 2 experts"):
         XLoraConfig(method="xlora", adapters=experts, top_k_lora=3)
     dora = save_peft_lora(tiny_llama, tmp_path / "dora", PeftLoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
