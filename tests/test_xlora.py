@@ -174,9 +174,17 @@ def test_generate_is_cache_free_greedy_decoding(tiny_llama, experts, tmp_path):
     assert out[0, len(prompts[1]):].tolist() == expected[1]
 
 
-def test_refusals(tiny_llama, experts, tmp_path):
+def test_refusals(tiny_llama, experts, number_data, tmp_path):
     """What X-LoRA cannot do is refused, naming the fix."""
     from peftkit.merge import merge_adapter
+    from peftkit.recipe import load_recipe
+    from tests.conftest import method_recipe
+
+    adapter = {"method": "xlora", "adapters": experts}
+    with pytest.raises(PeftkitError, match="export.merged: X-LoRA adapters .* cannot be merged into a plain model"):
+        load_recipe(method_recipe(tmp_path / "merged", tiny_llama, number_data, adapter, export={"merged": True}))
+    with pytest.raises(PeftkitError, match="an X-LoRA starts from the experts adapter.adapters lists .* remove init_from"):
+        load_recipe(method_recipe(tmp_path / "init", tiny_llama, number_data, adapter | {"init_from": experts["0"]}))
 
     with pytest.raises(ValidationError, match="named by position, '0' to '1' in order"):
         XLoraConfig(method="xlora", adapters={"math": experts["0"], "code": experts["1"]})
