@@ -117,13 +117,35 @@ def test_peft_adapter_loads_with_peft_logits(tiny_llama, experts, tmp_path):
             f"{experts['1']}") in describe(info)  # (was: '0 modules: ')
 
 
-def test_peft_save_pretrained_loses_the_classifier(tiny_llama, experts, tmp_path):
-    """peft 0.21.2's save_pretrained of an X-LoRA writes no classifier to its adapter_model.safetensors (its filter of
-    other adapters' keys drops `layers.0.`, taking it for the expert named "0", which peft requires): peftkit refuses
-    the file, saying why, rather than loading a classifier it would have to make up."""
-    _peft_xlora(tiny_llama, experts).save_pretrained(tmp_path / "saved")
-    assert load_file(tmp_path / "saved" / "adapter_model.safetensors") == {}
-    with pytest.raises(PeftkitError, match=r"holds no X-LoRA classifier .* has lost its classifier"):
+@pytest.mark.parametrize("settings", [{}, {"xlora_depth": 3, "xlora_size": 8}], ids=["depth-1", "depth-3"])
+def test_peft_save_pretrained_loads_with_the_saved_model_s_logits(settings, tiny_llama, experts, tmp_path):
+    """peft 0.21.2's save_pretrained of an X-LoRA leaves the classifier's first layer out of adapter_model.safetensors
+    (its filter of other adapters' keys drops `layers.0.`, taking it for the expert named "0", which peft requires)
+    and writes it to the subfolder 0/ as `layers.weight/.bias`, beside the whole base model: peft's own reload draws a
+    new first layer, its logits off the saved model's. peftkit reads that layer from 0/ (with a warning) and gives the
+    saved model's logits bit for bit; without 0/, the file is refused, saying why."""
+    import shutil
+    import warnings
+
+    saved = _peft_xlora(tiny_llama, experts, **settings)
+    with torch.no_grad():
+        for p in _classifier(saved).values():
+            p.add_(torch.randn(p.shape))
+        expected = saved.eval()(input_ids=IDS).logits
+    saved.save_pretrained(tmp_path / "saved")
+    assert not any(".layers.0." in k for k in load_file(tmp_path / "saved" / "adapter_model.safetensors"))
+    reloaded = PeftModel.from_pretrained(_base(tiny_llama), tmp_path / "saved", adapters=experts).eval()
+    with torch.no_grad():
+        assert (reloaded(input_ids=IDS).logits - expected).abs().max() > 1e-2
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        ours = load_adapted_model(str(tiny_llama), str(tmp_path / "saved"))[0].eval()
+    assert any("classifier's first layer is read from" in str(w.message) for w in said)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, expected)
+    shutil.rmtree(tmp_path / "saved" / "0")
+    with pytest.raises(PeftkitError, match=r"lacks the X-LoRA classifier's base_model.internal_xlora_classifier"
+                                           r".layers.0.bias, .*layers.0.weight: peft 0.21.2's save_pretrained"):
         load_adapted_model(str(tiny_llama), str(tmp_path / "saved"))
 
 
@@ -183,7 +205,8 @@ def test_refusals(tiny_llama, experts, number_data, tmp_path):
     adapter = {"method": "xlora", "adapters": experts}
     with pytest.raises(PeftkitError, match="export.merged: X-LoRA adapters .* cannot be merged into a plain model"):
         load_recipe(method_recipe(tmp_path / "merged", tiny_llama, number_data, adapter, export={"merged": True}))
-    with pytest.raises(PeftkitError, match="an X-LoRA starts from the experts adapter.adapters lists .* remove init_from"):
+    with pytest.raises(PeftkitError, match="an X-LoRA starts from the experts adapter.adapters lists .* remove "
+                                           "init_from"):
         load_recipe(method_recipe(tmp_path / "init", tiny_llama, number_data, adapter | {"init_from": experts["0"]}))
 
     with pytest.raises(ValidationError, match="named by position, '0' to '1' in order"):

@@ -24,10 +24,11 @@ disable_adapter_layers with a KeyError), so the recipe's `adapters` must too.
 Saved as peft loads it: adapter_config.json (peft_type XLORA, `adapters` the experts' directories, the classifier's
 settings) and adapter_model.safetensors with the classifier alone, `base_model.internal_xlora_classifier.layers.<i>.
 weight/.bias` (nn.Sequential's indices: 0 and 3 at depth 2 with dropout). peft loads it with
-`PeftModel.from_pretrained(base, DIR, adapters={...})`. peft 0.21.2's own save_pretrained writes an empty file there
-when an expert is named "0" (its adapter-name filter drops `layers.0.`, taking it for the adapter "0"), and its
-subfolders 0/, 1/ hold the classifier and the whole base model under lora_ keys; peftkit refuses a file without the
-classifier, saying so.
+`PeftModel.from_pretrained(base, DIR, adapters={...})`. peft 0.21.2's own save_pretrained leaves the classifier's
+first layer out of that file (its adapter-name filter drops `layers.0.`, taking it for the expert "0") and writes it to
+the subfolder 0/ as `layers.weight/.bias`, beside the whole base model under lora_ keys, so that peft's own reload
+draws a new one: peftkit reads it from there (`_first_layer_saved_apart`), and refuses a file short of a classifier
+tensor found nowhere, naming it.
 
 Not mergeable (the scalings change per token); generation runs without the KV cache, as peft's (the scalings pass
 needs the whole sequence each step).
@@ -400,13 +401,21 @@ class XLora(Method):
 
     @classmethod
     def from_peft_file(cls, state: dict[str, torch.Tensor], peft: Any, file: Path) -> dict[str, torch.Tensor]:
-        if not any(k.startswith(f"base_model.{CLASSIFIER}.") or f".{CLASSIFIER}." in k for k in state):
+        """The classifier as peft's file holds it, its first layer taken from the subfolder 0/ where peft 0.21.2's
+        save_pretrained puts it (`_first_layer_saved_apart`); a file short of any of its tensors is refused."""
+        top = f"base_model.{CLASSIFIER}."
+        if any(f".{CLASSIFIER}." in k and not k.startswith(top) for k in state):
+            return state  # (a training checkpoint's: under the first layer)
+        expected = _classifier_keys(peft)
+        if missing := expected - set(state):
+            state = state | _first_layer_saved_apart(file.parent, missing)
+        if missing := sorted(expected - set(state)):
             raise PeftkitError(
-                f"{file} holds no X-LoRA classifier (base_model.{CLASSIFIER}.layers.*). peft 0.21.2's save_pretrained "
-                "writes it there only when no expert is named '0' (its adapter-name filter drops `layers.0.`), and "
-                "peft's experts must be named '0', '1', ...: an adapter peft saved has lost its classifier. Save the "
-                "classifier's tensors under those keys (peft's model.state_dict() holds them), or train it with "
-                "peftkit.")
+                f"{file} lacks the X-LoRA classifier's {', '.join(missing)}: peft 0.21.2's save_pretrained drops a "
+                "key holding '.<expert name>.' (its filter of the other adapters' tensors), so it writes the first "
+                "layer (layers.0) to the subfolder 0/ as layers.weight/.bias (read from there where it is) and loses "
+                "any layers.<n> with an expert named n. Save the classifier's tensors under these keys (peft's "
+                "model.state_dict() holds them), or train it with peftkit.")
         return state
 
     @classmethod
@@ -466,6 +475,37 @@ class XLora(Method):
             for name, p in layer.adapter_params().items():
                 if name.startswith(CLASSIFIER):
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def _classifier_keys(peft: PeftXLoraConfig) -> set[str]:
+    """The keys of the classifier of adapter_config.json `peft` in peft's file: nn.Sequential's indices of its Linear
+    layers (each hidden one followed by a ReLU and, with xlora_dropout_p, a Dropout)."""
+    step = 3 if peft.xlora_dropout_p > 0 else 2
+    return {f"base_model.{CLASSIFIER}.layers.{i * step}.{t}" for i in range(peft.xlora_depth)
+            for t in ("weight", "bias")}
+
+
+def _first_layer_saved_apart(directory: Path, missing: set[str]) -> dict[str, torch.Tensor]:
+    """The classifier's first layer where peft 0.21.2's save_pretrained writes it (with an expert named '0': always):
+    `0/adapter_model.safetensors`, as `base_model.internal_xlora_classifier.layers.weight/.bias` (its adapter-name
+    removal turns `.0` into nothing), beside the whole base model's weights. {} where it is not there."""
+    import warnings
+
+    from safetensors import safe_open
+
+    from peftkit.errors import PeftkitWarning
+
+    file = directory / "0" / "adapter_model.safetensors"
+    wanted = {f"base_model.{CLASSIFIER}.layers.{t}": f"base_model.{CLASSIFIER}.layers.0.{t}"
+              for t in ("weight", "bias")}
+    if not file.is_file() or not set(wanted.values()) & missing:
+        return {}
+    with safe_open(file, "pt") as f:
+        found = {wanted[k]: f.get_tensor(k) for k in f.keys() if k in wanted}  # noqa: SIM118 (safe_open is no dict)
+    if found:
+        warnings.warn(PeftkitWarning(f"{directory}: the X-LoRA classifier's first layer is read from {file}, where "
+                                     "peft 0.21.2's save_pretrained puts it."), stacklevel=4)
+    return found
 
 
 def _hidden_size(model: nn.Module, cfg: XLoraConfig) -> int:
