@@ -21,6 +21,11 @@ from peftkit.report import metrics_rows
 CARD_NAME = "README.md"
 PEFTKIT_ONLY = {"BOTTLENECK", "ADAPTER_FUSION"}
 """peft_types peft does not read: their cards show peftkit's way of loading them only."""
+PEFT_LOADS_WITH = {"XLORA": (["import json", ""], [
+    "base.config.use_cache = False  # (peft's X-LoRA refuses a model that caches)",
+    "experts = json.load(open(\"ADAPTER_DIR/adapter_config.json\"))[\"adapters\"]  # the LoRA experts' directories",
+    "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\", adapters=experts)"])}
+"""peft_types whose peft loading takes more: lines before the imports' end, and the lines that load it."""
 
 
 def model_card(cfg: Recipe, peft_type: str, metrics: dict, num_labels: int | None = None) -> str:
@@ -166,7 +171,8 @@ def _usage(cfg: Recipe, peft_type: str, base: str, hub_base: bool, num_labels: i
         "if len(tokenizer) > base.get_input_embeddings().num_embeddings:  # (a base with spare rows keeps them)",
         "    base.resize_token_embeddings(len(tokenizer))"]
     imports = f"from transformers import {auto}" + (", AutoTokenizer" if added else "")
-    return ["## Use", "", *quantized, *scaled, *template, *tokens, "```python", "from peft import PeftModel",
-            imports, "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})", *resize,
-            "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")  # this directory, or its hub id", "```", "",
+    header, load = PEFT_LOADS_WITH.get(peft_type, ([], [
+        "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\")  # this directory, or its hub id"]))
+    return ["## Use", "", *quantized, *scaled, *template, *tokens, "```python", *header, "from peft import PeftModel",
+            imports, "", f"base = {auto}.from_pretrained(\"{shown}\"{revision}{labels})", *resize, *load, "```", "",
             "or with peftkit:", "", *peftkit]

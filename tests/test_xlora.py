@@ -160,6 +160,9 @@ def test_shipped_recipe_trains_and_peft_loads_ours(tiny_llama, number_data, expe
     assert config["peft_type"] == "XLORA" and config["adapters"] == experts and config["hidden_size"] == 32
     assert sorted(load_file(adapter / "adapter_model.safetensors")) == [
         "base_model.internal_xlora_classifier.layers.0.bias", "base_model.internal_xlora_classifier.layers.0.weight"]
+    card = (adapter / "README.md").read_text()  # (peft's loading of it needs the experts and no cache)
+    assert "base.config.use_cache = False" in card
+    assert "PeftModel.from_pretrained(base, \"ADAPTER_DIR\", adapters=experts)" in card
     theirs = PeftModel.from_pretrained(_base(tiny_llama), adapter, adapters=config["adapters"]).eval()
     ours = load_adapted_model(None, str(adapter))[0].eval()
     with torch.no_grad():
