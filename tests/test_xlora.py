@@ -230,6 +230,11 @@ def test_refusals(tiny_llama, experts, number_data, tmp_path):
     dora = save_peft_lora(tiny_llama, tmp_path / "dora", PeftLoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
     with pytest.raises(PeftkitError, match=r"has DoRA \(peft's X-LoRA refuses it too\).*plain LoRA experts"):
         inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters={"0": experts["0"], "1": str(dora)}))
+    embedding = save_peft_lora(tiny_llama, tmp_path / "embedding", PeftLoraConfig(r=2, target_modules=["embed_tokens"]))
+    with pytest.raises(PeftkitError, match=r"adapter.adapters\['1'\]: .* adapts the embedding 'model.embed_tokens'; "
+                                           "peftkit's X-LoRA weighs experts on linear layers only"):
+        inject_adapters(_base(tiny_llama),
+                        XLoraConfig(method="xlora", adapters={"0": experts["0"], "1": str(embedding)}))
     with pytest.raises(PeftkitError, match="hidden_size is 64, and this model's hidden size is 32"):
         inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters=experts, hidden_size=64))
     adapter = _save_as_peft_loads_it(_peft_xlora(tiny_llama, experts), tmp_path / "xlora")
