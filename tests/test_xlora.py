@@ -334,10 +334,11 @@ def test_named_adapters_and_combining_refuse_it(tiny_llama, experts, tmp_path):
     from peftkit.combine_inputs import Combination
 
     adapter = _save_as_peft_loads_it(_peft_xlora(tiny_llama, experts), tmp_path / "xlora")
-    with pytest.raises(PeftkitError, match="Adapter 'x' is X-LoRA .method: xlora., which runs a scalings pass over the "
-                                           "whole model .*: named adapters cannot switch it .*; load it alone"):
+    with pytest.raises(PeftkitError, match="Adapter 'x' is X-LoRA .method: xlora., which loads alone: its scalings "
+                                           "pass runs over the whole model .*, which named adapters cannot switch or "
+                                           "route rows to; load it alone"):
         load_named_model([("lora", experts["0"]), ("x", str(adapter))], base=str(tiny_llama))
-    assert loads_alone(str(adapter)) == "peft_type" and loads_alone(experts["0"]) is None
+    assert loads_alone(str(adapter)) == "peft_type XLORA" and loads_alone(experts["0"]) is None
     with pytest.raises(PeftkitError, match="cannot be merged into a plain model"):
         combine_adapters([experts["0"], str(adapter)], Combination("linear", (0.5, 0.5)), str(tmp_path / "combined"),
                          into_base=True, base=str(tiny_llama))

@@ -125,9 +125,6 @@ def refuse_alone(model: nn.Module, name: str, cfg: AdapterConfig) -> None:
         why = " (trainable_token_indices)" if cfg.method == "lora" else ", whose weight the output head shares"
         raise PeftkitError(f"Adapter {name!r} trains rows of the embeddings{why}: one model cannot hold those per "
                            "adapter; load it alone (--adapter DIR), or merge it (`peftkit merge`).")
-    if reason := method_of(cfg).alone:
-        raise PeftkitError(f"Adapter {name!r} is {method_of(cfg).title} (method: {cfg.method}), which {reason}: named "
-                           "adapters cannot switch it or route rows to it; load it alone (--adapter DIR).")
 
 
 def loads_alone(adapter_dir: str) -> str | None:
@@ -140,6 +137,4 @@ def loads_alone(adapter_dir: str) -> str | None:
     raw = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     if any(m.alone and m.peft_type == raw.get("peft_type") for m in METHODS.values()):
         return f"peft_type {raw['peft_type']}"
-    if any(m.alone for m in METHODS.values() if m.peft_type == raw.get("peft_type")):
-        return "peft_type"
     return next((key for key in ALONE if is_set(raw.get(key))), None)

@@ -180,7 +180,9 @@ class Method:
     refuses it before the model loads."""
     alone: ClassVar[str | None] = None
     """Why an adapter of this method cannot sit beside other adapters on one base (named adapters, mixed batches), as
-    the end of a sentence; None: it can. `peftkit.adapters.sharing.refuse_alone` says it."""
+    the end of a sentence (ShadowPEFT's network beside the whole decoder, X-LoRA's pass over the whole model before
+    each forward); None: it can. `peftkit.adapters.sharing.refuse_alone` says it, and a comparison evaluates such an
+    adapter on a model of its own (`loads_alone`)."""
 
     reads_task_ids: ClassVar[bool] = False
     """The forward takes per-row `task_ids` (the data's `task` column, `--task`): multitask prompt tuning, Poly (whose
@@ -192,10 +194,6 @@ class Method:
     """The method wraps the layers `target_modules` names. False: it adapts the model as a whole (the prompt family,
     `peftkit.methods.virtual`: `install` puts one module on the model) and its adapter_config.json names no targets."""
 
-    alone: ClassVar[str | None] = None
-    """Why an adapter of this method cannot sit beside others on one base as a named adapter (X-LoRA's pass over the
-    whole model before each forward), or None: `peftkit.adapters.sharing.refuse_alone` refuses it, saying so, and a
-    comparison evaluates it on a model of its own (`loads_alone`)."""
     targets_in_config: ClassVar[bool] = True
     """adapter_config.json names the layers adapted (`target_modules`). False: other files do (X-LoRA's experts, each
     in its own directory with its own adapter_config.json)."""

@@ -302,7 +302,8 @@ class XLora(Method):
     param_names = ("experts", CLASSIFIER)
     mergeable = False
     targets_in_config = False
-    alone = "runs a scalings pass over the whole model before each forward and weighs its experts per token"
+    alone = ("its scalings pass runs over the whole model before each forward and weighs the experts per token, "
+             "which named adapters cannot switch or route rows to")
 
     @classmethod
     def merge_refusal(cls, cfg: Any = None) -> str | None:
