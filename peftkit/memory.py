@@ -143,7 +143,8 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None, tok=None
     kept = [layer.method.kept_for_backward(recipe.adapter, layer) for layer in adapter_layers(model).values()]
     per_row = sum(layer.method.kept_per_row(recipe.adapter, layer) for layer in adapter_layers(model).values())
     activations = _activations(recipe, config, sum(k[0] for k in kept), 4.0 * sum(k[1] for k in kept), dtype,
-                               4.0 * per_row)
+                               4.0 * per_row,
+                               _virtual_tokens(recipe.adapter, model))
     # and what one layer allocates for a moment in its forward (DoRA's norm), on top: the largest layer's
     activations += 4.0 * max((layer.method.forward_scratch(recipe.adapter, layer)
                               for layer in adapter_layers(model).values()), default=0)
@@ -241,17 +242,18 @@ def frees_a_inputs(adapter) -> bool:
 
 
 def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str,
-                 per_row_bytes: float = 0.0) -> float:
+                 per_row_bytes: float = 0.0, virtual: int) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad: the logits and
     the loss's copies, as in training; a DPO run's reference batches too). `per_token`: the fp32 values all the
     adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens, `per_row_bytes`: per
-    row of the micro-batch whatever its length (with gradient checkpointing, one decoder layer's share at a time)."""
+    row of the micro-batch whatever its length (with gradient checkpointing, one decoder layer's share at a time); `virtual`: the positions put in front of each sequence
+    (`_virtual_tokens`)."""
     shape = model_shape(config)
     if shape is None:
         return 0.0
     if recipe.classifier:  # its head scores a few classes (a reward model: one), never the vocabulary: no such logits
         shape = replace(shape, vocab=0)
-    q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length + _virtual_tokens(recipe.adapter)
+    q, tcfg, seq = recipe.quantization, recipe.training, recipe.data.max_length + virtual
     # Activations have the load dtype: a 4-bit layer computes in its compute_dtype but returns its input's dtype,
     # and the norms, the residual stream and the unquantized head (the logits) run in the load dtype; the wider
     # of the two bounds both (mixed precision on CUDA makes most of them 16-bit: then this is an upper bound).
@@ -277,14 +279,16 @@ def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float,
     return max(logits + layers, evaluation)
 
 
-def _virtual_tokens(adapter) -> int:
-    """How many positions the method puts in front of every sequence: prompt tuning, P-tuning and multitask prompt
-    tuning prepend num_virtual_tokens embeddings, which every layer then computes and keeps like the text's (prefix
-    tuning adds keys and values only: `activation_memory`'s `prefix`)."""
+def _virtual_tokens(adapter, model: torch.nn.Module) -> int:
+    """How many positions the method puts in front of every sequence: prompt tuning, P-tuning, multitask prompt
+    tuning and CPT prepend embeddings, which every layer then computes and keeps like the text's (prefix tuning adds
+    keys and values only: `activation_memory`'s `prefix`). Counted on the injected `model`: CPT's are its context's
+    tokens, which a context of examples says only once tokenized."""
     from peftkit.methods import method_of
     from peftkit.methods.prompt_tuning import PromptTuning
+    from peftkit.methods.virtual import virtual_tokens
 
-    return adapter.num_virtual_tokens if issubclass(method_of(adapter), PromptTuning) else 0
+    return virtual_tokens(model).num_virtual_tokens if issubclass(method_of(adapter), PromptTuning) else 0
 
 
 def check_fits(estimate: MemoryEstimate | None, device: torch.device) -> None:

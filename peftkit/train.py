@@ -248,13 +248,16 @@ def _forward_backward(run: Run, window: list[dict], state: LoopState) -> tuple[f
     # The loss is a mean over the global window's labelled tokens (a classifier's: its rows, one label each; DPO's:
     # its pairs, two rows each).
     pairs = tcfg.pairs
+    count = labelled_count
     if run.cfg.classification:
         n_label, loss_fn = sum(len(b["labels"]) for b in window), example_loss_sum
     elif pairs:  # (KTO's: its examples, each with its mismatched one)
         objective = objective_loss(tcfg, accelerator)
         n_label, loss_fn = sum(len(b["labels"]) // 2 for b in window), objective
-    else:
-        n_label, loss_fn = sum(labelled_count(b["labels"]) for b in window), token_loss_sum
+    else:  # (a method's own objective, CPT's: `MethodTrainer.token_loss`)
+        own = run.method_trainer.token_loss() if run.method_trainer is not None else None
+        count, loss_fn = own if own is not None else (labelled_count, token_loss_sum)
+        n_label = sum(count(b["labels"]) for b in window)
     loss_fn = run.loss_function(loss_fn)
     loss_sum = torch.zeros((), device=accelerator.device)
     pair_sums = torch.zeros(len(objective.SUMS) - 1, device=accelerator.device) if pairs else None  # the rewards' sums
@@ -264,7 +267,7 @@ def _forward_backward(run: Run, window: list[dict], state: LoopState) -> tuple[f
         batch = distributed.shard(batch, rank, world, state.trimmed_slices,  # (a resumed run: as it began)
                                   group=2 if pairs else 1)
         batch = flatten(batch) if flat and "position_ids" in batch else batch
-        labelled = None if run.cfg.classification else labelled_count(batch["labels"])  # on the CPU: no sync
+        labelled = None if run.cfg.classification else count(batch["labels"])  # on the CPU: no sync
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         last = i == len(window) - 1
         with distributed.no_sync(accelerator, run.model, last), distributed.standing_in(stand_in):

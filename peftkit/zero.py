@@ -116,6 +116,10 @@ def check(cfg, accelerator) -> None:
         raise PeftkitError("adapter.method: adalora is not supported under DeepSpeed: its rank allocator reads each "
                            "weight's gradient after the step, which ZeRO has partitioned and freed by then. Use "
                            "configs/accelerate/ddp.yaml.")
+    if cfg.adapter.method == "cpt":
+        raise PeftkitError("adapter.method: cpt is not supported under DeepSpeed: its projection puts the context's "
+                           "delta back into its balls after each step, and ZeRO steps fp32 master copies of its own, "
+                           "which the projection would not reach. Use configs/accelerate/ddp.yaml.")
     if getattr(cfg.adapter, "regularization", 0):
         raise PeftkitError(f"adapter.regularization: {cfg.adapter.regularization} is not supported under DeepSpeed "
                            "(a second backward per step, which ZeRO's gradient partitioning does not allow). Set it "

@@ -239,7 +239,7 @@ def test_unknown_method(tmp_path):
                                               "'fusion', 'ln_tuning', 'fourierft', 'randlora', 'vblora', 'miss', 'delora', "
                                               "'road', 'hira', 'c3a', 'shira', 'beft', 'supertuning', "
                                               "'gralora', 'deft', 'peanut', "
-                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod', 'waveft', 'poly', 'adamss', 'shadow', 'xlora'.")
+                                              "'pvera', 'tinylora', 'psoft', 'glora', 'unilora', 'lily', 'cartridge', 'osf', 'frod', 'waveft', 'poly', 'adamss', 'shadow', 'xlora', 'cpt'.")
 
 
 def test_bad_regex_in_target_modules(tmp_path):

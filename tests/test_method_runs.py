@@ -125,6 +125,10 @@ CASES = {
     "osf": {"adapter": {"method": "osf"}},
     "frod": {"adapter": {"method": "frod", "sparse_rate": 0.05}},
     "waveft": {"adapter": {"method": "waveft", "n_frequency": 64, "wavelet_family": "sym2"}},
+    # peft's CPT loss (the model's own, given labels), its projection in each forward, decay weights.
+    "cpt": {"adapter": {"method": "cpt", "cpt_token_ids": [5, 6, 7, 8, 9, 10], "cpt_tokens_type_mask": [1, 2, 3, 4, 6, 8],
+                        "opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.5,
+                        "opt_projection_epsilon": 0.5}, "cpt": True},
 }
 
 
@@ -194,7 +198,17 @@ def _hand_loop(model, windows: list, cfg: dict, case: dict) -> None:
         if case.get("samples"):  # the run's generator at this step: the method's draws are the run's
             torch.set_rng_state(case["rng"][step - 1])
         labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        if case.get("cpt"):  # peft's loss is a mean over the context's outputs (but the first token's) and the labels
+            config = model.peft_config["default"]
+            outputs = sum(t > 0 and t % 4 == 0 for t in config.cpt_tokens_type_mask[1:])
+            labelled = sum(len(b["labels"]) * outputs + int((b["labels"] != -100).sum()) for b in window)
         for batch in window:
+            if case.get("cpt"):
+                count = len(batch["labels"]) * outputs + int((batch["labels"] != -100).sum())
+                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"].clone(), use_cache=False).loss
+                (loss * count / labelled).backward()
+                continue
             tasks = {"task_ids": torch.zeros(len(batch["input_ids"]), dtype=torch.long)} if case.get("task_ids") else {}
             width = batch["input_ids"].shape[1]  # (the prompt family's logits have the virtual tokens in front)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,

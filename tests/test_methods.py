@@ -56,6 +56,7 @@ from peftkit.methods.adalora import AdaLoraConfig
 from peftkit.methods.beft import BeftConfig
 from peftkit.methods.boft import BoftConfig
 from peftkit.methods.cartridge import CartridgeConfig
+from peftkit.methods.cpt import CptConfig
 from peftkit.methods.bottleneck import BottleneckConfig
 from peftkit.methods.c3a import C3aConfig
 from peftkit.methods.fourierft import FourierFtConfig
@@ -444,6 +445,13 @@ CASES: dict[str, list[Case]] = {
     # Cartridge: prefix tuning's table, its first row frozen; grouped-query attention on llama, none on gpt2.
     "cartridge": [
         Case("cartridge", CartridgeConfig(method="cartridge", num_virtual_tokens=4), ("llama", "gpt2"), (),
+             identity_at_init=False),
+    ],
+    # CPT: a context of two examples (input template, inputs, output template, outputs); the projection and its loss
+    # against peft's: tests/test_cpt.py. Its context changes the output from the start.
+    "cpt": [
+        Case("cpt", CptConfig(method="cpt", cpt_token_ids=[5, 6, 7, 8, 9, 10, 11, 12],
+                              cpt_tokens_type_mask=[1, 2, 2, 3, 4, 0, 6, 8]), ("llama", "gpt2"), (),
              identity_at_init=False),
     ],
     # Rows without task ids are task 0 (tests/test_multitask_prompt_tuning.py checks per-row tasks against peft).
@@ -1029,7 +1037,7 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
                    "PREFIX_TUNING": {"inference_mode": False}, "MULTITASK_PROMPT_TUNING": {"inference_mode": False},
                    "CARTRIDGE": {"inference_mode": False},
-                   "XLORA": {}}  # (its experts' directories: tests/test_xlora.py)
+                   "XLORA": {, "CPT": {"inference_mode": False}}}  # (its experts' directories: tests/test_xlora.py)
 NO_PEFT = {"bottleneck", "fusion"}  # methods peft has no equivalent of: saved in peftkit's own layout
 # Methods built from other adapters' directories, which no fixed Case can name: each has its own test file.
 BUILT_FROM_ADAPTERS = {"fusion": "tests/test_fusion.py", "xlora": "tests/test_xlora.py"}

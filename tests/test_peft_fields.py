@@ -55,6 +55,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "AdamssConfig": {},
     "ShadowConfig": {},
     "XLoraConfig": {},
+    "CPTConfig": {},
 }
 
 

@@ -33,6 +33,7 @@ from peftkit.evaluate import evaluate
 from peftkit.inference import ModelSource
 from peftkit.inspect import inspect_adapter
 from peftkit.methods import METHODS, method_of
+from peftkit.methods.cpt import CptConfig
 from peftkit.methods.p_tuning import PTuningConfig
 from peftkit.methods.prefix_tuning import PrefixTuningConfig
 from peftkit.methods.prompt_tuning import PromptTuningConfig
@@ -48,6 +49,7 @@ CONFIGS = {
     "prompt_tuning": PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=4),
     "p_tuning": PTuningConfig(method="p_tuning", num_virtual_tokens=4, encoder_hidden_size=16),
     "prefix_tuning": PrefixTuningConfig(method="prefix_tuning", num_virtual_tokens=4),
+    "cpt": CptConfig(method="cpt", cpt_token_ids=[5, 6, 7, 8, 9, 10], cpt_tokens_type_mask=[1, 2, 3, 4, 0, 0]),
 }
 ARCHS = ("llama", "qwen2", "gpt2")
 CASES = [pytest.param(name, arch, who, id=f"{name}-{arch}-{who}") for name in CONFIGS for arch in ARCHS
@@ -406,10 +408,11 @@ def test_inspect_describes_the_prompt(name, models, tmp_path):  # noqa: F811
     info = inspect_adapter(_ours(name, models["llama"], tmp_path / "adapter"))
     assert info["method"] == name and info["peftkit_reads"]["ok"]
     width = 32 if name != "prefix_tuning" else 2 * 2 * 16  # hidden; layers x (key, value) x (2 kv heads x 8)
-    assert info["adapter_params"] == info["saved_params"] == 4 * width
+    n = CONFIGS[name].num_virtual_tokens  # (CPT's: its context's 6)
+    assert info["adapter_params"] == info["saved_params"] == n * width
     # P-tuning trains its MLP encoder (32 -> 16 -> 16 -> 32) too, and saves only its output.
     encoder = (32 + 1) * 16 + (16 + 1) * 16 + (16 + 1) * 32 if name == "p_tuning" else 0
-    assert info["trainable_params"] == 4 * width + encoder
+    assert info["trainable_params"] == n * width + encoder
     assert not info["vllm"]["accepts"] and json.dumps(info)
     assert method_of(CONFIGS[name]).name == name
 

@@ -24,7 +24,8 @@ SPAN = re.compile(r"`([^`]+)`")
 # A table's intro that names no `method: X`: the methods whose keys it lists.
 TABLE_METHODS = {
     "LoRA's keys": ("lora",),
-    "The prompt family": ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning", "cartridge"),
+    "The prompt family": ("prompt_tuning", "p_tuning", "prefix_tuning", "multitask_prompt_tuning", "cartridge",
+                          "cpt"),
     "Every method but `fusion` and `xlora`": tuple(m for m in METHODS if m not in ("fusion", "xlora")),
 }
 ALSO_TAKES = {"lokr": "loha"}  # "LoKr's keys (`method: lokr`): LoHa's, and"

@@ -61,6 +61,7 @@ from peftkit.methods.poly import Poly
 from peftkit.methods.adamss import Adamss
 from peftkit.methods.shadow import Shadow
 from peftkit.methods.xlora import XLora
+from peftkit.methods.cpt import Cpt
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -119,6 +120,7 @@ register(Poly)
 register(Adamss)
 register(Shadow)
 register(XLora)
+register(Cpt)
 
 DEFAULT_METHOD = "lora"  # an `adapter` section without `method:`
 

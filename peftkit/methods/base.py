@@ -19,6 +19,7 @@ refuses it through `peftkit.methods.layer.refuse_unmergeable`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,6 +81,14 @@ class MethodTrainer:
         """A term added to a micro-batch's summed next-token loss right after its forward (ShadowPEFT's auxiliary
         loss, which reads that forward's shadow state), in the loss sum's units (a sum over the `labelled` positions
         of `batch["labels"]`), or None. Trained on, not logged: `loss` stays the cross-entropy."""
+        return None
+
+    def token_loss(self) -> tuple[Callable, Callable] | None:
+        """The method's own training objective in place of the mean next-token cross-entropy of the data's labelled
+        tokens (CPT's, over its context's answers too, weighted), as (count, loss_sum): `count(labels)`, the positions
+        a batch of (rows, time) `labels` averages over, counted on the CPU; `loss_sum(model, batch, counted)`, their
+        losses summed and their number, as `peftkit.evaluate.token_loss_sum`. None: the plain objective. Evaluation
+        always uses the plain one (the data's loss, comparable across methods)."""
         return None
 
     def after_step(self, step: int) -> None:

@@ -103,16 +103,7 @@ class VirtualTokens(nn.Module):
         (`MethodTrainer.load_state_dict`) and says so (`encoder_restored`): the encoder is kept. Its output is the
         saved prompt, but under DeepSpeed's 16-bit modes only up to bf16 rounding: the checkpoint holds the
         optimizer's fp32 masters' output (`zero.masters`), the model runs their 16-bit copy."""
-        if set(state) != {PROMPT_KEY}:
-            extra = sorted(set(state) - {PROMPT_KEY})
-            raise PeftkitError(f"The adapter does not fit a {self.method.name} model: it should hold exactly "
-                               f"'{PROMPT_KEY}'" + (f", not {extra[0]}" if extra else "") + ".")
-        saved, current = state[PROMPT_KEY], self.prompt().detach()
-        if tuple(saved.shape) != tuple(current.shape):
-            raise PeftkitError(f"The adapter does not fit this model: {self.method.name} expects {PROMPT_KEY} of "
-                               f"shape {tuple(current.shape)} but the adapter has {tuple(saved.shape)}. It was trained "
-                               "on a different base model, or with another num_virtual_tokens.")
-        saved = saved.to(self.table.device, torch.float32)
+        saved, current = self.saved_prompt(state), self.prompt().detach()
         if self.encoder is not None:
             if encoder_restored or torch.allclose(current.float(), saved, rtol=1e-4, atol=1e-6):
                 return
@@ -124,6 +115,20 @@ class VirtualTokens(nn.Module):
             if frozen:
                 self.frozen.copy_(saved[:frozen])
             self.table.copy_(saved[frozen:])
+
+    def saved_prompt(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`prompt_embeddings` of a PEFT-keyed state dict, fp32 on the table's device, checked to be all it holds and
+        of this prompt's shape."""
+        if set(state) != {PROMPT_KEY}:
+            extra = sorted(set(state) - {PROMPT_KEY})
+            raise PeftkitError(f"The adapter does not fit a {self.method.name} model: it should hold exactly "
+                               f"'{PROMPT_KEY}'" + (f", not {extra[0]}" if extra else "") + ".")
+        saved, current = state[PROMPT_KEY], self.prompt().detach()
+        if tuple(saved.shape) != tuple(current.shape):
+            raise PeftkitError(f"The adapter does not fit this model: {self.method.name} expects {PROMPT_KEY} of "
+                               f"shape {tuple(current.shape)} but the adapter has {tuple(saved.shape)}. It was trained "
+                               "on a different base model, or with another num_virtual_tokens.")
+        return saved.to(self.table.device, torch.float32)
 
     @contextmanager
     def bypassed(self):

@@ -1,0 +1,415 @@
+"""CPT (context-aware prompt tuning, Blau et al. 2024, "Context-aware Prompt Tuning: Advancing In-Context Learning
+with Adversarial Methods", arXiv:2410.17222; peft's CPTConfig/CPT): in-context learning whose context trains. A few
+worked examples, tokenized, go in front of every input as prompt tuning's virtual tokens do, starting at their own
+token embeddings; a trained delta moves each embedding within a small ball around its start, and the examples' own
+answers are scored by the loss beside the input's.
+
+The context is peft's three lists, one entry per token: `cpt_token_ids`, `cpt_mask` (peft keeps it and never reads
+it) and `cpt_tokens_type_mask`, whose value says what the token is in example k (counted from 0): 4k + 1 the input's
+template, 4k + 2 the input, 4k + 3 the output's template, 4k + 4 the output (a label), 0 neither (a separator). A
+recipe gives them as they are, or gives `context`, the examples as rows of the data (alpaca or completion rows),
+which peftkit tokenizes as it tokenizes data rows (`peftkit.data.examples`: the prompt with the tokenizer's leading
+special tokens, then the answer and EOS): the prompt's own tokens are inputs (4k + 2), its special tokens 0, the
+answer's tokens (EOS with them, as the data trains it) outputs (4k + 4).
+
+As peft 0.21's `CPTEmbedding` and `PeftModelForCausalLM._cpt_forward`:
+    prompt     start + delta: start the fp32 embeddings of the ids (frozen), delta (n, hidden) trained, zeros at
+               first; only rows of types 1, 2 and 3 (mod 4) move (peft masks the others' gradient; here the forward
+               multiplies by the mask: the same numbers, and their gradient is 0)
+    projection after each optimizer step each delta row of norm above its epsilon is scaled to it: epsilon
+               opt_projection_format_epsilon (types 1, 3) or opt_projection_epsilon (type 2), times
+               sqrt(hidden / 2048), and 1e-10 for the others. peft projects at the start of every forward instead:
+               the same delta in training, whose projection of a projected delta changes it by rounding alone
+    loss       over the whole sequence, context then input: the context's output tokens and the input's labelled
+               ones (the input's tokens are all of type 4 + the context's largest type: its last example), each
+               token's cross-entropy times its weight, summed and divided by their number. Weights are 1, or with
+               opt_weighted_loss_type: decay, opt_loss_decay_factor^j for the example j places before the input
+peftkit's evaluation loss is the data's own (the input's labelled tokens, as for every method), and the file holds
+the prompt, start + delta, as `prompt_embeddings` (fp32). Loading it (peft does the same) makes it the start, with a
+zero delta: training from it (adapter.init_from) moves within the balls around it. Not mergeable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from peftkit.errors import PeftkitError
+from peftkit.methods.base import MethodTrainer, draw_device
+from peftkit.methods.prompt_tuning import PromptTuning
+from peftkit.methods.virtual import (
+    IGNORE_INDEX,
+    VirtualConfig,
+    VirtualPeftConfig,
+    VirtualTokens,
+    install,
+    virtual_tokens,
+)
+
+MIN_EPSILON = 1e-10
+"""peft's ball for the tokens that never move (outputs, separators)."""
+
+
+class CptConfig(VirtualConfig):
+    """CPT: a context of worked examples in front of every input, its embeddings trained within small balls."""
+
+    method: Literal["cpt"]
+    context: list[dict[str, str]] | None = None
+    """The examples, as rows of the data: alpaca ({instruction, input (optional), output}) or completion ({prompt,
+    completion}); tokenized with the base's tokenizer into cpt_token_ids and the masks (leave those out)."""
+    cpt_token_ids: list[int] | None = None
+    """The context's token ids (peft's field; a context of examples fills it in the exported adapter)."""
+    cpt_mask: list[int] | None = None
+    """peft's attention mask of the context (kept in adapter_config.json, never read); default all 1."""
+    cpt_tokens_type_mask: list[int] | None = None
+    """Each token's type (module docstring: 4k + 1 .. 4k + 4 in example k, 0 none); default all 1, peft's, which
+    marks no output: train refuses it (peft's loss is then NaN)."""
+    opt_weighted_loss_type: Literal["none", "decay"] = "none"
+    """decay: each example's outputs weigh opt_loss_decay_factor^j, j its distance from the input (which weighs 1)."""
+    opt_loss_decay_factor: float = Field(1.0, ge=0)
+    opt_projection_epsilon: float = Field(0.1, ge=0)
+    """The ball of the inputs' tokens (type 2), scaled by sqrt(hidden / 2048) as peft's."""
+    opt_projection_format_epsilon: float = Field(0.1, ge=0)
+    """The ball of the templates' tokens (types 1, 3), scaled alike."""
+    tokenizer_name_or_path: str | None = None
+    """peft's record of the tokenizer (never read here)."""
+
+    @field_validator("context")
+    @classmethod
+    def _rows(cls, rows: list[dict[str, str]] | None) -> list[dict[str, str]] | None:
+        if rows is not None and not rows:
+            raise ValueError("is an empty list; give at least one example, or cpt_token_ids")
+        for i, row in enumerate(rows or []):
+            if row_format(row) is None:
+                raise ValueError(f"[{i}] has the fields {sorted(row)}; an example is an alpaca row (instruction, "
+                                 "input, output) or a completion row (prompt, completion)")
+        return rows
+
+    @model_validator(mode="before")
+    @classmethod
+    def _filled(cls, data: Any) -> Any:
+        """peft's defaults of the masks (all 1), and num_virtual_tokens the context's length, where the ids are given."""
+        ids = data.get("cpt_token_ids") if isinstance(data, dict) else None
+        if not isinstance(ids, list) or not ids:
+            return data
+        if "num_virtual_tokens" in data and data["num_virtual_tokens"] != len(ids):
+            raise ValueError(f"num_virtual_tokens is {data['num_virtual_tokens']} and cpt_token_ids has {len(ids)} "
+                             "ids: CPT's virtual tokens are the context's; remove num_virtual_tokens")
+        return {"cpt_mask": [1] * len(ids), "cpt_tokens_type_mask": [1] * len(ids)} | {
+            k: v for k, v in data.items() if v is not None} | {"num_virtual_tokens": len(ids)}
+
+    @model_validator(mode="after")
+    def _one_context(self) -> CptConfig:
+        if (self.context is None) == (self.cpt_token_ids is None):
+            raise ValueError("give the context once: context (examples, which peftkit tokenizes) or cpt_token_ids "
+                             "(with cpt_mask and cpt_tokens_type_mask), not " + ("both" if self.context else "neither"))
+        if self.context is not None:
+            if self.cpt_mask is not None or self.cpt_tokens_type_mask is not None:
+                raise ValueError("cpt_mask and cpt_tokens_type_mask go with cpt_token_ids; context's examples make "
+                                 "their own (remove them)")
+            if "num_virtual_tokens" in self.model_fields_set:
+                raise ValueError("num_virtual_tokens is the context's length, which its examples give once tokenized; "
+                                 "remove num_virtual_tokens")
+            return self
+        n = len(self.cpt_token_ids)
+        if not n:
+            raise ValueError("cpt_token_ids is an empty list; give the context's token ids")
+        if not len(self.cpt_mask) == len(self.cpt_tokens_type_mask) == n:
+            raise ValueError(f"cpt_token_ids ({n}), cpt_mask ({len(self.cpt_mask)}) and cpt_tokens_type_mask "
+                             f"({len(self.cpt_tokens_type_mask)}) must have the same length (peft refuses it too)")
+        if min(self.cpt_tokens_type_mask) < 0:
+            raise ValueError("cpt_tokens_type_mask has a negative type; types are 0 (none) or 4k + 1 .. 4k + 4")
+        return self
+
+
+class CptPeftConfig(VirtualPeftConfig):
+    cpt_token_ids: list[int] | None = None
+    cpt_mask: list[int] | None = None
+    cpt_tokens_type_mask: list[int] | None = None
+    opt_weighted_loss_type: str | None = "none"
+    opt_loss_decay_factor: float | None = 1.0
+    opt_projection_epsilon: float | None = 0.1
+    opt_projection_format_epsilon: float | None = 0.1
+    tokenizer_name_or_path: str | None = None
+
+
+def row_format(row: dict) -> str | None:
+    """The data format an example row is written in, by its fields; None for neither."""
+    if isinstance(row, dict) and {"instruction", "output"} <= set(row) <= {"instruction", "input", "output"}:
+        return "alpaca"
+    if isinstance(row, dict) and set(row) == {"prompt", "completion"}:
+        return "completion"
+    return None
+
+
+def tokenized_context(tok, rows: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(cpt_token_ids, cpt_tokens_type_mask) of the example `rows`, each tokenized as a data row of its format."""
+    from peftkit.data.examples import _prompts_and_targets  # the data's own tokenization of a row
+
+    specials = set(tok.all_special_ids)
+    ids, types = [], []
+    for k, row in enumerate(rows):
+        prompt, target = _prompts_and_targets(tok, [row], row_format(row), "adapter.context")[0]
+        ids += prompt + target
+        types += [0 if t in specials else 4 * k + 2 for t in prompt] + [4 * k + 4] * len(target)
+    return ids, types
+
+
+def base_tokenizer(model: nn.Module):
+    """The base model's tokenizer (at the revision it loaded), for the context's examples."""
+    from transformers import AutoTokenizer
+
+    source = getattr(model, "name_or_path", None) or model.config._name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=getattr(model, "peftkit_revision", None))
+    except (OSError, ValueError) as e:
+        raise PeftkitError(f"adapter.context needs the base model's tokenizer, which did not load from {source!r} "
+                           f"({e}). Give the context as cpt_token_ids and cpt_tokens_type_mask instead.") from None
+
+
+def with_context(cfg: CptConfig, model: nn.Module) -> CptConfig:
+    """`cfg` with its examples tokenized into peft's lists (as it is where it gives them)."""
+    if cfg.context is None:
+        return cfg
+    ids, types = tokenized_context(base_tokenizer(model), cfg.context)
+    return CptConfig(method="cpt", cpt_token_ids=ids, cpt_mask=[1] * len(ids), cpt_tokens_type_mask=types,
+                     **cfg.model_dump(exclude={"method", "context", "cpt_token_ids", "cpt_mask",
+                                               "cpt_tokens_type_mask", "num_virtual_tokens"}))
+
+
+def epsilons(types: list[int], cfg: CptConfig, dim: int) -> torch.Tensor:
+    """(n,) fp32: each token's ball, as peft's `get_epsilon` computes it (its fp32 sqrt of dim / 2048)."""
+    scale = torch.sqrt(torch.tensor([dim / 2048], dtype=torch.float32))
+    kinds = torch.tensor(types).remainder(4)
+    eps = torch.full((len(types),), MIN_EPSILON, dtype=torch.float32)
+    positive = torch.tensor(types) > 0
+    eps[positive & ((kinds == 1) | (kinds == 3))] = cfg.opt_projection_format_epsilon * scale
+    eps[positive & (kinds == 2)] = cfg.opt_projection_epsilon * scale
+    return eps
+
+
+class ContextPrompt(nn.Module):
+    """The encoder over CPT's delta: start + delta, the rows that never move masked out; and the projection."""
+
+    def __init__(self, start: torch.Tensor, moves: torch.Tensor, eps: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("start", start)  # (n, hidden) fp32: the context's embeddings, or a loaded prompt
+        self.register_buffer("moves", moves.float().view(-1, 1))  # 1 for types 1, 2, 3 (mod 4), else 0
+        self.register_buffer("eps", eps)
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.start + delta * self.moves
+
+    @torch.no_grad()
+    def project(self, delta: torch.Tensor) -> None:
+        """peft's `get_projection`, in place: rows of norm above their epsilon scaled onto it."""
+        norm = torch.norm(delta, p=2, dim=1)
+        over = norm > 0
+        if torch.any(over):
+            delta[over] *= (self.eps[over] / norm[over].clamp(min=self.eps[over])).view(-1, 1)
+
+
+class ContextTokens(VirtualTokens):
+    """CPT's virtual tokens: the table is the delta, the encoder adds it to the start (a loaded prompt is the start);
+    and CPT's loss, which a forward given labels returns (peft's `_cpt_forward`) and training takes
+    (`CptTrainer`)."""
+
+    def __init__(self, method, delta: torch.Tensor, encoder: ContextPrompt, cfg: CptConfig) -> None:
+        super().__init__(method, delta, encoder)
+        self.cfg = cfg
+        types = torch.tensor(cfg.cpt_tokens_type_mask)
+        self.context_labels = torch.where((types > 0) & (types % 4 == 0), torch.tensor(cfg.cpt_token_ids), IGNORE_INDEX)
+        self.input_type = int(types.max()) + 4  # every input token's type: 4 + the context's last
+        self.whole = False  # a forward whose logits keep the context's positions (the training loss)
+        self.labels: torch.Tensor | None = None  # the labels this forward was given, for its loss
+
+    def load_peft_state(self, state: dict[str, torch.Tensor], encoder_restored: bool = False) -> None:
+        """peft's loading: the saved prompt becomes the start, the delta zeros (a resumed run's checkpoint has set
+        both already: `encoder_restored`)."""
+        saved = self.saved_prompt(state)
+        if encoder_restored:
+            return
+        with torch.no_grad():
+            self.encoder.start.copy_(saved)
+            self.table.zero_()
+
+    def after_forward(self, model: nn.Module, args: tuple, output: Any) -> Any:
+        """The forward given labels: CPT's loss from the whole logits, then those of the input alone (unless
+        `whole_logits`)."""
+        if self.labels is not None and getattr(output, "logits", None) is not None:
+            total, count = self.loss_terms(output.logits, self.labels)
+            output.loss = total / count
+        self.labels = None
+        if self.whole:
+            self.strip = 0
+        return super().after_forward(model, args, output)
+
+    @contextmanager
+    def whole_logits(self):
+        self.whole = True
+        try:
+            yield
+        finally:
+            self.whole = False
+
+    def counted(self, labels: torch.Tensor) -> int:
+        """The positions a batch's loss averages over: each row's context outputs (but at position 0, which nothing
+        predicts) and its labelled tokens (the first too, which the context's last token predicts)."""
+        return len(labels) * int((self.context_labels[1:] != IGNORE_INDEX).sum()) + int((labels != IGNORE_INDEX).sum())
+
+    def weights(self, length: int, device: torch.device) -> torch.Tensor:
+        """(n + length,) fp32: each position's weight, 1; with decay, peft's: opt_loss_decay_factor^j for the j-th
+        largest label type among the positions from 1 on (the input's type the largest, weighing 1)."""
+        n, cfg = len(self.context_labels), self.cfg
+        types = torch.cat([torch.tensor(cfg.cpt_tokens_type_mask), torch.full((length,), self.input_type)])
+        weights = torch.ones(n + length)
+        if cfg.opt_weighted_loss_type == "decay":
+            present = types[1:][(types[1:] > 0) & (types[1:] % 4 == 0)].unique()
+            for j, label_type in enumerate(torch.flip(present, [0])):
+                weights[types == label_type] = cfg.opt_loss_decay_factor ** j
+        return weights.to(device)
+
+    def loss_terms(self, logits: torch.Tensor, labels: torch.Tensor,
+                   labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weighted cross-entropies of the context's outputs and the input's labels, summed in fp32, their
+        number) from the (rows, n + length, vocab) logits of context and input, and the input's (rows, length)
+        labels; peft's CPT loss is their ratio. `labelled`: `counted(labels)`, from the CPU (no host sync)."""
+        rows, length = labels.shape
+        labels = torch.cat([self.context_labels.to(labels.device).expand(rows, -1), labels], dim=1)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        # The labelled positions in order, as (row, time), picked by their count from the CPU (no host sync).
+        where = keep.nonzero() if labelled is None else torch.nonzero_static(keep, size=labelled)
+        row, time = where.unbind(1)
+        losses = F.cross_entropy(logits[row, time].float(), targets[row, time], reduction="none")
+        return (losses * self.weights(length, logits.device)[1:][time]).sum(), keep.sum()
+
+
+class Cpt(PromptTuning):
+    name: ClassVar[str] = "cpt"
+    title: ClassVar[str] = "CPT"
+    peft_type: ClassVar[str] = "CPT"
+    config: ClassVar[type] = CptConfig
+    peft_config: ClassVar[type] = CptPeftConfig
+    saved_beyond_trained: ClassVar[str] = "the prompt, start + delta: the context's embeddings moved"
+
+    @classmethod
+    def install(cls, model: nn.Module, cfg: CptConfig) -> VirtualTokens:
+        cfg = with_context(cfg, model)
+        embed = model.get_input_embeddings()
+        ids = torch.tensor(cfg.cpt_token_ids)
+        if ids.max() >= embed.num_embeddings:
+            raise PeftkitError(f"adapter.cpt_token_ids: id {int(ids.max())} is past the model's {embed.num_embeddings} "
+                               "embeddings; the context was tokenized for another model.")
+        with torch.no_grad():  # (the memory estimate's meta model: shapes only)
+            start = embed(ids.to(embed.weight.device)).detach().float().to(draw_device(embed.weight.device)).clone()
+        kinds = ids.new_tensor(cfg.cpt_tokens_type_mask).remainder(4)
+        moves = (kinds > 0) & (kinds < 4)
+        encoder = ContextPrompt(start, moves, epsilons(cfg.cpt_tokens_type_mask, cfg, start.shape[1]))
+        return install(model, ContextTokens(cls, torch.zeros_like(start), encoder, cfg))
+
+    @classmethod
+    def add_virtual_tokens(cls, virtual: ContextTokens, model: nn.Module, kwargs: dict, batch: int) -> None:
+        """Prompt tuning's, but labels are kept for CPT's loss (`ContextTokens.after_forward`), not the model's."""
+        virtual.labels = kwargs.pop("labels", None)
+        super().add_virtual_tokens(virtual, model, kwargs, batch)
+
+    @classmethod
+    def check_run(cls, model: nn.Module, cfg: CptConfig) -> None:
+        types = virtual_tokens(model).cfg.cpt_tokens_type_mask
+        if max(types) % 4:
+            raise PeftkitError(f"adapter.cpt_tokens_type_mask: its largest type is {max(types)}, not an output's (4k + "
+                               "4), so peft's loss would mask every label of the data (and find none at all with "
+                               "peft's default, all 1). End the context with an example's output, or give context.")
+        if not any(0 < t % 4 for t in types):
+            raise PeftkitError("adapter.cpt_tokens_type_mask has no input or template token (types 1, 2, 3 mod 4), so "
+                               "nothing would train; mark the examples' inputs.")
+
+    @classmethod
+    def recipe_conflict(cls, recipe: Any) -> str | None:
+        if recipe.training.objective != "sft":
+            return (f"training.objective: {recipe.training.objective}: CPT trains with its own loss over the "
+                    "context's outputs and the data's labels (sft); remove training.objective")
+        return super().recipe_conflict(recipe)
+
+    @classmethod
+    def trainer(cls, model: nn.Module, cfg: CptConfig, total_steps: int) -> CptTrainer:
+        return CptTrainer(virtual_tokens(model))
+
+    @classmethod
+    def to_peft(cls, cfg: CptConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
+        if cfg.cpt_token_ids is None:
+            raise PeftkitError("A CPT adapter of context examples is exported after they are tokenized (the run's "
+                               "CptTrainer.export).")
+        return cls.peft_common(cfg, targets, base_name) | {
+            "num_virtual_tokens": len(cfg.cpt_token_ids), "cpt_token_ids": cfg.cpt_token_ids,
+            "cpt_mask": cfg.cpt_mask, "cpt_tokens_type_mask": cfg.cpt_tokens_type_mask,
+            "opt_weighted_loss_type": cfg.opt_weighted_loss_type, "opt_loss_decay_factor": cfg.opt_loss_decay_factor,
+            "opt_projection_epsilon": cfg.opt_projection_epsilon,
+            "opt_projection_format_epsilon": cfg.opt_projection_format_epsilon,
+            "tokenizer_name_or_path": cfg.tokenizer_name_or_path}
+
+    @classmethod
+    def from_peft(cls, peft: CptPeftConfig, config_file: Path) -> CptConfig:
+        cls.check_peft(peft, config_file)
+        if peft.task_type not in (None, "CAUSAL_LM"):
+            raise PeftkitError(f"{config_file}: task_type is {peft.task_type!r}; CPT is for CAUSAL_LM (peft refuses "
+                               "any other too).")
+        fields = {k: getattr(peft, k) for k in ("cpt_mask", "cpt_tokens_type_mask", "opt_weighted_loss_type",
+                                                "opt_loss_decay_factor", "opt_projection_epsilon",
+                                                "opt_projection_format_epsilon", "tokenizer_name_or_path")}
+        try:
+            return CptConfig(method="cpt", cpt_token_ids=peft.cpt_token_ids or [0],  # peft's default: [0]
+                             **{k: v for k, v in fields.items() if v is not None})
+        except ValueError as e:
+            raise PeftkitError(f"{config_file}: {e}") from None
+
+    @classmethod
+    def describe(cls, cfg: CptConfig) -> str:
+        if cfg.context is not None:
+            return f"{cls.title}, a context of {len(cfg.context)} examples"
+        return f"{cls.title}, a context of {len(cfg.cpt_token_ids)} tokens"
+
+
+class CptTrainer(MethodTrainer):
+    """CPT's part of the loop: its loss, the projection after each step, and the delta and start in checkpoints
+    (the adapter file holds their sum only)."""
+
+    def __init__(self, virtual: ContextTokens) -> None:
+        self.virtual = virtual
+
+    def after_step(self, step: int) -> None:
+        self.virtual.encoder.project(self.virtual.table.data)
+
+    def state_dict(self) -> dict:
+        return {"delta": self.virtual.table.detach().cpu().clone(),
+                "start": self.virtual.encoder.start.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"delta", "start"}:
+            raise PeftkitError("the checkpoint's CPT state has other tensors than this model's (delta, start)")
+        with torch.no_grad():
+            self.virtual.table.copy_(state["delta"])
+            self.virtual.encoder.start.copy_(state["start"])
+
+    def export(self, cfg: Any, state: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        return self.virtual.cfg, state  # (the context's examples as peft's token ids)
+
+    def token_loss(self) -> tuple[Callable, Callable]:
+        return self.virtual.counted, self.loss_sum
+
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ContextTokens.loss_terms` of one forward whose logits keep the context's positions."""
+        if "position_ids" in batch:
+            raise PeftkitError("CPT puts its context in front of each sequence; set data.packing: false.")
+        with self.virtual.whole_logits():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return self.virtual.loss_terms(logits, batch["labels"], labelled)

@@ -1,0 +1,206 @@
+"""CPT (peftkit.methods.cpt) beyond the conformance battery of tests/test_methods.py and the prompt family's checks in
+tests/test_prompt_methods.py (peft both ways, eval loss, generation against cache-free greedy decoding): its training
+against peft 0.21's own model (loss, gradient and projected delta, step after step), a context given as examples,
+a resumed run, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from peftkit.adapters import inject_adapters
+from peftkit.data import IGNORE_INDEX
+from peftkit.data.examples import ALPACA_PROMPT
+from peftkit.methods.cpt import Cpt, CptConfig
+from peftkit.methods.virtual import virtual_tokens
+from tests.conftest import (
+    check_resumes_to_the_same_bits,
+    cli_user_error,
+    method_recipe,
+    train_shipped_recipe,
+)
+from tests.conftest import load_fp32 as _load  # (float32, eval mode)
+
+IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
+# Two examples: input template 1, inputs 2, output template 3, outputs 4 (a separator 0), then 5 .. 8.
+CONTEXT = {"cpt_token_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], "cpt_mask": [1] * 10,
+           "cpt_tokens_type_mask": [1, 2, 2, 3, 4, 0, 6, 7, 8, 8]}
+EXAMPLES = [{"prompt": "12 is ", "completion": "twelve"}, {"instruction": "Spell 3.", "output": "three"}]
+
+
+def test_training_steps_are_peft_s_bit_for_bit(tiny_llama):
+    """Four Adam steps with decay weights and both balls (rows projected onto them): the loss (the trainer's, and the
+    model's given labels), the delta's gradient and the projected delta after each step equal peft's, and so do the
+    logits; the first input token, labelled, is predicted by the context's last."""
+    kw = CONTEXT | {"opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.7, "opt_projection_epsilon": 0.05,
+                    "opt_projection_format_epsilon": 0.02}
+    theirs = get_peft_model(_load(tiny_llama), peft.CPTConfig(task_type="CAUSAL_LM", **kw))
+    ours = _load(tiny_llama)
+    inject_adapters(ours, CptConfig(method="cpt", **kw))
+    trainer = Cpt.trainer(ours, None, 4)
+    labels = IDS.masked_fill(torch.arange(8) < 3, IGNORE_INDEX)
+    labels[0, 0] = 1
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": labels}
+    delta, their_delta = virtual_tokens(ours).table, theirs.prompt_encoder["default"].delta_embedding.weight
+    optimizers = [torch.optim.Adam([p], lr=0.05) for p in (delta, their_delta)]
+    counted = virtual_tokens(ours).counted(labels)
+    assert counted == 2 * 3 + 11  # each row's context outputs (at 4, 8, 9) and its labelled tokens
+    for _ in range(4):
+        expected = theirs(**batch | {"labels": labels.clone()}).loss  # (peft shifts its argument's types in place)
+        total, n = trainer.loss_sum(ours, batch, counted)
+        assert int(n) == counted and torch.equal(total / counted, expected)
+        assert torch.equal(ours(**batch).loss, expected)
+        expected.backward()
+        (total / counted).backward()
+        assert torch.equal(delta.grad, their_delta.grad) and delta.grad[[4, 5, 8, 9]].abs().max() == 0
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        trainer.after_step(1)
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits[:, 10:])
+    assert torch.equal(delta, their_delta)  # (peft projected it in the forward just above: a projected delta stays)
+    balls = {1: 0.02, 2: 0.05, 3: 0.02} | {k: 0.02 for k in (5, 7)} | {6: 0.05}
+    norms = delta.detach().norm(dim=1) / (32 / 2048) ** 0.5
+    assert all(norms[i] <= balls[t] * (1 + 1e-6) for i, t in enumerate(CONTEXT["cpt_tokens_type_mask"]) if t in balls)
+    assert any(abs(norms[i] - balls[t]) <= 1e-6 for i, t in enumerate(CONTEXT["cpt_tokens_type_mask"]) if t in balls)
+
+
+def test_peft_s_default_types_give_a_nan_loss_and_are_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """peft's cpt_tokens_type_mask default (all 1) marks no output, and its loss masks every label of the data too
+    (the input's types, 4 + 1, are no output): NaN, the mean of nothing. peftkit refuses to train with it."""
+    theirs = get_peft_model(_load(tiny_llama), peft.CPTConfig(task_type="CAUSAL_LM", cpt_token_ids=[5, 6, 7]))
+    assert torch.isnan(theirs(input_ids=IDS, labels=IDS).loss)
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", "cpt_token_ids": [5, 6, 7]})
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert ("adapter.cpt_tokens_type_mask: its largest type is 1, not an output's (4k + 4), so peft's loss would mask "
+            "every label of the data") in said
+
+
+def test_a_context_of_examples_is_tokenized_as_data_rows(tiny_llama, number_data, tmp_path):
+    """adapter.context: each example as its format's data rows are tokenized (the prompt after BOS, the answer and
+    EOS); types 2 (prompt), 0 (BOS), 4 (answer), counted per example. A run exports peft's fields with those ids,
+    and peft loads the adapter with our logits."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    first = tok("12 is ")["input_ids"], tok("twelve", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    second = tok(ALPACA_PROMPT.format(instruction="Spell 3."))["input_ids"], tok("three", add_special_tokens=False)[
+        "input_ids"] + [tok.eos_token_id]
+    ids = first[0] + first[1] + second[0] + second[1]
+    types = [0] + [2] * (len(first[0]) - 1) + [4] * len(first[1]) + [0] + [6] * (len(second[0]) - 1) + [8] * len(second[1])
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", "context": EXAMPLES},
+                           training={"max_steps": 2, "lr": 5e-2})
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    train(load_recipe(recipe), show_summary=False)
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["cpt_token_ids"], config["cpt_tokens_type_mask"]) == ("CPT", ids, types)
+    assert config["num_virtual_tokens"] == len(ids) and config["cpt_mask"] == [1] * len(ids)
+    from peftkit.adapter_base import load_adapted_model
+
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()(input_ids=IDS).logits[:, len(ids):]
+        ours = load_adapted_model(None, str(adapter))[0].eval()(input_ids=IDS).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_the_shipped_recipe_trains_a_context_peft_loads(tiny_llama, number_data, tmp_path):
+    """recipes/methods/cpt.yaml (two alpaca examples, decay, peft's example's balls): the eval loss falls, and peft
+    loads its adapter (the tokenized context in adapter_config.json) with our logits."""
+    from peftkit.adapter_base import load_adapted_model
+
+    summary = train_shipped_recipe("cpt", tiny_llama, number_data, tmp_path / "run", steps=2)
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    adapter = tmp_path / "run" / "adapter"
+    n = json.loads((adapter / "adapter_config.json").read_text())["num_virtual_tokens"]
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter).eval()(input_ids=IDS).logits[:, n:]
+        ours = load_adapted_model(None, str(adapter))[0].eval()(input_ids=IDS).logits
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_a_resumed_run_is_the_unbroken_one_and_only_inputs_and_templates_move(tiny_llama, number_data, tmp_path):
+    """A run killed after a checkpoint and resumed saves the unbroken run's file byte for byte (the checkpoint keeps
+    delta and start); the outputs' and separators' rows are their embeddings, the others moved within their balls."""
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", **CONTEXT},
+                           training={"max_steps": 4, "save_steps": 2, "lr": 5e-2})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=4)
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+    start = _load(tiny_llama).get_input_embeddings().weight[CONTEXT["cpt_token_ids"]].detach()
+    moved = (saved - start).norm(dim=1)
+    assert torch.equal(saved[[4, 5, 8, 9]], start[[4, 5, 8, 9]])
+    assert (moved[[0, 1, 2, 3, 6, 7]] > 0).all() and moved.max() <= 0.1 * (32 / 2048) ** 0.5 * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    ({}, "give the context once: context (examples, which peftkit tokenizes) or cpt_token_ids (with cpt_mask and "
+         "cpt_tokens_type_mask), not neither"),
+    ({"context": EXAMPLES, **CONTEXT}, "not both"),
+    ({"context": [{"question": "a", "answer": "b"}]}, "'adapter.context' = list: [0] has the fields ['answer', "
+                                                      "'question']; an example is an alpaca row"),
+    ({"cpt_token_ids": [5, 6], "cpt_tokens_type_mask": [2]}, "cpt_token_ids (2), cpt_mask (2) and cpt_tokens_type_mask "
+                                                             "(1) must have the same length (peft refuses it too)"),
+    ({"cpt_token_ids": [5, 6], "cpt_tokens_type_mask": [2, 4], "num_virtual_tokens": 3},
+     "num_virtual_tokens is 3 and cpt_token_ids has 2 ids: CPT's virtual tokens are the context's"),
+    ({"cpt_token_ids": [5, 6], "cpt_tokens_type_mask": [0, 4]},
+     "adapter.cpt_tokens_type_mask has no input or template token (types 1, 2, 3 mod 4), so nothing would train"),
+    ({"context": EXAMPLES, "num_virtual_tokens": 4}, "num_virtual_tokens is the context's length"),
+    ({"cpt_token_ids": [5, 600], "cpt_tokens_type_mask": [2, 4]},
+     "adapter.cpt_token_ids: id 600 is past the model's"),
+])
+def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", **adapter})
+    assert message in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+
+
+def test_another_objective_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", **CONTEXT},
+                           training={"objective": "dpo"}, data={"format": "preference"})
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert "CPT trains with its own loss over the context's outputs and the data's labels (sft)" in said
+
+
+def test_the_memory_estimate_counts_the_context_s_tokens(tiny_llama, number_data, tmp_path):
+    """A context of examples puts its tokenized length in front of every sequence: the estimate counts that many (it
+    took num_virtual_tokens' default, 20), as for the same ids given, and more than for fewer."""
+    from peftkit.memory import estimate_memory
+    from peftkit.recipe import load_recipe
+
+    def activations(adapter: dict, where: str) -> float:
+        return estimate_memory(load_recipe(method_recipe(tmp_path / where, tiny_llama, number_data,
+                                                         {"method": "cpt", **adapter}))).activations
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    n = len(tok(ALPACA_PROMPT.format(instruction="Spell 3."))["input_ids"] + tok("three")["input_ids"])  # (+ EOS - BOS)
+    assert n > 20
+    same = {"cpt_token_ids": [5] * n, "cpt_tokens_type_mask": [2] * (n - 1) + [4]}
+    fewer = {"cpt_token_ids": [5] * 20, "cpt_tokens_type_mask": [2] * 19 + [4]}
+    assert activations({"context": EXAMPLES[1:]}, "a") == activations(same, "b") > activations(fewer, "c")
+
+
+def test_deepspeed_and_fsdp_are_refused(tiny_llama, number_data, tmp_path):
+    """The projection after each step reaches neither ZeRO's fp32 master copies nor FSDP's shards of the delta."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from peftkit import zero
+    from peftkit.distributed import check_engine
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import load_recipe
+
+    recipe = load_recipe(method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", **CONTEXT}))
+    with pytest.raises(PeftkitError, match="adapter.method: cpt is not supported under FSDP: its projection"):
+        check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))
+    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})
+    engine = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=2,
+                             state=SimpleNamespace(deepspeed_plugin=plugin), gradient_accumulation_steps=1)
+    with pytest.raises(PeftkitError, match="adapter.method: cpt is not supported under DeepSpeed: its projection"):
+        zero.check(recipe, engine)
