@@ -126,6 +126,26 @@ def test_the_shipped_recipe_trains_a_context_peft_loads(tiny_llama, number_data,
     assert (ours - theirs).abs().max() <= 1e-5
 
 
+def test_training_from_an_adapter_moves_within_the_balls_around_its_prompt(tiny_llama, number_data, tmp_path):
+    """adapter.init_from a peft adapter whose context moved: its prompt is the start (peft's loading with
+    is_trainable too), so the run's tokens stay within their balls around it, not around their embeddings."""
+    theirs = get_peft_model(_load(tiny_llama), peft.CPTConfig(task_type="CAUSAL_LM", **CONTEXT))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].delta_embedding.weight.normal_(0, 1)
+    theirs.save_pretrained(tmp_path / "peft")  # (its forward projects the delta into the balls first)
+    loaded = load_file(tmp_path / "peft" / "adapter_model.safetensors")["prompt_embeddings"]
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(tmp_path / "peft")},
+                           training={"max_steps": 2, "lr": 5e-2})
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    train(load_recipe(recipe), show_summary=False)
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")["prompt_embeddings"]
+    moved, ball = (saved - loaded).norm(dim=1), 0.1 * (32 / 2048) ** 0.5
+    assert torch.equal(saved[[4, 5, 8, 9]], loaded[[4, 5, 8, 9]])
+    assert (moved[[0, 1, 2, 3, 6, 7]] > ball / 2).all() and moved.max() <= ball * (1 + 1e-6)
+
+
 def test_a_resumed_run_is_the_unbroken_one_and_only_inputs_and_templates_move(tiny_llama, number_data, tmp_path):
     """A run killed after a checkpoint and resumed saves the unbroken run's file byte for byte (the checkpoint keeps
     delta and start); the outputs' and separators' rows are their embeddings, the others moved within their balls."""
