@@ -30,6 +30,9 @@ METHODS = {
     "adamss-asa": ({"method": "adamss", "r": 8, "num_subspaces": 3, "subspace_rank": 2,
                     "target_modules": ["q_proj", "v_proj", "o_proj"], "use_asa": True, "asa_target_subspaces": 6,
                     "init_warmup": 2, "final_warmup": 4, "mask_interval": 1}, 5),
+    # CPT's own loss (each process's rows count their context's answers) and its projection after each step.
+    "cpt": ({"method": "cpt", "cpt_token_ids": [5, 6, 7, 8, 9, 10], "cpt_tokens_type_mask": [1, 2, 3, 4, 6, 8],
+             "opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.5, "opt_projection_epsilon": 0.5}, 4),
 }
 
 
