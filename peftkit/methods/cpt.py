@@ -209,11 +209,11 @@ class ContextPrompt(nn.Module):
 
     @torch.no_grad()
     def project(self, delta: torch.Tensor) -> None:
-        """peft's `get_projection`, in place: rows of norm above their epsilon scaled onto it."""
+        """peft's `get_projection`, in place: each row of norm above its epsilon scaled onto it, by peft's factor
+        eps / max(norm, eps) (a zero row left alone; no row picked by a mask: nothing read on the host)."""
         norm = torch.norm(delta, p=2, dim=1)
-        over = norm > 0
-        if torch.any(over):
-            delta[over] *= (self.eps[over] / norm[over].clamp(min=self.eps[over])).view(-1, 1)
+        scale = torch.where(norm > 0, self.eps / norm.clamp(min=self.eps), torch.ones_like(norm))
+        delta.mul_(scale.view(-1, 1))
 
 
 class ContextTokens(VirtualTokens):
