@@ -111,6 +111,27 @@ def test_a_context_of_examples_is_tokenized_as_data_rows(tiny_llama, number_data
     assert (ours - theirs).abs().max() <= 1e-5
 
 
+def test_a_context_file_is_its_rows(tiny_llama, number_data, tmp_path):
+    """adapter.context: a .jsonl file (relative to the recipe's directory) gives the context its rows give inline;
+    a line that is no example is refused by its line number."""
+    from peftkit.errors import PeftkitError
+    from peftkit.recipe import load_recipe
+
+    (tmp_path / "examples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EXAMPLES))
+    contexts = []
+    for context in ("examples.jsonl", EXAMPLES):
+        model = _load(tiny_llama)
+        inject_adapters(model, load_recipe(method_recipe(tmp_path, tiny_llama, number_data,
+                                                         {"method": "cpt", "context": context})).adapter)
+        contexts.append(virtual_tokens(model).cfg)
+    assert contexts[0].cpt_token_ids == contexts[1].cpt_token_ids and contexts[0] == contexts[1]
+    (tmp_path / "examples.jsonl").write_text(json.dumps(EXAMPLES[0]) + "\n" + '{"question": "a"}\n')
+    with pytest.raises(PeftkitError, match=r"examples.jsonl:2 is no alpaca row \(instruction, input, output\) nor a "
+                                           r"completion row \(prompt, completion\)"):
+        inject_adapters(_load(tiny_llama), load_recipe(method_recipe(tmp_path, tiny_llama, number_data,
+                                                                     {"method": "cpt", "context": "examples.jsonl"})).adapter)
+
+
 def test_the_shipped_recipe_trains_a_context_peft_loads(tiny_llama, number_data, tmp_path):
     """recipes/methods/cpt.yaml (two alpaca examples, decay, peft's example's balls): the eval loss falls, and peft
     loads its adapter (the tokenized context in adapter_config.json) with our logits."""
@@ -172,6 +193,7 @@ def test_a_resumed_run_is_the_unbroken_one_and_only_inputs_and_templates_move(ti
     ({"cpt_token_ids": [5, 6], "cpt_tokens_type_mask": [0, 4]},
      "adapter.cpt_tokens_type_mask has no input or template token (types 1, 2, 3 mod 4), so nothing would train"),
     ({"context": EXAMPLES, "num_virtual_tokens": 4}, "num_virtual_tokens is the context's length"),
+    ({"context": "examples.txt"}, "'examples.txt' is no .jsonl file; give the examples as a list, or a .jsonl file"),
     ({"cpt_token_ids": [5, 600], "cpt_tokens_type_mask": [2, 4]},
      "adapter.cpt_token_ids: id 600 is past the model's"),
 ])

@@ -31,6 +31,7 @@ zero delta: training from it (adapter.init_from) moves within the balls around i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,9 +62,10 @@ class CptConfig(VirtualConfig):
     """CPT: a context of worked examples in front of every input, its embeddings trained within small balls."""
 
     method: Literal["cpt"]
-    context: list[dict[str, str]] | None = None
+    context: list[dict[str, str]] | str | None = None
     """The examples, as rows of the data: alpaca ({instruction, input (optional), output}) or completion ({prompt,
-    completion}); tokenized with the base's tokenizer into cpt_token_ids and the masks (leave those out)."""
+    completion}), or a .jsonl file of them (relative to the recipe's directory); tokenized with the base's tokenizer
+    into cpt_token_ids and the masks (leave those out)."""
     cpt_token_ids: list[int] | None = None
     """The context's token ids (peft's field; a context of examples fills it in the exported adapter)."""
     cpt_mask: list[int] | None = None
@@ -83,7 +85,12 @@ class CptConfig(VirtualConfig):
 
     @field_validator("context")
     @classmethod
-    def _rows(cls, rows: list[dict[str, str]] | None) -> list[dict[str, str]] | None:
+    def _rows(cls, rows: list[dict[str, str]] | str | None) -> list[dict[str, str]] | str | None:
+        if isinstance(rows, str):
+            if not rows.endswith(".jsonl"):
+                raise ValueError(f"{rows!r} is no .jsonl file; give the examples as a list, or a .jsonl file of them "
+                                 "(one row a line)")
+            return rows
         if rows is not None and not rows:
             raise ValueError("is an empty list; give at least one example, or cpt_token_ids")
         for i, row in enumerate(rows or []):
@@ -174,11 +181,34 @@ def base_tokenizer(model: nn.Module):
                            f"({e}). Give the context as cpt_token_ids and cpt_tokens_type_mask instead.") from None
 
 
+def context_rows(path: str) -> list[dict[str, str]]:
+    """The example rows of a .jsonl file, each checked as the recipe's own (`CptConfig._rows`)."""
+    try:
+        lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as e:
+        raise PeftkitError(f"adapter.context: {path} cannot be read ({e.strerror}); give a .jsonl file of examples, "
+                           "one row a line.") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise PeftkitError(f"adapter.context: {path}:{number} is no JSON object; write one example row a "
+                               "line.") from None
+        if row_format(rows[-1]) is None:
+            raise PeftkitError(f"adapter.context: {path}:{number} is no alpaca row (instruction, input, output) "
+                               "nor a completion row (prompt, completion).")
+    if not rows:
+        raise PeftkitError(f"adapter.context: {path} holds no example; write one row a line.")
+    return rows
+
+
 def with_context(cfg: CptConfig, model: nn.Module) -> CptConfig:
     """`cfg` with its examples tokenized into peft's lists (as it is where it gives them)."""
     if cfg.context is None:
         return cfg
-    ids, types = tokenized_context(base_tokenizer(model), cfg.context)
+    rows = context_rows(cfg.context) if isinstance(cfg.context, str) else cfg.context
+    ids, types = tokenized_context(base_tokenizer(model), rows)
     return CptConfig(method="cpt", cpt_token_ids=ids, cpt_mask=[1] * len(ids), cpt_tokens_type_mask=types,
                      **cfg.model_dump(exclude={"method", "context", "cpt_token_ids", "cpt_mask",
                                                "cpt_tokens_type_mask", "num_virtual_tokens"}))
@@ -373,6 +403,8 @@ class Cpt(PromptTuning):
 
     @classmethod
     def describe(cls, cfg: CptConfig) -> str:
+        if isinstance(cfg.context, str):
+            return f"{cls.title}, a context of examples from {cfg.context}"
         if cfg.context is not None:
             return f"{cls.title}, a context of {len(cfg.context)} examples"
         return f"{cls.title}, a context of {len(cfg.cpt_token_ids)} tokens"

@@ -98,7 +98,8 @@ def _resolve_paths(recipe: Recipe, written: _Written) -> None:
             for name, entry in recipe.data.eval.items()}
     for section, key, kind in (("model", "name_or_path", "model"), ("data", "train", "data"), ("data", "eval", "data"),
                                ("export", "output_dir", "output"), ("adapter", "init_from", "adapter"),
-                               ("adapter", "source_adapter", "adapter")):  # the latter: multitask prompt tuning's
+                               ("adapter", "source_adapter", "adapter"),  # multitask prompt tuning's
+                               ("adapter", "context", "data")):  # CPT's file of examples
         value = getattr(getattr(recipe, section), key, None)
         if isinstance(value, str):  # (data.train's list: above)
             setattr(getattr(recipe, section), key, _usable(value, kind, (section, key), written))
