@@ -241,13 +241,13 @@ def frees_a_inputs(adapter) -> bool:
     return bool(getattr(adapter, "lora_fa", False) or getattr(adapter, "velora_config", None))
 
 
-def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str,
-                 per_row_bytes: float = 0.0, virtual: int) -> float:
+def _activations(recipe: Recipe, config, per_token: int, per_layer_bytes: float, load: str, per_row_bytes: float,
+                 virtual: int) -> float:
     """The larger of a training micro-batch's activations and an evaluation batch's logits (no grad: the logits and
     the loss's copies, as in training; a DPO run's reference batches too). `per_token`: the fp32 values all the
     adapter layers keep per token; `per_layer_bytes`: the bytes they keep whatever the tokens, `per_row_bytes`: per
-    row of the micro-batch whatever its length (with gradient checkpointing, one decoder layer's share at a time); `virtual`: the positions put in front of each sequence
-    (`_virtual_tokens`)."""
+    row of the micro-batch whatever its length (with gradient checkpointing, one decoder layer's share at a time);
+    `virtual`: the positions put in front of each sequence (`_virtual_tokens`)."""
     shape = model_shape(config)
     if shape is None:
         return 0.0

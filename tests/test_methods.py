@@ -1037,7 +1037,8 @@ PEFT_NONTRIVIAL = {"LORA": {"init_lora_weights": False}, "IA3": {"init_ia3_weigh
                    "PROMPT_TUNING": {"inference_mode": False}, "P_TUNING": {"inference_mode": False},
                    "PREFIX_TUNING": {"inference_mode": False}, "MULTITASK_PROMPT_TUNING": {"inference_mode": False},
                    "CARTRIDGE": {"inference_mode": False},
-                   "XLORA": {, "CPT": {"inference_mode": False}}}  # (its experts' directories: tests/test_xlora.py)
+                   "XLORA": {},  # (its experts' directories: tests/test_xlora.py)
+                   "CPT": {"inference_mode": False}}
 NO_PEFT = {"bottleneck", "fusion"}  # methods peft has no equivalent of: saved in peftkit's own layout
 # Methods built from other adapters' directories, which no fixed Case can name: each has its own test file.
 BUILT_FROM_ADAPTERS = {"fusion": "tests/test_fusion.py", "xlora": "tests/test_xlora.py"}

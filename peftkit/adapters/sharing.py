@@ -15,7 +15,6 @@ from torch import nn
 from peftkit.adapter_meta import describe_rope, read_meta
 from peftkit.errors import PeftkitError
 from peftkit.methods import method_of
-from peftkit.methods import METHODS, method_of
 from peftkit.new_tokens import held_tokenizer_length
 from peftkit.recipe import AdapterConfig, QuantizationConfig
 
