@@ -217,6 +217,19 @@ def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, 
     assert message in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
 
 
+def test_a_relative_shadow_model_is_under_the_recipe_s_directory(tiny_llama, number_data, tmp_path, monkeypatch):
+    """`shadow_model: backbone` names the directory beside the recipe, as every path of a recipe does: it was read
+    from the working directory (refused from elsewhere, and another directory of that name taken silently)."""
+    import shutil
+
+    from peftkit.recipe import load_recipe
+
+    shutil.copytree(tiny_llama, tmp_path / "backbone")
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "shadow", "shadow_model": "backbone"})
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_recipe(recipe).adapter.shadow_model == str((tmp_path / "backbone").resolve())
+
+
 def test_blocks_apart_gpt2_a_classifier_and_a_merged_export_are_refused(tiny_gpt2, tiny_llama, number_data, tmp_path,
                                                                        monkeypatch, capsys):
     """The state rides the loop from the first targeted block to the last: blocks 0 and 2 of three are refused; GPT-2

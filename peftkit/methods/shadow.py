@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from peftkit.errors import PeftkitError
@@ -64,7 +64,8 @@ class ShadowConfig(LayerTargets, ExcludedTargets):
     """true: W_up starts at 0 (the base model at step 0); false: kaiming-uniform, as peft (debugging)."""
     shadow_model: str = "mirror"
     """`mirror`: the base's decoder class built from its config with the shadow_* sizes below; else a local directory
-    of a transformers model (its embeddings frozen), as peft's AutoModel.from_pretrained."""
+    of a transformers model (its embeddings frozen), as peft's AutoModel.from_pretrained; in a recipe, relative to
+    its directory (`peftkit.recipe.resolution`)."""
     shadow_num_hidden_layers: int | None = Field(None, gt=0)
     """Blocks of the mirror backbone (null: 1)."""
     shadow_hidden_size: int | None = Field(None, gt=0)
@@ -84,14 +85,6 @@ class ShadowConfig(LayerTargets, ExcludedTargets):
     """The decoder blocks to inject into, contiguous (names as `model.layers.0`, or {regex: ...}); null: every block."""
     modules_to_save: list[str] = Field(default_factory=list)
     """Modules trained in full and saved whole (e.g. `lm_head`)."""
-
-    @field_validator("shadow_model")
-    @classmethod
-    def _mirror_or_directory(cls, value: str) -> str:
-        if value != "mirror" and not Path(value).is_dir():
-            raise ValueError(f"is {value!r}: give 'mirror' (a backbone built from the base's config) or a local "
-                             "directory holding a transformers model; peftkit downloads no shadow model")
-        return value
 
     @model_validator(mode="after")
     def _sizes_are_the_mirror_s(self) -> ShadowConfig:

@@ -37,6 +37,7 @@ def resolve_recipe(recipe: Recipe, path: Path, lines: dict[tuple, int], overridd
     _resolve_paths(recipe, written)
     _resolve_fuse(recipe, written)
     _resolve_experts(recipe, written)
+    _resolve_shadow_model(recipe, written)
     if recipe.data.chat_template is not None:  # a file's or directory's template read in: the run keeps its text
         from peftkit.data.chat_templates import resolved_template
 
@@ -130,6 +131,20 @@ def _resolve_experts(recipe: Recipe, written: _Written) -> None:
                                f"adapter.adapters['{i}'] again ({value}); X-LoRA weighs different experts. List each "
                                "adapter directory once.")
     recipe.adapter.adapters = adapters
+
+
+def _resolve_shadow_model(recipe: Recipe, written: _Written) -> None:
+    """ShadowPEFT's backbone directory (a shadow_model other than 'mirror'), resolved as the base model's path is: a
+    relative one is under the recipe's directory (it was read from the working directory)."""
+    if recipe.adapter.method != "shadow" or (value := recipe.adapter.shadow_model) == "mirror":
+        return
+    resolved = _usable(value, "model", ("adapter", "shadow_model"), written)
+    if not Path(resolved).is_dir():
+        raise PeftkitError(f"{written.where(('adapter', 'shadow_model'))}: 'adapter.shadow_model' is {value!r}: give "
+                           "'mirror' (a backbone built from the base's config) or a local directory holding a "
+                           "transformers model (relative to the recipe's directory); peftkit downloads no shadow "
+                           "model.")
+    recipe.adapter.shadow_model = resolved
 
 
 def _resolve(value: str, base: Path, kind: str) -> str:
