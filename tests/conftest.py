@@ -211,6 +211,32 @@ def train_shipped_recipe(method: str, model: Path, files: dict[str, Path], run: 
                                       "eval.samples=0", "export.report=false"]), show_summary=False)
 
 
+def check_shipped_recipe_is_peft_s(method: str, peft_config, model: Path, files: dict[str, Path], tmp_path: Path,
+                                   ids: torch.Tensor) -> dict[str, tuple]:
+    """`train_shipped_recipe` of METHOD into tmp_path/run lowers the eval loss; its adapter holds the names and
+    shapes peft saves for the recipe's adapter settings (`peft_config(**settings)`: peft's config class, with any
+    arguments of peft's own bound), and peft loads it with the merged export's logits on `ids` (1e-5), away from the
+    base's. Returns the adapter's shapes, by name."""
+    import yaml
+    from peft import PeftModel, get_peft_model
+    from safetensors.torch import load_file
+
+    summary = train_shipped_recipe(method, model, files, tmp_path / "run")
+    assert summary["eval_loss"] < summary["base_eval_loss"]
+    adapter = tmp_path / "run" / "adapter"
+    shapes = {k: tuple(v.shape) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "methods" / f"{method}.yaml"
+    settings = {k: v for k, v in yaml.safe_load(recipe.read_text())["adapter"].items()
+                if k not in ("method", "modules_to_save")}
+    get_peft_model(load_fp32(model), peft_config(**settings)).save_pretrained(tmp_path / "peft")
+    assert shapes == {k: tuple(v.shape) for k, v in load_file(tmp_path / "peft" / "adapter_model.safetensors").items()}
+    with torch.no_grad():
+        merged = load_fp32(tmp_path / "run" / "merged")(ids).logits
+        theirs = PeftModel.from_pretrained(load_fp32(model), adapter).eval()(input_ids=ids).logits
+        assert (merged - theirs).abs().max() <= 1e-5 and (theirs - load_fp32(model)(ids).logits).abs().max() > 1e-4
+    return shapes
+
+
 def random_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
     """Move every adapter layer far from identity (its method's `randomize`: for LoRA a nonzero B, and
     embedding A) so that merge tests cannot pass trivially."""

@@ -12,7 +12,6 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import yaml
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -26,7 +25,7 @@ from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from peftkit.methods.fusion import FusionConfig
 from peftkit.methods.fusion_sources import fused_adapters
 from tests.conftest import (check_combined_into_base_as_peft_merges, check_loads_and_merges_as_peft,
-                            check_routed_as_peft, save_random_adapter, train_shipped_recipe)
+                            check_routed_as_peft, check_shipped_recipe_is_peft_s, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -117,18 +116,7 @@ def test_export_loads_in_peft_with_our_logits_and_gradients(tiny_llama, tmp_path
 def test_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_data, tmp_path):
     """recipes/methods/adamss.yaml trains (eval loss down); its adapter has peft's names and shapes for the recipe's
     settings and loads in peft with the merged export's logits."""
-    summary = train_shipped_recipe("adamss", tiny_llama, number_data, tmp_path / "run")
-    assert summary["eval_loss"] < summary["base_eval_loss"]
-    adapter = tmp_path / "run" / "adapter"
-    shapes = {k: tuple(v.shape) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
-    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "methods" / "adamss.yaml").read_text())
-    settings = {k: v for k, v in raw["adapter"].items() if k not in ("method", "modules_to_save")}
-    get_peft_model(_load(tiny_llama), peft.AdamssConfig(**settings)).save_pretrained(tmp_path / "p")
-    assert shapes == {k: tuple(v.shape) for k, v in load_file(tmp_path / "p" / "adapter_model.safetensors").items()}
-    with torch.no_grad():
-        merged = _load(tmp_path / "run" / "merged")(IDS).logits
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS).logits
-    assert (merged - theirs).abs().max() <= 1e-5
+    check_shipped_recipe_is_peft_s("adamss", peft.AdamssConfig, tiny_llama, number_data, tmp_path, IDS)
 
 
 def test_combining_and_routing_two_adapters_is_peft_s(tiny_llama, tmp_path):
@@ -139,7 +127,8 @@ def test_combining_and_routing_two_adapters_is_peft_s(tiny_llama, tmp_path):
     adapters = [_peft_adapter(tiny_llama, tmp_path / f"a{seed}", seed) for seed in (0, 1)]
     check_combined_into_base_as_peft_merges(tiny_llama, adapters, tmp_path / "combined")
     check_routed_as_peft(tiny_llama, adapters, IDS)
-    lora = combine_adapters([str(a) for a in adapters], Combination("svd", (0.5, 0.5), svd_rank=32), str(tmp_path / "svd"))
+    lora = combine_adapters([str(a) for a in adapters], Combination("svd", (0.5, 0.5), svd_rank=32),
+                            str(tmp_path / "svd"))
     with torch.no_grad():  # (full rank: the LoRA of the mean update, loaded by peft, is the combined base)
         expected = _load(tmp_path / "combined")(IDS).logits
         assert (PeftModel.from_pretrained(_load(tiny_llama), lora)(input_ids=IDS).logits - expected).abs().max() <= 1e-5
@@ -163,7 +152,8 @@ def test_another_clustering_is_refused_where_peft_misplaces_rows(tiny_llama, tmp
     q = theirs.base_model.model.model.layers[0].self_attn.q_proj
     assert [len(rows) for rows in q.seg_result["default"].values()] == [10, 11, 7, 1, 3]
     assert [len(b) for b in q.adamss_B["default"]] == [12, 3, 7, 1, 9]
-    said = r"The AdaMSS adapter does not fit 'model.layers.0.self_attn.q_proj': its subspaces have \[12, 3, 7, 1, 9\] rows"
+    said = (r"The AdaMSS adapter does not fit 'model.layers.0.self_attn.q_proj': its subspaces have "
+            r"\[12, 3, 7, 1, 9\] rows")
     with pytest.raises(PeftkitError, match=said):
         load_adapted_model(str(tiny_llama), str(tmp_path / "adapter"), torch.device("cpu"))
     with pytest.raises(PeftkitError, match=said):
@@ -264,5 +254,6 @@ def test_refusals(tiny_llama, tiny_gpt2, monkeypatch):
     with pytest.raises(PeftkitError, match="'model.embed_tokens' is an Embedding; AdaMSS decomposes"):
         inject_adapters(_load(tiny_llama), AdamssConfig(method="adamss", target_modules=["embed_tokens"]))
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
-    with pytest.raises(PeftkitError, match=r'scikit-learn\'s KMeans, which is not installed: pip install "peftkit\[adamss\]"'):
+    with pytest.raises(PeftkitError,
+                       match=r'scikit-learn\'s KMeans, which is not installed: pip install "peftkit\[adamss\]"'):
         inject_adapters(_load(tiny_llama), AdamssConfig(method="adamss"))

@@ -5,12 +5,12 @@ shipped recipe, combining two adapters into the base, and what it refuses."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import peft
 import pytest
 import torch
-import yaml
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -20,7 +20,7 @@ from peftkit.inspect import inspect_adapter
 from peftkit.methods.frod import FrodConfig
 from tests.conftest import load_fp32 as _load  # (float32, eval mode)
 from tests.conftest import (check_combined_into_base_as_peft_merges, check_loads_and_merges_as_peft,
-                            check_trained_bias_refused, save_random_adapter, train_shipped_recipe)
+                            check_shipped_recipe_is_peft_s, check_trained_bias_refused, save_random_adapter)
 
 IDS = torch.tensor([[3, 4, 5, 9, 7, 8, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47]])
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -102,18 +102,8 @@ def test_export_loads_in_peft_with_our_logits(tiny_llama, tmp_path):
 def test_shipped_recipe_trains_and_peft_loads_its_export(tiny_llama, number_data, tmp_path):
     """recipes/methods/frod.yaml trains (eval loss down), its adapter has peft's names and shapes for the recipe's
     settings and loads in peft with the merged export's logits."""
-    summary = train_shipped_recipe("frod", tiny_llama, number_data, tmp_path / "run")
-    assert summary["eval_loss"] < summary["base_eval_loss"]
-    adapter = tmp_path / "run" / "adapter"
-    shapes = {k: tuple(v.shape) for k, v in load_file(adapter / "adapter_model.safetensors").items()}
-    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "methods" / "frod.yaml").read_text())
-    settings = {k: v for k, v in raw["adapter"].items() if k not in ("method", "modules_to_save")}
-    get_peft_model(_load(tiny_llama), peft.FrodConfig(progressbar=False, **settings)).save_pretrained(tmp_path / "p")
-    assert shapes == {k: tuple(v.shape) for k, v in load_file(tmp_path / "p" / "adapter_model.safetensors").items()}
-    with torch.no_grad():
-        merged = _load(tmp_path / "run" / "merged")(IDS).logits
-        theirs = PeftModel.from_pretrained(_load(tiny_llama), adapter)(input_ids=IDS).logits
-    assert (merged - theirs).abs().max() <= 1e-5
+    check_shipped_recipe_is_peft_s("frod", partial(peft.FrodConfig, progressbar=False), tiny_llama, number_data,
+                                   tmp_path, IDS)
 
 
 def test_combining_two_adapters_into_the_base_is_peft_s_merges_mean(tiny_llama, tmp_path):
