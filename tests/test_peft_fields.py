@@ -28,6 +28,7 @@ PEFT_CONFIGS = {  # peft's config classes peftkit reads, with what each needs be
     "VeraConfig": {}, "AdaLoraConfig": {"total_step": 10}, "PromptTuningConfig": {}, "PrefixTuningConfig": {},
     "PromptEncoderConfig": {}, "AdaptionPromptConfig": {"adapter_len": 4, "adapter_layers": 1},
     "MultitaskPromptTuningConfig": {}, "HRAConfig": {}, "BOFTConfig": {},
+    "LNTuningConfig": {}, "FourierFTConfig": {}, "TrainableTokensConfig": {"token_indices": [3, 7]},
     "RandLoraConfig": {},
     "VBLoRAConfig": {},
     "MissConfig": {},
@@ -96,6 +97,17 @@ def test_every_peft_config_at_its_defaults_passes_quietly(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_peft_fields(method_for_peft_type(raw["peft_type"], Path("c.json")), raw, Path("c.json"))
+
+
+def test_every_peft_type_has_a_method():
+    """Each adapter type peft names (PeftType: 45 in 0.21.2) is one peftkit reads and trains, and each has a config
+    class in PEFT_CONFIGS above: a peft release with a new type shows here, named."""
+    from peftkit.methods import METHODS
+
+    ours = {m.peft_type for m in METHODS.values()}
+    assert sorted(p.value for p in peft.PeftType if p.value not in ours) == []
+    named = {getattr(peft, name)(task_type="CAUSAL_LM", **settings).peft_type for name, settings in PEFT_CONFIGS.items()}
+    assert sorted(p.value for p in peft.PeftType if p not in named) == []
 
 
 @pytest.mark.parametrize("name", ["LoHaConfig", "LoKrConfig"])
