@@ -105,7 +105,7 @@ pytest=(python3 -m pytest -q -n 12 -p no:cacheprovider -p no:benchmark --tb=shor
 step tests 200 "${pytest[@]}" tests/test_sharded.py tests/test_deepspeed.py tests/test_qlora.py tests/test_train.py \
   tests/test_crash_safety.py tests/test_verify.py tests/test_loss.py tests/test_preference.py \
   "tests/test_methods.py::test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model"
-step tests_methods 160 "${pytest[@]}" tests/test_cuda.py tests/test_generate.py tests/test_prompt_methods.py \
+step tests_methods 200 "${pytest[@]}" tests/test_cuda.py tests/test_generate.py tests/test_prompt_methods.py \
   tests/test_adalora.py tests/test_kasa.py tests/test_alora.py tests/test_target_parameters.py tests/test_trainable_tokens.py \
   tests/test_expert_lists.py tests/test_packing.py
 step lora_layer 40 python3 scripts/bench_lora_layer.py --device cuda --dtype bfloat16 --tokens 4096 \
