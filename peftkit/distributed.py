@@ -385,11 +385,6 @@ def check_engine(cfg, accelerator) -> None:
             f"adapter.module_dropout: {cfg.adapter.module_dropout} is not supported under FSDP: each process skips "
             "other layers' updates, and FSDP reduces only the gradients a process has, so the processes' reductions "
             "would not match. Set it to 0, or use configs/accelerate/ddp.yaml.")
-    elif sharded(accelerator) and cfg.adapter.method == "cpt":
-        raise PeftkitError(
-            "adapter.method: cpt is not supported under FSDP: its projection after each step scales each context "
-            "token's whole row of the delta by the row's norm, and FSDP holds the delta sharded. Use "
-            "configs/accelerate/ddp.yaml.")
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

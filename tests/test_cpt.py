@@ -239,7 +239,7 @@ def test_deepspeed_and_fsdp_are_refused(tiny_llama, number_data, tmp_path):
     from peftkit.recipe import load_recipe
 
     recipe = load_recipe(method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", **CONTEXT}))
-    with pytest.raises(PeftkitError, match="adapter.method: cpt is not supported under FSDP: its projection"):
+    with pytest.raises(PeftkitError, match="adapter.method: cpt cannot train under FSDP: its projection"):
         check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP))
     plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 2}})
     engine = SimpleNamespace(distributed_type="DistributedType.DEEPSPEED", num_processes=2,
