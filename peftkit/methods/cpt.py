@@ -441,9 +441,14 @@ class CptTrainer(MethodTrainer):
 
     def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor],
                  labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`ContextTokens.loss_terms` of one forward whose logits keep the context's positions."""
+        """`ContextTokens.loss_terms` of one forward whose logits keep the context's positions; 0 for a process's
+        stand-in slice (`peftkit.distributed.shard`), whose rows' context outputs would otherwise count, rows the
+        global batch does not hold (its labels alone are ignored already)."""
+        from peftkit.distributed import in_batch_statistics
+
         if "position_ids" in batch:
             raise PeftkitError("CPT puts its context in front of each sequence; set data.packing: false.")
         with self.virtual.whole_logits():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return self.virtual.loss_terms(logits, batch["labels"], labelled)
+        total, count = self.virtual.loss_terms(logits, batch["labels"], labelled)
+        return (total, count) if in_batch_statistics() else (total * 0, count * 0)
