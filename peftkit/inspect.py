@@ -242,8 +242,10 @@ def _sort_tensors(method, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dic
 
 def _label(path: str) -> str:
     """A target's name in the module counts: its last component, wrappers taken out (LoRA on two parameters of
-    `experts` nests `experts.base_layer` in `experts`)."""
-    return path.replace(".base_layer", "").rsplit(".", 1)[-1]
+    `experts` nests `experts.base_layer` in `experts`); a whole block's (ShadowPEFT's `model.layers.3`), its list's
+    name, `layers`, not its index."""
+    parts = path.replace(".base_layer", "").split(".")
+    return next((part for part in reversed(parts) if not part.isdecimal()), parts[-1])
 
 
 def _module(key: str) -> str:

@@ -94,6 +94,7 @@ def test_peft_s_adapter_loads_ours_loads_in_peft_and_merging_is_refused(tiny_lla
     assert trained == sum(p.numel() for p in made.parameters() if p.requires_grad) == 9_288
     info = inspect_adapter(tmp_path / "peft")  # (its rank was 'none': rank_dims held the last names alone)
     assert info["trainable_params"] == trained and info["ranks"] == {"model.layers.0": 8, "model.layers.1": 8}
+    assert info["targets"]["modules"] == {"layers": 2}  # (its blocks' list, not their indices: it said '0 x1, 1 x1')
     with pytest.raises(PeftkitError, match="the shadow state injected into each block depends on the input"):
         next(iter(adapter_layers(model).values())).merge()
     with pytest.raises(PeftkitError, match="ShadowPEFT adapters \\(method: shadow\\) cannot be merged"):
