@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from peftkit.recipe import load_recipe
 from peftkit.train import train
-from tests.conftest import make_recipe
+from tests.conftest import make_recipe, save_peft_lora
 
 METHODS = {
     # The rank allocator (importance averages of |p * grad|, a budget pruned every step from step 2 on) and the
@@ -33,6 +33,8 @@ METHODS = {
     # CPT's own loss (each process's rows count their context's answers) and its projection after each step.
     "cpt": ({"method": "cpt", "cpt_token_ids": [5, 6, 7, 8, 9, 10], "cpt_tokens_type_mask": [1, 2, 3, 4, 6, 8],
              "opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.5, "opt_projection_epsilon": 0.5}, 4),
+    # The classifier's scalings pass, a whole forward of the model run inside each DDP forward (its experts: below).
+    "xlora": ({"method": "xlora", "xlora_depth": 2, "xlora_size": 8, "xlora_dropout_p": 0.0}, 4),
 }
 
 
@@ -62,6 +64,13 @@ def test_two_processes_train_each_method_s_adapter_of_one_with_twice_the_batch(m
     up to float rounding, and so is its exported config (AdaLoRA's rank pattern, decided on each process from the
     all-reduced gradients). (~20 s each: one 2-process run.)"""
     adapter, steps = METHODS[method]
+    if method == "xlora":  # two LoRA experts saved by peft (no dropout: its masks are drawn per process)
+        from peft import LoraConfig
+
+        configs = [LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                   LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"])]
+        adapter = adapter | {"adapters": {str(i): str(save_peft_lora(tiny_llama, tmp_path / f"expert{i}", c, seed=i))
+                                          for i, c in enumerate(configs)}}
     train(load_recipe(_recipe(tmp_path / "one", tiny_llama, number_data, adapter, 4, steps)))
     two = _recipe(tmp_path / "two", tiny_llama, number_data, adapter, 2, steps)
     done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(two), "--num-processes", "2"],
