@@ -222,9 +222,16 @@ def test_refusals(tiny_llama, experts, number_data, tmp_path):
     shutil.copytree(experts["1"], other)
     config = json.loads((other / "adapter_config.json").read_text())
     (other / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "another/model"}))
-    with pytest.raises(PeftkitError, match=r"adapter.adapters\['1'\]: .* was trained on another/model \(revision "
-                                           r"None\), adapter.adapters\['0'\] .* X-LoRA weighs experts of one base"):
+    with pytest.raises(PeftkitError, match=r"adapter.adapters: .* was trained on .*tiny-llama \(revision None\), "
+                                           r"adapter.adapters\['1'\] .* on another/model \(revision None\)\. X-LoRA "
+                                           "weighs experts of one base"):
         inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters={"0": experts["0"], "1": str(other)}))
+    scaled = tmp_path / "scaled"  # (AdapterFusion's checks of one base: RoPE scaling too, which X-LoRA passed over)
+    shutil.copytree(experts["1"], scaled)
+    (scaled / "peftkit.json").write_text(json.dumps({"rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(PeftkitError, match=r"adapter.adapters\['1'\] .* with linear x2.0 \(their peftkit.json\): "
+                                           "X-LoRA weighs experts of one base, scaled one way"):
+        inject_adapters(_base(tiny_llama), XLoraConfig(method="xlora", adapters={"0": experts["0"], "1": str(scaled)}))
     with pytest.raises(ValidationError, match="top_k_lora is 3, and adapter.adapters lists 2 experts"):
         XLoraConfig(method="xlora", adapters=experts, top_k_lora=3)
     dora = save_peft_lora(tiny_llama, tmp_path / "dora", PeftLoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))

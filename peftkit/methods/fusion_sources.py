@@ -24,7 +24,7 @@ def fused_adapters(cfg: FusionConfig) -> list[Fused]:
     if cfg._fused is None:
         cfg._fused = [_read_dir(path, f"adapter.fuse[{i}]") for i, path in enumerate(cfg.fuse)]
         check_fusable(cfg._fused, "adapter.fuse")
-        _check_same_base(cfg._fused)
+        check_same_base(cfg._fused)
     return cfg._fused
 
 
@@ -122,28 +122,33 @@ def check_fusable(fused: list[Fused], where: str) -> None:
                            "placement.")
 
 
-def _check_same_base(fused: list[Fused]) -> None:
+def check_same_base(fused: list[Fused], section: str = "adapter.fuse", purpose: str = "AdapterFusion combines adapters",
+                    item=lambda i: f"adapter.fuse[{i}]") -> None:
+    """Adapters read from directories were trained on one base (adapter_config.json's base_model_name_or_path and
+    revision), quantized alike and from one dtype, RoPE-scaled alike (their peftkit.json): each one's update meets the
+    weights it was trained on. Named as the recipe names them: `section` (AdapterFusion's `adapter.fuse`, X-LoRA's
+    `adapter.adapters`), `item(i)` the i-th; `purpose` says why one base (`<purpose> of one base model`)."""
     from peftkit.adapter_meta import describe_rope, read_meta
 
     first = fused[0]
     for i, other in enumerate(fused[1:], start=1):
         if other.base != first.base:
-            raise PeftkitError(f"adapter.fuse: {first.source} was trained on {first.base[0]} (revision "
-                               f"{first.base[1]}), adapter.fuse[{i}] {other.source} on {other.base[0]} (revision "
-                               f"{other.base[1]}). AdapterFusion combines adapters of one base model.")
+            raise PeftkitError(f"{section}: {first.source} was trained on {first.base[0]} (revision "
+                               f"{first.base[1]}), {item(i)} {other.source} on {other.base[0]} (revision "
+                               f"{other.base[1]}). {purpose} of one base model.")
         if other.quant != first.quant:
-            raise PeftkitError(f"adapter.fuse: {first.source} and adapter.fuse[{i}] {other.source} were trained "
-                               "against bases quantized differently (see their peftkit.json); fuse adapters trained "
-                               "against the same weights.")
+            raise PeftkitError(f"{section}: {first.source} and {item(i)} {other.source} were trained against bases "
+                               f"quantized differently (see their peftkit.json); {purpose} trained against the same "
+                               "weights.")
         if first.quant is not None and (dtype := read_meta(other.source).quantized_from) != \
                 (first_dtype := read_meta(first.source).quantized_from):
-            raise PeftkitError(f"adapter.fuse: {first.source} was trained against a base quantized from {first_dtype}, "
-                               f"adapter.fuse[{i}] {other.source} from {dtype} (their peftkit.json base_dtype): other "
-                               "4-bit weights. Fuse adapters trained against the same weights.")
+            raise PeftkitError(f"{section}: {first.source} was trained against a base quantized from {first_dtype}, "
+                               f"{item(i)} {other.source} from {dtype} (their peftkit.json base_dtype): other 4-bit "
+                               f"weights. {purpose} trained against the same weights.")
         if (scaling := read_meta(other.source).rope_scaling) != (first_scaling := read_meta(first.source).rope_scaling):
-            raise PeftkitError(f"adapter.fuse: {first.source} was trained with RoPE scaling "
-                               f"{describe_rope(first_scaling)}, adapter.fuse[{i}] {other.source} with {describe_rope(scaling)} (their peftkit.json): "
-                               "AdapterFusion combines adapters of one base, scaled one way.")
+            raise PeftkitError(f"{section}: {first.source} was trained with RoPE scaling "
+                               f"{describe_rope(first_scaling)}, {item(i)} {other.source} with "
+                               f"{describe_rope(scaling)} (their peftkit.json): {purpose} of one base, scaled one way.")
 
 
 def check_model(fused: list[Fused], model: torch.nn.Module) -> None:
@@ -171,7 +176,7 @@ def check_commit(fused: list[Fused], name: str, revision: str | None, commit: st
 
     if commit is None or fused[0].state is None:
         return
-    base, recorded = fused[0].base  # one for all: `_check_same_base`
+    base, recorded = fused[0].base  # one for all: `check_same_base`
     if base == name and recorded and re.fullmatch(r"[0-9a-f]{40}", recorded) and recorded != commit:
         raise PeftkitError(f"adapter.fuse: the adapters were trained on {name} at commit {recorded}, and this run "
                            f"loaded commit {commit} (model.revision {revision or 'main'}). AdapterFusion needs the "
@@ -180,7 +185,7 @@ def check_commit(fused: list[Fused], name: str, revision: str | None, commit: st
 
 def check_rope(fused: list[Fused], rope_scaling) -> None:
     """Adapters read for training were trained on the base scaled as the recipe's model.rope_scaling scales it: each
-    fused adapter's update meets the base it was trained against (they all record one: `_check_same_base`)."""
+    fused adapter's update meets the base it was trained against (they all record one: `check_same_base`)."""
     from peftkit.adapter_meta import describe_rope, read_meta
 
     if fused[0].state is None:

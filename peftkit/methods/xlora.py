@@ -168,30 +168,14 @@ class XLoraLayer(AdapterLayer):
 def _experts(cfg: XLoraConfig) -> list:
     """The experts `cfg.adapters` names, read (weights included) and checked once."""
     if cfg._experts is None:
-        from peftkit.methods.fusion_sources import _read_dir
+        from peftkit.methods.fusion_sources import _read_dir, check_same_base
 
         cfg._experts = [_read_dir(path, f"adapter.adapters['{name}']", "of the LoRA experts",
                                   "X-LoRA reads its experts as saved") for name, path in cfg.adapters.items()]
         for name, expert in zip(cfg.adapters, cfg._experts):
             _check_expert(expert, f"adapter.adapters['{name}']")
-        _check_one_base(cfg._experts)
+        check_same_base(cfg._experts, "adapter.adapters", "X-LoRA weighs experts", lambda i: f"adapter.adapters['{i}']")
     return cfg._experts
-
-
-def _check_one_base(experts: list) -> None:
-    """The experts were trained on one base (their adapter_config.json's base_model_name_or_path and revision),
-    quantized alike (their peftkit.json, where peftkit trained them): each expert's update meets the weights it was
-    trained on."""
-    first = experts[0]
-    for i, other in enumerate(experts[1:], start=1):
-        if other.base != first.base:
-            raise PeftkitError(f"adapter.adapters['{i}']: {other.source} was trained on {other.base[0]} (revision "
-                               f"{other.base[1]}), adapter.adapters['0'] {first.source} on {first.base[0]} (revision "
-                               f"{first.base[1]}). X-LoRA weighs experts of one base model.")
-        if other.quant != first.quant:
-            raise PeftkitError(f"adapter.adapters['{i}']: {other.source} and adapter.adapters['0'] {first.source} were "
-                               "trained against bases quantized differently (see their peftkit.json); X-LoRA weighs "
-                               "experts trained against the same weights.")
 
 
 def _check_expert(expert, where: str) -> None:
