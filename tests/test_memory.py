@@ -174,7 +174,7 @@ def test_printed_estimate_shows_activations(tiny_llama, number_data, tmp_path):
 
 # No test measures a run's peak RSS: on a loaded 2-core CI machine the quickstart's growth is 120-170 MiB of
 # runtime around < 15 MiB of tensors, and the allocator's and the kernel's page accounting vary with
-# what else runs. scripts/measure_memory.py holds the measured comparison (README, "Memory estimate").
+# what else runs. scripts/measure_memory.py holds the measured comparison (docs/recipe.md, "Memory estimate").
 
 
 # ----------------------------------------------------------------------------- LoRA-FA

@@ -1,13 +1,14 @@
-"""README.md agrees with the code it documents, mechanically: the "Recipe reference" tables (`| key | default |
-meaning |`) against the pydantic recipe models, the methods table against the method registry, and every
-`peftkit COMMAND --flag` the README spells against the typer app. Nothing here trains or loads a model."""
+"""README.md and docs/*.md agree with the code they document, mechanically: the recipe reference's tables
+(`| key | default | meaning |`) against the pydantic recipe models, README's methods table against the method
+registry, every `peftkit COMMAND --flag` they spell against the typer app, and every link between them to a file
+and heading that exist. Nothing here trains or loads a model."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal, get_args
+from typing import Any, Iterator, Literal, get_args
 
 import pytest
 import typer
@@ -18,7 +19,9 @@ from peftkit.cli import app
 from peftkit.methods import METHODS
 from peftkit.recipe.schema import Recipe
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+RECIPE_DOC, CLI_DOC = "docs/recipe.md", "docs/cli.md"
 SPAN = re.compile(r"`([^`]+)`")
 
 # A table's intro that names no `method: X`: the methods whose keys it lists.
@@ -38,13 +41,13 @@ REFUSED = {
     ("xlora", "init_from"): "an error: an X-LoRA starts from its experts and a new classifier",
 }
 
-# Defaults the README says in words ("the model's"), not as a value: "section.key" -> why. None so far.
+# Defaults the docs say in words ("the model's"), not as a value: "section.key" -> why. None so far.
 PROSE_DEFAULTS: dict[str, str] = {}
 
 # ---------------------------------------------------------------------------------------------------- parsing
 
 def _blocks(lines: list[str]) -> list[tuple[str, int, list[str]]]:
-    """The README as ("heading" | "text" | "table" | "code", first line number, lines), fenced code kept apart
+    """A markdown file as ("heading" | "text" | "table" | "code", first line number, lines), fenced code kept apart
     (a `# comment` there is no heading, a `|` no table)."""
     blocks, fenced = [], False
     for number, line in enumerate(lines, 1):
@@ -61,7 +64,7 @@ def _blocks(lines: list[str]) -> list[tuple[str, int, list[str]]]:
     return [b for b in blocks if b[0] != "blank"]
 
 
-BLOCKS = _blocks(README.read_text(encoding="utf-8").splitlines())
+BLOCKS = {name: _blocks((ROOT / name).read_text(encoding="utf-8").splitlines()) for name in DOCS}
 
 
 def cells(row: str) -> list[str]:
@@ -69,22 +72,25 @@ def cells(row: str) -> list[str]:
     return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
 
 
-def chapter(title: str) -> list[tuple[str, int, list[str]]]:
-    """The blocks under the `## title` heading, up to the next `## ` heading."""
-    start = next(i for i, (kind, _, text) in enumerate(BLOCKS) if kind == "heading" and text[0] == f"## {title}")
-    end = next((i for i in range(start + 1, len(BLOCKS))
-                if BLOCKS[i][0] == "heading" and BLOCKS[i][2][0].startswith("## ")), len(BLOCKS))
-    return BLOCKS[start + 1:end]
+def chapter(name: str, title: str) -> list[tuple[str, int, list[str]]]:
+    """The blocks of file `name` under its heading `title` (`# title`, `## title`, ...), up to the next heading of
+    that level or above."""
+    blocks = BLOCKS[name]
+    start, level = next((i, text[0].index(" ")) for i, (kind, _, text) in enumerate(blocks)
+                        if kind == "heading" and re.sub(r"^#+ ", "", text[0]) == title)
+    end = next((i for i in range(start + 1, len(blocks))
+                if blocks[i][0] == "heading" and blocks[i][2][0].index(" ") <= level), len(blocks))
+    return blocks[start + 1:end]
 
 
 def key_tables() -> list[tuple[str | None, str, int, list[list[str]]]]:
-    """The Recipe reference's `| key | default | meaning |` tables: (recipe section of the `### `section``
-    heading they are under, or None; the paragraph before the table; its line; its rows)."""
+    """docs/recipe.md's `| key | default | meaning |` tables: (recipe section of the `## `section`` heading they
+    are under, or None; the paragraph before the table; its line; its rows)."""
     tables, section, intro = [], None, ""
-    for kind, line, text in chapter("Recipe reference"):
-        if kind == "heading" and text[0].startswith("### "):
+    for kind, line, text in chapter(RECIPE_DOC, "Recipe reference"):
+        if kind == "heading" and text[0].startswith("## "):
             spans = SPAN.findall(text[0])
-            section = spans[0] if spans and text[0].startswith("### `") else None
+            section = spans[0] if spans and text[0].startswith("## `") else None
             intro = ""
         elif kind == "text":
             intro = " ".join(text)
@@ -109,7 +115,7 @@ def documented(rows: list[list[str]], line: int) -> list[tuple[str, str | None, 
             defaults *= len(keys)
         elif len(keys) == 1:  # `32` (`0` when `r` is set): the first value is the default
             defaults = defaults[:1]
-        assert len(defaults) in (0, len(keys)), f"README.md:{line + 2 + offset}: keys {keys}, defaults {defaults}"
+        assert len(defaults) in (0, len(keys)), f"{RECIPE_DOC}:{line + 2 + offset}: keys {keys}, defaults {defaults}"
         out += [(key, defaults[i] if defaults else None, only, " ".join(row)) for i, key in enumerate(keys)]
     return out
 
@@ -159,7 +165,7 @@ def sub_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
 
 
 def default_problems(model: type[BaseModel], where: str, docs) -> list[str]:
-    """Each documented key that `model` lacks, and each default the README gives otherwise than the code."""
+    """Each documented key that `model` lacks, and each default the docs give otherwise than the code."""
     problems = []
     for key, written, *_ in docs:
         if key not in model.model_fields:
@@ -168,7 +174,7 @@ def default_problems(model: type[BaseModel], where: str, docs) -> list[str]:
             problems.append(f"{where}.{key}: the default column holds no value in backticks")
         elif written is not None and not same(written if written == "required" else as_yaml(written),
                                               default_of(model, key)):
-            problems.append(f"{where}.{key}: README's default {written}, the code's {default_of(model, key)!r}")
+            problems.append(f"{where}.{key}: the docs' default {written}, the code's {default_of(model, key)!r}")
     return problems
 
 
@@ -228,7 +234,7 @@ def test_nested_section_is_spelled_out(section, key, nested, meaning):
                 and isinstance(m := yaml.safe_load(span), dict) and set(m) == set(nested.model_fields)]
     assert mappings, (f"{section}.{key}: no `{{...}}` in its meaning names exactly {sorted(nested.model_fields)}: "
                       f"{[s for s in SPAN.findall(meaning) if s.startswith('{')]}")
-    problems = [f"{section}.{key}.{k}: README's default {v!r}, the code's {default_of(nested, k)!r}"
+    problems = [f"{section}.{key}.{k}: the docs' default {v!r}, the code's {default_of(nested, k)!r}"
                 for k, v in mappings[0].items() if not placeholder(v) and not nested.model_fields[k].is_required()
                 and not same(as_number(v), default_of(nested, k))]
     assert not problems, "\n".join(problems)
@@ -249,9 +255,9 @@ def method_docs() -> dict[str, list[tuple[str, str | None, tuple[str, ...], str]
             continue
         named = re.findall(r"`method: (\w+)`", intro)[:1] or next(
             (list(methods) for start, methods in TABLE_METHODS.items() if intro.startswith(start)), None)
-        assert named, f"README.md:{line}: say which method's keys this table lists (`method: X` in its intro)"
+        assert named, f"{RECIPE_DOC}:{line}: say which method's keys this table lists (`method: X` in its intro)"
         for key, written, only, row in documented(rows, line):
-            assert set(only) <= set(named), f"README.md:{line}: {key} ({', '.join(only)}) for methods {named}"
+            assert set(only) <= set(named), f"{RECIPE_DOC}:{line}: {key} ({', '.join(only)}) for methods {named}"
             for method in only or named:
                 per_method[method].append((key, written, only, row))
     for method, other in ALSO_TAKES.items():
@@ -288,14 +294,15 @@ def test_refused_fields_are_refused():
 def test_every_table_row_has_the_headers_cells():
     """A `|` in a cell (`<|im_end|>` in a code span too) ends the cell unless written `\\|`: GitHub shows such a
     row cut short."""
-    cut = [f"README.md:{line + i}: {len(cells(row))} cells, the header {len(cells(text[0]))}"
-           for kind, line, text in BLOCKS if kind == "table" for i, row in enumerate(text)
+    cut = [f"{name}:{line + i}: {len(cells(row))} cells, the header {len(cells(text[0]))}"
+           for name, blocks in BLOCKS.items() for kind, line, text in blocks if kind == "table"
+           for i, row in enumerate(text)
            if i != 1 and len(cells(row)) != len(cells(text[0]))]
     assert not cut, "\n".join(cut)
 
 
 def test_methods_table_is_the_registry():
-    _, _, rows = next(b for b in chapter("Recipe reference")
+    _, _, rows = next(b for b in chapter("README.md", "Methods")
                       if b[0] == "table" and cells(b[2][0])[:2] == ["method", "what it is"])
     assert {SPAN.findall(cells(row)[0])[0] for row in rows[2:]} == set(METHODS)
 
@@ -309,10 +316,10 @@ def app_flags() -> dict[str, set[str]]:
             for name, cmd in group.commands.items()}
 
 
-def command_lines() -> list[tuple[int, str]]:
-    """(line, text) of each code span and each command of a code block (`\\` continuations joined)."""
+def command_lines(blocks) -> list[tuple[int, str]]:
+    """(line, text) of each code span and each command of a code block (`\\` continuations joined) of `blocks`."""
     out = []
-    for kind, line, text in BLOCKS:
+    for kind, line, text in blocks:
         if kind == "code":
             joined = "\n".join(text).replace("\\\n", " ")
             out += [(line, part) for part in joined.splitlines()]
@@ -323,11 +330,11 @@ def command_lines() -> list[tuple[int, str]]:
     return out
 
 
-def spelled_flags() -> list[tuple[int, str, str]]:
+def spelled_flags(blocks) -> list[tuple[int, str, str]]:
     """(line, command, flag) for each `--flag` after `peftkit COMMAND` (or `peftkit eval/generate`) in a span or
-    a command line, up to the next `peftkit COMMAND`."""
+    a command line of `blocks`, up to the next `peftkit COMMAND`."""
     out = []
-    for line, text in command_lines():
+    for line, text in command_lines(blocks):
         for hit in re.finditer(r"\bpeftkit ([a-z]+(?:/[a-z]+)*)(.*?)(?=\bpeftkit [a-z]|$)", text):
             for command in hit[1].split("/"):
                 out += [(line, command, flag) for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", hit[2])]
@@ -336,21 +343,20 @@ def spelled_flags() -> list[tuple[int, str, str]]:
 
 def test_every_flag_the_readme_spells_exists():
     flags = app_flags()
-    wrong = [f"README.md:{line}: peftkit {command} {flag}" for line, command, flag in spelled_flags()
-             if command in flags and flag not in flags[command]]
+    wrong = [f"{name}:{line}: peftkit {command} {flag}" for name, blocks in BLOCKS.items()
+             for line, command, flag in spelled_flags(blocks) if command in flags and flag not in flags[command]]
     assert not wrong, "\n".join(wrong)
 
 
 def test_cli_reference_lists_every_command_and_flag():
     """Every command has a row of the CLI reference table, and each of its flags is spelled somewhere in the
     CLI reference (its row, or a `peftkit COMMAND ... --flag` example)."""
-    blocks = chapter("CLI reference")
+    blocks = chapter(CLI_DOC, "CLI reference")
     rows = [cells(row) for kind, _, text in blocks if kind == "table" and cells(text[0]) == ["command", "what it does"]
             for row in text[2:]]
     listed = {re.match(r"peftkit (\w+)", SPAN.findall(row[0])[0])[1]: " ".join(row) for row in rows}
     assert set(listed) == set(app_flags())
-    first, last = blocks[0][1], blocks[-1][1] + len(blocks[-1][2])
-    said = {(command, flag) for line, command, flag in spelled_flags() if first <= line < last}
+    said = {(command, flag) for _, command, flag in spelled_flags(blocks)}
     unsaid = [f"peftkit {command} {flag}" for command, flags in app_flags().items() for flag in sorted(flags)
               if flag != "--help" and (command, flag) not in said and f"`{flag}" not in listed[command]]
     assert not unsaid, "\n".join(unsaid)
@@ -359,7 +365,7 @@ def test_cli_reference_lists_every_command_and_flag():
 def test_numbers_in_the_synopses_are_the_defaults():
     """`[--max-new-tokens 128]`, `[--n 3]` in a command's synopsis (the CLI reference's first column) is its default."""
     group = typer.main.get_command(app)
-    rows = [cells(row)[0] for kind, _, text in chapter("CLI reference")
+    rows = [cells(row)[0] for kind, _, text in chapter(CLI_DOC, "CLI reference")
             if kind == "table" and cells(text[0]) == ["command", "what it does"] for row in text[2:]]
     wrong = []
     for synopsis in map(lambda cell: SPAN.findall(cell)[0], rows):
@@ -375,5 +381,37 @@ def test_merge_method_table_is_the_combinations():
     """The `peftkit merge --method` table (a row may name a type and its `_svd` twin) lists peftkit.combine's."""
     from peftkit.combine import COMBINATIONS
 
-    _, _, rows = next(b for b in chapter("CLI reference") if b[0] == "table" and cells(b[2][0])[0] == "`--method`")
+    _, _, rows = next(b for b in chapter(CLI_DOC, "CLI reference")
+                      if b[0] == "table" and cells(b[2][0])[0] == "`--method`")
     assert sorted(name for row in rows[2:] for name in SPAN.findall(cells(row)[0])) == sorted(COMBINATIONS)
+
+
+# ------------------------------------------------------------------------------------------------------ links
+
+def anchors(name: str) -> Iterator[str]:
+    """The anchors GitHub gives file `name`'s headings: lower case, punctuation but `-` and `_` dropped, spaces as
+    `-`, a repeated one numbered (`-1`, `-2`)."""
+    counts: dict[str, int] = {}
+    for kind, _, text in BLOCKS[name]:
+        if kind == "heading":
+            slug = re.sub(r"[^\w\- ]", "", re.sub(r"^#+ ", "", text[0]).strip().lower()).replace(" ", "-")
+            counts[slug] = counts.get(slug, 0) + 1
+            yield slug if counts[slug] == 1 else f"{slug}-{counts[slug] - 1}"
+
+
+def test_every_link_between_the_docs_resolves():
+    """README.md and docs/*.md link each other's sections (`docs/recipe.md#adapter`, `../README.md#methods`): each
+    local link names a file that exists, and a heading of it where it has a `#`."""
+    broken = []
+    for name in DOCS:
+        text = "\n".join(line for kind, _, lines in BLOCKS[name] if kind != "code" for line in lines)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path, _, anchor = target.partition("#")
+            if re.match(r"[a-z]+:", path):  # https://..., mailto:
+                continue
+            linked = (ROOT / name).parent.joinpath(path).resolve().relative_to(ROOT).as_posix() if path else name
+            if not (ROOT / linked).exists():
+                broken.append(f"{name}: {target}: no file {linked}")
+            elif anchor and (linked not in BLOCKS or anchor not in set(anchors(linked))):
+                broken.append(f"{name}: {target}: no heading #{anchor} in {linked}")
+    assert not broken, "\n".join(broken)

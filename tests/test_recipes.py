@@ -17,7 +17,7 @@ def test_recipes_are_found():
 
 
 def test_every_method_has_a_recipe():
-    """README's adapter section: "Recipes for each: `recipes/methods/`"."""
+    """docs/recipe.md's adapter section: "Recipes for each: `recipes/methods/`"."""
     from peftkit.methods import METHODS
 
     used = {load_recipe(path).adapter.method for path in RECIPES if path.parent.name == "methods"}
