@@ -349,12 +349,13 @@ def test_every_flag_the_readme_spells_exists():
 
 
 def test_cli_reference_lists_every_command_and_flag():
-    """Every command has a row of the CLI reference table, and each of its flags is spelled somewhere in the
-    CLI reference (its row, or a `peftkit COMMAND ... --flag` example)."""
+    """Every command has a row of the CLI reference table and a section of its own, and each of its flags is
+    spelled somewhere in the CLI reference (its row or section, or a `peftkit COMMAND ... --flag` example)."""
     blocks = chapter(CLI_DOC, "CLI reference")
     rows = [cells(row) for kind, _, text in blocks if kind == "table" and cells(text[0]) == ["command", "what it does"]
             for row in text[2:]]
-    listed = {re.match(r"peftkit (\w+)", SPAN.findall(row[0])[0])[1]: " ".join(row) for row in rows}
+    listed = {(name := re.match(r"peftkit (\w+)", SPAN.findall(row[0])[0])[1]): " ".join(
+        [*row, *(line for _, _, text in chapter(CLI_DOC, f"`peftkit {name}`") for line in text)]) for row in rows}
     assert set(listed) == set(app_flags())
     said = {(command, flag) for _, command, flag in spelled_flags(blocks)}
     unsaid = [f"peftkit {command} {flag}" for command, flags in app_flags().items() for flag in sorted(flags)
