@@ -21,7 +21,7 @@ from peftkit.recipe.schema import Recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
-RECIPE_DOC, CLI_DOC = "docs/recipe.md", "docs/cli.md"
+RECIPE_DOC, METHODS_DOC, CLI_DOC = "docs/recipe.md", "docs/methods.md", "docs/cli.md"
 SPAN = re.compile(r"`([^`]+)`")
 
 # A table's intro that names no `method: X`: the methods whose keys it lists.
@@ -84,10 +84,18 @@ def chapter(name: str, title: str) -> list[tuple[str, int, list[str]]]:
 
 
 def key_tables() -> list[tuple[str | None, str, int, list[list[str]]]]:
-    """docs/recipe.md's `| key | default | meaning |` tables: (recipe section of the `## `section`` heading they
-    are under, or None; the paragraph before the table; its line; its rows)."""
+    """The `| key | default | meaning |` tables of docs/recipe.md and docs/methods.md: (recipe section of the
+    `## `section`` heading they are under, or None; every table of docs/methods.md is the `adapter` section's; the
+    paragraph before the table; its line; its rows)."""
+    tables = []
+    for name, section in ((RECIPE_DOC, None), (METHODS_DOC, "adapter")):
+        tables += [(section or at, intro, line, rows) for at, intro, line, rows in _key_tables(BLOCKS[name])]
+    return tables
+
+
+def _key_tables(blocks) -> list[tuple[str | None, str, int, list[list[str]]]]:
     tables, section, intro = [], None, ""
-    for kind, line, text in chapter(RECIPE_DOC, "Recipe reference"):
+    for kind, line, text in blocks:
         if kind == "heading" and text[0].startswith("## "):
             spans = SPAN.findall(text[0])
             section = spans[0] if spans and text[0].startswith("## `") else None
@@ -115,7 +123,7 @@ def documented(rows: list[list[str]], line: int) -> list[tuple[str, str | None, 
             defaults *= len(keys)
         elif len(keys) == 1:  # `32` (`0` when `r` is set): the first value is the default
             defaults = defaults[:1]
-        assert len(defaults) in (0, len(keys)), f"{RECIPE_DOC}:{line + 2 + offset}: keys {keys}, defaults {defaults}"
+        assert len(defaults) in (0, len(keys)), f"docs:{line + 2 + offset}: keys {keys}, defaults {defaults}"
         out += [(key, defaults[i] if defaults else None, only, " ".join(row)) for i, key in enumerate(keys)]
     return out
 
@@ -255,9 +263,9 @@ def method_docs() -> dict[str, list[tuple[str, str | None, tuple[str, ...], str]
             continue
         named = re.findall(r"`method: (\w+)`", intro)[:1] or next(
             (list(methods) for start, methods in TABLE_METHODS.items() if intro.startswith(start)), None)
-        assert named, f"{RECIPE_DOC}:{line}: say which method's keys this table lists (`method: X` in its intro)"
+        assert named, f"{METHODS_DOC}:{line}: say which method's keys this table lists (`method: X` in its intro)"
         for key, written, only, row in documented(rows, line):
-            assert set(only) <= set(named), f"{RECIPE_DOC}:{line}: {key} ({', '.join(only)}) for methods {named}"
+            assert set(only) <= set(named), f"{METHODS_DOC}:{line}: {key} ({', '.join(only)}) for methods {named}"
             for method in only or named:
                 per_method[method].append((key, written, only, row))
     for method, other in ALSO_TAKES.items():
