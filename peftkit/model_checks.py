@@ -79,14 +79,10 @@ def check_model(cfg: Recipe) -> str:
         model = meta_model(cfg, config)
         if model is None:
             return "config.json and the tokenizer only: transformers builds no model of this task from this config"
-        if cfg.adapter.method == "fusion":
-            from peftkit.methods.fusion_sources import check_commit, check_rope, fused_adapters
-
-            name, revision = cfg.model.name_or_path, cfg.model.revision
-            check_commit(fused_adapters(cfg.adapter), name, revision, hub_commit(name, revision))
-            check_rope(fused_adapters(cfg.adapter), cfg.model.rope_scaling)
         if cfg.quantization is not None:
             _quantize(model, cfg)
+        commit = hub_commit(cfg.model.name_or_path, cfg.model.revision)  # (the local cache's, offline)
+        method_of(cfg.adapter).check_sources(cfg.adapter, cfg, model, commit)  # fusion's, X-LoRA's: this base's
         long_context.apply(model, cfg)
         adapter = with_head(cfg.adapter, model) if cfg.classifier else cfg.adapter
         if cfg.model.add_tokens:  # the new tokens' rows, as train adds and trains them

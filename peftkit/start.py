@@ -321,11 +321,7 @@ def _base_model(cfg: Recipe, device: torch.device, labels: LabelSet | None, tok,
         without_dropout(model)
     inputs = run_inputs(cfg)  # after loading: a hub id's files are then in the local cache
     base_commit = hub_commit(cfg.model.name_or_path, cfg.model.revision)
-    if cfg.adapter.method == "fusion":  # its adapters were trained on a commit of the base: this one
-        from peftkit.methods.fusion_sources import check_commit, check_rope, fused_adapters
-
-        check_commit(fused_adapters(cfg.adapter), cfg.model.name_or_path, cfg.model.revision, base_commit)
-        check_rope(fused_adapters(cfg.adapter), cfg.model.rope_scaling)
+    method_of(cfg.adapter).check_sources(cfg.adapter, cfg, model, base_commit)  # fusion's, X-LoRA's: this base's
     if cfg.data.packing:
         check_isolated(model)
     long_context.apply(model, cfg)  # model.long_context: S²-Attn in training mode only

@@ -401,3 +401,87 @@ def test_bf16_base_keeps_the_experts_file_values_where_peft_rounds_them(tiny_lla
             if ".experts." in name:
                 p.copy_(p.bfloat16().float())
         assert torch.equal(ours(input_ids=IDS).logits, reference)
+
+
+
+def _experts_recording(experts: dict[str, str], out: Path, config: dict | None = None,
+                       meta: dict | None = None) -> dict[str, str]:
+    """Copies of `experts` under `out` whose adapter_config.json and peftkit.json record `config` and `meta` too."""
+    copies = {}
+    for name, path in experts.items():
+        copy = out / name
+        shutil.copytree(path, copy)
+        written = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps(written | (config or {})))
+        (copy / "peftkit.json").write_text(json.dumps(meta or {}))
+        copies[name] = str(copy)
+    return copies
+
+
+def _train_over(tiny_llama, number_data, adapters: dict[str, str], out: Path, *sets: str) -> dict:
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import method_recipe
+
+    recipe = method_recipe(out, tiny_llama, number_data, {"method": "xlora", "adapters": adapters},
+                           training={"max_steps": 1})
+    return train(load_recipe(recipe, list(sets)), show_summary=False)
+
+
+NF4_EXPERTS = {"quantization": {"method": "nf4", "double_quant": True, "compute_dtype": "float32",
+                                "quant_storage": "uint8", "skip_modules": ["lm_head"]},
+               "quantized_on": "cuda", "base_dtype": "bfloat16"}
+"""peftkit.json of experts trained against an NF4 base quantized from bf16 weights on CUDA."""
+OTHER_BASES = {  # what the experts record, the recipe's settings, and the refusal
+    "name": ({"config": {"base_model_name_or_path": "another/model"}}, [],
+             r"^adapter.adapters: the adapters were trained on another/model, and model.name_or_path is .*tiny-llama. "
+             "X-LoRA needs the base the adapters were trained on: set model.name_or_path to it"),
+    "rope": ({"meta": {"rope_scaling": {"type": "linear", "factor": 2.0}}}, [],
+             r"^adapter.adapters: the adapters were trained with RoPE scaling linear x2.0 \(their peftkit.json\), and "
+             "model.rope_scaling is none. X-LoRA needs the base"),
+    "unquantized": ({"meta": NF4_EXPERTS}, [],
+                    "^adapter.adapters: the adapters were trained against a 4/8-bit base, and this recipe does not "
+                    "quantize it; set the quantization section as they"),
+    "settings": ({"meta": NF4_EXPERTS}, ["quantization.double_quant=false", "quantization.compute_dtype=float32",
+                                         "model.dtype=bfloat16"],
+                 r"^adapter.adapters: .*/0 was trained against a base quantized as nf4, compute_dtype: float32 \(its "
+                 r"peftkit.json\), and the recipe's quantization section is nf4, double_quant: False, compute_dtype: "
+                 "float32: other 4-bit/8-bit weights. X-LoRA needs"),
+    "dtype": ({"meta": NF4_EXPERTS}, ["quantization.compute_dtype=float32"],
+              r"^adapter.adapters: .*/0 was trained against a base quantized from bfloat16 weights \(its peftkit.json "
+              "base_dtype\), and model.dtype is float32: other 4-bit weights. X-LoRA needs .* set model.dtype: "
+              "bfloat16"),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_BASES)
+def test_experts_of_another_base_than_the_recipe_s_are_refused(case, tiny_llama, number_data, experts, tmp_path):
+    """The experts are checked against the base the recipe loads, not only against each other (each case trained on
+    the old code without a word): both recorded as trained on another model, or with RoPE scaling the recipe does not
+    set, or against 4-bit weights the recipe does not make (not quantized, quantized otherwise, or from another
+    dtype). The run is refused before it trains, naming the fix."""
+    recorded, sets, refusal = OTHER_BASES[case]
+    adapters = _experts_recording(experts, tmp_path / "experts", **recorded)
+    with pytest.raises(PeftkitError, match=refusal):
+        _train_over(tiny_llama, number_data, adapters, tmp_path / "run", *sets)
+
+
+def test_experts_over_a_quantized_base_train(tiny_llama, number_data, experts, tmp_path):
+    """Experts trained unquantized train over the recipe's NF4 base (X-LoRA's memory saving, which AdapterFusion's
+    check of the same name refuses for its adapters); experts of this very NF4 base, quantized on CUDA, train here
+    with the warning a QLoRA adapter re-quantized on the CPU gets."""
+    import warnings
+
+    from peftkit.errors import PeftkitWarning
+
+    over_nf4 = _train_over(tiny_llama, number_data, experts, tmp_path / "a", "quantization.compute_dtype=float32")
+    assert over_nf4["trainable_params"] == 32 * 2 + 2
+    quantized = _experts_recording(experts, tmp_path / "experts", meta=NF4_EXPERTS)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        _train_over(tiny_llama, number_data, quantized, tmp_path / "b", "quantization.compute_dtype=float32",
+                    "model.dtype=bfloat16")
+    assert torch.cuda.is_available() or any(
+        isinstance(w.message, PeftkitWarning) and str(w.message).startswith("adapter.adapters: ") and "was trained on "
+        "a base quantized on CUDA, and no CUDA device is here: the base is re-quantized on CPU" in str(w.message)
+        for w in said)

@@ -436,6 +436,14 @@ class Method:
         steps (train runs it before `trainer`; validate runs it without training.max_steps, which `trainer` needs)."""
 
     @classmethod
+    def check_sources(cls, cfg: Any, recipe: Any, model: nn.Module, commit: str | None) -> None:
+        """Raise a PeftkitError where adapters this method is built from (AdapterFusion's, X-LoRA's experts), read for
+        training, were trained on another base than the recipe's: `recipe.model` (its name, RoPE scaling, dtype),
+        `recipe.quantization`, `commit` (of a hub base, the one this run loaded; None for a local one). `model` is the
+        base as loaded (on the meta device under `peftkit validate`). train calls it once the base is loaded, validate
+        once it is built; a reloaded export is not checked (its base is the one it records). Default: nothing."""
+
+    @classmethod
     def randomize(cls, layer: AdapterLayer, generator: torch.Generator, std: float) -> None:
         """Give `layer` an update far from identity (tests and benchmarks: a merge must not pass trivially)."""
         with torch.no_grad():

@@ -339,6 +339,15 @@ class Fusion(Method):
         return cfg
 
     @classmethod
+    def check_sources(cls, cfg: FusionConfig, recipe: Any, model: nn.Module, commit: str | None) -> None:
+        """The fused adapters' commit and RoPE scaling are the recipe's base's (their name and quantization: at
+        injection, `select_targets`)."""
+        from peftkit.methods.fusion_sources import check_commit, check_rope, fused_adapters
+
+        check_commit(fused_adapters(cfg), recipe.model.name_or_path, recipe.model.revision, commit)
+        check_rope(fused_adapters(cfg), recipe.model.rope_scaling)
+
+    @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
         if recipe.classifier:
             return ("adapter.method fusion: model.task sequence_classification would need its new head trained beside "

@@ -151,49 +151,95 @@ def check_same_base(fused: list[Fused], section: str = "adapter.fuse", purpose: 
                                f"{describe_rope(scaling)} (their peftkit.json): {purpose} of one base, scaled one way.")
 
 
-def check_model(fused: list[Fused], model: torch.nn.Module) -> None:
-    """Adapters read for training were trained on this model: the recipe's model.name_or_path and quantization."""
+def check_model(fused: list[Fused], model: torch.nn.Module, section: str = "adapter.fuse", who: str = "AdapterFusion",
+                quantized_base_allowed: bool = False) -> None:
+    """Adapters read for training were trained on this model: the recipe's model.name_or_path, and a quantized base
+    where they were trained against one. Named as the recipe names them: `section`, and `who` needs them so.
+
+    Args:
+        quantized_base_allowed: adapters trained against an unquantized base may be used over a 4/8-bit one (X-LoRA
+            over a quantized base, its memory saving: the experts' updates were fitted to the weights that base
+            approximates). Without it the base is refused, as AdapterFusion's must be quantized as its adapters'.
+    """
     if fused[0].state is None:  # a fusion export, checked when it was trained; loaded on its recorded base
         return
     recorded, name = fused[0].base[0], getattr(model, "name_or_path", "") or ""
     if recorded and name and not _same_model(recorded, name):
-        raise PeftkitError(f"adapter.fuse: the adapters were trained on {recorded}, and model.name_or_path is {name}. "
-                           "AdapterFusion needs the base the adapters were trained on: set model.name_or_path to it.")
+        raise PeftkitError(f"{section}: the adapters were trained on {recorded}, and model.name_or_path is {name}. "
+                           f"{who} needs the base the adapters were trained on: set model.name_or_path to it (or "
+                           "train the adapters again on this one).")
     params = list(model.parameters())
     if params and params[0].device.type != "meta":
         quantized = any(is_quantized(m) for m in model.modules())
-        if quantized != (fused[0].quant is not None):
+        if quantized != (fused[0].quant is not None) and not (quantized and quantized_base_allowed):
             trained = "a 4/8-bit" if fused[0].quant is not None else "an unquantized"
-            raise PeftkitError(f"adapter.fuse: the adapters were trained against {trained} base, and this recipe "
+            raise PeftkitError(f"{section}: the adapters were trained against {trained} base, and this recipe "
                                f"{'quantizes' if quantized else 'does not quantize'} it; set the quantization "
                                "section as they were trained (their peftkit.json records it).")
 
 
-def check_commit(fused: list[Fused], name: str, revision: str | None, commit: str | None) -> None:
+def check_quantization(fused: list[Fused], quantization, dtype: str, here: str | None, section: str = "adapter.fuse",
+                       who: str = "AdapterFusion") -> None:
+    """Adapters read for training that were trained against a quantized base meet the same 4-bit/8-bit weights: the
+    recipe's quantization section as theirs (one among them: `check_same_base`), from the same model.dtype `dtype`
+    (other weights, other codes); where the recipe quantizes on another kind of device (`here`: 'cpu' or 'cuda', None
+    unknown) than they were, a warning (bitsandbytes' CPU and CUDA kernels round a few weights otherwise). Adapters
+    trained unquantized are `check_model`'s."""
+    import warnings
+
+    from peftkit.adapter_meta import read_meta, requantized_note
+    from peftkit.errors import PeftkitWarning
+
+    first = fused[0]
+    if first.state is None or first.quant is None or quantization is None:
+        return
+    if quantization != first.quant:
+        raise PeftkitError(f"{section}: {first.source} was trained against a base quantized as {_quant(first.quant)} "
+                           f"(its peftkit.json), and the recipe's quantization section is {_quant(quantization)}: other "
+                           f"4-bit/8-bit weights. {who} needs the weights the adapters were trained against: set the "
+                           "quantization section as their peftkit.json records it.")
+    if (recorded := read_meta(first.source).quantized_from) != dtype:
+        raise PeftkitError(f"{section}: {first.source} was trained against a base quantized from {recorded} weights "
+                           f"(its peftkit.json base_dtype), and model.dtype is {dtype}: other 4-bit weights. {who} "
+                           f"needs the weights the adapters were trained against: set model.dtype: {recorded}.")
+    if here is not None and (note := requantized_note(
+            first.source, here, "the experts meet slightly other weights than they were trained against",
+            "Train on {where} for the exact base.", f"{section}: {first.source}")):
+        warnings.warn(PeftkitWarning(note), stacklevel=3)
+
+
+def _quant(quantization) -> str:
+    """A quantization section in words: its method and the settings of it that are not the defaults."""
+    settings = quantization.model_dump(exclude={"method"}, exclude_defaults=True)
+    return quantization.method + "".join(f", {k}: {v}" for k, v in settings.items())
+
+
+def check_commit(fused: list[Fused], name: str, revision: str | None, commit: str | None, section: str = "adapter.fuse",
+                 who: str = "AdapterFusion") -> None:
     """Adapters read for training that record the commit of hub base `name` they were trained on (peftkit records the
-    commit it loaded) are fused on that commit: `commit`, the one this run loaded at model.revision `revision`."""
+    commit it loaded) are used on that commit: `commit`, the one this run loaded at model.revision `revision`."""
     import re
 
     if commit is None or fused[0].state is None:
         return
     base, recorded = fused[0].base  # one for all: `check_same_base`
     if base == name and recorded and re.fullmatch(r"[0-9a-f]{40}", recorded) and recorded != commit:
-        raise PeftkitError(f"adapter.fuse: the adapters were trained on {name} at commit {recorded}, and this run "
-                           f"loaded commit {commit} (model.revision {revision or 'main'}). AdapterFusion needs the "
+        raise PeftkitError(f"{section}: the adapters were trained on {name} at commit {recorded}, and this run "
+                           f"loaded commit {commit} (model.revision {revision or 'main'}). {who} needs the "
                            f"base the adapters were trained on: set model.revision: {recorded}.")
 
 
-def check_rope(fused: list[Fused], rope_scaling) -> None:
+def check_rope(fused: list[Fused], rope_scaling, section: str = "adapter.fuse", who: str = "AdapterFusion") -> None:
     """Adapters read for training were trained on the base scaled as the recipe's model.rope_scaling scales it: each
-    fused adapter's update meets the base it was trained against (they all record one: `check_same_base`)."""
+    adapter's update meets the base it was trained against (they all record one: `check_same_base`)."""
     from peftkit.adapter_meta import describe_rope, read_meta
 
     if fused[0].state is None:
         return
     if (recorded := read_meta(fused[0].source).rope_scaling) != rope_scaling:
-        raise PeftkitError(f"adapter.fuse: the adapters were trained with RoPE scaling {describe_rope(recorded)} "
+        raise PeftkitError(f"{section}: the adapters were trained with RoPE scaling {describe_rope(recorded)} "
                            f"(their peftkit.json), and model.rope_scaling is {describe_rope(rope_scaling)}. "
-                           "AdapterFusion needs the base the adapters were trained on: set model.rope_scaling as "
+                           f"{who} needs the base the adapters were trained on: set model.rope_scaling as "
                            "they record it.")
 
 

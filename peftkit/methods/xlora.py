@@ -342,6 +342,21 @@ class XLora(Method):
         return out
 
     @classmethod
+    def check_sources(cls, cfg: XLoraConfig, recipe: Any, model: nn.Module, commit: str | None) -> None:
+        """The experts were trained on the recipe's base: its name, commit and RoPE scaling (AdapterFusion's checks),
+        and the 4-bit/8-bit weights they were trained against where they were (the same quantization section, from
+        the same dtype); experts trained unquantized may be weighed over a quantized base (X-LoRA over NF4)."""
+        from peftkit.methods import fusion_sources as sources
+
+        experts, where = _experts(cfg), {"section": "adapter.adapters", "who": "X-LoRA"}
+        sources.check_model(experts, model, **where, quantized_base_allowed=True)
+        sources.check_commit(experts, recipe.model.name_or_path, recipe.model.revision, commit, **where)
+        sources.check_rope(experts, recipe.model.rope_scaling, **where)
+        device = next(model.parameters()).device.type
+        sources.check_quantization(experts, recipe.quantization, recipe.model.dtype,
+                                   None if device == "meta" else device, **where)
+
+    @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
         if recipe.adapter.init_from:  # (a classifier task: refused before, by recipe.combinations.check_task)
             return ("adapter.init_from: an X-LoRA starts from the experts adapter.adapters lists (and a new "
