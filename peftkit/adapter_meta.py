@@ -46,6 +46,10 @@ class PeftkitMeta(BaseModel):
     """model.add_tokens in training: added to the base's tokenizer, in this order, and the base's embeddings resized to
     hold them, wherever the adapter is used (`peftkit.new_tokens`)."""
 
+    experts: dict[str, str] | None = None
+    """X-LoRA's experts as copied into the adapter directory, by name: their directories relative to it, which peftkit
+    reads in place of adapter_config.json's `adapters` (where they were), so the directory loads wherever it moves."""
+
     @property
     def quantized_from(self) -> str:
         """`base_dtype`, float32 where none is recorded: what adapters sharing a 4-bit base must agree on."""

@@ -39,11 +39,12 @@ def export(model, tok, cfg: Recipe, targets: list[str], out: Path, method_traine
                              revision=cfg.model.revision, task=cfg.model.task, model_config=model.config)
         state, config = method_of(cfg.adapter).for_original_base(adapter_layers(model), state, config)
         with atomic_directory(out / "adapter") as tmp:
+            sources = method_of(cfg.adapter).save_sources(adapter, tmp)  # (X-LoRA's experts, copied beside it)
             save_adapter(tmp, state, config, cfg.quantization, quantized_on=_device_of(model).type,
                          trust_remote_code=cfg.model.trust_remote_code,
                          labels=list(labels.names) if labels is not None else None,
                          rope_scaling=cfg.model.rope_scaling, base_dtype=cfg.model.dtype,
-                         added_tokens=cfg.model.add_tokens, reward_center=_reward_center(cfg))
+                         added_tokens=cfg.model.add_tokens, reward_center=_reward_center(cfg), sources=sources)
             if cfg.model.add_tokens:  # the tokenizer with the new tokens, for peft's and vLLM's users (Trainer's way)
                 tok.save_pretrained(tmp)
             atomic_write_bytes(tmp / CARD_NAME, model_card(cfg, config["peft_type"], metrics or {},

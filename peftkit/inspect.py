@@ -87,8 +87,10 @@ def inspect_adapter(path: str | Path) -> dict:
         # a file with no per-layer tensor (Uni-LoRA's without save_indices): the layers its config names
         | ({"named": raw["target_modules"]} if not targets and method.layer_targets and raw.get("target_modules")
            else {})
-        # those of other adapters, by directory (X-LoRA's experts: its file holds its classifier alone)
-        | ({"experts": raw.get("adapters") or {}} if not method.targets_in_config else {}),
+        # those of other adapters, by directory (X-LoRA's experts: its file holds its classifier alone; peftkit reads
+        # an export's own copies of them, which its peftkit.json names)
+        | ({"experts": {n: str(path / r) for n, r in meta.experts.items()} if meta.experts else
+            raw.get("adapters") or {}} if not method.targets_in_config else {}),
         "ranks": ranks,
         "modules_to_save": peft.modules_to_save or [],
         "trainable_params": trained,

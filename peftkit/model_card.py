@@ -21,10 +21,13 @@ from peftkit.report import metrics_rows
 CARD_NAME = "README.md"
 PEFTKIT_ONLY = {"BOTTLENECK", "ADAPTER_FUSION"}
 """peft_types peft does not read: their cards show peftkit's way of loading them only."""
-PEFT_LOADS_WITH = {"XLORA": (["import json", ""], [
+PEFT_LOADS_WITH = {"XLORA": (["from peft import PeftConfig"], [
     "base.config.use_cache = False  # (peft's X-LoRA refuses a model that caches)",
-    "experts = json.load(open(\"ADAPTER_DIR/adapter_config.json\"))[\"adapters\"]  # the LoRA experts' directories",
-    "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\", adapters=experts)"])}
+    "config = PeftConfig.from_pretrained(\"ADAPTER_DIR\")",
+    "# the LoRA experts, copied beside the adapter (peft 0.21.2 reads them from config.adapters: its `adapters=`",
+    "# argument is overridden by the file's)",
+    "config.adapters = {name: f\"ADAPTER_DIR/{name}\" for name in config.adapters}",
+    "model = PeftModel.from_pretrained(base, \"ADAPTER_DIR\", config=config)"])}
 """peft_types whose peft loading takes more: lines before the imports' end, and the lines that load it."""
 
 

@@ -88,6 +88,7 @@ def save_adapter(
     base_dtype: str | None = None,
     added_tokens: list[str] | None = None,
     reward_center: float | None = None,
+    sources: dict | None = None,
 ) -> None:
     """Write the three files, each atomically; the weights last-but-one so a reader never sees new config
     with old weights for long. Callers that need the whole directory atomic wrap it in atomic_directory.
@@ -107,6 +108,8 @@ def save_adapter(
             in training, which the adapter's users add again (`peftkit.new_tokens`).
         reward_center: a reward model's training.reward_center, where not 0: `peftkit eval` of the adapter without
             its recipe scores its loss with the same centring term, as the run did.
+        sources: the peftkit.json fields naming what the method copied into the directory (`Method.save_sources`:
+            X-LoRA's `experts`).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,7 @@ def save_adapter(
         meta["added_tokens"] = list(added_tokens)
     if reward_center:
         meta["reward_center"] = reward_center
-    atomic_write_json(path / META_NAME, meta)
+    atomic_write_json(path / META_NAME, meta | (sources or {}))
 
 
 _REEXPORT = REEXPORT

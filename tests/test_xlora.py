@@ -162,8 +162,9 @@ def test_shipped_recipe_trains_and_peft_loads_ours(tiny_llama, number_data, expe
         "base_model.internal_xlora_classifier.layers.0.bias", "base_model.internal_xlora_classifier.layers.0.weight"]
     card = (adapter / "README.md").read_text()  # (peft's loading of it needs the experts and no cache)
     assert "base.config.use_cache = False" in card
-    assert "PeftModel.from_pretrained(base, \"ADAPTER_DIR\", adapters=experts)" in card
-    theirs = PeftModel.from_pretrained(_base(tiny_llama), adapter, adapters=config["adapters"]).eval()
+    assert "config.adapters = {name: f\"ADAPTER_DIR/{name}\" for name in config.adapters}" in card
+    assert "PeftModel.from_pretrained(base, \"ADAPTER_DIR\", config=config)" in card
+    theirs = PeftModel.from_pretrained(_base(tiny_llama), adapter).eval()
     ours = load_adapted_model(None, str(adapter))[0].eval()
     with torch.no_grad():
         assert torch.equal(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits)
@@ -485,3 +486,58 @@ def test_experts_over_a_quantized_base_train(tiny_llama, number_data, experts, t
         isinstance(w.message, PeftkitWarning) and str(w.message).startswith("adapter.adapters: ") and "was trained on "
         "a base quantized on CUDA, and no CUDA device is here: the base is re-quantized on CPU" in str(w.message)
         for w in said)
+
+
+def test_a_moved_export_loads_the_experts_it_holds(tiny_llama, number_data, experts, tmp_path):
+    """The export holds a copy of each expert (0/, 1/: its files byte for byte, named in peftkit.json relative to the
+    export; adapter_config.json's `adapters` still records the experts' own directories): a run moved to another
+    directory, the experts' own directories removed, loads in peftkit with the run's logits bit for bit (as
+    eval and generate load it), inspect names the copies, and merge is refused for its reason; peft, given the copies
+    as the model card does, gives those logits too, as it did in place. On the old code the moved adapter failed:
+    "adapter.adapters['0']: ... is not a directory". A copy gone is refused, naming it. peft 0.21.2 ignores the
+    `adapters=` of PeftModel.from_pretrained (the file's `adapters` override it): it looks for the experts where the
+    file says, and fails."""
+    from peft import PeftConfig
+
+    from peftkit.merge import merge_adapter
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import method_recipe
+
+    sources = {n: str(shutil.copytree(p, tmp_path / "experts" / n)) for n, p in experts.items()}
+    recipe = method_recipe(tmp_path / "a", tiny_llama, number_data, {"method": "xlora", "adapters": sources},
+                           training={"max_steps": 2, "lr": 5e-2})
+    train(load_recipe(recipe), show_summary=False)
+    adapter = tmp_path / "a" / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["adapters"] == sources
+    assert json.loads((adapter / "peftkit.json").read_text())["experts"] == {"0": "0", "1": "1"}
+    for name, source in sources.items():
+        files = sorted(f.name for f in Path(source).iterdir())
+        assert sorted(f.name for f in (adapter / name).iterdir()) == files
+        assert all((adapter / name / f).read_bytes() == (Path(source) / f).read_bytes() for f in files)
+    with torch.no_grad():
+        expected = load_adapted_model(None, str(adapter))[0](input_ids=IDS).logits
+        assert torch.equal(PeftModel.from_pretrained(_base(tiny_llama), adapter).eval()(input_ids=IDS).logits,
+                           expected)
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(tmp_path / "a" / "run", moved)
+    shutil.rmtree(tmp_path / "experts")
+    adapter = moved / "adapter"
+    copies = {n: str(adapter / n) for n in sources}
+    with torch.no_grad():
+        assert torch.equal(load_adapted_model(None, str(adapter))[0](input_ids=IDS).logits, expected)
+        config = PeftConfig.from_pretrained(adapter)  # (the model card's way)
+        config.adapters = copies
+        theirs = PeftModel.from_pretrained(_base(tiny_llama), adapter, config=config).eval()
+        assert torch.equal(theirs(input_ids=IDS).logits, expected)
+    with pytest.raises(ValueError, match=r"Can't find 'adapter_config.json' at '.*/experts/0'"):
+        PeftModel.from_pretrained(_base(tiny_llama), adapter, adapters=copies)  # (peft's: the file's wins)
+    assert (f"targets        the layers its 2 LoRA experts adapt, each in its own directory: 0 {adapter / '0'}, 1 "
+            f"{adapter / '1'}") in describe(inspect_adapter(adapter))
+    with pytest.raises(PeftkitError, match="weigh their LoRA experts per token .* cannot be merged into a plain model"):
+        merge_adapter(str(adapter), str(tmp_path / "merged"), base=str(tiny_llama))
+    shutil.rmtree(adapter / "1")
+    with pytest.raises(PeftkitError, match=r"the copy of the expert '1' \(.*/adapter/1, named by its peftkit.json\) is "
+                                           "missing: an X-LoRA directory holds its experts. Copy or move the adapter "
+                                           "directory whole"):
+        load_adapted_model(None, str(adapter))

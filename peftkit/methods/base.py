@@ -436,6 +436,14 @@ class Method:
         steps (train runs it before `trainer`; validate runs it without training.max_steps, which `trainer` needs)."""
 
     @classmethod
+    def save_sources(cls, cfg: Any, directory: Path) -> dict:
+        """Copy into `directory`, the adapter directory being exported, the adapters this one is built from and reads
+        from their own directories (X-LoRA's experts), so that it loads on its own wherever it is moved; the fields
+        naming the copies in its peftkit.json (`peftkit.adapter_meta.PeftkitMeta`), relative to it: nothing written
+        may name the run directory itself, which a re-run (`peftkit verify`) writes elsewhere. Default: nothing, {}."""
+        return {}
+
+    @classmethod
     def check_sources(cls, cfg: Any, recipe: Any, model: nn.Module, commit: str | None) -> None:
         """Raise a PeftkitError where adapters this method is built from (AdapterFusion's, X-LoRA's experts), read for
         training, were trained on another base than the recipe's: `recipe.model` (its name, RoPE scaling, dtype),

@@ -23,8 +23,10 @@ disable_adapter_layers with a KeyError), so the recipe's `adapters` must too.
 
 Saved as peft loads it: adapter_config.json (peft_type XLORA, `adapters` the experts' directories, the classifier's
 settings) and adapter_model.safetensors with the classifier alone, `base_model.internal_xlora_classifier.layers.<i>.
-weight/.bias` (nn.Sequential's indices: 0 and 3 at depth 2 with dropout). peft loads it with
-`PeftModel.from_pretrained(base, DIR, adapters={...})`. peft 0.21.2's own save_pretrained leaves the classifier's
+weight/.bias` (nn.Sequential's indices: 0 and 3 at depth 2 with dropout); and a copy of each expert, in the
+subdirectory of its name (`XLora.save_sources`), which peftkit.json names relative to the export: peftkit reads the
+copies wherever the directory moves. peft 0.21.2 reads the experts where `adapters` says (its `adapters=` argument to
+PeftModel.from_pretrained is overridden by the file's): pass it `config=` with `adapters` set to the copies. peft 0.21.2's own save_pretrained leaves the classifier's
 first layer out of that file (its adapter-name filter drops `layers.0.`, taking it for the expert "0") and writes it to
 the subfolder 0/ as `layers.weight/.bias`, beside the whole base model under lora_ keys, so that peft's own reload
 draws a new one: peftkit reads it from there (`_first_layer_saved_apart`), and refuses a file short of a classifier
@@ -291,7 +293,8 @@ class XLora(Method):
                                "classifier, and their trained weights are not in this file (peft saves the "
                                "classifier only). peftkit's X-LoRA keeps the experts frozen.")
         where = Path(config_file).parent
-        adapters = {n: str((where / p) if not Path(p).is_absolute() else Path(p)) for n, p in peft.adapters.items()}
+        adapters = _copied_experts(where, peft.adapters, config_file) or {
+            n: str((where / p) if not Path(p).is_absolute() else Path(p)) for n, p in peft.adapters.items()}
         try:
             return XLoraConfig(method="xlora", adapters=adapters, **peft.model_dump(
                 include=set(XLoraConfig.model_fields) - {"method", "adapters", "use_trainable_adapters"}))
@@ -340,6 +343,22 @@ class XLora(Method):
                 if name.startswith("experts."):
                     out.setdefault(f"{PEFT_PREFIX}{path}.{name}", p.detach())
         return out
+
+    @classmethod
+    def save_sources(cls, cfg: XLoraConfig, directory: Path) -> dict:
+        """A copy of each expert in the export, in the subdirectory of its name (`0/`, `1/`: where peft looks for them
+        in a hub repository), its directory's files byte for byte: what the classifier was trained with, wherever the
+        export moves and whatever becomes of the experts' own directories. peftkit.json's `experts` names the copies
+        relative to the export, and peftkit reads them (`_copied_experts`); adapter_config.json's `adapters` still
+        records the experts' own directories, as the recipe names them (where peft looks by default)."""
+        import shutil
+
+        for name, source in cfg.adapters.items():
+            (directory / name).mkdir()
+            for file in sorted(Path(source).iterdir()):
+                if file.is_file():  # (an expert is read from its directory's own files)
+                    shutil.copyfile(file, directory / name / file.name)
+        return {"experts": {name: name for name in cfg.adapters}}
 
     @classmethod
     def check_sources(cls, cfg: XLoraConfig, recipe: Any, model: nn.Module, commit: str | None) -> None:
@@ -395,6 +414,31 @@ class XLora(Method):
             for name, p in layer.adapter_params().items():
                 if name.startswith(CLASSIFIER):
                     p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def _copied_experts(directory: Path, recorded: dict[str, str], config_file: Path) -> dict[str, str] | None:
+    """The experts' copies in the X-LoRA directory `directory` (peftkit's export: its peftkit.json `experts`), by
+    name, as paths; None for one without them (peft's, or peftkit's from before they were copied), whose experts are
+    where adapter_config.json's `adapters` (`recorded`) says. The copies are the experts the classifier was trained
+    with, wherever the directory is now; the directories `adapters` records may be gone, moved or retrained since."""
+    from peftkit.adapter_meta import META_NAME, read_meta
+
+    copies = read_meta(directory).experts
+    if copies is None:
+        return None
+    meta = directory / META_NAME
+    if list(copies) != list(recorded):
+        raise PeftkitError(f"{meta}: experts names {', '.join(map(repr, copies))}, and {config_file}'s adapters "
+                           f"{', '.join(map(repr, recorded))}: one list of experts. {REEXPORT}")
+    for name, relative in copies.items():
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise PeftkitError(f"{meta}: experts['{name}'] is {relative}, not a directory inside {directory}, where "
+                               f"the X-LoRA export holds its experts' copies. {REEXPORT}")
+        if not (directory / relative / "adapter_config.json").is_file():
+            raise PeftkitError(f"{directory}: the copy of the expert '{name}' ({directory / relative}, named by its "
+                               f"{META_NAME}) is missing: an X-LoRA directory holds its experts. Copy or move the "
+                               "adapter directory whole, with its subdirectories.")
+    return {name: str(directory / relative) for name, relative in copies.items()}
 
 
 def _classifier_keys(peft: PeftXLoraConfig) -> set[str]:
