@@ -284,12 +284,13 @@ def _save_state(blob: dict, path: Path) -> None:
 
 def run_inputs(recipe) -> dict:
     """Content hashes of the files a run trains on, by recipe key: the data (local files; a hub dataset's rows, as
-    read), the base model's weights (a hub id's in the local cache: taken after the model loaded) and the adapter a
-    run starts from (`adapter.init_from`)."""
-    from peftkit.manifest import data_hashes, file_hashes, model_weight_hashes
+    read), the base model's weights (a hub id's in the local cache: taken after the model loaded), the adapter a
+    run starts from (`adapter.init_from`) and those the method is built from (`Method.source_dirs`: X-LoRA's
+    experts, `adapter.adapters['0']`, ...)."""
+    from peftkit.manifest import adapter_source_hashes, data_hashes, file_hashes, model_weight_hashes
 
     inputs = {f"data.{split}": hashes for split, hashes in data_hashes(recipe).items()}
     inputs["model.name_or_path"] = model_weight_hashes(recipe.model.name_or_path, recipe.model.revision)
     if recipe.adapter.init_from:
         inputs["adapter.init_from"] = file_hashes(recipe.adapter.init_from)
-    return inputs
+    return inputs | adapter_source_hashes(recipe)

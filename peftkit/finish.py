@@ -18,6 +18,7 @@ from peftkit.checkpoint import LoopState
 from peftkit.errors import PeftkitError
 from peftkit.export import export
 from peftkit.fileio import DiskFullError, atomic_write_json, fsync_path
+from peftkit.methods import method_of
 from peftkit.metrics import CLASSIFICATION_METRICS, GENERATION_METRICS, KTO_METRICS, PREFERENCE_METRICS, REWARDS
 from peftkit.modeling import dtype_name
 from peftkit.progress import counted, phase
@@ -126,6 +127,8 @@ def _write_manifest(run: Run, model: nn.Module, state: LoopState, summary: dict,
     manifest = manifest_mod.build_manifest(cfg, out, summary, exported, run.device, state.losses, data_sha256=data,
                                            base_model_sha256=run.inputs["model.name_or_path"],
                                            init_from_sha256=run.inputs.get("adapter.init_from", {}),
+                                           sources_sha256={key: run.inputs[key] for key in
+                                                           method_of(cfg.adapter).source_dirs(cfg.adapter)},
                                            distributed=distributed.describe(run.accelerator)
                                            | ({"trimmed_slices": True} if state.trimmed_slices else {}),
                                            base_model_commit=run.base_commit,

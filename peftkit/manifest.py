@@ -245,6 +245,14 @@ def output_hashes(run_dir: Path, directories: Iterable[str]) -> dict[str, str]:
             for directory in directories for name, digest in file_hashes(run_dir / directory).items()}
 
 
+def adapter_source_hashes(recipe: Recipe) -> dict[str, dict[str, str]]:
+    """sha256 of the files of the adapters the recipe's method is built from (`Method.source_dirs`: X-LoRA's experts,
+    AdapterFusion's adapters), by the recipe key naming each; {} for the other methods."""
+    from peftkit.methods import method_of
+
+    return {key: file_hashes(path) for key, path in method_of(recipe.adapter).source_dirs(recipe.adapter).items()}
+
+
 def loss_digest(losses: list[float]) -> str:
     """sha256 of the per-step losses as Python writes them: one string that says whether two runs' losses agree."""
     return hashlib.sha256(repr(losses).encode()).hexdigest()
@@ -254,12 +262,13 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
                    losses: list[float], data_sha256: dict | None = None, base_model_sha256: dict | None = None,
                    init_from_sha256: dict | None = None, distributed: dict | None = None,
                    base_model_commit: str | None = None, dtype: str | None = None,
-                   examples_sha256: dict | None = None) -> dict:
+                   examples_sha256: dict | None = None, sources_sha256: dict | None = None) -> dict:
     """manifest.json's content. `data_sha256` / `base_model_sha256` / `init_from_sha256`: the hashes taken when
     the run began (what it trained on, and no second read of a multi-GB base); computed here when not given.
     `distributed`: the processes that trained (`peftkit.distributed.describe`); default one. `dtype`: the base's
     weights as they loaded (model.dtype `auto` resolved to the checkpoint's dtype); default the recipe's setting.
-    `examples_sha256`: the digests of the examples the data became (`peftkit.data.stored.examples_digest`)."""
+    `examples_sha256`: the digests of the examples the data became (`peftkit.data.stored.examples_digest`).
+    `sources_sha256`: the files of the adapters the method is built from (`Method.source_dirs`), by recipe key."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
     log = out / METRICS_LOG
@@ -282,6 +291,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "base_model_commit": base_model_commit,
         "init_from_sha256": (init_from_sha256 if init_from_sha256 is not None
                              else file_hashes(recipe.adapter.init_from) if recipe.adapter.init_from else {}),
+        "sources_sha256": sources_sha256 if sources_sha256 is not None else adapter_source_hashes(recipe),
         "losses": losses,
         "loss_digest": loss_digest(losses),
         "metrics": summary,
@@ -331,6 +341,9 @@ class Manifest(BaseModel):
     from before it was kept."""
     init_from_sha256: dict[str, Sha256] = {}
     """The files of the adapter the run started from (`adapter.init_from`); {} without one."""
+    sources_sha256: dict[str, dict[str, Sha256]] = {}
+    """The files of the adapters the method is built from (X-LoRA's experts, AdapterFusion's adapters), by the recipe
+    key naming each (`adapter.adapters['0']`); {} for other methods, and in manifests from before 6 December 2026."""
     environment: RecordedEnvironment
     outputs_sha256: dict[str, Sha256]
     log_sha256: Sha256 | None = None

@@ -128,6 +128,7 @@ process started (its time and memory are that process's)."""
 
 CHECKED_APART = {"command", "environment", "recipe", "recipe_sha256", "losses", "loss_digest", "data_sha256",
                  "examples_sha256", "data_commits", "base_model_sha256", "base_model_commit", "init_from_sha256",
+                 "sources_sha256",
                  "outputs_sha256", "log_sha256"}
 """manifest.json's fields that verify checks on their own (the command line, which names verify's own re-run, and
 the environment are notes; log_sha256 hashes the timings too, which no re-run repeats); every other field must equal
@@ -177,6 +178,9 @@ def _record_differences(manifest: Manifest, rerun: Manifest) -> list[str]:
                    f"dataset{edited}")
     if manifest.init_from_sha256 and not recipe.adapter.init_from:
         out.append(f"{MANIFEST}: init_from_sha256 records files, and the recipe has no adapter.init_from{edited}")
+    if manifest.sources_sha256 and manifest.sources_sha256.keys() != rerun.sources_sha256.keys():  # ({}: older)
+        out.append(f"{MANIFEST}: sources_sha256 records {', '.join(sorted(manifest.sources_sha256))}, the re-run "
+                   f"hashed {', '.join(sorted(rerun.sources_sha256)) or 'none'}{edited}")
     return out
 
 

@@ -191,6 +191,23 @@ def _input_differences(manifest: Manifest) -> list[str]:
         out += _base_model_difference(manifest.base_model_sha256, model_weight_hashes(recipe.model.name_or_path), recipe)
     if recipe.adapter.init_from and file_hashes(recipe.adapter.init_from) != manifest.init_from_sha256:
         out.append(f"adapter.init_from: the files of {recipe.adapter.init_from} differ from the recorded ones")
+    return out + _source_differences(manifest)
+
+
+def _source_differences(manifest: Manifest) -> list[str]:
+    """The adapters the method is built from (X-LoRA's experts, AdapterFusion's adapters) whose files changed since
+    the run: the re-run would be built from others (and under a tolerance might pass). A manifest from before they
+    were recorded (no sources_sha256) says nothing here: the re-run's outputs still show a change."""
+    from peftkit.methods import method_of
+
+    recipe, out = manifest.recipe, []
+    if not manifest.sources_sha256:
+        return out
+    for key, path in method_of(recipe.adapter).source_dirs(recipe.adapter).items():
+        if (now := file_hashes(path)) == manifest.sources_sha256.get(key):
+            continue
+        out.append(f"{key}: {path} no longer exists (it was hashed when the run was made)" if not now else
+                   f"{key}: the files of {path} differ from the recorded ones")
     return out
 
 

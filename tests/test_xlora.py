@@ -541,3 +541,43 @@ def test_a_moved_export_loads_the_experts_it_holds(tiny_llama, number_data, expe
                                            "missing: an X-LoRA directory holds its experts. Copy or move the adapter "
                                            "directory whole"):
         load_adapted_model(None, str(adapter))
+
+
+def test_verify_is_clean_and_names_a_changed_expert(tiny_llama, number_data, experts, tmp_path):
+    """`peftkit verify` of an X-LoRA run is clean: its re-run writes the same bytes, the experts' copies among them.
+    The experts are inputs of the run: manifest.json records their files' sha256 (`sources_sha256`), so an expert
+    changed after the run is named by verify (before, verify said only that the re-run's classifier differed, and
+    under a tolerance an expert changed slightly could pass) and refused by --resume; a copy in the run's export
+    changed is a changed output."""
+    from rich.console import Console
+
+    from peftkit.fileio import sha256_file
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from peftkit.verify import verify
+    from tests.conftest import method_recipe
+
+    sources = {n: str(shutil.copytree(p, tmp_path / "experts" / n)) for n, p in experts.items()}
+    recipe = load_recipe(method_recipe(tmp_path, tiny_llama, number_data, {"method": "xlora", "adapters": sources},
+                                       training={"max_steps": 2, "save_steps": 2, "lr": 5e-2},
+                                       eval={"base_model": False}))
+    train(recipe, console=Console(quiet=True))
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["sources_sha256"] == {f"adapter.adapters['{n}']": {f.name: sha256_file(f) for f in
+                                                                       sorted(Path(p).iterdir())}
+                                          for n, p in sources.items()}
+    report = verify(run, console=Console(quiet=True))
+    assert report.ok, report.differences
+    weights = Path(sources["1"]) / "adapter_model.safetensors"  # another expert under the same name
+    tensors = load_file(weights)
+    save_file({k: t * 1.001 if "lora_B" in k else t for k, t in tensors.items()}, weights)
+    with pytest.raises(PeftkitError, match=r"^--resume: adapter.adapters\['1'\] file adapter_model.safetensors "
+                                           "changed since"):
+        train(recipe, resume=True, console=Console(quiet=True))
+    copy = run / "adapter" / "0" / "adapter_config.json"
+    copy.write_text(copy.read_text().replace('"r": 4', '"r": 4 '))
+    report = verify(run, tolerance=1e-2, console=Console(quiet=True))
+    assert f"adapter.adapters['1']: the files of {sources['1']} differ from the recorded ones" in report.differences
+    assert any(d.startswith(f"adapter/0/adapter_config.json in {run} was changed after the run")
+               for d in report.differences), report.differences

@@ -436,6 +436,14 @@ class Method:
         steps (train runs it before `trainer`; validate runs it without training.max_steps, which `trainer` needs)."""
 
     @classmethod
+    def source_dirs(cls, cfg: Any) -> dict[str, str]:
+        """The directories of the adapters this method is built from, which a run reads (AdapterFusion's, X-LoRA's
+        experts), by the recipe key naming each (`adapter.adapters['0']`): a run records their files' sha256 as inputs
+        (`peftkit.checkpoint.run_inputs`, manifest.json's `sources_sha256`), so that `--resume` refuses and `peftkit
+        verify` names one changed since. Default: none."""
+        return {}
+
+    @classmethod
     def save_sources(cls, cfg: Any, directory: Path) -> dict:
         """Copy into `directory`, the adapter directory being exported, the adapters this one is built from and reads
         from their own directories (X-LoRA's experts), so that it loads on its own wherever it is moved; the fields

@@ -339,6 +339,10 @@ class Fusion(Method):
         return cfg
 
     @classmethod
+    def source_dirs(cls, cfg: FusionConfig) -> dict[str, str]:
+        return {f"adapter.fuse[{i}]": path for i, path in enumerate(cfg.fuse)}
+
+    @classmethod
     def check_sources(cls, cfg: FusionConfig, recipe: Any, model: nn.Module, commit: str | None) -> None:
         """The fused adapters' commit and RoPE scaling are the recipe's base's (their name and quantization: at
         injection, `select_targets`)."""

@@ -345,6 +345,10 @@ class XLora(Method):
         return out
 
     @classmethod
+    def source_dirs(cls, cfg: XLoraConfig) -> dict[str, str]:
+        return {f"adapter.adapters['{name}']": path for name, path in cfg.adapters.items()}
+
+    @classmethod
     def save_sources(cls, cfg: XLoraConfig, directory: Path) -> dict:
         """A copy of each expert in the export, in the subdirectory of its name (`0/`, `1/`: where peft looks for them
         in a hub repository), its directory's files byte for byte: what the classifier was trained with, wherever the
