@@ -499,6 +499,8 @@ def test_a_moved_export_loads_the_experts_it_holds(tiny_llama, number_data, expe
     file says, and fails."""
     from peft import PeftConfig
 
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
     from peftkit.merge import merge_adapter
     from peftkit.recipe import load_recipe
     from peftkit.train import train
@@ -507,7 +509,7 @@ def test_a_moved_export_loads_the_experts_it_holds(tiny_llama, number_data, expe
     sources = {n: str(shutil.copytree(p, tmp_path / "experts" / n)) for n, p in experts.items()}
     recipe = method_recipe(tmp_path / "a", tiny_llama, number_data, {"method": "xlora", "adapters": sources},
                            training={"max_steps": 2, "lr": 5e-2})
-    train(load_recipe(recipe), show_summary=False)
+    summary = train(load_recipe(recipe), show_summary=False)
     adapter = tmp_path / "a" / "run" / "adapter"
     assert json.loads((adapter / "adapter_config.json").read_text())["adapters"] == sources
     assert json.loads((adapter / "peftkit.json").read_text())["experts"] == {"0": "0", "1": "1"}
@@ -524,6 +526,9 @@ def test_a_moved_export_loads_the_experts_it_holds(tiny_llama, number_data, expe
     shutil.rmtree(tmp_path / "experts")
     adapter = moved / "adapter"
     copies = {n: str(adapter / n) for n in sources}
+    # `peftkit eval RUN_DIR`: its recipe.yaml names the experts' directories, gone (they were refused on loading it)
+    assert evaluate(eval_job(moved, [], None, None, None, None, None, None, None))["loss"] == \
+        pytest.approx(summary["eval_loss"], abs=1e-6)
     with torch.no_grad():
         assert torch.equal(load_adapted_model(None, str(adapter))[0](input_ids=IDS).logits, expected)
         config = PeftConfig.from_pretrained(adapter)  # (the model card's way)
