@@ -248,6 +248,30 @@ def test_a_run_on_a_base_scaled_otherwise_than_its_adapters_is_refused(sources, 
         train(load_recipe(recipe, ["model.rope_scaling={type: linear, factor: 2}"]), show_summary=False)
 
 
+def test_a_run_on_other_4_bit_weights_than_its_adapters_is_refused(sources, tiny_llama, number_data, tmp_path):
+    """Adapters trained against an NF4 base quantized from bf16 weights, fused over the recipe's NF4 base quantized
+    from fp32 (other 4-bit codes): check_model saw a quantized base, and the run trained without a word. Refused now
+    by fusion_sources.check_quantization, the check of X-LoRA's experts against the recipe's quantization."""
+    from peftkit.recipe import QuantizationConfig, load_recipe
+    from peftkit.train import train
+
+    quantized = []
+    for name in ("lora-a", "lora-b"):
+        shutil.copytree(sources[name], tmp_path / name)
+        meta = json.loads((tmp_path / name / "peftkit.json").read_text()) | {
+            "quantization": QuantizationConfig(compute_dtype="float32").model_dump(), "base_dtype": "bfloat16"}
+        (tmp_path / name / "peftkit.json").write_text(json.dumps(meta))
+        quantized.append(str(tmp_path / name))
+    adapter = {"method": "fusion", "fuse": quantized}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=adapter, training={"max_steps": 1},
+                         quantization={"compute_dtype": "float32"})
+    _rewrite_adapter(recipe, adapter)
+    with pytest.raises(PeftkitError, match=r"^adapter.fuse: .*lora-a was trained against a base quantized from bfloat16 "
+                                           r"weights \(its peftkit.json base_dtype\), and model.dtype is float32: "
+                                           "other 4-bit weights. AdapterFusion needs .* set model.dtype: bfloat16"):
+        train(load_recipe(recipe), show_summary=False)
+
+
 def _rewrite_adapter(recipe: Path, adapter: dict) -> None:
     import yaml
 

@@ -344,12 +344,15 @@ class Fusion(Method):
 
     @classmethod
     def check_sources(cls, cfg: FusionConfig, recipe: Any, model: nn.Module, commit: str | None) -> None:
-        """The fused adapters' commit and RoPE scaling are the recipe's base's (their name and quantization: at
-        injection, `select_targets`)."""
-        from peftkit.methods.fusion_sources import check_commit, check_rope, fused_adapters
+        """The fused adapters' commit, RoPE scaling and 4-bit/8-bit weights (the quantization section, from the same
+        dtype) are the recipe's base's (their name, and whether it is quantized: at injection, `select_targets`)."""
+        from peftkit.methods.fusion_sources import check_commit, check_quantization, check_rope, fused_adapters
 
         check_commit(fused_adapters(cfg), recipe.model.name_or_path, recipe.model.revision, commit)
         check_rope(fused_adapters(cfg), recipe.model.rope_scaling)
+        device = next(model.parameters()).device.type
+        check_quantization(fused_adapters(cfg), recipe.quantization, recipe.model.dtype,
+                           None if device == "meta" else device)
 
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
