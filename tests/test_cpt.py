@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from peftkit.adapters import inject_adapters
 from peftkit.data import IGNORE_INDEX
 from peftkit.data.examples import ALPACA_PROMPT
+from peftkit.errors import PeftkitError
 from peftkit.methods.cpt import Cpt, CptConfig
 from peftkit.methods.virtual import virtual_tokens
 from tests.conftest import (
@@ -70,6 +71,54 @@ def test_training_steps_are_peft_s_bit_for_bit(tiny_llama):
     norms = delta.detach().norm(dim=1) / (32 / 2048) ** 0.5
     assert all(norms[i] <= balls[t] * (1 + 1e-6) for i, t in enumerate(CONTEXT["cpt_tokens_type_mask"]) if t in balls)
     assert any(abs(norms[i] - balls[t]) <= 1e-6 for i, t in enumerate(CONTEXT["cpt_tokens_type_mask"]) if t in balls)
+
+
+def test_an_input_type_mask_gives_peft_s_loss_and_gradient(tiny_llama):
+    """peft's input_type_mask (a type for each input token, as its example's rows carry: 1 template, 2 input, 3 the
+    output's template, 4 its answer, 8 a second example's answer, 0 none): a label counts where its type is an
+    output's, and decay weighs each row's output types apart (its largest 1, the next 0.7, ...). Three Adam steps:
+    the loss (the model's given the mask, the trainer's of a batch whose labels are its outputs' alone, as data rows'
+    are) and the delta's gradient equal peft's. peft raises the caller's mask in place (a second forward of the same
+    batch is another loss); ours is left as it was."""
+    kw = CONTEXT | {"opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.7}
+    theirs = get_peft_model(_load(tiny_llama), peft.CPTConfig(task_type="CAUSAL_LM", **kw))
+    ours = _load(tiny_llama)
+    inject_adapters(ours, CptConfig(method="cpt", **kw))
+    trainer = Cpt.trainer(ours, None, 3)
+    types = torch.tensor([[0, 1, 2, 3, 4, 4, 0, 0], [1, 2, 3, 4, 1, 3, 8, 8]])
+    labels = IDS.clone()
+    labels[1, 7] = IGNORE_INDEX  # (a label the data left out: its type still counts for decay)
+    batch = {"input_ids": IDS, "attention_mask": torch.ones_like(IDS), "labels": labels, "input_type_mask": types}
+    outputs = labels.masked_fill((types == 0) | (types % 4 != 0), IGNORE_INDEX)  # the data's labels of typed rows
+    delta, their_delta = virtual_tokens(ours).table, theirs.prompt_encoder["default"].delta_embedding.weight
+    optimizers = [torch.optim.Adam([p], lr=0.05) for p in (delta, their_delta)]
+    counted = virtual_tokens(ours).counted(outputs)
+    assert counted == 2 * 3 + 4  # each row's context outputs, and its own outputs labelled (2 and 2)
+    for _ in range(3):
+        expected = theirs(**batch | {"input_type_mask": types.clone()}).loss
+        assert torch.equal(ours(**batch).loss, expected)
+        total, n = trainer.loss_sum(ours, batch | {"labels": outputs}, counted)
+        assert int(n) == counted and torch.equal(total / counted, expected)
+        expected.backward()
+        (total / counted).backward()
+        assert torch.equal(delta.grad, their_delta.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        trainer.after_step(1)
+    assert torch.equal(batch["input_type_mask"], types)
+    again = types.clone()
+    first, second = (theirs(**batch | {"input_type_mask": again}).loss for _ in range(2))
+    assert not torch.equal(again, types) and not torch.equal(first, second)  # peft's mask raised twice: 8 -> 16 -> 24
+    assert torch.equal(ours(**batch).loss, ours(**batch).loss)
+
+
+def test_an_input_type_mask_of_another_shape_is_refused(tiny_llama):
+    ours = _load(tiny_llama)
+    inject_adapters(ours, CptConfig(method="cpt", **CONTEXT))
+    with pytest.raises(PeftkitError, match=r"CPT's input_type_mask has the shape \(2, 7\) and the input \(2, 8\): "
+                                           r"give one type for each input token"):
+        ours(input_ids=IDS, labels=IDS, input_type_mask=torch.full((2, 7), 4))
 
 
 def test_peft_s_default_types_give_a_nan_loss_and_are_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):

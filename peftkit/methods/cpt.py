@@ -254,11 +254,13 @@ class ContextTokens(VirtualTokens):
     def __init__(self, method, delta: torch.Tensor, encoder: ContextPrompt, cfg: CptConfig) -> None:
         super().__init__(method, delta, encoder)
         self.cfg = cfg
-        types = torch.tensor(cfg.cpt_tokens_type_mask)
+        self.context_types = torch.tensor(cfg.cpt_tokens_type_mask)
+        types = self.context_types
         self.context_labels = torch.where((types > 0) & (types % 4 == 0), torch.tensor(cfg.cpt_token_ids), IGNORE_INDEX)
-        self.input_type = int(types.max()) + 4  # every input token's type: 4 + the context's last
+        self.input_type = int(types.max()) + 4  # an input token's type (no input_type_mask): 4 + the context's last
         self.whole = False  # a forward whose logits keep the context's positions (the training loss)
         self.labels: torch.Tensor | None = None  # the labels this forward was given, for its loss
+        self.types: torch.Tensor | None = None  # and its input_type_mask (peft's keyword), if any
 
     def load_peft_state(self, state: dict[str, torch.Tensor], encoder_restored: bool = False) -> None:
         """peft's loading: the saved prompt becomes the start, the delta zeros (a resumed run's checkpoint has set
@@ -274,9 +276,9 @@ class ContextTokens(VirtualTokens):
         """The forward given labels: CPT's loss from the whole logits, then those of the input alone (unless
         `whole_logits`)."""
         if self.labels is not None and getattr(output, "logits", None) is not None:
-            total, count = self.loss_terms(output.logits, self.labels)
+            total, count = self.loss_terms(output.logits, self.labels, types=self.types)
             output.loss = total / count
-        self.labels = None
+        self.labels = self.types = None
         if self.whole:
             self.strip = 0
         return super().after_forward(model, args, output)
@@ -294,32 +296,56 @@ class ContextTokens(VirtualTokens):
         predicts) and its labelled tokens (the first too, which the context's last token predicts)."""
         return len(labels) * int((self.context_labels[1:] != IGNORE_INDEX).sum()) + int((labels != IGNORE_INDEX).sum())
 
-    def weights(self, length: int, device: torch.device) -> torch.Tensor:
-        """(n + length,) fp32: each position's weight, 1; with decay, peft's: opt_loss_decay_factor^j for the j-th
-        largest label type among the positions from 1 on (the input's type the largest, weighing 1)."""
-        n, cfg = len(self.context_labels), self.cfg
-        types = torch.cat([torch.tensor(cfg.cpt_tokens_type_mask), torch.full((length,), self.input_type)])
-        weights = torch.ones(n + length)
-        if cfg.opt_weighted_loss_type == "decay":
-            present = types[1:][(types[1:] > 0) & (types[1:] % 4 == 0)].unique()
-            for j, label_type in enumerate(torch.flip(present, [0])):
-                weights[types == label_type] = cfg.opt_loss_decay_factor ** j
-        return weights.to(device)
-
-    def loss_terms(self, logits: torch.Tensor, labels: torch.Tensor,
-                   labelled: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the weighted cross-entropies of the context's outputs and the input's labels, summed in fp32, their
-        number) from the (rows, n + length, vocab) logits of context and input, and the input's (rows, length)
-        labels; peft's CPT loss is their ratio. `labelled`: `counted(labels)`, from the CPU (no host sync)."""
+    def all_types(self, types: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """(rows, n + length): the context's types, then the input's: peft's input_type_mask (`types`, (rows,
+        length)) with its positive types raised by the context's largest, as peft's `_cpt_forward` does (without
+        changing the caller's tensor, which peft's raises in place); without it, `input_type` everywhere."""
         rows, length = labels.shape
+        if types is None:
+            inputs = torch.full((rows, length), self.input_type, device=labels.device)
+        elif types.shape != labels.shape:
+            raise PeftkitError(f"CPT's input_type_mask has the shape {tuple(types.shape)} and the input "
+                               f"{tuple(labels.shape)}: give one type for each input token (0 none, 4k + 1 .. 4k + 4).")
+        else:
+            types = types.to(labels.device).long()
+            inputs = torch.where(types > 0, types + (self.input_type - 4), types)
+        return torch.cat([self.context_types.to(labels.device).expand(rows, -1), inputs], dim=1)
+
+    def weights(self, types: torch.Tensor) -> torch.Tensor:
+        """(rows, time) fp32: the weight of each position of `types` (a row's from position 1 on), 1; with decay,
+        peft's: opt_loss_decay_factor^j for the j-th largest of the row's output types (4k + 4) there, the largest
+        weighing 1. Worked out on the device (no host sync): a position's j is the number of different output types
+        above its own, read from the row's sorted types."""
+        weights = torch.ones(types.shape, device=types.device)
+        if self.cfg.opt_weighted_loss_type != "decay":
+            return weights
+        outputs = torch.where((types > 0) & (types % 4 == 0), types, 0)
+        ordered = outputs.sort(dim=1).values  # ascending, each row
+        new = torch.cat([ordered[:, :1] > 0, (ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)], dim=1)
+        seen = new.cumsum(dim=1)  # different output types up to each sorted place
+        through = torch.searchsorted(ordered, outputs, right=True) - 1  # the last sorted place of each position's type
+        above = seen[:, -1:] - seen.gather(1, through)  # different output types above each position's
+        # factor^j in fp64 on the CPU (MPS has no fp64), then fp32: peft's running product of Python floats rounds
+        # to the same fp32 numbers (checked over 240k random factors and j < 12)
+        powers = self.cfg.opt_loss_decay_factor ** torch.arange(types.shape[1] + 1, dtype=torch.float64)
+        return torch.where(outputs > 0, powers.float().to(types.device)[above], weights)
+
+    def loss_terms(self, logits: torch.Tensor, labels: torch.Tensor, labelled: int | None = None,
+                   types: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weighted cross-entropies of the context's outputs and the input's labels, summed in fp32, their
+        number) from the (rows, n + length, vocab) logits of context and input, the input's (rows, length) labels and
+        peft's input_type_mask `types` (a label counts where its type is an output's, 4k + 4; default, all are);
+        peft's CPT loss is their ratio. `labelled`: `counted(labels)`, from the CPU (no host sync)."""
+        rows, length = labels.shape
+        types = self.all_types(types, labels)[:, 1:]
         labels = torch.cat([self.context_labels.to(labels.device).expand(rows, -1), labels], dim=1)
         targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
+        keep = (targets != IGNORE_INDEX) & (types > 0) & (types % 4 == 0)
         # The labelled positions in order, as (row, time), picked by their count from the CPU (no host sync).
         where = keep.nonzero() if labelled is None else torch.nonzero_static(keep, size=labelled)
         row, time = where.unbind(1)
         losses = F.cross_entropy(logits[row, time].float(), targets[row, time], reduction="none")
-        return (losses * self.weights(length, logits.device)[1:][time]).sum(), keep.sum()
+        return (losses * self.weights(types)[row, time]).sum(), keep.sum()
 
 
 class Cpt(PromptTuning):
@@ -349,8 +375,10 @@ class Cpt(PromptTuning):
 
     @classmethod
     def add_virtual_tokens(cls, virtual: ContextTokens, model: nn.Module, kwargs: dict, batch: int) -> None:
-        """Prompt tuning's, but labels are kept for CPT's loss (`ContextTokens.after_forward`), not the model's."""
+        """Prompt tuning's, but labels (and peft's input_type_mask) are kept for CPT's loss
+        (`ContextTokens.after_forward`), not the model's."""
         virtual.labels = kwargs.pop("labels", None)
+        virtual.types = kwargs.pop("input_type_mask", None)
         super().add_virtual_tokens(virtual, model, kwargs, batch)
 
     @classmethod
@@ -450,5 +478,6 @@ class CptTrainer(MethodTrainer):
             raise PeftkitError("CPT puts its context in front of each sequence; set data.packing: false.")
         with self.virtual.whole_logits():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        total, count = self.virtual.loss_terms(logits, batch["labels"], labelled)
+        types = batch.get("input_type_mask")  # (its outputs may be fewer than the labels `labelled` counted: found)
+        total, count = self.virtual.loss_terms(logits, batch["labels"], labelled if types is None else None, types)
         return (total, count) if in_batch_statistics() else (total * 0, count * 0)
