@@ -6,6 +6,8 @@ a resumed run, and what it refuses."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import peft
 import pytest
@@ -175,10 +177,63 @@ def test_a_context_file_is_its_rows(tiny_llama, number_data, tmp_path):
         contexts.append(virtual_tokens(model).cfg)
     assert contexts[0].cpt_token_ids == contexts[1].cpt_token_ids and contexts[0] == contexts[1]
     (tmp_path / "examples.jsonl").write_text(json.dumps(EXAMPLES[0]) + "\n" + '{"question": "a"}\n')
-    with pytest.raises(PeftkitError, match=r"examples.jsonl:2 is no alpaca row \(instruction, input, output\) nor a "
-                                           r"completion row \(prompt, completion\)"):
+    with pytest.raises(PeftkitError, match=r"examples.jsonl:2 has the fields \['question'\]; an example is an alpaca "
+                                           r"row \(instruction, input, output\), a completion row \(prompt, "
+                                           r"completion\) or a chat row \(messages\)"):
         inject_adapters(_load(tiny_llama), load_recipe(method_recipe(tmp_path, tiny_llama, number_data,
                                                                      {"method": "cpt", "context": "examples.jsonl"})).adapter)
+
+
+CHATS = [[{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+          {"role": "assistant", "content": "ciao"}]]
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory, tiny_llama) -> tuple[Path, dict[str, Path]]:
+    """The tiny Llama with a tokenizer without a chat template (a base model's), and chat data."""
+    root = tmp_path_factory.mktemp("cpt-chat")
+    shutil.copytree(tiny_llama, root / "base")
+    for f in (root / "base").glob("chat_template.*"):
+        f.unlink()
+    config = json.loads((root / "base" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (root / "base" / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("train", "eval"):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"messages": CHATS[i % 2]}) + "\n" for i in range(4)))
+    return root / "base", {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+
+
+def test_a_context_of_conversations_is_rendered_by_the_data_s_chat_template(chat_files, number_data, tmp_path,
+                                                                            monkeypatch, capsys):
+    """adapter.context's chat rows are rendered by data.chat_template (ChatML, on a tokenizer without a template),
+    as the data's conversations: one token a character on the character tokenizer; each assistant turn's content and
+    its <|im_end|> outputs (4k + 4), the rest inputs (4k + 2). Without a template (alpaca data, which takes no
+    data.chat_template), refused by text."""
+    from peftkit.recipe import load_recipe
+
+    base, data = chat_files
+    expected_ids, expected_types = [], []
+    for k, messages in enumerate(CHATS):
+        for m in messages:
+            head, body = f"<|im_start|>{m['role']}\n", m["content"] + "<|im_end|>"
+            out = 4 * k + 4 if m["role"] == "assistant" else 4 * k + 2
+            expected_types += [4 * k + 2] * len(head) + [out] * len(body) + [4 * k + 2]
+            expected_ids += AutoTokenizer.from_pretrained(base)(head + body + "\n", add_special_tokens=False)["input_ids"]
+    assert len(expected_ids) == len(expected_types)  # (one token a character)
+    from peftkit.train import train
+
+    adapter = {"method": "cpt", "context": [{"messages": m} for m in CHATS]}
+    recipe = method_recipe(tmp_path, base, data, adapter, data={"format": "chat", "chat_template": "chatml",
+                                                               "max_length": 256}, training={"max_steps": 1})
+    train(load_recipe(recipe), show_summary=False)
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (config["cpt_token_ids"], config["cpt_tokens_type_mask"]) == (expected_ids, expected_types)
+    recipe = method_recipe(tmp_path, base, number_data, adapter)
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert ("adapter.context[0] is a conversation (messages), and the base model's tokenizer has no chat template to "
+            "render it; set data.chat_template") in said
 
 
 def test_the_shipped_recipe_trains_a_context_peft_loads(tiny_llama, number_data, tmp_path):
@@ -242,6 +297,8 @@ def test_a_resumed_run_is_the_unbroken_one_and_only_inputs_and_templates_move(ti
     ({"cpt_token_ids": [5, 6], "cpt_tokens_type_mask": [0, 4]},
      "adapter.cpt_tokens_type_mask has no input or template token (types 1, 2, 3 mod 4), so nothing would train"),
     ({"context": EXAMPLES, "num_virtual_tokens": 4}, "num_virtual_tokens is the context's length"),
+    ({"context": [{"messages": [{"role": "bot", "content": "4"}]}]},
+     "[0] is no example of data.format chat: messages[0].role is 'bot', not a chat role"),
     ({"context": "examples.txt"}, "'examples.txt' is no .jsonl file; give the examples as a list, or a .jsonl file"),
     ({"cpt_token_ids": [5, 600], "cpt_tokens_type_mask": [2, 4]},
      "adapter.cpt_token_ids: id 600 is past the model's"),

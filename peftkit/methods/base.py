@@ -255,6 +255,13 @@ class Method:
         return None
 
     @classmethod
+    def with_recipe(cls, cfg: Any, recipe: Any) -> Any:
+        """`cfg` (the recipe's adapter section) with what it takes from the rest of the resolved recipe, which
+        `install` does not see (CPT's context: data.chat_template, which renders its conversations as the data's).
+        Called by `load_recipe` once the paths are resolved and data.chat_template read in."""
+        return cfg
+
+    @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:
         """`cfg` with the settings it leaves to the architecture (`model_type`, transformers' name) filled in."""
         return cfg

@@ -7,10 +7,11 @@ answers are scored by the loss beside the input's.
 The context is peft's three lists, one entry per token: `cpt_token_ids`, `cpt_mask` (peft keeps it and never reads
 it) and `cpt_tokens_type_mask`, whose value says what the token is in example k (counted from 0): 4k + 1 the input's
 template, 4k + 2 the input, 4k + 3 the output's template, 4k + 4 the output (a label), 0 neither (a separator). A
-recipe gives them as they are, or gives `context`, the examples as rows of the data (alpaca or completion rows),
-which peftkit tokenizes as it tokenizes data rows (`peftkit.data.examples`: the prompt with the tokenizer's leading
-special tokens, then the answer and EOS): the prompt's own tokens are inputs (4k + 2), its special tokens 0, the
-answer's tokens (EOS with them, as the data trains it) outputs (4k + 4).
+recipe gives them as they are, or gives `context`, the examples as rows of the data (alpaca, completion or chat
+rows), which peftkit tokenizes as it tokenizes data rows (`peftkit.data.examples`: the prompt with the tokenizer's
+leading special tokens, then the answer and EOS; a conversation rendered by the chat template the data's are,
+data.chat_template or the tokenizer's own): the tokens the data would train (the answer and EOS, the assistant turns
+and their end-of-turn marks) are outputs (4k + 4), the others inputs (4k + 2), special tokens among them 0.
 
 As peft 0.21's `CPTEmbedding` and `PeftModelForCausalLM._cpt_forward`:
     prompt     start + delta: start the fp32 embeddings of the ids (frozen), delta (n, hidden) trained, zeros at
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -62,10 +63,10 @@ class CptConfig(VirtualConfig):
     """CPT: a context of worked examples in front of every input, its embeddings trained within small balls."""
 
     method: Literal["cpt"]
-    context: list[dict[str, str]] | str | None = None
-    """The examples, as rows of the data: alpaca ({instruction, input (optional), output}) or completion ({prompt,
-    completion}), or a .jsonl file of them (relative to the recipe's directory); tokenized with the base's tokenizer
-    into cpt_token_ids and the masks (leave those out)."""
+    context: list[dict[str, Any]] | str | None = None
+    """The examples, as rows of the data: alpaca ({instruction, input (optional), output}), completion ({prompt,
+    completion}) or chat ({messages, tools (optional)}), or a .jsonl file of them (relative to the recipe's directory);
+    tokenized with the base's tokenizer (and data.chat_template) into cpt_token_ids and the masks (leave those out)."""
     cpt_token_ids: list[int] | None = None
     """The context's token ids (peft's field; a context of examples fills it in the exported adapter)."""
     cpt_mask: list[int] | None = None
@@ -82,10 +83,12 @@ class CptConfig(VirtualConfig):
     """The ball of the templates' tokens (types 1, 3), scaled alike."""
     tokenizer_name_or_path: str | None = None
     """peft's record of the tokenizer (never read here)."""
+    _chat_template: str | None = PrivateAttr(None)
+    """The recipe's data.chat_template, which renders the context's conversations as the data's (`Cpt.with_recipe`)."""
 
     @field_validator("context")
     @classmethod
-    def _rows(cls, rows: list[dict[str, str]] | str | None) -> list[dict[str, str]] | str | None:
+    def _rows(cls, rows: list[dict[str, Any]] | str | None) -> list[dict[str, Any]] | str | None:
         if isinstance(rows, str):
             if not rows.endswith(".jsonl"):
                 raise ValueError(f"{rows!r} is no .jsonl file; give the examples as a list, or a .jsonl file of them "
@@ -94,9 +97,8 @@ class CptConfig(VirtualConfig):
         if rows is not None and not rows:
             raise ValueError("is an empty list; give at least one example, or cpt_token_ids")
         for i, row in enumerate(rows or []):
-            if row_format(row) is None:
-                raise ValueError(f"[{i}] has the fields {sorted(row)}; an example is an alpaca row (instruction, "
-                                 "input, output) or a completion row (prompt, completion)")
+            if (problem := example_problem(row)) is not None:
+                raise ValueError(f"[{i}] {problem}")
         return rows
 
     @model_validator(mode="before")
@@ -148,37 +150,69 @@ class CptPeftConfig(VirtualPeftConfig):
 
 
 def row_format(row: dict) -> str | None:
-    """The data format an example row is written in, by its fields; None for neither."""
+    """The data format an example row is written in, by its fields; None for none."""
     if isinstance(row, dict) and {"instruction", "output"} <= set(row) <= {"instruction", "input", "output"}:
         return "alpaca"
     if isinstance(row, dict) and set(row) == {"prompt", "completion"}:
         return "completion"
+    if isinstance(row, dict) and "messages" in row and set(row) <= {"messages", "tools"}:
+        return "chat"
     return None
 
 
-def tokenized_context(tok, rows: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """(cpt_token_ids, cpt_tokens_type_mask) of the example `rows`, each tokenized as a data row of its format."""
+def example_problem(row: Any) -> str | None:
+    """What makes `row` no example (its fields, or a conversation's messages as the data's are checked); None."""
+    from peftkit.data.formats import _row_problem
+
+    if (fmt := row_format(row)) is None:
+        fields = f"has the fields {sorted(row)}" if isinstance(row, dict) else "is no object"
+        return (f"{fields}; an example is an alpaca row (instruction, input, output), a completion row (prompt, "
+                "completion) or a chat row (messages)")
+    problem = _row_problem(row, fmt) if fmt == "chat" else None
+    return None if problem is None else f"is no example of data.format chat: {problem}"
+
+
+def tokenized_context(tok, rows: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(cpt_token_ids, cpt_tokens_type_mask) of the example `rows`, each tokenized as a data row of its format: the
+    tokens the data trains (labels) outputs, 4k + 4, the others inputs, 4k + 2, but special tokens, 0."""
+    from peftkit.data.conversations import _chat_example
     from peftkit.data.examples import _prompts_and_targets  # the data's own tokenization of a row
 
     specials = set(tok.all_special_ids)
     ids, types = [], []
     for k, row in enumerate(rows):
-        prompt, target = _prompts_and_targets(tok, [row], row_format(row), "adapter.context")[0]
-        ids += prompt + target
-        types += [0 if t in specials else 4 * k + 2 for t in prompt] + [4 * k + 4] * len(target)
+        if row_format(row) == "chat" and not getattr(tok, "chat_template", None):
+            raise PeftkitError(f"adapter.context[{k}] is a conversation (messages), and the base model's tokenizer has "
+                               "no chat template to render it; set data.chat_template (chatml, llama3, a .jinja file), "
+                               "which renders the data's conversations and the context's, or write the example as an "
+                               "alpaca or completion row.")
+        if row_format(row) == "chat":  # (each assistant turn and its end-of-turn mark, as data.train_on: answers)
+            row_ids, labels = _chat_example(tok, row["messages"], "answers", row.get("tools"), "adapter.context")
+        else:
+            prompt, target = _prompts_and_targets(tok, [row], row_format(row), "adapter.context")[0]
+            row_ids, labels = prompt + target, [IGNORE_INDEX] * len(prompt) + target
+        ids += row_ids
+        types += [4 * k + 4 if label != IGNORE_INDEX else 0 if t in specials else 4 * k + 2
+                  for t, label in zip(row_ids, labels, strict=True)]
     return ids, types
 
 
-def base_tokenizer(model: nn.Module):
-    """The base model's tokenizer (at the revision it loaded), for the context's examples."""
+def base_tokenizer(model: nn.Module, chat_template: str | None = None):
+    """The base model's tokenizer (at the revision it loaded), for the context's examples, with `chat_template`
+    (the recipe's data.chat_template: `Cpt.with_recipe`) in place of its own where given."""
     from transformers import AutoTokenizer
+
+    from peftkit.data.chat_templates import template_text
 
     source = getattr(model, "name_or_path", None) or model.config._name_or_path
     try:
-        return AutoTokenizer.from_pretrained(source, revision=getattr(model, "peftkit_revision", None))
+        tok = AutoTokenizer.from_pretrained(source, revision=getattr(model, "peftkit_revision", None))
     except (OSError, ValueError) as e:
         raise PeftkitError(f"adapter.context needs the base model's tokenizer, which did not load from {source!r} "
                            f"({e}). Give the context as cpt_token_ids and cpt_tokens_type_mask instead.") from None
+    if chat_template is not None:
+        tok.chat_template = template_text(chat_template)
+    return tok
 
 
 def context_rows(path: str) -> list[dict[str, str]]:
@@ -195,9 +229,8 @@ def context_rows(path: str) -> list[dict[str, str]]:
         except ValueError:
             raise PeftkitError(f"adapter.context: {path}:{number} is no JSON object; write one example row a "
                                "line.") from None
-        if row_format(rows[-1]) is None:
-            raise PeftkitError(f"adapter.context: {path}:{number} is no alpaca row (instruction, input, output) "
-                               "nor a completion row (prompt, completion).")
+        if (problem := example_problem(rows[-1])) is not None:
+            raise PeftkitError(f"adapter.context: {path}:{number} {problem}.")
     if not rows:
         raise PeftkitError(f"adapter.context: {path} holds no example; write one row a line.")
     return rows
@@ -208,7 +241,7 @@ def with_context(cfg: CptConfig, model: nn.Module) -> CptConfig:
     if cfg.context is None:
         return cfg
     rows = context_rows(cfg.context) if isinstance(cfg.context, str) else cfg.context
-    ids, types = tokenized_context(base_tokenizer(model), rows)
+    ids, types = tokenized_context(base_tokenizer(model, cfg._chat_template), rows)
     return CptConfig(method="cpt", cpt_token_ids=ids, cpt_mask=[1] * len(ids), cpt_tokens_type_mask=types,
                      **cfg.model_dump(exclude={"method", "context", "cpt_token_ids", "cpt_mask",
                                                "cpt_tokens_type_mask", "num_virtual_tokens"}))
@@ -398,6 +431,12 @@ class Cpt(PromptTuning):
             return (f"training.objective: {recipe.training.objective}: CPT trains with its own loss over the "
                     "context's outputs and the data's labels (sft); remove training.objective")
         return super().recipe_conflict(recipe)
+
+    @classmethod
+    def with_recipe(cls, cfg: CptConfig, recipe: Any) -> CptConfig:
+        """The context's conversations are rendered by the data's chat template: data.chat_template, where given."""
+        cfg._chat_template = recipe.data.chat_template
+        return cfg
 
     @classmethod
     def trainer(cls, model: nn.Module, cfg: CptConfig, total_steps: int) -> CptTrainer:

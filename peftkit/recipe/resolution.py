@@ -1,7 +1,8 @@
 """What `load_recipe` does once a recipe validates: the paths it names resolved against the recipe's directory (an
 adapter directory that is not here fetched from the hub), AdapterFusion's adapters checked distinct,
-data.chat_template's file read in, and adapter.init_from's settings and added tokens taken from that adapter. Each
-error names the key, with its file and line."""
+data.chat_template's file read in, adapter.init_from's settings and added tokens taken from that adapter, and what
+the adapter takes from the rest of the recipe (`Method.with_recipe`). Each error names the key, with its file and
+line."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.methods import method_of
 from peftkit.recipe.messages import _dotted, _where
 from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
 
@@ -53,6 +55,7 @@ def resolve_recipe(recipe: Recipe, path: Path, lines: dict[tuple, int], overridd
         except PeftkitError as e:  # the adapter is the recipe's: say where the recipe names it
             raise PeftkitError(f"{written.where(('adapter', 'init_from'))}: {e}") from None
         _check_init_from_tokens(recipe, written.where(("model", "add_tokens")))
+    recipe.adapter = method_of(recipe.adapter).with_recipe(recipe.adapter, recipe)
     return recipe
 
 
