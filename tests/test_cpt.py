@@ -162,6 +162,23 @@ def test_a_context_of_examples_is_tokenized_as_data_rows(tiny_llama, number_data
     assert (ours - theirs).abs().max() <= 1e-5
 
 
+def test_a_run_of_a_context_of_examples_is_verified_and_its_recipe_yaml_loads(tiny_llama, number_data, tmp_path):
+    """A run's recipe.yaml and manifest.json write the adapter section whole; a context's is written without
+    num_virtual_tokens (its examples give it once tokenized), so both load again: `peftkit verify` re-runs the run
+    to the same bits (its manifest was refused: 'remove num_virtual_tokens')."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from peftkit.verify import verify
+
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", "context": EXAMPLES},
+                           training={"max_steps": 2, "lr": 5e-2})
+    train(load_recipe(recipe), show_summary=False)
+    assert "num_virtual_tokens" not in (tmp_path / "run" / "recipe.yaml").read_text()
+    assert load_recipe(tmp_path / "run" / "recipe.yaml").adapter.context == EXAMPLES
+    report = verify(tmp_path / "run")
+    assert report.ok, report.differences
+
+
 def test_a_context_file_is_its_rows(tiny_llama, number_data, tmp_path):
     """adapter.context: a .jsonl file (relative to the recipe's directory) gives the context its rows give inline;
     a line that is no example is refused by its line number."""

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_serializer, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -113,6 +113,13 @@ class CptConfig(VirtualConfig):
                              "ids: CPT's virtual tokens are the context's; remove num_virtual_tokens")
         return {"cpt_mask": [1] * len(ids), "cpt_tokens_type_mask": [1] * len(ids)} | {
             k: v for k, v in data.items() if v is not None} | {"num_virtual_tokens": len(ids)}
+
+    @model_serializer(mode="wrap")
+    def _without_length(self, handler) -> dict[str, Any]:
+        """A context of examples is written without num_virtual_tokens (its default, never read: the examples give
+        the length once tokenized), so that a run's recipe.yaml and manifest load again (`_one_context`)."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if k != "num_virtual_tokens"} if self.context is not None else data
 
     @model_validator(mode="after")
     def _one_context(self) -> CptConfig:
