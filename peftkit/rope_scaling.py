@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator
 
 from peftkit.errors import PeftkitError
+from peftkit.methods import method_of
 from peftkit.recipe import ModelConfig, Recipe, RopeScalingConfig
 
 KEY = "model.rope_scaling"
@@ -110,7 +111,7 @@ def check_answer_room(recipe: Recipe, config, prompts: list) -> None:
     covered = learned_positions(config)
     if covered is None or not prompts:
         return
-    virtual = getattr(recipe.adapter, "num_virtual_tokens", 0)
+    virtual = method_of(recipe.adapter).positions_in_front(recipe.adapter)
     longest, new = max(len(p.ids) for p in prompts), recipe.eval.max_new_tokens
     if longest + virtual + new <= covered:
         return
@@ -126,7 +127,7 @@ def check_answer_room(recipe: Recipe, config, prompts: list) -> None:
 def check_context_length(recipe: Recipe, config) -> None:
     """data.max_length within the positions the model covers, or a PeftkitError naming both keys and the fix."""
     model: ModelConfig = recipe.model
-    virtual = getattr(recipe.adapter, "num_virtual_tokens", 0)  # the prompt family's, in front of every row
+    virtual = method_of(recipe.adapter).positions_in_front(recipe.adapter)  # the prompt family's, before every row
     covered, max_length = covered_positions(config, model.rope_scaling), recipe.data.max_length
     if covered is None or max_length + virtual <= covered:
         return

@@ -231,13 +231,14 @@ def test_a_context_of_conversations_is_rendered_by_the_data_s_chat_template(chat
     from peftkit.recipe import load_recipe
 
     base, data = chat_files
+    tok = AutoTokenizer.from_pretrained(base)
     expected_ids, expected_types = [], []
     for k, messages in enumerate(CHATS):
         for m in messages:
             head, body = f"<|im_start|>{m['role']}\n", m["content"] + "<|im_end|>"
             out = 4 * k + 4 if m["role"] == "assistant" else 4 * k + 2
             expected_types += [4 * k + 2] * len(head) + [out] * len(body) + [4 * k + 2]
-            expected_ids += AutoTokenizer.from_pretrained(base)(head + body + "\n", add_special_tokens=False)["input_ids"]
+            expected_ids += tok(head + body + "\n", add_special_tokens=False)["input_ids"]
     assert len(expected_ids) == len(expected_types)  # (one token a character)
     from peftkit.train import train
 
@@ -323,6 +324,21 @@ def test_a_resumed_run_is_the_unbroken_one_and_only_inputs_and_templates_move(ti
 def test_recipe_mistakes_are_refused(adapter, message, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", **adapter})
     assert message in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+
+
+def test_data_max_length_is_checked_with_the_context_s_length(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """data.max_length plus the context's tokens past the model's 512 positions is refused by validate, with the
+    tokenized length (it counted num_virtual_tokens' default, 20, and took 492 with a context of dozens of tokens)."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    prompts = [row["prompt"] if "prompt" in row else ALPACA_PROMPT.format(**row) for row in EXAMPLES]
+    answers = [row.get("completion") or row["output"] for row in EXAMPLES]
+    n = sum(len(tok(p)["input_ids"]) + len(tok(a, add_special_tokens=False)["input_ids"]) + 1  # (+ EOS)
+            for p, a in zip(prompts, answers, strict=True))
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "cpt", "context": EXAMPLES},
+                           data={"max_length": 492})
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert (f"data.max_length 492 plus the adapter's {n} virtual tokens is longer than {tiny_llama}'s "
+            f"max_position_embeddings (512). Lower data.max_length to {512 - n}") in said
 
 
 def test_another_objective_is_refused(tiny_llama, number_data, tmp_path, monkeypatch, capsys):

@@ -262,6 +262,13 @@ class Method:
         return cfg
 
     @classmethod
+    def positions_in_front(cls, cfg: Any) -> int:
+        """The positions the adapter puts in front of every sequence (the prompt family's virtual tokens), which the
+        checks of data.max_length and of the generations' room against the model's positions add
+        (`peftkit.rope_scaling`): num_virtual_tokens where the method has it, else 0."""
+        return getattr(cfg, "num_virtual_tokens", 0)
+
+    @classmethod
     def resolve(cls, cfg: Any, model_type: str | None) -> Any:
         """`cfg` with the settings it leaves to the architecture (`model_type`, transformers' name) filled in."""
         return cfg

@@ -85,6 +85,9 @@ class CptConfig(VirtualConfig):
     """peft's record of the tokenizer (never read here)."""
     _chat_template: str | None = PrivateAttr(None)
     """The recipe's data.chat_template, which renders the context's conversations as the data's (`Cpt.with_recipe`)."""
+    _tokenizer: tuple[str, str | None] | None = PrivateAttr(None)
+    """The recipe's base model (name_or_path, revision), whose tokenizer gives the context's length before the model
+    loads (`Cpt.positions_in_front`)."""
 
     @field_validator("context")
     @classmethod
@@ -204,16 +207,15 @@ def tokenized_context(tok, rows: list[dict[str, Any]]) -> tuple[list[int], list[
     return ids, types
 
 
-def base_tokenizer(model: nn.Module, chat_template: str | None = None):
-    """The base model's tokenizer (at the revision it loaded), for the context's examples, with `chat_template`
-    (the recipe's data.chat_template: `Cpt.with_recipe`) in place of its own where given."""
+def base_tokenizer(source: str, revision: str | None, chat_template: str | None = None):
+    """The base model's tokenizer (`source` at `revision`), for the context's examples, with `chat_template` (the
+    recipe's data.chat_template: `Cpt.with_recipe`) in place of its own where given."""
     from transformers import AutoTokenizer
 
     from peftkit.data.chat_templates import template_text
 
-    source = getattr(model, "name_or_path", None) or model.config._name_or_path
     try:
-        tok = AutoTokenizer.from_pretrained(source, revision=getattr(model, "peftkit_revision", None))
+        tok = AutoTokenizer.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as e:
         raise PeftkitError(f"adapter.context needs the base model's tokenizer, which did not load from {source!r} "
                            f"({e}). Give the context as cpt_token_ids and cpt_tokens_type_mask instead.") from None
@@ -244,11 +246,18 @@ def context_rows(path: str) -> list[dict[str, str]]:
 
 
 def with_context(cfg: CptConfig, model: nn.Module) -> CptConfig:
-    """`cfg` with its examples tokenized into peft's lists (as it is where it gives them)."""
+    """`cfg` with its examples tokenized into peft's lists (as it is where it gives them), by the tokenizer of
+    `model` (at the revision it loaded)."""
     if cfg.context is None:
         return cfg
+    source = getattr(model, "name_or_path", None) or model.config._name_or_path
+    return context_of(cfg, base_tokenizer(source, getattr(model, "peftkit_revision", None), cfg._chat_template))
+
+
+def context_of(cfg: CptConfig, tok) -> CptConfig:
+    """`cfg` with its examples tokenized by `tok` into peft's lists."""
     rows = context_rows(cfg.context) if isinstance(cfg.context, str) else cfg.context
-    ids, types = tokenized_context(base_tokenizer(model, cfg._chat_template), rows)
+    ids, types = tokenized_context(tok, rows)
     return CptConfig(method="cpt", cpt_token_ids=ids, cpt_mask=[1] * len(ids), cpt_tokens_type_mask=types,
                      **cfg.model_dump(exclude={"method", "context", "cpt_token_ids", "cpt_mask",
                                                "cpt_tokens_type_mask", "num_virtual_tokens"}))
@@ -441,9 +450,21 @@ class Cpt(PromptTuning):
 
     @classmethod
     def with_recipe(cls, cfg: CptConfig, recipe: Any) -> CptConfig:
-        """The context's conversations are rendered by the data's chat template: data.chat_template, where given."""
+        """The context's conversations are rendered by the data's chat template: data.chat_template, where given;
+        its length is counted with the base model's tokenizer (`positions_in_front`)."""
         cfg._chat_template = recipe.data.chat_template
+        cfg._tokenizer = (recipe.model.name_or_path, recipe.model.revision)
         return cfg
+
+    @classmethod
+    def positions_in_front(cls, cfg: CptConfig) -> int:
+        """The context's tokens: its ids, or its examples tokenized (num_virtual_tokens, never read for them, was
+        counted: 20 where the examples made hundreds). A config not made by load_recipe knows no tokenizer: 0."""
+        if cfg.context is None:
+            return len(cfg.cpt_token_ids)
+        if cfg._tokenizer is None:
+            return 0
+        return len(context_of(cfg, base_tokenizer(*cfg._tokenizer, cfg._chat_template)).cpt_token_ids)
 
     @classmethod
     def trainer(cls, model: nn.Module, cfg: CptConfig, total_steps: int) -> CptTrainer:
