@@ -302,6 +302,23 @@ def test_a_resumed_run_is_the_unbroken_one_and_only_inputs_and_templates_move(ti
     assert (moved[[0, 1, 2, 3, 6, 7]] > 0).all() and moved.max() <= 0.1 * (32 / 2048) ** 0.5 * (1 + 1e-6)
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(tiny_llama, number_data, tmp_path):
+    """training.gradient_checkpointing recomputes each layer's forward in the backward, the context's positions too:
+    the adapter file is the plain run's, byte for byte (a context of examples, decay)."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    files = []
+    for checkpointing in (False, True):
+        recipe = method_recipe(tmp_path / str(checkpointing), tiny_llama, number_data,
+                               {"method": "cpt", "context": EXAMPLES, "opt_weighted_loss_type": "decay",
+                                "opt_loss_decay_factor": 0.9},
+                               training={"max_steps": 2, "lr": 5e-2, "gradient_checkpointing": checkpointing})
+        train(load_recipe(recipe), show_summary=False)
+        files.append((tmp_path / str(checkpointing) / "run" / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert files[0] == files[1]
+
+
 @pytest.mark.parametrize(("adapter", "message"), [
     ({}, "give the context once: context (examples, which peftkit tokenizes) or cpt_token_ids (with cpt_mask and "
          "cpt_tokens_type_mask), not neither"),
