@@ -226,8 +226,8 @@ def test_a_context_of_conversations_is_rendered_by_the_data_s_chat_template(chat
                                                                             monkeypatch, capsys):
     """adapter.context's chat rows are rendered by data.chat_template (ChatML, on a tokenizer without a template),
     as the data's conversations: one token a character on the character tokenizer; each assistant turn's content and
-    its <|im_end|> outputs (4k + 4), the rest inputs (4k + 2). Without a template (alpaca data, which takes no
-    data.chat_template), refused by text."""
+    its <|im_end|> outputs (4k + 4), the rest inputs (4k + 2); `peftkit verify` re-runs the run from its manifest to
+    the same bits. Without a template (alpaca data, which takes no data.chat_template), refused by text."""
     from peftkit.recipe import load_recipe
 
     base, data = chat_files
@@ -241,6 +241,7 @@ def test_a_context_of_conversations_is_rendered_by_the_data_s_chat_template(chat
             expected_ids += tok(head + body + "\n", add_special_tokens=False)["input_ids"]
     assert len(expected_ids) == len(expected_types)  # (one token a character)
     from peftkit.train import train
+    from peftkit.verify import verify
 
     adapter = {"method": "cpt", "context": [{"messages": m} for m in CHATS]}
     recipe = method_recipe(tmp_path, base, data, adapter, data={"format": "chat", "chat_template": "chatml",
@@ -248,6 +249,8 @@ def test_a_context_of_conversations_is_rendered_by_the_data_s_chat_template(chat
     train(load_recipe(recipe), show_summary=False)
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert (config["cpt_token_ids"], config["cpt_tokens_type_mask"]) == (expected_ids, expected_types)
+    report = verify(tmp_path / "run")  # (the recipe its manifest records renders the context by the template too)
+    assert report.ok, report.differences
     recipe = method_recipe(tmp_path, base, number_data, adapter)
     said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
     assert ("adapter.context[0] is a conversation (messages), and the base model's tokenizer has no chat template to "

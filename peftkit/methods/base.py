@@ -255,11 +255,11 @@ class Method:
         return None
 
     @classmethod
-    def with_recipe(cls, cfg: Any, recipe: Any) -> Any:
-        """`cfg` (the recipe's adapter section) with what it takes from the rest of the resolved recipe, which
-        `install` does not see (CPT's context: data.chat_template, which renders its conversations as the data's).
-        Called by `load_recipe` once the paths are resolved and data.chat_template read in."""
-        return cfg
+    def with_recipe(cls, cfg: Any, recipe: Any) -> None:
+        """Keep on `cfg` (the recipe's adapter section, in place: private attributes, never written) what it takes
+        from the rest of the recipe, which `install` does not see (CPT's context: data.chat_template, which renders
+        its conversations as the data's). Called when a recipe validates (a run's manifest's, which `peftkit verify`
+        re-runs, too), and again by `load_recipe` once the paths are resolved and data.chat_template read in."""
 
     @classmethod
     def positions_in_front(cls, cfg: Any) -> int:

@@ -449,12 +449,11 @@ class Cpt(PromptTuning):
         return super().recipe_conflict(recipe)
 
     @classmethod
-    def with_recipe(cls, cfg: CptConfig, recipe: Any) -> CptConfig:
+    def with_recipe(cls, cfg: CptConfig, recipe: Any) -> None:
         """The context's conversations are rendered by the data's chat template: data.chat_template, where given;
         its length is counted with the base model's tokenizer (`positions_in_front`)."""
         cfg._chat_template = recipe.data.chat_template
         cfg._tokenizer = (recipe.model.name_or_path, recipe.model.revision)
-        return cfg
 
     @classmethod
     def positions_in_front(cls, cfg: CptConfig) -> int:

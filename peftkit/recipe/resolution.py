@@ -55,7 +55,7 @@ def resolve_recipe(recipe: Recipe, path: Path, lines: dict[tuple, int], overridd
         except PeftkitError as e:  # the adapter is the recipe's: say where the recipe names it
             raise PeftkitError(f"{written.where(('adapter', 'init_from'))}: {e}") from None
         _check_init_from_tokens(recipe, written.where(("model", "add_tokens")))
-    recipe.adapter = method_of(recipe.adapter).with_recipe(recipe.adapter, recipe)
+    method_of(recipe.adapter).with_recipe(recipe.adapter, recipe)  # (data.chat_template read in now)
     return recipe
 
 

@@ -92,6 +92,7 @@ class Recipe(Section):
             )
         if conflict := method.recipe_conflict(self):
             raise ValueError(conflict)
+        method.with_recipe(self.adapter, self)  # (a manifest's recipe too, which load_recipe never saw)
         if self.training.loraplus_lr_ratio is not None and "B" not in method.loraplus_roles.values():
             raise ValueError(
                 f"training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate, for adapter.method: lora "
