@@ -127,9 +127,11 @@ def check_answer_room(recipe: Recipe, config, prompts: list) -> None:
 def check_context_length(recipe: Recipe, config) -> None:
     """data.max_length within the positions the model covers, or a PeftkitError naming both keys and the fix."""
     model: ModelConfig = recipe.model
-    virtual = method_of(recipe.adapter).positions_in_front(recipe.adapter)  # the prompt family's, before every row
     covered, max_length = covered_positions(config, model.rope_scaling), recipe.data.max_length
-    if covered is None or max_length + virtual <= covered:
+    if covered is None:  # (before the count: CPT's tokenizes its context)
+        return
+    virtual = method_of(recipe.adapter).positions_in_front(recipe.adapter)  # the prompt family's, before every row
+    if max_length + virtual <= covered:
         return
     positions = config.max_position_embeddings
     factor = math.ceil((max_length + virtual) / positions)
