@@ -2,8 +2,9 @@
 
 What vLLM accepts is read from its LoRA loader's source (vLLM is not run here): PEFTHelper (vllm/lora/peft_helper.py)
 reads r, lora_alpha, target_modules, use_rslora (alpha / sqrt(r)), use_dora, bias and modules_to_save from
-adapter_config.json, ignores every other field (peft_type, rank_pattern, alpha_pattern, ...) and refuses
-`modules_to_save`, `use_dora`, `bias` other than "none" and r above --max-lora-rank (default 16); LoRAModel
+adapter_config.json, ignores every other field (peft_type, ...; rank_pattern and alpha_pattern up to the versions
+whose PEFTHelper has get_rank_and_scaling) and refuses `modules_to_save`, `use_dora`, `bias` other than "none" and
+r above --max-lora-rank (default 16); LoRAModel
 (vllm/lora/lora_model.py) reads the tensors, whose names parse_fine_tuned_lora_name (vllm/lora/utils.py) must end in
 `.lora_A.weight`, `.lora_B.weight`, `lora_embedding_A` or `lora_embedding_B` (peft's copies of embed_tokens' and
 lm_head's base weights skipped), and gives every layer the same scale. What depends on the vLLM version or the model
@@ -64,7 +65,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     caveats.extend(_embedding_caveats(targets))
     _ranks(raw, ranks, reasons, caveats)
     if raw.get("alpha_pattern"):
-        reasons.append("alpha_pattern: not read by vLLM, which scales every layer by lora_alpha (silently wrong)")
+        caveats.append(f"alpha_pattern: {PATTERNS}")
     # layers_to_transform only leaves layers out of the file: vLLM adapts the layers the file's tensors name
     # (LoRAModel.from_local_checkpoint, vllm/lora/lora_model.py), so it needs no word.
     if raw.get("alora_invocation_tokens"):
@@ -86,7 +87,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
 
 
 def _ranks(raw: dict, ranks: dict[str, int] | None, reasons: list[str], caveats: list[str]) -> None:
-    """vLLM's word on the ranks, read from the tensors: --max-lora-rank, and per-layer ranks it would scale wrong."""
+    """vLLM's word on the ranks, read from the tensors: --max-lora-rank, and per-layer ranks (version-dependent)."""
     if not ranks:
         return
     top = max(ranks.values())
@@ -94,11 +95,22 @@ def _ranks(raw: dict, ranks: dict[str, int] | None, reasons: list[str], caveats:
         reasons.append(f"rank {top} > {VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM takes")
     elif top > VLLM_DEFAULT_MAX_LORA_RANK:
         caveats.append(f"rank {top} > {VLLM_DEFAULT_MAX_LORA_RANK}: start vLLM with --max-lora-rank {_vllm_rank(top)}")
-    # vLLM scales every layer by the config's lora_alpha / r (vllm/lora/peft_helper.py, lora_weights.py), read
-    # from neither rank_pattern nor alpha_pattern: a layer of another rank is scaled r_layer / r times off.
     if other := sorted({rank for rank in ranks.values() if rank != raw.get("r", rank)}):
-        reasons.append(f"per-layer ranks (rank_pattern: {', '.join(map(str, other))} beside r={raw['r']}): vLLM "
-                       "scales every layer by lora_alpha / r, so those layers would be scaled wrong (silently)")
+        caveats.append(f"per-layer ranks (rank_pattern: {', '.join(map(str, other))} beside r={raw['r']}): "
+                       f"{PATTERNS}")
+
+
+# PEFTHelper (vllm/lora/peft_helper.py) of vLLM 0.10 (its API page on docs.vllm.ai) reads neither rank_pattern nor
+# alpha_pattern: LoRALayerWeights.from_config (vllm/lora/lora_weights.py) gives every layer the config's
+# lora_alpha / r, so a layer of another rank or alpha is scaled r_layer / r (or alpha / alpha_layer) times off,
+# silently. The newest stored PEFTHelper (2026, with tests/lora/test_peft_helper.py's cases; the index it was read
+# from records no commit or release, and the from_config that calls it was not among its stored versions) reads both:
+# get_rank_and_scaling matches a module's checkpoint name by peft's get_pattern_key rule, `(.*\.)?(key)$`, the first
+# key winning, and validate_legal checks the largest of r and rank_pattern's ranks against --max-lora-rank (the
+# tensors' largest rank, which _ranks advises). Which one a user runs decides, so it is a caveat naming the test.
+PATTERNS = ("a vLLM whose PEFTHelper has get_rank_and_scaling (vllm/lora/peft_helper.py; not 0.10's) scales each "
+            "layer by its own rank and alpha, as peft does; an older one scales every layer by lora_alpha / r, those "
+            "layers silently wrong: there, merge it (peftkit merge)")
 
 
 def _experts(raw: dict, targets: dict, reasons: list[str], caveats: list[str]) -> None:

@@ -96,18 +96,25 @@ def test_our_vera(save_projection, tiny_llama, tmp_path):
 
 def test_peft_lora_with_rank_pattern_and_dora(tiny_llama, tmp_path):
     """peft's adapters, made and saved by peft: per-layer ranks read from the tensors; DoRA described (peftkit
-    reads it, vLLM refuses it)."""
+    reads it, vLLM refuses it). Per-layer ranks and alpha_pattern depend on the vLLM version: 0.10's PEFTHelper
+    scales every layer by lora_alpha / r, the newest stored one reads both patterns (get_rank_and_scaling); inspect
+    refused them outright."""
     made = _peft(tiny_llama, tmp_path / "p", r=4, target_modules=["q_proj", "o_proj"],
                  rank_pattern={"o_proj": 8})
     info = inspect_adapter(made)
     assert {p.rsplit(".", 1)[-1]: r for p, r in info["ranks"].items()} == {"q_proj": 4, "o_proj": 8}
     assert len(set(info["ranks"].values())) == 2
     assert info["quantization"] is None and info["peftkit_reads"]["ok"]
-    # vLLM scales every layer by lora_alpha / r (the config's r): o_proj's update would be twice too large, so it
-    # is a reason, not a caveat (it was "accepts", with a "not verified" caveat)
-    assert not info["vllm"]["accepts"] and info["vllm"]["reasons"][0].startswith("per-layer ranks (rank_pattern: 8 ")
+    # a vLLM without get_rank_and_scaling scales every layer by lora_alpha / r (the config's r): o_proj's update
+    # would be twice too small there; one with it scales o_proj as peft does. The caveat names both and the test
+    versions = ("a vLLM whose PEFTHelper has get_rank_and_scaling (vllm/lora/peft_helper.py; not 0.10's) scales each "
+                "layer by its own rank and alpha, as peft does; an older one scales every layer by lora_alpha / r, "
+                "those layers silently wrong: there, merge it (peftkit merge)")
+    assert info["vllm"]["accepts"] and not info["vllm"]["reasons"]
+    assert f"per-layer ranks (rank_pattern: 8 beside r=4): {versions}" in info["vllm"]["caveats"]
     alpha = inspect_adapter(_peft(tiny_llama, tmp_path / "a", r=4, target_modules=["q_proj"], alpha_pattern={"q_proj": 16}))
-    assert not alpha["vllm"]["accepts"] and alpha["vllm"]["reasons"][0].startswith("alpha_pattern: not read by vLLM")
+    assert alpha["vllm"]["accepts"] and f"alpha_pattern: {versions}" in alpha["vllm"]["caveats"]
+    assert f"               note: alpha_pattern: {versions}" in describe(alpha)
     dora = inspect_adapter(_peft(tiny_llama, tmp_path / "d", r=4, target_modules=["q_proj"], use_dora=True,
                                  use_rslora=True))
     assert not dora["vllm"]["accepts"] and "DoRA" in dora["vllm"]["reasons"][0]
