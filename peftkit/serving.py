@@ -80,7 +80,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
                        "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "
                        "supports BD-LoRA (not verified here), or merge it")
-    _experts(raw, targets, reasons, caveats)
+    _experts(raw, targets, caveats)
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
@@ -113,7 +113,7 @@ PATTERNS = ("a vLLM whose PEFTHelper has get_rank_and_scaling (vllm/lora/peft_he
             "layers silently wrong: there, merge it (peftkit merge)")
 
 
-def _experts(raw: dict, targets: dict, reasons: list[str], caveats: list[str]) -> None:
+def _experts(raw: dict, targets: dict, caveats: list[str]) -> None:
     """vLLM's word on LoRA on a mixture's experts: fused (target_parameters) or one by one (transformers 4's)."""
     if raw.get("target_parameters"):
         caveats.append("target_parameters (LoRA on fused expert weights): only vLLM versions with LoRA for fused "
@@ -123,9 +123,12 @@ def _experts(raw: dict, targets: dict, reasons: list[str], caveats: list[str]) -
                        "depends on its version: not verified against vLLM")
         if raw.get("use_rslora"):
             # LoRAModelManager._create_merged_loras_inplace packs per-expert LoRAs with PackedLoRALayerWeights.pack_moe
-            # (vllm/lora/lora_weights.py), which scales them by lora_alpha / rank, not PEFTHelper's rsLoRA factor.
-            reasons.append("use_rslora on a mixture's experts one by one: vLLM packs them scaled by lora_alpha / r, "
-                           "not lora_alpha / sqrt(r) (sqrt(r) times too small, silently): merge it")
+            # (vllm/lora/lora_weights.py), which scaled them by lora_alpha / rank, not PEFTHelper's rsLoRA factor,
+            # until vllm-project/vllm#55548 (merged September 2026, fixing #55545) made pack_moe and
+            # pack_moe_stacked keep the stored factor: a version question, so a caveat.
+            caveats.append("use_rslora on a mixture's experts one by one: vLLM before its fix of September 2026 "
+                           "(vllm-project/vllm#55548) packs them scaled by lora_alpha / r, not lora_alpha / sqrt(r) "
+                           "(sqrt(r) times too small, silently; there, merge it); later versions keep the rsLoRA scale")
 
 
 def _embedding_caveats(targets: dict) -> list[str]:

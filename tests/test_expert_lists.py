@@ -203,16 +203,20 @@ def test_combining_says_it_does_not_convert(bases, tmp_path):
         combine_adapters([str(adapter)] * 2, Combination("linear", (0.5, 0.5)), str(tmp_path / "combined"))
 
 
-def test_inspect_says_vllm_drops_rslora_s_scale_on_the_experts(bases, tmp_path):
-    """vLLM packs transformers 4's per-expert LoRAs with PackedLoRALayerWeights.pack_moe, which scales them by
-    lora_alpha / r whatever use_rslora says (vllm/lora/lora_weights.py): the experts' updates would be sqrt(r) times too
-    small. inspect said vLLM accepts it (with a 'not verified' caveat)."""
+def test_inspect_says_which_vllm_drops_rslora_s_scale_on_the_experts(bases, tmp_path):
+    """vLLM packs transformers 4's per-expert LoRAs with PackedLoRALayerWeights.pack_moe, which scaled them by
+    lora_alpha / r whatever use_rslora says (vllm/lora/lora_weights.py), sqrt(r) times too small, until
+    vllm-project/vllm#55548 (September 2026) kept PEFTHelper's rsLoRA factor there. inspect refused the adapter for
+    every vLLM; it is a caveat naming the fix."""
     from peftkit.inspect import inspect_adapter
+    from peftkit.inspect_text import describe
 
     adapter, _ = v4_adapter(bases["mixtral"], tmp_path / "v4", "mixtral", ALL["mixtral"], use_rslora=True)
     info = inspect_adapter(adapter)
-    assert not info["vllm"]["accepts"] and info["vllm"]["reasons"] == [
-        "use_rslora on a mixture's experts one by one: vLLM packs them scaled by lora_alpha / r, not lora_alpha / "
-        "sqrt(r) (sqrt(r) times too small, silently): merge it"]
+    said = ("use_rslora on a mixture's experts one by one: vLLM before its fix of September 2026 "
+            "(vllm-project/vllm#55548) packs them scaled by lora_alpha / r, not lora_alpha / sqrt(r) (sqrt(r) times "
+            "too small, silently; there, merge it); later versions keep the rsLoRA scale")
+    assert info["vllm"]["accepts"] and not info["vllm"]["reasons"] and said in info["vllm"]["caveats"]
+    assert f"               note: {said}" in describe(info)
     plain, _ = v4_adapter(bases["mixtral"], tmp_path / "plain", "mixtral", ALL["mixtral"])
-    assert inspect_adapter(plain)["vllm"]["accepts"]
+    assert not any("use_rslora" in c for c in inspect_adapter(plain)["vllm"]["caveats"])
