@@ -32,8 +32,8 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append(f"vLLM serves LoRA adapters only; this is {peft_type}")
         return {"accepts": False, "reasons": reasons, "caveats": caveats}
     whole = [n for n in saved if not n.endswith("." + TOKEN_ROWS)]
-    if raw.get("modules_to_save"):  # PEFTHelper (vllm/lora/peft_helper.py) refuses the field
-        reasons.append(f"modules_to_save ({', '.join(raw['modules_to_save'])}): vLLM's loader requires it to be null")
+    if raw.get("modules_to_save"):
+        _saved_modules(raw["modules_to_save"], reasons, caveats)
     elif whole:  # tensors saved whole with no modules_to_save: parse_fine_tuned_lora_name (vllm/lora/utils.py) refuses
         reasons.append(f"tensors saved whole ({', '.join(sorted(whole))}) stop vLLM's loader ('... is unsupported LoRA "
                        "weight')")
@@ -84,6 +84,25 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+# PEFTHelper._validate_features (vllm/lora/peft_helper.py) refused any modules_to_save ("vLLM only supports
+# modules_to_save being None."); vllm-project/vllm#53555 (merged by September 2026) lets a sequence classifier's head
+# through, `score` or `classifier` by name (the newest stored PEFTHelper's check), loads it whole beside the LoRA
+# tensors (LoRAModel.modules_to_save) and checks its shape against the served model's head; #57766 (open) would lift
+# the same-num_labels condition.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def _saved_modules(names: list[str], reasons: list[str], caveats: list[str]) -> None:
+    """vLLM's word on modules_to_save: a classifier's head alone is a version question (a caveat), others a reason."""
+    if set(names) <= set(CLASSIFIER_HEADS):
+        caveats.append(f"modules_to_save ({', '.join(names)}): a sequence classifier's trained head, which vLLM serves "
+                       "since vllm-project/vllm#53555 (2026), with the served model's num_labels; older versions refuse "
+                       "it ('vLLM only supports modules_to_save being None.')")
+    else:
+        reasons.append(f"modules_to_save ({', '.join(names)}): vLLM's loader requires it to be null (versions since "
+                       "vllm-project/vllm#53555 take a classifier's score or classifier head alone)")
 
 
 def _ranks(raw: dict, ranks: dict[str, int] | None, reasons: list[str], caveats: list[str]) -> None:

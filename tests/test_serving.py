@@ -5,6 +5,7 @@ and llama.cpp's convert_lora_to_gguf.py make of adapters peftkit and peft write.
 from transformers import AutoModelForCausalLM
 
 from peftkit.inspect import inspect_adapter
+from peftkit.inspect_text import describe
 from peftkit.methods import LoraConfig
 from tests.test_inspect import _ours, _peft
 
@@ -129,3 +130,23 @@ def test_vllm_serves_no_lora_on_gpt2(tiny_gpt2, tmp_path):
     info = inspect_adapter(_peft(tiny_gpt2, tmp_path / "g", r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     assert info["vllm"]["reasons"] == ["fan_in_fan_out (GPT-2's Conv1D layers): vLLM serves no LoRA on GPT-2 "
                                        "('GPT2LMHeadModel does not support LoRA yet.')"]
+
+
+def test_vllm_s_word_on_a_classifier_s_saved_head_names_the_version(tiny_llama, tmp_path):
+    """vLLM refused any modules_to_save until vllm-project/vllm#53555 (2026), which serves a sequence classifier's
+    trained head, `score` or `classifier` by name (PEFTHelper._validate_features, vllm/lora/peft_helper.py); any other
+    saved module is still refused. inspect refused the classifier's adapter for every vLLM."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=3)
+    get_peft_model(model, PeftLora(task_type="SEQ_CLS", r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "c")
+    info = inspect_adapter(tmp_path / "c")
+    said = ("modules_to_save (classifier, score): a sequence classifier's trained head, which vLLM serves since "
+            "vllm-project/vllm#53555 (2026), with the served model's num_labels; older versions refuse it ('vLLM only "
+            "supports modules_to_save being None.')")
+    assert info["vllm"]["accepts"] and said in info["vllm"]["caveats"] and f"               note: {said}" in describe(info)
+    head = inspect_adapter(_peft(tiny_llama, tmp_path / "h", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert head["vllm"]["reasons"] == ["modules_to_save (lm_head): vLLM's loader requires it to be null (versions since "
+                                       "vllm-project/vllm#53555 take a classifier's score or classifier head alone)"]
