@@ -244,13 +244,22 @@ def llama_cpp_verdict(peft_type: str, raw: dict, saved: dict[str, int], targets:
         reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked, which "
                        "convert_lora_to_gguf.py would read as plain LoRA factors of the wrong shape")
     if raw.get("target_parameters"):
-        reasons.append("target_parameters: convert_lora_to_gguf.py converts LoRA on linear layers, not an update of "
-                       "fused expert parameters (not verified)")
+        caveats.append(FUSED_EXPERTS)
     if experts := _per_expert(targets):
         caveats.append(f"{PER_EXPERT.format(example=experts[0])}; not verified against convert_lora_to_gguf.py")
     if reasons and not raw.get("alora_invocation_tokens"):
         caveats.append("merge it (peftkit merge) and convert the merged model with convert_hf_to_gguf.py instead")
     return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+# convert_lora_to_gguf.py's LoraModel._convert_peft_moe_lora_tensor (the newest stored version, 2026) takes peft's
+# LoRA on fused experts: `experts.base_layer.lora_A/B` (gate_up_proj) and `experts.lora_A/B` (down_proj), lora_A
+# (experts x r, in) and lora_B (out, r x experts) reshaped to per-expert pairs as peft's ParamWrapper.get_delta_weight
+# reshapes them, for a base whose config gives num_local_experts, num_experts or n_routed_experts. An older one maps
+# `...experts.base_layer.weight` to no GGUF tensor and stops (an error, not a wrong GGUF): a version question.
+FUSED_EXPERTS = ("target_parameters (LoRA on fused expert weights): a convert_lora_to_gguf.py with PEFT MoE LoRA "
+                 "conversion (_convert_peft_moe_lora_tensor, 2026) converts it for a base whose config gives its expert "
+                 "count; an older one stops at those tensors with an error (llama.cpp's runtime not verified here)")
 
 
 PER_EXPERT = ("it adapts a mixture of experts' experts one by one (transformers 4's layout, e.g. '{example}'), which "
