@@ -69,7 +69,14 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
     # layers_to_transform only leaves layers out of the file: vLLM adapts the layers the file's tensors name
     # (LoRAModel.from_local_checkpoint, vllm/lora/lora_model.py), so it needs no word.
     if raw.get("alora_invocation_tokens"):
-        caveats.append(ACTIVATED.format(who="vLLM"))
+        # vllm-project/vllm#19710 (Activated LoRA, --enable-activated-lora; its vllm/lora/layers/activated_linear.py
+        # is in the stored history) was closed unmerged: no vLLM applies an aLoRA from its invocation on. PEFTHelper
+        # (vllm/lora/peft_helper.py) of 0.10 ignores the field, so the adapter acts on every token; the newest stored
+        # one refuses it in _validate_features.
+        reasons.append("alora_invocation_tokens (aLoRA): vLLM serves no activated LoRA (vllm-project/vllm#19710 was "
+                       "closed unmerged): versions that read the field refuse it ('vLLM does not support Activated "
+                       "LoRA (aLoRA).'), older ones apply the adapter to every token, the prompt before the invocation "
+                       "too (different outputs, without an error)")
     reasons.extend(_training_tensors(raw))
     if raw.get("kasa_config"):
         # lora_diag is no name parse_fine_tuned_lora_name (vllm/lora/utils.py) takes: the load stops there
