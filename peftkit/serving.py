@@ -159,18 +159,19 @@ def _experts(raw: dict, targets: dict, caveats: list[str]) -> None:
 
 def _embedding_caveats(targets: dict) -> list[str]:
     """LoRA on the embeddings and the output head: vLLM serves them where the model class lists them in its
-    embedding_modules (get_supported_lora_modules, vllm/lora/utils.py; Llama's and Mistral's do, Qwen2's and Gemma2's
-    list none, so there such a tensor is an 'expected target modules' error), and LoRAModel.from_lora_tensors
+    embedding_modules (get_supported_lora_modules, vllm/lora/utils.py; Llama's, Mistral's and Qwen3's do, Qwen2's and
+    Gemma2's list none in the newest stored models/*.py, so there such a tensor is an 'expected target modules' error),
+    and LoRAModel.from_lora_tensors
     (vllm/lora/lora_model.py) refuses an embedding LoRA whose vocabulary (lora_embedding_A's columns) is not the
     served model's."""
     vocab = sorted({parts["lora_embedding_A"][1] for parts in targets.values() if "lora_embedding_A" in parts})
     tokens = " or ".join(map(str, vocab))
     said = [f"LoRA on an embedding: vLLM serves it only for model classes that list the embedding as LoRA-capable "
-            f"(Llama, Mistral; not Qwen2, Gemma), on a served model of {tokens} tokens (the adapter's vocabulary; "
+            f"(Llama, Mistral, Qwen3; not Qwen2, Gemma), on a served model of {tokens} tokens (the adapter's vocabulary; "
             "another is refused)"] if vocab else []
     if any(p.rsplit(".", 1)[-1] == "lm_head" for p in targets):
         said.append("LoRA on lm_head: vLLM serves it only for model classes that list lm_head as LoRA-capable (Llama, "
-                    "Mistral; not Qwen2, Gemma)")
+                    "Mistral, Qwen3; not Qwen2, Gemma)")
     return said
 
 

@@ -83,17 +83,18 @@ def test_vllm_refuses_peft_s_bias_whatever_its_flags(tiny_llama, tmp_path):
 
 
 def test_embedding_lora_s_vllm_caveat_names_the_vocabulary_it_needs(tiny_llama, tmp_path):
-    """Current vLLM still serves LoRA on embed_tokens and lm_head where the model class lists them (Llama's
-    embedding_modules; Qwen2's and Gemma2's list none), and refuses an
+    """Current vLLM still serves LoRA on embed_tokens and lm_head where the model class lists them (Llama's and
+    Qwen3's embedding_modules; Qwen2's and Gemma2's list none), and refuses an
     embedding LoRA whose lora_embedding_A width is not the served model's vocabulary (vllm/lora/lora_model.py).
     inspect said recent versions dropped it."""
     info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=4, target_modules=["embed_tokens", "lm_head"]), tmp_path / "e"))
     vocab = AutoModelForCausalLM.from_pretrained(tiny_llama).config.vocab_size
     assert info["vllm"]["accepts"] and info["vllm"]["caveats"][:2] == [
         "LoRA on an embedding: vLLM serves it only for model classes that list the embedding as LoRA-capable (Llama, "
-        f"Mistral; not Qwen2, Gemma), on a served model of {vocab} tokens (the adapter's vocabulary; another is refused)",
-        "LoRA on lm_head: vLLM serves it only for model classes that list lm_head as LoRA-capable (Llama, Mistral; not "
-        "Qwen2, Gemma)"]
+        f"Mistral, Qwen3; not Qwen2, Gemma), on a served model of {vocab} tokens (the adapter's vocabulary; another is "
+        "refused)",
+        "LoRA on lm_head: vLLM serves it only for model classes that list lm_head as LoRA-capable (Llama, Mistral, Qwen3; "
+        "not Qwen2, Gemma)"]
 
 
 def test_vllm_stops_at_kasa_s_singular_values(tiny_llama, tmp_path):
