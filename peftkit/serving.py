@@ -38,7 +38,11 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         reasons.append(f"tensors saved whole ({', '.join(sorted(whole))}) stop vLLM's loader ('... is unsupported LoRA "
                        "weight')")
     if raw.get("trainable_token_indices"):
-        reasons.append("trainable_token_indices: vLLM's loader reads LoRA's tensors, not trained embedding rows")
+        # parse_fine_tuned_lora_name (vllm/lora/utils.py) takes no `token_adapter.trainable_tokens_delta` (issue
+        # #36501 quotes the error); vllm-project/vllm#36648 was closed, #55796 (--max-lora-trainable-tokens, whose
+        # PEFTHelper reads trainable_token_indices) was open in September 2026: no release reads the rows.
+        reasons.append(f"trainable_token_indices: vLLM's loader stops at its trained rows ('...{TOKEN_ROWS} is "
+                       "unsupported LoRA weight'); vllm-project/vllm#55796, open in September 2026, would read them")
     if raw.get("layer_replication"):
         reasons.append(STACKED.format(who="vLLM"))
     if raw.get("use_dora"):
