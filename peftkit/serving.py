@@ -88,9 +88,12 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
                        "weight'); vLLM would neither scale the rank by them nor take the base's r smallest singular "
                        "components out first: merge it")
     if raw.get("use_bdlora"):
-        reasons.append("use_bdlora: its block-diagonal factors are saved as their blocks stacked (A (r, in / N), B "
-                       "(out, r / N)), which a loader of plain LoRA factors misreads; serve it with an engine that "
-                       "supports BD-LoRA (not verified here), or merge it")
+        # vllm-project/vllm#28136 (BD-LoRA; its vllm/lora/layers/block_diagonal_layers.py is in the stored history)
+        # was open; the newest stored PEFTHelper (vllm/lora/peft_helper.py) refuses the field in _validate_features.
+        reasons.append("use_bdlora: vLLM serves no BD-LoRA (vllm-project/vllm#28136 was open): versions that read the "
+                       "field refuse it ('vLLM does not support block-diagonal LoRA (BD-LoRA).'), older ones misread "
+                       "its factors, saved as their blocks stacked (A (r, in / N), B (out, r / N)), as plain LoRA "
+                       "factors: merge it")
     _experts(raw, targets, caveats)
     caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
                    "module must be one the class lists as LoRA-capable")

@@ -123,6 +123,12 @@ def test_what_cannot_carry_it_refuses_it(tiny_llama, tmp_path):
     info = inspect_adapter(adapter)
     assert "BD-LoRA (block-diagonal factors)" in info["variants"] and set(info["ranks"].values()) == {4}
     assert not info["llama_cpp"]["accepts"] and info["peftkit_reads"]["ok"]
+    # vLLM's BD-LoRA pull request (#28136) was open; the newest PEFTHelper refuses the field (the reason sent the user
+    # to 'an engine that supports BD-LoRA (not verified here)')
+    assert info["vllm"]["reasons"] == [
+        "use_bdlora: vLLM serves no BD-LoRA (vllm-project/vllm#28136 was open): versions that read the field refuse it "
+        "('vLLM does not support block-diagonal LoRA (BD-LoRA).'), older ones misread its factors, saved as their "
+        "blocks stacked (A (r, in / N), B (out, r / N)), as plain LoRA factors: merge it"]
 
 
 def test_conv1d_and_quantized_targets_are_refused_where_peft_builds_no_block(tmp_path):
