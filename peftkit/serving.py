@@ -3,8 +3,9 @@
 What vLLM accepts is read from its LoRA loader's source (vLLM is not run here): PEFTHelper (vllm/lora/peft_helper.py)
 reads r, lora_alpha, target_modules, use_rslora (alpha / sqrt(r)), use_dora, bias and modules_to_save from
 adapter_config.json, ignores every other field (peft_type, ...; rank_pattern and alpha_pattern up to the versions
-whose PEFTHelper has get_rank_and_scaling) and refuses `modules_to_save`, `use_dora`, `bias` other than "none" and
-r above --max-lora-rank (default 16); LoRAModel
+whose PEFTHelper has get_rank_and_scaling) and refuses `modules_to_save` (a classifier's head aside, since
+vllm-project/vllm#53555), `use_dora`, `bias` other than "none" and r above --max-lora-rank (default 16); the newest
+stored PEFTHelper also refuses lora_bias, aLoRA, layer_replication, BD-LoRA and residual inits by name. LoRAModel
 (vllm/lora/lora_model.py) reads the tensors, whose names parse_fine_tuned_lora_name (vllm/lora/utils.py) must end in
 `.lora_A.weight`, `.lora_B.weight`, `lora_embedding_A` or `lora_embedding_B` (peft's copies of embed_tokens' and
 lm_head's base weights skipped), and gives every layer the same scale. What depends on the vLLM version or the model
@@ -27,6 +28,8 @@ STACKED = ("layer_replication: {who} does not stack the base's layers again, so 
 
 def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
                   targets: dict[str, dict[str, tuple[int, ...]]], saved: dict[str, int], base_copies: list[str]) -> dict:
+    """vLLM's verdict on a PEFT adapter, {accepts, reasons, caveats}: what stops or misleads every version is a
+    reason, what depends on the version or the served model class a caveat naming both sides."""
     reasons, caveats = [], []
     if peft_type != "LORA":
         reasons.append(f"vLLM serves LoRA adapters only; this is {peft_type}")
@@ -53,18 +56,7 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         # (vllm/v1/worker/lora_model_runner_mixin.py: "... does not support LoRA yet.").
         reasons.append("fan_in_fan_out (GPT-2's Conv1D layers): vLLM serves no LoRA on GPT-2 ('GPT2LMHeadModel does "
                        "not support LoRA yet.')")
-    if raw.get("bias", "none") != "none":
-        # PEFTHelper.validate_legal (vllm/lora/peft_helper.py): "Adapter bias is not supported." in current vLLM;
-        # 0.6-0.10 took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias,
-        # which this field trains) to the module's parent, no LoRA target, so the load stopped there too.
-        reasons.append(f"bias={raw['bias']!r}: vLLM refuses the base's trained biases ('Adapter bias is not "
-                       "supported.'; --enable-lora-bias of older versions read lora_B's bias, not these)")
-    if raw.get("lora_bias"):
-        # vllm/lora/utils.py parse_fine_tuned_lora_name takes `.lora_A.weight`, `.lora_B.weight` and
-        # `lora_embedding_A/B` alone, so `<module>.lora_B.bias` ends the load ("... is unsupported LoRA weight");
-        # only 0.6-0.10, started with --enable-lora-bias, read it (their LoRA bias was removed in late 2025).
-        reasons.append("lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'); only "
-                       "vLLM 0.6-0.10 started with --enable-lora-bias read them")
+    reasons.extend(_biases(raw))
     reasons.extend(_base_copies(base_copies, caveats))
     caveats.extend(_embedding_caveats(targets))
     _ranks(raw, ranks, reasons, caveats)
@@ -72,6 +64,17 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
         caveats.append(f"alpha_pattern: {PATTERNS}")
     # layers_to_transform only leaves layers out of the file: vLLM adapts the layers the file's tensors name
     # (LoRAModel.from_local_checkpoint, vllm/lora/lora_model.py), so it needs no word.
+    reasons.extend(_training_tensors(raw))
+    reasons.extend(_variants(raw))
+    _experts(raw, targets, caveats)
+    caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
+                   "module must be one the class lists as LoRA-capable")
+    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+
+
+def _variants(raw: dict) -> list[str]:
+    """vLLM's reasons for the LoRA variants it serves no version of: aLoRA, KaSA and BD-LoRA."""
+    reasons = []
     if raw.get("alora_invocation_tokens"):
         # vllm-project/vllm#19710 (Activated LoRA, --enable-activated-lora; its vllm/lora/layers/activated_linear.py
         # is in the stored history) was closed unmerged: no vLLM applies an aLoRA from its invocation on. PEFTHelper
@@ -81,7 +84,6 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
                        "closed unmerged): versions that read the field refuse it ('vLLM does not support Activated "
                        "LoRA (aLoRA).'), older ones apply the adapter to every token, the prompt before the invocation "
                        "too (different outputs, without an error)")
-    reasons.extend(_training_tensors(raw))
     if raw.get("kasa_config"):
         # lora_diag is no name parse_fine_tuned_lora_name (vllm/lora/utils.py) takes: the load stops there
         reasons.append("kasa_config (KaSA): its lora_diag tensors stop vLLM's loader ('... is unsupported LoRA "
@@ -94,10 +96,25 @@ def vllm_verdict(peft_type: str, raw: dict, ranks: dict[str, int] | None,
                        "field refuse it ('vLLM does not support block-diagonal LoRA (BD-LoRA).'), older ones misread "
                        "its factors, saved as their blocks stacked (A (r, in / N), B (out, r / N)), as plain LoRA "
                        "factors: merge it")
-    _experts(raw, targets, caveats)
-    caveats.append("vLLM serves LoRA only for model classes that support it (Llama, Qwen2, Mistral, ... ); every target "
-                   "module must be one the class lists as LoRA-capable")
-    return {"accepts": not reasons, "reasons": reasons, "caveats": caveats}
+    return reasons
+
+
+def _biases(raw: dict) -> list[str]:
+    """vLLM's reasons for trained biases: the base's own (peft's `bias`) and lora_B's (`lora_bias`)."""
+    reasons = []
+    if raw.get("bias", "none") != "none":
+        # PEFTHelper.validate_legal (vllm/lora/peft_helper.py): "Adapter bias is not supported." in current vLLM;
+        # 0.6-0.10 took it with --enable-lora-bias, but their parser gave a `<module>.bias` (the base's own bias,
+        # which this field trains) to the module's parent, no LoRA target, so the load stopped there too.
+        reasons.append(f"bias={raw['bias']!r}: vLLM refuses the base's trained biases ('Adapter bias is not "
+                       "supported.'; --enable-lora-bias of older versions read lora_B's bias, not these)")
+    if raw.get("lora_bias"):
+        # vllm/lora/utils.py parse_fine_tuned_lora_name takes `.lora_A.weight`, `.lora_B.weight` and
+        # `lora_embedding_A/B` alone, so `<module>.lora_B.bias` ends the load ("... is unsupported LoRA weight");
+        # only 0.6-0.10, started with --enable-lora-bias, read it (their LoRA bias was removed in late 2025).
+        reasons.append("lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'); only "
+                       "vLLM 0.6-0.10 started with --enable-lora-bias read them")
+    return reasons
 
 
 # PEFTHelper._validate_features (vllm/lora/peft_helper.py) refused any modules_to_save ("vLLM only supports
