@@ -111,8 +111,10 @@ def _biases(raw: dict) -> list[str]:
     if raw.get("lora_bias"):
         # vllm/lora/utils.py parse_fine_tuned_lora_name takes `.lora_A.weight`, `.lora_B.weight` and
         # `lora_embedding_A/B` alone, so `<module>.lora_B.bias` ends the load ("... is unsupported LoRA weight");
-        # only 0.6-0.10, started with --enable-lora-bias, read it (their LoRA bias was removed in late 2025).
-        reasons.append("lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'); only "
+        # only 0.6-0.10, started with --enable-lora-bias, read it (their LoRA bias was removed in late 2025). The
+        # newest stored PEFTHelper (vllm/lora/peft_helper.py) refuses the field itself, before any tensor is read.
+        reasons.append("lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'; versions "
+                       "that read the field refuse it first: 'vLLM does not support LoRA bias (lora_bias).'); only "
                        "vLLM 0.6-0.10 started with --enable-lora-bias read them")
     return reasons
 

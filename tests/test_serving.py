@@ -12,11 +12,14 @@ from tests.test_inspect import _ours, _peft
 
 def test_vllm_stops_at_lora_b_s_bias(tiny_llama, tmp_path):
     """vLLM's parse_fine_tuned_lora_name (vllm/lora/utils.py) takes lora_A/lora_B weights and lora_embedding_A/B
-    alone: `q_proj.lora_B.bias` ends the load. inspect said it accepts the adapter, with a caveat."""
+    alone: `q_proj.lora_B.bias` ends the load; the newest stored PEFTHelper refuses the field before that, in its own
+    words. inspect said it accepts the adapter, with a caveat."""
     info = inspect_adapter(_ours(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), tmp_path / "b"))
     assert not info["vllm"]["accepts"]
-    assert info["vllm"]["reasons"] == ["lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA "
-                                       "weight'); only vLLM 0.6-0.10 started with --enable-lora-bias read them"]
+    assert info["vllm"]["reasons"] == [
+        "lora_bias: vLLM stops at lora_B's bias tensors ('... is unsupported LoRA weight'; versions that read the field "
+        "refuse it first: 'vLLM does not support LoRA bias (lora_bias).'); only vLLM 0.6-0.10 started with "
+        "--enable-lora-bias read them"]
     assert not any("lora_bias" in c for c in info["vllm"]["caveats"])
 
 
