@@ -133,11 +133,15 @@ def reconstruction_filters(family: str) -> tuple[tuple[float, ...], tuple[float,
     return tuple(wavelet.rec_lo), tuple(wavelet.rec_hi)
 
 
-def idwt2(bands: torch.Tensor, family: str) -> torch.Tensor:
+Filters = tuple[tuple[float, ...], tuple[float, ...]]
+"""A wavelet's reconstruction filters (rec_lo, rec_hi), as `reconstruction_filters` gives them."""
+
+
+def idwt2(bands: torch.Tensor, filters: Filters) -> torch.Tensor:
     """One level of the inverse 2-D DWT of `bands` (2h, 2w), whose quadrants are cA (top left), cH (top right), cV
-    and cD: (2h - L + 2, 2w - L + 2) for filters of length L, differentiable. PyWavelets' idwt2 of (cA, (cH, cV, cD))
-    and peft's waverec2d (its one conv_transpose2d: the same bits)."""
-    lo, hi = (torch.tensor(f, dtype=bands.dtype, device=bands.device) for f in reconstruction_filters(family))
+    and cD: (2h - L + 2, 2w - L + 2) for `filters` of length L, differentiable. PyWavelets' idwt2 of (cA, (cH, cV,
+    cD)) and peft's waverec2d (its one conv_transpose2d: the same bits)."""
+    lo, hi = (torch.tensor(f, dtype=bands.dtype, device=bands.device) for f in filters)
     # Each band upsampled by 2 and filtered by an outer product (filter down the rows) x (filter along the columns):
     # lo x lo for cA, hi x lo for cH, lo x hi for cV, hi x hi for cD; the four summed (conv_transpose2d's one output
     # channel).
@@ -159,23 +163,28 @@ class WaveFacts:
     """The base weight is stored (in, out) (transformers' Conv1D)."""
 
 
-def padded_shape(shape: tuple[int, int], family: str) -> tuple[int, int]:
-    """The coefficient matrix whose transform covers an (out x in) layer: L - 2 rows and columns more, made even."""
-    grow = len(reconstruction_filters(family)[0]) - 2
+def padded_shape(shape: tuple[int, int], family: str, filters: Filters | None = None) -> tuple[int, int]:
+    """The coefficient matrix whose transform covers an (out x in) layer: L - 2 rows and columns more, made even
+    (L: the length of `filters`, by default `family`'s)."""
+    grow = len((filters or reconstruction_filters(family))[0]) - 2
     return tuple(n + grow + (n + grow) % 2 for n in shape)
 
 
-def wave_delta(spectrum: torch.Tensor, where: torch.Tensor, shape: tuple[int, int], facts: WaveFacts) -> torch.Tensor:
+def wave_delta(spectrum: torch.Tensor, where: torch.Tensor, shape: tuple[int, int], facts: WaveFacts,
+               filters: Filters | None = None) -> torch.Tensor:
     """scaling * IDWT2(S) in fp32, (out, in), S holding `spectrum` at `where` (rows, columns) in the middle of the
-    padded matrix, the transform's middle (out x in) kept; scaling * S itself without use_idwt."""
+    padded matrix, the transform's middle (out x in) kept; scaling * S itself without use_idwt. `filters`: the
+    wavelet's, read by a layer once (a forward that reads PyWavelets breaks torch.compile's graph); by default
+    `reconstruction_filters` of the facts' family."""
     if not facts.use_idwt:
         dense = torch.zeros(shape, device=spectrum.device)
         dense[where[0], where[1]] = spectrum.float()
         return dense * facts.scaling
-    rows, cols = padded_shape(shape, facts.wavelet_family)
+    filters = filters or reconstruction_filters(facts.wavelet_family)
+    rows, cols = padded_shape(shape, facts.wavelet_family, filters)
     dense = torch.zeros(rows, cols, device=spectrum.device)
     dense[where[0] + (rows - shape[0]) // 2, where[1] + (cols - shape[1]) // 2] = spectrum.float()
-    delta = idwt2(dense, facts.wavelet_family) * facts.scaling  # (out or out + 1, in or in + 1)
+    delta = idwt2(dense, filters) * facts.scaling  # (out or out + 1, in or in + 1)
     top, left = (delta.shape[0] - shape[0]) // 2, (delta.shape[1] - shape[1]) // 2
     return delta[top:top + shape[0], left:left + shape[1]]
 
@@ -189,8 +198,10 @@ class WaveFtLinear(AdapterLayer):
         self.shape = (out_features, in_features)
         self.facts = WaveFacts(cfg.scaling, cfg.random_loc_seed, cfg.wavelet_family, cfg.use_idwt,
                                is_conv1d(base_layer))
-        if cfg.use_idwt:  # PyWavelets missing: said now (validate too), not at the first forward
-            reconstruction_filters(cfg.wavelet_family)
+        # Read now: PyWavelets missing is said here (validate too), not at the first forward, and no forward calls
+        # into PyWavelets, which torch.compile cannot trace (a graph break in every layer: 16 in 2 steps of a 1-layer
+        # Llama with q and v adapted, measured).
+        self.filters = reconstruction_filters(cfg.wavelet_family) if cfg.use_idwt else None
         self.set_spectrum(n, init_weights)
 
     def set_spectrum(self, n: int, init_weights: bool) -> None:
@@ -210,7 +221,7 @@ class WaveFtLinear(AdapterLayer):
         result = self.base_layer(x)
         if self.merged:
             return result
-        delta = wave_delta(self.waveft_spectrum, self.waveft_indices, self.shape, self.facts)
+        delta = wave_delta(self.waveft_spectrum, self.waveft_indices, self.shape, self.facts, self.filters)
         return (result + F.linear(x.to(delta.dtype), delta)).to(result.dtype)
 
 
