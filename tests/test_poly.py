@@ -194,7 +194,7 @@ def test_one_task_merges_into_the_base_as_peft_computes_it(tiny_llama, tmp_path,
     merge = ("merge", "--adapter", str(tmp_path / "peft"), "--base", str(tiny_llama), "--output", str(tmp_path / "m"))
     assert f"--task 3: {tmp_path / 'peft'} has 3 task(s); give a task id in 0 .. 2." in " ".join(
         cli_user_error(monkeypatch, capsys, *merge, "--task", "3").split())
-    assert "Name the one task to fold in, `peftkit merge --task N`" in " ".join(
+    assert "Name the one task to fold in: `peftkit merge --adapter DIR --task N`" in " ".join(
         cli_user_error(monkeypatch, capsys, *merge).split())
     from peftkit.methods.lora import LoraConfig
 
@@ -301,3 +301,23 @@ def test_a_compiled_training_forward_draws_the_eager_routing_samples():
         results.append((y.detach(), *(p.grad.clone() for p in layer.adapter_params().values())))
     torch._dynamo.reset()
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(*results))
+
+
+def test_combining_a_poly_adapter_is_refused_without_sending_it_to_task(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`peftkit merge` of two Poly adapters (--weights, into the base or into a LoRA) is refused, and the refusal no
+    longer tells the user to name a task with `peftkit merge --task N`, which combining refuses ('combining adapters
+    takes none. Drop --task.'): it says --task merges one Poly adapter alone."""
+    from tests.conftest import save_random_adapter
+
+    adapters = [str(save_random_adapter(tiny_llama, PolyConfig(method="poly", n_tasks=2), tmp_path / f"p{seed}",
+                                        seed=seed)) for seed in (1, 2)]
+    combine = ("merge", "--adapter", adapters[0], "--adapter", adapters[1], "--weights", "0.5,0.5",
+               "--output", str(tmp_path / "out"))
+    for how in (("--method", "linear", "--into-base"), ("--method", "cat")):
+        said = " ".join(cli_user_error(monkeypatch, capsys, *combine, *how).split())
+        assert ("Poly adapters (method: poly) cannot be merged into a plain model" in said
+                and "`peftkit merge --adapter DIR --task N` merges one Poly adapter alone (combining adapters takes "
+                    "no task;" in said), how
+    assert "combining adapters takes none. Drop --task." in " ".join(cli_user_error(
+        monkeypatch, capsys, *combine, "--method", "linear", "--into-base", "--task", "1").split())
+    assert not (tmp_path / "out").exists()

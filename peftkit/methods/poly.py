@@ -191,9 +191,10 @@ class Poly(Method):
             return None
         return ("Poly adapters (method: poly) cannot be merged into a plain model: each row's update mixes the skills "
                 "by that row's task (n_tasks routings), so no single weight holds it (peft's Poly cannot merge "
-                "either). Name the one task to fold in, `peftkit merge --task N` (adapter.merge_task: N for "
-                "export.merged), or keep the adapter separate: set export.merged: false (or skip `peftkit merge`) and "
-                "use it with `peftkit eval/generate --adapter DIR --task N`.")
+                "either). Name the one task to fold in: `peftkit merge --adapter DIR --task N` merges one Poly adapter "
+                "alone (combining adapters takes no task; adapter.merge_task: N for export.merged), or keep the "
+                "adapter separate: set export.merged: false (or skip `peftkit merge`) and use it with `peftkit "
+                "eval/generate --adapter DIR --task N`.")
 
     @classmethod
     def recipe_conflict(cls, recipe) -> str | None:
