@@ -257,3 +257,23 @@ def test_refusals(tiny_llama, tiny_gpt2, monkeypatch):
     with pytest.raises(PeftkitError,
                        match=r'scikit-learn\'s KMeans, which is not installed: pip install "peftkit\[adamss\]"'):
         inject_adapters(_load(tiny_llama), AdamssConfig(method="adamss"))
+
+
+def test_a_quantized_base_is_refused_naming_the_recipe_s_key(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """An NF4 base is refused by validate and train, which name the recipe's top-level quantization section: the
+    refusal said 'model.quantization: null', a key the recipe's model section does not have (setting it is an
+    error of its own). A Conv1D or embedding target is told to leave the target list instead."""
+    import yaml
+
+    from tests.conftest import cli_user_error, method_recipe
+
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "adamss", **SMALL})
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump(raw | {"quantization": {"method": "nf4"}}))
+    for command in ("validate", "train"):
+        said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        assert ("'model.layers.0.self_attn.q_proj' is a 4-bit/8-bit (bitsandbytes) layer; AdaMSS decomposes" in said
+                and "Load the base unquantized (remove the recipe's quantization section, or set quantization: null), "
+                    "or use adapter.method: lora." in said and "model.quantization" not in said), command
+    with pytest.raises(PeftkitError, match="is an Embedding; .* Leave it out of adapter.target_modules, or use"):
+        inject_adapters(_load(tiny_llama), AdamssConfig(method="adamss", target_modules=["embed_tokens"]))

@@ -194,12 +194,15 @@ class AdamssFacts:
     random_seed: int = 0
 
 
-def refuse(path: str, kind: str) -> PeftkitError:
+def refuse(path: str, kind: str, quantized: bool = False) -> PeftkitError:
+    """`path` is `kind`, which AdaMSS cannot adapt; the fix: a quantized layer's is the recipe's quantization section
+    (the top-level key, not model's), another kind's the target list."""
+    fix = ("Load the base unquantized (remove the recipe's quantization section, or set quantization: null)"
+           if quantized else "Leave it out of adapter.target_modules")
     return PeftkitError(
         f"adapter.target_modules: '{path}' is {kind}; AdaMSS decomposes the plain weight of an nn.Linear layer (peft "
         "0.21's AdaMSS adapts nn.Linear only, and computes the decomposition from the unquantized weight again on "
-        "loading). Target nn.Linear layers of an unquantized model (model.quantization: null), or use adapter.method: "
-        "lora.")
+        f"loading). {fix}, or use adapter.method: lora.")
 
 
 class AdamssLinear(AdapterLayer):
@@ -295,7 +298,7 @@ class Adamss(Method):
         if kind := not_a_linear(base):
             raise refuse(path, kind)
         if is_quantized(base):
-            raise refuse(path, "a 4-bit/8-bit (bitsandbytes) layer")
+            raise refuse(path, "a 4-bit/8-bit (bitsandbytes) layer", quantized=True)
         kmeans()  # (before anything is built: also on the memory estimate's meta model, which clusters nothing)
         return AdamssLinear(base, cfg)
 
