@@ -321,3 +321,18 @@ def test_combining_a_poly_adapter_is_refused_without_sending_it_to_task(tiny_lla
     assert "combining adapters takes none. Drop --task." in " ".join(cli_user_error(
         monkeypatch, capsys, *combine, "--method", "linear", "--into-base", "--task", "1").split())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_from_a_poly_adapter_with_export_merged_is_refused_by_text(tiny_llama, task_data, tmp_path, monkeypatch,
+                                                                         capsys):
+    """adapter: {init_from: DIR} of a Poly adapter with export.merged: true: validate and train crashed with pydantic's
+    traceback (exit 1): the recipe's checks, run again when init_from's settings replace the section, raised a
+    ValidationError nothing caught. Both now say the merge refusal at adapter.init_from's line (exit 2)."""
+    from tests.conftest import save_random_adapter
+
+    adapter = save_random_adapter(tiny_llama, PolyConfig(method="poly", n_tasks=3), tmp_path / "poly", seed=1)
+    recipe = method_recipe(tmp_path, tiny_llama, task_data, {"init_from": str(adapter)}, export={"merged": True})
+    for command in ("validate", "train"):
+        said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
+        assert (f"recipe.yaml:2: adapter.init_from {adapter} holds a poly adapter, which the recipe's other settings "
+                "do not allow: export.merged: Poly adapters (method: poly) cannot be merged") in said, command

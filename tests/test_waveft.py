@@ -258,3 +258,15 @@ def test_a_layer_compiles_to_one_graph_with_the_eager_numbers(family):
         results.append((y.detach(), layer.waveft_spectrum.grad.clone()))
     torch._dynamo.reset()
     assert all((a - b).abs().max() <= 1e-6 for a, b in zip(*results)) and results[0][1].abs().max() > 0
+
+
+def test_lora_plus_with_a_run_from_a_waveft_adapter_is_refused_by_text(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                        capsys):
+    """training.loraplus_lr_ratio with adapter.init_from a WaveFT adapter (a recipe's adapter section parses as LoRA
+    until init_from's settings replace it): validate crashed with pydantic's traceback, now LoRA+'s refusal."""
+    adapter = _peft_adapter(tiny_llama, tmp_path / "peft", TARGETS["llama"])
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"init_from": str(adapter)},
+                           training={"loraplus_lr_ratio": 16})
+    said = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert (f"adapter.init_from {adapter} holds a waveft adapter, which the recipe's other settings do not allow: "
+            "training.loraplus_lr_ratio: LoRA+ gives lora_B its own learning rate") in said

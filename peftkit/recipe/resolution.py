@@ -48,12 +48,21 @@ def resolve_recipe(recipe: Recipe, path: Path, lines: dict[tuple, int], overridd
         except PeftkitError as e:
             raise PeftkitError(f"{written.where(('data', 'chat_template'))}: data.chat_template: {e}") from None
     if recipe.adapter.init_from:
+        from pydantic import ValidationError
+
         from peftkit.init_from import init_from_config
 
+        where = written.where(("adapter", "init_from"))
         try:
-            recipe.adapter = init_from_config(recipe.adapter)
+            adapter = init_from_config(recipe.adapter)
         except PeftkitError as e:  # the adapter is the recipe's: say where the recipe names it
-            raise PeftkitError(f"{written.where(('adapter', 'init_from'))}: {e}") from None
+            raise PeftkitError(f"{where}: {e}") from None
+        try:  # (the assignment runs the recipe's checks again, now with the adapter's method)
+            recipe.adapter = adapter
+        except ValidationError as e:  # (export.merged of an unmergeable method, LoRA+ of another than LoRA)
+            said = "; ".join(error["msg"].removeprefix("Value error, ") for error in e.errors())
+            raise PeftkitError(f"{where}: adapter.init_from {adapter.init_from} holds a {adapter.method} adapter, "
+                               f"which the recipe's other settings do not allow: {said}") from None
         _check_init_from_tokens(recipe, written.where(("model", "add_tokens")))
     method_of(recipe.adapter).with_recipe(recipe.adapter, recipe)  # (data.chat_template read in now)
     return recipe
