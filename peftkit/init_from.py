@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from peftkit.errors import PeftkitError
 from peftkit.peft_format import load_adapter, trained_base_biases
@@ -53,7 +53,12 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
             "row's top-k logits only (the others are gone), enough to evaluate and merge it, not to train on from it "
             "(peft refuses it too). Train on from an adapter exported with save_only_topk_weights: false, or resume "
             "its run from its checkpoints (`peftkit train RECIPE --resume`).")
-    given = cfg.model_fields_set - {"init_from"}
+    from peftkit.methods import method_of
+
+    # peftkit's own keys that no adapter_config.json holds (Poly's merge_task): the recipe's, never compared
+    kept = {key: getattr(cfg, key) for key in method_of(loaded).recipe_only
+            if cfg.method == loaded.method and key in cfg.model_fields_set}
+    given = cfg.model_fields_set - {"init_from"} - set(kept)
     if "method" in given and cfg.method != loaded.method:
         raise PeftkitError(
             f"adapter.init_from: {path} holds a {loaded.method} adapter, but adapter.method is {cfg.method!r}. "
@@ -78,7 +83,19 @@ def init_from_config(cfg: AdapterConfig) -> AdapterConfig:
             f"adapter.init_from: {path} holds a {loaded.method} adapter; the recipe's adapter section also sets "
             f"{', '.join(sorted(given))}, which are {cfg.method} settings. Leave only init_from."
         )
-    return loaded.model_copy(update={"init_from": path})
+    if kept:  # their checks against the adapter's settings (Poly's merge_task within its n_tasks)
+        _check_kept(loaded, kept, path)
+    return loaded.model_copy(update=kept | {"init_from": path})
+
+
+def _check_kept(loaded: AdapterConfig, kept: dict, path: str) -> None:
+    """The adapter's config with the recipe's own keys `kept` validated again (a copy: the adapter's private
+    settings stay on the one returned)."""
+    try:
+        type(loaded).model_validate(loaded.model_dump() | kept)
+    except ValidationError as e:
+        said = "; ".join(error["msg"].removeprefix("Value error, ") for error in e.errors())
+        raise PeftkitError(f"adapter.init_from: {path}: {said}") from None
 
 
 def _paths_for_names(given: object, recorded: object) -> bool:

@@ -336,3 +336,29 @@ def test_a_run_from_a_poly_adapter_with_export_merged_is_refused_by_text(tiny_ll
         said = " ".join(cli_user_error(monkeypatch, capsys, command, str(recipe)).split())
         assert (f"recipe.yaml:2: adapter.init_from {adapter} holds a poly adapter, which the recipe's other settings "
                 "do not allow: export.merged: Poly adapters (method: poly) cannot be merged") in said, command
+
+
+def test_a_run_from_a_poly_adapter_merges_the_task_its_recipe_names(tiny_llama, task_data, tmp_path, monkeypatch,
+                                                                    capsys):
+    """adapter: {method: poly, init_from: DIR, merge_task: 1} with export.merged: merge_task is peftkit's own, never in
+    adapter_config.json, and init_from refused it as a setting the adapter says otherwise ('merge_task: 1 in the
+    recipe, None in the adapter'; and without n_tasks repeated, as past the default n_tasks 1's tasks), so a run
+    from a Poly adapter could not export a merged model. The run now keeps it (Method.recipe_only): merged/ is the
+    trained adapter's task 1 (1e-5); a task past the adapter's n_tasks is refused by text."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from tests.conftest import save_random_adapter
+
+    start = save_random_adapter(tiny_llama, PolyConfig(method="poly", n_tasks=3), tmp_path / "poly", seed=1)
+    adapter = {"method": "poly", "init_from": str(start), "merge_task": 1}
+    recipe = method_recipe(tmp_path / "a", tiny_llama, task_data, adapter, export={"merged": True},
+                           training={"max_steps": 2}, eval={"base_model": False})
+    train(load_recipe(recipe), show_summary=False)
+    run = tmp_path / "a" / "run"
+    model = load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0].eval()
+    with torch.no_grad():
+        expected = model(input_ids=IDS, task_ids=torch.ones(2, dtype=torch.long)).logits
+        assert (_load(run / "merged")(input_ids=IDS).logits - expected).abs().max() <= 1e-5
+    recipe = method_recipe(tmp_path / "b", tiny_llama, task_data, adapter | {"merge_task": 3}, export={"merged": True})
+    assert f"adapter.init_from: {start}: merge_task 3 is past the adapter's tasks (0 .. 2); name one of them" in \
+        " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())

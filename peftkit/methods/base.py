@@ -206,6 +206,10 @@ class Method:
     targets_in_config: ClassVar[bool] = True
     """adapter_config.json names the layers adapted (`target_modules`). False: other files do (X-LoRA's experts, each
     in its own directory with its own adapter_config.json)."""
+    recipe_only: ClassVar[tuple[str, ...]] = ()
+    """Keys of peftkit's own that adapter_config.json does not hold (Poly's `merge_task`): a recipe with
+    adapter.init_from keeps its value of each (`peftkit.init_from`), which no adapter can match, and the config's
+    checks run again with the adapter's settings."""
 
     @classmethod
     def install(cls, model: nn.Module, cfg: Any) -> nn.Module:

@@ -74,7 +74,8 @@ class PolyConfig(ExcludedTargets):
 
     @model_validator(mode="after")
     def _merge_task_is_a_task(self) -> PolyConfig:
-        if self.merge_task is not None and self.merge_task >= self.n_tasks:
+        # (with init_from, n_tasks is the adapter's: checked once it is read, `peftkit.init_from`)
+        if self.merge_task is not None and self.merge_task >= self.n_tasks and not self.init_from:
             raise ValueError(f"merge_task {self.merge_task} is past the adapter's tasks (0 .. {self.n_tasks - 1}); "
                              "name one of them")
         return self
@@ -184,6 +185,7 @@ class Poly(Method):
     mergeable = False
     reads_task_ids = True
     tasks_key = "n_tasks"
+    recipe_only = ("merge_task",)
 
     @classmethod
     def merge_refusal(cls, cfg=None) -> str | None:
