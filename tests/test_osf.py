@@ -153,4 +153,5 @@ def test_gpt2_s_conv1d_and_a_quantized_base_are_refused(tiny_llama, tiny_gpt2, n
             "trains a part of the SVD of the base weight")
     recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "osf", "target_modules": ["q_proj"]},
                            quantization={"method": "nf4"})
-    assert said in " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    shown = " ".join(cli_user_error(monkeypatch, capsys, "validate", str(recipe)).split())
+    assert said in shown and "(remove the recipe's quantization section)" in shown  # (no model.quantization key)

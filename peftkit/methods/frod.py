@@ -251,7 +251,7 @@ class Frod(Method):
             raise PeftkitError(
                 f"adapter.target_modules: '{path}' is a 4-bit/8-bit (bitsandbytes) layer; FRoD replaces the whole "
                 "weight by U (S + diag(lambda_l)) V^T, computed from the unquantized weights (peft 0.21's FRoD takes "
-                "plain Linear and Conv1D layers only). Load the model unquantized (model.quantization: null), or use "
+                "plain Linear and Conv1D layers only). Load the model unquantized (remove the recipe's quantization section), or use "
                 "adapter.method: lora for QLoRA.")
         if not (isinstance(base, nn.Linear) or is_conv1d(base)):
             raise PeftkitError(

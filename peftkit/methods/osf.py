@@ -123,7 +123,7 @@ def refuse_quantized(path: str) -> PeftkitError:
         f"adapter.target_modules: '{path}' is a 4-bit/8-bit (bitsandbytes) layer; OSF trains a part of the SVD of "
         "the base weight, which peft 0.21 computes from the plain weight (a quantized one has none it can split), so "
         "an adapter trained on it would not be the adapter peft or a merge applies. Load the model unquantized "
-        "(model.quantization: null), or use adapter.method: lora for QLoRA.")
+        "(remove the recipe's quantization section), or use adapter.method: lora for QLoRA.")
 
 
 class OsfParams(nn.Module):

@@ -193,7 +193,7 @@ def refuse_quantized(path: str) -> PeftkitError:
         f"adapter.target_modules: '{path}' is a 4-bit/8-bit (bitsandbytes) layer; PSOFT takes A and B from the SVD of "
         "the base weight, which peft computes again from the unquantized weight on loading (peft 0.21 refuses a "
         "quantized one), so an adapter trained on the quantized weights would not be the adapter peft or a merge "
-        "applies. Load the model unquantized (model.quantization: null), or use adapter.method: lora for QLoRA.")
+        "applies. Load the model unquantized (remove the recipe's quantization section), or use adapter.method: lora for QLoRA.")
 
 
 class PsoftR(nn.Module):
