@@ -370,3 +370,19 @@ def test_a_compiled_run_trains_the_eager_run_s_adapter(number_data, tmp_path):
     assert max(float((eager[k] - compiled[k]).abs().max()) for k in eager) <= 1e-6
     assert eager["base_model.model.model.layers.0.shadow_up.default.weight"].abs().max() > 1e-3  # (moved from 0)
     torch._dynamo.reset()
+
+
+def test_a_pretrained_backbone_s_recipe_is_estimated(tiny_llama, number_data, tmp_path):
+    """shadow_model: a local directory. The memory estimate (`peftkit validate`, and `train` before it loads the model)
+    builds the model on the meta device, where transformers refuses from_pretrained: both failed with its RuntimeError
+    ('You are using `from_pretrained` with a meta device context manager'). There the backbone is built from its
+    config; the estimate trains peft's count of numbers (AdamW: 8 bytes each)."""
+    from peftkit.memory import estimate_memory
+    from peftkit.recipe import load_recipe
+
+    recipe = load_recipe(method_recipe(tmp_path, tiny_llama, number_data,
+                                       {"method": "shadow", "r": 4, "shadow_model": str(tiny_llama)}))
+    torch.manual_seed(0)
+    theirs = get_peft_model(_load(tiny_llama), peft.ShadowConfig(task_type="CAUSAL_LM", r=4,
+                                                                 shadow_model=str(tiny_llama)))
+    assert estimate_memory(recipe).optimizer == 8 * sum(p.numel() for p in theirs.parameters() if p.requires_grad)

@@ -142,11 +142,13 @@ def _mirror(decoder: nn.Module, cfg: ShadowConfig) -> nn.Module:
     return type(decoder)(config)
 
 
-def _pretrained(directory: str) -> nn.Module:
-    """A shadow backbone from a local directory (peft's AutoModel.from_pretrained), its embeddings frozen."""
+def _pretrained(directory: str, device: torch.device) -> nn.Module:
+    """A shadow backbone from a local directory (peft's AutoModel.from_pretrained), its embeddings frozen. On the
+    meta device (the memory estimate) its architecture alone, from its config: transformers refuses to load weights
+    there."""
     import json
 
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     raw = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8")) \
         if (Path(directory) / "config.json").is_file() else {}
@@ -154,7 +156,10 @@ def _pretrained(directory: str) -> nn.Module:
         raise PeftkitError(f"adapter.shadow_model: {directory} is a projected shadow checkpoint "
                            "(causal_lm_with_hidden_projection), which peftkit does not read; use a plain transformers "
                            "model directory, or shadow_model: mirror.")
-    backbone = AutoModel.from_pretrained(directory)
+    if device.type == "meta":
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(directory))
+    else:
+        backbone = AutoModel.from_pretrained(directory)
     for embedding in (backbone.get_input_embeddings(), backbone.get_output_embeddings()):
         if isinstance(embedding, nn.Module):
             embedding.requires_grad_(False)
@@ -375,8 +380,9 @@ class Shadow(Method):
         """Build the trunk, then each block's parts, in peft's order of draws; hook the decoder."""
         _, decoder = decoder_of(model)
         embedding = decoder.embed_tokens.weight
-        with torch.device(draw_device(embedding.device)):
-            backbone = _mirror(decoder, cfg) if cfg.shadow_model == "mirror" else _pretrained(cfg.shadow_model)
+        where = draw_device(embedding.device)
+        with torch.device(where):
+            backbone = _mirror(decoder, cfg) if cfg.shadow_model == "mirror" else _pretrained(cfg.shadow_model, where)
         d, width = int(decoder.config.hidden_size), int(backbone.config.hidden_size)
         projection = nn.Linear(width, d, bias=False) if width != d else nn.Identity()
         share = cfg.share_embeddings and cfg.shadow_model == "mirror" and width == d
