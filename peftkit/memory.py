@@ -137,6 +137,10 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None, tok=None
     frozen = sum(p.numel() for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
                  if not p.requires_grad)
     frozen += sum(b.numel() for holder in shared_holders(model) for b in holder.buffers())
+    # and a model-level holder's frozen parameters, in the dtype they load in: a pretrained ShadowPEFT backbone's
+    # embeddings (vocabulary x its width), weights the base does not hold
+    frozen_bytes = 4.0 * frozen + sum(p.numel() * p.element_size() for holder in shared_holders(model)
+                                      for p in holder.parameters() if not p.requires_grad)
     trained = float(sum(p.numel() * width[id(p)] for p in trainable))
     # What each method's layers keep for backward: per token (LoRA's rank-r intermediate), per layer (LoHa's
     # and LoKr's full (out, in) update, built every forward) and per row (Poly's mixed factors), fp32.
@@ -153,7 +157,7 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None, tok=None
                                  [p.numel() for p in trainable if id(p) in embedded])
     if recipe.training.optimizer == "adamw":  # torch's moments take each parameter's dtype
         optimizer = 2.0 * sum(p.numel() * width[id(p)] for p in trainable)
-    return MemoryEstimate(base, trained + 4.0 * frozen, trained, optimizer, activations=activations,
+    return MemoryEstimate(base, trained + frozen_bytes, trained, optimizer, activations=activations,
                           runtime=CPU_RUNTIME_BYTES if device.type == "cpu" else 0.0)
 
 

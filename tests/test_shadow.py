@@ -376,7 +376,9 @@ def test_a_pretrained_backbone_s_recipe_is_estimated(tiny_llama, number_data, tm
     """shadow_model: a local directory. The memory estimate (`peftkit validate`, and `train` before it loads the model)
     builds the model on the meta device, where transformers refuses from_pretrained: both failed with its RuntimeError
     ('You are using `from_pretrained` with a meta device context manager'). There the backbone is built from its
-    config; the estimate trains peft's count of numbers (AdamW: 8 bytes each)."""
+    config; the estimate trains peft's count of numbers (AdamW: 8 bytes each). Its adapter's bytes are every tensor
+    peft's model adds to the base, the backbone's frozen embeddings too (left out: 13,056 bytes here, a vocabulary x
+    the backbone's width in general), and its rotary buffers."""
     from peftkit.memory import estimate_memory
     from peftkit.recipe import load_recipe
 
@@ -385,4 +387,8 @@ def test_a_pretrained_backbone_s_recipe_is_estimated(tiny_llama, number_data, tm
     torch.manual_seed(0)
     theirs = get_peft_model(_load(tiny_llama), peft.ShadowConfig(task_type="CAUSAL_LM", r=4,
                                                                  shadow_model=str(tiny_llama)))
-    assert estimate_memory(recipe).optimizer == 8 * sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    estimate = estimate_memory(recipe)
+    assert estimate.optimizer == 8 * sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    added = sum(p.numel() for p in theirs.parameters()) - sum(p.numel() for p in _load(tiny_llama).parameters())
+    buffers = sum(b.numel() for b in theirs.base_model.shadow_backbone["default"].buffers())
+    assert estimate.adapter == 4 * (added + buffers)
