@@ -392,3 +392,38 @@ def test_a_pretrained_backbone_s_recipe_is_estimated(tiny_llama, number_data, tm
     added = sum(p.numel() for p in theirs.parameters()) - sum(p.numel() for p in _load(tiny_llama).parameters())
     buffers = sum(b.numel() for b in theirs.base_model.shadow_backbone["default"].buffers())
     assert estimate.adapter == 4 * (added + buffers)
+
+
+def test_layers_to_transform_picks_blocks_by_their_own_index(tmp_path):
+    """layers_to_transform [1] over every block (target_modules null) was refused, saying no layer index was found in
+    'model.layers.0' (peft's layer index is the number before a further dot, and a block's path ends in its own). It
+    keeps block 1, and the export loads in peft with our logits (peft adapts the blocks target_modules lists). peft
+    0.21.2's own ShadowConfig(layers_to_transform=[1]) adapts every block: its injection never reads the setting its
+    docstring describes ('The block indices to transform'), a peft bug. A layers_pattern that is not the blocks'
+    list and indices past the blocks are refused by text."""
+    from peftkit.peft_format import peft_config, save_adapter
+
+    path = tmp_path / "three"
+    AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=2, vocab_size=50)).save_pretrained(path)
+    torch.manual_seed(0)
+    ours, cfg = _load(path), ShadowConfig(method="shadow", init_weights=False, layers_to_transform=[1])
+    inject_adapters(ours, cfg)
+    ours.eval()
+    assert list(adapter_layers(ours)) == ["model.layers.1"]
+    save_adapter(tmp_path / "ours", adapter_state_dict(ours, []), peft_config(
+        cfg, list(adapter_layers(ours)), str(path), False, "llama", model_config=ours.config))
+    theirs = PeftModel.from_pretrained(_load(path), tmp_path / "ours").eval()
+    ids = IDS % 50
+    with torch.no_grad():
+        assert torch.equal(theirs(input_ids=ids).logits, ours(input_ids=ids).logits)
+    assert [n for n, _ in theirs.named_modules() if n.endswith(".shadow_down")] == [
+        "base_model.model.model.layers.1.shadow_down"]
+    everything = get_peft_model(_load(path), peft.ShadowConfig(task_type="CAUSAL_LM", layers_to_transform=[1]))
+    assert len([n for n, _ in everything.named_modules() if n.endswith(".shadow_down")]) == 3  # (peft's bug)
+    with pytest.raises(PeftkitError, match="adapter.layers_pattern 'h' does not name the decoder's list of blocks, "
+                                           "'layers'; set layers_pattern: layers"):
+        inject_adapters(_load(path), ShadowConfig(method="shadow", layers_to_transform=[1], layers_pattern="h"))
+    with pytest.raises(PeftkitError, match="adapter.layers_to_transform \\[5\\] keeps none of the targeted blocks "
+                                           "\\(numbered 0 to 2\\)"):
+        inject_adapters(_load(path), ShadowConfig(method="shadow", layers_to_transform=[5]))

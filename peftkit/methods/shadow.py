@@ -305,6 +305,26 @@ class ShadowTrainer(MethodTrainer):
         return self.weight * next_token_loss_sum(logits, batch["labels"], labelled)[0]
 
 
+def _pick_blocks(names: list[str], blocks: list[str], cfg: ShadowConfig) -> list[str]:
+    """The blocks `names` that cfg's layers_to_transform keeps: a block's index is its own, the last part of its path
+    (`model.layers.3`), where peft's layer index (the number before a further dot) finds none; a full path given in
+    target_modules whatever its index, as LoRA's. layers_pattern, where given, must name the blocks' list."""
+    wanted, pattern = cfg.layers_to_transform, cfg.layers_pattern
+    if wanted in (None, []) or not names:
+        return names
+    wanted = wanted if isinstance(wanted, list) else [wanted]
+    listed = blocks[0].rsplit(".", 2)[-2]  # (`layers`)
+    if pattern and not any(re.fullmatch(p, listed) for p in ([pattern] if isinstance(pattern, str) else pattern)):
+        raise PeftkitError(f"adapter.layers_pattern {pattern!r} does not name the decoder's list of blocks, "
+                           f"'{listed}'; set layers_pattern: {listed}, or remove it.")
+    given = cfg.target_modules if isinstance(cfg.target_modules, list) else []
+    kept = [n for n in names if n in given or blocks.index(n) in wanted]
+    if not kept:
+        raise PeftkitError(f"adapter.layers_to_transform {cfg.layers_to_transform} keeps none of the targeted blocks "
+                           f"(numbered {blocks.index(names[0])} to {blocks.index(names[-1])}); give indices among those.")
+    return kept
+
+
 class Shadow(Method):
     name = "shadow"
     title = "ShadowPEFT"
@@ -360,7 +380,7 @@ class Shadow(Method):
             if other := [n for n in names if n not in blocks]:
                 raise PeftkitError(f"adapter.target_modules: '{other[0]}' is no decoder block; ShadowPEFT wraps whole "
                                    f"blocks ({blocks[0]} ... {blocks[-1]}). Name blocks, or null for all of them.")
-        names = narrow(names, cfg)
+        names = _pick_blocks(narrow(names, cfg.model_copy(update={"layers_to_transform": None})), blocks, cfg)
         if not names:
             raise PeftkitError("adapter.target_modules names no decoder block of this model; name blocks (e.g. "
                                f"{blocks[0]}), or null for all of them.")
