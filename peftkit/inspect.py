@@ -75,6 +75,7 @@ def inspect_adapter(path: str | Path) -> dict:
     tied_rows = _tied_row_copies(weights_file, renamed, raw)
     trained, adapter_params, saved_params = _param_counts(method, targets, saved, shared, shapes, tied_rows, trained)
     trained -= method.repeated_in_file(peft, targets)  # (Lily's shared A and B, saved under each of their layers)
+    trained -= method.frozen_in_file(peft, shapes)  # (a pretrained ShadowPEFT backbone's embeddings)
     ranks = _ranks(method, targets, weights_file)
     info = {
         "path": str(path),

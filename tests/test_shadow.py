@@ -427,3 +427,19 @@ def test_layers_to_transform_picks_blocks_by_their_own_index(tmp_path):
     with pytest.raises(PeftkitError, match="adapter.layers_to_transform \\[5\\] keeps none of the targeted blocks "
                                            "\\(numbered 0 to 2\\)"):
         inject_adapters(_load(path), ShadowConfig(method="shadow", layers_to_transform=[5]))
+
+
+def test_inspect_counts_a_pretrained_backbone_s_embeddings_as_saved_not_trained(tiny_llama, tmp_path):
+    """peft saves a pretrained backbone's embeddings (frozen) beside what trains; `peftkit inspect` counted them as
+    trained (23,536 for peft's 20,272 here). It now gives peft's trainable count, and the file's numbers as saved."""
+    from peftkit.inspect import inspect_adapter
+
+    torch.manual_seed(0)
+    made = get_peft_model(_load(tiny_llama), peft.ShadowConfig(task_type="CAUSAL_LM", r=4,
+                                                               shadow_model=str(tiny_llama)))
+    made.save_pretrained(tmp_path / "peft")
+    info = inspect_adapter(tmp_path / "peft")
+    trained = sum(p.numel() for p in made.parameters() if p.requires_grad)
+    embeddings = made.base_model.shadow_backbone["default"].embed_tokens.weight
+    assert not embeddings.requires_grad
+    assert (info["trainable_params"], info["saved_params"]) == (trained, trained + embeddings.numel())

@@ -237,6 +237,14 @@ class Method:
         return 0
 
     @classmethod
+    def frozen_in_file(cls, peft: Any, shapes: dict[str, tuple[int, ...]]) -> int:
+        """Numbers the file of adapter_config.json `peft` saves that training never updates, where its settings decide
+        which (a ClassVar such as `untrained_names` cannot say): a pretrained ShadowPEFT backbone's embeddings, frozen
+        and saved as peft saves them. From the file's tensor shapes by PEFT key (`shapes`); `peftkit inspect` leaves
+        them out of the trainable count. Default: none."""
+        return 0
+
+    @classmethod
     def merge_refusal(cls, cfg: Any = None) -> str | None:
         """Why this method's adapters (of settings `cfg`, a recipe's or adapter_config.json's, where given) cannot be
         merged into the base weights (and what to do instead), or None."""

@@ -26,6 +26,7 @@ peft's cached generation differs from its own cache-free decoding (tests/test_sh
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -345,6 +346,18 @@ class Shadow(Method):
         """True: the last targeted block's update MLPs feed nothing (the state ends there; peft's are unused too), so
         torch DDP must look for unused parameters (else its second forward fails, measured on 2 processes)."""
         return True
+
+    @classmethod
+    def frozen_in_file(cls, peft: PeftShadowConfig, shapes: dict[str, tuple[int, ...]]) -> int:
+        """A pretrained backbone's frozen embeddings (shadow_model a directory), which the file saves as peft's: the
+        backbone's frozen parameters, found by building it from its config on the meta device."""
+        if peft.shadow_model == "mirror" or not Path(peft.shadow_model).is_dir():
+            return 0
+        meta = torch.device("meta")
+        with meta:
+            backbone = _pretrained(peft.shadow_model, meta)
+        frozen = {f"base_model.shadow_backbone.{KEY}.{n}" for n, p in backbone.named_parameters() if not p.requires_grad}
+        return sum(math.prod(shape) for key, shape in shapes.items() if key in frozen)
 
     @classmethod
     def merge_refusal(cls, cfg=None) -> str:
