@@ -133,14 +133,13 @@ def estimate_memory(recipe: Recipe, device: torch.device | None = None, tok=None
     # The meta model is built in the load dtype, so each trainable tensor has the dtype it trains in.
     width = {id(p): p.element_size() for p in trainable}
     # Frozen adapter tensors (LoRA-FA's A) are weights without gradient or optimizer state, and so are the frozen
-    # fp32 tensors every layer shares (VeRA's projections).
-    frozen = sum(p.numel() for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
-                 if not p.requires_grad)
-    frozen += sum(b.numel() for holder in shared_holders(model) for b in holder.buffers())
-    # and a model-level holder's frozen parameters, in the dtype they load in: a pretrained ShadowPEFT backbone's
-    # embeddings (vocabulary x its width), weights the base does not hold
-    frozen_bytes = 4.0 * frozen + sum(p.numel() * p.element_size() for holder in shared_holders(model)
-                                      for p in holder.parameters() if not p.requires_grad)
+    # tensors every layer shares (VeRA's projections; a pretrained ShadowPEFT backbone's embeddings and its rotary
+    # buffers, in the load dtype): each in the dtype it is held in.
+    frozen = [p for layer in adapter_layers(model).values() for p in layer.adapter_params().values()
+              if not p.requires_grad]
+    frozen += [t for holder in shared_holders(model) for t in [*holder.buffers(),
+                                                               *(p for p in holder.parameters() if not p.requires_grad)]]
+    frozen_bytes = float(sum(t.numel() * t.element_size() for t in frozen))
     trained = float(sum(p.numel() * width[id(p)] for p in trainable))
     # What each method's layers keep for backward: per token (LoRA's rank-r intermediate), per layer (LoHa's
     # and LoKr's full (out, in) update, built every forward) and per row (Poly's mixed factors), fp32.

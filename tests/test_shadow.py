@@ -443,3 +443,25 @@ def test_inspect_counts_a_pretrained_backbone_s_embeddings_as_saved_not_trained(
     embeddings = made.base_model.shadow_backbone["default"].embed_tokens.weight
     assert not embeddings.requires_grad
     assert (info["trainable_params"], info["saved_params"]) == (trained, trained + embeddings.numel())
+
+
+@pytest.mark.parametrize("backbone", ["mirror", "pretrained"])
+def test_a_bf16_base_s_estimate_holds_the_trunk_s_tensors_as_loaded(backbone, tiny_llama, number_data, tmp_path):
+    """On a bf16 base the backbone takes the base's dtype, its rotary buffers and a pretrained one's frozen embeddings
+    too: the estimate counted frozen shared tensors at 4 bytes each (16 bytes too many for the mirror's buffers here).
+    Its adapter bytes are now what the loaded model holds: the trained tensors and the trunk's frozen ones."""
+    from peftkit.adapters import shared_holders, trainable_parameters
+    from peftkit.memory import estimate_memory
+    from peftkit.modeling import load_model
+    from peftkit.recipe import load_recipe
+
+    adapter = {"method": "shadow", "r": 4} | ({"shadow_model": str(tiny_llama)} if backbone == "pretrained" else {})
+    path = method_recipe(tmp_path, tiny_llama, number_data, adapter)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(raw | {"model": raw["model"] | {"dtype": "bfloat16"}}))
+    recipe = load_recipe(path)
+    model = load_model(recipe.model, None, torch.device("cpu"))
+    inject_adapters(model, recipe.adapter)
+    (trunk,) = shared_holders(model)
+    held = [*trainable_parameters(model), *trunk.buffers(), *(p for p in trunk.parameters() if not p.requires_grad)]
+    assert estimate_memory(recipe).adapter == sum(t.numel() * t.element_size() for t in held)
