@@ -35,6 +35,18 @@ METHODS = {
              "opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.5, "opt_projection_epsilon": 0.5}, 4),
     # The classifier's scalings pass, a whole forward of the model run inside each DDP forward (its experts: below).
     "xlora": ({"method": "xlora", "xlora_depth": 2, "xlora_size": 8, "xlora_dropout_p": 0.0}, 4),
+    # Frozen SVD factors of each base weight, P seeded per layer, and one trained v shared by consecutive layers
+    # (weight_tying: a parameter several layers reach, its gradients summed before the all-reduce), drawn uniform.
+    "tinylora": ({"method": "tinylora", "r": 2, "u": 4, "weight_tying": 0.5, "init_weights": "uniform",
+                  "target_modules": "all-linear"}, 4),
+    # Coefficients at entries drawn from random_loc_seed (never saved: drawn alike on each process) and the inverse
+    # DWT of a longer wavelet than Haar's.
+    "waveft": ({"method": "waveft", "n_frequency": 48, "wavelet_family": "db2", "init_weights": False,
+                "target_modules": ["q_proj", "v_proj", "down_proj"]}, 4),
+    # A shadow network riding the layer loop, its auxiliary loss (the base's head on s0) added per process's rows,
+    # and the last block's update MLPs unused (find_unused_parameters).
+    "shadow": ({"method": "shadow", "r": 4, "shadow_dropout": 0.0, "shadow_intermediate_size": 16,
+                "auxiliary_loss_weight": 0.5}, 4),
 }
 
 
