@@ -97,6 +97,34 @@ def test_two_processes_train_each_method_s_adapter_of_one_with_twice_the_batch(m
         assert sum(kept) == 3 * len(kept) and set(kept) != {3}, kept
 
 
+
+def test_lily_s_router_averages_over_each_process_s_rows(tiny_llama, number_data, tmp_path):
+    """Lily's router weighs its B experts by the mean of its softmax over every token of the forward's batch, so a row's
+    output depends on the rows beside it: 2 processes x batch 2 each average over their own slice (trimmed to its
+    longest row, as one process pads a micro-batch of those rows), as one process averages over each micro-batch of
+    its gradient accumulation. They train the adapter of 1 process x batch 2 with twice the grad_accum (the same
+    global window, the same forwards: 8.4e-8 measured), not 1 x batch 4's (2.2e-2 apart, measured). Shared A
+    (stride_A 2) and B, a router per layer. (~15 s: one 2-process run.)"""
+    adapter = {"method": "lily", "r": 4, "num_B": 3, "stride_A": 2, "init_weights": False,
+               "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    runs = {}
+    for name, batch_size, grad_accum in (("halves", 2, 4), ("whole", 4, 2), ("two", 2, 2)):
+        path = _recipe(tmp_path / name, tiny_llama, number_data, adapter, batch_size, 4)
+        raw = yaml.safe_load(path.read_text())
+        raw["training"]["grad_accum"] = grad_accum
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        runs[name] = path
+    for name in ("halves", "whole"):
+        train(load_recipe(runs[name]))
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(runs["two"]), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (a, config_a), (b, config_b) = _exported(tmp_path / "halves" / "run"), _exported(tmp_path / "two" / "run")
+    assert a.keys() == b.keys() and config_a == config_b
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    whole, _ = _exported(tmp_path / "whole" / "run")
+    assert max((whole[k] - b[k]).abs().max().item() for k in a) > 1e-3  # (the batch's mean is the slice's)
+
 STAND_IN = {
     # VeLoRA's batch_average projection is the mean over the global batch, added up over the processes: the
     # stand-in's copy was added too, its row counted twice (max abs difference 0.053, in the saved projection,
