@@ -125,6 +125,53 @@ def test_lily_s_router_averages_over_each_process_s_rows(tiny_llama, number_data
     whole, _ = _exported(tmp_path / "whole" / "run")
     assert max((whole[k] - b[k]).abs().max().item() for k in a) > 1e-3  # (the batch's mean is the slice's)
 
+
+def test_poly_s_task_ids_travel_with_their_rows(tiny_llama, tmp_path):
+    """Poly routes each row by its task; in training the routing is a RelaxedBernoulli sample, which each process
+    draws for its own rows (as dropout's masks), so runs agree bit for bit only where the sample cannot vary: here
+    every task's logits are +-40 (task t takes skill (t + head) % 3 of each of its 2 heads; the logistic noise is
+    within +-16 in fp32), so the sample is 1.0 or within 1e-10 of 0, and the logits' gradients ~1e-10 (SGD: they do
+    not move). 2 processes x batch 2 then train the skills of 1 process x batch 4 only if each row's task id goes to
+    the process with the row: with the first rows' ids in each slice instead (tried by hand in `shard`) the skills end
+    2.0e-2 apart; 1.5e-6 now (measured). The eval loss, each process scoring whole batches with their rows' tasks, is
+    the one process's. (~20 s: one 2-process run.)"""
+    from safetensors.torch import save_file
+
+    from peftkit.methods.poly import PolyConfig
+    from peftkit.tiny import number_rows, write_jsonl
+    from tests.conftest import save_random_adapter
+
+    for name, rows, seed in (("train", 64, 1), ("eval", 16, 2)):
+        write_jsonl(tmp_path / f"{name}.jsonl", [r | {"task": i % 3} for i, r in enumerate(number_rows(rows, seed))])
+    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
+    start = save_random_adapter(tiny_llama, PolyConfig(method="poly", r=4, n_tasks=3, n_skills=3, n_splits=2,
+                                                       target_modules=["q_proj", "v_proj", "down_proj"]),
+                                tmp_path / "start", seed=1)
+    saturated = torch.full((3, 2, 3), -40.0)  # (task, head, skill)
+    for task in range(3):
+        saturated[task, [0, 1], [task, (task + 1) % 3]] = 40.0
+    state = load_file(start / "adapter_model.safetensors")
+    state = {k: saturated.reshape(3, 6).clone() if k.endswith("module_logits") else t for k, t in state.items()}
+    save_file(state, start / "adapter_model.safetensors", metadata={"format": "pt"})
+    runs = {}
+    for name, batch_size in (("one", 4), ("two", 2)):
+        path = _recipe(tmp_path / name, tiny_llama, data, {"init_from": str(start)}, batch_size, 4)
+        raw = yaml.safe_load(path.read_text())
+        raw["training"] |= {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0}
+        raw["data"]["eval"] = str(data["eval"])
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        runs[name] = path
+    train(load_recipe(runs["one"]))
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(runs["two"]), "--num-processes", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (a, _), (b, _) = _exported(tmp_path / "one" / "run"), _exported(tmp_path / "two" / "run")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((a[k] - state[k]).abs().max().item() for k in a) > 1e-2  # (the skills trained)
+    losses = [json.loads((tmp_path / n / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
+              for n in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
 STAND_IN = {
     # VeLoRA's batch_average projection is the mean over the global batch, added up over the processes: the
     # stand-in's copy was added too, its row counted twice (max abs difference 0.053, in the saved projection,
