@@ -74,6 +74,37 @@ def test_fsdp_refuses_a_bank_every_layer_trains(tiny_llama, number_data, tmp_pat
         "cannot shard once per decoder layer; train it under DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO "
         "(configs/accelerate/zero2.yaml, zero3.yaml).")
 
+
+@pytest.mark.parametrize("adapter, shared", [
+    ({"method": "lily", "r": 4, "stride_A": 2},
+     "one B module (lily_B) per kind of layer, which the layers of that kind in every decoder layer share, and an A "
+     "(lily_A) per 2 of them (stride_A)"),
+    ({"method": "tinylora", "u": 4, "weight_tying": 0.5},
+     "one v (tinylora_v) per group of consecutive targets (adapter.weight_tying: 0.5), which spans decoder layers "
+     "(weight_tying: 0 gives each layer its own)"),
+], ids=["lily", "tinylora-weight_tying"])
+def test_fsdp_refuses_a_tensor_several_decoder_layers_train(adapter, shared, tiny_llama, number_data, tmp_path):
+    """Lily's B (and with stride_A its A) and TinyLoRA's tied v are one parameter that several decoder layers' adapters
+    reach, as VB-LoRA's bank: by hand, torch's fully_shard per decoder layer (accelerate's wrap, on the CPU over gloo)
+    failed at the second layer ('Invariant encountered'; TinyLoRA's: 'is shared with a parameter already managed by
+    another FSDP group'), after the model had loaded. Refused first, naming what is shared; without tying TinyLoRA
+    passes (its fully_shard and a training step ran). By hand under ZeRO-3 on the CPU both train one process's
+    adapter (3.0e-8, 5.6e-9)."""
+    path = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(path.read_text())
+    raw["adapter"] = adapter  # (make_recipe's are LoRA's)
+    path.write_text(yaml.safe_dump(raw))
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
+    with pytest.raises(PeftkitError) as e:
+        check_engine(load_recipe(path), fsdp)
+    assert str(e.value) == (
+        f"adapter.method: {adapter['method']} trains {shared}, which FSDP cannot shard once per decoder layer; train it "
+        "under DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO (configs/accelerate/zero2.yaml, zero3.yaml).")
+    if adapter["method"] == "tinylora":
+        raw["adapter"] = adapter | {"weight_tying": 0.0}
+        path.write_text(yaml.safe_dump(raw))
+        check_engine(load_recipe(path), fsdp)
+
 @gpu
 def test_fsdp2_trains_the_adapter_of_a_plain_run_and_resumes_bit_identically(tiny_llama, number_data, tmp_path):
     """The FSDP2 run's adapter equals the plain run's (fp32, deterministic kernels); its checkpoints hold whole

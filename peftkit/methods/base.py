@@ -255,6 +255,17 @@ class Method:
                 "export.merged: false (or skip `peftkit merge`) and use it with `peftkit eval/generate --adapter DIR`.")
 
     @classmethod
+    def shared_across_layers(cls, cfg: Any) -> str | None:
+        """What of this recipe's adapter trains as one parameter that several decoder layers' adapters reach, as the
+        object of 'trains ...' (naming the tensor and the key that shares it), or None. FSDP2 shards each decoder
+        layer's parameters as its own unit, and torch's fully_shard fails at the second layer that reaches such a
+        parameter, after the model has loaded: `peftkit.distributed.check_engine` refuses it first. Default: the
+        model-level tensors that train (`shared_trained`: VB-LoRA's vector bank)."""
+        if not cls.shared_trained:
+            return None
+        return f"one tensor ({', '.join(cls.shared_trained)}) that every adapted layer shares"
+
+    @classmethod
     def skips_parameters(cls, cfg: Any) -> bool:
         """Whether a training forward may leave some of the adapter's parameters out of the graph, at random and
         per process (LyCORIS' `module_dropout`): torch DDP must then look for unused parameters every step."""

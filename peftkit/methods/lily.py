@@ -166,6 +166,13 @@ class Lily(Method):
                 layer.lily_A = members[i - i % cfg.stride_A].lily_A
 
     @classmethod
+    def shared_across_layers(cls, cfg: LilyConfig) -> str:
+        # (FSDP2: torch's fully_shard of the second decoder layer failed, 'Invariant encountered', by hand on the CPU)
+        a = f", and an A (lily_A) per {cfg.stride_A} of them (stride_A)" if cfg.stride_A > 1 else ""
+        return ("one B module (lily_B) per kind of layer, which the layers of that kind in every decoder layer share"
+                + a)
+
+    @classmethod
     def repeated_in_file(cls, peft: PeftLilyConfig, targets: dict[str, dict[str, tuple[int, ...]]]) -> int:
         """The numbers of every A and B the file repeats under a layer that shares its group leader's (`link_layers`'
         grouping, read from the file's shapes)."""

@@ -207,6 +207,15 @@ class TinyLora(Method):
             layer.tinylora_v = shared[group]
 
     @classmethod
+    def shared_across_layers(cls, cfg: TinyLoraConfig) -> str | None:
+        # (FSDP2: fully_shard of the second decoder layer failed, 'shared with a parameter already managed by another
+        # FSDP group', by hand on the CPU; without tying it shards and trains)
+        if cfg.weight_tying == 0:
+            return None
+        return (f"one v (tinylora_v) per group of consecutive targets (adapter.weight_tying: {cfg.weight_tying:g}), "
+                "which spans decoder layers (weight_tying: 0 gives each layer its own)")
+
+    @classmethod
     def to_peft_file(cls, state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """Each layer's v as peft's one `base_model.tinylora_v.<group>` (the layers in the model's order, as
         `adapter_state_dict` gives them); P left out without save_projection."""
