@@ -243,3 +243,37 @@ def test_pvera_s_seeded_noise_resumes_in_two_processes_to_the_same_bits(tiny_lla
     (run / "manifest.json").unlink()
     two("--resume")
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
+
+
+def test_poly_s_sampled_routing_resumes_in_two_processes_to_the_same_bits(tiny_llama, tmp_path):
+    """Poly in training draws a RelaxedBernoulli routing sample per layer and forward from torch's generator, each
+    process for its own rows (its generator reseeded with seed + rank), a draw no other method's resume test makes: a
+    2-process run killed after its step-2 checkpoint and resumed must draw what the unbroken run drew after it, on
+    each process, and write its adapter byte for byte. Three tasks, two heads. (~30 s: a 2-process run and a resumed
+    half of one.)"""
+    from peftkit.tiny import number_rows, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", [r | {"task": i % 3} for i, r in enumerate(number_rows(64, seed=1))])
+    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "train.jsonl"}
+    adapter = {"method": "poly", "r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2, "init_weights": False,
+               "target_modules": ["q_proj", "v_proj"]}
+    recipe = _recipe(tmp_path, tiny_llama, data, adapter, 2, 4)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["training"] |= {"save_steps": 2, "save_total_limit": 4}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = tmp_path / "run"
+
+    def two(*extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "--num-processes", "2", *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    two()
+    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    state = torch.load(run / "checkpoints" / "step-00000002" / "training_state.pt", weights_only=True)
+    assert not torch.equal(state["rng_ranks"][0]["cpu"], state["rng_ranks"][1]["cpu"])  # (each process's own)
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    (run / "manifest.json").unlink()
+    two("--resume")
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
