@@ -342,6 +342,19 @@ def check_engine(cfg, accelerator) -> None:
     from peftkit.errors import PeftkitError
     from peftkit.methods import method_of
 
+    kind = str(accelerator.distributed_type).removeprefix("DistributedType.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != "FSDP":
+        # accelerate's state takes FSDP only with GPUs (and other accelerators), and on a CPU runs DDP instead
+        import warnings
+
+        from peftkit.errors import PeftkitWarning
+
+        warnings.warn(PeftkitWarning(
+            f"The accelerate config asks for FSDP, which accelerate runs on GPUs (and other accelerators) only: these "
+            f"{accelerator.num_processes} processes train under plain data parallelism ({kind}), each holding the whole "
+            "model, and what FSDP refuses is not checked. On a CPU launch with configs/accelerate/ddp.yaml (or peftkit "
+            "train --num-processes N) to say so."), stacklevel=2)
+
     if sharded(accelerator) and getattr(cfg.adapter, "layer_replication", None):
         raise PeftkitError(
             "adapter.layer_replication stacks copies of layers that share their weights, which FSDP and ZeRO-3 shard "

@@ -105,6 +105,33 @@ def test_fsdp_refuses_a_tensor_several_decoder_layers_train(adapter, shared, tin
         path.write_text(yaml.safe_dump(raw))
         check_engine(load_recipe(path), fsdp)
 
+
+def test_an_fsdp_config_without_cuda_devices_warns_that_it_runs_ddp(tiny_llama, number_data, tmp_path, monkeypatch):
+    """accelerate turns FSDP on only with CUDA devices: on a CPU `accelerate launch --config_file fsdp2.yaml` ran plain
+    DDP without a word (by hand: a ShadowPEFT recipe, which FSDP refuses, trained on 2 processes, its manifest saying
+    MULTI_CPU), each process holding the whole model. It now warns; a real FSDP run and a DDP config do not."""
+    from peftkit.errors import PeftkitWarning
+
+    path = make_recipe(tmp_path, tiny_llama, number_data)
+    raw = yaml.safe_load(path.read_text())
+    raw["adapter"] = {"method": "shadow", "r": 4}
+    path.write_text(yaml.safe_dump(raw))
+    recipe = load_recipe(path)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # (what accelerate's launcher sets for fsdp2.yaml)
+    with pytest.warns(PeftkitWarning) as said:
+        check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+    assert str(said[0].message) == (
+        "The accelerate config asks for FSDP, which accelerate runs on GPUs (and other accelerators) only: these 2 "
+        "processes train under plain data parallelism (MULTI_CPU), each holding the whole model, and what FSDP refuses "
+        "is not checked. On a CPU launch with configs/accelerate/ddp.yaml (or peftkit train --num-processes N) to say so.")
+    with pytest.raises(PeftkitError, match="adapter.method: shadow cannot train under FSDP"):
+        check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_engine(recipe, SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, num_processes=2))
+
 @gpu
 def test_fsdp2_trains_the_adapter_of_a_plain_run_and_resumes_bit_identically(tiny_llama, number_data, tmp_path):
     """The FSDP2 run's adapter equals the plain run's (fp32, deterministic kernels); its checkpoints hold whole
