@@ -383,11 +383,11 @@ def check_engine(cfg, accelerator) -> None:
         zero.check(cfg, accelerator)
     elif sharded(accelerator) and (shared := method_of(cfg.adapter).shared_across_layers(cfg.adapter)):
         # FSDP2 shards each decoder layer's parameters as its own unit; a parameter several layers' adapters reach
-        # (VB-LoRA's `SharedTensors`, Lily's B, TinyLoRA's tied v) is a DTensor of the first unit when the second is
+        # (VB-LoRA's `SharedTensors`, Lily's B, TinyLoRA's tied v, FRoD's V) is a DTensor of the first unit when the second is
         # sharded, and fully_shard fails there (torch's TypeError 'Invariant encountered', or its ValueError 'shared with
         # a parameter already managed by another FSDP group'), after the model had loaded. ZeRO-3 gathers it (tested).
         raise PeftkitError(
-            f"adapter.method: {cfg.adapter.method} trains {shared}, which FSDP cannot shard once per decoder layer; "
+            f"adapter.method: {cfg.adapter.method} {shared}, which FSDP cannot shard once per decoder layer; "
             "train it under DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO (configs/accelerate/zero2.yaml, "
             "zero3.yaml).")
     elif sharded(accelerator) and cfg.export.merged:

@@ -82,14 +82,17 @@ def test_fsdp_refuses_a_bank_every_layer_trains(tiny_llama, number_data, tmp_pat
     ({"method": "tinylora", "u": 4, "weight_tying": 0.5},
      "one v (tinylora_v) per group of consecutive targets (adapter.weight_tying: 0.5), which spans decoder layers "
      "(weight_tying: 0 gives each layer its own)"),
-], ids=["lily", "tinylora-weight_tying"])
+    ({"method": "frod", "target_modules": ["q_proj", "v_proj"]},
+     "one V (frod_V, frozen) and one set of S entries per kind of layer, which the layers of that kind in every "
+     "decoder layer share"),
+], ids=["lily", "tinylora-weight_tying", "frod"])
 def test_fsdp_refuses_a_tensor_several_decoder_layers_train(adapter, shared, tiny_llama, number_data, tmp_path):
-    """Lily's B (and with stride_A its A) and TinyLoRA's tied v are one parameter that several decoder layers' adapters
-    reach, as VB-LoRA's bank: by hand, torch's fully_shard per decoder layer (accelerate's wrap, on the CPU over gloo)
-    failed at the second layer ('Invariant encountered'; TinyLoRA's: 'is shared with a parameter already managed by
-    another FSDP group'), after the model had loaded. Refused first, naming what is shared; without tying TinyLoRA
-    passes (its fully_shard and a training step ran). By hand under ZeRO-3 on the CPU both train one process's
-    adapter (3.0e-8, 5.6e-9)."""
+    """Lily's B (and with stride_A its A), TinyLoRA's tied v and FRoD's V (frozen, a parameter all the same) are one
+    parameter that several decoder layers' adapters reach, as VB-LoRA's bank: by hand, torch's fully_shard per decoder
+    layer (accelerate's wrap, on the CPU over gloo) failed at the second layer ('Invariant encountered'; TinyLoRA's and
+    FRoD's: 'is shared with a parameter already managed by another FSDP group'), after the model had loaded. Refused
+    first, naming what is shared; without tying TinyLoRA passes (its fully_shard and a training step ran). By hand
+    under ZeRO-3 on the CPU Lily and TinyLoRA train one process's adapter (3.0e-8, 5.6e-9)."""
     path = make_recipe(tmp_path, tiny_llama, number_data)
     raw = yaml.safe_load(path.read_text())
     raw["adapter"] = adapter  # (make_recipe's are LoRA's)
@@ -97,9 +100,10 @@ def test_fsdp_refuses_a_tensor_several_decoder_layers_train(adapter, shared, tin
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP)
     with pytest.raises(PeftkitError) as e:
         check_engine(load_recipe(path), fsdp)
+    verb = "holds" if adapter["method"] == "frod" else "trains"
     assert str(e.value) == (
-        f"adapter.method: {adapter['method']} trains {shared}, which FSDP cannot shard once per decoder layer; train it "
-        "under DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO (configs/accelerate/zero2.yaml, zero3.yaml).")
+        f"adapter.method: {adapter['method']} {verb} {shared}, which FSDP cannot shard once per decoder layer; train "
+        "it under DDP (configs/accelerate/ddp.yaml) or DeepSpeed ZeRO (configs/accelerate/zero2.yaml, zero3.yaml).")
     if adapter["method"] == "tinylora":
         raw["adapter"] = adapter | {"weight_tying": 0.0}
         path.write_text(yaml.safe_dump(raw))

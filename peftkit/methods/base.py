@@ -256,14 +256,14 @@ class Method:
 
     @classmethod
     def shared_across_layers(cls, cfg: Any) -> str | None:
-        """What of this recipe's adapter trains as one parameter that several decoder layers' adapters reach, as the
-        object of 'trains ...' (naming the tensor and the key that shares it), or None. FSDP2 shards each decoder
-        layer's parameters as its own unit, and torch's fully_shard fails at the second layer that reaches such a
-        parameter, after the model has loaded: `peftkit.distributed.check_engine` refuses it first. Default: the
-        model-level tensors that train (`shared_trained`: VB-LoRA's vector bank)."""
+        """What parameter of this recipe's adapter several decoder layers' adapters reach, trained or frozen, as what
+        follows 'adapter.method: X ' ('trains one tensor (...) that ...': naming the tensor and the key that shares
+        it), or None. FSDP2 shards each decoder layer's parameters as its own unit, and torch's fully_shard fails at
+        the second layer that reaches such a parameter, after the model has loaded: `peftkit.distributed.check_engine`
+        refuses it first. Default: the model-level tensors that train (`shared_trained`: VB-LoRA's vector bank)."""
         if not cls.shared_trained:
             return None
-        return f"one tensor ({', '.join(cls.shared_trained)}) that every adapted layer shares"
+        return f"trains one tensor ({', '.join(cls.shared_trained)}) that every adapted layer shares"
 
     @classmethod
     def skips_parameters(cls, cfg: Any) -> bool:

@@ -237,6 +237,13 @@ class Frod(Method):
     rank_dims = {"frod_V": 0, "frod_lambda_l": 0}
 
     @classmethod
+    def shared_across_layers(cls, cfg: FrodConfig) -> str:
+        # (FSDP2: fully_shard of the second decoder layer failed, 'shared with a parameter already managed by another
+        # FSDP group', by hand on the CPU: frozen, V is a parameter all the same)
+        return ("holds one V (frod_V, frozen) and one set of S entries per kind of layer, which the layers of that kind "
+                "in every decoder layer share")
+
+    @classmethod
     def resolve(cls, cfg: FrodConfig, model_type: str | None) -> FrodConfig:
         if cfg.target_modules is not None:
             return cfg

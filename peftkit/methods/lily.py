@@ -169,7 +169,7 @@ class Lily(Method):
     def shared_across_layers(cls, cfg: LilyConfig) -> str:
         # (FSDP2: torch's fully_shard of the second decoder layer failed, 'Invariant encountered', by hand on the CPU)
         a = f", and an A (lily_A) per {cfg.stride_A} of them (stride_A)" if cfg.stride_A > 1 else ""
-        return ("one B module (lily_B) per kind of layer, which the layers of that kind in every decoder layer share"
+        return ("trains one B module (lily_B) per kind of layer, which the layers of that kind in every decoder layer share"
                 + a)
 
     @classmethod

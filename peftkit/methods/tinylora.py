@@ -212,7 +212,7 @@ class TinyLora(Method):
         # FSDP group', by hand on the CPU; without tying it shards and trains)
         if cfg.weight_tying == 0:
             return None
-        return (f"one v (tinylora_v) per group of consecutive targets (adapter.weight_tying: {cfg.weight_tying:g}), "
+        return (f"trains one v (tinylora_v) per group of consecutive targets (adapter.weight_tying: {cfg.weight_tying:g}), "
                 "which spans decoder layers (weight_tying: 0 gives each layer its own)")
 
     @classmethod
