@@ -376,7 +376,7 @@ def check_engine(cfg, accelerator) -> None:
             "adapter.use_asa: AdaMSS's subspace allocation freezes subspaces while training (their requires_grad off), "
             "which DeepSpeed and FSDP cannot follow once they have wrapped the model; train it under DDP "
             "(configs/accelerate/ddp.yaml) or on one process, or set use_asa: false.")
-    if sharded(accelerator) and (why := method_of(cfg.adapter).fsdp_refusal):
+    if kind == "FSDP" and (why := method_of(cfg.adapter).fsdp_refusal):  # (ZeRO-3: `zero.check`'s own)
         raise PeftkitError(f"adapter.method: {cfg.adapter.method} cannot train under FSDP: {why}; train it under DDP "
                            "(configs/accelerate/ddp.yaml).")
     if zero.active(accelerator):

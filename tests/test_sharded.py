@@ -110,6 +110,29 @@ def test_fsdp_refuses_a_tensor_several_decoder_layers_train(adapter, shared, tin
         check_engine(load_recipe(path), fsdp)
 
 
+
+def test_a_method_s_fsdp_refusal_is_said_under_fsdp_only(tiny_llama, number_data, tmp_path):
+    """Method.fsdp_refusal was said under ZeRO-3 too ('adapter.method: shadow cannot train under FSDP', by hand from
+    `accelerate launch --config_file configs/accelerate/zero3.yaml`), where ShadowPEFT trains: by hand, 2 processes
+    under ZeRO-3 on the CPU train the adapter of 1 process x batch 8 within 1.2e-7 (2 steps, auxiliary loss 0.5).
+    Under ZeRO-3 it now passes, and CPT gets DeepSpeed's own refusal."""
+    zero3 = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2, state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})))
+    recipes = {}
+    for method, adapter in (("shadow", {"method": "shadow", "r": 4}),
+                            ("cpt", {"method": "cpt", "cpt_token_ids": [5, 6, 7], "cpt_tokens_type_mask": [1, 2, 3]})):
+        path = make_recipe(tmp_path / method, tiny_llama, number_data)
+        raw = yaml.safe_load(path.read_text())
+        raw["adapter"] = adapter
+        path.write_text(yaml.safe_dump(raw))
+        recipes[method] = load_recipe(path)
+    check_engine(recipes["shadow"], zero3)
+    with pytest.raises(PeftkitError, match="adapter.method: cpt is not supported under DeepSpeed"):
+        check_engine(recipes["cpt"], zero3)
+    for method in recipes:
+        with pytest.raises(PeftkitError, match=f"adapter.method: {method} cannot train under FSDP"):
+            check_engine(recipes[method], SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2))
+
 def test_an_fsdp_config_without_cuda_devices_warns_that_it_runs_ddp(tiny_llama, number_data, tmp_path, monkeypatch):
     """accelerate turns FSDP on only with CUDA devices: on a CPU `accelerate launch --config_file fsdp2.yaml` ran plain
     DDP without a word (by hand: a ShadowPEFT recipe, which FSDP refuses, trained on 2 processes, its manifest saying
@@ -200,6 +223,23 @@ def test_fsdp2_trains_each_method_s_adapter_as_a_plain_run(adapter, tiny_llama, 
     assert one.keys() == two.keys()
     assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
 
+
+
+@gpu
+def test_fsdp2_refuses_shadowpeft_before_the_model_loads(tiny_llama, number_data, tmp_path):
+    """What a user sees who launches ShadowPEFT with configs/accelerate/fsdp2.yaml: the refusal's one line (its
+    backbone is one module every targeted block reaches), said before the memory estimate and the model's loading.
+    Not run yet (no GPU lent when it was added); on a CPU the config runs DDP instead, with a warning (above)."""
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, **_sections())
+    raw = yaml.safe_load(recipe.read_text())
+    raw["adapter"] = {"method": "shadow", "r": 4}
+    recipe.write_text(yaml.safe_dump(raw))
+    done = _launch(recipe)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert ("error: adapter.method: shadow cannot train under FSDP: its backbone is one module every targeted block "
+            "reaches (the trunk)") in said, said[-3000:]
+    assert "Memory estimate" not in said and not (tmp_path / "run" / "manifest.json").exists()
 
 @gpu
 def test_fsdp2_qlora_with_float_quant_storage(tiny_llama, number_data, tmp_path):
