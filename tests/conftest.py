@@ -406,6 +406,26 @@ def gpt2_without_dropout(gpt2: Path, out: Path) -> Path:
     return out
 
 
+def check_resumes_and_checkpoints_alike(tmp_path: Path, model: Path, files: dict[str, Path], adapter: dict) -> dict:
+    """A 4-step run of `adapter` killed after step 2 and resumed writes the unbroken run's file byte for byte
+    (`check_resumes_to_the_same_bits`), and the same run with gradient checkpointing trains that adapter (1e-6). The
+    unbroken run's tensors, for the caller's own checks."""
+    from safetensors.torch import load_file
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    recipe = method_recipe(tmp_path / "a", model, files, adapter, eval={"base_model": False},
+                           training={"max_steps": 4, "save_steps": 2, "save_total_limit": 10, "lr": 5e-2})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "a" / "run", kill_after=2, steps=4)
+    checkpointed = method_recipe(tmp_path / "b", model, files, adapter, eval={"base_model": False},
+                                 training={"max_steps": 4, "lr": 5e-2, "gradient_checkpointing": True})
+    train(load_recipe(checkpointed), show_summary=False)
+    ours, plain = (load_file(tmp_path / run / "run" / "adapter" / "adapter_model.safetensors") for run in ("b", "a"))
+    assert ours.keys() == plain.keys() and all((ours[k] - plain[k]).abs().max() <= 1e-6 for k in plain)
+    return plain
+
+
 def check_resumes_to_the_same_bits(recipe: Path, run: Path, kill_after: int, steps: int) -> None:
     """Train `recipe` (saving a checkpoint every `kill_after` steps or fewer) to `run`, drop the checkpoints after step
     `kill_after` and the manifest (a run killed there), resume: the adapter's file equals the unbroken run's, byte for

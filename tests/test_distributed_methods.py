@@ -69,6 +69,32 @@ def _exported(run) -> tuple[dict, dict]:
     return load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
 
 
+def _resumes_in_two_processes(tmp_path, recipe) -> dict:
+    """`recipe` (4 steps, a checkpoint every 2) trained in 2 processes; then, its last checkpoint and manifest deleted
+    as a kill after step 2 leaves them, resumed in 2 processes: the adapter is the unbroken run's byte for byte. The
+    step-2 checkpoint's training state, for the caller's checks of what it kept."""
+    import shutil
+
+    raw = yaml.safe_load(recipe.read_text())
+    raw["training"] |= {"save_steps": 2, "save_total_limit": 4}
+    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run = tmp_path / "run"
+
+    def two(*extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "--num-processes", "2", *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    two()
+    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    state = torch.load(run / "checkpoints" / "step-00000002" / "training_state.pt", weights_only=True)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    (run / "manifest.json").unlink()
+    two("--resume")
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
+    return state
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes_train_each_method_s_adapter_of_one_with_twice_the_batch(method, tiny_llama, number_data,
                                                                                   tmp_path):
@@ -222,27 +248,9 @@ def test_pvera_s_seeded_noise_resumes_in_two_processes_to_the_same_bits(tiny_lla
     another than the unbroken run's, and so was the adapter (measured on that code: its bytes differ). Now every
     process's states are kept and each gets its own back. (~25 s: a 2-process run and a resumed half of one.)"""
     adapter = {"method": "pvera", "r": 8, "generator_seed": 3, "target_modules": ["q_proj", "v_proj"]}
-    recipe = _recipe(tmp_path, tiny_llama, number_data, adapter, 2, 4)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["training"] |= {"save_steps": 2, "save_total_limit": 4}
-    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run = tmp_path / "run"
-
-    def two(*extra: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "--num-processes", "2", *extra],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-    two()
-    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
-    state = torch.load(run / "checkpoints" / "step-00000002" / "training_state.pt", weights_only=True)
+    state = _resumes_in_two_processes(tmp_path, _recipe(tmp_path, tiny_llama, number_data, adapter, 2, 4))
     mine, other = state["method_trainer_ranks"]
     assert any(not torch.equal(mine["generators"][k], other["generators"][k]) for k in mine["generators"])
-    import shutil
-    shutil.rmtree(run / "checkpoints" / "step-00000004")
-    (run / "manifest.json").unlink()
-    two("--resume")
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
 
 
 def test_poly_s_sampled_routing_resumes_in_two_processes_to_the_same_bits(tiny_llama, tmp_path):
@@ -257,23 +265,5 @@ def test_poly_s_sampled_routing_resumes_in_two_processes_to_the_same_bits(tiny_l
     data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "train.jsonl"}
     adapter = {"method": "poly", "r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2, "init_weights": False,
                "target_modules": ["q_proj", "v_proj"]}
-    recipe = _recipe(tmp_path, tiny_llama, data, adapter, 2, 4)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["training"] |= {"save_steps": 2, "save_total_limit": 4}
-    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run = tmp_path / "run"
-
-    def two(*extra: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "--num-processes", "2", *extra],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-    two()
-    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
-    state = torch.load(run / "checkpoints" / "step-00000002" / "training_state.pt", weights_only=True)
+    state = _resumes_in_two_processes(tmp_path, _recipe(tmp_path, tiny_llama, data, adapter, 2, 4))
     assert not torch.equal(state["rng_ranks"][0]["cpu"], state["rng_ranks"][1]["cpu"])  # (each process's own)
-    import shutil
-    shutil.rmtree(run / "checkpoints" / "step-00000004")
-    (run / "manifest.json").unlink()
-    two("--resume")
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken

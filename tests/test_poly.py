@@ -369,19 +369,8 @@ def test_a_run_resumes_to_the_same_bits_and_checkpointing_changes_nothing(tiny_l
     of 4 and resumed writes the unbroken run's file byte for byte (the checkpoint's generator state gives the same
     samples), and gradient checkpointing, whose recomputation in backward draws them again (torch's checkpoint puts
     the generator back first) from the forward's task ids, trains the same adapter (measured: equal bits)."""
-    from safetensors.torch import load_file
-
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-    from tests.conftest import check_resumes_to_the_same_bits
+    from tests.conftest import check_resumes_and_checkpoints_alike
 
     adapter = {"method": "poly", "r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2}
-    recipe = method_recipe(tmp_path / "a", tiny_llama, task_data, adapter, eval={"base_model": False},
-                           training={"max_steps": 4, "save_steps": 2, "save_total_limit": 10, "lr": 5e-2})
-    check_resumes_to_the_same_bits(recipe, tmp_path / "a" / "run", kill_after=2, steps=4)
-    checkpointed = method_recipe(tmp_path / "b", tiny_llama, task_data, adapter, eval={"base_model": False},
-                                 training={"max_steps": 4, "lr": 5e-2, "gradient_checkpointing": True})
-    train(load_recipe(checkpointed), show_summary=False)
-    ours, plain = (load_file(tmp_path / run / "run" / "adapter" / "adapter_model.safetensors") for run in ("b", "a"))
-    assert ours.keys() == plain.keys() and all((ours[k] - plain[k]).abs().max() <= 1e-6 for k in plain)
+    plain = check_resumes_and_checkpoints_alike(tmp_path, tiny_llama, task_data, adapter)
     assert min(v.abs().max() for k, v in plain.items() if k.endswith("poly_lora_B")) > 1e-3  # (B started at 0)

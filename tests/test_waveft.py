@@ -276,19 +276,8 @@ def test_a_run_resumes_to_the_same_bits_and_checkpointing_changes_nothing(tiny_l
     """A run with the coefficients in proportion to the layers (drawn again at every start: link_layers) killed after
     step 2 of 4 and resumed writes the unbroken run's file byte for byte; gradient checkpointing trains the same
     coefficients (measured: equal bits)."""
-    from safetensors.torch import load_file
-
-    from peftkit.recipe import load_recipe
-    from peftkit.train import train
-    from tests.conftest import check_resumes_to_the_same_bits
+    from tests.conftest import check_resumes_and_checkpoints_alike
 
     adapter = {"method": "waveft", "n_frequency": 40, "scaling": 4.0, "wavelet_family": "db4", "init_weights": False,
                "proportional_parameters": True, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-    recipe = method_recipe(tmp_path / "a", tiny_llama, number_data, adapter, eval={"base_model": False},
-                           training={"max_steps": 4, "save_steps": 2, "save_total_limit": 10, "lr": 5e-2})
-    check_resumes_to_the_same_bits(recipe, tmp_path / "a" / "run", kill_after=2, steps=4)
-    checkpointed = method_recipe(tmp_path / "b", tiny_llama, number_data, adapter, eval={"base_model": False},
-                                 training={"max_steps": 4, "lr": 5e-2, "gradient_checkpointing": True})
-    train(load_recipe(checkpointed), show_summary=False)
-    ours, plain = (load_file(tmp_path / run / "run" / "adapter" / "adapter_model.safetensors") for run in ("b", "a"))
-    assert ours.keys() == plain.keys() and all((ours[k] - plain[k]).abs().max() <= 1e-6 for k in plain)
+    check_resumes_and_checkpoints_alike(tmp_path, tiny_llama, number_data, adapter)
