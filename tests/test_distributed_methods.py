@@ -69,6 +69,27 @@ def _exported(run) -> tuple[dict, dict]:
     return load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
 
 
+def _in_one_and_in_several(processes: int, tmp_path, tiny_llama, data, adapter: dict, batch: int, steps: int,
+                           training: dict, eval_data: str | None = None) -> tuple[dict, dict]:
+    """`adapter` trained by 1 process x batch `processes * batch` (in tmp_path / "one") and by `processes` processes x
+    `batch` (tmp_path / "several"), `training` merged into both recipes' training section (and `eval_data` their
+    data.eval): the two exported adapters' tensors."""
+    runs = {}
+    for name, size in (("one", processes * batch), ("several", batch)):
+        path = _recipe(tmp_path / name, tiny_llama, data, adapter, size, steps)
+        raw = yaml.safe_load(path.read_text())
+        raw["training"] |= training
+        if eval_data:
+            raw["data"]["eval"] = eval_data
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        runs[name] = path
+    train(load_recipe(runs["one"]))
+    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(runs["several"]), "--num-processes",
+                           str(processes)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return _exported(tmp_path / "one" / "run")[0], _exported(tmp_path / "several" / "run")[0]
+
+
 def _resumes_in_two_processes(tmp_path, recipe) -> dict:
     """`recipe` (4 steps, a checkpoint every 2) trained in 2 processes; then, its last checkpoint and manifest deleted
     as a kill after step 2 leaves them, resumed in 2 processes: the adapter is the unbroken run's byte for byte. The
@@ -179,23 +200,13 @@ def test_poly_s_task_ids_travel_with_their_rows(tiny_llama, tmp_path):
     state = load_file(start / "adapter_model.safetensors")
     state = {k: saturated.reshape(3, 6).clone() if k.endswith("module_logits") else t for k, t in state.items()}
     save_file(state, start / "adapter_model.safetensors", metadata={"format": "pt"})
-    runs = {}
-    for name, batch_size in (("one", 4), ("two", 2)):
-        path = _recipe(tmp_path / name, tiny_llama, data, {"init_from": str(start)}, batch_size, 4)
-        raw = yaml.safe_load(path.read_text())
-        raw["training"] |= {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0}
-        raw["data"]["eval"] = str(data["eval"])
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        runs[name] = path
-    train(load_recipe(runs["one"]))
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(runs["two"]), "--num-processes", "2"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (a, _), (b, _) = _exported(tmp_path / "one" / "run"), _exported(tmp_path / "two" / "run")
+    sgd = {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0}
+    a, b = _in_one_and_in_several(2, tmp_path, tiny_llama, data, {"init_from": str(start)}, batch=2, steps=4,
+                                  training=sgd, eval_data=str(data["eval"]))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert max((a[k] - state[k]).abs().max().item() for k in a) > 1e-2  # (the skills trained)
     losses = [json.loads((tmp_path / n / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
-              for n in ("one", "two")]
+              for n in ("one", "several")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 STAND_IN = {
@@ -225,19 +236,8 @@ def test_a_stand_in_row_counts_nowhere(method, tiny_llama, tmp_path):
     assert (shard(batch, 2, 3)["labels"] == -100).all() and not stands_in(batch, 0, 1)
     write_jsonl(tmp_path / "five.jsonl", number_rows(5, seed=3))
     data = {"train": tmp_path / "five.jsonl", "eval": tmp_path / "five.jsonl"}
-    adapter = STAND_IN[method]
-    runs = {}
-    for name, batch_size in (("one", 3), ("three", 1)):
-        path = _recipe(tmp_path / name, tiny_llama, data, adapter, batch_size, 2)
-        recipe = yaml.safe_load(path.read_text())
-        recipe["training"] |= {"grad_accum": 1, "warmup_steps": 0, "optimizer": "sgd", "lr": 0.5}
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        runs[name] = path
-    train(load_recipe(runs["one"]))
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(runs["three"]), "--num-processes", "3"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (a, _), (b, _) = _exported(tmp_path / "one" / "run"), _exported(tmp_path / "three" / "run")
+    a, b = _in_one_and_in_several(3, tmp_path, tiny_llama, data, STAND_IN[method], batch=1, steps=2,
+                                  training={"grad_accum": 1, "warmup_steps": 0, "optimizer": "sgd", "lr": 0.5})
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
