@@ -44,7 +44,8 @@ METHODS = {
     "waveft": ({"method": "waveft", "n_frequency": 48, "wavelet_family": "db2", "init_weights": False,
                 "target_modules": ["q_proj", "v_proj", "down_proj"]}, 4),
     # A shadow network riding the layer loop, its auxiliary loss (the base's head on s0) added per process's rows,
-    # and the last block's update MLPs unused (find_unused_parameters).
+    # and the last block's update MLPs unused: they feed nothing (in peft too), and plain DDP failed its second forward
+    # ('Expected to have finished reduction in the prior iteration'); `Method.skips_parameters` has DDP look for them.
     "shadow": ({"method": "shadow", "r": 4, "shadow_dropout": 0.0, "shadow_intermediate_size": 16,
                 "auxiliary_loss_weight": 0.5}, 4),
 }
