@@ -46,6 +46,17 @@ def _both(tiny_llama, **settings) -> tuple[torch.nn.Module, torch.nn.Module]:
     return theirs.eval(), ours.eval()  # (peft's PeftModel trains after get_peft_model: its routing samples)
 
 
+def _saved_peft(tiny_llama, directory) -> torch.nn.Module:
+    """peft's Poly model (`_both`'s) moved off its init (0.3 N(0, 1) on every trained tensor), saved to `directory`."""
+    theirs, _ = _both(tiny_llama)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape))
+    theirs.save_pretrained(directory)
+    return theirs
+
+
 def test_draws_outputs_samples_and_gradients_are_peft_s(tiny_llama):
     """One seed: peft's A, B (kaiming-uniform with init_weights false) and logits bit for bit; the eval forward with
     each row's task, and a training forward (a relaxed-Bernoulli sample per layer, in peft's draw order) with every
@@ -87,12 +98,7 @@ def test_peft_s_adapter_evaluates_generates_and_peft_loads_ours(tiny_llama, tmp_
     from peftkit.merge import merge_adapter
     from peftkit.peft_format import peft_config, save_adapter
 
-    theirs, _ = _both(tiny_llama)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape))
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = _saved_peft(tiny_llama, tmp_path / "peft")
     theirs.eval()
     model, cfg = load_adapted_model(str(tiny_llama), str(tmp_path / "peft"), torch.device("cpu"))[:2]
     model.eval()
@@ -171,12 +177,7 @@ def test_one_task_merges_into_the_base_as_peft_computes_it(tiny_llama, tmp_path,
     from peftkit.merge_weights import merged_model
     from tests.conftest import save_random_adapter
 
-    theirs, _ = _both(tiny_llama)
-    with torch.no_grad():
-        for p in theirs.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape))
-    theirs.save_pretrained(tmp_path / "peft")
+    theirs = _saved_peft(tiny_llama, tmp_path / "peft")
     merged = {}
     for task in (0, 2):
         out = merge_adapter(str(tmp_path / "peft"), str(tmp_path / f"merged-{task}"), base=str(tiny_llama), task=task)
