@@ -37,7 +37,9 @@ LORA_FA_FREED_HIDDEN, LORA_FA_FREED_MLP = 2, 1
 # vocab in the model's dtype) and computes cross-entropy in fp32 one chunk of rows at a time, recomputed in
 # backward. Three batch x seq x vocab tensors of the activation dtype are alive at once (logits + the labelled
 # copy in the forward; the gradients of both + the logits in the backward), plus one chunk's fp32 values and their
-# log-softmax. SmolLM2 (vocab 49152) at 4 x 256 tokens, fp32: 3 x 192 MiB = 576 MiB, more than its layers.
+# log-softmax. SmolLM2 (vocab 49152) at 4 x 256 tokens, fp32: 3 x 192 MiB = 576 MiB, more than its layers. (The head
+# computes logits from the first position any row's loss reads on, `peftkit.loss.trimmed_head`: fewer where every
+# row has a prompt; counted whole here, as for rows trained from their first token.)
 LOGITS_COPIES = 3
 LOSS_CHUNK_COPIES = 2
 

@@ -24,7 +24,7 @@ from peftkit.errors import PeftkitError
 from peftkit.eval_job import EvalJob
 from peftkit.fileio import atomic_write_text
 from peftkit.inference import ModelSource
-from peftkit.loss import labelled_count, next_token_loss_sum
+from peftkit.loss import labelled_count, next_token_loss_sum, on_device, trimmed_head
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import GENERATION_METRICS, LOSS_METRICS, score
 from peftkit.progress import work
@@ -48,8 +48,9 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor],
                                                   else {"attention_mask": batch["attention_mask"]})
     inputs |= {k: batch[k] for k in VARLEN_KEYS if k in batch}
     inputs |= task_inputs(model, batch)  # per-row task ids, for a method that reads them (multitask prompt tuning)
-    logits = model(**inputs, use_cache=False).logits
-    return next_token_loss_sum(logits, batch["labels"], labelled)  # tensors: the caller decides when to sync
+    kept, labels = trimmed_head(model, batch)  # the head from the first position the loss reads
+    logits = model(**inputs, **kept, use_cache=False).logits
+    return next_token_loss_sum(logits, labels, labelled)  # tensors: the caller decides when to sync
 
 
 @torch.no_grad()
@@ -78,8 +79,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
             first = batch if first is None else first
             if i % world == rank:  # this process's share, collated one batch at a time
                 with fresh_dynamic_rope(model):  # each batch as on a freshly loaded model
-                    loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()},
-                                             labelled_count(batch["labels"]))
+                    loss, n = token_loss_sum(model, on_device(batch, device), labelled_count(batch["labels"]))
                 total += loss.double()
                 tokens += n
                 done += 1

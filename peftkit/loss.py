@@ -10,9 +10,14 @@ log-softmax. The per-token values are the plain computation's; only the order of
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
+from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 from peftkit.data import IGNORE_INDEX
 
@@ -22,6 +27,49 @@ CHUNK_ELEMENTS = 2**26
 
 def _chunk_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+LOGITS_FROM = "logits_from"
+"""A batch's key for `logits_from` of its labels, counted on the CPU before the batch moves (no host sync)."""
+
+
+def logits_from(labels: torch.Tensor) -> int:
+    """The first position whose logits a next-token loss over (batch, time) `labels` reads: the one before the first
+    labelled token of any row (0 where none is). The output head need not see the positions before it: a prompt's
+    logits cost a forward and backward through the head (a fifth of SmolLM2-135M's compute, 49k x 576) and memory of
+    batch x time x vocab, for nothing the loss reads."""
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    return int(labelled.int().argmax()) if bool(labelled.any()) else 0
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """A token batch moved to `device`, with its `LOGITS_FROM` counted first, where it is (no host sync)."""
+    return {k: v.to(device) for k, v in batch.items()} | {LOGITS_FROM: logits_from(batch["labels"])}
+
+
+def trimmed_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor]:
+    """({"logits_to_keep": n} for the model's forward, or {}; the batch's labels for the positions whose logits it
+    then returns): the output head computes logits from `logits_from` of the labels on (the batch's `LOGITS_FROM`,
+    counted on the CPU, else counted here). Every position where trimming could change anything: a model whose
+    forward takes no `logits_to_keep`, a head an adapter wraps (a method that mixes positions, VeLoRA's batch
+    projection, would see others), the prompt family's virtual tokens (its logits are cut after the forward), and a
+    compiled step (a shape per batch would recompile)."""
+    from peftkit.methods.virtual import virtual_tokens
+
+    labels = batch["labels"]
+    inner = model if isinstance(model, PreTrainedModel) else getattr(model, "module", None)  # (DDP's, DeepSpeed's)
+    if torch.compiler.is_compiling() or not isinstance(inner, PreTrainedModel) or virtual_tokens(inner) is not None:
+        return {}, labels
+    if type(inner.get_output_embeddings()) is not nn.Linear or not _takes_logits_to_keep(type(inner)):
+        return {}, labels
+    start = batch.get(LOGITS_FROM)
+    start = logits_from(labels) if start is None else start
+    return ({"logits_to_keep": labels.shape[1] - start}, labels[:, start:]) if start else ({}, labels)
+
+
+@functools.cache
+def _takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def labelled_count(labels: torch.Tensor) -> int:

@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from peftkit.classify import classification_logits
 from peftkit.data import IGNORE_INDEX, eval_loader
 from peftkit.data.preference import Pairs
-from peftkit.loss import labelled_count, row_logps
+from peftkit.loss import labelled_count, on_device, row_logps, trimmed_head
 from peftkit.methods.virtual import task_inputs
 from peftkit.metrics import PREFERENCE_METRICS, REWARDS
 from peftkit.rope_scaling import fresh_dynamic_rope
@@ -40,7 +40,8 @@ from peftkit.rope_scaling import fresh_dynamic_rope
 def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor], labelled: int | None = None) -> torch.Tensor:
     """Each row's summed log-probability of its labelled tokens under `model`, (rows,) fp32 (`row_logps`)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]} | task_inputs(model, batch)
-    return row_logps(model(**inputs, use_cache=False).logits, batch["labels"], labelled)
+    kept, labels = trimmed_head(model, batch)  # the head from the first position a row's sum reads
+    return row_logps(model(**inputs, **kept, use_cache=False).logits, labels, labelled)
 
 
 def reward_scores(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -205,8 +206,8 @@ def reference_logps(model: nn.Module, pairs: Pairs, batch_size: int, pad_id: int
                 start = 2 * i * batch_size
                 labelled = labelled_count(batch["labels"])
                 with fresh_dynamic_rope(model) if fresh_rope else contextlib.nullcontext():
-                    rows[start:start + len(batch["input_ids"])] = sequence_logps(
-                        model, {k: v.to(device) for k, v in batch.items()}, labelled)
+                    rows[start:start + len(batch["input_ids"])] = sequence_logps(model, on_device(batch, device),
+                                                                                 labelled)
             if advance is not None:
                 advance(len(batch["input_ids"]) // 2)
     finally:
@@ -272,7 +273,7 @@ class PreferenceEval:
                 first = batch if first is None else first
                 if i % world == rank:
                     with fresh_dynamic_rope(model):  # each batch as on a freshly loaded model (`evaluate_loss`)
-                        sums += self.loss.sums(model, {k: v.to(device) for k, v in batch.items()}).double()
+                        sums += self.loss.sums(model, on_device(batch, device)).double()
                     done += 1
             for _ in range(rounds - done):
                 with fresh_dynamic_rope(model):

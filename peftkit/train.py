@@ -46,7 +46,7 @@ from peftkit.data.classification import ClassificationCollator
 from peftkit.data.packing import flatten
 from peftkit.errors import PeftkitError, Stopped
 from peftkit.evaluate import token_loss_sum
-from peftkit.loss import labelled_count
+from peftkit.loss import LOGITS_FROM, labelled_count, logits_from
 from peftkit.preference import objective_loss
 from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (TrainingFailed: part of this module's API)
 from peftkit.fileio import atomic_write_text, unlink_durably
@@ -268,7 +268,9 @@ def _forward_backward(run: Run, window: list[dict], state: LoopState) -> tuple[f
                                   group=2 if pairs else 1)
         batch = flatten(batch) if flat and "position_ids" in batch else batch
         labelled = None if run.cfg.classification else count(batch["labels"])  # on the CPU: no sync
-        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        head_from = {} if run.cfg.classification else {LOGITS_FROM: logits_from(batch["labels"])}  # (too)
+        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()} | head_from
         last = i == len(window) - 1
         with distributed.no_sync(accelerator, run.model, last), distributed.standing_in(stand_in):
             loss, counted = loss_fn(run.model, batch, labelled)

@@ -100,3 +100,62 @@ def test_logits_that_do_not_match_the_labels_are_refused():
     logits, labels = _batch(torch.float32)
     with pytest.raises(ValueError, match=r"logits of \(3, 8\) positions for labels of \(3, 9\)"):
         next_token_loss_sum(logits[:, 1:], labels)
+
+
+def _head_widths(model, batch) -> tuple[list[int], torch.Tensor, list[torch.Tensor]]:
+    """The positions the output head saw in `token_loss_sum`, its loss and the trainable parameters' gradients."""
+    from peftkit.evaluate import token_loss_sum
+
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    try:
+        loss, n = token_loss_sum(model, batch)
+    finally:
+        hook.remove()
+    assert int(n) == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    params = [p for p in model.parameters() if p.requires_grad]
+    return seen, loss, list(torch.autograd.grad(loss, params))
+
+
+def test_the_head_computes_logits_from_the_first_position_the_loss_reads(tiny_llama):
+    """The output head's logits before any row's first label are read by no loss: `token_loss_sum` asks the model
+    for those from the position before it on (transformers' `logits_to_keep`), sparing the head's forward and
+    backward over the prompts (a fifth of SmolLM2-135M's compute) and their batch x time x vocab logits. The loss
+    and every gradient are the plain full-logits cross-entropy's. Where an adapter wraps the head, or the prompt
+    family puts virtual tokens in front, the head sees every position."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.loss import LOGITS_FROM, logits_from
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.prompt_tuning import PromptTuningConfig
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 60, (2, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    labels = ids.clone()
+    labels[0, :7] = IGNORE_INDEX  # prompts of 7 and 5 tokens, then padding
+    labels[1, :5] = IGNORE_INDEX
+    labels[1, 10:] = IGNORE_INDEX
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert logits_from(labels) == 4 and logits_from(torch.full_like(labels, IGNORE_INDEX)) == 0
+    for cfg, width in [(None, 12 - 4), (LoraConfig(method="lora", r=2, target_modules=["q_proj", "lm_head"]), 12),
+                       (PromptTuningConfig(method="prompt_tuning", num_virtual_tokens=3), 12 + 3)]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        if cfg is None:
+            model.requires_grad_(False)
+            model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)
+        else:
+            torch.manual_seed(1)
+            inject_adapters(model, cfg)
+        seen, loss, grads = _head_widths(model, batch)
+        assert seen == [width], cfg
+        if cfg is None:  # the reference: every position's logits, the plain cross-entropy
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            (expected_grad,) = torch.autograd.grad(expected, [model.model.layers[0].mlp.up_proj.weight])
+            assert abs(float(loss - expected)) <= 1e-5 and torch.allclose(grads[0], expected_grad, atol=1e-7)
+            seen, _, _ = _head_widths(model, batch | {LOGITS_FROM: 3})  # as the caller counted it (on the CPU)
+            assert seen == [12 - 3]

@@ -48,7 +48,7 @@ from peftkit.adapters.state_dicts import adapter_state_dict, merge_state_dict
 from peftkit.data import IGNORE_INDEX
 from peftkit.errors import PeftkitError
 from peftkit.evaluate import token_loss_sum
-from peftkit.loss import labelled_count
+from peftkit.loss import labelled_count, on_device
 from peftkit.merge import merge_adapter
 from peftkit.merge_weights import MergeWarning, conv1d_modules, merged_model
 from peftkit.methods import METHODS, method_of
@@ -1569,8 +1569,7 @@ def _step_host_reads(model: nn.Module, batch: dict, peftkit_loss: bool = True) -
     logits' sum as the loss)."""
     model.train()
     labelled = labelled_count(batch["labels"])  # on the CPU, before the batch moves to the model's device
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = on_device(batch, next(model.parameters()).device)  # (with its first position for the head, counted so)
     with _HostReads() as reads:
         if peftkit_loss:
             loss, _ = token_loss_sum(model, batch, labelled)
