@@ -272,6 +272,37 @@ def test_a_run_on_other_4_bit_weights_than_its_adapters_is_refused(sources, tiny
         train(load_recipe(recipe), show_summary=False)
 
 
+@pytest.mark.parametrize("trained_on", ["nf4", "unquantized"])
+def test_validate_says_train_s_refusal_of_another_quantization(trained_on, sources, tiny_llama, number_data,
+                                                                tmp_path, monkeypatch, capsys):
+    """Adapters trained against an NF4 base fused over the recipe's unquantized one, or trained unquantized and fused
+    over its NF4: train refused both once the model had loaded, and `peftkit validate` said the recipe was valid (its
+    empty model cannot tell). Both now decide from the recipe's quantization section, in one message."""
+    from peftkit.recipe import QuantizationConfig
+    from tests.conftest import unplaced
+
+    fuse = [str(sources[n]) for n in ("lora-a", "lora-b")]
+    sections = {"quantization": {"compute_dtype": "float32"}} if trained_on == "unquantized" else {}
+    if trained_on == "nf4":
+        fuse = []
+        for name in ("lora-a", "lora-b"):
+            shutil.copytree(sources[name], tmp_path / name)
+            meta = json.loads((tmp_path / name / "peftkit.json").read_text()) | {
+                "quantization": QuantizationConfig(compute_dtype="float32").model_dump(), "base_dtype": "float32"}
+            (tmp_path / name / "peftkit.json").write_text(json.dumps(meta))
+            fuse.append(str(tmp_path / name))
+    adapter = {"method": "fusion", "fuse": fuse}
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=adapter, training={"max_steps": 1}, **sections)
+    _rewrite_adapter(recipe, adapter)
+    said = {command: " ".join(unplaced(cli_user_error(monkeypatch, capsys, command, str(recipe)), recipe).split())
+            for command in ("validate", "train")}
+    assert said["validate"] == said["train"], said
+    trained, recipe_does = ("a 4/8-bit", "does not quantize") if trained_on == "nf4" else ("an unquantized", "quantizes")
+    assert (f"error: adapter.fuse: the adapters were trained against {trained} base, and this recipe {recipe_does} "
+            "it; set the quantization section as they were trained (their peftkit.json records it).") in \
+        said["train"], said
+
+
 def _rewrite_adapter(recipe: Path, adapter: dict) -> None:
     import yaml
 

@@ -467,6 +467,24 @@ def test_experts_of_another_base_than_the_recipe_s_are_refused(case, tiny_llama,
         _train_over(tiny_llama, number_data, adapters, tmp_path / "run", *sets)
 
 
+def test_validate_says_train_s_refusal_of_experts_of_a_quantized_base(tiny_llama, number_data, experts, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Experts trained against an NF4 base, the recipe unquantized: `peftkit validate` said the recipe was valid (its
+    empty model's layers cannot tell a quantized base, so the check waited for train's loaded model); it now decides
+    from the recipe's quantization section and says train's refusal in train's words (exit 2, no traceback)."""
+    from tests.conftest import cli_user_error, method_recipe, unplaced
+
+    adapters = _experts_recording(experts, tmp_path / "experts", meta=NF4_EXPERTS)
+    recipe = method_recipe(tmp_path, tiny_llama, number_data, {"method": "xlora", "adapters": adapters},
+                           training={"max_steps": 1})
+    said = {command: " ".join(unplaced(cli_user_error(monkeypatch, capsys, command, str(recipe)), recipe).split())
+            for command in ("validate", "train")}
+    assert said["validate"] == said["train"], said
+    assert ("error: adapter.adapters: the adapters were trained against a 4/8-bit base, and this recipe does not "
+            "quantize it; set the quantization section as they were trained (their peftkit.json records it).") in \
+        said["train"], said
+
+
 def test_experts_over_a_quantized_base_train(tiny_llama, number_data, experts, tmp_path):
     """Experts trained unquantized train over the recipe's NF4 base (X-LoRA's memory saving, which AdapterFusion's
     check of the same name refuses for its adapters); experts of this very NF4 base, quantized on CUDA, train here

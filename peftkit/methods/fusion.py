@@ -344,8 +344,8 @@ class Fusion(Method):
 
     @classmethod
     def check_sources(cls, cfg: FusionConfig, recipe: Any, model: nn.Module, commit: str | None) -> None:
-        """The fused adapters' commit, RoPE scaling and 4-bit/8-bit weights (the quantization section, from the same
-        dtype) are the recipe's base's (their name, and whether it is quantized: at injection, `select_targets`)."""
+        """The fused adapters' commit, RoPE scaling, and whether and how their base was quantized (the quantization
+        section, from the same dtype) are the recipe's base's (their name: at injection, `select_targets`)."""
         from peftkit.methods.fusion_sources import check_commit, check_quantization, check_rope, fused_adapters
 
         check_commit(fused_adapters(cfg), recipe.model.name_or_path, recipe.model.revision, commit)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from peftkit.errors import PeftkitError
 from peftkit.methods.base import REEXPORT
-from peftkit.methods.layer import AdapterLayer, is_quantized
+from peftkit.methods.layer import AdapterLayer
 from peftkit.methods.fusion import WEIGHT_UPDATE, Fused
 
 if TYPE_CHECKING:
@@ -151,16 +151,11 @@ def check_same_base(fused: list[Fused], section: str = "adapter.fuse", purpose: 
                                f"{describe_rope(scaling)} (their peftkit.json): {purpose} of one base, scaled one way.")
 
 
-def check_model(fused: list[Fused], model: torch.nn.Module, section: str = "adapter.fuse", who: str = "AdapterFusion",
-                quantized_base_allowed: bool = False) -> None:
-    """Adapters read for training were trained on this model: the recipe's model.name_or_path, and a quantized base
-    where they were trained against one. Named as the recipe names them: `section`, and `who` needs them so.
-
-    Args:
-        quantized_base_allowed: adapters trained against an unquantized base may be used over a 4/8-bit one (X-LoRA
-            over a quantized base, its memory saving: the experts' updates were fitted to the weights that base
-            approximates). Without it the base is refused, as AdapterFusion's must be quantized as its adapters'.
-    """
+def check_model(fused: list[Fused], model: torch.nn.Module, section: str = "adapter.fuse",
+                who: str = "AdapterFusion") -> None:
+    """Adapters read for training were trained on this model: the recipe's model.name_or_path. Named as the recipe
+    names them: `section`, and `who` needs them so. (Whether the base is quantized as theirs was: `check_quantization`,
+    from the recipe's quantization section.)"""
     if fused[0].state is None:  # a fusion export, checked when it was trained; loaded on its recorded base
         return
     recorded, name = fused[0].base[0], getattr(model, "name_or_path", "") or ""
@@ -168,30 +163,37 @@ def check_model(fused: list[Fused], model: torch.nn.Module, section: str = "adap
         raise PeftkitError(f"{section}: the adapters were trained on {recorded}, and model.name_or_path is {name}. "
                            f"{who} needs the base the adapters were trained on: set model.name_or_path to it (or "
                            "train the adapters again on this one).")
-    params = list(model.parameters())
-    if params and params[0].device.type != "meta":
-        quantized = any(is_quantized(m) for m in model.modules())
-        if quantized != (fused[0].quant is not None) and not (quantized and quantized_base_allowed):
-            trained = "a 4/8-bit" if fused[0].quant is not None else "an unquantized"
-            raise PeftkitError(f"{section}: the adapters were trained against {trained} base, and this recipe "
-                               f"{'quantizes' if quantized else 'does not quantize'} it; set the quantization "
-                               "section as they were trained (their peftkit.json records it).")
 
 
 def check_quantization(fused: list[Fused], quantization, dtype: str, here: str | None, section: str = "adapter.fuse",
-                       who: str = "AdapterFusion") -> None:
-    """Adapters read for training that were trained against a quantized base meet the same 4-bit/8-bit weights: the
-    recipe's quantization section as theirs (one among them: `check_same_base`), from the same model.dtype `dtype`
-    (other weights, other codes); where the recipe quantizes on another kind of device (`here`: 'cpu' or 'cuda', None
-    unknown) than they were, a warning (bitsandbytes' CPU and CUDA kernels round a few weights otherwise). Adapters
-    trained unquantized are `check_model`'s."""
+                       who: str = "AdapterFusion", quantized_base_allowed: bool = False) -> None:
+    """Adapters read for training meet the base they were trained against: a quantized one where they were, and then
+    the same 4-bit/8-bit weights: the recipe's quantization section as theirs (one among them: `check_same_base`),
+    from the same model.dtype `dtype` (other weights, other codes); where the recipe quantizes on another kind of
+    device (`here`: 'cpu' or 'cuda', None unknown) than they were, a warning (bitsandbytes' CPU and CUDA kernels round
+    a few weights otherwise). Decided by the recipe's section, not the loaded layers, so that `peftkit validate`
+    (whose model is empty) says what train says.
+
+    Args:
+        quantized_base_allowed: adapters trained against an unquantized base may be used over a 4/8-bit one (X-LoRA
+            over a quantized base, its memory saving: the experts' updates were fitted to the weights that base
+            approximates). Without it the base is refused, as AdapterFusion's must be quantized as its adapters'.
+    """
     import warnings
 
     from peftkit.adapter_meta import read_meta, requantized_note
     from peftkit.errors import PeftkitWarning
 
     first = fused[0]
-    if first.state is None or first.quant is None or quantization is None:
+    if first.state is None:
+        return
+    quantizes = quantization is not None  # (a checkpoint saved quantized has one: `check_quantization_section`)
+    if quantizes != (first.quant is not None) and not (quantizes and quantized_base_allowed):
+        trained = "a 4/8-bit" if first.quant is not None else "an unquantized"
+        raise PeftkitError(f"{section}: the adapters were trained against {trained} base, and this recipe "
+                           f"{'quantizes' if quantizes else 'does not quantize'} it; set the quantization section as "
+                           "they were trained (their peftkit.json records it).")
+    if first.quant is None or quantization is None:
         return
     if quantization != first.quant:
         raise PeftkitError(f"{section}: {first.source} was trained against a base quantized as {_quant(first.quant)} "

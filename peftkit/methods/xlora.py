@@ -372,12 +372,12 @@ class XLora(Method):
         from peftkit.methods import fusion_sources as sources
 
         experts, where = _experts(cfg), {"section": "adapter.adapters", "who": "X-LoRA"}
-        sources.check_model(experts, model, **where, quantized_base_allowed=True)
+        sources.check_model(experts, model, **where)
         sources.check_commit(experts, recipe.model.name_or_path, recipe.model.revision, commit, **where)
         sources.check_rope(experts, recipe.model.rope_scaling, **where)
         device = next(model.parameters()).device.type
         sources.check_quantization(experts, recipe.quantization, recipe.model.dtype,
-                                   None if device == "meta" else device, **where)
+                                   None if device == "meta" else device, **where, quantized_base_allowed=True)
 
     @classmethod
     def recipe_conflict(cls, recipe: Any) -> str | None:
