@@ -110,6 +110,17 @@ def cached_adapter(path: str | Path) -> tuple[str, str, str | None] | None:
     return parts[0].removeprefix("models--").replace("--", "/"), parts[2], "/".join(parts[3:]) or None
 
 
+def cached_refs(repo_id: str) -> dict[str, str]:
+    """The branches and tags of hub model repository `repo_id` the local Hugging Face cache holds, and the commit
+    each pointed to when last fetched: {'main': COMMIT, ...}; {} for a repository it does not hold."""
+    from huggingface_hub import constants
+
+    refs = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs"
+    if not refs.is_dir():
+        return {}
+    return {str(p.relative_to(refs)): p.read_text().strip() for p in sorted(refs.rglob("*")) if p.is_file()}
+
+
 def tokenizer_fetch(path: str | Path) -> str | None:
     """What to do about a hub adapter's snapshot at `path` that holds no tokenizer files (one cached before
     `hub_adapter` fetched them with the adapter's): fetch them once, by this command without HF_HUB_OFFLINE or by

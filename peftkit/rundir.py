@@ -110,18 +110,20 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
 
 
 PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir", "adapter.init_from",
-             "adapter.fuse", "adapter.source_adapter")
-"""A recipe's keys that hold paths, resolved to absolute ones in a run's recipe.yaml: they change when a project moves."""
+             "adapter.fuse", "adapter.source_adapter", "adapter.adapters")
+"""A recipe's keys that hold paths, resolved to absolute ones in a run's recipe.yaml: they change when a project moves
+(and an adapter's hub id, resolved to its snapshot in the local cache, when its branch moves to another commit)."""
 
 
 def _moved_path(key: str, old, new) -> bool:
     """Whether a change of recipe key `key` from `old` to `new` may be a moved file: a path key (an entry of a list of
-    them, data.train[1] or its .path; a set of data.eval's, data.eval.general or its .path) that holds a path before
-    and after (one added or removed is another recipe)."""
+    them, data.train[1] or its .path; a set of data.eval's, data.eval.general or its .path; an X-LoRA expert,
+    adapter.adapters.0) that holds a path before and after (one added or removed is another recipe)."""
     import re
 
     listed = re.sub(r"\[\d+\](\.path)?$", "", key)
     named = re.sub(r"^data\.eval\.[A-Za-z0-9_-]+(\.path)?$", "data.eval", listed)  # a set of data.eval's mapping
+    named = re.sub(r"^adapter\.adapters\.\d+$", "adapter.adapters", named)  # an X-LoRA expert, by position
     return named in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
 
 

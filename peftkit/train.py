@@ -124,13 +124,15 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         # Only now, with data and model loaded, does the directory become this recipe's run.
         if run.main and not resume:
             clear_run(out)
-        if run.main:
+        if run.main and not resume:
             atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
         accelerator.wait_for_everyone()
         state = LoopState(trimmed_slices=distributed.trims_slices(
             run.cfg, distributed.unwrap(accelerator, run.model).config, accelerator.num_processes))
         if resume:
             state = _resumed(run, out, console)
+            if run.main:  # (after the checkpoint's inputs are checked: a refused resume leaves the run's recipe.yaml)
+                atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
         if recipe.training.report_to and run.main:
             run.trackers = Trackers(run.accelerator, recipe, out, (state.step, metrics_records(run.metrics_path))
                                     if resume else None)
@@ -152,11 +154,14 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
 def _resumed(run: Run, out: Path, console: Console) -> LoopState:
     """The loop's state from the newest intact checkpoint, loaded into the model, optimizer and scheduler; the run
     directory made unfinished again (no manifest, metrics.jsonl cut back to the checkpoint)."""
+    from peftkit.methods import method_of
+
     accelerator = run.accelerator
     ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler,
                                     run.inputs, console, run.method_trainer, run.selection, accelerator.process_index,
                                     accelerator.num_processes, hub_model=None if run.base_commit is None
-                                    else run.cfg.model.name_or_path)
+                                    else run.cfg.model.name_or_path,
+                                    sources=method_of(run.cfg.adapter).source_dirs(run.cfg.adapter))
     if state.step > run.total_steps:  # the recipe and data are the run's (checked): not a checkpoint of it
         raise PeftkitError(f"{ckpt} is at step {state.step}, past this run's {run.total_steps} steps: no run of "
                            "this recipe made it (it was added to the run directory). Remove it to resume "

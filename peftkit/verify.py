@@ -80,6 +80,7 @@ def verify(run_dir: str | Path, tolerance: float = 0.0, console: Console | None 
     changed = _changed_files(run_dir, manifest, on_disk)
     report.differences += changed
     report.differences += _input_differences(manifest)
+    report.notes += _hub_source_notes(manifest)
     intact = {name for name, digest in manifest.outputs_sha256.items() if on_disk.get(name) == digest}
     rerun = _rerun(run_dir, manifest, intact, tolerance, console, report)
     if changed and not rerun:
@@ -208,6 +209,25 @@ def _source_differences(manifest: Manifest) -> list[str]:
             continue
         out.append(f"{key}: {path} no longer exists (it was hashed when the run was made)" if not now else
                    f"{key}: the files of {path} differ from the recorded ones")
+    return out
+
+
+def _hub_source_notes(manifest: Manifest) -> list[str]:
+    """The adapters the method is built from that the run read from a hub adapter's snapshot (an X-LoRA expert the
+    recipe named `user/name`; its recipe.yaml names the snapshot of the commit read): the re-run reads that commit, and
+    a branch or tag of the repository the local cache holds that has moved to another commit since is said."""
+    from peftkit.hub import cached_adapter, cached_refs
+    from peftkit.methods import method_of
+
+    recipe, out = manifest.recipe, []
+    for key, path in method_of(recipe.adapter).source_dirs(recipe.adapter).items():
+        if (cached := cached_adapter(path)) is None:
+            continue
+        repo, commit, subfolder = cached
+        if moved := [f"{ref} points to {now}" for ref, now in cached_refs(repo).items() if now != commit]:
+            out.append(f"{key}: hub adapter {repo} was read at commit {commit}, as the re-run reads it; the local "
+                       f"cache's {', '.join(moved)} now, which a recipe naming it trains on (pin "
+                       f"{repo}{'/' + subfolder if subfolder else ''}@{commit} for the run's expert)")
     return out
 
 

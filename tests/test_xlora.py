@@ -6,12 +6,14 @@ shipped recipe, peft 0.21.2's save_pretrained that loses the classifier, and wha
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import peft
 import pytest
 import torch
+import yaml
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from pydantic import ValidationError
@@ -604,3 +606,61 @@ def test_verify_is_clean_and_names_a_changed_expert(tiny_llama, number_data, exp
     assert f"adapter.adapters['1']: the files of {sources['1']} differ from the recorded ones" in report.differences
     assert any(d.startswith(f"adapter/0/adapter_config.json in {run} was changed after the run")
                for d in report.differences), report.differences
+
+
+
+def test_hub_experts_train_offline_record_their_commit_and_a_moved_branch_is_named(tiny_llama, number_data, experts,
+                                                                                   tmp_path, monkeypatch):
+    """Experts named by hub id (`acme/expert-0`, read offline from a Hugging Face cache laid out as the hub client
+    writes it) train, and the run records the commit each was read at: its recipe.yaml and adapter_config.json name
+    the commit's snapshot, and the export holds its copy. Once expert-1's main moves to a commit with another lora_B,
+    `--resume` is refused naming the moved branch and the pin (before: 'holds a run of a different recipe (its
+    recipe.yaml differs in adapter.adapters.1)', which the user did not change; and that refused resume rewrote the
+    run's recipe.yaml, which verify then reported changed), and the pinned recipe resumes; `verify` re-runs the
+    run's commit, clean, and says where main points now (it said nothing)."""
+    from huggingface_hub import constants
+    from rich.console import Console
+
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+    from peftkit.verify import verify
+    from tests.conftest import method_recipe
+    from tests.test_hub import _publish_to
+
+    cache, first, second = tmp_path / "hub", "a" * 40, "b" * 40
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for name, path in experts.items():
+        _publish_to(cache, f"acme/expert-{name}", Path(path), first)
+    recipe_file = method_recipe(tmp_path, tiny_llama, number_data,
+                                {"method": "xlora", "adapters": {"0": "acme/expert-0", "1": "acme/expert-1"}},
+                                training={"max_steps": 2, "save_steps": 2, "lr": 5e-2}, eval={"base_model": False})
+    train(load_recipe(recipe_file), console=Console(quiet=True))
+    run = tmp_path / "run"
+    snapshots = {n: str(cache / f"models--acme--expert-{n}" / "snapshots" / first) for n in experts}
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["adapters"] == snapshots
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["adapters"] == snapshots
+    assert (run / "adapter" / "1" / "adapter_model.safetensors").read_bytes() == \
+        (Path(experts["1"]) / "adapter_model.safetensors").read_bytes()
+    recorded = (run / "recipe.yaml").read_bytes()
+
+    moved = tmp_path / "moved"
+    shutil.copytree(experts["1"], moved)
+    tensors = load_file(moved / "adapter_model.safetensors")
+    save_file({k: t * 1.001 if "lora_B" in k else t for k, t in tensors.items()}, moved / "adapter_model.safetensors")
+    _publish_to(cache, "acme/expert-1", moved, second)
+    with pytest.raises(PeftkitError, match=re.escape(
+            "--resume: adapter.adapters['1'] file adapter_model.safetensors changed since checkpoint step-00000002 "
+            "was written. Resuming would continue training on other inputs than the run began with. "
+            f"adapter.adapters['1'] is hub adapter acme/expert-1, now at commit {second} (the run began at {first}): "
+            "the branch or tag it names moved on. Set adapter.adapters['1'] to "
+            f"acme/expert-1@{first}, the commit the run began with, or run without --resume")):
+        train(load_recipe(recipe_file), resume=True, console=Console(quiet=True))
+    assert (run / "recipe.yaml").read_bytes() == recorded
+    report = verify(run, console=Console(quiet=True))
+    assert report.ok, report.differences
+    assert report.notes == [f"adapter.adapters['1']: hub adapter acme/expert-1 was read at commit {first}, as the "
+                            f"re-run reads it; the local cache's main points to {second} now, which a recipe naming "
+                            f"it trains on (pin acme/expert-1@{first} for the run's expert)"]
+    train(load_recipe(recipe_file, [f"adapter.adapters.1=acme/expert-1@{first}"]), resume=True,
+          console=Console(quiet=True))
