@@ -15,7 +15,8 @@ from peftkit.errors import PeftkitError, did_you_mean
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "peftkit.json",
                  "chat_template.jinja"]
 """What a hub adapter is read from (a legacy .bin is fetched to be named in the error that refuses it; the chat
-template it was trained with, where it has one: a peftkit run's with data.chat_template, TRL's)."""
+template it was trained with, where it has one: a peftkit run's with data.chat_template, TRL's); these of the adapters
+it holds in subdirectories too (an X-LoRA's experts' copies, `_held_adapters`)."""
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model"]
 """The tokenizer files saved beside a peft adapter (TRL's setup_chat_format, Trainer), which tell the tokens its base
@@ -36,7 +37,7 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
     repo_id, subfolder = match.groups()
     if subfolder and any(part in (".", "..") for part in subfolder.split("/")):
         return None  # (a path: a subfolder stays inside its repository's snapshot)
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
     from huggingface_hub.utils import validate_repo_id
@@ -49,9 +50,7 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
     at = f" at revision '{revision}'" if revision else ""
     local = f"no such local directory ({tried})" if tried and tried != value else "no such local directory"
     try:
-        snapshot = snapshot_download(repo_id, revision=revision or None,
-                                     allow_patterns=[f"{subfolder}/{f}" if subfolder else f
-                                                     for f in ADAPTER_FILES + TOKENIZER_FILES])
+        snapshot = _fetch(repo_id, revision or None, subfolder)
     except LocalEntryNotFoundError:  # offline (or the hub unreachable), and not in the cache
         raise PeftkitError(f"Adapter {value}: {local}, and of hub adapter {repo_id}{at}, "
                            f"{cache_miss(repo_id, revision or None)}") from None
@@ -71,6 +70,36 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
         raise PeftkitError(f"Adapter {value}: hub repository {repo_id}{at} has no adapter files in {subfolder}/ "
                            f"({why}).")
     return str(Path(snapshot, subfolder)) if subfolder else snapshot
+
+
+def _fetch(repo_id: str, revision: str | None, subfolder: str | None) -> str:
+    """The snapshot directory of `repo_id` at `revision` holding the adapter files of `subfolder` (the top level where
+    None) and of the adapters that adapter holds in subdirectories of its own (X-LoRA's experts' copies, `0/`, `1/`:
+    its peftkit.json `experts`), fetched at one commit where not cached (offline: the cached snapshot)."""
+    from huggingface_hub import snapshot_download
+
+    inside = f"{subfolder}/" if subfolder else ""
+    snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[
+        f"{inside}{f}" for f in ADAPTER_FILES + TOKENIZER_FILES])
+    if held := _held_adapters(Path(snapshot, inside)):  # (at the commit just read: another push may have come since)
+        snapshot = snapshot_download(repo_id, revision=Path(snapshot).name, allow_patterns=[
+            f"{inside}{directory}/{f}" for directory in held for f in ADAPTER_FILES])
+    return snapshot
+
+
+def _held_adapters(directory: Path) -> list[str]:
+    """The subdirectories of adapter directory `directory` that hold adapters it is built from: its peftkit.json's
+    `experts` (an X-LoRA export's copies of its experts), relative paths inside it only; [] for others."""
+    import json
+
+    try:
+        experts = json.loads((directory / "peftkit.json").read_text(encoding="utf-8")).get("experts")
+    except (OSError, ValueError, AttributeError):
+        return []  # (no record, or one that does not read: said when the adapter is read)
+    if not isinstance(experts, dict):
+        return []
+    return [path for path in experts.values() if isinstance(path, str) and path and not Path(path).is_absolute()
+            and ".." not in Path(path).parts]
 
 
 def cache_miss(repo_id: str, revision: str | None) -> str:

@@ -38,6 +38,8 @@ class FakeHub:
         self.unexpected: list[str] = []
         self.refusal: tuple[int, dict[str, str]] | None = None
         self.endpoint = ""
+        self.snapshots: dict[str, dict[str, bytes]] = {}
+        """Each commit's files, by its id: what a download (`_resolve`) reads."""
 
     def refuse(self, status: int, code: str | None = None, message: str | None = None) -> None:
         self.refusal = status, {k: v for k, v in (("X-Error-Code", code), ("X-Error-Message", message)) if v}
@@ -47,6 +49,8 @@ class FakeHub:
         if self.refusal is not None:
             return self.refusal[0], {"error": self.refusal[1].get("X-Error-Message", "refused")}, self.refusal[1]
         parts = [unquote(p) for p in path.split("/")]  # /api/models/USER/NAME/ACTION/REVISION
+        if method in ("GET", "HEAD") and len(parts) > 5 and parts[3] == "resolve":  # /USER/NAME/resolve/COMMIT/FILE
+            return self._resolve(parts[4], "/".join(parts[5:]))
         if (method, path) == ("POST", "/api/repos/create"):
             asked = json.loads(body)
             repo_id = f"{asked['organization']}/{asked['name']}"
@@ -70,7 +74,11 @@ class FakeHub:
             return 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"}
         action, revision = (parts[5], "/".join(parts[6:])) if len(parts) > 6 else (None, None)
         if method == "GET" and action in (None, "revision"):
-            return 200, {"id": f"{parts[3]}/{parts[4]}", "private": repo["private"], "sha": "0" * 40}, {}
+            head = repo.get("heads", {}).get(revision or "main", "0" * 40)  # (the branch's last commit)
+            return 200, {"id": f"{parts[3]}/{parts[4]}", "private": repo["private"], "sha": head}, {}
+        if method == "GET" and action == "tree" and revision in self.snapshots:  # a download's listing, at a commit
+            return 200, [{"type": "file", "path": name, "size": len(data), "oid": "0" * 40}
+                         for name, data in self.snapshots[revision].items()], {}
         if method == "POST" and action == "branch":
             if revision in repo["branches"]:
                 return 409, {"error": "Reference already exists"}, {}
@@ -99,9 +107,20 @@ class FakeHub:
             del branch[name]
         branch.update(files)
         oid = f"{len(self.commits) + 1:040x}"
+        self.snapshots[oid] = dict(branch)
+        self.repos[repo_id].setdefault("heads", {})[revision] = oid
         self.commits.append({"repo": repo_id, "branch": revision, "message": lines[0]["value"]["summary"],
                              "files": files, "deleted": deleted})
         return 200, {"commitUrl": f"{self.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid}, {}
+
+    def _resolve(self, commit: str, name: str) -> tuple[int, bytes, dict[str, str]]:
+        """A file of a commit, as huggingface_hub's download reads it (its HEAD: the commit, an ETag, the size)."""
+        import hashlib
+
+        data = self.snapshots.get(commit, {}).get(name)
+        if data is None:
+            return 404, b"{}", {"X-Error-Code": "EntryNotFound"}
+        return 200, data, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"'}
 
     def _unexpected(self, method: str, path: str) -> tuple[int, dict, dict[str, str]]:
         self.unexpected.append(f"{method} {path}")
@@ -116,15 +135,17 @@ class FakeHub:
                 path = urlparse(self.path).path
                 hub.requests.append((self.command, path, self.headers.get("Authorization")))
                 status, reply, headers = hub.answer(self.command, path, body)
-                data = json.dumps(reply).encode()
+                data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
                 self.send_response(status)
-                for key, value in {"Content-Type": "application/json", **headers}.items():
+                kind = "application/octet-stream" if isinstance(reply, bytes) else "application/json"
+                for key, value in {"Content-Type": kind, **headers}.items():
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":
+                    self.wfile.write(data)
 
-            do_GET = do_POST = _reply
+            do_GET = do_POST = do_HEAD = _reply
 
             def log_message(self, *args) -> None:  # quiet
                 pass
@@ -134,14 +155,16 @@ class FakeHub:
 
 @pytest.fixture
 def fake_hub(monkeypatch) -> FakeHub:
-    """A FakeHub serving on 127.0.0.1, huggingface_hub pointed at it (HfApi() reads constants.ENDPOINT when made),
-    online, with a token in HF_TOKEN (read at each request)."""
+    """A FakeHub serving on 127.0.0.1, huggingface_hub pointed at it (HfApi() reads constants.ENDPOINT when made; a
+    download, the URL template made from it at import), online, with a token in HF_TOKEN (read at each request)."""
     hub = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), hub.handler())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     hub.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     yield hub
@@ -541,3 +564,80 @@ def test_a_push_manifest_json_cannot_record_says_it_was_pushed_with_the_record(f
     push_run(run, export, Console(quiet=True))  # writable again: the record is what it would be
     assert json.loads((run / "manifest.json").read_text())["pushed_to_hub"] == record | {"commit": f"{2:040x}",
                                                                                          "url": url[:-40] + f"{2:040x}"}
+
+
+
+def _pushed_files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by its path relative to it (subdirectories' too), as a push sends them."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _pushed_and_fetched(fake_hub: FakeHub, run: Path, repo_id: str, tiny_llama: Path, tmp_path: Path,
+                        monkeypatch) -> dict[str, bytes]:
+    """Push `run`, check the commit is its adapter/ whole (subdirectories too), fetch `repo_id` as `--adapter` does
+    into an empty cache, check it loads there with the run's logits bit for bit (offline from then on); the files
+    pushed."""
+    from peftkit.adapter_base import load_adapted_model
+    from peftkit.hub import hub_adapter
+
+    said = _said("push", str(run), repo_id)
+    expected = _pushed_files(run / "adapter")
+    assert fake_hub.commits[-1]["files"] == expected
+    assert said.splitlines()[:-1] == [f"pushed {name}" for name in expected]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # empty: fetched from the fake Hub
+    snapshot = Path(hub_adapter(repo_id))
+    assert _pushed_files(snapshot) == {name: data for name, data in expected.items()
+                                       if not name.endswith("README.md")}  # (the cards are not read)
+    assert not [r for r in fake_hub.unexpected if repo_id in r]  # (bitsandbytes' import online asks for kernels)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        ours = load_adapted_model(str(tiny_llama), str(run / "adapter"), torch.device("cpu"))[0].eval()
+        fetched = load_adapted_model(str(tiny_llama), str(snapshot), torch.device("cpu"))[0].eval()
+        assert torch.equal(fetched(input_ids=ids).logits, ours(input_ids=ids).logits)
+    return expected
+
+
+def test_an_x_lora_run_is_pushed_with_its_experts_and_reads_back_from_the_hub(fake_hub, tiny_llama, number_data,
+                                                                               tmp_path, monkeypatch):
+    """An X-LoRA run's adapter/ holds a copy of each expert (0/, 1/): `peftkit push` sends them with the classifier,
+    byte for byte, and what `--adapter user/name` fetches from the Hub into an empty cache is the pushed files (the
+    model cards aside), which load with the run's logits bit for bit and evaluate and generate as its adapter/.
+    Before, the fetch took the top level's adapter files only (`hub.ADAPTER_FILES`), and the experts' copies were
+    missing (0/ and 1/ were not fetched: the files compared differ)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from tests.conftest import method_recipe, save_peft_lora
+
+    experts = {"0": str(save_peft_lora(tiny_llama, tmp_path / "experts" / "0", PeftLoraConfig(
+                   r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))),
+               "1": str(save_peft_lora(tiny_llama, tmp_path / "experts" / "1", PeftLoraConfig(
+                   r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"]), seed=1))}
+    train(load_recipe(method_recipe(tmp_path, tiny_llama, number_data, {"method": "xlora", "adapters": experts},
+                                    training={"max_steps": 2, "lr": 5e-2})))
+    pushed = _pushed_and_fetched(fake_hub, tmp_path / "run", "acme/tiny-xlora", tiny_llama, tmp_path, monkeypatch)
+    assert {"0/adapter_config.json", "0/adapter_model.safetensors", "1/adapter_model.safetensors"} <= pushed.keys()
+    adapter = tmp_path / "run" / "adapter"
+    data = ["--model", str(tiny_llama), "--data", str(number_data["eval"])]
+    assert _said("eval", *data, "--adapter", "acme/tiny-xlora") == _said("eval", *data, "--adapter", str(adapter))
+    prompt = ["generate", "--model", str(tiny_llama), "--prompt", "1 plus 2", "--max-new-tokens", "3"]
+    assert _said(*prompt, "--adapter", "acme/tiny-xlora") == _said(*prompt, "--adapter", str(adapter))
+
+
+def test_an_adapter_fusion_run_is_pushed_whole_and_reads_back_from_the_hub(fake_hub, tiny_llama, number_data,
+                                                                           tmp_path, monkeypatch):
+    """An AdapterFusion run's adapter/ holds the fused adapters' tensors and configs in its own files (no directory of
+    theirs): pushed, and fetched into an empty cache, it loads with the run's logits bit for bit. Passes on the code as
+    it was (checked)."""
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import save_random_adapter
+
+    fuse = [str(save_random_adapter(tiny_llama, LoraConfig(r=2, alpha=4, target_modules=targets), tmp_path / name,
+                                    seed)) for name, targets, seed in (("a", ["q_proj", "v_proj"], 1),
+                                                                       ("b", ["v_proj", "o_proj"], 2))]
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2})
+    raw = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump(raw | {"adapter": {"method": "fusion", "fuse": fuse}}, sort_keys=False))
+    train(load_recipe(recipe))
+    pushed = _pushed_and_fetched(fake_hub, tmp_path / "run", "acme/tiny-fusion", tiny_llama, tmp_path, monkeypatch)
+    assert sorted(pushed) == ["README.md", "adapter_config.json", "adapter_model.safetensors", "peftkit.json"]
