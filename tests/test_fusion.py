@@ -303,6 +303,35 @@ def test_validate_says_train_s_refusal_of_another_quantization(trained_on, sourc
         said["train"], said
 
 
+def test_a_moved_run_with_its_adapters_gone_loads_as_it_was(sources, tiny_llama, number_data, tmp_path):
+    """An AdapterFusion's export holds copies of the fused adapters' tensors and configs (not references to their
+    directories), so a run directory moved elsewhere, the fused adapters' own directories deleted, loads with the
+    run's logits bit for bit, and `peftkit eval RUN_DIR` (whose recipe.yaml names the deleted directories) gives the
+    run's final eval loss; nothing under the export names another directory but as the record of `fused[i].source`.
+    Passes on the code as it was (checked: no fix needed; X-LoRA's export needed its experts' copies)."""
+    from peftkit.eval_job import eval_job
+    from peftkit.evaluate import evaluate
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    fuse = [str(shutil.copytree(sources[n], tmp_path / "adapters" / n)) for n in ("lora-a", "ia3")]
+    adapter = {"method": "fusion", "fuse": fuse}
+    recipe = make_recipe(tmp_path / "a", tiny_llama, number_data, adapter=adapter, training={"max_steps": 2})
+    _rewrite_adapter(recipe, adapter)
+    summary = train(load_recipe(recipe), show_summary=False)
+    expected = _logits(load_adapted_model(None, str(tmp_path / "a" / "run" / "adapter"))[0])
+    assert float((expected - _logits(_base(tiny_llama))).abs().max()) > 1e-2
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(tmp_path / "a" / "run", moved)
+    shutil.rmtree(tmp_path / "adapters")
+    assert sorted(p.name for p in (moved / "adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "peftkit.json"]
+    assert [f["source"] for f in json.loads((moved / "adapter" / "adapter_config.json").read_text())["fused"]] == fuse
+    assert torch.equal(_logits(load_adapted_model(None, str(moved / "adapter"))[0]), expected)
+    assert evaluate(eval_job(moved, [], None, None, None, None, None, None, None))["loss"] == \
+        pytest.approx(summary["eval_loss"], abs=1e-6)
+
+
 def _rewrite_adapter(recipe: Path, adapter: dict) -> None:
     import yaml
 
