@@ -285,7 +285,7 @@ BAD_VALUES = [
     # Literal choices.
     ("  format: alpaca", "  format: sharegpt",
      "'data.format' = 'sharegpt': must be one of 'alpaca', 'chat', 'completion', 'text', 'classification', "
-     "'preference' or 'unpaired'"),
+     "'preference', 'unpaired' or 'tokenized'"),
     ("  optimizer: adamw", "  optimizer: adam",
      "'training.optimizer' = 'adam': must be one of 'adamw', 'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit' "
      "or 'sgd'"),

@@ -47,7 +47,7 @@ EvalRecipe = Annotated[Optional[Path], typer.Argument(help="A recipe, or a run d
 EvalModel = Annotated[Optional[str], typer.Option("--model", help="Model directory or hub id (base or merged).")]
 EvalData = Annotated[Optional[str], typer.Option("--data", help="Data file or hub dataset id; default: data.eval.")]
 EvalFormat = Annotated[Optional[str], typer.Option("--format", help="alpaca | chat | completion | text | classification | "
-                                                   "preference | unpaired; default: the recipe's, else alpaca.")]
+                                                   "preference | unpaired | tokenized; default: the recipe's, else alpaca.")]
 EvalAdapters = Annotated[Optional[list[str]], typer.Option("--adapter", metavar="[NAME=]DIR", help="PEFT adapter directory (or hub id user/name[@REV]) to apply. Repeat "
                                                            "as NAME=DIR to compare several with the base.")]
 EvalMerged = Annotated[Optional[list[str]], typer.Option("--merged", metavar="NAME=DIR", help="NAME=DIR: a merged model to add to the "

@@ -22,12 +22,13 @@ def row_problem(row: object, fmt: str, target: bool = True, train_on: str = "ans
 
 
 def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, columns_key: str | None = None,
-               format_key: str | None = None) -> bool:
+               format_key: str | None = None, problem: str | None = None) -> bool:
     """Whether a row has what data.format needs (`target`: a nonempty answer too); a bad row is False under
     data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
     default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it; `format_key`: of
-    cfg.format, by default the one it came from as well: data.format, or a list entry's, data.train[1].format)."""
-    problem = row_problem(row, cfg.format, target, cfg.train_on)
+    cfg.format, by default the one it came from as well: data.format, or a list entry's, data.train[1].format;
+    `problem`: one found beyond the row's fields, by the caller, a tokenized row's id past the tokenizer's)."""
+    problem = problem or row_problem(row, cfg.format, target, cfg.train_on)
     if not problem:
         return True
     if cfg.on_bad_rows == "skip":

@@ -43,6 +43,8 @@ def special_tokens_in(tok, row: dict, fmt: str, body: list[int]) -> str | None:
     are often text already rendered (a ChatML prompt), whose special tokens are meant: there only a BOS the text
     begins with (when the tokenizer puts one in front too) and an EOS it ends with (peftkit appends one) are said,
     two of them in a row."""
+    if fmt == "tokenized":  # the ids are the user's, special tokens and all
+        return None
     ids, pattern = _specials(tok)
     if fmt in ("text", "completion"):
         first, last = ("text", "text") if fmt == "text" else ("prompt", "completion")

@@ -15,6 +15,7 @@ from peftkit.data.rows import row_location
 from peftkit.data.sources import format_spans, row_columns
 from peftkit.data.conversations import _chat_example, render_chat, turn_end_text, turn_end_token
 from peftkit.data.stored import IGNORE_INDEX, Example, Examples
+from peftkit.data.tokenized import ids_and_labels, vocabulary_problem
 from peftkit.errors import PeftkitError
 from peftkit.progress import work
 from peftkit.recipe import DataConfig
@@ -202,17 +203,18 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
         raise PeftkitError(f"{source}: data.format 'unpaired' rows (a prompt, an answer and its label) are read by "
                            "peftkit train (training.objective: kto), preview and eval only; this command does not read "
                            "them yet.")
-    chat = cfg.format == "chat"
+    chat, given = cfg.format == "chat", cfg.format == "tokenized"
     good = [row_problem(rows[i], cfg.format, train_on=cfg.train_on) is None for i in span]  # a bad row raises (or is None) in its turn below
-    full = None if chat else _full_examples(tok, [rows[i] for i, ok in zip(span, good, strict=True) if ok], cfg.format,
-                                            cfg.train_on, cfg._format_key)
+    full = None if chat or given else _full_examples(tok, [rows[i] for i, ok in zip(span, good, strict=True) if ok],
+                                                     cfg.format, cfg.train_on, cfg._format_key)
     for i, ok in zip(span, good, strict=True):
         row, where = rows[i], row_location(source, i, line_numbers)
-        if not ok and not usable_row(row, cfg, where):
+        past = given and ok and vocabulary_problem(row, len(tok))  # (the ids are the user's: no tokenizer made them)
+        if (not ok or past) and not usable_row(row, cfg, where, problem=past or None):
             yield None
             continue
         ids, labels = (located(where, _chat_example, tok, row["messages"], cfg.train_on, row.get("tools"),
-                               cfg._format_key) if chat else next(full))
+                               cfg._format_key) if chat else ids_and_labels(row) if given else next(full))
         n = cfg.max_length
         lost = [label for label in labels[n:] if label != IGNORE_INDEX]
         if lost and not tok.decode(lost).strip():  # only whitespace after the end-of-turn marker: the end is kept

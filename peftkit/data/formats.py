@@ -9,8 +9,11 @@ import re
 
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "completion": ("prompt", "completion"),
                    "text": ("text",), "classification": ("text", "label"), "preference": ("chosen", "rejected"),
-                   "unpaired": ("prompt", "completion", "label")}
-OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",), "preference": ("prompt",)}  # may be absent or null; a string when given
+                   "unpaired": ("prompt", "completion", "label"), "tokenized": ("input_ids",)}
+OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",), "preference": ("prompt",),
+                   "tokenized": ("labels", "attention_mask", "input_type_mask")}
+"""Fields a row may leave out or give as null: a string when given (a tokenized row's: a list of integers,
+`peftkit.data.tokenized`)."""
 
 
 # The roles chat templates render: an assistant turn is the one trained; `tool` (and Llama 3.1's `ipython`, OpenAI's
@@ -267,6 +270,10 @@ def _row_problem(row: dict, fmt: str, target: bool = True, train_on: str = "answ
         from peftkit.data.unpaired import unpaired_problem
 
         return unpaired_problem(row)
+    if fmt == "tokenized":  # token ids, the user's own: peftkit.data.tokenized
+        from peftkit.data.tokenized import tokenized_problem
+
+        return tokenized_problem(row, target)
     if fmt == "chat" and "messages" not in row and "conversations" in row:  # (a well-formed one is converted)
         return f"'conversations' must be a list of {{from, value}} objects (ShareGPT's turns: from {SHAREGPT_SPEAKERS})"
     if row.get(SHAREGPT):

@@ -6,6 +6,7 @@ reference answer (its target), so that what a model generates can be set beside 
   has it), rendered by the chat template with the generation prompt (`<|im_start|>assistant\\n`); the reference is
   that turn. A row with no trained turn (every answer marked false, under data.train_on: all) has no prompt.
 - `text` has no prompt: every token is target.
+- `tokenized`: the ids before the row's last run of trained tokens, as they are; that run is the reference.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from peftkit.data.examples import (BuiltExample, _TargetCuts, build_examples, en
                                    prompt_and_target_text, row_location, row_task, truncation_error)
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
+from peftkit.data.stored import IGNORE_INDEX
+from peftkit.data.tokenized import ids_and_labels, prompt_and_answer, vocabulary_problem
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
 
@@ -99,6 +102,8 @@ def text_prompt(tok, text: str) -> Prompt:
 def row_prompt(tok, row: dict, fmt: str, train_on: str = "answers", targets: bool = True) -> Prompt | None:
     """The prompt and reference of one valid row of format `fmt`; for a chat row, of its last assistant turn that
     `train_on` and the turns' marks train (`answer_turn`), None where none is."""
+    if fmt == "tokenized":
+        return _ids_prompt(tok, row, targets)
     if fmt == "chat":
         messages, tools = row["messages"], row.get("tools")
         last = answer_turn(messages, train_on, targets)
@@ -113,6 +118,18 @@ def row_prompt(tok, row: dict, fmt: str, train_on: str = "answers", targets: boo
     prompt = text_prompt(tok, text)
     prompt.reference = target
     return prompt
+
+
+def _ids_prompt(tok, row: dict, targets: bool = True) -> Prompt:
+    """A tokenized row's prompt: its ids before its last run of trained tokens, given to generation as they are (no
+    text in between to tokenize again), that run decoded the reference. Without `targets` (`peftkit generate --data`:
+    rows as prompts), a row without labels, or none trained, is a prompt whole."""
+    if problem := vocabulary_problem(row, len(tok)):
+        raise PeftkitError(problem)
+    ids, labels = ids_and_labels(row)
+    asked = targets or (row.get("labels") is not None and any(x != IGNORE_INDEX for x in labels))
+    prompt, answer = prompt_and_answer(ids, labels) if asked else (ids, None)
+    return Prompt(prompt, tok.decode(prompt), None if answer is None else tok.decode(answer, skip_special_tokens=True))
 
 
 def _prompt_of(tok, row: dict, cfg: DataConfig, targets: bool) -> Prompt | None:
@@ -194,6 +211,10 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
                 continue
             if not prompt.ids and skip_empty:
                 continue
+            if not prompt.ids and cfg.format == "tokenized":
+                raise PeftkitError(f"{where}: its first token is trained (no labels, or a label on input_ids[0]), so "
+                                   "there is no prompt to generate from: the prompt is the ids before the last run of "
+                                   "trained tokens. Mask the prompt's labels (-100); a loss-only eval needs none.")
             if not prompt.ids:
                 raise PeftkitError(f"{where}: its prompt is empty, and this tokenizer adds no BOS token, so there is "
                                    "nothing to generate from. Give the row a prompt (a loss-only eval needs none).")

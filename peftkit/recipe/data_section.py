@@ -33,7 +33,8 @@ class DataSource(Section):
     columns: dict[str, str] | None = None
     """Its columns for the format's fields (as data.columns, which it replaces for this dataset); default
     data.columns."""
-    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference", "unpaired"] | None = None
+    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference", "unpaired",
+                    "tokenized"] | None = None
     """The format its rows are read and tokenized in (axolotl's per-dataset `type:`), to mix alpaca rows with
     conversations; default data.format, which data.eval and generation's prompts are read in. Not `classification`
     nor `preference` (a classifier's datasets are all data.format classification, a DPO run's all preference)."""
@@ -93,8 +94,10 @@ class DataConfig(Section):
     revision: str | None = None
     """Hub revision (branch, tag or commit) of `train` and `eval` when they are hub datasets. A run records a digest
     of the rows it read, so `--resume` and `verify` tell when a branch has moved; pin a commit to read the same rows."""
-    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference", "unpaired"] = "alpaca"
-    """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text;
+    format: Literal["alpaca", "chat", "completion", "text", "classification", "preference", "unpaired",
+                    "tokenized"] = "alpaca"
+    """alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text; tokenized:
+    input_ids and optional labels, taken as given (`peftkit.data.tokenized`);
     classification: text, label and optional text_pair (model.task: sequence_classification); preference: prompt,
     chosen, rejected (training.objective: dpo; `peftkit.data.preference`); unpaired: prompt, completion and a true/false
     label (training.objective: kto; `peftkit.data.unpaired`). Not set, where every
@@ -178,6 +181,10 @@ class DataConfig(Section):
         if self.chat_template is not None and not chat:
             raise ValueError(f"data.chat_template is the template of chat conversations, and {said}, whose rows no "
                              "template renders; remove it, or use data.format: chat")
+        if self.train_on != "answers" and all(fmt == "tokenized" for fmt in self._formats_read()):
+            raise ValueError(f"data.train_on: {self.train_on}: tokenized rows say which tokens train by their labels "
+                             "(-100: not trained; no labels: every token), and every dataset here is tokenized; "
+                             "remove data.train_on")
         _check_columns("data.columns", self.columns, "data.format", self.format)
         for i, entry in entries:
             fmt = entry.format or self.format
@@ -188,6 +195,12 @@ class DataConfig(Section):
                 _check_columns("data.columns", self.columns, named, fmt,
                                f" Or give {i} columns of its own ({{}} for none).")
         return self
+
+    def _formats_read(self) -> list[str]:
+        """The format each dataset of data.train and data.eval is read in (its own, else data.format)."""
+        entries = [*(self.train if isinstance(self.train, list) else [self.train]),
+                   *(self.eval.values() if isinstance(self.eval, dict) else [self.eval] if self.eval else [])]
+        return [_own_format(entry) or self.format for entry in entries]
 
     train_split: str = "train"
     eval_split: str = "train"

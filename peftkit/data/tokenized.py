@@ -1,0 +1,109 @@
+"""data.format tokenized: rows of token ids made by the user's own pipeline (their packing, masking, a tokenizer shared
+with another trainer), taken as given: no template, no EOS appended, no re-tokenizing. The fields are those of
+axolotl's pre-tokenized datasets (`input_ids`, `labels`, `attention_mask`; axolotl's docs: dataset-formats/tokenized)
+and of TRL's SFTTrainer given `input_ids`:
+
+- `input_ids`: a nonempty list of token ids, each below the tokenizer's length (`len(tok)`: its vocabulary and added
+  tokens, model.add_tokens' among them).
+- `labels` (optional): one a token, aligned with `input_ids` as the other formats' examples are: -100 where the token
+  is not trained, else the token's own id (peftkit shifts them, as transformers' causal models do: position t-1
+  predicts the label at t). A label that differs from its input id is a bad row: that is what labels shifted by one
+  already (for a trainer that does not shift) look like, and generation's reference is read from them. Without
+  `labels`, every token trains (axolotl's pretraining rows, TRL without a completion mask).
+- `attention_mask` (optional): all 1 (a row's padding is peftkit's to add); a 0 is a bad row, whose padding would
+  otherwise be trained.
+- `input_type_mask` (optional, CPT's: `peftkit.methods.cpt`): each token's type in peft's codes (0 none, 4k + 1 ..
+  4k + 4), handed to CPT's loss per row.
+
+data.train_on does not apply (the labels say what trains), nor do data.chat_template and data.system_prompt.
+"""
+
+from __future__ import annotations
+
+from peftkit.data.stored import IGNORE_INDEX
+
+FIELDS = ("input_ids",)
+OPTIONAL = ("labels", "attention_mask", "input_type_mask")
+TYPES = "input_type_mask"
+"""CPT's per-token types (peft's `input_type_mask=` keyword)."""
+
+
+def _int_list_problem(key: str, value: object) -> str | None:
+    if not isinstance(value, list):
+        got = "null" if value is None else type(value).__name__
+        return f"field '{key}' must be a list of integers, got {got}"
+    bad = next((i for i, v in enumerate(value) if isinstance(v, bool) or not isinstance(v, int)), None)
+    if bad is not None:
+        return f"{key}[{bad}] is {value[bad]!r}, not an integer"
+    return None
+
+
+def tokenized_problem(row: dict, target: bool = True) -> str | None:
+    """What makes a tokenized row unusable, or None (the ids' range is the tokenizer's: `vocabulary_problem`).
+    `target`: the row must train a token (not where rows are only prompts, `peftkit generate --data`)."""
+    ids = row.get("input_ids")
+    if ids is None:
+        return "missing field 'input_ids'"
+    if problem := _int_list_problem("input_ids", ids):
+        return problem
+    if not ids:
+        return "field 'input_ids' is empty"
+    if (low := next((i for i, t in enumerate(ids) if t < 0), None)) is not None:
+        return f"input_ids[{low}] is {ids[low]} (a token id is 0 or more)"
+    for key in OPTIONAL:
+        if row.get(key) is None:
+            continue
+        if problem := _int_list_problem(key, row[key]):
+            return problem
+        if len(row[key]) != len(ids):
+            return f"field '{key}' has {len(row[key])} entries and field 'input_ids' {len(ids)} (one for each token)"
+    return _labels_problem(ids, row.get("labels"), target) or _masks_problem(row)
+
+
+def _labels_problem(ids: list[int], labels: list[int] | None, target: bool) -> str | None:
+    if labels is None:
+        return None
+    for i, (token, label) in enumerate(zip(ids, labels, strict=True)):
+        if label != IGNORE_INDEX and label != token:
+            return (f"labels[{i}] is {label}, neither input_ids[{i}] ({token}) nor {IGNORE_INDEX} (a label is its "
+                    "own token's id, which peftkit shifts as transformers' causal models do: shifted by one already?)")
+    if target and all(label == IGNORE_INDEX for label in labels):
+        return f"field 'labels' trains no token (every label is {IGNORE_INDEX})"
+    return None
+
+
+def _masks_problem(row: dict) -> str | None:
+    mask = row.get("attention_mask")
+    if mask is not None and (zero := next((i for i, m in enumerate(mask) if m != 1), None)) is not None:
+        return (f"attention_mask[{zero}] is {mask[zero]} (every token of a row is attended: peftkit pads batches "
+                "itself, so leave the row's padding out)")
+    types = row.get(TYPES)
+    if types is not None and (low := next((i for i, t in enumerate(types) if t < 0), None)) is not None:
+        return f"{TYPES}[{low}] is {types[low]} (CPT's types are 0, none, or 4k + 1 .. 4k + 4)"
+    return None
+
+
+def vocabulary_problem(row: dict, size: int) -> str | None:
+    """A token id of a (well-formed) row at or past the tokenizer's `size` (`len(tok)`), or None: the model has no
+    embedding for it (its embeddings are resized to the tokenizer's length with model.add_tokens)."""
+    past = next((i for i, t in enumerate(row["input_ids"]) if t >= size), None)
+    if past is None:
+        return None
+    return (f"input_ids[{past}] is {row['input_ids'][past]}, past this tokenizer's {size} tokens (ids 0 .. "
+            f"{size - 1}: tokenized with another tokenizer?)")
+
+
+def ids_and_labels(row: dict) -> tuple[list[int], list[int]]:
+    """A valid row's token ids and labels (every token trained without `labels`)."""
+    ids = list(row["input_ids"])
+    return ids, list(row["labels"]) if row.get("labels") is not None else ids.copy()
+
+
+def prompt_and_answer(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """The ids before a row's last run of trained tokens (the prompt generation is given, exactly these ids) and that
+    run (the reference), as a conversation's last trained answer is asked for after the turns before it."""
+    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return ids[:start], ids[start:end]

@@ -1,0 +1,190 @@
+"""data.format tokenized (peftkit.data.tokenized): rows of token ids taken as given. The independent computation is
+the text formats' own: a file of the ids and labels alpaca rows become trains the alpaca run's adapter bit for bit;
+bad rows are said by file, line and key; the cache tells a changed row; prompts are the rows' own ids."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from safetensors.torch import load_file
+
+from peftkit.data import IGNORE_INDEX, load_examples
+from peftkit.data.prompts import load_prompts
+from peftkit.errors import PeftkitError
+from peftkit.preview import preview
+from peftkit.recipe import DataConfig, load_recipe
+from peftkit.tiny import build_char_tokenizer, number_rows, write_jsonl
+from peftkit.train import train
+from tests.conftest import check_resumes_to_the_same_bits, make_recipe
+
+TOK = build_char_tokenizer()
+
+
+def _as_tokenized(source, out, cfg: DataConfig | None = None, keep_labels: bool = True):
+    """`source`'s alpaca rows as peftkit tokenizes them, written as tokenized rows to `out`."""
+    cfg = cfg or DataConfig(train=str(source), format="alpaca", max_length=128)
+    examples, _ = load_examples(TOK, str(source), "train", cfg, cache=False)
+    write_jsonl(out, [{"input_ids": e.input_ids} | ({"labels": e.labels} if keep_labels else {}) for e in examples])
+    return out
+
+
+def _adapter(run):
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def _same_bits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_tokenized_alpaca_examples_train_the_alpaca_run_bit_for_bit(tiny_llama, number_data, tmp_path):
+    """The ids and labels of number_data's alpaca rows, as a tokenized file (train and eval), with group_by_length:
+    the same adapter, bit for bit, and the same eval loss, as the alpaca run; and the same examples digest."""
+    files = {k: _as_tokenized(number_data[k], tmp_path / f"{k}.jsonl") for k in ("train", "eval")}
+    common = {"training": {"max_steps": 3}, "eval": {"base_model": False}}
+    text = make_recipe(tmp_path / "a", tiny_llama, number_data, data={"group_by_length": True}, **common)
+    ids = make_recipe(tmp_path / "b", tiny_llama, files, data={"format": "tokenized", "group_by_length": True},
+                      **common)
+    theirs, ours = (train(load_recipe(r), show_summary=False) for r in (text, ids))
+    _same_bits(_adapter(tmp_path / "a" / "run"), _adapter(tmp_path / "b" / "run"))
+    assert ours["eval_loss"] == theirs["eval_loss"]
+
+
+def test_a_mix_of_alpaca_and_tokenized_packed_trains_the_alpaca_run(tiny_llama, number_data, tmp_path):
+    """data.train [alpaca rows 0-31, the tokenized ids of rows 32-63] under data.packing trains the run of the 64
+    alpaca rows bit for bit (a list is concatenated in order, then shuffled)."""
+    rows = number_rows(64, seed=1)
+    write_jsonl(tmp_path / "first.jsonl", rows[:32])
+    write_jsonl(tmp_path / "second.jsonl", rows[32:])
+    second = _as_tokenized(tmp_path / "second.jsonl", tmp_path / "second_ids.jsonl")
+    common = {"training": {"max_steps": 3}, "eval": {"base_model": False}}
+    whole = make_recipe(tmp_path / "a", tiny_llama, number_data, data={"packing": True}, **common)
+    mix = make_recipe(tmp_path / "b", tiny_llama, number_data, **common,
+                      data={"packing": True, "train": [str(tmp_path / "first.jsonl"),
+                                                       {"path": str(second), "format": "tokenized"}]})
+    for recipe in (whole, mix):
+        train(load_recipe(recipe), show_summary=False)
+    _same_bits(_adapter(tmp_path / "a" / "run"), _adapter(tmp_path / "b" / "run"))
+
+
+def test_a_tokenized_run_resumes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+    files = {k: _as_tokenized(number_data[k], tmp_path / f"{k}.jsonl") for k in ("train", "eval")}
+    recipe = make_recipe(tmp_path, tiny_llama, files, data={"format": "tokenized"}, eval={"base_model": False},
+                         training={"max_steps": 4, "save_steps": 2, "save_total_limit": 10})
+    check_resumes_to_the_same_bits(recipe, tmp_path / "run", kill_after=2, steps=4)
+
+
+def test_rows_are_taken_as_given(tmp_path):
+    """No BOS, no EOS, no template: the ids are the row's, and without labels every token trains."""
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+                                       {"input_ids": [9, 10, 11], "attention_mask": [1, 1, 1]}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized", max_length=3)
+    (first, second), stats = load_examples(TOK, cfg.train, "train", cfg)
+    assert (first.input_ids, first.labels) == ([5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 7])  # cut at max_length
+    assert (second.input_ids, second.labels) == ([9, 10, 11], [9, 10, 11])
+    assert stats["truncated"] == 1 and stats["target_cut"] == 1
+
+
+BAD = [
+    ({"input_ids": []}, "field 'input_ids' is empty"),
+    ({"labels": [1]}, "missing field 'input_ids'"),
+    ({"input_ids": [5, 6.0]}, "input_ids[1] is 6.0, not an integer"),
+    ({"input_ids": [5, True]}, "input_ids[1] is True, not an integer"),
+    ({"input_ids": "5 6"}, "field 'input_ids' must be a list of integers, got str"),
+    ({"input_ids": [5, -1]}, "input_ids[1] is -1 (a token id is 0 or more)"),
+    ({"input_ids": [5, 102]}, "input_ids[1] is 102, past this tokenizer's 102 tokens (ids 0 .. 101: tokenized with "
+                              "another tokenizer?)"),
+    ({"input_ids": [5, 6], "labels": [5]}, "field 'labels' has 1 entries and field 'input_ids' 2 (one for each token)"),
+    ({"input_ids": [5, 6, 7], "labels": [6, 7, -100]},
+     "labels[0] is 6, neither input_ids[0] (5) nor -100 (a label is its own token's id, which peftkit shifts as "
+     "transformers' causal models do: shifted by one already?)"),
+    ({"input_ids": [5, 6], "labels": [-100, -100]}, "field 'labels' trains no token (every label is -100)"),
+    ({"input_ids": [5, 6], "attention_mask": [1, 0]}, "attention_mask[1] is 0 (every token of a row is attended: "
+                                                      "peftkit pads batches itself, so leave the row's padding out)"),
+]
+
+
+@pytest.mark.parametrize(("row", "said"), BAD)
+def test_a_bad_row_is_said_by_file_line_and_key(row, said, tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [5, 6]}, row])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
+    with pytest.raises(PeftkitError) as e:
+        load_examples(TOK, cfg.train, "train", cfg)
+    assert str(e.value) == (f"{tmp_path / 'd.jsonl'}:2: {said} for data.format 'tokenized' (each row needs "
+                            "input_ids). Fix the row, set the right data.format, or set data.on_bad_rows: skip.")
+    skipping = cfg.model_copy(update={"on_bad_rows": "skip"})
+    examples, stats = load_examples(TOK, cfg.train, "train", skipping)
+    assert len(examples) == 1 and stats["bad_rows"] == 1
+
+
+def test_columns_name_the_fields_and_the_errors_say_the_columns(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"ids": [5, 6, 7], "target": [-100, 6, 7]}, {"ids": [5, 6], "target": [6, 6]}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized", columns={"input_ids": "ids",
+                                                                                 "labels": "target"})
+    with pytest.raises(PeftkitError, match=r"d\.jsonl:2: target\[0\] is 6, neither ids\[0\] \(5\) nor -100"):
+        load_examples(TOK, cfg.train, "train", cfg)
+    (example,), _ = load_examples(TOK, cfg.train, "train", cfg.model_copy(update={"on_bad_rows": "skip"}))
+    assert (example.input_ids, example.labels) == ([5, 6, 7], [IGNORE_INDEX, 6, 7])
+
+
+@pytest.mark.parametrize(("key", "value", "said"), [
+    ("train_on", "all", "data.train_on: all: tokenized rows say which tokens train by their labels"),
+    ("chat_template", "chatml", "data.chat_template is the template of chat conversations, and data.format is "
+                                "tokenized"),
+    ("system_prompt", "Be brief.", "data.system_prompt is the system message of chat conversations, and "
+                                   "data.format is tokenized"),
+])
+def test_chat_and_train_on_keys_are_refused(key, value, said):
+    with pytest.raises(ValidationError, match=said):
+        DataConfig(train="d.jsonl", format="tokenized", **{key: value})
+
+
+def test_train_on_still_reads_a_mix_s_text_rows():
+    cfg = DataConfig(train=["a.jsonl", {"path": "b.jsonl", "format": "tokenized"}], format="completion",
+                     train_on="all")
+    assert cfg.train_on == "all"
+
+
+def test_the_cache_tells_a_changed_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9]}])
+    cfg = DataConfig(train=str(path), format="tokenized")
+    first, stats = load_examples(TOK, cfg.train, "train", cfg)
+    again, cached = load_examples(TOK, cfg.train, "train", cfg)
+    assert "cached" not in stats and "cached" in cached and list(again) == list(first)
+    write_jsonl(path, [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 10]}])  # one id changed
+    changed, stats = load_examples(TOK, cfg.train, "train", cfg)
+    assert "cached" not in stats and changed[1].input_ids == [8, 10]
+
+
+def test_a_prompt_is_the_ids_before_the_last_trained_run(tmp_path):
+    """Generation is given the row's own ids (no decode and encode in between), the last run of trained tokens
+    decoded is the reference; a row with every token trained has no prompt, which is said."""
+    answer = TOK("four</s>", add_special_tokens=False)["input_ids"]
+    prompt = [1, *TOK("2+2=", add_special_tokens=False)["input_ids"]]
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": prompt + answer,
+                                        "labels": [IGNORE_INDEX] * len(prompt) + answer}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
+    (asked,) = load_prompts(TOK, cfg.train, "train", cfg)
+    assert asked.ids == prompt and asked.reference == "four"
+    write_jsonl(tmp_path / "e.jsonl", [{"input_ids": prompt + answer}])
+    with pytest.raises(PeftkitError, match=r"e\.jsonl:1: its first token is trained \(no labels, or a label on "
+                                           r"input_ids\[0\]\), so there is no prompt to generate from"):
+        load_prompts(TOK, str(tmp_path / "e.jsonl"), "train", cfg)
+    (whole,) = load_prompts(TOK, str(tmp_path / "e.jsonl"), "train", cfg, targets=False)  # generate --data
+    assert whole.ids == prompt + answer and whole.reference is None
+
+
+def test_a_run_with_samples_and_metrics_and_preview(tiny_llama, number_data, tmp_path):
+    files = {k: _as_tokenized(number_data[k], tmp_path / f"{k}.jsonl") for k in ("train", "eval")}
+    recipe = make_recipe(tmp_path, tiny_llama, files, data={"format": "tokenized"}, training={"max_steps": 1},
+                         eval={"samples": 2, "metrics": ["exact_match"], "max_new_tokens": 4, "base_model": False})
+    summary = train(load_recipe(recipe), show_summary=False)
+    assert "eval_exact_match" in summary
+    out = io.StringIO()
+    shown = preview(load_recipe(recipe), 1, Console(file=out, width=300, no_color=True))
+    assert len(shown) == 1 and "format tokenized" in out.getvalue() and "Write the number in words." in out.getvalue()
+    assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["format"] == "tokenized"
