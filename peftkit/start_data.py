@@ -13,6 +13,7 @@ from peftkit.data import describe_stats, load_examples
 from peftkit.data.classification import LabelSet, load_classification
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.data.preference import Pairs, load_pairs
+from peftkit.errors import PeftkitError
 from peftkit.evaluate import RunEval
 from peftkit.preference import objective_loss
 from peftkit.recipe import Recipe
@@ -50,14 +51,28 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True,
     tasks = recipe_reads_tasks(cfg)
     train_ex, stats = load_examples(tok, data.train, data.train_split, data, tasks=tasks, cache=cache)
     check_training_tasks(cfg, "data.train", train_ex.task_ids)
+    _check_input_types(cfg, "data.train", train_ex)
     for i, (name, source) in enumerate(data.eval_sources().items()):  # the loss examples, and eval.metrics' prompts
         examples = load_examples(tok, source.path, source.split, data.for_eval(name), tasks=tasks, cache=cache)[0]
+        _check_input_types(cfg, data.eval_setting(name), examples)
         evals[name] = RunEval.of(cfg, tok, examples, name)
         prompts = [*evals[name].prompts, *(sample_prompts(cfg, tok) if i == 0 else [])]
         key = data.eval_setting(name)
         check_training_tasks(cfg, key, [*examples.task_ids, *(p.task_id for p in prompts)])
         check_answer_room(cfg, config, prompts)
     return train_ex, stats, evals, None
+
+
+def _check_input_types(cfg: Recipe, key: str, examples) -> None:
+    """Refuse data whose rows carry CPT's per-token types (`input_type_mask`) for a method that reads none
+    (`Method.reads_input_types`): its loss would ignore them, and the labels they masked."""
+    from peftkit.methods import method_of
+
+    method = method_of(cfg.adapter)
+    if examples.types is not None and not method.reads_input_types:
+        raise PeftkitError(f"{key}: its rows have an 'input_type_mask' (CPT's per-token types, which mask the labels "
+                           f"of every token not typed an output), and adapter.method: {method.name} reads none; remove "
+                           "the column, or train with adapter.method: cpt.")
 
 
 def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pairs, dict, dict, None]:

@@ -405,3 +405,103 @@ def test_deepspeed_and_fsdp_are_refused(tiny_llama, number_data, tmp_path):
                              state=SimpleNamespace(deepspeed_plugin=plugin), gradient_accumulation_steps=1)
     with pytest.raises(PeftkitError, match="adapter.method: cpt is not supported under DeepSpeed: its projection"):
         zero.check(recipe, engine)
+
+
+def _typed_rows(tok) -> list[dict]:
+    """Two tokenized rows of other lengths with peft's per-token types (1 template, 2 input, 3 the output's template,
+    4 its answer, 8 a second example's answer, 0 none); the second with labels, one masked on an output."""
+    first = [1, 40, 41, 42, 7, 60, 61, 62]
+    second = [1, 55, 12, 80, 81, 3]
+    return [{"input_ids": first, "input_type_mask": [0, 1, 2, 3, 4, 4, 0, 0]},
+            {"input_ids": second, "labels": [1, 55, 12, 80, IGNORE_INDEX, 3], "input_type_mask": [1, 2, 3, 4, 8, 8]}]
+
+
+def test_a_tokenized_input_type_mask_column_gives_peft_s_loss_and_gradient(tiny_llama, tmp_path):
+    """Tokenized rows with an input_type_mask column, read as data and batched by the Collator (types padded 0,
+    labels -100; the labels masked where the type is no output's), give the loss and gradient of peft's own model on
+    those rows padded by hand as peft's CPT example pads them (ids pad, types 0, labels the ids), with decay, over
+    three Adam steps."""
+    from peftkit.data import Collator, load_examples
+    from peftkit.recipe import DataConfig
+    from peftkit.tiny import write_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = _typed_rows(tok)
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
+    batch = Collator(tok.pad_token_id)(list(load_examples(tok, cfg.train, "train", cfg)[0]))
+    width = 8
+
+    def padded(key, value):
+        return torch.tensor([row.get(key, row["input_ids"]) + [value] * (width - len(row["input_ids"])) for row in rows])
+
+    theirs_batch = {"input_ids": padded("input_ids", tok.pad_token_id), "labels": padded("labels", IGNORE_INDEX),
+                    "attention_mask": torch.tensor([[1] * 8, [1] * 6 + [0] * 2])}
+    assert torch.equal(batch["input_ids"], theirs_batch["input_ids"])
+    assert torch.equal(batch["input_type_mask"], padded("input_type_mask", 0))
+    kw = CONTEXT | {"opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.7}
+    theirs = get_peft_model(_load(tiny_llama), peft.CPTConfig(task_type="CAUSAL_LM", **kw))
+    ours = _load(tiny_llama)
+    inject_adapters(ours, CptConfig(method="cpt", **kw))
+    trainer = Cpt.trainer(ours, None, 3)
+    delta, their_delta = virtual_tokens(ours).table, theirs.prompt_encoder["default"].delta_embedding.weight
+    optimizers = [torch.optim.Adam([p], lr=0.05) for p in (delta, their_delta)]
+    counted = virtual_tokens(ours).counted(batch["labels"])
+    assert counted == 2 * 3 + 4  # each row's context outputs; row 1's outputs at 4, 5, row 2's at 3, 5 (4: label -100)
+    for _ in range(3):
+        expected = theirs(**theirs_batch, input_type_mask=padded("input_type_mask", 0)).loss
+        total, n = trainer.loss_sum(ours, batch, counted)
+        assert int(n) == counted and torch.equal(total / counted, expected)
+        expected.backward()
+        (total / counted).backward()
+        assert torch.equal(delta.grad, their_delta.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        trainer.after_step(1)
+
+
+def _tokenized_files(tok, number_data, root, types=None) -> dict:
+    """number_data's alpaca rows as tokenized files (train, eval), each row typed by `types(example)` where given."""
+    from peftkit.data import load_examples
+    from peftkit.recipe import DataConfig
+    from peftkit.tiny import write_jsonl
+
+    files = {}
+    for split in ("train", "eval"):
+        cfg = DataConfig(train=str(number_data[split]), format="alpaca", max_length=128)
+        examples = load_examples(tok, cfg.train, "train", cfg, cache=False)[0]
+        write_jsonl(root / f"{split}.jsonl", [{"input_ids": e.input_ids, "labels": e.labels}
+                                              | ({"input_type_mask": types(e)} if types else {}) for e in examples])
+        files[split] = root / f"{split}.jsonl"
+    return files
+
+
+def test_a_cpt_run_on_typed_rows(tiny_llama, number_data, tmp_path):
+    """A recipe's tokenized rows all typed 4 (peft's default) train the run without the column bit for bit; typed as
+    peft's examples are (2 the prompt, 4 the answer, 3 its EOS: a template, not scored), the types reach the loss
+    (another adapter); any other method refuses the column, by text."""
+    from peftkit.recipe import load_recipe
+    from peftkit.train import train
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    common = {"training": {"max_steps": 3, "lr": 5e-2}, "eval": {"base_model": False}}
+    runs = {}
+    for name, types in [("plain", None), ("fours", lambda e: [4] * len(e.input_ids)),
+                        ("typed", lambda e: [2 if label == IGNORE_INDEX else 4 for label in e.labels[:-1]] + [3])]:
+        files = _tokenized_files(tok, number_data, tmp_path / name, types)
+        recipe = method_recipe(tmp_path / name, tiny_llama, files, {"method": "cpt", **CONTEXT},
+                               data={"format": "tokenized"}, **common)
+        runs[name] = train(load_recipe(recipe), show_summary=False)
+    plain, fours, typed = (load_file(tmp_path / k / "run" / "adapter" / "adapter_model.safetensors")
+                           for k in ("plain", "fours", "typed"))
+    assert plain.keys() == fours.keys() and all(plain[k].equal(fours[k]) for k in plain)
+    assert not all(plain[k].equal(typed[k]) for k in plain) and runs["typed"]["eval_loss"] != runs["plain"]["eval_loss"]
+    lora = method_recipe(tmp_path / "lora", tiny_llama, _tokenized_files(tok, number_data, tmp_path / "lora",
+                                                                          lambda e: [4] * len(e.input_ids)),
+                         {"method": "lora", "r": 2, "target_modules": ["q_proj"]}, data={"format": "tokenized"})
+    with pytest.raises(PeftkitError, match=r"data\.train: its rows have an 'input_type_mask' \(CPT's per-token types, "
+                                           r"which mask the labels of every token not typed an output\), and "
+                                           r"adapter\.method: lora reads none; remove the column, or train with "
+                                           r"adapter\.method: cpt\."):
+        train(load_recipe(lora), show_summary=False)

@@ -104,6 +104,12 @@ BAD = [
     ({"input_ids": [5, 6], "labels": [-100, -100]}, "field 'labels' trains no token (every label is -100)"),
     ({"input_ids": [5, 6], "attention_mask": [1, 0]}, "attention_mask[1] is 0 (every token of a row is attended: "
                                                       "peftkit pads batches itself, so leave the row's padding out)"),
+    ({"input_ids": [5, 6], "input_type_mask": [2, -4]}, "input_type_mask[1] is -4 (CPT's types are 0, none, or "
+                                                        "4k + 1 .. 4k + 4)"),
+    ({"input_ids": [5, 6], "input_type_mask": [2]}, "field 'input_type_mask' has 1 entries and field 'input_ids' 2 "
+                                                    "(one for each token)"),
+    ({"input_ids": [5, 6, 7], "labels": [-100, 6, -100], "input_type_mask": [2, 3, 4]},
+     "field 'input_type_mask' marks no trained token an output (4k + 4), so CPT's loss has none of this row's tokens"),
 ]
 
 
@@ -188,3 +194,15 @@ def test_a_run_with_samples_and_metrics_and_preview(tiny_llama, number_data, tmp
     shown = preview(load_recipe(recipe), 1, Console(file=out, width=300, no_color=True))
     assert len(shown) == 1 and "format tokenized" in out.getvalue() and "Write the number in words." in out.getvalue()
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["format"] == "tokenized"
+
+
+def test_cpt_types_are_kept_cached_and_a_row_without_them_is_typed_4(tmp_path):
+    """A row's input_type_mask masks the labels of tokens not typed an output; a row without the column, among rows
+    with it, is typed 4 throughout (peft's default); the cache gives the types back."""
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [8, 9, 10], "input_type_mask": [2, 4, 0]}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
+    (first, second), stats = load_examples(TOK, cfg.train, "train", cfg)
+    assert (first.types, first.labels) == ([4, 4, 4], [5, 6, 7])
+    assert (second.types, second.labels) == ([2, 4, 0], [IGNORE_INDEX, 9, IGNORE_INDEX])
+    cached, again = load_examples(TOK, cfg.train, "train", cfg)
+    assert "cached" in again and list(cached) == [first, second]

@@ -9,12 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftkit.data.examples import IGNORE_INDEX
-from peftkit.data.stored import Example
+from peftkit.data.stored import UNTYPED, Example
 from peftkit.errors import PeftkitError
 
 
 class Collator:
-    """Right-pads a list of examples to the longest; pad labels are IGNORE_INDEX, attention 0."""
+    """Right-pads a list of examples to the longest; pad labels are IGNORE_INDEX, attention 0 (CPT's types 0)."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -41,7 +41,18 @@ class Collator:
         out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         if packed:
             out = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
-        return out | task_ids(batch)
+        return out | task_ids(batch) | input_types(batch, width)
+
+
+def input_types(batch: list[Example], width: int) -> dict[str, torch.Tensor]:
+    """{'input_type_mask': (rows, width)} of CPT's per-token types where the examples have them (tokenized rows'
+    `input_type_mask`), padded with 0 (no type: peft's example collator pads so), else {}."""
+    if all(e.types is None for e in batch):
+        return {}
+    types = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        types[i, :len(e.input_ids)] = torch.tensor(e.types if e.types is not None else [UNTYPED] * len(e.input_ids))
+    return {"input_type_mask": types}
 
 
 def task_ids(batch: list[Example]) -> dict[str, torch.Tensor]:

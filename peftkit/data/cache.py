@@ -166,7 +166,8 @@ def _remove_stale_temporaries(directory: Path) -> None:
 def _arrays(examples: Examples) -> dict[str, array]:
     ids, labels, ends = examples.arrays()
     tasks = array("q", (_NO_TASK if task is None else task for task in examples.task_ids))
-    return {"input_ids": ids, "labels": labels, "ends": ends, "task_ids": tasks}
+    types = {} if examples.types is None else {"input_type_mask": examples.types}  # (CPT's, where the rows have them)
+    return {"input_ids": ids, "labels": labels, "ends": ends, "task_ids": tasks} | types
 
 
 def _digest(arrays: dict[str, array], stats: str) -> str:
@@ -192,7 +193,8 @@ def _save(path: Path, examples: Examples, stats: dict, key: str) -> None:
 
 
 _LAYOUT = {"input_ids": ("i", "I32"), "labels": ("i", "I32"), "ends": ("q", "I64"), "task_ids": ("q", "I64")}
-"""Each stored array's typecode here and dtype in the file."""
+"""Each stored array's typecode here and dtype in the file (and `input_type_mask`'s, where an entry has one)."""
+_TYPES = ("i", "I32")
 
 
 class _Damaged(ValueError):
@@ -214,7 +216,8 @@ def _load(path: Path, key: str) -> tuple[Examples, dict]:
             metadata, arrays = header.pop("__metadata__"), {}
             if metadata["key"] != key:  # (an entry copied or renamed onto another's name)
                 raise _Damaged("it was written for another key")
-            for name, (typecode, dtype) in _LAYOUT.items():
+            layout = _LAYOUT | ({"input_type_mask": _TYPES} if "input_type_mask" in header else {})
+            for name, (typecode, dtype) in layout.items():
                 start, end = header[name]["data_offsets"]
                 if header[name]["dtype"] != dtype:
                     raise _Damaged(f"{name} is {header[name]['dtype']}")
@@ -226,7 +229,8 @@ def _load(path: Path, key: str) -> tuple[Examples, dict]:
             raise _Damaged("its content does not match its sha256")
         stats = json.loads(text)
         tasks = [None if task == _NO_TASK else task for task in arrays["task_ids"]]
-        examples = Examples.from_arrays(arrays["input_ids"], arrays["labels"], arrays["ends"], tasks)
+        examples = Examples.from_arrays(arrays["input_ids"], arrays["labels"], arrays["ends"], tasks,
+                                        arrays.get("input_type_mask"))
         if stats["examples"] != len(examples):
             raise _Damaged("its counts do not match its examples")
     except _Damaged:

@@ -15,7 +15,7 @@ from peftkit.data.rows import row_location
 from peftkit.data.sources import format_spans, row_columns
 from peftkit.data.conversations import _chat_example, render_chat, turn_end_text, turn_end_token
 from peftkit.data.stored import IGNORE_INDEX, Example, Examples
-from peftkit.data.tokenized import ids_and_labels, vocabulary_problem
+from peftkit.data.tokenized import TYPES, ids_and_labels, vocabulary_problem
 from peftkit.errors import PeftkitError
 from peftkit.progress import work
 from peftkit.recipe import DataConfig
@@ -219,7 +219,9 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
         lost = [label for label in labels[n:] if label != IGNORE_INDEX]
         if lost and not tok.decode(lost).strip():  # only whitespace after the end-of-turn marker: the end is kept
             lost = []
-        example = Example(ids[:n], labels[:n], task_id=row_task(row, where) if tasks else None)
+        types = row.get(TYPES) if given else None  # (CPT's, handed to its loss: peftkit.data.tokenized)
+        example = Example(ids[:n], labels[:n], task_id=row_task(row, where) if tasks else None,
+                          types=None if types is None else types[:n])
         yield BuiltExample(i, where, example, len(ids), len(lost))
 
 

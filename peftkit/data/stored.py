@@ -28,6 +28,13 @@ class Example:
     """Only for a classification row whose tokenizer marks its text_pair (BERT's segment ids)."""
     task_id: int | None = None
     """The row's `task` (an integer >= 0), when the data has one: multitask prompt tuning's task id."""
+    types: list[int] | None = None
+    """CPT's type of each token (a tokenized row's `input_type_mask`, peft's codes), when the data has them."""
+
+
+UNTYPED = 4
+"""The type of each token of a row without `input_type_mask` among rows with one: peft's default (its `_cpt_forward`
+types every input token 4, raised by the context's largest), which CPT's loss reads as it reads no mask at all."""
 
 
 class Examples(Sequence[Example]):
@@ -37,6 +44,7 @@ class Examples(Sequence[Example]):
     def __init__(self, examples: Iterable[Example] = ()) -> None:
         self._ids, self._labels = array("i"), array("i")
         self._positions: array | None = None
+        self._types: array | None = None  # CPT's per-token types, once an example has them (`UNTYPED` before)
         self._ends = array("q")  # where each example ends in the flat arrays
         self.task_ids: list[int | None] = []
         """Each example's task id (multitask prompt tuning), None without one."""
@@ -51,8 +59,13 @@ class Examples(Sequence[Example]):
         if (example.position_ids is None) != (self._positions is None):
             raise ValueError("examples with and without position ids in one Examples")
         n = len(example.input_ids)
-        if len(example.labels) != n or (example.position_ids is not None and len(example.position_ids) != n):
-            raise ValueError("an example's labels or position ids differ in length from its input_ids")
+        if len(example.labels) != n or any(part is not None and len(part) != n
+                                           for part in (example.position_ids, example.types)):
+            raise ValueError("an example's labels, position ids or types differ in length from its input_ids")
+        if example.types is not None and self._types is None:
+            self._types = array("i", [UNTYPED]) * len(self._ids)
+        if self._types is not None:
+            self._types.extend(example.types if example.types is not None else [UNTYPED] * n)
         self._ids.extend(example.input_ids)
         self._labels.extend(example.labels)
         if self._positions is not None:
@@ -67,7 +80,9 @@ class Examples(Sequence[Example]):
         i = range(len(self))[i]  # a negative index counts from the end; out of range raises IndexError
         a, b = (self._ends[i - 1] if i else 0), self._ends[i]
         positions = None if self._positions is None else self._positions[a:b].tolist()
-        return Example(self._ids[a:b].tolist(), self._labels[a:b].tolist(), positions, task_id=self.task_ids[i])
+        types = None if self._types is None else self._types[a:b].tolist()
+        return Example(self._ids[a:b].tolist(), self._labels[a:b].tolist(), positions, task_id=self.task_ids[i],
+                       types=types)
 
     def __iter__(self) -> Iterator[Example]:
         return (self[i] for i in range(len(self)))
@@ -76,23 +91,32 @@ class Examples(Sequence[Example]):
         """Each example's token count, from where each ends in the flat arrays."""
         return [b - a for a, b in zip(itertools.chain((0,), self._ends), self._ends)]
 
+    @property
+    def types(self) -> array | None:
+        """Every token's CPT type, flat as the ids (None where no example has them)."""
+        return self._types
+
     def arrays(self) -> tuple[array, array, array]:
-        """The flat token ids and labels, and where each example ends in them (`from_arrays` makes them again)."""
+        """The flat token ids and labels, and where each example ends in them (`from_arrays` makes them again, with
+        `types`)."""
         if self._positions is not None:
             raise ValueError("packed rows (with position ids) are made from examples, not kept")
         return self._ids, self._labels, self._ends
 
     @classmethod
-    def from_arrays(cls, ids: array, labels: array, ends: array, task_ids: list[int | None]) -> Examples:
-        """The examples of `arrays()` (and their task ids), checked to fit together."""
-        if (ids.typecode, labels.typecode, ends.typecode) != ("i", "i", "q"):
-            raise ValueError("ids and labels are int32 arrays, ends an int64 one")
+    def from_arrays(cls, ids: array, labels: array, ends: array, task_ids: list[int | None],
+                    types: array | None = None) -> Examples:
+        """The examples of `arrays()` (and their task ids and types), checked to fit together."""
+        if (ids.typecode, labels.typecode, ends.typecode) != ("i", "i", "q") or getattr(types, "typecode", "i") != "i":
+            raise ValueError("ids, labels and types are int32 arrays, ends an int64 one")
         bounds = [0, *ends]
         if (len(ids) != len(labels) or len(task_ids) != len(ends) or bounds[-1] != len(ids)
+                or (types is not None and len(types) != len(ids))
                 or any(a > b for a, b in zip(bounds, bounds[1:]))):
             raise ValueError("the arrays do not fit together")
         examples = cls()
         examples._ids, examples._labels, examples._ends, examples.task_ids = ids, labels, ends, list(task_ids)
+        examples._types = types
         return examples
 
 
@@ -105,6 +129,9 @@ def examples_digest(examples: Sequence[Example]) -> str:
     if isinstance(examples, Examples) and examples._positions is None:
         for part in examples.arrays():
             digest.update(part)  # (the array's buffer itself: tobytes() copied the token ids whole, 4 bytes a token)
+        if examples.types is not None:  # (CPT's types; data without them digests as before they existed)
+            digest.update(b"types\0")
+            digest.update(examples.types)
     else:  # a classifier's list of examples
         for example in examples:
             for part in (example.input_ids, example.labels, example.token_type_ids or ()):

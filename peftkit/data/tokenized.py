@@ -13,7 +13,10 @@ and of TRL's SFTTrainer given `input_ids`:
 - `attention_mask` (optional): all 1 (a row's padding is peftkit's to add); a 0 is a bad row, whose padding would
   otherwise be trained.
 - `input_type_mask` (optional, CPT's: `peftkit.methods.cpt`): each token's type in peft's codes (0 none, 4k + 1 ..
-  4k + 4), handed to CPT's loss per row.
+  4k + 4), handed to CPT's loss per row (the batch's `input_type_mask`, padded with 0 as peft's example pads it). A
+  token trains where its type is an output's (4k + 4) and its label (if given) is not -100: peft's `_cpt_forward`
+  masks every other label, so the example's labels are masked so too, and the count the loss averages over is
+  peft's. Any other method refuses data with the column (`Method.reads_input_types`).
 
 data.train_on does not apply (the labels say what trains), nor do data.chat_template and data.system_prompt.
 """
@@ -57,7 +60,7 @@ def tokenized_problem(row: dict, target: bool = True) -> str | None:
             return problem
         if len(row[key]) != len(ids):
             return f"field '{key}' has {len(row[key])} entries and field 'input_ids' {len(ids)} (one for each token)"
-    return _labels_problem(ids, row.get("labels"), target) or _masks_problem(row)
+    return _labels_problem(ids, row.get("labels"), target) or _masks_problem(row, target)
 
 
 def _labels_problem(ids: list[int], labels: list[int] | None, target: bool) -> str | None:
@@ -72,7 +75,7 @@ def _labels_problem(ids: list[int], labels: list[int] | None, target: bool) -> s
     return None
 
 
-def _masks_problem(row: dict) -> str | None:
+def _masks_problem(row: dict, target: bool) -> str | None:
     mask = row.get("attention_mask")
     if mask is not None and (zero := next((i for i, m in enumerate(mask) if m != 1), None)) is not None:
         return (f"attention_mask[{zero}] is {mask[zero]} (every token of a row is attended: peftkit pads batches "
@@ -80,6 +83,9 @@ def _masks_problem(row: dict) -> str | None:
     types = row.get(TYPES)
     if types is not None and (low := next((i for i, t in enumerate(types) if t < 0), None)) is not None:
         return f"{TYPES}[{low}] is {types[low]} (CPT's types are 0, none, or 4k + 1 .. 4k + 4)"
+    if types is not None and target and all(label == IGNORE_INDEX for label in ids_and_labels(row)[1]):
+        return (f"field '{TYPES}' marks no trained token an output (4k + 4), so CPT's loss has none of this row's "
+                "tokens")
     return None
 
 
@@ -94,9 +100,18 @@ def vocabulary_problem(row: dict, size: int) -> str | None:
 
 
 def ids_and_labels(row: dict) -> tuple[list[int], list[int]]:
-    """A valid row's token ids and labels (every token trained without `labels`)."""
+    """A valid row's token ids and labels: every token trained without `labels`, and with `input_type_mask` only
+    those typed an output (4k + 4), as peft's CPT loss counts them."""
     ids = list(row["input_ids"])
-    return ids, list(row["labels"]) if row.get("labels") is not None else ids.copy()
+    labels = list(row["labels"]) if row.get("labels") is not None else ids.copy()
+    if (types := row.get(TYPES)) is not None:
+        labels = [label if is_output(t) else IGNORE_INDEX for label, t in zip(labels, types, strict=True)]
+    return ids, labels
+
+
+def is_output(kind: int) -> bool:
+    """Whether a CPT type is an output's (4k + 4), whose tokens the loss scores."""
+    return kind > 0 and kind % 4 == 0
 
 
 def prompt_and_answer(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:

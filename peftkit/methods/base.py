@@ -196,6 +196,10 @@ class Method:
     reads_task_ids: ClassVar[bool] = False
     """The forward takes per-row `task_ids` (the data's `task` column, `--task`): multitask prompt tuning, Poly (whose
     layers read them through `peftkit.methods.task_routing`)."""
+    reads_input_types: ClassVar[bool] = False
+    """The training loss takes per-token types, the batch's `input_type_mask` (a tokenized row's column, peft's
+    `input_type_mask=`): CPT. A recipe of any other method whose data has the column is refused as it loads
+    (`peftkit.start_data`), where its types would be ignored silently."""
     tasks_key: ClassVar[str] = "num_tasks"
     """For a method that reads task ids: its config's key for how many tasks there are (Poly's, as peft's:
     `n_tasks`)."""

@@ -404,6 +404,7 @@ class Cpt(PromptTuning):
     config: ClassVar[type] = CptConfig
     peft_config: ClassVar[type] = CptPeftConfig
     saved_beyond_trained: ClassVar[str] = "the prompt, start + delta: the context's embeddings moved"
+    reads_input_types: ClassVar[bool] = True
     fsdp_refusal: ClassVar[str] = ("its projection after each step scales each context token's whole row of the delta "
                                    "by the row's norm, and FSDP holds the delta sharded")
 
