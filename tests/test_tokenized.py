@@ -184,12 +184,27 @@ def test_a_prompt_is_the_ids_before_the_last_trained_run(tmp_path):
     assert whole.ids == prompt + answer and whole.reference is None
 
 
-def test_a_run_with_samples_and_metrics_and_preview(tiny_llama, number_data, tmp_path):
+def test_a_run_with_samples_and_metrics_preview_validate_verify_and_eval(tiny_llama, number_data, tmp_path):
+    """A tokenized run with eval.samples and eval.metrics; `peftkit validate` of its recipe, `peftkit verify` of the
+    run (re-trained from the files: the same adapter), `peftkit eval RUN_DIR` (the run's final eval loss) and
+    `peftkit preview` (the rows decoded)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+    from peftkit.verify import verify
+
     files = {k: _as_tokenized(number_data[k], tmp_path / f"{k}.jsonl") for k in ("train", "eval")}
     recipe = make_recipe(tmp_path, tiny_llama, files, data={"format": "tokenized"}, training={"max_steps": 1},
                          eval={"samples": 2, "metrics": ["exact_match"], "max_new_tokens": 4, "base_model": False})
+    assert CliRunner().invoke(app, ["validate", str(recipe)]).exit_code == 0
     summary = train(load_recipe(recipe), show_summary=False)
     assert "eval_exact_match" in summary
+    assert verify(tmp_path / "run", console=Console(file=io.StringIO())).ok
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--json", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] == pytest.approx(summary["eval_loss"], abs=1e-6)
     out = io.StringIO()
     shown = preview(load_recipe(recipe), 1, Console(file=out, width=300, no_color=True))
     assert len(shown) == 1 and "format tokenized" in out.getvalue() and "Write the number in words." in out.getvalue()
@@ -206,3 +221,31 @@ def test_cpt_types_are_kept_cached_and_a_row_without_them_is_typed_4(tmp_path):
     assert (second.types, second.labels) == ([2, 4, 0], [IGNORE_INDEX, 9, IGNORE_INDEX])
     cached, again = load_examples(TOK, cfg.train, "train", cfg)
     assert "cached" in again and list(cached) == [first, second]
+
+
+def test_generation_is_given_the_row_s_own_ids(tiny_llama, tmp_path):
+    """The model's first forward in generation reads exactly the row's ids before its trained run, passed through
+    untouched: its text encoded again as a prompt is encoded would give another BOS in front."""
+    import torch
+
+    from peftkit.decoding import Sampling, generate_texts
+    from tests.conftest import load_fp32
+
+    prompt = [1, 40, 41, 97, 3]  # <s> A B z <unk>
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": prompt + [42, 43], "labels": [IGNORE_INDEX] * 5 + [42, 43]}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
+    prompts = load_prompts(TOK, cfg.train, "train", cfg)
+    assert TOK(prompts[0].text)["input_ids"] == [1, *prompt]  # (what a text round trip would have asked)
+    model, seen = load_fp32(tiny_llama), []
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True)
+    generate_texts(model, TOK, prompts, Sampling(max_new_tokens=2))
+    assert torch.equal(seen[0], torch.tensor([prompt]))
+
+
+def test_ids_of_model_add_tokens_tokens_are_in_the_vocabulary(tmp_path):
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [5, 102, 6]}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
+    (example,), _ = load_examples(tok, cfg.train, "train", cfg)
+    assert example.input_ids == [5, 102, 6]
