@@ -249,3 +249,24 @@ def test_ids_of_model_add_tokens_tokens_are_in_the_vocabulary(tmp_path):
     cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
     (example,), _ = load_examples(tok, cfg.train, "train", cfg)
     assert example.input_ids == [5, 102, 6]
+
+
+def test_an_id_past_the_model_s_embedding_rows_is_refused(tiny_llama, tmp_path):
+    """A tokenizer with a token the model has no row for (103 tokens, 102 rows): an id of it in tokenized rows is
+    within the tokenizer's length (no bad row), and the forward's guard (`data.checks.guard_token_ids`, every format's)
+    names it at the first step, not torch's IndexError."""
+    import shutil
+
+    from peftkit.errors import PeftkitError
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|extra|>"]})
+    tok.save_pretrained(base)
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [5, 102, 6]}])
+    files = {"train": tmp_path / "d.jsonl", "eval": tmp_path / "d.jsonl"}
+    recipe = make_recipe(tmp_path, base, files, data={"format": "tokenized"}, training={"max_steps": 1})
+    with pytest.raises(PeftkitError, match=r"token '<\|extra\|>' \(id 102\) has no embedding: the model has 102 "
+                                           r"embedding rows and its tokenizer 103 tokens"):
+        train(load_recipe(recipe), show_summary=False)
