@@ -270,3 +270,21 @@ def test_an_id_past_the_model_s_embedding_rows_is_refused(tiny_llama, tmp_path):
     with pytest.raises(PeftkitError, match=r"token '<\|extra\|>' \(id 102\) has no embedding: the model has 102 "
                                            r"embedding rows and its tokenizer 103 tokens"):
         train(load_recipe(recipe), show_summary=False)
+
+
+@pytest.mark.parametrize(("sections", "said"), [
+    ({"training": {"objective": "dpo"}}, "training.objective is dpo and data.format is tokenized: DPO, ORPO, SimPO "
+                                         "and reward models train on pairs of answers"),
+    ({"model": {"task": "sequence_classification", "num_labels": 2}},
+     "model.task is 'sequence_classification' and data.format is 'tokenized': a sequence_classification model trains "
+     "on data.format: classification"),
+])
+def test_pair_and_classifier_recipes_refuse_tokenized_rows(sections, said, tiny_llama, number_data, tmp_path):
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, data={"format": "tokenized"})
+    raw = yaml.safe_load(recipe.read_text())
+    for section, keys in sections.items():
+        raw[section] |= keys
+    recipe.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PeftkitError) as e:
+        load_recipe(recipe)
+    assert said in " ".join(str(e.value).split())
