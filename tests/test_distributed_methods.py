@@ -71,15 +71,17 @@ def _exported(run) -> tuple[dict, dict]:
 
 
 def _in_one_and_in_several(processes: int, tmp_path, tiny_llama, data, adapter: dict, batch: int, steps: int,
-                           training: dict, eval_data: str | None = None) -> tuple[dict, dict]:
+                           training: dict, eval_data: str | None = None,
+                           data_section: dict | None = None) -> tuple[dict, dict]:
     """`adapter` trained by 1 process x batch `processes * batch` (in tmp_path / "one") and by `processes` processes x
-    `batch` (tmp_path / "several"), `training` merged into both recipes' training section (and `eval_data` their
-    data.eval): the two exported adapters' tensors."""
+    `batch` (tmp_path / "several"), `training` merged into both recipes' training section, `data_section` into their
+    data section (and `eval_data` their data.eval): the two exported adapters' tensors."""
     runs = {}
     for name, size in (("one", processes * batch), ("several", batch)):
         path = _recipe(tmp_path / name, tiny_llama, data, adapter, size, steps)
         raw = yaml.safe_load(path.read_text())
         raw["training"] |= training
+        raw["data"] |= data_section or {}
         if eval_data:
             raw["data"]["eval"] = eval_data
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -268,3 +270,35 @@ def test_poly_s_sampled_routing_resumes_in_two_processes_to_the_same_bits(tiny_l
                "target_modules": ["q_proj", "v_proj"]}
     state = _resumes_in_two_processes(tmp_path, _recipe(tmp_path, tiny_llama, data, adapter, 2, 4))
     assert not torch.equal(state["rng_ranks"][0]["cpu"], state["rng_ranks"][1]["cpu"])  # (each process's own)
+
+
+def test_cpt_s_input_types_travel_with_their_rows(tiny_llama, number_data, tmp_path):
+    """CPT on tokenized rows with an input_type_mask: even rows' answers typed 4 throughout, odd rows' first answer
+    token 4 and the rest 8, so decay (0.5) weighs an odd row's context answers a factor further down than an even
+    row's; 2 processes x batch 2 train 1 process x batch 4's adapter only if each process's slice of the batch's types
+    is its own rows'. The types matter: the same rows all typed 4 train another adapter. (~20 s: one 2-process run.)"""
+    from transformers import AutoTokenizer
+
+    from peftkit.data import IGNORE_INDEX, load_examples
+    from peftkit.recipe import DataConfig
+    from peftkit.tiny import write_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    cfg = DataConfig(train=str(number_data["train"]), format="alpaca", max_length=128)
+    rows = []
+    for i, e in enumerate(load_examples(tok, cfg.train, "train", cfg, cache=False)[0]):
+        answer = [k for k, label in enumerate(e.labels) if label != IGNORE_INDEX]
+        types = [2] * len(e.input_ids)
+        for j, k in enumerate(answer):
+            types[k] = 8 if i % 2 and j else 4
+        rows.append({"input_ids": e.input_ids, "labels": e.labels, "input_type_mask": types})
+    write_jsonl(tmp_path / "typed.jsonl", rows)
+    write_jsonl(tmp_path / "fours.jsonl", [r | {"input_type_mask": [4] * len(r["input_ids"])} for r in rows])
+    adapter, files = METHODS["cpt"][0], {"train": tmp_path / "typed.jsonl", "eval": tmp_path / "typed.jsonl"}
+    a, b = _in_one_and_in_several(2, tmp_path, tiny_llama, files, adapter, batch=2, steps=4, training={},
+                                  data_section={"format": "tokenized"})
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    fours = _recipe(tmp_path / "fours", tiny_llama, files | {"train": tmp_path / "fours.jsonl"}, adapter, 4, 4)
+    train(load_recipe(fours, ["data.format=tokenized"]))
+    c = _exported(tmp_path / "fours" / "run")[0]
+    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
