@@ -159,3 +159,19 @@ def test_the_head_computes_logits_from_the_first_position_the_loss_reads(tiny_ll
             assert abs(float(loss - expected)) <= 1e-5 and torch.allclose(grads[0], expected_grad, atol=1e-7)
             seen, _, _ = _head_widths(model, batch | {LOGITS_FROM: 3})  # as the caller counted it (on the CPU)
             assert seen == [12 - 3]
+            _dpo_rows_read_the_trimmed_head(model, batch, logits.detach())
+
+
+def _dpo_rows_read_the_trimmed_head(model, batch, logits) -> None:
+    """DPO's and KTO's per-row log-likelihoods (`sequence_logps`) ask for the same positions: each row's sum is the
+    full logits' (a hand-built gather of the labelled tokens' log-probabilities)."""
+    from peftkit.preference import sequence_logps
+
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        rows = sequence_logps(model, batch)
+    hook.remove()
+    targets = batch["labels"][:, 1:]
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    assert seen == [12 - 4] and torch.allclose(rows, (logps * (targets != IGNORE_INDEX)).sum(1), atol=1e-5)
