@@ -110,6 +110,12 @@ BAD = [
                                                     "(one for each token)"),
     ({"input_ids": [5, 6, 7], "labels": [-100, 6, -100], "input_type_mask": [2, 3, 4]},
      "field 'input_type_mask' marks no trained token an output (4k + 4), so CPT's loss has none of this row's tokens"),
+    ({"input_ids": [5, 6], "labels": [5, 6], "completion_mask": [0, 1]},
+     "fields 'labels' and 'completion_mask' both say which tokens train: give one"),
+    ({"input_ids": [5, 6], "assistant_masks": [0, 2]}, "assistant_masks[1] is 2 (1: the token trains, 0: it does not)"),
+    ({"input_ids": [5, 6], "completion_mask": [0, 0]}, "field 'completion_mask' trains no token (every entry is 0)"),
+    ({"input_ids": [5, 6], "completion_mask": [1]}, "field 'completion_mask' has 1 entries and field 'input_ids' 2 "
+                                                    "(one for each token)"),
 ]
 
 
@@ -124,6 +130,28 @@ def test_a_bad_row_is_said_by_file_line_and_key(row, said, tmp_path):
     skipping = cfg.model_copy(update={"on_bad_rows": "skip"})
     examples, stats = load_examples(TOK, cfg.train, "train", skipping)
     assert len(examples) == 1 and stats["bad_rows"] == 1
+
+
+@pytest.mark.parametrize("mask", ["completion_mask", "assistant_masks"])
+def test_trl_s_masks_read_as_the_labels_they_stand_for(mask, tmp_path):
+    """TRL's pre-tokenized columns, 1 where a token trains (SFTTrainer's completion_only_loss, assistant_only_loss),
+    give the examples the same rows with labels give, and generation the same prompt and reference."""
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, -100]},
+            {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]}]
+    write_jsonl(tmp_path / "labels.jsonl", rows)
+    write_jsonl(tmp_path / "mask.jsonl", [{"input_ids": r["input_ids"], mask: [int(x != -100) for x in r["labels"]]}
+                                          for r in rows])
+    read = {}
+    for name in ("labels", "mask"):
+        cfg = DataConfig(train=str(tmp_path / f"{name}.jsonl"), format="tokenized")
+        examples, _ = load_examples(TOK, cfg.train, "train", cfg)
+        read[name] = [(e.input_ids, e.labels) for e in examples]
+        # generate --data: a row with the mask is asked for its trained run, as with labels (not taken whole)
+        read[name].append([(p.ids, p.reference) for p in load_prompts(TOK, cfg.train, "train", cfg, targets=False)])
+    assert read["mask"] == read["labels"]
+    assert read["mask"][:2] == [([5, 6, 7, 8, 9], [IGNORE_INDEX, IGNORE_INDEX, 7, 8, IGNORE_INDEX]),
+                                ([9, 10, 11], [IGNORE_INDEX, 10, 11])]
+    assert [ids for ids, _ in read["mask"][2]] == [[5, 6], [9]]
 
 
 def test_columns_name_the_fields_and_the_errors_say_the_columns(tmp_path):

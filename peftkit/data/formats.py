@@ -11,7 +11,7 @@ REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "
                    "text": ("text",), "classification": ("text", "label"), "preference": ("chosen", "rejected"),
                    "unpaired": ("prompt", "completion", "label"), "tokenized": ("input_ids",)}
 OPTIONAL_FIELDS = {"alpaca": ("input",), "classification": ("text_pair",), "preference": ("prompt",),
-                   "tokenized": ("labels", "attention_mask", "input_type_mask")}
+                   "tokenized": ("labels", "completion_mask", "assistant_masks", "attention_mask", "input_type_mask")}
 """Fields a row may leave out or give as null: a string when given (a tokenized row's: a list of integers,
 `peftkit.data.tokenized`)."""
 

@@ -21,7 +21,7 @@ from peftkit.data.examples import (BuiltExample, _TargetCuts, build_examples, en
 from peftkit.data.formats import format_rows
 from peftkit.data.rows import load_rows
 from peftkit.data.stored import IGNORE_INDEX
-from peftkit.data.tokenized import ids_and_labels, prompt_and_answer, vocabulary_problem
+from peftkit.data.tokenized import MASKS, ids_and_labels, prompt_and_answer, vocabulary_problem
 from peftkit.errors import PeftkitError, PeftkitWarning
 from peftkit.recipe import DataConfig
 
@@ -127,7 +127,8 @@ def _ids_prompt(tok, row: dict, targets: bool = True) -> Prompt:
     if problem := vocabulary_problem(row, len(tok)):
         raise PeftkitError(problem)
     ids, labels = ids_and_labels(row)
-    asked = targets or (row.get("labels") is not None and any(x != IGNORE_INDEX for x in labels))
+    marked = any(row.get(key) is not None for key in ("labels", *MASKS))  # (TRL's masks: the labels they stand for)
+    asked = targets or (marked and any(x != IGNORE_INDEX for x in labels))
     prompt, answer = prompt_and_answer(ids, labels) if asked else (ids, None)
     return Prompt(prompt, tok.decode(prompt), None if answer is None else tok.decode(answer, skip_special_tokens=True))
 

@@ -10,6 +10,8 @@ and of TRL's SFTTrainer given `input_ids`:
   predicts the label at t). A label that differs from its input id is a bad row: that is what labels shifted by one
   already (for a trainer that does not shift) look like, and generation's reference is read from them. Without
   `labels`, every token trains (axolotl's pretraining rows, TRL without a completion mask).
+- `completion_mask` or `assistant_masks` (optional, instead of `labels`): TRL's pre-tokenized columns, 1 where the
+  token trains (a completion's, an assistant turn's), 0 where it does not; read as the labels they stand for.
 - `attention_mask` (optional): all 1 (a row's padding is peftkit's to add); a 0 is a bad row, whose padding would
   otherwise be trained.
 - `input_type_mask` (optional, CPT's: `peftkit.methods.cpt`): each token's type in peft's codes (0 none, 4k + 1 ..
@@ -26,7 +28,10 @@ from __future__ import annotations
 from peftkit.data.stored import IGNORE_INDEX
 
 FIELDS = ("input_ids",)
-OPTIONAL = ("labels", "attention_mask", "input_type_mask")
+MASKS = ("completion_mask", "assistant_masks")
+"""TRL's columns of 0s and 1s that say which tokens train (SFTTrainer's `completion_only_loss` and
+`assistant_only_loss`), read in place of `labels`."""
+OPTIONAL = ("labels", *MASKS, "attention_mask", "input_type_mask")
 TYPES = "input_type_mask"
 """CPT's per-token types (peft's `input_type_mask=` keyword)."""
 
@@ -60,7 +65,20 @@ def tokenized_problem(row: dict, target: bool = True) -> str | None:
             return problem
         if len(row[key]) != len(ids):
             return f"field '{key}' has {len(row[key])} entries and field 'input_ids' {len(ids)} (one for each token)"
+    given = [key for key in ("labels", *MASKS) if row.get(key) is not None]
+    if len(given) > 1:
+        return f"fields {given[0]!r} and {given[1]!r} both say which tokens train: give one"
+    if given and given[0] in MASKS and (problem := _trained_mask_problem(given[0], row[given[0]], target)):
+        return problem
     return _labels_problem(ids, row.get("labels"), target) or _masks_problem(row, target)
+
+
+def _trained_mask_problem(key: str, mask: list[int], target: bool) -> str | None:
+    if (bad := next((i for i, m in enumerate(mask) if m not in (0, 1)), None)) is not None:
+        return f"{key}[{bad}] is {mask[bad]} (1: the token trains, 0: it does not)"
+    if target and not any(mask):
+        return f"field '{key}' trains no token (every entry is 0)"
+    return None
 
 
 def _labels_problem(ids: list[int], labels: list[int] | None, target: bool) -> str | None:
@@ -100,10 +118,13 @@ def vocabulary_problem(row: dict, size: int) -> str | None:
 
 
 def ids_and_labels(row: dict) -> tuple[list[int], list[int]]:
-    """A valid row's token ids and labels: every token trained without `labels`, and with `input_type_mask` only
-    those typed an output (4k + 4), as peft's CPT loss counts them."""
+    """A valid row's token ids and labels (those `completion_mask` or `assistant_masks` stand for): every token
+    trained without any, and with `input_type_mask` only those typed an output (4k + 4), as peft's CPT loss counts
+    them."""
     ids = list(row["input_ids"])
-    labels = list(row["labels"]) if row.get("labels") is not None else ids.copy()
+    mask = next((row[key] for key in MASKS if row.get(key) is not None), None)
+    labels = (list(row["labels"]) if row.get("labels") is not None else ids.copy() if mask is None
+              else [token if m else IGNORE_INDEX for token, m in zip(ids, mask, strict=True)])
     if (types := row.get(TYPES)) is not None:
         labels = [label if is_output(t) else IGNORE_INDEX for label, t in zip(labels, types, strict=True)]
     return ids, labels
