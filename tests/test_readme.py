@@ -356,6 +356,16 @@ def test_every_flag_the_readme_spells_exists():
     assert not wrong, "\n".join(wrong)
 
 
+def test_help_names_only_the_commands_own_flags():
+    """A `--flag` that a command's `--help` names (its description, outside a code span, which may quote another
+    command, and each option's help) is one of that command's: `eval --help` spoke of `--base`, merge's flag."""
+    group, flags = typer.main.get_command(app), app_flags()
+    wrong = [f"peftkit {name} --help: {flag}" for name, cmd in group.commands.items()
+             for text in [SPAN.sub("", cmd.help or ""), *(getattr(p, "help", None) or "" for p in cmd.params)]
+             for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text) if flag not in flags[name]]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_cli_reference_lists_every_command_and_flag():
     """Every command has a row of the CLI reference table and a section of its own, and each of its flags is
     spelled somewhere in the CLI reference (its row or section, or a `peftkit COMMAND ... --flag` example)."""

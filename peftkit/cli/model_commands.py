@@ -11,8 +11,8 @@ from peftkit.cli.application import app, console, err_console, said_beside
 from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevision, DataSplit, EvalAdapters,
                                  EvalBatchSize, EvalData, EvalFormat, EvalJson, EvalMaxLength, EvalMaxNewTokens,
                                  EvalMerged, EvalMetrics, EvalModel, EvalNormalize, EvalOnBadRows, EvalPredictions,
-                                 EvalRecipe, General, MinP, Overrides, RepetitionPenalty, Stop, Task, TopK,
-                                 TrustRemoteCode, adapter_flags, adapter_path, arrow_settings, check_json_out,
+                                 EvalRecipe, General, MergeTrustRemoteCode, MinP, Overrides, RepetitionPenalty,
+                                 Stop, Task, TopK, TrustRemoteCode, adapter_flags, adapter_path, arrow_settings, check_json_out,
                                  command_inputs, fetched, job_inputs, local_path, typed, user_path)
 from peftkit.errors import PeftkitError, visible
 
@@ -42,7 +42,7 @@ def merge(
                                             "a plain model, instead of a LoRA adapter.")] = False,
     task: Annotated[Optional[int], typer.Option("--task", min=0, help="Poly: the task whose update is folded in "
                                                 "(the others are dropped).")] = None,
-    trust_remote_code: TrustRemoteCode = False,
+    trust_remote_code: MergeTrustRemoteCode = False,
 ) -> None:
     """Fold one adapter into its base (a 4-bit base is dequantized first) and save a plain model; or combine
     several adapters (--weights, --method) into one LoRA adapter, or with --into-base into the base."""

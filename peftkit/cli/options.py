@@ -12,8 +12,12 @@ import typer
 
 from peftkit.errors import PeftkitError
 
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the model (--model, --base) ships, "
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the model (--model) ships, "
                                                "or that an adapter's base needs (recorded in its peftkit.json).")]
+# merge has no --model: its base is --base, else the one the adapter records.
+MergeTrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Run modelling code that the base (--base, "
+                                                    "else the adapter's recorded base) ships, as an adapter's base "
+                                                    "may need (recorded in its peftkit.json).")]
 Arrow = Annotated[bool, typer.Option("--arrow", help="Route each token, in every adapted layer, among the NAME=DIR LoRA "
                                      "adapters (Arrow, as peft's create_arrow_model): no training.")]
 ArrowTopK = Annotated[Optional[int], typer.Option("--arrow-top-k", min=1, help="--arrow: the adapters each token takes "
