@@ -396,6 +396,37 @@ def test_numbers_in_the_synopses_are_the_defaults():
     assert not wrong, "\n".join(wrong)
 
 
+def synopses() -> dict[str, list[str]]:
+    """Each command's synopses in the CLI reference: its table row's first code span, and for `merge` the combining
+    one (the code block that starts `peftkit merge --adapter A --adapter B`)."""
+    out: dict[str, list[str]] = {}
+    for kind, _, text in chapter(CLI_DOC, "CLI reference"):
+        if kind == "table" and cells(text[0]) == ["command", "what it does"]:
+            for row in text[2:]:
+                span = SPAN.findall(cells(row)[0])[0]
+                out.setdefault(span.split()[1], []).append(span)
+        elif kind == "code" and len(text) > 1 and text[1].startswith("peftkit merge --adapter A --adapter B"):
+            out["merge"].append(" ".join(text[1:-1]))
+    return out
+
+
+def test_synopses_are_the_help():
+    """Each command's synopsis names every flag its `--help` lists, and the choices it spells (`squad|strip|none`,
+    `{nf4,fp4}`) are the ones that flag's help names."""
+    group, said = typer.main.get_command(app), synopses()
+    assert set(said) == set(group.commands)
+    problems = []
+    for name, cmd in group.commands.items():
+        text = " ".join(said[name])
+        problems += [f"peftkit {name}: {p.opts[0]} is not in its synopsis" for p in cmd.params
+                     if p.opts[0].startswith("-") and not re.search(re.escape(p.opts[0]) + r"(?![\w-])", text)]
+        helps = {opt: getattr(p, "help", None) or "" for p in cmd.params for opt in p.opts}
+        for flag, spelled in re.findall(r"(--[a-z-]+) \{?([a-z0-9_]+(?:(?:\\?\||,)[a-z0-9_]+)+)\}?", text):
+            problems += [f"peftkit {name} {flag}: the synopsis offers {choice}, its --help does not"
+                         for choice in re.split(r"\\?\||,", spelled) if not re.search(rf"\b{choice}\b", helps[flag])]
+    assert not problems, "\n".join(problems)
+
+
 def test_merge_method_table_is_the_combinations():
     """The `peftkit merge --method` table (a row may name a type and its `_svd` twin) lists peftkit.combine's."""
     from peftkit.combine import COMBINATIONS
