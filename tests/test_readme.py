@@ -436,6 +436,21 @@ def test_merge_method_table_is_the_combinations():
     assert sorted(name for row in rows[2:] for name in SPAN.findall(cells(row)[0])) == sorted(COMBINATIONS)
 
 
+def test_development_tree_names_every_module_and_script():
+    """README's Development tree (the code block under `## Development`) names each module of peftkit/ (`combine*.py`
+    names several) and each file of scripts/, and nothing that is not there."""
+    from fnmatch import fnmatch
+
+    tree = "\n".join(line for kind, _, text in chapter("README.md", "Development") if kind == "code" for line in text)
+    named = set(re.findall(r"[\w*]+\.(?:py|sh)\b", tree))
+    files = {p.name for p in (ROOT / "peftkit").rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    files |= {p.name for p in (ROOT / "scripts").iterdir() if p.is_file()}
+    tests = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    unnamed = sorted(f for f in files if not any(fnmatch(f, n) for n in named))
+    gone = sorted(n for n in named if not any(fnmatch(f, n) for f in files | tests | {"__init__.py"}))
+    assert not unnamed and not gone, f"not in README's Development tree: {unnamed}; named there, no such file: {gone}"
+
+
 # ------------------------------------------------------------------------------------------------------ links
 
 def anchors(name: str) -> Iterator[str]:
