@@ -238,11 +238,15 @@ def test_nested_section_is_spelled_out(section, key, nested, meaning):
     """A field holding a section of its own (`training.early_stopping`, `data.train`'s `{path, ...}`) shows its keys
     as a flow mapping in its meaning, each default (a value other than a placeholder such as `...` or `F`) the
     code's."""
+    check_spelled_out(f"{section}.{key}", nested, meaning)
+
+
+def check_spelled_out(where: str, nested: type[BaseModel], meaning: str) -> None:
     mappings = [m for span in SPAN.findall(meaning) if span.startswith("{")
                 and isinstance(m := yaml.safe_load(span), dict) and set(m) == set(nested.model_fields)]
-    assert mappings, (f"{section}.{key}: no `{{...}}` in its meaning names exactly {sorted(nested.model_fields)}: "
+    assert mappings, (f"{where}: no `{{...}}` in its meaning names exactly {sorted(nested.model_fields)}: "
                       f"{[s for s in SPAN.findall(meaning) if s.startswith('{')]}")
-    problems = [f"{section}.{key}.{k}: the docs' default {v!r}, the code's {default_of(nested, k)!r}"
+    problems = [f"{where}.{k}: the docs' default {v!r}, the code's {default_of(nested, k)!r}"
                 for k, v in mappings[0].items() if not placeholder(v) and not nested.model_fields[k].is_required()
                 and not same(as_number(v), default_of(nested, k))]
     assert not problems, "\n".join(problems)
@@ -271,6 +275,27 @@ def method_docs() -> dict[str, list[tuple[str, str | None, tuple[str, ...], str]
     for method, other in ALSO_TAKES.items():
         per_method[method] += per_method[other]
     return per_method
+
+
+def adapter_nested_rows() -> list[tuple[str, str, type[BaseModel], str]]:
+    """(method, key, its settings' model, its row) for each documented method key holding settings of their own
+    (LoRA's `velora_config`, `kasa_config`, `use_bdlora`); the target selectors' `{regex: ...}`, another spelling of
+    a list rather than settings, are left to the tables' own checks."""
+    rows = {}
+    for method, docs in method_docs().items():
+        config = METHODS[method].config
+        for key, _, _, row in docs:
+            nested = sub_model(config, key) if key in config.model_fields else None
+            if nested is not None and set(nested.model_fields) != {"regex"}:
+                rows.setdefault((key, nested), (method, key, nested, row))
+    return list(rows.values())
+
+
+@pytest.mark.parametrize("method,key,nested,row", adapter_nested_rows(),
+                         ids=[f"{method}.{key}" for method, key, *_ in adapter_nested_rows()])
+def test_adapter_settings_are_spelled_out(method, key, nested, row):
+    """An adapter key holding settings of its own shows them as a recipe section's does: `{...}` with its defaults."""
+    check_spelled_out(f"adapter ({method}).{key}", nested, row)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
