@@ -340,6 +340,26 @@ def test_methods_table_is_the_registry():
     assert {SPAN.findall(cells(row)[0])[0] for row in rows[2:]} == set(METHODS)
 
 
+def yaml_snippets() -> list[tuple[str, int, str]]:
+    """(file, line, text) of each fenced ```yaml block of the docs."""
+    return [(name, line, "\n".join(text[1:-1])) for name, blocks in BLOCKS.items()
+            for kind, line, text in blocks if kind == "code" and text[0].strip() == "```yaml"]
+
+
+@pytest.mark.parametrize("name,line,snippet", yaml_snippets(), ids=[f"{n}:{l}" for n, l, _ in yaml_snippets()])
+def test_yaml_snippets_validate(name, line, snippet, tmp_path):
+    """A recipe snippet the docs show (a section or a few) validates laid over recipes/quickstart.yaml, each section
+    it gives merged key by key into the quickstart's: a key, a value or a combination of keys it shows is one a
+    recipe takes."""
+    from peftkit.recipe import load_recipe
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text(encoding="utf-8"))
+    for section, keys in yaml.safe_load(snippet).items():
+        recipe[section] = {**recipe.get(section, {}), **keys} if isinstance(keys, dict) else keys
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    load_recipe(tmp_path / "recipe.yaml")
+
+
 # -------------------------------------------------------------------------------------------------------- CLI
 
 def app_flags() -> dict[str, set[str]]:
