@@ -30,7 +30,9 @@ def test_recipe_validates(path):
     # Relative paths resolve against the recipe's own directory, wherever pytest runs from.
     assert Path(recipe.export.output_dir).is_absolute()
     assert Path(recipe.data.train).is_absolute()
-    assert path.read_text().startswith("# peftkit train "), "every recipe starts with the command that runs it"
+    command = f"# peftkit train recipes/{path.relative_to(ROOT).as_posix()}"
+    first = path.read_text().splitlines()[0]
+    assert first == command or first.startswith(command + " "), f"every recipe starts with the command that runs it: {command}"
 
 
 def test_issue_recipe_accepted_exactly_as_written(tmp_path):
