@@ -1,5 +1,7 @@
-"""Every recipe shipped in recipes/ (searched recursively) validates."""
+"""Every recipe shipped in recipes/ (searched recursively) validates, and what its header says of it (its command, its
+trainable count) holds."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,41 @@ def test_paths_that_look_like_rich_markup_are_printed_as_they_are(tmp_path):
     assert f"# {folder / '[red]r.yaml'}: valid" in result.output
     assert ("warning: model.name_or_path /nope/[bold]m[/bold] does not exist here (a relative path is resolved against "
             "the recipe's directory); train would stop at it.") in result.output.splitlines()
+
+
+def stated_count(path: Path) -> int | None:
+    """The trainable count a recipe's header comment gives ('= 4,608 trainable parameters', '1,920 trainable
+    numbers'), or None: the number before 'trainable' where a count follows it, not '20 trainable embeddings'."""
+    header = " ".join(line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#"))
+    said = re.search(r"(\d[\d,]*) trainable(?= parameters| numbers|[,;)]| \()", header)
+    return int(said[1].replace(",", "")) if said else None
+
+
+# Built from other runs' adapters (fuse, X-LoRA's experts), which validate's model checks read: not checked here.
+FROM_RUNS = {"fusion.yaml", "xlora.yaml"}
+COUNTED = [p for p in RECIPES if stated_count(p) is not None and p.name not in FROM_RUNS]
+
+
+@pytest.fixture(scope="module")
+def shipped_tree(tmp_path_factory) -> Path:
+    """recipes/ beside the tiny assets make_tiny_assets.py writes (its artifacts/), as in a clone after the Quickstart."""
+    import shutil
+
+    from peftkit import tiny
+
+    root = tmp_path_factory.mktemp("clone")
+    shutil.copytree(ROOT, root / "recipes")
+    for build in (tiny.build_quickstart_assets, tiny.build_classification_assets, tiny.build_multitask_assets,
+                  tiny.build_long_context_assets, tiny.build_moe_assets, tiny.build_preference_assets):
+        build(root / "artifacts")
+    return root
+
+
+@pytest.mark.parametrize("path", COUNTED, ids=lambda p: p.name)
+def test_a_recipes_stated_count_is_what_it_trains(path, shipped_tree):
+    """A count of trainable parameters a recipe's header gives is what `peftkit validate` counts (train's own count,
+    on the meta-device model): the comment is the recipe's documentation."""
+    from peftkit.model_checks import check_model
+
+    line = check_model(load_recipe(shipped_tree / "recipes" / path.relative_to(ROOT)))
+    assert f"{stated_count(path):,} trainable of" in line, line
