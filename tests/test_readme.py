@@ -1,7 +1,8 @@
 """README.md and docs/*.md agree with the code they document, mechanically: the recipe reference's tables
 (`| key | default | meaning |`) against the pydantic recipe models, README's methods table against the method
 registry, every `peftkit COMMAND --flag` they spell against the typer app, and every link between them to a file
-and heading that exist. Nothing here trains or loads a model."""
+and heading that exist. Nothing here trains or reads a model's weights (the methods table's counts are taken on a
+meta-device model)."""
 
 from __future__ import annotations
 
@@ -358,6 +359,61 @@ def test_yaml_snippets_validate(name, line, snippet, tmp_path):
         recipe[section] = {**recipe.get(section, {}), **keys} if isinstance(keys, dict) else keys
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     load_recipe(tmp_path / "recipe.yaml")
+
+
+# The settings README's methods table gives each row's count at ("r 8, all-linear"), beyond the method's defaults.
+ALL_LINEAR = {"target_modules": "all-linear"}
+TABLE_SETTINGS = {
+    "lora": {"r": 8, **ALL_LINEAR}, "lora use_dora: true": {"r": 8, "use_dora": True, **ALL_LINEAR},
+    "lora lora_fa: true": {"r": 8, "lora_fa": True, **ALL_LINEAR}, "ia3": {}, "loha": ALL_LINEAR,
+    "lokr": ALL_LINEAR, "vera": ALL_LINEAR, "fourierft": ALL_LINEAR, "randlora": ALL_LINEAR, "vblora": ALL_LINEAR,
+    "c3a": ALL_LINEAR, "shira": ALL_LINEAR, "beft": {}, "supertuning": {}, "gralora": ALL_LINEAR, "deft": ALL_LINEAR,
+    "peanut": {}, "psoft": ALL_LINEAR, "glora": ALL_LINEAR, "unilora": {}, "lily": {}, "osf": {}, "poly": {},
+    "frod": {}, "waveft": {}, "adamss": {}, "shadow": {}, "adalora": {}, "ln_tuning": {}, "llama_adapter": {},
+    "bottleneck": {}, "oft": ALL_LINEAR, "hra": ALL_LINEAR, "boft": ALL_LINEAR, "miss": ALL_LINEAR,
+    "delora": ALL_LINEAR, "road": ALL_LINEAR, "hira": ALL_LINEAR, "pvera": ALL_LINEAR, "tinylora": ALL_LINEAR,
+    "prompt_tuning": {}, "p_tuning": {}, "prefix_tuning": {}, "cartridge": {},
+}  # not counted here: PiSSA/OLoRA ("LoRA's"), X-LoRA (built from trained experts), and the rows that give a formula
+# (per token, per site, per task)
+
+
+def table_counts() -> dict[str, int]:
+    """README's methods table: each row ("lora", "lora use_dora: true") and the count its trainable column starts with."""
+    _, _, rows = next(b for b in chapter("README.md", "Methods")
+                      if b[0] == "table" and cells(b[2][0])[:2] == ["method", "what it is"])
+    counts = {}
+    for row in rows[2:]:
+        first, count = cells(row)[0], cells(row)[3]
+        name = " ".join([SPAN.findall(first)[0], *SPAN.findall(first.partition(")")[2])[:1]])
+        if (said := re.match(r"[\d,]+(?= \(| trained)", count)) and name != "xlora":
+            counts[name] = int(said[0].replace(",", ""))
+    return counts
+
+
+def test_methods_table_counts_are_peftkits(tmp_path):
+    """Each count of README's methods table, at the settings its row names, is the trainable count peftkit validate
+    (train's own count) gives on a meta-device Llama-2-7B (hidden 4096, FFN 11008, 32 layers, vocabulary 32000)."""
+    from transformers import LlamaConfig
+
+    from peftkit.model_checks import check_model
+    from peftkit.recipe import load_recipe
+    from peftkit.tiny import build_char_tokenizer
+
+    counts = table_counts()
+    assert set(counts) == set(TABLE_SETTINGS), set(counts) ^ set(TABLE_SETTINGS)
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(tmp_path / "llama-2-7b")
+    build_char_tokenizer(tmp_path / "llama-2-7b")
+    wrong = []
+    for name, settings in TABLE_SETTINGS.items():
+        adapter = {"method": name.split()[0], **settings}
+        recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
+            f"model.name_or_path={tmp_path / 'llama-2-7b'}", "model.dtype=bfloat16", "export.merged=false",
+            f"adapter={yaml.safe_dump(adapter, default_flow_style=True).strip()}"])
+        line = check_model(recipe)
+        if f"{counts[name]:,} trainable of" not in line:
+            wrong.append(f"{name}: README {counts[name]:,}, peftkit: {line}")
+    assert not wrong, "\n".join(wrong)
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
