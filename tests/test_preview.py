@@ -6,11 +6,14 @@ would fail."""
 
 import io
 import json
+from pathlib import Path
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from peftkit.cli import app
+from peftkit.errors import PeftkitError
 from peftkit.data import IGNORE_INDEX, Example, load_examples
 from peftkit.preview import TRAINED_STYLE, is_plain, preview, render_tokens
 from peftkit.recipe import DataConfig, load_recipe
@@ -356,3 +359,19 @@ def test_preview_of_unpaired_answers_shows_each_label_and_its_mismatched_example
                                                   (2, "(undesirable)", "1+1=", "3"),
                                                   (2, "mismatched (KL estimate)", "1+1=", "4")))
         + "\n2 training examples\n")
+
+
+def test_preview_of_classification_rows_is_refused_and_the_cli_reference_says_so(tmp_path):
+    """A classifier's rows (text and label, no target tokens) are not shown: an error says so, and docs/cli.md's
+    `peftkit preview` section, which promised any recipe's first examples, says it too (docs/recipe.md did)."""
+    path = _recipe(tmp_path, [{"text": "good", "label": "positive"}, {"text": "bad", "label": "negative"}],
+                   format="classification")
+    recipe = json.loads(path.read_text())
+    recipe["model"]["task"] = "sequence_classification"
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(PeftkitError, match="data.format 'classification' rows are read by peftkit train and peftkit "
+                                           "eval only; this command does not show them yet"):
+        _preview(path)
+    cli = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
+    section = cli.split("## `peftkit preview`", 1)[1].split("\n## ", 1)[0]
+    assert "`data.format: classification`" in section and "not shown" in section, section
