@@ -350,6 +350,9 @@ def recipe_source(recipe: Path, overrides: list[str], named: bool = False,
     copied from elsewhere never decides to run code, as a manifest or an adapter's peftkit.json never does."""
     from peftkit.recipe import load_recipe
 
+    if not recipe.exists():  # (load_recipe's "Recipe file not found" would hide that a run directory was meant)
+        raise PeftkitError(f"{recipe} does not exist: give a recipe file or a peftkit run directory (a recipe's "
+                           "export.output_dir).")
     run_dir = recipe if recipe.is_dir() else None
     if run_dir is not None:
         if not (run_dir / "recipe.yaml").is_file():

@@ -1360,3 +1360,17 @@ def test_an_unmergeable_adapter_by_a_set_names_that_set(tmp_path, override, expe
     message = _error(_write(tmp_path, text), [override])
     assert message == (f"Invalid recipe (1 problem):\n  {tmp_path / 'my-recipe.yaml'}:{_line(text, '  merged')} "
                        f"(with --set {override.partition('=')[0]}): export.merged: {expected}")
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "chat"])
+def test_a_missing_recipe_or_run_directory_is_said_so(command, tmp_path):
+    """eval, generate and chat take a recipe or a run directory: a path that is neither was 'Recipe file not found:
+    runs/nope', though the user named a run directory (README's `peftkit eval runs/quickstart`)."""
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    done = CliRunner().invoke(app, [command, str(tmp_path / "runs" / "nope")])  # peftkit's main prints it as error:
+    assert isinstance(done.exception, PeftkitError), done.output
+    assert str(done.exception) == (f"{tmp_path / 'runs' / 'nope'} does not exist: give a recipe file or a peftkit run "
+                                   "directory (a recipe's export.output_dir).")
