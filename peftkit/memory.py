@@ -338,13 +338,17 @@ def _parts(est: MemoryEstimate) -> str:
 
 def print_estimate(console: Console, est: MemoryEstimate | None) -> None:
     """One line: the model state's parts, activations (an upper bound at data.max_length), the CPU runtime."""
-    if est is None:
-        return
+    if est is not None:
+        console.print(estimate_text(est))
+
+
+def estimate_text(est: MemoryEstimate) -> str:
+    """The estimate as train prints it (and validate, as a comment)."""
     extra = f" + activations ≤ {_size(est.activations)}"
     if est.runtime:
         extra += f" + runtime {_size(est.runtime)}"
-    console.print(f"Memory estimate: {_parts(est)}{extra} = {_size(est.total)} "
-                  "(activations for sequences of data.max_length)")
+    return (f"Memory estimate: {_parts(est)}{extra} = {_size(est.total)} "
+            "(activations for sequences of data.max_length)")
 
 
 def _size(n: float) -> str:

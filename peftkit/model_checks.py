@@ -98,6 +98,21 @@ def check_model(cfg: Recipe) -> str:
     return adapter_line(adapter, model, targets) + (f"; adapted: {', '.join(kinds)}" if kinds else "")
 
 
+def memory_line(cfg: Recipe) -> str | None:
+    """train's memory estimate line for the recipe, computed as train computes it before loading (on the meta
+    device, no weight read), or None where no model can be built from the config. Call where `unavailable` is None."""
+    import torch
+
+    from peftkit.memory import estimate_memory, estimate_text
+
+    # Where the recipe would run, never checked here (model.device: cuda validates on a machine without a GPU): a GPU
+    # run's estimate has no CPU runtime constant.
+    cpu = cfg.model.device == "cpu" or (cfg.model.device == "auto" and not torch.cuda.is_available())
+    with _offline():
+        estimate = estimate_memory(cfg, torch.device("cpu" if cpu else "cuda"))
+    return estimate_text(estimate) if estimate is not None else None
+
+
 def _check_tokenizer(cfg: Recipe, tok) -> None:
     """Train's refusals that the tokenizer decides: a chat template for chat rows (preference and unpaired
     conversations too), an EOS token for the formats whose targets end with it (preference and unpaired rows of text

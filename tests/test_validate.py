@@ -465,3 +465,26 @@ def test_validate_refuses_each_eval_set_s_rows_as_train(case, tiny_llama, number
     else:  # train names the row it stopped at
         assert trained.endswith(validated.removeprefix("error: ")) and validated.startswith(f"error: {set_key} "), \
             (validated, trained)
+
+
+def test_validate_prints_the_memory_estimate_train_prints(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """docs/cli.md's table gives validate 'the memory estimate': it printed none. It prints train's line, the same
+    figures (from the meta-device model: the weights cannot be read here), as a YAML comment."""
+    from peftkit.cli import main
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                         training={"max_steps": 1, "warmup_steps": 0}, data={"eval": None})
+    monkeypatch.setattr("sys.argv", ["peftkit", "train", str(recipe)])
+    main()
+    trained = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Memory estimate: "))
+    recipe.write_text(recipe.read_text().replace(str(tiny_llama), str(_garbage_weights(tiny_llama, tmp_path / "m"))))
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe)])
+    main()
+    out = capsys.readouterr().out
+    assert f"\n# {trained}\n" in out, out
+    assert yaml.safe_load(out)["adapter"]["r"] == 4
+    # A GPU recipe validates here too (the device is not checked): its estimate holds no CPU runtime.
+    monkeypatch.setattr("sys.argv", ["peftkit", "validate", str(recipe), "--set", "model.device=cuda"])
+    main()
+    out = capsys.readouterr().out
+    assert trained.split(" + runtime")[0] + " = " in out and "runtime" not in out.split("# Memory estimate")[1], out

@@ -57,7 +57,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
     from rich.markup import escape
 
     from peftkit.errors import PeftkitError
-    from peftkit.model_checks import check_model, unavailable
+    from peftkit.model_checks import check_model, memory_line, unavailable
     from peftkit.recipe import load_recipe
     from peftkit.recipe.loader import located
 
@@ -69,6 +69,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
         or unavailable(resolved)
     try:
         checked = check_model(resolved) if skipped is None else None
+        memory = memory_line(resolved) if checked else None
     except PeftkitError as e:  # train's words, at the line (or --set) of the key they name, as the recipe's errors
         placed = PeftkitError(located(recipe, overrides or [], str(e)))
         placed.exit_code = e.exit_code  # (a subclass's own status)
@@ -76,6 +77,8 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
     console.print(f"# {recipe}: valid", style="green", markup=False)
     if checked:  # a YAML comment, as the line above: what is printed stays the recipe
         console.print(f"# model checks (no weight read): {checked}", markup=False, highlight=False, soft_wrap=True)
+        if memory:
+            console.print(f"# {memory}", markup=False, highlight=False, soft_wrap=True)
     else:
         err_console.print(f"[yellow]note:[/] model checks skipped: {escape(skipped)}.", highlight=False)
     for _, warning in absent:
