@@ -99,15 +99,8 @@ def test_an_input_type_mask_gives_peft_s_loss_and_gradient(tiny_llama):
     for _ in range(3):
         expected = theirs(**batch | {"input_type_mask": types.clone()}).loss
         assert torch.equal(ours(**batch).loss, expected)
-        total, n = trainer.loss_sum(ours, batch | {"labels": outputs}, counted)
-        assert int(n) == counted and torch.equal(total / counted, expected)
-        expected.backward()
-        (total / counted).backward()
-        assert torch.equal(delta.grad, their_delta.grad)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        trainer.after_step(1)
+        _one_step_alike(trainer, ours, batch | {"labels": outputs}, counted, expected, (delta, their_delta),
+                        optimizers)
     assert torch.equal(batch["input_type_mask"], types)
     again = types.clone()
     first, second = (theirs(**batch | {"input_type_mask": again}).loss for _ in range(2))
@@ -450,15 +443,7 @@ def test_a_tokenized_input_type_mask_column_gives_peft_s_loss_and_gradient(tiny_
     assert counted == 2 * 3 + 4  # each row's context outputs; row 1's outputs at 4, 5, row 2's at 3, 5 (4: label -100)
     for _ in range(3):
         expected = theirs(**theirs_batch, input_type_mask=padded("input_type_mask", 0)).loss
-        total, n = trainer.loss_sum(ours, batch, counted)
-        assert int(n) == counted and torch.equal(total / counted, expected)
-        expected.backward()
-        (total / counted).backward()
-        assert torch.equal(delta.grad, their_delta.grad)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        trainer.after_step(1)
+        _one_step_alike(trainer, ours, batch, counted, expected, (delta, their_delta), optimizers)
 
 
 def _tokenized_files(tok, number_data, root, types=None) -> dict:
@@ -505,3 +490,17 @@ def test_a_cpt_run_on_typed_rows(tiny_llama, number_data, tmp_path):
                                            r"adapter\.method: lora reads none; remove the column, or train with "
                                            r"adapter\.method: cpt\."):
         train(load_recipe(lora), show_summary=False)
+
+
+def _one_step_alike(trainer, ours, batch, counted: int, expected, tables, optimizers) -> None:
+    """One training step of CPT's loss (`CptTrainer.loss_sum`) beside peft's `expected` loss: the same loss and count,
+    the same gradient of the two delta tables, bit for bit; then both optimizers step (and CPT's projection)."""
+    total, n = trainer.loss_sum(ours, batch, counted)
+    assert int(n) == counted and torch.equal(total / counted, expected)
+    expected.backward()
+    (total / counted).backward()
+    assert torch.equal(tables[0].grad, tables[1].grad)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad()
+    trainer.after_step(1)

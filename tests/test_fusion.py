@@ -252,17 +252,10 @@ def test_a_run_on_other_4_bit_weights_than_its_adapters_is_refused(sources, tiny
     """Adapters trained against an NF4 base quantized from bf16 weights, fused over the recipe's NF4 base quantized
     from fp32 (other 4-bit codes): check_model saw a quantized base, and the run trained without a word. Refused now
     by fusion_sources.check_quantization, the check of X-LoRA's experts against the recipe's quantization."""
-    from peftkit.recipe import QuantizationConfig, load_recipe
+    from peftkit.recipe import load_recipe
     from peftkit.train import train
 
-    quantized = []
-    for name in ("lora-a", "lora-b"):
-        shutil.copytree(sources[name], tmp_path / name)
-        meta = json.loads((tmp_path / name / "peftkit.json").read_text()) | {
-            "quantization": QuantizationConfig(compute_dtype="float32").model_dump(), "base_dtype": "bfloat16"}
-        (tmp_path / name / "peftkit.json").write_text(json.dumps(meta))
-        quantized.append(str(tmp_path / name))
-    adapter = {"method": "fusion", "fuse": quantized}
+    adapter = {"method": "fusion", "fuse": _recorded_as_nf4(sources, tmp_path, "bfloat16")}
     recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=adapter, training={"max_steps": 1},
                          quantization={"compute_dtype": "float32"})
     _rewrite_adapter(recipe, adapter)
@@ -278,19 +271,12 @@ def test_validate_says_train_s_refusal_of_another_quantization(trained_on, sourc
     """Adapters trained against an NF4 base fused over the recipe's unquantized one, or trained unquantized and fused
     over its NF4: train refused both once the model had loaded, and `peftkit validate` said the recipe was valid (its
     empty model cannot tell). Both now decide from the recipe's quantization section, in one message."""
-    from peftkit.recipe import QuantizationConfig
     from tests.conftest import unplaced
 
     fuse = [str(sources[n]) for n in ("lora-a", "lora-b")]
     sections = {"quantization": {"compute_dtype": "float32"}} if trained_on == "unquantized" else {}
     if trained_on == "nf4":
-        fuse = []
-        for name in ("lora-a", "lora-b"):
-            shutil.copytree(sources[name], tmp_path / name)
-            meta = json.loads((tmp_path / name / "peftkit.json").read_text()) | {
-                "quantization": QuantizationConfig(compute_dtype="float32").model_dump(), "base_dtype": "float32"}
-            (tmp_path / name / "peftkit.json").write_text(json.dumps(meta))
-            fuse.append(str(tmp_path / name))
+        fuse = _recorded_as_nf4(sources, tmp_path, "float32")
     adapter = {"method": "fusion", "fuse": fuse}
     recipe = make_recipe(tmp_path, tiny_llama, number_data, adapter=adapter, training={"max_steps": 1}, **sections)
     _rewrite_adapter(recipe, adapter)
@@ -474,3 +460,18 @@ def test_the_base_layer_runs_once_per_site(sources, tiny_llama):
             lambda *_, path=path: calls.__setitem__(path, calls.get(path, 0) + 1))
     _logits(model)
     assert calls == {p: 2 if p.endswith("down_proj") else 1 for p in targets}
+
+
+def _recorded_as_nf4(sources, root, base_dtype: str) -> list[str]:
+    """Copies of lora-a and lora-b under `root` whose peftkit.json says they were trained against an NF4 base
+    quantized from `base_dtype` weights: the adapters' paths."""
+    from peftkit.recipe import QuantizationConfig
+
+    copies = []
+    for name in ("lora-a", "lora-b"):
+        shutil.copytree(sources[name], root / name)
+        meta = json.loads((root / name / "peftkit.json").read_text()) | {
+            "quantization": QuantizationConfig(compute_dtype="float32").model_dump(), "base_dtype": base_dtype}
+        (root / name / "peftkit.json").write_text(json.dumps(meta))
+        copies.append(str(root / name))
+    return copies
