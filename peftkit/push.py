@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import posixpath
 import re
 import warnings
 from pathlib import Path
@@ -86,9 +87,10 @@ def folder_files(folder: Path) -> list[str]:
 def push(path: Path, repo_id: str, revision: str | None = None, private: bool = False, merged: bool = False,
          message: str | None = None, overwrite: bool = False) -> tuple[str, list[str], list[str], str | None]:
     """Upload `path`'s adapter (or merged model) to Hub model repository `repo_id` in one commit; where the branch
-    holds top-level `LOADER_FILES` the directory lacks (an earlier push's chat_template.jinja would be read with the
-    new adapter), the commit deletes them with `overwrite`, and without it nothing is committed (other files, a
-    licence, images, and a subfolder's, another adapter's, stay); (the commit's URL, the files pushed, the files
+    holds `LOADER_FILES` the directory lacks at its top level or in a subfolder it pushes (an earlier push's
+    chat_template.jinja would be read with the new adapter; X-LoRA's experts' copies, `0/`, are adapters too), the
+    commit deletes them with `overwrite`, and without it nothing is committed (other files, a licence, images, and the
+    files of a subfolder it does not push, another adapter's, stay); (the commit's URL, the files pushed, the files
     deleted, the commit's id where the Hub gave it).
 
     Args:
@@ -114,8 +116,10 @@ def push(path: Path, repo_id: str, revision: str | None = None, private: bool = 
                                "private in its settings on the Hub, or push without --private.")
         if revision not in (None, constants.DEFAULT_REVISION):
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        written = {posixpath.dirname(f) for f in files}  # the top level, and the subfolders pushed (X-LoRA's experts)
         stale = [f for f in api.list_repo_files(repo_id, revision=revision)
-                 if "/" not in f and f not in files and any(fnmatch.fnmatch(f, p) for p in LOADER_FILES)]
+                 if posixpath.dirname(f) in written and f not in files
+                 and any(fnmatch.fnmatch(posixpath.basename(f), p) for p in LOADER_FILES)]
         if stale and not overwrite:
             raise PeftkitError(f"{repo_id} ({revision or 'main'}) holds {', '.join(stale)}, which {folder} lacks and "
                                "which transformers, peft or peftkit would read with the pushed files (an earlier "

@@ -281,23 +281,28 @@ def test_a_push_leaves_no_file_of_an_earlier_push_the_directory_lacks(fake_hub, 
     trained with data.chat_template, then one without, left the old chat_template.jinja beside the new weights, and
     `--adapter user/name` used it in place of the base's template. Such top-level files a loader reads that the
     directory lacks are refused (nothing committed), and deleted in the same commit (and said) with --overwrite;
-    the others (.gitattributes, a licence, an image) and a subfolder's files (another adapter's) stay."""
+    the others (.gitattributes, a licence, an image) and the files of a subfolder the push does not write (another
+    adapter's) stay. A subfolder it does write (an X-LoRA export's copy of an expert, `0/`) is an adapter too: its
+    loader files the directory lacks were kept (the subfolders were not looked at)."""
     adapter = _run(tmp_path, tiny_llama, number_data) / "adapter"
+    (adapter / "0").mkdir()
+    (adapter / "0" / "adapter_config.json").write_text("{}")
     first = Path(shutil.copytree(adapter, tmp_path / "first"))
     (first / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    (first / "0" / "chat_template.jinja").write_text("{{ messages[0].content }}")
     _said("push", str(first), "acme/tiny-lora")
     main = fake_hub.repos["acme/tiny-lora"]["branches"]["main"]
     kept = {".gitattributes": b"*.safetensors filter=lfs", "other/adapter_config.json": b"{}", "LICENSE": b"MIT",
             "plot.png": b"a picture"}
     main |= kept
     refused = " ".join(cli_user_error(monkeypatch, capsys, "push", str(adapter), "acme/tiny-lora").split())
-    assert ("acme/tiny-lora (main) holds chat_template.jinja, which " in refused and "nothing was committed. Push with "
-            "--overwrite to delete them in the same commit" in refused)
+    assert ("acme/tiny-lora (main) holds 0/chat_template.jinja, chat_template.jinja, which " in refused and "nothing "
+            "was committed. Push with --overwrite to delete them in the same commit" in refused)
     assert len(fake_hub.commits) == 1
     said = _said("push", str(adapter), "acme/tiny-lora", "--overwrite")
     assert "deleted chat_template.jinja" in said.splitlines()
-    assert fake_hub.commits[1]["deleted"] == ["chat_template.jinja"]
-    assert main == _files(adapter) | kept
+    assert sorted(fake_hub.commits[1]["deleted"]) == ["0/chat_template.jinja", "chat_template.jinja"]
+    assert main == _pushed_files(adapter) | kept
     assert fake_hub.unexpected == []
 
 
