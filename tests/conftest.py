@@ -560,3 +560,49 @@ def tokenizer_reads(monkeypatch) -> list[str]:
     monkeypatch.setattr(AutoTokenizer, "from_pretrained",
                         classmethod(lambda cls, path, *a, **k: loads.append(str(path)) or load(cls, path, *a, **k)))
     return loads
+
+
+def trimming_changes_nothing(build, batch: dict, monkeypatch, loss=None,
+                             exact: bool = True) -> tuple[list[int], list[int]]:
+    """One training micro-batch of `batch` (on the CPU), its loss and every trainable parameter's gradient, on two
+    models `build()` makes alike (in train mode, torch's generator seeded the same before each forward): once as
+    peftkit trains (the output head from the first position the loss reads: `peftkit.loss.trimmed_head`, its
+    position counted before the batch moves, as the train loop does), once with trimming off (`trimmed_head` giving
+    every position). `loss(model, batch, labelled)` is the step's loss function (`token_loss_sum` by default), its
+    first value the loss. Asserts the two the same bit for bit (`exact`; else within 1e-6 relative); returns the
+    numbers of positions the output head saw in each run's forwards (trimmed, full).
+
+    Both are fresh models, not one run twice: a method that keeps state across forwards (PVeRA's noise generator,
+    OFT's COFT projection of its parameters) would otherwise differ between the runs for its own reasons."""
+    from peftkit.evaluate import token_loss_sum
+    from peftkit.loss import labelled_count, on_device
+
+    loss = loss or token_loss_sum
+    labelled = labelled_count(batch["labels"])
+    runs = []
+    for trim in (True, False):
+        model = build().train()
+        inner = getattr(model, "module", model)
+        seen = []
+        hook = inner.get_output_embeddings().register_forward_hook(lambda _m, a, _o: seen.append(a[0].shape[-2]))
+        with monkeypatch.context() as m:
+            if not trim:
+                for where in ("peftkit.evaluate", "peftkit.preference"):
+                    m.setattr(f"{where}.trimmed_head", lambda _model, b: ({}, b["labels"]))
+            torch.manual_seed(2)
+            try:
+                value = loss(model, on_device(batch, torch.device("cpu")), labelled)
+            finally:
+                hook.remove()
+        value = value[0] if isinstance(value, tuple) else value
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(value, [p for _, p in params], allow_unused=True)
+        runs.append((seen, value.detach(), dict(zip([n for n, _ in params], grads, strict=True))))
+    (trimmed, value, grads), (full, expected, expected_grads) = runs
+    assert grads.keys() == expected_grads.keys() and any(g is not None for g in grads.values())
+    close = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max())))
+    assert close(value, expected), (float(value), float(expected))
+    for name, grad in grads.items():
+        assert (grad is None) == (expected_grads[name] is None), name
+        assert grad is None or close(grad, expected_grads[name]), (name, float((grad - expected_grads[name]).abs().max()))
+    return trimmed, full

@@ -103,7 +103,7 @@ from peftkit.modeling import load_model
 from peftkit.peft_format import peft_config, save_adapter
 from peftkit.recipe import ModelConfig, QuantizationConfig
 from peftkit.tiny import build_tiny_model
-from tests.conftest import random_adapters
+from tests.conftest import random_adapters, trimming_changes_nothing
 
 IDS = torch.tensor([[1, 40, 41, 42, 7, 60, 61, 62], [1, 55, 12, 80, 81, 3, 47, 2]])
 TOL = 1e-4  # max abs logit difference, fp32
@@ -1601,6 +1601,31 @@ def test_a_training_step_reads_nothing_on_the_host_beyond_the_base_model(case, m
     tasks = {"task_ids": torch.tensor([getattr(case.cfg, method.tasks_key) - 1, 0])} if method.reads_task_ids else {}
     reads = _step_host_reads(model.to(device), batch | tasks)
     assert all(reads.get(op, 0) <= n for op, n in base.items()) and set(reads) <= set(base), (reads, base)
+
+
+
+@pytest.mark.parametrize("case", BY_CASE)
+def test_the_trimmed_head_trains_as_the_full_one(case, models, monkeypatch):
+    """A training micro-batch whose rows have prompts of 3, 6 and 5 tokens and two of them padding: the output head
+    computes logits from position 2 on (`peftkit.loss.trimmed_head`), and the loss and every gradient are bit for bit
+    those of the head over all 10 positions, the adapter far from its init (measured: all equal on the CPU). The
+    prompt family's virtual tokens keep every position (their logits are cut after the forward)."""
+    ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2, 6, 4], [6, 2, 8, 1, 4, 9, 5, 7, 0, 0], [3, 7, 2, 5, 8, 6, 4, 0, 0, 0]])
+    mask = (torch.arange(10) < torch.tensor([[10], [8], [7]])).long()
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    for row, prompt in enumerate((3, 6, 5)):
+        labels[row, :prompt] = IGNORE_INDEX
+    method = method_of(case.cfg)
+    tasks = ({"task_ids": torch.tensor([getattr(case.cfg, method.tasks_key) - 1, 0, 0])} if method.reads_task_ids
+             else {})
+
+    def build() -> nn.Module:
+        model, _ = _adapted(models[case.archs[0]], case.cfg)
+        return model
+
+    trimmed, full = trimming_changes_nothing(build, {"input_ids": ids, "attention_mask": mask, "labels": labels}
+                                             | tasks, monkeypatch)
+    assert trimmed == (full if not method.layer_targets else [10 - 2]), (trimmed, full)
 
 
 # ------------------------------------------------------------------------------- method-specific: DoRA
