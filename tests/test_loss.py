@@ -175,3 +175,186 @@ def _dpo_rows_read_the_trimmed_head(model, batch, logits) -> None:
     targets = batch["labels"][:, 1:]
     logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     assert seen == [12 - 4] and torch.allclose(rows, (logps * (targets != IGNORE_INDEX)).sum(1), atol=1e-5)
+
+
+# ---------------------------------------------------------------- the trimmed head under each feature (exact)
+
+HEAD_IDS = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2, 6, 4], [6, 2, 8, 1, 4, 9, 5, 7, 0, 0], [3, 5, 9, 6, 8, 6, 4, 0, 0, 0]])
+"""Rows with prompts of 3, 6 and 5 tokens (the head's logits from position 2 on), two of them padded; aLoRA's
+invocation [5, 9] in the first and last row's prompt."""
+
+
+def _head_batch() -> dict[str, torch.Tensor]:
+    mask = (torch.arange(10) < torch.tensor([[10], [8], [7]])).long()
+    labels = HEAD_IDS.masked_fill(mask == 0, IGNORE_INDEX)
+    for row, prompt in enumerate((3, 6, 5)):
+        labels[row, :prompt] = IGNORE_INDEX
+    return {"input_ids": HEAD_IDS, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def head_models(tmp_path_factory) -> dict[str, object]:
+    from peftkit.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("head-models")
+    for arch in ("llama", "qwen2", "gpt2", "gemma2", "gemma3", "mixtral", "qwen2_moe"):
+        build_tiny_model(root / arch, arch=arch, hidden_size=32, num_layers=2, seed=0)
+    return {arch: root / arch for arch in ("llama", "qwen2", "gpt2", "gemma2", "gemma3", "mixtral", "qwen2_moe")}
+
+
+def _adapted(path, cfg=None, before=None, after=None):
+    """A builder of the model at `path` (fp32) with `cfg`'s adapter (LoRA r 4 on every linear layer by default) far
+    from its init; `before(model)` runs before the injection, `after(model)` after."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.adapters import inject_adapters
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import random_adapters
+
+    def build():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if before is not None:
+            before(model)
+        torch.manual_seed(0)
+        inject_adapters(model, cfg or LoraConfig(r=4, alpha=8))
+        random_adapters(model, seed=1, std=0.1)
+        if after is not None:
+            after(model)
+        return model
+    return build
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma2", "gemma3", "mixtral", "qwen2_moe"])
+def test_the_trimmed_head_trains_as_the_full_one_on_each_architecture(arch, head_models, monkeypatch):
+    """Every tiny architecture's forward takes logits_to_keep in this transformers (GPT-2's Conv1D model too), and
+    its training micro-batch with the head trimmed is bit for bit the full head's: Qwen2's and Gemma's heads tied to
+    their embeddings, Gemma's soft-capped logits (Gemma 3's cap set here: its config has none by default), the
+    mixtures of experts' routing (the router sees every position whatever the head does; peftkit's loss adds no
+    router auxiliary loss)."""
+    from tests.conftest import trimming_changes_nothing
+
+    def softcapped(model):
+        if arch.startswith("gemma"):
+            model.config.final_logit_softcapping = model.config.final_logit_softcapping or 30.0
+
+    trimmed, full = trimming_changes_nothing(_adapted(head_models[arch], before=softcapped), _head_batch(), monkeypatch)
+    assert (trimmed, full) == ([8], [10])
+
+
+@pytest.mark.parametrize("kind", ["dpo", "ipo", "orpo", "simpo", "kto"])
+def test_preference_losses_train_the_same_with_the_head_trimmed(kind, tiny_llama, monkeypatch):
+    """DPO's (sigmoid and IPO), ORPO's, SimPO's and KTO's per-row log-likelihoods (`sequence_logps`) of a batch of
+    two pairs (a shared prompt each, answers of other lengths) with the head trimmed: the loss and gradients are the
+    full head's within float rounding, 1e-5 of each tensor's largest value (measured: DPO's loss 2.4e-7 apart of
+    2.68, gradients at most 9.4e-7 of their largest, KTO's): `row_logps` sums each row's log-probabilities along the
+    kept width (6 positions, not 8), which torch's vectorised sum adds in another order. (KTO's rows are an example
+    and its mismatched one, as its batches hold them.)"""
+    from peftkit.kto import KTOLoss
+    from peftkit.preference import PreferenceLoss
+    from tests.conftest import trimming_changes_nothing
+
+    ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2], [1, 5, 9, 4, 6, 2, 0, 0], [3, 7, 2, 5, 8, 6, 4, 0], [3, 7, 2, 5, 9, 0, 0, 0]])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:2, :4] = IGNORE_INDEX
+    labels[2:, :4] = IGNORE_INDEX
+    labels[:, :3] = IGNORE_INDEX
+    labels[0, 3] = 4  # the first pair's chosen answer starts a token earlier: the head from position 2
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "reference_logps": torch.tensor([-9.0, -7.5, -8.0, -6.0])}
+    if kind == "kto":
+        loss, batch["desirable"] = KTOLoss(beta=0.1), torch.tensor([True, True, False, False])
+    else:
+        loss = {"dpo": PreferenceLoss(0.1), "ipo": PreferenceLoss(0.1, "ipo"), "orpo": PreferenceLoss(0.1, "orpo"),
+                "simpo": PreferenceLoss(2.0, "simpo", 0.5)}[kind]
+    trimmed, full = trimming_changes_nothing(_adapted(tiny_llama), batch, monkeypatch, loss, exact=False)
+    assert (trimmed, full) == ([6], [8])
+
+
+def _packed_batch() -> dict[str, torch.Tensor]:
+    """data.packing's rows: two examples in the first (their position ids from 0 each, the second's first label
+    masked), one and padding in the second; no attention mask goes to the model."""
+    ids = torch.tensor([[1, 5, 9, 4, 7, 1, 8, 2, 6, 4], [1, 2, 8, 6, 4, 9, 5, 7, 0, 0]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 0, 0]])
+    mask = (torch.arange(10) < torch.tensor([[10], [8]])).long()
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    labels[0, :3], labels[0, 5:7], labels[1, :6] = IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+
+
+def test_features_train_the_same_with_the_head_trimmed(tiny_llama, monkeypatch):
+    """The trimmed head's micro-batch is bit for bit the full head's under NEFTune's noise (torch's generator seeded
+    alike), gradient checkpointing (non-reentrant, as peftkit turns it on), LongLoRA's S²-Attn (groups of 4 tokens),
+    data.packing's rows (position ids, no mask) and the flattened row flash attention takes (`flatten`: one row with
+    the examples' boundaries; here through SDPA, which finds them from the position ids: flash attention itself needs
+    a GPU), aLoRA (its invocation in two rows' prompts), and LoRA beside a head trained whole (modules_to_save:
+    lm_head, whose weight's gradient sums over the positions it saw)."""
+    from peftkit import neftune
+    from peftkit.data.packing import flatten
+    from peftkit.long_context import enable_s2_attention
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.modeling import prepare_for_training
+    from tests.conftest import trimming_changes_nothing
+
+    batch = _head_batch()
+    for name, build, on, width in [
+            ("neftune", _adapted(tiny_llama, after=lambda m: neftune.attach(m, 5.0)), batch, 8),
+            ("checkpointing", _adapted(tiny_llama, after=lambda m: prepare_for_training(m, True)), batch, 8),
+            ("s2-attention", _adapted(tiny_llama, after=lambda m: enable_s2_attention(m, 4)), batch, 8),
+            ("packing", _adapted(tiny_llama), _packed_batch(), 10 - 2),
+            ("flattened", _adapted(tiny_llama), flatten(_packed_batch()), 18 - 2),
+            ("alora", _adapted(tiny_llama, LoraConfig(r=4, alpha=8, alora_invocation_tokens=[5, 9],
+                                                      target_modules=["q_proj", "v_proj", "down_proj"])), batch, 8),
+            ("trained head", _adapted(tiny_llama, LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"])), batch, 8)]:
+        trimmed, full = trimming_changes_nothing(build, on, monkeypatch)
+        assert trimmed == [width] and full == [on["input_ids"].shape[1]], name
+
+
+def test_shadow_xlora_and_new_tokens_train_the_same_with_the_head_trimmed(tiny_llama, head_models, tmp_path,
+                                                                           monkeypatch):
+    """ShadowPEFT's step (its auxiliary loss, `ShadowTrainer.batch_loss`, reads the base head on its shadow state of
+    every position: untouched by the trimming) and X-LoRA's (its scalings pass gets the forward's logits_to_keep
+    with the rest of its keywords; the classifier reads the last hidden state, every position) are bit for bit the
+    full head's. model.add_tokens (LoRA's trainable_token_indices) wraps the head, untied (lm_head's own rows) or
+    tied (Qwen2's: the embeddings' rows, which the head follows), so the head keeps every position there."""
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.evaluate import token_loss_sum
+    from peftkit.methods import method_of
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.methods.shadow import ShadowConfig
+    from peftkit.methods.xlora import XLoraConfig
+    from peftkit.new_tokens import resize, with_new_rows
+    from tests.conftest import save_peft_lora, trimming_changes_nothing
+
+    batch = _head_batch()
+    shadow = ShadowConfig(method="shadow", r=4)
+    trainer = {}
+
+    def with_aux(model, on, labelled):
+        trainer.setdefault(id(model), method_of(shadow).trainer(model, shadow, 1))
+        loss, _ = token_loss_sum(model, on, labelled)
+        return loss + trainer[id(model)].batch_loss(on, labelled)
+
+    trimmed, full = trimming_changes_nothing(_adapted(tiny_llama, shadow), batch, monkeypatch, with_aux)
+    assert (trimmed, full) == ([8, 10], [10, 10])  # (the model's head, then the auxiliary loss's on s0)
+    experts = {"0": str(save_peft_lora(tiny_llama, tmp_path / "0", PeftLoraConfig(r=4, lora_alpha=8,
+                                                                                  target_modules=["q_proj", "v_proj"]))),
+               "1": str(save_peft_lora(tiny_llama, tmp_path / "1", PeftLoraConfig(r=2, lora_alpha=4,
+                                                                                  target_modules=["v_proj", "down_proj"]),
+                                       seed=1))}
+    xlora = XLoraConfig(method="xlora", adapters=experts, hidden_size=32)
+    assert trimming_changes_nothing(_adapted(tiny_llama, xlora), batch, monkeypatch) == ([8, 8], [10, 10])
+
+    new = batch | {"input_ids": batch["input_ids"].clone(), "labels": batch["labels"].clone()}
+    new["input_ids"][0, 5:7] = new["labels"][0, 5:7] = torch.tensor([102, 103])  # the new tokens, trained
+    for arch in ("llama", "qwen2"):
+        model = AutoModelForCausalLM.from_pretrained(head_models[arch], dtype=torch.float32)
+        resize(model, 104)
+        cfg = with_new_rows(LoraConfig(r=4, alpha=8), model, [102, 103])
+        assert cfg.trainable_token_indices == ({"model.embed_tokens": [102, 103], "lm_head": [102, 103]}
+                                               if arch == "llama" else [102, 103])  # (a tied head follows)
+        trimmed, full = trimming_changes_nothing(_adapted(head_models[arch], cfg, before=lambda m: resize(m, 104)),
+                                                 new, monkeypatch)
+        assert (trimmed, full) == ([10], [10]), arch
