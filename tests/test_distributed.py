@@ -25,8 +25,39 @@ from tests.conftest import make_recipe
 STEPS = 24
 
 
-def _peftkit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, timeout=600)
+def _peftkit(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+HEAD_COUNTER = """import os
+if os.environ.get("RANK") is not None:  # a launched worker
+    import peftkit.loss as loss
+
+    trimmed_head = loss.trimmed_head
+
+    def counted(model, batch):
+        kept, labels = trimmed_head(model, batch)
+        with open(os.environ["HEAD_LOG"], "a") as log:
+            log.write(f"{os.environ['RANK']} {type(model).__name__} {kept.get('logits_to_keep', 0)} "
+                      f"{batch['labels'].shape[1]}\\n")
+        return kept, labels
+
+    loss.trimmed_head = counted
+"""
+"""A sitecustomize.py for the workers of a launched run: each call of `peftkit.loss.trimmed_head` (rank, the model's
+class, the positions it kept, 0 for all, the batch's width) to the file $HEAD_LOG, patched before peftkit's modules
+import it."""
+
+
+def _counting_heads(tmp_path: Path) -> tuple[dict, Path]:
+    """(the environment that runs `HEAD_COUNTER` in each launched worker, the file it writes)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(HEAD_COUNTER)
+    log = tmp_path / "heads.log"
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    return os.environ | {"PYTHONPATH": path, "HEAD_LOG": str(log)}, log
 
 
 METRICS = ["exact_match", "token_f1", "rouge_l"]
@@ -369,12 +400,17 @@ def test_a_run_that_did_not_trim_its_slices_resumes_and_verifies_untrimmed(tiny_
 def test_two_processes_train_one_process_s_grouped_batches(tiny_llama, number_data, tmp_path):
     """data.group_by_length groups the global batch (2 processes x batch 2), each process training on its half: the
     same examples a step as one process at batch 4 (the tokens logged), each once an epoch, and its adapter up to
-    float rounding. (~20 s: one 2-process run of 6 steps.)"""
+    float rounding. (~20 s: one 2-process run of 6 steps.) Each process's training step trims its output head
+    through DDP's wrapper (`peftkit.loss.trimmed_head` reads its `.module`): counted in the workers."""
     sections = dict(data={"group_by_length": True}, adapter={"dropout": 0.0}, eval={"base_model": False})
     train(load_recipe(make_recipe(tmp_path / "one", tiny_llama, number_data, training={"batch_size": 4}, **sections)))
     two = make_recipe(tmp_path / "two", tiny_llama, number_data, training={"batch_size": 2}, **sections)
-    done = _peftkit("train", str(two), "--num-processes", "2")
+    env, heads = _counting_heads(tmp_path)
+    done = _peftkit("train", str(two), "--num-processes", "2", env=env)
     assert done.returncode == 0, done.stdout + done.stderr
+    calls = [line.split() for line in heads.read_text().splitlines()]
+    steps = [(rank, int(kept), int(width)) for rank, cls, kept, width in calls if cls == "DistributedDataParallel"]
+    assert {rank for rank, *_ in steps} == {"0", "1"} and all(0 < kept < width for _, kept, width in steps), calls
     one_lines, two_lines = _lines(tmp_path / "one" / "run"), _lines(tmp_path / "two" / "run")
     assert [x["tokens"] for x in one_lines if "loss" in x] == [x["tokens"] for x in two_lines if "loss" in x]
     for a, b in zip(one_lines, two_lines, strict=True):
