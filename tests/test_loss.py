@@ -358,3 +358,33 @@ def test_shadow_xlora_and_new_tokens_train_the_same_with_the_head_trimmed(tiny_l
         trimmed, full = trimming_changes_nothing(_adapted(head_models[arch], cfg, before=lambda m: resize(m, 104)),
                                                  new, monkeypatch)
         assert (trimmed, full) == ([10], [10]), arch
+
+
+LORA_VARIANTS = {  # (LoRA's settings, the tiny architecture, the positions the head sees)
+    "dropout": ({"dropout": 0.1}, "llama", 8),
+    "dora-dropout": ({"use_dora": True, "dropout": 0.1}, "llama", 8),
+    "kasa": ({"target_modules": ["q_proj", "down_proj"], "kasa_config": {"beta": 0.01, "gamma": 0.02}}, "llama", 8),
+    "velora": ({"target_modules": ["q_proj", "v_proj", "down_proj"], "velora_config": {"num_groups": 5}}, "llama", 8),
+    # VeLoRA's embed is the mean over the forward's tokens: on the head it would see other tokens, so it keeps all
+    "velora-head": ({"target_modules": ["q_proj", "lm_head"], "velora_config": {"num_groups": 5}}, "llama", 10),
+    "bdlora": ({"target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
+                "use_bdlora": {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj"],
+                               "nblocks": 2}}, "llama", 8),
+    "layer-replication": ({"layer_replication": [[0, 2], [1, 2]]}, "llama", 8),
+    "target-parameters": ({"target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj",
+                                                                            "experts.down_proj"]}, "mixtral", 8),
+}
+
+
+@pytest.mark.parametrize("variant", LORA_VARIANTS)
+def test_lora_variants_train_the_same_with_the_head_trimmed(variant, head_models, monkeypatch):
+    """LoRA's variants, each bit for bit with the head trimmed as with the full head: dropout's masks (torch's
+    generator seeded alike: the head draws none, so the draws are the same), DoRA's, KaSA, VeLoRA in the layers
+    (its batch_average embed from every token of the layer's input, which the trimming leaves whole) and on the head
+    (wrapped: every position), BD-LoRA, layer_replication and LoRA on a mixture's fused expert parameters."""
+    from peftkit.methods.lora import LoraConfig
+    from tests.conftest import trimming_changes_nothing
+
+    settings, arch, width = LORA_VARIANTS[variant]
+    build = _adapted(head_models[arch], LoraConfig(r=4, alpha=8, **settings))
+    assert trimming_changes_nothing(build, _head_batch(), monkeypatch) == ([width], [10])
