@@ -287,8 +287,9 @@ def test_features_train_the_same_with_the_head_trimmed(tiny_llama, monkeypatch):
     alike), gradient checkpointing (non-reentrant, as peftkit turns it on), LongLoRA's S²-Attn (groups of 4 tokens),
     data.packing's rows (position ids, no mask) and the flattened row flash attention takes (`flatten`: one row with
     the examples' boundaries; here through SDPA, which finds them from the position ids: flash attention itself needs
-    a GPU), aLoRA (its invocation in two rows' prompts), and LoRA beside a head trained whole (modules_to_save:
-    lm_head, whose weight's gradient sums over the positions it saw)."""
+    a GPU), aLoRA (its invocation in two rows' prompts), LoRA beside a head trained whole (modules_to_save:
+    lm_head, whose weight's gradient sums over the positions it saw), and a bf16 base (bf16 logits) with its fp32
+    adapter."""
     from peftkit import neftune
     from peftkit.data.packing import flatten
     from peftkit.long_context import enable_s2_attention
@@ -305,7 +306,8 @@ def test_features_train_the_same_with_the_head_trimmed(tiny_llama, monkeypatch):
             ("flattened", _adapted(tiny_llama), flatten(_packed_batch()), 18 - 2),
             ("alora", _adapted(tiny_llama, LoraConfig(r=4, alpha=8, alora_invocation_tokens=[5, 9],
                                                       target_modules=["q_proj", "v_proj", "down_proj"])), batch, 8),
-            ("trained head", _adapted(tiny_llama, LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"])), batch, 8)]:
+            ("trained head", _adapted(tiny_llama, LoraConfig(r=4, alpha=8, modules_to_save=["lm_head"])), batch, 8),
+            ("bf16 base", _adapted(tiny_llama, before=lambda m: m.to(torch.bfloat16)), batch, 8)]:
         trimmed, full = trimming_changes_nothing(build, on, monkeypatch)
         assert trimmed == [width] and full == [on["input_ids"].shape[1]], name
 
