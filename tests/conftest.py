@@ -607,5 +607,6 @@ def trimming_changes_nothing(build, batch: dict, monkeypatch, loss=None,
     assert close(value, expected), (float(value), float(expected))
     for name, grad in grads.items():
         assert (grad is None) == (expected_grads[name] is None), name
-        assert grad is None or close(grad, expected_grads[name]), (name, float((grad - expected_grads[name]).abs().max()))
+        expected_grad = expected_grads[name]
+        assert grad is None or close(grad, expected_grad), (name, float((grad - expected_grad).abs().max()))
     return trimmed, full

@@ -179,7 +179,9 @@ def _dpo_rows_read_the_trimmed_head(model, batch, logits) -> None:
 
 # ---------------------------------------------------------------- the trimmed head under each feature (exact)
 
-HEAD_IDS = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2, 6, 4], [6, 2, 8, 1, 4, 9, 5, 7, 0, 0], [3, 5, 9, 6, 8, 6, 4, 0, 0, 0]])
+HEAD_IDS = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2, 6, 4],
+                         [6, 2, 8, 1, 4, 9, 5, 7, 0, 0],
+                         [3, 5, 9, 6, 8, 6, 4, 0, 0, 0]])
 """Rows with prompts of 3, 6 and 5 tokens (the head's logits from position 2 on), two of them padded; aLoRA's
 invocation [5, 9] in the first and last row's prompt."""
 
@@ -253,7 +255,8 @@ def test_preference_losses_train_the_same_with_the_head_trimmed(kind, tiny_llama
     from peftkit.preference import PreferenceLoss
     from tests.conftest import trimming_changes_nothing
 
-    ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2], [1, 5, 9, 4, 6, 2, 0, 0], [3, 7, 2, 5, 8, 6, 4, 0], [3, 7, 2, 5, 9, 0, 0, 0]])
+    ids = torch.tensor([[1, 5, 9, 4, 7, 3, 8, 2], [1, 5, 9, 4, 6, 2, 0, 0],
+                        [3, 7, 2, 5, 8, 6, 4, 0], [3, 7, 2, 5, 9, 0, 0, 0]])
     mask = (ids != 0).long()
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
     labels[:2, :4] = IGNORE_INDEX
@@ -341,11 +344,10 @@ def test_shadow_xlora_and_new_tokens_train_the_same_with_the_head_trimmed(tiny_l
 
     trimmed, full = trimming_changes_nothing(_adapted(tiny_llama, shadow), batch, monkeypatch, with_aux)
     assert (trimmed, full) == ([8, 10], [10, 10])  # (the model's head, then the auxiliary loss's on s0)
-    experts = {"0": str(save_peft_lora(tiny_llama, tmp_path / "0", PeftLoraConfig(r=4, lora_alpha=8,
-                                                                                  target_modules=["q_proj", "v_proj"]))),
-               "1": str(save_peft_lora(tiny_llama, tmp_path / "1", PeftLoraConfig(r=2, lora_alpha=4,
-                                                                                  target_modules=["v_proj", "down_proj"]),
-                                       seed=1))}
+    first = PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    second = PeftLoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"])
+    experts = {"0": str(save_peft_lora(tiny_llama, tmp_path / "0", first)),
+               "1": str(save_peft_lora(tiny_llama, tmp_path / "1", second, seed=1))}
     xlora = XLoraConfig(method="xlora", adapters=experts, hidden_size=32)
     assert trimming_changes_nothing(_adapted(tiny_llama, xlora), batch, monkeypatch) == ([8, 8], [10, 10])
 
@@ -370,8 +372,8 @@ LORA_VARIANTS = {  # (LoRA's settings, the tiny architecture, the positions the 
     # VeLoRA's embed is the mean over the forward's tokens: on the head it would see other tokens, so it keeps all
     "velora-head": ({"target_modules": ["q_proj", "lm_head"], "velora_config": {"num_groups": 5}}, "llama", 10),
     "bdlora": ({"target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
-                "use_bdlora": {"target_modules_bd_a": ["o_proj", "down_proj"], "target_modules_bd_b": ["q_proj", "v_proj"],
-                               "nblocks": 2}}, "llama", 8),
+                "use_bdlora": {"target_modules_bd_a": ["o_proj", "down_proj"],
+                               "target_modules_bd_b": ["q_proj", "v_proj"], "nblocks": 2}}, "llama", 8),
     "layer-replication": ({"layer_replication": [[0, 2], [1, 2]]}, "llama", 8),
     "target-parameters": ({"target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj",
                                                                             "experts.down_proj"]}, "mixtral", 8),
