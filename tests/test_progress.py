@@ -288,7 +288,7 @@ NEEDS = ("peftkit eval needs a RECIPE (or a run directory), or both --model and 
     ([], NEEDS),
     (["--model", "m"], NEEDS),
     (["--model", "m", "--data", "d.jsonl", "--format", "xml"],
-     "--format 'xml': use alpaca, chat, completion, text, classification, preference or unpaired."),
+     "--format 'xml': use alpaca, chat, completion, text, classification, preference, unpaired or tokenized."),
     (["--model", "m", "--data", "d.jsonl", "--on-bad-rows", "drop"], "--on-bad-rows 'drop': use error or skip."),
 ])
 def test_eval_bad_arguments(args, message):
