@@ -87,7 +87,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[Example], batch_size: int
                 advance(len(batch["input_ids"]))
         for _ in range(rounds - done):  # one short: the same number of forwards as the others, uncounted
             with fresh_dynamic_rope(model):
-                token_loss_sum(model, {k: v.to(device) for k, v in first.items()})
+                token_loss_sum(model, on_device(first, device))
     finally:
         model.train(was_training)
     if world > 1:

@@ -277,7 +277,7 @@ class PreferenceEval:
                     done += 1
             for _ in range(rounds - done):
                 with fresh_dynamic_rope(model):
-                    self.loss.sums(model, {k: v.to(device) for k, v in first.items()})
+                    self.loss.sums(model, on_device(first, device))
         finally:
             model.train(was_training)
         if world > 1:
