@@ -28,8 +28,7 @@ from peftkit.data import (
     truncation_error,
 )
 from peftkit.data.examples import mixed_tasks_error
-from peftkit.data.rows import Locations
-from peftkit.data.sources import bad_rows_by_dataset, read_rows
+from peftkit.data.sources import read_rows
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError, visible
 from peftkit.recipe import DataConfig, Recipe
@@ -162,8 +161,6 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
         console.print(render_tokens(tok, built.example, plain=plain, show_ids=show_ids, cut=built.truncated), **out)
     examples, stats, cuts = count_examples(tok, rows, cfg, name, line_numbers, tasks=tasks)
     stats["bad_rows"] += bad
-    if stats["bad_rows"] and isinstance(line_numbers, Locations):  # a mix: which datasets they came from, as train says
-        stats["bad_rows_by_dataset"] = bad_rows_by_dataset(rows, line_numbers, cfg)
     console.print()
     for line in describe_stats(stats, cfg):
         console.print(line, **out)

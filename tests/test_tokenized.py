@@ -316,3 +316,25 @@ def test_pair_and_classifier_recipes_refuse_tokenized_rows(sections, said, tiny_
     with pytest.raises(PeftkitError) as e:
         load_recipe(recipe)
     assert said in " ".join(str(e.value).split())
+
+
+def test_a_mix_s_skip_counts_per_dataset_count_an_id_past_the_tokenizer(tiny_llama, tmp_path):
+    """data.train [tokenized rows, one with an id past the tokenizer's and one with shifted labels; alpaca rows, one
+    without its output] under on_bad_rows: skip: each file's count says its skipped rows, the id's row too, and they
+    add up to the total, in train's line and preview's alike (the id's row was left out of the file's count)."""
+    from peftkit.data import describe_stats
+
+    write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [5, 500, 6]},
+                                         {"input_ids": [5, 6, 7], "labels": [6, 7, -100]}])
+    write_jsonl(tmp_path / "alpaca.jsonl", [*number_rows(2, seed=1), {"instruction": "x"}])
+    data = {"train": [{"path": str(tmp_path / "ids.jsonl"), "format": "tokenized"}, str(tmp_path / "alpaca.jsonl")],
+            "on_bad_rows": "skip"}
+    recipe = load_recipe(make_recipe(tmp_path, tiny_llama, {"train": "x", "eval": tmp_path / "alpaca.jsonl"},
+                                     data=data))
+    _, stats = load_examples(TOK, recipe.data.train, None, recipe.data, cache=False)
+    said = "skipped 3 bad rows (ids.jsonl 2, alpaca.jsonl 1; data.on_bad_rows: skip)"
+    assert stats["bad_rows_by_dataset"] == {"ids.jsonl": 2, "alpaca.jsonl": 1}
+    assert said in describe_stats(stats, recipe.data)[0]
+    out = io.StringIO()
+    preview(recipe, 1, Console(file=out, width=300, no_color=True))
+    assert said in out.getvalue()

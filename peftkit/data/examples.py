@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from peftkit.data.bad_rows import all_skipped, bad_rows_fix, in_data_words, needed_fields, row_problem, usable_row
 from peftkit.data.checks import injected_system_tokens, special_tokens_in
 from peftkit.data.formats import message_name
-from peftkit.data.rows import row_location
-from peftkit.data.sources import format_spans, row_columns
+from peftkit.data.rows import Locations, row_location
+from peftkit.data.sources import bad_rows_by_dataset, format_spans, row_columns
 from peftkit.data.conversations import _chat_example, render_chat, turn_end_text, turn_end_token
 from peftkit.data.stored import IGNORE_INDEX, Example, Examples
 from peftkit.data.tokenized import TYPES, ids_and_labels, vocabulary_problem
@@ -272,7 +272,7 @@ def count_examples(
              "dropped_message_rows": 0, "dropped_message_first": None}
     if stats["turn_ends_unmarked"] and cfg.chat_template is not None:  # the recipe's template: name its marker
         stats["turn_end_text"] = turn_end_text(tok)
-    cuts = _TargetCuts()
+    cuts, skipped = _TargetCuts(), []
     for own, span in spans:  # every row's fields first: a bad row deep in a large file is an error in seconds,
         for i in span:  # not after the tokenizing of all the rows before it
             if row_problem(rows[i], own.format, train_on=own.train_on):
@@ -281,11 +281,15 @@ def count_examples(
     with work(f"tokenizing {shown}", len(rows), "rows") as advance:
         for own, span in spans:
             lead = len(encode_prompt(tok, "")) if own.format != "chat" else 0  # the special tokens put in front (BOS)
-            for built in _built_examples(tok, rows, own, source, line_numbers, span, tasks):
+            for i, built in zip(span, _built_examples(tok, rows, own, source, line_numbers, span, tasks), strict=True):
                 advance()
                 _count(built, rows, own, stats, cuts, examples)
                 if built is not None:
                     _warnings(tok, built, rows, own.format, lead, stats, cfg, line_numbers)
+                else:
+                    skipped.append(i)
+    if isinstance(line_numbers, Locations) and (by := bad_rows_by_dataset(line_numbers, skipped)):
+        stats["bad_rows_by_dataset"] = by  # (a mix: which datasets the skipped rows came from)
     if stats["system_prompt_rows"]:
         stats["system_prompt_tokens"] = injected_system_tokens(tok)
     stats["examples"] = len(examples)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftkit.data.examples import mixed_tasks_error, tokenize_rows
-from peftkit.data.rows import HUB_ROWS, Locations
-from peftkit.data.sources import bad_rows_by_dataset, mix_name, read_rows
+from peftkit.data.rows import HUB_ROWS
+from peftkit.data.sources import mix_name, read_rows
 from peftkit.data.stored import Examples
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
@@ -45,8 +45,6 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
         raise PeftkitError(mixed)
     stats["bad_rows"] += bad
     stats["examples"] = len(examples)
-    if stats["bad_rows"] and isinstance(line_numbers, Locations):  # a mix: which datasets they came from
-        stats["bad_rows_by_dataset"] = bad_rows_by_dataset(rows, line_numbers, cfg)
     if entry is not None and (not local or data_digests(parts, cfg) == entry.digests):  # no file changed meanwhile
         entry.write(examples, stats)
     return examples, stats

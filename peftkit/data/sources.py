@@ -63,14 +63,15 @@ def row_columns(cfg: DataConfig, where: list | None, index: int) -> tuple[dict[s
     return cfg.columns, cfg._columns_key
 
 
-def bad_rows_by_dataset(rows: list[dict], where: Locations, cfg: DataConfig) -> dict[str, int]:
+def bad_rows_by_dataset(where: Locations, skipped_rows: list[int]) -> dict[str, int]:
     """{dataset: rows skipped under data.on_bad_rows: skip} of a mix's datasets that had any: its unreadable lines
-    and its rows without its format's fields."""
+    and `skipped_rows`, the indices of the rows tokenizing skipped (`count_examples`: a row without its format's
+    fields, a tokenized row's id past the tokenizer's), so the counts add up to the total it says."""
     found, start = {}, 0
     names = {path: _short(path) for path, _, _ in where.parts}
     alike = {name for name in names.values() if list(names.values()).count(name) > 1}  # two files of one name
-    for entry, (path, count, skipped) in zip(cfg.train_sources(), where.parts, strict=True):
-        if bad := skipped + sum(row_problem(row, entry.format, train_on=cfg.train_on) is not None for row in rows[start:start + count]):
+    for path, count, skipped in where.parts:
+        if bad := skipped + sum(start <= i < start + count for i in skipped_rows):
             name = path if names[path] in alike else names[path]
             found[name] = found.get(name, 0) + bad  # (a file listed twice: both its entries' rows)
         start += count
