@@ -338,3 +338,41 @@ def test_a_mix_s_skip_counts_per_dataset_count_an_id_past_the_tokenizer(tiny_lla
     out = io.StringIO()
     preview(recipe, 1, Console(file=out, width=300, no_color=True))
     assert said in out.getvalue()
+
+
+def test_list_columns_survive_parquet_json_arrays_and_a_hub_dataset(tmp_path, monkeypatch):
+    """Rows of ids read through `datasets` (a .parquet file of int64 lists and one of int32/int16 lists, a .json
+    array, a hub dataset in an offline datasets cache: its arrow files) give the .jsonl file's examples, a row's null
+    labels (every token trained) too; a parquet column of floats is a bad row by text."""
+    import json
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.test_hub import DATASET, _publish_dataset
+
+    rows = [{"input_ids": [1, 40, 41, 42], "labels": [-100, -100, 41, 42]}, {"input_ids": [5, 6, 7], "labels": None},
+            {"input_ids": [9, 10, 11, 12, 13], "labels": [-100, 10, 11, -100, -100]}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    narrow = {"input_ids": pa.array([r["input_ids"] for r in rows], pa.list_(pa.int32())),
+              "labels": pa.array([r["labels"] for r in rows], pa.list_(pa.int16()))}
+    pq.write_table(pa.table(narrow), tmp_path / "narrow.parquet")
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    _publish_dataset(tmp_path / "datasets", rows, "a" * 40, tmp_path)
+
+    def read(path):
+        cfg = DataConfig(train=path, format="tokenized")
+        return [(e.input_ids, e.labels) for e in load_examples(TOK, path, "train", cfg, cache=False)[0]]
+
+    expected = read(str(tmp_path / "d.jsonl"))
+    assert expected[1] == ([5, 6, 7], [5, 6, 7])
+    for path in ("d.parquet", "narrow.parquet", "d.json"):
+        assert read(str(tmp_path / path)) == expected, path
+    assert read(DATASET) == expected
+    pq.write_table(pa.table({"input_ids": [[1.0, 2.0]]}), tmp_path / "floats.parquet")
+    with pytest.raises(PeftkitError, match=r"floats\.parquet row 1: input_ids\[0\] is 1\.0, not an integer"):
+        read(str(tmp_path / "floats.parquet"))
