@@ -3,7 +3,8 @@
 Each example is shown after formatting, the chat template and the cut at data.max_length, token by token:
 the loss-masked part (labels -100: the prompt, role headers, system text) dim, the trained part bold green.
 Without a terminal, or with NO_COLOR set, styles are dropped and delimiters take their place, so logs and
-tests read the same thing: `[masked]` and `«trained»`. Labels are shown as the data builds them, aligned with
+tests read the same thing: `[masked]` and `«trained»`. Tokenized rows with CPT's per-token types
+(`input_type_mask`) show each run of one type led by it, `‹2›[2+2=]‹4›«four»`. Labels are shown as the data builds them, aligned with
 the input ids (the model shifts them: position t is trained to predict the label of t + 1).
 
 Only the tokenizer is loaded, never the model, so a preview of a 70B recipe costs seconds. The whole training
@@ -28,7 +29,9 @@ from peftkit.data import (
     truncation_error,
 )
 from peftkit.data.examples import mixed_tasks_error
-from peftkit.data.sources import read_rows
+from peftkit.data.sources import format_spans, read_rows
+from peftkit.data.stored import UNTYPED
+from peftkit.data.tokenized import TYPES
 from peftkit.data.packing import describe_packing, pack_examples
 from peftkit.errors import PeftkitError, visible
 from peftkit.recipe import DataConfig, Recipe
@@ -39,6 +42,8 @@ TRAINED_STYLE = "bold green"
 # Plain-text delimiters: brackets are what people expect for "left out"; guillemets rarely occur in data.
 MASKED_OPEN, MASKED_CLOSE = "[", "]"
 TRAINED_OPEN, TRAINED_CLOSE = "«", "»"
+TYPE_OPEN, TYPE_CLOSE = "‹", "›"  # CPT's type of the tokens after it (input_type_mask), styled or not
+TYPE_STYLE = "magenta"
 NEWLINE_MARK = "↵"  # a newline shows as ↵ and then breaks the line: a trained trailing newline stays visible
 CUT_MARK = " ✂"
 _WINDOW = 8  # tokens of left context when decoding one token (see _pieces)
@@ -67,24 +72,29 @@ def _pieces(tok, ids: list[int]) -> list[str]:
     return pieces
 
 
-def render_tokens(tok, example: Example, *, plain: bool, show_ids: bool = False, cut: bool = False) -> Text:
+def render_tokens(tok, example: Example, *, plain: bool, show_ids: bool = False, cut: bool = False,
+                  types: list[int] | None = None) -> Text:
     """The example's tokens, masked ones (label -100) and trained ones told apart.
 
     Args:
         plain: delimit runs with `[...]` (masked) and `«...»` (trained) instead of styling them.
         show_ids: follow each token with its id, `⟨id⟩`, which also shows token boundaries.
         cut: the example was cut at data.max_length; end with a scissors mark.
+        types: CPT's type of each token (`example_types`), each run of one type led by it, `‹4›`; None: none shown.
     """
     text = Text()
-    runs: list[tuple[bool, list[tuple[str, int]]]] = []  # (trained, [(piece, id), ...]), contiguous
-    for piece, token_id, label in zip(_pieces(tok, example.input_ids), example.input_ids, example.labels, strict=True):
+    runs: list[tuple[bool, int | None, list[tuple[str, int]]]] = []  # (trained, type, [(piece, id), ...]), contiguous
+    for piece, token_id, label, kind in zip(_pieces(tok, example.input_ids), example.input_ids, example.labels,
+                                            types or [None] * len(example.input_ids), strict=True):
         trained = label != IGNORE_INDEX
-        if runs and runs[-1][0] == trained:
-            runs[-1][1].append((piece, token_id))
+        if runs and runs[-1][:2] == (trained, kind):
+            runs[-1][2].append((piece, token_id))
         else:
-            runs.append((trained, [(piece, token_id)]))
-    for trained, tokens in runs:
+            runs.append((trained, kind, [(piece, token_id)]))
+    for n, (trained, kind, tokens) in enumerate(runs):
         style = TRAINED_STYLE if trained else MASKED_STYLE
+        if kind is not None and (n == 0 or runs[n - 1][1] != kind):  # where a type starts, before the run's delimiter
+            text.append(f"{TYPE_OPEN}{kind}{TYPE_CLOSE}", style=None if plain else TYPE_STYLE)
         if plain:
             text.append(TRAINED_OPEN if trained else MASKED_OPEN)
         for piece, token_id in tokens:
@@ -121,12 +131,30 @@ def describe_example(built: BuiltExample, cfg: DataConfig) -> str:
             f"beyond data.max_length; {fate}")
 
 
-def legend(plain: bool) -> Text:
+def legend(plain: bool, typed: bool = False) -> Text:
+    """The legend line; `typed`: the data has CPT's per-token types, whose mark it explains."""
+    types = ("", f"  {TYPE_OPEN}n{TYPE_CLOSE} CPT's type of the tokens after it (input_type_mask: 4k + 1 input "
+                 "template, 4k + 2 input, 4k + 3 output template, 4k + 4 output, 0 none)")[typed]
     if plain:
         return Text(f"legend: {MASKED_OPEN}masked: no loss (label -100){MASKED_CLOSE} "
-                    f"{TRAINED_OPEN}trained: loss{TRAINED_CLOSE}  ↵ newline  ✂ cut at data.max_length")
+                    f"{TRAINED_OPEN}trained: loss{TRAINED_CLOSE}  ↵ newline  ✂ cut at data.max_length{types}")
     return Text.assemble("legend: ", ("masked: no loss (label -100)", MASKED_STYLE), "  ",
-                         ("trained: loss", TRAINED_STYLE), "  ↵ newline  ✂ cut at data.max_length")
+                         ("trained: loss", TRAINED_STYLE), "  ↵ newline  ✂ cut at data.max_length", (types, TYPE_STYLE))
+
+
+def is_typed(rows: list[dict], cfg: DataConfig, line_numbers: list | None) -> bool:
+    """Whether a tokenized row of the data has CPT's types (`input_type_mask`): training then types every row's
+    tokens, a row without the column's `UNTYPED`, so preview shows them all (`example_types`)."""
+    return any(isinstance(rows[i], dict) and rows[i].get(TYPES) is not None
+               for own, span in format_spans(cfg, line_numbers, len(rows)) if own.format == "tokenized" for i in span)
+
+
+def example_types(example: Example, typed: bool) -> list[int] | None:
+    """The types `render_tokens` shows of an example of typed data (`is_typed`): its own, or the `UNTYPED` training
+    gives a row without the column; None for data without them."""
+    if not typed:
+        return None
+    return example.types if example.types is not None else [UNTYPED] * len(example.input_ids)
 
 
 def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False) -> list[BuiltExample]:
@@ -138,6 +166,7 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
         show_ids: print each token's id after it.
     """
     from peftkit.modeling import load_tokenizer
+    from peftkit.start_data import input_types_error
 
     cfg = recipe.data
     tok = load_tokenizer(recipe.model, cfg.chat_template)
@@ -154,11 +183,13 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     listed = ", ".join(_entry(e, cfg) for e in cfg.train_sources())
     console.print(f"data.train {listed if isinstance(cfg.train, list) else cfg.train}: format {cfg.format}, "
                   f"data.max_length {cfg.max_length}, the first {len(shown)} of {len(rows)} rows", **out)
-    console.print(legend(plain), **out)
+    typed = is_typed(rows, cfg, line_numbers)
+    console.print(legend(plain, typed), **out)
     for i, built in enumerate(shown, 1):
         console.print()
         console.print(f"example {i}  {describe_example(built, cfg)}", **out)
-        console.print(render_tokens(tok, built.example, plain=plain, show_ids=show_ids, cut=built.truncated), **out)
+        console.print(render_tokens(tok, built.example, plain=plain, show_ids=show_ids, cut=built.truncated,
+                                    types=example_types(built.example, typed)), **out)
     examples, stats, cuts = count_examples(tok, rows, cfg, name, line_numbers, tasks=tasks)
     stats["bad_rows"] += bad
     console.print()
@@ -171,6 +202,8 @@ def preview(recipe: Recipe, n: int, console: Console, *, show_ids: bool = False)
     elif not examples:  # "0 training examples" alone, where train stops at once
         console.print("training would stop: " + no_examples_error(stats, cfg, name, where=line_numbers), **out)
     elif tasks and (stop := task_error(recipe, examples.task_ids, name)):
+        console.print("training would stop: " + stop, **out)
+    elif stop := input_types_error(recipe.adapter, "data.train", examples):
         console.print("training would stop: " + stop, **out)
     return shown
 

@@ -66,13 +66,20 @@ def _load_data(cfg: Recipe, tok, config, cache: bool = True,
 def _check_input_types(cfg: Recipe, key: str, examples) -> None:
     """Refuse data whose rows carry CPT's per-token types (`input_type_mask`) for a method that reads none
     (`Method.reads_input_types`): its loss would ignore them, and the labels they masked."""
+    if error := input_types_error(cfg.adapter, key, examples):
+        raise PeftkitError(error)
+
+
+def input_types_error(adapter, key: str, examples) -> str | None:
+    """`_check_input_types`' error of the data at `key`, or None (`peftkit preview` says it too)."""
     from peftkit.methods import method_of
 
-    method = method_of(cfg.adapter)
-    if examples.types is not None and not method.reads_input_types:
-        raise PeftkitError(f"{key}: its rows have an 'input_type_mask' (CPT's per-token types, which mask the labels "
-                           f"of every token not typed an output), and adapter.method: {method.name} reads none; remove "
-                           "the column, or train with adapter.method: cpt.")
+    method = method_of(adapter)
+    if examples.types is None or method.reads_input_types:
+        return None
+    return (f"{key}: its rows have an 'input_type_mask' (CPT's per-token types, which mask the labels of every token "
+            f"not typed an output), and adapter.method: {method.name} reads none; remove the column, or train with "
+            "adapter.method: cpt.")
 
 
 def _load_pairs(cfg: Recipe, tok, cache: bool, processes: int = 1) -> tuple[Pairs, dict, dict, None]:

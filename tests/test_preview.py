@@ -375,3 +375,29 @@ def test_preview_of_classification_rows_is_refused_and_the_cli_reference_says_so
     cli = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text(encoding="utf-8")
     section = cli.split("## `peftkit preview`", 1)[1].split("\n## ", 1)[0]
     assert "`data.format: classification`" in section and "not shown" in section, section
+
+
+def test_cpt_s_types_of_tokenized_rows_lead_each_run_of_one_type(tmp_path):
+    """Tokenized rows with CPT's input_type_mask: each run of one type is led by it, `‹2›`, beside the masked and
+    trained delimiters (a type no output's masks its tokens: `[...]`); a row without the column among them shows
+    the type 4 training gives it; the legend says what the mark is. A method other than CPT: preview says training
+    would stop, in train's words."""
+    rows = [{"input_ids": [1, 40, 41, 7, 42, 43, 2], "input_type_mask": [0, 2, 2, 3, 4, 4, 8]},
+            {"input_ids": [44, 45]}]
+    path = _recipe(tmp_path, rows, format="tokenized")
+    raw = json.loads(path.read_text()) | {"adapter": {"method": "cpt", "cpt_token_ids": [5, 6, 7],
+                                                      "cpt_tokens_type_mask": [2, 3, 4]}}
+    path.write_text(json.dumps(raw))
+    lines = _preview(path, n=2).splitlines()
+    assert lines[1].endswith("‹n› CPT's type of the tokens after it (input_type_mask: 4k + 1 input template, 4k + 2 "
+                             "input, 4k + 3 output template, 4k + 4 output, 0 none)")
+    assert lines[4] == "‹0›[<s>]‹2›[AB]‹3›[ ]‹4›«CD»‹8›«</s>»"
+    assert lines[7] == "‹4›«EF»"
+    assert "training would stop" not in "".join(lines)
+    path.write_text(json.dumps(raw | {"adapter": {"r": 4}}))
+    assert ("training would stop: data.train: its rows have an 'input_type_mask' (CPT's per-token types, which mask "
+            "the labels of every token not typed an output), and adapter.method: lora reads none") in \
+        " ".join(_preview(path, n=2).split())
+    rows[0].pop("input_type_mask")  # untyped data: no marks, as before
+    path = _recipe(tmp_path, rows, format="tokenized")
+    assert "‹" not in _preview(path, n=2)
