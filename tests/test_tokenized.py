@@ -376,3 +376,35 @@ def test_list_columns_survive_parquet_json_arrays_and_a_hub_dataset(tmp_path, mo
     pq.write_table(pa.table({"input_ids": [[1.0, 2.0]]}), tmp_path / "floats.parquet")
     with pytest.raises(PeftkitError, match=r"floats\.parquet row 1: input_ids\[0\] is 1\.0, not an integer"):
         read(str(tmp_path / "floats.parquet"))
+
+
+def test_a_reference_keeps_model_add_tokens_markers_as_answers_are_scored(tmp_path):
+    """A row whose trained run holds tokens of model.add_tokens (`<calc>8+3</calc> eleven</s>`): its reference keeps
+    the markers, up to the EOS, as an answer is decoded to be scored (`evaluate.answer_text`, of the ids generation
+    gives: cut before the first stop token), so an answer that is the trained run token for token scores 1 (its
+    reference decoded without the markers scored 0), as the text formats' references, the row's own text, do; a
+    conversation's run ends at the chat template's end of turn, `<|im_end|>`, as generation does."""
+    from peftkit.evaluate import answer_text
+    from peftkit.metrics import score
+    from peftkit.new_tokens import add_to_tokenizer
+
+    tok = build_char_tokenizer()
+    add_to_tokenizer(tok, ["<calc>", "</calc>"])
+    prompt = TOK("2+2=", add_special_tokens=True)["input_ids"]
+    answer = tok("<calc>8+3</calc> eleven", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(set(answer) & {102, 103}) == 2  # the markers are one token each
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer}])
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized")
+    (asked,) = load_prompts(tok, cfg.train, "train", cfg)
+    assert asked.ids == prompt and asked.reference == "<calc>8+3</calc> eleven"
+    assert score([answer_text(tok)(answer[:-1])], [asked.reference], ["exact_match"])["exact_match"] == 1.0
+    # a conversation's ids (ChatML): the run ends at the template's end of turn, where generation stops
+    from peftkit.data.chat_templates import CHATML
+
+    add_to_tokenizer(tok, ["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHATML
+    answer = tok("<calc>1</calc> one<|im_end|>", add_special_tokens=False)["input_ids"]
+    write_jsonl(tmp_path / "d.jsonl", [{"input_ids": prompt + answer,
+                                        "assistant_masks": [0] * len(prompt) + [1] * len(answer)}])
+    (asked,) = load_prompts(tok, cfg.train, "train", cfg)
+    assert asked.reference == "<calc>1</calc> one"

@@ -6,7 +6,7 @@ reference answer (its target), so that what a model generates can be set beside 
   has it), rendered by the chat template with the generation prompt (`<|im_start|>assistant\\n`); the reference is
   that turn. A row with no trained turn (every answer marked false, under data.train_on: all) has no prompt.
 - `text` has no prompt: every token is target.
-- `tokenized`: the ids before the row's last run of trained tokens, as they are; that run is the reference.
+- `tokenized`: the ids before the row's last run of trained tokens, as they are; that run, as answers are scored (`_ids_prompt`), the reference.
 """
 
 from __future__ import annotations
@@ -123,14 +123,22 @@ def row_prompt(tok, row: dict, fmt: str, train_on: str = "answers", targets: boo
 def _ids_prompt(tok, row: dict, targets: bool = True) -> Prompt:
     """A tokenized row's prompt: its ids before its last run of trained tokens, given to generation as they are (no
     text in between to tokenize again), that run decoded the reference. Without `targets` (`peftkit generate --data`:
-    rows as prompts), a row without labels, or none trained, is a prompt whole."""
+    rows as prompts), a row without labels, or none trained, is a prompt whole. The reference is the run as an
+    answer is to be scored: up to its first token generation stops at (EOS, the chat template's end of turn), with
+    model.add_tokens' markers (`marked_text`): decoded without them, an answer that was the run token for token
+    scored 0."""
+    from peftkit.decoding import marked_text  # (it imports this module)
+
     if problem := vocabulary_problem(row, len(tok)):
         raise PeftkitError(problem)
     ids, labels = ids_and_labels(row)
     marked = any(row.get(key) is not None for key in ("labels", *MASKS))  # (TRL's masks: the labels they stand for)
     asked = targets or (marked and any(x != IGNORE_INDEX for x in labels))
     prompt, answer = prompt_and_answer(ids, labels) if asked else (ids, None)
-    return Prompt(prompt, tok.decode(prompt), None if answer is None else tok.decode(answer, skip_special_tokens=True))
+    if answer is not None:
+        stops = {tok.eos_token_id, turn_end_token(tok)} - {None}
+        answer = marked_text(tok, answer[:next((i for i, t in enumerate(answer) if t in stops), len(answer))])
+    return Prompt(prompt, tok.decode(prompt), answer)
 
 
 def _prompt_of(tok, row: dict, cfg: DataConfig, targets: bool) -> Prompt | None:
