@@ -408,3 +408,17 @@ def test_a_reference_keeps_model_add_tokens_markers_as_answers_are_scored(tmp_pa
                                         "assistant_masks": [0] * len(prompt) + [1] * len(answer)}])
     (asked,) = load_prompts(tok, cfg.train, "train", cfg)
     assert asked.reference == "<calc>1</calc> one"
+
+
+def test_the_columns_row_names_every_field_a_tokenized_row_may_map():
+    """docs/recipe.md's `columns` row lists the keys data.columns takes for tokenized rows: every field the format
+    reads (TRL's completion_mask and assistant_masks were left out)."""
+    from pathlib import Path
+
+    from peftkit.data.formats import OPTIONAL_FIELDS, REQUIRED_FIELDS
+
+    row = next(line for line in (Path(__file__).parents[1] / "docs" / "recipe.md").read_text().splitlines()
+               if line.startswith("| `columns` |"))
+    listed = row.split("for `tokenized` ", 1)[1].split(", whose errors", 1)[0]
+    assert [f.strip("`") for f in listed.replace(" and ", ", ").split(", ")] == [
+        *REQUIRED_FIELDS["tokenized"], *OPTIONAL_FIELDS["tokenized"]]
