@@ -303,6 +303,11 @@ def test_an_id_past_the_model_s_embedding_rows_is_refused(tiny_llama, tmp_path):
 @pytest.mark.parametrize(("sections", "said"), [
     ({"training": {"objective": "dpo"}}, "training.objective is dpo and data.format is tokenized: DPO, ORPO, SimPO "
                                          "and reward models train on pairs of answers"),
+    ({"training": {"objective": "simpo"}}, "training.objective is simpo and data.format is tokenized: DPO, ORPO, "
+                                           "SimPO and reward models train on pairs of answers"),
+    ({"training": {"objective": "kto"}}, "training.objective is kto and data.format is tokenized: KTO trains on "
+                                         "unpaired answers (data.format: unpaired: prompt, completion and a "
+                                         "true/false label)"),
     ({"model": {"task": "sequence_classification", "num_labels": 2}},
      "model.task is 'sequence_classification' and data.format is 'tokenized': a sequence_classification model trains "
      "on data.format: classification"),
