@@ -86,6 +86,10 @@ def test_rows_are_taken_as_given(tmp_path):
     assert (first.input_ids, first.labels) == ([5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 7])  # cut at max_length
     assert (second.input_ids, second.labels) == ([9, 10, 11], [9, 10, 11])
     assert stats["truncated"] == 1 and stats["target_cut"] == 1
+    # a row of one example packed by TRL's pack_dataset (positions 0, 1, 2, ...; one length) is read as without them
+    write_jsonl(tmp_path / "e.jsonl", [{"input_ids": [9, 10, 11], "position_ids": [0, 1, 2], "seq_lengths": [3]}])
+    (one,), _ = load_examples(TOK, str(tmp_path / "e.jsonl"), "train", cfg)
+    assert (one.input_ids, one.labels, one.position_ids) == ([9, 10, 11], [9, 10, 11], None)
 
 
 BAD = [
@@ -116,6 +120,17 @@ BAD = [
     ({"input_ids": [5, 6], "completion_mask": [0, 0]}, "field 'completion_mask' trains no token (every entry is 0)"),
     ({"input_ids": [5, 6], "completion_mask": [1]}, "field 'completion_mask' has 1 entries and field 'input_ids' 2 "
                                                     "(one for each token)"),
+]
+
+
+PACKED = ("the row packs several examples, which would attend to one another here (a row is one sequence); give each "
+          "example as a row of its own and set data.packing: true (positions restart there, with no attention across "
+          "examples)")
+BAD += [
+    ({"input_ids": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]}, f"position_ids[2] is 0, not 2: {PACKED}"),
+    ({"input_ids": [5, 6, 7, 8], "seq_lengths": [2, 2]}, f"field 'seq_lengths' is [2, 2], not one length: {PACKED}"),
+    ({"input_ids": [5, 6], "position_ids": [0, 1, 2]}, "field 'position_ids' has 3 entries and field 'input_ids' 2 "
+                                                       "(one for each token)"),
 ]
 
 

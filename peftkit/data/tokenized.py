@@ -20,6 +20,10 @@ and of TRL's SFTTrainer given `input_ids`:
   masks every other label, so the example's labels are masked so too, and the count the loss averages over is
   peft's. Any other method refuses data with the column (`Method.reads_input_types`).
 
+A row packed of several examples by another tool (several `seq_lengths`, as TRL's pack_dataset writes them, or
+`position_ids` restarting at 0) is a bad row: read as one sequence its examples would attend to one another; data.packing
+packs rows with positions that restart and no attention across.
+
 data.train_on does not apply (the labels say what trains), nor do data.chat_template and data.system_prompt.
 """
 
@@ -34,6 +38,9 @@ MASKS = ("completion_mask", "assistant_masks")
 OPTIONAL = ("labels", *MASKS, "attention_mask", "input_type_mask")
 TYPES = "input_type_mask"
 """CPT's per-token types (peft's `input_type_mask=` keyword)."""
+PACKED = ("position_ids", "seq_lengths")
+"""Columns of rows another tool packed (TRL's pack_dataset writes `seq_lengths`), refused where they pack several
+examples (`_packed_problem`)."""
 
 
 def _int_list_problem(key: str, value: object) -> str | None:
@@ -70,7 +77,27 @@ def tokenized_problem(row: dict, target: bool = True) -> str | None:
         return f"fields {given[0]!r} and {given[1]!r} both say which tokens train: give one"
     if given and given[0] in MASKS and (problem := _trained_mask_problem(given[0], row[given[0]], target)):
         return problem
-    return _labels_problem(ids, row.get("labels"), target) or _masks_problem(row, target)
+    return _labels_problem(ids, row.get("labels"), target) or _masks_problem(row, target) or _packed_problem(row)
+
+
+def _packed_problem(row: dict) -> str | None:
+    """A row that packs several examples: `position_ids` that do not count 0, 1, 2, ... (they restart at each
+    example), or more than one of `seq_lengths`."""
+    fix = ("the row packs several examples, which would attend to one another here (a row is one sequence); give "
+           "each example as a row of its own and set data.packing: true (positions restart there, with no attention "
+           "across examples)")
+    positions, lengths = (row.get(key) for key in PACKED)
+    if positions is not None:
+        if problem := _int_list_problem("position_ids", positions):
+            return problem
+        if len(positions) != len(row["input_ids"]):
+            return (f"field 'position_ids' has {len(positions)} entries and field 'input_ids' {len(row['input_ids'])} "
+                    "(one for each token)")
+        if (i := next((i for i, p in enumerate(positions) if p != i), None)) is not None:
+            return f"position_ids[{i}] is {positions[i]}, not {i}: {fix}"
+    if lengths is not None and (_int_list_problem("seq_lengths", lengths) or len(lengths) > 1):
+        return f"field 'seq_lengths' is {lengths!r}, not one length: {fix}"
+    return None
 
 
 def _trained_mask_problem(key: str, mask: list[int], target: bool) -> str | None:
