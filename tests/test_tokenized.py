@@ -442,3 +442,21 @@ def test_the_columns_row_names_every_field_a_tokenized_row_may_map():
     listed = row.split("for `tokenized` ", 1)[1].split(", whose errors", 1)[0]
     assert [f.strip("`") for f in listed.replace(" and ", ", ").split(", ")] == [
         *REQUIRED_FIELDS["tokenized"], *OPTIONAL_FIELDS["tokenized"]]
+
+
+def test_prompts_skip_a_row_with_an_id_past_the_tokenizer_as_the_loss_does(tmp_path):
+    """eval.metrics and `peftkit eval --metrics` under on_bad_rows: skip: a row with an id past the tokenizer's is
+    skipped by the prompts as by the loss's examples (it stopped the prompts with the bare problem, no file's fix),
+    and under error it is said as a bad row is, with the fix."""
+    rows = [{"input_ids": [1, 40, 41, 42], "labels": [-100, -100, 41, 42]},
+            {"input_ids": [1, 40, 500, 42], "labels": [-100, -100, 500, 42]},
+            {"input_ids": [1, 43, 44], "labels": [-100, -100, 44]}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(train=str(tmp_path / "d.jsonl"), format="tokenized", on_bad_rows="skip")
+    prompts = load_prompts(TOK, cfg.train, "train", cfg, as_loss=True)
+    assert [p.ids for p in prompts] == [[1, 40], [1, 43]]
+    with pytest.raises(PeftkitError) as e:
+        load_prompts(TOK, cfg.train, "train", cfg.model_copy(update={"on_bad_rows": "error"}), as_loss=True)
+    assert str(e.value) == (f"{tmp_path / 'd.jsonl'}:2: input_ids[2] is 500, past this tokenizer's 102 tokens (ids "
+                            "0 .. 101: tokenized with another tokenizer?) for data.format 'tokenized' (each row needs "
+                            "input_ids). Fix the row, set the right data.format, or set data.on_bad_rows: skip.")

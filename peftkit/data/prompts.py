@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from peftkit.data.conversations import render_chat, trained_turns, turn_end_token
-from peftkit.data.bad_rows import all_skipped, bad_rows_fix, usable_row
+from peftkit.data.bad_rows import all_skipped, bad_rows_fix, row_problem, usable_row
 from peftkit.data.examples import (BuiltExample, _TargetCuts, build_examples, encode_prompt, located, loss_keeps,
                                    prompt_and_target_text, row_location, row_task, truncation_error)
 from peftkit.data.formats import format_rows
@@ -208,7 +208,7 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
         if limit is not None and len(prompts) >= limit:
             break
         where = row_location(source, i, line_numbers)
-        usable = usable_row(row, cfg, where, targets)
+        usable = usable_row(row, cfg, where, targets, problem=_past_vocabulary(tok, row, cfg, targets))
         bad += not usable  # a bad row skipped under on_bad_rows: skip (under error, it raised)
         example = next(built) if built is not None else None  # (every row's, None for a bad one: in step)
         if usable:
@@ -242,6 +242,14 @@ def load_prompts(tok, source: str, split: str, cfg: DataConfig, limit: int | Non
             why.append(f"{left_out_text(scored.left_out, cfg.max_length)}; raise data.max_length (--max-length)")
         raise PeftkitError(f"No usable rows in {source} to take prompts from{': ' + '; '.join(why) if why else ''}.")
     return prompts
+
+
+def _past_vocabulary(tok, row: object, cfg: DataConfig, targets: bool) -> str | None:
+    """A well-formed tokenized row's id past the tokenizer's (`vocabulary_problem`), a bad row as the loss's examples
+    take it (`build_examples`), or None."""
+    if cfg.format != "tokenized" or row_problem(row, cfg.format, targets) is not None:
+        return None
+    return vocabulary_problem(row, len(tok))
 
 
 CHAT_PROMPTS_CHECKED = 16
