@@ -4,8 +4,8 @@ Each example is shown after formatting, the chat template and the cut at data.ma
 the loss-masked part (labels -100: the prompt, role headers, system text) dim, the trained part bold green.
 Without a terminal, or with NO_COLOR set, styles are dropped and delimiters take their place, so logs and
 tests read the same thing: `[masked]` and `«trained»`. Tokenized rows with CPT's per-token types
-(`input_type_mask`) show each run of one type led by it, `‹2›[2+2=]‹4›«four»`. Labels are shown as the data builds them, aligned with
-the input ids (the model shifts them: position t is trained to predict the label of t + 1).
+(`input_type_mask`) show each run of one type led by it, `‹2›[2+2=]‹4›«four»`. Labels are shown as the data builds
+them, aligned with the input ids (the model shifts them: position t is trained to predict the label of t + 1).
 
 Only the tokenizer is loaded, never the model, so a preview of a 70B recipe costs seconds. The whole training
 set is tokenized for the closing counts (the same counts `peftkit train` prints).

@@ -6,7 +6,8 @@ reference answer (its target), so that what a model generates can be set beside 
   has it), rendered by the chat template with the generation prompt (`<|im_start|>assistant\\n`); the reference is
   that turn. A row with no trained turn (every answer marked false, under data.train_on: all) has no prompt.
 - `text` has no prompt: every token is target.
-- `tokenized`: the ids before the row's last run of trained tokens, as they are; that run, as answers are scored (`_ids_prompt`), the reference.
+- `tokenized`: the ids before the row's last run of trained tokens, as they are; that run, as answers are scored
+  (`_ids_prompt`), the reference.
 """
 
 from __future__ import annotations

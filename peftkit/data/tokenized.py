@@ -21,8 +21,8 @@ and of TRL's SFTTrainer given `input_ids`:
   peft's. Any other method refuses data with the column (`Method.reads_input_types`).
 
 A row packed of several examples by another tool (several `seq_lengths`, as TRL's pack_dataset writes them, or
-`position_ids` restarting at 0) is a bad row: read as one sequence its examples would attend to one another; data.packing
-packs rows with positions that restart and no attention across.
+`position_ids` restarting at 0) is a bad row: read as one sequence its examples would attend to one another;
+data.packing packs rows with positions that restart and no attention across.
 
 data.train_on does not apply (the labels say what trains), nor do data.chat_template and data.system_prompt.
 """
