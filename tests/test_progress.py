@@ -91,9 +91,24 @@ def test_a_run_s_long_phases_are_not_silent_in_a_log(tiny_llama, number_data, tm
     """Loading the model and generating the samples before and after training printed nothing in a log: a real model
     on a CPU stayed silent for minutes (119 s for the base model's samples of a 300M model). Each now says it is
     still running every PHASE_INTERVAL_S seconds (30 s; 1 ms here), as do eval, generate, chat and merge loading."""
-    from peftkit import progress
+    import contextlib
+    import time
+
+    from peftkit import finish, progress, start, start_base
 
     monkeypatch.setattr(progress, "PHASE_INTERVAL_S", 0.001)
+    real = progress.phase
+
+    @contextlib.contextmanager
+    def lasting(label, console=None):
+        """The real phase, its work made to last 0.2 s: a tiny model's base evaluation ends in a few milliseconds,
+        sooner than a busy machine may run the beat's thread at all (seen once in a clean-clone CI run)."""
+        with real(label, console):
+            yield
+            time.sleep(0.2)
+
+    for module in (progress, start, finish, start_base):
+        monkeypatch.setattr(module, "phase", lasting)
     recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}, eval={"samples": 2})
     done = CliRunner().invoke(app, ["train", str(recipe)])
     assert done.exit_code == 0, done.output
