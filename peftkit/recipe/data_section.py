@@ -198,9 +198,7 @@ class DataConfig(Section):
 
     def _formats_read(self) -> list[str]:
         """The format each dataset of data.train and data.eval is read in (its own, else data.format)."""
-        entries = [*(self.train if isinstance(self.train, list) else [self.train]),
-                   *(self.eval.values() if isinstance(self.eval, dict) else [self.eval] if self.eval else [])]
-        return [_own_format(entry) or self.format for entry in entries]
+        return [source.format for source in (*self.train_sources(), *self.eval_sources().values())]
 
     train_split: str = "train"
     eval_split: str = "train"
