@@ -516,6 +516,21 @@ def signal_after_step(monkeypatch, optimizer: type, at: int, sig: int) -> None:
     monkeypatch.setattr(optimizer, "step", step_then_signal)
 
 
+def train_each(recipes: list[Path], processes: int, resume: bool = False) -> None:
+    """Train each recipe in turn in one launch of `processes` processes (tests/train_each.py under accelerate's
+    launcher, as `peftkit train RECIPE --num-processes N` runs `peftkit train` in each): a test file's several
+    multi-process runs pay the processes' start once. `resume`: each run resumes."""
+    import subprocess
+
+    from peftkit.launch import launch_command
+
+    command = launch_command(processes, [])[:-2]  # (without its `-m peftkit`)
+    script = Path(__file__).with_name("train_each.py")
+    done = subprocess.run([*command, str(script), *map(str, recipes), *(["--resume"] if resume else [])],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def free_port() -> int:
     """A TCP port free now, for a launcher's rendezvous (launches in parallel test workers must not share one)."""
     import socket

@@ -1,18 +1,23 @@
 """Data-parallel training of adapter methods whose mechanisms differ from LoRA's (tests/test_distributed.py has
-LoRA's: its kill, resume and verify): N processes x batch b train the adapter of 1 process x batch N*b."""
+LoRA's: its kill, resume and verify): N processes x batch b train the adapter of 1 process x batch N*b.
 
+Each case writes its recipes in `prepare_*` (a recipe "several" for the multi-process run, the others trained in this
+process by its test); the module's `launched` fixture trains every case's "several" run in one launch per process
+count (conftest's `train_each`: a launch's start, ~6 s of imports, paid once rather than per case), and `resumed`
+the resume cases' second halves in one more."""
+
+import functools
 import json
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peftkit.recipe import load_recipe
 from peftkit.train import train
-from tests.conftest import make_recipe, save_peft_lora
+from tests.conftest import make_recipe, save_peft_lora, save_random_adapter, train_each
 
 METHODS = {
     # The rank allocator (importance averages of |p * grad|, a budget pruned every step from step 2 on) and the
@@ -51,132 +56,164 @@ METHODS = {
 }
 
 
-def _recipe(tmp_path, tiny_llama, number_data, adapter: dict, batch_size: int, steps: int):
+def _recipe(tmp_path, tiny_llama, number_data, adapter: dict, batch_size: int, steps: int, **sections):
     """The tests' small recipe, without eval data, with `adapter` as its whole adapter section (make_recipe's LoRA keys,
-    r and alpha, are not every method's). No dropout anywhere: its masks are drawn per process. grad_accum 2: `no_sync` on the first
-    micro-batch of each step."""
+    r and alpha, are not every method's), `sections` merged into its sections. No dropout anywhere: its masks are drawn
+    per process. grad_accum 2: `no_sync` on the first micro-batch of each step."""
     path = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False},
                        training={"max_steps": steps, "batch_size": batch_size, "grad_accum": 2, "lr": 2e-2,
                                  "save_steps": steps})
     recipe = yaml.safe_load(path.read_text())
     recipe["adapter"] = adapter
     del recipe["data"]["eval"]  # (the adapters are compared; an eval would only cost time)
+    for section, values in sections.items():
+        recipe[section] |= values
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-def _exported(run) -> tuple[dict, dict]:
-    adapter = run / "adapter"
+def _exported(recipe) -> tuple[dict, dict]:
+    """The tensors and config of the adapter `recipe`'s run exported."""
+    adapter = recipe.parent / "run" / "adapter"
     return load_file(adapter / "adapter_model.safetensors"), json.loads((adapter / "adapter_config.json").read_text())
 
 
-def _in_one_and_in_several(processes: int, tmp_path, tiny_llama, data, adapter: dict, batch: int, steps: int,
-                           training: dict, eval_data: str | None = None,
-                           data_section: dict | None = None) -> tuple[dict, dict]:
-    """`adapter` trained by 1 process x batch `processes * batch` (in tmp_path / "one") and by `processes` processes x
-    `batch` (tmp_path / "several"), `training` merged into both recipes' training section, `data_section` into their
-    data section (and `eval_data` their data.eval): the two exported adapters' tensors."""
-    runs = {}
-    for name, size in (("one", processes * batch), ("several", batch)):
-        path = _recipe(tmp_path / name, tiny_llama, data, adapter, size, steps)
-        raw = yaml.safe_load(path.read_text())
-        raw["training"] |= training
-        raw["data"] |= data_section or {}
-        if eval_data:
-            raw["data"]["eval"] = eval_data
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        runs[name] = path
-    train(load_recipe(runs["one"]))
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(runs["several"]), "--num-processes",
-                           str(processes)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return _exported(tmp_path / "one" / "run")[0], _exported(tmp_path / "several" / "run")[0]
+def _one_and_several(root, tiny_llama, files, adapter: dict, processes: int, batch: int, steps: int,
+                     training: dict | None = None, **sections) -> dict:
+    """The recipes of `adapter` trained by 1 process x batch `processes * batch` ("one") and by `processes` processes
+    x `batch` ("several"), `training` and `sections` merged into both."""
+    return {name: _recipe(root / name, tiny_llama, files, adapter, size, steps, training=training or {}, **sections)
+            for name, size in (("one", processes * batch), ("several", batch))}
 
 
-def _resumes_in_two_processes(tmp_path, recipe) -> dict:
-    """`recipe` (4 steps, a checkpoint every 2) trained in 2 processes; then, its last checkpoint and manifest deleted
-    as a kill after step 2 leaves them, resumed in 2 processes: the adapter is the unbroken run's byte for byte. The
-    step-2 checkpoint's training state, for the caller's checks of what it kept."""
-    import shutil
-
-    raw = yaml.safe_load(recipe.read_text())
-    raw["training"] |= {"save_steps": 2, "save_total_limit": 4}
-    recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run = tmp_path / "run"
-
-    def two(*extra: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), "--num-processes", "2", *extra],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
-
-    two()
-    unbroken = (run / "adapter" / "adapter_model.safetensors").read_bytes()
-    state = torch.load(run / "checkpoints" / "step-00000002" / "training_state.pt", weights_only=True)
-    shutil.rmtree(run / "checkpoints" / "step-00000004")
-    (run / "manifest.json").unlink()
-    two("--resume")
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
-    return state
+def _apart(a: dict, b: dict) -> float:
+    """The largest difference between two adapters' tensors, which must have the same names and shapes."""
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    return max(((a[k] - b[k]).abs().max().item() for k in a if a[k].numel()), default=0.0)
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_train_each_method_s_adapter_of_one_with_twice_the_batch(method, tiny_llama, number_data,
-                                                                                  tmp_path):
-    """Each method's adapter after a few steps (AdaLoRA: 6, its ranks pruned from step 2 on) is the 1-process one
-    up to float rounding, and so is its exported config (AdaLoRA's rank pattern, decided on each process from the
-    all-reduced gradients). (~20 s each: one 2-process run.)"""
+PREPARED = {}
+"""{case: (its processes, its prepare function: (root, tiny_llama, number_data) -> {role: recipe})}"""
+
+
+def prepared(name: str, processes: int = 2):
+    def register(prepare):
+        PREPARED[name] = (processes, prepare)
+        return prepare
+    return register
+
+
+RESUMED = ("pvera", "poly-sampled")
+"""The cases whose "several" run is killed after its step-2 checkpoint and resumed (`resumed`)."""
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_llama, number_data, tmp_path_factory) -> dict[str, dict]:
+    """Every case's recipes, {case: {role: recipe}}, its "several" run trained: one launch per process count."""
+    root = tmp_path_factory.mktemp("launched")
+    recipes = {name: prepare(root / name, tiny_llama, number_data) for name, (_, prepare) in PREPARED.items()}
+    for count in sorted({processes for processes, _ in PREPARED.values()}):
+        train_each([recipes[name]["several"] for name, (processes, _) in PREPARED.items() if processes == count], count)
+    return recipes
+
+
+@pytest.fixture(scope="module")
+def resumed(launched) -> dict[str, tuple[bytes, dict]]:
+    """The RESUMED cases' 2-process runs (4 steps, a checkpoint every 2) killed after step 2 (their last checkpoint and
+    manifest deleted, as the kill leaves them) and resumed in 2 processes, in one launch: {case: (the unbroken run's
+    adapter bytes, the step-2 checkpoint's training state)}."""
+    kept = {}
+    for name in RESUMED:
+        run = launched[name]["several"].parent / "run"
+        kept[name] = ((run / "adapter" / "adapter_model.safetensors").read_bytes(),
+                      torch.load(run / "checkpoints" / "step-00000002" / "training_state.pt", weights_only=True))
+        shutil.rmtree(run / "checkpoints" / "step-00000004")
+        (run / "manifest.json").unlink()
+    train_each([launched[name]["several"] for name in RESUMED], 2, resume=True)
+    return kept
+
+
+def _prepare_method(method, root, tiny_llama, number_data) -> dict:
     adapter, steps = METHODS[method]
     if method == "xlora":  # two LoRA experts saved by peft (no dropout: its masks are drawn per process)
         from peft import LoraConfig
 
         configs = [LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
                    LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "down_proj"])]
-        adapter = adapter | {"adapters": {str(i): str(save_peft_lora(tiny_llama, tmp_path / f"expert{i}", c, seed=i))
+        adapter = adapter | {"adapters": {str(i): str(save_peft_lora(tiny_llama, root / f"expert{i}", c, seed=i))
                                           for i, c in enumerate(configs)}}
-    train(load_recipe(_recipe(tmp_path / "one", tiny_llama, number_data, adapter, 4, steps)))
-    two = _recipe(tmp_path / "two", tiny_llama, number_data, adapter, 2, steps)
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(two), "--num-processes", "2"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (a, config_a), (b, config_b) = _exported(tmp_path / "one" / "run"), _exported(tmp_path / "two" / "run")
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].numel()) <= 1e-5
+    return _one_and_several(root, tiny_llama, number_data, adapter, 2, 2, steps)
+
+
+for _method in METHODS:
+    prepared(_method)(functools.partial(_prepare_method, _method))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_train_each_method_s_adapter_of_one_with_twice_the_batch(method, launched):
+    """Each method's adapter after a few steps (AdaLoRA: 6, its ranks pruned from step 2 on) is the 1-process one
+    up to float rounding, and so is its exported config (AdaLoRA's rank pattern, decided on each process from the
+    all-reduced gradients)."""
+    recipes = launched[method]
+    train(load_recipe(recipes["one"]))
+    (a, config_a), (b, config_b) = _exported(recipes["one"]), _exported(recipes["several"])
+    assert _apart(a, b) <= 1e-5
     assert config_a == config_b
     if method == "adalora":  # the allocator pruned (rank 6 down to an average of 3), alike
         kept = [sum(keep) for keep in config_a["rank_pattern"].values()]
         assert sum(kept) == 3 * len(kept) and set(kept) != {3}, kept
 
 
+LILY = {"method": "lily", "r": 4, "num_B": 3, "stride_A": 2, "init_weights": False,
+        "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
-def test_lily_s_router_averages_over_each_process_s_rows(tiny_llama, number_data, tmp_path):
+
+@prepared("lily")
+def prepare_lily(root, tiny_llama, number_data) -> dict:
+    return {name: _recipe(root / name, tiny_llama, number_data, LILY, batch_size, 4,
+                          training={"grad_accum": grad_accum})
+            for name, batch_size, grad_accum in (("halves", 2, 4), ("whole", 4, 2), ("several", 2, 2))}
+
+
+def test_lily_s_router_averages_over_each_process_s_rows(launched):
     """Lily's router weighs its B experts by the mean of its softmax over every token of the forward's batch, so a row's
     output depends on the rows beside it: 2 processes x batch 2 each average over their own slice (trimmed to its
     longest row, as one process pads a micro-batch of those rows), as one process averages over each micro-batch of
     its gradient accumulation. They train the adapter of 1 process x batch 2 with twice the grad_accum (the same
     global window, the same forwards: 8.4e-8 measured), not 1 x batch 4's (2.2e-2 apart, measured). Shared A
-    (stride_A 2) and B, a router per layer. (~15 s: one 2-process run.)"""
-    adapter = {"method": "lily", "r": 4, "num_B": 3, "stride_A": 2, "init_weights": False,
-               "target_modules": ["q_proj", "v_proj", "down_proj"]}
-    runs = {}
-    for name, batch_size, grad_accum in (("halves", 2, 4), ("whole", 4, 2), ("two", 2, 2)):
-        path = _recipe(tmp_path / name, tiny_llama, number_data, adapter, batch_size, 4)
-        raw = yaml.safe_load(path.read_text())
-        raw["training"]["grad_accum"] = grad_accum
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        runs[name] = path
+    (stride_A 2) and B, a router per layer."""
+    recipes = launched["lily"]
     for name in ("halves", "whole"):
-        train(load_recipe(runs[name]))
-    done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(runs["two"]), "--num-processes", "2"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (a, config_a), (b, config_b) = _exported(tmp_path / "halves" / "run"), _exported(tmp_path / "two" / "run")
-    assert a.keys() == b.keys() and config_a == config_b
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    whole, _ = _exported(tmp_path / "whole" / "run")
-    assert max((whole[k] - b[k]).abs().max().item() for k in a) > 1e-3  # (the batch's mean is the slice's)
+        train(load_recipe(recipes[name]))
+    (a, config_a), (b, config_b) = _exported(recipes["halves"]), _exported(recipes["several"])
+    assert config_a == config_b and _apart(a, b) <= 1e-5
+    assert _apart(_exported(recipes["whole"])[0], b) > 1e-3  # (the batch's mean is the slice's)
 
 
-def test_poly_s_task_ids_travel_with_their_rows(tiny_llama, tmp_path):
+@prepared("poly-task-ids")
+def prepare_poly_task_ids(root, tiny_llama, number_data) -> dict:
+    from peftkit.methods.poly import PolyConfig
+    from peftkit.tiny import number_rows, write_jsonl
+
+    root.mkdir(parents=True)
+    for name, rows, seed in (("train", 64, 1), ("eval", 16, 2)):
+        write_jsonl(root / f"{name}.jsonl", [r | {"task": i % 3} for i, r in enumerate(number_rows(rows, seed))])
+    data = {"train": root / "train.jsonl", "eval": root / "eval.jsonl"}
+    start = save_random_adapter(tiny_llama, PolyConfig(method="poly", r=4, n_tasks=3, n_skills=3, n_splits=2,
+                                                       target_modules=["q_proj", "v_proj", "down_proj"]),
+                                root / "start", seed=1)
+    saturated = torch.full((3, 2, 3), -40.0)  # (task, head, skill)
+    for task in range(3):
+        saturated[task, [0, 1], [task, (task + 1) % 3]] = 40.0
+    state = load_file(start / "adapter_model.safetensors")
+    state = {k: saturated.reshape(3, 6).clone() if k.endswith("module_logits") else t for k, t in state.items()}
+    save_file(state, start / "adapter_model.safetensors", metadata={"format": "pt"})
+    return _one_and_several(root, tiny_llama, data, {"init_from": str(start)}, 2, 2, 4,
+                            training={"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0},
+                            data={"eval": str(data["eval"])})
+
+
+def test_poly_s_task_ids_travel_with_their_rows(launched):
     """Poly routes each row by its task; in training the routing is a RelaxedBernoulli sample, which each process
     draws for its own rows (as dropout's masks), so runs agree bit for bit only where the sample cannot vary: here
     every task's logits are +-40 (task t takes skill (t + head) % 3 of each of its 2 heads; the logistic noise is
@@ -184,33 +221,17 @@ def test_poly_s_task_ids_travel_with_their_rows(tiny_llama, tmp_path):
     not move). 2 processes x batch 2 then train the skills of 1 process x batch 4 only if each row's task id goes to
     the process with the row: with the first rows' ids in each slice instead (tried by hand in `shard`) the skills end
     2.0e-2 apart; 1.5e-6 now (measured). The eval loss, each process scoring whole batches with their rows' tasks, is
-    the one process's. (~20 s: one 2-process run.)"""
-    from safetensors.torch import save_file
-
-    from peftkit.methods.poly import PolyConfig
-    from peftkit.tiny import number_rows, write_jsonl
-    from tests.conftest import save_random_adapter
-
-    for name, rows, seed in (("train", 64, 1), ("eval", 16, 2)):
-        write_jsonl(tmp_path / f"{name}.jsonl", [r | {"task": i % 3} for i, r in enumerate(number_rows(rows, seed))])
-    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "eval.jsonl"}
-    start = save_random_adapter(tiny_llama, PolyConfig(method="poly", r=4, n_tasks=3, n_skills=3, n_splits=2,
-                                                       target_modules=["q_proj", "v_proj", "down_proj"]),
-                                tmp_path / "start", seed=1)
-    saturated = torch.full((3, 2, 3), -40.0)  # (task, head, skill)
-    for task in range(3):
-        saturated[task, [0, 1], [task, (task + 1) % 3]] = 40.0
-    state = load_file(start / "adapter_model.safetensors")
-    state = {k: saturated.reshape(3, 6).clone() if k.endswith("module_logits") else t for k, t in state.items()}
-    save_file(state, start / "adapter_model.safetensors", metadata={"format": "pt"})
-    sgd = {"optimizer": "sgd", "lr": 0.5, "warmup_steps": 0}
-    a, b = _in_one_and_in_several(2, tmp_path, tiny_llama, data, {"init_from": str(start)}, batch=2, steps=4,
-                                  training=sgd, eval_data=str(data["eval"]))
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    assert max((a[k] - state[k]).abs().max().item() for k in a) > 1e-2  # (the skills trained)
-    losses = [json.loads((tmp_path / n / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
-              for n in ("one", "several")]
+    the one process's."""
+    recipes = launched["poly-task-ids"]
+    train(load_recipe(recipes["one"]))
+    a, b = _exported(recipes["one"])[0], _exported(recipes["several"])[0]
+    assert _apart(a, b) <= 1e-5
+    start = load_file(recipes["one"].parent.parent / "start" / "adapter_model.safetensors")
+    assert _apart(a, start) > 1e-2  # (the skills trained)
+    losses = [json.loads((recipe.parent / "run" / "manifest.json").read_text())["metrics"]["eval_loss"]
+              for recipe in (recipes["one"], recipes["several"])]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
 
 STAND_IN = {
     # VeLoRA's batch_average projection is the mean over the global batch, added up over the processes: the
@@ -225,58 +246,85 @@ STAND_IN = {
 }
 
 
+def _prepare_stand_in(method, root, tiny_llama, number_data) -> dict:
+    from peftkit.tiny import number_rows, write_jsonl
+
+    root.mkdir(parents=True)
+    write_jsonl(root / "five.jsonl", number_rows(5, seed=3))
+    data = {"train": root / "five.jsonl", "eval": root / "five.jsonl"}
+    return _one_and_several(root, tiny_llama, data, STAND_IN[method], 3, 1, 2,
+                            training={"grad_accum": 1, "warmup_steps": 0, "optimizer": "sgd", "lr": 0.5})
+
+
+for _method in STAND_IN:
+    prepared(f"stand-in-{_method}", processes=3)(functools.partial(_prepare_stand_in, _method))
+
+
 @pytest.mark.parametrize("method", list(STAND_IN))
-def test_a_stand_in_row_counts_nowhere(method, tiny_llama, tmp_path):
+def test_a_stand_in_row_counts_nowhere(method, launched):
     """3 processes x batch 1 over 5 rows: the second global batch has 2 rows, so the third process runs a stand-in
     (`shard`: the first row again, without labels), which must count nowhere: the adapter is 1 process x batch 3's.
     SGD: Adam's step on a gradient entry near zero (a difference of sums) turns the summation order's rounding into up
     to ~1e-5 (plain LoRA here under Adam, 3 processes), and this test asks for 1e-6."""
     from peftkit.distributed import shard, stands_in
-    from peftkit.tiny import number_rows, write_jsonl
 
     batch = {"input_ids": torch.arange(6).reshape(2, 3), "labels": torch.arange(6).reshape(2, 3)}
     assert [stands_in(batch, r, 3) for r in range(3)] == [False, False, True]
     assert (shard(batch, 2, 3)["labels"] == -100).all() and not stands_in(batch, 0, 1)
-    write_jsonl(tmp_path / "five.jsonl", number_rows(5, seed=3))
-    data = {"train": tmp_path / "five.jsonl", "eval": tmp_path / "five.jsonl"}
-    a, b = _in_one_and_in_several(3, tmp_path, tiny_llama, data, STAND_IN[method], batch=1, steps=2,
-                                  training={"grad_accum": 1, "warmup_steps": 0, "optimizer": "sgd", "lr": 0.5})
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    recipes = launched[f"stand-in-{method}"]
+    train(load_recipe(recipes["one"]))
+    assert _apart(_exported(recipes["one"])[0], _exported(recipes["several"])[0]) <= 1e-6
 
 
-def test_pvera_s_seeded_noise_resumes_in_two_processes_to_the_same_bits(tiny_llama, number_data, tmp_path):
+def _resume_recipe(root, tiny_llama, data, adapter: dict) -> dict:
+    """A 2-process run of 4 steps with a checkpoint every 2 (`resumed` stops it after step 2 and resumes it)."""
+    return {"several": _recipe(root, tiny_llama, data, adapter, 2, 4,
+                               training={"save_steps": 2, "save_total_limit": 4})}
+
+
+@prepared("pvera")
+def prepare_pvera(root, tiny_llama, number_data) -> dict:
+    adapter = {"method": "pvera", "r": 8, "generator_seed": 3, "target_modules": ["q_proj", "v_proj"]}
+    return _resume_recipe(root, tiny_llama, number_data, adapter)
+
+
+def test_pvera_s_seeded_noise_resumes_in_two_processes_to_the_same_bits(launched, resumed):
     """PVeRA with generator_seed: each layer of each process draws its noise from its own seeded generator, as many
     numbers as its batch holds, and the two processes' batches are padded to other lengths. A checkpoint kept the
     main process's generator states only, which a resume gave to both: the second process's noise after it was
     another than the unbroken run's, and so was the adapter (measured on that code: its bytes differ). Now every
-    process's states are kept and each gets its own back. (~25 s: a 2-process run and a resumed half of one.)"""
-    adapter = {"method": "pvera", "r": 8, "generator_seed": 3, "target_modules": ["q_proj", "v_proj"]}
-    state = _resumes_in_two_processes(tmp_path, _recipe(tmp_path, tiny_llama, number_data, adapter, 2, 4))
+    process's states are kept and each gets its own back."""
+    unbroken, state = resumed["pvera"]
+    assert (launched["pvera"]["several"].parent / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
     mine, other = state["method_trainer_ranks"]
     assert any(not torch.equal(mine["generators"][k], other["generators"][k]) for k in mine["generators"])
 
 
-def test_poly_s_sampled_routing_resumes_in_two_processes_to_the_same_bits(tiny_llama, tmp_path):
+@prepared("poly-sampled")
+def prepare_poly_sampled(root, tiny_llama, number_data) -> dict:
+    from peftkit.tiny import number_rows, write_jsonl
+
+    root.mkdir(parents=True)
+    write_jsonl(root / "train.jsonl", [r | {"task": i % 3} for i, r in enumerate(number_rows(64, seed=1))])
+    data = {"train": root / "train.jsonl", "eval": root / "train.jsonl"}
+    adapter = {"method": "poly", "r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2, "init_weights": False,
+               "target_modules": ["q_proj", "v_proj"]}
+    return _resume_recipe(root, tiny_llama, data, adapter)
+
+
+def test_poly_s_sampled_routing_resumes_in_two_processes_to_the_same_bits(launched, resumed):
     """Poly in training draws a RelaxedBernoulli routing sample per layer and forward from torch's generator, each
     process for its own rows (its generator reseeded with seed + rank), a draw no other method's resume test makes: a
     2-process run killed after its step-2 checkpoint and resumed must draw what the unbroken run drew after it, on
-    each process, and write its adapter byte for byte. Three tasks, two heads. (~30 s: a 2-process run and a resumed
-    half of one.)"""
-    from peftkit.tiny import number_rows, write_jsonl
-
-    write_jsonl(tmp_path / "train.jsonl", [r | {"task": i % 3} for i, r in enumerate(number_rows(64, seed=1))])
-    data = {"train": tmp_path / "train.jsonl", "eval": tmp_path / "train.jsonl"}
-    adapter = {"method": "poly", "r": 4, "n_tasks": 3, "n_skills": 3, "n_splits": 2, "init_weights": False,
-               "target_modules": ["q_proj", "v_proj"]}
-    state = _resumes_in_two_processes(tmp_path, _recipe(tmp_path, tiny_llama, data, adapter, 2, 4))
+    each process, and write its adapter byte for byte. Three tasks, two heads."""
+    unbroken, state = resumed["poly-sampled"]
+    run = launched["poly-sampled"]["several"].parent / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == unbroken
     assert not torch.equal(state["rng_ranks"][0]["cpu"], state["rng_ranks"][1]["cpu"])  # (each process's own)
 
 
-def test_cpt_s_input_types_travel_with_their_rows(tiny_llama, number_data, tmp_path):
-    """CPT on tokenized rows with an input_type_mask: even rows' answers typed 4 throughout, odd rows' first answer
-    token 4 and the rest 8, so decay (0.5) weighs an odd row's context answers a factor further down than an even
-    row's; 2 processes x batch 2 train 1 process x batch 4's adapter only if each process's slice of the batch's types
-    is its own rows'. The types matter: the same rows all typed 4 train another adapter. (~20 s: one 2-process run.)"""
+@prepared("cpt-types")
+def prepare_cpt_types(root, tiny_llama, number_data) -> dict:
     from transformers import AutoTokenizer
 
     from peftkit.data import IGNORE_INDEX, load_examples
@@ -292,13 +340,24 @@ def test_cpt_s_input_types_travel_with_their_rows(tiny_llama, number_data, tmp_p
         for j, k in enumerate(answer):
             types[k] = 8 if i % 2 and j else 4
         rows.append({"input_ids": e.input_ids, "labels": e.labels, "input_type_mask": types})
-    write_jsonl(tmp_path / "typed.jsonl", rows)
-    write_jsonl(tmp_path / "fours.jsonl", [r | {"input_type_mask": [4] * len(r["input_ids"])} for r in rows])
-    adapter, files = METHODS["cpt"][0], {"train": tmp_path / "typed.jsonl", "eval": tmp_path / "typed.jsonl"}
-    a, b = _in_one_and_in_several(2, tmp_path, tiny_llama, files, adapter, batch=2, steps=4, training={},
-                                  data_section={"format": "tokenized"})
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    fours = _recipe(tmp_path / "fours", tiny_llama, files | {"train": tmp_path / "fours.jsonl"}, adapter, 4, 4)
-    train(load_recipe(fours, ["data.format=tokenized"]))
-    c = _exported(tmp_path / "fours" / "run")[0]
-    assert max((a[k] - c[k]).abs().max().item() for k in a) > 1e-4
+    root.mkdir(parents=True)
+    write_jsonl(root / "typed.jsonl", rows)
+    write_jsonl(root / "fours.jsonl", [r | {"input_type_mask": [4] * len(r["input_ids"])} for r in rows])
+    adapter, files = METHODS["cpt"][0], {"train": root / "typed.jsonl", "eval": root / "typed.jsonl"}
+    tokenized = {"format": "tokenized"}
+    return _one_and_several(root, tiny_llama, files, adapter, 2, 2, 4, data=tokenized) | {
+        "fours": _recipe(root / "fours", tiny_llama, files | {"train": root / "fours.jsonl"}, adapter, 4, 4,
+                         data=tokenized)}
+
+
+def test_cpt_s_input_types_travel_with_their_rows(launched):
+    """CPT on tokenized rows with an input_type_mask: even rows' answers typed 4 throughout, odd rows' first answer
+    token 4 and the rest 8, so decay (0.5) weighs an odd row's context answers a factor further down than an even
+    row's; 2 processes x batch 2 train 1 process x batch 4's adapter only if each process's slice of the batch's types
+    is its own rows'. The types matter: the same rows all typed 4 train another adapter."""
+    recipes = launched["cpt-types"]
+    for name in ("one", "fours"):
+        train(load_recipe(recipes[name]))
+    a = _exported(recipes["one"])[0]
+    assert _apart(a, _exported(recipes["several"])[0]) <= 1e-5
+    assert _apart(a, _exported(recipes["fours"])[0]) > 1e-4
