@@ -42,8 +42,20 @@ def _share_cores(workers: int) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+FIRST = ("test_distributed", "test_deepspeed", "test_distributed_methods", "test_verify_killed", "test_kills",
+         "test_locale", "test_preference_resume", "test_merge_race", "test_velora", "test_distributed_close",
+         "test_multinode")
+"""The files whose tests start processes of their own (launches of 2 or 3 trainers, killed runs), heaviest first
+(a CI run's junit): collected first, so that `pytest -n auto --dist loadfile` (with pyproject's
+--no-loadscope-reorder, which keeps this order rather than putting the files of most tests first) hands them out
+first and the workers end together on small files, not one worker on a 2-minute file while the other waits."""
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked real_model run only with --real-model: the default run stays on tiny models built in code."""
+    """The FIRST files first. Tests marked real_model run only with --real-model: the default run stays on tiny
+    models built in code."""
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(FIRST)))  # (stable: the rest as collected)
     if config.getoption("--real-model"):
         return
     skip = pytest.mark.skip(reason="opt-in: pytest --real-model (the real SmolLM2-135M, a few minutes)")
