@@ -215,11 +215,15 @@ def base_changes(adapter_dir: str, name_or_path: str, revision: str | None) -> C
 
 
 def source_hashes(source: str, split: str, revision: str | None = None) -> dict[str, str]:
-    """`file_hashes` of a data file; for a hub dataset, {"rows": sha256} of the rows this process read of it
+    """`file_hashes` of a data file; for a saved dataset's directory, the files of the splits read
+    (`saved.saved_hashes`); for a hub dataset, {"rows": sha256} of the rows this process read of it
     (`rows.HUB_ROWS`), or {} before it read them."""
     from peftkit.data.rows import HUB_ROWS
+    from peftkit.data.saved import saved_hashes
 
-    return dict(HUB_ROWS.get((source, split, revision), {})) if is_hub_dataset(source) else file_hashes(source)
+    if is_hub_dataset(source):
+        return dict(HUB_ROWS.get((source, split, revision), {}))
+    return saved_hashes(source, split) if Path(source).is_dir() else file_hashes(source)
 
 
 def hub_commits(recipe: Recipe) -> dict[str, str]:

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from peftkit.recipe import Recipe
+from peftkit.recipe import Recipe, is_local_dataset
 
 
 def unavailable(cfg: Recipe) -> str | None:
@@ -165,10 +165,10 @@ def _check_answer_rows(cfg: Recipe, tok) -> None:
         return
     if tok.eos_token_id is not None and getattr(tok, "chat_template", None) and tok.is_fast:
         return
-    if all(Path(source.path).is_file() for source in data.train_sources()):
+    if all(is_local_dataset(source.path) for source in data.train_sources()):
         _check_first_row(tok, data, data.train, data.train_split)
     for name, source in data.eval_sources().items():
-        if Path(source.path).is_file():
+        if is_local_dataset(source.path):
             _check_first_row(tok, data.for_eval(name), source.path, source.split)
 
 
@@ -232,12 +232,12 @@ def _quantize(model, cfg: Recipe) -> None:
 
 def _classes(cfg: Recipe):
     """A classifier's classes as train reads them from data.train (its rows, not tokenized) where its datasets are
-    local files; None otherwise, and model.num_labels or config.json's sizes the head (train's count may then
-    differ)."""
+    local (files, saved datasets); None otherwise, and model.num_labels or config.json's sizes the head (train's count
+    may then differ)."""
     from peftkit.data.classification import LabelSet, classification_rows
 
     data = cfg.data
-    if not all(Path(source.path).is_file() for source in data.train_sources()):
+    if not all(is_local_dataset(source.path) for source in data.train_sources()):
         return None
     usable, _, _, name = classification_rows(data.train, data.train_split, data)
     return LabelSet.from_rows(usable, cfg.model.num_labels, name)

@@ -653,9 +653,13 @@ def test_missing_data_file(tmp_path):
 
 
 def test_data_path_that_is_a_directory(tmp_path):
+    """A directory is read as a dataset save_to_disk wrote (tests/test_saved_data.py); another is said as not one."""
     (tmp_path / "data.jsonl").mkdir()
     assert _data_error(tmp_path / "data.jsonl") == (
-        f"Data path {tmp_path / 'data.jsonl'} is a directory; point it at a .jsonl/.json/.csv/.parquet file.")
+        f"Data path {tmp_path / 'data.jsonl'} is a directory without state.json or dataset_dict.json, so not a "
+        "dataset saved with datasets' save_to_disk (a Dataset's directory holds state.json beside its arrow files, a "
+        "DatasetDict's dataset_dict.json and a directory a split). Point it at such a directory, or at a "
+        ".json/.jsonl/.csv/.parquet/.txt file.")
 
 
 def test_data_file_with_unknown_extension(tmp_path):

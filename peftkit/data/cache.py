@@ -1,7 +1,8 @@
 """The tokenized-data cache: a dataset's examples and counts (`load_examples`), kept on disk under a key of all that
 made them, so that the next `train`, `--resume` or `eval` of the same data reads them instead of tokenizing again.
 
-The key is a sha256 of: the data's content (a file's bytes; a hub dataset's rows, `rows.HUB_ROWS`; each dataset's,
+The key is a sha256 of: the data's content (a file's bytes; a save_to_disk directory's files of the splits read,
+`saved.saved_files`; a hub dataset's rows, `rows.HUB_ROWS`; each dataset's,
 with its split, columns and (where not data.format) format, in order, for a list in data.train), the tokenizer as
 `save_pretrained` writes it (vocabulary, special tokens, chat template, pad token), the data settings that shape an
 example (format, max_length, truncation, on_bad_rows, task ids; for unpaired rows the `chunk` their mismatched
@@ -87,11 +88,12 @@ class ExampleCache:
     def __init__(self, root: Path, tok, digests: list[tuple], cfg: DataConfig, tasks: bool, source: str,
                  chunk: int | None = None) -> None:
         """`digests`: (content digest, reader, split, columns[, format]) of each dataset read, in order (several:
-        data.train's list). The reader is how the rows were read (a file's extension; "hub"): the same bytes as .jsonl
-        and as .txt are other rows; the split which of them (a local file's slice, `train[95%:]`); the columns the
-        dataset's own (data.columns, or a list entry's), and the recipe key they came from, which the counts' warnings
-        name; the format a list entry's own, where not data.format. `chunk`: unpaired rows' (KTO's), whose
-        mismatched examples pair the rows within each run of `chunk` (another batch size is other examples)."""
+        data.train's list). The reader is how the rows were read (a file's extension; "save_to_disk"; "hub"): the
+        same bytes as .jsonl and as .txt are other rows; the split which of them (a local file's slice,
+        `train[95%:]`); the columns the dataset's own (data.columns, or a list entry's), and the recipe key they came
+        from, which the counts' warnings name; the format a list entry's own, where not data.format. `chunk`:
+        unpaired rows' (KTO's), whose mismatched examples pair the rows within each run of `chunk` (another batch size
+        is other examples)."""
         key = {"format": FORMAT, "code": _code_digest(), "versions": _versions(), "tokenizer": tokenizer_digest(tok),
                "data": digests, "readers": DATA_EXTENSIONS, "tasks": tasks, "chunk": chunk,
                "columns_key": cfg._columns_key,  # the counts' warnings name it (data.train[1].columns.output)

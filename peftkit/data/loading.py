@@ -6,6 +6,8 @@ unpaired data's entries too.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from peftkit.data.examples import mixed_tasks_error, tokenize_rows
@@ -14,7 +16,7 @@ from peftkit.data.sources import mix_name, read_rows
 from peftkit.data.stored import Examples
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
-from peftkit.recipe import DataConfig, is_hub_dataset
+from peftkit.recipe import DataConfig, is_hub_dataset, is_local_dataset
 
 
 def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *, tasks: bool = False,
@@ -29,8 +31,8 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
     parts = [(source, split, cfg.columns, None)] if isinstance(source, str) else \
         [(entry.path, entry.split, entry.columns, entry.format if entry.format != cfg.format else None)
          for entry in cfg.train_sources()]
-    # (a path that is no file fails in load_rows, in its words)
-    local = root is not None and all(not is_hub_dataset(path) and Path(path).is_file() for path, *_ in parts)
+    # (a path that is no file nor saved dataset fails in load_rows, in its words)
+    local = root is not None and all(not is_hub_dataset(path) and is_local_dataset(path) for path, *_ in parts)
     name = source if isinstance(source, str) else mix_name(cfg)
     entry = cache_entry(root, tok, data_digests(parts, cfg), cfg, tasks, name) if local else None
     if entry is not None and (hit := entry.read()) is not None:
@@ -51,15 +53,21 @@ def load_examples(tok, source: str | list, split: str | None, cfg: DataConfig, *
 
 
 def data_digests(parts: list[tuple[str, str | None, dict, str | None]], cfg: DataConfig) -> list[tuple] | None:
-    """(content digest, reader, split, columns[, format]) of each dataset: a file's sha256 and extension, a hub
-    dataset's rows' digest as read (`rows.HUB_ROWS`), and a list entry's format where it is not data.format's; None
-    where a hub dataset's rows are not read yet."""
+    """(content digest, reader, split, columns[, format]) of each dataset: a file's sha256 and extension, a saved
+    dataset's files' (`saved.saved_hashes`: those of the splits read), a hub dataset's rows' digest as read
+    (`rows.HUB_ROWS`), and a list entry's format where it is not data.format's; None where a hub dataset's rows are
+    not read yet."""
+    from peftkit.data.saved import saved_hashes
+
     found = []
     for path, split, columns, fmt in parts:
         if is_hub_dataset(path):
             if (hub := HUB_ROWS.get((path, split, cfg.revision))) is None:
                 return None
             digest = (hub["rows"], "hub", split, columns)
+        elif Path(path).is_dir():
+            files = json.dumps(saved_hashes(path, split), sort_keys=True).encode()
+            digest = (hashlib.sha256(files).hexdigest(), "save_to_disk", split, columns)
         else:
             digest = (sha256_file(path), Path(path).suffix.lower(), split, columns)
         found.append(digest + ((fmt,) if fmt is not None else ()))

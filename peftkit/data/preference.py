@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
@@ -34,7 +33,7 @@ from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import mix_name, read_rows
 from peftkit.data.stored import Example, Examples
 from peftkit.errors import PeftkitError
-from peftkit.recipe import DataConfig, is_hub_dataset
+from peftkit.recipe import DataConfig, is_hub_dataset, is_local_dataset
 
 ANSWERS = ("chosen", "rejected")
 TEXT_FIELDS = "prompt, chosen and rejected"
@@ -184,7 +183,7 @@ def local_entry(tok, source: str | list, split: str | None, cfg: DataConfig, cac
 
     parts = [(source, split, cfg.columns, None)] if isinstance(source, str) else \
         [(entry.path, entry.split, entry.columns, None) for entry in cfg.train_sources()]
-    local = all(not is_hub_dataset(path) and Path(path).is_file() for path, *_ in parts)
+    local = all(not is_hub_dataset(path) and is_local_dataset(path) for path, *_ in parts)
     root = cache_root() if cache and local else None
     if root is None:
         return None, parts

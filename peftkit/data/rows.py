@@ -146,6 +146,11 @@ def load_rows(source: str, split: str, on_bad_rows: str = "error", revision: str
     through `datasets.load_dataset` (imported only for them: it takes 0.7 s of a process's start). A local file is
     one split, `train`, which `split` may slice as a hub dataset's (`local_split`).
     """
+    if not is_hub_dataset(source) and Path(source).is_dir():  # a dataset save_to_disk wrote (`peftkit.data.saved`)
+        from peftkit.data.saved import saved_rows
+
+        rows, where = saved_rows(source, split)
+        return rows, 0, where
     if not is_hub_dataset(source):
         rows, bad, line_numbers = _local_rows(source, on_bad_rows, skip)
         picked, numbers = local_split(rows, line_numbers, split, source)
@@ -194,8 +199,6 @@ def _local_rows(source: str, on_bad_rows: str, skip: str) -> tuple[list[dict], l
         raise PeftkitError(f"Data file not found: {source}. Check the path: a relative one is resolved against the "
                            "recipe's directory in a recipe (data.train, data.eval), against the current "
                            "directory in --data.")
-    if path.is_dir():
-        raise PeftkitError(f"Data path {source} is a directory; point it at a .jsonl/.json/.csv/.parquet file.")
     kind = DATA_EXTENSIONS.get(path.suffix.lower())
     if kind is None:
         raise PeftkitError(f"Data file {source}: unknown extension '{path.suffix}'. Use one of "
@@ -268,6 +271,11 @@ class RowNumbers(list):
     row is `FILE row N` by its place in the file, not in the slice (`row_location`)."""
 
 
+class RowIndices(list):
+    """Each row's place in a dataset save_to_disk wrote (`peftkit.data.saved`), `[7]` or `[train][7]` (its index in
+    the split, not in a slice of it), as `load_from_disk(DIR)[7]` gives it: a row is `DIR[7]`, there being no lines."""
+
+
 class Locations(list):
     """Each row's own location, `FILE:LINE` or `FILE row N`, where the rows come from several datasets (a list in
     data.train): what `row_location` names a row by in place of a file's line numbers. `parts`: (dataset, its rows,
@@ -277,9 +285,12 @@ class Locations(list):
 
 
 def row_location(source: str, index: int, line_numbers: list[int] | None) -> str:
-    """`FILE:LINE` for a row of a .jsonl file, `SOURCE row N` otherwise (N in the file, for a slice of one)."""
+    """`FILE:LINE` for a row of a .jsonl file, `DIR[N]` for a saved dataset's, `SOURCE row N` otherwise (N in the
+    file, for a slice of one)."""
     if isinstance(line_numbers, Locations):
         return line_numbers[index]
+    if isinstance(line_numbers, RowIndices):
+        return f"{source}{line_numbers[index]}"
     if isinstance(line_numbers, RowNumbers):
         return f"{source} row {line_numbers[index]}"
     return f"{source}:{line_numbers[index]}" if line_numbers else f"{source} row {index + 1}"

@@ -35,11 +35,13 @@ from peftkit.recipe.schema import (
     TargetRegex,
     TrainingConfig,
     is_hub_dataset,
+    is_local_dataset,
+    is_saved_dataset,
 )
 
 __all__ = [
     "DATA_EXTENSIONS", "MAX_DEPTH", "MAX_MESSAGES", "MAX_RECIPE_BYTES", "MAX_VALUES", "AdapterConfig", "DataConfig", "DataSource",
     "DType", "EvalConfig", "ExportConfig", "ModelConfig", "QuantizationConfig", "Recipe", "RopeScalingConfig",
     "Section", "TargetRegex",
-    "TrainingConfig", "format_validation_error", "is_hub_dataset", "load_recipe",
+    "TrainingConfig", "format_validation_error", "is_hub_dataset", "load_recipe", "is_local_dataset", "is_saved_dataset",
 ]

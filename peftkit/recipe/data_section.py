@@ -18,18 +18,33 @@ DATA_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet":
 
 def is_hub_dataset(source: str) -> bool:
     """Whether data.train / data.eval names a hub dataset: not an absolute path (a recipe's data files are made
-    absolute when it loads) and without a data file's extension."""
+    absolute when it loads), without a data file's extension, and not a directory of a saved dataset (`--data DIR`
+    of one, relative to the current directory: `datasets.load_dataset` refuses those)."""
     path = Path(source)
-    return not path.is_absolute() and path.suffix.lower() not in DATA_EXTENSIONS
+    return not path.is_absolute() and path.suffix.lower() not in DATA_EXTENSIONS and not is_saved_dataset(source)
+
+
+def is_saved_dataset(source: str) -> bool:
+    """Whether `source` is a directory `datasets` wrote with `save_to_disk`: a Dataset's (state.json) or a
+    DatasetDict's (dataset_dict.json), which `peftkit.data.saved` reads."""
+    path = Path(source)
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def is_local_dataset(source: str) -> bool:
+    """Whether `source` is data peftkit reads and hashes itself, before any row is read: a file, or a saved dataset's
+    directory. (A path that is neither fails where its rows are read, in its words.)"""
+    return Path(source).is_file() or is_saved_dataset(source)
 
 
 class DataSource(Section):
     """One dataset of a list in data.train, read with its own split, columns and format."""
 
     path: str
-    """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id."""
+    """A local .json/.jsonl/.csv/.parquet/.txt file, a directory datasets' save_to_disk wrote, or a hub dataset
+    id."""
     split: str | None = None
-    """Its split (a slice of a local file: `train[:1000]`); default data.train_split."""
+    """Its split (a saved DatasetDict's, a slice of a local file: `train[:1000]`); default data.train_split."""
     columns: dict[str, str] | None = None
     """Its columns for the format's fields (as data.columns, which it replaces for this dataset); default
     data.columns."""
@@ -60,8 +75,9 @@ class DataConfig(Section):
     """Training and evaluation data."""
 
     train: str | list[str | DataSource]
-    """A local .json/.jsonl/.csv/.parquet/.txt file or a hub dataset id; or a list of them, each a path or hub id or
-    {path, split, columns, format}, whose rows are concatenated in the list's order and then shuffled together."""
+    """A local .json/.jsonl/.csv/.parquet/.txt file, a directory datasets' save_to_disk wrote (`peftkit.data.saved`),
+    or a hub dataset id; or a list of them, each a path or hub id or {path, split, columns, format}, whose rows are
+    concatenated in the list's order and then shuffled together."""
 
     @field_validator("train")
     @classmethod
@@ -202,7 +218,8 @@ class DataConfig(Section):
 
     train_split: str = "train"
     eval_split: str = "train"
-    """Split to read; a local file is one, `train`, which both may slice as a hub split is sliced: `train[:95%]`."""
+    """Split to read (of a hub dataset or a saved DatasetDict); a local file is one, `train`, which both may slice as
+    a hub split is sliced: `train[:95%]`."""
     shuffle: bool = True
     packing: bool = False
     """Pack several training examples into each row of up to `max_length` tokens, each with its own position ids

@@ -13,7 +13,7 @@ from pathlib import Path
 from peftkit.errors import PeftkitError
 from peftkit.methods import method_of
 from peftkit.recipe.messages import _dotted, _where
-from peftkit.recipe.schema import DATA_EXTENSIONS, Recipe
+from peftkit.recipe.schema import DATA_EXTENSIONS, DataSource, Recipe, is_saved_dataset
 
 
 @dataclass
@@ -37,6 +37,7 @@ def resolve_recipe(recipe: Recipe, path: Path, lines: dict[tuple, int], overridd
     `load_recipe` for `missing_adapters`."""
     written = _Written(path, lines, overridden, path.resolve().parent, missing_adapters)
     _resolve_paths(recipe, written)
+    _check_saved_splits(recipe, written)
     _resolve_fuse(recipe, written)
     _resolve_experts(recipe, written)
     _resolve_shadow_model(recipe, written)
@@ -116,6 +117,30 @@ def _resolve_paths(recipe: Recipe, written: _Written) -> None:
         value = getattr(getattr(recipe, section), key, None)
         if isinstance(value, str):  # (data.train's list: above)
             setattr(getattr(recipe, section), key, _usable(value, kind, (section, key), written))
+
+
+def _check_saved_splits(recipe: Recipe, written: _Written) -> None:
+    """Each dataset save_to_disk wrote (`peftkit.data.saved`) read at a split it has: a DatasetDict's split it lacks
+    (the default `train` too), or another than `train` of a Dataset, is an error at the key that set the split (the
+    dataset's own line where the split is the default), naming the splits there."""
+    from peftkit.data.saved import split_problem
+
+    data = recipe.data
+    train = list(enumerate(data.train)) if isinstance(data.train, list) else [(None, data.train)]
+    evals = list(data.eval.items()) if isinstance(data.eval, dict) else [(None, data.eval)] if data.eval else []
+    for kind, entries, sources in (("train", train, data.train_sources()),
+                                   ("eval", evals, data.eval_sources().values())):
+        for (name, entry), source in zip(entries, sources, strict=True):
+            if not is_saved_dataset(source.path) or not (problem := split_problem(source.path, source.split)):
+                continue
+            at = ("data", kind) if name is None else ("data", kind, name)
+            if isinstance(entry, DataSource) and entry.split is not None:
+                setting, loc = f"{_dotted(at)}.split", (*at, "split")
+            else:
+                setting = f"data.{kind}_split" + (f" (or {_dotted(at)}'s own `split`)" if name is not None else "")
+                loc = ("data", f"{kind}_split") if f"{kind}_split" in data.model_fields_set else at
+            raise PeftkitError(f"{written.where(loc)}: {_dotted(at)}: saved dataset {source.path}: {problem}. Set "
+                               f"{setting} to a split it has.")
 
 
 def _resolve_fuse(recipe: Recipe, written: _Written) -> None:

@@ -22,8 +22,8 @@ from peftkit.methods import AdapterConfig, default_adapter, method_of
 from peftkit.metrics import (CLASSIFICATION_METRICS, GENERATION_METRICS, KTO_METRICS, LOSS_METRICS,
                              PREFERENCE_METRICS, REWARDS)
 from peftkit.recipe.combinations import check_long_context, check_objective, check_task
-from peftkit.recipe.data_section import (  # noqa: F401  (DataSource, is_hub_dataset: re-exported)
-    DATA_EXTENSIONS, DataConfig, DataSource, _own_format, is_hub_dataset)
+from peftkit.recipe.data_section import (  # noqa: F401  (DataSource, is_hub_dataset, ...: re-exported)
+    DATA_EXTENSIONS, DataConfig, DataSource, _own_format, is_hub_dataset, is_local_dataset, is_saved_dataset)
 from peftkit.recipe.eval_section import EvalConfig
 from peftkit.recipe.export_section import ExportConfig
 from peftkit.recipe.model_section import (  # noqa: F401  (re-exported)
