@@ -239,8 +239,8 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
            hub_model: str | None = None, sources: dict[str, str] | None = None) -> tuple[Path, LoopState]:
     """Load the newest intact checkpoint of `out`, written by as many processes as `world`; passing over damaged
     ones is said on the console. `hub_model`: the base's hub id, where it is one (a changed base is then a branch
-    that moved, not a file to restore). `sources`: the directories the method is built from, by recipe key
-    (`Method.source_dirs`: a hub adapter's changed files are then a branch that moved, `_moved_hub_source`)."""
+    that moved, not a file to restore). `sources`: the adapter directories the run reads, by recipe key
+    (`read_adapters`: a hub adapter's changed files are then a branch that moved, `_moved_hub_source`)."""
     for path in reversed(checkpoint_dirs(out)):
         try:
             state, recorded, writers = load_checkpoint(path, model, optimizer, scheduler, method_trainer, selection,
@@ -270,20 +270,21 @@ def resume(out: Path, model, optimizer, scheduler, inputs: dict, console: Consol
 
 
 def _moved_hub_source(changed: str, out: Path, sources: dict[str, str]) -> str | None:
-    """The fix where the changed input `changed` is an adapter the method is built from that the recipe names by its
-    hub id (X-LoRA's expert `user/name`, resolved to its snapshot in the local Hugging Face cache): its branch or tag
-    moved to another commit since the run began, whose snapshot the run's recipe.yaml names. None otherwise."""
-    from peftkit.hub import cached_adapter
+    """The fix where the changed input `changed` is an adapter the run reads that the recipe names by its hub id
+    (adapter.init_from, X-LoRA's expert `user/name`, resolved to its snapshot in the local Hugging Face cache): its
+    branch or tag moved to another commit since the run began, which the run's recipe.yaml names (`user/name@COMMIT`;
+    a run made before they were pinned names the commit's snapshot). None otherwise."""
+    from peftkit.hub import cached_adapter, pinned_commit
 
     key = next((k for k in sources if changed.startswith(f"{k} ")), None)
     if key is None or (now := cached_adapter(sources[key])) is None:
         return None
     repo, commit, subfolder = now
     began = _recorded_sources(out).get(key)
-    before = cached_adapter(began) if began else None
+    before = pinned_commit(began) if began else None
     pin = (f"set {key} to {repo}{'/' + subfolder if subfolder else ''}@{before[1]}, the commit the run began with"
            if before and before[0] == repo else "pin it to the commit the run began with (its recipe.yaml names "
-           "that snapshot)")
+           "it)")
     return (f"{key} is hub adapter {repo}, now at commit {commit}"
             + (f" (the run began at {before[1]})" if before and before[0] == repo else "")
             + f": the branch or tag it names moved on. {pin[0].upper()}{pin[1:]}, or run without --resume and with "
@@ -291,19 +292,27 @@ def _moved_hub_source(changed: str, out: Path, sources: dict[str, str]) -> str |
 
 
 def _recorded_sources(out: Path) -> dict[str, str]:
-    """The directories the method of the run in `out` was built from (`Method.source_dirs` of its recipe.yaml, whose
-    paths are resolved), by recipe key; {} where it does not read."""
+    """The adapter directories the run in `out` read (`read_adapters` of its recipe.yaml, whose paths are resolved and
+    hub adapters pinned, `user/name@COMMIT`), by recipe key; {} where it does not read."""
     import yaml
     from pydantic import ValidationError
 
-    from peftkit.methods import method_of
     from peftkit.recipe import Recipe
 
     try:
         recipe = Recipe.model_validate(yaml.safe_load((out / "recipe.yaml").read_text(encoding="utf-8")))
     except (OSError, ValueError, yaml.YAMLError, ValidationError):
         return {}
-    return method_of(recipe.adapter).source_dirs(recipe.adapter)
+    return read_adapters(recipe.adapter)
+
+
+def read_adapters(adapter) -> dict[str, str]:
+    """The adapter directories a run of the recipe section `adapter` reads and records as inputs (`run_inputs`), by
+    recipe key: adapter.init_from, and those the method is built from (`Method.source_dirs`)."""
+    from peftkit.methods import method_of
+
+    started = {"adapter.init_from": adapter.init_from} if adapter.init_from else {}
+    return started | method_of(adapter).source_dirs(adapter)
 
 
 def _save_state(blob: dict, path: Path) -> None:

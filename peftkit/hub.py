@@ -117,12 +117,36 @@ def cache_miss(repo_id: str, revision: str | None) -> str:
         fix = "unset HF_HUB_OFFLINE to download it" if offline else "download it where the hub can be reached"
         return f"it is not in the local Hugging Face cache ({cache}), and {why}.{did_you_mean(repo_id, held)} " \
                f"Check the id, or {fix}."
+    fix = "unset HF_HUB_OFFLINE to download this one" if offline else "download it where the hub can be reached"
+    return (f"revision '{revision or 'main'}' is not in the local Hugging Face cache ({repo}), which holds "
+            f"{_held_revisions(repo)}, and {why}. Ask for a revision it holds, or {fix}.")
+
+
+def _held_revisions(repo: Path) -> str:
+    """The branches and tags (quoted) and the commits the cached repository `repo` holds, the first 8."""
     refs = sorted(f"'{p.relative_to(repo / 'refs')}'" for p in (repo / "refs").rglob("*") if p.is_file())
     commits = sorted(p.name for p in (repo / "snapshots").iterdir()) if (repo / "snapshots").is_dir() else []
-    held = ", ".join([*refs, *commits][:8]) or "no revision"
-    fix = "unset HF_HUB_OFFLINE to download this one" if offline else "download it where the hub can be reached"
-    return (f"revision '{revision or 'main'}' is not in the local Hugging Face cache ({repo}), which holds {held}, "
-            f"and {why}. Ask for a revision it holds, or {fix}.")
+    return ", ".join([*refs, *commits][:8]) or "no revision"
+
+
+def fetch_pinned(value: str, named: str) -> str:
+    """The local snapshot of hub adapter `value` as a run records it (`user/name[/SUBFOLDER]@COMMIT`: `named`, the
+    record and key, says where), fetched where not cached (`hub_adapter`). Offline, a cache without that commit is
+    said as such: only that commit reproduces the run, so another one it holds is no fix."""
+    from huggingface_hub import constants
+
+    repo_id, commit, _ = pinned_commit(value)
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    if constants.HF_HUB_OFFLINE and not (repo / "snapshots" / commit).is_dir():
+        held = f"it holds {_held_revisions(repo)}" if repo.is_dir() else "it holds no revision of it"
+        raise PeftkitError(f"{named} is hub adapter {value}: the run read {repo_id} at commit {commit}, which the "
+                           f"local Hugging Face cache ({repo}) lacks ({held}), and HF_HUB_OFFLINE is set, so nothing "
+                           "is downloaded. Only that commit reproduces the run: unset HF_HUB_OFFLINE to fetch it (the "
+                           "network), or copy its snapshot into this cache.")
+    try:
+        return hub_adapter(value) or value
+    except PeftkitError as e:  # (online: no such repository or commit, gated, unreachable)
+        raise PeftkitError(f"{named} is hub adapter {value}, the commit the run read: {e}") from None
 
 
 def cached_adapter(path: str | Path) -> tuple[str, str, str | None] | None:
@@ -137,6 +161,26 @@ def cached_adapter(path: str | Path) -> tuple[str, str, str | None] | None:
     if len(parts) < 3 or not parts[0].startswith("models--") or parts[1] != "snapshots":
         return None
     return parts[0].removeprefix("models--").replace("--", "/"), parts[2], "/".join(parts[3:]) or None
+
+
+def pinned_reference(path: str) -> str | None:
+    """`user/name[/SUBFOLDER]@COMMIT`, the hub reference pinned to the commit read, of the hub adapter whose snapshot in
+    the local Hugging Face cache is `path` (`hub_adapter`'s answer); None for another path or a hub id. What a run
+    records of a hub adapter (`peftkit.recipe.recorded`): the snapshot's path is this machine's only."""
+    if (cached := cached_adapter(path)) is None or not re.fullmatch(r"[0-9a-f]{40}", cached[1]):
+        return None
+    repo_id, commit, subfolder = cached
+    return f"{repo_id}{'/' + subfolder if subfolder else ''}@{commit}"
+
+
+def pinned_commit(value: str) -> tuple[str, str, str | None] | None:
+    """(repository, commit, subfolder or None) of a hub adapter pinned to a commit: its reference as a run records it
+    (`user/name[/SUBFOLDER]@COMMIT`, 40 hex digits), or its snapshot in the local cache (as runs recorded it before,
+    and as a recipe resolves it); None for anything else."""
+    name, at, commit = value.partition("@")
+    if at and re.fullmatch(r"[0-9a-f]{40}", commit) and (match := _HUB_ID.fullmatch(name)):
+        return match[1], commit, match[2]
+    return cached_adapter(value)
 
 
 def cached_refs(repo_id: str) -> dict[str, str]:

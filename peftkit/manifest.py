@@ -33,7 +33,7 @@ from pydantic import (
 from peftkit import __version__
 from peftkit.errors import PeftkitError
 from peftkit.fileio import sha256_file
-from peftkit.recipe import Recipe, format_validation_error, is_hub_dataset
+from peftkit.recipe import Recipe, format_validation_error, is_hub_dataset, recorded
 
 MANIFEST = "manifest.json"
 RECIPE_FILE = "recipe.yaml"
@@ -283,8 +283,8 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "distributed": distributed or {"processes": 1, "backend": None, "type": "NO"},
         "dtype": dtype or recipe.model.dtype,
         "seed": recipe.training.seed,
-        "recipe": recipe.model_dump(mode="json"),
-        "recipe_sha256": recipe.sha256(),
+        "recipe": recorded(recipe).model_dump(mode="json"),  # (as recipe.yaml: hub adapters pinned, `recorded`)
+        "recipe_sha256": recorded(recipe).sha256(),
         # the JSON file sorts keys: a data.eval mapping's order, whose first set is the primary one, is kept apart
         **({"eval_sets": list(recipe.data.eval)} if isinstance(recipe.data.eval, dict) else {}),
         "data_sha256": data,

@@ -92,7 +92,9 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
         # The same recipe, its files at other paths (a moved project, a copied run): the same run. A resume checks
         # the files' contents against what its checkpoint recorded.
         shown = "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in list(changed.items())[:3])
-        notes.append(f"{out} holds a run of this recipe made with its files at other paths ({shown}"
+        hub = any(_pinned(value) for pair in changed.values() for value in pair)
+        notes.append(f"{out} holds a run of this recipe made with its files at other paths"
+                     f"{' or its hub adapters at other commits' if hub else ''} ({shown}"
                      f"{'; ...' if len(changed) > 3 else ''}); it is taken as the same run"
                      + (", its inputs checked against its checkpoint." if resume else "."))
     has_checkpoints = bool(checkpoint_names(out / "checkpoints"))
@@ -112,19 +114,32 @@ def check_output_dir(out: Path, recipe_yaml: str, resume: bool, overwrite: bool)
 PATH_KEYS = ("model.name_or_path", "data.train", "data.eval", "export.output_dir", "adapter.init_from",
              "adapter.fuse", "adapter.source_adapter", "adapter.adapters")
 """A recipe's keys that hold paths, resolved to absolute ones in a run's recipe.yaml: they change when a project moves
-(and an adapter's hub id, resolved to its snapshot in the local cache, when its branch moves to another commit)."""
+(and an adapter's hub id, recorded pinned to the commit read, `user/name@COMMIT`, when its branch moves to another)."""
 
 
 def _moved_path(key: str, old, new) -> bool:
     """Whether a change of recipe key `key` from `old` to `new` may be a moved file: a path key (an entry of a list of
     them, data.train[1] or its .path; a set of data.eval's, data.eval.general or its .path; an X-LoRA expert,
-    adapter.adapters.0) that holds a path before and after (one added or removed is another recipe)."""
+    adapter.adapters.0) that holds a path before and after (one added or removed is another recipe). A hub adapter
+    pinned at two commits (its branch moved on) is one of one repository (and folder) at two: the checkpoint's hashes of
+    its files decide, as for a moved file; another repository's is another recipe."""
     import re
 
     listed = re.sub(r"\[\d+\](\.path)?$", "", key)
     named = re.sub(r"^data\.eval\.[A-Za-z0-9_-]+(\.path)?$", "data.eval", listed)  # a set of data.eval's mapping
     named = re.sub(r"^adapter\.adapters\.\d+$", "adapter.adapters", named)  # an X-LoRA expert, by position
-    return named in PATH_KEYS and isinstance(old, str) and isinstance(new, str)
+    if named not in PATH_KEYS or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    before, after = _pinned(old), _pinned(new)
+    return before is None or after is None or (before[0], before[2]) == (after[0], after[2])
+
+
+def _pinned(value) -> tuple[str, str, str | None] | None:
+    """(repository, commit, subfolder) of a hub adapter as a run records it, `user/name[/SUBFOLDER]@COMMIT`; None for
+    anything else."""
+    from peftkit.hub import pinned_commit
+
+    return pinned_commit(value) if isinstance(value, str) and "@" in value else None
 
 
 def _derived_format_hint(changed: dict) -> str:
@@ -168,14 +183,16 @@ def checkpoint_names(checkpoints: Path) -> list[str]:
 
 def _normalised(recipe_file: Path) -> str | None:
     """A run's recipe.yaml as today's schema writes it, so that a key added to peftkit since (with its default)
-    does not make the same recipe look different; None if it no longer reads as a recipe."""
+    does not make the same recipe look different, and a hub adapter that a run made before recorded by its snapshot
+    in the local cache as today's run records it (`recorded`: pinned to that commit); None if it no longer reads as a
+    recipe."""
     import yaml
     from pydantic import ValidationError
 
-    from peftkit.recipe import Recipe
+    from peftkit.recipe import Recipe, recorded
 
     try:
-        return Recipe.model_validate(yaml.safe_load(recipe_file.read_text(encoding="utf-8"))).to_yaml()
+        return recorded(Recipe.model_validate(yaml.safe_load(recipe_file.read_text(encoding="utf-8")))).to_yaml()
     except (OSError, ValueError, yaml.YAMLError, ValidationError):
         return None
 

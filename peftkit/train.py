@@ -19,7 +19,7 @@ Run directory (a contract other tools rely on):
     merged/             full model + tokenizer (export.merged)
     checkpoints/step-N/ resumable state (adapter, optimizer, scheduler, RNG, data position, checksums)
     metrics.jsonl       one JSON object per logged step / eval
-    recipe.yaml         the resolved recipe
+    recipe.yaml         the resolved recipe (a hub adapter as user/name@COMMIT, the commit read)
     manifest.json       versions, hashes, seed, final metrics, sha256 of every exported file
 """
 
@@ -38,7 +38,7 @@ from rich.markup import escape
 
 from peftkit import distributed, zero
 from peftkit.adapters import trainable_parameters
-from peftkit.checkpoint import LoopState, also_at, checkpoint_dirs
+from peftkit.checkpoint import LoopState, also_at, checkpoint_dirs, read_adapters
 from peftkit.checkpoint import resume as resume_checkpoint
 from peftkit.classify import example_loss_sum
 from peftkit.data import step_windows
@@ -52,7 +52,7 @@ from peftkit.finish import RESTART, TrainingFailed, finish  # noqa: F401 (Traini
 from peftkit.fileio import atomic_write_text, unlink_durably
 from peftkit.progress import TrainProgress
 from peftkit.push import check_recipe_push, push_run
-from peftkit.recipe import Recipe
+from peftkit.recipe import Recipe, recorded
 from peftkit.rundir import clear_run, metrics_records, open_run_dir, truncate_metrics
 from peftkit.runtime import nondeterministic_op_error, peak_memory_mb, pin_cublas_workspace, scheduled_lr
 from peftkit.start import Run, make_accelerator, setup
@@ -113,7 +113,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
     console = (console or Console()) if accelerator.is_main_process else Console(quiet=True)
     if cublas_note:
         console.print(f"[yellow]note:[/] {escape(cublas_note)}")
-    run_dir = (open_run_dir(out, recipe.to_yaml(), resume, overwrite, console) if accelerator.is_main_process
+    record = recorded(recipe).to_yaml()  # (its hub adapters pinned to the commits read, not this machine's snapshots)
+    run_dir = (open_run_dir(out, record, resume, overwrite, console) if accelerator.is_main_process
                else contextlib.nullcontext())  # one writer: the main process holds the directory
     with run_dir:
         accelerator.wait_for_everyone()  # the directory is checked and tidied before any process reads it
@@ -125,14 +126,14 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
         if run.main and not resume:
             clear_run(out)
         if run.main and not resume:
-            atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+            atomic_write_text(out / "recipe.yaml", record)
         accelerator.wait_for_everyone()
         state = LoopState(trimmed_slices=distributed.trims_slices(
             run.cfg, distributed.unwrap(accelerator, run.model).config, accelerator.num_processes))
         if resume:
             state = _resumed(run, out, console)
             if run.main:  # (after the checkpoint's inputs are checked: a refused resume leaves the run's recipe.yaml)
-                atomic_write_text(out / "recipe.yaml", recipe.to_yaml())
+                atomic_write_text(out / "recipe.yaml", record)
         if recipe.training.report_to and run.main:
             run.trackers = Trackers(run.accelerator, recipe, out, (state.step, metrics_records(run.metrics_path))
                                     if resume else None)
@@ -154,14 +155,12 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, console
 def _resumed(run: Run, out: Path, console: Console) -> LoopState:
     """The loop's state from the newest intact checkpoint, loaded into the model, optimizer and scheduler; the run
     directory made unfinished again (no manifest, metrics.jsonl cut back to the checkpoint)."""
-    from peftkit.methods import method_of
-
     accelerator = run.accelerator
     ckpt, state = resume_checkpoint(out, distributed.unwrap(accelerator, run.model), run.optimizer, run.scheduler,
                                     run.inputs, console, run.method_trainer, run.selection, accelerator.process_index,
                                     accelerator.num_processes, hub_model=None if run.base_commit is None
                                     else run.cfg.model.name_or_path,
-                                    sources=method_of(run.cfg.adapter).source_dirs(run.cfg.adapter))
+                                    sources=read_adapters(run.cfg.adapter))
     if state.step > run.total_steps:  # the recipe and data are the run's (checked): not a checkpoint of it
         raise PeftkitError(f"{ckpt} is at step {state.step}, past this run's {run.total_steps} steps: no run of "
                            "this recipe made it (it was added to the run directory). Remove it to resume "

@@ -44,7 +44,7 @@ from peftkit.manifest import (
     output_hashes,
     read_manifest,
 )
-from peftkit.recipe import Recipe, is_hub_dataset
+from peftkit.recipe import Recipe, fetch_recorded, is_hub_dataset
 from peftkit.reproduced import differences
 from peftkit.scratch import held_locks, remove_stale_directories, scratch_directory
 
@@ -75,6 +75,8 @@ def verify(run_dir: str | Path, tolerance: float = 0.0, console: Console | None 
     run_dir = resolved(run_dir, "RUN_DIR")
     manifest = read_manifest(run_dir)
     _check_remote_code(manifest.recipe, trust_remote_code, run_dir / MANIFEST)
+    # its hub adapters, recorded as user/name@COMMIT: that commit fetched (offline: from the cache), wherever this runs
+    manifest.recipe = fetch_recorded(manifest.recipe, str(run_dir / MANIFEST))
     report = VerifyReport(run_dir=run_dir, ok=True)
     on_disk = _exported_hashes(run_dir, manifest)
     changed = _changed_files(run_dir, manifest, on_disk)
@@ -214,8 +216,8 @@ def _source_differences(manifest: Manifest) -> list[str]:
 
 def _hub_source_notes(manifest: Manifest) -> list[str]:
     """The adapters the method is built from that the run read from a hub adapter's snapshot (an X-LoRA expert the
-    recipe named `user/name`; its recipe.yaml names the snapshot of the commit read): the re-run reads that commit, and
-    a branch or tag of the repository the local cache holds that has moved to another commit since is said."""
+    recipe named `user/name`; its recipe.yaml pins the commit read, `user/name@COMMIT`): the re-run reads that commit,
+    and a branch or tag of the repository the local cache holds that has moved to another commit since is said."""
     from peftkit.hub import cached_adapter, cached_refs
     from peftkit.methods import method_of
 

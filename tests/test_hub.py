@@ -749,6 +749,85 @@ def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_dat
     assert "Did you mean 'acme/tiny-lora'?" in said
 
 
+def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_commit_elsewhere(
+        hub, tiny_llama, number_data, tmp_path, monkeypatch):
+    """adapter.init_from: acme/tiny-lora is recorded in recipe.yaml and manifest.json as acme/tiny-lora@COMMIT, the
+    commit read (they named its snapshot in this machine's cache: verify elsewhere said the path no longer exists).
+    With the cache moved: one holding another commit only is an error naming the repository and the run's commit; that
+    commit put back (main elsewhere), verify reproduces the run and --resume of the run's recipe.yaml reads it, while
+    the user's recipe, whose main now has other weights, is refused naming both commits and the pin. A run recorded
+    before (the snapshot's path) still verifies, and the user's recipe at that commit resumes it as the same run."""
+    import io
+    import re
+
+    import yaml
+    from rich.console import Console
+
+    from peftkit.methods.lora import LoraConfig
+    from peftkit.rundir import check_output_dir
+    from tests.test_combine import make_adapter
+
+    first, other, quiet = "e" * 40, "f" * 40, Console(quiet=True)
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    adapters = [Path(make_adapter(tiny_llama, lora, seed, tmp_path / f"lora-{seed}")) for seed in (3, 4)]
+    _publish_to(hub, "acme/tiny-lora", adapters[0], first)
+    path = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2, "save_steps": 2},
+                       eval={"base_model": False})
+    path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {"adapter": {"init_from": "acme/tiny-lora"}}))
+    train(load_recipe(path), console=quiet)
+    run, pin = tmp_path / "run", f"acme/tiny-lora@{first}"
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["init_from"] == pin
+    assert json.loads((run / "manifest.json").read_text())["recipe"]["adapter"]["init_from"] == pin
+    text = (run / "recipe.yaml").read_text()  # the same pin is the same run; another commit may be (its files decide)
+    assert check_output_dir(run, text, False, False) == []
+    assert (f"made with its files at other paths or its hub adapters at other commits (adapter.init_from: {pin} -> "
+            f"acme/tiny-lora@{other})") in check_output_dir(run, text.replace(first, other), False, False)[0]
+    with pytest.raises(PeftkitError, match=r"holds a run of a different recipe \(its recipe.yaml differs in "
+                                           r"adapter.init_from\)"):  # another repository's
+        check_output_dir(run, text.replace("acme/tiny-lora", "acme/other-lora"), False, False)
+
+    elsewhere = tmp_path / "elsewhere"  # another machine's cache: the run's is gone, this one holds another commit
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(elsewhere))
+    shutil.rmtree(hub)
+    _publish_to(elsewhere, "acme/tiny-lora", adapters[1], other)
+    with pytest.raises(PeftkitError) as e:
+        verify(run, console=quiet)
+    assert " ".join(str(e.value).split()) == (
+        f"{run / 'manifest.json'}: adapter.init_from is hub adapter {pin}: the run read acme/tiny-lora at commit "
+        f"{first}, which the local Hugging Face cache ({elsewhere / 'models--acme--tiny-lora'}) lacks (it holds "
+        f"'main', {other}), and HF_HUB_OFFLINE is set, so nothing is downloaded. Only that commit reproduces the run: "
+        "unset HF_HUB_OFFLINE to fetch it (the network), or copy its snapshot into this cache.")
+    _publish_to(elsewhere, "acme/tiny-lora", adapters[0], first)
+    (elsewhere / "models--acme--tiny-lora" / "refs" / "main").write_text(other)  # main: the other weights
+    report = verify(run, console=quiet)
+    assert report.ok, report.differences
+    with pytest.raises(PeftkitError, match=re.escape(
+            f"adapter.init_from is hub adapter acme/tiny-lora, now at commit {other} (the run began at {first}): the "
+            f"branch or tag it names moved on. Set adapter.init_from to {pin}, the commit the run began with")):
+        train(load_recipe(path), resume=True, console=quiet)
+    from typer.testing import CliRunner
+
+    from peftkit.cli import app
+
+    resumed = CliRunner().invoke(app, ["train", str(run / "recipe.yaml"), "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output  # the pinned commit: the run's inputs, unchanged
+
+    snapshot = str(elsewhere / "models--acme--tiny-lora" / "snapshots" / first)  # the record of a run made before
+    old = yaml.safe_load((run / "recipe.yaml").read_text())
+    old["adapter"]["init_from"] = snapshot
+    (run / "recipe.yaml").write_text(text := yaml.safe_dump(old, sort_keys=False))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["recipe"]["adapter"]["init_from"] = snapshot
+    manifest["recipe_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    report = verify(run, console=quiet)
+    assert report.ok, report.differences
+    (elsewhere / "models--acme--tiny-lora" / "refs" / "main").write_text(first)
+    said = io.StringIO()
+    train(load_recipe(path), resume=True, console=Console(file=said, width=400))
+    assert "Resumed from step-00000002" in said.getvalue() and "other paths" not in said.getvalue(), said.getvalue()
+
+
 def test_paths_that_look_like_hub_ids_stay_paths(hub, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """What no hub id can be stays a (missing) path, said as one: `--` or `..` in a name (a traceback from
     huggingface_hub's validation), `./acme/x`, a subfolder with `..` (it reached any directory: /etc, another

@@ -612,12 +612,13 @@ def test_verify_is_clean_and_names_a_changed_expert(tiny_llama, number_data, exp
 def test_hub_experts_train_offline_record_their_commit_and_a_moved_branch_is_named(tiny_llama, number_data, experts,
                                                                                    tmp_path, monkeypatch):
     """Experts named by hub id (`acme/expert-0`, read offline from a Hugging Face cache laid out as the hub client
-    writes it) train, and the run records the commit each was read at: its recipe.yaml and adapter_config.json name
-    the commit's snapshot, and the export holds its copy. Once expert-1's main moves to a commit with another lora_B,
-    `--resume` is refused naming the moved branch and the pin (before: 'holds a run of a different recipe (its
-    recipe.yaml differs in adapter.adapters.1)', which the user did not change; and that refused resume rewrote the
-    run's recipe.yaml, which verify then reported changed), and the pinned recipe resumes; `verify` re-runs the
-    run's commit, clean, and says where main points now (it said nothing)."""
+    writes it) train, and the run records the commit each was read at: its recipe.yaml pins it
+    (`acme/expert-0@COMMIT`), adapter_config.json names the commit's snapshot, and the export holds its copy. Once
+    expert-1's main moves to a commit with another lora_B, `--resume` is refused naming the moved branch and the pin
+    (before: 'holds a run of a different recipe (its recipe.yaml differs in adapter.adapters.1)', which the user did
+    not change; and that refused resume rewrote the run's recipe.yaml, which verify then reported changed), and the
+    pinned recipe resumes; `verify` re-runs the run's commit, clean, and says where main points now (it said
+    nothing)."""
     from huggingface_hub import constants
     from rich.console import Console
 
@@ -638,7 +639,8 @@ def test_hub_experts_train_offline_record_their_commit_and_a_moved_branch_is_nam
     train(load_recipe(recipe_file), console=Console(quiet=True))
     run = tmp_path / "run"
     snapshots = {n: str(cache / f"models--acme--expert-{n}" / "snapshots" / first) for n in experts}
-    assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["adapters"] == snapshots
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["adapters"] == {
+        n: f"acme/expert-{n}@{first}" for n in experts}
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["adapters"] == snapshots
     assert (run / "adapter" / "1" / "adapter_model.safetensors").read_bytes() == \
         (Path(experts["1"]) / "adapter_model.safetensors").read_bytes()

@@ -26,13 +26,13 @@ def train(
         "directory; PEFTKIT_CACHE=off turns it off everywhere)."))] = False,
 ) -> None:
     """Fine-tune: data → model → adapter → training → export, as the recipe says."""
-    from peftkit.recipe import load_recipe
+    from peftkit.recipe import load_recipe, recorded
     from peftkit.train import train as run_train
 
     cfg = load_recipe(recipe, overrides or [])  # a recipe mistake shows here, once, before any process starts
     from peftkit.rundir import check_recipe_file
 
-    check_recipe_file(recipe, Path(cfg.export.output_dir), cfg.to_yaml())
+    check_recipe_file(recipe, Path(cfg.export.output_dir), recorded(cfg).to_yaml())
     if num_processes > 1 and "LOCAL_RANK" not in os.environ:
         from peftkit.launch import launch
 

@@ -19,6 +19,7 @@ start with `/`, `./`, `../` or `~`, and (for data) has no file extension is take
 
 from peftkit.recipe.loader import format_validation_error, load_recipe
 from peftkit.recipe.reader import MAX_DEPTH, MAX_MESSAGES, MAX_RECIPE_BYTES, MAX_VALUES
+from peftkit.recipe.resolution import fetch_recorded, recorded
 from peftkit.recipe.schema import (
     DATA_EXTENSIONS,
     AdapterConfig,
@@ -43,5 +44,5 @@ __all__ = [
     "DATA_EXTENSIONS", "MAX_DEPTH", "MAX_MESSAGES", "MAX_RECIPE_BYTES", "MAX_VALUES", "AdapterConfig", "DataConfig", "DataSource",
     "DType", "EvalConfig", "ExportConfig", "ModelConfig", "QuantizationConfig", "Recipe", "RopeScalingConfig",
     "Section", "TargetRegex",
-    "TrainingConfig", "format_validation_error", "is_hub_dataset", "load_recipe", "is_local_dataset", "is_saved_dataset",
+    "TrainingConfig", "fetch_recorded", "format_validation_error", "is_hub_dataset", "load_recipe", "is_local_dataset", "is_saved_dataset", "recorded",
 ]

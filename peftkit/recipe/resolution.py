@@ -7,6 +7,7 @@ line."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,52 @@ def _usable(value: str, kind: str, loc: tuple, written: _Written) -> str:
             written.missing_adapters.append(f"{where}: {key}: {e}")
             return resolved
     return resolved
+
+
+HUB_ADAPTER_KEYS = ("init_from", "source_adapter", "fuse", "adapters")
+"""The adapter section's keys that name adapter directories, each of which a recipe may give as a hub adapter (`_usable`
+of kind adapter): one (init_from, multitask prompt tuning's source_adapter), a list (AdapterFusion's fuse) or a mapping
+(X-LoRA's experts, adapters)."""
+
+
+def _each_adapter(adapter, change: Callable[[str, str], str]):
+    """`adapter` (a recipe's section) with `change(key, value)` in place of each adapter directory its HUB_ADAPTER_KEYS
+    name, `key` as errors name it (adapter.fuse[1], adapter.adapters['0']): a copy where one changed, else itself."""
+    updates = {}
+    for name in HUB_ADAPTER_KEYS:
+        value = getattr(adapter, name, None)
+        if isinstance(value, str):
+            updates[name] = change(f"adapter.{name}", value)
+        elif isinstance(value, list):
+            updates[name] = [change(f"adapter.{name}[{i}]", v) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            updates[name] = {k: change(f"adapter.{name}['{k}']", v) for k, v in value.items()}
+    changed = {name: value for name, value in updates.items() if value != getattr(adapter, name)}
+    return adapter.model_copy(update=changed) if changed else adapter
+
+
+def recorded(recipe: Recipe) -> Recipe:
+    """`recipe`, resolved, as a run records it (recipe.yaml, manifest.json): each hub adapter by its hub reference
+    pinned to the commit read (`user/name@COMMIT`, `peftkit.hub.pinned_reference`), not by its snapshot in this
+    machine's cache, so that `peftkit verify` and `train --resume` read that commit wherever they run (`load_recipe` of
+    the record fetches it, as `fetch_recorded` does). A copy where one changed."""
+    from peftkit.hub import pinned_reference
+
+    adapter = _each_adapter(recipe.adapter, lambda key, value: pinned_reference(value) or value)
+    return recipe if adapter is recipe.adapter else recipe.model_copy(update={"adapter": adapter})
+
+
+def fetch_recorded(recipe: Recipe, where: str) -> Recipe:
+    """A run's recorded `recipe` (manifest.json's, which is not resolved) with each hub adapter recorded pinned to a
+    commit (`recorded`) fetched at that commit (offline: read from the local cache), as its snapshot's path. A record
+    from before they were pinned names the snapshot itself, which stays. `where`: the record, for the errors."""
+    from peftkit.hub import fetch_pinned, pinned_commit
+
+    def fetched(key: str, value: str) -> str:
+        return fetch_pinned(value, f"{where}: {key}") if "@" in value and pinned_commit(value) else value
+
+    adapter = _each_adapter(recipe.adapter, fetched)
+    return recipe if adapter is recipe.adapter else recipe.model_copy(update={"adapter": adapter})
 
 
 def _resolve_paths(recipe: Recipe, written: _Written) -> None:
