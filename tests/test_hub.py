@@ -828,6 +828,36 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     assert "Resumed from step-00000002" in said.getvalue() and "other paths" not in said.getvalue(), said.getvalue()
 
 
+def test_a_fusion_of_hub_adapters_records_them_pinned_and_verifies_with_the_cache_elsewhere(
+        hub, tiny_llama, number_data, tmp_path, monkeypatch):
+    """AdapterFusion of two hub adapters: its adapter_config.json records each fused adapter's source as its pin
+    (acme/lora-3@COMMIT), as recipe.yaml does, not the snapshot's path in the cache, which made the export differ on a
+    machine whose cache lies elsewhere. With the cache moved, verify reproduces the run, exports bit for bit."""
+    import yaml
+    from rich.console import Console
+
+    from peftkit.methods.lora import LoraConfig
+    from tests.test_combine import make_adapter
+
+    commit, quiet, names = "e" * 40, Console(quiet=True), ["acme/lora-3", "acme/lora-4"]
+    lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    for seed, name in zip((3, 4), names):
+        _publish_to(hub, name, Path(make_adapter(tiny_llama, lora, seed, tmp_path / f"lora-{seed}")), commit)
+    path = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2}, eval={"base_model": False})
+    path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {"adapter": {"method": "fusion", "fuse": names}}))
+    train(load_recipe(path), console=quiet)
+    run = tmp_path / "run"
+    pins = [f"{name}@{commit}" for name in names]
+    assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["fuse"] == pins
+    assert [f["source"] for f in json.loads((run / "adapter" / "adapter_config.json").read_text())["fused"]] == pins
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(hub, elsewhere, symlinks=True)
+    shutil.rmtree(hub)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(elsewhere))
+    report = verify(run, console=quiet)
+    assert report.ok, report.differences
+
+
 def test_paths_that_look_like_hub_ids_stay_paths(hub, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """What no hub id can be stays a (missing) path, said as one: `--` or `..` in a name (a traceback from
     huggingface_hub's validation), `./acme/x`, a subfolder with `..` (it reached any directory: /etc, another

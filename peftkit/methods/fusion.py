@@ -41,7 +41,8 @@ peft_type, peftkit reads it): `adapter_model.safetensors` holds, under `base_mod
 `value`), and a **copy** of every fused
 adapter's tensors at that site as `fused.<i>.<its own key suffix>` (`fused.0.lora_A.weight`, i its position in
 `fuse`); `adapter_config.json` (peft_type `ADAPTER_FUSION`) holds the fusion settings, `target_modules` (the sites)
-and `fused`: per adapter its source directory (for the record) and its whole adapter_config.json. Copies, not
+and `fused`: per adapter its source directory (for the record; a hub adapter's as `user/name@COMMIT`, the commit
+read) and its whole adapter_config.json. Copies, not
 references: the fusion was trained against exactly those adapter weights, so a source directory retrained, moved or
 deleted later would silently change (or break) the fused model; a fusion directory reloads on its own.
 """
@@ -316,10 +317,13 @@ class Fusion(Method):
 
     @classmethod
     def to_peft(cls, cfg: FusionConfig, targets: list[str], base_name: str, fan_in_fan_out: bool) -> dict:
+        from peftkit.hub import pinned_reference
         from peftkit.methods.fusion_sources import fused_adapters
 
+        # a hub adapter's source as the run records it (user/name@COMMIT), not its snapshot in this machine's cache
         return cls.peft_common(cfg, targets, base_name) | {
-            "fused": [{"source": f.source, "config": f.config} for f in fused_adapters(cfg)],
+            "fused": [{"source": pinned_reference(f.source) or f.source, "config": f.config}
+                      for f in fused_adapters(cfg)],
             "value": cfg.value, "regularization": cfg.regularization, "temperature": cfg.temperature,
             "dropout": cfg.dropout}
 
