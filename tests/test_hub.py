@@ -752,7 +752,7 @@ def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_dat
 def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_commit_elsewhere(
         hub, tiny_llama, number_data, tmp_path, monkeypatch):
     """adapter.init_from: acme/tiny-lora is recorded in recipe.yaml and manifest.json as acme/tiny-lora@COMMIT, the
-    commit read (they named its snapshot in this machine's cache: verify elsewhere said the path no longer exists).
+    commit read (they named its snapshot in this machine's cache: verify elsewhere stopped with a FileNotFoundError).
     With the cache moved: one holding another commit only is an error naming the repository and the run's commit; that
     commit put back (main elsewhere), verify reproduces the run and --resume of the run's recipe.yaml reads it, while
     the user's recipe, whose main now has other weights, is refused naming both commits and the pin. A run recorded
@@ -762,7 +762,9 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
 
     import yaml
     from rich.console import Console
+    from typer.testing import CliRunner
 
+    from peftkit.cli import app
     from peftkit.methods.lora import LoraConfig
     from peftkit.rundir import check_output_dir
     from tests.test_combine import make_adapter
@@ -805,10 +807,6 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
             f"adapter.init_from is hub adapter acme/tiny-lora, now at commit {other} (the run began at {first}): the "
             f"branch or tag it names moved on. Set adapter.init_from to {pin}, the commit the run began with")):
         train(load_recipe(path), resume=True, console=quiet)
-    from typer.testing import CliRunner
-
-    from peftkit.cli import app
-
     resumed = CliRunner().invoke(app, ["train", str(run / "recipe.yaml"), "--resume"], catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output  # the pinned commit: the run's inputs, unchanged
 
