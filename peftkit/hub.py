@@ -164,13 +164,27 @@ def cached_adapter(path: str | Path) -> tuple[str, str, str | None] | None:
 
 
 def pinned_reference(path: str) -> str | None:
-    """`user/name[/SUBFOLDER]@COMMIT`, the hub reference pinned to the commit read, of the hub adapter whose snapshot in
-    the local Hugging Face cache is `path` (`hub_adapter`'s answer); None for another path or a hub id. What a run
-    records of a hub adapter (`peftkit.recipe.recorded`): the snapshot's path is this machine's only."""
-    if (cached := cached_adapter(path)) is None or not re.fullmatch(r"[0-9a-f]{40}", cached[1]):
+    """`user/name[/SUBFOLDER]@COMMIT`, the hub reference pinned to the commit read, of the hub adapter whose snapshot is
+    `path`: in the local Hugging Face cache (`hub_adapter`'s answer), or, where `path` is gone, in another machine's
+    (`.../models--user--name/snapshots/COMMIT[/SUBFOLDER]`, as a run made there before 6 December 2026 recorded it);
+    None for another path or a hub id. What a run records of a hub adapter (`peftkit.recipe.recorded`): the
+    snapshot's path is one machine's only."""
+    if (cached := cached_adapter(path)) is None and not Path(path).exists():
+        cached = _snapshot_elsewhere(Path(path).parts)
+    if cached is None or not re.fullmatch(r"[0-9a-f]{40}", cached[1]) or not _HUB_ID.fullmatch(cached[0]):
         return None
     repo_id, commit, subfolder = cached
     return f"{repo_id}{'/' + subfolder if subfolder else ''}@{commit}"
+
+
+def _snapshot_elsewhere(parts: tuple[str, ...]) -> tuple[str, str, str | None] | None:
+    """(repository, commit, subfolder or None) of a path laid out as a snapshot of a Hugging Face cache wherever that
+    lies, `.../models--user--name/snapshots/COMMIT[/SUBFOLDER]` (split in `parts`); None for another path."""
+    for i in range(len(parts) - 2):
+        folder, snapshots, commit = parts[i:i + 3]
+        if folder.startswith("models--") and snapshots == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", commit):
+            return folder.removeprefix("models--").replace("--", "/"), commit, "/".join(parts[i + 3:]) or None
+    return None
 
 
 def pinned_commit(value: str) -> tuple[str, str, str | None] | None:

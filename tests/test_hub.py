@@ -756,7 +756,8 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     With the cache moved: one holding another commit only is an error naming the repository and the run's commit; that
     commit put back (main elsewhere), verify reproduces the run and --resume of the run's recipe.yaml reads it, while
     the user's recipe, whose main now has other weights, is refused naming both commits and the pin. A run recorded
-    before (the snapshot's path) still verifies, and the user's recipe at that commit resumes it as the same run."""
+    before (the snapshot's path) still verifies, also where that path is another machine's (its commit fetched), and
+    resumes from its recipe.yaml as the same run."""
     import io
     import re
 
@@ -810,19 +811,19 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     resumed = CliRunner().invoke(app, ["train", str(run / "recipe.yaml"), "--resume"], catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output  # the pinned commit: the run's inputs, unchanged
 
-    snapshot = str(elsewhere / "models--acme--tiny-lora" / "snapshots" / first)  # the record of a run made before
-    old = yaml.safe_load((run / "recipe.yaml").read_text())
-    old["adapter"]["init_from"] = snapshot
-    (run / "recipe.yaml").write_text(text := yaml.safe_dump(old, sort_keys=False))
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["recipe"]["adapter"]["init_from"] = snapshot
-    manifest["recipe_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    (run / "manifest.json").write_text(json.dumps(manifest))
-    report = verify(run, console=quiet)
-    assert report.ok, report.differences
-    (elsewhere / "models--acme--tiny-lora" / "refs" / "main").write_text(first)
-    said = io.StringIO()
-    train(load_recipe(path), resume=True, console=Console(file=said, width=400))
+    # the record of a run made before: the snapshot's path in this cache, then in the first machine's (gone)
+    for snapshot in (elsewhere, hub):
+        old = yaml.safe_load((run / "recipe.yaml").read_text())
+        old["adapter"]["init_from"] = str(snapshot / "models--acme--tiny-lora" / "snapshots" / first)
+        (run / "recipe.yaml").write_text(text := yaml.safe_dump(old, sort_keys=False))
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["recipe"]["adapter"]["init_from"] = old["adapter"]["init_from"]
+        manifest["recipe_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        (run / "manifest.json").write_text(json.dumps(manifest))
+        report = verify(run, console=quiet)
+        assert report.ok, report.differences
+    said = io.StringIO()  # resumed from that record: the same run, its commit fetched
+    train(load_recipe(run / "recipe.yaml"), resume=True, console=Console(file=said, width=400))
     assert "Resumed from step-00000002" in said.getvalue() and "other paths" not in said.getvalue(), said.getvalue()
 
 

@@ -89,8 +89,8 @@ def _usable(value: str, kind: str, loc: tuple, written: _Written) -> str:
     if kind == "adapter" and not Path(resolved).exists():  # a hub adapter (`peftkit.hub`), or the missing path
         from peftkit.hub import hub_adapter
 
-        try:
-            return hub_adapter(value, tried=resolved) or resolved
+        try:  # (a hub adapter's snapshot on another machine, as a run made before recorded it: its commit fetched)
+            return hub_adapter(value, tried=resolved) or _gone_snapshot(resolved) or resolved
         except PeftkitError as e:
             if written.missing_adapters is None or loc[1] == "init_from":
                 raise PeftkitError(f"{where}: {key}: {e}") from None
@@ -135,14 +135,27 @@ def recorded(recipe: Recipe) -> Recipe:
 def fetch_recorded(recipe: Recipe, where: str) -> Recipe:
     """A run's recorded `recipe` (manifest.json's, which is not resolved) with each hub adapter recorded pinned to a
     commit (`recorded`) fetched at that commit (offline: read from the local cache), as its snapshot's path. A record
-    from before they were pinned names the snapshot itself, which stays. `where`: the record, for the errors."""
-    from peftkit.hub import fetch_pinned, pinned_commit
+    from before they were pinned names the snapshot itself, which stays where it is here, else is fetched as its pin
+    (another machine's cache). `where`: the record, for the errors."""
+    from peftkit.hub import fetch_pinned, pinned_commit, pinned_reference
 
     def fetched(key: str, value: str) -> str:
-        return fetch_pinned(value, f"{where}: {key}") if "@" in value and pinned_commit(value) else value
+        pinned = value if "@" in value and pinned_commit(value) else None
+        if pinned is None and not Path(value).exists():
+            pinned = pinned_reference(value)
+        return fetch_pinned(pinned, f"{where}: {key}") if pinned else value
 
     adapter = _each_adapter(recipe.adapter, fetched)
     return recipe if adapter is recipe.adapter else recipe.model_copy(update={"adapter": adapter})
+
+
+def _gone_snapshot(path: str) -> str | None:
+    """The local snapshot of the hub adapter whose snapshot in another machine's Hugging Face cache is `path`, which is
+    not here (a run's record from before they were pinned, `peftkit.hub.pinned_reference`), fetched at that commit
+    (offline: from the local cache); None for another path."""
+    from peftkit.hub import hub_adapter, pinned_reference
+
+    return hub_adapter(pinned) if (pinned := pinned_reference(path)) else None
 
 
 def _resolve_paths(recipe: Recipe, written: _Written) -> None:
