@@ -31,21 +31,13 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
     cannot be a hub id (a path: `./x`, `~/x`, `/x`); `user/name/SUBFOLDER` is the adapter in a subfolder of the
     repository. `tried`: the local path it was looked for at first, for the errors (a recipe's: relative to the
     recipe's directory)."""
+    if not hub_shaped(value):
+        return None
     name, _, revision = value.partition("@")
-    if not (match := _HUB_ID.fullmatch(name)) or (revision and not re.fullmatch(r"[\w./-]+", revision)):
-        return None
-    repo_id, subfolder = match.groups()
-    if subfolder and any(part in (".", "..") for part in subfolder.split("/")):
-        return None  # (a path: a subfolder stays inside its repository's snapshot)
+    repo_id, subfolder = _HUB_ID.fullmatch(name).groups()
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:  # `--` or `..` in it, a name too long: no hub id, a path
-        return None
 
     at = f" at revision '{revision}'" if revision else ""
     local = f"no such local directory ({tried})" if tried and tried != value else "no such local directory"
@@ -70,6 +62,25 @@ def hub_adapter(value: str, tried: str | None = None) -> str | None:
         raise PeftkitError(f"Adapter {value}: hub repository {repo_id}{at} has no adapter files in {subfolder}/ "
                            f"({why}).")
     return str(Path(snapshot, subfolder)) if subfolder else snapshot
+
+
+def hub_shaped(value: str) -> bool:
+    """Whether `value` can name a hub adapter (`hub_adapter`): `user/name`, then a subfolder and `@REVISION` if any;
+    not a path (`./x`, `~/x`, `/x`, `..` in a subfolder, a name the hub refuses)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    name, _, revision = value.partition("@")
+    if not (match := _HUB_ID.fullmatch(name)) or (revision and not re.fullmatch(r"[\w./-]+", revision)):
+        return False
+    repo_id, subfolder = match.groups()
+    if subfolder and any(part in (".", "..") for part in subfolder.split("/")):
+        return False  # (a path: a subfolder stays inside its repository's snapshot)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:  # `--` or `..` in it, a name too long: no hub id, a path
+        return False
+    return True
 
 
 def _fetch(repo_id: str, revision: str | None, subfolder: str | None) -> str:

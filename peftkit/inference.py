@@ -325,8 +325,11 @@ def base_gone(base: str, where: str) -> PeftkitError:
 
 
 def local_path(name: str) -> bool:
-    """A model name that can only be a local path (as `peftkit.modeling` reads it): absolute, or `./`, `../`, `~`."""
-    return Path(name).is_absolute() or name.startswith((".", "~"))
+    """A model name that can only be a local path (`peftkit.local_or_hub.meant_locally`): absolute, `./`, `../`, `~`,
+    or `runs/base` where runs/ is a directory here."""
+    from peftkit.local_or_hub import meant_locally
+
+    return name.startswith(".") or meant_locally(name)
 
 
 def relative_to_cwd(name: str) -> str:

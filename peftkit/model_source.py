@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from peftkit.errors import PeftkitError, did_you_mean
+from peftkit.local_or_hub import meant_locally, no_such_directory
 from peftkit.manifest import model_directory
 from peftkit.recipe import ModelConfig
 
@@ -18,12 +19,10 @@ def check_source(cfg: ModelConfig) -> None:
     """A path that should be a model directory but is not gets a clear message before transformers' own."""
     name_or_path = cfg.name_or_path
     path = Path(name_or_path)
-    if path.is_absolute() or name_or_path.startswith((".", "~")) or path.is_dir():
+    if name_or_path.startswith(".") or meant_locally(name_or_path) or path.is_dir():
         if not path.exists():
-            raise PeftkitError(
-                f"Model directory not found: {name_or_path}. Give a local directory containing config.json, or a "
-                "hub id such as 'meta-llama/Llama-3.2-1B'."
-            )
+            raise no_such_directory(name_or_path, f"model.name_or_path {name_or_path}", "a local directory containing "
+                                    "config.json, or a hub id such as 'meta-llama/Llama-3.2-1B'")
         if not (path / "config.json").exists():
             raise PeftkitError(f"{name_or_path} has no config.json; it is not a transformers model directory.")
         check_config_json(path / "config.json", cfg.trust_remote_code)

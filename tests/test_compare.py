@@ -442,7 +442,7 @@ def test_a_bad_merged_directory_is_said_before_evaluating(tiny_llama, number_dat
             f"a={candidates / 'peft'}"]
     peft, missing = candidates / "peft", tmp_path / "nope"
     for value, said in [
-        (f"m={missing}", f"--merged m={missing}: {missing} is not there. Give a merged model's directory"),
+        (f"m={missing}", f"--merged m={missing}: no such directory; {tmp_path}/ "),
         (f"m={peft}", f"--merged m={peft}: {peft} is an adapter directory, not a merged model. Compare it as "
                       f"--adapter m={peft}, or merge it first"),
         (f"m={tmp_path}", f"--merged m={tmp_path}: {tmp_path} has no config.json, so it is not a model directory."),

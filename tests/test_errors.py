@@ -1209,7 +1209,8 @@ def test_an_unreadable_weights_file_is_said_to_be_unreadable(assets, tmp_path):
 
 def test_a_mistyped_local_model_path_is_said_to_be_one(tmp_path, monkeypatch, capsys):
     """`--model artifacts/nonexist`, where artifacts/ is a directory here: the error was the hub client's "couldn't
-    connect to huggingface.co", as if the user had meant a hub id."""
+    connect to huggingface.co", as if the user had meant a hub id (then, after its retries, that it is no local
+    directory either); now said at once (tests/test_local_or_hub.py: no hub request)."""
     from huggingface_hub import constants
 
     from tests.conftest import cli_user_error
@@ -1218,8 +1219,8 @@ def test_a_mistyped_local_model_path_is_said_to_be_one(tmp_path, monkeypatch, ca
     (tmp_path / "artifacts" / "tiny-llama").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "artifacts/tiny-lama", "--prompt", "hi").split())
-    assert ("error: Could not load model artifacts/tiny-lama: there is no such local directory (its start, artifacts, "
-            "is one here; artifacts holds tiny-llama), and as a hub id it could not be loaded either") in err, err
+    assert ("error: --model artifacts/tiny-lama: no such directory (read as a local path, not a hub id: artifacts/ is "
+            "a directory here); artifacts/ holds tiny-llama/. Give a model's directory") in err, err
 
 
 def test_names_near_the_filesystem_s_limit(tmp_path):

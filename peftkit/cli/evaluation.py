@@ -115,7 +115,7 @@ def compare(sets: dict, named: list[tuple[str, str]], merged: list[tuple[str, st
     from peftkit.fileio import atomic_write_json
     from peftkit.rundir import make_writable_dir
 
-    named = [(n, adapter_path(p)) for n, p in named]
+    named = [(n, adapter_path(p, f"--adapter {n}={p}")) for n, p in named]
     named_merged = [(n, local_path(p)) for n, p in merged]
     routing = (arrow, [n for n, _ in named if n not in general], list(general)) if arrow is not None else None
     made = predictions is not None and not predictions.exists()

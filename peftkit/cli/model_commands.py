@@ -13,7 +13,8 @@ from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevisio
                                  EvalMerged, EvalMetrics, EvalModel, EvalNormalize, EvalOnBadRows, EvalPredictions,
                                  EvalRecipe, General, MergeTrustRemoteCode, MinP, Overrides, RepetitionPenalty,
                                  Stop, Task, TopK, TrustRemoteCode, adapter_flags, adapter_path, arrow_settings, check_json_out,
-                                 command_inputs, fetched, job_inputs, local_path, typed, user_path)
+                                 command_inputs, fetched, job_inputs, local_path, model_path, typed,
+                                 user_path)
 from peftkit.errors import PeftkitError, visible
 
 
@@ -71,7 +72,7 @@ def merge(
         err_console.print(f"[yellow]warning:[/] --requantize {requantize} rounds the merged weights to 4 bits again; "
                           "its outputs differ slightly from the trained model's. The full-precision merge is kept too.")
     with phase(f"Merging {adapter[0]} into its base..."):
-        out = merge_adapter(adapter_path(adapter[0]), output, local_path(base) if base else None, dtype, requantize,
+        out = merge_adapter(adapter_path(adapter[0]), output, model_path(base, "--base"), dtype, requantize,
                             overwrite, trust_remote_code, task)
     console.print(f"Merged model written to {out}", markup=False, highlight=False)
     if requantize:
@@ -103,7 +104,7 @@ def _combine(adapters: list[str], output: str, base: str | None, dtype: str | No
     except ValueError:
         raise PeftkitError(f"--weights {weights!r}: give numbers separated by commas, e.g. --weights 0.7,0.3.") from None
     combination = Combination(method, parsed, density, svd_rank, svd_clamp, majority_sign, seed)
-    out = combine_adapters([adapter_path(a) for a in adapters], combination, output, into_base, local_path(base) if base else None,
+    out = combine_adapters([adapter_path(a) for a in adapters], combination, output, into_base, model_path(base, "--base"),
                            dtype, overwrite, trust_remote_code)
     what = "Merged model" if into_base else f"Combined adapter ({method})"
     console.print(f"{what} written to {out}", markup=False, highlight=False)
@@ -156,12 +157,12 @@ def eval_cmd(
     if comparing and recipe is None and not model and data:  # the base row its candidates record
         from peftkit.compare_base import comparison_base
 
-        named = [(n, adapter_path(p)) for n, p in named]
+        named = [(n, adapter_path(p, f"--adapter {n}={p}")) for n, p in named]
         base = comparison_base(named, [(n, local_path(p)) for n, p in named_merged], trust_remote_code)
 
     def job_of(data_source: str | None, predictions_file: Path | None, **where):
         """The job of these flags on `data_source` (None: the recipe's data.eval set `where['eval_set']`, or its first)."""
-        return eval_job(recipe, overrides or [], local_path(model) if model else None, data_source, fmt, single, max_length,
+        return eval_job(recipe, overrides or [], model_path(model), data_source, fmt, single, max_length,
                         batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize, predictions_file,
                         task, comparing=comparing, **where)
 
@@ -237,7 +238,7 @@ def generate(
     settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(named), task)
     check_arrow(named, settings, general or [], route)  # before a hub adapter is fetched
     single, named = fetched(single, named)
-    job = generate_job(recipe, overrides or [], local_path(model) if model else None, single, prompts,
+    job = generate_job(recipe, overrides or [], model_path(model), single, prompts,
                        local_path(data) if data else None, fmt, chat, limit,
                        Sampling(max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
                                   tuple(typed(t) for t in stop or [])),
@@ -306,7 +307,7 @@ def chat(
         raise PeftkitError("peftkit chat runs one adapter: give --adapter once, or route each token among several "
                            "NAME=DIR adapters with --arrow.")
     single, named = fetched(single, named)  # (hub adapters downloaded once the flags are known to be right)
-    source, cfg = model_source(recipe, overrides or [], local_path(model) if model else None,
+    source, cfg = model_source(recipe, overrides or [], model_path(model),
                                single or (named[0][1] if named else None), trust_remote_code, "chat")
     tok = source.tokenizer()
     # A recipe's data.system_prompt opened each conversation it trained on, an empty one too: the default of --system
@@ -344,7 +345,7 @@ def inspect_cmd(
     from peftkit.inspect_text import describe
     from peftkit.peft_format import CONFIG_NAME
 
-    path = Path(adapter_path(adapter_dir))  # (a str: typer's Path drops the `./` of `./x`)
+    path = Path(adapter_path(adapter_dir, adapter_dir))  # (a str: typer's Path drops the `./` of `./x`)
     if not (path / CONFIG_NAME).exists() and (path / "adapter" / CONFIG_NAME).is_file():
         path = path / "adapter"  # a run directory, as eval, generate, merge and push take one: its adapter
     info = inspect_adapter(path)

@@ -85,13 +85,34 @@ def local_path(path: str) -> str:
     return str(expanded.resolve()) if expanded.exists() else str(expanded) if path.startswith("~") else path
 
 
-def adapter_path(value: str) -> str:
+def model_path(value: str | None, flag: str = "--model") -> str | None:
+    """A --model (--base, --merged NAME=) value: `local_path`; one that can only be a local path and is not there
+    (`peftkit.local_or_hub`: `runs/merged` where runs/ exists) is refused at once, not asked of the hub."""
+    from peftkit.local_or_hub import meant_locally, no_such_directory
+
+    if value is None:
+        return None
+    local = local_path(value)
+    if not Path(local).exists() and meant_locally(value):
+        raise no_such_directory(value, f"{flag} {value}", "a model's directory (config.json and weights), or a hub "
+                                "id user/name")
+    return local
+
+
+def adapter_path(value: str, given: str | None = None) -> str:
     """An --adapter value: a local directory (`local_path`), else a hub adapter fetched into the Hugging Face cache
-    (`peftkit.hub`: `user/name[@REVISION]`), else the missing path, which loading names."""
+    (`peftkit.hub`: `user/name[@REVISION]`), else the missing path, which loading names. One shaped as a hub id that
+    can only be a local path (`runs/x` where runs/ is a directory here: `peftkit.local_or_hub`) is refused at once,
+    not asked of the hub; `given`: how the error names it (default `--adapter VALUE`)."""
+    from peftkit.hub import hub_adapter, hub_shaped
+    from peftkit.local_or_hub import meant_locally, no_such_directory
+
     local = local_path(value)
     if Path(local).exists():
         return local
-    from peftkit.hub import hub_adapter
+    if hub_shaped(value) and meant_locally(value, subfolders=True):  # (another path: loading says it is not there)
+        raise no_such_directory(value, given or f"--adapter {value}", "an adapter's directory (adapter_config.json), "
+                                "a run directory, or a hub id user/name[@REV]")
 
     return hub_adapter(value) or local
 
@@ -142,7 +163,10 @@ def arrow_settings(arrow: bool, top_k: int | None, temperature: float | None, ge
 
 def check_merged(merged: list[tuple[str, str]]) -> None:
     """`eval --merged NAME=DIR` values: each a model directory (config.json), said before anything loads, as an
-    --adapter's errors are. A value that is no path on disk and does not look like one (`user/name`) is a hub id."""
+    --adapter's errors are. A value that is no path on disk and is not one for sure (`user/name`: `meant_locally`) is
+    a hub id."""
+    from peftkit.local_or_hub import meant_locally, no_such_directory
+
     for name, value in merged:
         path = Path(value).expanduser()
         given = f"--merged {name}={value}"
@@ -155,9 +179,9 @@ def check_merged(merged: list[tuple[str, str]]) -> None:
         if path.exists():
             raise PeftkitError(f"{given}: {value} has no config.json, so it is not a model directory. Give a merged "
                                "model's directory (peftkit merge --output writes one).")
-        if path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1:
-            raise PeftkitError(f"{given}: {value} is not there. Give a merged model's directory (peftkit merge "
-                               "--output writes one).")
+        if meant_locally(value):
+            raise no_such_directory(value, given, "a merged model's directory (peftkit merge --output writes one), or "
+                                    "a hub id user/name")
 
 
 def adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -172,7 +196,7 @@ def adapter_flags(adapters: list[str]) -> tuple[str | None, list[tuple[str, str]
 
 def fetched(single: str | None, named: list[tuple[str, str]]) -> tuple[str | None, list[tuple[str, str]]]:
     """`adapter_flags`' values as local directories (`adapter_path`: a hub adapter is fetched into the cache)."""
-    return adapter_path(single) if single else None, [(n, adapter_path(p)) for n, p in named]
+    return adapter_path(single) if single else None, [(n, adapter_path(p, f"--adapter {n}={p}")) for n, p in named]
 
 
 Inputs = list[tuple[str, "str | Path | None"]]

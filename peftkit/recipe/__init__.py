@@ -14,7 +14,9 @@ recipe, defaults included.
 Paths. A relative path in a recipe (`model.name_or_path`, `data.train`, `data.eval`,
 `export.output_dir`) is resolved against the directory of the recipe file, not the current directory,
 so a recipe runs the same from anywhere. A model or dataset value that is not an existing path, does not
-start with `/`, `./`, `../` or `~`, and (for data) has no file extension is taken as a Hugging Face hub id.
+start with `/`, `./`, `../` or `~`, and (for data) has no file extension is taken as a Hugging Face hub id; a model's
+or adapter's that can only be a path (`peftkit.local_or_hub.meant_locally`: `runs/merged` where runs/ is beside the
+recipe) is a path.
 """
 
 from peftkit.recipe.loader import format_validation_error, load_recipe

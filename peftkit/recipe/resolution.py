@@ -87,9 +87,13 @@ def _usable(value: str, kind: str, loc: tuple, written: _Written) -> str:
                "an existing path (relative to the recipe's directory) or a hub id")
         raise PeftkitError(f"{where}: '{key}' = {shown!r} is not a usable path ({reason}). Give {fix}.") from None
     if kind == "adapter" and not Path(resolved).exists():  # a hub adapter (`peftkit.hub`), or the missing path
-        from peftkit.hub import hub_adapter
+        from peftkit.hub import hub_adapter, hub_shaped
+        from peftkit.local_or_hub import meant_locally, no_such_directory
 
-        try:  # (a hub adapter's snapshot on another machine, as a run made before recorded it: its commit fetched)
+        try:  # (a hub adapter's snapshot on another machine, as a run made before recorded it: its commit fetched)  # one that can only be a local path: not asked of the hub (`peftkit.local_or_hub`)
+            if hub_shaped(value) and meant_locally(value, written.base, subfolders=True):
+                raise no_such_directory(value, f"Adapter {value}", "an adapter's directory (relative to the recipe's "
+                                        "directory), or a hub id user/name[@REV]", written.base)
             return hub_adapter(value, tried=resolved) or _gone_snapshot(resolved) or resolved
         except PeftkitError as e:
             if written.missing_adapters is None or loc[1] == "init_from":
@@ -245,10 +249,15 @@ def _resolve_shadow_model(recipe: Recipe, written: _Written) -> None:
 
 
 def _resolve(value: str, base: Path, kind: str) -> str:
-    """Resolve a recipe path against the recipe's directory; leave hub ids alone."""
+    """Resolve a recipe path against the recipe's directory; leave hub ids alone (a model's: what can be one,
+    `peftkit.local_or_hub.meant_locally`)."""
+    from peftkit.local_or_hub import meant_locally
+
     expanded = Path(value).expanduser()
     candidate = expanded if expanded.is_absolute() else base / expanded
     looks_like_path = value.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
+    if kind == "model" and meant_locally(value, base):
+        looks_like_path = True
     if kind == "data" and Path(value).suffix.lower() in DATA_EXTENSIONS:
         looks_like_path = True
     if candidate.exists() or looks_like_path or kind in ("output", "adapter"):

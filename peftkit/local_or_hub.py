@@ -1,0 +1,66 @@
+"""A model's or adapter's name as given (`--model`, `--merged`, `--adapter`, `--base`; a recipe's
+`model.name_or_path`, `adapter.init_from`, AdapterFusion's and X-LoRA's adapters): a local path, or a hub id.
+
+A name not on disk goes to the hub as a hub id, and offline huggingface_hub retries the network for ~20 s before it
+gives up (seen: 50 s for `peftkit generate --model runs/merged` on a machine without network). A name that can only
+be a local path (`meant_locally`) is refused at once instead (`no_such_directory`), saying what is there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+SHOWN_ENTRIES = 12
+"""The entries of the nearest existing directory an error names (sorted; '...' where it holds more)."""
+
+
+def meant_locally(value: str, base: Path | None = None, subfolders: bool = False) -> bool:
+    """Whether `value`, a name that is not on disk, can only be a local path: it starts with `/`, `./`, `../` or `~`,
+    ends with a separator, holds more than one `/` (a model's hub id is `user/name`; an adapter's may go on with a
+    subfolder, `user/name/SUBFOLDER`, where `subfolders`), or its first part is a directory here (`runs/merged` where
+    `runs/` exists: a mistyped run, not user `runs`'s model).
+
+    Args:
+        value: the name as the user wrote it.
+        base: the directory a relative name is read from (a recipe's directory); the current one where None.
+        subfolders: whether a hub id may name a subfolder (adapters: `peftkit.hub`).
+    """
+    if value.startswith(("/", "./", "../", "~")) or value in (".", "..") or Path(value).is_absolute():
+        return True
+    if value.endswith(("/", os.sep)) or (not subfolders and value.count("/") > 1):
+        return True
+    parts = Path(value).parts
+    return len(parts) > 1 and ((base or Path()) / parts[0]).is_dir()
+
+
+def no_such_directory(value: str, given: str, fix: str, base: Path | None = None) -> PeftkitError:
+    """The error of `value`, meant locally (`meant_locally`) and not there: `given` says where it was given (`--model
+    runs/merged`, a recipe's line and key), then the nearest directory above it that exists and what it holds, and
+    `fix`, what to give instead."""
+    path = Path(value).expanduser()
+    full = path if path.is_absolute() else (base or Path()) / path
+    above = next(parent for parent in full.parents if parent.is_dir())
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in above.iterdir() if not p.name.startswith("."))
+    shown = ", ".join(held[:SHOWN_ENTRIES]) + (", ..." if len(held) > SHOWN_ENTRIES else "")
+    name = _as_given(above, full, value)
+    there = f"{name} holds {shown}" if held else f"{name} is empty"
+    first = Path(value).parts[0]
+    said = [str(full)] if str(full) != str(path) or value.startswith("~") else []  # (`~` expanded, the recipe's)
+    if value.count("/") == 1 and not value.startswith(("/", "./", "~")) and not value.endswith("/") \
+            and ((base or Path()) / first).is_dir():  # the rule a user may not expect: said
+        said.append(f"read as a local path, not a hub id: {first}/ is a directory here")
+    shown_path = f" ({'; '.join(said)})" if said else ""
+    return PeftkitError(f"{given}: no such directory{shown_path}; {there}. Give {fix}.")
+
+
+def _as_given(above: Path, full: Path, value: str) -> str:
+    """`above`, a directory above `full`, as the user would name it: the part of `value` it is (`runs/`), else its
+    whole path."""
+    depth = len(full.parts) - len(above.parts)
+    parts = Path(value).parts
+    if not Path(value).expanduser().is_absolute() and 0 < depth < len(parts):
+        return str(Path(*parts[:len(parts) - depth])) + "/"
+    return str(above.resolve()) + "/"

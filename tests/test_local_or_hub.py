@@ -1,0 +1,102 @@
+"""A model's or adapter's name that can only be a local path, missing, is refused before the hub is asked
+(`peftkit.local_or_hub`); a hub id still goes to the hub. Hub requests are observed on a local HTTP server that
+huggingface_hub is pointed at."""
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import constants
+
+from peftkit.errors import PeftkitError
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.conftest import cli_user_error, make_recipe
+
+
+@pytest.fixture
+def hub_requests(monkeypatch, tmp_path) -> list[str]:
+    """The paths huggingface_hub asks of the hub, online, at a local server that answers 404 to each (no such
+    repository: the client does not retry it), with an empty cache."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    yield asked
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, number_data, tmp_path, monkeypatch,
+                                                                   capsys, hub_requests):
+    """`--model runs/merged`, runs/ a directory here and runs/merged not: it went to the hub as a hub id, and offline
+    huggingface_hub retried for ~20 s before the error (50 s seen for peftkit generate). Each flag and recipe key
+    that takes a model or an adapter now says at once that there is no such directory and what is there, with no
+    hub request; a hub id `user/name` is still asked of the hub, and offline still said as before."""
+    (tmp_path / "runs" / "quick").mkdir(parents=True)
+    (tmp_path / "runs" / "notes.txt").write_text("")
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", str(number_data["eval"])]
+    runs = ("(read as a local path, not a hub id: runs/ is a directory here); runs/ holds notes.txt, quick/. Give a")
+    for args, said in [
+        (["generate", "--model", "runs/merged", "--prompt", "hi"], f"error: --model runs/merged: no such directory {runs}"
+         " model's directory (config.json and weights), or a hub id user/name."),
+        (["eval", "--model", str(tiny_llama), *data, "--adapter", "a=runs/a", "--adapter", "b=runs/b"],
+         f"error: --adapter a=runs/a: no such directory {runs}n adapter's directory (adapter_config.json), a run "
+         "directory, or a hub id user/name[@REV]."),
+        (["eval", "--model", str(tiny_llama), *data, "--adapter", "runs/quick/adapter"],  # (a hub id's subfolder?)
+         "error: --adapter runs/quick/adapter: no such directory; runs/quick/ is empty."),
+        (["eval", *data, "--merged", "m=runs/merged", "--adapter", f"a={tmp_path}"],
+         f"error: --merged m=runs/merged: no such directory {runs} merged model's directory"),
+        (["merge", "--adapter", str(tmp_path), "--base", "runs/base", "--output", "o"],
+         f"error: --base runs/base: no such directory {runs} model's directory"),
+        (["inspect", "runs/adapter"], f"error: runs/adapter: no such directory {runs}n adapter's directory"),
+        (["generate", "--model", "a/b/c", "--prompt", "hi"],  # (a model's hub id has one /)
+         f"error: --model a/b/c: no such directory; {tmp_path}/ holds runs/. Give"),
+    ]:
+        err = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
+        assert said in err, err
+    recipe = make_recipe(tmp_path, Path("runs/merged"), number_data)  # (relative to the recipe's directory)
+    with pytest.raises(PeftkitError) as e:
+        train(load_recipe(recipe))
+    assert str(e.value) == (f"model.name_or_path {tmp_path / 'runs' / 'merged'}: no such directory; {tmp_path}/runs/ "
+                            "holds notes.txt, quick/. Give a local directory containing config.json, or a hub id such as "
+                            "'meta-llama/Llama-3.2-1B'.")
+    written = yaml.safe_load(recipe.read_text())
+    written["model"]["name_or_path"], written["adapter"] = str(tiny_llama), {"init_from": "runs/quick/adapter"}
+    recipe.write_text(yaml.safe_dump(written))
+    with pytest.raises(PeftkitError) as e:
+        load_recipe(recipe)
+    assert f"recipe.yaml:2: adapter.init_from: Adapter runs/quick/adapter: no such directory ({tmp_path}/runs/quick/" \
+           "adapter); runs/quick/ is empty. Give an adapter's directory (relative to the recipe's directory), or a " \
+           "hub id user/name[@REV]." in str(e.value)
+    assert hub_requests == []
+    # A hub id is still a hub id: asked of the hub (the server sees it), and offline said from the cache as before.
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "acme/tiny", "--prompt", "hi").split())
+    assert "error: Could not load model acme/tiny" in err and hub_requests, err
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "acme/tiny", "--prompt", "hi").split())
+    assert (f"error: Could not load model acme/tiny: it is not in the local Hugging Face cache ({tmp_path / 'hf-cache'}), "
+            "and HF_HUB_OFFLINE is set, so nothing is downloaded. Check the id, or unset HF_HUB_OFFLINE to download "
+            "it.") in err, err
