@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from peftkit.data.tokenized import PastVocabulary
 from peftkit.errors import PeftkitError, visible
 from peftkit.eval_job import EvalJob, set_predictions
 from peftkit.evaluate import evaluate
@@ -142,13 +143,16 @@ def compare_sets(sets: dict[str | None, dict[str, EvalJob]], predictions_dir: Pa
     results = {each: {} for each in sets}
     for name, job in rows.items():
         on = {each: _row_job(jobs[name], name, each, predictions_dir) for each, jobs in sets.items()}
-        if shared is not None and (name in adapters or (name == BASE and not base_adds_tokens(job))):
-            shared[1].activate(name if name in adapters else None)
-            figures = {each: evaluate(row_job, shared[0]) for each, row_job in on.items()}
-        elif len(on) > 1:
-            figures = evaluate_sets(on)  # the model loads once, for every set
-        else:
-            figures = {each: evaluate(row_job) for each, row_job in on.items()}
+        try:
+            if shared is not None and (name in adapters or (name == BASE and not base_adds_tokens(job))):
+                shared[1].activate(name if name in adapters else None)
+                figures = {each: evaluate(row_job, shared[0]) for each, row_job in on.items()}
+            elif len(on) > 1:
+                figures = evaluate_sets(on)  # the model loads once, for every set
+            else:
+                figures = {each: evaluate(row_job) for each, row_job in on.items()}
+        except PastVocabulary as e:  # (tokenized rows)
+            raise (_base_lacks_tokens(e, rows) if name == BASE else e) from None
         info = _adapter_figures(job)
         for each in sets:
             results[each][name] = figures[each] | info
@@ -169,6 +173,26 @@ def base_adds_tokens(job: EvalJob) -> bool:
     shared base, the recipe's tokenizer gave token ids past its embeddings (an error, where the data used them)."""
     model = job.source.model
     return bool(model is not None and model.add_tokens)
+
+
+def _base_lacks_tokens(error: PastVocabulary, rows: dict[str, EvalJob]) -> PeftkitError:
+    """The base row's error for a tokenized row with an id past its tokenizer's, where adapters compared with it were
+    trained with tokens added (`peftkit.new_tokens.adapter_tokens`), which it lacks: said as the base row's, with why
+    and what to do (the bare bad row's error, `error`, where none was)."""
+    from peftkit.new_tokens import adapter_tokens
+
+    base = rows[BASE].source
+    base_cfg = base.model or ModelConfig(name_or_path=base.base)
+    adding = [f"adapter '{name}' ({job.source.adapter}) {', '.join(tokens)}" for name, job in rows.items()
+              if job.source.adapter and (tokens := adapter_tokens(job.source.adapter, base_cfg))]
+    if not adding:
+        return error
+    problem = error.problem.partition(" (")[0]  # (not its guess, "tokenized with another tokenizer?")
+    return PeftkitError(
+        f"{error.where}: {problem}, in the comparison's base row ({base.base}): the compared adapters were trained with "
+        f"tokens added to its tokenizer ({'; '.join(adding)}), which the base row reads the data without, and this row "
+        "holds one. Compare on rows the base's tokenizer reads (without those ids), or leave the base row out by "
+        "evaluating each such adapter on its own: peftkit eval --adapter DIR --data FILE (one --adapter, no NAME=).")
 
 
 def _row_job(job: EvalJob, name: str, eval_set: str | None, predictions_dir: Path | None) -> EvalJob:

@@ -467,3 +467,26 @@ def test_a_comparison_reads_the_base_tokenizer_once(tiny_llama, number_data, can
         alone = evaluate(eval_job(None, [], str(tiny_llama), data, None, adapter and str(adapter), None, None, None,
                                   metrics="loss"))
         assert results[name]["loss"] == alone["loss"]
+
+
+def test_the_base_row_says_it_lacks_an_adapter_s_added_tokens(tiny_llama, number_data, tmp_path, monkeypatch, capsys):
+    """Tokenized rows holding the id of a token an adapter's run added (model.add_tokens): the comparison stopped on
+    the base row, first evaluated, with the bare bad row ('input_ids[1] is 102, past this tokenizer's 102 tokens (...:
+    tokenized with another tokenizer?)... or pass --on-bad-rows skip'), not saying it was the base's row nor why. It
+    now says both and the way out, which works: the adapter evaluated on its own (its tokenizer has the token)."""
+    from peftkit.tiny import write_jsonl
+
+    recipe = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 1})
+    recipe.write_text(recipe.read_text().replace("dtype: float32", "dtype: float32\n  add_tokens: ['<calc>']"))
+    train(load_recipe(recipe), console=Console(quiet=True))
+    write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [5, 6, 7]}, {"input_ids": [5, 102, 6, 7]}])
+    adapter, data = tmp_path / "run" / "adapter", ["--data", str(tmp_path / "ids.jsonl"), "--format", "tokenized"]
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", f"a={adapter}").split())
+    assert err == (f"error: {tmp_path / 'ids.jsonl'}:2: input_ids[1] is 102, past this tokenizer's 102 tokens, in the "
+                   f"comparison's base row ({tiny_llama}): the compared adapters were trained with tokens added to its "
+                   f"tokenizer (adapter 'a' ({adapter}) <calc>), which the base row reads the data without, and this "
+                   "row holds one. Compare on rows the base's tokenizer reads (without those ids), or leave the base "
+                   "row out by evaluating each such adapter on its own: peftkit eval --adapter DIR --data FILE (one "
+                   "--adapter, no NAME=)."), err
+    result = CliRunner().invoke(app, ["eval", *data, "--adapter", str(adapter)])
+    assert result.exit_code == 0 and "tokens 5" in result.stdout, result.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from peftkit.data.formats import OPTIONAL_FIELDS, REQUIRED_FIELDS, _row_problem, sharegpt_words
+from peftkit.data.tokenized import PastVocabulary
 from peftkit.errors import PeftkitError
 from peftkit.recipe import DataConfig
 
@@ -27,7 +28,9 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
     data.on_bad_rows: skip, else an error naming `where` and the fields (`columns_key`: the key of cfg.columns, by
     default the one it came from: data.columns, or a list entry's as `DataConfig.reading` read it; `format_key`: of
     cfg.format, by default the one it came from as well: data.format, or a list entry's, data.train[1].format;
-    `problem`: one found beyond the row's fields, by the caller, a tokenized row's id past the tokenizer's)."""
+    `problem`: one found beyond the row's fields, by the caller, a tokenized row's id past the tokenizer's, raised as
+    `PastVocabulary`)."""
+    given = problem
     problem = problem or row_problem(row, cfg.format, target, cfg.train_on)
     if not problem:
         return True
@@ -40,9 +43,10 @@ def usable_row(row: object, cfg: DataConfig, where: str, target: bool = True, co
     fix_format = (f"pass the right {format_key}" if format_key.startswith("--") else
                   f"set the right {format_key}" + (" (or pass --format)" if "--format" in cfg._flags else ""))
     skip = bad_rows_fix(cfg, "skip")
-    raise PeftkitError(f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
-                       + (f"Fix the row, {fix_format}, or {skip}." if skip else f"Fix the row or {fix_format}.")
-                       + (f" {note}." if (note := format_note(cfg, format_key)) else "") + hint)
+    said = (f"{where}: {problem} for {format_key} '{cfg.format}' (each row needs {needed_fields(cfg)}). "
+            + (f"Fix the row, {fix_format}, or {skip}." if skip else f"Fix the row or {fix_format}.")
+            + (f" {note}." if (note := format_note(cfg, format_key)) else "") + hint)
+    raise PeftkitError(said) if given is None else PastVocabulary(said, where, given)
 
 
 def columns_hint(problem: str, row: object, cfg: DataConfig, key: str) -> str:

@@ -30,6 +30,7 @@ data.train_on does not apply (the labels say what trains), nor do data.chat_temp
 from __future__ import annotations
 
 from peftkit.data.stored import IGNORE_INDEX
+from peftkit.errors import PeftkitError
 
 FIELDS = ("input_ids",)
 MASKS = ("completion_mask", "assistant_masks")
@@ -142,6 +143,15 @@ def vocabulary_problem(row: dict, size: int) -> str | None:
         return None
     return (f"input_ids[{past}] is {row['input_ids'][past]}, past this tokenizer's {size} tokens (ids 0 .. "
             f"{size - 1}: tokenized with another tokenizer?)")
+
+
+class PastVocabulary(PeftkitError):
+    """The bad row error of a token id past the tokenizer's (`vocabulary_problem`), which a comparison says of its base
+    row in its own words (`peftkit.compare`: an adapter's added tokens): `where`, the row; `problem`, the id."""
+
+    def __init__(self, message: str, where: str, problem: str) -> None:
+        super().__init__(message)
+        self.where, self.problem = where, problem
 
 
 def ids_and_labels(row: dict) -> tuple[list[int], list[int]]:
