@@ -123,11 +123,12 @@ def describe_example(built: BuiltExample, cfg: DataConfig) -> str:
         return line + ("; no target token within data.max_length: training stops here (data.truncation: error)"
                        if cfg.truncation == "error" and built.target_lost else
                        "; dropped: no target token within data.max_length")
+    end = "the row's last trained token; no EOS appended" if built.given else "EOS / end-of-turn"  # (tokenized rows)
     if not built.target_lost:
-        return line + "; end of target (EOS / end-of-turn): trained"
+        return line + f"; end of target ({end}): trained"
     fate = {"keep": "trained as cut (data.truncation: keep)", "drop": "left out (data.truncation: drop)",
             "error": "training stops here (data.truncation: error)"}[cfg.truncation]
-    return (line + f"; end of target (EOS / end-of-turn): CUT, its last {built.target_lost} target tokens lie "
+    return (line + f"; end of target ({end}): CUT, its last {built.target_lost} target tokens lie "
             f"beyond data.max_length; {fate}")
 
 

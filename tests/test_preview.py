@@ -401,3 +401,28 @@ def test_cpt_s_types_of_tokenized_rows_lead_each_run_of_one_type(tmp_path):
     rows[0].pop("input_type_mask")  # untyped data: no marks, as before
     path = _recipe(tmp_path, rows, format="tokenized")
     assert "‹" not in _preview(path, n=2)
+
+
+def test_a_cut_tokenized_row_loses_the_end_its_labels_give(tmp_path):
+    """peftkit appends no EOS to data.format tokenized rows: a cut one loses its own last trained tokens. The example's
+    line, the warning and data.truncation: error's message said 'EOS / end-of-turn (the model should learn to stop
+    on)' of them too; they now say what is lost, and the text formats' wording stays (the tests above)."""
+    a, b, c, d, e, f, g, h = ids("abcdefgh")
+    rows = [{"input_ids": [a, b, c, d, e, f, g, h], "labels": [X, X, c, d, e, f, g, h]}, {"input_ids": [a, b, c]}]
+    data = tmp_path / "train.jsonl"
+    out = _preview(_recipe(tmp_path, rows, format="tokenized", max_length=6), n=2)
+    assert (f"example 1  {data}:1: 6 of 8 tokens (cut at data.max_length=6), 4 trained; end of target (the row's last "
+            "trained token; no EOS appended): CUT, its last 2 target tokens lie beyond data.max_length; trained as cut "
+            "(data.truncation: keep)\n") in out, out
+    assert f"example 2  {data}:2: 3 tokens, 2 trained; end of target (the row's last trained token; no EOS " \
+           "appended): trained\n" in out, out
+    assert out.endswith(
+        "warning: 1 of 2 examples lost the end of their target, the end their rows' labels give (peftkit appends no EOS "
+        "to data.format tokenized rows), to data.max_length=6 and are trained as cut (data.truncation: keep), so the "
+        "model is not taught how they end. Raise data.max_length, or set data.truncation: drop to leave them out.\n")
+    out = _preview(_recipe(tmp_path, rows, format="tokenized", max_length=6, truncation="error"), n=0)
+    assert out.endswith(
+        f"training would stop: {data}:1: this example has 8 tokens but data.max_length is 6, so its last 2 trained "
+        "tokens, the end the row's labels give (peftkit appends no EOS to data.format tokenized rows), are cut "
+        "(data.truncation: error). Raise data.max_length to 8, or set data.truncation: drop to leave such examples "
+        "out (keep trains on them as cut).\n"), out

@@ -54,7 +54,8 @@ def test_keep_trains_the_cut_example_and_counts_it(tmp_path):
         ([BOS, *ids("abcde")], [X, X, X, *ids("cde")]),  # no EOS: the model is not taught to stop here
         ([BOS, *ids("ab"), EOS], [X, X, *ids("b"), EOS]),
     ]
-    assert stats == {"rows": 4, "bad_rows": 0, "too_long": 1, "truncated": 2, "target_cut": 1, "truncation_dropped": 0,
+    assert stats == {"rows": 4, "bad_rows": 0, "too_long": 1, "truncated": 2, "target_cut": 1, "target_cut_given": 0,
+                     "truncation_dropped": 0,
                      "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
                      "special_text_first": None, "turn_ends_unmarked": False, "dropped_message_rows": 0,
                      "dropped_message_first": None, "examples": 3}
@@ -204,3 +205,20 @@ def test_no_warning_below_the_threshold_or_with_system_messages(tmp_path):
     assert describe_stats(stats, cfg) == ["1 training example"]
     stats, cfg = _chat_stats(tmp_path, _qwen_tok(), [WITH_SYSTEM], max_length=64)
     assert stats["system_prompt_rows"] == 0 and describe_stats(stats, cfg) == ["1 training example"]
+
+
+def test_a_mix_with_tokenized_rows_says_what_each_kind_lost(tmp_path):
+    """A mix of completion rows and data.format tokenized ones (to which peftkit appends no EOS), each with a cut
+    target: the warning says the EOS / end-of-turn of the first and the end the labels give of the second (it said
+    the EOS / end-of-turn of all; all tokenized: tests/test_preview.py)."""
+    a, b, c, d, e, f, g, h = ids("abcdefgh")
+    write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [a, b, c, d, e, f, g, h], "labels": [X, X, c, d, e, f, g, h]}])
+    cfg = DataConfig(train=[{"path": str(tmp_path / "ids.jsonl"), "format": "tokenized"}, str(_jsonl(tmp_path, ROWS))],
+                     format="completion", max_length=6)
+    _, stats = load_examples(TOK, cfg.train, "train", cfg)
+    assert (stats["target_cut"], stats["target_cut_given"]) == (2, 1)
+    assert describe_stats(stats, cfg)[1] == (
+        "warning: 2 of 5 examples lost the end of their target (the EOS / end-of-turn the model should learn to stop "
+        "on; of the 1 tokenized row among them, the end its labels give: peftkit appends no EOS to data.format "
+        "tokenized rows) to data.max_length=6 and are trained as cut (data.truncation: keep), so the model is not "
+        "taught how they end. Raise data.max_length, or set data.truncation: drop to leave them out.")

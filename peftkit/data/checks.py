@@ -106,6 +106,16 @@ def injected_system_tokens(tok) -> int:
     return max(0, without - with_short)
 
 
+NO_EOS = "peftkit appends no EOS to data.format tokenized rows"
+
+
+def target_end(given: bool) -> str:
+    """What a cut takes from the end of an example's target: the EOS / end-of-turn that tokenizing put there, or, of a
+    data.format tokenized row (`given`), to which peftkit appends nothing, the end its labels give."""
+    return (f"the end the row's labels give ({NO_EOS})" if given else
+            "the EOS / end-of-turn the model should learn to stop on")
+
+
 def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
     """The lines to print about the training data that `load_examples` returned `stats` for.
 
@@ -130,10 +140,17 @@ def describe_stats(stats: dict, cfg: DataConfig) -> list[str]:
         line += f"; dropped {stats['truncation_dropped']} whose target lost its end (data.truncation: drop)"
     lines = [line]
     if stats["target_cut"] and cfg.truncation != "drop":
+        given = stats.get("target_cut_given", 0)  # data.format tokenized rows': no EOS of peftkit's to lose
+        end = f" ({target_end(False)})"
+        if given == stats["target_cut"]:
+            end = f", the end their rows' labels give ({NO_EOS}),"
+        elif given:  # a mix
+            end = (f" ({target_end(False)}; of the {counted(given, 'tokenized row')} among them, the end "
+                   f"{'its' if given == 1 else 'their'} labels give: {NO_EOS})")
+        taught = "to stop after them" if not given else "how they end"
         lines.append(
-            f"warning: {stats['target_cut']} of {total} examples lost the end of their target (the EOS / end-of-turn "
-            f"the model should learn to stop on) to {limit}"
-            + (" and are trained as cut (data.truncation: keep), so the model is not taught to stop after them. "
+            f"warning: {stats['target_cut']} of {total} examples lost the end of their target{end} to {limit}"
+            + (f" and are trained as cut (data.truncation: keep), so the model is not taught {taught}. "
                "Raise data.max_length, or set data.truncation: drop to leave them out."
                if cfg.truncation == "keep" else "; data.truncation: error stops training at the first of them.")
         )

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from peftkit.data.bad_rows import all_skipped, bad_rows_fix, in_data_words, needed_fields, row_problem, usable_row
-from peftkit.data.checks import injected_system_tokens, special_tokens_in
+from peftkit.data.checks import injected_system_tokens, special_tokens_in, target_end
 from peftkit.data.formats import message_name
 from peftkit.data.rows import Locations, row_location
 from peftkit.data.sources import bad_rows_by_dataset, format_spans, row_columns
@@ -42,6 +42,9 @@ class BuiltExample:
     end-of-turn marker the model should learn to stop on) is not trained. 0 when the cut target tokens are all
     whitespace: what a chat template puts after its end-of-turn marker (ChatML's newline after `<|im_end|>`),
     which the cut leaves in place."""
+    given: bool = False
+    """A data.format tokenized row's (its ids as given): peftkit appended no EOS, so the target's end is the row's own
+    last trained tokens (`target_end`)."""
 
     @property
     def truncated(self) -> bool:
@@ -222,7 +225,7 @@ def _built_examples(tok, rows: list[dict], cfg: DataConfig, source: str, line_nu
         types = row.get(TYPES) if given else None  # (CPT's, handed to its loss: peftkit.data.tokenized)
         example = Example(ids[:n], labels[:n], task_id=row_task(row, where) if tasks else None,
                           types=None if types is None else types[:n])
-        yield BuiltExample(i, where, example, len(ids), len(lost))
+        yield BuiltExample(i, where, example, len(ids), len(lost), given)
 
 
 def row_task(row: dict, where: str) -> int | None:
@@ -266,7 +269,7 @@ def count_examples(
     examples = Examples()
     spans = format_spans(cfg, line_numbers, len(rows))  # one, but for a mix with entries of their own formats
     chat = any(own.format == "chat" for own, _ in spans)
-    stats = {"rows": len(rows), "bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0,
+    stats = {"rows": len(rows), "bad_rows": 0, "too_long": 0, "truncated": 0, "target_cut": 0, "target_cut_given": 0,
              "truncation_dropped": 0, "system_prompt_rows": 0, "system_prompt_tokens": 0, "special_text_rows": 0,
              "special_text_first": None, "turn_ends_unmarked": chat and turn_end_token(tok) is None,
              "dropped_message_rows": 0, "dropped_message_first": None}
@@ -347,6 +350,7 @@ def _count(built: BuiltExample | None, rows: list[dict], cfg: DataConfig, stats:
         return
     if built.target_lost:
         stats["target_cut"] += 1
+        stats["target_cut_given"] += built.given
     if not loss_keeps(built, cfg):
         stats["truncation_dropped"] += 1
         return
@@ -426,10 +430,11 @@ def truncation_error(cuts: _TargetCuts, cfg: DataConfig) -> str:
     first, count, longest = cuts.first, cuts.count, cuts.longest
     others = f"{count - 1} more example is" if count == 2 else f"{count - 1} more examples are"
     more = f" {others} cut the same way; the longest has {longest} tokens." if count > 1 else ""
-    cut = (f"none of its {first.target_lost} target tokens is left: the prompt fills data.max_length" if first.no_target
-           else f"its last {first.target_lost} target tokens, with the EOS / end-of-turn the model should learn to "
-           "stop on, are cut" if first.target_lost > 1 else
-           "its last target token, the EOS / end-of-turn the model should learn to stop on, is cut")
+    n, end = first.target_lost, target_end(first.given)
+    kind = "trained" if first.given else "target"  # (a tokenized row's: its labels' last, no EOS of peftkit's)
+    cut = (f"none of its {n} target tokens is left: the prompt fills data.max_length" if first.no_target
+           else f"its last {n} {kind} tokens, {'' if first.given else 'with '}{end}, are cut" if n > 1
+           else f"its last {kind} token, {end}, is cut")
     return (f"{first.where}: this example has {first.length} tokens but data.max_length is {cfg.max_length}, so "
             f"{cut} (data.truncation: error).{more} Raise data.max_length to {longest}, or set data.truncation: drop "
             "to leave such examples out (keep trains on them as cut).")
