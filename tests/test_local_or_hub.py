@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import constants
+from peft import LoraConfig
 
 from peftkit.errors import PeftkitError
+from peftkit.peft_format import CONFIG_NAME
 from peftkit.recipe import load_recipe
 from peftkit.train import train
-from tests.conftest import cli_user_error, make_recipe
+from tests.conftest import cli_user_error, make_recipe, save_peft_lora
 
 
 @pytest.fixture
@@ -52,8 +54,9 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
                                                                    capsys, hub_requests):
     """`--model runs/merged`, runs/ a directory here and runs/merged not: it went to the hub as a hub id, and offline
     huggingface_hub retried for ~20 s before the error (50 s seen for peftkit generate). Each flag and recipe key
-    that takes a model or an adapter now says at once that there is no such directory and what is there, with no
-    hub request; a hub id `user/name` is still asked of the hub, and offline still said as before."""
+    that takes a model or an adapter now says at once that there is no such directory and what is there, and an
+    adapter's recorded base `runs/gone` is said to be gone, with no hub request; a hub id `user/name` is still asked
+    of the hub, and offline still said as before."""
     (tmp_path / "runs" / "quick").mkdir(parents=True)
     (tmp_path / "runs" / "notes.txt").write_text("")
     monkeypatch.chdir(tmp_path)
@@ -77,6 +80,14 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
     ]:
         err = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
         assert said in err, err
+    # A peft adapter whose recorded base (peft writes the path it loaded from) is gone.
+    config = save_peft_lora(tiny_llama, tmp_path / "peft", LoraConfig(r=2, target_modules=["q_proj"])) / CONFIG_NAME
+    config.write_text(config.read_text().replace(str(tiny_llama), "runs/gone"))
+    for adapter in ("peft", "a=peft"):  # (evaluated alone; the base row of a comparison)
+        err = " ".join(cli_user_error(monkeypatch, capsys, "eval", *data, "--adapter", adapter).split())
+        assert (f"error: The base model runs/gone (base_model_name_or_path of {tmp_path / 'peft' / 'adapter_config.json'}"
+                f", read from the current directory {tmp_path}) is not there: moved or deleted since? Give it with "
+                "--model DIR.") in err, err
     recipe = make_recipe(tmp_path, Path("runs/merged"), number_data)  # (relative to the recipe's directory)
     with pytest.raises(PeftkitError) as e:
         train(load_recipe(recipe))
