@@ -21,7 +21,9 @@ def meant_locally(value: str, base: Path | None = None, subfolders: bool = False
     """Whether `value`, a name that is not on disk, can only be a local path: it starts with `/`, `./`, `../` or `~`,
     ends with a separator, holds more than one `/` (a model's hub id is `user/name`; an adapter's may go on with a
     subfolder, `user/name/SUBFOLDER`, where `subfolders`), or its first part is a directory here (`runs/merged` where
-    `runs/` exists: a mistyped run, not user `runs`'s model).
+    `runs/` exists: a mistyped run, not user `runs`'s model) and the local Hugging Face cache holds no repository of
+    that name (a hub layout mirrored here, `meta-llama/` holding a clone, must not hide the hub's other repositories
+    of that user from those who downloaded them).
 
     Args:
         value: the name as the user wrote it.
@@ -33,7 +35,14 @@ def meant_locally(value: str, base: Path | None = None, subfolders: bool = False
     if value.endswith(("/", os.sep)) or (not subfolders and value.count("/") > 1):
         return True
     parts = Path(value).parts
-    return len(parts) > 1 and ((base or Path()) / parts[0]).is_dir()
+    return len(parts) > 1 and ((base or Path()) / parts[0]).is_dir() and not _cached(parts[0], parts[1])
+
+
+def _cached(user: str, name: str) -> bool:
+    """Whether the local Hugging Face cache holds model repository `user/name` (any revision)."""
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"models--{user}--{name}").is_dir()
 
 
 def no_such_directory(value: str, given: str, fix: str, base: Path | None = None) -> PeftkitError:
@@ -51,7 +60,8 @@ def no_such_directory(value: str, given: str, fix: str, base: Path | None = None
     said = [str(full)] if str(full) != str(path) or value.startswith("~") else []  # (`~` expanded, the recipe's)
     if value.count("/") == 1 and not value.startswith(("/", "./", "~")) and not value.endswith("/") \
             and ((base or Path()) / first).is_dir():  # the rule a user may not expect: said
-        said.append(f"read as a local path, not a hub id: {first}/ is a directory here")
+        said.append(f"read as a local path, not a hub id: {first}/ is a directory here and the local Hugging Face "
+                    "cache holds no such repository; download it there first for the hub's")
     shown_path = f" ({'; '.join(said)})" if said else ""
     return PeftkitError(f"{given}: no such directory{shown_path}; {there}. Give {fix}.")
 

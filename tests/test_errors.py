@@ -1220,7 +1220,8 @@ def test_a_mistyped_local_model_path_is_said_to_be_one(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "artifacts/tiny-lama", "--prompt", "hi").split())
     assert ("error: --model artifacts/tiny-lama: no such directory (read as a local path, not a hub id: artifacts/ is "
-            "a directory here); artifacts/ holds tiny-llama/. Give a model's directory") in err, err
+            "a directory here and the local Hugging Face cache holds no such repository; download it there first for "
+            "the hub's); artifacts/ holds tiny-llama/. Give a model's directory") in err, err
 
 
 def test_names_near_the_filesystem_s_limit(tmp_path):

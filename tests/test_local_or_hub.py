@@ -61,7 +61,8 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
     (tmp_path / "runs" / "notes.txt").write_text("")
     monkeypatch.chdir(tmp_path)
     data = ["--data", str(number_data["eval"])]
-    runs = ("(read as a local path, not a hub id: runs/ is a directory here); runs/ holds notes.txt, quick/. Give a")
+    runs = ("(read as a local path, not a hub id: runs/ is a directory here and the local Hugging Face cache holds no "
+            "such repository; download it there first for the hub's); runs/ holds notes.txt, quick/. Give a")
     for args, said in [
         (["generate", "--model", "runs/merged", "--prompt", "hi"], f"error: --model runs/merged: no such directory {runs}"
          " model's directory (config.json and weights), or a hub id user/name."),
@@ -111,3 +112,8 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
     assert (f"error: Could not load model acme/tiny: it is not in the local Hugging Face cache ({tmp_path / 'hf-cache'}), "
             "and HF_HUB_OFFLINE is set, so nothing is downloaded. Check the id, or unset HF_HUB_OFFLINE to download "
             "it.") in err, err
+    # runs/ a directory here, but the cache holds a repository runs/merged (a hub layout mirrored locally, `user/`
+    # holding clones): the hub's, from the cache.
+    (tmp_path / "hf-cache" / "models--runs--merged" / "snapshots").mkdir(parents=True)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "runs/merged", "--prompt", "hi").split())
+    assert "error: Could not load model runs/merged: " in err and "no such directory" not in err, err
