@@ -22,7 +22,7 @@ from peftkit.recipe import load_recipe
 from peftkit.tiny import number_rows, write_jsonl
 from peftkit.train import train
 from peftkit.verify import verify
-from tests.conftest import make_recipe
+from tests.conftest import cli_user_error, make_recipe
 
 REPO = "acme/tiny-llama"
 
@@ -750,11 +750,12 @@ def test_a_recipe_s_init_from_may_name_a_hub_adapter(hub, tiny_llama, number_dat
 
 
 def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_commit_elsewhere(
-        hub, tiny_llama, number_data, tmp_path, monkeypatch):
+        hub, tiny_llama, number_data, tmp_path, monkeypatch, capsys):
     """adapter.init_from: acme/tiny-lora is recorded in recipe.yaml and manifest.json as acme/tiny-lora@COMMIT, the
     commit read (they named its snapshot in this machine's cache: verify elsewhere stopped with a FileNotFoundError).
     With the cache moved: one holding another commit only is an error naming the repository and the run's commit; that
-    commit put back (main elsewhere), verify reproduces the run and --resume of the run's recipe.yaml reads it, while
+    commit put back (main elsewhere), verify reproduces the run and --resume of the run's recipe.yaml reads it (before,
+    --resume said that error in its own words, which asked for another revision), while
     the user's recipe, whose main now has other weights, is refused naming both commits and the pin. A run recorded
     before (the snapshot's path) still verifies, also where that path is another machine's (its commit fetched), and
     resumes from its recipe.yaml as the same run."""
@@ -795,11 +796,16 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     _publish_to(elsewhere, "acme/tiny-lora", adapters[1], other)
     with pytest.raises(PeftkitError) as e:
         verify(run, console=quiet)
-    assert " ".join(str(e.value).split()) == (
-        f"{run / 'manifest.json'}: adapter.init_from is hub adapter {pin}: the run read acme/tiny-lora at commit "
-        f"{first}, which the local Hugging Face cache ({elsewhere / 'models--acme--tiny-lora'}) lacks (it holds "
-        f"'main', {other}), and HF_HUB_OFFLINE is set, so nothing is downloaded. Only that commit reproduces the run: "
-        "unset HF_HUB_OFFLINE to fetch it (the network), or copy its snapshot into this cache.")
+    said = (f"adapter.init_from is hub adapter {pin}: the run read acme/tiny-lora at commit {first}, which the local "
+            f"Hugging Face cache ({elsewhere / 'models--acme--tiny-lora'}) lacks (it holds 'main', {other}), and "
+            "HF_HUB_OFFLINE is set, so nothing is downloaded. Only that commit reproduces the run: unset HF_HUB_OFFLINE "
+            "to fetch it (the network), or copy its snapshot into this cache.")
+    assert " ".join(str(e.value).split()) == f"{run / 'manifest.json'}: {said}"
+    # --resume of the run's recipe.yaml says it in the same words (it said 'Ask for a revision it holds': not a fix)
+    line = next(n for n, text_line in enumerate(text.splitlines(), 1) if text_line.strip().startswith("init_from:"))
+    capsys.readouterr()  # (what the steps before printed)
+    err = " ".join(cli_user_error(monkeypatch, capsys, "train", str(run / "recipe.yaml"), "--resume").split())
+    assert err == f"error: {run / 'recipe.yaml'}:{line}: {said}", err
     _publish_to(elsewhere, "acme/tiny-lora", adapters[0], first)
     (elsewhere / "models--acme--tiny-lora" / "refs" / "main").write_text(other)  # main: the other weights
     report = verify(run, console=quiet)

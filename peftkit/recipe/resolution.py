@@ -87,20 +87,46 @@ def _usable(value: str, kind: str, loc: tuple, written: _Written) -> str:
                "an existing path (relative to the recipe's directory) or a hub id")
         raise PeftkitError(f"{where}: '{key}' = {shown!r} is not a usable path ({reason}). Give {fix}.") from None
     if kind == "adapter" and not Path(resolved).exists():  # a hub adapter (`peftkit.hub`), or the missing path
-        from peftkit.hub import hub_adapter, hub_shaped
-        from peftkit.local_or_hub import meant_locally, no_such_directory
-
-        try:  # (a hub adapter's snapshot on another machine, as a run made before recorded it: its commit fetched)  # one that can only be a local path: not asked of the hub (`peftkit.local_or_hub`)
-            if hub_shaped(value) and meant_locally(value, written.base, subfolders=True):
-                raise no_such_directory(value, f"Adapter {value}", "an adapter's directory (relative to the recipe's "
-                                        "directory), or a hub id user/name[@REV]", written.base)
-            return hub_adapter(value, tried=resolved) or _gone_snapshot(resolved) or resolved
+        try:
+            return _hub_adapter(value, resolved, f"{where}: {key}", written.base)
         except PeftkitError as e:
             if written.missing_adapters is None or loc[1] == "init_from":
-                raise PeftkitError(f"{where}: {key}: {e}") from None
-            written.missing_adapters.append(f"{where}: {key}: {e}")
+                raise
+            written.missing_adapters.append(str(e))
             return resolved
     return resolved
+
+
+def _hub_adapter(value: str, resolved: str, named: str, base: Path) -> str:
+    """The local snapshot of the hub adapter `value` names, where `resolved`, the local path looked for first, is not
+    there; `resolved` itself where `value` is no hub adapter. Errors begin with `named` (the recipe's line and key).
+    One pinned to a commit as a run records it (`_pin`) is fetched by `peftkit.hub.fetch_pinned`, as verify fetches
+    the manifest's: offline, a cache without that commit is said in its words (only that commit continues the run),
+    not as a revision to change."""
+    from peftkit.hub import fetch_pinned, hub_adapter, hub_shaped
+    from peftkit.local_or_hub import meant_locally, no_such_directory
+
+    try:  # one that can only be a local path: not asked of the hub (`peftkit.local_or_hub`)
+        if hub_shaped(value) and meant_locally(value, base, subfolders=True):
+            raise no_such_directory(value, f"Adapter {value}", "an adapter's directory (relative to the recipe's "
+                                    "directory), or a hub id user/name[@REV]", base)
+        if (pinned := _pin(value, resolved)) is None:
+            return hub_adapter(value, tried=resolved) or resolved
+    except PeftkitError as e:
+        raise PeftkitError(f"{named}: {e}") from None
+    return fetch_pinned(pinned, named)
+
+
+def _pin(value: str, path: str) -> str | None:
+    """The hub reference pinned to a commit (`user/name[/SUBFOLDER]@COMMIT`) of an adapter a recipe gives as `value`
+    (`path`: where it was looked for locally): `value` itself where it is one, as a run records it (`recorded`);
+    where `path` is a hub adapter's snapshot that is not here (a run's record from before they were pinned, another
+    machine's cache: `peftkit.hub.pinned_reference`), its pin; else None."""
+    from peftkit.hub import pinned_commit, pinned_reference
+
+    if "@" in value and pinned_commit(value):
+        return value
+    return None if Path(path).exists() else pinned_reference(path)
 
 
 HUB_ADAPTER_KEYS = ("init_from", "source_adapter", "fuse", "adapters")
@@ -141,25 +167,13 @@ def fetch_recorded(recipe: Recipe, where: str) -> Recipe:
     commit (`recorded`) fetched at that commit (offline: read from the local cache), as its snapshot's path. A record
     from before they were pinned names the snapshot itself, which stays where it is here, else is fetched as its pin
     (another machine's cache). `where`: the record, for the errors."""
-    from peftkit.hub import fetch_pinned, pinned_commit, pinned_reference
+    from peftkit.hub import fetch_pinned
 
     def fetched(key: str, value: str) -> str:
-        pinned = value if "@" in value and pinned_commit(value) else None
-        if pinned is None and not Path(value).exists():
-            pinned = pinned_reference(value)
-        return fetch_pinned(pinned, f"{where}: {key}") if pinned else value
+        return fetch_pinned(pinned, f"{where}: {key}") if (pinned := _pin(value, value)) else value
 
     adapter = _each_adapter(recipe.adapter, fetched)
     return recipe if adapter is recipe.adapter else recipe.model_copy(update={"adapter": adapter})
-
-
-def _gone_snapshot(path: str) -> str | None:
-    """The local snapshot of the hub adapter whose snapshot in another machine's Hugging Face cache is `path`, which is
-    not here (a run's record from before they were pinned, `peftkit.hub.pinned_reference`), fetched at that commit
-    (offline: from the local cache); None for another path."""
-    from peftkit.hub import hub_adapter, pinned_reference
-
-    return hub_adapter(pinned) if (pinned := pinned_reference(path)) else None
 
 
 def _resolve_paths(recipe: Recipe, written: _Written) -> None:
