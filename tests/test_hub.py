@@ -758,7 +758,7 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     --resume said that error in its own words, which asked for another revision), while
     the user's recipe, whose main now has other weights, is refused naming both commits and the pin. A run recorded
     before (the snapshot's path) still verifies, also where that path is another machine's (its commit fetched), and
-    resumes from its recipe.yaml as the same run."""
+    resumes from its recipe.yaml as the same run. validate prints the recipe as train records it, pinned."""
     import io
     import re
 
@@ -783,6 +783,11 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["init_from"] == pin
     assert json.loads((run / "manifest.json").read_text())["recipe"]["adapter"]["init_from"] == pin
     text = (run / "recipe.yaml").read_text()  # the same pin is the same run; another commit may be (its files decide)
+    shown = CliRunner().invoke(app, ["validate", str(path)])  # what train writes (it printed the snapshot's path)
+    assert shown.exit_code == 0 and yaml.safe_load(shown.stdout) == yaml.safe_load(text), shown.output
+    (tmp_path / "shown.yaml").write_text(shown.stdout)  # and what it prints validates again, from the cache
+    again = CliRunner().invoke(app, ["validate", str(tmp_path / "shown.yaml")])
+    assert again.exit_code == 0 and yaml.safe_load(again.stdout) == yaml.safe_load(text), again.output
     assert check_output_dir(run, text, False, False) == []
     assert (f"made with its files at other paths or its hub adapters at other commits (adapter.init_from: {pin} -> "
             f"acme/tiny-lora@{other})") in check_output_dir(run, text.replace(first, other), False, False)[0]

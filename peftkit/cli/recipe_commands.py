@@ -51,14 +51,15 @@ def train(
 
 @app.command()
 def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")], overrides: Overrides = None) -> None:
-    """Check a recipe and print it fully resolved (every default, absolute paths), or its errors. Where its model is
-    here (a local directory, or a hub id in the local Hugging Face cache), also train's refusals that its config.json,
-    tokenizer and an empty model decide, reading no weight."""
+    """Check a recipe and print it fully resolved (every default, absolute paths) as a run's recipe.yaml records it (hub
+    adapters pinned to a commit), or its errors. Where its model is here (a local directory, or a hub id in the local
+    Hugging Face cache), also train's refusals that its config.json, tokenizer and an empty model decide, reading no
+    weight."""
     from rich.markup import escape
 
     from peftkit.errors import PeftkitError
     from peftkit.model_checks import check_model, memory_line, unavailable
-    from peftkit.recipe import load_recipe
+    from peftkit.recipe import load_recipe, recorded
     from peftkit.recipe.loader import located
 
     missing: list[str] = []
@@ -83,7 +84,7 @@ def validate(recipe: Annotated[Path, typer.Argument(help="The recipe YAML file."
         err_console.print(f"[yellow]note:[/] model checks skipped: {escape(skipped)}.", highlight=False)
     for _, warning in absent:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    print(resolved.to_yaml(), end="")
+    print(recorded(resolved).to_yaml(), end="")  # as train writes it: hub adapters pinned, not this cache's paths
 
 
 def _absent_paths(resolved, missing: list[str]) -> list[tuple[str, str]]:
