@@ -4,7 +4,8 @@ tracker API. metrics.jsonl stays the record of a run; a tracker gets a copy of e
 Where they write: TensorBoard under `<output_dir>/trackers/<run name>/`; MLflow to `MLFLOW_TRACKING_URI`, by
 default the SQLite store `<output_dir>/trackers/mlflow.db` (MLflow 3 refuses its plain file store unless told to
 allow it); W&B offline (files under `<output_dir>/trackers/wandb`) unless `WANDB_MODE` is set, so no account is
-needed. The recipe goes along as the run's hyperparameters.
+needed. The recipe goes along as the run's hyperparameters, as its recipe.yaml records it (a hub adapter as
+`user/name@COMMIT`, `peftkit.recipe.recorded`).
 
 On --resume the trackers continue the run's own records, as metrics.jsonl does: TensorBoard purges what was logged
 after the checkpoint (the resumed run logs those steps again), and MLflow and online W&B continue the same run (ids
@@ -91,7 +92,9 @@ class Trackers:
                 "mlflow": {"logging_dir": str(directory / "mlartifacts"), "run_id": ids.get("mlflow")},
                 # Events from this step on, logged before the run stopped, are hidden: the resumed run logs them again.
                 "tensorboard": {"purge_step": resumed[0]} if resumed else {}}
-        config = flat_config(recipe.model_dump(mode="json"))
+        from peftkit.recipe import recorded
+
+        config = flat_config(recorded(recipe).model_dump(mode="json"))  # as recipe.yaml: hub adapters pinned
         try:
             if ids.get("mlflow") and "mlflow" in names:
                 _check_mlflow_run(ids["mlflow"], directory / RUN_IDS)

@@ -758,8 +758,10 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     --resume said that error in its own words, which asked for another revision), while
     the user's recipe, whose main now has other weights, is refused naming both commits and the pin. A run recorded
     before (the snapshot's path) still verifies, also where that path is another machine's (its commit fetched), and
-    resumes from its recipe.yaml as the same run. validate prints the recipe as train records it, pinned."""
+    resumes from its recipe.yaml as the same run. validate prints the recipe as train records it, pinned, and so do the
+    trackers' hyperparameters (TensorBoard's hparams.yml)."""
     import io
+    from importlib.util import find_spec
     import re
 
     import yaml
@@ -775,12 +777,15 @@ def test_a_run_records_a_hub_adapter_pinned_and_verify_and_resume_read_that_comm
     lora = LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     adapters = [Path(make_adapter(tiny_llama, lora, seed, tmp_path / f"lora-{seed}")) for seed in (3, 4)]
     _publish_to(hub, "acme/tiny-lora", adapters[0], first)
-    path = make_recipe(tmp_path, tiny_llama, number_data, training={"max_steps": 2, "save_steps": 2},
-                       eval={"base_model": False})
+    path = make_recipe(tmp_path, tiny_llama, number_data, eval={"base_model": False}, training={
+        "max_steps": 2, "save_steps": 2, "report_to": ["tensorboard"] if find_spec("tensorboard") else []})
     path.write_text(yaml.safe_dump(yaml.safe_load(path.read_text()) | {"adapter": {"init_from": "acme/tiny-lora"}}))
     train(load_recipe(path), console=quiet)
     run, pin = tmp_path / "run", f"acme/tiny-lora@{first}"
     assert yaml.safe_load((run / "recipe.yaml").read_text())["adapter"]["init_from"] == pin
+    if find_spec("tensorboard"):  # the trackers' hyperparameters too (they held the snapshot's path)
+        hparams = yaml.safe_load(next((run / "trackers" / "run").glob("*/hparams.yml")).read_text())
+        assert hparams["adapter.init_from"] == pin, hparams["adapter.init_from"]
     assert json.loads((run / "manifest.json").read_text())["recipe"]["adapter"]["init_from"] == pin
     text = (run / "recipe.yaml").read_text()  # the same pin is the same run; another commit may be (its files decide)
     shown = CliRunner().invoke(app, ["validate", str(path)])  # what train writes (it printed the snapshot's path)
