@@ -151,3 +151,18 @@ def test_a_split_it_lacks_and_a_directory_that_is_no_saved_dataset_are_errors(ti
         ".json/.jsonl/.csv/.parquet/.txt file. It holds a.jsonl: name a file, or list them in data.train.")
     monkeypatch.chdir(tmp_path)
     assert not is_hub_dataset("one") and is_hub_dataset("files") and is_hub_dataset("org/name")
+
+
+def test_a_datasetdict_with_an_empty_split_reads_its_other_splits(tmp_path):
+    """A DatasetDict holding a split saved without rows (`Dataset.from_dict` of empty columns: its state.json names no
+    arrow file) could not be read at any split: datasets' load_from_disk of the whole dict fails on that split with a
+    bare IndexError, which came out as a traceback. Only the splits asked are loaded, and the empty one is empty."""
+    rows = number_rows(3, seed=1)
+    saved = tmp_path / "qa"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_dict({key: [] for key in rows[0]})}).save_to_disk(str(saved))
+    assert json.loads((saved / "test" / "state.json").read_text())["_data_files"] == []
+    reference, _ = _examples(_save(tmp_path / "one", rows))
+    assert _examples(saved)[0] == _examples(saved, "train+test")[0] == reference
+    with pytest.raises(PeftkitError, match=r"^No examples from .*qa: it has no rows"):
+        _examples(saved, "test")

@@ -69,14 +69,14 @@ def saved_rows(path: str, split: str | None) -> tuple[list[dict], list[str]]:
     if problem := split_problem(path, split):
         raise PeftkitError(f"Saved dataset {path}: {problem}. Set data.train_split or data.eval_split (a data.train "
                            "entry's or data.eval set's own `split`), or --split, to a split it has.")
-    try:
+    spec, names = split or "train", split_names(path)
+    try:  # the splits read only (another's files may be gone, or be an empty split's, which load_from_disk refuses)
         with _no_progress_bars(datasets):
-            saved = datasets.load_from_disk(path)
+            splits = ({"train": _split(datasets, Path(path))} if names is None else
+                      {name: _split(datasets, Path(path, name)) for name in names if name in _asked(spec)})
     except (OSError, ValueError, KeyError, TypeError) as e:  # (an arrow file missing or cut short, a state.json edited)
         raise PeftkitError(f"Could not read saved dataset {path}: {str(e).rstrip('.')}. Save it again with "
                            "save_to_disk.") from None
-    splits = {"train": saved} if isinstance(saved, datasets.Dataset) else dict(saved)
-    spec = split or "train"
     try:
         parts = datasets.ReadInstruction.from_spec(spec).to_absolute({name: len(ds) for name, ds in splits.items()})
     except (ValueError, AssertionError) as e:
@@ -88,12 +88,22 @@ def saved_rows(path: str, split: str | None) -> tuple[list[dict], list[str]]:
         # for features decoded on access (images, audio: their stored dicts), which no data.format reads; whatever
         # format it was saved with (set_format("torch"): tensors), read as Python values
         rows += splits[part.splitname].select(range(part.from_, part.to)).to_list()
-        where += (f"[{i}]" if isinstance(saved, datasets.Dataset) else f"[{part.splitname}][{i}]"
+        where += (f"[{i}]" if names is None else f"[{part.splitname}][{i}]"
                   for i in range(part.from_, part.to))
     if not rows and any(len(splits[part.splitname]) for part in parts):
         raise PeftkitError(f"Saved dataset {path}: split '{spec}' is none of its rows; take a larger slice "
                            "(percentages are rounded to whole rows).")
     return rows, where
+
+
+def _split(datasets, directory: Path):
+    """The Dataset saved at `directory` (a Dataset's, or one split's of a DatasetDict). One saved without rows
+    (`Dataset.from_dict({"text": []})`: state.json names no arrow file) is an empty Dataset: datasets 5.2's
+    load_from_disk fails on it with a bare IndexError, and so on each split of a DatasetDict holding it."""
+    state = json.loads((directory / DATASET_STATE).read_text(encoding="utf-8"))
+    if state.get("_data_files") == []:
+        return datasets.Dataset.from_list([])
+    return datasets.Dataset.load_from_disk(str(directory))
 
 
 def check_saved(path: str | Path) -> None:
