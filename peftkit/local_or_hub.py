@@ -30,12 +30,19 @@ def meant_locally(value: str, base: Path | None = None, subfolders: bool = False
         base: the directory a relative name is read from (a recipe's directory); the current one where None.
         subfolders: whether a hub id may name a subfolder (adapters: `peftkit.hub`).
     """
-    if value.startswith(("/", "./", "../", "~")) or value in (".", "..") or Path(value).is_absolute():
-        return True
-    if value.endswith(("/", os.sep)) or (not subfolders and value.count("/") > 1):
+    if path_shaped(value, subfolders):
         return True
     parts = Path(value).parts
     return len(parts) > 1 and ((base or Path()) / parts[0]).is_dir() and not _cached(parts[0], parts[1])
+
+
+def path_shaped(value: str, subfolders: bool = False) -> bool:
+    """Whether `value` can only be a local path by its form alone, wherever it is read from (`meant_locally` without
+    its directory-here rule): it starts with `/`, `./`, `../` or `~`, ends with a separator, or holds more than one `/`
+    (where not `subfolders`)."""
+    if value.startswith(("/", "./", "../", "~")) or value in (".", "..") or Path(value).is_absolute():
+        return True
+    return value.endswith(("/", os.sep)) or (not subfolders and value.count("/") > 1)
 
 
 def _cached(user: str, name: str) -> bool:

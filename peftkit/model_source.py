@@ -10,16 +10,19 @@ import json
 from pathlib import Path
 
 from peftkit.errors import PeftkitError, did_you_mean
-from peftkit.local_or_hub import meant_locally, no_such_directory
+from peftkit.local_or_hub import no_such_directory, path_shaped
 from peftkit.manifest import model_directory
 from peftkit.recipe import ModelConfig
 
 
 def check_source(cfg: ModelConfig) -> None:
-    """A path that should be a model directory but is not gets a clear message before transformers' own."""
+    """A path that should be a model directory but is not gets a clear message before transformers' own. A name
+    meant locally by the directory its first part names (`runs/merged`) was made absolute where it was given (a
+    recipe's beside the recipe, `--model`'s here): one still relative is a hub id there, whatever the current
+    directory holds."""
     name_or_path = cfg.name_or_path
     path = Path(name_or_path)
-    if name_or_path.startswith(".") or meant_locally(name_or_path) or path.is_dir():
+    if name_or_path.startswith(".") or path_shaped(name_or_path) or path.is_dir():
         if not path.exists():
             raise no_such_directory(name_or_path, f"model.name_or_path {name_or_path}", "a local directory containing "
                                     "config.json, or a hub id such as 'meta-llama/Llama-3.2-1B'")

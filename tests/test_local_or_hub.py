@@ -117,3 +117,14 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
     (tmp_path / "hf-cache" / "models--runs--merged" / "snapshots").mkdir(parents=True)
     err = " ".join(cli_user_error(monkeypatch, capsys, "generate", "--model", "runs/merged", "--prompt", "hi").split())
     assert "error: Could not load model runs/merged: " in err and "no such directory" not in err, err
+    # A recipe's name is judged beside the recipe, not here: runs/other in a recipe elsewhere (no runs/ beside it) is
+    # a hub id, asked of the hub, though runs/ is a directory here (it was refused as 'no such directory' by the
+    # model's check at load, which read the rule against the current directory).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub_requests.clear()
+    recipe = make_recipe(tmp_path / "elsewhere", Path("runs/other"), number_data)
+    assert load_recipe(recipe).model.name_or_path == "runs/other"
+    with pytest.raises(PeftkitError) as e:
+        train(load_recipe(recipe))
+    assert "Could not load model runs/other" in str(e.value) and "no such directory" not in str(e.value), e.value
+    assert hub_requests
