@@ -63,6 +63,8 @@ def no_such_directory(value: str, given: str, fix: str, base: Path | None = None
     shown = ", ".join(held[:SHOWN_ENTRIES]) + (", ..." if len(held) > SHOWN_ENTRIES else "")
     name = _as_given(above, full, value)
     there = f"{name} holds {shown}" if held else f"{name} is empty"
+    if (blocking := above / full.relative_to(above).parts[0]).is_file():  # (where a directory was meant)
+        there += f"; {blocking.name} there is a file, not a directory"
     first = Path(value).parts[0]
     said = [str(full)] if str(full) != str(path) or value.startswith("~") else []  # (`~` expanded, the recipe's)
     if value.count("/") == 1 and not value.startswith(("/", "./", "~")) and not value.endswith("/") \
@@ -80,4 +82,4 @@ def _as_given(above: Path, full: Path, value: str) -> str:
     parts = Path(value).parts
     if not Path(value).expanduser().is_absolute() and 0 < depth < len(parts):
         return str(Path(*parts[:len(parts) - depth])) + "/"
-    return str(above.resolve()) + "/"
+    return str(above.resolve()).rstrip("/") + "/"  # (the root: /, not //)

@@ -78,6 +78,11 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
         (["inspect", "runs/adapter"], f"error: runs/adapter: no such directory {runs}n adapter's directory"),
         (["generate", "--model", "a/b/c", "--prompt", "hi"],  # (a model's hub id has one /)
          f"error: --model a/b/c: no such directory; {tmp_path}/ holds runs/. Give"),
+        (["generate", "--model", "runs/notes.txt/m", "--prompt", "hi"],  # (a file on the way: said)
+         "error: --model runs/notes.txt/m: no such directory; runs/ holds notes.txt, quick/; notes.txt there is a file, "
+         "not a directory. Give"),
+        (["generate", "--model", "/peftkit-no-such/m", "--prompt", "hi"],  # (the root named /, not //)
+         "error: --model /peftkit-no-such/m: no such directory; / holds "),
     ]:
         err = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
         assert said in err, err
