@@ -422,7 +422,13 @@ def test_an_unknown_split_names_the_splits_there(hub_dataset):
     with pytest.raises(PeftkitError) as e:
         load_rows(DATASET, "validation")
     assert (f"Could not load dataset '{DATASET}' (split 'validation') from the hub: Unknown split \"validation\". "
-            "Should be one of ['train']. For a local file, give a path") in str(e.value)
+            "Should be one of ['train']. A name that is no local path is read as a hub id: for local data, give a "
+            "file with its extension (.jsonl, .json, .csv, .parquet, .txt) or a directory save_to_disk wrote, that "
+            "exists (a recipe's relative to its directory).") in str(e.value)
+    with pytest.raises(PeftkitError) as e:  # a mistyped saved dataset's directory: no such path, so a hub id
+        load_rows("data/numbers-saved", "train")
+    assert str(e.value).startswith("Could not load dataset 'data/numbers-saved' (split 'train') from the hub: ")
+    assert "or a directory save_to_disk wrote, that exists" in str(e.value)
 
 
 def test_adapters_of_one_hub_base_combine_when_one_records_no_revision(hub, tiny_llama, tmp_path):

@@ -304,8 +304,9 @@ def _hub_rows(source: str, split: str, revision: str | None) -> tuple[list[dict]
     except Exception as e:  # noqa: BLE001 - the hub client raises many types; all mean "could not get it"
         at = f" at revision '{revision}'" if revision else ""
         raise PeftkitError(
-            f"Could not load dataset '{source}' (split '{split}'{at}) from the hub: {str(e).rstrip('.')}. For a local file, "
-            "give a path with its extension (.jsonl, .json, .csv, .parquet)."
+            f"Could not load dataset '{source}' (split '{split}'{at}) from the hub: {str(e).rstrip('.')}. A name that is "
+            "no local path is read as a hub id: for local data, give a file with its extension (.jsonl, .json, .csv, "
+            ".parquet, .txt) or a directory save_to_disk wrote, that exists (a recipe's relative to its directory)."
         ) from None
     cached = Path(ds.cache_files[0]["filename"]).parent.name if ds.cache_files else ""
     if re.fullmatch(r"[0-9a-f]{40}", cached):
