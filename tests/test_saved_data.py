@@ -166,3 +166,26 @@ def test_a_datasetdict_with_an_empty_split_reads_its_other_splits(tmp_path):
     assert _examples(saved)[0] == _examples(saved, "train+test")[0] == reference
     with pytest.raises(PeftkitError, match=r"^No examples from .*qa: it has no rows"):
         _examples(saved, "test")
+
+
+def test_an_eval_set_at_the_default_split_of_the_trained_datasetdict_is_an_error(tiny_llama, tmp_path):
+    """`train: DIR` and `eval: DIR` of one saved DatasetDict (train, validation), data.eval_split unset: the eval set
+    was read at its default, train, the rows trained on, silently. It is a recipe error naming the other splits (also
+    where train reads a slice of train); a split the recipe sets, train too, is its choice; a Dataset has no other."""
+    rows = number_rows(4, seed=1)
+    saved = _save(tmp_path / "qa", {"train": rows, "validation": rows[:2]})
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": saved, "eval": saved})
+    line = next(n for n, text in enumerate(recipe.read_text().splitlines(), 1) if text.lstrip().startswith("eval:"))
+    for overrides in ([], ["data.train_split=train[:50%]"]):
+        with pytest.raises(PeftkitError) as info:
+            load_recipe(recipe, overrides)
+        assert str(info.value).endswith(
+            f"{line}: data.eval: saved dataset {saved} is read at split 'train' (data.eval_split's default), which "
+            "data.train trains on; it has 'validation' too. Set data.eval_split (or the set's own `split`) to the "
+            "split to evaluate on: data.eval_split: validation (data.eval_split: train to evaluate on the training "
+            "rows)."), info.value
+    for overrides in (["data.eval_split=validation"], ["data.eval_split=train"],
+                      [f"data.eval={{general: {{path: {saved}, split: validation}}}}"]):
+        load_recipe(recipe, overrides)
+    one = _save(tmp_path / "one", rows)
+    load_recipe(make_recipe(tmp_path / "b", tiny_llama, {"train": one, "eval": one}))

@@ -39,7 +39,7 @@ def split_problem(path: str | Path, split: str | None) -> str | None:
     """Why `split` cannot be read of the saved dataset at `path` (a DatasetDict without that split; a Dataset, which
     is one split, asked for another), or None. Read from the split's names alone (no `datasets` import): what
     `load_recipe` checks before anything runs, and `saved_rows` again when reading."""
-    asked = _asked(split or "train")
+    asked = splits_read(split or "train")
     splits = split_names(path)
     if splits is None:  # a Dataset: one split, train (a slice of it is checked where the rows are counted)
         if asked - {"train"}:
@@ -52,7 +52,7 @@ def split_problem(path: str | Path, split: str | None) -> str | None:
     return None
 
 
-def _asked(split: str) -> set[str]:
+def splits_read(split: str) -> set[str]:
     """The split names a split spec reads: `train[:10%]+test` -> {train, test}."""
     return {re.sub(r"\[.*\]$", "", part.strip()) for part in split.split("+")}
 
@@ -73,7 +73,7 @@ def saved_rows(path: str, split: str | None) -> tuple[list[dict], list[str]]:
     try:  # the splits read only (another's files may be gone, or be an empty split's, which load_from_disk refuses)
         with _no_progress_bars(datasets):
             splits = ({"train": _split(datasets, Path(path))} if names is None else
-                      {name: _split(datasets, Path(path, name)) for name in names if name in _asked(spec)})
+                      {name: _split(datasets, Path(path, name)) for name in names if name in splits_read(spec)})
     except (OSError, ValueError, KeyError, TypeError) as e:  # (an arrow file missing or cut short, a state.json edited)
         raise PeftkitError(f"Could not read saved dataset {path}: {str(e).rstrip('.')}. Save it again with "
                            "save_to_disk.") from None
@@ -129,7 +129,7 @@ def saved_files(path: str | Path, split: str | None) -> list[str]:
     directory = Path(path)
     splits = split_names(directory)
     names = [] if splits is None else [DICT_INDEX]
-    for sub in ([""] if splits is None else [f"{name}/" for name in splits if name in _asked(split or "train")]):
+    for sub in ([""] if splits is None else [f"{name}/" for name in splits if name in splits_read(split or "train")]):
         names += [f"{sub}{DATASET_STATE}", f"{sub}dataset_info.json"]
         try:
             state = json.loads((directory / sub / DATASET_STATE).read_text(encoding="utf-8"))

@@ -219,6 +219,31 @@ def _check_saved_splits(recipe: Recipe, written: _Written) -> None:
                 loc = ("data", f"{kind}_split") if f"{kind}_split" in data.model_fields_set else at
             raise PeftkitError(f"{written.where(loc)}: {_dotted(at)}: saved dataset {source.path}: {problem}. Set "
                                f"{setting} to a split it has.")
+    _check_eval_not_trained(recipe, evals, written)
+
+
+def _check_eval_not_trained(recipe: Recipe, evals: list, written: _Written) -> None:
+    """An eval set read at the default data.eval_split (`train`) of a saved DatasetDict that a train entry reads at
+    that split too is an error where the dict has other splits: `eval: DIR` beside `train: DIR` evaluated on the
+    rows trained on, silently. A split the recipe sets (`eval_split: train` too) is its choice."""
+    from peftkit.data.saved import split_names, splits_read
+
+    data = recipe.data
+    trained = {(os.path.realpath(s.path), split) for s in data.train_sources() if is_saved_dataset(s.path)
+               for split in splits_read(s.split or "train")}
+    for (name, entry), source in zip(evals, data.eval_sources().values(), strict=True):
+        if "eval_split" in data.model_fields_set or (isinstance(entry, DataSource) and entry.split is not None):
+            continue
+        read = splits_read(source.split or "train")
+        if any((os.path.realpath(source.path), split) in trained for split in read) and \
+                (others := [n for n in split_names(source.path) or [] if n not in read]):
+            at = ("data", "eval") if name is None else ("data", "eval", name)
+            raise PeftkitError(
+                f"{written.where(at)}: {_dotted(at)}: saved dataset {source.path} is read at split '{source.split}' "
+                "(data.eval_split's default), which data.train trains on; it has "
+                f"{', '.join(map(repr, others))} too. Set data.eval_split (or the set's own `split`) to the split to "
+                f"evaluate on: data.eval_split: {others[0]} (data.eval_split: {source.split} to evaluate on the "
+                "training rows).")
 
 
 def _resolve_fuse(recipe: Recipe, written: _Written) -> None:
