@@ -129,6 +129,10 @@ def cache_miss(repo_id: str, revision: str | None) -> str:
         return f"it is not in the local Hugging Face cache ({cache}), and {why}.{did_you_mean(repo_id, held)} " \
                f"Check the id, or {fix}."
     fix = "unset HF_HUB_OFFLINE to download this one" if offline else "download it where the hub can be reached"
+    if re.fullmatch(r"[0-9a-f]{40}", revision or ""):  # (a run's pin, `pinned_reference`: another revision is no fix)
+        return (f"commit {revision} is not in the local Hugging Face cache ({repo}), which holds "
+                f"{_held_revisions(repo)}, and {why}. Only that commit has the files pinned: {fix}, or copy its "
+                "snapshot into this cache.")
     return (f"revision '{revision or 'main'}' is not in the local Hugging Face cache ({repo}), which holds "
             f"{_held_revisions(repo)}, and {why}. Ask for a revision it holds, or {fix}.")
 

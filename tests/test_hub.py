@@ -390,6 +390,11 @@ def test_what_the_cache_lacks_is_said_offline(hub, tiny_llama, tmp_path):
         f"Could not load model {REPO}: revision 'v2' is not in the local Hugging Face cache "
         f"({hub / 'models--acme--tiny-llama'}), which holds 'main', {'a' * 40}, and HF_HUB_OFFLINE is set, so nothing "
         "is downloaded. Ask for a revision it holds, or unset HF_HUB_OFFLINE to download this one.")
+    assert refused(REPO, "b" * 40) == (  # a commit, as a run pins one: no other revision will do
+        f"Could not load model {REPO}: commit {'b' * 40} is not in the local Hugging Face cache "
+        f"({hub / 'models--acme--tiny-llama'}), which holds 'main', {'a' * 40}, and HF_HUB_OFFLINE is set, so nothing "
+        "is downloaded. Only that commit has the files pinned: unset HF_HUB_OFFLINE to download this one, or copy its "
+        "snapshot into this cache.")
     assert refused("acme/tiny-lama") == (
         f"Could not load model acme/tiny-lama: it is not in the local Hugging Face cache ({hub}), and HF_HUB_OFFLINE "
         f"is set, so nothing is downloaded. Did you mean '{REPO}'? Check the id, or unset HF_HUB_OFFLINE to download it.")
