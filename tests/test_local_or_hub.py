@@ -83,6 +83,10 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
          "not a directory. Give"),
         (["generate", "--model", "/peftkit-no-such/m", "--prompt", "hi"],  # (the root named /, not //)
          "error: --model /peftkit-no-such/m: no such directory; / holds "),
+        (["generate", "--model", "~peftkit-no-such-user/m", "--prompt", "hi"],  # (pathlib's bare RuntimeError before)
+         "error: ~peftkit-no-such-user/m: there is no user 'peftkit-no-such-user' here, whose home directory "
+         "~peftkit-no-such-user would be; give ~/peftkit-no-such-user/m for one in your own home directory, or the "
+         "full path."),
     ]:
         err = " ".join(cli_user_error(monkeypatch, capsys, *args).split())
         assert said in err, err

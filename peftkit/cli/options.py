@@ -81,7 +81,12 @@ EvalPredictions = Annotated[Optional[Path], typer.Option("--predictions", help="
 def local_path(path: str) -> str:
     """A CLI argument that exists on disk becomes absolute (relative to the current directory; `~` expanded, as in a
     recipe: `--model=~/m` reaches peftkit unexpanded); else a hub id, or the missing path it names."""
-    expanded = Path(path).expanduser()
+    try:
+        expanded = Path(path).expanduser()
+    except RuntimeError:  # `~name/x` of no user here (a typo of `~/name/x`): pathlib's bare "Could not determine ..."
+        user = path.split("/", 1)[0]
+        raise PeftkitError(f"{path}: there is no user {user[1:]!r} here, whose home directory {user} would be; give "
+                           f"~/{path[1:]} for one in your own home directory, or the full path.") from None
     return str(expanded.resolve()) if expanded.exists() else str(expanded) if path.startswith("~") else path
 
 
