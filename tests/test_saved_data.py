@@ -153,7 +153,7 @@ def test_a_split_it_lacks_and_a_directory_that_is_no_saved_dataset_are_errors(ti
     assert not is_hub_dataset("one") and is_hub_dataset("files") and is_hub_dataset("org/name")
 
 
-def test_a_datasetdict_with_an_empty_split_reads_its_other_splits(tmp_path):
+def test_a_datasetdict_with_an_empty_split_reads_its_other_splits_and_a_hyphenated_one(tmp_path):
     """A DatasetDict holding a split saved without rows (`Dataset.from_dict` of empty columns: its state.json names no
     arrow file) could not be read at any split: datasets' load_from_disk of the whole dict fails on that split with a
     bare IndexError, which came out as a traceback. Only the splits asked are loaded, and the empty one is empty."""
@@ -166,6 +166,10 @@ def test_a_datasetdict_with_an_empty_split_reads_its_other_splits(tmp_path):
     assert _examples(saved)[0] == _examples(saved, "train+test")[0] == reference
     with pytest.raises(PeftkitError, match=r"^No examples from .*qa: it has no rows"):
         _examples(saved, "test")
+    # A split named outside datasets' split syntax (`train-sft`; `\w+(\.\w+)*` only) was refused as 'Unrecognized
+    # instruction format'; it is read whole by its name.
+    named = _save(tmp_path / "sft", {"train-sft": rows})
+    assert _examples(named, "train-sft")[0] == reference
 
 
 def test_an_eval_set_at_the_default_split_of_the_trained_datasetdict_is_an_error(tiny_llama, tmp_path):
