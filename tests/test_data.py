@@ -832,6 +832,11 @@ def test_sharegpt_rows_are_conversations(tmp_path):
     (ex,), _ = _load(tmp_path, [sharegpt], "chat")
     (expected,), _ = _load(tmp_path, [{"messages": messages}], "chat")
     assert ex.input_ids == expected.input_ids and ex.labels == expected.labels
+    # A column of ShareGPT's turns mapped as the messages (columns: {messages: conversation}) was refused as messages
+    # that are not {role, content}.
+    mapped = {"system": sharegpt["system"], "conversation": sharegpt["conversations"]}
+    (ex,), _ = _load(tmp_path, [mapped], "chat", columns={"messages": "conversation"})
+    assert ex.input_ids == expected.input_ids and ex.labels == expected.labels
     write_jsonl(tmp_path / "d.jsonl", [sharegpt])
     [prompt] = load_prompts(TOK, str(tmp_path / "d.jsonl"), "train", DataConfig(train="x", format="chat"))
     assert prompt.reference == "ciao" and prompt.text == TOK.apply_chat_template(messages[:-1], tokenize=False,

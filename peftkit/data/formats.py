@@ -138,17 +138,26 @@ _SPEAKER_NAMES = {"function": "'observation' (a tool's result) or 'function_call
 def sharegpt_rows(rows: list) -> list:
     """Rows of data.format chat, ShareGPT's among them (`conversations`: {from, value} turns, `system` beside them
     as LLaMA-Factory writes it, empty for none) as `messages` rows, the other fields kept; a turn whose `from` is no ShareGPT speaker
-    keeps it as its role (the role check names it)."""
+    keeps it as its role (the role check names it). ShareGPT's turns under `messages` (a column of them mapped there,
+    `columns: {messages: conversation}`) are read alike."""
     def turns(row) -> list[dict] | None:
         conversation = row.get("conversations") if isinstance(row, dict) and "messages" not in row else None
-        if not isinstance(conversation, list) or not all(isinstance(t, dict) and {"from", "value"} <= t.keys()
-                                                         for t in conversation):
+        if not _sharegpt_turns(conversation):
             return None
         # ("system": "" is no system message, as LLaMA-Factory reads it: data.system_prompt then opens it)
         system = [{"role": "system", "content": row["system"]}] if row.get("system") not in (None, "") else []
         return system + [_sharegpt_message(t) | _weight_as_train(t) for t in conversation]
+    rows = [{k: v for k, v in row.items() if k != "messages"} | {"conversations": row["messages"]}
+            if isinstance(row, dict) and "conversations" not in row and _sharegpt_turns(row.get("messages")) else row
+            for row in rows]
     return [row | {"messages": messages, SHAREGPT: True} if (messages := turns(row)) is not None else row
             for row in rows]
+
+
+def _sharegpt_turns(conversation) -> bool:
+    """Whether `conversation` is a list of ShareGPT's turns, {from, value} (and no `role`)."""
+    return isinstance(conversation, list) and all(
+        isinstance(t, dict) and {"from", "value"} <= t.keys() and "role" not in t for t in conversation)
 
 
 def _sharegpt_message(turn: dict) -> dict:
