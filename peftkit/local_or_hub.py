@@ -17,7 +17,7 @@ SHOWN_ENTRIES = 12
 """The entries of the nearest existing directory an error names (sorted; '...' where it holds more)."""
 
 
-def meant_locally(value: str, base: Path | None = None, subfolders: bool = False) -> bool:
+def meant_locally(value: str, base: Path | None = None, subfolders: bool = False, kind: str = "model") -> bool:
     """Whether `value`, a name that is not on disk, can only be a local path: it starts with `/`, `./`, `../` or `~`,
     ends with a separator, holds more than one `/` (a model's hub id is `user/name`; an adapter's may go on with a
     subfolder, `user/name/SUBFOLDER`, where `subfolders`), or its first part is a directory here (`runs/merged` where
@@ -29,11 +29,13 @@ def meant_locally(value: str, base: Path | None = None, subfolders: bool = False
         value: the name as the user wrote it.
         base: the directory a relative name is read from (a recipe's directory); the current one where None.
         subfolders: whether a hub id may name a subfolder (adapters: `peftkit.hub`).
+        kind: `model` (adapters too) or `dataset` (a data name without a file's extension: `data/numbers-saved`),
+            whose repositories the cache keeps apart.
     """
     if path_shaped(value, subfolders):
         return True
     parts = Path(value).parts
-    return len(parts) > 1 and ((base or Path()) / parts[0]).is_dir() and not _cached(parts[0], parts[1])
+    return len(parts) > 1 and ((base or Path()) / parts[0]).is_dir() and not _cached(parts[0], parts[1], kind)
 
 
 def path_shaped(value: str, subfolders: bool = False) -> bool:
@@ -45,10 +47,16 @@ def path_shaped(value: str, subfolders: bool = False) -> bool:
     return value.endswith(("/", os.sep)) or (not subfolders and value.count("/") > 1)
 
 
-def _cached(user: str, name: str) -> bool:
-    """Whether the local Hugging Face cache holds model repository `user/name` (any revision)."""
+def _cached(user: str, name: str, kind: str = "model") -> bool:
+    """Whether the local Hugging Face cache holds repository `user/name` of `kind` (model or dataset: for a dataset,
+    its files in the hub's cache or what `datasets` made of them in its own), any revision."""
     from huggingface_hub import constants
 
+    if kind == "dataset":
+        from datasets import config
+
+        return (Path(constants.HF_HUB_CACHE) / f"datasets--{user}--{name}").is_dir() or \
+            (Path(config.HF_DATASETS_CACHE) / f"{user}___{name}").is_dir()
     return (Path(constants.HF_HUB_CACHE) / f"models--{user}--{name}").is_dir()
 
 

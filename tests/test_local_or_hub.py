@@ -137,3 +137,31 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
         train(load_recipe(recipe))
     assert "Could not load model runs/other" in str(e.value) and "no such directory" not in str(e.value), e.value
     assert hub_requests
+
+
+def test_a_missing_local_data_directory_is_refused_before_the_hub_is_asked(tiny_llama, number_data, tmp_path,
+                                                                            monkeypatch, capsys, hub_requests):
+    """A data name without a file's extension whose first part is a directory here (`data/numbers-saved`, a mistyped
+    save_to_disk directory) went to the hub as a dataset id: 30 s of retries without network before 'Could not load
+    dataset ... from the hub'. It is a missing local path now, said at once, in a recipe (beside it) and in --data;
+    where the datasets cache holds a dataset of that name, it is the hub's again."""
+    from datasets import config
+
+    from peftkit.local_or_hub import meant_locally
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    recipe = make_recipe(tmp_path, tiny_llama, {"train": Path("data/numbers-saved"), "eval": number_data["eval"]})
+    assert load_recipe(recipe).data.train == str(tmp_path / "data" / "numbers-saved")  # (a path, not a hub id)
+    with pytest.raises(PeftkitError, match=f"^Data file not found: {tmp_path / 'data' / 'numbers-saved'}. Check "):
+        train(load_recipe(recipe))
+    err = " ".join(cli_user_error(monkeypatch, capsys, "eval", "--model", str(tiny_llama), "--data",
+                                  "data/numbers-saved").split())
+    assert ("error: --data data/numbers-saved: no such directory (read as a local path, not a hub id: data/ is a "
+            "directory here and the local Hugging Face cache holds no such repository; download it there first for the "
+            "hub's); data/ is empty. Give a data file (.json, .jsonl, .csv, .parquet, .txt), a directory datasets' "
+            "save_to_disk wrote, or a hub dataset id user/name.") in err, err
+    assert hub_requests == []
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    (tmp_path / "datasets-cache" / "data___numbers-saved").mkdir(parents=True)
+    assert not meant_locally("data/numbers-saved", kind="dataset") and meant_locally("data/numbers-saved")

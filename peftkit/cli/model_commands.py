@@ -13,7 +13,7 @@ from peftkit.cli.options import (Arrow, ArrowTemperature, ArrowTopK, DataRevisio
                                  EvalMerged, EvalMetrics, EvalModel, EvalNormalize, EvalOnBadRows, EvalPredictions,
                                  EvalRecipe, General, MergeTrustRemoteCode, MinP, Overrides, RepetitionPenalty,
                                  Stop, Task, TopK, TrustRemoteCode, adapter_flags, adapter_path, arrow_settings, check_json_out,
-                                 command_inputs, fetched, job_inputs, local_path, model_path, typed,
+                                 command_inputs, data_path, fetched, job_inputs, local_path, model_path, typed,
                                  user_path)
 from peftkit.errors import PeftkitError, visible
 
@@ -148,7 +148,7 @@ def eval_cmd(
     comparing = len(adapters) > 1 or bool(merged) or any(split_named(a) for a in adapters)
     settings = arrow_settings(arrow, arrow_top_k, arrow_temperature, general, len(adapters), task)
     named, named_merged = comparison_flags(adapters, merged, comparing, settings, general or [])
-    inputs = command_inputs(recipe, local_path(model) if model else None, local_path(data) if data else None,
+    inputs = command_inputs(recipe, local_path(model) if model else None, data_path(data) if data else None,
                             [local_path(p) for _, p in named] or adapters, [local_path(p) for _, p in named_merged])
     outputs = ((json_out, "--json"), (None if comparing else predictions, "--predictions"))
     check_outputs(outputs, inputs)
@@ -166,7 +166,7 @@ def eval_cmd(
                         batch_size, on_bad_rows, trust_remote_code, metrics, max_new_tokens, normalize, predictions_file,
                         task, comparing=comparing, **where)
 
-    job = job_of(local_path(data) if data else None, predictions, split=split, data_revision=data_revision, base=base)
+    job = job_of(data_path(data) if data else None, predictions, split=split, data_revision=data_revision, base=base)
     inputs += job_inputs(job)  # a recipe's data.eval and model, a run's adapter/
     if predictions is not None and not comparing and len(job.eval_sets) <= 1:  # (several: each set's file, below)
         check_apart(json_out, predictions, "the --predictions file")
@@ -230,7 +230,7 @@ def generate(
 
     json_out = user_path(json_out)
     single, named = adapter_flags(adapter or [])
-    inputs = command_inputs(recipe, local_path(model) if model else None, local_path(data) if data else None,
+    inputs = command_inputs(recipe, local_path(model) if model else None, data_path(data) if data else None,
                             [local_path(p) for p in [single] if p] + [local_path(p) for _, p in named])
     if json_out is not None:
         check_json_out(json_out, "--json", inputs, "completions.json")  # (eval.json was suggested)
@@ -239,7 +239,7 @@ def generate(
     check_arrow(named, settings, general or [], route)  # before a hub adapter is fetched
     single, named = fetched(single, named)
     job = generate_job(recipe, overrides or [], model_path(model), single, prompts,
-                       local_path(data) if data else None, fmt, chat, limit,
+                       data_path(data) if data else None, fmt, chat, limit,
                        Sampling(max_new_tokens, temperature, top_p, seed, top_k, min_p, repetition_penalty,
                                   tuple(typed(t) for t in stop or [])),
                        batch_size, trust_remote_code, task, named, route, split, data_revision, settings, general)

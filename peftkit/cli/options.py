@@ -90,6 +90,21 @@ def local_path(path: str) -> str:
     return str(expanded.resolve()) if expanded.exists() else str(expanded) if path.startswith("~") else path
 
 
+def data_path(value: str) -> str:
+    """A --data value: `local_path`; one without a data file's extension that can only be a local path and is not there
+    (`peftkit.local_or_hub`: `data/saved` where data/ exists, not a hub dataset of that name in the cache) is refused
+    at once, not asked of the hub."""
+    from peftkit.local_or_hub import meant_locally, no_such_directory
+    from peftkit.recipe import DATA_EXTENSIONS
+
+    local = local_path(value)
+    if not Path(local).exists() and Path(value).suffix.lower() not in DATA_EXTENSIONS and \
+            meant_locally(value, kind="dataset"):
+        raise no_such_directory(value, f"--data {value}", "a data file (" + ", ".join(DATA_EXTENSIONS) + "), a "
+                                "directory datasets' save_to_disk wrote, or a hub dataset id user/name")
+    return local
+
+
 def model_path(value: str | None, flag: str = "--model") -> str | None:
     """A --model (--base, --merged NAME=) value: `local_path`; one that can only be a local path and is not there
     (`peftkit.local_or_hub`: `runs/merged` where runs/ exists) is refused at once, not asked of the hub."""

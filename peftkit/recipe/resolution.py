@@ -297,8 +297,8 @@ def _resolve(value: str, base: Path, kind: str) -> str:
     looks_like_path = value.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
     if kind == "model" and meant_locally(value, base):
         looks_like_path = True
-    if kind == "data" and Path(value).suffix.lower() in DATA_EXTENSIONS:
-        looks_like_path = True
+    if kind == "data" and (Path(value).suffix.lower() in DATA_EXTENSIONS or meant_locally(value, base, kind="dataset")):
+        looks_like_path = True  # (`data/numbers-saved`, data/ beside the recipe: not a hub dataset, nor asked for)
     if candidate.exists() or looks_like_path or kind in ("output", "adapter"):
         return str(candidate.resolve())
     return value  # a hub id
