@@ -275,6 +275,7 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
     `sources_sha256`: the files of the adapters the method is built from (`Method.source_dirs`), by recipe key."""
     data = data_sha256 if data_sha256 is not None else data_hashes(recipe)
     outputs = output_hashes(out, [directory.name for directory in exported])
+    record = recorded(recipe)  # (as recipe.yaml: hub adapters pinned)
     log = out / METRICS_LOG
     return {
         "peftkit_manifest": 1,
@@ -283,8 +284,8 @@ def build_manifest(recipe: Recipe, out: Path, summary: dict, exported: list[Path
         "distributed": distributed or {"processes": 1, "backend": None, "type": "NO"},
         "dtype": dtype or recipe.model.dtype,
         "seed": recipe.training.seed,
-        "recipe": recorded(recipe).model_dump(mode="json"),  # (as recipe.yaml: hub adapters pinned, `recorded`)
-        "recipe_sha256": recorded(recipe).sha256(),
+        "recipe": record.model_dump(mode="json"),
+        "recipe_sha256": record.sha256(),
         # the JSON file sorts keys: a data.eval mapping's order, whose first set is the primary one, is kept apart
         **({"eval_sets": list(recipe.data.eval)} if isinstance(recipe.data.eval, dict) else {}),
         "data_sha256": data,
