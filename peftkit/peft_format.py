@@ -232,8 +232,9 @@ def check_adapter_dir(path: Path) -> Path:
         raise PeftkitError(f"{path} is a file, not an adapter directory: an adapter is a directory holding "
                            f"{CONFIG_NAME} and {WEIGHTS_NAME}. Give that directory.")
     if not path.is_dir():
-        hub = (not path.exists() and not path.is_absolute() and len(path.parts) == 2 and not str(path).startswith((".", "~"))
-               and not Path(path.parts[0]).is_dir())
+        from peftkit.hub import hub_shaped
+
+        hub = not path.is_absolute() and len(path.parts) == 2 and hub_shaped(str(path)) and not Path(path.parts[0]).is_dir()
         raise PeftkitError(f"Adapter directory not found: {path}" + (
             ". An adapter is read from a local directory; for one on the Hugging Face hub, the peftkit commands take "
             f"its id (--adapter {path}), and `peftkit.hub.hub_adapter('{path}')` gives its directory." if hub else ""))

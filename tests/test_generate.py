@@ -597,7 +597,7 @@ def test_a_broken_adapter_without_model_gets_its_own_error(tiny_llama, number_da
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
     assert "records no base model (base_model_name_or_path): name it with --model" in cli_user_error(
         monkeypatch, capsys, "generate", "--adapter", str(adapter), "--prompt", "hi")
-    assert "Adapter directory not found" in cli_user_error(
+    assert f"--adapter {tmp_path / 'missing'}: no such directory; {tmp_path}/ holds adapter/." in cli_user_error(
         monkeypatch, capsys, "generate", "--adapter", str(tmp_path / "missing"), "--prompt", "hi")
 
 

@@ -4,6 +4,7 @@ snapshots of commits, refs of branches), by huggingface_hub and transformers the
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -419,6 +420,8 @@ def test_what_the_cache_lacks_is_said_offline(hub, tiny_llama, tmp_path):
                                            r"take its id \(--adapter acme/adapter\), and "
                                            r"`peftkit.hub.hub_adapter\('acme/adapter'\)` gives its directory."):
         check_adapter_dir(Path("acme/adapter"))
+    with pytest.raises(PeftkitError, match=r"^Adapter directory not found: a\.\.b/c$"):  # (no hub id: not told to
+        check_adapter_dir(Path("a..b/c"))                                                 # fetch it from the hub)
 
 
 def test_an_unknown_split_names_the_splits_there(hub_dataset):
@@ -898,11 +901,13 @@ def test_paths_that_look_like_hub_ids_stay_paths(hub, tiny_llama, number_data, t
     monkeypatch.chdir(tmp_path)
     for value in ("stage--1/adapter", "runs/my..run", "./acme/tiny-lora", "acme/tiny-lora/../../../../etc",
                   "acme/tiny-lora/./x", "/acme/tiny-lora"):
-        assert hub_adapter(value) is None and adapter_path(value) == value, value
+        assert hub_adapter(value) is None, value
+        with pytest.raises(PeftkitError, match=f"^--adapter {re.escape(value)}: no such directory"):
+            adapter_path(value)  # (at once, as a missing path: it was loaded and said missing, without the flag)
     err = cli_user_error(monkeypatch, capsys, "inspect", "./acme/tiny-lora")
-    assert "Adapter directory not found: acme/tiny-lora" in err, err  # (typer's Path dropped the ./: loaded the hub's)
+    assert "error: ./acme/tiny-lora: no such directory" in err, err  # (typer's Path dropped the ./: loaded the hub's)
     err = cli_user_error(monkeypatch, capsys, "inspect", "stage--1/adapter")
-    assert "Adapter directory not found: stage--1/adapter" in err, err
+    assert "error: stage--1/adapter: no such directory" in err, err
     err = cli_user_error(monkeypatch, capsys, "inspect", "acme/tiny-lora/nosub")
     assert ("Adapter acme/tiny-lora/nosub: hub repository acme/tiny-lora has no adapter files in nosub/ (the local "
             "Hugging Face cache holds none, and HF_HUB_OFFLINE is set, so nothing is downloaded).") in " ".join(err.split())

@@ -69,6 +69,11 @@ def test_a_missing_local_path_is_refused_before_the_hub_is_asked(tiny_llama, num
         (["eval", "--model", str(tiny_llama), *data, "--adapter", "a=runs/a", "--adapter", "b=runs/b"],
          f"error: --adapter a=runs/a: no such directory {runs}n adapter's directory (adapter_config.json), a run "
          "directory, or a hub id user/name[@REV]."),
+        (["eval", "--model", str(tiny_llama), *data, "--adapter", "a=./runs/a/", "--adapter", "b=a..b/c"],  # (no hub
+         # id: "Adapter directory not found: runs/a", the name and flag dropped; a..b/c was suggested as a hub id)
+         f"error: --adapter a=./runs/a/: no such directory; runs/ holds notes.txt, quick/. Give an adapter's"),
+        (["eval", "--model", str(tiny_llama), *data, "--adapter", "b=a..b/c"],
+         f"error: --adapter b=a..b/c: no such directory; {tmp_path}/ holds runs/. Give an adapter's"),
         (["eval", "--model", str(tiny_llama), *data, "--adapter", "runs/quick/adapter"],  # (a hub id's subfolder?)
          "error: --adapter runs/quick/adapter: no such directory; runs/quick/ is empty."),
         (["eval", *data, "--merged", "m=runs/merged", "--adapter", f"a={tmp_path}"],

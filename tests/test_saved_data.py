@@ -148,7 +148,7 @@ def test_a_split_it_lacks_and_a_directory_that_is_no_saved_dataset_are_errors(ti
         f"Data path {tmp_path / 'files'} is a directory without state.json or dataset_dict.json, so not a dataset "
         "saved with datasets' save_to_disk (a Dataset's directory holds state.json beside its arrow files, a "
         "DatasetDict's dataset_dict.json and a directory a split). Point it at such a directory, or at a "
-        ".json/.jsonl/.csv/.parquet/.txt file. It holds a.jsonl: name a file, or list them in data.train.")
+        ".json/.jsonl/.csv/.parquet/.txt file. It holds a.jsonl: name a file (a recipe's data.train may list several).")
     monkeypatch.chdir(tmp_path)
     assert not is_hub_dataset("one") and is_hub_dataset("files") and is_hub_dataset("org/name")
 

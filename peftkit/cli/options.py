@@ -121,16 +121,16 @@ def model_path(value: str | None, flag: str = "--model") -> str | None:
 
 def adapter_path(value: str, given: str | None = None) -> str:
     """An --adapter value: a local directory (`local_path`), else a hub adapter fetched into the Hugging Face cache
-    (`peftkit.hub`: `user/name[@REVISION]`), else the missing path, which loading names. One shaped as a hub id that
-    can only be a local path (`runs/x` where runs/ is a directory here: `peftkit.local_or_hub`) is refused at once,
-    not asked of the hub; `given`: how the error names it (default `--adapter VALUE`)."""
+    (`peftkit.hub`: `user/name[@REVISION]`). A missing path that is no hub id (`./x/`, `a..b/c`), or one shaped as a
+    hub id that can only be a local path (`runs/x` where runs/ is a directory here: `peftkit.local_or_hub`), is
+    refused at once, not asked of the hub; `given`: how the error names it (default `--adapter VALUE`)."""
     from peftkit.hub import hub_adapter, hub_shaped
     from peftkit.local_or_hub import meant_locally, no_such_directory
 
     local = local_path(value)
     if Path(local).exists():
         return local
-    if hub_shaped(value) and meant_locally(value, subfolders=True):  # (another path: loading says it is not there)
+    if not hub_shaped(value) or meant_locally(value, subfolders=True):  # (`./x/`, `a..b/c`: no hub id either)
         raise no_such_directory(value, given or f"--adapter {value}", "an adapter's directory (adapter_config.json), "
                                 "a run directory, or a hub id user/name[@REV]")
 

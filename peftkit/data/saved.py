@@ -113,8 +113,8 @@ def check_saved(path: str | Path) -> None:
         return
     directory = Path(path)
     files = sorted(f.name for f in directory.iterdir() if f.suffix.lower() in DATA_EXTENSIONS and f.is_file())
-    held = (f" It holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''}: name a file, or list them in "
-            "data.train." if files else "")
+    held = (f" It holds {', '.join(files[:3])}{', ...' if len(files) > 3 else ''}: name a file (a recipe's "
+            "data.train may list several)." if files else "")
     raise PeftkitError(f"Data path {path} is a directory without {DATASET_STATE} or {DICT_INDEX}, so not a dataset "
                        "saved with datasets' save_to_disk (a Dataset's directory holds state.json beside its arrow "
                        f"files, a DatasetDict's dataset_dict.json and a directory a split). Point it at such a "
